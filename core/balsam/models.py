@@ -1,0 +1,244 @@
+"""The records Balsam stores, as attrs classes (the fields and defaults of Balsam 0.7).
+
+These are plain data: the REST server validates payloads into them, the client reads responses
+into them, and :mod:`balsam.serialization` turns them into JSON-ready dicts and back.
+
+Field metadata ``role`` says who writes a field:
+
+- ``"server"``: set by the server only (ids, timestamps, derived state); ignored on create/update.
+- ``"create"``: accepted when the record is created, not afterwards.
+- ``"update"``: accepted on update only (``state_timestamp``, ``state_data`` go into the EventLog).
+- absent: writable on create and update.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import attrs
+
+from .states import BatchJobMode, BatchJobState, JobState, TransferDirection, TransferItemState
+
+SERVER = {"role": "server"}
+CREATE_ONLY = {"role": "create"}
+UPDATE_ONLY = {"role": "update"}
+
+#: Limits shared by the server and the client (Balsam 0.7 values).
+MAX_PAGE_SIZE = 100_000
+MAX_ITEMS_PER_BULK_OP = 5_000
+MAX_JOBS_PER_SESSION_ACQUIRE = 2_048
+MAX_SERIALIZED_CLASS_CHARS = 262_144
+MAX_SERIALIZED_PAYLOAD_CHARS = 512_000
+
+
+def field_role(cls: type, name: str) -> Optional[str]:
+    return attrs.fields_dict(cls)[name].metadata.get("role")
+
+
+def writable_fields(cls: type, *, on: str) -> list[str]:
+    """Names of the fields a client may send when it ``on="create"``\\s or ``on="update"``\\s a record."""
+    skip = {"server", "update" if on == "create" else "create"}
+    return [f.name for f in attrs.fields(cls) if f.metadata.get("role") not in skip]
+
+
+@attrs.define(kw_only=True)
+class User:
+    id: Optional[int] = attrs.field(default=None, metadata=SERVER)
+    username: str
+
+
+@attrs.define(kw_only=True)
+class AllowedQueue:
+    max_nodes: int
+    max_walltime: int
+    max_queued_jobs: int
+
+
+@attrs.define(kw_only=True)
+class BackfillWindow:
+    num_nodes: int
+    wall_time_min: int
+
+
+@attrs.define(kw_only=True)
+class SchedulerJobStatus:
+    """What the scheduler says about one of the user's batch jobs (pushed to ``Site.queued_jobs``)."""
+
+    scheduler_id: int
+    state: BatchJobState
+    queue: str
+    num_nodes: int
+    wall_time_min: int
+    project: str
+    time_remaining_min: int
+    queued_time_min: int
+
+
+@attrs.define(kw_only=True)
+class Site:
+    id: Optional[int] = attrs.field(default=None, metadata=SERVER)
+    name: str
+    path: Path
+    globus_endpoint_id: Optional[str] = None
+    backfill_windows: dict[str, list[BackfillWindow]] = attrs.Factory(dict)
+    queued_jobs: dict[int, SchedulerJobStatus] = attrs.Factory(dict)
+    optional_batch_job_params: dict[str, str] = attrs.Factory(dict)
+    allowed_projects: list[str] = attrs.Factory(list)
+    allowed_queues: dict[str, AllowedQueue] = attrs.Factory(dict)
+    transfer_locations: dict[str, str] = attrs.Factory(dict)
+    last_refresh: Optional[dt.datetime] = attrs.field(default=None, metadata=SERVER)
+    creation_date: Optional[dt.datetime] = attrs.field(default=None, metadata=SERVER)
+
+
+@attrs.define(kw_only=True)
+class AppParameter:
+    required: bool
+    default: Optional[str] = None
+    help: str = ""
+
+
+@attrs.define(kw_only=True)
+class TransferSlot:
+    required: bool
+    direction: TransferDirection
+    local_path: Path
+    description: str = ""
+    recursive: bool = False
+
+
+@attrs.define(kw_only=True)
+class App:
+    """The server-side record of an ApplicationDefinition."""
+
+    id: Optional[int] = attrs.field(default=None, metadata=SERVER)
+    site_id: int
+    name: str
+    serialized_class: str
+    source_code: str
+    description: str = ""
+    parameters: dict[str, AppParameter] = attrs.Factory(dict)
+    transfers: dict[str, TransferSlot] = attrs.Factory(dict)
+
+
+@attrs.define(kw_only=True)
+class JobTransferItem:
+    location_alias: str
+    path: Path
+
+
+@attrs.define(kw_only=True)
+class Job:
+    id: Optional[int] = attrs.field(default=None, metadata=SERVER)
+    workdir: Path
+    app_id: int
+    tags: dict[str, str] = attrs.Factory(dict)
+    serialized_parameters: str = ""
+    data: dict[str, Any] = attrs.Factory(dict)
+    return_code: Optional[int] = None
+    num_nodes: int = 1
+    ranks_per_node: int = 1
+    threads_per_rank: int = 1
+    threads_per_core: int = 1
+    launch_params: dict[str, str] = attrs.Factory(dict)
+    gpus_per_rank: float = 0.0
+    node_packing_count: int = 1
+    wall_time_min: int = 0
+    parent_ids: set[int] = attrs.field(factory=set, metadata=CREATE_ONLY)
+    transfers: dict[str, JobTransferItem] = attrs.field(factory=dict, metadata=CREATE_ONLY)
+    batch_job_id: Optional[int] = None
+    state: Optional[JobState] = None
+    state_timestamp: Optional[dt.datetime] = attrs.field(default=None, metadata=UPDATE_ONLY)
+    state_data: dict[str, Any] = attrs.field(factory=dict, metadata=UPDATE_ONLY)
+    pending_file_cleanup: bool = True
+    serialized_return_value: str = ""
+    serialized_exception: str = ""
+    last_update: Optional[dt.datetime] = attrs.field(default=None, metadata=SERVER)
+
+    #: Fields never stored on the job row (they describe an event or create child rows).
+    NOT_STORED: ClassVar[frozenset[str]] = frozenset({"state_timestamp", "state_data", "transfers"})
+
+
+@attrs.define(kw_only=True)
+class BatchJobPartition:
+    job_mode: BatchJobMode
+    num_nodes: int
+    filter_tags: dict[str, str] = attrs.Factory(dict)
+
+
+@attrs.define(kw_only=True)
+class BatchJob:
+    id: Optional[int] = attrs.field(default=None, metadata=SERVER)
+    site_id: int
+    project: str
+    queue: str
+    num_nodes: int
+    wall_time_min: int
+    job_mode: BatchJobMode
+    optional_params: dict[str, str] = attrs.Factory(dict)
+    filter_tags: dict[str, str] = attrs.Factory(dict)
+    partitions: Optional[list[BatchJobPartition]] = None
+    scheduler_id: Optional[int] = None
+    state: BatchJobState = BatchJobState.pending_submission
+    status_info: dict[str, str] = attrs.Factory(dict)
+    start_time: Optional[dt.datetime] = None
+    end_time: Optional[dt.datetime] = None
+
+
+@attrs.define(kw_only=True)
+class Session:
+    """A launcher's (or the processing module's) lease on the jobs it acquired."""
+
+    id: Optional[int] = attrs.field(default=None, metadata=SERVER)
+    site_id: int
+    batch_job_id: Optional[int] = None
+    heartbeat: Optional[dt.datetime] = attrs.field(default=None, metadata=SERVER)
+
+
+@attrs.define(kw_only=True)
+class SessionAcquire:
+    """Body of ``POST /sessions/{id}``: which jobs a session wants to lease."""
+
+    max_num_jobs: int
+    filter_tags: dict[str, str] = attrs.Factory(dict)
+    max_wall_time_min: Optional[int] = None
+    max_nodes_per_job: Optional[int] = None
+    max_aggregate_nodes: Optional[float] = None
+    serial_only: bool = False
+    sort_by: Optional[str] = None
+    states: set[JobState] = attrs.Factory(lambda: {JobState.preprocessed, JobState.restart_ready})
+    app_ids: set[int] = attrs.Factory(set)
+
+
+@attrs.define(kw_only=True)
+class TransferItem:
+    id: Optional[int] = attrs.field(default=None, metadata=SERVER)
+    job_id: int = attrs.field(metadata=SERVER)
+    direction: TransferDirection = attrs.field(metadata=SERVER)
+    local_path: Path = attrs.field(metadata=SERVER)
+    remote_path: Path = attrs.field(metadata=SERVER)
+    location_alias: str = attrs.field(metadata=SERVER)
+    recursive: bool = attrs.field(default=False, metadata=SERVER)
+    state: TransferItemState = TransferItemState.pending
+    task_id: str = ""
+    transfer_info: dict[str, Any] = attrs.Factory(dict)
+
+
+@attrs.define(kw_only=True)
+class EventLog:
+    """One job state change (table ``log_events``); read-only."""
+
+    id: Optional[int] = attrs.field(default=None, metadata=SERVER)
+    job_id: int = attrs.field(metadata=SERVER)
+    timestamp: dt.datetime = attrs.field(metadata=SERVER)
+    from_state: str = attrs.field(metadata=SERVER)
+    to_state: str = attrs.field(metadata=SERVER)
+    data: dict[str, Any] = attrs.field(factory=dict, metadata=SERVER)
+
+
+ALL_MODELS: tuple[type, ...] = (User, Site, App, Job, BatchJob, Session, TransferItem, EventLog)
+
+for _model in (AllowedQueue, BackfillWindow, SchedulerJobStatus, AppParameter, TransferSlot, JobTransferItem,
+               BatchJobPartition, SessionAcquire, *ALL_MODELS):
+    attrs.resolve_types(_model)

@@ -1,0 +1,130 @@
+"""Every pluggy hook Balsam calls, grouped by lifecycle phase.
+
+A hook module is any module (or object) with functions marked ``@hookimpl`` and named like the
+specs below; it is listed in the ``balsam.plugins`` entry-point group of its distribution::
+
+    [project.entry-points."balsam.plugins"]
+    my_plugin = "my_package.balsam_plugin"
+
+Named drivers (schedulers, platforms, transfer backends, job modes, agent modules) have entry-point
+groups of their own (``balsam.schedulers`` ...) and are resolved by name with stevedore; a hook
+module may also hand drivers to :func:`balsam_register_drivers`. Either way the core owns the name
+space and reports duplicates. ``docs/plugins/hooks.md`` has one section per hook with an example.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT_NAME = "balsam"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: start-up and registration (every process: CLI, server, agent, launcher)
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def balsam_register_drivers(register: Callable[..., None]) -> None:
+    """Register named drivers that are not (or not only) listed in an entry-point group.
+
+    Called once, when the plugin manager first loads. Call
+    ``register(kind, name, driver, description="")`` for each driver, where ``kind`` is one of
+    ``scheduler``, ``platform``, ``transfer``, ``job_mode``, ``agent_module`` and ``driver`` is the
+    class (or factory) that the entry point would have named. A name already taken in that kind is
+    reported by ``balsam plugins ls`` as a conflict and the first registration wins.
+    Return value: ignored.
+    """
+
+
+@hookspec
+def balsam_settings_sections(register: Callable[..., None]) -> None:
+    """Contribute a top-level section of ``settings.yml``.
+
+    Called when settings are loaded or a sample file is rendered. Call
+    ``register(key, schema, comment="")`` where ``schema`` is an attrs class whose fields (with
+    defaults and ``metadata={"help": ...}``) describe the section, and ``comment`` is the text put
+    above the section in ``balsam site sample-settings``. The loaded value is available as
+    ``settings.sections[key]`` (``None`` when the file sets the key to ``null``).
+    Return value: ignored.
+    """
+
+
+@hookspec
+def balsam_cli_commands(cli: Any) -> None:
+    """Add click commands or groups to the ``balsam`` command line.
+
+    Called once while the ``balsam`` click group is built; ``cli`` is that group. Call
+    ``cli.add_command(...)``. A command name that already exists is reported, not replaced.
+    Return value: ignored.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: site set-up (``balsam site init``)
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def balsam_site_initialized(site_path: Any, settings: Any, site_id: int) -> None:
+    """A new site directory was created and registered with the API.
+
+    Called at the end of ``balsam site init`` with the site directory (``pathlib.Path``), its loaded
+    ``Settings`` and the API id of the new Site. Plugins may add files (e.g. helper scripts). An
+    exception here rolls the whole site creation back.
+    Return value: ignored.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 3: the site agent
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def balsam_agent_started(site_config: Any, modules: list) -> None:
+    """The site agent has built its enabled modules and is about to run their first cycle.
+
+    ``site_config`` is the ``SiteConfig`` of the site; ``modules`` the list of agent module instances
+    (read-only). Called in the agent process. An exception is logged, never fatal.
+    Return value: ignored.
+    """
+
+
+@hookspec
+def balsam_agent_stopping(site_config: Any, reason: str) -> None:
+    """The site agent is shutting down (``reason``: ``"signal"``, ``"token-expiry"``, ``"error"``).
+
+    Called once, before the modules' clean-up. An exception is logged, never fatal.
+    Return value: ignored.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 4: launching jobs (inside the allocation)
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def balsam_job_template_context(batch_job: Any, context: dict) -> None:
+    """Add variables to the job-template context before a BatchJob's script is rendered.
+
+    Called by the scheduler agent module with the BatchJob and the context dict (the variables of
+    the job template: ``project``, ``queue``, ``num_nodes``, ``optional_params``...). Mutate
+    ``context`` in place. Return value: ignored.
+    """
+
+
+@hookspec
+def balsam_launch_environment(job: Any, env: dict, node_hostnames: list) -> None:
+    """Adjust the environment of a job just before the launcher starts it.
+
+    Called by the mpi and serial job modes with the Job, the environment dict that will be passed to
+    the process (already holding the app's ``environment_variables`` and the platform's GPU
+    visibility) and the hostnames the job runs on. Mutate ``env`` in place.
+    Return value: ignored.
+    """

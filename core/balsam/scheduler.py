@@ -1,0 +1,256 @@
+"""The scheduler driver contract (entry-point group ``balsam.schedulers``).
+
+A scheduler is a set of *pure* functions that render each command (submit, status, delete, history,
+backfill, project discovery) and parse its output, plus an injected :class:`CommandRunner` that
+actually runs them. Tests feed recorded real outputs to the ``parse_*`` functions and run the whole
+driver against a fake ``qsub``/``squeue`` on PATH; the agent never sees an exception from a driver
+method other than :class:`SchedulerError` (whose message goes into ``BatchJob.status_info``).
+
+Subclasses implement the ``render_*``/``parse_*`` pairs; the orchestration methods (``submit``,
+``get_statuses`` ...) are shared and should rarely need overriding.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+import os
+import subprocess
+from pathlib import Path
+from typing import ClassVar, Mapping, Optional, Protocol
+
+import attrs
+
+from .models import BackfillWindow, SchedulerJobStatus
+from .states import BatchJobState
+
+__all__ = [
+    "BackfillWindow",
+    "Command",
+    "CommandResult",
+    "CommandRunner",
+    "JobHistory",
+    "Scheduler",
+    "SchedulerError",
+    "SchedulerJobStatus",
+    "SubmitRequest",
+    "subprocess_runner",
+]
+
+
+class SchedulerError(Exception):
+    """A scheduler command failed or printed something we cannot read.
+
+    The message is one line meant for users (it is stored in ``BatchJob.status_info["error"]``).
+    ``permanent`` says whether retrying the same request is pointless (e.g. the scheduler refused a
+    submission because the queue does not exist) or may work later (a timeout, a daemon restart).
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@attrs.frozen
+class Command:
+    """A command line to run, with extra environment variables (merged over ``os.environ``)."""
+
+    args: tuple[str, ...] = attrs.field(converter=tuple)
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    cwd: Optional[Path] = None
+    timeout: float = 60.0
+
+
+@attrs.frozen
+class CommandResult:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def describe(self) -> str:
+        """One line: the command, its exit code and the first line of what it said."""
+        said = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        first = said[0] if said else "no output"
+        return f"`{' '.join(self.args[:1])}` exited {self.returncode}: {first}"
+
+
+class CommandRunner(Protocol):
+    def __call__(self, command: Command) -> CommandResult: ...
+
+
+def subprocess_runner(command: Command) -> CommandResult:
+    """Run a command for real. A missing executable or a timeout comes back as a SchedulerError."""
+    env = {**os.environ, **command.env}
+    try:
+        proc = subprocess.run(
+            list(command.args),
+            env=env,
+            cwd=command.cwd,
+            capture_output=True,
+            text=True,
+            timeout=command.timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        raise SchedulerError(f"`{command.args[0]}` was not found on PATH", permanent=True) from None
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(f"`{command.args[0]}` did not answer within {command.timeout:.0f} s") from None
+    return CommandResult(tuple(command.args), proc.returncode, proc.stdout, proc.stderr)
+
+
+@attrs.frozen
+class SubmitRequest:
+    """Everything a scheduler needs to submit one BatchJob's rendered script."""
+
+    script_path: Path
+    project: str
+    queue: str
+    num_nodes: int
+    wall_time_min: int
+    job_name: str = "balsam"
+    optional_params: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class JobHistory:
+    """What the scheduler's history/accounting says about a job that left the queue."""
+
+    scheduler_id: int
+    state: BatchJobState  # finished, or submit_failed when the scheduler never ran it
+    start_time: Optional[dt.datetime] = None
+    end_time: Optional[dt.datetime] = None
+    #: The scheduler's own final state and reason, e.g. "TIMEOUT" or "CANCELLED by 0".
+    native_state: str = ""
+    message: str = ""
+
+
+class Scheduler(abc.ABC):
+    """Base class of scheduler drivers. Subclasses set ``name`` and implement render/parse pairs."""
+
+    #: The driver name used in ``settings.yml`` (``scheduler: {name: slurm}``).
+    name: ClassVar[str] = ""
+    #: The Jinja2 text of the default ``job-template.sh`` for this scheduler (see docs/job-template.md).
+    default_job_template: ClassVar[str] = ""
+    #: How many consecutive failed status polls are tolerated before BatchJobs are marked failed.
+    status_error_threshold: ClassVar[int] = 3
+
+    def __init__(self, runner: CommandRunner = subprocess_runner, *, user: Optional[str] = None) -> None:
+        self.runner = runner
+        self.user = user or os.environ.get("USER") or _current_user()
+
+    # -- pure render/parse pairs (override these) ----------------------------------------------
+    @abc.abstractmethod
+    def render_submit(self, request: SubmitRequest) -> Command:
+        ...
+
+    @abc.abstractmethod
+    def parse_submit(self, result: CommandResult) -> int:
+        ...
+
+    @abc.abstractmethod
+    def render_status(self, user: str) -> Command:
+        ...
+
+    @abc.abstractmethod
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> dict[int, SchedulerJobStatus]:
+        ...
+
+    @abc.abstractmethod
+    def render_delete(self, scheduler_id: int) -> Command:
+        ...
+
+    def parse_delete(self, result: CommandResult, scheduler_id: int) -> None:
+        if result.returncode != 0:
+            raise SchedulerError(f"could not delete job {scheduler_id}: {result.describe()}")
+
+    def render_history(self, scheduler_id: int, script_path: Optional[Path]) -> Optional[Command]:
+        """The command that reads a finished job's record, or None when the record is a file."""
+        return None
+
+    def parse_history(
+        self, result: Optional[CommandResult], scheduler_id: int, script_path: Optional[Path]
+    ) -> Optional[JobHistory]:
+        """Parse the history record; None means "the scheduler does not know this job (yet)"."""
+        return JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished)
+
+    def render_backfill(self) -> Optional[Command]:
+        return None
+
+    def parse_backfill(self, result: CommandResult) -> dict[str, list[BackfillWindow]]:
+        return {}
+
+    def render_discover_projects(self) -> Optional[Command]:
+        return None
+
+    def parse_discover_projects(self, result: CommandResult) -> list[str]:
+        return []
+
+    # -- orchestration through the injected runner -------------------------------------------
+    def run(self, command: Command) -> CommandResult:
+        return self.runner(command)
+
+    def submit(self, request: SubmitRequest) -> int:
+        result = self.run(self.render_submit(request))
+        return self.parse_submit(result)
+
+    def get_statuses(self, now: Optional[dt.datetime] = None) -> dict[int, SchedulerJobStatus]:
+        """One bulk poll of all the user's jobs. Raises SchedulerError when the poll itself failed."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        return self.parse_status(self.run(self.render_status(self.user)), now)
+
+    def delete_job(self, scheduler_id: int) -> None:
+        self.parse_delete(self.run(self.render_delete(scheduler_id)), scheduler_id)
+
+    def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
+        command = self.render_history(scheduler_id, script_path)
+        result = self.run(command) if command is not None else None
+        return self.parse_history(result, scheduler_id, script_path)
+
+    def get_backfill_windows(self) -> dict[str, list[BackfillWindow]]:
+        command = self.render_backfill()
+        if command is None:
+            return {}
+        return self.parse_backfill(self.run(command))
+
+    def discover_projects(self) -> list[str]:
+        command = self.render_discover_projects()
+        if command is None:
+            return []
+        return self.parse_discover_projects(self.run(command))
+
+
+def _current_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+# Helpers shared by scheduler drivers ------------------------------------------------------------
+
+
+def parse_duration_min(text: str) -> int:
+    """``[D-]HH:MM:SS``, ``HH:MM``, ``MM`` or ``UNLIMITED`` -> whole minutes (UNLIMITED -> 0)."""
+    text = text.strip()
+    if not text or text.upper() in ("UNLIMITED", "INVALID", "N/A", "NOT_SET"):
+        return 0
+    days = 0
+    if "-" in text:
+        day_text, text = text.split("-", 1)
+        days = int(day_text)
+    parts = [int(p) for p in text.split(":")]
+    if len(parts) == 3:
+        hours, minutes, seconds = parts
+    elif len(parts) == 2:
+        hours, minutes, seconds = parts[0], parts[1], 0
+    elif len(parts) == 1:
+        hours, minutes, seconds = 0, parts[0], 0
+    else:
+        raise ValueError(f"not a duration: {text!r}")
+    return days * 1440 + hours * 60 + minutes + (1 if seconds >= 30 else 0)
+
+
+def format_walltime(wall_time_min: int) -> str:
+    """Minutes -> ``HH:MM:00`` (hours may exceed 24, as PBS and Cobalt accept)."""
+    return f"{wall_time_min // 60:02d}:{wall_time_min % 60:02d}:00"
+

@@ -1,0 +1,171 @@
+"""JSON-ready dicts <-> model objects, with one clear error for a bad payload.
+
+- datetimes are ISO-8601 strings in UTC (naive input is taken as UTC);
+- paths are strings, sets are sorted lists, enums are their wire values;
+- unknown keys are rejected; a bad payload raises :class:`PayloadError` naming the field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+T = TypeVar("T")
+
+
+class PayloadError(ValueError):
+    """A payload that does not fit a model. ``errors`` lists ``(field_path, problem)`` pairs."""
+
+    def __init__(self, model: str, errors: list[tuple[str, str]]) -> None:
+        self.model = model
+        self.errors = errors
+        detail = "; ".join(f"{path}: {problem}" if path else problem for path, problem in errors)
+        super().__init__(f"invalid {model}: {detail}")
+
+
+def parse_datetime(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        result = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        try:
+            result = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"expected an ISO-8601 datetime, got {value!r}") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        result = dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
+    else:
+        raise ValueError(f"expected an ISO-8601 datetime, got {value!r}")
+    if result.tzinfo is None:
+        return result.replace(tzinfo=dt.timezone.utc)
+    return result.astimezone(dt.timezone.utc)
+
+
+def format_datetime(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc).isoformat()
+
+
+def _strict(kind: type, name: str):
+    def check(value: Any, _type: type) -> Any:
+        if isinstance(_type, type) and issubclass(_type, enum.Enum):
+            return _structure_enum(value, _type)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+            raise ValueError(f"expected {name}, got {value!r}")
+        return value
+
+    return check
+
+
+def _structure_enum(value: Any, cls: type[enum.Enum]) -> enum.Enum:
+    try:
+        return cls(value)
+    except ValueError:
+        valid = ", ".join(str(m.value) for m in cls)
+        raise ValueError(f"expected one of {valid}; got {value!r}") from None
+
+
+def _is_set(t: Any) -> bool:
+    return t in (set, frozenset) or typing.get_origin(t) in (set, frozenset)
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(dt.datetime, lambda v, _t: parse_datetime(v))
+    conv.register_unstructure_hook(dt.datetime, format_datetime)
+    conv.register_structure_hook(Path, lambda v, _t: Path(_strict(str, "a path string")(v, str)))
+    conv.register_unstructure_hook(Path, str)
+    conv.register_structure_hook(int, _strict(int, "an integer"))
+    conv.register_structure_hook(float, _strict(float, "a number"))
+    conv.register_structure_hook(str, _strict(str, "a string"))
+    conv.register_structure_hook(bool, _strict(bool, "true or false"))
+    conv.register_unstructure_hook_func(_is_set, lambda v: sorted(conv.unstructure(x) for x in v))
+    conv.register_structure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), _structure_enum)
+    conv.register_unstructure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), lambda v: v.value)
+    return conv
+
+
+converter = _make_converter()
+
+
+def _flatten(exc: BaseException, path: str = "") -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if isinstance(exc, ForbiddenExtraKeysError):
+        for key in sorted(exc.extra_fields):
+            found.append((f"{path}.{key}".lstrip("."), "unknown field"))
+        return found
+    if isinstance(exc, (ClassValidationError, IterableValidationError)) or isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            note = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "name") or hasattr(n, "index")), None)
+            sub_path = path
+            if note is not None and hasattr(note, "name"):
+                sub_path = f"{path}.{note.name}"
+            elif note is not None and hasattr(note, "index"):
+                sub_path = f"{path}[{note.index!r}]"
+            if isinstance(sub, KeyError) and note is not None and hasattr(note, "name"):
+                found.append((sub_path.lstrip("."), "field required"))
+            else:
+                found.extend(_flatten(sub, sub_path))
+        return found
+    message = str(exc) if not isinstance(exc, KeyError) else "field required"
+    if isinstance(exc, TypeError) and "required" in message:
+        message = "field required"
+    found.append((path.lstrip("."), message))
+    return found
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Structure a JSON-ready mapping into ``cls``; raise :class:`PayloadError` naming each bad field."""
+    if not isinstance(data, Mapping):
+        raise PayloadError(cls.__name__, [("", f"expected a JSON object, got {type(data).__name__}")])
+    try:
+        return converter.structure(dict(data), cls)
+    except (ClassValidationError, ForbiddenExtraKeysError, ValueError, TypeError, KeyError) as exc:
+        raise PayloadError(cls.__name__, _flatten(exc) or [("", str(exc))]) from None
+
+
+def to_dict(obj: Any, *, include: "set[str] | None" = None) -> dict[str, Any]:
+    """Unstructure a model to a JSON-ready dict (optionally only the ``include``\\d fields)."""
+    data = converter.unstructure(obj)
+    if include is not None:
+        data = {k: v for k, v in data.items() if k in include}
+    return data
+
+
+def partial_from_dict(cls: type, data: Mapping[str, Any], *, allowed: "set[str] | None" = None) -> dict[str, Any]:
+    """Validate a partial update: each key must be a field of ``cls`` (and in ``allowed``).
+
+    Returns the values structured to their field types (still a dict: an update names only some fields).
+    """
+    if not isinstance(data, Mapping):
+        raise PayloadError(cls.__name__, [("", f"expected a JSON object, got {type(data).__name__}")])
+    fields = attrs.fields_dict(cls)
+    errors: list[tuple[str, str]] = []
+    result: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields or (allowed is not None and key not in allowed):
+            errors.append((key, "unknown field" if key not in fields else "cannot be changed"))
+            continue
+        try:
+            result[key] = converter.structure(value, fields[key].type)
+        except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
+            errors.extend((f"{key}{'.' if p and not p.startswith('[') else ''}{p}", m) for p, m in _flatten(exc))
+    if errors:
+        raise PayloadError(cls.__name__, errors)
+    return result
