@@ -59,6 +59,9 @@ class Command:
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: Optional[Path] = None
     timeout: float = 60.0
+    #: Variables removed from the inherited environment (e.g. a user's SQUEUE_FORMAT or
+    #: SQUEUE_PARTITION, which would change what the command prints).
+    unset_env: tuple[str, ...] = attrs.field(converter=tuple, default=())
 
 
 @attrs.frozen
@@ -82,6 +85,8 @@ class CommandRunner(Protocol):
 def subprocess_runner(command: Command) -> CommandResult:
     """Run a command for real. A missing executable or a timeout comes back as a SchedulerError."""
     env = {**os.environ, **command.env}
+    for name in command.unset_env:
+        env.pop(name, None)
     try:
         proc = subprocess.run(
             list(command.args),
@@ -187,37 +192,71 @@ class Scheduler(abc.ABC):
         return []
 
     # -- orchestration through the injected runner -------------------------------------------
+    # Every method below raises only SchedulerError: a parser that trips over output nobody
+    # anticipated must not take the agent down (see _guard).
     def run(self, command: Command) -> CommandResult:
         return self.runner(command)
 
     def submit(self, request: SubmitRequest) -> int:
-        result = self.run(self.render_submit(request))
-        return self.parse_submit(result)
+        with _guard(self, "submit"):
+            result = self.run(self.render_submit(request))
+            return self.parse_submit(result)
 
     def get_statuses(self, now: Optional[dt.datetime] = None) -> dict[int, SchedulerJobStatus]:
         """One bulk poll of all the user's jobs. Raises SchedulerError when the poll itself failed."""
         now = now or dt.datetime.now(dt.timezone.utc)
-        return self.parse_status(self.run(self.render_status(self.user)), now)
+        with _guard(self, "status poll"):
+            return self.parse_status(self.run(self.render_status(self.user)), now)
 
     def delete_job(self, scheduler_id: int) -> None:
-        self.parse_delete(self.run(self.render_delete(scheduler_id)), scheduler_id)
+        with _guard(self, f"delete of job {scheduler_id}"):
+            self.parse_delete(self.run(self.render_delete(scheduler_id)), scheduler_id)
 
     def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
-        command = self.render_history(scheduler_id, script_path)
-        result = self.run(command) if command is not None else None
-        return self.parse_history(result, scheduler_id, script_path)
+        with _guard(self, f"history lookup of job {scheduler_id}"):
+            command = self.render_history(scheduler_id, script_path)
+            result = self.run(command) if command is not None else None
+            return self.parse_history(result, scheduler_id, script_path)
+
+    def get_histories(self, jobs: Mapping[int, Optional[Path]]) -> dict[int, Optional[JobHistory]]:
+        """History of several jobs that left the queue: ``{scheduler_id: script_path}`` in,
+        ``{scheduler_id: JobHistory or None}`` out (None: not known yet, or still active).
+
+        Drivers whose history command accepts several ids (sacct, qstat -x) override this with one
+        command; the default asks job by job. Raises SchedulerError when the lookup failed.
+        """
+        return {scheduler_id: self.get_history(scheduler_id, path) for scheduler_id, path in jobs.items()}
 
     def get_backfill_windows(self) -> dict[str, list[BackfillWindow]]:
-        command = self.render_backfill()
-        if command is None:
-            return {}
-        return self.parse_backfill(self.run(command))
+        with _guard(self, "backfill query"):
+            command = self.render_backfill()
+            if command is None:
+                return {}
+            return self.parse_backfill(self.run(command))
 
     def discover_projects(self) -> list[str]:
-        command = self.render_discover_projects()
-        if command is None:
-            return []
-        return self.parse_discover_projects(self.run(command))
+        with _guard(self, "project discovery"):
+            command = self.render_discover_projects()
+            if command is None:
+                return []
+            return self.parse_discover_projects(self.run(command))
+
+
+class _guard:
+    """Turn anything but a SchedulerError raised inside the block into a one-line SchedulerError."""
+
+    def __init__(self, scheduler: "Scheduler", what: str) -> None:
+        self.scheduler = scheduler
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, SchedulerError) or not isinstance(exc, Exception):
+            return False
+        name = self.scheduler.name or type(self.scheduler).__name__
+        raise SchedulerError(f"{name} {self.what} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _current_user() -> str:

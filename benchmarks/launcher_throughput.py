@@ -1,0 +1,175 @@
+"""Launcher throughput on this machine, through a real server, real launchers and real mpiexec.
+
+serial mode, one node: N no-op jobs (``true``); prints jobs/s from launcher start to the last job
+end, and the time from launcher start to the first RUNNING. mpi mode: M single-rank no-op jobs, each
+started with the platform's mpiexec; prints jobs/s.
+
+What "end" means is printed with the figures: JOB_FINISHED when the site agent's processing module
+is importable (it runs alongside the launcher and post-processes RUN_DONE jobs), otherwise RUN_DONE.
+
+    .venv/bin/python benchmarks/launcher_throughput.py [--serial-jobs 5000] [--mpi-jobs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "launcher"))
+
+from harness import LocalDeployment, start_launcher  # noqa: E402
+
+
+def _ts(value: dt.datetime) -> float:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.timestamp()
+
+
+def make_jobs(app, count: int, tag: str, **resources) -> list[int]:
+    from balsam.api import Job
+
+    jobs = [app.submit(workdir=f"{tag}/{i}", tags={"bench": tag}, save=False, **resources) for i in range(count)]
+    created = []
+    for start in range(0, len(jobs), 5000):
+        created.extend(Job.objects.bulk_create(jobs[start : start + 5000]))
+    # What the processing module's default preprocess() does, in bulk.
+    Job.objects.filter(tags={"bench": tag}).update(state="PREPROCESSED")
+    return [j.id for j in created]
+
+
+class Processing:
+    """The site agent's processing module, if it exists, cycling in a thread (to reach JOB_FINISHED)."""
+
+    def __init__(self, site_path: Path) -> None:
+        self.module = None
+        self.error = ""
+        try:
+            from balsam.config import SiteConfig
+            from balsam.site.modules.processing import ProcessingModule
+
+            site_config = SiteConfig(site_path)
+            section = site_config.settings.sections.get("processing")
+            self.module = ProcessingModule(site_config, section)
+        except Exception as exc:  # the agent module is another engineer's; report and measure RUN_DONE
+            self.error = f"{type(exc).__name__}: {exc}"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.module.run_cycle()
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+            self.stop.wait(0.05)
+
+    def __enter__(self):
+        if self.module is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.module is not None:
+            self.thread.join(30)
+            close = getattr(self.module, "close", None)
+            if close:
+                close()
+
+
+def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, timeout: float) -> dict:
+    from balsam.api import EventLog, Job
+
+    end_state = "RUN_DONE"
+    with (Processing(site) if processing else _Null()) as proc:
+        if processing and getattr(proc, "module", None) is not None:
+            end_state = "JOB_FINISHED"
+        t0 = time.time()
+        launcher = start_launcher(site, mode, 30, "--tag", f"bench={tag}", tick_sec=10)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            done = Job.objects.filter(tags={"bench": tag}, state=end_state).count()
+            if done >= len(ids):
+                break
+            if launcher.poll() is not None and end_state == "RUN_DONE":
+                break
+            time.sleep(0.25)
+        launcher.terminate()
+        launcher.wait(60)
+    running = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING"))
+    ended = list(EventLog.objects.filter(tags={"bench": tag}, to_state=end_state))
+    first_running = min(_ts(e.timestamp) for e in running) - t0 if running else float("nan")
+    last_end = max(_ts(e.timestamp) for e in ended) - t0 if ended else float("nan")
+    return {
+        "mode": mode, "jobs": len(ids), "ended": len(ended), "end_state": end_state,
+        "first_running_s": first_running, "elapsed_s": last_end, "jobs_per_s": len(ended) / last_end if ended else 0.0,
+        "processing_error": getattr(proc, "error", ""),
+    }
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serial-jobs", type=int, default=5000)
+    parser.add_argument("--mpi-jobs", type=int, default=200)
+    parser.add_argument("--no-processing", action="store_true", help="measure to RUN_DONE even if the processing module exists")
+    parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="balsam-launcher-bench-"))
+    dep = LocalDeployment(root / "deploy")
+    try:
+        dep.activate()
+        site = dep.make_site("bench", launcher={"idle_ttl_sec": 2, "delay_sec": 1})
+        from balsam.api import ApplicationDefinition
+
+        class Noop(ApplicationDefinition):
+            site = "bench"
+            command_template = "true"
+
+        Noop.sync()
+        import os
+
+        ncpu = len(os.sched_getaffinity(0))
+        results = []
+        if args.serial_jobs:
+            ids = make_jobs(Noop, args.serial_jobs, "serial", node_packing_count=ncpu)
+            results.append(run_mode(site, "serial", "serial", ids, not args.no_processing, timeout=600))
+        if args.mpi_jobs:
+            ids = make_jobs(Noop, args.mpi_jobs, "mpi", node_packing_count=ncpu)
+            results.append(run_mode(site, "mpi", "mpi", ids, not args.no_processing, timeout=600))
+        print(f"launcher throughput ({ncpu} CPUs; real uvicorn + SQLite server, real mpiexec)")
+        for r in results:
+            print(
+                f"  {r['mode']:6s} {r['ended']:5d}/{r['jobs']} jobs to {r['end_state']}: {r['jobs_per_s']:8.1f} jobs/s "
+                f"({r['elapsed_s']:.2f} s from launcher start), first RUNNING after {r['first_running_s']:.3f} s"
+            )
+            if r["processing_error"]:
+                print(f"         processing module not used: {r['processing_error']}")
+        print("  targets: serial >= 500 jobs/s, first RUNNING < 1 s, mpi >= 20 jobs/s "
+              "(Balsam 0.7: 1.9 serial, 1.7 mpi jobs/s, 4.7 s to first RUNNING)")
+        return 0
+    finally:
+        dep.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"kept {root}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Python API implementation; import the public names from :mod:`balsam.api`."""

@@ -1,0 +1,493 @@
+"""ApplicationDefinition: how users describe an app (a shell command template or a Python run()).
+
+Class attributes: ``site`` (name, id or Site), ``command_template`` (Jinja2) *or* ``run(self, ...)``,
+``parameters``, ``transfers``, ``environment_variables``, ``cleanup_files``, ``python_exe``.
+An instance is made per job and per hook call (``self.job`` is the Job); hooks ``preprocess``,
+``postprocess``, ``handle_error``, ``handle_timeout`` and ``shell_preamble`` can be overridden.
+
+Loading apps serialized by Balsam 0.7 clients needs the names ``ApplicationDefinition``,
+``ApplicationDefinitionMeta`` and ``AppType`` to stay in this module.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Union
+
+import jinja2
+import jinja2.meta
+
+from balsam.states import JobState
+
+from . import codec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import App, Job, Site
+
+logger = logging.getLogger(__name__)
+
+_TEMPLATE_VAR = re.compile(r"{{(.*?)}}")
+#: argv chunk size when a run() app and its job are passed on the command line
+ARG_CHUNK_SIZE = 128_000
+RUNNER_MODULE = "balsam._api.python_runner"
+
+
+class AppType(str, enum.Enum):
+    SHELL_CMD = "SHELL_CMD"
+    PY_FUNC = "PY_FUNC"
+
+
+def _param_from_signature(param: inspect.Parameter) -> dict[str, Any]:
+    ann = param.annotation
+    if ann is inspect.Parameter.empty:
+        help_text = ""
+    else:
+        help_text = getattr(ann, "__name__", None) or str(ann)
+    if param.default is inspect.Parameter.empty:
+        return {"required": True, "default": None, "help": help_text}
+    return {"required": False, "default": param.default, "help": help_text}
+
+
+def _check_dict_param(app: str, name: str, param: Any) -> dict[str, Any]:
+    if not isinstance(param, dict):
+        raise AttributeError(f"ApplicationDefinition {app}: parameter {name!r} must be a dict with 'required' (and 'default', 'help')")
+    if "required" not in param:
+        raise AttributeError(f"ApplicationDefinition {app}: parameter {name!r} must set 'required' to True or False")
+    if not param["required"] and param.get("default") is None:
+        raise AttributeError(f"ApplicationDefinition {app}: optional parameter {name!r} needs a 'default' value")
+    unknown = set(param) - {"required", "default", "help"}
+    if unknown:
+        raise AttributeError(f"ApplicationDefinition {app}: parameter {name!r} has unknown keys {sorted(unknown)}")
+    return {"required": bool(param["required"]), "default": param.get("default"), "help": str(param.get("help", ""))}
+
+
+def template_variables(command_template: str) -> set[str]:
+    try:
+        ast = jinja2.Environment().parse(command_template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise AttributeError(f"command_template is not a valid Jinja2 template (line {exc.lineno}): {exc.message}") from None
+    return set(jinja2.meta.find_undeclared_variables(ast))
+
+
+class ApplicationDefinitionMeta(type):
+    """Validates an app class when it is defined (and when a serialized one is loaded)."""
+
+    def __new__(mcls, name: str, bases: tuple, attrs: dict[str, Any]) -> "ApplicationDefinitionMeta":
+        attrs["parameters"] = dict(attrs.get("parameters", {}) or {})
+        cls = super().__new__(mcls, name, bases, attrs)
+        if not any(isinstance(b, ApplicationDefinitionMeta) for b in bases):
+            return cls  # the ApplicationDefinition base itself
+        if "site" not in attrs and not any(getattr(b, "site", None) is not None for b in bases):
+            raise AttributeError(f"ApplicationDefinition {name} must set `site` (a site name, id or Site object)")
+        template = attrs.get("command_template", getattr(cls, "command_template", None))
+        run = attrs.get("run", getattr(cls, "run", None))
+        has_template = isinstance(template, str)
+        has_run = callable(run)
+        if has_template and has_run:
+            raise AttributeError(f"ApplicationDefinition {name} must not define both `run` and `command_template`")
+        if has_template:
+            mcls._setup_shell_app(cls)
+        elif has_run:
+            mcls._setup_py_app(cls)
+        else:
+            raise AttributeError(f"ApplicationDefinition {name} must define a `command_template` or a `run(self, ...)` method")
+        for attr, kind in (("transfers", dict), ("environment_variables", dict), ("cleanup_files", (list, tuple))):
+            if not isinstance(getattr(cls, attr), kind):
+                raise AttributeError(f"ApplicationDefinition {name}.{attr} must be a {getattr(kind, '__name__', 'list')}")
+        cls.__app_id__ = attrs.get("__app_id__")
+        cls._site_id = attrs.get("_site_id")
+        return cls
+
+    def _setup_shell_app(cls) -> None:
+        name = cls.__name__
+        cls._app_type = AppType.SHELL_CMD
+        cls.command_template = cls.command_template.strip()
+        for var in _TEMPLATE_VAR.findall(cls.command_template):
+            expr = var.strip().split("|")[0].strip()
+            if not expr.isidentifier():
+                raise AttributeError(f"ApplicationDefinition {name}: template parameter {{{{{var}}}}} must be a Python identifier")
+        params = {k: _check_dict_param(name, k, v) for k, v in cls.parameters.items()}
+        detected = template_variables(cls.command_template)
+        extraneous = set(params) - detected
+        if extraneous:
+            raise AttributeError(
+                f"ApplicationDefinition {name}: parameters {sorted(extraneous)} do not appear in command_template "
+                f"(template uses: {sorted(detected)})"
+            )
+        for var in sorted(detected - set(params)):
+            params[var] = {"required": True, "default": None, "help": ""}
+        cls.parameters = params
+        cls._default_params = {k: v["default"] for k, v in params.items() if not v["required"]}
+
+    def _setup_py_app(cls) -> None:
+        cls._app_type = AppType.PY_FUNC
+        signature = inspect.signature(cls.run)
+        if "self" not in signature.parameters:
+            raise TypeError(f"ApplicationDefinition {cls.__name__}.run{signature} must take `self` first")
+        cls.parameters = {
+            pname: _param_from_signature(p)
+            for pname, p in signature.parameters.items()
+            if pname != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+        cls._default_params = {k: v["default"] for k, v in cls.parameters.items() if not v["required"]}
+
+    @property
+    def source_code(cls) -> str:
+        return codec.get_source(cls)
+
+
+class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
+    """Base class of user apps. See docs/api.md."""
+
+    site: ClassVar[Union[int, str, "Site", None]] = None
+    command_template: ClassVar[Optional[str]] = None
+    run: ClassVar[Optional[Callable[..., Any]]] = None
+    parameters: ClassVar[dict[str, Any]] = {}
+    transfers: ClassVar[dict[str, Any]] = {}
+    environment_variables: ClassVar[dict[str, str]] = {}
+    cleanup_files: ClassVar[list[str]] = []
+    python_exe: ClassVar[str] = sys.executable
+    ARG_CHUNK_SIZE: ClassVar[int] = ARG_CHUNK_SIZE
+
+    __app_id__: ClassVar[Optional[int]] = None
+    _site_id: ClassVar[Optional[int]] = None
+    _app_type: ClassVar[AppType]
+    _default_params: ClassVar[dict[str, Any]] = {}
+    _serialized_class: ClassVar[Optional[str]] = None
+    #: client used by sync()/load_*; None = the balsam.api default client
+    _client: ClassVar[Any] = None
+    #: loaded classes by (server URL, app id) and (server URL, site name, app name)
+    _app_id_cache: ClassVar[dict[tuple[str, int], type]] = {}
+    _app_name_cache: ClassVar[dict[tuple[str, Optional[str], str], type]] = {}
+
+    class ModuleLoadError(Exception):
+        pass
+
+    def __init__(self, job: "Job") -> None:
+        self.job = job
+
+    # ------------------------------------------------------------------ command line
+    def get_arg_str(self) -> str:
+        """The shell command of this job (template rendered, or the Python runner command)."""
+        if self._app_type == AppType.SHELL_CMD:
+            return self._render_shell_command()
+        return python_runner_command(type(self), self.job)
+
+    def _render_shell_command(self) -> str:
+        values = {**self._default_params, **self.job.get_parameters()}
+        missing = sorted(set(self.parameters) - set(values))
+        if missing:
+            raise ValueError(f"{type(self).__name__}: job {self.job.id} is missing required parameters {missing}")
+        quoted = {k: shlex.quote(str(values[k])) for k in self.parameters}
+        return jinja2.Template(self.command_template).render(quoted)
+
+    def get_environ_vars(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in self.environment_variables.items()})
+        env["BALSAM_JOB_ID"] = str(self.job.id)
+        if self.job.threads_per_rank > 1:
+            env["OMP_NUM_THREADS"] = str(self.job.threads_per_rank)
+        return env
+
+    # ------------------------------------------------------------------ hooks (defaults of Balsam 0.7)
+    def preprocess(self) -> None:
+        self.job.state = JobState.preprocessed
+
+    def postprocess(self) -> None:
+        self.job.state = JobState.postprocessed
+
+    def handle_timeout(self) -> None:
+        self.job.state = JobState.restart_ready
+
+    def handle_error(self) -> None:
+        self.job.state = JobState.failed
+
+    def shell_preamble(self) -> Union[str, list[str]]:
+        return []
+
+    # ------------------------------------------------------------------ API models
+    @classmethod
+    def _models(cls) -> Any:
+        """An object with the model classes (``.App``, ``.Site``) for the app's client."""
+        if cls._client is not None:
+            return cls._client
+        from . import models
+
+        return models
+
+    @staticmethod
+    def _set_client(client: Any) -> None:
+        ApplicationDefinition._client = client
+
+    @classmethod
+    def resolve_site_id(cls) -> int:
+        if cls._site_id is not None:
+            return cls._site_id
+        from .models import Site
+
+        site = cls.site
+        if isinstance(site, bool) or site is None:
+            raise ValueError(f"{cls.__name__}.site must be a site name, id or Site object")
+        if isinstance(site, int):
+            cls._site_id = site
+        elif isinstance(site, str):
+            SiteModel = cls._models().Site
+            try:
+                cls._site_id = SiteModel.objects.get(name=site).id
+            except SiteModel.DoesNotExist:
+                raise ValueError(f"{cls.__name__}.site: no site named {site!r} (see `balsam site ls`)") from None
+        elif isinstance(site, Site):
+            if site.id is None:
+                raise ValueError(f"{cls.__name__}.site has no id (save the Site first)")
+            cls._site_id = site.id
+        else:
+            raise ValueError(f"{cls.__name__}.site must be a site name, id or Site object, got {type(site).__name__}")
+        return cls._site_id  # type: ignore[return-value]
+
+    @classmethod
+    def to_dict(cls) -> dict[str, Any]:
+        serialized = codec.serialize_app_class(cls)
+        cls._serialized_class = serialized
+        try:
+            source = cls.source_code  # type: ignore[attr-defined]
+        except (OSError, TypeError):
+            source = ""  # defined interactively or loaded from the API: no source file
+        return {
+            "site_id": cls.resolve_site_id(),
+            "name": cls.__name__,
+            "serialized_class": serialized,
+            "source_code": source,
+            "description": (cls.__doc__ or "").strip(),
+            "parameters": {k: _wire_param(v) for k, v in cls.parameters.items()},
+            "transfers": {k: _wire_transfer(cls.__name__, k, v) for k, v in cls.transfers.items()},
+        }
+
+    @classmethod
+    def sync(cls, rename_from: Optional[str] = None) -> None:
+        """Create or update the App record of this class at its site (keyed by site and class name)."""
+        AppModel = cls._models().App
+        record = cls.to_dict()
+        existing = None
+        lookup_name = rename_from or record["name"]
+        try:
+            existing = AppModel.objects.get(site_id=record["site_id"], name=lookup_name)
+        except AppModel.DoesNotExist:
+            if rename_from:
+                raise ValueError(f"cannot rename: no app named {rename_from!r} at site {record['site_id']}") from None
+        if existing is not None:
+            for key, value in record.items():
+                if key != "site_id" and getattr(existing, key) != value:
+                    setattr(existing, key, value)
+            existing.save()
+            app = existing
+            logger.info("Updated App(id=%s, name=%s)", app.id, app.name)
+        else:
+            app = AppModel.objects.create(**record)
+            logger.info("Created App(id=%s, name=%s)", app.id, app.name)
+        cls.__app_id__ = app.id
+        ApplicationDefinition._app_id_cache[(_server_key(AppModel), app.id)] = cls
+
+    @classmethod
+    def submit(
+        cls,
+        workdir: Union[str, Path],
+        tags: Optional[dict[str, str]] = None,
+        data: Optional[dict[str, Any]] = None,
+        return_code: Optional[int] = None,
+        num_nodes: int = 1,
+        ranks_per_node: int = 1,
+        threads_per_rank: int = 1,
+        threads_per_core: int = 1,
+        launch_params: Optional[dict[str, str]] = None,
+        gpus_per_rank: float = 0,
+        node_packing_count: int = 1,
+        wall_time_min: int = 0,
+        parent_ids: Optional[set[int]] = None,
+        transfers: Optional[dict[str, Any]] = None,
+        save: bool = True,
+        **app_params: Any,
+    ) -> "Job":
+        """A Job of this app (saved unless ``save=False``: then pass it to ``Job.objects.bulk_create``).
+
+        Keyword arguments that are not Job fields become the app's parameters.
+        """
+        if cls.__app_id__ is None:
+            cls.sync()
+        unknown = sorted(set(app_params) - set(cls.parameters))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.submit() got unknown app parameters {unknown} (parameters: {sorted(cls.parameters)})")
+        JobModel = cls._client.Job if cls._client is not None else _job_model()
+        job = JobModel(
+            workdir=workdir, app_id=cls.__app_id__, tags=tags, data=data, return_code=return_code, num_nodes=num_nodes,
+            ranks_per_node=ranks_per_node, threads_per_rank=threads_per_rank, threads_per_core=threads_per_core,
+            launch_params=launch_params, gpus_per_rank=gpus_per_rank, node_packing_count=node_packing_count,
+            wall_time_min=wall_time_min, parent_ids=parent_ids, transfers=transfers, parameters=app_params,
+        )
+        if save:
+            job.save()
+        return job
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def from_serialized(app: "App | dict[str, Any]") -> type["ApplicationDefinition"]:
+        """The ApplicationDefinition class stored in an App record (an App object or its JSON dict)."""
+        if isinstance(app, dict):
+            from .models import App
+
+            app = App._from_api(app)
+        if app.id is None:
+            raise ValueError("cannot load an App that has no id")
+        cls = codec.deserialize_app_class(app.serialized_class, name=app.name, app_id=app.id)
+        if not (isinstance(cls, type) and issubclass(cls, ApplicationDefinition)):
+            raise TypeError(f"App(id={app.id}, name={app.name}) does not hold an ApplicationDefinition subclass")
+        cls.__app_id__ = app.id
+        cls._serialized_class = app.serialized_class
+        if getattr(cls, "_site_id", None) is None:
+            cls._site_id = app.site_id
+        return cls
+
+    @staticmethod
+    def load_by_site(site: Union[int, str, "Site"]) -> dict[str, type["ApplicationDefinition"]]:
+        """``{name: class}`` of every app at a site (name, id or Site object)."""
+        from .models import Site
+
+        AppModel = ApplicationDefinition._models().App
+        if isinstance(site, int) and not isinstance(site, bool):
+            lookup: dict[str, Any] = {"site_id": site}
+        elif isinstance(site, str):
+            lookup = {"site_name": site}
+        elif isinstance(site, Site):
+            lookup = {"site_id": site.id}
+        else:
+            raise ValueError("site must be a site id, name or Site object")
+        apps = {}
+        for app in AppModel.objects.filter(**lookup):
+            cls = ApplicationDefinition.from_serialized(app)
+            ApplicationDefinition._app_id_cache[(_server_key(AppModel), app.id)] = cls
+            apps[app.name] = cls
+        return apps
+
+    @classmethod
+    def load_by_name(cls, app_name: str, site_name: Optional[str] = None) -> type["ApplicationDefinition"]:
+        AppModel = cls._models().App
+        key = (_server_key(AppModel), site_name, app_name)
+        if key not in ApplicationDefinition._app_name_cache:
+            lookup: dict[str, Any] = {"name": app_name}
+            if site_name:
+                lookup["site_name"] = site_name
+            try:
+                app = AppModel.objects.get(**lookup)
+            except AppModel.MultipleObjectsReturned:
+                raise ValueError(f"several sites have an app named {app_name!r}: pass site_name") from None
+            loaded = cls.from_serialized(app)
+            ApplicationDefinition._app_name_cache[key] = loaded
+            ApplicationDefinition._app_id_cache[(_server_key(AppModel), app.id)] = loaded
+        return ApplicationDefinition._app_name_cache[key]
+
+    @classmethod
+    def load_by_id(cls, app_id: int) -> type["ApplicationDefinition"]:
+        return cls._load_by_id_with(cls._models().App, app_id)
+
+    @staticmethod
+    def _load_by_id_with(AppModel: Any, app_id: int) -> type["ApplicationDefinition"]:
+        key = (_server_key(AppModel), app_id)
+        if key not in ApplicationDefinition._app_id_cache:
+            app = AppModel.objects.get(id=app_id)
+            ApplicationDefinition._app_id_cache[key] = ApplicationDefinition.from_serialized(app)
+        return ApplicationDefinition._app_id_cache[key]
+
+    @classmethod
+    def clear_cache(cls) -> None:
+        ApplicationDefinition._app_id_cache.clear()
+        ApplicationDefinition._app_name_cache.clear()
+
+
+def _server_key(model: Any) -> str:
+    """Cache key part: app ids are unique per server, not across servers."""
+    return model._get_client().api_root
+
+
+def _job_model() -> Any:
+    from .models import Job
+
+    return Job
+
+
+def _wire_param(param: dict[str, Any]) -> dict[str, Any]:
+    default = param.get("default")
+    if default is not None and not isinstance(default, str):
+        default = str(default)
+    return {"required": bool(param["required"]), "default": default, "help": str(param.get("help") or "")}
+
+
+def _wire_transfer(app: str, slot: str, spec: Any) -> dict[str, Any]:
+    if not isinstance(spec, dict):
+        raise AttributeError(f"ApplicationDefinition {app}: transfer slot {slot!r} must be a dict")
+    direction = spec.get("direction")
+    direction = getattr(direction, "value", direction)
+    if direction not in ("in", "out"):
+        raise AttributeError(f"ApplicationDefinition {app}: transfer slot {slot!r} needs direction 'in' or 'out'")
+    if "local_path" not in spec:
+        raise AttributeError(f"ApplicationDefinition {app}: transfer slot {slot!r} needs a local_path")
+    return {
+        "required": bool(spec.get("required", False)),
+        "direction": direction,
+        "local_path": str(spec["local_path"]),
+        "description": str(spec.get("description", "")),
+        "recursive": bool(spec.get("recursive", False)),
+    }
+
+
+# ====================================================================================== run() apps
+def _chunk(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def python_runner_command(app_cls: type[ApplicationDefinition], job: "Job") -> str:
+    """The shell command that runs ``app_cls.run(**job parameters)`` for ``job``.
+
+    ``<python_exe> -m balsam._api.python_runner <app_id> <n_app_chunks> <app chunks...> <job chunks...>``
+    (chunks of 128,000 characters, shell-quoted) so no file needs to be shared with the node.
+    """
+    if app_cls.__app_id__ is None:
+        raise ValueError(f"{app_cls.__name__} has no app id: load it from the API or sync() it")
+    payload = app_cls._serialized_class or codec.serialize_app_class(app_cls)
+    app_chunks = _chunk(payload, app_cls.ARG_CHUNK_SIZE)
+    job_json = json.dumps(_job_json(job))
+    job_chunks = _chunk(job_json, app_cls.ARG_CHUNK_SIZE)
+    args = [str(app_cls.__app_id__), str(len(app_chunks)), *app_chunks, *job_chunks]
+    return f"{shlex.quote(app_cls.python_exe)} -m {RUNNER_MODULE} " + " ".join(shlex.quote(a) for a in args)
+
+
+def _job_json(job: "Job") -> dict[str, Any]:
+    from balsam.serialization import converter
+
+    return converter.unstructure(job._record, type(job._record))
+
+
+RETURN_MARKER = "BALSAM-RETURN-VALUE"
+EXCEPTION_MARKER = "BALSAM-EXCEPTION"
+
+
+def parse_run_markers(job_out_text: str) -> tuple[Optional[str], Optional[str]]:
+    """Find the run() result in a job's output: ``(serialized_return_value, serialized_exception)``.
+
+    The runner prints ``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` on a line of its
+    own; the last such line wins. Either item is None when absent.
+    """
+    value = exc = None
+    for line in job_out_text.splitlines():
+        line = line.strip()
+        if line.startswith(RETURN_MARKER + " "):
+            value, exc = line[len(RETURN_MARKER) + 1 :].strip(), None
+        elif line.startswith(EXCEPTION_MARKER + " "):
+            exc, value = line[len(EXCEPTION_MARKER) + 1 :].strip(), None
+    return value, exc

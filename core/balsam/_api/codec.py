@@ -1,0 +1,175 @@
+"""dill + base64 payloads: job parameters, return values, exceptions and app classes.
+
+The wire format is the one of Balsam 0.7 (``base64(dill.dumps(obj, recurse=True))``), so
+payloads written by 0.7 clients load here. App classes written by this client are wrapped in a
+small envelope that records the Python version: dill cannot load code objects across Python
+minor versions, so a mismatch fails with a message saying which versions are involved.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import pickle
+import sys
+from typing import Any, Optional
+
+import dill
+import dill.source
+from tblib import Traceback
+
+APP_ENVELOPE_KEY = "balsam_app_class"
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+class SerializeError(ValueError):
+    pass
+
+
+class DeserializeError(ValueError):
+    pass
+
+
+class EmptyPayload(DeserializeError):
+    pass
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(payload: str) -> bytes:
+    if not payload:
+        raise EmptyPayload("empty payload")
+    try:
+        return base64.b64decode(payload.encode("ascii") if isinstance(payload, str) else payload, validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+        raise DeserializeError(f"payload is not base64: {exc}") from None
+
+
+def serialize(obj: Any) -> str:
+    try:
+        return _b64(dill.dumps(obj, recurse=True))
+    except Exception as exc:  # noqa: BLE001 - dill raises many kinds
+        raise SerializeError(f"cannot serialize {type(obj).__name__}: {type(exc).__name__}: {exc}") from None
+
+
+def deserialize(payload: str) -> Any:
+    data = _unb64(payload)
+    try:
+        return dill.loads(data)
+    except Exception as exc:  # noqa: BLE001
+        raise DeserializeError(f"cannot deserialize payload: {type(exc).__name__}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ exceptions
+def serialize_exception(exc: BaseException) -> str:
+    """An exception with its traceback (tblib), for ``Job.serialized_exception``."""
+    tb = Traceback(exc.__traceback__).to_dict() if exc.__traceback__ is not None else None
+    try:
+        value = dill.dumps(exc, recurse=True)
+    except Exception:  # noqa: BLE001 - unpicklable exception: keep its type name and message
+        value = None
+    envelope = {
+        "balsam_exception": 1,
+        "type_name": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "value": value,
+        "traceback": tb,
+    }
+    return _b64(pickle.dumps(envelope))
+
+
+class RemoteException(Exception):
+    """Stands in for an exception from a run() app that could not be rebuilt here."""
+
+
+def deserialize_exception(payload: str) -> BaseException:
+    data = _unb64(payload)
+    try:
+        envelope = pickle.loads(data)
+    except Exception:  # noqa: BLE001 - not our envelope: maybe a plain dill payload
+        envelope = None
+    if not (isinstance(envelope, dict) and envelope.get("balsam_exception") == 1):
+        obj = deserialize(payload)
+        if isinstance(obj, BaseException):
+            return obj
+        return RemoteException(repr(obj))
+    exc: Optional[BaseException] = None
+    if envelope.get("value") is not None:
+        try:
+            exc = dill.loads(envelope["value"])
+        except Exception:  # noqa: BLE001
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteException(f"{envelope['type_name']}: {envelope['message']}")
+    if envelope.get("traceback"):
+        try:
+            exc = exc.with_traceback(Traceback.from_dict(envelope["traceback"]).as_traceback())
+        except Exception:  # noqa: BLE001 - a traceback we cannot rebuild is not worth failing for
+            pass
+    return exc
+
+
+# ------------------------------------------------------------------------------------ app classes
+def serialize_app_class(cls: type) -> str:
+    """Serialize an ApplicationDefinition subclass by value (its code travels to the site)."""
+    module = cls.__module__
+    # dill pickles importable classes by reference; the site may not be able to import the
+    # user's module, so pretend it lives in __main__ to force pickling by value.
+    cls.__module__ = "__main__"
+    try:
+        inner = dill.dumps(cls, recurse=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SerializeError(f"cannot serialize app {cls.__name__}: {type(exc).__name__}: {exc}") from None
+    finally:
+        cls.__module__ = module
+    envelope = {APP_ENVELOPE_KEY: 1, "python": PYTHON_VERSION, "name": cls.__name__, "class": inner}
+    return _b64(pickle.dumps(envelope, protocol=4))
+
+
+def app_payload_python_version(payload: str) -> Optional[str]:
+    """The Python version recorded in an app payload (None for Balsam 0.7 payloads)."""
+    try:
+        envelope = pickle.loads(_unb64(payload))
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(envelope, dict) and envelope.get(APP_ENVELOPE_KEY) == 1:
+        return str(envelope.get("python"))
+    return None
+
+
+def deserialize_app_class(payload: str, *, name: str = "?", app_id: Any = None) -> type:
+    label = f"App(id={app_id}, name={name})"
+    data = _unb64(payload)
+    envelope: Any = None
+    try:
+        # The envelope is a plain pickle of builtins: safe to read in any Python version.
+        envelope = pickle.loads(data)
+    except Exception:  # noqa: BLE001 - not an envelope
+        envelope = None
+    if isinstance(envelope, dict) and envelope.get(APP_ENVELOPE_KEY) == 1:
+        version = str(envelope.get("python"))
+        if version != PYTHON_VERSION:
+            raise DeserializeError(
+                f"{label} was serialized with Python {version} but this is Python {PYTHON_VERSION}: "
+                f"run the site (or set the app's python_exe) with Python {version}, or re-sync the app "
+                f"from Python {PYTHON_VERSION}"
+            )
+        try:
+            return dill.loads(envelope["class"])
+        except Exception as exc:  # noqa: BLE001
+            raise DeserializeError(f"cannot load {label}: {type(exc).__name__}: {exc}") from None
+    # A Balsam 0.7 payload: the dill bytes of the class itself, Python version unknown.
+    try:
+        return envelope if isinstance(envelope, type) else dill.loads(data)
+    except Exception as exc:  # noqa: BLE001
+        raise DeserializeError(
+            f"cannot load {label} (serialized by a Balsam 0.7 client, Python version not recorded; "
+            f"this is Python {PYTHON_VERSION}; a different Python version is the usual cause): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+
+
+def get_source(obj: Any) -> str:
+    return dill.source.getsource(obj, lstrip=True)

@@ -1,0 +1,429 @@
+"""Model base class: field descriptors with dirty tracking, save/refresh/delete, default client.
+
+Each API model wraps one attrs record of :mod:`balsam.models`. Values live in that record
+(structured types: ``Path``, enums, ``datetime``). ``save()`` on a stored object sends only
+the fields that changed: fields assigned to, and dict/list/set fields changed in place (a
+fingerprint of such a field is taken the first time it is read, and compared at save time).
+
+Datetimes read from the API are returned as naive *local* times (comparable with
+``datetime.now()``, as Balsam 0.7 clients such as libEnsemble do); naive datetimes given to
+the API are taken as local time, aware ones are respected.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import os
+import threading
+import typing
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, TypeVar
+
+import attrs
+import yaml
+from cattrs.errors import ClassValidationError, IterableValidationError
+
+from balsam.client import RESTClient, load_client
+from balsam.client.settings import NotLoggedIn, client_path
+from balsam.serialization import _flatten, converter
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .manager import Manager
+
+T = TypeVar("T", bound="BalsamModel")
+
+# ------------------------------------------------------------------------------------ default client
+_default_lock = threading.Lock()
+_default_state: dict[str, Any] = {"client": None, "key": None, "explicit": None}
+
+
+def set_default_client(client: Optional[RESTClient]) -> None:
+    """Use ``client`` for every unbound model (``None`` goes back to the stored login)."""
+    with _default_lock:
+        _default_state["explicit"] = client
+
+
+def reset_default_client() -> None:
+    """Forget the cached default client; the next API call re-reads the login file."""
+    with _default_lock:
+        _default_state["client"] = None
+        _default_state["key"] = None
+        _default_state["explicit"] = None
+
+
+def get_default_client() -> RESTClient:
+    """The client the ``balsam.api`` models use, built lazily from the login file.
+
+    It is rebuilt when ``$BALSAM_CLIENT_PATH``/``$BALSAM_HOME`` point elsewhere or the file
+    changes (a new ``balsam login``). After ``fork()`` it opens a fresh connection pool.
+    """
+    explicit = _default_state["explicit"]
+    if explicit is not None:
+        return explicit
+    path = client_path()
+    try:
+        stat = path.stat()
+    except OSError:
+        raise NotLoggedIn(f"no login file at {path}") from None
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    with _default_lock:
+        if _default_state["key"] != key or _default_state["client"] is None:
+            _default_state["client"] = load_client(path)
+            _default_state["key"] = key
+        return _default_state["client"]
+
+
+# ------------------------------------------------------------------------------------ type helpers
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _is_mutable_type(tp: Any) -> bool:
+    base = _strip_optional(tp)
+    return base in (dict, list, set) or typing.get_origin(base) in (dict, list, set)
+
+
+def _fingerprint(value: Any, tp: Any) -> str:
+    return json.dumps(converter.unstructure(value, tp), sort_keys=True, default=str)
+
+
+def to_local_naive(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone().replace(tzinfo=None)
+
+
+def to_aware_utc(value: Any) -> Any:
+    """Naive datetimes given to the API are local time (like ``datetime.now()``)."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.astimezone()
+        return value.astimezone(dt.timezone.utc)
+    return value
+
+
+def structure_value(model: str, name: str, value: Any, tp: Any) -> Any:
+    if _strip_optional(tp) is dt.datetime:
+        value = to_aware_utc(value)
+    try:
+        return converter.structure(value, tp)
+    except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
+        problems = "; ".join(f"{p}: {m}" if p else m for p, m in _flatten(exc)) or str(exc)
+        raise ValueError(f"{model}.{name}: {problems}") from None
+
+
+class Field:
+    """Descriptor for one record field of a model."""
+
+    def __init__(self, name: str, tp: Any, role: Optional[str]) -> None:
+        self.name = name
+        self.type = tp
+        self.role = role
+        self.mutable = _is_mutable_type(tp)
+        self.is_datetime = _strip_optional(tp) is dt.datetime
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = getattr(obj._record, self.name)
+        if self.mutable and obj._stored and self.name not in obj._snapshots and self.name not in obj._dirty:
+            obj._snapshots[self.name] = _fingerprint(value, self.type)
+        if self.is_datetime and value is not None:
+            return to_local_naive(value)
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj._set_field(self.name, value)
+
+    def __repr__(self) -> str:
+        return f"Field({self.name!r})"
+
+
+class ManagerDescriptor:
+    """``Model.objects``: one Manager per model class (bound subclasses get their own)."""
+
+    def __get__(self, obj: Any, owner: Any) -> "Manager":
+        if obj is not None:
+            raise AttributeError("Manager is reachable from the model class only, e.g. Job.objects")
+        manager = owner.__dict__.get("_manager_instance")
+        if manager is None:
+            manager = owner._manager_cls(owner)
+            setattr(owner, "_manager_instance", manager)
+        return manager
+
+
+class BalsamModel:
+    """Base of the API models (Site, App, Job, BatchJob, Session, TransferItem, EventLog)."""
+
+    _record_cls: ClassVar[type]
+    _path: ClassVar[str]
+    _manager_cls: ClassVar[type]
+    _client: ClassVar[Optional[RESTClient]] = None
+    _fields: ClassVar[dict[str, Field]]
+    _create_fields: ClassVar[frozenset[str]]
+    _update_fields: ClassVar[frozenset[str]]
+    _creatable: ClassVar[bool] = True
+    _updatable: ClassVar[bool] = True
+    _deletable: ClassVar[bool] = True
+    #: the create route takes a list (bulk create), even for one record
+    _create_as_list: ClassVar[bool] = False
+    #: query-string filter names accepted by the list route (those of Balsam 0.7)
+    _filters: ClassVar[frozenset[str]] = frozenset()
+    _orderings: ClassVar[frozenset[str]] = frozenset()
+    #: fields cleared back to their default after every successful save (event payloads)
+    _reset_after_save: ClassVar[tuple[str, ...]] = ()
+
+    objects: ClassVar["Manager"] = ManagerDescriptor()  # type: ignore[assignment]
+
+    class DoesNotExist(Exception):
+        pass
+
+    class MultipleObjectsReturned(Exception):
+        pass
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_record_cls" not in cls.__dict__:
+            return
+        record = cls._record_cls
+        fields: dict[str, Field] = {}
+        for f in attrs.fields(record):
+            fld = Field(f.name, f.type, f.metadata.get("role"))
+            fields[f.name] = fld
+            setattr(cls, f.name, fld)
+        cls._fields = fields
+        cls._create_fields = frozenset(n for n, f in fields.items() if f.role not in ("server", "update"))
+        cls._update_fields = frozenset(n for n, f in fields.items() if f.role not in ("server", "create"))
+        name = cls.__name__
+        cls.DoesNotExist = type("DoesNotExist", (BalsamModel.DoesNotExist,), {"__qualname__": f"{name}.DoesNotExist"})
+        cls.MultipleObjectsReturned = type(
+            "MultipleObjectsReturned",
+            (BalsamModel.MultipleObjectsReturned,),
+            {"__qualname__": f"{name}.MultipleObjectsReturned"},
+        )
+
+    # ------------------------------------------------------------------ client binding
+    @classmethod
+    def _bind(cls: type[T], client: RESTClient) -> type[T]:
+        """A subclass of this model that talks through ``client`` instead of the default one."""
+        return type(cls.__name__, (cls,), {"_client": client, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+    @classmethod
+    def _get_client(cls) -> RESTClient:
+        return cls._client if cls._client is not None else get_default_client()
+
+    @classmethod
+    def _model_for(cls, name: str) -> type:
+        """The model class ``name`` bound to the same client as ``cls``."""
+        if cls._client is not None:
+            return getattr(cls._client, name)
+        from . import models
+
+        return getattr(models, name)
+
+    # ------------------------------------------------------------------ construction
+    def __init__(self, **kwargs: Any) -> None:
+        if not self._creatable:
+            raise TypeError(f"{type(self).__name__} records are created by the server, not by the API")
+        self._stored = False
+        self._dirty: set[str] = set()
+        self._snapshots: dict[str, str] = {}
+        name = type(self).__name__
+        values: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            fld = self._fields.get(key)
+            if fld is None or fld.role == "server" or key not in self._create_fields:
+                valid = ", ".join(sorted(self._create_fields))
+                raise TypeError(f"{name}() got an unexpected field {key!r} (fields: {valid})")
+            if value is None:
+                continue  # None means "the default" (Balsam 0.7 clients pass None for unset options)
+            values[key] = structure_value(name, key, value, fld.type)
+        try:
+            self._record = self._record_cls(**values)
+        except TypeError as exc:
+            missing = [
+                f.name for f in attrs.fields(self._record_cls)
+                if f.default is attrs.NOTHING and f.name not in values and f.metadata.get("role") != "server"
+            ]
+            if missing:
+                raise TypeError(f"{name}() missing required field(s): {', '.join(missing)}") from None
+            raise TypeError(f"{name}(): {exc}") from None
+
+    @classmethod
+    def _from_api(cls: type[T], data: dict[str, Any]) -> T:
+        obj = cls.__new__(cls)
+        obj._load(data)
+        return obj
+
+    def _load(self, data: Any) -> None:
+        name = type(self).__name__
+        if not isinstance(data, dict):
+            raise ValueError(f"{name}: expected a JSON object from the server, got {type(data).__name__}")
+        known = {k: v for k, v in data.items() if k in self._fields}
+        try:
+            self._record = converter.structure(known, self._record_cls)
+        except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
+            problems = "; ".join(f"{p}: {m}" if p else m for p, m in _flatten(exc)) or str(exc)
+            raise ValueError(f"{name}: unexpected server response ({problems})") from None
+        self._stored = True
+        self._dirty = set()
+        self._snapshots = {}
+
+    # ------------------------------------------------------------------ fields
+    def _set_field(self, key: str, value: Any) -> None:
+        name = type(self).__name__
+        fld = self._fields.get(key)
+        if fld is None:
+            raise AttributeError(f"{name} has no field {key!r}")
+        if self._stored:
+            if not self._updatable:
+                raise AttributeError(f"{name} is read-only")
+            if key not in self._update_fields:
+                raise AttributeError(f"{name}.{key} cannot be changed after creation")
+        elif key not in self._create_fields:
+            raise AttributeError(f"{name}.{key} cannot be set before the {name} is created")
+        value = structure_value(name, key, value, fld.type)
+        setattr(self._record, key, value)
+        self._dirty.add(key)
+        self._snapshots.pop(key, None)
+
+    @classmethod
+    def _validate_update(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """Check and encode an update applied to many records (``Query.update``)."""
+        name = cls.__name__
+        if not cls._updatable:
+            raise AttributeError(f"{name} is read-only")
+        payload = {}
+        for key, value in fields.items():
+            fld = cls._fields.get(key)
+            if fld is None or key not in cls._update_fields:
+                valid = ", ".join(sorted(cls._update_fields))
+                raise AttributeError(f"{name}.{key} cannot be updated (updatable: {valid})")
+            payload[key] = converter.unstructure(structure_value(name, key, value, fld.type), fld.type)
+        return payload
+
+    def _adopt(self, other: "BalsamModel") -> None:
+        """Take the stored state of ``other`` (a fresh copy of the same record)."""
+        self._record = other._record
+        self._stored = other._stored
+        self._dirty = set()
+        self._snapshots = {}
+
+    def _changed_fields(self) -> set[str]:
+        changed = set(self._dirty)
+        for key, snap in self._snapshots.items():
+            if key not in changed and _fingerprint(getattr(self._record, key), self._fields[key].type) != snap:
+                changed.add(key)
+        return changed & self._update_fields
+
+    @property
+    def dirty_fields(self) -> set[str]:
+        """Names of the fields ``save()`` would send."""
+        return self._changed_fields() if self._stored else set(self._create_fields)
+
+    def _field_json(self, key: str) -> Any:
+        return converter.unstructure(getattr(self._record, key), self._fields[key].type)
+
+    def _create_payload(self) -> dict[str, Any]:
+        payload = {}
+        for key in self._create_fields:
+            value = getattr(self._record, key)
+            if value is None:
+                continue
+            payload[key] = self._field_json(key)
+        return payload
+
+    def _update_payload(self) -> dict[str, Any]:
+        return {key: self._field_json(key) for key in sorted(self._changed_fields())}
+
+    def _mark_clean(self) -> None:
+        for key in self._reset_after_save:
+            fld = attrs.fields_dict(self._record_cls)[key]
+            default = fld.default.factory() if isinstance(fld.default, attrs.Factory) else copy.copy(fld.default)  # type: ignore[union-attr]
+            setattr(self._record, key, default)
+        self._dirty = set()
+        self._snapshots = {}
+
+    def _apply_response(self, data: Any) -> None:
+        """Adopt the server's copy after create/update when it sent one."""
+        if isinstance(data, dict) and "id" in data:
+            self._load(data)
+        self._mark_clean()
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def _detail_path(self) -> str:
+        if self.id is None:  # type: ignore[attr-defined]
+            raise ValueError(f"{type(self).__name__} has no id: save() it first")
+        return f"{self._path}{self.id}"  # type: ignore[attr-defined]
+
+    def save(self) -> None:
+        """Create the record, or send the changed fields of a stored one (nothing if unchanged)."""
+        client = self._get_client()
+        if not self._stored:
+            payload = self._create_payload()
+            data = client.post(self._path, json=[payload] if self._create_as_list else payload)
+            if isinstance(data, list) and len(data) == 1:
+                data = data[0]
+            self._load(data)
+            return
+        payload = self._update_payload()
+        if not payload:
+            return
+        data = client.put(self._detail_path, json=payload)
+        self._apply_response(data)
+
+    def refresh_from_db(self) -> None:
+        if not self._stored:
+            raise AttributeError(f"cannot refresh a {type(self).__name__} before it is saved")
+        self._load(self._get_client().get(self._detail_path))
+
+    def delete(self) -> None:
+        if not self._stored:
+            raise AttributeError(f"cannot delete a {type(self).__name__} that was never saved")
+        if not self._deletable:
+            raise AttributeError(f"{type(self).__name__} records cannot be deleted")
+        self._get_client().delete(self._detail_path)
+        self._record.id = None  # type: ignore[attr-defined]
+        self._stored = False
+
+    # ------------------------------------------------------------------ display
+    def display_dict(self) -> dict[str, Any]:
+        data = json.loads(json.dumps(converter.unstructure(self._record, self._record_cls), default=str))
+        for key, fld in self._fields.items():
+            if fld.is_datetime and getattr(self._record, key) is not None:
+                data[key] = to_local_naive(getattr(self._record, key)).isoformat(sep=" ", timespec="seconds")
+        return data
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.display_dict().items())
+        return f"{type(self).__name__}({args})"
+
+    def __str__(self) -> str:
+        return yaml.safe_dump(self.display_dict(), sort_keys=False, indent=4)
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, BalsamModel) or other._record_cls is not self._record_cls:
+            return NotImplemented
+        if not (self._stored and other._stored):
+            return self is other
+        return self._record == other._record
+
+    def __hash__(self) -> int:
+        rid = getattr(self._record, "id", None)
+        return hash((self._record_cls.__name__, rid)) if self._stored and rid is not None else id(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"record": converter.unstructure(self._record, self._record_cls), "stored": self._stored,
+                "dirty": sorted(self._dirty)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._record = converter.structure(state["record"], self._record_cls)
+        self._stored = state["stored"]
+        self._dirty = set(state["dirty"])
+        self._snapshots = {}

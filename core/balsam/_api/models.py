@@ -1,0 +1,542 @@
+"""The API models: Site, App, Job, BatchJob, Session, TransferItem, EventLog.
+
+Fields are those of the records in :mod:`balsam.models`; filter and ordering names are those
+of the Balsam 0.7 list routes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+
+from balsam import models as records
+from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
+from balsam.states import DONE_STATES, RUNNABLE_STATES, BatchJobMode, BatchJobState, JobState
+
+from . import codec
+from .manager import Manager, ProgressFn, chunks
+from .model import BalsamModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .app import ApplicationDefinition
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Site", "App", "Job", "BatchJob", "Session", "TransferItem", "EventLog", "JobWaitResult"]
+
+
+# ====================================================================================== Site
+class SiteManager(Manager["Site"]):
+    positional_lookup = "name"
+
+
+class Site(BalsamModel):
+    _record_cls = records.Site
+    _path = "/sites/"
+    _manager_cls = SiteManager
+    _filters = frozenset({"name", "path", "id", "last_refresh_after"})
+    objects: SiteManager  # type: ignore[assignment]
+
+    if TYPE_CHECKING:  # pragma: no cover
+        id: Optional[int]
+        name: str
+        path: Path
+        last_refresh: Any
+
+
+# ====================================================================================== App
+class AppManager(Manager["App"]):
+    positional_lookup = "name"
+
+
+class App(BalsamModel):
+    """The stored form of an ApplicationDefinition (use ApplicationDefinition to define apps)."""
+
+    _record_cls = records.App
+    _path = "/apps/"
+    _manager_cls = AppManager
+    _filters = frozenset({"site_id", "id", "name", "site_path", "site_name"})
+    objects: AppManager  # type: ignore[assignment]
+
+    if TYPE_CHECKING:  # pragma: no cover
+        id: Optional[int]
+        site_id: int
+        name: str
+        serialized_class: str
+        parameters: dict
+
+
+# ====================================================================================== Job
+class JobWaitResult(NamedTuple):
+    done: list["Job"]
+    not_done: list["Job"]
+
+
+class JobManager(Manager["Job"]):
+    has_bulk_patch = True
+
+    def bulk_create(self, objs: Sequence["Job"], progress: ProgressFn = None) -> list["Job"]:
+        """Create jobs with one POST per ``bulk_chunk_size`` (5,000); returns the new Job objects.
+
+        The given objects are left as they are (Balsam 0.7 behaviour): use the returned list.
+        """
+        payloads = []
+        for job in objs:
+            if not isinstance(job, Job):
+                raise TypeError(f"bulk_create() takes Job objects, got {type(job).__name__}")
+            if job._stored:
+                raise ValueError(f"Job(id={job.id}) is already created")
+            payloads.append(job._create_payload())
+        created: list[Job] = []
+        client = self._client
+        for chunk in chunks(payloads, self.bulk_chunk_size):
+            data = client.post(Job._path, json=list(chunk))
+            if not isinstance(data, list):
+                raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
+            created.extend(self._model._from_api(row) for row in data)
+            if progress:
+                progress(len(created), len(payloads))
+        return created
+
+    def bulk_refresh(self, jobs: Sequence["Job"]) -> None:
+        """Re-read many jobs with one request per 500 ids (jobs deleted meanwhile are left as they were)."""
+        ids = [job.id for job in jobs if job.id is not None]
+        if not ids:
+            return
+        fresh = {j.id: j for j in self.filter(id=ids)}
+        for job in jobs:
+            if job.id in fresh:
+                job._adopt(fresh[job.id])
+
+    def wait(
+        self,
+        jobs: Sequence["Job"],
+        timeout: Optional[float] = None,
+        poll_interval: float = 1.0,
+        return_when: str = "ALL_COMPLETED",
+    ) -> JobWaitResult:
+        """Block until the jobs are done (JOB_FINISHED or FAILED), like ``concurrent.futures.wait``.
+
+        ``return_when`` is ``"ALL_COMPLETED"`` or ``"FIRST_COMPLETED"``. Returns ``(done, not_done)``;
+        on timeout the jobs still pending are in ``not_done`` (no exception).
+        """
+        if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED"):
+            raise ValueError("return_when must be 'ALL_COMPLETED' or 'FIRST_COMPLETED'")
+        jobs = list(jobs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.bulk_refresh([j for j in jobs if j.state not in DONE_STATES])
+            done = [j for j in jobs if j.state in DONE_STATES]
+            not_done = [j for j in jobs if j.state not in DONE_STATES]
+            if not not_done or (return_when == "FIRST_COMPLETED" and done):
+                return JobWaitResult(done, not_done)
+            if deadline is not None and time.monotonic() >= deadline:
+                return JobWaitResult(done, not_done)
+            sleep = poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic()))
+            time.sleep(sleep)
+
+    def as_completed(
+        self, jobs: Sequence["Job"], timeout: Optional[float] = None, poll_interval: float = 1.0
+    ) -> Iterator["Job"]:
+        """Yield each job as it completes; ``concurrent.futures.TimeoutError`` if some are left at the timeout."""
+        pending = list(jobs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            self.bulk_refresh(pending)
+            still = []
+            for job in pending:
+                if job.state in DONE_STATES:
+                    yield job
+                else:
+                    still.append(job)
+            pending = still
+            if not pending:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise concurrent.futures.TimeoutError(f"{len(pending)} of {len(jobs)} jobs not completed in {timeout} s")
+            sleep = poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic()))
+            time.sleep(sleep)
+
+    def _delete_query(self, query: Any) -> Optional[int]:
+        # One bulk DELETE with the filters (the server skips jobs leased by a live session).
+        if query._empty:
+            return 0
+        client = self._client
+        if query._sliced or len(query._chunked_params()) > 1:
+            ids = query._ids()
+            deleted = 0
+            for chunk in chunks(ids, query.filter_chunk_size):
+                result = client.delete(Job._path, params={"id": list(chunk)})
+                deleted += result if isinstance(result, int) else len(chunk)
+            return deleted
+        result = client.delete(Job._path, params=query._params)
+        return result if isinstance(result, int) else None
+
+
+_app_id_cache_lock = threading.Lock()
+_app_name_to_id: dict[tuple[str, Optional[str], Optional[str], str], int] = {}
+
+
+class Job(BalsamModel):
+    """One run of an app. Python-app jobs behave like futures: ``result()``, ``done()``."""
+
+    _record_cls = records.Job
+    _path = "/jobs/"
+    _manager_cls = JobManager
+    _filters = frozenset(
+        {
+            "id", "parent_id", "app_id", "site_id", "batch_job_id", "last_update_before", "last_update_after",
+            "workdir__contains", "state__ne", "state", "tags", "pending_file_cleanup",
+        }
+    )
+    _orderings = frozenset({"last_update", "id", "state", "workdir"})
+    _reset_after_save = ("state_timestamp", "state_data")
+    _create_as_list = True
+    objects: JobManager  # type: ignore[assignment]
+
+    if TYPE_CHECKING:  # pragma: no cover
+        id: Optional[int]
+        workdir: Path
+        app_id: int
+        tags: dict[str, str]
+        data: dict[str, Any]
+        state: Optional[JobState]
+        state_data: dict[str, Any]
+        parent_ids: set[int]
+        num_nodes: int
+        ranks_per_node: int
+        threads_per_rank: int
+        node_packing_count: int
+        batch_job_id: Optional[int]
+        serialized_parameters: str
+        serialized_return_value: str
+        serialized_exception: str
+        return_code: Optional[int]
+
+    class NoResult(Exception):
+        """The job has no return value (yet): it is not done, or is not a run() app."""
+
+    def __init__(
+        self,
+        workdir: Union[str, Path, None] = None,
+        app_id: Union[int, str, type, None] = None,
+        *,
+        site_name: Optional[str] = None,
+        parameters: Optional[dict[str, Any]] = None,
+        transfers: Optional[dict[str, Any]] = None,
+        **kwargs: Any,
+    ) -> None:
+        if workdir is None:
+            raise TypeError("Job() missing required field: workdir")
+        if app_id is None:
+            raise TypeError("Job() missing required field: app_id (an app id, app name or ApplicationDefinition)")
+        kwargs["workdir"] = workdir
+        kwargs["app_id"] = self._resolve_app_id(app_id, site_name)
+        if transfers:
+            kwargs["transfers"] = {slot: _parse_transfer(slot, item) for slot, item in transfers.items()}
+        if parameters is not None:
+            if not isinstance(parameters, dict):
+                raise TypeError(f"Job parameters must be a dict, got {type(parameters).__name__}")
+            kwargs["serialized_parameters"] = codec.serialize(parameters)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def _resolve_app_id(cls, app_id: Any, site_name: Optional[str]) -> int:
+        from .app import ApplicationDefinition
+
+        if isinstance(app_id, bool):
+            raise TypeError("Job app_id must be an app id, app name or ApplicationDefinition")
+        if isinstance(app_id, int):
+            return app_id
+        if isinstance(app_id, type) and issubclass(app_id, ApplicationDefinition):
+            if app_id.__app_id__ is None:
+                app_id.sync()
+            assert app_id.__app_id__ is not None
+            return int(app_id.__app_id__)
+        if isinstance(app_id, App):
+            if app_id.id is None:
+                raise ValueError("the App has no id: save it first")
+            return app_id.id
+        if isinstance(app_id, str):
+            if app_id.isdigit():
+                return int(app_id)
+            return cls._app_id_by_name(app_id, site_name)
+        raise TypeError(f"Job app_id must be an app id, app name or ApplicationDefinition, got {type(app_id).__name__}")
+
+    @classmethod
+    def _app_id_by_name(cls, name: str, site_name: Optional[str]) -> int:
+        client = cls._get_client()
+        key = (client.api_root, client.username, site_name, name)
+        with _app_id_cache_lock:
+            if key in _app_name_to_id:
+                return _app_name_to_id[key]
+        AppModel = cls._model_for("App")
+        lookup: dict[str, Any] = {"name": name}
+        if site_name:
+            lookup["site_name"] = site_name
+        try:
+            app = AppModel.objects.get(**lookup)
+        except AppModel.DoesNotExist:
+            where = f" at site {site_name!r}" if site_name else ""
+            raise ValueError(f"no app named {name!r}{where}: sync() its ApplicationDefinition first") from None
+        except AppModel.MultipleObjectsReturned:
+            raise ValueError(f"several sites have an app named {name!r}: pass site_name= to choose one") from None
+        with _app_id_cache_lock:
+            _app_name_to_id[key] = app.id
+        return app.id
+
+    # ------------------------------------------------------------------ parameters
+    def get_parameters(self) -> dict[str, Any]:
+        payload = self.serialized_parameters
+        if not payload:
+            return {}
+        cached = self.__dict__.get("_params_cache")
+        if cached is not None and cached[0] == payload:
+            return cached[1]
+        params = codec.deserialize(payload)
+        self.__dict__["_params_cache"] = (payload, params)
+        return params
+
+    def set_parameters(self, parameters: dict[str, Any]) -> None:
+        if not isinstance(parameters, dict):
+            raise TypeError(f"Job parameters must be a dict, got {type(parameters).__name__}")
+        self.serialized_parameters = codec.serialize(parameters)
+
+    parameters = property(get_parameters, set_parameters, doc="The app parameters (stored dill+base64).")
+
+    # ------------------------------------------------------------------ relations
+    @property
+    def app(self) -> "type[ApplicationDefinition]":
+        """The job's ApplicationDefinition class (loaded from the API, cached)."""
+        from .app import ApplicationDefinition
+
+        return ApplicationDefinition._load_by_id_with(self._model_for("App"), self.app_id)
+
+    @property
+    def site_id(self) -> int:
+        cached = self.__dict__.get("_site_id_cache")
+        if cached is None or cached[0] != self.app_id:
+            app = self._model_for("App").objects.get(id=self.app_id)
+            cached = (self.app_id, app.site_id)
+            self.__dict__["_site_id_cache"] = cached
+        return cached[1]
+
+    @property
+    def working_directory(self) -> Path:
+        """Alias of ``workdir`` (relative to the site's ``data/``)."""
+        return self.workdir
+
+    def resolve_workdir(self, data_path: Union[str, Path]) -> Path:
+        return Path(data_path) / self.workdir
+
+    def parent_query(self) -> Any:
+        return type(self).objects.filter(id=sorted(self.parent_ids))
+
+    def history(self) -> Any:
+        """This job's state changes (EventLog query, newest first)."""
+        return self._model_for("EventLog").objects.filter(job_id=self.id)
+
+    # ------------------------------------------------------------------ futures API
+    def done(self) -> bool:
+        """Refresh from the API; True once the job is JOB_FINISHED or FAILED."""
+        self.refresh_from_db()
+        return self.state in DONE_STATES
+
+    def result_nowait(self) -> Any:
+        """The run() return value, re-raising the run() exception; ``Job.NoResult`` if neither exists."""
+        if self.serialized_exception:
+            raise codec.deserialize_exception(self.serialized_exception)
+        if self.serialized_return_value:
+            return codec.deserialize(self.serialized_return_value)
+        raise self.NoResult(f"Job(id={self.id}) in state {self.state} has no result")
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """Wait until the job is done, then ``result_nowait()``; ``concurrent.futures.TimeoutError`` on timeout."""
+        waited = type(self).objects.wait([self], timeout=timeout)
+        if waited.not_done:
+            raise concurrent.futures.TimeoutError(f"Job(id={self.id}) not done after {timeout} s (state {self.state})")
+        return self.result_nowait()
+
+
+def _parse_transfer(slot: str, item: Any) -> Any:
+    """``"alias:/abs/path"`` or ``{"location_alias":..., "path":...}`` -> JobTransferItem."""
+    if isinstance(item, records.JobTransferItem):
+        return item
+    if isinstance(item, str):
+        alias, sep, path = item.partition(":")
+        if not sep or not alias or not path:
+            raise ValueError(f"transfer {slot}={item!r}: expected 'location_alias:/absolute/path'")
+        return {"location_alias": alias, "path": path}
+    if isinstance(item, dict):
+        return item
+    raise ValueError(f"transfer {slot}: expected 'alias:/path' or a dict, got {type(item).__name__}")
+
+
+# ====================================================================================== BatchJob
+class BatchJobManager(Manager["BatchJob"]):
+    has_bulk_patch = True
+
+
+class BatchJob(BalsamModel):
+    """A request for an allocation: the site agent submits it to the scheduler."""
+
+    _record_cls = records.BatchJob
+    _path = "/batch-jobs/"
+    _manager_cls = BatchJobManager
+    _filters = frozenset(
+        {
+            "id", "site_id", "state", "scheduler_id", "queue", "start_time_before", "start_time_after",
+            "end_time_before", "end_time_after", "filter_tags",
+        }
+    )
+    _orderings = frozenset({"start_time"})
+    objects: BatchJobManager  # type: ignore[assignment]
+
+    if TYPE_CHECKING:  # pragma: no cover
+        id: Optional[int]
+        site_id: int
+        project: str
+        queue: str
+        num_nodes: int
+        wall_time_min: int
+        job_mode: BatchJobMode
+        state: BatchJobState
+        scheduler_id: Optional[int]
+        partitions: Optional[list]
+        optional_params: dict
+        filter_tags: dict
+
+    def validate(
+        self,
+        allowed_queues: dict[str, Any],
+        allowed_projects: Sequence[str],
+        optional_batch_job_params: dict[str, str],
+    ) -> None:
+        """Raise ValueError with the reason if this request does not fit the site's rules."""
+        queue = allowed_queues.get(self.queue)
+        if queue is None:
+            raise ValueError(f"queue {self.queue!r} is not allowed at this site (allowed: {', '.join(sorted(allowed_queues)) or 'none'})")
+        max_nodes = queue["max_nodes"] if isinstance(queue, dict) else queue.max_nodes
+        max_walltime = queue["max_walltime"] if isinstance(queue, dict) else queue.max_walltime
+        if not 1 <= self.num_nodes <= max_nodes:
+            raise ValueError(f"num_nodes={self.num_nodes} is outside 1..{max_nodes} for queue {self.queue!r}")
+        if not 1 <= self.wall_time_min <= max_walltime:
+            raise ValueError(f"wall_time_min={self.wall_time_min} is outside 1..{max_walltime} for queue {self.queue!r}")
+        if allowed_projects and self.project not in allowed_projects:
+            raise ValueError(f"project {self.project!r} is not allowed at this site (allowed: {', '.join(allowed_projects)})")
+        extra = set(self.optional_params) - set(optional_batch_job_params)
+        if extra:
+            allowed = ", ".join(sorted(optional_batch_job_params)) or "none"
+            raise ValueError(f"unknown optional params {', '.join(sorted(extra))} (this site accepts: {allowed})")
+        if self.partitions:
+            total = sum(p.num_nodes for p in self.partitions)
+            if total != self.num_nodes:
+                raise ValueError(f"partition sizes add up to {total} nodes, not num_nodes={self.num_nodes}")
+
+    def partitions_to_cli_args(self) -> str:
+        if not self.partitions:
+            return ""
+        args = []
+        for part in self.partitions:
+            arg = f"{part.job_mode.value}:{part.num_nodes}"
+            for k, v in part.filter_tags.items():
+                arg += f":{k}={v}"
+            args.append(f" --part {arg}")
+        return "".join(args)
+
+    def job_query(self) -> Any:
+        """The jobs that ran (or run) in this BatchJob."""
+        return self._model_for("Job").objects.filter(batch_job_id=self.id)
+
+
+# ====================================================================================== Session
+class Session(BalsamModel):
+    """A launcher's lease on jobs: ``acquire_jobs()``, ``tick()`` heartbeats, ``delete()`` releases."""
+
+    _record_cls = records.Session
+    _path = "/sessions/"
+    _manager_cls = Manager
+    _updatable = False
+    _filters = frozenset({"id"})
+
+    if TYPE_CHECKING:  # pragma: no cover
+        id: Optional[int]
+        site_id: int
+        batch_job_id: Optional[int]
+
+    def acquire_jobs(
+        self,
+        max_num_jobs: int,
+        max_wall_time_min: Optional[int] = None,
+        max_nodes_per_job: Optional[int] = None,
+        max_aggregate_nodes: Optional[float] = None,
+        serial_only: bool = False,
+        sort_by: Optional[str] = None,
+        filter_tags: Optional[dict[str, str]] = None,
+        states: Iterable[Union[JobState, str]] = RUNNABLE_STATES,
+        app_ids: Optional[Iterable[int]] = None,
+    ) -> list[Job]:
+        """Lease up to ``max_num_jobs`` (at most 2,048) jobs of this session's site."""
+        if not 1 <= max_num_jobs <= MAX_JOBS_PER_SESSION_ACQUIRE:
+            raise ValueError(f"max_num_jobs must be 1..{MAX_JOBS_PER_SESSION_ACQUIRE}, got {max_num_jobs}")
+        body = {
+            "max_num_jobs": max_num_jobs,
+            "max_wall_time_min": max_wall_time_min,
+            "max_nodes_per_job": max_nodes_per_job,
+            "max_aggregate_nodes": max_aggregate_nodes,
+            "serial_only": serial_only,
+            "sort_by": sort_by,
+            "filter_tags": dict(filter_tags or {}),
+            "states": sorted(JobState.parse(s).value for s in states),
+            "app_ids": sorted(set(app_ids or ())),
+        }
+        data = self._get_client().post(self._detail_path, json=body)
+        if isinstance(data, dict) and "results" in data:
+            data = data["results"]
+        if not isinstance(data, list):
+            raise ValueError(f"unexpected acquire response from the server: {str(data)[:200]}")
+        JobModel = self._model_for("Job")
+        return [JobModel._from_api(row) for row in data]
+
+    def tick(self) -> None:
+        """Heartbeat: keeps the lease alive (sessions without one for 5 minutes expire)."""
+        self._get_client().put(self._detail_path, json={})
+
+
+# ====================================================================================== TransferItem
+class TransferItemManager(Manager["TransferItem"]):
+    has_bulk_patch = True
+
+
+class TransferItem(BalsamModel):
+    """A file or directory to stage in/out for a job (created with the job)."""
+
+    _record_cls = records.TransferItem
+    _path = "/transfers/"
+    _manager_cls = TransferItemManager
+    _creatable = False
+    _deletable = False
+    _filters = frozenset({"id", "site_id", "job_id", "state", "direction", "job_state", "tags"})
+
+
+# ====================================================================================== EventLog
+class EventLog(BalsamModel):
+    """One job state change (read-only)."""
+
+    _record_cls = records.EventLog
+    _path = "/events/"
+    _manager_cls = Manager
+    _creatable = False
+    _updatable = False
+    _deletable = False
+    _filters = frozenset(
+        {
+            "id", "job_id", "batch_job_id", "scheduler_id", "tags", "data", "timestamp_before", "timestamp_after",
+            "from_state", "to_state",
+        }
+    )
+    _orderings = frozenset({"timestamp"})

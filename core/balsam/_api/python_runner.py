@@ -1,0 +1,70 @@
+"""Runs a run() app for one job: ``python -m balsam._api.python_runner <app_id> <n> <app chunks> <job chunks>``.
+
+The launcher builds this command with :func:`balsam._api.app.python_runner_command`. The runner
+rebuilds the app class and the job, calls ``run(**parameters)`` and prints on stdout (``job.out``)
+``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` (rank 0 only under MPI); an exception
+is re-raised so the process exits non-zero (RUN_ERROR). The processing module reads the markers
+with :func:`balsam._api.app.parse_run_markers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from . import codec
+from .app import EXCEPTION_MARKER, RETURN_MARKER, ApplicationDefinition
+
+
+def mpi_rank() -> int:
+    if "mpi4py.MPI" in sys.modules:
+        try:
+            return int(sys.modules["mpi4py.MPI"].COMM_WORLD.Get_rank())
+        except Exception:  # noqa: BLE001 - MPI not initialised: treat as a single process
+            return 0
+    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "ALPS_APP_PE"):
+        value = os.environ.get(var)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def _emit(marker: str, payload: str) -> None:
+    if mpi_rank() == 0:
+        sys.stdout.write(f"\n{marker} {payload}\n")
+        sys.stdout.flush()
+
+
+def load(argv: list[str]) -> tuple[type[ApplicationDefinition], Any]:
+    if len(argv) < 4:
+        raise SystemExit("usage: python -m balsam._api.python_runner APP_ID N_APP_CHUNKS APP_CHUNK... JOB_CHUNK...")
+    app_id = int(argv[0])
+    n_app = int(argv[1])
+    app_payload = "".join(argv[2 : 2 + n_app])
+    job_data = json.loads("".join(argv[2 + n_app :]))
+    cls = codec.deserialize_app_class(app_payload, app_id=app_id, name=str(job_data.get("app_id", "?")))
+    if not (isinstance(cls, type) and issubclass(cls, ApplicationDefinition)):
+        raise SystemExit(f"app {app_id} does not hold an ApplicationDefinition")
+    cls.__app_id__ = app_id
+    cls._serialized_class = app_payload
+    from .models import Job
+
+    return cls, Job._from_api(job_data)
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    cls, job = load(list(sys.argv[1:] if argv is None else argv))
+    app = cls(job)
+    try:
+        result = app.run(**job.get_parameters())  # type: ignore[misc]
+    except BaseException as exc:
+        _emit(EXCEPTION_MARKER, codec.serialize_exception(exc))
+        raise
+    _emit(RETURN_MARKER, codec.serialize(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Lazy, chainable queries: ``Job.objects.filter(tags={"x": "y"}).order_by("-id")[10:20]``.
+
+Nothing is fetched until the query is iterated, indexed, counted or ``len()``-ed; results are
+cached afterwards. Pagination is transparent (pages of ``page_size``); list filters longer than
+``filter_chunk_size`` values are split into several requests and stitched back together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Iterator, Optional, TypeVar
+
+from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
+
+from .model import to_aware_utc
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .manager import Manager
+    from .model import BalsamModel
+
+T = TypeVar("T", bound="BalsamModel")
+
+
+def encode_filter_value(value: Any) -> Any:
+    """One query-string value: enums by value, datetimes as UTC ISO-8601, bools as true/false."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dt.datetime):
+        return to_aware_utc(value).isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, type) and hasattr(value, "__app_id__"):
+        return value.__app_id__
+    if hasattr(value, "_record") and hasattr(value, "id"):
+        return value.id  # a model object stands for its id (site_id=site)
+    return value
+
+
+def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Validate filter names and encode values. Returns (params, matches_nothing)."""
+    params: dict[str, Any] = {}
+    empty = False
+    for key, value in kwargs.items():
+        if key not in valid:
+            raise TypeError(f"{model}.objects.filter() got an unknown filter {key!r} (filters: {', '.join(sorted(valid))})")
+        if isinstance(value, dict):
+            value = [f"{k}:{v}" for k, v in value.items()]
+            if not value:
+                continue  # an empty tag dict matches everything
+        if isinstance(value, (list, tuple, set, frozenset)):
+            values = [encode_filter_value(v) for v in value]
+            if isinstance(value, (set, frozenset)):
+                values = sorted(values, key=str)
+            if not values:
+                empty = True
+            params[key] = values
+        else:
+            params[key] = encode_filter_value(value)
+    return params, empty
+
+
+class Query(Generic[T]):
+    #: page size of list requests (the server's maximum)
+    page_size: int = MAX_PAGE_SIZE
+    #: list filters longer than this are split over several requests (URL length)
+    filter_chunk_size: int = 500
+    #: ids per bulk PATCH in ``update()``
+    bulk_chunk_size: int = MAX_ITEMS_PER_BULK_OP
+
+    def __init__(self, manager: "Manager[T]") -> None:
+        self._manager = manager
+        self._model = manager._model
+        self._params: dict[str, Any] = {}
+        self._empty = False
+        self._order: Optional[str] = None
+        self._limit: Optional[int] = None
+        self._offset: int = 0
+        self._sliced = False
+        self._cache: Optional[list[T]] = None
+        self._count_cache: Optional[int] = None
+
+    def _clone(self) -> "Query[T]":
+        q = type(self)(self._manager)
+        q._params = dict(self._params)
+        q._empty = self._empty
+        q._order = self._order
+        q._limit = self._limit
+        q._offset = self._offset
+        q._sliced = self._sliced
+        return q
+
+    # ------------------------------------------------------------------ building
+    def filter(self, **kwargs: Any) -> "Query[T]":
+        if self._sliced:
+            raise AttributeError("cannot filter a query after slicing it")
+        params, empty = encode_filters(self._model.__name__, self._model._filters, kwargs)
+        q = self._clone()
+        q._params.update(params)
+        q._empty = q._empty or empty
+        return q
+
+    def order_by(self, field: Optional[str]) -> "Query[T]":
+        if self._sliced:
+            raise AttributeError("cannot re-order a query after slicing it")
+        if field is not None and field.lstrip("-") not in self._model._orderings:
+            allowed = ", ".join(sorted(self._model._orderings)) or "none"
+            raise ValueError(f"{self._model.__name__} cannot be ordered by {field!r} (orderings: {allowed}, '-' for descending)")
+        q = self._clone()
+        q._order = field
+        return q
+
+    def __getitem__(self, k: "int | slice") -> Any:
+        if isinstance(k, slice):
+            if (k.start is not None and k.start < 0) or (k.stop is not None and k.stop < 0):
+                raise ValueError("negative indexing is not supported on queries")
+            if k.step not in (None, 1):
+                raise ValueError("slice steps are not supported on queries")
+            if self._cache is not None:
+                return self._cache[k]
+            q = self._clone()
+            start = k.start or 0
+            q._offset = self._offset + start
+            if k.stop is not None:
+                new_limit = max(0, k.stop - start)
+                q._limit = new_limit if self._limit is None else max(0, min(new_limit, self._limit - start))
+            elif self._limit is not None:
+                q._limit = max(0, self._limit - start)
+            q._sliced = True
+            return q
+        if not isinstance(k, int):
+            raise TypeError("query indices must be integers or slices")
+        if k < 0:
+            raise ValueError("negative indexing is not supported on queries")
+        if self._cache is not None:
+            return self._cache[k]
+        results = self[k : k + 1]._evaluate()
+        if not results:
+            raise IndexError("query index out of range")
+        return results[0]
+
+    # ------------------------------------------------------------------ evaluation
+    def _chunked_params(self) -> list[dict[str, Any]]:
+        long_keys = [k for k, v in self._params.items() if isinstance(v, list) and len(v) > self.filter_chunk_size]
+        if not long_keys:
+            return [dict(self._params)]
+        key = max(long_keys, key=lambda k: len(self._params[k]))
+        values = self._params[key]
+        chunks = [values[i : i + self.filter_chunk_size] for i in range(0, len(values), self.filter_chunk_size)]
+        out = []
+        for chunk in chunks:
+            params = dict(self._params)
+            params[key] = chunk
+            out.append(params)
+        # other long keys are handled recursively by the server-side AND (still correct, only longer URLs)
+        return out
+
+    def _get_pages(self, params: dict[str, Any], offset: int, limit: Optional[int]) -> tuple[int, list[dict[str, Any]]]:
+        client = self._model._get_client()
+        results: list[dict[str, Any]] = []
+        total = 0
+        while True:
+            want = self.page_size if limit is None else min(self.page_size, limit - len(results))
+            if limit is not None and want <= 0:
+                break
+            page_params = dict(params, limit=want, offset=offset + len(results))
+            if self._order:
+                page_params["ordering"] = self._order
+            data = client.get(self._model._path, params=page_params)
+            count, page = _unpack_list(data)
+            total = count
+            results.extend(page)
+            if not page or len(results) + offset >= count or len(page) < want:
+                break
+        return total, results
+
+    def _evaluate(self) -> list[T]:
+        if self._cache is not None:
+            return self._cache
+        if self._empty or self._limit == 0:
+            self._cache, self._count_cache = [], 0 if self._empty else self._count_cache
+            return self._cache
+        param_sets = self._chunked_params()
+        if len(param_sets) == 1:
+            total, rows = self._get_pages(param_sets[0], self._offset, self._limit)
+            self._count_cache = total
+        else:
+            rows = []
+            for params in param_sets:
+                _, part = self._get_pages(params, 0, None)
+                rows.extend(part)
+            rows = self._sort_rows(rows)
+            self._count_cache = len(rows)
+            end = None if self._limit is None else self._offset + self._limit
+            rows = rows[self._offset : end]
+        self._cache = [self._model._from_api(row) for row in rows]
+        return self._cache
+
+    def _sort_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        order = self._order or "id"
+        key = order.lstrip("-")
+        reverse = order.startswith("-")
+        seen: dict[Any, dict[str, Any]] = {}
+        for row in rows:
+            seen[row.get("id")] = row
+        rows = list(seen.values())
+
+        def sort_key(row: dict[str, Any]) -> tuple:
+            value = row.get(key)
+            return (value is None, value if value is not None else 0, row.get("id") or 0)
+
+        return sorted(rows, key=sort_key, reverse=reverse)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._evaluate())
+
+    def __len__(self) -> int:
+        return len(self._evaluate())
+
+    def __bool__(self) -> bool:
+        return bool(self._evaluate())
+
+    def __repr__(self) -> str:
+        items = list(self[:21]) if self._cache is None else self._cache[:21]
+        text = [repr(x) for x in items[:20]]
+        if len(items) > 20:
+            text.append("...(remaining elements truncated)...")
+        return f"<Query [{', '.join(text)}]>"
+
+    def count(self) -> int:
+        """Number of matching records (one request with ``limit=0`` unless already fetched)."""
+        if self._cache is not None:
+            return len(self._cache)
+        if self._empty:
+            return 0
+        param_sets = self._chunked_params()
+        if len(param_sets) == 1 and not self._sliced:
+            data = self._model._get_client().get(self._model._path, params=dict(param_sets[0], limit=0, offset=0))
+            return _unpack_list(data)[0]
+        return len(self._evaluate())
+
+    def first(self) -> Optional[T]:
+        results = self[0:1]._evaluate() if self._cache is None else self._cache[:1]
+        return results[0] if results else None
+
+    def get(self, **kwargs: Any) -> T:
+        q = self.filter(**kwargs) if kwargs else self
+        results = q[0:2]._evaluate() if q._cache is None else q._cache
+        if not results:
+            raise self._model.DoesNotExist(f"no {self._model.__name__} matches {_describe(kwargs or q._params)}")
+        if len(results) > 1:
+            n = q.count()
+            raise self._model.MultipleObjectsReturned(
+                f"{n} {self._model.__name__} records match {_describe(kwargs or q._params)}; expected one"
+            )
+        return results[0]
+
+    # ------------------------------------------------------------------ bulk writes
+    def _ids(self) -> list[int]:
+        return [obj.id for obj in self._evaluate()]  # type: ignore[attr-defined]
+
+    def update(self, **fields: Any) -> int:
+        """Apply the same change to every matching record; returns the number updated.
+
+        Sent as bulk PATCHes of up to ``bulk_chunk_size`` records (PUT per record for the models
+        without a bulk route: Site, App).
+        """
+        model = self._model
+        if not model._updatable:
+            raise AttributeError(f"{model.__name__} is read-only")
+        payload = model._validate_update(fields)
+        ids = self._ids()
+        if not ids:
+            return 0
+        return self._manager._update_many([dict(payload, id=i) for i in ids])
+
+    def delete(self) -> Optional[int]:
+        """Delete every matching record (Job: one bulk ``DELETE /jobs/?filters``)."""
+        return self._manager._delete_query(self)
+
+
+def _unpack_list(data: Any) -> tuple[int, list[dict[str, Any]]]:
+    if isinstance(data, dict) and "results" in data:
+        results = data["results"] or []
+        return int(data.get("count", len(results))), results
+    if isinstance(data, list):
+        return len(data), data
+    raise ValueError(f"unexpected list response from the server: {str(data)[:200]}")
+
+
+def _describe(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.items()) or "the query"

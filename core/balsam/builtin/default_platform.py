@@ -1,0 +1,211 @@
+"""The ``default`` platform: any Linux machine or generic cluster, with MPICH or Open MPI ``mpiexec``.
+
+Nodes come from the allocation's environment (``SLURM_JOB_NODELIST``, ``PBS_NODEFILE``,
+``COBALT_NODEFILE``) or, outside an allocation, the local host. CPU ids are read with psutil (this
+process's affinity); GPU ids from ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi -L``. Every node is assumed
+to look like the one the launcher runs on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import psutil
+
+from balsam.platform import LaunchSpec, NodeInfo, Platform
+
+__all__ = ["DefaultPlatform", "detect_mpi_flavor", "expand_hostlist"]
+
+MPICH, OPENMPI = "mpich", "openmpi"
+FLAVOR_PARAM = "mpi_flavor"
+FLAVOR_ENV = "BALSAM_MPI_FLAVOR"
+
+_flavor_cache: dict[str, str] = {}
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Expand a Slurm host list: ``node[01-03,7],gpu5`` -> ``node01 node02 node03 node7 gpu5``."""
+    hosts: list[str] = []
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", text.strip()):
+        hosts.extend(_expand_one(item))
+    return hosts
+
+
+def _expand_one(item: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", item)
+    if not match:
+        return [item] if item else []
+    prefix, suffix = item[: match.start()], item[match.end() :]
+    results = []
+    for part in match.group(1).split(","):
+        if "-" in part:
+            low, high = part.split("-", 1)
+            width = len(low)
+            for number in range(int(low), int(high) + 1):
+                results.extend(_expand_one(f"{prefix}{number:0{width}d}{suffix}"))
+        elif part:
+            results.extend(_expand_one(f"{prefix}{part}{suffix}"))
+    return results
+
+
+def _read_nodefile(path: str) -> list[str]:
+    hosts: list[str] = []
+    for line in Path(path).read_text().splitlines():
+        host = line.strip()
+        if host and host not in hosts:
+            hosts.append(host)
+    return hosts
+
+
+def find_mpiexec() -> str:
+    """``mpiexec`` from PATH, else the one installed next to this Python (the ``mpich`` wheel)."""
+    found = shutil.which("mpiexec")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else "mpiexec"
+
+
+def detect_mpi_flavor(mpiexec: str) -> str:
+    """``openmpi`` when ``mpiexec --version`` says Open MPI / OpenRTE / PRRTE, else ``mpich``."""
+    if mpiexec in _flavor_cache:
+        return _flavor_cache[mpiexec]
+    try:
+        out = subprocess.run(
+            [mpiexec, "--version"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL
+        )
+        text = (out.stdout + out.stderr).lower()
+    except (OSError, subprocess.TimeoutExpired):
+        text = ""
+    flavor = OPENMPI if ("open mpi" in text or "openrte" in text or "prrte" in text) else MPICH
+    _flavor_cache[mpiexec] = flavor
+    return flavor
+
+
+def _local_cpu_ids() -> list[int]:
+    try:
+        ids = psutil.Process().cpu_affinity()
+        if ids:
+            return sorted(ids)
+    except (AttributeError, psutil.Error):  # no affinity support on this OS
+        pass
+    return list(range(psutil.cpu_count(logical=True) or 1))
+
+
+def _local_gpu_ids(env: Mapping[str, str]) -> list[str]:
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() not in ("-1", "NoDevFiles")]
+    nvidia_smi = shutil.which("nvidia-smi")
+    if not nvidia_smi:
+        return []
+    try:
+        out = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    return [m.group(1) for m in re.finditer(r"^GPU (\d+):", out.stdout, flags=re.MULTILINE)]
+
+
+class DefaultPlatform(Platform):
+    """A Linux node described by psutil; MPICH or Open MPI mpiexec."""
+
+    name = "default"
+    description = "Any Linux machine or generic cluster (psutil node description; MPICH or Open MPI mpiexec)"
+    default_scheduler = "local"
+    mpirun_allows_node_packing = True
+
+    def __init__(self, mpi_flavor: Optional[str] = None, mpiexec: Optional[str] = None) -> None:
+        self._mpi_flavor = mpi_flavor
+        self._mpiexec = mpiexec
+
+    # -- inside an allocation -------------------------------------------------------------------
+    def hostnames(self, env: Mapping[str, str]) -> list[str]:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if nodelist:
+            return expand_hostlist(nodelist)
+        for variable in ("PBS_NODEFILE", "COBALT_NODEFILE"):
+            path = env.get(variable)
+            if path and Path(path).is_file():
+                hosts = _read_nodefile(path)
+                if hosts:
+                    return hosts
+        cobalt_partition = env.get("COBALT_PARTNAME")
+        if cobalt_partition and not cobalt_partition.isdigit():
+            return expand_hostlist(cobalt_partition)
+        return [socket.gethostname()]
+
+    def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
+        cpu_ids = _local_cpu_ids()
+        gpu_ids = _local_gpu_ids(env)
+        return [
+            NodeInfo(node_id=str(index), hostname=host, cpu_ids=cpu_ids, gpu_ids=gpu_ids)
+            for index, host in enumerate(self.hostnames(env))
+        ]
+
+    def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
+        for variable in ("BALSAM_LOCAL_JOB_ID", "SLURM_JOB_ID", "SLURM_JOBID", "PBS_JOBID", "COBALT_JOBID"):
+            value = env.get(variable, "").strip()
+            match = re.match(r"(\d+)", value)
+            if match:
+                return int(match.group(1))
+        return None
+
+    # -- MPI ------------------------------------------------------------------------------------
+    def mpiexec(self) -> str:
+        return self._mpiexec or find_mpiexec()
+
+    def mpi_flavor(self, spec: Optional[LaunchSpec] = None) -> str:
+        wanted = (spec.launch_params.get(FLAVOR_PARAM) if spec is not None else None) or self._mpi_flavor
+        wanted = wanted or os.environ.get(FLAVOR_ENV)
+        if wanted:
+            wanted = wanted.lower().replace(" ", "").replace("-", "").replace("_", "")
+            if wanted in ("openmpi", "ompi"):
+                return OPENMPI
+            if wanted in ("mpich", "hydra", "intelmpi", "mvapich", "mvapich2"):
+                return MPICH
+            raise ValueError(f"unknown MPI flavour {wanted!r} (expected mpich or openmpi)")
+        return detect_mpi_flavor(self.mpiexec())
+
+    @staticmethod
+    def _extra_args(params: Mapping[str, Any]) -> list[str]:
+        """Launch params other than ``mpi_flavor`` as ``--key value`` (an empty value: just ``--key``)."""
+        args: list[str] = []
+        for key, value in params.items():
+            if key == FLAVOR_PARAM:
+                continue
+            option = key if key.startswith("-") else f"--{key}"
+            args.append(option)
+            if value not in (None, "", True):
+                args.append(str(value))
+        return args
+
+    def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
+        hosts = list(spec.hostnames) or [socket.gethostname()]
+        ranks_per_node = max(1, spec.ranks_per_node)
+        total = ranks_per_node * len(hosts)
+        if self.mpi_flavor(spec) == OPENMPI:
+            args = [
+                self.mpiexec(),
+                "-n",
+                str(total),
+                "--npernode",
+                str(ranks_per_node),
+                "--host",
+                ",".join(f"{h}:{ranks_per_node}" for h in hosts),
+            ]
+        else:
+            args = [self.mpiexec(), "-n", str(total), "-ppn", str(ranks_per_node), "--hosts", ",".join(hosts)]
+        return args + self._extra_args(spec.launch_params)
+
+    # -- site init ------------------------------------------------------------------------------
+    def settings_defaults(self) -> dict[str, Any]:
+        return {"launcher": {"platform": self.name}, "scheduler": {"name": self.default_scheduler}}

@@ -1,0 +1,299 @@
+"""The queue behind the ``local`` scheduler: batch scripts as background processes of this machine.
+
+It is a small command (``python -m balsam.builtin.local_queue --state-dir DIR submit|status|delete|history``)
+so the ``local`` scheduler driver works exactly like the others: it renders a command, an injected
+runner runs it, and the driver parses what it printed. Job records live in ``DIR/jobs.json``
+(guarded by a file lock), so a restarted agent still knows its jobs and only jobs submitted here
+are ever reported.
+
+Each job runs ``<script>`` (or ``bash <script>`` when the script is not executable) in a new
+session, with ``BALSAM_LOCAL_JOB_ID`` in its environment and stdout+stderr in ``<script>.output``.
+A small ``sh`` wrapper records the exit status in ``DIR/jobs/<id>.exit`` when the script ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import psutil
+from filelock import FileLock
+
+#: Finished records older than this are dropped from jobs.json.
+KEEP_FINISHED_SEC = 7 * 24 * 3600
+#: A job still running this long after its wall time is killed (its launcher should have exited).
+WALLTIME_GRACE_SEC = 120
+TERM_GRACE_SEC = 5.0
+
+# The wrapper runs the script, then writes "<exit status> <epoch seconds>" next to the records.
+_WRAPPER = '"$@"; rc=$?; echo "$rc $(date +%s)" > "$BALSAM_LOCAL_EXIT_FILE"; exit $rc'
+
+
+class QueueError(Exception):
+    """A request the queue refuses (unknown job id, missing script)."""
+
+
+class LocalQueue:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "jobs").mkdir(exist_ok=True)
+        self.db_path = self.state_dir / "jobs.json"
+        self.lock = FileLock(str(self.state_dir / "jobs.json.lock"), timeout=30)
+
+    # -- records --------------------------------------------------------------------------------
+    def _read(self) -> dict[str, Any]:
+        if not self.db_path.exists():
+            return {"next_id": 1, "jobs": {}}
+        with open(self.db_path) as fp:
+            return json.load(fp)
+
+    def _write(self, db: dict[str, Any]) -> None:
+        tmp = self.db_path.with_suffix(".json.tmp")
+        with open(tmp, "w") as fp:
+            json.dump(db, fp, indent=1, sort_keys=True)
+        os.replace(tmp, self.db_path)
+
+    def _exit_file(self, job_id: int) -> Path:
+        return self.state_dir / "jobs" / f"{job_id}.exit"
+
+    # -- process checks -------------------------------------------------------------------------
+    @staticmethod
+    def _process(record: dict[str, Any]) -> Optional[psutil.Process]:
+        """The job's wrapper process if it still runs (same pid *and* start time), else None."""
+        try:
+            proc = psutil.Process(record["pid"])
+            if abs(proc.create_time() - record["create_time"]) > 1.0:
+                return None  # the pid was reused by another process
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                try:  # our own child (same process submitted and polls): reap it
+                    os.waitpid(proc.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                return None
+            return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+
+    def _settle(self, job_id: int, record: dict[str, Any], now: float) -> None:
+        """Mark a job whose process is gone as finished, with its exit status when recorded."""
+        exit_file = self._exit_file(job_id)
+        record["state"] = "finished"
+        record["end_time"] = now
+        if exit_file.exists():
+            parts = exit_file.read_text().split()
+            if parts:
+                record["exit_code"] = int(parts[0])
+                record["native_state"] = "COMPLETED" if parts[0] == "0" else "FAILED"
+            if len(parts) > 1:
+                record["end_time"] = float(parts[1])
+        else:
+            record.setdefault("native_state", "LOST")
+            record.setdefault("message", "the job's process ended without recording an exit status")
+
+    @staticmethod
+    def _kill_tree(proc: psutil.Process) -> None:
+        """SIGTERM the process and all its descendants, then SIGKILL whatever is left."""
+        try:
+            procs = [proc] + proc.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the job is its own session and process group
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _gone, alive = psutil.wait_procs(procs, timeout=TERM_GRACE_SEC)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=TERM_GRACE_SEC)
+
+    # -- commands -------------------------------------------------------------------------------
+    def submit(
+        self,
+        script: Path,
+        *,
+        queue: str,
+        project: str,
+        num_nodes: int,
+        wall_time_min: int,
+        job_name: str,
+        extra_env: Optional[dict[str, str]] = None,
+    ) -> int:
+        script = Path(script).resolve()
+        if not script.is_file():
+            raise QueueError(f"batch script {script} does not exist")
+        with self.lock:
+            db = self._read()
+            job_id = int(db["next_id"])
+            db["next_id"] = job_id + 1
+            now = time.time()
+            db["jobs"] = {
+                k: v
+                for k, v in db["jobs"].items()
+                if v.get("state") != "finished" or now - v.get("end_time", now) < KEEP_FINISHED_SEC
+            }
+            exit_file = self._exit_file(job_id)
+            exit_file.unlink(missing_ok=True)
+            env = {**os.environ, **(extra_env or {})}
+            env["BALSAM_LOCAL_JOB_ID"] = str(job_id)
+            env["BALSAM_LOCAL_EXIT_FILE"] = str(exit_file)
+            command = [str(script)] if os.access(script, os.X_OK) else ["/bin/bash", str(script)]
+            output = open(f"{script}.output", "ab")
+            try:
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", _WRAPPER, f"balsam-local-{job_id}", *command],
+                    cwd=script.parent,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            finally:
+                output.close()
+            try:
+                create_time = psutil.Process(proc.pid).create_time()
+            except psutil.NoSuchProcess:  # finished already (and is a zombie we will reap)
+                create_time = now
+            db["jobs"][str(job_id)] = {
+                "pid": proc.pid,
+                "create_time": create_time,
+                "script": str(script),
+                "queue": queue,
+                "project": project,
+                "num_nodes": num_nodes,
+                "wall_time_min": wall_time_min,
+                "job_name": job_name,
+                "submit_time": now,
+                "start_time": now,
+                "state": "running",
+            }
+            self._write(db)
+            return job_id
+
+    def status(self) -> dict[str, Any]:
+        """Jobs still running (finished ones leave the listing, as on a real scheduler)."""
+        with self.lock:
+            db = self._read()
+            now = time.time()
+            listing = {}
+            changed = False
+            for key, record in db["jobs"].items():
+                if record.get("state") == "finished":
+                    continue
+                proc = self._process(record)
+                if proc is None:
+                    self._settle(int(key), record, now)
+                    changed = True
+                    continue
+                limit = record["start_time"] + record["wall_time_min"] * 60 + WALLTIME_GRACE_SEC
+                if record["wall_time_min"] > 0 and now > limit:
+                    self._kill_tree(proc)
+                    record.update(state="finished", end_time=time.time(), native_state="TIMEOUT")
+                    record["message"] = f"killed after exceeding its wall time of {record['wall_time_min']} min"
+                    changed = True
+                    continue
+                listing[key] = {
+                    "state": "running",
+                    "queue": record["queue"],
+                    "project": record["project"],
+                    "num_nodes": record["num_nodes"],
+                    "wall_time_min": record["wall_time_min"],
+                    "elapsed_sec": now - record["start_time"],
+                    "queued_sec": record["start_time"] - record["submit_time"],
+                }
+            if changed:
+                self._write(db)
+            return listing
+
+    def delete(self, job_id: int) -> None:
+        with self.lock:
+            db = self._read()
+            record = db["jobs"].get(str(job_id))
+            if record is None:
+                raise QueueError(f"no local job {job_id}")
+            if record.get("state") == "finished":
+                return
+            proc = self._process(record)
+            if proc is not None:
+                self._kill_tree(proc)
+                record.update(state="finished", end_time=time.time(), native_state="CANCELLED")
+                record["message"] = "deleted"
+            else:
+                self._settle(job_id, record, time.time())
+            self._write(db)
+
+    def history(self, job_id: int) -> dict[str, Any]:
+        with self.lock:
+            db = self._read()
+            record = db["jobs"].get(str(job_id))
+            if record is None:
+                raise QueueError(f"no local job {job_id}")
+            if record.get("state") != "finished" and self._process(record) is None:
+                self._settle(job_id, record, time.time())
+                self._write(db)
+            return dict(record, id=job_id)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m balsam.builtin.local_queue")
+    parser.add_argument("--state-dir", required=True, type=Path)
+    sub = parser.add_subparsers(dest="command", required=True)
+    submit = sub.add_parser("submit")
+    submit.add_argument("script", type=Path)
+    submit.add_argument("--queue", default="local")
+    submit.add_argument("--project", default="local")
+    submit.add_argument("--nodes", type=int, default=1)
+    submit.add_argument("--walltime", type=int, default=0, help="minutes (0: unlimited)")
+    submit.add_argument("--name", default="balsam")
+    submit.add_argument("--env", action="append", default=[], help="NAME=VALUE for the job")
+    sub.add_parser("status")
+    delete = sub.add_parser("delete")
+    delete.add_argument("job_id", type=int)
+    history = sub.add_parser("history")
+    history.add_argument("job_id", type=int)
+    args = parser.parse_args(argv)
+
+    queue = LocalQueue(args.state_dir)
+    try:
+        if args.command == "submit":
+            env = dict(item.split("=", 1) for item in args.env)
+            job_id = queue.submit(
+                args.script,
+                queue=args.queue,
+                project=args.project,
+                num_nodes=args.nodes,
+                wall_time_min=args.walltime,
+                job_name=args.name,
+                extra_env=env,
+            )
+            print(job_id)
+        elif args.command == "status":
+            print(json.dumps(queue.status()))
+        elif args.command == "delete":
+            queue.delete(args.job_id)
+        elif args.command == "history":
+            print(json.dumps(queue.history(args.job_id)))
+    except QueueError as exc:
+        print(f"local queue: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

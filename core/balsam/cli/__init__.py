@@ -1,0 +1,109 @@
+"""The ``balsam`` command line: a click group whose commands come from plugins.
+
+Command modules are attached through the ``balsam_cli_commands`` hook (the core's own modules are
+listed in ``balsam.builtin.core_plugin.CORE_COMMAND_MODULES``). The commands are attached on first
+use, so ``import balsam.cli`` stays cheap and ``balsam --version`` needs no plugin at all.
+
+Any error ends the command with one line ``Error: ...`` on stderr and exit status 1;
+``BALSAM_CLI_TRACEBACK=1`` re-raises it with the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+import click
+
+from balsam import __version__
+
+__all__ = ["BalsamGroup", "main", "error_line"]
+
+TRACEBACK_ENV = "BALSAM_CLI_TRACEBACK"
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def error_line(exc: BaseException) -> str:
+    """One line describing ``exc`` for users (domain errors carry their own message)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if type(exc).__module__ == "builtins" and not isinstance(exc, (ValueError, RuntimeError)):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text or type(exc).__name__
+
+
+class BalsamGroup(click.Group):
+    """A click group that attaches plugin commands lazily and reports duplicate names.
+
+    ``add_command`` refuses to replace an existing command: the attempt is reported on stderr and
+    recorded, so two plugins cannot silently shadow each other.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plugins_attached = False
+        self._current_plugin: Optional[str] = None
+        #: Problems met while attaching commands ("plugin X: command 'y' already exists").
+        self.problems: list[str] = []
+
+    def add_command(self, cmd: click.Command, name: Optional[str] = None) -> None:
+        name = name or cmd.name
+        if name in self.commands and self.commands[name] is not cmd:
+            who = f"plugin '{self._current_plugin}'" if self._current_plugin else "a second registration"
+            message = f"{who} tried to add command '{name}', which already exists; kept the first one"
+            self.problems.append(message)
+            click.echo(f"balsam: {message}", err=True)
+            return
+        super().add_command(cmd, name)
+
+    def attach_plugin_commands(self) -> None:
+        """Call every plugin's ``balsam_cli_commands(cli)`` once, one plugin at a time."""
+        if self._plugins_attached:
+            return
+        self._plugins_attached = True
+        from balsam.plugins.manager import get_plugin_manager
+
+        pm = get_plugin_manager()
+        hook = pm.hook.balsam_cli_commands
+        for impl in hook.get_hookimpls():  # registration order: the core first
+            self._current_plugin = impl.plugin_name
+            before = set(self.commands)
+            try:
+                impl.function(cli=self)
+            except Exception as exc:  # a broken plugin must not take the CLI down
+                if _traceback_wanted():
+                    raise
+                message = f"plugin '{impl.plugin_name}' could not add its commands: {error_line(exc)}"
+                self.problems.append(message)
+                click.echo(f"balsam: {message}", err=True)
+            finally:
+                self._current_plugin = None
+            pm.cli_commands[impl.plugin_name] = sorted(set(self.commands) - before)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.attach_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        self.attach_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except Exception as exc:
+            # click handles its own exceptions (usage errors, Abort, Exit); anything else is ours.
+            if _traceback_wanted():
+                raise
+            click.echo(f"Error: {error_line(exc)}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=BalsamGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="balsam")
+def main() -> None:
+    """Balsam: HPC workflows through a REST service, site agents and pilot-job launchers."""

@@ -1,0 +1,170 @@
+"""``--site`` selection shared by ``app``, ``job`` and ``queue`` commands (Balsam 0.7 rules).
+
+- no ``--site``: inside a site directory (or with ``$BALSAM_SITE_PATH``) -> that site only;
+  elsewhere -> the *active* sites (agent heard from within the last 2 minutes);
+- ``--site=all`` -> every site; ``--site=active`` -> active sites; ``--site=this`` -> the current site;
+- otherwise a comma-separated list of site ids and/or path fragments (a fragment matches every
+  site whose path contains it).
+
+``queue submit`` needs exactly one site: no selector -> the current site; digits -> that id;
+else the one site whose path contains the fragment.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+import click
+
+ACTIVE_WINDOW = dt.timedelta(minutes=2)
+
+SITE_OPTION_HELP = "Sites: all, active, this, or comma-separated ids / path fragments (default: this site, else active sites)"
+
+
+def site_option(func: Any) -> Any:
+    return click.option("--site", "site_selector", default="", help=SITE_OPTION_HELP)(func)
+
+
+def current_site_id() -> Optional[int]:
+    """Id of the site this command runs in (cwd or ``$BALSAM_SITE_PATH``), else None."""
+    try:
+        from balsam.config import SiteConfig
+
+        cfg = SiteConfig()
+    except Exception:  # noqa: BLE001 - not inside a site
+        return None
+    site_id = cfg.site_id
+    return int(site_id) if site_id is not None else None
+
+
+def is_active(site: Any, now: Optional[dt.datetime] = None) -> bool:
+    last = site.last_refresh
+    if last is None:
+        return False
+    now = now or dt.datetime.now()
+    return now - last < ACTIVE_WINDOW
+
+
+def _active_site_ids(Site: Any) -> list[int]:
+    since = dt.datetime.now() - ACTIVE_WINDOW
+    return [s.id for s in Site.objects.filter(last_refresh_after=since)]
+
+
+def resolve_site_ids(selector: str) -> Optional[list[int]]:
+    """Site ids selected by ``selector``; None means every site (no filter)."""
+    from balsam.api import Site
+
+    selector = (selector or "").strip()
+    if not selector:
+        here = current_site_id()
+        return [here] if here is not None else _active_site_ids(Site)
+    if selector == "all":
+        return None
+    if selector == "active":
+        return _active_site_ids(Site)
+    if selector == "this":
+        here = current_site_id()
+        if here is None:
+            raise click.UsageError("--site=this: not inside a Balsam site (cd into one or set BALSAM_SITE_PATH)")
+        return [here]
+    ids: set[int] = set()
+    for part in (p.strip() for p in selector.split(",")):
+        if not part:
+            continue
+        if part.isdigit():
+            ids.add(int(part))
+            continue
+        matched = [s.id for s in Site.objects.filter(path=part)]
+        if not matched:
+            raise click.UsageError(f"--site: no site path contains {part!r} (see `balsam site ls`)")
+        ids.update(matched)
+    return sorted(ids)
+
+
+def resolve_one_site(selector: str) -> Any:
+    """The single Site for commands acting on one site (``queue submit``)."""
+    from balsam.api import Site
+
+    selector = (selector or "").strip()
+    if not selector or selector == "this":
+        here = current_site_id()
+        if here is None:
+            raise click.UsageError("not inside a Balsam site: cd into one, set BALSAM_SITE_PATH or pass --site ID|PATH")
+        return Site.objects.get(id=here)
+    if selector.isdigit():
+        try:
+            return Site.objects.get(id=int(selector))
+        except Site.DoesNotExist:
+            raise click.UsageError(f"--site: no site with id {selector}") from None
+    matches = list(Site.objects.filter(path=selector))
+    if not matches:
+        raise click.UsageError(f"--site: no site path contains {selector!r} (see `balsam site ls`)")
+    if len(matches) > 1:
+        listing = ", ".join(f"{s.id} ({s.path})" for s in matches)
+        raise click.UsageError(f"--site {selector!r} matches several sites: {listing}; give an id")
+    return matches[0]
+
+
+def site_filter(selector: str) -> dict[str, Any]:
+    """``{"site_id": [...]}`` for a query, or ``{}`` for all sites."""
+    ids = resolve_site_ids(selector)
+    return {} if ids is None else {"site_id": ids}
+
+
+def site_names(ids: Optional[list[int]] = None) -> dict[int, str]:
+    from balsam.api import Site
+
+    query = Site.objects.all() if ids is None else Site.objects.filter(id=ids)
+    return {s.id: s.name for s in query}
+
+
+def parse_key_values(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    """``("a=1", "b=2")`` -> ``{"a": "1", "b": "2"}``; a clear UsageError naming the bad item."""
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"{what} {pair!r}: expected KEY=VALUE")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def format_table(headers: list[str], rows: list[list[Any]], right: "set[int] | None" = None) -> str:
+    """Columns padded to their widest cell (+2), header underlined; ``right`` = right-aligned columns."""
+    right = right or set()
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class Progress:
+    """A click progress bar on stderr for bulk operations (``progress(done, total)`` callback)."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True) -> None:
+        self.enabled = enabled and total > 0
+        self._bar: Any = None
+        self.total = total
+        self.label = label
+        self._done = 0
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            self._bar = click.progressbar(length=self.total, label=self.label, file=click.get_text_stream("stderr"))
+            self._bar.__enter__()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.update(done - self._done)
+        self._done = done
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

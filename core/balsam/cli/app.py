@@ -1,0 +1,74 @@
+"""``balsam app ls`` / ``balsam app rm``. Apps are defined and synced from Python
+(``ApplicationDefinition.sync()``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+import yaml
+
+from ._site_selector import format_table, site_filter, site_names, site_option
+
+
+@click.group("app")
+def app() -> None:
+    """List and remove the apps registered at your sites."""
+
+
+@app.command("ls")
+@site_option
+@click.option("-v", "--verbose", is_flag=True, help="Show every field (parameters, transfers, source code)")
+def ls(site_selector: str, verbose: bool) -> None:
+    """List apps."""
+    from balsam.api import App
+
+    apps = sorted(App.objects.filter(**site_filter(site_selector)), key=lambda a: (a.site_id, a.id))
+    if not apps:
+        click.echo("No apps found. Define an ApplicationDefinition and call its sync() to add one.")
+        return
+    if verbose:
+        docs = []
+        for a in apps:
+            data = a.display_dict()
+            docs.append(yaml.safe_dump(data, sort_keys=False))
+        click.echo("----\n".join(docs), nl=False)
+        return
+    names = site_names(sorted({a.site_id for a in apps}))
+    rows = [[a.id, a.name, names.get(a.site_id, a.site_id), len(a.parameters)] for a in apps]
+    click.echo(format_table(["ID", "Name", "Site", "Params"], rows, right={0, 3}))
+
+
+@app.command("rm")
+@click.option("-n", "--name", default=None, help="Name of the app to remove")
+@click.option("-a", "--all", "remove_all", is_flag=True, help="Remove every app of the selected site(s)")
+@site_option
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
+def rm(name: Optional[str], remove_all: bool, site_selector: str, yes: bool) -> None:
+    """Remove apps (their jobs are deleted with them)."""
+    from balsam.api import App, Job
+
+    if bool(name) == remove_all:
+        raise click.UsageError("give either --name NAME or --all")
+    if remove_all and not site_selector:
+        raise click.UsageError("--all needs an explicit --site")
+    filters = site_filter(site_selector)
+    if name:
+        filters["name"] = name
+    apps = list(App.objects.filter(**filters))
+    if not apps:
+        raise click.ClickException(f"no app{' named ' + repr(name) if name else ''} at the selected site(s)")
+    if name and len(apps) > 1 and not yes:
+        click.echo(f"{len(apps)} sites have an app named {name!r}: " + ", ".join(f"id {a.id} (site {a.site_id})" for a in apps))
+    for a in apps:
+        n_jobs = Job.objects.filter(app_id=a.id).count()
+        if not yes:
+            warning = f" There are {n_jobs} Jobs that will be ERASED!" if n_jobs else ""
+            if not click.confirm(f"Really delete App(id={a.id}, name={a.name}, site_id={a.site_id})?{warning}"):
+                click.echo(f"Kept {a.name}")
+                continue
+        a.delete()
+        click.echo(f"Deleted App {a.name} ({n_jobs} jobs removed)")
+
+
+commands = [app]

@@ -1,0 +1,250 @@
+"""``balsam job create|ls|modify|rm``."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any, Optional
+
+import click
+import yaml
+
+from ._site_selector import Progress, format_table, parse_key_values, site_filter, site_names, site_option
+
+def _states() -> list[str]:
+    from balsam.states import JobState
+
+    return [s.value for s in JobState]
+
+
+def _state_type() -> click.Choice:
+    return click.Choice(_states(), case_sensitive=False)
+
+
+def _resolve_app(app_ref: str, site_selector: str) -> Any:
+    from balsam.api import App
+
+    if app_ref.isdigit():
+        try:
+            return App.objects.get(id=int(app_ref))
+        except App.DoesNotExist:
+            raise click.UsageError(f"--app: no app with id {app_ref}") from None
+    apps = list(App.objects.filter(name=app_ref, **site_filter(site_selector)))
+    if not apps:
+        raise click.UsageError(f"--app: no app named {app_ref!r} at the selected site(s) (see `balsam app ls --site=all`)")
+    if len(apps) > 1:
+        listing = ", ".join(f"id {a.id} (site {a.site_id})" for a in apps)
+        raise click.UsageError(f"--app {app_ref!r} matches several apps: {listing}; use an id or --site")
+    return apps[0]
+
+
+def _job_filters(ids: tuple[int, ...], tags: tuple[str, ...], state: Optional[str], exclude_state: Optional[str],
+                 site_selector: str, workdir: Optional[str] = None, app_ref: Optional[str] = None) -> dict[str, Any]:
+    filters: dict[str, Any] = {}
+    filters.update(site_filter(site_selector) if not ids else {})
+    if ids:
+        filters["id"] = list(ids)
+    if tags:
+        filters["tags"] = parse_key_values(tags, "--tag")
+    if state:
+        filters["state"] = state.upper()
+    if exclude_state:
+        filters["state__ne"] = exclude_state.upper()
+    if workdir:
+        filters["workdir__contains"] = workdir
+    if app_ref:
+        filters["app_id"] = _resolve_app(app_ref, site_selector).id
+    return filters
+
+
+@click.group("job")
+def job() -> None:
+    """Create, list, change and delete jobs."""
+
+
+@job.command("create")
+@click.option("-w", "--workdir", required=True, help="Working directory, relative to the site's data/")
+@click.option("-a", "--app", "app_ref", required=True, help="App id or name")
+@click.option("-tag", "--tag", "tags", multiple=True, help="KEY=VALUE tag (repeatable)")
+@click.option("-p", "--param", "params", multiple=True, help="NAME=VALUE app parameter (repeatable)")
+@click.option("-n", "--num-nodes", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("-rpn", "--ranks-per-node", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("-tpr", "--threads-per-rank", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("-tpc", "--threads-per-core", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("-g", "--gpus-per-rank", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("-npc", "--node-packing-count", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("-lp", "--launch-param", "launch_params", multiple=True, help="NAME=VALUE for the MPI launcher (repeatable)")
+@click.option("-t", "--wall-time-min", default=1, show_default=True, type=click.IntRange(min=0))
+@click.option("-pid", "--parent-id", "parent_ids", multiple=True, type=int, help="Parent job id (repeatable)")
+@click.option("-s", "--stage-data", "stage_data", multiple=True, help="SLOT=ALIAS:/abs/path transfer (repeatable)")
+@click.option("-y", "--yes", is_flag=True, help="Create without asking for confirmation")
+@site_option
+def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: int, ranks_per_node: int,
+           threads_per_rank: int, threads_per_core: int, gpus_per_rank: float, node_packing_count: int,
+           launch_params: tuple, wall_time_min: int, parent_ids: tuple, stage_data: tuple, yes: bool,
+           site_selector: str) -> None:
+    """Create one job."""
+    from balsam.api import Job
+
+    if PurePosixPath(workdir).is_absolute():
+        raise click.UsageError(f"--workdir {workdir!r} must be relative to the site's data/ directory")
+    app = _resolve_app(app_ref, site_selector)
+    parameters = parse_key_values(params, "--param")
+    missing = sorted(k for k, p in app.parameters.items() if p.required and k not in parameters)
+    extra = sorted(set(parameters) - set(app.parameters))
+    if missing:
+        raise click.UsageError(f"app {app.name} needs parameter(s) {', '.join(missing)} (-p NAME=VALUE)")
+    if extra:
+        raise click.UsageError(f"app {app.name} has no parameter(s) {', '.join(extra)} (parameters: {', '.join(sorted(app.parameters)) or 'none'})")
+    transfers = parse_key_values(stage_data, "--stage-data")
+    t_missing = sorted(k for k, t in app.transfers.items() if t.required and k not in transfers)
+    t_extra = sorted(set(transfers) - set(app.transfers))
+    if t_missing:
+        raise click.UsageError(f"app {app.name} needs transfer slot(s) {', '.join(t_missing)} (-s SLOT=ALIAS:/path)")
+    if t_extra:
+        raise click.UsageError(f"app {app.name} has no transfer slot(s) {', '.join(t_extra)}")
+    if parent_ids:
+        found = {j.id for j in Job.objects.filter(id=list(parent_ids))}
+        absent = sorted(set(parent_ids) - found)
+        if absent:
+            raise click.UsageError(f"parent job(s) {', '.join(map(str, absent))} do not exist")
+    new_job = Job(
+        workdir=workdir, app_id=app.id, tags=parse_key_values(tags, "--tag"), parameters=parameters,
+        num_nodes=num_nodes, ranks_per_node=ranks_per_node, threads_per_rank=threads_per_rank,
+        threads_per_core=threads_per_core, gpus_per_rank=gpus_per_rank, node_packing_count=node_packing_count,
+        launch_params=parse_key_values(launch_params, "--launch-param"), wall_time_min=wall_time_min,
+        parent_ids=set(parent_ids), transfers=transfers or None,
+    )
+    if not yes:
+        shown = new_job.display_dict()
+        shown.pop("serialized_parameters", None)
+        shown["parameters"] = parameters
+        click.echo(yaml.safe_dump({k: v for k, v in shown.items() if v not in (None, "")}, sort_keys=False))
+        if not click.confirm("Do you want to create this Job?"):
+            click.echo("Not created.")
+            return
+    new_job.save()
+    click.echo(f"Added Job id={new_job.id} ({new_job.state})")
+
+
+@job.command("ls")
+@click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
+@click.option("-s", "--state", default=None, type=_state_type(), help="Only jobs in this state")
+@click.option("-ns", "--exclude-state", default=None, type=_state_type(), help="Leave out jobs in this state")
+@click.option("--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
+@click.option("--by-state", is_flag=True, help="Count jobs per state")
+@click.option("-w", "--workdir", default=None, help="Only workdirs containing this text")
+@click.option("-a", "--app", "app_ref", default=None, help="App id or name")
+@click.option("-n", "--num", "limit", default=None, type=click.IntRange(min=1), help="Show at most N jobs (newest first)")
+@site_option
+@click.option("-v", "--verbose", is_flag=True, help="Every field of each job (YAML)")
+def ls(tags: tuple, state: Optional[str], exclude_state: Optional[str], ids: tuple, by_state: bool,
+       workdir: Optional[str], app_ref: Optional[str], limit: Optional[int], site_selector: str, verbose: bool) -> None:
+    """List jobs."""
+    from balsam.api import App, Job
+
+    filters = _job_filters(ids, tags, state, exclude_state, site_selector, workdir, app_ref)
+    query = Job.objects.filter(**filters)
+    if by_state:
+        # one count request per state (limit=0): cheap even with millions of jobs
+        wanted = [state.upper()] if state else _states()
+        counts = {}
+        for s in wanted:
+            if exclude_state and s == exclude_state.upper():
+                continue
+            if s in ("CREATED", "STAGED_OUT"):
+                continue  # never stored
+            counts[s] = Job.objects.filter(**{**filters, "state": s}).count()
+        rows = [[s, counts.get(s, 0)] for s in _states() if verbose or counts.get(s)]
+        click.echo(format_table(["State", "Count"], rows, right={1}))
+        click.echo(f"Total: {sum(counts.values())}")
+        return
+    if limit:
+        query = query.order_by("-id")[:limit]
+    jobs = sorted(query, key=lambda j: j.id)
+    if not jobs:
+        click.echo("No matching jobs.")
+        return
+    if verbose:
+        docs = []
+        for j in jobs:
+            data = j.display_dict()
+            try:
+                data["parameters"] = j.get_parameters()
+            except Exception as exc:  # noqa: BLE001 - a broken payload must not stop the listing
+                data["parameters"] = f"<cannot deserialize: {exc}>"
+            docs.append(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+        click.echo("---\n".join(docs), nl=False)
+        return
+    app_ids = sorted({j.app_id for j in jobs})
+    apps = {a.id: a for a in App.objects.filter(id=app_ids)}
+    names = site_names(sorted({a.site_id for a in apps.values()}))
+    rows = []
+    for j in jobs:
+        a = apps.get(j.app_id)
+        tag_text = " ".join(f"{k}={v}" for k, v in sorted(j.tags.items()))
+        rows.append([j.id, names.get(a.site_id, a.site_id) if a else "?", a.name if a else j.app_id, j.workdir,
+                     j.state.value if j.state else "", tag_text])
+    click.echo(format_table(["ID", "Site", "App", "Workdir", "State", "Tags"], rows, right={0}))
+
+
+@job.command("modify")
+@click.option("-i", "--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
+@click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
+@click.option("-s", "--state", required=True, type=_state_type(), help="New state (e.g. RESTART_READY to re-run)")
+@site_option
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
+def modify(ids: tuple, tags: tuple, state: str, site_selector: str, yes: bool) -> None:
+    """Change the state of jobs: RESTART_READY re-runs them, FAILED gives up on them."""
+    from balsam.api import Job
+
+    if not ids and not tags:
+        raise click.UsageError("select jobs with --id and/or --tag")
+    filters = _job_filters(ids, tags, None, None, site_selector)
+    query = Job.objects.filter(**filters)
+    jobs = [j for j in query if j.state is None or j.state.value != state.upper()]
+    if not jobs:
+        click.echo("No job needs changing.")
+        return
+    if not yes and len(jobs) > 1 and not click.confirm(f"Set {len(jobs)} jobs to {state.upper()}?"):
+        click.echo("Nothing changed.")
+        return
+    for j in jobs:
+        j.state = state.upper()
+    with Progress("Updating jobs", len(jobs), enabled=len(jobs) > Job.objects.bulk_chunk_size) as progress:
+        n = Job.objects.bulk_update(jobs, progress=progress)
+    click.echo(f"Set {n} job(s) to {state.upper()}")
+
+
+@job.command("rm")
+@click.option("-i", "--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
+@click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
+@click.option("-s", "--state", default=None, type=_state_type(), help="Only jobs in this state")
+@click.option("-ns", "--exclude-state", default=None, type=_state_type(), help="Leave out jobs in this state")
+@click.option("--all", "delete_all", is_flag=True, help="Delete every job of the selected sites")
+@site_option
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
+def rm(ids: tuple, tags: tuple, state: Optional[str], exclude_state: Optional[str], delete_all: bool,
+       site_selector: str, yes: bool) -> None:
+    """Delete jobs (jobs leased by a running launcher are skipped)."""
+    from balsam.api import Job
+
+    if not (ids or tags or state or exclude_state or delete_all or site_selector):
+        raise click.UsageError("select jobs with --id, --tag, --state/--exclude-state, --site or --all")
+    filters = _job_filters(ids, tags, state, exclude_state, "all" if delete_all and not site_selector else site_selector)
+    query = Job.objects.filter(**filters)
+    n = query.count()
+    if n == 0:
+        click.echo("No matching jobs.")
+        return
+    if not yes:
+        if delete_all and not click.confirm("THIS WILL DELETE ALL JOBS! CAUTION! Continue?"):
+            click.echo("Nothing deleted.")
+            return
+        if not click.confirm(f"Really delete {n} jobs?"):
+            click.echo("Nothing deleted.")
+            return
+    deleted = query.delete()
+    click.echo(f"Deleted {deleted if deleted is not None else n} job(s)")
+
+
+commands = [job]

@@ -1,0 +1,88 @@
+"""``balsam plugins ls`` and ``balsam plugins show NAME``: what is installed and what loaded."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from balsam.plugins.manager import HOOK_KIND, PluginError, PluginRecord, did_you_mean, get_plugin_manager
+
+COLUMNS = ("kind", "name", "distribution", "version", "status", "error")
+
+
+def format_table(rows: list[dict[str, str]], columns: tuple[str, ...]) -> str:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
+    for row in rows:
+        lines.append("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+    return "\n".join(lines)
+
+
+@click.group("plugins")
+def plugins() -> None:
+    """Installed plugins and drivers, and whether they loaded."""
+
+
+@plugins.command("ls")
+@click.option("--kind", "kinds", multiple=True, help="Only this kind (plugin, scheduler, platform, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def ls(kinds: tuple[str, ...], as_json: bool) -> None:
+    """List hook plugins and named drivers: kind, name, distribution, version, status, error."""
+    pm = get_plugin_manager()
+    rows = pm.report()
+    if kinds:
+        rows = [r for r in rows if r["kind"] in kinds]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(format_table(rows, COLUMNS))
+
+
+def _describe_record(pm, record: PluginRecord) -> list[str]:
+    lines = [f"{record.kind} {record.name}"]
+    lines.append(f"  distribution: {record.distribution or '-'} {record.version}".rstrip())
+    lines.append(f"  status: {record.status}" + (f" ({record.error})" if record.error else ""))
+    lines.append(f"  target: {record.target or '-'}")
+    lines.append(f"  source: {record.source or '-'}")
+    lines.append(f"  loaded from: {record.location or '-'}")
+    if record.description:
+        lines.append(f"  description: {record.description}")
+    if record.kind == HOOK_KIND:
+        hooks = pm.plugin_hooks(record.name)
+        lines.append("  hooks: " + (", ".join(hooks) if hooks else "none"))
+        sections = [s.key for s in _sections(pm).values() if s.plugin == record.name]
+        lines.append("  settings sections: " + (", ".join(sections) if sections else "none"))
+        commands = pm.cli_commands.get(record.name)
+        if commands:
+            lines.append("  commands: " + ", ".join(commands))
+    return lines
+
+
+def _sections(pm):
+    try:
+        from balsam.config import core_section_keys
+
+        return pm.settings_sections(reserved=core_section_keys())
+    except ImportError:  # config not importable: show what the hooks say without the core keys
+        return pm.settings_sections()
+
+
+@plugins.command("show")
+@click.argument("name")
+def show(name: str) -> None:
+    """Details of one plugin, driver or distribution: hooks, settings section, where it came from."""
+    pm = get_plugin_manager()
+    # Attach commands so that `commands:` can be listed for each plugin.
+    root = click.get_current_context().find_root().command
+    if hasattr(root, "attach_plugin_commands"):
+        root.attach_plugin_commands()
+    records = pm.find(name)
+    if not records:
+        hint = did_you_mean(name, pm.known_names())
+        raise PluginError(f"no plugin, driver or distribution named '{name}'" + (f" ({hint})" if hint else ""))
+    blocks = ["\n".join(_describe_record(pm, r)) for r in records]
+    click.echo("\n\n".join(blocks))
+
+
+commands = [plugins]

@@ -1,0 +1,132 @@
+"""``balsam queue submit|ls|term``: BatchJobs (allocation requests) of your sites."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import click
+import yaml
+
+from ._site_selector import format_table, parse_key_values, resolve_one_site, site_filter, site_names, site_option
+
+ACTIVE_STATES = ("pending_submission", "queued", "running", "pending_deletion")
+
+
+def parse_partition(text: str) -> dict[str, Any]:
+    """``MODE:NODES[:KEY=VALUE...]`` -> ``{"job_mode", "num_nodes", "filter_tags"}``."""
+    parts = text.split(":")
+    if len(parts) < 2:
+        raise click.UsageError(f"--part {text!r}: expected MODE:NODES[:KEY=VALUE...] (e.g. mpi:2:role=leader)")
+    mode, nodes, *tags = parts
+    if mode not in ("mpi", "serial"):
+        raise click.UsageError(f"--part {text!r}: job mode must be mpi or serial, not {mode!r}")
+    if not nodes.isdigit() or int(nodes) < 1:
+        raise click.UsageError(f"--part {text!r}: node count must be a positive integer, not {nodes!r}")
+    return {"job_mode": mode, "num_nodes": int(nodes), "filter_tags": parse_key_values(tuple(tags), f"--part {text}")}
+
+
+@click.group("queue")
+def queue() -> None:
+    """Request allocations (BatchJobs) at your sites, list and cancel them."""
+
+
+@queue.command("submit")
+@click.option("-n", "--num-nodes", required=True, type=click.IntRange(min=1))
+@click.option("-t", "--wall-time-min", required=True, type=click.IntRange(min=1))
+@click.option("-q", "--queue", "queue_name", required=True, help="Scheduler queue (one of the site's allowed_queues)")
+@click.option("-A", "--project", required=True, help="Project/allocation to charge")
+@click.option("-j", "--job-mode", required=True, type=click.Choice(["mpi", "serial"]))
+@click.option("-tag", "--tag", "tags", multiple=True, help="KEY=VALUE: only run jobs with this tag (repeatable)")
+@click.option("-p", "--part", "parts", multiple=True, help="Partition MODE:NODES[:KEY=VALUE...] (repeatable)")
+@click.option("-x", "--extra-param", "extra", multiple=True, help="KEY=VALUE for the job template (repeatable)")
+@site_option
+def submit(num_nodes: int, wall_time_min: int, queue_name: str, project: str, job_mode: str, tags: tuple,
+           parts: tuple, extra: tuple, site_selector: str) -> None:
+    """Request an allocation; the site agent submits it to the scheduler."""
+    from balsam.api import BatchJob
+
+    site = resolve_one_site(site_selector)
+    batch_job = BatchJob(
+        site_id=site.id, num_nodes=num_nodes, wall_time_min=wall_time_min, queue=queue_name, project=project,
+        job_mode=job_mode, filter_tags=parse_key_values(tags, "--tag"),
+        partitions=[parse_partition(p) for p in parts] or None,
+        optional_params=parse_key_values(extra, "--extra-param"),
+    )
+    try:
+        batch_job.validate(site.allowed_queues, site.allowed_projects, site.optional_batch_job_params)
+    except ValueError as exc:
+        hint = "" if site.allowed_queues else " (the site has no allowed_queues yet: check settings.yml and run `balsam site sync`)"
+        raise click.ClickException(f"Refused by site {site.name}: {exc}{hint}") from None
+    batch_job.save()
+    click.echo(yaml.safe_dump(batch_job.display_dict(), sort_keys=False), nl=False)
+
+
+@queue.command("ls")
+@click.option("-n", "--num", default=0, type=click.IntRange(min=0), help="Show only the last N")
+@click.option("-h", "--history", is_flag=True, help="Include finished and failed batch jobs")
+@click.option("-v", "--verbose", is_flag=True, help="Every field (YAML)")
+@click.option("--scheduler_id", "--scheduler-id", "scheduler_id", default=None, type=int)
+@site_option
+def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], site_selector: str) -> None:
+    """List batch jobs (active ones unless --history)."""
+    from balsam.api import BatchJob
+
+    filters: dict[str, Any] = site_filter(site_selector)
+    if not history:
+        filters["state"] = list(ACTIVE_STATES)
+    if scheduler_id is not None:
+        filters["scheduler_id"] = scheduler_id
+    batch_jobs = sorted(BatchJob.objects.filter(**filters), key=lambda b: b.id)
+    if num:
+        batch_jobs = batch_jobs[-num:]
+    if not batch_jobs:
+        if history:
+            click.echo("No batch jobs.")
+        else:
+            click.echo("No active batch jobs.  Use --history option to list completed batch jobs.")
+        return
+    if verbose:
+        click.echo("---\n".join(yaml.safe_dump(b.display_dict(), sort_keys=False) for b in batch_jobs), nl=False)
+        return
+    names = site_names(sorted({b.site_id for b in batch_jobs}))
+    headers = ["id", "site", "scheduler_id", "state", "filter_tags", "project", "queue", "num_nodes",
+               "wall_time_min", "job_mode"]
+    rows = [
+        [b.id, names.get(b.site_id, b.site_id), b.scheduler_id if b.scheduler_id is not None else "",
+         b.state.value, " ".join(f"{k}={v}" for k, v in b.filter_tags.items()), b.project, b.queue, b.num_nodes,
+         b.wall_time_min, b.job_mode.value]
+        for b in batch_jobs
+    ]
+    click.echo(format_table(headers, rows, right={0, 2, 7, 8}))
+
+
+@queue.command("term")
+@click.argument("scheduler_id", type=int, required=False)
+@click.option("--id", "batch_job_id", type=int, default=None, help="BatchJob id (instead of the scheduler id)")
+@site_option
+def term(scheduler_id: Optional[int], batch_job_id: Optional[int], site_selector: str) -> None:
+    """Cancel a batch job (by scheduler id, or --id): the site agent deletes it from the queue."""
+    from balsam.api import BatchJob
+
+    if (scheduler_id is None) == (batch_job_id is None):
+        raise click.UsageError("give a SCHEDULER_ID or --id BATCH_JOB_ID")
+    if batch_job_id is not None:
+        matches = list(BatchJob.objects.filter(id=batch_job_id))
+        what = f"id {batch_job_id}"
+    else:
+        matches = list(BatchJob.objects.filter(scheduler_id=scheduler_id, **site_filter(site_selector or "all")))
+        what = f"scheduler id {scheduler_id}"
+    if not matches:
+        raise click.ClickException(f"no BatchJob with {what}")
+    if len(matches) > 1:
+        raise click.ClickException(f"{len(matches)} BatchJobs have {what} (at sites {sorted({b.site_id for b in matches})}); use --site")
+    batch_job = matches[0]
+    if batch_job.state.value not in ("pending_submission", "queued", "running"):
+        click.echo(f"BatchJob is not queued or running (state {batch_job.state.value})")
+        return
+    batch_job.state = "pending_deletion"
+    batch_job.save()
+    click.echo(f"Marked BatchJob {batch_job.id} (scheduler id {batch_job.scheduler_id}) for deletion")
+
+
+commands = [queue]

@@ -1,0 +1,45 @@
+"""``balsam site ...``: the site group. The foundation provides ``sample-settings``; the site agent
+adds ``init``, ``start``, ``stop`` and the rest to this same group."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group("site")
+def site() -> None:
+    """Create and run Balsam sites (a directory with settings.yml, data and logs)."""
+
+
+@site.command("sample-settings")
+def sample_settings() -> None:
+    """Print a complete, commented settings.yml with the default values."""
+    from balsam.config import render_sample_settings
+
+    click.echo(render_sample_settings(), nl=False)
+
+
+@site.command("check-settings")
+@click.argument("path", required=False, type=click.Path(dir_okay=True, path_type=str))
+def check_settings(path: str | None) -> None:
+    """Check a settings.yml (a file, or the settings of the site at PATH / the current site)."""
+    from pathlib import Path
+
+    from balsam.config import SiteConfig, load_settings
+
+    target = Path(path) if path else None
+    if target is not None and target.is_file():
+        settings_path = target
+    else:
+        settings_path = SiteConfig(target).settings_path
+    settings = load_settings(settings_path)
+    enabled = [key for key, value in settings.sections.items() if value is not None]
+    click.echo(f"{settings_path}: OK (sections in effect: {', '.join(enabled)})")
+
+
+# init/start/stop/sync/ls/rm/mv/rename (site agent engineer)
+from balsam.cli.site_commands import attach as _attach_site_commands  # noqa: E402
+
+_attach_site_commands(site)
+
+commands = [site]

@@ -1,0 +1,253 @@
+"""``balsam site init|start|stop|sync|ls|rm|mv|rename`` (attached to the ``site`` group of cli/site.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+ACTIVE_WINDOW = dt.timedelta(minutes=2)
+
+
+def _client() -> Any:
+    from balsam.client import load_client
+
+    return load_client()
+
+
+def _site_path(path: Optional[str]) -> Path:
+    from balsam.config import SiteConfig
+
+    return Path(SiteConfig.resolve_site_path(path))
+
+
+def _site_config(path: Optional[str]) -> Any:
+    from balsam.config import SiteConfig
+
+    return SiteConfig(path)
+
+
+@click.command("init")
+@click.argument("site_path", type=click.Path(file_okay=False, dir_okay=True, writable=True))
+@click.option("-n", "--name", help="Site name (unique among your sites; default: the directory name)")
+@click.option("--platform", "platform_name", help="Platform plugin (see `balsam plugins ls`); asked when omitted in a terminal")
+def init(site_path: str, name: Optional[str], platform_name: Optional[str]) -> None:
+    """Create a new site directory and register it with the API."""
+    from balsam.site.site_ops import available_platforms, init_site
+
+    path = Path(site_path).expanduser().absolute()
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if platform_name is None:
+        platforms = available_platforms()
+        if interactive and len(platforms) > 1:
+            names = list(platforms)
+            click.echo("Select the platform of this machine:")
+            for index, pname in enumerate(names, 1):
+                click.echo(f"  {index}) {pname:<20} {platforms[pname]}")
+            default_index = names.index("default") + 1 if "default" in names else 1
+            choice = click.prompt("Platform", type=click.IntRange(1, len(names)), default=default_index)
+            platform_name = names[choice - 1]
+        else:
+            platform_name = "default" if "default" in platforms or not platforms else next(iter(platforms))
+    if name is None:
+        name = click.prompt("Site name", default=path.name) if interactive else path.name
+    site_id = init_site(path, name, platform_name, _client(), echo=click.echo)
+    click.echo(f"New Balsam site {name!r} (id {site_id}, platform {platform_name}) set up at {path}")
+    click.echo(f"Next: cd {path} && balsam site start")
+
+
+@click.command("start")
+@click.argument("site_path", required=False)
+def start(site_path: Optional[str]) -> None:
+    """Start the site agent in the background (run inside a site, or give its path)."""
+    from balsam.site.site_ops import start_agent
+
+    path = _site_path(site_path)
+    pid = start_agent(path)
+    click.echo(f"Started Balsam site agent [pid {pid}] on {socket.gethostname()} (logs in {path / 'log'})")
+
+
+def _stop(path: Path, timeout: float, force: bool) -> Optional[int]:
+    from balsam.site.site_ops import stop_agent
+
+    shown = {"last": -1}
+
+    def progress(elapsed: float, total: float) -> None:
+        second = int(elapsed)
+        if second != shown["last"]:
+            shown["last"] = second
+            click.echo(f"\rWaiting for the site agent to stop... {second:>2d}/{int(total)} s", nl=False, err=True)
+
+    pid = stop_agent(path, timeout=timeout, force=force, progress=progress)
+    if shown["last"] >= 0:
+        click.echo("", err=True)
+    return pid
+
+
+@click.command("stop")
+@click.argument("site_path", required=False)
+@click.option("-t", "--timeout", default=45.0, show_default=True, help="Seconds to wait for a clean stop")
+@click.option("--force", is_flag=True, help="Kill the agent if it has not stopped after the timeout")
+def stop(site_path: Optional[str], timeout: float, force: bool) -> None:
+    """Stop the site agent cleanly (SIGTERM, then wait)."""
+    path = _site_path(site_path)
+    pid = _stop(path, timeout, force)
+    if pid is None:
+        click.echo("The site agent is not running.")
+    else:
+        click.echo(f"Site agent [pid {pid}] shutdown OK")
+
+
+@click.command("sync")
+@click.argument("site_path", required=False)
+def sync(site_path: Optional[str]) -> None:
+    """Push settings.yml (queues, projects, params, transfer locations) to the API; restart a running agent."""
+    from balsam.site.agent import agent_running
+    from balsam.site.site_ops import push_site_settings, start_agent
+
+    config = _site_config(site_path)
+    push_site_settings(_client(), config)
+    click.echo(f"Updated site {config.site_id} from {config.settings_path}.")
+    running = agent_running(Path(config.site_path))
+    if running is not None and running[0] == socket.gethostname():
+        click.echo(f"Restarting the site agent [pid {running[1]}] ...")
+        _stop(Path(config.site_path), 45.0, False)
+        pid = start_agent(Path(config.site_path))
+        click.echo(f"Started Balsam site agent [pid {pid}] on {socket.gethostname()}")
+
+
+def _is_active(site: dict) -> bool:
+    from balsam.serialization import parse_datetime
+
+    stamp = site.get("last_refresh")
+    if not stamp:
+        return False
+    try:
+        return dt.datetime.now(dt.timezone.utc) - parse_datetime(stamp) < ACTIVE_WINDOW
+    except ValueError:
+        return False
+
+
+@click.command("ls")
+@click.option("-v", "--verbose", is_flag=True, help="Show every field of each site as YAML")
+def ls(verbose: bool) -> None:
+    """List your sites (Active = the agent reported within the last 2 minutes)."""
+    import yaml
+
+    from balsam.site.api_util import list_all
+
+    sites = sorted(list_all(_client(), "/sites/"), key=lambda s: s["id"])
+    if not sites:
+        click.echo("No sites yet: create one with `balsam site init PATH`.")
+        return
+    if verbose:
+        click.echo("\n---\n".join(yaml.safe_dump(s, sort_keys=False).rstrip() for s in sites))
+        return
+    rows = [("ID", "Name", "Path", "Active")]
+    for site in sites:
+        path = str(site["path"])
+        if len(path) > 40:
+            path = "..." + path[-37:]
+        rows.append((str(site["id"]), site["name"], path, "Yes" if _is_active(site) else "No"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _find_site_by_path(client: Any, path: Path) -> dict:
+    from balsam.site.api_util import list_all
+
+    matches = [s for s in list_all(client, "/sites/", {"path": str(path)}) if Path(s["path"]) == path]
+    if not matches:
+        raise click.ClickException(f"no site of yours has the path {path}")
+    return matches[0]
+
+
+@click.command("rm")
+@click.argument("site_path")
+@click.option("-f", "--force", is_flag=True, help="Delete the API record even if the directory is gone (keeps files)")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
+def rm(site_path: str, force: bool, yes: bool) -> None:
+    """Delete a site: its API record (with all its apps, jobs and BatchJobs) and its directory."""
+    from balsam.site.agent import agent_running
+    from balsam.site.api_util import count
+    from balsam.site.site_ops import read_site_id
+
+    client = _client()
+    path = Path(site_path).expanduser().absolute()
+    if force:
+        site = _find_site_by_path(client, path)
+        client.delete(f"/sites/{site['id']}")
+        click.echo(f"Deleted site {site['name']} (id {site['id']}) from the API; {path} was left as it is.")
+        return
+    if not path.is_dir():
+        raise click.ClickException(f"{path} does not exist (use --force to delete the API record by path)")
+    site_id = read_site_id(path)
+    running = agent_running(path)
+    if running is not None:
+        raise click.ClickException(f"the site agent is running on {running[0]} [pid {running[1]}]: `balsam site stop` first")
+    site = client.get(f"/sites/{site_id}")
+    num_jobs = count(client, "/jobs/", {"site_id": site_id})
+    if not yes:
+        click.confirm(
+            f"Do you really want to destroy {site['name']}? This will wipe out {num_jobs} jobs inside!", abort=True
+        )
+    client.delete(f"/sites/{site_id}")
+    shutil.rmtree(path)
+    click.echo(f"Deleted site {site['name']} (id {site_id}) and {path}")
+
+
+@click.command("mv")
+@click.argument("src")
+@click.argument("dest")
+def mv(src: str, dest: str) -> None:
+    """Move a site directory and update its path in the API."""
+    from balsam.site.agent import agent_running
+    from balsam.site.site_ops import read_site_id
+
+    src_path = Path(src).expanduser().absolute()
+    dest_path = Path(dest).expanduser().absolute()
+    site_id = read_site_id(src_path)
+    if agent_running(src_path) is not None:
+        raise click.ClickException("the site agent is running: `balsam site stop` first")
+    if dest_path.exists():
+        if not dest_path.is_dir():
+            raise click.ClickException(f"{dest_path} exists and is not a directory")
+        dest_path = dest_path / src_path.name
+        if dest_path.exists():
+            raise click.ClickException(f"{dest_path} already exists")
+    client = _client()
+    client.get(f"/sites/{site_id}")  # fails early if the record is not ours
+    shutil.move(str(src_path), str(dest_path))
+    try:
+        client.put(f"/sites/{site_id}", json={"path": str(dest_path)})
+    except Exception:
+        shutil.move(str(dest_path), str(src_path))
+        raise
+    click.echo(f"Moved site {site_id} to {dest_path}")
+
+
+@click.command("rename")
+@click.argument("site_path")
+@click.argument("name")
+def rename(site_path: str, name: str) -> None:
+    """Give a site a new name."""
+    from balsam.site.site_ops import read_site_id
+
+    site_id = read_site_id(Path(site_path).expanduser().absolute())
+    _client().put(f"/sites/{site_id}", json={"name": name})
+    click.echo(f"Renamed site {site_id} to {name!r}")
+
+
+SITE_COMMANDS = [init, start, stop, sync, ls, rm, mv, rename]
+
+
+def attach(group: click.Group) -> None:
+    for command in SITE_COMMANDS:
+        if command.name not in group.commands:
+            group.add_command(command)

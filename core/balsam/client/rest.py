@@ -1,0 +1,335 @@
+"""HTTP client for the Balsam REST service (httpx).
+
+Retry policy (a fault of the original was retrying every 4xx for half an hour):
+
+- connection errors, timeouts, 5xx and 429 are retried with capped exponential backoff
+  (``retry_count`` times; ``Retry-After`` is honoured);
+- 401 re-reads the stored login once (another process may have run ``balsam login``) and retries;
+- any other 4xx raises :class:`APIError` at once, carrying the status and the server's detail.
+
+After ``fork()`` the child gets a fresh connection pool on its first request.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+import httpx
+
+from .settings import NOT_LOGGED_IN, ClientSettings, NotLoggedIn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from balsam._api import models
+
+logger = logging.getLogger(__name__)
+
+_RETRY_EXCEPTIONS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+class APIError(Exception):
+    """The server refused a request. ``status_code`` and ``detail`` come from the response."""
+
+    def __init__(self, method: str, url: str, status_code: int, detail: Any) -> None:
+        self.method = method
+        self.url = url
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(f"{method} {url} failed with HTTP {status_code}: {_detail_text(detail)}")
+
+
+class AuthenticationError(APIError):
+    """HTTP 401: the token is missing, invalid or expired."""
+
+
+class ServerUnavailable(ConnectionError):
+    """The server could not be reached (or kept failing) after all retries."""
+
+
+def _detail_text(detail: Any) -> str:
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(x) for x in item.get("loc", []) if x != "body")
+                msg = item.get("msg") or item.get("message") or item
+                parts.append(f"{loc}: {msg}" if loc else str(msg))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)
+
+
+def _response_detail(resp: httpx.Response) -> Any:
+    try:
+        body = resp.json()
+    except ValueError:
+        text = resp.text.strip()
+        return text[:1000] or resp.reason_phrase
+    if isinstance(body, dict):
+        for key in ("detail", "error", "message"):
+            if key in body:
+                return body[key]
+    return body
+
+
+def _parse(resp: httpx.Response) -> Any:
+    if resp.status_code == 204 or not resp.content:
+        return None
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text
+
+
+class RESTClient:
+    """A logged-in connection to one Balsam server.
+
+    ``get/post/put/patch/delete(path, params=..., json=...)`` return the parsed JSON body
+    (``None`` for an empty body). ``client.Site``, ``client.Job``, ... are the API models bound
+    to this client (``balsam.api`` models use the default client from the login file).
+    """
+
+    def __init__(
+        self,
+        api_root: str,
+        token: Optional[str] = None,
+        *,
+        connect_timeout: float = 6.2,
+        read_timeout: float = 120.0,
+        retry_count: int = 10,
+        settings_path: "Path | str | None" = None,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        username: Optional[str] = None,
+    ) -> None:
+        self.api_root = api_root.rstrip("/")
+        self.token = token
+        self.username = username
+        self.connect_timeout = float(connect_timeout)
+        self.read_timeout = float(read_timeout)
+        self.retry_count = int(retry_count)
+        self.settings_path = Path(settings_path) if settings_path is not None else None
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._lock = threading.Lock()
+        self._pid: Optional[int] = None
+        self._http_client: Optional[httpx.Client] = None
+        self._bound_models: dict[str, type] = {}
+        #: requests sent, by ``"METHOD /path"`` (retries included): for tests and benchmarks
+        self.request_counts: collections.Counter[str] = collections.Counter()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_settings(cls, settings: ClientSettings, settings_path: "Path | str | None" = None) -> "RESTClient":
+        return cls(
+            settings.api_root,
+            settings.token,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            retry_count=settings.retry_count,
+            settings_path=settings_path,
+            username=settings.username,
+        )
+
+    def __repr__(self) -> str:
+        return f"RESTClient({self.api_root!r}, username={self.username!r})"
+
+    # ----------------------------------------------------------------- connection pool
+    def _http(self) -> httpx.Client:
+        pid = os.getpid()
+        if self._http_client is None or self._pid != pid:
+            with self._lock:
+                if self._http_client is None or self._pid != pid:
+                    # After fork the parent's sockets must not be shared: start a new pool.
+                    self._http_client = httpx.Client(
+                        base_url=self.api_root,
+                        timeout=httpx.Timeout(self.read_timeout, connect=self.connect_timeout),
+                        headers={"Accept": "application/json", "User-Agent": "balsam-client"},
+                    )
+                    self._pid = pid
+        return self._http_client
+
+    def close(self) -> None:
+        if self._http_client is not None and self._pid == os.getpid():
+            self._http_client.close()
+        self._http_client = None
+
+    def _headers(self, authenticated: bool) -> dict[str, str]:
+        if authenticated and self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
+
+    def _reload_token(self) -> bool:
+        """Re-read the stored login; True if it holds a different token than ours."""
+        path = self.settings_path
+        try:
+            settings = ClientSettings.load(path)
+        except Exception:  # noqa: BLE001 - any unreadable file just means "no newer token"
+            return False
+        if settings.token and settings.token != self.token and settings.api_root.rstrip("/") == self.api_root:
+            self.token = settings.token
+            self.username = settings.username or self.username
+            return True
+        return False
+
+    def _backoff(self, attempt: int, resp: Optional[httpx.Response] = None) -> float:
+        if resp is not None:
+            retry_after = resp.headers.get("Retry-After", "")
+            if retry_after.replace(".", "", 1).isdigit():
+                return min(float(retry_after), self.backoff_max)
+        delay = min(self.backoff_max, self.backoff_base * (2**attempt))
+        return delay + random.uniform(0, delay / 4)
+
+    # ----------------------------------------------------------------- requests
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: "Mapping[str, Any] | None" = None,
+        json: Any = None,
+        data: "Mapping[str, Any] | None" = None,
+        authenticated: bool = True,
+    ) -> Any:
+        method = method.upper()
+        url = path if path.startswith("/") else "/" + path
+        reauthed = False
+        attempt = 0
+        while True:
+            self.request_counts[f"{method} {url}"] += 1
+            try:
+                resp = self._http().request(
+                    method, url, params=params, json=json, data=data, headers=self._headers(authenticated)
+                )
+            except _RETRY_EXCEPTIONS as exc:
+                if attempt >= self.retry_count:
+                    raise ServerUnavailable(
+                        f"{method} {self.api_root}{url}: server unreachable after {attempt + 1} attempts: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from None
+                delay = self._backoff(attempt)
+                logger.warning("%s %s: %s; retrying in %.1f s", method, url, type(exc).__name__, delay)
+                time.sleep(delay)
+                attempt += 1
+                continue
+            status = resp.status_code
+            if status == 429 or status >= 500:
+                if attempt >= self.retry_count:
+                    raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
+                delay = self._backoff(attempt, resp)
+                logger.warning("%s %s: HTTP %d; retrying in %.1f s", method, url, status, delay)
+                time.sleep(delay)
+                attempt += 1
+                continue
+            if status == 401 and authenticated:
+                if not reauthed and self._reload_token():
+                    reauthed = True
+                    continue
+                detail = _response_detail(resp)
+                hint = NOT_LOGGED_IN if not self.token else "Login expired or invalid: run `balsam login`"
+                raise AuthenticationError(method, f"{self.api_root}{url}", status, f"{_detail_text(detail)}. {hint}")
+            if status >= 400:
+                raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
+            return _parse(resp)
+
+    def get(self, path: str, params: "Mapping[str, Any] | None" = None, **kw: Any) -> Any:
+        return self.request("GET", path, params=params, **kw)
+
+    def post(self, path: str, json: Any = None, params: "Mapping[str, Any] | None" = None, **kw: Any) -> Any:
+        return self.request("POST", path, params=params, json=json, **kw)
+
+    def put(self, path: str, json: Any = None, params: "Mapping[str, Any] | None" = None, **kw: Any) -> Any:
+        return self.request("PUT", path, params=params, json=json, **kw)
+
+    def patch(self, path: str, json: Any = None, params: "Mapping[str, Any] | None" = None, **kw: Any) -> Any:
+        return self.request("PATCH", path, params=params, json=json, **kw)
+
+    def delete(self, path: str, params: "Mapping[str, Any] | None" = None, **kw: Any) -> Any:
+        return self.request("DELETE", path, params=params, **kw)
+
+    # ----------------------------------------------------------------- auth helpers
+    def auth_methods(self) -> list[str]:
+        result = self.get("/auth/how", authenticated=False)
+        return [str(m) for m in result] if isinstance(result, list) else []
+
+    def password_login(self, username: str, password: str) -> dict[str, Any]:
+        """POST the password form; store and return ``{access_token, expiration, ...}``.
+
+        A wrong password raises :class:`AuthenticationError` (401) at once.
+        """
+        result = self.request(
+            "POST",
+            "/auth/password/login",
+            data={"username": username, "password": password},
+            authenticated=False,
+        )
+        if not isinstance(result, dict) or "access_token" not in result:
+            raise APIError("POST", f"{self.api_root}/auth/password/login", 200, f"unexpected login response {result!r}")
+        self.token = result["access_token"]
+        self.username = username
+        return result
+
+    def register(self, username: str, password: str) -> dict[str, Any]:
+        return self.request(
+            "POST", "/auth/password/register", json={"username": username, "password": password}, authenticated=False
+        )
+
+    def whoami(self) -> dict[str, Any]:
+        return self.get("/auth/password/me")
+
+    # ----------------------------------------------------------------- bound models
+    def _bound(self, name: str) -> type:
+        cls = self._bound_models.get(name)
+        if cls is None:
+            from balsam._api import models as api_models
+
+            base = getattr(api_models, name)
+            cls = base._bind(self)
+            self._bound_models[name] = cls
+        return cls
+
+    @property
+    def Site(self) -> "type[models.Site]":
+        return self._bound("Site")
+
+    @property
+    def App(self) -> "type[models.App]":
+        return self._bound("App")
+
+    @property
+    def Job(self) -> "type[models.Job]":
+        return self._bound("Job")
+
+    @property
+    def BatchJob(self) -> "type[models.BatchJob]":
+        return self._bound("BatchJob")
+
+    @property
+    def Session(self) -> "type[models.Session]":
+        return self._bound("Session")
+
+    @property
+    def TransferItem(self) -> "type[models.TransferItem]":
+        return self._bound("TransferItem")
+
+    @property
+    def EventLog(self) -> "type[models.EventLog]":
+        return self._bound("EventLog")
+
+
+def load_client(path: "Path | str | None" = None) -> RESTClient:
+    """A client from the stored login (``$BALSAM_CLIENT_PATH`` or ``$BALSAM_HOME/client.yml``).
+
+    Raises :class:`NotLoggedIn` (one line) if there is no login.
+    """
+    settings = ClientSettings.load(path)
+    if not settings.token:
+        raise NotLoggedIn("the stored login has no token")
+    return RESTClient.from_settings(settings, settings_path=path)

@@ -1,0 +1,110 @@
+"""The stored login (``client.yml``): where it lives, how it is read and written.
+
+Path: ``$BALSAM_CLIENT_PATH``, else ``$BALSAM_HOME/client.yml``, else ``~/.balsam/client.yml``.
+The file holds a bearer token, so it is written with mode 0600 in a 0700 directory.
+Keys are those of Balsam 0.7 (``api_root, client_class, token, token_expiry, connect_timeout,
+read_timeout, retry_count``) plus ``username``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+import yaml
+
+NOT_LOGGED_IN = "Not logged in: run `balsam login` (or `balsam server start` for a local server)"
+DEFAULT_CLIENT_CLASS = "balsam.client.RESTClient"
+
+
+class ClientSettingsError(RuntimeError):
+    """The client file is missing or cannot be used (message says which and why)."""
+
+
+class NotLoggedIn(ClientSettingsError):
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(NOT_LOGGED_IN + (f" ({detail})" if detail else ""))
+
+
+def balsam_home() -> Path:
+    return Path(os.environ.get("BALSAM_HOME") or Path.home() / ".balsam").expanduser()
+
+
+def client_path() -> Path:
+    env = os.environ.get("BALSAM_CLIENT_PATH")
+    if env:
+        return Path(env).expanduser()
+    return balsam_home() / "client.yml"
+
+
+@attrs.define(kw_only=True)
+class ClientSettings:
+    api_root: str
+    client_class: str = DEFAULT_CLIENT_CLASS
+    token: Optional[str] = None
+    token_expiry: Optional[dt.datetime] = None
+    username: Optional[str] = None
+    connect_timeout: float = 6.2
+    read_timeout: float = 120.0
+    retry_count: int = 10
+
+    @classmethod
+    def load(cls, path: "Path | str | None" = None) -> "ClientSettings":
+        path = Path(path) if path is not None else client_path()
+        if not path.is_file():
+            raise NotLoggedIn(f"no login file at {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ClientSettingsError(f"{path}: cannot read the stored login: {exc}") from None
+        if not isinstance(data, dict) or not data.get("api_root"):
+            raise ClientSettingsError(f"{path}: the stored login has no api_root; run `balsam login` again")
+        known = {f.name for f in attrs.fields(cls)}
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known and v is not None}
+        try:
+            if "token_expiry" in kwargs and not isinstance(kwargs["token_expiry"], dt.datetime):
+                kwargs["token_expiry"] = dt.datetime.fromisoformat(str(kwargs["token_expiry"]).replace("Z", "+00:00"))
+            for name, kind in (("connect_timeout", float), ("read_timeout", float), ("retry_count", int)):
+                if name in kwargs:
+                    kwargs[name] = kind(kwargs[name])
+        except (TypeError, ValueError) as exc:
+            raise ClientSettingsError(f"{path}: bad value in the stored login: {exc}") from None
+        return cls(**kwargs)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        data = attrs.asdict(self)
+        if self.token_expiry is not None:
+            expiry = self.token_expiry
+            if expiry.tzinfo is None:
+                expiry = expiry.replace(tzinfo=dt.timezone.utc)
+            data["token_expiry"] = expiry.isoformat()
+        return data
+
+    def save(self, path: "Path | str | None" = None) -> Path:
+        """Write atomically with mode 0600 (directory 0700)."""
+        path = Path(path) if path is not None else client_path()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".client-", suffix=".yml")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as fp:
+                yaml.safe_dump(self.to_yaml_dict(), fp, sort_keys=False)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        os.chmod(path, 0o600)
+        return path
+
+    def token_expired(self, margin_sec: float = 0.0) -> bool:
+        if self.token_expiry is None:
+            return False
+        expiry = self.token_expiry
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=dt.timezone.utc)
+        return expiry - dt.timedelta(seconds=margin_sec) <= dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,562 @@
+"""Load, check and render settings.yml.
+
+Every problem becomes one line naming the file, the YAML line, the key path and what is wrong::
+
+    settings.yml:14 scheduler.allowed_queues.debug.max_nodes: expected an integer, got 'two'
+
+Sections: the core ones (``logging``, ``filter_tags``, ``launcher``) and those contributed by
+plugins through ``balsam_settings_sections`` (the built-in agent modules come from the core
+plugin). A section whose key names an agent module enables that module; ``null`` or an absent key
+disables it (the value is then ``None``). Any other contributed section falls back to its
+defaults when absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import attrs
+import yaml
+
+from .schema import LauncherSettings, LoggingSettings
+
+__all__ = [
+    "CORE_SECTIONS",
+    "SectionSpec",
+    "Settings",
+    "SettingsError",
+    "core_section_keys",
+    "load_settings",
+    "parse_settings",
+    "render_sample_settings",
+    "render_settings_yaml",
+    "section_specs",
+]
+
+FILTER_TAGS_TYPE = dict[str, str]
+
+#: Balsam 0.7 keys that named Python classes; they are plugin names now.
+_RETIRED_KEYS = {
+    "scheduler_class": "replaced by scheduler.name, a scheduler plugin name such as 'slurm' (see `balsam plugins ls`)",
+    "compute_node": "replaced by launcher.platform, a platform plugin name (see `balsam plugins ls`)",
+    "mpi_app_launcher": "replaced by launcher.platform, a platform plugin name (see `balsam plugins ls`)",
+    "local_app_launcher": "replaced by launcher.platform, a platform plugin name (see `balsam plugins ls`)",
+}
+
+
+class SettingsError(ValueError):
+    """settings.yml (or a settings dict) is wrong. ``str()`` is one line; ``errors`` has them all."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        message = self.errors[0] if self.errors else "invalid settings"
+        if len(self.errors) > 1:
+            more = len(self.errors) - 1
+            message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        super().__init__(message)
+
+
+@attrs.define
+class SectionSpec:
+    """One top-level key of settings.yml."""
+
+    key: str
+    #: An attrs class, or a plain type such as ``dict[str, str]`` (filter_tags).
+    schema: Any
+    comment: str = ""
+    plugin: str = "core"
+    #: In a new settings.yml: written with its defaults (True) or as ``key: null`` (False).
+    enabled_by_default: bool = True
+    #: None is allowed (and absence means None): the key enables an agent module.
+    disableable: bool = False
+
+    def default(self) -> Any:
+        if attrs.has(self.schema):
+            return self.schema()
+        if typing.get_origin(self.schema) is dict:
+            return {}
+        return None
+
+
+CORE_SECTIONS: tuple[SectionSpec, ...] = (
+    SectionSpec("logging", LoggingSettings, "Logging of the site agent and its launchers."),
+    SectionSpec(
+        "filter_tags",
+        FILTER_TAGS_TYPE,
+        "This site only runs jobs whose tags include all of these (e.g. {workflow: demo}); {} runs every job.",
+    ),
+    SectionSpec("launcher", LauncherSettings, "Pilot-job launchers: platform plugin and job placement."),
+)
+
+
+def core_section_keys() -> list[str]:
+    return [s.key for s in CORE_SECTIONS]
+
+
+def section_specs() -> list[SectionSpec]:
+    """The core sections, then every plugin-contributed one, in a stable order."""
+    from balsam.plugins.manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    agent_modules = set(pm.list_drivers("agent_module", resolve=False))
+    specs = list(CORE_SECTIONS)
+    for key, section in pm.settings_sections(reserved=core_section_keys()).items():
+        specs.append(
+            SectionSpec(
+                key=key,
+                schema=section.schema,
+                comment=section.comment,
+                plugin=section.plugin,
+                enabled_by_default=section.enabled_by_default,
+                disableable=key in agent_modules or not section.enabled_by_default,
+            )
+        )
+    return specs
+
+
+# -- YAML with line numbers ---------------------------------------------------------------------
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """Key path -> 1-based line of that key (or list item) in the YAML text."""
+    lines: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+                lines[path + (key,)] = key_node.start_mark.line + 1
+                walk(value_node, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[path + (index,)] = item.start_mark.line + 1
+                walk(item, path + (index,))
+
+    if root is not None:
+        lines[()] = root.start_mark.line + 1
+        walk(root, ())
+    return lines
+
+
+def _dotted(path: tuple) -> str:
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "(top level)"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+class _Checker:
+    """Turns plain YAML data into schema objects, collecting located errors."""
+
+    INVALID = object()
+
+    def __init__(self, source: str, lines: dict[tuple, int]) -> None:
+        self.source = source
+        self.lines = lines
+        self.errors: list[tuple[int, str]] = []
+
+    def fail(self, path: tuple, message: str) -> Any:
+        line = 0
+        probe = path
+        while True:
+            if probe in self.lines:
+                line = self.lines[probe]
+                break
+            if not probe:
+                break
+            probe = probe[:-1]
+        where = f"{self.source}:{line}" if line else self.source
+        self.errors.append((line, f"{where} {_dotted(path)}: {message}"))
+        return self.INVALID
+
+    def value(self, data: Any, tp: Any, path: tuple) -> Any:
+        origin = typing.get_origin(tp)
+        if tp is Any:
+            return data
+        if origin in (Union, types.UnionType):
+            args = typing.get_args(tp)
+            if data is None and type(None) in args:
+                return None
+            others = [a for a in args if a is not type(None)]
+            if len(others) == 1:
+                return self.value(data, others[0], path)
+            return data
+        if attrs.has(tp):
+            return self.record(data, tp, path)
+        if tp is bool:
+            if isinstance(data, bool):
+                return data
+            return self.fail(path, f"expected true or false, got {_show(data)}")
+        if tp is int:
+            if isinstance(data, int) and not isinstance(data, bool):
+                return data
+            return self.fail(path, f"expected an integer, got {_show(data)}")
+        if tp is float:
+            if isinstance(data, (int, float)) and not isinstance(data, bool):
+                return float(data)
+            return self.fail(path, f"expected a number, got {_show(data)}")
+        if tp is str:
+            if isinstance(data, str):
+                return data
+            if isinstance(data, (int, float)) and not isinstance(data, bool):
+                return str(data)  # project names like 12345 are strings
+            return self.fail(path, f"expected a string, got {_show(data)}")
+        if origin is dict:
+            key_type, value_type = typing.get_args(tp) or (str, Any)
+            if not isinstance(data, dict):
+                return self.fail(path, f"expected a mapping, got {_show(data)}")
+            result = {}
+            for key, item in data.items():
+                if isinstance(key, (dict, list)) or key is None:
+                    self.fail(path, f"keys must be names, got {_show(key)}")
+                    continue
+                converted = self.value(item, value_type, path + (key,))
+                if converted is not self.INVALID:
+                    result[str(key)] = converted
+            return result
+        if origin is list:
+            (item_type,) = typing.get_args(tp) or (Any,)
+            if isinstance(data, (str, int, float)) and not isinstance(data, bool) and item_type is str:
+                data = [data]  # `allowed_projects: local` means a one-item list
+            if not isinstance(data, list):
+                return self.fail(path, f"expected a list, got {_show(data)}")
+            result_list = []
+            for index, item in enumerate(data):
+                converted = self.value(item, item_type, path + (index,))
+                if converted is not self.INVALID:
+                    result_list.append(converted)
+            return result_list
+        raise TypeError(f"settings schema type {tp!r} at {_dotted(path)} is not supported")
+
+    def record(self, data: Any, cls: type, path: tuple) -> Any:
+        if not isinstance(data, dict):
+            return self.fail(path, f"expected a mapping of {cls.__name__} keys, got {_show(data)}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in attrs.fields(cls)}
+        kwargs = {}
+        ok = True
+        suggested: set[str] = set()
+        for key, item in data.items():
+            key = str(key)
+            if key not in fields:
+                suggested.add(self.unknown(path + (key,), list(fields)))
+                ok = False
+                continue
+            converted = self.value(item, hints.get(key, Any), path + (key,))
+            if converted is self.INVALID:
+                ok = False
+            else:
+                kwargs[key] = converted
+        for name, field in fields.items():
+            if name not in kwargs and field.default is attrs.NOTHING and name not in data and name not in suggested:
+                self.fail(path + (name,) if path + (name,) in self.lines else path, f"missing required key '{name}'")
+                ok = False
+        if not ok:
+            return self.INVALID
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if callable(validate):
+            for name, problem in (validate() or {}).items():
+                self.fail(path + (name,), problem)
+                ok = False
+        return obj if ok else self.INVALID
+
+    def unknown(self, path: tuple, known: Iterable[str]) -> str:
+        """Report an unknown key; return the suggested key ("" when none)."""
+        key = str(path[-1])
+        if key in _RETIRED_KEYS:
+            self.fail(path, f"unknown key: {_RETIRED_KEYS[key]}")
+            return ""
+        matches = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        hint = f" (did you mean '{matches[0]}'?)" if matches else ""
+        self.fail(path, f"unknown key{hint}")
+        return matches[0] if matches else ""
+
+    def sorted_errors(self) -> list[str]:
+        return [message for _, message in sorted(self.errors, key=lambda e: e[0])]
+
+
+# -- Settings -----------------------------------------------------------------------------------
+
+
+class Settings:
+    """Loaded settings: ``settings.launcher.platform``, ``settings.scheduler.allowed_queues`` ...
+
+    Every section (core or contributed by a plugin) is an attribute and an entry of
+    ``settings.sections``; a disabled agent-module section is ``None``. ``Settings()`` gives the
+    defaults of a new settings.yml; keyword arguments replace whole sections (an attrs object, a
+    dict in settings.yml shape, or None).
+    """
+
+    def __init__(self, sections: Optional[dict[str, Any]] = None, *, source: str = "<defaults>", **overrides: Any) -> None:
+        if sections is None:
+            sections = _default_sections()
+        sections = dict(sections)
+        if overrides:
+            specs = {s.key: s for s in section_specs()}
+            checker = _Checker(source, {})
+            for key, value in overrides.items():
+                spec = specs.get(key)
+                if spec is None:
+                    checker.unknown((key,), list(specs))
+                elif value is None or (attrs.has(spec.schema) and isinstance(value, spec.schema)):
+                    sections[key] = value
+                else:
+                    converted = checker.value(value, spec.schema, (key,))
+                    if converted is not checker.INVALID:
+                        sections[key] = converted
+            if checker.errors:
+                raise SettingsError(checker.sorted_errors())
+        object.__setattr__(self, "sections", sections)
+        object.__setattr__(self, "source", source)
+
+    # The core sections, spelled out for readers and type checkers.
+    @property
+    def logging(self) -> LoggingSettings:
+        return self.sections["logging"]
+
+    @property
+    def filter_tags(self) -> dict[str, str]:
+        return self.sections["filter_tags"]
+
+    @property
+    def launcher(self) -> LauncherSettings:
+        return self.sections["launcher"]
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(f"settings have no section '{name}' (sections: {', '.join(sections)})")
+
+    def is_enabled(self, key: str) -> bool:
+        return self.sections.get(key) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in settings.yml shape (what :func:`render_settings_yaml` writes)."""
+        return {key: _plain(value) for key, value in self.sections.items()}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Settings(source={self.source!r}, sections={list(self.sections)})"
+
+
+def _plain(value: Any) -> Any:
+    if attrs.has(type(value)):
+        return {f.name: _plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _default_sections() -> dict[str, Any]:
+    return {s.key: (s.default() if s.enabled_by_default else None) for s in section_specs()}
+
+
+def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[dict[tuple, int]] = None) -> Settings:
+    """Check plain data (as loaded from YAML) against the schema; raise SettingsError on problems."""
+    checker = _Checker(source, lines or {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        checker.fail((), f"expected a mapping of sections, got {_show(data)}")
+        raise SettingsError(checker.sorted_errors())
+    specs = {s.key: s for s in section_specs()}
+    sections: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        spec = specs.get(key)
+        if spec is None:
+            checker.unknown((key,), list(specs))
+            continue
+        if value is None:
+            if spec.disableable:
+                sections[key] = None
+            elif spec.key == "filter_tags":
+                sections[key] = {}
+            else:
+                checker.fail((key,), "this section cannot be null (remove the key to use the defaults)")
+            continue
+        converted = checker.value(value, spec.schema, (key,))
+        if converted is not checker.INVALID:
+            sections[key] = converted
+    for key, spec in specs.items():
+        if key not in data:
+            sections[key] = None if spec.disableable else spec.default()
+    _check_driver_names(sections, checker)
+    if checker.errors:
+        raise SettingsError(checker.sorted_errors())
+    ordered = {key: sections[key] for key in specs}
+    return Settings(ordered, source=source)
+
+
+def _check_driver_names(sections: dict[str, Any], checker: _Checker) -> None:
+    """launcher.platform and scheduler.name must name installed plugins (checked without importing)."""
+    from balsam.plugins.manager import did_you_mean, get_plugin_manager
+
+    pm = get_plugin_manager()
+    wanted = []
+    launcher = sections.get("launcher")
+    if isinstance(launcher, LauncherSettings):
+        wanted.append(("platform", launcher.platform, ("launcher", "platform")))
+    scheduler = sections.get("scheduler")
+    if scheduler is not None and hasattr(scheduler, "name") and isinstance(scheduler.name, str):
+        wanted.append(("scheduler", scheduler.name, ("scheduler", "name")))
+    for kind, name, path in wanted:
+        available = sorted(pm.list_drivers(kind, resolve=False))
+        if name not in available:
+            hint = did_you_mean(name, available)
+            checker.fail(
+                path,
+                f"unknown {kind} '{name}' (available: {', '.join(available) or 'none'}" + (f"; {hint})" if hint else ")"),
+            )
+
+
+def load_settings(path: Union[str, os.PathLike]) -> Settings:
+    """Read and check a settings.yml; every problem is a :class:`SettingsError` naming file and line."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SettingsError([f"{source}: file not found"]) from None
+    except OSError as exc:
+        raise SettingsError([f"{source}: cannot read the file ({exc.strerror or exc})"]) from None
+    return loads_settings(text, source=source)
+
+
+def loads_settings(text: str, *, source: str = "settings.yml") -> Settings:
+    """Like :func:`load_settings` for YAML text."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise SettingsError([f"{source}{line}: invalid YAML: {problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise SettingsError([f"{source}: invalid YAML: {str(exc).splitlines()[0]}"]) from None
+    return parse_settings(data, source=source, lines=_line_map(text))
+
+
+# -- rendering a commented settings.yml ------------------------------------------------------------
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    import textwrap
+
+    lines = []
+    for paragraph in text.strip().splitlines():
+        for line in textwrap.wrap(paragraph, width=96 - len(indent)) or [""]:
+            lines.append(f"{indent}# {line}".rstrip())
+    return lines
+
+
+def _dump_value(key: str, value: Any, indent: str) -> list[str]:
+    text = yaml.safe_dump({key: value}, default_flow_style=False, sort_keys=False, width=1000)
+    return [indent + line for line in text.rstrip("\n").splitlines()]
+
+
+def _render_section(spec: SectionSpec, value: Any, enabled: bool) -> list[str]:
+    out = _comment(spec.comment, "") if spec.comment else []
+    if spec.plugin and spec.plugin != "core":
+        out.append(f"# (section contributed by the '{spec.plugin}' plugin)")
+    if not attrs.has(spec.schema):
+        out.extend(_dump_value(spec.key, _plain(value if value is not None else spec.default()), ""))
+        return out
+    shown = value if value is not None else spec.default()
+    body: list[str] = []
+    for field in attrs.fields(type(shown)):
+        help_text = field.metadata.get("help", "")
+        if help_text:
+            body.extend(_comment(help_text, "  "))
+        body.extend(_dump_value(field.name, _plain(getattr(shown, field.name)), "  "))
+    if enabled:
+        out.append(f"{spec.key}:")
+        out.extend(body)
+    else:
+        out.append(f"{spec.key}: null")
+        out.append("# To enable it, replace the line above with (values shown are the defaults):")
+        out.append(f"# {spec.key}:")
+        out.extend("# " + line for line in body)
+    return out
+
+
+def render_settings_yaml(overrides: Optional[dict[str, Any]] = None, *, source: str = "settings overrides") -> str:
+    """A complete, commented settings.yml: the defaults with ``overrides`` (settings.yml shape) applied.
+
+    A section set to a mapping in ``overrides`` is enabled with those fields replacing the defaults
+    (each field whole: given ``allowed_queues`` replace the default ones); ``None`` disables it. The result is checked by loading it back, so a bad override raises
+    SettingsError naming the key.
+    """
+    overrides = overrides or {}
+    specs = section_specs()
+    data: dict[str, Any] = {}
+    for spec in specs:
+        default = _plain(spec.default()) if spec.enabled_by_default else None
+        if spec.key in overrides:
+            override = overrides[spec.key]
+            if override is None:
+                data[spec.key] = None
+            elif isinstance(override, dict) and attrs.has(spec.schema):
+                # Field by field: a field given in the overrides replaces the default value whole
+                # (a platform's allowed_queues replace the generic `local` queue, not join it).
+                data[spec.key] = {**_plain(spec.default()), **copy.deepcopy(override)}
+            else:
+                data[spec.key] = copy.deepcopy(override)
+        else:
+            data[spec.key] = default
+    known = {s.key for s in specs}
+    unknown = {k: v for k, v in overrides.items() if k not in known}
+    settings = parse_settings({**data, **unknown}, source=source)
+
+    out = [
+        "# Balsam site settings (settings.yml).",
+        "# Every key is optional; a missing key takes the value shown here. Agent-module sections",
+        "# (scheduler, processing, transfers, elastic_queue, queue_maintainer, file_cleaner, and any",
+        "# plugin's) are enabled by being present and disabled by `null` or by leaving them out.",
+        "# Reference: docs/settings.md. `balsam plugins ls` lists the platform and scheduler plugins.",
+        "",
+    ]
+    for spec in specs:
+        value = settings.sections.get(spec.key)
+        enabled = value is not None or not spec.disableable
+        out.extend(_render_section(spec, value, enabled))
+        out.append("")
+    return "\n".join(out)
+
+
+def render_sample_settings() -> str:
+    """``balsam site sample-settings``: every key with its default and help text."""
+    return render_settings_yaml({})

@@ -1,0 +1,121 @@
+"""A site directory on disk: where it is, its settings, its sub-directories and its API id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+
+from .settings import Settings, load_settings
+
+__all__ = ["SITE_MARKER", "SiteConfig", "SiteNotFoundError"]
+
+#: The file that marks a directory as a site; it holds the site's API id.
+SITE_MARKER = ".balsam-site"
+SITE_PATH_ENV = "BALSAM_SITE_PATH"
+
+
+class SiteNotFoundError(Exception):
+    """No site directory where one was expected. The message says where we looked."""
+
+
+class SiteConfig:
+    """A Balsam site: ``site_path`` with ``.balsam-site``, ``settings.yml``, ``data/``, ``log/``, ``qsubmit/``.
+
+    ``SiteConfig()`` finds the site from ``$BALSAM_SITE_PATH`` or by walking up from the current
+    directory; ``SiteConfig(path)`` uses ``path``. Settings are read on first access of
+    ``.settings`` (a :class:`~balsam.config.SettingsError` names the file and line of a problem).
+    """
+
+    def __init__(self, site_path: Union[str, os.PathLike, None] = None, settings: Optional[Settings] = None) -> None:
+        self.site_path: Path = self.resolve_site_path(site_path)
+        self._settings = settings
+
+    @staticmethod
+    def resolve_site_path(path: Union[str, os.PathLike, None] = None) -> Path:
+        """The site directory: ``path``, else ``$BALSAM_SITE_PATH``, else the nearest parent of the cwd
+        holding ``.balsam-site``. Raises SiteNotFoundError saying what was tried."""
+        if path is not None:
+            candidate = Path(path).expanduser().resolve()
+            if not (candidate / SITE_MARKER).is_file():
+                raise SiteNotFoundError(f"{candidate} is not a Balsam site (no {SITE_MARKER} file in it)")
+            return candidate
+        env_path = os.environ.get(SITE_PATH_ENV)
+        if env_path:
+            candidate = Path(env_path).expanduser().resolve()
+            if not (candidate / SITE_MARKER).is_file():
+                raise SiteNotFoundError(
+                    f"{SITE_PATH_ENV}={env_path} is not a Balsam site (no {SITE_MARKER} file in it)"
+                )
+            return candidate
+        cwd = Path.cwd().resolve()
+        for directory in (cwd, *cwd.parents):
+            if (directory / SITE_MARKER).is_file():
+                return directory
+        raise SiteNotFoundError(
+            f"not inside a Balsam site: no {SITE_MARKER} in {cwd} or its parents and {SITE_PATH_ENV} is not set "
+            "(cd into a site, pass its path, or create one with `balsam site init`)"
+        )
+
+    @property
+    def settings_path(self) -> Path:
+        return self.site_path / "settings.yml"
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.settings_path)
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: Settings) -> None:
+        self._settings = value
+
+    def reload_settings(self) -> Settings:
+        self._settings = None
+        return self.settings
+
+    @property
+    def site_id(self) -> Optional[int]:
+        """The API id stored in ``.balsam-site`` (a bare integer, or ``site_id: N``); None when empty."""
+        marker = self.site_path / SITE_MARKER
+        text = marker.read_text().strip()
+        if not text:
+            return None
+        if text.isdigit():
+            return int(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None
+        if isinstance(data, dict) and str(data.get("site_id", "")).isdigit():
+            return int(data["site_id"])
+        raise SiteNotFoundError(f"{marker}: expected the site id (an integer), got {text.splitlines()[0]!r}")
+
+    @property
+    def data_path(self) -> Path:
+        return self.site_path / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.site_path / "log"
+
+    @property
+    def job_path(self) -> Path:
+        """Where rendered batch scripts go (``qsubmit/``)."""
+        return self.site_path / "qsubmit"
+
+    @property
+    def job_template_path(self) -> Path:
+        scheduler = self.settings.sections.get("scheduler")
+        relative = getattr(scheduler, "job_template_path", None) or "job-template.sh"
+        return self.site_path / relative
+
+    @property
+    def pid_path(self) -> Path:
+        return self.site_path / "balsam-service.pid"
+
+    def __repr__(self) -> str:
+        return f"SiteConfig({str(self.site_path)!r})"

@@ -1,0 +1,374 @@
+"""The main job: ``balsam demo`` (or ``python -m balsam.demo``) runs a real campaign on this machine.
+
+With nothing but balsam installed it:
+
+1. starts the embedded API server (SQLite) unless it is running, and logs in as you;
+2. creates a site on the ``local`` scheduler and ``default`` platform (``$BALSAM_HOME/demo-site``
+   unless ``--site-path`` says otherwise; an existing demo site is reused) and starts its agent;
+3. registers a shell app, a Python ``run()`` app and an MPI app (mpi4py);
+4. creates about 1,000 jobs, among them a small dependency DAG;
+5. submits a serial-mode and an mpi-mode BatchJob, shows live progress, and ends with a summary:
+   jobs per state, throughput, the DAG's result, where the outputs are, and what to try next.
+
+The site stays: ``balsam job ls``, ``balsam queue ls``, ``balsam site ls`` keep working.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+DEFAULT_NUM_JOBS = 1000
+DEMO_SITE_NAME = "demo"
+#: Settings that make the demo snappy: submit and poll every second, launchers exit when idle.
+DEMO_SETTINGS = {
+    "scheduler": {"sync_period": 1},
+    "launcher": {"idle_ttl_sec": 5, "delay_sec": 1},
+    "processing": {"num_workers": 2},
+}
+DONE = ("JOB_FINISHED", "FAILED")
+STATE_ORDER = (
+    "AWAITING_PARENTS", "READY", "STAGED_IN", "PREPROCESSED", "RUNNING", "RUN_DONE", "RUN_ERROR", "RUN_TIMEOUT",
+    "RESTART_READY", "POSTPROCESSED", "JOB_FINISHED", "FAILED",
+)
+
+
+class DemoError(click.ClickException):
+    pass
+
+
+def _step(message: str) -> None:
+    click.secho(f"==> {message}", bold=True)
+
+
+def _balsam_cli() -> list[str]:
+    """The ``balsam`` command of this installation (next to its interpreter), else the one on PATH."""
+    beside = Path(sys.executable).parent / "balsam"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("balsam")
+    return [found] if found else [sys.executable, "-c", "from balsam.cli import main; main()"]
+
+
+# -- 1. server ------------------------------------------------------------------------------------
+
+
+def ensure_server() -> Any:
+    """A logged-in client; starts the embedded server first when no server answers."""
+    from balsam.client import load_client
+
+    try:
+        client = load_client()
+        client.retry_count = 0
+        client.get("/sites/", params={"limit": 1})
+        client.retry_count = 10
+        click.echo(f"    using the Balsam server at {client.api_root}")
+        return client
+    except Exception:
+        pass
+    proc = subprocess.run([*_balsam_cli(), "server", "start"], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise DemoError(f"`balsam server start` failed: {said[-1] if said else f'exit code {proc.returncode}'}")
+    for line in proc.stdout.strip().splitlines():
+        click.echo(f"    {line}")
+    client = load_client()
+    client.get("/sites/", params={"limit": 1})
+    return client
+
+
+# -- 2. site --------------------------------------------------------------------------------------
+
+
+def ensure_site(client: Any, site_path: Path) -> int:
+    from balsam.site.site_ops import init_site
+
+    marker = site_path / ".balsam-site"
+    if marker.is_file():
+        site_id = int(marker.read_text().split()[0])
+        try:
+            client.get(f"/sites/{site_id}")
+            click.echo(f"    reusing site {site_id} at {site_path}")
+            return site_id
+        except Exception as exc:
+            if getattr(exc, "status_code", None) != 404:
+                raise
+            stale = site_path.with_name(f"{site_path.name}.stale-{dt.datetime.now():%Y%m%d-%H%M%S}")
+            site_path.rename(stale)
+            click.echo(f"    {site_path} belonged to a site the server no longer knows: moved it to {stale}")
+    elif site_path.exists() and any(site_path.iterdir()):
+        raise DemoError(f"{site_path} exists and is not a Balsam site: pass another --site-path")
+    taken = {s["name"] for s in client.get("/sites/", params={"limit": 10000}).get("results", [])}
+    name, n = DEMO_SITE_NAME, 1
+    while name in taken:
+        n += 1
+        name = f"{DEMO_SITE_NAME}-{n}"
+    site_id = init_site(site_path, name, "default", client, echo=click.echo, settings_overrides=DEMO_SETTINGS)
+    click.echo(f"    created site {name!r} (id {site_id}) at {site_path} [scheduler local, platform default]")
+    return site_id
+
+
+def ensure_agent(site_path: Path) -> int:
+    from balsam.site.agent import agent_running
+    from balsam.site.site_ops import start_agent
+
+    running = agent_running(site_path)
+    if running is not None:
+        click.echo(f"    site agent already running [pid {running[1]}]")
+        return running[1]
+    pid = start_agent(site_path)
+    click.echo(f"    started the site agent [pid {pid}] (logs in {site_path / 'log'})")
+    return pid
+
+
+# -- 3. apps --------------------------------------------------------------------------------------
+
+
+def register_apps(site_id: int) -> dict[str, type]:
+    from balsam.api import ApplicationDefinition
+
+    python = sys.executable
+
+    class DemoHello(ApplicationDefinition):
+        """Shell app: greets and writes the square of x to square.txt."""
+
+        site = site_id
+        command_template = 'echo "Hello, {{ name }}!" && echo $(( {{ x }} * {{ x }} )) > square.txt'
+
+    class DemoSum(ApplicationDefinition):
+        """Shell app of the DAG's join step: adds up its parents' square.txt files."""
+
+        site = site_id
+        command_template = "cat {{ inputs }} | awk '{ total += $1 } END { print total }' | tee sum.txt"
+
+    class DemoPower(ApplicationDefinition):
+        """Python run() app: returns x to the power p (the value comes back with job.result())."""
+
+        site = site_id
+
+        def run(self, x, p=2):
+            return x**p
+
+    class DemoMPI(ApplicationDefinition):
+        """MPI app: mpi4py's hello world, one line per rank."""
+
+        site = site_id
+        command_template = f"{python} -m mpi4py.bench helloworld"
+
+    apps = {"hello": DemoHello, "sum": DemoSum, "power": DemoPower, "mpi": DemoMPI}
+    for cls in apps.values():
+        cls.sync()
+    return apps
+
+
+# -- 4. jobs --------------------------------------------------------------------------------------
+
+
+def plan_counts(total: int) -> dict[str, int]:
+    dag = 6
+    mpi = max(4, min(30, total // 30))
+    python = max(4, min(100, total // 10))
+    shell = max(1, total - dag - mpi - python)
+    return {"shell": shell, "python": python, "mpi": mpi, "dag": dag}
+
+
+def create_jobs(apps: dict[str, type], run_id: str, total: int) -> dict[str, int]:
+    from balsam.api import Job
+
+    counts = plan_counts(total)
+    serial = {"demo_run": run_id, "mode": "serial"}
+    mpi_tags = {"demo_run": run_id, "mode": "mpi"}
+    jobs = [
+        Job(f"{run_id}/hello/{i:04d}", apps["hello"], parameters={"name": f"job {i}", "x": i}, tags=serial,
+            node_packing_count=64)
+        for i in range(counts["shell"])
+    ]
+    jobs += [
+        Job(f"{run_id}/power/{i:04d}", apps["power"], parameters={"x": i, "p": 2}, tags=serial, node_packing_count=64)
+        for i in range(counts["python"])
+    ]
+    jobs += [
+        Job(f"{run_id}/mpi/{i:03d}", apps["mpi"], tags=mpi_tags, ranks_per_node=2, node_packing_count=1)
+        for i in range(counts["mpi"])
+    ]
+    Job.objects.bulk_create(jobs)
+    # The DAG: four squares -> their sum -> a report; children start when all parents finish.
+    stages = Job.objects.bulk_create(
+        [
+            Job(f"{run_id}/dag/square_{x}", apps["hello"], parameters={"name": f"dag {x}", "x": x},
+                tags={**serial, "dag": "square"})
+            for x in range(1, 5)
+        ]
+    )
+    inputs = " ".join(f"../square_{x}/square.txt" for x in range(1, 5))
+    (join,) = Job.objects.bulk_create(
+        [Job(f"{run_id}/dag/sum", apps["sum"], parameters={"inputs": inputs}, tags={**serial, "dag": "sum"},
+             parent_ids={j.id for j in stages})]
+    )
+    Job.objects.bulk_create(
+        [Job(f"{run_id}/dag/report", apps["hello"], parameters={"name": "DAG done", "x": 0},
+             tags={**serial, "dag": "report"}, parent_ids={join.id})]
+    )
+    return counts
+
+
+def submit_batch_jobs(site_id: int, run_id: str, wall_time_min: int) -> list[Any]:
+    from balsam.api import BatchJob
+
+    made = []
+    for mode in ("serial", "mpi"):
+        made.append(
+            BatchJob.objects.create(
+                site_id=site_id, project="local", queue="local", num_nodes=1, wall_time_min=wall_time_min,
+                job_mode=mode, filter_tags={"demo_run": run_id, "mode": mode},
+            )
+        )
+    return made
+
+
+# -- 5. progress and summary ----------------------------------------------------------------------
+
+
+def job_states(client: Any, run_id: str) -> Counter:
+    from balsam.site.api_util import list_all
+
+    rows = list_all(client, "/jobs/", {"tags": f"demo_run:{run_id}"})
+    return Counter(row["state"] for row in rows)
+
+
+def watch(client: Any, run_id: str, total: int, timeout: float) -> tuple[Counter, float]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    start = time.monotonic()
+    states: Counter = Counter()
+    with Progress(
+        TextColumn("    jobs done"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console, transient=False, refresh_per_second=4,
+    ) as progress:
+        task = progress.add_task("", total=total)
+        while True:
+            states = job_states(client, run_id)
+            done = sum(states[s] for s in DONE)
+            busy = ", ".join(f"{s} {states[s]}" for s in STATE_ORDER if states[s] and s not in DONE)
+            progress.update(task, completed=done, description=busy or "all done")
+            if done >= total or time.monotonic() - start > timeout:
+                break
+            time.sleep(0.5)
+    return states, time.monotonic() - start
+
+
+def throughput(client: Any, run_id: str) -> Optional[tuple[float, float, int]]:
+    """(seconds from the first RUNNING to the last JOB_FINISHED, jobs/s, jobs finished) from the event log."""
+    from balsam.serialization import parse_datetime
+    from balsam.site.api_util import list_all
+
+    started = list_all(client, "/events/", {"tags": f"demo_run:{run_id}", "to_state": "RUNNING"})
+    finished = list_all(client, "/events/", {"tags": f"demo_run:{run_id}", "to_state": "JOB_FINISHED"})
+    if not started or not finished:
+        return None
+    first = min(parse_datetime(e["timestamp"]) for e in started)
+    last = max(parse_datetime(e["timestamp"]) for e in finished)
+    span = max((last - first).total_seconds(), 1e-3)
+    return span, len(finished) / span, len(finished)
+
+
+def summary(client: Any, site_path: Path, run_id: str, states: Counter, elapsed: float, apps: dict[str, type]) -> int:
+    from balsam.api import Job
+
+    _step("Summary")
+    width = max(len(s) for s in states) if states else 10
+    for state in STATE_ORDER:
+        if states[state]:
+            click.echo(f"    {state:<{width}}  {states[state]:>5}")
+    click.echo(f"    {'total':<{width}}  {sum(states.values()):>5}")
+    figures = throughput(client, run_id)
+    if figures:
+        span, rate, finished = figures
+        click.echo(f"    throughput: {finished} jobs finished in {span:.1f} s from the first RUNNING: {rate:.1f} jobs/s")
+    click.echo(f"    wall time of the campaign (jobs created -> all done): {elapsed:.1f} s")
+    data = site_path / "data" / run_id
+    dag_sum = data / "dag" / "sum" / "sum.txt"
+    if dag_sum.is_file():
+        click.echo(f"    DAG: 1^2 + 2^2 + 3^2 + 4^2 = {dag_sum.read_text().strip()}  ({dag_sum})")
+    try:
+        sample = Job.objects.filter(tags={"demo_run": run_id}, app_id=apps["power"].__app_id__, state="JOB_FINISHED")[:3]
+        results = [f"{job.get_parameters()['x']}^2 = {job.result_nowait()}" for job in sample]
+        if results:
+            click.echo(f"    Python run() results: {', '.join(results)}")
+    except Exception as exc:
+        click.echo(f"    (could not read the run() results: {exc})")
+    click.echo(f"    outputs: {data}/<app>/<job>/job.out (stdout+stderr), balsam.log (hook output)")
+    click.echo(f"    site: {site_path}   logs: {site_path / 'log'}")
+    click.echo("    next: cd " + str(site_path) + f" && balsam job ls --tag demo_run={run_id} --by-state;"
+               " balsam queue ls --history; balsam site ls")
+    return 0 if states["FAILED"] == 0 and sum(states[s] for s in DONE) == sum(states.values()) else 1
+
+
+@click.command("demo")
+@click.option("--site-path", type=click.Path(file_okay=False), help="Site directory (default: $BALSAM_HOME/demo-site)")
+@click.option("-n", "--num-jobs", default=DEFAULT_NUM_JOBS, show_default=True, help="Jobs in the campaign")
+@click.option("--timeout", default=300.0, show_default=True, help="Give up waiting after this many seconds")
+@click.option("--stop-agent", is_flag=True, help="Stop the site agent at the end (default: leave it running)")
+def demo(site_path: Optional[str], num_jobs: int, timeout: float, stop_agent: bool) -> None:
+    """Run a real Balsam campaign on this machine: server, site, apps, ~1,000 jobs, two BatchJobs."""
+    from balsam.config import balsam_home
+
+    t0 = time.monotonic()
+    path = Path(site_path).expanduser().resolve() if site_path else balsam_home() / "demo-site"
+    _step("Starting the Balsam API server")
+    client = ensure_server()
+    from balsam._api.model import reset_default_client
+
+    reset_default_client()
+    _step("Setting up the site")
+    site_id = ensure_site(client, path)
+    os.environ["BALSAM_SITE_PATH"] = str(path)
+    ensure_agent(path)
+    _step("Registering apps: DemoHello (shell), DemoSum (shell), DemoPower (Python run()), DemoMPI (mpi4py)")
+    apps = register_apps(site_id)
+    run_id = f"run-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    _step(f"Creating jobs (tag demo_run={run_id})")
+    t_jobs = time.monotonic()
+    counts = create_jobs(apps, run_id, num_jobs)
+    total = sum(counts.values())
+    click.echo(
+        f"    {total} jobs: {counts['shell']} shell, {counts['python']} Python run(), {counts['mpi']} MPI (2 ranks), "
+        f"and a DAG of {counts['dag']} (4 squares -> sum -> report)"
+    )
+    _step("Submitting a serial-mode and an mpi-mode BatchJob (1 node each, local scheduler)")
+    batch_jobs = submit_batch_jobs(site_id, run_id, wall_time_min=10)
+    click.echo("    BatchJobs " + ", ".join(f"{b.id} ({b.job_mode})" for b in batch_jobs))
+    _step("Running")
+    states, _ = watch(client, run_id, total, timeout)
+    elapsed = time.monotonic() - t_jobs
+    code = summary(client, path, run_id, states, elapsed, apps)
+    if stop_agent:
+        from balsam.site.site_ops import stop_agent as stop
+
+        stop(path)
+        click.echo("    site agent stopped (start it again with `balsam site start " + str(path) + "`)")
+    click.echo(f"    demo finished in {time.monotonic() - t0:.1f} s")
+    if code:
+        raise DemoError("some jobs did not finish: see the summary above and the logs in " + str(path / "log"))
+
+
+commands = [demo]
+
+
+def main() -> None:
+    demo(prog_name="python -m balsam.demo")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Turning an acquired Job into a process: command line, environment, job.out, CPU affinity.
+
+:class:`JobPreparer` loads the job's ApplicationDefinition (cached by app id) and asks it for the
+command line (``get_arg_str()``; ``run()`` apps get the client's python runner line), the environment
+(``get_environ_vars()``) and the shell preamble. A job whose app cannot load or whose command line
+cannot be built raises :class:`JobBuildError` with the reason; the job modes mark it FAILED.
+
+:class:`AppProcess` starts one command under ``/bin/bash`` in the job's workdir with stdout and
+stderr in ``job.out``, in its own process group (so a timeout ends the whole tree), optionally pinned
+to CPU ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import attrs
+
+from .node_manager import Demand
+
+logger = logging.getLogger(__name__)
+
+JOB_OUTPUT_NAME = "job.out"
+
+
+class JobBuildError(Exception):
+    """The job cannot be turned into a command (app fails to load, missing parameter...)."""
+
+
+@attrs.define
+class PreparedJob:
+    job: Any
+    id: int
+    workdir: Path
+    cmdline: str
+    env: dict[str, str]
+    preamble: str = ""
+    demand: Demand = attrs.Factory(Demand)
+    launch_params: dict[str, str] = attrs.Factory(dict)
+
+    @property
+    def footprint(self) -> float:
+        return self.demand.footprint
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class JobPreparer:
+    """Builds :class:`PreparedJob` records from API jobs (apps loaded once per app id)."""
+
+    def __init__(self, data_path: Path, load_app: Optional[Callable[[int], Any]] = None) -> None:
+        self.data_path = Path(data_path)
+        self._load_app_fn = load_app
+        self._apps: dict[int, Any] = {}
+        self._app_errors: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def _load_app(self, app_id: int) -> Any:
+        with self._lock:
+            if app_id in self._apps:
+                return self._apps[app_id]
+            if app_id in self._app_errors:
+                raise JobBuildError(self._app_errors[app_id])
+            try:
+                if self._load_app_fn is not None:
+                    app_cls = self._load_app_fn(app_id)
+                else:
+                    from balsam.api import ApplicationDefinition
+
+                    app_cls = ApplicationDefinition.load_by_id(app_id)
+            except Exception as exc:
+                reason = f"An exception occurred while loading the app (id {app_id}): {_one_line(exc)}"
+                self._app_errors[app_id] = reason
+                raise JobBuildError(reason) from exc
+            self._apps[app_id] = app_cls
+            return app_cls
+
+    def prepare(self, job: Any) -> PreparedJob:
+        app_cls = self._load_app(job.app_id)
+        try:
+            app = app_cls(job)
+        except Exception as exc:
+            raise JobBuildError(f"An exception occurred while loading the app or parameters: {_one_line(exc)}") from exc
+        try:
+            cmdline = app.get_arg_str()
+            env = {str(k): str(v) for k, v in app.get_environ_vars().items()}
+            preamble_value = app.shell_preamble()
+        except Exception as exc:
+            raise JobBuildError(f"An exception occurred while constructing the job command line: {_one_line(exc)}") from exc
+        if isinstance(preamble_value, (list, tuple)):
+            preamble = " && ".join(str(p) for p in preamble_value if str(p).strip())
+        else:
+            preamble = str(preamble_value or "")
+        env.setdefault("BALSAM_JOB_ID", str(job.id))
+        workdir = self.data_path / Path(str(job.workdir))
+        try:
+            # Done here (the serial master prepares in its acquire thread) to keep the spawn loop short.
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JobBuildError(f"cannot create the job's workdir {workdir}: {exc}") from exc
+        demand = Demand.of(job)
+        if demand.threads_per_rank > 1:
+            env.setdefault("OMP_NUM_THREADS", str(demand.threads_per_rank))
+        return PreparedJob(
+            job=job,
+            id=int(job.id),
+            workdir=workdir,
+            cmdline=cmdline,
+            env=env,
+            preamble=preamble,
+            demand=demand,
+            launch_params={str(k): str(v) for k, v in (getattr(job, "launch_params", None) or {}).items()},
+        )
+
+
+def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
+    """The bash line that runs ``cmdline`` after the preamble.
+
+    A one-line preamble is chained with ``&&``; a multi-line one is written to
+    ``<workdir>/.balsam_preamble.sh`` and sourced (so ``module load`` and exports reach the app).
+    """
+    if not preamble.strip():
+        return cmdline
+    if "\n" in preamble.strip():
+        script = Path(workdir) / ".balsam_preamble.sh"
+        script.write_text(preamble if preamble.endswith("\n") else preamble + "\n")
+        return f"source {shlex.quote(str(script))} && {cmdline}"
+    return f"{preamble} && {cmdline}"
+
+
+def tail_file(path: Path, num_lines: int, max_bytes: int = 64 * 1024) -> str:
+    """The last ``num_lines`` lines of a file ('' if missing)."""
+    if num_lines <= 0:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return "\n".join(lines[-num_lines:])
+
+
+_SPAWN_FAILED = 12345
+
+
+class AppProcess:
+    """One running command: spawned in its own session, output to ``job.out``."""
+
+    def __init__(
+        self,
+        job_id: int,
+        shell_cmd: str,
+        workdir: Path,
+        env: Mapping[str, str],
+        cpu_ids: Sequence[int] = (),
+        outfile: Optional[Path] = None,
+    ) -> None:
+        self.job_id = job_id
+        self.workdir = Path(workdir)
+        self.outfile = outfile or self.workdir / JOB_OUTPUT_NAME
+        self.start_time = time.time()
+        self.returncode: Optional[int] = None
+        self.spawn_error = ""
+        self._proc: Optional[subprocess.Popen] = None
+        self._term_sent_at: Optional[float] = None
+        try:
+            with open(self.outfile, "wb") as out:
+                self._proc = _spawn_with_affinity(
+                    ["/bin/bash", "-c", shell_cmd], cwd=str(self.workdir), stdout=out, env=dict(env), cpu_ids=cpu_ids
+                )
+        except OSError as exc:
+            # Keep the launcher going: the job ends RUN_ERROR with the reason in its tail (a workdir
+            # removed since the job was prepared lands here too).
+            self.spawn_error = f"could not start the job: {exc}"
+            self.returncode = _SPAWN_FAILED
+            try:
+                with open(self.outfile, "ab") as out:
+                    out.write((self.spawn_error + "\n").encode())
+            except OSError:
+                pass
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is not None or self._proc is None:
+            return self.returncode
+        self.returncode = self._proc.poll()
+        return self.returncode
+
+    def _signal_group(self, sig: int) -> None:
+        if self._proc is None or self.returncode is not None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def terminate(self) -> None:
+        self._term_sent_at = time.monotonic()
+        self._signal_group(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal_group(signal.SIGKILL)
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        if self._proc is None:
+            return self.returncode
+        try:
+            self.returncode = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.returncode
+
+    def tail(self, num_lines: int) -> str:
+        return tail_file(self.outfile, num_lines)
+
+
+_affinity_supported = hasattr(os, "sched_setaffinity")
+_affinity_state = threading.local()
+
+
+def _full_affinity() -> set[int]:
+    full = getattr(_affinity_state, "full", None)
+    if full is None:
+        full = _affinity_state.full = set(os.sched_getaffinity(0))
+        _affinity_state.current = set(full)
+    return full
+
+
+def _set_thread_affinity(cpus: set[int]) -> None:
+    if cpus != _affinity_state.current:
+        os.sched_setaffinity(0, cpus)
+        _affinity_state.current = set(cpus)
+
+
+def restore_affinity() -> None:
+    """Give the calling thread back every CPU it started with (after a batch of spawns)."""
+    if _affinity_supported and getattr(_affinity_state, "full", None) is not None:
+        try:
+            _set_thread_affinity(_affinity_state.full)
+        except OSError:
+            pass
+
+
+def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: dict[str, str], cpu_ids: Sequence[int]) -> subprocess.Popen:
+    """Popen in a new session; the child inherits this thread's CPU affinity.
+
+    Setting affinity costs a system call, so the spawning thread keeps the last CPU set between
+    spawns; the job modes call :func:`restore_affinity` once a batch of spawns is done.
+    """
+    if _affinity_supported:
+        try:
+            full = _full_affinity()
+            wanted = (set(cpu_ids) & full) if cpu_ids else full
+            _set_thread_affinity(wanted or full)
+        except OSError as exc:
+            logger.debug("cpu affinity not set: %s", exc)
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+    )

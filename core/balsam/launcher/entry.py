@@ -1,0 +1,255 @@
+"""``balsam launcher`` / ``python -m balsam.launcher``: the pilot job started by the job template.
+
+It finds the site (``$BALSAM_SITE_PATH``), the platform driver named in ``settings.launcher.platform``,
+the allocation's nodes (``platform.discover_nodes``) and the BatchJob (``$BALSAM_BATCH_JOB_ID``, else
+by scheduler id), splits the nodes into partitions (``--part MODE:NODES[:K=V...]``; by default one
+partition of all nodes in ``-j MODE``) and runs each partition's job mode: in this process for a
+single partition, else one child process per partition. SIGTERM/SIGINT end running jobs as
+RUN_TIMEOUT and exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import attrs
+
+from balsam.platform import NodeInfo
+
+logger = logging.getLogger("balsam.launcher")
+
+START_TIME_ENV = "BALSAM_LAUNCHER_START_TIME"
+NODES_ENV = "BALSAM_LAUNCHER_NODELIST"
+
+
+class LauncherError(Exception):
+    """A launcher start-up problem; ``str()`` is the one line shown to the user."""
+
+
+@attrs.frozen
+class Partition:
+    job_mode: str
+    num_nodes: int
+    filter_tags: dict[str, str] = attrs.field(factory=dict)
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise LauncherError(f"bad tag {text!r}: expected KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+def parse_partition(text: str) -> Partition:
+    """``MODE:NODES[:K=V[:K=V...]]`` (Balsam 0.7 syntax, e.g. ``mpi:2:role=leader``)."""
+    parts = text.split(":")
+    if len(parts) < 2 or not parts[0]:
+        raise LauncherError(f"bad partition {text!r}: expected MODE:NODES[:KEY=VALUE...]")
+    try:
+        num_nodes = int(parts[1])
+    except ValueError:
+        raise LauncherError(f"bad partition {text!r}: node count {parts[1]!r} is not an integer") from None
+    if num_nodes < 1:
+        raise LauncherError(f"bad partition {text!r}: needs at least 1 node")
+    tags = dict(parse_tag(t) for t in parts[2:] if t)
+    return Partition(parts[0], num_nodes, tags)
+
+
+def split_nodes(nodes: Sequence[NodeInfo], partitions: Sequence[Partition]) -> list[list[NodeInfo]]:
+    """Contiguous node ranges, one per partition."""
+    total = sum(p.num_nodes for p in partitions)
+    if total > len(nodes):
+        raise LauncherError(f"partitions ask for {total} nodes but the allocation has {len(nodes)}")
+    out, start = [], 0
+    for p in partitions:
+        out.append(list(nodes[start : start + p.num_nodes]))
+        start += p.num_nodes
+    return out
+
+
+def configure_logging(path: Path, settings: Any = None) -> None:
+    """Log to ``path`` with the site's logging settings (and warnings to stderr)."""
+    cfg = getattr(settings, "logging", None)
+    level = getattr(cfg, "level", "INFO") or "INFO"
+    fmt = getattr(cfg, "format", None) or "%(asctime)s.%(msecs)03d | %(process)d | %(levelname)s | %(name)s:%(lineno)s] %(message)s"
+    datefmt = getattr(cfg, "datefmt", None) or "%Y-%m-%d %H:%M:%S"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("balsam")
+    for handler in list(root.handlers):
+        if getattr(handler, "_balsam_launcher", False):
+            root.removeHandler(handler)
+            handler.close()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    handler._balsam_launcher = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console._balsam_launcher = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+
+
+def _load_site(site_path: Optional[str]) -> Any:
+    from balsam.config import SiteConfig
+
+    try:
+        site_config = SiteConfig(site_path)
+        _ = site_config.settings
+    except Exception as exc:
+        raise LauncherError(str(exc)) from None
+    if site_config.site_id is None:
+        raise LauncherError(f"{site_config.site_path}/.balsam-site has no site id (is the site registered?)")
+    return site_config
+
+
+def _platform(settings: Any) -> Any:
+    from balsam.plugins.manager import PluginError, get_plugin_manager
+
+    from .job_mode import launcher_setting
+
+    name = launcher_setting(settings, "platform") or "default"
+    try:
+        return get_plugin_manager().load_driver("platform", name)()
+    except PluginError as exc:
+        raise LauncherError(f"settings.yml launcher.platform: {exc}") from None
+
+
+def _job_mode_class(name: str) -> Any:
+    from balsam.plugins.manager import PluginError, get_plugin_manager
+
+    try:
+        return get_plugin_manager().load_driver("job_mode", name)
+    except PluginError as exc:
+        raise LauncherError(str(exc)) from None
+
+
+def _nodes_from_env(env: dict[str, str]) -> Optional[list[NodeInfo]]:
+    raw = env.get(NODES_ENV)
+    if not raw:
+        return None
+    try:
+        return [NodeInfo(**n) for n in json.loads(raw)]
+    except (ValueError, TypeError) as exc:
+        raise LauncherError(f"{NODES_ENV} is not a JSON list of nodes: {exc}") from None
+
+
+def run_launcher(
+    job_mode: str,
+    wall_time_min: float,
+    tags: Sequence[str] = (),
+    parts: Sequence[str] = (),
+    site_path: Optional[str] = None,
+    partition_index: int = 0,
+) -> int:
+    start_time = float(os.environ.get(START_TIME_ENV) or time.time())
+    if wall_time_min <= 0:
+        raise LauncherError(f"wall time must be positive, got {wall_time_min}")
+    site_config = _load_site(site_path)
+    settings = site_config.settings
+    platform = _platform(settings)
+    env = dict(os.environ)
+    nodes = _nodes_from_env(env)
+    if nodes is None:
+        try:
+            nodes = platform.discover_nodes(env)
+        except Exception as exc:
+            raise LauncherError(f"platform {platform.name!r} could not discover the nodes: {exc}") from None
+    if not nodes:
+        raise LauncherError(f"platform {platform.name!r} found no nodes in this allocation")
+
+    base_tags = dict(getattr(settings, "filter_tags", None) or {})
+    base_tags.update(dict(parse_tag(t) for t in tags))
+    partitions = [parse_partition(p) for p in parts] or [Partition(job_mode, len(nodes))]
+    for p in partitions:
+        _job_mode_class(p.job_mode)  # fail fast on a misspelt mode, before anything starts
+    node_groups = split_nodes(nodes, partitions)
+
+    from ._api import find_batch_job_id
+    from .job_mode import LauncherContext
+
+    batch_job_id = find_batch_job_id(site_config.site_id, env, platform)
+    if len(partitions) > 1:
+        return _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_config, batch_job_id, start_time)
+
+    partition = partitions[0]
+    context = LauncherContext(
+        site_config=site_config,
+        settings=settings,
+        site_id=site_config.site_id,
+        data_path=site_config.data_path,
+        log_path=site_config.log_path,
+        platform=platform,
+        nodes=node_groups[0],
+        wall_time_min=wall_time_min,
+        filter_tags={**base_tags, **partition.filter_tags},
+        batch_job_id=batch_job_id,
+        job_mode=partition.job_mode,
+        partition_index=partition_index,
+        start_time=start_time,
+    )
+    configure_logging(context.log_file("log"), settings)
+    mode = _job_mode_class(partition.job_mode)(context)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.warning("signal %s: ending running jobs as RUN_TIMEOUT", signum)
+        mode.request_stop(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        logger.info("launcher %s: site %s, batch job %s, %d nodes", partition.job_mode, site_config.site_path, batch_job_id, len(context.nodes))
+        return int(mode.run() or 0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_config, batch_job_id, start_time) -> int:
+    """One child launcher per partition; SIGTERM is forwarded, stragglers killed after 10 s."""
+    children: list[subprocess.Popen] = []
+    stopping = {"at": None}
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping["at"] = stopping["at"] or time.monotonic()
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for index, (partition, group) in enumerate(zip(partitions, node_groups)):
+            env = dict(os.environ)
+            env[START_TIME_ENV] = repr(start_time)
+            env[NODES_ENV] = json.dumps([attrs.asdict(n) for n in group])
+            env["BALSAM_SITE_PATH"] = str(site_config.site_path)
+            env["BALSAM_LAUNCHER_NODES"] = str(len(group))
+            env["BALSAM_JOB_MODE"] = partition.job_mode
+            if batch_job_id is not None:
+                env["BALSAM_BATCH_JOB_ID"] = str(batch_job_id)
+            argv = [sys.executable, "-m", "balsam.launcher", "-j", partition.job_mode, "-t", repr(wall_time_min),
+                    "--partition-index", str(index)]
+            for key, value in {**base_tags, **partition.filter_tags}.items():
+                argv += ["--tag", f"{key}={value}"]
+            children.append(subprocess.Popen(argv, env=env))
+        codes = []
+        for child in children:
+            while True:
+                try:
+                    codes.append(child.wait(timeout=0.5))
+                    break
+                except subprocess.TimeoutExpired:
+                    if stopping["at"] and time.monotonic() - stopping["at"] > 10 + 30:
+                        child.kill()
+        return max(codes) if codes else 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,198 @@
+"""The job mode contract: what ``balsam launcher -j NAME`` runs on one partition of the allocation.
+
+A job mode is a class registered in the ``balsam.job_modes`` entry-point group (built-ins: ``mpi``
+and ``serial``). The launcher builds a :class:`LauncherContext` for each partition and calls
+``JobModeClass(context).run()``; ``request_stop()`` is called from the SIGTERM handler. Third-party
+job modes subclass :class:`JobMode`::
+
+    class MyMode(JobMode):
+        name = "mine"
+
+        def run(self) -> int:
+            with self.lease() as (source, updater):
+                ...  # acquire with source.acquire(...), report with updater.put(...)
+            return 0
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import datetime as dt
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Optional
+
+import attrs
+
+from balsam.platform import NodeInfo, Platform
+
+logger = logging.getLogger(__name__)
+
+#: Defaults of ``settings.launcher`` used when a key is missing (Balsam 0.7 values).
+LAUNCHER_DEFAULTS: dict[str, Any] = {
+    "idle_ttl_sec": 60,
+    "delay_sec": 1,
+    "error_tail_num_lines": 10,
+    "max_concurrent_mpiruns": 1000,
+    "mpirun_allows_node_packing": None,
+    "serial_mode_prefetch_per_rank": 64,
+    "sort_by": None,
+    "serial_mode_startup_params": {},
+    "platform": "default",
+}
+
+
+def launcher_setting(settings: Any, name: str) -> Any:
+    section = getattr(settings, "launcher", None)
+    value = getattr(section, name, LAUNCHER_DEFAULTS.get(name)) if section is not None else LAUNCHER_DEFAULTS.get(name)
+    if value is None and name not in ("mpirun_allows_node_packing", "sort_by"):
+        return LAUNCHER_DEFAULTS.get(name)
+    return value
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        logger.warning("ignoring %s=%r (not a number)", name, raw)
+        return default
+
+
+class Countdown:
+    """Time left before running jobs must be ended (the allocation's wall time minus a safety margin).
+
+    The margin is 10 % of the wall time, at least 1 s and at most 120 s
+    (``$BALSAM_LAUNCHER_MARGIN_SEC`` overrides it); the terminate-then-kill grace period is half
+    the margin, at most 10 s.
+    """
+
+    def __init__(self, wall_time_min: float, start_time: Optional[float] = None, margin_sec: Optional[float] = None) -> None:
+        self.start_time = start_time if start_time is not None else time.time()
+        self.wall_time_sec = max(0.0, float(wall_time_min) * 60.0)
+        default_margin = min(120.0, max(1.0, 0.1 * self.wall_time_sec))
+        self.margin_sec = margin_sec if margin_sec is not None else env_float("BALSAM_LAUNCHER_MARGIN_SEC", default_margin)
+        self.deadline = self.start_time + self.wall_time_sec - self.margin_sec
+        self.grace_sec = min(10.0, max(0.5, self.margin_sec / 2))
+
+    def remaining_sec(self) -> float:
+        return self.deadline - time.time()
+
+    def remaining_min(self) -> int:
+        """Whole minutes left (the ``max_wall_time_min`` of an acquire)."""
+        return max(0, int(self.remaining_sec() // 60))
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining_sec() <= 0
+
+
+class IdleTimer:
+    """Says when the launcher has had nothing running or runnable for ``idle_ttl_sec``."""
+
+    def __init__(self, idle_ttl_sec: float) -> None:
+        self.idle_ttl_sec = float(idle_ttl_sec)
+        self._idle_since: Optional[float] = time.monotonic()
+
+    def busy(self) -> None:
+        self._idle_since = None
+
+    def idle(self) -> None:
+        if self._idle_since is None:
+            self._idle_since = time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        return self._idle_since is not None and time.monotonic() - self._idle_since >= self.idle_ttl_sec
+
+
+@attrs.define
+class LauncherContext:
+    """Everything a job mode needs to run one partition."""
+
+    site_config: Any
+    settings: Any
+    site_id: int
+    data_path: Path
+    log_path: Path
+    platform: Platform
+    nodes: list[NodeInfo]
+    wall_time_min: float
+    filter_tags: dict[str, str] = attrs.Factory(dict)
+    batch_job_id: Optional[int] = None
+    job_mode: str = "mpi"
+    partition_index: int = 0
+    start_time: float = attrs.Factory(time.time)
+    timestamp: str = attrs.Factory(lambda: dt.datetime.now().strftime("%Y-%m-%d_%H%M%S"))
+
+    def setting(self, name: str) -> Any:
+        return launcher_setting(self.settings, name)
+
+    def allow_node_packing(self) -> bool:
+        configured = self.setting("mpirun_allows_node_packing")
+        if configured is None:
+            return bool(getattr(self.platform, "mpirun_allows_node_packing", True))
+        return bool(configured)
+
+    def log_file(self, suffix: str) -> Path:
+        """``<site>/log/<mode>_mode_<ts>.<partition>.<suffix>``."""
+        return self.log_path / f"{self.job_mode}_mode_{self.timestamp}.{self.partition_index}.{suffix}"
+
+
+class JobMode(abc.ABC):
+    """Base class of launcher job modes (entry-point group ``balsam.job_modes``)."""
+
+    #: The ``-j`` name.
+    name: ClassVar[str] = ""
+
+    def __init__(self, context: LauncherContext) -> None:
+        self.context = context
+        self.stop_event = threading.Event()
+        self.stop_reason = ""
+        self.countdown = Countdown(context.wall_time_min, start_time=context.start_time)
+        self.idle_timer = IdleTimer(context.setting("idle_ttl_sec"))
+
+    @abc.abstractmethod
+    def run(self) -> int:
+        """Run jobs on ``context.nodes`` until wall time, idle timeout or :meth:`request_stop`; return an exit code."""
+
+    def request_stop(self, reason: str = "signal") -> None:
+        """Ask the mode to end its running jobs as RUN_TIMEOUT and return (safe from a signal handler)."""
+        if not self.stop_event.is_set():
+            self.stop_reason = reason
+            self.stop_event.set()
+
+    def should_stop(self) -> Optional[str]:
+        """Why the mode must stop now, or None."""
+        if self.stop_event.is_set():
+            return self.stop_reason or "signal"
+        if self.countdown.expired:
+            return "wall time"
+        if self.idle_timer.expired:
+            return "idle"
+        return None
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[tuple[Any, Any]]:
+        """A Session job source and a BulkStatusUpdater, flushed and closed in the right order.
+
+        Updates are flushed *before* the Session is deleted: deleting it turns jobs still RUNNING
+        into RUN_TIMEOUT, which would refuse a late RUN_DONE.
+        """
+        from .job_source import SessionJobSource
+        from .status_updater import BulkStatusUpdater
+
+        ctx = self.context
+        source = SessionJobSource(ctx.site_id, ctx.batch_job_id, ctx.filter_tags, sort_by=ctx.setting("sort_by"))
+        updater = BulkStatusUpdater()
+        try:
+            yield source, updater
+        finally:
+            try:
+                updater.close()
+            finally:
+                source.close()

@@ -1,0 +1,176 @@
+"""mpi job mode: every job is started with the platform's MPI launcher (``mpiexec``, ``srun``...).
+
+One process on the head node of the partition: it leases jobs through a Session sized to the free
+nodes (``max_aggregate_nodes`` = free node footprint, ``max_nodes_per_job`` = idle nodes,
+``max_wall_time_min`` = time left), places them with the NodeManager (node packing, CPUs, GPUs),
+starts ``platform.mpi_command_line(...)`` for each, and reports RUNNING / RUN_DONE / RUN_ERROR in bulk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Optional
+
+from balsam.platform import LaunchSpec
+
+from ..app_run import JobBuildError, JobPreparer, PreparedJob, shell_line
+from ..job_mode import JobMode
+from ..node_manager import InsufficientResources, NodeManager, Placement, UnsatisfiableJob
+from ..runner import ProcessPool, launch_environment, report_exit, report_failed, report_running, report_timeout
+
+logger = logging.getLogger(__name__)
+
+#: Poll period while jobs run (the loop reaps, acquires and starts at this pace).
+POLL_SEC = 0.01
+
+
+class MPIMode(JobMode):
+    name = "mpi"
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.node_manager = NodeManager(context.nodes, allow_node_packing=context.allow_node_packing())
+        self.preparer = JobPreparer(context.data_path)
+        self.pool = ProcessPool(int(context.setting("error_tail_num_lines")))
+        self.pending: deque[PreparedJob] = deque()
+        self.max_concurrent = int(context.setting("max_concurrent_mpiruns"))
+        self.delay_sec = float(context.setting("delay_sec"))
+        self.started = 0
+        self.finished = 0
+        self._hook: Any = None
+
+    # -- one loop step each --------------------------------------------------------------------
+    def _acquire(self, source: Any, updater: Any) -> Optional[int]:
+        """Lease jobs for the free resources; None when there is no room to ask for any."""
+        nm = self.node_manager
+        free = nm.aggregate_free_nodes()
+        room = self.max_concurrent - len(self.pool)
+        if free < 0.01 or room <= 0:
+            return None
+        if not nm.allow_node_packing:
+            room = min(room, nm.count_empty_nodes())
+            if room <= 0:
+                return None
+        empty = nm.count_empty_nodes()
+        jobs = source.acquire(
+            room,
+            max_wall_time_min=self.countdown.remaining_min(),
+            max_nodes_per_job=max(1, empty),
+            max_aggregate_nodes=free,
+        )
+        for job in jobs:
+            try:
+                prepared = self.preparer.prepare(job)
+                nm.check_satisfiable(prepared.demand)
+            except (JobBuildError, UnsatisfiableJob) as exc:
+                logger.error("job %s FAILED: %s", job.id, exc)
+                report_failed(updater, job.id, str(exc))
+                continue
+            self.pending.append(prepared)
+        return len(jobs)
+
+    def _command(self, prepared: PreparedJob, placement: Placement) -> str:
+        d = prepared.demand
+        spec = LaunchSpec(
+            cmdline=prepared.cmdline,
+            hostnames=placement.hostnames,
+            ranks_per_node=d.ranks_per_node,
+            threads_per_rank=d.threads_per_rank,
+            threads_per_core=d.threads_per_core,
+            gpus_per_rank=d.gpus_per_rank,
+            cpu_ids=placement.cpu_ids,
+            gpu_ids=placement.gpu_ids,
+            launch_params=prepared.launch_params,
+        )
+        mpi_line = self.context.platform.mpi_command_line(spec)
+        return shell_line(mpi_line, prepared.preamble, prepared.workdir)
+
+    def _start_pending(self, updater: Any) -> int:
+        started = 0
+        for _ in range(len(self.pending)):
+            prepared = self.pending.popleft()
+            try:
+                placement = self.node_manager.assign(prepared.id, prepared.demand)
+            except InsufficientResources:
+                self.pending.append(prepared)
+                continue
+            try:
+                env = launch_environment(prepared, placement, self.context.platform, self._hook)
+                prepared.workdir.mkdir(parents=True, exist_ok=True)
+                cmd = self._command(prepared, placement)
+            except Exception as exc:
+                self.node_manager.free(prepared.id)
+                reason = f"An exception occurred while preparing the launch: {type(exc).__name__}: {exc}"
+                logger.error("job %s FAILED: %s", prepared.id, reason)
+                report_failed(updater, prepared.id, reason)
+                continue
+            # An MPI launcher binds ranks itself, so no affinity is forced on it here.
+            self.pool.start(prepared.id, cmd, prepared.workdir, env)
+            report_running(updater, prepared)
+            logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), cmd)
+            started += 1
+        self.started += started
+        return started
+
+    def _reap(self, updater: Any) -> int:
+        done = self.pool.reap()
+        for job_id, rc, tail, when in done:
+            self.node_manager.free(job_id)
+            report_exit(updater, job_id, rc, tail, when)
+            logger.info("job %s exited with %s", job_id, rc)
+        self.finished += len(done)
+        return len(done)
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        from ..runner import _launch_hook
+
+        self._hook = _launch_hook()
+        logger.info(
+            "mpi mode: %d nodes, wall time %.2f min (stop in %.0f s), filter_tags %s, node packing %s",
+            len(self.node_manager), self.context.wall_time_min, self.countdown.remaining_sec(),
+            self.context.filter_tags, self.node_manager.allow_node_packing,
+        )
+        reason = "wall time"
+        with self.lease() as (source, updater):
+            next_acquire = 0.0
+            while True:
+                stop = self.should_stop()
+                if stop:
+                    reason = stop
+                    break
+                if self._reap(updater):
+                    next_acquire = 0.0  # freed resources: ask for more right away
+                now = time.monotonic()
+                if not self.pending and now >= next_acquire:
+                    try:
+                        got = self._acquire(source, updater)
+                    except Exception as exc:
+                        logger.warning("acquire failed (will retry in %.1f s): %s", self.delay_sec, exc)
+                        got = 0
+                    # Ask again right away while jobs keep coming; back off to delay_sec when the
+                    # server has none for us (no room to ask: wait for a job to end instead).
+                    if got is not None:
+                        next_acquire = now if got else now + self.delay_sec
+                if self.pending:
+                    self._start_pending(updater)
+                if self.pool.running or self.pending:
+                    self.idle_timer.busy()
+                else:
+                    self.idle_timer.idle()
+                self.stop_event.wait(POLL_SEC if self.pool.running or self.pending else min(self.delay_sec, 0.2))
+            self._shutdown(updater, reason)
+        logger.info("mpi mode done (%s): %d started, %d finished", reason, self.started, self.finished)
+        return 0
+
+    def _shutdown(self, updater: Any, reason: str) -> None:
+        victims, finished = self.pool.terminate_all(self.countdown.grace_sec)
+        for job_id, rc, tail, when in finished:
+            report_exit(updater, job_id, rc, tail, when)
+        for job_id in victims:
+            report_timeout(updater, job_id, f"launcher stopped ({reason})")
+            logger.info("job %s ended as RUN_TIMEOUT (%s)", job_id, reason)
+        if self.pending:
+            logger.info("%d acquired jobs never started; the session release returns them", len(self.pending))

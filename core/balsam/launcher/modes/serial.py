@@ -1,0 +1,111 @@
+"""serial job mode: many single-rank tasks packed on every node of the partition.
+
+The partition launcher starts one rank per node with the platform's MPI launcher::
+
+    mpiexec -n <nodes> -ppn 1 --hosts ... python -m balsam.launcher.modes.serial_worker <config.json>
+
+Rank 0 is the master: it holds the Session, leases jobs in large batches (``serial_only``), places
+tasks on every node with the NodeManager, runs its own node's tasks and sends the other ranks theirs
+over mpi4py (many tasks per message); the workers start, reap and report them back. See
+:mod:`balsam.launcher.modes.serial_worker`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import attrs
+
+from balsam.platform import LaunchSpec
+
+from ..job_mode import JobMode
+
+logger = logging.getLogger(__name__)
+
+
+class SerialMode(JobMode):
+    name = "serial"
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._proc: "subprocess.Popen | None" = None
+
+    def worker_config(self) -> dict[str, Any]:
+        ctx = self.context
+        return {
+            "site_path": str(getattr(ctx.site_config, "site_path", "")),
+            "site_id": ctx.site_id,
+            "data_path": str(ctx.data_path),
+            "log_path": str(ctx.log_path),
+            "batch_job_id": ctx.batch_job_id,
+            "filter_tags": ctx.filter_tags,
+            "wall_time_min": ctx.wall_time_min,
+            "start_time": ctx.start_time,
+            "timestamp": ctx.timestamp,
+            "partition_index": ctx.partition_index,
+            "nodes": [attrs.asdict(n) for n in ctx.nodes],
+            "error_tail_num_lines": int(ctx.setting("error_tail_num_lines")),
+        }
+
+    def command(self, config_path: str) -> str:
+        ctx = self.context
+        import shlex
+
+        worker = f"{shlex.quote(sys.executable)} -m balsam.launcher.modes.serial_worker {shlex.quote(config_path)}"
+        params = {str(k): str(v) for k, v in (ctx.setting("serial_mode_startup_params") or {}).items()}
+        # Balsam 0.7's default ``cpu_affinity: none`` means "do not bind the workers", which is what
+        # every MPI launcher does when not told otherwise: leave it out rather than pass an unknown flag.
+        if params.get("cpu_affinity", "").lower() == "none":
+            params.pop("cpu_affinity")
+        gpus = len(ctx.nodes[0].gpu_ids) if ctx.nodes else 0
+        spec = LaunchSpec(
+            cmdline=worker,
+            hostnames=[n.hostname for n in ctx.nodes],
+            ranks_per_node=1,
+            threads_per_rank=1,
+            gpus_per_rank=float(gpus),
+            launch_params=params,
+        )
+        return ctx.platform.mpi_command_line(spec)
+
+    def request_stop(self, reason: str = "signal") -> None:
+        super().request_stop(reason)
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            # mpiexec forwards SIGTERM to the ranks; the master ends running tasks as RUN_TIMEOUT.
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def run(self) -> int:
+        ctx = self.context
+        config_path = ctx.log_file("serial.json")
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(self.worker_config()))
+        cmd = self.command(str(config_path))
+        out_path = ctx.log_file("out")
+        logger.info("serial mode: %d nodes; starting %s", len(ctx.nodes), cmd)
+        with open(out_path, "ab") as out:
+            self._proc = subprocess.Popen(["/bin/bash", "-c", "exec " + cmd], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            if self.stop_event.is_set():
+                self.request_stop(self.stop_reason)
+            # The ranks keep their own countdown; this is only a backstop if they hang.
+            hard_deadline = self.countdown.deadline + self.countdown.margin_sec
+            while True:
+                try:
+                    rc = self._proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.time() > hard_deadline:
+                        logger.error("serial workers still running at the allocation end; killing them")
+                        self._proc.kill()
+        logger.info("serial mode workers exited with %s", rc)
+        return 0 if rc == 0 else 1

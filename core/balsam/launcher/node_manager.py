@@ -1,0 +1,238 @@
+"""Resource accounting for the nodes of a launcher partition.
+
+A node has an occupancy (0..1: each job takes ``1 / node_packing_count`` of it), a set of idle CPU
+ids and a per-GPU free capacity (1.0 = whole GPU free; a job asking for ``gpus_per_rank=0.5`` takes half
+of one GPU, so two such jobs share it). Single-node jobs are packed first-fit; multi-node jobs take
+whole empty nodes. The mpi and serial job modes share this code, so both pack the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import attrs
+
+from balsam.platform import NodeInfo
+
+#: Float tolerance on occupancy sums (eight 1/8 jobs must fill a node exactly).
+_EPS = 1e-3
+
+
+class InsufficientResources(Exception):
+    """The job does not fit on the currently free resources (try again later)."""
+
+
+class UnsatisfiableJob(ValueError):
+    """The job can never fit in this partition (asks for more nodes, CPUs or GPUs than exist)."""
+
+
+@attrs.frozen
+class Demand:
+    """What one job asks of the partition."""
+
+    num_nodes: int = 1
+    ranks_per_node: int = 1
+    threads_per_rank: int = 1
+    threads_per_core: int = 1
+    gpus_per_rank: float = 0.0
+    node_packing_count: int = 1
+
+    @classmethod
+    def of(cls, job: object) -> "Demand":
+        return cls(
+            num_nodes=max(1, int(getattr(job, "num_nodes", 1) or 1)),
+            ranks_per_node=max(1, int(getattr(job, "ranks_per_node", 1) or 1)),
+            threads_per_rank=max(1, int(getattr(job, "threads_per_rank", 1) or 1)),
+            threads_per_core=max(1, int(getattr(job, "threads_per_core", 1) or 1)),
+            gpus_per_rank=max(0.0, float(getattr(job, "gpus_per_rank", 0.0) or 0.0)),
+            node_packing_count=max(1, int(getattr(job, "node_packing_count", 1) or 1)),
+        )
+
+    @property
+    def cpus_per_node(self) -> int:
+        return max(1, self.ranks_per_node * self.threads_per_rank // self.threads_per_core)
+
+    @property
+    def gpus_per_node(self) -> float:
+        return self.ranks_per_node * self.gpus_per_rank
+
+    @property
+    def footprint(self) -> float:
+        """Nodes this job occupies (``num_nodes / node_packing_count``), as the server's acquire counts it."""
+        return self.num_nodes / self.node_packing_count
+
+
+@attrs.frozen
+class Placement:
+    """Where a job was put: node indexes and, per node, the CPU and GPU ids it may use."""
+
+    job_id: int
+    node_indexes: tuple[int, ...]
+    hostnames: tuple[str, ...]
+    cpu_ids: tuple[tuple[int, ...], ...]
+    gpu_ids: tuple[tuple[str, ...], ...]
+    occupancy: float
+    #: GPU capacity taken on each node, gpu id -> fraction (for :meth:`NodeManager.free`).
+    gpu_shares: tuple[tuple[tuple[str, float], ...], ...] = ()
+
+
+class ComputeNode:
+    """Occupancy, idle CPUs and GPU capacity of one node."""
+
+    def __init__(self, info: NodeInfo) -> None:
+        self.info = info
+        self.occupancy = 0.0
+        self.idle_cpus: list[int] = list(info.cpu_ids)
+        self.gpu_free: dict[str, float] = {g: 1.0 for g in info.gpu_ids}
+        self.num_jobs = 0
+
+    @property
+    def hostname(self) -> str:
+        return self.info.hostname
+
+    @property
+    def is_empty(self) -> bool:
+        return self.num_jobs == 0
+
+    def _pick_gpus(self, gpus: float) -> Optional[list[tuple[str, float]]]:
+        if gpus <= 0:
+            return []
+        if gpus < 1.0:
+            # A fraction of one GPU: share the fullest GPU that still has room (keeps whole GPUs free).
+            candidates = [(free, g) for g, free in self.gpu_free.items() if free + _EPS >= gpus]
+            if not candidates:
+                return None
+            _, gpu = min(candidates)
+            return [(gpu, gpus)]
+        whole = math.ceil(gpus - _EPS)
+        free_gpus = [g for g, free in self.gpu_free.items() if free >= 1.0 - _EPS]
+        if len(free_gpus) < whole:
+            return None
+        return [(g, 1.0) for g in free_gpus[:whole]]
+
+    def check_fit(self, cpus: int, gpus: float, occupancy: float) -> Optional[list[tuple[str, float]]]:
+        """The GPU shares the job would take, or None if it does not fit now."""
+        if self.occupancy + occupancy > 1.0 + _EPS or cpus > len(self.idle_cpus):
+            return None
+        return self._pick_gpus(gpus)
+
+    def take(self, cpus: int, gpu_shares: Sequence[tuple[str, float]], occupancy: float) -> tuple[int, ...]:
+        cpu_ids = tuple(self.idle_cpus[:cpus])
+        del self.idle_cpus[:cpus]
+        for gpu, share in gpu_shares:
+            self.gpu_free[gpu] -= share
+        self.occupancy += occupancy
+        self.num_jobs += 1
+        return cpu_ids
+
+    def take_whole(self) -> None:
+        self.occupancy = 1.0
+        self.num_jobs += 1
+
+    def release(self, cpu_ids: Iterable[int], gpu_shares: Sequence[tuple[str, float]], occupancy: float) -> None:
+        self.idle_cpus.extend(cpu_ids)
+        self.idle_cpus.sort()
+        for gpu, share in gpu_shares:
+            self.gpu_free[gpu] = min(1.0, self.gpu_free[gpu] + share)
+        self.num_jobs -= 1
+        self.occupancy = 0.0 if self.num_jobs == 0 else max(0.0, self.occupancy - occupancy)
+
+
+class NodeManager:
+    """Assigns jobs to the nodes of one partition and frees them when they end."""
+
+    def __init__(self, nodes: Sequence[NodeInfo], *, allow_node_packing: bool = True) -> None:
+        if not nodes:
+            raise ValueError("a NodeManager needs at least one node")
+        self.nodes = [ComputeNode(n) for n in nodes]
+        self.allow_node_packing = allow_node_packing
+        self.placements: dict[int, Placement] = {}
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    # -- queries used to size the next acquire -------------------------------------------------
+    def count_empty_nodes(self) -> int:
+        return sum(1 for n in self.nodes if n.is_empty)
+
+    def aggregate_free_nodes(self) -> float:
+        return sum(max(0.0, 1.0 - n.occupancy) for n in self.nodes)
+
+    def max_cpus_per_node(self) -> int:
+        return max(len(n.info.cpu_ids) for n in self.nodes)
+
+    def check_satisfiable(self, demand: Demand) -> None:
+        """Raise :class:`UnsatisfiableJob` if ``demand`` could never run here, even on idle nodes."""
+        if demand.num_nodes > len(self.nodes):
+            raise UnsatisfiableJob(f"job asks for {demand.num_nodes} nodes; this launcher has {len(self.nodes)}")
+        if demand.num_nodes > 1:
+            return
+        for node in self.nodes:
+            cpus_ok = demand.cpus_per_node <= len(node.info.cpu_ids)
+            gpus = demand.gpus_per_node
+            gpus_ok = gpus <= 0 or (gpus < 1 and len(node.info.gpu_ids) > 0) or math.ceil(gpus - _EPS) <= len(node.info.gpu_ids)
+            if cpus_ok and gpus_ok:
+                return
+        raise UnsatisfiableJob(
+            f"job asks for {demand.cpus_per_node} CPUs and {demand.gpus_per_node:g} GPUs on one node; "
+            f"the nodes have at most {self.max_cpus_per_node()} CPUs and "
+            f"{max(len(n.info.gpu_ids) for n in self.nodes)} GPUs"
+        )
+
+    # -- assignment ----------------------------------------------------------------------------
+    def assign(self, job_id: int, demand: Demand) -> Placement:
+        """Place a job or raise :class:`InsufficientResources`."""
+        if job_id in self.placements:
+            raise ValueError(f"job {job_id} is already placed")
+        if demand.num_nodes > 1:
+            empty = [i for i, n in enumerate(self.nodes) if n.is_empty]
+            if len(empty) < demand.num_nodes:
+                raise InsufficientResources(f"{demand.num_nodes} empty nodes needed, {len(empty)} free")
+            chosen = empty[: demand.num_nodes]
+            for i in chosen:
+                self.nodes[i].take_whole()
+            placement = Placement(
+                job_id=job_id,
+                node_indexes=tuple(chosen),
+                hostnames=tuple(self.nodes[i].hostname for i in chosen),
+                cpu_ids=tuple(() for _ in chosen),
+                gpu_ids=tuple(() for _ in chosen),
+                occupancy=1.0,
+            )
+        else:
+            occupancy = 1.0 / demand.node_packing_count if self.allow_node_packing else 1.0
+            cpus, gpus = demand.cpus_per_node, demand.gpus_per_node
+            for i, node in enumerate(self.nodes):
+                shares = node.check_fit(cpus, gpus, occupancy)
+                if shares is None:
+                    continue
+                cpu_ids = node.take(cpus, shares, occupancy)
+                placement = Placement(
+                    job_id=job_id,
+                    node_indexes=(i,),
+                    hostnames=(node.hostname,),
+                    cpu_ids=(cpu_ids,),
+                    gpu_ids=(tuple(g for g, _ in shares),),
+                    occupancy=occupancy,
+                    gpu_shares=(tuple(shares),),
+                )
+                break
+            else:
+                raise InsufficientResources(f"no node has {cpus} idle CPUs, {gpus:g} GPUs and {occupancy:.3f} free occupancy")
+        self.placements[job_id] = placement
+        return placement
+
+    def free(self, job_id: int) -> None:
+        placement = self.placements.pop(job_id, None)
+        if placement is None:
+            return
+        if len(placement.node_indexes) > 1 or not placement.gpu_shares:
+            for i in placement.node_indexes:
+                node = self.nodes[i]
+                node.release((), (), placement.occupancy)
+                if len(placement.node_indexes) > 1:
+                    node.occupancy = 0.0 if node.num_jobs == 0 else node.occupancy
+            return
+        node = self.nodes[placement.node_indexes[0]]
+        node.release(placement.cpu_ids[0], placement.gpu_shares[0], placement.occupancy)

@@ -1,0 +1,1 @@
+"""The Balsam REST service: Starlette + SQLAlchemy (SQLite embedded, PostgreSQL shared)."""

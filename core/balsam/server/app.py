@@ -1,0 +1,138 @@
+"""The Starlette application.
+
+``create_app(database_url=None, ...)`` builds an app for one database; ``create_app_from_env()``
+(``uvicorn --factory balsam.server.app:create_app_from_env``) and the lazily built module
+attribute ``app`` (``uvicorn balsam.server.app:app --workers N``) read the environment
+(see :mod:`balsam.server.settings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, AsyncIterator
+
+import sqlalchemy as sa
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+import balsam
+
+from .db import create_db_engine, write_tx
+from .errors import APIError, Conflict
+from .http import JSONResponse, error_response
+from .routes import apps, auth, batch_jobs, events, jobs, sessions, sites, transfers
+from .routing import Ctx, route
+from .sessions_logic import sweep_expired
+from .settings import ServerSettings
+
+logger = logging.getLogger("balsam.server")
+
+
+def _all_routes() -> list:
+    from .openapi import openapi_route
+
+    return [
+        *auth.routes, *sites.routes, *apps.routes, *jobs.routes, *batch_jobs.routes, *sessions.routes,
+        *transfers.routes, *events.routes, openapi_route(),
+        route("/", {"GET": lambda ctx: JSONResponse({"name": "balsam", "version": balsam.__version__})}),
+    ]
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    detail = exc.detail
+    if exc.status_code == 404:
+        detail = f"Not found: no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"Method {request.method} is not allowed on {request.url.path}"
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _integrity_error(request: Request, exc: Exception) -> Response:
+    logger.warning("Integrity error on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(Conflict(f"The change conflicts with existing data: {str(exc.orig).splitlines()[0]}"))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("Unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": f"Internal server error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+
+def _sweep_once(app: Starlette) -> None:
+    with write_tx(app.state.engine) as conn:
+        sweep_expired(conn, app.state.settings.session_expire_sec)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: ServerSettings = app.state.settings
+    period = max(0.5, min(settings.session_sweep_sec, settings.session_expire_sec / 2))
+
+    async def sweeper() -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await run_in_threadpool(_sweep_once, app)
+            except Exception:  # keep sweeping: a failed sweep (e.g. DB restart) is retried next period
+                logger.exception("Session sweep failed")
+
+    task = asyncio.create_task(sweeper())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        app.state.engine.dispose()
+
+
+def create_app(database_url: "str | None" = None, *, settings: "ServerSettings | None" = None,
+               create_tables_now: "bool | None" = None, **overrides: Any) -> Starlette:
+    settings = settings or ServerSettings.from_env(database_url)
+    for key, value in overrides.items():
+        if not hasattr(settings, key):
+            raise TypeError(f"unknown server setting {key!r}")
+        setattr(settings, key, value)
+    engine = create_db_engine(settings.database_url, pool_size=settings.pool_size, max_overflow=settings.max_overflow)
+    if settings.create_tables if create_tables_now is None else create_tables_now:
+        from .migrate import upgrade_engine
+
+        upgrade_engine(engine)
+    app = Starlette(
+        routes=_all_routes(),
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            sa.exc.IntegrityError: _integrity_error,
+            Exception: _unexpected,
+        },
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    return app
+
+
+def create_app_from_env() -> Starlette:
+    return create_app()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        global app
+        app = create_app_from_env()
+        return app
+    raise AttributeError(name)
+
+
+__all__ = ["create_app", "create_app_from_env", "Ctx"]

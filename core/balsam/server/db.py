@@ -1,0 +1,94 @@
+"""Engine creation: SQLite (WAL, busy timeout, serialized writers) or PostgreSQL (pooled)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from .tables import metadata
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def _json_dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def normalize_database_url(url: str) -> str:
+    """``postgresql://`` means psycopg2 (SQLAlchemy 2.1 would pick psycopg 3, which we do not ship)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+def create_db_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> sa.Engine:
+    url = normalize_database_url(url)
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    return sa.create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+        json_serializer=_json_dumps,
+        connect_args={"options": "-c timezone=utc"} if url.startswith("postgresql") else {},
+    )
+
+
+def _sqlite_engine(url: str) -> sa.Engine:
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        pool_size=16,
+        max_overflow=16,
+        poolclass=sa.pool.QueuePool,
+        json_serializer=_json_dumps,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        # Take over transaction control so that writers can BEGIN IMMEDIATE (pysqlite's
+        # implicit BEGIN is deferred, which lets two writers deadlock on lock upgrade).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        mode = "IMMEDIATE" if conn.get_execution_options().get("balsam_write") else "DEFERRED"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+@contextmanager
+def write_tx(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A write transaction: serialized on SQLite (BEGIN IMMEDIATE), plain on PostgreSQL."""
+    with engine.connect().execution_options(balsam_write=True) as conn:
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def read_tx(engine: sa.Engine) -> Iterator[sa.Connection]:
+    with engine.connect() as conn:
+        with conn.begin():
+            yield conn
+
+
+def create_tables(engine: sa.Engine) -> None:
+    metadata.create_all(engine)

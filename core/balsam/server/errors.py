@@ -1,0 +1,83 @@
+"""HTTP errors with a ``{"detail": ...}`` body (the shape Balsam 0.7 clients print)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any, Iterable
+
+from balsam.serialization import PayloadError
+
+
+class APIError(Exception):
+    status_code = 400
+
+    def __init__(self, detail: Any, status_code: "int | None" = None) -> None:
+        super().__init__(detail if isinstance(detail, str) else repr(detail))
+        self.detail = detail
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class BadRequest(APIError):
+    status_code = 400
+
+
+class Unauthorized(APIError):
+    status_code = 401
+
+
+class NotFound(APIError):
+    status_code = 404
+
+    def __init__(self, what: str = "Not found") -> None:
+        super().__init__(what, 404)
+
+
+class Conflict(APIError):
+    status_code = 409
+
+
+class ValidationFailed(APIError):
+    """422 with FastAPI-style items: ``{"loc": [...], "msg": reason, "type": "value_error"}``."""
+
+    status_code = 422
+
+    def __init__(self, errors: Iterable[tuple[list[Any], str]]) -> None:
+        items = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in errors]
+        super().__init__(items, 422)
+
+    @classmethod
+    def field(cls, loc: list[Any], msg: str) -> "ValidationFailed":
+        return cls([(loc, msg)])
+
+    @classmethod
+    def from_payload(cls, exc: PayloadError, prefix: "list[Any] | None" = None) -> "ValidationFailed":
+        return payload_errors(exc, list(prefix or ["body"]))
+
+
+_PATH_PART = re.compile(r"\[([^\]]*)\]|([^.\[\]]+)")
+
+
+def split_path(path: str) -> list[Any]:
+    """``"allowed_queues['q'].max_nodes"`` -> ``["allowed_queues", "q", "max_nodes"]``."""
+    parts: list[Any] = []
+    for bracket, name in _PATH_PART.findall(path or ""):
+        if name:
+            parts.append(name)
+        else:
+            try:
+                parts.append(ast.literal_eval(bracket))
+            except (ValueError, SyntaxError):
+                parts.append(bracket)
+    return parts
+
+
+def payload_errors(exc: PayloadError, prefix: list[Any]) -> "ValidationFailed":
+    return ValidationFailed((list(prefix) + split_path(path), msg) for path, msg in exc.errors)
+
+
+def not_found_ids(kind: str, ids: Iterable[int]) -> NotFound:
+    ids = sorted(set(ids))
+    shown = ", ".join(str(i) for i in ids[:20]) + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")
+    return NotFound(f"{kind} not found: {shown}")

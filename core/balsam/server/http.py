@@ -1,0 +1,206 @@
+"""Request/response helpers shared by the routes: JSON I/O, query parameters, auth."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from balsam.serialization import parse_datetime
+
+from .auth import AuthUser, decode_token
+from .errors import APIError, BadRequest, Unauthorized, ValidationFailed
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def dumps(data: Any) -> bytes:
+    return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def json_response(data: Any, status_code: int = 200) -> Response:
+    return JSONResponse(data, status_code=status_code)
+
+
+def no_content() -> Response:
+    # A 204 with no body and no content-length mismatch keeps the connection alive
+    # (Balsam 0.7 sent "null" with its 204s, which broke keep-alive).
+    return Response(status_code=204)
+
+
+def error_response(exc: APIError) -> Response:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if not body:
+        raise ValidationFailed.field(["body"], "request body is empty; expected JSON")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationFailed.field(["body"], f"malformed JSON: {exc}") from None
+
+
+def current_user(request: Request) -> AuthUser:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>' (log in with `balsam login`)")
+    return decode_token(token.strip(), request.app.state.settings.secret_key)
+
+
+def path_int(request: Request, name: str) -> int:
+    raw = request.path_params[name]
+    if isinstance(raw, int):
+        return raw
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValidationFailed.field(["path", name], f"expected an integer, got {raw!r}") from None
+
+
+class QueryParams:
+    """Typed access to query-string parameters; every problem raises 422 naming the parameter."""
+
+    def __init__(self, request: Request, allowed: "set[str] | None" = None) -> None:
+        self.params = request.query_params
+        if allowed is not None:
+            unknown = sorted(set(self.params.keys()) - allowed)
+            if unknown:
+                raise ValidationFailed(
+                    (["query", k], f"unknown filter parameter (valid: {', '.join(sorted(allowed))})") for k in unknown
+                )
+
+    def _convert(self, name: str, raw: str, conv: Callable[[str], Any], what: str) -> Any:
+        try:
+            return conv(raw)
+        except (ValueError, TypeError):
+            raise ValidationFailed.field(["query", name], f"expected {what}, got {raw!r}") from None
+
+    def has(self, name: str) -> bool:
+        return name in self.params
+
+    def str(self, name: str) -> Optional[str]:
+        return self.params.get(name)
+
+    def int(self, name: str, default: Optional[int] = None, *, minimum: Optional[int] = None,
+            maximum: Optional[int] = None) -> Optional[int]:
+        raw = self.params.get(name)
+        if raw is None or raw == "":
+            return default
+        value = self._convert(name, raw, int, "an integer")
+        if minimum is not None and value < minimum:
+            raise ValidationFailed.field(["query", name], f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValidationFailed.field(["query", name], f"must be <= {maximum}, got {value}")
+        return value
+
+    def int_list(self, name: str) -> Optional[list[int]]:
+        raws = self.params.getlist(name)
+        if not raws:
+            return None
+        out: list[int] = []
+        for raw in raws:
+            for part in raw.split(","):
+                if part.strip():
+                    out.append(self._convert(name, part.strip(), int, "an integer"))
+        return out
+
+    def str_list(self, name: str) -> Optional[list[str]]:
+        raws = self.params.getlist(name)
+        return list(raws) if raws else None
+
+    def enum_list(self, name: str, cls: type[enum.Enum]) -> Optional[list[str]]:
+        raws = self.params.getlist(name)
+        if not raws:
+            return None
+        valid = {str(m.value) for m in cls}
+        out = []
+        for raw in raws:
+            if raw not in valid:
+                raise ValidationFailed.field(["query", name], f"expected one of {', '.join(sorted(valid))}; got {raw!r}")
+            out.append(raw)
+        return out
+
+    def enum(self, name: str, cls: type[enum.Enum]) -> Optional[str]:
+        values = self.enum_list(name, cls)
+        return values[-1] if values else None
+
+    def choice(self, name: str, choices: "list[str]", default: Optional[str] = None) -> Optional[str]:
+        raw = self.params.get(name)
+        if raw is None or raw == "":
+            return default
+        if raw not in choices:
+            raise ValidationFailed.field(["query", name], f"expected one of {', '.join(choices)}; got {raw!r}")
+        return raw
+
+    def datetime(self, name: str) -> Optional[dt.datetime]:
+        raw = self.params.get(name)
+        if raw is None or raw == "":
+            return None
+        return self._convert(name, raw, parse_datetime, "an ISO-8601 datetime")
+
+    def bool(self, name: str) -> Optional[bool]:
+        raw = self.params.get(name)
+        if raw is None or raw == "":
+            return None
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValidationFailed.field(["query", name], f"expected true or false, got {raw!r}")
+
+    def key_values(self, name: str) -> Optional[dict[str, str]]:
+        """``tags=k:v`` (repeated) -> ``{"k": "v"}`` (Balsam 0.7 tag filter syntax)."""
+        raws = self.params.getlist(name)
+        if not raws:
+            return None
+        out: dict[str, str] = {}
+        for raw in raws:
+            key, sep, value = raw.partition(":")
+            if not sep or not key:
+                raise ValidationFailed.field(["query", name], f"expected KEY:VALUE, got {raw!r}")
+            out[key] = value
+        return out
+
+
+PAGINATION = {"limit", "offset"}
+
+
+def pagination(q: QueryParams) -> tuple[int, int]:
+    from balsam.models import MAX_PAGE_SIZE
+
+    limit = q.int("limit", MAX_PAGE_SIZE, minimum=0, maximum=MAX_PAGE_SIZE)
+    offset = q.int("offset", 0, minimum=0)
+    assert limit is not None and offset is not None
+    return limit, offset
+
+
+def require_list(payload: Any, what: str, max_items: int) -> list:
+    if not isinstance(payload, list):
+        raise ValidationFailed.field(["body"], f"expected a JSON list of {what}, got {type(payload).__name__}")
+    if len(payload) > max_items:
+        raise BadRequest(f"Cannot bulk-process more than {max_items} {what} in a single API call (got {len(payload)})")
+    return payload

@@ -1,0 +1,652 @@
+"""Jobs: filters, bulk create, bulk update and the server side of the state machine.
+
+Every function takes an open connection inside a transaction and works set-based: one query
+per step for a whole batch of jobs, never one query per job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from typing import Any, Iterable, Optional
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from balsam.models import Job
+from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
+
+from .errors import split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
+from .http import QueryParams
+from .tables import apps, batch_jobs, job_parents, jobs, log_events, sessions, sites, transfer_items
+
+S = JobState
+#: Columns of a job as the API returns it (Balsam 0.7 JobOut).
+JOB_OUT_FIELDS = [
+    "id", "workdir", "app_id", "tags", "serialized_parameters", "data", "return_code", "num_nodes",
+    "ranks_per_node", "threads_per_rank", "threads_per_core", "launch_params", "gpus_per_rank",
+    "node_packing_count", "wall_time_min", "parent_ids", "batch_job_id", "state", "pending_file_cleanup",
+    "serialized_return_value", "serialized_exception", "last_update",
+]
+JOB_OUT_COLUMNS = [jobs.c[name] for name in JOB_OUT_FIELDS]
+#: Fields a client may set when creating a job (state and ids are decided by the server).
+CREATE_FIELDS = [
+    "workdir", "app_id", "tags", "serialized_parameters", "data", "return_code", "num_nodes", "ranks_per_node",
+    "threads_per_rank", "threads_per_core", "launch_params", "gpus_per_rank", "node_packing_count",
+    "wall_time_min", "batch_job_id", "pending_file_cleanup", "serialized_return_value", "serialized_exception",
+]
+UPDATE_FIELDS = {
+    "workdir", "tags", "serialized_parameters", "data", "return_code", "num_nodes", "ranks_per_node",
+    "threads_per_rank", "threads_per_core", "launch_params", "gpus_per_rank", "node_packing_count",
+    "wall_time_min", "batch_job_id", "state", "state_timestamp", "state_data", "pending_file_cleanup",
+    "serialized_return_value", "serialized_exception",
+}
+JOB_ORDERINGS = ["last_update", "-last_update", "id", "-id", "state", "-state", "workdir", "-workdir"]
+JOB_FILTERS = {
+    "id", "parent_id", "app_id", "site_id", "batch_job_id", "last_update_before", "last_update_after",
+    "workdir__contains", "state__ne", "state", "tags", "pending_file_cleanup", "ordering",
+}
+SESSION_EXPIRED_MSG = "Session expired: job was stuck in RUNNING state"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def owned_site_ids(user_id: int) -> sa.Select:
+    return sa.select(sites.c.id).where(sites.c.owner_id == user_id)
+
+
+def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str) -> sa.ColumnElement[bool]:
+    """``col @> wanted`` for a flat string dict (JSONB containment on PostgreSQL)."""
+    if dialect == "postgresql":
+        return sa.type_coerce(col, postgresql.JSONB).contains(wanted)
+    if not wanted:
+        return sa.true()
+    return sa.and_(*[col[key].as_string() == str(value) for key, value in wanted.items()])
+
+
+def like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
+    keys = JOB_OUT_FIELDS
+    return [dict(zip(keys, row)) for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters
+# ---------------------------------------------------------------------------------------------
+
+def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Select:
+    ids = q.int_list("id")
+    if ids is not None:
+        stmt = stmt.where(jobs.c.id.in_(ids))
+    parent_ids = q.int_list("parent_id")
+    if parent_ids is not None:
+        stmt = stmt.where(
+            jobs.c.id.in_(sa.select(job_parents.c.child_id).where(job_parents.c.parent_id.in_(parent_ids)))
+        )
+    app_id = q.int("app_id")
+    if app_id is not None:
+        stmt = stmt.where(jobs.c.app_id == app_id)
+    site_ids = q.int_list("site_id")
+    if site_ids is not None:
+        stmt = stmt.where(jobs.c.site_id.in_(site_ids))
+    batch_job_id = q.int("batch_job_id")
+    if batch_job_id is not None:
+        stmt = stmt.where(jobs.c.batch_job_id == batch_job_id)
+    before = q.datetime("last_update_before")
+    if before is not None:
+        stmt = stmt.where(jobs.c.last_update <= before)
+    after = q.datetime("last_update_after")
+    if after is not None:
+        stmt = stmt.where(jobs.c.last_update >= after)
+    contains = q.str("workdir__contains")
+    if contains:
+        stmt = stmt.where(jobs.c.workdir.like(f"%{like_escape(contains)}%", escape="\\"))
+    state_ne = q.enum("state__ne", JobState)
+    if state_ne is not None:
+        stmt = stmt.where(jobs.c.state != state_ne)
+    states = q.enum_list("state", JobState)
+    if states is not None:
+        stmt = stmt.where(jobs.c.state.in_(states))
+    tags = q.key_values("tags")
+    if tags:
+        stmt = stmt.where(json_contains(jobs.c.tags, tags, dialect))
+    cleanup = q.bool("pending_file_cleanup")
+    if cleanup is not None:
+        stmt = stmt.where(jobs.c.pending_file_cleanup == cleanup)
+    return stmt
+
+
+def job_ordering(q: QueryParams) -> list[sa.ColumnElement]:
+    ordering = q.choice("ordering", JOB_ORDERINGS)
+    if not ordering:
+        return [jobs.c.id]
+    col = jobs.c[ordering.lstrip("-")]
+    first = col.desc() if ordering.startswith("-") else col.asc()
+    return [first, jobs.c.id.desc() if ordering.startswith("-") else jobs.c.id]
+
+
+def list_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, offset: int) -> tuple[int, list]:
+    dialect = conn.dialect.name
+    base = sa.select(jobs.c.id).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+    base = apply_job_filters(base, q, dialect)
+    count = conn.execute(sa.select(sa.func.count()).select_from(base.subquery())).scalar_one()
+    if limit == 0 or count == 0:
+        return count, []
+    stmt = sa.select(*JOB_OUT_COLUMNS).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+    stmt = apply_job_filters(stmt, q, dialect).order_by(*job_ordering(q)).limit(limit).offset(offset)
+    return count, job_dicts(conn.execute(stmt))
+
+
+def matching_job_ids(conn: sa.Connection, user_id: int, q: QueryParams) -> list[int]:
+    stmt = sa.select(jobs.c.id).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+    stmt = apply_job_filters(stmt, q, conn.dialect.name).order_by(jobs.c.id)
+    return list(conn.execute(stmt).scalars())
+
+
+def fetch_jobs(conn: sa.Connection, ids: list[int]) -> list[dict[str, Any]]:
+    if not ids:
+        return []
+    rows = conn.execute(sa.select(*JOB_OUT_COLUMNS).where(jobs.c.id.in_(ids)).order_by(jobs.c.id))
+    return job_dicts(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------------------------
+
+class EventBuffer:
+    """Collects LogEvent rows of one request and writes them in a single INSERT."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, job_id: int, from_state: str, to_state: str, timestamp: dt.datetime, data: "dict | None") -> None:
+        self.rows.append(
+            {"job_id": job_id, "timestamp": timestamp, "from_state": from_state, "to_state": to_state, "data": data or {}}
+        )
+
+    def flush(self, conn: sa.Connection) -> None:
+        if self.rows:
+            conn.execute(sa.insert(log_events), self.rows)
+            self.rows = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Create
+# ---------------------------------------------------------------------------------------------
+
+def _normalize_transfers(item: Any) -> Any:
+    """Accept the 0.7 string shortcut ``{"slot": "alias:/abs/path"}`` for job transfers."""
+    if isinstance(item, dict):
+        transfers = item.get("transfers")
+        if isinstance(transfers, dict) and any(isinstance(v, str) for v in transfers.values()):
+            fixed = {}
+            for slot, value in transfers.items():
+                if isinstance(value, str) and ":" in value:
+                    alias, _, path = value.partition(":")
+                    fixed[slot] = {"location_alias": alias, "path": path}
+                else:
+                    fixed[slot] = value
+            item = {**item, "transfers": fixed}
+    return item
+
+
+def parse_job_creates(payload: list[Any]) -> list[Job]:
+    from balsam.serialization import PayloadError, from_dict
+
+    parsed: list[Job] = []
+    errors: list[tuple[list[Any], str]] = []
+    for index, item in enumerate(payload):
+        try:
+            job = from_dict(Job, _normalize_transfers(item))
+        except PayloadError as exc:
+            errors.extend((["body", index, *split_path(path)], msg) for path, msg in exc.errors)
+            continue
+        for name in ("num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "node_packing_count"):
+            if getattr(job, name) < 1:
+                errors.append((["body", index, name], f"must be >= 1, got {getattr(job, name)}"))
+        if job.wall_time_min < 0:
+            errors.append((["body", index, "wall_time_min"], "must be >= 0"))
+        if job.gpus_per_rank < 0:
+            errors.append((["body", index, "gpus_per_rank"], "must be >= 0"))
+        for slot, item_t in job.transfers.items():
+            if not item_t.path.is_absolute():
+                errors.append((["body", index, "transfers", slot, "path"], f"remote path must be absolute, got {str(item_t.path)!r}"))
+        parsed.append(job)
+    if errors:
+        raise ValidationFailed(errors)
+    return parsed
+
+
+def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> list[dict[str, Any]]:
+    if not specs:
+        return []
+    now = utcnow()
+    workdirs: dict[str, int] = {}
+    for index, spec in enumerate(specs):
+        key = str(spec.workdir)
+        if key in workdirs:
+            raise BadRequest(f"workdir {key!r} appears twice in this request (items {workdirs[key]} and {index})")
+        workdirs[key] = index
+
+    app_ids = {spec.app_id for spec in specs}
+    app_rows = conn.execute(
+        sa.select(apps.c.id, apps.c.site_id, apps.c.transfers, sites.c.transfer_locations)
+        .join(sites, sites.c.id == apps.c.site_id)
+        .where(apps.c.id.in_(app_ids), sites.c.owner_id == user_id)
+    ).all()
+    app_info = {row.id: row for row in app_rows}
+    missing = app_ids - app_info.keys()
+    if missing:
+        raise not_found_ids("App", missing)
+
+    parent_ids = set().union(*(spec.parent_ids for spec in specs))
+    parent_states: dict[int, str] = {}
+    if parent_ids:
+        parent_states = dict(
+            conn.execute(
+                sa.select(jobs.c.id, jobs.c.state).where(
+                    jobs.c.id.in_(parent_ids), jobs.c.site_id.in_(owned_site_ids(user_id))
+                )
+            ).all()
+        )
+        missing = parent_ids - parent_states.keys()
+        if missing:
+            raise not_found_ids("Parent job", missing)
+
+    batch_ids = {spec.batch_job_id for spec in specs if spec.batch_job_id is not None}
+    if batch_ids:
+        _check_batch_jobs(conn, user_id, batch_ids)
+
+    errors: list[tuple[list[Any], str]] = []
+    rows: list[dict[str, Any]] = []
+    transfer_specs: list[list[dict[str, Any]]] = []
+    for index, spec in enumerate(specs):
+        app = app_info[spec.app_id]
+        slots = app.transfers or {}
+        locations = app.transfer_locations or {}
+        items: list[dict[str, Any]] = []
+        for slot_name, slot in slots.items():
+            if slot.get("required") and slot_name not in spec.transfers:
+                errors.append((["body", index, "transfers", slot_name], "required transfer slot is missing"))
+        for slot_name, target in spec.transfers.items():
+            slot = slots.get(slot_name)
+            if slot is None:
+                valid = ", ".join(sorted(slots)) or "none"
+                errors.append((["body", index, "transfers", slot_name], f"app {spec.app_id} has no such transfer slot (valid: {valid})"))
+                continue
+            if target.location_alias not in locations:
+                valid = ", ".join(sorted(locations)) or "none"
+                errors.append((["body", index, "transfers", slot_name, "location_alias"],
+                               f"unknown location alias {target.location_alias!r} on the site (valid: {valid})"))
+                continue
+            stage_in = slot["direction"] == TransferDirection.stage_in.value
+            items.append({
+                "direction": slot["direction"],
+                "local_path": slot["local_path"],
+                "remote_path": str(target.path),
+                "location_alias": target.location_alias,
+                "recursive": bool(slot.get("recursive", False)),
+                "state": TransferItemState.pending.value if stage_in else TransferItemState.awaiting_job.value,
+                "task_id": "",
+                "transfer_info": {},
+            })
+        if any(parent_states[p] != S.finished.value for p in spec.parent_ids):
+            state = S.awaiting_parents
+        elif any(it["direction"] == TransferDirection.stage_in.value for it in items):
+            state = S.ready
+        else:
+            state = S.staged_in
+        rows.append({
+            "site_id": app.site_id,
+            "app_id": spec.app_id,
+            "workdir": str(spec.workdir),
+            "tags": spec.tags,
+            "serialized_parameters": spec.serialized_parameters,
+            "data": spec.data,
+            "return_code": spec.return_code,
+            "num_nodes": spec.num_nodes,
+            "ranks_per_node": spec.ranks_per_node,
+            "threads_per_rank": spec.threads_per_rank,
+            "threads_per_core": spec.threads_per_core,
+            "launch_params": spec.launch_params,
+            "gpus_per_rank": spec.gpus_per_rank,
+            "node_packing_count": spec.node_packing_count,
+            "wall_time_min": spec.wall_time_min,
+            "batch_job_id": spec.batch_job_id,
+            "parent_ids": sorted(spec.parent_ids),
+            "state": state.value,
+            "pending_file_cleanup": spec.pending_file_cleanup,
+            "serialized_return_value": spec.serialized_return_value,
+            "serialized_exception": spec.serialized_exception,
+            "last_update": now,
+            "session_id": None,
+        })
+        transfer_specs.append(items)
+    if errors:
+        raise ValidationFailed(errors)
+
+    result = conn.execute(
+        sa.insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True), rows
+    )
+    new_ids = [r[0] for r in result]
+    links = [
+        {"child_id": job_id, "parent_id": parent}
+        for job_id, row in zip(new_ids, rows)
+        for parent in row["parent_ids"]
+    ]
+    if links:
+        conn.execute(sa.insert(job_parents), links)
+    items_rows = [dict(item, job_id=job_id) for job_id, items in zip(new_ids, transfer_specs) for item in items]
+    if items_rows:
+        conn.execute(sa.insert(transfer_items), items_rows)
+    events = [
+        {"job_id": job_id, "timestamp": now, "from_state": S.created.value, "to_state": row["state"], "data": {}}
+        for job_id, row in zip(new_ids, rows)
+    ]
+    conn.execute(sa.insert(log_events), events)
+
+    out = []
+    for job_id, row in zip(new_ids, rows):
+        out.append({name: (job_id if name == "id" else row[name]) for name in JOB_OUT_FIELDS})
+    return out
+
+
+def _check_batch_jobs(conn: sa.Connection, user_id: int, batch_ids: set[int]) -> None:
+    found = set(
+        conn.execute(
+            sa.select(batch_jobs.c.id).where(batch_jobs.c.id.in_(batch_ids), batch_jobs.c.site_id.in_(owned_site_ids(user_id)))
+        ).scalars()
+    )
+    if batch_ids - found:
+        raise not_found_ids("BatchJob", batch_ids - found)
+
+
+# ---------------------------------------------------------------------------------------------
+# Update
+# ---------------------------------------------------------------------------------------------
+
+def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, Any]:
+    from balsam.serialization import PayloadError, partial_from_dict
+
+    if not isinstance(data, dict):
+        raise ValidationFailed.field(loc, f"expected a JSON object, got {type(data).__name__}")
+    body = dict(data)
+    if allow_id:
+        if "id" not in body:
+            raise ValidationFailed.field(loc + ["id"], "field required")
+        job_id = body.pop("id")
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise ValidationFailed.field(loc + ["id"], f"expected an integer, got {job_id!r}")
+    try:
+        patch = partial_from_dict(Job, body, allowed=UPDATE_FIELDS)
+    except PayloadError as exc:
+        raise ValidationFailed((loc + split_path(path), msg) for path, msg in exc.errors) from None
+    for name in ("num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "node_packing_count"):
+        if name in patch and patch[name] < 1:
+            raise ValidationFailed.field(loc + [name], f"must be >= 1, got {patch[name]}")
+    if "state" in patch and patch["state"] is None:
+        raise ValidationFailed.field(loc + ["state"], "cannot be null")
+    for name in ("workdir", "tags", "data", "launch_params", "serialized_parameters", "serialized_return_value",
+                 "serialized_exception", "num_nodes", "gpus_per_rank", "wall_time_min", "pending_file_cleanup"):
+        if name in patch and patch[name] is None:
+            raise ValidationFailed.field(loc + [name], "cannot be null")
+    if allow_id:
+        patch["id"] = job_id
+    return patch
+
+
+def _stored_value(name: str, value: Any) -> Any:
+    if name == "workdir":
+        return str(value)
+    if name == "state":
+        return value.value
+    return value
+
+
+def update_jobs(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, Any]]) -> int:
+    """Apply ``{job_id: fields}``; all-or-nothing. Returns the number of jobs updated."""
+    if not patches:
+        return 0
+    now = utcnow()
+    ids = list(patches)
+    current = {
+        row.id: row
+        for row in conn.execute(
+            sa.select(jobs.c.id, jobs.c.state, jobs.c.session_id).where(
+                jobs.c.id.in_(ids), jobs.c.site_id.in_(owned_site_ids(user_id))
+            )
+        )
+    }
+    missing = set(ids) - current.keys()
+    if missing:
+        raise not_found_ids("Job", missing)
+    batch_ids = {p["batch_job_id"] for p in patches.values() if p.get("batch_job_id") is not None}
+    if batch_ids:
+        _check_batch_jobs(conn, user_id, batch_ids)
+
+    # Validate every transition before writing anything.
+    invalid: list[str] = []
+    targets: dict[int, JobState] = {}
+    for job_id, patch in patches.items():
+        if "state" not in patch:
+            continue
+        old = JobState(current[job_id].state)
+        try:
+            new = validate_transition(old, patch["state"], forced=True)
+        except InvalidTransition as exc:
+            invalid.append(f"job {job_id}: {exc}")
+            continue
+        if new != old:
+            targets[job_id] = new
+    if invalid:
+        shown = "; ".join(invalid[:10]) + (f"; (+{len(invalid) - 10} more)" if len(invalid) > 10 else "")
+        raise BadRequest(f"Invalid state change, nothing was updated: {shown}")
+
+    events = EventBuffer()
+    final_state: dict[int, JobState] = dict(targets)
+    extra_events: list[tuple[int, JobState, JobState, dict]] = []
+    _resolve_automatic_moves(conn, final_state, extra_events)
+
+    # Build the stored values per job, then group identical ones into a single UPDATE.
+    groups: dict[bytes, tuple[dict[str, Any], list[int]]] = {}
+    for job_id, patch in patches.items():
+        values = {name: _stored_value(name, v) for name, v in patch.items() if name not in ("state", "state_timestamp", "state_data")}
+        values["last_update"] = now
+        if job_id in final_state:
+            values["state"] = final_state[job_id].value
+            if final_state[job_id] != S.running:
+                values["session_id"] = None
+            ts = patch.get("state_timestamp") or now
+            events.add(job_id, current[job_id].state, targets[job_id].value, ts, patch.get("state_data"))
+        key = orjson.dumps({k: v for k, v in values.items() if k != "last_update"}, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        groups.setdefault(key, (values, []))[1].append(job_id)
+    for job_id, from_state, to_state, data in extra_events:
+        events.add(job_id, from_state.value, to_state.value, now, data)
+    _execute_grouped_updates(conn, groups)
+    events.flush(conn)
+
+    finished = [jid for jid, st in final_state.items() if st == S.finished]
+    if finished:
+        release_children(conn, finished, now)
+    return len(patches)
+
+
+def _resolve_automatic_moves(
+    conn: sa.Connection, final_state: dict[int, JobState], extra_events: list[tuple[int, JobState, JobState, dict]]
+) -> None:
+    """Server moves that follow a state change: READY with no pending stage-in -> STAGED_IN,
+    POSTPROCESSED with no outstanding stage-out -> JOB_FINISHED (else its stage-outs start)."""
+    ready = [jid for jid, st in final_state.items() if st == S.ready]
+    if ready:
+        pending_in = set(
+            conn.execute(
+                sa.select(transfer_items.c.job_id).where(
+                    transfer_items.c.job_id.in_(ready),
+                    transfer_items.c.direction == TransferDirection.stage_in.value,
+                    transfer_items.c.state != TransferItemState.done.value,
+                ).distinct()
+            ).scalars()
+        )
+        for jid in ready:
+            if jid not in pending_in:
+                final_state[jid] = S.staged_in
+                extra_events.append((jid, S.ready, S.staged_in, {"message": "Skipped stage in"}))
+    post = [jid for jid, st in final_state.items() if st == S.postprocessed]
+    if post:
+        outstanding = set(
+            conn.execute(
+                sa.select(transfer_items.c.job_id).where(
+                    transfer_items.c.job_id.in_(post),
+                    transfer_items.c.direction == TransferDirection.stage_out.value,
+                    transfer_items.c.state != TransferItemState.done.value,
+                ).distinct()
+            ).scalars()
+        )
+        if outstanding:
+            conn.execute(
+                sa.update(transfer_items)
+                .where(
+                    transfer_items.c.job_id.in_(outstanding),
+                    transfer_items.c.direction == TransferDirection.stage_out.value,
+                    transfer_items.c.state == TransferItemState.awaiting_job.value,
+                )
+                .values(state=TransferItemState.pending.value)
+            )
+        for jid in post:
+            if jid not in outstanding:
+                final_state[jid] = S.finished
+                extra_events.append((jid, S.postprocessed, S.finished, {"message": "Skipped stage out"}))
+
+
+def _execute_grouped_updates(conn: sa.Connection, groups: dict[bytes, tuple[dict[str, Any], list[int]]]) -> None:
+    singles: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for values, ids in groups.values():
+        if len(ids) > 1:
+            for chunk_start in range(0, len(ids), 1000):
+                conn.execute(sa.update(jobs).where(jobs.c.id.in_(ids[chunk_start:chunk_start + 1000])).values(**values))
+        else:
+            singles[tuple(sorted(values))].append({"b_id": ids[0], **{f"v_{k}": v for k, v in values.items()}})
+    for names, params in singles.items():
+        stmt = (
+            sa.update(jobs)
+            .where(jobs.c.id == sa.bindparam("b_id"))
+            .values({name: sa.bindparam(f"v_{name}", type_=jobs.c[name].type) for name in names})
+        )
+        conn.execute(stmt, params)
+
+
+def release_children(conn: sa.Connection, finished_ids: list[int], now: dt.datetime) -> list[int]:
+    """Move AWAITING_PARENTS children whose parents are all JOB_FINISHED to READY / STAGED_IN."""
+    child = jobs.alias("child")
+    parent = jobs.alias("parent")
+    link = job_parents.alias("link")
+    unfinished_parent = (
+        sa.select(sa.literal(1))
+        .select_from(link.join(parent, parent.c.id == link.c.parent_id))
+        .where(link.c.child_id == child.c.id, parent.c.state != S.finished.value)
+        .exists()
+    )
+    released = list(
+        conn.execute(
+            sa.select(child.c.id)
+            .where(
+                child.c.id.in_(sa.select(job_parents.c.child_id).where(job_parents.c.parent_id.in_(finished_ids))),
+                child.c.state == S.awaiting_parents.value,
+                ~unfinished_parent,
+            )
+            .order_by(child.c.id)
+        ).scalars()
+    )
+    if not released:
+        return []
+    pending_in = set(
+        conn.execute(
+            sa.select(transfer_items.c.job_id).where(
+                transfer_items.c.job_id.in_(released),
+                transfer_items.c.direction == TransferDirection.stage_in.value,
+                transfer_items.c.state != TransferItemState.done.value,
+            ).distinct()
+        ).scalars()
+    )
+    to_ready = [jid for jid in released if jid in pending_in]
+    to_staged = [jid for jid in released if jid not in pending_in]
+    events = EventBuffer()
+    for ids, state in ((to_ready, S.ready), (to_staged, S.staged_in)):
+        if ids:
+            conn.execute(sa.update(jobs).where(jobs.c.id.in_(ids)).values(state=state.value, last_update=now))
+            for jid in ids:
+                events.add(jid, S.awaiting_parents.value, state.value, now, {"message": "All parents finished"})
+    events.flush(conn)
+    return released
+
+
+def set_states(conn: sa.Connection, moves: dict[int, tuple[str, JobState]], now: dt.datetime, data: dict) -> None:
+    """Server-driven moves (transfers done, session expiry); follows up with the automatic moves."""
+    if not moves:
+        return
+    final_state = {jid: new for jid, (_old, new) in moves.items()}
+    extra: list[tuple[int, JobState, JobState, dict]] = []
+    _resolve_automatic_moves(conn, final_state, extra)
+    by_state: dict[JobState, list[int]] = defaultdict(list)
+    for jid, state in final_state.items():
+        by_state[state].append(jid)
+    for state, ids in by_state.items():
+        values: dict[str, Any] = {"state": state.value, "last_update": now}
+        if state != S.running:
+            values["session_id"] = None
+        conn.execute(sa.update(jobs).where(jobs.c.id.in_(ids)).values(**values))
+    events = EventBuffer()
+    for jid, (old, new) in moves.items():
+        events.add(jid, old, new.value, now, data)
+    for jid, from_state, to_state, extra_data in extra:
+        events.add(jid, from_state.value, to_state.value, now, extra_data)
+    events.flush(conn)
+    finished = [jid for jid, st in final_state.items() if st == S.finished]
+    if finished:
+        release_children(conn, finished, now)
+
+
+# ---------------------------------------------------------------------------------------------
+# Delete
+# ---------------------------------------------------------------------------------------------
+
+def delete_jobs(conn: sa.Connection, ids: list[int]) -> int:
+    """All-or-nothing: refuse (409) if any job is leased by a live session."""
+    if not ids:
+        return 0
+    locked: list[int] = []
+    for start in range(0, len(ids), 5000):
+        chunk = ids[start:start + 5000]
+        locked.extend(
+            conn.execute(
+                sa.select(jobs.c.id).where(jobs.c.id.in_(chunk), jobs.c.session_id.is_not(None)).order_by(jobs.c.id)
+            ).scalars()
+        )
+    if locked:
+        shown = ", ".join(str(i) for i in locked[:50]) + (f" (+{len(locked) - 50} more)" if len(locked) > 50 else "")
+        raise Conflict(
+            f"{len(locked)} job(s) are leased by a running launcher session and were not deleted; nothing was "
+            f"deleted. Locked job ids: {shown}"
+        )
+    total = 0
+    for start in range(0, len(ids), 5000):
+        total += conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids[start:start + 5000]))).rowcount
+    return total
+
+
+def running_state_exists(conn: sa.Connection, session_ids: list[int]) -> bool:
+    return bool(conn.execute(sa.select(sa.func.count()).where(jobs.c.session_id.in_(session_ids))).scalar_one())
+
+
+__all__ = [
+    "JOB_OUT_FIELDS", "JOB_FILTERS", "list_jobs", "bulk_create_jobs", "update_jobs", "delete_jobs", "set_states",
+    "release_children", "parse_job_creates", "parse_job_patch", "matching_job_ids", "fetch_jobs", "utcnow",
+    "owned_site_ids", "json_contains", "EventBuffer", "SESSION_EXPIRED_MSG", "sessions",
+]

@@ -1,0 +1,50 @@
+"""Schema migrations with alembic (scripts ship inside the package: balsam/server/migrations)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from .db import create_db_engine, normalize_database_url
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def alembic_config(database_url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", normalize_database_url(database_url).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def current_revision(engine: sa.Engine) -> "str | None":
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(database_url: str, revision: str = "head") -> str:
+    """Upgrade the schema to ``revision``; returns the revision now stored."""
+    command.upgrade(alembic_config(database_url), revision)
+    engine = create_db_engine(database_url)
+    try:
+        return current_revision(engine) or ""
+    finally:
+        engine.dispose()
+
+
+def upgrade_engine(engine: sa.Engine) -> None:
+    """Bring an engine's database to head inside one write transaction (embedded servers)."""
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.connect().execution_options(balsam_write=True) as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        conn.commit()

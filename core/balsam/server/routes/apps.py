@@ -1,0 +1,158 @@
+"""/apps/: serialized ApplicationDefinitions, unique by (site_id, name)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.responses import Response
+
+from balsam.models import MAX_SERIALIZED_CLASS_CHARS, App, writable_fields
+from balsam.serialization import PayloadError, from_dict, partial_from_dict, to_dict
+
+from ..errors import BadRequest, NotFound, ValidationFailed
+from ..http import PAGINATION, json_response, no_content, pagination
+from ..jobs_logic import like_escape
+from ..routing import Ctx, route
+from ..tables import apps, sites
+
+APP_FIELDS = ["id", "site_id", "name", "description", "parameters", "transfers", "serialized_class", "source_code"]
+APP_COLUMNS = [apps.c[f] for f in APP_FIELDS]
+WRITABLE = set(writable_fields(App, on="update"))
+
+
+def app_dict(row: Any) -> dict[str, Any]:
+    return dict(zip(APP_FIELDS, row))
+
+
+def _validate(values: dict[str, Any]) -> None:
+    errors = []
+    name = values.get("name")
+    if name is not None and not str(name).isidentifier():
+        errors.append((["body", "name"], f"must be a Python identifier (the class name), got {name!r}"))
+    if len(values.get("serialized_class") or "") > MAX_SERIALIZED_CLASS_CHARS:
+        errors.append((["body", "serialized_class"], f"longer than {MAX_SERIALIZED_CLASS_CHARS} characters"))
+    for pname, param in (values.get("parameters") or {}).items():
+        if not str(pname).isidentifier():
+            errors.append((["body", "parameters", pname], "parameter names must be Python identifiers"))
+    for slot, spec in (values.get("transfers") or {}).items():
+        if str(spec.get("local_path", "")).startswith("/"):
+            errors.append((["body", "transfers", slot, "local_path"], "must be relative to the job workdir"))
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def _json_values(values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    for name in ("parameters", "transfers"):
+        if name in out:
+            out[name] = to_dict(App(site_id=0, name="x", serialized_class="", source_code="", **{name: out[name]}))[name]
+    return out
+
+
+def get_owned_app(conn: sa.Connection, user_id: int, app_id: int) -> sa.Row:
+    row = conn.execute(
+        sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(apps.c.id == app_id, sites.c.owner_id == user_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"App {app_id} not found")
+    return row
+
+
+def _check_site(conn: sa.Connection, user_id: int, site_id: int) -> None:
+    if conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, sites.c.owner_id == user_id)).first() is None:
+        raise NotFound(f"Site {site_id} not found")
+
+
+def _check_unique(conn: sa.Connection, site_id: int, name: str, exclude_id: "int | None" = None) -> None:
+    stmt = sa.select(apps.c.id).where(apps.c.site_id == site_id, apps.c.name == name)
+    if exclude_id is not None:
+        stmt = stmt.where(apps.c.id != exclude_id)
+    if conn.execute(stmt).first() is not None:
+        raise BadRequest("An app with this site_id and name already exists")
+
+
+def list_apps(ctx: Ctx) -> Response:
+    q = ctx.query({"site_id", "id", "name", "site_path", "site_name"} | PAGINATION)
+    limit, offset = pagination(q)
+    stmt = sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(sites.c.owner_id == ctx.user.id)
+    site_ids = q.int_list("site_id")
+    if site_ids is not None:
+        stmt = stmt.where(apps.c.site_id.in_(site_ids))
+    ids = q.int_list("id")
+    if ids is not None:
+        stmt = stmt.where(apps.c.id.in_(ids))
+    if q.str("name"):
+        stmt = stmt.where(apps.c.name == q.str("name"))
+    if q.str("site_path"):
+        stmt = stmt.where(sites.c.path.like(f"%{like_escape(q.str('site_path'))}%", escape="\\"))
+    if q.str("site_name"):
+        stmt = stmt.where(sites.c.name == q.str("site_name"))
+    with ctx.read() as conn:
+        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
+        rows = conn.execute(stmt.order_by(apps.c.id).limit(limit).offset(offset)).all()
+    return json_response({"count": count, "results": [app_dict(r) for r in rows]})
+
+
+def create_app_record(ctx: Ctx) -> Response:
+    data = ctx.json()
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k != "id"}
+    try:
+        app = from_dict(App, data)
+    except PayloadError as exc:
+        raise ValidationFailed.from_payload(exc) from None
+    values = {k: v for k, v in to_dict(app).items() if k in WRITABLE}
+    _validate(values)
+    with ctx.write() as conn:
+        _check_site(conn, ctx.user.id, values["site_id"])
+        _check_unique(conn, values["site_id"], values["name"])
+        app_id = conn.execute(sa.insert(apps).values(**values).returning(apps.c.id)).scalar_one()
+        row = get_owned_app(conn, ctx.user.id, app_id)
+    return json_response(app_dict(row), 201)
+
+
+def read_app(ctx: Ctx) -> Response:
+    with ctx.read() as conn:
+        row = get_owned_app(conn, ctx.user.id, ctx.path_int("app_id"))
+    return json_response(app_dict(row))
+
+
+def update_app(ctx: Ctx) -> Response:
+    app_id = ctx.path_int("app_id")
+    data = ctx.json()
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k != "id"}
+    try:
+        values = _json_values(partial_from_dict(App, data, allowed=WRITABLE))
+    except PayloadError as exc:
+        raise ValidationFailed.from_payload(exc) from None
+    for name in ("name", "serialized_class", "source_code", "description", "site_id"):
+        if name in values and values[name] is None:
+            raise ValidationFailed.field(["body", name], "cannot be null")
+    _validate(values)
+    with ctx.write() as conn:
+        current = get_owned_app(conn, ctx.user.id, app_id)
+        if "site_id" in values and values["site_id"] != current.site_id:
+            raise ValidationFailed.field(["body", "site_id"], "an app cannot move to another site (create a new one)")
+        if "name" in values:
+            _check_unique(conn, current.site_id, values["name"], exclude_id=app_id)
+        values.pop("site_id", None)
+        if values:
+            conn.execute(sa.update(apps).where(apps.c.id == app_id).values(**values))
+        row = get_owned_app(conn, ctx.user.id, app_id)
+    return json_response(app_dict(row))
+
+
+def delete_app(ctx: Ctx) -> Response:
+    app_id = ctx.path_int("app_id")
+    with ctx.write() as conn:
+        get_owned_app(conn, ctx.user.id, app_id)
+        conn.execute(sa.delete(apps).where(apps.c.id == app_id))
+    return no_content()
+
+
+routes = [
+    route("/apps/", {"GET": list_apps, "POST": create_app_record}),
+    route("/apps/{app_id}", {"GET": read_app, "PUT": update_app, "DELETE": delete_app}),
+]

@@ -1,0 +1,228 @@
+"""/batch-jobs/: scheduler allocations (with bulk PATCH, which Balsam 0.7 lacked)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.responses import Response
+
+from balsam.models import MAX_ITEMS_PER_BULK_OP, BatchJob
+from balsam.serialization import PayloadError, from_dict, partial_from_dict, to_dict
+from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
+
+from ..errors import split_path, BadRequest, NotFound, ValidationFailed, not_found_ids
+from ..http import PAGINATION, json_response, no_content, pagination, require_list
+from ..jobs_logic import json_contains, owned_site_ids
+from ..routing import Ctx, route
+from ..tables import batch_jobs, sites
+
+BJ_FIELDS = ["id", "site_id", "scheduler_id", "project", "queue", "optional_params", "num_nodes", "wall_time_min",
+             "job_mode", "partitions", "filter_tags", "state", "status_info", "start_time", "end_time"]
+BJ_COLUMNS = [batch_jobs.c[f] for f in BJ_FIELDS]
+UPDATABLE = {"scheduler_id", "state", "status_info", "start_time", "end_time", "project", "queue", "optional_params",
+             "num_nodes", "wall_time_min", "job_mode", "partitions", "filter_tags"}
+FILTERS = {"id", "site_id", "state", "scheduler_id", "queue", "ordering", "start_time_before", "start_time_after",
+           "end_time_before", "end_time_after", "filter_tags"}
+BJ = BatchJobState
+
+
+def bj_dict(row: Any) -> dict[str, Any]:
+    return dict(zip(BJ_FIELDS, row))
+
+
+def _json_values(values: dict[str, Any]) -> dict[str, Any]:
+    template = BatchJob(site_id=0, project="", queue="", num_nodes=1, wall_time_min=1, job_mode="mpi")
+    out = {}
+    for name, value in values.items():
+        if name in ("state", "job_mode"):
+            out[name] = value.value if hasattr(value, "value") else value
+        elif name == "partitions" and value is not None:
+            setattr(template, "partitions", value)
+            out[name] = to_dict(template)["partitions"]
+        else:
+            out[name] = value
+    return out
+
+
+def _validate_numbers(values: dict[str, Any], loc: list[Any]) -> None:
+    for name in ("num_nodes", "wall_time_min"):
+        if name in values and (values[name] is None or values[name] < 1):
+            raise ValidationFailed.field(loc + [name], f"must be a positive integer, got {values[name]!r}")
+
+
+def list_batch_jobs(ctx: Ctx) -> Response:
+    q = ctx.query(FILTERS | PAGINATION)
+    limit, offset = pagination(q)
+    stmt = sa.select(*BJ_COLUMNS).where(batch_jobs.c.site_id.in_(owned_site_ids(ctx.user.id)))
+    ids = q.int_list("id")
+    if ids is not None:
+        stmt = stmt.where(batch_jobs.c.id.in_(ids))
+    site_ids = q.int_list("site_id")
+    if site_ids is not None:
+        stmt = stmt.where(batch_jobs.c.site_id.in_(site_ids))
+    states = q.enum_list("state", BatchJobState)
+    if states is not None:
+        stmt = stmt.where(batch_jobs.c.state.in_(states))
+    scheduler_id = q.int("scheduler_id")
+    if scheduler_id is not None:
+        stmt = stmt.where(batch_jobs.c.scheduler_id == scheduler_id)
+    if q.str("queue"):
+        stmt = stmt.where(batch_jobs.c.queue == q.str("queue"))
+    for name, op in (("start_time_before", "le"), ("start_time_after", "ge"), ("end_time_before", "le"),
+                     ("end_time_after", "ge")):
+        value = q.datetime(name)
+        if value is not None:
+            col = batch_jobs.c[name.rsplit("_", 1)[0]]
+            stmt = stmt.where(col <= value if op == "le" else col >= value)
+    tags = q.key_values("filter_tags")
+    with ctx.read() as conn:
+        if tags:
+            stmt = stmt.where(json_contains(batch_jobs.c.filter_tags, tags, conn.dialect.name))
+        ordering = q.choice("ordering", ["start_time", "-start_time"])
+        order = [batch_jobs.c.id]
+        if ordering:
+            order = [batch_jobs.c.start_time.desc() if ordering.startswith("-") else batch_jobs.c.start_time.asc(), batch_jobs.c.id]
+        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
+        rows = conn.execute(stmt.order_by(*order).limit(limit).offset(offset)).all()
+    return json_response({"count": count, "results": [bj_dict(r) for r in rows]})
+
+
+def create_batch_job(ctx: Ctx) -> Response:
+    data = ctx.json()
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k != "id"}
+    try:
+        bj = from_dict(BatchJob, data)
+    except PayloadError as exc:
+        raise ValidationFailed.from_payload(exc) from None
+    values = to_dict(bj)
+    values.pop("id", None)
+    _validate_numbers(values, ["body"])
+    # The server decides the initial state (as Balsam 0.7 did).
+    values["state"] = BJ.pending_submission.value
+    with ctx.write() as conn:
+        if conn.execute(sa.select(sites.c.id).where(sites.c.id == values["site_id"], sites.c.owner_id == ctx.user.id)).first() is None:
+            raise NotFound(f"Site {values['site_id']} not found")
+        new_id = conn.execute(sa.insert(batch_jobs).values(**values).returning(batch_jobs.c.id)).scalar_one()
+        row = conn.execute(sa.select(*BJ_COLUMNS).where(batch_jobs.c.id == new_id)).one()
+    return json_response(bj_dict(row), 201)
+
+
+def _get_owned(conn: sa.Connection, user_id: int, bj_id: int) -> sa.Row:
+    row = conn.execute(
+        sa.select(*BJ_COLUMNS).where(batch_jobs.c.id == bj_id, batch_jobs.c.site_id.in_(owned_site_ids(user_id)))
+    ).first()
+    if row is None:
+        raise NotFound(f"BatchJob {bj_id} not found")
+    return row
+
+
+def read_batch_job(ctx: Ctx) -> Response:
+    with ctx.read() as conn:
+        row = _get_owned(conn, ctx.user.id, ctx.path_int("batch_job_id"))
+    return json_response(bj_dict(row))
+
+
+def _parse_patch(data: Any, loc: list[Any]) -> dict[str, Any]:
+    try:
+        values = partial_from_dict(BatchJob, data, allowed=UPDATABLE)
+    except PayloadError as exc:
+        raise ValidationFailed((loc + split_path(path), msg) for path, msg in exc.errors) from None
+    for name in ("state", "project", "queue", "job_mode", "optional_params", "filter_tags", "status_info"):
+        if name in values and values[name] is None:
+            raise ValidationFailed.field(loc + [name], "cannot be null")
+    _validate_numbers(values, loc)
+    return _json_values(values)
+
+
+def _apply_state_rules(current: dict[int, str], patches: dict[int, dict[str, Any]]) -> None:
+    """Validate BatchJob transitions; once pending_deletion, only ``finished`` applies (0.7 rule:
+    other state values are dropped, other fields still update)."""
+    problems = []
+    for bj_id, patch in patches.items():
+        if "state" not in patch:
+            continue
+        old, new = BJ(current[bj_id]), BJ(patch["state"])
+        if old == new:
+            continue
+        if old == BJ.pending_deletion and new != BJ.finished:
+            patch.pop("state")
+            continue
+        if new not in BATCH_JOB_TRANSITIONS[old]:
+            allowed = ", ".join(sorted(s.value for s in BATCH_JOB_TRANSITIONS[old])) or "none"
+            problems.append(f"batch job {bj_id}: state cannot change from {old.value} to {new.value} (allowed: {allowed})")
+    if problems:
+        raise BadRequest("Invalid state change, nothing was updated: " + "; ".join(problems[:10]))
+
+
+def _update_many(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    ids = list(patches)
+    current = dict(
+        conn.execute(
+            sa.select(batch_jobs.c.id, batch_jobs.c.state).where(
+                batch_jobs.c.id.in_(ids), batch_jobs.c.site_id.in_(owned_site_ids(user_id))
+            )
+        ).all()
+    )
+    missing = set(ids) - current.keys()
+    if missing:
+        raise not_found_ids("BatchJob", missing)
+    _apply_state_rules(current, patches)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for bj_id, values in patches.items():
+        if values:
+            groups.setdefault(tuple(sorted(values)), []).append({"b_id": bj_id, **{f"v_{k}": v for k, v in values.items()}})
+    for names, params in groups.items():
+        stmt = (
+            sa.update(batch_jobs)
+            .where(batch_jobs.c.id == sa.bindparam("b_id"))
+            .values({n: sa.bindparam(f"v_{n}", type_=batch_jobs.c[n].type) for n in names})
+        )
+        conn.execute(stmt, params)
+    rows = conn.execute(sa.select(*BJ_COLUMNS).where(batch_jobs.c.id.in_(ids)).order_by(batch_jobs.c.id))
+    return [bj_dict(r) for r in rows]
+
+
+def update_batch_job(ctx: Ctx) -> Response:
+    bj_id = ctx.path_int("batch_job_id")
+    data = ctx.json()
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in ("id", "site_id")}
+    patch = _parse_patch(data, ["body"])
+    with ctx.write() as conn:
+        (row,) = _update_many(conn, ctx.user.id, {bj_id: patch})
+    return json_response(row)
+
+
+def bulk_update(ctx: Ctx) -> Response:
+    payload = require_list(ctx.json(), "batch job updates", MAX_ITEMS_PER_BULK_OP)
+    patches: dict[int, dict[str, Any]] = {}
+    for index, item in enumerate(payload):
+        loc = ["body", index]
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
+            raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
+        body = {k: v for k, v in item.items() if k != "id"}
+        if body.get("site_id") is not None:
+            raise ValidationFailed.field(loc + ["site_id"], "cannot be changed")
+        body.pop("site_id", None)
+        if item["id"] in patches:
+            raise ValidationFailed.field(loc + ["id"], f"duplicate batch job id {item['id']} in one request")
+        patches[item["id"]] = _parse_patch(body, loc)
+    with ctx.write() as conn:
+        rows = _update_many(conn, ctx.user.id, patches) if patches else []
+    return json_response(rows)
+
+
+def delete_batch_job(ctx: Ctx) -> Response:
+    bj_id = ctx.path_int("batch_job_id")
+    with ctx.write() as conn:
+        _get_owned(conn, ctx.user.id, bj_id)
+        conn.execute(sa.delete(batch_jobs).where(batch_jobs.c.id == bj_id))
+    return no_content()
+
+
+routes = [
+    route("/batch-jobs/", {"GET": list_batch_jobs, "POST": create_batch_job, "PATCH": bulk_update}),
+    route("/batch-jobs/{batch_job_id}", {"GET": read_batch_job, "PUT": update_batch_job, "DELETE": delete_batch_job}),
+]

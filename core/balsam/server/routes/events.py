@@ -1,0 +1,63 @@
+"""/events/: the read-only job state history (one row per state change)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from starlette.responses import Response
+
+from balsam.states import JobState
+
+from ..http import PAGINATION, json_response, pagination
+from ..jobs_logic import json_contains, owned_site_ids
+from ..routing import Ctx, route
+from ..tables import batch_jobs, jobs, log_events
+
+EV_FIELDS = ["id", "job_id", "timestamp", "from_state", "to_state", "data"]
+EV_COLUMNS = [log_events.c[f] for f in EV_FIELDS]
+FILTERS = {"id", "job_id", "batch_job_id", "scheduler_id", "tags", "data", "timestamp_before", "timestamp_after",
+           "from_state", "to_state", "ordering"}
+
+
+def list_events(ctx: Ctx) -> Response:
+    q = ctx.query(FILTERS | PAGINATION)
+    limit, offset = pagination(q)
+    stmt = sa.select(*EV_COLUMNS).join(jobs, jobs.c.id == log_events.c.job_id).where(
+        jobs.c.site_id.in_(owned_site_ids(ctx.user.id))
+    )
+    ids = q.int_list("id")
+    if ids is not None:
+        stmt = stmt.where(log_events.c.id.in_(ids))
+    job_ids = q.int_list("job_id")
+    if job_ids is not None:
+        stmt = stmt.where(log_events.c.job_id.in_(job_ids))
+    batch_job_id = q.int("batch_job_id")
+    if batch_job_id is not None:
+        stmt = stmt.where(jobs.c.batch_job_id == batch_job_id)
+    scheduler_id = q.int("scheduler_id")
+    if scheduler_id is not None:
+        stmt = stmt.where(jobs.c.batch_job_id.in_(sa.select(batch_jobs.c.id).where(batch_jobs.c.scheduler_id == scheduler_id)))
+    before, after = q.datetime("timestamp_before"), q.datetime("timestamp_after")
+    if before is not None:
+        stmt = stmt.where(log_events.c.timestamp <= before)
+    if after is not None:
+        stmt = stmt.where(log_events.c.timestamp >= after)
+    from_state, to_state = q.enum("from_state", JobState), q.enum("to_state", JobState)
+    if from_state is not None:
+        stmt = stmt.where(log_events.c.from_state == from_state)
+    if to_state is not None:
+        stmt = stmt.where(log_events.c.to_state == to_state)
+    ordering = q.choice("ordering", ["timestamp", "-timestamp"], default="-timestamp")
+    order = [log_events.c.timestamp.desc(), log_events.c.id.desc()] if ordering == "-timestamp" else [
+        log_events.c.timestamp.asc(), log_events.c.id.asc()]
+    with ctx.read() as conn:
+        tags, data = q.key_values("tags"), q.key_values("data")
+        if tags:
+            stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
+        if data:
+            stmt = stmt.where(json_contains(log_events.c.data, data, conn.dialect.name))
+        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
+        rows = conn.execute(stmt.order_by(*order).limit(limit).offset(offset)).all()
+    return json_response({"count": count, "results": [dict(zip(EV_FIELDS, r)) for r in rows]})
+
+
+routes = [route("/events/", {"GET": list_events})]

@@ -1,0 +1,109 @@
+"""/jobs/: list with filters, bulk create, bulk PATCH, PUT by filter, DELETE by filter."""
+
+from __future__ import annotations
+
+from starlette.responses import Response
+
+from balsam.models import MAX_ITEMS_PER_BULK_OP
+
+from .. import jobs_logic as logic
+from ..errors import BadRequest, NotFound, ValidationFailed
+from ..http import PAGINATION, json_response, no_content, pagination, require_list
+from ..routing import Ctx, route
+from ..sessions_logic import sweep_expired
+
+
+def list_jobs(ctx: Ctx) -> Response:
+    q = ctx.query(logic.JOB_FILTERS | PAGINATION)
+    limit, offset = pagination(q)
+    with ctx.read() as conn:
+        count, results = logic.list_jobs(conn, ctx.user.id, q, limit, offset)
+    return json_response({"count": count, "results": results})
+
+
+def read_job(ctx: Ctx) -> Response:
+    job_id = ctx.path_int("job_id")
+    with ctx.read() as conn:
+        owned = conn.execute(
+            logic.sa.select(logic.jobs.c.id).where(
+                logic.jobs.c.id == job_id, logic.jobs.c.site_id.in_(logic.owned_site_ids(ctx.user.id))
+            )
+        ).first()
+        if owned is None:
+            raise NotFound(f"Job {job_id} not found")
+        (job,) = logic.fetch_jobs(conn, [job_id])
+    return json_response(job)
+
+
+def bulk_create(ctx: Ctx) -> Response:
+    payload = require_list(ctx.json(), "jobs", MAX_ITEMS_PER_BULK_OP)
+    specs = logic.parse_job_creates(payload)
+    with ctx.write() as conn:
+        created = logic.bulk_create_jobs(conn, ctx.user.id, specs)
+    return json_response(created, 201)
+
+
+def bulk_update(ctx: Ctx) -> Response:
+    payload = require_list(ctx.json(), "job updates", MAX_ITEMS_PER_BULK_OP)
+    patches: dict[int, dict] = {}
+    for index, item in enumerate(payload):
+        patch = logic.parse_job_patch(item, ["body", index], allow_id=True)
+        job_id = patch.pop("id")
+        if job_id in patches:
+            raise ValidationFailed.field(["body", index, "id"], f"duplicate job id {job_id} in one request")
+        patches[job_id] = patch
+    with ctx.write() as conn:
+        count = logic.update_jobs(conn, ctx.user.id, patches)
+    return json_response(count)
+
+
+def query_update(ctx: Ctx) -> Response:
+    q = ctx.query(logic.JOB_FILTERS)
+    patch = logic.parse_job_patch(ctx.json(), ["body"], allow_id=False)
+    with ctx.write() as conn:
+        ids = logic.matching_job_ids(conn, ctx.user.id, q)
+        if len(ids) > MAX_ITEMS_PER_BULK_OP:
+            raise BadRequest(
+                f"The filters match {len(ids)} jobs; update at most {MAX_ITEMS_PER_BULK_OP} per call (narrow the filters)"
+            )
+        count = logic.update_jobs(conn, ctx.user.id, {job_id: dict(patch) for job_id in ids})
+    return json_response(count)
+
+
+def update_one(ctx: Ctx) -> Response:
+    job_id = ctx.path_int("job_id")
+    patch = logic.parse_job_patch(ctx.json(), ["body"], allow_id=False)
+    with ctx.write() as conn:
+        count = logic.update_jobs(conn, ctx.user.id, {job_id: patch})
+    return json_response(count)
+
+
+def delete_one(ctx: Ctx) -> Response:
+    job_id = ctx.path_int("job_id")
+    with ctx.write() as conn:
+        sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
+        owned = conn.execute(
+            logic.sa.select(logic.jobs.c.id).where(
+                logic.jobs.c.id == job_id, logic.jobs.c.site_id.in_(logic.owned_site_ids(ctx.user.id))
+            )
+        ).first()
+        if owned is None:
+            raise NotFound(f"Job {job_id} not found")
+        logic.delete_jobs(conn, [job_id])
+    return no_content()
+
+
+def query_delete(ctx: Ctx) -> Response:
+    q = ctx.query(logic.JOB_FILTERS)
+    with ctx.write() as conn:
+        sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
+        ids = logic.matching_job_ids(conn, ctx.user.id, q)
+        count = logic.delete_jobs(conn, ids)
+    return json_response(count)
+
+
+routes = [
+    route("/jobs/", {"GET": list_jobs, "POST": bulk_create, "PATCH": bulk_update, "PUT": query_update,
+                     "DELETE": query_delete}),
+    route("/jobs/{job_id}", {"GET": read_job, "PUT": update_one, "DELETE": delete_one}),
+]

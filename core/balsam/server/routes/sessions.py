@@ -1,0 +1,90 @@
+"""/sessions/: launcher leases (create, acquire, tick, delete)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from starlette.responses import Response
+
+from ..errors import NotFound, ValidationFailed
+from ..http import json_response, no_content
+from ..jobs_logic import owned_site_ids, utcnow
+from ..routing import Ctx, route
+from ..sessions_logic import acquire, get_owned_session, parse_acquire, release_session_jobs, session_dict, sweep_expired
+from ..tables import batch_jobs, sessions, sites
+
+
+def list_sessions(ctx: Ctx) -> Response:
+    q = ctx.query({"id"})
+    stmt = sa.select(sessions).where(sessions.c.site_id.in_(owned_site_ids(ctx.user.id)))
+    ids = q.int_list("id")
+    if ids is not None:
+        stmt = stmt.where(sessions.c.id.in_(ids))
+    with ctx.read() as conn:
+        rows = conn.execute(stmt.order_by(sessions.c.id)).all()
+    return json_response({"count": len(rows), "results": [session_dict(r) for r in rows]})
+
+
+def create_session(ctx: Ctx) -> Response:
+    data = ctx.json()
+    if not isinstance(data, dict):
+        raise ValidationFailed.field(["body"], "expected a JSON object with site_id (and optionally batch_job_id)")
+    errors = []
+    unknown = sorted(set(data) - {"site_id", "batch_job_id", "id", "heartbeat"})
+    errors.extend((["body", k], "unknown field") for k in unknown)
+    site_id, batch_job_id = data.get("site_id"), data.get("batch_job_id")
+    if not isinstance(site_id, int) or isinstance(site_id, bool):
+        errors.append((["body", "site_id"], "field required (an integer)"))
+    if batch_job_id is not None and (not isinstance(batch_job_id, int) or isinstance(batch_job_id, bool)):
+        errors.append((["body", "batch_job_id"], f"expected an integer or null, got {batch_job_id!r}"))
+    if errors:
+        raise ValidationFailed(errors)
+    with ctx.write() as conn:
+        owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, sites.c.owner_id == ctx.user.id)).first()
+        if owned is None:
+            raise NotFound(f"Site {site_id} not found")
+        if batch_job_id is not None:
+            bj = conn.execute(
+                sa.select(batch_jobs.c.id).where(batch_jobs.c.id == batch_job_id, batch_jobs.c.site_id == site_id)
+            ).first()
+            if bj is None:
+                raise NotFound(f"BatchJob {batch_job_id} not found at site {site_id}")
+        sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
+        row = conn.execute(
+            sa.insert(sessions).values(site_id=site_id, batch_job_id=batch_job_id, heartbeat=utcnow()).returning(*sessions.c)
+        ).one()
+    return json_response(session_dict(row), 201)
+
+
+def acquire_jobs(ctx: Ctx) -> Response:
+    session_id = ctx.path_int("session_id")
+    spec = parse_acquire(ctx.json())
+    with ctx.write() as conn:
+        sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
+        session = get_owned_session(conn, ctx.user.id, session_id)
+        result = acquire(conn, session, spec)
+    return json_response(result)
+
+
+def tick(ctx: Ctx) -> Response:
+    session_id = ctx.path_int("session_id")
+    with ctx.write() as conn:
+        sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
+        get_owned_session(conn, ctx.user.id, session_id)
+        now = utcnow()
+        conn.execute(sa.update(sessions).where(sessions.c.id == session_id).values(heartbeat=now))
+    return json_response({"id": session_id, "heartbeat": now})
+
+
+def delete_session(ctx: Ctx) -> Response:
+    session_id = ctx.path_int("session_id")
+    with ctx.write() as conn:
+        get_owned_session(conn, ctx.user.id, session_id)
+        release_session_jobs(conn, [session_id], utcnow())
+        conn.execute(sa.delete(sessions).where(sessions.c.id == session_id))
+    return no_content()
+
+
+routes = [
+    route("/sessions/", {"GET": list_sessions, "POST": create_session}),
+    route("/sessions/{session_id}", {"POST": acquire_jobs, "PUT": tick, "DELETE": delete_session}),
+]

@@ -1,0 +1,153 @@
+"""/sites/: a user's sites (name unique per user)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.responses import Response
+
+from balsam.models import Site, writable_fields
+from balsam.serialization import PayloadError, from_dict, partial_from_dict, to_dict
+
+from ..errors import BadRequest, NotFound, ValidationFailed
+from ..http import PAGINATION, json_response, no_content, pagination
+from ..jobs_logic import like_escape, utcnow
+from ..routing import Ctx, route
+from ..tables import sites
+
+SITE_FIELDS = [f for f in ("id", "name", "path", "globus_endpoint_id", "backfill_windows", "queued_jobs",
+                           "optional_batch_job_params", "allowed_projects", "allowed_queues", "transfer_locations",
+                           "last_refresh", "creation_date")]
+SITE_COLUMNS = [sites.c[f] for f in SITE_FIELDS]
+WRITABLE = set(writable_fields(Site, on="update"))
+
+
+def site_dict(row: Any) -> dict[str, Any]:
+    return dict(zip(SITE_FIELDS, row))
+
+
+def _stored(values: dict[str, Any]) -> dict[str, Any]:
+    """Structured model values -> JSON-ready column values (validated on the way in)."""
+    out = {}
+    for name, value in values.items():
+        if name in ("backfill_windows", "queued_jobs", "allowed_queues"):
+            out[name] = to_dict(Site(name="x", path="/x", **{name: value}))[name]
+        elif name == "path":
+            out[name] = str(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _validate(values: dict[str, Any]) -> None:
+    errors = []
+    if "path" in values and not str(values["path"]).startswith("/"):
+        errors.append((["body", "path"], f"must be an absolute path, got {str(values['path'])!r}"))
+    if "name" in values and not str(values["name"]).strip():
+        errors.append((["body", "name"], "must not be empty"))
+    for alias, url in (values.get("transfer_locations") or {}).items():
+        if "://" not in url:
+            errors.append((["body", "transfer_locations", alias], f"expected a URL like globus://<endpoint-id>, got {url!r}"))
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def get_owned_site(conn: sa.Connection, user_id: int, site_id: int) -> sa.Row:
+    row = conn.execute(sa.select(*SITE_COLUMNS).where(sites.c.id == site_id, sites.c.owner_id == user_id)).first()
+    if row is None:
+        raise NotFound(f"Site {site_id} not found")
+    return row
+
+
+def list_sites(ctx: Ctx) -> Response:
+    q = ctx.query({"name", "path", "id", "last_refresh_after"} | PAGINATION)
+    limit, offset = pagination(q)
+    stmt = sa.select(*SITE_COLUMNS).where(sites.c.owner_id == ctx.user.id)
+    if q.str("name"):
+        stmt = stmt.where(sites.c.name == q.str("name"))
+    if q.str("path"):
+        stmt = stmt.where(sites.c.path.like(f"%{like_escape(q.str('path'))}%", escape="\\"))
+    ids = q.int_list("id")
+    if ids is not None:
+        stmt = stmt.where(sites.c.id.in_(ids))
+    after = q.datetime("last_refresh_after")
+    if after is not None:
+        stmt = stmt.where(sites.c.last_refresh >= after)
+    with ctx.read() as conn:
+        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
+        rows = conn.execute(stmt.order_by(sites.c.id).limit(limit).offset(offset)).all()
+    return json_response({"count": count, "results": [site_dict(r) for r in rows]})
+
+
+def create_site(ctx: Ctx) -> Response:
+    data = ctx.json()
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in ("id", "last_refresh", "creation_date")}
+    try:
+        site = from_dict(Site, data)
+    except PayloadError as exc:
+        raise ValidationFailed.from_payload(exc) from None
+    values = {k: v for k, v in to_dict(site).items() if k in WRITABLE}
+    _validate(values)
+    now = utcnow()
+    with ctx.write() as conn:
+        dup = conn.execute(
+            sa.select(sites.c.id).where(sites.c.owner_id == ctx.user.id, sites.c.name == values["name"])
+        ).first()
+        if dup is not None:
+            raise BadRequest(f"A site named {values['name']!r} already exists (id {dup.id})")
+        site_id = conn.execute(
+            sa.insert(sites).values(owner_id=ctx.user.id, last_refresh=now, creation_date=now, **values).returning(sites.c.id)
+        ).scalar_one()
+        row = get_owned_site(conn, ctx.user.id, site_id)
+    return json_response(site_dict(row), 201)
+
+
+def read_site(ctx: Ctx) -> Response:
+    with ctx.read() as conn:
+        row = get_owned_site(conn, ctx.user.id, ctx.path_int("site_id"))
+    return json_response(site_dict(row))
+
+
+def update_site(ctx: Ctx) -> Response:
+    site_id = ctx.path_int("site_id")
+    data = ctx.json()
+    if isinstance(data, dict):
+        # Read-only fields sent back by clients that PUT a whole record are ignored.
+        data = {k: v for k, v in data.items() if k not in ("id", "last_refresh", "creation_date")}
+    try:
+        values = _stored(partial_from_dict(Site, data, allowed=WRITABLE))
+    except PayloadError as exc:
+        raise ValidationFailed.from_payload(exc) from None
+    for name in ("name", "path"):
+        if name in values and values[name] is None:
+            raise ValidationFailed.field(["body", name], "cannot be null")
+    _validate(values)
+    with ctx.write() as conn:
+        get_owned_site(conn, ctx.user.id, site_id)
+        if "name" in values:
+            dup = conn.execute(
+                sa.select(sites.c.id).where(
+                    sites.c.owner_id == ctx.user.id, sites.c.name == values["name"], sites.c.id != site_id
+                )
+            ).first()
+            if dup is not None:
+                raise BadRequest(f"A site named {values['name']!r} already exists (id {dup.id})")
+        conn.execute(sa.update(sites).where(sites.c.id == site_id).values(last_refresh=utcnow(), **values))
+        row = get_owned_site(conn, ctx.user.id, site_id)
+    return json_response(site_dict(row))
+
+
+def delete_site(ctx: Ctx) -> Response:
+    site_id = ctx.path_int("site_id")
+    with ctx.write() as conn:
+        get_owned_site(conn, ctx.user.id, site_id)
+        conn.execute(sa.delete(sites).where(sites.c.id == site_id))
+    return no_content()
+
+
+routes = [
+    route("/sites/", {"GET": list_sites, "POST": create_site}),
+    route("/sites/{site_id}", {"GET": read_site, "PUT": update_site, "DELETE": delete_site}),
+]

@@ -1,0 +1,172 @@
+"""/transfers/: stage-in / stage-out items (created with their job); updates drive job states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.responses import Response
+
+from balsam.models import MAX_ITEMS_PER_BULK_OP, TransferItem
+from balsam.serialization import PayloadError, partial_from_dict
+from balsam.states import JobState, TransferDirection, TransferItemState
+
+from ..errors import split_path, NotFound, ValidationFailed, not_found_ids
+from ..http import PAGINATION, json_response, pagination, require_list
+from ..jobs_logic import json_contains, owned_site_ids, set_states, utcnow
+from ..routing import Ctx, route
+from ..tables import jobs, transfer_items
+
+TI_FIELDS = ["id", "job_id", "direction", "local_path", "remote_path", "location_alias", "recursive", "state",
+             "task_id", "transfer_info"]
+TI_COLUMNS = [transfer_items.c[f] for f in TI_FIELDS]
+UPDATABLE = {"state", "task_id", "transfer_info"}
+FILTERS = {"id", "site_id", "job_id", "state", "direction", "job_state", "tags"}
+
+
+def ti_dict(row: Any) -> dict[str, Any]:
+    return dict(zip(TI_FIELDS, row))
+
+
+def _owned_items():
+    return sa.select(*TI_COLUMNS).join(jobs, jobs.c.id == transfer_items.c.job_id)
+
+
+def list_transfers(ctx: Ctx) -> Response:
+    q = ctx.query(FILTERS | PAGINATION)
+    limit, offset = pagination(q)
+    stmt = _owned_items()
+    with ctx.read() as conn:
+        stmt = stmt.where(jobs.c.site_id.in_(owned_site_ids(ctx.user.id)))
+        ids = q.int_list("id")
+        if ids is not None:
+            stmt = stmt.where(transfer_items.c.id.in_(ids))
+        site_ids = q.int_list("site_id")
+        if site_ids is not None:
+            stmt = stmt.where(jobs.c.site_id.in_(site_ids))
+        job_ids = q.int_list("job_id")
+        if job_ids is not None:
+            stmt = stmt.where(transfer_items.c.job_id.in_(job_ids))
+        states = q.enum_list("state", TransferItemState)
+        if states is not None:
+            stmt = stmt.where(transfer_items.c.state.in_(states))
+        direction = q.enum("direction", TransferDirection)
+        if direction is not None:
+            stmt = stmt.where(transfer_items.c.direction == direction)
+        job_state = q.enum("job_state", JobState)
+        if job_state is not None:
+            stmt = stmt.where(jobs.c.state == job_state)
+        tags = q.key_values("tags")
+        if tags:
+            stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
+        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
+        rows = conn.execute(stmt.order_by(transfer_items.c.id).limit(limit).offset(offset)).all()
+    return json_response({"count": count, "results": [ti_dict(r) for r in rows]})
+
+
+def read_transfer(ctx: Ctx) -> Response:
+    ti_id = ctx.path_int("transfer_id")
+    with ctx.read() as conn:
+        row = conn.execute(
+            _owned_items().where(transfer_items.c.id == ti_id, jobs.c.site_id.in_(owned_site_ids(ctx.user.id)))
+        ).first()
+    if row is None:
+        raise NotFound(f"TransferItem {ti_id} not found")
+    return json_response(ti_dict(row))
+
+
+def _parse(data: Any, loc: list[Any]) -> dict[str, Any]:
+    try:
+        values = partial_from_dict(TransferItem, data, allowed=UPDATABLE)
+    except PayloadError as exc:
+        raise ValidationFailed((loc + split_path(path), msg) for path, msg in exc.errors) from None
+    for name in UPDATABLE:
+        if name in values and values[name] is None:
+            raise ValidationFailed.field(loc + [name], "cannot be null")
+    if "state" in values:
+        values["state"] = values["state"].value
+    return values
+
+
+def update_items(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Update items, then advance their jobs: READY -> STAGED_IN when every stage-in is done,
+    POSTPROCESSED -> JOB_FINISHED when every stage-out is done (and release the children)."""
+    ids = list(patches)
+    owned = set(
+        conn.execute(
+            sa.select(transfer_items.c.id)
+            .join(jobs, jobs.c.id == transfer_items.c.job_id)
+            .where(transfer_items.c.id.in_(ids), jobs.c.site_id.in_(owned_site_ids(user_id)))
+        ).scalars()
+    )
+    if set(ids) - owned:
+        raise not_found_ids("TransferItem", set(ids) - owned)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for ti_id, values in patches.items():
+        if values:
+            groups.setdefault(tuple(sorted(values)), []).append({"b_id": ti_id, **{f"v_{k}": v for k, v in values.items()}})
+    for names, params in groups.items():
+        stmt = (
+            sa.update(transfer_items)
+            .where(transfer_items.c.id == sa.bindparam("b_id"))
+            .values({n: sa.bindparam(f"v_{n}", type_=transfer_items.c[n].type) for n in names})
+        )
+        conn.execute(stmt, params)
+    advance_jobs_after_transfers(conn, ids)
+    rows = conn.execute(sa.select(*TI_COLUMNS).where(transfer_items.c.id.in_(ids)).order_by(transfer_items.c.id))
+    return [ti_dict(r) for r in rows]
+
+
+def advance_jobs_after_transfers(conn: sa.Connection, item_ids: list[int]) -> None:
+    job_ids = sa.select(transfer_items.c.job_id).where(transfer_items.c.id.in_(item_ids))
+    not_done = (
+        sa.select(sa.literal(1))
+        .where(
+            transfer_items.c.job_id == jobs.c.id,
+            transfer_items.c.direction == sa.bindparam("direction"),
+            transfer_items.c.state != TransferItemState.done.value,
+        )
+        .exists()
+    )
+    moves: dict[int, tuple[str, JobState]] = {}
+    for state, direction, target in (
+        (JobState.ready, TransferDirection.stage_in, JobState.staged_in),
+        (JobState.postprocessed, TransferDirection.stage_out, JobState.finished),
+    ):
+        ready = conn.execute(
+            sa.select(jobs.c.id).where(jobs.c.id.in_(job_ids), jobs.c.state == state.value, ~not_done),
+            {"direction": direction.value},
+        ).scalars()
+        for jid in ready:
+            moves[jid] = (state.value, target)
+    if moves:
+        set_states(conn, moves, utcnow(), {"message": "Transfers done"})
+
+
+def update_transfer(ctx: Ctx) -> Response:
+    ti_id = ctx.path_int("transfer_id")
+    values = _parse(ctx.json(), ["body"])
+    with ctx.write() as conn:
+        (row,) = update_items(conn, ctx.user.id, {ti_id: values})
+    return json_response(row)
+
+
+def bulk_update(ctx: Ctx) -> Response:
+    payload = require_list(ctx.json(), "transfer item updates", MAX_ITEMS_PER_BULK_OP)
+    patches: dict[int, dict[str, Any]] = {}
+    for index, item in enumerate(payload):
+        loc = ["body", index]
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
+            raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
+        if item["id"] in patches:
+            raise ValidationFailed.field(loc + ["id"], f"duplicate transfer item id {item['id']} in one request")
+        patches[item["id"]] = _parse({k: v for k, v in item.items() if k != "id"}, loc)
+    with ctx.write() as conn:
+        rows = update_items(conn, ctx.user.id, patches) if patches else []
+    return json_response(rows)
+
+
+routes = [
+    route("/transfers/", {"GET": list_transfers, "PATCH": bulk_update}),
+    route("/transfers/{transfer_id}", {"GET": read_transfer, "PUT": update_transfer}),
+]

@@ -1,0 +1,145 @@
+"""Launcher sessions: creation, heartbeat, race-free job acquisition and the expiry sweep.
+
+Race freedom: on PostgreSQL the candidate rows are locked with ``FOR UPDATE SKIP LOCKED`` so
+concurrent acquirers skip each other's rows; on SQLite every write transaction starts with
+``BEGIN IMMEDIATE``, so acquisitions are serialized. Either way a job is leased (``session_id``
+set) inside the same transaction that selected it with ``session_id IS NULL``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+
+from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE, SessionAcquire
+from balsam.states import BatchJobState, JobState
+
+from .errors import NotFound, ValidationFailed
+from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, utcnow
+from .tables import batch_jobs, jobs, sessions, sites
+
+logger = logging.getLogger(__name__)
+SORT_BY_CHOICES = (None, "long_large_first")
+
+
+def session_dict(row: Any) -> dict[str, Any]:
+    return {"id": row.id, "site_id": row.site_id, "batch_job_id": row.batch_job_id, "heartbeat": row.heartbeat}
+
+
+def get_owned_session(conn: sa.Connection, user_id: int, session_id: int) -> sa.Row:
+    row = conn.execute(
+        sa.select(sessions)
+        .join(sites, sites.c.id == sessions.c.site_id)
+        .where(sessions.c.id == session_id, sites.c.owner_id == user_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"Session {session_id} not found (it may have expired: no heartbeat for too long)")
+    return row
+
+
+def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = None) -> int:
+    """Delete sessions with a stale heartbeat or a finished BatchJob; RUNNING jobs -> RUN_TIMEOUT."""
+    now = utcnow()
+    cutoff = now - dt.timedelta(seconds=expire_sec)
+    stmt = (
+        sa.select(sessions.c.id)
+        .select_from(sessions.outerjoin(batch_jobs, batch_jobs.c.id == sessions.c.batch_job_id))
+        .where(sa.or_(sessions.c.heartbeat < cutoff, batch_jobs.c.state == BatchJobState.finished.value))
+    )
+    if user_id is not None:
+        stmt = stmt.where(sessions.c.site_id.in_(sa.select(sites.c.id).where(sites.c.owner_id == user_id)))
+    if conn.dialect.name == "postgresql":
+        # Concurrent sweeps (several workers) must not time out the same jobs twice.
+        stmt = stmt.with_for_update(skip_locked=True, of=sessions)
+    expired = list(conn.execute(stmt).scalars())
+    if not expired:
+        return 0
+    release_session_jobs(conn, expired, now)
+    conn.execute(sa.delete(sessions).where(sessions.c.id.in_(expired)))
+    logger.info("Swept %d expired session(s): %s", len(expired), expired)
+    return len(expired)
+
+
+def release_session_jobs(conn: sa.Connection, session_ids: list[int], now: dt.datetime) -> None:
+    running = conn.execute(
+        sa.select(jobs.c.id).where(jobs.c.session_id.in_(session_ids), jobs.c.state == JobState.running.value)
+    ).scalars().all()
+    if running:
+        set_states(
+            conn, {jid: (JobState.running.value, JobState.run_timeout) for jid in running}, now,
+            {"message": SESSION_EXPIRED_MSG},
+        )
+    conn.execute(sa.update(jobs).where(jobs.c.session_id.in_(session_ids)).values(session_id=None))
+
+
+def parse_acquire(payload: Any) -> SessionAcquire:
+    from balsam.serialization import PayloadError, from_dict
+
+    try:
+        spec = from_dict(SessionAcquire, payload)
+    except PayloadError as exc:
+        raise ValidationFailed.from_payload(exc) from None
+    if not 1 <= spec.max_num_jobs <= MAX_JOBS_PER_SESSION_ACQUIRE:
+        raise ValidationFailed.field(["body", "max_num_jobs"], f"must be between 1 and {MAX_JOBS_PER_SESSION_ACQUIRE}, got {spec.max_num_jobs}")
+    if spec.sort_by not in SORT_BY_CHOICES:
+        raise ValidationFailed.field(["body", "sort_by"], f"expected null or 'long_large_first', got {spec.sort_by!r}")
+    if spec.max_aggregate_nodes is not None and spec.max_aggregate_nodes < 0:
+        raise ValidationFailed.field(["body", "max_aggregate_nodes"], "must be >= 0")
+    return spec
+
+
+def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[dict[str, Any]]:
+    dialect = conn.dialect.name
+    stmt = sa.select(jobs.c.id, jobs.c.num_nodes, jobs.c.node_packing_count).where(
+        jobs.c.site_id == session.site_id,
+        jobs.c.session_id.is_(None),
+        jobs.c.state.in_(sorted(s.value for s in spec.states)),
+    )
+    if spec.filter_tags:
+        stmt = stmt.where(json_contains(jobs.c.tags, spec.filter_tags, dialect))
+    if spec.app_ids:
+        stmt = stmt.where(jobs.c.app_id.in_(sorted(spec.app_ids)))
+    if spec.max_wall_time_min is not None:
+        stmt = stmt.where(jobs.c.wall_time_min <= spec.max_wall_time_min)
+    if spec.max_nodes_per_job is not None:
+        stmt = stmt.where(jobs.c.num_nodes <= spec.max_nodes_per_job)
+    if spec.serial_only:
+        stmt = stmt.where(jobs.c.num_nodes == 1, jobs.c.ranks_per_node == 1)
+    if spec.max_aggregate_nodes is not None:
+        if spec.sort_by == "long_large_first":
+            order = [jobs.c.wall_time_min.desc(), jobs.c.num_nodes.desc(), jobs.c.node_packing_count.desc()]
+        else:
+            order = [jobs.c.num_nodes.asc(), jobs.c.node_packing_count.desc(), jobs.c.wall_time_min.desc()]
+        stmt = stmt.order_by(*order, jobs.c.id)
+    else:
+        stmt = stmt.order_by(jobs.c.id)
+    stmt = stmt.limit(spec.max_num_jobs)
+    if dialect == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True, of=jobs)
+    rows = conn.execute(stmt).all()
+
+    if spec.max_aggregate_nodes is not None:
+        chosen: list[int] = []
+        footprint = 0.0
+        for row in rows:
+            footprint += row.num_nodes / row.node_packing_count
+            if footprint > spec.max_aggregate_nodes + 1e-9:
+                break
+            chosen.append(row.id)
+    else:
+        chosen = [row.id for row in rows]
+
+    now = utcnow()
+    conn.execute(sa.update(sessions).where(sessions.c.id == session.id).values(heartbeat=now))
+    if not chosen:
+        return []
+    values: dict[str, Any] = {"session_id": session.id}
+    if session.batch_job_id is not None:
+        values["batch_job_id"] = session.batch_job_id
+    conn.execute(sa.update(jobs).where(jobs.c.id.in_(chosen)).values(**values))
+    result = conn.execute(sa.select(*JOB_OUT_COLUMNS).where(jobs.c.id.in_(chosen)))
+    by_id = {d["id"]: d for d in job_dicts(result)}
+    return [by_id[jid] for jid in chosen]

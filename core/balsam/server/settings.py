@@ -1,0 +1,95 @@
+"""Server settings, read from the environment (no config file needed).
+
+| variable | default |
+|---|---|
+| ``BALSAM_DATABASE_URL`` | ``sqlite:///$BALSAM_HOME/server/balsam.db`` |
+| ``BALSAM_AUTH_SECRET_KEY`` | generated once, stored 0600 in ``$BALSAM_HOME/server/secret.key`` |
+| ``BALSAM_AUTH_TOKEN_TTL_SEC`` | 172800 (48 h, as Balsam 0.7) |
+| ``BALSAM_AUTH_LOGIN_METHODS`` | ``password`` |
+| ``BALSAM_SESSION_EXPIRE_SEC`` | 300 |
+| ``BALSAM_SESSION_SWEEP_SEC`` | 60 (background sweep period, capped at half the expiry) |
+| ``BALSAM_DB_POOL_SIZE`` / ``BALSAM_DB_MAX_OVERFLOW`` | 10 / 20 (PostgreSQL) |
+| ``BALSAM_SERVER_CREATE_TABLES`` | ``1`` for SQLite, ``0`` for PostgreSQL (use ``balsam server migrate``) |
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def balsam_home() -> Path:
+    return Path(os.environ.get("BALSAM_HOME") or Path.home() / ".balsam").expanduser()
+
+
+def server_dir() -> Path:
+    return balsam_home() / "server"
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{server_dir() / 'balsam.db'}"
+
+
+def load_or_create_secret(path: Path) -> str:
+    """The embedded server's signing key: created once with mode 0600, then reused."""
+    if path.exists():
+        key = path.read_text().strip()
+        if key:
+            return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    os.chmod(path, 0o600)
+    return key
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+@dataclass
+class ServerSettings:
+    database_url: str
+    secret_key: str
+    token_ttl_sec: int = 48 * 3600
+    login_methods: list[str] = field(default_factory=lambda: ["password"])
+    session_expire_sec: int = 300
+    session_sweep_sec: int = 60
+    pool_size: int = 10
+    max_overflow: int = 20
+    create_tables: bool = True
+
+    @classmethod
+    def from_env(cls, database_url: "str | None" = None, secret_key: "str | None" = None) -> "ServerSettings":
+        url = database_url or os.environ.get("BALSAM_DATABASE_URL") or default_database_url()
+        key = secret_key or os.environ.get("BALSAM_AUTH_SECRET_KEY")
+        if not key:
+            if url.startswith("sqlite"):
+                db_path = url.split("///", 1)[-1]
+                key_path = Path(db_path).parent / "secret.key" if db_path and db_path != ":memory:" else None
+            else:
+                key_path = None
+            key = load_or_create_secret(key_path or server_dir() / "secret.key")
+        methods = [m.strip() for m in os.environ.get("BALSAM_AUTH_LOGIN_METHODS", "password").split(",") if m.strip()]
+        create_default = "1" if url.startswith("sqlite") else "0"
+        return cls(
+            database_url=url,
+            secret_key=key,
+            token_ttl_sec=_int_env("BALSAM_AUTH_TOKEN_TTL_SEC", 48 * 3600),
+            login_methods=methods,
+            session_expire_sec=_int_env("BALSAM_SESSION_EXPIRE_SEC", 300),
+            session_sweep_sec=_int_env("BALSAM_SESSION_SWEEP_SEC", 60),
+            pool_size=_int_env("BALSAM_DB_POOL_SIZE", 10),
+            max_overflow=_int_env("BALSAM_DB_MAX_OVERFLOW", 20),
+            create_tables=os.environ.get("BALSAM_SERVER_CREATE_TABLES", create_default).strip() in ("1", "true", "yes"),
+        )

@@ -1,0 +1,198 @@
+"""SQLAlchemy Core tables of the Balsam service (SQLite and PostgreSQL).
+
+Rows belong to a user through their site: ``sites.owner_id``. Jobs carry a denormalized
+``site_id`` (copied from their app, which cannot move between sites) so that ownership checks
+and session acquisition need a single join. Parent links live in ``job_parents`` (indexed both
+ways, portable), while ``jobs.parent_ids`` keeps the list for fast reads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.astimezone(dt.timezone.utc)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+#: JSON on SQLite, JSONB (containment operators, GIN indexes) on PostgreSQL.
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.String(256), nullable=False, unique=True),
+    sa.Column("hashed_password", sa.String(512), nullable=True),
+    sa.Column("date_joined", UTCDateTime, nullable=False),
+)
+
+sites = sa.Table(
+    "sites",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("owner_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("path", sa.String(4096), nullable=False),
+    sa.Column("globus_endpoint_id", sa.String(64), nullable=True),
+    sa.Column("backfill_windows", JSONType, nullable=False),
+    sa.Column("queued_jobs", JSONType, nullable=False),
+    sa.Column("optional_batch_job_params", JSONType, nullable=False),
+    sa.Column("allowed_projects", JSONType, nullable=False),
+    sa.Column("allowed_queues", JSONType, nullable=False),
+    sa.Column("transfer_locations", JSONType, nullable=False),
+    sa.Column("last_refresh", UTCDateTime, nullable=False),
+    sa.Column("creation_date", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("owner_id", "name", name="uq_sites_owner_id_name"),
+)
+
+apps = sa.Table(
+    "apps",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("site_id", sa.Integer, sa.ForeignKey("sites.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("serialized_class", sa.Text, nullable=False),
+    sa.Column("source_code", sa.Text, nullable=False),
+    sa.Column("parameters", JSONType, nullable=False),
+    sa.Column("transfers", JSONType, nullable=False),
+    sa.UniqueConstraint("site_id", "name", name="uq_apps_site_id_name"),
+)
+
+batch_jobs = sa.Table(
+    "batch_jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("site_id", sa.Integer, sa.ForeignKey("sites.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("scheduler_id", sa.Integer, nullable=True, index=True),
+    sa.Column("project", sa.String(256), nullable=False),
+    sa.Column("queue", sa.String(256), nullable=False),
+    sa.Column("optional_params", JSONType, nullable=False),
+    sa.Column("num_nodes", sa.Integer, nullable=False),
+    sa.Column("wall_time_min", sa.Integer, nullable=False),
+    sa.Column("job_mode", sa.String(16), nullable=False),
+    sa.Column("partitions", JSONType, nullable=True),
+    sa.Column("filter_tags", JSONType, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False, index=True),
+    sa.Column("status_info", JSONType, nullable=False),
+    sa.Column("start_time", UTCDateTime, nullable=True),
+    sa.Column("end_time", UTCDateTime, nullable=True),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("site_id", sa.Integer, sa.ForeignKey("sites.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column(
+        "batch_job_id", sa.Integer, sa.ForeignKey("batch_jobs.id", ondelete="SET NULL"), nullable=True, index=True
+    ),
+    sa.Column("heartbeat", UTCDateTime, nullable=False, index=True),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("site_id", sa.Integer, sa.ForeignKey("sites.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("app_id", sa.Integer, sa.ForeignKey("apps.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column(
+        "session_id", sa.Integer, sa.ForeignKey("sessions.id", ondelete="SET NULL"), nullable=True, index=True
+    ),
+    sa.Column(
+        "batch_job_id", sa.Integer, sa.ForeignKey("batch_jobs.id", ondelete="SET NULL"), nullable=True, index=True
+    ),
+    sa.Column("workdir", sa.String(4096), nullable=False),
+    sa.Column("tags", JSONType, nullable=False),
+    sa.Column("serialized_parameters", sa.Text, nullable=False),
+    sa.Column("data", JSONType, nullable=False),
+    sa.Column("return_code", sa.Integer, nullable=True),
+    sa.Column("num_nodes", sa.Integer, nullable=False),
+    sa.Column("ranks_per_node", sa.Integer, nullable=False),
+    sa.Column("threads_per_rank", sa.Integer, nullable=False),
+    sa.Column("threads_per_core", sa.Integer, nullable=False),
+    sa.Column("launch_params", JSONType, nullable=False),
+    sa.Column("gpus_per_rank", sa.Float, nullable=False),
+    sa.Column("node_packing_count", sa.Integer, nullable=False),
+    sa.Column("wall_time_min", sa.Integer, nullable=False),
+    sa.Column("parent_ids", JSONType, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("pending_file_cleanup", sa.Boolean, nullable=False),
+    sa.Column("serialized_return_value", sa.Text, nullable=False),
+    sa.Column("serialized_exception", sa.Text, nullable=False),
+    sa.Column("last_update", UTCDateTime, nullable=False),
+    sa.Index("ix_jobs_site_id_state", "site_id", "state"),
+    sa.Index("ix_jobs_state", "state"),
+    sa.Index("ix_jobs_tags_gin", "tags", postgresql_using="gin", postgresql_ops={"tags": "jsonb_path_ops"}).ddl_if(
+        dialect="postgresql"
+    ),
+)
+
+job_parents = sa.Table(
+    "job_parents",
+    metadata,
+    sa.Column("child_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Index("ix_job_parents_parent_id", "parent_id"),
+)
+
+transfer_items = sa.Table(
+    "transfer_items",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("direction", sa.String(8), nullable=False),
+    sa.Column("local_path", sa.String(4096), nullable=False),
+    sa.Column("remote_path", sa.String(4096), nullable=False),
+    sa.Column("location_alias", sa.String(256), nullable=False),
+    sa.Column("recursive", sa.Boolean, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False, index=True),
+    sa.Column("task_id", sa.String(256), nullable=False),
+    sa.Column("transfer_info", JSONType, nullable=False),
+)
+
+log_events = sa.Table(
+    "log_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("timestamp", UTCDateTime, nullable=False, index=True),
+    sa.Column("from_state", sa.String(32), nullable=False),
+    sa.Column("to_state", sa.String(32), nullable=False),
+    sa.Column("data", JSONType, nullable=False),
+)

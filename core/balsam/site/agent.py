@@ -1,0 +1,348 @@
+"""The site agent: ``python -m balsam.site`` (started by ``balsam site start``).
+
+It loads the site (``SiteConfig``), builds one instance of every agent module whose settings.yml
+section is enabled (entry-point group ``balsam.agent_modules``), and runs each module's
+``run_cycle()`` on its period in a thread of its own:
+
+- an exception in a module is logged and the module runs again next period: the agent carries on;
+- errors that mean "the API is unreachable" (connection refused, timeouts, 5xx) are retried with an
+  exponential backoff (1 s doubling up to 60 s) instead of every period;
+- SIGTERM / SIGINT stop the agent cleanly: the ``balsam_agent_stopping`` hook, the modules' ``close()``,
+  then the pid file is removed;
+- the pid file ``balsam-service.pid`` (hostname and pid) exists while the agent runs;
+- logs go to ``log/agent_<YYYY-mm-dd_HHMMSS>.log`` in the site.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .api_util import is_api_outage, load_site_client
+from .module import AgentModule
+
+logger = logging.getLogger("balsam.site.agent")
+
+PID_FILE_NAME = "balsam-service.pid"
+MAX_BACKOFF_SEC = 60.0
+#: Stop this long before the login token expires (the API would refuse us afterwards).
+TOKEN_EXPIRY_MARGIN_SEC = 120.0
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start (message is one line for the user)."""
+
+
+# -- pid file -------------------------------------------------------------------------------------
+
+
+def pid_file_path(site_path: Path) -> Path:
+    return Path(site_path) / PID_FILE_NAME
+
+
+def read_pid_file(site_path: Path) -> Optional[tuple[str, int]]:
+    """(hostname, pid) from the site's pid file, or None when there is none (or it is unreadable)."""
+    path = pid_file_path(site_path)
+    try:
+        lines = path.read_text().split()
+        return lines[0], int(lines[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
+def agent_running(site_path: Path) -> Optional[tuple[str, int]]:
+    """(hostname, pid) of the agent recorded in the pid file if it is alive (or on another host)."""
+    found = read_pid_file(site_path)
+    if found is None:
+        return None
+    host, pid = found
+    if host != socket.gethostname():
+        return found  # cannot check another host's processes: trust the file
+    return found if pid_alive(pid) else None
+
+
+def write_pid_file(site_path: Path) -> Path:
+    path = pid_file_path(site_path)
+    running = agent_running(site_path)
+    if running is not None and running[1] != os.getpid():
+        host, pid = running
+        raise AgentError(f"the site agent is already running on {host} [pid {pid}] (pid file {path})")
+    if path.exists():
+        logger.warning("replacing stale pid file %s (%s)", path, path.read_text().split())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{socket.gethostname()}\n{os.getpid()}\n")
+    os.replace(tmp, path)
+    return path
+
+
+def remove_pid_file(site_path: Path) -> None:
+    found = read_pid_file(site_path)
+    if found is not None and found == (socket.gethostname(), os.getpid()):
+        pid_file_path(site_path).unlink(missing_ok=True)
+
+
+# -- settings access -------------------------------------------------------------------------------
+
+
+def settings_section(settings: Any, name: str) -> Any:
+    """The loaded settings section ``name`` (None when disabled or absent)."""
+    sections = getattr(settings, "sections", None)
+    if isinstance(sections, dict) and name in sections:
+        return sections[name]
+    return getattr(settings, name, None)
+
+
+def setup_logging(site_config: Any, *, stream: bool = False) -> Path:
+    settings = site_config.settings
+    log_settings = getattr(settings, "logging", None)
+    level = str(getattr(log_settings, "level", "INFO") or "INFO").upper()
+    fmt = getattr(log_settings, "format", None) or "%(asctime)s | %(process)d | %(levelname)s | %(name)s] %(message)s"
+    datefmt = getattr(log_settings, "datefmt", None) or "%Y-%m-%d %H:%M:%S"
+    log_dir = Path(getattr(site_config, "log_path", Path(site_config.site_path) / "log"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"agent_{dt.datetime.now():%Y-%m-%d_%H%M%S}.log"
+    handler: logging.Handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    # On the root logger, so third-party agent modules logging under their own names land here too.
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level, logging.INFO))
+    root.addHandler(handler)
+    for noisy in ("httpx", "httpcore", "stevedore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if stream:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter(fmt, datefmt))
+        root.addHandler(console)
+    return path
+
+
+# -- the agent ------------------------------------------------------------------------------------
+
+
+class Agent:
+    """Runs the enabled agent modules of one site until stopped."""
+
+    def __init__(self, site_config: Any, client: Any = None, modules: Optional[list[AgentModule]] = None) -> None:
+        self.site_config = site_config
+        self.site_path = Path(site_config.site_path)
+        self.client = client if client is not None else self._make_client()
+        self.modules: list[AgentModule] = modules if modules is not None else []
+        self._modules_given = modules is not None
+        self.stop_event = threading.Event()
+        self.stop_reason = "signal"
+        self.threads: list[threading.Thread] = []
+        self.cycles: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+
+    def _make_client(self) -> Any:
+        client = load_site_client(self.site_config)
+        # The agent does its own backoff: keep the client's blocking retries short so that a
+        # SIGTERM is served promptly even during an API outage.
+        if hasattr(client, "retry_count"):
+            client.retry_count = min(int(client.retry_count), 2)
+        if hasattr(client, "backoff_max"):
+            client.backoff_max = min(float(client.backoff_max), 4.0)
+        return client
+
+    # -- building --------------------------------------------------------------------------------
+    def build_modules(self) -> list[AgentModule]:
+        from ..plugins.manager import get_plugin_manager
+
+        pm = get_plugin_manager()
+        settings = self.site_config.settings
+        modules: list[AgentModule] = []
+        for name in sorted(pm.list_drivers("agent_module")):
+            section = settings_section(settings, name)
+            if section is None:
+                logger.info("agent module %s: disabled (no `%s:` section in settings.yml)", name, name)
+                continue
+            try:
+                cls = pm.load_driver("agent_module", name)
+                module = cls(self.site_config, section, self.client)
+            except Exception as exc:
+                logger.error("agent module %s: cannot start: %s", name, exc, exc_info=True)
+                continue
+            if not getattr(module, "section", ""):
+                module.section = name  # type: ignore[misc]
+            modules.append(module)
+        return modules
+
+    # -- running ---------------------------------------------------------------------------------
+    def _module_loop(self, module: AgentModule) -> None:
+        name = module.name
+        backoff = 0.0
+        while not self.stop_event.is_set():
+            delay: Optional[float]
+            try:
+                delay = module.run_cycle()
+                self.cycles[name] = self.cycles.get(name, 0) + 1
+                if backoff:
+                    logger.info("%s: API reachable again", name)
+                backoff = 0.0
+            except Exception as exc:
+                self.errors[name] = self.errors.get(name, 0) + 1
+                if is_api_outage(exc):
+                    backoff = min(MAX_BACKOFF_SEC, max(1.0, backoff * 2))
+                    logger.warning("%s: API unavailable (%s); next try in %.0f s", name, exc, backoff)
+                    delay = backoff
+                else:
+                    logger.exception("%s: cycle failed (the agent carries on): %s", name, exc)
+                    delay = None
+            if delay is None:
+                delay = module.period
+            if delay > 0:
+                self.stop_event.wait(delay)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            logger.info("received %s: stopping", signal.Signals(signum).name)
+            self.request_stop("signal")
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def request_stop(self, reason: str = "signal") -> None:
+        if not self.stop_event.is_set():
+            self.stop_reason = reason
+            self.stop_event.set()
+
+    def _token_deadline(self) -> Optional[float]:
+        try:
+            from ..client.settings import ClientSettings
+
+            expiry = ClientSettings.load(getattr(self.client, "settings_path", None)).token_expiry
+        except Exception:
+            return None
+        if not expiry:
+            return None
+        if isinstance(expiry, str):
+            from ..serialization import parse_datetime
+
+            expiry = parse_datetime(expiry)
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=dt.timezone.utc)
+        return time.time() + (expiry - dt.datetime.now(dt.timezone.utc)).total_seconds() - TOKEN_EXPIRY_MARGIN_SEC
+
+    def start(self) -> None:
+        """Build the modules (unless given), call the started hook and start one thread per module."""
+        from ..plugins.manager import get_plugin_manager
+
+        if not self._modules_given:
+            self.modules = self.build_modules()
+        names = ", ".join(m.describe() for m in self.modules) or "none"
+        logger.info("site %s at %s: modules %s", getattr(self.site_config, "site_id", "?"), self.site_path, names)
+        try:
+            get_plugin_manager().hook.balsam_agent_started(site_config=self.site_config, modules=list(self.modules))
+        except Exception:
+            logger.exception("a balsam_agent_started hook failed (ignored)")
+        for module in self.modules:
+            thread = threading.Thread(target=self._module_loop, args=(module,), name=f"agent-{module.name}", daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        deadline_token = self._token_deadline()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_note = time.monotonic()
+        while not self.stop_event.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if deadline_token is not None and time.time() >= deadline_token:
+                logger.warning("the login token expires soon: stopping (run `balsam login`, then `balsam site start`)")
+                self.request_stop("token-expiry")
+                break
+            self.stop_event.wait(1.0)
+            if time.monotonic() - last_note > 600:
+                last_note = time.monotonic()
+                logger.info("agent alive: cycles %s, errors %s", self.cycles, self.errors)
+
+    def shutdown(self, reason: Optional[str] = None, join_timeout: float = 30.0) -> None:
+        from ..plugins.manager import get_plugin_manager
+
+        self.request_stop(reason or self.stop_reason)
+        reason = self.stop_reason
+        logger.info("stopping (%s)", reason)
+        try:
+            get_plugin_manager().hook.balsam_agent_stopping(site_config=self.site_config, reason=reason)
+        except Exception:
+            logger.exception("a balsam_agent_stopping hook failed (ignored)")
+        deadline = time.monotonic() + join_timeout
+        for thread in self.threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.warning("%s did not finish its cycle in time", thread.name)
+        for module in self.modules:
+            try:
+                module.close()
+            except Exception:
+                logger.exception("%s: close() failed", module.name)
+        logger.info("agent stopped")
+
+    def run(self) -> int:
+        """Main entry: pid file, signals, modules until SIGTERM; returns the exit code."""
+        write_pid_file(self.site_path)
+        try:
+            self._install_signal_handlers()
+            self.start()
+            self.wait()
+            self.shutdown()
+        except BaseException:
+            logger.exception("the agent failed")
+            self.shutdown("error")
+            raise
+        finally:
+            remove_pid_file(self.site_path)
+        return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m balsam.site", description="Run the Balsam site agent")
+    parser.add_argument("site_path", nargs="?", help="site directory (default: $BALSAM_SITE_PATH or the cwd's site)")
+    parser.add_argument("--log-to-stderr", action="store_true", help="also log to stderr")
+    args = parser.parse_args(argv)
+    from ..config import SiteConfig
+
+    try:
+        site_config = SiteConfig(args.site_path)
+    except Exception as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    os.environ["BALSAM_SITE_PATH"] = str(site_config.site_path)
+    log_path = setup_logging(site_config, stream=args.log_to_stderr)
+    logger.info("balsam site agent starting (pid %d on %s), log %s", os.getpid(), socket.gethostname(), log_path)
+    try:
+        agent = Agent(site_config)
+        try:
+            from .site_ops import push_site_settings
+
+            push_site_settings(agent.client, site_config)
+        except Exception as exc:
+            logger.warning("could not push settings.yml to the API site record: %s", exc)
+        return agent.run()
+    except AgentError as exc:
+        logger.error("%s", exc)
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"Error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

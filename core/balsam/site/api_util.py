@@ -1,0 +1,113 @@
+"""Small helpers the agent and its modules share for talking to the REST API.
+
+Everything goes through the ``balsam.client.RESTClient`` of the site owner (``get/post/put/patch/delete``
+returning parsed JSON). Lists are paged with ``limit``/``offset``; bulk writes are chunked at
+``MAX_ITEMS_PER_BULK_OP`` so one call never carries more than the server accepts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+from ..models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
+
+logger = logging.getLogger(__name__)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso_now() -> str:
+    return utcnow().isoformat()
+
+
+def load_site_client(site_config: Any = None) -> Any:
+    """The REST client a site process uses: the SiteConfig's own client when it has one, else the stored login."""
+    client = getattr(site_config, "client", None) if site_config is not None else None
+    if client is not None and not callable(client):
+        return client
+    if callable(client):
+        return client()
+    from ..client import load_client
+
+    return load_client()
+
+
+def is_api_outage(exc: BaseException) -> bool:
+    """True for errors that mean "the API is unreachable or overloaded": retry later, don't give up."""
+    try:
+        import httpx
+
+        if isinstance(exc, httpx.TransportError):
+            return True
+    except ImportError:  # pragma: no cover - httpx is a core dependency
+        pass
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+    if isinstance(status, int) and (status >= 500 or status == 429):
+        return True
+    name = type(exc).__name__.lower()
+    return any(word in name for word in ("connection", "timeout", "unavailable", "outage"))
+
+
+def results(payload: Any) -> list[dict]:
+    """The rows of a list response (``{"count", "results"}``) or a bare list."""
+    if isinstance(payload, Mapping):
+        return list(payload.get("results", []))
+    return list(payload or [])
+
+
+def list_all(client: Any, path: str, params: Optional[Mapping[str, Any]] = None, *, limit: Optional[int] = None) -> list[dict]:
+    """GET every row of a list route, following pagination."""
+    params = dict(params or {})
+    rows: list[dict] = []
+    offset = 0
+    page = MAX_PAGE_SIZE if limit is None else min(limit, MAX_PAGE_SIZE)
+    while True:
+        payload = client.get(path, params={**params, "limit": page, "offset": offset})
+        batch = results(payload)
+        rows.extend(batch)
+        count = payload.get("count") if isinstance(payload, Mapping) else None
+        offset += len(batch)
+        if not batch or (limit is not None and len(rows) >= limit):
+            break
+        if count is None or offset >= count:
+            break
+    return rows if limit is None else rows[:limit]
+
+
+def count(client: Any, path: str, params: Optional[Mapping[str, Any]] = None) -> int:
+    payload = client.get(path, params={**dict(params or {}), "limit": 0, "offset": 0})
+    if isinstance(payload, Mapping) and "count" in payload:
+        return int(payload["count"])
+    return len(results(payload))
+
+
+def chunks(items: Sequence[Any], size: int = MAX_ITEMS_PER_BULK_OP) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def bulk_patch(client: Any, path: str, updates: Iterable[Mapping[str, Any]]) -> int:
+    """PATCH a list of ``{"id": ..., field: value}`` in chunks; each chunk names a record at most once."""
+    pending = list(updates)
+    sent = 0
+    while pending:
+        seen: set[int] = set()
+        this_round: list[Mapping[str, Any]] = []
+        later: list[Mapping[str, Any]] = []
+        for update in pending:
+            if update["id"] in seen:
+                later.append(update)
+            else:
+                seen.add(update["id"])
+                this_round.append(update)
+        for chunk in chunks(this_round):
+            client.patch(path, json=list(chunk))
+            sent += len(chunk)
+        pending = later
+    return sent

@@ -1,0 +1,252 @@
+"""Running app hooks on jobs: the shared logic of the processing module and its worker processes.
+
+- :func:`default_update` applies a hook the app did *not* override, in the agent process, with no
+  worker: STAGED_IN→PREPROCESSED, RUN_DONE→POSTPROCESSED, RUN_ERROR→FAILED (with the tail of
+  ``job.out``), RUN_TIMEOUT→RESTART_READY; ``run()`` apps get their return value or exception read
+  from the markers in ``job.out``.
+- :func:`run_hooks` runs user hooks in a worker process: one app instance per job, the hook's output
+  appended to ``<workdir>/balsam.log``, an exception in a hook fails the job with the traceback.
+Both return update dicts for ``PATCH /jobs/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from ..states import JobState
+
+HOOK_FOR_STATE: dict[JobState, str] = {
+    JobState.staged_in: "preprocess",
+    JobState.run_done: "postprocess",
+    JobState.run_error: "handle_error",
+    JobState.run_timeout: "handle_timeout",
+}
+DEFAULT_TARGET: dict[JobState, JobState] = {
+    JobState.staged_in: JobState.preprocessed,
+    JobState.run_done: JobState.postprocessed,
+    JobState.run_error: JobState.failed,
+    JobState.run_timeout: JobState.restart_ready,
+}
+#: Job fields a hook may change and that are sent back to the API.
+HOOK_WRITABLE_FIELDS = (
+    "state",
+    "state_data",
+    "data",
+    "tags",
+    "return_code",
+    "num_nodes",
+    "ranks_per_node",
+    "threads_per_rank",
+    "threads_per_core",
+    "launch_params",
+    "gpus_per_rank",
+    "node_packing_count",
+    "wall_time_min",
+    "serialized_parameters",
+    "serialized_return_value",
+    "serialized_exception",
+    "pending_file_cleanup",
+)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def tail_lines(path: Path, num_lines: int, max_bytes: int = 65536) -> str:
+    """The last ``num_lines`` lines of a file (reads at most ``max_bytes`` from its end)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", "replace").splitlines()
+    return "\n".join(lines[-num_lines:]) if num_lines > 0 else ""
+
+
+def read_run_markers(workdir: Path) -> tuple[str, str]:
+    """(serialized_return_value, serialized_exception) printed by a ``run()`` app into job.out."""
+    path = workdir / "job.out"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "", ""
+    from .._api.app import parse_run_markers  # the client API owns the marker format
+
+    value, exc = parse_run_markers(text)
+    return value or "", exc or ""
+
+
+def default_update(job: dict, python_app: bool, data_path: Path, tail_num_lines: int = 10) -> dict:
+    """The update a job gets when its app keeps the default hook for its state."""
+    state = JobState(job["state"])
+    target = DEFAULT_TARGET[state]
+    update: dict[str, Any] = {"id": job["id"], "state": target.value, "state_timestamp": now_iso()}
+    if state in (JobState.run_done, JobState.run_error):
+        workdir = data_path / job["workdir"]
+        if python_app:
+            value, exc = read_run_markers(workdir)
+            if value:
+                update["serialized_return_value"] = value
+            if exc:
+                update["serialized_exception"] = exc
+        if state == JobState.run_error:
+            tail = tail_lines(workdir / "job.out", tail_num_lines)
+            update["state_data"] = {
+                "message": "the run failed and the app keeps the default handle_error (FAILED)",
+                "error": tail,
+            }
+    elif state == JobState.run_timeout:
+        update["state_data"] = {"message": "timed out: re-queued by the default handle_timeout (RESTART_READY)"}
+    return update
+
+
+# -- worker side ----------------------------------------------------------------------------------
+
+_APP_CLASSES: dict[tuple[int, str], type] = {}
+
+
+def _app_class(app_record: dict) -> type:
+    key = (int(app_record["id"]), str(hash(app_record.get("serialized_class", ""))))
+    cls = _APP_CLASSES.get(key)
+    if cls is None:
+        from .apps import load_app_class
+
+        cls = load_app_class(app_record)
+        _APP_CLASSES[key] = cls
+    return cls
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def make_job_object(job: dict) -> Any:
+    """The client API's Job object for a job dict read from the API (what hooks see as ``self.job``)."""
+    from ..api import Job
+
+    for factory in ("_from_api", "from_api", "_from_dict", "from_dict"):
+        build = getattr(Job, factory, None)
+        if build is not None:
+            return build(dict(job))
+    raise RuntimeError("balsam.api.Job cannot be built from an API record")
+
+
+def _snapshot(job_obj: Any) -> dict:
+    snap = {}
+    for name in HOOK_WRITABLE_FIELDS:
+        try:
+            snap[name] = _jsonable(getattr(job_obj, name))
+        except Exception:
+            continue
+    return snap
+
+
+@contextlib.contextmanager
+def redirected_output(log_path: Path) -> Iterator[Any]:
+    """Send this process's stdout and stderr (also of its children) to ``log_path`` (append)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        os.close(fd)
+
+
+def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_path: Path, tail_num_lines: int = 10) -> dict:
+    """Run the hook for ``job``'s state in this process and return the job's update."""
+    state = JobState(job["state"])
+    hook = HOOK_FOR_STATE[state]
+    workdir = data_path / job["workdir"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    base: dict[str, Any] = {"id": job["id"]}
+    if state in (JobState.run_done, JobState.run_error) and python_app:
+        value, exc = read_run_markers(workdir)
+        if value:
+            base["serialized_return_value"] = job["serialized_return_value"] = value
+        if exc:
+            base["serialized_exception"] = job["serialized_exception"] = exc
+    cwd = os.getcwd()
+    with redirected_output(workdir / "balsam.log"):
+        print(f"#BALSAM Running {hook} for Job {job['id']} at {now_iso()}", flush=True)
+        try:
+            if app_cls is None:
+                raise RuntimeError("the app could not be loaded")
+            job_obj = make_job_object(job)
+            before = _snapshot(job_obj)
+            os.chdir(workdir)
+            app = app_cls(job_obj)
+            getattr(app, hook)()
+            after = _snapshot(job_obj)
+        except BaseException as exc:  # a hook may raise anything, even SystemExit
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            print(text, flush=True)
+            return {
+                **base,
+                "state": JobState.failed.value,
+                "state_timestamp": now_iso(),
+                "state_data": {"message": f"An exception occurred in {hook}", "error": text[-4000:]},
+            }
+        finally:
+            os.chdir(cwd)
+    update = dict(base)
+    for name, value in after.items():
+        if before.get(name) != value:
+            update[name] = value
+    if "state" in update:
+        update["state_timestamp"] = now_iso()
+        if "state_data" not in update and after.get("state_data"):
+            update["state_data"] = after["state_data"]
+    elif "state_data" in update:
+        update.pop("state_data")  # state_data only travels with a state change
+    return update
+
+
+def run_hooks(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int = 10) -> list[dict]:
+    """Worker-process entry: run the hooks of several jobs of one app."""
+    try:
+        app_cls = _app_class(app_record) if app_record is not None else None
+    except Exception as exc:
+        return [
+            {
+                "id": job["id"],
+                "state": JobState.failed.value,
+                "state_timestamp": now_iso(),
+                "state_data": {"message": "An exception occurred while loading the app", "error": str(exc)},
+            }
+            for job in jobs
+        ]
+    return [run_hook_on_job(app_cls, job, python_app, Path(data_path), tail_num_lines) for job in jobs]

@@ -1,0 +1,177 @@
+"""Render a site's ``job-template.sh`` (Jinja2) into the batch script of one BatchJob.
+
+Variables (Balsam 0.7's, inventory §7.4, plus ``batch_job_id`` and ``tags``):
+
+=========================  ===========================================================================
+``project``, ``queue``     the BatchJob's project and queue
+``num_nodes``              nodes requested
+``wall_time_min``          wall time requested (minutes)
+``launcher_wall_time_min`` the launcher's ``-t``: a little less than ``wall_time_min`` so that running
+                           jobs are ended (RUN_TIMEOUT) before the allocation is killed
+``job_mode``               ``mpi`` or ``serial``
+``filter_tags``            dict: the launcher only runs jobs carrying these tags
+``tags``                   the same, pre-rendered as `` --tag K=V ...``
+``partitions``             pre-rendered `` --part MODE:NODES[:K=V...]`` options (empty without partitions)
+``optional_params``        dict: the site's ``optional_batch_job_params`` defaults overlaid with the
+                           BatchJob's ``-x`` values
+``balsam_site_path``       absolute site directory
+``balsam_bin``             directory of the ``balsam`` executable
+``pg_bin``                 directory of ``pg_ctl`` (or ``$POSTGRES_BIN``), may be None
+``launcher_cmd``           ``<python> -m balsam.launcher``
+``batch_job_id``           the BatchJob's API id (exported as ``BALSAM_BATCH_JOB_ID``)
+=========================  ===========================================================================
+
+Plugins add variables through the ``balsam_job_template_context(batch_job, context)`` hook.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jinja2
+
+__all__ = [
+    "DEFAULT_JOB_TEMPLATE",
+    "JobTemplateError",
+    "build_context",
+    "launcher_command",
+    "render_job_script",
+    "default_template_for",
+]
+
+
+class JobTemplateError(ValueError):
+    """The job template cannot be read or rendered (message names the file and the problem)."""
+
+
+#: Used when neither the platform nor the scheduler driver ships a template of its own.
+DEFAULT_JOB_TEMPLATE = """#!/bin/bash
+# Balsam job template (Jinja2): rendered by the site agent for each BatchJob into qsubmit/.
+# Variables: project queue num_nodes wall_time_min job_mode filter_tags optional_params
+#            balsam_site_path launcher_cmd batch_job_id partitions tags (see docs/site.md)
+# BatchJob {{ batch_job_id }}: {{ num_nodes }} node(s), {{ wall_time_min }} min, queue {{ queue }}, project {{ project }}
+{% for key, value in optional_params.items() %}# optional param {{ key }}={{ value }}
+{% endfor %}
+export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}
+export BALSAM_BATCH_JOB_ID={{ batch_job_id }}
+cd "$BALSAM_SITE_PATH"
+
+exec {{ launcher_cmd }} -j {{ job_mode }} -t {{ launcher_wall_time_min }}{{ tags }}{{ partitions }}
+"""
+
+
+def launcher_command() -> str:
+    """How a batch script starts the launcher with this installation's interpreter."""
+    return f"{shlex.quote(sys.executable)} -m balsam.launcher"
+
+
+def launcher_wall_time(wall_time_min: int) -> int:
+    # Leave the launcher a margin (up to 2 min, as Balsam 0.7's templates did) to time out its jobs.
+    return max(1, int(wall_time_min) - min(2, int(wall_time_min) // 3))
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _enum_value(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def _render_tags(tags: Mapping[str, str]) -> str:
+    return "".join(f" --tag {shlex.quote(f'{k}={v}')}" for k, v in sorted(tags.items()))
+
+
+def _render_partitions(partitions: Any) -> str:
+    if not partitions:
+        return ""
+    parts = []
+    for part in partitions:
+        spec = f"{_enum_value(_field(part, 'job_mode'))}:{_field(part, 'num_nodes')}"
+        for key, value in sorted((_field(part, "filter_tags") or {}).items()):
+            spec += f":{key}={value}"
+        parts.append(f" --part {shlex.quote(spec)}")
+    return "".join(parts)
+
+
+def _bin_dir(executable: str, env_var: Optional[str] = None) -> Optional[str]:
+    if env_var and os.environ.get(env_var):
+        return os.environ[env_var]
+    found = shutil.which(executable)
+    if found is None and executable == "balsam":
+        candidate = Path(sys.executable).parent / "balsam"
+        found = str(candidate) if candidate.exists() else None
+    return str(Path(found).parent) if found else None
+
+
+def build_context(
+    batch_job: Any,
+    site_path: Path,
+    *,
+    default_optional_params: Optional[Mapping[str, str]] = None,
+    call_hook: bool = True,
+) -> dict[str, Any]:
+    """The template variables for ``batch_job`` (a ``balsam.models.BatchJob`` or its dict)."""
+    filter_tags = dict(_field(batch_job, "filter_tags") or {})
+    optional_params = {**dict(default_optional_params or {}), **dict(_field(batch_job, "optional_params") or {})}
+    wall_time_min = int(_field(batch_job, "wall_time_min"))
+    context: dict[str, Any] = {
+        "batch_job_id": _field(batch_job, "id"),
+        "project": _field(batch_job, "project"),
+        "queue": _field(batch_job, "queue"),
+        "num_nodes": int(_field(batch_job, "num_nodes")),
+        "wall_time_min": wall_time_min,
+        "launcher_wall_time_min": launcher_wall_time(wall_time_min),
+        "job_mode": str(_enum_value(_field(batch_job, "job_mode"))),
+        "filter_tags": filter_tags,
+        "tags": _render_tags(filter_tags),
+        "partitions": _render_partitions(_field(batch_job, "partitions")),
+        "optional_params": optional_params,
+        "balsam_site_path": str(Path(site_path).resolve()),
+        "balsam_bin": _bin_dir("balsam"),
+        "pg_bin": _bin_dir("pg_ctl", "POSTGRES_BIN"),
+        "launcher_cmd": launcher_command(),
+    }
+    if call_hook:
+        from ..plugins.manager import get_plugin_manager
+
+        get_plugin_manager().hook.balsam_job_template_context(batch_job=batch_job, context=context)
+    return context
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(keep_trailing_newline=True, autoescape=False)
+    env.filters["shell_quote"] = lambda value: shlex.quote(str(value))
+    return env
+
+
+def render_job_script(template_text: str, context: Mapping[str, Any], *, source: str = "job-template.sh") -> str:
+    """Render the template; a Jinja error becomes one line naming the file and the line."""
+    try:
+        return _environment().from_string(template_text).render(**context)
+    except jinja2.TemplateSyntaxError as exc:
+        raise JobTemplateError(f"{source}:{exc.lineno}: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise JobTemplateError(f"{source}: {exc}") from None
+
+
+def read_template(path: Path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise JobTemplateError(f"cannot read the job template {path}: {exc.strerror or exc}") from None
+
+
+def default_template_for(platform: Any = None, scheduler_cls: Any = None) -> str:
+    """The job-template.sh that ``balsam site init`` writes: the platform's, else the scheduler's, else ours."""
+    text = platform.job_template() if platform is not None else None
+    if not text and scheduler_cls is not None:
+        text = getattr(scheduler_cls, "default_job_template", "") or ""
+    return text or DEFAULT_JOB_TEMPLATE

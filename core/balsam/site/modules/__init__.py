@@ -1,0 +1,1 @@
+"""Built-in agent modules (entry-point group ``balsam.agent_modules``)."""

@@ -1,0 +1,74 @@
+"""The ``file_cleaner`` agent module: delete each finished job's ``cleanup_files``.
+
+Each cycle (``service_period`` seconds) it fetches up to ``cleanup_batch_size`` JOB_FINISHED jobs of
+this site with ``pending_file_cleanup`` set, groups them by app, deletes the files matching the app's
+``cleanup_files`` glob patterns inside each workdir (never outside the site's ``data/``), and clears
+``pending_file_cleanup`` on all of them with one bulk PATCH.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ...states import JobState
+from ..api_util import bulk_patch, list_all
+from ..apps import AppCache
+from ..module import AgentModule, config_value
+
+
+def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str]) -> list[Path]:
+    """Delete files under ``workdir`` that match ``patterns``; return what was removed."""
+    removed: list[Path] = []
+    data_root = data_path.resolve()
+    for pattern in patterns:
+        if not pattern or ".." in Path(pattern).parts or Path(pattern).is_absolute():
+            continue
+        for match in workdir.glob(pattern):
+            try:
+                resolved = match.resolve()
+                if data_root not in resolved.parents or not resolved.is_file():
+                    continue
+                resolved.unlink()
+                removed.append(resolved)
+            except OSError:
+                continue
+    return removed
+
+
+class FileCleanerModule(AgentModule):
+    section = "file_cleaner"
+    default_period = 30.0
+    period_fields = ("service_period",)
+
+    def __init__(self, site_config: Any, config: Any, client: Any) -> None:
+        super().__init__(site_config, config, client)
+        self.apps = AppCache(client)
+
+    def run_cycle(self) -> Optional[float]:
+        batch = int(config_value(self.config, "cleanup_batch_size", 180))
+        jobs = list_all(
+            self.client,
+            "/jobs/",
+            {"site_id": self.site_id, "state": JobState.finished.value, "pending_file_cleanup": "true"},
+            limit=batch,
+        )
+        if not jobs:
+            return None
+        data_path = Path(self.site_config.data_path)
+        removed = 0
+        for app_id in sorted({job["app_id"] for job in jobs}):
+            try:
+                app_cls = self.apps.app_class(app_id)
+                patterns = list(getattr(app_cls, "cleanup_files", None) or [])
+            except Exception as exc:
+                self.logger.warning("app %s: cannot load its cleanup_files: %s", app_id, exc)
+                patterns = []
+            if not patterns:
+                continue
+            for job in jobs:
+                if job["app_id"] == app_id:
+                    removed += len(cleanup_workdir(data_path / job["workdir"], data_path, patterns))
+        bulk_patch(self.client, "/jobs/", [{"id": job["id"], "pending_file_cleanup": False} for job in jobs])
+        self.logger.info("cleaned %d finished jobs (%d files removed)", len(jobs), removed)
+        return 0.0 if len(jobs) >= batch else None

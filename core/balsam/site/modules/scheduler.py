@@ -1,0 +1,330 @@
+"""The ``scheduler`` agent module: turns BatchJobs into real scheduler submissions and tracks them.
+
+Each cycle (``scheduler.sync_period`` seconds):
+
+1. reads this site's active BatchJobs (one GET) and polls the scheduler once (``get_statuses()``);
+2. submits ``pending_submission`` BatchJobs whose ``filter_tags`` contain the site's ``filter_tags``,
+   after validating them against ``allowed_queues`` / ``allowed_projects`` /
+   ``optional_batch_job_params`` and ``max_queued_jobs``; the rendered script is
+   ``qsubmit/qlaunch<id:05d>.sh``;
+3. deletes ``pending_deletion`` BatchJobs from the scheduler;
+4. copies queued/running from the scheduler; a BatchJob that left the queue is looked up in the
+   scheduler's history (start/end times, final native state) before it is declared finished;
+5. sends all BatchJob changes in one bulk PATCH and updates the Site (``queued_jobs``,
+   ``backfill_windows``; the update also refreshes ``last_refresh``, the "active" flag).
+
+Every refusal or failure is written to the BatchJob's ``status_info`` (``error``, ``error_time``), where
+``balsam queue ls -v`` and the API show it. No scheduler exception escapes a cycle.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from ...scheduler import JobHistory, SchedulerError, SubmitRequest
+from ...serialization import format_datetime, to_dict
+from ...states import BatchJobState
+from ..api_util import bulk_patch, iso_now, list_all, utcnow
+from ..job_template import JobTemplateError, build_context, read_template, render_job_script
+from ..module import AgentModule, config_value
+
+ACTIVE = (
+    BatchJobState.pending_submission,
+    BatchJobState.queued,
+    BatchJobState.running,
+    BatchJobState.pending_deletion,
+)
+
+
+class BatchJobRefused(ValueError):
+    """A BatchJob that cannot be submitted as it is (the message says why)."""
+
+
+def _as_dict(value: Any) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if hasattr(value, "__attrs_attrs__"):
+        return to_dict(value)
+    return dict(value)
+
+
+def validate_batch_job(batch_job: dict, scheduler_settings: Any) -> None:
+    """Refuse a BatchJob that the site's settings do not allow (raises :class:`BatchJobRefused`)."""
+    queues = {name: _as_dict(q) for name, q in (config_value(scheduler_settings, "allowed_queues", {}) or {}).items()}
+    projects = list(config_value(scheduler_settings, "allowed_projects", []) or [])
+    optional = dict(config_value(scheduler_settings, "optional_batch_job_params", {}) or {})
+    queue, project = batch_job["queue"], batch_job["project"]
+    if queues and queue not in queues:
+        raise BatchJobRefused(f"queue {queue!r} is not in the site's allowed_queues ({', '.join(sorted(queues))})")
+    limits = queues.get(queue)
+    if limits:
+        if not 1 <= int(batch_job["num_nodes"]) <= int(limits["max_nodes"]):
+            raise BatchJobRefused(
+                f"num_nodes {batch_job['num_nodes']} is outside 1..{limits['max_nodes']} allowed in queue {queue!r}"
+            )
+        if int(batch_job["wall_time_min"]) > int(limits["max_walltime"]):
+            raise BatchJobRefused(
+                f"wall_time_min {batch_job['wall_time_min']} exceeds max_walltime {limits['max_walltime']} of queue {queue!r}"
+            )
+    if projects and project not in projects:
+        raise BatchJobRefused(f"project {project!r} is not in the site's allowed_projects ({', '.join(projects)})")
+    unknown = sorted(set(batch_job.get("optional_params") or {}) - set(optional))
+    if unknown:
+        allowed = ", ".join(sorted(optional)) or "none"
+        raise BatchJobRefused(f"unknown optional param(s) {', '.join(unknown)} (optional_batch_job_params: {allowed})")
+    partitions = batch_job.get("partitions") or []
+    if partitions and sum(int(p["num_nodes"]) for p in partitions) != int(batch_job["num_nodes"]):
+        raise BatchJobRefused("the partitions' num_nodes do not add up to the BatchJob's num_nodes")
+
+
+def _tags_match(batch_job_tags: dict, site_tags: dict) -> bool:
+    return all(batch_job_tags.get(k) == v for k, v in site_tags.items())
+
+
+class SchedulerModule(AgentModule):
+    section = "scheduler"
+    default_period = 10.0
+    period_fields = ("sync_period",)
+
+    def __init__(self, site_config: Any, config: Any, client: Any, *, scheduler: Any = None) -> None:
+        super().__init__(site_config, config, client)
+        if scheduler is None:
+            from ...plugins.manager import get_plugin_manager
+
+            driver = get_plugin_manager().load_driver("scheduler", config_value(config, "name", "local"))
+            scheduler = driver()
+        self.scheduler = scheduler
+        self.threshold = max(1, int(getattr(scheduler, "status_error_threshold", 3)))
+        self.poll_failures = 0
+        #: BatchJob id -> consecutive cycles it was missing from the queue with no history record.
+        self.missing_counts: dict[int, int] = {}
+        #: BatchJob id -> consecutive transient submit failures.
+        self.submit_failures: dict[int, int] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def site_path(self) -> Path:
+        return Path(self.site_config.site_path)
+
+    @property
+    def submit_dir(self) -> Path:
+        return Path(getattr(self.site_config, "job_path", self.site_path / "qsubmit"))
+
+    def template_path(self) -> Path:
+        configured = getattr(self.site_config, "job_template_path", None)
+        if configured:
+            return Path(configured)
+        name = config_value(self.config, "job_template_path", "job-template.sh")
+        path = Path(name)
+        return path if path.is_absolute() else self.site_path / path
+
+    def script_path(self, batch_job_id: int) -> Path:
+        return self.submit_dir / f"qlaunch{batch_job_id:05d}.sh"
+
+    def _site_filter_tags(self) -> dict:
+        settings = getattr(self.site_config, "settings", None)
+        return dict(getattr(settings, "filter_tags", None) or {})
+
+    def _error(self, update: dict, batch_job: dict, message: str) -> None:
+        info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+        info.update(error=message, error_time=iso_now())
+        update["status_info"] = info
+        self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+
+    # -- one cycle ---------------------------------------------------------------------------------
+    def run_cycle(self) -> Optional[float]:
+        batch_jobs = list_all(
+            self.client, "/batch-jobs/", {"site_id": self.site_id, "state": [s.value for s in ACTIVE]}
+        )
+        statuses, poll_error = self._poll()
+        updates: dict[int, dict] = {}
+        queued_counts: dict[str, int] = {}
+        for status in (statuses or {}).values():
+            queued_counts[status.queue] = queued_counts.get(status.queue, 0) + 1
+
+        for batch_job in sorted(batch_jobs, key=lambda b: b["id"]):
+            update: dict = {}
+            try:
+                self._handle(batch_job, statuses, poll_error, queued_counts, update)
+            except Exception as exc:  # a driver bug must not stop the other BatchJobs
+                self.logger.exception("BatchJob %s: unexpected error", batch_job["id"])
+                self._error(update, batch_job, f"{type(exc).__name__}: {exc}")
+            if update:
+                updates[batch_job["id"]] = {"id": batch_job["id"], **update}
+
+        if updates:
+            bulk_patch(self.client, "/batch-jobs/", list(updates.values()))
+        self._update_site(statuses)
+        return None
+
+    def _poll(self) -> tuple[Optional[dict], Optional[str]]:
+        try:
+            statuses = self.scheduler.get_statuses()
+        except Exception as exc:
+            self.poll_failures += 1
+            message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+            self.logger.warning("scheduler status poll failed (%d in a row): %s", self.poll_failures, message)
+            return None, message
+        self.poll_failures = 0
+        return statuses, None
+
+    def _handle(self, batch_job: dict, statuses: Optional[dict], poll_error: Optional[str],
+                queued_counts: dict[str, int], update: dict) -> None:
+        state = BatchJobState(batch_job["state"])
+        scheduler_id = batch_job.get("scheduler_id")
+        if state == BatchJobState.pending_submission:
+            if _tags_match(batch_job.get("filter_tags") or {}, self._site_filter_tags()):
+                self._submit(batch_job, queued_counts, update)
+            return
+        if state == BatchJobState.pending_deletion:
+            if scheduler_id is None:
+                update.update(state=BatchJobState.finished.value, end_time=format_datetime(utcnow()))
+            elif statuses is not None and scheduler_id in statuses:
+                try:
+                    self.scheduler.delete_job(scheduler_id)
+                    self.logger.info("BatchJob %s: deleted scheduler job %s", batch_job["id"], scheduler_id)
+                except Exception as exc:
+                    self._error(update, batch_job, f"delete failed: {exc}")
+            elif statuses is not None:
+                self._left_queue(batch_job, update, deleting=True)
+            return
+        # queued or running
+        if statuses is None:
+            if self.poll_failures >= self.threshold:
+                message = f"scheduler status unavailable ({self.poll_failures} polls in a row): {poll_error}"
+                if (batch_job.get("status_info") or {}).get("error") != message:
+                    self._error(update, batch_job, message)
+            return
+        status = statuses.get(scheduler_id) if scheduler_id is not None else None
+        if status is None or status.state in (BatchJobState.finished, BatchJobState.submit_failed):
+            self._left_queue(batch_job, update)
+            return
+        self.missing_counts.pop(batch_job["id"], None)
+        new_state = status.state
+        if new_state in (BatchJobState.queued, BatchJobState.running) and new_state != state:
+            if not (state == BatchJobState.running and new_state == BatchJobState.queued):
+                update["state"] = new_state.value
+                if new_state == BatchJobState.running and not batch_job.get("start_time"):
+                    update["start_time"] = format_datetime(utcnow())
+                self.logger.info("BatchJob %s: %s -> %s", batch_job["id"], state.value, new_state.value)
+
+    def _left_queue(self, batch_job: dict, update: dict, *, deleting: bool = False) -> None:
+        """The scheduler no longer lists the job: ask its history before declaring it finished."""
+        scheduler_id = batch_job["scheduler_id"]
+        script = self.script_path(batch_job["id"])
+        history: Optional[JobHistory] = None
+        try:
+            history = self.scheduler.get_history(scheduler_id, script)
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+            self.logger.warning("BatchJob %s: history lookup failed: %s", batch_job["id"], message)
+        if history is None:
+            missing = self.missing_counts.get(batch_job["id"], 0) + 1
+            self.missing_counts[batch_job["id"]] = missing
+            if missing < self.threshold:
+                return
+            self.missing_counts.pop(batch_job["id"], None)
+            state = BatchJobState(batch_job["state"])
+            final = BatchJobState.submit_failed if state == BatchJobState.queued and not deleting else BatchJobState.finished
+            update.update(state=final.value, end_time=format_datetime(utcnow()))
+            self._error(update, batch_job, f"scheduler job {scheduler_id} left the queue and has no history record")
+            return
+        self.missing_counts.pop(batch_job["id"], None)
+        final = history.state
+        if deleting or final not in (BatchJobState.finished, BatchJobState.submit_failed):
+            final = BatchJobState.finished
+        if final == BatchJobState.submit_failed and BatchJobState(batch_job["state"]) == BatchJobState.running:
+            final = BatchJobState.finished
+        update["state"] = final.value
+        if history.start_time is not None:
+            update["start_time"] = format_datetime(history.start_time)
+        update["end_time"] = format_datetime(history.end_time or utcnow())
+        info = dict(batch_job.get("status_info") or {})
+        if history.native_state:
+            info["scheduler_state"] = history.native_state
+        if history.message:
+            info["scheduler_message"] = history.message
+        if final == BatchJobState.submit_failed:
+            info.update(error=history.message or f"the scheduler never ran job {scheduler_id}", error_time=iso_now())
+        if info != (batch_job.get("status_info") or {}):
+            update["status_info"] = info
+        self.logger.info("BatchJob %s: scheduler job %s %s", batch_job["id"], scheduler_id, final.value)
+
+    def _submit(self, batch_job: dict, queued_counts: dict[str, int], update: dict) -> None:
+        try:
+            validate_batch_job(batch_job, self.config)
+        except BatchJobRefused as exc:
+            update["state"] = BatchJobState.submit_failed.value
+            self._error(update, batch_job, f"refused: {exc}")
+            return
+        queue = batch_job["queue"]
+        limits = _as_dict((config_value(self.config, "allowed_queues", {}) or {}).get(queue))
+        max_queued = int(limits.get("max_queued_jobs") or 0)
+        if max_queued and queued_counts.get(queue, 0) >= max_queued:
+            message = f"waiting: {queued_counts[queue]} jobs already in queue {queue!r} (max_queued_jobs {max_queued})"
+            if (batch_job.get("status_info") or {}).get("waiting") != message:
+                update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": message}
+            return
+        script = self.script_path(batch_job["id"])
+        try:
+            text = render_job_script(
+                read_template(self.template_path()),
+                build_context(
+                    batch_job,
+                    self.site_path,
+                    default_optional_params=config_value(self.config, "optional_batch_job_params", {}),
+                ),
+                source=str(self.template_path()),
+            )
+            script.parent.mkdir(parents=True, exist_ok=True)
+            script.write_text(text)
+            os.chmod(script, 0o755)
+        except (JobTemplateError, OSError) as exc:
+            update["state"] = BatchJobState.submit_failed.value
+            self._error(update, batch_job, f"job template: {exc}")
+            return
+        request = SubmitRequest(
+            script_path=script,
+            project=batch_job["project"],
+            queue=queue,
+            num_nodes=int(batch_job["num_nodes"]),
+            wall_time_min=int(batch_job["wall_time_min"]),
+            job_name=script.stem,
+            optional_params=dict(batch_job.get("optional_params") or {}),
+        )
+        try:
+            scheduler_id = int(self.scheduler.submit(request))
+        except Exception as exc:
+            permanent = getattr(exc, "permanent", not isinstance(exc, SchedulerError))
+            message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+            failures = self.submit_failures.get(batch_job["id"], 0) + 1
+            self.submit_failures[batch_job["id"]] = failures
+            if permanent or failures >= self.threshold:
+                self.submit_failures.pop(batch_job["id"], None)
+                update["state"] = BatchJobState.submit_failed.value
+                self._error(update, batch_job, f"submit failed: {message}")
+            else:
+                self._error(update, batch_job, f"submit failed (attempt {failures}, will retry): {message}")
+            return
+        self.submit_failures.pop(batch_job["id"], None)
+        queued_counts[queue] = queued_counts.get(queue, 0) + 1
+        info = {k: v for k, v in (batch_job.get("status_info") or {}).items() if k not in ("waiting",)}
+        info.update(submit_script=str(script), submit_time=iso_now())
+        update.update(state=BatchJobState.queued.value, scheduler_id=scheduler_id, status_info=info)
+        self.logger.info("BatchJob %s: submitted as scheduler job %s (%s)", batch_job["id"], scheduler_id, script.name)
+
+    def _update_site(self, statuses: Optional[dict]) -> None:
+        payload: dict[str, Any] = {}
+        if statuses is not None:
+            payload["queued_jobs"] = {str(k): to_dict(v) for k, v in statuses.items()}
+        try:
+            windows = self.scheduler.get_backfill_windows()
+            payload["backfill_windows"] = {q: [to_dict(w) for w in ws] for q, ws in (windows or {}).items()}
+        except Exception as exc:
+            self.logger.warning("backfill windows unavailable: %s", exc)
+            payload["backfill_windows"] = {}
+        self.client.put(f"/sites/{self.site_id}", json=payload)

@@ -1,0 +1,236 @@
+"""Site life cycle used by ``balsam site ...``: create (with roll-back), push settings, start/stop the agent.
+
+Kept apart from the click commands so the demo and tests call the same code.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .agent import agent_running, pid_alive, pid_file_path, read_pid_file
+from .job_template import default_template_for
+
+SITE_ID_FILE = ".balsam-site"
+
+
+class SiteError(RuntimeError):
+    """A site operation that cannot be done (one line for the user)."""
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _to_plain(value: Any) -> Any:
+    import attrs
+
+    if attrs.has(type(value)):
+        return {k: _to_plain(v) for k, v in attrs.asdict(value, recurse=False).items()}
+    if isinstance(value, dict):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def available_platforms() -> dict[str, str]:
+    """Platform plugin name -> one-line description (for the ``site init`` picker)."""
+    from ..plugins.manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    found = {}
+    for name, record in sorted(pm.list_drivers("platform").items()):
+        description = getattr(record, "description", "") or ""
+        if not description:
+            try:
+                description = getattr(pm.load_driver("platform", name), "description", "") or ""
+            except Exception as exc:
+                description = f"(unavailable: {exc})"
+        found[name] = description
+    return found
+
+
+def site_record_fields(settings: Any) -> dict[str, Any]:
+    """The Site fields that mirror settings.yml (what ``balsam site sync`` pushes)."""
+    scheduler = getattr(settings, "scheduler", None)
+    transfers = getattr(settings, "transfers", None)
+    record: dict[str, Any] = {}
+    if scheduler is not None:
+        record["allowed_projects"] = list(scheduler.allowed_projects or [])
+        record["allowed_queues"] = _to_plain(scheduler.allowed_queues or {})
+        record["optional_batch_job_params"] = dict(scheduler.optional_batch_job_params or {})
+    if transfers is not None:
+        record["transfer_locations"] = dict(getattr(transfers, "transfer_locations", None) or {})
+        record["globus_endpoint_id"] = getattr(transfers, "globus_endpoint_id", None)
+    return record
+
+
+def push_site_settings(client: Any, site_config: Any) -> dict:
+    """Copy the site's settings.yml limits (queues, projects, params, transfer locations) to its API record."""
+    return client.put(f"/sites/{int(site_config.site_id)}", json=site_record_fields(site_config.settings))
+
+
+def write_site_id(site_path: Path, site_id: int) -> None:
+    path = Path(site_path) / SITE_ID_FILE
+    path.write_text(f"{site_id}\n")
+    os.chmod(path, 0o440)
+
+
+def read_site_id(site_path: Path) -> int:
+    path = Path(site_path) / SITE_ID_FILE
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        raise SiteError(f"{site_path} is not a Balsam site (no readable {SITE_ID_FILE})") from None
+
+
+def init_site(
+    site_path: "Path | str",
+    name: str,
+    platform_name: str,
+    client: Any,
+    *,
+    echo: Callable[[str], None] = lambda _msg: None,
+    settings_overrides: Optional[dict] = None,
+) -> int:
+    """Create a site directory and its API record; undo everything if any step fails. Returns the site id."""
+    from ..config import load_settings, render_settings_yaml
+    from ..plugins.manager import get_plugin_manager
+
+    path = Path(site_path).expanduser().resolve()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise SiteError(f"{path} already exists: choose a new directory for the site")
+    pm = get_plugin_manager()
+    platform = pm.load_driver("platform", platform_name)()
+    platform_defaults = dict(platform.settings_defaults() or {})
+    scheduler_name = (platform_defaults.get("scheduler") or {}).get("name") or platform.default_scheduler or "local"
+    scheduler_cls = pm.load_driver("scheduler", scheduler_name)
+    overrides = deep_merge(
+        {"launcher": {"platform": platform_name}, "scheduler": {"name": scheduler_name}}, platform_defaults
+    )
+    if not (platform_defaults.get("scheduler") or {}).get("allowed_projects"):
+        try:
+            projects = list(scheduler_cls().discover_projects() or [])
+        except Exception as exc:
+            echo(f"Could not list your projects with the {scheduler_name} scheduler ({exc}); edit allowed_projects later.")
+            projects = []
+        if projects:
+            overrides = deep_merge(overrides, {"scheduler": {"allowed_projects": projects}})
+    overrides = deep_merge(overrides, settings_overrides or {})
+
+    created_dir = not path.exists()
+    site_id: Optional[int] = None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        settings_path = path / "settings.yml"
+        settings_path.write_text(render_settings_yaml(overrides))
+        os.chmod(settings_path, 0o600)
+        settings = load_settings(settings_path)
+        for sub in ("data", "log", "qsubmit"):
+            (path / sub).mkdir(mode=0o700, exist_ok=True)
+        template_path = path / "job-template.sh"
+        template_path.write_text(default_template_for(platform, scheduler_cls))
+        os.chmod(template_path, 0o700)
+        created = client.post("/sites/", json={"name": name, "path": str(path), **site_record_fields(settings)})
+        site_id = int(created["id"])
+        write_site_id(path, site_id)
+        pm.hook.balsam_site_initialized(site_path=path, settings=settings, site_id=site_id)
+    except BaseException:
+        if site_id is not None:
+            try:
+                client.delete(f"/sites/{site_id}")
+            except Exception as cleanup_exc:  # keep the original error; say what is left behind
+                echo(f"Warning: could not delete the API site {site_id} while rolling back: {cleanup_exc}")
+        if created_dir:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            for child in path.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        raise
+    return site_id
+
+
+# -- agent daemon ---------------------------------------------------------------------------------
+
+
+def start_agent(site_path: Path, *, wait_sec: float = 20.0) -> int:
+    """Start ``python -m balsam.site`` in the background for ``site_path``; return its pid once it runs."""
+    site_path = Path(site_path).absolute()
+    running = agent_running(site_path)
+    if running is not None:
+        host, pid = running
+        raise SiteError(f"the site agent is already running on {host} [pid {pid}]; `balsam site stop` first")
+    log_dir = site_path / "log"
+    log_dir.mkdir(exist_ok=True)
+    console = log_dir / "agent-console.out"
+    env = {**os.environ, "BALSAM_SITE_PATH": str(site_path)}
+    with open(console, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "balsam.site", str(site_path)],
+            cwd=site_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + wait_sec
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = console.read_text(errors="replace").strip().splitlines()[-5:]
+            detail = " | ".join(tail) or f"exit code {proc.returncode}"
+            raise SiteError(f"the site agent exited at start-up: {detail}")
+        if read_pid_file(site_path) == (socket.gethostname(), proc.pid):
+            return proc.pid
+        time.sleep(0.1)
+    raise SiteError(f"the site agent [pid {proc.pid}] did not start within {wait_sec:.0f} s (see {console})")
+
+
+def stop_agent(
+    site_path: Path,
+    *,
+    timeout: float = 45.0,
+    force: bool = False,
+    progress: Optional[Callable[[float, float], None]] = None,
+) -> Optional[int]:
+    """SIGTERM the site's agent and wait for it to exit. Returns its pid, or None if it was not running."""
+    site_path = Path(site_path).absolute()
+    found = read_pid_file(site_path)
+    if found is None:
+        return None
+    host, pid = found
+    if host != socket.gethostname():
+        raise SiteError(f"the site agent runs on {host} [pid {pid}]: stop it from that host")
+    if not pid_alive(pid):
+        pid_file_path(site_path).unlink(missing_ok=True)
+        return None
+    os.kill(pid, signal.SIGTERM)
+    start = time.monotonic()
+    while pid_alive(pid):
+        elapsed = time.monotonic() - start
+        if progress is not None:
+            progress(elapsed, timeout)
+        if elapsed > timeout:
+            if not force:
+                raise SiteError(f"the site agent [pid {pid}] did not stop within {timeout:.0f} s (use --force to kill it)")
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+            pid_file_path(site_path).unlink(missing_ok=True)
+            break
+        time.sleep(0.2)
+    return pid

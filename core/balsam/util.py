@@ -1,0 +1,84 @@
+"""Small helpers shared by user scripts and tools (libEnsemble's BalsamExecutor imports this).
+
+``config_root_logger(level)`` sets the level of the ``balsam`` loggers and gives them one
+console handler; the level defaults to ``$BALSAM_LOG_LEVEL`` (else WARNING).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Optional, Union
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d | %(process)d | %(levelname)s | %(name)s:%(lineno)s] %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_HANDLER_NAME = "balsam-console"
+
+
+def _level(level: Union[str, int, None]) -> int:
+    if level is None:
+        level = os.environ.get("BALSAM_LOG_LEVEL", "WARNING")
+    if isinstance(level, int):
+        return level
+    value = logging.getLevelName(str(level).strip().upper())
+    if not isinstance(value, int):
+        raise ValueError(f"unknown log level {level!r} (use DEBUG, INFO, WARNING, ERROR or CRITICAL)")
+    return value
+
+
+def config_root_logger(level: Union[str, int, None] = None, format: str = LOG_FORMAT) -> logging.Logger:
+    """Log ``balsam.*`` messages at ``level`` and above to stderr; returns the ``balsam`` logger.
+
+    Calling it again only changes the level (no duplicate handlers).
+    """
+    logger = logging.getLogger("balsam")
+    logger.setLevel(_level(level))
+    handler = next((h for h in logger.handlers if h.get_name() == _HANDLER_NAME), None)
+    if handler is None:
+        handler = logging.StreamHandler()
+        handler.set_name(_HANDLER_NAME)
+        logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(format, datefmt=DATE_FORMAT))
+    return logger
+
+
+def config_file_logging(filename: Union[str, os.PathLike], level: Union[str, int, None] = None,
+                        format: str = LOG_FORMAT) -> logging.Handler:
+    """Also write ``balsam.*`` messages to ``filename``; returns the handler."""
+    logger = logging.getLogger("balsam")
+    handler = logging.FileHandler(filename)
+    handler.setFormatter(logging.Formatter(format, datefmt=DATE_FORMAT))
+    handler.setLevel(_level(level))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > handler.level:
+        logger.setLevel(handler.level)
+    return handler
+
+
+class SigHandler:
+    """An event set by SIGINT/SIGTERM, for loops that should stop cleanly (``while not sig.is_set()``)."""
+
+    def __init__(self, signals: tuple = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self.exit = threading.Event()
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Optional[Any]) -> None:
+        self.exit.set()
+
+    def is_set(self) -> bool:
+        return self.exit.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self.exit.wait(timeout)
+
+    def set(self) -> None:
+        self.exit.set()
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

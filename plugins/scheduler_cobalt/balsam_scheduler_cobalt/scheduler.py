@@ -1,0 +1,261 @@
+"""Cobalt driver: qsub, qstat (with our own QSTAT_HEADER), qdel, nodelist, and the job's
+``.cobaltlog`` as its history record."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import shlex
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from balsam.scheduler import (
+    BackfillWindow,
+    Command,
+    CommandResult,
+    JobHistory,
+    Scheduler,
+    SchedulerError,
+    SchedulerJobStatus,
+    SubmitRequest,
+)
+from balsam.states import BatchJobState
+
+logger = logging.getLogger("balsam.scheduler.cobalt")
+
+Q, R, F = BatchJobState.queued, BatchJobState.running, BatchJobState.finished
+
+#: Every Cobalt job state, mapped to the BatchJob state. ``dep_fail`` jobs stay in the queue but
+#: will never run, so their BatchJob is ``submit_failed``; ``finished``/``done`` have left it.
+COBALT_STATES: dict[str, BatchJobState] = {
+    "queued": Q,
+    "user_hold": Q,
+    "admin_hold": Q,
+    "dep_hold": Q,
+    "maxrun_hold": Q,
+    "hold": Q,
+    "starting": R,
+    "running": R,
+    "exiting": R,
+    "killing": R,
+    "preempting": R,
+    "cleanup": R,
+    "dep_fail": BatchJobState.submit_failed,
+    "failed": BatchJobState.submit_failed,
+    "finished": F,
+    "done": F,
+}
+
+QSTAT_COLUMNS = ("JobID", "State", "WallTime", "Queue", "Nodes", "Project", "TimeRemaining", "QueuedTime")
+#: ``-x attrs=mcdram=cache:numa=quad`` becomes ``--attrs ...``; ``-x qsub_flags="..."`` is appended.
+ATTRS_PARAM = "attrs"
+RAW_FLAGS_PARAM = "qsub_flags"
+
+_UTC_LINE = re.compile(r"^(?P<stamp>\w{3} \w{3}\s+\d+ \d\d:\d\d:\d\d \d{4}) (?P<offset>[+-]\d{4}) \(UTC\)(?P<rest>.*)$")
+_END_WORDS = ("task completed", "initiating job cleanup", "job cleanup", "terminated", "killed", "deleted",
+              "exit code", "exited", "dep_fail", "failed")
+
+
+def cobalt_duration_min(text: str) -> int:
+    """``HH:MM:SS`` (hours may exceed 24) or ``MM`` -> whole minutes; N/A and the like -> 0."""
+    parts = text.strip().split(":")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        return 0
+    if len(numbers) == 1:
+        return numbers[0]
+    numbers = [0] * (3 - len(numbers)) + numbers if len(numbers) <= 3 else [0, 0, 0]
+    hours, minutes, seconds = numbers
+    return hours * 60 + minutes + (1 if seconds >= 30 else 0)
+
+
+def parse_cobaltlog(text: str, scheduler_id: int) -> Optional[JobHistory]:
+    """Start and end of a job from its .cobaltlog; None while it has not ended."""
+    start: Optional[dt.datetime] = None
+    end: Optional[dt.datetime] = None
+    last_words = ""
+    failed = False
+    for line in text.splitlines():
+        match = _UTC_LINE.match(line.strip())
+        if not match:
+            continue
+        try:
+            stamp = dt.datetime.strptime(
+                " ".join(match["stamp"].split()) + " " + match["offset"], "%a %b %d %H:%M:%S %Y %z"
+            ).astimezone(dt.timezone.utc)
+        except ValueError:
+            logger.warning("cobaltlog of job %d: unreadable time in %r", scheduler_id, line[:200])
+            continue
+        rest = match["rest"].strip()
+        if "COBALT_STARTTIME" in rest or re.search(r"\bstarting job\b", rest, re.I):
+            start = start or stamp
+        elif any(word in rest.lower() for word in _END_WORDS):
+            end, last_words = stamp, rest
+            failed = failed or bool(re.search(r"dep_fail|failed to start|could not start", rest, re.I))
+    if end is None:
+        return None
+    never_ran = start is None and failed
+    return JobHistory(
+        scheduler_id=scheduler_id,
+        state=BatchJobState.submit_failed if never_ran else BatchJobState.finished,
+        start_time=start,
+        end_time=end,
+        native_state="failed" if never_ran else "finished",
+        message=re.sub(r"^Info:\s*", "", last_words)[:300],
+    )
+
+
+class CobaltScheduler(Scheduler):
+    """Cobalt driver (ALCF Theta, ThetaGPU, Cooley)."""
+
+    name = "cobalt"
+    default_job_template = resources.files(__package__).joinpath("job-template.sh").read_text()
+
+    # -- submit -----------------------------------------------------------------------------
+    def render_submit(self, request: SubmitRequest) -> Command:
+        script = Path(request.script_path)
+        params = {k: str(v).strip() for k, v in request.optional_params.items() if str(v).strip()}
+        args = ["qsub", "-O", str(script.with_suffix("")), "-n", str(request.num_nodes),
+                "-t", str(request.wall_time_min)]
+        if request.project:
+            args += ["-A", request.project]
+        if request.queue:
+            args += ["-q", request.queue]
+        if ATTRS_PARAM in params:
+            args += ["--attrs", params[ATTRS_PARAM]]
+        if RAW_FLAGS_PARAM in params:
+            args += shlex.split(params[RAW_FLAGS_PARAM])
+        args.append(str(script))
+        return Command(args, cwd=script.parent)
+
+    def parse_submit(self, result: CommandResult) -> int:
+        if result.returncode == 0:
+            for line in result.stdout.splitlines():
+                if line.strip().isdigit():
+                    return int(line.strip())
+        said = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
+        reason = next((ln for ln in said if re.search(r"error|fail|invalid|not|denied|exceed", ln, re.I)),
+                      said[0] if said else f"exit code {result.returncode}, no output")
+        transient = re.search(r"connection|timed out|try again|unavailable", reason, re.I) is not None
+        raise SchedulerError(f"qsub refused the job: {reason}", permanent=not transient)
+
+    # -- status -----------------------------------------------------------------------------
+    def render_status(self, user: str) -> Command:
+        return Command(["qstat", "-u", user], env={"QSTAT_HEADER": ":".join(QSTAT_COLUMNS)},
+                       unset_env=("QSTAT_FORMAT",))
+
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> dict[int, SchedulerJobStatus]:
+        if result.returncode != 0:
+            raise SchedulerError(f"status poll failed: {result.describe()}")
+        lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+        if not lines:
+            return {}
+        header = lines[0].split()
+        if [h.lower() for h in header] != [c.lower() for c in QSTAT_COLUMNS]:
+            raise SchedulerError(f"qstat did not print the requested columns (header: {lines[0][:120]!r})")
+        statuses: dict[int, SchedulerJobStatus] = {}
+        for line in lines[1:]:
+            if set(line.strip()) <= {"=", "-"}:
+                continue
+            fields = line.split()
+            if len(fields) != len(QSTAT_COLUMNS) or not fields[0].isdigit() or not fields[4].isdigit():
+                logger.warning("qstat: skipped unreadable line %r", line[:200])
+                continue
+            jobid, state_text, wall, queue, nodes, project, remaining, queued = fields
+            state = COBALT_STATES.get(state_text.lower())
+            if state is None:
+                logger.warning("qstat: unknown Cobalt state %r of job %s", state_text, jobid)
+                state = R if cobalt_duration_min(remaining) else Q
+            if state is F:
+                continue
+            statuses[int(jobid)] = SchedulerJobStatus(
+                scheduler_id=int(jobid),
+                state=state,
+                queue=queue,
+                num_nodes=int(nodes),
+                wall_time_min=cobalt_duration_min(wall),
+                project=project,
+                time_remaining_min=cobalt_duration_min(remaining) if state is R else cobalt_duration_min(wall),
+                queued_time_min=cobalt_duration_min(queued),
+            )
+        return statuses
+
+    # -- delete -----------------------------------------------------------------------------
+    def render_delete(self, scheduler_id: int) -> Command:
+        return Command(["qdel", str(scheduler_id)])
+
+    def parse_delete(self, result: CommandResult, scheduler_id: int) -> None:
+        if result.returncode == 0:
+            return
+        if re.search(r"not found|no such job|unknown job", result.stderr + result.stdout, re.I):
+            return
+        raise SchedulerError(f"qdel could not delete job {scheduler_id}: {result.describe()}")
+
+    # -- history: the .cobaltlog next to the script ------------------------------------------
+    def parse_history(self, result: Optional[CommandResult], scheduler_id: int,
+                      script_path: Optional[Path]) -> Optional[JobHistory]:
+        if script_path is None:
+            return None
+        log = Path(script_path).with_suffix(".cobaltlog")
+        try:
+            text = log.read_text(errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SchedulerError(f"cannot read {log}: {exc}") from None
+        return parse_cobaltlog(text, scheduler_id)
+
+    # -- backfill ---------------------------------------------------------------------------
+    def render_backfill(self) -> Optional[Command]:
+        return Command(["nodelist"])
+
+    def parse_backfill(self, result: CommandResult) -> dict[str, list[BackfillWindow]]:
+        """Idle nodes with a backfill time, per queue: nodes grouped by their backfill time, the
+        longest first, each window counting every node free at least that long."""
+        if result.returncode != 0:
+            raise SchedulerError(f"nodelist failed: {result.describe()}")
+        lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+        if not lines:
+            return {}
+        header = [h.lower() for h in lines[0].split()]
+        try:
+            i_queues, i_status, i_backfill = header.index("queues"), header.index("status"), header.index("backfill")
+        except ValueError:
+            raise SchedulerError(f"nodelist header lacks Queues/Status/Backfill: {lines[0][:120]!r}") from None
+        by_queue: dict[str, dict[int, int]] = {}
+        for line in lines[1:]:
+            if set(line.strip()) <= {"=", "-"}:
+                continue
+            fields = line.split()
+            if len(fields) != len(header):
+                logger.warning("nodelist: skipped unreadable line %r", line[:200])
+                continue
+            if fields[i_status].lower() != "idle":
+                continue
+            minutes = cobalt_duration_min(fields[i_backfill]) if fields[i_backfill] not in ("-", "N/A") else 0
+            if minutes <= 0:
+                continue
+            for queue in fields[i_queues].split(":"):
+                counts = by_queue.setdefault(queue, {})
+                counts[minutes] = counts.get(minutes, 0) + 1
+        windows: dict[str, list[BackfillWindow]] = {}
+        for queue, counts in sorted(by_queue.items()):
+            total = 0
+            for minutes in sorted(counts, reverse=True):
+                total += counts[minutes]
+                windows.setdefault(queue, []).append(BackfillWindow(num_nodes=total, wall_time_min=minutes))
+        return windows
+
+    # -- projects ---------------------------------------------------------------------------
+    def render_discover_projects(self) -> Optional[Command]:
+        # Cobalt lists the user's projects when a submission names one that does not exist.
+        return Command(["qsub", "-A", "balsam_no_such_project", "-n", "1", "-t", "1", "/bin/true"])
+
+    def parse_discover_projects(self, result: CommandResult) -> list[str]:
+        match = re.search(r"Projects available:\s*(.*)", result.stdout + "\n" + result.stderr)
+        if not match:
+            raise SchedulerError(f"qsub did not list the available projects: {result.describe()}")
+        return [p for p in re.split(r"[\s,]+", match.group(1).strip()) if p]

@@ -1,0 +1,506 @@
+"""Slurm driver: sbatch, squeue, scancel, sacct, sinfo and sacctmgr.
+
+Every command is run with an explicit output format (``-o``/``--parsable2`` and a ``|``
+delimiter), ``TZ=UTC`` and ``SLURM_TIME_FORMAT=standard`` (so times are ISO-8601 UTC), and the
+user's ``SQUEUE_*``/``SACCT_*``/``SINFO_*`` variables removed, so nothing in the user's
+environment changes what we have to read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import shlex
+from importlib import resources
+from pathlib import Path
+from typing import Mapping, Optional
+
+import attrs
+
+from balsam.scheduler import (
+    BackfillWindow,
+    Command,
+    CommandResult,
+    JobHistory,
+    Scheduler,
+    SchedulerError,
+    SchedulerJobStatus,
+    SubmitRequest,
+)
+from balsam.states import BatchJobState
+
+logger = logging.getLogger("balsam.scheduler.slurm")
+
+Q, R, F = BatchJobState.queued, BatchJobState.running, BatchJobState.finished
+
+#: Every job state Slurm reports (squeue %T, sacct State), mapped to the BatchJob state.
+#: ``finished`` means the job has left the queue for good (it is then looked up in sacct).
+SLURM_STATES: dict[str, BatchJobState] = {
+    "PENDING": Q,
+    "REQUEUED": Q,
+    "REQUEUE_FED": Q,
+    "REQUEUE_HOLD": Q,
+    "RESV_DEL_HOLD": Q,
+    "SPECIAL_EXIT": Q,  # requeued and held after a special exit code
+    "CONFIGURING": R,
+    "RUNNING": R,
+    "COMPLETING": R,
+    "SIGNALING": R,
+    "STAGE_OUT": R,
+    "RESIZING": R,
+    "SUSPENDED": R,
+    "STOPPED": R,
+    "COMPLETED": F,
+    "CANCELLED": F,
+    "DEADLINE": F,
+    "FAILED": F,
+    "NODE_FAIL": F,
+    "OUT_OF_MEMORY": F,
+    "PREEMPTED": F,
+    "TIMEOUT": F,
+    "BOOT_FAIL": F,
+    "REVOKED": F,
+}
+
+#: ``-x key=value`` optional params that become sbatch flags (empty values are left out).
+PASS_THROUGH_FLAGS: dict[str, str] = {
+    "reservation": "--reservation",
+    "constraint": "--constraint",
+    "qos": "--qos",
+    "gres": "--gres",
+    "gpus": "--gpus",
+    "gpus_per_node": "--gpus-per-node",
+    "mem": "--mem",
+    "licenses": "--licenses",
+    "exclude": "--exclude",
+    "nodelist": "--nodelist",
+    "begin": "--begin",
+    "signal": "--signal",
+    "cluster": "--clusters",
+}
+#: ``-x key=yes`` optional params that become bare sbatch switches.
+PASS_THROUGH_SWITCHES: dict[str, str] = {"exclusive": "--exclusive", "requeue": "--requeue", "no_requeue": "--no-requeue"}
+#: ``-x sbatch_flags="--foo=1 --bar"`` is split like a shell line and appended as is.
+RAW_FLAGS_PARAM = "sbatch_flags"
+
+SQUEUE_FIELDS = ("jobid", "state", "partition", "nodes", "timelimit", "account", "timeleft", "submit", "start", "end", "reason")
+SQUEUE_FORMAT = "|".join(("%i", "%T", "%P", "%D", "%l", "%a", "%L", "%V", "%S", "%e", "%r"))
+SACCT_FIELDS = ("JobIDRaw", "State", "Submit", "Start", "End", "ExitCode", "Reason")
+
+#: Environment variables that change what squeue/sacct/sinfo print or which jobs they list.
+USER_FORMAT_VARIABLES = (
+    "SQUEUE_FORMAT", "SQUEUE_FORMAT2", "SQUEUE_SORT", "SQUEUE_STATES", "SQUEUE_ACCOUNT", "SQUEUE_PARTITION",
+    "SQUEUE_QOS", "SQUEUE_USERS", "SQUEUE_NAMES", "SQUEUE_LICENSES", "SQUEUE_CLUSTERS", "SQUEUE_ALL",
+    "SQUEUE_ARRAY", "SQUEUE_PRIORITY", "SQUEUE_SIBLING", "SQUEUE_RESERVATION", "SQUEUE_LOCAL", "SQUEUE_FEDERATION",
+    "SACCT_FORMAT", "SACCT_FEDERATION", "SACCT_LOCAL", "SINFO_FORMAT", "SINFO_PARTITION", "SINFO_SORT",
+    "SLURM_CLUSTERS", "SLURM_TIME_FORMAT",
+)
+PLAIN_ENV = {"TZ": "UTC", "SLURM_TIME_FORMAT": "standard"}
+
+_NO_TIME = {"", "N/A", "UNKNOWN", "NONE", "INVALID", "NOT_SET"}
+
+
+def _parse_time(text: str) -> Optional[dt.datetime]:
+    """ISO time printed under TZ=UTC -> aware datetime; Unknown/None/N/A -> None."""
+    text = text.strip()
+    if text.upper() in _NO_TIME:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+def slurm_duration_min(text: str) -> int:
+    """A Slurm time (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``) in whole
+    minutes (30 s and more round up). Note ``5:00`` is five minutes here, not five hours.
+    UNLIMITED/INVALID/NOT_SET -> 0; anything else unreadable raises ValueError."""
+    text = text.strip()
+    if text.upper() in ("", "UNLIMITED", "INFINITE", "INVALID", "NOT_SET", "N/A"):
+        return 0
+    days = 0
+    if "-" in text:
+        day_text, text = text.split("-", 1)
+        days = int(day_text)
+        parts = [int(p) for p in text.split(":")]
+        parts += [0] * (3 - len(parts))  # D-HH, D-HH:MM
+    else:
+        parts = [int(p) for p in text.split(":")]
+        parts = [0] * (3 - len(parts)) + parts if len(parts) > 1 else [0, parts[0], 0]  # MM, MM:SS
+    if len(parts) != 3 or any(p < 0 for p in parts):
+        raise ValueError(f"not a Slurm time: {text!r}")
+    hours, minutes, seconds = parts
+    return days * 1440 + hours * 60 + minutes + (1 if seconds >= 30 else 0)
+
+
+def _minutes(text: str) -> int:
+    try:
+        return slurm_duration_min(text)
+    except ValueError:
+        return 0
+
+
+def _minutes_between(start: Optional[dt.datetime], end: Optional[dt.datetime]) -> int:
+    if start is None or end is None:
+        return 0
+    return max(0, int((end - start).total_seconds() // 60))
+
+
+def _native_state(text: str) -> str:
+    """``CANCELLED by 1000`` -> ``CANCELLED``; ``RUNNING`` -> ``RUNNING``."""
+    words = text.strip().split()
+    return words[0].upper() if words else ""
+
+
+@attrs.frozen
+class SqueueRow:
+    """One line of our squeue format."""
+
+    scheduler_id: int
+    native_state: str
+    partition: str
+    num_nodes: int
+    wall_time_min: int
+    account: str
+    time_left_min: int
+    submit_time: Optional[dt.datetime]
+    start_time: Optional[dt.datetime]
+    end_time: Optional[dt.datetime]
+    reason: str
+
+    @property
+    def state(self) -> BatchJobState:
+        mapped = SLURM_STATES.get(self.native_state)
+        if mapped is None:  # a state newer than this driver: decide by whether it started
+            logger.warning("squeue: unknown Slurm state %r of job %d", self.native_state, self.scheduler_id)
+            return R if self.start_time else Q
+        return mapped
+
+
+def parse_squeue_line(line: str) -> SqueueRow:
+    """Parse one line of ``squeue -o SQUEUE_FORMAT``; ValueError says what is wrong with it."""
+    fields = line.split("|", len(SQUEUE_FIELDS) - 1)
+    if len(fields) != len(SQUEUE_FIELDS):
+        raise ValueError(f"expected {len(SQUEUE_FIELDS)} '|'-separated fields, got {len(fields)}")
+    jobid, state, partition, nodes, limit, account, left, submit, start, end, reason = (f.strip() for f in fields)
+    if not jobid.isdigit():
+        raise ValueError(f"job id {jobid!r} is not a plain job number (array or heterogeneous job?)")
+    if not nodes.isdigit():
+        raise ValueError(f"node count {nodes!r} is not a number")
+    if not re.fullmatch(r"[A-Z_]+", state):
+        raise ValueError(f"state {state!r} is not a Slurm state name")
+    return SqueueRow(
+        scheduler_id=int(jobid),
+        native_state=state,
+        partition=partition,
+        num_nodes=int(nodes),
+        wall_time_min=_minutes(limit),
+        account=account,
+        time_left_min=_minutes(left),
+        submit_time=_parse_time(submit),
+        start_time=_parse_time(start),
+        end_time=_parse_time(end),
+        reason=reason,
+    )
+
+
+def parse_squeue_rows(result: CommandResult) -> list[SqueueRow]:
+    """All readable lines of a squeue poll. Unreadable lines are logged and skipped; a failed
+    command, or output of which no line is readable, raises SchedulerError."""
+    if result.returncode != 0:
+        raise SchedulerError(f"status poll failed: {result.describe()}")
+    rows: list[SqueueRow] = []
+    bad: list[str] = []
+    for line in result.stdout.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(parse_squeue_line(line))
+        except ValueError as exc:
+            bad.append(line)
+            logger.warning("squeue: skipped unreadable line %r: %s", line[:200], exc)
+    if bad and not rows:
+        raise SchedulerError(f"squeue printed nothing readable (first line: {bad[0][:120]!r})")
+    return rows
+
+
+def history_from_sacct(native: str, submit: Optional[dt.datetime], start: Optional[dt.datetime],
+                       end: Optional[dt.datetime], exit_code: str, reason: str, scheduler_id: int) -> Optional[JobHistory]:
+    """A JobHistory from the final state of a job, or None while it is still queued or running."""
+    state = _native_state(native)
+    mapped = SLURM_STATES.get(state)
+    if mapped is None:
+        if end is None:
+            return None
+        mapped = F
+    if mapped is not F:
+        return None
+    details = [f"Slurm state {native.strip()}"]
+    if exit_code and exit_code not in ("0:0", ""):
+        details.append(f"exit code {exit_code}")
+    if reason and reason.upper() not in ("NONE", ""):
+        details.append(f"reason {reason}")
+    never_ran = start is None and state != "CANCELLED"
+    return JobHistory(
+        scheduler_id=scheduler_id,
+        state=BatchJobState.submit_failed if never_ran else BatchJobState.finished,
+        start_time=start,
+        end_time=end,
+        native_state=native.strip(),
+        message=("never started: " if never_ran else "") + ", ".join(details),
+    )
+
+
+class SlurmScheduler(Scheduler):
+    """sbatch/squeue/scancel/sacct/sinfo driver. Queue = Slurm partition (``queue_flag``)."""
+
+    name = "slurm"
+    default_job_template = resources.files(__package__).joinpath("job-template.sh").read_text()
+    #: The sbatch flag that the BatchJob's queue goes to. Sites where "queue" means QOS
+    #: (e.g. NERSC: regular, debug) subclass with ``queue_flag = "--qos"``.
+    queue_flag = "--partition"
+    #: Length given to a backfill window on a partition with no time limit.
+    unlimited_window_min = 1440
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        #: Jobs that squeue last listed in a final state (kept there for MinJobAge seconds):
+        #: the fall-back history when sacct is unavailable or has not recorded them yet.
+        self._ended_rows: dict[int, SqueueRow] = {}
+
+    # -- submit -----------------------------------------------------------------------------
+    def render_submit(self, request: SubmitRequest) -> Command:
+        script = Path(request.script_path)
+        args = [
+            "sbatch", "--parsable",
+            "--job-name", request.job_name,
+            "--output", str(script.with_suffix(".output")),
+            "--error", str(script.with_suffix(".error")),
+            "--nodes", str(request.num_nodes),
+            "--time", str(request.wall_time_min),
+        ]
+        if request.project:
+            args += ["--account", request.project]
+        if request.queue:
+            args += [self.queue_flag, request.queue]
+        args += self.pass_through_args(request.optional_params)
+        args.append(str(script))
+        return Command(args, env=PLAIN_ENV, cwd=script.parent, unset_env=("SLURM_CLUSTERS",))
+
+    @staticmethod
+    def pass_through_args(optional_params: Mapping[str, str]) -> list[str]:
+        args: list[str] = []
+        for key, value in optional_params.items():
+            value = str(value).strip()
+            if not value:
+                continue
+            if key in PASS_THROUGH_FLAGS:
+                args.append(f"{PASS_THROUGH_FLAGS[key]}={value}")
+            elif key in PASS_THROUGH_SWITCHES and value.lower() in ("1", "yes", "true", "on"):
+                args.append(PASS_THROUGH_SWITCHES[key])
+            elif key == RAW_FLAGS_PARAM:
+                args += shlex.split(value)
+        return args
+
+    def parse_submit(self, result: CommandResult) -> int:
+        if result.returncode != 0:
+            raise SchedulerError(f"sbatch refused the job: {_slurm_error(result)}", permanent=_is_refusal(result))
+        for line in reversed(result.stdout.strip().splitlines()):
+            match = re.fullmatch(r"(\d+)(;\S+)?", line.strip()) or re.search(r"Submitted batch job (\d+)", line)
+            if match:
+                return int(match.group(1))
+        raise SchedulerError(f"sbatch printed no job id: {result.describe()}")
+
+    # -- status -----------------------------------------------------------------------------
+    def render_status(self, user: str) -> Command:
+        return Command(
+            ["squeue", "--noheader", "--states=all", "--user", user, "--format", SQUEUE_FORMAT],
+            env=PLAIN_ENV,
+            unset_env=USER_FORMAT_VARIABLES,
+        )
+
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> dict[int, SchedulerJobStatus]:
+        return self.statuses_from_rows(parse_squeue_rows(result), now)
+
+    @staticmethod
+    def statuses_from_rows(rows: list[SqueueRow], now: dt.datetime) -> dict[int, SchedulerJobStatus]:
+        statuses = {}
+        for row in rows:
+            state = row.state
+            if state is F:  # left the queue: the agent looks it up in sacct for its times
+                continue
+            if state is Q:
+                queued_min = _minutes_between(row.submit_time, now)
+                remaining = row.wall_time_min
+            else:
+                queued_min = _minutes_between(row.submit_time, row.start_time)
+                remaining = row.time_left_min
+            statuses[row.scheduler_id] = SchedulerJobStatus(
+                scheduler_id=row.scheduler_id,
+                state=state,
+                queue=row.partition,
+                num_nodes=row.num_nodes,
+                wall_time_min=row.wall_time_min,
+                project=row.account,
+                time_remaining_min=remaining,
+                queued_time_min=queued_min,
+            )
+        return statuses
+
+    def get_statuses(self, now: Optional[dt.datetime] = None) -> dict[int, SchedulerJobStatus]:
+        now = now or dt.datetime.now(dt.timezone.utc)
+        try:
+            rows = parse_squeue_rows(self.run(self.render_status(self.user)))
+        except SchedulerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - nothing but SchedulerError reaches the agent
+            raise SchedulerError(f"slurm status poll failed: {type(exc).__name__}: {exc}") from exc
+        self._ended_rows = {row.scheduler_id: row for row in rows if row.state is F}
+        return self.statuses_from_rows(rows, now)
+
+    # -- delete -----------------------------------------------------------------------------
+    def render_delete(self, scheduler_id: int) -> Command:
+        return Command(["scancel", str(scheduler_id)], unset_env=("SLURM_CLUSTERS",))
+
+    def parse_delete(self, result: CommandResult, scheduler_id: int) -> None:
+        said = f"{result.stdout}\n{result.stderr}"
+        if result.returncode == 0 and "error" not in said.lower():
+            return
+        if re.search(r"Invalid job id|already completing or completed|Job has already finished", said, re.I):
+            return  # gone already: what deletion wanted
+        raise SchedulerError(f"scancel could not delete job {scheduler_id}: {_slurm_error(result)}")
+
+    # -- history ----------------------------------------------------------------------------
+    def render_history(self, scheduler_id: int, script_path: Optional[Path]) -> Optional[Command]:
+        return self.render_histories([scheduler_id])
+
+    def parse_history(self, result: Optional[CommandResult], scheduler_id: int,
+                      script_path: Optional[Path]) -> Optional[JobHistory]:
+        if result is None:
+            return None
+        return self.parse_histories(result, [scheduler_id]).get(scheduler_id)
+
+    def render_histories(self, scheduler_ids: list[int]) -> Command:
+        return Command(
+            ["sacct", "--allocations", "--noheader", "--parsable2",
+             "--jobs", ",".join(str(i) for i in scheduler_ids), "--format", ",".join(SACCT_FIELDS)],
+            env=PLAIN_ENV,
+            unset_env=USER_FORMAT_VARIABLES,
+        )
+
+    def parse_histories(self, result: CommandResult, scheduler_ids: list[int]) -> dict[int, Optional[JobHistory]]:
+        if result.returncode != 0:
+            raise SchedulerError(f"sacct failed: {_slurm_error(result)}")
+        wanted = set(scheduler_ids)
+        histories: dict[int, Optional[JobHistory]] = {i: None for i in scheduler_ids}
+        for line in result.stdout.splitlines():
+            fields = line.split("|")
+            if len(fields) < len(SACCT_FIELDS) or not fields[0].strip().isdigit():
+                if line.strip():
+                    logger.warning("sacct: skipped unreadable line %r", line[:200])
+                continue
+            jobid, native, _submit, start, end, exit_code, reason = (f.strip() for f in fields[: len(SACCT_FIELDS)])
+            if int(jobid) not in wanted:
+                continue
+            # a requeued job has several records: the last one is the final word
+            histories[int(jobid)] = history_from_sacct(
+                native, None, _parse_time(start), _parse_time(end), exit_code, reason, int(jobid)
+            )
+        return histories
+
+    def get_histories(self, jobs: Mapping[int, Optional[Path]]) -> dict[int, Optional[JobHistory]]:
+        """One sacct call for all the jobs; squeue's last word on a job fills in when sacct has
+        no record (accounting disabled, or slurmdbd behind)."""
+        ids = list(jobs)
+        if not ids:
+            return {}
+        error: Optional[SchedulerError] = None
+        try:
+            histories = self.parse_histories(self.run(self.render_histories(ids)), ids)
+        except SchedulerError as exc:
+            error, histories = exc, {i: None for i in ids}
+        except Exception as exc:  # noqa: BLE001
+            error = SchedulerError(f"slurm history lookup failed: {type(exc).__name__}: {exc}")
+            histories = {i: None for i in ids}
+        for scheduler_id in ids:
+            row = self._ended_rows.get(scheduler_id)
+            if histories.get(scheduler_id) is None and row is not None:
+                histories[scheduler_id] = history_from_sacct(
+                    row.native_state, row.submit_time, row.start_time, row.end_time, "", row.reason, scheduler_id
+                )
+        if error is not None and all(h is None for h in histories.values()):
+            raise error
+        return histories
+
+    def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
+        return self.get_histories({scheduler_id: script_path})[scheduler_id]
+
+    # -- backfill ---------------------------------------------------------------------------
+    def render_backfill(self) -> Optional[Command]:
+        return Command(["sinfo", "--noheader", "--format", "%R|%a|%T|%D|%l"], env=PLAIN_ENV,
+                       unset_env=USER_FORMAT_VARIABLES)
+
+    def parse_backfill(self, result: CommandResult) -> dict[str, list[BackfillWindow]]:
+        """Idle nodes of each partition that is up, for the partition's time limit.
+
+        sinfo prints one line per (partition, node state); only nodes in the plain ``idle`` state
+        count (``idle~`` is powered off, ``idle*`` not responding, ``mixed`` partly busy).
+        """
+        if result.returncode != 0:
+            raise SchedulerError(f"sinfo failed: {_slurm_error(result)}")
+        idle: dict[str, int] = {}
+        limits: dict[str, int] = {}
+        for line in result.stdout.splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) != 5 or not fields[3].isdigit():
+                if line.strip():
+                    logger.warning("sinfo: skipped unreadable line %r", line[:200])
+                continue
+            partition, avail, state, count, limit = fields
+            if avail.lower() != "up" or state.lower() != "idle":
+                continue
+            idle[partition] = idle.get(partition, 0) + int(count)
+            limits[partition] = (
+                self.unlimited_window_min if limit.lower() in ("infinite", "unlimited") else _minutes(limit)
+            )
+        return {
+            partition: [BackfillWindow(num_nodes=count, wall_time_min=limits[partition])]
+            for partition, count in sorted(idle.items())
+            if count > 0 and limits[partition] > 0
+        }
+
+    # -- projects ---------------------------------------------------------------------------
+    def render_discover_projects(self) -> Optional[Command]:
+        return Command(["sacctmgr", "--noheader", "--parsable2", "show", "associations", f"user={self.user}",
+                        "format=account"])
+
+    def parse_discover_projects(self, result: CommandResult) -> list[str]:
+        if result.returncode != 0:
+            raise SchedulerError(f"sacctmgr failed: {_slurm_error(result)}")
+        seen: list[str] = []
+        for line in result.stdout.splitlines():
+            account = line.strip().strip("|")
+            if account and re.fullmatch(r"[\w.\-]+", account) and account not in seen:
+                seen.append(account)
+        return seen
+
+
+def _slurm_error(result: CommandResult) -> str:
+    """The most telling line Slurm printed: the last ``error:`` line, else the first line."""
+    lines = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    if errors:
+        text = errors[-1]
+        return re.sub(r"^\w+: error: ", "", text)
+    return result.describe()
+
+
+def _is_refusal(result: CommandResult) -> bool:
+    """True when Slurm looked at the request and said no (retrying the same request is pointless)."""
+    said = result.stderr + result.stdout
+    transient = ("Unable to contact slurm controller", "Socket timed out", "Connection refused", "Zero Bytes",
+                 "try again", "temporarily")
+    if any(t.lower() in said.lower() for t in transient):
+        return False
+    return "Batch job submission failed" in said or "invalid" in said.lower() or "error:" in said

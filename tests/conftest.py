@@ -1,0 +1,295 @@
+"""Shared fixtures: real uvicorn servers, databases and per-test users.
+
+- ``database_url``: parametrized over SQLite (tmp file) and PostgreSQL (``BALSAM_TEST_DATABASE_URL``,
+  default ``postgresql://postgres@127.0.0.1:5432/balsam_test``; created if missing, tables dropped
+  and recreated per test).
+- ``live_server`` (session): a real ``uvicorn`` subprocess on a free port with SQLite in a tmp dir;
+  yields the base URL. ``live_server_pg``: the same on PostgreSQL.
+- ``balsam_env``: a fresh user on ``live_server`` with a token and a client.yml in a tmp
+  BALSAM_HOME; BALSAM_HOME and BALSAM_CLIENT_PATH are set in the environment for the test.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import yaml
+
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/balsam_test"
+SERVER_SECRET = "balsam-test-secret-key-not-for-production-use-0123456789"
+
+
+def pg_test_url() -> str:
+    return os.environ.get("BALSAM_TEST_DATABASE_URL", DEFAULT_PG_URL)
+
+
+def ensure_pg_database(url: str) -> None:
+    """Create the test database if it does not exist (connects to the ``postgres`` db)."""
+    import sqlalchemy as sa
+
+    from balsam.server.db import normalize_database_url
+
+    parsed = sa.engine.make_url(normalize_database_url(url))
+    admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            exists = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": parsed.database}).first()
+            if not exists:
+                conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
+    finally:
+        admin.dispose()
+
+
+def reset_pg_schema(url: str) -> None:
+    import sqlalchemy as sa
+
+    from balsam.server.db import normalize_database_url
+    from balsam.server.migrate import upgrade
+    from balsam.server.tables import metadata
+
+    engine = sa.create_engine(normalize_database_url(url))
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        metadata.drop_all(engine)
+    finally:
+        engine.dispose()
+    upgrade(url)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'balsam-test.db'}"
+    else:
+        url = pg_test_url()
+        ensure_pg_database(url)
+        reset_pg_schema(url)
+        yield url
+
+
+class LiveServer:
+    """A uvicorn subprocess serving balsam.server on a free port."""
+
+    def __init__(self, database_url: str, workdir: Path, extra_env: "dict[str, str] | None" = None, workers: int = 1):
+        self.database_url = database_url
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "server.log"
+        self.extra_env = extra_env or {}
+        self.workers = workers
+        self.proc: "subprocess.Popen | None" = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = dict(os.environ)
+        env.update({
+            "BALSAM_DATABASE_URL": self.database_url,
+            "BALSAM_AUTH_SECRET_KEY": SERVER_SECRET,
+            "BALSAM_HOME": str(self.workdir / "server-home"),
+            "BALSAM_SERVER_CREATE_TABLES": "1",
+            **self.extra_env,
+        })
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "balsam.server.app:create_app_from_env",
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        if self.workers > 1:
+            cmd += ["--workers", str(self.workers)]
+        self.log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"test server exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/auth/how", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"test server did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if getattr(self, "log_file", None):
+            self.log_file.close()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):  # noqa: ANN001
+    """Attach the live server's log tail to failing tests that used it."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name in ("live_server", "live_server_pg"):
+            server = getattr(item, "_balsam_" + name, None)
+            if server is not None:
+                report.sections.append((f"{name} log ({server.log_path})", server.log_tail()))
+
+
+def _start_server(tmp_path_factory: pytest.TempPathFactory, name: str, url: str) -> LiveServer:
+    server = LiveServer(url, tmp_path_factory.mktemp(name))
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def _live_server_obj(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    workdir = tmp_path_factory.mktemp("live-server")
+    server = LiveServer(f"sqlite:///{workdir / 'balsam.db'}", workdir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def _live_server_pg_obj(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    url = pg_test_url()
+    ensure_pg_database(url)
+    reset_pg_schema(url)
+    server = LiveServer(url, tmp_path_factory.mktemp("live-server-pg"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """``start(database="sqlite"|"postgresql", env={...}, workers=1) -> LiveServer`` for servers with
+    special settings (e.g. a short session expiry); all are stopped at the end of the session.
+    PostgreSQL servers get their own database ``balsam_test_<n>`` (created and migrated)."""
+    started: list[LiveServer] = []
+
+    def start(database: str = "sqlite", env: "dict[str, str] | None" = None, workers: int = 1) -> LiveServer:
+        workdir = tmp_path_factory.mktemp(f"server-{database}")
+        if database == "sqlite":
+            url = f"sqlite:///{workdir / 'balsam.db'}"
+        else:
+            url = f"{pg_test_url()}_{len(started) + 1}"
+            ensure_pg_database(url)
+            reset_pg_schema(url)
+        server = LiveServer(url, workdir, extra_env=env, workers=workers)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def register() -> "object":
+    """``register(url, username=None, password=None) -> (username, password, user_id, token, expiry)``."""
+    return register_user
+
+
+@pytest.fixture
+def live_server(_live_server_obj: LiveServer, request: pytest.FixtureRequest) -> str:
+    """Base URL of a real uvicorn server on SQLite (shared by the whole test session)."""
+    request.node._balsam_live_server = _live_server_obj
+    return _live_server_obj.url
+
+
+@pytest.fixture
+def live_server_pg(_live_server_pg_obj: LiveServer, request: pytest.FixtureRequest) -> str:
+    """Base URL of a real uvicorn server on PostgreSQL (BALSAM_TEST_DATABASE_URL)."""
+    request.node._balsam_live_server_pg = _live_server_pg_obj
+    return _live_server_pg_obj.url
+
+
+@dataclass
+class BalsamEnv:
+    url: str
+    username: str
+    password: str
+    token: str
+    token_expiry: dt.datetime
+    home: Path
+    client_path: Path
+    user_id: int
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def http(self) -> httpx.Client:
+        """An httpx client logged in as this user (for raw REST calls in tests)."""
+        return httpx.Client(base_url=self.url, headers=self.headers(), timeout=60)
+
+
+def register_user(url: str, username: "str | None" = None, password: "str | None" = None) -> tuple[str, str, int, str, dt.datetime]:
+    username = username or f"user-{uuid.uuid4().hex[:12]}"
+    password = password or uuid.uuid4().hex
+    resp = httpx.post(f"{url}/auth/password/register", json={"username": username, "password": password}, timeout=30)
+    resp.raise_for_status()
+    user_id = resp.json()["id"]
+    resp = httpx.post(f"{url}/auth/password/login", data={"username": username, "password": password}, timeout=30)
+    resp.raise_for_status()
+    body = resp.json()
+    from balsam.serialization import parse_datetime
+
+    return username, password, user_id, body["access_token"], parse_datetime(body["expiration"])
+
+
+def make_balsam_env(url: str, home: Path, monkeypatch: pytest.MonkeyPatch) -> BalsamEnv:
+    username, password, user_id, token, expiry = register_user(url)
+    home.mkdir(parents=True, exist_ok=True)
+    client_path = home / "client.yml"
+    settings = {
+        "api_root": url,
+        "client_class": "balsam.client.RESTClient",
+        "token": token,
+        "token_expiry": expiry.isoformat(),
+        "username": username,
+        "connect_timeout": 6.2,
+        "read_timeout": 120.0,
+        "retry_count": 3,
+    }
+    fd = os.open(client_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(settings, fh, sort_keys=False)
+    monkeypatch.setenv("BALSAM_HOME", str(home))
+    monkeypatch.setenv("BALSAM_CLIENT_PATH", str(client_path))
+    return BalsamEnv(url=url, username=username, password=password, token=token, token_expiry=expiry, home=home,
+                     client_path=client_path, user_id=user_id)
+
+
+@pytest.fixture
+def balsam_env(live_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BalsamEnv:
+    """A fresh user on ``live_server``; the Python API, the CLI and child processes act as that user."""
+    return make_balsam_env(live_server, tmp_path / "balsam-home", monkeypatch)
+
+
+@pytest.fixture
+def balsam_env_pg(live_server_pg: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BalsamEnv:
+    """Like ``balsam_env`` but on the PostgreSQL live server."""
+    return make_balsam_env(live_server_pg, tmp_path / "balsam-home", monkeypatch)

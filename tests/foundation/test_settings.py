@@ -1,0 +1,324 @@
+"""settings.yml: schema coverage, one-line located errors, rendering, SiteConfig."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import attrs
+import pytest
+import yaml
+
+from balsam.config import (
+    AllowedQueue,
+    Settings,
+    SettingsError,
+    SiteConfig,
+    SiteNotFoundError,
+    balsam_home,
+    load_settings,
+    loads_settings,
+    render_sample_settings,
+    render_settings_yaml,
+    section_specs,
+)
+
+from foundation_helpers import run_balsam
+
+BAD_QUEUE = textwrap.dedent(
+    """\
+    logging:
+      level: INFO
+    filter_tags: {}
+    launcher:
+      platform: default
+      idle_ttl_sec: 60
+    scheduler:
+      name: local
+      sync_period: 10
+      allowed_projects: [local]
+      allowed_queues:
+        local: {max_nodes: 1, max_walltime: 60, max_queued_jobs: 5}
+        debug:
+          max_nodes: two
+          max_walltime: 60
+          max_queued_jobs: 1
+    """
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "settings.yml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(SettingsError) as info:
+        loads_settings(textwrap.dedent(text))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_value_names_file_line_key_and_problem(tmp_path):
+    path = write(tmp_path, BAD_QUEUE)
+    with pytest.raises(SettingsError) as info:
+        load_settings(path)
+    assert str(info.value) == f"{path}:14 scheduler.allowed_queues.debug.max_nodes: expected an integer, got 'two'"
+
+
+def test_bad_settings_file_gives_one_error_line_on_the_cli(tmp_path):
+    path = write(tmp_path, BAD_QUEUE)
+    result = run_balsam("site", "check-settings", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == f"Error: {path}:14 scheduler.allowed_queues.debug.max_nodes: expected an integer, got 'two'\n"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("launcher:\n  idle_ttl: 5\n", "settings.yml:2 launcher.idle_ttl: unknown key (did you mean 'idle_ttl_sec'?)"),
+        ("schedular:\n  name: local\n", "settings.yml:1 schedular: unknown key (did you mean 'scheduler'?)"),
+        ("launcher:\n  zzz: 1\n", "settings.yml:2 launcher.zzz: unknown key"),
+        (
+            "scheduler:\n  allowed_queues:\n    q: {max_nodes: 1, max_walltime: 2, max_queued_job: 3}\n",
+            "settings.yml:3 scheduler.allowed_queues.q.max_queued_job: unknown key (did you mean 'max_queued_jobs'?)",
+        ),
+    ],
+)
+def test_unknown_keys_are_errors_with_suggestions(text, expected):
+    assert error_of(text) == expected
+
+
+def test_retired_class_path_keys_point_to_plugin_names():
+    message = error_of("scheduler:\n  scheduler_class: balsam.platform.scheduler.SlurmScheduler\n")
+    assert message.startswith("settings.yml:2 scheduler.scheduler_class: unknown key: replaced by scheduler.name")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("logging:\n  flush_period: soon\n", "settings.yml:2 logging.flush_period: expected an integer, got 'soon'"),
+        ("launcher:\n  mpirun_allows_node_packing: maybe\n",
+         "settings.yml:2 launcher.mpirun_allows_node_packing: expected true or false, got 'maybe'"),
+        ("filter_tags: [a, b]\n", "settings.yml:1 filter_tags: expected a mapping, got a list"),
+        ("scheduler: 3\n", "settings.yml:1 scheduler: expected a mapping of SchedulerSettings keys, got 3"),
+        ("scheduler:\n  allowed_projects:\n    - ok\n    - [nested]\n",
+         "settings.yml:4 scheduler.allowed_projects[1]: expected a string, got a list"),
+        ("scheduler:\n  allowed_queues:\n    q: {max_nodes: 1, max_walltime: 2}\n",
+         "settings.yml:3 scheduler.allowed_queues.q: missing required key 'max_queued_jobs'"),
+        ("elastic_queue:\n  min_wall_time_min: 5\n",
+         "settings.yml:1 elastic_queue.wall_time_pad_min: must be less than min_wall_time_min (5)"),
+        ("logging:\n  level: LOUD\n",
+         "settings.yml:2 logging.level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'"),
+        ("logging: null\n", "settings.yml:1 logging: this section cannot be null (remove the key to use the defaults)"),
+        ("- 1\n", "settings.yml:1 (top level): expected a mapping of sections, got a list"),
+        ("launcher:\n  platform: nowhere\n", "settings.yml:2 launcher.platform: unknown platform 'nowhere' (available: "),
+        ("scheduler:\n  name: lokal\n", "settings.yml:2 scheduler.name: unknown scheduler 'lokal' (available: "),
+    ],
+)
+def test_type_and_value_errors(text, expected):
+    assert error_of(text).startswith(expected)
+
+
+def test_yaml_syntax_error_names_the_line():
+    assert error_of("logging:\n  level: INFO\n  format: [unclosed\n").startswith("settings.yml:4: invalid YAML:")
+
+
+def test_several_problems_are_counted_and_all_kept():
+    with pytest.raises(SettingsError) as info:
+        loads_settings("logging:\n  flush_period: x\nlauncher:\n  delay_sec: y\n")
+    assert str(info.value).endswith("(and 1 more problem)")
+    assert info.value.errors == [
+        "settings.yml:2 logging.flush_period: expected an integer, got 'x'",
+        "settings.yml:4 launcher.delay_sec: expected an integer, got 'y'",
+    ]
+
+
+def test_missing_file_is_one_line(tmp_path):
+    with pytest.raises(SettingsError, match=r"settings.yml: file not found$"):
+        load_settings(tmp_path / "settings.yml")
+
+
+def test_agent_module_sections_are_enabled_by_presence_only():
+    settings = loads_settings("scheduler: {}\nfile_cleaner: null\n")
+    assert settings.scheduler.name == "local"
+    assert settings.file_cleaner is None  # null disables
+    assert settings.processing is None  # absent disables
+    assert settings.queue_maintainer is None and settings.elastic_queue is None
+    assert settings.is_enabled("scheduler") and not settings.is_enabled("processing")
+    assert settings.filter_tags == {}  # not the 0.7 {workflow: test-1, system: H2O}
+    assert loads_settings("filter_tags: null\n").filter_tags == {}
+
+
+def test_defaults_of_a_new_site():
+    settings = Settings()
+    assert settings.launcher.platform == "default"
+    assert settings.launcher.mpirun_allows_node_packing is None
+    assert settings.scheduler.name == "local"
+    assert settings.scheduler.allowed_queues == {"local": AllowedQueue(max_nodes=1, max_walltime=1440, max_queued_jobs=1000)}
+    assert settings.scheduler.allowed_projects == ["local"]
+    assert settings.processing.num_workers == 2
+    assert settings.elastic_queue is None and settings.queue_maintainer is None
+    assert settings.file_cleaner.cleanup_batch_size == 180
+    assert settings.transfers.transfer_locations == {}
+    with pytest.raises(AttributeError, match="settings have no section 'schedular'"):
+        settings.schedular
+
+
+def test_settings_keyword_overrides():
+    settings = Settings(processing={"num_workers": 7}, elastic_queue=None)
+    assert settings.processing.num_workers == 7
+    with pytest.raises(SettingsError, match="<defaults> processing.num_workers: expected an integer, got 'x'"):
+        Settings(processing={"num_workers": "x"})
+
+
+# Every key of inventory §5.1 (the dotted-class keys became plugin names: launcher.platform, scheduler.name).
+INVENTORY_KEYS = {
+    "logging": ["level", "format", "datefmt", "buffer_num_records", "flush_period"],
+    "launcher": ["idle_ttl_sec", "delay_sec", "error_tail_num_lines", "max_concurrent_mpiruns",
+                 "mpirun_allows_node_packing", "serial_mode_prefetch_per_rank", "sort_by",
+                 "serial_mode_startup_params", "platform"],
+    "scheduler": ["name", "sync_period", "allowed_queues", "allowed_projects", "optional_batch_job_params",
+                  "job_template_path"],
+    "processing": ["num_workers", "prefetch_depth"],
+    "transfers": ["transfer_locations", "globus_endpoint_id", "globus_endpoint_site_path",
+                  "max_concurrent_transfers", "transfer_batch_size", "num_items_query_limit", "service_period"],
+    "elastic_queue": ["service_period", "submit_project", "submit_queue", "job_mode", "min_wall_time_min",
+                      "max_wall_time_min", "wall_time_pad_min", "min_num_nodes", "max_num_nodes",
+                      "max_queue_wait_time_min", "max_queued_jobs", "use_backfill"],
+    "queue_maintainer": ["submit_period", "submit_project", "submit_queue", "job_mode", "num_queued_jobs",
+                         "num_nodes", "wall_time_min"],
+    "file_cleaner": ["cleanup_batch_size", "service_period"],
+}
+
+
+def test_schema_covers_every_inventory_key_with_help():
+    specs = {s.key: s for s in section_specs()}
+    assert "filter_tags" in specs
+    for key, fields in INVENTORY_KEYS.items():
+        schema = specs[key].schema
+        names = [f.name for f in attrs.fields(schema)]
+        assert sorted(names) == sorted(fields), key
+        for field in attrs.fields(schema):
+            assert field.metadata.get("help"), f"{key}.{field.name} has no help text"
+
+
+def test_sample_settings_round_trips_and_comments_every_key():
+    text = render_sample_settings()
+    assert loads_settings(text) == Settings()
+    for key, fields in INVENTORY_KEYS.items():
+        for name in fields:
+            assert f"  {name}:" in text or f"#   {name}:" in text, f"{key}.{name} missing from the sample"
+    # Disabled modules are shown as null with a commented-out example that parses when uncommented.
+    assert "elastic_queue: null\n" in text
+    block = text.split("elastic_queue: null\n", 1)[1].split("\n\n", 1)[0]
+    body = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# ") and not line.startswith("# To"))
+    assert loads_settings(body).elastic_queue.max_num_nodes == 127
+
+
+def test_cli_sample_settings_prints_the_sample():
+    result = run_balsam("site", "sample-settings")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render_sample_settings()
+
+
+def test_render_settings_yaml_applies_platform_overrides():
+    text = render_settings_yaml(
+        {
+            "launcher": {"mpirun_allows_node_packing": False},
+            "scheduler": {"name": "local", "allowed_queues": {"debug": {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 1}}},
+            "queue_maintainer": {"num_queued_jobs": 2},
+            "file_cleaner": None,
+        }
+    )
+    assert text.startswith("# Balsam site settings")
+    settings = loads_settings(text)
+    assert settings.launcher.mpirun_allows_node_packing is False
+    assert settings.launcher.idle_ttl_sec == 60  # untouched defaults stay
+    assert settings.scheduler.allowed_queues == {"debug": AllowedQueue(max_nodes=2, max_walltime=60, max_queued_jobs=1)}
+    assert settings.queue_maintainer.num_queued_jobs == 2 and settings.queue_maintainer.submit_queue == "local"
+    assert settings.file_cleaner is None
+    assert "# Seconds between two checks of the queue." in text
+
+
+def test_render_settings_yaml_rejects_bad_overrides():
+    with pytest.raises(SettingsError) as info:
+        render_settings_yaml({"scheduler": {"sync_periodd": 3}})
+    assert str(info.value) == "settings overrides scheduler.sync_periodd: unknown key (did you mean 'sync_period'?)"
+
+
+def test_to_dict_is_settings_yml_shaped():
+    data = Settings().to_dict()
+    assert data["scheduler"]["allowed_queues"]["local"] == {"max_nodes": 1, "max_walltime": 1440, "max_queued_jobs": 1000}
+    assert yaml.safe_load(yaml.safe_dump(data)) == data
+
+
+# -- SiteConfig -----------------------------------------------------------------------------------
+
+
+def make_site(path: Path, site_id: str = "7") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ".balsam-site").write_text(site_id)
+    (path / "settings.yml").write_text(render_sample_settings())
+    return path
+
+
+def test_site_config_paths_and_id(tmp_path, monkeypatch):
+    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
+    site = make_site(tmp_path / "site")
+    config = SiteConfig(site)
+    assert config.site_path == site.resolve()
+    assert config.site_id == 7
+    assert config.settings_path == site / "settings.yml"
+    assert config.data_path == site / "data"
+    assert config.log_path == site / "log"
+    assert config.job_path == site / "qsubmit"
+    assert config.job_template_path == site / "job-template.sh"
+    assert config.settings.scheduler.name == "local"
+    (site / ".balsam-site").write_text("site_id: 12\n")
+    assert config.site_id == 12
+    (site / ".balsam-site").write_text("")
+    assert config.site_id is None
+
+
+def test_site_is_found_from_env_or_by_walking_up(tmp_path, monkeypatch):
+    site = make_site(tmp_path / "site")
+    deep = site / "data" / "a" / "b"
+    deep.mkdir(parents=True)
+    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
+    monkeypatch.chdir(deep)
+    assert SiteConfig.resolve_site_path() == site.resolve()
+    other = make_site(tmp_path / "other")
+    monkeypatch.setenv("BALSAM_SITE_PATH", str(other))
+    assert SiteConfig().site_path == other.resolve()
+    assert SiteConfig(site).site_path == site.resolve()  # explicit wins
+
+
+def test_not_inside_a_site_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SiteNotFoundError, match="not inside a Balsam site: no .balsam-site in"):
+        SiteConfig()
+    with pytest.raises(SiteNotFoundError, match="is not a Balsam site"):
+        SiteConfig(tmp_path)
+    monkeypatch.setenv("BALSAM_SITE_PATH", str(tmp_path))
+    with pytest.raises(SiteNotFoundError, match=f"BALSAM_SITE_PATH={tmp_path} is not a Balsam site"):
+        SiteConfig()
+
+
+def test_site_settings_error_is_located(tmp_path, monkeypatch):
+    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
+    site = make_site(tmp_path / "site")
+    (site / "settings.yml").write_text(BAD_QUEUE)
+    with pytest.raises(SettingsError, match=r"settings.yml:14 scheduler.allowed_queues.debug.max_nodes"):
+        SiteConfig(site).settings
+
+
+def test_balsam_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "h"))
+    assert balsam_home() == tmp_path / "h"
+    monkeypatch.delenv("BALSAM_HOME")
+    assert balsam_home() == Path.home() / ".balsam"

@@ -1,0 +1,208 @@
+"""The Slurm driver's render/parse pairs on outputs recorded from the real Slurm 22.05 here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from balsam.scheduler import Command, SchedulerError, SubmitRequest, subprocess_runner
+from balsam.states import BatchJobState
+from balsam_scheduler_slurm import SLURM_STATES, SlurmScheduler
+from balsam_scheduler_slurm.scheduler import parse_squeue_line, slurm_duration_min
+
+from sched_helpers import ReplayRunner, recorded, result, utc
+
+NOW = utc(2026, 11, 22, 5, 43, 0)
+
+
+@pytest.fixture
+def slurm() -> SlurmScheduler:
+    return SlurmScheduler(user="root")
+
+
+def test_every_slurm_state_is_mapped():
+    documented = """BOOT_FAIL CANCELLED COMPLETED CONFIGURING COMPLETING DEADLINE FAILED NODE_FAIL OUT_OF_MEMORY
+    PENDING PREEMPTED RUNNING RESV_DEL_HOLD REQUEUE_FED REQUEUE_HOLD REQUEUED RESIZING REVOKED SIGNALING
+    SPECIAL_EXIT STAGE_OUT STOPPED SUSPENDED TIMEOUT""".split()
+    assert set(documented) <= set(SLURM_STATES)
+    assert SLURM_STATES["PENDING"] is BatchJobState.queued
+    assert SLURM_STATES["COMPLETING"] is BatchJobState.running
+    assert SLURM_STATES["TIMEOUT"] is BatchJobState.finished
+
+
+@pytest.mark.parametrize(
+    "text, minutes",
+    [("5:00", 5), ("0:58", 1), ("0:29", 0), ("1:00:00", 60), ("1-00:00:00", 1440), ("2-3", 3060), ("1-2:30", 1590),
+     ("30", 30), ("UNLIMITED", 0), ("INVALID", 0)],
+)
+def test_slurm_durations_are_not_hours_minutes(text, minutes):
+    assert slurm_duration_min(text) == minutes
+
+
+def test_render_submit_uses_explicit_flags_and_pass_through(slurm, tmp_path):
+    script = tmp_path / "qsubmit" / "qlaunch00007.sh"
+    request = SubmitRequest(script_path=script, project="m1234", queue="debug", num_nodes=2, wall_time_min=30,
+                            job_name="qlaunch00007",
+                            optional_params={"reservation": "hackathon", "constraint": "gpu", "mig_count": "2",
+                                             "qos": "", "exclusive": "yes", "sbatch_flags": "--gpus-per-task=1 --mail-type=END"})
+    command = slurm.render_submit(request)
+    args = list(command.args)
+    assert args[:2] == ["sbatch", "--parsable"]
+    assert args[args.index("--nodes") + 1] == "2" and args[args.index("--time") + 1] == "30"
+    assert args[args.index("--account") + 1] == "m1234" and args[args.index("--partition") + 1] == "debug"
+    assert args[args.index("--output") + 1] == str(script.with_suffix(".output"))
+    assert "--reservation=hackathon" in args and "--constraint=gpu" in args and "--exclusive" in args
+    assert "--gpus-per-task=1" in args and "--mail-type=END" in args
+    assert not any("mig_count" in a or a.startswith("--qos") for a in args)  # template-only / empty params
+    assert args[-1] == str(script) and command.cwd == script.parent
+
+
+def test_queue_flag_can_be_qos_for_sites_whose_queues_are_qos(tmp_path):
+    class NerscSlurm(SlurmScheduler):
+        queue_flag = "--qos"
+
+    args = NerscSlurm(user="u").render_submit(
+        SubmitRequest(script_path=tmp_path / "s.sh", project="m1", queue="regular", num_nodes=1, wall_time_min=5)).args
+    assert args[args.index("--qos") + 1] == "regular" and "--partition" not in args
+
+
+def test_parse_submit_real_outputs(slurm):
+    assert slurm.parse_submit(result(stdout=recorded("slurm", "sbatch_parsable.txt"))) == 6
+    assert slurm.parse_submit(result(stdout=recorded("slurm", "sbatch_plain.txt"))) == 7
+    assert slurm.parse_submit(result(stdout="sbatch: warning: bla\n1234;perlmutter\n")) == 1234
+
+
+def test_submit_refused_by_slurm_keeps_the_reason(slurm):
+    with pytest.raises(SchedulerError) as info:
+        slurm.parse_submit(result(stderr=recorded("slurm", "sbatch_bad_partition.stderr.txt"), returncode=1))
+    assert "Invalid partition name specified" in str(info.value) and info.value.permanent
+    with pytest.raises(SchedulerError) as info:
+        slurm.parse_submit(result(stderr=recorded("slurm", "sbatch_missing_script.stderr.txt"), returncode=1))
+    assert "Unable to open file /nonexistent/script.sh" in str(info.value)
+    with pytest.raises(SchedulerError) as info:
+        slurm.parse_submit(result(stderr=recorded("slurm", "synthetic_sbatch_timeout.stderr.txt"), returncode=1))
+    assert "Socket timed out" in str(info.value) and not info.value.permanent
+
+
+@pytest.mark.parametrize("stdout", ["", "\n", "garbage\n", "Submitted batch job\n"])
+def test_submit_without_a_job_id_is_an_error(slurm, stdout):
+    with pytest.raises(SchedulerError, match="no job id"):
+        slurm.parse_submit(result(stdout=stdout))
+
+
+def test_render_status_is_immune_to_user_formats(slurm):
+    command = slurm.render_status("root")
+    assert "--format" in command.args and "--noheader" in command.args and "--states=all" in command.args
+    assert command.args[command.args.index("--user") + 1] == "root"
+    assert {"SQUEUE_FORMAT", "SQUEUE_FORMAT2", "SQUEUE_STATES", "SQUEUE_PARTITION", "SLURM_TIME_FORMAT"} <= set(command.unset_env)
+    assert command.env["TZ"] == "UTC" and command.env["SLURM_TIME_FORMAT"] == "standard"
+
+
+def test_parse_status_real_squeue(slurm):
+    statuses = slurm.parse_status(result(stdout=recorded("slurm", "squeue_all.txt")), NOW)
+    # COMPLETED and FAILED jobs are still listed by squeue (MinJobAge) but have left the queue
+    assert set(statuses) == {2, 4, 5, 6, 9, 10, 11}
+    assert statuses[2].state is BatchJobState.running and statuses[2].wall_time_min == 1
+    assert statuses[2].time_remaining_min == 1 and statuses[2].project == "root" and statuses[2].queue == "debug"
+    assert statuses[5].state is BatchJobState.queued and statuses[5].num_nodes == 9 and statuses[5].wall_time_min == 5
+    assert statuses[5].queued_time_min == 0  # 05:42:18 -> 05:43:00
+    assert statuses[11].state is BatchJobState.queued  # held by the user
+    later = slurm.parse_status(result(stdout=recorded("slurm", "squeue_after.txt")), NOW)
+    assert set(later) == {5, 11}
+
+
+def test_parse_status_empty_output_means_no_jobs(slurm):
+    assert slurm.parse_status(result(stdout=recorded("slurm", "squeue_empty.txt")), NOW) == {}
+
+
+def test_garbled_squeue_lines_are_skipped_not_fatal(slurm, caplog):
+    statuses = slurm.parse_status(result(stdout=recorded("slurm", "synthetic_squeue_garbled.txt")), NOW)
+    assert set(statuses) == {101, 103}
+    assert statuses[103].wall_time_min == 2880
+    assert "skipped unreadable line" in caplog.text
+
+
+def test_squeue_in_a_user_format_is_an_error_not_an_empty_queue(slurm):
+    with pytest.raises(SchedulerError, match="nothing readable"):
+        slurm.parse_status(result(stdout=recorded("slurm", "synthetic_squeue_default_format.txt")), NOW)
+
+
+def test_controller_down_is_a_failed_poll(slurm):
+    with pytest.raises(SchedulerError, match="Unable to contact slurm controller"):
+        slurm.parse_status(result(stderr=recorded("slurm", "synthetic_squeue_controller_down.stderr.txt"), returncode=1), NOW)
+
+
+@pytest.mark.parametrize("line", ["1|RUNNING", "x|RUNNING|debug|1|1:00|a|1:00|N/A|N/A|N/A|None",
+                                  "7|running state|debug|1|1:00|a|1:00|N/A|N/A|N/A|None", ""])
+def test_bad_squeue_lines_raise_value_error(line):
+    with pytest.raises(ValueError):
+        parse_squeue_line(line)
+
+
+def test_parse_delete(slurm):
+    slurm.parse_delete(result(stdout=recorded("slurm", "scancel_unknown.stdout.txt")), 99999)
+    slurm.parse_delete(result(stderr=recorded("slurm", "synthetic_scancel_invalid.stderr.txt"), returncode=1), 4242)
+    with pytest.raises(SchedulerError, match="Access/permission denied"):
+        slurm.parse_delete(result(stderr=recorded("slurm", "synthetic_scancel_denied.stderr.txt"), returncode=1), 4243)
+
+
+def test_history_real_sacct(slurm):
+    ids = [1, 2, 5, 8, 9, 10, 11, 99999]
+    histories = slurm.parse_histories(result(stdout=recorded("slurm", "sacct_history.txt")), ids)
+    assert histories[1].state is BatchJobState.finished and histories[1].native_state == "COMPLETED"
+    assert histories[1].start_time == utc(2026, 11, 22, 5, 42, 15) and histories[1].end_time == utc(2026, 11, 22, 5, 42, 16)
+    assert histories[2].native_state == "TIMEOUT" and histories[2].end_time == utc(2026, 11, 22, 5, 43, 18)
+    assert histories[8].native_state == "FAILED" and "exit code 3:0" in histories[8].message
+    assert histories[9].native_state == "CANCELLED by 0" and histories[9].state is BatchJobState.finished
+    # cancelled while pending: never started, still "finished" (a deletion, not a failure)
+    assert histories[10].start_time is None and histories[10].state is BatchJobState.finished
+    assert histories[5] is None and histories[11] is None  # still pending: not history yet
+    assert histories[99999] is None  # unknown to sacct (yet)
+
+
+def test_history_more_states(slurm):
+    ids = [201, 202, 203, 204, 205, 206, 207]
+    histories = slurm.parse_histories(result(stdout=recorded("slurm", "synthetic_sacct_more_states.txt")), ids)
+    assert histories[201].state is BatchJobState.finished and histories[201].native_state == "NODE_FAIL"
+    assert histories[202].state is BatchJobState.submit_failed and "never started" in histories[202].message
+    assert histories[203].native_state == "OUT_OF_MEMORY"
+    assert histories[205].state is BatchJobState.submit_failed
+    assert histories[206] is None  # requeued and running again: the last record wins
+    assert histories[207].state is BatchJobState.submit_failed
+
+
+def test_sacct_failure_falls_back_to_what_squeue_last_said(tmp_path):
+    runner = ReplayRunner({
+        "squeue": result(stdout=recorded("slurm", "squeue_after.txt")),
+        "sacct": result(stderr="sacct: error: Problem talking to the database: Connection refused", returncode=1),
+    })
+    slurm = SlurmScheduler(runner, user="root")
+    assert set(slurm.get_statuses(NOW)) == {5, 11}
+    histories = slurm.get_histories({2: None, 8: None})
+    assert runner.programs() == ["squeue", "sacct"]  # one bulk sacct call for both jobs
+    assert histories[2].native_state == "TIMEOUT" and histories[2].end_time == utc(2026, 11, 22, 5, 43, 18)
+    assert histories[8].native_state == "FAILED"
+    with pytest.raises(SchedulerError, match="Problem talking to the database"):
+        slurm.get_histories({777: None})  # no fall-back for this one: the error is reported
+
+
+def test_backfill_from_sinfo(slurm):
+    windows = slurm.parse_backfill(result(stdout=recorded("slurm", "sinfo_backfill.txt")))
+    assert {q: [(w.num_nodes, w.wall_time_min) for w in ws] for q, ws in windows.items()} == {"debug": [(4, 1440)]}
+    windows = slurm.parse_backfill(result(stdout=recorded("slurm", "synthetic_sinfo_mixed.txt")))
+    assert {q: [(w.num_nodes, w.wall_time_min) for w in ws] for q, ws in windows.items()} == {
+        "big": [(10, 2880)], "debug": [(4, 30)], "long": [(2, 1440)]}
+
+
+def test_discover_projects(slurm):
+    assert slurm.parse_discover_projects(result(stdout=recorded("slurm", "sacctmgr_accounts.txt"))) == ["root"]
+    assert slurm.parse_discover_projects(result(stdout="m1234\nm1234\nm9999\n\n")) == ["m1234", "m9999"]
+
+
+def test_unset_env_really_removes_user_formats(monkeypatch):
+    monkeypatch.setenv("SQUEUE_FORMAT", "%i %u")
+    out = subprocess_runner(Command(["sh", "-c", "echo ${SQUEUE_FORMAT-unset} $TZ"], env={"TZ": "UTC"},
+                                    unset_env=("SQUEUE_FORMAT",)))
+    assert out.stdout.split() == ["unset", "UTC"]
