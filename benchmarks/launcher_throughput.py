@@ -52,11 +52,12 @@ class Processing:
         self.error = ""
         try:
             from balsam.config import SiteConfig
+            from balsam.launcher._api import default_client
             from balsam.site.modules.processing import ProcessingModule
 
             site_config = SiteConfig(site_path)
             section = site_config.settings.sections.get("processing")
-            self.module = ProcessingModule(site_config, section)
+            self.module = ProcessingModule(site_config, section, default_client())
         except Exception as exc:  # the agent module is another engineer's; report and measure RUN_DONE
             self.error = f"{type(exc).__name__}: {exc}"
         self.stop = threading.Event()
@@ -65,10 +66,11 @@ class Processing:
     def _loop(self) -> None:
         while not self.stop.is_set():
             try:
-                self.module.run_cycle()
+                delay = self.module.run_cycle()
             except Exception as exc:
                 self.error = f"{type(exc).__name__}: {exc}"
-            self.stop.wait(0.05)
+                delay = 1.0
+            self.stop.wait(min(delay if delay is not None else 0.05, 0.05))
 
     def __enter__(self):
         if self.module is not None:
@@ -79,9 +81,10 @@ class Processing:
         self.stop.set()
         if self.module is not None:
             self.thread.join(30)
-            close = getattr(self.module, "close", None)
-            if close:
-                close()
+            try:
+                self.module.close()
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
 
 
 def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, timeout: float) -> dict:
@@ -104,14 +107,14 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
         launcher.terminate()
         launcher.wait(60)
     running = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING"))
-    ended = list(EventLog.objects.filter(tags={"bench": tag}, to_state=end_state))
     first_running = min(_ts(e.timestamp) for e in running) - t0 if running else float("nan")
-    last_end = max(_ts(e.timestamp) for e in ended) - t0 if ended else float("nan")
-    return {
-        "mode": mode, "jobs": len(ids), "ended": len(ended), "end_state": end_state,
-        "first_running_s": first_running, "elapsed_s": last_end, "jobs_per_s": len(ended) / last_end if ended else 0.0,
-        "processing_error": getattr(proc, "error", ""),
-    }
+    result = {"mode": mode, "jobs": len(ids), "first_running_s": first_running, "processing_error": getattr(proc, "error", ""),
+              "figures": []}
+    for state in ("RUN_DONE", "JOB_FINISHED") if end_state == "JOB_FINISHED" else ("RUN_DONE",):
+        ended = list(EventLog.objects.filter(tags={"bench": tag}, to_state=state))
+        last = max(_ts(e.timestamp) for e in ended) - t0 if ended else float("nan")
+        result["figures"].append((state, len(ended), last, len(ended) / last if ended else 0.0))
+    return result
 
 
 class _Null:
@@ -134,7 +137,7 @@ def main() -> int:
     dep = LocalDeployment(root / "deploy")
     try:
         dep.activate()
-        site = dep.make_site("bench", launcher={"idle_ttl_sec": 2, "delay_sec": 1})
+        site = dep.make_site("bench", launcher={"idle_ttl_sec": 2, "delay_sec": 1}, processing={"num_workers": 1})
         from balsam.api import ApplicationDefinition
 
         class Noop(ApplicationDefinition):
@@ -154,10 +157,10 @@ def main() -> int:
             results.append(run_mode(site, "mpi", "mpi", ids, not args.no_processing, timeout=600))
         print(f"launcher throughput ({ncpu} CPUs; real uvicorn + SQLite server, real mpiexec)")
         for r in results:
-            print(
-                f"  {r['mode']:6s} {r['ended']:5d}/{r['jobs']} jobs to {r['end_state']}: {r['jobs_per_s']:8.1f} jobs/s "
-                f"({r['elapsed_s']:.2f} s from launcher start), first RUNNING after {r['first_running_s']:.3f} s"
-            )
+            for state, count, elapsed, rate in r["figures"]:
+                print(f"  {r['mode']:6s} {count:5d}/{r['jobs']} jobs to {state:12s}: {rate:8.1f} jobs/s "
+                      f"({elapsed:.2f} s from launcher start to the last {state})")
+            print(f"  {r['mode']:6s} first RUNNING {r['first_running_s']:.3f} s after launcher start")
             if r["processing_error"]:
                 print(f"         processing module not used: {r['processing_error']}")
         print("  targets: serial >= 500 jobs/s, first RUNNING < 1 s, mpi >= 20 jobs/s "

@@ -148,7 +148,7 @@ def register_apps(site_id: int) -> dict[str, type]:
         """Shell app of the DAG's join step: adds up its parents' square.txt files."""
 
         site = site_id
-        command_template = "cat {{ inputs }} | awk '{ total += $1 } END { print total }' | tee sum.txt"
+        command_template = "cat ../square_*/square.txt | awk '{ total += $1 } END { print total }' | tee sum.txt"
 
     class DemoPower(ApplicationDefinition):
         """Python run() app: returns x to the power p (the value comes back with job.result())."""
@@ -209,9 +209,8 @@ def create_jobs(apps: dict[str, type], run_id: str, total: int) -> dict[str, int
             for x in range(1, 5)
         ]
     )
-    inputs = " ".join(f"../square_{x}/square.txt" for x in range(1, 5))
     (join,) = Job.objects.bulk_create(
-        [Job(f"{run_id}/dag/sum", apps["sum"], parameters={"inputs": inputs}, tags={**serial, "dag": "sum"},
+        [Job(f"{run_id}/dag/sum", apps["sum"], tags={**serial, "dag": "sum"},
              parent_ids={j.id for j in stages})]
     )
     Job.objects.bulk_create(

@@ -98,7 +98,40 @@ def _make_converter() -> cattrs.Converter:
     conv.register_unstructure_hook_func(_is_set, lambda v: sorted(conv.unstructure(x) for x in v))
     conv.register_structure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), _structure_enum)
     conv.register_unstructure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), lambda v: v.value)
+    _refuse_text_as_collection(conv)
     return conv
+
+
+def _refuse_text_as_collection(conv: cattrs.Converter) -> None:
+    """A string is iterable, so cattrs would turn ``"proj"`` into ``["p", "r", "o", "j"]``: refuse it."""
+    from cattrs.cols import list_structure_factory
+
+    def refuse(value: Any, what: str) -> None:
+        if isinstance(value, (str, bytes, Mapping)):
+            raise ValueError(f"expected {what}, got {value!r}")
+
+    def list_hook(t: Any) -> Any:
+        default = list_structure_factory(t, conv)
+
+        def structure(value: Any, _type: Any) -> Any:
+            refuse(value, "a list")
+            return default(value, _type)
+
+        return structure
+
+    def set_hook(t: Any) -> Any:
+        args = typing.get_args(t)
+        item = args[0] if args else Any
+        kind = frozenset if (typing.get_origin(t) or t) is frozenset else set
+
+        def structure(value: Any, _type: Any) -> Any:
+            refuse(value, "a list")
+            return kind(conv.structure(v, item) for v in value)
+
+        return structure
+
+    conv.register_structure_hook_factory(lambda t: (typing.get_origin(t) or t) is list, list_hook)
+    conv.register_structure_hook_factory(lambda t: (typing.get_origin(t) or t) in (set, frozenset), set_hook)
 
 
 converter = _make_converter()

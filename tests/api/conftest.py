@@ -32,14 +32,20 @@ def site(balsam_env: Any, tmp_path: Path) -> Any:
     return Site.objects.create(
         name=name,
         path=str(path),
-        transfer_locations={"laptop": "local:/tmp/laptop"},
+        transfer_locations={"laptop": "globus://9d6d99eb-6d04-11e5-ba46-22000b92c6ec"},
         allowed_projects=["datascience"],
         allowed_queues={"debug": {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 5}},
         optional_batch_job_params={"mig_count": "0"},
     )
 
 
-def run_jobs(site: Any, jobs: Iterable[Any], *, fail: Iterable[int] = (), execute: bool = False) -> list[Any]:
+@pytest.fixture
+def run_jobs() -> Any:
+    """``run_jobs(site, jobs, fail=(), execute=False)``: see :func:`drive_jobs`."""
+    return drive_jobs
+
+
+def drive_jobs(site: Any, jobs: Iterable[Any], *, fail: Iterable[int] = (), execute: bool = False) -> list[Any]:
     """Move jobs through their life as the agent and a launcher would, through the API.
 
     STAGED_IN -> PREPROCESSED (processing module), Session acquire -> RUNNING -> RUN_DONE/RUN_ERROR

@@ -95,18 +95,7 @@ class LocalDeployment:
         reset_default_client()
 
     def make_site(self, name: str, launcher: Optional[dict[str, Any]] = None, **sections: Any) -> Path:
-        """A site directory registered with the API; ``launcher`` overrides settings.launcher keys."""
-        from balsam.api import Site
-
-        path = self.root / name
-        for sub in ("data", "log", "qsubmit"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
-        settings: dict[str, Any] = {"launcher": {"idle_ttl_sec": 3, "delay_sec": 1, **(launcher or {})}}
-        settings.update(sections)
-        (path / "settings.yml").write_text(yaml.safe_dump(settings))
-        site = Site.objects.create(name=name, path=str(path))
-        (path / ".balsam-site").write_text(f"{site.id}\n")
-        return path
+        return make_site(self.root / name, name, launcher, **sections)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -117,6 +106,22 @@ class LocalDeployment:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def make_site(path: Path, name: str, launcher: Optional[dict[str, Any]] = None, **sections: Any) -> Path:
+    """A site directory registered with the API (as the current user); ``launcher`` overrides
+    settings.launcher keys. Agent-module sections are left out (disabled): only launchers run."""
+    from balsam.api import Site
+
+    path = Path(path)
+    for sub in ("data", "log", "qsubmit"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    settings: dict[str, Any] = {"launcher": {"idle_ttl_sec": 3, "delay_sec": 1, **(launcher or {})}}
+    settings.update(sections)
+    (path / "settings.yml").write_text(yaml.safe_dump(settings))
+    site = Site.objects.create(name=name, path=str(path))
+    (path / ".balsam-site").write_text(f"{site.id}\n")
+    return path
 
 
 def start_launcher(site_path: Path, job_mode: str, wall_time_min: float, *args: str, env: Optional[dict[str, str]] = None,

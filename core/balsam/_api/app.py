@@ -138,6 +138,7 @@ class ApplicationDefinitionMeta(type):
             if pname != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         }
         cls._default_params = {k: v["default"] for k, v in cls.parameters.items() if not v["required"]}
+        cls._accepts_any_params = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
 
     @property
     def source_code(cls) -> str:
@@ -161,6 +162,8 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
     _site_id: ClassVar[Optional[int]] = None
     _app_type: ClassVar[AppType]
     _default_params: ClassVar[dict[str, Any]] = {}
+    #: run(self, **kwargs) apps take any parameter
+    _accepts_any_params: ClassVar[bool] = False
     _serialized_class: ClassVar[Optional[str]] = None
     #: client used by sync()/load_*; None = the balsam.api default client
     _client: ClassVar[Any] = None
@@ -322,7 +325,7 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
         if cls.__app_id__ is None:
             cls.sync()
         unknown = sorted(set(app_params) - set(cls.parameters))
-        if unknown:
+        if unknown and not cls._accepts_any_params:
             raise TypeError(f"{cls.__name__}.submit() got unknown app parameters {unknown} (parameters: {sorted(cls.parameters)})")
         JobModel = cls._client.Job if cls._client is not None else _job_model()
         job = JobModel(

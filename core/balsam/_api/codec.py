@@ -158,6 +158,11 @@ def deserialize_app_class(payload: str, *, name: str = "?", app_id: Any = None) 
             )
         try:
             return dill.loads(envelope["class"])
+        except ModuleNotFoundError as exc:
+            raise DeserializeError(
+                f"cannot load {label}: its code needs module {exc.name!r}, which is not installed here "
+                f"(install it in this Python, or define the app in the submitting script)"
+            ) from None
         except Exception as exc:  # noqa: BLE001
             raise DeserializeError(f"cannot load {label}: {type(exc).__name__}: {exc}") from None
     # A Balsam 0.7 payload: the dill bytes of the class itself, Python version unknown.

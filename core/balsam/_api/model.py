@@ -170,6 +170,8 @@ class BalsamModel:
     _creatable: ClassVar[bool] = True
     _updatable: ClassVar[bool] = True
     _deletable: ClassVar[bool] = True
+    #: the list route takes limit/offset (GET /sessions/ does not)
+    _paginated: ClassVar[bool] = True
     #: the create route takes a list (bulk create), even for one record
     _create_as_list: ClassVar[bool] = False
     #: query-string filter names accepted by the list route (those of Balsam 0.7)
@@ -346,8 +348,11 @@ class BalsamModel:
             fld = attrs.fields_dict(self._record_cls)[key]
             default = fld.default.factory() if isinstance(fld.default, attrs.Factory) else copy.copy(fld.default)  # type: ignore[union-attr]
             setattr(self._record, key, default)
+        # Fields the caller has seen may be changed in place later through a kept reference:
+        # fingerprint them again rather than forgetting them.
+        seen = [k for k in set(self._snapshots) | self._dirty if self._fields[k].mutable]
         self._dirty = set()
-        self._snapshots = {}
+        self._snapshots = {k: _fingerprint(getattr(self._record, k), self._fields[k].type) for k in seen}
 
     def _apply_response(self, data: Any) -> None:
         """Adopt the server's copy after create/update when it sent one."""

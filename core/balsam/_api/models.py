@@ -461,6 +461,7 @@ class Session(BalsamModel):
     _path = "/sessions/"
     _manager_cls = Manager
     _updatable = False
+    _paginated = False
     _filters = frozenset({"id"})
 
     if TYPE_CHECKING:  # pragma: no cover

@@ -160,6 +160,10 @@ class Query(Generic[T]):
 
     def _get_pages(self, params: dict[str, Any], offset: int, limit: Optional[int]) -> tuple[int, list[dict[str, Any]]]:
         client = self._model._get_client()
+        if not self._model._paginated:
+            count, rows = _unpack_list(client.get(self._model._path, params=params))
+            end = None if limit is None else offset + limit
+            return count, rows[offset:end]
         results: list[dict[str, Any]] = []
         total = 0
         while True:
@@ -237,7 +241,7 @@ class Query(Generic[T]):
         if self._empty:
             return 0
         param_sets = self._chunked_params()
-        if len(param_sets) == 1 and not self._sliced:
+        if len(param_sets) == 1 and not self._sliced and self._model._paginated:
             data = self._model._get_client().get(self._model._path, params=dict(param_sets[0], limit=0, offset=0))
             return _unpack_list(data)[0]
         return len(self._evaluate())

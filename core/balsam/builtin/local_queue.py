@@ -33,7 +33,7 @@ WALLTIME_GRACE_SEC = 120
 TERM_GRACE_SEC = 5.0
 
 # The wrapper runs the script, then writes "<exit status> <epoch seconds>" next to the records.
-_WRAPPER = '"$@"; rc=$?; echo "$rc $(date +%s)" > "$BALSAM_LOCAL_EXIT_FILE"; exit $rc'
+_WRAPPER = '"$@"; rc=$?; echo "$rc $(date +%s.%N)" > "$BALSAM_LOCAL_EXIT_FILE"; exit $rc'
 
 
 class QueueError(Exception):
@@ -93,7 +93,11 @@ class LocalQueue:
                 record["exit_code"] = int(parts[0])
                 record["native_state"] = "COMPLETED" if parts[0] == "0" else "FAILED"
             if len(parts) > 1:
-                record["end_time"] = float(parts[1])
+                try:
+                    record["end_time"] = float(parts[1])
+                except ValueError:  # a `date` without %N support: keep the time we noticed the end
+                    pass
+            record["end_time"] = max(record["end_time"], record["start_time"])
         else:
             record.setdefault("native_state", "LOST")
             record.setdefault("message", "the job's process ended without recording an exit status")

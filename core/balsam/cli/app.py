@@ -31,6 +31,9 @@ def ls(site_selector: str, verbose: bool) -> None:
         docs = []
         for a in apps:
             data = a.display_dict()
+            payload = data.get("serialized_class") or ""
+            if len(payload) > 60:  # base64 of the class: show that it is there, not all of it
+                data["serialized_class"] = f"{payload[:40]}...({len(payload)} chars)"
             docs.append(yaml.safe_dump(data, sort_keys=False))
         click.echo("----\n".join(docs), nl=False)
         return

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from balsam.plugins.manager import HOOK_KIND, PluginError, PluginRecord, did_you_mean, get_plugin_manager
+from balsam.plugins.manager import HOOK_KIND, KINDS, PluginError, PluginRecord, did_you_mean, get_plugin_manager
 
 COLUMNS = ("kind", "name", "distribution", "version", "status", "error")
 
@@ -25,11 +25,18 @@ def plugins() -> None:
 
 
 @plugins.command("ls")
-@click.option("--kind", "kinds", multiple=True, help="Only this kind (plugin, scheduler, platform, ...).")
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice([HOOK_KIND, *KINDS]),
+    help="Only rows of this kind (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def ls(kinds: tuple[str, ...], as_json: bool) -> None:
     """List hook plugins and named drivers: kind, name, distribution, version, status, error."""
     pm = get_plugin_manager()
+    _sections(pm)  # so that a plugin's bad settings section shows on its row
     rows = pm.report()
     if kinds:
         rows = [r for r in rows if r["kind"] in kinds]

@@ -115,8 +115,10 @@ def _ensure_local_user(database_url: str, username: str) -> int:
         engine.dispose()
 
 
-def _write_login(url: str, username: str, token: str, expiry: dt.datetime, *, force: bool) -> str:
-    """Store the login unless the client file holds a login for another server (then explain)."""
+def _write_login(url: str, username: str, token: str, expiry: dt.datetime, *, force: bool,
+                 replaceable: "set[str] | None" = None) -> str:
+    """Store the login unless the client file holds a login for another server (then explain).
+    ``replaceable``: earlier addresses of this same local server (e.g. before a port change)."""
     import yaml
 
     path = _client_path()
@@ -126,7 +128,7 @@ def _write_login(url: str, username: str, token: str, expiry: dt.datetime, *, fo
         except (OSError, yaml.YAMLError):
             existing = {}
         other = str(existing.get("api_root", "")).rstrip("/")
-        if other and other != url.rstrip("/"):
+        if other and other != url.rstrip("/") and other not in {u.rstrip("/") for u in (replaceable or set())}:
             return (f"Kept the existing login for {other} in {path}. To use the local server instead run "
                     f"`balsam server login` (or `balsam login` with api root {url}).")
     data = {
@@ -149,7 +151,7 @@ def _write_login(url: str, username: str, token: str, expiry: dt.datetime, *, fo
     return f"Logged in as {username} at {url} (token valid until {expiry:%Y-%m-%d}; stored in {path})"
 
 
-def _issue_local_login(url: str, database_url: str, *, force: bool) -> str:
+def _issue_local_login(url: str, database_url: str, *, force: bool, replaceable: "set[str] | None" = None) -> str:
     from balsam.server.auth import create_token
     from balsam.server.settings import ServerSettings
 
@@ -157,7 +159,7 @@ def _issue_local_login(url: str, database_url: str, *, force: bool) -> str:
     user_id = _ensure_local_user(database_url, username)
     settings = ServerSettings.from_env(database_url)
     token, expiry = create_token(user_id, username, settings.secret_key, LOCAL_TOKEN_TTL_SEC)
-    return _write_login(url, username, token, expiry, force=force)
+    return _write_login(url, username, token, expiry, force=force, replaceable=replaceable)
 
 
 @click.group("server")
@@ -181,6 +183,7 @@ def start(host: str, port: int, timeout: float) -> None:
         click.echo(_issue_local_login(url, info.get("database_url", database_url), force=False))
         return
     paths["dir"].mkdir(parents=True, exist_ok=True, mode=0o700)
+    previous_url = _info().get("url")
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"http://{connect_host}:{port}"
     if _answers(url):
@@ -230,7 +233,7 @@ def start(host: str, port: int, timeout: float) -> None:
         click.echo(".", nl=False)
         time.sleep(0.5)
     click.echo(" ready")
-    click.echo(_issue_local_login(url, database_url, force=False))
+    click.echo(_issue_local_login(url, database_url, force=False, replaceable={previous_url} if previous_url else None))
 
 
 @server_group.command("login")

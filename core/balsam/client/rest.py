@@ -13,6 +13,7 @@ After ``fork()`` the child gets a fresh connection pool on its first request.
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import logging
 import os
 import random
@@ -108,8 +109,10 @@ class RESTClient:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         username: Optional[str] = None,
+        token_expiry: Any = None,
     ) -> None:
         self.api_root = api_root.rstrip("/")
+        self.token_expiry = token_expiry
         self.token = token
         self.username = username
         self.connect_timeout = float(connect_timeout)
@@ -136,6 +139,7 @@ class RESTClient:
             retry_count=settings.retry_count,
             settings_path=settings_path,
             username=settings.username,
+            token_expiry=settings.token_expiry,
         )
 
     def __repr__(self) -> str:
@@ -176,8 +180,17 @@ class RESTClient:
         if settings.token and settings.token != self.token and settings.api_root.rstrip("/") == self.api_root:
             self.token = settings.token
             self.username = settings.username or self.username
+            self.token_expiry = settings.token_expiry
             return True
         return False
+
+    def _expired(self) -> bool:
+        expiry = self.token_expiry
+        if not isinstance(expiry, dt.datetime):
+            return False
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=dt.timezone.utc)
+        return expiry <= dt.datetime.now(dt.timezone.utc)
 
     def _backoff(self, attempt: int, resp: Optional[httpx.Response] = None) -> float:
         if resp is not None:
@@ -228,13 +241,17 @@ class RESTClient:
                 time.sleep(delay)
                 attempt += 1
                 continue
-            if status == 401 and authenticated:
-                if not reauthed and self._reload_token():
+            if status == 401:
+                if authenticated and not reauthed and self._reload_token():
                     reauthed = True
                     continue
                 detail = _response_detail(resp)
-                hint = NOT_LOGGED_IN if not self.token else "Login expired or invalid: run `balsam login`"
-                raise AuthenticationError(method, f"{self.api_root}{url}", status, f"{_detail_text(detail)}. {hint}")
+                if authenticated:
+                    hint = NOT_LOGGED_IN if not self.token else "Login expired or invalid: run `balsam login`"
+                    if self.token and self._expired():
+                        hint = f"Login expired at {self.token_expiry:%Y-%m-%d %H:%M} UTC: run `balsam login`"
+                    detail = f"{_detail_text(detail)}. {hint}"
+                raise AuthenticationError(method, f"{self.api_root}{url}", status, detail)
             if status >= 400:
                 raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
             return _parse(resp)

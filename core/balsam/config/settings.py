@@ -293,7 +293,12 @@ class _Checker:
             self.fail(path, f"unknown key: {_RETIRED_KEYS[key]}")
             return ""
         matches = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-        hint = f" (did you mean '{matches[0]}'?)" if matches else ""
+        if matches:
+            hint = f" (did you mean '{matches[0]}'?)"
+        elif len(path) == 1:
+            hint = " (no installed plugin provides this section; see `balsam plugins ls`)"
+        else:
+            hint = ""
         self.fail(path, f"unknown key{hint}")
         return matches[0] if matches else ""
 

@@ -233,46 +233,16 @@ class AppProcess:
 
 
 _affinity_supported = hasattr(os, "sched_setaffinity")
-_affinity_state = threading.local()
-
-
-def _full_affinity() -> set[int]:
-    full = getattr(_affinity_state, "full", None)
-    if full is None:
-        full = _affinity_state.full = set(os.sched_getaffinity(0))
-        _affinity_state.current = set(full)
-    return full
-
-
-def _set_thread_affinity(cpus: set[int]) -> None:
-    if cpus != _affinity_state.current:
-        os.sched_setaffinity(0, cpus)
-        _affinity_state.current = set(cpus)
-
-
-def restore_affinity() -> None:
-    """Give the calling thread back every CPU it started with (after a batch of spawns)."""
-    if _affinity_supported and getattr(_affinity_state, "full", None) is not None:
-        try:
-            _set_thread_affinity(_affinity_state.full)
-        except OSError:
-            pass
 
 
 def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: dict[str, str], cpu_ids: Sequence[int]) -> subprocess.Popen:
-    """Popen in a new session; the child inherits this thread's CPU affinity.
+    """Popen in a new session, then pin the child to ``cpu_ids``.
 
-    Setting affinity costs a system call, so the spawning thread keeps the last CPU set between
-    spawns; the job modes call :func:`restore_affinity` once a batch of spawns is done.
+    The child is pinned right after it starts (like ``taskset -p``) rather than by pinning this
+    thread around the spawn: moving the launcher's own thread between CPUs for every spawn costs far
+    more than setting the affinity of the new process, whose own children inherit it.
     """
-    if _affinity_supported:
-        try:
-            full = _full_affinity()
-            wanted = (set(cpu_ids) & full) if cpu_ids else full
-            _set_thread_affinity(wanted or full)
-        except OSError as exc:
-            logger.debug("cpu affinity not set: %s", exc)
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         argv,
         cwd=cwd,
         stdout=stdout,
@@ -282,3 +252,9 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: dict[st
         start_new_session=True,
         close_fds=True,
     )
+    if cpu_ids and _affinity_supported:
+        try:
+            os.sched_setaffinity(proc.pid, cpu_ids)
+        except OSError as exc:  # already exited, or CPUs outside our cpuset
+            logger.debug("cpu affinity of job pid %s not set: %s", proc.pid, exc)
+    return proc

@@ -197,6 +197,9 @@ def run_launcher(
         partition_index=partition_index,
         start_time=start_time,
     )
+    # Jobs (and serial workers) see which mode and how many nodes run them, as in Balsam 0.7.
+    os.environ["BALSAM_LAUNCHER_NODES"] = str(len(context.nodes))
+    os.environ["BALSAM_JOB_MODE"] = partition.job_mode
     configure_logging(context.log_file("log"), settings)
     mode = _job_mode_class(partition.job_mode)(context)
 

@@ -46,9 +46,10 @@ def balsam_settings_sections(register: Callable[..., None]) -> None:
     """Contribute a top-level section of ``settings.yml``.
 
     Called when settings are loaded or a sample file is rendered. Call
-    ``register(key, schema, comment="")`` where ``schema`` is an attrs class whose fields (with
-    defaults and ``metadata={"help": ...}``) describe the section, and ``comment`` is the text put
-    above the section in ``balsam site sample-settings``. The loaded value is available as
+    ``register(key, schema, comment="", *, enabled_by_default=True)`` where ``schema`` is an attrs
+    class whose fields (with defaults and ``metadata={"help": ...}``) describe the section,
+    ``comment`` is the text put above the section in ``balsam site sample-settings``, and
+    ``enabled_by_default=False`` writes the section as ``key: null`` in a new settings.yml. The loaded value is available as
     ``settings.sections[key]`` (``None`` when the file sets the key to ``null``).
     Return value: ignored.
     """

@@ -661,7 +661,9 @@ class PluginManager:
 
 
 _manager: Optional[PluginManager] = None
-_manager_lock = threading.Lock()
+# Re-entrant: a plugin module that calls get_plugin_manager() while being imported gets the
+# manager being loaded instead of a deadlock.
+_manager_lock = threading.RLock()
 
 
 def get_plugin_manager() -> PluginManager:
@@ -669,9 +671,12 @@ def get_plugin_manager() -> PluginManager:
     global _manager
     with _manager_lock:
         if _manager is None:
-            manager = PluginManager()
-            manager.load()
-            _manager = manager
+            _manager = PluginManager()
+            try:
+                _manager.load()
+            except BaseException:
+                _manager = None
+                raise
         return _manager
 
 

@@ -58,13 +58,45 @@ def owned_site_ids(user_id: int) -> sa.Select:
     return sa.select(sites.c.id).where(sites.c.owner_id == user_id)
 
 
-def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str) -> sa.ColumnElement[bool]:
-    """``col @> wanted`` for a flat string dict (JSONB containment on PostgreSQL)."""
-    if dialect == "postgresql":
-        return sa.type_coerce(col, postgresql.JSONB).contains(wanted)
+def _scalar_candidates(value: str, loose: bool) -> list[Any]:
+    """``"1"`` matches the string "1" and, with ``loose``, also the JSON number 1 (or true/false/null)."""
+    candidates: list[Any] = [value]
+    if loose:
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            parsed = value
+        if not isinstance(parsed, (str, list, dict)):
+            candidates.append(parsed)
+    return candidates
+
+
+def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str, *, loose: bool = False) -> sa.ColumnElement[bool]:
+    """``col @> wanted`` for a flat dict of strings (JSONB containment on PostgreSQL, which the
+    GIN index serves). ``loose`` also matches numbers and booleans written as text (event data)."""
     if not wanted:
         return sa.true()
-    return sa.and_(*[col[key].as_string() == str(value) for key, value in wanted.items()])
+    clauses = []
+    for key, value in wanted.items():
+        candidates = _scalar_candidates(str(value), loose)
+        if dialect == "postgresql":
+            jsonb = sa.type_coerce(col, postgresql.JSONB)
+            clauses.append(sa.or_(*[jsonb.contains({key: c}) for c in candidates]))
+        else:
+            path = '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            extracted, kind = sa.func.json_extract(col, path), sa.func.json_type(col, path)
+            options = []
+            for c in candidates:
+                if c is None:
+                    options.append(kind == "null")
+                elif isinstance(c, bool):
+                    options.append(kind == ("true" if c else "false"))
+                elif isinstance(c, str):
+                    options.append(sa.and_(kind == "text", extracted == c))
+                else:
+                    options.append(sa.and_(kind.in_(("integer", "real")), extracted == c))
+            clauses.append(sa.or_(*options))
+    return sa.and_(*clauses)
 
 
 def like_escape(text: str) -> str:

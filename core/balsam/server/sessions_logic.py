@@ -124,10 +124,13 @@ def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[
     if spec.max_aggregate_nodes is not None:
         chosen: list[int] = []
         footprint = 0.0
+        # First fit in the requested order: a job that does not fit is skipped, so smaller jobs
+        # later in the order can still fill the remaining nodes.
         for row in rows:
-            footprint += row.num_nodes / row.node_packing_count
-            if footprint > spec.max_aggregate_nodes + 1e-9:
-                break
+            size = row.num_nodes / row.node_packing_count
+            if footprint + size > spec.max_aggregate_nodes + 1e-9:
+                continue
+            footprint += size
             chosen.append(row.id)
     else:
         chosen = [row.id for row in rows]

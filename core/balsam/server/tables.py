@@ -1,6 +1,7 @@
 """SQLAlchemy Core tables of the Balsam service (SQLite and PostgreSQL).
 
-Rows belong to a user through their site: ``sites.owner_id``. Jobs carry a denormalized
+Ids are never reused (AUTOINCREMENT on SQLite): a stale session or job id must not address a
+newer row. Rows belong to a user through their site: ``sites.owner_id``. Jobs carry a denormalized
 ``site_id`` (copied from their app, which cannot move between sites) so that ownership checks
 and session acquisition need a single join. Parent links live in ``job_parents`` (indexed both
 ways, portable), while ``jobs.parent_ids`` keeps the list for fast reads.
@@ -59,6 +60,7 @@ users = sa.Table(
     sa.Column("username", sa.String(256), nullable=False, unique=True),
     sa.Column("hashed_password", sa.String(512), nullable=True),
     sa.Column("date_joined", UTCDateTime, nullable=False),
+    sqlite_autoincrement=True,
 )
 
 sites = sa.Table(
@@ -78,6 +80,7 @@ sites = sa.Table(
     sa.Column("last_refresh", UTCDateTime, nullable=False),
     sa.Column("creation_date", UTCDateTime, nullable=False),
     sa.UniqueConstraint("owner_id", "name", name="uq_sites_owner_id_name"),
+    sqlite_autoincrement=True,
 )
 
 apps = sa.Table(
@@ -92,6 +95,7 @@ apps = sa.Table(
     sa.Column("parameters", JSONType, nullable=False),
     sa.Column("transfers", JSONType, nullable=False),
     sa.UniqueConstraint("site_id", "name", name="uq_apps_site_id_name"),
+    sqlite_autoincrement=True,
 )
 
 batch_jobs = sa.Table(
@@ -112,6 +116,7 @@ batch_jobs = sa.Table(
     sa.Column("status_info", JSONType, nullable=False),
     sa.Column("start_time", UTCDateTime, nullable=True),
     sa.Column("end_time", UTCDateTime, nullable=True),
+    sqlite_autoincrement=True,
 )
 
 sessions = sa.Table(
@@ -123,6 +128,7 @@ sessions = sa.Table(
         "batch_job_id", sa.Integer, sa.ForeignKey("batch_jobs.id", ondelete="SET NULL"), nullable=True, index=True
     ),
     sa.Column("heartbeat", UTCDateTime, nullable=False, index=True),
+    sqlite_autoincrement=True,
 )
 
 jobs = sa.Table(
@@ -161,6 +167,7 @@ jobs = sa.Table(
     sa.Index("ix_jobs_tags_gin", "tags", postgresql_using="gin", postgresql_ops={"tags": "jsonb_path_ops"}).ddl_if(
         dialect="postgresql"
     ),
+    sqlite_autoincrement=True,
 )
 
 job_parents = sa.Table(
@@ -184,6 +191,7 @@ transfer_items = sa.Table(
     sa.Column("state", sa.String(32), nullable=False, index=True),
     sa.Column("task_id", sa.String(256), nullable=False),
     sa.Column("transfer_info", JSONType, nullable=False),
+    sqlite_autoincrement=True,
 )
 
 log_events = sa.Table(
@@ -195,4 +203,5 @@ log_events = sa.Table(
     sa.Column("from_state", sa.String(32), nullable=False),
     sa.Column("to_state", sa.String(32), nullable=False),
     sa.Column("data", JSONType, nullable=False),
+    sqlite_autoincrement=True,
 )

@@ -137,8 +137,7 @@ class CobaltScheduler(Scheduler):
                 if line.strip().isdigit():
                     return int(line.strip())
         said = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
-        reason = next((ln for ln in said if re.search(r"error|fail|invalid|not|denied|exceed", ln, re.I)),
-                      said[0] if said else f"exit code {result.returncode}, no output")
+        reason = " ".join(said[:3]) if said else f"exit code {result.returncode} and no output"
         transient = re.search(r"connection|timed out|try again|unavailable", reason, re.I) is not None
         raise SchedulerError(f"qsub refused the job: {reason}", permanent=not transient)
 

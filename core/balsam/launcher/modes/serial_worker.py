@@ -28,8 +28,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
-from balsam.launcher.app_run import restore_affinity
-
 TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]} or {"stop": reason}
 TAG_REPORT = 12  # worker -> master: {"done": [...], "killed": [...], "final": bool}
 
@@ -139,6 +137,10 @@ class Master:
                 except (JobBuildError, UnsatisfiableJob) as exc:
                     logger.error("job %s FAILED: %s", job.id, exc)
                     report_failed(updater, job.id, str(exc))
+                    continue
+                except Exception as exc:  # keep the acquire thread alive whatever one job holds
+                    logger.exception("job %s FAILED while preparing", job.id)
+                    report_failed(updater, job.id, f"An exception occurred while preparing the job: {type(exc).__name__}: {exc}")
                     continue
                 self.queue.append(prepared)
             self.source_empty = not jobs
@@ -263,8 +265,6 @@ class Master:
                 else:
                     self.idle_timer.idle()
                 if not progress:
-                    if not self.pool.running:
-                        restore_affinity()
                     self.signals.event.wait(POLL_SEC if (self.pool.running or self.remote) else 0.005)
         finally:
             self.stop_event.set()
@@ -361,8 +361,6 @@ class Worker:
                     victims, finished = self.pool.terminate_all(5)
                     logger.error("no stop message from the master 30 s after a signal; %d tasks killed", len(victims))
                     return 1
-            if not self.pool.running:
-                restore_affinity()
             time.sleep(POLL_SEC if self.pool.running else 0.002)
 
 

@@ -54,7 +54,7 @@ def list_events(ctx: Ctx) -> Response:
         if tags:
             stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
         if data:
-            stmt = stmt.where(json_contains(log_events.c.data, data, conn.dialect.name))
+            stmt = stmt.where(json_contains(log_events.c.data, data, conn.dialect.name, loose=True))
         count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
         rows = conn.execute(stmt.order_by(*order).limit(limit).offset(offset)).all()
     return json_response({"count": count, "results": [dict(zip(EV_FIELDS, r)) for r in rows]})

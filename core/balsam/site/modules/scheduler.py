@@ -222,6 +222,9 @@ class SchedulerModule(AgentModule):
         except Exception as exc:
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
             self.logger.warning("BatchJob %s: history lookup failed: %s", batch_job["id"], message)
+        if history is None and deleting:
+            # We asked for the deletion: a job without a history record is simply gone.
+            history = JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished, message="deleted")
         if history is None:
             missing = self.missing_counts.get(batch_job["id"], 0) + 1
             self.missing_counts[batch_job["id"]] = missing

@@ -24,7 +24,8 @@ def upgrade() -> None:
     sa.Column('hashed_password', sa.String(length=512), nullable=True),
     sa.Column('date_joined', balsam.server.tables.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_users')),
-    sa.UniqueConstraint('username', name=op.f('uq_users_username'))
+    sa.UniqueConstraint('username', name=op.f('uq_users_username')),
+    sqlite_autoincrement=True
     )
     op.create_table('sites',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -42,7 +43,8 @@ def upgrade() -> None:
     sa.Column('creation_date', balsam.server.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['owner_id'], ['users.id'], name=op.f('fk_sites_owner_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_sites')),
-    sa.UniqueConstraint('owner_id', 'name', name='uq_sites_owner_id_name')
+    sa.UniqueConstraint('owner_id', 'name', name='uq_sites_owner_id_name'),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('sites', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_sites_owner_id'), ['owner_id'], unique=False)
@@ -58,7 +60,8 @@ def upgrade() -> None:
     sa.Column('transfers', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_apps_site_id_sites'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_apps')),
-    sa.UniqueConstraint('site_id', 'name', name='uq_apps_site_id_name')
+    sa.UniqueConstraint('site_id', 'name', name='uq_apps_site_id_name'),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('apps', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_apps_site_id'), ['site_id'], unique=False)
@@ -80,7 +83,8 @@ def upgrade() -> None:
     sa.Column('start_time', balsam.server.tables.UTCDateTime(timezone=True), nullable=True),
     sa.Column('end_time', balsam.server.tables.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_batch_jobs_site_id_sites'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_batch_jobs'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_batch_jobs')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('batch_jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_batch_jobs_scheduler_id'), ['scheduler_id'], unique=False)
@@ -94,7 +98,8 @@ def upgrade() -> None:
     sa.Column('heartbeat', balsam.server.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['batch_job_id'], ['batch_jobs.id'], name=op.f('fk_sessions_batch_job_id_batch_jobs'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_sessions_site_id_sites'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_sessions'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_sessions')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('sessions', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_sessions_batch_job_id'), ['batch_job_id'], unique=False)
@@ -130,7 +135,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['batch_job_id'], ['batch_jobs.id'], name=op.f('fk_jobs_batch_job_id_batch_jobs'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['session_id'], ['sessions.id'], name=op.f('fk_jobs_session_id_sessions'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_jobs_site_id_sites'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_jobs_app_id'), ['app_id'], unique=False)
@@ -162,7 +168,8 @@ def upgrade() -> None:
     sa.Column('to_state', sa.String(length=32), nullable=False),
     sa.Column('data', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_log_events_job_id_jobs'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_log_events'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_log_events')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('log_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_log_events_job_id'), ['job_id'], unique=False)
@@ -180,7 +187,8 @@ def upgrade() -> None:
     sa.Column('task_id', sa.String(length=256), nullable=False),
     sa.Column('transfer_info', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_transfer_items_job_id_jobs'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_transfer_items'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_transfer_items')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('transfer_items', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_transfer_items_job_id'), ['job_id'], unique=False)

@@ -82,6 +82,8 @@ def test_bad_settings_file_gives_one_error_line_on_the_cli(tmp_path):
         ("launcher:\n  idle_ttl: 5\n", "settings.yml:2 launcher.idle_ttl: unknown key (did you mean 'idle_ttl_sec'?)"),
         ("schedular:\n  name: local\n", "settings.yml:1 schedular: unknown key (did you mean 'scheduler'?)"),
         ("launcher:\n  zzz: 1\n", "settings.yml:2 launcher.zzz: unknown key"),
+        ("globus_extra: {}\n",
+         "settings.yml:1 globus_extra: unknown key (no installed plugin provides this section; see `balsam plugins ls`)"),
         (
             "scheduler:\n  allowed_queues:\n    q: {max_nodes: 1, max_walltime: 2, max_queued_job: 3}\n",
             "settings.yml:3 scheduler.allowed_queues.q.max_queued_job: unknown key (did you mean 'max_queued_jobs'?)",
@@ -322,3 +324,13 @@ def test_balsam_home(monkeypatch, tmp_path):
     assert balsam_home() == tmp_path / "h"
     monkeypatch.delenv("BALSAM_HOME")
     assert balsam_home() == Path.home() / ".balsam"
+
+
+def test_settings_reference_documents_every_core_key():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
+    for key, fields in INVENTORY_KEYS.items():
+        section = doc.split(f"### `{key}`", 1)
+        assert len(section) == 2, f"docs/settings.md has no section for {key}"
+        body = section[1].split("\n### ", 1)[0]
+        for name in fields:
+            assert f"| `{name}` |" in body, f"docs/settings.md does not document {key}.{name}"

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The test suite, all of it (slow real-system tests included): install (scripts/bootstrap.sh),
+# make sure PostgreSQL runs with a `balsam_test` database, start the CI Slurm cluster when its
+# script is present and we are root, then run pytest. Arguments go to pytest.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+bash scripts/bootstrap.sh
+
+export BALSAM_TEST_DATABASE_URL="${BALSAM_TEST_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/balsam_test}"
+export PATH="$repo/.venv/bin:$PATH"   # mpiexec (MPICH wheel) and balsam
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+pg_ok() { psql "postgresql://postgres@127.0.0.1:5432/postgres" -tAc "select 1" >/dev/null 2>&1; }
+
+# -- PostgreSQL (127.0.0.1:5432, user postgres, trust auth) ------------------------------------
+if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    echo "test.sh: installing PostgreSQL"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+pg_version="$(ls /etc/postgresql | sort -V | tail -1)"
+if ! pg_ok; then
+    if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+        echo "test.sh: starting PostgreSQL $pg_version"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$pg_version" main start
+        for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+    fi
+    if ! pg_ok; then
+        # A fresh Debian cluster wants passwords on TCP; the tests use trust on localhost only.
+        hba="/etc/postgresql/$pg_version/main/pg_hba.conf"
+        echo "test.sh: allowing trust auth for 127.0.0.1 in $hba (test machine)"
+        as_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$pg_version" main reload
+        sleep 1
+    fi
+    pg_ok || { echo "test.sh: cannot connect to PostgreSQL at 127.0.0.1:5432 as postgres" >&2; exit 1; }
+fi
+db="${BALSAM_TEST_DATABASE_URL##*/}"
+if [ "$(psql "postgresql://postgres@127.0.0.1:5432/postgres" -tAc "select 1 from pg_database where datname='$db'")" != 1 ]; then
+    psql "postgresql://postgres@127.0.0.1:5432/postgres" -qc "create database \"$db\"" >/dev/null
+fi
+
+# -- Slurm (a real single-host cluster, started by the shared CI script) --------------------------
+slurm_script="$repo/../shared/ci/start-slurm.sh"
+if [ -f "$slurm_script" ] && [ "$(id -u)" = 0 ]; then
+    bash "$slurm_script" >/tmp/balsam-start-slurm.log 2>&1 || {
+        echo "test.sh: start-slurm.sh failed; its output:" >&2; tail -40 /tmp/balsam-start-slurm.log >&2; exit 1; }
+fi
+
+exec "$repo/.venv/bin/pytest" "$@"

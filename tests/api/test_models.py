@@ -1,0 +1,365 @@
+"""balsam.api models, managers and queries against a real uvicorn server."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from balsam.client import APIError
+
+
+def _template_app(site, name="Hello", template="echo hello {{ name }}", **attrs):
+    from balsam.api import ApplicationDefinition
+
+    ns = {"site": site.name, "command_template": template, **attrs}
+    cls = type(name, (ApplicationDefinition,), ns)
+    cls.sync()
+    return cls
+
+
+# ----------------------------------------------------------------------------------------- Site
+def test_site_crud_and_lookups(site, tmp_path):
+    from balsam.api import Site
+
+    assert site.id is not None and site.creation_date is not None
+    assert isinstance(site.path, Path)
+    assert Site.objects.get(site.name).id == site.id  # positional lookup by name (seed 001)
+    assert Site.objects.get(id=site.id).name == site.name
+    other = Site.objects.create(name="second", path=str(tmp_path / "second"))
+    assert Site.objects.count() == 2
+    assert {s.name for s in Site.objects.all()} == {site.name, "second"}
+    assert [s.id for s in Site.objects.filter(path="second")] == [other.id]
+    assert Site.objects.filter(name="nope").first() is None
+    with pytest.raises(Site.DoesNotExist):
+        Site.objects.get(name="nope")
+    with pytest.raises(Site.MultipleObjectsReturned, match="2 Site records"):
+        Site.objects.get(path=str(tmp_path))
+    other.name = "renamed"
+    other.save()
+    assert Site.objects.get(id=other.id).name == "renamed"
+    other.refresh_from_db()
+    assert other.last_refresh is not None
+    other.delete()
+    assert Site.objects.count() == 1
+
+
+def test_unknown_filter_and_bad_field_values_are_clear(site):
+    from balsam.api import Job, Site
+
+    with pytest.raises(TypeError, match="unknown filter 'nmae'"):
+        Site.objects.filter(nmae="x")
+    with pytest.raises(ValueError, match="Job.num_nodes"):
+        Job(workdir="a", app_id=1, num_nodes="many")
+    with pytest.raises(TypeError, match="unexpected field 'colour'"):
+        Site(name="x", path="/x", colour="red")
+    with pytest.raises(AttributeError, match="cannot be changed after creation"):
+        site.id = 5
+
+
+def test_api_error_carries_status_and_detail(site, tmp_path):
+    from balsam.api import Site
+
+    with pytest.raises(APIError) as info:
+        Site.objects.create(name=site.name, path=str(tmp_path / "dup"))
+    assert 400 <= info.value.status_code < 500
+    assert info.value.detail
+
+
+# ----------------------------------------------------------------------------------------- App / Job
+def test_job_create_fields_and_parameters(site):
+    from balsam.api import Job, JobState
+
+    Hello = _template_app(site)
+    job = Job(workdir="demo/1", app_id="Hello", site_name=site.name, parameters={"name": "world"},
+              tags={"experiment": "x"}, data={"energy": -1.5}, num_nodes=2, ranks_per_node=4,
+              node_packing_count=None)  # None means "default", as libEnsemble passes it
+    assert job.id is None
+    job.save()
+    assert job.id is not None
+    assert job.state == JobState.staged_in
+    assert job.app_id == Hello.__app_id__
+    fetched = Job.objects.get(id=job.id)
+    assert fetched.parameters == {"name": "world"}
+    assert fetched.get_parameters() == {"name": "world"}
+    assert fetched.tags == {"experiment": "x"} and fetched.data == {"energy": -1.5}
+    assert fetched.num_nodes == 2 and fetched.node_packing_count == 1
+    assert fetched.workdir == Path("demo/1") and fetched.working_directory == Path("demo/1")
+    assert fetched.site_id == site.id
+    assert fetched.app is Hello or fetched.app.__name__ == "Hello"
+    assert isinstance(fetched.last_update, dt.datetime) and fetched.last_update.tzinfo is None
+    assert "workdir: demo/1" in str(fetched)
+    assert fetched == Job.objects.get(id=job.id)
+
+
+def test_app_model_fields(site):
+    from balsam.api import App
+
+    _template_app(site, "Greeter", "echo {{ greeting }} {{ who }}",
+                  parameters={"greeting": {"required": False, "default": "hi", "help": "what to say"}})
+    app = App.objects.get("Greeter")
+    assert app.site_id == site.id
+    assert app.parameters["greeting"].default == "hi" and app.parameters["greeting"].help == "what to say"
+    assert app.parameters["who"].required is True
+    assert App.objects.filter(site_name=site.name).count() == 1
+    assert App.objects.filter(site_path=str(Path(site.path).name)).count() == 1
+
+
+def test_save_sends_only_changed_fields_including_in_place_dict_changes(site):
+    from balsam.api import Job
+
+    _template_app(site)
+    job = Job.objects.create(workdir="a", app_id="Hello", parameters={"name": "x"}, tags={"a": "1"})
+    client = Job._get_client()
+    assert job.dirty_fields == set()
+    job.data["counter"] = 1  # in place: Balsam 0.7 missed this
+    job.tags["b"] = "2"
+    assert job.dirty_fields == {"data", "tags"}
+    before = client.request_counts[f"PUT /jobs/{job.id}"]
+    job.save()
+    assert client.request_counts[f"PUT /jobs/{job.id}"] == before + 1
+    assert job.dirty_fields == set()
+    job.save()  # nothing changed: no request
+    assert client.request_counts[f"PUT /jobs/{job.id}"] == before + 1
+    fresh = Job.objects.get(id=job.id)
+    assert fresh.data == {"counter": 1} and fresh.tags == {"a": "1", "b": "2"}
+    fresh.data["nested"] = {"deep": [1, 2]}
+    fresh.save()
+    fresh.data["nested"]["deep"].append(3)
+    assert fresh.dirty_fields == {"data"}
+    fresh.save()
+    assert Job.objects.get(id=job.id).data["nested"] == {"deep": [1, 2, 3]}
+    kept = fresh.data  # a reference kept across save() still counts
+    fresh.save()
+    kept["later"] = True
+    assert fresh.dirty_fields == {"data"}
+    fresh.save()
+    assert Job.objects.get(id=job.id).data["later"] is True
+
+
+def test_bulk_create_chunks_and_returns_new_objects(site, monkeypatch):
+    from balsam._api.models import JobManager
+    from balsam.api import Job
+
+    Hello = _template_app(site)
+    monkeypatch.setattr(JobManager, "bulk_chunk_size", 7)
+    jobs = [Hello.submit(workdir=f"bulk/{i}", name=str(i), tags={"n": str(i % 2)}, save=False) for i in range(20)]
+    client = Job._get_client()
+    before = client.request_counts["POST /jobs/"]
+    created = Job.objects.bulk_create(jobs)
+    assert client.request_counts["POST /jobs/"] - before == 3  # 7 + 7 + 6
+    assert [j.workdir for j in created] == [Path(f"bulk/{i}") for i in range(20)]
+    assert all(j.id is not None for j in created) and all(j.id is None for j in jobs)
+    assert Job.objects.filter(tags={"n": "1"}).count() == 10
+
+
+def test_bulk_update_patches_only_changed_jobs_in_chunks(site, monkeypatch):
+    from balsam._api.models import JobManager
+    from balsam.api import Job
+
+    Hello = _template_app(site)
+    created = Job.objects.bulk_create([Hello.submit(workdir=f"u/{i}", name="x", save=False) for i in range(12)])
+    monkeypatch.setattr(JobManager, "bulk_chunk_size", 5)
+    for job in created[:9]:
+        job.data["touched"] = True
+    client = Job._get_client()
+    before = client.request_counts["PATCH /jobs/"]
+    assert Job.objects.bulk_update(created) == 9
+    assert client.request_counts["PATCH /jobs/"] - before == 2
+    assert Job.objects.bulk_update(created) == 0  # all clean now
+    touched = [j for j in Job.objects.all() if j.data.get("touched")]
+    assert len(touched) == 9
+
+
+def test_query_laziness_pagination_slicing_ordering(site, monkeypatch):
+    from balsam._api.query import Query
+    from balsam.api import Job
+
+    Hello = _template_app(site)
+    Job.objects.bulk_create([Hello.submit(workdir=f"q/{i:02d}", name="x", save=False) for i in range(25)])
+    monkeypatch.setattr(Query, "page_size", 4)
+    client = Job._get_client()
+    query = Job.objects.filter(workdir__contains="q/").order_by("-workdir")
+    before = client.request_counts["GET /jobs/"]
+    assert client.request_counts["GET /jobs/"] == before  # lazy: nothing fetched yet
+    items = list(query)
+    assert client.request_counts["GET /jobs/"] - before == 7  # 25 rows in pages of 4
+    assert [str(j.workdir) for j in items][:3] == ["q/24", "q/23", "q/22"]
+    list(query)  # cached
+    assert client.request_counts["GET /jobs/"] - before == 7
+    assert query.count() == 25 and len(query) == 25 and bool(query)
+    sliced = Job.objects.filter(workdir__contains="q/").order_by("workdir")[5:8]
+    assert [str(j.workdir) for j in sliced] == ["q/05", "q/06", "q/07"]
+    assert str(Job.objects.order_by("workdir")[10].workdir) == "q/10"
+    assert Job.objects.order_by("workdir").first().workdir == Path("q/00")
+    with pytest.raises(IndexError):
+        Job.objects.all()[100]
+    with pytest.raises(AttributeError):
+        Job.objects.all()[2:4].filter(state="STAGED_IN")
+    with pytest.raises(ValueError, match="cannot be ordered by"):
+        Job.objects.order_by("num_nodes")
+    assert Job.objects.filter(id=[]).count() == 0 and list(Job.objects.filter(id=[])) == []
+    assert "Query" in repr(Job.objects.all()[:2])
+
+
+def test_long_id_lists_are_split_and_stitched(site, monkeypatch):
+    from balsam._api.query import Query
+    from balsam.api import Job
+
+    Hello = _template_app(site)
+    created = Job.objects.bulk_create([Hello.submit(workdir=f"c/{i}", name="x", save=False) for i in range(15)])
+    monkeypatch.setattr(Query, "filter_chunk_size", 4)
+    ids = [j.id for j in created]
+    client = Job._get_client()
+    before = client.request_counts["GET /jobs/"]
+    got = list(Job.objects.filter(id=ids).order_by("-id"))
+    assert client.request_counts["GET /jobs/"] - before == 4
+    assert [j.id for j in got] == sorted(ids, reverse=True)
+    assert Job.objects.filter(id=ids).count() == 15
+    assert [j.id for j in Job.objects.filter(id=ids).order_by("id")[3:6]] == sorted(ids)[3:6]
+
+
+def test_query_update_and_delete(site):
+    from balsam.api import Job
+
+    Hello = _template_app(site)
+    Job.objects.bulk_create([Hello.submit(workdir=f"d/{i}", name="x", tags={"grp": "a" if i < 6 else "b"}, save=False)
+                             for i in range(10)])
+    assert Job.objects.filter(tags={"grp": "a"}).update(data={"marked": 1}) == 6
+    assert all(j.data == {"marked": 1} for j in Job.objects.filter(tags={"grp": "a"}))
+    assert all(j.data == {} for j in Job.objects.filter(tags={"grp": "b"}))
+    assert Job.objects.filter(tags={"grp": "a"}).update(state="FAILED") == 6
+    assert Job.objects.filter(state="FAILED").count() == 6
+    with pytest.raises(AttributeError, match="cannot be updated"):
+        Job.objects.filter(tags={"grp": "a"}).update(id=3)
+    assert Job.objects.filter(tags={"grp": "b"}).delete() == 4
+    assert Job.objects.count() == 6
+    one = Job.objects.first()
+    one.delete()
+    assert Job.objects.count() == 5
+
+
+def test_parents_and_transfers(site):
+    from balsam.api import ApplicationDefinition, Job, JobState, TransferItem
+
+    site_name = site.name
+
+    class Stager(ApplicationDefinition):
+        site = site_name
+        command_template = "cat input.txt"
+        transfers = {
+            "inp": {"required": True, "direction": "in", "local_path": "input.txt", "description": "input"},
+            "out": {"required": False, "direction": "out", "local_path": "out.txt"},
+        }
+
+    Stager.sync()
+    parent = Stager.submit(workdir="p", transfers={"inp": "laptop:/data/in.txt"})
+    assert parent.state == JobState.ready  # waits for its stage-in
+    child = Stager.submit(workdir="c", parent_ids={parent.id},
+                          transfers={"inp": {"location_alias": "laptop", "path": "/data/x.txt"}})
+    assert child.state == JobState.awaiting_parents
+    assert child.parent_ids == {parent.id}
+    assert [j.id for j in child.parent_query()] == [parent.id]
+    assert [j.id for j in Job.objects.filter(parent_id=[parent.id])] == [child.id]
+    items = list(TransferItem.objects.filter(job_id=parent.id))
+    assert len(items) == 1 and items[0].direction.value == "in" and str(items[0].remote_path) == "/data/in.txt"
+    item = items[0]
+    item.state = "done"
+    item.task_id = "local:1"
+    item.save()
+    parent.refresh_from_db()
+    assert parent.state == JobState.staged_in
+    with pytest.raises(ValueError, match="alias:/absolute/path"):
+        Stager.submit(workdir="bad", transfers={"inp": "no-colon"}, save=False)
+
+
+# ----------------------------------------------------------------------------------------- BatchJob
+def test_batch_jobs(site):
+    from balsam.api import BatchJob, BatchJobPartition, JobMode
+
+    bj = BatchJob.objects.create(site_id=site.id, num_nodes=2, wall_time_min=10, job_mode="mpi", queue="debug",
+                                 project="datascience", filter_tags={"system": "h2o"},
+                                 partitions=[{"job_mode": "mpi", "num_nodes": 1}, {"job_mode": "serial", "num_nodes": 1}])
+    assert bj.state.value == "pending_submission" and bj.job_mode == JobMode.mpi
+    assert isinstance(bj.partitions[0], BatchJobPartition)
+    assert bj.partitions_to_cli_args() == " --part mpi:1 --part serial:1"
+    bj.validate(site.allowed_queues, site.allowed_projects, site.optional_batch_job_params)
+    bad = BatchJob(site_id=site.id, num_nodes=20, wall_time_min=10, job_mode="mpi", queue="debug", project="datascience")
+    with pytest.raises(ValueError, match="outside 1..8"):
+        bad.validate(site.allowed_queues, site.allowed_projects, site.optional_batch_job_params)
+    other = BatchJob.objects.create(site_id=site.id, num_nodes=1, wall_time_min=5, job_mode="serial", queue="debug",
+                                    project="datascience")
+    assert BatchJob.objects.filter(filter_tags={"system": "h2o"}).count() == 1
+    bj.scheduler_id = 1234
+    other.scheduler_id = 1235
+    bj.state = "queued"
+    assert BatchJob.objects.bulk_update([bj, other]) == 2
+    assert BatchJob.objects.get(scheduler_id=1234).state.value == "queued"
+    # the documented query update that Balsam 0.7 could not do (no PUT route)
+    assert BatchJob.objects.filter(site_id=site.id, state="queued").update(state="pending_deletion") == 1
+    assert BatchJob.objects.get(id=bj.id).state.value == "pending_deletion"
+    other.delete()
+    assert BatchJob.objects.count() == 1
+
+
+# ----------------------------------------------------------------------------------------- Session
+def test_session_acquire_tick_delete(site):
+    from balsam.api import BatchJob, Job, JobState, Session
+
+    Hello = _template_app(site)
+    jobs = Job.objects.bulk_create([Hello.submit(workdir=f"s/{i}", name="x", num_nodes=1 + (i % 2), save=False)
+                                   for i in range(6)])
+    for job in jobs:
+        job.state = "PREPROCESSED"
+    Job.objects.bulk_update(jobs)
+    bj = BatchJob.objects.create(site_id=site.id, num_nodes=2, wall_time_min=10, job_mode="mpi", queue="debug",
+                                 project="datascience")
+    session = Session.objects.create(site_id=site.id, batch_job_id=bj.id)
+    assert session.heartbeat is not None
+    assert [s.id for s in Session.objects.all()] == [session.id]
+    small = session.acquire_jobs(max_num_jobs=10, max_nodes_per_job=1)
+    assert len(small) == 3 and all(j.num_nodes == 1 for j in small)
+    assert all(j.batch_job_id == bj.id for j in small)
+    again = session.acquire_jobs(max_num_jobs=10, max_nodes_per_job=1)
+    assert again == []  # leased already
+    for job in small:
+        job.state = "RUNNING"
+        job.state_data = {"num_nodes": 1}
+    Job.objects.bulk_update(small)
+    assert small[0].state_data == {}  # event payload cleared after save
+    session.tick()
+    with pytest.raises(AttributeError, match="read-only"):
+        session.site_id = 3
+    with pytest.raises(ValueError, match="max_num_jobs"):
+        session.acquire_jobs(max_num_jobs=0)
+    session.delete()
+    assert Job.objects.filter(state="RUN_TIMEOUT").count() == 3  # lease gone: RUNNING jobs time out
+    assert Session.objects.count() == 0
+    assert Job.objects.filter(state=JobState.preprocessed).count() == 3
+
+
+# ----------------------------------------------------------------------------------------- EventLog
+def test_event_log_queries(site, run_jobs):
+    from balsam.api import EventLog, Job
+
+    Hello = _template_app(site)
+    jobs = Job.objects.bulk_create([Hello.submit(workdir=f"e/{i}", name="x", tags={"k": "v"}, save=False)
+                                   for i in range(4)])
+    run_jobs(site, jobs, fail=[jobs[0].id])
+    assert {j.state.value for j in jobs[1:]} == {"JOB_FINISHED"}
+    assert jobs[0].state.value == "FAILED"
+    running = EventLog.objects.filter(to_state="RUNNING")
+    assert running.count() == 4
+    assert running[0].data == {"num_nodes": 1.0}
+    assert EventLog.objects.filter(job_id=jobs[1].id).order_by("timestamp")[0].from_state == "CREATED"
+    assert EventLog.objects.filter(tags={"k": "v"}, from_state="RUNNING").count() == 4
+    since = dt.datetime.now() - dt.timedelta(minutes=5)
+    assert EventLog.objects.filter(timestamp_after=since, to_state="JOB_FINISHED").count() == 3
+    assert EventLog.objects.filter(timestamp_before=since).count() == 0
+    assert jobs[1].history().count() >= 5
+    event = EventLog.objects.first()
+    with pytest.raises(AttributeError, match="read-only"):
+        event.to_state = "FAILED"
+    with pytest.raises(TypeError):
+        EventLog(job_id=1)

@@ -1,0 +1,248 @@
+"""`balsam login/register/app/job/queue` against a real uvicorn server."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+BALSAM = [str(Path(sys.executable).parent / "balsam")]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_api_state(monkeypatch, tmp_path):
+    from balsam._api.app import ApplicationDefinition
+    from balsam._api.model import reset_default_client
+
+    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
+    monkeypatch.chdir(tmp_path)  # not inside any site unless a test says so
+    reset_default_client()
+    ApplicationDefinition.clear_cache()
+    yield
+    reset_default_client()
+
+
+def balsam(*args: str, input: "str | None" = None):
+    from balsam.cli import main
+
+    result = CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+    return result
+
+
+@pytest.fixture
+def site(balsam_env, tmp_path):
+    """An active site (its directory has .balsam-site) with one allowed queue."""
+    from balsam.api import Site
+
+    path = tmp_path / "site-a"
+    (path / "data").mkdir(parents=True)
+    s = Site.objects.create(
+        name="site-a", path=str(path), allowed_projects=["proj"],
+        allowed_queues={"debug": {"max_nodes": 4, "max_walltime": 60, "max_queued_jobs": 3}},
+        optional_batch_job_params={"mig": "0"},
+    )
+    (path / ".balsam-site").write_text(f"{s.id}\n")
+    s.name = "site-a"  # an update refreshes last_refresh: the site counts as active
+    s.save()
+    return s
+
+
+@pytest.fixture
+def apps(site):
+    from balsam.api import ApplicationDefinition
+
+    class Hello(ApplicationDefinition):
+        site = "site-a"
+        command_template = "echo hello {{ name }} {{ punct }}"
+        parameters = {"punct": {"required": False, "default": "!", "help": ""}}
+
+    class Adder(ApplicationDefinition):
+        site = "site-a"
+
+        def run(self, x, y):
+            return x + y
+
+    Hello.sync()
+    Adder.sync()
+    return Hello, Adder
+
+
+# ----------------------------------------------------------------------------------------- login / register
+def test_register_and_login_store_the_token_with_mode_0600(live_server, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("BALSAM_HOME", str(home))
+    monkeypatch.delenv("BALSAM_CLIENT_PATH", raising=False)
+    user = f"cli-{uuid.uuid4().hex[:8]}"
+    out = balsam("register", "-a", live_server, "-u", user, input="s3cret\ns3cret\n")
+    assert out.exit_code == 0, out.output
+    assert "Registration success!" in out.output
+    out = balsam("login", "-u", live_server, "--username", user, input="s3cret\n")
+    assert out.exit_code == 0, out.output
+    path = home / "client.yml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    data = yaml.safe_load(path.read_text())
+    assert data["api_root"] == live_server and data["username"] == user and data["token"]
+    assert data["token_expiry"]
+    out = balsam("login", "-u", live_server)
+    assert "You already have a good login stored" in out.output
+    from balsam.api import Site
+
+    assert Site.objects.count() == 0  # the API now uses this login
+
+
+def test_wrong_password_fails_fast_without_looping(live_server, tmp_path):
+    env = {**os.environ, "BALSAM_HOME": str(tmp_path / "h"), "BALSAM_CLIENT_PATH": str(tmp_path / "h" / "client.yml")}
+    start = time.monotonic()
+    proc = subprocess.run(BALSAM + ["login", "-u", live_server, "--username", "nobody-here", "--password-stdin"],
+                          input="wrong\n", capture_output=True, text=True, env=env, timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 1
+    assert "Login failed: wrong username or password" in proc.stderr
+    assert not (tmp_path / "h" / "client.yml").exists()
+    # interactive: three tries, then a clear failure (never an endless loop)
+    proc = subprocess.run(BALSAM + ["login", "-u", live_server], input="a\nb\na\nb\na\nb\n",
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("Wrong username or password") == 2
+
+
+# ----------------------------------------------------------------------------------------- app
+def test_app_ls_and_rm(apps, site):
+    out = balsam("app", "ls", "--site", "all")
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0].split() == ["ID", "Name", "Site", "Params"]
+    assert {l.split()[1] for l in lines[2:]} == {"Hello", "Adder"} and all(l.split()[2] == "site-a" for l in lines[2:])
+    verbose = balsam("app", "ls", "--site", str(site.id), "-v").output
+    assert "source_code" in verbose and "chars)" in verbose and "----" in verbose
+    assert balsam("app", "rm", "--all").exit_code != 0  # --all needs --site
+    assert "either --name" in balsam("app", "rm", "--site", "all").output
+    out = balsam("app", "rm", "-n", "Adder", "--site", "all", input="y\n")
+    assert "Deleted App Adder" in out.output
+    assert "Adder" not in balsam("app", "ls", "--site", "all").output
+
+
+# ----------------------------------------------------------------------------------------- job
+def test_job_create_checks_and_creates(apps, site):
+    out = balsam("job", "create", "-w", "run/1", "-a", "Hello", "-p", "name=world", "-tag", "exp=1", "-y", "--site", "all")
+    assert out.exit_code == 0, out.output
+    assert "Added Job id=" in out.output
+    bad = balsam("job", "create", "-w", "run/2", "-a", "Hello", "-y", "--site", "all")
+    assert bad.exit_code == 2 and "needs parameter(s) name" in bad.output
+    bad = balsam("job", "create", "-w", "run/2", "-a", "Hello", "-p", "name=x", "-p", "nope=1", "-y", "--site", "all")
+    assert "has no parameter(s) nope" in bad.output
+    bad = balsam("job", "create", "-w", "/abs", "-a", "Hello", "-p", "name=x", "-y", "--site", "all")
+    assert "must be relative" in bad.output
+    bad = balsam("job", "create", "-w", "r", "-a", "Hello", "-p", "name=x", "-pid", "999999", "-y", "--site", "all")
+    assert "parent job(s) 999999 do not exist" in bad.output
+    asked = balsam("job", "create", "-w", "run/3", "-a", "Hello", "-p", "name=x", "--site", "all", input="n\n")
+    assert "Do you want to create this Job?" in asked.output and "Not created." in asked.output
+    from balsam.api import Job
+
+    (job,) = Job.objects.all()
+    assert job.get_parameters() == {"name": "world"} and job.tags == {"exp": "1"} and job.wall_time_min == 1
+
+
+def test_job_ls_modify_rm(apps, site):
+    from balsam.api import Job
+
+    Hello, _ = apps
+    Job.objects.bulk_create([Hello.submit(workdir=f"w/{i}", name=str(i), tags={"grp": "a" if i < 3 else "b"},
+                                          save=False) for i in range(5)])
+    out = balsam("job", "ls", "--site", "all")
+    lines = out.output.splitlines()
+    assert lines[0].split() == ["ID", "Site", "App", "Workdir", "State", "Tags"]
+    assert len(lines) == 7 and "STAGED_IN" in lines[2] and "grp=a" in lines[2]
+    # inside the site directory, no --site is needed
+    os.chdir(site.path)
+    assert len(balsam("job", "ls", "-t", "grp=b").output.splitlines()) == 4
+    by_state = balsam("job", "ls", "--by-state").output
+    assert "STAGED_IN" in by_state and "Total: 5" in by_state
+    assert "FAILED" not in by_state
+    assert "FAILED" in balsam("job", "ls", "--by-state", "-v").output
+    verbose = balsam("job", "ls", "-t", "grp=a", "-v").output
+    assert "parameters:" in verbose and verbose.count("workdir:") == 3
+    out = balsam("job", "modify", "-t", "grp=a", "-s", "failed", "-y")
+    assert out.exit_code == 0, out.output
+    assert "Set 3 job(s) to FAILED" in out.output
+    assert Job.objects.filter(state="FAILED").count() == 3
+    refused = balsam("job", "modify", "-t", "grp=b", "-s", "RUNNING", "-y")
+    assert refused.exit_code == 1  # the server refuses a forced move into RUNNING
+    assert balsam("job", "ls", "-s", "FAILED").output.count("FAILED") == 3
+    assert "No matching jobs." in balsam("job", "ls", "-w", "nothing-like-this").output
+    out = balsam("job", "rm", "-s", "FAILED", input="y\n")
+    assert "Really delete 3 jobs?" in out.output and "Deleted 3 job(s)" in out.output
+    assert balsam("job", "rm").exit_code == 2
+    out = balsam("job", "rm", "--all", "-y")
+    assert "Deleted 2 job(s)" in out.output
+    assert Job.objects.count() == 0
+
+
+def test_site_selection_rules(apps, site, tmp_path):
+    from balsam.api import Site
+    from balsam.cli._site_selector import resolve_site_ids
+
+    stale = Site.objects.create(name="site-b", path=str(tmp_path / "elsewhere" / "site-b"))
+    assert resolve_site_ids("all") is None
+    assert resolve_site_ids(f"{site.id},{stale.id}") == sorted([site.id, stale.id])
+    assert resolve_site_ids("elsewhere") == [stale.id]
+    assert set(resolve_site_ids("active")) >= {site.id}
+    from click import UsageError
+
+    with pytest.raises(UsageError, match="not inside a Balsam site"):
+        resolve_site_ids("this")
+    with pytest.raises(UsageError, match="no site path contains"):
+        resolve_site_ids("no-such-fragment")
+    os.chdir(Path(site.path) / "data")
+    assert resolve_site_ids("") == [site.id] == resolve_site_ids("this")
+
+
+# ----------------------------------------------------------------------------------------- queue
+def test_queue_submit_validates_and_ls_term(site):
+    from balsam.api import BatchJob
+
+    os.chdir(site.path)
+    out = balsam("queue", "submit", "-n", "2", "-t", "30", "-q", "debug", "-A", "proj", "-j", "mpi", "-tag", "x=1",
+                 "-x", "mig=2", "-p", "mpi:1", "-p", "serial:1:role=worker")
+    assert out.exit_code == 0, out.output
+    assert "queue: debug" in out.output
+    (bj,) = BatchJob.objects.all()
+    assert bj.optional_params == {"mig": "2"} and bj.partitions_to_cli_args() == " --part mpi:1 --part serial:1:role=worker"
+    for args, reason in [
+        (["-n", "9", "-t", "30", "-q", "debug", "-A", "proj"], "num_nodes=9 is outside 1..4"),
+        (["-n", "1", "-t", "90", "-q", "debug", "-A", "proj"], "wall_time_min=90 is outside 1..60"),
+        (["-n", "1", "-t", "30", "-q", "prod", "-A", "proj"], "queue 'prod' is not allowed"),
+        (["-n", "1", "-t", "30", "-q", "debug", "-A", "other"], "project 'other' is not allowed"),
+        (["-n", "1", "-t", "30", "-q", "debug", "-A", "proj", "-x", "color=red"], "unknown optional params color"),
+        (["-n", "2", "-t", "30", "-q", "debug", "-A", "proj", "-p", "mpi:1"], "partition sizes add up to 1 nodes"),
+    ]:
+        refused = balsam("queue", "submit", "-j", "mpi", *args)
+        assert refused.exit_code == 1 and f"Refused by site site-a: {reason}" in refused.output, refused.output
+    assert "expected MODE:NODES" in balsam("queue", "submit", "-n", "1", "-t", "5", "-q", "debug", "-A", "proj",
+                                           "-j", "mpi", "-p", "mpi").output
+    assert BatchJob.objects.count() == 1
+
+    table = balsam("queue", "ls").output.splitlines()
+    assert table[0].split()[:4] == ["id", "site", "scheduler_id", "state"] and "pending_submission" in table[2]
+    bj.state = "queued"
+    bj.scheduler_id = 777
+    bj.save()
+    assert "777" in balsam("queue", "ls", "--scheduler_id", "777").output
+    out = balsam("queue", "term", "777")
+    assert "Marked BatchJob" in out.output
+    assert BatchJob.objects.get(id=bj.id).state.value == "pending_deletion"
+    assert "not queued or running" in balsam("queue", "term", "777").output
+    assert "No active batch jobs" not in balsam("queue", "ls").output  # pending_deletion is still active
+    bj.state = "finished"
+    bj.save()
+    assert "No active batch jobs.  Use --history" in balsam("queue", "ls").output
+    assert "finished" in balsam("queue", "ls", "--history", "-n", "1").output
+    assert "site_id:" in balsam("queue", "ls", "-h", "-v").output
+    assert balsam("queue", "term", "12345").exit_code == 1

@@ -1,0 +1,350 @@
+"""End to end: a real uvicorn server, real `python -m balsam.launcher` processes, real mpiexec + mpi4py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SESSION_EXPIRE_SEC, events_of, make_runnable, wait_for_states
+from harness import start_launcher
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+
+MODES = ["mpi", "serial"]
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"launcher did not exit in {timeout} s:\n{Path(proc.console_path).read_text()[-3000:]}")
+
+
+def console(proc: subprocess.Popen) -> str:
+    return Path(proc.console_path).read_text()
+
+
+def intervals(trace: Path) -> list[tuple[float, float]]:
+    """(start, end) pairs from lines ``start <t>`` / ``end <t>`` written by the test apps."""
+    starts, ends = {}, {}
+    for line in trace.read_text().split("\n"):
+        parts = line.split()
+        if len(parts) == 3:
+            (starts if parts[0] == "start" else ends)[parts[1]] = float(parts[2])
+    return [(starts[k], ends[k]) for k in starts if k in ends]
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    level = peak = 0
+    for _, step in points:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jobs_run_with_output_events_and_logs(mode: str, new_site) -> None:
+    from balsam.api import ApplicationDefinition, BatchJob
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Hello(ApplicationDefinition):
+        site = name
+        # Under mpi mode the template is what mpiexec starts: shell syntax goes inside bash -c.
+        command_template = "bash -c 'echo hello {{ who }} from $BALSAM_JOB_ID; echo to-stderr >&2'"
+
+    Hello.sync()
+    ids = make_runnable(Hello.submit(workdir=f"hello/{i}", who=f"w{i}", save=False) for i in range(4))
+    batch_job = BatchJob.objects.create(site_id=Hello.resolve_site_id(), project="local", queue="local", num_nodes=1,
+                                        wall_time_min=1, job_mode=mode, scheduler_id=4242)
+    # The job template exports BALSAM_BATCH_JOB_ID; without it the launcher looks its BatchJob up by
+    # the scheduler id the platform reads from the environment.
+    env = {"BALSAM_BATCH_JOB_ID": str(batch_job.id)} if mode == "mpi" else {"BALSAM_LOCAL_JOB_ID": "4242"}
+    t0 = time.time()
+    proc = start_launcher(path, mode, 1, env=env)
+    jobs = wait_for_states(ids, {"RUN_DONE"}, timeout=60)
+    assert finish(proc) == 0, console(proc)
+    assert time.time() - t0 < 40  # left after idle_ttl_sec, long before the 1-minute wall time
+    for i, job_id in enumerate(ids):
+        out = (path / "data" / f"hello/{i}" / "job.out").read_text()
+        assert f"hello w{i} from {job_id}" in out and "to-stderr" in out
+        assert jobs[job_id].return_code == 0 and jobs[job_id].batch_job_id == batch_job.id
+    for job_id, rows in events_of(ids).items():
+        moves = [(e.from_state, e.to_state) for e in rows]
+        assert moves[-2:] == [("PREPROCESSED", "RUNNING"), ("RUNNING", "RUN_DONE")], moves
+        assert rows[-2].data == {"num_nodes": 1.0}
+    logs = [p.name for p in (path / "log").iterdir()]
+    assert any(n.startswith(f"{mode}_mode_") and n.endswith(".log") for n in logs), logs
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_run_error_carries_returncode_and_output_tail(mode: str, new_site) -> None:
+    from balsam.api import ApplicationDefinition, Job
+
+    name, path = new_site(idle_ttl_sec=2, error_tail_num_lines=3)
+
+    class Broken(ApplicationDefinition):
+        site = name
+        command_template = "bash -c 'for i in 1 2 3 4 5 6; do echo line$i; done; echo fatal: disk on fire >&2; exit 3'"
+
+    class Fine(ApplicationDefinition):
+        site = name
+        command_template = "echo fine"
+
+    Broken.sync()
+    Fine.sync()
+    ids = make_runnable([Broken.submit(workdir="broken", save=False), Fine.submit(workdir="fine", save=False)])
+    proc = start_launcher(path, mode, 1)
+    jobs = wait_for_states(ids, {"RUN_ERROR", "RUN_DONE"})
+    assert finish(proc) == 0
+    assert str(jobs[ids[0]].state) == "RUN_ERROR" and jobs[ids[0]].return_code == 3
+    assert str(jobs[ids[1]].state) == "RUN_DONE"
+    error_event = events_of([ids[0]])[ids[0]][-1]
+    assert error_event.to_state == "RUN_ERROR"
+    assert error_event.data["returncode"] == 3
+    assert error_event.data["error"].splitlines() == ["line5", "line6", "fatal: disk on fire"]
+    assert Job.objects.get(id=ids[0]).state == "RUN_ERROR"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_wall_time_ends_jobs_as_run_timeout_and_they_rerun(mode: str, new_site) -> None:
+    from balsam.api import ApplicationDefinition, Job
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class SlowFirstTime(ApplicationDefinition):
+        site = name
+        # The first run outlives the launcher's wall time; the re-run finds the marker and succeeds.
+        command_template = "bash -c 'if [ -f ran-once ]; then echo second run; else touch ran-once; echo first run; sleep 300; fi'"
+
+    SlowFirstTime.sync()
+    ids = make_runnable([SlowFirstTime.submit(workdir="slow", save=False)])
+    wall_min = 0.2  # 12 s; the launcher stops 10 % early, so at ~10.8 s
+    t0 = time.time()
+    proc = start_launcher(path, mode, wall_min)
+    jobs = wait_for_states(ids, {"RUN_TIMEOUT"}, timeout=40)
+    assert finish(proc, 30) == 0
+    assert time.time() - t0 < wall_min * 60, "the launcher must end its jobs before the allocation ends"
+    timeout_event = events_of(ids)[ids[0]][-1]
+    assert timeout_event.to_state == "RUN_TIMEOUT" and "wall time" in timeout_event.data["reason"]
+    assert time.time() - t0 > wall_min * 60 * 0.8  # not too early either
+
+    # What the processing module's default handle_timeout() does: re-queue the job.
+    job = jobs[ids[0]]
+    job.state = "RESTART_READY"
+    job.save()
+    proc2 = start_launcher(path, mode, 1)
+    wait_for_states(ids, {"RUN_DONE"})
+    assert finish(proc2) == 0
+    assert "second run" in (path / "data" / "slow" / "job.out").read_text()
+    states = [e.to_state for e in events_of(ids)[ids[0]]]
+    assert states[-5:] == ["RUNNING", "RUN_TIMEOUT", "RESTART_READY", "RUNNING", "RUN_DONE"]
+    assert Job.objects.get(id=ids[0]).return_code == 0
+
+
+@pytest.mark.parametrize("mode, packing, expected", [("serial", 1, 1), ("serial", 2, 2), ("mpi", 1, 1), ("mpi", 2, 2)])
+def test_node_packing_limits_concurrency(mode: str, packing: int, expected: int, new_site) -> None:
+    from balsam.api import ApplicationDefinition
+
+    assert len(os.sched_getaffinity(0)) >= 2, "this test needs a node with at least 2 CPUs"
+    name, path = new_site(idle_ttl_sec=2)
+    trace = path / "trace.txt"
+
+    class Tracer(ApplicationDefinition):
+        site = name
+        command_template = (
+            f"bash -c 'echo start $BALSAM_JOB_ID $(date +%s.%N) >> {trace}; sleep 0.4; "
+            f"echo end $BALSAM_JOB_ID $(date +%s.%N) >> {trace}'"
+        )
+
+    Tracer.sync()
+    ids = make_runnable(Tracer.submit(workdir=f"t/{i}", node_packing_count=packing, save=False) for i in range(8))
+    proc = start_launcher(path, mode, 1)
+    wait_for_states(ids, {"RUN_DONE"}, timeout=90)
+    assert finish(proc) == 0
+    spans = intervals(trace)
+    assert len(spans) == 8
+    # Never more concurrent tasks than node_packing_count allows on the one node (and the CPUs allow),
+    # and the packing is actually used.
+    assert max_overlap(spans) == expected
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kill9_launcher_jobs_return_after_lease_expiry(mode: str, new_site) -> None:
+    from balsam.api import Job
+
+    name, path = new_site(idle_ttl_sec=15)
+    from balsam.api import ApplicationDefinition
+
+    class Sleeper(ApplicationDefinition):
+        site = name
+        command_template = (
+            "bash -c 'echo start $(date +%s.%N) >> ../trace-$BALSAM_JOB_ID; sleep 2; "
+            "echo end $(date +%s.%N) >> ../trace-$BALSAM_JOB_ID'"
+        )
+
+    Sleeper.sync()
+    ids = make_runnable(Sleeper.submit(workdir=f"s/{i}", node_packing_count=2, save=False) for i in range(4))
+    first = start_launcher(path, mode, 2)
+    deadline = time.monotonic() + 30
+    while Job.objects.filter(id=ids, state="RUNNING").count() < 2:
+        assert time.monotonic() < deadline and first.poll() is None, console(first)
+        time.sleep(0.1)
+    running_before_kill = {j.id for j in Job.objects.filter(id=ids, state="RUNNING")}
+    # kill -9 the launcher and its MPI ranks (the whole process group); its lease stays on the server.
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = time.time()
+    second = start_launcher(path, mode, 2)
+
+    # Act as the processing module's default handle_timeout: re-queue what comes back as RUN_TIMEOUT.
+    requeued: set[int] = set()
+    deadline = time.monotonic() + 60
+    while True:
+        jobs = {j.id: j for j in Job.objects.filter(id=ids)}
+        timed_out = [j for j in jobs.values() if str(j.state) == "RUN_TIMEOUT"]
+        for job in timed_out:
+            job.state = "RESTART_READY"
+        if timed_out:
+            Job.objects.bulk_update(timed_out)
+            requeued.update(j.id for j in timed_out)
+        if all(str(j.state) == "RUN_DONE" for j in jobs.values()):
+            break
+        assert time.monotonic() < deadline, {i: str(j.state) for i, j in jobs.items()}
+        time.sleep(0.2)
+    second.send_signal(signal.SIGTERM)
+    finish(second)
+
+    assert requeued == running_before_kill  # exactly the jobs that were running came back
+    history = events_of(ids)
+    for job_id in ids:
+        rows = history[job_id]
+        assert [e.to_state for e in rows].count("RUN_DONE") == 1  # none lost, none finished twice
+        starts = [float(line.split()[1]) for line in (path / "data" / "s" / f"trace-{job_id}").read_text().splitlines()
+                  if line.startswith("start")]
+        if job_id in running_before_kill:
+            timeout_event = next(e for e in rows if e.to_state == "RUN_TIMEOUT")
+            assert "expired" in str(timeout_event.data).lower() or timeout_event.data
+            expiry = timeout_event.timestamp.timestamp() if timeout_event.timestamp.tzinfo else \
+                timeout_event.timestamp.replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
+            assert expiry >= killed_at + SESSION_EXPIRE_SEC - 1.5, "the lease was taken away before it expired"
+            assert len(starts) == 2 and starts[1] >= expiry - 0.5, "re-run started while the dead launcher's lease was live"
+        else:
+            assert len(starts) == 1  # acquired but never started by the killed launcher: run once, by the second
+
+
+def test_unbuildable_jobs_fail_with_reason_and_others_run(new_site) -> None:
+    from balsam.api import App, ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class NeedsParam(ApplicationDefinition):
+        site = name
+        command_template = "echo {{ value }}"
+
+    class Unloadable(ApplicationDefinition):
+        site = name
+        command_template = "echo never"
+
+    NeedsParam.sync()
+    Unloadable.sync()
+    ids = make_runnable([
+        NeedsParam.submit(workdir="ok", value="fine", save=False),
+        NeedsParam.submit(workdir="missing", save=False),
+        Unloadable.submit(workdir="corrupt", save=False),
+    ])
+    record = App.objects.get(id=Unloadable.__app_id__)
+    record.serialized_class = "bm90IGEgZGlsbCBwYXlsb2Fk"  # base64 of "not a dill payload"
+    record.save()
+    proc = start_launcher(path, "mpi", 1)
+    jobs = wait_for_states(ids, {"RUN_DONE", "FAILED"})
+    assert finish(proc) == 0
+    assert [str(jobs[i].state) for i in ids] == ["RUN_DONE", "FAILED", "FAILED"]
+    history = events_of(ids)
+    assert "command line" in history[ids[1]][-1].data["error"] and "value" in history[ids[1]][-1].data["error"]
+    assert "loading the app" in history[ids[2]][-1].data["error"]
+
+
+def test_python_run_app_returns_its_value(new_site) -> None:
+    from balsam._api.app import parse_run_markers
+    from balsam._api.codec import deserialize
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Adder(ApplicationDefinition):
+        site = name
+
+        def run(self, x, y):
+            return x + y
+
+    Adder.sync()
+    ids = make_runnable([Adder.submit(workdir="add", x=2, y=3, save=False)])
+    proc = start_launcher(path, "serial", 1)
+    wait_for_states(ids, {"RUN_DONE"})
+    assert finish(proc) == 0
+    value, exc = parse_run_markers((path / "data" / "add" / "job.out").read_text())
+    assert exc is None and deserialize(value) == 5
+
+
+def test_partitions_run_their_own_tagged_jobs(new_site) -> None:
+    import json
+    import socket
+
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Echo(ApplicationDefinition):
+        site = name
+        command_template = "echo mode=$BALSAM_JOB_MODE"
+
+    Echo.sync()
+    a = make_runnable(Echo.submit(workdir=f"a/{i}", tags={"part": "a"}, save=False) for i in range(2))
+    b = make_runnable(Echo.submit(workdir=f"b/{i}", tags={"part": "b"}, save=False) for i in range(2))
+    other = make_runnable([Echo.submit(workdir="other", tags={"part": "c"}, save=False)])
+    host = socket.gethostname()
+    nodes = [{"node_id": str(i), "hostname": host, "cpu_ids": [0, 1], "gpu_ids": []} for i in range(2)]
+    proc = start_launcher(path, "mpi", 1, "--part", "mpi:1:part=a", "--part", "serial:1:part=b",
+                          env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
+    wait_for_states(a + b, {"RUN_DONE"})
+    assert finish(proc) == 0
+    for i in range(2):
+        assert "mode=mpi" in (path / "data" / f"a/{i}" / "job.out").read_text()
+        assert "mode=serial" in (path / "data" / f"b/{i}" / "job.out").read_text()
+    assert str(wait_for_states(other, {"PREPROCESSED"})[other[0]].state) == "PREPROCESSED"
+    logs = {p.name.split("_mode_")[0] + p.suffix for p in (path / "log").iterdir() if "_mode_" in p.name}
+    assert {"mpi.log", "serial.log"} <= logs
+
+
+def test_serial_mode_spreads_tasks_over_worker_ranks(new_site) -> None:
+    import json
+    import socket
+
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class WhichRank(ApplicationDefinition):
+        site = name
+        command_template = "bash -c 'echo rank=${PMI_RANK:-?}; sleep 0.3'"
+
+    WhichRank.sync()
+    ids = make_runnable(WhichRank.submit(workdir=f"r/{i}", node_packing_count=2, save=False) for i in range(8))
+    host = socket.gethostname()
+    # Two "nodes" on this host: rank 0 (master) runs node 0's tasks, rank 1 (worker) node 1's.
+    nodes = [{"node_id": str(i), "hostname": host, "cpu_ids": [0, 1], "gpu_ids": []} for i in range(2)]
+    proc = start_launcher(path, "serial", 1, env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
+    wait_for_states(ids, {"RUN_DONE"})
+    assert finish(proc) == 0
+    ranks = {(path / "data" / f"r/{i}" / "job.out").read_text().strip() for i in range(8)}
+    assert ranks == {"rank=0", "rank=1"}

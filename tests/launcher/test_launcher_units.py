@@ -1,0 +1,108 @@
+"""Launcher pieces that need no allocation: option parsing, countdown, update rounds, CLI errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from balsam.launcher.entry import LauncherError, Partition, parse_partition, parse_tag, split_nodes
+from balsam.launcher.job_mode import Countdown, IdleTimer, JobMode
+from balsam.launcher.status_updater import split_into_rounds
+from balsam.platform import NodeInfo
+
+
+def test_partition_syntax_of_balsam_07() -> None:
+    assert parse_partition("mpi:2:role=leader:x=1") == Partition("mpi", 2, {"role": "leader", "x": "1"})
+    assert parse_partition("serial:126") == Partition("serial", 126, {})
+    for bad, why in [("mpi", "MODE:NODES"), ("mpi:two", "not an integer"), ("mpi:0", "at least 1"), ("mpi:1:oops", "KEY=VALUE")]:
+        with pytest.raises(LauncherError, match=why):
+            parse_partition(bad)
+    assert parse_tag("system=H2O") == ("system", "H2O")
+
+
+def test_nodes_are_split_into_contiguous_partitions() -> None:
+    nodes = [NodeInfo(str(i), f"h{i}", [0]) for i in range(5)]
+    groups = split_nodes(nodes, [Partition("mpi", 2), Partition("serial", 3)])
+    assert [[n.hostname for n in g] for g in groups] == [["h0", "h1"], ["h2", "h3", "h4"]]
+    with pytest.raises(LauncherError, match="ask for 6 nodes but the allocation has 5"):
+        split_nodes(nodes, [Partition("mpi", 3), Partition("serial", 3)])
+
+
+def test_countdown_keeps_a_safety_margin() -> None:
+    start = time.time()
+    long = Countdown(60, start_time=start)
+    assert long.margin_sec == 120 and long.grace_sec == 10
+    assert 58 * 60 - 2 < long.remaining_sec() <= 58 * 60 and long.remaining_min() == 57
+    short = Countdown(0.5, start_time=start)
+    assert short.margin_sec == pytest.approx(3.0) and not short.expired
+    assert Countdown(1, start_time=start - 61).expired
+
+
+def test_idle_timer() -> None:
+    timer = IdleTimer(0.05)
+    timer.busy()
+    time.sleep(0.06)
+    assert not timer.expired
+    timer.idle()
+    assert not timer.expired
+    time.sleep(0.06)
+    assert timer.expired
+
+
+def test_update_rounds_hold_one_update_per_job_in_order() -> None:
+    updates = [{"id": 1, "state": "RUNNING"}, {"id": 2, "state": "RUNNING"}, {"id": 1, "state": "RUN_DONE"},
+               {"id": 3, "state": "FAILED"}, {"id": 1, "state": "X"}]
+    rounds = split_into_rounds(updates)
+    assert [[(u["id"], u["state"]) for u in r] for r in rounds] == [
+        [(1, "RUNNING"), (2, "RUNNING"), (3, "FAILED")], [(1, "RUN_DONE")], [(1, "X")]]
+
+
+def test_job_mode_base_class_is_the_plugin_contract() -> None:
+    from balsam.launcher.modes.mpi import MPIMode
+    from balsam.launcher.modes.serial import SerialMode
+    from balsam.plugins.manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    assert pm.load_driver("job_mode", "mpi") is MPIMode and pm.load_driver("job_mode", "serial") is SerialMode
+    assert issubclass(MPIMode, JobMode) and issubclass(SerialMode, JobMode)
+    with pytest.raises(TypeError):
+        JobMode(None)  # abstract: run() is required
+
+
+def run_cli(*args: str, cwd: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "balsam.launcher", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_errors_are_one_line(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "BALSAM_SITE_PATH"}
+    result = run_cli("-j", "mpi", "-t", "1", cwd=str(tmp_path), env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: not inside a Balsam site") and result.stderr.count("\n") == 1
+
+    site = tmp_path / "site"
+    (site / "log").mkdir(parents=True)
+    (site / ".balsam-site").write_text("1\n")
+    (site / "settings.yml").write_text("launcher:\n  idle_ttl_sec: 1\n")
+    for args, message in [
+        (("-j", "mpx", "-t", "1"), "unknown job_mode 'mpx'"),
+        (("-j", "mpi", "-t", "0"), "wall time must be positive"),
+        (("-j", "mpi", "-t", "1", "--part", "mpi:x"), "node count 'x' is not an integer"),
+        (("-j", "mpi", "-t", "1", "--part", "mpi:3"), "partitions ask for 3 nodes"),
+    ]:
+        result = run_cli(*args, cwd=str(site), env=env)
+        assert result.returncode == 1, result
+        assert result.stderr.startswith("Error: ") and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    (site / "settings.yml").write_text("launcher:\n  platform: nosuchplatform\n")
+    result = run_cli("-j", "mpi", "-t", "1", cwd=str(site), env=env)
+    assert result.returncode == 1 and "launcher.platform" in result.stderr and "nosuchplatform" in result.stderr
+
+
+def test_balsam_launcher_command_is_registered() -> None:
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "balsam"), "launcher", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--job-mode" in result.stdout and "--part" in result.stdout

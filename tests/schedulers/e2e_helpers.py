@@ -1,0 +1,68 @@
+"""End-to-end helpers: a real site on a batch scheduler plugin, its agent, and API polling."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from fake_env import wait_for
+
+#: Settings that make a site react within seconds.
+FAST = {
+    "scheduler": {"sync_period": 1},
+    "launcher": {"idle_ttl_sec": 3, "delay_sec": 1},
+    "processing": {"num_workers": 1},
+}
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def create_site(root: Path, scheduler: str, scheduler_settings: dict, template: Optional[str] = None) -> tuple[str, Path, int]:
+    """``balsam site init`` on the default platform, then switch it to ``scheduler`` with its default
+    job template (or ``template``)."""
+    from balsam.client import load_client
+    from balsam.plugins.manager import get_plugin_manager
+    from balsam.site.site_ops import init_site
+
+    name = f"{scheduler}-site-{uuid.uuid4().hex[:6]}"
+    path = root / name
+    overrides = deep_merge(FAST, {"scheduler": {"name": scheduler, **scheduler_settings}})
+    site_id = init_site(path, name, "default", load_client(), settings_overrides=overrides)
+    driver = get_plugin_manager().load_driver("scheduler", scheduler)
+    (path / "job-template.sh").write_text(template or driver.default_job_template)
+    return name, path, site_id
+
+
+def batch_job(client: Any, batch_job_id: int) -> dict:
+    return client.get(f"/batch-jobs/{batch_job_id}")
+
+
+def wait_batch_job(client: Any, batch_job_id: int, states: set[str], timeout: float) -> dict:
+    return wait_for(lambda: (b := batch_job(client, batch_job_id))["state"] in states and b, timeout,
+                    f"BatchJob {batch_job_id} to reach {sorted(states)} "
+                    f"(now {batch_job(client, batch_job_id)['state']}: {batch_job(client, batch_job_id)['status_info']})",
+                    interval=0.5)
+
+
+def jobs_by_id(client: Any, ids: list[int]) -> dict[int, dict]:
+    from balsam.site.api_util import list_all
+
+    return {row["id"]: row for row in list_all(client, "/jobs/", {"id": ids})}
+
+
+def wait_jobs_done(client: Any, ids: list[int], timeout: float) -> dict[int, dict]:
+    def done():
+        rows = jobs_by_id(client, ids)
+        return len(rows) == len(ids) and all(r["state"] in ("JOB_FINISHED", "FAILED") for r in rows.values()) and rows
+
+    return wait_for(done, timeout, f"jobs {ids} to finish", interval=0.5)
+
+
+def agent_log(site_path: Path) -> str:
+    return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted((site_path / "log").glob("*")) if p.is_file())

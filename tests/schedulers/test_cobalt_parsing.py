@@ -1,0 +1,118 @@
+"""The Cobalt driver's render/parse pairs on Cobalt outputs (Theta formats)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from balsam.scheduler import SchedulerError, SubmitRequest
+from balsam.states import BatchJobState
+from balsam_scheduler_cobalt import COBALT_STATES, CobaltScheduler
+from balsam_scheduler_cobalt.scheduler import cobalt_duration_min, parse_cobaltlog
+
+from sched_helpers import DATA, recorded, result, utc
+
+NOW = utc(2023, 11, 21, 18, 0, 0)
+
+
+@pytest.fixture
+def cobalt() -> CobaltScheduler:
+    return CobaltScheduler(user="alice")
+
+
+def test_states_mapped():
+    for state in ("queued", "user_hold", "admin_hold", "dep_hold", "maxrun_hold", "starting", "running", "exiting",
+                  "killing", "dep_fail", "failed", "finished"):
+        assert state in COBALT_STATES
+    assert COBALT_STATES["dep_fail"] is BatchJobState.submit_failed
+
+
+def test_render_submit(cobalt, tmp_path):
+    script = tmp_path / "qlaunch00012.sh"
+    command = cobalt.render_submit(SubmitRequest(
+        script_path=script, project="datascience", queue="default", num_nodes=128, wall_time_min=60,
+        optional_params={"attrs": "mcdram=cache:numa=quad", "singularity_prime_cache": "no"}))
+    args = list(command.args)
+    assert args[:3] == ["qsub", "-O", str(tmp_path / "qlaunch00012")]
+    assert args[args.index("-n") + 1] == "128" and args[args.index("-t") + 1] == "60"
+    assert args[args.index("--attrs") + 1] == "mcdram=cache:numa=quad" and args[-1] == str(script)
+    assert "singularity_prime_cache" not in " ".join(args)
+
+
+def test_parse_submit(cobalt):
+    assert cobalt.parse_submit(result(stdout=recorded("cobalt", "qsub_ok.txt"))) == 498131
+    with pytest.raises(SchedulerError, match="not valid for user alice") as info:
+        cobalt.parse_submit(result(stderr=recorded("cobalt", "qsub_bad_project.stderr.txt"), returncode=1))
+    assert info.value.permanent
+    with pytest.raises(SchedulerError, match="not a valid queue name"):
+        cobalt.parse_submit(result(stderr=recorded("cobalt", "qsub_bad_queue.stderr.txt"), returncode=1))
+    with pytest.raises(SchedulerError):
+        cobalt.parse_submit(result(stdout="", returncode=0))
+
+
+def test_status_with_our_header(cobalt):
+    command = cobalt.render_status("alice")
+    assert command.env["QSTAT_HEADER"] == "JobID:State:WallTime:Queue:Nodes:Project:TimeRemaining:QueuedTime"
+    statuses = cobalt.parse_status(result(stdout=recorded("cobalt", "qstat_header.txt")), NOW)
+    assert set(statuses) == {498110, 498131, 498132, 498140, 498141, 498142}
+    assert statuses[498110].state is BatchJobState.running and statuses[498110].time_remaining_min == 41
+    assert statuses[498131].state is BatchJobState.queued and statuses[498131].time_remaining_min == 30
+    assert statuses[498140].state is BatchJobState.submit_failed and statuses[498140].queued_time_min == 1514
+    assert statuses[498142].state is BatchJobState.running and statuses[498142].num_nodes == 2
+
+
+def test_status_in_another_header_is_an_error(cobalt):
+    with pytest.raises(SchedulerError, match="requested columns"):
+        cobalt.parse_status(result(stdout=recorded("cobalt", "qstat_default_header.txt")), NOW)
+
+
+def test_garbled_lines_skipped(cobalt, caplog):
+    statuses = cobalt.parse_status(result(stdout=recorded("cobalt", "qstat_garbled.txt")), NOW)
+    assert set(statuses) == {498110}
+    assert caplog.text.count("skipped unreadable line") == 3
+
+
+def test_empty_and_failed_polls(cobalt):
+    assert cobalt.parse_status(result(stdout=""), NOW) == {}
+    with pytest.raises(SchedulerError):
+        cobalt.parse_status(result(stderr="Failed to connect to queue manager", returncode=1), NOW)
+
+
+def test_durations():
+    assert cobalt_duration_min("25:14:00") == 1514 and cobalt_duration_min("N/A") == 0
+    assert cobalt_duration_min("0:31:00") == 31 and cobalt_duration_min("45") == 45
+
+
+def test_history_from_cobaltlog(cobalt, tmp_path):
+    def history(name: str, jobid: int):
+        script = tmp_path / f"q{jobid}.sh"
+        shutil.copy(DATA / "cobalt" / name, script.with_suffix(".cobaltlog"))
+        return cobalt.get_history(jobid, script)
+
+    done = history("qlaunch00012.cobaltlog", 498110)
+    assert done.state is BatchJobState.finished
+    assert done.start_time == utc(2023, 11, 21, 17, 51, 6) and done.end_time == utc(2023, 11, 21, 18, 49, 58)
+    assert "exit code of 0" in done.message
+    assert history("qlaunch00013_running.cobaltlog", 498111) is None
+    deleted = history("qlaunch00014_deleted.cobaltlog", 498131)
+    assert deleted.state is BatchJobState.finished and deleted.start_time is None
+    assert history("qlaunch00015_depfail.cobaltlog", 498140).state is BatchJobState.submit_failed
+    assert history("qlaunch00016_garbage.cobaltlog", 498150) is None
+    assert cobalt.get_history(1, tmp_path / "missing.sh") is None
+
+
+def test_backfill_windows_cumulative_per_queue(cobalt):
+    windows = cobalt.parse_backfill(result(stdout=recorded("cobalt", "nodelist.txt")))
+    assert {q: [(w.num_nodes, w.wall_time_min) for w in ws] for q, ws in windows.items()} == {
+        "backfill": [(1, 75), (3, 31)], "default": [(1, 75), (3, 31)], "debug-cache-quad": [(1, 58)]}
+    with pytest.raises(SchedulerError, match="lacks"):
+        cobalt.parse_backfill(result(stdout="Name State\nx idle\n"))
+
+
+def test_delete_and_projects(cobalt):
+    cobalt.parse_delete(result(stdout=recorded("cobalt", "qdel_ok.txt")), 498131)
+    with pytest.raises(SchedulerError):
+        cobalt.parse_delete(result(stderr="qdel: permission denied", returncode=1), 1)
+    projects = cobalt.parse_discover_projects(result(stderr=recorded("cobalt", "qsub_bad_project.stderr.txt"), returncode=1))
+    assert projects == ["datascience", "catalyst", "CSC249ADCD08"]

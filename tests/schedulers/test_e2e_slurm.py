@@ -1,0 +1,122 @@
+"""End to end on the real Slurm: site agent -> sbatch -> launcher on the allocated nodes -> sacct."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from pathlib import Path
+
+import pytest
+
+from balsam_scheduler_slurm import SlurmScheduler
+
+from e2e_helpers import agent_log, batch_job, create_site, wait_batch_job, wait_jobs_done
+from fake_env import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.mpi]
+
+SLURM_SETTINGS = {
+    "allowed_queues": {"debug": {"max_nodes": 4, "max_walltime": 60, "max_queued_jobs": 10}},
+    "allowed_projects": ["root"],
+    "optional_batch_job_params": {"reservation": "", "constraint": "", "linger": ""},
+}
+#: The Slurm default template, plus a `-x linger=SECONDS` option that keeps the allocation busy
+#: after the launcher (to provoke a wall-time TIMEOUT).
+LINGER_TEMPLATE = SlurmScheduler.default_job_template.replace("exec {{ launcher_cmd }}", "{{ launcher_cmd }}") + (
+    '{% if optional_params.get("linger") %}sleep {{ optional_params["linger"] }}\n{% endif %}'
+)
+
+
+@pytest.fixture
+def slurm_site(balsam_env, tmp_path):
+    from balsam.client import load_client
+    from balsam.plugins.manager import reset_plugin_manager
+    from balsam.site.site_ops import start_agent, stop_agent
+
+    reset_plugin_manager()
+    name, path, site_id = create_site(tmp_path, "slurm", SLURM_SETTINGS, LINGER_TEMPLATE)
+    start_agent(path)
+    client = load_client()
+    yield name, path, site_id, client
+    active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
+    if active["results"]:
+        client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
+        wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
+                 60, "teardown deletions")
+    stop_agent(path, timeout=30, force=True)
+
+
+def _new_batch_job(client, site_id: int, **fields) -> dict:
+    body = {"site_id": site_id, "project": "root", "queue": "debug", "num_nodes": 2, "wall_time_min": 5,
+            "job_mode": "mpi", **fields}
+    return client.post("/batch-jobs/", json=body)
+
+
+def test_campaign_runs_across_allocated_nodes_in_mpi_and_serial_mode(slurm_site):
+    from balsam.api import ApplicationDefinition, Job
+
+    name, path, site_id, client = slurm_site
+
+    program = path / "mpi_hello.py"
+    program.write_text(
+        "import os\nfrom mpi4py import MPI\n"
+        "comm = MPI.COMM_WORLD\ntotal = comm.allreduce(comm.rank)\n"
+        "os.write(1, f'rank {comm.rank} of {comm.size} on {os.environ.get(\"SLURMD_NODENAME\")} sum {total}\\n'.encode())\n"
+    )
+
+    class MpiHello(ApplicationDefinition):
+        site = name
+        command_template = f"{sys.executable} {program}"
+
+    class Where(ApplicationDefinition):
+        site = name
+        command_template = "echo task {{ i }} job $SLURM_JOB_ID on $SLURMD_NODENAME"
+
+    MpiHello.sync()
+    Where.sync()
+    mpi_jobs = Job.objects.bulk_create([MpiHello.submit(workdir=f"mpi/{i}", num_nodes=2, ranks_per_node=1, save=False,
+                                                        tags={"mode": "mpi"}) for i in range(2)])
+    serial_jobs = Job.objects.bulk_create([Where.submit(workdir=f"serial/{i}", i=i, save=False, tags={"mode": "serial"})
+                                           for i in range(6)])
+    mpi_batch = _new_batch_job(client, site_id, job_mode="mpi", filter_tags={"mode": "mpi"})
+    serial_batch = _new_batch_job(client, site_id, job_mode="serial", filter_tags={"mode": "serial"})
+    refused = _new_batch_job(client, site_id, num_nodes=1, optional_params={"reservation": "no-such-reservation"})
+
+    failed = wait_batch_job(client, refused["id"], {"submit_failed"}, 60)
+    assert "reservation" in failed["status_info"]["error"].lower(), failed["status_info"]
+
+    rows = wait_jobs_done(client, [j.id for j in mpi_jobs + serial_jobs], 180)
+    assert {r["state"] for r in rows.values()} == {"JOB_FINISHED"}, agent_log(path)
+    for i in range(2):
+        out = (path / "data" / f"mpi/{i}" / "job.out").read_text()
+        lines = sorted(ln for ln in out.splitlines() if ln.startswith("rank "))
+        assert [ln.split()[:3] for ln in lines] == [["rank", "0", "of"], ["rank", "1", "of"]], out
+        assert all(ln.endswith("sum 1") for ln in lines), out
+        assert len({ln.split(" on ")[1].split()[0] for ln in lines}) == 2, out  # one rank on each allocated node
+    serial_out = [(path / "data" / f"serial/{i}" / "job.out").read_text() for i in range(6)]
+    serial_batch_now = batch_job(client, serial_batch["id"])
+    assert all(f"job {serial_batch_now['scheduler_id']} on node" in o for o in serial_out), serial_out
+
+    for batch in (mpi_batch, serial_batch):
+        done = wait_batch_job(client, batch["id"], {"finished"}, 120)
+        assert done["status_info"]["scheduler_state"] == "COMPLETED", done["status_info"]
+        assert done["start_time"] and done["end_time"] and done["start_time"] <= done["end_time"]
+        script = path / "qsubmit" / f"qlaunch{batch['id']:05d}.sh"
+        assert script.exists() and script.with_suffix(".output").exists()
+        sacct = SlurmScheduler(user=getpass.getuser()).get_history(done["scheduler_id"])
+        assert sacct.start_time.isoformat().startswith(done["start_time"][:19].replace(" ", "T"))
+
+
+def test_pending_deletion_scancels_and_walltime_timeout_is_recorded(slurm_site):
+    name, path, site_id, client = slurm_site
+    # a launcher with nothing to run but a long idle_ttl is not an option here: linger instead
+    doomed = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=10, optional_params={"linger": "600"})
+    timeout = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=1, optional_params={"linger": "600"})
+    wait_batch_job(client, doomed["id"], {"running"}, 60)
+    client.patch("/batch-jobs/", json=[{"id": doomed["id"], "state": "pending_deletion"}])
+    deleted = wait_batch_job(client, doomed["id"], {"finished"}, 60)
+    assert deleted["status_info"]["scheduler_state"].startswith("CANCELLED"), deleted["status_info"]
+    assert deleted["start_time"] and deleted["end_time"]
+    timed_out = wait_batch_job(client, timeout["id"], {"finished"}, 180)
+    assert timed_out["status_info"]["scheduler_state"] == "TIMEOUT", timed_out["status_info"]
+    assert timed_out["start_time"] and timed_out["end_time"]

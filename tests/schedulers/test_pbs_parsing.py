@@ -1,0 +1,156 @@
+"""The PBS driver's render/parse pairs on PBS Pro 2022 outputs (Polaris formats)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from balsam.scheduler import SchedulerError, SubmitRequest
+from balsam.states import BatchJobState
+from balsam_scheduler_pbs import PBS_STATES, PBSScheduler
+from balsam_scheduler_pbs.scheduler import parse_pbs_time
+
+from sched_helpers import ReplayRunner, recorded, result, utc
+
+NOW = utc(2023, 11, 21, 18, 16, 13)
+
+
+@pytest.fixture
+def pbs() -> PBSScheduler:
+    return PBSScheduler(user="alice")
+
+
+def test_every_job_state_letter_is_mapped():
+    assert set("BEFHMQRSTUWX") == set(PBS_STATES)
+    assert PBS_STATES["H"] is BatchJobState.queued and PBS_STATES["E"] is BatchJobState.running
+    assert PBS_STATES["F"] is BatchJobState.finished
+
+
+def test_render_submit(pbs, tmp_path):
+    script = tmp_path / "qlaunch00003.sh"
+    args = list(pbs.render_submit(SubmitRequest(
+        script_path=script, project="datascience", queue="prod", num_nodes=10, wall_time_min=75,
+        job_name="qlaunch00003", optional_params={"filesystems": "home:grand", "select": "system=polaris",
+                                                   "mig_count": "3", "place": "", "qsub_flags": "-W depend=afterok:12"})).args)
+    assert args[0] == "qsub" and args[-1] == str(script)
+    assert "select=10:system=polaris" in args and "walltime=01:15:00" in args  # minutes mod 60 (0.7 quirk fixed)
+    assert "filesystems=home:grand" in args and not any(a.startswith("place=") for a in args)
+    assert args[args.index("-A") + 1] == "datascience" and args[args.index("-q") + 1] == "prod"
+    assert args[args.index("-k") + 1] == "doe" and args[args.index("-o") + 1] == str(script.with_suffix(".output"))
+    assert "-W" in args and "depend=afterok:12" in args and not any("mig_count" in a for a in args)
+
+
+def test_parse_submit(pbs):
+    assert pbs.parse_submit(result(stdout=recorded("pbs", "qsub_ok.txt"))) == 1196243
+    with pytest.raises(SchedulerError) as info:
+        pbs.parse_submit(result(stderr=recorded("pbs", "qsub_unknown_queue.stderr.txt"), returncode=172))
+    assert "Unknown queue" in str(info.value) and info.value.permanent
+    with pytest.raises(SchedulerError, match="Invalid filesystem specified: grnd"):
+        pbs.parse_submit(result(stderr=recorded("pbs", "qsub_hook_reject.stderr.txt"), returncode=1))
+    with pytest.raises(SchedulerError) as info:
+        pbs.parse_submit(result(stderr=recorded("pbs", "qsub_no_server.stderr.txt"), returncode=111))
+    assert not info.value.permanent
+    with pytest.raises(SchedulerError, match="no job id"):
+        pbs.parse_submit(result(stdout="\n"))
+
+
+def test_ctime_dates_with_padded_days():
+    assert parse_pbs_time("Mon Nov  6 16:43:39 2023") == utc(2023, 11, 6, 16, 43, 39)
+    assert parse_pbs_time("Tue Nov 21 17:58:13 2023") == utc(2023, 11, 21, 17, 58, 13)
+    assert parse_pbs_time(1700589493) == utc(2023, 11, 21, 17, 58, 13)
+    assert parse_pbs_time("yesterday") is None and parse_pbs_time("") is None
+
+
+def test_status_poll_is_json_and_filters_the_owner(pbs):
+    command = pbs.render_status("alice")
+    assert command.args == ("qstat", "-f", "-F", "json") and command.env["TZ"] == "UTC"
+    statuses = pbs.parse_status(result(stdout=recorded("pbs", "qstat_f_json.txt")), NOW)
+    assert set(statuses) == {1196243, 1196250, 1196251, 1196252}  # not bob's job, not the array
+    running = statuses[1196243]
+    assert running.state is BatchJobState.running and running.num_nodes == 2 and running.queue == "prod"
+    assert running.wall_time_min == 60 and running.time_remaining_min == 42 and running.queued_time_min == 10
+    assert running.project == "datascience"
+    queued = statuses[1196250]
+    assert queued.state is BatchJobState.queued and queued.time_remaining_min == 30 and queued.queued_time_min == 20
+    assert statuses[1196251].state is BatchJobState.queued  # held
+    assert statuses[1196252].state is BatchJobState.running  # exiting
+
+
+def test_known_json_slips_are_repaired(pbs, caplog):
+    statuses = pbs.parse_status(result(stdout=recorded("pbs", "qstat_f_json_bad_escapes.txt")), NOW)
+    assert set(statuses) == {1196243, 1196250, 1196251, 1196252}
+    assert "malformed JSON" in caplog.text
+
+
+def test_truncated_json_is_a_failed_poll(pbs):
+    with pytest.raises(SchedulerError, match="invalid JSON"):
+        pbs.parse_status(result(stdout=recorded("pbs", "qstat_f_json_truncated.txt")), NOW)
+
+
+@pytest.mark.parametrize("stdout", ["", recorded("pbs", "qstat_f_json_no_jobs.txt")])
+def test_empty_queue(pbs, stdout):
+    assert pbs.parse_status(result(stdout=stdout), NOW) == {}
+
+
+def test_garbage_instead_of_json(pbs):
+    with pytest.raises(SchedulerError, match="printed no JSON"):
+        pbs.parse_status(result(stdout="pbs_iff: cannot read reply from pbs_server\n"), NOW)
+    with pytest.raises(SchedulerError, match="status poll failed"):
+        pbs.parse_status(result(stderr="qstat: cannot connect to server polaris-pbs-01 (errno=111)", returncode=2), NOW)
+
+
+def test_one_strange_record_does_not_spoil_the_poll(pbs, caplog):
+    stdout = recorded("pbs", "qstat_f_json.txt").replace('"nodect":4,', '"nodect":"four",')
+    statuses = pbs.parse_status(result(stdout=stdout), NOW)
+    assert set(statuses) == {1196243, 1196251, 1196252}
+    assert "skipped unreadable record" in caplog.text
+
+
+def test_history_from_qstat_x(pbs, tmp_path):
+    ids = {1196243: None, 1196250: None, 1196251: None, 1196253: None, 1196260: None}
+    histories = pbs.parse_histories(result(stdout=recorded("pbs", "qstat_x_f_json.txt")), ids)
+    done = histories[1196243]
+    assert done.state is BatchJobState.finished and done.native_state == "F (Exit_status 0)"
+    assert done.start_time == utc(2023, 11, 21, 17, 58, 13) and done.end_time == utc(2023, 11, 21, 18, 39, 15)
+    assert "walltime 1804 exceeded limit 1800" in histories[1196250].message
+    assert histories[1196250].state is BatchJobState.finished
+    assert histories[1196251].state is BatchJobState.finished and histories[1196251].start_time is None  # deleted
+    assert histories[1196253].state is BatchJobState.submit_failed  # Exit_status -3, never started
+    assert histories[1196260] is None  # still running
+
+
+def test_unknown_job_id_checks_the_output_file(pbs, tmp_path):
+    ran, never = tmp_path / "qlaunch00001.sh", tmp_path / "qlaunch00002.sh"
+    ran.with_suffix(".output").write_text("launcher output\n")
+    stderr = "qstat: Unknown Job Id 1196180.polaris-pbs-01\nqstat: Unknown Job Id 1196181.polaris-pbs-01\n"
+    histories = pbs.parse_histories(result(stderr=stderr, returncode=153), {1196180: ran, 1196181: never, 1196182: None})
+    assert histories[1196180].state is BatchJobState.finished and histories[1196180].end_time is not None
+    assert histories[1196181].state is BatchJobState.submit_failed and "no output file" in histories[1196181].message
+    assert histories[1196182] is None
+
+
+def test_bulk_history_is_one_command(pbs):
+    runner = ReplayRunner({"qstat": result(stdout=recorded("pbs", "qstat_x_f_json.txt"),
+                                           stderr=recorded("pbs", "qstat_x_unknown.stderr.txt"), returncode=153)})
+    histories = PBSScheduler(runner, user="alice").get_histories({1196243: None, 1196250: None, 1196180: None})
+    assert len(runner.calls) == 1 and runner.calls[0].args[:5] == ("qstat", "-x", "-f", "-F", "json")
+    assert histories[1196243].state is BatchJobState.finished
+    assert histories[1196180].state is BatchJobState.submit_failed
+
+
+def test_delete(pbs):
+    pbs.parse_delete(result(), 1)
+    pbs.parse_delete(result(stderr=recorded("pbs", "qdel_unknown.stderr.txt"), returncode=153), 1196240)
+    with pytest.raises(SchedulerError, match="Unauthorized Request"):
+        pbs.parse_delete(result(stderr=recorded("pbs", "qdel_unauthorized.stderr.txt"), returncode=159), 1196190)
+
+
+def test_backfill_from_pbsnodes(pbs):
+    windows = pbs.parse_backfill(result(stdout=recorded("pbs", "pbsnodes_a_json.txt")))
+    # two free nodes tied to no queue, one free node of the debug queue; the reserved, busy and
+    # down nodes do not count
+    assert {q: [(w.num_nodes, w.wall_time_min) for w in ws] for q, ws in windows.items()} == {
+        "*": [(2, 60)], "debug": [(1, 60)]}
+    with pytest.raises(SchedulerError):
+        pbs.parse_backfill(result(stdout="{\"nodes\": {", returncode=0))

@@ -1,0 +1,85 @@
+"""The Slurm driver against the real Slurm of the CI host (shared/ci/start-slurm.sh)."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+
+import pytest
+
+from balsam.scheduler import SchedulerError, SubmitRequest
+from balsam.states import BatchJobState
+from balsam_scheduler_slurm import SlurmScheduler
+
+from fake_env import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+PARTITION = "debug"
+ACCOUNT = "root"
+
+
+@pytest.fixture
+def slurm(monkeypatch) -> SlurmScheduler:
+    # a user's own formats and filters must change nothing
+    monkeypatch.setenv("SQUEUE_FORMAT", "%i %u")
+    monkeypatch.setenv("SQUEUE_STATES", "PD")
+    monkeypatch.setenv("SACCT_FORMAT", "jobid")
+    monkeypatch.setenv("SLURM_TIME_FORMAT", "relative")
+    return SlurmScheduler(user=getpass.getuser())
+
+
+def _script(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / f"{name}.sh"
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def _request(script: Path, **kw) -> SubmitRequest:
+    fields = dict(script_path=script, project=ACCOUNT, queue=PARTITION, num_nodes=2, wall_time_min=5,
+                  job_name=script.stem)
+    fields.update(kw)
+    return SubmitRequest(**fields)
+
+
+def test_submit_poll_history(slurm, tmp_path):
+    script = _script(tmp_path, "qlaunch00001", 'echo "job=$SLURM_JOB_ID nodes=$SLURM_JOB_NODELIST"; sleep 3')
+    jobid = slurm.submit(_request(script, optional_params={"sbatch_flags": "--comment=balsam-test"}))
+    status = wait_for(lambda: slurm.get_statuses().get(jobid), 20, "the job in squeue")
+    assert status.num_nodes == 2 and status.queue == PARTITION and status.project == ACCOUNT
+    assert status.wall_time_min == 5
+    histories = wait_for(lambda: (h := slurm.get_histories({jobid: script})) and h[jobid] and h, 60,
+                         "sacct to record the end")
+    history = histories[jobid]
+    assert history.state is BatchJobState.finished and history.native_state == "COMPLETED"
+    assert history.start_time is not None and history.end_time >= history.start_time
+    assert jobid not in slurm.get_statuses()
+    output = script.with_suffix(".output").read_text()
+    assert f"job={jobid} nodes=node[" in output
+
+
+def test_refused_submission_keeps_slurms_reason(slurm, tmp_path):
+    script = _script(tmp_path, "qlaunch00002", "true")
+    with pytest.raises(SchedulerError, match="Invalid partition name specified") as info:
+        slurm.submit(_request(script, queue="nosuchpartition"))
+    assert info.value.permanent
+    with pytest.raises(SchedulerError, match="Invalid .*reservation|Requested reservation is invalid"):
+        slurm.submit(_request(script, optional_params={"reservation": "nosuchreservation"}))
+
+
+def test_delete_running_job(slurm, tmp_path):
+    script = _script(tmp_path, "qlaunch00003", "sleep 120")
+    jobid = slurm.submit(_request(script, num_nodes=1))
+    wait_for(lambda: (s := slurm.get_statuses().get(jobid)) and s.state is BatchJobState.running, 30, "the job to run")
+    slurm.delete_job(jobid)
+    history = wait_for(lambda: slurm.get_history(jobid, script), 60, "the cancelled job's record")
+    assert history.native_state.startswith("CANCELLED") and history.state is BatchJobState.finished
+    assert history.start_time is not None
+    slurm.delete_job(jobid)  # already gone: not an error
+
+
+def test_backfill_and_projects(slurm):
+    windows = slurm.get_backfill_windows()
+    assert set(windows) <= {PARTITION} and all(w.num_nodes >= 1 for ws in windows.values() for w in ws)
+    assert ACCOUNT in slurm.discover_projects()

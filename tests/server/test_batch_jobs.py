@@ -1,0 +1,90 @@
+"""/batch-jobs/: create, filters, single and bulk updates, state rules, delete."""
+
+from __future__ import annotations
+
+
+def bj_body(site_id, **fields):
+    return {"site_id": site_id, "project": "datascience", "queue": "debug", "num_nodes": 2, "wall_time_min": 30,
+            "job_mode": "mpi", **fields}
+
+
+def test_create_read_and_filters(api):
+    site, site2 = api.site(), api.site()
+    a = api.ok("POST", "/batch-jobs/", 201, json=bj_body(site["id"], filter_tags={"role": "sim"}, state="running",
+                                                         optional_params={"ssds": "1"},
+                                                         partitions=[{"job_mode": "mpi", "num_nodes": 1},
+                                                                     {"job_mode": "serial", "num_nodes": 1, "filter_tags": {"w": "1"}}]))
+    assert a["state"] == "pending_submission"  # the server decides the initial state
+    assert a["partitions"][1] == {"job_mode": "serial", "num_nodes": 1, "filter_tags": {"w": "1"}}
+    b = api.ok("POST", "/batch-jobs/", 201, json=bj_body(site2["id"], queue="prod", job_mode="serial"))
+    assert api.ok("GET", f"/batch-jobs/{a['id']}") == a
+    api.ok("PUT", f"/batch-jobs/{a['id']}", json={"scheduler_id": 4242, "state": "queued",
+                                                   "start_time": "2026-01-01T10:00:00Z"})
+    api.ok("PUT", f"/batch-jobs/{b['id']}", json={"start_time": "2026-01-02T10:00:00Z", "end_time": "2026-01-02T11:00:00Z"})
+
+    def ids(**params):
+        return [x["id"] for x in api.ok("GET", "/batch-jobs/", params=params)["results"]]
+
+    assert ids(site_id=[site2["id"]]) == [b["id"]]
+    assert ids(scheduler_id=4242) == [a["id"]]
+    assert ids(queue="prod") == [b["id"]]
+    assert ids(state=["queued"]) == [a["id"]]
+    assert ids(filter_tags="role:sim") == [a["id"]]
+    assert ids(start_time_after="2026-01-01T12:00:00Z") == [b["id"]]
+    assert ids(start_time_before="2026-01-01T12:00:00Z") == [a["id"]]
+    assert ids(end_time_after="2026-01-02T10:30:00Z") == [b["id"]]
+    assert ids(end_time_before="2026-01-02T10:30:00Z") == []
+    assert ids(ordering="-start_time") == [b["id"], a["id"]]
+    assert ids(id=[a["id"], b["id"]], ordering="start_time") == [a["id"], b["id"]]
+
+
+def test_validation(api):
+    site = api.site()
+    resp = api.http.post("/batch-jobs/", json=bj_body(site["id"], job_mode="threads"))
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "job_mode"]
+    resp = api.http.post("/batch-jobs/", json=bj_body(site["id"], num_nodes=0))
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "num_nodes"]
+    body = bj_body(site["id"])
+    del body["project"]
+    resp = api.http.post("/batch-jobs/", json=body)
+    assert resp.status_code == 422 and resp.json()["detail"][0] == {"loc": ["body", "project"], "msg": "field required", "type": "value_error"}
+    bj = api.ok("POST", "/batch-jobs/", 201, json=bj_body(site["id"]))
+    resp = api.http.put(f"/batch-jobs/{bj['id']}", json={"state": "exploded"})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "state"]
+
+
+def test_bulk_patch_and_state_rules(api):
+    site = api.site()
+    bjs = [api.ok("POST", "/batch-jobs/", 201, json=bj_body(site["id"])) for _ in range(3)]
+    ids = [b["id"] for b in bjs]
+    result = api.ok("PATCH", "/batch-jobs/", json=[
+        {"id": ids[0], "state": "queued", "scheduler_id": 1},
+        {"id": ids[1], "state": "submit_failed", "status_info": {"error": "no such project"}},
+        {"id": ids[2], "state": "pending_deletion"},
+    ])
+    assert [(b["id"], b["state"]) for b in result] == [(ids[0], "queued"), (ids[1], "submit_failed"), (ids[2], "pending_deletion")]
+    assert result[1]["status_info"] == {"error": "no such project"}
+    # Invalid transitions refuse the whole request.
+    resp = api.http.patch("/batch-jobs/", json=[{"id": ids[0], "state": "running"}, {"id": ids[1], "state": "running"}])
+    assert resp.status_code == 400 and "submit_failed to running" in resp.json()["detail"]
+    assert api.ok("GET", f"/batch-jobs/{ids[0]}")["state"] == "queued"
+    # pending_deletion: only 'finished' is accepted as a state; other fields still update (0.7 rule).
+    after = api.ok("PUT", f"/batch-jobs/{ids[2]}", json={"state": "running", "scheduler_id": 77})
+    assert (after["state"], after["scheduler_id"]) == ("pending_deletion", 77)
+    assert api.ok("PUT", f"/batch-jobs/{ids[2]}", json={"state": "finished"})["state"] == "finished"
+    resp = api.http.patch("/batch-jobs/", json=[{"id": ids[0], "site_id": 3}])
+    assert resp.status_code == 422
+    resp = api.http.patch("/batch-jobs/", json=[{"id": ids[0]}, {"id": ids[0]}])
+    assert resp.status_code == 422 and "duplicate" in resp.json()["detail"][0]["msg"]
+    resp = api.http.patch("/batch-jobs/", json=[{"id": 99999999, "state": "queued"}])
+    assert resp.status_code == 404
+
+
+def test_delete_keeps_jobs(api, site_app):
+    site, app = site_app
+    bj = api.ok("POST", "/batch-jobs/", 201, json=bj_body(site["id"]))
+    job = api.jobs(app["id"], batch_job_id=bj["id"])[0]
+    assert job["batch_job_id"] == bj["id"]
+    api.ok("DELETE", f"/batch-jobs/{bj['id']}", 204)
+    assert api.http.get(f"/batch-jobs/{bj['id']}").status_code == 404
+    assert api.job(job["id"])["batch_job_id"] is None

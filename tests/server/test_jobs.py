@@ -1,0 +1,259 @@
+"""/jobs/: bulk create, filters, ordering, pagination, bulk/partial updates, deletes, state logic."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+
+from balsam.models import MAX_ITEMS_PER_BULK_OP
+
+
+def test_bulk_create_returns_jobs_and_events(api, site_app):
+    _site, app = site_app
+    created = api.ok("POST", "/jobs/", 201, json=[
+        {"workdir": "a/1", "app_id": app["id"], "tags": {"system": "H2O"}, "num_nodes": 2, "ranks_per_node": 4,
+         "launch_params": {"cpu_affinity": "depth"}, "gpus_per_rank": 0.5, "data": {"x": [1, 2]}, "wall_time_min": 10,
+         "serialized_parameters": "abc"},
+        {"workdir": "a/2", "app_id": app["id"]},
+    ])
+    first = created[0]
+    assert set(first) == {
+        "id", "workdir", "app_id", "tags", "serialized_parameters", "data", "return_code", "num_nodes",
+        "ranks_per_node", "threads_per_rank", "threads_per_core", "launch_params", "gpus_per_rank",
+        "node_packing_count", "wall_time_min", "parent_ids", "batch_job_id", "state", "pending_file_cleanup",
+        "serialized_return_value", "serialized_exception", "last_update",
+    }
+    assert first["state"] == "STAGED_IN" and first["tags"] == {"system": "H2O"} and first["gpus_per_rank"] == 0.5
+    assert api.job(first["id"]) == first
+    events = api.events(job_id=first["id"])
+    assert [(e["from_state"], e["to_state"]) for e in events] == [("CREATED", "STAGED_IN")]
+
+
+def test_create_validation_is_all_or_nothing(api, site_app):
+    _site, app = site_app
+    resp = api.http.post("/jobs/", json=[{"workdir": "ok", "app_id": app["id"]}, {"workdir": "bad", "app_id": app["id"], "num_nodes": "two"}])
+    assert resp.status_code == 422
+    assert resp.json()["detail"][0]["loc"] == ["body", 1, "num_nodes"]
+    resp = api.http.post("/jobs/", json=[{"workdir": "x", "app_id": app["id"], "num_nodes": 0}])
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "num_nodes"]
+    resp = api.http.post("/jobs/", json=[{"workdir": "dup", "app_id": app["id"]}, {"workdir": "dup", "app_id": app["id"]}])
+    assert resp.status_code == 400 and "twice" in resp.json()["detail"]
+    resp = api.http.post("/jobs/", json=[{"workdir": "x", "app_id": app["id"], "parent_ids": [99999999]}])
+    assert resp.status_code == 404 and "99999999" in resp.json()["detail"]
+    resp = api.http.post("/jobs/", json=[{"workdir": "x", "app_id": 99999999}])
+    assert resp.status_code == 404
+    resp = api.http.post("/jobs/", json={"workdir": "x", "app_id": app["id"]})
+    assert resp.status_code == 422 and "list" in resp.json()["detail"][0]["msg"]
+    resp = api.http.post("/jobs/", json=[{"workdir": f"w{i}", "app_id": app["id"]} for i in range(MAX_ITEMS_PER_BULK_OP + 1)])
+    assert resp.status_code == 400
+    assert api.ok("GET", "/jobs/", params={"app_id": app["id"]})["count"] == 0
+
+
+def test_every_filter(api):
+    site1, site2 = api.site(), api.site()
+    app1, app2 = api.app(site1["id"], "A"), api.app(site2["id"], "B")
+    bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site1["id"], "project": "p", "queue": "q", "num_nodes": 1,
+                                                  "wall_time_min": 5, "job_mode": "mpi"})
+    j1 = api.jobs(app1["id"], 3, prefix="alpha", tags={"k": "1", "sys": "h2o"})
+    j2 = api.jobs(app2["id"], 2, prefix="beta", tags={"k": "2"}, pending_file_cleanup=False)
+    child = api.jobs(app1["id"], 1, prefix="child", parent_ids=[j1[0]["id"], j2[0]["id"]])[0]
+    api.ok("PUT", f"/jobs/{j1[1]['id']}", json={"batch_job_id": bj["id"]})
+
+    def ids(**params):
+        return sorted(j["id"] for j in api.ok("GET", "/jobs/", params=params)["results"])
+
+    assert ids(id=[j1[0]["id"], j2[1]["id"]]) == sorted([j1[0]["id"], j2[1]["id"]])
+    assert ids(parent_id=[j2[0]["id"]]) == [child["id"]]
+    assert ids(app_id=app2["id"]) == sorted(j["id"] for j in j2)
+    assert ids(site_id=[site2["id"]]) == sorted(j["id"] for j in j2)
+    assert ids(batch_job_id=bj["id"]) == [j1[1]["id"]]
+    assert ids(workdir__contains="beta") == sorted(j["id"] for j in j2)
+    assert ids(workdir__contains="%") == []  # LIKE wildcards are matched literally
+    assert ids(tags=["k:1", "sys:h2o"]) == sorted(j["id"] for j in j1)
+    assert ids(tags="k:2") == sorted(j["id"] for j in j2)
+    assert ids(state="AWAITING_PARENTS") == [child["id"]]
+    assert ids(state=["AWAITING_PARENTS", "STAGED_IN"]) == sorted(j["id"] for j in [*j1, *j2, child])
+    assert ids(state__ne="STAGED_IN") == [child["id"]]
+    assert ids(pending_file_cleanup="false") == sorted(j["id"] for j in j2)
+    assert ids(pending_file_cleanup="true", site_id=[site2["id"]]) == []
+    mark = api.job(j1[1]["id"])["last_update"]
+    assert ids(last_update_after=mark) == [j1[1]["id"]]
+    assert j1[1]["id"] not in ids(last_update_before=j1[0]["last_update"])
+
+    for bad in ({"state": "NOPE"}, {"id": "x"}, {"tags": "novalue"}, {"ordering": "app_id"}, {"last_update_after": "yesterday"},
+                {"limit": -1}, {"limit": 100001}, {"pending_file_cleanup": "maybe"}, {"colour": "red"}):
+        resp = api.http.get("/jobs/", params=bad)
+        assert resp.status_code == 422, bad
+        assert resp.json()["detail"][0]["loc"] == ["query", next(iter(bad))]
+
+
+def test_ordering_and_pagination(api, site_app):
+    _site, app = site_app
+    jobs = api.ok("POST", "/jobs/", 201, json=[{"workdir": f"w/{name}", "app_id": app["id"]} for name in "cabed"])
+    ids = [j["id"] for j in jobs]
+    page = api.ok("GET", "/jobs/", params={"ordering": "workdir", "limit": 2, "offset": 1})
+    assert page["count"] == 5 and [j["workdir"] for j in page["results"]] == ["w/b", "w/c"]
+    assert [j["id"] for j in api.ok("GET", "/jobs/", params={"ordering": "-id"})["results"]] == ids[::-1]
+    assert api.ok("GET", "/jobs/", params={"limit": 0}) == {"count": 5, "results": []}
+    api.patch_states([ids[2]], "FAILED")
+    assert api.ok("GET", "/jobs/", params={"ordering": "-last_update", "limit": 1})["results"][0]["id"] == ids[2]
+    assert api.ok("GET", "/jobs/", params={"ordering": "state", "limit": 1})["results"][0]["id"] == ids[2]
+
+
+def test_bulk_patch_put_by_filter_and_put_one(api, site_app):
+    _site, app = site_app
+    jobs = api.jobs(app["id"], 4, tags={"grp": "a"})
+    ids = [j["id"] for j in jobs]
+    ts = "2026-01-02T03:04:05+00:00"
+    assert api.ok("PATCH", "/jobs/", json=[
+        {"id": ids[0], "state": "PREPROCESSED", "state_timestamp": ts, "state_data": {"why": "test"}, "data": {"a": 1}},
+        {"id": ids[1], "tags": {"grp": "b"}},
+    ]) == 2
+    first = api.job(ids[0])
+    assert first["state"] == "PREPROCESSED" and first["data"] == {"a": 1}
+    event = api.events(job_id=ids[0], to_state="PREPROCESSED")[0]
+    assert event["timestamp"].startswith("2026-01-02T03:04:05") and event["data"] == {"why": "test"}
+    assert api.ok("PUT", "/jobs/", params={"tags": "grp:a"}, json={"return_code": 3, "state": "FAILED"}) == 3
+    assert {j["return_code"] for j in api.ok("GET", "/jobs/", params={"state": "FAILED"})["results"]} == {3}
+    assert api.ok("PUT", f"/jobs/{ids[1]}", json={"num_nodes": 8}) == 1
+    assert api.job(ids[1])["num_nodes"] == 8
+    # No event for an update that does not change the state.
+    before = len(api.events(job_id=ids[1]))
+    api.ok("PUT", f"/jobs/{ids[1]}", json={"state": "STAGED_IN"})
+    assert len(api.events(job_id=ids[1])) == before
+
+
+def test_update_errors_change_nothing(api, site_app):
+    _site, app = site_app
+    ids = [j["id"] for j in api.jobs(app["id"], 3)]
+    resp = api.http.patch("/jobs/", json=[{"id": ids[0], "state": "PREPROCESSED"}, {"id": ids[1], "state": "RUN_DONE"}])
+    assert resp.status_code == 400
+    assert f"job {ids[1]}" in resp.json()["detail"] and "STAGED_IN to RUN_DONE" in resp.json()["detail"]
+    assert api.job(ids[0])["state"] == "STAGED_IN"
+    resp = api.http.patch("/jobs/", json=[{"id": ids[0], "data": {}}, {"id": ids[0], "data": {}}])
+    assert resp.status_code == 422 and "duplicate" in resp.json()["detail"][0]["msg"]
+    resp = api.http.patch("/jobs/", json=[{"id": ids[0], "state": "BOGUS"}])
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "state"]
+    resp = api.http.patch("/jobs/", json=[{"id": ids[0], "app_id": 5}])
+    assert resp.status_code == 422 and resp.json()["detail"][0]["msg"] == "cannot be changed"
+    resp = api.http.patch("/jobs/", json=[{"state": "FAILED"}])
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "id"]
+    resp = api.http.patch("/jobs/", json=[{"id": ids[0], "state": "FAILED"}, {"id": 99999999, "state": "FAILED"}])
+    assert resp.status_code == 404 and api.job(ids[0])["state"] == "STAGED_IN"
+    resp = api.http.put(f"/jobs/{ids[0]}", json={"state": "CREATED"})
+    assert resp.status_code == 400
+    resp = api.http.put(f"/jobs/{ids[0]}", json={"batch_job_id": 99999999})
+    assert resp.status_code == 404
+
+
+def test_users_may_force_restart_and_fail_but_not_leave_running(api, site_app):
+    site, app = site_app
+    job = api.jobs(app["id"])[0]
+    api.patch_states([job["id"]], "FAILED")
+    api.patch_states([job["id"]], "RESTART_READY")
+    assert api.job(job["id"])["state"] == "RESTART_READY"
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})
+    assert len(api.ok("POST", f"/sessions/{session['id']}", json={"max_num_jobs": 1, "filter_tags": {}})) == 1
+    api.patch_states([job["id"]], "RUNNING")
+    resp = api.http.put(f"/jobs/{job['id']}", json={"state": "RESTART_READY"})
+    assert resp.status_code == 400 and "RUNNING" in resp.json()["detail"]
+
+
+def test_staged_out_is_stored_as_finished(api):
+    site = api.site(transfer_locations={"dtn": "globus://endpoint-1"})
+    app = api.app(site["id"], transfers={"result": {"required": True, "direction": "out", "local_path": "out.dat"}})
+    job = api.jobs(app["id"], transfers={"result": "dtn:/remote/out.dat"})[0]
+    run_to(api, [job["id"]])
+    assert api.job(job["id"])["state"] == "POSTPROCESSED"
+    api.patch_states([job["id"]], "STAGED_OUT")
+    assert api.job(job["id"])["state"] == "JOB_FINISHED"
+    last = api.events(job_id=job["id"])[0]
+    assert (last["from_state"], last["to_state"]) == ("POSTPROCESSED", "JOB_FINISHED")
+
+
+def test_postprocessed_without_stage_out_finishes(api, site_app):
+    _site, app = site_app
+    job = api.jobs(app["id"])[0]
+    for state in ("PREPROCESSED", "RUNNING", "RUN_DONE", "POSTPROCESSED"):
+        api.patch_states([job["id"]], state)
+    assert api.job(job["id"])["state"] == "JOB_FINISHED"
+    last = api.events(job_id=job["id"])[0]
+    assert (last["from_state"], last["to_state"], last["data"]) == ("POSTPROCESSED", "JOB_FINISHED", {"message": "Skipped stage out"})
+
+
+def run_to(api, ids, final="POSTPROCESSED", via="patch"):
+    for state in ("PREPROCESSED", "RUNNING", "RUN_DONE", final):
+        if via == "patch":
+            api.patch_states(ids, state)
+        elif via == "put_filter":
+            assert api.ok("PUT", "/jobs/", params={"id": ids}, json={"state": state}) == len(ids)
+        else:
+            for job_id in ids:
+                assert api.ok("PUT", f"/jobs/{job_id}", json={"state": state}) == 1
+
+
+@pytest.mark.parametrize("via", ["patch", "put_filter", "put_one"])
+def test_children_released_when_all_parents_finish(api, site_app, via):
+    _site, app = site_app
+    parents = api.jobs(app["id"], 2)
+    pids = [p["id"] for p in parents]
+    child = api.jobs(app["id"], 1, parent_ids=pids)[0]
+    grandchild = api.jobs(app["id"], 1, parent_ids=[child["id"]])[0]
+    assert child["state"] == grandchild["state"] == "AWAITING_PARENTS"
+    assert sorted(child["parent_ids"]) == sorted(pids)
+    run_to(api, pids[:1], via=via)
+    assert api.job(child["id"])["state"] == "AWAITING_PARENTS"
+    run_to(api, pids[1:], via=via)
+    assert api.job(child["id"])["state"] == "STAGED_IN"
+    assert api.job(grandchild["id"])["state"] == "AWAITING_PARENTS"
+    released = api.events(job_id=child["id"])[0]
+    assert (released["from_state"], released["to_state"]) == ("AWAITING_PARENTS", "STAGED_IN")
+    # A job whose parents already finished starts STAGED_IN.
+    assert api.jobs(app["id"], 1, parent_ids=pids)[0]["state"] == "STAGED_IN"
+
+
+def test_failed_parent_keeps_children_waiting(api, site_app):
+    _site, app = site_app
+    parent = api.jobs(app["id"])[0]
+    child = api.jobs(app["id"], parent_ids=[parent["id"]])[0]
+    api.patch_states([parent["id"]], "FAILED")
+    assert api.job(child["id"])["state"] == "AWAITING_PARENTS"
+
+
+def test_query_delete_and_delete_one(api, site_app):
+    site, app = site_app
+    jobs = api.jobs(app["id"], 4, tags={"del": "yes"})
+    keep = api.jobs(app["id"], 1, tags={"del": "no"})[0]
+    api.ok("DELETE", f"/jobs/{jobs[0]['id']}", 204)
+    assert api.http.get(f"/jobs/{jobs[0]['id']}").status_code == 404
+    assert api.http.delete(f"/jobs/{jobs[0]['id']}").status_code == 404
+    # A leased job blocks the whole delete (all-or-nothing) and is named in the error.
+    api.patch_states([jobs[1]["id"]], "PREPROCESSED")
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})
+    api.ok("POST", f"/sessions/{session['id']}", json={"max_num_jobs": 10, "filter_tags": {}})
+    resp = api.http.delete("/jobs/", params={"tags": "del:yes"})
+    assert resp.status_code == 409 and str(jobs[1]["id"]) in resp.json()["detail"]
+    assert api.ok("GET", "/jobs/", params={"tags": "del:yes"})["count"] == 3
+    assert api.http.delete(f"/jobs/{jobs[1]['id']}").status_code == 409
+    api.ok("DELETE", f"/sessions/{session['id']}", 204)
+    assert api.ok("DELETE", "/jobs/", params={"tags": "del:yes"}) == 3
+    assert api.ok("GET", "/jobs/", params={"app_id": app["id"]})["results"] == [api.job(keep["id"])]
+
+
+def test_parent_delete_removes_link(api, site_app):
+    _site, app = site_app
+    parent = api.jobs(app["id"])[0]
+    child = api.jobs(app["id"], parent_ids=[parent["id"]])[0]
+    api.ok("DELETE", f"/jobs/{parent['id']}", 204)
+    assert api.ok("GET", "/jobs/", params={"parent_id": [parent["id"]]})["count"] == 0
+    assert api.job(child["id"])["state"] == "AWAITING_PARENTS"
+
+
+def test_put_by_filter_limit(api, site_app, monkeypatch):
+    _site, app = site_app
+    ids = [j["id"] for j in api.jobs(app["id"], 3)]
+    assert api.ok("PUT", "/jobs/", params={"id": ids}, json={"wall_time_min": 7}) == 3
+    resp = api.http.put("/jobs/", params={"id": ids}, json={"wall_time_min": "long"})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "wall_time_min"]

@@ -1,0 +1,176 @@
+"""/sessions/: create, acquire (every constraint), tick, delete, expiry sweep."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import SHORT_EXPIRY_SEC, Api  # tests/server/conftest.py
+
+
+def runnable(api, app_id, n=1, **fields):
+    jobs = api.jobs(app_id, n, **fields)
+    api.patch_states([j["id"] for j in jobs], "PREPROCESSED")
+    return [j["id"] for j in jobs]
+
+
+def acquire(api, session_id, **spec):
+    body = {"max_num_jobs": 100, "filter_tags": {}, **spec}
+    return api.ok("POST", f"/sessions/{session_id}", json=body)
+
+
+def test_create_list_tick_delete(api):
+    site = api.site()
+    bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site["id"], "project": "p", "queue": "q", "num_nodes": 1,
+                                                  "wall_time_min": 5, "job_mode": "mpi"})
+    s1 = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"], "batch_job_id": bj["id"]})
+    s2 = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})
+    assert s1["batch_job_id"] == bj["id"] and s1["heartbeat"]
+    listing = api.ok("GET", "/sessions/")
+    assert listing["count"] == 2 and [s["id"] for s in listing["results"]] == [s1["id"], s2["id"]]
+    assert api.ok("GET", "/sessions/", params={"id": [s2["id"]]})["results"] == [s2]
+    tick = api.ok("PUT", f"/sessions/{s1['id']}")
+    assert tick["heartbeat"] > s1["heartbeat"]
+    api.ok("DELETE", f"/sessions/{s1['id']}", 204)
+    assert api.http.put(f"/sessions/{s1['id']}").status_code == 404
+    resp = api.http.post("/sessions/", json={"site_id": "x"})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "site_id"]
+    assert api.http.post("/sessions/", json={"site_id": site["id"], "batch_job_id": 99999999}).status_code == 404
+
+
+def test_acquire_marks_jobs_and_two_sessions_split(api, site_app):
+    site, app = site_app
+    ids = runnable(api, app["id"], 10)
+    bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site["id"], "project": "p", "queue": "q", "num_nodes": 1,
+                                                  "wall_time_min": 5, "job_mode": "mpi"})
+    s1 = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"], "batch_job_id": bj["id"]})
+    s2 = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})
+    first = acquire(api, s1["id"], max_num_jobs=2)
+    second = acquire(api, s2["id"], max_num_jobs=100)
+    assert [j["id"] for j in first] == ids[:2] and [j["id"] for j in second] == ids[2:]
+    assert all(j["batch_job_id"] == bj["id"] for j in first)
+    assert acquire(api, s1["id"]) == [] and acquire(api, s2["id"]) == []
+    # RUNNING keeps the lease; RUN_DONE releases it (batch_job_id is kept).
+    api.patch_states(ids[:2], "RUNNING")
+    api.ok("DELETE", "/jobs/", 409, params={"id": ids[:2]})
+    api.patch_states(ids[:2], "RUN_DONE")
+    assert api.ok("DELETE", "/jobs/", params={"id": [ids[0]]}) == 1
+    assert api.job(ids[1])["batch_job_id"] == bj["id"]
+    # RESTART_READY jobs are runnable again for any session.
+    api.patch_states([ids[1]], "RESTART_READY")
+    assert [j["id"] for j in acquire(api, s1["id"])] == [ids[1]]
+
+
+def test_acquire_constraints(api):
+    site = api.site()
+    app_a, app_b = api.app(site["id"], "A"), api.app(site["id"], "B")
+    serial = runnable(api, app_a["id"], 2, tags={"kind": "serial"})
+    mpi = runnable(api, app_a["id"], 1, num_nodes=4, wall_time_min=60, tags={"kind": "mpi"})
+    multi_rank = runnable(api, app_a["id"], 1, ranks_per_node=8, tags={"kind": "serial"})
+    other_app = runnable(api, app_b["id"], 1, tags={"kind": "serial"})
+    staged = api.jobs(app_a["id"], 1)[0]["id"]  # STAGED_IN: not runnable
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+
+    def try_ids(**spec):
+        got = [j["id"] for j in api.ok("POST", f"/sessions/{session}", json={"max_num_jobs": 100, "filter_tags": {}, **spec})]
+        if got:
+            api.ok("DELETE", f"/sessions/{session}", 204)
+        return sorted(got)
+
+    assert try_ids(filter_tags={"kind": "mpi"}) == mpi
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    assert try_ids(serial_only=True, app_ids=[app_a["id"]]) == sorted(serial)
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    assert try_ids(max_nodes_per_job=1, filter_tags={"kind": "serial"}) == sorted(serial + multi_rank + other_app)
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    assert try_ids(max_wall_time_min=30, app_ids=[app_b["id"]]) == other_app
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    assert try_ids(states=["STAGED_IN"]) == [staged]
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    for bad in ({"max_num_jobs": 0}, {"max_num_jobs": 5000}, {"sort_by": "random"}, {"states": ["NOPE"]}, {"colour": 1}):
+        resp = api.http.post(f"/sessions/{session}", json={"max_num_jobs": 10, "filter_tags": {}, **bad})
+        assert resp.status_code == 422, bad
+        assert resp.json()["detail"][0]["loc"][1] == next(iter(bad))
+
+
+def test_acquire_aggregate_nodes(api, site_app):
+    """0.7 scenario: 4 two-node jobs and 8 jobs packing 8 per node; a cap of 5 nodes takes 10 jobs."""
+    site, app = site_app
+    small = runnable(api, app["id"], 8, node_packing_count=8, wall_time_min=5)
+    big = runnable(api, app["id"], 4, num_nodes=2, wall_time_min=10)
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    got = acquire(api, session, max_aggregate_nodes=5)
+    assert len(got) == 10
+    assert sorted(j["id"] for j in got) == sorted(small + big[:2])
+    footprint = sum(j["num_nodes"] / j["node_packing_count"] for j in got)
+    assert footprint <= 5
+    api.ok("DELETE", f"/sessions/{session}", 204)
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    # long_large_first: longest wall time first, so the 2-node jobs go first.
+    got = acquire(api, session, max_aggregate_nodes=4.5, sort_by="long_large_first")
+    assert [j["id"] for j in got[:2]] == big[:2] and len(got) == 6
+
+
+def test_delete_session_times_out_running_jobs(api, site_app):
+    site, app = site_app
+    ids = runnable(api, app["id"], 3)
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    acquire(api, session)
+    api.patch_states(ids[:2], "RUNNING")
+    api.ok("DELETE", f"/sessions/{session}", 204)
+    assert [api.job(i)["state"] for i in ids] == ["RUN_TIMEOUT", "RUN_TIMEOUT", "PREPROCESSED"]
+    event = api.events(job_id=ids[0])[0]
+    assert event["to_state"] == "RUN_TIMEOUT" and "Session expired" in event["data"]["message"]
+    # All three are free again: the third one can be acquired by a new session.
+    other = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    assert [j["id"] for j in acquire(api, other)] == [ids[2]]
+
+
+def test_expired_session_is_swept(short_expiry_server, register):
+    api = Api(short_expiry_server, register)
+    site = api.site()
+    app = api.app(site["id"])
+    ids = runnable(api, app["id"], 4)
+    dead = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    alive = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    assert len(acquire(api, dead, max_num_jobs=3)) == 3
+    api.patch_states(ids[:2], "RUNNING")
+    deadline = time.monotonic() + SHORT_EXPIRY_SEC * 3 + 5
+    while time.monotonic() < deadline:
+        api.ok("PUT", f"/sessions/{alive}")  # keeps 'alive' alive; 'dead' never ticks
+        if api.ok("GET", "/sessions/", params={"id": [dead]})["count"] == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the silent session was never swept")
+    assert [api.job(i)["state"] for i in ids[:2]] == ["RUN_TIMEOUT", "RUN_TIMEOUT"]
+    assert sorted(j["id"] for j in acquire(api, alive)) == ids[2:]
+    api.close()
+
+
+def test_background_sweep_without_requests(short_expiry_server, register):
+    """No client request is needed: the server's periodic sweep reclaims the jobs."""
+    api = Api(short_expiry_server, register)
+    site = api.site()
+    app = api.app(site["id"])
+    ids = runnable(api, app["id"], 2)
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    acquire(api, session)
+    api.patch_states(ids, "RUNNING")
+    time.sleep(SHORT_EXPIRY_SEC + 2.5)
+    assert [api.job(i)["state"] for i in ids] == ["RUN_TIMEOUT", "RUN_TIMEOUT"]
+    assert api.ok("GET", "/sessions/")["count"] == 0
+    api.close()
+
+
+def test_finished_batch_job_ends_its_sessions(api, site_app):
+    site, app = site_app
+    ids = runnable(api, app["id"], 1)
+    bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site["id"], "project": "p", "queue": "q", "num_nodes": 1,
+                                                  "wall_time_min": 5, "job_mode": "mpi"})
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"], "batch_job_id": bj["id"]})["id"]
+    acquire(api, session)
+    api.patch_states(ids, "RUNNING")
+    api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"state": "finished"})
+    api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})  # creating a session sweeps
+    assert api.http.put(f"/sessions/{session}").status_code == 404
+    assert api.job(ids[0])["state"] == "RUN_TIMEOUT"

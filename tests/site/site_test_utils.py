@@ -1,0 +1,77 @@
+"""Helpers shared by the site-agent tests (imported by tests/site/conftest.py and the tests)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Callable, Iterable
+
+#: Settings that make sites react within seconds in tests.
+FAST_SETTINGS = {
+    "scheduler": {"sync_period": 1},
+    "launcher": {"idle_ttl_sec": 3, "delay_sec": 1},
+    "processing": {"num_workers": 2},
+    "file_cleaner": {"service_period": 1},
+}
+
+
+def api_client() -> Any:
+    from balsam.client import load_client
+
+    return load_client()
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.3, what: str = "condition",
+             fail: bool = True) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            if fail:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            return value
+        time.sleep(interval)
+
+
+def job_rows(client: Any, **params: Any) -> list[dict]:
+    from balsam.site.api_util import list_all
+
+    return list_all(client, "/jobs/", params)
+
+
+def state_counts(client: Any, **params: Any) -> Counter:
+    return Counter(row["state"] for row in job_rows(client, **params))
+
+
+def all_done(client: Any, expected: int, **params: Any) -> bool:
+    counts = state_counts(client, **params)
+    return counts["JOB_FINISHED"] + counts["FAILED"] >= expected
+
+
+def events(client: Any, **params: Any) -> list[dict]:
+    from balsam.site.api_util import list_all
+
+    return sorted(list_all(client, "/events/", params), key=lambda e: (e["timestamp"], e["id"]))
+
+
+def state_path(evts: Iterable[dict]) -> list[str]:
+    return [e["to_state"] for e in sorted(evts, key=lambda e: (e["timestamp"], e["id"]))]
+
+
+def batch_job(client: Any, batch_job_id: int) -> dict:
+    return client.get(f"/batch-jobs/{batch_job_id}")
+
+
+def create_batch_job(client: Any, site_id: int, job_mode: str = "mpi", **fields: Any) -> dict:
+    body = {
+        "site_id": site_id,
+        "project": "local",
+        "queue": "local",
+        "num_nodes": 1,
+        "wall_time_min": 10,
+        "job_mode": job_mode,
+        **fields,
+    }
+    return client.post("/batch-jobs/", json=body)

@@ -1,0 +1,185 @@
+"""The site agent: module threads, a third-party module plugin, hooks, pid file, SIGTERM, API outages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from balsam.site.agent import Agent, agent_running, pid_file_path, read_pid_file
+from site_test_utils import FAST_SETTINGS, wait_for
+
+HEARTBEAT = {"heartbeat_file": {"period": 0.2, "filename": "heartbeat.txt", "fail_on_cycles": [2]}}
+
+
+def _require_test_plugin() -> None:
+    from balsam.plugins.manager import get_plugin_manager
+
+    if "heartbeat_file" not in get_plugin_manager().list_drivers("agent_module"):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e",
+             str(Path(__file__).parents[1] / "fixtures" / "balsam-test-agent-module")],
+            check=True, timeout=300,
+        )
+        from balsam.plugins.manager import reset_plugin_manager
+
+        reset_plugin_manager()
+    assert "heartbeat_file" in get_plugin_manager().list_drivers("agent_module")
+
+
+@pytest.mark.slow
+def test_third_party_module_runs_in_the_daemon_and_stops_cleanly(make_site, agent_daemon) -> None:
+    """A module from another distribution (entry point balsam.agent_modules) is enabled by its settings
+    section; an exception in one of its cycles is logged and the agent carries on; SIGTERM stops it."""
+    from balsam.site.site_ops import stop_agent
+
+    _require_test_plugin()
+    site = make_site(overrides=HEARTBEAT)
+    site_path = Path(site.site_path)
+    pid = agent_daemon(site)
+    assert read_pid_file(site_path) == (socket.gethostname(), pid)
+    heartbeat = site_path / "heartbeat.txt"
+    wait_for(lambda: heartbeat.exists() and heartbeat.read_text().count("cycle") >= 4, timeout=30,
+             what="4 heartbeat cycles")
+    lines = heartbeat.read_text().splitlines()
+    assert lines[0].startswith("cycle 1 ") and lines[1].startswith("cycle 3 ")  # cycle 2 raised
+    assert f"pid {pid} site {site.site_id}" in lines[0]
+
+    stop_agent(site_path, timeout=30)
+    assert not pid_file_path(site_path).exists()
+    assert heartbeat.read_text().splitlines()[-1] == "closed"  # close() ran
+    log = "\n".join(p.read_text() for p in (site_path / "log").glob("agent_*.log"))
+    assert "heartbeat cycle 2 failed on purpose" in log
+    assert "cycle failed (the agent carries on)" in log
+    assert "received SIGTERM: stopping" in log and "agent stopped" in log
+
+
+def test_hook_balsam_agent_started(make_site, client) -> None:
+    from balsam.plugins.hookspecs import hookimpl
+    from balsam.plugins.manager import get_plugin_manager
+
+    _require_test_plugin()
+    calls = []
+
+    class Watcher:
+        @hookimpl
+        def balsam_agent_started(self, site_config, modules):
+            calls.append((site_config.site_path, sorted(m.name for m in modules)))
+
+    get_plugin_manager().add_plugin(Watcher(), name="test-agent-started")
+    site = make_site(overrides={**HEARTBEAT, "file_cleaner": None})
+    agent = Agent(site, client=client)
+    agent.start()
+    try:
+        assert calls == [(site.site_path, ["heartbeat_file", "processing", "scheduler"])]
+    finally:
+        agent.shutdown("signal")
+
+
+def test_hook_balsam_agent_stopping(make_site, client) -> None:
+    from balsam.plugins.hookspecs import hookimpl
+    from balsam.plugins.manager import get_plugin_manager
+
+    _require_test_plugin()
+    calls = []
+
+    class Watcher:
+        @hookimpl
+        def balsam_agent_stopping(self, site_config, reason):
+            # called before the modules' clean-up: the heartbeat module has not written "closed" yet
+            heartbeat = Path(site_config.site_path) / "heartbeat.txt"
+            calls.append((reason, heartbeat.exists() and "closed" in heartbeat.read_text()))
+
+        @hookimpl
+        def balsam_agent_started(self, site_config, modules):
+            raise RuntimeError("a broken plugin must not stop the agent")
+
+    get_plugin_manager().add_plugin(Watcher(), name="test-agent-stopping")
+    site = make_site(overrides={**HEARTBEAT, "file_cleaner": None, "scheduler": None, "processing": None})
+    agent = Agent(site, client=client)
+    agent.start()
+    wait_for(lambda: agent.cycles.get("heartbeat_file", 0) >= 2, timeout=20, what="heartbeat cycles")
+    agent.shutdown("token-expiry")
+    assert calls == [("token-expiry", False)]
+    assert (Path(site.site_path) / "heartbeat.txt").read_text().splitlines()[-1] == "closed"
+
+
+def test_pid_file_guards_against_a_second_agent(make_site) -> None:
+    site = make_site()
+    site_path = Path(site.site_path)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        pid_file_path(site_path).write_text(f"{socket.gethostname()}\n{sleeper.pid}\n")
+        assert agent_running(site_path) == (socket.gethostname(), sleeper.pid)
+        proc = subprocess.run([sys.executable, "-m", "balsam.site", str(site_path)], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 1
+        assert f"already running on {socket.gethostname()} [pid {sleeper.pid}]" in proc.stderr
+        # the CLI refuses too, with the same reason
+        proc = subprocess.run([sys.executable, "-c", "from balsam.cli import main; main()", "site", "start",
+                               str(site_path)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and "already running" in proc.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert agent_running(site_path) is None  # a dead pid is a stale file, not a running agent
+
+
+def _register(url: str) -> str:
+    import uuid
+
+    import httpx
+
+    name, password = f"outage-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    httpx.post(f"{url}/auth/password/register", json={"username": name, "password": password}).raise_for_status()
+    resp = httpx.post(f"{url}/auth/password/login", data={"username": name, "password": password})
+    resp.raise_for_status()
+    return resp.json()["access_token"]
+
+
+def test_api_outage_is_retried_with_backoff(_live_server_obj, tmp_path, caplog) -> None:
+    """The API goes away under a running agent: its modules back off (1, 2, 4 s ...) and resume
+    when the server is back, without losing the agent."""
+    LiveServer = type(_live_server_obj)  # the shared fixtures' uvicorn wrapper; this test needs its own server
+
+    from balsam.client import RESTClient
+    from balsam.config import QueueMaintainerSettings, SiteConfig
+    from balsam.site.modules.queue_maintainer import QueueMaintainerModule
+    from balsam.site.site_ops import init_site
+
+    workdir = tmp_path / "outage-server"
+    workdir.mkdir()
+    server = LiveServer(f"sqlite:///{workdir / 'balsam.db'}", workdir)
+    server.start()
+    try:
+        token = _register(server.url)
+        client = RESTClient(server.url, token, retry_count=0)
+        init_site(tmp_path / "outage-site", "outage-site", "default", client, settings_overrides=FAST_SETTINGS)
+        site = SiteConfig(tmp_path / "outage-site")
+        module = QueueMaintainerModule(site, QueueMaintainerSettings(submit_period=1, num_queued_jobs=1), client)
+        server.stop()
+
+        caplog.set_level(logging.INFO, logger="balsam.site")
+        agent = Agent(site, client=client, modules=[module])
+        agent.start()
+        wait_for(lambda: agent.errors.get("queue_maintainer", 0) >= 3, timeout=30, what="3 failed cycles")
+        assert agent.threads[0].is_alive()
+        delays = [r.getMessage().rsplit("next try in ", 1)[1] for r in caplog.records if "next try in" in r.getMessage()]
+        assert delays[:3] == ["1 s", "2 s", "4 s"]
+
+        restarted = LiveServer(server.database_url, workdir)
+        restarted.port, restarted.url = server.port, server.url
+        restarted.start()
+        server = restarted
+        wait_for(lambda: client.get("/batch-jobs/", params={"site_id": site.site_id})["count"] == 1, timeout=30,
+                 what="the module to work again")
+        assert any("API reachable again" in r.getMessage() for r in caplog.records)
+        agent.shutdown("signal")
+    finally:
+        server.stop()

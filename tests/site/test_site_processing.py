@@ -1,0 +1,209 @@
+"""The processing agent module against a real API server.
+
+Jobs are driven through RUNNING and RUN_DONE / RUN_ERROR / RUN_TIMEOUT exactly as a launcher does
+(a Session acquires them, bulk PATCHes report the states); the module then runs the hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from balsam._api import codec
+from balsam.site.modules.processing import ProcessingModule
+from site_test_utils import events, job_rows, state_path
+
+
+def define_apps(site_id: int) -> dict:
+    from balsam.api import ApplicationDefinition
+
+    class Echo(ApplicationDefinition):
+        site = site_id
+        command_template = "echo {{ word }}"
+
+    class Adder(ApplicationDefinition):
+        site = site_id
+
+        def run(self, x, y):
+            return x + y
+
+    class Custom(ApplicationDefinition):
+        site = site_id
+        command_template = "echo custom"
+
+        def preprocess(self):
+            print("preprocessing job", self.job.id)
+            self.job.data = {**self.job.data, "pre": "ok"}
+            self.job.state = "PREPROCESSED"
+
+        def postprocess(self):
+            print("postprocessing job", self.job.id)
+            self.job.data = {**self.job.data, "post": "ok"}
+            self.job.state = "POSTPROCESSED"
+
+        def handle_error(self):
+            retries = self.job.data.get("retries", 0)
+            print("handling error, retries so far:", retries)
+            self.job.data = {**self.job.data, "retries": retries + 1}
+            self.job.state = "RESTART_READY"
+
+        def handle_timeout(self):
+            print("giving up after a timeout")
+            self.job.state = "FAILED"
+            self.job.state_data = {"reason": "no retries for timeouts"}
+
+    class Broken(ApplicationDefinition):
+        site = site_id
+        command_template = "echo broken"
+
+        def postprocess(self):
+            raise ValueError("postprocess exploded")
+
+    apps = {"echo": Echo, "adder": Adder, "custom": Custom, "broken": Broken}
+    for cls in apps.values():
+        cls.sync()
+    return apps
+
+
+def run_until(module: ProcessingModule, predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        module.run_cycle()
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("processing did not reach the expected states in time")
+
+
+class FakeLauncher:
+    """Does what a launcher does to jobs, through the same API calls (session acquire + bulk PATCH)."""
+
+    def __init__(self, client, site_id: int) -> None:
+        self.client = client
+        self.session = client.post("/sessions/", json={"site_id": site_id})["id"]
+
+    def run(self, outcomes: dict[int, tuple[str, dict]], data_path: Path, outputs: dict[int, str]) -> None:
+        acquired = self.client.post(f"/sessions/{self.session}", json={"max_num_jobs": 100, "filter_tags": {}})
+        jobs = {j["id"]: j for j in (acquired if isinstance(acquired, list) else acquired["results"])}
+        assert set(outcomes) <= set(jobs), f"could not acquire {set(outcomes) - set(jobs)}"
+        self.client.patch("/jobs/", json=[{"id": i, "state": "RUNNING"} for i in outcomes])
+        for job_id, text in outputs.items():
+            workdir = data_path / jobs[job_id]["workdir"]
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "job.out").write_text(text)
+        self.client.patch(
+            "/jobs/", json=[{"id": i, "state": state, "state_data": data} for i, (state, data) in outcomes.items()]
+        )
+
+
+@pytest.fixture
+def processing(make_site, client):
+    site = make_site()
+    module = ProcessingModule(site, site.settings.processing, client)
+    yield site, module
+    module.close()
+
+
+def test_default_hooks_move_jobs_in_bulk(processing, client) -> None:
+    from balsam.api import Job
+
+    site, module = processing
+    apps = define_apps(site.site_id)
+    jobs = Job.objects.bulk_create(
+        [Job(f"echo/{i}", apps["echo"], parameters={"word": f"w{i}"}) for i in range(6)]
+        + [Job("adder/ok", apps["adder"], parameters={"x": 2, "y": 3}),
+           Job("adder/bad", apps["adder"], parameters={"x": 2, "y": "a"})]
+    )
+    ids = [j.id for j in jobs]
+    module.run_cycle()
+    assert {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"}
+    assert module.pool is None  # default hooks never start a worker process
+
+    echo_ids, ok_id, bad_id = ids[:6], ids[6], ids[7]
+    try:
+        2 + "a"
+    except TypeError as exc:
+        error_payload = codec.serialize_exception(exc)
+    outputs = {
+        ok_id: f"some output\nBALSAM-RETURN-VALUE {codec.serialize(5)}\n",
+        bad_id: "Traceback ...\nTypeError: unsupported operand\nBALSAM-EXCEPTION " + error_payload + "\n",
+        echo_ids[3]: "\n".join(f"line {n}" for n in range(30)) + "\nfatal: disk full\n",
+    }
+    outcomes = {i: ("RUN_DONE", {}) for i in echo_ids[:3] + [ok_id]}
+    outcomes[echo_ids[3]] = ("RUN_ERROR", {"returncode": 2})
+    outcomes[echo_ids[4]] = ("RUN_TIMEOUT", {})
+    outcomes[bad_id] = ("RUN_ERROR", {"returncode": 1})
+    FakeLauncher(client, site.site_id).run(outcomes, Path(site.data_path), outputs)
+
+    run_until(module, lambda: all(r["state"] not in ("RUN_DONE", "RUN_ERROR", "RUN_TIMEOUT")
+                                  for r in job_rows(client, id=ids)))
+    rows = {r["id"]: r for r in job_rows(client, id=ids)}
+    for i in echo_ids[:3]:
+        assert rows[i]["state"] == "JOB_FINISHED"
+    assert rows[echo_ids[3]]["state"] == "FAILED"
+    assert rows[echo_ids[4]]["state"] == "RESTART_READY"
+    assert rows[echo_ids[5]]["state"] == "PREPROCESSED"  # never ran
+    assert rows[ok_id]["state"] == "JOB_FINISHED"
+    assert Job.objects.get(id=ok_id).result_nowait() == 5
+    assert rows[bad_id]["state"] == "FAILED"
+    with pytest.raises(TypeError):
+        Job.objects.get(id=bad_id).result_nowait()
+
+    failed_event = [e for e in events(client, job_id=echo_ids[3]) if e["to_state"] == "FAILED"][0]
+    assert failed_event["data"]["error"].splitlines()[-1] == "fatal: disk full"
+    assert len(failed_event["data"]["error"].splitlines()) == 10  # launcher.error_tail_num_lines
+
+
+def test_user_hooks_run_in_workers_with_output_in_balsam_log(processing, client) -> None:
+    from balsam.api import Job
+
+    site, module = processing
+    apps = define_apps(site.site_id)
+    jobs = Job.objects.bulk_create([Job(f"custom/{i}", apps["custom"]) for i in range(4)]
+                                   + [Job("broken/0", apps["broken"])])
+    ids = [j.id for j in jobs]
+    run_until(module, lambda: {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"})
+    assert module.pool is not None
+    rows = {r["id"]: r for r in job_rows(client, id=ids)}
+    assert all(rows[i]["data"] == {"pre": "ok"} for i in ids[:4])
+
+    FakeLauncher(client, site.site_id).run(
+        {ids[0]: ("RUN_DONE", {}), ids[1]: ("RUN_ERROR", {"returncode": 1}), ids[2]: ("RUN_TIMEOUT", {}),
+         ids[4]: ("RUN_DONE", {})},
+        Path(site.data_path), {},
+    )
+    run_until(module, lambda: all(r["state"] not in ("RUN_DONE", "RUN_ERROR", "RUN_TIMEOUT")
+                                  for r in job_rows(client, id=ids)))
+    rows = {r["id"]: r for r in job_rows(client, id=ids)}
+    assert rows[ids[0]]["state"] == "JOB_FINISHED" and rows[ids[0]]["data"] == {"pre": "ok", "post": "ok"}
+    assert rows[ids[1]]["state"] == "RESTART_READY" and rows[ids[1]]["data"]["retries"] == 1
+    assert rows[ids[2]]["state"] == "FAILED"
+    timeout_failed = [e for e in events(client, job_id=ids[2]) if e["to_state"] == "FAILED"][0]
+    assert timeout_failed["data"] == {"reason": "no retries for timeouts"}
+    assert rows[ids[4]]["state"] == "FAILED"
+    broken_failed = [e for e in events(client, job_id=ids[4]) if e["to_state"] == "FAILED"][0]
+    assert broken_failed["data"]["message"] == "An exception occurred in postprocess"
+    assert "ValueError: postprocess exploded" in broken_failed["data"]["error"]
+
+    log = (Path(site.data_path) / "custom/0/balsam.log").read_text()
+    assert f"#BALSAM Running preprocess for Job {ids[0]}" in log
+    assert f"preprocessing job {ids[0]}" in log and f"postprocessing job {ids[0]}" in log
+    assert "ValueError: postprocess exploded" in (Path(site.data_path) / "broken/0/balsam.log").read_text()
+    assert state_path(events(client, job_id=ids[0]))[-3:] == ["RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"]
+
+
+def test_close_releases_the_session(processing, client) -> None:
+    from balsam.api import Job
+
+    site, module = processing
+    apps = define_apps(site.site_id)
+    Job.objects.bulk_create([Job("echo/x", apps["echo"], parameters={"word": "x"})])
+    module.run_cycle()
+    session_id = module.session_id
+    assert session_id is not None
+    module.close()
+    sessions = client.get("/sessions/")
+    listed = sessions if isinstance(sessions, list) else sessions.get("results", [])
+    assert session_id not in {s["id"] for s in listed}

@@ -1,0 +1,262 @@
+"""The scheduler agent module against a real API server, with a scripted scheduler driver.
+
+The driver is a real :class:`balsam.scheduler.Scheduler` subclass whose queue lives in memory, so
+each test decides what the scheduler says (refusals, garbage, jobs vanishing) and checks what the
+module writes to the BatchJobs and the Site through the API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from balsam.scheduler import Command, CommandResult, JobHistory, Scheduler, SchedulerError, SubmitRequest
+from balsam.models import BackfillWindow, SchedulerJobStatus
+from balsam.site.modules.scheduler import SchedulerModule
+from balsam.states import BatchJobState
+from site_test_utils import batch_job, create_batch_job
+
+
+class ScriptedScheduler(Scheduler):
+    name = "scripted"
+    status_error_threshold = 2
+
+    def __init__(self) -> None:
+        super().__init__(user="tester")
+        self.queue: dict[int, SchedulerJobStatus] = {}
+        self.history: dict[int, JobHistory] = {}
+        self.submitted: list[SubmitRequest] = []
+        self.deleted: list[int] = []
+        self.submit_errors: list[Exception] = []
+        self.status_errors: list[Exception] = []
+        self.next_id = 1000
+
+    # The render/parse pairs are not used: this driver overrides the orchestration methods.
+    def render_submit(self, request: SubmitRequest) -> Command:
+        return Command(["true"])
+
+    def parse_submit(self, result: CommandResult) -> int:
+        return 0
+
+    def render_status(self, user: str) -> Command:
+        return Command(["true"])
+
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> dict[int, SchedulerJobStatus]:
+        return {}
+
+    def render_delete(self, scheduler_id: int) -> Command:
+        return Command(["true"])
+
+    def submit(self, request: SubmitRequest) -> int:
+        if self.submit_errors:
+            raise self.submit_errors.pop(0)
+        self.next_id += 1
+        self.submitted.append(request)
+        self.queue[self.next_id] = SchedulerJobStatus(
+            scheduler_id=self.next_id, state=BatchJobState.queued, queue=request.queue, num_nodes=request.num_nodes,
+            wall_time_min=request.wall_time_min, project=request.project, time_remaining_min=request.wall_time_min,
+            queued_time_min=0,
+        )
+        return self.next_id
+
+    def get_statuses(self, now: Optional[dt.datetime] = None) -> dict[int, SchedulerJobStatus]:
+        if self.status_errors:
+            raise self.status_errors.pop(0)
+        return dict(self.queue)
+
+    def delete_job(self, scheduler_id: int) -> None:
+        self.deleted.append(scheduler_id)
+        self.queue.pop(scheduler_id, None)
+
+    def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
+        return self.history.get(scheduler_id)
+
+    def get_backfill_windows(self) -> dict[str, list[BackfillWindow]]:
+        return {"local": [BackfillWindow(num_nodes=4, wall_time_min=30)]}
+
+
+
+def _set_state(fake: ScriptedScheduler, scheduler_id: int, state: BatchJobState) -> None:
+    import attrs
+
+    fake.queue[scheduler_id] = attrs.evolve(fake.queue[scheduler_id], state=state)
+
+
+@pytest.fixture
+def setup(make_site, client):
+    site = make_site(overrides={"scheduler": {"optional_batch_job_params": {"shout": "no"},
+                                              "allowed_queues": {"local": {"max_nodes": 4, "max_walltime": 60,
+                                                                           "max_queued_jobs": 2}}}})
+    fake = ScriptedScheduler()
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    return site, fake, module
+
+
+def test_submits_renders_script_and_tracks_to_finished(setup, client) -> None:
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id, "serial", optional_params={"shout": "yes"}, filter_tags={"a": "b"})
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued"
+    scheduler_id = record["scheduler_id"]
+    script = Path(record["status_info"]["submit_script"])
+    assert script == Path(site.site_path) / "qsubmit" / f"qlaunch{bj['id']:05d}.sh"
+    text = script.read_text()
+    assert f"export BALSAM_BATCH_JOB_ID={bj['id']}" in text and "-j serial" in text and "--tag a=b" in text
+    assert "# optional param shout=yes" in text
+    assert fake.submitted[0].optional_params == {"shout": "yes"} and fake.submitted[0].job_name == script.stem
+    assert "submit_time" in record["status_info"]
+
+    _set_state(fake, scheduler_id, BatchJobState.running)
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "running" and record["start_time"]
+
+    # the Site shows the scheduler's view (polled at the start of the cycle) and the backfill windows
+    site_record = client.get(f"/sites/{site.site_id}")
+    assert site_record["queued_jobs"][str(scheduler_id)]["state"] == "running"
+    assert site_record["backfill_windows"] == {"local": [{"num_nodes": 4, "wall_time_min": 30}]}
+    assert site_record["last_refresh"]
+
+    start = dt.datetime(2026, 1, 1, 10, 0, tzinfo=dt.timezone.utc)
+    fake.queue.pop(scheduler_id)
+    fake.history[scheduler_id] = JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished,
+                                            start_time=start, end_time=start + dt.timedelta(minutes=5),
+                                            native_state="COMPLETED", message="exit status 0")
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "finished"
+    assert record["start_time"].startswith("2026-01-01") and record["end_time"].startswith("2026-01-01")
+    assert record["status_info"]["scheduler_state"] == "COMPLETED"
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"queue": "nope"}, "queue 'nope' is not in the site's allowed_queues"),
+        ({"num_nodes": 9}, "num_nodes 9 is outside 1..4"),
+        ({"wall_time_min": 61}, "wall_time_min 61 exceeds max_walltime 60"),
+        ({"project": "other"}, "project 'other' is not in the site's allowed_projects"),
+        ({"optional_params": {"colour": "red"}}, "unknown optional param(s) colour"),
+    ],
+)
+def test_refusals_are_explained_in_status_info(setup, client, fields, reason) -> None:
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id, **fields)
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "submit_failed"
+    assert reason in record["status_info"]["error"]
+    assert record["status_info"]["error_time"]
+    assert fake.submitted == []
+
+
+def test_scheduler_refusal_and_transient_errors(setup, client) -> None:
+    site, fake, module = setup
+    refused = create_batch_job(client, site.site_id)
+    fake.submit_errors.append(SchedulerError("sbatch: error: invalid partition specified: foo", permanent=True))
+    module.run_cycle()
+    record = batch_job(client, refused["id"])
+    assert record["state"] == "submit_failed"
+    assert "invalid partition specified" in record["status_info"]["error"]
+
+    flaky = create_batch_job(client, site.site_id)
+    fake.submit_errors.append(SchedulerError("qsub: timed out"))
+    module.run_cycle()
+    record = batch_job(client, flaky["id"])
+    assert record["state"] == "pending_submission"
+    assert "will retry" in record["status_info"]["error"]
+    module.run_cycle()
+    assert batch_job(client, flaky["id"])["state"] == "queued"
+
+
+def test_unexpected_driver_exception_never_escapes(setup, client) -> None:
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    fake.submit_errors.append(ValueError("could not parse 'Submitted bitch job'"))
+    module.run_cycle()  # must not raise
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "submit_failed"
+    assert "ValueError: could not parse" in record["status_info"]["error"]
+
+
+def test_status_poll_failures_are_tolerated_then_reported(setup, client) -> None:
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    module.run_cycle()
+    assert batch_job(client, bj["id"])["state"] == "queued"
+    fake.status_errors.extend([SchedulerError("squeue: error: slurm_load_jobs error: Socket timed out")] * 2)
+    module.run_cycle()
+    assert "error" not in batch_job(client, bj["id"])["status_info"]  # below the threshold: quiet
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued"  # nothing lost: the job is still tracked
+    assert "Socket timed out" in record["status_info"]["error"]
+    module.run_cycle()  # the scheduler answers again
+    assert batch_job(client, bj["id"])["state"] == "queued"
+
+
+def test_job_vanishing_without_history_fails_after_threshold(setup, client) -> None:
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    module.run_cycle()
+    scheduler_id = batch_job(client, bj["id"])["scheduler_id"]
+    fake.queue.pop(scheduler_id)  # gone from the queue, unknown to the history
+    module.run_cycle()
+    assert batch_job(client, bj["id"])["state"] == "queued"  # maybe just not in the history yet
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "submit_failed"
+    assert "left the queue and has no history record" in record["status_info"]["error"]
+
+
+def test_pending_deletion_deletes_then_finishes(setup, client) -> None:
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    module.run_cycle()
+    scheduler_id = batch_job(client, bj["id"])["scheduler_id"]
+    client.put(f"/batch-jobs/{bj['id']}", json={"state": "pending_deletion"})
+    module.run_cycle()
+    assert fake.deleted == [scheduler_id]
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "finished" and record["end_time"]
+
+
+def test_max_queued_jobs_makes_submissions_wait(setup, client) -> None:
+    site, fake, module = setup
+    ids = [create_batch_job(client, site.site_id)["id"] for _ in range(3)]
+    module.run_cycle()
+    states = [batch_job(client, i)["state"] for i in ids]
+    assert states == ["queued", "queued", "pending_submission"]
+    assert "max_queued_jobs 2" in batch_job(client, ids[2])["status_info"]["waiting"]
+    first = batch_job(client, ids[0])["scheduler_id"]
+    fake.queue.pop(first)
+    fake.history[first] = JobHistory(scheduler_id=first, state=BatchJobState.finished)
+    module.run_cycle()
+    assert batch_job(client, ids[2])["state"] == "queued"
+    assert "waiting" not in batch_job(client, ids[2])["status_info"]
+
+
+def test_site_filter_tags_select_batch_jobs(make_site, client) -> None:
+    site = make_site(overrides={"filter_tags": {"system": "h2o"}})
+    fake = ScriptedScheduler()
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    other = create_batch_job(client, site.site_id, filter_tags={"system": "co2"})
+    mine = create_batch_job(client, site.site_id, filter_tags={"system": "h2o", "x": "1"})
+    module.run_cycle()
+    assert batch_job(client, other["id"])["state"] == "pending_submission"
+    assert batch_job(client, mine["id"])["state"] == "queued"
+
+
+def test_broken_job_template_is_reported(setup, client) -> None:
+    site, fake, module = setup
+    Path(site.job_template_path).write_text("#!/bin/bash\n{% for x in %}\n")
+    bj = create_batch_job(client, site.site_id)
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "submit_failed"
+    assert "job-template.sh:2" in record["status_info"]["error"]
