@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,10 @@ def test_job_create_fields_and_parameters(site):
     assert isinstance(fetched.last_update, dt.datetime) and fetched.last_update.tzinfo is None
     assert "workdir: demo/1" in str(fetched)
     assert fetched == Job.objects.get(id=job.id)
+    # as Balsam 0.7 (pydantic) did: Paths and numbers in string dicts are accepted
+    other = Job(workdir=Path("demo/2"), app_id=Hello, parameters={"name": "x"}, tags={"n": 1},
+                launch_params={"depth": 4})
+    assert other.workdir == Path("demo/2") and other.tags == {"n": "1"} and other.launch_params == {"depth": "4"}
 
 
 def test_app_model_fields(site):
@@ -136,6 +141,11 @@ def test_save_sends_only_changed_fields_including_in_place_dict_changes(site):
     assert fresh.dirty_fields == {"data"}
     fresh.save()
     assert Job.objects.get(id=job.id).data["later"] is True
+    fresh.tags["c"] = "3"
+    copy = pickle.loads(pickle.dumps(client.Job.objects.get(id=job.id)))  # bound models pickle too
+    assert copy == Job.objects.get(id=job.id) and type(copy) is Job
+    clone = pickle.loads(pickle.dumps(fresh))
+    assert clone.dirty_fields == {"tags"} and clone.tags["c"] == "3"
 
 
 def test_bulk_create_chunks_and_returns_new_objects(site, monkeypatch):
@@ -363,3 +373,90 @@ def test_event_log_queries(site, run_jobs):
         event.to_state = "FAILED"
     with pytest.raises(TypeError):
         EventLog(job_id=1)
+
+
+# ----------------------------------------------------------------------------------------- the rest
+def test_remaining_manager_and_model_methods(site, tmp_path):
+    from balsam.api import ApplicationDefinition, BatchJob, Job, Site, TransferItem
+
+    created = Site.objects.bulk_create([Site(name=f"extra-{i}", path=str(tmp_path / f"x{i}")) for i in range(3)])
+    assert all(s.id for s in created) and Site.objects.count() == 4
+    for s in created:
+        s.allowed_projects.append("p1")  # in place, on a list field
+    assert Site.objects.bulk_update(created) == 3
+    assert Site.objects.get(created[0].id).allowed_projects == ["p1"]  # positional int -> id
+    assert Site.objects.filter(name="extra-1").update(allowed_projects=["p2"]) == 1
+    assert Site.objects.get(name="extra-1").allowed_projects == ["p2"]
+    assert Site.objects.filter(path="x").delete() == 3
+
+    site_name = site.name
+
+    class Mover(ApplicationDefinition):
+        site = site_name
+        command_template = "true"
+        transfers = {"out": {"required": True, "direction": "out", "local_path": "result.dat"}}
+
+    jobs = Job.objects.bulk_create([Mover.submit(workdir=f"m/{i}", transfers={"out": f"laptop:/results/{i}.dat"},
+                                                 save=False) for i in range(3)])
+    items = list(TransferItem.objects.filter(job_id=[j.id for j in jobs]))
+    assert len(items) == 3 and {i.state.value for i in items} == {"awaiting_job"}
+    for item in items:
+        item.transfer_info["note"] = "checked"
+    assert TransferItem.objects.bulk_update(items) == 3
+    assert all(i.transfer_info == {"note": "checked"} for i in TransferItem.objects.filter(site_id=site.id))
+    assert TransferItem.objects.filter(direction="out", job_state="STAGED_IN").update(task_id="t-1") == 3
+    with pytest.raises(TypeError, match="created by the server"):
+        TransferItem(job_id=1)
+
+    assert jobs[0].resolve_workdir(Path(site.path) / "data") == Path(site.path) / "data" / "m" / "0"
+    bj = BatchJob.objects.create(site_id=site.id, num_nodes=1, wall_time_min=5, job_mode="serial", queue="debug",
+                                 project="datascience")
+    jobs[0].batch_job_id = bj.id
+    jobs[0].save()
+    assert [j.id for j in bj.job_query()] == [jobs[0].id]
+    Job.objects.bulk_refresh(jobs)
+    assert jobs[0].batch_job_id == bj.id
+
+
+def test_explicit_default_client(site, balsam_env):
+    from balsam.api import Site, get_default_client, reset_default_client, set_default_client
+    from balsam.client import RESTClient
+
+    mine = RESTClient(balsam_env.url, balsam_env.token)
+    set_default_client(mine)
+    try:
+        assert get_default_client() is mine
+        assert Site.objects.get(id=site.id).name == site.name
+        assert mine.request_counts["GET /sites/"] == 1
+    finally:
+        reset_default_client()
+    assert get_default_client() is not mine
+
+
+@pytest.mark.postgres
+def test_bulk_paths_on_postgresql(balsam_env_pg, tmp_path, monkeypatch):
+    """The same bulk and query paths against the server on PostgreSQL."""
+    from balsam._api.models import JobManager
+    from balsam._api.query import Query
+    from balsam.api import ApplicationDefinition, Job, Session, Site
+
+    site = Site.objects.create(name="pg-site", path=str(tmp_path / "pg"))
+
+    class PgApp(ApplicationDefinition):
+        site = "pg-site"
+        command_template = "echo {{ x }}"
+
+    monkeypatch.setattr(JobManager, "bulk_chunk_size", 40)
+    monkeypatch.setattr(Query, "page_size", 30)
+    jobs = Job.objects.bulk_create([PgApp.submit(workdir=f"pg/{i}", x=i, tags={"even": str(i % 2 == 0)}, save=False)
+                                   for i in range(100)])
+    assert Job.objects.filter(tags={"even": "True"}).count() == 50
+    assert [j.workdir.name for j in Job.objects.order_by("-id")[:3]] == ["99", "98", "97"]
+    for job in jobs:
+        job.state = "PREPROCESSED"
+    assert Job.objects.bulk_update(jobs) == 100
+    session = Session.objects.create(site_id=site.id)
+    acquired = session.acquire_jobs(max_num_jobs=100, max_aggregate_nodes=60.0)
+    assert len(acquired) == 60
+    session.delete()
+    assert Job.objects.filter(tags={"even": "False"}).delete() == 50

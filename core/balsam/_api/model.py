@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
-import os
 import threading
 import typing
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, TypeVar
 
 import attrs
@@ -107,9 +107,29 @@ def to_aware_utc(value: Any) -> Any:
     return value
 
 
+def _is_str_dict(tp: Any) -> bool:
+    base = _strip_optional(tp)
+    return typing.get_origin(base) is dict and typing.get_args(base) == (str, str)
+
+
+def _plain(value: Any) -> Any:
+    """Paths become strings (at any depth), as the wire format has them."""
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def structure_value(model: str, name: str, value: Any, tp: Any) -> Any:
     if _strip_optional(tp) is dt.datetime:
         value = to_aware_utc(value)
+    value = _plain(value)
+    if _is_str_dict(tp) and isinstance(value, dict):
+        # Balsam 0.7 (pydantic) turned numbers in tags/launch_params/... into strings: keep doing so.
+        value = {str(k): str(v) if isinstance(v, (int, float)) else v for k, v in value.items()}
     try:
         return converter.structure(value, tp)
     except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
@@ -423,12 +443,26 @@ class BalsamModel:
         rid = getattr(self._record, "id", None)
         return hash((self._record_cls.__name__, rid)) if self._stored and rid is not None else id(self)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"record": converter.unstructure(self._record, self._record_cls), "stored": self._stored,
-                "dirty": sorted(self._dirty)}
+    def __reduce__(self) -> tuple:
+        # Pickled as the plain model (a client-bound subclass cannot be found by name; the copy
+        # uses the default client where it is unpickled).
+        dirty = self._dirty | (self._changed_fields() if self._stored else set())
+        state = {"record": converter.unstructure(self._record, self._record_cls), "stored": self._stored,
+                 "dirty": sorted(dirty)}
+        return (_unpickle_model, (self._record_cls.__name__, state))
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
+    def _restore(self, state: dict[str, Any]) -> None:
         self._record = converter.structure(state["record"], self._record_cls)
         self._stored = state["stored"]
         self._dirty = set(state["dirty"])
         self._snapshots = {}
+
+
+def _unpickle_model(record_name: str, state: dict[str, Any]) -> BalsamModel:
+    from . import models
+
+    cls = {"Site": models.Site, "App": models.App, "Job": models.Job, "BatchJob": models.BatchJob,
+           "Session": models.Session, "TransferItem": models.TransferItem, "EventLog": models.EventLog}[record_name]
+    obj = cls.__new__(cls)
+    obj._restore(state)
+    return obj

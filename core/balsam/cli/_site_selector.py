@@ -58,7 +58,13 @@ def resolve_site_ids(selector: str) -> Optional[list[int]]:
     selector = (selector or "").strip()
     if not selector:
         here = current_site_id()
-        return [here] if here is not None else _active_site_ids(Site)
+        if here is not None:
+            return [here]
+        active = _active_site_ids(Site)
+        if not active:
+            click.echo("Note: not inside a site and no site is active (agent heard from in the last 2 minutes);"
+                       " use --site=all to see every site.", err=True)
+        return active
     if selector == "all":
         return None
     if selector == "active":

@@ -79,7 +79,7 @@ def _stop(path: Path, timeout: float, force: bool) -> Optional[int]:
 
     def progress(elapsed: float, total: float) -> None:
         second = int(elapsed)
-        if second != shown["last"]:
+        if second >= 1 and second != shown["last"]:
             shown["last"] = second
             click.echo(f"\rWaiting for the site agent to stop... {second:>2d}/{int(total)} s", nl=False, err=True)
 

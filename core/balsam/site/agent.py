@@ -324,6 +324,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         site_config = SiteConfig(args.site_path)
+        site_config.settings  # read and check settings.yml now: a bad file is one line, not a traceback
     except Exception as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

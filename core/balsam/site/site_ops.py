@@ -180,6 +180,7 @@ def start_agent(site_path: Path, *, wait_sec: float = 20.0) -> int:
     console = log_dir / "agent-console.out"
     env = {**os.environ, "BALSAM_SITE_PATH": str(site_path)}
     with open(console, "ab") as out:
+        offset = out.tell()
         proc = subprocess.Popen(
             [sys.executable, "-m", "balsam.site", str(site_path)],
             cwd=site_path,
@@ -192,9 +193,13 @@ def start_agent(site_path: Path, *, wait_sec: float = 20.0) -> int:
     deadline = time.monotonic() + wait_sec
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = console.read_text(errors="replace").strip().splitlines()[-5:]
-            detail = " | ".join(tail) or f"exit code {proc.returncode}"
-            raise SiteError(f"the site agent exited at start-up: {detail}")
+            with open(console, "rb") as fh:
+                fh.seek(offset)
+                said = fh.read().decode(errors="replace").strip().splitlines()
+            detail = said[-1] if said else f"exit code {proc.returncode}"
+            if detail.startswith("Error: "):
+                detail = detail[len("Error: "):]
+            raise SiteError(f"the site agent exited at start-up: {detail} (see {console})")
         if read_pid_file(site_path) == (socket.gethostname(), proc.pid):
             return proc.pid
         time.sleep(0.1)

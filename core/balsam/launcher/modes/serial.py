@@ -52,6 +52,15 @@ class SerialMode(JobMode):
             "partition_index": ctx.partition_index,
             "nodes": [attrs.asdict(n) for n in ctx.nodes],
             "error_tail_num_lines": int(ctx.setting("error_tail_num_lines")),
+            "logging": {
+                name: getattr(getattr(ctx.settings, "logging", None), name, None)
+                for name in ("level", "format", "datefmt")
+            },
+            # Resolved here so the master can lease jobs before it has read settings.yml itself.
+            "launcher": {
+                name: ctx.setting(name)
+                for name in ("platform", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "serial_mode_prefetch_per_rank")
+            },
         }
 
     def command(self, config_path: str) -> str:

@@ -37,10 +37,12 @@ logger = logging.getLogger("balsam.launcher.serial")
 POLL_SEC = 0.0005
 
 
-def _setup_logging(path: Path, settings: Any = None) -> None:
+def _setup_logging(path: Path, logging_config: Optional[dict[str, Any]] = None) -> None:
+    import types
+
     from balsam.launcher.entry import configure_logging
 
-    configure_logging(path, settings)
+    configure_logging(path, types.SimpleNamespace(logging=types.SimpleNamespace(**(logging_config or {}))))
 
 
 class _Signals:
@@ -71,51 +73,67 @@ def _isend_all(comm: Any, requests: list, outbox: dict[int, list]) -> None:
 
 class Master:
     def __init__(self, config: dict[str, Any], comm: Any, signals: _Signals) -> None:
-        from balsam.config import SiteConfig
         from balsam.launcher.app_run import JobPreparer
-        from balsam.launcher.job_mode import Countdown, IdleTimer, launcher_setting
+        from balsam.launcher.job_mode import Countdown, IdleTimer
         from balsam.launcher.node_manager import NodeManager
-        from balsam.launcher.runner import ProcessPool, _launch_hook
+        from balsam.launcher.runner import ProcessPool
+        from balsam.launcher.status_updater import BulkStatusUpdater
         from balsam.platform import NodeInfo
-        from balsam.plugins.manager import get_plugin_manager
 
         self.config = config
         self.comm = comm
         self.size = comm.Get_size()
         self.signals = signals
-        self.site_config = SiteConfig(config["site_path"] or None)
-        self.settings = self.site_config.settings
-        setting = lambda name: launcher_setting(self.settings, name)  # noqa: E731
-        self.platform = get_plugin_manager().load_driver("platform", setting("platform") or "default")()
-        self.hook = _launch_hook()
+        launcher = config["launcher"]
         self.nodes = [NodeInfo(**n) for n in config["nodes"]][: self.size] or [NodeInfo(**config["nodes"][0])]
         self.node_manager = NodeManager(self.nodes, allow_node_packing=True)
         self.countdown = Countdown(config["wall_time_min"], start_time=config["start_time"])
-        self.idle_timer = IdleTimer(setting("idle_ttl_sec"))
-        self.delay_sec = float(setting("delay_sec"))
-        self.pool = ProcessPool(int(setting("error_tail_num_lines")))
+        self.idle_timer = IdleTimer(launcher["idle_ttl_sec"])
+        self.delay_sec = float(launcher["delay_sec"])
+        self.pool = ProcessPool(int(launcher["error_tail_num_lines"]))
         self.preparer = JobPreparer(Path(config["data_path"]))
         slots = sum(max(1, len(n.cpu_ids)) for n in self.nodes)
-        per_rank = int(setting("serial_mode_prefetch_per_rank"))
         #: Jobs kept leased ahead of the free slots (Balsam 0.7: prefetch per rank), at least 64, at most 2048.
-        self.prefetch_depth = max(64, min(2048, per_rank * slots))
+        self.prefetch_depth = max(64, min(2048, int(launcher["serial_mode_prefetch_per_rank"]) * slots))
         self.queue: deque = deque()
         self.remote: dict[int, int] = {}  # job id -> rank
-        self.worker_alive = {r: True for r in range(1, self.size)}
         self.need_more = threading.Event()
         self.source_empty = False
+        self.source: Any = None
+        self.source_error: Optional[BaseException] = None
         self.acquire_error: Optional[str] = None
         self.stop_event = threading.Event()
         self.base_env = dict(os.environ)
         self.started = 0
         self.finished = 0
+        self.updater = BulkStatusUpdater()
+        # Lease jobs while the rest of the start-up (settings, platform plugin) happens.
+        self.acquirer = threading.Thread(target=self._acquirer, name="acquirer", daemon=True)
+        self.acquirer.start()
+
+        from balsam.config import SiteConfig
+        from balsam.launcher.runner import _launch_hook
+        from balsam.plugins.manager import get_plugin_manager
+
+        self.site_config = SiteConfig(config["site_path"] or None)
+        self.platform = get_plugin_manager().load_driver("platform", launcher["platform"] or "default")()
+        self.hook = _launch_hook()
 
     # -- acquiring (background thread) ---------------------------------------------------------
-    def _acquirer(self, source: Any, updater: Any) -> None:
+    def _acquirer(self) -> None:
         from balsam.launcher.app_run import JobBuildError
+        from balsam.launcher.job_source import SessionJobSource
         from balsam.launcher.node_manager import UnsatisfiableJob
         from balsam.launcher.runner import report_failed
 
+        cfg = self.config
+        updater = self.updater
+        try:
+            source = self.source = SessionJobSource(cfg["site_id"], cfg["batch_job_id"], cfg["filter_tags"])
+        except BaseException as exc:
+            logger.exception("could not create the session")
+            self.source_error = exc
+            return
         while not self.stop_event.is_set():
             if len(self.queue) >= self.prefetch_depth // 2:
                 self.need_more.wait(0.05)
@@ -217,6 +235,8 @@ class Master:
         return got
 
     def _should_stop(self) -> Optional[str]:
+        if self.source_error is not None:
+            return f"no session: {self.source_error}"
         if self.signals.event.is_set():
             return f"signal {self.signals.signum}"
         if self.countdown.expired:
@@ -226,17 +246,10 @@ class Master:
         return None
 
     def run(self) -> int:
-        from balsam.launcher.job_source import SessionJobSource
-        from balsam.launcher.status_updater import BulkStatusUpdater
-
         cfg = self.config
         logger.info("serial master: %d ranks, %d nodes, prefetch %d, stop in %.0f s, filter_tags %s",
                     self.size, len(self.nodes), self.prefetch_depth, self.countdown.remaining_sec(), cfg["filter_tags"])
-        source = SessionJobSource(cfg["site_id"], cfg["batch_job_id"], cfg["filter_tags"],
-                                  sort_by=None)
-        updater = BulkStatusUpdater()
-        acquirer = threading.Thread(target=self._acquirer, args=(source, updater), name="acquirer", daemon=True)
-        acquirer.start()
+        updater = self.updater
         requests: list = []
         outbox: dict[int, list] = {}
         reason = "wall time"
@@ -270,13 +283,14 @@ class Master:
             self.stop_event.set()
             self.need_more.set()
             self._shutdown(updater, reason, requests)
-            acquirer.join(30)
+            self.acquirer.join(30)
             try:
                 updater.close()
             finally:
-                source.close()
+                if self.source is not None:
+                    self.source.close()
         logger.info("serial master done (%s): %d started, %d finished", reason, self.started, self.finished)
-        return 0
+        return 0 if self.source_error is None else 1
 
     def _shutdown(self, updater: Any, reason: str, requests: list) -> None:
         from mpi4py import MPI
@@ -379,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log_dir = Path(config["log_path"])
     base = f"serial_mode_{config['timestamp']}.{config['partition_index']}"
     if rank == 0:
-        _setup_logging(log_dir / f"{base}.master.log")
+        _setup_logging(log_dir / f"{base}.master.log", config.get("logging"))
         try:
             return Master(config, comm, signals).run()
         except Exception:
@@ -387,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for r in range(1, comm.Get_size()):
                 comm.isend({"stop": "master failed", "grace": 5}, dest=r, tag=TAG_LAUNCH)
             return 1
-    _setup_logging(log_dir / f"{base}.{socket.gethostname()}.{rank}.log")
+    _setup_logging(log_dir / f"{base}.{socket.gethostname()}.{rank}.log", config.get("logging"))
     try:
         return Worker(config, comm, signals, int(config.get("error_tail_num_lines", 10))).run()
     except Exception:
