@@ -1,8 +1,8 @@
 """Shared fixtures: real uvicorn servers, databases and per-test users.
 
 - ``database_url``: parametrized over SQLite (tmp file) and PostgreSQL (``BALSAM_TEST_DATABASE_URL``,
-  default ``postgresql://postgres@127.0.0.1:5432/balsam_test``; created if missing, tables dropped
-  and recreated per test).
+  default ``postgresql://postgres@127.0.0.1:5432/balsam_test``; each pytest process uses its own
+  databases ``balsam_test_<pid>_*``, created on demand, schema reset per test, dropped at the end).
 - ``live_server`` (session): a real ``uvicorn`` subprocess on a free port with SQLite in a tmp dir;
   yields the base URL. ``live_server_pg``: the same on PostgreSQL.
 - ``balsam_env``: a fresh user on ``live_server`` with a token and a client.yml in a tmp
@@ -30,8 +30,57 @@ DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/balsam_test"
 SERVER_SECRET = "balsam-test-secret-key-not-for-production-use-0123456789"
 
 
-def pg_test_url() -> str:
+def pg_base_url() -> str:
     return os.environ.get("BALSAM_TEST_DATABASE_URL", DEFAULT_PG_URL)
+
+
+def pg_test_url(suffix: str = "") -> str:
+    """A database private to this pytest process: ``<BALSAM_TEST_DATABASE_URL db>_<pid>[_suffix]``.
+
+    Several engineers (and CI) run pytest at the same time on one PostgreSQL server; sharing one
+    database would let one session's schema reset pull the tables from under another's server.
+    """
+    from sqlalchemy.engine import make_url
+
+    from balsam.server.db import normalize_database_url
+
+    url = make_url(normalize_database_url(pg_base_url()))
+    name = f"{url.database}_{os.getpid()}" + (f"_{suffix}" if suffix else "")
+    _CREATED_PG_DATABASES.add(name)
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+_CREATED_PG_DATABASES: set[str] = set()
+
+
+def _pg_admin_engine():
+    import sqlalchemy as sa
+
+    from balsam.server.db import normalize_database_url
+
+    url = sa.engine.make_url(normalize_database_url(pg_base_url()))
+    return sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+
+
+def drop_pg_databases(names: "set[str]") -> None:
+    if not names:
+        return
+    admin = _pg_admin_engine()
+    try:
+        with admin.connect() as conn:
+            for name in names:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except Exception:  # PostgreSQL unreachable: nothing was created there either
+        pass
+    finally:
+        admin.dispose()
+
+
+def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001
+    """Drop this process's private test databases (servers are stopped by their fixtures first)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    drop_pg_databases(set(_CREATED_PG_DATABASES))
 
 
 def ensure_pg_database(url: str) -> None:
@@ -79,7 +128,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'balsam-test.db'}"
     else:
-        url = pg_test_url()
+        url = pg_test_url("db")
         ensure_pg_database(url)
         reset_pg_schema(url)
         yield url
@@ -173,7 +222,7 @@ def _live_server_obj(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveS
 
 @pytest.fixture(scope="session")
 def _live_server_pg_obj(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    url = pg_test_url()
+    url = pg_test_url("live")
     ensure_pg_database(url)
     reset_pg_schema(url)
     server = LiveServer(url, tmp_path_factory.mktemp("live-server-pg"))
@@ -194,7 +243,7 @@ def live_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         if database == "sqlite":
             url = f"sqlite:///{workdir / 'balsam.db'}"
         else:
-            url = f"{pg_test_url()}_{len(started) + 1}"
+            url = pg_test_url(str(len(started) + 1))
             ensure_pg_database(url)
             reset_pg_schema(url)
         server = LiveServer(url, workdir, extra_env=env, workers=workers)

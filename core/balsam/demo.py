@@ -175,8 +175,10 @@ def register_apps(site_id: int) -> dict[str, type]:
 
 def plan_counts(total: int) -> dict[str, int]:
     dag = 6
-    mpi = max(4, min(30, total // 30))
-    python = max(4, min(100, total // 10))
+    # A run() job starts a Python interpreter (~0.5 s of CPU) and an MPI job an mpiexec: keep them a
+    # small share so the campaign fits in about a minute on a 2-core machine.
+    mpi = max(4, min(20, total // 50))
+    python = max(4, min(40, total // 25))
     shell = max(1, total - dag - mpi - python)
     return {"shell": shell, "python": python, "mpi": mpi, "dag": dag}
 

@@ -73,6 +73,12 @@ def test_template_rendering_defaults_quoting_and_environment():
     with pytest.raises(ValueError, match=r"missing required parameters \['inp'\]"):
         Sim(_job_stub({})).get_arg_str()
     assert Sim.cleanup_files == ["*.tmp"] and Sim.python_exe == "/usr/bin/python3"
+
+    class FastSim(Sim):  # a subclass keeps the declared defaults and attributes
+        pass
+
+    assert FastSim(job).get_arg_str() == "sim --input 'my file; rm -rf /' --steps 10 ''"
+    assert FastSim.environment_variables == {"SIM_MODE": "fast"}
     assert "class Sim" in Sim.source_code
 
 

@@ -48,6 +48,8 @@ class ScriptedServer:
                 self.rfile.read(length)
                 outer.requests.append((self.command, self.path, self.headers.get("Authorization", "")))
                 status, body, headers = outer.script.pop(0) if outer.script else (200, {"count": 0, "results": []}, {})
+                headers = dict(headers)
+                time.sleep(float(headers.pop("X-Test-Delay", 0)))
                 data = b"" if body is None else json.dumps(body).encode()
                 self.send_response(status)
                 for key, value in headers.items():
@@ -62,7 +64,13 @@ class ScriptedServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+                pass  # a client that gave up waiting (timeout tests) closes its end: not an error here
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -225,3 +233,13 @@ def test_bound_models_use_their_own_client(balsam_env, live_server, tmp_path):
     assert Site.objects.count() == 0  # the default client is another user
     assert isinstance(other.Site.objects.first(), Site)
     assert other.Job.objects.count() == 0 and other.App is other.App
+
+
+def test_post_timeout_is_not_resent_but_get_timeout_is(scripted):
+    slow = (201, [{"id": 1}], {"X-Test-Delay": "1.0"})
+    server = scripted([slow, (200, {"ok": 1}, {"X-Test-Delay": "1.0"}), (200, {"ok": 2}, {})])
+    client = fast_client(server.url, retry_count=3, read_timeout=0.3)
+    with pytest.raises(ServerUnavailable, match="may still have been applied"):
+        client.post("/jobs/", json=[{}])
+    assert [r[0] for r in server.requests] == ["POST"]  # creating jobs twice is worse than an error
+    assert client.get("/sites/") == {"ok": 2}  # an idempotent GET is simply retried

@@ -210,6 +210,7 @@ def test_query_laziness_pagination_slicing_ordering(site, monkeypatch):
     with pytest.raises(ValueError, match="cannot be ordered by"):
         Job.objects.order_by("num_nodes")
     assert Job.objects.filter(id=[]).count() == 0 and list(Job.objects.filter(id=[])) == []
+    assert Job.objects.filter(batch_job_id=None, tags={}).count() == 25  # None / {} filter nothing
     assert "Query" in repr(Job.objects.all()[:2])
 
 

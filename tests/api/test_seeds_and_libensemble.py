@@ -185,9 +185,10 @@ def test_libensemble_balsam_executor_end_to_end(balsam_env, tmp_path):
         assert BatchJob.objects.get(id=allocation.id).state.value == "pending_deletion"
 
         killed = exctr.submit(app_name="hello", app_args={"my_name": "Gone"}, num_nodes=1, procs_per_node=1)
+        killed_id = killed.process.id
         killed.kill()
         assert killed.state == "USER_KILLED"
-        assert not Job.objects.filter(id=killed.process.id).count()
+        assert not Job.objects.filter(id=killed_id).count()
     finally:
         Executor.executor = None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -348,3 +347,26 @@ def test_serial_mode_spreads_tasks_over_worker_ranks(new_site) -> None:
     assert finish(proc) == 0
     ranks = {(path / "data" / f"r/{i}" / "job.out").read_text().strip() for i in range(8)}
     assert ranks == {"rank=0", "rank=1"}
+
+
+def test_launcher_replaces_a_session_the_server_dropped(new_site) -> None:
+    from balsam.api import ApplicationDefinition, Session
+
+    name, path = new_site(idle_ttl_sec=6)
+
+    class Echo(ApplicationDefinition):
+        site = name
+        command_template = "echo {{ n }}"
+
+    Echo.sync()
+    first = make_runnable([Echo.submit(workdir="one", n=1, save=False)])
+    proc = start_launcher(path, "mpi", 1)
+    wait_for_states(first, {"RUN_DONE"})
+    sessions = list(Session.objects.all())
+    assert len(sessions) == 1
+    sessions[0].delete()  # e.g. expired while the launcher could not reach the server
+    second = make_runnable([Echo.submit(workdir="two", n=2, save=False)])
+    wait_for_states(second, {"RUN_DONE"}, timeout=30)
+    assert finish(proc) == 0
+    log = next(p for p in (path / "log").iterdir() if p.name.startswith("mpi_mode_") and p.name.endswith(".log"))
+    assert "is gone on the server" in log.read_text()

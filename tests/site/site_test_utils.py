@@ -75,3 +75,15 @@ def create_batch_job(client: Any, site_id: int, job_mode: str = "mpi", **fields:
         **fields,
     }
     return client.post("/batch-jobs/", json=body)
+
+
+def finish_jobs(client: Any, site_id: int, ids: list[int]) -> None:
+    """Take STAGED_IN jobs to JOB_FINISHED through the API, as the agent and a launcher would."""
+    client.patch("/jobs/", json=[{"id": i, "state": "PREPROCESSED"} for i in ids])
+    session = client.post("/sessions/", json={"site_id": site_id})["id"]
+    got = client.post(f"/sessions/{session}", json={"max_num_jobs": len(ids) + 10, "filter_tags": {}})
+    got_ids = {j["id"] for j in (got if isinstance(got, list) else got["results"])}
+    assert set(ids) <= got_ids, f"could not acquire {set(ids) - got_ids}"
+    for state in ("RUNNING", "RUN_DONE", "POSTPROCESSED"):
+        client.patch("/jobs/", json=[{"id": i, "state": state} for i in ids])
+    client.delete(f"/sessions/{session}")

@@ -162,3 +162,33 @@ def test_start_stop_sync(balsam_env, client, tmp_path) -> None:
         assert "not running" in balsam("site", "stop", str(path)).stdout
     finally:
         balsam("site", "stop", str(path), "--force", check=False)
+
+
+def test_init_asks_for_platform_and_name_in_a_terminal(balsam_env, client, tmp_path) -> None:
+    import os
+    import pty
+
+    path = tmp_path / "asked"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", "from balsam.cli import main; main()", "site", "init", str(path)],
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    from balsam.site.site_ops import available_platforms
+
+    choice = list(available_platforms()).index("default") + 1
+    os.write(master, f"{choice}\nasked-site\n".encode())
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert proc.wait(timeout=60) == 0, output.decode(errors="replace")
+    os.close(master)
+    text = output.decode(errors="replace")
+    assert "Select the platform of this machine:" in text and "default" in text
+    assert "Site name [asked]:" in text
+    assert sites_by_name(client)["asked-site"]["path"] == str(path.resolve())

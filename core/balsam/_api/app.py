@@ -81,7 +81,11 @@ class ApplicationDefinitionMeta(type):
     """Validates an app class when it is defined (and when a serialized one is loaded)."""
 
     def __new__(mcls, name: str, bases: tuple, attrs: dict[str, Any]) -> "ApplicationDefinitionMeta":
-        attrs["parameters"] = dict(attrs.get("parameters", {}) or {})
+        if "parameters" in attrs:
+            attrs["parameters"] = dict(attrs["parameters"] or {})
+        else:  # a subclass of a user app keeps its parent's parameter declarations
+            inherited = next((b.parameters for b in bases if isinstance(getattr(b, "parameters", None), dict)), {})
+            attrs["parameters"] = {k: dict(v) for k, v in inherited.items()}
         cls = super().__new__(mcls, name, bases, attrs)
         if not any(isinstance(b, ApplicationDefinitionMeta) for b in bases):
             return cls  # the ApplicationDefinition base itself

@@ -47,6 +47,8 @@ def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) ->
     for key, value in kwargs.items():
         if key not in valid:
             raise TypeError(f"{model}.objects.filter() got an unknown filter {key!r} (filters: {', '.join(sorted(valid))})")
+        if value is None:
+            continue  # as in Balsam 0.7, a filter given as None is no filter
         if isinstance(value, dict):
             value = [f"{k}:{v}" for k, v in value.items()]
             if not value:
@@ -155,7 +157,7 @@ class Query(Generic[T]):
             params = dict(self._params)
             params[key] = chunk
             out.append(params)
-        # other long keys are handled recursively by the server-side AND (still correct, only longer URLs)
+        # Only the longest list is split; any other long list is sent whole (correct, just a longer URL).
         return out
 
     def _get_pages(self, params: dict[str, Any], offset: int, limit: Optional[int]) -> tuple[int, list[dict[str, Any]]]:

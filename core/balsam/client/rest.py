@@ -3,7 +3,8 @@
 Retry policy (a fault of the original was retrying every 4xx for half an hour):
 
 - connection errors, timeouts, 5xx and 429 are retried with capped exponential backoff
-  (``retry_count`` times; ``Retry-After`` is honoured);
+  (``retry_count`` times; ``Retry-After`` is honoured) - except a POST that timed out waiting
+  for the answer: the server may have applied it, and creating jobs twice is worse than an error;
 - 401 re-reads the stored login once (another process may have run ``balsam login``) and retries;
 - any other 4xx raises :class:`APIError` at once, carrying the status and the server's detail.
 
@@ -222,6 +223,13 @@ class RESTClient:
                     method, url, params=params, json=json, data=data, headers=self._headers(authenticated)
                 )
             except _RETRY_EXCEPTIONS as exc:
+                if method == "POST" and isinstance(exc, httpx.ReadTimeout):
+                    # The server got the request and may still apply it: resending a create could
+                    # duplicate jobs, so report instead of retrying.
+                    raise ServerUnavailable(
+                        f"POST {self.api_root}{url}: no answer within {self.read_timeout:g} s; the request may "
+                        f"still have been applied (check before resending, or raise read_timeout in client.yml)"
+                    ) from None
                 if attempt >= self.retry_count:
                     raise ServerUnavailable(
                         f"{method} {self.api_root}{url}: server unreachable after {attempt + 1} attempts: "

@@ -34,6 +34,11 @@ def tick_period_from_env() -> float:
     return max(0.1, value)
 
 
+def _status(exc: BaseException) -> Optional[int]:
+    value = getattr(exc, "status_code", None)
+    return value if isinstance(value, int) else None
+
+
 class SessionJobSource:
     """Acquire jobs under one Session and keep that Session alive."""
 
@@ -53,16 +58,30 @@ class SessionJobSource:
         self.sort_by = sort_by
         self.app_ids = set(app_ids or ())
         self.tick_period = tick_period if tick_period is not None else tick_period_from_env()
-        api = _api.api_models()
-        self.session = api.Session.objects.create(site_id=site_id, batch_job_id=batch_job_id)
-        self._session_id = self.session.id
-        logger.info("session %s created (site %s, batch job %s)", self.session.id, site_id, batch_job_id)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self.closed = False
+        self.session = self._create_session()
         self.tick_errors = 0
         self._thread = threading.Thread(target=self._heartbeat, name="session-heartbeat", daemon=True)
         self._thread.start()
-        self.closed = False
+
+    def _create_session(self) -> Any:
+        api = _api.api_models()
+        session = api.Session.objects.create(site_id=self.site_id, batch_job_id=self.batch_job_id)
+        self._session_id = session.id
+        logger.info("session %s created (site %s, batch job %s)", session.id, self.site_id, self.batch_job_id)
+        return session
+
+    def _replace_lost_session(self, exc: BaseException) -> bool:
+        """The server no longer knows our session (it expired while we could not reach it): start a
+        new one. Jobs the old one had RUNNING are RUN_TIMEOUT on the server already."""
+        if _status(exc) != 404 or self.closed:
+            return False
+        logger.warning("session %s is gone on the server (%s); creating a new one", self._session_id, exc)
+        with self._lock:
+            self.session = self._create_session()
+        return True
 
     @property
     def session_id(self) -> int:
@@ -75,6 +94,11 @@ class SessionJobSource:
                     self.session.tick()
                 self.tick_errors = 0
             except Exception as exc:
+                try:
+                    if self._replace_lost_session(exc):
+                        continue
+                except Exception as create_exc:
+                    exc = create_exc
                 self.tick_errors += 1
                 logger.warning("session %s heartbeat failed (%d in a row): %s", self.session.id, self.tick_errors, exc)
 
@@ -104,7 +128,12 @@ class SessionJobSource:
         if self.app_ids:
             kwargs["app_ids"] = set(self.app_ids)
         t0 = time.perf_counter()
-        jobs = list(self.session.acquire_jobs(**kwargs))
+        try:
+            jobs = list(self.session.acquire_jobs(**kwargs))
+        except Exception as exc:
+            if not self._replace_lost_session(exc):
+                raise
+            jobs = list(self.session.acquire_jobs(**kwargs))
         if jobs:
             logger.debug("acquired %d jobs in %.3f s", len(jobs), time.perf_counter() - t0)
         return jobs

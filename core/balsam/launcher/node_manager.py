@@ -227,12 +227,6 @@ class NodeManager:
         placement = self.placements.pop(job_id, None)
         if placement is None:
             return
-        if len(placement.node_indexes) > 1 or not placement.gpu_shares:
-            for i in placement.node_indexes:
-                node = self.nodes[i]
-                node.release((), (), placement.occupancy)
-                if len(placement.node_indexes) > 1:
-                    node.occupancy = 0.0 if node.num_jobs == 0 else node.occupancy
-            return
-        node = self.nodes[placement.node_indexes[0]]
-        node.release(placement.cpu_ids[0], placement.gpu_shares[0], placement.occupancy)
+        shares = placement.gpu_shares or tuple(() for _ in placement.node_indexes)
+        for index, cpu_ids, gpu_shares in zip(placement.node_indexes, placement.cpu_ids, shares):
+            self.nodes[index].release(cpu_ids, gpu_shares, placement.occupancy)

@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql
 from balsam.models import Job
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
+from .db import bulk_insert
 from .errors import split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
 from .http import QueryParams
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sessions, sites, transfer_items
@@ -29,7 +30,13 @@ JOB_OUT_FIELDS = [
     "node_packing_count", "wall_time_min", "parent_ids", "batch_job_id", "state", "pending_file_cleanup",
     "serialized_return_value", "serialized_exception", "last_update",
 ]
-JOB_OUT_COLUMNS = [jobs.c[name] for name in JOB_OUT_FIELDS]
+#: JSON columns are read as text and embedded verbatim in the response (orjson.Fragment):
+#: listing then never decodes and re-encodes them, which dominates the cost of large pages.
+JSON_OUT_FIELDS = frozenset({"tags", "data", "launch_params", "parent_ids"})
+JOB_OUT_COLUMNS = [
+    sa.cast(jobs.c[name], sa.Text).label(name) if name in JSON_OUT_FIELDS else jobs.c[name] for name in JOB_OUT_FIELDS
+]
+_JSON_POSITIONS = [i for i, name in enumerate(JOB_OUT_FIELDS) if name in JSON_OUT_FIELDS]
 #: Fields a client may set when creating a job (state and ids are decided by the server).
 CREATE_FIELDS = [
     "workdir", "app_id", "tags", "serialized_parameters", "data", "return_code", "num_nodes", "ranks_per_node",
@@ -104,8 +111,15 @@ def like_escape(text: str) -> str:
 
 
 def job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
-    keys = JOB_OUT_FIELDS
-    return [dict(zip(keys, row)) for row in rows]
+    """Rows selected with JOB_OUT_COLUMNS -> response dicts (JSON columns as orjson fragments)."""
+    keys, positions, fragment = JOB_OUT_FIELDS, _JSON_POSITIONS, orjson.Fragment
+    out = []
+    for row in rows:
+        values = list(row)
+        for i in positions:
+            values[i] = fragment(values[i])
+        out.append(dict(zip(keys, values)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +219,7 @@ class EventBuffer:
 
     def flush(self, conn: sa.Connection) -> None:
         if self.rows:
-            conn.execute(sa.insert(log_events), self.rows)
+            bulk_insert(conn, log_events, self.rows)
             self.rows = []
 
 
@@ -364,25 +378,20 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> lis
     if errors:
         raise ValidationFailed(errors)
 
-    result = conn.execute(
-        sa.insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True), rows
-    )
-    new_ids = [r[0] for r in result]
+    new_ids = bulk_insert(conn, jobs, rows, return_ids=True)
     links = [
         {"child_id": job_id, "parent_id": parent}
         for job_id, row in zip(new_ids, rows)
         for parent in row["parent_ids"]
     ]
-    if links:
-        conn.execute(sa.insert(job_parents), links)
+    bulk_insert(conn, job_parents, links)
     items_rows = [dict(item, job_id=job_id) for job_id, items in zip(new_ids, transfer_specs) for item in items]
-    if items_rows:
-        conn.execute(sa.insert(transfer_items), items_rows)
+    bulk_insert(conn, transfer_items, items_rows)
     events = [
         {"job_id": job_id, "timestamp": now, "from_state": S.created.value, "to_state": row["state"], "data": {}}
         for job_id, row in zip(new_ids, rows)
     ]
-    conn.execute(sa.insert(log_events), events)
+    bulk_insert(conn, log_events, events)
 
     out = []
     for job_id, row in zip(new_ids, rows):

@@ -134,7 +134,6 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['app_id'], ['apps.id'], name=op.f('fk_jobs_app_id_apps'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['batch_job_id'], ['batch_jobs.id'], name=op.f('fk_jobs_batch_job_id_batch_jobs'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['session_id'], ['sessions.id'], name=op.f('fk_jobs_session_id_sessions'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_jobs_site_id_sites'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs')),
     sqlite_autoincrement=True
     )
@@ -143,7 +142,6 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_jobs_batch_job_id'), ['batch_job_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_session_id'), ['session_id'], unique=False)
         batch_op.create_index('ix_jobs_site_id_state', ['site_id', 'state'], unique=False)
-        batch_op.create_index('ix_jobs_state', ['state'], unique=False)
 
     if op.get_bind().dialect.name == "postgresql":
         # GIN index for JSONB containment (tag filters, session acquisition by filter_tags).
@@ -214,7 +212,6 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.drop_index('ix_jobs_tags_gin', table_name='jobs')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_index('ix_jobs_state')
         batch_op.drop_index('ix_jobs_site_id_state')
         batch_op.drop_index(batch_op.f('ix_jobs_session_id'))
         batch_op.drop_index(batch_op.f('ix_jobs_batch_job_id'))
