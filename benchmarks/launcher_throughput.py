@@ -87,8 +87,26 @@ class Processing:
                 self.error = f"{type(exc).__name__}: {exc}"
 
 
-def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, timeout: float) -> dict:
+def _cpu(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def _rusage(who: int) -> float:
+    import resource
+
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, timeout: float, server_pid: int) -> dict:
+    import resource
+
     from balsam.api import EventLog, Job
+
+    cpu0 = (_cpu(server_pid), _rusage(resource.RUSAGE_CHILDREN), _rusage(resource.RUSAGE_SELF))
 
     end_state = "RUN_DONE"
     with (Processing(site) if processing else _Null()) as proc:
@@ -106,10 +124,11 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
             time.sleep(0.25)
         launcher.terminate()
         launcher.wait(60)
+    cpu1 = (_cpu(server_pid), _rusage(resource.RUSAGE_CHILDREN), _rusage(resource.RUSAGE_SELF))
     running = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING"))
     first_running = min(_ts(e.timestamp) for e in running) - t0 if running else float("nan")
     result = {"mode": mode, "jobs": len(ids), "first_running_s": first_running, "processing_error": getattr(proc, "error", ""),
-              "figures": []}
+              "figures": [], "cpu": [b - a for a, b in zip(cpu0, cpu1)]}
     for state in ("RUN_DONE", "JOB_FINISHED") if end_state == "JOB_FINISHED" else ("RUN_DONE",):
         ended = list(EventLog.objects.filter(tags={"bench": tag}, to_state=state))
         last = max(_ts(e.timestamp) for e in ended) - t0 if ended else float("nan")
@@ -148,19 +167,24 @@ def main() -> int:
         import os
 
         ncpu = len(os.sched_getaffinity(0))
+        load_before = os.getloadavg()[0]
         results = []
         if args.serial_jobs:
             ids = make_jobs(Noop, args.serial_jobs, "serial", node_packing_count=ncpu)
-            results.append(run_mode(site, "serial", "serial", ids, not args.no_processing, timeout=600))
+            results.append(run_mode(site, "serial", "serial", ids, not args.no_processing, timeout=600, server_pid=dep.proc.pid))
         if args.mpi_jobs:
             ids = make_jobs(Noop, args.mpi_jobs, "mpi", node_packing_count=ncpu)
-            results.append(run_mode(site, "mpi", "mpi", ids, not args.no_processing, timeout=600))
-        print(f"launcher throughput ({ncpu} CPUs; real uvicorn + SQLite server, real mpiexec)")
+            results.append(run_mode(site, "mpi", "mpi", ids, not args.no_processing, timeout=600, server_pid=dep.proc.pid))
+        print(f"launcher throughput ({ncpu} CPUs, load average before the run {load_before:.1f}; "
+              "real uvicorn + SQLite server, real mpiexec)")
         for r in results:
             for state, count, elapsed, rate in r["figures"]:
                 print(f"  {r['mode']:6s} {count:5d}/{r['jobs']} jobs to {state:12s}: {rate:8.1f} jobs/s "
                       f"({elapsed:.2f} s from launcher start to the last {state})")
             print(f"  {r['mode']:6s} first RUNNING {r['first_running_s']:.3f} s after launcher start")
+            server, launcher, here = r["cpu"]
+            print(f"  {r['mode']:6s} CPU seconds: server {server:.1f}, launcher with its tasks {launcher:.1f}, "
+                  f"processing module + this script {here:.1f}")
             if r["processing_error"]:
                 print(f"         processing module not used: {r['processing_error']}")
         print("  targets: serial >= 500 jobs/s, first RUNNING < 1 s, mpi >= 20 jobs/s "

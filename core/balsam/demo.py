@@ -61,6 +61,28 @@ def _balsam_cli() -> list[str]:
 
 # -- 1. server ------------------------------------------------------------------------------------
 
+DEFAULT_SERVER_PORT = 8765
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 
 def ensure_server() -> Any:
     """A logged-in client; starts the embedded server first when no server answers."""
@@ -75,7 +97,11 @@ def ensure_server() -> Any:
         return client
     except Exception:
         pass
-    proc = subprocess.run([*_balsam_cli(), "server", "start"], capture_output=True, text=True, timeout=120)
+    command = [*_balsam_cli(), "server", "start"]
+    if not _port_free(DEFAULT_SERVER_PORT):
+        # Another server (someone else's, or another BALSAM_HOME's) holds the default port.
+        command += ["--port", str(_free_port())]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         raise DemoError(f"`balsam server start` failed: {said[-1] if said else f'exit code {proc.returncode}'}")
@@ -351,12 +377,26 @@ def demo(site_path: Optional[str], num_jobs: int, timeout: float, stop_agent: bo
     batch_jobs = submit_batch_jobs(site_id, run_id, wall_time_min=10)
     click.echo("    BatchJobs " + ", ".join(f"{b.id} ({b.job_mode})" for b in batch_jobs))
     _step("Running")
-    states, _ = watch(client, run_id, total, timeout)
+    try:
+        states, _ = watch(client, run_id, total, timeout)
+    except KeyboardInterrupt:
+        raise DemoError(
+            f"interrupted: the campaign goes on in the background (`balsam job ls --tag demo_run={run_id} --by-state`"
+            f" in {path}; `balsam site stop {path}` stops the agent)"
+        ) from None
     elapsed = time.monotonic() - t_jobs
     code = summary(client, path, run_id, states, elapsed, apps)
     if stop_agent:
         from balsam.site.site_ops import stop_agent as stop
 
+        # Let the launchers idle out and the agent record the BatchJobs as finished first.
+        ids = [b.id for b in batch_jobs]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = {client.get(f"/batch-jobs/{i}")["state"] for i in ids}
+            if states <= {"finished", "submit_failed"}:
+                break
+            time.sleep(1)
         stop(path)
         click.echo("    site agent stopped (start it again with `balsam site start " + str(path) + "`)")
     click.echo(f"    demo finished in {time.monotonic() - t0:.1f} s")

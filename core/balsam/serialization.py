@@ -157,6 +157,9 @@ def _flatten(exc: BaseException, path: str = "") -> list[tuple[str, str]]:
                 found.extend(_flatten(sub, sub_path))
         return found
     message = str(exc) if not isinstance(exc, KeyError) else "field required"
+    if isinstance(exc, AttributeError):
+        # cattrs calls e.g. .items() on the value: a null or a scalar where a mapping/list belongs.
+        message = "cannot be null" if "'NoneType'" in message else "wrong type (expected an object or a list)"
     if isinstance(exc, TypeError) and "required" in message:
         message = "field required"
     found.append((path.lstrip("."), message))
@@ -169,7 +172,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
         raise PayloadError(cls.__name__, [("", f"expected a JSON object, got {type(data).__name__}")])
     try:
         return converter.structure(dict(data), cls)
-    except (ClassValidationError, ForbiddenExtraKeysError, ValueError, TypeError, KeyError) as exc:
+    except (ClassValidationError, ForbiddenExtraKeysError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise PayloadError(cls.__name__, _flatten(exc) or [("", str(exc))]) from None
 
 
@@ -197,7 +200,7 @@ def partial_from_dict(cls: type, data: Mapping[str, Any], *, allowed: "set[str] 
             continue
         try:
             result[key] = converter.structure(value, fields[key].type)
-        except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
+        except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
             errors.extend((f"{key}{'.' if p and not p.startswith('[') else ''}{p}", m) for p, m in _flatten(exc))
     if errors:
         raise PayloadError(cls.__name__, errors)

@@ -156,3 +156,11 @@ def test_commands_go_through_the_injected_runner(tmp_path):
     verbs = [args[5] for args in seen]
     assert verbs[0] == "submit" and "status" in verbs and verbs[-1] == "history"
     assert all(args[1:4] == ("-m", "balsam.builtin.local_queue", "--state-dir") for args in seen)
+
+
+def test_damaged_job_records_are_a_clear_permanent_error(scheduler, tmp_path):
+    scheduler.state_dir.mkdir(parents=True)
+    (scheduler.state_dir / "jobs.json").write_text("{not json")
+    with pytest.raises(SchedulerError, match=r"could not list its jobs: local queue: .*jobs.json is not valid JSON") as info:
+        scheduler.get_statuses()
+    assert info.value.permanent

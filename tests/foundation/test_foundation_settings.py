@@ -334,3 +334,12 @@ def test_settings_reference_documents_every_core_key():
         body = section[1].split("\n### ", 1)[0]
         for name in fields:
             assert f"| `{name}` |" in body, f"docs/settings.md does not document {key}.{name}"
+
+
+def test_settings_survive_pickling_for_worker_processes():
+    import pickle
+
+    settings = loads_settings("scheduler: {sync_period: 3}\nprocessing: {num_workers: 4}\n")
+    again = pickle.loads(pickle.dumps(settings))
+    assert again == settings
+    assert again.scheduler.sync_period == 3 and again.processing.num_workers == 4

@@ -70,6 +70,13 @@ def test_start_status_login_stop(home_env, tmp_path):
     relogin = run(["server", "login"], home_env)
     assert relogin.returncode == 0 and yaml.safe_load(client.read_text())["api_root"] == login["api_root"]
 
+    # Password login works for the local user once a password is set.
+    setpw = run(["server", "set-password", "--password", "hunter22"], home_env)
+    assert setpw.returncode == 0, setpw.stderr
+    resp = httpx.post(f"{login['api_root']}/auth/password/login", data={"username": login["username"], "password": "hunter22"})
+    assert resp.status_code == 200 and resp.json()["access_token"]
+    assert run(["server", "set-password", "--username", "nobody-here", "--password", "x"], home_env).returncode == 1
+
     stop = run(["server", "stop"], home_env)
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert not (home / "server" / "server.pid").exists()

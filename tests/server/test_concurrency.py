@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import httpx
+import pytest
+from server_testlib import Api
 
 N_JOBS = 2000
 N_PROCS = 8
@@ -37,6 +39,20 @@ def _acquire_all(url: str, token: str, site_id: int, batch: int, queue: "mp.Queu
 
 def test_concurrent_acquire_hands_out_each_job_once(api, site_app):
     site, app = site_app
+    check_exactly_once(api, site, app)
+
+
+@pytest.mark.postgres
+def test_exactly_once_with_several_uvicorn_workers(live_server_factory, register):
+    """The shared deployment: PostgreSQL behind 2 uvicorn worker processes."""
+    server = live_server_factory("postgresql", workers=2)
+    api = Api(server.url, register)
+    site = api.site()
+    check_exactly_once(api, site, api.app(site["id"]))
+    api.close()
+
+
+def check_exactly_once(api, site, app):
     jobs = api.ok("POST", "/jobs/", 201, json=[{"workdir": f"c/{i}", "app_id": app["id"]} for i in range(N_JOBS)])
     all_ids = sorted(j["id"] for j in jobs)
     assert api.ok("PUT", "/jobs/", params={"app_id": app["id"]}, json={"state": "PREPROCESSED"}) == N_JOBS

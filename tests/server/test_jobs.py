@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import time
-
 import pytest
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP

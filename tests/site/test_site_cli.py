@@ -192,3 +192,19 @@ def test_init_asks_for_platform_and_name_in_a_terminal(balsam_env, client, tmp_p
     assert "Select the platform of this machine:" in text and "default" in text
     assert "Site name [asked]:" in text
     assert sites_by_name(client)["asked-site"]["path"] == str(path.resolve())
+
+
+def test_start_reports_a_bad_settings_file_in_one_line(balsam_env, client, tmp_path) -> None:
+    path = tmp_path / "bad-settings"
+    balsam("site", "init", str(path), "-n", "bad-settings", "--platform", "default")
+    settings = path / "settings.yml"
+    lines = settings.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if line.strip().startswith("max_nodes:"))
+    lines[index] = lines[index].split(":")[0] + ": two"
+    settings.write_text("\n".join(lines) + "\n")
+    proc = balsam("site", "start", str(path), check=False)
+    assert proc.returncode == 1
+    error = proc.stderr.strip()
+    assert len(error.splitlines()) == 1
+    assert f"settings.yml:{index + 1} scheduler.allowed_queues.local.max_nodes: expected an integer, got 'two'" in error
+    assert read_pid_file(path) is None

@@ -71,6 +71,7 @@ def run_until(module: ProcessingModule, predicate, timeout: float = 60.0) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         module.run_cycle()
+        module.flush()
         if predicate():
             return
         time.sleep(0.1)
@@ -118,6 +119,7 @@ def test_default_hooks_move_jobs_in_bulk(processing, client) -> None:
     )
     ids = [j.id for j in jobs]
     module.run_cycle()
+    module.flush()
     assert {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"}
     assert module.pool is None  # default hooks never start a worker process
 

@@ -260,3 +260,32 @@ def test_broken_job_template_is_reported(setup, client) -> None:
     record = batch_job(client, bj["id"])
     assert record["state"] == "submit_failed"
     assert "job-template.sh:2" in record["status_info"]["error"]
+
+
+def test_a_submission_the_api_never_recorded_is_not_repeated(setup, client, make_site) -> None:
+    """The API fails after the scheduler accepted a job (or the agent dies right then): the next
+    cycle, or the next agent, records the same scheduler job instead of submitting a second one."""
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+
+    class FailingPatch:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def patch(self, *args, **kwargs):
+            raise ConnectionError("API went away")
+
+    module.client = FailingPatch(client)
+    with pytest.raises(ConnectionError):
+        module.run_cycle()
+    assert len(fake.submitted) == 1
+    assert batch_job(client, bj["id"])["state"] == "pending_submission"
+
+    restarted = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    restarted.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued" and record["scheduler_id"] == fake.next_id
+    assert len(fake.submitted) == 1

@@ -12,6 +12,7 @@ Loading apps serialized by Balsam 0.7 clients needs the names ``ApplicationDefin
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import json
 import logging
@@ -194,7 +195,7 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
         if missing:
             raise ValueError(f"{type(self).__name__}: job {self.job.id} is missing required parameters {missing}")
         quoted = {k: shlex.quote(str(values[k])) for k in self.parameters}
-        return jinja2.Template(self.command_template).render(quoted)
+        return _compiled_template(self.command_template).render(quoted)
 
     def get_environ_vars(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -454,6 +455,13 @@ def _wire_transfer(app: str, slot: str, spec: Any) -> dict[str, Any]:
 
 
 # ====================================================================================== run() apps
+@functools.lru_cache(maxsize=256)
+def _compiled_template(command_template: str) -> jinja2.Template:
+    """Compile each command template once: launchers render it for thousands of jobs per second
+    (compiling costs ~0.3 ms, rendering a compiled template ~10 us)."""
+    return jinja2.Template(command_template)
+
+
 def _chunk(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 

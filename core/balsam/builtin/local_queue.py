@@ -52,8 +52,13 @@ class LocalQueue:
     def _read(self) -> dict[str, Any]:
         if not self.db_path.exists():
             return {"next_id": 1, "jobs": {}}
-        with open(self.db_path) as fp:
-            return json.load(fp)
+        try:
+            with open(self.db_path) as fp:
+                return json.load(fp)
+        except json.JSONDecodeError as exc:
+            # Writes are atomic (os.replace), so this is damage from outside: stop rather than
+            # reuse job ids the API already knows.
+            raise QueueError(f"{self.db_path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or move it") from None
 
     def _write(self, db: dict[str, Any]) -> None:
         tmp = self.db_path.with_suffix(".json.tmp")

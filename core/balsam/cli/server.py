@@ -1,4 +1,4 @@
-"""``balsam server start|stop|status|login|migrate``: the embedded (or shared) REST service.
+"""``balsam server start|stop|status|login|set-password|migrate``: the embedded (or shared) REST service.
 
 ``start`` runs uvicorn in the background on 127.0.0.1 with SQLite under ``$BALSAM_HOME/server``
 (nothing to install or configure), creates the local user and stores a 30-day login in the client
@@ -243,6 +243,33 @@ def login_local() -> None:
         raise click.ClickException("no local Balsam server is running; start it with `balsam server start`")
     info = _info()
     click.echo(_issue_local_login(info["url"], info.get("database_url", _database_url()), force=True))
+
+
+@server_group.command("set-password")
+@click.option("--username", default=None, help="Default: the local user ($USER).")
+@click.password_option("--password", help="Prompted for (twice) when not given.")
+def set_password(username: Optional[str], password: str) -> None:
+    """Set a password so that USERNAME can also log in with `balsam login` (e.g. from another machine)."""
+    import sqlalchemy as sa
+
+    from balsam.server.auth import hash_password
+    from balsam.server.db import create_db_engine, write_tx
+    from balsam.server.tables import users
+
+    username = username or getpass.getuser()
+    database_url = _info().get("database_url") or _database_url()
+    if not password:
+        raise click.ClickException("the password must not be empty")
+    engine = create_db_engine(database_url)
+    try:
+        with write_tx(engine) as conn:
+            exists = conn.execute(sa.select(users.c.id).where(users.c.username == username)).first()
+            if exists is None:
+                raise click.ClickException(f"no user {username!r} in {database_url} (start the server first)")
+            conn.execute(sa.update(users).where(users.c.id == exists.id).values(hashed_password=hash_password(password)))
+    finally:
+        engine.dispose()
+    click.echo(f"Password set for {username}")
 
 
 @server_group.command("stop")

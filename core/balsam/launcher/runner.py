@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
+from collections import deque
 from typing import Any, Optional, Sequence
 
 from balsam.states import JobState
@@ -54,12 +57,81 @@ def report_failed(updater: Any, job_id: int, reason: str) -> None:
     updater.put(job_id, JobState.failed, state_data={"error": reason})
 
 
-class ProcessPool:
-    """The processes this launcher process started, reaped by polling."""
+class ChildReaper:
+    """Reaps the pool's children the moment they exit, from a thread blocked in ``waitid()``.
 
-    def __init__(self, error_tail_num_lines: int) -> None:
+    No polling: the thread sleeps in the kernel until a child exits, records its status and sets
+    ``wake`` so the job mode's loop reacts at once. ``WNOWAIT`` first peeks at the exited child, so
+    a child that is not ours (started by a plugin, say) is left for its owner to reap.
+    """
+
+    def __init__(self, wake: threading.Event) -> None:
+        self.wake = wake
+        self.ours: dict[int, AppProcess] = {}
+        self.exited: deque[AppProcess] = deque()
+        self._have_children = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="child-reaper", daemon=True)
+        self._thread.start()
+
+    def watch(self, proc: AppProcess) -> None:
+        proc.reaped_externally = True
+        if proc.pid is None or proc.returncode is not None:  # never started
+            self.exited.append(proc)
+            self.wake.set()
+            return
+        self.ours[proc.pid] = proc
+        self._have_children.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._have_children.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            if not self.ours:
+                self._have_children.wait(0.2)
+                self._have_children.clear()
+                continue
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                time.sleep(0.005)
+                continue
+            except InterruptedError:
+                continue
+            if info is None:
+                continue
+            pid = info.si_pid
+            proc = self.ours.pop(pid, None)
+            if proc is None:
+                time.sleep(0.0002)  # maybe ours, spawned an instant ago and not watched yet
+                proc = self.ours.pop(pid, None)
+                if proc is None:
+                    time.sleep(0.005)  # someone else's child: its owner reaps it
+                    continue
+            try:
+                _, status = os.waitpid(pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+            proc.mark_exited(code)
+            self.exited.append(proc)
+            self.wake.set()
+
+
+class ProcessPool:
+    """The processes this launcher process started.
+
+    With ``wake`` (an Event), a :class:`ChildReaper` collects exits and sets ``wake``; without it,
+    :meth:`reap` polls every running process (the mpi mode, whose platform may run subprocesses of
+    its own, e.g. ``mpiexec --version``).
+    """
+
+    def __init__(self, error_tail_num_lines: int, wake: Optional[threading.Event] = None) -> None:
         self.error_tail_num_lines = error_tail_num_lines
         self.running: dict[int, AppProcess] = {}
+        self.reaper = ChildReaper(wake) if wake is not None else None
 
     def __len__(self) -> int:
         return len(self.running)
@@ -67,18 +139,30 @@ class ProcessPool:
     def start(self, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str], cpu_ids: Sequence[int] = ()) -> AppProcess:
         proc = AppProcess(job_id, shell_cmd, workdir, env, cpu_ids)
         self.running[job_id] = proc
+        if self.reaper is not None:
+            self.reaper.watch(proc)
         return proc
+
+    def _finished(self, proc: AppProcess) -> tuple[int, int, str, float]:
+        rc = proc.returncode if proc.returncode is not None else -1
+        tail = proc.tail(self.error_tail_num_lines) if rc != 0 else ""
+        return (proc.job_id, rc, tail, time.time())
 
     def reap(self) -> list[tuple[int, int, str, float]]:
         """Finished processes as ``(job_id, returncode, error_tail, end_time)``."""
         finished = []
+        if self.reaper is not None:
+            exited = self.reaper.exited
+            while exited:
+                proc = exited.popleft()
+                if self.running.pop(proc.job_id, None) is not None:
+                    finished.append(self._finished(proc))
+            return finished
         for job_id, proc in list(self.running.items()):
-            rc = proc.poll()
-            if rc is None:
+            if proc.poll() is None:
                 continue
             del self.running[job_id]
-            tail = proc.tail(self.error_tail_num_lines) if rc != 0 else ""
-            finished.append((job_id, rc, tail, time.time()))
+            finished.append(self._finished(proc))
         return finished
 
     def terminate_all(self, grace_sec: float) -> tuple[list[int], list[tuple[int, int, str, float]]]:
@@ -102,4 +186,7 @@ class ProcessPool:
         for proc in self.running.values():
             proc.wait(2.0)
         self.running.clear()
+        if self.reaper is not None:
+            self.reaper.exited.clear()
+            self.reaper.stop()
         return victims, finished

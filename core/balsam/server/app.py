@@ -63,6 +63,13 @@ async def _integrity_error(request: Request, exc: Exception) -> Response:
     return error_response(Conflict(f"The change conflicts with existing data: {str(exc.orig).splitlines()[0]}"))
 
 
+async def _data_error(request: Request, exc: Exception) -> Response:
+    # Last line of defence for values the database cannot store (validation should catch them first).
+    message = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+    logger.warning("Data error on %s %s: %s", request.method, request.url.path, message)
+    return error_response(APIError(f"A value cannot be stored: {message}", 422))
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("Unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": f"Internal server error ({type(exc).__name__}); see the server log"}, status_code=500)
@@ -114,6 +121,8 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
             APIError: _api_error,
             HTTPException: _http_error,
             sa.exc.IntegrityError: _integrity_error,
+            sa.exc.DataError: _data_error,
+            OverflowError: _data_error,
             Exception: _unexpected,
         },
         lifespan=_lifespan,

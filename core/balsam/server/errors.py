@@ -81,3 +81,26 @@ def not_found_ids(kind: str, ids: Iterable[int]) -> NotFound:
     ids = sorted(set(ids))
     shown = ", ".join(str(i) for i in ids[:20]) + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")
     return NotFound(f"{kind} not found: {shown}")
+
+
+def null_field_errors(cls: type, values: dict[str, Any], loc: list[Any]) -> list[tuple[list[Any], str]]:
+    """``null`` sent for a field whose type is not Optional."""
+    import typing
+
+    import attrs
+
+    fields = attrs.fields_dict(cls)
+    errors = []
+    for name, value in values.items():
+        if value is None and name in fields:
+            kind = fields[name].type
+            if not (typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)):
+                errors.append((loc + [name], "cannot be null"))
+    return errors
+
+
+def check_partial(cls: type, values: dict[str, Any], loc: list[Any]) -> dict[str, Any]:
+    errors = null_field_errors(cls, values, loc)
+    if errors:
+        raise ValidationFailed(errors)
+    return values

@@ -17,6 +17,10 @@ from .auth import AuthUser, decode_token
 from .errors import APIError, BadRequest, Unauthorized, ValidationFailed
 
 
+#: Integer ids and counts are stored as 32-bit integers.
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
@@ -75,9 +79,12 @@ def path_int(request: Request, name: str) -> int:
     if isinstance(raw, int):
         return raw
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ValidationFailed.field(["path", name], f"expected an integer, got {raw!r}") from None
+    if not INT_MIN <= value <= INT_MAX:
+        raise ValidationFailed.field(["path", name], f"integer out of range: {value}")
+    return value
 
 
 class QueryParams:
@@ -110,6 +117,8 @@ class QueryParams:
         if raw is None or raw == "":
             return default
         value = self._convert(name, raw, int, "an integer")
+        if not INT_MIN <= value <= INT_MAX:
+            raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
         if minimum is not None and value < minimum:
             raise ValidationFailed.field(["query", name], f"must be >= {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -124,7 +133,10 @@ class QueryParams:
         for raw in raws:
             for part in raw.split(","):
                 if part.strip():
-                    out.append(self._convert(name, part.strip(), int, "an integer"))
+                    value = self._convert(name, part.strip(), int, "an integer")
+                    if not INT_MIN <= value <= INT_MAX:
+                        raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
+                    out.append(value)
         return out
 
     def str_list(self, name: str) -> Optional[list[str]]:
@@ -204,3 +216,29 @@ def require_list(payload: Any, what: str, max_items: int) -> list:
     if len(payload) > max_items:
         raise BadRequest(f"Cannot bulk-process more than {max_items} {what} in a single API call (got {len(payload)})")
     return payload
+
+
+def int_range_errors(values: Any, loc: list[Any]) -> list[tuple[list[Any], str]]:
+    """Integers anywhere in a parsed payload that do not fit the 32-bit columns."""
+    errors: list[tuple[list[Any], str]] = []
+    if isinstance(values, bool):
+        return errors
+    if isinstance(values, int):
+        if not INT_MIN <= values <= INT_MAX:
+            errors.append((loc, f"integer out of range: {values}"))
+    elif isinstance(values, dict):
+        for key, value in values.items():
+            errors.extend(int_range_errors(value, loc + [key]))
+    elif isinstance(values, (list, set, frozenset, tuple)):
+        for index, value in enumerate(sorted(values) if isinstance(values, (set, frozenset)) else values):
+            errors.extend(int_range_errors(value, loc + [index]))
+    return errors
+
+
+def check_int_fields(values: Any, names: "tuple[str, ...] | list[str]", loc: list[Any]) -> None:
+    """Raise 422 naming every listed field whose integer(s) do not fit the 32-bit columns."""
+    if not isinstance(values, dict):
+        return
+    errors = [err for name in names if name in values for err in int_range_errors(values[name], loc + [name])]
+    if errors:
+        raise ValidationFailed(errors)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import orjson
 import sqlalchemy as sa
@@ -18,8 +18,8 @@ from balsam.models import Job
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
 from .db import bulk_insert
-from .errors import split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
-from .http import QueryParams
+from .errors import null_field_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
+from .http import QueryParams, int_range_errors
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sessions, sites, transfer_items
 
 S = JobState
@@ -261,6 +261,9 @@ def parse_job_creates(payload: list[Any]) -> list[Job]:
             errors.append((["body", index, "wall_time_min"], "must be >= 0"))
         if job.gpus_per_rank < 0:
             errors.append((["body", index, "gpus_per_rank"], "must be >= 0"))
+        for name in ("app_id", "parent_ids", "batch_job_id", "return_code", "num_nodes", "ranks_per_node",
+                     "threads_per_rank", "threads_per_core", "node_packing_count", "wall_time_min"):
+            errors.extend(int_range_errors(getattr(job, name), ["body", index, name]))
         for slot, item_t in job.transfers.items():
             if not item_t.path.is_absolute():
                 errors.append((["body", index, "transfers", slot, "path"], f"remote path must be absolute, got {str(item_t.path)!r}"))
@@ -432,12 +435,18 @@ def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, A
     for name in ("num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "node_packing_count"):
         if name in patch and patch[name] < 1:
             raise ValidationFailed.field(loc + [name], f"must be >= 1, got {patch[name]}")
+    range_errors = [err for name in ("batch_job_id", "return_code", "num_nodes", "ranks_per_node", "threads_per_rank",
+                                     "threads_per_core", "node_packing_count", "wall_time_min")
+                    if name in patch for err in int_range_errors(patch[name], loc + [name])]
+    if allow_id:
+        range_errors.extend(int_range_errors(job_id, loc + ["id"]))
+    if range_errors:
+        raise ValidationFailed(range_errors)
+    null_errors = null_field_errors(Job, {k: v for k, v in patch.items() if k != "state_timestamp"}, loc)
     if "state" in patch and patch["state"] is None:
-        raise ValidationFailed.field(loc + ["state"], "cannot be null")
-    for name in ("workdir", "tags", "data", "launch_params", "serialized_parameters", "serialized_return_value",
-                 "serialized_exception", "num_nodes", "gpus_per_rank", "wall_time_min", "pending_file_cleanup"):
-        if name in patch and patch[name] is None:
-            raise ValidationFailed.field(loc + [name], "cannot be null")
+        null_errors.append((loc + ["state"], "cannot be null"))
+    if null_errors:
+        raise ValidationFailed(null_errors)
     if allow_id:
         patch["id"] = job_id
     return patch
@@ -685,9 +694,3 @@ def delete_jobs(conn: sa.Connection, ids: list[int]) -> int:
 def running_state_exists(conn: sa.Connection, session_ids: list[int]) -> bool:
     return bool(conn.execute(sa.select(sa.func.count()).where(jobs.c.session_id.in_(session_ids))).scalar_one())
 
-
-__all__ = [
-    "JOB_OUT_FIELDS", "JOB_FILTERS", "list_jobs", "bulk_create_jobs", "update_jobs", "delete_jobs", "set_states",
-    "release_children", "parse_job_creates", "parse_job_patch", "matching_job_ids", "fetch_jobs", "utcnow",
-    "owned_site_ids", "json_contains", "EventBuffer", "SESSION_EXPIRED_MSG", "sessions",
-]

@@ -18,10 +18,12 @@ from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE, SessionAcquire
 from balsam.states import BatchJobState, JobState
 
 from .errors import NotFound, ValidationFailed
+from .http import check_int_fields
 from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, utcnow
 from .tables import batch_jobs, jobs, sessions, sites
 
 logger = logging.getLogger(__name__)
+_last_user_sweep: dict[tuple[int, int], float] = {}
 SORT_BY_CHOICES = (None, "long_large_first")
 
 
@@ -63,6 +65,19 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
     return len(expired)
 
 
+def maybe_sweep(conn: sa.Connection, settings: Any, user_id: int) -> None:
+    """Sweep the user's stale sessions, at most once per sweep period per process (the
+    background task sweeps everyone on the same period)."""
+    import time
+
+    period = min(settings.session_sweep_sec, settings.session_expire_sec / 2)
+    key = (id(settings), user_id)
+    now = time.monotonic()
+    if now - _last_user_sweep.get(key, 0.0) >= period:
+        sweep_expired(conn, settings.session_expire_sec, user_id)
+        _last_user_sweep[key] = now
+
+
 def release_session_jobs(conn: sa.Connection, session_ids: list[int], now: dt.datetime) -> None:
     running = conn.execute(
         sa.select(jobs.c.id).where(jobs.c.session_id.in_(session_ids), jobs.c.state == JobState.running.value)
@@ -82,6 +97,8 @@ def parse_acquire(payload: Any) -> SessionAcquire:
         spec = from_dict(SessionAcquire, payload)
     except PayloadError as exc:
         raise ValidationFailed.from_payload(exc) from None
+    check_int_fields({"max_wall_time_min": spec.max_wall_time_min, "max_nodes_per_job": spec.max_nodes_per_job,
+                      "app_ids": spec.app_ids}, ["max_wall_time_min", "max_nodes_per_job", "app_ids"], ["body"])
     if not 1 <= spec.max_num_jobs <= MAX_JOBS_PER_SESSION_ACQUIRE:
         raise ValidationFailed.field(["body", "max_num_jobs"], f"must be between 1 and {MAX_JOBS_PER_SESSION_ACQUIRE}, got {spec.max_num_jobs}")
     if spec.sort_by not in SORT_BY_CHOICES:
@@ -119,8 +136,21 @@ def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[
     stmt = stmt.limit(spec.max_num_jobs)
     if dialect == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True, of=jobs)
-    rows = conn.execute(stmt).all()
+    now = utcnow()
+    conn.execute(sa.update(sessions).where(sessions.c.id == session.id).values(heartbeat=now))
+    values: dict[str, Any] = {"session_id": session.id}
+    if session.batch_job_id is not None:
+        values["batch_job_id"] = session.batch_job_id
 
+    if spec.max_aggregate_nodes is None:
+        # One statement: lease whatever the (locked, skip-locked) subquery picked.
+        ids_subquery = sa.select(stmt.subquery().c.id)
+        leased = conn.execute(
+            sa.update(jobs).where(jobs.c.id.in_(ids_subquery)).values(**values).returning(*JOB_OUT_COLUMNS)
+        )
+        return sorted(job_dicts(leased), key=lambda job: job["id"])
+
+    rows = conn.execute(stmt).all()
     if spec.max_aggregate_nodes is not None:
         chosen: list[int] = []
         footprint = 0.0
@@ -135,13 +165,8 @@ def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[
     else:
         chosen = [row.id for row in rows]
 
-    now = utcnow()
-    conn.execute(sa.update(sessions).where(sessions.c.id == session.id).values(heartbeat=now))
     if not chosen:
         return []
-    values: dict[str, Any] = {"session_id": session.id}
-    if session.batch_job_id is not None:
-        values["batch_job_id"] = session.batch_job_id
     conn.execute(sa.update(jobs).where(jobs.c.id.in_(chosen)).values(**values))
     result = conn.execute(sa.select(*JOB_OUT_COLUMNS).where(jobs.c.id.in_(chosen)))
     by_id = {d["id"]: d for d in job_dicts(result)}

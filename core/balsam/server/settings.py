@@ -33,18 +33,30 @@ def default_database_url() -> str:
 
 
 def load_or_create_secret(path: Path) -> str:
-    """The embedded server's signing key: created once with mode 0600, then reused."""
-    if path.exists():
-        key = path.read_text().strip()
-        if key:
-            return key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
-    os.chmod(path, 0o600)
-    return key
+    """The embedded server's signing key: created once with mode 0600, then reused.
+
+    Creation is exclusive (O_EXCL + rename), so workers starting together agree on one key.
+    """
+    import time
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for _attempt in range(50):
+        if path.exists():
+            key = path.read_text().strip()
+            if key:
+                return key
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48) + "\n")
+        try:
+            os.link(tmp, path)  # fails if another process created the key first
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        time.sleep(0.01)
+    raise RuntimeError(f"cannot create or read the signing key {path}")
 
 
 def _int_env(name: str, default: int) -> int:

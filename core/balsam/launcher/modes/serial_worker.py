@@ -48,6 +48,7 @@ def _setup_logging(path: Path, logging_config: Optional[dict[str, Any]] = None) 
 class _Signals:
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.wake = threading.Event()
         self.signum: Optional[int] = None
 
     def install(self) -> None:
@@ -57,6 +58,7 @@ class _Signals:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signum = signum
         self.event.set()
+        self.wake.set()
 
 
 def _isend_all(comm: Any, requests: list, outbox: dict[int, list]) -> None:
@@ -90,7 +92,9 @@ class Master:
         self.countdown = Countdown(config["wall_time_min"], start_time=config["start_time"])
         self.idle_timer = IdleTimer(launcher["idle_ttl_sec"])
         self.delay_sec = float(launcher["delay_sec"])
-        self.pool = ProcessPool(int(launcher["error_tail_num_lines"]))
+        #: Set whenever the loop has something to do: a task exited, jobs arrived, a signal came.
+        self.wake = signals.wake
+        self.pool = ProcessPool(int(launcher["error_tail_num_lines"]), wake=self.wake)
         self.preparer = JobPreparer(Path(config["data_path"]))
         slots = sum(max(1, len(n.cpu_ids)) for n in self.nodes)
         #: Jobs kept leased ahead of the free slots (Balsam 0.7: prefetch per rank), at least 64, at most 2048.
@@ -99,6 +103,9 @@ class Master:
         self.remote: dict[int, int] = {}  # job id -> rank
         self.need_more = threading.Event()
         self.source_empty = False
+        #: Worth trying to start queued tasks: resources were freed or new jobs arrived since the
+        #: last attempt stopped on a full node (resources only change when tasks end).
+        self.try_start = True
         self.source: Any = None
         self.source_error: Optional[BaseException] = None
         self.acquire_error: Optional[str] = None
@@ -161,6 +168,9 @@ class Master:
                     report_failed(updater, job.id, f"An exception occurred while preparing the job: {type(exc).__name__}: {exc}")
                     continue
                 self.queue.append(prepared)
+            if jobs:
+                self.try_start = True
+                self.wake.set()
             self.source_empty = not jobs
             if not jobs:
                 self.stop_event.wait(self.delay_sec)
@@ -187,12 +197,19 @@ class Master:
         started = 0
         misses = 0
         queue = self.queue
+        self.try_start = False
+        full_for: set = set()  # demands that did not fit in this pass: the same demand will not fit either
         while queue and misses < 8:
             prepared = queue.popleft()
+            if prepared.demand in full_for:
+                queue.append(prepared)
+                misses += 1
+                continue
             try:
                 placement = self.node_manager.assign(prepared.id, prepared.demand)
             except InsufficientResources:
                 queue.append(prepared)
+                full_for.add(prepared.demand)
                 misses += 1
                 continue
             rank = placement.node_indexes[0]
@@ -217,6 +234,8 @@ class Master:
     def _finish(self, updater: Any, results: list) -> None:
         from balsam.launcher.runner import report_exit
 
+        if results:
+            self.try_start = True
         for job_id, rc, tail, when in results:
             self.node_manager.free(job_id)
             self.remote.pop(job_id, None)
@@ -260,13 +279,14 @@ class Master:
                     reason = stop
                     break
                 progress = 0
+                self.wake.clear()  # before looking: an event from now on makes the next wait return
                 done = self.pool.reap()
                 if done:
                     self._finish(updater, done)
                     progress += len(done)
                 if self.size > 1:
                     progress += self._receive(updater)
-                if self.queue:
+                if self.queue and self.try_start:
                     progress += self._start_queued(updater, outbox)
                     if outbox:
                         _isend_all(self.comm, requests, outbox)
@@ -278,7 +298,8 @@ class Master:
                 else:
                     self.idle_timer.idle()
                 if not progress:
-                    self.signals.event.wait(POLL_SEC if (self.pool.running or self.remote) else 0.005)
+                    # Remote reports arrive by MPI (polled); local exits and new jobs set `wake`.
+                    self.wake.wait(POLL_SEC if self.remote else 0.05)
         finally:
             self.stop_event.set()
             self.need_more.set()
@@ -338,7 +359,7 @@ class Worker:
 
         self.comm = comm
         self.signals = signals
-        self.pool = ProcessPool(error_tail_num_lines)
+        self.pool = ProcessPool(error_tail_num_lines, wake=signals.wake)
         self.base_env = dict(os.environ)
 
     def _env(self, task: dict[str, Any]) -> dict[str, str]:
@@ -353,6 +374,7 @@ class Worker:
         requests: list = []
         signal_time: Optional[float] = None
         while True:
+            self.signals.wake.clear()
             if comm.Iprobe(source=0, tag=TAG_LAUNCH):
                 msg = comm.recv(source=0, tag=TAG_LAUNCH)
                 if "stop" in msg:
@@ -379,7 +401,8 @@ class Worker:
                     victims, finished = self.pool.terminate_all(5)
                     logger.error("no stop message from the master 30 s after a signal; %d tasks killed", len(victims))
                     return 1
-            time.sleep(POLL_SEC if self.pool.running else 0.002)
+            # Messages from the master are polled; task exits set `wake` at once.
+            self.signals.wake.wait(POLL_SEC if self.pool.running else 0.002)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -396,8 +419,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     rank = comm.Get_rank()
     log_dir = Path(config["log_path"])
     base = f"serial_mode_{config['timestamp']}.{config['partition_index']}"
-    # The spawn/reap loop must get the GIL back quickly from the acquire and status threads.
-    sys.setswitchinterval(0.0005)
     if rank == 0:
         _setup_logging(log_dir / f"{base}.master.log", config.get("logging"))
         try:

@@ -10,8 +10,8 @@ from starlette.responses import Response
 from balsam.models import MAX_SERIALIZED_CLASS_CHARS, App, writable_fields
 from balsam.serialization import PayloadError, from_dict, partial_from_dict, to_dict
 
-from ..errors import BadRequest, NotFound, ValidationFailed
-from ..http import PAGINATION, json_response, no_content, pagination
+from ..errors import BadRequest, NotFound, ValidationFailed, check_partial
+from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
 from ..jobs_logic import like_escape
 from ..routing import Ctx, route
 from ..tables import apps, sites
@@ -103,6 +103,7 @@ def create_app_record(ctx: Ctx) -> Response:
     except PayloadError as exc:
         raise ValidationFailed.from_payload(exc) from None
     values = {k: v for k, v in to_dict(app).items() if k in WRITABLE}
+    check_int_fields(values, ["site_id"], ["body"])
     _validate(values)
     with ctx.write() as conn:
         _check_site(conn, ctx.user.id, values["site_id"])
@@ -124,12 +125,10 @@ def update_app(ctx: Ctx) -> Response:
     if isinstance(data, dict):
         data = {k: v for k, v in data.items() if k != "id"}
     try:
-        values = _json_values(partial_from_dict(App, data, allowed=WRITABLE))
+        values = _json_values(check_partial(App, partial_from_dict(App, data, allowed=WRITABLE), ["body"]))
+        check_int_fields(values, ["site_id"], ["body"])
     except PayloadError as exc:
         raise ValidationFailed.from_payload(exc) from None
-    for name in ("name", "serialized_class", "source_code", "description", "site_id"):
-        if name in values and values[name] is None:
-            raise ValidationFailed.field(["body", name], "cannot be null")
     _validate(values)
     with ctx.write() as conn:
         current = get_owned_app(conn, ctx.user.id, app_id)

@@ -11,11 +11,12 @@ from balsam.models import MAX_ITEMS_PER_BULK_OP, BatchJob
 from balsam.serialization import PayloadError, from_dict, partial_from_dict, to_dict
 from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 
-from ..errors import split_path, BadRequest, NotFound, ValidationFailed, not_found_ids
-from ..http import PAGINATION, json_response, no_content, pagination, require_list
-from ..jobs_logic import json_contains, owned_site_ids
+from ..errors import split_path, check_partial, BadRequest, NotFound, ValidationFailed, not_found_ids
+from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination, require_list
+from ..jobs_logic import json_contains, owned_site_ids, utcnow
+from ..sessions_logic import release_session_jobs
 from ..routing import Ctx, route
-from ..tables import batch_jobs, sites
+from ..tables import batch_jobs, sessions, sites
 
 BJ_FIELDS = ["id", "site_id", "scheduler_id", "project", "queue", "optional_params", "num_nodes", "wall_time_min",
              "job_mode", "partitions", "filter_tags", "state", "status_info", "start_time", "end_time"]
@@ -46,6 +47,10 @@ def _json_values(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate_numbers(values: dict[str, Any], loc: list[Any]) -> None:
+    check_int_fields(values, ["site_id", "scheduler_id", "num_nodes", "wall_time_min"], loc)
+    for index, part in enumerate(values.get("partitions") or []):
+        number = part.get("num_nodes") if isinstance(part, dict) else getattr(part, "num_nodes", None)
+        check_int_fields({"num_nodes": number}, ["num_nodes"], loc + ["partitions", index])
     for name in ("num_nodes", "wall_time_min"):
         if name in values and (values[name] is None or values[name] < 1):
             raise ValidationFailed.field(loc + [name], f"must be a positive integer, got {values[name]!r}")
@@ -129,9 +134,7 @@ def _parse_patch(data: Any, loc: list[Any]) -> dict[str, Any]:
         values = partial_from_dict(BatchJob, data, allowed=UPDATABLE)
     except PayloadError as exc:
         raise ValidationFailed((loc + split_path(path), msg) for path, msg in exc.errors) from None
-    for name in ("state", "project", "queue", "job_mode", "optional_params", "filter_tags", "status_info"):
-        if name in values and values[name] is None:
-            raise ValidationFailed.field(loc + [name], "cannot be null")
+    check_partial(BatchJob, values, loc)
     _validate_numbers(values, loc)
     return _json_values(values)
 
@@ -180,8 +183,20 @@ def _update_many(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
             .values({n: sa.bindparam(f"v_{n}", type_=batch_jobs.c[n].type) for n in names})
         )
         conn.execute(stmt, params)
+    finished = [bj_id for bj_id, values in patches.items()
+                if values.get("state") == BJ.finished.value and current[bj_id] != BJ.finished.value]
+    if finished:
+        end_batch_job_sessions(conn, finished)
     rows = conn.execute(sa.select(*BJ_COLUMNS).where(batch_jobs.c.id.in_(ids)).order_by(batch_jobs.c.id))
     return [bj_dict(r) for r in rows]
+
+
+def end_batch_job_sessions(conn: sa.Connection, bj_ids: list[int]) -> None:
+    """A finished allocation has no live launcher: end its sessions now (RUNNING -> RUN_TIMEOUT)."""
+    session_ids = list(conn.execute(sa.select(sessions.c.id).where(sessions.c.batch_job_id.in_(bj_ids))).scalars())
+    if session_ids:
+        release_session_jobs(conn, session_ids, utcnow())
+        conn.execute(sa.delete(sessions).where(sessions.c.id.in_(session_ids)))
 
 
 def update_batch_job(ctx: Ctx) -> Response:
@@ -202,6 +217,7 @@ def bulk_update(ctx: Ctx) -> Response:
         loc = ["body", index]
         if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
             raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
+        check_int_fields(item, ["id"], loc)
         body = {k: v for k, v in item.items() if k != "id"}
         if body.get("site_id") is not None:
             raise ValidationFailed.field(loc + ["site_id"], "cannot be changed")

@@ -6,22 +6,24 @@ import sqlalchemy as sa
 from starlette.responses import Response
 
 from ..errors import NotFound, ValidationFailed
-from ..http import json_response, no_content
+from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
 from ..jobs_logic import owned_site_ids, utcnow
 from ..routing import Ctx, route
-from ..sessions_logic import acquire, get_owned_session, parse_acquire, release_session_jobs, session_dict, sweep_expired
+from ..sessions_logic import acquire, get_owned_session, maybe_sweep, parse_acquire, release_session_jobs, session_dict
 from ..tables import batch_jobs, sessions, sites
 
 
 def list_sessions(ctx: Ctx) -> Response:
-    q = ctx.query({"id"})
+    q = ctx.query({"id"} | PAGINATION)
+    limit, offset = pagination(q)
     stmt = sa.select(sessions).where(sessions.c.site_id.in_(owned_site_ids(ctx.user.id)))
     ids = q.int_list("id")
     if ids is not None:
         stmt = stmt.where(sessions.c.id.in_(ids))
     with ctx.read() as conn:
-        rows = conn.execute(stmt.order_by(sessions.c.id)).all()
-    return json_response({"count": len(rows), "results": [session_dict(r) for r in rows]})
+        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
+        rows = conn.execute(stmt.order_by(sessions.c.id).limit(limit).offset(offset)).all()
+    return json_response({"count": count, "results": [session_dict(r) for r in rows]})
 
 
 def create_session(ctx: Ctx) -> Response:
@@ -38,6 +40,7 @@ def create_session(ctx: Ctx) -> Response:
         errors.append((["body", "batch_job_id"], f"expected an integer or null, got {batch_job_id!r}"))
     if errors:
         raise ValidationFailed(errors)
+    check_int_fields(data, ["site_id", "batch_job_id"], ["body"])
     with ctx.write() as conn:
         owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, sites.c.owner_id == ctx.user.id)).first()
         if owned is None:
@@ -48,7 +51,7 @@ def create_session(ctx: Ctx) -> Response:
             ).first()
             if bj is None:
                 raise NotFound(f"BatchJob {batch_job_id} not found at site {site_id}")
-        sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
+        maybe_sweep(conn, ctx.settings, ctx.user.id)
         row = conn.execute(
             sa.insert(sessions).values(site_id=site_id, batch_job_id=batch_job_id, heartbeat=utcnow()).returning(*sessions.c)
         ).one()
@@ -59,7 +62,7 @@ def acquire_jobs(ctx: Ctx) -> Response:
     session_id = ctx.path_int("session_id")
     spec = parse_acquire(ctx.json())
     with ctx.write() as conn:
-        sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
+        maybe_sweep(conn, ctx.settings, ctx.user.id)
         session = get_owned_session(conn, ctx.user.id, session_id)
         result = acquire(conn, session, spec)
     return json_response(result)
@@ -68,7 +71,7 @@ def acquire_jobs(ctx: Ctx) -> Response:
 def tick(ctx: Ctx) -> Response:
     session_id = ctx.path_int("session_id")
     with ctx.write() as conn:
-        sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
+        maybe_sweep(conn, ctx.settings, ctx.user.id)
         get_owned_session(conn, ctx.user.id, session_id)
         now = utcnow()
         conn.execute(sa.update(sessions).where(sessions.c.id == session_id).values(heartbeat=now))

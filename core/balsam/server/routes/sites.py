@@ -10,7 +10,7 @@ from starlette.responses import Response
 from balsam.models import Site, writable_fields
 from balsam.serialization import PayloadError, from_dict, partial_from_dict, to_dict
 
-from ..errors import BadRequest, NotFound, ValidationFailed
+from ..errors import BadRequest, NotFound, ValidationFailed, check_partial
 from ..http import PAGINATION, json_response, no_content, pagination
 from ..jobs_logic import like_escape, utcnow
 from ..routing import Ctx, route
@@ -117,12 +117,9 @@ def update_site(ctx: Ctx) -> Response:
         # Read-only fields sent back by clients that PUT a whole record are ignored.
         data = {k: v for k, v in data.items() if k not in ("id", "last_refresh", "creation_date")}
     try:
-        values = _stored(partial_from_dict(Site, data, allowed=WRITABLE))
+        values = _stored(check_partial(Site, partial_from_dict(Site, data, allowed=WRITABLE), ["body"]))
     except PayloadError as exc:
         raise ValidationFailed.from_payload(exc) from None
-    for name in ("name", "path"):
-        if name in values and values[name] is None:
-            raise ValidationFailed.field(["body", name], "cannot be null")
     _validate(values)
     with ctx.write() as conn:
         get_owned_site(conn, ctx.user.id, site_id)

@@ -11,8 +11,8 @@ from balsam.models import MAX_ITEMS_PER_BULK_OP, TransferItem
 from balsam.serialization import PayloadError, partial_from_dict
 from balsam.states import JobState, TransferDirection, TransferItemState
 
-from ..errors import split_path, NotFound, ValidationFailed, not_found_ids
-from ..http import PAGINATION, json_response, pagination, require_list
+from ..errors import split_path, check_partial, NotFound, ValidationFailed, not_found_ids
+from ..http import PAGINATION, check_int_fields, json_response, pagination, require_list
 from ..jobs_logic import json_contains, owned_site_ids, set_states, utcnow
 from ..routing import Ctx, route
 from ..tables import jobs, transfer_items
@@ -80,9 +80,7 @@ def _parse(data: Any, loc: list[Any]) -> dict[str, Any]:
         values = partial_from_dict(TransferItem, data, allowed=UPDATABLE)
     except PayloadError as exc:
         raise ValidationFailed((loc + split_path(path), msg) for path, msg in exc.errors) from None
-    for name in UPDATABLE:
-        if name in values and values[name] is None:
-            raise ValidationFailed.field(loc + [name], "cannot be null")
+    check_partial(TransferItem, values, loc)
     if "state" in values:
         values["state"] = values["state"].value
     return values
@@ -158,6 +156,7 @@ def bulk_update(ctx: Ctx) -> Response:
         loc = ["body", index]
         if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
             raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
+        check_int_fields(item, ["id"], loc)
         if item["id"] in patches:
             raise ValidationFailed.field(loc + ["id"], f"duplicate transfer item id {item['id']} in one request")
         patches[item["id"]] = _parse({k: v for k, v in item.items() if k != "id"}, loc)

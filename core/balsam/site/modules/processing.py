@@ -13,21 +13,23 @@ Jobs are leased through a Session of their own (no BatchJob), ``prefetch_depth``
 Jobs whose app keeps the default hook are moved in bulk in the agent process (no process is spawned:
 this path carries the launchers' thousands of jobs per second). Jobs whose app overrides the hook go
 to a pool of ``num_workers`` worker processes, which append the hook's output to the job's
-``balsam.log``. ``run()`` apps get their return value or exception from ``job.out``. All results are
-sent with one bulk PATCH per cycle.
+``balsam.log``. ``run()`` apps get their return value or exception from ``job.out``. Results go to
+the launcher's BulkStatusUpdater (bulk PATCHes; retried through API outages, so no result is lost
+while the jobs stay leased to this module's session).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ...models import MAX_JOBS_PER_SESSION_ACQUIRE
 from ...states import PROCESSABLE_STATES, JobState
-from ..api_util import bulk_patch, results
+from ..api_util import results
 from ..apps import AppCache
 from ..hooks_runner import HOOK_FOR_STATE, default_update, now_iso, run_hooks
 from ..module import AgentModule, config_value
@@ -35,6 +37,11 @@ from ..module import AgentModule, config_value
 #: Jobs handed to one worker task (amortizes the IPC and app deserialization).
 WORKER_CHUNK = 16
 SESSION_TICK_SEC = 30.0
+
+
+def _worker_init() -> None:
+    # Ctrl-C in a foreground agent reaches the whole process group: the agent stops the pool itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ProcessingModule(AgentModule):
@@ -49,6 +56,10 @@ class ProcessingModule(AgentModule):
         self.last_tick = 0.0
         self.pool: Optional[cf.ProcessPoolExecutor] = None
         self.pending: dict[cf.Future, list[dict]] = {}
+        self.updater: Any = None
+        #: Jobs leased but not yet handled (e.g. the app lookup failed in an API outage): kept for
+        #: the next cycle, since no other session can take them while we hold them.
+        self.backlog: list[dict] = []
         self.processed = 0
 
     # -- configuration -----------------------------------------------------------------------------
@@ -112,8 +123,24 @@ class ProcessingModule(AgentModule):
     def _pool(self) -> cf.ProcessPoolExecutor:
         if self.pool is None:
             # forkserver: the agent has threads, and forking a threaded process is unsafe.
-            self.pool = cf.ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("forkserver"))
+            self.pool = cf.ProcessPoolExecutor(
+                self.num_workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_worker_init
+            )
         return self.pool
+
+    def _send(self, updates: list[dict]) -> None:
+        if self.updater is None:
+            from ...launcher.status_updater import BulkStatusUpdater
+
+            self.updater = BulkStatusUpdater(self.client, max_wait_sec=0.05, close_timeout=30.0, name="processing-updates")
+        for update in updates:
+            fields = dict(update)
+            job_id = fields.pop("id")
+            state = fields.pop("state", None)
+            timestamp = fields.pop("state_timestamp", None)
+            state_data = fields.pop("state_data", None)
+            self.updater.put(job_id, state, timestamp, state_data, **fields)
+        self.processed += len(updates)
 
     def _harvest(self) -> list[dict]:
         updates: list[dict] = []
@@ -136,21 +163,33 @@ class ProcessingModule(AgentModule):
                 )
         return updates
 
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every result handed to the status updater has been sent."""
+        return self.updater.flush(timeout) if self.updater is not None else True
+
     def in_flight(self) -> int:
         return sum(len(jobs) for jobs in self.pending.values())
 
     # -- cycle -------------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
-        updates = self._harvest()
-        room = min(self.prefetch_depth - self.in_flight(), MAX_JOBS_PER_SESSION_ACQUIRE)
+        harvested = self._harvest()
+        if harvested:
+            self._send(harvested)
+        room = min(self.prefetch_depth - self.in_flight() - len(self.backlog), MAX_JOBS_PER_SESSION_ACQUIRE)
         acquired: list[dict] = []
         if room > 0:
             acquired = self._acquire(room)
-        if acquired:
-            updates.extend(self._dispatch(acquired))
-        if updates:
-            bulk_patch(self.client, "/jobs/", updates)
-            self.processed += len(updates)
+            self.backlog.extend(acquired)
+        if self.backlog:
+            jobs, self.backlog = self.backlog, []
+            try:
+                self.apps.prefetch(job["app_id"] for job in jobs)
+            except Exception:
+                self.backlog = jobs
+                raise
+            updates = self._dispatch(jobs)
+            if updates:
+                self._send(updates)
         self._tick()
         if room > 0 and len(acquired) >= room:
             return 0.0  # more work is likely waiting
@@ -159,12 +198,14 @@ class ProcessingModule(AgentModule):
         return None
 
     def _dispatch(self, jobs: list[dict]) -> list[dict]:
-        """Default hooks now (returned as updates), user hooks to the worker pool."""
-        self.apps.prefetch(job["app_id"] for job in jobs)
+        """Default hooks now (returned as updates), user hooks to the worker pool. Apps are prefetched."""
         updates: list[dict] = []
         custom: dict[int, list[dict]] = {}
         for job in jobs:
             state = JobState(job["state"])
+            if state not in HOOK_FOR_STATE:
+                self.logger.warning("job %s: acquired in state %s, which has no hook; left as it is", job["id"], state)
+                continue
             info = self.apps.info(job["app_id"])
             if info.cls is None:
                 updates.append(
@@ -194,9 +235,12 @@ class ProcessingModule(AgentModule):
             info = self.apps.info(app_id)
             for start in range(0, len(app_jobs), WORKER_CHUNK):
                 chunk = app_jobs[start : start + WORKER_CHUNK]
-                future = self._pool().submit(
-                    run_hooks, info.record, chunk, info.python_app, str(self.data_path), self.tail_num_lines
-                )
+                args = (run_hooks, info.record, chunk, info.python_app, str(self.data_path), self.tail_num_lines)
+                try:
+                    future = self._pool().submit(*args)
+                except RuntimeError:  # a broken pool (a worker died): start a fresh one
+                    self.pool = None
+                    future = self._pool().submit(*args)
                 self.pending[future] = chunk
         return updates
 
@@ -206,10 +250,12 @@ class ProcessingModule(AgentModule):
             cf.wait(list(self.pending), timeout=20)
             updates = self._harvest()
             if updates:
-                try:
-                    bulk_patch(self.client, "/jobs/", updates)
-                except Exception as exc:
-                    self.logger.error("could not send %d hook results at shutdown: %s", len(updates), exc)
+                self._send(updates)
+        if self.updater is not None:
+            self.updater.close()  # sends what is queued (retrying for up to 30 s)
+            if self.updater.dropped:
+                self.logger.error("%d job updates could not be sent: %s", len(self.updater.dropped), self.updater.dropped[:3])
+            self.updater = None
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None

@@ -9,7 +9,7 @@ Balsam 0.7, so a misconfiguration never floods the scheduler.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from ...states import ACTIVE_BATCH_JOB_STATES
 from ..api_util import count

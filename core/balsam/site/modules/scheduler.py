@@ -273,6 +273,19 @@ class SchedulerModule(AgentModule):
                 update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": message}
             return
         script = self.script_path(batch_job["id"])
+        marker = script.with_name(script.name + ".scheduler_id")
+        if marker.is_file():
+            # Submitted before, but the API never heard of it (outage, agent restart): never submit twice.
+            try:
+                scheduler_id = int(marker.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                scheduler_id = None
+            if scheduler_id is not None:
+                info = dict(batch_job.get("status_info") or {})
+                info.update(submit_script=str(script), submit_time=iso_now())
+                update.update(state=BatchJobState.queued.value, scheduler_id=scheduler_id, status_info=info)
+                self.logger.info("BatchJob %s: already submitted as scheduler job %s", batch_job["id"], scheduler_id)
+                return
         try:
             text = render_job_script(
                 read_template(self.template_path()),
@@ -314,6 +327,10 @@ class SchedulerModule(AgentModule):
                 self._error(update, batch_job, f"submit failed (attempt {failures}, will retry): {message}")
             return
         self.submit_failures.pop(batch_job["id"], None)
+        try:
+            marker.write_text(f"{scheduler_id}\n")
+        except OSError as exc:
+            self.logger.warning("BatchJob %s: cannot record the submission in %s: %s", batch_job["id"], marker, exc)
         queued_counts[queue] = queued_counts.get(queue, 0) + 1
         info = {k: v for k, v in (batch_job.get("status_info") or {}).items() if k not in ("waiting",)}
         info.update(submit_script=str(script), submit_time=iso_now())

@@ -1,0 +1,71 @@
+"""Garbage in never gives a 500: every route answers 4xx naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+BIG = 2**70
+JUNK_VALUES = [None, True, "text", -1, 0, BIG, -BIG, 1.5, [], {}, [1, "x"], {"k": {"nested": [1]}}]
+
+
+@pytest.fixture
+def world(api):
+    site = api.site(transfer_locations={"a": "globus://x"})
+    app = api.app(site["id"], transfers={"in": {"required": False, "direction": "in", "local_path": "f"}})
+    job = api.jobs(app["id"], transfers={"in": "a:/x"})[0]
+    bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site["id"], "project": "p", "queue": "q", "num_nodes": 1,
+                                                  "wall_time_min": 5, "job_mode": "mpi"})
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})
+    item = api.ok("GET", "/transfers/")["results"][0]
+    return {"site": site, "app": app, "job": job, "bj": bj, "session": session, "item": item}
+
+
+def assert_client_error(resp, what):
+    assert 400 <= resp.status_code < 500, f"{what} -> {resp.status_code}: {resp.text[:300]}"
+    body = resp.json()
+    assert "detail" in body and body["detail"], what
+
+
+def test_junk_fields_in_bodies(api, world):
+    targets = [
+        ("POST", "/sites/", {"name": "n", "path": "/p"}, ["name", "path", "allowed_queues", "backfill_windows", "queued_jobs", "transfer_locations", "allowed_projects"]),
+        ("PUT", f"/sites/{world['site']['id']}", {}, ["name", "path", "optional_batch_job_params", "globus_endpoint_id"]),
+        ("POST", "/apps/", {"site_id": world["site"]["id"], "name": "Z", "serialized_class": "", "source_code": ""}, ["site_id", "name", "parameters", "transfers"]),
+        ("PUT", f"/apps/{world['app']['id']}", {}, ["name", "parameters", "transfers", "site_id"]),
+        ("PUT", f"/jobs/{world['job']['id']}", {}, ["state", "tags", "num_nodes", "batch_job_id", "workdir", "return_code", "state_timestamp", "launch_params"]),
+        ("POST", "/batch-jobs/", {"site_id": world["site"]["id"], "project": "p", "queue": "q", "num_nodes": 1, "wall_time_min": 5, "job_mode": "mpi"},
+         ["site_id", "num_nodes", "partitions", "filter_tags", "job_mode", "optional_params"]),
+        ("PUT", f"/batch-jobs/{world['bj']['id']}", {}, ["state", "scheduler_id", "status_info", "start_time", "num_nodes"]),
+        ("POST", "/sessions/", {"site_id": world["site"]["id"]}, ["site_id", "batch_job_id"]),
+        ("POST", f"/sessions/{world['session']['id']}", {"max_num_jobs": 1, "filter_tags": {}}, ["max_num_jobs", "filter_tags", "states", "app_ids", "max_aggregate_nodes", "sort_by"]),
+        ("PUT", f"/transfers/{world['item']['id']}", {}, ["state", "task_id", "transfer_info"]),
+    ]
+    for method, path, base, fields in targets:
+        for field in fields:
+            for value in JUNK_VALUES:
+                body = {**base, field: value}
+                resp = api.http.request(method, path, json=body)
+                assert resp.status_code < 500, f"{method} {path} {field}={value!r} -> {resp.status_code}: {resp.text[:300]}"
+    for method, path in (("POST", "/jobs/"), ("PATCH", "/jobs/"), ("PATCH", "/batch-jobs/"), ("PATCH", "/transfers/")):
+        for value in JUNK_VALUES:
+            for body in (value, [value], [{"id": value}], [{"id": world["job"]["id"], "app_id": value, "workdir": value}]):
+                resp = api.http.request(method, path, json=body)
+                assert resp.status_code < 500, f"{method} {path} {body!r} -> {resp.status_code}: {resp.text[:300]}"
+                if resp.status_code >= 400:
+                    assert_client_error(resp, f"{method} {path} {body!r}")
+
+
+def test_junk_query_and_path_parameters(api, world):
+    for path, names in (("/jobs/", ["id", "parent_id", "app_id", "site_id", "batch_job_id", "state", "tags", "ordering", "limit", "offset"]),
+                        ("/batch-jobs/", ["id", "scheduler_id", "state", "start_time_before", "filter_tags"]),
+                        ("/events/", ["job_id", "timestamp_after", "data", "from_state"]),
+                        ("/transfers/", ["job_id", "state", "direction", "site_id"]),
+                        ("/sites/", ["id", "last_refresh_after"]), ("/apps/", ["site_id", "id"]), ("/sessions/", ["id"])):
+        for name in names:
+            for value in ("", "x", str(BIG), "-1", "1.5", "%00", "a:b:c", "🙂"):
+                resp = api.http.get(path, params={name: value})
+                assert resp.status_code < 500, f"GET {path}?{name}={value!r} -> {resp.status_code}: {resp.text[:300]}"
+    for path in ("/jobs/", "/sites/", "/apps/", "/batch-jobs/", "/transfers/"):
+        for value in (str(BIG), "-5", "abc", "0"):
+            resp = api.http.get(f"{path}{value}")
+            assert resp.status_code in (404, 422), (path, value, resp.status_code)
