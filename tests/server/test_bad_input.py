@@ -69,3 +69,23 @@ def test_junk_query_and_path_parameters(api, world):
         for value in (str(BIG), "-5", "abc", "0"):
             resp = api.http.get(f"{path}{value}")
             assert resp.status_code in (404, 422), (path, value, resp.status_code)
+
+
+def test_nul_characters_are_refused_everywhere(api, world):
+    """PostgreSQL text cannot hold NUL; both backends refuse it the same way, naming the field."""
+    cases = [
+        ("POST", "/sites/", {"name": "a\u0000b", "path": "/p"}, ["body", "name"]),
+        ("POST", "/jobs/", [{"workdir": "w\u0000", "app_id": world["app"]["id"]}], ["body", 0, "workdir"]),
+        ("PATCH", "/jobs/", [{"id": world["job"]["id"], "tags": {"k": "v\u0000"}}], ["body", 0, "tags", "k"]),
+        ("PUT", f"/jobs/{world['job']['id']}", {"data": {"k\u0000": 1}}, ["body", "data", "k\u0000"]),
+    ]
+    for method, path, body, loc in cases:
+        resp = api.http.request(method, path, json=body)
+        assert resp.status_code == 422, (method, path, resp.text)
+        assert resp.json()["detail"][0]["loc"] == loc
+    resp = api.http.get("/jobs/", params={"tags": "k:\u0000"})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["query", "tags"]
+    resp = api.http.post("/auth/password/login", data={"username": "x\u0000", "password": "y"})
+    assert resp.status_code == 422
+    # Escaped backslashes are ordinary text.
+    assert api.ok("PUT", f"/jobs/{world['job']['id']}", json={"data": {"path": "C:\\u0000"}}) == 1

@@ -248,9 +248,34 @@ def test_parent_delete_removes_link(api, site_app):
     assert api.job(child["id"])["state"] == "AWAITING_PARENTS"
 
 
-def test_put_by_filter_limit(api, site_app, monkeypatch):
+def test_put_by_filter_validation(api, site_app):
     _site, app = site_app
     ids = [j["id"] for j in api.jobs(app["id"], 3)]
     assert api.ok("PUT", "/jobs/", params={"id": ids}, json={"wall_time_min": 7}) == 3
     resp = api.http.put("/jobs/", params={"id": ids}, json={"wall_time_min": "long"})
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "wall_time_min"]
+
+
+@pytest.mark.parametrize("item", [
+    {"workdir": "a/b", "app_id": 1},
+    {"workdir": "a/b/", "app_id": 1, "num_nodes": "2"},
+    {"workdir": "./x//y", "app_id": 1, "gpus_per_rank": 1, "parent_ids": [3, 2, 3]},
+    {"workdir": "w", "app_id": 1, "tags": {"k": "v"}, "data": {"x": [1, {"y": None}]}, "launch_params": {"a": "b"},
+     "return_code": 0, "batch_job_id": None, "pending_file_cleanup": False, "serialized_parameters": "abc",
+     "id": None, "state": None, "state_data": {}, "transfers": {}, "wall_time_min": 30, "node_packing_count": 8},
+])
+def test_fast_create_parser_matches_the_model(item):
+    """The create fast path and balsam.serialization agree on every accepted payload."""
+    from balsam.models import Job
+    from balsam.serialization import from_dict
+    from balsam.server.jobs_logic import parse_job_creates
+
+    (fast,) = parse_job_creates([item])
+    slow = from_dict(Job, item)
+    for name in ("workdir", "app_id", "tags", "data", "launch_params", "return_code", "batch_job_id", "num_nodes",
+                 "gpus_per_rank", "parent_ids", "pending_file_cleanup", "serialized_parameters", "wall_time_min",
+                 "node_packing_count"):
+        fast_value, slow_value = getattr(fast, name), getattr(slow, name)
+        if name == "workdir":
+            fast_value, slow_value = str(fast_value), str(slow_value)
+        assert fast_value == slow_value and type(fast_value) is type(slow_value), name

@@ -66,6 +66,28 @@ async def read_json(request: Request) -> Any:
         raise ValidationFailed.field(["body"], f"malformed JSON: {exc}") from None
 
 
+def nul_locations(value: Any, loc: list[Any]) -> list[list[Any]]:
+    """Where NUL characters hide in a JSON value (PostgreSQL text cannot store them)."""
+    if isinstance(value, str):
+        return [loc] if "\x00" in value else []
+    found: list[list[Any]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                found.append(loc + [key])
+            found.extend(nul_locations(item, loc + [key]))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found.extend(nul_locations(item, loc + [index]))
+    return found
+
+
+def reject_nul(value: Any, loc: list[Any]) -> None:
+    found = nul_locations(value, loc)
+    if found:
+        raise ValidationFailed((where, "NUL characters (\\u0000) are not allowed") for where in found[:20])
+
+
 def current_user(request: Request) -> AuthUser:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -92,6 +114,9 @@ class QueryParams:
 
     def __init__(self, request: Request, allowed: "set[str] | None" = None) -> None:
         self.params = request.query_params
+        for key, value in self.params.multi_items():
+            reject_nul(key, ["query"])
+            reject_nul(value, ["query", key])
         if allowed is not None:
             unknown = sorted(set(self.params.keys()) - allowed)
             if unknown:

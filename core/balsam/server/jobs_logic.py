@@ -20,7 +20,7 @@ from balsam.states import InvalidTransition, JobState, TransferDirection, Transf
 from .db import bulk_insert
 from .errors import null_field_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
 from .http import QueryParams, int_range_errors
-from .tables import apps, batch_jobs, job_parents, jobs, log_events, sessions, sites, transfer_items
+from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
 S = JobState
 #: Columns of a job as the API returns it (Balsam 0.7 JobOut).
@@ -243,12 +243,71 @@ def _normalize_transfers(item: Any) -> Any:
     return item
 
 
+_INT_FIELDS = ("app_id", "num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "node_packing_count",
+               "wall_time_min")
+_STR_FIELDS = ("workdir", "serialized_parameters", "serialized_return_value", "serialized_exception")
+_IGNORED_IF_EMPTY = ("id", "state", "last_update", "state_timestamp", "state_data", "transfers")
+_FAST_KEYS = frozenset(_INT_FIELDS + _STR_FIELDS + _IGNORED_IF_EMPTY + (
+    "tags", "launch_params", "data", "return_code", "batch_job_id", "gpus_per_rank", "parent_ids", "pending_file_cleanup"))
+_INT32 = range(-(2**31), 2**31)
+
+
+def _is_normal_path(text: Any) -> bool:
+    """True if ``str(Path(text)) == text`` (so skipping the Path round trip changes nothing)."""
+    return (type(text) is str and text not in ("", ".") and not text.endswith(("/", "/.")) and "//" not in text
+            and not text.startswith("./") and "/./" not in text)
+
+
+def _fast_job(item: Any) -> "Job | None":
+    """The common, well-formed create payload without cattrs (several times faster for 5,000 jobs).
+    Returns None when anything is unusual; the caller then validates with ``from_dict``, which
+    also produces the detailed errors."""
+    if type(item) is not dict or not _FAST_KEYS.issuperset(item):
+        return None
+    for name in _INT_FIELDS:
+        if name in item and (type(item[name]) is not int or item[name] not in _INT32):
+            return None
+    if "app_id" not in item or "workdir" not in item or not _is_normal_path(item["workdir"]):
+        return None
+    for name in _STR_FIELDS:
+        if name in item and type(item[name]) is not str:
+            return None
+    for name in ("return_code", "batch_job_id"):
+        value = item.get(name)
+        if value is not None and (type(value) is not int or value not in _INT32):
+            return None
+    for name in ("tags", "launch_params"):
+        value = item.get(name, {})
+        if type(value) is not dict or not all(type(k) is str and type(v) is str for k, v in value.items()):
+            return None
+    if type(item.get("data", {})) is not dict or type(item.get("pending_file_cleanup", True)) is not bool:
+        return None
+    gpus = item.get("gpus_per_rank", 0.0)
+    if type(gpus) not in (int, float):
+        return None
+    parents = item.get("parent_ids", [])
+    if type(parents) is not list or not all(type(p) is int and p in _INT32 for p in parents):
+        return None
+    if any(item.get(name) for name in _IGNORED_IF_EMPTY):
+        return None
+    fields = {k: v for k, v in item.items() if k not in _IGNORED_IF_EMPTY}
+    fields["parent_ids"] = set(parents)
+    fields["gpus_per_rank"] = float(gpus)
+    # workdir stays a str here (bulk_create_jobs stores str(workdir) either way).
+    return Job(**fields)
+
+
 def parse_job_creates(payload: list[Any]) -> list[Job]:
     from balsam.serialization import PayloadError, from_dict
 
     parsed: list[Job] = []
     errors: list[tuple[list[Any], str]] = []
     for index, item in enumerate(payload):
+        job = _fast_job(item)
+        if job is not None and min(job.num_nodes, job.ranks_per_node, job.threads_per_rank, job.threads_per_core,
+                                   job.node_packing_count) >= 1 and job.wall_time_min >= 0 and job.gpus_per_rank >= 0:
+            parsed.append(job)
+            continue
         try:
             job = from_dict(Job, _normalize_transfers(item))
         except PayloadError as exc:
@@ -689,8 +748,3 @@ def delete_jobs(conn: sa.Connection, ids: list[int]) -> int:
     for start in range(0, len(ids), 5000):
         total += conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids[start:start + 5000]))).rowcount
     return total
-
-
-def running_state_exists(conn: sa.Connection, session_ids: list[int]) -> bool:
-    return bool(conn.execute(sa.select(sa.func.count()).where(jobs.c.session_id.in_(session_ids))).scalar_one())
-

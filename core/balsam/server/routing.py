@@ -14,7 +14,7 @@ from starlette.routing import Route
 from .auth import AuthUser
 from .db import read_tx, write_tx
 from .errors import ValidationFailed
-from .http import QueryParams, current_user, path_int
+from .http import QueryParams, current_user, path_int, reject_nul
 
 
 class Ctx:
@@ -37,9 +37,12 @@ class Ctx:
         if not self.body:
             raise ValidationFailed.field(["body"], "request body is empty; expected JSON")
         try:
-            return orjson.loads(self.body)
+            data = orjson.loads(self.body)
         except orjson.JSONDecodeError as exc:
             raise ValidationFailed.field(["body"], f"malformed JSON: {exc}") from None
+        if b"\\u0000" in self.body:
+            reject_nul(data, ["body"])
+        return data
 
     def query(self, allowed: "set[str] | None" = None) -> QueryParams:
         return QueryParams(self.request, allowed)

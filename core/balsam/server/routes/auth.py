@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from ..auth import create_token, hash_password, verify_password
 from ..errors import BadRequest, Unauthorized, ValidationFailed
-from ..http import json_response
+from ..http import json_response, reject_nul
 from ..jobs_logic import utcnow
 from ..routing import Ctx, route
 from ..tables import users
@@ -41,6 +41,7 @@ def _login_fields(ctx: Ctx) -> tuple[str, str]:
     missing = [name for name in ("username", "password") if not isinstance(data.get(name), str) or not data.get(name)]
     if missing:
         raise ValidationFailed((["body", name], "field required") for name in missing)
+    reject_nul({"username": data["username"], "password": data["password"]}, ["body"])
     return data["username"], data["password"]
 
 
