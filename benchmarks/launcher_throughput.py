@@ -116,7 +116,7 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
         launcher = start_launcher(site, mode, 30, "--tag", f"bench={tag}", tick_sec=10)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            done = Job.objects.filter(tags={"bench": tag}, state=end_state).count()
+            done = Job.objects.filter(tags={"bench": tag}, state={end_state, "FAILED", "RUN_ERROR"}).count()
             if done >= len(ids):
                 break
             if launcher.poll() is not None and end_state == "RUN_DONE":
@@ -125,10 +125,12 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
         launcher.terminate()
         launcher.wait(60)
     cpu1 = (_cpu(server_pid), _rusage(resource.RUSAGE_CHILDREN), _rusage(resource.RUSAGE_SELF))
+    failed = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUN_ERROR"))
+    result_errors = [f"job {e.job_id}: {e.data}" for e in failed[:3]]
     running = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING"))
     first_running = min(_ts(e.timestamp) for e in running) - t0 if running else float("nan")
     result = {"mode": mode, "jobs": len(ids), "first_running_s": first_running, "processing_error": getattr(proc, "error", ""),
-              "figures": [], "cpu": [b - a for a, b in zip(cpu0, cpu1)]}
+              "figures": [], "cpu": [b - a for a, b in zip(cpu0, cpu1)], "errors": (len(failed), result_errors)}
     for state in ("RUN_DONE", "JOB_FINISHED") if end_state == "JOB_FINISHED" else ("RUN_DONE",):
         ended = list(EventLog.objects.filter(tags={"bench": tag}, to_state=state))
         last = max(_ts(e.timestamp) for e in ended) - t0 if ended else float("nan")
@@ -185,6 +187,8 @@ def main() -> int:
             server, launcher, here = r["cpu"]
             print(f"  {r['mode']:6s} CPU seconds: server {server:.1f}, launcher with its tasks {launcher:.1f}, "
                   f"processing module + this script {here:.1f}")
+            if r["errors"][0]:
+                print(f"         {r['errors'][0]} jobs ended RUN_ERROR, e.g. {r['errors'][1]}")
             if r["processing_error"]:
                 print(f"         processing module not used: {r['processing_error']}")
         print("  targets: serial >= 500 jobs/s, first RUNNING < 1 s, mpi >= 20 jobs/s "

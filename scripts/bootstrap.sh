@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install balsam into ./.venv: the core (with its test tools), every plugin folder under plugins/
-# and the test plugin distributions under tests/fixtures/, all editable. Needs Python 3.11
+# Install balsam into ./.venv: the core (with its test tools) and every plugin folder under
+# plugins/, all editable. With --with-test-plugins (scripts/test.sh) also the test plugin
+# distributions under tests/fixtures/, which users of the main job should not see. Needs Python 3.11
 # ($PYTHON, default python3.11) and network access to PyPI the first time. Idempotent: when nothing
 # changed since the last run it returns in well under a second.
 set -euo pipefail
@@ -8,10 +9,14 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 PYTHON="${PYTHON:-python3.11}"
 venv="$repo/.venv"
+with_test_plugins=0
+[ "${1:-}" = "--with-test-plugins" ] && with_test_plugins=1
 
 # Every folder with a pyproject.toml that belongs in the environment, core first.
 targets=(".[test]")
-for dir in plugins/*/ tests/fixtures/*/; do
+folders=(plugins/*/)
+[ "$with_test_plugins" = 1 ] && folders+=(tests/fixtures/*/)
+for dir in "${folders[@]}"; do
     [ -f "$dir/pyproject.toml" ] && targets+=("${dir%/}")
 done
 
@@ -23,7 +28,7 @@ stamp_of() {
         for t in "${targets[@]:1}"; do cat "$t/pyproject.toml"; done
     } | sha256sum | cut -d' ' -f1
 }
-stamp_file="$venv/.balsam-bootstrap"
+stamp_file="$venv/.balsam-bootstrap-$with_test_plugins"
 stamp="$(stamp_of)"
 if [ -x "$venv/bin/balsam" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
     exit 0

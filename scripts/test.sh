@@ -5,7 +5,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh --with-test-plugins
 
 export BALSAM_TEST_DATABASE_URL="${BALSAM_TEST_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/balsam_test}"
 export PATH="$repo/.venv/bin:$PATH"   # mpiexec (MPICH wheel) and balsam

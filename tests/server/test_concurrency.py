@@ -73,3 +73,70 @@ def check_exactly_once(api, site, app):
     assert sorted(handed_out) == all_ids
     assert sum(1 for _s, ids in results if ids) >= 2, "the acquisitions did not overlap"
     assert api.ok("GET", "/jobs/", params={"app_id": app["id"], "state": "RUNNING", "limit": 0})["count"] == N_JOBS
+
+
+def _finish(url: str, token: str, ids: list[int], queue: "mp.Queue", barrier: "mp.Barrier") -> None:
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as http:
+            barrier.wait(timeout=120)
+            # Two overlapping bulk transactions, each finishing one parent of every child
+            # (POSTPROCESSED without stage-out becomes JOB_FINISHED).
+            http.patch("/jobs/", json=[{"id": i, "state": "POSTPROCESSED"} for i in ids]).raise_for_status()
+        queue.put(("ok", None))
+    except Exception as exc:
+        queue.put(("error", repr(exc)))
+
+
+def test_children_released_when_parents_finish_concurrently(api, site_app):
+    """Each child has two parents finished at the same moment by two processes; none may be stranded."""
+    _site, app = site_app
+    n = 400
+    left = [j["id"] for j in api.jobs(app["id"], n, prefix="left")]
+    right = [j["id"] for j in api.jobs(app["id"], n, prefix="right")]
+    children = api.ok("POST", "/jobs/", 201, json=[{"workdir": f"child/{i}", "app_id": app["id"], "parent_ids": [a, b]}
+                                                   for i, (a, b) in enumerate(zip(left, right))])
+    for state in ("PREPROCESSED", "RUNNING", "RUN_DONE"):
+        api.ok("PUT", "/jobs/", params={"id": left + right}, json={"state": state})
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_finish, args=(api.url, api.token, ids, queue, barrier)) for ids in (left, right)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert all(status == "ok" for status, _ in results), results
+    states = {j["state"] for j in api.ok("GET", "/jobs/", params={"id": [c["id"] for c in children]})["results"]}
+    assert states == {"STAGED_IN"}
+
+
+def _mark_done(url: str, token: str, item_ids: list[int], queue: "mp.Queue", barrier: "mp.Barrier") -> None:
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as http:
+            barrier.wait(timeout=120)
+            http.patch("/transfers/", json=[{"id": i, "state": "done"} for i in item_ids]).raise_for_status()
+        queue.put(("ok", None))
+    except Exception as exc:
+        queue.put(("error", repr(exc)))
+
+
+def test_stage_ins_finishing_concurrently_release_every_job(api):
+    """Each job has two stage-in items marked done at the same moment by two processes."""
+    site = api.site(transfer_locations={"dtn": "globus://endpoint"})
+    app = api.app(site["id"], transfers={"a": {"required": True, "direction": "in", "local_path": "a"},
+                                         "b": {"required": True, "direction": "in", "local_path": "b"}})
+    jobs = api.ok("POST", "/jobs/", 201, json=[{"workdir": f"x/{i}", "app_id": app["id"],
+                                                "transfers": {"a": "dtn:/a", "b": "dtn:/b"}} for i in range(300)])
+    items = api.ok("GET", "/transfers/", params={"job_id": [j["id"] for j in jobs]})["results"]
+    halves = [[i["id"] for i in items if i["local_path"] == slot] for slot in ("a", "b")]
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_mark_done, args=(api.url, api.token, ids, queue, barrier)) for ids in halves]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert all(status == "ok" for status, _ in results), results
+    states = {j["state"] for j in api.ok("GET", "/jobs/", params={"id": [j["id"] for j in jobs]})["results"]}
+    assert states == {"STAGED_IN"}

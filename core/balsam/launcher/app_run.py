@@ -13,9 +13,11 @@ to CPU ids.
 from __future__ import annotations
 
 import logging
+import functools
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
@@ -267,6 +269,45 @@ def inherited_environment() -> dict[str, str]:
     return _base_env
 
 
+#: Characters that make a command line need a shell (expansions, operators, redirections, globs...).
+_SHELL_SYNTAX = frozenset("$`*?[]~;&|<>(){}!#\\\n\r\t")
+#: Shell builtins: they only exist inside a shell, or their external twin behaves differently
+#: (``echo -e``, ``kill %1``...). ``true`` and ``false`` behave the same either way.
+_SHELL_ONLY = frozenset(
+    "alias bg bind break builtin caller cd command compgen complete continue declare dirs disown echo enable eval "
+    "exec exit export fc fg getopts hash help history jobs kill let local logout mapfile popd printf pushd "
+    "pwd read readarray readonly return set shift shopt source suspend test times trap type typeset ulimit "
+    "umask unalias unset wait . : [".split()
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def _which(name: str, path: str) -> Optional[str]:
+    return shutil.which(name, path=path)
+
+
+def direct_argv(cmdline: str, env: Mapping[str, str]) -> Optional[list[str]]:
+    """The argv to exec ``cmdline`` without a shell, or None when it needs bash.
+
+    A plain ``program arg 'quoted arg'`` line splits the same with :func:`shlex.split` as bash
+    would split it; exec'ing it directly skips a bash start-up (~0.5 ms) for every task, which is
+    a third of the cost of a short serial task. Anything with shell syntax, a shell builtin or a
+    program not on ``PATH`` goes through bash as before (so errors read the same in job.out).
+    """
+    if not cmdline or not _SHELL_SYNTAX.isdisjoint(cmdline):
+        return None
+    try:
+        words = shlex.split(cmdline)
+    except ValueError:
+        return None
+    if not words or "=" in words[0] or words[0] in _SHELL_ONLY:
+        return None
+    program = words[0] if "/" in words[0] else _which(words[0], env.get("PATH", os.defpath))
+    if program is None or not os.access(program, os.X_OK):
+        return None
+    return [program, *words[1:]]
+
+
 def env_prefix(env: Mapping[str, str]) -> Optional[str]:
     """``export K=V ...; unset ...;`` turning the inherited environment into ``env``, or None when
     a variable name is not a shell identifier (then the whole environment is passed instead).
@@ -295,11 +336,15 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping
     more than setting the affinity of the new process, whose own children inherit it.
     """
     child_env: Optional[dict[str, str]] = None
-    prefix = env_prefix(env)
-    if prefix is None:
-        child_env = dict(env)
-    elif prefix:
-        argv = [*argv[:-1], f"{prefix} {argv[-1]}"]
+    direct = direct_argv(argv[-1], env)
+    if direct is not None:
+        argv, child_env = direct, {str(k): str(v) for k, v in env.items()}
+    else:
+        prefix = env_prefix(env)
+        if prefix is None:
+            child_env = {str(k): str(v) for k, v in env.items()}
+        elif prefix:
+            argv = [*argv[:-1], f"{prefix} {argv[-1]}"]
     proc = subprocess.Popen(
         argv,
         cwd=cwd,

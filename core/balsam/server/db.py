@@ -10,7 +10,6 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from .tables import metadata
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
@@ -90,10 +89,6 @@ def read_tx(engine: sa.Engine) -> Iterator[sa.Connection]:
     with engine.connect() as conn:
         with conn.begin():
             yield conn
-
-
-def create_tables(engine: sa.Engine) -> None:
-    metadata.create_all(engine)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,16 +56,6 @@ def error_response(exc: APIError) -> Response:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
 
-async def read_json(request: Request) -> Any:
-    body = await request.body()
-    if not body:
-        raise ValidationFailed.field(["body"], "request body is empty; expected JSON")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationFailed.field(["body"], f"malformed JSON: {exc}") from None
-
-
 def nul_locations(value: Any, loc: list[Any]) -> list[list[Any]]:
     """Where NUL characters hide in a JSON value (PostgreSQL text cannot store them)."""
     if isinstance(value, str):

@@ -525,14 +525,14 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, 
         return 0
     now = utcnow()
     ids = list(patches)
-    current = {
-        row.id: row
-        for row in conn.execute(
-            sa.select(jobs.c.id, jobs.c.state, jobs.c.session_id).where(
-                jobs.c.id.in_(ids), jobs.c.site_id.in_(owned_site_ids(user_id))
-            )
-        )
-    }
+    stmt = sa.select(jobs.c.id, jobs.c.state, jobs.c.session_id).where(
+        jobs.c.id.in_(ids), jobs.c.site_id.in_(owned_site_ids(user_id))
+    )
+    if conn.dialect.name == "postgresql":
+        # Lock the rows (in id order: no deadlock between concurrent bulk updates) so that each
+        # transition is validated against the state it really changes.
+        stmt = stmt.order_by(jobs.c.id).with_for_update(of=jobs)
+    current = {row.id: row for row in conn.execute(stmt)}
     missing = set(ids) - current.keys()
     if missing:
         raise not_found_ids("Job", missing)
@@ -662,15 +662,24 @@ def release_children(conn: sa.Connection, finished_ids: list[int], now: dt.datet
         .where(link.c.child_id == child.c.id, parent.c.state != S.finished.value)
         .exists()
     )
+    candidates = (
+        sa.select(child.c.id)
+        .where(
+            child.c.id.in_(sa.select(job_parents.c.child_id).where(job_parents.c.parent_id.in_(finished_ids))),
+            child.c.state == S.awaiting_parents.value,
+        )
+        .order_by(child.c.id)
+    )
+    if conn.dialect.name == "postgresql":
+        # Two parents finishing in concurrent transactions: each locks the common children first,
+        # so the second one waits and then (new statement, new snapshot) sees both parents done.
+        candidates = candidates.with_for_update(of=child)
+    candidate_ids = list(conn.execute(candidates).scalars())
+    if not candidate_ids:
+        return []
     released = list(
         conn.execute(
-            sa.select(child.c.id)
-            .where(
-                child.c.id.in_(sa.select(job_parents.c.child_id).where(job_parents.c.parent_id.in_(finished_ids))),
-                child.c.state == S.awaiting_parents.value,
-                ~unfinished_parent,
-            )
-            .order_by(child.c.id)
+            sa.select(child.c.id).where(child.c.id.in_(candidate_ids), ~unfinished_parent).order_by(child.c.id)
         ).scalars()
     )
     if not released:

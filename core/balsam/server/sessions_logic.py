@@ -79,9 +79,11 @@ def maybe_sweep(conn: sa.Connection, settings: Any, user_id: int) -> None:
 
 
 def release_session_jobs(conn: sa.Connection, session_ids: list[int], now: dt.datetime) -> None:
-    running = conn.execute(
-        sa.select(jobs.c.id).where(jobs.c.session_id.in_(session_ids), jobs.c.state == JobState.running.value)
-    ).scalars().all()
+    stmt = sa.select(jobs.c.id).where(jobs.c.session_id.in_(session_ids), jobs.c.state == JobState.running.value)
+    if conn.dialect.name == "postgresql":
+        # A launcher reporting RUN_DONE at this very moment wins: the locked re-check drops that job.
+        stmt = stmt.order_by(jobs.c.id).with_for_update(of=jobs)
+    running = conn.execute(stmt).scalars().all()
     if running:
         set_states(
             conn, {jid: (JobState.running.value, JobState.run_timeout) for jid in running}, now,

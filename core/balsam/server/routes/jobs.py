@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from starlette.responses import Response
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP
@@ -11,6 +12,7 @@ from ..errors import BadRequest, NotFound, ValidationFailed
 from ..http import PAGINATION, json_response, no_content, pagination, require_list
 from ..routing import Ctx, route
 from ..sessions_logic import sweep_expired
+from ..tables import jobs
 
 
 def list_jobs(ctx: Ctx) -> Response:
@@ -25,9 +27,7 @@ def read_job(ctx: Ctx) -> Response:
     job_id = ctx.path_int("job_id")
     with ctx.read() as conn:
         owned = conn.execute(
-            logic.sa.select(logic.jobs.c.id).where(
-                logic.jobs.c.id == job_id, logic.jobs.c.site_id.in_(logic.owned_site_ids(ctx.user.id))
-            )
+            sa.select(jobs.c.id).where(jobs.c.id == job_id, jobs.c.site_id.in_(logic.owned_site_ids(ctx.user.id)))
         ).first()
         if owned is None:
             raise NotFound(f"Job {job_id} not found")
@@ -83,9 +83,7 @@ def delete_one(ctx: Ctx) -> Response:
     with ctx.write() as conn:
         sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
         owned = conn.execute(
-            logic.sa.select(logic.jobs.c.id).where(
-                logic.jobs.c.id == job_id, logic.jobs.c.site_id.in_(logic.owned_site_ids(ctx.user.id))
-            )
+            sa.select(jobs.c.id).where(jobs.c.id == job_id, jobs.c.site_id.in_(logic.owned_site_ids(ctx.user.id)))
         ).first()
         if owned is None:
             raise NotFound(f"Job {job_id} not found")

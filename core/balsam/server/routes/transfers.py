@@ -117,6 +117,10 @@ def update_items(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
 
 def advance_jobs_after_transfers(conn: sa.Connection, item_ids: list[int]) -> None:
     job_ids = sa.select(transfer_items.c.job_id).where(transfer_items.c.id.in_(item_ids))
+    if conn.dialect.name == "postgresql":
+        # Items of one job finishing in concurrent requests: lock the jobs first, so the later
+        # transaction waits and then sees the other's items as done (no job left behind).
+        conn.execute(sa.select(jobs.c.id).where(jobs.c.id.in_(job_ids)).order_by(jobs.c.id).with_for_update())
     not_done = (
         sa.select(sa.literal(1))
         .where(
