@@ -5,8 +5,17 @@
   databases ``balsam_test_<pid>_*``, created on demand, schema reset per test, dropped at the end).
 - ``live_server`` (session): a real ``uvicorn`` subprocess on a free port with SQLite in a tmp dir;
   yields the base URL. ``live_server_pg``: the same on PostgreSQL.
+- ``live_server_factory`` (session): ``start(database="sqlite"|"postgresql", env={...}, workers=1)``
+  for servers with special settings (e.g. ``BALSAM_SESSION_EXPIRE_SEC``); returns a ``LiveServer``
+  (``.url``, ``.log_path``, ``.log_tail()``).
 - ``balsam_env``: a fresh user on ``live_server`` with a token and a client.yml in a tmp
-  BALSAM_HOME; BALSAM_HOME and BALSAM_CLIENT_PATH are set in the environment for the test.
+  BALSAM_HOME; BALSAM_HOME and BALSAM_CLIENT_PATH are set in the environment for the test (so the
+  Python API, CLI subprocesses and child processes act as that user). Attributes: ``url``,
+  ``username``, ``password``, ``token``, ``token_expiry``, ``user_id``, ``home``, ``client_path``;
+  ``headers()`` and ``http()`` (a logged-in httpx.Client). ``balsam_env_pg``: same on PostgreSQL.
+- ``register``: ``register(url) -> (username, password, user_id, token, expiry)`` for more users.
+
+The log tail of a live server is attached to the report of every failing test that used it.
 """
 
 from __future__ import annotations

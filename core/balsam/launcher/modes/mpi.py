@@ -40,6 +40,8 @@ class MPIMode(JobMode):
         self.started = 0
         self.finished = 0
         self._hook: Any = None
+        #: Resources were freed or jobs arrived since the last placement attempt ran out of room.
+        self._try_start = True
 
     # -- one loop step each --------------------------------------------------------------------
     def _acquire(self, source: Any, updater: Any) -> Optional[int]:
@@ -69,6 +71,7 @@ class MPIMode(JobMode):
                 report_failed(updater, job.id, str(exc))
                 continue
             self.pending.append(prepared)
+            self._try_start = True
         return len(jobs)
 
     def _command(self, prepared: PreparedJob, placement: Placement) -> str:
@@ -88,6 +91,9 @@ class MPIMode(JobMode):
         return shell_line(mpi_line, prepared.preamble, prepared.workdir)
 
     def _start_pending(self, updater: Any) -> int:
+        if not self._try_start:
+            return 0
+        self._try_start = False
         started = 0
         for _ in range(len(self.pending)):
             prepared = self.pending.popleft()
@@ -116,6 +122,8 @@ class MPIMode(JobMode):
 
     def _reap(self, updater: Any) -> int:
         done = self.pool.reap()
+        if done:
+            self._try_start = True
         for job_id, rc, tail, when in done:
             self.node_manager.free(job_id)
             report_exit(updater, job_id, rc, tail, when)

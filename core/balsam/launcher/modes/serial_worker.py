@@ -122,9 +122,24 @@ class Master:
         from balsam.launcher.runner import _launch_hook
         from balsam.plugins.manager import get_plugin_manager
 
-        self.site_config = SiteConfig(config["site_path"] or None)
-        self.platform = get_plugin_manager().load_driver("platform", launcher["platform"] or "default")()
-        self.hook = _launch_hook()
+        try:
+            self.site_config = SiteConfig(config["site_path"] or None)
+            self.platform = get_plugin_manager().load_driver("platform", launcher["platform"] or "default")()
+            self.hook = _launch_hook()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Start-up failed: give the leased jobs back now rather than at session expiry."""
+        self.stop_event.set()
+        self.need_more.set()
+        self.acquirer.join(30)
+        try:
+            self.updater.close()
+        finally:
+            if self.source is not None:
+                self.source.close()
 
     # -- acquiring (background thread) ---------------------------------------------------------
     def _acquirer(self) -> None:
