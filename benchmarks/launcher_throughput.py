@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "launcher"))
 
-from harness import LocalDeployment, start_launcher  # noqa: E402
+from launcher_harness import LocalDeployment, start_launcher  # noqa: E402
 
 
 def _ts(value: dt.datetime) -> float:
@@ -152,6 +152,9 @@ def main() -> int:
     parser.add_argument("--mpi-jobs", type=int, default=200)
     parser.add_argument("--no-processing", action="store_true", help="measure to RUN_DONE even if the processing module exists")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument("--command", default="true",
+                        help="the no-op app's command template (default 'true', exec'd without a shell; "
+                             "e.g. 'true;' goes through bash)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="balsam-launcher-bench-"))
@@ -163,7 +166,7 @@ def main() -> int:
 
         class Noop(ApplicationDefinition):
             site = "bench"
-            command_template = "true"
+            command_template = args.command
 
         Noop.sync()
         import os
@@ -178,7 +181,7 @@ def main() -> int:
             ids = make_jobs(Noop, args.mpi_jobs, "mpi", node_packing_count=ncpu)
             results.append(run_mode(site, "mpi", "mpi", ids, not args.no_processing, timeout=600, server_pid=dep.proc.pid))
         print(f"launcher throughput ({ncpu} CPUs, load average before the run {load_before:.1f}; "
-              "real uvicorn + SQLite server, real mpiexec)")
+              f"real uvicorn + SQLite server, real mpiexec; app command {args.command!r})")
         for r in results:
             for state, count, elapsed, rate in r["figures"]:
                 print(f"  {r['mode']:6s} {count:5d}/{r['jobs']} jobs to {state:12s}: {rate:8.1f} jobs/s "

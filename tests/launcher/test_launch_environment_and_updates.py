@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from conftest import events_of, make_runnable
+from launcher_helpers import events_of, make_runnable
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SESSION_EXPIRE_SEC, events_of, make_runnable, wait_for_states
-from harness import start_launcher
+from launcher_helpers import SESSION_EXPIRE_SEC, events_of, make_runnable, wait_for_states
+from launcher_harness import start_launcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -370,3 +370,54 @@ def test_launcher_replaces_a_session_the_server_dropped(new_site) -> None:
     assert finish(proc) == 0
     log = next(p for p in (path / "log").iterdir() if p.name.startswith("mpi_mode_") and p.name.endswith(".log"))
     assert "is gone on the server" in log.read_text()
+
+
+def test_serial_tasks_are_pinned_to_their_cpus(new_site) -> None:
+    from balsam.api import ApplicationDefinition
+
+    assert len(os.sched_getaffinity(0)) >= 2, "this test needs a node with at least 2 CPUs"
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Affinity(ApplicationDefinition):
+        site = name
+        command_template = "bash -c 'grep Cpus_allowed_list /proc/self/status; sleep 0.3'"
+
+    Affinity.sync()
+    ids = make_runnable(Affinity.submit(workdir=f"cpu/{i}", node_packing_count=2, save=False) for i in range(4))
+    proc = start_launcher(path, "serial", 1)
+    wait_for_states(ids, {"RUN_DONE"})
+    assert finish(proc) == 0
+    allowed = [(path / "data" / f"cpu/{i}" / "job.out").read_text().split()[-1] for i in range(4)]
+    cpus = {str(c) for c in os.sched_getaffinity(0)}
+    assert all(a in cpus for a in allowed), allowed  # one CPU each, not the whole node
+    assert len(set(allowed)) == 2  # two tasks at a time, on different CPUs
+
+
+def test_multi_node_mpi_job_gets_whole_nodes(new_site) -> None:
+    import json
+    import socket
+
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Ranks(ApplicationDefinition):
+        site = name
+        command_template = "bash -c 'echo rank $PMI_RANK of $PMI_SIZE; sleep 0.5'"
+
+    Ranks.sync()
+    host = socket.gethostname()
+    # Two "nodes" on this host: the 2-node job takes both, the 1-node job must wait for it.
+    nodes = [{"node_id": str(i), "hostname": host, "cpu_ids": [0, 1], "gpu_ids": []} for i in range(2)]
+    big, small = make_runnable([Ranks.submit(workdir="big", num_nodes=2, ranks_per_node=2, save=False),
+                                Ranks.submit(workdir="small", node_packing_count=4, save=False)])
+    proc = start_launcher(path, "mpi", 1, env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
+    wait_for_states([big, small], {"RUN_DONE"})
+    assert finish(proc) == 0
+    lines = sorted((path / "data" / "big" / "job.out").read_text().split("\n"))
+    assert [line for line in lines if line] == [f"rank {r} of 4" for r in range(4)]
+    history = events_of([big, small])
+    assert history[big][-2].data == {"num_nodes": 2.0} and history[small][-2].data == {"num_nodes": 0.25}
+    big_span = (history[big][-2].timestamp, history[big][-1].timestamp)
+    small_start = history[small][-2].timestamp
+    assert not (big_span[0] < small_start < big_span[1])  # never alongside the job holding every node

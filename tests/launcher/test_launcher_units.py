@@ -106,3 +106,24 @@ def test_balsam_launcher_command_is_registered() -> None:
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "balsam"), "launcher", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--job-mode" in result.stdout and "--part" in result.stdout
+
+
+def test_plain_command_lines_skip_bash_and_shell_syntax_keeps_it(tmp_path) -> None:
+    from balsam.launcher.app_run import AppProcess, direct_argv
+
+    env = dict(os.environ)
+    assert direct_argv("sleep 300", env)[1:] == ["300"]
+    assert direct_argv("/bin/ls -l 'a b'", env) == ["/bin/ls", "-l", "a b"]
+    for needs_shell in ["echo hi", "ls *.txt", "a && b", "cat < in", "FOO=1 env", "cd /tmp", "./app", "x $HOME",
+                        "no-such-program-here x", "python3 -c 'print(1)'", "unbalanced 'quote"]:
+        assert direct_argv(needs_shell, env) is None, needs_shell
+    # Both paths give the job the same environment, working directory and output file.
+    for cmd in ["env", "env;"]:  # exec'd directly / through bash
+        workdir = tmp_path / ("direct" if cmd == "env" else "bash")
+        workdir.mkdir()
+        job_env = {k: v for k, v in env.items() if k != "HOME"}
+        job_env.update(BALSAM_JOB_ID="7", QUOTED="a 'b' $c")
+        proc = AppProcess(1, cmd, workdir, job_env)
+        assert proc.wait(10) == 0
+        seen = dict(line.split("=", 1) for line in (workdir / "job.out").read_text().splitlines() if "=" in line)
+        assert seen["BALSAM_JOB_ID"] == "7" and seen["QUOTED"] == "a 'b' $c" and "HOME" not in seen

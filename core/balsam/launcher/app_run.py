@@ -5,15 +5,15 @@ command line (``get_arg_str()``; ``run()`` apps get the client's python runner l
 (``get_environ_vars()``) and the shell preamble. A job whose app cannot load or whose command line
 cannot be built raises :class:`JobBuildError` with the reason; the job modes mark it FAILED.
 
-:class:`AppProcess` starts one command under ``/bin/bash`` in the job's workdir with stdout and
-stderr in ``job.out``, in its own process group (so a timeout ends the whole tree), optionally pinned
-to CPU ids.
+:class:`AppProcess` starts one command in the job's workdir (exec'd directly when it is a plain
+command line, else under ``/bin/bash -c``) with stdout and stderr in ``job.out``, in its own process
+group (so a timeout ends the whole tree), optionally pinned to CPU ids.
 """
 
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 import os
 import re
 import shlex
@@ -302,6 +302,8 @@ def direct_argv(cmdline: str, env: Mapping[str, str]) -> Optional[list[str]]:
         return None
     if not words or "=" in words[0] or words[0] in _SHELL_ONLY:
         return None
+    if "/" in words[0] and not os.path.isabs(words[0]):
+        return None  # relative to the job's workdir: let bash find it (and word any error) there
     program = words[0] if "/" in words[0] else _which(words[0], env.get("PATH", os.defpath))
     if program is None or not os.access(program, os.X_OK):
         return None

@@ -183,6 +183,9 @@ class Master:
                     report_failed(updater, job.id, f"An exception occurred while preparing the job: {type(exc).__name__}: {exc}")
                     continue
                 self.queue.append(prepared)
+                if len(self.queue) == 1:  # the loop may be idle-waiting: start this one right away
+                    self.try_start = True
+                    self.wake.set()
             if jobs:
                 self.try_start = True
                 self.wake.set()

@@ -1,0 +1,46 @@
+"""Helpers shared by the launcher tests (imported by name: pytest's conftest modules are not)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+#: Sessions of the launcher tests' server expire after this many seconds without a heartbeat.
+SESSION_EXPIRE_SEC = 4
+
+
+def make_runnable(jobs: Iterable[Any]) -> list[int]:
+    """Create jobs and move them to PREPROCESSED, as the processing module's default preprocess does."""
+    from balsam.api import Job
+
+    created = Job.objects.bulk_create(list(jobs))
+    ids = [j.id for j in created]
+    Job.objects.filter(id=ids).update(state="PREPROCESSED")
+    return ids
+
+
+def wait_for_states(ids: list[int], states: set[str], timeout: float = 60.0) -> dict[int, Any]:
+    """Poll until every job is in one of ``states``; return {id: Job}."""
+    from balsam.api import Job
+
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = {j.id: j for j in Job.objects.filter(id=ids)}
+        if all(str(j.state) in states for j in jobs.values()) and len(jobs) == len(ids):
+            return jobs
+        if time.monotonic() > deadline:
+            summary = {i: str(j.state) for i, j in jobs.items()}
+            raise AssertionError(f"jobs not in {sorted(states)} after {timeout} s: {summary}")
+        time.sleep(0.2)
+
+
+def events_of(ids: list[int]) -> dict[int, list[Any]]:
+    """Each job's EventLog rows, oldest first."""
+    from balsam.api import EventLog
+
+    by_job: dict[int, list[Any]] = {i: [] for i in ids}
+    for event in EventLog.objects.filter(job_id=ids):
+        by_job[event.job_id].append(event)
+    for rows in by_job.values():
+        rows.sort(key=lambda e: (e.timestamp, e.id))
+    return by_job
