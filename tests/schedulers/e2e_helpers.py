@@ -24,18 +24,21 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def create_site(root: Path, scheduler: str, scheduler_settings: dict, template: Optional[str] = None) -> tuple[str, Path, int]:
-    """``balsam site init`` on the default platform, then switch it to ``scheduler`` with its default
-    job template (or ``template``)."""
+    """``balsam site init --platform default --scheduler <scheduler>`` (the job template is then the
+    scheduler driver's default), or with ``template`` written over it."""
     from balsam.client import load_client
     from balsam.plugins.manager import get_plugin_manager
     from balsam.site.site_ops import init_site
 
     name = f"{scheduler}-site-{uuid.uuid4().hex[:6]}"
     path = root / name
-    overrides = deep_merge(FAST, {"scheduler": {"name": scheduler, **scheduler_settings}})
-    site_id = init_site(path, name, "default", load_client(), settings_overrides=overrides)
+    overrides = deep_merge(FAST, {"scheduler": scheduler_settings})
+    site_id = init_site(path, name, "default", load_client(), settings_overrides=overrides, scheduler_name=scheduler)
     driver = get_plugin_manager().load_driver("scheduler", scheduler)
-    (path / "job-template.sh").write_text(template or driver.default_job_template)
+    assert (path / "job-template.sh").read_text() == driver.default_job_template
+    assert f"name: {scheduler}" in (path / "settings.yml").read_text()
+    if template is not None:
+        (path / "job-template.sh").write_text(template)
     return name, path, site_id
 
 

@@ -162,7 +162,8 @@ class JobManager(Manager["Job"]):
             time.sleep(sleep)
 
     def _delete_query(self, query: Any) -> Optional[int]:
-        # One bulk DELETE with the filters (the server skips jobs leased by a live session).
+        # One bulk DELETE with the filters. All-or-nothing: the server refuses (409, naming them)
+        # when any matching job is leased by a live launcher session.
         if query._empty:
             return 0
         client = self._client

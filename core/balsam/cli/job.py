@@ -225,7 +225,7 @@ def modify(ids: tuple, tags: tuple, state: str, site_selector: str, yes: bool) -
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
 def rm(ids: tuple, tags: tuple, state: Optional[str], exclude_state: Optional[str], delete_all: bool,
        site_selector: str, yes: bool) -> None:
-    """Delete jobs (jobs leased by a running launcher are skipped)."""
+    """Delete jobs. Refused as a whole when any of them is leased by a running launcher."""
     from balsam.api import Job
 
     if not (ids or tags or state or exclude_state or delete_all or site_selector):

@@ -36,7 +36,8 @@ def _site_config(path: Optional[str]) -> Any:
 @click.argument("site_path", type=click.Path(file_okay=False, dir_okay=True, writable=True))
 @click.option("-n", "--name", help="Site name (unique among your sites; default: the directory name)")
 @click.option("--platform", "platform_name", help="Platform plugin (see `balsam plugins ls`); asked when omitted in a terminal")
-def init(site_path: str, name: Optional[str], platform_name: Optional[str]) -> None:
+@click.option("--scheduler", "scheduler_name", help="Scheduler plugin, when not the platform's own (e.g. slurm with the default platform)")
+def init(site_path: str, name: Optional[str], platform_name: Optional[str], scheduler_name: Optional[str]) -> None:
     """Create a new site directory and register it with the API."""
     from balsam.site.site_ops import available_platforms, init_site
 
@@ -56,7 +57,7 @@ def init(site_path: str, name: Optional[str], platform_name: Optional[str]) -> N
             platform_name = "default" if "default" in platforms or not platforms else next(iter(platforms))
     if name is None:
         name = click.prompt("Site name", default=path.name) if interactive else path.name
-    site_id = init_site(path, name, platform_name, _client(), echo=click.echo)
+    site_id = init_site(path, name, platform_name, _client(), echo=click.echo, scheduler_name=scheduler_name)
     click.echo(f"New Balsam site {name!r} (id {site_id}, platform {platform_name}) set up at {path}")
     click.echo(f"Next: cd {path} && balsam site start")
 

@@ -169,9 +169,13 @@ def read_template(path: Path) -> str:
         raise JobTemplateError(f"cannot read the job template {path}: {exc.strerror or exc}") from None
 
 
-def default_template_for(platform: Any = None, scheduler_cls: Any = None) -> str:
-    """The job-template.sh that ``balsam site init`` writes: the platform's, else the scheduler's, else ours."""
-    text = platform.job_template() if platform is not None else None
+def default_template_for(platform: Any = None, scheduler_cls: Any = None, use_platform_template: bool = True) -> str:
+    """The job-template.sh that ``balsam site init`` writes: the platform's, else the scheduler's, else ours.
+
+    ``use_platform_template=False`` when the user picked a scheduler other than the platform's own:
+    the platform's template would carry the wrong scheduler's directives.
+    """
+    text = platform.job_template() if platform is not None and use_platform_template else None
     if not text and scheduler_cls is not None:
         text = getattr(scheduler_cls, "default_job_template", "") or ""
     return text or DEFAULT_JOB_TEMPLATE

@@ -107,8 +107,13 @@ def init_site(
     *,
     echo: Callable[[str], None] = lambda _msg: None,
     settings_overrides: Optional[dict] = None,
+    scheduler_name: Optional[str] = None,
 ) -> int:
-    """Create a site directory and its API record; undo everything if any step fails. Returns the site id."""
+    """Create a site directory and its API record; undo everything if any step fails. Returns the site id.
+
+    ``scheduler_name`` overrides the platform's scheduler (e.g. the default platform on a Slurm
+    cluster); the job template then comes from that scheduler driver.
+    """
     from ..config import load_settings, render_settings_yaml
     from ..plugins.manager import get_plugin_manager
 
@@ -118,7 +123,12 @@ def init_site(
     pm = get_plugin_manager()
     platform = pm.load_driver("platform", platform_name)()
     platform_defaults = dict(platform.settings_defaults() or {})
-    scheduler_name = (platform_defaults.get("scheduler") or {}).get("name") or platform.default_scheduler or "local"
+    platform_scheduler = (platform_defaults.get("scheduler") or {}).get("name") or platform.default_scheduler or "local"
+    if scheduler_name and scheduler_name != platform_scheduler:
+        # The platform's queue defaults belong to its own scheduler; keep only the generic ones.
+        platform_defaults.get("scheduler", {}).pop("allowed_queues", None)
+    scheduler_name = scheduler_name or platform_scheduler
+    platform_defaults.setdefault("scheduler", {})["name"] = scheduler_name
     scheduler_cls = pm.load_driver("scheduler", scheduler_name)
     overrides = deep_merge(
         {"launcher": {"platform": platform_name}, "scheduler": {"name": scheduler_name}}, platform_defaults
@@ -144,7 +154,7 @@ def init_site(
         for sub in ("data", "log", "qsubmit"):
             (path / sub).mkdir(mode=0o700, exist_ok=True)
         template_path = path / "job-template.sh"
-        template_path.write_text(default_template_for(platform, scheduler_cls))
+        template_path.write_text(default_template_for(platform, scheduler_cls, platform_scheduler == scheduler_name))
         os.chmod(template_path, 0o700)
         created = client.post("/sites/", json={"name": name, "path": str(path), **site_record_fields(settings)})
         site_id = int(created["id"])

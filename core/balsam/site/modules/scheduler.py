@@ -104,6 +104,8 @@ class SchedulerModule(AgentModule):
         self.missing_counts: dict[int, int] = {}
         #: BatchJob id -> consecutive transient submit failures.
         self.submit_failures: dict[int, int] = {}
+        #: scheduler id -> history record, fetched in bulk once per cycle.
+        self._histories: dict[int, Optional[JobHistory]] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -145,6 +147,7 @@ class SchedulerModule(AgentModule):
         queued_counts: dict[str, int] = {}
         for status in (statuses or {}).values():
             queued_counts[status.queue] = queued_counts.get(status.queue, 0) + 1
+        self._histories = self._fetch_histories(batch_jobs, statuses)
 
         for batch_job in sorted(batch_jobs, key=lambda b: b["id"]):
             update: dict = {}
@@ -212,16 +215,33 @@ class SchedulerModule(AgentModule):
                     update["start_time"] = format_datetime(utcnow())
                 self.logger.info("BatchJob %s: %s -> %s", batch_job["id"], state.value, new_state.value)
 
+    def _fetch_histories(self, batch_jobs: list[dict], statuses: Optional[dict]) -> dict[int, Optional[JobHistory]]:
+        """One history lookup (sacct, qstat -x ...) for every job that left the queue this cycle."""
+        if statuses is None:
+            return {}
+        gone = {
+            b["scheduler_id"]: self.script_path(b["id"])
+            for b in batch_jobs
+            if b.get("scheduler_id") is not None
+            and b["state"] != BatchJobState.pending_submission.value
+            and (
+                b["scheduler_id"] not in statuses
+                or statuses[b["scheduler_id"]].state in (BatchJobState.finished, BatchJobState.submit_failed)
+            )
+        }
+        if not gone:
+            return {}
+        try:
+            return self.scheduler.get_histories(gone)
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+            self.logger.warning("history lookup of %d jobs failed: %s", len(gone), message)
+            return {}
+
     def _left_queue(self, batch_job: dict, update: dict, *, deleting: bool = False) -> None:
         """The scheduler no longer lists the job: ask its history before declaring it finished."""
         scheduler_id = batch_job["scheduler_id"]
-        script = self.script_path(batch_job["id"])
-        history: Optional[JobHistory] = None
-        try:
-            history = self.scheduler.get_history(scheduler_id, script)
-        except Exception as exc:
-            message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
-            self.logger.warning("BatchJob %s: history lookup failed: %s", batch_job["id"], message)
+        history: Optional[JobHistory] = self._histories.get(scheduler_id)
         if history is None and deleting:
             # We asked for the deletion: a job without a history record is simply gone.
             history = JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished, message="deleted")
