@@ -10,13 +10,14 @@ The agent builds one instance per enabled section and calls :meth:`AgentModule.r
 
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Any, ClassVar, Optional
 
 __all__ = ["AgentModule"]
 
 
-class AgentModule:
+class AgentModule(abc.ABC):
     """One periodic task of the site agent.
 
     Subclasses set :attr:`section` (the settings.yml key, normally the entry-point name) and
@@ -54,10 +55,10 @@ class AgentModule:
                 return float(value)
         return float(self.default_period)
 
+    @abc.abstractmethod
     def run_cycle(self) -> Optional[float]:
         """Do one round of work. Return None to wait :attr:`period`, or the seconds until the next cycle
         (0 when more work is waiting). An exception is logged by the agent, which carries on."""
-        raise NotImplementedError(f"{type(self).__name__} must implement run_cycle()")
 
     def close(self) -> None:
         """Release what the module holds (sessions, worker pools). Called once when the agent stops."""
