@@ -18,25 +18,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import orjson
 
+from bench_server import start_server
+
 CHUNK = 5000
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/balsam_bench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prepare_pg(url: str) -> None:
@@ -54,28 +46,6 @@ def prepare_pg(url: str) -> None:
     upgrade(url)
 
 
-def start_server(database_url: str, workdir: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, BALSAM_DATABASE_URL=database_url, BALSAM_HOME=str(workdir),
-               BALSAM_AUTH_SECRET_KEY=uuid.uuid4().hex * 2, BALSAM_SERVER_CREATE_TABLES="1" if database_url.startswith("sqlite") else "0")
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "balsam.server.app:create_app_from_env", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    if workers > 1:
-        cmd += ["--workers", str(workers)]
-    log = open(workdir / "server.log", "ab")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/auth/how", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server did not start; see {workdir / 'server.log'}")
-
-
 def post_json(http: httpx.Client, method: str, path: str, body, **kwargs) -> httpx.Response:
     """Send JSON encoded with orjson (what a fast client does; stdlib json would dominate the client side)."""
     return http.request(method, path, content=orjson.dumps(body), headers={"content-type": "application/json"}, **kwargs)
@@ -89,7 +59,8 @@ def check(resp: httpx.Response) -> httpx.Response:
 
 def run_backend(name: str, database_url: str, n_jobs: int, workers: int) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix=f"balsam-bench-{name}-"))
-    proc, url = start_server(database_url, workdir, workers)
+    proc, url = start_server(workdir, database_url, home=workdir, workers=workers,
+                             create_tables=database_url.startswith("sqlite"))
     try:
         anon = httpx.Client(base_url=url, timeout=300)
         check(anon.post("/auth/password/register", json={"username": "bench", "password": "bench"}))

@@ -9,45 +9,13 @@ launcher sends them), query update, the futures poll (bulk_refresh) and per-requ
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(workdir: Path, database_url: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "BALSAM_DATABASE_URL": database_url, "BALSAM_AUTH_SECRET_KEY": uuid.uuid4().hex * 2,
-           "BALSAM_HOME": str(workdir / "server-home"), "BALSAM_SERVER_CREATE_TABLES": "1"}
-    log = open(workdir / "server.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "balsam.server.app:create_app_from_env",
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited; see {workdir / 'server.log'}")
-        try:
-            if httpx.get(f"{url}/auth/how", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.terminate()
-    raise SystemExit("server did not start")
+from bench_server import start_server
 
 
 def timed(label: str, n: int, fn) -> object:
@@ -66,7 +34,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="balsam-bench-") as tmp:
         workdir = Path(tmp)
-        proc, url = start_server(workdir, args.database_url or f"sqlite:///{workdir / 'balsam.db'}")
+        proc, url = start_server(workdir, args.database_url or f"sqlite:///{workdir / 'balsam.db'}",
+                                 home=workdir / "server-home")
         try:
             run(url, workdir, args.jobs)
         finally:

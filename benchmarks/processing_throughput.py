@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -28,33 +25,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "BALSAM_DATABASE_URL": f"sqlite:///{workdir / 'balsam.db'}",
-           "BALSAM_AUTH_SECRET_KEY": uuid.uuid4().hex * 2, "BALSAM_HOME": str(workdir / "server-home"),
-           "BALSAM_SERVER_CREATE_TABLES": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "balsam.server.app:create_app_from_env", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=open(workdir / "server.log", "ab"), stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/auth/how", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not start (see server.log)")
+from bench_server import start_server
 
 
 def login(url: str, home: Path) -> None:
@@ -110,7 +81,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="balsam-processing-bench-") as tmp:
         workdir = Path(tmp)
-        server, url = start_server(workdir)
+        server, url = start_server(workdir, f"sqlite:///{workdir / 'balsam.db'}", home=workdir / "server-home")
         try:
             login(url, workdir / "home")
             from balsam.api import ApplicationDefinition, Job

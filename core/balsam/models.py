@@ -74,6 +74,10 @@ class SchedulerJobStatus:
     project: str
     time_remaining_min: int
     queued_time_min: int
+    #: The scheduler's own word on why the job is not running yet (Slurm pending reason, PBS
+    #: comment, Cobalt hold state); empty when it says nothing. Not in the 0.7 wire format:
+    #: optional here, and 0.7 clients ignore the extra key.
+    message: str = ""
 
 
 @attrs.define(kw_only=True)

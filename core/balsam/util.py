@@ -57,6 +57,22 @@ def config_file_logging(filename: Union[str, os.PathLike], level: Union[str, int
     return handler
 
 
+def tail_file(path: "str | os.PathLike", num_lines: int, max_bytes: int = 64 * 1024) -> str:
+    """The last ``num_lines`` lines of a file ('' if missing); reads at most ``max_bytes`` from its end."""
+    if num_lines <= 0:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return "\n".join(lines[-num_lines:])
+
+
 class SigHandler:
     """An event set by SIGINT/SIGTERM, for loops that should stop cleanly (``while not sig.is_set()``)."""
 

@@ -246,3 +246,45 @@ def test_queue_submit_validates_and_ls_term(site):
     assert "finished" in balsam("queue", "ls", "--history", "-n", "1").output
     assert "site_id:" in balsam("queue", "ls", "-h", "-v").output
     assert balsam("queue", "term", "12345").exit_code == 1
+
+
+def test_queue_ls_shows_why_a_batch_job_waits(site):
+    from balsam.api import BatchJob
+
+    os.chdir(site.path)
+    common = {"site_id": site.id, "wall_time_min": 30, "queue": "debug", "project": "proj", "job_mode": "mpi"}
+    quiet = BatchJob(num_nodes=1, **common)
+    quiet.save()
+    table = balsam("queue", "ls").output.splitlines()
+    assert "reason" not in table[0]  # the 0.7 columns, nothing added while there is no reason
+
+    waiting = BatchJob(num_nodes=4, **common)
+    waiting.save()
+    waiting.state, waiting.scheduler_id = "queued", 4242
+    waiting.status_info = {"submit_script": "/x/qlaunch00002.sh", "scheduler_reason": "PartitionNodeLimit"}
+    waiting.save()
+    refused = BatchJob(num_nodes=2, **common)
+    refused.save()
+    refused.state = "submit_failed"
+    refused.status_info = {"error": "submit failed: sbatch refused the job: " + "invalid partition specified " * 5}
+    refused.save()
+
+    table = balsam("queue", "ls").output.splitlines()
+    assert table[0].split() == ["id", "site", "scheduler_id", "state", "filter_tags", "project", "queue", "num_nodes",
+                                "wall_time_min", "job_mode", "reason"]
+    row = next(line for line in table if "4242" in line)
+    assert row.split()[3] == "queued" and row.endswith("PartitionNodeLimit")
+    quiet_row = next(line for line in table[2:] if line.split()[0] == str(quiet.id))
+    assert quiet_row.rstrip().endswith("mpi")  # no reason: empty cell
+    assert all(str(refused.id) != line.split()[0] for line in table[2:])  # finished ones only with --history
+
+    history = balsam("queue", "ls", "--history").output.splitlines()
+    refused_row = next(line for line in history[2:] if line.split()[0] == str(refused.id))
+    assert "submit failed: sbatch refused the job: invalid" in refused_row and refused_row.endswith("...")
+    verbose = balsam("queue", "ls", "-v", "--scheduler_id", "4242").output
+    assert "scheduler_reason: PartitionNodeLimit" in verbose
+
+    waiting.state = "running"
+    waiting.status_info = {"submit_script": "/x/qlaunch00002.sh"}
+    waiting.save()
+    assert "reason" not in balsam("queue", "ls").output.splitlines()[0]

@@ -24,14 +24,14 @@ PAYLOADS: dict[type, dict] = {
     models.BackfillWindow: {"num_nodes": 4, "wall_time_min": 30},
     models.SchedulerJobStatus: {
         "scheduler_id": 123, "state": "queued", "queue": "debug", "num_nodes": 2, "wall_time_min": 30,
-        "project": "proj", "time_remaining_min": 30, "queued_time_min": 4,
+        "project": "proj", "time_remaining_min": 30, "queued_time_min": 4, "message": "PartitionNodeLimit",
     },
     models.Site: {
         "id": 5, "name": "laptop", "path": "/home/alice/site", "globus_endpoint_id": "abc-123",
         "backfill_windows": {"debug": [{"num_nodes": 4, "wall_time_min": 30}]},
         "queued_jobs": {"123": {
             "scheduler_id": 123, "state": "running", "queue": "debug", "num_nodes": 2, "wall_time_min": 30,
-            "project": "proj", "time_remaining_min": 12, "queued_time_min": 0,
+            "project": "proj", "time_remaining_min": 12, "queued_time_min": 0, "message": "",
         }},
         "optional_batch_job_params": {"shout": "hi"},
         "allowed_projects": ["proj"],
@@ -135,6 +135,14 @@ def test_types_after_structuring():
     site = from_dict(models.Site, PAYLOADS[models.Site])
     assert isinstance(site.queued_jobs[123], models.SchedulerJobStatus)
     assert site.allowed_queues["debug"].max_nodes == 8
+
+
+def test_scheduler_job_status_without_message_is_the_07_format():
+    """0.7 agents send queued_jobs without ``message``: still accepted, read as no message."""
+    old = {k: v for k, v in PAYLOADS[models.SchedulerJobStatus].items() if k != "message"}
+    status = from_dict(models.SchedulerJobStatus, old)
+    assert status.message == ""
+    assert to_dict(status) == {**old, "message": ""}
 
 
 def test_naive_datetimes_are_utc():

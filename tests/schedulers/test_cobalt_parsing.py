@@ -62,6 +62,12 @@ def test_status_with_our_header(cobalt):
     assert statuses[498142].state is BatchJobState.running and statuses[498142].num_nodes == 2
 
 
+def test_hold_states_are_the_only_reason_cobalt_gives(cobalt):
+    statuses = cobalt.parse_status(result(stdout=recorded("cobalt", "qstat_header.txt")), NOW)
+    assert statuses[498132].message == "user_hold" and statuses[498132].state is BatchJobState.queued
+    assert statuses[498131].message == "" and statuses[498110].message == ""  # plain queued, running
+
+
 def test_status_in_another_header_is_an_error(cobalt):
     with pytest.raises(SchedulerError, match="requested columns"):
         cobalt.parse_status(result(stdout=recorded("cobalt", "qstat_default_header.txt")), NOW)

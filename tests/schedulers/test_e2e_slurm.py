@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import sys
 from pathlib import Path
@@ -27,23 +28,32 @@ LINGER_TEMPLATE = SlurmScheduler.default_job_template.replace("exec {{ launcher_
 )
 
 
-@pytest.fixture
-def slurm_site(balsam_env, tmp_path):
+@contextlib.contextmanager
+def running_slurm_site(tmp_path: Path, settings: dict):
+    """A site on the real Slurm with its agent running; its BatchJobs are deleted at the end."""
     from balsam.client import load_client
     from balsam.plugins.manager import reset_plugin_manager
     from balsam.site.site_ops import start_agent, stop_agent
 
     reset_plugin_manager()
-    name, path, site_id = create_site(tmp_path, "slurm", SLURM_SETTINGS, LINGER_TEMPLATE)
+    name, path, site_id = create_site(tmp_path, "slurm", settings, LINGER_TEMPLATE)
     start_agent(path)
     client = load_client()
-    yield name, path, site_id, client
-    active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
-    if active["results"]:
-        client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
-        wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
-                 60, "teardown deletions")
-    stop_agent(path, timeout=30, force=True)
+    try:
+        yield name, path, site_id, client
+    finally:
+        active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
+        if active["results"]:
+            client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
+            wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
+                     60, "teardown deletions")
+        stop_agent(path, timeout=30, force=True)
+
+
+@pytest.fixture
+def slurm_site(balsam_env, tmp_path):
+    with running_slurm_site(tmp_path, SLURM_SETTINGS) as site:
+        yield site
 
 
 def _new_batch_job(client, site_id: int, **fields) -> dict:
@@ -120,3 +130,27 @@ def test_pending_deletion_scancels_and_walltime_timeout_is_recorded(slurm_site):
     timed_out = wait_batch_job(client, timeout["id"], {"finished"}, 180)
     assert timed_out["status_info"]["scheduler_state"] == "TIMEOUT", timed_out["status_info"]
     assert timed_out["start_time"] and timed_out["end_time"]
+
+
+def test_a_job_slurm_can_never_start_shows_the_reason_and_can_be_deleted(balsam_env, tmp_path):
+    """8 nodes on a 4-node cluster: the site allows it (max_nodes 16), sbatch accepts it, and it
+    waits forever; the BatchJob must say why (Slurm's pending reason) and still be deletable."""
+    roomy = {**SLURM_SETTINGS, "allowed_queues": {"debug": {"max_nodes": 16, "max_walltime": 60, "max_queued_jobs": 10}}}
+    with running_slurm_site(tmp_path, roomy) as (name, path, site_id, client):
+        too_big = _new_batch_job(client, site_id, num_nodes=8, wall_time_min=5)
+        waiting = wait_for(
+            lambda: (b := batch_job(client, too_big["id"]))["status_info"].get("scheduler_reason") and b,
+            60, "the Slurm pending reason in status_info", interval=0.5,
+        )
+        assert waiting["state"] == "queued", waiting
+        reason = waiting["status_info"]["scheduler_reason"]
+        assert reason in ("PartitionNodeLimit", "PartitionConfig"), waiting["status_info"]  # Slurm's words
+        scheduler_id = waiting["scheduler_id"]
+        site_record = client.get(f"/sites/{site_id}")
+        assert site_record["queued_jobs"][str(scheduler_id)]["message"] == reason
+
+        client.patch("/batch-jobs/", json=[{"id": too_big["id"], "state": "pending_deletion"}])
+        deleted = wait_batch_job(client, too_big["id"], {"finished"}, 60)
+        assert deleted["status_info"]["scheduler_state"].startswith("CANCELLED"), deleted["status_info"]
+        wait_for(lambda: str(scheduler_id) not in client.get(f"/sites/{site_id}")["queued_jobs"], 30,
+                 f"Slurm job {scheduler_id} to leave Site.queued_jobs")

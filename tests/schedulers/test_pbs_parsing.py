@@ -77,6 +77,22 @@ def test_status_poll_is_json_and_filters_the_owner(pbs):
     assert statuses[1196252].state is BatchJobState.running  # exiting
 
 
+def test_waiting_jobs_carry_the_scheduler_comment(pbs):
+    statuses = pbs.parse_status(result(stdout=recorded("pbs", "qstat_f_json_reasons.txt")), NOW)
+    assert {i: s.message for i, s in statuses.items()} == {
+        1196270: "Can Never Run: Insufficient amount of queue resource: nodect (R: 8 A: 2 T: 2)",
+        1196271: "Not Running: Insufficient amount of resource: ncpus (R: 4096 A: 1024 T: 35840)",
+        1196272: "held (Hold_Types u)",
+        1196273: "",  # "Job run at ..." is no reason to wait
+    }
+    assert statuses[1196273].state is BatchJobState.running
+    assert statuses[1196270].state is BatchJobState.queued and statuses[1196270].num_nodes == 8
+    polaris = pbs.parse_status(result(stdout=recorded("pbs", "qstat_f_json.txt")), NOW)
+    assert polaris[1196250].message == "Not Running: Job would conflict with reservation or top job"
+    assert polaris[1196243].message == ""  # running
+    assert polaris[1196251].message == "held (Hold_Types u)"
+
+
 def test_known_json_slips_are_repaired(pbs, caplog):
     statuses = pbs.parse_status(result(stdout=recorded("pbs", "qstat_f_json_bad_escapes.txt")), NOW)
     assert set(statuses) == {1196243, 1196250, 1196251, 1196252}

@@ -109,8 +109,26 @@ def test_parse_status_real_squeue(slurm):
     assert statuses[5].state is BatchJobState.queued and statuses[5].num_nodes == 9 and statuses[5].wall_time_min == 5
     assert statuses[5].queued_time_min == 0  # 05:42:18 -> 05:43:00
     assert statuses[11].state is BatchJobState.queued  # held by the user
+    assert statuses[5].message == "PartitionConfig" and statuses[11].message == "JobHeldUser"
+    assert statuses[2].message == ""  # a running job's reason is "None"
     later = slurm.parse_status(result(stdout=recorded("slurm", "squeue_after.txt")), NOW)
     assert set(later) == {5, 11}
+
+
+def test_pending_reasons_become_the_status_message(slurm):
+    statuses = slurm.parse_status(result(stdout=recorded("slurm", "squeue_reasons.txt")), utc(2026, 11, 22, 6, 52, 0))
+    assert {i: s.message for i, s in statuses.items()} == {
+        58: "", 59: "PartitionNodeLimit", 60: "JobHeldUser", 61: "Dependency", 62: "BeginTime", 63: "Resources",
+    }
+    assert statuses[59].state is BatchJobState.queued and statuses[59].num_nodes == 8
+    assert statuses[58].state is BatchJobState.running
+
+
+def test_long_pending_reason_is_kept_whole_up_to_a_limit(slurm):
+    nodes = ",".join(f"node{i}" for i in range(200))
+    line = f"7|PENDING|debug|2|5:00|p|5:00|2026-11-22T05:00:00|N/A|N/A|ReqNodeNotAvail, UnavailableNodes:{nodes}"
+    message = slurm.parse_status(result(stdout=line + "\n"), NOW)[7].message
+    assert message.startswith("ReqNodeNotAvail, UnavailableNodes:node0,node1") and len(message) == 300
 
 
 def test_parse_status_empty_output_means_no_jobs(slurm):

@@ -72,6 +72,10 @@ def test_bulk_patch_and_state_rules(api):
     after = api.ok("PUT", f"/batch-jobs/{ids[2]}", json={"state": "running", "scheduler_id": 77})
     assert (after["state"], after["scheduler_id"]) == ("pending_deletion", 77)
     assert api.ok("PUT", f"/batch-jobs/{ids[2]}", json={"state": "finished"})["state"] == "finished"
+    # Revoking an allocation that already ended (libEnsemble's revoke_allocation) keeps its final state.
+    revoked = api.ok("PATCH", "/batch-jobs/", json=[{"id": ids[1], "state": "pending_deletion"},
+                                                     {"id": ids[2], "state": "pending_deletion", "scheduler_id": 78}])
+    assert [(b["state"], b["scheduler_id"]) for b in revoked] == [("submit_failed", None), ("finished", 78)]
     resp = api.http.patch("/batch-jobs/", json=[{"id": ids[0], "site_id": 3}])
     assert resp.status_code == 422
     resp = api.http.patch("/batch-jobs/", json=[{"id": ids[0]}, {"id": ids[0]}])

@@ -4,7 +4,8 @@ A real uvicorn server, a real site (default platform, local scheduler) with its 
 executor registers an app, asks for an allocation, submits tasks and waits for them. The agent's
 scheduler module submits the BatchJob to the local scheduler, the launcher started from the job
 template runs the jobs under real MPICH ``mpiexec`` with mpi4py, the processing module finishes them,
-and ``revoke_allocation`` ends the BatchJob through the scheduler module.
+and ``revoke_allocation`` ends the BatchJob through the scheduler module. A second test revokes an
+allocation whose launcher already left on its own (Balsam 0.7 accepted that; it must not raise).
 """
 
 from __future__ import annotations
@@ -96,10 +97,51 @@ def test_balsam_executor_runs_tasks_on_a_real_site(make_site, agent_daemon, clie
             out = (data / "libe_workflow" / f"square{x}" / "job.out").read_text()
             assert f"square of {x} is {x * x} on {len(ranks)} ranks {ranks}" in out, out
 
-        assert batch_job(client, allocation.id)["state"] == "running"
+        # The BatchJob's state follows the scheduler's listing, one sync period behind the launcher.
+        wait_for(lambda: batch_job(client, allocation.id)["state"] == "running", timeout=15,
+                 what="the allocation to show running")
         assert exctr.revoke_allocation(allocation, timeout=30) is True
         wait_for(lambda: batch_job(client, allocation.id)["state"] == "finished", timeout=30,
                  what="the revoked allocation to finish")
         assert BatchJob.objects.get(id=allocation.id).state.value == "finished"
+    finally:
+        Executor.executor = None
+
+
+@pytest.mark.timeout(120)
+def test_revoking_an_allocation_that_already_ended(make_site, agent_daemon, client, tmp_path: Path) -> None:
+    """libEnsemble revokes its allocation when the ensemble is done; by then the launcher may have left
+    on its own (idle, wall time). Balsam 0.7 accepted that revoke; it must not raise, and the BatchJob
+    stays finished."""
+    from libensemble.executors.balsam_executor import BalsamExecutor
+    from libensemble.executors.executor import Executor
+
+    from balsam.api import ApplicationDefinition, BatchJob
+
+    site = make_site(name="libe-idle-site")  # launchers leave after 3 idle seconds
+    agent_daemon(site)
+
+    class EchoApp(ApplicationDefinition):
+        site = "libe-idle-site"
+        command_template = "echo hello {{ name }}"
+
+    exctr = BalsamExecutor()
+    try:
+        exctr.register_app(EchoApp, app_name="echo")
+        allocation = exctr.submit_allocation(site_id=site.site_id, num_nodes=1, wall_time_min=10, job_mode="serial",
+                                             queue="local", project="local")
+        task = exctr.submit(app_name="echo", app_args={"name": "libE"}, workdir="echo")
+        task.wait(timeout=60)
+        assert task.finished and task.success and task.state == "FINISHED"
+        out = (Path(site.data_path) / "libe_workflow" / "echo" / "job.out").read_text()
+        assert "hello libE" in out
+
+        wait_for(lambda: batch_job(client, allocation.id)["state"] == "finished", timeout=40,
+                 what="the idle launcher to leave and the allocation to finish")
+        ended = batch_job(client, allocation.id)
+        assert exctr.revoke_allocation(allocation, timeout=10) is True
+        after = BatchJob.objects.get(id=allocation.id)
+        assert after.state.value == "finished"
+        assert batch_job(client, allocation.id)["end_time"] == ended["end_time"]
     finally:
         Executor.executor = None

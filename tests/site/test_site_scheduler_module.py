@@ -289,3 +289,79 @@ def test_a_submission_the_api_never_recorded_is_not_repeated(setup, client, make
     record = batch_job(client, bj["id"])
     assert record["state"] == "queued" and record["scheduler_id"] == fake.next_id
     assert len(fake.submitted) == 1
+
+
+class CountingClient:
+    """The real API client, counting the requests the module makes by method."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+        if name not in ("get", "post", "put", "patch", "delete"):
+            return method
+
+        def counted(path, *args, **kwargs):
+            self.calls.append((name, path))
+            return method(path, *args, **kwargs)
+
+        return counted
+
+
+def _set_reason(fake: ScriptedScheduler, scheduler_id: int, message: str) -> None:
+    import attrs
+
+    fake.queue[scheduler_id] = attrs.evolve(fake.queue[scheduler_id], message=message)
+
+
+def test_scheduler_reason_follows_the_scheduler_in_the_one_bulk_patch(setup, client) -> None:
+    site, fake, module = setup
+    ids = [create_batch_job(client, site.site_id)["id"] for _ in range(2)]
+    module.run_cycle()
+    first, second = (batch_job(client, i)["scheduler_id"] for i in ids)
+    counting = CountingClient(client)
+    module.client = counting
+
+    _set_reason(fake, first, "PartitionNodeLimit")
+    _set_reason(fake, second, "Priority")
+    module.run_cycle()
+    records = [batch_job(client, i) for i in ids]
+    assert [r["status_info"]["scheduler_reason"] for r in records] == ["PartitionNodeLimit", "Priority"]
+    assert all(r["status_info"]["submit_script"] for r in records)  # the rest of status_info is kept
+    assert [c for c in counting.calls if c[0] == "patch"] == [("patch", "/batch-jobs/")]  # both in one PATCH
+    site_record = client.get(f"/sites/{site.site_id}")
+    assert site_record["queued_jobs"][str(first)]["message"] == "PartitionNodeLimit"
+
+    counting.calls.clear()
+    module.run_cycle()  # nothing changed: nothing to send
+    assert [c for c in counting.calls if c[0] == "patch"] == []
+
+    _set_reason(fake, first, "Resources")
+    _set_reason(fake, second, "")
+    module.run_cycle()
+    assert batch_job(client, ids[0])["status_info"]["scheduler_reason"] == "Resources"
+    assert "scheduler_reason" not in batch_job(client, ids[1])["status_info"]
+
+    _set_reason(fake, first, "")
+    _set_state(fake, first, BatchJobState.running)
+    module.run_cycle()
+    record = batch_job(client, ids[0])
+    assert record["state"] == "running" and "scheduler_reason" not in record["status_info"]
+
+
+def test_scheduler_reason_does_not_hide_an_error(setup, client) -> None:
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    module.run_cycle()
+    scheduler_id = batch_job(client, bj["id"])["scheduler_id"]
+    _set_reason(fake, scheduler_id, "JobHeldUser")
+    fake.status_errors.extend([SchedulerError("squeue: error: Socket timed out")] * 2)
+    module.run_cycle()
+    module.run_cycle()
+    info = batch_job(client, bj["id"])["status_info"]
+    assert "Socket timed out" in info["error"]
+    module.run_cycle()  # the scheduler answers again, with the reason
+    info = batch_job(client, bj["id"])["status_info"]
+    assert info["scheduler_reason"] == "JobHeldUser" and "Socket timed out" in info["error"]

@@ -10,6 +10,24 @@ import yaml
 from ._site_selector import format_table, parse_key_values, resolve_one_site, site_filter, site_names, site_option
 
 ACTIVE_STATES = ("pending_submission", "queued", "running", "pending_deletion")
+#: Widest reason shown in the table (``-v`` prints status_info whole).
+REASON_CHARS = 60
+
+
+def waiting_reason(state: str, status_info: dict[str, Any]) -> str:
+    """Why a BatchJob is not running, in a few words: the scheduler's reason while it is queued, the
+    agent's ``waiting`` note or last error before submission, the error of a refused one."""
+    if state == "queued":
+        keys: tuple[str, ...] = ("scheduler_reason", "error")
+    elif state == "pending_submission":
+        keys = ("waiting", "error")
+    elif state == "submit_failed":
+        keys = ("error",)
+    else:
+        return ""
+    text = next((str(status_info[k]) for k in keys if status_info.get(k)), "")
+    text = " ".join(text.split())
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
 def parse_partition(text: str) -> dict[str, Any]:
@@ -68,7 +86,11 @@ def submit(num_nodes: int, wall_time_min: int, queue_name: str, project: str, jo
 @click.option("--scheduler_id", "--scheduler-id", "scheduler_id", default=None, type=int)
 @site_option
 def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], site_selector: str) -> None:
-    """List batch jobs (active ones unless --history)."""
+    """List batch jobs (active ones unless --history).
+
+    A "reason" column appears when a job waits for a reason the scheduler gave (e.g. Slurm's
+    PartitionNodeLimit), was refused, or failed to submit; -v shows the whole status_info.
+    """
     from balsam.api import BatchJob
 
     filters: dict[str, Any] = site_filter(site_selector)
@@ -97,6 +119,11 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], site
          b.wall_time_min, b.job_mode.value]
         for b in batch_jobs
     ]
+    reasons = [waiting_reason(b.state.value, b.status_info or {}) for b in batch_jobs]
+    if any(reasons):  # the 0.7 columns stay as they were; a reason column only when there is one to show
+        headers.append("reason")
+        for row, reason in zip(rows, reasons):
+            row.append(reason)
     click.echo(format_table(headers, rows, right={0, 2, 7, 8}))
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import attrs
 
+from ..util import tail_file
 from .node_manager import Demand
 
 logger = logging.getLogger(__name__)
@@ -141,22 +142,6 @@ def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
         script.write_text(preamble if preamble.endswith("\n") else preamble + "\n")
         return f"source {shlex.quote(str(script))} && {cmdline}"
     return f"{preamble} && {cmdline}"
-
-
-def tail_file(path: Path, num_lines: int, max_bytes: int = 64 * 1024) -> str:
-    """The last ``num_lines`` lines of a file ('' if missing)."""
-    if num_lines <= 0:
-        return ""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return ""
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    return "\n".join(lines[-num_lines:])
 
 
 _SPAWN_FAILED = 12345

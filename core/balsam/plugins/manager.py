@@ -132,6 +132,11 @@ class _EntryPointInfo:
     version: str
     location: str
 
+    def record(self, kind: str) -> PluginRecord:
+        """Its row in ``balsam plugins list`` (not loaded yet)."""
+        return PluginRecord(kind=kind, name=self.name, distribution=self.distribution, version=self.version,
+                            target=self.value, source=f"entry point {self.group}", location=self.location)
+
 
 def _normalize(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
@@ -339,20 +344,17 @@ class PluginManager:
     def _discover_drivers(self) -> None:
         for kind, group in DRIVER_GROUPS.items():
             for ep in _list_entry_points(group):
-                record = PluginRecord(
-                    kind=kind,
-                    name=ep.name,
-                    distribution=ep.distribution,
-                    version=ep.version,
-                    target=ep.value,
-                    source=f"entry point {group}",
-                    location=ep.location,
-                )
-                if not self._selection.permits(ep.name, ep.distribution):
-                    record.status, record.error = DISABLED, self._selection.reason()
-                    self._other_rows.append(record)
-                    continue
-                self._claim(record)
+                record = ep.record(kind)
+                if not self._report_if_disabled(record):
+                    self._claim(record)
+
+    def _report_if_disabled(self, record: PluginRecord) -> bool:
+        """A plugin that ``BALSAM_PLUGINS`` leaves out is listed as disabled (and not loaded)."""
+        if self._selection.permits(record.name, record.distribution):
+            return False
+        record.status, record.error = DISABLED, self._selection.reason()
+        self._other_rows.append(record)
+        return True
 
     def _claim(self, record: PluginRecord) -> bool:
         """Put a driver in the name space; a taken name makes ``record`` a reported conflict."""
@@ -371,19 +373,10 @@ class PluginManager:
         entries = _list_entry_points(HOOK_GROUP)
         wanted: list[_EntryPointInfo] = []
         for ep in entries:
-            record = PluginRecord(
-                kind=HOOK_KIND,
-                name=ep.name,
-                distribution=ep.distribution,
-                version=ep.version,
-                target=ep.value,
-                source=f"entry point {HOOK_GROUP}",
-                location=ep.location,
-            )
-            if not self._selection.permits(ep.name, ep.distribution):
-                record.status, record.error = DISABLED, self._selection.reason()
-                self._other_rows.append(record)
-            elif ep.name in self._plugins:
+            record = ep.record(HOOK_KIND)
+            if self._report_if_disabled(record):
+                continue
+            if ep.name in self._plugins:
                 record.status = CONFLICT
                 record.error = f"plugin name '{ep.name}' is already taken by {self._plugins[ep.name].distribution}"
                 self._other_rows.append(record)

@@ -113,6 +113,33 @@ def _pg_record_type(col_type: sa.types.TypeEngine) -> str:
     return "text"
 
 
+def where_in(stmt: sa.Select, column: sa.ColumnElement, values: "list[Any] | None") -> sa.Select:
+    """``stmt`` limited to rows whose ``column`` is one of ``values``; unchanged when ``values`` is None (no filter)."""
+    return stmt if values is None else stmt.where(column.in_(values))
+
+
+def count_and_page(conn: sa.Connection, stmt: sa.Select, order_by: list[Any], limit: int, offset: int) -> tuple[int, list[sa.Row]]:
+    """Total rows ``stmt`` matches, and one page of them in ``order_by`` order (list endpoints)."""
+    count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
+    rows = conn.execute(stmt.order_by(*order_by).limit(limit).offset(offset)).all()
+    return count, rows
+
+
+def update_rows_by_id(conn: sa.Connection, table: sa.Table, values_by_id: dict[int, dict[str, Any]]) -> None:
+    """Set different values on many rows: one executemany UPDATE per distinct set of column names."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row_id, values in values_by_id.items():
+        if values:
+            groups.setdefault(tuple(sorted(values)), []).append({"b_id": row_id, **{f"v_{k}": v for k, v in values.items()}})
+    for names, params in groups.items():
+        stmt = (
+            sa.update(table)
+            .where(table.c.id == sa.bindparam("b_id"))
+            .values({name: sa.bindparam(f"v_{name}", type_=table.c[name].type) for name in names})
+        )
+        conn.execute(stmt, params)
+
+
 def bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], *, return_ids: bool = False) -> list[int]:
     """Insert ``rows`` (same keys each) in one statement; returns the new ids in row order if asked."""
     if not rows:

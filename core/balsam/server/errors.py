@@ -6,7 +6,7 @@ import ast
 import re
 from typing import Any, Iterable
 
-from balsam.serialization import PayloadError
+from balsam.serialization import PayloadError, partial_from_dict
 
 
 class APIError(Exception):
@@ -104,3 +104,12 @@ def check_partial(cls: type, values: dict[str, Any], loc: list[Any]) -> dict[str
     if errors:
         raise ValidationFailed(errors)
     return values
+
+
+def parse_partial(cls: type, data: Any, allowed: "set[str]", loc: list[Any]) -> dict[str, Any]:
+    """An update body -> its structured field values; 422 names every bad or null field under ``loc``."""
+    try:
+        values = partial_from_dict(cls, data, allowed=allowed)
+    except PayloadError as exc:
+        raise payload_errors(exc, loc) from None
+    return check_partial(cls, values, loc)

@@ -233,6 +233,28 @@ def require_list(payload: Any, what: str, max_items: int) -> list:
     return payload
 
 
+def parse_bulk_patches(payload: list, kind: str, parse: Callable[[dict[str, Any], list[Any]], dict[str, Any]], *,
+                       fixed: "tuple[str, ...]" = ()) -> dict[int, dict[str, Any]]:
+    """A bulk PATCH body ``[{"id": N, field: value, ...}, ...]`` -> ``{N: parse(fields, loc)}``.
+
+    Each item needs a unique integer ``id``; ``fixed`` fields may be sent only as null (and are dropped).
+    """
+    patches: dict[int, dict[str, Any]] = {}
+    for index, item in enumerate(payload):
+        loc = ["body", index]
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
+            raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
+        check_int_fields(item, ["id"], loc)
+        body = {k: v for k, v in item.items() if k != "id"}
+        for name in fixed:
+            if body.pop(name, None) is not None:
+                raise ValidationFailed.field(loc + [name], "cannot be changed")
+        if item["id"] in patches:
+            raise ValidationFailed.field(loc + ["id"], f"duplicate {kind} id {item['id']} in one request")
+        patches[item["id"]] = parse(body, loc)
+    return patches
+
+
 def int_range_errors(values: Any, loc: list[Any]) -> list[tuple[list[Any], str]]:
     """Integers anywhere in a parsed payload that do not fit the 32-bit columns."""
     errors: list[tuple[list[Any], str]] = []

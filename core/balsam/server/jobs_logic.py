@@ -17,8 +17,8 @@ from sqlalchemy.dialects import postgresql
 from balsam.models import Job
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
-from .db import bulk_insert
-from .errors import null_field_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
+from .db import bulk_insert, update_rows_by_id, where_in
+from .errors import null_field_errors, payload_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
 from .http import QueryParams, int_range_errors
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
@@ -127,9 +127,7 @@ def job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Select:
-    ids = q.int_list("id")
-    if ids is not None:
-        stmt = stmt.where(jobs.c.id.in_(ids))
+    stmt = where_in(stmt, jobs.c.id, q.int_list("id"))
     parent_ids = q.int_list("parent_id")
     if parent_ids is not None:
         stmt = stmt.where(
@@ -138,9 +136,7 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Selec
     app_id = q.int("app_id")
     if app_id is not None:
         stmt = stmt.where(jobs.c.app_id == app_id)
-    site_ids = q.int_list("site_id")
-    if site_ids is not None:
-        stmt = stmt.where(jobs.c.site_id.in_(site_ids))
+    stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
     batch_job_id = q.int("batch_job_id")
     if batch_job_id is not None:
         stmt = stmt.where(jobs.c.batch_job_id == batch_job_id)
@@ -156,9 +152,7 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Selec
     state_ne = q.enum("state__ne", JobState)
     if state_ne is not None:
         stmt = stmt.where(jobs.c.state != state_ne)
-    states = q.enum_list("state", JobState)
-    if states is not None:
-        stmt = stmt.where(jobs.c.state.in_(states))
+    stmt = where_in(stmt, jobs.c.state, q.enum_list("state", JobState))
     tags = q.key_values("tags")
     if tags:
         stmt = stmt.where(json_contains(jobs.c.tags, tags, dialect))
@@ -490,7 +484,7 @@ def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, A
     try:
         patch = partial_from_dict(Job, body, allowed=UPDATE_FIELDS)
     except PayloadError as exc:
-        raise ValidationFailed((loc + split_path(path), msg) for path, msg in exc.errors) from None
+        raise payload_errors(exc, loc) from None
     for name in ("num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "node_packing_count"):
         if name in patch and patch[name] < 1:
             raise ValidationFailed.field(loc + [name], f"must be >= 1, got {patch[name]}")
@@ -594,30 +588,14 @@ def _resolve_automatic_moves(
     POSTPROCESSED with no outstanding stage-out -> JOB_FINISHED (else its stage-outs start)."""
     ready = [jid for jid, st in final_state.items() if st == S.ready]
     if ready:
-        pending_in = set(
-            conn.execute(
-                sa.select(transfer_items.c.job_id).where(
-                    transfer_items.c.job_id.in_(ready),
-                    transfer_items.c.direction == TransferDirection.stage_in.value,
-                    transfer_items.c.state != TransferItemState.done.value,
-                ).distinct()
-            ).scalars()
-        )
+        pending_in = _with_unfinished_transfers(conn, ready, TransferDirection.stage_in)
         for jid in ready:
             if jid not in pending_in:
                 final_state[jid] = S.staged_in
                 extra_events.append((jid, S.ready, S.staged_in, {"message": "Skipped stage in"}))
     post = [jid for jid, st in final_state.items() if st == S.postprocessed]
     if post:
-        outstanding = set(
-            conn.execute(
-                sa.select(transfer_items.c.job_id).where(
-                    transfer_items.c.job_id.in_(post),
-                    transfer_items.c.direction == TransferDirection.stage_out.value,
-                    transfer_items.c.state != TransferItemState.done.value,
-                ).distinct()
-            ).scalars()
-        )
+        outstanding = _with_unfinished_transfers(conn, post, TransferDirection.stage_out)
         if outstanding:
             conn.execute(
                 sa.update(transfer_items)
@@ -634,21 +612,28 @@ def _resolve_automatic_moves(
                 extra_events.append((jid, S.postprocessed, S.finished, {"message": "Skipped stage out"}))
 
 
+def _with_unfinished_transfers(conn: sa.Connection, job_ids: list[int], direction: TransferDirection) -> set[int]:
+    """The jobs among ``job_ids`` with a ``direction`` transfer item not yet done."""
+    return set(
+        conn.execute(
+            sa.select(transfer_items.c.job_id).where(
+                transfer_items.c.job_id.in_(job_ids),
+                transfer_items.c.direction == direction.value,
+                transfer_items.c.state != TransferItemState.done.value,
+            ).distinct()
+        ).scalars()
+    )
+
+
 def _execute_grouped_updates(conn: sa.Connection, groups: dict[bytes, tuple[dict[str, Any], list[int]]]) -> None:
-    singles: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    singles: dict[int, dict[str, Any]] = {}
     for values, ids in groups.values():
         if len(ids) > 1:
             for chunk_start in range(0, len(ids), 1000):
                 conn.execute(sa.update(jobs).where(jobs.c.id.in_(ids[chunk_start:chunk_start + 1000])).values(**values))
         else:
-            singles[tuple(sorted(values))].append({"b_id": ids[0], **{f"v_{k}": v for k, v in values.items()}})
-    for names, params in singles.items():
-        stmt = (
-            sa.update(jobs)
-            .where(jobs.c.id == sa.bindparam("b_id"))
-            .values({name: sa.bindparam(f"v_{name}", type_=jobs.c[name].type) for name in names})
-        )
-        conn.execute(stmt, params)
+            singles[ids[0]] = values
+    update_rows_by_id(conn, jobs, singles)
 
 
 def release_children(conn: sa.Connection, finished_ids: list[int], now: dt.datetime) -> list[int]:

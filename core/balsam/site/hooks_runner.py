@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..states import JobState
+from ..util import tail_file
 
 HOOK_FOR_STATE: dict[JobState, str] = {
     JobState.staged_in: "preprocess",
@@ -60,20 +61,6 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def tail_lines(path: Path, num_lines: int, max_bytes: int = 65536) -> str:
-    """The last ``num_lines`` lines of a file (reads at most ``max_bytes`` from its end)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return ""
-    lines = data.decode("utf-8", "replace").splitlines()
-    return "\n".join(lines[-num_lines:]) if num_lines > 0 else ""
-
-
 def read_run_markers(workdir: Path) -> tuple[str, str]:
     """(serialized_return_value, serialized_exception) printed by a ``run()`` app into job.out."""
     path = workdir / "job.out"
@@ -101,7 +88,7 @@ def default_update(job: dict, python_app: bool, data_path: Path, tail_num_lines:
             if exc:
                 update["serialized_exception"] = exc
         if state == JobState.run_error:
-            tail = tail_lines(workdir / "job.out", tail_num_lines)
+            tail = tail_file(workdir / "job.out", tail_num_lines)
             update["state_data"] = {
                 "message": "the run failed and the app keeps the default handle_error (FAILED)",
                 "error": tail,

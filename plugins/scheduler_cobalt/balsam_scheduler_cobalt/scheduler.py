@@ -179,6 +179,8 @@ class CobaltScheduler(Scheduler):
                 project=project,
                 time_remaining_min=cobalt_duration_min(remaining) if state is R else cobalt_duration_min(wall),
                 queued_time_min=cobalt_duration_min(queued),
+                # qstat prints no reason or comment column; its hold states are the only "why"
+                message=state_text.lower() if state is Q and state_text.lower() != "queued" else "",
             )
         return statuses
 

@@ -56,6 +56,8 @@ SELECT_PARAM = "select"
 RAW_FLAGS_PARAM = "qsub_flags"
 
 PLAIN_ENV = {"TZ": "UTC"}
+#: Longest scheduler comment kept as a status message.
+MAX_REASON_CHARS = 300
 USER_FORMAT_VARIABLES = ("PBS_QSTAT_HEADER", "QSTAT_HEADER", "PBS_QSTAT_NO_HEADER", "PBS_QSTAT_FMT")
 
 _CONNECTION_TROUBLE = ("cannot connect", "connection refused", "end of file", "timed out", "try again",
@@ -122,6 +124,18 @@ def load_pbs_json(text: str, what: str) -> dict[str, Any]:
         raise SchedulerError(f"{what} printed invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     logger.warning("%s printed slightly malformed JSON; read it after repair", what)
     return data if isinstance(data, dict) else {}
+
+
+def waiting_reason(job: dict[str, Any]) -> str:
+    """Why a job that has not started waits: the scheduler's ``comment`` ("Not Running: ...",
+    "Can Never Run: ..."), else its holds. (A running job's comment only says where it started.)"""
+    comment = " ".join(str(job.get("comment") or "").split())
+    if comment:
+        return comment[:MAX_REASON_CHARS]
+    holds = str(job.get("Hold_Types") or "").strip()
+    if holds and holds != "n":
+        return f"held (Hold_Types {holds})"
+    return ""
 
 
 def _pbs_error(result: CommandResult) -> str:
@@ -240,6 +254,7 @@ class PBSScheduler(Scheduler):
             project=str(job.get("project") or job.get("Account_Name") or ""),
             time_remaining_min=remaining,
             queued_time_min=queued,
+            message=waiting_reason(job) if state is Q else "",
         )
 
     # -- delete -----------------------------------------------------------------------------

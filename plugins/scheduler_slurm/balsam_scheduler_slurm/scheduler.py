@@ -99,6 +99,16 @@ USER_FORMAT_VARIABLES = (
 PLAIN_ENV = {"TZ": "UTC", "SLURM_TIME_FORMAT": "standard"}
 
 _NO_TIME = {"", "N/A", "UNKNOWN", "NONE", "INVALID", "NOT_SET"}
+#: Longest scheduler reason kept (``ReqNodeNotAvail, UnavailableNodes:...`` can list many nodes).
+MAX_REASON_CHARS = 300
+
+
+def pending_reason(reason: str) -> str:
+    """squeue's %r as the status message: ``None`` (running, or not yet evaluated) means no reason."""
+    reason = reason.strip()
+    if reason.upper() in ("NONE", "(NULL)", "N/A"):
+        return ""
+    return reason[:MAX_REASON_CHARS]
 
 
 def _parse_time(text: str) -> Optional[dt.datetime]:
@@ -345,6 +355,7 @@ class SlurmScheduler(Scheduler):
                 project=row.account,
                 time_remaining_min=remaining,
                 queued_time_min=queued_min,
+                message=pending_reason(row.reason),
             )
         return statuses
 

@@ -8,9 +8,10 @@ import sqlalchemy as sa
 from starlette.responses import Response
 
 from balsam.models import MAX_SERIALIZED_CLASS_CHARS, App, writable_fields
-from balsam.serialization import PayloadError, from_dict, partial_from_dict, to_dict
+from balsam.serialization import PayloadError, from_dict, to_dict
 
-from ..errors import BadRequest, NotFound, ValidationFailed, check_partial
+from ..db import count_and_page, where_in
+from ..errors import BadRequest, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
 from ..jobs_logic import like_escape
 from ..routing import Ctx, route
@@ -76,12 +77,8 @@ def list_apps(ctx: Ctx) -> Response:
     q = ctx.query({"site_id", "id", "name", "site_path", "site_name"} | PAGINATION)
     limit, offset = pagination(q)
     stmt = sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(sites.c.owner_id == ctx.user.id)
-    site_ids = q.int_list("site_id")
-    if site_ids is not None:
-        stmt = stmt.where(apps.c.site_id.in_(site_ids))
-    ids = q.int_list("id")
-    if ids is not None:
-        stmt = stmt.where(apps.c.id.in_(ids))
+    stmt = where_in(stmt, apps.c.site_id, q.int_list("site_id"))
+    stmt = where_in(stmt, apps.c.id, q.int_list("id"))
     if q.str("name"):
         stmt = stmt.where(apps.c.name == q.str("name"))
     if q.str("site_path"):
@@ -89,8 +86,7 @@ def list_apps(ctx: Ctx) -> Response:
     if q.str("site_name"):
         stmt = stmt.where(sites.c.name == q.str("site_name"))
     with ctx.read() as conn:
-        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
-        rows = conn.execute(stmt.order_by(apps.c.id).limit(limit).offset(offset)).all()
+        count, rows = count_and_page(conn, stmt, [apps.c.id], limit, offset)
     return json_response({"count": count, "results": [app_dict(r) for r in rows]})
 
 
@@ -124,11 +120,8 @@ def update_app(ctx: Ctx) -> Response:
     data = ctx.json()
     if isinstance(data, dict):
         data = {k: v for k, v in data.items() if k != "id"}
-    try:
-        values = _json_values(check_partial(App, partial_from_dict(App, data, allowed=WRITABLE), ["body"]))
-        check_int_fields(values, ["site_id"], ["body"])
-    except PayloadError as exc:
-        raise ValidationFailed.from_payload(exc) from None
+    values = _json_values(parse_partial(App, data, WRITABLE, ["body"]))
+    check_int_fields(values, ["site_id"], ["body"])
     _validate(values)
     with ctx.write() as conn:
         current = get_owned_app(conn, ctx.user.id, app_id)

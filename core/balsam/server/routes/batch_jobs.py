@@ -8,11 +8,12 @@ import sqlalchemy as sa
 from starlette.responses import Response
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP, BatchJob
-from balsam.serialization import PayloadError, from_dict, partial_from_dict, to_dict
+from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 
-from ..errors import split_path, check_partial, BadRequest, NotFound, ValidationFailed, not_found_ids
-from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination, require_list
+from ..db import count_and_page, update_rows_by_id, where_in
+from ..errors import BadRequest, NotFound, ValidationFailed, not_found_ids, parse_partial
+from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination, parse_bulk_patches, require_list
 from ..jobs_logic import json_contains, owned_site_ids, utcnow
 from ..sessions_logic import release_session_jobs
 from ..routing import Ctx, route
@@ -60,15 +61,9 @@ def list_batch_jobs(ctx: Ctx) -> Response:
     q = ctx.query(FILTERS | PAGINATION)
     limit, offset = pagination(q)
     stmt = sa.select(*BJ_COLUMNS).where(batch_jobs.c.site_id.in_(owned_site_ids(ctx.user.id)))
-    ids = q.int_list("id")
-    if ids is not None:
-        stmt = stmt.where(batch_jobs.c.id.in_(ids))
-    site_ids = q.int_list("site_id")
-    if site_ids is not None:
-        stmt = stmt.where(batch_jobs.c.site_id.in_(site_ids))
-    states = q.enum_list("state", BatchJobState)
-    if states is not None:
-        stmt = stmt.where(batch_jobs.c.state.in_(states))
+    stmt = where_in(stmt, batch_jobs.c.id, q.int_list("id"))
+    stmt = where_in(stmt, batch_jobs.c.site_id, q.int_list("site_id"))
+    stmt = where_in(stmt, batch_jobs.c.state, q.enum_list("state", BatchJobState))
     scheduler_id = q.int("scheduler_id")
     if scheduler_id is not None:
         stmt = stmt.where(batch_jobs.c.scheduler_id == scheduler_id)
@@ -88,8 +83,7 @@ def list_batch_jobs(ctx: Ctx) -> Response:
         order = [batch_jobs.c.id]
         if ordering:
             order = [batch_jobs.c.start_time.desc() if ordering.startswith("-") else batch_jobs.c.start_time.asc(), batch_jobs.c.id]
-        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
-        rows = conn.execute(stmt.order_by(*order).limit(limit).offset(offset)).all()
+        count, rows = count_and_page(conn, stmt, order, limit, offset)
     return json_response({"count": count, "results": [bj_dict(r) for r in rows]})
 
 
@@ -130,11 +124,7 @@ def read_batch_job(ctx: Ctx) -> Response:
 
 
 def _parse_patch(data: Any, loc: list[Any]) -> dict[str, Any]:
-    try:
-        values = partial_from_dict(BatchJob, data, allowed=UPDATABLE)
-    except PayloadError as exc:
-        raise ValidationFailed((loc + split_path(path), msg) for path, msg in exc.errors) from None
-    check_partial(BatchJob, values, loc)
+    values = parse_partial(BatchJob, data, UPDATABLE, loc)
     _validate_numbers(values, loc)
     return _json_values(values)
 
@@ -150,6 +140,11 @@ def _apply_state_rules(current: dict[int, str], patches: dict[int, dict[str, Any
         if old == new:
             continue
         if old == BJ.pending_deletion and new != BJ.finished:
+            patch.pop("state")
+            continue
+        if new == BJ.pending_deletion and old in (BJ.finished, BJ.submit_failed):
+            # Revoking an allocation that already ended (libEnsemble's revoke_allocation after the
+            # launcher left on its own) is already done: keep the final state, as Balsam 0.7 did.
             patch.pop("state")
             continue
         if new not in BATCH_JOB_TRANSITIONS[old]:
@@ -172,17 +167,7 @@ def _update_many(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
     if missing:
         raise not_found_ids("BatchJob", missing)
     _apply_state_rules(current, patches)
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for bj_id, values in patches.items():
-        if values:
-            groups.setdefault(tuple(sorted(values)), []).append({"b_id": bj_id, **{f"v_{k}": v for k, v in values.items()}})
-    for names, params in groups.items():
-        stmt = (
-            sa.update(batch_jobs)
-            .where(batch_jobs.c.id == sa.bindparam("b_id"))
-            .values({n: sa.bindparam(f"v_{n}", type_=batch_jobs.c[n].type) for n in names})
-        )
-        conn.execute(stmt, params)
+    update_rows_by_id(conn, batch_jobs, patches)
     finished = [bj_id for bj_id, values in patches.items()
                 if values.get("state") == BJ.finished.value and current[bj_id] != BJ.finished.value]
     if finished:
@@ -212,19 +197,7 @@ def update_batch_job(ctx: Ctx) -> Response:
 
 def bulk_update(ctx: Ctx) -> Response:
     payload = require_list(ctx.json(), "batch job updates", MAX_ITEMS_PER_BULK_OP)
-    patches: dict[int, dict[str, Any]] = {}
-    for index, item in enumerate(payload):
-        loc = ["body", index]
-        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
-            raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
-        check_int_fields(item, ["id"], loc)
-        body = {k: v for k, v in item.items() if k != "id"}
-        if body.get("site_id") is not None:
-            raise ValidationFailed.field(loc + ["site_id"], "cannot be changed")
-        body.pop("site_id", None)
-        if item["id"] in patches:
-            raise ValidationFailed.field(loc + ["id"], f"duplicate batch job id {item['id']} in one request")
-        patches[item["id"]] = _parse_patch(body, loc)
+    patches = parse_bulk_patches(payload, "batch job", _parse_patch, fixed=("site_id",))
     with ctx.write() as conn:
         rows = _update_many(conn, ctx.user.id, patches) if patches else []
     return json_response(rows)

@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from balsam.states import JobState
 
+from ..db import count_and_page, where_in
 from ..http import PAGINATION, json_response, pagination
 from ..jobs_logic import json_contains, owned_site_ids
 from ..routing import Ctx, route
@@ -24,12 +25,8 @@ def list_events(ctx: Ctx) -> Response:
     stmt = sa.select(*EV_COLUMNS).join(jobs, jobs.c.id == log_events.c.job_id).where(
         jobs.c.site_id.in_(owned_site_ids(ctx.user.id))
     )
-    ids = q.int_list("id")
-    if ids is not None:
-        stmt = stmt.where(log_events.c.id.in_(ids))
-    job_ids = q.int_list("job_id")
-    if job_ids is not None:
-        stmt = stmt.where(log_events.c.job_id.in_(job_ids))
+    stmt = where_in(stmt, log_events.c.id, q.int_list("id"))
+    stmt = where_in(stmt, log_events.c.job_id, q.int_list("job_id"))
     batch_job_id = q.int("batch_job_id")
     if batch_job_id is not None:
         stmt = stmt.where(jobs.c.batch_job_id == batch_job_id)
@@ -55,8 +52,7 @@ def list_events(ctx: Ctx) -> Response:
             stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
         if data:
             stmt = stmt.where(json_contains(log_events.c.data, data, conn.dialect.name, loose=True))
-        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
-        rows = conn.execute(stmt.order_by(*order).limit(limit).offset(offset)).all()
+        count, rows = count_and_page(conn, stmt, order, limit, offset)
     return json_response({"count": count, "results": [dict(zip(EV_FIELDS, r)) for r in rows]})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from starlette.responses import Response
 
+from ..db import count_and_page, where_in
 from ..errors import NotFound, ValidationFailed
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
 from ..jobs_logic import owned_site_ids, utcnow
@@ -17,12 +18,9 @@ def list_sessions(ctx: Ctx) -> Response:
     q = ctx.query({"id"} | PAGINATION)
     limit, offset = pagination(q)
     stmt = sa.select(sessions).where(sessions.c.site_id.in_(owned_site_ids(ctx.user.id)))
-    ids = q.int_list("id")
-    if ids is not None:
-        stmt = stmt.where(sessions.c.id.in_(ids))
+    stmt = where_in(stmt, sessions.c.id, q.int_list("id"))
     with ctx.read() as conn:
-        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
-        rows = conn.execute(stmt.order_by(sessions.c.id).limit(limit).offset(offset)).all()
+        count, rows = count_and_page(conn, stmt, [sessions.c.id], limit, offset)
     return json_response({"count": count, "results": [session_dict(r) for r in rows]})
 
 

@@ -8,9 +8,10 @@ import sqlalchemy as sa
 from starlette.responses import Response
 
 from balsam.models import Site, writable_fields
-from balsam.serialization import PayloadError, from_dict, partial_from_dict, to_dict
+from balsam.serialization import PayloadError, from_dict, to_dict
 
-from ..errors import BadRequest, NotFound, ValidationFailed, check_partial
+from ..db import count_and_page, where_in
+from ..errors import BadRequest, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, json_response, no_content, pagination
 from ..jobs_logic import like_escape, utcnow
 from ..routing import Ctx, route
@@ -68,15 +69,12 @@ def list_sites(ctx: Ctx) -> Response:
         stmt = stmt.where(sites.c.name == q.str("name"))
     if q.str("path"):
         stmt = stmt.where(sites.c.path.like(f"%{like_escape(q.str('path'))}%", escape="\\"))
-    ids = q.int_list("id")
-    if ids is not None:
-        stmt = stmt.where(sites.c.id.in_(ids))
+    stmt = where_in(stmt, sites.c.id, q.int_list("id"))
     after = q.datetime("last_refresh_after")
     if after is not None:
         stmt = stmt.where(sites.c.last_refresh >= after)
     with ctx.read() as conn:
-        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
-        rows = conn.execute(stmt.order_by(sites.c.id).limit(limit).offset(offset)).all()
+        count, rows = count_and_page(conn, stmt, [sites.c.id], limit, offset)
     return json_response({"count": count, "results": [site_dict(r) for r in rows]})
 
 
@@ -116,10 +114,7 @@ def update_site(ctx: Ctx) -> Response:
     if isinstance(data, dict):
         # Read-only fields sent back by clients that PUT a whole record are ignored.
         data = {k: v for k, v in data.items() if k not in ("id", "last_refresh", "creation_date")}
-    try:
-        values = _stored(check_partial(Site, partial_from_dict(Site, data, allowed=WRITABLE), ["body"]))
-    except PayloadError as exc:
-        raise ValidationFailed.from_payload(exc) from None
+    values = _stored(parse_partial(Site, data, WRITABLE, ["body"]))
     _validate(values)
     with ctx.write() as conn:
         get_owned_site(conn, ctx.user.id, site_id)

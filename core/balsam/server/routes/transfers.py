@@ -8,11 +8,11 @@ import sqlalchemy as sa
 from starlette.responses import Response
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP, TransferItem
-from balsam.serialization import PayloadError, partial_from_dict
 from balsam.states import JobState, TransferDirection, TransferItemState
 
-from ..errors import split_path, check_partial, NotFound, ValidationFailed, not_found_ids
-from ..http import PAGINATION, check_int_fields, json_response, pagination, require_list
+from ..db import count_and_page, update_rows_by_id, where_in
+from ..errors import NotFound, not_found_ids, parse_partial
+from ..http import PAGINATION, json_response, pagination, parse_bulk_patches, require_list
 from ..jobs_logic import json_contains, owned_site_ids, set_states, utcnow
 from ..routing import Ctx, route
 from ..tables import jobs, transfer_items
@@ -38,18 +38,10 @@ def list_transfers(ctx: Ctx) -> Response:
     stmt = _owned_items()
     with ctx.read() as conn:
         stmt = stmt.where(jobs.c.site_id.in_(owned_site_ids(ctx.user.id)))
-        ids = q.int_list("id")
-        if ids is not None:
-            stmt = stmt.where(transfer_items.c.id.in_(ids))
-        site_ids = q.int_list("site_id")
-        if site_ids is not None:
-            stmt = stmt.where(jobs.c.site_id.in_(site_ids))
-        job_ids = q.int_list("job_id")
-        if job_ids is not None:
-            stmt = stmt.where(transfer_items.c.job_id.in_(job_ids))
-        states = q.enum_list("state", TransferItemState)
-        if states is not None:
-            stmt = stmt.where(transfer_items.c.state.in_(states))
+        stmt = where_in(stmt, transfer_items.c.id, q.int_list("id"))
+        stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
+        stmt = where_in(stmt, transfer_items.c.job_id, q.int_list("job_id"))
+        stmt = where_in(stmt, transfer_items.c.state, q.enum_list("state", TransferItemState))
         direction = q.enum("direction", TransferDirection)
         if direction is not None:
             stmt = stmt.where(transfer_items.c.direction == direction)
@@ -59,8 +51,7 @@ def list_transfers(ctx: Ctx) -> Response:
         tags = q.key_values("tags")
         if tags:
             stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
-        count = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar_one()
-        rows = conn.execute(stmt.order_by(transfer_items.c.id).limit(limit).offset(offset)).all()
+        count, rows = count_and_page(conn, stmt, [transfer_items.c.id], limit, offset)
     return json_response({"count": count, "results": [ti_dict(r) for r in rows]})
 
 
@@ -76,11 +67,7 @@ def read_transfer(ctx: Ctx) -> Response:
 
 
 def _parse(data: Any, loc: list[Any]) -> dict[str, Any]:
-    try:
-        values = partial_from_dict(TransferItem, data, allowed=UPDATABLE)
-    except PayloadError as exc:
-        raise ValidationFailed((loc + split_path(path), msg) for path, msg in exc.errors) from None
-    check_partial(TransferItem, values, loc)
+    values = parse_partial(TransferItem, data, UPDATABLE, loc)
     if "state" in values:
         values["state"] = values["state"].value
     return values
@@ -99,17 +86,7 @@ def update_items(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
     )
     if set(ids) - owned:
         raise not_found_ids("TransferItem", set(ids) - owned)
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for ti_id, values in patches.items():
-        if values:
-            groups.setdefault(tuple(sorted(values)), []).append({"b_id": ti_id, **{f"v_{k}": v for k, v in values.items()}})
-    for names, params in groups.items():
-        stmt = (
-            sa.update(transfer_items)
-            .where(transfer_items.c.id == sa.bindparam("b_id"))
-            .values({n: sa.bindparam(f"v_{n}", type_=transfer_items.c[n].type) for n in names})
-        )
-        conn.execute(stmt, params)
+    update_rows_by_id(conn, transfer_items, patches)
     advance_jobs_after_transfers(conn, ids)
     rows = conn.execute(sa.select(*TI_COLUMNS).where(transfer_items.c.id.in_(ids)).order_by(transfer_items.c.id))
     return [ti_dict(r) for r in rows]
@@ -155,15 +132,7 @@ def update_transfer(ctx: Ctx) -> Response:
 
 def bulk_update(ctx: Ctx) -> Response:
     payload = require_list(ctx.json(), "transfer item updates", MAX_ITEMS_PER_BULK_OP)
-    patches: dict[int, dict[str, Any]] = {}
-    for index, item in enumerate(payload):
-        loc = ["body", index]
-        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
-            raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
-        check_int_fields(item, ["id"], loc)
-        if item["id"] in patches:
-            raise ValidationFailed.field(loc + ["id"], f"duplicate transfer item id {item['id']} in one request")
-        patches[item["id"]] = _parse({k: v for k, v in item.items() if k != "id"}, loc)
+    patches = parse_bulk_patches(payload, "transfer item", _parse)
     with ctx.write() as conn:
         rows = update_items(conn, ctx.user.id, patches) if patches else []
     return json_response(rows)

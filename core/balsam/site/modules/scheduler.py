@@ -14,7 +14,9 @@ Each cycle (``scheduler.sync_period`` seconds):
    ``backfill_windows``; the update also refreshes ``last_refresh``, the "active" flag).
 
 Every refusal or failure is written to the BatchJob's ``status_info`` (``error``, ``error_time``), where
-``balsam queue ls -v`` and the API show it. No scheduler exception escapes a cycle.
+``balsam queue ls -v`` and the API show it; so is the scheduler's reason for keeping a queued job
+waiting (``scheduler_reason``, e.g. Slurm's ``PartitionNodeLimit``), updated when it changes and removed
+when the scheduler no longer gives one. No scheduler exception escapes a cycle.
 """
 
 from __future__ import annotations
@@ -214,6 +216,21 @@ class SchedulerModule(AgentModule):
                 if new_state == BatchJobState.running and not batch_job.get("start_time"):
                     update["start_time"] = format_datetime(utcnow())
                 self.logger.info("BatchJob %s: %s -> %s", batch_job["id"], state.value, new_state.value)
+        self._copy_reason(batch_job, getattr(status, "message", "") or "", update)
+
+    def _copy_reason(self, batch_job: dict, reason: str, update: dict) -> None:
+        """Keep ``status_info["scheduler_reason"]`` equal to the scheduler's current word on why the job
+        waits (Slurm's pending reason, PBS's comment): set, changed, or removed once it has none.
+        Only a change goes into the cycle's bulk PATCH."""
+        info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+        if info.get("scheduler_reason", "") == reason:
+            return
+        if reason:
+            info["scheduler_reason"] = reason
+            self.logger.info("BatchJob %s: scheduler says %s", batch_job["id"], reason)
+        else:
+            info.pop("scheduler_reason", None)
+        update["status_info"] = info
 
     def _fetch_histories(self, batch_jobs: list[dict], statuses: Optional[dict]) -> dict[int, Optional[JobHistory]]:
         """One history lookup (sacct, qstat -x ...) for every job that left the queue this cycle."""

@@ -1,0 +1,50 @@
+"""Shared by the benchmark scripts: run balsam.server under a real uvicorn subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(workdir: Path, database_url: str, *, home: Path, workers: int = 1,
+                 create_tables: bool = True) -> tuple[subprocess.Popen, str]:
+    """Start uvicorn on a free port (log in ``workdir/server.log``); returns (process, base URL) once it answers.
+
+    ``create_tables``: the server creates the schema itself (else the database must be migrated already).
+    """
+    port = free_port()
+    env = {**os.environ, "BALSAM_DATABASE_URL": database_url, "BALSAM_AUTH_SECRET_KEY": uuid.uuid4().hex * 2,
+           "BALSAM_HOME": str(home), "BALSAM_SERVER_CREATE_TABLES": "1" if create_tables else "0"}
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "balsam.server.app:create_app_from_env", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    log_path = workdir / "server.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{url}/auth/how", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait(timeout=30)
+    raise SystemExit(f"the server did not start within 60 s; see {log_path}")
