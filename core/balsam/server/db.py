@@ -113,6 +113,11 @@ def _pg_record_type(col_type: sa.types.TypeEngine) -> str:
     return "text"
 
 
+def where_eq(stmt: sa.Select, column: sa.ColumnElement, value: Any) -> sa.Select:
+    """``stmt`` limited to rows whose ``column`` equals ``value``; unchanged when ``value`` is None (no filter)."""
+    return stmt if value is None else stmt.where(column == value)
+
+
 def where_in(stmt: sa.Select, column: sa.ColumnElement, values: "list[Any] | None") -> sa.Select:
     """``stmt`` limited to rows whose ``column`` is one of ``values``; unchanged when ``values`` is None (no filter)."""
     return stmt if values is None else stmt.where(column.in_(values))

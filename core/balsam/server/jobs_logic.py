@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql
 from balsam.models import Job
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
-from .db import bulk_insert, update_rows_by_id, where_in
+from .db import bulk_insert, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
 from .http import QueryParams, int_range_errors
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
@@ -133,13 +133,9 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Selec
         stmt = stmt.where(
             jobs.c.id.in_(sa.select(job_parents.c.child_id).where(job_parents.c.parent_id.in_(parent_ids)))
         )
-    app_id = q.int("app_id")
-    if app_id is not None:
-        stmt = stmt.where(jobs.c.app_id == app_id)
+    stmt = where_eq(stmt, jobs.c.app_id, q.int("app_id"))
     stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
-    batch_job_id = q.int("batch_job_id")
-    if batch_job_id is not None:
-        stmt = stmt.where(jobs.c.batch_job_id == batch_job_id)
+    stmt = where_eq(stmt, jobs.c.batch_job_id, q.int("batch_job_id"))
     before = q.datetime("last_update_before")
     if before is not None:
         stmt = stmt.where(jobs.c.last_update <= before)
@@ -156,9 +152,7 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Selec
     tags = q.key_values("tags")
     if tags:
         stmt = stmt.where(json_contains(jobs.c.tags, tags, dialect))
-    cleanup = q.bool("pending_file_cleanup")
-    if cleanup is not None:
-        stmt = stmt.where(jobs.c.pending_file_cleanup == cleanup)
+    stmt = where_eq(stmt, jobs.c.pending_file_cleanup, q.bool("pending_file_cleanup"))
     return stmt
 
 

@@ -11,7 +11,7 @@ from balsam.models import MAX_ITEMS_PER_BULK_OP, BatchJob
 from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 
-from ..db import count_and_page, update_rows_by_id, where_in
+from ..db import count_and_page, update_rows_by_id, where_eq, where_in
 from ..errors import BadRequest, NotFound, ValidationFailed, not_found_ids, parse_partial
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination, parse_bulk_patches, require_list
 from ..jobs_logic import json_contains, owned_site_ids, utcnow
@@ -64,9 +64,7 @@ def list_batch_jobs(ctx: Ctx) -> Response:
     stmt = where_in(stmt, batch_jobs.c.id, q.int_list("id"))
     stmt = where_in(stmt, batch_jobs.c.site_id, q.int_list("site_id"))
     stmt = where_in(stmt, batch_jobs.c.state, q.enum_list("state", BatchJobState))
-    scheduler_id = q.int("scheduler_id")
-    if scheduler_id is not None:
-        stmt = stmt.where(batch_jobs.c.scheduler_id == scheduler_id)
+    stmt = where_eq(stmt, batch_jobs.c.scheduler_id, q.int("scheduler_id"))
     if q.str("queue"):
         stmt = stmt.where(batch_jobs.c.queue == q.str("queue"))
     for name, op in (("start_time_before", "le"), ("start_time_after", "ge"), ("end_time_before", "le"),

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from balsam.states import JobState
 
-from ..db import count_and_page, where_in
+from ..db import count_and_page, where_eq, where_in
 from ..http import PAGINATION, json_response, pagination
 from ..jobs_logic import json_contains, owned_site_ids
 from ..routing import Ctx, route
@@ -27,9 +27,7 @@ def list_events(ctx: Ctx) -> Response:
     )
     stmt = where_in(stmt, log_events.c.id, q.int_list("id"))
     stmt = where_in(stmt, log_events.c.job_id, q.int_list("job_id"))
-    batch_job_id = q.int("batch_job_id")
-    if batch_job_id is not None:
-        stmt = stmt.where(jobs.c.batch_job_id == batch_job_id)
+    stmt = where_eq(stmt, jobs.c.batch_job_id, q.int("batch_job_id"))
     scheduler_id = q.int("scheduler_id")
     if scheduler_id is not None:
         stmt = stmt.where(jobs.c.batch_job_id.in_(sa.select(batch_jobs.c.id).where(batch_jobs.c.scheduler_id == scheduler_id)))
@@ -38,11 +36,8 @@ def list_events(ctx: Ctx) -> Response:
         stmt = stmt.where(log_events.c.timestamp <= before)
     if after is not None:
         stmt = stmt.where(log_events.c.timestamp >= after)
-    from_state, to_state = q.enum("from_state", JobState), q.enum("to_state", JobState)
-    if from_state is not None:
-        stmt = stmt.where(log_events.c.from_state == from_state)
-    if to_state is not None:
-        stmt = stmt.where(log_events.c.to_state == to_state)
+    stmt = where_eq(stmt, log_events.c.from_state, q.enum("from_state", JobState))
+    stmt = where_eq(stmt, log_events.c.to_state, q.enum("to_state", JobState))
     ordering = q.choice("ordering", ["timestamp", "-timestamp"], default="-timestamp")
     order = [log_events.c.timestamp.desc(), log_events.c.id.desc()] if ordering == "-timestamp" else [
         log_events.c.timestamp.asc(), log_events.c.id.asc()]

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from balsam.models import MAX_ITEMS_PER_BULK_OP, TransferItem
 from balsam.states import JobState, TransferDirection, TransferItemState
 
-from ..db import count_and_page, update_rows_by_id, where_in
+from ..db import count_and_page, update_rows_by_id, where_eq, where_in
 from ..errors import NotFound, not_found_ids, parse_partial
 from ..http import PAGINATION, json_response, pagination, parse_bulk_patches, require_list
 from ..jobs_logic import json_contains, owned_site_ids, set_states, utcnow
@@ -42,12 +42,8 @@ def list_transfers(ctx: Ctx) -> Response:
         stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
         stmt = where_in(stmt, transfer_items.c.job_id, q.int_list("job_id"))
         stmt = where_in(stmt, transfer_items.c.state, q.enum_list("state", TransferItemState))
-        direction = q.enum("direction", TransferDirection)
-        if direction is not None:
-            stmt = stmt.where(transfer_items.c.direction == direction)
-        job_state = q.enum("job_state", JobState)
-        if job_state is not None:
-            stmt = stmt.where(jobs.c.state == job_state)
+        stmt = where_eq(stmt, transfer_items.c.direction, q.enum("direction", TransferDirection))
+        stmt = where_eq(stmt, jobs.c.state, q.enum("job_state", JobState))
         tags = q.key_values("tags")
         if tags:
             stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
