@@ -268,27 +268,6 @@ def _current_user() -> str:
 # Helpers shared by scheduler drivers ------------------------------------------------------------
 
 
-def parse_duration_min(text: str) -> int:
-    """``[D-]HH:MM:SS``, ``HH:MM``, ``MM`` or ``UNLIMITED`` -> whole minutes (UNLIMITED -> 0)."""
-    text = text.strip()
-    if not text or text.upper() in ("UNLIMITED", "INVALID", "N/A", "NOT_SET"):
-        return 0
-    days = 0
-    if "-" in text:
-        day_text, text = text.split("-", 1)
-        days = int(day_text)
-    parts = [int(p) for p in text.split(":")]
-    if len(parts) == 3:
-        hours, minutes, seconds = parts
-    elif len(parts) == 2:
-        hours, minutes, seconds = parts[0], parts[1], 0
-    elif len(parts) == 1:
-        hours, minutes, seconds = 0, parts[0], 0
-    else:
-        raise ValueError(f"not a duration: {text!r}")
-    return days * 1440 + hours * 60 + minutes + (1 if seconds >= 30 else 0)
-
-
 def format_walltime(wall_time_min: int) -> str:
     """Minutes -> ``HH:MM:00`` (hours may exceed 24, as PBS and Cobalt accept)."""
     return f"{wall_time_min // 60:02d}:{wall_time_min % 60:02d}:00"
