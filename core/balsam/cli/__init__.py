@@ -103,7 +103,18 @@ class BalsamGroup(click.Group):
             sys.exit(1)
 
 
+#: Commands that run for a long time and must ride out API outages with the full retry budget.
+LONG_RUNNING_COMMANDS = frozenset({"launcher", "demo"})
+#: Retries of a short interactive command against an unreachable server (about 3.5 s in all).
+INTERACTIVE_RETRY_COUNT = 3
+
+
 @click.group(cls=BalsamGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="balsam")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Balsam: HPC workflows through a REST service, site agents and pilot-job launchers."""
+    if ctx.invoked_subcommand not in LONG_RUNNING_COMMANDS:
+        from balsam.client.rest import cap_retries_for_interactive_use
+
+        cap_retries_for_interactive_use(INTERACTIVE_RETRY_COUNT)

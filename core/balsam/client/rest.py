@@ -234,6 +234,7 @@ class RESTClient:
                     raise ServerUnavailable(
                         f"{method} {self.api_root}{url}: server unreachable after {attempt + 1} attempts: "
                         f"{type(exc).__name__}: {exc}"
+                        + (" (is it running? `balsam server status`)" if isinstance(exc, httpx.ConnectError) else "")
                     ) from None
                 delay = self._backoff(attempt)
                 logger.warning("%s %s: %s; retrying in %.1f s", method, url, type(exc).__name__, delay)
@@ -349,6 +350,17 @@ class RESTClient:
         return self._bound("EventLog")
 
 
+#: Set by the CLI for short interactive commands: a user typing `balsam job ls` against a server that
+#: is down wants an answer in seconds, not after the agent-grade retry budget (minutes).
+_interactive_retry_cap: Optional[int] = None
+
+
+def cap_retries_for_interactive_use(retry_count: Optional[int]) -> None:
+    """Cap the retries of clients created from now on in this process (None lifts the cap)."""
+    global _interactive_retry_cap
+    _interactive_retry_cap = retry_count
+
+
 def load_client(path: "Path | str | None" = None) -> RESTClient:
     """A client from the stored login (``$BALSAM_CLIENT_PATH`` or ``$BALSAM_HOME/client.yml``).
 
@@ -357,4 +369,7 @@ def load_client(path: "Path | str | None" = None) -> RESTClient:
     settings = ClientSettings.load(path)
     if not settings.token:
         raise NotLoggedIn("the stored login has no token")
-    return RESTClient.from_settings(settings, settings_path=path)
+    client = RESTClient.from_settings(settings, settings_path=path)
+    if _interactive_retry_cap is not None:
+        client.retry_count = min(client.retry_count, _interactive_retry_cap)
+    return client
