@@ -21,6 +21,9 @@ from . import _api
 
 logger = logging.getLogger(__name__)
 
+#: Retries of the final Session delete (about 3.5 s of backoff) when the API does not answer.
+SHUTDOWN_RETRY_COUNT = 3
+
 DEFAULT_TICK_SEC = 60.0
 
 
@@ -146,9 +149,16 @@ class SessionJobSource:
         self._stop.set()
         self._thread.join(5)
         session_id = self.session.id
+        # At shutdown a few quick retries are enough: if the API is down, the server expires the
+        # lease by itself, and the allocation should not idle for minutes waiting to say goodbye.
+        client = _api.default_client()
+        saved_retries = client.retry_count
+        client.retry_count = min(saved_retries, SHUTDOWN_RETRY_COUNT)
         try:
             with self._lock:
                 self.session.delete()
             logger.info("session %s deleted", session_id)
         except Exception as exc:
             logger.warning("could not delete session %s (it will expire on the server): %s", session_id, exc)
+        finally:
+            client.retry_count = saved_retries
