@@ -168,7 +168,8 @@ def register_apps(site_id: int) -> dict[str, type]:
         """Shell app: greets and writes the square of x to square.txt."""
 
         site = site_id
-        command_template = 'echo "Hello, {{ name }}!" && echo $(( {{ x }} * {{ x }} )) > square.txt'
+        # No quotes around {{ name }}: parameters are shell-quoted when rendered.
+        command_template = 'echo Hello, {{ name }}! && echo $(( {{ x }} * {{ x }} )) > square.txt'
 
     class DemoSum(ApplicationDefinition):
         """Shell app of the DAG's join step: adds up its parents' square.txt files."""

@@ -117,6 +117,19 @@ def test_validation_detail_list_is_readable(scripted):
         fast_client(server.url).post("/jobs/", json=[{}])
 
 
+def test_long_validation_detail_list_is_cut_in_the_message(scripted):
+    # A bulk create of 1,000 bad jobs must not make a 60 kB error line; .detail keeps everything.
+    detail = [{"loc": ["body", i, "transfers", "inp"], "msg": "required transfer slot is missing"} for i in range(1000)]
+    server = scripted([(422, {"detail": detail}, {})])
+    with pytest.raises(APIError) as info:
+        fast_client(server.url).post("/jobs/", json=[{}])
+    message = str(info.value)
+    assert "0.transfers.inp: required transfer slot is missing" in message
+    assert "9.transfers.inp" in message and "10.transfers.inp" not in message
+    assert message.endswith("(+990 more)") and len(message) < 1000
+    assert info.value.detail == detail
+
+
 def test_5xx_and_429_are_retried_then_succeed(scripted):
     server = scripted([(503, {"detail": "busy"}, {}), (500, "oops", {}), (429, {}, {"Retry-After": "0"}),
                        (200, {"ok": True}, {})])

@@ -134,7 +134,7 @@ def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: in
 @click.option("--by-state", is_flag=True, help="Count jobs per state")
 @click.option("-w", "--workdir", default=None, help="Only workdirs containing this text")
 @click.option("-a", "--app", "app_ref", default=None, help="App id or name")
-@click.option("-n", "--num", "limit", default=None, type=click.IntRange(min=1), help="Show at most N jobs (newest first)")
+@click.option("-n", "--num", "limit", default=None, type=click.IntRange(min=1), help="Show only the newest N jobs (listed oldest to newest)")
 @site_option
 @click.option("-v", "--verbose", is_flag=True, help="Every field of each job (YAML)")
 def ls(tags: tuple, state: Optional[str], exclude_state: Optional[str], ids: tuple, by_state: bool,

@@ -54,16 +54,21 @@ class ServerUnavailable(ConnectionError):
     """The server could not be reached (or kept failing) after all retries."""
 
 
+_MAX_DETAIL_ITEMS = 10  # a rejected bulk request can list thousands of errors: keep the message one short line
+
+
 def _detail_text(detail: Any) -> str:
     if isinstance(detail, list):
         parts = []
-        for item in detail:
+        for item in detail[:_MAX_DETAIL_ITEMS]:
             if isinstance(item, dict):
                 loc = ".".join(str(x) for x in item.get("loc", []) if x != "body")
                 msg = item.get("msg") or item.get("message") or item
                 parts.append(f"{loc}: {msg}" if loc else str(msg))
             else:
                 parts.append(str(item))
+        if len(detail) > _MAX_DETAIL_ITEMS:
+            parts.append(f"(+{len(detail) - _MAX_DETAIL_ITEMS} more)")
         return "; ".join(parts)
     return str(detail)
 
