@@ -351,3 +351,13 @@ def balsam_env(live_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def balsam_env_pg(live_server_pg: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BalsamEnv:
     """Like ``balsam_env`` but on the PostgreSQL live server."""
     return make_balsam_env(live_server_pg, tmp_path / "balsam-home", monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def _no_interactive_retry_cap_leak() -> Iterator[None]:
+    """In-process CLI tests (CliRunner) cap the client retries for the whole process; undo that
+    after each test so later tests see the retry budget of their client.yml."""
+    yield
+    from balsam.client.rest import cap_retries_for_interactive_use
+
+    cap_retries_for_interactive_use(None)

@@ -13,7 +13,9 @@ import yaml
 def doomed_server_env(live_server_factory: Any, register: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A user on a server of its own (this test stops it), with the default client retry budget."""
     from balsam._api.model import reset_default_client
+    from balsam.client.rest import cap_retries_for_interactive_use
 
+    cap_retries_for_interactive_use(None)  # as in a launcher process, which never caps
     server = live_server_factory()
     username, _password, _user_id, token, expiry = register(server.url)
     client_path = tmp_path / "home" / "client.yml"
