@@ -13,12 +13,14 @@ from starlette.responses import Response
 
 from balsam.serialization import parse_datetime
 
-from .auth import AuthUser, decode_token
-from .errors import APIError, BadRequest, Unauthorized, ValidationFailed
+from .errors import APIError, BadRequest, ValidationFailed
+from .limits import MAX_QUERY_VALUE_CHARS
 
 
 #: Integer ids and counts are stored as 32-bit integers.
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+#: Ids in a path are 64-bit integers (an id beyond the 32-bit columns simply does not exist: 404).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _default(value: Any) -> Any:
@@ -53,7 +55,7 @@ def no_content() -> Response:
 
 
 def error_response(exc: APIError) -> Response:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def nul_locations(value: Any, loc: list[Any]) -> list[list[Any]]:
@@ -78,14 +80,6 @@ def reject_nul(value: Any, loc: list[Any]) -> None:
         raise ValidationFailed((where, "NUL characters (\\u0000) are not allowed") for where in found[:20])
 
 
-def current_user(request: Request) -> AuthUser:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>' (log in with `balsam login`)")
-    return decode_token(token.strip(), request.app.state.settings.secret_key)
-
-
 def path_int(request: Request, name: str) -> int:
     raw = request.path_params[name]
     if isinstance(raw, int):
@@ -94,8 +88,8 @@ def path_int(request: Request, name: str) -> int:
         value = int(raw)
     except ValueError:
         raise ValidationFailed.field(["path", name], f"expected an integer, got {raw!r}") from None
-    if not INT_MIN <= value <= INT_MAX:
-        raise ValidationFailed.field(["path", name], f"integer out of range: {value}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValidationFailed.field(["path", name], f"integer out of the 64-bit range: {value}")
     return value
 
 
@@ -107,6 +101,8 @@ class QueryParams:
         for key, value in self.params.multi_items():
             reject_nul(key, ["query"])
             reject_nul(value, ["query", key])
+            if len(value) > MAX_QUERY_VALUE_CHARS:
+                raise ValidationFailed.field(["query", key], f"longer than {MAX_QUERY_VALUE_CHARS} characters ({len(value)})")
         if allowed is not None:
             unknown = sorted(set(self.params.keys()) - allowed)
             if unknown:

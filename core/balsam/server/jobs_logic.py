@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql
 from balsam.models import Job
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
+from .auth import SITE_SCOPE
 from .db import bulk_insert, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
 from .http import QueryParams, int_range_errors
@@ -61,8 +62,16 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def site_owned_by(user_id: int) -> sa.ColumnElement[bool]:
+    """The ``sites`` rows a request of this user may touch: their own sites, and with a
+    site-scoped (launcher) credential only that one site (``SITE_SCOPE``, set per request)."""
+    clause = sites.c.owner_id == user_id
+    scope = SITE_SCOPE.get()
+    return clause if scope is None else sa.and_(clause, sites.c.id == scope)
+
+
 def owned_site_ids(user_id: int) -> sa.Select:
-    return sa.select(sites.c.id).where(sites.c.owner_id == user_id)
+    return sa.select(sites.c.id).where(site_owned_by(user_id))
 
 
 def _scalar_candidates(value: str, loose: bool) -> list[Any]:
@@ -335,7 +344,7 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> lis
     app_rows = conn.execute(
         sa.select(apps.c.id, apps.c.site_id, apps.c.transfers, sites.c.transfer_locations)
         .join(sites, sites.c.id == apps.c.site_id)
-        .where(apps.c.id.in_(app_ids), sites.c.owner_id == user_id)
+        .where(apps.c.id.in_(app_ids), site_owned_by(user_id))
     ).all()
     app_info = {row.id: row for row in app_rows}
     missing = app_ids - app_info.keys()

@@ -178,4 +178,4 @@ def openapi_route():
             _CACHE["doc"] = build_openapi()
         return JSONResponse(_CACHE["doc"])
 
-    return route("/openapi.json", {"GET": handler})
+    return route("/openapi.json", {"GET": handler}, public=True)

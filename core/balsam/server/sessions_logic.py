@@ -19,7 +19,7 @@ from balsam.states import BatchJobState, JobState
 
 from .errors import NotFound, ValidationFailed
 from .http import check_int_fields
-from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, utcnow
+from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, site_owned_by, utcnow
 from .tables import batch_jobs, jobs, sessions, sites
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def get_owned_session(conn: sa.Connection, user_id: int, session_id: int) -> sa.
     row = conn.execute(
         sa.select(sessions)
         .join(sites, sites.c.id == sessions.c.site_id)
-        .where(sessions.c.id == session_id, sites.c.owner_id == user_id)
+        .where(sessions.c.id == session_id, site_owned_by(user_id))
     ).first()
     if row is None:
         raise NotFound(f"Session {session_id} not found (it may have expired: no heartbeat for too long)")
@@ -52,7 +52,7 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
         .where(sa.or_(sessions.c.heartbeat < cutoff, batch_jobs.c.state == BatchJobState.finished.value))
     )
     if user_id is not None:
-        stmt = stmt.where(sessions.c.site_id.in_(sa.select(sites.c.id).where(sites.c.owner_id == user_id)))
+        stmt = stmt.where(sessions.c.site_id.in_(sa.select(sites.c.id).where(site_owned_by(user_id))))
     if conn.dialect.name == "postgresql":
         # Concurrent sweeps (several workers) must not time out the same jobs twice.
         stmt = stmt.with_for_update(skip_locked=True, of=sessions)

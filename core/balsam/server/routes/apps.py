@@ -13,7 +13,7 @@ from balsam.serialization import PayloadError, from_dict, to_dict
 from ..db import count_and_page, where_in
 from ..errors import BadRequest, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
-from ..jobs_logic import like_escape
+from ..jobs_logic import like_escape, site_owned_by
 from ..routing import Ctx, route
 from ..tables import apps, sites
 
@@ -53,7 +53,7 @@ def _json_values(values: dict[str, Any]) -> dict[str, Any]:
 
 def get_owned_app(conn: sa.Connection, user_id: int, app_id: int) -> sa.Row:
     row = conn.execute(
-        sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(apps.c.id == app_id, sites.c.owner_id == user_id)
+        sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(apps.c.id == app_id, site_owned_by(user_id))
     ).first()
     if row is None:
         raise NotFound(f"App {app_id} not found")
@@ -61,7 +61,7 @@ def get_owned_app(conn: sa.Connection, user_id: int, app_id: int) -> sa.Row:
 
 
 def _check_site(conn: sa.Connection, user_id: int, site_id: int) -> None:
-    if conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, sites.c.owner_id == user_id)).first() is None:
+    if conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(user_id))).first() is None:
         raise NotFound(f"Site {site_id} not found")
 
 
@@ -76,7 +76,7 @@ def _check_unique(conn: sa.Connection, site_id: int, name: str, exclude_id: "int
 def list_apps(ctx: Ctx) -> Response:
     q = ctx.query({"site_id", "id", "name", "site_path", "site_name"} | PAGINATION)
     limit, offset = pagination(q)
-    stmt = sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(sites.c.owner_id == ctx.user.id)
+    stmt = sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(site_owned_by(ctx.user.id))
     stmt = where_in(stmt, apps.c.site_id, q.int_list("site_id"))
     stmt = where_in(stmt, apps.c.id, q.int_list("id"))
     if q.str("name"):

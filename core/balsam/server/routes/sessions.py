@@ -8,7 +8,7 @@ from starlette.responses import Response
 from ..db import count_and_page, where_in
 from ..errors import NotFound, ValidationFailed
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
-from ..jobs_logic import owned_site_ids, utcnow
+from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..sessions_logic import acquire, get_owned_session, maybe_sweep, parse_acquire, release_session_jobs, session_dict
 from ..tables import batch_jobs, sessions, sites
@@ -40,7 +40,7 @@ def create_session(ctx: Ctx) -> Response:
         raise ValidationFailed(errors)
     check_int_fields(data, ["site_id", "batch_job_id"], ["body"])
     with ctx.write() as conn:
-        owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, sites.c.owner_id == ctx.user.id)).first()
+        owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(ctx.user.id))).first()
         if owned is None:
             raise NotFound(f"Site {site_id} not found")
         if batch_job_id is not None:

@@ -13,7 +13,7 @@ from balsam.serialization import PayloadError, from_dict, to_dict
 from ..db import count_and_page, where_in
 from ..errors import BadRequest, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, json_response, no_content, pagination
-from ..jobs_logic import like_escape, utcnow
+from ..jobs_logic import like_escape, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..tables import sites
 
@@ -55,7 +55,7 @@ def _validate(values: dict[str, Any]) -> None:
 
 
 def get_owned_site(conn: sa.Connection, user_id: int, site_id: int) -> sa.Row:
-    row = conn.execute(sa.select(*SITE_COLUMNS).where(sites.c.id == site_id, sites.c.owner_id == user_id)).first()
+    row = conn.execute(sa.select(*SITE_COLUMNS).where(sites.c.id == site_id, site_owned_by(user_id))).first()
     if row is None:
         raise NotFound(f"Site {site_id} not found")
     return row
@@ -64,7 +64,7 @@ def get_owned_site(conn: sa.Connection, user_id: int, site_id: int) -> sa.Row:
 def list_sites(ctx: Ctx) -> Response:
     q = ctx.query({"name", "path", "id", "last_refresh_after"} | PAGINATION)
     limit, offset = pagination(q)
-    stmt = sa.select(*SITE_COLUMNS).where(sites.c.owner_id == ctx.user.id)
+    stmt = sa.select(*SITE_COLUMNS).where(site_owned_by(ctx.user.id))
     if q.str("name"):
         stmt = stmt.where(sites.c.name == q.str("name"))
     if q.str("path"):
@@ -140,6 +140,7 @@ def delete_site(ctx: Ctx) -> Response:
 
 
 routes = [
-    route("/sites/", {"GET": list_sites, "POST": create_site}),
-    route("/sites/{site_id}", {"GET": read_site, "PUT": update_site, "DELETE": delete_site}),
+    route("/sites/", {"GET": list_sites, "POST": create_site}, not_for_site_scoped=("POST",)),
+    route("/sites/{site_id}", {"GET": read_site, "PUT": update_site, "DELETE": delete_site},
+          not_for_site_scoped=("DELETE",)),
 ]
