@@ -82,12 +82,17 @@ def main(argv: "list[str] | None" = None) -> None:
     sockets = [bind_unix(Path(args.socket))]
     if args.port:
         sockets.append(bind_tcp(args.host, args.port))
+    socket_path = Path(args.socket)
+
+    class EmbeddedServer(uvicorn.Server):
+        async def shutdown(self, sockets: "list[socket.socket] | None" = None) -> None:
+            await super().shutdown(sockets)
+            # Here, not after run(): uvicorn re-raises SIGTERM once serving ends.
+            socket_path.unlink(missing_ok=True)
+
     config = uvicorn.Config("balsam.server.app:create_app_from_env", factory=True, log_level=args.log_level,
                             timeout_keep_alive=30)
-    try:
-        uvicorn.Server(config).run(sockets=sockets)
-    finally:
-        Path(args.socket).unlink(missing_ok=True)
+    EmbeddedServer(config).run(sockets=sockets)
 
 
 if __name__ == "__main__":
