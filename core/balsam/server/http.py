@@ -33,6 +33,15 @@ def _default(value: Any) -> Any:
     raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
+def wire_datetime(value: "dt.datetime | None") -> "dt.datetime | None":
+    """A datetime as it goes out: naive UTC, as Balsam 0.7 sent them (its clients subtract them from
+    a naive ``utcnow()``). Readers take a datetime without offset from this API as UTC (our client
+    does, and keeps timezone-aware datetimes)."""
+    if value is not None and value.tzinfo is not None:
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
 def dumps(data: Any) -> bytes:
     return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS)
 

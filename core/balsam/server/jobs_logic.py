@@ -7,6 +7,7 @@ per step for a whole batch of jobs, never one query per job.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -20,7 +21,7 @@ from balsam.states import InvalidTransition, JobState, TransferDirection, Transf
 from .auth import SITE_SCOPE
 from .db import bulk_insert, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
-from .http import QueryParams, int_range_errors
+from .http import QueryParams, int_range_errors, wire_datetime
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
 S = JobState
@@ -38,6 +39,7 @@ JOB_OUT_COLUMNS = [
     sa.cast(jobs.c[name], sa.Text).label(name) if name in JSON_OUT_FIELDS else jobs.c[name] for name in JOB_OUT_FIELDS
 ]
 _JSON_POSITIONS = [i for i, name in enumerate(JOB_OUT_FIELDS) if name in JSON_OUT_FIELDS]
+_LAST_UPDATE = JOB_OUT_FIELDS.index("last_update")
 #: Fields a client may set when creating a job (state and ids are decided by the server).
 CREATE_FIELDS = [
     "workdir", "app_id", "tags", "serialized_parameters", "data", "return_code", "num_nodes", "ranks_per_node",
@@ -87,6 +89,9 @@ def _scalar_candidates(value: str, loose: bool) -> list[Any]:
     return candidates
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.:@+/ -]+$")
+
+
 def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str, *, loose: bool = False) -> sa.ColumnElement[bool]:
     """``col @> wanted`` for a flat dict of strings (JSONB containment on PostgreSQL, which the
     GIN index serves). ``loose`` also matches numbers and booleans written as text (event data)."""
@@ -98,21 +103,33 @@ def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str, *
         if dialect == "postgresql":
             jsonb = sa.type_coerce(col, postgresql.JSONB)
             clauses.append(sa.or_(*[jsonb.contains({key: c}) for c in candidates]))
+        elif not _PLAIN_KEY.match(key):
+            # SQLite's JSON paths cannot quote every key (a '"', a backslash, non-ASCII): look such
+            # keys up among the entries instead (slower, so plain keys keep the path).
+            entries = sa.func.json_each(col).table_valued("key", "value", "type")
+            match = sa.select(sa.literal(1)).select_from(entries).where(
+                entries.c.key == key, _sqlite_value_match(entries.c.value, entries.c.type, candidates))
+            clauses.append(match.exists())
         else:
-            path = '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            extracted, kind = sa.func.json_extract(col, path), sa.func.json_type(col, path)
-            options = []
-            for c in candidates:
-                if c is None:
-                    options.append(kind == "null")
-                elif isinstance(c, bool):
-                    options.append(kind == ("true" if c else "false"))
-                elif isinstance(c, str):
-                    options.append(sa.and_(kind == "text", extracted == c))
-                else:
-                    options.append(sa.and_(kind.in_(("integer", "real")), extracted == c))
-            clauses.append(sa.or_(*options))
+            path = '$."' + key + '"'
+            clauses.append(_sqlite_value_match(sa.func.json_extract(col, path), sa.func.json_type(col, path),
+                                               candidates))
     return sa.and_(*clauses)
+
+
+def _sqlite_value_match(extracted: sa.ColumnElement, kind: sa.ColumnElement, candidates: list[Any]) -> sa.ColumnElement[bool]:
+    """The JSON value (``extracted``, of SQLite JSON ``kind``) equals one of the candidates."""
+    options = []
+    for c in candidates:
+        if c is None:
+            options.append(kind == "null")
+        elif isinstance(c, bool):
+            options.append(kind == ("true" if c else "false"))
+        elif isinstance(c, str):
+            options.append(sa.and_(kind == "text", extracted == c))
+        else:
+            options.append(sa.and_(kind.in_(("integer", "real")), extracted == c))
+    return sa.or_(*options)
 
 
 def like_escape(text: str) -> str:
@@ -127,6 +144,7 @@ def job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
         values = list(row)
         for i in positions:
             values[i] = fragment(values[i])
+        values[_LAST_UPDATE] = wire_datetime(values[_LAST_UPDATE])
         out.append(dict(zip(keys, values)))
     return out
 
@@ -453,8 +471,11 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> lis
     bulk_insert(conn, log_events, events)
 
     out = []
+    wire_now = wire_datetime(now)
     for job_id, row in zip(new_ids, rows):
-        out.append({name: (job_id if name == "id" else row[name]) for name in JOB_OUT_FIELDS})
+        job = {name: (job_id if name == "id" else row[name]) for name in JOB_OUT_FIELDS}
+        job["last_update"] = wire_now
+        out.append(job)
     return out
 
 

@@ -18,7 +18,7 @@ from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE, SessionAcquire
 from balsam.states import BatchJobState, JobState
 
 from .errors import NotFound, ValidationFailed
-from .http import check_int_fields
+from .http import check_int_fields, wire_datetime
 from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, site_owned_by, utcnow
 from .tables import batch_jobs, jobs, sessions, sites
 
@@ -28,7 +28,7 @@ SORT_BY_CHOICES = (None, "long_large_first")
 
 
 def session_dict(row: Any) -> dict[str, Any]:
-    return {"id": row.id, "site_id": row.site_id, "batch_job_id": row.batch_job_id, "heartbeat": row.heartbeat}
+    return {"id": row.id, "site_id": row.site_id, "batch_job_id": row.batch_job_id, "heartbeat": wire_datetime(row.heartbeat)}
 
 
 def get_owned_session(conn: sa.Connection, user_id: int, session_id: int) -> sa.Row:

@@ -27,7 +27,7 @@ from ..auth import (
 )
 from ..db import count_and_page
 from ..errors import BadRequest, Forbidden, NotFound, Unauthorized, ValidationFailed
-from ..http import PAGINATION, json_response, no_content, pagination, reject_nul
+from ..http import PAGINATION, json_response, no_content, pagination, reject_nul, wire_datetime
 from ..jobs_logic import site_owned_by
 from ..routing import Ctx, route
 from ..tables import batch_jobs, credentials, sites, users
@@ -73,7 +73,7 @@ def _token_response(ctx: Ctx, user_id: int, username: str, credential_id: int, e
                     site_id: "int | None" = None) -> dict[str, Any]:
     token, expiration = create_token(user_id, username, ctx.settings.secret_key, credential_id=credential_id,
                                      site_id=site_id, expires=expires)
-    return {"access_token": token, "token_type": "bearer", "expiration": expiration}
+    return {"access_token": token, "token_type": "bearer", "expiration": wire_datetime(expiration)}
 
 
 def login(ctx: Ctx) -> Response:
@@ -99,7 +99,7 @@ def login(ctx: Ctx) -> Response:
                                                                  settings.refresh_ttl_sec, with_secret=True)
             access_expires = min(refresh_expires, utcnow() + dt.timedelta(seconds=settings.access_ttl_sec))
             body = _token_response(ctx, user_id, username, refresh_id, access_expires)
-            body.update(refresh_token=code, refresh_expiration=refresh_expires)
+            body.update(refresh_token=code, refresh_expiration=wire_datetime(refresh_expires))
         else:
             cred_id, expires, _ = issue_credential(conn, user_id, "login", label, settings.token_ttl_sec)
             body = _token_response(ctx, user_id, username, cred_id, expires)
@@ -124,7 +124,7 @@ def refresh(ctx: Ctx) -> Response:
         conn.execute(sa.update(credentials).where(credentials.c.id == row.id).values(expires=expires, last_used=now))
     access_expires = min(expires, now + dt.timedelta(seconds=settings.access_ttl_sec))
     body = _token_response(ctx, row.user_id, user.username, row.id, access_expires)
-    body["refresh_expiration"] = expires
+    body["refresh_expiration"] = wire_datetime(expires)
     return json_response(body)
 
 
@@ -195,7 +195,10 @@ def logout(ctx: Ctx) -> Response:
 
 
 def _credential_dict(row: Any) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in CREDENTIAL_FIELDS}
+    out = {name: getattr(row, name) for name in CREDENTIAL_FIELDS}
+    for name in ("created", "expires", "last_used", "revoked"):
+        out[name] = wire_datetime(out[name])
+    return out
 
 
 def list_credentials(ctx: Ctx) -> Response:

@@ -14,7 +14,8 @@ from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 from ..auth import revoke_credentials
 from ..db import count_and_page, update_rows_by_id, where_eq, where_in
 from ..errors import BadRequest, NotFound, ValidationFailed, not_found_ids, parse_partial
-from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination, parse_bulk_patches, require_list
+from ..http import (PAGINATION, check_int_fields, json_response, no_content, pagination, parse_bulk_patches,
+                    require_list, wire_datetime)
 from ..jobs_logic import json_contains, owned_site_ids, site_owned_by, utcnow
 from ..sessions_logic import release_session_jobs
 from ..routing import Ctx, route
@@ -31,7 +32,9 @@ BJ = BatchJobState
 
 
 def bj_dict(row: Any) -> dict[str, Any]:
-    return dict(zip(BJ_FIELDS, row))
+    out = dict(zip(BJ_FIELDS, row))
+    out["start_time"], out["end_time"] = wire_datetime(out["start_time"]), wire_datetime(out["end_time"])
+    return out
 
 
 def _json_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +99,7 @@ def create_batch_job(ctx: Ctx) -> Response:
         raise ValidationFailed.from_payload(exc) from None
     values = to_dict(bj)
     values.pop("id", None)
+    values["start_time"], values["end_time"] = bj.start_time, bj.end_time  # datetimes, not their text
     _validate_numbers(values, ["body"])
     # The server decides the initial state (as Balsam 0.7 did).
     values["state"] = BJ.pending_submission.value

@@ -8,7 +8,7 @@ from starlette.responses import Response
 from balsam.states import JobState
 
 from ..db import count_and_page, where_eq, where_in
-from ..http import PAGINATION, json_response, pagination
+from ..http import PAGINATION, json_response, pagination, wire_datetime
 from ..jobs_logic import json_contains, owned_site_ids
 from ..routing import Ctx, route
 from ..tables import batch_jobs, jobs, log_events
@@ -48,7 +48,12 @@ def list_events(ctx: Ctx) -> Response:
         if data:
             stmt = stmt.where(json_contains(log_events.c.data, data, conn.dialect.name, loose=True))
         count, rows = count_and_page(conn, stmt, order, limit, offset)
-    return json_response({"count": count, "results": [dict(zip(EV_FIELDS, r)) for r in rows]})
+    results = []
+    for row in rows:
+        event = dict(zip(EV_FIELDS, row))
+        event["timestamp"] = wire_datetime(event["timestamp"])
+        results.append(event)
+    return json_response({"count": count, "results": results})
 
 
 routes = [route("/events/", {"GET": list_events})]

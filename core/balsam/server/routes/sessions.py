@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from ..db import count_and_page, where_in
 from ..errors import NotFound, ValidationFailed
-from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
+from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination, wire_datetime
 from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..sessions_logic import acquire, get_owned_session, maybe_sweep, parse_acquire, release_session_jobs, session_dict
@@ -73,7 +73,7 @@ def tick(ctx: Ctx) -> Response:
         get_owned_session(conn, ctx.user.id, session_id)
         now = utcnow()
         conn.execute(sa.update(sessions).where(sessions.c.id == session_id).values(heartbeat=now))
-    return json_response({"id": session_id, "heartbeat": now})
+    return json_response({"id": session_id, "heartbeat": wire_datetime(now)})
 
 
 def delete_session(ctx: Ctx) -> Response:

@@ -12,7 +12,7 @@ from balsam.serialization import PayloadError, from_dict, to_dict
 
 from ..db import count_and_page, where_in
 from ..errors import BadRequest, NotFound, ValidationFailed, parse_partial
-from ..http import PAGINATION, json_response, no_content, pagination
+from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
 from ..jobs_logic import like_escape, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..tables import sites
@@ -25,7 +25,9 @@ WRITABLE = set(writable_fields(Site, on="update"))
 
 
 def site_dict(row: Any) -> dict[str, Any]:
-    return dict(zip(SITE_FIELDS, row))
+    out = dict(zip(SITE_FIELDS, row))
+    out["last_refresh"], out["creation_date"] = wire_datetime(out["last_refresh"]), wire_datetime(out["creation_date"])
+    return out
 
 
 def _stored(values: dict[str, Any]) -> dict[str, Any]:
