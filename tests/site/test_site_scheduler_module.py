@@ -365,3 +365,94 @@ def test_scheduler_reason_does_not_hide_an_error(setup, client) -> None:
     module.run_cycle()  # the scheduler answers again, with the reason
     info = batch_job(client, bj["id"])["status_info"]
     assert info["scheduler_reason"] == "JobHeldUser" and "Socket timed out" in info["error"]
+
+
+# -- launcher credentials (issue 12.4) -------------------------------------------------------------
+
+
+def test_each_batch_job_gets_a_site_scoped_launcher_credential(setup, client, make_site) -> None:
+    """Before: launchers used the user's own 48 h token (or ran blind once it expired)."""
+    import stat
+
+    import jwt
+
+    from balsam.client import ClientSettings, RESTClient
+    from balsam.site.launcher_credentials import credential_path, use_launcher_credential
+
+    site, fake, module = setup
+    other = make_site()
+    bj = create_batch_job(client, site.site_id, "mpi", wall_time_min=30)
+    module.run_cycle()
+    assert batch_job(client, bj["id"])["state"] == "queued"
+    path = credential_path(Path(site.site_path), bj["id"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    stored = ClientSettings.load(path)
+    claims = jwt.decode(stored.token, options={"verify_signature": False})
+    assert claims["site"] == site.site_id and claims["cid"] == stored.credential_id and not stored.refresh_token
+    # It outlives the queue wait plus the wall time.
+    lifetime = stored.token_expiry - dt.datetime.now(dt.timezone.utc)
+    assert lifetime > dt.timedelta(days=2, minutes=30)
+    creds = client.get("/auth/credentials", params={"kind": "launcher"})["results"]
+    assert [(c["site_id"], c["batch_job_id"]) for c in creds] == [(site.site_id, bj["id"])]
+
+    launcher = RESTClient.from_settings(stored, settings_path=path)
+    assert [s["id"] for s in launcher.get("/sites/")["results"]] == [site.site_id]
+    assert launcher.get("/jobs/", params={"site_id": other.site_id})["count"] == 0
+    launcher.close()
+    env = {"BALSAM_BATCH_JOB_ID": str(bj["id"]), "BALSAM_CLIENT_PATH": "/elsewhere/client.yml"}
+    assert use_launcher_credential(Path(site.site_path), env) == path and env["BALSAM_CLIENT_PATH"] == str(path)
+    assert use_launcher_credential(Path(site.site_path), {"BALSAM_BATCH_JOB_ID": "999999"}) is None
+
+
+def test_launcher_credentials_are_renewed_while_queued_and_dropped_after(setup, client) -> None:
+    from balsam.client import ClientSettings
+    from balsam.site.launcher_credentials import credential_path
+
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id, "mpi", wall_time_min=30)
+    module.run_cycle()
+    path = credential_path(Path(site.site_path), bj["id"])
+    first = ClientSettings.load(path)
+    module.run_cycle()  # far from expiry: nothing to renew
+    assert ClientSettings.load(path).token == first.token
+    # A week in the queue later: less than wall time + a day left.
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=3)
+    assert module.credentials.renew_due([batch_job(client, bj["id"])], now=later) == [bj["id"]]
+    renewed = ClientSettings.load(path)
+    assert renewed.credential_id == first.credential_id and renewed.token != first.token
+    assert renewed.token_expiry > first.token_expiry
+
+    scheduler_id = batch_job(client, bj["id"])["scheduler_id"]
+    fake.queue.pop(scheduler_id)
+    fake.history[scheduler_id] = JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished)
+    module.run_cycle()  # finished: the server revokes the credential
+    creds = client.get("/auth/credentials", params={"kind": "launcher", "batch_job_id": bj["id"]})["results"]
+    assert creds[0]["revoked"] is not None
+    module.run_cycle()  # and the agent forgets the file
+    assert not path.exists()
+
+
+def test_no_submission_without_a_launcher_credential(setup, client) -> None:
+    from balsam.client import ServerUnavailable
+
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id, "mpi")
+    real = module.credentials.client
+
+    class Outage:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def post(self, path, **kwargs):
+            if path == "/auth/credentials":
+                raise ServerUnavailable("POST /auth/credentials: server unreachable")
+            return real.post(path, **kwargs)
+
+    module.credentials.client = Outage()
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "pending_submission" and not fake.submitted
+    assert "cannot mint the launcher credential" in record["status_info"]["waiting"]
+    module.credentials.client = real
+    module.run_cycle()
+    assert batch_job(client, bj["id"])["state"] == "queued" and len(fake.submitted) == 1

@@ -62,10 +62,17 @@ class AuthenticationError(APIError):
 _credential_refused_listeners: list[Callable[[AuthenticationError], None]] = []
 
 
-def on_credential_refused(callback: Callable[[AuthenticationError], None]) -> None:
+def on_credential_refused(callback: Callable[[AuthenticationError], None]) -> Callable[[], None]:
     """Register ``callback(error)``, called (once per refusal) when a request's credential is refused
-    and neither the stored login nor the refresh credential gives a working one."""
+    and neither the stored login nor the refresh credential gives a working one. Returns a function
+    that unregisters it."""
     _credential_refused_listeners.append(callback)
+
+    def remove() -> None:
+        if callback in _credential_refused_listeners:
+            _credential_refused_listeners.remove(callback)
+
+    return remove
 
 
 #: Renew an access token this long before it expires.

@@ -213,6 +213,11 @@ class BulkStatusUpdater:
                 if status is not None and 400 <= status < 500 and status not in (401, 408, 429):
                     self._split_refused(chunk, exc)
                     return
+                if getattr(exc, "credential_refused", False):
+                    # Revoked: the server already ended our sessions (RUNNING jobs -> RUN_TIMEOUT).
+                    logger.error("status updater: credential refused; %d updates not sent: %s", len(chunk), exc)
+                    self.dropped.extend((u, str(exc)) for u in chunk)
+                    return
                 if self._stopping and give_up_at is None:
                     give_up_at = time.monotonic() + self.close_timeout
                 if give_up_at is not None and time.monotonic() > give_up_at:
