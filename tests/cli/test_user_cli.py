@@ -187,8 +187,8 @@ def test_job_ls_modify_rm(apps, site):
     assert out.exit_code == 0, out.output
     assert "Set 3 job(s) to FAILED" in out.output
     assert Job.objects.filter(state="FAILED").count() == 3
-    refused = balsam("job", "modify", "-t", "grp=b", "-s", "RUNNING", "-y")
-    assert refused.exit_code == 1  # the server refuses a forced move into RUNNING
+    refused = balsam("job", "modify", "-t", "grp=a", "-s", "RUNNING", "-y")
+    assert refused.exit_code == 1  # the server refuses a forced move from FAILED into RUNNING
     assert balsam("job", "ls", "-s", "FAILED").output.count("FAILED") == 3
     assert "No matching jobs." in balsam("job", "ls", "-w", "nothing-like-this").output
     out = balsam("job", "rm", "-s", "FAILED", input="y\n")

@@ -69,7 +69,7 @@ def test_register_duplicate_short_password_and_bad_input(server_url):
     name, resp = _register(server_url)
     assert resp.status_code == 201
     _, dup = _register(server_url, name, "another long password")
-    assert dup.status_code == 400 and "already taken" in dup.json()["detail"]
+    assert dup.status_code == 409 and "already taken" in dup.json()["detail"]
     _, short = _register(server_url, password="elevenchars")
     assert short.status_code == 422
     assert short.json()["detail"] == [{"loc": ["body", "password"], "msg": "must have at least 12 characters",

@@ -89,12 +89,29 @@ def reject_nul(value: Any, loc: list[Any]) -> None:
         raise ValidationFailed((where, "NUL characters (\\u0000) are not allowed") for where in found[:20])
 
 
+def int_from_text(raw: str) -> int:
+    """An integer written in a path or query string; an integral number like ``5.0`` counts (it is
+    an integer for JSON Schema, and so for the OpenAPI description). ValueError otherwise."""
+    try:
+        return int(raw)
+    except ValueError:
+        value = float(raw)
+        if not value.is_integer():
+            raise ValueError(f"not an integer: {raw!r}") from None
+        return int(value)
+
+
+def is_json_int(value: Any) -> bool:
+    """An integer of a JSON body: ``5`` or ``5.0`` (not ``true``)."""
+    return type(value) is int or (type(value) is float and value.is_integer())
+
+
 def path_int(request: Request, name: str) -> int:
     raw = request.path_params[name]
     if isinstance(raw, int):
         return raw
     try:
-        value = int(raw)
+        value = int_from_text(raw)
     except ValueError:
         raise ValidationFailed.field(["path", name], f"expected an integer, got {raw!r}") from None
     if not INT64_MIN <= value <= INT64_MAX:
@@ -136,7 +153,7 @@ class QueryParams:
         raw = self.params.get(name)
         if raw is None or raw == "":
             return default
-        value = self._convert(name, raw, int, "an integer")
+        value = self._convert(name, raw, int_from_text, "an integer")
         if not INT_MIN <= value <= INT_MAX:
             raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
         if minimum is not None and value < minimum:
@@ -153,7 +170,7 @@ class QueryParams:
         for raw in raws:
             for part in raw.split(","):
                 if part.strip():
-                    value = self._convert(name, part.strip(), int, "an integer")
+                    value = self._convert(name, part.strip(), int_from_text, "an integer")
                     if not INT_MIN <= value <= INT_MAX:
                         raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
                     out.append(value)
@@ -247,8 +264,9 @@ def parse_bulk_patches(payload: list, kind: str, parse: Callable[[dict[str, Any]
     patches: dict[int, dict[str, Any]] = {}
     for index, item in enumerate(payload):
         loc = ["body", index]
-        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
+        if not isinstance(item, dict) or not is_json_int(item.get("id")):
             raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
+        item = {**item, "id": int(item["id"])}
         check_int_fields(item, ["id"], loc)
         body = {k: v for k, v in item.items() if k != "id"}
         for name in fixed:

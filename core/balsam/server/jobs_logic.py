@@ -21,7 +21,7 @@ from balsam.states import InvalidTransition, JobState, TransferDirection, Transf
 from .auth import SITE_SCOPE
 from .db import bulk_insert, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
-from .http import QueryParams, int_range_errors, wire_datetime
+from .http import QueryParams, int_range_errors, is_json_int, wire_datetime
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
 S = JobState
@@ -355,7 +355,7 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> lis
     for index, spec in enumerate(specs):
         key = str(spec.workdir)
         if key in workdirs:
-            raise BadRequest(f"workdir {key!r} appears twice in this request (items {workdirs[key]} and {index})")
+            raise Conflict(f"workdir {key!r} appears twice in this request (items {workdirs[key]} and {index})")
         workdirs[key] = index
 
     app_ids = {spec.app_id for spec in specs}
@@ -503,8 +503,9 @@ def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, A
         if "id" not in body:
             raise ValidationFailed.field(loc + ["id"], "field required")
         job_id = body.pop("id")
-        if not isinstance(job_id, int) or isinstance(job_id, bool):
+        if not is_json_int(job_id):
             raise ValidationFailed.field(loc + ["id"], f"expected an integer, got {job_id!r}")
+        job_id = int(job_id)
     try:
         patch = partial_from_dict(Job, body, allowed=UPDATE_FIELDS)
     except PayloadError as exc:
@@ -574,7 +575,7 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, 
             targets[job_id] = new
     if invalid:
         shown = "; ".join(invalid[:10]) + (f"; (+{len(invalid) - 10} more)" if len(invalid) > 10 else "")
-        raise BadRequest(f"Invalid state change, nothing was updated: {shown}")
+        raise Conflict(f"Invalid state change, nothing was updated: {shown}")
 
     events = EventBuffer()
     final_state: dict[int, JobState] = dict(targets)

@@ -40,6 +40,8 @@ FIELD_CHARS: dict[str, int] = {
 }
 TAG_FIELDS = frozenset({"tags", "filter_tags"})
 _MAX_ERRORS = 20
+#: JSON values are stored as they come; integers must fit 64 bits (orjson, JSONB).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _walk(value: Any, loc: list[Any], limit: int, errors: list[tuple[list[Any], str]]) -> None:
@@ -55,6 +57,8 @@ def _walk(value: Any, loc: list[Any], limit: int, errors: list[tuple[list[Any], 
                     errors.append((loc + [key], f"longer than {inner} characters ({len(item)})"))
             elif item and isinstance(item, (dict, list)):
                 _walk(item, loc + [key], FIELD_CHARS.get(key, MAX_TEXT_CHARS), errors)
+            elif type(item) is int and not INT64_MIN <= item <= INT64_MAX:
+                errors.append((loc + [key], "integer out of the 64-bit range"))
             if len(errors) >= _MAX_ERRORS:
                 return
     elif isinstance(value, list):
@@ -64,6 +68,8 @@ def _walk(value: Any, loc: list[Any], limit: int, errors: list[tuple[list[Any], 
                     errors.append((loc + [index], f"longer than {limit} characters ({len(item)})"))
             elif item and isinstance(item, (dict, list)):
                 _walk(item, loc + [index], limit, errors)
+            elif type(item) is int and not INT64_MIN <= item <= INT64_MAX:
+                errors.append((loc + [index], "integer out of the 64-bit range"))
             if len(errors) >= _MAX_ERRORS:
                 return
     elif isinstance(value, str) and len(value) > limit:

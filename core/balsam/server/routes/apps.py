@@ -11,7 +11,7 @@ from balsam.models import MAX_SERIALIZED_CLASS_CHARS, App, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
 
 from ..db import count_and_page, where_in
-from ..errors import BadRequest, NotFound, ValidationFailed, parse_partial
+from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
 from ..jobs_logic import like_escape, site_owned_by
 from ..routing import Ctx, route
@@ -70,7 +70,7 @@ def _check_unique(conn: sa.Connection, site_id: int, name: str, exclude_id: "int
     if exclude_id is not None:
         stmt = stmt.where(apps.c.id != exclude_id)
     if conn.execute(stmt).first() is not None:
-        raise BadRequest("An app with this site_id and name already exists")
+        raise Conflict("An app with this site_id and name already exists")
 
 
 def list_apps(ctx: Ctx) -> Response:

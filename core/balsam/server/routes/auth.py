@@ -26,8 +26,8 @@ from ..auth import (
     utcnow,
 )
 from ..db import count_and_page
-from ..errors import BadRequest, Forbidden, NotFound, Unauthorized, ValidationFailed
-from ..http import PAGINATION, json_response, no_content, pagination, reject_nul, wire_datetime
+from ..errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
+from ..http import PAGINATION, is_json_int, json_response, no_content, pagination, reject_nul, wire_datetime
 from ..jobs_logic import site_owned_by
 from ..routing import Ctx, route
 from ..tables import batch_jobs, credentials, sites, users
@@ -169,7 +169,7 @@ def register(ctx: Ctx) -> Response:
             return json_response({"id": row.user_id, "username": username}, 201)
         exists = conn.execute(sa.select(users.c.id).where(users.c.username == username)).first()
         if exists is not None:
-            raise BadRequest(f"Username {username!r} already taken")
+            raise Conflict(f"Username {username!r} already taken")
         user_id = conn.execute(
             sa.insert(users).values(username=username, hashed_password=hashed, date_joined=utcnow()).returning(users.c.id)
         ).scalar_one()
@@ -235,8 +235,10 @@ def _parse_launcher_request(ctx: Ctx, data: Any, *, create: bool) -> dict[str, A
         value = data.get(name)
         if value is None and not required:
             continue
-        if type(value) is not int or not 1 <= value <= 2**31 - 1:
+        if not is_json_int(value) or not 1 <= value <= 2**31 - 1:
             errors.append((["body", name], "required: a positive integer" if required else "expected a positive integer"))
+        else:
+            data[name] = int(value)
     if "label" in data and (not isinstance(data["label"], str) or len(data["label"]) > 200):
         errors.append((["body", "label"], "expected a string of at most 200 characters"))
     if errors:
@@ -285,9 +287,9 @@ def renew_credential(ctx: Ctx) -> Response:
     with ctx.write() as conn:
         row = _owned_credential(conn, user.id, cred_id)
         if row.kind != "launcher":
-            raise BadRequest(f"Credential {cred_id} is a {row.kind} credential; only launcher credentials are renewed here")
+            raise Conflict(f"Credential {cred_id} is a {row.kind} credential; only launcher credentials are renewed here")
         if row.revoked is not None:
-            raise BadRequest(f"Credential {cred_id} was revoked; create a new one")
+            raise Conflict(f"Credential {cred_id} was revoked; create a new one")
         expires = max(row.expires, (utcnow() + dt.timedelta(seconds=data["ttl_sec"])).replace(microsecond=0))
         conn.execute(sa.update(credentials).where(credentials.c.id == cred_id).values(expires=expires, last_used=utcnow()))
         row = conn.execute(sa.select(credentials).where(credentials.c.id == cred_id)).one()

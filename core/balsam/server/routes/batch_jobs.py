@@ -13,7 +13,7 @@ from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 
 from ..auth import revoke_credentials
 from ..db import count_and_page, update_rows_by_id, where_eq, where_in
-from ..errors import BadRequest, NotFound, ValidationFailed, not_found_ids, parse_partial
+from ..errors import Conflict, NotFound, ValidationFailed, not_found_ids, parse_partial
 from ..http import (PAGINATION, check_int_fields, json_response, no_content, pagination, parse_bulk_patches,
                     require_list, wire_datetime)
 from ..jobs_logic import json_contains, owned_site_ids, site_owned_by, utcnow
@@ -154,7 +154,7 @@ def _apply_state_rules(current: dict[int, str], patches: dict[int, dict[str, Any
             allowed = ", ".join(sorted(s.value for s in BATCH_JOB_TRANSITIONS[old])) or "none"
             problems.append(f"batch job {bj_id}: state cannot change from {old.value} to {new.value} (allowed: {allowed})")
     if problems:
-        raise BadRequest("Invalid state change, nothing was updated: " + "; ".join(problems[:10]))
+        raise Conflict("Invalid state change, nothing was updated: " + "; ".join(problems[:10]))
 
 
 def _update_many(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:

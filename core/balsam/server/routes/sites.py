@@ -11,7 +11,7 @@ from balsam.models import Site, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
 
 from ..db import count_and_page, where_in
-from ..errors import BadRequest, NotFound, ValidationFailed, parse_partial
+from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
 from ..jobs_logic import like_escape, site_owned_by, utcnow
 from ..routing import Ctx, route
@@ -96,7 +96,7 @@ def create_site(ctx: Ctx) -> Response:
             sa.select(sites.c.id).where(sites.c.owner_id == ctx.user.id, sites.c.name == values["name"])
         ).first()
         if dup is not None:
-            raise BadRequest(f"A site named {values['name']!r} already exists (id {dup.id})")
+            raise Conflict(f"A site named {values['name']!r} already exists (id {dup.id})")
         site_id = conn.execute(
             sa.insert(sites).values(owner_id=ctx.user.id, last_refresh=now, creation_date=now, **values).returning(sites.c.id)
         ).scalar_one()
@@ -127,7 +127,7 @@ def update_site(ctx: Ctx) -> Response:
                 )
             ).first()
             if dup is not None:
-                raise BadRequest(f"A site named {values['name']!r} already exists (id {dup.id})")
+                raise Conflict(f"A site named {values['name']!r} already exists (id {dup.id})")
         conn.execute(sa.update(sites).where(sites.c.id == site_id).values(last_refresh=utcnow(), **values))
         row = get_owned_site(conn, ctx.user.id, site_id)
     return json_response(site_dict(row))
