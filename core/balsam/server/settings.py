@@ -12,7 +12,8 @@
 | ``BALSAM_AUTH_REGISTRATION`` | ``closed`` (admins add users), ``invitation`` or ``open`` |
 | ``BALSAM_AUTH_ONLY_USER`` | unset; the embedded server sets it to its local user |
 | ``BALSAM_AUTH_MIN_PASSWORD_LENGTH`` | 12 |
-| ``BALSAM_AUTH_MAX_FAILURES_PER_USER`` / ``..._PER_ADDRESS`` | 10 / 50 failed logins per 15 minutes |
+| ``BALSAM_AUTH_MAX_FAILURES_PER_USER`` / ``..._PER_ADDRESS`` | 10 / 50 failed logins per window |
+| ``BALSAM_AUTH_FAILURE_WINDOW_SEC`` | 900 (the sliding window of login throttling) |
 | ``BALSAM_AUTH_REVOCATION_CACHE_SEC`` | 5 (how long a worker trusts a credential it checked) |
 | ``BALSAM_MAX_BODY_BYTES`` | 67108864 (64 MiB; larger request bodies get 413) |
 | ``BALSAM_SESSION_EXPIRE_SEC`` | 300 |
