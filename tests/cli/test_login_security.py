@@ -76,6 +76,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_an_unverifiable_certificate_is_pinned_by_fingerprint(tmp_path):
     from balsam.client import ServerUnavailable, load_client
     from balsam.client.transport import fingerprint_of_pem
