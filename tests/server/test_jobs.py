@@ -36,7 +36,7 @@ def test_create_validation_is_all_or_nothing(api, site_app):
     resp = api.http.post("/jobs/", json=[{"workdir": "x", "app_id": app["id"], "num_nodes": 0}])
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "num_nodes"]
     resp = api.http.post("/jobs/", json=[{"workdir": "dup", "app_id": app["id"]}, {"workdir": "dup", "app_id": app["id"]}])
-    assert resp.status_code == 400 and "twice" in resp.json()["detail"]
+    assert resp.status_code == 409 and "twice" in resp.json()["detail"]
     resp = api.http.post("/jobs/", json=[{"workdir": "x", "app_id": app["id"], "parent_ids": [99999999]}])
     assert resp.status_code == 404 and "99999999" in resp.json()["detail"]
     resp = api.http.post("/jobs/", json=[{"workdir": "x", "app_id": 99999999}])

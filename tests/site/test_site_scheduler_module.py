@@ -415,7 +415,9 @@ def test_launcher_credentials_are_renewed_while_queued_and_dropped_after(setup, 
     first = ClientSettings.load(path)
     module.run_cycle()  # far from expiry: nothing to renew
     assert ClientSettings.load(path).token == first.token
-    # A week in the queue later: less than wall time + a day left.
+    # Days in the queue later (less than the wall time plus a day left), the user also asked for a
+    # longer wall time: the credential is renewed to cover it.
+    client.put(f"/batch-jobs/{bj['id']}", json={"wall_time_min": 59})
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=3)
     assert module.credentials.renew_due([batch_job(client, bj["id"])], now=later) == [bj["id"]]
     renewed = ClientSettings.load(path)

@@ -22,9 +22,7 @@ from typing import Any, Optional, Sequence
 
 import attrs
 
-from balsam.client import on_credential_refused
 from balsam.platform import NodeInfo
-from balsam.site.launcher_credentials import use_launcher_credential
 
 logger = logging.getLogger("balsam.launcher")
 
@@ -156,6 +154,10 @@ def run_launcher(
     start_time = float(os.environ.get(START_TIME_ENV) or time.time())
     if wall_time_min <= 0:
         raise LauncherError(f"wall time must be positive, got {wall_time_min}")
+    # Imported here, after the start time is taken: the client pulls in httpx (~0.3 s).
+    from balsam.client import on_credential_refused
+    from balsam.site.launcher_credentials import use_launcher_credential
+
     site_config = _load_site(site_path)
     # The BatchJob's own site-scoped credential (minted by the agent), if there is one; child
     # processes (partitions, jobs using the API) inherit it.
