@@ -15,6 +15,7 @@ from .auth import AuthUser
 from .db import read_tx, write_tx
 from .errors import ValidationFailed
 from .http import QueryParams, current_user, path_int, reject_nul
+from .idempotency import IdempotentRequest
 
 
 class Ctx:
@@ -24,6 +25,7 @@ class Ctx:
         self.request = request
         self.body = body
         self._user: "AuthUser | None" = None
+        self._idempotency: "IdempotentRequest | None" = None
         self.settings = request.app.state.settings
         self.engine: sa.Engine = request.app.state.engine
 
@@ -32,6 +34,13 @@ class Ctx:
         if self._user is None:
             self._user = current_user(self.request)
         return self._user
+
+    @property
+    def idempotency(self) -> IdempotentRequest:
+        """The request's ``Idempotency-Key`` (creating routes claim and record it)."""
+        if self._idempotency is None:
+            self._idempotency = IdempotentRequest(self)
+        return self._idempotency
 
     def json(self) -> Any:
         if not self.body:
