@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 #: Retries of the final Session delete (about 3.5 s of backoff) when the API does not answer.
 SHUTDOWN_RETRY_COUNT = 3
 DEFAULT_TICK_SEC = 60.0
+#: Retries inside one heartbeat call.
+TICK_RETRY_COUNT = 2
 
 
 def tick_period_from_env() -> float:
@@ -150,7 +152,9 @@ class JobLease:
         """Heartbeat now (a lost session is replaced)."""
         session_id = self._session_id
         try:
-            self.client.put(f"/sessions/{session_id}", json={})
+            # A missed tick is retried at the next period (the server waits several periods), so one
+            # tick never sits in minutes of backoff that would also hold up close().
+            self.client.put(f"/sessions/{session_id}", json={}, retry_count=TICK_RETRY_COUNT)
             self.tick_errors = 0
         except Exception as exc:
             if not self._replace_lost_session(exc, session_id):

@@ -138,6 +138,8 @@ class BulkStatusUpdater:
         self._inflight: list[dict[str, Any]] = []
         self.sent = 0
         self.dropped: list[tuple[dict[str, Any], str]] = []
+        #: True once closing gave up on an unreachable API (then nothing else should wait for it).
+        self.gave_up = False
         #: Updates written to ``spool_dir`` because the API could not be reached at the end.
         self.spooled = 0
         self.spool_files: list[Path] = []
@@ -207,6 +209,7 @@ class BulkStatusUpdater:
         # A call in flight can take a connect timeout (~6 s) before the give-up clock is checked.
         self._thread.join(self.close_timeout + 30)
         if self._thread.is_alive():
+            self.gave_up = True
             left = list(self._inflight) + list(self._items)
             logger.error("%s did not finish within %.0f s; %d updates unsent", self.name, self.close_timeout + 30, len(left))
             self._spool(left)
@@ -264,6 +267,7 @@ class BulkStatusUpdater:
             try:
                 refused = isolate_refused(self._send_retrying, chunk)
             except _GaveUp as exc:
+                self.gave_up = True
                 unsent = [u for later in chunks[index:] for u in later]
                 logger.error("%s: giving up on %d updates: %s", self.name, len(unsent), exc.cause)
                 self.dropped.extend((u, str(exc.cause)) for u in unsent)

@@ -212,4 +212,6 @@ class JobMode(abc.ABC):
             try:
                 updater.close()
             finally:
-                source.close()
+                # The updater found the API gone: do not keep the allocation waiting to say goodbye
+                # (the server expires the session by itself).
+                source.close(retry_count=0) if updater.gave_up else source.close()

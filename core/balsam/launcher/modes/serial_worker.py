@@ -328,7 +328,7 @@ class Master:
                 updater.close()
             finally:
                 if self.source is not None:
-                    self.source.close()
+                    self.source.close(retry_count=0) if updater.gave_up else self.source.close()
         import resource
 
         usage = resource.getrusage(resource.RUSAGE_SELF)
