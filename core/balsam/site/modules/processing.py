@@ -28,7 +28,7 @@ import signal
 from pathlib import Path
 from typing import Any, Optional
 
-from ...client.lease import JobLease
+from ...client.lease import JobLease, tick_period_from_env
 from ...client.status_updater import BulkStatusUpdater, SpoolReplayer
 from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
 from ...states import PROCESSABLE_STATES, JobState
@@ -94,7 +94,8 @@ class ProcessingModule(AgentModule):
         if self.lease is None:
             self.lease = JobLease(
                 self.client, self.site_id, filter_tags=self._filter_tags(), states=PROCESSABLE_STATES,
-                tick_period=SESSION_TICK_SEC, heartbeat_thread=False, name="processing session",
+                tick_period=min(SESSION_TICK_SEC, tick_period_from_env()), heartbeat_thread=False,
+                name="processing session",
             )
         return self.lease.acquire(max_jobs)
 
