@@ -246,3 +246,27 @@ def test_refused_updates_are_isolated_by_bisection() -> None:
     assert [item for item, _err in refused] == [13, 77]
     assert sorted(i for batch in sent for i in batch) == [i for i in range(100) if i not in (13, 77)]
     assert len(sent) < 20  # halves, not one call per record
+
+
+# -- idle time counts from the start of work, not of a slow start-up -----------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["serial", "mpi"])
+def test_a_slow_start_up_is_not_idle_time(new_site: Any, mode: str) -> None:
+    """The platform takes 4 s to load, longer than idle_ttl_sec (2 s): the launcher used to end as
+    "idle" with 0 jobs started the moment its first acquisition came back empty."""
+    from balsam.api import ApplicationDefinition
+
+    from launcher_helpers import make_runnable
+
+    name, path = new_site(idle_ttl_sec=2, platform="testplugin")
+
+    class Quick(ApplicationDefinition):
+        site = name
+        command_template = "true"
+
+    Quick.sync()
+    ids = make_runnable([Quick.submit(workdir=f"q{i}", save=False) for i in range(3)])
+    proc = start_launcher(path, mode, 1, env={"BALSAM_TESTPLUGIN_FAULTS": "slow-start"})
+    wait_for_states(ids, {"RUN_DONE"}, timeout=90)
+    assert proc.wait(60) == 0
