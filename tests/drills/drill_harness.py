@@ -28,6 +28,9 @@ from typing import Optional
 import httpx
 import yaml
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "site"))
+from site_test_utils import wait_for  # noqa: E402
+
 PYTHON = sys.executable
 
 
@@ -35,17 +38,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class DrillServer:
@@ -82,7 +74,7 @@ class DrillServer:
             except httpx.HTTPError:
                 return False
 
-        wait_until(ready, timeout, "the server to answer")
+        wait_for(ready, timeout=timeout, what="the server to answer", interval=0.2)
 
     def kill(self) -> None:
         """kill -9: no shutdown at all."""

@@ -27,7 +27,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "launcher"))
 
-from drill_harness import DrillServer, PrivatePostgres, login_user, wait_until  # noqa: E402
+from drill_harness import DrillServer, PrivatePostgres, login_user, wait_for  # noqa: E402
 from launcher_harness import make_site, start_launcher  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def wait_for_campaign(site_name: str, total: int, state: str, timeout: float, pr
         return state_count(site_name, state) == total
 
     try:
-        wait_until(done, timeout, f"{total} jobs in {state}", interval=0.5)
+        wait_for(done, timeout=timeout, what=f"{total} jobs in {state}", interval=0.5)
     except AssertionError as exc:
         consoles = [Path(p.console_path).read_text(errors="replace")[-1500:] for p in procs if hasattr(p, "console_path")]
         raise AssertionError(f"{exc}: {state_count(site_name, state)} there\n" + "\n---\n".join(consoles)) from None
@@ -161,6 +161,16 @@ def stop_site_agent(site_path: Path) -> None:
     stop_agent(site_path, timeout=60, force=True)
 
 
+def agent_campaign(tmp_path: Path, name: str, total: int, seconds: float) -> tuple[Path, Path, list[int], list[Any]]:
+    """A site with its agent (processing) and two serial launchers on ``total`` jobs of ``seconds`` each."""
+    site = make_site(tmp_path / name, name, {"idle_ttl_sec": 8}, processing={"num_workers": 1})
+    runs = tmp_path / "runs"
+    ids = campaign(name, runs, total, seconds=seconds, packing=8)
+    start_site_agent(site)
+    launchers = [start_launcher(site, "serial", 10, tick_sec=TICK_SEC) for _ in range(2)]
+    return site, runs, ids, launchers
+
+
 def server_env() -> dict[str, str]:
     return {"BALSAM_SESSION_EXPIRE_SEC": str(SESSION_EXPIRE_SEC), "BALSAM_SESSION_SWEEP_SEC": "1"}
 
@@ -193,28 +203,24 @@ def test_kill_9_of_launcher_agent_and_server_loses_nothing(live_server_factory: 
     server = live_server_factory("postgresql", env=server_env())
     try:
         act_as(server.url, tmp_path / "home")
-        site = make_site(tmp_path / "sitek", "sitek", {"idle_ttl_sec": 6}, processing={"num_workers": 1})
-        runs = tmp_path / "runs"
         total = 1200
-        ids = campaign("sitek", runs, total, seconds=0.05, packing=8)
-        start_site_agent(site)
-        launchers = [start_launcher(site, "serial", 10, tick_sec=TICK_SEC) for _ in range(2)]
+        site, runs, ids, launchers = agent_campaign(tmp_path, "sitek", total, seconds=0.05)
 
         def finished_at_least(fraction: float) -> bool:
             return state_count("sitek", "JOB_FINISHED") >= fraction * total
 
-        wait_until(lambda: finished_at_least(0.15), 120, "15 % of the campaign")
+        wait_for(lambda: finished_at_least(0.15), timeout=120, what="15 % of the campaign")
         killed_pids = kill_9_launcher(launchers.pop(0))
         launchers.append(start_launcher(site, "serial", 10, tick_sec=TICK_SEC))
 
-        wait_until(lambda: finished_at_least(0.35), 120, "35 % of the campaign")
+        wait_for(lambda: finished_at_least(0.35), timeout=120, what="35 % of the campaign")
         from balsam.site.agent import read_pid_file
 
         os.kill(read_pid_file(site)[1], signal.SIGKILL)
         time.sleep(0.5)
         start_site_agent(site)  # over the dead agent's pid file
 
-        wait_until(lambda: finished_at_least(0.55), 120, "55 % of the campaign")
+        wait_for(lambda: finished_at_least(0.55), timeout=120, what="55 % of the campaign")
         server.proc.kill()  # kill -9, then the same server again on the same port and database
         server.proc.wait()
         server.start()
@@ -253,13 +259,9 @@ def test_a_postgresql_restart_mid_campaign_loses_nothing_and_doubles_nothing(pri
     server.start()
     try:
         act_as(server.url, tmp_path / "home")
-        site = make_site(tmp_path / "sitepg", "sitepg", {"idle_ttl_sec": 8}, processing={"num_workers": 1})
-        runs = tmp_path / "runs"
         total = 1500
-        ids = campaign("sitepg", runs, total, seconds=0.02, packing=8)
-        start_site_agent(site)
-        launchers = [start_launcher(site, "serial", 10, tick_sec=TICK_SEC) for _ in range(2)]
-        wait_until(lambda: state_count("sitepg", "JOB_FINISHED") >= 0.3 * total, 120, "30 % of the campaign")
+        site, runs, ids, launchers = agent_campaign(tmp_path, "sitepg", total, seconds=0.02)
+        wait_for(lambda: state_count("sitepg", "JOB_FINISHED") >= 0.3 * total, timeout=120, what="30 % of the campaign")
         private_postgres.restart()
         wait_for_campaign("sitepg", total, "JOB_FINISHED", 180, launchers)
         finish(launchers)

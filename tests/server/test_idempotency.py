@@ -91,11 +91,15 @@ def _acquire(api: Api, session_id: int, key: str, n: int = 10) -> list[int]:
     return [j["id"] for j in api.ok("POST", f"/sessions/{session_id}", json=body, headers={KEY: key})]
 
 
-def test_a_retried_acquire_returns_the_same_jobs(api: Api, site_app: tuple[dict, dict]) -> None:
+def _runnable_jobs_and_session(api: Api, site_app: tuple[dict, dict], count: int) -> tuple[list[int], dict]:
     site, app = site_app
-    ids = [j["id"] for j in api.jobs(app["id"], 5)]
+    ids = [j["id"] for j in api.jobs(app["id"], count)]
     api.patch_states(ids, "PREPROCESSED")
-    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})
+    return ids, api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})
+
+
+def test_a_retried_acquire_returns_the_same_jobs(api: Api, site_app: tuple[dict, dict]) -> None:
+    ids, session = _runnable_jobs_and_session(api, site_app, 5)
     key = uuid.uuid4().hex
     leased = _acquire(api, session["id"], key)
     assert sorted(leased) == ids
@@ -109,10 +113,8 @@ def test_a_retried_acquire_returns_the_same_jobs(api: Api, site_app: tuple[dict,
 
 
 def test_a_replayed_acquire_of_an_expired_session_is_not_found(api: Api, site_app: tuple[dict, dict]) -> None:
-    site, app = site_app
-    ids = [j["id"] for j in api.jobs(app["id"], 2)]
-    api.patch_states(ids, "PREPROCESSED")
-    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})
+    ids, session = _runnable_jobs_and_session(api, site_app, 2)
+    site = site_app[0]
     key = uuid.uuid4().hex
     assert sorted(_acquire(api, session["id"], key)) == ids
     api.ok("DELETE", f"/sessions/{session['id']}", 204)  # as the expiry sweep does: the jobs are free again

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 from balsam import models as records
+from balsam.client.lease import acquire_request
 from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import DONE_STATES, RUNNABLE_STATES, BatchJobMode, BatchJobState, JobState
 
@@ -533,17 +534,11 @@ class Session(BalsamModel):
         """Lease up to ``max_num_jobs`` (at most 2,048) jobs of this session's site."""
         if not 1 <= max_num_jobs <= MAX_JOBS_PER_SESSION_ACQUIRE:
             raise ValueError(f"max_num_jobs must be 1..{MAX_JOBS_PER_SESSION_ACQUIRE}, got {max_num_jobs}")
-        body = {
-            "max_num_jobs": max_num_jobs,
-            "max_wall_time_min": max_wall_time_min,
-            "max_nodes_per_job": max_nodes_per_job,
-            "max_aggregate_nodes": max_aggregate_nodes,
-            "serial_only": serial_only,
-            "sort_by": sort_by,
-            "filter_tags": dict(filter_tags or {}),
-            "states": sorted(JobState.parse(s).value for s in states),
-            "app_ids": sorted(set(app_ids or ())),
-        }
+        body = acquire_request(
+            max_num_jobs, max_wall_time_min=max_wall_time_min, max_nodes_per_job=max_nodes_per_job,
+            max_aggregate_nodes=max_aggregate_nodes, serial_only=serial_only, sort_by=sort_by, filter_tags=filter_tags,
+            states=states, app_ids=app_ids,
+        )
         data = self._get_client().post(self._detail_path, json=body)
         if isinstance(data, dict) and "results" in data:
             data = data["results"]

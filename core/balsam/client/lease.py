@@ -52,6 +52,32 @@ def _status(exc: BaseException) -> Optional[int]:
     return value if isinstance(value, int) else None
 
 
+def acquire_request(
+    max_num_jobs: int,
+    *,
+    max_wall_time_min: Optional[int] = None,
+    max_nodes_per_job: Optional[int] = None,
+    max_aggregate_nodes: Optional[float] = None,
+    serial_only: bool = False,
+    sort_by: Optional[str] = None,
+    filter_tags: Optional[dict[str, str]] = None,
+    states: Iterable["JobState | str"] = RUNNABLE_STATES,
+    app_ids: Optional[Iterable[int]] = None,
+) -> dict[str, Any]:
+    """The body of ``POST /sessions/{id}`` (SessionAcquire)."""
+    return {
+        "max_num_jobs": max_num_jobs,
+        "max_wall_time_min": max_wall_time_min,
+        "max_nodes_per_job": max_nodes_per_job,
+        "max_aggregate_nodes": max_aggregate_nodes,
+        "serial_only": serial_only,
+        "sort_by": sort_by,
+        "filter_tags": dict(filter_tags or {}),
+        "states": sorted(JobState.parse(s).value for s in states),
+        "app_ids": sorted(set(app_ids or ())),
+    }
+
+
 def _rows(payload: Any) -> list[dict]:
     if isinstance(payload, dict) and "results" in payload:
         payload = payload["results"]
@@ -194,17 +220,12 @@ class JobLease:
         with self._lock:  # one acquirer thread per lease; the lock orders it with session replacement
             session_id = self._session_id
             if self.pending is None:
-                body = {
-                    "max_num_jobs": min(int(max_num_jobs), MAX_JOBS_PER_SESSION_ACQUIRE),
-                    "max_wall_time_min": max_wall_time_min,
-                    "max_nodes_per_job": max_nodes_per_job,
-                    "max_aggregate_nodes": max_aggregate_nodes,
-                    "serial_only": serial_only,
-                    "sort_by": self.sort_by,
-                    "filter_tags": self.filter_tags,
-                    "states": self.states,
-                    "app_ids": self.app_ids,
-                }
+                body = acquire_request(
+                    min(int(max_num_jobs), MAX_JOBS_PER_SESSION_ACQUIRE), max_wall_time_min=max_wall_time_min,
+                    max_nodes_per_job=max_nodes_per_job, max_aggregate_nodes=max_aggregate_nodes,
+                    serial_only=serial_only, sort_by=self.sort_by, filter_tags=self.filter_tags, states=self.states,
+                    app_ids=self.app_ids,
+                )
                 self.pending = (new_idempotency_key(), body)
             else:
                 logger.info("%s %s: resending the acquire whose answer was lost", self.name, self._session_id)

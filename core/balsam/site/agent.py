@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..util import terminate_processes
 from .api_util import is_api_outage, load_site_client
 from .module import AgentModule
 
@@ -147,25 +148,6 @@ def kill_descendants(grace_sec: float = 3.0) -> list[int]:
     except psutil.Error:
         return []
     return terminate_processes(children, grace_sec)
-
-
-def terminate_processes(procs: list, grace_sec: float = 3.0) -> list[int]:
-    """SIGTERM ``procs`` (psutil.Process), SIGKILL the ones left after ``grace_sec``; returns their pids."""
-    import psutil
-
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _gone, alive = psutil.wait_procs(procs, timeout=grace_sec)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=2.0)
-    return [proc.pid for proc in procs]
 
 
 def remove_pid_file(site_path: Path) -> None:

@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 
 from .agent import (
     START_TIME_TOLERANCE_SEC, agent_running, pid_alive, pid_file_path, read_pid_file, read_pid_record, recorded_agent_alive,
-    terminate_processes,
 )
+from ..util import terminate_processes
 from .job_template import default_template_for
 
 SITE_ID_FILE = ".balsam-site"
