@@ -123,3 +123,32 @@ def test_bulk_create_reports_exactly_what_was_stored_and_resumes_without_duplica
         created = error.resume()
     assert len(created) == 7000 and len({j.id for j in created}) == 7000
     assert count(direct, "/jobs/", app_id=app["id"]) == 7000  # resumed exactly once
+
+
+def test_an_acquire_retried_by_the_client_returns_the_jobs_of_the_lost_answer(user: dict) -> None:
+    """The public API: ``Session.acquire_jobs`` through a proxy that drops the first answer of every
+    acquire; the client's retry used to lease other jobs, stranding the first ones (128 of 300)."""
+    direct = user["direct"]
+    site = direct.post("/sites/", json={"name": "lossy-api", "path": "/lossy-api"}).json()
+    app = direct.post("/apps/", json={"site_id": site["id"], "name": "C", "serialized_class": "eA==",
+                                      "source_code": "class C: ..."}).json()
+    ids = [j["id"] for j in direct.post("/jobs/", json=[{"workdir": f"c/{i}", "app_id": app["id"]} for i in range(300)]).json()]
+    assert direct.patch("/jobs/", json=[{"id": i, "state": "PREPROCESSED"} for i in ids]).status_code == 200
+
+    def drop_first_answer(method: str, path: str, count: int) -> "str | None":
+        acquire = method == "POST" and path.startswith("/sessions/") and path != "/sessions/"
+        return "drop" if acquire and count % 2 == 0 else None
+
+    with LossyProxy(user["url"], drop_first_answer) as proxy:
+        client = client_through(proxy, user["token"])
+        session = client.Session.objects.create(site_id=site["id"])
+        received: list[int] = []
+        while True:
+            got = session.acquire_jobs(40)
+            if not got:
+                break
+            received.extend(job.id for job in got)
+        drops = proxy.faults["drop"]
+    assert len(received) == len(set(received)), "a job was handed out twice"
+    assert sorted(received) == ids, f"{len(set(ids) - set(received))} of 300 jobs leased but never received"
+    assert drops >= 8  # every acquire lost its first answer

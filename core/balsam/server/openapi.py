@@ -145,6 +145,12 @@ def build_openapi() -> dict[str, Any]:
         for part in path.split("/"):
             if part.startswith("{"):
                 op["parameters"].append({"name": part[1:-1], "in": "path", "required": True, "schema": {"type": "integer"}})
+        if method == "post" and not path.startswith("/auth"):
+            op["parameters"].append({
+                "name": "Idempotency-Key", "in": "header", "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+                "description": "one per logical request, resent unchanged on retries: applied once (docs/reliability.md)",
+            })
         if body == "form":
             op["requestBody"] = {"content": {"application/x-www-form-urlencoded": {"schema": {
                 "type": "object", "required": ["username", "password"],
@@ -159,7 +165,8 @@ def build_openapi() -> dict[str, Any]:
             schema = {"$ref": f"#/components/schemas/{response}"} if isinstance(response, str) else response
             responses[str(status)] = {"description": "OK", "content": {"application/json": {"schema": schema}}}
         for code, text in (("400", "Bad request"), ("401", "Not authenticated"), ("404", "Not found"),
-                           ("409", "Conflict"), ("422", "Invalid input (field and reason)")):
+                           ("409", "Conflict"), ("422", "Invalid input (field and reason)"),
+                           ("503", "Database unavailable: retry after the Retry-After header's seconds")):
             responses[code] = {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         op["responses"] = responses
         paths.setdefault(path, {})[method] = op
