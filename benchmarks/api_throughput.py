@@ -8,6 +8,8 @@ Starts a real uvicorn server per backend (SQLite in a temp dir; PostgreSQL in th
 3. make them runnable (PUT /jobs/?tags=... state=PREPROCESSED, 5,000 per call)
 4. acquire them in sessions of 256 (POST /sessions/{id})
 5. bulk-update their state (PATCH /jobs/ RUNNING, then RUN_DONE, 5,000 per call)
+6. steps 1 and 4 again on N more jobs with an ``Idempotency-Key`` on every POST (as balsam's client
+   sends), so the cost of exactly-once creates is read beside the plain figures of the same run
 
 and prints jobs/s for each step. Usage::
 
@@ -20,6 +22,7 @@ import argparse
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -46,9 +49,11 @@ def prepare_pg(url: str) -> None:
     upgrade(url)
 
 
-def post_json(http: httpx.Client, method: str, path: str, body, **kwargs) -> httpx.Response:
-    """Send JSON encoded with orjson (what a fast client does; stdlib json would dominate the client side)."""
-    return http.request(method, path, content=orjson.dumps(body), headers={"content-type": "application/json"}, **kwargs)
+def post_json(http: httpx.Client, method: str, path: str, body, key: "str | None" = None, **kwargs) -> httpx.Response:
+    """Send JSON encoded with orjson (what a fast client does; stdlib json would dominate the client side);
+    ``key``: an Idempotency-Key, as balsam's own client sends on every POST."""
+    headers = {"content-type": "application/json", **({"Idempotency-Key": key} if key else {})}
+    return http.request(method, path, content=orjson.dumps(body), headers=headers, **kwargs)
 
 
 def check(resp: httpx.Response) -> httpx.Response:
@@ -107,6 +112,29 @@ def run_backend(name: str, database_url: str, n_jobs: int, workers: int) -> dict
                 check(post_json(http, "PATCH", "/jobs/", [{"id": i, "state": state, "state_data": {"bench": True}}
                                                           for i in ids[start:start + CHUNK]]))
             rates[f"bulk PATCH -> {state}"] = n_jobs / (time.perf_counter() - t0)
+
+        # The same create and acquire with an Idempotency-Key on every POST (exactly-once across
+        # retries; what balsam's client does), beside the figures above measured without it.
+        keyed = [dict(spec, workdir=f"keyed/{i}", tags={"bench": "2"}) for i, spec in enumerate(specs)]
+        t0 = time.perf_counter()
+        keyed_ids: list[int] = []
+        for start in range(0, n_jobs, CHUNK):
+            answer = check(post_json(http, "POST", "/jobs/", keyed[start:start + CHUNK], key=uuid.uuid4().hex))
+            keyed_ids.extend(j["id"] for j in orjson.loads(answer.content))
+        rates["bulk create, Idempotency-Key"] = n_jobs / (time.perf_counter() - t0)
+        for start in range(0, n_jobs, CHUNK):
+            check(http.put("/jobs/", params={"id": keyed_ids[start:start + CHUNK]}, json={"state": "PREPROCESSED"}))
+        t0 = time.perf_counter()
+        acquired = 0
+        while True:
+            session = check(post_json(http, "POST", "/sessions/", {"site_id": site["id"]}, key=uuid.uuid4().hex)).json()["id"]
+            jobs = orjson.loads(check(post_json(http, "POST", f"/sessions/{session}", {"max_num_jobs": 256, "filter_tags": {}},
+                                                key=uuid.uuid4().hex)).content)
+            acquired += len(jobs)
+            if not jobs:
+                break
+        rates["acquire, Idempotency-Key"] = acquired / (time.perf_counter() - t0)
+        assert acquired == n_jobs
         return rates
     finally:
         proc.terminate()

@@ -16,7 +16,7 @@ from balsam.states import BatchJobMode, BatchJobState, JobState, TransferDirecti
 
 from ._api.app import ApplicationDefinition
 from ._api.model import get_default_client, reset_default_client, set_default_client
-from ._api.models import App, BatchJob, EventLog, Job, Session, Site, TransferItem
+from ._api.models import App, BatchJob, BulkCreateError, EventLog, Job, Session, Site, TransferItem
 
 JobMode = BatchJobMode
 
@@ -39,6 +39,7 @@ __all__ = [
     "App",
     "BatchJobState",
     "TransferItemState",
+    "BulkCreateError",
     "get_default_client",
     "set_default_client",
     "reset_default_client",

@@ -14,7 +14,7 @@ Field metadata ``role`` says who writes a field:
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Optional
 
 import attrs
@@ -130,6 +130,34 @@ class App:
 class JobTransferItem:
     location_alias: str
     path: Path
+
+
+def workdir_problem(workdir: Any) -> Optional[str]:
+    """Why ``workdir`` cannot be a job's working directory, or None.
+
+    A workdir is a relative path inside the site's ``data/`` directory: never absolute, never
+    ``..`` (``a/../../x`` climbs out as surely as ``../x``), never empty or ``.`` (data/ itself).
+    """
+    text = str(workdir) if workdir is not None else ""
+    if not text.strip():
+        return "must not be empty (a path relative to the site's data/ directory)"
+    if text.startswith("/"):
+        return f"must be relative to the site's data/ directory, got the absolute path {text!r}"
+    parts = PurePosixPath(text).parts
+    if ".." in parts:
+        return f"must stay inside the site's data/ directory ('..' is not allowed), got {text!r}"
+    if not parts:
+        return f"must name a directory inside the site's data/ directory, not data/ itself (got {text!r})"
+    return None
+
+
+def job_workdir(data_path: "Path | str", workdir: Any) -> Path:
+    """``data_path / workdir``, checked again where jobs run (the API refuses bad workdirs, but a
+    launcher must not trust that): raises ValueError if it would leave ``data_path``."""
+    problem = workdir_problem(workdir)
+    if problem is not None:
+        raise ValueError(f"workdir {problem}")
+    return Path(data_path) / str(workdir)
 
 
 @attrs.define(kw_only=True)

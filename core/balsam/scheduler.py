@@ -93,7 +93,8 @@ def subprocess_runner(command: Command) -> CommandResult:
             env=env,
             cwd=command.cwd,
             capture_output=True,
-            text=True,
+            encoding="utf-8",
+            errors="replace",  # one stray byte in a job name must not make the whole output unreadable
             timeout=command.timeout,
             stdin=subprocess.DEVNULL,
         )

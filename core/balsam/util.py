@@ -28,6 +28,26 @@ def _level(level: Union[str, int, None]) -> int:
     return value
 
 
+def terminate_processes(procs: list, grace_sec: float = 3.0) -> list[int]:
+    """SIGTERM ``procs`` (``psutil.Process`` objects), SIGKILL the ones left after ``grace_sec``;
+    returns their pids. Processes already gone are skipped."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=grace_sec)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace_sec)
+    return [proc.pid for proc in procs]
+
+
 def config_root_logger(level: Union[str, int, None] = None, format: str = LOG_FORMAT) -> logging.Logger:
     """Log ``balsam.*`` messages at ``level`` and above to stderr; returns the ``balsam`` logger.
 

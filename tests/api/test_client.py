@@ -38,6 +38,7 @@ class ScriptedServer:
     def __init__(self, script: list) -> None:
         self.script = list(script)
         self.requests: list[tuple[str, str, str]] = []
+        self.keys: list["str | None"] = []  # the Idempotency-Key of each request
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -47,6 +48,7 @@ class ScriptedServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(length)
                 outer.requests.append((self.command, self.path, self.headers.get("Authorization", "")))
+                outer.keys.append(self.headers.get("Idempotency-Key"))
                 status, body, headers = outer.script.pop(0) if outer.script else (200, {"count": 0, "results": []}, {})
                 headers = dict(headers)
                 time.sleep(float(headers.pop("X-Test-Delay", 0)))
@@ -248,11 +250,17 @@ def test_bound_models_use_their_own_client(balsam_env, live_server, tmp_path):
     assert other.Job.objects.count() == 0 and other.App is other.App
 
 
-def test_post_timeout_is_not_resent_but_get_timeout_is(scripted):
+def test_a_post_that_timed_out_is_resent_with_the_same_idempotency_key(scripted):
     slow = (201, [{"id": 1}], {"X-Test-Delay": "1.0"})
-    server = scripted([slow, (200, {"ok": 1}, {"X-Test-Delay": "1.0"}), (200, {"ok": 2}, {})])
+    server = scripted([slow, (201, [{"id": 1}], {}), (201, [{"id": 2}], {}), (200, {"ok": 1}, {"X-Test-Delay": "1.0"}),
+                       (200, {"ok": 2}, {})])
     client = fast_client(server.url, retry_count=3, read_timeout=0.3)
-    with pytest.raises(ServerUnavailable, match="may still have been applied"):
-        client.post("/jobs/", json=[{}])
-    assert [r[0] for r in server.requests] == ["POST"]  # creating jobs twice is worse than an error
+    # The server may have applied the first attempt: the resend carries the same key, so the server
+    # answers it from its record instead of creating the jobs twice.
+    assert client.post("/jobs/", json=[{}]) == [{"id": 1}]
+    assert [r[0] for r in server.requests] == ["POST", "POST"]
+    assert server.keys[0] and server.keys[0] == server.keys[1]
+    assert client.post("/jobs/", json=[{}]) == [{"id": 2}]
+    assert server.keys[2] not in (None, server.keys[0])  # a new call is a new request
     assert client.get("/sites/") == {"ok": 2}  # an idempotent GET is simply retried
+    assert server.keys[3:] == [None, None]  # only POSTs carry a key

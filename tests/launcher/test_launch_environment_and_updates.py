@@ -97,7 +97,7 @@ def test_sigterm_request_stop_ends_jobs_as_run_timeout(new_site) -> None:
 
 def test_bulk_status_updater_batches_and_isolates_refused_updates(new_site) -> None:
     from balsam.api import ApplicationDefinition, Job, Session
-    from balsam.launcher.status_updater import BulkStatusUpdater
+    from balsam.client.status_updater import BulkStatusUpdater
 
     name, path = new_site()
 

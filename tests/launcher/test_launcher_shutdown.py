@@ -33,13 +33,14 @@ def doomed_server_env(live_server_factory: Any, register: Any, tmp_path: Path, m
 
 def test_session_delete_at_shutdown_gives_up_quickly_when_the_api_is_gone(doomed_server_env: Any, tmp_path: Path):
     from balsam._api.model import get_default_client
-    from balsam.launcher.job_source import SHUTDOWN_RETRY_COUNT, SessionJobSource
+    from balsam.client.lease import SHUTDOWN_RETRY_COUNT
+    from balsam.launcher._api import open_lease
 
     client = get_default_client()
     assert client.retry_count == 10
     site = client.post("/sites/", json={"name": "doomed", "path": str(tmp_path / "doomed")})
-    source = SessionJobSource(site["id"], None, tick_period=3600)
-    session_id = source.session.id
+    source = open_lease(site["id"], None, tick_period=3600)
+    session_id = source.session_id
     doomed_server_env.stop()
 
     source.close()

@@ -11,7 +11,7 @@ import pytest
 
 from balsam.launcher.entry import LauncherError, Partition, parse_partition, parse_tag, split_nodes
 from balsam.launcher.job_mode import Countdown, IdleTimer, JobMode
-from balsam.launcher.status_updater import split_into_rounds
+from balsam.client.status_updater import split_into_rounds
 from balsam.platform import NodeInfo
 
 

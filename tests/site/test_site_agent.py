@@ -113,7 +113,11 @@ def test_pid_file_guards_against_a_second_agent(make_site) -> None:
     site_path = Path(site.site_path)
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        pid_file_path(site_path).write_text(f"{socket.gethostname()}\n{sleeper.pid}\n")
+        import psutil
+
+        # As an agent writes it: host, pid and the process's start time (a live "agent").
+        started = psutil.Process(sleeper.pid).create_time()
+        pid_file_path(site_path).write_text(f"{socket.gethostname()}\n{sleeper.pid}\n{started:.3f}\n")
         assert agent_running(site_path) == (socket.gethostname(), sleeper.pid)
         proc = subprocess.run([sys.executable, "-m", "balsam.site", str(site_path)], capture_output=True, text=True,
                               timeout=60)

@@ -209,3 +209,21 @@ def test_close_releases_the_session(processing, client) -> None:
     sessions = client.get("/sessions/")
     listed = sessions if isinstance(sessions, list) else sessions.get("results", [])
     assert session_id not in {s["id"] for s in listed}
+
+
+def test_updates_a_launcher_spooled_are_sent_by_the_agent(processing, client) -> None:
+    """A launcher stopped while the API was gone left its last updates in the site's spool/; the
+    processing module sends them, and the jobs then go on (RUN_DONE -> postprocess -> JOB_FINISHED)."""
+    from balsam.api import Job
+    from balsam.client.status_updater import write_spool
+
+    site, module = processing
+    apps = define_apps(site.site_id)
+    ids = [j.id for j in Job.objects.bulk_create([Job(f"sp/{i}", apps["echo"], parameters={"word": "x"}) for i in range(3)])]
+    run_until(module, lambda: {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"})
+    launcher = FakeLauncher(client, site.site_id)
+    client.post(f"/sessions/{launcher.session}", json={"max_num_jobs": 10, "filter_tags": {}})
+    client.patch("/jobs/", json=[{"id": i, "state": "RUNNING"} for i in ids])
+    write_spool(site.spool_path, [{"id": i, "state": "RUN_DONE", "return_code": 0} for i in ids])
+    run_until(module, lambda: {r["state"] for r in job_rows(client, id=ids)} == {"JOB_FINISHED"})
+    assert list(Path(site.spool_path).glob("*.jsonl")) == []

@@ -367,6 +367,46 @@ def test_scheduler_reason_does_not_hide_an_error(setup, client) -> None:
     assert info["scheduler_reason"] == "JobHeldUser" and "Socket timed out" in info["error"]
 
 
+def test_one_bad_batch_job_does_not_block_the_site(setup, client) -> None:
+    """A NUL byte in a scheduler's reason and a scheduler id the API cannot store used to make the
+    cycle's single bulk PATCH fail, every cycle, for every BatchJob of the site."""
+    site, fake, module = setup
+    ids = [create_batch_job(client, site.site_id)["id"] for _ in range(2)]
+    module.run_cycle()
+    good, nul = (batch_job(client, i)["scheduler_id"] for i in ids)
+    _set_reason(fake, nul, "Held\x00 by\x1b admin")
+    module.run_cycle()
+    assert batch_job(client, ids[1])["status_info"]["scheduler_reason"] == "Held by admin"  # sanitized, stored
+    assert "Held by admin" in client.get(f"/sites/{site.site_id}")["queued_jobs"][str(nul)]["message"]
+
+    normal_submit = fake.submit
+
+    def submit_once_out_of_range(request):  # the next submission gets an id no 64-bit column holds
+        fake.submit = normal_submit
+        normal_submit(request)
+        fake.queue[2**64] = fake.queue.pop(fake.next_id)
+        return 2**64
+
+    fake.submit = submit_once_out_of_range
+    bad = create_batch_job(client, site.site_id)["id"]
+    third = create_batch_job(client, site.site_id)["id"]
+    fake.queue.clear()  # make room in the queue (max_queued_jobs 2)
+    module.run_cycle()
+    refused = batch_job(client, bad)
+    assert refused["state"] == "pending_submission"
+    assert "the API refused this BatchJob's update" in refused["status_info"]["error"]
+    accepted = batch_job(client, third)
+    assert accepted["state"] == "queued" and accepted["scheduler_id"] == fake.next_id
+
+
+def test_a_stray_byte_in_scheduler_output_does_not_stop_status_tracking() -> None:
+    from balsam.scheduler import Command, subprocess_runner
+
+    result = subprocess_runner(Command(["printf", "1234 R job-\\377name\\n"]))
+    assert result.returncode == 0
+    assert result.stdout == "1234 R job-\ufffdname\n"
+
+
 # -- launcher credentials (issue 12.4) -------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 from balsam import models as records
+from balsam.client.lease import acquire_request
 from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import DONE_STATES, RUNNABLE_STATES, BatchJobMode, BatchJobState, JobState
 
@@ -76,6 +77,39 @@ class JobWaitResult(NamedTuple):
     not_done: list["Job"]
 
 
+class BulkCreateError(Exception):
+    """``Job.objects.bulk_create`` of more than one chunk (5,000 jobs) failed part way.
+
+    ``created``: the Job objects stored (complete and certain). ``not_created``: the jobs of the failed
+    chunk and after it (the failed chunk was refused, or its answer never came). ``cause``: the error.
+    ``resume()`` sends ``not_created`` again and returns every created job; the failed chunk is resent
+    with the Idempotency-Key it had, so if the server did store it, it is not stored twice.
+    """
+
+    def __init__(self, manager: "JobManager", created: list["Job"], not_created: list["Job"], payloads: list[dict],
+                 key: str, cause: BaseException, total: int) -> None:
+        self.manager = manager
+        self.created = list(created)
+        self.not_created = list(not_created)
+        self.cause = cause
+        self._payloads = payloads
+        self._key = key
+        ids = [job.id for job in self.created]
+        stored = f"ids {min(ids)}..{max(ids)}" if ids else "none"
+        status = getattr(cause, "status_code", None)
+        refused = isinstance(status, int) and 400 <= status < 500
+        fate = "was refused" if refused else "got no answer (it may be stored: resume() finds out without duplicates)"
+        super().__init__(
+            f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); the chunk of {len(payloads[:manager.bulk_chunk_size])} "
+            f"after them {fate}, and the {len(self.not_created)} jobs from there on are not stored: "
+            f"{type(cause).__name__}: {cause}"
+        )
+
+    def resume(self, progress: ProgressFn = None) -> list["Job"]:
+        """Send the jobs not stored yet; returns all created jobs (``created`` + the new ones)."""
+        return self.manager._post_chunks(self.not_created, self._payloads, list(self.created), progress, first_key=self._key)
+
+
 class JobManager(Manager["Job"]):
     has_bulk_patch = True
 
@@ -91,15 +125,30 @@ class JobManager(Manager["Job"]):
             if job._stored:
                 raise ValueError(f"Job(id={job.id}) is already created")
             payloads.append(job._create_payload())
-        created: list[Job] = []
+        return self._post_chunks(list(objs), payloads, [], progress)
+
+    def _post_chunks(self, objs: list["Job"], payloads: list[dict], created: list["Job"], progress: ProgressFn,
+                     first_key: Optional[str] = None) -> list["Job"]:
+        """POST ``payloads`` one chunk at a time (each with its own Idempotency-Key, ``first_key`` for
+        the first); a failure raises :class:`BulkCreateError` saying exactly what was stored."""
+        from balsam.client.rest import new_idempotency_key
+
         client = self._client
-        for chunk in chunks(payloads, self.bulk_chunk_size):
-            data = client.post(Job._path, json=list(chunk))
-            if not isinstance(data, list):
-                raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
+        total = len(created) + len(payloads)
+        for start in range(0, len(payloads), self.bulk_chunk_size):
+            chunk = payloads[start : start + self.bulk_chunk_size]
+            key = first_key if start == 0 and first_key else new_idempotency_key()
+            try:
+                data = client.post(Job._path, json=chunk, idempotency_key=key)
+                if not isinstance(data, list):
+                    raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
+            except Exception as exc:
+                if total <= self.bulk_chunk_size:
+                    raise  # one request: it was applied entirely or not at all
+                raise BulkCreateError(self, created, objs[start:], payloads[start:], key, exc, total) from exc
             created.extend(self._model._from_api(row) for row in data)
             if progress:
-                progress(len(created), len(payloads))
+                progress(len(created), total)
         return created
 
     def bulk_refresh(self, jobs: Sequence["Job"]) -> None:
@@ -485,17 +534,11 @@ class Session(BalsamModel):
         """Lease up to ``max_num_jobs`` (at most 2,048) jobs of this session's site."""
         if not 1 <= max_num_jobs <= MAX_JOBS_PER_SESSION_ACQUIRE:
             raise ValueError(f"max_num_jobs must be 1..{MAX_JOBS_PER_SESSION_ACQUIRE}, got {max_num_jobs}")
-        body = {
-            "max_num_jobs": max_num_jobs,
-            "max_wall_time_min": max_wall_time_min,
-            "max_nodes_per_job": max_nodes_per_job,
-            "max_aggregate_nodes": max_aggregate_nodes,
-            "serial_only": serial_only,
-            "sort_by": sort_by,
-            "filter_tags": dict(filter_tags or {}),
-            "states": sorted(JobState.parse(s).value for s in states),
-            "app_ids": sorted(set(app_ids or ())),
-        }
+        body = acquire_request(
+            max_num_jobs, max_wall_time_min=max_wall_time_min, max_nodes_per_job=max_nodes_per_job,
+            max_aggregate_nodes=max_aggregate_nodes, serial_only=serial_only, sort_by=sort_by, filter_tags=filter_tags,
+            states=states, app_ids=app_ids,
+        )
         data = self._get_client().post(self._detail_path, json=body)
         if isinstance(data, dict) and "results" in data:
             data = data["results"]

@@ -26,6 +26,8 @@ from typing import Any, Optional
 import psutil
 from filelock import FileLock
 
+from balsam.util import terminate_processes
+
 #: Finished records older than this are dropped from jobs.json.
 KEEP_FINISHED_SEC = 7 * 24 * 3600
 #: A job still running this long after its wall time is killed (its launcher should have exited).
@@ -118,18 +120,7 @@ class LocalQueue:
             os.killpg(proc.pid, signal.SIGTERM)  # the job is its own session and process group
         except (ProcessLookupError, PermissionError):
             pass
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _gone, alive = psutil.wait_procs(procs, timeout=TERM_GRACE_SEC)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=TERM_GRACE_SEC)
+        terminate_processes(procs, TERM_GRACE_SEC)
 
     # -- commands -------------------------------------------------------------------------------
     def submit(

@@ -3,8 +3,11 @@
 Retry policy (a fault of the original was retrying every 4xx for half an hour):
 
 - connection errors, timeouts, 5xx and 429 are retried with capped exponential backoff
-  (``retry_count`` times; ``Retry-After`` is honoured) - except a POST that timed out waiting
-  for the answer: the server may have applied it, and creating jobs twice is worse than an error;
+  (``retry_count`` times; ``Retry-After`` is honoured);
+- every POST carries an ``Idempotency-Key`` made once per call and resent unchanged on each retry,
+  so a create or an acquire whose answer was lost (dropped connection, read timeout, a proxy's
+  502/504 after the server committed) is answered from the server's record instead of being
+  applied twice (see :func:`idempotency_headers`; the server side is ``balsam.server.idempotency``);
 - 401 re-reads the stored login once (another process may have run ``balsam login``), else
   exchanges the refresh credential for a new access token, and retries; a credential the server
   refuses even then raises :class:`AuthenticationError` with ``credential_refused`` set and calls the
@@ -24,6 +27,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
@@ -38,6 +42,21 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 _RETRY_EXCEPTIONS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def new_idempotency_key() -> str:
+    """A key for one logical request (unique: 122 random bits)."""
+    return uuid.uuid4().hex
+
+
+def idempotency_headers(method: str, key: Optional[str]) -> dict[str, str]:
+    """The ``Idempotency-Key`` header of a request: every POST gets one (``key`` or a new one), made
+    before the first attempt and reused by every retry of the same call."""
+    if method != "POST":
+        return {}
+    return {IDEMPOTENCY_HEADER: key or new_idempotency_key()}
 
 
 class APIError(Exception):
@@ -113,6 +132,11 @@ def _response_detail(resp: httpx.Response) -> Any:
             if key in body:
                 return body[key]
     return body
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    raw = resp.headers.get("Retry-After", "")
+    return float(raw) if raw.replace(".", "", 1).isdigit() else 0.0
 
 
 def _notify_credential_refused(error: AuthenticationError) -> None:
@@ -320,28 +344,29 @@ class RESTClient:
         json: Any = None,
         data: "Mapping[str, Any] | None" = None,
         authenticated: bool = True,
+        idempotency_key: Optional[str] = None,
+        retry_count: Optional[int] = None,
     ) -> Any:
+        """One API call, retried as the module docstring says. ``idempotency_key`` (POST) names the
+        logical request (by default each call gets a new one); ``retry_count`` overrides the
+        client's retry budget for this call (callers that loop on their own keep it short)."""
         method = method.upper()
         url = path if path.startswith("/") else "/" + path
         reauthed = False
         attempt = 0
+        retries = self.retry_count if retry_count is None else min(int(retry_count), self.retry_count)
+        retry_safe_headers = idempotency_headers(method, idempotency_key)
         if authenticated:
             self._ensure_fresh_token()
         while True:
             self.request_counts[f"{method} {url}"] += 1
             try:
                 resp = self._http().request(
-                    method, url, params=params, json=json, data=data, headers=self._headers(authenticated)
+                    method, url, params=params, json=json, data=data,
+                    headers={**self._headers(authenticated), **retry_safe_headers},
                 )
             except _RETRY_EXCEPTIONS as exc:
-                if method == "POST" and isinstance(exc, httpx.ReadTimeout):
-                    # The server got the request and may still apply it: resending a create could
-                    # duplicate jobs, so report instead of retrying.
-                    raise ServerUnavailable(
-                        f"POST {self.api_root}{url}: no answer within {self.read_timeout:g} s; the request may "
-                        f"still have been applied (check before resending, or raise read_timeout in client.yml)"
-                    ) from None
-                if attempt >= self.retry_count:
+                if attempt >= retries:
                     raise ServerUnavailable(
                         f"{method} {self.api_root}{url}: server unreachable after {attempt + 1} attempts: "
                         f"{type(exc).__name__}: {exc}"
@@ -354,7 +379,9 @@ class RESTClient:
                 continue
             status = resp.status_code
             if status == 429 or status >= 500:
-                if attempt >= self.retry_count:
+                # A server that asks for more patience than our backoff cap (a throttled login:
+                # minutes) gets its answer reported now, not a blocked caller.
+                if attempt >= retries or _retry_after(resp) > self.backoff_max:
                     raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
                 delay = self._backoff(attempt, resp)
                 logger.warning("%s %s: HTTP %d; retrying in %.1f s", method, url, status, delay)

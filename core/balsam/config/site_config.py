@@ -103,6 +103,11 @@ class SiteConfig:
         return self.site_path / "log"
 
     @property
+    def spool_path(self) -> Path:
+        """Job updates a launcher could not send at shutdown (the agent sends them later)."""
+        return self.site_path / "spool"
+
+    @property
     def job_path(self) -> Path:
         """Where rendered batch scripts go (``qsubmit/``)."""
         return self.site_path / "qsubmit"

@@ -1,15 +1,22 @@
 """The few API calls the launcher makes, in one place (Session, apps, batch jobs, raw client).
 
-Everything goes through ``balsam.api`` (the client engineer's models) except the bulk PATCH of
-the status updater, which uses the same REST client directly.
+Jobs are leased with :class:`balsam.client.lease.JobLease` and reported with
+:class:`balsam.client.status_updater.BulkStatusUpdater` (the site agent's processing module uses the
+same two), on the REST client of ``balsam.api``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
 
 logger = logging.getLogger(__name__)
+
+#: A launcher's updater gives up this soon on an unreachable API once stopping (then spools).
+SHUTDOWN_UPDATE_TIMEOUT_SEC = 5.0
+#: An acquire is retried this often inside one call; the lease resends it on the next loop turn.
+ACQUIRE_RETRY_COUNT = 2
 
 def default_client() -> Any:
     """The REST client the ``balsam.api`` models use (built lazily from the login file)."""
@@ -22,6 +29,34 @@ def api_models() -> Any:
     import balsam.api as api
 
     return api
+
+
+def open_lease(
+    site_id: int,
+    batch_job_id: Optional[int],
+    filter_tags: Optional[dict[str, str]] = None,
+    *,
+    sort_by: Optional[str] = None,
+    app_ids: Optional[Iterable[int]] = None,
+    tick_period: Optional[float] = None,
+) -> Any:
+    """The launcher's lease on runnable jobs (``acquire()`` returns ``balsam.api.Job`` objects)."""
+    from balsam.client.lease import JobLease
+
+    return JobLease(
+        default_client(), site_id, batch_job_id, filter_tags=filter_tags, sort_by=sort_by, app_ids=app_ids,
+        tick_period=tick_period, wrap=api_models().Job._from_api, acquire_retry_count=ACQUIRE_RETRY_COUNT,
+    )
+
+
+def open_updater(spool_path: "Path | str | None") -> Any:
+    """The launcher's status updater: quick to give up on a vanished API at shutdown, and what it
+    could not send is spooled in the site for the agent."""
+    from balsam.client.status_updater import BulkStatusUpdater
+
+    # No client given: the updater's thread resolves the balsam.api client on its first call, off
+    # the launcher's start-up path.
+    return BulkStatusUpdater(None, close_timeout=SHUTDOWN_UPDATE_TIMEOUT_SEC, spool_dir=spool_path)
 
 
 def find_batch_job_id(site_id: int, env: Mapping[str, str], platform: Any) -> Optional[int]:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import attrs
 
+from ..models import job_workdir
 from ..util import tail_file
 from .node_manager import Demand
 
@@ -107,7 +108,10 @@ class JobPreparer:
         else:
             preamble = str(preamble_value or "")
         env.setdefault("BALSAM_JOB_ID", str(job.id))
-        workdir = self.data_path / Path(str(job.workdir))
+        try:
+            workdir = job_workdir(self.data_path, job.workdir)
+        except ValueError as exc:
+            raise JobBuildError(str(exc)) from None
         try:
             # Done here (the serial master prepares in its acquire thread) to keep the spawn loop short.
             workdir.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,16 @@ class IdleTimer:
         return self._idle_since is not None and time.monotonic() - self._idle_since >= self.idle_ttl_sec
 
 
+def launcher_stamp(now: Optional[dt.datetime] = None) -> str:
+    """``<YYYY-mm-dd_HHMMSS>_<host>_<pid>``: the start time to the second does not tell launchers
+    apart (several BatchJobs of a site often start in the same second, on a shared file system), the
+    host and pid of a running process do."""
+    import socket
+
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{(now or dt.datetime.now()):%Y-%m-%d_%H%M%S}_{host}_{os.getpid()}"
+
+
 @attrs.define
 class LauncherContext:
     """Everything a job mode needs to run one partition."""
@@ -127,7 +137,8 @@ class LauncherContext:
     job_mode: str = "mpi"
     partition_index: int = 0
     start_time: float = attrs.Factory(time.time)
-    timestamp: str = attrs.Factory(lambda: dt.datetime.now().strftime("%Y-%m-%d_%H%M%S"))
+    #: Names this launcher's files: unique per launcher process (see :func:`launcher_stamp`).
+    timestamp: str = attrs.Factory(lambda: launcher_stamp())
 
     def setting(self, name: str) -> Any:
         return launcher_setting(self.settings, name)
@@ -138,8 +149,14 @@ class LauncherContext:
             return bool(getattr(self.platform, "mpirun_allows_node_packing", True))
         return bool(configured)
 
+    @property
+    def spool_path(self) -> Optional[Path]:
+        """Where updates the API could not take at shutdown are kept for the agent to send."""
+        path = getattr(self.site_config, "spool_path", None)
+        return Path(path) if path is not None else None
+
     def log_file(self, suffix: str) -> Path:
-        """``<site>/log/<mode>_mode_<ts>.<partition>.<suffix>``."""
+        """``<site>/log/<mode>_mode_<stamp>.<partition>.<suffix>`` (``stamp``: :func:`launcher_stamp`)."""
         return self.log_path / f"{self.job_mode}_mode_{self.timestamp}.{self.partition_index}.{suffix}"
 
 
@@ -183,16 +200,18 @@ class JobMode(abc.ABC):
         Updates are flushed *before* the Session is deleted: deleting it turns jobs still RUNNING
         into RUN_TIMEOUT, which would refuse a late RUN_DONE.
         """
-        from .job_source import SessionJobSource
-        from .status_updater import BulkStatusUpdater
+        from ._api import open_lease, open_updater
 
         ctx = self.context
-        source = SessionJobSource(ctx.site_id, ctx.batch_job_id, ctx.filter_tags, sort_by=ctx.setting("sort_by"))
-        updater = BulkStatusUpdater()
+        source = open_lease(ctx.site_id, ctx.batch_job_id, ctx.filter_tags, sort_by=ctx.setting("sort_by"))
+        updater = open_updater(ctx.spool_path)
+        self.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
         try:
             yield source, updater
         finally:
             try:
                 updater.close()
             finally:
-                source.close()
+                # The updater found the API gone: do not keep the allocation waiting to say goodbye
+                # (the server expires the session by itself).
+                source.close(retry_count=0) if updater.gave_up else source.close()

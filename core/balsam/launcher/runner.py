@@ -35,6 +35,25 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     return {str(k): str(v) for k, v in env.items()}
 
 
+#: A file system with less than this left for users counts as full.
+DISK_FULL_BYTES = 64 * 1024
+
+
+def disk_full_note(path: Any) -> str:
+    """"No space left on device: ..." when the file system holding ``path`` is full (blocks or
+    inodes), else "". A job that dies on a full disk usually cannot write its own error anywhere."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    if free < DISK_FULL_BYTES:
+        return f"No space left on device: the file system of {path} has {free} bytes free"
+    if st.f_files and st.f_favail == 0:
+        return f"No space left on device: the file system of {path} has no free inodes"
+    return ""
+
+
 def report_running(updater: Any, prepared: PreparedJob) -> None:
     updater.put(prepared.id, JobState.running, state_data={"num_nodes": prepared.footprint})
 
@@ -145,7 +164,14 @@ class ProcessPool:
 
     def _finished(self, proc: AppProcess) -> tuple[int, int, str, float]:
         rc = proc.returncode if proc.returncode is not None else -1
-        tail = proc.tail(self.error_tail_num_lines) if rc != 0 else ""
+        tail = ""
+        if rc != 0:
+            tail = proc.tail(self.error_tail_num_lines)
+            full = disk_full_note(proc.workdir)
+            if full:
+                # The job could not even write its error to job.out: say why in the event and the log.
+                logger.error("job %s exited %s: %s", proc.job_id, rc, full)
+                tail = f"{tail}\n{full}" if tail.strip() else full
         return (proc.job_id, rc, tail, time.time())
 
     def reap(self) -> list[tuple[int, int, str, float]]:

@@ -28,6 +28,7 @@ from .errors import APIError, Conflict
 from .http import JSONResponse, error_response
 from .routes import apps, auth, batch_jobs, events, jobs, sessions, sites, transfers
 from .routing import Ctx, route
+from .idempotency import sweep_expired_keys
 from .sessions_logic import sweep_expired
 from .settings import ServerSettings
 
@@ -71,6 +72,38 @@ async def _data_error(request: Request, exc: Exception) -> Response:
     return error_response(APIError(f"A value cannot be stored: {message}", 422))
 
 
+#: Seconds a client should wait before retrying while the database is unreachable.
+DB_OUTAGE_RETRY_AFTER_SEC = 5
+#: SQLite OperationalErrors that are not an outage but a fault of ours (answered 500).
+_SQLITE_PERMANENT = ("no such table", "no such column", "syntax error", "has no column")
+
+
+def _is_db_outage(exc: Exception) -> bool:
+    """Connection lost, server restarting or shutting down, pool exhausted, database locked."""
+    if isinstance(exc, sa.exc.TimeoutError):  # no pool connection became free in time
+        return True
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa.exc.OperationalError):
+        message = str(exc.orig).lower()
+        return not any(word in message for word in _SQLITE_PERMANENT)
+    return isinstance(exc, sa.exc.InterfaceError)
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    if not _is_db_outage(exc):
+        return await _unexpected(request, exc)
+    message = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+    logger.warning("Database unavailable on %s %s: %s", request.method, request.url.path, message[0] if message else exc)
+    # 503 + Retry-After: clients retry it (the transaction was rolled back, or, if the commit itself
+    # was cut, an Idempotency-Key makes the retry safe).
+    return JSONResponse(
+        {"detail": "The database is unavailable; retry shortly"},
+        status_code=503,
+        headers={"Retry-After": str(DB_OUTAGE_RETRY_AFTER_SEC)},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("Unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": f"Internal server error ({type(exc).__name__}); see the server log"}, status_code=500)
@@ -79,6 +112,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def _sweep_once(app: Starlette) -> None:
     with write_tx(app.state.engine) as conn:
         sweep_expired(conn, app.state.settings.session_expire_sec)
+        sweep_expired_keys(conn)
 
 
 @contextlib.asynccontextmanager
@@ -123,6 +157,10 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
             HTTPException: _http_error,
             sa.exc.IntegrityError: _integrity_error,
             sa.exc.DataError: _data_error,
+            sa.exc.OperationalError: _database_error,
+            sa.exc.InterfaceError: _database_error,
+            sa.exc.TimeoutError: _database_error,
+            sa.exc.DBAPIError: _database_error,
             OverflowError: _data_error,
             Exception: _unexpected,
         },

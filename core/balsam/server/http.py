@@ -149,12 +149,12 @@ class QueryParams:
         return self.params.get(name)
 
     def int(self, name: str, default: Optional[int] = None, *, minimum: Optional[int] = None,
-            maximum: Optional[int] = None) -> Optional[int]:
+            maximum: Optional[int] = None, bits: int = 32) -> Optional[int]:
         raw = self.params.get(name)
         if raw is None or raw == "":
             return default
         value = self._convert(name, raw, int_from_text, "an integer")
-        if not INT_MIN <= value <= INT_MAX:
+        if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
             raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
         if minimum is not None and value < minimum:
             raise ValidationFailed.field(["query", name], f"must be >= {minimum}, got {value}")
@@ -295,10 +295,16 @@ def int_range_errors(values: Any, loc: list[Any]) -> list[tuple[list[Any], str]]
     return errors
 
 
-def check_int_fields(values: Any, names: "tuple[str, ...] | list[str]", loc: list[Any]) -> None:
-    """Raise 422 naming every listed field whose integer(s) do not fit the 32-bit columns."""
+def check_int_fields(values: Any, names: "tuple[str, ...] | list[str]", loc: list[Any], *,
+                     wide: "tuple[str, ...]" = ()) -> None:
+    """Raise 422 naming every listed field whose integer(s) do not fit the 32-bit columns (the
+    ``wide`` ones: 64-bit columns)."""
     if not isinstance(values, dict):
         return
     errors = [err for name in names if name in values for err in int_range_errors(values[name], loc + [name])]
+    for name in wide:
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            errors.append((loc + [name], f"integer out of range: {value}"))
     if errors:
         raise ValidationFailed(errors)

@@ -15,7 +15,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from balsam.models import Job
+from balsam.models import Job, workdir_problem
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
 from .auth import SITE_SCOPE
@@ -320,7 +320,8 @@ def parse_job_creates(payload: list[Any]) -> list[Job]:
     for index, item in enumerate(payload):
         job = _fast_job(item)
         if job is not None and min(job.num_nodes, job.ranks_per_node, job.threads_per_rank, job.threads_per_core,
-                                   job.node_packing_count) >= 1 and job.wall_time_min >= 0 and job.gpus_per_rank >= 0:
+                                   job.node_packing_count) >= 1 and job.wall_time_min >= 0 and job.gpus_per_rank >= 0 \
+                and workdir_problem(job.workdir) is None:
             parsed.append(job)
             continue
         try:
@@ -331,6 +332,9 @@ def parse_job_creates(payload: list[Any]) -> list[Job]:
         for name in ("num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "node_packing_count"):
             if getattr(job, name) < 1:
                 errors.append((["body", index, name], f"must be >= 1, got {getattr(job, name)}"))
+        problem = workdir_problem(item.get("workdir") if isinstance(item, dict) else job.workdir)
+        if problem is not None:
+            errors.append((["body", index, "workdir"], problem))
         if job.wall_time_min < 0:
             errors.append((["body", index, "wall_time_min"], "must be >= 0"))
         if job.gpus_per_rank < 0:
@@ -513,6 +517,10 @@ def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, A
     for name in ("num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "node_packing_count"):
         if name in patch and patch[name] < 1:
             raise ValidationFailed.field(loc + [name], f"must be >= 1, got {patch[name]}")
+    if "workdir" in patch:
+        problem = workdir_problem(body.get("workdir"))
+        if problem is not None:
+            raise ValidationFailed.field(loc + ["workdir"], problem)
     range_errors = [err for name in ("batch_job_id", "return_code", "num_nodes", "ranks_per_node", "threads_per_rank",
                                      "threads_per_core", "node_packing_count", "wall_time_min")
                     if name in patch for err in int_range_errors(patch[name], loc + [name])]

@@ -120,8 +120,11 @@ APP_FIELDS = {
     "transfers": str_map(_ref("TransferSlot")),
 }
 
+#: A path relative to the site's data/ directory that stays inside it (models.workdir_problem).
+WORKDIR = {**text(MAX_PATH_CHARS, pattern="^[^/\\x00][^\\x00]*$"), "allOf": [
+    {"pattern": "[^\\s\\x00]"}, {"not": {"pattern": "(^|/)\\.\\.(/|$)"}}, {"not": {"pattern": "^[./]*$"}}]}
 JOB_COMMON = {
-    "workdir": text(MAX_PATH_CHARS),
+    "workdir": WORKDIR,
     "tags": TAGS,
     "serialized_parameters": _field_text("serialized_parameters"),
     "data": JSON_OBJECT,
@@ -344,11 +347,19 @@ def _path_id(name: str) -> dict[str, Any]:
 
 # -- operations ----------------------------------------------------------------------------------
 
+#: Creating requests (POST outside /auth) may carry one; see docs/reliability.md.
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[!-~]([ -~]*[!-~])?$"},
+    "description": "one per logical request, resent unchanged on retries: applied once (docs/reliability.md)",
+}
+
 ERRORS = {"400": "Bad request (e.g. more than 5,000 items)", "401": "Not authenticated",
           "403": "Not allowed (closed registration, a site-scoped credential)", "404": "Not found",
           "409": "Conflicts with the current data (duplicate name, state change not allowed now)",
           "413": "Request body too large", "422": "Invalid input (field and reason)",
-          "429": "Too many failed logins (Retry-After)"}
+          "429": "Too many failed logins (Retry-After)",
+          "503": "Database unavailable: retry after the Retry-After header's seconds"}
 FORM = "application/x-www-form-urlencoded"
 
 
@@ -460,6 +471,9 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
                        params=[_path_id("transfer_id")])},
         "/events/": {"get": _op("List job state events", response=_page("EventLog"), params=_params(q["events"], True))},
     }
+    for path, ops in paths.items():
+        if "post" in ops and not path.startswith("/auth"):
+            ops["post"]["parameters"].append(IDEMPOTENCY_KEY)
     return {"openapi": "3.1.0", "info": {"title": "Balsam API", "version": balsam.__version__}, "paths": paths,
             "components": {"schemas": defs,
                            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},

@@ -25,6 +25,7 @@ from .auth import SITE_SCOPE, AuthUser, bearer_user, require_unscoped
 from .db import read_tx, write_tx
 from .errors import PayloadTooLarge, Unauthorized, ValidationFailed
 from .http import QueryParams, path_int, reject_nul
+from .idempotency import IdempotentRequest
 from .limits import check_field_sizes
 
 
@@ -35,6 +36,7 @@ class Ctx:
         self.request = request
         self.body = body
         self._user = user
+        self._idempotency: "IdempotentRequest | None" = None
         self.settings = request.app.state.settings
         self.engine: sa.Engine = request.app.state.engine
 
@@ -43,6 +45,13 @@ class Ctx:
         if self._user is None:  # only public routes get here: they have no user
             raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>' (log in with `balsam login`)")
         return self._user
+
+    @property
+    def idempotency(self) -> IdempotentRequest:
+        """The request's ``Idempotency-Key`` (creating routes claim and record it)."""
+        if self._idempotency is None:
+            self._idempotency = IdempotentRequest(self)
+        return self._idempotency
 
     def json(self) -> Any:
         if not self.body:

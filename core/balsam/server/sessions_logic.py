@@ -4,6 +4,27 @@ Race freedom: on PostgreSQL the candidate rows are locked with ``FOR UPDATE SKIP
 concurrent acquirers skip each other's rows; on SQLite every write transaction starts with
 ``BEGIN IMMEDIATE``, so acquisitions are serialized. Either way a job is leased (``session_id``
 set) inside the same transaction that selected it with ``session_id IS NULL``.
+
+A lost answer (the connection dropped, a proxy answered 502 after the server committed): the
+acquire carries an ``Idempotency-Key``, and the ids it leased are recorded under that key in the
+same transaction as the lease (see idempotency.py). A retry with the key gets :func:`reacquire`:
+the recorded jobs that are *still leased to this session*. This returns each job to the launcher
+exactly once, with no window for a race:
+
+- the record and the lease commit together, so a retry either finds both (replay) or neither (the
+  original rolled back, and the retry is a fresh acquire);
+- a job in the record was leased by this session and by no other request of it: a launcher sends
+  its next acquire only once the pending one is answered (the client's JobLease keeps resending
+  the pending key until it is), so the replayed jobs were never handed to the launcher before;
+- a job that left the session meanwhile (the session expired and the sweep freed it, or a user
+  forced its state, which clears ``session_id``) is not in the replay: the filter
+  ``session_id = this session`` runs inside the retry's write transaction, so it cannot both be
+  freed (and perhaps leased elsewhere) and replayed here;
+- a retry running while the original is still in flight waits for it on the key's unique index
+  (PostgreSQL) or on the write lock (SQLite), as every idempotent create does.
+
+Releasing at once instead (free the lease when the answer is lost) was rejected: the server cannot
+know an answer was lost, and a launcher that did get it would then run jobs it no longer holds.
 """
 
 from __future__ import annotations
@@ -173,3 +194,13 @@ def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[
     result = conn.execute(sa.select(*JOB_OUT_COLUMNS).where(jobs.c.id.in_(chosen)))
     by_id = {d["id"]: d for d in job_dicts(result)}
     return [by_id[jid] for jid in chosen]
+
+
+def reacquire(conn: sa.Connection, session: sa.Row, job_ids: list[int]) -> list[dict[str, Any]]:
+    """The answer to a retried acquire: the jobs it leased that this session still holds (in the
+    order the original answer had)."""
+    if not job_ids:
+        return []
+    rows = conn.execute(sa.select(*JOB_OUT_COLUMNS).where(jobs.c.id.in_(job_ids), jobs.c.session_id == session.id))
+    by_id = {job["id"]: job for job in job_dicts(rows)}
+    return [by_id[jid] for jid in job_ids if jid in by_id]

@@ -18,6 +18,7 @@
 | ``BALSAM_MAX_BODY_BYTES`` | 67108864 (64 MiB; larger request bodies get 413) |
 | ``BALSAM_SESSION_EXPIRE_SEC`` | 300 |
 | ``BALSAM_SESSION_SWEEP_SEC`` | 60 (background sweep period, capped at half the expiry) |
+| ``BALSAM_IDEMPOTENCY_TTL_SEC`` | 86400 (how long a create's ``Idempotency-Key`` is remembered) |
 | ``BALSAM_DB_POOL_SIZE`` / ``BALSAM_DB_MAX_OVERFLOW`` | 10 / 20 (PostgreSQL) |
 | ``BALSAM_SERVER_CREATE_TABLES`` | ``1`` for SQLite, ``0`` for PostgreSQL (use ``balsam server migrate``) |
 """
@@ -108,6 +109,7 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     session_expire_sec: int = 300
     session_sweep_sec: int = 60
+    idempotency_ttl_sec: int = 24 * 3600
     pool_size: int = 10
     max_overflow: int = 20
     create_tables: bool = True
@@ -143,6 +145,7 @@ class ServerSettings:
             max_body_bytes=_int_env("BALSAM_MAX_BODY_BYTES", 64 * 1024 * 1024),
             session_expire_sec=_int_env("BALSAM_SESSION_EXPIRE_SEC", 300),
             session_sweep_sec=_int_env("BALSAM_SESSION_SWEEP_SEC", 60),
+            idempotency_ttl_sec=_int_env("BALSAM_IDEMPOTENCY_TTL_SEC", 24 * 3600),
             pool_size=_int_env("BALSAM_DB_POOL_SIZE", 10),
             max_overflow=_int_env("BALSAM_DB_MAX_OVERFLOW", 20),
             create_tables=os.environ.get("BALSAM_SERVER_CREATE_TABLES", create_default).strip() in ("1", "true", "yes"),

@@ -103,7 +103,8 @@ batch_jobs = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("site_id", sa.Integer, sa.ForeignKey("sites.id", ondelete="CASCADE"), nullable=False, index=True),
-    sa.Column("scheduler_id", sa.Integer, nullable=True, index=True),
+    # 64-bit: PBS sequence numbers may be configured past 2**31.
+    sa.Column("scheduler_id", sa.BigInteger, nullable=True, index=True),
     sa.Column("project", sa.Text, nullable=False),
     sa.Column("queue", sa.Text, nullable=False),
     sa.Column("optional_params", JSONType, nullable=False),
@@ -207,6 +208,26 @@ log_events = sa.Table(
     sa.Column("data", JSONType, nullable=False),
     sqlite_autoincrement=True,
 )
+
+#: Answers to creating requests that carried an ``Idempotency-Key`` header (see idempotency.py):
+#: a retry of the same request is answered from here instead of being applied again. The row is
+#: written in the same transaction as the records it names, so a crash cannot separate them.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    #: sha256 of method, path, query and body: the same key on a different request is refused.
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=False),
+    #: what the request made (``jobs``, ``site``, ``app``, ``batch_job``, ``session``, ``acquire``)
+    #: and the ids, from which the answer is rebuilt.
+    sa.Column("resource", sa.String(32), nullable=False),
+    sa.Column("resource_ids", JSONType, nullable=False),
+    sa.Column("created", UTCDateTime, nullable=False),
+    sa.Column("expires", UTCDateTime, nullable=False, index=True),
+)
+
 
 #: Every token the server hands out belongs to one row here, so that any of them can be revoked.
 #: ``kind``: ``login`` (a plain password login: the token itself, 0.7 style), ``refresh`` (a

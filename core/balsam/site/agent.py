@@ -9,7 +9,9 @@ section is enabled (entry-point group ``balsam.agent_modules``), and runs each m
   exponential backoff (1 s doubling up to 60 s) instead of every period;
 - SIGTERM / SIGINT stop the agent cleanly: the ``balsam_agent_stopping`` hook, the modules' ``close()``,
   then the pid file is removed;
-- the pid file ``balsam-service.pid`` (hostname and pid) exists while the agent runs;
+- the pid file ``balsam-service.pid`` (hostname, pid and the process start time, so a later process
+  that reuses the pid is never mistaken for the agent) exists while the agent runs;
+- child processes still running when the agent stops (a scheduler command that hangs) are ended;
 - logs go to ``log/agent_<YYYY-mm-dd_HHMMSS>.log`` in the site.
 """
 
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..util import terminate_processes
 from .api_util import is_api_outage, load_site_client
 from .module import AgentModule
 
@@ -50,38 +53,79 @@ def pid_file_path(site_path: Path) -> Path:
     return Path(site_path) / PID_FILE_NAME
 
 
-def read_pid_file(site_path: Path) -> Optional[tuple[str, int]]:
-    """(hostname, pid) from the site's pid file, or None when there is none (or it is unreadable)."""
+def read_pid_record(site_path: Path) -> Optional[tuple[str, int, Optional[float]]]:
+    """(hostname, pid, process start time) from the site's pid file, or None when there is none.
+
+    The start time (seconds since the epoch, as psutil reports it) tells the agent apart from a
+    later process that got the same pid; files written by older versions have none (None).
+    """
     path = pid_file_path(site_path)
     try:
         lines = path.read_text().split()
-        return lines[0], int(lines[1])
+        start_time = float(lines[2]) if len(lines) > 2 else None
+        return lines[0], int(lines[1]), start_time
     except (OSError, IndexError, ValueError):
         return None
 
 
-def pid_alive(pid: int) -> bool:
+def read_pid_file(site_path: Path) -> Optional[tuple[str, int]]:
+    """(hostname, pid) from the site's pid file, or None when there is none (or it is unreadable)."""
+    record = read_pid_record(site_path)
+    return (record[0], record[1]) if record is not None else None
+
+
+#: Two readings of one process's start time differ by clock-tick rounding only.
+START_TIME_TOLERANCE_SEC = 0.5
+
+
+def pid_alive(pid: int, start_time: Optional[float] = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when ``start_time`` is given, is the process that
+    started then (not a later one that reused the pid)."""
     try:
         import psutil
 
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if start_time is not None:
+            return abs(proc.create_time() - start_time) <= START_TIME_TOLERANCE_SEC
+        return True
     except Exception:
         return False
 
 
+def _is_agent_process(pid: int) -> bool:
+    """For pid files without a start time: does ``pid`` at least run the site agent?"""
+    try:
+        import psutil
+
+        return "balsam.site" in " ".join(psutil.Process(pid).cmdline())
+    except Exception:
+        return False
+
+
+def recorded_agent_alive(record: tuple[str, int, Optional[float]]) -> bool:
+    """The pid file's agent still runs on this host (same pid *and* start time)."""
+    _host, pid, start_time = record
+    if start_time is None:
+        return pid_alive(pid) and _is_agent_process(pid)
+    return pid_alive(pid, start_time)
+
+
 def agent_running(site_path: Path) -> Optional[tuple[str, int]]:
     """(hostname, pid) of the agent recorded in the pid file if it is alive (or on another host)."""
-    found = read_pid_file(site_path)
-    if found is None:
+    record = read_pid_record(site_path)
+    if record is None:
         return None
-    host, pid = found
+    host, pid, _start = record
     if host != socket.gethostname():
-        return found  # cannot check another host's processes: trust the file
-    return found if pid_alive(pid) else None
+        return host, pid  # cannot check another host's processes: trust the file
+    return (host, pid) if recorded_agent_alive(record) else None
 
 
 def write_pid_file(site_path: Path) -> Path:
+    import psutil
+
     path = pid_file_path(site_path)
     running = agent_running(site_path)
     if running is not None and running[1] != os.getpid():
@@ -90,9 +134,22 @@ def write_pid_file(site_path: Path) -> Path:
     if path.exists():
         logger.warning("replacing stale pid file %s (%s)", path, path.read_text().split())
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{socket.gethostname()}\n{os.getpid()}\n")
+    tmp.write_text(f"{socket.gethostname()}\n{os.getpid()}\n{psutil.Process().create_time():.3f}\n")
     os.replace(tmp, path)
     return path
+
+
+def kill_descendants(grace_sec: float = 3.0) -> list[int]:
+    """SIGTERM this process's remaining child processes (a scheduler command hung past the stop, a
+    pool's server process...), SIGKILL those still there after ``grace_sec``; returns their pids.
+    Batch jobs of the local scheduler run in sessions of their own and are not children."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    return terminate_processes(children, grace_sec)
 
 
 def remove_pid_file(site_path: Path) -> None:
@@ -142,8 +199,11 @@ def setup_logging(site_config: Any, *, stream: bool = False) -> Path:
 class Agent:
     """Runs the enabled agent modules of one site until stopped."""
 
-    def __init__(self, site_config: Any, client: Any = None, modules: Optional[list[AgentModule]] = None) -> None:
+    def __init__(self, site_config: Any, client: Any = None, modules: Optional[list[AgentModule]] = None,
+                 *, end_children: bool = False) -> None:
         self.site_config = site_config
+        #: The agent is its own process (``python -m balsam.site``): end its leftover children at shutdown.
+        self.end_children = end_children
         self.site_path = Path(site_config.site_path)
         self.client = client if client is not None else self._make_client()
         self.modules: list[AgentModule] = modules if modules is not None else []
@@ -302,7 +362,7 @@ class Agent:
                 last_note = time.monotonic()
                 logger.info("agent alive: cycles %s, errors %s", self.cycles, self.errors)
 
-    def shutdown(self, reason: Optional[str] = None, join_timeout: float = 30.0) -> None:
+    def shutdown(self, reason: Optional[str] = None, join_timeout: float = 15.0) -> None:
         from ..plugins.manager import get_plugin_manager
 
         self.request_stop(reason or self.stop_reason)
@@ -323,6 +383,9 @@ class Agent:
                 module.close()
             except Exception:
                 logger.exception("%s: close() failed", module.name)
+        killed = kill_descendants() if self.end_children else []
+        if killed:
+            logger.warning("ended %d leftover child process(es) (e.g. a hung scheduler command): %s", len(killed), killed)
         logger.info("agent stopped")
 
     def run(self) -> int:
@@ -361,7 +424,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log_path = setup_logging(site_config, stream=args.log_to_stderr)
     logger.info("balsam site agent starting (pid %d on %s), log %s", os.getpid(), socket.gethostname(), log_path)
     try:
-        agent = Agent(site_config)
+        agent = Agent(site_config, end_children=True)
         try:
             from .site_ops import push_site_settings
 

@@ -92,10 +92,17 @@ def chunks(items: Sequence[Any], size: int = MAX_ITEMS_PER_BULK_OP) -> Iterator[
         yield items[start : start + size]
 
 
-def bulk_patch(client: Any, path: str, updates: Iterable[Mapping[str, Any]]) -> int:
-    """PATCH a list of ``{"id": ..., field: value}`` in chunks; each chunk names a record at most once."""
+def bulk_patch(client: Any, path: str, updates: Iterable[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], BaseException]]:
+    """PATCH a list of ``{"id": ..., field: value}`` in chunks; each chunk names a record at most once.
+
+    A chunk the server refuses as a whole (a bad value in one record: 4xx) is split until the refused
+    records are isolated, so one bad record never blocks the others. Returns the refused updates
+    with the server's error; outages (connection errors, 5xx) raise.
+    """
+    from ..client.status_updater import isolate_refused
+
     pending = list(updates)
-    sent = 0
+    refused: list[tuple[Mapping[str, Any], BaseException]] = []
     while pending:
         seen: set[int] = set()
         this_round: list[Mapping[str, Any]] = []
@@ -107,7 +114,8 @@ def bulk_patch(client: Any, path: str, updates: Iterable[Mapping[str, Any]]) -> 
                 seen.add(update["id"])
                 this_round.append(update)
         for chunk in chunks(this_round):
-            client.patch(path, json=list(chunk))
-            sent += len(chunk)
+            refused.extend(isolate_refused(lambda part: client.patch(path, json=list(part)), list(chunk)))
         pending = later
-    return sent
+    for update, error in refused:
+        logger.error("PATCH %s: the server refused the update of record %s: %s", path, update.get("id"), error)
+    return refused

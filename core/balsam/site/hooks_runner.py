@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ..models import job_workdir
 from ..states import JobState
 from ..util import tail_file
 
@@ -80,7 +81,7 @@ def default_update(job: dict, python_app: bool, data_path: Path, tail_num_lines:
     target = DEFAULT_TARGET[state]
     update: dict[str, Any] = {"id": job["id"], "state": target.value, "state_timestamp": now_iso()}
     if state in (JobState.run_done, JobState.run_error):
-        workdir = data_path / job["workdir"]
+        workdir = job_workdir(data_path, job["workdir"])
         if python_app:
             value, exc = read_run_markers(workdir)
             if value:
@@ -177,7 +178,7 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
     """Run the hook for ``job``'s state in this process and return the job's update."""
     state = JobState(job["state"])
     hook = HOOK_FOR_STATE[state]
-    workdir = data_path / job["workdir"]
+    workdir = job_workdir(data_path, job["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {"id": job["id"]}
     if state in (JobState.run_done, JobState.run_error) and python_app:

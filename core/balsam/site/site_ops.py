@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .agent import agent_running, pid_alive, pid_file_path, read_pid_file
+from .agent import (
+    START_TIME_TOLERANCE_SEC, agent_running, pid_alive, pid_file_path, read_pid_file, read_pid_record, recorded_agent_alive,
+)
+from ..util import terminate_processes
 from .job_template import default_template_for
 
 SITE_ID_FILE = ".balsam-site"
@@ -223,21 +226,27 @@ def stop_agent(
     force: bool = False,
     progress: Optional[Callable[[float, float], None]] = None,
 ) -> Optional[int]:
-    """SIGTERM the site's agent and wait for it to exit. Returns its pid, or None if it was not running."""
+    """SIGTERM the site's agent and wait for it to exit. Returns its pid, or None if it was not running.
+
+    Only the process the pid file names *and* dates is signalled (a pid reused by another process
+    since is left alone). Processes the agent left behind in its process group (it is the group
+    leader) are ended too; with ``force`` the whole group is SIGKILLed after ``timeout``.
+    """
     site_path = Path(site_path).absolute()
-    found = read_pid_file(site_path)
-    if found is None:
+    record = read_pid_record(site_path)
+    if record is None:
         return None
-    host, pid = found
+    host, pid, start_time = record
     if host != socket.gethostname():
         raise SiteError(f"the site agent runs on {host} [pid {pid}]: stop it from that host")
-    if not pid_alive(pid):
+    if not recorded_agent_alive(record):
         pid_file_path(site_path).unlink(missing_ok=True)
         return None
+    started = start_time if start_time is not None else _start_time(pid)
     os.kill(pid, signal.SIGTERM)
-    start = time.monotonic()
-    while pid_alive(pid):
-        elapsed = time.monotonic() - start
+    begin = time.monotonic()
+    while pid_alive(pid, started):
+        elapsed = time.monotonic() - begin
         if progress is not None:
             progress(elapsed, timeout)
         if elapsed > timeout:
@@ -248,4 +257,33 @@ def stop_agent(
             pid_file_path(site_path).unlink(missing_ok=True)
             break
         time.sleep(0.2)
+    end_group_leftovers(pid, started)
     return pid
+
+
+def _start_time(pid: int) -> Optional[float]:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def end_group_leftovers(leader_pid: int, leader_start: Optional[float], grace_sec: float = 3.0) -> list[int]:
+    """End processes still in the process group of the exited agent ``leader_pid`` (e.g. a scheduler
+    command that hung when the agent was killed). Only processes started after the agent are
+    touched: while such a process lives, the kernel cannot give the group's id to anyone else."""
+    import psutil
+
+    if leader_start is None:
+        return []
+    leftovers = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if proc.pid != leader_pid and os.getpgid(proc.pid) == leader_pid \
+                    and proc.info["create_time"] >= leader_start - START_TIME_TOLERANCE_SEC:
+                leftovers.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return terminate_processes(leftovers, grace_sec)

@@ -43,6 +43,7 @@ class SerialMode(JobMode):
             "site_id": ctx.site_id,
             "data_path": str(ctx.data_path),
             "log_path": str(ctx.log_path),
+            "spool_path": str(ctx.spool_path) if ctx.spool_path is not None else None,
             "batch_job_id": ctx.batch_job_id,
             "filter_tags": ctx.filter_tags,
             "wall_time_min": ctx.wall_time_min,
@@ -97,7 +98,9 @@ class SerialMode(JobMode):
         ctx = self.context
         config_path = ctx.log_file("serial.json")
         config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(self.worker_config()))
+        # Exclusive create: a name clash with another launcher must fail loudly, never be shared.
+        with open(config_path, "x") as fh:
+            fh.write(json.dumps(self.worker_config()))
         cmd = self.command(str(config_path))
         out_path = ctx.log_file("out")
         logger.info("serial mode: %d nodes; starting %s", len(ctx.nodes), cmd)

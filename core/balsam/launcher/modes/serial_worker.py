@@ -75,11 +75,11 @@ def _isend_all(comm: Any, requests: list, outbox: dict[int, list]) -> None:
 
 class Master:
     def __init__(self, config: dict[str, Any], comm: Any, signals: _Signals) -> None:
+        from balsam.launcher._api import open_updater
         from balsam.launcher.app_run import JobPreparer
         from balsam.launcher.job_mode import Countdown, IdleTimer
         from balsam.launcher.node_manager import NodeManager
         from balsam.launcher.runner import ProcessPool
-        from balsam.launcher.status_updater import BulkStatusUpdater
         from balsam.platform import NodeInfo
 
         self.config = config
@@ -113,7 +113,7 @@ class Master:
         self.base_env = dict(os.environ)
         self.started = 0
         self.finished = 0
-        self.updater = BulkStatusUpdater()
+        self.updater = open_updater(config.get("spool_path"))
         # Lease jobs while the rest of the start-up (settings, platform plugin) happens.
         self.acquirer = threading.Thread(target=self._acquirer, name="acquirer", daemon=True)
         self.acquirer.start()
@@ -144,14 +144,14 @@ class Master:
     # -- acquiring (background thread) ---------------------------------------------------------
     def _acquirer(self) -> None:
         from balsam.launcher.app_run import JobBuildError
-        from balsam.launcher.job_source import SessionJobSource
+        from balsam.launcher._api import open_lease
         from balsam.launcher.node_manager import UnsatisfiableJob
         from balsam.launcher.runner import report_failed
 
         cfg = self.config
         updater = self.updater
         try:
-            source = self.source = SessionJobSource(cfg["site_id"], cfg["batch_job_id"], cfg["filter_tags"])
+            source = self.source = open_lease(cfg["site_id"], cfg["batch_job_id"], cfg["filter_tags"])
         except BaseException as exc:
             logger.exception("could not create the session")
             self.source_error = exc
@@ -290,6 +290,7 @@ class Master:
         requests: list = []
         outbox: dict[int, list] = {}
         reason = "wall time"
+        self.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
         try:
             while True:
                 stop = self._should_stop()
@@ -327,7 +328,7 @@ class Master:
                 updater.close()
             finally:
                 if self.source is not None:
-                    self.source.close()
+                    self.source.close(retry_count=0) if updater.gave_up else self.source.close()
         import resource
 
         usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -12,6 +12,7 @@ from balsam.serialization import PayloadError, from_dict, to_dict
 
 from ..db import count_and_page, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
+from ..idempotency import replay_one
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
 from ..jobs_logic import like_escape, site_owned_by
 from ..routing import Ctx, route
@@ -102,10 +103,15 @@ def create_app_record(ctx: Ctx) -> Response:
     check_int_fields(values, ["site_id"], ["body"])
     _validate(values)
     with ctx.write() as conn:
+        earlier = ctx.idempotency.claim(conn)
+        if earlier is not None:
+            row = replay_one(earlier, "App", lambda app_id: get_owned_app(conn, ctx.user.id, app_id))
+            return json_response(app_dict(row), earlier.status_code)
         _check_site(conn, ctx.user.id, values["site_id"])
         _check_unique(conn, values["site_id"], values["name"])
         app_id = conn.execute(sa.insert(apps).values(**values).returning(apps.c.id)).scalar_one()
         row = get_owned_app(conn, ctx.user.id, app_id)
+        ctx.idempotency.record(conn, 201, "App", [app_id])
     return json_response(app_dict(row), 201)
 
 

@@ -16,6 +16,7 @@ from ..db import count_and_page, update_rows_by_id, where_eq, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, not_found_ids, parse_partial
 from ..http import (PAGINATION, check_int_fields, json_response, no_content, pagination, parse_bulk_patches,
                     require_list, wire_datetime)
+from ..idempotency import replay_one
 from ..jobs_logic import json_contains, owned_site_ids, site_owned_by, utcnow
 from ..sessions_logic import release_session_jobs
 from ..routing import Ctx, route
@@ -52,7 +53,7 @@ def _json_values(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate_numbers(values: dict[str, Any], loc: list[Any]) -> None:
-    check_int_fields(values, ["site_id", "scheduler_id", "num_nodes", "wall_time_min"], loc)
+    check_int_fields(values, ["site_id", "num_nodes", "wall_time_min"], loc, wide=("scheduler_id",))
     for index, part in enumerate(values.get("partitions") or []):
         number = part.get("num_nodes") if isinstance(part, dict) else getattr(part, "num_nodes", None)
         check_int_fields({"num_nodes": number}, ["num_nodes"], loc + ["partitions", index])
@@ -68,7 +69,7 @@ def list_batch_jobs(ctx: Ctx) -> Response:
     stmt = where_in(stmt, batch_jobs.c.id, q.int_list("id"))
     stmt = where_in(stmt, batch_jobs.c.site_id, q.int_list("site_id"))
     stmt = where_in(stmt, batch_jobs.c.state, q.enum_list("state", BatchJobState))
-    stmt = where_eq(stmt, batch_jobs.c.scheduler_id, q.int("scheduler_id"))
+    stmt = where_eq(stmt, batch_jobs.c.scheduler_id, q.int("scheduler_id", bits=64))
     if q.str("queue"):
         stmt = stmt.where(batch_jobs.c.queue == q.str("queue"))
     for name, op in (("start_time_before", "le"), ("start_time_after", "ge"), ("end_time_before", "le"),
@@ -104,10 +105,15 @@ def create_batch_job(ctx: Ctx) -> Response:
     # The server decides the initial state (as Balsam 0.7 did).
     values["state"] = BJ.pending_submission.value
     with ctx.write() as conn:
+        earlier = ctx.idempotency.claim(conn)
+        if earlier is not None:  # a retried create: the same allocation, never a second one
+            row = replay_one(earlier, "BatchJob", lambda bj_id: _get_owned(conn, ctx.user.id, bj_id))
+            return json_response(bj_dict(row), earlier.status_code)
         if conn.execute(sa.select(sites.c.id).where(sites.c.id == values["site_id"], site_owned_by(ctx.user.id))).first() is None:
             raise NotFound(f"Site {values['site_id']} not found")
         new_id = conn.execute(sa.insert(batch_jobs).values(**values).returning(batch_jobs.c.id)).scalar_one()
         row = conn.execute(sa.select(*BJ_COLUMNS).where(batch_jobs.c.id == new_id)).one()
+        ctx.idempotency.record(conn, 201, "BatchJob", [new_id])
     return json_response(bj_dict(row), 201)
 
 

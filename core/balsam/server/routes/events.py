@@ -28,7 +28,7 @@ def list_events(ctx: Ctx) -> Response:
     stmt = where_in(stmt, log_events.c.id, q.int_list("id"))
     stmt = where_in(stmt, log_events.c.job_id, q.int_list("job_id"))
     stmt = where_eq(stmt, jobs.c.batch_job_id, q.int("batch_job_id"))
-    scheduler_id = q.int("scheduler_id")
+    scheduler_id = q.int("scheduler_id", bits=64)
     if scheduler_id is not None:
         stmt = stmt.where(jobs.c.batch_job_id.in_(sa.select(batch_jobs.c.id).where(batch_jobs.c.scheduler_id == scheduler_id)))
     before, after = q.datetime("timestamp_before"), q.datetime("timestamp_after")

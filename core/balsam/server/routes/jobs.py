@@ -39,7 +39,11 @@ def bulk_create(ctx: Ctx) -> Response:
     payload = require_list(ctx.json(), "jobs", MAX_ITEMS_PER_BULK_OP)
     specs = logic.parse_job_creates(payload)
     with ctx.write() as conn:
+        earlier = ctx.idempotency.claim(conn)
+        if earlier is not None:  # a retry of a create that was applied: the same jobs, not new ones
+            return json_response(logic.fetch_jobs(conn, earlier.ids), earlier.status_code)
         created = logic.bulk_create_jobs(conn, ctx.user.id, specs)
+        ctx.idempotency.record(conn, 201, "jobs", [job["id"] for job in created])
     return json_response(created, 201)
 
 

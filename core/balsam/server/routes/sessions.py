@@ -10,7 +10,10 @@ from ..errors import NotFound, ValidationFailed
 from ..http import PAGINATION, check_int_fields, is_json_int, json_response, no_content, pagination, wire_datetime
 from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
-from ..sessions_logic import acquire, get_owned_session, maybe_sweep, parse_acquire, release_session_jobs, session_dict
+from ..idempotency import replay_one
+from ..sessions_logic import (
+    acquire, get_owned_session, maybe_sweep, parse_acquire, reacquire, release_session_jobs, session_dict,
+)
 from ..tables import batch_jobs, sessions, sites
 
 
@@ -52,9 +55,14 @@ def create_session(ctx: Ctx) -> Response:
             if bj is None:
                 raise NotFound(f"BatchJob {batch_job_id} not found at site {site_id}")
         maybe_sweep(conn, ctx.settings, ctx.user.id)
+        earlier = ctx.idempotency.claim(conn)
+        if earlier is not None:  # a retried create: the same session, not an orphan beside it
+            row = replay_one(earlier, "Session", lambda sid: get_owned_session(conn, ctx.user.id, sid))
+            return json_response(session_dict(row), earlier.status_code)
         row = conn.execute(
             sa.insert(sessions).values(site_id=site_id, batch_job_id=batch_job_id, heartbeat=utcnow()).returning(*sessions.c)
         ).one()
+        ctx.idempotency.record(conn, 201, "Session", [row.id])
     return json_response(session_dict(row), 201)
 
 
@@ -64,7 +72,11 @@ def acquire_jobs(ctx: Ctx) -> Response:
     with ctx.write() as conn:
         maybe_sweep(conn, ctx.settings, ctx.user.id)
         session = get_owned_session(conn, ctx.user.id, session_id)
+        earlier = ctx.idempotency.claim(conn)
+        if earlier is not None:  # the answer was lost: the same jobs again (see sessions_logic)
+            return json_response(reacquire(conn, session, earlier.ids))
         result = acquire(conn, session, spec)
+        ctx.idempotency.record(conn, 200, "acquire", [job["id"] for job in result])
     return json_response(result)
 
 

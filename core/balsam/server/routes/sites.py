@@ -13,6 +13,7 @@ from balsam.serialization import PayloadError, from_dict, to_dict
 from ..db import count_and_page, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
+from ..idempotency import replay_one
 from ..jobs_logic import like_escape, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..tables import sites
@@ -92,6 +93,10 @@ def create_site(ctx: Ctx) -> Response:
     _validate(values)
     now = utcnow()
     with ctx.write() as conn:
+        earlier = ctx.idempotency.claim(conn)
+        if earlier is not None:
+            row = replay_one(earlier, "Site", lambda site_id: get_owned_site(conn, ctx.user.id, site_id))
+            return json_response(site_dict(row), earlier.status_code)
         dup = conn.execute(
             sa.select(sites.c.id).where(sites.c.owner_id == ctx.user.id, sites.c.name == values["name"])
         ).first()
@@ -101,6 +106,7 @@ def create_site(ctx: Ctx) -> Response:
             sa.insert(sites).values(owner_id=ctx.user.id, last_refresh=now, creation_date=now, **values).returning(sites.c.id)
         ).scalar_one()
         row = get_owned_site(conn, ctx.user.id, site_id)
+        ctx.idempotency.record(conn, 201, "Site", [site_id])
     return json_response(site_dict(row), 201)
 
 

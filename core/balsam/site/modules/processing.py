@@ -9,13 +9,15 @@ RUN_ERROR                 ``handle_error``    FAILED (tail of job.out in the eve
 RUN_TIMEOUT               ``handle_timeout``  RESTART_READY
 ========================  ==================  ==========================================
 
-Jobs are leased through a Session of their own (no BatchJob), ``prefetch_depth`` at most at once.
+Jobs are leased through a Session of their own (no BatchJob), ``prefetch_depth`` at most at once,
+with the launchers' :class:`~balsam.client.lease.JobLease` (exactly-once acquisition).
 Jobs whose app keeps the default hook are moved in bulk in the agent process (no process is spawned:
 this path carries the launchers' thousands of jobs per second). Jobs whose app overrides the hook go
 to a pool of ``num_workers`` worker processes, which append the hook's output to the job's
 ``balsam.log``. ``run()`` apps get their return value or exception from ``job.out``. Results go to
-the launcher's BulkStatusUpdater (bulk PATCHes; retried through API outages, so no result is lost
-while the jobs stay leased to this module's session).
+the launchers' BulkStatusUpdater (bulk PATCHes; retried through API outages, so no result is lost
+while the jobs stay leased to this module's session). Each cycle also sends the job updates that
+launchers spooled in the site's ``spool/`` because the API was gone when they stopped.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import signal
-import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ...models import MAX_JOBS_PER_SESSION_ACQUIRE
+from ...client.lease import JobLease, tick_period_from_env
+from ...client.status_updater import BulkStatusUpdater, SpoolReplayer
+from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
 from ...states import PROCESSABLE_STATES, JobState
-from ..api_util import results
 from ..apps import AppCache
 from ..hooks_runner import HOOK_FOR_STATE, default_update, now_iso, run_hooks
 from ..module import AgentModule, config_value
@@ -52,11 +54,11 @@ class ProcessingModule(AgentModule):
     def __init__(self, site_config: Any, config: Any, client: Any) -> None:
         super().__init__(site_config, config, client)
         self.apps = AppCache(client)
-        self.session_id: Optional[int] = None
-        self.last_tick = 0.0
+        self.lease: Optional[JobLease] = None
         self.pool: Optional[cf.ProcessPoolExecutor] = None
         self.pending: dict[cf.Future, list[dict]] = {}
-        self.updater: Any = None
+        self.updater: Optional[BulkStatusUpdater] = None
+        self.spool: Optional[SpoolReplayer] = None
         #: Jobs leased but not yet handled (e.g. the app lookup failed in an API outage): kept for
         #: the next cycle, since no other session can take them while we hold them.
         self.backlog: list[dict] = []
@@ -84,40 +86,22 @@ class ProcessingModule(AgentModule):
         return dict(getattr(getattr(self.site_config, "settings", None), "filter_tags", None) or {})
 
     # -- session -----------------------------------------------------------------------------------
-    def _session(self) -> int:
-        if self.session_id is None:
-            created = self.client.post("/sessions/", json={"site_id": self.site_id})
-            self.session_id = int(created["id"])
-            self.last_tick = time.monotonic()
-            self.logger.info("processing session %s created", self.session_id)
-        return self.session_id
+    @property
+    def session_id(self) -> Optional[int]:
+        return self.lease.session_id if self.lease is not None else None
 
     def _acquire(self, max_jobs: int) -> list[dict]:
-        body = {
-            "max_num_jobs": max_jobs,
-            "filter_tags": self._filter_tags(),
-            "states": sorted(s.value for s in PROCESSABLE_STATES),
-        }
-        session_id = self._session()
-        try:
-            return results(self.client.post(f"/sessions/{session_id}", json=body))
-        except Exception as exc:
-            if getattr(exc, "status_code", None) == 404:  # our session expired: start a new one
-                self.logger.warning("processing session %s is gone; creating a new one", session_id)
-                self.session_id = None
-                return results(self.client.post(f"/sessions/{self._session()}", json=body))
-            raise
+        if self.lease is None:
+            self.lease = JobLease(
+                self.client, self.site_id, filter_tags=self._filter_tags(), states=PROCESSABLE_STATES,
+                tick_period=min(SESSION_TICK_SEC, tick_period_from_env()), heartbeat_thread=False,
+                name="processing session",
+            )
+        return self.lease.acquire(max_jobs)
 
     def _tick(self) -> None:
-        if self.session_id is not None and time.monotonic() - self.last_tick > SESSION_TICK_SEC:
-            try:
-                self.client.put(f"/sessions/{self.session_id}")
-            except Exception as exc:
-                if getattr(exc, "status_code", None) == 404:
-                    self.session_id = None
-                else:
-                    raise
-            self.last_tick = time.monotonic()
+        if self.lease is not None:
+            self.lease.tick_if_due()
 
     # -- worker pool -------------------------------------------------------------------------------
     def _pool(self) -> cf.ProcessPoolExecutor:
@@ -128,18 +112,27 @@ class ProcessingModule(AgentModule):
             )
         return self.pool
 
-    def _send(self, updates: list[dict]) -> None:
-        if self.updater is None:
-            from ...launcher.status_updater import BulkStatusUpdater
+    @property
+    def spool_path(self) -> Path:
+        return Path(getattr(self.site_config, "spool_path", Path(self.site_config.site_path) / "spool"))
 
-            self.updater = BulkStatusUpdater(self.client, max_wait_sec=0.05, close_timeout=30.0, name="processing-updates")
+    def _updater(self) -> BulkStatusUpdater:
+        if self.updater is None:
+            self.updater = BulkStatusUpdater(
+                self.client, max_wait_sec=0.05, close_timeout=30.0, name="processing-updates", spool_dir=self.spool_path
+            )
+            self.spool = SpoolReplayer(self.spool_path, self.updater)
+        return self.updater
+
+    def _send(self, updates: list[dict]) -> None:
+        updater = self._updater()
         for update in updates:
             fields = dict(update)
             job_id = fields.pop("id")
             state = fields.pop("state", None)
             timestamp = fields.pop("state_timestamp", None)
             state_data = fields.pop("state_data", None)
-            self.updater.put(job_id, state, timestamp, state_data, **fields)
+            updater.put(job_id, state, timestamp, state_data, **fields)
         self.processed += len(updates)
 
     def _harvest(self) -> list[dict]:
@@ -172,6 +165,10 @@ class ProcessingModule(AgentModule):
 
     # -- cycle -------------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
+        self._updater()
+        assert self.spool is not None
+        if self.spool.poll():
+            self.logger.info("sending job updates that launchers spooled in %s", self.spool_path)
         harvested = self._harvest()
         if harvested:
             self._send(harvested)
@@ -205,6 +202,17 @@ class ProcessingModule(AgentModule):
             state = JobState(job["state"])
             if state not in HOOK_FOR_STATE:
                 self.logger.warning("job %s: acquired in state %s, which has no hook; left as it is", job["id"], state)
+                continue
+            problem = workdir_problem(job.get("workdir"))
+            if problem is not None:  # the API refuses these; never run a hook outside data/ regardless
+                updates.append(
+                    {
+                        "id": job["id"],
+                        "state": JobState.failed.value,
+                        "state_timestamp": now_iso(),
+                        "state_data": {"message": f"workdir {problem}"},
+                    }
+                )
                 continue
             info = self.apps.info(job["app_id"])
             if info.cls is None:
@@ -259,9 +267,6 @@ class ProcessingModule(AgentModule):
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
-        if self.session_id is not None:
-            try:
-                self.client.delete(f"/sessions/{self.session_id}")
-            except Exception as exc:
-                self.logger.warning("could not delete processing session %s: %s", self.session_id, exc)
-            self.session_id = None
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None

@@ -87,6 +87,29 @@ def validate_batch_job(batch_job: dict, scheduler_settings: Any) -> None:
         raise BatchJobRefused("the partitions' num_nodes do not add up to the BatchJob's num_nodes")
 
 
+#: Longest scheduler text kept in a status_info field.
+MAX_SCHEDULER_TEXT = 2000
+_CONTROL_CHARS = dict.fromkeys(i for i in range(32) if i not in (9, 10)) | {0x7F: None}
+
+
+def clean_text(text: Any, limit: int = MAX_SCHEDULER_TEXT) -> str:
+    """Scheduler text made safe to store: no NUL or other control characters (PostgreSQL cannot
+    store NUL, and the API refuses it), at most ``limit`` characters."""
+    text = str(text or "").translate(_CONTROL_CHARS)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clean_record(value: Any) -> Any:
+    """``clean_text`` applied to every string in a JSON-ready value (keys included)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(k): clean_record(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_record(v) for v in value]
+    return value
+
+
 def _tags_match(batch_job_tags: dict, site_tags: dict) -> bool:
     return all(batch_job_tags.get(k) == v for k, v in site_tags.items())
 
@@ -140,6 +163,7 @@ class SchedulerModule(AgentModule):
 
     def _error(self, update: dict, batch_job: dict, message: str) -> None:
         info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+        message = clean_text(message)
         info.update(error=message, error_time=iso_now())
         update["status_info"] = info
         self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
@@ -167,7 +191,9 @@ class SchedulerModule(AgentModule):
                 updates[batch_job["id"]] = {"id": batch_job["id"], **update}
 
         if updates:
-            bulk_patch(self.client, "/batch-jobs/", list(updates.values()))
+            refused = bulk_patch(self.client, "/batch-jobs/", list(updates.values()))
+            if refused:
+                self._record_refusals(refused, {b["id"]: b for b in batch_jobs})
         self._update_site(statuses)
         self._keep_launcher_credentials(batch_jobs, updates)
         return None
@@ -180,6 +206,17 @@ class SchedulerModule(AgentModule):
             self.credentials.remove_stale({b["id"] for b in batch_jobs})
         except Exception:  # never let credential housekeeping stop the scheduler cycle
             self.logger.exception("launcher credential housekeeping failed")
+
+    def _record_refusals(self, refused: list, by_id: dict[int, dict]) -> None:
+        """Say in each refused BatchJob's status_info why its update did not go through (the other
+        BatchJobs of the cycle were updated)."""
+        notes = []
+        for update, error in refused:
+            batch_job = by_id.get(update["id"], {"id": update["id"]})
+            note: dict = {}
+            self._error(note, batch_job, f"the API refused this BatchJob's update: {clean_text(str(error), 500)}")
+            notes.append({"id": update["id"], "status_info": note["status_info"]})
+        bulk_patch(self.client, "/batch-jobs/", notes)
 
     def _poll(self) -> tuple[Optional[dict], Optional[str]]:
         try:
@@ -238,6 +275,7 @@ class SchedulerModule(AgentModule):
         waits (Slurm's pending reason, PBS's comment): set, changed, or removed once it has none.
         Only a change goes into the cycle's bulk PATCH."""
         info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+        reason = clean_text(reason)
         if info.get("scheduler_reason", "") == reason:
             return
         if reason:
@@ -300,11 +338,11 @@ class SchedulerModule(AgentModule):
         update["end_time"] = format_datetime(history.end_time or utcnow())
         info = dict(batch_job.get("status_info") or {})
         if history.native_state:
-            info["scheduler_state"] = history.native_state
+            info["scheduler_state"] = clean_text(history.native_state)
         if history.message:
-            info["scheduler_message"] = history.message
+            info["scheduler_message"] = clean_text(history.message)
         if final == BatchJobState.submit_failed:
-            info.update(error=history.message or f"the scheduler never ran job {scheduler_id}", error_time=iso_now())
+            info.update(error=clean_text(history.message) or f"the scheduler never ran job {scheduler_id}", error_time=iso_now())
         if info != (batch_job.get("status_info") or {}):
             update["status_info"] = info
         self.logger.info("BatchJob %s: scheduler job %s %s", batch_job["id"], scheduler_id, final.value)
@@ -401,7 +439,9 @@ class SchedulerModule(AgentModule):
     def _update_site(self, statuses: Optional[dict]) -> None:
         payload: dict[str, Any] = {}
         if statuses is not None:
-            payload["queued_jobs"] = {str(k): to_dict(v) for k, v in statuses.items()}
+            payload["queued_jobs"] = {
+                str(k): clean_record(to_dict(v)) for k, v in statuses.items() if -(2**63) <= int(k) < 2**63
+            }
         try:
             windows = self.scheduler.get_backfill_windows()
             payload["backfill_windows"] = {q: [to_dict(w) for w in ws] for q, ws in (windows or {}).items()}

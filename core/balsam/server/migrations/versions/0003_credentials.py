@@ -1,8 +1,8 @@
 """Credentials: every token (password login, refresh credential, launcher credential, invitation)
 has a row, so that it can be listed and revoked.
 
-Revision ID: 0002_credentials
-Revises: 0001_initial
+Revision ID: 0003_credentials
+Revises: 0002_idempotency_keys
 Create Date: 2026-12-01
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 
 import balsam.server.tables
 
-revision = '0002_credentials'
-down_revision = '0001_initial'
+revision = '0003_credentials'
+down_revision = '0002_idempotency_keys'
 branch_labels = None
 depends_on = None
 

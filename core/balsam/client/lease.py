@@ -1,0 +1,278 @@
+"""A lease on jobs: one API Session, its heartbeat, and acquire calls that never lose a job.
+
+Launchers (``balsam.launcher``) and the site agent's ``processing`` module both hold jobs this way.
+The Session is created with the site id (and the BatchJob id, for launchers), ticked every
+``tick_period`` seconds (from a background thread, or by calling :meth:`JobLease.tick_if_due`), and
+deleted at close, which makes the server turn jobs still RUNNING into RUN_TIMEOUT and free the
+acquired jobs that never started.
+
+Exactly-once acquisition: every acquire is sent with an ``Idempotency-Key``. The client retries it
+with the same key; if it still gets no answer, the key and the request body stay *pending* and the
+next :meth:`acquire` sends them again, unchanged, before anything new, until an answer comes. The
+server answers a repeated key with the jobs that request leased and this session still holds (see
+``balsam.server.sessions_logic``), so an answer lost on the wire leaves no job leased to a launcher
+that never saw it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Iterable, Optional
+
+from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
+from balsam.states import RUNNABLE_STATES, JobState
+
+from .rest import new_idempotency_key
+
+logger = logging.getLogger(__name__)
+
+#: Retries of the final Session delete (about 3.5 s of backoff) when the API does not answer.
+SHUTDOWN_RETRY_COUNT = 3
+DEFAULT_TICK_SEC = 60.0
+#: Retries inside one heartbeat call.
+TICK_RETRY_COUNT = 2
+
+
+def tick_period_from_env() -> float:
+    """``$BALSAM_LAUNCHER_TICK_SEC`` (default 60 s, well under the server's 5 min session expiry)."""
+    raw = os.environ.get("BALSAM_LAUNCHER_TICK_SEC", "")
+    try:
+        value = float(raw) if raw else DEFAULT_TICK_SEC
+    except ValueError:
+        logger.warning("ignoring BALSAM_LAUNCHER_TICK_SEC=%r (not a number)", raw)
+        value = DEFAULT_TICK_SEC
+    return max(0.1, value)
+
+
+def _status(exc: BaseException) -> Optional[int]:
+    value = getattr(exc, "status_code", None)
+    return value if isinstance(value, int) else None
+
+
+def acquire_request(
+    max_num_jobs: int,
+    *,
+    max_wall_time_min: Optional[int] = None,
+    max_nodes_per_job: Optional[int] = None,
+    max_aggregate_nodes: Optional[float] = None,
+    serial_only: bool = False,
+    sort_by: Optional[str] = None,
+    filter_tags: Optional[dict[str, str]] = None,
+    states: Iterable["JobState | str"] = RUNNABLE_STATES,
+    app_ids: Optional[Iterable[int]] = None,
+) -> dict[str, Any]:
+    """The body of ``POST /sessions/{id}`` (SessionAcquire)."""
+    return {
+        "max_num_jobs": max_num_jobs,
+        "max_wall_time_min": max_wall_time_min,
+        "max_nodes_per_job": max_nodes_per_job,
+        "max_aggregate_nodes": max_aggregate_nodes,
+        "serial_only": serial_only,
+        "sort_by": sort_by,
+        "filter_tags": dict(filter_tags or {}),
+        "states": sorted(JobState.parse(s).value for s in states),
+        "app_ids": sorted(set(app_ids or ())),
+    }
+
+
+def _rows(payload: Any) -> list[dict]:
+    if isinstance(payload, dict) and "results" in payload:
+        payload = payload["results"]
+    if not isinstance(payload, list):
+        raise ValueError(f"unexpected acquire response from the server: {str(payload)[:200]}")
+    return payload
+
+
+class JobLease:
+    """Acquire jobs under one Session and keep that Session alive.
+
+    ``client`` is a :class:`balsam.client.RESTClient` (or a callable returning one, resolved on first
+    use). ``wrap`` turns each acquired job (a dict as the API sends it) into what the caller wants,
+    e.g. ``balsam.api.Job._from_api``. With ``heartbeat_thread=False`` the owner calls
+    :meth:`tick_if_due` from its own loop (the agent's modules run on a period already).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        site_id: int,
+        batch_job_id: Optional[int] = None,
+        *,
+        filter_tags: Optional[dict[str, str]] = None,
+        states: Iterable["JobState | str"] = RUNNABLE_STATES,
+        sort_by: Optional[str] = None,
+        app_ids: Optional[Iterable[int]] = None,
+        tick_period: Optional[float] = None,
+        heartbeat_thread: bool = True,
+        wrap: Optional[Callable[[dict], Any]] = None,
+        name: str = "session",
+        acquire_retry_count: Optional[int] = None,
+    ) -> None:
+        self._client_or_factory = client
+        self.site_id = site_id
+        self.batch_job_id = batch_job_id
+        self.filter_tags = dict(filter_tags or {})
+        self.states = sorted(JobState.parse(s).value for s in states)
+        self.sort_by = sort_by
+        self.app_ids = sorted(set(app_ids or ()))
+        self.tick_period = tick_period if tick_period is not None else tick_period_from_env()
+        self.wrap = wrap
+        self.name = name
+        #: Retries inside one acquire call (None: the client's budget). A caller that acquires in a
+        #: loop keeps this short: the pending request is resent on its next turn anyway, and a
+        #: SIGTERM is not kept waiting behind minutes of backoff.
+        self.acquire_retry_count = acquire_retry_count
+        self.closed = False
+        self.tick_errors = 0
+        #: (idempotency key, body) of an acquire whose answer never came: resent before anything new.
+        self.pending: Optional[tuple[str, dict]] = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._last_tick = time.monotonic()
+        self._session_id = self._create_session()
+        self._thread: Optional[threading.Thread] = None
+        if heartbeat_thread:
+            self._thread = threading.Thread(target=self._heartbeat, name=f"{name}-heartbeat", daemon=True)
+            self._thread.start()
+
+    # -- plumbing --------------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        value = self._client_or_factory
+        if callable(value) and not hasattr(value, "request"):
+            value = self._client_or_factory = value()
+        return value
+
+    @property
+    def session_id(self) -> int:
+        return self._session_id
+
+    def _create_session(self) -> int:
+        body: dict[str, Any] = {"site_id": self.site_id}
+        if self.batch_job_id is not None:
+            body["batch_job_id"] = self.batch_job_id
+        created = self.client.post("/sessions/", json=body)
+        session_id = int(created["id"])
+        self._last_tick = time.monotonic()
+        logger.info("%s %s created (site %s, batch job %s)", self.name, session_id, self.site_id, self.batch_job_id)
+        return session_id
+
+    def _replace_lost_session(self, exc: BaseException, lost_id: int) -> bool:
+        """The server no longer knows session ``lost_id`` (it expired while we could not reach it):
+        start a new one (once, whoever notices first). Jobs the old one held were freed by the server
+        (RUNNING ones are RUN_TIMEOUT), so a pending acquire of the old session is void."""
+        if _status(exc) != 404 or self.closed:
+            return False
+        with self._lock:
+            if self._session_id == lost_id:
+                logger.warning("%s %s is gone on the server (%s); creating a new one", self.name, lost_id, exc)
+                self.pending = None
+                self._session_id = self._create_session()
+        return True
+
+    # -- heartbeat -------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Heartbeat now (a lost session is replaced)."""
+        session_id = self._session_id
+        try:
+            # A missed tick is retried at the next period (the server waits several periods), so one
+            # tick never sits in minutes of backoff that would also hold up close().
+            self.client.put(f"/sessions/{session_id}", json={}, retry_count=TICK_RETRY_COUNT)
+            self.tick_errors = 0
+        except Exception as exc:
+            if not self._replace_lost_session(exc, session_id):
+                self.tick_errors += 1
+                raise
+        finally:
+            self._last_tick = time.monotonic()
+
+    def tick_if_due(self) -> None:
+        if not self.closed and time.monotonic() - self._last_tick >= self.tick_period:
+            self.tick()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.tick_period):
+            try:
+                self.tick()
+            except Exception as exc:
+                logger.warning("%s %s heartbeat failed (%d in a row): %s", self.name, self._session_id, self.tick_errors, exc)
+
+    # -- acquire ---------------------------------------------------------------------------------
+    def acquire(
+        self,
+        max_num_jobs: int,
+        *,
+        max_wall_time_min: Optional[int] = None,
+        max_nodes_per_job: Optional[int] = None,
+        max_aggregate_nodes: Optional[float] = None,
+        serial_only: bool = False,
+    ) -> list[Any]:
+        """Lease up to ``max_num_jobs`` jobs (at most 2,048) in the lease's states.
+
+        When an earlier acquire got no answer, its request is sent again first (same key, same
+        body) and its jobs are returned instead: call again for more.
+        """
+        if self.closed or max_num_jobs <= 0:
+            return []
+        with self._lock:  # one acquirer thread per lease; the lock orders it with session replacement
+            session_id = self._session_id
+            if self.pending is None:
+                body = acquire_request(
+                    min(int(max_num_jobs), MAX_JOBS_PER_SESSION_ACQUIRE), max_wall_time_min=max_wall_time_min,
+                    max_nodes_per_job=max_nodes_per_job, max_aggregate_nodes=max_aggregate_nodes,
+                    serial_only=serial_only, sort_by=self.sort_by, filter_tags=self.filter_tags, states=self.states,
+                    app_ids=self.app_ids,
+                )
+                self.pending = (new_idempotency_key(), body)
+            else:
+                logger.info("%s %s: resending the acquire whose answer was lost", self.name, self._session_id)
+            key, body = self.pending
+        t0 = time.perf_counter()
+        try:
+            rows = _rows(self.client.post(f"/sessions/{session_id}", json=body, idempotency_key=key,
+                                          retry_count=self.acquire_retry_count))
+        except Exception as exc:
+            if not self._replace_lost_session(exc, session_id):
+                raise  # still pending: the next call resends it
+            return self.acquire(
+                max_num_jobs, max_wall_time_min=max_wall_time_min, max_nodes_per_job=max_nodes_per_job,
+                max_aggregate_nodes=max_aggregate_nodes, serial_only=serial_only,
+            )
+        with self._lock:
+            if self.pending is not None and self.pending[0] == key:
+                self.pending = None
+        if rows:
+            logger.debug("acquired %d jobs in %.3f s", len(rows), time.perf_counter() - t0)
+        return [self.wrap(row) for row in rows] if self.wrap is not None else rows
+
+    # -- close -----------------------------------------------------------------------------------
+    def close(self, retry_count: int = SHUTDOWN_RETRY_COUNT) -> None:
+        """Stop the heartbeat and delete the Session (its RUNNING jobs become RUN_TIMEOUT server-side).
+
+        At shutdown a few quick retries are enough: if the API is down, the server expires the lease
+        by itself, and an allocation should not idle for minutes waiting to say goodbye.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        client = self.client
+        saved = getattr(client, "retry_count", None)
+        if saved is not None:
+            client.retry_count = min(saved, retry_count)
+        try:
+            client.delete(f"/sessions/{self._session_id}")
+            logger.info("%s %s deleted", self.name, self._session_id)
+        except Exception as exc:
+            if _status(exc) == 404:
+                logger.info("%s %s was already gone on the server", self.name, self._session_id)
+            else:
+                logger.warning("could not delete %s %s (it will expire on the server): %s", self.name, self._session_id, exc)
+        finally:
+            if saved is not None:
+                client.retry_count = saved

@@ -1,0 +1,411 @@
+"""BulkStatusUpdater: job state changes sent in bulk PATCH /jobs/ calls from a background thread.
+
+Launchers and the site agent's processing module ``put()`` state changes as they happen (with the
+time they happened); a thread collects them and sends them in as few ``PATCH /jobs/`` calls as the
+rule "at most one update per job per call" allows (a RUNNING and a RUN_DONE of one job go in two
+successive calls, in order). A call the server refuses as a whole (HTTP 4xx) is split in halves until
+the refused updates are isolated (:func:`isolate_refused`); those are logged and dropped, the others
+are sent. Connection failures and 5xx are retried for as long as the updater runs; once ``close()``
+is called, calls that keep failing for ``close_timeout`` seconds are given up.
+
+Nothing is lost when the API is gone at the end: with ``spool_dir``, the updates that could not be
+sent are written there (one JSON line each) and :func:`replay_spool` sends them later (the site
+agent's processing module does, every cycle). A replayed update the server refuses by then (the job
+moved on, e.g. its session expired and it was timed out and re-queued) is dropped: the job runs
+again, which is the at-least-once side of the guarantee (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from balsam.models import MAX_ITEMS_PER_BULK_OP
+from balsam.states import JobState
+
+logger = logging.getLogger(__name__)
+
+#: Statuses that mean "retry later", not "this request is wrong".
+_TRANSIENT_4XX = (401, 408, 429)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _http_status(exc: BaseException) -> Optional[int]:
+    """The HTTP status carried by a client exception, if any (duck-typed: clients differ)."""
+    for attr in ("status_code", "status"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int):
+            return value
+    response = getattr(exc, "response", None)
+    value = getattr(response, "status_code", None)
+    return value if isinstance(value, int) else None
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """The server refused the request as it is (4xx other than 401/408/429): resending it cannot help."""
+    status = _http_status(exc)
+    return status is not None and 400 <= status < 500 and status not in _TRANSIENT_4XX
+
+
+def isolate_refused(send: Callable[[list], Any], items: list) -> list[tuple[Any, BaseException]]:
+    """Send ``items`` in one call; if the server refuses the call as a whole, split it in halves until
+    the refused items are alone. Returns ``[(item, error), ...]`` of the refused ones (the rest were
+    sent). Any other failure of ``send`` propagates (the caller retries or gives up)."""
+    try:
+        send(items)
+        return []
+    except Exception as exc:
+        if not is_refusal(exc):
+            raise
+        if len(items) == 1:
+            return [(items[0], exc)]
+        mid = len(items) // 2
+        return isolate_refused(send, items[:mid]) + isolate_refused(send, items[mid:])
+
+
+def split_into_rounds(updates: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Order-preserving split so that each round holds at most one update per job id.
+
+    An update always lands in a later round than the previous update of the same job.
+    """
+    rounds: list[list[dict[str, Any]]] = []
+    last_round: dict[int, int] = {}
+    for update in updates:
+        r = last_round.get(update["id"], -1) + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(update)
+        last_round[update["id"]] = r
+    return rounds
+
+
+class _GaveUp(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class BulkStatusUpdater:
+    """Collects job updates and PATCHes them to the API in batches.
+
+    ``client`` is a :class:`balsam.client.RESTClient` (anything with ``patch(path, json=...)``);
+    by default the client of ``balsam.api``. ``send`` replaces the HTTP call entirely (it receives
+    one list of update dicts per call). ``spool_dir``: where updates that could not be sent by the
+    end of ``close()`` are written (see :func:`replay_spool`); without it they are only logged.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        max_batch: int = 10_000,
+        max_wait_sec: float = 0.1,
+        close_timeout: float = 10.0,
+        send: Optional[Callable[[list[dict[str, Any]]], Any]] = None,
+        name: str = "status-updater",
+        spool_dir: "Path | str | None" = None,
+    ) -> None:
+        self._client = client
+        self._send_fn = send
+        self.max_batch = max_batch
+        self.max_wait_sec = max_wait_sec
+        self.close_timeout = close_timeout
+        self.name = name
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
+        # put() only appends to a deque (atomic under the GIL): no lock on the launchers' hot path.
+        self._items: deque[dict[str, Any]] = deque()
+        self._put_count = itertools.count(1)
+        self._last_put = 0
+        self._done = 0
+        self._wake = threading.Event()
+        self._done_cond = threading.Condition()
+        self._closed = False
+        self._stopping = False
+        #: When the calls started failing while closing (None: the last call went through).
+        self._failing_since: Optional[float] = None
+        self._inflight: list[dict[str, Any]] = []
+        self.sent = 0
+        self.dropped: list[tuple[dict[str, Any], str]] = []
+        #: True once closing gave up on an unreachable API (then nothing else should wait for it).
+        self.gave_up = False
+        #: Updates written to ``spool_dir`` because the API could not be reached at the end.
+        self.spooled = 0
+        self.spool_files: list[Path] = []
+        self.calls = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- public API ----------------------------------------------------------------------------
+    def put(
+        self,
+        job_id: int,
+        state: "JobState | str | None" = None,
+        state_timestamp: Optional[dt.datetime] = None,
+        state_data: Optional[dict[str, Any]] = None,
+        **fields: Any,
+    ) -> None:
+        """Queue one job update; ``state_timestamp`` defaults to now (the time of the change)."""
+        update: dict[str, Any] = {"id": int(job_id)}
+        if state is not None:
+            update["state"] = state.value if isinstance(state, JobState) else str(state)
+            ts = state_timestamp or _now()
+            update["state_timestamp"] = ts.isoformat() if isinstance(ts, dt.datetime) else str(ts)
+            if state_data:
+                update["state_data"] = state_data
+        if fields:
+            update.update(fields)
+        self.put_update(update)
+
+    def put_update(self, update: dict[str, Any]) -> int:
+        """Queue an update already in wire form (``{"id": ..., "state": ...}``); returns its sequence
+        number (see :meth:`done_through`)."""
+        if self._closed:
+            raise RuntimeError("BulkStatusUpdater is closed")
+        self._items.append(update)
+        self._last_put = next(self._put_count)
+        return self._last_put
+
+    def done_through(self, sequence: int) -> bool:
+        """True once the update numbered ``sequence`` and all before it were sent (or dropped)."""
+        return self._done >= sequence
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Block until every update put so far has been sent (or dropped); False on timeout."""
+        target = self._last_put
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wake.set()
+        with self._done_cond:
+            while self._done < target:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._wake.set()
+                self._done_cond.wait(min(remaining, 0.5) if remaining is not None else 0.5)
+        return True
+
+    def close(self) -> None:
+        """Send what is queued and stop the thread.
+
+        While the API answers, everything is sent however long it takes; once calls have kept failing
+        for ``close_timeout`` seconds the rest is given up (and spooled when ``spool_dir`` is set).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        # A call in flight can take a connect timeout (~6 s) before the give-up clock is checked.
+        self._thread.join(self.close_timeout + 30)
+        if self._thread.is_alive():
+            self.gave_up = True
+            left = list(self._inflight) + list(self._items)
+            logger.error("%s did not finish within %.0f s; %d updates unsent", self.name, self.close_timeout + 30, len(left))
+            self._spool(left)
+
+    @property
+    def pending(self) -> int:
+        return self._last_put - self._done
+
+    def __enter__(self) -> "BulkStatusUpdater":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- background thread ---------------------------------------------------------------------
+    def _drain(self) -> list[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        items = self._items
+        while items and len(batch) < self.max_batch:
+            batch.append(items.popleft())
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stopping
+            if not self._items:
+                if stopping:
+                    return
+                self._wake.wait(self.max_wait_sec)
+                self._wake.clear()
+                continue
+            # Let a burst accumulate (one call for many jobs) unless someone is waiting on us.
+            if not stopping and not self._wake.is_set():
+                self._wake.wait(self.max_wait_sec)
+            self._wake.clear()
+            batch = self._inflight = self._drain()
+            try:
+                self._send_batch(batch)
+            except Exception:  # never let the thread die: log and account for every update
+                logger.exception("%s: unexpected error; %d updates dropped", self.name, len(batch))
+                self.dropped.extend((u, "unexpected error") for u in batch)
+            finally:
+                self._inflight = []
+                with self._done_cond:
+                    self._done += len(batch)
+                    self._done_cond.notify_all()
+
+    def _send_batch(self, batch: list[dict[str, Any]]) -> None:
+        chunks = [
+            round_[start : start + MAX_ITEMS_PER_BULK_OP]
+            for round_ in split_into_rounds(batch)
+            for start in range(0, len(round_), MAX_ITEMS_PER_BULK_OP)
+        ]
+        for index, chunk in enumerate(chunks):
+            try:
+                refused = isolate_refused(self._send_retrying, chunk)
+            except _GaveUp as exc:
+                self.gave_up = True
+                unsent = [u for later in chunks[index:] for u in later]
+                logger.error("%s: giving up on %d updates: %s", self.name, len(unsent), exc.cause)
+                self.dropped.extend((u, str(exc.cause)) for u in unsent)
+                self._spool(unsent)
+                return
+            for update, error in refused:
+                logger.error("%s: server refused update %s: %s", self.name, update, error)
+                self.dropped.append((update, str(error)))
+            self.sent += len(chunk) - len(refused)
+
+    def _send_retrying(self, chunk: list[dict[str, Any]]) -> None:
+        """One PATCH, retried through outages; raises refusals, and :class:`_GaveUp` once closing has
+        seen failures for ``close_timeout`` seconds."""
+        delay = 0.5
+        while True:
+            try:
+                self._patch(chunk)
+                self._failing_since = None
+                return
+            except Exception as exc:
+                if is_refusal(exc):
+                    raise
+                if getattr(exc, "credential_refused", False):
+                    # Revoked: nothing more gets through with this credential; the spool hands the
+                    # updates to the site agent (the server already ended our sessions).
+                    raise _GaveUp(exc) from exc
+                if self._stopping:
+                    now = time.monotonic()
+                    self._failing_since = self._failing_since or now
+                    if now - self._failing_since >= self.close_timeout:
+                        raise _GaveUp(exc) from exc
+                    delay = min(delay, 1.0)
+                logger.warning("%s: PATCH /jobs/ failed (%s); retrying in %.1f s", self.name, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _patch(self, chunk: list[dict[str, Any]]) -> None:
+        self.calls += 1
+        if self._send_fn is not None:
+            self._send_fn(chunk)
+            return
+        client = self._client
+        if client is None:
+            from balsam._api.model import get_default_client
+
+            client = self._client = get_default_client()
+        from .rest import RESTClient
+
+        if isinstance(client, RESTClient):
+            # This loop does the retrying: while closing, one attempt per call keeps the give-up prompt.
+            client.patch("/jobs/", json=chunk, retry_count=0 if self._stopping else None)
+        else:
+            client.patch("/jobs/", json=chunk)
+
+    # -- spool -----------------------------------------------------------------------------------
+    def _spool(self, updates: list[dict[str, Any]]) -> None:
+        if not updates:
+            return
+        if self.spool_dir is None:
+            logger.error("%s: %d job updates lost (no spool directory): %s", self.name, len(updates), updates[:3])
+            return
+        try:
+            path = write_spool(self.spool_dir, updates)
+        except OSError as exc:
+            logger.error("%s: cannot spool %d job updates to %s: %s", self.name, len(updates), self.spool_dir, exc)
+            return
+        self.spooled += len(updates)
+        self.spool_files.append(path)
+        logger.warning("%s: %d job updates saved to %s; the site agent sends them when the API is back",
+                       self.name, len(updates), path)
+
+
+SPOOL_SUFFIX = ".jsonl"
+
+
+def write_spool(spool_dir: "Path | str", updates: list[dict[str, Any]]) -> Path:
+    """Write ``updates`` to a new file in ``spool_dir`` (complete or not at all: write, then rename)."""
+    spool_dir = Path(spool_dir)
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"unsent-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+    tmp = spool_dir / f".{stem}.tmp"
+    with open(tmp, "w") as fh:
+        for update in updates:
+            fh.write(json.dumps(update, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    path = spool_dir / f"{stem}{SPOOL_SUFFIX}"
+    os.replace(tmp, path)
+    return path
+
+
+class SpoolReplayer:
+    """Sends the updates launchers spooled (see :class:`BulkStatusUpdater`), through ``updater``.
+
+    :meth:`poll` never blocks: it queues the updates of new spool files and deletes a file once the
+    updater has sent (or dropped as refused) all of its updates. If the agent stops first, its own
+    updater spools what it could not send, so deleting a replayed file never loses an update.
+    """
+
+    def __init__(self, spool_dir: "Path | str", updater: BulkStatusUpdater) -> None:
+        self.spool_dir = Path(spool_dir)
+        self.updater = updater
+        self._queued: dict[Path, int] = {}
+        self.replayed = 0
+
+    def poll(self) -> int:
+        """Queue new spool files; delete the ones fully sent. Returns the number of updates queued."""
+        for path, sequence in list(self._queued.items()):
+            if self.updater.done_through(sequence):
+                path.unlink(missing_ok=True)
+                del self._queued[path]
+        try:
+            files = sorted(self.spool_dir.glob(f"*{SPOOL_SUFFIX}"))
+        except OSError:
+            return 0
+        queued = 0
+        for path in files:
+            if path in self._queued or path in self.updater.spool_files:
+                continue
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as exc:
+                logger.warning("cannot read spooled updates %s: %s", path, exc)
+                continue
+            sequence = 0
+            for number, line in enumerate(lines, 1):
+                try:
+                    update = json.loads(line)
+                    int(update["id"])
+                except (ValueError, KeyError, TypeError):
+                    logger.warning("%s:%d: not a job update; skipped", path, number)
+                    continue
+                sequence = self.updater.put_update(update)
+                queued += 1
+            logger.info("replaying %d spooled job updates from %s", len(lines), path.name)
+            if sequence:
+                self._queued[path] = sequence
+            else:
+                path.unlink(missing_ok=True)
+        self.replayed += queued
+        return queued

@@ -1,0 +1,152 @@
+"""Exactly-once creates: the ``Idempotency-Key`` request header.
+
+The client sends one key per logical request (a fresh UUID), the same key on every retry of that
+request. A creating route (jobs, apps, sites, BatchJobs, sessions, job acquisition) *claims* the key
+at the start of its write transaction and *records* what it made (the ids) before the transaction
+commits; a request whose key is already recorded is answered from the record (the records as they
+are now) instead of being applied again.
+
+Why nothing is applied twice:
+
+- the claim and the records are written in one transaction, so a commit makes both visible at once
+  and a crash or rollback removes both: there is no moment where records exist without their key;
+- the claim is an ``INSERT ... ON CONFLICT DO NOTHING`` on the primary key ``(user_id, key)``. On
+  PostgreSQL a second transaction claiming a key that an open transaction has just inserted waits on
+  the unique index until that transaction ends: if it committed, the insert does nothing and the
+  following SELECT (a new snapshot under READ COMMITTED) reads the record; if it rolled back, the
+  second claim succeeds and applies the request itself. On SQLite every write transaction starts
+  with ``BEGIN IMMEDIATE``, so claims are serialized and the second one sees the first's commit.
+  A retry that arrives while the original is still running (the client's read timeout fired) is
+  therefore answered once the original has committed, never applied beside it.
+- a key is bound to its request (sha256 of method, path, query and body): the same key on a
+  different request is refused (422) rather than answered with an unrelated record.
+
+Records expire after ``BALSAM_IDEMPOTENCY_TTL_SEC`` (default 24 h; a client retries for minutes) and
+are swept by the server's background task. Requests without the header behave as before.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .errors import ValidationFailed
+from .tables import idempotency_keys
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .routing import Ctx
+
+HEADER = "Idempotency-Key"
+MAX_KEY_CHARS = 128
+
+
+@attrs.frozen
+class Recorded:
+    """What an earlier request with the same key answered: its status and the ids it made."""
+
+    status_code: int
+    resource: str
+    ids: list[int]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def request_fingerprint(method: str, path: str, query: str, body: "bytes | None") -> str:
+    digest = hashlib.sha256()
+    for part in (method.encode(), path.encode(), query.encode(), body or b""):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+class IdempotentRequest:
+    """The idempotency key of one request (inactive when the request has none)."""
+
+    def __init__(self, ctx: "Ctx") -> None:
+        request = ctx.request
+        key = request.headers.get(HEADER)
+        self.key: Optional[str] = key.strip() if key is not None else None
+        if self.key is not None and not 1 <= len(self.key) <= MAX_KEY_CHARS:
+            raise ValidationFailed.field(["header", HEADER], f"must be 1 to {MAX_KEY_CHARS} characters")
+        self.ctx = ctx
+        self.ttl = dt.timedelta(seconds=int(getattr(ctx.settings, "idempotency_ttl_sec", 86400)))
+        self._fingerprint = ""
+        self._claimed = False
+
+    def claim(self, conn: sa.Connection) -> Optional[Recorded]:
+        """Claim the key for this transaction; the earlier answer if the key is already recorded.
+
+        Call first thing in the write transaction that creates the records.
+        """
+        if self.key is None:
+            return None
+        request = self.ctx.request
+        self._fingerprint = request_fingerprint(request.method, request.url.path, request.url.query, self.ctx.body)
+        user_id = self.ctx.user.id
+        now = _utcnow()
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        claimed = conn.execute(
+            insert(idempotency_keys)
+            .values(user_id=user_id, key=self.key, request_hash=self._fingerprint, status_code=0, resource="",
+                    resource_ids=[], created=now, expires=now + self.ttl)
+            .on_conflict_do_nothing(index_elements=["user_id", "key"])
+        ).rowcount
+        if claimed:
+            self._claimed = True
+            return None
+        row = conn.execute(
+            sa.select(idempotency_keys).where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == self.key)
+        ).one()
+        if row.expires <= now:
+            # Expired but not swept yet: the key starts a new life with this request.
+            conn.execute(
+                sa.update(idempotency_keys)
+                .where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == self.key)
+                .values(request_hash=self._fingerprint, status_code=0, resource="", resource_ids=[], created=now,
+                        expires=now + self.ttl)
+            )
+            self._claimed = True
+            return None
+        if row.request_hash != self._fingerprint:
+            raise ValidationFailed.field(
+                ["header", HEADER],
+                f"this key was already used for a different request (at {row.created:%Y-%m-%d %H:%M:%S} UTC); "
+                f"send a new key for a new request",
+            )
+        return Recorded(int(row.status_code), str(row.resource), [int(i) for i in row.resource_ids])
+
+    def record(self, conn: sa.Connection, status_code: int, resource: str, ids: "list[int]") -> None:
+        """Store what this request made (same transaction as the records themselves)."""
+        if not self._claimed:
+            return
+        conn.execute(
+            sa.update(idempotency_keys)
+            .where(idempotency_keys.c.user_id == self.ctx.user.id, idempotency_keys.c.key == self.key)
+            .values(status_code=status_code, resource=resource, resource_ids=list(ids))
+        )
+
+
+def sweep_expired_keys(conn: sa.Connection, now: "dt.datetime | None" = None) -> int:
+    """Delete expired records (the server's background task calls this every sweep period)."""
+    result = conn.execute(sa.delete(idempotency_keys).where(idempotency_keys.c.expires <= (now or _utcnow())))
+    return int(result.rowcount or 0)
+
+
+def replay_one(recorded: Recorded, resource: str, fetch: Callable[[int], Any]) -> Any:
+    """The single record an earlier create made (``fetch(id)`` raises NotFound once it is deleted)."""
+    from .errors import Conflict, NotFound
+
+    try:
+        return fetch(recorded.ids[0])
+    except (NotFound, IndexError):
+        raise Conflict(
+            f"the request with this {HEADER} created {resource} {recorded.ids[0] if recorded.ids else '?'}, "
+            f"which has been deleted since"
+        ) from None

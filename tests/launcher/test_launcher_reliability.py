@@ -1,0 +1,272 @@
+"""Launcher faults found by the reliability drills (issue 12): each test failed before its fix.
+
+- same-second launchers wrote the same ``serial_mode_<second>...`` files;
+- a workdir outside data/ (``../x``, ``/abs``, ``.``) ran there;
+- a full disk gave RUN_ERROR with an empty error and nothing in any log;
+- a SIGTERM'd launcher whose API is gone took 34 s to exit (now seconds, and nothing it could not
+  send is lost: it is spooled in the site for the agent).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from launcher_harness import start_launcher  # noqa: E402
+from launcher_helpers import make_runnable, wait_for_states  # noqa: E402
+
+
+# -- 1. unique per-launcher files ---------------------------------------------------------------------
+
+def _context(tmp_path: Path, **kw: Any) -> Any:
+    from balsam.launcher.job_mode import LauncherContext
+    from balsam.platform import NodeInfo
+
+    return LauncherContext(site_config=None, settings=None, site_id=1, data_path=tmp_path / "data",
+                           log_path=tmp_path / "log", platform=None, nodes=[NodeInfo(node_id="0", hostname="h", cpu_ids=(0,))],
+                           wall_time_min=1, job_mode="serial", **kw)
+
+
+def test_launchers_started_in_the_same_second_get_their_own_files(tmp_path: Path) -> None:
+    from balsam.launcher.job_mode import launcher_stamp
+
+    second = dt.datetime(2026, 1, 2, 3, 4, 5)
+    code = "import datetime, sys; from balsam.launcher.job_mode import launcher_stamp; " \
+           "print(launcher_stamp(datetime.datetime(2026, 1, 2, 3, 4, 5)))"
+    others = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+              for _ in range(2)}
+    stamps = others | {launcher_stamp(second)}
+    assert len(stamps) == 3 and all(s.startswith("2026-01-02_030405_") for s in stamps)
+    assert _context(tmp_path).log_file("serial.json") != _context(tmp_path, timestamp=others.pop()).log_file("serial.json")
+
+
+def test_a_serial_config_file_is_never_shared(tmp_path: Path) -> None:
+    """Even a clash of names (which the stamps prevent) would fail loudly rather than swap configs."""
+    from balsam.launcher.modes.serial import SerialMode
+
+    ctx = _context(tmp_path, timestamp="same")
+    ctx.log_path.mkdir(parents=True)
+    ctx.log_file("serial.json").write_text("{}")
+    mode = SerialMode.__new__(SerialMode)
+    mode.context = ctx
+    with pytest.raises(FileExistsError):
+        SerialMode.run(mode)
+
+
+# -- 6. workdirs stay inside data/ -------------------------------------------------------------------
+
+@pytest.mark.parametrize("workdir", ["../../x", "/abs/x", "a/../../..", "", "."])
+def test_the_launcher_refuses_a_workdir_outside_data(tmp_path: Path, workdir: str) -> None:
+    from balsam.launcher.app_run import JobBuildError, JobPreparer
+
+    class App:
+        def __init__(self, job: Any) -> None:
+            self.job = job
+
+        def get_arg_str(self) -> str:
+            return "true"
+
+        def get_environ_vars(self) -> dict:
+            return {}
+
+        def shell_preamble(self) -> str:
+            return ""
+
+    preparer = JobPreparer(tmp_path / "site" / "data", load_app=lambda _app_id: App)
+    job = types.SimpleNamespace(id=1, app_id=1, workdir=workdir, num_nodes=1, ranks_per_node=1, threads_per_rank=1,
+                                threads_per_core=1, gpus_per_rank=0, node_packing_count=1, launch_params={})
+    with pytest.raises(JobBuildError, match="workdir"):
+        preparer.prepare(job)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was created anywhere
+
+
+# -- 8. a full disk says so ----------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Any:
+    """A 256 KiB tmpfs (a real file system that fills up); needs root, as CI and this machine have."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_job_killed_by_a_full_disk_says_no_space_left(tiny_filesystem: Path, tmp_path: Path, caplog: Any) -> None:
+    from balsam.launcher.runner import ProcessPool
+
+    workdir = tiny_filesystem / "job"
+    workdir.mkdir()
+    pool = ProcessPool(10)
+    # The job fills the disk, so its own complaint cannot reach job.out either.
+    pool.start(7, "head -c 10000000 /dev/zero > big; echo failed >&2; exit 3", workdir, dict(os.environ))
+    deadline = time.monotonic() + 30
+    done: list = []
+    while not done:
+        assert time.monotonic() < deadline
+        done = pool.reap()
+        time.sleep(0.05)
+    (job_id, rc, tail, _when), = done
+    assert (job_id, rc) == (7, 3)
+    assert "No space left on device" in tail
+    assert "No space left on device" in caplog.text  # the launcher log says it too
+
+
+def test_the_disk_check_is_quiet_on_a_disk_with_room(tmp_path: Path) -> None:
+    from balsam.launcher.runner import disk_full_note
+
+    assert disk_full_note(tmp_path) == ""
+
+
+# -- 9. SIGTERM with the API gone ------------------------------------------------------------------------
+
+def test_sigterm_with_the_api_gone_exits_in_seconds_and_spools_the_updates(
+    live_server_factory: Any, register: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher's updates after the API vanished are kept in the site's spool/ (nothing lost),
+    and the launcher is gone within seconds of SIGTERM (it took 34 s)."""
+    import yaml
+
+    from balsam._api.model import reset_default_client
+    from launcher_harness import make_site
+
+    server = live_server_factory()
+    username, _password, _uid, token, expiry = register(server.url)
+    home = tmp_path / "home"
+    home.mkdir()
+    client_path = home / "client.yml"
+    # The default retry budget of a real client.yml: the slow exit came from retrying with it.
+    client_path.write_text(yaml.safe_dump({"api_root": server.url, "token": token, "token_expiry": expiry.isoformat(),
+                                           "username": username}))
+    monkeypatch.setenv("BALSAM_HOME", str(home))
+    monkeypatch.setenv("BALSAM_CLIENT_PATH", str(client_path))
+    reset_default_client()
+    from balsam.api import ApplicationDefinition
+
+    path = make_site(tmp_path / "gone", "gone", {"idle_ttl_sec": 60})
+
+    class Sleepy(ApplicationDefinition):
+        site = "gone"
+        command_template = "sleep {{ t }}"
+
+    Sleepy.sync()
+    quick = make_runnable([Sleepy.submit(workdir=f"q{i}", t=0, save=False) for i in range(2)])
+    slow = make_runnable([Sleepy.submit(workdir="slow", t=300, save=False)])
+    proc = start_launcher(path, "mpi", 10, env={"BALSAM_CLIENT_PATH": str(client_path)})
+    wait_for_states(quick, {"RUN_DONE"})
+    wait_for_states(slow, {"RUNNING"})
+    server.stop()  # the API is gone
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    proc.wait(timeout=60)
+    took = time.monotonic() - t0
+    assert took < 15, f"the launcher took {took:.1f} s to exit"
+    spooled = [json.loads(line) for f in sorted((path / "spool").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert [(u["id"], u["state"]) for u in spooled] == [(slow[0], "RUN_TIMEOUT")], spooled
+    reset_default_client()
+
+
+def test_spooled_updates_are_replayed_once_the_api_is_back(balsam_env: Any, tmp_path: Path) -> None:
+    from balsam._api.model import get_default_client, reset_default_client
+    from balsam.client.status_updater import BulkStatusUpdater, SpoolReplayer, write_spool
+
+    reset_default_client()
+    client = get_default_client()
+    site = client.post("/sites/", json={"name": "spool", "path": str(tmp_path)})
+    app = client.post("/apps/", json={"site_id": site["id"], "name": "S", "serialized_class": "eA==", "source_code": "x"})
+    jobs = client.post("/jobs/", json=[{"workdir": f"s{i}", "app_id": app["id"]} for i in range(3)])
+    ids = [j["id"] for j in jobs]
+    client.patch("/jobs/", json=[{"id": i, "state": "PREPROCESSED"} for i in ids])
+    client.patch("/jobs/", json=[{"id": i, "state": "RUNNING"} for i in ids])
+    spool = tmp_path / "spool"
+    write_spool(spool, [{"id": ids[0], "state": "RUN_DONE", "return_code": 0},
+                        {"id": ids[1], "state": "RUN_ERROR", "state_data": {"error": "boom"}},
+                        {"id": ids[2], "state": "JOB_FINISHED"}])  # refused (not from RUNNING): dropped, others kept
+    with BulkStatusUpdater(client, spool_dir=spool) as updater:
+        replayer = SpoolReplayer(spool, updater)
+        assert replayer.poll() == 3
+        assert updater.flush(30)
+        replayer.poll()
+    assert list(spool.glob("*.jsonl")) == []
+    states = {j["id"]: j["state"] for j in client.get("/jobs/", params={"id": ids})["results"]}
+    assert states == {ids[0]: "RUN_DONE", ids[1]: "RUN_ERROR", ids[2]: "RUNNING"}
+    reset_default_client()
+
+
+def test_the_updater_gives_up_quickly_once_closing_with_the_api_gone(tmp_path: Path) -> None:
+    from balsam.client.status_updater import BulkStatusUpdater
+
+    calls: list[float] = []
+
+    def unreachable(_chunk: list) -> None:
+        calls.append(time.monotonic())
+        raise ConnectionError("connection refused")
+
+    updater = BulkStatusUpdater(send=unreachable, close_timeout=1.0, spool_dir=tmp_path / "spool")
+    updater.put(1, "RUN_DONE")
+    updater.put(2, "RUN_ERROR", state_data={"error": "x"})
+    t0 = time.monotonic()
+    updater.close()
+    assert time.monotonic() - t0 < 6
+    assert updater.spooled == 2 and len(updater.spool_files) == 1
+    lines = updater.spool_files[0].read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [1, 2]
+
+
+def test_refused_updates_are_isolated_by_bisection() -> None:
+    from balsam.client.status_updater import isolate_refused
+
+    class Refused(Exception):
+        status_code = 400
+
+    sent: list[list[int]] = []
+
+    def send(items: list) -> None:
+        if 13 in items or 77 in items:
+            raise Refused("bad record")
+        sent.append(items)
+
+    refused = isolate_refused(send, list(range(100)))
+    assert [item for item, _err in refused] == [13, 77]
+    assert sorted(i for batch in sent for i in batch) == [i for i in range(100) if i not in (13, 77)]
+    assert len(sent) < 20  # halves, not one call per record
+
+
+# -- idle time counts from the start of work, not of a slow start-up -----------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["serial", "mpi"])
+def test_a_slow_start_up_is_not_idle_time(new_site: Any, mode: str) -> None:
+    """The platform takes 4 s to load, longer than idle_ttl_sec (2 s): the launcher used to end as
+    "idle" with 0 jobs started the moment its first acquisition came back empty."""
+    from balsam.api import ApplicationDefinition
+
+    from launcher_helpers import make_runnable
+
+    name, path = new_site(idle_ttl_sec=2, platform="testplugin")
+
+    class Quick(ApplicationDefinition):
+        site = name
+        command_template = "true"
+
+    Quick.sync()
+    ids = make_runnable([Quick.submit(workdir=f"q{i}", save=False) for i in range(3)])
+    proc = start_launcher(path, mode, 1, env={"BALSAM_TESTPLUGIN_FAULTS": "slow-start"})
+    wait_for_states(ids, {"RUN_DONE"}, timeout=90)
+    assert proc.wait(60) == 0
