@@ -70,13 +70,17 @@ def utilization_report(eventlog_query: Iterable[Any], node_weighting: bool = Tru
     return times, values
 
 
-def available_nodes(batchjob_query: Iterable[Any]) -> Series:
-    """Nodes held by allocations over time (``num_nodes`` from start_time until end_time)."""
+def available_nodes(batchjob_query: Iterable[Any], now: "dt.datetime | None" = None) -> Series:
+    """Nodes held by allocations over time (``num_nodes`` from start_time until end_time).
+
+    A BatchJob without an end_time holds its nodes until ``now`` (default: the current time, naive
+    local or UTC-aware like the BatchJobs' own times)."""
     changes: list[tuple[dt.datetime, int]] = []
-    now = dt.datetime.now()
     for bj in batchjob_query:
         if bj.start_time is None:
             continue
+        if now is None:
+            now = dt.datetime.now(dt.timezone.utc) if bj.start_time.tzinfo is not None else dt.datetime.now()
         changes.append((bj.start_time, bj.num_nodes))
         changes.append((bj.end_time if bj.end_time is not None else now, -bj.num_nodes))
     changes.sort(key=lambda c: (c[0], c[1]))

@@ -34,9 +34,11 @@ logger = logging.getLogger("balsam.server")
 
 
 def _all_routes() -> list:
+    from .dashboard import dashboard_routes
     from .openapi import openapi_route
 
     return [
+        *dashboard_routes(),
         *auth.routes, *sites.routes, *apps.routes, *jobs.routes, *batch_jobs.routes, *sessions.routes,
         *transfers.routes, *events.routes, openapi_route(),
         route("/", {"GET": lambda ctx: JSONResponse({"name": "balsam", "version": balsam.__version__})}),
@@ -51,6 +53,10 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     detail = exc.detail
+    if request.url.path.startswith("/dashboard/") and exc.status_code in (404, 405):
+        from .dashboard.views import not_found_page
+
+        return not_found_page(request, exc.status_code)
     if exc.status_code == 404:
         detail = f"Not found: no route {request.method} {request.url.path}"
     elif exc.status_code == 405:

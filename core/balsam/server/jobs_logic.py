@@ -122,6 +122,17 @@ def job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
     return out
 
 
+def plain_job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
+    """Rows selected with JOB_OUT_COLUMNS -> dicts with the JSON columns decoded (for templates)."""
+    out = []
+    for row in rows:
+        values = list(row)
+        for i in _JSON_POSITIONS:
+            values[i] = orjson.loads(values[i]) if values[i] is not None else None
+        out.append(dict(zip(JOB_OUT_FIELDS, values)))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Filters
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +186,45 @@ def list_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
     stmt = sa.select(*JOB_OUT_COLUMNS).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
     stmt = apply_job_filters(stmt, q, dialect).order_by(*job_ordering(q)).limit(limit).offset(offset)
     return count, job_dicts(conn.execute(stmt))
+
+
+def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams) -> dict[str, int]:
+    """``{state: count}`` of the user's jobs matching the query's filters (one GROUP BY; the
+    ``(site_id, state)`` index answers it without reading the rows when no other filter is set)."""
+    stmt = sa.select(jobs.c.state, sa.func.count()).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+    stmt = apply_job_filters(stmt, q, conn.dialect.name).group_by(jobs.c.state)
+    return {state: n for state, n in conn.execute(stmt)}
+
+
+def count_jobs_by_site_state(conn: sa.Connection, user_id: int) -> dict[int, dict[str, int]]:
+    """``{site_id: {state: count}}`` for all the user's sites (one GROUP BY over the index)."""
+    stmt = (sa.select(jobs.c.site_id, jobs.c.state, sa.func.count())
+            .where(jobs.c.site_id.in_(owned_site_ids(user_id))).group_by(jobs.c.site_id, jobs.c.state))
+    out: dict[int, dict[str, int]] = defaultdict(dict)
+    for site_id, state, n in conn.execute(stmt):
+        out[site_id][state] = n
+    return dict(out)
+
+
+def keyset_page_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, *,
+                     before_id: "int | None" = None, after_id: "int | None" = None) -> tuple[list[dict[str, Any]], bool]:
+    """One page of matching jobs, newest first, after a cursor instead of an offset: ``before_id``
+    gives the next older page, ``after_id`` the next newer one. The primary key serves both, so a
+    page costs the same at job 10 and at job 10^6. Returns the jobs and whether more lie beyond."""
+    stmt = sa.select(*JOB_OUT_COLUMNS).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+    stmt = apply_job_filters(stmt, q, conn.dialect.name)
+    if after_id is not None:
+        stmt = stmt.where(jobs.c.id > after_id).order_by(jobs.c.id.asc())
+    else:
+        if before_id is not None:
+            stmt = stmt.where(jobs.c.id < before_id)
+        stmt = stmt.order_by(jobs.c.id.desc())
+    found = plain_job_dicts(conn.execute(stmt.limit(limit + 1)))
+    more = len(found) > limit
+    found = found[:limit]
+    if after_id is not None:
+        found.reverse()
+    return found, more
 
 
 def matching_job_ids(conn: sa.Connection, user_id: int, q: QueryParams) -> list[int]:
