@@ -505,7 +505,7 @@ def login_link(ctx: Ctx) -> Response:
             raise Unauthorized("This token's user no longer exists")
     ticket = sessions.issue_ticket(user, ctx.settings.secret_key)
     path = _app_root(ctx.request) + "/dashboard/ticket?" + urlencode({"t": ticket})
-    return json_response({"path": path, "expires_in": sessions.TICKET_TTL_SEC})
+    return json_response({"ticket": ticket, "path": path, "expires_in": sessions.TICKET_TTL_SEC})
 
 
 def not_found_page(request: Request, status_code: int) -> Response:
