@@ -8,6 +8,7 @@ token: another user's site, job or BatchJob is "not found" here too.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -37,6 +38,7 @@ from ..tables import apps, job_parents, jobs, sites, users
 from . import session as sessions
 from .plots import plot_data
 
+logger = logging.getLogger("balsam.server.dashboard")
 HERE = Path(__file__).parent
 ACTIVE_WINDOW = dt.timedelta(minutes=2)
 PAGE_SIZES = (25, 50, 100, 200)
@@ -138,6 +140,7 @@ class View:
 
     def render(self, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         context.setdefault("title", "")
+        context.setdefault("active_page", "")
         html = _env.get_template(template).render(
             base=self.base, user=self.session.user if self.session else None,
             csrf_token=self.session.csrf_token(self.settings.secret_key) if self.session else "",
@@ -241,6 +244,12 @@ def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, l
             response = handler(view)
         except APIError as exc:
             response = view.render("error.html", exc.status_code, title="Error", message=exc.detail)
+        except sa.exc.SQLAlchemyError:
+            raise  # the app's handlers answer database errors (conflicts, values it cannot store)
+        except Exception as exc:  # a page must fail as a page, with the details in the server log
+            logger.exception("dashboard page %s failed", request.url.path)
+            response = view.render("error.html", 500, title="Server error",
+                                   message=f"This page failed ({type(exc).__name__}); the server log has the details.")
         if session is not None and login:
             renewed = sessions.renew_session(session, settings.secret_key, settings.dashboard_session_ttl_sec)
             if renewed:
@@ -343,12 +352,16 @@ def jobs_page(view: View) -> Response:
 
 
 def _error_tail(events: list[dict]) -> Optional[dict]:
-    """The most recent event that carries an error (the tail of job.out, or a hook's traceback)."""
-    for event in reversed(events):
-        data = event.get("data") or {}
-        if isinstance(data, dict) and (data.get("error") or (event["to_state"] in ERROR_STATES and data.get("message"))):
-            return event
-    return None
+    """The most recent event that carries an error (the tail of job.out, or a hook's traceback);
+    else the most recent move to an error state that says why."""
+    def data(event: dict) -> dict:
+        return event.get("data") if isinstance(event.get("data"), dict) else {}
+
+    with_error = [e for e in events if data(e).get("error")]
+    if with_error:
+        return with_error[-1]
+    explained = [e for e in events if e["to_state"] in ERROR_STATES and data(e).get("message")]
+    return explained[-1] if explained else None
 
 
 def job_page(view: View) -> Response:
