@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import httpx
@@ -31,6 +32,30 @@ def logged_in_client(url: str, username: str, password: str) -> httpx.Client:
     answer = login(client, username, password)
     assert answer.status_code == 303, answer.text
     return client
+
+
+def make_campaign(url: str, token: str, n_jobs: int = 5, name: "str | None" = None, finished: bool = False) -> dict[str, Any]:
+    """A site, an app and jobs of one user, made through the REST API: the first job failed with an
+    error (as a launcher reports it), the second finished (``finished=True``), the rest are STAGED_IN."""
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    name = name or f"site-{uuid.uuid4().hex[:6]}"
+    site = api.post("/sites/", json={"name": name, "path": f"/tmp/{name}"}).json()
+    app = api.post("/apps/", json={"site_id": site["id"], "name": "Sim", "serialized_class": "", "source_code": "",
+                                   "parameters": {}, "transfers": {}, "description": ""}).json()
+    jobs = api.post("/jobs/", json=[{"app_id": app["id"], "workdir": f"run/{i}", "tags": {"batch": str(i % 2)}}
+                                    for i in range(n_jobs)]).json()
+    failed = jobs[0]["id"]
+    for state, data in (("PREPROCESSED", {}), ("RUNNING", {"num_nodes": 1}),
+                        ("RUN_ERROR", {"returncode": 3, "error": "Traceback (most recent call last):\nValueError: bad mesh 42"}),
+                        ("FAILED", {"message": "the run failed"})):
+        resp = api.patch("/jobs/", json=[{"id": failed, "state": state, "state_data": data}])
+        assert resp.status_code == 200, resp.text
+    if finished:
+        for state, data in (("PREPROCESSED", {}), ("RUNNING", {"num_nodes": 1}), ("RUN_DONE", {}), ("POSTPROCESSED", {})):
+            resp = api.patch("/jobs/", json=[{"id": jobs[1]["id"], "state": state, "state_data": data}])
+            assert resp.status_code == 200, resp.text
+    api.close()
+    return {"site": site, "app": app, "jobs": jobs, "failed": failed, "finished": jobs[1]["id"] if finished else None}
 
 
 def text_of(html: str) -> str:

@@ -14,26 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dashboard_helpers import hidden_field, logged_in_client, login, text_of  # noqa: E402
-
-
-def _campaign(url: str, token: str, n_jobs: int = 5, name: "str | None" = None) -> dict[str, Any]:
-    """A site, an app and jobs of one user, made through the REST API; one job failed with an error."""
-    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    name = name or f"site-{uuid.uuid4().hex[:6]}"
-    site = api.post("/sites/", json={"name": name, "path": f"/tmp/{name}"}).json()
-    app = api.post("/apps/", json={"site_id": site["id"], "name": "Sim", "serialized_class": "", "source_code": "",
-                                   "parameters": {}, "transfers": {}, "description": ""}).json()
-    jobs = api.post("/jobs/", json=[{"app_id": app["id"], "workdir": f"run/{i}", "tags": {"batch": str(i % 2)}}
-                                    for i in range(n_jobs)]).json()
-    failed = jobs[0]["id"]
-    for state, data in (("PREPROCESSED", {}), ("RUNNING", {"num_nodes": 1}),
-                        ("RUN_ERROR", {"returncode": 3, "error": "Traceback (most recent call last):\nValueError: bad mesh 42"}),
-                        ("FAILED", {"message": "the run failed"})):
-        resp = api.patch("/jobs/", json=[{"id": failed, "state": state, "state_data": data}])
-        assert resp.status_code == 200, resp.text
-    api.close()
-    return {"site": site, "app": app, "jobs": jobs, "failed": failed}
+from dashboard_helpers import hidden_field, logged_in_client, login, make_campaign, text_of  # noqa: E402
 
 
 @pytest.fixture
@@ -42,7 +23,7 @@ def two_users(live_server: str, register: Any) -> dict[str, Any]:
     for who in ("alice", "bob"):
         username, password, user_id, token, _ = register(live_server)
         users[who] = {"username": username, "password": password, "token": token,
-                      "campaign": _campaign(live_server, token, name=f"{who}-{uuid.uuid4().hex[:6]}")}
+                      "campaign": make_campaign(live_server, token, name=f"{who}-{uuid.uuid4().hex[:6]}")}
     return users
 
 
@@ -142,7 +123,7 @@ def test_job_page_shows_error_history_and_output_path(live_server: str, two_user
 
 def test_jobs_filters_counts_and_keyset_paging(live_server: str, register: Any) -> None:
     username, password, _, token, _ = register(live_server)
-    campaign = _campaign(live_server, token, n_jobs=12)
+    campaign = make_campaign(live_server, token, n_jobs=12)
     client = logged_in_client(live_server, username, password)
     ids = sorted(j["id"] for j in campaign["jobs"])
     first = client.get("/dashboard/jobs?limit=5")
@@ -167,7 +148,7 @@ def test_jobs_filters_counts_and_keyset_paging(live_server: str, register: Any) 
 
 def test_batch_jobs_and_sites_pages(live_server: str, register: Any) -> None:
     username, password, _, token, _ = register(live_server)
-    campaign = _campaign(live_server, token, n_jobs=2)
+    campaign = make_campaign(live_server, token, n_jobs=2)
     api = httpx.Client(base_url=live_server, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     site_id = campaign["site"]["id"]
     api.put(f"/sites/{site_id}", json={

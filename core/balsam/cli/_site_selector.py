@@ -14,6 +14,7 @@ a site name -> that site; else the one site whose path contains the fragment.
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from typing import Any, Optional
 
 import click
@@ -163,7 +164,7 @@ def watch_output(draw: Any, interval: float, *, title: str, iterations: Optional
     (or ``iterations`` rounds). Off a terminal each round is separated by a header line instead."""
     import time
 
-    tty = click.get_text_stream("stdout").isatty()
+    tty = sys.stdout.isatty()
     done = 0
     try:
         while True:
