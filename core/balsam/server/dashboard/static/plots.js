@@ -9,10 +9,22 @@
     return { width: Math.max(320, el.clientWidth - 10), height: 260 };
   }
 
+  // Both charts show one time window: from the first point of either series to now (the data's
+  // last point if later), at least MIN_SPAN_S wide so that a campaign whose jobs all finished in the
+  // same second still has a readable axis.
+  var MIN_SPAN_S = 60;
+  var windowRange = [null, null];
+
+  function sharedRange(payload) {
+    var xs = payload.throughput.t.concat(payload.utilization.t, [payload.generated]);
+    var lo = Math.min.apply(null, xs), hi = Math.max.apply(null, xs);
+    return [Math.min(lo, hi - MIN_SPAN_S), hi];
+  }
+
   function makeChart(id, series, data) {
     var el = document.getElementById(id);
     var opts = Object.assign(size(el), {
-      scales: { x: { time: true } },
+      scales: { x: { time: true, range: function () { return windowRange; } } },
       axes: [{}, { label: series.axis }],
       series: [{}].concat(series.lines),
       legend: { live: true },
@@ -22,7 +34,14 @@
   }
 
   function draw(payload) {
-    var thr = [payload.throughput.t, payload.throughput.finished];
+    windowRange = sharedRange(payload);
+    // The cumulative count starts from 0 at the window's start (the step line needs a first point).
+    var thrT = payload.throughput.t.slice(), thrY = payload.throughput.finished.slice();
+    if (!thrT.length || thrT[0] > windowRange[0]) {
+      thrT.unshift(windowRange[0]);
+      thrY.unshift(0);
+    }
+    var thr = [thrT, thrY];
     var util = [payload.utilization.t, payload.utilization.busy, payload.utilization.available];
     if (!charts.throughput) {
       charts.throughput = makeChart("chart-throughput", {
