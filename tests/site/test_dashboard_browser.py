@@ -83,21 +83,21 @@ def test_dashboard_during_a_campaign(browser: Any, make_site: Any, agent_daemon:
 
     class Mesh(ApplicationDefinition):
         site = site_id
-        command_template = "echo meshing {{ n }}; sleep 0.2"
+        command_template = "echo meshing {{ n }}; sleep 0.5"
 
     class BadMesh(ApplicationDefinition):
         site = site_id
         command_template = "echo reading input; echo 'ValueError: bad mesh 42' >&2; exit 3"
 
     jobs = [Job(f"mesh/{n}", Mesh, parameters={"n": n}, tags={"campaign": "browser"}, node_packing_count=4)
-            for n in range(6)]
+            for n in range(10)]
     jobs.append(Job("mesh/bad", BadMesh, tags={"campaign": "browser"}))
     Job.objects.bulk_create(jobs)
 
     alice = Tab(browser, balsam_env.url)
     alice.login(balsam_env.username, balsam_env.password)
     alice.page.goto("/dashboard/jobs?tags=campaign:browser")
-    assert alice.count("STAGED_IN") + alice.count("PREPROCESSED") == 7 and alice.count("JOB_FINISHED") == 0
+    assert alice.count("STAGED_IN") + alice.count("PREPROCESSED") == 11 and alice.count("JOB_FINISHED") == 0
     alice.shot("jobs-before")
 
     create_batch_job(client, site_id, "serial")
@@ -105,11 +105,11 @@ def test_dashboard_during_a_campaign(browser: Any, make_site: Any, agent_daemon:
     alice.page.wait_for_function(
         "() => { const c = s => { const el = document.querySelector(`#state-counts td[data-state=${s}]`);"
         " return el ? parseInt(el.textContent.replace(/,/g, '')) : 0; };"
-        " return c('JOB_FINISHED') === 6 && c('FAILED') === 1; }",
+        " return c('JOB_FINISHED') === 10 && c('FAILED') === 1; }",
         timeout=LIVE_TIMEOUT_MS,
     )
-    wait_for(lambda: all_done(client, 7, site_id=site_id), timeout=30, what="the API to agree")
-    assert alice.count("JOB_FINISHED") == 6 and alice.count("FAILED") == 1
+    wait_for(lambda: all_done(client, 11, site_id=site_id), timeout=30, what="the API to agree")
+    assert alice.count("JOB_FINISHED") == 10 and alice.count("FAILED") == 1
     alice.shot("jobs")
 
     # the failed job: its error, its history, where its output is
@@ -126,9 +126,9 @@ def test_dashboard_during_a_campaign(browser: Any, make_site: Any, agent_daemon:
     alice.page.goto(f"/dashboard/plots?site_id={site_id}")
     alice.page.wait_for_selector("#chart-throughput canvas", timeout=30_000)
     alice.page.wait_for_selector("#chart-utilization canvas", timeout=30_000)
-    alice.page.wait_for_function("() => /6 jobs finished/.test(document.getElementById('plot-status').textContent)",
+    alice.page.wait_for_function("() => /10 jobs finished/.test(document.getElementById('plot-status').textContent)",
                                  timeout=30_000)
-    assert alice.page.inner_text("#summary-finished") == "6"
+    assert alice.page.inner_text("#summary-finished") == "10"
     alice.shot("plots")
 
     alice.page.goto("/dashboard/")
