@@ -27,6 +27,7 @@ from .errors import APIError, Conflict
 from .http import JSONResponse, error_response
 from .routes import apps, auth, batch_jobs, events, jobs, sessions, sites, transfers
 from .routing import Ctx, route
+from .job_counts import fold_deltas
 from .sessions_logic import sweep_expired
 from .settings import ServerSettings
 
@@ -84,6 +85,8 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def _sweep_once(app: Starlette) -> None:
     with write_tx(app.state.engine) as conn:
         sweep_expired(conn, app.state.settings.session_expire_sec)
+    with write_tx(app.state.engine) as conn:
+        fold_deltas(conn)
 
 
 @contextlib.asynccontextmanager

@@ -188,22 +188,37 @@ def list_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
     return count, job_dicts(conn.execute(stmt))
 
 
-def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams) -> dict[str, int]:
-    """``{state: count}`` of the user's jobs matching the query's filters (one GROUP BY; the
-    ``(site_id, state)`` index answers it without reading the rows when no other filter is set)."""
-    stmt = sa.select(jobs.c.state, sa.func.count()).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
-    stmt = apply_job_filters(stmt, q, conn.dialect.name).group_by(jobs.c.state)
-    return {state: n for state, n in conn.execute(stmt)}
+#: Filters the trigger-kept counters can answer (balsam.server.job_counts); others need a scan.
+COUNTER_FILTERS = frozenset({"site_id", "app_id"})
+#: A scan for counts by state stops after this many matching jobs (the counts are then lower bounds).
+COUNT_SCAN_CAP = 100_000
 
 
-def count_jobs_by_site_state(conn: sa.Connection, user_id: int) -> dict[int, dict[str, int]]:
-    """``{site_id: {state: count}}`` for all the user's sites (one GROUP BY over the index)."""
-    stmt = (sa.select(jobs.c.site_id, jobs.c.state, sa.func.count())
-            .where(jobs.c.site_id.in_(owned_site_ids(user_id))).group_by(jobs.c.site_id, jobs.c.state))
-    out: dict[int, dict[str, int]] = defaultdict(dict)
-    for site_id, state, n in conn.execute(stmt):
-        out[site_id][state] = n
-    return dict(out)
+def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams, *,
+                        cap: int = COUNT_SCAN_CAP) -> tuple[dict[str, int], bool]:
+    """``({state: count}, exact)`` of the user's jobs matching the query's filters (but its state).
+
+    With no filter or only site/app filters, the counters answer (a few rows at any number of
+    jobs). Other filters (tags, workdir...) scan the matching jobs, at most ``cap`` of them: past
+    that the counts are lower bounds and ``exact`` is False."""
+    from .job_counts import counts_by_state
+
+    names = set(q.params.keys()) - {"state", "ordering"}
+    if names <= COUNTER_FILTERS:
+        app_id = q.int("app_id")
+        return counts_by_state(conn, user_id, site_ids=q.int_list("site_id"),
+                               app_ids=None if app_id is None else [app_id]), True
+    matching = sa.select(jobs.c.state).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+    matching = apply_job_filters(matching, QueryParams(_without(q.params, "state")), conn.dialect.name).limit(cap)
+    sub = matching.subquery()
+    counts = {state: n for state, n in conn.execute(sa.select(sub.c.state, sa.func.count()).group_by(sub.c.state))}
+    return counts, sum(counts.values()) < cap
+
+
+def _without(params: Any, name: str) -> Any:
+    from starlette.datastructures import QueryParams as StarletteQueryParams
+
+    return StarletteQueryParams([(k, v) for k, v in params.multi_items() if k != name])
 
 
 def keyset_page_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, *,

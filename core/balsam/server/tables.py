@@ -207,3 +207,29 @@ log_events = sa.Table(
     sa.Column("data", JSONType, nullable=False),
     sqlite_autoincrement=True,
 )
+
+# Job counts per (app, state), kept by database triggers on ``jobs`` (migration 0002) so that the
+# counts by state of a site or of all a user's sites cost a few rows at any number of jobs (the
+# dashboard, ``balsam server status``). SQLite: row triggers update ``job_counts`` directly (writers
+# are serialized there anyway). PostgreSQL: statement triggers append grouped changes to
+# ``job_count_deltas`` (no row is updated by two writers, so no lock waits and no deadlocks between
+# concurrent bulk updates), and the server's background sweep folds them into ``job_counts``;
+# readers add both. See balsam.server.job_counts.
+job_counts = sa.Table(
+    "job_counts",
+    metadata,
+    sa.Column("app_id", sa.Integer, primary_key=True),
+    sa.Column("state", sa.String(32), primary_key=True),
+    sa.Column("site_id", sa.Integer, nullable=False, index=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+
+job_count_deltas = sa.Table(
+    "job_count_deltas",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("site_id", sa.Integer, nullable=False),
+    sa.Column("app_id", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("delta", sa.BigInteger, nullable=False),
+)

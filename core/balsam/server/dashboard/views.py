@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 import balsam
 from balsam.states import BatchJobState, JobState
 
-from .. import jobs_logic
+from .. import job_counts, jobs_logic
 from ..auth import AuthUser, authenticate_password
 from ..db import count_and_page, read_tx
 from ..errors import APIError, NotFound, Unauthorized
@@ -290,7 +290,7 @@ def sites_page(view: View) -> Response:
     now = dt.datetime.now(dt.timezone.utc)
     with view.read() as conn:
         site_rows = _site_rows(conn, view.user.id)
-        counts = jobs_logic.count_jobs_by_site_state(conn, view.user.id)
+        counts = job_counts.counts_by_site_state(conn, view.user.id)
         bj_stmt, _ = batch_jobs_select(view.user.id, view.query(StarletteQueryParams([("state", s) for s in ACTIVE_BATCH_STATES])),
                                        conn.dialect.name)
         active_bjs = [dict(zip(BJ_FIELDS, r)) for r in conn.execute(bj_stmt.order_by(sa.desc("id")).limit(500))]
@@ -317,6 +317,7 @@ def jobs_page(view: View) -> Response:
     error = ""
     rows: list[dict] = []
     counts: dict[str, int] = {}
+    exact = True
     more = False
     limit = DEFAULT_PAGE_SIZE
     before = after = None
@@ -327,9 +328,12 @@ def jobs_page(view: View) -> Response:
             limit = pq.int("limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=max(PAGE_SIZES)) or DEFAULT_PAGE_SIZE
             before, after = pq.int("before", minimum=0), pq.int("after", minimum=0)
             q = view.query(raw)
-            q_no_state = view.query(StarletteQueryParams([(k, v) for k, v in raw.multi_items() if k != "state"]))
-            counts = jobs_logic.count_jobs_by_state(conn, view.user.id, q_no_state)
-            rows, more = jobs_logic.keyset_page_jobs(conn, view.user.id, q, limit, before_id=before, after_id=after)
+            counts, exact = jobs_logic.count_jobs_by_state(conn, view.user.id, q)
+            states_wanted = raw.getlist("state")
+            if sum(n for s, n in counts.items() if not states_wanted or s in states_wanted) == 0 and exact:
+                rows, more = [], False  # nothing matches: no need to look for a page of it
+            else:
+                rows, more = jobs_logic.keyset_page_jobs(conn, view.user.id, q, limit, before_id=before, after_id=after)
         except APIError as exc:
             error = exc.detail if isinstance(exc.detail, str) else "; ".join(
                 f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in exc.detail)
@@ -342,7 +346,7 @@ def jobs_page(view: View) -> Response:
     has_older = bool(rows) and (more if after is None else True)
     return view.render(
         "jobs.html", 422 if error else 200, title="Jobs", active_page="jobs", error=error, rows=rows,
-        counts=_state_table(counts), count_total=sum(counts.values()), matching=matching, filters=raw,
+        counts=_state_table(counts), count_total=sum(counts.values()), matching=matching, exact=exact, filters=raw,
         selected_states=states, tags_text=" ".join(raw.getlist("tags")), sites=site_rows, site_names=site_names,
         apps=app_names, states=LISTED_STATES, limit=limit, page_sizes=PAGE_SIZES,
         newer_url=view.url("jobs", raw, after=rows[0]["id"], limit=limit if limit != DEFAULT_PAGE_SIZE else None) if has_newer else "",
