@@ -190,17 +190,17 @@ def list_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
 
 #: Filters the trigger-kept counters can answer (balsam.server.job_counts); others need a scan.
 COUNTER_FILTERS = frozenset({"site_id", "app_id"})
-#: A scan for counts by state stops after this many matching jobs (the counts are then lower bounds).
-COUNT_SCAN_CAP = 100_000
+#: Counting with other filters looks at the user's newest jobs only, this many (None: all of them).
+COUNT_SCAN_WINDOW = 50_000
 
 
 def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams, *,
-                        cap: int = COUNT_SCAN_CAP) -> tuple[dict[str, int], bool]:
+                        window: "int | None" = COUNT_SCAN_WINDOW) -> tuple[dict[str, int], bool]:
     """``({state: count}, exact)`` of the user's jobs matching the query's filters (but its state).
 
     With no filter or only site/app filters, the counters answer (a few rows at any number of
-    jobs). Other filters (tags, workdir...) scan the matching jobs, at most ``cap`` of them: past
-    that the counts are lower bounds and ``exact`` is False."""
+    jobs). Other filters (tags, workdir...) need a scan of the jobs: it covers the user's newest
+    ``window`` jobs (``exact`` is False when older ones exist), or all of them with ``window=None``."""
     from .job_counts import counts_by_state
 
     names = set(q.params.keys()) - {"state", "ordering"}
@@ -209,10 +209,19 @@ def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams, *,
         return counts_by_state(conn, user_id, site_ids=q.int_list("site_id"),
                                app_ids=None if app_id is None else [app_id]), True
     matching = sa.select(jobs.c.state).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
-    matching = apply_job_filters(matching, QueryParams(_without(q.params, "state")), conn.dialect.name).limit(cap)
+    matching = apply_job_filters(matching, QueryParams(_without(q.params, "state")), conn.dialect.name)
+    exact = True
+    if window is not None:
+        boundary = conn.execute(
+            sa.select(jobs.c.id).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+            .order_by(jobs.c.id.desc()).limit(1).offset(window)
+        ).scalar()
+        if boundary is not None:  # the user has more than `window` jobs: count the newest ones
+            matching = matching.where(jobs.c.id > boundary)
+            exact = False
     sub = matching.subquery()
     counts = {state: n for state, n in conn.execute(sa.select(sub.c.state, sa.func.count()).group_by(sub.c.state))}
-    return counts, sum(counts.values()) < cap
+    return counts, exact
 
 
 def _without(params: Any, name: str) -> Any:

@@ -312,7 +312,7 @@ JOB_FILTER_NAMES = ("state", "tags", "site_id", "app_id", "batch_job_id", "workd
 
 def jobs_page(view: View) -> Response:
     raw = view.params(JOB_FILTER_NAMES)
-    paging = view.params(("before", "after", "limit"))
+    paging = view.params(("before", "after", "limit", "count"))
     pq = view.query(paging)
     error = ""
     rows: list[dict] = []
@@ -328,7 +328,9 @@ def jobs_page(view: View) -> Response:
             limit = pq.int("limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=max(PAGE_SIZES)) or DEFAULT_PAGE_SIZE
             before, after = pq.int("before", minimum=0), pq.int("after", minimum=0)
             q = view.query(raw)
-            counts, exact = jobs_logic.count_jobs_by_state(conn, view.user.id, q)
+            count_all = pq.choice("count", ["all"]) == "all"
+            counts, exact = jobs_logic.count_jobs_by_state(
+                conn, view.user.id, q, window=None if count_all else jobs_logic.COUNT_SCAN_WINDOW)
             states_wanted = raw.getlist("state")
             if sum(n for s, n in counts.items() if not states_wanted or s in states_wanted) == 0 and exact:
                 rows, more = [], False  # nothing matches: no need to look for a page of it
@@ -347,6 +349,7 @@ def jobs_page(view: View) -> Response:
     return view.render(
         "jobs.html", 422 if error else 200, title="Jobs", active_page="jobs", error=error, rows=rows,
         counts=_state_table(counts), count_total=sum(counts.values()), matching=matching, exact=exact, filters=raw,
+        window=jobs_logic.COUNT_SCAN_WINDOW, count_all_url=view.url("jobs", raw, count="all") if not exact else "",
         selected_states=states, tags_text=" ".join(raw.getlist("tags")), sites=site_rows, site_names=site_names,
         apps=app_names, states=LISTED_STATES, limit=limit, page_sizes=PAGE_SIZES,
         newer_url=view.url("jobs", raw, after=rows[0]["id"], limit=limit if limit != DEFAULT_PAGE_SIZE else None) if has_newer else "",
