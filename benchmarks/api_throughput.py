@@ -25,25 +25,10 @@ from pathlib import Path
 import httpx
 import orjson
 
-from bench_server import start_server
+from bench_server import prepare_pg, start_server
 
 CHUNK = 5000
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/balsam_bench"
-
-
-def prepare_pg(url: str) -> None:
-    import sqlalchemy as sa
-
-    from balsam.server.db import normalize_database_url
-    from balsam.server.migrate import upgrade
-
-    parsed = sa.engine.make_url(normalize_database_url(url))
-    admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
-        conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
-    admin.dispose()
-    upgrade(url)
 
 
 def post_json(http: httpx.Client, method: str, path: str, body, **kwargs) -> httpx.Response:

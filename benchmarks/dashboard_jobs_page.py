@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
-from bench_server import start_server
+from bench_server import prepare_pg, start_server
 
 LIMIT_MS = 200.0
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/balsam_bench_dashboard"
@@ -34,17 +34,6 @@ STATES_SQL = (
     "CASE WHEN i % 100 < 60 THEN 'JOB_FINISHED' WHEN i % 100 < 80 THEN 'STAGED_IN' WHEN i % 100 < 90 THEN 'RUNNING' "
     "WHEN i % 100 < 95 THEN 'PREPROCESSED' WHEN i % 100 < 99 THEN 'RESTART_READY' ELSE 'FAILED' END"
 )
-
-
-def prepare_pg(url: str) -> None:
-    from balsam.server.db import normalize_database_url
-
-    parsed = sa.engine.make_url(normalize_database_url(url))
-    admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
-        conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
-    admin.dispose()
 
 
 def fill(engine: sa.Engine, app_id: int, site_id: int, start: int, count: int) -> None:

@@ -233,20 +233,38 @@ def _without(params: Any, name: str) -> Any:
 def keyset_page_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, *,
                      before_id: "int | None" = None, after_id: "int | None" = None) -> tuple[list[dict[str, Any]], bool]:
     """One page of matching jobs, newest first, after a cursor instead of an offset: ``before_id``
-    gives the next older page, ``after_id`` the next newer one. The primary key serves both, so a
-    page costs the same at job 10 and at job 10^6. Returns the jobs and whether more lie beyond."""
-    stmt = sa.select(*JOB_OUT_COLUMNS).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
-    stmt = apply_job_filters(stmt, q, conn.dialect.name)
-    if after_id is not None:
-        stmt = stmt.where(jobs.c.id > after_id).order_by(jobs.c.id.asc())
+    gives the next older page, ``after_id`` the next newer one. Returns the jobs and whether more
+    lie beyond.
+
+    Each of the user's (selected) sites is read through the index ``(site_id, id)`` for at most
+    ``limit + 1`` rows, and the union is cut to the page: the cost depends on the page size and the
+    number of sites, not on how many jobs the user (or anyone else) has, nor on how deep the page is."""
+    owned = sa.select(sites.c.id).where(sites.c.owner_id == user_id)
+    wanted = q.int_list("site_id")
+    if wanted is not None:
+        owned = owned.where(sites.c.id.in_(wanted))
+    site_ids = list(conn.execute(owned.order_by(sites.c.id)).scalars())
+    if not site_ids:
+        return [], False
+    newest_first = after_id is None
+    parts = []
+    for site_id in site_ids:
+        part = apply_job_filters(sa.select(*JOB_OUT_COLUMNS).where(jobs.c.site_id == site_id), q, conn.dialect.name)
+        if after_id is not None:
+            part = part.where(jobs.c.id > after_id)
+        elif before_id is not None:
+            part = part.where(jobs.c.id < before_id)
+        part = part.order_by(jobs.c.id.desc() if newest_first else jobs.c.id.asc()).limit(limit + 1)
+        parts.append(part.subquery())
+    if len(parts) == 1:
+        merged = parts[0]
     else:
-        if before_id is not None:
-            stmt = stmt.where(jobs.c.id < before_id)
-        stmt = stmt.order_by(jobs.c.id.desc())
-    found = plain_job_dicts(conn.execute(stmt.limit(limit + 1)))
+        merged = sa.union_all(*[sa.select(p) for p in parts]).subquery()
+    stmt = sa.select(merged).order_by(merged.c.id.desc() if newest_first else merged.c.id.asc()).limit(limit + 1)
+    found = plain_job_dicts(conn.execute(stmt))
     more = len(found) > limit
     found = found[:limit]
-    if after_id is not None:
+    if not newest_first:
         found.reverse()
     return found, more
 

@@ -166,6 +166,8 @@ jobs = sa.Table(
     sa.Column("last_update", UTCDateTime, nullable=False),
     # Every job query is scoped to the owner's sites, so (site_id, state) serves state filters.
     sa.Index("ix_jobs_site_id_state", "site_id", "state"),
+    # A site's jobs newest first (the dashboard's keyset pages) without reading other sites' jobs.
+    sa.Index("ix_jobs_site_id_id", "site_id", "id"),
     sa.Index("ix_jobs_tags_gin", "tags", postgresql_using="gin", postgresql_ops={"tags": "jsonb_path_ops"}).ddl_if(
         dialect="postgresql"
     ),

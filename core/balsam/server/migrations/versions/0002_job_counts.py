@@ -1,4 +1,5 @@
-"""Job counts per (app, state), kept by triggers on jobs (see balsam.server.job_counts).
+"""Dashboard at 10^6 jobs: job counts per (app, state) kept by triggers on jobs (see
+balsam.server.job_counts), and the index (site_id, id) for a site's jobs newest first.
 
 Revision ID: 0002_job_counts
 Revises: 0001_initial
@@ -84,6 +85,7 @@ def upgrade() -> None:
     sa.Column('delta', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_job_count_deltas'))
     )
+    op.create_index(op.f('ix_jobs_site_id_id'), 'jobs', ['site_id', 'id'], unique=False)
     # The jobs that exist already, counted once (the table is locked by the migration's transaction).
     op.execute("INSERT INTO job_counts (app_id, state, site_id, n) "
                "SELECT app_id, state, min(site_id), count(*) FROM jobs GROUP BY app_id, state")
@@ -102,6 +104,7 @@ def downgrade() -> None:
             op.execute(f"DROP FUNCTION IF EXISTS balsam_{name}()")
         else:
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
+    op.drop_index(op.f('ix_jobs_site_id_id'), table_name='jobs')
     op.drop_table('job_count_deltas')
     op.drop_index(op.f('ix_job_counts_site_id'), table_name='job_counts')
     op.drop_table('job_counts')
