@@ -77,7 +77,9 @@ def test_dashboard_during_a_campaign(browser: Any, make_site: Any, agent_daemon:
                                      balsam_env: Any, register: Any) -> None:
     from balsam.api import ApplicationDefinition, Job
 
-    site = make_site(name="browser-site")
+    # A launcher that waits for work a little longer than the fast default: a slow start on a busy
+    # machine must not end it before the jobs arrive (the test watches the jobs, not the launcher).
+    site = make_site(name="browser-site", overrides={"launcher": {"idle_ttl_sec": 20}})
     site_id = site.site_id
     agent_daemon(site)
 
