@@ -106,7 +106,7 @@ def test_counts_by_state_api_of_the_dashboard(api: dict) -> None:
     from balsam.server.jobs_logic import count_jobs_by_state
 
     client = api["client"]
-    (site1, app1), (site2, app2) = _site_app(client, "one"), _site_app(client, "two")
+    (_site1, app1), (site2, app2) = _site_app(client, "one"), _site_app(client, "two")
     jobs = client.post("/jobs/", json=[{"app_id": app1 if i < 7 else app2, "workdir": f"a/{i}", "tags": {"k": str(i % 2)}}
                                        for i in range(10)]).json()
     _patch(client, [jobs[0]["id"], jobs[8]["id"]], "FAILED")
