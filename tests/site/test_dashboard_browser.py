@@ -54,7 +54,9 @@ class Tab:
         self.errors: list[str] = []
         self.page.on("console", lambda msg: self.errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
         self.page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
-        self.page.on("requestfailed", lambda req: self.errors.append(f"request failed: {req.url} {req.failure}"))
+        # (a request the browser itself cancels when the page navigates away reads net::ERR_ABORTED)
+        self.page.on("requestfailed", lambda req: self.errors.append(f"request failed: {req.url} {req.failure}")
+                     if "ERR_ABORTED" not in str(req.failure) else None)
         self.page.on("response", lambda resp: self.errors.append(f"HTTP {resp.status}: {resp.url}") if resp.status >= 400 else None)
 
     def login(self, username: str, password: str) -> None:
