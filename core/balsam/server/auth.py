@@ -10,8 +10,10 @@ import os
 from dataclasses import dataclass
 
 import jwt
+import sqlalchemy as sa
 
 from .errors import Unauthorized
+from .tables import users
 
 # scrypt parameters (RFC 7914 recommendation for interactive logins: N=2**14, r=8, p=1).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN = 2**14, 8, 1, 32
@@ -43,6 +45,16 @@ def verify_password(password: str, stored: "str | None") -> bool:
 class AuthUser:
     id: int
     username: str
+
+
+def authenticate_password(conn: sa.Connection, username: str, password: str) -> AuthUser:
+    """The server's one password check, shared by the API login and the dashboard's login form.
+
+    Raises :class:`Unauthorized` (one message for an unknown user and a wrong password)."""
+    row = conn.execute(sa.select(users.c.id, users.c.hashed_password).where(users.c.username == username)).first()
+    if row is None or not verify_password(password, row.hashed_password):
+        raise Unauthorized("Incorrect username or password")
+    return AuthUser(id=row.id, username=username)
 
 
 def create_token(user_id: int, username: str, secret: str, ttl_sec: int) -> tuple[str, dt.datetime]:

@@ -9,7 +9,7 @@ import orjson
 import sqlalchemy as sa
 from starlette.responses import Response
 
-from ..auth import create_token, hash_password, verify_password
+from ..auth import authenticate_password, create_token, hash_password
 from ..errors import BadRequest, Unauthorized, ValidationFailed
 from ..http import json_response, reject_nul
 from ..jobs_logic import utcnow
@@ -50,10 +50,8 @@ def login(ctx: Ctx) -> Response:
         raise BadRequest("password login is not enabled on this server")
     username, password = _login_fields(ctx)
     with ctx.read() as conn:
-        row = conn.execute(sa.select(users.c.id, users.c.hashed_password).where(users.c.username == username)).first()
-    if row is None or not verify_password(password, row.hashed_password):
-        raise Unauthorized("Incorrect username or password")
-    token, expiration = create_token(row.id, username, ctx.settings.secret_key, ctx.settings.token_ttl_sec)
+        user = authenticate_password(conn, username, password)
+    token, expiration = create_token(user.id, user.username, ctx.settings.secret_key, ctx.settings.token_ttl_sec)
     return json_response({"access_token": token, "token_type": "bearer", "expiration": expiration})
 
 
