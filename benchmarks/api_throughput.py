@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from bench_server import start_server
+from bench_server import prepare_pg, start_server
 
 CHUNK = 5000
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/balsam_bench"

@@ -13,6 +13,22 @@ from pathlib import Path
 import httpx
 
 
+def prepare_pg(url: str) -> None:
+    """Drop and create the PostgreSQL database of ``url`` (a benchmark's own), then migrate it."""
+    import sqlalchemy as sa
+
+    from balsam.server.db import normalize_database_url
+    from balsam.server.migrate import upgrade
+
+    parsed = sa.engine.make_url(normalize_database_url(url))
+    admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+        conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
+    admin.dispose()
+    upgrade(url)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

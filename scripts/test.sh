@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, all of it (slow real-system tests included): install (scripts/bootstrap.sh),
-# make sure PostgreSQL runs with a `balsam_test` database, start the CI Slurm cluster when its
-# script is present and we are root, then run pytest. Arguments go to pytest.
+# make sure PostgreSQL runs with a `balsam_test` database and Chromium is installed (the dashboard's
+# browser test), start the CI Slurm cluster when its script is present and we are root, then run
+# pytest (which also builds the docs with `mkdocs build --strict`). Arguments go to pytest.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -13,10 +14,23 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 pg_ok() { psql "postgresql://postgres@127.0.0.1:5432/postgres" -tAc "select 1" >/dev/null 2>&1; }
 
 # -- PostgreSQL (127.0.0.1:5432, user postgres, trust auth) ------------------------------------
+apt_updated=0
+apt_install() {  # apt_install PACKAGE...: Debian packages, the package lists refreshed once per run
+    if [ "$apt_updated" = 0 ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
     echo "test.sh: installing PostgreSQL"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    apt_install postgresql
+fi
+# -- Chromium: the dashboard's browser test drives Debian's headless Chromium with Playwright ------
+# (Playwright's own browser download is never used: the test points it at /usr/bin/chromium.)
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "test.sh: installing chromium"
+    apt_install chromium
 fi
 pg_version="$(ls /etc/postgresql | sort -V | tail -1)"
 if ! pg_ok; then

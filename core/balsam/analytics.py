@@ -9,14 +9,20 @@
 
 Each takes a query (``EventLog.objects.filter(...)``/``BatchJob.objects.filter(...)``) or a list.
 Times are naive local datetimes, like the rest of the Python API.
+
+Helpers for tables and plots of such step series: ``step_at`` (the value at a time),
+``align_steps`` (several series on one time axis), ``time_average`` (the mean over an interval) and
+``downsample`` (at most N points, keeping each bucket's last or highest value).
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Sequence, Union
 
-__all__ = ["throughput_report", "utilization_report", "available_nodes"]
+__all__ = ["throughput_report", "utilization_report", "available_nodes", "batch_jobs_serving", "step_at", "align_steps", "time_average",
+           "downsample"]
 
 Series = tuple[list[dt.datetime], list[Union[int, float]]]
 
@@ -70,13 +76,17 @@ def utilization_report(eventlog_query: Iterable[Any], node_weighting: bool = Tru
     return times, values
 
 
-def available_nodes(batchjob_query: Iterable[Any]) -> Series:
-    """Nodes held by allocations over time (``num_nodes`` from start_time until end_time)."""
+def available_nodes(batchjob_query: Iterable[Any], now: "dt.datetime | None" = None) -> Series:
+    """Nodes held by allocations over time (``num_nodes`` from start_time until end_time).
+
+    A BatchJob without an end_time holds its nodes until ``now`` (default: the current time, naive
+    local or UTC-aware like the BatchJobs' own times)."""
     changes: list[tuple[dt.datetime, int]] = []
-    now = dt.datetime.now()
     for bj in batchjob_query:
         if bj.start_time is None:
             continue
+        if now is None:
+            now = dt.datetime.now(dt.timezone.utc) if bj.start_time.tzinfo is not None else dt.datetime.now()
         changes.append((bj.start_time, bj.num_nodes))
         changes.append((bj.end_time if bj.end_time is not None else now, -bj.num_nodes))
     changes.sort(key=lambda c: (c[0], c[1]))
@@ -88,3 +98,74 @@ def available_nodes(batchjob_query: Iterable[Any]) -> Series:
         times.append(when)
         values.append(current)
     return times, values
+
+
+def batch_jobs_serving(batchjob_query: Iterable[Any], tags: "dict[str, str] | None") -> list[Any]:
+    """The BatchJobs that may run jobs tagged ``tags``: those whose ``filter_tags`` are all among them
+    (a BatchJob without filter tags runs any job). With no tags, all of them."""
+    if not tags:
+        return list(batchjob_query)
+    return [bj for bj in batchjob_query if all(tags.get(k) == v for k, v in (bj.filter_tags or {}).items())]
+
+
+def step_at(times: Sequence[dt.datetime], values: Sequence[Union[int, float]], when: dt.datetime) -> Union[int, float]:
+    """The value of a step series at ``when`` (0 before its first point; ``times`` sorted)."""
+    index = bisect.bisect_right(times, when)
+    return values[index - 1] if index else 0
+
+
+def align_steps(*series: Series) -> tuple[list[dt.datetime], list[list[Union[int, float]]]]:
+    """Step series on one time axis (the union of their times), each carried forward (0 before it starts)."""
+    axis = sorted({t for times, _values in series for t in times})
+    aligned = []
+    for times, values in series:
+        out: list[Union[int, float]] = []
+        i, current = 0, 0
+        for t in axis:
+            while i < len(times) and times[i] <= t:
+                current = values[i]
+                i += 1
+            out.append(current)
+        aligned.append(out)
+    return axis, aligned
+
+
+def time_average(times: Sequence[dt.datetime], values: Sequence[Union[int, float]], start: dt.datetime,
+                 end: dt.datetime) -> float:
+    """The time-weighted mean of a step series over ``[start, end]``."""
+    span = (end - start).total_seconds()
+    if span <= 0:
+        return float(step_at(times, values, start))
+    total, at, current = 0.0, start, step_at(times, values, start)
+    for t, v in zip(times[bisect.bisect_right(times, start):], values[bisect.bisect_right(times, start):]):
+        if t >= end:
+            break
+        total += current * (t - at).total_seconds()
+        at, current = t, v
+    total += current * (end - at).total_seconds()
+    return total / span
+
+
+def downsample(times: Sequence[dt.datetime], columns: Sequence[Sequence[Union[int, float]]], max_points: int,
+               how: Sequence[str]) -> tuple[list[dt.datetime], list[list[Union[int, float]]]]:
+    """At most ``max_points`` points in equal time buckets. Per column, ``how`` is ``"last"`` (the
+    bucket's last value: right for cumulative counts) or ``"max"`` (its highest: peaks stay visible)."""
+    if len(times) <= max_points or len(times) < 2:
+        return list(times), [list(c) for c in columns]
+    start = times[0]
+    width = (times[-1] - start).total_seconds() / max_points or 1.0
+    out_t: list[dt.datetime] = []
+    out_cols: list[list[Union[int, float]]] = [[] for _ in columns]
+    bucket = -1
+    for i, t in enumerate(times):
+        b = min(int((t - start).total_seconds() / width), max_points - 1)
+        if b != bucket:
+            bucket = b
+            out_t.append(t)
+            for col, values in zip(out_cols, columns):
+                col.append(values[i])
+            continue
+        out_t[-1] = t
+        for col, values, rule in zip(out_cols, columns, how):
+            col[-1] = max(col[-1], values[i]) if rule == "max" else values[i]
+    return out_t, out_cols

@@ -580,8 +580,8 @@ class EventLog(BalsamModel):
     _deletable = False
     _filters = frozenset(
         {
-            "id", "job_id", "batch_job_id", "scheduler_id", "tags", "data", "timestamp_before", "timestamp_after",
-            "from_state", "to_state",
+            "id", "job_id", "site_id", "batch_job_id", "scheduler_id", "tags", "data", "timestamp_before",
+            "timestamp_after", "from_state", "to_state",
         }
     )
     _orderings = frozenset({"timestamp"})

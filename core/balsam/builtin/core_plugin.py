@@ -25,6 +25,8 @@ CORE_COMMAND_MODULES: list[str] = [
     "balsam.cli.app",
     "balsam.cli.job",
     "balsam.cli.queue",
+    "balsam.cli.dashboard",
+    "balsam.cli.analytics",
 ]
 
 

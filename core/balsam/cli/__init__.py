@@ -92,6 +92,17 @@ class BalsamGroup(click.Group):
         self.attach_plugin_commands()
         return super().get_command(ctx, cmd_name)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None and args and not args[0].startswith("-"):
+            # A Balsam 0.x command line gets the command to use instead, not a bare click error.
+            from .legacy import legacy_hint
+
+            self.attach_plugin_commands()
+            hint = legacy_hint(list(args), frozenset(self.commands))
+            if hint:
+                raise click.UsageError(hint, ctx)
+        return super().parse_args(ctx, args)
+
     def main(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().main(*args, **kwargs)

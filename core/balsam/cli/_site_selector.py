@@ -3,23 +3,26 @@
 - no ``--site``: inside a site directory (or with ``$BALSAM_SITE_PATH``) -> that site only;
   elsewhere -> the *active* sites (agent heard from within the last 2 minutes);
 - ``--site=all`` -> every site; ``--site=active`` -> active sites; ``--site=this`` -> the current site;
-- otherwise a comma-separated list of site ids and/or path fragments (a fragment matches every
-  site whose path contains it).
+- otherwise a comma-separated list of site ids, site names and/or path fragments (a word that is
+  the name of one of your sites selects that site; otherwise it matches every site whose path
+  contains it).
 
 ``queue submit`` needs exactly one site: no selector -> the current site; digits -> that id;
-else the one site whose path contains the fragment.
+a site name -> that site; else the one site whose path contains the fragment.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from typing import Any, Optional
 
 import click
 
 ACTIVE_WINDOW = dt.timedelta(minutes=2)
 
-SITE_OPTION_HELP = "Sites: all, active, this, or comma-separated ids / path fragments (default: this site, else active sites)"
+SITE_OPTION_HELP = ("Sites: all, active, this, or comma-separated ids / names / path fragments "
+                    "(default: this site, else active sites)")
 
 
 def site_option(func: Any) -> Any:
@@ -81,11 +84,19 @@ def resolve_site_ids(selector: str) -> Optional[list[int]]:
         if part.isdigit():
             ids.add(int(part))
             continue
-        matched = [s.id for s in Site.objects.filter(path=part)]
-        if not matched:
-            raise click.UsageError(f"--site: no site path contains {part!r} (see `balsam site ls`)")
-        ids.update(matched)
+        ids.update(s.id for s in _sites_named_or_containing(Site, part))
     return sorted(ids)
+
+
+def _sites_named_or_containing(Site: Any, word: str) -> list[Any]:
+    """The site named ``word``, else the sites whose path contains it (UsageError when none)."""
+    named = list(Site.objects.filter(name=word))
+    if named:
+        return named
+    matched = list(Site.objects.filter(path=word))
+    if not matched:
+        raise click.UsageError(f"--site: no site is named {word!r} and no site path contains it (see `balsam site ls`)")
+    return matched
 
 
 def resolve_one_site(selector: str) -> Any:
@@ -103,9 +114,7 @@ def resolve_one_site(selector: str) -> Any:
             return Site.objects.get(id=int(selector))
         except Site.DoesNotExist:
             raise click.UsageError(f"--site: no site with id {selector}") from None
-    matches = list(Site.objects.filter(path=selector))
-    if not matches:
-        raise click.UsageError(f"--site: no site path contains {selector!r} (see `balsam site ls`)")
+    matches = _sites_named_or_containing(Site, selector)
     if len(matches) > 1:
         listing = ", ".join(f"{s.id} ({s.path})" for s in matches)
         raise click.UsageError(f"--site {selector!r} matches several sites: {listing}; give an id")
@@ -148,6 +157,28 @@ def format_table(headers: list[str], rows: list[list[Any]], right: "set[int] | N
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def watch_output(draw: Any, interval: float, *, title: str, iterations: Optional[int] = None) -> None:
+    """Call ``draw()`` every ``interval`` seconds, clearing the terminal first, until Ctrl-C
+    (or ``iterations`` rounds). Off a terminal each round is separated by a header line instead."""
+    import time
+
+    tty = sys.stdout.isatty()
+    done = 0
+    try:
+        while True:
+            if tty:
+                click.clear()
+            click.echo(click.style(f"{title}  (every {interval:g} s, Ctrl-C to stop)  {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+                                   dim=True))
+            draw()
+            done += 1
+            if iterations is not None and done >= iterations:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        click.echo("")
 
 
 class Progress:

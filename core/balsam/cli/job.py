@@ -8,7 +8,7 @@ from typing import Any, Optional
 import click
 import yaml
 
-from ._site_selector import Progress, format_table, parse_key_values, site_filter, site_names, site_option
+from ._site_selector import Progress, format_table, parse_key_values, site_filter, site_names, site_option, watch_output
 
 def _states() -> list[str]:
     from balsam.states import JobState
@@ -137,12 +137,28 @@ def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: in
 @click.option("-n", "--num", "limit", default=None, type=click.IntRange(min=1), help="Show only the newest N jobs (listed oldest to newest)")
 @site_option
 @click.option("-v", "--verbose", is_flag=True, help="Every field of each job (YAML)")
+@click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C (with --by-state or -n, "
+              "else the newest 20 jobs)")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between redraws (--watch)")
+@click.option("--rounds", default=None, type=click.IntRange(min=1), hidden=True, help="Stop --watch after N redraws (tests)")
 def ls(tags: tuple, state: Optional[str], exclude_state: Optional[str], ids: tuple, by_state: bool,
-       workdir: Optional[str], app_ref: Optional[str], limit: Optional[int], site_selector: str, verbose: bool) -> None:
+       workdir: Optional[str], app_ref: Optional[str], limit: Optional[int], site_selector: str, verbose: bool,
+       watch: bool, interval: float, rounds: Optional[int]) -> None:
     """List jobs."""
+    filters = _job_filters(ids, tags, state, exclude_state, site_selector, workdir, app_ref)
+    if not watch:
+        _list_jobs(filters, state, exclude_state, by_state, limit, verbose)
+        return
+    if verbose:
+        raise click.UsageError("--watch and -v do not go together")
+    watch_output(lambda: _list_jobs(filters, state, exclude_state, by_state, limit or (None if by_state else 20), False),
+                 interval, title="balsam job ls", iterations=rounds)
+
+
+def _list_jobs(filters: dict[str, Any], state: Optional[str], exclude_state: Optional[str], by_state: bool,
+               limit: Optional[int], verbose: bool) -> None:
     from balsam.api import App, Job
 
-    filters = _job_filters(ids, tags, state, exclude_state, site_selector, workdir, app_ref)
     query = Job.objects.filter(**filters)
     if by_state:
         # one count request per state (limit=0): cheap even with millions of jobs
@@ -185,6 +201,100 @@ def ls(tags: tuple, state: Optional[str], exclude_state: Optional[str], ids: tup
         rows.append([j.id, names.get(a.site_id, a.site_id) if a else "?", a.name if a else j.app_id, j.workdir,
                      j.state.value if j.state else "", tag_text])
     click.echo(format_table(["ID", "Site", "App", "Workdir", "State", "Tags"], rows, right={0}))
+
+
+@job.command("show")
+@click.argument("job_ids", nargs=-1, required=True, type=int, metavar="ID...")
+@click.option("--lines", default=40, show_default=True, type=click.IntRange(min=1), help="Lines of the error tail to show")
+def show(job_ids: tuple[int, ...], lines: int) -> None:
+    """One job in full: fields, state history with times, the error of a failure, where job.out is."""
+    from balsam.api import App, EventLog, Job, Site
+    from balsam.util import tail_file
+
+    found = {j.id: j for j in Job.objects.filter(id=list(job_ids))}
+    missing = [str(i) for i in job_ids if i not in found]
+    if missing:
+        raise click.ClickException(f"no job with id {', '.join(missing)} (among your sites; see `balsam job ls --site=all`)")
+    events_by_job: dict[int, list[Any]] = {}
+    for event in EventLog.objects.filter(job_id=list(job_ids)).order_by("timestamp"):
+        events_by_job.setdefault(event.job_id, []).append(event)
+    apps = {a.id: a for a in App.objects.filter(id=sorted({j.app_id for j in found.values()}))}
+    sites = {s.id: s for s in Site.objects.filter(id=sorted({a.site_id for a in apps.values()}))}
+    children: dict[int, list[Any]] = {}
+    for child in Job.objects.filter(parent_id=list(job_ids)):
+        for parent in child.parent_ids:
+            children.setdefault(parent, []).append(child)
+    for n, job_id in enumerate(job_ids):
+        if n:
+            click.echo("")
+        _show_one(found[job_id], apps, sites, events_by_job.get(job_id, []), children.get(job_id, []), lines, tail_file)
+
+
+def _show_one(j: Any, apps: dict, sites: dict, events: list, children: list, lines: int, tail_file: Any) -> None:
+    from pathlib import Path
+
+    app = apps.get(j.app_id)
+    site = sites.get(app.site_id) if app else None
+    state = j.state.value if j.state else ""
+    click.echo(click.style(f"Job {j.id}", bold=True) + f"  {state}")
+    job_out = Path(site.path) / "data" / str(j.workdir) / "job.out" if site else None
+    head = [
+        ("app", f"{app.name} (id {app.id})" if app else j.app_id),
+        ("site", f"{site.name} (id {site.id})" if site else "?"),
+        ("workdir", str(j.workdir)),
+        ("job.out", f"{job_out}" + ("" if job_out is None or job_out.exists() else "  (not on this machine or not written yet)")),
+    ]
+    data = j.display_dict()
+    for key in ("id", "app_id", "workdir", "state", "serialized_parameters", "serialized_return_value",
+                "serialized_exception", "parent_ids"):
+        data.pop(key, None)
+    try:
+        head.append(("parameters", str(j.get_parameters())))
+    except Exception as exc:  # noqa: BLE001 - a broken payload must not hide the rest
+        head.append(("parameters", f"<cannot deserialize: {exc}>"))
+    for key, value in data.items():
+        if value in (None, {}, [], ""):
+            continue
+        head.append((key, str(value)))
+    width = max(len(k) for k, _ in head)
+    for key, value in head:
+        click.echo(f"  {key.ljust(width)}  {value}")
+    if j.parent_ids:
+        click.echo(f"  {'parents'.ljust(width)}  {', '.join(str(p) for p in sorted(j.parent_ids))}")
+    if children:
+        shown = ", ".join(f"{c.id} ({c.state.value if c.state else ''})" for c in sorted(children, key=lambda c: c.id)[:20])
+        more = f" (+{len(children) - 20} more)" if len(children) > 20 else ""
+        click.echo(f"  {'children'.ljust(width)}  {shown}{more}")
+    click.echo("State history:")
+    if not events:
+        click.echo("  (no events)")
+    for e in events:
+        when = e.timestamp.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if e.timestamp else "?"
+        extra = {k: v for k, v in (e.data or {}).items() if k != "error"}
+        note = "  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else ""
+        click.echo(f"  {when}  {_state_name(e.from_state)} -> {_state_name(e.to_state)}{note}")
+    failure = next((e for e in reversed(events) if (e.data or {}).get("error")), None)
+    if failure is not None:
+        tail = str(failure.data["error"]).rstrip("\n").splitlines()[-lines:]
+        click.echo(click.style(f"Error ({_state_name(failure.to_state)} at {failure.timestamp:%Y-%m-%d %H:%M:%S}):", fg="red"))
+        for line in tail:
+            click.echo(f"  | {line}")
+    elif state in ("RUN_ERROR", "FAILED") and job_out is not None and job_out.exists():
+        click.echo(click.style(f"Error (tail of {job_out}):", fg="red"))
+        for line in tail_file(job_out, lines).splitlines():
+            click.echo(f"  | {line}")
+    if j.serialized_exception:
+        from balsam._api import codec
+
+        try:
+            exc = codec.deserialize_exception(j.serialized_exception)
+            click.echo(click.style("Exception raised by run():", fg="red") + f" {type(exc).__name__}: {exc}")
+        except Exception as problem:  # noqa: BLE001 - an unreadable payload is reported, not fatal
+            click.echo(f"  exception: <cannot deserialize: {problem}>")
+
+
+def _state_name(value: Any) -> str:
+    return getattr(value, "value", value) or ""
 
 
 @job.command("modify")

@@ -29,6 +29,7 @@ from .http import JSONResponse, error_response
 from .routes import apps, auth, batch_jobs, events, jobs, sessions, sites, transfers
 from .routing import Ctx, route
 from .idempotency import sweep_expired_keys
+from .job_counts import fold_deltas
 from .sessions_logic import sweep_expired
 from .settings import ServerSettings
 
@@ -36,9 +37,11 @@ logger = logging.getLogger("balsam.server")
 
 
 def _all_routes() -> list:
+    from .dashboard import dashboard_routes
     from .openapi import openapi_route
 
     return [
+        *dashboard_routes(),
         *auth.routes, *sites.routes, *apps.routes, *jobs.routes, *batch_jobs.routes, *sessions.routes,
         *transfers.routes, *events.routes, openapi_route(),
         route("/", {"GET": lambda ctx: JSONResponse({"name": "balsam", "version": balsam.__version__})}, public=True),
@@ -53,6 +56,10 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     detail = exc.detail
+    if request.url.path.startswith("/dashboard/") and exc.status_code in (404, 405):
+        from .dashboard.views import not_found_page
+
+        return not_found_page(request, exc.status_code)
     if exc.status_code == 404:
         detail = f"Not found: no route {request.method} {request.url.path}"
     elif exc.status_code == 405:
@@ -113,6 +120,8 @@ def _sweep_once(app: Starlette) -> None:
     with write_tx(app.state.engine) as conn:
         sweep_expired(conn, app.state.settings.session_expire_sec)
         sweep_expired_keys(conn)
+    with write_tx(app.state.engine) as conn:
+        fold_deltas(conn)
 
 
 @contextlib.asynccontextmanager

@@ -346,6 +346,13 @@ def check_password_login(conn: sa.Connection, throttle: LoginThrottle, username:
     return row.id
 
 
+def authenticate_password(conn: sa.Connection, username: str, password: str, *, throttle: LoginThrottle,
+                          address: str, only_user: Optional[str] = None) -> AuthUser:
+    """:func:`check_password_login` for login forms that want the user (the dashboard's)."""
+    return AuthUser(id=check_password_login(conn, throttle, username, password, address, only_user=only_user),
+                    username=username)
+
+
 def client_address(request: Any) -> str:
     """The client's address as uvicorn reports it (behind a proxy run uvicorn with
     ``--proxy-headers --forwarded-allow-ips``, so this is the real client)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import orjson
+from starlette.datastructures import QueryParams as StarletteQueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -122,8 +123,9 @@ def path_int(request: Request, name: str) -> int:
 class QueryParams:
     """Typed access to query-string parameters; every problem raises 422 naming the parameter."""
 
-    def __init__(self, request: Request, allowed: "set[str] | None" = None) -> None:
-        self.params = request.query_params
+    def __init__(self, request: "Request | StarletteQueryParams", allowed: "set[str] | None" = None) -> None:
+        # A request's query string, or parameters built by the server itself (the dashboard's forms).
+        self.params = request if isinstance(request, StarletteQueryParams) else request.query_params
         for key, value in self.params.multi_items():
             reject_nul(key, ["query"])
             reject_nul(value, ["query", key])

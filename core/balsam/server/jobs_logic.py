@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import orjson
 import sqlalchemy as sa
+from starlette.datastructures import QueryParams as StarletteQueryParams
 from sqlalchemy.dialects import postgresql
 
 from balsam.models import Job, workdir_problem
@@ -125,10 +126,10 @@ def _sqlite_value_match(extracted: sa.ColumnElement, kind: sa.ColumnElement, can
             options.append(kind == "null")
         elif isinstance(c, bool):
             options.append(kind == ("true" if c else "false"))
-        elif isinstance(c, str):
-            options.append(sa.and_(kind == "text", extracted == c))
+        elif isinstance(c, str):  # the value first: most rows fail there, with one JSON parse
+            options.append(sa.and_(extracted == c, kind == "text"))
         else:
-            options.append(sa.and_(kind.in_(("integer", "real")), extracted == c))
+            options.append(sa.and_(extracted == c, kind.in_(("integer", "real"))))
     return sa.or_(*options)
 
 
@@ -146,6 +147,17 @@ def job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
             values[i] = fragment(values[i])
         values[_LAST_UPDATE] = wire_datetime(values[_LAST_UPDATE])
         out.append(dict(zip(keys, values)))
+    return out
+
+
+def plain_job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
+    """Rows selected with JOB_OUT_COLUMNS -> dicts with the JSON columns decoded (for templates)."""
+    out = []
+    for row in rows:
+        values = list(row)
+        for i in _JSON_POSITIONS:
+            values[i] = orjson.loads(values[i]) if values[i] is not None else None
+        out.append(dict(zip(JOB_OUT_FIELDS, values)))
     return out
 
 
@@ -202,6 +214,101 @@ def list_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
     stmt = sa.select(*JOB_OUT_COLUMNS).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
     stmt = apply_job_filters(stmt, q, dialect).order_by(*job_ordering(q)).limit(limit).offset(offset)
     return count, job_dicts(conn.execute(stmt))
+
+
+#: Filters the trigger-kept counters can answer (balsam.server.job_counts); others need a scan.
+COUNTER_FILTERS = frozenset({"site_id", "app_id"})
+#: Counting with other filters looks at the user's newest jobs only, this many (None: all of them).
+COUNT_SCAN_WINDOW = 10_000
+
+
+def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams, *,
+                        window: "int | None" = COUNT_SCAN_WINDOW) -> tuple[dict[str, int], bool]:
+    """``({state: count}, exact)`` of the user's jobs matching the query's filters (but its state).
+
+    With no filter or only site/app filters, the counters answer (a few rows at any number of
+    jobs). Other filters (tags, workdir...) need a scan of the jobs: it covers the user's newest
+    ``window`` jobs (``exact`` is False when older ones exist), or all of them with ``window=None``."""
+    from .job_counts import counts_by_state
+
+    names = set(q.params.keys()) - {"state", "ordering"}
+    if names <= COUNTER_FILTERS:
+        app_id = q.int("app_id")
+        return counts_by_state(conn, user_id, site_ids=q.int_list("site_id"),
+                               app_ids=None if app_id is None else [app_id]), True
+    others = QueryParams(_without(q.params, "state"))
+    condition = apply_job_filters(sa.select(jobs.c.id), others, conn.dialect.name).whereclause
+    if window is None:
+        scan = sa.select(jobs.c.state).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+        if condition is not None:
+            scan = scan.where(condition)
+        sub = scan.subquery()
+        return {state: n for state, n in conn.execute(sa.select(sub.c.state, sa.func.count()).group_by(sub.c.state))}, True
+    # The newest `window` jobs first (a LIMIT the filters cannot be pushed under: the planner cannot
+    # choose to read every tagged job instead), then which of them match.
+    matches = sa.case((condition, 1), else_=0) if condition is not None else sa.literal(1)
+    newest = _newest_per_site(conn, _site_ids(conn, user_id, q.int_list("site_id")),
+                              [jobs.c.id, jobs.c.state, matches.label("m")], QueryParams(StarletteQueryParams([])),
+                              window).subquery()
+    rows = conn.execute(sa.select(newest.c.state, sa.func.sum(newest.c.m), sa.func.count()).group_by(newest.c.state)).all()
+    counts = {state: int(n) for state, n, _seen in rows if n}
+    return counts, sum(seen for _state, _n, seen in rows) < window
+
+
+def _without(params: Any, name: str) -> Any:
+    return StarletteQueryParams([(k, v) for k, v in params.multi_items() if k != name])
+
+
+def keyset_page_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, *,
+                     before_id: "int | None" = None, after_id: "int | None" = None) -> tuple[list[dict[str, Any]], bool]:
+    """One page of matching jobs, newest first, after a cursor instead of an offset: ``before_id``
+    gives the next older page, ``after_id`` the next newer one. Returns the jobs and whether more
+    lie beyond. The cost depends on the page size and the number of sites, not on how many jobs the
+    user (or anyone else) has, nor on how deep the page is (see :func:`_newest_per_site`)."""
+    site_ids = _site_ids(conn, user_id, q.int_list("site_id"))
+    if not site_ids:
+        return [], False
+    stmt = _newest_per_site(conn, site_ids, JOB_OUT_COLUMNS, QueryParams(_without(q.params, "site_id")), limit + 1,
+                            before_id=before_id, after_id=after_id)
+    found = plain_job_dicts(conn.execute(stmt))
+    more = len(found) > limit
+    found = found[:limit]
+    if after_id is not None:
+        found.reverse()
+    return found, more
+
+
+def _site_ids(conn: sa.Connection, user_id: int, wanted: "list[int] | None") -> list[int]:
+    owned = sa.select(sites.c.id).where(sites.c.owner_id == user_id)
+    if wanted is not None:
+        owned = owned.where(sites.c.id.in_(wanted))
+    return list(conn.execute(owned.order_by(sites.c.id)).scalars())
+
+
+def _newest_per_site(conn: sa.Connection, site_ids: list[int], columns: list[Any], q: QueryParams, limit: int, *,
+                     before_id: "int | None" = None, after_id: "int | None" = None) -> sa.Select:
+    """The ``limit`` newest jobs (oldest first after ``after_id``) of these sites matching the
+    filters: each site read through the index ``(site_id, id)`` for at most ``limit`` rows, merged.
+
+    PostgreSQL gets ``site_id BETWEEN s AND s`` ordered by (site_id, id): with ``site_id = s`` it
+    drops the constant from the ordering and walks the primary key backwards filtering on site_id,
+    assuming the site's jobs are spread evenly over the ids (a site whose jobs are all old then
+    costs a scan of every newer job: seconds at 10^6); as a range, only the index gives the order.
+    SQLite walks the index with ``site_id = s`` (with a range it could not bound the scan by the
+    cursor). A site list (``IN``) would make either sort every matching job."""
+    newest_first = after_id is None
+    parts = []
+    for site_id in site_ids or [-1]:
+        this_site = jobs.c.site_id.between(site_id, site_id) if conn.dialect.name == "postgresql" else jobs.c.site_id == site_id
+        part = apply_job_filters(sa.select(*columns).where(this_site), q, conn.dialect.name)
+        if after_id is not None:
+            part = part.where(jobs.c.id > after_id)
+        elif before_id is not None:
+            part = part.where(jobs.c.id < before_id)
+        order = [jobs.c.site_id.desc(), jobs.c.id.desc()] if newest_first else [jobs.c.site_id.asc(), jobs.c.id.asc()]
+        parts.append(part.order_by(*order).limit(limit).subquery())
+    merged = parts[0] if len(parts) == 1 else sa.union_all(*[sa.select(p) for p in parts]).subquery()
+    return sa.select(merged).order_by(merged.c.id.desc() if newest_first else merged.c.id.asc()).limit(limit)
 
 
 def matching_job_ids(conn: sa.Connection, user_id: int, q: QueryParams) -> list[int]:

@@ -167,6 +167,8 @@ jobs = sa.Table(
     sa.Column("last_update", UTCDateTime, nullable=False),
     # Every job query is scoped to the owner's sites, so (site_id, state) serves state filters.
     sa.Index("ix_jobs_site_id_state", "site_id", "state"),
+    # A site's jobs newest first (the dashboard's keyset pages) without reading other sites' jobs.
+    sa.Index("ix_jobs_site_id_id", "site_id", "id"),
     sa.Index("ix_jobs_tags_gin", "tags", postgresql_using="gin", postgresql_ops={"tags": "jsonb_path_ops"}).ddl_if(
         dialect="postgresql"
     ),
@@ -226,6 +228,32 @@ idempotency_keys = sa.Table(
     sa.Column("resource_ids", JSONType, nullable=False),
     sa.Column("created", UTCDateTime, nullable=False),
     sa.Column("expires", UTCDateTime, nullable=False, index=True),
+)
+
+# Job counts per (app, state), kept by database triggers on ``jobs`` (migration 0003) so that the
+# counts by state of a site or of all a user's sites cost a few rows at any number of jobs (the
+# dashboard, ``balsam server status``). SQLite: row triggers update ``job_counts`` directly (writers
+# are serialized there anyway). PostgreSQL: statement triggers append grouped changes to
+# ``job_count_deltas`` (no row is updated by two writers, so no lock waits and no deadlocks between
+# concurrent bulk updates), and the server's background sweep folds them into ``job_counts``;
+# readers add both. See balsam.server.job_counts.
+job_counts = sa.Table(
+    "job_counts",
+    metadata,
+    sa.Column("app_id", sa.Integer, primary_key=True),
+    sa.Column("state", sa.String(32), primary_key=True),
+    sa.Column("site_id", sa.Integer, nullable=False, index=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+
+job_count_deltas = sa.Table(
+    "job_count_deltas",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("site_id", sa.Integer, nullable=False),
+    sa.Column("app_id", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("delta", sa.BigInteger, nullable=False),
 )
 
 

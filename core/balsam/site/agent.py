@@ -274,6 +274,7 @@ class Agent:
                     delay = None
             if delay is None:
                 delay = module.period
+            logger.debug("%s: cycle %d done; next in %.2f s", name, self.cycles.get(name, 0), delay)
             if delay > 0:
                 self.stop_event.wait(delay)
 

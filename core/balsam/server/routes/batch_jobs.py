@@ -14,8 +14,8 @@ from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 from ..auth import revoke_credentials
 from ..db import count_and_page, update_rows_by_id, where_eq, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, not_found_ids, parse_partial
-from ..http import (PAGINATION, check_int_fields, json_response, no_content, pagination, parse_bulk_patches,
-                    require_list, wire_datetime)
+from ..http import (PAGINATION, QueryParams, check_int_fields, json_response, no_content, pagination,
+                    parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
 from ..jobs_logic import json_contains, owned_site_ids, site_owned_by, utcnow
 from ..sessions_logic import release_session_jobs
@@ -62,10 +62,9 @@ def _validate_numbers(values: dict[str, Any], loc: list[Any]) -> None:
             raise ValidationFailed.field(loc + [name], f"must be a positive integer, got {values[name]!r}")
 
 
-def list_batch_jobs(ctx: Ctx) -> Response:
-    q = ctx.query(FILTERS | PAGINATION)
-    limit, offset = pagination(q)
-    stmt = sa.select(*BJ_COLUMNS).where(batch_jobs.c.site_id.in_(owned_site_ids(ctx.user.id)))
+def batch_jobs_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Select, list[sa.ColumnElement]]:
+    """The user's BatchJobs matching the query's filters, and their ordering (API and dashboard)."""
+    stmt = sa.select(*BJ_COLUMNS).where(batch_jobs.c.site_id.in_(owned_site_ids(user_id)))
     stmt = where_in(stmt, batch_jobs.c.id, q.int_list("id"))
     stmt = where_in(stmt, batch_jobs.c.site_id, q.int_list("site_id"))
     stmt = where_in(stmt, batch_jobs.c.state, q.enum_list("state", BatchJobState))
@@ -79,13 +78,22 @@ def list_batch_jobs(ctx: Ctx) -> Response:
             col = batch_jobs.c[name.rsplit("_", 1)[0]]
             stmt = stmt.where(col <= value if op == "le" else col >= value)
     tags = q.key_values("filter_tags")
+    if tags:
+        stmt = stmt.where(json_contains(batch_jobs.c.filter_tags, tags, dialect))
+    ordering = q.choice("ordering", ["start_time", "-start_time", "id", "-id"])
+    order: list[sa.ColumnElement] = [batch_jobs.c.id]
+    if ordering == "-id":
+        order = [batch_jobs.c.id.desc()]
+    elif ordering in ("start_time", "-start_time"):
+        order = [batch_jobs.c.start_time.desc() if ordering.startswith("-") else batch_jobs.c.start_time.asc(), batch_jobs.c.id]
+    return stmt, order
+
+
+def list_batch_jobs(ctx: Ctx) -> Response:
+    q = ctx.query(FILTERS | PAGINATION)
+    limit, offset = pagination(q)
     with ctx.read() as conn:
-        if tags:
-            stmt = stmt.where(json_contains(batch_jobs.c.filter_tags, tags, conn.dialect.name))
-        ordering = q.choice("ordering", ["start_time", "-start_time"])
-        order = [batch_jobs.c.id]
-        if ordering:
-            order = [batch_jobs.c.start_time.desc() if ordering.startswith("-") else batch_jobs.c.start_time.asc(), batch_jobs.c.id]
+        stmt, order = batch_jobs_select(ctx.user.id, q, conn.dialect.name)
         count, rows = count_and_page(conn, stmt, order, limit, offset)
     return json_response({"count": count, "results": [bj_dict(r) for r in rows]})
 

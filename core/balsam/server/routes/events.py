@@ -8,25 +8,25 @@ from starlette.responses import Response
 from balsam.states import JobState
 
 from ..db import count_and_page, where_eq, where_in
-from ..http import PAGINATION, json_response, pagination, wire_datetime
+from ..http import PAGINATION, QueryParams, json_response, pagination, wire_datetime
 from ..jobs_logic import json_contains, owned_site_ids
 from ..routing import Ctx, route
 from ..tables import batch_jobs, jobs, log_events
 
 EV_FIELDS = ["id", "job_id", "timestamp", "from_state", "to_state", "data"]
 EV_COLUMNS = [log_events.c[f] for f in EV_FIELDS]
-FILTERS = {"id", "job_id", "batch_job_id", "scheduler_id", "tags", "data", "timestamp_before", "timestamp_after",
+FILTERS = {"id", "job_id", "site_id", "batch_job_id", "scheduler_id", "tags", "data", "timestamp_before", "timestamp_after",
            "from_state", "to_state", "ordering"}
 
 
-def list_events(ctx: Ctx) -> Response:
-    q = ctx.query(FILTERS | PAGINATION)
-    limit, offset = pagination(q)
+def events_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Select, list[sa.ColumnElement]]:
+    """The user's events matching the query's filters, and their ordering (API and dashboard)."""
     stmt = sa.select(*EV_COLUMNS).join(jobs, jobs.c.id == log_events.c.job_id).where(
-        jobs.c.site_id.in_(owned_site_ids(ctx.user.id))
+        jobs.c.site_id.in_(owned_site_ids(user_id))
     )
     stmt = where_in(stmt, log_events.c.id, q.int_list("id"))
     stmt = where_in(stmt, log_events.c.job_id, q.int_list("job_id"))
+    stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
     stmt = where_eq(stmt, jobs.c.batch_job_id, q.int("batch_job_id"))
     scheduler_id = q.int("scheduler_id", bits=64)
     if scheduler_id is not None:
@@ -38,15 +38,22 @@ def list_events(ctx: Ctx) -> Response:
         stmt = stmt.where(log_events.c.timestamp >= after)
     stmt = where_eq(stmt, log_events.c.from_state, q.enum("from_state", JobState))
     stmt = where_eq(stmt, log_events.c.to_state, q.enum("to_state", JobState))
+    tags, data = q.key_values("tags"), q.key_values("data")
+    if tags:
+        stmt = stmt.where(json_contains(jobs.c.tags, tags, dialect))
+    if data:
+        stmt = stmt.where(json_contains(log_events.c.data, data, dialect, loose=True))
     ordering = q.choice("ordering", ["timestamp", "-timestamp"], default="-timestamp")
     order = [log_events.c.timestamp.desc(), log_events.c.id.desc()] if ordering == "-timestamp" else [
         log_events.c.timestamp.asc(), log_events.c.id.asc()]
+    return stmt, order
+
+
+def list_events(ctx: Ctx) -> Response:
+    q = ctx.query(FILTERS | PAGINATION)
+    limit, offset = pagination(q)
     with ctx.read() as conn:
-        tags, data = q.key_values("tags"), q.key_values("data")
-        if tags:
-            stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
-        if data:
-            stmt = stmt.where(json_contains(log_events.c.data, data, conn.dialect.name, loose=True))
+        stmt, order = events_select(ctx.user.id, q, conn.dialect.name)
         count, rows = count_and_page(conn, stmt, order, limit, offset)
     results = []
     for row in rows:

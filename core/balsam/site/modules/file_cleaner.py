@@ -54,6 +54,7 @@ class FileCleanerModule(AgentModule):
             limit=batch,
         )
         if not jobs:
+            self.logger.debug("cycle: no finished job waits for cleanup")
             return None
         data_path = Path(self.site_config.data_path)
         removed = 0
@@ -65,6 +66,7 @@ class FileCleanerModule(AgentModule):
                 self.logger.warning("app %s: cannot load its cleanup_files: %s", app_id, exc)
                 patterns = []
             if not patterns:
+                self.logger.debug("app %s: no cleanup_files patterns; its jobs are only marked clean", app_id)
                 continue
             for job in jobs:
                 if job["app_id"] == app_id:

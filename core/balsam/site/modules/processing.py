@@ -46,6 +46,13 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _count_states(jobs: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.get("state", "?")] = counts.get(job.get("state", "?"), 0) + 1
+    return counts
+
+
 class ProcessingModule(AgentModule):
     section = "processing"
     default_period = 1.0
@@ -188,6 +195,9 @@ class ProcessingModule(AgentModule):
             if updates:
                 self._send(updates)
         self._tick()
+        self.logger.debug("cycle: harvested %d results, room for %d, acquired %d %s, %d jobs in hook workers",
+                          len(harvested), max(room, 0), len(acquired),
+                          _count_states(acquired) if acquired else "", self.in_flight())
         if room > 0 and len(acquired) >= room:
             return 0.0  # more work is likely waiting
         if self.pending:

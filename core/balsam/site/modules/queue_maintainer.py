@@ -30,6 +30,7 @@ class QueueMaintainerModule(AgentModule):
         )
         wanted = int(config_value(self.config, "num_queued_jobs", 1))
         if active >= wanted:
+            self.logger.debug("cycle: queue %r has %d of %d BatchJobs: nothing to submit", queue, active, wanted)
             return None
         settings = getattr(self.site_config, "settings", None)
         body = {

@@ -24,6 +24,7 @@ when the scheduler no longer gives one. No scheduler exception escapes a cycle.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -194,6 +195,13 @@ class SchedulerModule(AgentModule):
             refused = bulk_patch(self.client, "/batch-jobs/", list(updates.values()))
             if refused:
                 self._record_refusals(refused, {b["id"]: b for b in batch_jobs})
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug(
+                "cycle: %d active BatchJobs %s; scheduler lists %s; queued per queue %s; updates %s",
+                len(batch_jobs), {b["id"]: b["state"] for b in batch_jobs},
+                "nothing (poll failed)" if statuses is None else sorted(statuses), queued_counts,
+                {i: {k: v for k, v in u.items() if k != "id"} for i, u in updates.items()} or "none",
+            )
         self._update_site(statuses)
         self._keep_launcher_credentials(batch_jobs, updates)
         return None
@@ -359,6 +367,7 @@ class SchedulerModule(AgentModule):
         max_queued = int(limits.get("max_queued_jobs") or 0)
         if max_queued and queued_counts.get(queue, 0) >= max_queued:
             message = f"waiting: {queued_counts[queue]} jobs already in queue {queue!r} (max_queued_jobs {max_queued})"
+            self.logger.debug("BatchJob %s: not submitted, %s", batch_job["id"], message)
             if (batch_job.get("status_info") or {}).get("waiting") != message:
                 update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": message}
             return

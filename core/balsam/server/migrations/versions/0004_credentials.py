@@ -1,8 +1,8 @@
 """Credentials: every token (password login, refresh credential, launcher credential, invitation)
 has a row, so that it can be listed and revoked.
 
-Revision ID: 0003_credentials
-Revises: 0002_idempotency_keys
+Revision ID: 0004_credentials
+Revises: 0003_job_counts
 Create Date: 2026-12-01
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 
 import balsam.server.tables
 
-revision = '0003_credentials'
-down_revision = '0002_idempotency_keys'
+revision = '0004_credentials'
+down_revision = '0003_job_counts'
 branch_labels = None
 depends_on = None
 

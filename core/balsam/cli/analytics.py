@@ -1,0 +1,149 @@
+"""``balsam analytics throughput|utilization``: campaign figures from the EventLog, as a table or a PNG.
+
+The series come from :mod:`balsam.analytics` (the same functions as the Python API and the web
+dashboard). The table splits the campaign's time span into ``--rows`` equal intervals; ``--plot
+FILE.png`` also draws the whole series with matplotlib (``pip install 'balsam[plot]'``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+import click
+
+from ._site_selector import format_table, parse_key_values, site_filter, site_option
+
+
+def _event_filters(site_selector: str, tags: tuple[str, ...]) -> dict[str, Any]:
+    filters: dict[str, Any] = dict(site_filter(site_selector))
+    if tags:
+        filters["tags"] = parse_key_values(tags, "--tag")
+    return filters
+
+
+def _edges(start: dt.datetime, end: dt.datetime, rows: int) -> list[dt.datetime]:
+    step = (end - start) / rows
+    return [start + step * i for i in range(rows + 1)]
+
+
+def _fmt(when: dt.datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _load_pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: pip install 'balsam[plot]'") from None
+    return plt
+
+
+def _save(fig: Any, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    click.echo(f"Wrote {path}")
+
+
+def _selection_text(site_selector: str, tags: tuple[str, ...]) -> str:
+    parts = [f"site {site_selector}" if site_selector else "", " ".join(tags)]
+    return ", ".join(p for p in parts if p) or "all selected sites"
+
+
+@click.group("analytics")
+def analytics() -> None:
+    """Throughput and utilization of a campaign (tables, or figures with --plot)."""
+
+
+@analytics.command("throughput")
+@site_option
+@click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE job tag filter (repeatable)")
+@click.option("--to-state", default="JOB_FINISHED", show_default=True, help="Count jobs reaching this state")
+@click.option("--rows", default=12, show_default=True, type=click.IntRange(min=1, max=1000), help="Intervals in the table")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, writable=True), help="Also draw the figure to FILE.png")
+def throughput(site_selector: str, tags: tuple, to_state: str, rows: int, plot_path: Optional[str]) -> None:
+    """Jobs finished over time: per interval, cumulative, and the rate."""
+    from balsam.analytics import step_at, throughput_report
+    from balsam.api import EventLog
+
+    plt = _load_pyplot() if plot_path else None
+    events = EventLog.objects.filter(to_state=to_state.upper(), **_event_filters(site_selector, tags))
+    times, counts = throughput_report(events, to_state=to_state.upper())
+    if not times:
+        click.echo(f"No job reached {to_state.upper()} yet ({_selection_text(site_selector, tags)}).")
+        return
+    start, end = times[0], times[-1]
+    table = []
+    edges = _edges(start, end, rows) if end > start else [start, end]
+    for lo, hi in zip(edges, edges[1:]):
+        before = step_at(times, counts, lo) if lo > start else 0
+        total = step_at(times, counts, hi)
+        minutes = (hi - lo).total_seconds() / 60
+        table.append([_fmt(hi), total - before, total, f"{(total - before) / minutes:.1f}" if minutes > 0 else ""])
+    click.echo(format_table(["Until", "In interval", "Total", "Per minute"], table, right={1, 2, 3}))
+    span = (end - start).total_seconds()
+    rate = f", {len(times) / span * 60:.1f} per minute on average" if span > 0 else ""
+    click.echo(f"{len(times)} jobs reached {to_state.upper()} between {_fmt(start)} and {_fmt(end)}{rate}")
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.step(times, counts, where="post", color="#0b5fad")
+        ax.set_xlabel("time")
+        ax.set_ylabel(f"jobs {to_state.upper()}")
+        ax.set_title(f"Throughput ({_selection_text(site_selector, tags)})")
+        ax.grid(alpha=0.3)
+        fig.autofmt_xdate()
+        _save(fig, plot_path)
+
+
+@analytics.command("utilization")
+@site_option
+@click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE job tag filter (repeatable)")
+@click.option("--count-jobs", is_flag=True, help="Count running jobs instead of the nodes they use")
+@click.option("--rows", default=12, show_default=True, type=click.IntRange(min=1, max=1000), help="Intervals in the table")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, writable=True), help="Also draw the figure to FILE.png")
+def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, plot_path: Optional[str]) -> None:
+    """Busy nodes (running jobs) against the nodes held by BatchJobs, over time."""
+    from balsam.analytics import available_nodes, batch_jobs_serving, time_average, utilization_report
+    from balsam.api import BatchJob, EventLog
+
+    plt = _load_pyplot() if plot_path else None
+    filters = _event_filters(site_selector, tags)
+    events = list(EventLog.objects.filter(to_state="RUNNING", **filters)) + list(
+        EventLog.objects.filter(from_state="RUNNING", **filters))
+    busy_t, busy_y = utilization_report(events, node_weighting=not count_jobs)
+    bj_filters = {k: v for k, v in filters.items() if k == "site_id"}
+    avail_t, avail_y = available_nodes(batch_jobs_serving(BatchJob.objects.filter(**bj_filters), filters.get("tags")))
+    if not busy_t and not avail_t:
+        click.echo(f"No job has run yet and no BatchJob has started ({_selection_text(site_selector, tags)}).")
+        return
+    start = min(t for t in (busy_t[:1] + avail_t[:1]))
+    end = max(t for t in (busy_t[-1:] + avail_t[-1:]))
+    unit = "jobs" if count_jobs else "nodes"
+    table = []
+    edges = _edges(start, end, rows) if end > start else [start, end]
+    for lo, hi in zip(edges, edges[1:]):
+        busy, held = time_average(busy_t, busy_y, lo, hi), time_average(avail_t, avail_y, lo, hi)
+        share = f"{100 * busy / held:.0f}%" if held > 0 and not count_jobs else ""
+        table.append([_fmt(hi), f"{busy:.1f}", f"{held:.1f}", share])
+    click.echo(format_table(["Until", f"Busy {unit} (mean)", "Nodes held (mean)", "Utilization"], table, right={1, 2, 3}))
+    peak = max(busy_y) if busy_y else 0
+    click.echo(f"Peak: {peak:g} {unit} busy; {_fmt(start)} to {_fmt(end)}")
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        if busy_t:
+            ax.step(busy_t, busy_y, where="post", color="#1a7f37", label=f"busy {unit}")
+        if avail_t:
+            ax.step(avail_t, avail_y, where="post", color="#9a6700", linestyle="--", label="nodes held by BatchJobs")
+        ax.set_xlabel("time")
+        ax.set_ylabel(unit)
+        ax.set_title(f"Utilization ({_selection_text(site_selector, tags)})")
+        ax.legend(loc="upper left")
+        ax.grid(alpha=0.3)
+        fig.autofmt_xdate()
+        _save(fig, plot_path)
+
+
+commands = [analytics]

@@ -1,0 +1,154 @@
+"""Balsam 0.x command lines (``balsam ls``, ``balsam submit-launch``, ``balsam job --name ...``) answered
+with the command to use instead, their options translated where there is an equivalent.
+
+:class:`balsam.cli.BalsamGroup` asks :func:`legacy_hint` before click would print a bare
+"No such command" / "No such option".
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Callable, Optional, Union
+
+Translation = Union[str, Callable[[str], str], None]
+
+#: Options of 0.x ``balsam job`` (create a BalsamJob) -> ``balsam job create`` options.
+_JOB_OPTIONS: dict[str, Translation] = {
+    "--name": "-w", "--workflow": lambda v: f"--tag workflow={v}", "--application": "-a", "--app": "-a",
+    "--args": lambda v: "-p NAME=VALUE  (apps take named parameters from their command_template; was --args "
+                        f"{shlex.quote(v)})",
+    "--description": None, "--wall-time-minutes": "-t", "--num-nodes": "-n", "--ranks-per-node": "-rpn",
+    "--threads-per-rank": "-tpr", "--threads-per-core": "-tpc", "--node-packing-count": "-npc",
+    "--cpu-affinity": lambda v: f"-lp cpu_bind={v}", "--yes": "-y", "--stage-in-url": "-s SLOT=ALIAS:/path",
+    "--url-in": "-s SLOT=ALIAS:/path", "--stage-out-url": "-s SLOT=ALIAS:/path", "--url-out": "-s SLOT=ALIAS:/path",
+}
+_JOB_FLAGS = {"--yes"}
+
+_SUBMIT_OPTIONS: dict[str, Translation] = {
+    "-A": "-A", "--project": "-A", "-q": "-q", "--queue": "-q", "-t": "-t", "--time-minutes": "-t",
+    "-n": "-n", "--nodes": "-n", "--job-mode": "-j", "--wf-filter": lambda v: f"--tag workflow={v}",
+    "--save-only": None, "--sort-by": None, "--prescheduled-only": None,
+}
+_SUBMIT_FLAGS = {"--save-only", "--prescheduled-only"}
+
+_LS_OPTIONS: dict[str, Translation] = {
+    "--state": "-s", "--wf": lambda v: f"-t workflow={v}", "--name": "-w", "--id": "--id", "--verbose": "-v",
+    "--by-states": "--by-state", "--history": None, "--tree": None,
+}
+_LS_FLAGS = {"--verbose", "--by-states", "--history", "--tree"}
+
+#: 0.x top-level commands: (what to run now, option translations, flags without a value, a note).
+LEGACY_COMMANDS: dict[str, tuple[str, dict[str, Translation], set[str], str]] = {
+    "ls": ("balsam job ls", _LS_OPTIONS, _LS_FLAGS,
+           "a job's state history and error: `balsam job show ID`; a live view: `balsam job ls --by-state --watch`; "
+           "apps: `balsam app ls`"),
+    "submit-launch": ("balsam queue submit", _SUBMIT_OPTIONS, _SUBMIT_FLAGS,
+                      "run it inside a site directory (or pass --site NAME); -j is serial or mpi"),
+    "init": ("balsam site init PATH -n NAME", {}, set(), "then `cd PATH && balsam site start`"),
+    "service": ("balsam site start", {}, set(),
+                "the site agent submits BatchJobs itself when the elastic queue module is enabled in settings.yml"),
+    "modify": ("balsam job modify --id ID -s STATE", {}, set(), "e.g. -s RESTART_READY to run a job again"),
+    "kill": ("balsam job modify --id ID -s FAILED", {}, set(), "a running job is stopped by its launcher"),
+    "killjob": ("balsam job modify --id ID -s FAILED", {}, set(), ""),
+    "rm": ("balsam job rm --id ID", {}, set(), "apps: `balsam app rm -n NAME`"),
+    "mkchild": ("balsam job create ... --parent-id ID", {}, set(), ""),
+    "dep": ("balsam job create ... --parent-id ID", {}, set(), "dependencies are given when the child is created"),
+    "which": ("balsam site ls", {}, set(), "the server: `balsam server status`"),
+    "log": ("balsam job show ID", {}, set(), "agent logs are in the site's log/ directory"),
+    "dbserver": ("balsam server start", {}, set(), "or `balsam login` to a shared server"),
+    "activate": ("balsam server start", {}, set(), "or `balsam login`; `cd` into a site directory to work with it"),
+    "make_dummies": ("Job.objects.bulk_create([...])", {}, set(), "from Python: `from balsam.api import Job`"),
+    "submit": ("balsam queue submit", _SUBMIT_OPTIONS, _SUBMIT_FLAGS, ""),
+}
+
+#: 0.x option styles of commands that still exist as groups: ``balsam job --name ...`` (``balsam app
+#: --name ...`` gets the ApplicationDefinition to write, see :func:`_app_message`).
+LEGACY_GROUP_OPTIONS: dict[str, tuple[str, dict[str, Translation], set[str], str]] = {
+    "job": ("balsam job create", _JOB_OPTIONS, _JOB_FLAGS, "the app must exist first (ApplicationDefinition.sync())"),
+}
+
+
+def _translate(target: str, options: dict[str, Translation], flags: set[str], args: list[str]) -> tuple[str, list[str]]:
+    parts = [target]
+    dropped: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, inline = arg.partition("=")
+        if not name.startswith("-"):
+            i += 1
+            continue
+        if name in flags:
+            value = ""
+            i += 1
+        elif eq:
+            value = inline
+            i += 1
+        else:
+            value = args[i + 1] if i + 1 < len(args) else ""
+            i += 2
+        new = options.get(name, "?")
+        if new == "?" or new is None:
+            dropped.append(name)
+        elif callable(new):
+            parts.append(new(value))
+        else:
+            parts.append(new if name in flags else f"{new} {shlex.quote(value)}")
+    return " ".join(parts), dropped
+
+
+def _message(command: str, target: str, options: dict[str, Translation], flags: set[str], note: str,
+             args: list[str]) -> str:
+    line, dropped = _translate(target, options, flags, args)
+    text = f"`balsam {command}` is a Balsam 0.x command line. Use instead:\n  {line}"
+    if dropped:
+        text += f"\n(no equivalent for {', '.join(dropped)})"
+    if note:
+        text += f"\nNote: {note}"
+    return text
+
+
+def _option_values(args: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name.startswith("--"):
+            values[name] = inline if eq else (args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "")
+    return values
+
+
+def _app_message(args: list[str]) -> str:
+    """0.x ``balsam app --name N --executable CMD`` -> the ApplicationDefinition to write instead."""
+    values = _option_values(args)
+    name = values.get("--name") or "MyApp"
+    name = "".join(ch for ch in name if ch.isalnum() or ch == "_") or "MyApp"
+    if name[0].isdigit():
+        name = "App" + name
+    command = values.get("--executable") or "my-program {{ arg }}"
+    if "{{" not in command:
+        command += " {{ args }}"
+    return (f"`balsam app --name ...` is a Balsam 0.x command line. Apps are Python classes now "
+            f"(docs/api.md); run this once in Python:\n"
+            f"  from balsam.api import ApplicationDefinition\n"
+            f"  class {name}(ApplicationDefinition):\n"
+            f"      site = \"my-site\"\n"
+            f"      command_template = {command!r}\n"
+            f"  {name}.sync()\n"
+            f"then create jobs with `balsam job create -a {name} -w WORKDIR -p args=...`; list apps with `balsam app ls`")
+
+
+def legacy_hint(args: list[str], known_commands: "set[str] | frozenset[str]") -> Optional[str]:
+    """The replacement for a 0.x command line ``args`` (the words after ``balsam``), or None."""
+    if not args:
+        return None
+    name, rest = args[0], list(args[1:])
+    if name not in known_commands and name in LEGACY_COMMANDS:
+        target, options, flags, note = LEGACY_COMMANDS[name]
+        return _message(" ".join(args[:1]), target, options, flags, note, rest)
+    if name == "app" and rest and rest[0].split("=", 1)[0] in ("--name", "--executable", "--description"):
+        return _app_message(rest)
+    if name in LEGACY_GROUP_OPTIONS and rest and rest[0].startswith("--") and rest[0] not in ("--help",):
+        target, options, flags, note = LEGACY_GROUP_OPTIONS[name]
+        if rest[0].split("=", 1)[0] in options:
+            return _message(f"{name} {rest[0].split('=', 1)[0]} ...", target, options, flags, note, rest)
+    return None

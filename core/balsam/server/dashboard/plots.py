@@ -1,0 +1,85 @@
+"""Plot data for the dashboard: throughput and utilization of a site or a tag filter.
+
+The series are made by the same functions as the Python API's (:mod:`balsam.analytics`), fed with
+the user's EventLog and BatchJob rows selected by the API's own filter logic; this module only
+selects the rows. The busy and available series share one time axis (``align_steps``) and, for long
+campaigns, a series is reduced to at most ``max_points`` time buckets (``downsample``: the bucket's
+last value for the cumulative throughput, its highest for the node counts, so peaks stay visible).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Union
+
+import sqlalchemy as sa
+
+from balsam.analytics import align_steps, available_nodes, batch_jobs_serving, downsample, step_at, throughput_report, utilization_report
+from balsam.states import BatchJobState, JobState
+
+from ..http import QueryParams
+from ..routes.batch_jobs import batch_jobs_select
+from ..routes.events import events_select
+from ..tables import batch_jobs, log_events
+
+Number = Union[int, float]
+MAX_POINTS = 1500
+#: BatchJobs that never held nodes are left out of "available".
+_NEVER_STARTED = (BatchJobState.pending_submission.value, BatchJobState.submit_failed.value)
+
+
+def _epoch(value: dt.datetime) -> float:
+    return value.timestamp()
+
+
+def throughput_series(conn: sa.Connection, user_id: int, q: QueryParams) -> tuple[list[dt.datetime], list[Number]]:
+    """Jobs finished over time (``throughput_report`` of the matching JOB_FINISHED events)."""
+    stmt, _order = events_select(user_id, q, conn.dialect.name)
+    # Only the two columns throughput_report reads (a campaign has one such event per job).
+    stmt = stmt.with_only_columns(log_events.c.timestamp, log_events.c.to_state).where(
+        log_events.c.to_state == JobState.finished.value)
+    return throughput_report(conn.execute(stmt))
+
+
+def utilization_series(conn: sa.Connection, user_id: int, q: QueryParams) -> tuple[list[dt.datetime], list[Number]]:
+    """Nodes busy running jobs over time (``utilization_report`` of the matching RUNNING events)."""
+    stmt, _order = events_select(user_id, q, conn.dialect.name)
+    running = JobState.running.value
+    stmt = stmt.where(sa.or_(log_events.c.to_state == running, log_events.c.from_state == running))
+    return utilization_report(conn.execute(stmt))
+
+
+def available_series(conn: sa.Connection, user_id: int, q: QueryParams,
+                     now: "dt.datetime | None" = None) -> tuple[list[dt.datetime], list[Number]]:
+    """Nodes held by the BatchJobs of the selected sites over time (``available_nodes``).
+
+    With a tag filter, only BatchJobs whose ``filter_tags`` ask for a subset of those tags count
+    (an allocation that runs any job, or only jobs with these tags)."""
+    stmt, _order = batch_jobs_select(user_id, q, conn.dialect.name)
+    stmt = stmt.where(batch_jobs.c.start_time.is_not(None), batch_jobs.c.state.not_in(_NEVER_STARTED))
+    return available_nodes(batch_jobs_serving(conn.execute(stmt), q.key_values("tags")), now=now)
+
+
+def plot_data(conn: sa.Connection, user_id: int, q: QueryParams, *, max_points: int = MAX_POINTS,
+              now: "dt.datetime | None" = None) -> dict[str, Any]:
+    """Everything the plots page draws, times as Unix seconds (UTC)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    done_t, done_y = throughput_series(conn, user_id, q)
+    busy_t, busy_y = utilization_series(conn, user_id, q)
+    avail_t, avail_y = available_series(conn, user_id, q, now=now)
+    axis, (busy, avail) = align_steps((busy_t, busy_y), (avail_t, avail_y))
+    thr_t, (thr_y,) = downsample(done_t, [done_y], max_points, ["last"])
+    util_t, (busy_r, avail_r) = downsample(axis, [busy, avail], max_points, ["max", "max"])
+    return {
+        "throughput": {"t": [_epoch(t) for t in thr_t], "finished": thr_y},
+        "utilization": {"t": [_epoch(t) for t in util_t], "busy": busy_r, "available": avail_r},
+        "summary": {
+            "finished": done_y[-1] if done_y else 0,
+            "first_finished": _epoch(done_t[0]) if done_t else None,
+            "last_finished": _epoch(done_t[-1]) if done_t else None,
+            "busy_now": busy_y[-1] if busy_y else 0,
+            "available_now": step_at(avail_t, avail_y, now),
+            "peak_busy": max(busy_y) if busy_y else 0,
+        },
+        "generated": _epoch(now),
+    }

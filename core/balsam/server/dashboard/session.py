@@ -1,0 +1,119 @@
+"""Dashboard sessions: a signed, expiring cookie per browser login, CSRF tokens bound to it.
+
+The session cookie is a JWT (HS256, the server's signing key) with the audience
+``balsam-dashboard``: an API bearer token (no audience) is refused as a cookie, and a session cookie
+(with an audience) is refused as a bearer token by :func:`balsam.server.auth.decode_token`, so neither
+can stand in for the other. The cookie is ``HttpOnly`` (no script reads it), ``SameSite=Lax`` (not sent
+with cross-site POSTs) and ``Secure`` when the request came over HTTPS.
+
+Every form POST carries a CSRF token: an HMAC of the session's random id (``sid``) under the signing
+key, compared in constant time. The login form, which has no session yet, uses a signed random nonce
+that is both a cookie and a hidden field (double submit). One-time login links (``balsam dashboard``)
+carry a ticket: a JWT with the audience ``balsam-dashboard-ticket`` valid for two minutes.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+import jwt
+
+from ..auth import ALGORITHM, AuthUser
+
+SESSION_COOKIE = "balsam_dashboard"
+LOGIN_COOKIE = "balsam_dashboard_login"
+SESSION_AUDIENCE = "balsam-dashboard"
+TICKET_AUDIENCE = "balsam-dashboard-ticket"
+TICKET_TTL_SEC = 120
+
+
+@dataclass(frozen=True)
+class DashboardSession:
+    user: AuthUser
+    sid: str
+    expires: int  # unix time
+
+    def csrf_token(self, secret: str) -> str:
+        return _mac(secret, f"csrf|{self.sid}")
+
+
+def _mac(secret: str, message: str) -> str:
+    digest = hmac.new(secret.encode(), message.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def _now() -> int:
+    return int(dt.datetime.now(dt.timezone.utc).timestamp())
+
+
+def issue_session(user: AuthUser, secret: str, ttl_sec: int) -> tuple[str, DashboardSession]:
+    """A new session for ``user``: the cookie value and the session it encodes."""
+    session = DashboardSession(user=user, sid=secrets.token_urlsafe(16), expires=_now() + ttl_sec)
+    return _encode(session, secret), session
+
+
+def renew_session(session: DashboardSession, secret: str, ttl_sec: int) -> Optional[str]:
+    """A fresh cookie (same sid, so open forms stay valid) once half the lifetime has passed."""
+    if session.expires - _now() > ttl_sec / 2:
+        return None
+    return _encode(DashboardSession(session.user, session.sid, _now() + ttl_sec), secret)
+
+
+def _encode(session: DashboardSession, secret: str) -> str:
+    payload = {"sub": str(session.user.id), "username": session.user.username, "sid": session.sid,
+               "exp": session.expires, "aud": SESSION_AUDIENCE}
+    return jwt.encode(payload, secret, algorithm=ALGORITHM)
+
+
+def read_session(cookie: Optional[str], secret: str) -> Optional[DashboardSession]:
+    """The session in a cookie value, or None when absent, forged, expired or not a session cookie."""
+    if not cookie:
+        return None
+    try:
+        payload = jwt.decode(cookie, secret, algorithms=[ALGORITHM], audience=SESSION_AUDIENCE,
+                             options={"require": ["exp", "sub", "aud", "sid"]})
+        user = AuthUser(id=int(payload["sub"]), username=str(payload.get("username", "")))
+        return DashboardSession(user=user, sid=str(payload["sid"]), expires=int(payload["exp"]))
+    except (jwt.InvalidTokenError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_csrf(session: DashboardSession, secret: str, submitted: Optional[str]) -> bool:
+    return bool(submitted) and hmac.compare_digest(session.csrf_token(secret), str(submitted))
+
+
+def new_login_nonce(secret: str) -> str:
+    """The login form's anti-CSRF value: a random nonce and its MAC (cookie and hidden field)."""
+    nonce = secrets.token_urlsafe(16)
+    return f"{nonce}.{_mac(secret, 'login|' + nonce)}"
+
+
+def check_login_nonce(secret: str, cookie: Optional[str], submitted: Optional[str]) -> bool:
+    if not cookie or not submitted or not hmac.compare_digest(cookie, submitted):
+        return False
+    nonce, _, mac = cookie.partition(".")
+    return bool(nonce) and hmac.compare_digest(mac, _mac(secret, "login|" + nonce))
+
+
+def issue_ticket(user: AuthUser, secret: str) -> str:
+    """A short-lived login ticket for a one-time link (``balsam dashboard``)."""
+    payload = {"sub": str(user.id), "username": user.username, "exp": _now() + TICKET_TTL_SEC,
+               "aud": TICKET_AUDIENCE, "nonce": secrets.token_urlsafe(8)}
+    return jwt.encode(payload, secret, algorithm=ALGORITHM)
+
+
+def read_ticket(ticket: Optional[str], secret: str) -> Optional[AuthUser]:
+    if not ticket:
+        return None
+    try:
+        payload = jwt.decode(ticket, secret, algorithms=[ALGORITHM], audience=TICKET_AUDIENCE,
+                             options={"require": ["exp", "sub", "aud"]})
+        return AuthUser(id=int(payload["sub"]), username=str(payload.get("username", "")))
+    except (jwt.InvalidTokenError, ValueError, KeyError, TypeError):
+        return None

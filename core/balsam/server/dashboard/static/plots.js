@@ -1,0 +1,104 @@
+// Throughput and utilization charts (uPlot, vendored). Data: the page's data-url (JSON from the
+// server's analytics), refetched while "live updates" is on; a slow answer slows the refresh.
+(function () {
+  "use strict";
+  var MIN_PERIOD_MS = 5000;
+  var charts = {};
+
+  function size(el) {
+    return { width: Math.max(320, el.clientWidth - 10), height: 260 };
+  }
+
+  // Both charts show one time window: from the first point of either series to now (the data's
+  // last point if later), at least MIN_SPAN_S wide so that a campaign whose jobs all finished in the
+  // same second still has a readable axis.
+  var MIN_SPAN_S = 60;
+  var windowRange = [null, null];
+
+  function sharedRange(payload) {
+    var xs = payload.throughput.t.concat(payload.utilization.t, [payload.generated]);
+    var lo = Math.min.apply(null, xs), hi = Math.max.apply(null, xs);
+    return [Math.min(lo, hi - MIN_SPAN_S), hi];
+  }
+
+  function makeChart(id, series, data) {
+    var el = document.getElementById(id);
+    var opts = Object.assign(size(el), {
+      scales: { x: { time: true, range: function () { return windowRange; } } },
+      axes: [{}, { label: series.axis }],
+      series: [{}].concat(series.lines),
+      legend: { live: true },
+    });
+    el.innerHTML = "";
+    return new uPlot(opts, data, el);
+  }
+
+  function draw(payload) {
+    windowRange = sharedRange(payload);
+    // The cumulative count starts from 0 at the window's start (the step line needs a first point).
+    var thrT = payload.throughput.t.slice(), thrY = payload.throughput.finished.slice();
+    if (!thrT.length || thrT[0] > windowRange[0]) {
+      thrT.unshift(windowRange[0]);
+      thrY.unshift(0);
+    }
+    var thr = [thrT, thrY];
+    var util = [payload.utilization.t, payload.utilization.busy, payload.utilization.available];
+    if (!charts.throughput) {
+      charts.throughput = makeChart("chart-throughput", {
+        axis: "jobs finished",
+        lines: [{ label: "finished", stroke: "#0b5fad", width: 2, paths: uPlot.paths.stepped({ align: 1 }) }],
+      }, thr);
+      charts.utilization = makeChart("chart-utilization", {
+        axis: "nodes",
+        lines: [
+          { label: "busy", stroke: "#1a7f37", width: 2, fill: "rgba(26,127,55,0.12)", paths: uPlot.paths.stepped({ align: 1 }) },
+          { label: "available", stroke: "#9a6700", width: 2, dash: [6, 4], paths: uPlot.paths.stepped({ align: 1 }) },
+        ],
+      }, util);
+    } else {
+      charts.throughput.setData(thr);
+      charts.utilization.setData(util);
+    }
+    var status = document.getElementById("plot-status");
+    var when = new Date(payload.generated * 1000).toLocaleTimeString();
+    status.textContent = payload.summary.finished + " jobs finished; " + payload.summary.busy_now +
+      " nodes busy of " + payload.summary.available_now + " held (updated " + when + ")";
+  }
+
+  function load(section) {
+    var started = Date.now();
+    return fetch(section.getAttribute("data-url"), { credentials: "same-origin", headers: { "Accept": "application/json" } })
+      .then(function (resp) {
+        if (!resp.ok) throw new Error("the server answered " + resp.status);
+        return resp.json();
+      })
+      .then(function (payload) { draw(payload); return Date.now() - started; })
+      .catch(function (err) {
+        document.getElementById("plot-status").textContent = "Could not load the plot data: " + err.message;
+        return 0;
+      });
+  }
+
+  function liveEnabled() {
+    var box = document.getElementById("live");
+    return box && box.checked && !document.hidden;
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var section = document.getElementById("plots");
+    if (!section || typeof uPlot === "undefined") return;
+    function loop(took) {
+      var period = Math.max(MIN_PERIOD_MS, 10 * (took || 0));
+      window.setTimeout(function () {
+        if (liveEnabled()) load(section).then(loop); else loop(0);
+      }, period);
+    }
+    load(section).then(loop);
+    window.addEventListener("resize", function () {
+      Object.keys(charts).forEach(function (k) {
+        var el = document.getElementById("chart-" + k);
+        charts[k].setSize(size(el));
+      });
+    });
+  });
+})();

@@ -1,0 +1,563 @@
+"""The dashboard's pages (server-rendered HTML; JavaScript only refreshes them and draws the plots).
+
+Every page reads through the same query logic as the REST API (``jobs_logic``, ``events_select``,
+``batch_jobs_select``), scoped to the logged-in user's sites exactly as the API scopes a bearer
+token: another user's site, job or BatchJob is "not found" here too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+from urllib.parse import parse_qsl, urlencode
+
+import jinja2
+import sqlalchemy as sa
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams as StarletteQueryParams
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+import balsam
+from balsam.states import BatchJobState, JobState
+
+from .. import job_counts, jobs_logic
+from ..auth import AuthUser, authenticate_password, client_address
+from ..db import count_and_page, read_tx
+from ..errors import APIError, NotFound, Unauthorized
+from ..http import QueryParams, json_response
+from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
+from ..routes.events import EV_FIELDS, events_select
+from ..routing import Ctx, route
+from ..tables import apps, job_parents, jobs, sites, users
+from . import session as sessions
+from .plots import plot_data
+
+logger = logging.getLogger("balsam.server.dashboard")
+HERE = Path(__file__).parent
+ACTIVE_WINDOW = dt.timedelta(minutes=2)
+PAGE_SIZES = (25, 50, 100, 200)
+DEFAULT_PAGE_SIZE = 50
+BATCH_JOB_PAGE_SIZE = 50
+#: States a job is never stored in (CREATED becomes AWAITING_PARENTS/READY/STAGED_IN at once).
+LISTED_STATES = [s.value for s in JobState if s not in (JobState.created, JobState.staged_out)]
+ACTIVE_BATCH_STATES = [BatchJobState.pending_submission.value, BatchJobState.queued.value,
+                       BatchJobState.running.value, BatchJobState.pending_deletion.value]
+ERROR_STATES = {JobState.run_error.value, JobState.failed.value, JobState.run_timeout.value}
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(HERE / "templates"),
+    autoescape=jinja2.select_autoescape(["html"]),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def _fmt_time(value: Optional[dt.datetime]) -> str:
+    if value is None:
+        return ""
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _iso(value: Optional[dt.datetime]) -> str:
+    return "" if value is None else value.astimezone(dt.timezone.utc).isoformat()
+
+
+def _ago(value: Optional[dt.datetime]) -> str:
+    if value is None:
+        return "never"
+    seconds = int((dt.datetime.now(dt.timezone.utc) - value).total_seconds())
+    if seconds < 0:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
+def _num(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+_env.filters.update(time=_fmt_time, iso=_iso, ago=_ago, num=_num)
+
+
+# -------------------------------------------------------------------------------------------------
+# Request plumbing
+# -------------------------------------------------------------------------------------------------
+
+class View:
+    """What a page handler gets: the request, the session, the parsed form and the database."""
+
+    def __init__(self, request: Request, session: Optional[sessions.DashboardSession], form: dict[str, str]) -> None:
+        self.request = request
+        self.session = session
+        self.form = form
+        self.settings = request.app.state.settings
+        self.engine: sa.Engine = request.app.state.engine
+        self.base = _app_root(request) + "/dashboard"
+        self.set_cookies: list[tuple[str, str, int]] = []
+
+    @property
+    def user(self) -> AuthUser:
+        assert self.session is not None
+        return self.session.user
+
+    def read(self):
+        return read_tx(self.engine)
+
+    def params(self, names: Iterable[str]) -> StarletteQueryParams:
+        """The page's query string limited to ``names``, without empty values (HTML forms send
+        ``state=`` for "any"), tag fields split on spaces and commas (``a:1, b:2``)."""
+        wanted = set(names)
+        items: list[tuple[str, str]] = []
+        for key, value in self.request.query_params.multi_items():
+            if key not in wanted:
+                continue
+            parts = [p for p in re.split(r"[\s,]+", value) if p] if key == "tags" else [value.strip()]
+            items.extend((key, p) for p in parts if p)
+        return StarletteQueryParams(items)
+
+    def query(self, params: StarletteQueryParams) -> QueryParams:
+        return QueryParams(params)
+
+    def url(self, path: str = "", params: "StarletteQueryParams | list[tuple[str, Any]] | dict | None" = None, **changes: Any) -> str:
+        """A dashboard URL with query parameters; ``changes`` replace (None removes) parameters."""
+        items = list(params.multi_items()) if isinstance(params, StarletteQueryParams) else list(
+            (params or {}).items() if isinstance(params, dict) else params or [])
+        for key, value in changes.items():
+            items = [(k, v) for k, v in items if k != key]
+            if value is not None:
+                items.append((key, value))
+        query = urlencode([(k, v) for k, v in items if v is not None and v != ""])
+        return f"{self.base}/{path}" + (f"?{query}" if query else "")
+
+    def render(self, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        context.setdefault("title", "")
+        context.setdefault("active_page", "")
+        html = _env.get_template(template).render(
+            base=self.base, user=self.session.user if self.session else None,
+            csrf_token=self.session.csrf_token(self.settings.secret_key) if self.session else "",
+            version=balsam.__version__, url=self.url, path=self.request.url.path, **context,
+        )
+        return HTMLResponse(html, status_code=status_code)
+
+
+def _app_root(request: Request) -> str:
+    """The application's own path prefix (a reverse proxy's ``--root-path``), inside a Mount too."""
+    return request.scope.get("app_root_path", request.scope.get("root_path", ""))
+
+
+def _secure(request: Request, settings: Any) -> bool:
+    mode = getattr(settings, "dashboard_secure_cookies", "auto")
+    if mode in ("1", "true", "yes", "on", "always"):
+        return True
+    if mode in ("0", "false", "no", "off", "never"):
+        return False
+    return request.url.scheme == "https"
+
+
+def _cookie_path(request: Request) -> str:
+    return _app_root(request) + "/dashboard"
+
+
+def _set_session_cookie(response: Response, request: Request, value: str) -> None:
+    settings = request.app.state.settings
+    response.set_cookie(sessions.SESSION_COOKIE, value, max_age=settings.dashboard_session_ttl_sec,
+                        path=_cookie_path(request), httponly=True, samesite="lax", secure=_secure(request, settings))
+
+
+def _security_headers(response: Response) -> Response:
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'",
+    )
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _same_origin(request: Request) -> bool:
+    """A POST whose Origin (or Referer) names another host is refused even with a valid token."""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if not origin or origin == "null":
+        return origin != "null"
+    host = request.headers.get("host", "")
+    match = re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/]+)", origin)
+    return bool(match) and match.group(1).lower() == host.lower()
+
+
+def _user_exists(engine: sa.Engine, user_id: int) -> bool:
+    with read_tx(engine) as conn:
+        return conn.execute(sa.select(users.c.id).where(users.c.id == user_id)).first() is not None
+
+
+def _safe_next(view_base: str, target: Optional[str]) -> str:
+    """Only a path inside the dashboard (no scheme, no host, no ``//``): no open redirect."""
+    if target and target.startswith(view_base + "/") and "//" not in target and "\\" not in target:
+        return target
+    return view_base + "/"
+
+
+Handler = Callable[[View], Response]
+
+
+def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, login: bool = True,
+          name: Optional[str] = None) -> Route:
+    """A dashboard route: session check (redirect to the login page), CSRF check on POST, the
+    handler in the thread pool, errors rendered as pages, security headers on everything."""
+
+    async def endpoint(request: Request) -> Response:
+        form: dict[str, str] = {}
+        if request.method == "POST":
+            body = await request.body()
+            form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        return _security_headers(await run_in_threadpool(_dispatch, request, form))
+
+    def _dispatch(request: Request, form: dict[str, str]) -> Response:
+        settings = request.app.state.settings
+        session = sessions.read_session(request.cookies.get(sessions.SESSION_COOKIE), settings.secret_key)
+        if session is not None and not _user_exists(request.app.state.engine, session.user.id):
+            session = None
+        view = View(request, session, form)
+        if login and session is None:
+            if request.method == "GET" and not path.startswith("/plots/data"):
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse(view.url("login", next=target), status_code=303)
+            return view.render("error.html", 401, title="Not logged in",
+                               message="Your dashboard session has ended: log in again.")
+        if request.method == "POST" and login:
+            assert session is not None
+            if not _same_origin(request) or not sessions.check_csrf(session, settings.secret_key, form.get("csrf_token")):
+                return view.render("error.html", 403, title="Refused",
+                                   message="The form's security token is missing or stale: reload the page and try again.")
+        try:
+            response = handler(view)
+        except APIError as exc:
+            response = view.render("error.html", exc.status_code, title="Error", message=exc.detail)
+        except sa.exc.SQLAlchemyError:
+            raise  # the app's handlers answer database errors (conflicts, values it cannot store)
+        except Exception as exc:  # a page must fail as a page, with the details in the server log
+            logger.exception("dashboard page %s failed", request.url.path)
+            response = view.render("error.html", 500, title="Server error",
+                                   message=f"This page failed ({type(exc).__name__}); the server log has the details.")
+        if session is not None and login:
+            renewed = sessions.renew_session(session, settings.secret_key, settings.dashboard_session_ttl_sec)
+            if renewed:
+                _set_session_cookie(response, request, renewed)
+        return response
+
+    endpoint.__name__ = name or ("dashboard_" + (path.strip("/").replace("/", "_").replace("{", "").replace("}", "") or "home"))
+    return Route(path, endpoint, methods=list(methods), name=endpoint.__name__)
+
+
+# -------------------------------------------------------------------------------------------------
+# Shared lookups
+# -------------------------------------------------------------------------------------------------
+
+def _site_rows(conn: sa.Connection, user_id: int) -> list[sa.Row]:
+    return list(conn.execute(sa.select(sites).where(sites.c.owner_id == user_id).order_by(sites.c.id)))
+
+
+def _app_names(conn: sa.Connection, user_id: int) -> dict[int, tuple[str, int]]:
+    stmt = (sa.select(apps.c.id, apps.c.name, apps.c.site_id)
+            .where(apps.c.site_id.in_(jobs_logic.owned_site_ids(user_id))).order_by(apps.c.name))
+    return {row.id: (row.name, row.site_id) for row in conn.execute(stmt)}
+
+
+def _is_active(site: Any, now: dt.datetime) -> bool:
+    return site.last_refresh is not None and now - site.last_refresh < ACTIVE_WINDOW
+
+
+def _state_table(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return [(s, counts.get(s, 0)) for s in LISTED_STATES if counts.get(s)]
+
+
+# -------------------------------------------------------------------------------------------------
+# Pages
+# -------------------------------------------------------------------------------------------------
+
+def sites_page(view: View) -> Response:
+    now = dt.datetime.now(dt.timezone.utc)
+    with view.read() as conn:
+        site_rows = _site_rows(conn, view.user.id)
+        counts = job_counts.counts_by_site_state(conn, view.user.id)
+        bj_stmt, _ = batch_jobs_select(view.user.id, view.query(StarletteQueryParams([("state", s) for s in ACTIVE_BATCH_STATES])),
+                                       conn.dialect.name)
+        active_bjs = [dict(zip(BJ_FIELDS, r)) for r in conn.execute(bj_stmt.order_by(sa.desc("id")).limit(500))]
+    by_site: dict[int, list[dict]] = {}
+    for bj in active_bjs:
+        by_site.setdefault(bj["site_id"], []).append(bj)
+    cards = []
+    for site in site_rows:
+        site_counts = counts.get(site.id, {})
+        cards.append({
+            "site": site, "active": _is_active(site, now), "counts": _state_table(site_counts),
+            "total": sum(site_counts.values()), "batch_jobs": by_site.get(site.id, []),
+        })
+    return view.render("sites.html", title="Sites", cards=cards, active_page="sites")
+
+
+JOB_FILTER_NAMES = ("state", "tags", "site_id", "app_id", "batch_job_id", "workdir__contains", "parent_id")
+
+
+def jobs_page(view: View) -> Response:
+    raw = view.params(JOB_FILTER_NAMES)
+    paging = view.params(("before", "after", "limit", "count"))
+    pq = view.query(paging)
+    error = ""
+    rows: list[dict] = []
+    counts: dict[str, int] = {}
+    exact = True
+    more = False
+    limit = DEFAULT_PAGE_SIZE
+    before = after = None
+    with view.read() as conn:
+        site_rows = _site_rows(conn, view.user.id)
+        app_names = _app_names(conn, view.user.id)
+        try:
+            limit = pq.int("limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=max(PAGE_SIZES)) or DEFAULT_PAGE_SIZE
+            before, after = pq.int("before", minimum=0), pq.int("after", minimum=0)
+            q = view.query(raw)
+            count_all = pq.choice("count", ["all"]) == "all"
+            counts, exact = jobs_logic.count_jobs_by_state(
+                conn, view.user.id, q, window=None if count_all else jobs_logic.COUNT_SCAN_WINDOW)
+            states_wanted = raw.getlist("state")
+            if sum(n for s, n in counts.items() if not states_wanted or s in states_wanted) == 0 and exact:
+                rows, more = [], False  # nothing matches: no need to look for a page of it
+            else:
+                rows, more = jobs_logic.keyset_page_jobs(conn, view.user.id, q, limit, before_id=before, after_id=after)
+        except APIError as exc:
+            error = exc.detail if isinstance(exc.detail, str) else "; ".join(
+                f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in exc.detail)
+    states = raw.getlist("state")
+    matching = sum(n for s, n in counts.items() if not states or s in states)
+    site_names = {s.id: s.name for s in site_rows}
+    newest_page = before is None and after is None
+    # Cursor links: "newer" exists unless this is the first page; "older" when more rows lie beyond.
+    has_newer = bool(rows) and not newest_page and (after is None or more)
+    has_older = bool(rows) and (more if after is None else True)
+    return view.render(
+        "jobs.html", 422 if error else 200, title="Jobs", active_page="jobs", error=error, rows=rows,
+        counts=_state_table(counts), count_total=sum(counts.values()), matching=matching, exact=exact, filters=raw,
+        window=jobs_logic.COUNT_SCAN_WINDOW, count_all_url=view.url("jobs", raw, count="all") if not exact else "",
+        selected_states=states, tags_text=" ".join(raw.getlist("tags")), sites=site_rows, site_names=site_names,
+        apps=app_names, states=LISTED_STATES, limit=limit, page_sizes=PAGE_SIZES,
+        newer_url=view.url("jobs", raw, after=rows[0]["id"], limit=limit if limit != DEFAULT_PAGE_SIZE else None) if has_newer else "",
+        older_url=view.url("jobs", raw, before=rows[-1]["id"], limit=limit if limit != DEFAULT_PAGE_SIZE else None) if has_older else "",
+        first_url=view.url("jobs", raw, limit=limit if limit != DEFAULT_PAGE_SIZE else None) if not newest_page else "",
+    )
+
+
+def _error_tail(events: list[dict]) -> Optional[dict]:
+    """The most recent event that carries an error (the tail of job.out, or a hook's traceback);
+    else the most recent move to an error state that says why."""
+    def data(event: dict) -> dict:
+        return event.get("data") if isinstance(event.get("data"), dict) else {}
+
+    with_error = [e for e in events if data(e).get("error")]
+    if with_error:
+        return with_error[-1]
+    explained = [e for e in events if e["to_state"] in ERROR_STATES and data(e).get("message")]
+    return explained[-1] if explained else None
+
+
+def job_page(view: View) -> Response:
+    job_id = int(view.request.path_params["job_id"])
+    with view.read() as conn:
+        found = jobs_logic.keyset_page_jobs(conn, view.user.id, view.query(StarletteQueryParams([("id", str(job_id))])), 1)[0]
+        if not found:
+            raise NotFound(f"Job {job_id} not found")
+        job = found[0]
+        placed = conn.execute(
+            sa.select(sites.c.id, sites.c.name, sites.c.path, apps.c.name.label("app_name"))
+            .select_from(jobs.join(apps, apps.c.id == jobs.c.app_id).join(sites, sites.c.id == jobs.c.site_id))
+            .where(jobs.c.id == job_id)
+        ).one()
+        stmt, order = events_select(view.user.id, view.query(StarletteQueryParams([("job_id", str(job_id)), ("ordering", "timestamp")])),
+                                    conn.dialect.name)
+        events = [dict(zip(EV_FIELDS, r)) for r in conn.execute(stmt.order_by(*order))]
+        family_ids = set(job["parent_ids"] or [])
+        children = list(conn.execute(
+            sa.select(job_parents.c.child_id).where(job_parents.c.parent_id == job_id).order_by(job_parents.c.child_id).limit(200)
+        ).scalars())
+        family_ids.update(children)
+        family = {r.id: r for r in conn.execute(
+            sa.select(jobs.c.id, jobs.c.state, jobs.c.workdir).where(
+                jobs.c.id.in_(sorted(family_ids)), jobs.c.site_id.in_(jobs_logic.owned_site_ids(view.user.id))))}
+    job_out = str(Path(placed.path) / "data" / job["workdir"] / "job.out")
+    shown_fields = [(name, job[name]) for name in (
+        "workdir", "tags", "data", "return_code", "num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core",
+        "gpus_per_rank", "node_packing_count", "launch_params", "wall_time_min", "pending_file_cleanup")]
+    return view.render(
+        "job.html", title=f"Job {job_id}", active_page="jobs", job=job, site=placed, events=events,
+        error_event=_error_tail(events), job_out=job_out, fields=shown_fields,
+        parents=[family.get(p) for p in sorted(job["parent_ids"] or []) if p in family],
+        children=[family[c] for c in children if c in family], has_more_children=len(children) >= 200,
+        error_states=ERROR_STATES,
+    )
+
+
+def batch_jobs_page(view: View) -> Response:
+    raw = view.params(("state", "site_id"))
+    page = view.query(view.params(("page",))).int("page", 1, minimum=1) or 1
+    with view.read() as conn:
+        site_rows = _site_rows(conn, view.user.id)
+        stmt, _ = batch_jobs_select(view.user.id, view.query(raw), conn.dialect.name)
+        count, rows = count_and_page(conn, stmt, [sa.desc("id")], BATCH_JOB_PAGE_SIZE, (page - 1) * BATCH_JOB_PAGE_SIZE)
+        bjs = [dict(zip(BJ_FIELDS, r)) for r in rows]
+        ran: dict[int, dict[str, int]] = {}
+        if bjs:
+            for bj_id, state, n in conn.execute(
+                sa.select(jobs.c.batch_job_id, jobs.c.state, sa.func.count())
+                .where(jobs.c.batch_job_id.in_([b["id"] for b in bjs]), jobs.c.site_id.in_(jobs_logic.owned_site_ids(view.user.id)))
+                .group_by(jobs.c.batch_job_id, jobs.c.state)
+            ):
+                ran.setdefault(bj_id, {})[state] = n
+    pages = max(1, -(-count // BATCH_JOB_PAGE_SIZE))
+    return view.render(
+        "batch_jobs.html", title="BatchJobs", active_page="batch_jobs", batch_jobs=bjs, count=count, page=page,
+        pages=pages, filters=raw, selected_states=raw.getlist("state"), states=[s.value for s in BatchJobState],
+        sites=site_rows, site_names={s.id: s.name for s in site_rows}, ran=ran,
+        prev_url=view.url("batch-jobs", raw, page=page - 1) if page > 1 else "",
+        next_url=view.url("batch-jobs", raw, page=page + 1) if page < pages else "",
+    )
+
+
+PLOT_FILTER_NAMES = ("site_id", "tags")
+
+
+def plots_page(view: View) -> Response:
+    raw = view.params(PLOT_FILTER_NAMES)
+    error = ""
+    summary: dict[str, Any] = {}
+    with view.read() as conn:
+        site_rows = _site_rows(conn, view.user.id)
+        try:
+            summary = plot_data(conn, view.user.id, view.query(raw))["summary"]
+        except APIError as exc:
+            error = str(exc.detail)
+    return view.render(
+        "plots.html", 422 if error else 200, title="Throughput and utilization", active_page="plots", error=error,
+        summary=summary, sites=site_rows, filters=raw, tags_text=" ".join(raw.getlist("tags")),
+        data_url=view.url("plots/data", raw), fmt_epoch=lambda t: _fmt_time(dt.datetime.fromtimestamp(t, dt.timezone.utc)) if t else "",
+    )
+
+
+def plots_data(view: View) -> Response:
+    raw = view.params(PLOT_FILTER_NAMES)
+    with view.read() as conn:
+        data = plot_data(conn, view.user.id, view.query(raw))
+    return json_response(data)
+
+
+# -------------------------------------------------------------------------------------------------
+# Login, logout, one-time links
+# -------------------------------------------------------------------------------------------------
+
+def login_page(view: View) -> Response:
+    if view.session is not None and view.request.method == "GET":
+        return RedirectResponse(_safe_next(view.base, view.request.query_params.get("next")), status_code=303)
+    secret = view.settings.secret_key
+    error, status = "", 200
+    next_url = view.form.get("next") or view.request.query_params.get("next") or ""
+    username = view.form.get("username", "")
+    if view.request.method == "POST":
+        if not sessions.check_login_nonce(secret, view.request.cookies.get(sessions.LOGIN_COOKIE), view.form.get("login_token")):
+            error, status = "The login form expired: please try again.", 403
+        elif "password" not in view.settings.login_methods:
+            error, status = "Password login is not enabled on this server.", 400
+        else:
+            try:
+                with view.read() as conn:
+                    user = authenticate_password(conn, username, view.form.get("password", ""),
+                                                 throttle=view.request.app.state.login_throttle,
+                                                 address=client_address(view.request),
+                                                 only_user=view.settings.only_user)
+            except Unauthorized as exc:
+                error, status = str(exc.detail), 401
+            except APIError as exc:  # e.g. a rate limit (429) decided by the server's login check
+                error, status = str(exc.detail), exc.status_code
+            else:
+                cookie, _session = sessions.issue_session(user, secret, view.settings.dashboard_session_ttl_sec)
+                response = RedirectResponse(_safe_next(view.base, next_url), status_code=303)
+                _set_session_cookie(response, view.request, cookie)
+                response.delete_cookie(sessions.LOGIN_COOKIE, path=_cookie_path(view.request))
+                return response
+    nonce = sessions.new_login_nonce(secret)
+    response = view.render("login.html", status, title="Log in", error=error, username=username, next_url=next_url,
+                           login_token=nonce)
+    response.set_cookie(sessions.LOGIN_COOKIE, nonce, max_age=3600, path=_cookie_path(view.request), httponly=True,
+                        samesite="strict", secure=_secure(view.request, view.settings))
+    return response
+
+
+def logout(view: View) -> Response:
+    response = RedirectResponse(view.url("login"), status_code=303)
+    response.delete_cookie(sessions.SESSION_COOKIE, path=_cookie_path(view.request))
+    return response
+
+
+def ticket_login(view: View) -> Response:
+    user = sessions.read_ticket(view.request.query_params.get("t"), view.settings.secret_key)
+    if user is None or not _user_exists(view.engine, user.id):
+        return view.render("error.html", 401, title="Link expired",
+                           message="This login link is invalid or has expired (links last two minutes): run "
+                                   "`balsam dashboard` again, or log in with a password.")
+    cookie, _session = sessions.issue_session(user, view.settings.secret_key, view.settings.dashboard_session_ttl_sec)
+    response = RedirectResponse(view.url(""), status_code=303)
+    _set_session_cookie(response, view.request, cookie)
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+def login_link(ctx: Ctx) -> Response:
+    """``POST /dashboard/login-link`` (API bearer auth): a one-time login path for a browser."""
+    user = ctx.user
+    with ctx.read() as conn:
+        if conn.execute(sa.select(users.c.id).where(users.c.id == user.id)).first() is None:
+            raise Unauthorized("This token's user no longer exists")
+    ticket = sessions.issue_ticket(user, ctx.settings.secret_key)
+    path = _app_root(ctx.request) + "/dashboard/ticket?" + urlencode({"t": ticket})
+    return json_response({"ticket": ticket, "path": path, "expires_in": sessions.TICKET_TTL_SEC})
+
+
+def not_found_page(request: Request, status_code: int) -> Response:
+    """An HTML answer for a dashboard address that does not exist (the API answers JSON)."""
+    view = View(request, None, {})
+    message = f"No page at {request.url.path}." if status_code == 404 else f"{request.method} is not allowed here."
+    return _security_headers(view.render("error.html", status_code, title="Not found" if status_code == 404 else "Not allowed",
+                                         message=message))
+
+
+def _redirect_home(request: Request) -> Response:
+    return RedirectResponse(_app_root(request) + "/dashboard/", status_code=307)
+
+
+def dashboard_routes() -> list[BaseRoute]:
+    pages = [
+        _page("/", sites_page),
+        _page("/jobs", jobs_page),
+        _page("/jobs/{job_id:int}", job_page),
+        _page("/batch-jobs", batch_jobs_page),
+        _page("/plots", plots_page),
+        _page("/plots/data", plots_data),
+        _page("/login", login_page, ("GET", "POST"), login=False),
+        _page("/logout", logout, ("POST",)),
+        _page("/ticket", ticket_login, login=False),
+        route("/login-link", {"POST": login_link}),
+        Mount("/static", app=StaticFiles(directory=HERE / "static"), name="dashboard_static"),
+    ]
+    return [
+        Route("/dashboard", _redirect_home, methods=["GET"]),
+        Mount("/dashboard", routes=pages),
+    ]

@@ -1,0 +1,64 @@
+"""Helpers of the dashboard tests: logging in through the form, reading pages."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import httpx
+
+TOKEN_RE = re.compile(r'name="(login_token|csrf_token)" value="([^"]+)"')
+
+
+def hidden_field(html: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"', html)
+    assert match, f"no hidden field {name} in the page"
+    return match.group(1)
+
+
+def login(client: "httpx.Client | Any", username: str, password: str, next_url: str = "") -> httpx.Response:
+    """Log in through the dashboard's form (GET for the nonce cookie, then POST). Returns the POST answer."""
+    page = client.get("/dashboard/login")
+    assert page.status_code == 200, page.text
+    return client.post("/dashboard/login", data={
+        "username": username, "password": password, "login_token": hidden_field(page.text, "login_token"),
+        "next": next_url,
+    }, follow_redirects=False)
+
+
+def logged_in_client(url: str, username: str, password: str) -> httpx.Client:
+    client = httpx.Client(base_url=url, timeout=60)
+    answer = login(client, username, password)
+    assert answer.status_code == 303, answer.text
+    return client
+
+
+def make_campaign(url: str, token: str, n_jobs: int = 5, name: "str | None" = None, finished: bool = False) -> dict[str, Any]:
+    """A site, an app and jobs of one user, made through the REST API: the first job failed with an
+    error (as a launcher reports it), the second finished (``finished=True``), the rest are STAGED_IN."""
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    name = name or f"site-{uuid.uuid4().hex[:6]}"
+    site = api.post("/sites/", json={"name": name, "path": f"/tmp/{name}"}).json()
+    app = api.post("/apps/", json={"site_id": site["id"], "name": "Sim", "serialized_class": "", "source_code": "",
+                                   "parameters": {}, "transfers": {}, "description": ""}).json()
+    jobs = api.post("/jobs/", json=[{"app_id": app["id"], "workdir": f"run/{i}", "tags": {"batch": str(i % 2)}}
+                                    for i in range(n_jobs)]).json()
+    failed = jobs[0]["id"]
+    for state, data in (("PREPROCESSED", {}), ("RUNNING", {"num_nodes": 1}),
+                        ("RUN_ERROR", {"returncode": 3, "error": "Traceback (most recent call last):\nValueError: bad mesh 42"}),
+                        ("FAILED", {"message": "the run failed"})):
+        resp = api.patch("/jobs/", json=[{"id": failed, "state": state, "state_data": data}])
+        assert resp.status_code == 200, resp.text
+    if finished:
+        for state, data in (("PREPROCESSED", {}), ("RUNNING", {"num_nodes": 1}), ("RUN_DONE", {}), ("POSTPROCESSED", {})):
+            resp = api.patch("/jobs/", json=[{"id": jobs[1]["id"], "state": state, "state_data": data}])
+            assert resp.status_code == 200, resp.text
+    api.close()
+    return {"site": site, "app": app, "jobs": jobs, "failed": failed, "finished": jobs[1]["id"] if finished else None}
+
+
+def text_of(html: str) -> str:
+    """The page's visible text, whitespace collapsed (for simple assertions)."""
+    html = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)).strip()

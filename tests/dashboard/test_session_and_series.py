@@ -1,0 +1,91 @@
+"""Pure parts of the dashboard: session cookies, CSRF tokens, login nonces and tickets; the step-series
+helpers of balsam.analytics that the plots and the CLI tables use."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from balsam.analytics import align_steps, batch_jobs_serving, downsample, step_at, time_average
+from balsam.server.auth import AuthUser, decode_token
+from balsam.server.dashboard import session as s
+from balsam.server.errors import Unauthorized
+
+SECRET = "unit-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+ALICE = AuthUser(id=7, username="alice")
+
+
+def test_session_cookie_round_trip_and_refusals() -> None:
+    cookie, session = s.issue_session(ALICE, SECRET, 3600)
+    read = s.read_session(cookie, SECRET)
+    assert read == session and read.user == ALICE
+    assert s.read_session(cookie, SECRET + "x") is None  # another server's key
+    assert s.read_session(cookie[:-3] + "abc", SECRET) is None  # tampered
+    assert s.read_session(None, SECRET) is None and s.read_session("", SECRET) is None
+    expired, _ = s.issue_session(ALICE, SECRET, -10)
+    assert s.read_session(expired, SECRET) is None
+    with pytest.raises(Unauthorized):
+        decode_token(cookie, SECRET)  # a session cookie is no API token
+    ticket = s.issue_ticket(ALICE, SECRET)
+    assert s.read_session(ticket, SECRET) is None and s.read_ticket(ticket, SECRET) == ALICE
+    assert s.read_ticket(cookie, SECRET) is None
+
+
+def test_renewal_keeps_the_session_id() -> None:
+    cookie, session = s.issue_session(ALICE, SECRET, 100)
+    assert s.renew_session(session, SECRET, 100) is None  # fresh: nothing to renew
+    old = s.DashboardSession(ALICE, session.sid, session.expires - 60)
+    renewed = s.read_session(s.renew_session(old, SECRET, 100), SECRET)
+    assert renewed.sid == session.sid and renewed.expires > old.expires
+    assert renewed.csrf_token(SECRET) == session.csrf_token(SECRET)
+
+
+def test_csrf_token_and_login_nonce() -> None:
+    _, session = s.issue_session(ALICE, SECRET, 100)
+    _, other = s.issue_session(ALICE, SECRET, 100)
+    token = session.csrf_token(SECRET)
+    assert s.check_csrf(session, SECRET, token)
+    assert not s.check_csrf(other, SECRET, token) and not s.check_csrf(session, SECRET, None)
+    nonce = s.new_login_nonce(SECRET)
+    assert s.check_login_nonce(SECRET, nonce, nonce)
+    assert not s.check_login_nonce(SECRET, nonce, s.new_login_nonce(SECRET))
+    forged = nonce.split(".")[0] + ".AAAA"
+    assert not s.check_login_nonce(SECRET, forged, forged)  # a cookie the server did not sign
+
+
+T = dt.datetime(2024, 1, 1)
+
+
+def t(seconds: float) -> dt.datetime:
+    return T + dt.timedelta(seconds=seconds)
+
+
+def test_step_helpers() -> None:
+    times, values = [t(0), t(10), t(20)], [1, 3, 0]
+    assert [step_at(times, values, t(x)) for x in (-1, 0, 5, 10, 25)] == [0, 1, 1, 3, 0]
+    axis, (a, b) = align_steps((times, values), ([t(5), t(20)], [2, 4]))
+    assert axis == [t(0), t(5), t(10), t(20)] and a == [1, 1, 3, 0] and b == [0, 2, 2, 4]
+    assert time_average(times, values, t(0), t(20)) == pytest.approx(2.0)  # 1 for 10 s, 3 for 10 s
+    assert time_average(times, values, t(5), t(15)) == pytest.approx(2.0)
+    assert time_average(times, values, t(30), t(30)) == 0
+
+
+def test_downsample_keeps_last_or_peak_per_bucket() -> None:
+    times = [t(i) for i in range(100)]
+    cumulative = list(range(1, 101))
+    spiky = [0] * 100
+    spiky[42] = 9
+    out_t, (c, p) = downsample(times, [cumulative, spiky], 10, ["last", "max"])
+    assert len(out_t) == 10 and c[-1] == 100 and c == sorted(c) and max(p) == 9
+    assert downsample(times[:5], [cumulative[:5]], 10, ["last"]) == (times[:5], [cumulative[:5]])
+
+
+def test_batch_jobs_serving_a_tag_filter() -> None:
+    class BJ:
+        def __init__(self, tags: dict) -> None:
+            self.filter_tags = tags
+
+    any_job, only_x, only_y = BJ({}), BJ({"c": "x"}), BJ({"c": "y"})
+    assert batch_jobs_serving([any_job, only_x, only_y], {"c": "x"}) == [any_job, only_x]
+    assert batch_jobs_serving([any_job, only_y], None) == [any_job, only_y]
