@@ -68,6 +68,12 @@ def test_start_status_login_stop(home_env, tmp_path):
     assert resp.status_code == 403
     assert (home / "server" / "balsam.db").exists() and (home / "server" / "server.pid").exists()
 
+    # Browsers reach the dashboard on the TCP port (the socket is for the local user's clients).
+    link = run(["dashboard"], home_env)
+    assert link.returncode == 0 and f"http://127.0.0.1:{port}/dashboard/ticket?t=" in link.stdout, link.stderr
+    ticket_url = link.stdout.split()[link.stdout.split().index("session):") + 1]
+    assert httpx.get(ticket_url, follow_redirects=True).status_code == 200
+
     status = run(["server", "status"], home_env)
     assert status.returncode == 0 and "running, answering" in status.stdout
     assert f"127.0.0.1:{port}" in status.stdout and str(socket_path) in status.stdout and "sites: 1" in status.stdout
