@@ -125,25 +125,30 @@ def test_an_unverifiable_certificate_is_pinned_by_fingerprint(tmp_path):
         stop(impostor)
 
 
-def test_admin_user_commands(tmp_path):
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")},
-           "BALSAM_HOME": str(tmp_path / "home"), "BALSAM_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.db'}"}
+def test_admin_user_commands(tmp_path, monkeypatch):
+    from click.testing import CliRunner
 
-    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-        return subprocess.run(BALSAM + list(args), input=stdin, capture_output=True, text=True, env=env, timeout=60)
+    from balsam.cli import main
 
-    assert run("server", "migrate").returncode == 0
+    for key in [k for k in os.environ if k.startswith("BALSAM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BALSAM_DATABASE_URL", f"sqlite:///{tmp_path / 'shared.db'}")
+
+    def run(*args: str, stdin: str = ""):
+        return CliRunner().invoke(main, list(args), input=stdin, catch_exceptions=False)
+
+    assert run("server", "migrate").exit_code == 0
     added = run("server", "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
-    assert added.returncode == 0 and "Created user alice" in added.stdout
-    assert "already exists" in run("server", "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n").stderr
-    assert "at least 12" in run("server", "user", "add", "bob", "--password-stdin", stdin="short\n").stderr
+    assert added.exit_code == 0 and "Created user alice" in added.output
+    assert "already exists" in run("server", "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n").output
+    assert "at least 12" in run("server", "user", "add", "bob", "--password-stdin", stdin="short\n").output
     invite = run("server", "user", "invite", "carol")
-    assert invite.returncode == 0 and "--invitation bsi1." in invite.stdout
-    listing = run("server", "user", "ls").stdout
+    assert invite.exit_code == 0 and "--invitation bsi1." in invite.output
+    listing = run("server", "user", "ls").output
     assert "alice" in listing and "carol" in listing
-    creds = run("server", "credentials", "--user", "carol")
-    assert "invitation" in creds.stdout
+    assert "invitation" in run("server", "credentials", "--user", "carol").output
     revoked = run("server", "revoke", "--user", "carol")
-    assert revoked.returncode == 0 and "Revoked 1 credential(s)" in revoked.stdout
-    assert "active" not in run("server", "credentials", "--user", "carol").stdout.split("\n", 1)[1]
-    assert run("server", "revoke").returncode == 1
+    assert revoked.exit_code == 0 and "Revoked 1 credential(s)" in revoked.output
+    assert "active" not in run("server", "credentials", "--user", "carol").output.split("\n", 1)[1]
+    assert run("server", "revoke").exit_code == 1
