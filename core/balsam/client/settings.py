@@ -143,8 +143,6 @@ def store_refreshed_token(path: "Path | str | None", refresh_token: str, token: 
                           token_expiry: Optional[dt.datetime], refresh_expiry: Optional[dt.datetime]) -> bool:
     """Write a refreshed access token into the login file, but only if the file still holds this
     refresh credential (a newer ``balsam login`` or ``balsam logout`` wins). True if written."""
-    import filelock
-
     path = Path(path) if path is not None else client_path()
     try:
         with filelock.FileLock(str(path) + ".lock", timeout=10):

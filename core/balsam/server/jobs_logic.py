@@ -21,7 +21,7 @@ from balsam.states import InvalidTransition, JobState, TransferDirection, Transf
 
 from .auth import SITE_SCOPE
 from .db import bulk_insert, update_rows_by_id, where_eq, where_in
-from .errors import null_field_errors, payload_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
+from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .http import QueryParams, int_range_errors, is_json_int, wire_datetime
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 

@@ -10,7 +10,6 @@ import re
 from typing import Any
 from urllib.parse import parse_qs
 
-import orjson
 import sqlalchemy as sa
 from starlette.responses import Response
 
