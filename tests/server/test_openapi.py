@@ -42,7 +42,6 @@ def test_the_document_states_the_server_rules(live_server):
 
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(live_server_factory, tmp_path):
-    pytest.importorskip("schemathesis")
     server = live_server_factory("sqlite", env={"BALSAM_AUTH_MAX_FAILURES_PER_ADDRESS": "1000000",
                                                 "BALSAM_AUTH_MAX_FAILURES_PER_USER": "1000000"})
     name, password = f"fuzz-{uuid.uuid4().hex[:8]}", "fuzzing password"
