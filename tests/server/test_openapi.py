@@ -62,6 +62,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(live_server_
         "--max-time", str(FUZZ_SECONDS), "--max-response-time", "60", "--seed", "1",
         "--report", "junit", "--report-dir", str(tmp_path),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FUZZ_SECONDS + 240)
+    env = dict(os.environ, SCHEMATHESIS_HOOKS=str(Path(__file__).with_name("schemathesis_hooks.py")))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FUZZ_SECONDS + 240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, f"schemathesis:\n{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}\n{server.log_tail()}"
     assert "No issues found" in proc.stdout or " passed" in proc.stdout, proc.stdout[-3000:]
