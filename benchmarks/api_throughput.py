@@ -68,8 +68,8 @@ def run_backend(name: str, database_url: str, n_jobs: int, workers: int) -> dict
                              create_tables=database_url.startswith("sqlite"))
     try:
         anon = httpx.Client(base_url=url, timeout=300)
-        check(anon.post("/auth/password/register", json={"username": "bench", "password": "bench"}))
-        token = check(anon.post("/auth/password/login", data={"username": "bench", "password": "bench"})).json()["access_token"]
+        check(anon.post("/auth/password/register", json={"username": "bench", "password": "bench password"}))
+        token = check(anon.post("/auth/password/login", data={"username": "bench", "password": "bench password"})).json()["access_token"]
         http = httpx.Client(base_url=url, timeout=300, headers={"Authorization": f"Bearer {token}"})
         site = check(http.post("/sites/", json={"name": "bench", "path": "/bench"})).json()
         app = check(http.post("/apps/", json={"site_id": site["id"], "name": "Bench", "serialized_class": "x",

@@ -163,6 +163,8 @@ class LiveServer:
             "BALSAM_AUTH_SECRET_KEY": SERVER_SECRET,
             "BALSAM_HOME": str(self.workdir / "server-home"),
             "BALSAM_SERVER_CREATE_TABLES": "1",
+            # Test servers are open deployments: every test registers its own users.
+            "BALSAM_AUTH_REGISTRATION": "open",
             **self.extra_env,
         })
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "balsam.server.app:create_app_from_env",

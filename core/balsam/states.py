@@ -100,7 +100,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.created: frozenset({S.awaiting_parents, S.ready, S.staged_in}),
     S.awaiting_parents: frozenset({S.ready, S.staged_in}),
     S.ready: frozenset({S.staged_in}),
-    S.staged_in: frozenset({S.preprocessed}),
+    # Balsam 0.7 launchers also run jobs straight from STAGED_IN (as its server accepted).
+    S.staged_in: frozenset({S.preprocessed, S.running}),
     S.preprocessed: frozenset({S.running}),
     S.running: frozenset({S.run_done, S.run_error, S.run_timeout}),
     S.run_done: frozenset({S.postprocessed, S.restart_ready}),

@@ -239,9 +239,9 @@ def test_bound_models_use_their_own_client(balsam_env, live_server, tmp_path):
     from balsam.api import Site
 
     other = RESTClient(live_server)
-    user = other.register("second-user-" + os.urandom(4).hex(), "pw-1234")
+    user = other.register("second-user-" + os.urandom(4).hex(), "pw-1234-long-enough")
     assert user["username"].startswith("second-user-")
-    other.password_login(user["username"], "pw-1234")
+    other.password_login(user["username"], "pw-1234-long-enough")
     assert other.whoami()["username"] == user["username"]
     other.Site.objects.create(name="theirs", path=str(tmp_path / "theirs"))
     assert [s.name for s in other.Site.objects.all()] == ["theirs"]

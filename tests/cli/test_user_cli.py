@@ -81,21 +81,35 @@ def test_register_and_login_store_the_token_with_mode_0600(live_server, tmp_path
     monkeypatch.setenv("BALSAM_HOME", str(home))
     monkeypatch.delenv("BALSAM_CLIENT_PATH", raising=False)
     user = f"cli-{uuid.uuid4().hex[:8]}"
-    out = balsam("register", "-a", live_server, "-u", user, input="s3cret\ns3cret\n")
+    short = balsam("register", "-a", live_server, "-u", user, input="s3cret\ns3cret\n")
+    assert short.exit_code == 1 and "at least 12 characters" in short.output
+    out = balsam("register", "-a", live_server, "-u", user, input="s3cret s3cret\ns3cret s3cret\n")
     assert out.exit_code == 0, out.output
     assert "Registration success!" in out.output
-    out = balsam("login", "-u", live_server, "--username", user, input="s3cret\n")
+    out = balsam("login", "-u", live_server, "--username", user, input="s3cret s3cret\n")
     assert out.exit_code == 0, out.output
     path = home / "client.yml"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     data = yaml.safe_load(path.read_text())
     assert data["api_root"] == live_server and data["username"] == user and data["token"]
-    assert data["token_expiry"]
+    assert data["token_expiry"] and data["refresh_token"].startswith("bsr1.")
     out = balsam("login", "-u", live_server)
     assert "You already have a good login stored" in out.output
     from balsam.api import Site
+    from balsam._api.model import reset_default_client
 
     assert Site.objects.count() == 0  # the API now uses this login
+    # Logging out revokes the login on the server and forgets it here.
+    token = data["token"]
+    out = balsam("logout")
+    assert out.exit_code == 0 and "revoked on the server" in out.output, out.output
+    left = yaml.safe_load(path.read_text())
+    assert "token" not in left or left["token"] is None
+    assert "refresh_token" not in left and left["api_root"] == live_server
+    import httpx
+
+    assert httpx.get(f"{live_server}/sites/", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    reset_default_client()
 
 
 def test_wrong_password_fails_fast_without_looping(live_server, tmp_path):
@@ -173,8 +187,8 @@ def test_job_ls_modify_rm(apps, site):
     assert out.exit_code == 0, out.output
     assert "Set 3 job(s) to FAILED" in out.output
     assert Job.objects.filter(state="FAILED").count() == 3
-    refused = balsam("job", "modify", "-t", "grp=b", "-s", "RUNNING", "-y")
-    assert refused.exit_code == 1  # the server refuses a forced move into RUNNING
+    refused = balsam("job", "modify", "-t", "grp=a", "-s", "RUNNING", "-y")
+    assert refused.exit_code == 1  # the server refuses a forced move from FAILED into RUNNING
     assert balsam("job", "ls", "-s", "FAILED").output.count("FAILED") == 3
     assert "No matching jobs." in balsam("job", "ls", "-w", "nothing-like-this").output
     out = balsam("job", "rm", "-s", "FAILED", input="y\n")
@@ -246,6 +260,29 @@ def test_queue_submit_validates_and_ls_term(site):
     assert "finished" in balsam("queue", "ls", "--history", "-n", "1").output
     assert "site_id:" in balsam("queue", "ls", "-h", "-v").output
     assert balsam("queue", "term", "12345").exit_code == 1
+
+
+def test_queue_submit_warns_when_nothing_keeps_the_allocation_authorized(site, balsam_env):
+    """No agent reporting, or no refresh credential: the BatchJob is still created, with warnings."""
+    import datetime as dt
+    import types
+
+    from balsam.api import get_default_client
+    from balsam.cli.queue import authorization_warnings
+
+    args = ("queue", "submit", "-n", "1", "-t", "30", "-q", "debug", "-A", "proj", "-j", "mpi", "--site", "site-a")
+    out = balsam(*args)
+    assert out.exit_code == 0
+    assert "Warning: your account has no active refresh credential" in out.output  # a 0.7-style login only
+    assert "no site agent has reported" not in out.output  # the fixture's site was refreshed just now
+    # Once some login of the account (the agent's) holds a refresh credential, that warning goes.
+    get_default_client().password_login(balsam_env.username, balsam_env.password, refresh=True)
+    out = balsam(*args)
+    assert out.exit_code == 0 and "Warning" not in out.output
+    # A site whose agent has been silent for 10 minutes.
+    silent = types.SimpleNamespace(name="site-a", last_refresh=dt.datetime.now() - dt.timedelta(minutes=10))
+    warnings = authorization_warnings(silent)
+    assert len(warnings) == 1 and warnings[0].startswith("no site agent has reported for site site-a since")
 
 
 def test_queue_ls_shows_why_a_batch_job_waits(site):

@@ -54,6 +54,7 @@ class DrillServer:
             "BALSAM_AUTH_SECRET_KEY": "drill-" + secrets.token_hex(16),
             "BALSAM_HOME": str(self.root / "server-home"),
             "BALSAM_SERVER_CREATE_TABLES": "1",
+            "BALSAM_AUTH_REGISTRATION": "open",  # the drills register their own users
             **(env or {}),
         }
         self.proc: Optional[subprocess.Popen] = None

@@ -23,7 +23,7 @@ STRICT = {
     S.created: {S.awaiting_parents, S.ready, S.staged_in, S.failed},
     S.awaiting_parents: {S.ready, S.staged_in, S.failed},
     S.ready: {S.staged_in, S.failed},
-    S.staged_in: {S.preprocessed, S.failed},
+    S.staged_in: {S.preprocessed, S.running, S.failed},  # RUNNING: Balsam 0.7 launchers do it
     S.preprocessed: {S.running, S.failed},
     S.running: {S.run_done, S.run_error, S.run_timeout, S.failed},
     S.run_done: {S.postprocessed, S.restart_ready, S.failed},

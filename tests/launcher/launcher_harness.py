@@ -48,6 +48,7 @@ class LocalDeployment:
             BALSAM_SESSION_EXPIRE_SEC=str(session_expire_sec),
             BALSAM_SESSION_SWEEP_SEC=str(session_sweep_sec),
             BALSAM_HOME=str(self.home),
+            BALSAM_AUTH_REGISTRATION="open",
         )
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(

@@ -1,17 +1,42 @@
-"""/auth routes, tokens and password hashing."""
+"""/auth routes, tokens, credentials and password hashing."""
 
 from __future__ import annotations
 
+import re
+import statistics
+import time
 import uuid
 
 import httpx
 import jwt
 import pytest
+import sqlalchemy as sa
 
-from balsam.server.auth import create_token, decode_token, hash_password, verify_password
-from balsam.server.errors import Unauthorized
+from balsam.server.auth import (
+    LoginThrottle,
+    check_password_login,
+    create_token,
+    decode_token,
+    hash_password,
+    verify_password,
+)
+from balsam.server.errors import TooManyRequests, Unauthorized
 
 SECRET = "balsam-test-secret-key-not-for-production-use-0123456789"  # tests/conftest.py SERVER_SECRET
+PASSWORD = "correct horse battery"
+
+
+def _register(url, name=None, password=PASSWORD):
+    name = name or f"u-{uuid.uuid4().hex[:8]}"
+    return name, httpx.post(f"{url}/auth/password/register", json={"username": name, "password": password})
+
+
+def _login(url, name, password=PASSWORD, **extra):
+    return httpx.post(f"{url}/auth/password/login", data={"username": name, "password": password, **extra})
+
+
+def _bearer(token):
+    return {"Authorization": f"Bearer {token}"}
 
 
 def test_how_lists_password_login(server_url):
@@ -21,31 +46,34 @@ def test_how_lists_password_login(server_url):
 
 
 def test_register_login_me(server_url):
-    name, password = f"u-{uuid.uuid4().hex[:8]}", "s3cret pass"
-    resp = httpx.post(f"{server_url}/auth/password/register", json={"username": name, "password": password})
+    name, resp = _register(server_url)
     assert resp.status_code == 201
     user = resp.json()
     assert user["username"] == name and isinstance(user["id"], int)
 
     # The Balsam 0.7 client sends an OAuth2 password form.
-    resp = httpx.post(f"{server_url}/auth/password/login", data={"username": name, "password": password,
-                                                                 "grant_type": "password", "scope": ""})
+    resp = _login(server_url, name, grant_type="password", scope="")
     assert resp.status_code == 200
     body = resp.json()
     assert body["token_type"] == "bearer" and body["access_token"] and body["expiration"]
-    me = httpx.get(f"{server_url}/auth/password/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert "refresh_token" not in body
+    me = httpx.get(f"{server_url}/auth/password/me", headers=_bearer(body["access_token"]))
     assert me.json() == user
 
     # JSON login is accepted too.
-    resp = httpx.post(f"{server_url}/auth/password/login", json={"username": name, "password": password})
+    resp = httpx.post(f"{server_url}/auth/password/login", json={"username": name, "password": PASSWORD})
     assert resp.status_code == 200
 
 
-def test_register_duplicate_and_bad_input(server_url):
-    name = f"u-{uuid.uuid4().hex[:8]}"
-    assert httpx.post(f"{server_url}/auth/password/register", json={"username": name, "password": "x"}).status_code == 201
-    dup = httpx.post(f"{server_url}/auth/password/register", json={"username": name, "password": "y"})
-    assert dup.status_code == 400 and "already taken" in dup.json()["detail"]
+def test_register_duplicate_short_password_and_bad_input(server_url):
+    name, resp = _register(server_url)
+    assert resp.status_code == 201
+    _, dup = _register(server_url, name, "another long password")
+    assert dup.status_code == 409 and "already taken" in dup.json()["detail"]
+    _, short = _register(server_url, password="elevenchars")
+    assert short.status_code == 422
+    assert short.json()["detail"] == [{"loc": ["body", "password"], "msg": "must have at least 12 characters",
+                                       "type": "value_error"}]
     bad = httpx.post(f"{server_url}/auth/password/register", json={"username": "", "password": ""})
     assert bad.status_code == 422
     fields = {tuple(e["loc"]) for e in bad.json()["detail"]}
@@ -66,20 +94,57 @@ def test_wrong_password_and_missing_fields(server_url, register):
 def test_protected_routes_need_a_valid_token(server_url, header):
     headers = {"Authorization": header} if header else {}
     for path in ("/sites/", "/apps/", "/jobs/", "/batch-jobs/", "/sessions/", "/transfers/", "/events/",
-                 "/auth/password/me"):
+                 "/auth/password/me", "/auth/credentials"):
         resp = httpx.get(f"{server_url}{path}", headers=headers)
         assert resp.status_code == 401, path
         assert "detail" in resp.json()
 
 
-def test_expired_and_forged_tokens_are_refused(server_url, register):
-    _name, _pw, user_id, _tok, _exp = register(server_url)
-    expired, _ = create_token(user_id, "x", SECRET, ttl_sec=-10)
-    resp = httpx.get(f"{server_url}/sites/", headers={"Authorization": f"Bearer {expired}"})
+def test_every_route_answers_401_before_validating(server_url):
+    """No token: 401 on every protected operation, whatever the body, path or query (before: 16
+    write routes answered 422 for a bad body, and PATCH /batch-jobs/ and /transfers/ with [] 200)."""
+    from starlette.routing import Mount, Route
+
+    from balsam.server.app import _all_routes
+
+    public = {("get", "/auth/how"), ("post", "/auth/password/login"), ("post", "/auth/password/register"),
+              ("post", "/auth/token"), ("get", "/openapi.json"), ("get", "/")}
+
+    def api_routes(routes, prefix=""):
+        for route in routes:
+            if isinstance(route, Mount):
+                yield from api_routes(route.routes, prefix + route.path)
+            elif isinstance(route, Route) and getattr(route.endpoint, "__module__", "") == "balsam.server.routing":
+                yield prefix + route.path, route  # the bearer-token API (dashboard pages use cookies)
+
+    checked = 0
+    for path, route in api_routes(_all_routes()):
+        for method in sorted(m.lower() for m in route.methods if m != "HEAD"):
+            if (method, path) in public:
+                continue
+            for suffix, body in (("", b"[]"), ("", b"{not json"), ("?limit=-1&junk=1", b"{}")):
+                url = f"{server_url}{re.sub(r'{[^}]*}', 'abc', path)}{suffix}"
+                resp = httpx.request(method.upper(), url, content=body, headers={"content-type": "application/json"})
+                assert resp.status_code == 401, f"{method.upper()} {path} {body!r} -> {resp.status_code} {resp.text[:200]}"
+            checked += 1
+    assert checked >= 40
+
+
+def test_expired_forged_and_untracked_tokens_are_refused(server_url, register):
+    _name, _pw, user_id, token, _exp = register(server_url)
+    cid = jwt.decode(token, SECRET, algorithms=["HS256"])["cid"]
+    expired, _ = create_token(user_id, "x", SECRET, ttl_sec=-10, credential_id=cid)
+    resp = httpx.get(f"{server_url}/sites/", headers=_bearer(expired))
     assert resp.status_code == 401 and "expired" in resp.json()["detail"].lower()
-    forged, _ = create_token(user_id, "x", "another-secret" * 4, ttl_sec=3600)
-    resp = httpx.get(f"{server_url}/sites/", headers={"Authorization": f"Bearer {forged}"})
-    assert resp.status_code == 401
+    forged, _ = create_token(user_id, "x", "another-secret" * 4, ttl_sec=3600, credential_id=cid)
+    assert httpx.get(f"{server_url}/sites/", headers=_bearer(forged)).status_code == 401
+    # A token that no credential row backs cannot be revoked: refused.
+    untracked, _ = create_token(user_id, "x", SECRET, ttl_sec=3600)
+    resp = httpx.get(f"{server_url}/sites/", headers=_bearer(untracked))
+    assert resp.status_code == 401 and "credential" in resp.json()["detail"]
+    # Another user's credential id in an otherwise valid token.
+    other = create_token(user_id + 10_000, "x", SECRET, ttl_sec=3600, credential_id=cid)[0]
+    assert httpx.get(f"{server_url}/sites/", headers=_bearer(other)).status_code == 401
 
 
 def test_password_hash_is_salted_scrypt():
@@ -91,9 +156,247 @@ def test_password_hash_is_salted_scrypt():
 
 
 def test_token_roundtrip_and_expiry():
-    token, expiration = create_token(7, "alice", "k" * 40, 60)
+    token, expiration = create_token(7, "alice", "k" * 40, 60, credential_id=3, site_id=5)
     user = decode_token(token, "k" * 40)
-    assert (user.id, user.username) == (7, "alice")
+    assert (user.id, user.username, user.credential_id, user.site_id) == (7, "alice", 3, 5)
     assert jwt.decode(token, "k" * 40, algorithms=["HS256"])["exp"] == int(expiration.timestamp())
     with pytest.raises(Unauthorized):
         decode_token(token, "other" * 10)
+
+
+# -- refresh credentials, logout, revocation --------------------------------------------------------
+
+
+def test_refresh_credential_logout_and_revocation(server_url):
+    name, _ = _register(server_url)
+    body = _login(server_url, name, scope="offline_access", label="test laptop").json()
+    access, refresh = body["access_token"], body["refresh_token"]
+    assert refresh.startswith("bsr1.") and body["refresh_expiration"]
+    assert httpx.get(f"{server_url}/sites/", headers=_bearer(access)).status_code == 200
+
+    fresh = httpx.post(f"{server_url}/auth/token", data={"grant_type": "refresh_token", "refresh_token": refresh})
+    assert fresh.status_code == 200, fresh.text
+    access2 = fresh.json()["access_token"]
+    assert httpx.get(f"{server_url}/sites/", headers=_bearer(access2)).status_code == 200
+    creds = httpx.get(f"{server_url}/auth/credentials", headers=_bearer(access2)).json()["results"]
+    assert [(c["kind"], c["label"], c["revoked"]) for c in creds] == [("refresh", "test laptop", None)]
+    assert creds[0]["last_used"] is not None
+
+    wrong = refresh[:-4] + ("AAAA" if not refresh.endswith("AAAA") else "BBBB")
+    assert httpx.post(f"{server_url}/auth/token", data={"refresh_token": wrong}).status_code == 401
+
+    assert httpx.post(f"{server_url}/auth/logout", headers=_bearer(access2)).status_code == 204
+    for token in (access, access2):
+        resp = httpx.get(f"{server_url}/sites/", headers=_bearer(token))
+        assert resp.status_code == 401 and "revoked" in resp.json()["detail"]
+    again = httpx.post(f"{server_url}/auth/token", data={"refresh_token": refresh})
+    assert again.status_code == 401 and "revoked" in again.json()["detail"]
+
+
+def test_revoking_one_login_leaves_the_others(server_url):
+    name, _ = _register(server_url)
+    first, second = (_login(server_url, name).json()["access_token"] for _ in range(2))
+    creds = httpx.get(f"{server_url}/auth/credentials", headers=_bearer(first)).json()["results"]
+    assert [c["kind"] for c in creds] == ["login", "login"]
+    first_id = jwt.decode(first, SECRET, algorithms=["HS256"])["cid"]
+    assert httpx.delete(f"{server_url}/auth/credentials/{first_id}", headers=_bearer(second)).status_code == 204
+    assert httpx.get(f"{server_url}/sites/", headers=_bearer(first)).status_code == 401
+    assert httpx.get(f"{server_url}/sites/", headers=_bearer(second)).status_code == 200
+    # Someone else's credential id is unknown to you.
+    other, _ = _register(server_url)
+    other_token = _login(server_url, other).json()["access_token"]
+    second_id = jwt.decode(second, SECRET, algorithms=["HS256"])["cid"]
+    assert httpx.delete(f"{server_url}/auth/credentials/{second_id}", headers=_bearer(other_token)).status_code == 404
+
+
+# -- launcher credentials: site-scoped, renewable, revocable ----------------------------------------
+
+
+def test_launcher_credential_is_good_only_for_its_site(api, other_api):
+    site, other_site = api.site(), api.site()
+    app = api.app(site["id"])
+    other_app = api.app(other_site["id"])
+    job = api.jobs(app["id"])[0]
+    other_job = api.jobs(other_app["id"])[0]
+    bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site["id"], "project": "p", "queue": "q", "num_nodes": 1,
+                                                  "wall_time_min": 10, "job_mode": "mpi"})
+    cred = api.ok("POST", "/auth/credentials", 201, json={"site_id": site["id"], "batch_job_id": bj["id"], "ttl_sec": 3600})
+    assert cred["kind"] == "launcher" and cred["site_id"] == site["id"] and cred["batch_job_id"] == bj["id"]
+    launcher = httpx.Client(base_url=api.url, headers=_bearer(cred["access_token"]), timeout=60)
+    try:
+        # Its own site: everything a launcher does.
+        assert [s["id"] for s in launcher.get("/sites/").json()["results"]] == [site["id"]]
+        assert [j["id"] for j in launcher.get("/jobs/").json()["results"]] == [job["id"]]
+        assert launcher.get(f"/jobs/{job['id']}").status_code == 200
+        session = launcher.post("/sessions/", json={"site_id": site["id"], "batch_job_id": bj["id"]})
+        assert session.status_code == 201
+        assert launcher.post(f"/sessions/{session.json()['id']}", json={"max_num_jobs": 5}).status_code == 200
+        assert launcher.patch("/jobs/", json=[{"id": job["id"], "data": {"x": 1}}]).json() == 1
+        # Anything else of the same user: as if it did not exist.
+        assert launcher.get(f"/jobs/{other_job['id']}").status_code == 404
+        assert launcher.get(f"/sites/{other_site['id']}").status_code == 404
+        assert launcher.get(f"/apps/{other_app['id']}").status_code == 404
+        assert launcher.patch("/jobs/", json=[{"id": other_job["id"], "data": {"x": 1}}]).status_code == 404
+        assert launcher.post("/sessions/", json={"site_id": other_site["id"]}).status_code == 404
+        assert launcher.post("/jobs/", json=[{"workdir": "x", "app_id": other_app["id"]}]).status_code == 404
+        assert launcher.delete("/jobs/", params={"id": other_job["id"]}).json() == 0
+        # And it cannot widen itself.
+        assert launcher.post("/sites/", json={"name": "new", "path": "/new"}).status_code == 403
+        assert launcher.delete(f"/sites/{site['id']}").status_code == 403
+        assert launcher.post("/auth/credentials", json={"site_id": site["id"], "ttl_sec": 60}).status_code == 403
+        assert launcher.post(f"/auth/credentials/{cred['id']}/renew", json={"ttl_sec": 60}).status_code == 403
+        # Another user cannot mint one for this site.
+        assert other_api.http.post("/auth/credentials", json={"site_id": site["id"], "ttl_sec": 60}).status_code == 404
+    finally:
+        launcher.close()
+
+
+def test_launcher_credential_renewal_revocation_and_batch_job_end(api):
+    site = api.site()
+    app = api.app(site["id"])
+    jobs = api.jobs(app["id"], n=3)
+    api.patch_states([j["id"] for j in jobs], "PREPROCESSED")
+    bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site["id"], "project": "p", "queue": "q", "num_nodes": 1,
+                                                  "wall_time_min": 10, "job_mode": "mpi"})
+    cred = api.ok("POST", "/auth/credentials", 201, json={"site_id": site["id"], "batch_job_id": bj["id"], "ttl_sec": 600})
+    too_long = api.http.post("/auth/credentials", json={"site_id": site["id"], "ttl_sec": 10**9})
+    assert too_long.status_code == 422
+    renewed = api.ok("POST", f"/auth/credentials/{cred['id']}/renew", json={"ttl_sec": 7200})
+    assert renewed["expires"] > cred["expires"]
+    token = renewed["access_token"]
+    launcher = httpx.Client(base_url=api.url, headers=_bearer(token), timeout=60)
+    try:
+        session = launcher.post("/sessions/", json={"site_id": site["id"], "batch_job_id": bj["id"]}).json()
+        acquired = launcher.post(f"/sessions/{session['id']}", json={"max_num_jobs": 3}).json()
+        assert len(acquired) == 3
+        launcher.patch("/jobs/", json=[{"id": acquired[0]["id"], "state": "RUNNING"}])
+        # Revoking the launcher credential ends its sessions: nothing stays leased to a launcher that
+        # can no longer report (RUNNING -> RUN_TIMEOUT, acquired-but-not-started jobs freed).
+        api.ok("DELETE", f"/auth/credentials/{cred['id']}", 204)
+        resp = launcher.get("/jobs/")
+        assert resp.status_code == 401 and "revoked" in resp.json()["detail"]
+        states = {j["id"]: api.job(j["id"])["state"] for j in jobs}
+        assert states[acquired[0]["id"]] == "RUN_TIMEOUT"
+        assert sorted(states.values()) == ["PREPROCESSED", "PREPROCESSED", "RUN_TIMEOUT"]
+        assert api.ok("GET", "/sessions/", params={"id": session["id"]})["count"] == 0
+        # The old token (same credential) is refused too.
+        assert launcher.get("/jobs/", headers=_bearer(cred["access_token"])).status_code == 401
+        # A BatchJob that finishes takes its launcher credentials with it.
+        second = api.ok("POST", "/auth/credentials", 201, json={"site_id": site["id"], "batch_job_id": bj["id"],
+                                                               "ttl_sec": 600})
+        api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"state": "finished"})
+        creds = {c["id"]: c for c in api.ok("GET", "/auth/credentials", params={"kind": "launcher"})["results"]}
+        assert creds[second["id"]]["revoked"] is not None
+    finally:
+        launcher.close()
+
+
+# -- shared deployments: closed registration, invitations, throttling, one local user --------------
+
+
+@pytest.fixture(scope="session")
+def strict_server(live_server_factory):
+    """A server as deployed: registration closed, small login-failure limits."""
+    return live_server_factory("sqlite", env={"BALSAM_AUTH_REGISTRATION": "closed",
+                                              "BALSAM_AUTH_MAX_FAILURES_PER_USER": "3",
+                                              "BALSAM_AUTH_MAX_FAILURES_PER_ADDRESS": "6",
+                                              "BALSAM_AUTH_FAILURE_WINDOW_SEC": "600"})
+
+
+def test_registration_is_closed_by_default_and_admins_add_users(strict_server):
+    from balsam.server.admin import Admin
+
+    _name, resp = _register(strict_server.url)
+    assert resp.status_code == 403 and "closed" in resp.json()["detail"]
+    name = f"u-{uuid.uuid4().hex[:8]}"
+    with Admin(strict_server.database_url) as admin:
+        admin.add_user(name, PASSWORD, 12)
+    assert _login(strict_server.url, name).status_code == 200
+
+
+def test_invitation_sets_the_password_once(live_server_factory):
+    from balsam.server.admin import Admin
+
+    server = live_server_factory("sqlite", env={"BALSAM_AUTH_REGISTRATION": "invitation"})
+    _name, resp = _register(server.url)
+    assert resp.status_code == 403 and "invitation" in resp.json()["detail"]
+    with Admin(server.database_url) as admin:
+        code, _expires = admin.invite("carol", 3600)
+    body = {"username": "carol", "password": PASSWORD, "invitation": code}
+    wrong_user = httpx.post(f"{server.url}/auth/password/register", json={**body, "username": "mallory"})
+    assert wrong_user.status_code == 401
+    assert httpx.post(f"{server.url}/auth/password/register", json=body).status_code == 201
+    assert _login(server.url, "carol").status_code == 200
+    reused = httpx.post(f"{server.url}/auth/password/register", json={**body, "password": "another long password"})
+    assert reused.status_code == 401 and "revoked" in reused.json()["detail"]
+
+
+def test_failed_logins_are_throttled_per_user_and_per_address(strict_server):
+    from balsam.server.admin import Admin
+
+    victim, bystander = f"v-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    with Admin(strict_server.database_url) as admin:
+        admin.add_user(victim, PASSWORD, 12)
+        admin.add_user(bystander, PASSWORD, 12)
+    url = strict_server.url
+    assert [_login(url, victim, "wrong").status_code for _ in range(3)] == [401, 401, 401]
+    limited = _login(url, victim)  # even the right password, once the user name is locked
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
+    assert "Too many failed logins" in limited.json()["detail"]
+    # Per address: failures spread over user names still count.
+    statuses = [_login(url, f"nobody-{i}", "wrong").status_code for i in range(4)]
+    assert statuses[:3] == [401, 401, 401] and statuses[3] == 429
+    assert _login(url, bystander).status_code == 429
+
+
+def test_unknown_users_take_as_long_as_known_ones(tmp_path):
+    """Before: 1.3 ms for an unknown user name vs 70 ms (scrypt) for a known one."""
+    from balsam.server.db import create_db_engine, read_tx, write_tx
+    from balsam.server.migrate import upgrade_engine
+    from balsam.server.tables import users
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade_engine(engine)
+    with write_tx(engine) as conn:
+        conn.execute(sa.insert(users).values(username="known", hashed_password=hash_password(PASSWORD),
+                                             date_joined=sa.func.current_timestamp()))
+    throttle = LoginThrottle(1000, 1000, 60)
+    timings: dict[str, list[float]] = {"known": [], "unknown": []}
+    for _ in range(5):
+        for name in ("known", "unknown"):
+            start = time.perf_counter()
+            with pytest.raises(Unauthorized), read_tx(engine) as conn:
+                check_password_login(conn, throttle, name, "wrong password", "127.0.0.1")
+            timings[name].append(time.perf_counter() - start)
+    engine.dispose()
+    known, unknown = statistics.median(timings["known"]), statistics.median(timings["unknown"])
+    assert unknown >= 0.5 * known, f"unknown user {unknown * 1000:.1f} ms vs known {known * 1000:.1f} ms"
+
+
+def test_throttle_window_slides():
+    now = [0.0]
+    throttle = LoginThrottle(2, 100, 60, clock=lambda: now[0])
+    throttle.record_failure("a", "1.2.3.4")
+    throttle.record_failure("a", "1.2.3.4")
+    assert throttle.retry_after("a", "1.2.3.4") == pytest.approx(60)
+    now[0] = 30.0
+    assert throttle.retry_after("a", "1.2.3.4") == pytest.approx(30)
+    assert throttle.retry_after("b", "1.2.3.4") is None
+    now[0] = 60.5
+    assert throttle.retry_after("a", "1.2.3.4") is None
+    assert TooManyRequests("x", 59.2).headers == {"Retry-After": "60"}
+
+
+def test_server_of_one_local_user_refuses_everybody_else(live_server_factory, register):
+    from balsam.server.admin import Admin
+
+    server = live_server_factory("sqlite", env={"BALSAM_AUTH_ONLY_USER": "owner"})
+    with Admin(server.database_url) as admin:
+        admin.add_user("owner", PASSWORD, 12)
+        admin.add_user("stranger", PASSWORD, 12)
+        stranger = admin.local_login("stranger", 3600, 600, SECRET, "test")
+    assert _login(server.url, "owner").status_code == 200
+    assert _login(server.url, "stranger").status_code == 401
+    assert _register(server.url)[1].status_code == 403
+    resp = httpx.get(f"{server.url}/sites/", headers=_bearer(stranger["access_token"]))
+    assert resp.status_code == 401 and "local user" in resp.json()["detail"]

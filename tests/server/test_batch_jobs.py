@@ -66,7 +66,7 @@ def test_bulk_patch_and_state_rules(api):
     assert result[1]["status_info"] == {"error": "no such project"}
     # Invalid transitions refuse the whole request.
     resp = api.http.patch("/batch-jobs/", json=[{"id": ids[0], "state": "running"}, {"id": ids[1], "state": "running"}])
-    assert resp.status_code == 400 and "submit_failed to running" in resp.json()["detail"]
+    assert resp.status_code == 409 and "submit_failed to running" in resp.json()["detail"]
     assert api.ok("GET", f"/batch-jobs/{ids[0]}")["state"] == "queued"
     # pending_deletion: only 'finished' is accepted as a state; other fields still update (0.7 rule).
     after = api.ok("PUT", f"/batch-jobs/{ids[2]}", json={"state": "running", "scheduler_id": 77})

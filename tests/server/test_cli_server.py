@@ -35,61 +35,136 @@ def home_env(tmp_path):
     run(["server", "stop"], env)
 
 
+def _client(home: Path):
+    from balsam.client import ClientSettings, RESTClient
+
+    path = home / "client.yml"
+    return RESTClient.from_settings(ClientSettings.load(path), settings_path=path)
+
+
 def test_start_status_login_stop(home_env, tmp_path):
     port = free_port()
     result = run(["server", "start", "--port", str(port)], home_env)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "ready" in result.stdout and "Logged in as" in result.stdout
     home = Path(home_env["BALSAM_HOME"])
-    client = home / "client.yml"
-    assert stat.S_IMODE(client.stat().st_mode) == 0o600
+    client_file = home / "client.yml"
+    assert stat.S_IMODE(client_file.stat().st_mode) == 0o600
     assert stat.S_IMODE((home / "server" / "secret.key").stat().st_mode) == 0o600
-    login = yaml.safe_load(client.read_text())
-    assert login["api_root"] == f"http://127.0.0.1:{port}"
-    assert {"client_class", "token", "token_expiry", "username", "connect_timeout", "read_timeout", "retry_count"} <= set(login)
-    me = httpx.get(f"{login['api_root']}/auth/password/me", headers={"Authorization": f"Bearer {login['token']}"})
-    assert me.status_code == 200 and me.json()["username"] == login["username"]
-    # The token works for real requests.
-    resp = httpx.post(f"{login['api_root']}/sites/", json={"name": "laptop", "path": str(tmp_path)},
-                      headers={"Authorization": f"Bearer {login['token']}"})
-    assert resp.status_code == 201
+    login = yaml.safe_load(client_file.read_text())
+    # Clients reach the embedded server through a socket in a private directory.
+    socket_path = home / "server" / "run" / "balsam.sock"
+    assert login["api_root"] == f"unix://{socket_path}"
+    assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700 and stat.S_ISSOCK(socket_path.stat().st_mode)
+    assert {"client_class", "token", "token_expiry", "username", "connect_timeout", "read_timeout", "retry_count",
+            "refresh_token", "refresh_expiry"} <= set(login)
+    client = _client(home)
+    assert client.whoami()["username"] == login["username"]
+    assert client.post("/sites/", json={"name": "laptop", "path": str(tmp_path)})["name"] == "laptop"
+    client.close()
+    # The TCP port serves browsers and 0.7 clients; registration is closed there.
+    assert httpx.get(f"http://127.0.0.1:{port}/auth/how").status_code == 200
+    resp = httpx.post(f"http://127.0.0.1:{port}/auth/password/register", json={"username": "x", "password": "y" * 20})
+    assert resp.status_code == 403
     assert (home / "server" / "balsam.db").exists() and (home / "server" / "server.pid").exists()
+
+    # Browsers reach the dashboard on the TCP port (the socket is for the local user's clients).
+    link = run(["dashboard"], home_env)
+    assert link.returncode == 0 and f"http://127.0.0.1:{port}/dashboard/ticket?t=" in link.stdout, link.stderr
+    ticket_url = link.stdout.split()[link.stdout.split().index("session):") + 1]
+    assert httpx.get(ticket_url, follow_redirects=True).status_code == 200
 
     status = run(["server", "status"], home_env)
     assert status.returncode == 0 and "running, answering" in status.stdout
-    assert f"127.0.0.1:{port}" in status.stdout and "sites: 1" in status.stdout
+    assert f"127.0.0.1:{port}" in status.stdout and str(socket_path) in status.stdout and "sites: 1" in status.stdout
 
     again = run(["server", "start", "--port", str(port)], home_env)
-    assert again.returncode == 0 and "already running" in again.stdout
+    assert again.returncode == 0 and "already running" in again.stdout and "already stored" in again.stdout
+    assert yaml.safe_load(client_file.read_text())["refresh_token"] == login["refresh_token"]
 
     # A login for another server is kept; `balsam server login` replaces it on request.
-    client.write_text(yaml.safe_dump({**login, "api_root": "https://balsam.example.org"}))
+    client_file.write_text(yaml.safe_dump({**login, "api_root": "https://balsam.example.org"}))
     kept = run(["server", "start", "--port", str(port)], home_env)
     assert "Kept the existing login" in kept.stdout
-    assert yaml.safe_load(client.read_text())["api_root"] == "https://balsam.example.org"
+    assert yaml.safe_load(client_file.read_text())["api_root"] == "https://balsam.example.org"
     relogin = run(["server", "login"], home_env)
-    assert relogin.returncode == 0 and yaml.safe_load(client.read_text())["api_root"] == login["api_root"]
+    assert relogin.returncode == 0 and yaml.safe_load(client_file.read_text())["api_root"] == login["api_root"]
+    creds = run(["server", "credentials"], home_env)
+    assert creds.returncode == 0 and "refresh" in creds.stdout
 
-    # Password login works for the local user once a password is set.
-    setpw = run(["server", "set-password", "--password", "hunter22"], home_env)
+    # Password login works for the local user once a password is set (12 characters at least).
+    short = subprocess.run(BALSAM + ["server", "set-password", "--password-stdin"], env=home_env, input="hunter22\n",
+                           capture_output=True, text=True, timeout=60)
+    assert short.returncode == 1 and "at least 12 characters" in short.stderr
+    setpw = subprocess.run(BALSAM + ["server", "set-password", "--password-stdin"], env=home_env,
+                           input="hunter22 hunter22\n", capture_output=True, text=True, timeout=60)
     assert setpw.returncode == 0, setpw.stderr
-    resp = httpx.post(f"{login['api_root']}/auth/password/login", data={"username": login["username"], "password": "hunter22"})
+    resp = httpx.post(f"http://127.0.0.1:{port}/auth/password/login",
+                      data={"username": login["username"], "password": "hunter22 hunter22"})
     assert resp.status_code == 200 and resp.json()["access_token"]
-    assert run(["server", "set-password", "--username", "nobody-here", "--password", "x"], home_env).returncode == 1
+    nobody = subprocess.run(BALSAM + ["server", "set-password", "--username", "nobody-here", "--password-stdin"],
+                            env=home_env, input="long enough password\n", capture_output=True, text=True, timeout=60)
+    assert nobody.returncode == 1 and "no user" in nobody.stderr
 
     stop = run(["server", "stop"], home_env)
     assert stop.returncode == 0 and "stopped" in stop.stdout
-    assert not (home / "server" / "server.pid").exists()
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{login['api_root']}/auth/how", timeout=2)
+    assert not (home / "server" / "server.pid").exists() and not socket_path.exists()
     status = run(["server", "status"], home_env)
     assert "not running" in status.stdout and "sites: 1" in status.stdout
-    # Data survives a restart.
+    # Data survives a restart, and the stored login keeps working (refresh credential).
     port2 = free_port()
     assert run(["server", "start", "--port", str(port2)], home_env).returncode == 0
-    login = yaml.safe_load(client.read_text())
-    sites = httpx.get(f"{login['api_root']}/sites/", headers={"Authorization": f"Bearer {login['token']}"}).json()
-    assert [s["name"] for s in sites["results"]] == ["laptop"]
+    client = _client(home)
+    assert [s["name"] for s in client.get("/sites/")["results"]] == ["laptop"]
+    client.close()
+
+
+def test_a_squatter_on_the_port_gets_no_token(home_env):
+    """Before: with the embedded server down, whatever listened on 127.0.0.1:8765 received the
+    client's bearer token. Now the client only talks to the socket in its private directory."""
+    import threading
+
+    from balsam.client import ServerUnavailable, TransportRefused
+
+    port = free_port()
+    assert run(["server", "start", "--port", str(port)], home_env).returncode == 0
+    home = Path(home_env["BALSAM_HOME"])
+    assert run(["server", "stop"], home_env).returncode == 0
+    received: list[bytes] = []
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    squatter.settimeout(0.2)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = squatter.accept()
+            except OSError:
+                continue
+            received.append(conn.recv(65536))
+            conn.close()
+
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = _client(home)
+        client.retry_count = 0
+        with pytest.raises(ServerUnavailable):
+            client.get("/sites/")
+        # A socket directory others could write to is refused before connecting.
+        run_dir = home / "server" / "run"
+        run_dir.chmod(0o755)
+        client = _client(home)
+        with pytest.raises(TransportRefused, match="mode 0700"):
+            client.get("/sites/")
+        run_dir.chmod(0o700)
+    finally:
+        stop.set()
+        thread.join(5)
+        squatter.close()
+    assert received == []
 
 
 def test_start_reports_a_busy_port(home_env):

@@ -24,10 +24,12 @@ def api(database_url: str) -> Iterator[dict[str, Any]]:
     from balsam.server.app import create_app
     from balsam.server.settings import ServerSettings
 
-    app = create_app(settings=ServerSettings(database_url=database_url, secret_key=SECRET), create_tables_now=True)
+    settings = ServerSettings(database_url=database_url, secret_key=SECRET, registration="open")
+    app = create_app(settings=settings, create_tables_now=True)
+    password = "a long enough password"
     with TestClient(app) as client:
-        client.post("/auth/password/register", json={"username": "u", "password": "p"}).raise_for_status()
-        token = client.post("/auth/password/login", data={"username": "u", "password": "p"}).json()["access_token"]
+        client.post("/auth/password/register", json={"username": "u", "password": password}).raise_for_status()
+        token = client.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
         client.headers["Authorization"] = f"Bearer {token}"
         yield {"client": client, "engine": app.state.engine, "user_id": 1}
 

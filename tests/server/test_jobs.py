@@ -36,7 +36,7 @@ def test_create_validation_is_all_or_nothing(api, site_app):
     resp = api.http.post("/jobs/", json=[{"workdir": "x", "app_id": app["id"], "num_nodes": 0}])
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "num_nodes"]
     resp = api.http.post("/jobs/", json=[{"workdir": "dup", "app_id": app["id"]}, {"workdir": "dup", "app_id": app["id"]}])
-    assert resp.status_code == 400 and "twice" in resp.json()["detail"]
+    assert resp.status_code == 409 and "twice" in resp.json()["detail"]
     resp = api.http.post("/jobs/", json=[{"workdir": "x", "app_id": app["id"], "parent_ids": [99999999]}])
     assert resp.status_code == 404 and "99999999" in resp.json()["detail"]
     resp = api.http.post("/jobs/", json=[{"workdir": "x", "app_id": 99999999}])
@@ -126,7 +126,7 @@ def test_update_errors_change_nothing(api, site_app):
     _site, app = site_app
     ids = [j["id"] for j in api.jobs(app["id"], 3)]
     resp = api.http.patch("/jobs/", json=[{"id": ids[0], "state": "PREPROCESSED"}, {"id": ids[1], "state": "RUN_DONE"}])
-    assert resp.status_code == 400
+    assert resp.status_code == 409
     assert f"job {ids[1]}" in resp.json()["detail"] and "STAGED_IN to RUN_DONE" in resp.json()["detail"]
     assert api.job(ids[0])["state"] == "STAGED_IN"
     resp = api.http.patch("/jobs/", json=[{"id": ids[0], "data": {}}, {"id": ids[0], "data": {}}])
@@ -140,7 +140,7 @@ def test_update_errors_change_nothing(api, site_app):
     resp = api.http.patch("/jobs/", json=[{"id": ids[0], "state": "FAILED"}, {"id": 99999999, "state": "FAILED"}])
     assert resp.status_code == 404 and api.job(ids[0])["state"] == "STAGED_IN"
     resp = api.http.put(f"/jobs/{ids[0]}", json={"state": "CREATED"})
-    assert resp.status_code == 400
+    assert resp.status_code == 409
     resp = api.http.put(f"/jobs/{ids[0]}", json={"batch_job_id": 99999999})
     assert resp.status_code == 404
 
@@ -155,7 +155,7 @@ def test_users_may_force_restart_and_fail_but_not_leave_running(api, site_app):
     assert len(api.ok("POST", f"/sessions/{session['id']}", json={"max_num_jobs": 1, "filter_tags": {}})) == 1
     api.patch_states([job["id"]], "RUNNING")
     resp = api.http.put(f"/jobs/{job['id']}", json={"state": "RESTART_READY"})
-    assert resp.status_code == 400 and "RUNNING" in resp.json()["detail"]
+    assert resp.status_code == 409 and "RUNNING" in resp.json()["detail"]
 
 
 def test_staged_out_is_stored_as_finished(api):

@@ -48,7 +48,7 @@ def test_site_crud_and_filters(api):
 def test_site_validation(api):
     api.site("dup")
     resp = api.http.post("/sites/", json={"name": "dup", "path": "/x"})
-    assert resp.status_code == 400 and "already exists" in resp.json()["detail"]
+    assert resp.status_code == 409 and "already exists" in resp.json()["detail"]
     resp = api.http.post("/sites/", json={"name": "rel", "path": "relative/path"})
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "path"]
     resp = api.http.post("/sites/", json={"name": "x", "path": "/x", "allowed_queues": {"q": {"max_nodes": "many"}}})
@@ -78,10 +78,10 @@ def test_app_crud_filters_and_uniqueness(api):
     assert api.ok("GET", "/apps/", params={"name": "Hello", "id": [app["id"], app2["id"]]})["count"] == 2
 
     resp = api.http.post("/apps/", json={"site_id": site["id"], "name": "Hello", "serialized_class": "", "source_code": ""})
-    assert resp.status_code == 400 and resp.json()["detail"] == "An app with this site_id and name already exists"
+    assert resp.status_code == 409 and resp.json()["detail"] == "An app with this site_id and name already exists"
     api.app(site["id"], "Other")
     resp = api.http.put(f"/apps/{app['id']}", json={"name": "Other"})
-    assert resp.status_code == 400
+    assert resp.status_code == 409
     renamed = api.ok("PUT", f"/apps/{app['id']}", json={"name": "Renamed", "description": "doc"})
     assert renamed["name"] == "Renamed" and renamed["description"] == "doc"
     resp = api.http.put(f"/apps/{app['id']}", json={"site_id": site2["id"]})

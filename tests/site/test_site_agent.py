@@ -185,3 +185,42 @@ def test_api_outage_is_retried_with_backoff(_live_server_obj, tmp_path, caplog) 
         agent.shutdown("signal")
     finally:
         server.stop()
+
+
+def test_the_login_deadline_follows_the_login_file(make_site, client, balsam_env) -> None:
+    """Before: the agent computed its deadline from the first token once and stopped then, even
+    after a fresh `balsam login`; with a refresh credential there is no deadline at all."""
+    import datetime as dt
+
+    import yaml
+
+    site = make_site(overrides={"file_cleaner": None, "scheduler": None, "processing": None})
+    agent = Agent(site, client=client)
+    path = balsam_env.client_path
+    stored = yaml.safe_load(path.read_text())
+
+    def write(**changes):
+        path.write_text(yaml.safe_dump({**stored, **changes}))
+
+    soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    write(token_expiry=soon.isoformat())
+    first = agent._token_deadline()
+    assert first is not None and abs(first - (soon.timestamp() - 120)) < 5
+    later = soon + dt.timedelta(days=2)
+    write(token_expiry=later.isoformat())  # a fresh `balsam login`
+    assert abs(agent._token_deadline() - (later.timestamp() - 120)) < 5
+    write(token_expiry=soon.isoformat(), refresh_token="bsr1.1.secret")
+    assert agent._token_deadline() is None
+
+
+def test_a_refused_credential_stops_the_agent(make_site, client) -> None:
+    site = make_site(overrides={"file_cleaner": None, "processing": None})
+    agent = Agent(site, client=client)
+    agent.start()
+    try:
+        wait_for(lambda: agent.cycles.get("scheduler", 0) >= 1, timeout=30, what="a scheduler cycle")
+        client.post("/auth/logout")  # revokes the agent's login
+        agent.wait(timeout=30)
+        assert agent.stop_reason == "credential-refused" and "revoked" in agent.credential_refused
+    finally:
+        agent.shutdown()

@@ -405,3 +405,96 @@ def test_a_stray_byte_in_scheduler_output_does_not_stop_status_tracking() -> Non
     result = subprocess_runner(Command(["printf", "1234 R job-\\377name\\n"]))
     assert result.returncode == 0
     assert result.stdout == "1234 R job-\ufffdname\n"
+
+
+# -- launcher credentials (issue 12.4) -------------------------------------------------------------
+
+
+def test_each_batch_job_gets_a_site_scoped_launcher_credential(setup, client, make_site) -> None:
+    """Before: launchers used the user's own 48 h token (or ran blind once it expired)."""
+    import stat
+
+    import jwt
+
+    from balsam.client import ClientSettings, RESTClient
+    from balsam.site.launcher_credentials import credential_path, use_launcher_credential
+
+    site, fake, module = setup
+    other = make_site()
+    bj = create_batch_job(client, site.site_id, "mpi", wall_time_min=30)
+    module.run_cycle()
+    assert batch_job(client, bj["id"])["state"] == "queued"
+    path = credential_path(Path(site.site_path), bj["id"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    stored = ClientSettings.load(path)
+    claims = jwt.decode(stored.token, options={"verify_signature": False})
+    assert claims["site"] == site.site_id and claims["cid"] == stored.credential_id and not stored.refresh_token
+    # It outlives the queue wait plus the wall time.
+    lifetime = stored.token_expiry - dt.datetime.now(dt.timezone.utc)
+    assert lifetime > dt.timedelta(days=2, minutes=30)
+    creds = client.get("/auth/credentials", params={"kind": "launcher"})["results"]
+    assert [(c["site_id"], c["batch_job_id"]) for c in creds] == [(site.site_id, bj["id"])]
+
+    launcher = RESTClient.from_settings(stored, settings_path=path)
+    assert [s["id"] for s in launcher.get("/sites/")["results"]] == [site.site_id]
+    assert launcher.get("/jobs/", params={"site_id": other.site_id})["count"] == 0
+    launcher.close()
+    env = {"BALSAM_BATCH_JOB_ID": str(bj["id"]), "BALSAM_CLIENT_PATH": "/elsewhere/client.yml"}
+    assert use_launcher_credential(Path(site.site_path), env) == path and env["BALSAM_CLIENT_PATH"] == str(path)
+    assert use_launcher_credential(Path(site.site_path), {"BALSAM_BATCH_JOB_ID": "999999"}) is None
+
+
+def test_launcher_credentials_are_renewed_while_queued_and_dropped_after(setup, client) -> None:
+    from balsam.client import ClientSettings
+    from balsam.site.launcher_credentials import credential_path
+
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id, "mpi", wall_time_min=30)
+    module.run_cycle()
+    path = credential_path(Path(site.site_path), bj["id"])
+    first = ClientSettings.load(path)
+    module.run_cycle()  # far from expiry: nothing to renew
+    assert ClientSettings.load(path).token == first.token
+    # Days in the queue later (less than the wall time plus a day left), the user also asked for a
+    # longer wall time: the credential is renewed to cover it.
+    client.put(f"/batch-jobs/{bj['id']}", json={"wall_time_min": 59})
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=3)
+    assert module.credentials.renew_due([batch_job(client, bj["id"])], now=later) == [bj["id"]]
+    renewed = ClientSettings.load(path)
+    assert renewed.credential_id == first.credential_id and renewed.token != first.token
+    assert renewed.token_expiry > first.token_expiry
+
+    scheduler_id = batch_job(client, bj["id"])["scheduler_id"]
+    fake.queue.pop(scheduler_id)
+    fake.history[scheduler_id] = JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished)
+    module.run_cycle()  # finished: the server revokes the credential
+    creds = client.get("/auth/credentials", params={"kind": "launcher", "batch_job_id": bj["id"]})["results"]
+    assert creds[0]["revoked"] is not None
+    module.run_cycle()  # and the agent forgets the file
+    assert not path.exists()
+
+
+def test_no_submission_without_a_launcher_credential(setup, client) -> None:
+    from balsam.client import ServerUnavailable
+
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id, "mpi")
+    real = module.credentials.client
+
+    class Outage:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def post(self, path, **kwargs):
+            if path == "/auth/credentials":
+                raise ServerUnavailable("POST /auth/credentials: server unreachable")
+            return real.post(path, **kwargs)
+
+    module.credentials.client = Outage()
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "pending_submission" and not fake.submitted
+    assert "cannot mint the launcher credential" in record["status_info"]["waiting"]
+    module.credentials.client = real
+    module.run_cycle()
+    assert batch_job(client, bj["id"])["state"] == "queued" and len(fake.submitted) == 1

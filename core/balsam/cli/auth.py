@@ -1,10 +1,19 @@
-"""``balsam login`` and ``balsam register``: store a login in the client file (mode 0600)."""
+"""``balsam login``, ``balsam logout`` and ``balsam register``: the login in the client file (mode 0600).
+
+``balsam login`` asks the server for a refresh credential (``scope=offline_access``) so that the
+agent and other long-running processes renew their access tokens without a human. It talks to
+https servers with the machine's certificate authorities; a certificate no authority vouches for
+is shown by its SHA-256 fingerprint and, once accepted (or given with ``--fingerprint``), pinned
+for this login. Plain http is used only with this machine unless ``--insecure-http``.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import getpass
 import os
+import socket
+import ssl
 import sys
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -40,16 +49,18 @@ def _stored_settings() -> Any:
 
 
 def _login_works(settings: Any) -> bool:
-    from balsam.client import APIError, RESTClient, ServerUnavailable
+    from balsam.client import APIError, RESTClient, ServerUnavailable, TransportRefused
 
-    if settings is None or not settings.token or settings.token_expired(margin_sec=60):
+    if settings is None or not (settings.token or settings.refresh_token):
+        return False
+    if not settings.refresh_token and settings.token_expired(margin_sec=60):
         return False
     client = RESTClient.from_settings(settings)
     client.retry_count = 0
     try:
         client.get("/sites/", params={"limit": 0})
         return True
-    except (APIError, ServerUnavailable):
+    except (APIError, ServerUnavailable, TransportRefused):
         return False
     finally:
         client.close()
@@ -76,23 +87,90 @@ def _read_password(password_stdin: bool, prompt: str = "Balsam password") -> str
     return value
 
 
+def _is_certificate_error(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def _server_certificate(api_root: str, stored: Any, fingerprint: Optional[str], interactive: bool) -> Optional[str]:
+    """The certificate to pin for an https server, or None when the machine's authorities verify it.
+
+    A certificate no authority vouches for is accepted only if it is the one pinned before, the one
+    whose fingerprint was given (``--fingerprint``), or the one the user accepts when shown.
+    """
+    import httpx
+
+    from balsam.client.transport import fetch_server_certificate, fingerprint_of_pem, normalize_fingerprint
+
+    if not api_root.startswith("https://"):
+        return None
+    try:
+        httpx.get(f"{api_root}/auth/how", timeout=10)
+        return None  # verified by the machine's certificate authorities
+    except httpx.HTTPError as exc:
+        if not _is_certificate_error(exc):
+            return None  # not a certificate problem: the login request reports it
+    try:
+        pem = fetch_server_certificate(api_root)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read the certificate of {api_root}: {exc}") from None
+    seen = fingerprint_of_pem(pem)
+    if stored is not None and stored.api_root.rstrip("/") == api_root and stored.server_certificate:
+        if fingerprint_of_pem(stored.server_certificate) == seen:
+            return pem
+        if not fingerprint or normalize_fingerprint(fingerprint) != seen:
+            raise click.ClickException(
+                f"the certificate of {api_root} CHANGED since you pinned it (now SHA-256 {seen}); someone may be "
+                "posing as the server. If its administrator confirms the new fingerprint, run "
+                f"`balsam login -u {api_root} --fingerprint {seen}`")
+    if fingerprint:
+        if normalize_fingerprint(fingerprint) != seen:
+            raise click.ClickException(f"the certificate of {api_root} has SHA-256 fingerprint {seen}, not the one given")
+        click.echo(f"Pinning the certificate of {api_root} (SHA-256 {seen})")
+        return pem
+    click.echo(f"The certificate of {api_root} is not signed by an authority this machine trusts.")
+    click.echo(f"Its SHA-256 fingerprint is {seen}")
+    if not interactive:
+        raise click.ClickException(
+            "compare it with the one the server's administrator gives you, then log in again with "
+            f"--fingerprint {seen}")
+    if not click.confirm("Is this the fingerprint the server's administrator gave you (pin it for this login)?",
+                         default=False):
+        raise click.ClickException("certificate not accepted; nothing stored")
+    return pem
+
+
 @click.command("login")
 @click.option("-u", "--url", default=None, help=f"Balsam server URL (default: the stored one, else {DEFAULT_URL})")
 @click.option("-f", "--force", is_flag=True, help="Log in again even if the stored login works")
 @click.option("--username", default=None, help="Balsam username (prompted if absent)")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input")
-def login(url: Optional[str], force: bool, username: Optional[str], password_stdin: bool) -> None:
-    """Log in to a Balsam server and store the token in the client file."""
-    from balsam.client import APIError, AuthenticationError, ClientSettings, RESTClient, client_path
+@click.option("--fingerprint", default=None,
+              help="SHA-256 fingerprint of the server certificate to pin (for a certificate no authority vouches for)")
+@click.option("--insecure-http", is_flag=True,
+              help="Allow plain http to a host other than this machine (password and tokens travel in clear text)")
+def login(url: Optional[str], force: bool, username: Optional[str], password_stdin: bool, fingerprint: Optional[str],
+          insecure_http: bool) -> None:
+    """Log in to a Balsam server and store a refresh credential in the client file."""
+    from balsam.client import APIError, AuthenticationError, ClientSettings, RESTClient, TransportRefused, client_path
 
     stored = _stored_settings()
     api_root = normalize_url(url or (stored.api_root if stored else DEFAULT_URL))
     if not force and stored is not None and stored.api_root.rstrip("/") == api_root and _login_works(stored):
         click.echo("You already have a good login stored. (Use --force to log in again.)")
         return
+    if api_root.startswith("unix://"):
+        raise click.ClickException("the local server's login comes from `balsam server login`")
 
-    client = RESTClient(api_root, retry_count=2)
-    methods = client.auth_methods()
+    certificate = _server_certificate(api_root, stored, fingerprint, interactive=not password_stdin)
+    client = RESTClient(api_root, retry_count=2, server_certificate=certificate, allow_insecure_http=insecure_http)
+    try:
+        methods = client.auth_methods()
+    except TransportRefused as exc:
+        raise click.ClickException(str(exc)) from None
     if methods and not any("password" in m for m in methods):
         raise click.ClickException(f"{api_root} offers no password login (login methods: {', '.join(methods)})")
 
@@ -102,7 +180,7 @@ def login(url: Optional[str], force: bool, username: Optional[str], password_std
         user = username or click.prompt("Balsam username", default=default_user)
         password = _read_password(password_stdin)
         try:
-            result = client.password_login(user, password)
+            result = client.password_login(user, password, refresh=True, label=f"balsam login on {socket.gethostname()}")
             break
         except AuthenticationError as exc:
             remaining = attempts - attempt
@@ -118,22 +196,64 @@ def login(url: Optional[str], force: bool, username: Optional[str], password_std
         api_root=api_root,
         token=result["access_token"],
         token_expiry=_parse_expiry(result.get("expiration")),
+        refresh_token=result.get("refresh_token"),
+        refresh_expiry=_parse_expiry(result.get("refresh_expiration")),
+        server_certificate=certificate,
+        server_fingerprint=_fingerprint(certificate),
+        allow_insecure_http=insecure_http,
         username=user,
         connect_timeout=stored.connect_timeout if stored else 6.2,
         read_timeout=stored.read_timeout if stored else 120.0,
         retry_count=stored.retry_count if stored else 10,
     )
     path = settings.save(client_path())
-    expiry = f" (valid until {settings.token_expiry:%Y-%m-%d %H:%M} UTC)" if settings.token_expiry else ""
+    if settings.refresh_token:
+        expiry = (f" (renewed while in use; unused it expires {settings.refresh_expiry:%Y-%m-%d} UTC)"
+                  if settings.refresh_expiry else "")
+    else:
+        expiry = f" (valid until {settings.token_expiry:%Y-%m-%d %H:%M} UTC)" if settings.token_expiry else ""
     click.echo(f"Logged in to {api_root} as {user}{expiry}; login stored in {path}")
+
+
+def _fingerprint(certificate: Optional[str]) -> Optional[str]:
+    from balsam.client.transport import fingerprint_of_pem
+
+    return fingerprint_of_pem(certificate) if certificate else None
+
+
+@click.command("logout")
+def logout() -> None:
+    """Revoke the stored login on the server and remove it from the client file."""
+    from balsam.client import APIError, ClientSettings, RESTClient, ServerUnavailable, TransportRefused, client_path
+
+    stored = _stored_settings()
+    if stored is None or not (stored.token or stored.refresh_token):
+        click.echo("Not logged in.")
+        return
+    client = RESTClient.from_settings(stored, settings_path=client_path())
+    client.retry_count = 2
+    try:
+        client.post("/auth/logout")
+        revoked = "revoked on the server"
+    except (APIError, ServerUnavailable, TransportRefused) as exc:
+        revoked = f"NOT revoked on the server ({exc}); it stops working when it expires"
+    finally:
+        client.close()
+    cleared = ClientSettings(**{**{f: getattr(stored, f) for f in ("api_root", "client_class", "username",
+                                                                   "connect_timeout", "read_timeout", "retry_count",
+                                                                   "server_certificate", "server_fingerprint",
+                                                                   "allow_insecure_http")}})
+    path = cleared.save(client_path())
+    click.echo(f"Logged out of {stored.api_root}: the login is {revoked}; removed from {path}")
 
 
 @click.command("register")
 @click.option("-a", "--address", default=None, help=f"Balsam server URL (prompted; default {DEFAULT_URL})")
 @click.option("-u", "--username", default=None, help="New username (prompted if absent)")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input")
-def register(address: Optional[str], username: Optional[str], password_stdin: bool) -> None:
-    """Create a user account on a Balsam server (then run `balsam login`)."""
+@click.option("--invitation", default=None, help="Invitation code from the server's administrator")
+def register(address: Optional[str], username: Optional[str], password_stdin: bool, invitation: Optional[str]) -> None:
+    """Create a user account on a Balsam server that allows it (then run `balsam login`)."""
     from balsam.client import APIError, RESTClient
 
     if not address:
@@ -150,11 +270,11 @@ def register(address: Optional[str], username: Optional[str], password_stdin: bo
         raise click.UsageError("the password must not be empty")
     client = RESTClient(api_root, retry_count=2)
     try:
-        user = client.register(username, password)
+        user = client.register(username, password, invitation=invitation)
     except APIError as exc:
         raise click.ClickException(f"Registration failed: {exc.detail}") from None
     click.echo(f"Registration success! {user}")
     click.echo(f"Now run: balsam login -u {api_root}")
 
 
-commands = [login, register]
+commands = [login, logout, register]

@@ -22,6 +22,22 @@ def _ssh_hint(api_root: str) -> str:
             f"then open the link in your laptop's browser.")
 
 
+def _browser_root(api_root: str) -> str:
+    """Where a browser reaches the server: the embedded server's TCP address when the client talks to
+    it through its Unix socket (browsers cannot), else the client's own address."""
+    from balsam.client.transport import is_unix
+
+    if not is_unix(api_root):
+        return api_root
+    from .server import _info
+
+    info = _info()
+    if info.get("api_root") == api_root and info.get("url"):
+        return str(info["url"])
+    raise click.ClickException("the local server has no TCP port for browsers: restart it with one "
+                               "(`balsam server stop; balsam server start --port 8765`)")
+
+
 @click.command("dashboard")
 @click.option("--open", "open_browser", is_flag=True, help="Open the link in a browser on this machine.")
 def dashboard(open_browser: bool) -> None:
@@ -29,12 +45,13 @@ def dashboard(open_browser: bool) -> None:
     from balsam._api.model import get_default_client
 
     client = get_default_client()
-    answer = client.post("/dashboard/login-link")
     # The client's api_root already carries any path prefix of a reverse proxy.
-    link = f"{client.api_root.rstrip('/')}/dashboard/ticket?{urlencode({'t': answer['ticket']})}"
+    root = _browser_root(client.api_root)
+    answer = client.post("/dashboard/login-link")
+    link = f"{root.rstrip('/')}/dashboard/ticket?{urlencode({'t': answer['ticket']})}"
     click.echo(f"Dashboard login link (valid {int(answer.get('expires_in', 120))} s, one browser session):")
     click.echo(f"  {link}")
-    hint = _ssh_hint(client.api_root)
+    hint = _ssh_hint(root)
     if hint and not open_browser:
         click.echo(hint)
     if open_browser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Optional
 
 import click
@@ -77,6 +78,36 @@ def submit(num_nodes: int, wall_time_min: int, queue_name: str, project: str, jo
         raise click.ClickException(f"Refused by site {site.name}: {exc}{hint}") from None
     batch_job.save()
     click.echo(yaml.safe_dump(batch_job.display_dict(), sort_keys=False), nl=False)
+    for warning in authorization_warnings(site):
+        click.echo(f"Warning: {warning}", err=True)
+
+
+#: A site whose agent has not refreshed its record for this long has no agent running (0.7's "active").
+AGENT_SILENT_AFTER = dt.timedelta(minutes=2)
+
+
+def authorization_warnings(site: Any) -> list[str]:
+    """What could leave this allocation without a valid credential: no agent (nothing submits it
+    or renews its launcher's credential) or no refresh credential (the agent stops when its access
+    token expires)."""
+    from balsam.api import get_default_client
+    from balsam.client import APIError
+
+    warnings = []
+    last = site.last_refresh
+    if last is None or dt.datetime.now() - last > AGENT_SILENT_AFTER:
+        seen = f"since {last:%Y-%m-%d %H:%M}" if last else "ever"
+        warnings.append(f"no site agent has reported for site {site.name} {seen}: nothing will submit this BatchJob "
+                        "or keep its launcher's credential valid. Start it: `balsam site start`")
+    try:
+        refresh = get_default_client().get("/auth/credentials", params={"kind": "refresh", "active": "true", "limit": 0})
+    except APIError:
+        return warnings  # a server without credential routes: nothing to tell
+    if int(refresh.get("count", 0)) == 0:
+        warnings.append("your account has no active refresh credential: a site agent logged in without one stops when "
+                        "its access token expires, and then nothing renews the launcher's credential. Run "
+                        "`balsam login` where the agent runs, then restart it")
+    return warnings
 
 
 @queue.command("ls")

@@ -1,8 +1,12 @@
-"""``balsam server start|stop|status|login|set-password|migrate``: the embedded (or shared) REST service.
+"""``balsam server start|stop|status|login|set-password|user|credentials|revoke|migrate``.
 
-``start`` runs uvicorn in the background on 127.0.0.1 with SQLite under ``$BALSAM_HOME/server``
-(nothing to install or configure), creates the local user and stores a 30-day login in the client
-file. Shared deployments point ``BALSAM_DATABASE_URL`` at PostgreSQL and run ``migrate`` once.
+``start`` runs the embedded server in the background with SQLite under ``$BALSAM_HOME/server``
+(nothing to install or configure). Clients reach it through a Unix socket in a private directory
+(``server/run/balsam.sock``, see :mod:`balsam.server.embedded`), so they never hand a token to
+another process posing as the server; a TCP port on 127.0.0.1 serves browsers and 0.7 clients.
+Registration is closed and only the local user is served; ``start`` stores a login with a
+refresh credential in the client file. Shared deployments point ``BALSAM_DATABASE_URL`` at
+PostgreSQL, run ``migrate`` once, and manage accounts with ``user`` / ``credentials`` / ``revoke``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import getpass
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +25,6 @@ from typing import Any, Optional
 
 import click
 
-LOCAL_TOKEN_TTL_SEC = 30 * 24 * 3600
 DEFAULT_PORT = 8765
 DEFAULT_HOST = "127.0.0.1"
 
@@ -32,9 +36,11 @@ def _server_dir() -> Path:
 
 
 def _paths() -> dict[str, Path]:
+    from balsam.server.embedded import socket_path_for
+
     base = _server_dir()
     return {"dir": base, "pid": base / "server.pid", "log": base / "server.log", "info": base / "server.json",
-            "db": base / "balsam.db"}
+            "db": base / "balsam.db", "socket": socket_path_for(base)}
 
 
 def _database_url() -> str:
@@ -43,13 +49,15 @@ def _database_url() -> str:
     return os.environ.get("BALSAM_DATABASE_URL") or default_database_url()
 
 
-def _client_path() -> Path:
-    env = os.environ.get("BALSAM_CLIENT_PATH")
-    if env:
-        return Path(env).expanduser()
-    from balsam.server.settings import balsam_home
+def _admin_database_url() -> str:
+    """The running embedded server's database, else ``$BALSAM_DATABASE_URL``, else the embedded one."""
+    return _info().get("database_url") or _database_url()
 
-    return balsam_home() / "client.yml"
+
+def _client_path() -> Path:
+    from balsam.client.settings import client_path
+
+    return client_path()
 
 
 def _running_pid() -> Optional[int]:
@@ -86,108 +94,99 @@ def _log_tail(lines: int = 25) -> str:
     return "\n".join(text[-lines:])
 
 
-def _answers(url: str) -> bool:
+def _answers(api_root: str) -> bool:
+    """True if a Balsam server answers at this address (``unix://`` socket or http URL)."""
     import httpx
 
+    from balsam.client.transport import UNIX_BASE_URL, is_unix, unix_socket_path
+
     try:
-        return httpx.get(f"{url}/auth/how", timeout=2).status_code == 200
+        if is_unix(api_root):
+            transport = httpx.HTTPTransport(uds=str(unix_socket_path(api_root)))
+            with httpx.Client(transport=transport, base_url=UNIX_BASE_URL, timeout=2) as client:
+                return client.get("/auth/how").status_code == 200
+        return httpx.get(f"{api_root}/auth/how", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def _ensure_local_user(database_url: str, username: str) -> int:
-    import sqlalchemy as sa
+def _stored_login() -> Any:
+    from balsam.client import ClientSettings
 
-    from balsam.server.db import create_db_engine, write_tx
-    from balsam.server.jobs_logic import utcnow
-    from balsam.server.tables import users
-
-    engine = create_db_engine(database_url)
     try:
-        with write_tx(engine) as conn:
-            row = conn.execute(sa.select(users.c.id).where(users.c.username == username)).first()
-            if row is not None:
-                return row.id
-            return conn.execute(
-                sa.insert(users).values(username=username, hashed_password=None, date_joined=utcnow()).returning(users.c.id)
-            ).scalar_one()
-    finally:
-        engine.dispose()
+        return ClientSettings.load(_client_path())
+    except Exception:  # noqa: BLE001 - no or unreadable login
+        return None
 
 
-def _write_login(url: str, username: str, token: str, expiry: dt.datetime, *, force: bool,
-                 replaceable: "set[str] | None" = None) -> str:
-    """Store the login unless the client file holds a login for another server (then explain).
-    ``replaceable``: earlier addresses of this same local server (e.g. before a port change)."""
-    import yaml
-
-    path = _client_path()
-    if path.exists() and not force:
-        try:
-            existing = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            existing = {}
-        other = str(existing.get("api_root", "")).rstrip("/")
-        if other and other != url.rstrip("/") and other not in {u.rstrip("/") for u in (replaceable or set())}:
-            return (f"Kept the existing login for {other} in {path}. To use the local server instead run "
-                    f"`balsam server login` (or `balsam login` with api root {url}).")
-    data = {
-        "api_root": url,
-        "client_class": "balsam.client.RESTClient",
-        "token": token,
-        "token_expiry": expiry.isoformat(),
-        "username": username,
-        "connect_timeout": 6.2,
-        "read_timeout": 120.0,
-        "retry_count": 10,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False)
-    os.replace(tmp, path)
-    os.chmod(path, 0o600)
-    return f"Logged in as {username} at {url} (token valid until {expiry:%Y-%m-%d}; stored in {path})"
-
-
-def _issue_local_login(url: str, database_url: str, *, force: bool, replaceable: "set[str] | None" = None) -> str:
-    from balsam.server.auth import create_token
+def _issue_local_login(api_root: str, database_url: str, *, force: bool, replaceable: "set[str] | None" = None) -> str:
+    """Store a login (refresh credential + access token) for the local user, unless the client
+    file holds a login for another server (then explain), or already one for this server."""
+    from balsam.client import ClientSettings
+    from balsam.server.admin import Admin
     from balsam.server.settings import ServerSettings
 
+    path = _client_path()
+    stored = _stored_login()
+    if stored is not None and not force:
+        other = stored.api_root.rstrip("/")
+        if other == api_root and stored.refresh_token:
+            return f"Login for {api_root} already stored in {path}"
+        if other != api_root and other not in {u.rstrip("/") for u in (replaceable or set()) if u}:
+            return (f"Kept the existing login for {other} in {path}. To use the local server instead run "
+                    f"`balsam server login`.")
     username = getpass.getuser()
-    user_id = _ensure_local_user(database_url, username)
     settings = ServerSettings.from_env(database_url)
-    token, expiry = create_token(user_id, username, settings.secret_key, LOCAL_TOKEN_TTL_SEC)
-    return _write_login(url, username, token, expiry, force=force, replaceable=replaceable)
+    with Admin(database_url) as admin:
+        if stored is not None and stored.refresh_token and stored.api_root.rstrip("/") == api_root:
+            try:  # the login being replaced: its refresh credential is of no use any more
+                admin.revoke(ids=[int(stored.refresh_token.split(".")[1])])
+            except (ValueError, IndexError, RuntimeError):
+                pass
+        login = admin.local_login(username, settings.refresh_ttl_sec, settings.access_ttl_sec, settings.secret_key,
+                                  f"balsam server start on {socket.gethostname()}")
+    new = ClientSettings(
+        api_root=api_root, token=login["access_token"], token_expiry=login["expiration"], username=username,
+        refresh_token=login["refresh_token"], refresh_expiry=login["refresh_expiration"],
+        connect_timeout=stored.connect_timeout if stored else 6.2,
+        read_timeout=stored.read_timeout if stored else 120.0,
+        retry_count=stored.retry_count if stored else 10,
+    )
+    new.save(path)
+    return f"Logged in as {username} at {api_root} (refresh credential {login['credential_id']}; stored in {path})"
 
 
 @click.group("server")
 def server_group() -> None:
-    """Run the Balsam REST service (embedded SQLite by default)."""
+    """Run the Balsam REST service (embedded SQLite by default) and administer its users."""
 
 
 @server_group.command("start")
-@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="Port to bind.")
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address of the TCP listener (browsers, 0.7 clients).")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="TCP port; 0: the Unix socket only.")
 @click.option("--timeout", default=60.0, show_default=True, type=float, help="Seconds to wait for the server.")
 def start(host: str, port: int, timeout: float) -> None:
     """Start the server in the background and log in the local user."""
+    from balsam.client.transport import UNIX_SCHEME
+
     paths = _paths()
     database_url = _database_url()
+    api_root = f"{UNIX_SCHEME}{paths['socket']}"
     running = _running_pid()
     if running is not None:
         info = _info()
-        url = info.get("url", f"http://{host}:{port}")
-        click.echo(f"Balsam server already running (pid {running}) at {url}")
-        click.echo(_issue_local_login(url, info.get("database_url", database_url), force=False))
+        click.echo(f"Balsam server already running (pid {running}) at {info.get('api_root', api_root)}"
+                   + (f" and {info['url']}" if info.get("url") else ""))
+        click.echo(_issue_local_login(info.get("api_root", api_root), info.get("database_url", database_url), force=False))
         return
     paths["dir"].mkdir(parents=True, exist_ok=True, mode=0o700)
-    previous_url = _info().get("url")
-    connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    url = f"http://{connect_host}:{port}"
-    if _answers(url):
-        raise click.ClickException(f"something else already answers at {url}; choose another --port")
+    previous = _info().get("api_root")
+    tcp_url = None
+    if port:
+        connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        tcp_url = f"http://{connect_host}:{port}"
+        if _answers(tcp_url):
+            raise click.ClickException(f"something else already answers at {tcp_url}; choose another --port (or --port 0)")
 
     # Create/upgrade the schema before the server starts, so migration errors show here.
     from balsam.server.db import create_db_engine
@@ -201,18 +200,21 @@ def start(host: str, port: int, timeout: float) -> None:
     finally:
         engine.dispose()
 
-    env = dict(os.environ, BALSAM_DATABASE_URL=database_url, BALSAM_SERVER_CREATE_TABLES="0")
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "balsam.server.app:create_app_from_env",
-           "--host", host, "--port", str(port), "--log-level", "info"]
+    env = dict(os.environ, BALSAM_DATABASE_URL=database_url, BALSAM_SERVER_CREATE_TABLES="0",
+               BALSAM_AUTH_REGISTRATION="closed", BALSAM_AUTH_ONLY_USER=getpass.getuser())
+    cmd = [sys.executable, "-m", "balsam.server.embedded", "--socket", str(paths["socket"]), "--host", host,
+           "--port", str(port), "--log-level", "info"]
     with open(paths["log"], "ab") as log:
         log.write(f"\n--- balsam server start {dt.datetime.now().isoformat()} ---\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=paths["dir"])
     paths["pid"].write_text(f"{proc.pid}\n")
-    paths["info"].write_text(json.dumps({"pid": proc.pid, "url": url, "database_url": database_url,
+    paths["info"].write_text(json.dumps({"pid": proc.pid, "api_root": api_root, "url": tcp_url,
+                                         "database_url": database_url,
                                          "started": dt.datetime.now(dt.timezone.utc).isoformat()}))
-    click.echo(f"Starting Balsam server at {url} (pid {proc.pid}, log {paths['log']}) ", nl=False)
+    click.echo(f"Starting Balsam server at {api_root}" + (f" and {tcp_url}" if tcp_url else "")
+               + f" (pid {proc.pid}, log {paths['log']}) ", nl=False)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -221,7 +223,7 @@ def start(host: str, port: int, timeout: float) -> None:
             raise click.ClickException(
                 f"the server exited with code {proc.returncode}. Last lines of {paths['log']}:\n{_log_tail()}"
             )
-        if _answers(url):
+        if _answers(api_root):
             break
         if time.monotonic() > deadline:
             proc.terminate()
@@ -233,43 +235,155 @@ def start(host: str, port: int, timeout: float) -> None:
         click.echo(".", nl=False)
         time.sleep(0.5)
     click.echo(" ready")
-    click.echo(_issue_local_login(url, database_url, force=False, replaceable={previous_url} if previous_url else None))
+    # Logins for this server's earlier addresses (another socket, or its TCP url before sockets) are replaced.
+    replaceable = ({previous} if previous else set()) | _local_tcp_roots()
+    click.echo(_issue_local_login(api_root, database_url, force=False, replaceable=replaceable))
+
+
+def _local_tcp_roots() -> "set[str]":
+    """Addresses of this machine's embedded server in client files written before it used a socket."""
+    stored = _stored_login()
+    if stored is None or not stored.api_root.startswith("http://"):
+        return set()
+    from urllib.parse import urlparse
+
+    from balsam.client.transport import is_loopback_host
+
+    host = urlparse(stored.api_root).hostname or ""
+    return {stored.api_root.rstrip("/")} if is_loopback_host(host) and not stored.refresh_token else set()
 
 
 @server_group.command("login")
 def login_local() -> None:
-    """Store a fresh 30-day login for the local user on the running local server."""
+    """Store a fresh login for the local user on the running local server (revokes the old one)."""
     if _running_pid() is None:
         raise click.ClickException("no local Balsam server is running; start it with `balsam server start`")
     info = _info()
-    click.echo(_issue_local_login(info["url"], info.get("database_url", _database_url()), force=True))
+    click.echo(_issue_local_login(info["api_root"], info.get("database_url", _database_url()), force=True))
+
+
+def _read_new_password(password_stdin: bool) -> str:
+    if password_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise click.UsageError("--password-stdin: no password on standard input")
+        return line.rstrip("\r\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+def _min_password_length() -> int:
+    from balsam.server.settings import ServerSettings
+
+    return ServerSettings.from_env(_admin_database_url(), secret_key="unused").min_password_length
 
 
 @server_group.command("set-password")
 @click.option("--username", default=None, help="Default: the local user ($USER).")
-@click.password_option("--password", help="Prompted for (twice) when not given.")
-def set_password(username: Optional[str], password: str) -> None:
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
+def set_password(username: Optional[str], password_stdin: bool) -> None:
     """Set a password so that USERNAME can also log in with `balsam login` (e.g. from another machine)."""
-    import sqlalchemy as sa
-
-    from balsam.server.auth import hash_password
-    from balsam.server.db import create_db_engine, write_tx
-    from balsam.server.tables import users
+    from balsam.server.admin import Admin, AdminError
 
     username = username or getpass.getuser()
-    database_url = _info().get("database_url") or _database_url()
-    if not password:
-        raise click.ClickException("the password must not be empty")
-    engine = create_db_engine(database_url)
-    try:
-        with write_tx(engine) as conn:
-            exists = conn.execute(sa.select(users.c.id).where(users.c.username == username)).first()
-            if exists is None:
-                raise click.ClickException(f"no user {username!r} in {database_url} (start the server first)")
-            conn.execute(sa.update(users).where(users.c.id == exists.id).values(hashed_password=hash_password(password)))
-    finally:
-        engine.dispose()
+    password = _read_new_password(password_stdin)
+    with Admin(_admin_database_url()) as admin:
+        try:
+            admin.set_password(username, password, _min_password_length())
+        except AdminError as exc:
+            raise click.ClickException(str(exc)) from None
     click.echo(f"Password set for {username}")
+
+
+@server_group.group("user")
+def user_group() -> None:
+    """Accounts of a shared server (registration is closed unless BALSAM_AUTH_REGISTRATION says otherwise)."""
+
+
+@user_group.command("add")
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
+@click.option("--no-password", is_flag=True, help="Create the user without a password (invite them later).")
+def user_add(username: str, password_stdin: bool, no_password: bool) -> None:
+    """Create USERNAME with a password (prompted twice unless --password-stdin)."""
+    from balsam.server.admin import Admin, AdminError
+
+    password = None if no_password else _read_new_password(password_stdin)
+    with Admin(_admin_database_url()) as admin:
+        try:
+            user_id = admin.add_user(username, password, _min_password_length())
+        except AdminError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"Created user {username} (id {user_id})")
+
+
+@user_group.command("invite")
+@click.argument("username")
+@click.option("--valid-hours", default=72.0, show_default=True, type=float, help="How long the invitation works.")
+def user_invite(username: str, valid_hours: float) -> None:
+    """Create USERNAME without a password and print a one-time invitation code to set it with."""
+    from balsam.server.admin import Admin, AdminError
+
+    with Admin(_admin_database_url()) as admin:
+        try:
+            code, expires = admin.invite(username, int(valid_hours * 3600))
+        except AdminError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"Invitation for {username} (valid until {expires:%Y-%m-%d %H:%M} UTC); give them this command:")
+    click.echo(f"  balsam register -a <server address> -u {username} --invitation {code}")
+
+
+@user_group.command("ls")
+def user_ls() -> None:
+    """List the users."""
+    from balsam.server.admin import Admin
+
+    with Admin(_admin_database_url()) as admin:
+        rows = admin.users()
+    click.echo(f"{'ID':>5}  {'USERNAME':<30} {'PASSWORD':<8}  JOINED")
+    for row in rows:
+        click.echo(f"{row.id:>5}  {row.username:<30} {'yes' if row.has_password else 'no':<8}  {row.date_joined:%Y-%m-%d}")
+
+
+def _format_credential(row: Any) -> str:
+    now = dt.datetime.now(dt.timezone.utc)
+    status = "revoked" if row.revoked else ("expired" if row.expires <= now else "active")
+    scope = f"site {row.site_id}" if row.site_id else "all sites"
+    if row.batch_job_id:
+        scope += f", BatchJob {row.batch_job_id}"
+    return (f"{row.id:>5}  {row.username:<16} {row.kind:<10} {status:<8} {row.expires:%Y-%m-%d %H:%M}  "
+            f"{scope:<24} {row.label}")
+
+
+@server_group.command("credentials")
+@click.option("--user", "username", default=None, help="Only this user's.")
+@click.option("--all", "show_all", is_flag=True, help="Include revoked and expired ones.")
+def credentials_ls(username: Optional[str], show_all: bool) -> None:
+    """List credentials (logins, refresh credentials, launcher credentials, invitations)."""
+    from balsam.server.admin import Admin
+
+    with Admin(_admin_database_url()) as admin:
+        rows = list(admin.credentials(username, active_only=not show_all))
+    click.echo(f"{'ID':>5}  {'USER':<16} {'KIND':<10} {'STATUS':<8} {'EXPIRES (UTC)':<16}  {'SCOPE':<24} LABEL")
+    for row in rows:
+        click.echo(_format_credential(row))
+
+
+@server_group.command("revoke")
+@click.option("--user", "username", default=None, help="Revoke this user's credentials (all, or of --kind).")
+@click.option("--id", "ids", multiple=True, type=int, help="Credential id (repeat for several).")
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["login", "refresh", "launcher", "invitation"]),
+              help="Only credentials of this kind.")
+def revoke(username: Optional[str], ids: tuple[int, ...], kinds: tuple[str, ...]) -> None:
+    """Revoke credentials: their tokens stop working (within BALSAM_AUTH_REVOCATION_CACHE_SEC on a
+    running server); a revoked launcher credential also ends its BatchJob's sessions."""
+    from balsam.server.admin import Admin, AdminError
+
+    with Admin(_admin_database_url()) as admin:
+        try:
+            revoked = admin.revoke(username=username, ids=list(ids), kinds=list(kinds))
+        except AdminError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"Revoked {len(revoked)} credential(s)" + (f": {', '.join(map(str, revoked))}" if revoked else ""))
 
 
 @server_group.command("stop")
@@ -320,9 +434,10 @@ def status() -> None:
     else:
         started = dt.datetime.fromtimestamp(psutil.Process(pid).create_time())
         uptime = dt.datetime.now() - started
-        answering = "answering" if _answers(info.get("url", "")) else "NOT answering"
+        answering = "answering" if _answers(info.get("api_root", "")) else "NOT answering"
         click.echo(f"Balsam server: running, {answering}")
-        click.echo(f"  url:      {info.get('url')}")
+        click.echo(f"  socket:   {info.get('api_root')}")
+        click.echo(f"  url:      {info.get('url') or '(no TCP listener)'}")
         click.echo(f"  pid:      {pid}")
         click.echo(f"  uptime:   {str(uptime).split('.')[0]}")
         click.echo(f"  log:      {_paths()['log']}")

@@ -8,7 +8,11 @@ Retry policy (a fault of the original was retrying every 4xx for half an hour):
   so a create or an acquire whose answer was lost (dropped connection, read timeout, a proxy's
   502/504 after the server committed) is answered from the server's record instead of being
   applied twice (see :func:`idempotency_headers`; the server side is ``balsam.server.idempotency``);
-- 401 re-reads the stored login once (another process may have run ``balsam login``) and retries;
+- 401 re-reads the stored login once (another process may have run ``balsam login``), else
+  exchanges the refresh credential for a new access token, and retries; a credential the server
+  refuses even then raises :class:`AuthenticationError` with ``credential_refused`` set and calls the
+  :func:`on_credential_refused` listeners (a launcher stops acquiring work);
+- with a refresh credential, an access token about to expire is renewed before the request;
 - any other 4xx raises :class:`APIError` at once, carrying the status and the server's detail.
 
 After ``fork()`` the child gets a fresh connection pool on its first request.
@@ -25,11 +29,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import httpx
 
-from .settings import NOT_LOGGED_IN, ClientSettings, NotLoggedIn
+from .settings import NOT_LOGGED_IN, ClientSettings, NotLoggedIn, store_refreshed_token
+from .transport import httpx_client_args
 
 if TYPE_CHECKING:  # pragma: no cover
     from balsam._api import models
@@ -66,7 +71,31 @@ class APIError(Exception):
 
 
 class AuthenticationError(APIError):
-    """HTTP 401: the token is missing, invalid or expired."""
+    """HTTP 401: the token is missing, invalid or expired. ``credential_refused``: the server
+    refused the stored credential itself (revoked or expired, and no newer login on disk)."""
+
+    credential_refused = False
+
+
+#: Called with the AuthenticationError when the server refuses our credential for good.
+_credential_refused_listeners: list[Callable[[AuthenticationError], None]] = []
+
+
+def on_credential_refused(callback: Callable[[AuthenticationError], None]) -> Callable[[], None]:
+    """Register ``callback(error)``, called (once per refusal) when a request's credential is refused
+    and neither the stored login nor the refresh credential gives a working one. Returns a function
+    that unregisters it."""
+    _credential_refused_listeners.append(callback)
+
+    def remove() -> None:
+        if callback in _credential_refused_listeners:
+            _credential_refused_listeners.remove(callback)
+
+    return remove
+
+
+#: Renew an access token this long before it expires.
+REFRESH_MARGIN_SEC = 120.0
 
 
 class ServerUnavailable(ConnectionError):
@@ -105,6 +134,20 @@ def _response_detail(resp: httpx.Response) -> Any:
     return body
 
 
+def _retry_after(resp: httpx.Response) -> float:
+    raw = resp.headers.get("Retry-After", "")
+    return float(raw) if raw.replace(".", "", 1).isdigit() else 0.0
+
+
+def _notify_credential_refused(error: AuthenticationError) -> None:
+    error.credential_refused = True
+    for callback in list(_credential_refused_listeners):
+        try:
+            callback(error)
+        except Exception:  # noqa: BLE001 - a listener must not hide the error itself
+            logger.exception("a credential-refused listener failed")
+
+
 def _parse(resp: httpx.Response) -> Any:
     if resp.status_code == 204 or not resp.content:
         return None
@@ -135,10 +178,17 @@ class RESTClient:
         backoff_max: float = 30.0,
         username: Optional[str] = None,
         token_expiry: Any = None,
+        refresh_token: Optional[str] = None,
+        server_certificate: Optional[str] = None,
+        allow_insecure_http: bool = False,
     ) -> None:
         self.api_root = api_root.rstrip("/")
         self.token_expiry = token_expiry
         self.token = token
+        self.refresh_token = refresh_token
+        self.server_certificate = server_certificate
+        self.allow_insecure_http = allow_insecure_http
+        self._refresh_lock = threading.Lock()
         self.username = username
         self.connect_timeout = float(connect_timeout)
         self.read_timeout = float(read_timeout)
@@ -165,6 +215,9 @@ class RESTClient:
             settings_path=settings_path,
             username=settings.username,
             token_expiry=settings.token_expiry,
+            refresh_token=settings.refresh_token,
+            server_certificate=settings.server_certificate,
+            allow_insecure_http=settings.allow_insecure_http,
         )
 
     def __repr__(self) -> str:
@@ -178,9 +231,10 @@ class RESTClient:
                 if self._http_client is None or self._pid != pid:
                     # After fork the parent's sockets must not be shared: start a new pool.
                     self._http_client = httpx.Client(
-                        base_url=self.api_root,
                         timeout=httpx.Timeout(self.read_timeout, connect=self.connect_timeout),
                         headers={"Accept": "application/json", "User-Agent": "balsam-client"},
+                        **httpx_client_args(self.api_root, server_certificate=self.server_certificate,
+                                            allow_insecure_http=self.allow_insecure_http),
                     )
                     self._pid = pid
         return self._http_client
@@ -202,12 +256,67 @@ class RESTClient:
             settings = ClientSettings.load(path)
         except Exception:  # noqa: BLE001 - any unreadable file just means "no newer token"
             return False
-        if settings.token and settings.token != self.token and settings.api_root.rstrip("/") == self.api_root:
+        if settings.api_root.rstrip("/") != self.api_root:
+            return False
+        if (settings.token and settings.token != self.token) or (
+                settings.refresh_token and settings.refresh_token != self.refresh_token):
             self.token = settings.token
             self.username = settings.username or self.username
             self.token_expiry = settings.token_expiry
+            self.refresh_token = settings.refresh_token
             return True
         return False
+
+    def _expires_within(self, seconds: float) -> bool:
+        expiry = self.token_expiry
+        if not isinstance(expiry, dt.datetime):
+            return False
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=dt.timezone.utc)
+        return expiry <= dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+
+    def refresh_access_token(self) -> None:
+        """Exchange the refresh credential for a new access token (and store it in the login file
+        if that still holds this refresh credential, so other processes reuse it)."""
+        from balsam.serialization import parse_datetime
+
+        if not self.refresh_token:
+            raise AuthenticationError("POST", f"{self.api_root}/auth/token", 401, "no refresh credential stored")
+        result = self.request("POST", "/auth/token", data={"grant_type": "refresh_token",
+                                                            "refresh_token": self.refresh_token},
+                              authenticated=False)
+        if not isinstance(result, dict) or "access_token" not in result:
+            raise APIError("POST", f"{self.api_root}/auth/token", 200, f"unexpected refresh response {result!r}")
+        self.token = result["access_token"]
+        self.token_expiry = parse_datetime(result["expiration"]) if result.get("expiration") else None
+        refresh_expiry = parse_datetime(result["refresh_expiration"]) if result.get("refresh_expiration") else None
+        store_refreshed_token(self.settings_path, self.refresh_token, self.token, self.token_expiry, refresh_expiry)
+
+    def _ensure_fresh_token(self) -> None:
+        """With a refresh credential, renew an access token that is missing or about to expire."""
+        if not self.refresh_token or (self.token and not self._expires_within(REFRESH_MARGIN_SEC)):
+            return
+        with self._refresh_lock:
+            if self.token and not self._expires_within(REFRESH_MARGIN_SEC):
+                return
+            self._reload_token()
+            if self.token and not self._expires_within(REFRESH_MARGIN_SEC):
+                return
+            self.refresh_access_token()
+
+    def _renew_after_401(self) -> bool:
+        """After a 401: a newer login on disk, else a new access token from the refresh credential.
+        True if there is something new to retry with."""
+        with self._refresh_lock:
+            if self._reload_token():
+                return True
+            if not self.refresh_token:
+                return False
+            try:
+                self.refresh_access_token()
+            except AuthenticationError:
+                return False
+            return True
 
     def _expired(self) -> bool:
         expiry = self.token_expiry
@@ -247,6 +356,8 @@ class RESTClient:
         attempt = 0
         retries = self.retry_count if retry_count is None else min(int(retry_count), self.retry_count)
         retry_safe_headers = idempotency_headers(method, idempotency_key)
+        if authenticated:
+            self._ensure_fresh_token()
         while True:
             self.request_counts[f"{method} {url}"] += 1
             try:
@@ -268,7 +379,9 @@ class RESTClient:
                 continue
             status = resp.status_code
             if status == 429 or status >= 500:
-                if attempt >= retries:
+                # A server that asks for more patience than our backoff cap (a throttled login:
+                # minutes) gets its answer reported now, not a blocked caller.
+                if attempt >= retries or _retry_after(resp) > self.backoff_max:
                     raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
                 delay = self._backoff(attempt, resp)
                 logger.warning("%s %s: HTTP %d; retrying in %.1f s", method, url, status, delay)
@@ -276,7 +389,7 @@ class RESTClient:
                 attempt += 1
                 continue
             if status == 401:
-                if authenticated and not reauthed and self._reload_token():
+                if authenticated and not reauthed and self._renew_after_401():
                     reauthed = True
                     continue
                 detail = _response_detail(resp)
@@ -285,7 +398,10 @@ class RESTClient:
                     if self.token and self._expired():
                         hint = f"Login expired at {self.token_expiry:%Y-%m-%d %H:%M} UTC: run `balsam login`"
                     detail = f"{_detail_text(detail)}. {hint}"
-                raise AuthenticationError(method, f"{self.api_root}{url}", status, detail)
+                error = AuthenticationError(method, f"{self.api_root}{url}", status, detail)
+                if authenticated and self.token:
+                    _notify_credential_refused(error)
+                raise error
             if status >= 400:
                 raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
             return _parse(resp)
@@ -310,27 +426,31 @@ class RESTClient:
         result = self.get("/auth/how", authenticated=False)
         return [str(m) for m in result] if isinstance(result, list) else []
 
-    def password_login(self, username: str, password: str) -> dict[str, Any]:
-        """POST the password form; store and return ``{access_token, expiration, ...}``.
+    def password_login(self, username: str, password: str, *, refresh: bool = False,
+                       label: Optional[str] = None) -> dict[str, Any]:
+        """POST the password form; store and return ``{access_token, expiration, ...}``. With
+        ``refresh``, also a refresh credential (``refresh_token``, ``refresh_expiration``).
 
         A wrong password raises :class:`AuthenticationError` (401) at once.
         """
-        result = self.request(
-            "POST",
-            "/auth/password/login",
-            data={"username": username, "password": password},
-            authenticated=False,
-        )
+        form = {"username": username, "password": password}
+        if refresh:
+            form["scope"] = "offline_access"
+        if label:
+            form["label"] = label
+        result = self.request("POST", "/auth/password/login", data=form, authenticated=False)
         if not isinstance(result, dict) or "access_token" not in result:
             raise APIError("POST", f"{self.api_root}/auth/password/login", 200, f"unexpected login response {result!r}")
         self.token = result["access_token"]
+        self.refresh_token = result.get("refresh_token") or self.refresh_token
         self.username = username
         return result
 
-    def register(self, username: str, password: str) -> dict[str, Any]:
-        return self.request(
-            "POST", "/auth/password/register", json={"username": username, "password": password}, authenticated=False
-        )
+    def register(self, username: str, password: str, invitation: Optional[str] = None) -> dict[str, Any]:
+        body = {"username": username, "password": password}
+        if invitation:
+            body["invitation"] = invitation
+        return self.request("POST", "/auth/password/register", json=body, authenticated=False)
 
     def whoami(self) -> dict[str, Any]:
         return self.get("/auth/password/me")
@@ -392,7 +512,7 @@ def load_client(path: "Path | str | None" = None) -> RESTClient:
     Raises :class:`NotLoggedIn` (one line) if there is no login.
     """
     settings = ClientSettings.load(path)
-    if not settings.token:
+    if not settings.token and not settings.refresh_token:
         raise NotLoggedIn("the stored login has no token")
     client = RESTClient.from_settings(settings, settings_path=path)
     if _interactive_retry_cap is not None:

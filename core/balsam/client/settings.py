@@ -3,7 +3,19 @@
 Path: ``$BALSAM_CLIENT_PATH``, else ``$BALSAM_HOME/client.yml``, else ``~/.balsam/client.yml``.
 The file holds a bearer token, so it is written with mode 0600 in a 0700 directory.
 Keys are those of Balsam 0.7 (``api_root, client_class, token, token_expiry, connect_timeout,
-read_timeout, retry_count``) plus ``username``.
+read_timeout, retry_count``) plus:
+
+- ``username``;
+- ``refresh_token`` / ``refresh_expiry``: the long-lived, revocable refresh credential that the
+  client exchanges for short access tokens (so a site agent runs unattended for weeks);
+- ``credential_id``: the server's id of a launcher credential (files the site agent writes);
+- ``server_certificate`` / ``server_fingerprint``: the HTTPS server certificate pinned at login
+  (PEM and SHA-256), for servers whose certificate no authority on this machine vouches for;
+- ``allow_insecure_http``: send credentials over plain http to a host that is not this machine
+  (off unless ``balsam login --insecure-http``).
+
+``api_root`` is ``https://...``, ``http://...`` or ``unix:///path/to/balsam.sock`` (the embedded
+server's socket in a private directory).
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import attrs
+import filelock
 import yaml
 
 NOT_LOGGED_IN = "Not logged in: run `balsam login` (or `balsam server start` for a local server)"
@@ -51,6 +64,12 @@ class ClientSettings:
     connect_timeout: float = 6.2
     read_timeout: float = 120.0
     retry_count: int = 10
+    refresh_token: Optional[str] = None
+    refresh_expiry: Optional[dt.datetime] = None
+    credential_id: Optional[int] = None
+    server_certificate: Optional[str] = None
+    server_fingerprint: Optional[str] = None
+    allow_insecure_http: bool = False
 
     @classmethod
     def load(cls, path: "Path | str | None" = None) -> "ClientSettings":
@@ -66,9 +85,12 @@ class ClientSettings:
         known = {f.name for f in attrs.fields(cls)}
         kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known and v is not None}
         try:
-            if "token_expiry" in kwargs and not isinstance(kwargs["token_expiry"], dt.datetime):
-                kwargs["token_expiry"] = dt.datetime.fromisoformat(str(kwargs["token_expiry"]).replace("Z", "+00:00"))
-            for name, kind in (("connect_timeout", float), ("read_timeout", float), ("retry_count", int)):
+            for name in ("token_expiry", "refresh_expiry"):
+                if name in kwargs and not isinstance(kwargs[name], dt.datetime):
+                    kwargs[name] = dt.datetime.fromisoformat(str(kwargs[name]).replace("Z", "+00:00"))
+            kwargs["allow_insecure_http"] = bool(kwargs.get("allow_insecure_http", False))
+            for name, kind in (("connect_timeout", float), ("read_timeout", float), ("retry_count", int),
+                               ("credential_id", int)):
                 if name in kwargs:
                     kwargs[name] = kind(kwargs[name])
         except (TypeError, ValueError) as exc:
@@ -77,11 +99,18 @@ class ClientSettings:
 
     def to_yaml_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self)
-        if self.token_expiry is not None:
-            expiry = self.token_expiry
-            if expiry.tzinfo is None:
-                expiry = expiry.replace(tzinfo=dt.timezone.utc)
-            data["token_expiry"] = expiry.isoformat()
+        for name in ("token_expiry", "refresh_expiry"):
+            expiry = getattr(self, name)
+            if expiry is not None:
+                if expiry.tzinfo is None:
+                    expiry = expiry.replace(tzinfo=dt.timezone.utc)
+                data[name] = expiry.isoformat()
+        # Keep the file short and 0.7-shaped: optional keys only when set.
+        for name in ("refresh_token", "refresh_expiry", "credential_id", "server_certificate", "server_fingerprint"):
+            if data[name] is None:
+                del data[name]
+        if not data["allow_insecure_http"]:
+            del data["allow_insecure_http"]
         return data
 
     def save(self, path: "Path | str | None" = None) -> Path:
@@ -108,3 +137,25 @@ class ClientSettings:
         if expiry.tzinfo is None:
             expiry = expiry.replace(tzinfo=dt.timezone.utc)
         return expiry - dt.timedelta(seconds=margin_sec) <= dt.datetime.now(dt.timezone.utc)
+
+
+def store_refreshed_token(path: "Path | str | None", refresh_token: str, token: str,
+                          token_expiry: Optional[dt.datetime], refresh_expiry: Optional[dt.datetime]) -> bool:
+    """Write a refreshed access token into the login file, but only if the file still holds this
+    refresh credential (a newer ``balsam login`` or ``balsam logout`` wins). True if written."""
+    path = Path(path) if path is not None else client_path()
+    try:
+        with filelock.FileLock(str(path) + ".lock", timeout=10):
+            try:
+                settings = ClientSettings.load(path)
+            except ClientSettingsError:
+                return False
+            if settings.refresh_token != refresh_token:
+                return False
+            settings.token, settings.token_expiry = token, token_expiry
+            if refresh_expiry is not None:
+                settings.refresh_expiry = refresh_expiry
+            settings.save(path)
+            return True
+    except (filelock.Timeout, OSError):
+        return False  # the token still works in this process; others refresh on their own

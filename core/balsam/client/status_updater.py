@@ -290,6 +290,10 @@ class BulkStatusUpdater:
             except Exception as exc:
                 if is_refusal(exc):
                     raise
+                if getattr(exc, "credential_refused", False):
+                    # Revoked: nothing more gets through with this credential; the spool hands the
+                    # updates to the site agent (the server already ended our sessions).
+                    raise _GaveUp(exc) from exc
                 if self._stopping:
                     now = time.monotonic()
                     self._failing_since = self._failing_since or now

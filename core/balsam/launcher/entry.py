@@ -154,7 +154,14 @@ def run_launcher(
     start_time = float(os.environ.get(START_TIME_ENV) or time.time())
     if wall_time_min <= 0:
         raise LauncherError(f"wall time must be positive, got {wall_time_min}")
+    # Imported here, after the start time is taken: the client pulls in httpx (~0.3 s).
+    from balsam.client import on_credential_refused
+    from balsam.site.launcher_credentials import use_launcher_credential
+
     site_config = _load_site(site_path)
+    # The BatchJob's own site-scoped credential (minted by the agent), if there is one; child
+    # processes (partitions, jobs using the API) inherit it.
+    credential = use_launcher_credential(site_config.site_path, os.environ)
     settings = site_config.settings
     platform = _platform(settings)
     env = dict(os.environ)
@@ -201,8 +208,17 @@ def run_launcher(
     os.environ["BALSAM_LAUNCHER_NODES"] = str(len(context.nodes))
     os.environ["BALSAM_JOB_MODE"] = partition.job_mode
     configure_logging(context.log_file("log"), settings)
+    if credential is not None:
+        logger.info("using the launcher credential %s", credential)
     mode = _job_mode_class(partition.job_mode)(context)
 
+    def on_refused(error: Any) -> None:
+        # Revoked or expired for good: the server has ended this launcher's sessions (its jobs run
+        # again elsewhere); stop acquiring and end what runs rather than run blind.
+        logger.error("the server refused this launcher's credential (%s): stopping", error.detail)
+        mode.request_stop("credential refused")
+
+    on_credential_refused(on_refused)
     def on_signal(signum: int, _frame: Any) -> None:
         logger.warning("signal %s: ending running jobs as RUN_TIMEOUT", signum)
         mode.request_stop(f"signal {signum}")

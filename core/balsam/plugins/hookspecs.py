@@ -98,7 +98,7 @@ def balsam_agent_started(site_config: Any, modules: list) -> None:
 
 @hookspec
 def balsam_agent_stopping(site_config: Any, reason: str) -> None:
-    """The site agent is shutting down (``reason``: ``"signal"``, ``"token-expiry"``, ``"error"``).
+    """The site agent is shutting down (``reason``: ``"signal"``, ``"token-expiry"``, ``"credential-refused"``, ``"error"``).
 
     Called once, before the modules' clean-up. An exception is logged, never fatal.
     Return value: ignored.

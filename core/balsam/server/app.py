@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 import balsam
 
+from .auth import CredentialCache, LoginThrottle
 from .db import create_db_engine, write_tx
 from .errors import APIError, Conflict
 from .http import JSONResponse, error_response
@@ -43,7 +44,7 @@ def _all_routes() -> list:
         *dashboard_routes(),
         *auth.routes, *sites.routes, *apps.routes, *jobs.routes, *batch_jobs.routes, *sessions.routes,
         *transfers.routes, *events.routes, openapi_route(),
-        route("/", {"GET": lambda ctx: JSONResponse({"name": "balsam", "version": balsam.__version__})}),
+        route("/", {"GET": lambda ctx: JSONResponse({"name": "balsam", "version": balsam.__version__})}, public=True),
     ]
 
 
@@ -176,6 +177,9 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.credential_cache = CredentialCache(settings.revocation_cache_sec)
+    app.state.login_throttle = LoginThrottle(settings.max_failures_per_user, settings.max_failures_per_address,
+                                             settings.failure_window_sec)
     return app
 
 

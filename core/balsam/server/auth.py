@@ -1,23 +1,54 @@
-"""Password hashing (scrypt KDF) and signed, expiring access tokens (JWT, HS256)."""
+"""Authentication: password hashing, login throttling, credentials and the tokens they sign.
+
+Every token is a JWT (HS256) carrying the id of a row of the ``credentials`` table (``cid``), so
+that any token can be revoked; a request is accepted only while that row exists, is not revoked
+and has not expired (checked through :class:`CredentialCache`, which trusts a verdict for
+``BALSAM_AUTH_REVOCATION_CACHE_SEC`` seconds). Kinds of credentials:
+
+- ``login``: a plain password login (what a Balsam 0.7 client asks for): the token *is* the
+  credential and expires with it (``BALSAM_AUTH_TOKEN_TTL_SEC``, 48 h);
+- ``refresh``: asked for with ``scope=offline_access`` at login (our ``balsam login`` does):
+  an opaque secret ``bsr1.<id>.<secret>`` (only its SHA-256 is stored) that ``POST /auth/token``
+  exchanges for access tokens of ``BALSAM_AUTH_ACCESS_TTL_SEC``; each exchange slides its expiry
+  to now + ``BALSAM_AUTH_REFRESH_TTL_SEC``, so an agent that keeps running keeps working;
+- ``launcher``: minted by the site agent for one BatchJob, good only for that BatchJob's site
+  (the token's ``site`` claim), renewed by the agent while the BatchJob lives;
+- ``invitation``: a one-time code with which an invited user sets a password.
+
+Password logins go through :func:`check_password_login`: one scrypt computation whether the user
+exists or not (same time for unknown users), and :class:`LoginThrottle` (failures per user name and
+per client address in a sliding window; 429 with ``Retry-After``). Other login front ends (the
+dashboard's cookie login) call the same function with the app's throttle (``app.state.login_throttle``).
+"""
 
 from __future__ import annotations
 
 import base64
+import collections
+import contextvars
 import datetime as dt
 import hashlib
 import hmac
 import os
+import secrets
+import threading
+import time
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import jwt
 import sqlalchemy as sa
 
-from .errors import Unauthorized
-from .tables import users
+from .errors import Forbidden, TooManyRequests, Unauthorized
+from .tables import credentials, users
 
 # scrypt parameters (RFC 7914 recommendation for interactive logins: N=2**14, r=8, p=1).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN = 2**14, 8, 1, 32
 ALGORITHM = "HS256"
+REFRESH_PREFIX = "bsr1"
+INVITATION_PREFIX = "bsi1"
+CREDENTIAL_KINDS = ("login", "refresh", "launcher", "invitation")
+LOGIN_FAILED = "Incorrect username or password"
 
 
 def hash_password(password: str) -> str:
@@ -41,33 +72,289 @@ def verify_password(password: str, stored: "str | None") -> bool:
     return hmac.compare_digest(digest, expected)
 
 
+_dummy_hash: "list[str]" = []
+
+
+def _hash_for_timing() -> str:
+    """A real scrypt hash to check against when there is no user (or no password): an unknown
+    user name then costs the same scrypt work as a known one, so timing tells nothing."""
+    if not _dummy_hash:
+        _dummy_hash.append(hash_password(secrets.token_urlsafe(16)))
+    return _dummy_hash[0]
+
+
+def password_problem(password: Any, min_length: int) -> Optional[str]:
+    """Why a new password is refused, or None."""
+    if not isinstance(password, str) or not password:
+        return "field required (a non-empty string)"
+    if len(password) < min_length:
+        return f"must have at least {min_length} characters"
+    if len(password) > 1024:
+        return "must have at most 1024 characters"
+    return None
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class AuthUser:
     id: int
     username: str
+    #: The ``credentials`` row behind the token (None only for tokens built by hand in tests).
+    credential_id: Optional[int] = None
+    #: Set for site-scoped (launcher) credentials: the one site this token may touch.
+    site_id: Optional[int] = None
 
 
-def authenticate_password(conn: sa.Connection, username: str, password: str) -> AuthUser:
-    """The server's one password check, shared by the API login and the dashboard's login form.
-
-    Raises :class:`Unauthorized` (one message for an unknown user and a wrong password)."""
-    row = conn.execute(sa.select(users.c.id, users.c.hashed_password).where(users.c.username == username)).first()
-    if row is None or not verify_password(password, row.hashed_password):
-        raise Unauthorized("Incorrect username or password")
-    return AuthUser(id=row.id, username=username)
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
-def create_token(user_id: int, username: str, secret: str, ttl_sec: int) -> tuple[str, dt.datetime]:
-    expiration = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=ttl_sec)
-    payload = {"sub": str(user_id), "username": username, "exp": int(expiration.timestamp())}
+def create_token(user_id: int, username: str, secret: str, ttl_sec: "int | None" = None, *,
+                 credential_id: Optional[int] = None, site_id: Optional[int] = None,
+                 expires: "dt.datetime | None" = None) -> tuple[str, dt.datetime]:
+    expiration = expires if expires is not None else utcnow() + dt.timedelta(seconds=ttl_sec or 0)
+    payload: dict[str, Any] = {"sub": str(user_id), "username": username, "exp": int(expiration.timestamp())}
+    if credential_id is not None:
+        payload["cid"] = int(credential_id)
+    if site_id is not None:
+        payload["site"] = int(site_id)
     return jwt.encode(payload, secret, algorithm=ALGORITHM), expiration.replace(microsecond=0)
 
 
 def decode_token(token: str, secret: str) -> AuthUser:
     try:
         payload = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]})
-        return AuthUser(id=int(payload["sub"]), username=str(payload.get("username", "")))
+        site = payload.get("site")
+        cid = payload.get("cid")
+        return AuthUser(id=int(payload["sub"]), username=str(payload.get("username", "")),
+                        credential_id=int(cid) if cid is not None else None,
+                        site_id=int(site) if site is not None else None)
     except jwt.ExpiredSignatureError:
         raise Unauthorized("Token expired: log in again (`balsam login`)") from None
-    except (jwt.InvalidTokenError, ValueError, KeyError):
+    except (jwt.InvalidTokenError, ValueError, KeyError, TypeError):
         raise Unauthorized("Invalid token: log in again (`balsam login`)") from None
+
+
+def bearer_user(authorization: str, secret: str) -> AuthUser:
+    """The user of an ``Authorization: Bearer`` header value (signature and expiry only)."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>' (log in with `balsam login`)")
+    user = decode_token(token.strip(), secret)
+    if user.credential_id is None:
+        raise Unauthorized("Token without a credential id (issued before this server tracked credentials): "
+                           "log in again (`balsam login`)")
+    return user
+
+
+#: The site a site-scoped credential is limited to, for the request being handled (set by the
+#: route wrapper in the thread that runs the handler; read by the ownership checks).
+SITE_SCOPE: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("balsam_site_scope", default=None)
+
+
+def require_unscoped(user: AuthUser, what: str) -> None:
+    if user.site_id is not None:
+        raise Forbidden(f"This credential is limited to site {user.site_id} and cannot {what}")
+
+
+# -- credentials -------------------------------------------------------------------------------
+
+
+def _secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def issue_credential(conn: sa.Connection, user_id: int, kind: str, label: str, ttl_sec: float, *,
+                     site_id: Optional[int] = None, batch_job_id: Optional[int] = None,
+                     with_secret: bool = False) -> tuple[int, dt.datetime, Optional[str]]:
+    """Insert a credential row; returns ``(id, expires, code)`` where ``code`` (refresh and
+    invitation kinds) is the only copy of the secret, to hand to the client once."""
+    assert kind in CREDENTIAL_KINDS
+    now = utcnow()
+    expires = (now + dt.timedelta(seconds=ttl_sec)).replace(microsecond=0)
+    secret = secrets.token_urlsafe(32) if with_secret else None
+    cred_id = conn.execute(
+        sa.insert(credentials).values(
+            user_id=user_id, kind=kind, site_id=site_id, batch_job_id=batch_job_id, label=label[:200],
+            secret_hash=_secret_hash(secret) if secret else None, created=now, expires=expires,
+        ).returning(credentials.c.id)
+    ).scalar_one()
+    code = None
+    if secret is not None:
+        prefix = INVITATION_PREFIX if kind == "invitation" else REFRESH_PREFIX
+        code = f"{prefix}.{cred_id}.{secret}"
+    return cred_id, expires, code
+
+
+def redeem_code(conn: sa.Connection, code: Any, kind: str) -> sa.Row:
+    """The live credential row of a refresh or invitation code (401 if unknown, wrong, revoked
+    or expired). The comparison of the secret is constant-time."""
+    prefix = INVITATION_PREFIX if kind == "invitation" else REFRESH_PREFIX
+    what = "invitation" if kind == "invitation" else "refresh credential"
+    parts = code.split(".", 2) if isinstance(code, str) else []
+    if len(parts) != 3 or parts[0] != prefix or not parts[1].isdigit() or len(parts[1]) > 12:
+        raise Unauthorized(f"Invalid {what}: log in again (`balsam login`)")
+    row = conn.execute(sa.select(credentials).where(credentials.c.id == int(parts[1]))).first()
+    expected = row.secret_hash if row is not None and row.secret_hash else _secret_hash("")
+    if not hmac.compare_digest(_secret_hash(parts[2]), expected) or row is None or row.kind != kind:
+        raise Unauthorized(f"Invalid {what}: log in again (`balsam login`)")
+    if row.revoked is not None:
+        raise Unauthorized(f"This {what} was revoked: log in again (`balsam login`)")
+    if row.expires <= utcnow():
+        raise Unauthorized(f"This {what} expired: log in again (`balsam login`)")
+    return row
+
+
+def credential_problem(conn: sa.Connection, user: AuthUser) -> Optional[str]:
+    """Why the credential behind a token no longer authorizes anything, or None."""
+    row = conn.execute(
+        sa.select(credentials.c.user_id, credentials.c.site_id, credentials.c.expires, credentials.c.revoked)
+        .where(credentials.c.id == user.credential_id)
+    ).first()
+    if row is None or row.user_id != user.id or row.site_id != user.site_id:
+        return "This credential no longer exists: log in again (`balsam login`)"
+    if row.revoked is not None:
+        return f"This credential was revoked at {row.revoked:%Y-%m-%d %H:%M} UTC: log in again (`balsam login`)"
+    if row.expires <= utcnow():
+        return "This credential expired: log in again (`balsam login`)"
+    return None
+
+
+class CredentialCache:
+    """Per-process memory of credentials found valid, so that a busy worker checks each one at
+    most every ``ttl_sec`` seconds. Revocations made by this process take effect at once; those
+    made by another worker (or ``balsam server revoke``) within ``ttl_sec``."""
+
+    def __init__(self, ttl_sec: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_sec = ttl_sec
+        self._clock = clock
+        self._valid_until: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def check(self, conn_factory: Callable[[], Any], user: AuthUser) -> None:
+        cid = user.credential_id
+        if cid is None:
+            raise Unauthorized("Token without a credential id: log in again (`balsam login`)")
+        now = self._clock()
+        if self._valid_until.get(cid, 0.0) > now:
+            return
+        with conn_factory() as conn:
+            problem = credential_problem(conn, user)
+        if problem is not None:
+            self.forget([cid])
+            raise Unauthorized(problem)
+        with self._lock:
+            if len(self._valid_until) > 100_000:
+                self._valid_until = {k: v for k, v in self._valid_until.items() if v > now}
+            self._valid_until[cid] = now + self.ttl_sec
+
+    def forget(self, ids: "list[int]") -> None:
+        with self._lock:
+            for cid in ids:
+                self._valid_until.pop(cid, None)
+
+
+def revoke_credentials(conn: sa.Connection, where: sa.ColumnElement[bool]) -> list[sa.Row]:
+    """Revoke the live credentials matching ``where``; launcher ones also end the sessions of
+    their BatchJob (its RUNNING jobs become RUN_TIMEOUT and are run again): nothing stays leased
+    to a launcher that can no longer report. Returns the revoked rows."""
+    rows = list(conn.execute(
+        sa.update(credentials).where(where, credentials.c.revoked.is_(None)).values(revoked=utcnow())
+        .returning(credentials.c.id, credentials.c.kind, credentials.c.batch_job_id)
+    ))
+    batch_jobs = sorted({r.batch_job_id for r in rows if r.kind == "launcher" and r.batch_job_id is not None})
+    if batch_jobs:
+        # Imported here: the routes import this module.
+        from .routes.batch_jobs import end_batch_job_sessions
+
+        end_batch_job_sessions(conn, batch_jobs)
+    return rows
+
+
+# -- password logins -------------------------------------------------------------------------
+
+
+class LoginThrottle:
+    """Failed password logins per user name and per client address in a sliding window.
+
+    In memory, per server process: with N workers an attacker gets at most N times the limit. A
+    success clears the user name's failures (not the address's).
+    """
+
+    def __init__(self, max_per_user: int, max_per_address: int, window_sec: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_per_user = max_per_user
+        self.max_per_address = max_per_address
+        self.window_sec = window_sec
+        self._clock = clock
+        self._failures: "collections.OrderedDict[str, collections.deque[float]]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> "collections.deque[float]":
+        times = self._failures.get(key)
+        if times is None:
+            return collections.deque()
+        while times and times[0] <= now - self.window_sec:
+            times.popleft()
+        return times
+
+    def retry_after(self, username: str, address: str) -> Optional[float]:
+        """Seconds until this user name and address may try again, or None if they may now."""
+        now = self._clock()
+        wait = 0.0
+        with self._lock:
+            for key, limit in ((f"u:{username}", self.max_per_user), (f"a:{address}", self.max_per_address)):
+                times = self._recent(key, now)
+                if limit > 0 and len(times) >= limit:
+                    wait = max(wait, times[len(times) - limit] + self.window_sec - now)
+        return wait if wait > 0 else None
+
+    def record_failure(self, username: str, address: str) -> None:
+        now = self._clock()
+        with self._lock:
+            for key in (f"u:{username}", f"a:{address}"):
+                times = self._failures.setdefault(key, collections.deque(maxlen=1000))
+                times.append(now)
+                self._failures.move_to_end(key)
+            while len(self._failures) > 100_000:  # bound memory under a spray of user names
+                self._failures.popitem(last=False)
+
+    def record_success(self, username: str) -> None:
+        with self._lock:
+            self._failures.pop(f"u:{username}", None)
+
+
+def check_password_login(conn: sa.Connection, throttle: LoginThrottle, username: str, password: str,
+                         address: str, *, only_user: Optional[str] = None) -> int:
+    """The id of the user whose password this is; else 401 (wrong user name or password, said
+    the same way), or 429 with Retry-After once this user name or address failed too often.
+    One scrypt computation in every case."""
+    wait = throttle.retry_after(username, address)
+    if wait is not None:
+        raise TooManyRequests(f"Too many failed logins; try again in {int(wait) + 1} s", wait)
+    row = conn.execute(sa.select(users.c.id, users.c.hashed_password).where(users.c.username == username)).first()
+    stored = row.hashed_password if row is not None and row.hashed_password else None
+    ok = verify_password(password, stored or _hash_for_timing()) and stored is not None
+    if ok and only_user is not None and username != only_user:
+        ok = False
+    if not ok:
+        throttle.record_failure(username, address)
+        raise Unauthorized(LOGIN_FAILED)
+    throttle.record_success(username)
+    return row.id
+
+
+def authenticate_password(conn: sa.Connection, username: str, password: str, *, throttle: LoginThrottle,
+                          address: str, only_user: Optional[str] = None) -> AuthUser:
+    """:func:`check_password_login` for login forms that want the user (the dashboard's)."""
+    return AuthUser(id=check_password_login(conn, throttle, username, password, address, only_user=only_user),
+                    username=username)
+
+
+def client_address(request: Any) -> str:
+    """The client's address as uvicorn reports it (behind a proxy run uvicorn with
+    ``--proxy-headers --forwarded-allow-ips``, so this is the real client)."""
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or "unknown"

@@ -11,6 +11,8 @@ from balsam.serialization import PayloadError, partial_from_dict
 
 class APIError(Exception):
     status_code = 400
+    #: Extra response headers (e.g. ``Retry-After``).
+    headers: "dict[str, str] | None" = None
 
     def __init__(self, detail: Any, status_code: "int | None" = None) -> None:
         super().__init__(detail if isinstance(detail, str) else repr(detail))
@@ -25,6 +27,27 @@ class BadRequest(APIError):
 
 class Unauthorized(APIError):
     status_code = 401
+
+
+class Forbidden(APIError):
+    """The credential is valid but may not do this (e.g. a launcher's site-scoped credential)."""
+
+    status_code = 403
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+
+
+class TooManyRequests(APIError):
+    """429 with ``Retry-After`` (whole seconds)."""
+
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after_sec: float) -> None:
+        super().__init__(detail, 429)
+        self.retry_after_sec = max(1, int(retry_after_sec + 0.999))
+        self.headers = {"Retry-After": str(self.retry_after_sec)}
 
 
 class NotFound(APIError):

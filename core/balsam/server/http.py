@@ -14,12 +14,14 @@ from starlette.responses import Response
 
 from balsam.serialization import parse_datetime
 
-from .auth import AuthUser, decode_token
-from .errors import APIError, BadRequest, Unauthorized, ValidationFailed
+from .errors import APIError, BadRequest, ValidationFailed
+from .limits import MAX_QUERY_VALUE_CHARS
 
 
 #: Integer ids and counts are stored as 32-bit integers.
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+#: Ids in a path are 64-bit integers (an id beyond the 32-bit columns simply does not exist: 404).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _default(value: Any) -> Any:
@@ -30,6 +32,15 @@ def _default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def wire_datetime(value: "dt.datetime | None") -> "dt.datetime | None":
+    """A datetime as it goes out: naive UTC, as Balsam 0.7 sent them (its clients subtract them from
+    a naive ``utcnow()``). Readers take a datetime without offset from this API as UTC (our client
+    does, and keeps timezone-aware datetimes)."""
+    if value is not None and value.tzinfo is not None:
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
 
 
 def dumps(data: Any) -> bytes:
@@ -54,7 +65,7 @@ def no_content() -> Response:
 
 
 def error_response(exc: APIError) -> Response:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def nul_locations(value: Any, loc: list[Any]) -> list[list[Any]]:
@@ -79,12 +90,21 @@ def reject_nul(value: Any, loc: list[Any]) -> None:
         raise ValidationFailed((where, "NUL characters (\\u0000) are not allowed") for where in found[:20])
 
 
-def current_user(request: Request) -> AuthUser:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>' (log in with `balsam login`)")
-    return decode_token(token.strip(), request.app.state.settings.secret_key)
+def int_from_text(raw: str) -> int:
+    """An integer written in a path or query string; an integral number like ``5.0`` counts (it is
+    an integer for JSON Schema, and so for the OpenAPI description). ValueError otherwise."""
+    try:
+        return int(raw)
+    except ValueError:
+        value = float(raw)
+        if not value.is_integer():
+            raise ValueError(f"not an integer: {raw!r}") from None
+        return int(value)
+
+
+def is_json_int(value: Any) -> bool:
+    """An integer of a JSON body: ``5`` or ``5.0`` (not ``true``)."""
+    return type(value) is int or (type(value) is float and value.is_integer())
 
 
 def path_int(request: Request, name: str) -> int:
@@ -92,11 +112,11 @@ def path_int(request: Request, name: str) -> int:
     if isinstance(raw, int):
         return raw
     try:
-        value = int(raw)
+        value = int_from_text(raw)
     except ValueError:
         raise ValidationFailed.field(["path", name], f"expected an integer, got {raw!r}") from None
-    if not INT_MIN <= value <= INT_MAX:
-        raise ValidationFailed.field(["path", name], f"integer out of range: {value}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValidationFailed.field(["path", name], f"integer out of the 64-bit range: {value}")
     return value
 
 
@@ -109,6 +129,8 @@ class QueryParams:
         for key, value in self.params.multi_items():
             reject_nul(key, ["query"])
             reject_nul(value, ["query", key])
+            if len(value) > MAX_QUERY_VALUE_CHARS:
+                raise ValidationFailed.field(["query", key], f"longer than {MAX_QUERY_VALUE_CHARS} characters ({len(value)})")
         if allowed is not None:
             unknown = sorted(set(self.params.keys()) - allowed)
             if unknown:
@@ -133,7 +155,7 @@ class QueryParams:
         raw = self.params.get(name)
         if raw is None or raw == "":
             return default
-        value = self._convert(name, raw, int, "an integer")
+        value = self._convert(name, raw, int_from_text, "an integer")
         if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
             raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
         if minimum is not None and value < minimum:
@@ -150,7 +172,7 @@ class QueryParams:
         for raw in raws:
             for part in raw.split(","):
                 if part.strip():
-                    value = self._convert(name, part.strip(), int, "an integer")
+                    value = self._convert(name, part.strip(), int_from_text, "an integer")
                     if not INT_MIN <= value <= INT_MAX:
                         raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
                     out.append(value)
@@ -244,8 +266,9 @@ def parse_bulk_patches(payload: list, kind: str, parse: Callable[[dict[str, Any]
     patches: dict[int, dict[str, Any]] = {}
     for index, item in enumerate(payload):
         loc = ["body", index]
-        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
+        if not isinstance(item, dict) or not is_json_int(item.get("id")):
             raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
+        item = {**item, "id": int(item["id"])}
         check_int_fields(item, ["id"], loc)
         body = {k: v for k, v in item.items() if k != "id"}
         for name in fixed:

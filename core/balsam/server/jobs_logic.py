@@ -7,6 +7,7 @@ per step for a whole batch of jobs, never one query per job.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -18,9 +19,10 @@ from sqlalchemy.dialects import postgresql
 from balsam.models import Job, workdir_problem
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
+from .auth import SITE_SCOPE
 from .db import bulk_insert, update_rows_by_id, where_eq, where_in
-from .errors import null_field_errors, payload_errors, split_path, BadRequest, Conflict, ValidationFailed, not_found_ids
-from .http import QueryParams, int_range_errors
+from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
+from .http import QueryParams, int_range_errors, is_json_int, wire_datetime
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
 S = JobState
@@ -38,6 +40,7 @@ JOB_OUT_COLUMNS = [
     sa.cast(jobs.c[name], sa.Text).label(name) if name in JSON_OUT_FIELDS else jobs.c[name] for name in JOB_OUT_FIELDS
 ]
 _JSON_POSITIONS = [i for i, name in enumerate(JOB_OUT_FIELDS) if name in JSON_OUT_FIELDS]
+_LAST_UPDATE = JOB_OUT_FIELDS.index("last_update")
 #: Fields a client may set when creating a job (state and ids are decided by the server).
 CREATE_FIELDS = [
     "workdir", "app_id", "tags", "serialized_parameters", "data", "return_code", "num_nodes", "ranks_per_node",
@@ -62,8 +65,16 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def site_owned_by(user_id: int) -> sa.ColumnElement[bool]:
+    """The ``sites`` rows a request of this user may touch: their own sites, and with a
+    site-scoped (launcher) credential only that one site (``SITE_SCOPE``, set per request)."""
+    clause = sites.c.owner_id == user_id
+    scope = SITE_SCOPE.get()
+    return clause if scope is None else sa.and_(clause, sites.c.id == scope)
+
+
 def owned_site_ids(user_id: int) -> sa.Select:
-    return sa.select(sites.c.id).where(sites.c.owner_id == user_id)
+    return sa.select(sites.c.id).where(site_owned_by(user_id))
 
 
 def _scalar_candidates(value: str, loose: bool) -> list[Any]:
@@ -79,6 +90,9 @@ def _scalar_candidates(value: str, loose: bool) -> list[Any]:
     return candidates
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.:@+/ -]+$")
+
+
 def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str, *, loose: bool = False) -> sa.ColumnElement[bool]:
     """``col @> wanted`` for a flat dict of strings (JSONB containment on PostgreSQL, which the
     GIN index serves). ``loose`` also matches numbers and booleans written as text (event data)."""
@@ -90,21 +104,33 @@ def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str, *
         if dialect == "postgresql":
             jsonb = sa.type_coerce(col, postgresql.JSONB)
             clauses.append(sa.or_(*[jsonb.contains({key: c}) for c in candidates]))
+        elif not _PLAIN_KEY.match(key):
+            # SQLite's JSON paths cannot quote every key (a '"', a backslash, non-ASCII): look such
+            # keys up among the entries instead (slower, so plain keys keep the path).
+            entries = sa.func.json_each(col).table_valued("key", "value", "type")
+            match = sa.select(sa.literal(1)).select_from(entries).where(
+                entries.c.key == key, _sqlite_value_match(entries.c.value, entries.c.type, candidates))
+            clauses.append(match.exists())
         else:
-            path = '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            extracted, kind = sa.func.json_extract(col, path), sa.func.json_type(col, path)
-            options = []
-            for c in candidates:
-                if c is None:
-                    options.append(kind == "null")
-                elif isinstance(c, bool):
-                    options.append(kind == ("true" if c else "false"))
-                elif isinstance(c, str):  # the value first: most rows fail there, with one JSON parse
-                    options.append(sa.and_(extracted == c, kind == "text"))
-                else:
-                    options.append(sa.and_(extracted == c, kind.in_(("integer", "real"))))
-            clauses.append(sa.or_(*options))
+            path = '$."' + key + '"'
+            clauses.append(_sqlite_value_match(sa.func.json_extract(col, path), sa.func.json_type(col, path),
+                                               candidates))
     return sa.and_(*clauses)
+
+
+def _sqlite_value_match(extracted: sa.ColumnElement, kind: sa.ColumnElement, candidates: list[Any]) -> sa.ColumnElement[bool]:
+    """The JSON value (``extracted``, of SQLite JSON ``kind``) equals one of the candidates."""
+    options = []
+    for c in candidates:
+        if c is None:
+            options.append(kind == "null")
+        elif isinstance(c, bool):
+            options.append(kind == ("true" if c else "false"))
+        elif isinstance(c, str):  # the value first: most rows fail there, with one JSON parse
+            options.append(sa.and_(extracted == c, kind == "text"))
+        else:
+            options.append(sa.and_(extracted == c, kind.in_(("integer", "real"))))
+    return sa.or_(*options)
 
 
 def like_escape(text: str) -> str:
@@ -119,6 +145,7 @@ def job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
         values = list(row)
         for i in positions:
             values[i] = fragment(values[i])
+        values[_LAST_UPDATE] = wire_datetime(values[_LAST_UPDATE])
         out.append(dict(zip(keys, values)))
     return out
 
@@ -439,14 +466,14 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> lis
     for index, spec in enumerate(specs):
         key = str(spec.workdir)
         if key in workdirs:
-            raise BadRequest(f"workdir {key!r} appears twice in this request (items {workdirs[key]} and {index})")
+            raise Conflict(f"workdir {key!r} appears twice in this request (items {workdirs[key]} and {index})")
         workdirs[key] = index
 
     app_ids = {spec.app_id for spec in specs}
     app_rows = conn.execute(
         sa.select(apps.c.id, apps.c.site_id, apps.c.transfers, sites.c.transfer_locations)
         .join(sites, sites.c.id == apps.c.site_id)
-        .where(apps.c.id.in_(app_ids), sites.c.owner_id == user_id)
+        .where(apps.c.id.in_(app_ids), site_owned_by(user_id))
     ).all()
     app_info = {row.id: row for row in app_rows}
     missing = app_ids - app_info.keys()
@@ -555,8 +582,11 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> lis
     bulk_insert(conn, log_events, events)
 
     out = []
+    wire_now = wire_datetime(now)
     for job_id, row in zip(new_ids, rows):
-        out.append({name: (job_id if name == "id" else row[name]) for name in JOB_OUT_FIELDS})
+        job = {name: (job_id if name == "id" else row[name]) for name in JOB_OUT_FIELDS}
+        job["last_update"] = wire_now
+        out.append(job)
     return out
 
 
@@ -584,8 +614,9 @@ def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, A
         if "id" not in body:
             raise ValidationFailed.field(loc + ["id"], "field required")
         job_id = body.pop("id")
-        if not isinstance(job_id, int) or isinstance(job_id, bool):
+        if not is_json_int(job_id):
             raise ValidationFailed.field(loc + ["id"], f"expected an integer, got {job_id!r}")
+        job_id = int(job_id)
     try:
         patch = partial_from_dict(Job, body, allowed=UPDATE_FIELDS)
     except PayloadError as exc:
@@ -659,7 +690,7 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, 
             targets[job_id] = new
     if invalid:
         shown = "; ".join(invalid[:10]) + (f"; (+{len(invalid) - 10} more)" if len(invalid) > 10 else "")
-        raise BadRequest(f"Invalid state change, nothing was updated: {shown}")
+        raise Conflict(f"Invalid state change, nothing was updated: {shown}")
 
     events = EventBuffer()
     final_state: dict[int, JobState] = dict(targets)

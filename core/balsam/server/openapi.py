@@ -1,188 +1,490 @@
-"""Our own OpenAPI description (``GET /openapi.json``), generated from the models and routes."""
+"""Our OpenAPI description (``GET /openapi.json``): what the server enforces, operation by operation.
+
+Request schemas say exactly what the server accepts (types, 32-bit ranges, minimums, patterns,
+required fields and bodies, ``additionalProperties: false``, size limits, no NUL characters);
+fields the server sets are ``readOnly`` (clients may send them back; they are ignored). Response
+schemas say what comes back: datetimes are UTC without offset, as Balsam 0.7 sent them. Rules no
+schema can state (a state change the job's current state does not allow, a duplicate name, a
+transfer slot the app does not define) are refused with 409 or 422 and documented per route in
+docs/rest-api.md. ``tests/server/test_openapi.py`` runs schemathesis against this document.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-import enum
-import typing
-from pathlib import Path
-from typing import Any
-
-import attrs
+import copy
+from typing import Any, Optional
 
 import balsam
-from balsam import models
-from balsam.states import JobState
+from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_JOBS_PER_SESSION_ACQUIRE, MAX_PAGE_SIZE
+from balsam.states import BatchJobMode, BatchJobState, JobState, TransferDirection, TransferItemState
 
-from .http import JSONResponse
+from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, JSONResponse
+from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_QUERY_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
+                     MAX_TEXT_CHARS)
 from .routing import route
 
-_SCALARS = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"}, bool: {"type": "boolean"},
-            Path: {"type": "string", "format": "path"}, dt.datetime: {"type": "string", "format": "date-time"}}
+NO_NUL = "^[^\\x00]*$"
+#: Datetimes in responses: naive UTC ISO-8601 (Balsam 0.7's wire format).
+WIRE_DATETIME = {"type": "string", "pattern": "^\\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\d:\\d\\d(\\.\\d+)?$",
+                 "description": "UTC, without offset"}
+IDENTIFIER = "^[A-Za-z_][A-Za-z0-9_]*$"
 
 
-def _schema_for(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
-    if tp in _SCALARS:
-        return dict(_SCALARS[tp])
-    if tp is Any or tp is typing.Any:
-        return {}
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        defs.setdefault(tp.__name__, {"type": "string", "enum": [str(m.value) for m in tp]})
-        return {"$ref": f"#/components/schemas/{tp.__name__}"}
-    if attrs.has(tp):
-        _model_schema(tp, defs)
-        return {"$ref": f"#/components/schemas/{tp.__name__}"}
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:
-        non_null = [a for a in args if a is not type(None)]
-        inner = _schema_for(non_null[0], defs) if len(non_null) == 1 else {"anyOf": [_schema_for(a, defs) for a in non_null]}
-        return {**inner, "nullable": True} if "$ref" not in inner else {"allOf": [inner], "nullable": True}
-    if origin in (list, set, frozenset):
-        out = {"type": "array", "items": _schema_for(args[0], defs)}
-        if origin is not list:
-            out["uniqueItems"] = True
-        return out
-    if origin is dict:
-        return {"type": "object", "additionalProperties": _schema_for(args[1], defs)}
-    return {}
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _model_schema(cls: type, defs: dict[str, Any]) -> None:
-    if cls.__name__ in defs:
-        return
-    defs[cls.__name__] = {}
-    props, required = {}, []
-    for field in attrs.fields(cls):
-        schema = _schema_for(field.type, defs)
-        role = field.metadata.get("role")
-        if role:
-            schema["description"] = {"server": "set by the server", "create": "create only", "update": "update only"}[role]
-        props[field.name] = schema
-        if field.default is attrs.NOTHING:
-            required.append(field.name)
-    defs[cls.__name__] = {"type": "object", "properties": props, **({"required": required} if required else {})}
+def text(max_length: int = MAX_TEXT_CHARS, *, pattern: str = NO_NUL, min_length: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "string", "maxLength": max_length, "pattern": pattern}
+    if min_length:
+        out["minLength"] = min_length
+    return out
 
 
-def _paginated(name: str) -> dict[str, Any]:
-    return {"type": "object", "required": ["count", "results"],
-            "properties": {"count": {"type": "integer"}, "results": {"type": "array", "items": {"$ref": f"#/components/schemas/{name}"}}}}
+def int32(minimum: int = INT_MIN, maximum: int = INT_MAX) -> dict[str, Any]:
+    return {"type": "integer", "minimum": minimum, "maximum": maximum}
 
 
-# (method, path, summary, request body schema name or raw schema, status, response schema)
-_ROUTES: list[tuple[str, str, str, Any, int, Any]] = [
-    ("get", "/auth/how", "List the login methods", None, 200, {"type": "array", "items": {"type": "string"}}),
-    ("post", "/auth/password/login", "Password login (form fields username, password)", "form", 200, "Token"),
-    ("post", "/auth/password/register", "Register a user", "UserCreate", 201, "User"),
-    ("get", "/auth/password/me", "The current user", None, 200, "User"),
-    ("get", "/sites/", "List sites", None, 200, _paginated("Site")),
-    ("post", "/sites/", "Create a site", "Site", 201, "Site"),
-    ("get", "/sites/{site_id}", "Read a site", None, 200, "Site"),
-    ("put", "/sites/{site_id}", "Update a site (sets last_refresh)", "Site", 200, "Site"),
-    ("delete", "/sites/{site_id}", "Delete a site and everything in it", None, 204, None),
-    ("get", "/apps/", "List apps", None, 200, _paginated("App")),
-    ("post", "/apps/", "Create an app", "App", 201, "App"),
-    ("get", "/apps/{app_id}", "Read an app", None, 200, "App"),
-    ("put", "/apps/{app_id}", "Update an app", "App", 200, "App"),
-    ("delete", "/apps/{app_id}", "Delete an app and its jobs", None, 204, None),
-    ("get", "/jobs/", "List jobs (filters, ordering, pagination)", None, 200, _paginated("Job")),
-    ("post", "/jobs/", "Bulk-create jobs (max 5,000)", {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}, 201,
-     {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}),
-    ("patch", "/jobs/", "Bulk-update jobs by id; returns the count", {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}, 200, {"type": "integer"}),
-    ("put", "/jobs/", "Apply one update to the jobs matching the filters; returns the count", "Job", 200, {"type": "integer"}),
-    ("delete", "/jobs/", "Delete the jobs matching the filters (all or nothing); returns the count", None, 200, {"type": "integer"}),
-    ("get", "/jobs/{job_id}", "Read a job", None, 200, "Job"),
-    ("put", "/jobs/{job_id}", "Update a job; returns 1", "Job", 200, {"type": "integer"}),
-    ("delete", "/jobs/{job_id}", "Delete a job", None, 204, None),
-    ("get", "/batch-jobs/", "List batch jobs", None, 200, _paginated("BatchJob")),
-    ("post", "/batch-jobs/", "Create a batch job", "BatchJob", 201, "BatchJob"),
-    ("patch", "/batch-jobs/", "Bulk-update batch jobs", {"type": "array", "items": {"$ref": "#/components/schemas/BatchJob"}}, 200,
-     {"type": "array", "items": {"$ref": "#/components/schemas/BatchJob"}}),
-    ("get", "/batch-jobs/{batch_job_id}", "Read a batch job", None, 200, "BatchJob"),
-    ("put", "/batch-jobs/{batch_job_id}", "Update a batch job", "BatchJob", 200, "BatchJob"),
-    ("delete", "/batch-jobs/{batch_job_id}", "Delete a batch job", None, 204, None),
-    ("get", "/sessions/", "List sessions", None, 200, _paginated("Session")),
-    ("post", "/sessions/", "Create a session", "Session", 201, "Session"),
-    ("post", "/sessions/{session_id}", "Acquire jobs", "SessionAcquire", 200, {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}),
-    ("put", "/sessions/{session_id}", "Heartbeat", None, 200, {"type": "object"}),
-    ("delete", "/sessions/{session_id}", "End a session (RUNNING jobs become RUN_TIMEOUT)", None, 204, None),
-    ("get", "/transfers/", "List transfer items", None, 200, _paginated("TransferItem")),
-    ("patch", "/transfers/", "Bulk-update transfer items", {"type": "array", "items": {"$ref": "#/components/schemas/TransferItem"}}, 200,
-     {"type": "array", "items": {"$ref": "#/components/schemas/TransferItem"}}),
-    ("get", "/transfers/{transfer_id}", "Read a transfer item", None, 200, "TransferItem"),
-    ("put", "/transfers/{transfer_id}", "Update a transfer item", "TransferItem", 200, "TransferItem"),
-    ("get", "/events/", "List job state events", None, 200, _paginated("EventLog")),
-]
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
 
 
-def _query_params(path: str, method: str) -> list[dict[str, Any]]:
-    from .jobs_logic import JOB_FILTERS
-    from .routes import batch_jobs, events, transfers
-
-    names: set[str] = set()
-    if method == "get" and not path.endswith("}") and not path.startswith("/auth"):
-        names |= {"limit", "offset"}
-    table = {"/jobs/": JOB_FILTERS, "/batch-jobs/": batch_jobs.FILTERS, "/events/": events.FILTERS,
-             "/transfers/": transfers.FILTERS, "/sites/": {"name", "path", "id", "last_refresh_after"},
-             "/apps/": {"site_id", "id", "name", "site_path", "site_name"}, "/sessions/": {"id"}}
-    if path in table and (method == "get" or (path == "/jobs/" and method in ("put", "delete"))):
-        names |= table[path]
-    return [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in sorted(names)]
+def str_map(value: Optional[dict[str, Any]] = None, *, key_pattern: str = NO_NUL) -> dict[str, Any]:
+    return {"type": "object", "propertyNames": {"maxLength": MAX_KEY_CHARS, "pattern": key_pattern},
+            "additionalProperties": value if value is not None else text()}
 
 
-def build_openapi() -> dict[str, Any]:
-    defs: dict[str, Any] = {}
-    for cls in (*models.ALL_MODELS, models.SessionAcquire):
-        _model_schema(cls, defs)
-    _schema_for(JobState, defs)
-    defs["Token"] = {"type": "object", "properties": {"access_token": {"type": "string"}, "token_type": {"type": "string"},
-                                                      "expiration": {"type": "string", "format": "date-time"}}}
-    defs["UserCreate"] = {"type": "object", "required": ["username", "password"],
-                          "properties": {"username": {"type": "string"}, "password": {"type": "string"}}}
-    defs["Error"] = {"type": "object", "properties": {"detail": {}}}
-    paths: dict[str, Any] = {}
-    for method, path, summary, body, status, response in _ROUTES:
-        op: dict[str, Any] = {"summary": summary, "parameters": _query_params(path, method)}
-        for part in path.split("/"):
-            if part.startswith("{"):
-                op["parameters"].append({"name": part[1:-1], "in": "path", "required": True, "schema": {"type": "integer"}})
-        if method == "post" and not path.startswith("/auth"):
-            op["parameters"].append({
-                "name": "Idempotency-Key", "in": "header", "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 128},
-                "description": "one per logical request, resent unchanged on retries: applied once (docs/reliability.md)",
-            })
-        if body == "form":
-            op["requestBody"] = {"content": {"application/x-www-form-urlencoded": {"schema": {
-                "type": "object", "required": ["username", "password"],
-                "properties": {"username": {"type": "string"}, "password": {"type": "string"}}}}}}
-        elif body is not None:
-            schema = {"$ref": f"#/components/schemas/{body}"} if isinstance(body, str) else body
-            op["requestBody"] = {"content": {"application/json": {"schema": schema}}}
-        responses: dict[str, Any] = {}
-        if response is None:
-            responses[str(status)] = {"description": "No content"}
-        else:
-            schema = {"$ref": f"#/components/schemas/{response}"} if isinstance(response, str) else response
-            responses[str(status)] = {"description": "OK", "content": {"application/json": {"schema": schema}}}
-        for code, text in (("400", "Bad request"), ("401", "Not authenticated"), ("404", "Not found"),
-                           ("409", "Conflict"), ("422", "Invalid input (field and reason)"),
-                           ("503", "Database unavailable: retry after the Retry-After header's seconds")):
-            responses[code] = {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        op["responses"] = responses
-        paths.setdefault(path, {})[method] = op
-    return {"openapi": "3.0.3", "info": {"title": "Balsam API", "version": balsam.__version__}, "paths": paths,
+def obj(props: dict[str, Any], required: "list[str] | None" = None, *, read_only: "dict[str, Any] | None" = None,
+        closed: bool = True) -> dict[str, Any]:
+    properties = dict(props)
+    for name, schema in (read_only or {}).items():
+        properties[name] = {**schema, "readOnly": True}
+    out: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        out["required"] = required
+    if closed:
+        out["additionalProperties"] = False
+    return out
+
+
+def array(items: dict[str, Any], max_items: Optional[int] = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "array", "items": items}
+    if max_items is not None:
+        out["maxItems"] = max_items
+    return out
+
+
+def enum(values: "list[str]") -> dict[str, Any]:
+    return {"type": "string", "enum": values}
+
+
+#: Any JSON value the server stores: no NUL in strings or keys, integers within 64 bits.
+JSON_VALUE = {"anyOf": [{"type": "null"}, {"type": "boolean"}, {"type": "number", "minimum": -9.2e18, "maximum": 9.2e18},
+                        {"type": "string", "maxLength": MAX_TEXT_CHARS, "pattern": NO_NUL},
+                        {"type": "array", "items": _ref("JsonValue")},
+                        {"type": "object", "propertyNames": {"maxLength": MAX_KEY_CHARS, "pattern": NO_NUL},
+                         "additionalProperties": _ref("JsonValue")}]}
+JSON_OBJECT = {"type": "object", "propertyNames": {"maxLength": MAX_KEY_CHARS, "pattern": NO_NUL},
+               "additionalProperties": _ref("JsonValue")}
+TAGS = str_map(text(MAX_TAG_VALUE_CHARS))
+REQUEST_DATETIME = {"type": "string", "format": "date-time"}
+STATE_NAMES = [s.value for s in JobState]
+
+
+def _field_text(name: str) -> dict[str, Any]:
+    return text(FIELD_CHARS.get(name, MAX_TEXT_CHARS))
+
+
+# -- request bodies ------------------------------------------------------------------------------
+
+SITE_FIELDS = {
+    "name": text(pattern="^[^\\x00]*[^\\s\\x00][^\\x00]*$", min_length=1),
+    "path": text(MAX_PATH_CHARS, pattern="^/[^\\x00]*$"),
+    "globus_endpoint_id": nullable(text()),
+    "backfill_windows": str_map(array(_ref("BackfillWindow"))),
+    "queued_jobs": str_map(_ref("SchedulerJobStatus"), key_pattern="^[0-9]{1,9}$"),
+    "optional_batch_job_params": str_map(),
+    "allowed_projects": array(text()),
+    "allowed_queues": str_map(_ref("AllowedQueue")),
+    "transfer_locations": str_map(text(pattern="^[^\\x00]*://[^\\x00]*$")),
+}
+SITE_SERVER = {"id": {}, "last_refresh": {}, "creation_date": {}}
+
+APP_FIELDS = {
+    "site_id": int32(),
+    "name": text(200, pattern=IDENTIFIER),
+    "description": text(),
+    "serialized_class": _field_text("serialized_class"),
+    "source_code": _field_text("source_code"),
+    "parameters": str_map(_ref("AppParameter"), key_pattern=IDENTIFIER),
+    "transfers": str_map(_ref("TransferSlot")),
+}
+
+#: A path relative to the site's data/ directory that stays inside it (models.workdir_problem).
+WORKDIR = {**text(MAX_PATH_CHARS, pattern="^[^/\\x00][^\\x00]*$"), "allOf": [
+    {"pattern": "[^\\s\\x00]"}, {"not": {"pattern": "(^|/)\\.\\.(/|$)"}}, {"not": {"pattern": "^[./]*$"}}]}
+JOB_COMMON = {
+    "workdir": WORKDIR,
+    "tags": TAGS,
+    "serialized_parameters": _field_text("serialized_parameters"),
+    "data": JSON_OBJECT,
+    "return_code": nullable(int32()),
+    "num_nodes": int32(1),
+    "ranks_per_node": int32(1),
+    "threads_per_rank": int32(1),
+    "threads_per_core": int32(1),
+    "launch_params": str_map(),
+    "gpus_per_rank": {"type": "number", "minimum": 0, "maximum": 1e9},
+    "node_packing_count": int32(1),
+    "wall_time_min": int32(0),
+    "batch_job_id": nullable(int32()),
+    "pending_file_cleanup": {"type": "boolean"},
+    "serialized_return_value": _field_text("serialized_return_value"),
+    "serialized_exception": _field_text("serialized_exception"),
+}
+JOB_CREATE = obj(
+    {**JOB_COMMON, "app_id": int32(), "parent_ids": array(int32()),
+     "transfers": str_map({"anyOf": [_ref("JobTransferItem"), text(pattern="^[^\\x00:]+:/[^\\x00]*$")]})},
+    ["workdir", "app_id"],
+    read_only={"id": {}, "state": {}, "last_update": {}, "state_timestamp": {}, "state_data": {}},
+)
+JOB_UPDATE_FIELDS = {
+    **JOB_COMMON,
+    "state": enum([s for s in STATE_NAMES if s != "CREATED"]),
+    "state_timestamp": nullable(REQUEST_DATETIME),
+    "state_data": JSON_OBJECT,
+}
+JOB_UPDATE = obj(JOB_UPDATE_FIELDS)
+JOB_PATCH = obj({"id": int32(), **JOB_UPDATE_FIELDS}, ["id"])
+
+BATCH_JOB_FIELDS = {
+    "project": text(),
+    "queue": text(),
+    "num_nodes": int32(1),
+    "wall_time_min": int32(1),
+    "job_mode": _ref("BatchJobMode"),
+    "optional_params": str_map(),
+    "filter_tags": TAGS,
+    "partitions": nullable(array(_ref("BatchJobPartition"))),
+    "scheduler_id": nullable(int32()),
+    "status_info": str_map(),
+    "start_time": nullable(REQUEST_DATETIME),
+    "end_time": nullable(REQUEST_DATETIME),
+}
+BATCH_JOB_CREATE = obj({**BATCH_JOB_FIELDS, "site_id": int32()},
+                       ["site_id", "project", "queue", "num_nodes", "wall_time_min", "job_mode"],
+                       read_only={"id": {}, "state": {}})
+BATCH_JOB_UPDATE = obj({**BATCH_JOB_FIELDS, "state": _ref("BatchJobState")}, read_only={"id": {}, "site_id": {}})
+BATCH_JOB_PATCH = obj({"id": int32(), **BATCH_JOB_FIELDS, "state": _ref("BatchJobState")}, ["id"])
+
+TRANSFER_FIELDS = {"state": _ref("TransferItemState"), "task_id": text(), "transfer_info": JSON_OBJECT}
+
+REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
+    "SiteCreate": obj(SITE_FIELDS, ["name", "path"], read_only=SITE_SERVER),
+    "SiteUpdate": obj(SITE_FIELDS, read_only=SITE_SERVER),
+    "AppCreate": obj(APP_FIELDS, ["site_id", "name", "serialized_class", "source_code"], read_only={"id": {}}),
+    "AppUpdate": obj({k: v for k, v in APP_FIELDS.items() if k != "site_id"}, read_only={"id": {}, "site_id": {}}),
+    "JobCreate": JOB_CREATE,
+    "JobUpdate": JOB_UPDATE,
+    "JobPatch": JOB_PATCH,
+    "BatchJobCreate": BATCH_JOB_CREATE,
+    "BatchJobUpdate": BATCH_JOB_UPDATE,
+    "BatchJobPatch": BATCH_JOB_PATCH,
+    "SessionCreate": obj({"site_id": int32(), "batch_job_id": nullable(int32())}, ["site_id"],
+                         read_only={"id": {}, "heartbeat": {}}),
+    "SessionAcquire": obj({
+        "max_num_jobs": int32(1, MAX_JOBS_PER_SESSION_ACQUIRE),
+        "filter_tags": TAGS,
+        "max_wall_time_min": nullable(int32()),
+        "max_nodes_per_job": nullable(int32()),
+        "max_aggregate_nodes": nullable({"type": "number", "minimum": 0, "maximum": 1e9}),
+        "serial_only": {"type": "boolean"},
+        "sort_by": nullable(enum(["long_large_first"])),
+        "states": array(_ref("JobState")),
+        "app_ids": array(int32()),
+    }, ["max_num_jobs"]),
+    "TransferUpdate": obj(TRANSFER_FIELDS),
+    "TransferPatch": obj({"id": int32(), **TRANSFER_FIELDS}, ["id"]),
+    "AllowedQueue": obj({"max_nodes": int32(), "max_walltime": int32(), "max_queued_jobs": int32()},
+                        ["max_nodes", "max_walltime", "max_queued_jobs"]),
+    "BackfillWindow": obj({"num_nodes": int32(), "wall_time_min": int32()}, ["num_nodes", "wall_time_min"]),
+    "SchedulerJobStatus": obj({
+        "scheduler_id": int32(), "state": _ref("BatchJobState"), "queue": text(), "num_nodes": int32(),
+        "wall_time_min": int32(), "project": text(), "time_remaining_min": int32(), "queued_time_min": int32(),
+        "message": text()}, ["scheduler_id", "state", "queue", "num_nodes", "wall_time_min", "project",
+                             "time_remaining_min", "queued_time_min"]),
+    "AppParameter": obj({"required": {"type": "boolean"}, "default": nullable(text()), "help": text()}, ["required"]),
+    "TransferSlot": obj({"required": {"type": "boolean"}, "direction": _ref("TransferDirection"),
+                         "local_path": text(MAX_PATH_CHARS, pattern="^(?!/)[^\\x00]*$"), "description": text(),
+                         "recursive": {"type": "boolean"}}, ["required", "direction", "local_path"]),
+    "JobTransferItem": obj({"location_alias": text(), "path": text(MAX_PATH_CHARS, pattern="^/[^\\x00]*$")},
+                           ["location_alias", "path"]),
+    "BatchJobPartition": obj({"job_mode": _ref("BatchJobMode"), "num_nodes": int32(), "filter_tags": TAGS},
+                             ["job_mode", "num_nodes"]),
+}
+
+# -- responses -----------------------------------------------------------------------------------
+
+ANY_INT = {"type": "integer"}
+RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Site": obj({"id": ANY_INT, "name": {"type": "string"}, "path": {"type": "string"},
+                 "globus_endpoint_id": nullable({"type": "string"}), "backfill_windows": {"type": "object"},
+                 "queued_jobs": {"type": "object"}, "optional_batch_job_params": {"type": "object"},
+                 "allowed_projects": {"type": "array", "items": {"type": "string"}},
+                 "allowed_queues": {"type": "object"}, "transfer_locations": {"type": "object"},
+                 "last_refresh": WIRE_DATETIME, "creation_date": WIRE_DATETIME},
+                required=["id", "name", "path", "globus_endpoint_id", "backfill_windows", "queued_jobs",
+                          "optional_batch_job_params", "allowed_projects", "allowed_queues", "transfer_locations",
+                          "last_refresh", "creation_date"]),
+    "App": obj({"id": ANY_INT, "site_id": ANY_INT, "name": {"type": "string"}, "description": {"type": "string"},
+                "parameters": {"type": "object"}, "transfers": {"type": "object"},
+                "serialized_class": {"type": "string"}, "source_code": {"type": "string"}},
+               required=["id", "site_id", "name", "description", "parameters", "transfers", "serialized_class",
+                         "source_code"]),
+    "Job": obj({"id": ANY_INT, "workdir": {"type": "string"}, "app_id": ANY_INT, "tags": {"type": "object"},
+                "serialized_parameters": {"type": "string"}, "data": {"type": "object"},
+                "return_code": nullable(ANY_INT), "num_nodes": ANY_INT, "ranks_per_node": ANY_INT,
+                "threads_per_rank": ANY_INT, "threads_per_core": ANY_INT, "launch_params": {"type": "object"},
+                "gpus_per_rank": {"type": "number"}, "node_packing_count": ANY_INT, "wall_time_min": ANY_INT,
+                "parent_ids": {"type": "array", "items": ANY_INT}, "batch_job_id": nullable(ANY_INT),
+                "state": _ref("JobState"), "pending_file_cleanup": {"type": "boolean"},
+                "serialized_return_value": {"type": "string"}, "serialized_exception": {"type": "string"},
+                "last_update": WIRE_DATETIME},
+               required=["id", "workdir", "app_id", "tags", "serialized_parameters", "data", "return_code",
+                         "num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "launch_params",
+                         "gpus_per_rank", "node_packing_count", "wall_time_min", "parent_ids", "batch_job_id",
+                         "state", "pending_file_cleanup", "serialized_return_value", "serialized_exception",
+                         "last_update"]),
+    "BatchJob": obj({"id": ANY_INT, "site_id": ANY_INT, "scheduler_id": nullable(ANY_INT),
+                     "project": {"type": "string"}, "queue": {"type": "string"}, "optional_params": {"type": "object"},
+                     "num_nodes": ANY_INT, "wall_time_min": ANY_INT, "job_mode": _ref("BatchJobMode"),
+                     "partitions": nullable({"type": "array"}), "filter_tags": {"type": "object"},
+                     "state": _ref("BatchJobState"), "status_info": {"type": "object"},
+                     "start_time": nullable(WIRE_DATETIME), "end_time": nullable(WIRE_DATETIME)},
+                    required=["id", "site_id", "scheduler_id", "project", "queue", "optional_params", "num_nodes",
+                              "wall_time_min", "job_mode", "partitions", "filter_tags", "state", "status_info",
+                              "start_time", "end_time"]),
+    "Session": obj({"id": ANY_INT, "site_id": ANY_INT, "batch_job_id": nullable(ANY_INT), "heartbeat": WIRE_DATETIME},
+                   required=["id", "site_id", "batch_job_id", "heartbeat"]),
+    "Heartbeat": obj({"id": ANY_INT, "heartbeat": WIRE_DATETIME}, ["id", "heartbeat"]),
+    "TransferItem": obj({"id": ANY_INT, "job_id": ANY_INT, "direction": _ref("TransferDirection"),
+                         "local_path": {"type": "string"}, "remote_path": {"type": "string"},
+                         "location_alias": {"type": "string"}, "recursive": {"type": "boolean"},
+                         "state": _ref("TransferItemState"), "task_id": {"type": "string"},
+                         "transfer_info": {"type": "object"}},
+                        required=["id", "job_id", "direction", "local_path", "remote_path", "location_alias",
+                                  "recursive", "state", "task_id", "transfer_info"]),
+    "EventLog": obj({"id": ANY_INT, "job_id": ANY_INT, "timestamp": WIRE_DATETIME, "from_state": _ref("JobState"),
+                     "to_state": _ref("JobState"), "data": {"type": "object"}},
+                    required=["id", "job_id", "timestamp", "from_state", "to_state", "data"]),
+    "User": obj({"id": ANY_INT, "username": {"type": "string"}}, ["id", "username"]),
+    "Token": obj({"access_token": {"type": "string"}, "token_type": enum(["bearer"]), "expiration": WIRE_DATETIME,
+                  "refresh_token": {"type": "string"}, "refresh_expiration": WIRE_DATETIME},
+                 ["access_token", "token_type", "expiration"]),
+    "Credential": obj({"id": ANY_INT, "kind": enum(["login", "refresh", "launcher", "invitation"]),
+                       "label": {"type": "string"}, "site_id": nullable(ANY_INT), "batch_job_id": nullable(ANY_INT),
+                       "created": WIRE_DATETIME, "expires": WIRE_DATETIME, "last_used": nullable(WIRE_DATETIME),
+                       "revoked": nullable(WIRE_DATETIME), "access_token": {"type": "string"},
+                       "token_type": enum(["bearer"]), "expiration": WIRE_DATETIME},
+                      ["id", "kind", "label", "site_id", "batch_job_id", "created", "expires", "last_used",
+                       "revoked"]),
+    "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
+    "JsonValue": JSON_VALUE,
+    "JobState": enum(STATE_NAMES),
+    "BatchJobState": enum([s.value for s in BatchJobState]),
+    "BatchJobMode": enum([s.value for s in BatchJobMode]),
+    "TransferItemState": enum([s.value for s in TransferItemState]),
+    "TransferDirection": enum([s.value for s in TransferDirection]),
+}
+
+
+def _page(name: str) -> dict[str, Any]:
+    return obj({"count": ANY_INT, "results": array(_ref(name))}, ["count", "results"])
+
+
+# -- query parameters ---------------------------------------------------------------------------
+
+Q_INT_LIST = array(int32())
+Q_KEY_VALUE = array(text(MAX_QUERY_VALUE_CHARS, pattern="^[^\\x00:]+:[^\\x00]*$"))
+Q_TEXT = text(MAX_QUERY_VALUE_CHARS, min_length=1)
+Q_DATETIME = REQUEST_DATETIME
+PAGE_PARAMS = {"limit": int32(0, MAX_PAGE_SIZE), "offset": int32(0)}
+QUERIES: dict[str, dict[str, Any]] = {
+    "sites": {"name": Q_TEXT, "path": Q_TEXT, "id": Q_INT_LIST, "last_refresh_after": Q_DATETIME},
+    "apps": {"site_id": Q_INT_LIST, "id": Q_INT_LIST, "name": Q_TEXT, "site_path": Q_TEXT, "site_name": Q_TEXT},
+    "jobs": {"id": Q_INT_LIST, "parent_id": Q_INT_LIST, "app_id": int32(), "site_id": Q_INT_LIST,
+             "batch_job_id": int32(), "last_update_before": Q_DATETIME, "last_update_after": Q_DATETIME,
+             "workdir__contains": Q_TEXT, "state__ne": _ref("JobState"), "state": array(_ref("JobState")),
+             "tags": Q_KEY_VALUE, "pending_file_cleanup": {"type": "boolean"},
+             "ordering": enum(["last_update", "-last_update", "id", "-id", "state", "-state", "workdir", "-workdir"])},
+    "batch-jobs": {"id": Q_INT_LIST, "site_id": Q_INT_LIST, "state": array(_ref("BatchJobState")),
+                   "scheduler_id": int32(), "queue": Q_TEXT, "ordering": enum(["start_time", "-start_time"]),
+                   "start_time_before": Q_DATETIME, "start_time_after": Q_DATETIME, "end_time_before": Q_DATETIME,
+                   "end_time_after": Q_DATETIME, "filter_tags": Q_KEY_VALUE},
+    "sessions": {"id": Q_INT_LIST},
+    "transfers": {"id": Q_INT_LIST, "site_id": Q_INT_LIST, "job_id": Q_INT_LIST,
+                  "state": array(_ref("TransferItemState")), "direction": _ref("TransferDirection"),
+                  "job_state": _ref("JobState"), "tags": Q_KEY_VALUE},
+    "events": {"id": Q_INT_LIST, "job_id": Q_INT_LIST, "batch_job_id": int32(), "scheduler_id": int32(),
+               "tags": Q_KEY_VALUE, "data": Q_KEY_VALUE, "timestamp_before": Q_DATETIME,
+               "timestamp_after": Q_DATETIME, "from_state": _ref("JobState"), "to_state": _ref("JobState"),
+               "ordering": enum(["timestamp", "-timestamp"])},
+    "credentials": {"kind": enum(["login", "refresh", "launcher", "invitation"]), "site_id": int32(),
+                    "batch_job_id": int32(), "active": {"type": "boolean"}},
+}
+
+
+def _params(query: "dict[str, Any]", page: bool = False) -> list[dict[str, Any]]:
+    params = {**query, **(PAGE_PARAMS if page else {})}
+    return [{"name": n, "in": "query", "required": False, "schema": s, **({"explode": True} if s.get("type") == "array" else {})}
+            for n, s in sorted(params.items())]
+
+
+def _path_id(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "integer", "format": "int64", "minimum": INT64_MIN, "maximum": INT64_MAX}}
+
+
+# -- operations ----------------------------------------------------------------------------------
+
+#: Creating requests (POST outside /auth) may carry one; see docs/reliability.md.
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[!-~]([ -~]*[!-~])?$"},
+    "description": "one per logical request, resent unchanged on retries: applied once (docs/reliability.md)",
+}
+
+ERRORS = {"400": "Bad request (e.g. more than 5,000 items)", "401": "Not authenticated",
+          "403": "Not allowed (closed registration, a site-scoped credential)", "404": "Not found",
+          "409": "Conflicts with the current data (duplicate name, state change not allowed now)",
+          "413": "Request body too large", "422": "Invalid input (field and reason)",
+          "429": "Too many failed logins (Retry-After)",
+          "503": "Database unavailable: retry after the Retry-After header's seconds"}
+FORM = "application/x-www-form-urlencoded"
+
+
+def _op(summary: str, *, body: Any = None, status: int = 200, response: Any = None, params: "list | None" = None,
+        public: bool = False, form: bool = False) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "parameters": list(params or [])}
+    if body is not None:
+        schema = _ref(body) if isinstance(body, str) else body
+        op["requestBody"] = {"required": True, "content": {FORM if form else "application/json": {"schema": schema}}}
+    responses: dict[str, Any] = {}
+    if response is None:
+        responses[str(status)] = {"description": "No content"}
+    else:
+        schema = _ref(response) if isinstance(response, str) else response
+        responses[str(status)] = {"description": "OK", "content": {"application/json": {"schema": schema}}}
+    for code, what in ERRORS.items():
+        responses[code] = {"description": what, "content": {"application/json": {"schema": _ref("Error")}}}
+    op["responses"] = responses
+    if public:
+        op["security"] = []
+    return op
+
+
+def build_openapi(settings: Any = None) -> dict[str, Any]:
+    min_password = getattr(settings, "min_password_length", 12)
+    max_ttl = getattr(settings, "launcher_max_ttl_sec", 30 * 24 * 3600)
+    defs: dict[str, Any] = {**copy.deepcopy(REQUEST_SCHEMAS), **copy.deepcopy(RESPONSE_SCHEMAS)}
+    login_fields = {name: text(1024) for name in ("grant_type", "scope", "client_id", "client_secret")}
+    defs["LoginForm"] = obj({"username": text(1024, min_length=1), "password": text(1024, min_length=1),
+                             **login_fields, "label": text(1024)}, ["username", "password"])
+    defs["RefreshForm"] = obj({"refresh_token": text(1024, min_length=1), "grant_type": enum(["refresh_token"]),
+                               "scope": text(1024), "client_id": text(1024), "client_secret": text(1024)},
+                              ["refresh_token"])
+    defs["UserCreate"] = obj({"username": {"type": "string", "pattern": "^[A-Za-z0-9_.@+-]{1,150}$"},
+                              "password": text(1024, min_length=min_password),
+                              "invitation": text(1024)}, ["username", "password"])
+    defs["CredentialCreate"] = obj({"kind": enum(["launcher"]), "site_id": int32(1), "batch_job_id": nullable(int32(1)),
+                                    "ttl_sec": int32(1, max_ttl), "label": text(200)}, ["site_id", "ttl_sec"])
+    defs["CredentialRenew"] = obj({"ttl_sec": int32(1, max_ttl)}, ["ttl_sec"])
+    jobs_list = array(_ref("Job"))
+    q = QUERIES
+    paths: dict[str, dict[str, Any]] = {
+        "/auth/how": {"get": _op("List the login methods", response=array({"type": "string"}), public=True)},
+        "/auth/password/login": {"post": _op("Password login (form fields; scope=offline_access adds a refresh "
+                                             "credential)", body="LoginForm", form=True, response="Token", public=True)},
+        "/auth/password/register": {"post": _op("Register a user (when the server allows it)", body="UserCreate",
+                                                status=201, response="User", public=True)},
+        "/auth/token": {"post": _op("Exchange a refresh credential for an access token", body="RefreshForm",
+                                    form=True, response="Token", public=True)},
+        "/auth/password/me": {"get": _op("The current user", response="User")},
+        "/auth/logout": {"post": _op("Revoke the calling credential", status=204)},
+        "/auth/credentials": {
+            "get": _op("List your credentials", response=_page("Credential"), params=_params(q["credentials"], True)),
+            "post": _op("Create a site-scoped launcher credential", body="CredentialCreate", status=201,
+                        response="Credential")},
+        "/auth/credentials/{credential_id}": {"delete": _op("Revoke a credential", status=204,
+                                                            params=[_path_id("credential_id")])},
+        "/auth/credentials/{credential_id}/renew": {"post": _op("Extend a launcher credential", body="CredentialRenew",
+                                                                response="Credential",
+                                                                params=[_path_id("credential_id")])},
+        "/sites/": {"get": _op("List sites", response=_page("Site"), params=_params(q["sites"], True)),
+                    "post": _op("Create a site", body="SiteCreate", status=201, response="Site")},
+        "/sites/{site_id}": {"get": _op("Read a site", response="Site", params=[_path_id("site_id")]),
+                             "put": _op("Update a site (sets last_refresh)", body="SiteUpdate", response="Site",
+                                        params=[_path_id("site_id")]),
+                             "delete": _op("Delete a site and everything in it", status=204,
+                                           params=[_path_id("site_id")])},
+        "/apps/": {"get": _op("List apps", response=_page("App"), params=_params(q["apps"], True)),
+                   "post": _op("Create an app", body="AppCreate", status=201, response="App")},
+        "/apps/{app_id}": {"get": _op("Read an app", response="App", params=[_path_id("app_id")]),
+                           "put": _op("Update an app", body="AppUpdate", response="App", params=[_path_id("app_id")]),
+                           "delete": _op("Delete an app and its jobs", status=204, params=[_path_id("app_id")])},
+        "/jobs/": {
+            "get": _op("List jobs (filters, ordering, pagination)", response=_page("Job"), params=_params(q["jobs"], True)),
+            "post": _op("Bulk-create jobs", body=array(_ref("JobCreate"), MAX_ITEMS_PER_BULK_OP), status=201,
+                        response=jobs_list),
+            "patch": _op("Bulk-update jobs by id; returns the count", body=array(_ref("JobPatch"), MAX_ITEMS_PER_BULK_OP),
+                         response=ANY_INT),
+            "put": _op("Apply one update to the jobs matching the filters; returns the count", body="JobUpdate",
+                       response=ANY_INT, params=_params(q["jobs"])),
+            "delete": _op("Delete the jobs matching the filters; returns the count", response=ANY_INT,
+                          params=_params(q["jobs"]))},
+        "/jobs/{job_id}": {"get": _op("Read a job", response="Job", params=[_path_id("job_id")]),
+                           "put": _op("Update a job; returns 1", body="JobUpdate", response=ANY_INT,
+                                      params=[_path_id("job_id")]),
+                           "delete": _op("Delete a job", status=204, params=[_path_id("job_id")])},
+        "/batch-jobs/": {
+            "get": _op("List batch jobs", response=_page("BatchJob"), params=_params(q["batch-jobs"], True)),
+            "post": _op("Create a batch job", body="BatchJobCreate", status=201, response="BatchJob"),
+            "patch": _op("Bulk-update batch jobs", body=array(_ref("BatchJobPatch"), MAX_ITEMS_PER_BULK_OP),
+                         response=array(_ref("BatchJob")))},
+        "/batch-jobs/{batch_job_id}": {
+            "get": _op("Read a batch job", response="BatchJob", params=[_path_id("batch_job_id")]),
+            "put": _op("Update a batch job", body="BatchJobUpdate", response="BatchJob", params=[_path_id("batch_job_id")]),
+            "delete": _op("Delete a batch job", status=204, params=[_path_id("batch_job_id")])},
+        "/sessions/": {"get": _op("List sessions", response=_page("Session"), params=_params(q["sessions"], True)),
+                       "post": _op("Create a session", body="SessionCreate", status=201, response="Session")},
+        "/sessions/{session_id}": {
+            "post": _op("Acquire jobs", body="SessionAcquire", response=jobs_list, params=[_path_id("session_id")]),
+            "put": _op("Heartbeat (any body is ignored)", response="Heartbeat", params=[_path_id("session_id")]),
+            "delete": _op("End a session (RUNNING jobs become RUN_TIMEOUT)", status=204, params=[_path_id("session_id")])},
+        "/transfers/": {
+            "get": _op("List transfer items", response=_page("TransferItem"), params=_params(q["transfers"], True)),
+            "patch": _op("Bulk-update transfer items", body=array(_ref("TransferPatch"), MAX_ITEMS_PER_BULK_OP),
+                         response=array(_ref("TransferItem")))},
+        "/transfers/{transfer_id}": {
+            "get": _op("Read a transfer item", response="TransferItem", params=[_path_id("transfer_id")]),
+            "put": _op("Update a transfer item", body="TransferUpdate", response="TransferItem",
+                       params=[_path_id("transfer_id")])},
+        "/events/": {"get": _op("List job state events", response=_page("EventLog"), params=_params(q["events"], True))},
+    }
+    for path, ops in paths.items():
+        if "post" in ops and not path.startswith("/auth"):
+            ops["post"]["parameters"].append(IDEMPOTENCY_KEY)
+    return {"openapi": "3.1.0", "info": {"title": "Balsam API", "version": balsam.__version__}, "paths": paths,
             "components": {"schemas": defs,
                            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
             "security": [{"bearer": []}]}
 
 
-_CACHE: dict[str, Any] = {}
-
-
 def openapi_route():
     def handler(ctx):
-        if "doc" not in _CACHE:
-            _CACHE["doc"] = build_openapi()
-        return JSONResponse(_CACHE["doc"])
+        state = ctx.request.app.state
+        if getattr(state, "openapi", None) is None:
+            state.openapi = build_openapi(ctx.settings)
+        return JSONResponse(state.openapi)
 
-    return route("/openapi.json", {"GET": handler})
+    return route("/openapi.json", {"GET": handler}, public=True)

@@ -1,4 +1,14 @@
-"""Glue between Starlette and the synchronous handlers (which run in the thread pool)."""
+"""Glue between Starlette and the synchronous handlers (which run in the thread pool).
+
+Order of every request (so that nobody learns anything without a valid token):
+
+1. authenticate: the bearer token's signature and expiry (on the event loop, before the body is
+   read), then its credential row (revoked? expired? - in the thread pool, cached per process);
+   public routes (login, the login methods, the OpenAPI document) skip this;
+2. read the body, at most ``BALSAM_MAX_BODY_BYTES`` (413 beyond, before reading it when the
+   client announces its length);
+3. the handler, which validates its input and answers.
+"""
 
 from __future__ import annotations
 
@@ -11,28 +21,29 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .auth import AuthUser
+from .auth import SITE_SCOPE, AuthUser, bearer_user, require_unscoped
 from .db import read_tx, write_tx
-from .errors import ValidationFailed
-from .http import QueryParams, current_user, path_int, reject_nul
+from .errors import PayloadTooLarge, Unauthorized, ValidationFailed
+from .http import QueryParams, path_int, reject_nul
 from .idempotency import IdempotentRequest
+from .limits import check_field_sizes
 
 
 class Ctx:
     """What a handler needs: the request, its raw body, the authenticated user and the database."""
 
-    def __init__(self, request: Request, body: "bytes | None") -> None:
+    def __init__(self, request: Request, body: "bytes | None", user: "AuthUser | None" = None) -> None:
         self.request = request
         self.body = body
-        self._user: "AuthUser | None" = None
+        self._user = user
         self._idempotency: "IdempotentRequest | None" = None
         self.settings = request.app.state.settings
         self.engine: sa.Engine = request.app.state.engine
 
     @property
     def user(self) -> AuthUser:
-        if self._user is None:
-            self._user = current_user(self.request)
+        if self._user is None:  # only public routes get here: they have no user
+            raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>' (log in with `balsam login`)")
         return self._user
 
     @property
@@ -51,6 +62,7 @@ class Ctx:
             raise ValidationFailed.field(["body"], f"malformed JSON: {exc}") from None
         if b"\\u0000" in self.body:
             reject_nul(data, ["body"])
+        check_field_sizes(data, len(self.body))
         return data
 
     def query(self, allowed: "set[str] | None" = None) -> QueryParams:
@@ -69,11 +81,54 @@ class Ctx:
 Handler = Callable[[Ctx], Response]
 
 
-def route(path: str, methods: dict[str, Handler]) -> Route:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) one larger than ``limit`` bytes without buffering it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _authenticated_call(handler: Handler, ctx: Ctx) -> Response:
+    """Runs in the thread pool: the credential check, then the handler with the site scope set."""
+    user = ctx._user
+    if user is None:
+        return handler(ctx)
+    state = ctx.request.app.state
+    state.credential_cache.check(lambda: read_tx(ctx.engine), user)
+    if ctx.settings.only_user is not None and user.username != ctx.settings.only_user:
+        raise Unauthorized(f"This server serves only its local user {ctx.settings.only_user!r}")
+    token = SITE_SCOPE.set(user.site_id)
+    try:
+        return handler(ctx)
+    finally:
+        SITE_SCOPE.reset(token)
+
+
+def route(path: str, methods: dict[str, Handler], *, public: bool = False,
+          not_for_site_scoped: "tuple[str, ...]" = ()) -> Route:
+    """A route whose handlers run in the thread pool. ``public``: no token needed (login, login
+    methods, the OpenAPI document). ``not_for_site_scoped``: methods refused (403) to site-scoped
+    launcher credentials (creating or deleting sites, managing credentials); every other route
+    limits them to their site's records through the ownership checks (``SITE_SCOPE``)."""
+
     async def endpoint(request: Request) -> Response:
         handler = methods[request.method if request.method != "HEAD" else "GET"]
-        body = await request.body() if request.method in ("POST", "PUT", "PATCH") else None
-        return await run_in_threadpool(handler, Ctx(request, body))
+        user = None
+        if not public:
+            user = bearer_user(request.headers.get("authorization", ""), request.app.state.settings.secret_key)
+            if request.method in not_for_site_scoped:
+                require_unscoped(user, f"use {request.method} {path}")
+        body = None
+        if request.method in ("POST", "PUT", "PATCH"):
+            body = await read_body(request, request.app.state.settings.max_body_bytes)
+        return await run_in_threadpool(_authenticated_call, handler, Ctx(request, body, user))
 
     endpoint.__name__ = path.strip("/").replace("/", "_").replace("{", "").replace("}", "") or "root"
     return Route(path, endpoint, methods=list(methods))

@@ -39,8 +39,8 @@ from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE, SessionAcquire
 from balsam.states import BatchJobState, JobState
 
 from .errors import NotFound, ValidationFailed
-from .http import check_int_fields
-from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, utcnow
+from .http import check_int_fields, wire_datetime
+from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, site_owned_by, utcnow
 from .tables import batch_jobs, jobs, sessions, sites
 
 logger = logging.getLogger(__name__)
@@ -49,14 +49,14 @@ SORT_BY_CHOICES = (None, "long_large_first")
 
 
 def session_dict(row: Any) -> dict[str, Any]:
-    return {"id": row.id, "site_id": row.site_id, "batch_job_id": row.batch_job_id, "heartbeat": row.heartbeat}
+    return {"id": row.id, "site_id": row.site_id, "batch_job_id": row.batch_job_id, "heartbeat": wire_datetime(row.heartbeat)}
 
 
 def get_owned_session(conn: sa.Connection, user_id: int, session_id: int) -> sa.Row:
     row = conn.execute(
         sa.select(sessions)
         .join(sites, sites.c.id == sessions.c.site_id)
-        .where(sessions.c.id == session_id, sites.c.owner_id == user_id)
+        .where(sessions.c.id == session_id, site_owned_by(user_id))
     ).first()
     if row is None:
         raise NotFound(f"Session {session_id} not found (it may have expired: no heartbeat for too long)")
@@ -73,7 +73,7 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
         .where(sa.or_(sessions.c.heartbeat < cutoff, batch_jobs.c.state == BatchJobState.finished.value))
     )
     if user_id is not None:
-        stmt = stmt.where(sessions.c.site_id.in_(sa.select(sites.c.id).where(sites.c.owner_id == user_id)))
+        stmt = stmt.where(sessions.c.site_id.in_(sa.select(sites.c.id).where(site_owned_by(user_id))))
     if conn.dialect.name == "postgresql":
         # Concurrent sweeps (several workers) must not time out the same jobs twice.
         stmt = stmt.with_for_update(skip_locked=True, of=sessions)

@@ -4,8 +4,18 @@
 |---|---|
 | ``BALSAM_DATABASE_URL`` | ``sqlite:///$BALSAM_HOME/server/balsam.db`` |
 | ``BALSAM_AUTH_SECRET_KEY`` | generated once, stored 0600 in ``$BALSAM_HOME/server/secret.key`` |
-| ``BALSAM_AUTH_TOKEN_TTL_SEC`` | 172800 (48 h, as Balsam 0.7) |
+| ``BALSAM_AUTH_TOKEN_TTL_SEC`` | 172800 (48 h, as Balsam 0.7): a password login without refresh credential |
+| ``BALSAM_AUTH_ACCESS_TTL_SEC`` | 3600: access tokens minted from a refresh credential |
+| ``BALSAM_AUTH_REFRESH_TTL_SEC`` | 2592000 (30 days, extended at every use) |
+| ``BALSAM_AUTH_LAUNCHER_MAX_TTL_SEC`` | 2592000: the longest a launcher credential may live per renewal |
 | ``BALSAM_AUTH_LOGIN_METHODS`` | ``password`` |
+| ``BALSAM_AUTH_REGISTRATION`` | ``closed`` (admins add users), ``invitation`` or ``open`` |
+| ``BALSAM_AUTH_ONLY_USER`` | unset; the embedded server sets it to its local user |
+| ``BALSAM_AUTH_MIN_PASSWORD_LENGTH`` | 12 |
+| ``BALSAM_AUTH_MAX_FAILURES_PER_USER`` / ``..._PER_ADDRESS`` | 10 / 50 failed logins per window |
+| ``BALSAM_AUTH_FAILURE_WINDOW_SEC`` | 900 (the sliding window of login throttling) |
+| ``BALSAM_AUTH_REVOCATION_CACHE_SEC`` | 5 (how long a worker trusts a credential it checked) |
+| ``BALSAM_MAX_BODY_BYTES`` | 67108864 (64 MiB; larger request bodies get 413) |
 | ``BALSAM_SESSION_EXPIRE_SEC`` | 300 |
 | ``BALSAM_SESSION_SWEEP_SEC`` | 60 (background sweep period, capped at half the expiry) |
 | ``BALSAM_IDEMPOTENCY_TTL_SEC`` | 86400 (how long a create's ``Idempotency-Key`` is remembered) |
@@ -72,12 +82,33 @@ def _int_env(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
 
 
+def _choice_env(name: str, choices: "tuple[str, ...]", default: str) -> str:
+    raw = (os.environ.get(name) or default).strip().lower()
+    if raw not in choices:
+        raise ValueError(f"environment variable {name}={raw!r}: expected one of {', '.join(choices)}")
+    return raw
+
+
 @dataclass
 class ServerSettings:
     database_url: str
     secret_key: str
     token_ttl_sec: int = 48 * 3600
+    access_ttl_sec: int = 3600
+    refresh_ttl_sec: int = 30 * 24 * 3600
+    launcher_max_ttl_sec: int = 30 * 24 * 3600
     login_methods: list[str] = field(default_factory=lambda: ["password"])
+    #: ``closed``: only ``balsam server user add`` creates users; ``invitation``: registering needs
+    #: an invitation code (``balsam server user invite``); ``open``: anyone who reaches the server.
+    registration: str = "closed"
+    #: The embedded server serves its own local user only (tokens of anybody else are refused).
+    only_user: "str | None" = None
+    min_password_length: int = 12
+    max_failures_per_user: int = 10
+    max_failures_per_address: int = 50
+    failure_window_sec: int = 900
+    revocation_cache_sec: float = 5.0
+    max_body_bytes: int = 64 * 1024 * 1024
     session_expire_sec: int = 300
     session_sweep_sec: int = 60
     idempotency_ttl_sec: int = 24 * 3600
@@ -104,7 +135,18 @@ class ServerSettings:
             database_url=url,
             secret_key=key,
             token_ttl_sec=_int_env("BALSAM_AUTH_TOKEN_TTL_SEC", 48 * 3600),
+            access_ttl_sec=_int_env("BALSAM_AUTH_ACCESS_TTL_SEC", 3600),
+            refresh_ttl_sec=_int_env("BALSAM_AUTH_REFRESH_TTL_SEC", 30 * 24 * 3600),
+            launcher_max_ttl_sec=_int_env("BALSAM_AUTH_LAUNCHER_MAX_TTL_SEC", 30 * 24 * 3600),
             login_methods=methods,
+            registration=_choice_env("BALSAM_AUTH_REGISTRATION", ("closed", "invitation", "open"), "closed"),
+            only_user=os.environ.get("BALSAM_AUTH_ONLY_USER") or None,
+            min_password_length=_int_env("BALSAM_AUTH_MIN_PASSWORD_LENGTH", 12),
+            max_failures_per_user=_int_env("BALSAM_AUTH_MAX_FAILURES_PER_USER", 10),
+            max_failures_per_address=_int_env("BALSAM_AUTH_MAX_FAILURES_PER_ADDRESS", 50),
+            failure_window_sec=_int_env("BALSAM_AUTH_FAILURE_WINDOW_SEC", 900),
+            revocation_cache_sec=float(_int_env("BALSAM_AUTH_REVOCATION_CACHE_SEC", 5)),
+            max_body_bytes=_int_env("BALSAM_MAX_BODY_BYTES", 64 * 1024 * 1024),
             session_expire_sec=_int_env("BALSAM_SESSION_EXPIRE_SEC", 300),
             session_sweep_sec=_int_env("BALSAM_SESSION_SWEEP_SEC", 60),
             idempotency_ttl_sec=_int_env("BALSAM_IDEMPOTENCY_TTL_SEC", 24 * 3600),

@@ -255,3 +255,30 @@ job_count_deltas = sa.Table(
     sa.Column("state", sa.String(32), nullable=False),
     sa.Column("delta", sa.BigInteger, nullable=False),
 )
+
+
+#: Every token the server hands out belongs to one row here, so that any of them can be revoked.
+#: ``kind``: ``login`` (a plain password login: the token itself, 0.7 style), ``refresh`` (a
+#: long-lived secret exchanged for short access tokens; its expiry slides at each use),
+#: ``launcher`` (minted by the site agent for one BatchJob, good only for its site, renewed while
+#: the BatchJob lives) and ``invitation`` (a one-time code that sets a new user's password).
+#: ``secret_hash`` is the SHA-256 of the secret part of refresh and invitation codes (never the
+#: secret itself). Deleting a site or a BatchJob deletes its credentials.
+credentials = sa.Table(
+    "credentials",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("site_id", sa.Integer, sa.ForeignKey("sites.id", ondelete="CASCADE"), nullable=True, index=True),
+    sa.Column(
+        "batch_job_id", sa.Integer, sa.ForeignKey("batch_jobs.id", ondelete="CASCADE"), nullable=True, index=True
+    ),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=True),
+    sa.Column("created", UTCDateTime, nullable=False),
+    sa.Column("expires", UTCDateTime, nullable=False),
+    sa.Column("last_used", UTCDateTime, nullable=True),
+    sa.Column("revoked", UTCDateTime, nullable=True),
+    sqlite_autoincrement=True,
+)

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..util import terminate_processes
 from .api_util import is_api_outage, load_site_client
@@ -36,8 +36,10 @@ logger = logging.getLogger("balsam.site.agent")
 
 PID_FILE_NAME = "balsam-service.pid"
 MAX_BACKOFF_SEC = 60.0
-#: Stop this long before the login token expires (the API would refuse us afterwards).
+#: Without a refresh credential: stop this long before the login token expires.
 TOKEN_EXPIRY_MARGIN_SEC = 120.0
+#: How often the agent re-reads the login file for its deadline (a fresh `balsam login` moves it).
+LOGIN_CHECK_SEC = 30.0
 
 
 class AgentError(RuntimeError):
@@ -211,6 +213,10 @@ class Agent:
         self.threads: list[threading.Thread] = []
         self.cycles: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        #: Set when the server refused the agent's credential for good (revoked, or expired with no
+        #: newer login on disk).
+        self.credential_refused: Optional[str] = None
+        self._forget_listener: Callable[[], None] = lambda: None
 
     def _make_client(self) -> Any:
         client = load_site_client(self.site_config)
@@ -286,13 +292,17 @@ class Agent:
             self.stop_event.set()
 
     def _token_deadline(self) -> Optional[float]:
+        """When the stored login stops working: never with a refresh credential (the client renews
+        its access tokens), else shortly before the access token expires. Read from the login file
+        each time, so that a fresh `balsam login` moves it (the original computed it once)."""
         try:
             from ..client.settings import ClientSettings
 
-            expiry = ClientSettings.load(getattr(self.client, "settings_path", None)).token_expiry
+            stored = ClientSettings.load(getattr(self.client, "settings_path", None))
         except Exception:
             return None
-        if not expiry:
+        expiry = stored.token_expiry
+        if stored.refresh_token or not expiry:
             return None
         if isinstance(expiry, str):
             from ..serialization import parse_datetime
@@ -314,21 +324,39 @@ class Agent:
             get_plugin_manager().hook.balsam_agent_started(site_config=self.site_config, modules=list(self.modules))
         except Exception:
             logger.exception("a balsam_agent_started hook failed (ignored)")
+        from ..client import on_credential_refused
+
+        self._forget_listener = on_credential_refused(self._on_credential_refused)
         for module in self.modules:
             thread = threading.Thread(target=self._module_loop, args=(module,), name=f"agent-{module.name}", daemon=True)
             self.threads.append(thread)
             thread.start()
 
+    def _on_credential_refused(self, error: Any) -> None:
+        if getattr(error, "url", "").startswith(str(getattr(self.client, "api_root", "\0"))):
+            self.credential_refused = str(getattr(error, "detail", error))
+
     def wait(self, timeout: Optional[float] = None) -> None:
         deadline_token = self._token_deadline()
+        checked = time.monotonic()
         deadline = None if timeout is None else time.monotonic() + timeout
         last_note = time.monotonic()
         while not self.stop_event.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            if time.monotonic() - checked >= LOGIN_CHECK_SEC:
+                deadline_token, checked = self._token_deadline(), time.monotonic()
             if deadline_token is not None and time.time() >= deadline_token:
-                logger.warning("the login token expires soon: stopping (run `balsam login`, then `balsam site start`)")
-                self.request_stop("token-expiry")
+                deadline_token = self._token_deadline()  # one last look: a new login since?
+                if deadline_token is not None and time.time() >= deadline_token:
+                    logger.warning("the login token expires soon and there is no refresh credential: stopping "
+                                   "(run `balsam login`, then `balsam site start`)")
+                    self.request_stop("token-expiry")
+                    break
+            if self.credential_refused:
+                logger.error("the server refused the agent's credential (%s): stopping (run `balsam login`, then "
+                             "`balsam site start`)", self.credential_refused)
+                self.request_stop("credential-refused")
                 break
             self.stop_event.wait(1.0)
             if time.monotonic() - last_note > 600:
@@ -350,6 +378,7 @@ class Agent:
             thread.join(max(0.1, deadline - time.monotonic()))
             if thread.is_alive():
                 logger.warning("%s did not finish its cycle in time", thread.name)
+        self._forget_listener()
         for module in self.modules:
             try:
                 module.close()

@@ -27,7 +27,7 @@ import balsam
 from balsam.states import BatchJobState, JobState
 
 from .. import job_counts, jobs_logic
-from ..auth import AuthUser, authenticate_password
+from ..auth import AuthUser, authenticate_password, client_address
 from ..db import count_and_page, read_tx
 from ..errors import APIError, NotFound, Unauthorized
 from ..http import QueryParams, json_response
@@ -479,7 +479,10 @@ def login_page(view: View) -> Response:
         else:
             try:
                 with view.read() as conn:
-                    user = authenticate_password(conn, username, view.form.get("password", ""))
+                    user = authenticate_password(conn, username, view.form.get("password", ""),
+                                                 throttle=view.request.app.state.login_throttle,
+                                                 address=client_address(view.request),
+                                                 only_user=view.settings.only_user)
             except Unauthorized as exc:
                 error, status = str(exc.detail), 401
             except APIError as exc:  # e.g. a rate limit (429) decided by the server's login check

@@ -11,10 +11,10 @@ from balsam.models import MAX_SERIALIZED_CLASS_CHARS, App, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
 
 from ..db import count_and_page, where_in
-from ..errors import BadRequest, NotFound, ValidationFailed, parse_partial
+from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
 from ..idempotency import replay_one
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
-from ..jobs_logic import like_escape
+from ..jobs_logic import like_escape, site_owned_by
 from ..routing import Ctx, route
 from ..tables import apps, sites
 
@@ -54,7 +54,7 @@ def _json_values(values: dict[str, Any]) -> dict[str, Any]:
 
 def get_owned_app(conn: sa.Connection, user_id: int, app_id: int) -> sa.Row:
     row = conn.execute(
-        sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(apps.c.id == app_id, sites.c.owner_id == user_id)
+        sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(apps.c.id == app_id, site_owned_by(user_id))
     ).first()
     if row is None:
         raise NotFound(f"App {app_id} not found")
@@ -62,7 +62,7 @@ def get_owned_app(conn: sa.Connection, user_id: int, app_id: int) -> sa.Row:
 
 
 def _check_site(conn: sa.Connection, user_id: int, site_id: int) -> None:
-    if conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, sites.c.owner_id == user_id)).first() is None:
+    if conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(user_id))).first() is None:
         raise NotFound(f"Site {site_id} not found")
 
 
@@ -71,13 +71,13 @@ def _check_unique(conn: sa.Connection, site_id: int, name: str, exclude_id: "int
     if exclude_id is not None:
         stmt = stmt.where(apps.c.id != exclude_id)
     if conn.execute(stmt).first() is not None:
-        raise BadRequest("An app with this site_id and name already exists")
+        raise Conflict("An app with this site_id and name already exists")
 
 
 def list_apps(ctx: Ctx) -> Response:
     q = ctx.query({"site_id", "id", "name", "site_path", "site_name"} | PAGINATION)
     limit, offset = pagination(q)
-    stmt = sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(sites.c.owner_id == ctx.user.id)
+    stmt = sa.select(*APP_COLUMNS).join(sites, sites.c.id == apps.c.site_id).where(site_owned_by(ctx.user.id))
     stmt = where_in(stmt, apps.c.site_id, q.int_list("site_id"))
     stmt = where_in(stmt, apps.c.id, q.int_list("id"))
     if q.str("name"):

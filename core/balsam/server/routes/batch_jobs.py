@@ -11,14 +11,16 @@ from balsam.models import MAX_ITEMS_PER_BULK_OP, BatchJob
 from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 
+from ..auth import revoke_credentials
 from ..db import count_and_page, update_rows_by_id, where_eq, where_in
-from ..errors import BadRequest, NotFound, ValidationFailed, not_found_ids, parse_partial
+from ..errors import Conflict, NotFound, ValidationFailed, not_found_ids, parse_partial
+from ..http import (PAGINATION, QueryParams, check_int_fields, json_response, no_content, pagination,
+                    parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
-from ..http import PAGINATION, QueryParams, check_int_fields, json_response, no_content, pagination, parse_bulk_patches, require_list
-from ..jobs_logic import json_contains, owned_site_ids, utcnow
+from ..jobs_logic import json_contains, owned_site_ids, site_owned_by, utcnow
 from ..sessions_logic import release_session_jobs
 from ..routing import Ctx, route
-from ..tables import batch_jobs, sessions, sites
+from ..tables import batch_jobs, credentials, sessions, sites
 
 BJ_FIELDS = ["id", "site_id", "scheduler_id", "project", "queue", "optional_params", "num_nodes", "wall_time_min",
              "job_mode", "partitions", "filter_tags", "state", "status_info", "start_time", "end_time"]
@@ -31,7 +33,9 @@ BJ = BatchJobState
 
 
 def bj_dict(row: Any) -> dict[str, Any]:
-    return dict(zip(BJ_FIELDS, row))
+    out = dict(zip(BJ_FIELDS, row))
+    out["start_time"], out["end_time"] = wire_datetime(out["start_time"]), wire_datetime(out["end_time"])
+    return out
 
 
 def _json_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +108,7 @@ def create_batch_job(ctx: Ctx) -> Response:
         raise ValidationFailed.from_payload(exc) from None
     values = to_dict(bj)
     values.pop("id", None)
+    values["start_time"], values["end_time"] = bj.start_time, bj.end_time  # datetimes, not their text
     _validate_numbers(values, ["body"])
     # The server decides the initial state (as Balsam 0.7 did).
     values["state"] = BJ.pending_submission.value
@@ -112,7 +117,7 @@ def create_batch_job(ctx: Ctx) -> Response:
         if earlier is not None:  # a retried create: the same allocation, never a second one
             row = replay_one(earlier, "BatchJob", lambda bj_id: _get_owned(conn, ctx.user.id, bj_id))
             return json_response(bj_dict(row), earlier.status_code)
-        if conn.execute(sa.select(sites.c.id).where(sites.c.id == values["site_id"], sites.c.owner_id == ctx.user.id)).first() is None:
+        if conn.execute(sa.select(sites.c.id).where(sites.c.id == values["site_id"], site_owned_by(ctx.user.id))).first() is None:
             raise NotFound(f"Site {values['site_id']} not found")
         new_id = conn.execute(sa.insert(batch_jobs).values(**values).returning(batch_jobs.c.id)).scalar_one()
         row = conn.execute(sa.select(*BJ_COLUMNS).where(batch_jobs.c.id == new_id)).one()
@@ -163,7 +168,7 @@ def _apply_state_rules(current: dict[int, str], patches: dict[int, dict[str, Any
             allowed = ", ".join(sorted(s.value for s in BATCH_JOB_TRANSITIONS[old])) or "none"
             problems.append(f"batch job {bj_id}: state cannot change from {old.value} to {new.value} (allowed: {allowed})")
     if problems:
-        raise BadRequest("Invalid state change, nothing was updated: " + "; ".join(problems[:10]))
+        raise Conflict("Invalid state change, nothing was updated: " + "; ".join(problems[:10]))
 
 
 def _update_many(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -184,6 +189,8 @@ def _update_many(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
                 if values.get("state") == BJ.finished.value and current[bj_id] != BJ.finished.value]
     if finished:
         end_batch_job_sessions(conn, finished)
+        # Launcher credentials end with their allocation.
+        revoke_credentials(conn, credentials.c.batch_job_id.in_(finished))
     rows = conn.execute(sa.select(*BJ_COLUMNS).where(batch_jobs.c.id.in_(ids)).order_by(batch_jobs.c.id))
     return [bj_dict(r) for r in rows]
 

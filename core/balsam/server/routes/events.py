@@ -8,7 +8,7 @@ from starlette.responses import Response
 from balsam.states import JobState
 
 from ..db import count_and_page, where_eq, where_in
-from ..http import PAGINATION, QueryParams, json_response, pagination
+from ..http import PAGINATION, QueryParams, json_response, pagination, wire_datetime
 from ..jobs_logic import json_contains, owned_site_ids
 from ..routing import Ctx, route
 from ..tables import batch_jobs, jobs, log_events
@@ -55,7 +55,12 @@ def list_events(ctx: Ctx) -> Response:
     with ctx.read() as conn:
         stmt, order = events_select(ctx.user.id, q, conn.dialect.name)
         count, rows = count_and_page(conn, stmt, order, limit, offset)
-    return json_response({"count": count, "results": [dict(zip(EV_FIELDS, r)) for r in rows]})
+    results = []
+    for row in rows:
+        event = dict(zip(EV_FIELDS, row))
+        event["timestamp"] = wire_datetime(event["timestamp"])
+        results.append(event)
+    return json_response({"count": count, "results": results})
 
 
 routes = [route("/events/", {"GET": list_events})]

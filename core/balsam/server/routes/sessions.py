@@ -7,8 +7,8 @@ from starlette.responses import Response
 
 from ..db import count_and_page, where_in
 from ..errors import NotFound, ValidationFailed
-from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
-from ..jobs_logic import owned_site_ids, utcnow
+from ..http import PAGINATION, check_int_fields, is_json_int, json_response, no_content, pagination, wire_datetime
+from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
@@ -35,15 +35,17 @@ def create_session(ctx: Ctx) -> Response:
     unknown = sorted(set(data) - {"site_id", "batch_job_id", "id", "heartbeat"})
     errors.extend((["body", k], "unknown field") for k in unknown)
     site_id, batch_job_id = data.get("site_id"), data.get("batch_job_id")
-    if not isinstance(site_id, int) or isinstance(site_id, bool):
+    if not is_json_int(site_id):
         errors.append((["body", "site_id"], "field required (an integer)"))
-    if batch_job_id is not None and (not isinstance(batch_job_id, int) or isinstance(batch_job_id, bool)):
+    if batch_job_id is not None and not is_json_int(batch_job_id):
         errors.append((["body", "batch_job_id"], f"expected an integer or null, got {batch_job_id!r}"))
     if errors:
         raise ValidationFailed(errors)
+    site_id, batch_job_id = int(site_id), None if batch_job_id is None else int(batch_job_id)
+    data = {**data, "site_id": site_id, "batch_job_id": batch_job_id}
     check_int_fields(data, ["site_id", "batch_job_id"], ["body"])
     with ctx.write() as conn:
-        owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, sites.c.owner_id == ctx.user.id)).first()
+        owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(ctx.user.id))).first()
         if owned is None:
             raise NotFound(f"Site {site_id} not found")
         if batch_job_id is not None:
@@ -85,7 +87,7 @@ def tick(ctx: Ctx) -> Response:
         get_owned_session(conn, ctx.user.id, session_id)
         now = utcnow()
         conn.execute(sa.update(sessions).where(sessions.c.id == session_id).values(heartbeat=now))
-    return json_response({"id": session_id, "heartbeat": now})
+    return json_response({"id": session_id, "heartbeat": wire_datetime(now)})
 
 
 def delete_session(ctx: Ctx) -> Response:

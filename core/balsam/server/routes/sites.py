@@ -11,10 +11,10 @@ from balsam.models import Site, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
 
 from ..db import count_and_page, where_in
-from ..errors import BadRequest, NotFound, ValidationFailed, parse_partial
+from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
+from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
 from ..idempotency import replay_one
-from ..http import PAGINATION, json_response, no_content, pagination
-from ..jobs_logic import like_escape, utcnow
+from ..jobs_logic import like_escape, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..tables import sites
 
@@ -26,7 +26,9 @@ WRITABLE = set(writable_fields(Site, on="update"))
 
 
 def site_dict(row: Any) -> dict[str, Any]:
-    return dict(zip(SITE_FIELDS, row))
+    out = dict(zip(SITE_FIELDS, row))
+    out["last_refresh"], out["creation_date"] = wire_datetime(out["last_refresh"]), wire_datetime(out["creation_date"])
+    return out
 
 
 def _stored(values: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +58,7 @@ def _validate(values: dict[str, Any]) -> None:
 
 
 def get_owned_site(conn: sa.Connection, user_id: int, site_id: int) -> sa.Row:
-    row = conn.execute(sa.select(*SITE_COLUMNS).where(sites.c.id == site_id, sites.c.owner_id == user_id)).first()
+    row = conn.execute(sa.select(*SITE_COLUMNS).where(sites.c.id == site_id, site_owned_by(user_id))).first()
     if row is None:
         raise NotFound(f"Site {site_id} not found")
     return row
@@ -65,7 +67,7 @@ def get_owned_site(conn: sa.Connection, user_id: int, site_id: int) -> sa.Row:
 def list_sites(ctx: Ctx) -> Response:
     q = ctx.query({"name", "path", "id", "last_refresh_after"} | PAGINATION)
     limit, offset = pagination(q)
-    stmt = sa.select(*SITE_COLUMNS).where(sites.c.owner_id == ctx.user.id)
+    stmt = sa.select(*SITE_COLUMNS).where(site_owned_by(ctx.user.id))
     if q.str("name"):
         stmt = stmt.where(sites.c.name == q.str("name"))
     if q.str("path"):
@@ -99,7 +101,7 @@ def create_site(ctx: Ctx) -> Response:
             sa.select(sites.c.id).where(sites.c.owner_id == ctx.user.id, sites.c.name == values["name"])
         ).first()
         if dup is not None:
-            raise BadRequest(f"A site named {values['name']!r} already exists (id {dup.id})")
+            raise Conflict(f"A site named {values['name']!r} already exists (id {dup.id})")
         site_id = conn.execute(
             sa.insert(sites).values(owner_id=ctx.user.id, last_refresh=now, creation_date=now, **values).returning(sites.c.id)
         ).scalar_one()
@@ -131,7 +133,7 @@ def update_site(ctx: Ctx) -> Response:
                 )
             ).first()
             if dup is not None:
-                raise BadRequest(f"A site named {values['name']!r} already exists (id {dup.id})")
+                raise Conflict(f"A site named {values['name']!r} already exists (id {dup.id})")
         conn.execute(sa.update(sites).where(sites.c.id == site_id).values(last_refresh=utcnow(), **values))
         row = get_owned_site(conn, ctx.user.id, site_id)
     return json_response(site_dict(row))
@@ -146,6 +148,7 @@ def delete_site(ctx: Ctx) -> Response:
 
 
 routes = [
-    route("/sites/", {"GET": list_sites, "POST": create_site}),
-    route("/sites/{site_id}", {"GET": read_site, "PUT": update_site, "DELETE": delete_site}),
+    route("/sites/", {"GET": list_sites, "POST": create_site}, not_for_site_scoped=("POST",)),
+    route("/sites/{site_id}", {"GET": read_site, "PUT": update_site, "DELETE": delete_site},
+          not_for_site_scoped=("DELETE",)),
 ]

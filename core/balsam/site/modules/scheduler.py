@@ -11,7 +11,10 @@ Each cycle (``scheduler.sync_period`` seconds):
 4. copies queued/running from the scheduler; a BatchJob that left the queue is looked up in the
    scheduler's history (start/end times, final native state) before it is declared finished;
 5. sends all BatchJob changes in one bulk PATCH and updates the Site (``queued_jobs``,
-   ``backfill_windows``; the update also refreshes ``last_refresh``, the "active" flag).
+   ``backfill_windows``; the update also refreshes ``last_refresh``, the "active" flag);
+6. keeps the launcher credentials of queued and running BatchJobs alive (each BatchJob's launcher
+   gets a site-scoped credential minted before its submission; see
+   :mod:`balsam.site.launcher_credentials`).
 
 Every refusal or failure is written to the BatchJob's ``status_info`` (``error``, ``error_time``), where
 ``balsam queue ls -v`` and the API show it; so is the scheduler's reason for keeping a queued job
@@ -31,6 +34,7 @@ from ...serialization import format_datetime, to_dict
 from ...states import BatchJobState
 from ..api_util import bulk_patch, iso_now, list_all, utcnow
 from ..job_template import JobTemplateError, build_context, read_template, render_job_script
+from ..launcher_credentials import LauncherCredentials
 from ..module import AgentModule, config_value
 
 ACTIVE = (
@@ -132,6 +136,7 @@ class SchedulerModule(AgentModule):
         self.submit_failures: dict[int, int] = {}
         #: scheduler id -> history record, fetched in bulk once per cycle.
         self._histories: dict[int, Optional[JobHistory]] = {}
+        self.credentials = LauncherCredentials(client, self.site_path, self.site_id)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -198,7 +203,17 @@ class SchedulerModule(AgentModule):
                 {i: {k: v for k, v in u.items() if k != "id"} for i, u in updates.items()} or "none",
             )
         self._update_site(statuses)
+        self._keep_launcher_credentials(batch_jobs, updates)
         return None
+
+    def _keep_launcher_credentials(self, batch_jobs: list[dict], updates: dict[int, dict]) -> None:
+        live = [b for b in batch_jobs if updates.get(b["id"], {}).get("state", b["state"])
+                in (BatchJobState.queued.value, BatchJobState.running.value)]
+        try:
+            self.credentials.renew_due(live)
+            self.credentials.remove_stale({b["id"] for b in batch_jobs})
+        except Exception:  # never let credential housekeeping stop the scheduler cycle
+            self.logger.exception("launcher credential housekeeping failed")
 
     def _record_refusals(self, refused: list, by_id: dict[int, dict]) -> None:
         """Say in each refused BatchJob's status_info why its update did not go through (the other
@@ -370,6 +385,15 @@ class SchedulerModule(AgentModule):
                 update.update(state=BatchJobState.queued.value, scheduler_id=scheduler_id, status_info=info)
                 self.logger.info("BatchJob %s: already submitted as scheduler job %s", batch_job["id"], scheduler_id)
                 return
+        try:
+            self.credentials.mint(batch_job)
+        except Exception as exc:
+            # No submission without a way for its launcher to report: try again next cycle.
+            message = f"waiting: cannot mint the launcher credential: {exc}"
+            if (batch_job.get("status_info") or {}).get("waiting") != message:
+                update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": message}
+            self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+            return
         try:
             text = render_job_script(
                 read_template(self.template_path()),

@@ -1,0 +1,130 @@
+"""How the client reaches the one server it logged in to, and nothing else.
+
+- ``unix:///path/balsam.sock``: the embedded server's Unix socket. Before connecting, the client
+  checks that the socket's directory belongs to this user and nobody else may enter it (mode 0700),
+  so no other user can put a socket there to collect tokens (as anyone can with a TCP port on
+  127.0.0.1 while the server is down).
+- ``https://``: certificate verification by the machine's authorities (a server behind a reverse
+  proxy with a real certificate), or - when ``balsam login`` found the certificate unverifiable and
+  the user accepted its fingerprint - only that exact certificate (pinned, trust on first use).
+- ``http://``: only to this machine (loopback: SSH tunnels, tests), unless the login opted in with
+  ``--insecure-http``: a bearer token or password sent in clear text to another host is a gift to
+  whoever listens on the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+import stat
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+import httpx
+
+UNIX_SCHEME = "unix://"
+#: The Host header sent over the Unix socket.
+UNIX_BASE_URL = "http://balsam.local"
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+class TransportRefused(RuntimeError):
+    """The client refuses to send anything to this address (the message says why and what to do)."""
+
+
+def is_unix(api_root: str) -> bool:
+    return api_root.startswith(UNIX_SCHEME)
+
+
+def unix_socket_path(api_root: str) -> Path:
+    return Path(api_root[len(UNIX_SCHEME):])
+
+
+def is_loopback_host(host: str) -> bool:
+    host = (host or "").strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_private_socket(path: Path) -> None:
+    """Refuse a socket whose directory another user could write to (or that another user owns)."""
+    uid = os.getuid()
+    try:
+        dir_stat = path.parent.stat()
+    except FileNotFoundError:
+        raise TransportRefused(f"{path.parent} does not exist: the local Balsam server is not running "
+                               "(`balsam server start`)") from None
+    if dir_stat.st_uid != uid or stat.S_IMODE(dir_stat.st_mode) & 0o077:
+        raise TransportRefused(f"refusing to use the socket {path}: its directory must belong to you with mode 0700 "
+                               f"(owner uid {dir_stat.st_uid}, mode {stat.S_IMODE(dir_stat.st_mode):o})")
+    try:
+        sock_stat = path.lstat()
+    except FileNotFoundError:
+        return  # not listening: the connection is refused, and nothing is sent
+    if sock_stat.st_uid != uid or not stat.S_ISSOCK(sock_stat.st_mode):
+        raise TransportRefused(f"refusing to use {path}: not a socket of yours")
+
+
+def fingerprint_of_pem(pem: str) -> str:
+    """SHA-256 of the certificate's DER bytes, as ``AB:CD:...`` (what ``openssl x509 -fingerprint
+    -sha256`` prints)."""
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def normalize_fingerprint(text: str) -> str:
+    hexchars = "".join(c for c in text.upper().removeprefix("SHA256:") if c in "0123456789ABCDEF")
+    return ":".join(hexchars[i:i + 2] for i in range(0, len(hexchars), 2))
+
+
+def pinned_ssl_context(pem: str) -> ssl.SSLContext:
+    """A context that accepts exactly this certificate. The host name is not checked: the pinned
+    certificate is the server's identity (it may name another host, or none)."""
+    ctx = ssl.create_default_context(cadata=pem)
+    ctx.check_hostname = False
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx
+
+
+def fetch_server_certificate(api_root: str, timeout: float = 10.0) -> str:
+    """The PEM certificate an https server presents (unverified: for the user to accept or not)."""
+    parsed = urlparse(api_root)
+    host, port = parsed.hostname or "", parsed.port or 443
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise TransportRefused(f"{api_root} presented no certificate")
+    return ssl.DER_cert_to_PEM_cert(der)
+
+
+def httpx_client_args(api_root: str, *, server_certificate: Optional[str] = None,
+                      allow_insecure_http: bool = False) -> dict[str, Any]:
+    """``httpx.Client`` keyword arguments (base_url, transport or verify) for this api_root;
+    raises :class:`TransportRefused` when the client must not talk to it."""
+    if is_unix(api_root):
+        path = unix_socket_path(api_root)
+        check_private_socket(path)
+        return {"base_url": UNIX_BASE_URL, "transport": httpx.HTTPTransport(uds=str(path))}
+    parsed = urlparse(api_root)
+    if parsed.scheme == "https":
+        verify: Any = pinned_ssl_context(server_certificate) if server_certificate else True
+        return {"base_url": api_root, "verify": verify}
+    if parsed.scheme == "http":
+        if not allow_insecure_http and not is_loopback_host(parsed.hostname or ""):
+            raise TransportRefused(
+                f"refusing to send credentials over plain http to {parsed.hostname}: use https "
+                "(or, on a network you trust, `balsam login --insecure-http`)")
+        return {"base_url": api_root}
+    raise TransportRefused(f"unsupported server address {api_root!r} (expected https://, http:// or unix://)")

@@ -1,0 +1,133 @@
+"""Administration straight on the database (``balsam server user ...``, ``balsam server revoke``,
+the embedded server's local login): whoever can open the database is the administrator."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Iterator, Optional
+
+import sqlalchemy as sa
+
+from .auth import create_token, hash_password, issue_credential, password_problem, revoke_credentials, utcnow
+from .db import create_db_engine, read_tx, write_tx
+from .tables import credentials, users
+
+
+class AdminError(RuntimeError):
+    """One line for the administrator."""
+
+
+class Admin:
+    def __init__(self, database_url: str) -> None:
+        self.engine = create_db_engine(database_url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Admin":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- users -------------------------------------------------------------------------------
+    def user_id(self, conn: sa.Connection, username: str) -> Optional[int]:
+        return conn.execute(sa.select(users.c.id).where(users.c.username == username)).scalar()
+
+    def ensure_user(self, username: str) -> int:
+        """The id of ``username``, created without a password if missing (the embedded server's user)."""
+        with write_tx(self.engine) as conn:
+            found = self.user_id(conn, username)
+            if found is not None:
+                return found
+            return conn.execute(
+                sa.insert(users).values(username=username, hashed_password=None, date_joined=utcnow()).returning(users.c.id)
+            ).scalar_one()
+
+    def add_user(self, username: str, password: Optional[str], min_length: int) -> int:
+        if password is not None:
+            problem = password_problem(password, min_length)
+            if problem:
+                raise AdminError(f"password {problem}")
+        hashed = hash_password(password) if password else None
+        with write_tx(self.engine) as conn:
+            if self.user_id(conn, username) is not None:
+                raise AdminError(f"user {username!r} already exists")
+            return conn.execute(
+                sa.insert(users).values(username=username, hashed_password=hashed, date_joined=utcnow()).returning(users.c.id)
+            ).scalar_one()
+
+    def set_password(self, username: str, password: str, min_length: int) -> None:
+        problem = password_problem(password, min_length)
+        if problem:
+            raise AdminError(f"password {problem}")
+        hashed = hash_password(password)
+        with write_tx(self.engine) as conn:
+            found = self.user_id(conn, username)
+            if found is None:
+                raise AdminError(f"no user {username!r}")
+            conn.execute(sa.update(users).where(users.c.id == found).values(hashed_password=hashed))
+
+    def invite(self, username: str, ttl_sec: int) -> tuple[str, dt.datetime]:
+        """Create ``username`` (no password yet) and an invitation code to set it with."""
+        with write_tx(self.engine) as conn:
+            user_id = self.user_id(conn, username)
+            if user_id is None:
+                user_id = conn.execute(
+                    sa.insert(users).values(username=username, hashed_password=None, date_joined=utcnow())
+                    .returning(users.c.id)
+                ).scalar_one()
+            elif conn.execute(sa.select(users.c.hashed_password).where(users.c.id == user_id)).scalar():
+                raise AdminError(f"user {username!r} already has a password (use `balsam server set-password`)")
+            _id, expires, code = issue_credential(conn, user_id, "invitation", f"invitation for {username}", ttl_sec,
+                                                  with_secret=True)
+        assert code is not None
+        return code, expires
+
+    def users(self) -> list[sa.Row]:
+        with read_tx(self.engine) as conn:
+            return list(conn.execute(
+                sa.select(users.c.id, users.c.username, users.c.date_joined,
+                          users.c.hashed_password.is_not(None).label("has_password")).order_by(users.c.id)
+            ))
+
+    # -- credentials -------------------------------------------------------------------------
+    def local_login(self, username: str, ttl_sec: int, access_ttl_sec: int, secret_key: str,
+                    label: str) -> dict[str, Any]:
+        """A refresh credential and a first access token for ``username`` (created if missing)."""
+        user_id = self.ensure_user(username)
+        with write_tx(self.engine) as conn:
+            cred_id, refresh_expires, code = issue_credential(conn, user_id, "refresh", label, ttl_sec, with_secret=True)
+        access_expires = min(refresh_expires, utcnow() + dt.timedelta(seconds=access_ttl_sec))
+        token, expiration = create_token(user_id, username, secret_key, credential_id=cred_id, expires=access_expires)
+        return {"access_token": token, "expiration": expiration, "refresh_token": code,
+                "refresh_expiration": refresh_expires, "credential_id": cred_id}
+
+    def credentials(self, username: Optional[str] = None, *, active_only: bool = False) -> Iterator[sa.Row]:
+        stmt = sa.select(credentials, users.c.username).join(users, users.c.id == credentials.c.user_id)
+        if username is not None:
+            stmt = stmt.where(users.c.username == username)
+        if active_only:
+            stmt = stmt.where(credentials.c.revoked.is_(None), credentials.c.expires > utcnow())
+        with read_tx(self.engine) as conn:
+            yield from list(conn.execute(stmt.order_by(credentials.c.id)))
+
+    def revoke(self, *, username: Optional[str] = None, ids: "list[int] | None" = None,
+               kinds: "list[str] | None" = None) -> list[int]:
+        """Revoke credentials by id and/or all of a user's (optionally of some kinds). Launcher
+        credentials also end their BatchJob's sessions."""
+        clauses = []
+        with write_tx(self.engine) as conn:
+            if username is not None:
+                user_id = self.user_id(conn, username)
+                if user_id is None:
+                    raise AdminError(f"no user {username!r}")
+                clauses.append(credentials.c.user_id == user_id)
+            if ids:
+                clauses.append(credentials.c.id.in_(ids))
+            if kinds:
+                clauses.append(credentials.c.kind.in_(kinds))
+            if not clauses:
+                raise AdminError("say what to revoke: --user NAME, --id N or both")
+            rows = revoke_credentials(conn, sa.and_(*clauses))
+        return sorted(r.id for r in rows)

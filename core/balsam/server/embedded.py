@@ -1,0 +1,99 @@
+"""The embedded server process (``balsam server start`` runs ``python -m balsam.server.embedded``).
+
+One uvicorn server listening on:
+
+- a Unix socket in a private directory (mode 0700): what the local user's CLI, agent and launchers
+  use. Nobody else can create a socket there, so no other process can pose as the server and
+  collect tokens, and the server is reachable from this machine only;
+- optionally a TCP port on 127.0.0.1, for browsers (the dashboard) and Balsam 0.7 clients
+  (``--port 0`` turns it off). Registration is closed and only the local user is served, so the
+  port gives nobody else a way in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+#: sockaddr_un.sun_path holds 108 bytes on Linux.
+MAX_SOCKET_PATH = 100
+
+
+def socket_path_for(server_dir: Path) -> Path:
+    """``<server_dir>/run/balsam.sock``, or - when that path is too long for a Unix socket - a
+    private directory under the system temp dir named after the server directory."""
+    preferred = server_dir / "run" / "balsam.sock"
+    if len(str(preferred)) <= MAX_SOCKET_PATH:
+        return preferred
+    tag = hashlib.sha256(str(server_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"balsam-{os.getuid()}" / f"{tag}.sock"
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` with mode 0700, or check that the existing one is ours and private."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise SystemExit(f"{path} belongs to another user: refusing to put the server's socket there")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def bind_unix(path: Path) -> socket.socket:
+    make_private_dir(path.parent)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # a stale socket of a server that died
+        else:
+            raise SystemExit(f"another server already listens on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o600)
+    return sock
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def main(argv: "list[str] | None" = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m balsam.server.embedded", description=__doc__)
+    parser.add_argument("--socket", required=True, help="Unix socket path (its directory is made private)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="TCP port on --host (0: no TCP listener)")
+    parser.add_argument("--log-level", default=os.environ.get("BALSAM_LOG_LEVEL", "info").lower())
+    args = parser.parse_args(argv)
+    sockets = [bind_unix(Path(args.socket))]
+    if args.port:
+        sockets.append(bind_tcp(args.host, args.port))
+    socket_path = Path(args.socket)
+
+    class EmbeddedServer(uvicorn.Server):
+        async def shutdown(self, sockets: "list[socket.socket] | None" = None) -> None:
+            await super().shutdown(sockets)
+            # Here, not after run(): uvicorn re-raises SIGTERM once serving ends.
+            socket_path.unlink(missing_ok=True)
+
+    config = uvicorn.Config("balsam.server.app:create_app_from_env", factory=True, log_level=args.log_level,
+                            timeout_keep_alive=30)
+    EmbeddedServer(config).run(sockets=sockets)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Launcher credentials: what a pilot job inside an allocation authenticates with.
+
+The site agent's scheduler module mints one per BatchJob before submitting it
+(``POST /auth/credentials``): good only for this site, living the BatchJob's queue wait plus wall
+time (``QUEUE_ALLOWANCE_SEC`` + wall time at first), and renewed by the agent while the BatchJob is
+queued or running, so a job that waits in the queue for a week still starts authorized. The server
+revokes it when the BatchJob finishes or is deleted (and ``balsam server revoke`` or
+``DELETE /auth/credentials/{id}`` revoke it at any time: the launcher then stops cleanly and the
+server returns its jobs to the pool).
+
+The credential lives in ``<site>/.credentials/batch-job-<id>.yml`` (a client file, mode 0600 in a
+0700 directory); the launcher of that BatchJob (``BALSAM_BATCH_JOB_ID``) uses it instead of the
+user's own login, and re-reads it when the server refuses a token (the agent renewed it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ..client.settings import ClientSettings, ClientSettingsError
+
+logger = logging.getLogger(__name__)
+
+CREDENTIALS_DIR = ".credentials"
+#: How long a launcher credential covers the queue wait at first (the agent renews it after).
+QUEUE_ALLOWANCE_SEC = 3 * 24 * 3600
+#: Renew once less than the BatchJob's wall time plus this is left.
+RENEW_AHEAD_SEC = 24 * 3600
+#: The server's default cap on one credential's lifetime (BALSAM_AUTH_LAUNCHER_MAX_TTL_SEC).
+MAX_TTL_SEC = 30 * 24 * 3600
+
+
+def credential_path(site_path: Path, batch_job_id: int) -> Path:
+    return Path(site_path) / CREDENTIALS_DIR / f"batch-job-{int(batch_job_id)}.yml"
+
+
+def use_launcher_credential(site_path: Path, env: "dict[str, str]") -> Optional[Path]:
+    """Point ``BALSAM_CLIENT_PATH`` (in ``env``) at this BatchJob's credential if the agent wrote
+    one; returns its path (None: the launcher uses the user's login, as before)."""
+    raw = env.get("BALSAM_BATCH_JOB_ID", "").strip()
+    if not raw.isdigit():
+        return None
+    path = credential_path(site_path, int(raw))
+    if not path.is_file():
+        return None
+    env["BALSAM_CLIENT_PATH"] = str(path)
+    return path
+
+
+def _ttl_for(batch_job: dict) -> int:
+    wall = int(batch_job.get("wall_time_min") or 0) * 60
+    return min(MAX_TTL_SEC, wall + QUEUE_ALLOWANCE_SEC)
+
+
+class LauncherCredentials:
+    """Mints, renews and cleans up the launcher credentials of one site (used by the scheduler module)."""
+
+    def __init__(self, client: Any, site_path: Path, site_id: int) -> None:
+        self.client = client
+        self.site_path = Path(site_path)
+        self.site_id = site_id
+        self.directory = self.site_path / CREDENTIALS_DIR
+        #: False once the server showed it has no credential routes (an older server): launchers
+        #: then use the user's login.
+        self.supported = True
+
+    def _write(self, batch_job_id: int, answer: dict) -> Path:
+        from ..serialization import parse_datetime
+
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        client = self.client
+        settings = ClientSettings(
+            api_root=client.api_root,
+            token=answer["access_token"],
+            token_expiry=parse_datetime(answer["expiration"]),
+            username=getattr(client, "username", None),
+            credential_id=int(answer["id"]),
+            connect_timeout=getattr(client, "connect_timeout", 6.2),
+            read_timeout=getattr(client, "read_timeout", 120.0),
+            retry_count=10,
+            server_certificate=getattr(client, "server_certificate", None),
+            allow_insecure_http=bool(getattr(client, "allow_insecure_http", False)),
+        )
+        return settings.save(credential_path(self.site_path, batch_job_id))
+
+    def mint(self, batch_job: dict) -> Optional[Path]:
+        """A credential for this BatchJob's launcher (before its submission). API errors propagate:
+        the caller submits later rather than start a launcher with no way to report."""
+        if not self.supported:
+            return None
+        body = {"kind": "launcher", "site_id": self.site_id, "batch_job_id": int(batch_job["id"]),
+                "ttl_sec": _ttl_for(batch_job), "label": f"launcher of BatchJob {batch_job['id']}"}
+        try:
+            answer = self.client.post("/auth/credentials", json=body)
+        except Exception as exc:
+            if getattr(exc, "status_code", None) in (404, 405):
+                self.supported = False
+                logger.warning("the server has no launcher credentials (%s): launchers use your login", exc)
+                return None
+            raise
+        path = self._write(int(batch_job["id"]), answer)
+        logger.info("BatchJob %s: launcher credential %s valid until %s", batch_job["id"], answer["id"], answer["expiration"])
+        return path
+
+    def stored(self, batch_job_id: int) -> Optional[ClientSettings]:
+        try:
+            return ClientSettings.load(credential_path(self.site_path, batch_job_id))
+        except ClientSettingsError:
+            return None
+
+    def renew_due(self, batch_jobs: Iterable[dict], now: Optional[dt.datetime] = None) -> list[int]:
+        """Renew the credentials of queued/running BatchJobs that would expire within their wall
+        time plus a day (one call per credential, about once a day each). Returns the renewed ids."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        renewed = []
+        for batch_job in batch_jobs:
+            stored = self.stored(int(batch_job["id"]))
+            if stored is None or stored.credential_id is None or stored.token_expiry is None:
+                continue
+            expiry = stored.token_expiry if stored.token_expiry.tzinfo else stored.token_expiry.replace(tzinfo=dt.timezone.utc)
+            needed = dt.timedelta(seconds=int(batch_job.get("wall_time_min") or 0) * 60 + RENEW_AHEAD_SEC)
+            if expiry - now > needed:
+                continue
+            try:
+                answer = self.client.post(f"/auth/credentials/{stored.credential_id}/renew",
+                                          json={"ttl_sec": _ttl_for(batch_job)})
+            except Exception as exc:
+                logger.warning("BatchJob %s: could not renew launcher credential %s: %s", batch_job["id"],
+                               stored.credential_id, exc)
+                continue
+            self._write(int(batch_job["id"]), answer)
+            renewed.append(int(batch_job["id"]))
+            logger.info("BatchJob %s: launcher credential %s renewed until %s", batch_job["id"], stored.credential_id,
+                        answer["expiration"])
+        return renewed
+
+    def remove_stale(self, active_ids: "set[int]") -> list[int]:
+        """Delete the files of BatchJobs that are no longer active (the server revoked them)."""
+        removed = []
+        if not self.directory.is_dir():
+            return removed
+        for path in self.directory.glob("batch-job-*.yml"):
+            raw = path.stem.removeprefix("batch-job-")
+            if raw.isdigit() and int(raw) not in active_ids:
+                path.unlink(missing_ok=True)
+                removed.append(int(raw))
+        return sorted(removed)

@@ -1,0 +1,73 @@
+"""The unmodified Balsam 0.7 client (``pip install balsam==0.7.0a24`` in a venv of its own, as the
+Aurora guide installs it) drives our real server, on SQLite and on PostgreSQL: its CLI (login, site
+ls) and its Python API in a subprocess (tests/compat/balsam07_driver.py): site create, app sync,
+bulk create, a DAG child, session acquire and 0.7's own bulk status updater, events, BatchJob
+delete, query delete. The venv is cached in ``.cache/balsam-0.7-venv`` (``$BALSAM07_VENV``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import filelock
+import pytest
+
+pytestmark = pytest.mark.slow
+
+VERSION = "0.7.0a24"
+REPO = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).with_name("balsam07_driver.py")
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="session")
+def balsam07_venv() -> Path:
+    venv = Path(os.environ.get("BALSAM07_VENV") or REPO / ".cache" / "balsam-0.7-venv")
+    stamp = venv / ".balsam-version"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(venv) + ".lock", timeout=900):
+        if not (stamp.is_file() and stamp.read_text().strip() == VERSION):
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
+            install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                                      "--disable-pip-version-check", f"balsam=={VERSION}"],
+                                     capture_output=True, text=True, timeout=900)
+            assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
+            stamp.write_text(VERSION + "\n")
+    return venv
+
+
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_the_unmodified_07_client_works_against_our_server(database, balsam07_venv, live_server_factory, tmp_path):
+    from balsam.server.admin import Admin
+
+    server = live_server_factory(database)
+    username = f"user07-{uuid.uuid4().hex[:6]}"
+    with Admin(server.database_url) as admin:
+        admin.add_user(username, PASSWORD, 12)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")}
+    env.update(HOME=str(tmp_path), BALSAM_CLIENT_PATH=str(tmp_path / "client07.yml"), PYTHONNOUSERSITE="1",
+               PATH=f"{balsam07_venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    balsam07 = [str(balsam07_venv / "bin" / "balsam")]
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        proc = subprocess.run(balsam07 + list(args), input=stdin, capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, f"balsam {' '.join(args)}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+        return proc
+
+    login = run("login", "-u", server.url, stdin=f"{username}\n{PASSWORD}\n")
+    assert "Logged In" in login.stdout
+
+    site_name = f"site07-{uuid.uuid4().hex[:6]}"
+    driver = subprocess.run([str(balsam07_venv / "bin" / "python"), str(DRIVER), site_name, str(tmp_path / site_name)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert driver.returncode == 0, driver.stdout[-2000:] + driver.stderr[-5000:]
+    seen = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert "STAGED_IN->RUNNING" in seen["events"] and "RUN_DONE->POSTPROCESSED" in seen["events"]
+    assert seen["deleted"] == 5 and seen["left"] == 1  # the untagged child stays
+
+    listing = run("site", "ls")
+    assert site_name in listing.stdout and "Active" in listing.stdout
