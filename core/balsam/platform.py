@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import attrs
 
+from .options import NoOptions, build_options
+
 
 @attrs.frozen
 class NodeInfo:
@@ -68,6 +70,11 @@ class Platform(abc.ABC):
     default_scheduler: ClassVar[str] = "local"
     #: Whether several MPI runs may share one node (mpi mode node packing).
     mpirun_allows_node_packing: ClassVar[bool] = True
+    #: The attrs class of this driver's options (``launcher.platform_options`` in settings.yml).
+    options_schema: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = build_options(self.options_schema, options, where="launcher.platform_options")
 
     # -- inside an allocation -----------------------------------------------------------------
     @abc.abstractmethod

@@ -17,11 +17,12 @@ import datetime as dt
 import os
 import subprocess
 from pathlib import Path
-from typing import ClassVar, Mapping, Optional, Protocol
+from typing import Any, ClassVar, Mapping, Optional, Protocol
 
 import attrs
 
 from .models import BackfillWindow, SchedulerJobStatus
+from .options import NoOptions, build_options
 from .states import BatchJobState
 
 __all__ = [
@@ -140,8 +141,13 @@ class Scheduler(abc.ABC):
     default_job_template: ClassVar[str] = ""
     #: How many consecutive failed status polls are tolerated before BatchJobs are marked failed.
     status_error_threshold: ClassVar[int] = 3
+    #: The attrs class of this driver's options (``scheduler.options`` in settings.yml); see balsam.options.
+    options_schema: ClassVar[type] = NoOptions
 
-    def __init__(self, runner: CommandRunner = subprocess_runner, *, user: Optional[str] = None) -> None:
+    def __init__(
+        self, runner: CommandRunner = subprocess_runner, *, user: Optional[str] = None, options: Any = None
+    ) -> None:
+        self.options = build_options(self.options_schema, options, where="scheduler.options")
         self.runner = runner
         self.user = user or os.environ.get("USER") or _current_user()
 

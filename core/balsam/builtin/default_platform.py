@@ -123,7 +123,8 @@ class DefaultPlatform(Platform):
     default_scheduler = "local"
     mpirun_allows_node_packing = True
 
-    def __init__(self, mpi_flavor: Optional[str] = None, mpiexec: Optional[str] = None) -> None:
+    def __init__(self, mpi_flavor: Optional[str] = None, mpiexec: Optional[str] = None, *, options: Any = None) -> None:
+        super().__init__(options)
         self._mpi_flavor = mpi_flavor
         self._mpiexec = mpiexec
 

@@ -14,6 +14,8 @@ import abc
 import logging
 from typing import Any, ClassVar, Optional
 
+from ..options import NoOptions
+
 __all__ = ["AgentModule"]
 
 
@@ -32,12 +34,33 @@ class AgentModule(abc.ABC):
     default_period: ClassVar[float] = 10.0
     #: Names of settings fields that hold the period, tried in order.
     period_fields: ClassVar[tuple[str, ...]] = ("period", "service_period", "sync_period", "submit_period")
+    #: The attrs class of this module's settings.yml section (see balsam.options): the one source of
+    #: its defaults and help texts. ``self.config`` (also ``self.options``) is an instance of it.
+    options_schema: ClassVar[type] = NoOptions
+    #: The comment ``site init`` and ``sample-settings`` write above the section.
+    section_comment: ClassVar[str] = ""
+    #: Whether ``site init`` writes the section enabled (else as ``null``).
+    enabled_by_default: ClassVar[bool] = False
 
     def __init__(self, site_config: Any, config: Any, client: Any) -> None:
         self.site_config = site_config
         self.config = config
         self.client = client
         self.logger = logging.getLogger(f"balsam.site.modules.{self.section or type(self).__name__}")
+
+    @property
+    def options(self) -> Any:
+        """This module's settings section (an instance of :attr:`options_schema`)."""
+        return self.config
+
+    def site_scheduler(self) -> Any:
+        """The site's scheduler driver, built from settings.yml's ``scheduler`` section (name and options)."""
+        from ..plugins.manager import get_plugin_manager  # the plugin manager imports agent modules
+
+        section = self.site_config.settings.sections.get("scheduler")
+        name = _config_value(section, "name") or "local"
+        driver = get_plugin_manager().load_driver("scheduler", name)
+        return driver(options=_config_value(section, "options"))
 
     @property
     def name(self) -> str:
