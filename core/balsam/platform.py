@@ -17,6 +17,10 @@ import attrs
 
 from .options import NoOptions, build_options
 
+__all__ = [
+    "LaunchLimit", "LaunchSpec", "NodeInfo", "Platform", "cpu_bind_list", "parse_id_ranges", "read_node_file",
+]
+
 
 @attrs.frozen
 class NodeInfo:
@@ -100,6 +104,11 @@ class Platform(abc.ABC):
         return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids))}
 
     # -- on the login node (site init) --------------------------------------------------------
+    @classmethod
+    def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:
+        """Whether this is the machine the driver is for (``site init`` proposes it first)."""
+        return False
+
     def settings_defaults(self) -> dict[str, Any]:
         """Values that ``balsam site init`` writes into settings.yml over the generic defaults.
 
@@ -111,3 +120,76 @@ class Platform(abc.ABC):
     def job_template(self) -> Optional[str]:
         """A job-template.sh (Jinja2) for this machine, or None to use the scheduler's default."""
         return None
+
+    # -- limits of the machine ------------------------------------------------------------------
+    def launch_limit(self) -> Optional["LaunchLimit"]:
+        """The most MPI launches one batch job may make on this machine, or None for no limit.
+
+        The mpi job mode stops acquiring jobs when it has started this many runs, lets the running
+        ones finish and says why in its log and in the BatchJob's ``status_info``.
+        """
+        return None
+
+
+@attrs.frozen
+class LaunchLimit:
+    """A machine's cap on MPI launches per batch job, and why it exists (shown to the user)."""
+
+    max_launches: int
+    reason: str
+
+
+
+# -- helpers for platform drivers ---------------------------------------------------------------
+
+
+def parse_id_ranges(text: str, *, where: str = "cpu_ids") -> tuple[int, ...]:
+    """``"0-3,8,10-11"`` -> ``(0, 1, 2, 3, 8, 10, 11)`` (the notation of ``lscpu`` and cpusets)."""
+    ids: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        try:
+            first, last = int(low), int(high) if sep else int(low)
+        except ValueError:
+            raise ValueError(f"{where}: {part!r} is not a number or a range like 0-103") from None
+        if last < first:
+            raise ValueError(f"{where}: range {part!r} runs backwards")
+        ids.extend(range(first, last + 1))
+    if not ids:
+        raise ValueError(f"{where}: no ids in {text!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: {text!r} names an id twice")
+    return tuple(ids)
+
+
+def read_node_file(path: str) -> list[str]:
+    """Host names of a PBS/Cobalt node file (one per line, or comma separated), each once, in order."""
+    hosts: list[str] = []
+    with open(path) as fh:
+        for token in fh.read().replace(",", " ").split():
+            if token not in hosts:
+                hosts.append(token)
+    return hosts
+
+
+def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0) -> str:
+    """A ``list:a,b:c,d`` CPU binding: each rank gets ``cpus_per_rank`` consecutive CPUs.
+
+    The CPUs are those the launcher assigned to the job on its node (single-node jobs), else all of
+    ``node_cpu_ids`` (whole-node jobs). With ``threads_per_core > 1`` each rank also gets the sibling
+    hardware threads (``cpu + hyperthread_offset``), as Balsam 0.7 built it for Polaris.
+    """
+    assigned = list(spec.cpu_ids[0]) if spec.cpu_ids and spec.cpu_ids[0] else list(node_cpu_ids)
+    ranks = max(1, spec.ranks_per_node)
+    per_rank = max(1, len(assigned) // ranks)
+    groups = []
+    for rank in range(ranks):
+        start = (rank * per_rank) % max(1, len(assigned))
+        cores = assigned[start : start + per_rank]
+        cpus = list(cores)
+        if spec.threads_per_core > 1 and hyperthread_offset:
+            cpus += [c + hyperthread_offset * t for t in range(1, spec.threads_per_core) for c in cores]
+        groups.append(",".join(str(c) for c in cpus))
+    return "list:" + ":".join(groups)

@@ -64,6 +64,9 @@ class LauncherSettings:
     platform: str = setting(
         "default", "Platform plugin describing this machine's nodes and MPI launcher (see `balsam plugins ls`)."
     )
+    platform_options: dict[str, Any] = setting(
+        help="Options of the platform driver (see `balsam site sample-settings` and docs/platforms/).", factory=dict
+    )
     idle_ttl_sec: int = setting(60, "A launcher with nothing to run for this many seconds exits.")
     delay_sec: int = setting(1, "Seconds between two launcher cycles.")
     error_tail_num_lines: int = setting(10, "Lines of a failed job's output kept in its error event.")

@@ -119,9 +119,13 @@ def _platform(settings: Any) -> Any:
 
     name = launcher_setting(settings, "platform") or "default"
     try:
-        return get_plugin_manager().load_driver("platform", name)()
+        driver = get_plugin_manager().load_driver("platform", name)
     except PluginError as exc:
         raise LauncherError(f"settings.yml launcher.platform: {exc}") from None
+    try:
+        return driver(options=launcher_setting(settings, "platform_options") or None)
+    except (TypeError, ValueError) as exc:
+        raise LauncherError(f"settings.yml launcher.platform_options: {exc}") from None
 
 
 def _job_mode_class(name: str) -> Any:

@@ -43,6 +43,7 @@ LAUNCHER_DEFAULTS: dict[str, Any] = {
     "sort_by": None,
     "serial_mode_startup_params": {},
     "platform": "default",
+    "platform_options": {},
 }
 
 

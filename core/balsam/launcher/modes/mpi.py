@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from balsam.platform import LaunchSpec
 
+from .._api import note_batch_job
 from ..app_run import JobBuildError, JobPreparer, PreparedJob, shell_line
 from ..job_mode import JobMode
 from ..node_manager import InsufficientResources, NodeManager, Placement, UnsatisfiableJob
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: Poll period while jobs run (the loop reaps, acquires and starts at this pace).
 POLL_SEC = 0.01
+#: Jobs asked for per probe for jobs larger than the partition (see ``_probe_too_large``).
+PROBE_JOBS = 64
 
 
 class MPIMode(JobMode):
@@ -42,6 +45,10 @@ class MPIMode(JobMode):
         self._hook: Any = None
         #: Resources were freed or jobs arrived since the last placement attempt ran out of room.
         self._try_start = True
+        #: The platform's cap on MPI launches per batch job (Aurora: ~1,000), or None.
+        self.launch_limit = context.platform.launch_limit()
+        self._limit_reported = False
+        self._next_probe = 0.0
 
     # -- one loop step each --------------------------------------------------------------------
     def _acquire(self, source: Any, updater: Any) -> Optional[int]:
@@ -49,6 +56,12 @@ class MPIMode(JobMode):
         nm = self.node_manager
         free = nm.aggregate_free_nodes()
         room = self.max_concurrent - len(self.pool)
+        if self.launch_limit is not None:
+            left = self.launch_limit.max_launches - self.started - len(self.pending)
+            if left <= 0:
+                self._report_launch_limit()
+                return None
+            room = min(room, left)
         if free < 0.01 or room <= 0:
             return None
         if not nm.allow_node_packing:
@@ -62,6 +75,8 @@ class MPIMode(JobMode):
             max_nodes_per_job=max(1, empty),
             max_aggregate_nodes=free,
         )
+        if not jobs and empty == len(nm) and not self.pending:
+            jobs = self._probe_too_large(source)
         for job in jobs:
             try:
                 prepared = self.preparer.prepare(job)
@@ -73,6 +88,30 @@ class MPIMode(JobMode):
             self.pending.append(prepared)
             self._try_start = True
         return len(jobs)
+
+    def _probe_too_large(self, source: Any) -> list[Any]:
+        """Lease jobs that ask for more nodes than this partition has, so that they end FAILED
+        with the reason rather than wait unseen (the regular acquire never offers them).
+
+        Asked only while every node is idle and the regular acquire found nothing, so the answer
+        holds nothing this launcher could run (a job created in between is simply run); at most
+        once per ``max(delay_sec, 5)`` seconds.
+        """
+        now = time.monotonic()
+        if now < self._next_probe:
+            return []
+        self._next_probe = now + max(self.delay_sec, 5.0)
+        return source.acquire(PROBE_JOBS, max_wall_time_min=self.countdown.remaining_min())
+
+    def _report_launch_limit(self) -> None:
+        """Say once, in the log and in the BatchJob's status_info, why no more jobs are acquired."""
+        if self._limit_reported or self.launch_limit is None:
+            return
+        self._limit_reported = True
+        message = (f"stopped acquiring jobs after {self.started} MPI launches: {self.launch_limit.reason}; "
+                   "jobs left over run in the next batch job")
+        logger.warning(message)
+        note_batch_job(self.context.batch_job_id, "launcher", message)
 
     def _command(self, prepared: PreparedJob, placement: Placement) -> str:
         d = prepared.demand

@@ -59,7 +59,7 @@ class SerialMode(JobMode):
             # Resolved here so the master can lease jobs before it has read settings.yml itself.
             "launcher": {
                 name: ctx.setting(name)
-                for name in ("platform", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "serial_mode_prefetch_per_rank")
+                for name in ("platform", "platform_options", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "serial_mode_prefetch_per_rank")
             },
         }
 

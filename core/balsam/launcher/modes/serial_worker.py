@@ -124,7 +124,8 @@ class Master:
 
         try:
             self.site_config = SiteConfig(config["site_path"] or None)
-            self.platform = get_plugin_manager().load_driver("platform", launcher["platform"] or "default")()
+            self.platform = get_plugin_manager().load_driver("platform", launcher["platform"] or "default")(
+                options=launcher.get("platform_options") or None)
             self.hook = _launch_hook()
         except BaseException:
             self.abandon()

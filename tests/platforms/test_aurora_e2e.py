@@ -1,0 +1,211 @@
+"""The Aurora guide (reference seeds/001, "Balsam on Aurora") end to end on a faked Aurora.
+
+``balsam site init --platform aurora``, the real site agent (processing), the guide's two scripts as
+written (only the site name changed), and the real launcher inside a faked PBS allocation: a
+``$PBS_NODEFILE`` of two Aurora node names and a recording PALS ``mpiexec`` first on ``PATH`` that
+logs its command line and environment and runs the ranks here with MPICH. CPU ids are scaled to 24
+per node through ``launcher.platform_options.cpu_ids`` (the 12-rank job needs 12).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import finish, start_launcher, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+
+HOSTS = ["x4102c5s0b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov", "x4102c5s1b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov"]
+TILES = [f"{g}.{t}" for g in range(6) for t in range(2)]
+
+# The guide's balsam_job_ensemble.py, verbatim but for the site name.
+GUIDE_JOBS = '''
+from balsam.api import ApplicationDefinition, Job
+
+# Define an application that runs an echo command and takes an input
+class EchoHello(ApplicationDefinition):
+    site = "test_aurora"
+    command_template = "echo Hello, {{ say_hello_to }}! ZE_AFFINITY_MASK=$ZE_AFFINITY_MASK OMP_NUM_THREADS=$OMP_NUM_THREADS"
+EchoHello.sync()
+
+# Define an application that runs a compiled executable and is wrapped by the gpu affinity script
+class HelloAffinity(ApplicationDefinition):
+    site = "test_aurora"
+    command_template = "$HOME/GettingStarted/HelperScripts/Aurora/set_affinity_gpu_aurora.sh $HOME/GettingStarted/Examples/Aurora/affinity_gpu/sycl/hello_affinity"
+HelloAffinity.sync()
+
+# Create a Balsam job that runs hello_affinity on one node with twelve ranks per node
+affinity_job = Job(site_name="test_aurora",
+                   app_id="HelloAffinity",
+                   workdir=f"demo/hello_affinity",
+                   tags={"workflow":"demo"},
+                   num_nodes=1,
+                   node_packing_count=1,
+                   ranks_per_node=12,
+                   gpus_per_rank=1)
+
+# This call saves a single Balsam job to the database
+affinity_job.save()
+
+# Create many Balsam jobs that run the EchoHello app each on a single tile
+echo_jobs = [Job( site_name="test_aurora", 
+         app_id="EchoHello", 
+         workdir=f"demo/echo_hello{n}", 
+         parameters={"say_hello_to": f"world {n}!"},
+         tags={"workflow":"demo"}, 
+         node_packing_count=12, # this allows for 12 of these jobs to run concurrently on a node
+         gpus_per_rank=1,
+         ranks_per_node=1,)       
+    for n in range(24)
+]
+
+# This call saves a list of jobs to the database
+echo_jobs = Job.objects.bulk_create(echo_jobs)
+'''
+
+# The guide's submit_mpi_mode.py, verbatim but for the site name (and the mode of the test).
+GUIDE_SUBMIT = '''
+from balsam.api import BatchJob, Site
+
+# Get the site id
+site = Site.objects.get("test_aurora")
+site_id = site.site_id if hasattr(site, "site_id") else site.id
+
+# Submit batch job to PBS
+batch_job = BatchJob.objects.create(
+   site_id=site_id,
+   num_nodes=2,
+   wall_time_min=10,
+   job_mode="mpi", # This mode will execute the application with mpiexec
+   queue="debug-scaling",
+   project="Aurora_deployment", # put your <project_name> here
+)
+print(batch_job.id)
+'''
+
+# Stand-ins for the ALCF GettingStarted helper (one tile per local rank, from PALS_LOCAL_RANKID)
+# and the SYCL hello_affinity program (prints its rank and the tiles it sees).
+SET_AFFINITY = """#!/bin/bash
+num_gpu=6
+num_tile=2
+gpu_id=$(( (PALS_LOCAL_RANKID / num_tile) % num_gpu ))
+tile_id=$(( PALS_LOCAL_RANKID % num_tile ))
+unset EnableWalkerPartition
+export ZE_ENABLE_PCI_ID_DEVICE_ORDER=1
+export ZE_AFFINITY_MASK=$gpu_id.$tile_id
+exec "$@"
+"""
+HELLO_AFFINITY = """#!/bin/bash
+echo "MPI rank $PALS_RANKID local $PALS_LOCAL_RANKID of $PMI_SIZE sees ZE_AFFINITY_MASK=$ZE_AFFINITY_MASK"
+"""
+
+
+def balsam(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", "from balsam.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, f"balsam {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def python(script: str, cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def install_getting_started(home: Path) -> None:
+    for rel, text in (("GettingStarted/HelperScripts/Aurora/set_affinity_gpu_aurora.sh", SET_AFFINITY),
+                      ("GettingStarted/Examples/Aurora/affinity_gpu/sycl/hello_affinity", HELLO_AFFINITY)):
+        path = home / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+
+
+def job_states(client, site_id: int) -> dict[str, str]:
+    from balsam.site.api_util import list_all
+
+    return {row["workdir"]: row["state"] for row in list_all(client, "/jobs/", {"site_id": site_id})}
+
+
+@pytest.mark.parametrize("mode", ["mpi", "serial"])
+def test_aurora_guide_on_a_faked_aurora(mode: str, client, agent_daemon, fake_machine, tmp_path: Path) -> None:
+    name = f"aurora-{uuid.uuid4().hex[:6]}"
+    site_path = tmp_path / name
+    said = balsam("site", "init", "--platform", "aurora", "-n", name, str(site_path)).stdout
+    assert "platform aurora" in said
+    settings = yaml.safe_load((site_path / "settings.yml").read_text())
+    assert settings["scheduler"]["name"] == "pbs" and "debug-scaling" in settings["scheduler"]["allowed_queues"]
+    # Fast test settings; no scheduler module (there is no PBS here: the launcher is started below).
+    settings["launcher"].update(idle_ttl_sec=3, delay_sec=1, platform_options={"cpu_ids": "0-23"})
+    settings["scheduler"] = None
+    settings["processing"] = {**(settings.get("processing") or {}), "num_workers": 2}
+    (site_path / "settings.yml").write_text(yaml.safe_dump(settings))
+    agent_daemon(site_path)
+
+    python(GUIDE_JOBS.replace("test_aurora", name), cwd=site_path)
+    batch_job_id = int(python(GUIDE_SUBMIT.replace("test_aurora", name).replace('job_mode="mpi"', f'job_mode="{mode}"'),
+                              cwd=site_path).split()[-1])
+    site_id = int((site_path / ".balsam-site").read_text().split()[0])
+    wait_for(lambda: set(job_states(client, site_id).values()) == {"PREPROCESSED"}, timeout=90,
+             what="the agent to preprocess the guide's 25 jobs")
+
+    machine = fake_machine(HOSTS)
+    install_getting_started(machine.home)
+    env = machine.env(PBS_NODEFILE=str(machine.node_file), PBS_JOBID="4242.aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov",
+                      BALSAM_BATCH_JOB_ID=str(batch_job_id))
+    launcher = start_launcher(site_path, mode, 10, env)
+    finished_states = {"RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"}
+
+    def echo_done() -> bool:
+        states = job_states(client, site_id)
+        return all(s == "JOB_FINISHED" for w, s in states.items() if w.startswith("demo/echo_hello"))
+
+    wait_for(echo_done, timeout=120, what="the 24 EchoHello jobs to finish")
+    if mode == "mpi":
+        wait_for(lambda: job_states(client, site_id)["demo/hello_affinity"] in finished_states, timeout=60,
+                 what="the HelloAffinity job")
+    assert finish(launcher) == 0, Path(launcher.console_path).read_text()
+
+    # Every EchoHello job saw exactly one tile, its own, and OMP_NUM_THREADS=1.
+    seen = []
+    for n in range(24):
+        out = (site_path / "data" / f"demo/echo_hello{n}" / "job.out").read_text()
+        assert f"Hello, world {n}!!" in out and "OMP_NUM_THREADS=1" in out, out
+        mask = out.split("ZE_AFFINITY_MASK=")[1].split()[0]
+        assert mask in TILES, out
+        seen.append(mask)
+    assert sorted(seen) == sorted(TILES * 2)  # 24 jobs placed at once on 2 nodes x 12 tiles: no tile shared
+
+    records = machine.records("mpiexec")
+    if mode == "mpi":
+        echo = [r for r in records if r["program"][0] == "echo"]
+        assert len(echo) == 24
+        # Two jobs on the same node never share a tile.
+        assert len({(dict(r["options"])["--hosts"], r["env"]["ZE_AFFINITY_MASK"]) for r in echo}) == 24
+        for r in echo:
+            opts = dict(r["options"])
+            assert opts["-n"] == "1" and opts["--ppn"] == "1" and opts["--hosts"] in HOSTS and "--envall" in opts
+            assert opts["--cpu-bind"].startswith("list:") and r["env"]["ZE_ENABLE_PCI_ID_DEVICE_ORDER"] == "1"
+            assert not any(k.startswith("CUDA_") for k in r["env"])
+        (affinity,) = [r for r in records if r["program"][0].endswith("set_affinity_gpu_aurora.sh")]
+        opts = dict(affinity["options"])
+        assert opts["-n"] == "12" and opts["--ppn"] == "12"
+        assert sorted(affinity["env"]["ZE_AFFINITY_MASK"].split(",")) == sorted(TILES)
+        assert len(opts["--cpu-bind"].split(":")) == 13  # list: + one CPU set per rank
+        out = (site_path / "data" / "demo/hello_affinity" / "job.out").read_text()
+        masks = sorted(line.split("ZE_AFFINITY_MASK=")[1] for line in out.splitlines() if "MPI rank" in line)
+        assert masks == sorted(TILES), out
+    else:
+        # One mpiexec started the serial workers, one rank per node, unbound; tasks ran without mpiexec.
+        (workers,) = records
+        opts = dict(workers["options"])
+        assert opts["-n"] == "2" and opts["--ppn"] == "1" and opts["--hosts"] == ",".join(HOSTS)
+        assert opts["--cpu-bind"] == "none" and "balsam.launcher.modes.serial_worker" in workers["program"]
+        assert job_states(client, site_id)["demo/hello_affinity"] == "PREPROCESSED"  # a 12-rank job is mpi work
