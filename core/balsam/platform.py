@@ -18,7 +18,8 @@ import attrs
 from .options import NoOptions, build_options
 
 __all__ = [
-    "LaunchLimit", "LaunchSpec", "NodeInfo", "Platform", "cpu_bind_list", "parse_id_ranges", "read_node_file",
+    "LaunchLimit", "LaunchSpec", "NodeInfo", "Platform", "cpu_bind_list", "format_id_ranges", "parse_id_ranges",
+    "read_node_file",
 ]
 
 
@@ -191,5 +192,21 @@ def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_
         cpus = list(cores)
         if spec.threads_per_core > 1 and hyperthread_offset:
             cpus += [c + hyperthread_offset * t for t in range(1, spec.threads_per_core) for c in cores]
-        groups.append(",".join(str(c) for c in cpus))
+        groups.append(format_id_ranges(cpus))
     return "list:" + ":".join(groups)
+
+
+def format_id_ranges(ids: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 104, 105]`` -> ``"0-2,5,104-105"`` (consecutive runs as ranges, order kept)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for value in ids:
+        if run and value == run[-1] + 1:
+            run.append(value)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [value]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
