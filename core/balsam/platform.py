@@ -10,6 +10,7 @@ means writing a platform plugin, never editing the core.
 from __future__ import annotations
 
 import abc
+import re
 import shlex
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
@@ -18,8 +19,8 @@ import attrs
 from .options import NoOptions, build_options
 
 __all__ = [
-    "LaunchLimit", "LaunchSpec", "NodeInfo", "Platform", "cpu_bind_list", "format_id_ranges", "parse_id_ranges",
-    "read_node_file",
+    "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "format_id_ranges",
+    "parse_id_ranges", "parse_nvidia_smi_list", "read_node_file",
 ]
 
 
@@ -210,3 +211,38 @@ def format_id_ranges(ids: Sequence[int]) -> str:
     if run:
         parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(parts)
+
+
+@attrs.frozen
+class NvidiaDevices:
+    """What ``nvidia-smi -L`` lists: GPU indexes, and the MIG instances of each GPU (UUIDs)."""
+
+    gpus: tuple[str, ...] = ()
+    #: GPU index -> UUIDs of its MIG devices, in the order listed.
+    migs: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+
+    def mig_ids(self, gpu_order: Sequence[str] = ()) -> list[str]:
+        """Every MIG UUID, the GPUs taken in ``gpu_order`` first (a machine's CPU-affinity order)."""
+        order = [g for g in gpu_order if g in self.migs] + [g for g in self.migs if g not in gpu_order]
+        return [uuid for gpu in order for uuid in self.migs[gpu]]
+
+
+_NVSMI_GPU = re.compile(r"^GPU (\d+):")
+_NVSMI_MIG = re.compile(r"^\s+MIG\b.*\(UUID:\s*(MIG-[^)\s]+)\)")
+
+
+def parse_nvidia_smi_list(text: str) -> NvidiaDevices:
+    """Parse ``nvidia-smi -L``: ``GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-...)`` lines, each followed by
+    its ``  MIG 3g.20gb Device 0: (UUID: MIG-...)`` lines when MIG is on (R470+ ``MIG-<uuid>`` and
+    R450 ``MIG-GPU-<uuid>/<gi>/<ci>`` forms; both are valid ``CUDA_VISIBLE_DEVICES`` values)."""
+    gpus: list[str] = []
+    migs: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        gpu = _NVSMI_GPU.match(line)
+        if gpu:
+            gpus.append(gpu.group(1))
+            continue
+        mig = _NVSMI_MIG.match(line)
+        if mig and gpus:
+            migs.setdefault(gpus[-1], []).append(mig.group(1))
+    return NvidiaDevices(tuple(gpus), {g: tuple(u) for g, u in migs.items()})
