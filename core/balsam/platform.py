@@ -49,6 +49,10 @@ class LaunchSpec:
     #: GPU ids assigned on each node.
     gpu_ids: tuple[tuple[str, ...], ...] = attrs.field(converter=lambda v: tuple(tuple(x) for x in v), factory=tuple)
     launch_params: Mapping[str, str] = attrs.field(factory=dict)
+    #: Environment variables set for this job beyond those the launcher inherited (its GPU ids,
+    #: OMP_NUM_THREADS, the app's variables), for MPI launchers that forward only what they are
+    #: told to (Open MPI's ``-x NAME``). The job's process already has them in its environment.
+    env_names: tuple[str, ...] = attrs.field(converter=tuple, factory=tuple)
 
     @property
     def num_nodes(self) -> int:

@@ -60,6 +60,12 @@ class FakeMachine:
         self._wrapper("nvidia-smi", f'[ "$1" = "-L" ] || {{ echo "fake nvidia-smi: only -L" >&2; exit 2; }}\n'
                                     f'cat {RECORDED / recorded}')
 
+    def recorder(self, name: str) -> Path:
+        """A program ``name`` that only appends its arguments to ``<root>/<name>.calls``."""
+        calls = self.root / f"{name}.calls"
+        self._wrapper(name, f'echo "$@" >> {calls}')
+        return calls
+
     def env(self, **extra: str) -> dict[str, str]:
         path = os.pathsep.join([str(self.bin), VENV_BIN, os.environ.get("PATH", "")])
         return {"PATH": path, "HOME": str(self.home), "FAKE_LAUNCH_LOG": str(self.log),

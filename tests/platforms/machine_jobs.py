@@ -13,6 +13,8 @@ from conftest import finish, start_launcher  # noqa: E402
 from launcher_harness import make_site  # noqa: E402
 from launcher_helpers import make_runnable, wait_for_states  # noqa: E402
 
+__all__ = ["PRINT_ENV", "job_out", "make_runnable", "run_jobs", "site_for", "wait_for_states"]
+
 PRINT_ENV = "echo job {{ n }} CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES OMP_NUM_THREADS=$OMP_NUM_THREADS"
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from balsam.platform import LaunchSpec
 
 from .._api import note_batch_job
-from ..app_run import JobBuildError, JobPreparer, PreparedJob, shell_line
+from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
 from ..job_mode import JobMode
 from ..node_manager import InsufficientResources, NodeManager, Placement, UnsatisfiableJob
 from ..runner import ProcessPool, launch_environment, report_exit, report_failed, report_running, report_timeout
@@ -113,8 +113,9 @@ class MPIMode(JobMode):
         logger.warning(message)
         note_batch_job(self.context.batch_job_id, "launcher", message)
 
-    def _command(self, prepared: PreparedJob, placement: Placement) -> str:
+    def _command(self, prepared: PreparedJob, placement: Placement, env: dict[str, str]) -> str:
         d = prepared.demand
+        inherited = inherited_environment()
         spec = LaunchSpec(
             cmdline=prepared.cmdline,
             hostnames=placement.hostnames,
@@ -125,6 +126,7 @@ class MPIMode(JobMode):
             cpu_ids=placement.cpu_ids,
             gpu_ids=placement.gpu_ids,
             launch_params=prepared.launch_params,
+            env_names=sorted(k for k, v in env.items() if inherited.get(k) != v),
         )
         mpi_line = self.context.platform.mpi_command_line(spec)
         return shell_line(mpi_line, prepared.preamble, prepared.workdir)
@@ -144,7 +146,7 @@ class MPIMode(JobMode):
             try:
                 env = launch_environment(prepared, placement, self.context.platform, self._hook)
                 prepared.workdir.mkdir(parents=True, exist_ok=True)
-                cmd = self._command(prepared, placement)
+                cmd = self._command(prepared, placement, env)
             except Exception as exc:
                 self.node_manager.free(prepared.id)
                 reason = f"An exception occurred while preparing the launch: {type(exc).__name__}: {exc}"
