@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "launcher"))
-
-from conftest import finish, start_launcher  # noqa: E402
-from launcher_harness import make_site  # noqa: E402
-from launcher_helpers import make_runnable, wait_for_states  # noqa: E402
+from platform_harness import finish, start_launcher
+from launcher_harness import make_site
+from launcher_helpers import make_runnable, wait_for_states
 
 __all__ = ["PRINT_ENV", "job_out", "make_runnable", "run_jobs", "site_for", "wait_for_states"]
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import finish, start_launcher, wait_for
+from platform_harness import finish, start_launcher
+from site_test_utils import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 

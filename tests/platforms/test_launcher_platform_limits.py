@@ -9,17 +9,14 @@
 
 from __future__ import annotations
 
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "launcher"))
-
-from conftest import finish, start_launcher  # noqa: E402
-from launcher_harness import make_site  # noqa: E402
-from launcher_helpers import make_runnable, wait_for_states  # noqa: E402
+from platform_harness import finish, start_launcher
+from launcher_harness import make_site
+from launcher_helpers import make_runnable, wait_for_states
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
