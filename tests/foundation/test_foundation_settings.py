@@ -183,7 +183,7 @@ INVENTORY_KEYS = {
     "launcher": ["idle_ttl_sec", "delay_sec", "error_tail_num_lines", "max_concurrent_mpiruns",
                  "mpirun_allows_node_packing", "serial_mode_prefetch_per_rank", "sort_by",
                  "serial_mode_startup_params", "platform", "platform_options"],
-    "scheduler": ["name", "sync_period", "allowed_queues", "allowed_projects", "optional_batch_job_params",
+    "scheduler": ["name", "options", "sync_period", "allowed_queues", "allowed_projects", "optional_batch_job_params",
                   "job_template_path"],
     "processing": ["num_workers", "prefetch_depth"],
     "transfers": ["transfer_locations", "globus_endpoint_id", "globus_endpoint_site_path",

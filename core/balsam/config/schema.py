@@ -93,6 +93,9 @@ class LauncherSettings:
 @attrs.define
 class SchedulerSettings:
     name: str = setting("local", "Scheduler plugin that submits BatchJobs (local, slurm, pbs, ...).")
+    options: dict[str, Any] = setting(
+        help="Options of the scheduler plugin (e.g. slurm: queue_flag: --qos; see docs/schedulers/).", factory=dict
+    )
     sync_period: int = setting(10, "Seconds between two polls of the scheduler queue.")
     allowed_queues: dict[str, AllowedQueue] = setting(
         help="Queues BatchJobs may be submitted to, with their limits.",
