@@ -1,14 +1,18 @@
 """The Aurora guide (reference seeds/001, "Balsam on Aurora") end to end on a faked Aurora.
 
-``balsam site init --platform aurora``, the real site agent (processing), the guide's two scripts as
-written (only the site name changed), and the real launcher inside a faked PBS allocation: a
-``$PBS_NODEFILE`` of two Aurora node names and a recording PALS ``mpiexec`` first on ``PATH`` that
-logs its command line and environment and runs the ranks here with MPICH. CPU ids are scaled to 24
-per node through ``launcher.platform_options.cpu_ids`` (the 12-rank job needs 12).
+``balsam site init --platform aurora``, the real site agent, the guide's job script as written (only
+the site name changed), then the guide's ``balsam queue submit -n 2 -t 10 -q debug-scaling -A
+<project> -j mpi`` (mpi mode) or its ``submit_mpi_mode.py`` with ``job_mode="serial"``. The agent
+renders the Aurora job template and submits it to a fake PBS server (tests/fixtures/fake_pbs, the
+``balsam.testing.fakebatch`` engine) whose two nodes carry Aurora names; the batch script runs the
+real launcher with ``$PBS_NODEFILE`` and a recording PALS ``mpiexec`` first on ``PATH`` that logs its
+command line and environment and runs the ranks here with MPICH. CPU ids are scaled to 24 per node
+through ``launcher.platform_options.cpu_ids`` (the 12-rank job needs 12).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -17,8 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from platform_harness import finish, start_launcher
+from balsam.testing.fakebatch import fake_batch_env
 from site_test_utils import wait_for
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -76,7 +82,7 @@ from balsam.api import BatchJob, Site
 
 # Get the site id
 site = Site.objects.get("test_aurora")
-site_id = site.site_id if hasattr(site, "site_id") else site.id
+site_id = site.id
 
 # Submit batch job to PBS
 batch_job = BatchJob.objects.create(
@@ -136,43 +142,58 @@ def job_states(client, site_id: int) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("mode", ["mpi", "serial"])
-def test_aurora_guide_on_a_faked_aurora(mode: str, client, agent_daemon, fake_machine, tmp_path: Path) -> None:
+def test_aurora_guide_on_a_faked_aurora(mode: str, client, agent_daemon, fake_machine, tmp_path: Path,
+                                       monkeypatch) -> None:
+    machine = fake_machine(HOSTS)
+    install_getting_started(machine.home)
+    # The machine as the site agent and the batch jobs see it: PALS mpiexec first on PATH, and a
+    # (fake) PBS server with Aurora's queues and two Aurora nodes, with qsub/qstat on PATH too.
+    for key, value in {**machine.env(), **fake_batch_env(FIXTURES / "fake_pbs", tmp_path / "pbs-server",
+                                                         FAKE_BATCH_NODES=",".join(HOSTS),
+                                                         FAKE_BATCH_QUEUES="debug,debug-scaling,prod")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{machine.bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # the template exports the ALCF proxy
+
     name = f"aurora-{uuid.uuid4().hex[:6]}"
     site_path = tmp_path / name
     said = balsam("site", "init", "--platform", "aurora", "-n", name, str(site_path)).stdout
     assert "platform aurora" in said
     settings = yaml.safe_load((site_path / "settings.yml").read_text())
     assert settings["scheduler"]["name"] == "pbs" and "debug-scaling" in settings["scheduler"]["allowed_queues"]
-    # Fast test settings; no scheduler module (there is no PBS here: the launcher is started below).
+    # Fast test settings, and the CPU ids scaled to 24 per node (the 12-rank job needs 12).
     settings["launcher"].update(idle_ttl_sec=3, delay_sec=1, platform_options={"cpu_ids": "0-23"})
-    settings["scheduler"] = None
+    settings["scheduler"]["sync_period"] = 1
     settings["processing"] = {**(settings.get("processing") or {}), "num_workers": 2}
     (site_path / "settings.yml").write_text(yaml.safe_dump(settings))
     agent_daemon(site_path)
 
     python(GUIDE_JOBS.replace("test_aurora", name), cwd=site_path)
-    batch_job_id = int(python(GUIDE_SUBMIT.replace("test_aurora", name).replace('job_mode="mpi"', f'job_mode="{mode}"'),
-                              cwd=site_path).split()[-1])
     site_id = int((site_path / ".balsam-site").read_text().split()[0])
     wait_for(lambda: set(job_states(client, site_id).values()) == {"PREPROCESSED"}, timeout=90,
              what="the agent to preprocess the guide's 25 jobs")
-
-    machine = fake_machine(HOSTS)
-    install_getting_started(machine.home)
-    env = machine.env(PBS_NODEFILE=str(machine.node_file), PBS_JOBID="4242.aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov",
-                      BALSAM_BATCH_JOB_ID=str(batch_job_id))
-    launcher = start_launcher(site_path, mode, 10, env)
+    assert "EchoHello" in balsam("app", "ls", cwd=site_path).stdout
+    if mode == "mpi":
+        # The guide's command, as written but for the project name.
+        balsam("queue", "submit", "-n", "2", "-t", "10", "-q", "debug-scaling", "-A", "Aurora_deployment", "-j", "mpi",
+               cwd=site_path)
+    else:
+        # The guide's submit_mpi_mode.py (Python API), in serial mode.
+        python(GUIDE_SUBMIT.replace("test_aurora", name).replace('job_mode="mpi"', 'job_mode="serial"'), cwd=site_path)
     finished_states = {"RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"}
 
     def echo_done() -> bool:
         states = job_states(client, site_id)
         return all(s == "JOB_FINISHED" for w, s in states.items() if w.startswith("demo/echo_hello"))
 
-    wait_for(echo_done, timeout=120, what="the 24 EchoHello jobs to finish")
+    wait_for(echo_done, timeout=180, what="the 24 EchoHello jobs to finish")
     if mode == "mpi":
         wait_for(lambda: job_states(client, site_id)["demo/hello_affinity"] in finished_states, timeout=60,
                  what="the HelloAffinity job")
-    assert finish(launcher) == 0, Path(launcher.console_path).read_text()
+    wait_for(lambda: "finished" in balsam("queue", "ls", "--history", cwd=site_path).stdout, timeout=90,
+             what="the batch job to end (launcher idle exit)")
+    (script,) = (site_path / "qsubmit").glob("*.sh")
+    assert "#PBS -l select=2:system=aurora" in script.read_text()
 
     # Every EchoHello job saw exactly one tile, its own, and OMP_NUM_THREADS=1.
     seen = []
