@@ -91,3 +91,26 @@ def test_job_that_can_never_fit_fails_with_the_reason(mode: str, balsam_env, fak
     if mode == "mpi":
         assert "nodes" in failed
         assert "asks for 3 nodes" in reasons[by_dir["nodes"].id]
+
+
+def test_job_for_a_larger_waiting_batch_job_is_left_for_it(balsam_env, fake_machine, tmp_path: Path) -> None:
+    """A 3-node job is not failed by a 2-node launcher while a 4-node BatchJob of the site waits."""
+    from balsam.api import ApplicationDefinition, BatchJob
+
+    name, path = aurora_site(tmp_path)
+
+    class Big(ApplicationDefinition):
+        site = name
+        command_template = "echo big"
+
+    Big.sync()
+    (big,) = make_runnable([Big.submit(workdir="big", num_nodes=3, save=False)])
+    BatchJob.objects.create(site_id=Big.resolve_site_id(), project="p", queue="q", num_nodes=4, wall_time_min=10,
+                            job_mode="mpi")
+    machine = fake_machine(HOSTS)
+    proc = start_launcher(path, "mpi", 10, machine.env(PBS_NODEFILE=str(machine.node_file), PBS_JOBID="78.aurora-pbs"))
+    assert finish(proc) == 0  # idle exit, after at least one probe turn
+    log = "".join(p.read_text() for p in (path / "log").glob("mpi_mode_*.log"))
+    assert "mpi mode done (idle)" in log
+    (job,) = wait_for_states([big], {"PREPROCESSED"}, timeout=10).values()
+    assert str(job.state) == "PREPROCESSED" and machine.records() == []

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from balsam.platform import LaunchSpec
 
-from .._api import note_batch_job
+from .._api import largest_active_batch_job, note_batch_job
 from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
 from ..job_mode import JobMode
 from ..node_manager import InsufficientResources, NodeManager, Placement, UnsatisfiableJob
@@ -95,12 +95,21 @@ class MPIMode(JobMode):
 
         Asked only while every node is idle and the regular acquire found nothing, so the answer
         holds nothing this launcher could run (a job created in between is simply run); at most
-        once per ``max(delay_sec, 5)`` seconds.
+        once per ``max(delay_sec, 5)`` seconds; and never while another BatchJob of the site that is
+        waiting or running is larger than this partition (such jobs are for it).
         """
         now = time.monotonic()
         if now < self._next_probe:
             return []
         self._next_probe = now + max(self.delay_sec, 5.0)
+        nodes = len(self.node_manager)
+        try:
+            larger = largest_active_batch_job(self.context.site_id, self.context.batch_job_id)
+        except Exception as exc:
+            logger.debug("not looking for oversized jobs: the site's batch jobs are not readable (%s)", exc)
+            return []
+        if larger > nodes:
+            return []
         return source.acquire(PROBE_JOBS, max_wall_time_min=self.countdown.remaining_min())
 
     def _report_launch_limit(self) -> None:
