@@ -96,9 +96,9 @@ def test_project_option_and_scheduler_defaults_order(balsam_env, client, tmp_pat
 
     # A scheduler's own site defaults come first; the platform's win over them.
     pbs = get_plugin_manager().load_driver("scheduler", "pbs")
-    monkeypatch.setattr(pbs, "site_defaults", lambda self: {
-        "allowed_queues": {"workq": {"max_nodes": 4, "max_walltime": 30, "max_queued_jobs": 2}},
-        "optional_batch_job_params": {"select": "", "filesystems": "home"}}, raising=False)
+    monkeypatch.setattr(pbs, "site_defaults", lambda self: {"scheduler": {
+        "name": "pbs", "allowed_queues": {"workq": {"max_nodes": 4, "max_walltime": 30, "max_queued_jobs": 2}},
+        "optional_batch_job_params": {"select": "", "filesystems": "home"}}}, raising=False)
     init_site(tmp_path / "a", "site-a", "aurora", client, projects=["MyAllocation"])
     settings = yaml.safe_load((tmp_path / "a" / "settings.yml").read_text())["scheduler"]
     assert settings["allowed_projects"] == ["MyAllocation"]

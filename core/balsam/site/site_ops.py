@@ -69,13 +69,15 @@ def available_platforms() -> dict[str, str]:
 
 
 def scheduler_site_defaults(scheduler_cls: Any) -> dict[str, Any]:
-    """The ``scheduler`` section values a scheduler driver contributes at ``site init`` (its usual
-    queues, projects and optional params), from ``Scheduler.site_defaults()``."""
+    """What a scheduler driver contributes to a new settings.yml (``Scheduler.site_defaults()``, in
+    settings.yml shape: the queues and projects it discovers on this machine...), without its name
+    (``site init`` sets the scheduler's name itself)."""
     site_defaults = getattr(scheduler_cls, "site_defaults", None)  # drivers written before the method
     if site_defaults is None:
         return {}
-    values = dict(scheduler_cls().site_defaults() or {})
-    values.pop("name", None)
+    values = copy.deepcopy(dict(scheduler_cls().site_defaults() or {}))
+    if isinstance(values.get("scheduler"), dict):
+        values["scheduler"].pop("name", None)
     return values
 
 
@@ -167,7 +169,7 @@ def init_site(
     scheduler_cls = pm.load_driver("scheduler", scheduler_name)
     overrides = deep_merge(
         {"launcher": {"platform": platform_name}, "scheduler": {"name": scheduler_name}},
-        {"scheduler": scheduler_site_defaults(scheduler_cls)},
+        scheduler_site_defaults(scheduler_cls),
     )
     overrides = deep_merge(overrides, platform_defaults)
     if projects:
