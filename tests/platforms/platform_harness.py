@@ -64,11 +64,12 @@ class FakeMachine:
         return [r for r in rows if launcher is None or r["launcher"] == launcher]
 
 
-def start_launcher(site_path: Path, job_mode: str, wall_time_min: float, env: dict[str, str]) -> subprocess.Popen:
-    """``python -m balsam.launcher -j MODE -t MIN``, as a machine's job template runs it."""
+def start_launcher(site_path: Path, job_mode: str, wall_time_min: float, env: dict[str, str],
+                   *args: str) -> subprocess.Popen:
+    """``python -m balsam.launcher -j MODE -t MIN [ARGS]``, as a machine's job template runs it."""
     full_env = {**os.environ, **env, "BALSAM_SITE_PATH": str(site_path)}
     out = open(site_path / "log" / f"launcher-{time.time_ns()}.console", "wb")
-    proc = subprocess.Popen([PYTHON, "-m", "balsam.launcher", "-j", job_mode, "-t", str(wall_time_min)],
+    proc = subprocess.Popen([PYTHON, "-m", "balsam.launcher", "-j", job_mode, "-t", str(wall_time_min), *args],
                             env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=site_path)
     proc.console_path = out.name  # type: ignore[attr-defined]
     out.close()

@@ -114,3 +114,27 @@ def test_job_for_a_larger_waiting_batch_job_is_left_for_it(balsam_env, fake_mach
     assert "mpi mode done (idle)" in log
     (job,) = wait_for_states([big], {"PREPROCESSED"}, timeout=10).values()
     assert str(job.state) == "PREPROCESSED" and machine.records() == []
+
+
+def test_launch_limit_is_shared_by_the_mpi_partitions(balsam_env, fake_machine, tmp_path: Path) -> None:
+    from balsam.api import ApplicationDefinition, BatchJob
+
+    name, path = aurora_site(tmp_path, max_mpiexec_per_batch_job=4)
+
+    class Echo(ApplicationDefinition):
+        site = name
+        command_template = "echo ran {{ n }}"
+
+    Echo.sync()
+    ids = make_runnable(Echo.submit(workdir=f"part/{n}", n=n, save=False) for n in range(6))
+    bj = BatchJob.objects.create(site_id=Echo.resolve_site_id(), project="p", queue="q", num_nodes=2,
+                                 wall_time_min=10, job_mode="mpi")
+    machine = fake_machine(HOSTS)
+    proc = start_launcher(path, "mpi", 10, machine.env(PBS_NODEFILE=str(machine.node_file), BALSAM_BATCH_JOB_ID=str(bj.id)),
+                          "--part", "mpi:1", "--part", "mpi:1")
+    assert finish(proc) == 0
+    jobs = wait_for_states(ids, {"RUN_DONE", "PREPROCESSED"}, timeout=30)
+    assert sorted(str(j.state) for j in jobs.values()) == ["PREPROCESSED"] * 2 + ["RUN_DONE"] * 4
+    assert len(machine.records("mpiexec")) == 4  # 2 per partition: the batch job's 4 in all
+    log = "".join(p.read_text() for p in (path / "log").glob("mpi_mode_*.log"))
+    assert log.count("stopped acquiring jobs after 2 MPI launches") == 2 and "shared by 2 mpi partitions" in log

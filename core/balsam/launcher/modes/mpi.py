@@ -9,13 +9,15 @@ starts ``platform.mpi_command_line(...)`` for each, and reports RUNNING / RUN_DO
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from typing import Any, Optional
 
-from balsam.platform import LaunchSpec
+from balsam.platform import LaunchLimit, LaunchSpec
 
 from .._api import largest_active_batch_job, note_batch_job
+from ..entry import MPI_PARTITIONS_ENV
 from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
 from ..job_mode import JobMode
 from ..node_manager import InsufficientResources, NodeManager, Placement, UnsatisfiableJob
@@ -27,6 +29,18 @@ logger = logging.getLogger(__name__)
 POLL_SEC = 0.01
 #: Jobs asked for per probe for jobs larger than the partition (see ``_probe_too_large``).
 PROBE_JOBS = 64
+
+
+def share_launch_limit(limit: Optional[LaunchLimit], mpi_partitions: Optional[str]) -> Optional[LaunchLimit]:
+    """This partition's part of a per-batch-job launch limit (the limit itself with one partition)."""
+    try:
+        shares = max(1, int(mpi_partitions or 1))
+    except ValueError:
+        shares = 1
+    if limit is None or shares == 1:
+        return limit
+    return LaunchLimit(max(1, limit.max_launches // shares),
+                       f"{limit.reason}, shared by {shares} mpi partitions")
 
 
 class MPIMode(JobMode):
@@ -45,8 +59,9 @@ class MPIMode(JobMode):
         self._hook: Any = None
         #: Resources were freed or jobs arrived since the last placement attempt ran out of room.
         self._try_start = True
-        #: The platform's cap on MPI launches per batch job (Aurora: ~1,000), or None.
-        self.launch_limit = context.platform.launch_limit()
+        #: The platform's cap on MPI launches per batch job (Aurora: ~1,000), or None; the mpi
+        #: partitions of one batch job share it evenly.
+        self.launch_limit = share_launch_limit(context.platform.launch_limit(), os.environ.get(MPI_PARTITIONS_ENV))
         self._limit_reported = False
         self._next_probe = 0.0
 
