@@ -42,6 +42,13 @@ class PerlmutterOptions:
         "exhaust the network resource); empty: none.",
     )
 
+    def validate(self) -> dict[str, str]:
+        try:
+            parse_id_ranges(self.cpu_ids or "0")
+        except ValueError as exc:
+            return {"cpu_ids": str(exc)}
+        return {}
+
 
 class PerlmutterGPUPlatform(Platform):
     name = "perlmutter-gpu"

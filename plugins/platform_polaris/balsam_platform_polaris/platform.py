@@ -58,6 +58,13 @@ class PolarisOptions:
     )
     discover_mig: bool = option(True, "Run `nvidia-smi -L` on the launcher's node to find MIG instances.")
 
+    def validate(self) -> dict[str, str]:
+        try:
+            parse_id_ranges(self.cpu_ids)
+        except ValueError as exc:
+            return {"cpu_ids": str(exc)}
+        return {}
+
 
 def _pbs_job_number(value: str) -> Optional[int]:
     match = re.match(r"\s*(\d+)", value or "")

@@ -66,6 +66,13 @@ class ThetaKNLOptions:
     )
     aprun: str = option("aprun", "The ALPS aprun command.")
 
+    def validate(self) -> dict[str, str]:
+        try:
+            parse_id_ranges(self.cpu_ids)
+        except ValueError as exc:
+            return {"cpu_ids": str(exc)}
+        return {}
+
 
 class ThetaKNLPlatform(Platform):
     name = "theta-knl"
@@ -153,6 +160,13 @@ class ThetaGPUOptions:
         "creating MIG instances ($BALSAM_GPU_LIST_DIR in the template).",
     )
     mpirun: str = option("mpirun", "The Open MPI mpirun command.")
+
+    def validate(self) -> dict[str, str]:
+        try:
+            parse_id_ranges(self.cpu_ids)
+        except ValueError as exc:
+            return {"cpu_ids": str(exc)}
+        return {}
 
 
 class ThetaGPUPlatform(Platform):
