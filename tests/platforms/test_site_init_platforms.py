@@ -120,3 +120,17 @@ def test_platform_options_are_checked(platform: str) -> None:
         driver(options={"cpu_idz": "0-3"})
     with pytest.raises(ValueError, match="cpu_ids"):
         driver(options={"cpu_ids": "7-3"})
+
+
+def test_launcher_names_a_bad_platform_option_in_one_line() -> None:
+    from types import SimpleNamespace
+
+    from balsam.launcher.entry import LauncherError, _platform
+
+    settings = SimpleNamespace(launcher=SimpleNamespace(platform="aurora", platform_options={"cpu_idz": "0-3"}))
+    with pytest.raises(LauncherError) as info:
+        _platform(settings)
+    assert str(info.value).startswith("settings.yml launcher.platform_options.cpu_idz: unknown option (known: ")
+    settings.launcher.platform_options = {"cpu_ids": "9-1"}
+    with pytest.raises(LauncherError, match=r"^settings.yml launcher.platform_options.cpu_ids: range '9-1' runs backwards$"):
+        _platform(settings)

@@ -127,7 +127,9 @@ def _platform(settings: Any) -> Any:
     try:
         return driver(options=launcher_setting(settings, "platform_options") or None)
     except (TypeError, ValueError) as exc:
-        raise LauncherError(f"settings.yml launcher.platform_options: {exc}") from None
+        said = str(exc)
+        key = "" if said.startswith("launcher.platform_options") else "launcher.platform_options: "
+        raise LauncherError(f"settings.yml {key}{said}") from None
 
 
 def _job_mode_class(name: str) -> Any:
