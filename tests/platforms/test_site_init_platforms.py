@@ -122,15 +122,20 @@ def test_platform_options_are_checked(platform: str) -> None:
         driver(options={"cpu_ids": "7-3"})
 
 
-def test_launcher_names_a_bad_platform_option_in_one_line() -> None:
-    from types import SimpleNamespace
+@pytest.mark.parametrize("options,named", [({"cpu_idz": "0-3"}, "cpu_idz"), ({"cpu_ids": "9-1"}, "cpu_ids")])
+def test_launcher_names_a_bad_platform_option_in_one_line(options, named, balsam_env, tmp_path: Path) -> None:
+    import os
+    import uuid
 
-    from balsam.launcher.entry import LauncherError, _platform
+    from launcher_harness import make_site
 
-    settings = SimpleNamespace(launcher=SimpleNamespace(platform="aurora", platform_options={"cpu_idz": "0-3"}))
-    with pytest.raises(LauncherError) as info:
-        _platform(settings)
-    assert str(info.value).startswith("settings.yml launcher.platform_options.cpu_idz: unknown option (known: ")
-    settings.launcher.platform_options = {"cpu_ids": "9-1"}
-    with pytest.raises(LauncherError, match=r"^settings.yml launcher.platform_options.cpu_ids: range '9-1' runs backwards$"):
-        _platform(settings)
+    name = f"bad-{uuid.uuid4().hex[:6]}"
+    path = make_site(tmp_path / name, name, {"platform": "aurora", "platform_options": options})
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("x1000c0s0b0n0\n")
+    proc = subprocess.run([sys.executable, "-m", "balsam.launcher", "-j", "mpi", "-t", "1"], capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "BALSAM_SITE_PATH": str(path), "PBS_NODEFILE": str(nodefile)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and "settings.yml" in line and f"platform_options.{named}" in line
