@@ -10,7 +10,8 @@ from platform_harness import finish, start_launcher
 from launcher_harness import make_site
 from launcher_helpers import make_runnable, wait_for_states
 
-__all__ = ["PRINT_ENV", "job_out", "make_runnable", "run_jobs", "site_for", "wait_for_states"]
+__all__ = ["PRINT_ENV", "balsam_client", "done_site_id", "job_out", "make_runnable", "run_jobs", "site_for",
+           "wait_for_states"]
 
 PRINT_ENV = "echo job {{ n }} CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES OMP_NUM_THREADS=$OMP_NUM_THREADS"
 
@@ -45,3 +46,14 @@ def run_jobs(
 
 def job_out(site: tuple[str, Path], workdir: str) -> str:
     return (site[1] / "data" / workdir / "job.out").read_text()
+
+
+def balsam_client() -> Any:
+    from balsam.client import load_client
+
+    return load_client()
+
+
+def done_site_id(done: dict[str, Any]) -> int:
+    """The site of the jobs ``run_jobs`` returned."""
+    return int(next(iter(done.values())).site_id)

@@ -83,3 +83,30 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
         os.killpg(proc.pid, 9)
         proc.wait()
         raise AssertionError(f"launcher did not exit in {timeout} s:\n{Path(proc.console_path).read_text()[-3000:]}")
+
+
+def run_spans(client, site_id: int) -> dict[str, tuple[int, float, float]]:
+    """``{workdir: (job id, RUNNING time, RUN_DONE time)}`` from the jobs' events."""
+    import datetime as dt
+
+    from balsam.site.api_util import list_all
+
+    workdirs = {row["id"]: row["workdir"] for row in list_all(client, "/jobs/", {"site_id": site_id})}
+    times: dict[int, dict[str, float]] = {}
+    for event in list_all(client, "/events/", {"job_id": list(workdirs)}):
+        stamp = dt.datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+        times.setdefault(event["job_id"], {})[event["to_state"]] = stamp
+    return {workdirs[j]: (j, t["RUNNING"], t["RUN_DONE"]) for j, t in times.items() if "RUNNING" in t and "RUN_DONE" in t}
+
+
+def max_sharing(spans: dict[str, tuple[int, float, float]], slots: dict[str, object]) -> int:
+    """The most jobs that ran at the same time on one slot."""
+    worst = 0
+    for slot in set(slots.values()):
+        points = sorted((t, step) for w, s in slots.items() if s == slot
+                        for t, step in ((spans[w][1], 1), (spans[w][2], -1)))
+        level = 0
+        for _, step in points:  # an end sorts before a start at the same instant
+            level += step
+            worst = max(worst, level)
+    return worst
