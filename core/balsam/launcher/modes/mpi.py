@@ -31,13 +31,17 @@ POLL_SEC = 0.01
 PROBE_JOBS = 64
 
 
-def share_launch_limit(limit: Optional[LaunchLimit], mpi_partitions: Optional[str]) -> Optional[LaunchLimit]:
-    """This partition's part of a per-batch-job launch limit (the limit itself with one partition)."""
+def mpi_partitions(env: Any) -> int:
+    """How many mpi partitions the batch job has (1 unless the launcher split it)."""
     try:
-        shares = max(1, int(mpi_partitions or 1))
+        return max(1, int(env.get(MPI_PARTITIONS_ENV) or 1))
     except ValueError:
-        shares = 1
-    if limit is None or shares == 1:
+        return 1
+
+
+def share_launch_limit(limit: Optional[LaunchLimit], shares: int) -> Optional[LaunchLimit]:
+    """This partition's part of a per-batch-job launch limit (the limit itself with one partition)."""
+    if limit is None or shares <= 1:
         return limit
     return LaunchLimit(max(1, limit.max_launches // shares),
                        f"{limit.reason}, shared by {shares} mpi partitions")
@@ -61,9 +65,12 @@ class MPIMode(JobMode):
         self._try_start = True
         #: The platform's cap on MPI launches per batch job (Aurora: ~1,000), or None; the mpi
         #: partitions of one batch job share it evenly.
-        self.launch_limit = share_launch_limit(context.platform.launch_limit(), os.environ.get(MPI_PARTITIONS_ENV))
+        shares = mpi_partitions(os.environ)
+        self.launch_limit = share_launch_limit(context.platform.launch_limit(), shares)
         self._limit_reported = False
         self._next_probe = 0.0
+        #: With several mpi partitions a job too large for this one may fit another: never probe.
+        self._probe_oversized = shares == 1
 
     # -- one loop step each --------------------------------------------------------------------
     def _acquire(self, source: Any, updater: Any) -> Optional[int]:
@@ -90,7 +97,7 @@ class MPIMode(JobMode):
             max_nodes_per_job=max(1, empty),
             max_aggregate_nodes=free,
         )
-        if not jobs and empty == len(nm) and not self.pending:
+        if not jobs and empty == len(nm) and not self.pending and self._probe_oversized:
             jobs = self._probe_too_large(source)
         for job in jobs:
             try:
@@ -111,7 +118,8 @@ class MPIMode(JobMode):
         Asked only while every node is idle and the regular acquire found nothing, so the answer
         holds nothing this launcher could run (a job created in between is simply run); at most
         once per ``max(delay_sec, 5)`` seconds; and never while another BatchJob of the site that is
-        waiting or running is larger than this partition (such jobs are for it).
+        waiting or running is larger than this partition (such jobs are for it), nor when the batch
+        job has several mpi partitions (another may be large enough).
         """
         now = time.monotonic()
         if now < self._next_probe:
