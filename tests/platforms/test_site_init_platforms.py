@@ -139,3 +139,22 @@ def test_launcher_names_a_bad_platform_option_in_one_line(options, named, balsam
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("Error: ") and "settings.yml" in line and f"platform_options.{named}" in line
+
+
+def test_picker_proposes_the_recognised_machine(balsam_env, client, tmp_path: Path, monkeypatch) -> None:
+    import socket
+
+    import balsam.cli.site_commands as site_commands
+    from balsam.cli import main
+
+    monkeypatch.setattr(site_commands, "_interactive", lambda: True)
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "aurora-uan-0010.hostmgmt1000.cm.aurora.alcf.anl.gov")
+    # Enter twice: the proposed platform, then the proposed name.
+    result = CliRunner().invoke(main, ["site", "init", str(tmp_path / "on-aurora")], input="\n\n")
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.output.splitlines() if "(this host)" in line][0].split()[1] == "aurora"
+    assert yaml.safe_load((tmp_path / "on-aurora" / "settings.yml").read_text())["launcher"]["platform"] == "aurora"
+    # Outside a terminal the recognised machine is taken without asking.
+    monkeypatch.setattr(site_commands, "_interactive", lambda: False)
+    result = CliRunner().invoke(main, ["site", "init", str(tmp_path / "batch")])
+    assert result.exit_code == 0 and "platform aurora" in result.output
