@@ -49,13 +49,15 @@ def test_picker_lists_platforms_and_takes_the_choice(balsam_env, client, tmp_pat
     monkeypatch.setattr(site_commands, "_interactive", lambda: True)
     names = list(available_platforms())
     choice = names.index("sunspot") + 1
-    result = CliRunner().invoke(main, ["site", "init", str(tmp_path / "picked")], input=f"{choice}\npicked\n")
+    result = CliRunner().invoke(main, ["site", "init", str(tmp_path / "picked")], input=f"{choice}\npicked\nMyProj, Other\n")
     assert result.exit_code == 0, result.output
     for name in names:
         assert f") {name}" in result.output
     settings = yaml.safe_load((tmp_path / "picked" / "settings.yml").read_text())
     assert settings["launcher"]["platform"] == "sunspot"
     assert list(settings["scheduler"]["allowed_queues"]) == ["workq"]
+    assert settings["scheduler"]["allowed_projects"] == ["MyProj", "Other"]  # asked, Aurora_deployment proposed
+    assert "[Aurora_deployment]" in result.output
 
 
 def test_aurora_site_runs_the_guides_commands_unedited(balsam_env, client, tmp_path: Path) -> None:
@@ -149,8 +151,8 @@ def test_picker_proposes_the_recognised_machine(balsam_env, client, tmp_path: Pa
 
     monkeypatch.setattr(site_commands, "_interactive", lambda: True)
     monkeypatch.setattr(socket, "getfqdn", lambda *a: "aurora-uan-0010.hostmgmt1000.cm.aurora.alcf.anl.gov")
-    # Enter twice: the proposed platform, then the proposed name.
-    result = CliRunner().invoke(main, ["site", "init", str(tmp_path / "on-aurora")], input="\n\n")
+    # Enter three times: the proposed platform, name and projects.
+    result = CliRunner().invoke(main, ["site", "init", str(tmp_path / "on-aurora")], input="\n\n\n")
     assert result.exit_code == 0, result.output
     assert [line for line in result.output.splitlines() if "(this host)" in line][0].split()[1] == "aurora"
     assert yaml.safe_load((tmp_path / "on-aurora" / "settings.yml").read_text())["launcher"]["platform"] == "aurora"

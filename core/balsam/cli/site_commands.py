@@ -50,7 +50,7 @@ def init(site_path: str, name: Optional[str], platform_name: Optional[str], sche
     Without --platform, every installed platform plugin is offered (the one that recognises this
     host first); outside a terminal the recognised one, else ``default``, is taken.
     """
-    from balsam.site.site_ops import available_platforms, detect_platform, init_site
+    from balsam.site.site_ops import available_platforms, detect_platform, init_site, platform_projects
 
     path = Path(site_path).expanduser().absolute()
     interactive = _interactive()
@@ -71,6 +71,11 @@ def init(site_path: str, name: Optional[str], platform_name: Optional[str], sche
             platform_name = fallback
     if name is None:
         name = click.prompt("Site name", default=path.name) if interactive else path.name
+    if not projects and interactive:
+        suggested = ",".join(platform_projects(platform_name))
+        answer = click.prompt("Projects (allocations) BatchJobs may charge, comma separated"
+                              + ("" if suggested else " (empty: ask the scheduler)"), default=suggested)
+        projects = tuple(p.strip() for p in answer.split(",") if p.strip())
     site_id = init_site(path, name, platform_name, _client(), echo=click.echo, scheduler_name=scheduler_name,
                         projects=list(projects) or None)
     click.echo(f"New Balsam site {name!r} (id {site_id}, platform {platform_name}) set up at {path}")

@@ -81,6 +81,17 @@ def scheduler_site_defaults(scheduler_cls: Any) -> dict[str, Any]:
     return values
 
 
+def platform_projects(platform_name: str) -> list[str]:
+    """The projects a platform proposes for a new site (its ``settings_defaults()``), or none."""
+    from ..plugins.manager import get_plugin_manager
+
+    try:
+        defaults = get_plugin_manager().load_driver("platform", platform_name)().settings_defaults() or {}
+    except Exception:  # an unknown platform is reported by init_site itself
+        return []
+    return list((defaults.get("scheduler") or {}).get("allowed_projects") or [])
+
+
 def detect_platform(hostname: Optional[str] = None, env: Optional[dict[str, str]] = None) -> Optional[str]:
     """The installed platform that recognises this host (``Platform.recognizes``), if exactly one does."""
     from ..plugins.manager import get_plugin_manager
