@@ -49,7 +49,7 @@ def hooks_with_tests() -> dict[str, list[str]]:
 
 def test_there_are_hooks():
     assert "balsam_register_drivers" in hook_names()
-    assert len(hook_names()) >= 8
+    assert len(hook_names()) >= 7
 
 
 def test_every_hook_has_a_doc_section():

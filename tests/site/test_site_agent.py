@@ -151,7 +151,8 @@ def test_api_outage_is_retried_with_backoff(_live_server_obj, tmp_path, caplog) 
     LiveServer = type(_live_server_obj)  # the shared fixtures' uvicorn wrapper; this test needs its own server
 
     from balsam.client import RESTClient
-    from balsam.config import QueueMaintainerSettings, SiteConfig
+    from balsam.config import SiteConfig
+    from balsam.site.modules.queue_maintainer import QueueMaintainerSettings
     from balsam.site.modules.queue_maintainer import QueueMaintainerModule
     from balsam.site.site_ops import init_site
 

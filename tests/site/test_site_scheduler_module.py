@@ -138,7 +138,7 @@ def test_submits_renders_script_and_tracks_to_finished(setup, client) -> None:
     [
         ({"queue": "nope"}, "queue 'nope' is not in the site's allowed_queues"),
         ({"num_nodes": 9}, "num_nodes 9 is outside 1..4"),
-        ({"wall_time_min": 61}, "wall_time_min 61 exceeds max_walltime 60"),
+        ({"wall_time_min": 61}, "wall_time_min 61 is outside 1..60 allowed in queue"),
         ({"project": "other"}, "project 'other' is not in the site's allowed_projects"),
         ({"optional_params": {"colour": "red"}}, "unknown optional param(s) colour"),
     ],

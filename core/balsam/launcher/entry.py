@@ -113,14 +113,13 @@ def _load_site(site_path: Optional[str]) -> Any:
 
 
 def _platform(settings: Any) -> Any:
-    from balsam.plugins.manager import PluginError, get_plugin_manager
+    from balsam.config import site_platform
+    from balsam.options import OptionsError
+    from balsam.plugins.manager import PluginError
 
-    from .job_mode import launcher_setting
-
-    name = launcher_setting(settings, "platform") or "default"
     try:
-        return get_plugin_manager().load_driver("platform", name)()
-    except PluginError as exc:
+        return site_platform(settings)
+    except (PluginError, OptionsError) as exc:
         raise LauncherError(f"settings.yml launcher.platform: {exc}") from None
 
 

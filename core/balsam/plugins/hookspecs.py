@@ -19,6 +19,12 @@ from typing import Any, Callable
 import pluggy
 
 PROJECT_NAME = "balsam"
+
+#: Hooks of earlier versions -> what replaced them (a plugin still implementing one is told so).
+RETIRED_HOOKS: dict[str, str] = {
+    "balsam_settings_sections": "a settings.yml section is an agent module's options_schema "
+    "(see docs/plugins/writing-plugins.md)",
+}
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
@@ -37,20 +43,6 @@ def balsam_register_drivers(register: Callable[..., None]) -> None:
     ``scheduler``, ``platform``, ``transfer``, ``job_mode``, ``agent_module`` and ``driver`` is the
     class (or factory) that the entry point would have named. A name already taken in that kind is
     reported by ``balsam plugins ls`` as a conflict and the first registration wins.
-    Return value: ignored.
-    """
-
-
-@hookspec
-def balsam_settings_sections(register: Callable[..., None]) -> None:
-    """Contribute a top-level section of ``settings.yml``.
-
-    Called when settings are loaded or a sample file is rendered. Call
-    ``register(key, schema, comment="", *, enabled_by_default=True)`` where ``schema`` is an attrs
-    class whose fields (with defaults and ``metadata={"help": ...}``) describe the section,
-    ``comment`` is the text put above the section in ``balsam site sample-settings``, and
-    ``enabled_by_default=False`` writes the section as ``key: null`` in a new settings.yml. The loaded value is available as
-    ``settings.sections[key]`` (``None`` when the file sets the key to ``null``).
     Return value: ignored.
     """
 

@@ -48,7 +48,6 @@ __all__ = [
     "PluginError",
     "PluginManager",
     "PluginRecord",
-    "SettingsSection",
     "get_plugin_manager",
     "reset_plugin_manager",
 ]
@@ -109,18 +108,6 @@ class PluginRecord:
             "status": self.status,
             "error": self.error,
         }
-
-
-@attrs.define(eq=False)
-class SettingsSection:
-    """A top-level settings.yml section contributed through ``balsam_settings_sections``."""
-
-    key: str
-    schema: type
-    comment: str = ""
-    plugin: str = ""
-    #: Whether a new settings.yml enables the section (False: written as ``key: null``).
-    enabled_by_default: bool = True
 
 
 @attrs.define(eq=False)
@@ -276,7 +263,6 @@ class PluginManager:
         self._drivers: dict[str, dict[str, PluginRecord]] = {kind: {} for kind in KINDS}
         #: Losers of name conflicts and entries the allow-list switched off.
         self._other_rows: list[PluginRecord] = []
-        self._sections: Optional[dict[str, SettingsSection]] = None
         #: CLI commands added per plugin name (filled by the CLI group).
         self.cli_commands: dict[str, list[str]] = {}
 
@@ -332,6 +318,12 @@ class PluginManager:
                 continue
             for impl in caller.get_hookimpls():
                 if impl.hookwrapper or impl.optionalhook:
+                    continue
+                if name in hookspecs.RETIRED_HOOKS:
+                    problems.append(
+                        f"plugin '{impl.plugin_name}' implements the retired hook '{name}': "
+                        f"{hookspecs.RETIRED_HOOKS[name]}"
+                    )
                     continue
                 hint = did_you_mean(name, hook_names)
                 problems.append(
@@ -438,7 +430,6 @@ class PluginManager:
                 del self._plugins[name]
                 raise
             self._call_register_drivers(name, plugin)
-            self._sections = None
             return record
 
     def _impl_of(self, hook_name: str, plugin_name: str) -> Optional[Callable[..., Any]]:
@@ -555,58 +546,6 @@ class PluginManager:
                 for record in self._drivers[kind].values():
                     self._resolve(record)
             return dict(sorted(self._drivers[kind].items()))
-
-    # -- hook helpers used by the core ------------------------------------------------------------
-    def settings_sections(self, reserved: Iterable[str] = ()) -> dict[str, SettingsSection]:
-        """Sections contributed through ``balsam_settings_sections`` (key -> SettingsSection).
-
-        Keys in ``reserved`` (the core sections) and keys already taken are recorded as the
-        plugin's error and skipped; so is a schema that is not an attrs class.
-        """
-        self.load()
-        with self._lock:
-            if self._sections is not None:
-                return self._sections
-            reserved = set(reserved)
-            sections: dict[str, SettingsSection] = {}
-            for plugin_name, record in self._plugins.items():
-                if record.status != OK:
-                    continue
-                function = self._impl_of("balsam_settings_sections", plugin_name)
-                if function is None:
-                    continue
-                problems: list[str] = []
-
-                def register(
-                    key: str,
-                    schema: type,
-                    comment: str = "",
-                    *,
-                    enabled_by_default: bool = True,
-                    _p: str = plugin_name,
-                    _problems: list = problems,
-                ) -> None:
-                    if not isinstance(key, str) or not key.isidentifier():
-                        _problems.append(f"settings section key {key!r} is not an identifier")
-                    elif key in reserved:
-                        _problems.append(f"settings section '{key}' belongs to the core")
-                    elif key in sections:
-                        _problems.append(f"settings section '{key}' is already contributed by plugin '{sections[key].plugin}'")
-                    elif not attrs.has(schema):
-                        _problems.append(f"settings section '{key}': schema {schema!r} is not an attrs class")
-                    else:
-                        sections[key] = SettingsSection(
-                            key=key, schema=schema, comment=comment, plugin=_p, enabled_by_default=enabled_by_default
-                        )
-
-                try:
-                    function(register=register)
-                except Exception as exc:
-                    problems.append(f"balsam_settings_sections: {_one_line(exc)}")
-                if problems:
-                    record.error = "; ".join(problems)
-            self._sections = sections
-            return sections
 
     # -- reporting ------------------------------------------------------------------------------
     def records(self, resolve: bool = True) -> list[PluginRecord]:

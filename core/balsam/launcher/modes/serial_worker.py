@@ -118,13 +118,12 @@ class Master:
         self.acquirer = threading.Thread(target=self._acquirer, name="acquirer", daemon=True)
         self.acquirer.start()
 
-        from balsam.config import SiteConfig
+        from balsam.config import SiteConfig, site_platform
         from balsam.launcher.runner import _launch_hook
-        from balsam.plugins.manager import get_plugin_manager
 
         try:
             self.site_config = SiteConfig(config["site_path"] or None)
-            self.platform = get_plugin_manager().load_driver("platform", launcher["platform"] or "default")()
+            self.platform = site_platform(self.site_config.settings)
             self.hook = _launch_hook()
         except BaseException:
             self.abandon()
