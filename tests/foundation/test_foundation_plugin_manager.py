@@ -62,39 +62,51 @@ def test_third_party_drivers_resolved_through_metadata(fresh_plugins):
     }
 
 
-def test_hook_balsam_register_drivers(fresh_plugins):
+def test_third_party_transfer_driver_from_its_entry_point(fresh_plugins):
     pm = PluginManager(allowed=["testplugin"])
-    from balsam_testplugin.hooks import CopyTransfer
+    from balsam_testplugin.drivers import CopyTransfer
 
     assert pm.load_driver("transfer", "testplugin-copy") is CopyTransfer
     record = pm.list_drivers("transfer")["testplugin-copy"]
-    assert record.source == "registered by plugin testplugin"
+    assert record.source == "entry point balsam.transfers"
     assert record.distribution == "balsam-testplugin"
     assert record.description == "copies files locally"
 
 
-def test_register_drivers_name_conflict_is_reported_and_first_wins(fresh_plugins, monkeypatch):
-    monkeypatch.setenv("BALSAM_TESTPLUGIN_FAULTS", "conflict")
-    pm = PluginManager(allowed=["testplugin"])
+def test_name_conflict_between_distributions_is_reported_and_first_wins(fresh_plugins, monkeypatch):
+    from balsam.plugins import registry
+    from balsam.plugins.discovery import EntryPointInfo
+
+    real = registry.list_entry_points
+
+    def with_a_copycat(group):
+        found = real(group)
+        if group == "balsam.schedulers":
+            found.append(EntryPointInfo(group=group, name="local", value="copycat:LocalScheduler",
+                                        distribution="balsam-copycat", version="1.0", location=""))
+        return found
+
+    monkeypatch.setattr(registry, "list_entry_points", with_a_copycat)
+    pm = PluginManager(autoload=True)
     assert pm.load_driver("scheduler", "local") is LocalScheduler
     conflicts = [r for r in pm.report() if r["status"] == "conflict"]
-    assert len(conflicts) == 1
-    assert conflicts[0]["distribution"] == "balsam-testplugin"
-    assert "already taken by balsam" in conflicts[0]["error"]
+    assert len(conflicts) == 1 and conflicts[0]["distribution"] == "balsam-copycat"
+    assert conflicts[0]["error"] == ("scheduler name 'local' is already taken by balsam "
+                                     "(balsam.builtin.local_scheduler:LocalScheduler); the first one wins")
 
 
-def test_register_with_bad_kind_is_reported_not_raised(fresh_plugins):
+def test_retired_register_drivers_hook_is_refused_with_its_replacement(fresh_plugins):
     pm = PluginManager(autoload=False)
 
-    class Bad:
+    class Old:
         @hookimpl
         def balsam_register_drivers(self, register):
-            register("schedular", "x", object)
+            register("scheduler", "x", object)
 
-    pm.add_plugin(Bad(), name="bad")
-    row = [r for r in pm.report() if r["name"] == "bad"][0]
-    assert row["status"] == "failed"
-    assert "unknown driver kind 'schedular'" in row["error"]
+    with pytest.raises(PluginError, match="implements the retired hook 'balsam_register_drivers': drivers come from "
+                                          "their entry-point groups only"):
+        pm.add_plugin(Old(), name="old")
+    assert "old" not in [r["name"] for r in pm.report()]
 
 
 def test_unknown_driver_error_is_one_line_with_suggestion(fresh_plugins):
@@ -250,10 +262,9 @@ def test_agent_module_named_like_a_core_section_is_reported(fresh_plugins):
     from balsam.plugins.manager import PluginRecord
 
     pm = get_plugin_manager()
-    pm.list_drivers("agent_module")["scheduler"]  # loaded
     record = PluginRecord(kind="agent_module", name="launcher", distribution="balsam-bad", status="ok",
                           obj=pm.load_driver("agent_module", "scheduler"))
-    pm._drivers["agent_module"]["launcher"] = record
+    assert pm.drivers.claim(record)
     assert [s.key for s in section_specs()].count("launcher") == 1
     assert isinstance(Settings().launcher, LauncherSettings)
     assert record.error == "agent module name 'launcher' is a core settings section: the module is never enabled"

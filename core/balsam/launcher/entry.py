@@ -77,10 +77,10 @@ def split_nodes(nodes: Sequence[NodeInfo], partitions: Sequence[Partition]) -> l
 
 def configure_logging(path: Path, settings: Any = None) -> None:
     """Log to ``path`` with the site's logging settings (and warnings to stderr)."""
-    cfg = getattr(settings, "logging", None)
-    level = getattr(cfg, "level", "INFO") or "INFO"
-    fmt = getattr(cfg, "format", None) or "%(asctime)s.%(msecs)03d | %(process)d | %(levelname)s | %(name)s:%(lineno)s] %(message)s"
-    datefmt = getattr(cfg, "datefmt", None) or "%Y-%m-%d %H:%M:%S"
+    from balsam.config.schema import LoggingSettings
+
+    cfg = getattr(settings, "logging", None) or LoggingSettings()  # the schema: the one source of defaults
+    level, fmt, datefmt = cfg.level, cfg.format, cfg.datefmt
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("balsam")
     for handler in list(root.handlers):

@@ -28,30 +28,16 @@ from typing import Any, ClassVar, Iterator, Optional
 
 import attrs
 
+from balsam.config.schema import LauncherSettings
 from balsam.platform import NodeInfo, Platform
 
 logger = logging.getLogger(__name__)
 
-#: Defaults of ``settings.launcher`` used when a key is missing (Balsam 0.7 values).
-LAUNCHER_DEFAULTS: dict[str, Any] = {
-    "idle_ttl_sec": 60,
-    "delay_sec": 1,
-    "error_tail_num_lines": 10,
-    "max_concurrent_mpiruns": 1000,
-    "mpirun_allows_node_packing": None,
-    "serial_mode_prefetch_per_rank": 64,
-    "sort_by": None,
-    "serial_mode_startup_params": {},
-    "platform": "default",
-}
-
-
 def launcher_setting(settings: Any, name: str) -> Any:
+    """``settings.launcher.<name>``; the defaults are those of the schema (``LauncherSettings``),
+    the one source, also for a settings object without a launcher section (tests, embedding)."""
     section = getattr(settings, "launcher", None)
-    value = getattr(section, name, LAUNCHER_DEFAULTS.get(name)) if section is not None else LAUNCHER_DEFAULTS.get(name)
-    if value is None and name not in ("mpirun_allows_node_packing", "sort_by"):
-        return LAUNCHER_DEFAULTS.get(name)
-    return value
+    return getattr(section if section is not None else LauncherSettings(), name)
 
 
 def env_float(name: str, default: float) -> float:

@@ -108,8 +108,7 @@ class ProcessingModule(AgentModule):
 
     @property
     def tail_num_lines(self) -> int:
-        launcher = getattr(getattr(self.site_config, "settings", None), "launcher", None)
-        return int(getattr(launcher, "error_tail_num_lines", 10) or 10)
+        return int(self.site_config.settings.launcher.error_tail_num_lines)
 
     def _filter_tags(self) -> dict:
         return dict(getattr(getattr(self.site_config, "settings", None), "filter_tags", None) or {})
