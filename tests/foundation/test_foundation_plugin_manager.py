@@ -309,3 +309,22 @@ def test_plugins_show_names_hooks_section_and_origin():
     missing = run_balsam("plugins", "show", "testplugn")
     assert missing.returncode == 1
     assert missing.stderr.strip() == "Error: no plugin, driver or distribution named 'testplugn' (did you mean 'testplugin'?)"
+
+
+def test_enabled_section_of_an_agent_module_that_cannot_load_is_an_error(fresh_plugins):
+    from balsam.config import SettingsError, loads_settings, render_sample_settings
+    from balsam.plugins.manager import PluginRecord
+
+    pm = get_plugin_manager()
+    record = PluginRecord(kind="agent_module", name="watcher", distribution="balsam-watcher", status="failed",
+                          error="ModuleNotFoundError: No module named 'watcher'")
+    assert pm.drivers.claim(record)
+    with pytest.raises(SettingsError) as info:
+        loads_settings("processing: {}\nwatcher:\n  period: 5\n")
+    assert str(info.value) == (
+        "settings.yml:2 watcher: the agent module 'watcher' from balsam-watcher cannot be loaded "
+        "(ModuleNotFoundError: No module named 'watcher'); fix or uninstall it, or set this section to null"
+    )
+    assert loads_settings("watcher: null\n").sections["watcher"] is None
+    assert "# (the agent module 'watcher' cannot be loaded: ModuleNotFoundError: No module named 'watcher')\n" \
+           "watcher: null\n" in render_sample_settings()
