@@ -69,10 +69,9 @@ def _describe_record(pm, record: PluginRecord) -> list[str]:
     schema = getattr(record.obj, "options_schema", None) if record.status == "ok" else None
     if schema is not None and attrs.has(schema):
         help_texts = option_help(schema)
-        where = {"scheduler": "scheduler.options", "platform": "launcher.platform_options"}.get(
-            record.kind, f"the {record.name} section"
-        )
-        lines.append(f"  options ({where}):" + ("" if help_texts else " none"))
+        where = {"scheduler": " (scheduler.options)", "platform": " (launcher.platform_options)",
+                 "agent_module": f" (the {record.name} section)"}.get(record.kind, "")
+        lines.append(f"  options{where}:" + ("" if help_texts else " none"))
         for field in attrs.fields(schema):
             default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default  # type: ignore[attr-defined]
             lines.append(f"    {field.name} (default {default!r}): {help_texts[field.name]}")
