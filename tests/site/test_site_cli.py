@@ -136,10 +136,13 @@ def test_orphan_section_is_refused_by_init_sync_and_agent_start(balsam_env, clie
     balsam("site", "init", str(path), "-n", "orphan", "--platform", "default")
     text = (path / "settings.yml").read_text()
     # A new site only has the sections of installed modules.
-    assert "\ntransfers:" not in text and "\nelastic_queue:" not in text
+    from balsam.config import section_specs
+
+    installed = [spec.key for spec in section_specs()]
+    assert [line.split(":")[0] for line in text.splitlines() if line[:1].isalpha()] == installed
     lines = text.rstrip("\n").splitlines()
-    (path / "settings.yml").write_text("\n".join(lines + ["elastic_queue:", "  max_num_nodes: 4"]) + "\n")
-    where = f"{path / 'settings.yml'}:{len(lines) + 1} elastic_queue: no installed agent module consumes this section"
+    (path / "settings.yml").write_text("\n".join(lines + ["archiver:", "  max_files: 4"]) + "\n")
+    where = f"{path / 'settings.yml'}:{len(lines) + 1} archiver: no installed agent module consumes this section"
     proc = balsam("site", "sync", str(path), check=False)
     assert proc.returncode == 1 and proc.stderr.startswith(f"Error: {where}"), proc.stderr
     proc = balsam("site", "check-settings", str(path), check=False)
@@ -150,7 +153,7 @@ def test_orphan_section_is_refused_by_init_sync_and_agent_start(balsam_env, clie
     assert capsys.readouterr().err.startswith(f"Error: {where}")
     assert read_pid_file(path) is None
     # Disabled, it is no problem.
-    (path / "settings.yml").write_text("\n".join(lines + ["elastic_queue: null"]) + "\n")
+    (path / "settings.yml").write_text("\n".join(lines + ["archiver: null"]) + "\n")
     assert "OK (sections in effect:" in balsam("site", "check-settings", str(path)).stdout
 
 
