@@ -354,18 +354,18 @@ def test_settings_survive_pickling_for_worker_processes():
 
 
 def test_enabled_section_that_no_installed_module_consumes_is_refused():
-    # `archiver` stands for a module whose distribution is not installed (as transfers or elastic_queue
+    # `nightly_report` stands for a module whose distribution is not installed (as transfers or elastic_queue
     # are when their modules are missing).
-    message = error_of("archiver:\n  service_period: 5\n")
+    message = error_of("nightly_report:\n  service_period: 5\n")
     assert message == (
-        "settings.yml:1 archiver: no installed agent module consumes this section (install the distribution "
-        "that provides the 'archiver' agent module, or set it to null)"
+        "settings.yml:1 nightly_report: no installed agent module consumes this section (install the distribution "
+        "that provides the 'nightly_report' agent module, or set it to null)"
     )
-    assert error_of("processing: {}\narchiver: {}\n").startswith("settings.yml:2 archiver: no installed")
-    settings = loads_settings("archiver: null\n")  # disabled: nothing to refuse
-    assert "archiver" not in settings.sections and not settings.is_enabled("archiver")
-    with pytest.raises(SettingsError, match="<defaults> archiver: no installed agent module consumes this section"):
-        Settings(archiver={"service_period": 5})
+    assert error_of("processing: {}\nnightly_report: {}\n").startswith("settings.yml:2 nightly_report: no installed")
+    settings = loads_settings("nightly_report: null\n")  # disabled: nothing to refuse
+    assert "nightly_report" not in settings.sections and not settings.is_enabled("nightly_report")
+    with pytest.raises(SettingsError, match="<defaults> nightly_report: no installed agent module consumes this section"):
+        Settings(nightly_report={"service_period": 5})
 
 
 def test_a_new_settings_file_has_only_installed_modules_sections():
@@ -385,7 +385,7 @@ def test_check_settings_lists_every_problem(tmp_path):
         scheduler:
           options: {queue_flag: --qos}
           sync_period: 0
-        archiver: {}
+        nightly_report: {}
         """)
     result = run_balsam("site", "check-settings", str(path))
     assert result.returncode == 1 and result.stdout == ""
@@ -395,8 +395,8 @@ def test_check_settings_lists_every_problem(tmp_path):
         f"Error: {path}:5 launcher.platform_options.x: unknown key (no keys are accepted here)",
         f"Error: {path}:7 scheduler.options.queue_flag: unknown key (no keys are accepted here)",
         f"Error: {path}:8 scheduler.sync_period: must be at least 1",
-        f"Error: {path}:9 archiver: no installed agent module consumes this section (install the distribution "
-        "that provides the 'archiver' agent module, or set it to null)",
+        f"Error: {path}:9 nightly_report: no installed agent module consumes this section (install the distribution "
+        "that provides the 'nightly_report' agent module, or set it to null)",
         f"6 problems in {path}",
     ]
 

@@ -141,8 +141,8 @@ def test_orphan_section_is_refused_by_init_sync_and_agent_start(balsam_env, clie
     installed = [spec.key for spec in section_specs()]
     assert [line.split(":")[0] for line in text.splitlines() if line[:1].isalpha()] == installed
     lines = text.rstrip("\n").splitlines()
-    (path / "settings.yml").write_text("\n".join(lines + ["archiver:", "  max_files: 4"]) + "\n")
-    where = f"{path / 'settings.yml'}:{len(lines) + 1} archiver: no installed agent module consumes this section"
+    (path / "settings.yml").write_text("\n".join(lines + ["nightly_report:", "  max_files: 4"]) + "\n")
+    where = f"{path / 'settings.yml'}:{len(lines) + 1} nightly_report: no installed agent module consumes this section"
     proc = balsam("site", "sync", str(path), check=False)
     assert proc.returncode == 1 and proc.stderr.startswith(f"Error: {where}"), proc.stderr
     proc = balsam("site", "check-settings", str(path), check=False)
@@ -153,7 +153,7 @@ def test_orphan_section_is_refused_by_init_sync_and_agent_start(balsam_env, clie
     assert capsys.readouterr().err.startswith(f"Error: {where}")
     assert read_pid_file(path) is None
     # Disabled, it is no problem.
-    (path / "settings.yml").write_text("\n".join(lines + ["archiver: null"]) + "\n")
+    (path / "settings.yml").write_text("\n".join(lines + ["nightly_report: null"]) + "\n")
     assert "OK (sections in effect:" in balsam("site", "check-settings", str(path)).stdout
 
 
