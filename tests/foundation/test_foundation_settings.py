@@ -119,7 +119,7 @@ def test_retired_class_path_keys_point_to_plugin_names():
         ("queue_maintainer:\n  job_mode: mixed\n",
          "settings.yml:2 queue_maintainer.job_mode: expected 'mpi' or 'serial', got 'mixed'"),
         ("scheduler:\n  options: {queue_flag: --qos}\n",
-         "settings.yml:2 scheduler.options.queue_flag: unknown key (no keys are accepted here)"),
+         "settings.yml:2 scheduler.options.queue_flag: unknown option (scheduler 'local' takes no options)"),
         ("launcher:\n  platform_options: [1]\n",
          "settings.yml:2 launcher.platform_options: expected a mapping of NoOptions keys, got a list"),
         ("logging:\n  level: LOUD\n",
@@ -392,8 +392,8 @@ def test_check_settings_lists_every_problem(tmp_path):
     assert result.stderr.splitlines() == [
         f"Error: {path}:2 logging.level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'",
         f"Error: {path}:4 launcher.idle_ttl: unknown key (did you mean 'idle_ttl_sec'?)",
-        f"Error: {path}:5 launcher.platform_options.x: unknown key (no keys are accepted here)",
-        f"Error: {path}:7 scheduler.options.queue_flag: unknown key (no keys are accepted here)",
+        f"Error: {path}:5 launcher.platform_options.x: unknown option (platform 'default' takes no options)",
+        f"Error: {path}:7 scheduler.options.queue_flag: unknown option (scheduler 'local' takes no options)",
         f"Error: {path}:8 scheduler.sync_period: must be at least 1",
         f"Error: {path}:9 nightly_report: no installed agent module consumes this section (install the distribution "
         "that provides the 'nightly_report' agent module, or set it to null)",

@@ -432,6 +432,10 @@ def _bind_driver_options(sections: dict[str, Any], checker: _Checker, raw: Optio
             continue
         if isinstance(options, schema):
             continue
+        if not attrs.fields(schema) and isinstance(options, dict) and options:
+            for option_name in options:
+                checker.fail((key, options_field, str(option_name)), f"unknown option ({kind} '{name}' takes no options)")
+            continue
         converted = checker.value({} if options is None else options, schema, (key, options_field))
         if converted is not checker.INVALID and section is not None:
             sections[key] = attrs.evolve(section, **{options_field: converted})
