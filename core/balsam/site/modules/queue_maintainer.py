@@ -35,9 +35,11 @@ class QueueMaintainerSettings:
         problems = {}
         if self.job_mode not in ("mpi", "serial"):
             problems["job_mode"] = f"expected 'mpi' or 'serial', got {self.job_mode!r}"
-        for name in ("submit_period", "num_queued_jobs", "num_nodes", "wall_time_min"):
+        for name in ("submit_period", "num_nodes", "wall_time_min"):
             if getattr(self, name) < 1:
                 problems[name] = "must be at least 1"
+        if self.num_queued_jobs < 0:  # 0: keep the module configured but submit nothing
+            problems["num_queued_jobs"] = "must be at least 0"
         return problems
 
 
