@@ -41,6 +41,8 @@ class TestSlurmContract(SchedulerContract):
     ]
     backfill_outputs = {"sinfo_backfill": {"debug": [(4, 1440)]},
                         "synthetic_sinfo_mixed": {"big": [(10, 2880)], "debug": [(4, 30)], "long": [(2, 1440)]}}
+    queue_outputs = {"sinfo_queues": {"debug": (4, 10080)},
+                     "synthetic_sinfo_queues": {"debug": (4, 30), "regular": (1500, 2880), "long": (10, 10080)}}
     project_outputs = {"sacctmgr_accounts": ["root"]}
 
 

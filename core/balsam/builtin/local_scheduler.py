@@ -14,10 +14,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
+
+import attrs
 
 from balsam.config.paths import balsam_home
 from balsam.models import SchedulerJobStatus
+from balsam.options import option
 from balsam.scheduler import (
     Command,
     CommandResult,
@@ -25,12 +28,13 @@ from balsam.scheduler import (
     JobHistory,
     Scheduler,
     SchedulerError,
+    StatusPoll,
     SubmitRequest,
     subprocess_runner,
 )
 from balsam.states import BatchJobState
 
-__all__ = ["LocalScheduler", "default_state_dir"]
+__all__ = ["LocalScheduler", "LocalSchedulerOptions", "default_state_dir"]
 
 STATE_DIR_ENV = "BALSAM_LOCAL_SCHEDULER_DIR"
 
@@ -45,6 +49,15 @@ def _utc(epoch: Optional[float]) -> Optional[dt.datetime]:
     return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
 
 
+@attrs.frozen
+class LocalSchedulerOptions:
+    """``scheduler.options`` of the local scheduler."""
+
+    state_dir: Optional[str] = option(
+        None, f"Directory of the local queue's job records; null: ${STATE_DIR_ENV}, else $BALSAM_HOME/local-scheduler."
+    )
+
+
 class LocalScheduler(Scheduler):
     """Batch scripts run at once as local background processes; SIGTERM then SIGKILL on delete."""
 
@@ -52,15 +65,18 @@ class LocalScheduler(Scheduler):
     description = "Runs batch scripts as background processes of this machine (queue and project 'local')"
     # default_job_template stays empty: the site's generic template (balsam.site.job_template) fits.
     status_error_threshold = 3
+    options_schema = LocalSchedulerOptions
 
     def __init__(
         self,
         runner: CommandRunner = subprocess_runner,
         *,
         user: Optional[str] = None,
+        options: Any = None,
         state_dir: Optional[os.PathLike] = None,
     ) -> None:
-        super().__init__(runner, user=user)
+        super().__init__(runner, user=user, options=options)
+        state_dir = state_dir or self.options.state_dir
         self.state_dir = Path(state_dir).expanduser().resolve() if state_dir else default_state_dir()
 
     def _queue_command(self, *args: str, cwd: Optional[Path] = None) -> Command:
@@ -79,6 +95,11 @@ class LocalScheduler(Scheduler):
 
     # -- submit ---------------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:
+        if request.num_nodes > 1:
+            raise SchedulerError(
+                f"the local scheduler runs on this machine only: asked for {request.num_nodes} nodes (max 1)",
+                permanent=True,
+            )
         args = [
             "submit",
             str(Path(request.script_path).resolve()),
@@ -102,13 +123,6 @@ class LocalScheduler(Scheduler):
             raise SchedulerError(f"local scheduler printed no job id after submitting (got {text[:80]!r})")
         return int(text)
 
-    def submit(self, request: SubmitRequest) -> int:
-        if request.num_nodes > 1:
-            raise SchedulerError(
-                f"the local scheduler runs on this machine only: asked for {request.num_nodes} nodes (max 1)",
-                permanent=True,
-            )
-        return super().submit(request)
 
     # -- status ---------------------------------------------------------------------------------
     def render_status(self, user: str) -> Command:
@@ -150,23 +164,27 @@ class LocalScheduler(Scheduler):
         self._check(result, f"delete job {scheduler_id}")
 
     # -- history --------------------------------------------------------------------------------
-    def render_history(self, scheduler_id: int, script_path: Optional[Path]) -> Optional[Command]:
-        return self._queue_command("history", str(int(scheduler_id)))
+    def render_histories(self, jobs: Mapping[int, Optional[Path]]) -> Optional[Command]:
+        return self._queue_command("history", *(str(int(i)) for i in jobs))
 
-    def parse_history(
-        self, result: Optional[CommandResult], scheduler_id: int, script_path: Optional[Path]
-    ) -> Optional[JobHistory]:
+    def parse_histories(
+        self, result: Optional[CommandResult], jobs: Mapping[int, Optional[Path]], last_poll: StatusPoll
+    ) -> dict[int, Optional[JobHistory]]:
         if result is None:
-            return None
-        if result.returncode == 2:  # the queue never heard of this id
-            return None
-        self._check(result, f"read the record of job {scheduler_id}")
+            raise SchedulerError("local scheduler history was not read")
+        self._check(result, "read the records of its jobs")
         try:
-            record = json.loads(result.stdout)
+            records = json.loads(result.stdout)
         except json.JSONDecodeError as exc:
             raise SchedulerError(f"local scheduler history is not JSON ({exc.msg})") from None
-        if record.get("state") != "finished":
-            return None  # still running: no history yet
+        if not isinstance(records, dict):
+            raise SchedulerError("local scheduler history is not a JSON object")
+        return {scheduler_id: self._history(scheduler_id, records.get(str(scheduler_id))) for scheduler_id in jobs}
+
+    @staticmethod
+    def _history(scheduler_id: int, record: Any) -> Optional[JobHistory]:
+        if not isinstance(record, dict) or record.get("state") != "finished":
+            return None  # never heard of, or still running: no history yet
         native = str(record.get("native_state", "COMPLETED"))
         message = str(record.get("message", ""))
         if "exit_code" in record and not message:

@@ -36,7 +36,11 @@ What the contract checks, beyond your cases:
 - truncated and shuffled copies of each recorded status output give SchedulerError or a subset of
   the recorded jobs (never an invented job id);
 - a runner that fails (a missing executable) gives SchedulerError from every method;
-- ``site_defaults()`` is in settings.yml shape and passes the real settings loader.
+- ``site_defaults()`` (fed the first queue and project outputs) is in settings.yml shape, names
+  the scheduler and passes the real settings loader; it never raises, whatever the commands print;
+- the driver is render/parse code only: no orchestration method overridden (unless declared in
+  ``overrides_orchestration`` with the reason) and no attribute changed by a call (the one state
+  between calls, the last status poll, is the base class's).
 
 The cases (class attributes, all optional but at least one status and one submit output):
 
@@ -48,6 +52,7 @@ The cases (class attributes, all optional but at least one status and one submit
 ``delete_outputs``   recorded name -> None (deleted, or already gone) or the error's fragment
 ``history_cases``    :class:`HistoryCase` list (``get_histories``)
 ``backfill_outputs`` recorded name -> ``{queue: [(num_nodes, wall_time_min), ...]}``
+``queue_outputs``    recorded name -> ``{queue: (max_nodes, max_walltime)}`` (``discover_queues``)
 ``project_outputs``  recorded name -> list of projects ``discover_projects`` returns
 """
 
@@ -65,6 +70,7 @@ import pytest
 import yaml
 
 from balsam.config import parse_settings, render_settings_yaml
+from balsam.models import AllowedQueue
 from balsam.scheduler import Command, CommandResult, Scheduler, SchedulerError, SubmitRequest
 from balsam.states import BatchJobState
 
@@ -135,7 +141,11 @@ class SchedulerContract:
     delete_outputs: ClassVar[Mapping[str, Optional[str]]] = {}
     history_cases: ClassVar[Sequence[HistoryCase]] = ()
     backfill_outputs: ClassVar[Mapping[str, Mapping[str, Sequence[tuple[int, int]]]]] = {}
+    queue_outputs: ClassVar[Mapping[str, Mapping[str, tuple[int, int]]]] = {}
     project_outputs: ClassVar[Mapping[str, Sequence[str]]] = {}
+    #: Orchestration methods this driver overrides, each with the reason (see Scheduler.guard);
+    #: any other override fails ``test_driver_is_render_parse_only``.
+    overrides_orchestration: ClassVar[Mapping[str, str]] = {}
 
     # -- helpers ----------------------------------------------------------------------------------
     def driver(self, answer: Optional[CommandResult | Callable[[Command], CommandResult]] = None) -> Scheduler:
@@ -156,7 +166,9 @@ class SchedulerContract:
             "histories": lambda d: d.get_histories({42: script, 43: None}),
             "history": lambda d: d.get_history(42, script),
             "backfill": lambda d: d.get_backfill_windows(),
+            "queues": lambda d: d.discover_queues(),
             "projects": lambda d: d.discover_projects(),
+            "site_defaults": lambda d: d.site_defaults(),
         }
 
     @staticmethod
@@ -174,6 +186,10 @@ class SchedulerContract:
             assert isinstance(value, dict)
         elif operation == "projects":
             assert isinstance(value, list) and all(isinstance(p, str) and p for p in value)
+        elif operation == "queues":
+            assert isinstance(value, dict) and all(isinstance(q, AllowedQueue) for q in value.values())
+        elif operation == "site_defaults":
+            assert isinstance(value, dict) and set(value) <= {"scheduler"}
 
     # -- identity, options, template --------------------------------------------------------------
     def test_name_and_entry_point(self):
@@ -196,7 +212,8 @@ class SchedulerContract:
         from balsam.site.job_template import build_context, render_job_script
 
         template = self.scheduler_class.default_job_template
-        assert template, "set default_job_template (written by `balsam site init`)"
+        if not template:
+            pytest.skip("no default_job_template: site init writes balsam's generic template")
         batch_job = {"id": 7, "project": "proj", "queue": "debug", "num_nodes": 2, "wall_time_min": 30,
                      "job_mode": job_mode, "filter_tags": {"wf": "a"}, "optional_params": {}, "partitions": []}
         script = render_job_script(template, build_context(batch_job, tmp_path, call_hook=False))
@@ -284,9 +301,44 @@ class SchedulerContract:
             got = {q: [(w.num_nodes, w.wall_time_min) for w in ws] for q, ws in windows.items()}
             assert got == {q: [tuple(w) for w in ws] for q, ws in expected.items()}, f"{name}: got {got}"
 
+    def test_queue_outputs(self):
+        for name, expected in self.queue_outputs.items():
+            queues = self.driver(self.recorded(name)).discover_queues()
+            got = {q: (limits.max_nodes, limits.max_walltime) for q, limits in queues.items()}
+            assert got == {q: tuple(v) for q, v in expected.items()}, f"{name}: got {got}"
+            assert all(limits.max_queued_jobs > 0 for limits in queues.values())
+
     def test_project_outputs(self):
         for name, expected in self.project_outputs.items():
             assert self.driver(self.recorded(name)).discover_projects() == list(expected), name
+
+    # -- the shape of the driver ---------------------------------------------------------------------
+    def test_driver_is_render_parse_only(self):
+        """No orchestration method overridden (unless declared with a reason)."""
+        orchestration = ("run", "submit", "get_statuses", "delete_job", "get_history", "get_histories",
+                         "get_backfill_windows", "discover_queues", "discover_projects", "guard")
+        for klass in self.scheduler_class.__mro__:
+            if klass is Scheduler:
+                break
+            for method in orchestration:
+                if method in vars(klass) and method not in self.overrides_orchestration:
+                    pytest.fail(f"{klass.__name__} overrides {method}(): implement the render/parse pairs instead, "
+                                "or declare it in overrides_orchestration with the reason")
+
+    def test_driver_keeps_no_state_between_calls(self, tmp_path):
+        """Only the base class's last_poll changes from call to call (a history fall-back belongs in
+        the StatusPoll that parse_status returns, not in the driver)."""
+        for name in list(self.status_outputs)[:1]:
+            driver = self.driver(self.recorded(name))
+            before = {k: v for k, v in vars(driver).items() if k != "last_poll"}
+            driver.get_statuses(self.now)
+            try:
+                driver.get_histories({42: None})
+            except SchedulerError:
+                pass
+            after = {k: v for k, v in vars(driver).items() if k != "last_poll"}
+            assert after.keys() == before.keys() and all(after[k] is before[k] for k in before), \
+                f"the driver's attributes changed across calls: {sorted(k for k in after if after.get(k) is not before.get(k))}"
 
     # -- robustness -------------------------------------------------------------------------------
     @pytest.mark.parametrize("returncode", [0, 1])
@@ -355,10 +407,22 @@ class SchedulerContract:
             assert operation not in ("submit", "status", "delete"), f"{operation} ignored a failed command"
 
     def test_site_defaults_pass_the_settings_loader(self):
-        site_defaults = getattr(self.driver(), "site_defaults", None)
-        if site_defaults is None:
-            pytest.skip("this balsam has no Scheduler.site_defaults")
-        defaults = site_defaults()
+        plain = self.driver()
+        recorded: list[tuple[Optional[Command], CommandResult]] = []
+        if self.queue_outputs:
+            recorded.append((plain.render_discover_queues(), self.recorded(next(iter(self.queue_outputs)))))
+        if self.project_outputs:
+            recorded.append((plain.render_discover_projects(), self.recorded(next(iter(self.project_outputs)))))
+
+        def answer(command: Command) -> CommandResult:
+            # each discovery command its recorded output; anything else as if not installed
+            for rendered, output in recorded:
+                if rendered == command:
+                    return output
+            return CommandResult(tuple(command.args), 127, "", "command not found")
+
+        defaults = self.driver(answer).site_defaults()
         assert isinstance(defaults, dict), "site_defaults() returns a dict in settings.yml shape"
+        assert defaults.get("scheduler", {}).get("name") == self.scheduler_class.name
         text = render_settings_yaml(defaults, source=f"{self.scheduler_class.__name__}.site_defaults()")
         parse_settings(yaml.safe_load(text), source="settings.yml written by site init")

@@ -26,6 +26,7 @@ from balsam.scheduler import (
     Scheduler,
     SchedulerError,
     SchedulerJobStatus,
+    StatusPoll,
     SubmitRequest,
     format_walltime,
 )
@@ -281,22 +282,16 @@ class PBSScheduler(Scheduler):
         raise SchedulerError(f"qdel could not delete job {scheduler_id}: {_pbs_error(result)}")
 
     # -- history ----------------------------------------------------------------------------
-    def render_history(self, scheduler_id: int, script_path: Optional[Path]) -> Optional[Command]:
-        return self.render_histories([scheduler_id])
-
-    def parse_history(self, result: Optional[CommandResult], scheduler_id: int,
-                      script_path: Optional[Path]) -> Optional[JobHistory]:
-        if result is None:
-            return None
-        return self.parse_histories(result, {scheduler_id: script_path})[scheduler_id]
-
-    def render_histories(self, scheduler_ids: list[int]) -> Command:
-        return Command(["qstat", "-x", "-f", "-F", "json", *map(str, scheduler_ids)], env=PLAIN_ENV,
+    def render_histories(self, jobs: Mapping[int, Optional[Path]]) -> Command:
+        return Command(["qstat", "-x", "-f", "-F", "json", *map(str, jobs)], env=PLAIN_ENV,
                        unset_env=USER_FORMAT_VARIABLES)
 
-    def parse_histories(self, result: CommandResult, jobs: Mapping[int, Optional[Path]]) -> dict[int, Optional[JobHistory]]:
+    def parse_histories(self, result: Optional[CommandResult], jobs: Mapping[int, Optional[Path]],
+                        last_poll: StatusPoll) -> dict[int, Optional[JobHistory]]:
         """``qstat -x`` prints the records it has and one ``Unknown Job Id`` line per job it has
         forgotten (exiting non-zero); both are read."""
+        if result is None:
+            raise SchedulerError("qstat -x was not run")
         unknown = _unknown_ids(result)
         if result.returncode != 0 and not result.stdout.strip() and not unknown:
             raise SchedulerError(f"qstat -x failed: {_pbs_error(result)}")
@@ -350,19 +345,6 @@ class PBSScheduler(Scheduler):
                               message=f"PBS has no record of job {scheduler_id}; it ran (output file {output.name})")
         return JobHistory(scheduler_id=scheduler_id, state=BatchJobState.submit_failed, native_state="Unknown Job Id",
                           message=f"PBS has no record of job {scheduler_id} and it left no output file")
-
-    def get_histories(self, jobs: Mapping[int, Optional[Path]]) -> dict[int, Optional[JobHistory]]:
-        if not jobs:
-            return {}
-        try:
-            return self.parse_histories(self.run(self.render_histories(list(jobs))), jobs)
-        except SchedulerError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - nothing but SchedulerError reaches the agent
-            raise SchedulerError(f"pbs history lookup failed: {type(exc).__name__}: {exc}") from exc
-
-    def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
-        return self.get_histories({scheduler_id: script_path})[scheduler_id]
 
     # -- backfill ---------------------------------------------------------------------------
     def render_backfill(self) -> Optional[Command]:
