@@ -114,10 +114,6 @@ class HistoryCase:
     files: Mapping[int, Mapping[str, str]] = attrs.field(factory=dict)
 
 
-def _request(tmp_path: Path) -> SubmitRequest:
-    script = tmp_path / "qsubmit" / "qlaunch00042.sh"
-    return SubmitRequest(script_path=script, project="proj", queue="debug", num_nodes=2, wall_time_min=30,
-                         job_name="qlaunch00042")
 
 
 class SchedulerContract:
@@ -133,6 +129,8 @@ class SchedulerContract:
     recorded_dir: ClassVar[Path]
     #: The time the status outputs were recorded at (``get_statuses(now)``).
     now: ClassVar[dt.datetime] = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    #: Nodes of the SubmitRequest the checks submit (project "proj", queue "debug", 30 minutes).
+    request_num_nodes: ClassVar[int] = 2
 
     submit_outputs: ClassVar[Mapping[str, int]] = {}
     submit_refusals: ClassVar[Mapping[str, Refusal]] = {}
@@ -148,6 +146,11 @@ class SchedulerContract:
     overrides_orchestration: ClassVar[Mapping[str, str]] = {}
 
     # -- helpers ----------------------------------------------------------------------------------
+    def request(self, tmp_path: Path) -> SubmitRequest:
+        script = tmp_path / "qsubmit" / "qlaunch00042.sh"
+        return SubmitRequest(script_path=script, project="proj", queue="debug", num_nodes=self.request_num_nodes,
+                             wall_time_min=30, job_name="qlaunch00042")
+
     def driver(self, answer: Optional[CommandResult | Callable[[Command], CommandResult]] = None) -> Scheduler:
         """The driver under test, every command answered with ``answer``."""
         runner = ReplayRunner({}, default=answer)
@@ -160,7 +163,7 @@ class SchedulerContract:
         """Each public driver method as a call (used by the garbage and failure checks)."""
         script = tmp_path / "qsubmit" / "qlaunch00042.sh"
         return {
-            "submit": lambda d: d.submit(_request(tmp_path)),
+            "submit": lambda d: d.submit(self.request(tmp_path)),
             "status": lambda d: d.get_statuses(self.now),
             "delete": lambda d: d.delete_job(42),
             "histories": lambda d: d.get_histories({42: script, 43: None}),
@@ -226,7 +229,7 @@ class SchedulerContract:
 
     def test_render_commands_are_strings(self, tmp_path):
         driver = self.driver()
-        request = _request(tmp_path)
+        request = self.request(tmp_path)
         commands = [driver.render_submit(request), driver.render_status(self.user), driver.render_delete(42)]
         for command in commands:
             assert isinstance(command, Command) and command.args, "render_* returns a balsam.scheduler.Command"
@@ -238,12 +241,12 @@ class SchedulerContract:
     def test_submit_outputs(self, tmp_path):
         assert self.submit_outputs, "record at least one successful submission (submit_outputs)"
         for name, jobid in self.submit_outputs.items():
-            assert self.driver(self.recorded(name)).submit(_request(tmp_path)) == jobid, name
+            assert self.driver(self.recorded(name)).submit(self.request(tmp_path)) == jobid, name
 
     def test_submit_refusals(self, tmp_path):
         for name, refusal in self.submit_refusals.items():
             with pytest.raises(SchedulerError) as info:
-                self.driver(self.recorded(name)).submit(_request(tmp_path))
+                self.driver(self.recorded(name)).submit(self.request(tmp_path))
             assert refusal.match in str(info.value), f"{name}: {info.value}"
             if refusal.permanent is not None:
                 assert info.value.permanent is refusal.permanent, f"{name}: permanent={info.value.permanent}"
@@ -367,7 +370,7 @@ class SchedulerContract:
     def test_empty_output(self, tmp_path):
         answer = CommandResult(("cmd",), 0, "", "")
         with pytest.raises(SchedulerError):
-            self.driver(answer).submit(_request(tmp_path))
+            self.driver(answer).submit(self.request(tmp_path))
         for operation, call in self.every_operation(tmp_path).items():
             try:
                 value = call(self.driver(answer))
