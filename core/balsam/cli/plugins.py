@@ -6,6 +6,7 @@ import json
 
 import click
 
+from balsam.cli.plugin_scaffold import new
 from balsam.plugins.manager import HOOK_KIND, KINDS, PluginError, PluginRecord, did_you_mean, get_plugin_manager
 
 COLUMNS = ("kind", "name", "distribution", "version", "status", "error")
@@ -91,5 +92,7 @@ def show(name: str) -> None:
     blocks = ["\n".join(_describe_record(pm, r)) for r in records]
     click.echo("\n\n".join(blocks))
 
+
+plugins.add_command(new)
 
 commands = [plugins]
