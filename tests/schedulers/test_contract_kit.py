@@ -8,7 +8,7 @@ from balsam_scheduler_cobalt import CobaltScheduler
 from balsam_scheduler_pbs import PBSScheduler
 from balsam_scheduler_slurm import SlurmScheduler
 
-from sched_helpers import DATA
+from sched_helpers import DATA, FIXTURES
 
 Q, R, F, SF = BatchJobState.queued, BatchJobState.running, BatchJobState.finished, BatchJobState.submit_failed
 
@@ -71,6 +71,7 @@ class TestPBSContract(SchedulerContract):
         HistoryCase({1196180: SF}, output="qstat_x_unknown", files={1196180: {}}),
     ]
     backfill_outputs = {"pbsnodes_a_json": {"*": [(2, 60)], "debug": [(1, 60)]}}
+    fake_commands = FIXTURES / "fake_pbs"
 
 
 class TestCobaltContract(SchedulerContract):
@@ -94,3 +95,4 @@ class TestCobaltContract(SchedulerContract):
     backfill_outputs = {"nodelist": {"backfill": [(1, 75), (3, 31)], "default": [(1, 75), (3, 31)],
                                      "debug-cache-quad": [(1, 58)]}}
     project_outputs = {"qsub_bad_project": ["datascience", "catalyst", "CSC249ADCD08"]}
+    fake_commands = FIXTURES / "fake_cobalt"

@@ -36,6 +36,9 @@ What the contract checks, beyond your cases:
 - truncated and shuffled copies of each recorded status output give SchedulerError or a subset of
   the recorded jobs (never an invented job id);
 - a runner that fails (a missing executable) gives SchedulerError from every method;
+- with ``fake_commands`` (fake commands of your batch system on balsam.testing.fakebatch), a whole
+  lifecycle for real: submit, queued/running, left the queue, a finished history with times, the
+  script's output where the driver asked for it, a deletion;
 - ``site_defaults()`` (fed the first queue and project outputs) is in settings.yml shape, names
   the scheduler and passes the real settings loader; it never raises, whatever the commands print;
 - the driver is render/parse code only: no orchestration method overridden (unless declared in
@@ -116,6 +119,12 @@ class HistoryCase:
 
 
 
+def fakebatch_user() -> str:
+    from .fakebatch import user
+
+    return user()
+
+
 class SchedulerContract:
     """Base class of a scheduler plugin's conformance tests (see the module docstring)."""
 
@@ -141,6 +150,10 @@ class SchedulerContract:
     backfill_outputs: ClassVar[Mapping[str, Mapping[str, Sequence[tuple[int, int]]]]] = {}
     queue_outputs: ClassVar[Mapping[str, Mapping[str, tuple[int, int]]]] = {}
     project_outputs: ClassVar[Mapping[str, Sequence[str]]] = {}
+    #: A directory of fake commands of this batch system built on balsam.testing.fakebatch (None:
+    #: no lifecycle check), and FAKE_BATCH_* settings for them (e.g. a shorter wall-time minute).
+    fake_commands: ClassVar[Optional[Path]] = None
+    fake_settings: ClassVar[Mapping[str, str]] = {}
     #: Orchestration methods this driver overrides, each with the reason (see Scheduler.guard);
     #: any other override fails ``test_driver_is_render_parse_only``.
     overrides_orchestration: ClassVar[Mapping[str, str]] = {}
@@ -342,6 +355,47 @@ class SchedulerContract:
             after = {k: v for k, v in vars(driver).items() if k != "last_poll"}
             assert after.keys() == before.keys() and all(after[k] is before[k] for k in before), \
                 f"the driver's attributes changed across calls: {sorted(k for k in after if after.get(k) is not before.get(k))}"
+
+    # -- for real, on the fake batch system ----------------------------------------------------------
+    def test_lifecycle_on_the_fake_batch_system(self, tmp_path, monkeypatch):
+        """submit -> queued/running -> left the queue -> finished history with times; a queued job
+        deleted -> finished; the job's script ran with the output file the driver asked for."""
+        if self.fake_commands is None:
+            pytest.skip("no fake_commands directory (see balsam.testing.fakebatch)")
+        from .fakebatch import fake_batch_env, wait_for
+
+        for key, value in fake_batch_env(self.fake_commands, tmp_path / "server", **self.fake_settings).items():
+            monkeypatch.setenv(key, value)
+        driver = self.scheduler_class(user=fakebatch_user(), options=self.scheduler_options)
+        qsubmit = tmp_path / "qsubmit"
+        qsubmit.mkdir()
+        scripts = {}
+        for name, body in (("qlaunch00001", "echo lifecycle-ran; sleep 1"), ("qlaunch00002", "sleep 60")):
+            scripts[name] = qsubmit / f"{name}.sh"
+            scripts[name].write_text(f"#!/bin/bash\n{body}\n")
+            scripts[name].chmod(0o755)
+
+        def request(name: str, num_nodes: int) -> SubmitRequest:
+            return SubmitRequest(script_path=scripts[name], project="proj", queue="debug", num_nodes=num_nodes,
+                                 wall_time_min=5, job_name=name)
+
+        first = driver.submit(request("qlaunch00001", self.request_num_nodes))
+        second = driver.submit(request("qlaunch00002", self.request_num_nodes))
+        status = wait_for(lambda: driver.get_statuses().get(first), 20, "the first job in the status poll")
+        assert status.num_nodes == self.request_num_nodes and status.queue == "debug"
+        assert status.state in (BatchJobState.queued, BatchJobState.running)
+        wait_for(lambda: first not in driver.get_statuses(), 60, "the first job to leave the queue")
+        history = wait_for(lambda: driver.get_history(first, scripts["qlaunch00001"]), 30, "the first job's history")
+        assert history.state is BatchJobState.finished, history
+        assert history.end_time is not None and (history.start_time is None or history.start_time <= history.end_time)
+        outputs = [p for p in qsubmit.iterdir() if p.name.startswith("qlaunch00001.") and p.suffix != ".sh"]
+        assert any("lifecycle-ran" in p.read_text(errors="replace") for p in outputs), \
+            f"the script's output is in none of {sorted(p.name for p in outputs)}"
+        driver.delete_job(second)
+        wait_for(lambda: second not in driver.get_statuses(), 30, "the deleted job to leave the queue")
+        deleted = wait_for(lambda: driver.get_history(second, scripts["qlaunch00002"]), 30, "the deleted job's history")
+        assert deleted.state is BatchJobState.finished
+        driver.delete_job(second)  # already gone: not an error
 
     # -- robustness -------------------------------------------------------------------------------
     @pytest.mark.parametrize("returncode", [0, 1])
