@@ -71,6 +71,7 @@ class TestPBSContract(SchedulerContract):
         HistoryCase({1196180: SF}, output="qstat_x_unknown", files={1196180: {}}),
     ]
     backfill_outputs = {"pbsnodes_a_json": {"*": [(2, 60)], "debug": [(1, 60)]}}
+    queue_outputs = {"qstat_Qf_json": {"debug": (2, 60), "debug-scaling": (10, 60), "prod": (496, 1440)}}
     fake_commands = FIXTURES / "fake_pbs"
 
 

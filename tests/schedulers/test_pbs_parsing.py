@@ -170,3 +170,13 @@ def test_backfill_from_pbsnodes(pbs):
         "*": [(2, 60)], "debug": [(1, 60)]}
     with pytest.raises(SchedulerError):
         pbs.parse_backfill(result(stdout="{\"nodes\": {", returncode=0))
+
+
+def test_queue_discovery_keeps_the_queues_users_submit_to(pbs):
+    queues = pbs.parse_discover_queues(result(stdout=recorded("pbs", "qstat_Qf_json.txt")))
+    # maintenance is disabled, small is route-only, preemptable states no node limit
+    assert sorted(queues) == ["debug", "debug-scaling", "prod"]
+    assert (queues["debug"].max_nodes, queues["debug"].max_walltime, queues["debug"].max_queued_jobs) == (2, 60, 1)
+    assert (queues["prod"].max_nodes, queues["prod"].max_walltime, queues["prod"].max_queued_jobs) == (496, 1440, 100)
+    with pytest.raises(SchedulerError, match="cannot connect"):
+        pbs.parse_discover_queues(result(stderr="qstat: cannot connect to server polaris-pbs-01 (errno=111)", returncode=2))

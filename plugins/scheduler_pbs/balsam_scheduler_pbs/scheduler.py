@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 
 import attrs
 
+from balsam.models import AllowedQueue
 from balsam.options import option
 from balsam.scheduler import (
     BackfillWindow,
@@ -60,6 +61,10 @@ SELECT_PARAM = "select"
 RAW_FLAGS_PARAM = "qsub_flags"
 
 PLAIN_ENV = {"TZ": "UTC"}
+#: max_walltime written by site init for a queue without a wall-time limit (one week).
+UNLIMITED_WALLTIME_MIN = 7 * 1440
+#: max_queued_jobs written by site init for a queue without a per-user max_queued.
+DISCOVERED_MAX_QUEUED_JOBS = 20
 #: Longest scheduler comment kept as a status message.
 MAX_REASON_CHARS = 300
 USER_FORMAT_VARIABLES = ("PBS_QSTAT_HEADER", "QSTAT_HEADER", "PBS_QSTAT_NO_HEADER", "PBS_QSTAT_FMT")
@@ -345,6 +350,34 @@ class PBSScheduler(Scheduler):
                               message=f"PBS has no record of job {scheduler_id}; it ran (output file {output.name})")
         return JobHistory(scheduler_id=scheduler_id, state=BatchJobState.submit_failed, native_state="Unknown Job Id",
                           message=f"PBS has no record of job {scheduler_id} and it left no output file")
+
+    # -- queues (site init) -----------------------------------------------------------------------
+    def render_discover_queues(self) -> Optional[Command]:
+        return Command(["qstat", "-Q", "-f", "-F", "json"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES)
+
+    def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
+        """The queues users may submit to (enabled, not route-only) with a node limit
+        (``resources_max.nodect``); wall time from ``resources_max.walltime`` (none: a week) and
+        queued jobs from the per-user ``max_queued`` (none: ``DISCOVERED_MAX_QUEUED_JOBS``)."""
+        if result.returncode != 0 and not result.stdout.strip():
+            raise SchedulerError(f"qstat -Q failed: {_pbs_error(result)}")
+        queues = load_pbs_json(result.stdout, "qstat -Q -f -F json").get("Queue") or {}
+        if not isinstance(queues, dict):
+            raise SchedulerError("qstat -Q -f -F json: 'Queue' is not an object")
+        found: dict[str, AllowedQueue] = {}
+        for name, queue in sorted(queues.items()):
+            if not isinstance(queue, dict) or str(queue.get("enabled")) != "True" or str(queue.get("from_route_only")) == "True":
+                continue
+            limits = queue.get("resources_max") or {}
+            nodes = limits.get("nodect")
+            if not str(nodes).isdigit():
+                logger.info("qstat -Q: queue %s has no node limit (resources_max.nodect): left out", name)
+                continue
+            walltime = pbs_duration_min(limits["walltime"]) if limits.get("walltime") else UNLIMITED_WALLTIME_MIN
+            per_user = re.search(r"\bu:PBS_GENERIC=(\d+)", str(queue.get("max_queued") or ""))
+            found[name] = AllowedQueue(max_nodes=int(nodes), max_walltime=walltime or UNLIMITED_WALLTIME_MIN,
+                                       max_queued_jobs=int(per_user.group(1)) if per_user else DISCOVERED_MAX_QUEUED_JOBS)
+        return found
 
     # -- backfill ---------------------------------------------------------------------------
     def render_backfill(self) -> Optional[Command]:
