@@ -2,8 +2,9 @@
 
 The package is complete and green from the first minute: a working driver for a generic machine
 (platform: MPICH-style ``mpiexec`` over the nodes of a Slurm or PBS allocation) or batch system
-(scheduler: a ``qsub``/``qstat``/``qdel`` family printing ``|``-separated fields), example
-recordings, and a conformance test on ``balsam.testing`` that passes against them. ``TODO`` marks
+(scheduler: a ``qsub``/``qstat``/``qdel`` family printing ``|``-separated fields, with example
+recordings and fake commands on ``balsam.testing.fakebatch``), and a conformance test on
+``balsam.testing`` that passes against them. ``TODO`` marks
 each place to adapt to the real machine; replace the example recordings with the real system's.
 """
 
@@ -43,6 +44,8 @@ def scaffold(kind: str, name: str, parent: Path) -> Path:
         path = root / Template(relative).substitute(values)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(Template(text).substitute(values))
+        if text.startswith("#!"):
+            path.chmod(0o755)
     return root
 
 
@@ -194,6 +197,97 @@ class Test${klass}OnPBS(Test${klass}OnSlurm):
 ''',
 }
 
+_FAKE_WRAPPER = """#!/usr/bin/env python3
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+import fakeq  # noqa: E402
+
+fakeq.main("PROGRAM", sys.argv[1:])
+"""
+
+_FAKEQ = '''"""Fake qsub/qstat/qdel of the '$name' batch system, on balsam.testing.fakebatch.
+
+TODO: accept the real commands' arguments and print their real formats (the recorded outputs in
+tests/data say what they look like); the engine does the queueing, running and wall-time kills.
+"""
+
+import os
+import sys
+import time
+
+from balsam.testing import fakebatch
+
+
+def job_env(job, nodefile):
+    # TODO: the variables the real batch system sets inside a job
+    return {"FAKEQ_JOBID": str(job["id"]), "FAKEQ_NODEFILE": str(nodefile)}
+
+
+def iso(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) if epoch else ""
+
+
+def fail(message, code):
+    sys.stderr.write(message + "\\n")
+    sys.exit(code)
+
+
+def qsub(argv):
+    if not argv:
+        fail("qsub: no script", 2)
+    script, options = argv[-1], dict(zip(argv[:-1:2], argv[1:-1:2]))
+    queue = options.get("-q", fakebatch.queues()[0])
+    if queue not in fakebatch.queues():
+        fail(f"qsub: Unknown queue '{queue}'", 2)
+    if int(options.get("-n", 1)) > len(fakebatch.nodes()):
+        fail(f"qsub: {options['-n']} nodes exceed the {len(fakebatch.nodes())} of the machine", 3)
+    job = {"script": os.path.abspath(script), "cwd": os.getcwd(), "num_nodes": int(options.get("-n", 1)),
+           "wall_time_min": int(options.get("-t", 5)), "queue": queue, "project": options.get("-A", ""),
+           "name": options.get("-N", "job"), "output": options.get("-o")}
+    print(fakebatch.submit(job, [os.path.abspath(__file__), "run"]))
+
+
+def qstat(argv):
+    jobs = fakebatch.read_state()["jobs"]
+    if "-x" in argv:  # qstat -x -F id|state|exit|start|end ID...
+        for text in (a for a in argv if a.isdigit()):
+            job = jobs.get(text)
+            if job is not None:
+                letter = {"queued": "Q", "running": "R", "finished": "F"}[job["status"]]
+                code = "" if job.get("exit_status") is None or letter != "F" else job["exit_status"]
+                print(f"{job['id']}|{letter}|{code}|{iso(job.get('start_time'))}|{iso(job.get('end_time'))}")
+        return
+    user = argv[argv.index("-u") + 1] if "-u" in argv else fakebatch.user()
+    now = time.time()
+    for job in sorted(jobs.values(), key=lambda j: j["id"]):
+        if job["owner"] != user or job["status"] == "finished":
+            continue
+        letter = "R" if job["status"] == "running" else "Q"
+        elapsed = int((now - job["start_time"]) // 60) if job.get("start_time") else 0
+        reason = "" if letter == "R" else "Resources"
+        print(f"{job['id']}|{letter}|{job['queue']}|{job['num_nodes']}|{job['wall_time_min']}|{job['project']}|"
+              f"{elapsed}|{reason}")
+
+
+def qdel(argv):
+    for text in argv:
+        if fakebatch.request_delete(int(text)) is None:
+            fail(f"qdel: Unknown job {text}", 1)
+
+
+COMMANDS = {"qsub": qsub, "qstat": qstat, "qdel": qdel}
+
+
+def main(program, argv):
+    COMMANDS[program](argv)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["run"]:  # the runner fakebatch.submit started
+    fakebatch.run_job(int(sys.argv[2]), job_env, lambda job, what, **info: None)
+'''
+
 SCHEDULER_FILES = {
     "pyproject.toml": _PYPROJECT.replace("$extra_dependency", "").replace(
         "$package_data", "\n[tool.setuptools.package-data]\n$package = [\"*.sh\"]\n"),
@@ -208,8 +302,10 @@ The balsam scheduler plugin '$name': `scheduler: {name: $name}` in a site's sett
 Written by `balsam plugins new scheduler $name` for a `qsub`/`qstat`/`qdel` family that prints
 `|`-separated fields; `grep -rn TODO .` lists what to adapt, and the files in `tests/data/` are
 EXAMPLES to replace with outputs recorded on the real system (with exactly the command lines the
-driver renders; say where they came from in tests/data/README.md). The guide is
-docs/schedulers/writing-a-scheduler-plugin.md of balsam.
+driver renders; say where they came from in tests/data/README.md). `tests/fake_$name/` holds fake
+`qsub`/`qstat`/`qdel` on balsam's fake batch engine (`balsam.testing.fakebatch`): the contract
+runs a whole job lifecycle on them, so make them accept and print what the real commands do. The
+guide is docs/schedulers/writing-a-scheduler-plugin.md of balsam.
 """,
     "$package/__init__.py": '''"""The '$name' scheduler driver for balsam."""
 
@@ -260,6 +356,8 @@ Q, R, F = BatchJobState.queued, BatchJobState.running, BatchJobState.finished
 STATES = {"Q": Q, "H": Q, "R": R, "E": R, "F": F}
 #: The fields the status command is asked for, in order.
 STATUS_FIELDS = ("id", "state", "queue", "nodes", "walltime_min", "project", "elapsed_min", "reason")
+#: The fields the history command is asked for (times in ISO-8601, UTC).
+HISTORY_FIELDS = ("id", "state", "exit", "start", "end")
 
 
 @attrs.frozen
@@ -334,7 +432,7 @@ class $klass(Scheduler):
         raise SchedulerError(f"qdel could not delete job {scheduler_id}: {result.describe()}")
 
     def render_histories(self, jobs: Mapping[int, Optional[Path]]) -> Command:
-        return Command(["qstat", "-x", "-F", "id|state|exit", *map(str, jobs)], env={"TZ": "UTC"})
+        return Command(["qstat", "-x", "-F", "|".join(HISTORY_FIELDS), *map(str, jobs)], env={"TZ": "UTC"})
 
     def parse_histories(self, result: Optional[CommandResult], jobs: Mapping[int, Optional[Path]],
                         last_poll: StatusPoll) -> dict[int, Optional[JobHistory]]:
@@ -343,13 +441,28 @@ class $klass(Scheduler):
         histories: dict[int, Optional[JobHistory]] = dict.fromkeys(jobs)
         for line in result.stdout.splitlines():
             fields = line.strip().split("|")
-            if len(fields) != 3 or not fields[0].isdigit() or int(fields[0]) not in histories:
+            if len(fields) != len(HISTORY_FIELDS) or not fields[0].isdigit() or int(fields[0]) not in histories:
+                if line.strip():
+                    logger.warning("qstat -x: skipped unreadable line %r", line[:200])
                 continue
-            jobid, state, exit_code = fields
-            if STATES.get(state) is F:
-                histories[int(jobid)] = JobHistory(scheduler_id=int(jobid), state=F, native_state=state,
-                                                   message=f"exit code {exit_code}")
+            jobid, state, exit_code, start, end = fields
+            if STATES.get(state) is not F:
+                continue  # still queued or running
+            start_time, end_time = utc_time(start), utc_time(end)
+            never_ran = start_time is None and exit_code not in ("", "0")  # TODO: the system's own word for it
+            histories[int(jobid)] = JobHistory(
+                scheduler_id=int(jobid), state=BatchJobState.submit_failed if never_ran else F,
+                start_time=start_time, end_time=end_time, native_state=state,
+                message=f"exit code {exit_code}" if exit_code else "")
         return histories
+
+
+def utc_time(text: str) -> Optional[dt.datetime]:
+    """``2026-11-30T11:50:00`` (printed under TZ=UTC) -> an aware datetime; empty or unreadable -> None."""
+    try:
+        return dt.datetime.fromisoformat(text.strip()).replace(tzinfo=dt.timezone.utc) if text.strip() else None
+    except ValueError:
+        return None
 ''',
     "tests/test_contract.py": '''"""The '$name' driver against balsam.testing.SchedulerContract, on the outputs in tests/data."""
 
@@ -372,7 +485,14 @@ class Test${klass}(SchedulerContract):
     status_failures = {"qstat_down": "cannot connect"}
     delete_outputs = {"qdel_ok": None}
     history_cases = [HistoryCase({1229: S.finished, 1230: None}, output="qstat_x")]
+    # the whole lifecycle, for real, on the fake commands in tests/fake_$name (balsam.testing.fakebatch)
+    fake_commands = Path(__file__).parent / "fake_$name"
+    fake_settings = {"FAKE_BATCH_SECONDS_PER_MINUTE": "3"}
 ''',
+    "tests/fake_$name/fakeq.py": _FAKEQ,
+    "tests/fake_$name/qsub": _FAKE_WRAPPER.replace("PROGRAM", "qsub"),
+    "tests/fake_$name/qstat": _FAKE_WRAPPER.replace("PROGRAM", "qstat"),
+    "tests/fake_$name/qdel": _FAKE_WRAPPER.replace("PROGRAM", "qdel"),
     "tests/data/README.md": """# Recorded outputs
 
 EXAMPLES written by `balsam plugins new`, in the format the generated driver asks for. Replace
@@ -387,5 +507,5 @@ system cannot produce on demand.
     "tests/data/qstat_empty.txt": "",
     "tests/data/qstat_down.stderr.txt": "qstat: cannot connect to server (errno=111)\n",
     "tests/data/qdel_ok.txt": "",
-    "tests/data/qstat_x.txt": "1229|F|0\n1230|R|\n",
+    "tests/data/qstat_x.txt": "1229|F|0|2026-11-30T11:50:00|2026-11-30T11:55:02\n1230|R||2026-11-30T11:48:00|\n",
 }
