@@ -259,7 +259,7 @@ class CobaltScheduler(Scheduler):
     # -- projects ---------------------------------------------------------------------------
     def render_discover_projects(self) -> Optional[Command]:
         # Cobalt lists the user's projects when a submission names one that does not exist.
-        return Command(["qsub", "-A", "balsam_no_such_project", "-n", "1", "-t", "1", "/bin/true"])
+        return Command(["qsub", "-A", "balsam_no_such_project", "-n", "1", "-t", "1", "/bin/true"], timeout=20.0)
 
     def parse_discover_projects(self, result: CommandResult) -> list[str]:
         match = re.search(r"Projects available:\s*(.*)", result.stdout + "\n" + result.stderr)

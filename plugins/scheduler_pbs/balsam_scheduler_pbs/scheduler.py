@@ -63,6 +63,8 @@ RAW_FLAGS_PARAM = "qsub_flags"
 PLAIN_ENV = {"TZ": "UTC"}
 #: max_walltime written by site init for a queue without a wall-time limit (one week).
 UNLIMITED_WALLTIME_MIN = 7 * 1440
+#: Seconds a discovery command (site init, on a login node) may take before it is given up.
+DISCOVERY_TIMEOUT_SEC = 20.0
 #: max_queued_jobs written by site init for a queue without a per-user max_queued.
 DISCOVERED_MAX_QUEUED_JOBS = 20
 #: Longest scheduler comment kept as a status message.
@@ -353,7 +355,8 @@ class PBSScheduler(Scheduler):
 
     # -- queues (site init) -----------------------------------------------------------------------
     def render_discover_queues(self) -> Optional[Command]:
-        return Command(["qstat", "-Q", "-f", "-F", "json"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES)
+        return Command(["qstat", "-Q", "-f", "-F", "json"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES,
+                       timeout=DISCOVERY_TIMEOUT_SEC)
 
     def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
         """The queues users may submit to (enabled, not route-only) with a node limit

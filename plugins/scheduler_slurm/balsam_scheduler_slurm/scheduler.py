@@ -103,6 +103,8 @@ PLAIN_ENV = {"TZ": "UTC", "SLURM_TIME_FORMAT": "standard"}
 
 #: max_walltime written by site init for a partition without a time limit (one week).
 UNLIMITED_WALLTIME_MIN = 7 * 1440
+#: Seconds a discovery command (site init, on a login node) may take before it is given up.
+DISCOVERY_TIMEOUT_SEC = 20.0
 #: max_queued_jobs written by site init for a discovered partition (sinfo does not show QOS limits).
 DISCOVERED_MAX_QUEUED_JOBS = 20
 
@@ -463,7 +465,8 @@ class SlurmScheduler(Scheduler):
 
     # -- queues and projects (site init) ---------------------------------------------------------
     def render_discover_queues(self) -> Optional[Command]:
-        return Command(["sinfo", "--noheader", "--format", "%R|%D|%l"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES)
+        return Command(["sinfo", "--noheader", "--format", "%R|%D|%l"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES,
+                       timeout=DISCOVERY_TIMEOUT_SEC)
 
     def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
         """Each partition with its node count and time limit (no limit: a week). Slurm's per-user
@@ -492,7 +495,7 @@ class SlurmScheduler(Scheduler):
 
     def render_discover_projects(self) -> Optional[Command]:
         return Command(["sacctmgr", "--noheader", "--parsable2", "show", "associations", f"user={self.user}",
-                        "format=account"])
+                        "format=account"], timeout=DISCOVERY_TIMEOUT_SEC)
 
     def parse_discover_projects(self, result: CommandResult) -> list[str]:
         if result.returncode != 0:
