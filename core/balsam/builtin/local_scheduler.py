@@ -13,14 +13,12 @@ import datetime as dt
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
-
-import attrs
+from typing import Any, Optional
 
 from balsam.config.paths import balsam_home
 from balsam.models import SchedulerJobStatus
-from balsam.options import option
 from balsam.scheduler import (
     Command,
     CommandResult,
@@ -34,7 +32,7 @@ from balsam.scheduler import (
 )
 from balsam.states import BatchJobState
 
-__all__ = ["LocalScheduler", "LocalSchedulerOptions", "default_state_dir"]
+__all__ = ["LocalScheduler", "default_state_dir"]
 
 STATE_DIR_ENV = "BALSAM_LOCAL_SCHEDULER_DIR"
 
@@ -49,15 +47,6 @@ def _utc(epoch: Optional[float]) -> Optional[dt.datetime]:
     return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
 
 
-@attrs.frozen
-class LocalSchedulerOptions:
-    """``scheduler.options`` of the local scheduler."""
-
-    state_dir: Optional[str] = option(
-        None, f"Directory of the local queue's job records; null: ${STATE_DIR_ENV}, else $BALSAM_HOME/local-scheduler."
-    )
-
-
 class LocalScheduler(Scheduler):
     """Batch scripts run at once as local background processes; SIGTERM then SIGKILL on delete."""
 
@@ -65,18 +54,16 @@ class LocalScheduler(Scheduler):
     description = "Runs batch scripts as background processes of this machine (queue and project 'local')"
     # default_job_template stays empty: the site's generic template (balsam.site.job_template) fits.
     status_error_threshold = 3
-    options_schema = LocalSchedulerOptions
 
     def __init__(
         self,
         runner: CommandRunner = subprocess_runner,
         *,
         user: Optional[str] = None,
-        options: Any = None,
         state_dir: Optional[os.PathLike] = None,
+        options: Any = None,
     ) -> None:
         super().__init__(runner, user=user, options=options)
-        state_dir = state_dir or self.options.state_dir
         self.state_dir = Path(state_dir).expanduser().resolve() if state_dir else default_state_dir()
 
     def _queue_command(self, *args: str, cwd: Optional[Path] = None) -> Command:

@@ -6,8 +6,9 @@ import json
 
 import click
 
-from balsam.cli.plugin_scaffold import new
 from balsam.plugins.manager import HOOK_KIND, KINDS, PluginError, PluginRecord, did_you_mean, get_plugin_manager
+
+from .plugin_scaffold import new
 
 COLUMNS = ("kind", "name", "distribution", "version", "status", "error")
 
