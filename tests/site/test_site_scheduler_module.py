@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import pytest
 
@@ -71,8 +71,8 @@ class ScriptedScheduler(Scheduler):
         self.deleted.append(scheduler_id)
         self.queue.pop(scheduler_id, None)
 
-    def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
-        return self.history.get(scheduler_id)
+    def get_histories(self, jobs: Mapping[int, Optional[Path]], last_poll: Any = None) -> dict[int, Optional[JobHistory]]:
+        return {scheduler_id: self.history.get(scheduler_id) for scheduler_id in jobs}
 
     def get_backfill_windows(self) -> dict[str, list[BackfillWindow]]:
         return {"local": [BackfillWindow(num_nodes=4, wall_time_min=30)]}

@@ -11,6 +11,8 @@ from balsam.config import section_specs
 from balsam.options import option_help
 from balsam.plugins.manager import HOOK_KIND, KINDS, PluginError, PluginRecord, did_you_mean, get_plugin_manager
 
+from .plugin_scaffold import new
+
 COLUMNS = ("kind", "name", "distribution", "version", "status", "error")
 
 
@@ -94,5 +96,7 @@ def show(name: str) -> None:
     blocks = ["\n".join(_describe_record(pm, r)) for r in records]
     click.echo("\n\n".join(blocks))
 
+
+plugins.add_command(new)
 
 commands = [plugins]
