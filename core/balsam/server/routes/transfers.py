@@ -8,12 +8,12 @@ import sqlalchemy as sa
 from starlette.responses import Response
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP, TransferItem
-from balsam.states import JobState, TransferDirection, TransferItemState
+from balsam.states import DONE_STATES, JobState, TransferDirection, TransferItemState
 
 from ..db import count_and_page, update_rows_by_id, where_eq, where_in
 from ..errors import NotFound, not_found_ids, parse_partial
 from ..http import PAGINATION, json_response, pagination, parse_bulk_patches, require_list
-from ..jobs_logic import json_contains, owned_site_ids, set_states, utcnow
+from ..jobs_logic import EventBuffer, json_contains, owned_site_ids, set_states, utcnow
 from ..routing import Ctx, route
 from ..tables import jobs, transfer_items
 
@@ -103,6 +103,7 @@ def advance_jobs_after_transfers(conn: sa.Connection, item_ids: list[int]) -> No
         )
         .exists()
     )
+    _fail_jobs_of_failed_items(conn, item_ids)
     moves: dict[int, tuple[str, JobState]] = {}
     for state, direction, target in (
         (JobState.ready, TransferDirection.stage_in, JobState.staged_in),
@@ -116,6 +117,48 @@ def advance_jobs_after_transfers(conn: sa.Connection, item_ids: list[int]) -> No
             moves[jid] = (state.value, target)
     if moves:
         set_states(conn, moves, utcnow(), {"message": "Transfers done"})
+
+
+def _fail_jobs_of_failed_items(conn: sa.Connection, item_ids: list[int]) -> None:
+    """An item in ``error`` has used up its tries (the site agent retries before it says so): its job
+    goes to FAILED with the item's error in the event, instead of waiting forever (Balsam 0.7 left it
+    in READY or POSTPROCESSED)."""
+    rows = conn.execute(
+        sa.select(transfer_items.c.id, transfer_items.c.job_id, transfer_items.c.direction, transfer_items.c.remote_path,
+                  transfer_items.c.local_path, transfer_items.c.location_alias, transfer_items.c.transfer_info,
+                  jobs.c.state)
+        .join(jobs, jobs.c.id == transfer_items.c.job_id)
+        .where(
+            transfer_items.c.id.in_(item_ids),
+            transfer_items.c.state == TransferItemState.error.value,
+            jobs.c.state.notin_([s.value for s in DONE_STATES]),
+        )
+        .order_by(transfer_items.c.id)
+    ).all()
+    failures: dict[int, tuple[str, dict[str, Any]]] = {}
+    for row in rows:
+        if row.job_id in failures:
+            continue
+        info = row.transfer_info or {}
+        error = str(info.get("error") or "no error message recorded")
+        if row.direction == TransferDirection.stage_in.value:
+            what = f"stage-in of {row.location_alias}:{row.remote_path} to {row.local_path}"
+        else:
+            what = f"stage-out of {row.local_path} to {row.location_alias}:{row.remote_path}"
+        data = {"message": f"Transfer failed: {what}: {error}", "transfer_item_id": row.id,
+                "error": error, "attempts": info.get("attempts", 0)}
+        failures[row.job_id] = (row.state, data)
+    if not failures:
+        return
+    now = utcnow()
+    conn.execute(
+        sa.update(jobs).where(jobs.c.id.in_(list(failures)))
+        .values(state=JobState.failed.value, last_update=now, session_id=None)
+    )
+    events = EventBuffer()
+    for job_id, (from_state, data) in failures.items():
+        events.add(job_id, from_state, JobState.failed.value, now, data)
+    events.flush(conn)
 
 
 def update_transfer(ctx: Ctx) -> Response:

@@ -1,0 +1,146 @@
+"""The ``local`` transfer backend (``local://`` and ``file://`` locations): copies on a file system
+the site shares with the location, e.g. a project directory mounted on the login and compute nodes.
+
+Each task runs in a worker thread. A file or directory is copied next to its destination under a
+hidden temporary name and renamed into place, so a destination is either absent, the old version
+or the complete new one, never half-written (an agent killed mid-copy leaves only a
+``.NAME.balsam-partial-*`` file, which the next copy of that destination removes). Task ids live
+in this process: after an agent restart they are ``unknown`` and the agent copies those items
+again, which is harmless because copies are atomic and idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import attrs
+
+from ..options import option
+from ..states import TransferDirection
+from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
+
+__all__ = ["LocalTransfer", "LocalTransferOptions", "copy_into_place"]
+
+PARTIAL_MARK = ".balsam-partial-"
+
+
+@attrs.frozen
+class LocalTransferOptions:
+    threads: int = option(4, "Tasks copying at the same time (one thread each).")
+
+
+def copy_into_place(src: Path, dest: Path, recursive: bool) -> int:
+    """Copy ``src`` to ``dest`` atomically; return the bytes copied. Raises OSError/ValueError."""
+    if not src.exists():
+        raise FileNotFoundError(f"no such file or directory: {src}")
+    if src.is_dir() and not recursive:
+        raise IsADirectoryError(f"{src} is a directory (the transfer slot is not recursive)")
+    if dest.is_dir() and not src.is_dir():
+        raise IsADirectoryError(f"destination {dest} is a directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    tmp = dest.parent / f".{dest.name}{PARTIAL_MARK}{token}"
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp, symlinks=True)
+            size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file() and not p.is_symlink())
+        else:
+            shutil.copyfile(src, tmp)
+            shutil.copymode(src, tmp)
+            size = tmp.stat().st_size
+        if dest.is_dir() and not dest.is_symlink():
+            # os.replace cannot replace a non-empty directory: move the old one aside first.
+            old = dest.parent / f".{dest.name}.balsam-old-{token}"
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    # Leftovers of copies interrupted by a killed agent.
+    for stale in dest.parent.glob(f".{dest.name}{PARTIAL_MARK}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return size
+
+
+def _run_task(files: Sequence[TransferFile]) -> TaskStatus:
+    errors: dict[str, str] = {}
+    copied = 0
+    for f in files:
+        try:
+            copied += copy_into_place(Path(f.src), Path(f.dest), f.recursive)
+        except (OSError, ValueError, shutil.Error) as exc:
+            errors[f.dest] = one_line(exc)
+    info = {"files": len(files), "files_done": len(files) - len(errors), "bytes": copied}
+    return TaskStatus(TaskState.done, info=info, file_errors=errors)
+
+
+class LocalTransfer(TransferBackend):
+    """Copy on a shared file system (``local://`` or ``file://``)."""
+
+    options_schema = LocalTransferOptions
+    description = "copies on a shared file system (local:// and file:// locations), atomically"
+
+    def __init__(self, options: object = None) -> None:
+        super().__init__(options)
+        if self.options.threads < 1:
+            raise TransferError("transfers.backend_options.local.threads: must be at least 1", retryable=False)
+        self._pool = ThreadPoolExecutor(max_workers=self.options.threads, thread_name_prefix="balsam-local-transfer")
+        self._tasks: dict[str, Future] = {}
+        self._lock = threading.Lock()
+
+    def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile]) -> str:
+        for f in files:
+            for side in (f.src, f.dest):
+                if not os.path.isabs(side):
+                    raise TransferError(f"local transfer needs absolute paths, got {side!r}", retryable=False)
+        prefix = location.path.rstrip("/")
+        if prefix:
+            # local:///scratch/inputs: remote paths are inside that directory.
+            remote = "src" if direction == TransferDirection.stage_in else "dest"
+            files = [attrs.evolve(f, **{remote: prefix + getattr(f, remote)}) for f in files]
+        task_id = uuid.uuid4().hex
+        with self._lock:
+            self._tasks[task_id] = self._pool.submit(_run_task, list(files))
+        return task_id
+
+    def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
+        statuses: dict[str, TaskStatus] = {}
+        with self._lock:
+            for tid in task_ids:
+                future = self._tasks.get(tid)
+                if future is None:
+                    continue
+                if not future.done():
+                    statuses[tid] = TaskStatus(TaskState.active)
+                    continue
+                del self._tasks[tid]
+                exc = future.exception()
+                if exc is not None:
+                    statuses[tid] = TaskStatus(TaskState.failed, one_line(f"{type(exc).__name__}: {exc}"))
+                else:
+                    statuses[tid] = future.result()
+        return statuses
+
+    def cancel_task(self, task_id: str) -> None:
+        with self._lock:
+            future = self._tasks.get(task_id)
+        if future is not None and not future.cancel() and not future.done():
+            raise TransferError(f"local task {task_id} is already copying; it cannot be stopped", retryable=False)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
