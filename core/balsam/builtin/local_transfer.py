@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import attrs
 
@@ -25,7 +26,7 @@ from ..options import option
 from ..states import TransferDirection
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
 
-__all__ = ["LocalTransfer", "LocalTransferOptions", "copy_into_place"]
+__all__ = ["LocalTransfer", "LocalTransferOptions", "ThreadedTasks", "copy_into_place"]
 
 PARTIAL_MARK = ".balsam-partial-"
 
@@ -89,6 +90,61 @@ def _run_task(files: Sequence[TransferFile]) -> TaskStatus:
     return TaskStatus(TaskState.done, info=info, file_errors=errors)
 
 
+class ThreadedTasks:
+    """Tasks run by a thread pool of this process, for backends that do the copying themselves.
+
+    A finished task's status is kept for ``keep_sec`` after it was first reported, so a poll
+    repeated after a lost PATCH still answers (afterwards the id is unknown and the agent submits
+    the items again).
+    """
+
+    def __init__(self, threads: int, name: str, keep_sec: float = 3600.0) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._running: dict[str, Future] = {}
+        self._finished: dict[str, tuple[float, TaskStatus]] = {}
+        self._lock = threading.Lock()
+        self._keep_sec = keep_sec
+
+    def start(self, fn: Callable[..., TaskStatus], *args: object) -> str:
+        task_id = uuid.uuid4().hex
+        with self._lock:
+            self._running[task_id] = self._pool.submit(fn, *args)
+        return task_id
+
+    def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
+        now = time.monotonic()
+        found: dict[str, TaskStatus] = {}
+        with self._lock:
+            for tid in [t for t, (at, _) in self._finished.items() if now - at > self._keep_sec]:
+                del self._finished[tid]
+            for tid in task_ids:
+                if tid in self._finished:
+                    found[tid] = self._finished[tid][1]
+                    continue
+                future = self._running.get(tid)
+                if future is None:
+                    continue
+                if not future.done():
+                    found[tid] = TaskStatus(TaskState.active)
+                    continue
+                del self._running[tid]
+                exc = future.exception()
+                status = (TaskStatus(TaskState.failed, one_line(f"{type(exc).__name__}: {exc}"))
+                          if exc is not None else future.result())
+                self._finished[tid] = (now, status)
+                found[tid] = status
+        return found
+
+    def cancel(self, task_id: str) -> None:
+        with self._lock:
+            future = self._running.get(task_id)
+        if future is not None and not future.cancel() and not future.done():
+            raise TransferError(f"task {task_id} has started; it cannot be stopped", retryable=False)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class LocalTransfer(TransferBackend):
     """Copy on a shared file system (``local://`` or ``file://``)."""
 
@@ -99,9 +155,7 @@ class LocalTransfer(TransferBackend):
         super().__init__(options)
         if self.options.threads < 1:
             raise TransferError("transfers.backend_options.local.threads: must be at least 1", retryable=False)
-        self._pool = ThreadPoolExecutor(max_workers=self.options.threads, thread_name_prefix="balsam-local-transfer")
-        self._tasks: dict[str, Future] = {}
-        self._lock = threading.Lock()
+        self._tasks = ThreadedTasks(self.options.threads, "balsam-local-transfer")
 
     def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile]) -> str:
         for f in files:
@@ -113,34 +167,13 @@ class LocalTransfer(TransferBackend):
             # local:///scratch/inputs: remote paths are inside that directory.
             remote = "src" if direction == TransferDirection.stage_in else "dest"
             files = [attrs.evolve(f, **{remote: prefix + getattr(f, remote)}) for f in files]
-        task_id = uuid.uuid4().hex
-        with self._lock:
-            self._tasks[task_id] = self._pool.submit(_run_task, list(files))
-        return task_id
+        return self._tasks.start(_run_task, list(files))
 
     def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
-        statuses: dict[str, TaskStatus] = {}
-        with self._lock:
-            for tid in task_ids:
-                future = self._tasks.get(tid)
-                if future is None:
-                    continue
-                if not future.done():
-                    statuses[tid] = TaskStatus(TaskState.active)
-                    continue
-                del self._tasks[tid]
-                exc = future.exception()
-                if exc is not None:
-                    statuses[tid] = TaskStatus(TaskState.failed, one_line(f"{type(exc).__name__}: {exc}"))
-                else:
-                    statuses[tid] = future.result()
-        return statuses
+        return self._tasks.statuses(task_ids)
 
     def cancel_task(self, task_id: str) -> None:
-        with self._lock:
-            future = self._tasks.get(task_id)
-        if future is not None and not future.cancel() and not future.done():
-            raise TransferError(f"local task {task_id} is already copying; it cannot be stopped", retryable=False)
+        self._tasks.cancel(task_id)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._tasks.close()

@@ -16,9 +16,6 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import threading
-import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import Mapping, Sequence
 
@@ -26,6 +23,7 @@ import attrs
 
 from ..options import option
 from ..states import TransferDirection
+from .local_transfer import ThreadedTasks
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
 
 __all__ = ["RsyncOptions", "RsyncTransfer", "rsync_command"]
@@ -38,6 +36,10 @@ class RsyncOptions:
     extra_args: list[str] = option(help="More rsync arguments, e.g. ['--bwlimit=50m'].", factory=list)
     timeout_sec: int = option(3600, "A single rsync (one file or directory) is stopped after this many seconds.")
     threads: int = option(4, "Tasks running at the same time (one thread each).")
+    skip_unchanged: bool = option(
+        False, "Skip files whose size and modification time match the destination (rsync's quick check): faster "
+        "re-runs of big directories, but a same-size rewrite within the same second is missed. Off: --ignore-times.",
+    )
     local_mode_for_localhost: bool = option(
         False, "Treat rsync://localhost as a local copy (no ssh) instead of ssh to localhost."
     )
@@ -56,6 +58,8 @@ def rsync_command(options: RsyncOptions, location: TransferLocation, direction: 
     args = [options.rsync, "--links", "--perms", "--times", "--protect-args", "--mkpath"]
     if f.recursive:
         args.append("--recursive")
+    if not options.skip_unchanged:
+        args.append("--ignore-times")
     if not local_mode:
         args += ["-e", options.ssh_command]
     args += list(options.extra_args)
@@ -86,9 +90,7 @@ class RsyncTransfer(TransferBackend):
         super().__init__(options)
         if self.options.threads < 1:
             raise TransferError("transfers.backend_options.rsync.threads: must be at least 1", retryable=False)
-        self._pool = ThreadPoolExecutor(max_workers=self.options.threads, thread_name_prefix="balsam-rsync")
-        self._tasks: dict[str, Future] = {}
-        self._lock = threading.Lock()
+        self._tasks = ThreadedTasks(self.options.threads, "balsam-rsync")
 
     def _run_one(self, location: TransferLocation, direction: TransferDirection, f: TransferFile) -> str:
         """'' on success, else one line saying what went wrong."""
@@ -121,26 +123,13 @@ class RsyncTransfer(TransferBackend):
                     raise TransferError(f"rsync transfer needs absolute paths, got {side!r}", retryable=False)
         if location.netloc and shlex.split(location.netloc) != [location.netloc]:
             raise TransferError(f"transfer location {location.alias!r}: bad rsync host {location.netloc!r}", retryable=False)
-        task_id = uuid.uuid4().hex
-        with self._lock:
-            self._tasks[task_id] = self._pool.submit(self._run_task, location, direction, list(files))
-        return task_id
+        return self._tasks.start(self._run_task, location, direction, list(files))
 
     def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
-        statuses: dict[str, TaskStatus] = {}
-        with self._lock:
-            for tid in task_ids:
-                future = self._tasks.get(tid)
-                if future is None:
-                    continue
-                if not future.done():
-                    statuses[tid] = TaskStatus(TaskState.active)
-                    continue
-                del self._tasks[tid]
-                exc = future.exception()
-                statuses[tid] = (TaskStatus(TaskState.failed, one_line(f"{type(exc).__name__}: {exc}"))
-                                 if exc is not None else future.result())
-        return statuses
+        return self._tasks.statuses(task_ids)
+
+    def cancel_task(self, task_id: str) -> None:
+        self._tasks.cancel(task_id)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._tasks.close()

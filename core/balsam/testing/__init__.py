@@ -1,0 +1,1 @@
+"""balsam.testing: conformance kits for plugins (see balsam.testing.transfer_contract)."""

@@ -1,0 +1,104 @@
+"""The built-in ``local`` and ``rsync`` backends, for real, through the transfer contract kit.
+
+rsync runs in two ways: rsync's own local mode (``rsync:///``), and rsync's remote protocol over a
+remote shell: ``ssh_command`` is a stand-in for ssh (tests/transfers/fake_ssh) that runs the remote
+side's ``rsync --server`` on this machine through a pipe, as sshd would. No sshd runs here; the
+wire protocol, the temporary-file-and-rename and the error reporting are rsync's own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from balsam.builtin.local_transfer import LocalTransfer, copy_into_place
+from balsam.builtin.rsync_transfer import RsyncOptions, RsyncTransfer, rsync_command
+from balsam.states import TransferDirection
+from balsam.testing.transfer_contract import TransferContract, wait_for_tasks
+from balsam.transfer import TaskState, TransferError, TransferFile, TransferLocation, backend_name_for, build_backend
+
+FAKE_SSH = Path(__file__).with_name("fake_ssh")
+
+
+class TestLocalBackend(TransferContract):
+    backend_class = LocalTransfer
+    backend_name = "local"
+    options = {"threads": 2}
+
+    def location_url(self, tmp_path: Path) -> str:
+        return "local://"
+
+
+class TestRsyncLocalMode(TransferContract):
+    backend_class = RsyncTransfer
+    backend_name = "rsync"
+    options = {"threads": 2}
+
+    def location_url(self, tmp_path: Path) -> str:
+        return "rsync:///"
+
+
+class TestRsyncOverRemoteShell(TransferContract):
+    backend_class = RsyncTransfer
+    backend_name = "rsync"
+    options = {"threads": 2, "ssh_command": f"{sys.executable} {FAKE_SSH}"}
+
+    def location_url(self, tmp_path: Path) -> str:
+        return f"rsync://{os.environ.get('USER', 'balsam')}@dtn.example.org"
+
+
+def test_protocols_name_their_backends() -> None:
+    assert backend_name_for("file") == "local" and backend_name_for("GLOBUS") == "globus"
+    loc = TransferLocation.parse("dtn", "rsync://me@dtn.example.org")
+    assert (loc.protocol, loc.netloc, loc.backend_name) == ("rsync", "me@dtn.example.org", "rsync")
+    with pytest.raises(TransferError, match="expected protocol://address"):
+        TransferLocation.parse("bad", "dtn.example.org:/data")
+
+
+def test_rsync_command_lines() -> None:
+    opts = RsyncOptions(extra_args=["--bwlimit=10m"])
+    loc = TransferLocation.parse("dtn", "rsync://me@dtn")
+    line = rsync_command(opts, loc, TransferDirection.stage_in, TransferFile("/r/dir", "/s/job/dir", recursive=True))
+    assert line == ["rsync", "--links", "--perms", "--times", "--protect-args", "--mkpath", "--recursive",
+                    "--ignore-times", "-e", "ssh -o BatchMode=yes", "--bwlimit=10m", "--", "me@dtn:/r/dir/", "/s/job/dir/"]
+    out = rsync_command(opts, loc, TransferDirection.stage_out, TransferFile("/s/job/r.txt", "/r/out/r.txt"))
+    assert out[-2:] == ["/s/job/r.txt", "me@dtn:/r/out/r.txt"] and "--recursive" not in out
+    local = rsync_command(RsyncOptions(local_mode_for_localhost=True), TransferLocation.parse("l", "rsync://u@localhost"),
+                          TransferDirection.stage_in, TransferFile("/a", "/b"))
+    assert "-e" not in local and local[-2:] == ["/a", "/b"]
+
+
+def test_rsync_unreachable_host_is_one_line_per_file(tmp_path: Path) -> None:
+    backend = build_backend(RsyncTransfer, "rsync", {"ssh_command": "false"})
+    try:
+        task = backend.submit(TransferLocation.parse("x", "rsync://me@nowhere"), TransferDirection.stage_in,
+                              [TransferFile("/a", str(tmp_path / "a"))])
+        status = wait_for_tasks(backend, [task])[task]
+        assert status.state == TaskState.done and list(status.file_errors) == [str(tmp_path / "a")]
+        assert status.file_errors[str(tmp_path / "a")].startswith("rsync exited")
+    finally:
+        backend.close()
+
+
+def test_local_copy_replaces_a_directory_atomically(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    (src / "x").mkdir(parents=True)
+    (src / "x" / "f").write_text("new")
+    (dest / "old").mkdir(parents=True)
+    (dest / "old" / "g").write_text("old")
+    (tmp_path / f".dest.balsam-partial-deadbeef").write_text("left by a killed agent")
+    copy_into_place(src, dest, recursive=True)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["x", "x/f"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "src"]
+    with pytest.raises(IsADirectoryError, match="not recursive"):
+        copy_into_place(src, tmp_path / "other", recursive=False)
+
+
+def test_bad_backend_options_are_one_line() -> None:
+    with pytest.raises(TransferError, match=r"transfers.backend_options.local.*thread"):
+        build_backend(LocalTransfer, "local", {"thread": 3})
+    with pytest.raises(TransferError, match="at least 1"):
+        build_backend(LocalTransfer, "local", {"threads": 0})
