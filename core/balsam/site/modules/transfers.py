@@ -234,6 +234,9 @@ class TransfersModule(AgentModule):
         self.last_cycle_calls = 0
         now = _now()
         opts = self.options
+        if not opts.transfer_locations:
+            # The server refuses job transfers to aliases the site does not list: nothing to do.
+            return None
         items = self._get(
             "/transfers/",
             {"site_id": self.site_id, "state": [TransferItemState.pending.value, *IN_FLIGHT]},
