@@ -153,8 +153,11 @@ class TransferBackend(abc.ABC):
     #: One line for ``balsam plugins ls``.
     description: ClassVar[str] = ""
 
-    def __init__(self, options: Any = None) -> None:
+    def __init__(self, options: Any = None, *, site_path: Optional[str] = None) -> None:
         self.options = build_options(self.options_schema, options, where=f"transfers.backend_options.{self.name}")
+        #: The site directory (local paths handed to the backend are inside its ``data/``); backends
+        #: that see the site under another prefix (a Globus endpoint) rewrite paths relative to it.
+        self.site_path = site_path
 
     @property
     def name(self) -> str:
@@ -215,14 +218,15 @@ class TransferBackend(abc.ABC):
             raise TransferError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from exc
 
 
-def build_backend(cls: type, name: str, options: Optional[Mapping[str, Any]] = None) -> TransferBackend:
+def build_backend(cls: type, name: str, options: Optional[Mapping[str, Any]] = None, *,
+                  site_path: Optional[str] = None) -> TransferBackend:
     """Instantiate a backend class registered as ``name`` with plain ``options``."""
     if not (isinstance(cls, type) and issubclass(cls, TransferBackend)):
         raise TransferError(f"transfer backend {name!r} is not a balsam.transfer.TransferBackend ({cls!r})", retryable=False)
     backend = cls.__new__(cls)
     backend._entry_point_name = name  # type: ignore[attr-defined]
     try:
-        backend.__init__(options)  # type: ignore[misc]
+        backend.__init__(options, site_path=site_path)  # type: ignore[misc]
     except TransferError:
         raise
     except Exception as exc:

@@ -18,7 +18,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import attrs
 
@@ -151,8 +151,8 @@ class LocalTransfer(TransferBackend):
     options_schema = LocalTransferOptions
     description = "copies on a shared file system (local:// and file:// locations), atomically"
 
-    def __init__(self, options: object = None) -> None:
-        super().__init__(options)
+    def __init__(self, options: object = None, *, site_path: Optional[str] = None) -> None:
+        super().__init__(options, site_path=site_path)
         if self.options.threads < 1:
             raise TransferError("transfers.backend_options.local.threads: must be at least 1", retryable=False)
         self._tasks = ThreadedTasks(self.options.threads, "balsam-local-transfer")

@@ -17,7 +17,7 @@ import os
 import shlex
 import subprocess
 from pathlib import PurePosixPath
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import attrs
 
@@ -86,8 +86,8 @@ class RsyncTransfer(TransferBackend):
     options_schema = RsyncOptions
     description = "the rsync binary over ssh (rsync://user@host locations)"
 
-    def __init__(self, options: object = None) -> None:
-        super().__init__(options)
+    def __init__(self, options: object = None, *, site_path: Optional[str] = None) -> None:
+        super().__init__(options, site_path=site_path)
         if self.options.threads < 1:
             raise TransferError("transfers.backend_options.rsync.threads: must be at least 1", retryable=False)
         self._tasks = ThreadedTasks(self.options.threads, "balsam-rsync")

@@ -207,7 +207,7 @@ class TransfersModule(AgentModule):
                 value = getattr(self.options, section_key, None)
                 if value is not None and option_name not in options:
                     options[option_name] = value
-            backend = build_backend(cls, name, options)
+            backend = build_backend(cls, name, options, site_path=str(self.site_config.site_path))
         except (TransferError, OptionsError) as exc:
             error = exc if isinstance(exc, TransferError) else TransferError(str(exc), retryable=False)
             self.backend_errors[name] = error
