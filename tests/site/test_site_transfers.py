@@ -197,3 +197,39 @@ def test_journal_resumes_polling_instead_of_resubmitting(site, client, tmp_path)
     run_cycles(module, lambda: job_rows(client, id=[job.id])[0]["state"] == "STAGED_IN")
     assert (Path(site.data_path) / "j/0/input.txt").read_text() == "data"
     module.close()
+
+
+def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from balsam._api.model import reset_default_client
+    from balsam.api import Job
+    from balsam.cli import main
+
+    reset_default_client()
+    app = transfer_app(site.site_id)
+    (tmp_path / "a.txt").write_text("a")
+    ok, bad = Job.objects.bulk_create([
+        Job("cli/ok", app, transfers={"input": f"shared:{tmp_path}/a.txt", "result": f"shared:{tmp_path}/out/ok.txt"}),
+        Job("cli/bad", app, transfers={"input": f"shared:{tmp_path}/nope.txt"}),
+    ])
+    module = make_module(site, client, max_attempts=1)
+    run_cycles(module, lambda: {r["state"] for r in job_rows(client, site_id=site.site_id)} == {"STAGED_IN", "FAILED"})
+    module.close()
+
+    def balsam(*args: str) -> str:
+        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    listing = balsam("transfer", "ls", "--site", str(site.site_id))
+    lines = {(line.split()[1], line.split()[2]): line for line in listing.splitlines()[2:]}
+    assert " done " in lines[(str(ok.id), "in")] and "task: 1/2 files" in lines[(str(ok.id), "in")]
+    assert " awaiting_job " in lines[(str(ok.id), "out")]  # waits for its job to run
+    assert " error " in lines[(str(bad.id), "in")] and "no such file or directory" in lines[(str(bad.id), "in")]
+    counts = balsam("transfer", "ls", "--job", str(ok.id), "--by-state")
+    assert [line.split() for line in counts.splitlines()[2:]] == [["in", "done", "1"], ["out", "awaiting_job", "1"]]
+    jobs = balsam("job", "ls", "--site", str(site.site_id))
+    assert "Transfers" in jobs
+    rows = {line.split()[0]: line for line in jobs.splitlines()[2:]}
+    assert "in 1/1 out 0/1" in rows[str(ok.id)] and "in 0/1!" in rows[str(bad.id)]

@@ -69,10 +69,12 @@ def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_fi
                f"data_access consent for: {shown}")
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def balsam_cli_commands(cli: Any) -> None:
-    site_group = cli.commands.get("site")
-    if site_group is None:
-        cli.add_command(click.Group("site", commands=[globus_login]))
-    else:
-        site_group.add_command(globus_login)
+    # Attach to the core's `site` group object itself, so the order in which plugins add their
+    # commands does not matter (the core adds this same object).
+    from balsam.cli.site import site as site_group
+
+    site_group.add_command(globus_login)
+    if "site" not in cli.commands:
+        cli.add_command(site_group)

@@ -313,7 +313,7 @@ class TransfersModule(AgentModule):
             state = status.state.value
             for item in items:
                 info = dict(item.get("transfer_info") or {})
-                new_info = {**info, **dict(status.info)}
+                new_info = {**info, "task": dict(status.info)} if status.info else dict(info)
                 if status.state == TaskState.inactive and status.error:
                     new_info["reason"] = status.error
                 if item["state"] != state or new_info != info:
@@ -333,7 +333,10 @@ class TransfersModule(AgentModule):
                 if error is not None:
                     self._fail(item, error, True, updates, now)
                 else:
-                    info = {k: v for k, v in (item.get("transfer_info") or {}).items() if k not in ("retry_after", "reason")}
+                    info = {k: v for k, v in (item.get("transfer_info") or {}).items()
+                            if k not in ("retry_after", "reason", "error")}
+                    if status.info:
+                        info["task"] = dict(status.info)  # figures of the whole task (all its items)
                     info["completed"] = now.isoformat()
                     updates[item["id"]] = {"id": item["id"], "state": TransferItemState.done.value, "transfer_info": info}
         elif status.state == TaskState.failed:
