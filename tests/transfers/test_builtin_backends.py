@@ -17,7 +17,7 @@ import pytest
 from balsam.builtin.local_transfer import LocalTransfer, copy_into_place
 from balsam.builtin.rsync_transfer import RsyncOptions, RsyncTransfer, rsync_command
 from balsam.states import TransferDirection
-from balsam.testing.transfer_contract import TransferContract, wait_for_tasks
+from balsam.testing import TransferContract, wait_for_tasks
 from balsam.transfer import TaskState, TransferError, TransferFile, TransferLocation, backend_name_for, build_backend
 
 FAKE_SSH = Path(__file__).with_name("fake_ssh")

@@ -3,7 +3,7 @@
 Subclass it in your plugin's tests (the class name must start with ``Test``) and say how to reach a
 location whose files the test can see, e.g. a local directory behind your protocol::
 
-    from balsam.testing.transfer_contract import TransferContract
+    from balsam.testing import TransferContract
     from balsam_transfer_mine import MyBackend
 
     class TestMyBackend(TransferContract):
