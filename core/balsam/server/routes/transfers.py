@@ -73,13 +73,18 @@ def update_items(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
     """Update items, then advance their jobs: READY -> STAGED_IN when every stage-in is done,
     POSTPROCESSED -> JOB_FINISHED when every stage-out is done (and release the children)."""
     ids = list(patches)
-    owned = set(
-        conn.execute(
-            sa.select(transfer_items.c.id)
+    # Two plain lookups: the user's sites, then the items' sites by primary key. (One query with
+    # both IN lists made SQLite scan the jobs of every owned site: 1 s for 2,000 items.)
+    my_sites = set(conn.execute(owned_site_ids(user_id)).scalars())
+    owned = {
+        item_id
+        for item_id, site_id in conn.execute(
+            sa.select(transfer_items.c.id, jobs.c.site_id)
             .join(jobs, jobs.c.id == transfer_items.c.job_id)
-            .where(transfer_items.c.id.in_(ids), jobs.c.site_id.in_(owned_site_ids(user_id)))
-        ).scalars()
-    )
+            .where(transfer_items.c.id.in_(ids))
+        )
+        if site_id in my_sites
+    }
     if set(ids) - owned:
         raise not_found_ids("TransferItem", set(ids) - owned)
     update_rows_by_id(conn, transfer_items, patches)
