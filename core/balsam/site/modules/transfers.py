@@ -60,16 +60,6 @@ JOURNAL_NAME = ".transfer-tasks.jsonl"
 JOB_ID_CHUNK = 500
 
 
-def _positive(instance: Any, attribute: Any, value: Any) -> None:
-    if value is None or value < 1:
-        raise ValueError(f"{attribute.name}: must be at least 1, got {value!r}")
-
-
-def _non_negative(instance: Any, attribute: Any, value: Any) -> None:
-    if value is None or value < 0:
-        raise ValueError(f"{attribute.name}: must not be negative, got {value!r}")
-
-
 @attrs.frozen
 class TransfersOptions:
     """The ``transfers:`` section of settings.yml."""
@@ -83,16 +73,13 @@ class TransfersOptions:
     globus_endpoint_site_path: Optional[str] = option(
         None, "This site's directory as the Globus endpoint sees it, when it differs from the local path."
     )
-    max_concurrent_transfers: int = option(5, "Most transfer tasks in flight at once.", validator=_positive)
-    transfer_batch_size: int = option(100, "Most files bundled into one transfer task.", validator=_positive)
-    num_items_query_limit: int = option(2000, "Most transfer items read from the API per cycle.", validator=_positive)
-    service_period: float = option(5, "Seconds between two transfer cycles.", validator=_non_negative)
-    max_attempts: int = option(
-        3, "Tries of a failing file before its job goes to FAILED with the error.", validator=_positive
-    )
-    retry_backoff_sec: float = option(30, "Wait before the first retry of a failed file; doubles on each retry.",
-                                      validator=_non_negative)
-    retry_backoff_max_sec: float = option(600, "Longest wait between two retries.", validator=_non_negative)
+    max_concurrent_transfers: int = option(5, "Most transfer tasks in flight at once.")
+    transfer_batch_size: int = option(100, "Most files bundled into one transfer task.")
+    num_items_query_limit: int = option(2000, "Most transfer items read from the API per cycle.")
+    service_period: float = option(5, "Seconds between two transfer cycles.")
+    max_attempts: int = option(3, "Tries of a failing file before its job goes to FAILED with the error.")
+    retry_backoff_sec: float = option(30, "Wait before the first retry of a failed file; doubles on each retry.")
+    retry_backoff_max_sec: float = option(600, "Longest wait between two retries.")
     backend_options: dict[str, dict[str, Any]] = option(
         help="Options of each transfer backend, by backend name (e.g. {local: {threads: 8}}); "
         "`balsam site sample-settings` lists them.",
@@ -100,7 +87,14 @@ class TransfersOptions:
     )
 
     def validate(self) -> dict[str, str]:
+        """Problems by key (the settings loader reports them with file and line)."""
         problems: dict[str, str] = {}
+        for name in ("max_concurrent_transfers", "transfer_batch_size", "num_items_query_limit", "max_attempts"):
+            if getattr(self, name) < 1:
+                problems[name] = f"must be at least 1, got {getattr(self, name)!r}"
+        for name in ("service_period", "retry_backoff_sec", "retry_backoff_max_sec"):
+            if getattr(self, name) < 0:
+                problems[name] = f"must not be negative, got {getattr(self, name)!r}"
         for alias, url in self.transfer_locations.items():
             try:
                 TransferLocation.parse(alias, url)
@@ -174,7 +168,12 @@ class TransfersModule(AgentModule):
     enabled_by_default = True
 
     def __init__(self, site_config: Any, config: Any, client: Any) -> None:
-        super().__init__(site_config, as_transfers_options(config), client)
+        options = as_transfers_options(config)
+        problems = options.validate()
+        if problems:
+            key, why = next(iter(problems.items()))
+            raise OptionsError(f"transfers.{key}: {why}")
+        super().__init__(site_config, options, client)
         self.backends: dict[str, TransferBackend] = {}
         self.backend_errors: dict[str, TransferError] = {}
         self.locations: dict[str, TransferLocation] = {}
@@ -198,24 +197,29 @@ class TransfersModule(AgentModule):
         if name in self.backend_errors:
             raise self.backend_errors[name]
         try:
-            try:
-                cls = get_plugin_manager().load_driver("transfer", name)
-            except PluginError as exc:
-                raise TransferError(f"no transfer backend for protocol {name!r}: {exc}", retryable=False) from None
+            cls = get_plugin_manager().load_driver("transfer", name)
+        except PluginError as exc:
+            # A location whose protocol no installed backend serves: its jobs fail with this reason.
+            error = TransferError(f"no transfer backend for protocol {name!r}: {exc}", retryable=False)
+        else:
             options = dict(self.options.backend_options.get(name) or {})
             for section_key, option_name in dict(getattr(cls, "section_keys", {}) or {}).items():
                 value = getattr(self.options, section_key, None)
                 if value is not None and option_name not in options:
                     options[option_name] = value
-            backend = build_backend(cls, name, options, site_path=str(self.site_config.site_path))
-        except (TransferError, OptionsError) as exc:
-            error = exc if isinstance(exc, TransferError) else TransferError(str(exc), retryable=False)
-            self.backend_errors[name] = error
-            self.logger.error("transfer backend %s: %s", name, error)
-            raise error from None
-        self.backends[name] = backend
-        self.logger.info("transfer backend %s ready (%s)", name, type(backend).__name__)
-        return backend
+            try:
+                backend = build_backend(cls, name, options, site_path=str(self.site_config.site_path))
+            except (TransferError, OptionsError) as exc:
+                # Bad options of an installed backend: the operator fixes settings.yml and restarts
+                # the agent; meanwhile its items wait with this reason (their jobs do not fail).
+                error = TransferError(str(exc), retryable=True)
+            else:
+                self.backends[name] = backend
+                self.logger.info("transfer backend %s ready (%s)", name, type(backend).__name__)
+                return backend
+        self.backend_errors[name] = error
+        self.logger.error("transfer backend %s: %s", name, error)
+        raise error
 
     def close(self) -> None:
         for backend in self.backends.values():
@@ -354,6 +358,13 @@ class TransfersModule(AgentModule):
         info = {k: v for k, v in (item.get("transfer_info") or {}).items() if k != "dest"}
         updates[item["id"]] = {"id": item["id"], "state": TransferItemState.pending.value, "task_id": "", "transfer_info": info}
 
+    def _wait(self, item: dict, reason: str, updates: dict[int, dict[str, Any]]) -> None:
+        """Keep ``item`` pending with the reason it waits (shown by `balsam transfer ls`); no try used."""
+        info = dict(item.get("transfer_info") or {})
+        if info.get("reason") != one_line(reason):
+            info["reason"] = one_line(reason)
+            updates[item["id"]] = {"id": item["id"], "transfer_info": info}
+
     def _fail(self, item: dict, error: str, retryable: bool, updates: dict[int, dict[str, Any]], now: dt.datetime) -> None:
         opts = self.options
         info = dict(item.get("transfer_info") or {})
@@ -404,7 +415,10 @@ class TransfersModule(AgentModule):
                 backend = self.backend(location.backend_name)
             except TransferError as exc:
                 for item in batch:
-                    self._fail(item, str(exc), exc.retryable, updates, now)
+                    if exc.retryable:
+                        self._wait(item, str(exc), updates)
+                    else:
+                        self._fail(item, str(exc), False, updates, now)
                 continue
             files: list[TransferFile] = []
             members: list[dict] = []
@@ -438,6 +452,8 @@ class TransfersModule(AgentModule):
                     # The service, not the files: keep the items pending without using up their tries.
                     self.logger.warning("transfer backend %s: submitting %d files to %s failed (will retry): %s",
                                         backend.name, len(files), alias, exc)
+                    for item in members:
+                        self._wait(item, str(exc), updates)
                 else:
                     for item in members:
                         self._fail(item, str(exc), False, updates, now)
