@@ -82,7 +82,7 @@ class TransfersOptions:
     retry_backoff_max_sec: float = option(600, "Longest wait between two retries.")
     backend_options: dict[str, dict[str, Any]] = option(
         help="Options of each transfer backend, by backend name (e.g. {local: {threads: 8}}); "
-        "`balsam site sample-settings` lists them.",
+        "`balsam plugins show <name>` lists them.",
         factory=dict,
     )
 
