@@ -1,15 +1,21 @@
 """The built-in ``local`` and ``rsync`` backends, for real, through the transfer contract kit.
 
-rsync runs in two ways: rsync's own local mode (``rsync:///``), and rsync's remote protocol over a
-remote shell: ``ssh_command`` is a stand-in for ssh (tests/transfers/fake_ssh) that runs the remote
-side's ``rsync --server`` on this machine through a pipe, as sshd would. No sshd runs here; the
-wire protocol, the temporary-file-and-rename and the error reporting are rsync's own.
+rsync runs three ways: over real ssh to a private sshd started on 127.0.0.1 for these tests (key
+authentication, its own host key and config; skipped when /usr/sbin/sshd is not installed or cannot
+start), rsync's own local mode (``rsync:///``), and rsync's remote protocol over a stand-in remote
+shell (tests/transfers/fake_ssh runs the remote side's ``rsync --server`` through a pipe, as sshd
+would), which needs no sshd at all.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +54,62 @@ class TestRsyncOverRemoteShell(TransferContract):
 
     def location_url(self, tmp_path: Path) -> str:
         return f"rsync://{os.environ.get('USER', 'balsam')}@dtn.example.org"
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A private sshd on a free 127.0.0.1 port accepting one key for the current user; yields the
+    ssh command line rsync should use."""
+    if not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")):
+        pytest.skip("no sshd installed (apt-get install openssh-server)")
+    home = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / name)], check=True)
+    (home / "authorized_keys").write_text((home / "user_key.pub").read_text())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (home / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {home / 'host_key'}\nPidFile {home / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {home / 'authorized_keys'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
+    )
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(home / "sshd_config")], stderr=open(home / "sshd.log", "w"))
+    ssh = (f"ssh -p {port} -i {home / 'user_key'} -o BatchMode=yes -o StrictHostKeyChecking=no "
+           f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+    deadline = time.monotonic() + 20
+    while True:
+        probe = subprocess.run([*ssh.split(), f"{getpass.getuser()}@127.0.0.1", "true"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.skip(f"sshd could not start or refused the key: {(home / 'sshd.log').read_text()[-300:]} {probe.stderr[-200:]}")
+        time.sleep(0.2)
+    yield ssh
+    proc.terminate()
+    proc.wait(10)
+
+
+class TestRsyncOverSshd(TransferContract):
+    """The rsync backend as a site uses it: rsync over ssh to user@host (here a private sshd)."""
+
+    backend_class = RsyncTransfer
+    backend_name = "rsync"
+
+    @pytest.fixture
+    def backend(self, sshd):
+        backend = build_backend(RsyncTransfer, "rsync", {"threads": 2, "ssh_command": sshd})
+        yield backend
+        backend.close()
+
+    def location_url(self, tmp_path: Path) -> str:
+        return f"rsync://{getpass.getuser()}@127.0.0.1"
 
 
 def test_protocols_name_their_backends() -> None:
