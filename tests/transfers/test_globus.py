@@ -280,11 +280,6 @@ def test_a_restarted_agent_resumes_the_globus_task(balsam_env, tmp_path: Path) -
 
     base = get_response_set(globus_sdk.TransferClient.task_list).lookup("default").json["DATA"][0]
 
-    def task_list(status: str) -> None:
-        responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list", json={
-            "DATA": [{**base, "task_id": TASK_ID, "status": status}], "DATA_TYPE": "task_list",
-            "length": 1, "limit": 1, "offset": 0, "total": 1})
-
     load_response(globus_sdk.TransferClient.submit_transfer)
     first = module_with_mocked_globus()
     first.run_cycle()
@@ -294,9 +289,14 @@ def test_a_restarted_agent_resumes_the_globus_task(balsam_env, tmp_path: Path) -
     assert body["DATA"][0]["destination_path"] == str(Path(site.data_path) / "g/0/raw.h5")
     del first  # the agent dies here
 
-    task_list("ACTIVE")
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list", json={
+        "DATA": [{**base, "task_id": TASK_ID, "status": "INACTIVE", "nice_status_short_description": "credentials expired"}],
+        "DATA_TYPE": "task_list", "length": 1, "limit": 1, "offset": 0, "total": 1})
     second = module_with_mocked_globus()
     second.run_cycle()
+    paused = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    assert paused["state"] == "inactive" and paused["transfer_info"]["reason"].startswith("credentials expired; ")
+    assert "balsam site globus-login" in paused["transfer_info"]["reason"]
     responses.replace(responses.GET, "https://transfer.api.globus.org/v0.10/task_list", json={
         "DATA": [{**base, "task_id": TASK_ID, "status": "SUCCEEDED"}], "DATA_TYPE": "task_list",
         "length": 1, "limit": 1, "offset": 0, "total": 1})

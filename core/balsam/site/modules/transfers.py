@@ -320,6 +320,8 @@ class TransfersModule(AgentModule):
                 new_info = {**info, "task": dict(status.info)} if status.info else dict(info)
                 if status.state == TaskState.inactive and status.error:
                     new_info["reason"] = status.error
+                elif status.state == TaskState.active:
+                    new_info.pop("reason", None)  # resumed
                 if item["state"] != state or new_info != info:
                     updates[item["id"]] = {"id": item["id"], "state": state, "transfer_info": new_info}
             if status.state == TaskState.inactive:
