@@ -267,6 +267,9 @@ class TransfersModule(AgentModule):
             if refused:
                 self.logger.error("%d transfer item updates were refused by the server", len(refused))
         self._clear_journal()
+        # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
+        live = {int(it["job_id"]) for it in items}
+        self.workdirs = {job_id: w for job_id, w in self.workdirs.items() if job_id in live}
         counts = defaultdict(int)
         for update in updates.values():
             counts[update.get("state", "?")] += 1
