@@ -125,6 +125,13 @@ def test_transfer_filters_and_errors(api, transfer_app):
     resp = api.http.patch("/transfers/", json=[{"id": first["id"], "state": "done"}, {"id": 99999999, "state": "done"}])
     assert resp.status_code == 404 and api.ok("GET", f"/transfers/{first['id']}")["state"] == "pending"
     assert api.http.get("/transfers/", params={"direction": "sideways"}).status_code == 422
+    # ordering=state: in-flight items (active, inactive) come before pending ones, then by id.
+    ids = [t["id"] for t in api.ok("GET", "/transfers/", params={"ordering": "id"})["results"]]
+    api.ok("PATCH", "/transfers/", json=[{"id": ids[-1], "state": "active", "task_id": "local:1"}])
+    by_state = [(t["state"], t["id"]) for t in api.ok("GET", "/transfers/", params={"ordering": "state"})["results"]]
+    assert by_state[0] == ("active", ids[-1]) and [i for _, i in by_state[1:]] == sorted(ids[:-1])
+    assert [t["id"] for t in api.ok("GET", "/transfers/", params={"ordering": "-id"})["results"]] == ids[::-1]
+    assert api.http.get("/transfers/", params={"ordering": "size"}).status_code == 422
 
 
 def test_event_filters(api, site_app):

@@ -21,7 +21,12 @@ TI_FIELDS = ["id", "job_id", "direction", "local_path", "remote_path", "location
              "task_id", "transfer_info"]
 TI_COLUMNS = [transfer_items.c[f] for f in TI_FIELDS]
 UPDATABLE = {"state", "task_id", "transfer_info"}
-FILTERS = {"id", "site_id", "job_id", "state", "direction", "job_state", "tags"}
+FILTERS = {"id", "site_id", "job_id", "state", "direction", "job_state", "tags", "ordering"}
+#: ``state`` lists in-flight items (active, inactive) before pending ones, so a site agent reading a
+#: limited page always sees the transfers it must poll.
+ORDERINGS = {"id": [transfer_items.c.id], "-id": [transfer_items.c.id.desc()],
+             "state": [transfer_items.c.state, transfer_items.c.id],
+             "-state": [transfer_items.c.state.desc(), transfer_items.c.id]}
 
 
 def ti_dict(row: Any) -> dict[str, Any]:
@@ -47,7 +52,8 @@ def list_transfers(ctx: Ctx) -> Response:
         tags = q.key_values("tags")
         if tags:
             stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
-        count, rows = count_and_page(conn, stmt, [transfer_items.c.id], limit, offset)
+        order = ORDERINGS[q.choice("ordering", list(ORDERINGS), default="id")]
+        count, rows = count_and_page(conn, stmt, order, limit, offset)
     return json_response({"count": count, "results": [ti_dict(r) for r in rows]})
 
 

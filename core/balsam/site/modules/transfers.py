@@ -243,7 +243,8 @@ class TransfersModule(AgentModule):
             return None
         items = self._get(
             "/transfers/",
-            {"site_id": self.site_id, "state": [TransferItemState.pending.value, *IN_FLIGHT]},
+            # In-flight items first: a full page never hides a task that must be polled.
+            {"site_id": self.site_id, "state": [TransferItemState.pending.value, *IN_FLIGHT], "ordering": "state"},
             limit=opts.num_items_query_limit,
         )
         updates: dict[int, dict[str, Any]] = {}
