@@ -176,16 +176,28 @@ class TransferBackend(abc.ABC):
     def cancel_task(self, task_id: str) -> None:
         raise TransferError(f"{self.name}: tasks cannot be cancelled", retryable=False)
 
+    def new_submission_token(self) -> Optional[str]:
+        """A token that makes a repeated submission of the same batch return the same task instead of
+        starting a second one (Globus: a submission id), or None when the service has no such thing.
+
+        The agent journals the token *before* submitting; after a crash between the submission and
+        its record it submits the same files again with the same token. Backends returning a token
+        accept ``token=`` in :meth:`submit_batch`.
+        """
+        return None
+
     def close(self) -> None:
         """Release threads, processes or connections (called once when the agent stops)."""
 
     # -- what the agent calls: nothing but TransferError escapes -----------------------------------
 
-    def submit(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile]) -> str:
+    def submit(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile],
+               token: Optional[str] = None) -> str:
         if not files:
             raise TransferError(f"{self.name}: refusing to submit an empty batch to {location.alias!r}", retryable=False)
         try:
-            task_id = self.submit_batch(location, TransferDirection(direction), list(files))
+            extra = {"token": token} if token else {}
+            task_id = self.submit_batch(location, TransferDirection(direction), list(files), **extra)
         except TransferError:
             raise
         except Exception as exc:
@@ -208,6 +220,15 @@ class TransferBackend(abc.ABC):
             logger.debug("%s: poll failed", self.name, exc_info=True)
             raise TransferError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from exc
         return {tid: found.get(tid) or TaskStatus(TaskState.unknown, "the backend does not know this task") for tid in ids}
+
+    def submission_token(self) -> Optional[str]:
+        """:meth:`new_submission_token`, guarded like the other calls."""
+        try:
+            return self.new_submission_token()
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from exc
 
     def cancel(self, task_id: str) -> None:
         try:

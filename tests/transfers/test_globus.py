@@ -305,3 +305,64 @@ def test_a_restarted_agent_resumes_the_globus_task(balsam_env, tmp_path: Path) -
     assert len(submits) == 1
     assert client.get("/transfers/", params={"job_id": [job.id]})["results"][0]["state"] == "done"
     assert client.get(f"/jobs/{job.id}")["state"] == "STAGED_IN"
+
+
+def test_a_batch_sent_before_a_crash_is_sent_again_with_its_submission_id(balsam_env, tmp_path: Path) -> None:
+    """The agent died after Globus accepted a batch but before the task id reached the journal: the
+    token (submission id) journaled before the submission is reused, so Globus answers with the task
+    it already has instead of starting a second one."""
+    from balsam._api.model import reset_default_client
+    from balsam.api import ApplicationDefinition, Job
+    from balsam.client import load_client
+    from balsam.config import SiteConfig
+    from balsam.site.modules.transfers import JOURNAL_NAME, TransfersModule, TransfersOptions
+    from balsam.site.site_ops import init_site
+
+    reset_default_client()
+    client = load_client()
+    site_path = tmp_path / "token-site"
+    init_site(site_path, "token-site", "default", client,
+              settings_overrides={"transfers": {"transfer_locations": {"aps": f"globus://{REMOTE_EP}"}}})
+    site = SiteConfig(site_path)
+    site_id = site.site_id
+
+    class Fetch(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+        transfers = {"raw": {"required": True, "direction": "in", "local_path": "raw.h5"}}
+
+    Fetch.sync()
+    (job,) = Job.objects.bulk_create([Job("t/0", Fetch, transfers={"raw": "aps:/data/raw.h5"})])
+    item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    dest = str(Path(site.data_path) / "t/0/raw.h5")
+    token = "aaaaaaaa-0000-0000-0000-000000000042"
+    (site_path / JOURNAL_NAME).write_text(json.dumps(
+        {"token": token, "alias": "aps", "direction": "in", "files": [[item["id"], "/data/raw.h5", dest, False]]}) + "\n")
+
+    responses.reset()  # no submission_id fixture: a new token must not be fetched for this batch
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    module = TransfersModule(site, TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"},
+                                                    globus_endpoint_id=SITE_EP), client)
+    module.backends["globus"] = make_backend(tmp_path)
+    base = get_response_set(globus_sdk.TransferClient.task_list).lookup("default").json["DATA"][0]
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list", json={
+        "DATA": [{**base, "task_id": TASK_ID, "status": "ACTIVE"}], "DATA_TYPE": "task_list",
+        "length": 1, "limit": 1, "offset": 0, "total": 1})
+    module.run_cycle()
+    submits = [c for c in responses.calls if c.request.url.endswith("/v0.10/transfer")]
+    assert len(submits) == 1
+    body = json.loads(submits[0].request.body)
+    assert body["submission_id"] == token
+    assert [(d["source_path"], d["destination_path"]) for d in body["DATA"]] == [("/data/raw.h5", dest)]
+    after = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    assert (after["state"], after["task_id"]) == ("active", f"globus:{TASK_ID}")
+    assert not (site_path / JOURNAL_NAME).exists()
+
+
+def test_new_batches_carry_a_journaled_submission_id(tmp_path: Path) -> None:
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    backend = make_backend(tmp_path)
+    token = backend.submission_token()
+    assert token == get_response_set(globus_sdk.TransferClient.get_submission_id).lookup("default").metadata["submission_id"]
+    backend.submit(LOCATION, TransferDirection.stage_in, [TransferFile("/a", str(tmp_path / "a"))], token)
+    assert sent_json()["submission_id"] == token

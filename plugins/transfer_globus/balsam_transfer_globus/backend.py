@@ -159,7 +159,17 @@ class GlobusTransfer(TransferBackend):
 
     # -- the contract ------------------------------------------------------------------------------
 
-    def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile]) -> str:
+    def new_submission_token(self) -> Optional[str]:
+        """A Globus submission id: submitting the same batch with it again returns the same task."""
+        try:
+            return str(self.client().get_submission_id()["value"])
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise globus_error(exc, self._collections) from None
+
+    def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile],
+                     token: Optional[str] = None) -> str:
         site_ep = self.options.endpoint_id
         if not site_ep:
             raise TransferError("globus: transfers.globus_endpoint_id (this site's collection id) is not set in settings.yml",
@@ -176,6 +186,7 @@ class GlobusTransfer(TransferBackend):
             sync_level=self.options.sync_level, verify_checksum=self.options.verify_checksum,
             encrypt_data=self.options.encrypt_data, preserve_timestamp=self.options.preserve_timestamp,
             skip_source_errors=True, notify_on_succeeded=False, notify_on_failed=False, notify_on_inactive=False,
+            **({"submission_id": token} if token else {}),
         )
         for f in files:
             src = f.src if stage_in else self.to_endpoint(f.src)

@@ -19,7 +19,9 @@ One cycle (every ``service_period`` seconds):
 Restart safety: a task id is appended (fsync'd) to ``<site>/.transfer-tasks.jsonl`` right after its
 task is submitted and the file is emptied once the PATCH recording it has been answered. Items that
 are still ``pending`` but listed there (the agent died between the two) are polled under that task
-id instead of being submitted again; backends whose task ids die with the process (``local``,
+id instead of being submitted again. Backends with submission tokens (Globus submission ids) get
+the token journaled *before* the submission, so a batch whose task id never reached the journal is
+sent again with the same token and the service answers with the task it already has; backends whose task ids die with the process (``local``,
 ``rsync``) report them ``unknown`` and those items are submitted again, which their atomic copies
 make harmless. Nothing is lost (an item is only ``done`` once its backend said so) and nothing is
 doubled (a destination is written by rename).
@@ -248,13 +250,14 @@ class TransfersModule(AgentModule):
             limit=opts.num_items_query_limit,
         )
         updates: dict[int, dict[str, Any]] = {}
-        journal = self._read_journal()
+        journal, token_batches = self._read_journal()
         for item in items:
             task_id = journal.get(item["id"])
             if task_id and item["state"] == TransferItemState.pending.value and not item.get("task_id"):
                 # Submitted by a previous cycle (or agent) that died before recording it: poll, don't resubmit.
                 item["state"], item["task_id"] = TransferItemState.active.value, task_id
-                updates[item["id"]] = {"id": item["id"], "state": item["state"], "task_id": task_id}
+                updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": task_id}
+        keep_journal = self._resubmit_with_tokens(token_batches, items, updates, now)
         in_flight = [it for it in items if it["state"] in IN_FLIGHT]
         still_running = self._poll(in_flight, updates, now)
 
@@ -267,7 +270,8 @@ class TransfersModule(AgentModule):
             refused = bulk_patch(self.client, "/transfers/", list(updates.values()))
             if refused:
                 self.logger.error("%d transfer item updates were refused by the server", len(refused))
-        self._clear_journal()
+        if not keep_journal:
+            self._clear_journal()
         # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
         live = {int(it["job_id"]) for it in items}
         self.workdirs = {job_id: w for job_id, w in self.workdirs.items() if job_id in live}
@@ -327,7 +331,7 @@ class TransfersModule(AgentModule):
                 elif status.state == TaskState.active:
                     new_info.pop("reason", None)  # resumed
                 if item["state"] != state or new_info != info:
-                    updates[item["id"]] = {"id": item["id"], "state": state, "transfer_info": new_info}
+                    updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": state, "transfer_info": new_info}
             if status.state == TaskState.inactive:
                 self.logger.warning("transfer task %s is paused by its service: %s", task_id, status.error or "no reason given")
         elif status.state == TaskState.done:
@@ -348,7 +352,7 @@ class TransfersModule(AgentModule):
                     if status.info:
                         info["task"] = dict(status.info)  # figures of the whole task (all its items)
                     info["completed"] = now.isoformat()
-                    updates[item["id"]] = {"id": item["id"], "state": TransferItemState.done.value, "transfer_info": info}
+                    updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.done.value, "transfer_info": info}
         elif status.state == TaskState.failed:
             for item in items:
                 self._fail(item, status.error or "transfer task failed", status.retryable, updates, now)
@@ -362,14 +366,14 @@ class TransfersModule(AgentModule):
     def _back_to_pending(self, item: dict, updates: dict[int, dict[str, Any]], why: str) -> None:
         self.logger.info("transfer item %s: %s; it will be submitted again", item["id"], why)
         info = {k: v for k, v in (item.get("transfer_info") or {}).items() if k != "dest"}
-        updates[item["id"]] = {"id": item["id"], "state": TransferItemState.pending.value, "task_id": "", "transfer_info": info}
+        updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.pending.value, "task_id": "", "transfer_info": info}
 
     def _wait(self, item: dict, reason: str, updates: dict[int, dict[str, Any]]) -> None:
         """Keep ``item`` pending with the reason it waits (shown by `balsam transfer ls`); no try used."""
         info = dict(item.get("transfer_info") or {})
         if info.get("reason") != one_line(reason):
             info["reason"] = one_line(reason)
-            updates[item["id"]] = {"id": item["id"], "transfer_info": info}
+            updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "transfer_info": info}
 
     def _fail(self, item: dict, error: str, retryable: bool, updates: dict[int, dict[str, Any]], now: dt.datetime) -> None:
         opts = self.options
@@ -388,7 +392,7 @@ class TransfersModule(AgentModule):
             state = TransferItemState.error.value
             why = "cannot succeed" if not retryable else f"failed {attempts} times"
             self.logger.error("transfer item %s (job %s) %s; its job fails: %s", item["id"], item["job_id"], why, info["error"])
-        updates[item["id"]] = {"id": item["id"], "state": state, "task_id": "", "transfer_info": info}
+        updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": state, "task_id": "", "transfer_info": info}
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -452,7 +456,10 @@ class TransfersModule(AgentModule):
             if not files:
                 continue
             try:
-                task_id = backend.submit(location, TransferDirection(direction), files)
+                token = backend.submission_token()
+                if token:
+                    self._journal_token(token, alias, direction, members, files)
+                task_id = backend.submit(location, TransferDirection(direction), files, token)
             except TransferError as exc:
                 if exc.retryable:
                     # The service, not the files: keep the items pending without using up their tries.
@@ -469,7 +476,7 @@ class TransfersModule(AgentModule):
             for item, spec in zip(members, files):
                 info = {k: v for k, v in (item.get("transfer_info") or {}).items() if k not in ("retry_after", "reason")}
                 info.update(dest=spec.dest, submitted=now.isoformat())
-                updates[item["id"]] = {"id": item["id"], "state": TransferItemState.active.value, "task_id": full_id,
+                updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.active.value, "task_id": full_id,
                                        "transfer_info": info}
             submitted += 1
         return submitted
@@ -495,24 +502,71 @@ class TransfersModule(AgentModule):
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _read_journal(self) -> dict[int, str]:
+    def _journal_token(self, token: str, alias: str, direction: str, members: list[dict], files: list[TransferFile]) -> None:
+        record = {"token": token, "alias": alias, "direction": direction,
+                  "files": [[it["id"], f.src, f.dest, f.recursive] for it, f in zip(members, files)]}
+        with open(self.journal_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _read_journal(self) -> tuple[dict[int, str], list[dict]]:
+        """(task id by item id, batches journaled with a submission token but no task id yet)."""
         try:
             text = self.journal_path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return {}
+            return {}, []
         except OSError as exc:
             self.logger.warning("cannot read %s: %s", self.journal_path, exc)
-            return {}
+            return {}, []
         found: dict[int, str] = {}
+        tokens: list[dict] = []
         for number, line in enumerate(text.splitlines(), 1):
             try:
                 record = json.loads(line)
+                if "token" in record:
+                    tokens.append({"token": str(record["token"]), "alias": str(record["alias"]),
+                                   "direction": str(record["direction"]),
+                                   "files": [(int(i), str(a), str(b), bool(r)) for i, a, b, r in record["files"]]})
+                    continue
                 for item_id in record["item_ids"]:
                     found[int(item_id)] = str(record["task_id"])
             except (ValueError, KeyError, TypeError):
                 # The last line of an agent killed while writing it; that task's items are resubmitted.
                 self.logger.warning("%s:%d: unreadable line skipped", self.journal_path, number)
-        return found
+        tokens = [b for b in tokens if not any(i in found for i, *_ in b["files"])]
+        return found, tokens
+
+    def _resubmit_with_tokens(self, batches: list[dict], items: list[dict], updates: dict[int, dict[str, Any]],
+                              now: dt.datetime) -> bool:
+        """Submit again, with the same token, batches a dead agent submitted without recording a task
+        id: the service answers with the task it already has (or starts it if it never got it).
+        Returns True when one could not be sent (the journal is then kept for the next cycle)."""
+        by_id = {it["id"]: it for it in items}
+        failed = False
+        for batch in batches:
+            members = [by_id.get(i) for i, *_ in batch["files"]]
+            if any(m is None or m["state"] != TransferItemState.pending.value or m.get("task_id") for m in members):
+                continue  # already recorded, finished or gone
+            files = [TransferFile(src, dest, rec) for _, src, dest, rec in batch["files"]]
+            try:
+                location = self._location(batch["alias"])
+                backend = self.backend(location.backend_name)
+                task_id = backend.submit(location, TransferDirection(batch["direction"]), files, batch["token"])
+            except TransferError as exc:
+                self.logger.warning("re-sending a journaled batch of %d files failed: %s", len(files), exc)
+                failed = True
+                for item in members:
+                    item["state"] = "held"  # not submitted under a new token this cycle
+                continue
+            full_id = f"{location.backend_name}:{task_id}"
+            self._journal(full_id, [m["id"] for m in members])
+            self.logger.info("journaled batch of %d files re-sent with its token: task %s", len(files), full_id)
+            for item, spec in zip(members, files):
+                info = {**(item.get("transfer_info") or {}), "dest": spec.dest, "submitted": now.isoformat()}
+                item["state"], item["task_id"] = TransferItemState.active.value, full_id
+                updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": full_id, "transfer_info": info}
+        return failed
 
     def _clear_journal(self) -> None:
         try:
