@@ -253,3 +253,29 @@ def test_bad_backend_options_make_items_wait_with_the_reason(site, client, tmp_p
     module.close()
     with pytest.raises(OptionsError, match="transfers.max_attempts: must be at least 1"):
         make_module(site, client, max_attempts=0)
+
+
+def test_a_directory_slot_into_the_workdir_keeps_the_other_inputs(site, client, tmp_path) -> None:
+    from balsam.api import ApplicationDefinition, Job
+
+    site_id = site.site_id
+
+    class Both(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+        transfers = {
+            "config": {"required": True, "direction": "in", "local_path": "config.yml"},
+            "dataset": {"required": True, "direction": "in", "local_path": ".", "recursive": True},
+        }
+
+    Both.sync()
+    (tmp_path / "dataset" / "part").mkdir(parents=True)
+    (tmp_path / "dataset" / "part" / "a.dat").write_text("a")
+    (tmp_path / "config.yml").write_text("k: v")
+    (job,) = Job.objects.bulk_create([Job("both/0", Both, transfers={
+        "config": f"shared:{tmp_path}/config.yml", "dataset": f"files:{tmp_path}/dataset"})])
+    module = make_module(site, client)
+    run_cycles(module, lambda: job_rows(client, id=[job.id])[0]["state"] == "STAGED_IN")
+    workdir = Path(site.data_path) / "both/0"
+    assert sorted(p.relative_to(workdir).as_posix() for p in workdir.rglob("*")) == ["config.yml", "part", "part/a.dat"]
+    module.close()

@@ -145,16 +145,21 @@ def test_rsync_unreachable_host_is_one_line_per_file(tmp_path: Path) -> None:
         backend.close()
 
 
-def test_local_copy_replaces_a_directory_atomically(tmp_path: Path) -> None:
+def test_local_copy_of_a_directory_merges_into_an_existing_one(tmp_path: Path) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     (src / "x").mkdir(parents=True)
     (src / "x" / "f").write_text("new")
-    (dest / "old").mkdir(parents=True)
-    (dest / "old" / "g").write_text("old")
-    (tmp_path / f".dest.balsam-partial-deadbeef").write_text("left by a killed agent")
+    (dest / "x").mkdir(parents=True)
+    (dest / "x" / "f").write_text("old")
+    (dest / "other-input.txt").write_text("staged by another slot")
+    (tmp_path / ".dest.balsam-partial-deadbeef").write_text("left by a killed agent")
     copy_into_place(src, dest, recursive=True)
-    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["x", "x/f"]
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["other-input.txt", "x", "x/f"]
+    assert (dest / "x" / "f").read_text() == "new" and (dest / "other-input.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "src"]
+    fresh = tmp_path / "fresh"
+    copy_into_place(src, fresh, recursive=True)
+    assert (fresh / "x" / "f").read_text() == "new"
     with pytest.raises(IsADirectoryError, match="not recursive"):
         copy_into_place(src, tmp_path / "other", recursive=False)
 

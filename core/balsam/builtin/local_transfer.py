@@ -3,7 +3,8 @@ the site shares with the location, e.g. a project directory mounted on the login
 
 Each task runs in a worker thread. A file or directory is copied next to its destination under a
 hidden temporary name and renamed into place, so a destination is either absent, the old version
-or the complete new one, never half-written (an agent killed mid-copy leaves only a
+or the complete new one, never half-written (a directory copied onto an existing one is merged
+into it, each file renamed into place) (an agent killed mid-copy leaves only a
 ``.NAME.balsam-partial-*`` file, which the next copy of that destination removes). Task ids live
 in this process: after an agent restart they are ``unknown`` and the agent copies those items
 again, which is harmless because copies are atomic and idempotent.
@@ -56,11 +57,15 @@ def copy_into_place(src: Path, dest: Path, recursive: bool) -> int:
             shutil.copymode(src, tmp)
             size = tmp.stat().st_size
         if dest.is_dir() and not dest.is_symlink():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            old = dest.parent / f".{dest.name}.balsam-old-{token}"
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            # Into an existing directory (a workdir holding other inputs, a results directory):
+            # merge, each file renamed into place, as rsync and Globus do.
+            for path in sorted(tmp.rglob("*")):
+                target = dest / path.relative_to(tmp)
+                if path.is_dir() and not path.is_symlink():
+                    target.mkdir(exist_ok=True)
+                else:
+                    os.replace(path, target)
+            shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, dest)
     except BaseException:
