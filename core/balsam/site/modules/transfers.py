@@ -444,6 +444,8 @@ class TransfersModule(AgentModule):
                 try:
                     local, spec = item_transfer_paths(item, data_path / workdir_rel)
                     if direction == TransferDirection.stage_in.value:
+                        # The workdir itself too: a recursive "." slot then merges into it.
+                        (data_path / workdir_rel).mkdir(parents=True, exist_ok=True)
                         local.parent.mkdir(parents=True, exist_ok=True)
                 except TransferError as exc:
                     self._fail(item, str(exc), exc.retryable, updates, now)
