@@ -229,10 +229,15 @@ def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path) -> No
     assert " error " in lines[(str(bad.id), "in")] and "no such file or directory" in lines[(str(bad.id), "in")]
     counts = balsam("transfer", "ls", "--job", str(ok.id), "--by-state")
     assert [line.split() for line in counts.splitlines()[2:]] == [["in", "done", "1"], ["out", "awaiting_job", "1"]]
-    jobs = balsam("job", "ls", "--site", str(site.site_id))
-    assert "Transfers" in jobs
-    rows = {line.split()[0]: line for line in jobs.splitlines()[2:]}
-    assert "in 1/1 out 0/1" in rows[str(ok.id)] and "in 0/1!" in rows[str(bad.id)]
+    import balsam.cli.transfer as transfer_cli
+
+    for many in (2000, 1):  # by job ids, then (many jobs) by site
+        transfer_cli.MANY_JOBS = many
+        jobs = balsam("job", "ls", "--site", str(site.site_id))
+        assert "Transfers" in jobs
+        rows = {line.split()[0]: line for line in jobs.splitlines()[2:]}
+        assert "in 1/1 out 0/1" in rows[str(ok.id)] and "in 0/1!" in rows[str(bad.id)]
+    transfer_cli.MANY_JOBS = 2000
 
 
 def test_bad_backend_options_make_items_wait_with_the_reason(site, client, tmp_path) -> None:

@@ -197,7 +197,8 @@ def _list_jobs(filters: dict[str, Any], state: Optional[str], exclude_state: Opt
     names = site_names(sorted({a.site_id for a in apps.values()}))
     # Transfer progress ("in 1/1 out 0/1"), only for apps that declare transfer slots.
     with_slots = [j.id for j in jobs if getattr(apps.get(j.app_id), "transfers", None)]
-    transfers = job_transfer_summary(with_slots) if with_slots else {}
+    slot_sites = sorted({apps[j.app_id].site_id for j in jobs if getattr(apps.get(j.app_id), "transfers", None)})
+    transfers = job_transfer_summary(with_slots, slot_sites) if with_slots else {}
     rows = []
     for j in jobs:
         a = apps.get(j.app_id)

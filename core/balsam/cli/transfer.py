@@ -9,6 +9,8 @@ import click
 
 from ._site_selector import format_table, site_filter, site_option, watch_output
 
+#: Above this many jobs, ``job ls`` reads their sites' items in one paged listing instead of by job ids.
+MANY_JOBS = 2000
 #: The ``transfer_info`` keys shown as progress.
 PROGRESS_KEYS = ("files_done", "files_transferred", "files", "bytes", "bytes_transferred")
 
@@ -42,14 +44,19 @@ def transfer_summary(items: list[dict]) -> dict[int, str]:
     return summary
 
 
-def job_transfer_summary(job_ids: list[int]) -> dict[int, str]:
-    """Transfer progress of these jobs, read in chunks of ids (one request per 500 jobs)."""
+def job_transfer_summary(job_ids: list[int], site_ids: Optional[list[int]] = None) -> dict[int, str]:
+    """Transfer progress of these jobs: their items by id in chunks of 500 jobs, or, for many jobs,
+    every item of their sites in one paged listing."""
     from balsam.api import TransferItem
 
     items: list[dict] = []
-    for start in range(0, len(job_ids), 500):
-        chunk = job_ids[start:start + 500]
-        items.extend(_as_dict(t) for t in TransferItem.objects.filter(job_id=chunk))
+    if site_ids and len(job_ids) > MANY_JOBS:
+        wanted = set(job_ids)
+        items = [d for d in (_as_dict(t) for t in TransferItem.objects.filter(site_id=site_ids)) if d["job_id"] in wanted]
+    else:
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start:start + 500]
+            items.extend(_as_dict(t) for t in TransferItem.objects.filter(job_id=chunk))
     return transfer_summary(items)
 
 
