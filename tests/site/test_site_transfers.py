@@ -199,7 +199,7 @@ def test_journal_resumes_polling_instead_of_resubmitting(site, client, tmp_path)
     module.close()
 
 
-def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path) -> None:
+def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path, monkeypatch) -> None:
     from click.testing import CliRunner
 
     from balsam._api.model import reset_default_client
@@ -232,12 +232,11 @@ def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path) -> No
     import balsam.cli.transfer as transfer_cli
 
     for many in (2000, 1):  # by job ids, then (many jobs) by site
-        transfer_cli.MANY_JOBS = many
+        monkeypatch.setattr(transfer_cli, "MANY_JOBS", many)
         jobs = balsam("job", "ls", "--site", str(site.site_id))
         assert "Transfers" in jobs
         rows = {line.split()[0]: line for line in jobs.splitlines()[2:]}
         assert "in 1/1 out 0/1" in rows[str(ok.id)] and "in 0/1!" in rows[str(bad.id)]
-    transfer_cli.MANY_JOBS = 2000
 
 
 def test_bad_backend_options_make_items_wait_with_the_reason(site, client, tmp_path) -> None:
