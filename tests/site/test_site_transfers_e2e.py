@@ -143,3 +143,41 @@ def test_kill_9_mid_transfer_loses_and_doubles_nothing(make_site, agent_daemon, 
     assert len(items) == 2 * n and {it["state"] for it in items} == {"done"}
     log = "\n".join(p.read_text() for p in (Path(site.site_path) / "log").glob("*agent*"))
     assert "transfers" in log
+
+
+def _loader_takes_retry_settings() -> bool:
+    from balsam.config.settings import SettingsError, loads_settings
+
+    try:
+        loads_settings("transfers:\n  max_attempts: 2\n")
+    except SettingsError:
+        return False
+    return True
+
+
+def test_a_missing_input_fails_its_job_with_the_reason_on_a_real_site(make_site, agent_daemon, client, tmp_path) -> None:
+    """The agent daemon retries a missing file max_attempts times, then the job is FAILED with the
+    reason (never left waiting in READY), while its neighbour runs to the end."""
+    from balsam.api import Job
+
+    if not _loader_takes_retry_settings():
+        pytest.skip("settings.yml does not take transfers.max_attempts until the module-schema loader is on main")
+    remote = tmp_path / "remote"
+    (remote / "in").mkdir(parents=True)
+    (remote / "in" / "ok.txt").write_text("fine\n")
+    site = make_site(overrides={"transfers": {"transfer_locations": {"shared": "local://"}, "service_period": 1,
+                                              "max_attempts": 2, "retry_backoff_sec": 1}})
+    app = stager_app(site.site_id)
+    ok, missing = Job.objects.bulk_create([
+        Job("f/ok", app, transfers={"input": f"shared:{remote}/in/ok.txt", "result": f"shared:{remote}/out/ok.txt"}),
+        Job("f/missing", app, transfers={"input": f"shared:{remote}/in/nope.txt", "result": f"shared:{remote}/out/x.txt"}),
+    ])
+    agent_daemon(site)
+    create_batch_job(client, site.site_id, "serial")
+    wait_for(lambda: all_done(client, 2, site_id=site.site_id), timeout=180, interval=1.0, what="both jobs")
+    states = {r["id"]: r["state"] for r in client.get("/jobs/", params={"site_id": site.site_id})["results"]}
+    assert states == {ok.id: "JOB_FINISHED", missing.id: "FAILED"}
+    assert (remote / "out" / "ok.txt").read_text() == "FINE\n"
+    last = events(client, job_id=missing.id)[-1]
+    assert (last["from_state"], last["to_state"]) == ("READY", "FAILED")
+    assert last["data"]["attempts"] == 2 and "no such file or directory" in last["data"]["message"]
