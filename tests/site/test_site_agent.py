@@ -75,7 +75,7 @@ def test_hook_balsam_agent_started(make_site, client) -> None:
     agent = Agent(site, client=client)
     agent.start()
     try:
-        assert calls == [(site.site_path, ["heartbeat_file", "processing", "scheduler"])]
+        assert calls == [(site.site_path, ["heartbeat_file", "processing", "scheduler", "transfers"])]
     finally:
         agent.shutdown("signal")
 

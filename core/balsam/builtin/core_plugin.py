@@ -25,6 +25,7 @@ CORE_COMMAND_MODULES: list[str] = [
     "balsam.cli.auth",
     "balsam.cli.app",
     "balsam.cli.job",
+    "balsam.cli.transfer",
     "balsam.cli.queue",
     "balsam.cli.dashboard",
     "balsam.cli.analytics",
