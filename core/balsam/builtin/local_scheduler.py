@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from balsam.config.paths import balsam_home
 from balsam.models import SchedulerJobStatus
@@ -59,8 +59,9 @@ class LocalScheduler(Scheduler):
         *,
         user: Optional[str] = None,
         state_dir: Optional[os.PathLike] = None,
+        options: Any = None,
     ) -> None:
-        super().__init__(runner, user=user)
+        super().__init__(runner, user=user, options=options)
         self.state_dir = Path(state_dir).expanduser().resolve() if state_dir else default_state_dir()
 
     def _queue_command(self, *args: str, cwd: Optional[Path] = None) -> Command:
