@@ -18,6 +18,8 @@ from balsam.states import JobState
 from .jobs_logic import json_contains
 from .tables import jobs
 
+#: Most ``tags`` filters one request may carry (a site's filter_tags are a handful).
+MAX_BACKLOG_TAGS = 32
 #: States asked for when the request names none: what a launcher can start now, and what runs.
 DEFAULT_BACKLOG_STATES = (JobState.preprocessed.value, JobState.restart_ready.value, JobState.running.value)
 

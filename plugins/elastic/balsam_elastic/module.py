@@ -127,7 +127,9 @@ class ElasticQueueModule(AgentModule):
         except Exception as exc:
             return None, str(exc)
         found: list[BackfillWindow] = []
-        for key in (self.options.submit_queue, ANY_QUEUE):
+        # A driver may name its "usable from any queue" key (PBS's any_queue_key option).
+        any_queue = str(getattr(getattr(self.scheduler, "options", None), "any_queue_key", ANY_QUEUE) or ANY_QUEUE)
+        for key in dict.fromkeys((self.options.submit_queue, any_queue, ANY_QUEUE)):
             for w in windows.get(key, ()):
                 found.append(w if isinstance(w, BackfillWindow) else
                              BackfillWindow(num_nodes=int(w["num_nodes"]), wall_time_min=int(w["wall_time_min"])))

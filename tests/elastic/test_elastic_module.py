@@ -1,0 +1,126 @@
+"""The elastic_queue agent module against a real API server: the backlog route it reads, one cycle
+at a time, and a whole agent on the local scheduler (burst -> BatchJobs -> jobs done -> drained)."""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import pytest
+
+from balsam_elastic import ElasticQueueOptions
+from balsam_elastic.module import ElasticQueueModule
+from site_test_utils import wait_for
+
+
+def _app(site_id: int, name: str = "Hello"):
+    from balsam.api import ApplicationDefinition
+
+    return type(name, (ApplicationDefinition,), {"site": site_id, "command_template": "echo hello {{ i }}",
+                                                  "__module__": __name__})
+
+
+@pytest.mark.parametrize("env", ["balsam_env", pytest.param("balsam_env_pg", marks=pytest.mark.postgres)])
+def test_backlog_route_sums_footprints_in_one_query(env, request, tmp_path) -> None:
+    from balsam._api.model import reset_default_client
+    from balsam.api import Job
+    from balsam.client import load_client
+
+    request.getfixturevalue(env)
+    reset_default_client()
+    client = load_client()
+    site_id = client.post("/sites/", json={"name": f"backlog-{env}", "path": str(tmp_path / "s")})["id"]
+    App = _app(site_id)
+    App.sync()
+    wide = Job.objects.bulk_create([App.submit(workdir=f"w/{i}", i=i, num_nodes=2, tags={"w": "a"}, save=False) for i in range(3)])
+    packed = Job.objects.bulk_create([App.submit(workdir=f"p/{i}", i=i, node_packing_count=4, tags={"w": "a"}, save=False)
+                                      for i in range(4)])
+    other = Job.objects.bulk_create([App.submit(workdir=f"o/{i}", i=i, num_nodes=8, tags={"w": "b"}, save=False) for i in range(2)])
+    client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in wide + packed + other])
+
+    mine = client.get(f"/sites/{site_id}/backlog", params={"tags": ["w:a"]})
+    assert mine == {"site_id": site_id, "states": {"PREPROCESSED": {
+        "count": 7, "footprint": 7.0, "min_num_nodes": 1, "max_num_nodes": 2, "max_wall_time_min": 0}}}
+    everything = client.get(f"/sites/{site_id}/backlog")["states"]["PREPROCESSED"]
+    assert (everything["count"], everything["footprint"], everything["max_num_nodes"]) == (9, 23.0, 8)
+    # a launcher takes the packed ones: they count as running, the rest stays runnable
+    session = client.post("/sessions/", json={"site_id": site_id})["id"]
+    got = client.post(f"/sessions/{session}", json={"max_num_jobs": 4, "max_nodes_per_job": 1, "filter_tags": {"w": "a"}})
+    taken = [j["id"] for j in (got if isinstance(got, list) else got["results"])]
+    client.patch("/jobs/", json=[{"id": i, "state": "RUNNING"} for i in taken])
+    states = client.get(f"/sites/{site_id}/backlog", params={"tags": "w:a"})["states"]
+    assert states["RUNNING"]["count"] == len(taken) and states["RUNNING"]["footprint"] == pytest.approx(len(taken) / 4)
+    assert states["PREPROCESSED"]["footprint"] == pytest.approx(7.0 - len(taken) / 4)
+    assert client.get(f"/sites/{site_id}/backlog", params={"state": "JOB_FINISHED"})["states"] == {}
+    with pytest.raises(Exception, match="404|not found"):
+        client.get(f"/sites/{site_id + 10_000}/backlog")
+    with pytest.raises(Exception, match="KEY:VALUE"):
+        client.get(f"/sites/{site_id}/backlog", params={"tags": "no-colon"})
+
+
+def test_cycles_create_batch_jobs_with_filter_tags_and_log_one_line_each(make_site, client, caplog) -> None:
+    from balsam.api import Job
+
+    site = make_site(overrides={"filter_tags": {"campaign": "c1"}})
+    options = ElasticQueueOptions(service_period=1, submit_queue="local", submit_project="local", job_mode="serial",
+                                  use_backfill=True, min_wall_time_min=10, wall_time_pad_min=2, max_num_nodes=1,
+                                  max_queued_jobs=2)
+    module = ElasticQueueModule(site, options, client)
+    assert module.period == 1 and "strategy backfill" in module.describe()
+    caplog.set_level(logging.INFO, logger="balsam.site.modules.elastic_queue")
+
+    module.run_cycle()
+    assert module.last_decision.reason == "no runnable jobs"
+    App = _app(site.site_id)
+    App.sync()
+    jobs = Job.objects.bulk_create([App.submit(workdir=f"j/{i}", i=i, tags={"campaign": "c1"}, save=False) for i in range(3)])
+    Job.objects.bulk_create([App.submit(workdir="x/0", i=0, tags={"campaign": "other"}, save=False)])
+    client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in jobs])
+
+    module.run_cycle()  # the local scheduler reports no backfill windows: it says so and waits
+    assert module.last_decision.reason == "no backfill window in queue 'local'", module.last_decision
+    module = ElasticQueueModule(site, attrs.evolve(options, use_backfill=False), client)
+    module.run_cycle()
+    made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
+    assert [(b["num_nodes"], b["wall_time_min"], b["filter_tags"], b["job_mode"], b["queue"]) for b in made] == [
+        (1, 358, {"campaign": "c1"}, "serial", "local")]
+    module.run_cycle()  # 3 runnable, 1 node reserved: a second one
+    module.run_cycle()  # max_queued_jobs (2) reached
+    assert len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]) == 2
+    assert module.last_decision.reason.startswith("max_queued_jobs reached (2 of 2")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[backfill]")]
+    assert len(lines) == 5, lines
+    assert lines[0].startswith("[backfill] nothing: no runnable jobs | runnable=0 ")
+    assert "runnable=3 runnable_footprint=3 running_footprint=0 reserved=0 idle=0 batch_jobs=0/2 window=1x360min shortfall=3" in lines[2]
+
+
+@pytest.mark.slow
+def test_agent_on_the_local_scheduler_runs_a_burst_then_drains(make_site, client, agent_daemon) -> None:
+    from balsam.api import Job
+
+    site = make_site(overrides={
+        "filter_tags": {"campaign": "burst"},
+        "elastic_queue": {"service_period": 1, "submit_queue": "local", "submit_project": "local", "job_mode": "serial",
+                          "use_backfill": False, "max_num_nodes": 1, "min_wall_time_min": 10, "wall_time_pad_min": 1,
+                          "max_wall_time_min": 10, "max_queued_jobs": 1},
+    })
+    App = _app(site.site_id, "Burst")
+    App.sync()
+    jobs = Job.objects.bulk_create([App.submit(workdir=f"b/{i}", i=i, tags={"campaign": "burst"}, save=False) for i in range(6)])
+    agent_daemon(site)
+
+    def done() -> bool:
+        rows = client.get("/jobs/", params={"site_id": site.site_id})["results"]
+        return all(r["state"] == "JOB_FINISHED" for r in rows) and len(rows) == len(jobs)
+
+    wait_for(done, timeout=120, what="the burst to finish")
+    made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
+    assert made and all(b["filter_tags"] == {"campaign": "burst"} and b["num_nodes"] == 1 for b in made)
+    # empty backlog: the launcher leaves after idle_ttl_sec and nothing new is submitted
+    wait_for(lambda: all(b["state"] == "finished" for b in client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]),
+             timeout=60, what="the launchers to drain")
+    count = len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"])
+    log = "\n".join(p.read_text() for p in (site.site_path / "log").glob("agent_*.log"))
+    wait_for(lambda: "[backfill] nothing: no runnable jobs" in "\n".join(
+        p.read_text() for p in (site.site_path / "log").glob("agent_*.log")), timeout=30, what="an idle decision")
+    assert len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]) == count, log
