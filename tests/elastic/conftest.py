@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "site"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "schedulers"))
 
 from site_test_utils import FAST_SETTINGS, api_client  # noqa: E402
 
