@@ -130,7 +130,7 @@ def test_a_burst_gets_batch_jobs_that_run_it_then_the_launchers_drain(kind, elas
     assert all(r["batch_job_id"] in {b["id"] for b in made} for r in rows.values())
 
 
-# A minute at least each (queued_time_min counts whole minutes): Cobalt's driver path is the same as PBS's.
+# A minute at least each (queued_time_min counts whole minutes); the module does the same on every driver.
 @pytest.mark.parametrize("kind", _kinds("pbs"))
 def test_a_batch_job_queued_past_the_limit_is_cancelled(kind, elastic_site) -> None:
     path, site_id, client, tags = elastic_site(kind, {"max_queue_wait_time_min": 0})

@@ -4,10 +4,14 @@ at a time, and a whole agent on the local scheduler (burst -> BatchJobs -> jobs 
 from __future__ import annotations
 
 import logging
+import uuid
+from pathlib import Path
 
 import attrs
 import pytest
 
+from balsam.models import BackfillWindow
+from balsam.testing import ReplayRunner, load_recorded, result
 from balsam_elastic import ElasticQueueOptions
 from balsam_elastic.module import ElasticQueueModule
 from site_test_utils import wait_for
@@ -124,3 +128,66 @@ def test_agent_on_the_local_scheduler_runs_a_burst_then_drains(make_site, client
     wait_for(lambda: "[backfill] nothing: no runnable jobs" in "\n".join(
         p.read_text() for p in (site.site_path / "log").glob("agent_*.log")), timeout=30, what="an idle decision")
     assert len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]) == count, log
+
+
+DATA = Path(__file__).resolve().parents[1] / "schedulers" / "data"
+
+
+def _runnable_jobs(client, site, count: int, tags: dict) -> list:
+    from balsam.api import Job
+
+    App = _app(site.site_id, f"App{uuid.uuid4().hex[:6]}")
+    App.sync()
+    jobs = Job.objects.bulk_create([App.submit(workdir=f"r/{i}", i=i, tags=tags, save=False) for i in range(count)])
+    client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in jobs])
+    return jobs
+
+
+def test_pbs_windows_of_no_queue_count_for_the_submit_queue(make_site, client) -> None:
+    """Polaris-style pbsnodes (recorded): 1 free node tied to `debug`, 2 tied to no queue (`*`).
+    Balsam 0.7 read only the submit queue's windows (and its PBS driver had none)."""
+    from balsam_scheduler_pbs import PBSScheduler
+
+    site = make_site()
+    runner = ReplayRunner({"pbsnodes": load_recorded(DATA / "pbs", "pbsnodes_a_json"),
+                           "qstat": load_recorded(DATA / "pbs", "qstat_f_json_no_jobs")})
+    options = ElasticQueueOptions(submit_queue="debug", min_wall_time_min=30, wall_time_pad_min=5, max_wall_time_min=60)
+    module = ElasticQueueModule(site, options, client, scheduler=PBSScheduler(runner, user="u"))
+    _runnable_jobs(client, site, 5, {})
+    module.run_cycle()
+    assert module.last_decision.submit and module.last_decision.submit[0].num_nodes == 2, module.last_decision
+    assert dict(module.last_decision.numbers)["window"] == BackfillWindow(num_nodes=2, wall_time_min=60)
+    made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
+    assert [(b["num_nodes"], b["wall_time_min"], b["queue"]) for b in made] == [(2, 55, "debug")]
+
+
+def test_scheduler_failures_are_reasons_not_crashes(make_site, client, caplog) -> None:
+    from balsam_scheduler_slurm import SlurmScheduler
+
+    site = make_site()
+    down = result(stderr="slurm_load_partitions: Unable to contact slurm controller (connect failure)", returncode=1)
+    runner = ReplayRunner({"sinfo": down, "squeue": load_recorded(DATA / "slurm", "synthetic_squeue_controller_down")})
+    module = ElasticQueueModule(site, ElasticQueueOptions(submit_queue="debug", max_queue_wait_time_min=0), client,
+                                scheduler=SlurmScheduler(runner, user="root"))
+    _runnable_jobs(client, site, 2, {})
+    queued = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "p", "queue": "debug", "num_nodes": 1,
+                                               "wall_time_min": 30, "job_mode": "mpi"})
+    client.patch("/batch-jobs/", json=[{"id": queued["id"], "state": "queued", "scheduler_id": 4242}])
+    caplog.set_level(logging.INFO, logger="balsam.site.modules.elastic_queue")
+    module.run_cycle()
+    decision = module.last_decision
+    assert decision.cancel == () and decision.submit == (), decision  # no poll: nothing cancelled on a guess
+    assert decision.reason.startswith("backfill windows unavailable (sinfo failed: "), decision.reason
+    assert "Unable to contact slurm controller" in decision.reason
+    assert any("scheduler status poll failed" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert client.get(f"/batch-jobs/{queued['id']}")["state"] == "queued"
+
+
+def test_a_bad_section_is_one_line_naming_the_key(make_site, client) -> None:
+    site = make_site()
+    with pytest.raises(ValueError, match=r"^elastic_queue.wall_time_pad_min: must be less than min_wall_time_min \(5\)$"):
+        ElasticQueueModule(site, {"min_wall_time_min": 5}, client)
+    with pytest.raises(ValueError, match=r"^elastic_queue.strategy_optionz: unknown option"):
+        ElasticQueueModule(site, {"strategy_optionz": {}}, client)
+    module = ElasticQueueModule(site, {"strategy": "simple", "strategy_options": {"max_blocks": 2}}, client)
+    assert module.strategy.options.max_blocks == 2 and "strategy simple" in module.describe()
