@@ -98,16 +98,28 @@ def test_cycles_create_batch_jobs_with_filter_tags_and_log_one_line_each(make_si
     assert "runnable=3 runnable_footprint=3 running_footprint=0 reserved=0 idle=0 batch_jobs=0/2 window=1x360min shortfall=3" in lines[2]
 
 
+LOCAL_ELASTIC = {"service_period": 1, "submit_queue": "local", "submit_project": "local", "job_mode": "serial",
+                 "max_queued_jobs": 1}
+STRATEGY_SETTINGS = {
+    "backfill": {"use_backfill": False, "max_num_nodes": 1, "min_wall_time_min": 10, "wall_time_pad_min": 1,
+                 "max_wall_time_min": 10},
+}
+
+#: max_wall_time_min less wall_time_pad_min (backfill), the block's wall time (simple)
+SUBMITTED_WALL = {"backfill": 9, "simple": 10}
+
+
+def _agent_log(site) -> str:
+    return "\n".join(p.read_text() for p in sorted((site.site_path / "log").glob("agent_*.log")))
+
+
 @pytest.mark.slow
-def test_agent_on_the_local_scheduler_runs_a_burst_then_drains(make_site, client, agent_daemon) -> None:
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_SETTINGS))
+def test_agent_on_the_local_scheduler_runs_a_burst_then_drains(strategy, make_site, client, agent_daemon) -> None:
     from balsam.api import Job
 
-    site = make_site(overrides={
-        "filter_tags": {"campaign": "burst"},
-        "elastic_queue": {"service_period": 1, "submit_queue": "local", "submit_project": "local", "job_mode": "serial",
-                          "use_backfill": False, "max_num_nodes": 1, "min_wall_time_min": 10, "wall_time_pad_min": 1,
-                          "max_wall_time_min": 10, "max_queued_jobs": 1},
-    })
+    site = make_site(overrides={"filter_tags": {"campaign": "burst"},
+                                "elastic_queue": {**LOCAL_ELASTIC, **STRATEGY_SETTINGS[strategy]}})
     App = _app(site.site_id, "Burst")
     App.sync()
     jobs = Job.objects.bulk_create([App.submit(workdir=f"b/{i}", i=i, tags={"campaign": "burst"}, save=False) for i in range(6)])
@@ -119,15 +131,15 @@ def test_agent_on_the_local_scheduler_runs_a_burst_then_drains(make_site, client
 
     wait_for(done, timeout=120, what="the burst to finish")
     made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
-    assert made and all(b["filter_tags"] == {"campaign": "burst"} and b["num_nodes"] == 1 for b in made)
+    assert made and all(b["filter_tags"] == {"campaign": "burst"} and b["num_nodes"] == 1 for b in made), made
+    assert f"[{strategy}] submit 1 nodes x {SUBMITTED_WALL[strategy]} min" in _agent_log(site)
     # empty backlog: the launcher leaves after idle_ttl_sec and nothing new is submitted
     wait_for(lambda: all(b["state"] == "finished" for b in client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]),
              timeout=60, what="the launchers to drain")
-    count = len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"])
-    log = "\n".join(p.read_text() for p in (site.site_path / "log").glob("agent_*.log"))
-    wait_for(lambda: "[backfill] nothing: no runnable jobs" in "\n".join(
-        p.read_text() for p in (site.site_path / "log").glob("agent_*.log")), timeout=30, what="an idle decision")
-    assert len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]) == count, log
+    seen = len(_agent_log(site))
+    wait_for(lambda: f"[{strategy}] nothing: no runnable jobs" in _agent_log(site)[seen:], timeout=30,
+             what="an idle decision after the drain")
+    assert len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]) == len(made), _agent_log(site)[-3000:]
 
 
 DATA = Path(__file__).resolve().parents[1] / "schedulers" / "data"
