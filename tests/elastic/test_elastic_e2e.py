@@ -112,7 +112,8 @@ def test_simple_blocks_on_the_fake_pbs(elastic_site) -> None:
         "strategy_options": {"nodes_per_block": 1, "wall_time_min": 20, "max_blocks": 3}})
     made, _rows = _run_a_burst(path, site_id, client, tags, "simple")
     assert all(b["num_nodes"] == 1 and b["wall_time_min"] == 20 for b in made) and 1 <= len(made) <= 3, made
-    submitted = sum(ln.split(":")[0].count("submit 1 nodes x 20 min") for ln in _agent_log(path).splitlines() if "[simple] submit" in ln)
+    actions = [ln.split("[simple] ", 1)[1].split(": ", 1)[0] for ln in _agent_log(path).splitlines() if "[simple] submit" in ln]
+    submitted = sum(action.count("submit 1 nodes x 20 min") for action in actions)
     assert submitted == len(made), _agent_log(path)[-4000:]
 
 
