@@ -15,7 +15,9 @@ every ``service_period``; only the machine, the scheduler and the launchers are 
 - launchers: each task takes one node; a launcher starts a task only if it ends before the wall
   time, and leaves after ``--idle-ttl`` minutes without work or at its wall time.
 
-Compared on the same arrivals: ``backfill`` (the default strategy), ``simple`` (fixed blocks), and a
+Compared on the same arrivals: ``backfill`` (the default strategy, as 0.7: windows only), ``backfill``
+with ``regular_queue_after_min`` (a backlog no window served for that long gets one BatchJob in the
+regular queue), ``simple`` (fixed blocks), and a
 static allocation holding the same node-hours as ``backfill`` used, as one reservation of
 ``ceil(node-hours / campaign hours)`` nodes for the whole campaign (the peer). Printed per strategy:
 BatchJobs submitted, node-hours held, idle node-hours (held with nothing running), mean and 95th
@@ -34,6 +36,8 @@ import random
 import statistics
 from dataclasses import dataclass, field
 from typing import Optional
+
+import attrs
 
 from balsam.models import BackfillWindow
 from balsam.states import BatchJobState
@@ -110,6 +114,7 @@ class Block:
     ended: Optional[int] = None
     idle_since: Optional[int] = None
     cancelled: bool = False
+    regular_queue: bool = False
     running: list[Task] = field(default_factory=list)
     busy_node_minutes: int = 0
 
@@ -143,8 +148,8 @@ class Simulation:
         p = self.phase(self.now)
         return max(0, p.free - self.held()), p.end - self.now
 
-    def submit(self, nodes: int, wall: int) -> Block:
-        block = Block(len(self.blocks) + 1, nodes, wall, self.now)
+    def submit(self, nodes: int, wall: int, regular_queue: bool = False) -> Block:
+        block = Block(len(self.blocks) + 1, nodes, wall, self.now, regular_queue=regular_queue)
         self.blocks.append(block)
         return block
 
@@ -187,14 +192,16 @@ class Simulation:
         runnable = [task for task in self.tasks if task.created <= t and task.started is None]
         running = sum(len(b.running) for b in self.blocks if b.state == BatchJobState.running)
         views = tuple(BatchJobView(id=b.id, state=b.state, num_nodes=b.nodes, wall_time_min=b.wall,
-                                   queued_time_min=(t - b.submitted) if b.state == BatchJobState.queued else None)
+                                   queued_time_min=(t - b.submitted) if b.state == BatchJobState.queued else None,
+                                   regular_queue=b.regular_queue)
                       for b in self.blocks if b.state != BatchJobState.finished and not b.cancelled)
         free, left = self.free_now()
         windows = (BackfillWindow(num_nodes=free, wall_time_min=left),) if free else ()
         return Snapshot(batch_jobs=views, windows=windows,
                         backlog=Backlog(runnable_count=len(runnable), runnable_footprint=float(len(runnable)),
                                         min_runnable_nodes=1 if runnable else 0, max_runnable_nodes=1 if runnable else 0,
-                                        running_count=running, running_footprint=float(running)))
+                                        running_count=running, running_footprint=float(running),
+                                        oldest_runnable_wait_min=float(t - min((r.created for r in runnable), default=t))))
 
     def run(self, strategy: Optional[Strategy]) -> None:
         while self.now < self.horizon:
@@ -206,7 +213,7 @@ class Simulation:
                         block.cancelled = True
                         block.ended = self.now
                 for request in decision.submit:
-                    self.submit(request.num_nodes, request.wall_time_min)
+                    self.submit(request.num_nodes, request.wall_time_min, request.regular_queue)
             self.step()
             self.now += 1
             if self.now >= self.horizon and any(t.started is None for t in self.tasks) and strategy is None:
@@ -236,6 +243,7 @@ def main() -> None:
     parser.add_argument("--queue-wait", type=int, default=120, help="minutes a request outside a window waits")
     parser.add_argument("--idle-ttl", type=int, default=5, help="launcher idle_ttl_sec, in minutes")
     parser.add_argument("--period", type=int, default=1, help="elastic_queue service_period, in minutes")
+    parser.add_argument("--regular-after", type=int, default=60, help="regular_queue_after_min of the second backfill row")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -254,6 +262,11 @@ def main() -> None:
     sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=args.idle_ttl, period=args.period, horizon=horizon)
     sim.run(BackfillStrategy(backfill_settings))
     runs["backfill (default)"] = sim.report()
+
+    fallback = attrs.evolve(backfill_settings, regular_queue_after_min=args.regular_after)
+    sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=args.idle_ttl, period=args.period, horizon=horizon)
+    sim.run(BackfillStrategy(fallback))
+    runs[f"backfill, regular queue after {args.regular_after} min"] = sim.report()
 
     simple_options = {"nodes_per_block": 4, "wall_time_min": 120, "min_blocks": 0, "max_blocks": 8, "parallelism": 1.0}
     sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=args.idle_ttl, period=args.period, horizon=horizon)

@@ -43,8 +43,11 @@ def test_backlog_route_sums_footprints_in_one_query(env, request, tmp_path) -> N
     client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in wide + packed + other])
 
     mine = client.get(f"/sites/{site_id}/backlog", params={"tags": ["w:a"]})
+    oldest = mine["states"]["PREPROCESSED"].pop("oldest_last_update")
     assert mine == {"site_id": site_id, "states": {"PREPROCESSED": {
         "count": 7, "footprint": 7.0, "min_num_nodes": 1, "max_num_nodes": 2, "max_wall_time_min": 0}}}
+    rows = client.get("/jobs/", params={"tags": "w:a", "state": "PREPROCESSED", "ordering": "last_update", "limit": 1})
+    assert oldest == rows["results"][0]["last_update"]
     everything = client.get(f"/sites/{site_id}/backlog")["states"]["PREPROCESSED"]
     assert (everything["count"], everything["footprint"], everything["max_num_nodes"]) == (9, 23.0, 8)
     # a launcher takes the packed ones: they count as running, the rest stays runnable
@@ -172,6 +175,34 @@ def test_pbs_windows_of_no_queue_count_for_the_submit_queue(make_site, client) -
     assert dict(module.last_decision.numbers)["window"] == BackfillWindow(num_nodes=2, wall_time_min=60)
     made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
     assert [(b["num_nodes"], b["wall_time_min"], b["queue"]) for b in made] == [(2, 55, "debug")]
+
+
+def test_regular_queue_fallback_is_marked_and_never_cancelled_as_stale(make_site, client) -> None:
+    from balsam_scheduler_slurm import SlurmScheduler
+
+    site = make_site()
+    busy = result(stdout="debug|up|allocated|4|infinite\n")  # no idle node: no window
+    # squeue: job 5 pending since 2026-11-22, days past max_queue_wait_time_min
+    runner = ReplayRunner({"sinfo": busy, "squeue": load_recorded(DATA / "slurm", "squeue_all")})
+    options = ElasticQueueOptions(submit_queue="debug", regular_queue_after_min=1, max_queue_wait_time_min=0,
+                                  max_num_nodes=4, max_wall_time_min=60)
+    module = ElasticQueueModule(site, options, client, scheduler=SlurmScheduler(runner, user="root"))
+    jobs = _runnable_jobs(client, site, 2, {})
+    module.run_cycle()
+    assert module.last_decision.reason == "no backfill window in queue 'debug'"  # not waited a minute yet
+    # the jobs became runnable two minutes ago
+    module.read_backlog = lambda: attrs.evolve(ElasticQueueModule.read_backlog(module), oldest_runnable_wait_min=2.0)
+    module.run_cycle()
+    made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
+    assert [(b["num_nodes"], b["wall_time_min"], b["status_info"]) for b in made] == [
+        (2, 60, {"elastic_request": "regular_queue"})], module.last_decision
+    assert "submit 2 nodes x 60 min (regular queue)" in module.last_decision.log_line("backfill")
+    client.patch("/batch-jobs/", json=[{"id": made[0]["id"], "state": "queued", "scheduler_id": 5}])
+    jobs += _runnable_jobs(client, site, 2, {})  # more work than it reserves
+    module.run_cycle()  # queued "forever" in the regular queue: not stale, and no second one
+    assert module.last_decision.cancel == () and module.last_decision.submit == (), module.last_decision
+    assert module.last_decision.reason.endswith("a regular-queue BatchJob already waits")
+    assert len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]) == 1 and len(jobs) == 4
 
 
 def test_scheduler_failures_are_reasons_not_crashes(make_site, client, caplog) -> None:

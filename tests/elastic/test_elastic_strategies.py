@@ -21,13 +21,15 @@ def settings(**changes) -> ElasticQueueOptions:
     return ElasticQueueOptions(**{**base, **changes})
 
 
-def bj(id: int, state=Q, nodes: int = 1, queued: int | None = None, wall: int = 60) -> BatchJobView:
-    return BatchJobView(id=id, state=state, num_nodes=nodes, wall_time_min=wall, queued_time_min=queued)
+def bj(id: int, state=Q, nodes: int = 1, queued: int | None = None, wall: int = 60, regular: bool = False) -> BatchJobView:
+    return BatchJobView(id=id, state=state, num_nodes=nodes, wall_time_min=wall, queued_time_min=queued, regular_queue=regular)
 
 
-def backlog(runnable: int = 0, footprint: float = 0.0, smallest: int = 1, running: int = 0, running_fp: float = 0.0) -> Backlog:
+def backlog(runnable: int = 0, footprint: float = 0.0, smallest: int = 1, running: int = 0, running_fp: float = 0.0,
+            waited: float = 0.0) -> Backlog:
     return Backlog(runnable_count=runnable, runnable_footprint=footprint, min_runnable_nodes=smallest if runnable else 0,
-                   max_runnable_nodes=smallest if runnable else 0, running_count=running, running_footprint=running_fp)
+                   max_runnable_nodes=smallest if runnable else 0, running_count=running, running_footprint=running_fp,
+                   oldest_runnable_wait_min=waited)
 
 
 # (case, settings changes, snapshot, expected submissions, expected cancels, words in the reason)
@@ -87,6 +89,21 @@ BACKFILL_CASES = [
      {}, Snapshot(batch_jobs=(bj(7, Q, 4, queued=10),)), (), (), "no runnable jobs"),
     ("unknown queued time (poll failed) never cancels",
      {}, Snapshot(batch_jobs=(bj(7, Q, 4, queued=None),)), (), (), "no runnable jobs"),
+    ("regular_queue_after_min off (0.7): no window, nothing however long",
+     {}, Snapshot(backlog=backlog(3, 3.0, waited=500), windows=()), (), (), "no backfill window in queue"),
+    ("regular_queue_after_min not due yet",
+     {"regular_queue_after_min": 60}, Snapshot(backlog=backlog(3, 3.0, waited=59), windows=()), (), (), "no backfill window"),
+    ("regular_queue_after_min due: one BatchJob in the regular queue",
+     {"regular_queue_after_min": 60, "max_num_nodes": 8},
+     Snapshot(backlog=backlog(3, 2.5, waited=61), windows=(W(num_nodes=1, wall_time_min=20),)),
+     ((3, 360, True),), (), "and a runnable job has waited 61 min (regular_queue_after_min 60)"),
+    ("one regular-queue BatchJob at a time",
+     {"regular_queue_after_min": 60}, Snapshot(backlog=backlog(9, 9.0, waited=90), batch_jobs=(bj(4, Q, 3, queued=45, regular=True),),
+                                              windows=()), (), (), "a regular-queue BatchJob already waits"),
+    ("a regular-queue BatchJob is never stale; a running one does not block the next",
+     {"regular_queue_after_min": 60}, Snapshot(backlog=backlog(9, 9.0, waited=90),
+                                              batch_jobs=(bj(4, R, 3, regular=True), bj(5, Q, 1, queued=45, regular=True)),
+                                              windows=()), (), (), "already waits"),
     ("pending_deletion BatchJobs reserve nothing",
      {}, Snapshot(backlog=backlog(2, 2.0), batch_jobs=(bj(3, D, 8),), windows=(W(num_nodes=8, wall_time_min=60),)),
      ((2, 55),), (), ""),
@@ -96,7 +113,7 @@ BACKFILL_CASES = [
 @pytest.mark.parametrize("case,changes,snapshot,submit,cancel,reason", BACKFILL_CASES, ids=[c[0] for c in BACKFILL_CASES])
 def test_backfill_strategy_decides(case, changes, snapshot, submit, cancel, reason) -> None:
     decision = BackfillStrategy(settings(**changes)).decide(snapshot)
-    assert [(s.num_nodes, s.wall_time_min) for s in decision.submit] == list(submit), decision
+    assert [(s.num_nodes, s.wall_time_min, *((True,) if s.regular_queue else ())) for s in decision.submit] == list(submit), decision
     assert decision.cancel == cancel, decision
     assert reason in decision.reason, decision.reason
     assert decision.reason  # every decision, above all "nothing", says why
@@ -168,6 +185,7 @@ def test_strategies_are_chosen_by_name_and_options_are_checked() -> None:
     ({"min_wall_time_min": 400}, "min_wall_time_min", "must not exceed max_wall_time_min"),
     ({"job_mode": "hybrid"}, "job_mode", "expected 'mpi' or 'serial'"),
     ({"max_queued_jobs": 0}, "max_queued_jobs", "at least 1"),
+    ({"regular_queue_after_min": -1}, "regular_queue_after_min", "must not be negative"),
     ({"strategy": "nope"}, "strategy", "unknown strategy 'nope'"),
     ({"strategy": "simple", "strategy_options": {"max_blocks": "4"}}, "strategy_options.max_blocks", "expected an integer"),
     ({"strategy": "simple", "strategy_options": {"parallelism": 0}}, "strategy_options", "greater than 0"),

@@ -13,6 +13,9 @@ Per cycle (inventory §9):
 5. ``idle = reserved - running footprint``; when the runnable footprint exceeds it, one BatchJob of
    ``min(max(min_num_nodes, shortfall), window nodes, max_num_nodes)`` nodes for the window's
    length less ``wall_time_pad_min``.
+6. Optional (``regular_queue_after_min`` > 0; 0.7 had no such thing): no window fits and a runnable
+   job has waited that long: one BatchJob in the regular queue (``max_wall_time_min`` long, never
+   cancelled as stale, one waiting at a time).
 
 Fixed against 0.7: a fractional shortfall is rounded up (0.7 truncated 2.5 to 2); the request is at
 least as wide as the smallest runnable job (0.7 could submit a BatchJob that can run nothing); the
@@ -40,7 +43,7 @@ class BackfillStrategy(Strategy):
         backlog = snapshot.backlog
         stale = tuple(
             b.id for b in snapshot.batch_jobs
-            if b.state == BatchJobState.queued and b.queued_time_min is not None
+            if b.state == BatchJobState.queued and not b.regular_queue and b.queued_time_min is not None
             and b.queued_time_min > s.max_queue_wait_time_min
         )
         live = [b for b in snapshot.reserving if b.id not in stale]
@@ -69,9 +72,9 @@ class BackfillStrategy(Strategy):
             return nothing(f"the smallest runnable job needs {smallest} nodes, more than max_num_nodes ({s.max_num_nodes})")
         window, why_none = self.choose_window(snapshot, smallest)
         numbers.append(("window", window if window is not None else "none"))
-        if window is None:
-            return nothing(why_none)
         shortfall = nodes_for(backlog.runnable_footprint - max(idle, 0.0))
+        if window is None:
+            return self.regular_queue_fallback(snapshot, live, shortfall, smallest, why_none, stale, numbers) or nothing(why_none)
         num_nodes = min(max(s.min_num_nodes, shortfall, smallest), window.num_nodes, s.max_num_nodes)
         wall_time = min(window.wall_time_min - s.wall_time_pad_min, s.max_wall_time_min)
         numbers.append(("shortfall", shortfall))
@@ -81,6 +84,25 @@ class BackfillStrategy(Strategy):
             reason=(f"{backlog.runnable_footprint:.6g} runnable nodes of work, {max(idle, 0.0):.6g} idle"
                     + (f"; {len(stale)} stale BatchJob(s) cancelled" if stale else "")),
         )
+
+    def regular_queue_fallback(self, snapshot: Snapshot, live: list, shortfall: int, smallest: int, why_none: str,
+                               stale: tuple[int, ...], numbers: list) -> Optional[Decision]:
+        """``regular_queue_after_min``: a backlog that no window has served for that long gets one
+        BatchJob in the regular queue (one at a time). None: the option is off or not due yet."""
+        s = self.settings
+        waited = snapshot.backlog.oldest_runnable_wait_min
+        if not s.regular_queue_after_min or waited < s.regular_queue_after_min:
+            return None
+        numbers.append(("oldest_wait_min", waited))
+        if any(b.regular_queue and b.state != BatchJobState.running for b in live):
+            return Decision(cancel=stale, numbers=tuple(numbers),
+                            reason=f"{why_none}; a regular-queue BatchJob already waits")
+        numbers.append(("shortfall", shortfall))
+        request = Submission(num_nodes=min(max(s.min_num_nodes, shortfall, smallest), s.max_num_nodes),
+                             wall_time_min=s.max_wall_time_min, regular_queue=True)
+        return Decision(submit=(request,), cancel=stale, numbers=tuple(numbers),
+                        reason=(f"{why_none}, and a runnable job has waited {waited:.0f} min "
+                                f"(regular_queue_after_min {s.regular_queue_after_min})"))
 
     def choose_window(self, snapshot: Snapshot, smallest: int) -> tuple[Optional[BackfillWindow], str]:
         s = self.settings

@@ -26,7 +26,8 @@ import attrs
 
 from balsam.models import BackfillWindow
 from balsam.options import build_options
-from balsam.site.api_util import bulk_patch, list_all
+from balsam.serialization import parse_datetime
+from balsam.site.api_util import bulk_patch, list_all, utcnow
 from balsam.site.module import AgentModule
 from balsam.states import BatchJobState, JobState
 
@@ -39,6 +40,8 @@ ANY_QUEUE = "*"
 READ_STATES = [s.value for s in (BatchJobState.pending_submission, BatchJobState.queued, BatchJobState.running,
                                  BatchJobState.pending_deletion)]
 RUNNABLE = (JobState.preprocessed.value, JobState.restart_ready.value)
+#: status_info key and value marking a BatchJob submitted to wait in the regular queue.
+REQUEST_KIND, REGULAR_QUEUE = "elastic_request", "regular_queue"
 
 
 def as_options(config: Any) -> ElasticQueueOptions:
@@ -94,6 +97,8 @@ class ElasticQueueModule(AgentModule):
         states = (self.client.get(f"/sites/{self.site_id}/backlog", params=params) or {}).get("states") or {}
         runnable = [states[s] for s in RUNNABLE if s in states]
         running = states.get(JobState.running.value) or {}
+        oldest = min((parse_datetime(r["oldest_last_update"]) for r in runnable if r.get("oldest_last_update")), default=None)
+        waited = max(0.0, (utcnow() - oldest).total_seconds() / 60) if oldest is not None else 0.0
         return Backlog(
             runnable_count=sum(int(r["count"]) for r in runnable),
             runnable_footprint=sum(float(r["footprint"]) for r in runnable),
@@ -101,6 +106,7 @@ class ElasticQueueModule(AgentModule):
             max_runnable_nodes=max((int(r["max_num_nodes"]) for r in runnable), default=0),
             running_count=int(running.get("count", 0)),
             running_footprint=float(running.get("footprint", 0.0)),
+            oldest_runnable_wait_min=waited,
         )
 
     def read_batch_jobs(self) -> list[dict]:
@@ -143,6 +149,7 @@ class ElasticQueueModule(AgentModule):
         views = tuple(
             BatchJobView(id=int(r["id"]), state=BatchJobState(r["state"]), num_nodes=int(r["num_nodes"]),
                          wall_time_min=int(r["wall_time_min"]),
+                         regular_queue=(r.get("status_info") or {}).get(REQUEST_KIND) == REGULAR_QUEUE,
                          queued_time_min=queued_times.get(r["scheduler_id"]) if r.get("scheduler_id") is not None else None)
             for r in sorted(rows, key=lambda r: r["id"])
         )
@@ -165,9 +172,11 @@ class ElasticQueueModule(AgentModule):
                 "wall_time_min": request.wall_time_min,
                 "job_mode": self.options.job_mode,
                 "filter_tags": self.filter_tags(),
+                **({"status_info": {REQUEST_KIND: REGULAR_QUEUE}} if request.regular_queue else {}),
             })
-            self.logger.info("created BatchJob %s (%d nodes x %d min in %s)", (created or {}).get("id"),
-                             request.num_nodes, request.wall_time_min, self.options.submit_queue)
+            self.logger.info("created BatchJob %s (%d nodes x %d min in %s%s)", (created or {}).get("id"),
+                             request.num_nodes, request.wall_time_min, self.options.submit_queue,
+                             ", regular queue" if request.regular_queue else "")
         return None
 
     def describe(self) -> str:

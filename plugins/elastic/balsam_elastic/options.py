@@ -46,6 +46,10 @@ class ElasticQueueOptions:
         10, "backfill: a BatchJob queued longer than this missed its window and is deleted (minutes)."
     )
     max_queued_jobs: int = option(20, "Most of its BatchJobs waiting or running at once.")
+    regular_queue_after_min: int = option(
+        0, "backfill: when no window fits and a runnable job has waited this long, submit one BatchJob to the "
+           "regular queue (max_wall_time_min long, never cancelled as stale); 0: never, as Balsam 0.7 (minutes).",
+    )
     use_backfill: bool = option(
         True, "backfill: fit BatchJobs to the scheduler's backfill windows (false: max_num_nodes x max_wall_time_min)."
     )
@@ -62,6 +66,8 @@ class ElasticQueueOptions:
             problems["min_wall_time_min"] = f"must not exceed max_wall_time_min ({self.max_wall_time_min})"
         if self.wall_time_pad_min < 0:
             problems["wall_time_pad_min"] = "must not be negative"
+        if self.regular_queue_after_min < 0:
+            problems["regular_queue_after_min"] = "must not be negative (0: never)"
         if self.max_queued_jobs < 1:
             problems["max_queued_jobs"] = "must be at least 1"
         if self.service_period < 1:

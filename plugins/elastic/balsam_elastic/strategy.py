@@ -58,6 +58,8 @@ class BatchJobView:
     wall_time_min: int
     #: Minutes it has waited in the scheduler's queue (None: not queued, or the scheduler did not say).
     queued_time_min: Optional[int] = None
+    #: Submitted to wait in the regular queue (not fitted to a window): never cancelled as stale.
+    regular_queue: bool = False
 
     @property
     def reserving(self) -> bool:
@@ -76,6 +78,8 @@ class Backlog:
     max_runnable_nodes: int = 0
     running_count: int = 0
     running_footprint: float = 0.0
+    #: Minutes since the longest-waiting runnable job became runnable (its last state change).
+    oldest_runnable_wait_min: float = 0.0
 
 
 @attrs.frozen
@@ -95,6 +99,8 @@ class Snapshot:
 class Submission:
     num_nodes: int
     wall_time_min: int
+    #: Not fitted to a backfill window: it waits its turn in the regular queue.
+    regular_queue: bool = False
 
 
 @attrs.frozen
@@ -113,7 +119,8 @@ class Decision:
 
     def log_line(self, strategy: str) -> str:
         """One line: the action (or "nothing"), the reason, then every number as key=value."""
-        actions = [f"submit {s.num_nodes} nodes x {s.wall_time_min} min" for s in self.submit]
+        actions = [f"submit {s.num_nodes} nodes x {s.wall_time_min} min" + (" (regular queue)" if s.regular_queue else "")
+                   for s in self.submit]
         if self.cancel:
             actions.append(f"cancel BatchJob {', '.join(str(i) for i in self.cancel)}")
         action = "; ".join(actions) or "nothing"
