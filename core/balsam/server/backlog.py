@@ -19,8 +19,11 @@ from .http import wire_datetime
 from .jobs_logic import json_contains
 from .tables import jobs
 
-#: Most ``tags`` filters one request may carry (a site's filter_tags are a handful).
-MAX_BACKLOG_TAGS = 32
+#: Most ``tags`` filters one request may carry, and their most characters each (``key:value``): a
+#: site's filter_tags are a handful of short words, and the URL stays under the HTTP server's
+#: request-line limit (16 KiB) even when every character is percent-encoded.
+MAX_BACKLOG_TAGS = 8
+MAX_BACKLOG_TAG_CHARS = 128
 #: States asked for when the request names none: what a launcher can start now, and what runs.
 DEFAULT_BACKLOG_STATES = (JobState.preprocessed.value, JobState.restart_ready.value, JobState.running.value)
 

@@ -21,7 +21,7 @@ from balsam.states import BatchJobMode, BatchJobState, JobState, TransferDirecti
 from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, JSONResponse
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_QUERY_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
                      MAX_TEXT_CHARS)
-from .backlog import MAX_BACKLOG_TAGS
+from .backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS
 from .routing import route
 
 NO_NUL = "^[^\\x00]*$"
@@ -328,7 +328,8 @@ QUERIES: dict[str, dict[str, Any]] = {
                    "scheduler_id": int32(), "queue": Q_TEXT, "ordering": enum(["start_time", "-start_time"]),
                    "start_time_before": Q_DATETIME, "start_time_after": Q_DATETIME, "end_time_before": Q_DATETIME,
                    "end_time_after": Q_DATETIME, "filter_tags": Q_KEY_VALUE},
-    "backlog": {"state": array(_ref("JobState"), len(JobState)), "tags": array(Q_KEY_VALUE["items"], MAX_BACKLOG_TAGS)},
+    "backlog": {"state": array(_ref("JobState"), len(JobState)),
+                "tags": array(text(MAX_BACKLOG_TAG_CHARS, pattern="^[^\\x00:]+:[^\\x00]*$"), MAX_BACKLOG_TAGS)},
     "sessions": {"id": Q_INT_LIST},
     "transfers": {"id": Q_INT_LIST, "site_id": Q_INT_LIST, "job_id": Q_INT_LIST,
                   "state": array(_ref("TransferItemState")), "direction": _ref("TransferDirection"),

@@ -11,7 +11,7 @@ from balsam.models import Site, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import JobState
 
-from ..backlog import MAX_BACKLOG_TAGS, backlog_by_state
+from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, backlog_by_state
 from ..db import count_and_page, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
@@ -154,9 +154,12 @@ def site_backlog(ctx: Ctx) -> Response:
     site_id = ctx.path_int("site_id")
     q = ctx.query({"state", "tags"})
     states = q.enum_list("state", JobState)
+    raw_tags = q.params.getlist("tags")
+    if len(raw_tags) > MAX_BACKLOG_TAGS:
+        raise ValidationFailed.field(["query", "tags"], f"at most {MAX_BACKLOG_TAGS} tags, got {len(raw_tags)}")
+    if any(len(raw) > MAX_BACKLOG_TAG_CHARS for raw in raw_tags):
+        raise ValidationFailed.field(["query", "tags"], f"a tag filter longer than {MAX_BACKLOG_TAG_CHARS} characters")
     tags = q.key_values("tags")
-    if len(tags or {}) > MAX_BACKLOG_TAGS:
-        raise ValidationFailed.field(["query", "tags"], f"at most {MAX_BACKLOG_TAGS} tags, got {len(tags or {})}")
     with ctx.read() as conn:
         get_owned_site(conn, ctx.user.id, site_id)
         by_state = backlog_by_state(conn, site_id, states, tags)
