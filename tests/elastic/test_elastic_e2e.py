@@ -96,16 +96,37 @@ def elastic_site(balsam_env, tmp_path, monkeypatch) -> Iterator[Any]:
 
 @pytest.mark.parametrize("kind", _kinds("pbs", "cobalt"))
 def test_a_burst_gets_batch_jobs_that_run_it_then_the_launchers_drain(kind, elastic_site) -> None:
-    from balsam.api import ApplicationDefinition, Job
-
     path, site_id, client, tags = elastic_site(kind, {"max_queue_wait_time_min": 10})
+    made, rows = _run_a_burst(path, site_id, client, tags, "backfill")
+    assert all(1 <= b["num_nodes"] <= 3 and b["wall_time_min"] == SCHEDULERS[kind]["wall"] for b in made), made
+    log = _agent_log(path)
+    submits = [ln for ln in log.splitlines() if "[backfill] submit" in ln]
+    assert submits and "runnable=12 runnable_footprint=3 " in submits[0], submits
+    assert "window=" in submits[0] and "nothing: no backfill window" not in log.split(submits[0])[0], log[-4000:]
+
+
+def test_simple_blocks_on_the_fake_pbs(elastic_site) -> None:
+    """strategy: simple from settings.yml: 3 one-node blocks for a footprint of 3, none wider."""
+    path, site_id, client, tags = elastic_site("pbs", {
+        "strategy": "simple", "max_queued_jobs": 4,
+        "strategy_options": {"nodes_per_block": 1, "wall_time_min": 20, "max_blocks": 3}})
+    made, _rows = _run_a_burst(path, site_id, client, tags, "simple")
+    assert all(b["num_nodes"] == 1 and b["wall_time_min"] == 20 for b in made) and 1 <= len(made) <= 3, made
+    actions = [ln.split("[simple] ", 1)[1].split(": ", 1)[0] for ln in _agent_log(path).splitlines() if "[simple] submit" in ln]
+    submitted = sum(action.count("submit 1 nodes x 20 min") for action in actions)
+    assert submitted == len(made), _agent_log(path)[-4000:]
+
+
+def _run_a_burst(path: Path, site_id: int, client: Any, tags: dict, strategy: str) -> tuple[list, dict]:
+    """12 jobs packed 4 to a node (a footprint of 3 nodes) run to the end; the launchers drain and
+    nothing new is submitted. Returns the BatchJobs made and the jobs' rows."""
+    from balsam.api import ApplicationDefinition, Job
 
     class Burst(ApplicationDefinition):
         site = site_id
         command_template = "sleep 1; echo burst {{ i }}"
 
     Burst.sync()
-    # 12 jobs packed 4 to a node: a footprint of 3 nodes
     jobs = Job.objects.bulk_create([Burst.submit(workdir=f"burst/{i}", i=i, node_packing_count=4, tags=tags, save=False)
                                     for i in range(12)])
     Job.objects.bulk_create([Burst.submit(workdir="not-ours/0", i=0, tags={"campaign": "someone-else"}, save=False)])
@@ -115,19 +136,15 @@ def test_a_burst_gets_batch_jobs_that_run_it_then_the_launchers_drain(kind, elas
     made = client.get("/batch-jobs/", params={"site_id": site_id})["results"]
     assert made, _agent_log(path)[-4000:]
     assert all(b["filter_tags"] == tags and b["queue"] == "debug" and b["job_mode"] == "serial" for b in made), made
-    assert all(1 <= b["num_nodes"] <= 3 and b["wall_time_min"] == SCHEDULERS[kind]["wall"] for b in made), made
-    log = _agent_log(path)
-    submits = [ln for ln in log.splitlines() if "[backfill] submit" in ln]
-    assert submits and "runnable=12 runnable_footprint=3 " in submits[0], submits
-    assert "window=" in submits[0] and "nothing: no backfill window" not in log.split(submits[0])[0], log[-4000:]
 
     # the backlog is empty: the launchers leave after idle_ttl_sec, and nothing new is submitted
     for b in made:
         wait_batch_job(client, b["id"], {"finished"}, 120)
     seen = len(_agent_log(path))
-    wait_for(lambda: "[backfill] nothing: no runnable jobs" in _agent_log(path)[seen:], 30, "an idle decision after the drain")
+    wait_for(lambda: f"[{strategy}] nothing: no runnable jobs" in _agent_log(path)[seen:], 30, "an idle decision after the drain")
     assert len(client.get("/batch-jobs/", params={"site_id": site_id})["results"]) == len(made)
     assert all(r["batch_job_id"] in {b["id"] for b in made} for r in rows.values())
+    return made, rows
 
 
 # A minute at least each (queued_time_min counts whole minutes); the module does the same on every driver.

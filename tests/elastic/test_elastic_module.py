@@ -106,6 +106,7 @@ LOCAL_ELASTIC = {"service_period": 1, "submit_queue": "local", "submit_project":
 STRATEGY_SETTINGS = {
     "backfill": {"use_backfill": False, "max_num_nodes": 1, "min_wall_time_min": 10, "wall_time_pad_min": 1,
                  "max_wall_time_min": 10},
+    "simple": {"strategy": "simple", "strategy_options": {"nodes_per_block": 1, "wall_time_min": 10, "max_blocks": 1}},
 }
 
 #: max_wall_time_min less wall_time_pad_min (backfill), the block's wall time (simple)
