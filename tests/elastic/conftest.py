@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "site"))
 sys.path.insert(0, str(Path(__file__).parent.parent / "schedulers"))
 
@@ -73,3 +74,4 @@ def agent_daemon(client: Any) -> Iterator[Callable[[Any], int]]:
                      timeout=30, what="BatchJobs deleted at teardown", fail=False)
         stop_agent(Path(site_config.site_path), timeout=30, force=True)
     os.environ.pop("BALSAM_SITE_PATH", None)
+

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from elastic_test_utils import needs_module_sections
 from e2e_helpers import FAST, deep_merge, wait_batch_job, wait_jobs_done
 from fake_env import fake_batch_env, wait_for
 
@@ -105,6 +106,7 @@ def test_a_burst_gets_batch_jobs_that_run_it_then_the_launchers_drain(kind, elas
     assert "window=" in submits[0] and "nothing: no backfill window" not in log.split(submits[0])[0], log[-4000:]
 
 
+@needs_module_sections
 def test_simple_blocks_on_the_fake_pbs(elastic_site) -> None:
     """strategy: simple from settings.yml: 3 one-node blocks for a footprint of 3, none wider."""
     path, site_id, client, tags = elastic_site("pbs", {

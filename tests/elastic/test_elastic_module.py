@@ -14,6 +14,7 @@ from balsam.models import BackfillWindow
 from balsam.testing import ReplayRunner, load_recorded, result
 from balsam_elastic import ElasticQueueOptions
 from balsam_elastic.module import ElasticQueueModule
+from elastic_test_utils import needs_module_sections
 from site_test_utils import wait_for
 
 
@@ -108,6 +109,7 @@ STRATEGY_SETTINGS = {
                  "max_wall_time_min": 10},
     "simple": {"strategy": "simple", "strategy_options": {"nodes_per_block": 1, "wall_time_min": 10, "max_blocks": 1}},
 }
+NEEDS_MODULE_SECTIONS = {"simple"}
 
 #: max_wall_time_min less wall_time_pad_min (backfill), the block's wall time (simple)
 SUBMITTED_WALL = {"backfill": 9, "simple": 10}
@@ -118,7 +120,8 @@ def _agent_log(site) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", sorted(STRATEGY_SETTINGS))
+@pytest.mark.parametrize("strategy", [pytest.param(name, marks=needs_module_sections if name in NEEDS_MODULE_SECTIONS else ())
+                                      for name in sorted(STRATEGY_SETTINGS)])
 def test_agent_on_the_local_scheduler_runs_a_burst_then_drains(strategy, make_site, client, agent_daemon) -> None:
     from balsam.api import Job
 
