@@ -10,12 +10,18 @@ means writing a platform plugin, never editing the core.
 from __future__ import annotations
 
 import abc
+import re
 import shlex
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import attrs
 
 from .options import NoOptions, build_options
+
+__all__ = [
+    "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "format_id_ranges",
+    "parse_id_ranges", "parse_nvidia_smi_list", "read_node_file",
+]
 
 
 @attrs.frozen
@@ -43,6 +49,10 @@ class LaunchSpec:
     #: GPU ids assigned on each node.
     gpu_ids: tuple[tuple[str, ...], ...] = attrs.field(converter=lambda v: tuple(tuple(x) for x in v), factory=tuple)
     launch_params: Mapping[str, str] = attrs.field(factory=dict)
+    #: Environment variables set for this job beyond those the launcher inherited (its GPU ids,
+    #: OMP_NUM_THREADS, the app's variables), for MPI launchers that forward only what they are
+    #: told to (Open MPI's ``-x NAME``). The job's process already has them in its environment.
+    env_names: tuple[str, ...] = attrs.field(converter=tuple, factory=tuple)
 
     @property
     def num_nodes(self) -> int:
@@ -100,6 +110,11 @@ class Platform(abc.ABC):
         return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids))}
 
     # -- on the login node (site init) --------------------------------------------------------
+    @classmethod
+    def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:
+        """Whether this is the machine the driver is for (``site init`` proposes it first)."""
+        return False
+
     def settings_defaults(self) -> dict[str, Any]:
         """Values that ``balsam site init`` writes into settings.yml over the generic defaults.
 
@@ -111,3 +126,127 @@ class Platform(abc.ABC):
     def job_template(self) -> Optional[str]:
         """A job-template.sh (Jinja2) for this machine, or None to use the scheduler's default."""
         return None
+
+    # -- limits of the machine ------------------------------------------------------------------
+    def launch_limit(self) -> Optional["LaunchLimit"]:
+        """The most MPI launches one batch job may make on this machine, or None for no limit.
+
+        The mpi job mode stops acquiring jobs when it has started this many runs, lets the running
+        ones finish and says why in its log and in the BatchJob's ``status_info``.
+        """
+        return None
+
+
+@attrs.frozen
+class LaunchLimit:
+    """A machine's cap on MPI launches per batch job, and why it exists (shown to the user)."""
+
+    max_launches: int
+    reason: str
+
+
+
+# -- helpers for platform drivers ---------------------------------------------------------------
+
+
+def parse_id_ranges(text: str, *, where: str = "cpu_ids") -> tuple[int, ...]:
+    """``"0-3,8,10-11"`` -> ``(0, 1, 2, 3, 8, 10, 11)`` (the notation of ``lscpu`` and cpusets)."""
+    ids: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        try:
+            first, last = int(low), int(high) if sep else int(low)
+        except ValueError:
+            raise ValueError(f"{where}: {part!r} is not a number or a range like 0-103") from None
+        if last < first:
+            raise ValueError(f"{where}: range {part!r} runs backwards")
+        ids.extend(range(first, last + 1))
+    if not ids:
+        raise ValueError(f"{where}: no ids in {text!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: {text!r} names an id twice")
+    return tuple(ids)
+
+
+def read_node_file(path: str) -> list[str]:
+    """Host names of a PBS/Cobalt node file (one per line, or comma separated), each once, in order."""
+    hosts: list[str] = []
+    with open(path) as fh:
+        for token in fh.read().replace(",", " ").split():
+            if token not in hosts:
+                hosts.append(token)
+    return hosts
+
+
+def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0) -> str:
+    """A ``list:a,b:c,d`` CPU binding: each rank gets ``cpus_per_rank`` consecutive CPUs.
+
+    The CPUs are those the launcher assigned to the job on its node (single-node jobs), else all of
+    ``node_cpu_ids`` (whole-node jobs). With ``threads_per_core > 1`` each rank also gets the sibling
+    hardware threads (``cpu + hyperthread_offset``), as Balsam 0.7 built it for Polaris.
+    """
+    assigned = list(spec.cpu_ids[0]) if spec.cpu_ids and spec.cpu_ids[0] else list(node_cpu_ids)
+    ranks = max(1, spec.ranks_per_node)
+    per_rank = max(1, len(assigned) // ranks)
+    groups = []
+    for rank in range(ranks):
+        start = (rank * per_rank) % max(1, len(assigned))
+        cores = assigned[start : start + per_rank]
+        cpus = list(cores)
+        if spec.threads_per_core > 1 and hyperthread_offset:
+            cpus += [c + hyperthread_offset * t for t in range(1, spec.threads_per_core) for c in cores]
+        groups.append(format_id_ranges(cpus))
+    return "list:" + ":".join(groups)
+
+
+def format_id_ranges(ids: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 104, 105]`` -> ``"0-2,5,104-105"`` (consecutive runs as ranges, order kept)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for value in ids:
+        if run and value == run[-1] + 1:
+            run.append(value)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [value]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+@attrs.frozen
+class NvidiaDevices:
+    """What ``nvidia-smi -L`` lists: GPU indexes, and the MIG instances of each GPU (UUIDs)."""
+
+    gpus: tuple[str, ...] = ()
+    #: GPU index -> UUIDs of its MIG devices, in the order listed.
+    migs: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+
+    def mig_ids(self, gpu_order: Sequence[str] = ()) -> list[str]:
+        """Every MIG UUID, the GPUs taken in ``gpu_order`` first (a machine's CPU-affinity order)."""
+        order = [g for g in gpu_order if g in self.migs] + [g for g in self.migs if g not in gpu_order]
+        return [uuid for gpu in order for uuid in self.migs[gpu]]
+
+
+_NVSMI_GPU = re.compile(r"^GPU (\d+):")
+_NVSMI_MIG = re.compile(r"^\s+MIG\b.*\(UUID:\s*(MIG-[^)\s]+)\)")
+
+
+def parse_nvidia_smi_list(text: str) -> NvidiaDevices:
+    """Parse ``nvidia-smi -L``: ``GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-...)`` lines, each followed by
+    its ``  MIG 3g.20gb Device 0: (UUID: MIG-...)`` lines when MIG is on (R470+ ``MIG-<uuid>`` and
+    R450 ``MIG-GPU-<uuid>/<gi>/<ci>`` forms; both are valid ``CUDA_VISIBLE_DEVICES`` values)."""
+    gpus: list[str] = []
+    migs: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        gpu = _NVSMI_GPU.match(line)
+        if gpu:
+            gpus.append(gpu.group(1))
+            continue
+        mig = _NVSMI_MIG.match(line)
+        if mig and gpus:
+            migs.setdefault(gpus[-1], []).append(mig.group(1))
+    return NvidiaDevices(tuple(gpus), {g: tuple(u) for g, u in migs.items()})

@@ -47,7 +47,7 @@ def test_class_validation_messages():
         type("NoSelf", (ApplicationDefinition,), {"site": 1, "run": staticmethod(lambda x: x).__func__})
 
 
-def test_template_rendering_defaults_quoting_and_environment():
+def test_template_rendering_defaults_quoting_and_environment(monkeypatch):
     from balsam.api import ApplicationDefinition
 
     class Sim(ApplicationDefinition):
@@ -70,6 +70,12 @@ def test_template_rendering_defaults_quoting_and_environment():
     env = app.get_environ_vars()
     assert env["SIM_MODE"] == "fast" and env["BALSAM_JOB_ID"] == "7" and env["OMP_NUM_THREADS"] == "4"
     assert env["PATH"] == os.environ["PATH"]
+    # Always exported, as in Balsam 0.7: 1 for a one-thread job, even if the launcher inherited another value.
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")
+    assert Sim(_job_stub({"inp": "x"}, threads_per_rank=1)).get_environ_vars()["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(Sim, "environment_variables", {"OMP_NUM_THREADS": "2"})  # the app's own value wins
+    assert Sim(_job_stub({"inp": "x"}, threads_per_rank=4)).get_environ_vars()["OMP_NUM_THREADS"] == "2"
+    monkeypatch.undo()
     with pytest.raises(ValueError, match=r"missing required parameters \['inp'\]"):
         Sim(_job_stub({})).get_arg_str()
     assert Sim.cleanup_files == ["*.tmp"] and Sim.python_exe == "/usr/bin/python3"

@@ -201,8 +201,10 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in self.environment_variables.items()})
         env["BALSAM_JOB_ID"] = str(self.job.id)
-        if self.job.threads_per_rank > 1:
-            env["OMP_NUM_THREADS"] = str(self.job.threads_per_rank)
+        # Always exported (as Balsam 0.7 does): inherited or unset, OpenMP would take every core.
+        # The app's own environment_variables win.
+        if "OMP_NUM_THREADS" not in self.environment_variables:
+            env["OMP_NUM_THREADS"] = str(max(1, int(self.job.threads_per_rank or 1)))
         return env
 
     # ------------------------------------------------------------------ hooks (defaults of Balsam 0.7)

@@ -20,6 +20,10 @@ def _client() -> Any:
     return load_client()
 
 
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
 def _site_path(path: Optional[str]) -> Path:
     from balsam.config import SiteConfig
 
@@ -37,27 +41,38 @@ def _site_config(path: Optional[str]) -> Any:
 @click.option("-n", "--name", help="Site name (unique among your sites; default: the directory name)")
 @click.option("--platform", "platform_name", help="Platform plugin (see `balsam plugins ls`); asked when omitted in a terminal")
 @click.option("--scheduler", "scheduler_name", help="Scheduler plugin, when not the platform's own (e.g. slurm with the default platform)")
-def init(site_path: str, name: Optional[str], platform_name: Optional[str], scheduler_name: Optional[str]) -> None:
-    """Create a new site directory and register it with the API."""
-    from balsam.site.site_ops import available_platforms, init_site
+@click.option("-A", "--project", "projects", multiple=True,
+              help="Project (allocation) BatchJobs may charge; repeat for several (default: the machine's or the scheduler's list)")
+def init(site_path: str, name: Optional[str], platform_name: Optional[str], scheduler_name: Optional[str],
+         projects: tuple[str, ...]) -> None:
+    """Create a new site directory and register it with the API.
+
+    Without --platform, every installed platform plugin is offered (the one that recognises this
+    host first); outside a terminal the recognised one, else ``default``, is taken.
+    """
+    from balsam.site.site_ops import available_platforms, detect_platform, init_site
 
     path = Path(site_path).expanduser().absolute()
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    interactive = _interactive()
     if platform_name is None:
         platforms = available_platforms()
+        detected = detect_platform()
+        fallback = detected or ("default" if "default" in platforms or not platforms else next(iter(platforms)))
         if interactive and len(platforms) > 1:
             names = list(platforms)
             click.echo("Select the platform of this machine:")
             for index, pname in enumerate(names, 1):
-                click.echo(f"  {index}) {pname:<20} {platforms[pname]}")
-            default_index = names.index("default") + 1 if "default" in names else 1
+                mark = "  (this host)" if pname == detected else ""
+                click.echo(f"  {index}) {pname:<20} {platforms[pname]}{mark}")
+            default_index = names.index(fallback) + 1 if fallback in names else 1
             choice = click.prompt("Platform", type=click.IntRange(1, len(names)), default=default_index)
             platform_name = names[choice - 1]
         else:
-            platform_name = "default" if "default" in platforms or not platforms else next(iter(platforms))
+            platform_name = fallback
     if name is None:
         name = click.prompt("Site name", default=path.name) if interactive else path.name
-    site_id = init_site(path, name, platform_name, _client(), echo=click.echo, scheduler_name=scheduler_name)
+    site_id = init_site(path, name, platform_name, _client(), echo=click.echo, scheduler_name=scheduler_name,
+                        projects=list(projects) or None)
     click.echo(f"New Balsam site {name!r} (id {site_id}, platform {platform_name}) set up at {path}")
     click.echo(f"Next: cd {path} && balsam site start")
 

@@ -80,3 +80,30 @@ def find_batch_job_id(site_id: int, env: Mapping[str, str], platform: Any) -> Op
         logger.info("no BatchJob with scheduler id %s at site %s; the session has no batch job", scheduler_id, site_id)
         return None
     return matches[0].id
+
+
+def note_batch_job(batch_job_id: Optional[int], key: str, message: str) -> None:
+    """Set ``status_info[key] = message`` on the launcher's BatchJob (shown by ``balsam queue ls -v``).
+
+    Best effort: a launcher without a BatchJob, or an API that does not answer, only logs it.
+    """
+    if batch_job_id is None:
+        return
+    try:
+        client = default_client()
+        current = client.get(f"/batch-jobs/{int(batch_job_id)}")
+        info = {**dict((current or {}).get("status_info") or {}), key: message}
+        client.put(f"/batch-jobs/{int(batch_job_id)}", json={"status_info": info})
+    except Exception as exc:
+        logger.warning("could not record %r on BatchJob %s: %s", key, batch_job_id, exc)
+
+
+#: BatchJob states in which a batch job may still run jobs.
+ACTIVE_BATCH_JOB_STATES = ("pending_submission", "queued", "running")
+
+
+def largest_active_batch_job(site_id: int, exclude_id: Optional[int]) -> int:
+    """Nodes of the site's largest BatchJob (other than ``exclude_id``) still waiting or running."""
+    page = default_client().get("/batch-jobs/", params={"site_id": int(site_id), "state": list(ACTIVE_BATCH_JOB_STATES)})
+    rows = page.get("results", page) if isinstance(page, dict) else page
+    return max((int(r.get("num_nodes") or 0) for r in rows if r.get("id") != exclude_id), default=0)

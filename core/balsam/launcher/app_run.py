@@ -119,8 +119,8 @@ class JobPreparer:
         except OSError as exc:
             raise JobBuildError(f"cannot create the job's workdir {workdir}: {exc}") from exc
         demand = Demand.of(job)
-        if demand.threads_per_rank > 1:
-            env.setdefault("OMP_NUM_THREADS", str(demand.threads_per_rank))
+        # Always exported, as Balsam 0.7 did: an unset OMP_NUM_THREADS lets OpenMP take every core.
+        env.setdefault("OMP_NUM_THREADS", str(demand.threads_per_rank))
         return PreparedJob(
             job=job,
             id=int(job.id),

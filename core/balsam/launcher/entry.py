@@ -28,6 +28,8 @@ logger = logging.getLogger("balsam.launcher")
 
 START_TIME_ENV = "BALSAM_LAUNCHER_START_TIME"
 NODES_ENV = "BALSAM_LAUNCHER_NODELIST"
+#: How many mpi-mode partitions share the batch job (they split the platform's launch limit).
+MPI_PARTITIONS_ENV = "BALSAM_LAUNCHER_MPI_PARTITIONS"
 
 
 class LauncherError(Exception):
@@ -251,6 +253,7 @@ def _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_conf
             env["BALSAM_SITE_PATH"] = str(site_config.site_path)
             env["BALSAM_LAUNCHER_NODES"] = str(len(group))
             env["BALSAM_JOB_MODE"] = partition.job_mode
+            env[MPI_PARTITIONS_ENV] = str(sum(1 for p in partitions if p.job_mode == "mpi"))
             if batch_job_id is not None:
                 env["BALSAM_BATCH_JOB_ID"] = str(batch_job_id)
             argv = [sys.executable, "-m", "balsam.launcher", "-j", partition.job_mode, "-t", repr(wall_time_min),

@@ -29,8 +29,7 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     gpu_ids = placement.gpu_ids[0] if placement.gpu_ids else ()
     if gpu_ids:
         env.update({str(k): str(v) for k, v in platform.gpu_environment(list(gpu_ids)).items()})
-    if prepared.demand.threads_per_rank > 1:
-        env.setdefault("OMP_NUM_THREADS", str(prepared.demand.threads_per_rank))
+    env.setdefault("OMP_NUM_THREADS", str(prepared.demand.threads_per_rank))
     (hook or _launch_hook())(job=prepared.job, env=env, node_hostnames=list(placement.hostnames))
     return {str(k): str(v) for k, v in env.items()}
 

@@ -68,6 +68,36 @@ def available_platforms() -> dict[str, str]:
     return found
 
 
+def scheduler_site_defaults(scheduler_cls: Any) -> dict[str, Any]:
+    """What a scheduler driver contributes to a new settings.yml (``Scheduler.site_defaults()``, in
+    settings.yml shape: the queues and projects it discovers on this machine...), without its name
+    (``site init`` sets the scheduler's name itself)."""
+    site_defaults = getattr(scheduler_cls, "site_defaults", None)  # drivers written before the method
+    if site_defaults is None:
+        return {}
+    values = copy.deepcopy(dict(scheduler_cls().site_defaults() or {}))
+    if isinstance(values.get("scheduler"), dict):
+        values["scheduler"].pop("name", None)
+    return values
+
+
+def detect_platform(hostname: Optional[str] = None, env: Optional[dict[str, str]] = None) -> Optional[str]:
+    """The installed platform that recognises this host (``Platform.recognizes``), if exactly one does."""
+    from ..plugins.manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    host = hostname if hostname is not None else socket.getfqdn()
+    environ = dict(os.environ) if env is None else env
+    found = []
+    for name in sorted(pm.list_drivers("platform")):
+        try:
+            if pm.load_driver("platform", name).recognizes(host, environ):
+                found.append(name)
+        except Exception:  # a broken plugin is reported by `balsam plugins ls`, not here
+            continue
+    return found[0] if len(found) == 1 else None
+
+
 def site_record_fields(settings: Any) -> dict[str, Any]:
     """The Site fields that mirror settings.yml (what ``balsam site sync`` pushes)."""
     scheduler = getattr(settings, "scheduler", None)
@@ -111,11 +141,15 @@ def init_site(
     echo: Callable[[str], None] = lambda _msg: None,
     settings_overrides: Optional[dict] = None,
     scheduler_name: Optional[str] = None,
+    projects: Optional[list[str]] = None,
 ) -> int:
     """Create a site directory and its API record; undo everything if any step fails. Returns the site id.
 
-    ``scheduler_name`` overrides the platform's scheduler (e.g. the default platform on a Slurm
-    cluster); the job template then comes from that scheduler driver.
+    settings.yml gets, in this order (later wins): the generic defaults, the scheduler driver's
+    ``site_defaults()`` (its queues, projects, optional params), the platform's
+    ``settings_defaults()`` (the machine's queues, launcher settings...), ``projects``, then
+    ``settings_overrides``. ``scheduler_name`` overrides the platform's scheduler (e.g. the default
+    platform on a Slurm cluster); the platform's queues and template are then left out.
     """
     from ..config import load_settings, render_settings_yaml
     from ..plugins.manager import get_plugin_manager
@@ -135,9 +169,13 @@ def init_site(
     platform_defaults.setdefault("scheduler", {})["name"] = scheduler_name
     scheduler_cls = pm.load_driver("scheduler", scheduler_name)
     overrides = deep_merge(
-        {"launcher": {"platform": platform_name}, "scheduler": {"name": scheduler_name}}, platform_defaults
+        {"launcher": {"platform": platform_name}, "scheduler": {"name": scheduler_name}},
+        scheduler_site_defaults(scheduler_cls),
     )
-    if not (platform_defaults.get("scheduler") or {}).get("allowed_projects"):
+    overrides = deep_merge(overrides, platform_defaults)
+    if projects:
+        overrides = deep_merge(overrides, {"scheduler": {"allowed_projects": list(projects)}})
+    if not (overrides.get("scheduler") or {}).get("allowed_projects"):
         try:
             projects = list(scheduler_cls(options=(overrides.get("scheduler") or {}).get("options")).discover_projects() or [])
         except Exception as exc:

@@ -9,13 +9,16 @@ starts ``platform.mpi_command_line(...)`` for each, and reports RUNNING / RUN_DO
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from typing import Any, Optional
 
-from balsam.platform import LaunchSpec
+from balsam.platform import LaunchLimit, LaunchSpec
 
-from ..app_run import JobBuildError, JobPreparer, PreparedJob, shell_line
+from .._api import largest_active_batch_job, note_batch_job
+from ..entry import MPI_PARTITIONS_ENV
+from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
 from ..job_mode import JobMode
 from ..node_manager import InsufficientResources, NodeManager, Placement, UnsatisfiableJob
 from ..runner import ProcessPool, launch_environment, report_exit, report_failed, report_running, report_timeout
@@ -24,6 +27,24 @@ logger = logging.getLogger(__name__)
 
 #: Poll period while jobs run (the loop reaps, acquires and starts at this pace).
 POLL_SEC = 0.01
+#: Jobs asked for per probe for jobs larger than the partition (see ``_probe_too_large``).
+PROBE_JOBS = 64
+
+
+def mpi_partitions(env: Any) -> int:
+    """How many mpi partitions the batch job has (1 unless the launcher split it)."""
+    try:
+        return max(1, int(env.get(MPI_PARTITIONS_ENV) or 1))
+    except ValueError:
+        return 1
+
+
+def share_launch_limit(limit: Optional[LaunchLimit], shares: int) -> Optional[LaunchLimit]:
+    """This partition's part of a per-batch-job launch limit (the limit itself with one partition)."""
+    if limit is None or shares <= 1:
+        return limit
+    return LaunchLimit(max(1, limit.max_launches // shares),
+                       f"{limit.reason}, shared by {shares} mpi partitions")
 
 
 class MPIMode(JobMode):
@@ -42,6 +63,14 @@ class MPIMode(JobMode):
         self._hook: Any = None
         #: Resources were freed or jobs arrived since the last placement attempt ran out of room.
         self._try_start = True
+        #: The platform's cap on MPI launches per batch job (Aurora: ~1,000), or None; the mpi
+        #: partitions of one batch job share it evenly.
+        shares = mpi_partitions(os.environ)
+        self.launch_limit = share_launch_limit(context.platform.launch_limit(), shares)
+        self._limit_reported = False
+        self._next_probe = 0.0
+        #: With several mpi partitions a job too large for this one may fit another: never probe.
+        self._probe_oversized = shares == 1
 
     # -- one loop step each --------------------------------------------------------------------
     def _acquire(self, source: Any, updater: Any) -> Optional[int]:
@@ -49,6 +78,12 @@ class MPIMode(JobMode):
         nm = self.node_manager
         free = nm.aggregate_free_nodes()
         room = self.max_concurrent - len(self.pool)
+        if self.launch_limit is not None:
+            left = self.launch_limit.max_launches - self.started - len(self.pending)
+            if left <= 0:
+                self._report_launch_limit()
+                return None
+            room = min(room, left)
         if free < 0.01 or room <= 0:
             return None
         if not nm.allow_node_packing:
@@ -62,6 +97,8 @@ class MPIMode(JobMode):
             max_nodes_per_job=max(1, empty),
             max_aggregate_nodes=free,
         )
+        if not jobs and empty == len(nm) and not self.pending and self._probe_oversized:
+            jobs = self._probe_too_large(source)
         for job in jobs:
             try:
                 prepared = self.preparer.prepare(job)
@@ -74,8 +111,43 @@ class MPIMode(JobMode):
             self._try_start = True
         return len(jobs)
 
-    def _command(self, prepared: PreparedJob, placement: Placement) -> str:
+    def _probe_too_large(self, source: Any) -> list[Any]:
+        """Lease jobs that ask for more nodes than this partition has, so that they end FAILED
+        with the reason rather than wait unseen (the regular acquire never offers them).
+
+        Asked only while every node is idle and the regular acquire found nothing, so the answer
+        holds nothing this launcher could run (a job created in between is simply run); at most
+        once per ``max(delay_sec, 5)`` seconds; and never while another BatchJob of the site that is
+        waiting or running is larger than this partition (such jobs are for it), nor when the batch
+        job has several mpi partitions (another may be large enough).
+        """
+        now = time.monotonic()
+        if now < self._next_probe:
+            return []
+        self._next_probe = now + max(self.delay_sec, 5.0)
+        nodes = len(self.node_manager)
+        try:
+            larger = largest_active_batch_job(self.context.site_id, self.context.batch_job_id)
+        except Exception as exc:
+            logger.debug("not looking for oversized jobs: the site's batch jobs are not readable (%s)", exc)
+            return []
+        if larger > nodes:
+            return []
+        return source.acquire(PROBE_JOBS, max_wall_time_min=self.countdown.remaining_min())
+
+    def _report_launch_limit(self) -> None:
+        """Say once, in the log and in the BatchJob's status_info, why no more jobs are acquired."""
+        if self._limit_reported or self.launch_limit is None:
+            return
+        self._limit_reported = True
+        message = (f"stopped acquiring jobs after {self.started} MPI launches: {self.launch_limit.reason}; "
+                   "jobs left over run in the next batch job")
+        logger.warning(message)
+        note_batch_job(self.context.batch_job_id, "launcher", message)
+
+    def _command(self, prepared: PreparedJob, placement: Placement, env: dict[str, str]) -> str:
         d = prepared.demand
+        inherited = inherited_environment()
         spec = LaunchSpec(
             cmdline=prepared.cmdline,
             hostnames=placement.hostnames,
@@ -86,6 +158,7 @@ class MPIMode(JobMode):
             cpu_ids=placement.cpu_ids,
             gpu_ids=placement.gpu_ids,
             launch_params=prepared.launch_params,
+            env_names=sorted(k for k, v in env.items() if inherited.get(k) != v),
         )
         mpi_line = self.context.platform.mpi_command_line(spec)
         return shell_line(mpi_line, prepared.preamble, prepared.workdir)
@@ -105,7 +178,7 @@ class MPIMode(JobMode):
             try:
                 env = launch_environment(prepared, placement, self.context.platform, self._hook)
                 prepared.workdir.mkdir(parents=True, exist_ok=True)
-                cmd = self._command(prepared, placement)
+                cmd = self._command(prepared, placement, env)
             except Exception as exc:
                 self.node_manager.free(prepared.id)
                 reason = f"An exception occurred while preparing the launch: {type(exc).__name__}: {exc}"

@@ -38,7 +38,7 @@ class SerialMode(JobMode):
 
     def worker_config(self) -> dict[str, Any]:
         ctx = self.context
-        return {
+        config: dict[str, Any] = {
             "site_path": str(getattr(ctx.site_config, "site_path", "")),
             "site_id": ctx.site_id,
             "data_path": str(ctx.data_path),
@@ -62,6 +62,10 @@ class SerialMode(JobMode):
                 for name in ("platform", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "serial_mode_prefetch_per_rank")
             },
         }
+        # The options as plain values (the settings loader may hand over an instance of the schema).
+        options = ctx.setting("platform_options") or {}
+        config["launcher"]["platform_options"] = attrs.asdict(options) if attrs.has(type(options)) else dict(options)
+        return config
 
     def command(self, config_path: str) -> str:
         ctx = self.context

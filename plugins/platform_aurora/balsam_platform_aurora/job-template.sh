@@ -1,0 +1,25 @@
+#!/bin/bash
+#PBS -N balsam-{{ batch_job_id }}
+#PBS -l select={{ num_nodes }}:system=@SYSTEM@
+#PBS -l walltime={{ "%02d:%02d:00" | format(wall_time_min // 60, wall_time_min % 60) }}
+{% if optional_params.get("filesystems") %}#PBS -l filesystems={{ optional_params["filesystems"] }}
+{% endif %}{% if optional_params.get("place") %}#PBS -l place={{ optional_params["place"] }}
+{% endif %}#PBS -A {{ project }}
+#PBS -q {{ queue }}
+# Rendered by balsam for BatchJob {{ batch_job_id }} on @SYSTEM@ (job-template.sh in the site directory).
+
+# Compute nodes reach the Balsam server through the ALCF proxy.
+export HTTP_PROXY=http://proxy.alcf.anl.gov:3128
+export HTTPS_PROXY=http://proxy.alcf.anl.gov:3128
+export http_proxy=http://proxy.alcf.anl.gov:3128
+export https_proxy=http://proxy.alcf.anl.gov:3128
+
+export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}
+export BALSAM_BATCH_JOB_ID={{ batch_job_id }}
+cd "$BALSAM_SITE_PATH"
+
+echo "balsam launcher starting at $(date)"
+{{ launcher_cmd }} -j {{ job_mode }} -t {{ launcher_wall_time_min }}{{ tags }}{{ partitions }}
+status=$?
+echo "balsam launcher done at $(date) (exit status $status)"
+exit $status

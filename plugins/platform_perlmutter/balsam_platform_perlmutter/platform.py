@@ -1,0 +1,152 @@
+"""Perlmutter (NERSC): HPE Cray EX, Slurm, ``srun``.
+
+- ``perlmutter-gpu``: one 64-core AMD EPYC 7763 (128 hardware threads) and four NVIDIA A100 per node
+  (``--constraint=gpu``);
+- ``perlmutter-cpu``: two 64-core AMD EPYC 7763 (256 hardware threads) per node (``--constraint=cpu``).
+
+Nodes come from ``$SLURM_JOB_NODELIST`` (``nid[001234-001236,001240]``). NERSC's queues are Slurm QOS
+names (regular, debug, ...), so the site's Slurm scheduler is set to pass the queue as ``--qos``
+(``scheduler.options.queue_flag``). Runs are Slurm job steps, Balsam 0.7's ``PerlmutterRun`` line::
+
+    srun [--gres=craynetwork:0] -n N --ntasks-per-node R [--gpus-per-task G] --nodelist h1,h2 --nodes n
+         --cpus-per-task T [--key value ...] --overlap CMD
+
+(``--overlap`` so that packed steps may share the allocation's nodes).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from importlib import resources
+from typing import Any, Mapping, Optional
+
+import attrs
+
+from balsam.builtin.default_platform import expand_hostlist
+from balsam.options import option
+from balsam.platform import LaunchSpec, NodeInfo, Platform, parse_id_ranges
+
+#: launch_params that replace the computed value of the same srun option.
+OVERRIDABLE = ("cpus-per-task", "gpus-per-task", "ntasks-per-node")
+
+
+@attrs.frozen
+class PerlmutterOptions:
+    cpu_ids: str = option("", "CPU (core) ids of one node, as ranges; empty: the node type's (0-63 GPU, 0-127 CPU).")
+    gpu_ids: str = option("", "GPU ids of one node; empty: the node type's (0,1,2,3 on GPU nodes, none on CPU nodes).")
+    srun: str = option("srun", "The Slurm srun command.")
+    single_rank_gres: str = option(
+        "craynetwork:0",
+        "--gres of single-rank steps (Balsam 0.7: craynetwork:0, so that many one-rank steps do not "
+        "exhaust the network resource); empty: none.",
+    )
+
+    def validate(self) -> dict[str, str]:
+        try:
+            parse_id_ranges(self.cpu_ids or "0")
+        except ValueError as exc:
+            return {"cpu_ids": str(exc)}
+        return {}
+
+
+class PerlmutterGPUPlatform(Platform):
+    name = "perlmutter-gpu"
+    description = "NERSC Perlmutter GPU nodes: 64 cores and 4 NVIDIA A100 per node, Slurm (--qos), srun"
+    default_scheduler = "slurm"
+    mpirun_allows_node_packing = True
+    options_schema = PerlmutterOptions
+    constraint = "gpu"
+    node_cpu_ids = "0-63"
+    node_gpu_ids = "0,1,2,3"
+    #: Logical CPUs of a node: what one serial-mode worker per node asks srun for.
+    logical_cpus = 128
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.cpu_ids = parse_id_ranges(self.options.cpu_ids or self.node_cpu_ids, where="launcher.platform_options.cpu_ids")
+        gpus = self.options.gpu_ids or self.node_gpu_ids
+        self.gpu_ids = tuple(g.strip() for g in gpus.split(",") if g.strip())
+
+    # -- inside an allocation -------------------------------------------------------------------
+    def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise RuntimeError("$SLURM_JOB_NODELIST is not set: not inside a Slurm job")
+        return [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids)
+                for host in expand_hostlist(nodelist)]
+
+    def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
+        match = re.match(r"\s*(\d+)", env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "")
+        return int(match.group(1)) if match else None
+
+    # -- MPI ------------------------------------------------------------------------------------
+    def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
+        params = dict(spec.launch_params)
+        args = [*shlex.split(self.options.srun)]
+        gres = params.pop("gres", None)
+        if gres is None and spec.num_ranks == 1:
+            gres = self.options.single_rank_gres
+        if gres:
+            args.append(f"--gres={gres}")
+        args += ["-n", str(spec.num_ranks),
+                 "--ntasks-per-node", str(params.pop("ntasks-per-node", max(1, spec.ranks_per_node)))]
+        gpus = params.pop("gpus-per-task", None)
+        if gpus is None and spec.gpus_per_rank >= 1 and float(spec.gpus_per_rank).is_integer():
+            gpus = int(spec.gpus_per_rank)  # a fraction of a GPU: no srun GPU request, CUDA_VISIBLE_DEVICES only
+        if gpus is not None:
+            args += ["--gpus-per-task", str(gpus)]
+        args += ["--nodelist", ",".join(spec.hostnames), "--nodes", str(spec.num_nodes),
+                 "--cpus-per-task", str(params.pop("cpus-per-task", spec.threads_per_rank))]
+        for key, value in params.items():
+            args.append(key if key.startswith("-") else f"--{key}")
+            if value not in ("", None):
+                args.append(str(value))
+        args.append("--overlap")
+        return args
+
+    # -- site init ------------------------------------------------------------------------------
+    @classmethod
+    def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:
+        # Login nodes are loginNN; NERSC sets NERSC_HOST. Which node type to use is the user's call.
+        return env.get("NERSC_HOST") == "perlmutter" and cls.constraint == "gpu"
+
+    def queues(self) -> dict[str, dict[str, int]]:
+        return {
+            "regular": {"max_nodes": 1536, "max_walltime": 720, "max_queued_jobs": 5000},
+            "debug": {"max_nodes": 8, "max_walltime": 30, "max_queued_jobs": 5},
+        }
+
+    def settings_defaults(self) -> dict[str, Any]:
+        return {
+            "launcher": {
+                "platform": self.name,
+                "mpirun_allows_node_packing": True,
+                # One serial-mode worker per node gets the whole node (it pins its own tasks).
+                "serial_mode_startup_params": {"cpus-per-task": str(self.logical_cpus)},
+            },
+            "scheduler": {
+                "name": "slurm",
+                "options": {"queue_flag": "--qos"},
+                "allowed_queues": self.queues(),
+                "optional_batch_job_params": {"constraint": self.constraint, "reservation": ""},
+            },
+        }
+
+    def job_template(self) -> Optional[str]:
+        return resources.files(__package__).joinpath("job-template.sh").read_text().replace("@CONSTRAINT@", self.constraint)
+
+
+class PerlmutterCPUPlatform(PerlmutterGPUPlatform):
+    name = "perlmutter-cpu"
+    description = "NERSC Perlmutter CPU nodes: 2 x 64 cores per node, Slurm (--qos), srun"
+    constraint = "cpu"
+    node_cpu_ids = "0-127"
+    node_gpu_ids = ""
+    logical_cpus = 256
+
+    def queues(self) -> dict[str, dict[str, int]]:
+        return {
+            "regular": {"max_nodes": 3072, "max_walltime": 720, "max_queued_jobs": 5000},
+            "debug": {"max_nodes": 8, "max_walltime": 30, "max_queued_jobs": 5},
+        }

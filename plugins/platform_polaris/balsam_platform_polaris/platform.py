@@ -1,0 +1,208 @@
+"""Polaris (ALCF): HPE Apollo 6500 nodes with one 32-core AMD EPYC 7543P (64 hardware threads) and
+four NVIDIA A100 GPUs; PBS Pro; PALS ``mpiexec``.
+
+GPU ids are handed out in the order ``3, 2, 1, 0``: on Polaris GPU 3 sits closest to cores 0-7, GPU 2
+to cores 8-15 and so on, so first-fit placement gives a job the cores and the GPU of one NUMA
+domain (Balsam 0.7's ``PolarisNode``).
+
+MIG: when a node's GPUs are split into MIG instances, the instances (their ``MIG-...`` UUIDs) become
+the node's GPU ids and ``CUDA_VISIBLE_DEVICES`` names them. They are read from
+``<gpu_list_dir>/balsam-<host>-gpulist.txt`` (``nvidia-smi -L`` output recorded per node, Balsam
+0.7's convention) and, for the node the launcher runs on, from ``nvidia-smi -L`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import attrs
+
+from balsam.options import option
+from balsam.platform import (
+    LaunchSpec, NodeInfo, Platform, cpu_bind_list, parse_id_ranges, parse_nvidia_smi_list, read_node_file,
+)
+
+logger = logging.getLogger("balsam.platform.polaris")
+
+CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
+DEPTH_KEYS = ("depth", "-d", "--depth")
+
+
+@attrs.frozen
+class PolarisOptions:
+    cpu_ids: str = option("0-31", "CPU (core) ids of one node that jobs are placed on, as ranges.")
+    hyperthread_offset: int = option(
+        32, "Id distance from a core to its second hardware thread (added to the binding when threads_per_core=2)."
+    )
+    gpu_ids: str = option(
+        "3,2,1,0", "GPU ids of one node in the order jobs get them (Polaris: GPU 3 is closest to cores 0-7)."
+    )
+    cpu_bind: str = option(
+        "",
+        "mpiexec --cpu-bind for jobs whose launch_params set none: empty computes list:... from the "
+        "CPUs the launcher assigned to the job; or none, core, depth, numa, list:...",
+    )
+    mpiexec: str = option("mpiexec", "The PALS mpiexec command.")
+    gpu_list_dir: str = option(
+        "/var/tmp",
+        "Directory of per-node `nvidia-smi -L` records (balsam-<host>-gpulist.txt); MIG instances listed "
+        "there become the node's GPU ids. Empty: only the launcher's own node is asked.",
+    )
+    discover_mig: bool = option(True, "Run `nvidia-smi -L` on the launcher's node to find MIG instances.")
+
+    def validate(self) -> dict[str, str]:
+        try:
+            parse_id_ranges(self.cpu_ids)
+        except ValueError as exc:
+            return {"cpu_ids": str(exc)}
+        return {}
+
+
+def _pbs_job_number(value: str) -> Optional[int]:
+    match = re.match(r"\s*(\d+)", value or "")
+    return int(match.group(1)) if match else None
+
+
+def _short(host: str) -> str:
+    return host.split(".")[0]
+
+
+class PolarisPlatform(Platform):
+    name = "polaris"
+    description = "ALCF Polaris: 32 cores and 4 NVIDIA A100 per node (MIG aware), PBS, PALS mpiexec"
+    default_scheduler = "pbs"
+    mpirun_allows_node_packing = True
+    options_schema = PolarisOptions
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
+        self.gpu_ids = tuple(g.strip() for g in self.options.gpu_ids.split(",") if g.strip())
+
+    # -- inside an allocation -------------------------------------------------------------------
+    def hostnames(self, env: Mapping[str, str]) -> list[str]:
+        path = env.get("PBS_NODEFILE")
+        if not path:
+            raise RuntimeError("$PBS_NODEFILE is not set: not inside a PBS job")
+        try:
+            hosts = read_node_file(path)
+        except OSError as exc:
+            raise RuntimeError(f"cannot read $PBS_NODEFILE {path}: {exc.strerror or exc}") from None
+        if not hosts:
+            raise RuntimeError(f"$PBS_NODEFILE {path} lists no nodes")
+        return hosts
+
+    def _recorded_list(self, host: str) -> Optional[str]:
+        if not self.options.gpu_list_dir:
+            return None
+        for name in {host, _short(host)}:
+            path = Path(self.options.gpu_list_dir) / f"balsam-{name}-gpulist.txt"
+            if path.is_file():
+                return path.read_text()
+        return None
+
+    def _local_list(self) -> Optional[str]:
+        program = shutil.which("nvidia-smi") if self.options.discover_mig else None
+        if program is None:
+            return None
+        try:
+            out = subprocess.run([program, "-L"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            logger.warning("nvidia-smi -L failed: %s", exc)
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    def node_gpu_ids(self, host: str, local: bool) -> tuple[str, ...]:
+        """MIG UUIDs when the node's GPUs are split (GPUs in affinity order), else ``gpu_ids``."""
+        text = self._recorded_list(host)
+        if text is None and local:
+            text = self._local_list()
+        if text:
+            migs = parse_nvidia_smi_list(text).mig_ids(self.gpu_ids)
+            if migs:
+                logger.info("%s: %d MIG instances: %s", host, len(migs), ", ".join(migs))
+                return tuple(migs)
+        return self.gpu_ids
+
+    def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
+        here = _short(socket.gethostname())
+        hosts = self.hostnames(env)
+        return [
+            NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids,
+                     gpu_ids=self.node_gpu_ids(host, local=_short(host) == here or len(hosts) == 1))
+            for host in hosts
+        ]
+
+    def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
+        return _pbs_job_number(env.get("PBS_JOBID", ""))
+
+    # -- MPI ------------------------------------------------------------------------------------
+    def cpu_binding(self, spec: LaunchSpec) -> str:
+        for key in CPU_BIND_KEYS:
+            if spec.launch_params.get(key):
+                return str(spec.launch_params[key])
+        if self.options.cpu_bind:
+            return self.options.cpu_bind
+        return cpu_bind_list(spec, self.cpu_ids, hyperthread_offset=self.options.hyperthread_offset)
+
+    def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
+        params = dict(spec.launch_params)
+        bind = self.cpu_binding(spec)
+        depth = next((params[k] for k in DEPTH_KEYS if params.get(k)), None)
+        if depth is None:
+            # 0.7: the depth is the threads per rank, or the cores per rank with --cpu-bind core.
+            depth = spec.cpus_per_rank if bind == "core" else spec.threads_per_rank
+        args = [
+            *shlex.split(self.options.mpiexec),
+            "-n", str(spec.num_ranks),
+            "--ppn", str(max(1, spec.ranks_per_node)),
+            "--hosts", ",".join(spec.hostnames),
+            "--cpu-bind", bind,
+            "-d", str(depth),
+        ]
+        for key, value in params.items():
+            if key in CPU_BIND_KEYS or key in DEPTH_KEYS:
+                continue
+            args.append(key if key.startswith("-") else f"--{key}")
+            if value not in ("", None):
+                args.append(str(value))
+        return args
+
+    # gpu_environment: the base class's CUDA_DEVICE_ORDER=PCI_BUS_ID + CUDA_VISIBLE_DEVICES (MIG
+    # UUIDs included).
+
+    # -- site init ------------------------------------------------------------------------------
+    @classmethod
+    def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:
+        return re.search(r"(^|[.-])polaris([.-]|$)", hostname.lower()) is not None
+
+    def settings_defaults(self) -> dict[str, Any]:
+        return {
+            "launcher": {
+                "platform": self.name,
+                "mpirun_allows_node_packing": True,
+                "serial_mode_startup_params": {"cpu-bind": "none"},
+            },
+            "scheduler": {
+                "name": "pbs",
+                "allowed_queues": {
+                    "debug": {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 100},
+                    "debug-scaling": {"max_nodes": 10, "max_walltime": 60, "max_queued_jobs": 1},
+                    "prod": {"max_nodes": 496, "max_walltime": 1440, "max_queued_jobs": 100},
+                    "preemptable": {"max_nodes": 10, "max_walltime": 4320, "max_queued_jobs": 20},
+                },
+                "allowed_projects": ["datascience"],
+                "optional_batch_job_params": {"filesystems": "home:eagle", "place": "scatter"},
+            },
+        }
+
+    def job_template(self) -> Optional[str]:
+        return resources.files(__package__).joinpath("job-template.sh").read_text()

@@ -1,0 +1,244 @@
+"""Theta (ALCF, Cobalt): the KNL partition and ThetaGPU.
+
+- ``theta-knl``: Cray XC40 nodes with one 64-core Xeon Phi 7230 (4 hardware threads per core). The
+  allocation's nodes are ``$COBALT_PARTNAME`` nid ranges (``1001-1005,1030``, hosts ``nid01001``...).
+  Runs go through ALPS ``aprun -n -N -L <nids> -cc <affinity> -d -j``; ALPS gives every aprun whole
+  nodes, so mpi mode never packs runs on a node.
+- ``thetagpu``: NVIDIA DGX A100 nodes (2 x 64-core AMD EPYC 7742, 8 A100-SXM4-40GB) listed in
+  ``$COBALT_NODEFILE``; Open MPI ``mpirun``. With ``-x mig_count=2|3|7`` the job template splits every
+  GPU into MIG instances and records each node's ``nvidia-smi -L``; the MIG UUIDs then become the
+  node's GPU ids (and ``CUDA_VISIBLE_DEVICES`` values).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import attrs
+
+from balsam.options import option
+from balsam.platform import LaunchSpec, NodeInfo, Platform, parse_id_ranges, parse_nvidia_smi_list, read_node_file
+
+logger = logging.getLogger("balsam.platform.theta")
+
+#: launch_params keys naming aprun's -cc (0.7 users wrote cpu_affinity).
+AFFINITY_KEYS = ("cpu_affinity", "cc", "-cc")
+
+
+def expand_nid_ranges(text: str) -> list[int]:
+    """``"1001-1003,1030"`` -> ``[1001, 1002, 1003, 1030]`` (``$COBALT_PARTNAME`` on Theta)."""
+    nids: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ValueError(f"$COBALT_PARTNAME: {part!r} is not a nid or a nid range")
+        nids.extend(range(int(low), int(high) + 1) if sep else [int(low)])
+    return nids
+
+
+def _cobalt_job_id(env: Mapping[str, str]) -> Optional[int]:
+    match = re.match(r"\s*(\d+)", env.get("COBALT_JOBID", ""))
+    return int(match.group(1)) if match else None
+
+
+def _template(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text()
+
+
+# -- Theta KNL --------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ThetaKNLOptions:
+    cpu_ids: str = option("0-63", "CPU (core) ids of one KNL node, as ranges.")
+    cpu_affinity: str = option(
+        "depth",
+        "aprun -cc for jobs whose launch_params set none (cpu_affinity): depth binds each rank to -d "
+        "cores; none leaves placement to the kernel.",
+    )
+    aprun: str = option("aprun", "The ALPS aprun command.")
+
+    def validate(self) -> dict[str, str]:
+        try:
+            parse_id_ranges(self.cpu_ids)
+        except ValueError as exc:
+            return {"cpu_ids": str(exc)}
+        return {}
+
+
+class ThetaKNLPlatform(Platform):
+    name = "theta-knl"
+    description = "ALCF Theta KNL (retired): 64-core Xeon Phi nodes, Cobalt, ALPS aprun"
+    default_scheduler = "cobalt"
+    # ALPS gives each aprun whole nodes: two runs never share one.
+    mpirun_allows_node_packing = False
+    options_schema = ThetaKNLOptions
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
+
+    def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
+        partition = env.get("COBALT_PARTNAME", "")
+        if not partition.strip():
+            raise RuntimeError("$COBALT_PARTNAME is not set: not inside a Cobalt job on Theta")
+        return [NodeInfo(node_id=str(nid), hostname=f"nid{nid:05d}", cpu_ids=self.cpu_ids)
+                for nid in expand_nid_ranges(partition)]
+
+    def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
+        return _cobalt_job_id(env)
+
+    def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
+        params = dict(spec.launch_params)
+        affinity = next((params[k] for k in AFFINITY_KEYS if params.get(k)), None) or self.options.cpu_affinity
+        # aprun -L takes node ids; the launcher knows hosts nid01001 ...: back to the numbers.
+        nids = [str(int(h[3:])) if re.fullmatch(r"nid\d+", h) else h for h in spec.hostnames]
+        args = [
+            *shlex.split(self.options.aprun),
+            "-n", str(spec.num_ranks),
+            "-N", str(max(1, spec.ranks_per_node)),
+            "-L", ",".join(nids),
+            "-cc", str(affinity),
+            "-d", str(spec.threads_per_rank),
+            "-j", str(spec.threads_per_core),
+        ]
+        for key, value in params.items():
+            if key in AFFINITY_KEYS:
+                continue
+            args.append(key if key.startswith("-") else f"-{key}")  # aprun's options are single-dash
+            if value not in ("", None):
+                args.append(str(value))
+        return args
+
+    def gpu_environment(self, gpu_ids: Any) -> dict[str, str]:
+        return {}
+
+    @classmethod
+    def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:
+        host = hostname.lower()
+        return host.startswith("thetalogin") or (host.startswith("nid") and ".theta" in host)
+
+    def settings_defaults(self) -> dict[str, Any]:
+        return {
+            "launcher": {"platform": self.name, "mpirun_allows_node_packing": False,
+                         # one worker per node, unbound: it pins its own tasks
+                         "serial_mode_startup_params": {"cc": "none"}},
+            "scheduler": {
+                "name": "cobalt",
+                "allowed_queues": {
+                    "debug-cache-quad": {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 1},
+                    "debug-flat-quad": {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 1},
+                    "default": {"max_nodes": 4010, "max_walltime": 1440, "max_queued_jobs": 20},
+                },
+                "allowed_projects": ["datascience"],
+                "optional_batch_job_params": {"singularity_prime_cache": "no"},
+            },
+        }
+
+    def job_template(self) -> Optional[str]:
+        return _template("theta-knl-job-template.sh")
+
+
+# -- ThetaGPU ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ThetaGPUOptions:
+    cpu_ids: str = option("0-127", "CPU (core) ids of one DGX A100 node, as ranges.")
+    gpu_ids: str = option("0,1,2,3,4,5,6,7", "GPU ids of one node when MIG is off.")
+    gpu_list_dir: str = option(
+        "/var/tmp",
+        "Where the job template records each node's `nvidia-smi -L` (balsam-<host>-gpulist.txt) after "
+        "creating MIG instances ($BALSAM_GPU_LIST_DIR in the template).",
+    )
+    mpirun: str = option("mpirun", "The Open MPI mpirun command.")
+
+    def validate(self) -> dict[str, str]:
+        try:
+            parse_id_ranges(self.cpu_ids)
+        except ValueError as exc:
+            return {"cpu_ids": str(exc)}
+        return {}
+
+
+class ThetaGPUPlatform(Platform):
+    name = "thetagpu"
+    description = "ALCF ThetaGPU (retired): DGX A100 nodes, 8 A100 (MIG: -x mig_count=2|3|7), Cobalt, Open MPI"
+    default_scheduler = "cobalt"
+    mpirun_allows_node_packing = True
+    options_schema = ThetaGPUOptions
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
+        self.gpu_ids = tuple(g.strip() for g in self.options.gpu_ids.split(",") if g.strip())
+
+    def _gpu_ids(self, host: str) -> tuple[str, ...]:
+        record = Path(self.options.gpu_list_dir or ".") / f"balsam-{host}-gpulist.txt"
+        if self.options.gpu_list_dir and record.is_file():
+            migs = parse_nvidia_smi_list(record.read_text()).mig_ids(self.gpu_ids)
+            if migs:
+                logger.info("%s: %d MIG instances (from %s)", host, len(migs), record)
+                return tuple(migs)
+        return self.gpu_ids
+
+    def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
+        path = env.get("COBALT_NODEFILE")
+        if not path:
+            raise RuntimeError("$COBALT_NODEFILE is not set: not inside a Cobalt job on ThetaGPU")
+        try:
+            hosts = read_node_file(path)
+        except OSError as exc:
+            raise RuntimeError(f"cannot read $COBALT_NODEFILE {path}: {exc.strerror or exc}") from None
+        if not hosts:
+            raise RuntimeError(f"$COBALT_NODEFILE {path} lists no nodes")
+        return [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self._gpu_ids(host)) for host in hosts]
+
+    def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
+        return _cobalt_job_id(env)
+
+    def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
+        args = [*shlex.split(self.options.mpirun)]
+        hostfile = os.environ.get("COBALT_NODEFILE")
+        if hostfile:
+            args += ["-hostfile", hostfile]
+        args += ["--oversubscribe", "--bind-to", "none", "-n", str(spec.num_ranks),
+                 "-npernode", str(max(1, spec.ranks_per_node))]
+        # Open MPI starts remote ranks with its own environment: forward what the job was given.
+        for name in spec.env_names:
+            args += ["-x", name]
+        args += ["--host", ",".join(spec.hostnames)]
+        for key, value in spec.launch_params.items():
+            args.append(key if key.startswith("-") else f"--{key}")
+            if value not in ("", None):
+                args.append(str(value))
+        return args
+
+    @classmethod
+    def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:
+        return hostname.lower().startswith("thetagpu")
+
+    def settings_defaults(self) -> dict[str, Any]:
+        return {
+            "launcher": {"platform": self.name, "mpirun_allows_node_packing": True,
+                         "serial_mode_startup_params": {}},
+            "scheduler": {
+                "name": "cobalt",
+                "allowed_queues": {
+                    "full-node": {"max_nodes": 21, "max_walltime": 1440, "max_queued_jobs": 3},
+                },
+                "allowed_projects": ["datascience"],
+                "optional_batch_job_params": {"mig_count": "0"},
+            },
+        }
+
+    def job_template(self) -> Optional[str]:
+        return _template("thetagpu-job-template.sh")

@@ -1,0 +1,37 @@
+#!/bin/bash -l
+#COBALT -n {{ num_nodes }}
+#COBALT -t {{ wall_time_min }}
+#COBALT -A {{ project }}
+#COBALT -q {{ queue }}
+{% set mig_count = optional_params.get("mig_count", "0") | string %}
+#COBALT --attrs pubnet=true:enable_ssh=1:filesystems=home,grand,eagle,theta-fs0{% if mig_count != "0" %}:mig-mode=true{% endif %}
+
+# Rendered by balsam for BatchJob {{ batch_job_id }} on ThetaGPU (job-template.sh in the site directory).
+export https_proxy=http://theta-proxy.tmi.alcf.anl.gov:3128
+
+# -x mig_count=2|3|7 splits every A100 of every node into that many MIG instances (3g.20gb,
+# 2g.10gb or 1g.5gb) and records each node's `nvidia-smi -L` where the launcher reads its GPU ids.
+{% if mig_count in ("2", "3", "7") %}
+mig_profile={{ {"2": 9, "3": 14, "7": 19}[mig_count] }}
+gpu_list_dir="${BALSAM_GPU_LIST_DIR:-/var/tmp}"
+echo "Creating {{ mig_count }} MIG instances per GPU (profile $mig_profile) on {{ num_nodes }} node(s)"
+for i in $(seq 1 {{ mig_count }}); do
+    mpirun -hostfile "$COBALT_NODEFILE" -n {{ num_nodes }} -npernode 1 nvidia-smi_mig -cgi "$mig_profile" -C || exit 1
+done
+for host in $(cat "$COBALT_NODEFILE"); do
+    mpirun -hostfile "$COBALT_NODEFILE" --host "$host" -n 1 nvidia-smi -L > "$gpu_list_dir/balsam-$host-gpulist.txt" || exit 1
+    echo "GPU list of $host recorded in $gpu_list_dir/balsam-$host-gpulist.txt"
+done
+{% elif mig_count != "0" %}
+echo "mig_count={{ mig_count }} is not one of 2, 3, 7: not using MIG" >&2
+{% endif %}
+
+export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}
+export BALSAM_BATCH_JOB_ID={{ batch_job_id }}
+cd "$BALSAM_SITE_PATH"
+
+echo "balsam launcher starting at $(date)"
+{{ launcher_cmd }} -j {{ job_mode }} -t {{ launcher_wall_time_min }}{{ tags }}{{ partitions }}
+status=$?
+echo "balsam launcher done at $(date) (exit status $status)"
+exit $status

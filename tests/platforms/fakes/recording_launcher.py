@@ -1,0 +1,129 @@
+"""A recording stand-in for a machine's MPI launcher (PALS ``mpiexec``, ``srun``, ``aprun``, Open MPI
+``mpirun``), put first on ``PATH`` by the platform tests.
+
+It parses the command line the way the real launcher does (its options, then the program and its
+arguments; an option it does not know is refused with exit status 2, as the real ones do), appends
+one JSON line ``{"launcher", "argv", "options", "ranks", "program", "env", "cwd"}`` to
+``$FAKE_LAUNCH_LOG``, then runs the ranks on this host with the real MPICH ``mpiexec``
+(``$FAKE_REAL_MPIEXEC``), each rank with the rank variables the real launcher sets
+(``PALS_RANKID``/``PALS_LOCAL_RANKID``, ``SLURM_PROCID``/``SLURM_LOCALID``, ``ALPS_APP_PE``,
+``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_LOCAL_RANK``), so mpi4py programs (the serial-mode
+workers) really communicate.
+
+Usage (from a wrapper script): ``python recording_launcher.py FLAVOUR ARGS...``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+
+#: flavour -> (options that take a value, options that take none).
+FLAVOURS: dict[str, tuple[set[str], set[str]]] = {
+    "mpiexec": (
+        {"-n", "-np", "--np", "--ppn", "-ppn", "--hosts", "-hosts", "--hostfile", "--cpu-bind", "-d", "--depth",
+         "--env", "--mem-bind", "--gpu-bind", "--label-format", "--spindle"},
+        {"--envall", "--envnone", "--no-transfer", "--label", "--line-buffer", "-l", "--exclusive", "--verbose"},
+    ),
+    "srun": (
+        {"-n", "--ntasks", "--ntasks-per-node", "--gpus-per-task", "--gpus", "-G", "--nodelist", "-w", "--nodes", "-N",
+         "--cpus-per-task", "-c", "--gres", "--cpu-bind", "--gpu-bind", "--constraint", "-C", "--qos", "-q",
+         "--export", "--mem", "--distribution", "-m", "--time", "-t", "--job-name", "-J", "--reservation"},
+        {"--overlap", "--exclusive", "--label", "-l", "--unbuffered", "-u", "--exact"},
+    ),
+    "aprun": (
+        {"-n", "-N", "-L", "-cc", "-d", "-j", "-e", "-S", "-r", "-p"},
+        {"-b", "-q"},
+    ),
+    "mpirun": (
+        {"-hostfile", "--hostfile", "-n", "-np", "-npernode", "--npernode", "-x", "--host", "-H", "--bind-to",
+         "--map-by", "-mca", "--mca"},
+        {"--oversubscribe", "--allow-run-as-root", "--report-bindings", "--tag-output"},
+    ),
+}
+
+#: Rank variables each real launcher gives its ranks: (global rank, local rank).
+RANK_VARIABLES = {
+    "mpiexec": ("PALS_RANKID", "PALS_LOCAL_RANKID"),
+    "srun": ("SLURM_PROCID", "SLURM_LOCALID"),
+    "aprun": ("ALPS_APP_PE", "ALPS_APP_LOCAL_PE"),
+    "mpirun": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"),
+}
+
+#: Environment variables recorded (the ones platforms set for jobs).
+RECORDED_PREFIXES = ("ZE_", "CUDA_", "OMP_", "BALSAM_JOB_ID", "NVIDIA_", "HIP_", "ROCR_")
+
+
+def parse(flavour: str, argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``([(option, value), ...], program argv)``; SystemExit(2) on an unknown option."""
+    with_value, without = FLAVOURS[flavour]
+    options: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("-"):
+            break
+        name, eq, inline = word.partition("=")
+        if name in with_value:
+            if eq:
+                options.append((name, inline))
+                i += 1
+            else:
+                if i + 1 >= len(argv):
+                    sys.exit(f"{flavour}: option {name} needs a value")
+                options.append((name, argv[i + 1]))
+                i += 2
+        elif word in without:
+            options.append((word, ""))
+            i += 1
+        else:
+            sys.stderr.write(f"{flavour}: unrecognized option '{word}'\n")
+            sys.exit(2)
+    program = argv[i:]
+    if not program:
+        sys.exit(f"{flavour}: no program to run")
+    return options, program
+
+
+def total_ranks(flavour: str, options: list[tuple[str, str]]) -> int:
+    values = dict(options)
+    for key in ("-n", "-np", "--np", "--ntasks"):
+        if key in values:
+            return int(values[key])
+    return 1
+
+
+def main() -> int:
+    flavour, argv = sys.argv[1], sys.argv[2:]
+    options, program = parse(flavour, argv)
+    ranks = total_ranks(flavour, options)
+    record = {
+        "launcher": flavour,
+        "argv": argv,
+        "options": options,
+        "ranks": ranks,
+        "program": program,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(RECORDED_PREFIXES)},
+        "cwd": os.getcwd(),
+    }
+    log = os.environ.get("FAKE_LAUNCH_LOG")
+    if log:
+        with open(log, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    real = os.environ["FAKE_REAL_MPIEXEC"]
+    global_var, local_var = RANK_VARIABLES[flavour]
+    shim = f'export {global_var}="$PMI_RANK" {local_var}="$MPI_LOCALRANKID"; exec "$@"'
+    # MPICH's hydra runs the ranks here (fork, this host); PMI_RANK/MPI_LOCALRANKID become the
+    # launcher's own names. Hydra would take the batch system's node list for its own: hide it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PBS_", "SLURM_", "COBALT_"))}
+    os.execve(real, [real, "-launcher", "fork", "-n", str(ranks), "/bin/bash", "-c", shim, "rank", *program], env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

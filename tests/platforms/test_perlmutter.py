@@ -1,0 +1,111 @@
+"""Perlmutter GPU and CPU nodes: the conformance kit, site init (QOS queues through the Slurm
+scheduler's queue_flag option) and runs through the real launcher on a faked Perlmutter allocation
+(``$SLURM_JOB_NODELIST`` nid ranges, a recording ``srun`` first on PATH)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from balsam.platform import LaunchSpec
+from balsam.testing import PlatformContract
+from balsam.testing.platform_contract import SERIAL_WORKER_CMDLINE
+from balsam_platform_perlmutter import PerlmutterCPUPlatform, PerlmutterGPUPlatform
+from machine_jobs import balsam_client, done_site_id, job_out, run_jobs, site_for
+from platform_harness import max_sharing, run_spans
+
+HOSTS = ["nid001234", "nid001235"]
+
+
+class TestPerlmutterGPU(PlatformContract):
+    platform_class = PerlmutterGPUPlatform
+    allocation_env = {"SLURM_JOB_NODELIST": "nid[001234-001235]", "SLURM_JOB_ID": "31415926"}
+    expected_hostnames = HOSTS
+    expected_cpu_count = 64
+    expected_gpu_ids = ["0", "1", "2", "3"]
+    expected_scheduler_id = 31415926
+    gpu_visibility = [(["2"], {"CUDA_VISIBLE_DEVICES": "2"})]
+    launch_lines = [
+        # 0.7's PerlmutterRun: one rank gets --gres=craynetwork:0
+        (LaunchSpec(cmdline="./app", hostnames=HOSTS[:1], ranks_per_node=1, gpus_per_rank=1, threads_per_rank=2),
+         "srun --gres=craynetwork:0 -n 1 --ntasks-per-node 1 --gpus-per-task 1 --nodelist nid001234 --nodes 1 "
+         "--cpus-per-task 2 --overlap ./app"),
+        (LaunchSpec(cmdline="./app", hostnames=HOSTS, ranks_per_node=4, threads_per_rank=16, gpus_per_rank=1,
+                    launch_params={"cpu-bind": "cores"}),
+         "srun -n 8 --ntasks-per-node 4 --gpus-per-task 1 --nodelist nid001234,nid001235 --nodes 2 "
+         "--cpus-per-task 16 --cpu-bind cores --overlap ./app"),
+        # half a GPU: no srun GPU request (two such jobs share one GPU through CUDA_VISIBLE_DEVICES)
+        (LaunchSpec(cmdline="./app", hostnames=HOSTS[:1], ranks_per_node=2, gpus_per_rank=0.5),
+         "srun -n 2 --ntasks-per-node 2 --nodelist nid001234 --nodes 1 --cpus-per-task 1 --overlap ./app"),
+    ]
+    serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
+                          f"--cpus-per-task 1 --overlap {SERIAL_WORKER_CMDLINE}")
+
+
+class TestPerlmutterCPU(TestPerlmutterGPU):
+    platform_class = PerlmutterCPUPlatform
+    expected_cpu_count = 128
+    expected_gpu_ids = []
+    gpu_visibility = []
+    launch_lines = [
+        (LaunchSpec(cmdline="./app", hostnames=HOSTS, ranks_per_node=128, threads_per_rank=2),
+         "srun -n 256 --ntasks-per-node 128 --nodelist nid001234,nid001235 --nodes 2 --cpus-per-task 2 --overlap ./app"),
+    ]
+    serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
+                          f"--cpus-per-task 1 --overlap {SERIAL_WORKER_CMDLINE}")
+
+
+def test_site_init_uses_qos_queues(balsam_env, client, tmp_path: Path) -> None:
+    from balsam.config import load_settings
+    from balsam.plugins.manager import get_plugin_manager
+    from balsam.scheduler import SubmitRequest
+    from balsam.site.site_ops import init_site
+
+    init_site(tmp_path / "pm", "pm-gpu", "perlmutter-gpu", client, projects=["m1234"])
+    raw = yaml.safe_load((tmp_path / "pm" / "settings.yml").read_text())
+    assert raw["scheduler"]["name"] == "slurm" and raw["scheduler"]["options"]["queue_flag"] == "--qos"
+    assert set(raw["scheduler"]["allowed_queues"]) == {"regular", "debug"} and raw["scheduler"]["allowed_projects"] == ["m1234"]
+    assert raw["launcher"]["serial_mode_startup_params"] == {"cpus-per-task": "128"}
+    settings = load_settings(tmp_path / "pm" / "settings.yml")
+    scheduler = get_plugin_manager().load_driver("scheduler", "slurm")(options=settings.scheduler.options)
+    command = scheduler.render_submit(SubmitRequest(
+        script_path=tmp_path / "pm" / "qsubmit" / "qlaunch1.sh", project="m1234", queue="regular", num_nodes=2,
+        wall_time_min=30, job_name="balsam-1", optional_params=settings.scheduler.optional_batch_job_params))
+    assert "--qos" in command.args and command.args[command.args.index("--qos") + 1] == "regular"
+    assert "--constraint=gpu" in command.args and "--partition" not in command.args
+    template = (tmp_path / "pm" / "job-template.sh").read_text()
+    assert "#SBATCH --qos={{ queue }}" in template and '"gpu"' in template
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["mpi", "serial"])
+def test_jobs_on_a_faked_perlmutter_gpu(mode: str, balsam_env, fake_machine, tmp_path: Path) -> None:
+    machine = fake_machine([])
+    site = site_for(tmp_path, "perlmutter-gpu", serial_mode_startup_params={"cpus-per-task": "128"})
+    env = machine.env(SLURM_JOB_NODELIST="nid[001234-001235]", SLURM_JOB_ID="31415926")
+    done = run_jobs(site, mode, env, lambda App: [
+        App.submit(workdir=f"gpu/{n}", n=n, gpus_per_rank=1, threads_per_rank=8, node_packing_count=4, save=False)
+        for n in range(8)])
+    seen = {}
+    for n in range(8):
+        out = job_out(site, f"gpu/{n}")
+        assert f"job {n} " in out and "OMP_NUM_THREADS=8" in out, out
+        seen[f"gpu/{n}"] = out.split("CUDA_VISIBLE_DEVICES=")[1].split()[0]
+    assert set(seen.values()) <= {"0", "1", "2", "3"}
+    # At most one job per GPU of each node at a time (the node of a serial-mode task is not recorded).
+    assert max_sharing(run_spans(balsam_client(), done_site_id(done)), seen) <= len(HOSTS)
+    records = machine.records("srun")
+    if mode == "mpi":
+        assert len(records) == 8
+        for r in records:
+            opts = dict(r["options"])
+            assert opts["--gpus-per-task"] == "1" and opts["--cpus-per-task"] == "8" and "--overlap" in opts
+            assert opts["--nodelist"] in HOSTS and opts["--gres"] == "craynetwork:0"
+    else:
+        (workers,) = records
+        opts = dict(workers["options"])
+        assert opts["-n"] == "2" and opts["--ntasks-per-node"] == "1" and opts["--cpus-per-task"] == "128"
+        assert opts["--gpus-per-task"] == "4" and opts["--nodelist"] == ",".join(HOSTS)

@@ -1,0 +1,113 @@
+"""Polaris: the conformance kit, the layout (reversed GPU order, MIG) and jobs through the real
+launcher on a faked Polaris (PBS node file, recording PALS mpiexec, nvidia-smi stand-in)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from balsam.launcher.node_manager import Demand, NodeManager
+from balsam.platform import LaunchSpec
+from balsam.testing import PlatformContract
+from balsam.testing.platform_contract import SERIAL_WORKER_CMDLINE
+from balsam_platform_polaris import PolarisPlatform
+from machine_jobs import balsam_client, done_site_id, job_out, run_jobs, site_for
+from platform_harness import max_sharing, run_spans
+
+RECORDED = Path(__file__).parent / "recorded"
+MIG_LIST = (RECORDED / "polaris-mig-3g.20gb-nvidia-smi-L.txt").read_text()
+PLAIN_LIST = (RECORDED / "polaris-nvidia-smi-L.txt").read_text()
+# In GPU affinity order 3, 2, 1, 0: GPU 3's two instances first.
+MIG_IDS = ["MIG-e27b9d54-1c0a-5f63-8d4b-6a91c3e0f5d2", "MIG-f4a06c38-9e5b-5a12-a7d0-2c6e8b3f914e",
+           "MIG-9a3c6e12-4f8d-5b70-a1e9-d26c7f05b3a4", "MIG-c5f18b0d-7a2e-5e94-b3c6-08f4d1a9e27b",
+           "MIG-52d9a7c3-0e6b-5f18-a4d2-7c3e90b1f846", "MIG-7e0a4f86-b2c9-5d31-9f7e-3b58a2c4d019",
+           "MIG-0b6f2d9e-8a13-5c47-b2e0-94d1c7a3f568", "MIG-3c81e5a0-d7f2-5b96-8e4c-1a09b6d2c37f"]
+HOSTS = ["x3004c0s1b0n0.hsn.cm.polaris.alcf.anl.gov", "x3004c0s7b1n0.hsn.cm.polaris.alcf.anl.gov"]
+
+
+class TestPolaris(PlatformContract):
+    platform_class = PolarisPlatform
+    platform_options = {"gpu_list_dir": "", "discover_mig": False}
+    allocation_env = {"PBS_NODEFILE": "{nodefile}", "PBS_JOBID": "1196243.polaris-pbs-01.hsn.cm.polaris.alcf.anl.gov"}
+    nodefile_text = f"{HOSTS[0]}\n{HOSTS[1]}\n"
+    expected_hostnames = HOSTS
+    expected_cpu_count = 32
+    expected_gpu_ids = ["3", "2", "1", "0"]
+    expected_scheduler_id = 1196243
+    gpu_visibility = [(["3"], {"CUDA_VISIBLE_DEVICES": "3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}),
+                      ([MIG_IDS[0]], {"CUDA_VISIBLE_DEVICES": MIG_IDS[0]})]
+    launch_lines = [
+        # 0.7's PolarisRun: 4 ranks x 8 threads on one node, list binding of the assigned cores
+        (LaunchSpec(cmdline="./app", hostnames=HOSTS[:1], ranks_per_node=4, threads_per_rank=8, gpus_per_rank=1,
+                    cpu_ids=[list(range(32))], gpu_ids=[["3", "2", "1", "0"]]),
+         f"mpiexec -n 4 --ppn 4 --hosts {HOSTS[0]} --cpu-bind list:0-7:8-15:16-23:24-31 -d 8 ./app"),
+        # hyperthreads: threads_per_core=2 adds the sibling threads (+32)
+        (LaunchSpec(cmdline="./app", hostnames=HOSTS[:1], ranks_per_node=2, threads_per_rank=4, threads_per_core=2,
+                    cpu_ids=[[0, 1, 2, 3]]),
+         f"mpiexec -n 2 --ppn 2 --hosts {HOSTS[0]} --cpu-bind list:0-1,32-33:2-3,34-35 -d 4 ./app"),
+        # --cpu-bind core: the depth is the cores per rank
+        (LaunchSpec(cmdline="./app", hostnames=HOSTS, ranks_per_node=2, threads_per_rank=4,
+                    launch_params={"cpu_bind": "core"}),
+         f"mpiexec -n 4 --ppn 2 --hosts {','.join(HOSTS)} --cpu-bind core -d 4 ./app"),
+    ]
+    serial_worker_line = f"mpiexec -n 2 --ppn 1 --hosts {','.join(HOSTS)} --cpu-bind list:0-31 -d 1 {SERIAL_WORKER_CMDLINE}"
+
+
+def test_gpu_gets_the_cores_of_its_numa_domain(tmp_path: Path) -> None:
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text(HOSTS[0] + "\n")
+    platform = PolarisPlatform(options={"gpu_list_dir": "", "discover_mig": False})
+    nm = NodeManager(platform.discover_nodes({"PBS_NODEFILE": str(nodefile)}))
+    placed = [nm.assign(i, Demand(threads_per_rank=8, gpus_per_rank=1, node_packing_count=4)) for i in range(4)]
+    assert [(p.cpu_ids[0][0], p.gpu_ids[0]) for p in placed] == [(0, ("3",)), (8, ("2",)), (16, ("1",)), (24, ("0",))]
+
+
+def test_mig_instances_from_records_and_local_nvidia_smi(tmp_path: Path, monkeypatch, fake_machine) -> None:
+    machine = fake_machine([socket.gethostname(), HOSTS[1]])
+    machine.nvidia_smi("polaris-mig-3g.20gb-nvidia-smi-L.txt")
+    monkeypatch.setenv("PATH", machine.env()["PATH"])
+    records = tmp_path / "gpulists"
+    records.mkdir()
+    (records / f"balsam-{HOSTS[1].split('.')[0]}-gpulist.txt").write_text(PLAIN_LIST)
+    nodes = PolarisPlatform(options={"gpu_list_dir": str(records)}).discover_nodes({"PBS_NODEFILE": str(machine.node_file)})
+    assert list(nodes[0].gpu_ids) == MIG_IDS  # this node: nvidia-smi -L, GPU 3's instances first
+    assert list(nodes[1].gpu_ids) == ["3", "2", "1", "0"]  # recorded list without MIG
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["mpi", "serial"])
+def test_jobs_on_a_faked_polaris_with_mig(mode: str, balsam_env, fake_machine, tmp_path: Path) -> None:
+    # Both nodes' `nvidia-smi -L` recorded (the launcher's own node is asked directly in the test
+    # above; the serial mode's start check compares rank host names with the node names, so the
+    # nodes here carry Polaris names, none of them this host's).
+    machine = fake_machine(HOSTS)
+    records = tmp_path / "gpulists"
+    records.mkdir()
+    (records / f"balsam-{HOSTS[0].split('.')[0]}-gpulist.txt").write_text(MIG_LIST)  # 8 MIG instances
+    (records / f"balsam-{HOSTS[1].split('.')[0]}-gpulist.txt").write_text(PLAIN_LIST)  # 4 GPUs
+    site = site_for(tmp_path, "polaris", platform_options={"gpu_list_dir": str(records), "discover_mig": False})
+    env = machine.env(PBS_NODEFILE=str(machine.node_file), PBS_JOBID="1196243.polaris-pbs-01")
+    done = run_jobs(site, mode, env, lambda App: [
+        App.submit(workdir=f"gpu/{n}", n=n, gpus_per_rank=1, node_packing_count=8, save=False) for n in range(12)])
+    seen = {}
+    for n in range(12):
+        out = job_out(site, f"gpu/{n}")
+        assert f"job {n} " in out and "OMP_NUM_THREADS=1" in out, out
+        seen[f"gpu/{n}"] = out.split("CUDA_VISIBLE_DEVICES=")[1].split()[0]
+    # One MIG instance (first node) or one GPU (second node) each; no two jobs on one at the same time.
+    assert set(seen.values()) <= set(MIG_IDS + ["3", "2", "1", "0"])
+    assert max_sharing(run_spans(balsam_client(), done_site_id(done)), seen) == 1
+    assert all(str(j.state) == "RUN_DONE" for j in done.values())
+    records_ = machine.records("mpiexec")
+    if mode == "mpi":
+        assert len(records_) == 12
+        for r in records_:
+            opts = dict(r["options"])
+            assert opts["-n"] == "1" and opts["--ppn"] == "1" and opts["--cpu-bind"].startswith("list:")
+            assert r["env"]["CUDA_VISIBLE_DEVICES"] in MIG_IDS + ["3", "2", "1", "0"]
+    else:
+        (workers,) = records_
+        assert dict(workers["options"])["--ppn"] == "1" and dict(workers["options"])["-n"] == "2"
