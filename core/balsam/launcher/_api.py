@@ -7,6 +7,7 @@ same two), on the REST client of ``balsam.api``.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -80,3 +81,13 @@ def find_batch_job_id(site_id: int, env: Mapping[str, str], platform: Any) -> Op
         logger.info("no BatchJob with scheduler id %s at site %s; the session has no batch job", scheduler_id, site_id)
         return None
     return matches[0].id
+
+
+def report_batch_job_error(batch_job_id: int, message: str) -> None:
+    """Record a launcher failure in the BatchJob's ``status_info`` (``error``, ``error_time``: the
+    keys the scheduler module uses, which ``balsam queue ls -v`` shows)."""
+    batch_job = api_models().BatchJob.objects.get(id=batch_job_id)
+    info = dict(batch_job.status_info or {})
+    info.update(error=message, error_time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    batch_job.status_info = info
+    batch_job.save()
