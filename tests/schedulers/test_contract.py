@@ -57,7 +57,7 @@ def test_default_job_template_renders(name, tmp_path):
     assert f"export BALSAM_SITE_PATH={tmp_path.resolve()}" in script and "export BALSAM_BATCH_JOB_ID=42" in script
     assert "-m balsam.launcher -j mpi -t 88 --tag workflow=w1 --part serial:1 --part mpi:2" in script
     expected = {
-        "slurm": ["#SBATCH --nodes=3", "#SBATCH --time=90", "#SBATCH --account=proj", "#SBATCH --partition=debug",
+        "slurm": ["#SBATCH --nodes=3", "#SBATCH --time=90", "#SBATCH --account=proj", 'for queue "debug"',
                   "#SBATCH --reservation=resv1", "#SBATCH --constraint=gpu"],
         "pbs": ["#PBS -l select=3\n", "#PBS -l walltime=01:30:00", "#PBS -l filesystems=home:eagle", "#PBS -A proj",
                 "#PBS -q debug"],

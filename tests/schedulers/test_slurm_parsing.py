@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from balsam.scheduler import Command, SchedulerError, SubmitRequest, subprocess_runner
+from balsam.site.job_template import build_context, render_job_script
 from balsam.states import BatchJobState
 from balsam_scheduler_slurm import SLURM_STATES, SlurmScheduler
 from balsam_scheduler_slurm.scheduler import parse_squeue_line, slurm_duration_min
@@ -59,13 +60,16 @@ def test_render_submit_uses_explicit_flags_and_pass_through(slurm, tmp_path):
     assert args[-1] == str(script) and command.cwd == script.parent
 
 
-def test_queue_flag_can_be_qos_for_sites_whose_queues_are_qos(tmp_path):
-    class NerscSlurm(SlurmScheduler):
-        queue_flag = "--qos"
-
-    args = NerscSlurm(user="u").render_submit(
-        SubmitRequest(script_path=tmp_path / "s.sh", project="m1", queue="regular", num_nodes=1, wall_time_min=5)).args
+def test_queue_flag_qos_is_a_setting_for_sites_whose_queues_are_qos(tmp_path):
+    request = SubmitRequest(script_path=tmp_path / "s.sh", project="m1", queue="regular", num_nodes=1, wall_time_min=5)
+    args = SlurmScheduler(user="u", options={"queue_flag": "--qos"}).render_submit(request).args
     assert args[args.index("--qos") + 1] == "regular" and "--partition" not in args
+    script = render_job_script(SlurmScheduler.default_job_template,
+                               build_context({"id": 1, "project": "m1", "queue": "regular", "num_nodes": 1,
+                                              "wall_time_min": 5, "job_mode": "mpi"}, tmp_path, call_hook=False))
+    assert "#SBATCH --partition" not in script and "#SBATCH --qos" not in script  # the queue is on the sbatch line only
+    with pytest.raises(ValueError, match="queue_flag"):
+        SlurmScheduler(user="u", options={"queue_flag": "-p"})
 
 
 def test_parse_submit_real_outputs(slurm):

@@ -1,5 +1,5 @@
 """PBS Pro / OpenPBS scheduler driver for balsam (entry point ``balsam.schedulers: pbs``)."""
 
-from .scheduler import PBS_STATES, PBSScheduler
+from .scheduler import PBS_STATES, PBSOptions, PBSScheduler
 
-__all__ = ["PBS_STATES", "PBSScheduler"]
+__all__ = ["PBS_STATES", "PBSOptions", "PBSScheduler"]

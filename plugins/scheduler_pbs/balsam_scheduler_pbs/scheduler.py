@@ -15,6 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import attrs
+
+from balsam.options import option
 from balsam.scheduler import (
     BackfillWindow,
     Command,
@@ -152,16 +155,24 @@ def _unknown_ids(result: CommandResult) -> set[int]:
     return ids
 
 
+@attrs.frozen
+class PBSOptions:
+    """``scheduler.options`` of the PBS driver."""
+
+    backfill_window_min: int = option(
+        60, "Length (minutes) of the backfill windows reported for free nodes: PBS does not say how long a "
+        "node stays free, so this is the request size the elastic queue may try.",
+        validator=attrs.validators.ge(1),
+    )
+    any_queue_key: str = option("*", "Queue name under which free nodes tied to no particular queue are reported.")
+
+
 class PBSScheduler(Scheduler):
     """PBS Pro / OpenPBS driver (Polaris, Aurora, Sunspot, and any PBS site)."""
 
     name = "pbs"
     default_job_template = resources.files(__package__).joinpath("job-template.sh").read_text()
-    #: Length of the backfill windows reported for free nodes: PBS does not say how long a node
-    #: will stay free, so this is the request size the elastic queue may try (adjust per site).
-    backfill_window_min = 60
-    #: Key under which free nodes that belong to no particular queue are reported.
-    any_queue_key = "*"
+    options_schema = PBSOptions
 
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:
@@ -359,7 +370,7 @@ class PBSScheduler(Scheduler):
 
     def parse_backfill(self, result: CommandResult) -> dict[str, list[BackfillWindow]]:
         """Free nodes (state ``free``, no jobs, no reservation), counted per node ``queue``
-        (``*`` for nodes not tied to a queue), each window ``backfill_window_min`` long."""
+        (``*`` for nodes not tied to a queue), each window ``options.backfill_window_min`` long."""
         if result.returncode != 0 and not result.stdout.strip():
             raise SchedulerError(f"pbsnodes failed: {_pbs_error(result)}")
         nodes = load_pbs_json(result.stdout, "pbsnodes -a -F json").get("nodes") or {}
@@ -371,6 +382,6 @@ class PBSScheduler(Scheduler):
             states = {s.strip() for s in str(node.get("state", "")).split(",")}
             if states != {"free"} or node.get("jobs") or node.get("resv"):
                 continue
-            queue = str(node.get("queue") or (node.get("resources_available") or {}).get("queue") or self.any_queue_key)
+            queue = str(node.get("queue") or (node.get("resources_available") or {}).get("queue") or self.options.any_queue_key)
             free[queue] = free.get(queue, 0) + 1
-        return {q: [BackfillWindow(num_nodes=n, wall_time_min=self.backfill_window_min)] for q, n in sorted(free.items())}
+        return {q: [BackfillWindow(num_nodes=n, wall_time_min=self.options.backfill_window_min)] for q, n in sorted(free.items())}

@@ -3,13 +3,14 @@
 #SBATCH --nodes={{ num_nodes }}
 #SBATCH --time={{ wall_time_min }}
 {% if project %}#SBATCH --account={{ project }}
-{% endif %}{% if queue %}#SBATCH --partition={{ queue }}
 {% endif %}{% if optional_params.get("constraint") %}#SBATCH --constraint={{ optional_params["constraint"] }}
 {% endif %}{% if optional_params.get("reservation") %}#SBATCH --reservation={{ optional_params["reservation"] }}
 {% endif %}{% if optional_params.get("qos") %}#SBATCH --qos={{ optional_params["qos"] }}
 {% endif %}
-# Rendered by balsam from job-template.sh. The sbatch command line repeats the resource
-# requests above (and any -x pass-through flags); the command line wins where they differ.
+# Rendered by balsam from job-template.sh for queue "{{ queue }}". The sbatch command line carries
+# every resource request (and any -x pass-through flags) and wins where it differs from the lines
+# above; the queue goes there only, as --partition or --qos (settings.yml scheduler.options.queue_flag),
+# so that a site whose queues are QOS names never gets a --partition it does not have.
 
 export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}
 export BALSAM_BATCH_JOB_ID={{ batch_job_id }}

@@ -18,6 +18,7 @@ from typing import Mapping, Optional
 
 import attrs
 
+from balsam.options import option
 from balsam.scheduler import (
     BackfillWindow,
     Command,
@@ -262,16 +263,28 @@ def history_from_sacct(native: str, submit: Optional[dt.datetime], start: Option
     )
 
 
+@attrs.frozen
+class SlurmOptions:
+    """``scheduler.options`` of the Slurm driver."""
+
+    queue_flag: str = option(
+        "--partition",
+        "The sbatch flag a BatchJob's queue goes to: --partition, or --qos at sites whose queues are QOS "
+        "names (NERSC: regular, debug, premium).",
+        validator=attrs.validators.in_(("--partition", "--qos")),
+    )
+    unlimited_window_min: int = option(
+        1440, "Length (minutes) of a backfill window on a partition with no time limit.",
+        validator=attrs.validators.ge(1),
+    )
+
+
 class SlurmScheduler(Scheduler):
-    """sbatch/squeue/scancel/sacct/sinfo driver. Queue = Slurm partition (``queue_flag``)."""
+    """sbatch/squeue/scancel/sacct/sinfo driver. Queue = Slurm partition, or QOS (``queue_flag``)."""
 
     name = "slurm"
     default_job_template = resources.files(__package__).joinpath("job-template.sh").read_text()
-    #: The sbatch flag that the BatchJob's queue goes to. Sites where "queue" means QOS
-    #: (e.g. NERSC: regular, debug) subclass with ``queue_flag = "--qos"``.
-    queue_flag = "--partition"
-    #: Length given to a backfill window on a partition with no time limit.
-    unlimited_window_min = 1440
+    options_schema = SlurmOptions
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -293,7 +306,7 @@ class SlurmScheduler(Scheduler):
         if request.project:
             args += ["--account", request.project]
         if request.queue:
-            args += [self.queue_flag, request.queue]
+            args += [self.options.queue_flag, request.queue]
         args += self.pass_through_args(request.optional_params)
         args.append(str(script))
         return Command(args, env=PLAIN_ENV, cwd=script.parent, unset_env=("SLURM_CLUSTERS",))
@@ -473,7 +486,7 @@ class SlurmScheduler(Scheduler):
                 continue
             idle[partition] = idle.get(partition, 0) + int(count)
             limits[partition] = (
-                self.unlimited_window_min if limit.lower() in ("infinite", "unlimited") else _minutes(limit)
+                self.options.unlimited_window_min if limit.lower() in ("infinite", "unlimited") else _minutes(limit)
             )
         return {
             partition: [BackfillWindow(num_nodes=count, wall_time_min=limits[partition])]

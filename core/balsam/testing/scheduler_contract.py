@@ -1,0 +1,364 @@
+"""``SchedulerContract``: the conformance tests every scheduler plugin runs against itself.
+
+Subclass it in your plugin's tests (the class name must start with ``Test``) and point it at your
+recorded outputs; every ``test_*`` method below then runs against your driver through its public
+methods (``submit``, ``get_statuses``, ``delete_job``, ``get_histories``, ``get_backfill_windows``,
+``discover_projects``) with a :class:`~balsam.testing.ReplayRunner` answering from the recordings::
+
+    from pathlib import Path
+    from balsam.states import BatchJobState as S
+    from balsam.testing import Refusal, HistoryCase, SchedulerContract, utc
+    from balsam_scheduler_mybatch import MyBatchScheduler
+
+    class TestMyBatch(SchedulerContract):
+        scheduler_class = MyBatchScheduler
+        recorded_dir = Path(__file__).parent / "data"      # load_recorded() naming
+        now = utc(2026, 11, 22, 5, 43)                      # when the status outputs were recorded
+        submit_outputs = {"qsub_ok": 1196243}
+        submit_refusals = {"qsub_unknown_queue": Refusal("Unknown queue", permanent=True)}
+        status_outputs = {"qstat_all": {1196243: S.queued, 1196180: S.running}, "qstat_empty": {}}
+        status_failures = {"qstat_no_server": "cannot connect"}
+        delete_outputs = {"qdel_ok": None, "qdel_denied": "Unauthorized"}
+        history_cases = [HistoryCase({1196180: S.finished, 1196243: None}, output="qstat_x_all")]
+
+What the contract checks, beyond your cases:
+
+- ``name`` set; the ``balsam.schedulers`` entry point of that name loads this class (skipped when
+  not installed); options defaults build and every option has a help text;
+- ``default_job_template`` renders for a sample BatchJob (mpi and serial) into a script ``bash -n``
+  accepts, that starts the launcher, with no ``None`` in its directives;
+- every render method returns a :class:`~balsam.scheduler.Command` of strings; the submit command
+  names the script;
+- **garbage never escapes as anything but SchedulerError**: each public method fed garbage (an
+  HTML error page, binary noise, a crash message, with exit code 0 and 1) and empty output with a
+  non-zero exit code either raises SchedulerError or returns a well-formed value; a status poll
+  fed non-empty garbage raises (garbage read as "no jobs" would end every BatchJob);
+- truncated and shuffled copies of each recorded status output give SchedulerError or a subset of
+  the recorded jobs (never an invented job id);
+- a runner that fails (a missing executable) gives SchedulerError from every method;
+- ``site_defaults()`` is in settings.yml shape and passes the real settings loader.
+
+The cases (class attributes, all optional but at least one status and one submit output):
+
+``submit_outputs``   recorded name -> the job id ``submit`` returns
+``submit_refusals``  recorded name -> :class:`Refusal` (message fragment; permanent or not)
+``status_outputs``   recorded name -> ``{job id: BatchJobState}`` of exactly the jobs still in the
+                     queue (``get_statuses(now)``)
+``status_failures``  recorded name -> message fragment of the SchedulerError of the poll
+``delete_outputs``   recorded name -> None (deleted, or already gone) or the error's fragment
+``history_cases``    :class:`HistoryCase` list (``get_histories``)
+``backfill_outputs`` recorded name -> ``{queue: [(num_nodes, wall_time_min), ...]}``
+``project_outputs``  recorded name -> list of projects ``discover_projects`` returns
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import subprocess
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+
+import attrs
+import pytest
+import yaml
+
+from balsam.config import parse_settings, render_settings_yaml
+from balsam.scheduler import Command, CommandResult, Scheduler, SchedulerError, SubmitRequest
+from balsam.states import BatchJobState
+
+from .replay import ReplayRunner, load_recorded
+
+__all__ = ["GARBAGE", "HistoryCase", "Refusal", "SchedulerContract"]
+
+#: Outputs no scheduler command prints, fed to every parser with exit codes 0 and 1.
+GARBAGE: tuple[str, ...] = (
+    "garbage\n",
+    "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>\n",
+    "\x00\x01\x02\ufffd\ufffd binary \x7f\n",
+    "Segmentation fault (core dumped)\n",
+    "| | | | | | | | | | | | | |\n" * 3,
+    "{\"unterminated\": [1, 2,\n",
+)
+
+
+@attrs.frozen
+class Refusal:
+    """A submission the batch system refused: a fragment of the SchedulerError message, and
+    whether retrying the same request is pointless (``permanent``; None: not checked)."""
+
+    match: str
+    permanent: Optional[bool] = None
+
+
+@attrs.frozen
+class HistoryCase:
+    """One ``get_histories`` call.
+
+    ``expected``: job id -> the final BatchJobState its JobHistory says (finished or submit_failed),
+    or None for "not known (yet)". ``output``: recorded name of the history command's output (None
+    for drivers whose history is a file). ``files``: job id -> ``{suffix: recorded name}`` written
+    next to that job's script (``qlaunch<id>.sh``), e.g. ``{".cobaltlog": "job12.cobaltlog"}``;
+    only jobs named here get a script path, the others get None.
+    """
+
+    expected: Mapping[int, Optional[BatchJobState]]
+    output: Optional[str] = None
+    files: Mapping[int, Mapping[str, str]] = attrs.field(factory=dict)
+
+
+def _request(tmp_path: Path) -> SubmitRequest:
+    script = tmp_path / "qsubmit" / "qlaunch00042.sh"
+    return SubmitRequest(script_path=script, project="proj", queue="debug", num_nodes=2, wall_time_min=30,
+                         job_name="qlaunch00042")
+
+
+class SchedulerContract:
+    """Base class of a scheduler plugin's conformance tests (see the module docstring)."""
+
+    #: The Scheduler subclass under test (required).
+    scheduler_class: ClassVar[type[Scheduler]]
+    #: ``scheduler.options`` to build it with (None: the schema's defaults).
+    scheduler_options: ClassVar[Optional[Mapping[str, Any]]] = None
+    #: The user the recordings were made as (status outputs may list other users' jobs).
+    user: ClassVar[str] = "balsam"
+    #: Directory of the recorded outputs (see balsam.testing.replay.load_recorded).
+    recorded_dir: ClassVar[Path]
+    #: The time the status outputs were recorded at (``get_statuses(now)``).
+    now: ClassVar[dt.datetime] = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+    submit_outputs: ClassVar[Mapping[str, int]] = {}
+    submit_refusals: ClassVar[Mapping[str, Refusal]] = {}
+    status_outputs: ClassVar[Mapping[str, Mapping[int, BatchJobState]]] = {}
+    status_failures: ClassVar[Mapping[str, str]] = {}
+    delete_outputs: ClassVar[Mapping[str, Optional[str]]] = {}
+    history_cases: ClassVar[Sequence[HistoryCase]] = ()
+    backfill_outputs: ClassVar[Mapping[str, Mapping[str, Sequence[tuple[int, int]]]]] = {}
+    project_outputs: ClassVar[Mapping[str, Sequence[str]]] = {}
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def driver(self, answer: Optional[CommandResult | Callable[[Command], CommandResult]] = None) -> Scheduler:
+        """The driver under test, every command answered with ``answer``."""
+        runner = ReplayRunner({}, default=answer)
+        return self.scheduler_class(runner, user=self.user, options=self.scheduler_options)
+
+    def recorded(self, name: str) -> CommandResult:
+        return load_recorded(self.recorded_dir, name)
+
+    def every_operation(self, tmp_path: Path) -> dict[str, Callable[[Scheduler], Any]]:
+        """Each public driver method as a call (used by the garbage and failure checks)."""
+        script = tmp_path / "qsubmit" / "qlaunch00042.sh"
+        return {
+            "submit": lambda d: d.submit(_request(tmp_path)),
+            "status": lambda d: d.get_statuses(self.now),
+            "delete": lambda d: d.delete_job(42),
+            "histories": lambda d: d.get_histories({42: script, 43: None}),
+            "history": lambda d: d.get_history(42, script),
+            "backfill": lambda d: d.get_backfill_windows(),
+            "projects": lambda d: d.discover_projects(),
+        }
+
+    @staticmethod
+    def check_well_formed(operation: str, value: Any) -> None:
+        """What each public method may return when it does not raise."""
+        if operation == "submit":
+            assert isinstance(value, int) and value >= 0, f"submit returned {value!r}"
+        elif operation == "status":
+            assert isinstance(value, dict) and all(s.scheduler_id == i for i, s in value.items())
+            assert all(s.state is not BatchJobState.finished for s in value.values()), \
+                "jobs that left the queue are not in get_statuses()"
+        elif operation == "histories":
+            assert isinstance(value, dict) and set(value) == {42, 43}
+        elif operation == "backfill":
+            assert isinstance(value, dict)
+        elif operation == "projects":
+            assert isinstance(value, list) and all(isinstance(p, str) and p for p in value)
+
+    # -- identity, options, template --------------------------------------------------------------
+    def test_name_and_entry_point(self):
+        assert self.scheduler_class.name, "set the scheduler's `name` (settings.yml scheduler.name)"
+        points = [ep for ep in entry_points(group="balsam.schedulers") if ep.name == self.scheduler_class.name]
+        if not points:
+            pytest.skip(f"no installed balsam.schedulers entry point named {self.scheduler_class.name!r}")
+        assert points[0].load() is self.scheduler_class
+
+    def test_options_defaults_and_help(self):
+        schema = self.scheduler_class.options_schema
+        assert attrs.has(schema), "options_schema must be an attrs class (see balsam.options)"
+        schema()
+        for field in attrs.fields(schema):
+            assert field.metadata.get("help"), f"option {field.name!r} has no help text (use balsam.options.option)"
+        assert isinstance(self.driver().options, schema)
+
+    @pytest.mark.parametrize("job_mode", ["mpi", "serial"])
+    def test_default_job_template_renders(self, tmp_path, job_mode):
+        from balsam.site.job_template import build_context, render_job_script
+
+        template = self.scheduler_class.default_job_template
+        assert template, "set default_job_template (written by `balsam site init`)"
+        batch_job = {"id": 7, "project": "proj", "queue": "debug", "num_nodes": 2, "wall_time_min": 30,
+                     "job_mode": job_mode, "filter_tags": {"wf": "a"}, "optional_params": {}, "partitions": []}
+        script = render_job_script(template, build_context(batch_job, tmp_path, call_hook=False))
+        assert script.startswith("#!"), "a job template starts with a #! line"
+        assert f"-j {job_mode}" in script and "balsam.launcher" in script, "the script must start the launcher"
+        directives = [ln for ln in script.splitlines() if ln.startswith("#") and not ln.startswith("#!")]
+        assert not any("None" in ln for ln in directives), "a directive rendered an unset value as None"
+        checked = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+        assert checked.returncode == 0, f"bash -n rejects the rendered script: {checked.stderr.strip()}"
+
+    def test_render_commands_are_strings(self, tmp_path):
+        driver = self.driver()
+        request = _request(tmp_path)
+        commands = [driver.render_submit(request), driver.render_status(self.user), driver.render_delete(42)]
+        for command in commands:
+            assert isinstance(command, Command) and command.args, "render_* returns a balsam.scheduler.Command"
+            assert all(isinstance(a, str) for a in command.args), f"non-string argument in {command.args}"
+        assert any(str(request.script_path) in a for a in commands[0].args), "the submit command names the script"
+        assert any("42" in a for a in commands[2].args), "the delete command names the job"
+
+    # -- the cases --------------------------------------------------------------------------------
+    def test_submit_outputs(self, tmp_path):
+        assert self.submit_outputs, "record at least one successful submission (submit_outputs)"
+        for name, jobid in self.submit_outputs.items():
+            assert self.driver(self.recorded(name)).submit(_request(tmp_path)) == jobid, name
+
+    def test_submit_refusals(self, tmp_path):
+        for name, refusal in self.submit_refusals.items():
+            with pytest.raises(SchedulerError) as info:
+                self.driver(self.recorded(name)).submit(_request(tmp_path))
+            assert refusal.match in str(info.value), f"{name}: {info.value}"
+            if refusal.permanent is not None:
+                assert info.value.permanent is refusal.permanent, f"{name}: permanent={info.value.permanent}"
+
+    def test_status_outputs(self):
+        assert self.status_outputs, "record at least one status poll (status_outputs)"
+        for name, expected in self.status_outputs.items():
+            statuses = self.driver(self.recorded(name)).get_statuses(self.now)
+            self.check_well_formed("status", statuses)
+            got = {i: s.state for i, s in statuses.items()}
+            assert got == dict(expected), f"{name}: got {got}"
+
+    def test_status_failures(self):
+        for name, match in self.status_failures.items():
+            with pytest.raises(SchedulerError, match=match):
+                self.driver(self.recorded(name)).get_statuses(self.now)
+
+    def test_delete_outputs(self):
+        for name, match in self.delete_outputs.items():
+            driver = self.driver(self.recorded(name))
+            if match is None:
+                driver.delete_job(42)
+            else:
+                with pytest.raises(SchedulerError, match=match):
+                    driver.delete_job(42)
+
+    def test_history_cases(self, tmp_path):
+        for number, case in enumerate(self.history_cases):
+            directory = tmp_path / f"case{number}"
+            directory.mkdir()
+            jobs: dict[int, Optional[Path]] = {}
+            for jobid in case.expected:
+                files = case.files.get(jobid)
+                if files is None:
+                    jobs[jobid] = None
+                    continue
+                script = directory / f"qlaunch{jobid:05d}.sh"
+                script.write_text("#!/bin/bash\n")
+                for suffix, name in files.items():
+                    script.with_suffix(suffix).write_bytes((self.recorded_dir / name).read_bytes())
+                jobs[jobid] = script
+            answer = self.recorded(case.output) if case.output else None
+            histories = self.driver(answer).get_histories(jobs)
+            assert set(histories) == set(jobs), f"history case {number}: asked {sorted(jobs)}, got {sorted(histories)}"
+            got = {i: (h.state if h is not None else None) for i, h in histories.items()}
+            assert got == dict(case.expected), f"history case {number}: got {got}"
+            for jobid, history in histories.items():
+                if history is not None:
+                    assert history.scheduler_id == jobid
+                    assert history.state in (BatchJobState.finished, BatchJobState.submit_failed)
+
+    def test_backfill_outputs(self):
+        for name, expected in self.backfill_outputs.items():
+            windows = self.driver(self.recorded(name)).get_backfill_windows()
+            got = {q: [(w.num_nodes, w.wall_time_min) for w in ws] for q, ws in windows.items()}
+            assert got == {q: [tuple(w) for w in ws] for q, ws in expected.items()}, f"{name}: got {got}"
+
+    def test_project_outputs(self):
+        for name, expected in self.project_outputs.items():
+            assert self.driver(self.recorded(name)).discover_projects() == list(expected), name
+
+    # -- robustness -------------------------------------------------------------------------------
+    @pytest.mark.parametrize("returncode", [0, 1])
+    @pytest.mark.parametrize("garbage", range(len(GARBAGE)))
+    def test_garbage_gives_scheduler_error_only(self, tmp_path, garbage, returncode):
+        text = GARBAGE[garbage]
+        for stream in ("stdout", "stderr"):
+            answer = CommandResult(("cmd",), returncode, text if stream == "stdout" else "",
+                                   text if stream == "stderr" else "")
+            for operation, call in self.every_operation(tmp_path).items():
+                try:
+                    value = call(self.driver(answer))
+                except SchedulerError:
+                    continue
+                self.check_well_formed(operation, value)
+                assert not (operation == "status" and stream == "stdout"), \
+                    f"a status poll that printed {text!r} must raise SchedulerError, not read as {value!r}"
+                assert not (operation == "submit"), f"submit read a job id from {text!r}"
+
+    def test_failed_command_without_output_is_an_error(self, tmp_path):
+        answer = CommandResult(("cmd",), 1, "", "")
+        for operation in ("submit", "status", "delete"):
+            with pytest.raises(SchedulerError):
+                self.every_operation(tmp_path)[operation](self.driver(answer))
+
+    def test_empty_output(self, tmp_path):
+        answer = CommandResult(("cmd",), 0, "", "")
+        with pytest.raises(SchedulerError):
+            self.driver(answer).submit(_request(tmp_path))
+        for operation, call in self.every_operation(tmp_path).items():
+            try:
+                value = call(self.driver(answer))
+            except SchedulerError:
+                continue
+            self.check_well_formed(operation, value)
+
+    def test_truncated_and_shuffled_status_outputs(self):
+        rng = random.Random(8)
+        for name, expected in self.status_outputs.items():
+            recorded = self.recorded(name)
+            text = recorded.stdout
+            lines = text.splitlines(keepends=True)
+            variants = [text[: len(text) * k // 4] for k in (1, 2, 3)]
+            variants += [text[: len(text) // 2] + "\x00\x00garbage", "".join(rng.sample(lines, len(lines)))]
+            for variant in variants:
+                answer = CommandResult(recorded.args, recorded.returncode, variant, recorded.stderr)
+                try:
+                    statuses = self.driver(answer).get_statuses(self.now)
+                except SchedulerError:
+                    continue
+                self.check_well_formed("status", statuses)
+                invented = set(statuses) - set(expected)
+                assert not invented, f"{name} cut or shuffled gave job ids {sorted(invented)} it does not hold"
+
+    def test_failing_runner_gives_scheduler_error(self, tmp_path):
+        def missing(command: Command) -> CommandResult:
+            raise SchedulerError(f"`{command.args[0]}` was not found on PATH", permanent=True)
+
+        for operation, call in self.every_operation(tmp_path).items():
+            try:
+                value = call(self.driver(missing))
+            except SchedulerError:
+                continue
+            # only drivers that run nothing for this operation (file-based history, no backfill) get here
+            self.check_well_formed(operation, value)
+            assert operation not in ("submit", "status", "delete"), f"{operation} ignored a failed command"
+
+    def test_site_defaults_pass_the_settings_loader(self):
+        site_defaults = getattr(self.driver(), "site_defaults", None)
+        if site_defaults is None:
+            pytest.skip("this balsam has no Scheduler.site_defaults")
+        defaults = site_defaults()
+        assert isinstance(defaults, dict), "site_defaults() returns a dict in settings.yml shape"
+        text = render_settings_yaml(defaults, source=f"{self.scheduler_class.__name__}.site_defaults()")
+        parse_settings(yaml.safe_load(text), source="settings.yml written by site init")

@@ -1,0 +1,94 @@
+"""The in-tree scheduler plugins run balsam.testing's SchedulerContract, as third-party ones do."""
+
+from __future__ import annotations
+
+from balsam.states import BatchJobState
+from balsam.testing import HistoryCase, Refusal, SchedulerContract, utc
+from balsam_scheduler_cobalt import CobaltScheduler
+from balsam_scheduler_pbs import PBSScheduler
+from balsam_scheduler_slurm import SlurmScheduler
+
+from sched_helpers import DATA
+
+Q, R, F, SF = BatchJobState.queued, BatchJobState.running, BatchJobState.finished, BatchJobState.submit_failed
+
+
+class TestSlurmContract(SchedulerContract):
+    scheduler_class = SlurmScheduler
+    user = "root"
+    recorded_dir = DATA / "slurm"
+    now = utc(2026, 11, 22, 5, 43, 0)
+    submit_outputs = {"sbatch_parsable": 6, "sbatch_plain": 7}
+    submit_refusals = {
+        "sbatch_bad_partition": Refusal("Invalid partition name specified", permanent=True),
+        "sbatch_missing_script": Refusal("Unable to open file /nonexistent/script.sh"),
+        "synthetic_sbatch_timeout": Refusal("Socket timed out", permanent=False),
+    }
+    status_outputs = {
+        "squeue_all": {2: R, 4: R, 5: Q, 6: R, 9: R, 10: Q, 11: Q},
+        "squeue_after": {5: Q, 11: Q},
+        "squeue_empty": {},
+    }
+    status_failures = {
+        "synthetic_squeue_default_format": "nothing readable",
+        "synthetic_squeue_controller_down": "Unable to contact slurm controller",
+    }
+    delete_outputs = {"scancel_unknown": None, "synthetic_scancel_invalid": None,
+                      "synthetic_scancel_denied": "Access/permission denied"}
+    history_cases = [
+        HistoryCase({1: F, 2: F, 5: None, 8: F, 9: F, 10: F, 11: None, 99999: None}, output="sacct_history"),
+        HistoryCase({201: F, 202: SF, 203: F, 205: SF, 206: None, 207: SF}, output="synthetic_sacct_more_states"),
+    ]
+    backfill_outputs = {"sinfo_backfill": {"debug": [(4, 1440)]},
+                        "synthetic_sinfo_mixed": {"big": [(10, 2880)], "debug": [(4, 30)], "long": [(2, 1440)]}}
+    project_outputs = {"sacctmgr_accounts": ["root"]}
+
+
+class TestPBSContract(SchedulerContract):
+    scheduler_class = PBSScheduler
+    user = "alice"
+    recorded_dir = DATA / "pbs"
+    now = utc(2023, 11, 21, 18, 16, 13)
+    submit_outputs = {"qsub_ok": 1196243}
+    submit_refusals = {
+        "qsub_unknown_queue": Refusal("Unknown queue", permanent=True),
+        "qsub_hook_reject": Refusal("Invalid filesystem specified: grnd"),
+        "qsub_no_server": Refusal("", permanent=False),
+    }
+    status_outputs = {
+        "qstat_f_json": {1196243: R, 1196250: Q, 1196251: Q, 1196252: R},
+        "qstat_f_json_bad_escapes": {1196243: R, 1196250: Q, 1196251: Q, 1196252: R},
+        "qstat_f_json_no_jobs": {},
+    }
+    status_failures = {"qstat_f_json_truncated": "invalid JSON"}
+    delete_outputs = {"qdel_unknown": None, "qdel_unauthorized": "Unauthorized Request"}
+    history_cases = [
+        HistoryCase({1196243: F, 1196250: F, 1196251: F, 1196253: SF, 1196260: None}, output="qstat_x_f_json"),
+        # PBS forgot 1196180: its output file says it ran; PBS says nothing of 1196181 (yet)
+        HistoryCase({1196180: F, 1196181: None}, output="qstat_x_unknown", files={1196180: {".output": "qsub_ok.txt"}}),
+        HistoryCase({1196180: SF}, output="qstat_x_unknown", files={1196180: {}}),
+    ]
+    backfill_outputs = {"pbsnodes_a_json": {"*": [(2, 60)], "debug": [(1, 60)]}}
+
+
+class TestCobaltContract(SchedulerContract):
+    scheduler_class = CobaltScheduler
+    user = "alice"
+    recorded_dir = DATA / "cobalt"
+    now = utc(2023, 11, 21, 18, 16, 13)
+    submit_outputs = {"qsub_ok": 498131}
+    submit_refusals = {"qsub_bad_queue": Refusal("", permanent=True)}
+    status_outputs = {"qstat_header": {498110: R, 498131: Q, 498132: Q, 498140: SF, 498141: R, 498142: R}}
+    status_failures = {"qstat_default_header": "requested columns"}
+    delete_outputs = {"qdel_ok": None}
+    history_cases = [
+        HistoryCase({498110: F, 498111: None, 498131: F, 498140: SF, 498150: None, 1: None},
+                    files={498110: {".cobaltlog": "qlaunch00012.cobaltlog"},
+                           498111: {".cobaltlog": "qlaunch00013_running.cobaltlog"},
+                           498131: {".cobaltlog": "qlaunch00014_deleted.cobaltlog"},
+                           498140: {".cobaltlog": "qlaunch00015_depfail.cobaltlog"},
+                           498150: {".cobaltlog": "qlaunch00016_garbage.cobaltlog"}}),
+    ]
+    backfill_outputs = {"nodelist": {"backfill": [(1, 75), (3, 31)], "default": [(1, 75), (3, 31)],
+                                     "debug-cache-quad": [(1, 58)]}}
+    project_outputs = {"qsub_bad_project": ["datascience", "catalyst", "CSC249ADCD08"]}
