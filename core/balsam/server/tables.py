@@ -257,6 +257,33 @@ job_count_deltas = sa.Table(
 )
 
 
+# Job counts per (app, tag key, tag value, state), kept like job_counts by triggers on ``jobs``
+# (migration 0005): the count of a listing filtered by one tag costs a few rows at any number of
+# jobs. See balsam.server.job_counts.
+job_tag_counts = sa.Table(
+    "job_tag_counts",
+    metadata,
+    sa.Column("app_id", sa.Integer, primary_key=True),
+    sa.Column("tag_key", sa.Text, primary_key=True),
+    sa.Column("tag_value", sa.Text, primary_key=True),
+    sa.Column("state", sa.String(32), primary_key=True),
+    sa.Column("site_id", sa.Integer, nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Index("ix_job_tag_counts_tag_key", "tag_key", "tag_value"),
+)
+
+job_tag_count_deltas = sa.Table(
+    "job_tag_count_deltas",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("site_id", sa.Integer, nullable=False),
+    sa.Column("app_id", sa.Integer, nullable=False),
+    sa.Column("tag_key", sa.Text, nullable=False),
+    sa.Column("tag_value", sa.Text, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("delta", sa.BigInteger, nullable=False),
+)
+
 #: Every token the server hands out belongs to one row here, so that any of them can be revoked.
 #: ``kind``: ``login`` (a plain password login: the token itself, 0.7 style), ``refresh`` (a
 #: long-lived secret exchanged for short access tokens; its expiry slides at each use),
