@@ -53,12 +53,12 @@ def fold_deltas(conn: sa.Connection) -> int:
     return moved
 
 
-def count_matching(conn: sa.Connection, user_id: int, *, site_ids: Optional[list[int]] = None,
+def count_matching(conn: sa.Connection, owned: sa.Select, *, site_ids: Optional[list[int]] = None,
                    app_ids: Optional[list[int]] = None, states: Optional[list[str]] = None,
                    tag: Optional[tuple[str, str]] = None) -> int:
-    """How many of the user's jobs match (sites, apps, states, one tag), from the counters: a few
-    rows read at any number of jobs (exact: the deltas not yet folded are added)."""
-    owned = sa.select(sites.c.id).where(sites.c.owner_id == user_id)
+    """How many jobs of the sites ``owned`` selects (the caller's, within its credential's scope)
+    match (sites, apps, states, one tag), from the counters: a few rows read at any number of jobs
+    (exact: the deltas not yet folded are added)."""
     if tag is None:
         pairs = ((job_counts, job_counts.c.n), (job_count_deltas, job_count_deltas.c.delta))
     else:
