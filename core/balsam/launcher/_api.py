@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -48,6 +49,55 @@ def open_lease(
         default_client(), site_id, batch_job_id, filter_tags=filter_tags, sort_by=sort_by, app_ids=app_ids,
         tick_period=tick_period, wrap=api_models().Job._from_api, acquire_retry_count=ACQUIRE_RETRY_COUNT,
     )
+
+
+class EarlyLease:
+    """A lease (Session) opened in a background thread while the launcher is still starting.
+
+    The job mode takes it with :meth:`take` (which waits for it and raises what opening it raised);
+    if nobody takes it (the start-up failed, or the BatchJob turned out to be another one),
+    :meth:`discard` closes it so that the Session does not linger until it expires."""
+
+    def __init__(self, site_id: int, batch_job_id: int, filter_tags: dict[str, str], sort_by: Optional[str]) -> None:
+        self.site_id = site_id
+        self.batch_job_id = batch_job_id
+        self.filter_tags = dict(filter_tags)
+        self.sort_by = sort_by
+        self._lease: Any = None
+        self._error: Optional[BaseException] = None
+        self._taken = False
+        self._thread = threading.Thread(target=self._open, name="early-lease", daemon=True)
+
+    @classmethod
+    def start(cls, site_id: int, batch_job_id: int, filter_tags: dict[str, str], sort_by: Optional[str] = None) -> "EarlyLease":
+        early = cls(site_id, batch_job_id, filter_tags, sort_by)
+        early._thread.start()
+        return early
+
+    def _open(self) -> None:
+        try:
+            self._lease = open_lease(self.site_id, self.batch_job_id, self.filter_tags, sort_by=self.sort_by)
+        except BaseException as exc:  # handed to whoever takes it
+            self._error = exc
+
+    def matches(self, site_id: int, batch_job_id: Optional[int], filter_tags: dict[str, str], sort_by: Optional[str]) -> bool:
+        return (site_id, batch_job_id, dict(filter_tags), sort_by) == (self.site_id, self.batch_job_id, self.filter_tags,
+                                                                       self.sort_by)
+
+    def take(self) -> Any:
+        self._thread.join()
+        self._taken = True
+        if self._error is not None:
+            raise self._error
+        return self._lease
+
+    def discard(self) -> None:
+        if self._taken:
+            return
+        self._taken = True
+        self._thread.join()
+        if self._lease is not None:
+            self._lease.close(retry_count=0)
 
 
 def open_updater(spool_path: "Path | str | None") -> Any:

@@ -198,6 +198,20 @@ class LauncherContext:
     start_time: float = attrs.Factory(time.time)
     #: Names this launcher's files: unique per launcher process (see :func:`launcher_stamp`).
     timestamp: str = attrs.Factory(lambda: launcher_stamp())
+    #: A Session the launcher began to open during its start-up (``balsam.launcher._api.EarlyLease``).
+    early_lease: Any = None
+
+    def open_lease(self, sort_by: Optional[str] = None) -> Any:
+        """The launcher's lease: the one opened early when it was opened for the same filters,
+        else a new one."""
+        early, self.early_lease = self.early_lease, None
+        if early is not None and early.matches(self.site_id, self.batch_job_id, self.filter_tags, sort_by):
+            return early.take()
+        if early is not None:
+            early.discard()
+        from ._api import open_lease
+
+        return open_lease(self.site_id, self.batch_job_id, self.filter_tags, sort_by=sort_by)
 
     def setting(self, name: str) -> Any:
         return launcher_setting(self.settings, name)
@@ -263,10 +277,10 @@ class JobMode(abc.ABC):
         Updates are flushed *before* the Session is deleted: deleting it turns jobs still RUNNING
         into RUN_TIMEOUT, which would refuse a late RUN_DONE.
         """
-        from ._api import open_lease, open_updater
+        from ._api import open_updater
 
         ctx = self.context
-        source = open_lease(ctx.site_id, ctx.batch_job_id, ctx.filter_tags, sort_by=ctx.setting("sort_by"))
+        source = ctx.open_lease(sort_by=ctx.setting("sort_by"))
         updater = open_updater(ctx.spool_path)
         self.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
         try:

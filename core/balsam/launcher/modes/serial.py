@@ -119,6 +119,9 @@ class SerialMode(JobMode):
         config = self.worker_config()
         if self.runs_in_process():
             return self._run_in_process(config)
+        if ctx.early_lease is not None:  # the master (another process) opens its own
+            ctx.early_lease.discard()
+            ctx.early_lease = None
         config_path = ctx.log_file("serial.json")
         config_path.parent.mkdir(parents=True, exist_ok=True)
         # Exclusive create: a name clash with another launcher must fail loudly, never be shared.
@@ -159,7 +162,7 @@ class SerialMode(JobMode):
             record_start_error(config, str(exc))
             self._fail_start(str(exc))
             return 1
-        master = build_master(config, transport, ranks, self.stop, self.wake, lambda: ctx.platform)
+        master = build_master(config, transport, ranks, self.stop, self.wake, lambda: ctx.platform, lease=ctx.open_lease)
         reason = master.run()
         return 1 if reason.startswith("no session") else 0
 

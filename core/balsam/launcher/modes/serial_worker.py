@@ -396,16 +396,18 @@ def build_master(
     stop: StopConditions,
     wake: threading.Event,
     platform: Callable[[], Any],
+    lease: Optional[Callable[[], Any]] = None,
 ) -> Master:
     """A master for ``config`` (:meth:`SerialMode.worker_config`). The prefetcher starts leasing
-    before ``platform()`` (which may load plugins) is called, to shorten the time to the first task."""
+    before ``platform()`` (which may load plugins) is called, to shorten the time to the first task.
+    ``lease`` opens the job source (default: a new Session for the config's site and tags)."""
     launcher = config["launcher"]
     nodes = [NodeInfo(**n) for n in config["nodes"]]
     node_manager = NodeManager(nodes, allow_node_packing=True)
     updater = open_updater(config.get("spool_path"))
     preparer = JobPreparer(Path(config["data_path"]))
     prefetcher = Prefetcher(
-        lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"]),
+        lease or (lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"])),
         preparer.prepare,
         node_manager.check_satisfiable,
         updater,
