@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -195,6 +196,8 @@ def main() -> None:
     if not (args.venv07 / "bin" / "python").exists():
         raise SystemExit(f"no Balsam 0.7 venv at {args.venv07}: run with --setup-07 first")
 
+    # SIGTERM/SIGINT unwind through the finally below: both servers stopped, the temp dir removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ours_url, url07 = pg_url("balsam_bench_ours"), pg_url("balsam_bench_07")
     workdir = Path(tempfile.mkdtemp(prefix="balsam-cmp07-"))
     procs: list[subprocess.Popen] = []

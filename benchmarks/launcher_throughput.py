@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -183,6 +184,8 @@ def main() -> int:
                         help="the no-op app's command template (default 'true', exec'd without a shell; "
                              "e.g. 'true;' goes through bash)")
     args = parser.parse_args()
+    # SIGTERM unwinds through the finally blocks: servers stopped, temp dirs removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     root = Path(tempfile.mkdtemp(prefix="balsam-launcher-bench-"))
     dep = LocalDeployment(root / "deploy")

@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -148,6 +150,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--pg-url", default=os.environ.get("BALSAM_BENCH_DATABASE_URL", PG_DEFAULT))
     args = parser.parse_args()
+    # SIGTERM unwinds through the finally blocks: servers stopped, temp dirs removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for backend in args.backends.split(","):
         workdir = Path(tempfile.mkdtemp(prefix=f"balsam-scale-{backend}-"))
         try:
