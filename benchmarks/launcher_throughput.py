@@ -121,7 +121,14 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
         if processing and getattr(proc, "module", None) is not None:
             end_state = "JOB_FINISHED"
         t0 = time.time()
-        launcher = start_launcher(site, mode, 30, "--tag", f"bench={tag}", tick_sec=10)
+        # As the job template starts it: with its BatchJob's id in the environment.
+        from balsam.api import BatchJob, Site
+
+        site_id = Site.objects.get(path=str(site)).id
+        batch_job = BatchJob.objects.create(site_id=site_id, project="local", queue="local", num_nodes=1,
+                                            wall_time_min=30, job_mode=mode)
+        launcher = start_launcher(site, mode, 30, "--tag", f"bench={tag}", tick_sec=10,
+                                  env={"BALSAM_BATCH_JOB_ID": str(batch_job.id)})
         deadline = time.time() + timeout
         while time.time() < deadline:
             done = Job.objects.filter(tags={"bench": tag}, state={end_state, "FAILED", "RUN_ERROR"}).count()
