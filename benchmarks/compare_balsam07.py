@@ -34,7 +34,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -247,8 +246,8 @@ def report(results: dict[str, list[dict[str, float]]], n_jobs: int) -> None:
     def med(label: str, key: str) -> float:
         return statistics.median(r[key] for r in results[label])
 
-    print(f"\nmedian of the rounds; jobs/s (seconds); ratio = balsam / 0.7 in this run\n")
-    print(f"| figure | 0.7 client -> 0.7 server | balsam client -> balsam server | ratio | 0.7 client -> balsam server |")
+    print("\nmedian of the rounds; jobs/s (seconds); ratio = balsam / 0.7 in this run\n")
+    print("| figure | 0.7 client -> 0.7 server | balsam client -> balsam server | ratio | 0.7 client -> balsam server |")
     print("|---|---|---|---|---|")
     for key, what in (("bulk_create", "`Job.objects.bulk_create`"), ("list", "`list(Job.objects.filter(tags=...))`"),
                       ("delete", "`Job.objects.filter(tags=...).delete()`")):

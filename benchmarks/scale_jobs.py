@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 import httpx
 import psutil
-import sqlalchemy as sa
 
 from bench_server import prepare_pg, start_server
 from dashboard_jobs_page import fill

@@ -171,8 +171,10 @@ class SerialMode(JobMode):
         try:
             lines = [line.strip() for line in self.start_error_path.read_text().splitlines() if line.strip()]
         except FileNotFoundError:
-            return None
+            lines = []
         if not lines:
+            if rc == EXIT_START_FAILED:
+                return f"the start check failed (see {self.context.log_file('master.log').name})"
             return None
         extra = f" ({len(lines)} masters said so: the ranks did not see each other)" if len(lines) > 1 else ""
         return lines[0] + extra
