@@ -145,23 +145,11 @@ def test_kill_9_mid_transfer_loses_and_doubles_nothing(make_site, agent_daemon, 
     assert "transfers" in log
 
 
-def _loader_takes_retry_settings() -> bool:
-    from balsam.config.settings import SettingsError, loads_settings
-
-    try:
-        loads_settings("transfers:\n  max_attempts: 2\n")
-    except SettingsError:
-        return False
-    return True
-
-
 def test_a_missing_input_fails_its_job_with_the_reason_on_a_real_site(make_site, agent_daemon, client, tmp_path) -> None:
     """The agent daemon retries a missing file max_attempts times, then the job is FAILED with the
     reason (never left waiting in READY), while its neighbour runs to the end."""
     from balsam.api import Job
 
-    if not _loader_takes_retry_settings():
-        pytest.skip("settings.yml does not take transfers.max_attempts until the module-schema loader is on main")
     remote = tmp_path / "remote"
     (remote / "in").mkdir(parents=True)
     (remote / "in" / "ok.txt").write_text("fine\n")
