@@ -29,7 +29,9 @@ from typing import Any, Iterable, Optional
 import pluggy
 import stevedore
 
-from .discovery import DRIVER_GROUPS, ENV_ALLOW, HOOK_GROUP, HOOK_KIND, KINDS, Selection, list_entry_points
+from .discovery import (
+    DRIVER_GROUPS, ENV_ALLOW, HOOK_GROUP, HOOK_KIND, KINDS, Selection, forget_entry_points, list_entry_points,
+)
 from .hooks import HookModules
 from .registry import DriverRegistry
 from .report import BUILTIN_DISTRIBUTION, OK, PluginError, PluginRecord, did_you_mean, normalize
@@ -181,3 +183,4 @@ def reset_plugin_manager() -> None:
         _manager = None
     stevedore.ExtensionManager.ENTRY_POINT_CACHE.clear()
     importlib.invalidate_caches()
+    forget_entry_points()
