@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -139,6 +140,7 @@ def run_backend(name: str, database_url: str, n_jobs: int, workers: int) -> dict
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:
@@ -151,8 +153,8 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for backend in args.backends.split(","):
         if backend == "sqlite":
-            url = f"sqlite:///{tempfile.mkdtemp(prefix='balsam-bench-db-')}/balsam.db"
-            results["SQLite"] = run_backend("sqlite", url, args.jobs, 1)
+            with tempfile.TemporaryDirectory(prefix="balsam-bench-db-") as db_dir:
+                results["SQLite"] = run_backend("sqlite", f"sqlite:///{db_dir}/balsam.db", args.jobs, 1)
         elif backend == "postgresql":
             prepare_pg(args.pg_url)
             results["PostgreSQL"] = run_backend("postgresql", args.pg_url, args.jobs, args.workers)

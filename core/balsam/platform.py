@@ -80,6 +80,12 @@ class Platform(abc.ABC):
     default_scheduler: ClassVar[str] = "local"
     #: Whether several MPI runs may share one node (mpi mode node packing).
     mpirun_allows_node_packing: ClassVar[bool] = True
+    #: True when the launcher runs on a compute node of the allocation (not on a service node that
+    #: must reach the compute nodes through an MPI launcher, like aprun on Theta): then serial mode
+    #: on a one-node partition of the launcher's own node starts its master without MPI, inside
+    #: the launcher process (faster start-up; no mpi4py needed). Other partitions start one worker
+    #: per node with :meth:`mpi_command_line`, and serial mode checks it got exactly that.
+    serial_workers_without_mpi: ClassVar[bool] = False
     #: The attrs class of this driver's options (``launcher.platform_options`` in settings.yml).
     options_schema: ClassVar[type] = NoOptions
 

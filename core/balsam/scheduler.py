@@ -1,29 +1,57 @@
 """The scheduler driver contract (entry-point group ``balsam.schedulers``).
 
 A scheduler is a set of *pure* functions that render each command (submit, status, delete, history,
-backfill, project discovery) and parse its output, plus an injected :class:`CommandRunner` that
-actually runs them. Tests feed recorded real outputs to the ``parse_*`` functions and run the whole
-driver against a fake ``qsub``/``squeue`` on PATH; the agent never sees an exception from a driver
-method other than :class:`SchedulerError` (whose message goes into ``BatchJob.status_info``).
+backfill, queue and project discovery) and parse its output, plus typed options
+(``options_schema``, settings.yml ``scheduler.options``) and an injected :class:`CommandRunner` that
+actually runs the commands. Tests feed recorded real outputs to the driver through a replaying
+runner (``balsam.testing``) and run it against fake ``qsub``/``squeue`` on PATH; the agent never
+sees an exception from a driver method other than :class:`SchedulerError` (whose message goes into
+``BatchJob.status_info``).
 
-Subclasses implement the ``render_*``/``parse_*`` pairs; the orchestration methods (``submit``,
-``get_statuses`` ...) are shared and should rarely need overriding.
+Subclasses implement the ``render_*``/``parse_*`` pairs and nothing else: the orchestration methods
+(``submit``, ``get_statuses``, ``get_histories`` ...) are shared, run each pair inside one error
+guard (:meth:`Scheduler.guard`) and keep the one piece of state between calls, the last parsed
+status poll (:class:`StatusPoll`), which the history parser receives. A driver keeps no state of
+its own. The rare driver that must orchestrate differently overrides a public method and wraps its
+body in ``with self.guard("what it does"):``.
+
+The render/parse pairs:
+
+=================================  =====================================================================
+``render_submit``/``parse_submit``  ``SubmitRequest`` -> command; output -> the new job's id
+``render_status``/``parse_status``  the user's jobs -> ``{id: SchedulerJobStatus}`` of the jobs still in
+                                    the queue, or a :class:`StatusPoll` that also says how jobs the
+                                    status command still lists in a final state ended
+``render_delete``/``parse_delete``  delete one job (already gone is success)
+``render_histories``/               one command for the final record of several jobs (None when the
+``parse_histories``                 records are files); parsed with the last status poll at hand
+``render_backfill``/                idle nodes -> ``{queue: [BackfillWindow]}``
+``parse_backfill``
+``render_discover_queues``/         the queues and their limits -> ``{name: AllowedQueue}``
+``parse_discover_queues``           (used by :meth:`Scheduler.site_defaults`)
+``render_discover_projects``/       the user's projects (allocations) -> names
+``parse_discover_projects``
+=================================  =====================================================================
 """
 
 from __future__ import annotations
 
 import abc
 import datetime as dt
+import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional, Protocol
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, Optional, Protocol, Union
 
 import attrs
 
-from .models import BackfillWindow, SchedulerJobStatus
+from .models import AllowedQueue, BackfillWindow, SchedulerJobStatus
 from .options import NoOptions, build_options
 from .states import BatchJobState
+
+logger = logging.getLogger("balsam.scheduler")
 
 __all__ = [
     "BackfillWindow",
@@ -33,7 +61,9 @@ __all__ = [
     "JobHistory",
     "Scheduler",
     "SchedulerError",
+    "SchedulerGuard",
     "SchedulerJobStatus",
+    "StatusPoll",
     "SubmitRequest",
     "subprocess_runner",
 ]
@@ -132,6 +162,29 @@ class JobHistory:
     message: str = ""
 
 
+def _frozen_mapping(value: Optional[Mapping]) -> Mapping:
+    return MappingProxyType(dict(value or {}))
+
+
+@attrs.frozen
+class StatusPoll:
+    """What one status poll said: the jobs still in the queue and, for status commands that also
+    list jobs that just ended (squeue keeps them for MinJobAge seconds), how those ended.
+
+    ``parse_status`` returns one (or a plain ``statuses`` dict); the base class keeps the last one
+    and passes it to ``parse_histories`` and falls back on ``ended`` when the history command has
+    no record (accounting disabled, or behind) or fails.
+    """
+
+    time: dt.datetime
+    statuses: Mapping[int, SchedulerJobStatus] = attrs.field(factory=dict, converter=_frozen_mapping)
+    ended: Mapping[int, JobHistory] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+
+#: The poll before the first poll: nothing known.
+_NO_POLL = StatusPoll(time=dt.datetime.min.replace(tzinfo=dt.timezone.utc))
+
+
 class Scheduler(abc.ABC):
     """Base class of scheduler drivers. Subclasses set ``name`` and implement render/parse pairs."""
 
@@ -150,6 +203,8 @@ class Scheduler(abc.ABC):
         self.options = build_options(self.options_schema, options, where="scheduler.options")
         self.runner = runner
         self.user = user or os.environ.get("USER") or _current_user()
+        #: The last parsed status poll (the one piece of state, kept by the base class).
+        self.last_poll: StatusPoll = _NO_POLL
 
     # -- pure render/parse pairs (override these) ----------------------------------------------
     @abc.abstractmethod
@@ -165,8 +220,10 @@ class Scheduler(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def parse_status(self, result: CommandResult, now: dt.datetime) -> dict[int, SchedulerJobStatus]:
-        ...
+    def parse_status(
+        self, result: CommandResult, now: dt.datetime
+    ) -> Union[Mapping[int, SchedulerJobStatus], StatusPoll]:
+        """The jobs still in the queue, or a StatusPoll when the output also tells how some ended."""
 
     @abc.abstractmethod
     def render_delete(self, scheduler_id: int) -> Command:
@@ -176,20 +233,34 @@ class Scheduler(abc.ABC):
         if result.returncode != 0:
             raise SchedulerError(f"could not delete job {scheduler_id}: {result.describe()}")
 
-    def render_history(self, scheduler_id: int, script_path: Optional[Path]) -> Optional[Command]:
-        """The command that reads a finished job's record, or None when the record is a file."""
+    def render_histories(self, jobs: Mapping[int, Optional[Path]]) -> Optional[Command]:
+        """One command that reads the final record of several jobs (``{scheduler_id: script_path}``),
+        or None when the records are files next to the scripts (or there are none)."""
         return None
 
-    def parse_history(
-        self, result: Optional[CommandResult], scheduler_id: int, script_path: Optional[Path]
-    ) -> Optional[JobHistory]:
-        """Parse the history record; None means "the scheduler does not know this job (yet)"."""
-        return JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished)
+    def parse_histories(
+        self, result: Optional[CommandResult], jobs: Mapping[int, Optional[Path]], last_poll: StatusPoll
+    ) -> dict[int, Optional[JobHistory]]:
+        """``{scheduler_id: JobHistory or None}`` for every job asked (None: the scheduler has no
+        record of it yet, or it is still queued or running). ``result`` is None when
+        ``render_histories`` returned None. ``last_poll`` is the last status poll (the base class
+        already falls back on its ``ended`` records for the jobs left at None).
+
+        The default, for schedulers with no history: a job that left the queue simply finished.
+        """
+        return {scheduler_id: JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished) for scheduler_id in jobs}
 
     def render_backfill(self) -> Optional[Command]:
         return None
 
     def parse_backfill(self, result: CommandResult) -> dict[str, list[BackfillWindow]]:
+        return {}
+
+    def render_discover_queues(self) -> Optional[Command]:
+        """The command that lists the queues (partitions) and their limits; None: not supported."""
+        return None
+
+    def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
         return {}
 
     def render_discover_projects(self) -> Optional[Command]:
@@ -200,57 +271,116 @@ class Scheduler(abc.ABC):
 
     # -- orchestration through the injected runner -------------------------------------------
     # Every method below raises only SchedulerError: a parser that trips over output nobody
-    # anticipated must not take the agent down (see _guard).
+    # anticipated must not take the agent down (see guard).
+    def guard(self, what: str) -> "SchedulerGuard":
+        """``with self.guard("status poll"):`` turns any exception but SchedulerError raised in the
+        block into a one-line SchedulerError naming the driver and ``what``. For the rare driver
+        that overrides an orchestration method below."""
+        return SchedulerGuard(self, what)
+
     def run(self, command: Command) -> CommandResult:
         return self.runner(command)
 
     def submit(self, request: SubmitRequest) -> int:
-        with _guard(self, "submit"):
+        with self.guard("submit"):
             result = self.run(self.render_submit(request))
             return self.parse_submit(result)
 
     def get_statuses(self, now: Optional[dt.datetime] = None) -> dict[int, SchedulerJobStatus]:
-        """One bulk poll of all the user's jobs. Raises SchedulerError when the poll itself failed."""
+        """One bulk poll of all the user's jobs still in the queue. Raises SchedulerError when the
+        poll itself failed. The poll is kept (``last_poll``) for the next history lookup."""
         now = now or dt.datetime.now(dt.timezone.utc)
-        with _guard(self, "status poll"):
-            return self.parse_status(self.run(self.render_status(self.user)), now)
+        with self.guard("status poll"):
+            parsed = self.parse_status(self.run(self.render_status(self.user)), now)
+            poll = parsed if isinstance(parsed, StatusPoll) else StatusPoll(time=now, statuses=parsed)
+            statuses = {i: s for i, s in poll.statuses.items() if s.state is not BatchJobState.finished}
+        self.last_poll = poll
+        return statuses
 
     def delete_job(self, scheduler_id: int) -> None:
-        with _guard(self, f"delete of job {scheduler_id}"):
+        with self.guard(f"delete of job {scheduler_id}"):
             self.parse_delete(self.run(self.render_delete(scheduler_id)), scheduler_id)
 
     def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
-        with _guard(self, f"history lookup of job {scheduler_id}"):
-            command = self.render_history(scheduler_id, script_path)
-            result = self.run(command) if command is not None else None
-            return self.parse_history(result, scheduler_id, script_path)
+        """The history of one job (see :meth:`get_histories`)."""
+        return self.get_histories({scheduler_id: script_path})[scheduler_id]
 
-    def get_histories(self, jobs: Mapping[int, Optional[Path]]) -> dict[int, Optional[JobHistory]]:
-        """History of several jobs that left the queue: ``{scheduler_id: script_path}`` in,
-        ``{scheduler_id: JobHistory or None}`` out (None: not known yet, or still active).
+    def get_histories(
+        self, jobs: Mapping[int, Optional[Path]], last_poll: Optional[StatusPoll] = None
+    ) -> dict[int, Optional[JobHistory]]:
+        """History of jobs that left the queue: ``{scheduler_id: script_path}`` in (one command for
+        all), ``{scheduler_id: JobHistory or None}`` out (None: not known yet, or still active).
 
-        Drivers whose history command accepts several ids (sacct, qstat -x) override this with one
-        command; the default asks job by job. Raises SchedulerError when the lookup failed.
+        Jobs the history has no record of take what the last status poll said of their end
+        (``StatusPoll.ended``); when the lookup fails, those are returned if there are any, and the
+        SchedulerError is raised otherwise.
         """
-        return {scheduler_id: self.get_history(scheduler_id, path) for scheduler_id, path in jobs.items()}
+        if not jobs:
+            return {}
+        poll = last_poll if last_poll is not None else self.last_poll
+        fallback = {scheduler_id: poll.ended.get(scheduler_id) for scheduler_id in jobs}
+        try:
+            with self.guard("history lookup"):
+                command = self.render_histories(jobs)
+                result = self.run(command) if command is not None else None
+                parsed = self.parse_histories(result, jobs, poll)
+                histories = {scheduler_id: parsed.get(scheduler_id) for scheduler_id in jobs}
+        except SchedulerError as exc:
+            if not any(fallback.values()):
+                raise
+            logger.warning("%s; using the last status poll's record of the jobs that ended", exc)
+            return fallback
+        return {i: histories[i] if histories[i] is not None else fallback[i] for i in jobs}
 
     def get_backfill_windows(self) -> dict[str, list[BackfillWindow]]:
-        with _guard(self, "backfill query"):
+        with self.guard("backfill query"):
             command = self.render_backfill()
             if command is None:
                 return {}
             return self.parse_backfill(self.run(command))
 
+    def discover_queues(self) -> dict[str, AllowedQueue]:
+        with self.guard("queue discovery"):
+            command = self.render_discover_queues()
+            if command is None:
+                return {}
+            return self.parse_discover_queues(self.run(command))
+
     def discover_projects(self) -> list[str]:
-        with _guard(self, "project discovery"):
+        with self.guard("project discovery"):
             command = self.render_discover_projects()
             if command is None:
                 return []
             return self.parse_discover_projects(self.run(command))
 
+    # -- on the login node (site init) ----------------------------------------------------------
+    def site_defaults(self) -> dict[str, Any]:
+        """What this scheduler contributes to a new site's settings.yml (``balsam site init``), in
+        settings.yml shape: its name, and the queues (with their limits) and projects it can
+        discover on this machine. A discovery that fails is left out (logged): site init must work
+        off the machine too, and a platform plugin's defaults are applied over these.
+        """
+        section: dict[str, Any] = {"name": self.name}
+        try:
+            queues = self.discover_queues()
+        except SchedulerError as exc:
+            logger.info("site defaults: no queues discovered (%s)", exc)
+            queues = {}
+        if queues:
+            section["allowed_queues"] = {name: attrs.asdict(limits) for name, limits in queues.items()}
+        try:
+            projects = self.discover_projects()
+        except SchedulerError as exc:
+            logger.info("site defaults: no projects discovered (%s)", exc)
+            projects = []
+        if projects:
+            section["allowed_projects"] = list(projects)
+        return {"scheduler": section}
 
-class _guard:
-    """Turn anything but a SchedulerError raised inside the block into a one-line SchedulerError."""
+
+class SchedulerGuard:
+    """Turn anything but a SchedulerError raised inside the block into a one-line SchedulerError
+    (``Scheduler.guard(what)`` makes one)."""
 
     def __init__(self, scheduler: "Scheduler", what: str) -> None:
         self.scheduler = scheduler

@@ -230,12 +230,12 @@ def test_queue_submit_validates_and_ls_term(site):
     (bj,) = BatchJob.objects.all()
     assert bj.optional_params == {"mig": "2"} and bj.partitions_to_cli_args() == " --part mpi:1 --part serial:1:role=worker"
     for args, reason in [
-        (["-n", "9", "-t", "30", "-q", "debug", "-A", "proj"], "num_nodes=9 is outside 1..4"),
-        (["-n", "1", "-t", "90", "-q", "debug", "-A", "proj"], "wall_time_min=90 is outside 1..60"),
-        (["-n", "1", "-t", "30", "-q", "prod", "-A", "proj"], "queue 'prod' is not allowed"),
-        (["-n", "1", "-t", "30", "-q", "debug", "-A", "other"], "project 'other' is not allowed"),
-        (["-n", "1", "-t", "30", "-q", "debug", "-A", "proj", "-x", "color=red"], "unknown optional params color"),
-        (["-n", "2", "-t", "30", "-q", "debug", "-A", "proj", "-p", "mpi:1"], "partition sizes add up to 1 nodes"),
+        (["-n", "9", "-t", "30", "-q", "debug", "-A", "proj"], "num_nodes 9 is outside 1..4"),
+        (["-n", "1", "-t", "90", "-q", "debug", "-A", "proj"], "wall_time_min 90 is outside 1..60"),
+        (["-n", "1", "-t", "30", "-q", "prod", "-A", "proj"], "queue 'prod' is not in the site's allowed_queues"),
+        (["-n", "1", "-t", "30", "-q", "debug", "-A", "other"], "project 'other' is not in the site's allowed_projects"),
+        (["-n", "1", "-t", "30", "-q", "debug", "-A", "proj", "-x", "color=red"], "unknown optional param(s) color"),
+        (["-n", "2", "-t", "30", "-q", "debug", "-A", "proj", "-p", "mpi:1"], "the partitions' num_nodes add up to 1, not the BatchJob's num_nodes 2"),
     ]:
         refused = balsam("queue", "submit", "-j", "mpi", *args)
         assert refused.exit_code == 1 and f"Refused by site site-a: {reason}" in refused.output, refused.output

@@ -43,7 +43,7 @@ def test_traceback_on_request():
     result = run_balsam("plugins", "show", "nothing-by-this-name", env={"BALSAM_CLI_TRACEBACK": "1"})
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
-    assert "balsam.plugins.manager.PluginError: no plugin, driver or distribution named" in result.stderr
+    assert "balsam.plugins.report.PluginError: no plugin, driver or distribution named" in result.stderr
 
 
 def test_unexpected_exceptions_are_one_line_too(monkeypatch):

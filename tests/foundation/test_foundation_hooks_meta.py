@@ -48,8 +48,23 @@ def hooks_with_tests() -> dict[str, list[str]]:
 
 
 def test_there_are_hooks():
-    assert "balsam_register_drivers" in hook_names()
-    assert len(hook_names()) >= 8
+    assert "balsam_cli_commands" in hook_names()
+    assert len(hook_names()) >= 6
+
+
+def test_hookspecs_name_real_types():
+    """The names imported under TYPE_CHECKING exist, and every argument has a real type."""
+    import typing
+
+    specs = hookspecs
+    tree = ast.parse(Path(specs.__file__).read_text())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    namespace = dict(vars(specs))
+    exec(compile(ast.Module(body=guarded.body, type_ignores=[]), specs.__file__, "exec"), namespace)
+    for name in hook_names():
+        hints = typing.get_type_hints(getattr(specs, name), globalns=namespace)
+        assert hints.pop("return") is type(None), name
+        assert hints and all(hint is not typing.Any for hint in hints.values()), f"{name}: {hints}"
 
 
 def test_every_hook_has_a_doc_section():

@@ -242,3 +242,39 @@ def test_field_roles():
     assert models.writable_fields(models.Job, on="create").count("parent_ids") == 1
     assert "state_timestamp" not in models.writable_fields(models.Job, on="create")
     assert models.field_role(models.Job, "id") == "server"
+
+
+def test_one_batch_job_rule_for_the_client_and_the_agent():
+    """BatchJob.validate (client side) and the scheduler module (agent side) call one function."""
+    import balsam._api.models as client_models
+    import balsam.site.modules.scheduler as agent_module
+    from balsam.batch_job_rules import BatchJobRefused, check_batch_job
+    from balsam.models import AllowedQueue
+
+    assert client_models.check_batch_job is check_batch_job and agent_module.check_batch_job is check_batch_job
+    queues = {"debug": AllowedQueue(max_nodes=4, max_walltime=60, max_queued_jobs=1)}
+    ok = {"queue": "debug", "project": "p", "num_nodes": 4, "wall_time_min": 60, "optional_params": {"mig": "1"},
+          "partitions": [{"num_nodes": 1}, {"num_nodes": 3}]}
+    check_batch_job(ok, queues, ["p"], {"mig": "0"})
+    check_batch_job(ok, {"debug": {"max_nodes": 4, "max_walltime": 60}}, [], {"mig": "0"})  # [] projects: any
+    cases = [
+        ({}, {}, "queue 'debug' is not allowed: the site has no allowed_queues"),
+        ({"queue": "prod"}, queues, "queue 'prod' is not in the site's allowed_queues (debug)"),
+        ({"num_nodes": 0}, queues, "num_nodes 0 is outside 1..4 allowed in queue 'debug'"),
+        ({"wall_time_min": 0}, queues, "wall_time_min 0 is outside 1..60 allowed in queue 'debug'"),
+        ({"wall_time_min": 61}, queues, "wall_time_min 61 is outside 1..60 allowed in queue 'debug'"),
+        ({"project": "q"}, queues, "project 'q' is not in the site's allowed_projects (p)"),
+        ({"optional_params": {"x": "1"}}, queues, "unknown optional param(s) x (optional_batch_job_params: mig)"),
+        ({"partitions": [{"num_nodes": 1}]}, queues, "the partitions' num_nodes add up to 1, not the BatchJob's num_nodes 4"),
+    ]
+    for change, allowed, message in cases:
+        with pytest.raises(BatchJobRefused) as info:
+            check_batch_job({**ok, **change}, allowed, ["p"], {"mig": "0"})
+        assert str(info.value) == message
+    # The client's model object goes through the same function: same refusal, same words.
+    bj = client_models.BatchJob(site_id=1, num_nodes=2, wall_time_min=10, job_mode="mpi", queue="debug", project="p")
+    with pytest.raises(ValueError, match="^queue 'debug' is not allowed: the site has no allowed_queues$"):
+        bj.validate({}, ["p"], {})
+    with pytest.raises(ValueError, match="^queue 'debug' is not allowed: the site has no allowed_queues$"):
+        agent_module.validate_batch_job({"queue": "debug", "project": "p", "num_nodes": 2, "wall_time_min": 10},
+                                        agent_module.SchedulerSettings(allowed_queues={}))

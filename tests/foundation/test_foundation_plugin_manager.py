@@ -62,39 +62,51 @@ def test_third_party_drivers_resolved_through_metadata(fresh_plugins):
     }
 
 
-def test_hook_balsam_register_drivers(fresh_plugins):
+def test_third_party_transfer_driver_from_its_entry_point(fresh_plugins):
     pm = PluginManager(allowed=["testplugin"])
-    from balsam_testplugin.hooks import CopyTransfer
+    from balsam_testplugin.drivers import CopyTransfer
 
     assert pm.load_driver("transfer", "testplugin-copy") is CopyTransfer
     record = pm.list_drivers("transfer")["testplugin-copy"]
-    assert record.source == "registered by plugin testplugin"
+    assert record.source == "entry point balsam.transfers"
     assert record.distribution == "balsam-testplugin"
     assert record.description == "copies files locally"
 
 
-def test_register_drivers_name_conflict_is_reported_and_first_wins(fresh_plugins, monkeypatch):
-    monkeypatch.setenv("BALSAM_TESTPLUGIN_FAULTS", "conflict")
-    pm = PluginManager(allowed=["testplugin"])
+def test_name_conflict_between_distributions_is_reported_and_first_wins(fresh_plugins, monkeypatch):
+    from balsam.plugins import registry
+    from balsam.plugins.discovery import EntryPointInfo
+
+    real = registry.list_entry_points
+
+    def with_a_copycat(group):
+        found = real(group)
+        if group == "balsam.schedulers":
+            found.append(EntryPointInfo(group=group, name="local", value="copycat:LocalScheduler",
+                                        distribution="balsam-copycat", version="1.0", location=""))
+        return found
+
+    monkeypatch.setattr(registry, "list_entry_points", with_a_copycat)
+    pm = PluginManager(autoload=True)
     assert pm.load_driver("scheduler", "local") is LocalScheduler
     conflicts = [r for r in pm.report() if r["status"] == "conflict"]
-    assert len(conflicts) == 1
-    assert conflicts[0]["distribution"] == "balsam-testplugin"
-    assert "already taken by balsam" in conflicts[0]["error"]
+    assert len(conflicts) == 1 and conflicts[0]["distribution"] == "balsam-copycat"
+    assert conflicts[0]["error"] == ("scheduler name 'local' is already taken by balsam "
+                                     "(balsam.builtin.local_scheduler:LocalScheduler); the first one wins")
 
 
-def test_register_with_bad_kind_is_reported_not_raised(fresh_plugins):
+def test_retired_register_drivers_hook_is_refused_with_its_replacement(fresh_plugins):
     pm = PluginManager(autoload=False)
 
-    class Bad:
+    class Old:
         @hookimpl
         def balsam_register_drivers(self, register):
-            register("schedular", "x", object)
+            register("scheduler", "x", object)
 
-    pm.add_plugin(Bad(), name="bad")
-    row = [r for r in pm.report() if r["name"] == "bad"][0]
-    assert row["status"] == "failed"
-    assert "unknown driver kind 'schedular'" in row["error"]
+    with pytest.raises(PluginError, match="implements the retired hook 'balsam_register_drivers': drivers come from "
+                                          "their entry-point groups only"):
+        pm.add_plugin(Old(), name="old")
+    assert "old" not in [r["name"] for r in pm.report()]
 
 
 def test_unknown_driver_error_is_one_line_with_suggestion(fresh_plugins):
@@ -225,12 +237,13 @@ def test_every_kind_has_its_group():
     }
 
 
-def test_hook_balsam_settings_sections(fresh_plugins, tmp_path):
-    from balsam.config import load_settings, render_sample_settings
+def test_agent_module_options_schema_is_its_settings_section(fresh_plugins, tmp_path):
+    from balsam.config import load_settings, render_sample_settings, section_specs
 
     sample = render_sample_settings()
-    assert "# (section contributed by the 'testplugin' plugin)" in sample
-    assert "testplugin:\n  # What `balsam testplugin hello` says.\n  greeting: hello" in sample
+    assert "# (section of an agent module from the 'balsam-testplugin' distribution)" in sample
+    assert "testplugin: null\n# To enable it, replace the line above with (values shown are the defaults):\n" \
+        "# testplugin:\n#   # What `balsam testplugin hello` says.\n#   greeting: hello" in sample
     path = tmp_path / "settings.yml"
     path.write_text("testplugin:\n  greeting: hi\n  repeat: 3\n")
     settings = load_settings(path)
@@ -240,19 +253,33 @@ def test_hook_balsam_settings_sections(fresh_plugins, tmp_path):
     with pytest.raises(Exception) as info:
         load_settings(path)
     assert str(info.value) == f"{path}:2 testplugin.repeat: expected an integer, got 'many'"
+    spec = {s.key: s for s in section_specs()}["testplugin"]
+    assert spec.plugin == "balsam-testplugin" and attrs.has(spec.schema) and spec.disableable
+
+
+def test_agent_module_named_like_a_core_section_is_reported(fresh_plugins):
+    from balsam.config import LauncherSettings, Settings, section_specs
+    from balsam.plugins.manager import PluginRecord
+
     pm = get_plugin_manager()
-    sections = pm.settings_sections()
-    assert sections["testplugin"].plugin == "testplugin"
-    assert attrs.has(sections["testplugin"].schema)
-
-
-def test_settings_section_claiming_a_core_key_is_reported(fresh_plugins, monkeypatch):
-    monkeypatch.setenv("BALSAM_TESTPLUGIN_FAULTS", "badsection")
-    from balsam.config import LauncherSettings, Settings
-
+    record = PluginRecord(kind="agent_module", name="launcher", distribution="balsam-bad", status="ok",
+                          obj=pm.load_driver("agent_module", "scheduler"))
+    assert pm.drivers.claim(record)
+    assert [s.key for s in section_specs()].count("launcher") == 1
     assert isinstance(Settings().launcher, LauncherSettings)
-    row = rows_by(get_plugin_manager().report(), "plugin", "testplugin")[0]
-    assert "settings section 'launcher' belongs to the core" in row["error"]
+    assert record.error == "agent module name 'launcher' is a core settings section: the module is never enabled"
+
+
+def test_retired_settings_sections_hook_is_refused_with_its_replacement(fresh_plugins):
+    class OldPlugin:
+        @hookimpl
+        def balsam_settings_sections(self, register):
+            register("old", object)
+
+    pm = get_plugin_manager()
+    with pytest.raises(PluginError, match="implements the retired hook 'balsam_settings_sections': a settings.yml "
+                                          "section is an agent module's options_schema"):
+        pm.add_plugin(OldPlugin(), name="old")
 
 
 def test_plugins_ls_lists_builtin_drivers():
@@ -272,11 +299,32 @@ def test_plugins_show_names_hooks_section_and_origin():
     out = result.stdout
     assert "plugin testplugin" in out
     assert "hooks: balsam_agent_started, balsam_agent_stopping, balsam_cli_commands" in out
-    assert "settings sections: testplugin" in out
+    assert "agent_module testplugin\n" in out and "  settings section: testplugin\n" in out
+    assert "  options (the testplugin section):\n    greeting (default 'hello'): What `balsam testplugin hello` says." in out
     assert "commands: testplugin" in out
     assert "loaded from: " in out and "balsam_testplugin/hooks.py" in out
-    core = run_balsam("plugins", "show", "core")
-    assert "settings sections: scheduler, processing, transfers, elastic_queue, queue_maintainer, file_cleaner" in core.stdout
+    module = run_balsam("plugins", "show", "queue_maintainer")
+    assert "settings section: queue_maintainer" in module.stdout
+    assert "    num_queued_jobs (default 5): BatchJobs kept queued or running at all times." in module.stdout
     missing = run_balsam("plugins", "show", "testplugn")
     assert missing.returncode == 1
     assert missing.stderr.strip() == "Error: no plugin, driver or distribution named 'testplugn' (did you mean 'testplugin'?)"
+
+
+def test_enabled_section_of_an_agent_module_that_cannot_load_is_an_error(fresh_plugins):
+    from balsam.config import SettingsError, loads_settings, render_sample_settings
+    from balsam.plugins.manager import PluginRecord
+
+    pm = get_plugin_manager()
+    record = PluginRecord(kind="agent_module", name="watcher", distribution="balsam-watcher", status="failed",
+                          error="ModuleNotFoundError: No module named 'watcher'")
+    assert pm.drivers.claim(record)
+    with pytest.raises(SettingsError) as info:
+        loads_settings("processing: {}\nwatcher:\n  period: 5\n")
+    assert str(info.value) == (
+        "settings.yml:2 watcher: the agent module 'watcher' from balsam-watcher cannot be loaded "
+        "(ModuleNotFoundError: No module named 'watcher'); fix or uninstall it, or set this section to null"
+    )
+    assert loads_settings("watcher: null\n").sections["watcher"] is None
+    assert "# (the agent module 'watcher' cannot be loaded: ModuleNotFoundError: No module named 'watcher')\n" \
+           "watcher: null\n" in render_sample_settings()

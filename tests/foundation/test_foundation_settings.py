@@ -80,10 +80,15 @@ def test_bad_settings_file_gives_one_error_line_on_the_cli(tmp_path):
     "text, expected",
     [
         ("launcher:\n  idle_ttl: 5\n", "settings.yml:2 launcher.idle_ttl: unknown key (did you mean 'idle_ttl_sec'?)"),
-        ("schedular:\n  name: local\n", "settings.yml:1 schedular: unknown key (did you mean 'scheduler'?)"),
-        ("launcher:\n  zzz: 1\n", "settings.yml:2 launcher.zzz: unknown key"),
+        ("schedular:\n  name: local\n",
+         "settings.yml:1 schedular: no installed agent module consumes this section (did you mean 'scheduler'? If "
+         "not, install the distribution that provides the 'schedular' agent module, or set it to null)"),
+        ("launcher:\n  zzz: 1\n", "settings.yml:2 launcher.zzz: unknown key (known keys: platform, platform_options, "
+         "idle_ttl_sec, delay_sec, error_tail_num_lines, max_concurrent_mpiruns, mpirun_allows_node_packing, "
+         "serial_mode_prefetch_per_rank, sort_by, serial_mode_startup_params)"),
         ("globus_extra: {}\n",
-         "settings.yml:1 globus_extra: unknown key (no installed plugin provides this section; see `balsam plugins ls`)"),
+         "settings.yml:1 globus_extra: no installed agent module consumes this section (install the distribution "
+         "that provides the 'globus_extra' agent module, or set it to null)"),
         (
             "scheduler:\n  allowed_queues:\n    q: {max_nodes: 1, max_walltime: 2, max_queued_job: 3}\n",
             "settings.yml:3 scheduler.allowed_queues.q.max_queued_job: unknown key (did you mean 'max_queued_jobs'?)",
@@ -111,8 +116,12 @@ def test_retired_class_path_keys_point_to_plugin_names():
          "settings.yml:4 scheduler.allowed_projects[1]: expected a string, got a list"),
         ("scheduler:\n  allowed_queues:\n    q: {max_nodes: 1, max_walltime: 2}\n",
          "settings.yml:3 scheduler.allowed_queues.q: missing required key 'max_queued_jobs'"),
-        ("elastic_queue:\n  min_wall_time_min: 5\n",
-         "settings.yml:1 elastic_queue.wall_time_pad_min: must be less than min_wall_time_min (5)"),
+        ("queue_maintainer:\n  job_mode: mixed\n",
+         "settings.yml:2 queue_maintainer.job_mode: expected 'mpi' or 'serial', got 'mixed'"),
+        ("scheduler:\n  options: {queue_flag: --qos}\n",
+         "settings.yml:2 scheduler.options.queue_flag: unknown option (scheduler 'local' takes no options)"),
+        ("launcher:\n  platform_options: [1]\n",
+         "settings.yml:2 launcher.platform_options: expected a mapping of NoOptions keys, got a list"),
         ("logging:\n  level: LOUD\n",
          "settings.yml:2 logging.level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'"),
         ("logging: null\n", "settings.yml:1 logging: this section cannot be null (remove the key to use the defaults)"),
@@ -149,7 +158,7 @@ def test_agent_module_sections_are_enabled_by_presence_only():
     assert settings.scheduler.name == "local"
     assert settings.file_cleaner is None  # null disables
     assert settings.processing is None  # absent disables
-    assert settings.queue_maintainer is None and settings.elastic_queue is None
+    assert settings.queue_maintainer is None
     assert settings.is_enabled("scheduler") and not settings.is_enabled("processing")
     assert settings.filter_tags == {}  # not the 0.7 {workflow: test-1, system: H2O}
     assert loads_settings("filter_tags: null\n").filter_tags == {}
@@ -163,34 +172,30 @@ def test_defaults_of_a_new_site():
     assert settings.scheduler.allowed_queues == {"local": AllowedQueue(max_nodes=1, max_walltime=1440, max_queued_jobs=1000)}
     assert settings.scheduler.allowed_projects == ["local"]
     assert settings.processing.num_workers == 2
-    assert settings.elastic_queue is None and settings.queue_maintainer is None
+    assert settings.queue_maintainer is None
     assert settings.file_cleaner.cleanup_batch_size == 180
-    assert settings.transfers.transfer_locations == {}
     with pytest.raises(AttributeError, match="settings have no section 'schedular'"):
         settings.schedular
 
 
 def test_settings_keyword_overrides():
-    settings = Settings(processing={"num_workers": 7}, elastic_queue=None)
+    settings = Settings(processing={"num_workers": 7}, queue_maintainer=None)
     assert settings.processing.num_workers == 7
     with pytest.raises(SettingsError, match="<defaults> processing.num_workers: expected an integer, got 'x'"):
         Settings(processing={"num_workers": "x"})
 
 
-# Every key of inventory §5.1 (the dotted-class keys became plugin names: launcher.platform, scheduler.name).
+# Every key of inventory §5.1 (the dotted-class keys became plugin names: launcher.platform, scheduler.name),
+# plus the driver options. The transfers and elastic_queue sections belong to their own agent modules
+# (their tests check them).
 INVENTORY_KEYS = {
     "logging": ["level", "format", "datefmt", "buffer_num_records", "flush_period"],
-    "launcher": ["idle_ttl_sec", "delay_sec", "error_tail_num_lines", "max_concurrent_mpiruns",
+    "launcher": ["platform_options", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "max_concurrent_mpiruns",
                  "mpirun_allows_node_packing", "serial_mode_prefetch_per_rank", "sort_by",
-                 "serial_mode_startup_params", "platform", "platform_options"],
+                 "serial_mode_startup_params", "platform"],
     "scheduler": ["name", "options", "sync_period", "allowed_queues", "allowed_projects", "optional_batch_job_params",
                   "job_template_path"],
     "processing": ["num_workers", "prefetch_depth"],
-    "transfers": ["transfer_locations", "globus_endpoint_id", "globus_endpoint_site_path",
-                  "max_concurrent_transfers", "transfer_batch_size", "num_items_query_limit", "service_period"],
-    "elastic_queue": ["service_period", "submit_project", "submit_queue", "job_mode", "min_wall_time_min",
-                      "max_wall_time_min", "wall_time_pad_min", "min_num_nodes", "max_num_nodes",
-                      "max_queue_wait_time_min", "max_queued_jobs", "use_backfill"],
     "queue_maintainer": ["submit_period", "submit_project", "submit_queue", "job_mode", "num_queued_jobs",
                          "num_nodes", "wall_time_min"],
     "file_cleaner": ["cleanup_batch_size", "service_period"],
@@ -215,10 +220,10 @@ def test_sample_settings_round_trips_and_comments_every_key():
         for name in fields:
             assert f"  {name}:" in text or f"#   {name}:" in text, f"{key}.{name} missing from the sample"
     # Disabled modules are shown as null with a commented-out example that parses when uncommented.
-    assert "elastic_queue: null\n" in text
-    block = text.split("elastic_queue: null\n", 1)[1].split("\n\n", 1)[0]
+    assert "queue_maintainer: null\n" in text
+    block = text.split("queue_maintainer: null\n", 1)[1].split("\n\n", 1)[0]
     body = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# ") and not line.startswith("# To"))
-    assert loads_settings(body).elastic_queue.max_num_nodes == 127
+    assert loads_settings(body).queue_maintainer.num_queued_jobs == 5
 
 
 def test_cli_sample_settings_prints_the_sample():
@@ -343,3 +348,87 @@ def test_settings_survive_pickling_for_worker_processes():
     again = pickle.loads(pickle.dumps(settings))
     assert again == settings
     assert again.scheduler.sync_period == 3 and again.processing.num_workers == 4
+
+
+# -- orphans, every problem at once, driver options ------------------------------------------------
+
+
+def test_enabled_section_that_no_installed_module_consumes_is_refused():
+    # `nightly_report` stands for a module whose distribution is not installed (as transfers or elastic_queue
+    # are when their modules are missing).
+    message = error_of("nightly_report:\n  service_period: 5\n")
+    assert message == (
+        "settings.yml:1 nightly_report: no installed agent module consumes this section (install the distribution "
+        "that provides the 'nightly_report' agent module, or set it to null)"
+    )
+    assert error_of("processing: {}\nnightly_report: {}\n").startswith("settings.yml:2 nightly_report: no installed")
+    settings = loads_settings("nightly_report: null\n")  # disabled: nothing to refuse
+    assert "nightly_report" not in settings.sections and not settings.is_enabled("nightly_report")
+    with pytest.raises(SettingsError, match="<defaults> nightly_report: no installed agent module consumes this section"):
+        Settings(nightly_report={"service_period": 5})
+
+
+def test_a_new_settings_file_has_only_installed_modules_sections():
+    text = render_settings_yaml({})
+    keys = [line.split(":")[0] for line in text.splitlines() if line and line[0].isalpha()]
+    installed = [s.key for s in section_specs()]
+    assert keys == installed
+
+
+def test_check_settings_lists_every_problem(tmp_path):
+    path = write(tmp_path, """\
+        logging:
+          level: LOUD
+        launcher:
+          idle_ttl: 5
+          platform_options: {x: 1}
+        scheduler:
+          options: {queue_flag: --qos}
+          sync_period: 0
+        nightly_report: {}
+        """)
+    result = run_balsam("site", "check-settings", str(path))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"Error: {path}:2 logging.level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'",
+        f"Error: {path}:4 launcher.idle_ttl: unknown key (did you mean 'idle_ttl_sec'?)",
+        f"Error: {path}:5 launcher.platform_options.x: unknown option (platform 'default' takes no options)",
+        f"Error: {path}:7 scheduler.options.queue_flag: unknown option (scheduler 'local' takes no options)",
+        f"Error: {path}:8 scheduler.sync_period: must be at least 1",
+        f"Error: {path}:9 nightly_report: no installed agent module consumes this section (install the distribution "
+        "that provides the 'nightly_report' agent module, or set it to null)",
+        f"6 problems in {path}",
+    ]
+
+
+@attrs.frozen
+class FlagOptions:
+    from balsam.options import option as _option
+
+    queue_flag: str = _option("--partition", "sbatch flag the queue goes to.")
+    retries: int = _option(2, "How often a failed command is tried again.")
+    del _option
+
+
+def test_driver_options_are_checked_against_the_named_drivers_schema(monkeypatch):
+    from balsam.builtin.local_scheduler import LocalScheduler
+    from balsam.config import site_scheduler
+
+    monkeypatch.setattr(LocalScheduler, "options_schema", FlagOptions)
+    settings = loads_settings("scheduler:\n  name: local\n  options:\n    queue_flag: --qos\n")
+    assert settings.scheduler.options == FlagOptions(queue_flag="--qos", retries=2)
+    driver = site_scheduler(settings)
+    assert isinstance(driver, LocalScheduler) and driver.options.queue_flag == "--qos"
+    assert Settings().scheduler.options == {} and site_scheduler(Settings()).options == FlagOptions()
+    assert error_of("scheduler:\n  options:\n    retries: many\n") == \
+        "settings.yml:3 scheduler.options.retries: expected an integer, got 'many'"
+    assert error_of("scheduler:\n  options:\n    queue_flg: --qos\n") == \
+        "settings.yml:3 scheduler.options.queue_flg: unknown key (did you mean 'queue_flag'?)"
+    # The file a site gets shows the chosen driver's options with their help, and so does the sample.
+    text = render_settings_yaml({"scheduler": {"options": {"retries": 4}}})
+    assert "  options:\n    # sbatch flag the queue goes to.\n    queue_flag: --partition\n" in text
+    assert loads_settings(text).scheduler.options.retries == 4
+    sample = render_sample_settings()
+    assert "# scheduler.options when scheduler.name is 'local':\n#   # sbatch flag the queue goes to.\n" \
+           "#   queue_flag: --partition\n" in sample
+    assert "# launcher.platform_options when launcher.platform is 'default': none" in sample

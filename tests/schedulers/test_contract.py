@@ -9,9 +9,16 @@ import pytest
 
 from balsam.models import BatchJob, BatchJobPartition
 from balsam.plugins.manager import PluginManager
-from balsam.scheduler import Command, CommandResult, Scheduler, SchedulerError, SubmitRequest
+from balsam.scheduler import (
+    Command,
+    JobHistory,
+    Scheduler,
+    SchedulerError,
+    StatusPoll,
+    SubmitRequest,
+)
 from balsam.site.job_template import build_context, render_job_script
-from balsam.states import BatchJobMode
+from balsam.states import BatchJobMode, BatchJobState
 from balsam_scheduler_cobalt import CobaltScheduler
 from balsam_scheduler_pbs import PBSScheduler
 from balsam_scheduler_slurm import SlurmScheduler
@@ -118,13 +125,80 @@ def test_no_exception_but_scheduler_error_escapes_the_driver(tmp_path):
         Exploding(ReplayRunner({"delete": result(returncode=1, stderr="nope")}), user="me").delete_job(5)
 
 
-def test_default_get_histories_asks_job_by_job():
+def test_default_history_says_finished_without_running_anything():
     class Plain(Exploding):
         def parse_status(self, result, now):
             return {}
 
-    histories = Plain(ReplayRunner({}), user="me").get_histories({1: None, 2: None})
-    assert set(histories) == {1, 2} and histories[1].scheduler_id == 1
+    runner = ReplayRunner({})
+    histories = Plain(runner, user="me").get_histories({1: None, 2: None})
+    assert set(histories) == {1, 2} and histories[1].scheduler_id == 1 and histories[2].state is BatchJobState.finished
+    assert runner.calls == []
+
+
+class EndedInPoll(Exploding):
+    """A status command that also lists jobs that ended (as squeue does) and a history command
+    that fails or knows only some jobs."""
+
+    def parse_status(self, result, now):
+        ended = {7: JobHistory(scheduler_id=7, state=BatchJobState.finished, native_state="TIMEOUT")}
+        return StatusPoll(time=now, statuses={}, ended=ended)
+
+    def render_histories(self, jobs):
+        return Command(["history"])
+
+    def parse_histories(self, result, jobs, last_poll):
+        assert isinstance(last_poll, StatusPoll)
+        if result.returncode:
+            raise SchedulerError("history database down")
+        return {i: (JobHistory(scheduler_id=i, state=BatchJobState.finished, native_state="COMPLETED")
+                    if i == 8 else None) for i in jobs}
+
+
+def test_history_falls_back_on_what_the_last_poll_said():
+    ok = EndedInPoll(ReplayRunner({"status": result(), "history": result()}), user="me")
+    ok.get_statuses()
+    histories = ok.get_histories({7: None, 8: None, 9: None})
+    assert histories[7].native_state == "TIMEOUT" and histories[8].native_state == "COMPLETED" and histories[9] is None
+    down = EndedInPoll(ReplayRunner({"status": result(), "history": result(returncode=1)}), user="me")
+    down.get_statuses()
+    assert down.get_histories({7: None, 8: None})[7].native_state == "TIMEOUT"
+    with pytest.raises(SchedulerError, match="history database down"):
+        down.get_histories({8: None})  # nothing to fall back on: the failure is reported
+    fresh = EndedInPoll(ReplayRunner({"history": result(returncode=1)}), user="me")
+    with pytest.raises(SchedulerError):
+        fresh.get_histories({7: None})  # no poll yet
+    poll = StatusPoll(time=dt.datetime.now(dt.timezone.utc), ended={7: JobHistory(scheduler_id=7, state=BatchJobState.finished)})
+    assert fresh.get_histories({7: None}, last_poll=poll)[7] is not None  # a poll passed in explicitly
+
+
+def test_status_poll_is_frozen():
+    poll = StatusPoll(time=dt.datetime.now(dt.timezone.utc), statuses={})
+    with pytest.raises(TypeError):
+        poll.statuses[1] = None  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        poll.time = None  # type: ignore[misc]
+
+
+def test_public_guard_for_the_rare_override():
+    class Override(Exploding):
+        def get_backfill_windows(self):
+            with self.guard("backfill from two commands"):
+                return {"q": [1, 2][5]}
+
+    with pytest.raises(SchedulerError, match="exploding backfill from two commands failed: IndexError"):
+        Override(ReplayRunner({}), user="me").get_backfill_windows()
+
+
+def test_site_defaults_leave_out_what_cannot_be_discovered():
+    assert Exploding(ReplayRunner({}), user="me").site_defaults() == {"scheduler": {"name": "exploding"}}
+    runner = ReplayRunner({"sinfo": result(stdout="debug|4|30:00\n"), "sacctmgr": result(stdout="m1\nm2\n")})
+    defaults = SlurmScheduler(runner, user="me").site_defaults()["scheduler"]
+    assert defaults["allowed_queues"] == {"debug": {"max_nodes": 4, "max_walltime": 30, "max_queued_jobs": 20}}
+    assert defaults["allowed_projects"] == ["m1", "m2"] and defaults["name"] == "slurm"
+    broken = ReplayRunner({"sinfo": result(stderr="sinfo: error: slurm_load_partitions: Unable to contact slurm controller",
+                                           returncode=1)})
+    assert SlurmScheduler(broken, user="me").site_defaults() == {"scheduler": {"name": "slurm"}}
 
 
 @pytest.mark.parametrize("name", sorted(DRIVERS))

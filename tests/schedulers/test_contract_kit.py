@@ -8,7 +8,7 @@ from balsam_scheduler_cobalt import CobaltScheduler
 from balsam_scheduler_pbs import PBSScheduler
 from balsam_scheduler_slurm import SlurmScheduler
 
-from sched_helpers import DATA
+from sched_helpers import DATA, FIXTURES
 
 Q, R, F, SF = BatchJobState.queued, BatchJobState.running, BatchJobState.finished, BatchJobState.submit_failed
 
@@ -41,6 +41,8 @@ class TestSlurmContract(SchedulerContract):
     ]
     backfill_outputs = {"sinfo_backfill": {"debug": [(4, 1440)]},
                         "synthetic_sinfo_mixed": {"big": [(10, 2880)], "debug": [(4, 30)], "long": [(2, 1440)]}}
+    queue_outputs = {"sinfo_queues": {"debug": (4, 10080)},
+                     "synthetic_sinfo_queues": {"debug": (4, 30), "regular": (1500, 2880), "long": (10, 10080)}}
     project_outputs = {"sacctmgr_accounts": ["root"]}
 
 
@@ -69,6 +71,8 @@ class TestPBSContract(SchedulerContract):
         HistoryCase({1196180: SF}, output="qstat_x_unknown", files={1196180: {}}),
     ]
     backfill_outputs = {"pbsnodes_a_json": {"*": [(2, 60)], "debug": [(1, 60)]}}
+    queue_outputs = {"qstat_Qf_json": {"debug": (2, 60), "debug-scaling": (10, 60), "prod": (496, 1440)}}
+    fake_commands = FIXTURES / "fake_pbs"
 
 
 class TestCobaltContract(SchedulerContract):
@@ -92,3 +96,4 @@ class TestCobaltContract(SchedulerContract):
     backfill_outputs = {"nodelist": {"backfill": [(1, 75), (3, 31)], "default": [(1, 75), (3, 31)],
                                      "debug-cache-quad": [(1, 58)]}}
     project_outputs = {"qsub_bad_project": ["datascience", "catalyst", "CSC249ADCD08"]}
+    fake_commands = FIXTURES / "fake_cobalt"

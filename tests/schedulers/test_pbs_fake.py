@@ -96,3 +96,8 @@ def test_delete_running_job_and_forgotten_history(pbs, tmp_path):
     assert forgotten.native_state == "Unknown Job Id" and forgotten.state is BatchJobState.finished
     never = pbs.get_history(jobid + 100, tmp_path / "qsubmit" / "qlaunch09999.sh")
     assert never.state is BatchJobState.submit_failed
+
+
+def test_site_defaults_discover_the_queues(pbs):
+    queues = pbs.site_defaults()["scheduler"]["allowed_queues"]
+    assert queues == {q: {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 10} for q in ("debug", "prod")}

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from balsam.scheduler import SchedulerError, SubmitRequest
+from balsam.scheduler import SchedulerError, StatusPoll, SubmitRequest
 from balsam.states import BatchJobState
 from balsam_scheduler_pbs import PBS_STATES, PBSScheduler
 from balsam_scheduler_pbs.scheduler import parse_pbs_time
@@ -14,6 +13,7 @@ from balsam_scheduler_pbs.scheduler import parse_pbs_time
 from sched_helpers import ReplayRunner, recorded, result, utc
 
 NOW = utc(2023, 11, 21, 18, 16, 13)
+NO_POLL = StatusPoll(time=NOW)
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_one_strange_record_does_not_spoil_the_poll(pbs, caplog):
 
 def test_history_from_qstat_x(pbs, tmp_path):
     ids = {1196243: None, 1196250: None, 1196251: None, 1196253: None, 1196260: None}
-    histories = pbs.parse_histories(result(stdout=recorded("pbs", "qstat_x_f_json.txt")), ids)
+    histories = pbs.parse_histories(result(stdout=recorded("pbs", "qstat_x_f_json.txt")), ids, NO_POLL)
     done = histories[1196243]
     assert done.state is BatchJobState.finished and done.native_state == "F (Exit_status 0)"
     assert done.start_time == utc(2023, 11, 21, 17, 58, 13) and done.end_time == utc(2023, 11, 21, 18, 39, 15)
@@ -140,7 +140,7 @@ def test_unknown_job_id_checks_the_output_file(pbs, tmp_path):
     ran, never = tmp_path / "qlaunch00001.sh", tmp_path / "qlaunch00002.sh"
     ran.with_suffix(".output").write_text("launcher output\n")
     stderr = "qstat: Unknown Job Id 1196180.polaris-pbs-01\nqstat: Unknown Job Id 1196181.polaris-pbs-01\n"
-    histories = pbs.parse_histories(result(stderr=stderr, returncode=153), {1196180: ran, 1196181: never, 1196182: None})
+    histories = pbs.parse_histories(result(stderr=stderr, returncode=153), {1196180: ran, 1196181: never, 1196182: None}, NO_POLL)
     assert histories[1196180].state is BatchJobState.finished and histories[1196180].end_time is not None
     assert histories[1196181].state is BatchJobState.submit_failed and "no output file" in histories[1196181].message
     assert histories[1196182] is None
@@ -170,3 +170,13 @@ def test_backfill_from_pbsnodes(pbs):
         "*": [(2, 60)], "debug": [(1, 60)]}
     with pytest.raises(SchedulerError):
         pbs.parse_backfill(result(stdout="{\"nodes\": {", returncode=0))
+
+
+def test_queue_discovery_keeps_the_queues_users_submit_to(pbs):
+    queues = pbs.parse_discover_queues(result(stdout=recorded("pbs", "qstat_Qf_json.txt")))
+    # maintenance is disabled, small is route-only, preemptable states no node limit
+    assert sorted(queues) == ["debug", "debug-scaling", "prod"]
+    assert (queues["debug"].max_nodes, queues["debug"].max_walltime, queues["debug"].max_queued_jobs) == (2, 60, 1)
+    assert (queues["prod"].max_nodes, queues["prod"].max_walltime, queues["prod"].max_queued_jobs) == (496, 1440, 100)
+    with pytest.raises(SchedulerError, match="cannot connect"):
+        pbs.parse_discover_queues(result(stderr="qstat: cannot connect to server polaris-pbs-01 (errno=111)", returncode=2))

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-from balsam.scheduler import Command, SchedulerError, SubmitRequest, subprocess_runner
+from balsam.scheduler import Command, SchedulerError, StatusPoll, SubmitRequest, subprocess_runner
 from balsam.site.job_template import build_context, render_job_script
 from balsam.states import BatchJobState
 from balsam_scheduler_slurm import SLURM_STATES, SlurmScheduler
@@ -16,6 +13,7 @@ from balsam_scheduler_slurm.scheduler import parse_squeue_line, slurm_duration_m
 from sched_helpers import ReplayRunner, recorded, result, utc
 
 NOW = utc(2026, 11, 22, 5, 43, 0)
+NO_POLL = StatusPoll(time=NOW)
 
 
 @pytest.fixture
@@ -105,7 +103,7 @@ def test_render_status_is_immune_to_user_formats(slurm):
 
 
 def test_parse_status_real_squeue(slurm):
-    statuses = slurm.parse_status(result(stdout=recorded("slurm", "squeue_all.txt")), NOW)
+    statuses = slurm.parse_status(result(stdout=recorded("slurm", "squeue_all.txt")), NOW).statuses
     # COMPLETED and FAILED jobs are still listed by squeue (MinJobAge) but have left the queue
     assert set(statuses) == {2, 4, 5, 6, 9, 10, 11}
     assert statuses[2].state is BatchJobState.running and statuses[2].wall_time_min == 1
@@ -115,12 +113,12 @@ def test_parse_status_real_squeue(slurm):
     assert statuses[11].state is BatchJobState.queued  # held by the user
     assert statuses[5].message == "PartitionConfig" and statuses[11].message == "JobHeldUser"
     assert statuses[2].message == ""  # a running job's reason is "None"
-    later = slurm.parse_status(result(stdout=recorded("slurm", "squeue_after.txt")), NOW)
+    later = slurm.parse_status(result(stdout=recorded("slurm", "squeue_after.txt")), NOW).statuses
     assert set(later) == {5, 11}
 
 
 def test_pending_reasons_become_the_status_message(slurm):
-    statuses = slurm.parse_status(result(stdout=recorded("slurm", "squeue_reasons.txt")), utc(2026, 11, 22, 6, 52, 0))
+    statuses = slurm.parse_status(result(stdout=recorded("slurm", "squeue_reasons.txt")), utc(2026, 11, 22, 6, 52, 0)).statuses
     assert {i: s.message for i, s in statuses.items()} == {
         58: "", 59: "PartitionNodeLimit", 60: "JobHeldUser", 61: "Dependency", 62: "BeginTime", 63: "Resources",
     }
@@ -131,16 +129,16 @@ def test_pending_reasons_become_the_status_message(slurm):
 def test_long_pending_reason_is_kept_whole_up_to_a_limit(slurm):
     nodes = ",".join(f"node{i}" for i in range(200))
     line = f"7|PENDING|debug|2|5:00|p|5:00|2026-11-22T05:00:00|N/A|N/A|ReqNodeNotAvail, UnavailableNodes:{nodes}"
-    message = slurm.parse_status(result(stdout=line + "\n"), NOW)[7].message
+    message = slurm.parse_status(result(stdout=line + "\n"), NOW).statuses[7].message
     assert message.startswith("ReqNodeNotAvail, UnavailableNodes:node0,node1") and len(message) == 300
 
 
 def test_parse_status_empty_output_means_no_jobs(slurm):
-    assert slurm.parse_status(result(stdout=recorded("slurm", "squeue_empty.txt")), NOW) == {}
+    assert slurm.parse_status(result(stdout=recorded("slurm", "squeue_empty.txt")), NOW).statuses == {}
 
 
 def test_garbled_squeue_lines_are_skipped_not_fatal(slurm, caplog):
-    statuses = slurm.parse_status(result(stdout=recorded("slurm", "synthetic_squeue_garbled.txt")), NOW)
+    statuses = slurm.parse_status(result(stdout=recorded("slurm", "synthetic_squeue_garbled.txt")), NOW).statuses
     assert set(statuses) == {101, 103}
     assert statuses[103].wall_time_min == 2880
     assert "skipped unreadable line" in caplog.text
@@ -148,12 +146,12 @@ def test_garbled_squeue_lines_are_skipped_not_fatal(slurm, caplog):
 
 def test_squeue_in_a_user_format_is_an_error_not_an_empty_queue(slurm):
     with pytest.raises(SchedulerError, match="nothing readable"):
-        slurm.parse_status(result(stdout=recorded("slurm", "synthetic_squeue_default_format.txt")), NOW)
+        slurm.parse_status(result(stdout=recorded("slurm", "synthetic_squeue_default_format.txt")), NOW).statuses
 
 
 def test_controller_down_is_a_failed_poll(slurm):
     with pytest.raises(SchedulerError, match="Unable to contact slurm controller"):
-        slurm.parse_status(result(stderr=recorded("slurm", "synthetic_squeue_controller_down.stderr.txt"), returncode=1), NOW)
+        slurm.parse_status(result(stderr=recorded("slurm", "synthetic_squeue_controller_down.stderr.txt"), returncode=1), NOW).statuses
 
 
 @pytest.mark.parametrize("line", ["1|RUNNING", "x|RUNNING|debug|1|1:00|a|1:00|N/A|N/A|N/A|None",
@@ -172,7 +170,7 @@ def test_parse_delete(slurm):
 
 def test_history_real_sacct(slurm):
     ids = [1, 2, 5, 8, 9, 10, 11, 99999]
-    histories = slurm.parse_histories(result(stdout=recorded("slurm", "sacct_history.txt")), ids)
+    histories = slurm.parse_histories(result(stdout=recorded("slurm", "sacct_history.txt")), dict.fromkeys(ids), NO_POLL)
     assert histories[1].state is BatchJobState.finished and histories[1].native_state == "COMPLETED"
     assert histories[1].start_time == utc(2026, 11, 22, 5, 42, 15) and histories[1].end_time == utc(2026, 11, 22, 5, 42, 16)
     assert histories[2].native_state == "TIMEOUT" and histories[2].end_time == utc(2026, 11, 22, 5, 43, 18)
@@ -186,7 +184,7 @@ def test_history_real_sacct(slurm):
 
 def test_history_more_states(slurm):
     ids = [201, 202, 203, 204, 205, 206, 207]
-    histories = slurm.parse_histories(result(stdout=recorded("slurm", "synthetic_sacct_more_states.txt")), ids)
+    histories = slurm.parse_histories(result(stdout=recorded("slurm", "synthetic_sacct_more_states.txt")), dict.fromkeys(ids), NO_POLL)
     assert histories[201].state is BatchJobState.finished and histories[201].native_state == "NODE_FAIL"
     assert histories[202].state is BatchJobState.submit_failed and "never started" in histories[202].message
     assert histories[203].native_state == "OUT_OF_MEMORY"

@@ -83,3 +83,20 @@ def test_backfill_and_projects(slurm):
     windows = slurm.get_backfill_windows()
     assert set(windows) <= {PARTITION} and all(w.num_nodes >= 1 for ws in windows.values() for w in ws)
     assert ACCOUNT in slurm.discover_projects()
+
+
+def test_site_defaults_discover_the_partition_and_the_account(slurm):
+    defaults = slurm.site_defaults()["scheduler"]
+    assert defaults["name"] == "slurm"
+    assert defaults["allowed_queues"][PARTITION]["max_nodes"] == 4  # node[1-4]
+    assert ACCOUNT in defaults["allowed_projects"]
+
+
+def test_queue_flag_qos_submits_the_queue_as_a_qos(tmp_path):
+    """NERSC-style sites: the BatchJob's queue is a QOS name (settings.yml scheduler.options)."""
+    qos = SlurmScheduler(user=getpass.getuser(), options={"queue_flag": "--qos"})
+    script = _script(tmp_path, "qlaunch00004", "true")
+    jobid = qos.submit(_request(script, queue="normal", num_nodes=1))
+    history = wait_for(lambda: qos.get_history(jobid, script), 60, "the job's record")
+    assert history.native_state == "COMPLETED"
+    # (this Slurm does not enforce QOS names: AccountingStorageEnforce=none, so no refusal case here)

@@ -77,6 +77,34 @@ def test_stage_in_then_stage_out_and_children(api, transfer_app):
     assert history[-1] == ("POSTPROCESSED", "JOB_FINISHED")
 
 
+def test_item_in_error_fails_its_job_with_the_reason(api, transfer_app):
+    """An item in ``error`` (its tries used up) moves its job to FAILED with the error in the event,
+    in either direction; a job already done is left alone."""
+    _site, app = transfer_app
+    a = api.jobs(app["id"], transfers={"input": "aps:/d/a", "result": "home:/o/a"})[0]
+    b = api.jobs(app["id"], transfers={"input": "aps:/d/b", "result": "home:/o/b"})[0]
+    items = {(i["job_id"], i["direction"]): i for i in api.ok("GET", "/transfers/")["results"]}
+    info = {"error": "no such file or directory: /d/a", "attempts": 3}
+    api.ok("PATCH", "/transfers/", json=[{"id": items[(a["id"], "in")]["id"], "state": "error", "transfer_info": info}])
+    assert api.job(a["id"])["state"] == "FAILED"
+    last = api.events(job_id=a["id"], ordering="timestamp")[-1]
+    assert (last["from_state"], last["to_state"]) == ("READY", "FAILED")
+    assert last["data"]["error"] == info["error"] and last["data"]["attempts"] == 3
+    assert last["data"]["message"] == "Transfer failed: stage-in of aps:/d/a to input.dat: no such file or directory: /d/a"
+
+    api.ok("PATCH", "/transfers/", json=[{"id": items[(b["id"], "in")]["id"], "state": "done"}])
+    for state in ("PREPROCESSED", "RUNNING", "RUN_DONE", "POSTPROCESSED"):
+        api.patch_states([b["id"]], state)
+    api.ok("PATCH", "/transfers/", json=[{"id": items[(b["id"], "out")]["id"], "state": "error",
+                                          "transfer_info": {"error": "permission denied"}}])
+    assert api.job(b["id"])["state"] == "FAILED"
+    last = api.events(job_id=b["id"], ordering="timestamp")[-1]
+    assert last["data"]["message"] == "Transfer failed: stage-out of result.dat to home:/o/b: permission denied"
+    # Again on a FAILED job: no second event.
+    api.ok("PATCH", "/transfers/", json=[{"id": items[(b["id"], "out")]["id"], "state": "error"}])
+    assert len([e for e in api.events(job_id=b["id"]) if e["to_state"] == "FAILED"]) == 1
+
+
 def test_transfer_filters_and_errors(api, transfer_app):
     site, app = transfer_app
     j1 = api.jobs(app["id"], tags={"t": "1"}, transfers={"input": "aps:/a"})[0]
@@ -97,6 +125,13 @@ def test_transfer_filters_and_errors(api, transfer_app):
     resp = api.http.patch("/transfers/", json=[{"id": first["id"], "state": "done"}, {"id": 99999999, "state": "done"}])
     assert resp.status_code == 404 and api.ok("GET", f"/transfers/{first['id']}")["state"] == "pending"
     assert api.http.get("/transfers/", params={"direction": "sideways"}).status_code == 422
+    # ordering=state: in-flight items (active, inactive) come before pending ones, then by id.
+    ids = [t["id"] for t in api.ok("GET", "/transfers/", params={"ordering": "id"})["results"]]
+    api.ok("PATCH", "/transfers/", json=[{"id": ids[-1], "state": "active", "task_id": "local:1"}])
+    by_state = [(t["state"], t["id"]) for t in api.ok("GET", "/transfers/", params={"ordering": "state"})["results"]]
+    assert by_state[0] == ("active", ids[-1]) and [i for _, i in by_state[1:]] == sorted(ids[:-1])
+    assert [t["id"] for t in api.ok("GET", "/transfers/", params={"ordering": "-id"})["results"]] == ids[::-1]
+    assert api.http.get("/transfers/", params={"ordering": "size"}).status_code == 422
 
 
 def test_event_filters(api, site_app):

@@ -75,7 +75,7 @@ def test_hook_balsam_agent_started(make_site, client) -> None:
     agent = Agent(site, client=client)
     agent.start()
     try:
-        assert calls == [(site.site_path, ["heartbeat_file", "processing", "scheduler"])]
+        assert calls == [(site.site_path, ["heartbeat_file", "processing", "scheduler", "transfers"])]
     finally:
         agent.shutdown("signal")
 
@@ -151,7 +151,8 @@ def test_api_outage_is_retried_with_backoff(_live_server_obj, tmp_path, caplog) 
     LiveServer = type(_live_server_obj)  # the shared fixtures' uvicorn wrapper; this test needs its own server
 
     from balsam.client import RESTClient
-    from balsam.config import QueueMaintainerSettings, SiteConfig
+    from balsam.config import SiteConfig
+    from balsam.site.modules.queue_maintainer import QueueMaintainerSettings
     from balsam.site.modules.queue_maintainer import QueueMaintainerModule
     from balsam.site.site_ops import init_site
 

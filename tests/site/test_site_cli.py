@@ -131,6 +131,32 @@ def test_ls_rename_mv_rm(balsam_env, client, tmp_path) -> None:
     assert "gamma" not in sites_by_name(client) and (tmp_path / "gamma").exists()
 
 
+def test_orphan_section_is_refused_by_init_sync_and_agent_start(balsam_env, client, tmp_path, capsys) -> None:
+    path = tmp_path / "orphan"
+    balsam("site", "init", str(path), "-n", "orphan", "--platform", "default")
+    text = (path / "settings.yml").read_text()
+    # A new site only has the sections of installed modules.
+    from balsam.config import section_specs
+
+    installed = [spec.key for spec in section_specs()]
+    assert [line.split(":")[0] for line in text.splitlines() if line[:1].isalpha()] == installed
+    lines = text.rstrip("\n").splitlines()
+    (path / "settings.yml").write_text("\n".join(lines + ["nightly_report:", "  max_files: 4"]) + "\n")
+    where = f"{path / 'settings.yml'}:{len(lines) + 1} nightly_report: no installed agent module consumes this section"
+    proc = balsam("site", "sync", str(path), check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"Error: {where}"), proc.stderr
+    proc = balsam("site", "check-settings", str(path), check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"Error: {where}"), proc.stderr
+    from balsam.site.agent import main as agent_main
+
+    assert agent_main([str(path)]) == 1
+    assert capsys.readouterr().err.startswith(f"Error: {where}")
+    assert read_pid_file(path) is None
+    # Disabled, it is no problem.
+    (path / "settings.yml").write_text("\n".join(lines + ["nightly_report: null"]) + "\n")
+    assert "OK (sections in effect:" in balsam("site", "check-settings", str(path)).stdout
+
+
 @pytest.mark.slow
 def test_start_stop_sync(balsam_env, client, tmp_path) -> None:
     path = tmp_path / "daemon"

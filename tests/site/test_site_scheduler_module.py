@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import pytest
 
@@ -71,8 +71,8 @@ class ScriptedScheduler(Scheduler):
         self.deleted.append(scheduler_id)
         self.queue.pop(scheduler_id, None)
 
-    def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
-        return self.history.get(scheduler_id)
+    def get_histories(self, jobs: Mapping[int, Optional[Path]], last_poll: Any = None) -> dict[int, Optional[JobHistory]]:
+        return {scheduler_id: self.history.get(scheduler_id) for scheduler_id in jobs}
 
     def get_backfill_windows(self) -> dict[str, list[BackfillWindow]]:
         return {"local": [BackfillWindow(num_nodes=4, wall_time_min=30)]}
@@ -138,7 +138,7 @@ def test_submits_renders_script_and_tracks_to_finished(setup, client) -> None:
     [
         ({"queue": "nope"}, "queue 'nope' is not in the site's allowed_queues"),
         ({"num_nodes": 9}, "num_nodes 9 is outside 1..4"),
-        ({"wall_time_min": 61}, "wall_time_min 61 exceeds max_walltime 60"),
+        ({"wall_time_min": 61}, "wall_time_min 61 is outside 1..60 allowed in queue"),
         ({"project": "other"}, "project 'other' is not in the site's allowed_projects"),
         ({"optional_params": {"colour": "red"}}, "unknown optional param(s) colour"),
     ],
@@ -498,3 +498,24 @@ def test_no_submission_without_a_launcher_credential(setup, client) -> None:
     module.credentials.client = real
     module.run_cycle()
     assert batch_job(client, bj["id"])["state"] == "queued" and len(fake.submitted) == 1
+
+
+def test_nersc_qos_is_a_setting_that_reaches_the_slurm_driver(tmp_path) -> None:
+    """settings.yml's scheduler.options go, checked, to the driver the agent module builds."""
+    from balsam.config import SettingsError, loads_settings
+    from balsam.scheduler import SubmitRequest
+
+    pytest.importorskip("balsam_scheduler_slurm")
+    settings = loads_settings("scheduler:\n  name: slurm\n  options:\n    queue_flag: --qos\n"
+                              "  allowed_queues: {regular: {max_nodes: 8, max_walltime: 60, max_queued_jobs: 2}}\n")
+
+    class Site:
+        site_id, site_path = 1, tmp_path
+
+    Site.settings = settings
+    module = SchedulerModule(Site, settings.scheduler, client=None)
+    command = module.scheduler.render_submit(SubmitRequest(script_path=tmp_path / "q.sh", project="m1234",
+                                                           queue="regular", num_nodes=2, wall_time_min=30))
+    assert "--qos" in command.args and "regular" in command.args and "--partition" not in command.args
+    with pytest.raises(SettingsError, match=r"^settings.yml:4 scheduler.options.queue_flg: unknown key \(did you mean 'queue_flag'\?\)$"):
+        loads_settings("scheduler:\n  name: slurm\n  options:\n    queue_flg: --qos\n")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from balsam.config import FileCleanerSettings, QueueMaintainerSettings
+from balsam.site.modules.file_cleaner import FileCleanerSettings
+from balsam.site.modules.queue_maintainer import QueueMaintainerSettings
 from balsam.site.modules.file_cleaner import FileCleanerModule
 from balsam.site.modules.queue_maintainer import QueueMaintainerModule
 from site_test_utils import finish_jobs, job_rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import enum
 import json
 import threading
 import typing
@@ -137,6 +138,36 @@ def structure_value(model: str, name: str, value: Any, tp: Any) -> Any:
         raise ValueError(f"{model}.{name}: {problems}") from None
 
 
+#: Types whose JSON value is already the Python value (checked with ``type(v) is t``).
+_PLAIN_TYPES = (int, str, bool)
+
+
+def _json_encoder(tp: Any) -> Any:
+    """A function giving the wire form of a value of type ``tp``: the common field types directly,
+    the rest through the converter (payloads of 10,000 jobs are built field by field)."""
+    base = _strip_optional(tp)
+    generic = typing.get_origin(base)
+    args = typing.get_args(base)
+
+    def fallback(value: Any) -> Any:
+        return converter.unstructure(value, tp)
+
+    if base in (int, str, bool, float):
+        return lambda value: value
+    if base is PurePath or (isinstance(base, type) and issubclass(base, PurePath)):
+        return lambda value: None if value is None else str(value)
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        return lambda value: None if value is None else value.value
+    if generic is dict and args == (str, str):
+        return lambda value: None if value is None else dict(value)
+    if generic is dict and args[:1] == (str,) and args[1:] == (Any,):
+        # Plain JSON values are sent as they are; anything else (a Path, a datetime) converted.
+        return lambda value: value if not value else fallback(value)
+    if generic in (set, frozenset) and args == (int,):
+        return lambda value: None if value is None else sorted(value)
+    return fallback
+
+
 class Field:
     """Descriptor for one record field of a model."""
 
@@ -146,11 +177,31 @@ class Field:
         self.role = role
         self.mutable = _is_mutable_type(tp)
         self.is_datetime = _strip_optional(tp) is dt.datetime
+        base = _strip_optional(tp)
+        #: The JSON value can be used as it is when its type is exactly this one.
+        self.plain_type = base if base in _PLAIN_TYPES else None
+        self.optional = base is not tp
+        self.to_json = _json_encoder(tp)
+
+    def structure(self, model: str, value: Any) -> Any:
+        """This field's value from the server's JSON (one field of a lazily loaded record)."""
+        if value is None and self.optional:
+            return None
+        if self.plain_type is not None and type(value) is self.plain_type:
+            return value
+        try:
+            return converter.structure(value, self.type)
+        except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
+            problems = "; ".join(f"{p}: {m}" if p else m for p, m in _flatten(exc)) or str(exc)
+            raise ValueError(f"{model}: unexpected server response ({self.name}: {problems})") from None
 
     def __get__(self, obj: Any, owner: Any = None) -> Any:
         if obj is None:
             return self
-        value = getattr(obj._record, self.name)
+        if obj._rec is None and obj._raw is not None:
+            value = obj._lazy_value(self)
+        else:
+            value = getattr(obj._record, self.name)
         if self.mutable and obj._stored and self.name not in obj._snapshots and self.name not in obj._dirty:
             obj._snapshots[self.name] = _fingerprint(value, self.type)
         if self.is_datetime and value is not None:
@@ -201,6 +252,57 @@ class BalsamModel:
     _reset_after_save: ClassVar[tuple[str, ...]] = ()
 
     objects: ClassVar["Manager"] = ManagerDescriptor()  # type: ignore[assignment]
+
+    # A record read from the server is kept as its JSON (``_raw``) and each field is structured
+    # the first time it is read (``_lazy``): listing 10,000 jobs costs little more than the HTTP
+    # transfer, and reading a few fields of each costs only those. Anything that needs the whole
+    # record (save, compare, display, pickle) builds it once through ``_record``; values already
+    # handed out are kept in it, so an in-place change through them is still seen.
+    _rec: Any = None
+    _raw: Optional[dict[str, Any]] = None
+    _lazy: Optional[dict[str, Any]] = None
+
+    @property
+    def _record(self) -> Any:
+        rec = self._rec
+        if rec is None:
+            rec = self._materialize()
+        return rec
+
+    @_record.setter
+    def _record(self, value: Any) -> None:
+        self._rec = value
+        self._raw = None
+        self._lazy = None
+
+    def _materialize(self) -> Any:
+        raw = self._raw
+        if raw is None:
+            raise AttributeError(f"{type(self).__name__} has no record")
+        known = {k: v for k, v in raw.items() if k in self._fields}
+        try:
+            rec = converter.structure(known, self._record_cls)
+        except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
+            problems = "; ".join(f"{p}: {m}" if p else m for p, m in _flatten(exc)) or str(exc)
+            raise ValueError(f"{type(self).__name__}: unexpected server response ({problems})") from None
+        for key, value in (self._lazy or {}).items():
+            setattr(rec, key, value)
+        self._rec = rec
+        self._raw = None
+        self._lazy = None
+        return rec
+
+    def _lazy_value(self, fld: Field) -> Any:
+        lazy = self._lazy
+        assert lazy is not None and self._raw is not None
+        try:
+            return lazy[fld.name]
+        except KeyError:
+            pass
+        if fld.name not in self._raw:  # the default: build the whole record once
+            return getattr(self._materialize(), fld.name)
+        value = lazy[fld.name] = fld.structure(type(self).__name__, self._raw[fld.name])
+        return value
 
     class DoesNotExist(Exception):
         pass
@@ -286,12 +388,10 @@ class BalsamModel:
         name = type(self).__name__
         if not isinstance(data, dict):
             raise ValueError(f"{name}: expected a JSON object from the server, got {type(data).__name__}")
-        known = {k: v for k, v in data.items() if k in self._fields}
-        try:
-            self._record = converter.structure(known, self._record_cls)
-        except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
-            problems = "; ".join(f"{p}: {m}" if p else m for p, m in _flatten(exc)) or str(exc)
-            raise ValueError(f"{name}: unexpected server response ({problems})") from None
+        # Structured lazily (see ``_record``); a malformed field is reported when it is read.
+        self._rec = None
+        self._raw = data
+        self._lazy = {}
         self._stored = True
         self._dirty = set()
         self._snapshots = {}
@@ -349,15 +449,17 @@ class BalsamModel:
         return self._changed_fields() if self._stored else set(self._create_fields)
 
     def _field_json(self, key: str) -> Any:
-        return converter.unstructure(getattr(self._record, key), self._fields[key].type)
+        return self._fields[key].to_json(getattr(self._record, key))
 
     def _create_payload(self) -> dict[str, Any]:
         payload = {}
+        rec = self._record
+        fields = self._fields
         for key in self._create_fields:
-            value = getattr(self._record, key)
+            value = getattr(rec, key)
             if value is None:
                 continue
-            payload[key] = self._field_json(key)
+            payload[key] = fields[key].to_json(value)
         return payload
 
     def _update_payload(self) -> dict[str, Any]:
@@ -440,7 +542,7 @@ class BalsamModel:
         return self._record == other._record
 
     def __hash__(self) -> int:
-        rid = getattr(self._record, "id", None)
+        rid = getattr(self, "id", None) if "id" in self._fields else None
         return hash((self._record_cls.__name__, rid)) if self._stored and rid is not None else id(self)
 
     def __reduce__(self) -> tuple:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 from balsam import models as records
+from balsam.batch_job_rules import check_batch_job
 from balsam.client.lease import acquire_request
 from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import DONE_STATES, RUNNABLE_STATES, BatchJobMode, BatchJobState, JobState
@@ -466,26 +467,9 @@ class BatchJob(BalsamModel):
         allowed_projects: Sequence[str],
         optional_batch_job_params: dict[str, str],
     ) -> None:
-        """Raise ValueError with the reason if this request does not fit the site's rules."""
-        queue = allowed_queues.get(self.queue)
-        if queue is None:
-            raise ValueError(f"queue {self.queue!r} is not allowed at this site (allowed: {', '.join(sorted(allowed_queues)) or 'none'})")
-        max_nodes = queue["max_nodes"] if isinstance(queue, dict) else queue.max_nodes
-        max_walltime = queue["max_walltime"] if isinstance(queue, dict) else queue.max_walltime
-        if not 1 <= self.num_nodes <= max_nodes:
-            raise ValueError(f"num_nodes={self.num_nodes} is outside 1..{max_nodes} for queue {self.queue!r}")
-        if not 1 <= self.wall_time_min <= max_walltime:
-            raise ValueError(f"wall_time_min={self.wall_time_min} is outside 1..{max_walltime} for queue {self.queue!r}")
-        if allowed_projects and self.project not in allowed_projects:
-            raise ValueError(f"project {self.project!r} is not allowed at this site (allowed: {', '.join(allowed_projects)})")
-        extra = set(self.optional_params) - set(optional_batch_job_params)
-        if extra:
-            allowed = ", ".join(sorted(optional_batch_job_params)) or "none"
-            raise ValueError(f"unknown optional params {', '.join(sorted(extra))} (this site accepts: {allowed})")
-        if self.partitions:
-            total = sum(p.num_nodes for p in self.partitions)
-            if total != self.num_nodes:
-                raise ValueError(f"partition sizes add up to {total} nodes, not num_nodes={self.num_nodes}")
+        """Raise ValueError (:class:`balsam.batch_job_rules.BatchJobRefused`) with the reason if this
+        request does not fit the site's rules: the same rule the site agent applies before submitting."""
+        check_batch_job(self, allowed_queues, allowed_projects, optional_batch_job_params)
 
     def partitions_to_cli_args(self) -> str:
         if not self.partitions:

@@ -1,7 +1,8 @@
 """The core's own hook plugin (entry point ``balsam.plugins: core``).
 
-It attaches the core command modules to the ``balsam`` CLI and contributes the settings.yml
-sections of the built-in agent modules. Third-party plugins use exactly the same hooks.
+It attaches the core command modules to the ``balsam`` CLI (third-party plugins use the same
+hook). The settings.yml sections of the built-in agent modules are the modules' own
+``options_schema`` (see balsam.config.sections).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ CORE_COMMAND_MODULES: list[str] = [
     "balsam.cli.auth",
     "balsam.cli.app",
     "balsam.cli.job",
+    "balsam.cli.transfer",
     "balsam.cli.queue",
     "balsam.cli.dashboard",
     "balsam.cli.analytics",
@@ -56,10 +58,3 @@ def attach_command_modules(cli: Any, module_names: list[str]) -> list[str]:
 def balsam_cli_commands(cli: Any) -> None:
     attach_command_modules(cli, CORE_COMMAND_MODULES)
 
-
-@hookimpl
-def balsam_settings_sections(register: Any) -> None:
-    from balsam.config.schema import AGENT_MODULE_SECTIONS
-
-    for key, (schema, comment, enabled) in AGENT_MODULE_SECTIONS.items():
-        register(key, schema, comment, enabled_by_default=enabled)

@@ -122,6 +122,8 @@ class DefaultPlatform(Platform):
     description = "Any Linux machine or generic cluster (psutil node description; MPICH or Open MPI mpiexec)"
     default_scheduler = "local"
     mpirun_allows_node_packing = True
+    # The job script (and so the launcher) runs on the first node of the allocation, or locally.
+    serial_workers_without_mpi = True
 
     def __init__(self, mpi_flavor: Optional[str] = None, mpiexec: Optional[str] = None, *, options: Any = None) -> None:
         super().__init__(options)

@@ -238,12 +238,13 @@ class LocalQueue:
                 self._settle(job_id, record, time.time())
             self._write(db)
 
-    def history(self, job_id: int) -> dict[str, Any]:
+    def history(self, job_id: int) -> Optional[dict[str, Any]]:
+        """The job's record (settled if its process is gone); None for a job never submitted here."""
         with self.lock:
             db = self._read()
             record = db["jobs"].get(str(job_id))
             if record is None:
-                raise QueueError(f"no local job {job_id}")
+                return None
             if record.get("state") != "finished" and self._process(record) is None:
                 self._settle(job_id, record, time.time())
                 self._write(db)
@@ -265,8 +266,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.add_parser("status")
     delete = sub.add_parser("delete")
     delete.add_argument("job_id", type=int)
-    history = sub.add_parser("history")
-    history.add_argument("job_id", type=int)
+    history = sub.add_parser("history", help="records of the jobs as a JSON object {id: record or null}")
+    history.add_argument("job_ids", type=int, nargs="+")
     args = parser.parse_args(argv)
 
     queue = LocalQueue(args.state_dir)
@@ -288,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif args.command == "delete":
             queue.delete(args.job_id)
         elif args.command == "history":
-            print(json.dumps(queue.history(args.job_id)))
+            print(json.dumps({str(job_id): queue.history(job_id) for job_id in args.job_ids}))
     except QueueError as exc:
         print(f"local queue: {exc}", file=sys.stderr)
         return 2

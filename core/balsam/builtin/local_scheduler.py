@@ -13,8 +13,9 @@ import datetime as dt
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from balsam.config.paths import balsam_home
 from balsam.models import SchedulerJobStatus
@@ -25,6 +26,7 @@ from balsam.scheduler import (
     JobHistory,
     Scheduler,
     SchedulerError,
+    StatusPoll,
     SubmitRequest,
     subprocess_runner,
 )
@@ -59,8 +61,9 @@ class LocalScheduler(Scheduler):
         *,
         user: Optional[str] = None,
         state_dir: Optional[os.PathLike] = None,
+        options: Any = None,
     ) -> None:
-        super().__init__(runner, user=user)
+        super().__init__(runner, user=user, options=options)
         self.state_dir = Path(state_dir).expanduser().resolve() if state_dir else default_state_dir()
 
     def _queue_command(self, *args: str, cwd: Optional[Path] = None) -> Command:
@@ -79,6 +82,11 @@ class LocalScheduler(Scheduler):
 
     # -- submit ---------------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:
+        if request.num_nodes > 1:
+            raise SchedulerError(
+                f"the local scheduler runs on this machine only: asked for {request.num_nodes} nodes (max 1)",
+                permanent=True,
+            )
         args = [
             "submit",
             str(Path(request.script_path).resolve()),
@@ -102,13 +110,6 @@ class LocalScheduler(Scheduler):
             raise SchedulerError(f"local scheduler printed no job id after submitting (got {text[:80]!r})")
         return int(text)
 
-    def submit(self, request: SubmitRequest) -> int:
-        if request.num_nodes > 1:
-            raise SchedulerError(
-                f"the local scheduler runs on this machine only: asked for {request.num_nodes} nodes (max 1)",
-                permanent=True,
-            )
-        return super().submit(request)
 
     # -- status ---------------------------------------------------------------------------------
     def render_status(self, user: str) -> Command:
@@ -150,23 +151,27 @@ class LocalScheduler(Scheduler):
         self._check(result, f"delete job {scheduler_id}")
 
     # -- history --------------------------------------------------------------------------------
-    def render_history(self, scheduler_id: int, script_path: Optional[Path]) -> Optional[Command]:
-        return self._queue_command("history", str(int(scheduler_id)))
+    def render_histories(self, jobs: Mapping[int, Optional[Path]]) -> Optional[Command]:
+        return self._queue_command("history", *(str(int(i)) for i in jobs))
 
-    def parse_history(
-        self, result: Optional[CommandResult], scheduler_id: int, script_path: Optional[Path]
-    ) -> Optional[JobHistory]:
+    def parse_histories(
+        self, result: Optional[CommandResult], jobs: Mapping[int, Optional[Path]], last_poll: StatusPoll
+    ) -> dict[int, Optional[JobHistory]]:
         if result is None:
-            return None
-        if result.returncode == 2:  # the queue never heard of this id
-            return None
-        self._check(result, f"read the record of job {scheduler_id}")
+            raise SchedulerError("local scheduler history was not read")
+        self._check(result, "read the records of its jobs")
         try:
-            record = json.loads(result.stdout)
+            records = json.loads(result.stdout)
         except json.JSONDecodeError as exc:
             raise SchedulerError(f"local scheduler history is not JSON ({exc.msg})") from None
-        if record.get("state") != "finished":
-            return None  # still running: no history yet
+        if not isinstance(records, dict):
+            raise SchedulerError("local scheduler history is not a JSON object")
+        return {scheduler_id: self._history(scheduler_id, records.get(str(scheduler_id))) for scheduler_id in jobs}
+
+    @staticmethod
+    def _history(scheduler_id: int, record: Any) -> Optional[JobHistory]:
+        if not isinstance(record, dict) or record.get("state") != "finished":
+            return None  # never heard of, or still running: no history yet
         native = str(record.get("native_state", "COMPLETED"))
         message = str(record.get("message", ""))
         if "exit_code" in record and not message:

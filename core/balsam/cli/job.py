@@ -9,6 +9,7 @@ import click
 import yaml
 
 from ._site_selector import Progress, format_table, parse_key_values, site_filter, site_names, site_option, watch_output
+from .transfer import job_transfer_summary
 
 def _states() -> list[str]:
     from balsam.states import JobState
@@ -194,13 +195,19 @@ def _list_jobs(filters: dict[str, Any], state: Optional[str], exclude_state: Opt
     app_ids = sorted({j.app_id for j in jobs})
     apps = {a.id: a for a in App.objects.filter(id=app_ids)}
     names = site_names(sorted({a.site_id for a in apps.values()}))
+    # Transfer progress ("in 1/1 out 0/1"), only for apps that declare transfer slots.
+    with_slots = [j.id for j in jobs if getattr(apps.get(j.app_id), "transfers", None)]
+    slot_sites = sorted({apps[j.app_id].site_id for j in jobs if getattr(apps.get(j.app_id), "transfers", None)})
+    transfers = job_transfer_summary(with_slots, slot_sites) if with_slots else {}
     rows = []
     for j in jobs:
         a = apps.get(j.app_id)
         tag_text = " ".join(f"{k}={v}" for k, v in sorted(j.tags.items()))
-        rows.append([j.id, names.get(a.site_id, a.site_id) if a else "?", a.name if a else j.app_id, j.workdir,
-                     j.state.value if j.state else "", tag_text])
-    click.echo(format_table(["ID", "Site", "App", "Workdir", "State", "Tags"], rows, right={0}))
+        row = [j.id, names.get(a.site_id, a.site_id) if a else "?", a.name if a else j.app_id, j.workdir,
+               j.state.value if j.state else ""]
+        rows.append(row + ([transfers.get(j.id, "")] if transfers else []) + [tag_text])
+    headers = ["ID", "Site", "App", "Workdir", "State"] + (["Transfers"] if transfers else []) + ["Tags"]
+    click.echo(format_table(headers, rows, right={0}))
 
 
 @job.command("show")

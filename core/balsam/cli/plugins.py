@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import click
 
+from balsam.config import section_specs
+from balsam.options import option_help
 from balsam.plugins.manager import HOOK_KIND, KINDS, PluginError, PluginRecord, did_you_mean, get_plugin_manager
+
+from .plugin_scaffold import new
 
 COLUMNS = ("kind", "name", "distribution", "version", "status", "error")
 
@@ -36,7 +41,7 @@ def plugins() -> None:
 def ls(kinds: tuple[str, ...], as_json: bool) -> None:
     """List hook plugins and named drivers: kind, name, distribution, version, status, error."""
     pm = get_plugin_manager()
-    _sections(pm)  # so that a plugin's bad settings section shows on its row
+    section_specs()  # so that an agent module's unusable settings section shows on its row
     rows = pm.report()
     if kinds:
         rows = [r for r in rows if r["kind"] in kinds]
@@ -58,21 +63,21 @@ def _describe_record(pm, record: PluginRecord) -> list[str]:
     if record.kind == HOOK_KIND:
         hooks = pm.plugin_hooks(record.name)
         lines.append("  hooks: " + (", ".join(hooks) if hooks else "none"))
-        sections = [s.key for s in _sections(pm).values() if s.plugin == record.name]
-        lines.append("  settings sections: " + (", ".join(sections) if sections else "none"))
         commands = pm.cli_commands.get(record.name)
         if commands:
             lines.append("  commands: " + ", ".join(commands))
+    if record.kind == "agent_module":
+        lines.append(f"  settings section: {record.name}")
+    schema = getattr(record.obj, "options_schema", None) if record.status == "ok" else None
+    if schema is not None and attrs.has(schema):
+        help_texts = option_help(schema)
+        where = {"scheduler": " (scheduler.options)", "platform": " (launcher.platform_options)",
+                 "agent_module": f" (the {record.name} section)"}.get(record.kind, "")
+        lines.append(f"  options{where}:" + ("" if help_texts else " none"))
+        for field in attrs.fields(schema):
+            default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default  # type: ignore[attr-defined]
+            lines.append(f"    {field.name} (default {default!r}): {help_texts[field.name]}")
     return lines
-
-
-def _sections(pm):
-    try:
-        from balsam.config import core_section_keys
-
-        return pm.settings_sections(reserved=core_section_keys())
-    except ImportError:  # config not importable: show what the hooks say without the core keys
-        return pm.settings_sections()
 
 
 @plugins.command("show")
@@ -91,5 +96,7 @@ def show(name: str) -> None:
     blocks = ["\n".join(_describe_record(pm, r)) for r in records]
     click.echo("\n\n".join(blocks))
 
+
+plugins.add_command(new)
 
 commands = [plugins]

@@ -39,7 +39,8 @@ def _paths() -> dict[str, Path]:
     from balsam.server.embedded import socket_path_for
 
     base = _server_dir()
-    return {"dir": base, "pid": base / "server.pid", "log": base / "server.log", "info": base / "server.json",
+    return {"dir": base, "pid": base / "server.pid", "log": base / "server.log", "out": base / "server.out",
+            "info": base / "server.json",
             "db": base / "balsam.db", "socket": socket_path_for(base)}
 
 
@@ -87,11 +88,16 @@ def _info() -> dict[str, Any]:
 
 
 def _log_tail(lines: int = 25) -> str:
-    try:
-        text = _paths()["log"].read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no server log)"
-    return "\n".join(text[-lines:])
+    """The last lines of the server's log, then of its stdout/stderr (where a crash at start lands)."""
+    parts = []
+    for key in ("log", "out"):
+        try:
+            text = _paths()[key].read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        if text:
+            parts.append(f"[{_paths()[key].name}]\n" + "\n".join(text[-lines:]))
+    return "\n".join(parts) or "(no server log)"
 
 
 def _answers(api_root: str) -> bool:
@@ -202,12 +208,14 @@ def start(host: str, port: int, timeout: float) -> None:
 
     env = dict(os.environ, BALSAM_DATABASE_URL=database_url, BALSAM_SERVER_CREATE_TABLES="0",
                BALSAM_AUTH_REGISTRATION="closed", BALSAM_AUTH_ONLY_USER=getpass.getuser())
+    # The server logs to server.log itself (rotated, lines capped); its stdout/stderr (a crash before
+    # logging starts, warnings) go to server.out.
     cmd = [sys.executable, "-m", "balsam.server.embedded", "--socket", str(paths["socket"]), "--host", host,
-           "--port", str(port), "--log-level", "info"]
-    with open(paths["log"], "ab") as log:
-        log.write(f"\n--- balsam server start {dt.datetime.now().isoformat()} ---\n".encode())
-        log.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+           "--port", str(port), "--log-level", "info", "--log-file", str(paths["log"])]
+    with open(paths["out"], "ab") as out:
+        out.write(f"\n--- balsam server start {dt.datetime.now().isoformat()} ---\n".encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=paths["dir"])
     paths["pid"].write_text(f"{proc.pid}\n")
     paths["info"].write_text(json.dumps({"pid": proc.pid, "api_root": api_root, "url": tcp_url,

@@ -22,17 +22,25 @@ def sample_settings() -> None:
 @site.command("check-settings")
 @click.argument("path", required=False, type=click.Path(dir_okay=True, path_type=str))
 def check_settings(path: str | None) -> None:
-    """Check a settings.yml (a file, or the settings of the site at PATH / the current site)."""
+    """Check a settings.yml (a file, or the settings of the site at PATH / the current site); lists every problem."""
     from pathlib import Path
 
-    from balsam.config import SiteConfig, load_settings
+    from balsam.config import SettingsError, SiteConfig, load_settings
 
     target = Path(path) if path else None
     if target is not None and target.is_file():
         settings_path = target
     else:
         settings_path = SiteConfig(target).settings_path
-    settings = load_settings(settings_path)
+    try:
+        settings = load_settings(settings_path)
+    except SettingsError as exc:
+        # Every problem, one per line (ordered by line), so that one run shows all there is to fix.
+        for problem in exc.errors:
+            click.echo(f"Error: {problem}", err=True)
+        if len(exc.errors) > 1:
+            click.echo(f"{len(exc.errors)} problems in {settings_path}", err=True)
+        raise SystemExit(1) from None
     enabled = [key for key, value in settings.sections.items() if value is not None]
     click.echo(f"{settings_path}: OK (sections in effect: {', '.join(enabled)})")
 

@@ -1,50 +1,35 @@
-"""Balsam configuration: balsam home, the settings.yml schema and loader, and SiteConfig."""
+"""Balsam configuration: balsam home, the settings.yml schema and loader, and SiteConfig.
 
+The schemas of agent-module sections live next to their modules (``options_schema``); see
+:mod:`balsam.config.sections` for how settings.yml's top-level keys are found.
+"""
+
+from .drivers import site_platform, site_scheduler
 from .paths import balsam_home
-from .schema import (
-    AGENT_MODULE_SECTIONS,
-    AllowedQueue,
-    ElasticQueueSettings,
-    FileCleanerSettings,
-    LauncherSettings,
-    LoggingSettings,
-    ProcessingSettings,
-    QueueMaintainerSettings,
-    SchedulerSettings,
-    TransferSettings,
-    setting,
-)
+from .schema import AllowedQueue, LauncherSettings, LoggingSettings, setting
+from .sections import CORE_SECTIONS, SectionSpec, core_section_keys, section_specs
 from .settings import (
-    CORE_SECTIONS,
     Settings,
     SettingsError,
-    core_section_keys,
     load_settings,
     loads_settings,
     parse_settings,
     render_sample_settings,
     render_settings_yaml,
-    section_specs,
 )
 from .site_config import SITE_MARKER, SiteConfig, SiteNotFoundError
 
 __all__ = [
-    "AGENT_MODULE_SECTIONS",
     "AllowedQueue",
     "CORE_SECTIONS",
-    "ElasticQueueSettings",
-    "FileCleanerSettings",
     "LauncherSettings",
     "LoggingSettings",
-    "ProcessingSettings",
-    "QueueMaintainerSettings",
     "SITE_MARKER",
-    "SchedulerSettings",
+    "SectionSpec",
     "Settings",
     "SettingsError",
     "SiteConfig",
     "SiteNotFoundError",
-    "TransferSettings",
     "balsam_home",
     "core_section_keys",
     "load_settings",
@@ -54,4 +39,6 @@ __all__ = [
     "render_settings_yaml",
     "section_specs",
     "setting",
+    "site_platform",
+    "site_scheduler",
 ]

@@ -4,11 +4,16 @@ Every problem becomes one line naming the file, the YAML line, the key path and 
 
     settings.yml:14 scheduler.allowed_queues.debug.max_nodes: expected an integer, got 'two'
 
-Sections: the core ones (``logging``, ``filter_tags``, ``launcher``) and those contributed by
-plugins through ``balsam_settings_sections`` (the built-in agent modules come from the core
-plugin). A section whose key names an agent module enables that module; ``null`` or an absent key
-disables it (the value is then ``None``). Any other contributed section falls back to its
-defaults when absent.
+Sections (see :mod:`balsam.config.sections`): the core ones (``logging``, ``filter_tags``,
+``launcher``) and one per installed agent module (``balsam.agent_modules`` entry points, schema =
+the module's ``options_schema``). A section whose key names an agent module enables that module;
+``null`` or an absent key disables it (the value is then ``None``). An enabled section that no
+installed module consumes is refused (an orphan: nothing would act on it).
+
+Driver options (``scheduler.options``, ``launcher.platform_options``) are checked against the
+``options_schema`` of the driver the section names and replaced by an instance of it.
+
+Every problem of a file is collected (``SettingsError.errors``), not only the first.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from typing import Any, Iterable, Optional, Union
 import attrs
 import yaml
 
+from ..options import NoOptions, option_help
+from .drivers import DRIVER_OPTION_FIELDS
 from .schema import LauncherSettings, LoggingSettings
+from .sections import CORE_SECTIONS, SectionSpec, core_section_keys, orphan_message, section_specs
 
 __all__ = [
     "CORE_SECTIONS",
@@ -38,8 +46,6 @@ __all__ = [
     "render_settings_yaml",
     "section_specs",
 ]
-
-FILTER_TAGS_TYPE = dict[str, str]
 
 #: Balsam 0.7 keys that named Python classes; they are plugin names now.
 _RETIRED_KEYS = {
@@ -60,64 +66,6 @@ class SettingsError(ValueError):
             more = len(self.errors) - 1
             message += f" (and {more} more problem{'s' if more > 1 else ''})"
         super().__init__(message)
-
-
-@attrs.define
-class SectionSpec:
-    """One top-level key of settings.yml."""
-
-    key: str
-    #: An attrs class, or a plain type such as ``dict[str, str]`` (filter_tags).
-    schema: Any
-    comment: str = ""
-    plugin: str = "core"
-    #: In a new settings.yml: written with its defaults (True) or as ``key: null`` (False).
-    enabled_by_default: bool = True
-    #: None is allowed (and absence means None): the key enables an agent module.
-    disableable: bool = False
-
-    def default(self) -> Any:
-        if attrs.has(self.schema):
-            return self.schema()
-        if typing.get_origin(self.schema) is dict:
-            return {}
-        return None
-
-
-CORE_SECTIONS: tuple[SectionSpec, ...] = (
-    SectionSpec("logging", LoggingSettings, "Logging of the site agent and its launchers."),
-    SectionSpec(
-        "filter_tags",
-        FILTER_TAGS_TYPE,
-        "This site only runs jobs whose tags include all of these (e.g. {workflow: demo}); {} runs every job.",
-    ),
-    SectionSpec("launcher", LauncherSettings, "Pilot-job launchers: platform plugin and job placement."),
-)
-
-
-def core_section_keys() -> list[str]:
-    return [s.key for s in CORE_SECTIONS]
-
-
-def section_specs() -> list[SectionSpec]:
-    """The core sections, then every plugin-contributed one, in a stable order."""
-    from balsam.plugins.manager import get_plugin_manager
-
-    pm = get_plugin_manager()
-    agent_modules = set(pm.list_drivers("agent_module", resolve=False))
-    specs = list(CORE_SECTIONS)
-    for key, section in pm.settings_sections(reserved=core_section_keys()).items():
-        specs.append(
-            SectionSpec(
-                key=key,
-                schema=section.schema,
-                comment=section.comment,
-                plugin=section.plugin,
-                enabled_by_default=section.enabled_by_default,
-                disableable=key in agent_modules or not section.enabled_by_default,
-            )
-        )
-    return specs
 
 
 # -- YAML with line numbers ---------------------------------------------------------------------
@@ -292,13 +240,17 @@ class _Checker:
         if key in _RETIRED_KEYS:
             self.fail(path, f"unknown key: {_RETIRED_KEYS[key]}")
             return ""
-        matches = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        known = list(known)
+        matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if len(path) == 1:
+            self.fail(path, orphan_message(key, matches[0] if matches else None))
+            return matches[0] if matches else ""
         if matches:
             hint = f" (did you mean '{matches[0]}'?)"
-        elif len(path) == 1:
-            hint = " (no installed plugin provides this section; see `balsam plugins ls`)"
+        elif known:
+            hint = f" (known keys: {', '.join(known)})"
         else:
-            hint = ""
+            hint = " (no keys are accepted here)"
         self.fail(path, f"unknown key{hint}")
         return matches[0] if matches else ""
 
@@ -328,13 +280,17 @@ class Settings:
             for key, value in overrides.items():
                 spec = specs.get(key)
                 if spec is None:
-                    checker.unknown((key,), list(specs))
+                    if value is not None:
+                        checker.unknown((key,), list(specs))
+                elif value is not None and spec.error:
+                    checker.fail((key,), _unloadable(spec))
                 elif value is None or (attrs.has(spec.schema) and isinstance(value, spec.schema)):
                     sections[key] = value
                 else:
                     converted = checker.value(value, spec.schema, (key,))
                     if converted is not checker.INVALID:
                         sections[key] = converted
+            _bind_driver_options(sections, checker)
             if checker.errors:
                 raise SettingsError(checker.sorted_errors())
         object.__setattr__(self, "sections", sections)
@@ -403,7 +359,11 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
         key = str(key)
         spec = specs.get(key)
         if spec is None:
-            checker.unknown((key,), list(specs))
+            if value is not None:  # `key: null` disables a section whether or not its module is installed
+                checker.unknown((key,), list(specs))
+            continue
+        if value is not None and spec.error:
+            checker.fail((key,), _unloadable(spec))
             continue
         if value is None:
             if spec.disableable:
@@ -419,33 +379,66 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
     for key, spec in specs.items():
         if key not in data:
             sections[key] = None if spec.disableable else spec.default()
-    _check_driver_names(sections, checker)
+    _bind_driver_options(sections, checker, data)
     if checker.errors:
         raise SettingsError(checker.sorted_errors())
     ordered = {key: sections[key] for key in specs}
     return Settings(ordered, source=source)
 
 
-def _check_driver_names(sections: dict[str, Any], checker: _Checker) -> None:
-    """launcher.platform and scheduler.name must name installed plugins (checked without importing)."""
-    from balsam.plugins.manager import did_you_mean, get_plugin_manager
+def _unloadable(spec: SectionSpec) -> str:
+    where = f" from {spec.plugin}" if spec.plugin else ""
+    return f"the agent module '{spec.key}'{where} cannot be loaded ({spec.error}); fix or uninstall it, or set this section to null"
+
+
+def _bind_driver_options(sections: dict[str, Any], checker: _Checker, raw: Optional[dict] = None) -> None:
+    """Check each driver name (``scheduler.name``, ``launcher.platform``) against the installed
+    plugins and its options (``scheduler.options``, ``launcher.platform_options``) against that
+    driver's ``options_schema``; replace the options mapping with the schema instance.
+
+    A section that failed its own checks is still looked at through its ``raw`` YAML data, so that
+    one run reports the options' problems too."""
+    from balsam.plugins.manager import PluginError, did_you_mean, get_plugin_manager
 
     pm = get_plugin_manager()
-    wanted = []
-    launcher = sections.get("launcher")
-    if isinstance(launcher, LauncherSettings):
-        wanted.append(("platform", launcher.platform, ("launcher", "platform")))
-    scheduler = sections.get("scheduler")
-    if scheduler is not None and hasattr(scheduler, "name") and isinstance(scheduler.name, str):
-        wanted.append(("scheduler", scheduler.name, ("scheduler", "name")))
-    for kind, name, path in wanted:
+    for key, name_field, options_field, kind in DRIVER_OPTION_FIELDS:
+        section = sections.get(key)
+        raw_section = (raw or {}).get(key)
+        if section is not None and attrs.has(type(section)):
+            name, options = getattr(section, name_field, None), getattr(section, options_field, None)
+        elif key not in sections and isinstance(raw_section, dict):
+            spec = {s.key: s for s in section_specs()}.get(key)
+            if spec is None or not attrs.has(spec.schema):
+                continue
+            section = None  # invalid: check its driver and options, keep nothing
+            name = raw_section.get(name_field, getattr(spec.schema(), name_field))
+            options = raw_section.get(options_field)
+        else:
+            continue
+        if not isinstance(name, str):
+            continue
         available = sorted(pm.list_drivers(kind, resolve=False))
         if name not in available:
             hint = did_you_mean(name, available)
             checker.fail(
-                path,
+                (key, name_field),
                 f"unknown {kind} '{name}' (available: {', '.join(available) or 'none'}" + (f"; {hint})" if hint else ")"),
             )
+            continue
+        try:
+            schema = getattr(pm.load_driver(kind, name), "options_schema", NoOptions)
+        except PluginError as exc:
+            checker.fail((key, name_field), str(exc))
+            continue
+        if isinstance(options, schema):
+            continue
+        if not attrs.fields(schema) and isinstance(options, dict) and options:
+            for option_name in options:
+                checker.fail((key, options_field, str(option_name)), f"unknown option ({kind} '{name}' takes no options)")
+            continue
+        converted = checker.value({} if options is None else options, schema, (key, options_field))
+        if converted is not checker.INVALID and section is not None:
+            sections[key] = attrs.evolve(section, **{options_field: converted})
 
 
 def load_settings(path: Union[str, os.PathLike]) -> Settings:
@@ -493,20 +486,34 @@ def _dump_value(key: str, value: Any, indent: str) -> list[str]:
     return [indent + line for line in text.rstrip("\n").splitlines()]
 
 
+def _render_fields(obj: Any, indent: str) -> list[str]:
+    """Each field of an attrs instance with its help text as a comment; a field whose value is an
+    attrs instance itself (driver options) is rendered the same way, one level deeper."""
+    body: list[str] = []
+    for field in attrs.fields(type(obj)):
+        help_text = field.metadata.get("help", "")
+        if help_text:
+            body.extend(_comment(help_text, indent))
+        value = getattr(obj, field.name)
+        if attrs.has(type(value)) and attrs.fields(type(value)):
+            body.append(f"{indent}{field.name}:")
+            body.extend(_render_fields(value, indent + "  "))
+        else:
+            body.extend(_dump_value(field.name, _plain(value), indent))
+    return body
+
+
 def _render_section(spec: SectionSpec, value: Any, enabled: bool) -> list[str]:
     out = _comment(spec.comment, "") if spec.comment else []
-    if spec.plugin and spec.plugin != "core":
-        out.append(f"# (section contributed by the '{spec.plugin}' plugin)")
+    if spec.plugin and spec.plugin not in ("core", "balsam"):
+        out.append(f"# (section of an agent module from the '{spec.plugin}' distribution)")
+    if spec.error:
+        out.append(f"# (the agent module '{spec.key}' cannot be loaded: {spec.error})")
     if not attrs.has(spec.schema):
         out.extend(_dump_value(spec.key, _plain(value if value is not None else spec.default()), ""))
         return out
     shown = value if value is not None else spec.default()
-    body: list[str] = []
-    for field in attrs.fields(type(shown)):
-        help_text = field.metadata.get("help", "")
-        if help_text:
-            body.extend(_comment(help_text, "  "))
-        body.extend(_dump_value(field.name, _plain(getattr(shown, field.name)), "  "))
+    body = _render_fields(shown, "  ")
     if enabled:
         out.append(f"{spec.key}:")
         out.extend(body)
@@ -515,6 +522,33 @@ def _render_section(spec: SectionSpec, value: Any, enabled: bool) -> list[str]:
         out.append("# To enable it, replace the line above with (values shown are the defaults):")
         out.append(f"# {spec.key}:")
         out.extend("# " + line for line in body)
+    return out
+
+
+def _driver_options_reference() -> list[str]:
+    """Comment block: the options of every installed scheduler and platform plugin, with help."""
+    from balsam.plugins.manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    out = [
+        "",
+        "# -- Driver options -------------------------------------------------------------------------",
+        "# The options each installed driver accepts, with their defaults. They go under",
+        "# scheduler.options (for the scheduler named by scheduler.name) and launcher.platform_options",
+        "# (for the platform named by launcher.platform).",
+    ]
+    for section, _name_field, options_field, kind in DRIVER_OPTION_FIELDS:
+        for name, record in pm.list_drivers(kind).items():
+            where = f"{section}.{options_field} when {section}.{_name_field} is '{name}'"
+            if record.status != "ok":
+                out.append(f"# {where}: (cannot be loaded: {record.error})")
+                continue
+            schema = getattr(record.obj, "options_schema", NoOptions)
+            if not option_help(schema):
+                out.append(f"# {where}: none")
+                continue
+            out.append(f"# {where}:")
+            out.extend("# " + line for line in _render_fields(schema(), "  "))
     return out
 
 
@@ -546,12 +580,16 @@ def render_settings_yaml(overrides: Optional[dict[str, Any]] = None, *, source: 
     unknown = {k: v for k, v in overrides.items() if k not in known}
     settings = parse_settings({**data, **unknown}, source=source)
 
+    modules = ", ".join(spec.key for spec in specs if spec.disableable)
     out = [
         "# Balsam site settings (settings.yml).",
-        "# Every key is optional; a missing key takes the value shown here. Agent-module sections",
-        "# (scheduler, processing, transfers, elastic_queue, queue_maintainer, file_cleaner, and any",
-        "# plugin's) are enabled by being present and disabled by `null` or by leaving them out.",
-        "# Reference: docs/settings.md. `balsam plugins ls` lists the platform and scheduler plugins.",
+        "# Every key is optional; a missing key takes the value shown here. Each agent-module section",
+        *_comment(
+            f"(installed: {modules or 'none'}) is enabled by being present and disabled by `null` or by leaving "
+            "it out; a section no installed module consumes is refused.",
+            "",
+        ),
+        "# Reference: docs/settings.md. `balsam plugins ls` lists the installed plugins.",
         "",
     ]
     for spec in specs:
@@ -563,5 +601,6 @@ def render_settings_yaml(overrides: Optional[dict[str, Any]] = None, *, source: 
 
 
 def render_sample_settings() -> str:
-    """``balsam site sample-settings``: every key with its default and help text."""
-    return render_settings_yaml({})
+    """``balsam site sample-settings``: every key with its default and help text, then the options
+    of every installed scheduler and platform plugin."""
+    return render_settings_yaml({}) + "\n".join(_driver_options_reference()) + "\n"

@@ -7,7 +7,9 @@ same two), on the REST client of ``balsam.api``.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -47,6 +49,55 @@ def open_lease(
         default_client(), site_id, batch_job_id, filter_tags=filter_tags, sort_by=sort_by, app_ids=app_ids,
         tick_period=tick_period, wrap=api_models().Job._from_api, acquire_retry_count=ACQUIRE_RETRY_COUNT,
     )
+
+
+class EarlyLease:
+    """A lease (Session) opened in a background thread while the launcher is still starting.
+
+    The job mode takes it with :meth:`take` (which waits for it and raises what opening it raised);
+    if nobody takes it (the start-up failed, or the BatchJob turned out to be another one),
+    :meth:`discard` closes it so that the Session does not linger until it expires."""
+
+    def __init__(self, site_id: int, batch_job_id: int, filter_tags: dict[str, str], sort_by: Optional[str]) -> None:
+        self.site_id = site_id
+        self.batch_job_id = batch_job_id
+        self.filter_tags = dict(filter_tags)
+        self.sort_by = sort_by
+        self._lease: Any = None
+        self._error: Optional[BaseException] = None
+        self._taken = False
+        self._thread = threading.Thread(target=self._open, name="early-lease", daemon=True)
+
+    @classmethod
+    def start(cls, site_id: int, batch_job_id: int, filter_tags: dict[str, str], sort_by: Optional[str] = None) -> "EarlyLease":
+        early = cls(site_id, batch_job_id, filter_tags, sort_by)
+        early._thread.start()
+        return early
+
+    def _open(self) -> None:
+        try:
+            self._lease = open_lease(self.site_id, self.batch_job_id, self.filter_tags, sort_by=self.sort_by)
+        except BaseException as exc:  # handed to whoever takes it
+            self._error = exc
+
+    def matches(self, site_id: int, batch_job_id: Optional[int], filter_tags: dict[str, str], sort_by: Optional[str]) -> bool:
+        return (site_id, batch_job_id, dict(filter_tags), sort_by) == (self.site_id, self.batch_job_id, self.filter_tags,
+                                                                       self.sort_by)
+
+    def take(self) -> Any:
+        self._thread.join()
+        self._taken = True
+        if self._error is not None:
+            raise self._error
+        return self._lease
+
+    def discard(self) -> None:
+        if self._taken:
+            return
+        self._taken = True
+        self._thread.join()
+        if self._lease is not None:
+            self._lease.close(retry_count=0)
 
 
 def open_updater(spool_path: "Path | str | None") -> Any:
@@ -107,3 +158,13 @@ def largest_active_batch_job(site_id: int, exclude_id: Optional[int]) -> int:
     page = default_client().get("/batch-jobs/", params={"site_id": int(site_id), "state": list(ACTIVE_BATCH_JOB_STATES)})
     rows = page.get("results", page) if isinstance(page, dict) else page
     return max((int(r.get("num_nodes") or 0) for r in rows if r.get("id") != exclude_id), default=0)
+
+
+def report_batch_job_error(batch_job_id: int, message: str) -> None:
+    """Record a launcher failure in the BatchJob's ``status_info`` (``error``, ``error_time``: the
+    keys the scheduler module uses, which ``balsam queue ls -v`` shows)."""
+    batch_job = api_models().BatchJob.objects.get(id=batch_job_id)
+    info = dict(batch_job.status_info or {})
+    info.update(error=message, error_time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    batch_job.status_info = info
+    batch_job.save()

@@ -79,10 +79,10 @@ def split_nodes(nodes: Sequence[NodeInfo], partitions: Sequence[Partition]) -> l
 
 def configure_logging(path: Path, settings: Any = None) -> None:
     """Log to ``path`` with the site's logging settings (and warnings to stderr)."""
-    cfg = getattr(settings, "logging", None)
-    level = getattr(cfg, "level", "INFO") or "INFO"
-    fmt = getattr(cfg, "format", None) or "%(asctime)s.%(msecs)03d | %(process)d | %(levelname)s | %(name)s:%(lineno)s] %(message)s"
-    datefmt = getattr(cfg, "datefmt", None) or "%Y-%m-%d %H:%M:%S"
+    from balsam.config.schema import LoggingSettings
+
+    cfg = getattr(settings, "logging", None) or LoggingSettings()  # the schema: the one source of defaults
+    level, fmt, datefmt = cfg.level, cfg.format, cfg.datefmt
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("balsam")
     for handler in list(root.handlers):
@@ -115,21 +115,14 @@ def _load_site(site_path: Optional[str]) -> Any:
 
 
 def _platform(settings: Any) -> Any:
-    from balsam.plugins.manager import PluginError, get_plugin_manager
+    from balsam.config import site_platform
+    from balsam.options import OptionsError
+    from balsam.plugins.manager import PluginError
 
-    from .job_mode import launcher_setting
-
-    name = launcher_setting(settings, "platform") or "default"
     try:
-        driver = get_plugin_manager().load_driver("platform", name)
-    except PluginError as exc:
+        return site_platform(settings)
+    except (PluginError, OptionsError) as exc:
         raise LauncherError(f"settings.yml launcher.platform: {exc}") from None
-    try:
-        return driver(options=launcher_setting(settings, "platform_options") or None)
-    except (TypeError, ValueError) as exc:
-        said = str(exc)
-        key = "" if said.startswith("launcher.platform_options") else "launcher.platform_options: "
-        raise LauncherError(f"settings.yml {key}{said}") from None
 
 
 def _job_mode_class(name: str) -> Any:
@@ -171,6 +164,36 @@ def run_launcher(
     # processes (partitions, jobs using the API) inherit it.
     credential = use_launcher_credential(site_config.site_path, os.environ)
     settings = site_config.settings
+    base_tags = dict(getattr(settings, "filter_tags", None) or {})
+    base_tags.update(dict(parse_tag(t) for t in tags))
+    partitions = [parse_partition(p) for p in parts] or [Partition(job_mode, 0)]
+    # The Session is created while the plugins load (a few hundred ms each on a busy node).
+    early_lease = _start_early_lease(site_config.site_id, settings, partitions, base_tags)
+    try:
+        return _run_with_site(site_config, settings, credential, partitions, base_tags, wall_time_min, start_time,
+                              partition_index, early_lease, on_credential_refused)
+    finally:
+        if early_lease is not None:
+            early_lease.discard()
+
+
+def _start_early_lease(site_id: int, settings: Any, partitions: Sequence[Partition], base_tags: dict[str, str]) -> Any:
+    """A Session opened in the background now, for a single-partition launch whose BatchJob id is
+    known from the environment (what the job template exports); None otherwise."""
+    raw = os.environ.get("BALSAM_BATCH_JOB_ID", "").strip()
+    if len(partitions) != 1 or not raw.isdigit():
+        return None
+    from ._api import EarlyLease
+    from .job_mode import launcher_setting
+
+    partition = partitions[0]
+    sort_by = launcher_setting(settings, "sort_by") if partition.job_mode != "serial" else None
+    return EarlyLease.start(site_id, int(raw), {**base_tags, **partition.filter_tags}, sort_by=sort_by)
+
+
+def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions: list[Partition], base_tags: dict[str, str],
+                   wall_time_min: float, start_time: float, partition_index: int, early_lease: Any,
+                   on_credential_refused: Any) -> int:
     platform = _platform(settings)
     env = dict(os.environ)
     nodes = _nodes_from_env(env)
@@ -181,10 +204,8 @@ def run_launcher(
             raise LauncherError(f"platform {platform.name!r} could not discover the nodes: {exc}") from None
     if not nodes:
         raise LauncherError(f"platform {platform.name!r} found no nodes in this allocation")
-
-    base_tags = dict(getattr(settings, "filter_tags", None) or {})
-    base_tags.update(dict(parse_tag(t) for t in tags))
-    partitions = [parse_partition(p) for p in parts] or [Partition(job_mode, len(nodes))]
+    if len(partitions) == 1 and partitions[0].num_nodes == 0:  # no --part: one partition of every node
+        partitions = [Partition(partitions[0].job_mode, len(nodes), partitions[0].filter_tags)]
     for p in partitions:
         _job_mode_class(p.job_mode)  # fail fast on a misspelt mode, before anything starts
     node_groups = split_nodes(nodes, partitions)
@@ -211,6 +232,7 @@ def run_launcher(
         job_mode=partition.job_mode,
         partition_index=partition_index,
         start_time=start_time,
+        early_lease=early_lease if early_lease is not None and early_lease.batch_job_id == batch_job_id else None,
     )
     # Jobs (and serial workers) see which mode and how many nodes run them, as in Balsam 0.7.
     os.environ["BALSAM_LAUNCHER_NODES"] = str(len(context.nodes))

@@ -28,31 +28,16 @@ from typing import Any, ClassVar, Iterator, Optional
 
 import attrs
 
+from balsam.config.schema import LauncherSettings
 from balsam.platform import NodeInfo, Platform
 
 logger = logging.getLogger(__name__)
 
-#: Defaults of ``settings.launcher`` used when a key is missing (Balsam 0.7 values).
-LAUNCHER_DEFAULTS: dict[str, Any] = {
-    "idle_ttl_sec": 60,
-    "delay_sec": 1,
-    "error_tail_num_lines": 10,
-    "max_concurrent_mpiruns": 1000,
-    "mpirun_allows_node_packing": None,
-    "serial_mode_prefetch_per_rank": 64,
-    "sort_by": None,
-    "serial_mode_startup_params": {},
-    "platform": "default",
-    "platform_options": {},
-}
-
-
 def launcher_setting(settings: Any, name: str) -> Any:
+    """``settings.launcher.<name>``; the defaults are those of the schema (``LauncherSettings``),
+    the one source, also for a settings object without a launcher section (tests, embedding)."""
     section = getattr(settings, "launcher", None)
-    value = getattr(section, name, LAUNCHER_DEFAULTS.get(name)) if section is not None else LAUNCHER_DEFAULTS.get(name)
-    if value is None and name not in ("mpirun_allows_node_packing", "sort_by"):
-        return LAUNCHER_DEFAULTS.get(name)
-    return value
+    return getattr(section if section is not None else LauncherSettings(), name)
 
 
 def env_float(name: str, default: float) -> float:
@@ -111,6 +96,65 @@ class IdleTimer:
         return self._idle_since is not None and time.monotonic() - self._idle_since >= self.idle_ttl_sec
 
 
+class StopConditions:
+    """Why a launcher must stop now: a request (signal, refused credential, failed start), the wall
+    time (:class:`Countdown`) or the idle timeout (:class:`IdleTimer`), in that order.
+
+    One object for every job mode (the :class:`JobMode` base and the serial master and workers use
+    it alike). :meth:`request` is safe from a signal handler and from any thread: it stores plain
+    attributes and sets the Events (``event``; ``wake``, so a loop sleeping on it returns at once)
+    from a helper thread, because an Event's lock may be held by the very code the signal
+    interrupted. The other methods belong to the mode's loop thread.
+    """
+
+    def __init__(self, countdown: Countdown, idle_timer: IdleTimer, wake: Optional[threading.Event] = None) -> None:
+        self.countdown = countdown
+        self.idle_timer = idle_timer
+        self.wake = wake
+        self.event = threading.Event()
+        self.reason = ""
+        self._requested = False
+
+    @classmethod
+    def for_launcher(
+        cls, wall_time_min: float, start_time: float, idle_ttl_sec: float, wake: Optional[threading.Event] = None
+    ) -> "StopConditions":
+        return cls(Countdown(wall_time_min, start_time=start_time), IdleTimer(idle_ttl_sec), wake)
+
+    def request(self, reason: str) -> None:
+        """Ask the loop to stop; the first reason given is kept."""
+        if not self._requested:
+            self.reason = reason
+            self._requested = True
+        threading.Thread(target=self._set_events, name="stop-request", daemon=True).start()
+
+    def _set_events(self) -> None:
+        self.event.set()
+        if self.wake is not None:
+            self.wake.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._requested
+
+    def check(self) -> Optional[str]:
+        """Why the loop must stop now, or None."""
+        if self._requested:
+            return self.reason or "signal"
+        if self.countdown.expired:
+            return "wall time"
+        if self.idle_timer.expired:
+            return "idle"
+        return None
+
+    def note_activity(self, busy: bool) -> None:
+        """Tell the idle timer whether anything runs or waits to run."""
+        if busy:
+            self.idle_timer.busy()
+        else:
+            self.idle_timer.idle()
+
+
 def launcher_stamp(now: Optional[dt.datetime] = None) -> str:
     """``<YYYY-mm-dd_HHMMSS>_<host>_<pid>``: the start time to the second does not tell launchers
     apart (several BatchJobs of a site often start in the same second, on a shared file system), the
@@ -140,6 +184,20 @@ class LauncherContext:
     start_time: float = attrs.Factory(time.time)
     #: Names this launcher's files: unique per launcher process (see :func:`launcher_stamp`).
     timestamp: str = attrs.Factory(lambda: launcher_stamp())
+    #: A Session the launcher began to open during its start-up (``balsam.launcher._api.EarlyLease``).
+    early_lease: Any = None
+
+    def open_lease(self, sort_by: Optional[str] = None) -> Any:
+        """The launcher's lease: the one opened early when it was opened for the same filters,
+        else a new one."""
+        early, self.early_lease = self.early_lease, None
+        if early is not None and early.matches(self.site_id, self.batch_job_id, self.filter_tags, sort_by):
+            return early.take()
+        if early is not None:
+            early.discard()
+        from ._api import open_lease
+
+        return open_lease(self.site_id, self.batch_job_id, self.filter_tags, sort_by=sort_by)
 
     def setting(self, name: str) -> Any:
         return launcher_setting(self.settings, name)
@@ -169,10 +227,22 @@ class JobMode(abc.ABC):
 
     def __init__(self, context: LauncherContext) -> None:
         self.context = context
-        self.stop_event = threading.Event()
-        self.stop_reason = ""
-        self.countdown = Countdown(context.wall_time_min, start_time=context.start_time)
-        self.idle_timer = IdleTimer(context.setting("idle_ttl_sec"))
+        #: Set by :meth:`request_stop` and by a job's exit (a mode whose pool reaps with it):
+        #: the loop sleeps on it, so it reacts at once to either.
+        self.wake = threading.Event()
+        self.stop = StopConditions.for_launcher(
+            context.wall_time_min, context.start_time, context.setting("idle_ttl_sec"), wake=self.wake
+        )
+        self.countdown = self.stop.countdown
+        self.idle_timer = self.stop.idle_timer
+
+    @property
+    def stop_event(self) -> threading.Event:
+        return self.stop.event
+
+    @property
+    def stop_reason(self) -> str:
+        return self.stop.reason
 
     @abc.abstractmethod
     def run(self) -> int:
@@ -180,19 +250,11 @@ class JobMode(abc.ABC):
 
     def request_stop(self, reason: str = "signal") -> None:
         """Ask the mode to end its running jobs as RUN_TIMEOUT and return (safe from a signal handler)."""
-        if not self.stop_event.is_set():
-            self.stop_reason = reason
-            self.stop_event.set()
+        self.stop.request(reason)
 
     def should_stop(self) -> Optional[str]:
         """Why the mode must stop now, or None."""
-        if self.stop_event.is_set():
-            return self.stop_reason or "signal"
-        if self.countdown.expired:
-            return "wall time"
-        if self.idle_timer.expired:
-            return "idle"
-        return None
+        return self.stop.check()
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[tuple[Any, Any]]:
@@ -201,10 +263,10 @@ class JobMode(abc.ABC):
         Updates are flushed *before* the Session is deleted: deleting it turns jobs still RUNNING
         into RUN_TIMEOUT, which would refuse a late RUN_DONE.
         """
-        from ._api import open_lease, open_updater
+        from ._api import open_updater
 
         ctx = self.context
-        source = open_lease(ctx.site_id, ctx.batch_job_id, ctx.filter_tags, sort_by=ctx.setting("sort_by"))
+        source = ctx.open_lease(sort_by=ctx.setting("sort_by"))
         updater = open_updater(ctx.spool_path)
         self.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
         try:

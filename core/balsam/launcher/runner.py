@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
+import select
 import threading
 import time
 from collections import deque
@@ -58,8 +60,6 @@ def report_running(updater: Any, prepared: PreparedJob) -> None:
 
 
 def report_exit(updater: Any, job_id: int, returncode: int, tail: str, when: Optional[float] = None) -> None:
-    import datetime as dt
-
     ts = dt.datetime.fromtimestamp(when, dt.timezone.utc) if when else None
     if returncode == 0:
         updater.put(job_id, JobState.run_done, state_timestamp=ts, return_code=0)
@@ -76,74 +76,132 @@ def report_failed(updater: Any, job_id: int, reason: str) -> None:
 
 
 class ChildReaper:
-    """Reaps the pool's children the moment they exit, from a thread blocked in ``waitid()``.
+    """Collects the exits of the processes it is given, and of no others, the moment they happen.
 
-    No polling: the thread sleeps in the kernel until a child exits, records its status and sets
-    ``wake`` so the job mode's loop reacts at once. ``WNOWAIT`` first peeks at the exited child, so
-    a child that is not ours (started by a plugin, say) is left for its owner to reap.
+    Each watched child gets a pidfd (Linux >= 5.3): a descriptor that becomes readable when that
+    process exits and stays readable until it is reaped, so an exit that happened before
+    :meth:`watch` was even called is still seen (level-triggered: an exit cannot be missed). One
+    thread sleeps in ``epoll_wait`` on the pidfds plus a wake-up descriptor, reaps exactly the pid
+    that became readable (``waitpid(pid)``, never "any child", so another owner's children and
+    zombies are left alone and cannot starve ours), records the status and sets ``wake`` so the job
+    mode's loop reacts at once.
+
+    Thread contract: :meth:`watch` and :meth:`stop` are called by the owner's thread; the reaper
+    thread only appends to :attr:`exited` (a deque the owner pops from: both ends are atomic). The
+    pid -> process map is shared under ``_lock``. Where pidfds are missing (not Linux), the thread
+    polls ``waitpid(pid, WNOHANG)`` on each watched pid every :data:`FALLBACK_POLL_SEC`.
     """
+
+    FALLBACK_POLL_SEC = 0.002
 
     def __init__(self, wake: threading.Event) -> None:
         self.wake = wake
-        self.ours: dict[int, AppProcess] = {}
         self.exited: deque[AppProcess] = deque()
-        self._have_children = threading.Event()
+        self._lock = threading.Lock()
+        self._by_fd: dict[int, AppProcess] = {}  # pidfd -> process (pidfd mode)
+        self._by_pid: dict[int, AppProcess] = {}  # pid -> process (fallback mode)
         self._stopped = False
+        self._use_pidfd = hasattr(os, "pidfd_open") and hasattr(select, "epoll")
+        if self._use_pidfd:
+            self._epoll = select.epoll()
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_w, False)
+            self._epoll.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="child-reaper", daemon=True)
         self._thread.start()
 
+    def _done(self, proc: AppProcess) -> None:
+        self.exited.append(proc)
+        self.wake.set()
+
     def watch(self, proc: AppProcess) -> None:
         proc.reaped_externally = True
-        if proc.pid is None or proc.returncode is not None:  # never started
-            self.exited.append(proc)
-            self.wake.set()
+        pid = proc.pid
+        if pid is None or proc.returncode is not None:  # never started
+            self._done(proc)
             return
-        self.ours[proc.pid] = proc
-        self._have_children.set()
+        if not self._use_pidfd:
+            with self._lock:
+                self._by_pid[pid] = proc
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError as exc:  # ENOSYS (old kernel) or a pid already gone: reap it directly
+            logger.debug("pidfd_open(%s): %s", pid, exc)
+            self._reap(pid, proc)
+            return
+        with self._lock:
+            self._by_fd[fd] = proc
+            self._epoll.register(fd, select.EPOLLIN)
 
     def stop(self) -> None:
         self._stopped = True
-        self._have_children.set()
+        if self._use_pidfd:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def _reap(self, pid: int, proc: AppProcess) -> None:
+        try:
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped by someone else after all: the status is lost
+            code = -1
+        proc.mark_exited(code)
+        self._done(proc)
 
     def _run(self) -> None:
-        while not self._stopped:
-            if not self.ours:
-                self._have_children.wait(0.2)
-                self._have_children.clear()
-                continue
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-            except ChildProcessError:
-                time.sleep(0.005)
-                continue
-            except InterruptedError:
-                continue
-            if info is None:
-                continue
-            pid = info.si_pid
-            proc = self.ours.pop(pid, None)
-            if proc is None:
-                time.sleep(0.0002)  # maybe ours, spawned an instant ago and not watched yet
-                proc = self.ours.pop(pid, None)
-                if proc is None:
-                    time.sleep(0.005)  # someone else's child: its owner reaps it
+        if not self._use_pidfd:
+            return self._run_polling()
+        try:
+            while not self._stopped:
+                try:
+                    events = self._epoll.poll()
+                except InterruptedError:
                     continue
-            try:
-                _, status = os.waitpid(pid, 0)
-                code = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-            proc.mark_exited(code)
-            self.exited.append(proc)
-            self.wake.set()
+                for fd, _mask in events:
+                    if fd == self._wake_r:
+                        continue
+                    with self._lock:
+                        proc = self._by_fd.pop(fd, None)
+                        if proc is not None:
+                            self._epoll.unregister(fd)
+                    if proc is None:
+                        continue
+                    os.close(fd)
+                    self._reap(proc.pid, proc)  # type: ignore[arg-type]
+        finally:
+            with self._lock:
+                for fd in self._by_fd:
+                    os.close(fd)
+                self._by_fd.clear()
+            self._epoll.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _run_polling(self) -> None:
+        while not self._stopped:
+            with self._lock:
+                watched = list(self._by_pid.items())
+            for pid, proc in watched:
+                try:
+                    done_pid, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done_pid, status = pid, -1 << 8
+                if done_pid:
+                    with self._lock:
+                        self._by_pid.pop(pid, None)
+                    proc.mark_exited(os.waitstatus_to_exitcode(status) if status >= 0 else -1)
+                    self._done(proc)
+            time.sleep(self.FALLBACK_POLL_SEC)
 
 
 class ProcessPool:
     """The processes this launcher process started.
 
-    With ``wake`` (an Event), a :class:`ChildReaper` collects exits and sets ``wake``; without it,
-    :meth:`reap` polls every running process (the mpi mode, whose platform may run subprocesses of
-    its own, e.g. ``mpiexec --version``).
+    With ``wake`` (an Event), a :class:`ChildReaper` collects exits the moment they happen and sets
+    ``wake``; without it, :meth:`reap` polls every running process.
     """
 
     def __init__(self, error_tail_num_lines: int, wake: Optional[threading.Event] = None) -> None:

@@ -8,7 +8,6 @@ from .manager import (
     PluginError,
     PluginManager,
     PluginRecord,
-    SettingsSection,
     get_plugin_manager,
     reset_plugin_manager,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "PluginError",
     "PluginManager",
     "PluginRecord",
-    "SettingsSection",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",

@@ -6,19 +6,39 @@ specs below; it is listed in the ``balsam.plugins`` entry-point group of its dis
     [project.entry-points."balsam.plugins"]
     my_plugin = "my_package.balsam_plugin"
 
-Named drivers (schedulers, platforms, transfer backends, job modes, agent modules) have entry-point
-groups of their own (``balsam.schedulers`` ...) and are resolved by name with stevedore; a hook
-module may also hand drivers to :func:`balsam_register_drivers`. Either way the core owns the name
-space and reports duplicates. ``docs/plugins/hooks.md`` has one section per hook with an example.
+Named drivers (schedulers, platforms, transfer backends, job modes, agent modules) are not hooks:
+they come from entry-point groups of their own (``balsam.schedulers`` ...), the one way to register
+them, and are resolved by name with stevedore; the core owns the name space and reports duplicates.
+``docs/plugins/hooks.md`` has one section per hook with an example.
+
+The argument types are the real ones (imported for type checkers only, so that importing the specs
+stays cheap and free of import cycles).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
 import pluggy
 
+if TYPE_CHECKING:  # pragma: no cover
+    import click
+
+    from balsam._api.models import Job
+    from balsam.config import Settings, SiteConfig
+    from balsam.models import BatchJob
+    from balsam.site.module import AgentModule
+
 PROJECT_NAME = "balsam"
+
+#: Hooks of earlier versions -> what replaced them (a plugin still implementing one is told so).
+RETIRED_HOOKS: dict[str, str] = {
+    "balsam_settings_sections": "a settings.yml section is an agent module's options_schema "
+    "(see docs/plugins/writing-plugins.md)",
+    "balsam_register_drivers": "drivers come from their entry-point groups only; list the driver under "
+    '[project.entry-points."balsam.<kind>s"] of your pyproject.toml (see docs/plugins/writing-plugins.md)',
+}
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
@@ -29,34 +49,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def balsam_register_drivers(register: Callable[..., None]) -> None:
-    """Register named drivers that are not (or not only) listed in an entry-point group.
-
-    Called once, when the plugin manager first loads. Call
-    ``register(kind, name, driver, description="")`` for each driver, where ``kind`` is one of
-    ``scheduler``, ``platform``, ``transfer``, ``job_mode``, ``agent_module`` and ``driver`` is the
-    class (or factory) that the entry point would have named. A name already taken in that kind is
-    reported by ``balsam plugins ls`` as a conflict and the first registration wins.
-    Return value: ignored.
-    """
-
-
-@hookspec
-def balsam_settings_sections(register: Callable[..., None]) -> None:
-    """Contribute a top-level section of ``settings.yml``.
-
-    Called when settings are loaded or a sample file is rendered. Call
-    ``register(key, schema, comment="", *, enabled_by_default=True)`` where ``schema`` is an attrs
-    class whose fields (with defaults and ``metadata={"help": ...}``) describe the section,
-    ``comment`` is the text put above the section in ``balsam site sample-settings``, and
-    ``enabled_by_default=False`` writes the section as ``key: null`` in a new settings.yml. The loaded value is available as
-    ``settings.sections[key]`` (``None`` when the file sets the key to ``null``).
-    Return value: ignored.
-    """
-
-
-@hookspec
-def balsam_cli_commands(cli: Any) -> None:
+def balsam_cli_commands(cli: "click.Group") -> None:
     """Add click commands or groups to the ``balsam`` command line.
 
     Called once while the ``balsam`` click group is built; ``cli`` is that group. Call
@@ -71,7 +64,7 @@ def balsam_cli_commands(cli: Any) -> None:
 
 
 @hookspec
-def balsam_site_initialized(site_path: Any, settings: Any, site_id: int) -> None:
+def balsam_site_initialized(site_path: Path, settings: "Settings", site_id: int) -> None:
     """A new site directory was created and registered with the API.
 
     Called at the end of ``balsam site init`` with the site directory (``pathlib.Path``), its loaded
@@ -87,7 +80,7 @@ def balsam_site_initialized(site_path: Any, settings: Any, site_id: int) -> None
 
 
 @hookspec
-def balsam_agent_started(site_config: Any, modules: list) -> None:
+def balsam_agent_started(site_config: "SiteConfig", modules: "list[AgentModule]") -> None:
     """The site agent has built its enabled modules and is about to run their first cycle.
 
     ``site_config`` is the ``SiteConfig`` of the site; ``modules`` the list of agent module instances
@@ -97,7 +90,7 @@ def balsam_agent_started(site_config: Any, modules: list) -> None:
 
 
 @hookspec
-def balsam_agent_stopping(site_config: Any, reason: str) -> None:
+def balsam_agent_stopping(site_config: "SiteConfig", reason: str) -> None:
     """The site agent is shutting down (``reason``: ``"signal"``, ``"token-expiry"``, ``"credential-refused"``, ``"error"``).
 
     Called once, before the modules' clean-up. An exception is logged, never fatal.
@@ -111,7 +104,7 @@ def balsam_agent_stopping(site_config: Any, reason: str) -> None:
 
 
 @hookspec
-def balsam_job_template_context(batch_job: Any, context: dict) -> None:
+def balsam_job_template_context(batch_job: "Union[BatchJob, dict[str, Any]]", context: dict[str, Any]) -> None:
     """Add variables to the job-template context before a BatchJob's script is rendered.
 
     Called by the scheduler agent module with the BatchJob and the context dict (the variables of
@@ -121,7 +114,7 @@ def balsam_job_template_context(batch_job: Any, context: dict) -> None:
 
 
 @hookspec
-def balsam_launch_environment(job: Any, env: dict, node_hostnames: list) -> None:
+def balsam_launch_environment(job: "Job", env: dict[str, str], node_hostnames: list[str]) -> None:
     """Adjust the environment of a job just before the launcher starts it.
 
     Called by the mpi and serial job modes with the Job, the environment dict that will be passed to

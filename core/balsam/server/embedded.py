@@ -8,12 +8,18 @@ One uvicorn server listening on:
 - optionally a TCP port on 127.0.0.1, for browsers (the dashboard) and Balsam 0.7 clients
   (``--port 0`` turns it off). Registration is closed and only the local user is served, so the
   port gives nobody else a way in.
+
+With ``--log-file`` the server logs there (uvicorn's error and access logs and balsam's), rotated
+at ``$BALSAM_SERVER_LOG_MAX_BYTES`` (10 MiB; 3 old files kept), every line capped at
+:data:`MAX_LOG_LINE_CHARS`: an access line carries the whole query string, 50 KB for a request
+naming 5,000 job ids.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import socket
 import stat
@@ -22,6 +28,44 @@ from pathlib import Path
 
 #: sockaddr_un.sun_path holds 108 bytes on Linux.
 MAX_SOCKET_PATH = 100
+#: Longest log line kept; the rest is replaced by a note of how much was cut.
+MAX_LOG_LINE_CHARS = 2000
+#: Size at which the log file is rotated (``$BALSAM_SERVER_LOG_MAX_BYTES`` overrides it).
+DEFAULT_LOG_MAX_BYTES = 10 * 2**20
+#: Rotated log files kept (server.log.1 ... server.log.3).
+LOG_BACKUP_COUNT = 3
+
+
+class CappedFormatter(logging.Formatter):
+    """A formatter that cuts lines longer than ``max_chars`` (saying how many characters went)."""
+
+    def __init__(self, fmt: "str | None" = None, datefmt: "str | None" = None, max_chars: int = MAX_LOG_LINE_CHARS) -> None:
+        super().__init__(fmt, datefmt)
+        self.max_chars = max_chars
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if len(text) <= self.max_chars:
+            return text
+        return f"{text[: self.max_chars]}... [{len(text) - self.max_chars} more characters]"
+
+
+def log_config(log_file: Path, level: str, max_bytes: "int | None" = None) -> dict:
+    """uvicorn's ``log_config``: one rotating, line-capped file for uvicorn's and balsam's loggers."""
+    if max_bytes is None:
+        raw = os.environ.get("BALSAM_SERVER_LOG_MAX_BYTES", "")
+        max_bytes = int(raw) if raw.isdigit() else DEFAULT_LOG_MAX_BYTES
+    handler = {"class": "logging.handlers.RotatingFileHandler", "filename": str(log_file), "maxBytes": max_bytes,
+               "backupCount": LOG_BACKUP_COUNT, "formatter": "capped", "encoding": "utf-8"}
+    logger = {"handlers": ["file"], "level": level.upper(), "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"capped": {"()": CappedFormatter, "fmt": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {"file": handler},
+        "loggers": {"uvicorn": logger, "uvicorn.error": dict(logger), "uvicorn.access": dict(logger),
+                    "balsam": dict(logger)},
+    }
 
 
 def socket_path_for(server_dir: Path) -> Path:
@@ -78,6 +122,8 @@ def main(argv: "list[str] | None" = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="TCP port on --host (0: no TCP listener)")
     parser.add_argument("--log-level", default=os.environ.get("BALSAM_LOG_LEVEL", "info").lower())
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="log here (rotated, lines capped) instead of to stderr")
     args = parser.parse_args(argv)
     sockets = [bind_unix(Path(args.socket))]
     if args.port:
@@ -90,8 +136,9 @@ def main(argv: "list[str] | None" = None) -> None:
             # Here, not after run(): uvicorn re-raises SIGTERM once serving ends.
             socket_path.unlink(missing_ok=True)
 
+    extra = {"log_config": log_config(args.log_file, args.log_level)} if args.log_file else {}
     config = uvicorn.Config("balsam.server.app:create_app_from_env", factory=True, log_level=args.log_level,
-                            timeout_keep_alive=30)
+                            timeout_keep_alive=30, **extra)
     EmbeddedServer(config).run(sockets=sockets)
 
 

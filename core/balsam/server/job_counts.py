@@ -20,7 +20,7 @@ from typing import Optional
 
 import sqlalchemy as sa
 
-from .tables import job_count_deltas, job_counts, sites
+from .tables import job_count_deltas, job_counts, job_tag_count_deltas, job_tag_counts, sites
 
 
 def fold_deltas(conn: sa.Connection) -> int:
@@ -40,7 +40,43 @@ def fold_deltas(conn: sa.Connection) -> int:
     moved = result.rowcount or 0
     # Counters of apps whose jobs are all gone (e.g. a deleted app or site) are dropped.
     conn.execute(sa.delete(job_counts).where(job_counts.c.n == 0))
+    result = conn.exec_driver_sql(
+        "WITH moved AS (DELETE FROM job_tag_count_deltas RETURNING site_id, app_id, tag_key, tag_value, state, delta), "
+        "summed AS (SELECT app_id, tag_key, tag_value, state, min(site_id) AS site_id, sum(delta) AS n FROM moved "
+        "GROUP BY app_id, tag_key, tag_value, state) "
+        "INSERT INTO job_tag_counts (app_id, tag_key, tag_value, state, site_id, n) "
+        "SELECT app_id, tag_key, tag_value, state, site_id, n FROM summed ORDER BY app_id, tag_key, tag_value, state "
+        "ON CONFLICT (app_id, tag_key, tag_value, state) DO UPDATE SET n = job_tag_counts.n + excluded.n"
+    )
+    moved += result.rowcount or 0
+    conn.execute(sa.delete(job_tag_counts).where(job_tag_counts.c.n == 0))
     return moved
+
+
+def count_matching(conn: sa.Connection, owned: sa.Select, *, site_ids: Optional[list[int]] = None,
+                   app_ids: Optional[list[int]] = None, states: Optional[list[str]] = None,
+                   tag: Optional[tuple[str, str]] = None) -> int:
+    """How many jobs of the sites ``owned`` selects (the caller's, within its credential's scope)
+    match (sites, apps, states, one tag), from the counters: a few rows read at any number of jobs
+    (exact: the deltas not yet folded are added)."""
+    if tag is None:
+        pairs = ((job_counts, job_counts.c.n), (job_count_deltas, job_count_deltas.c.delta))
+    else:
+        pairs = ((job_tag_counts, job_tag_counts.c.n), (job_tag_count_deltas, job_tag_count_deltas.c.delta))
+    parts = []
+    for table, amount in pairs:
+        stmt = sa.select(amount.label("n")).where(table.c.site_id.in_(owned))
+        if site_ids is not None:
+            stmt = stmt.where(table.c.site_id.in_(site_ids))
+        if app_ids is not None:
+            stmt = stmt.where(table.c.app_id.in_(app_ids))
+        if states is not None:
+            stmt = stmt.where(table.c.state.in_(states))
+        if tag is not None:
+            stmt = stmt.where(table.c.tag_key == tag[0], table.c.tag_value == tag[1])
+        parts.append(stmt)
+    union = sa.union_all(*parts).subquery()
+    return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(union.c.n), 0))).scalar_one())
 
 
 def counts_by_site_app_state(conn: sa.Connection, user_id: int, *, site_ids: Optional[list[int]] = None,

@@ -206,18 +206,41 @@ def job_ordering(q: QueryParams) -> list[sa.ColumnElement]:
 
 def list_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, offset: int) -> tuple[int, list]:
     dialect = conn.dialect.name
-    base = sa.select(jobs.c.id).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
-    base = apply_job_filters(base, q, dialect)
-    count = conn.execute(sa.select(sa.func.count()).select_from(base.subquery())).scalar_one()
+    count = counted_from_counters(conn, user_id, q)
+    if count is None:
+        base = sa.select(jobs.c.id).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+        base = apply_job_filters(base, q, dialect)
+        count = conn.execute(sa.select(sa.func.count()).select_from(base.subquery())).scalar_one()
     if limit == 0 or count == 0:
         return count, []
-    stmt = sa.select(*JOB_OUT_COLUMNS).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+    # The owner's site ids as values, not a subquery: PostgreSQL then walks (site_id, state, id) in
+    # id order for a page instead of joining sites and sorting every match (10^6 jobs: 2 vs 130 ms).
+    site_ids = list(conn.execute(owned_site_ids(user_id)).scalars())
+    stmt = sa.select(*JOB_OUT_COLUMNS).where(jobs.c.site_id.in_(site_ids))
     stmt = apply_job_filters(stmt, q, dialect).order_by(*job_ordering(q)).limit(limit).offset(offset)
     return count, job_dicts(conn.execute(stmt))
 
 
 #: Filters the trigger-kept counters can answer (balsam.server.job_counts); others need a scan.
 COUNTER_FILTERS = frozenset({"site_id", "app_id"})
+#: Query parameters a listing's count can take from the counters (with at most one tag).
+LISTING_COUNTER_PARAMS = frozenset({"site_id", "app_id", "state", "tags", "limit", "offset", "ordering"})
+
+
+def counted_from_counters(conn: sa.Connection, user_id: int, q: QueryParams) -> "int | None":
+    """The number of jobs a listing matches, from the counters (migrations 0003 and 0005) when its
+    filters are only sites, app, states and at most one tag; None when a scan is needed. At 10^6
+    jobs this is what keeps ``Job.objects.filter(state=...).count()`` and a tag's page flat."""
+    if not set(q.params.keys()) <= LISTING_COUNTER_PARAMS:
+        return None
+    from .job_counts import count_matching
+
+    tags = q.key_values("tags") or {}
+    if len(tags) > 1:
+        return None
+    app_id = q.int("app_id")
+    return count_matching(conn, owned_site_ids(user_id), site_ids=q.int_list("site_id"), app_ids=None if app_id is None else [app_id],
+                          states=q.enum_list("state", JobState), tag=next(iter(tags.items()), None))
 #: Counting with other filters looks at the user's newest jobs only, this many (None: all of them).
 COUNT_SCAN_WINDOW = 10_000
 

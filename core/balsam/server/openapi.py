@@ -21,6 +21,7 @@ from balsam.states import BatchJobMode, BatchJobState, JobState, TransferDirecti
 from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, JSONResponse
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_QUERY_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
                      MAX_TEXT_CHARS)
+from .backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS
 from .routing import route
 
 NO_NUL = "^[^\\x00]*$"
@@ -236,6 +237,12 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                 required=["id", "name", "path", "globus_endpoint_id", "backfill_windows", "queued_jobs",
                           "optional_batch_job_params", "allowed_projects", "allowed_queues", "transfer_locations",
                           "last_refresh", "creation_date"]),
+    "BacklogState": obj({"count": ANY_INT, "footprint": {"type": "number"}, "min_num_nodes": ANY_INT,
+                         "max_num_nodes": ANY_INT, "max_wall_time_min": ANY_INT, "oldest_last_update": WIRE_DATETIME},
+                        ["count", "footprint", "min_num_nodes", "max_num_nodes", "max_wall_time_min",
+                         "oldest_last_update"]),
+    "Backlog": obj({"site_id": ANY_INT, "states": {"type": "object", "additionalProperties": _ref("BacklogState")}},
+                   ["site_id", "states"]),
     "App": obj({"id": ANY_INT, "site_id": ANY_INT, "name": {"type": "string"}, "description": {"type": "string"},
                 "parameters": {"type": "object"}, "transfers": {"type": "object"},
                 "serialized_class": {"type": "string"}, "source_code": {"type": "string"}},
@@ -321,10 +328,13 @@ QUERIES: dict[str, dict[str, Any]] = {
                    "scheduler_id": int32(), "queue": Q_TEXT, "ordering": enum(["start_time", "-start_time"]),
                    "start_time_before": Q_DATETIME, "start_time_after": Q_DATETIME, "end_time_before": Q_DATETIME,
                    "end_time_after": Q_DATETIME, "filter_tags": Q_KEY_VALUE},
+    "backlog": {"state": array(_ref("JobState"), len(JobState)),
+                "tags": array(text(MAX_BACKLOG_TAG_CHARS, pattern="^[^\\x00:]+:[^\\x00]*$"), MAX_BACKLOG_TAGS)},
     "sessions": {"id": Q_INT_LIST},
     "transfers": {"id": Q_INT_LIST, "site_id": Q_INT_LIST, "job_id": Q_INT_LIST,
                   "state": array(_ref("TransferItemState")), "direction": _ref("TransferDirection"),
-                  "job_state": _ref("JobState"), "tags": Q_KEY_VALUE},
+                  "job_state": _ref("JobState"), "tags": Q_KEY_VALUE,
+                  "ordering": enum(["id", "-id", "state", "-state"])},
     "events": {"id": Q_INT_LIST, "job_id": Q_INT_LIST, "batch_job_id": int32(), "scheduler_id": int32(),
                "tags": Q_KEY_VALUE, "data": Q_KEY_VALUE, "timestamp_before": Q_DATETIME,
                "timestamp_after": Q_DATETIME, "from_state": _ref("JobState"), "to_state": _ref("JobState"),
@@ -427,6 +437,9 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
                                         params=[_path_id("site_id")]),
                              "delete": _op("Delete a site and everything in it", status=204,
                                            params=[_path_id("site_id")])},
+        "/sites/{site_id}/backlog": {"get": _op("A site's jobs per state: count, node footprint, sizes (auto-scalers)",
+                                                response="Backlog",
+                                                params=[_path_id("site_id"), *_params(q["backlog"])])},
         "/apps/": {"get": _op("List apps", response=_page("App"), params=_params(q["apps"], True)),
                    "post": _op("Create an app", body="AppCreate", status=201, response="App")},
         "/apps/{app_id}": {"get": _op("Read an app", response="App", params=[_path_id("app_id")]),

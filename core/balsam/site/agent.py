@@ -170,11 +170,8 @@ def settings_section(settings: Any, name: str) -> Any:
 
 
 def setup_logging(site_config: Any, *, stream: bool = False) -> Path:
-    settings = site_config.settings
-    log_settings = getattr(settings, "logging", None)
-    level = str(getattr(log_settings, "level", "INFO") or "INFO").upper()
-    fmt = getattr(log_settings, "format", None) or "%(asctime)s | %(process)d | %(levelname)s | %(name)s] %(message)s"
-    datefmt = getattr(log_settings, "datefmt", None) or "%Y-%m-%d %H:%M:%S"
+    log_settings = site_config.settings.logging
+    level, fmt, datefmt = log_settings.level.upper(), log_settings.format, log_settings.datefmt
     log_dir = Path(getattr(site_config, "log_path", Path(site_config.site_path) / "log"))
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"agent_{dt.datetime.now():%Y-%m-%d_%H%M%S}.log"

@@ -14,6 +14,7 @@ import abc
 import logging
 from typing import Any, ClassVar, Optional
 
+from ..config.drivers import site_scheduler
 from ..options import NoOptions
 
 __all__ = ["AgentModule"]
@@ -55,12 +56,7 @@ class AgentModule(abc.ABC):
 
     def site_scheduler(self) -> Any:
         """The site's scheduler driver, built from settings.yml's ``scheduler`` section (name and options)."""
-        from ..plugins.manager import get_plugin_manager  # the plugin manager imports agent modules
-
-        section = self.site_config.settings.sections.get("scheduler")
-        name = _config_value(section, "name") or "local"
-        driver = get_plugin_manager().load_driver("scheduler", name)
-        return driver(options=_config_value(section, "options"))
+        return site_scheduler(self.site_config.settings)
 
     @property
     def name(self) -> str:
@@ -97,8 +93,3 @@ def _config_value(config: Any, field: str) -> Any:
         return config.get(field)
     return getattr(config, field, None)
 
-
-def config_value(config: Any, field: str, default: Any = None) -> Any:
-    """Read ``field`` from a settings section that may be an attrs object or a plain dict."""
-    value = _config_value(config, field)
-    return default if value is None else value

@@ -169,7 +169,8 @@ def init_site(
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise SiteError(f"{path} already exists: choose a new directory for the site")
     pm = get_plugin_manager()
-    platform = pm.load_driver("platform", platform_name)()
+    platform_options = ((settings_overrides or {}).get("launcher") or {}).get("platform_options")
+    platform = pm.load_driver("platform", platform_name)(options=platform_options)
     platform_defaults = dict(platform.settings_defaults() or {})
     platform_scheduler = (platform_defaults.get("scheduler") or {}).get("name") or platform.default_scheduler or "local"
     if scheduler_name and scheduler_name != platform_scheduler:
@@ -187,7 +188,7 @@ def init_site(
         overrides = deep_merge(overrides, {"scheduler": {"allowed_projects": list(projects)}})
     if not (overrides.get("scheduler") or {}).get("allowed_projects"):
         try:
-            projects = list(scheduler_cls().discover_projects() or [])
+            projects = list(scheduler_cls(options=(overrides.get("scheduler") or {}).get("options")).discover_projects() or [])
         except Exception as exc:
             echo(f"Could not list your projects with the {scheduler_name} scheduler ({exc}); edit allowed_projects later.")
             projects = []

@@ -16,6 +16,11 @@ The contract classes need pytest, which a plugin's tests have anyway.
 :class:`ReplayRunner`      a CommandRunner answering from recorded results
                            (``balsam.testing.replay``, with :func:`load_recorded`,
                            :func:`result` and :func:`utc`)
+:class:`TransferContract`  pytest base class of a transfer backend's tests: stage-in and
+                           stage-out batches, several tasks in one poll, a missing file
+                           failing only itself, atomic replacement, unknown ids, one-line
+                           errors (``balsam.testing.transfer_contract``, with
+                           :func:`wait_for_tasks`)
 ``fakebatch``              the fake batch server engine your own fake ``qsub``/``qstat`` on PATH
                            run on (``balsam.testing.fakebatch``, with :func:`fake_batch_env` and
                            :func:`wait_for`)
@@ -47,12 +52,14 @@ __all__ = [
     "Refusal",
     "ReplayRunner",
     "SchedulerContract",
+    "TransferContract",
     "fake_batch_env",
     "fakebatch",
     "load_recorded",
     "result",
     "utc",
     "wait_for",
+    "wait_for_tasks",
 ]
 
 #: public name -> the submodule that defines it
@@ -62,11 +69,13 @@ _WHERE = {
     "Refusal": "scheduler_contract",
     "ReplayRunner": "replay",
     "SchedulerContract": "scheduler_contract",
+    "TransferContract": "transfer_contract",
     "fake_batch_env": "fakebatch",
     "load_recorded": "replay",
     "result": "replay",
     "utc": "replay",
     "wait_for": "fakebatch",
+    "wait_for_tasks": "transfer_contract",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,6 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .platform_contract import PlatformContract
     from .replay import ReplayRunner, load_recorded, result, utc
     from .scheduler_contract import HistoryCase, Refusal, SchedulerContract
+    from .transfer_contract import TransferContract, wait_for_tasks
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ import re
 import shlex
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from balsam.scheduler import (
     BackfillWindow,
@@ -19,6 +19,7 @@ from balsam.scheduler import (
     Scheduler,
     SchedulerError,
     SchedulerJobStatus,
+    StatusPoll,
     SubmitRequest,
 )
 from balsam.states import BatchJobState
@@ -106,6 +107,20 @@ def parse_cobaltlog(text: str, scheduler_id: int) -> Optional[JobHistory]:
         native_state="failed" if never_ran else "finished",
         message=re.sub(r"^Info:\s*", "", last_words)[:300],
     )
+
+
+def read_cobaltlog(scheduler_id: int, script_path: Optional[Path]) -> Optional[JobHistory]:
+    """The history in the job's ``.cobaltlog`` (next to its script); None while there is none."""
+    if script_path is None:
+        return None
+    log = Path(script_path).with_suffix(".cobaltlog")
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SchedulerError(f"cannot read {log}: {exc}") from None
+    return parse_cobaltlog(text, scheduler_id)
 
 
 class CobaltScheduler(Scheduler):
@@ -196,18 +211,9 @@ class CobaltScheduler(Scheduler):
         raise SchedulerError(f"qdel could not delete job {scheduler_id}: {result.describe()}")
 
     # -- history: the .cobaltlog next to the script ------------------------------------------
-    def parse_history(self, result: Optional[CommandResult], scheduler_id: int,
-                      script_path: Optional[Path]) -> Optional[JobHistory]:
-        if script_path is None:
-            return None
-        log = Path(script_path).with_suffix(".cobaltlog")
-        try:
-            text = log.read_text(errors="replace")
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise SchedulerError(f"cannot read {log}: {exc}") from None
-        return parse_cobaltlog(text, scheduler_id)
+    def parse_histories(self, result: Optional[CommandResult], jobs: Mapping[int, Optional[Path]],
+                        last_poll: StatusPoll) -> dict[int, Optional[JobHistory]]:
+        return {scheduler_id: read_cobaltlog(scheduler_id, script_path) for scheduler_id, script_path in jobs.items()}
 
     # -- backfill ---------------------------------------------------------------------------
     def render_backfill(self) -> Optional[Command]:
@@ -253,7 +259,7 @@ class CobaltScheduler(Scheduler):
     # -- projects ---------------------------------------------------------------------------
     def render_discover_projects(self) -> Optional[Command]:
         # Cobalt lists the user's projects when a submission names one that does not exist.
-        return Command(["qsub", "-A", "balsam_no_such_project", "-n", "1", "-t", "1", "/bin/true"])
+        return Command(["qsub", "-A", "balsam_no_such_project", "-n", "1", "-t", "1", "/bin/true"], timeout=20.0)
 
     def parse_discover_projects(self, result: CommandResult) -> list[str]:
         match = re.search(r"Projects available:\s*(.*)", result.stdout + "\n" + result.stderr)

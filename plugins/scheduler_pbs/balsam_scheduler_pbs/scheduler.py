@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 
 import attrs
 
+from balsam.models import AllowedQueue
 from balsam.options import option
 from balsam.scheduler import (
     BackfillWindow,
@@ -26,6 +27,7 @@ from balsam.scheduler import (
     Scheduler,
     SchedulerError,
     SchedulerJobStatus,
+    StatusPoll,
     SubmitRequest,
     format_walltime,
 )
@@ -59,6 +61,12 @@ SELECT_PARAM = "select"
 RAW_FLAGS_PARAM = "qsub_flags"
 
 PLAIN_ENV = {"TZ": "UTC"}
+#: max_walltime written by site init for a queue without a wall-time limit (one week).
+UNLIMITED_WALLTIME_MIN = 7 * 1440
+#: Seconds a discovery command (site init, on a login node) may take before it is given up.
+DISCOVERY_TIMEOUT_SEC = 20.0
+#: max_queued_jobs written by site init for a queue without a per-user max_queued.
+DISCOVERED_MAX_QUEUED_JOBS = 20
 #: Longest scheduler comment kept as a status message.
 MAX_REASON_CHARS = 300
 USER_FORMAT_VARIABLES = ("PBS_QSTAT_HEADER", "QSTAT_HEADER", "PBS_QSTAT_NO_HEADER", "PBS_QSTAT_FMT")
@@ -281,22 +289,16 @@ class PBSScheduler(Scheduler):
         raise SchedulerError(f"qdel could not delete job {scheduler_id}: {_pbs_error(result)}")
 
     # -- history ----------------------------------------------------------------------------
-    def render_history(self, scheduler_id: int, script_path: Optional[Path]) -> Optional[Command]:
-        return self.render_histories([scheduler_id])
-
-    def parse_history(self, result: Optional[CommandResult], scheduler_id: int,
-                      script_path: Optional[Path]) -> Optional[JobHistory]:
-        if result is None:
-            return None
-        return self.parse_histories(result, {scheduler_id: script_path})[scheduler_id]
-
-    def render_histories(self, scheduler_ids: list[int]) -> Command:
-        return Command(["qstat", "-x", "-f", "-F", "json", *map(str, scheduler_ids)], env=PLAIN_ENV,
+    def render_histories(self, jobs: Mapping[int, Optional[Path]]) -> Command:
+        return Command(["qstat", "-x", "-f", "-F", "json", *map(str, jobs)], env=PLAIN_ENV,
                        unset_env=USER_FORMAT_VARIABLES)
 
-    def parse_histories(self, result: CommandResult, jobs: Mapping[int, Optional[Path]]) -> dict[int, Optional[JobHistory]]:
+    def parse_histories(self, result: Optional[CommandResult], jobs: Mapping[int, Optional[Path]],
+                        last_poll: StatusPoll) -> dict[int, Optional[JobHistory]]:
         """``qstat -x`` prints the records it has and one ``Unknown Job Id`` line per job it has
         forgotten (exiting non-zero); both are read."""
+        if result is None:
+            raise SchedulerError("qstat -x was not run")
         unknown = _unknown_ids(result)
         if result.returncode != 0 and not result.stdout.strip() and not unknown:
             raise SchedulerError(f"qstat -x failed: {_pbs_error(result)}")
@@ -351,18 +353,34 @@ class PBSScheduler(Scheduler):
         return JobHistory(scheduler_id=scheduler_id, state=BatchJobState.submit_failed, native_state="Unknown Job Id",
                           message=f"PBS has no record of job {scheduler_id} and it left no output file")
 
-    def get_histories(self, jobs: Mapping[int, Optional[Path]]) -> dict[int, Optional[JobHistory]]:
-        if not jobs:
-            return {}
-        try:
-            return self.parse_histories(self.run(self.render_histories(list(jobs))), jobs)
-        except SchedulerError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - nothing but SchedulerError reaches the agent
-            raise SchedulerError(f"pbs history lookup failed: {type(exc).__name__}: {exc}") from exc
+    # -- queues (site init) -----------------------------------------------------------------------
+    def render_discover_queues(self) -> Optional[Command]:
+        return Command(["qstat", "-Q", "-f", "-F", "json"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES,
+                       timeout=DISCOVERY_TIMEOUT_SEC)
 
-    def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
-        return self.get_histories({scheduler_id: script_path})[scheduler_id]
+    def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
+        """The queues users may submit to (enabled, not route-only) with a node limit
+        (``resources_max.nodect``); wall time from ``resources_max.walltime`` (none: a week) and
+        queued jobs from the per-user ``max_queued`` (none: ``DISCOVERED_MAX_QUEUED_JOBS``)."""
+        if result.returncode != 0 and not result.stdout.strip():
+            raise SchedulerError(f"qstat -Q failed: {_pbs_error(result)}")
+        queues = load_pbs_json(result.stdout, "qstat -Q -f -F json").get("Queue") or {}
+        if not isinstance(queues, dict):
+            raise SchedulerError("qstat -Q -f -F json: 'Queue' is not an object")
+        found: dict[str, AllowedQueue] = {}
+        for name, queue in sorted(queues.items()):
+            if not isinstance(queue, dict) or str(queue.get("enabled")) != "True" or str(queue.get("from_route_only")) == "True":
+                continue
+            limits = queue.get("resources_max") or {}
+            nodes = limits.get("nodect")
+            if not str(nodes).isdigit():
+                logger.info("qstat -Q: queue %s has no node limit (resources_max.nodect): left out", name)
+                continue
+            walltime = pbs_duration_min(limits["walltime"]) if limits.get("walltime") else UNLIMITED_WALLTIME_MIN
+            per_user = re.search(r"\bu:PBS_GENERIC=(\d+)", str(queue.get("max_queued") or ""))
+            found[name] = AllowedQueue(max_nodes=int(nodes), max_walltime=walltime or UNLIMITED_WALLTIME_MIN,
+                                       max_queued_jobs=int(per_user.group(1)) if per_user else DISCOVERED_MAX_QUEUED_JOBS)
+        return found
 
     # -- backfill ---------------------------------------------------------------------------
     def render_backfill(self) -> Optional[Command]:

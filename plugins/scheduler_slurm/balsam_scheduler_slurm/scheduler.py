@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 import attrs
 
 from balsam.options import option
+from balsam.models import AllowedQueue
 from balsam.scheduler import (
     BackfillWindow,
     Command,
@@ -27,6 +28,7 @@ from balsam.scheduler import (
     Scheduler,
     SchedulerError,
     SchedulerJobStatus,
+    StatusPoll,
     SubmitRequest,
 )
 from balsam.states import BatchJobState
@@ -98,6 +100,13 @@ USER_FORMAT_VARIABLES = (
     "SLURM_CLUSTERS", "SLURM_TIME_FORMAT",
 )
 PLAIN_ENV = {"TZ": "UTC", "SLURM_TIME_FORMAT": "standard"}
+
+#: max_walltime written by site init for a partition without a time limit (one week).
+UNLIMITED_WALLTIME_MIN = 7 * 1440
+#: Seconds a discovery command (site init, on a login node) may take before it is given up.
+DISCOVERY_TIMEOUT_SEC = 20.0
+#: max_queued_jobs written by site init for a discovered partition (sinfo does not show QOS limits).
+DISCOVERED_MAX_QUEUED_JOBS = 20
 
 _NO_TIME = {"", "N/A", "UNKNOWN", "NONE", "INVALID", "NOT_SET"}
 #: Longest scheduler reason kept (``ReqNodeNotAvail, UnavailableNodes:...`` can list many nodes).
@@ -286,12 +295,6 @@ class SlurmScheduler(Scheduler):
     default_job_template = resources.files(__package__).joinpath("job-template.sh").read_text()
     options_schema = SlurmOptions
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        #: Jobs that squeue last listed in a final state (kept there for MinJobAge seconds):
-        #: the fall-back history when sacct is unavailable or has not recorded them yet.
-        self._ended_rows: dict[int, SqueueRow] = {}
-
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:
         script = Path(request.script_path)
@@ -343,8 +346,18 @@ class SlurmScheduler(Scheduler):
             unset_env=USER_FORMAT_VARIABLES,
         )
 
-    def parse_status(self, result: CommandResult, now: dt.datetime) -> dict[int, SchedulerJobStatus]:
-        return self.statuses_from_rows(parse_squeue_rows(result), now)
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> StatusPoll:
+        """The jobs in the queue, and the final word on those squeue still lists in a final state
+        (for MinJobAge seconds): the history when sacct is unavailable or has no record yet."""
+        rows = parse_squeue_rows(result)
+        ended = {
+            row.scheduler_id: history
+            for row in rows
+            if row.state is F
+            and (history := history_from_sacct(row.native_state, row.submit_time, row.start_time, row.end_time,
+                                               "", row.reason, row.scheduler_id)) is not None
+        }
+        return StatusPoll(time=now, statuses=self.statuses_from_rows(rows, now), ended=ended)
 
     @staticmethod
     def statuses_from_rows(rows: list[SqueueRow], now: dt.datetime) -> dict[int, SchedulerJobStatus]:
@@ -372,17 +385,6 @@ class SlurmScheduler(Scheduler):
             )
         return statuses
 
-    def get_statuses(self, now: Optional[dt.datetime] = None) -> dict[int, SchedulerJobStatus]:
-        now = now or dt.datetime.now(dt.timezone.utc)
-        try:
-            rows = parse_squeue_rows(self.run(self.render_status(self.user)))
-        except SchedulerError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - nothing but SchedulerError reaches the agent
-            raise SchedulerError(f"slurm status poll failed: {type(exc).__name__}: {exc}") from exc
-        self._ended_rows = {row.scheduler_id: row for row in rows if row.state is F}
-        return self.statuses_from_rows(rows, now)
-
     # -- delete -----------------------------------------------------------------------------
     def render_delete(self, scheduler_id: int) -> Command:
         return Command(["scancel", str(scheduler_id)], unset_env=("SLURM_CLUSTERS",))
@@ -396,28 +398,22 @@ class SlurmScheduler(Scheduler):
         raise SchedulerError(f"scancel could not delete job {scheduler_id}: {_slurm_error(result)}")
 
     # -- history ----------------------------------------------------------------------------
-    def render_history(self, scheduler_id: int, script_path: Optional[Path]) -> Optional[Command]:
-        return self.render_histories([scheduler_id])
-
-    def parse_history(self, result: Optional[CommandResult], scheduler_id: int,
-                      script_path: Optional[Path]) -> Optional[JobHistory]:
-        if result is None:
-            return None
-        return self.parse_histories(result, [scheduler_id]).get(scheduler_id)
-
-    def render_histories(self, scheduler_ids: list[int]) -> Command:
+    def render_histories(self, jobs: Mapping[int, Optional[Path]]) -> Command:
         return Command(
             ["sacct", "--allocations", "--noheader", "--parsable2",
-             "--jobs", ",".join(str(i) for i in scheduler_ids), "--format", ",".join(SACCT_FIELDS)],
+             "--jobs", ",".join(str(i) for i in jobs), "--format", ",".join(SACCT_FIELDS)],
             env=PLAIN_ENV,
             unset_env=USER_FORMAT_VARIABLES,
         )
 
-    def parse_histories(self, result: CommandResult, scheduler_ids: list[int]) -> dict[int, Optional[JobHistory]]:
-        if result.returncode != 0:
-            raise SchedulerError(f"sacct failed: {_slurm_error(result)}")
-        wanted = set(scheduler_ids)
-        histories: dict[int, Optional[JobHistory]] = {i: None for i in scheduler_ids}
+    def parse_histories(self, result: Optional[CommandResult], jobs: Mapping[int, Optional[Path]],
+                        last_poll: StatusPoll) -> dict[int, Optional[JobHistory]]:
+        """sacct's records; jobs it does not know (yet) are None, and take what squeue last said
+        of them (``last_poll.ended``, merged by the base class), as they do when sacct fails."""
+        if result is None or result.returncode != 0:
+            raise SchedulerError(f"sacct failed: {_slurm_error(result) if result else 'not run'}")
+        wanted = set(jobs)
+        histories: dict[int, Optional[JobHistory]] = {i: None for i in jobs}
         for line in result.stdout.splitlines():
             fields = line.split("|")
             if len(fields) < len(SACCT_FIELDS) or not fields[0].strip().isdigit():
@@ -432,33 +428,6 @@ class SlurmScheduler(Scheduler):
                 native, None, _parse_time(start), _parse_time(end), exit_code, reason, int(jobid)
             )
         return histories
-
-    def get_histories(self, jobs: Mapping[int, Optional[Path]]) -> dict[int, Optional[JobHistory]]:
-        """One sacct call for all the jobs; squeue's last word on a job fills in when sacct has
-        no record (accounting disabled, or slurmdbd behind)."""
-        ids = list(jobs)
-        if not ids:
-            return {}
-        error: Optional[SchedulerError] = None
-        try:
-            histories = self.parse_histories(self.run(self.render_histories(ids)), ids)
-        except SchedulerError as exc:
-            error, histories = exc, {i: None for i in ids}
-        except Exception as exc:  # noqa: BLE001
-            error = SchedulerError(f"slurm history lookup failed: {type(exc).__name__}: {exc}")
-            histories = {i: None for i in ids}
-        for scheduler_id in ids:
-            row = self._ended_rows.get(scheduler_id)
-            if histories.get(scheduler_id) is None and row is not None:
-                histories[scheduler_id] = history_from_sacct(
-                    row.native_state, row.submit_time, row.start_time, row.end_time, "", row.reason, scheduler_id
-                )
-        if error is not None and all(h is None for h in histories.values()):
-            raise error
-        return histories
-
-    def get_history(self, scheduler_id: int, script_path: Optional[Path] = None) -> Optional[JobHistory]:
-        return self.get_histories({scheduler_id: script_path})[scheduler_id]
 
     # -- backfill ---------------------------------------------------------------------------
     def render_backfill(self) -> Optional[Command]:
@@ -494,10 +463,39 @@ class SlurmScheduler(Scheduler):
             if count > 0 and limits[partition] > 0
         }
 
-    # -- projects ---------------------------------------------------------------------------
+    # -- queues and projects (site init) ---------------------------------------------------------
+    def render_discover_queues(self) -> Optional[Command]:
+        return Command(["sinfo", "--noheader", "--format", "%R|%D|%l"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES,
+                       timeout=DISCOVERY_TIMEOUT_SEC)
+
+    def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
+        """Each partition with its node count and time limit (no limit: a week). Slurm's per-user
+        job limits live in QOS records sinfo does not show: ``DISCOVERED_MAX_QUEUED_JOBS``."""
+        if result.returncode != 0:
+            raise SchedulerError(f"sinfo failed: {_slurm_error(result)}")
+        queues: dict[str, AllowedQueue] = {}
+        for line in result.stdout.splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) != 3 or not fields[1].isdigit() or not re.fullmatch(r"[\w.\-]+", fields[0]):
+                if line.strip():
+                    logger.warning("sinfo: skipped unreadable line %r", line[:200])
+                continue
+            partition, count, limit = fields
+            unlimited = limit.lower() in ("infinite", "unlimited")
+            walltime = UNLIMITED_WALLTIME_MIN if unlimited else _minutes(limit)
+            if walltime <= 0:
+                continue
+            known = queues.get(partition)
+            queues[partition] = AllowedQueue(
+                max_nodes=int(count) + (known.max_nodes if known else 0),
+                max_walltime=max(walltime, known.max_walltime if known else 0),
+                max_queued_jobs=DISCOVERED_MAX_QUEUED_JOBS,
+            )
+        return queues
+
     def render_discover_projects(self) -> Optional[Command]:
         return Command(["sacctmgr", "--noheader", "--parsable2", "show", "associations", f"user={self.user}",
-                        "format=account"])
+                        "format=account"], timeout=DISCOVERY_TIMEOUT_SEC)
 
     def parse_discover_projects(self, result: CommandResult) -> list[str]:
         if result.returncode != 0:

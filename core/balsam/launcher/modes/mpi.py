@@ -20,13 +20,15 @@ from .._api import largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
 from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
 from ..job_mode import JobMode
-from ..node_manager import InsufficientResources, NodeManager, Placement, UnsatisfiableJob
-from ..runner import ProcessPool, launch_environment, report_exit, report_failed, report_running, report_timeout
+from ..node_manager import NodeManager, Placement, UnsatisfiableJob
+from ..placement import place_pending
+from ..runner import ProcessPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout
 
 logger = logging.getLogger(__name__)
 
-#: Poll period while jobs run (the loop reaps, acquires and starts at this pace).
-POLL_SEC = 0.01
+#: Longest sleep of a loop turn while jobs run or wait: job exits and stop requests end it at once
+#: (the pool's reaper sets ``wake``); only the next acquire waits for it.
+POLL_SEC = 0.05
 #: Jobs asked for per probe for jobs larger than the partition (see ``_probe_too_large``).
 PROBE_JOBS = 64
 
@@ -54,7 +56,7 @@ class MPIMode(JobMode):
         super().__init__(context)
         self.node_manager = NodeManager(context.nodes, allow_node_packing=context.allow_node_packing())
         self.preparer = JobPreparer(context.data_path)
-        self.pool = ProcessPool(int(context.setting("error_tail_num_lines")))
+        self.pool = ProcessPool(int(context.setting("error_tail_num_lines")), wake=self.wake)
         self.pending: deque[PreparedJob] = deque()
         self.max_concurrent = int(context.setting("max_concurrent_mpiruns"))
         self.delay_sec = float(context.setting("delay_sec"))
@@ -167,29 +169,18 @@ class MPIMode(JobMode):
         if not self._try_start:
             return 0
         self._try_start = False
-        started = 0
-        for _ in range(len(self.pending)):
-            prepared = self.pending.popleft()
-            try:
-                placement = self.node_manager.assign(prepared.id, prepared.demand)
-            except InsufficientResources:
-                self.pending.append(prepared)
-                continue
-            try:
-                env = launch_environment(prepared, placement, self.context.platform, self._hook)
-                prepared.workdir.mkdir(parents=True, exist_ok=True)
-                cmd = self._command(prepared, placement, env)
-            except Exception as exc:
-                self.node_manager.free(prepared.id)
-                reason = f"An exception occurred while preparing the launch: {type(exc).__name__}: {exc}"
-                logger.error("job %s FAILED: %s", prepared.id, reason)
-                report_failed(updater, prepared.id, reason)
-                continue
+        room = self.max_concurrent - len(self.pool)
+
+        def start(prepared: PreparedJob, placement: Placement) -> None:
+            env = launch_environment(prepared, placement, self.context.platform, self._hook)
+            prepared.workdir.mkdir(parents=True, exist_ok=True)
+            cmd = self._command(prepared, placement, env)
             # An MPI launcher binds ranks itself, so no affinity is forced on it here.
             self.pool.start(prepared.id, cmd, prepared.workdir, env)
             report_running(updater, prepared)
             logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), cmd)
-            started += 1
+
+        started = place_pending(self.pending, self.node_manager, start, lambda job_id, reason: report_failed(updater, job_id, reason), room=room)
         self.started += started
         return started
 
@@ -206,8 +197,6 @@ class MPIMode(JobMode):
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
-        from ..runner import _launch_hook
-
         self._hook = _launch_hook()
         logger.info(
             "mpi mode: %d nodes, wall time %.2f min (stop in %.0f s), filter_tags %s, node packing %s",
@@ -237,11 +226,17 @@ class MPIMode(JobMode):
                         next_acquire = now if got else now + self.delay_sec
                 if self.pending:
                     self._start_pending(updater)
-                if self.pool.running or self.pending:
-                    self.idle_timer.busy()
-                else:
-                    self.idle_timer.idle()
-                self.stop_event.wait(POLL_SEC if self.pool.running or self.pending else min(self.delay_sec, 0.2))
+                self.stop.note_activity(bool(self.pool.running or self.pending))
+                if self.pending and self._try_start:
+                    continue  # jobs arrived while placing: start them before sleeping
+                # Exits and stop requests set `wake`; the timeout paces the next acquire (with no
+                # room to ask for jobs, only an exit can change anything).
+                timeout = POLL_SEC if self.pool.running or self.pending else min(self.delay_sec, 0.2)
+                until_acquire = next_acquire - time.monotonic()
+                if not self.pending and until_acquire > 0:
+                    timeout = min(timeout, until_acquire)
+                self.wake.wait(timeout)
+                self.wake.clear()
             self._shutdown(updater, reason)
         logger.info("mpi mode done (%s): %d started, %d finished", reason, self.started, self.finished)
         return 0

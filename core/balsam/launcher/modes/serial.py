@@ -6,25 +6,34 @@ The partition launcher starts one rank per node with the platform's MPI launcher
 
 Rank 0 is the master: it holds the Session, leases jobs in large batches (``serial_only``), places
 tasks on every node with the NodeManager, runs its own node's tasks and sends the other ranks theirs
-over mpi4py (many tasks per message); the workers start, reap and report them back. See
-:mod:`balsam.launcher.modes.serial_worker`.
+over mpi4py (many tasks per message); the workers start, reap and report them back. A one-node
+partition on the launcher's own node, on a platform that declares ``serial_workers_without_mpi``,
+runs the master in this process instead (no MPI). See :mod:`balsam.launcher.modes.serial_worker`.
+
+If the workers did not start one per node, the master refuses to run anything: the launcher exits
+1 and the BatchJob's ``status_info["error"]`` says what was seen.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import attrs
 
 from balsam.platform import LaunchSpec
 
+from .._api import report_batch_job_error
 from ..job_mode import JobMode
+from .serial_worker import EXIT_START_FAILED, LocalTransport, StartError, build_master, rank_for_node, record_start_error
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,7 @@ class SerialMode(JobMode):
             "timestamp": ctx.timestamp,
             "partition_index": ctx.partition_index,
             "nodes": [attrs.asdict(n) for n in ctx.nodes],
+            "start_error_path": str(self.start_error_path),
             "error_tail_num_lines": int(ctx.setting("error_tail_num_lines")),
             "logging": {
                 name: getattr(getattr(ctx.settings, "logging", None), name, None)
@@ -67,10 +77,20 @@ class SerialMode(JobMode):
         config["launcher"]["platform_options"] = attrs.asdict(options) if attrs.has(type(options)) else dict(options)
         return config
 
+    @property
+    def start_error_path(self) -> Path:
+        return self.context.log_file("serial.start-error")
+
+    def runs_in_process(self) -> bool:
+        """One node, this launcher's own, on a platform whose launcher runs on its compute node."""
+        ctx = self.context
+        if len(ctx.nodes) != 1 or not getattr(ctx.platform, "serial_workers_without_mpi", False):
+            return False
+        here = socket.gethostname().split(".")[0].lower()
+        return ctx.nodes[0].hostname.split(".")[0].lower() in (here, "localhost")
+
     def command(self, config_path: str) -> str:
         ctx = self.context
-        import shlex
-
         worker = f"{shlex.quote(sys.executable)} -m balsam.launcher.modes.serial_worker {shlex.quote(config_path)}"
         params = {str(k): str(v) for k, v in (ctx.setting("serial_mode_startup_params") or {}).items()}
         # Balsam 0.7's default ``cpu_affinity: none`` means "do not bind the workers", which is what
@@ -100,17 +120,23 @@ class SerialMode(JobMode):
 
     def run(self) -> int:
         ctx = self.context
+        config = self.worker_config()
+        if self.runs_in_process():
+            return self._run_in_process(config)
+        if ctx.early_lease is not None:  # the master (another process) opens its own
+            ctx.early_lease.discard()
+            ctx.early_lease = None
         config_path = ctx.log_file("serial.json")
         config_path.parent.mkdir(parents=True, exist_ok=True)
         # Exclusive create: a name clash with another launcher must fail loudly, never be shared.
         with open(config_path, "x") as fh:
-            fh.write(json.dumps(self.worker_config()))
+            fh.write(json.dumps(config))
         cmd = self.command(str(config_path))
         out_path = ctx.log_file("out")
         logger.info("serial mode: %d nodes; starting %s", len(ctx.nodes), cmd)
         with open(out_path, "ab") as out:
             self._proc = subprocess.Popen(["/bin/bash", "-c", "exec " + cmd], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            if self.stop_event.is_set():
+            if self.stop.requested:
                 self.request_stop(self.stop_reason)
             # The ranks keep their own countdown; this is only a backstop if they hang.
             hard_deadline = self.countdown.deadline + self.countdown.margin_sec
@@ -123,4 +149,46 @@ class SerialMode(JobMode):
                         logger.error("serial workers still running at the allocation end; killing them")
                         self._proc.kill()
         logger.info("serial mode workers exited with %s", rc)
+        failure = self._start_failure(rc)
+        if failure:
+            self._fail_start(failure)
+            return 1
         return 0 if rc == 0 else 1
+
+    def _run_in_process(self, config: dict[str, Any]) -> int:
+        """The master alone, in this process: no MPI launcher, no second Python start-up."""
+        ctx = self.context
+        logger.info("serial mode: 1 node (%s), master in the launcher process", ctx.nodes[0].hostname)
+        transport = LocalTransport()
+        try:
+            ranks = rank_for_node(ctx.nodes, transport.hosts())
+        except StartError as exc:
+            record_start_error(config, str(exc))
+            self._fail_start(str(exc))
+            return 1
+        master = build_master(config, transport, ranks, self.stop, self.wake, lambda: ctx.platform, lease=ctx.open_lease)
+        reason = master.run()
+        return 1 if reason.startswith("no session") else 0
+
+    def _start_failure(self, rc: int) -> Optional[str]:
+        """Why the workers refused to start (the lines the masters wrote), or None."""
+        try:
+            lines = [line.strip() for line in self.start_error_path.read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            lines = []
+        if not lines:
+            if rc == EXIT_START_FAILED:
+                return f"the start check failed (see {self.context.log_file('master.log').name})"
+            return None
+        extra = f" ({len(lines)} masters said so: the ranks did not see each other)" if len(lines) > 1 else ""
+        return lines[0] + extra
+
+    def _fail_start(self, reason: str) -> None:
+        logger.error("serial mode did not start: %s", reason)
+        batch_job_id = self.context.batch_job_id
+        if batch_job_id is None:
+            return
+        try:
+            report_batch_job_error(batch_job_id, f"serial mode did not start: {reason}")
+        except Exception as exc:  # the log still says why
+            logger.warning("could not record the start failure on BatchJob %s: %s", batch_job_id, exc)

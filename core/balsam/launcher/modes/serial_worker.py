@@ -1,17 +1,29 @@
-"""The serial-mode program run on every node: rank 0 is the master, the other ranks are workers.
+"""The serial mode's master and workers: many single-rank tasks packed on every node of a partition.
 
-Started by :class:`balsam.launcher.modes.serial.SerialMode` as
-``mpiexec -n <nodes> -ppn 1 python -m balsam.launcher.modes.serial_worker <config.json>``.
+:class:`~balsam.launcher.modes.serial.SerialMode` runs them one of two ways:
 
-- Master (rank 0): holds the Session (heartbeat thread), leases runnable single-rank jobs in large
-  batches from a background thread (``serial_only``, ``max_wall_time_min`` = time left), places every
-  task with one NodeManager over all nodes, starts its own node's tasks and sends the others to their
-  rank in one mpi4py message per rank per loop; reports RUNNING / RUN_DONE / RUN_ERROR through the
-  BulkStatusUpdater. At wall time, idle timeout or SIGTERM it tells every worker to stop, ends the
-  running tasks as RUN_TIMEOUT, flushes the updates and deletes the Session.
-- Worker (rank > 0): starts the tasks it is sent, reaps them and sends back
-  ``(job_id, returncode, error_tail, end_time)`` batches; on "stop" it terminates its tasks (SIGTERM,
-  then SIGKILL after the grace period) and reports which ones it ended.
+- **With MPI** (the general case): the platform's MPI launcher starts one rank per node,
+  ``<mpi line> python -m balsam.launcher.modes.serial_worker CONFIG.json``. Rank 0 is the
+  :class:`Master`, the other ranks are :class:`Worker` s; they talk over mpi4py
+  (:class:`MPITransport`: many tasks per message, reports in batches).
+- **Without MPI**: a one-node partition on the launcher's own node, on a platform that declares
+  ``serial_workers_without_mpi`` (the launcher runs on the compute node itself). The master runs
+  inside the launcher process over a :class:`LocalTransport`: no MPI start-up, no second Python.
+
+Start check (Balsam 0.7 degraded silently here): before any job is leased, every rank says which
+host it runs on and :func:`rank_for_node` checks that there is exactly one rank per node of the
+partition (and, where the node names can be compared with the ranks' host names, one on each node).
+Otherwise the launch fails loudly: the reason goes to the master log, the ``start-error`` file that
+SerialMode reads, and from there into the BatchJob's ``status_info``.
+
+Threads of the master (each with one job): the **loop thread** (:meth:`Master.run`) alone owns the
+NodeManager's occupancy, the pending deque, the process pool and the transport; the
+:class:`~balsam.launcher.prefetch.Prefetcher` thread leases and prepares jobs ahead (its hand-over
+contract is in its module); the pool's :class:`~balsam.launcher.runner.ChildReaper` thread reaps the
+master's own children and sets ``wake``; the BulkStatusUpdater thread sends state changes in bulk.
+Stop conditions (signal, wall time, idle timeout, refused credential) are one
+:class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
+master runs in the launcher process.
 """
 
 from __future__ import annotations
@@ -19,367 +31,437 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
 import threading
 import time
+import types
 from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol, Sequence
 
-TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]} or {"stop": reason}
-TAG_REPORT = 12  # worker -> master: {"done": [...], "killed": [...], "final": bool}
+from balsam.config import SiteConfig
+from balsam.platform import NodeInfo
+
+from .._api import open_lease, open_updater
+from ..entry import _platform, configure_logging
+from ..app_run import JobPreparer, PreparedJob, shell_line
+from ..job_mode import StopConditions
+from ..node_manager import NodeManager, Placement
+from ..placement import place_pending
+from ..prefetch import Prefetcher
+from ..runner import ProcessPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout
+
+TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]} or {"stop": reason, "grace": sec}
+TAG_REPORT = 12  # worker -> master: {"done": [...]} or {"done": [...], "killed": [...], "final": True}
 
 logger = logging.getLogger("balsam.launcher.serial")
 
-#: Sleep of an idle-ish loop turn while tasks run (reaping latency); the loop never sleeps after progress.
+#: Sleep of a loop turn without progress while other ranks run tasks (their reports are polled);
+#: local exits, new jobs and stop requests set ``wake`` and end the sleep at once.
 POLL_SEC = 0.0005
+#: Sleep of a loop turn with nothing running remotely (still woken at once by ``wake``).
+IDLE_WAIT_SEC = 0.05
+#: A pass of the placement loop gives up after this many tasks in a row did not fit.
+MAX_PLACEMENT_MISSES = 8
+#: Exit code of a serial-mode start that failed its start check.
+EXIT_START_FAILED = 3
+#: Prefetch depth bounds (Balsam 0.7: ``serial_mode_prefetch_per_rank`` per slot).
+MIN_PREFETCH, MAX_PREFETCH = 64, 2048
 
 
-def _setup_logging(path: Path, logging_config: Optional[dict[str, Any]] = None) -> None:
-    import types
-
-    from balsam.launcher.entry import configure_logging
-
-    configure_logging(path, types.SimpleNamespace(logging=types.SimpleNamespace(**(logging_config or {}))))
+class StartError(Exception):
+    """The serial mode did not start one worker per node; ``str()`` says what was seen."""
 
 
-class _Signals:
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.wake = threading.Event()
-        self.signum: Optional[int] = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
-        self.event.set()
-        self.wake.set()
+def _short(host: str) -> str:
+    return host.split(".")[0].lower()
 
 
-def _isend_all(comm: Any, requests: list, outbox: dict[int, list]) -> None:
-    for rank, tasks in outbox.items():
-        if tasks:
-            requests.append(comm.isend({"launch": tasks}, dest=rank, tag=TAG_LAUNCH))
-    outbox.clear()
-    if len(requests) > 64:
-        from mpi4py import MPI
+def rank_for_node(nodes: Sequence[NodeInfo], rank_hosts: Sequence[str]) -> list[int]:
+    """The rank that serves each node (index = node index), or :class:`StartError`.
 
-        MPI.Request.Waitall(requests)
-        requests.clear()
+    There must be exactly one rank per node. Where the nodes' names are distinct and match the
+    ranks' host names (short names: ``nid001.domain`` is ``nid001``), each node gets the rank that
+    runs on it, and the master (rank 0) must be on one of them; node names that are aliases the
+    ranks cannot see (or one host standing in for several nodes, as in tests) map rank i to node i.
+    """
+    if len(rank_hosts) != len(nodes):
+        raise StartError(
+            f"serial mode started {len(rank_hosts)} worker rank(s) for the {len(nodes)} node(s) of the partition: "
+            f"the platform's launch command must start exactly one per node (ranks on {_hosts_summary(rank_hosts)})"
+        )
+    node_hosts = [_short(n.hostname) for n in nodes]
+    ranks = [_short(h) for h in rank_hosts]
+    if len(set(node_hosts)) != len(node_hosts) or not set(ranks) & set(node_hosts):
+        return list(range(len(nodes)))
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(ranks):
+        by_host.setdefault(host, []).append(rank)
+    crowded = sorted(h for h, rs in by_host.items() if len(rs) > 1)
+    missing = [h for h in node_hosts if h not in by_host]
+    if crowded or missing:
+        raise StartError(
+            f"serial mode workers do not run one per node: {len(by_host)} host(s) for {len(nodes)} node(s)"
+            + (f"; several on {', '.join(crowded[:5])}" if crowded else "")
+            + (f"; none on {', '.join(missing[:5])}" if missing else "")
+        )
+    return [by_host[h][0] for h in node_hosts]
+
+
+def _hosts_summary(hosts: Sequence[str]) -> str:
+    distinct = sorted(set(hosts))
+    shown = ", ".join(distinct[:5]) + (" ..." if len(distinct) > 5 else "")
+    return f"{len(distinct)} host(s): {shown}" if distinct else "no host"
+
+
+# -- transports -----------------------------------------------------------------------------------
+class Transport(Protocol):
+    """How the master reaches the other ranks (rank 0 is the master itself)."""
+
+    size: int
+
+    def hosts(self) -> list[str]: ...
+    def send_tasks(self, rank: int, tasks: list[dict[str, Any]]) -> None: ...
+    def reports(self) -> list[tuple[int, dict[str, Any]]]: ...
+    def stop_workers(self, reason: str, grace: float) -> None: ...
+    def flush(self) -> None: ...
+
+
+class LocalTransport:
+    """A master alone on its node: no other rank, no MPI."""
+
+    size = 1
+
+    def hosts(self) -> list[str]:
+        return [socket.gethostname()]
+
+    def send_tasks(self, rank: int, tasks: list[dict[str, Any]]) -> None:
+        raise ValueError(f"no rank {rank}: this master runs alone")
+
+    def reports(self) -> list[tuple[int, dict[str, Any]]]:
+        return []
+
+    def stop_workers(self, reason: str, grace: float) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class MPITransport:
+    """mpi4py point-to-point messages between the master and its workers (non-blocking sends)."""
+
+    #: Outstanding send requests waited for in one go past this count.
+    MAX_REQUESTS = 64
+
+    def __init__(self, comm: Any, mpi: Any) -> None:
+        self.comm = comm
+        self.mpi = mpi
+        self.size = comm.Get_size()
+        self.rank = comm.Get_rank()
+        self._requests: list[Any] = []
+        self._status = mpi.Status()
+
+    def _isend(self, msg: dict[str, Any], dest: int, tag: int) -> None:
+        self._requests.append(self.comm.isend(msg, dest=dest, tag=tag))
+        if len(self._requests) > self.MAX_REQUESTS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.mpi.Request.Waitall(self._requests)
+        self._requests.clear()
+
+    def hosts(self) -> list[str]:
+        """Every rank's host name, on rank 0 (a collective call: every rank makes it)."""
+        return self.comm.gather(socket.gethostname(), root=0) or []
+
+    # master side
+    def send_tasks(self, rank: int, tasks: list[dict[str, Any]]) -> None:
+        self._isend({"launch": tasks}, rank, TAG_LAUNCH)
+
+    def reports(self) -> list[tuple[int, dict[str, Any]]]:
+        out = []
+        while self.comm.Iprobe(source=self.mpi.ANY_SOURCE, tag=TAG_REPORT, status=self._status):
+            source = self._status.Get_source()
+            out.append((source, self.comm.recv(source=source, tag=TAG_REPORT)))
+        return out
+
+    def stop_workers(self, reason: str, grace: float) -> None:
+        for rank in range(1, self.size):
+            self._isend({"stop": reason, "grace": grace}, rank, TAG_LAUNCH)
+
+    # worker side
+    def receive(self) -> Optional[dict[str, Any]]:
+        if self.comm.Iprobe(source=0, tag=TAG_LAUNCH):
+            return self.comm.recv(source=0, tag=TAG_LAUNCH)
+        return None
+
+    def report(self, msg: dict[str, Any]) -> None:
+        self._isend(msg, 0, TAG_REPORT)
+
+
+# -- master ---------------------------------------------------------------------------------------
+def prefetch_depth(nodes: Sequence[NodeInfo], per_slot: int) -> int:
+    """Jobs kept leased ahead of the free slots: ``per_slot`` per CPU of the partition, bounded."""
+    slots = sum(max(1, len(n.cpu_ids)) for n in nodes)
+    return max(MIN_PREFETCH, min(MAX_PREFETCH, int(per_slot) * slots))
 
 
 class Master:
-    def __init__(self, config: dict[str, Any], comm: Any, signals: _Signals) -> None:
-        from balsam.launcher._api import open_updater
-        from balsam.launcher.app_run import JobPreparer
-        from balsam.launcher.job_mode import Countdown, IdleTimer
-        from balsam.launcher.node_manager import NodeManager
-        from balsam.launcher.runner import ProcessPool
-        from balsam.platform import NodeInfo
+    """Places tasks on every node, starts its own node's, sends the others to their ranks, reports."""
 
-        self.config = config
-        self.comm = comm
-        self.size = comm.Get_size()
-        self.signals = signals
-        launcher = config["launcher"]
-        self.nodes = [NodeInfo(**n) for n in config["nodes"]][: self.size] or [NodeInfo(**config["nodes"][0])]
-        self.node_manager = NodeManager(self.nodes, allow_node_packing=True)
-        self.countdown = Countdown(config["wall_time_min"], start_time=config["start_time"])
-        self.idle_timer = IdleTimer(launcher["idle_ttl_sec"])
-        self.delay_sec = float(launcher["delay_sec"])
-        #: Set whenever the loop has something to do: a task exited, jobs arrived, a signal came.
-        self.wake = signals.wake
-        self.pool = ProcessPool(int(launcher["error_tail_num_lines"]), wake=self.wake)
-        self.preparer = JobPreparer(Path(config["data_path"]))
-        slots = sum(max(1, len(n.cpu_ids)) for n in self.nodes)
-        #: Jobs kept leased ahead of the free slots (Balsam 0.7: prefetch per rank), at least 64, at most 2048.
-        self.prefetch_depth = max(64, min(2048, int(launcher["serial_mode_prefetch_per_rank"]) * slots))
-        self.queue: deque = deque()
-        self.remote: dict[int, int] = {}  # job id -> rank
-        self.need_more = threading.Event()
-        self.source_empty = False
-        #: Worth trying to start queued tasks: resources were freed or new jobs arrived since the
-        #: last attempt stopped on a full node (resources only change when tasks end).
-        self.try_start = True
-        self.source: Any = None
-        self.source_error: Optional[BaseException] = None
-        self.acquire_error: Optional[str] = None
-        self.stop_event = threading.Event()
+    def __init__(
+        self,
+        *,
+        node_manager: NodeManager,
+        rank_of_node: Sequence[int],
+        transport: Transport,
+        stop: StopConditions,
+        wake: threading.Event,
+        pool: ProcessPool,
+        prefetcher: Prefetcher,
+        updater: Any,
+        platform: Any,
+        launch_hook: Callable[..., Any],
+    ) -> None:
+        self.node_manager = node_manager
+        self.rank_of_node = list(rank_of_node)
+        self.transport = transport
+        self.stop = stop
+        self.wake = wake
+        self.pool = pool
+        self.prefetcher = prefetcher
+        self.updater = updater
+        self.platform = platform
+        self.launch_hook = launch_hook
+        self.pending: deque[PreparedJob] = deque()
+        self.remote: dict[int, int] = {}  # job id -> rank running it
+        self.outbox: dict[int, list[dict[str, Any]]] = {}
         self.base_env = dict(os.environ)
         self.started = 0
         self.finished = 0
-        self.updater = open_updater(config.get("spool_path"))
-        # Lease jobs while the rest of the start-up (settings, platform plugin) happens.
-        self.acquirer = threading.Thread(target=self._acquirer, name="acquirer", daemon=True)
-        self.acquirer.start()
+        #: Worth a placement pass: resources were freed or jobs arrived since the last one.
+        self._try_start = True
 
-        from balsam.config import SiteConfig
-        from balsam.launcher.runner import _launch_hook
-        from balsam.plugins.manager import get_plugin_manager
+    # -- one loop turn -------------------------------------------------------------------------
+    def stop_reason(self) -> Optional[str]:
+        if self.prefetcher.error is not None:
+            return f"no session: {self.prefetcher.error}"
+        return self.stop.check()
 
-        try:
-            self.site_config = SiteConfig(config["site_path"] or None)
-            self.platform = get_plugin_manager().load_driver("platform", launcher["platform"] or "default")(
-                options=launcher.get("platform_options") or None)
-            self.hook = _launch_hook()
-        except BaseException:
-            self.abandon()
-            raise
+    def step(self) -> int:
+        """Reap, collect reports, take new jobs, start what fits; returns how much happened."""
+        progress = 0
+        done = self.pool.reap()
+        if done:
+            self._finish(done)
+            progress += len(done)
+        for _rank, msg in self.transport.reports():
+            done = msg.get("done", [])
+            self._finish(done)
+            progress += len(done)
+        new = self.prefetcher.take()
+        if new:
+            self.pending.extend(new)
+            self._try_start = True
+            progress += len(new)
+        if self.pending and self._try_start:
+            self._try_start = False
+            started = place_pending(self.pending, self.node_manager, self._start, self._fail, max_misses=MAX_PLACEMENT_MISSES)
+            self.started += started
+            progress += started
+            self._send_outbox()
+        self.prefetcher.note_held(len(self.pending))
+        busy = bool(self.pool.running or self.remote or self.pending or self.prefetcher.backlog)
+        self.stop.note_activity(busy or not self.prefetcher.exhausted)
+        return progress
 
-    def abandon(self) -> None:
-        """Start-up failed: give the leased jobs back now rather than at session expiry."""
-        self.stop_event.set()
-        self.need_more.set()
-        self.acquirer.join(30)
-        try:
-            self.updater.close()
-        finally:
-            if self.source is not None:
-                self.source.close()
+    def _start(self, prepared: PreparedJob, placement: Placement) -> None:
+        rank = self.rank_of_node[placement.node_indexes[0]]
+        env = launch_environment(prepared, placement, self.platform, self.launch_hook)
+        cmd = shell_line(prepared.cmdline, prepared.preamble, prepared.workdir)
+        cpu_ids = placement.cpu_ids[0]
+        if rank == 0:
+            self.pool.start(prepared.id, cmd, prepared.workdir, env, cpu_ids)
+        else:
+            self.outbox.setdefault(rank, []).append(self._remote_task(prepared.id, cmd, prepared.workdir, env, cpu_ids))
+            self.remote[prepared.id] = rank
+        report_running(self.updater, prepared)
 
-    # -- acquiring (background thread) ---------------------------------------------------------
-    def _acquirer(self) -> None:
-        from balsam.launcher.app_run import JobBuildError
-        from balsam.launcher._api import open_lease
-        from balsam.launcher.node_manager import UnsatisfiableJob
-        from balsam.launcher.runner import report_failed
+    def _fail(self, job_id: int, reason: str) -> None:
+        report_failed(self.updater, job_id, reason)
 
-        cfg = self.config
-        updater = self.updater
-        try:
-            source = self.source = open_lease(cfg["site_id"], cfg["batch_job_id"], cfg["filter_tags"])
-        except BaseException as exc:
-            logger.exception("could not create the session")
-            self.source_error = exc
-            return
-        while not self.stop_event.is_set():
-            if len(self.queue) >= self.prefetch_depth // 2:
-                self.need_more.wait(0.05)
-                self.need_more.clear()
-                continue
-            want = self.prefetch_depth - len(self.queue)
-            try:
-                jobs = source.acquire(want, max_wall_time_min=self.countdown.remaining_min(), max_nodes_per_job=1, serial_only=True)
-                self.acquire_error = None
-            except Exception as exc:
-                self.acquire_error = str(exc)
-                logger.warning("acquire failed (retrying in %.1f s): %s", self.delay_sec, exc)
-                self.stop_event.wait(self.delay_sec)
-                continue
-            for job in jobs:
-                try:
-                    prepared = self.preparer.prepare(job)
-                    self.node_manager.check_satisfiable(prepared.demand)
-                except (JobBuildError, UnsatisfiableJob) as exc:
-                    logger.error("job %s FAILED: %s", job.id, exc)
-                    report_failed(updater, job.id, str(exc))
-                    continue
-                except Exception as exc:  # keep the acquire thread alive whatever one job holds
-                    logger.exception("job %s FAILED while preparing", job.id)
-                    report_failed(updater, job.id, f"An exception occurred while preparing the job: {type(exc).__name__}: {exc}")
-                    continue
-                self.queue.append(prepared)
-                if len(self.queue) == 1:  # the loop may be idle-waiting: start this one right away
-                    self.try_start = True
-                    self.wake.set()
-            if jobs:
-                self.try_start = True
-                self.wake.set()
-            self.source_empty = not jobs
-            if not jobs:
-                self.stop_event.wait(self.delay_sec)
-
-    # -- main loop -----------------------------------------------------------------------------
-    def _task_for_remote(self, prepared: Any, env: dict[str, str], cpu_ids: tuple[int, ...]) -> dict[str, Any]:
-        from balsam.launcher.app_run import shell_line
-
-        diff = {k: v for k, v in env.items() if self.base_env.get(k) != v}
+    def _remote_task(self, job_id: int, cmd: str, workdir: Path, env: dict[str, str], cpu_ids: Sequence[int]) -> dict[str, Any]:
+        """What a worker needs to start a task; the environment as a difference from the master's
+        (every rank starts with the same one), to keep messages small."""
         return {
-            "id": prepared.id,
-            "cmd": shell_line(prepared.cmdline, prepared.preamble, prepared.workdir),
-            "workdir": str(prepared.workdir),
-            "env": diff,
+            "id": job_id,
+            "cmd": cmd,
+            "workdir": str(workdir),
+            "env": {k: v for k, v in env.items() if self.base_env.get(k) != v},
             "unset": [k for k in self.base_env if k not in env],
             "cpu_ids": list(cpu_ids),
         }
 
-    def _start_queued(self, updater: Any, outbox: dict[int, list]) -> int:
-        from balsam.launcher.app_run import shell_line
-        from balsam.launcher.node_manager import InsufficientResources
-        from balsam.launcher.runner import launch_environment, report_failed, report_running
+    def _send_outbox(self) -> None:
+        for rank, tasks in self.outbox.items():
+            if tasks:
+                self.transport.send_tasks(rank, tasks)
+        self.outbox.clear()
 
-        started = 0
-        misses = 0
-        queue = self.queue
-        self.try_start = False
-        full_for: set = set()  # demands that did not fit in this pass: the same demand will not fit either
-        while queue and misses < 8:
-            prepared = queue.popleft()
-            if prepared.demand in full_for:
-                queue.append(prepared)
-                misses += 1
-                continue
-            try:
-                placement = self.node_manager.assign(prepared.id, prepared.demand)
-            except InsufficientResources:
-                queue.append(prepared)
-                full_for.add(prepared.demand)
-                misses += 1
-                continue
-            rank = placement.node_indexes[0]
-            try:
-                env = launch_environment(prepared, placement, self.platform, self.hook)
-                cpu_ids = placement.cpu_ids[0]
-                if rank == 0:
-                    self.pool.start(prepared.id, shell_line(prepared.cmdline, prepared.preamble, prepared.workdir),
-                                    prepared.workdir, env, cpu_ids)
-                else:
-                    outbox.setdefault(rank, []).append(self._task_for_remote(prepared, env, cpu_ids))
-                    self.remote[prepared.id] = rank
-            except Exception as exc:
-                self.node_manager.free(prepared.id)
-                report_failed(updater, prepared.id, f"An exception occurred while preparing the launch: {type(exc).__name__}: {exc}")
-                continue
-            report_running(updater, prepared)
-            started += 1
-        self.started += started
-        return started
-
-    def _finish(self, updater: Any, results: list) -> None:
-        from balsam.launcher.runner import report_exit
-
+    def _finish(self, results: Sequence[Sequence[Any]]) -> None:
         if results:
-            self.try_start = True
+            self._try_start = True
         for job_id, rc, tail, when in results:
             self.node_manager.free(job_id)
             self.remote.pop(job_id, None)
-            report_exit(updater, job_id, rc, tail, when)
+            report_exit(self.updater, job_id, rc, tail, when)
         self.finished += len(results)
 
-    def _receive(self, updater: Any) -> int:
-        from mpi4py import MPI
-
-        got = 0
-        status = MPI.Status()
-        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPORT, status=status):
-            msg = self.comm.recv(source=status.Get_source(), tag=TAG_REPORT)
-            self._finish(updater, msg.get("done", []))
-            got += len(msg.get("done", []))
-        return got
-
-    def _should_stop(self) -> Optional[str]:
-        if self.source_error is not None:
-            return f"no session: {self.source_error}"
-        if self.signals.event.is_set():
-            return f"signal {self.signals.signum}"
-        if self.countdown.expired:
-            return "wall time"
-        if self.idle_timer.expired:
-            return "idle"
-        return None
-
-    def run(self) -> int:
-        cfg = self.config
-        logger.info("serial master: %d ranks, %d nodes, prefetch %d, stop in %.0f s, filter_tags %s",
-                    self.size, len(self.nodes), self.prefetch_depth, self.countdown.remaining_sec(), cfg["filter_tags"])
-        updater = self.updater
-        requests: list = []
-        outbox: dict[int, list] = {}
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> str:
+        """Run until a stop condition; end what runs; return why it stopped."""
+        logger.info("serial master: %d ranks, %d nodes, prefetch %d, stop in %.0f s",
+                    self.transport.size, len(self.node_manager), self.prefetcher.depth, self.stop.countdown.remaining_sec())
+        self.stop.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
         reason = "wall time"
-        self.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
         try:
             while True:
-                stop = self._should_stop()
+                stop = self.stop_reason()
                 if stop:
                     reason = stop
                     break
-                progress = 0
                 self.wake.clear()  # before looking: an event from now on makes the next wait return
-                done = self.pool.reap()
-                if done:
-                    self._finish(updater, done)
-                    progress += len(done)
-                if self.size > 1:
-                    progress += self._receive(updater)
-                if self.queue and self.try_start:
-                    progress += self._start_queued(updater, outbox)
-                    if outbox:
-                        _isend_all(self.comm, requests, outbox)
-                if len(self.queue) < self.prefetch_depth // 2:
-                    self.need_more.set()
-                busy = bool(self.pool.running or self.remote or self.queue) or not self.source_empty
-                if busy:
-                    self.idle_timer.busy()
-                else:
-                    self.idle_timer.idle()
-                if not progress:
-                    # Remote reports arrive by MPI (polled); local exits and new jobs set `wake`.
-                    self.wake.wait(POLL_SEC if self.remote else 0.05)
+                if not self.step():
+                    self.wake.wait(POLL_SEC if self.remote else IDLE_WAIT_SEC)
         finally:
-            self.stop_event.set()
-            self.need_more.set()
-            self._shutdown(updater, reason, requests)
-            self.acquirer.join(30)
-            try:
-                updater.close()
-            finally:
-                if self.source is not None:
-                    self.source.close(retry_count=0) if updater.gave_up else self.source.close()
-        import resource
-
+            self.prefetcher.stop()
+            self.shutdown(reason)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        logger.info("serial master done (%s): %d started, %d finished; master CPU %.2f s user + %.2f s system",
+        logger.info("serial master done (%s): %d started, %d finished; CPU %.2f s user + %.2f s system",
                     reason, self.started, self.finished, usage.ru_utime, usage.ru_stime)
-        return 0 if self.source_error is None else 1
+        return reason
 
-    def _shutdown(self, updater: Any, reason: str, requests: list) -> None:
-        from mpi4py import MPI
+    def shutdown(self, reason: str) -> None:
+        """Stop the workers, end running tasks as RUN_TIMEOUT (what finished on its own counts as
+        done), then close the prefetcher, the updater and the lease in that order: the updates are
+        sent before the Session is deleted, since deleting it turns RUNNING jobs to RUN_TIMEOUT."""
+        grace = self.stop.countdown.grace_sec
+        try:
+            self.transport.stop_workers(reason, grace)
+            victims, finished = self.pool.terminate_all(grace)
+            self._finish(finished)
+            for job_id in victims:
+                self.node_manager.free(job_id)
+                report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
+            if victims:
+                logger.info("%d local tasks ended as RUN_TIMEOUT (%s)", len(victims), reason)
+            self._collect_final_reports(reason, grace + 10)
+            self.transport.flush()
+        finally:
+            self.prefetcher.join()
+            try:
+                self.updater.close()
+            finally:
+                self.prefetcher.close_lease(quick=bool(getattr(self.updater, "gave_up", False)))
 
-        from balsam.launcher.runner import report_exit, report_timeout
-
-        grace = self.countdown.grace_sec
-        for rank in range(1, self.size):
-            requests.append(self.comm.isend({"stop": reason, "grace": grace}, dest=rank, tag=TAG_LAUNCH))
-        victims, finished = self.pool.terminate_all(grace)
-        self._finish(updater, finished)
-        for job_id in victims:
-            self.node_manager.free(job_id)
-            report_timeout(updater, job_id, f"launcher stopped ({reason})")
-        pending_final = set(range(1, self.size))
-        deadline = time.monotonic() + grace + 10
-        status = MPI.Status()
-        while pending_final and time.monotonic() < deadline:
-            if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPORT, status=status):
-                src = status.Get_source()
-                msg = self.comm.recv(source=src, tag=TAG_REPORT)
-                self._finish(updater, msg.get("done", []))
+    def _collect_final_reports(self, reason: str, timeout: float) -> None:
+        waiting = set(range(1, self.transport.size))
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            reports = self.transport.reports()
+            for rank, msg in reports:
+                self._finish(msg.get("done", []))
                 for job_id in msg.get("killed", []):
                     self.remote.pop(job_id, None)
-                    report_timeout(updater, job_id, f"launcher stopped ({reason})")
+                    report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
                 if msg.get("final"):
-                    pending_final.discard(src)
-            else:
+                    waiting.discard(rank)
+            if not reports:
                 time.sleep(0.01)
         for job_id in list(self.remote):
-            report_timeout(updater, job_id, f"launcher stopped ({reason}); worker did not report")
-        if pending_final:
-            logger.error("workers %s did not confirm their stop", sorted(pending_final))
-        if victims:
-            logger.info("%d local tasks ended as RUN_TIMEOUT (%s)", len(victims), reason)
+            report_timeout(self.updater, job_id, f"launcher stopped ({reason}); worker did not report")
+        self.remote.clear()
+        if waiting:
+            logger.error("workers %s did not confirm their stop", sorted(waiting))
 
 
+def build_master(
+    config: dict[str, Any],
+    transport: Transport,
+    rank_of_node: Sequence[int],
+    stop: StopConditions,
+    wake: threading.Event,
+    platform: Callable[[], Any],
+    lease: Optional[Callable[[], Any]] = None,
+) -> Master:
+    """A master for ``config`` (:meth:`SerialMode.worker_config`). The prefetcher starts leasing
+    before ``platform()`` (which may load plugins) is called, to shorten the time to the first task.
+    ``lease`` opens the job source (default: a new Session for the config's site and tags)."""
+    launcher = config["launcher"]
+    nodes = [NodeInfo(**n) for n in config["nodes"]]
+    node_manager = NodeManager(nodes, allow_node_packing=True)
+    updater = open_updater(config.get("spool_path"))
+    preparer = JobPreparer(Path(config["data_path"]))
+    prefetcher = Prefetcher(
+        lease or (lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"])),
+        preparer.prepare,
+        node_manager.check_satisfiable,
+        updater,
+        depth=prefetch_depth(nodes, launcher["serial_mode_prefetch_per_rank"]),
+        remaining_min=stop.countdown.remaining_min,
+        retry_sec=float(launcher["delay_sec"]),
+        on_ready=wake.set,
+        acquire_kwargs={"max_nodes_per_job": 1, "serial_only": True},
+    ).start()
+    try:
+        return Master(
+            node_manager=node_manager,
+            rank_of_node=rank_of_node,
+            transport=transport,
+            stop=stop,
+            wake=wake,
+            pool=ProcessPool(int(launcher["error_tail_num_lines"]), wake=wake),
+            prefetcher=prefetcher,
+            updater=updater,
+            platform=platform(),
+            launch_hook=_launch_hook(),
+        )
+    except BaseException:
+        # Start-up failed: give the leased jobs back now rather than at session expiry.
+        prefetcher.stop()
+        prefetcher.join()
+        try:
+            updater.close()
+        finally:
+            prefetcher.close_lease()
+        raise
+
+
+def record_start_error(config: dict[str, Any], message: str) -> None:
+    """Say why the start failed where SerialMode looks (appended: several lone masters may write)."""
+    logger.error("serial mode start check failed: %s", message)
+    path = config.get("start_error_path")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(message.replace("\n", " ") + "\n")
+
+
+# -- worker ---------------------------------------------------------------------------------------
 class Worker:
-    def __init__(self, config: dict[str, Any], comm: Any, signals: _Signals, error_tail_num_lines: int = 10) -> None:
-        from balsam.launcher.runner import ProcessPool
+    """Starts the tasks the master sends, reports their exits in batches, stops when told."""
 
-        self.comm = comm
-        self.signals = signals
-        self.pool = ProcessPool(error_tail_num_lines, wake=signals.wake)
+    #: After a signal, wait this long for the master's stop message before ending tasks alone.
+    ORPHAN_STOP_SEC = 30.0
+
+    def __init__(self, transport: MPITransport, wake: threading.Event, stop: StopConditions, pool: ProcessPool) -> None:
+        self.transport = transport
+        self.wake = wake
+        self.stop = stop
+        self.pool = pool
         self.base_env = dict(os.environ)
 
     def _env(self, task: dict[str, Any]) -> dict[str, str]:
@@ -390,16 +472,15 @@ class Worker:
         return env
 
     def run(self) -> int:
-        comm = self.comm
-        requests: list = []
         signal_time: Optional[float] = None
         while True:
-            self.signals.wake.clear()
-            if comm.Iprobe(source=0, tag=TAG_LAUNCH):
-                msg = comm.recv(source=0, tag=TAG_LAUNCH)
+            self.wake.clear()
+            msg = self.transport.receive()
+            if msg is not None:
                 if "stop" in msg:
                     victims, finished = self.pool.terminate_all(float(msg.get("grace", 5)))
-                    comm.send({"done": finished, "killed": victims, "final": True}, dest=0, tag=TAG_REPORT)
+                    self.transport.report({"done": finished, "killed": victims, "final": True})
+                    self.transport.flush()
                     logger.info("worker stopped (%s): %d tasks ended", msg["stop"], len(victims))
                     return 0
                 for task in msg.get("launch", ()):
@@ -407,22 +488,27 @@ class Worker:
                 continue
             done = self.pool.reap()
             if done:
-                requests.append(comm.isend({"done": done}, dest=0, tag=TAG_REPORT))
-                if len(requests) > 64:
-                    from mpi4py import MPI
-
-                    MPI.Request.Waitall(requests)
-                    requests.clear()
+                self.transport.report({"done": done})
                 continue
-            if self.signals.event.is_set():
+            if self.stop.requested:
                 # The master got the same signal and will send "stop"; fend for ourselves if it does not.
                 signal_time = signal_time or time.monotonic()
-                if time.monotonic() - signal_time > 30:
-                    victims, finished = self.pool.terminate_all(5)
-                    logger.error("no stop message from the master 30 s after a signal; %d tasks killed", len(victims))
+                if time.monotonic() - signal_time > self.ORPHAN_STOP_SEC:
+                    victims, _ = self.pool.terminate_all(5)
+                    logger.error("no stop message from the master %.0f s after a signal; %d tasks killed",
+                                 self.ORPHAN_STOP_SEC, len(victims))
                     return 1
             # Messages from the master are polled; task exits set `wake` at once.
-            self.signals.wake.wait(POLL_SEC if self.pool.running else 0.002)
+            self.wake.wait(POLL_SEC if self.pool.running else 0.002)
+
+
+# -- program --------------------------------------------------------------------------------------
+def _setup_logging(path: Path, logging_config: Optional[dict[str, Any]]) -> None:
+    configure_logging(path, types.SimpleNamespace(logging=types.SimpleNamespace(**(logging_config or {}))))
+
+
+def _load_platform(config: dict[str, Any]) -> Any:
+    return _platform(SiteConfig(config["site_path"] or None).settings)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -431,29 +517,46 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: python -m balsam.launcher.modes.serial_worker CONFIG.json", file=sys.stderr)
         return 2
     config = json.loads(Path(argv[0]).read_text())
-    signals = _Signals()
-    signals.install()
+    wake = threading.Event()
+    stop = StopConditions.for_launcher(config["wall_time_min"], config["start_time"], config["launcher"]["idle_ttl_sec"], wake)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.request(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    # Importing mpi4py.MPI initialises MPI: only here, in the program the MPI launcher started.
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
+    transport = MPITransport(MPI.COMM_WORLD, MPI)
     log_dir = Path(config["log_path"])
     base = f"serial_mode_{config['timestamp']}.{config['partition_index']}"
-    if rank == 0:
-        _setup_logging(log_dir / f"{base}.master.log", config.get("logging"))
+    hosts = transport.hosts()  # collective: before anything else, on every rank
+    if transport.rank != 0:
+        _setup_logging(log_dir / f"{base}.{socket.gethostname()}.{transport.rank}.log", config.get("logging"))
         try:
-            return Master(config, comm, signals).run()
+            pool = ProcessPool(int(config.get("error_tail_num_lines", 10)), wake=wake)
+            return Worker(transport, wake, stop, pool).run()
         except Exception:
-            logger.exception("serial master failed")
-            for r in range(1, comm.Get_size()):
-                comm.isend({"stop": "master failed", "grace": 5}, dest=r, tag=TAG_LAUNCH)
+            logger.exception("serial worker failed")
             return 1
-    _setup_logging(log_dir / f"{base}.{socket.gethostname()}.{rank}.log", config.get("logging"))
+    _setup_logging(log_dir / f"{base}.master.log", config.get("logging"))
+    nodes = [NodeInfo(**n) for n in config["nodes"]]
     try:
-        return Worker(config, comm, signals, int(config.get("error_tail_num_lines", 10))).run()
+        ranks = rank_for_node(nodes, hosts)
+    except StartError as exc:
+        record_start_error(config, str(exc))
+        transport.stop_workers("start check failed", 0)
+        transport.flush()
+        return EXIT_START_FAILED
+    try:
+        master = build_master(config, transport, ranks, stop, wake, lambda: _load_platform(config))
+        reason = master.run()
     except Exception:
-        logger.exception("serial worker failed")
+        logger.exception("serial master failed")
+        transport.stop_workers("master failed", 5)
         return 1
+    return 1 if reason.startswith("no session") else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from starlette.responses import Response
 
 from balsam.models import Site, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
+from balsam.states import JobState
 
+from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, backlog_by_state
 from ..db import count_and_page, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
@@ -147,8 +149,26 @@ def delete_site(ctx: Ctx) -> Response:
     return no_content()
 
 
+def site_backlog(ctx: Ctx) -> Response:
+    """The site's jobs in numbers per state (see balsam.server.backlog): what auto-scalers read."""
+    site_id = ctx.path_int("site_id")
+    q = ctx.query({"state", "tags"})
+    states = q.enum_list("state", JobState)
+    raw_tags = q.params.getlist("tags")
+    if len(raw_tags) > MAX_BACKLOG_TAGS:
+        raise ValidationFailed.field(["query", "tags"], f"at most {MAX_BACKLOG_TAGS} tags, got {len(raw_tags)}")
+    if any(len(raw) > MAX_BACKLOG_TAG_CHARS for raw in raw_tags):
+        raise ValidationFailed.field(["query", "tags"], f"a tag filter longer than {MAX_BACKLOG_TAG_CHARS} characters")
+    tags = q.key_values("tags")
+    with ctx.read() as conn:
+        get_owned_site(conn, ctx.user.id, site_id)
+        by_state = backlog_by_state(conn, site_id, states, tags)
+    return json_response({"site_id": site_id, "states": by_state})
+
+
 routes = [
     route("/sites/", {"GET": list_sites, "POST": create_site}, not_for_site_scoped=("POST",)),
     route("/sites/{site_id}", {"GET": read_site, "PUT": update_site, "DELETE": delete_site},
           not_for_site_scoped=("DELETE",)),
+    route("/sites/{site_id}/backlog", {"GET": site_backlog}),
 ]

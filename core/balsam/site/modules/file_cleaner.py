@@ -11,10 +11,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
+
+from ...options import option
 from ...states import JobState
 from ..api_util import bulk_patch, list_all
 from ..apps import AppCache
-from ..module import AgentModule, config_value
+from ..module import AgentModule
+
+
+@attrs.frozen
+class FileCleanerSettings:
+    """The ``file_cleaner:`` section of settings.yml."""
+
+    cleanup_batch_size: int = option(180, "Finished jobs whose files are cleaned per cycle.")
+    service_period: int = option(30, "Seconds between two clean-up cycles.")
+
+    def validate(self) -> dict[str, str]:
+        problems = {}
+        for name in ("cleanup_batch_size", "service_period"):
+            if getattr(self, name) < 1:
+                problems[name] = "must be at least 1"
+        return problems
 
 
 def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str]) -> list[Path]:
@@ -40,13 +58,16 @@ class FileCleanerModule(AgentModule):
     section = "file_cleaner"
     default_period = 30.0
     period_fields = ("service_period",)
+    options_schema = FileCleanerSettings
+    section_comment = "Deletes the cleanup_files of finished jobs."
+    enabled_by_default = True
 
     def __init__(self, site_config: Any, config: Any, client: Any) -> None:
         super().__init__(site_config, config, client)
         self.apps = AppCache(client)
 
     def run_cycle(self) -> Optional[float]:
-        batch = int(config_value(self.config, "cleanup_batch_size", 180))
+        batch = self.options.cleanup_batch_size
         jobs = list_all(
             self.client,
             "/jobs/",

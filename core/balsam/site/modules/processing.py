@@ -28,13 +28,16 @@ import signal
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
+
 from ...client.lease import JobLease, tick_period_from_env
 from ...client.status_updater import BulkStatusUpdater, SpoolReplayer
 from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
+from ...options import option
 from ...states import PROCESSABLE_STATES, JobState
 from ..apps import AppCache
 from ..hooks_runner import HOOK_FOR_STATE, default_update, now_iso, run_hooks
-from ..module import AgentModule, config_value
+from ..module import AgentModule
 
 #: Jobs handed to one worker task (amortizes the IPC and app deserialization).
 WORKER_CHUNK = 16
@@ -53,10 +56,29 @@ def _count_states(jobs: list[dict]) -> dict[str, int]:
     return counts
 
 
+@attrs.frozen
+class ProcessingSettings:
+    """The ``processing:`` section of settings.yml."""
+
+    num_workers: int = option(2, "Processes running the apps' preprocess/postprocess hooks.")
+    prefetch_depth: int = option(1000, "Jobs fetched ahead for the hook workers.")
+
+    def validate(self) -> dict[str, str]:
+        problems = {}
+        if self.num_workers < 1:
+            problems["num_workers"] = "must be at least 1"
+        if self.prefetch_depth < 1:
+            problems["prefetch_depth"] = "must be at least 1"
+        return problems
+
+
 class ProcessingModule(AgentModule):
     section = "processing"
     default_period = 1.0
-    period_fields = ("period", "service_period")
+    period_fields = ()
+    options_schema = ProcessingSettings
+    section_comment = "Runs the apps' preprocess/postprocess hooks."
+    enabled_by_default = True
 
     def __init__(self, site_config: Any, config: Any, client: Any) -> None:
         super().__init__(site_config, config, client)
@@ -74,11 +96,11 @@ class ProcessingModule(AgentModule):
     # -- configuration -----------------------------------------------------------------------------
     @property
     def num_workers(self) -> int:
-        return max(1, int(config_value(self.config, "num_workers", 2)))
+        return int(self.options.num_workers)
 
     @property
     def prefetch_depth(self) -> int:
-        return max(1, int(config_value(self.config, "prefetch_depth", 1000)))
+        return int(self.options.prefetch_depth)
 
     @property
     def data_path(self) -> Path:
@@ -86,8 +108,7 @@ class ProcessingModule(AgentModule):
 
     @property
     def tail_num_lines(self) -> int:
-        launcher = getattr(getattr(self.site_config, "settings", None), "launcher", None)
-        return int(getattr(launcher, "error_tail_num_lines", 10) or 10)
+        return int(self.site_config.settings.launcher.error_tail_num_lines)
 
     def _filter_tags(self) -> dict:
         return dict(getattr(getattr(self.site_config, "settings", None), "filter_tags", None) or {})

@@ -29,13 +29,18 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
+
+from ...batch_job_rules import BatchJobRefused, check_batch_job
+from ...models import AllowedQueue
+from ...options import option
 from ...scheduler import JobHistory, SchedulerError, SubmitRequest
 from ...serialization import format_datetime, to_dict
 from ...states import BatchJobState
 from ..api_util import bulk_patch, iso_now, list_all, utcnow
 from ..job_template import JobTemplateError, build_context, read_template, render_job_script
 from ..launcher_credentials import LauncherCredentials
-from ..module import AgentModule, config_value
+from ..module import AgentModule
 
 ACTIVE = (
     BatchJobState.pending_submission,
@@ -45,8 +50,30 @@ ACTIVE = (
 )
 
 
-class BatchJobRefused(ValueError):
-    """A BatchJob that cannot be submitted as it is (the message says why)."""
+@attrs.frozen
+class SchedulerSettings:
+    """The ``scheduler:`` section of settings.yml."""
+
+    name: str = option("local", "Scheduler plugin that submits BatchJobs (local, slurm, pbs, ...).")
+    options: Any = option(
+        help="Options of the scheduler plugin named above (its options schema; `balsam plugins show NAME`).",
+        factory=dict,
+    )
+    sync_period: int = option(10, "Seconds between two polls of the scheduler queue.")
+    allowed_queues: dict[str, AllowedQueue] = option(
+        help="Queues BatchJobs may be submitted to, with their limits (none: every BatchJob is refused).",
+        factory=lambda: {"local": AllowedQueue(max_nodes=1, max_walltime=1440, max_queued_jobs=1000)},
+    )
+    allowed_projects: list[str] = option(
+        help="Projects (allocations) BatchJobs may charge; [] accepts any project.", factory=lambda: ["local"]
+    )
+    optional_batch_job_params: dict[str, str] = option(
+        help="Extra job-template variables a BatchJob may set, with their default values.", factory=dict
+    )
+    job_template_path: str = option("job-template.sh", "The batch script template, relative to the site directory.")
+
+    def validate(self) -> dict[str, str]:
+        return {"sync_period": "must be at least 1"} if self.sync_period < 1 else {}
 
 
 def _as_dict(value: Any) -> dict:
@@ -59,33 +86,15 @@ def _as_dict(value: Any) -> dict:
     return dict(value)
 
 
-def validate_batch_job(batch_job: dict, scheduler_settings: Any) -> None:
-    """Refuse a BatchJob that the site's settings do not allow (raises :class:`BatchJobRefused`)."""
-    queues = {name: _as_dict(q) for name, q in (config_value(scheduler_settings, "allowed_queues", {}) or {}).items()}
-    projects = list(config_value(scheduler_settings, "allowed_projects", []) or [])
-    optional = dict(config_value(scheduler_settings, "optional_batch_job_params", {}) or {})
-    queue, project = batch_job["queue"], batch_job["project"]
-    if queues and queue not in queues:
-        raise BatchJobRefused(f"queue {queue!r} is not in the site's allowed_queues ({', '.join(sorted(queues))})")
-    limits = queues.get(queue)
-    if limits:
-        if not 1 <= int(batch_job["num_nodes"]) <= int(limits["max_nodes"]):
-            raise BatchJobRefused(
-                f"num_nodes {batch_job['num_nodes']} is outside 1..{limits['max_nodes']} allowed in queue {queue!r}"
-            )
-        if int(batch_job["wall_time_min"]) > int(limits["max_walltime"]):
-            raise BatchJobRefused(
-                f"wall_time_min {batch_job['wall_time_min']} exceeds max_walltime {limits['max_walltime']} of queue {queue!r}"
-            )
-    if projects and project not in projects:
-        raise BatchJobRefused(f"project {project!r} is not in the site's allowed_projects ({', '.join(projects)})")
-    unknown = sorted(set(batch_job.get("optional_params") or {}) - set(optional))
-    if unknown:
-        allowed = ", ".join(sorted(optional)) or "none"
-        raise BatchJobRefused(f"unknown optional param(s) {', '.join(unknown)} (optional_batch_job_params: {allowed})")
-    partitions = batch_job.get("partitions") or []
-    if partitions and sum(int(p["num_nodes"]) for p in partitions) != int(batch_job["num_nodes"]):
-        raise BatchJobRefused("the partitions' num_nodes do not add up to the BatchJob's num_nodes")
+def validate_batch_job(batch_job: dict, scheduler_settings: SchedulerSettings) -> None:
+    """Refuse a BatchJob that the site's settings do not allow (raises :class:`BatchJobRefused`);
+    the same rule as the client's (:func:`balsam.batch_job_rules.check_batch_job`)."""
+    check_batch_job(
+        batch_job,
+        scheduler_settings.allowed_queues,
+        scheduler_settings.allowed_projects,
+        scheduler_settings.optional_batch_job_params,
+    )
 
 
 #: Longest scheduler text kept in a status_info field.
@@ -119,15 +128,13 @@ class SchedulerModule(AgentModule):
     section = "scheduler"
     default_period = 10.0
     period_fields = ("sync_period",)
+    options_schema = SchedulerSettings
+    section_comment = "Submits, polls and deletes BatchJobs through the scheduler plugin."
+    enabled_by_default = True
 
     def __init__(self, site_config: Any, config: Any, client: Any, *, scheduler: Any = None) -> None:
         super().__init__(site_config, config, client)
-        if scheduler is None:
-            from ...plugins.manager import get_plugin_manager
-
-            driver = get_plugin_manager().load_driver("scheduler", config_value(config, "name", "local"))
-            scheduler = driver()
-        self.scheduler = scheduler
+        self.scheduler = scheduler if scheduler is not None else self.site_scheduler()
         self.threshold = max(1, int(getattr(scheduler, "status_error_threshold", 3)))
         self.poll_failures = 0
         #: BatchJob id -> consecutive cycles it was missing from the queue with no history record.
@@ -151,8 +158,7 @@ class SchedulerModule(AgentModule):
         configured = getattr(self.site_config, "job_template_path", None)
         if configured:
             return Path(configured)
-        name = config_value(self.config, "job_template_path", "job-template.sh")
-        path = Path(name)
+        path = Path(self.options.job_template_path)
         return path if path.is_absolute() else self.site_path / path
 
     def script_path(self, batch_job_id: int) -> Path:
@@ -363,7 +369,7 @@ class SchedulerModule(AgentModule):
             self._error(update, batch_job, f"refused: {exc}")
             return
         queue = batch_job["queue"]
-        limits = _as_dict((config_value(self.config, "allowed_queues", {}) or {}).get(queue))
+        limits = _as_dict(self.options.allowed_queues.get(queue))
         max_queued = int(limits.get("max_queued_jobs") or 0)
         if max_queued and queued_counts.get(queue, 0) >= max_queued:
             message = f"waiting: {queued_counts[queue]} jobs already in queue {queue!r} (max_queued_jobs {max_queued})"
@@ -400,7 +406,7 @@ class SchedulerModule(AgentModule):
                 build_context(
                     batch_job,
                     self.site_path,
-                    default_optional_params=config_value(self.config, "optional_batch_job_params", {}),
+                    default_optional_params=self.options.optional_batch_job_params,
                 ),
                 source=str(self.template_path()),
             )

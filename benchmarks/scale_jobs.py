@@ -1,0 +1,168 @@
+"""The REST API at 10^6 jobs in one database, beside the same calls at 10^4 (the peer, same run).
+
+For each backend (SQLite in a temp dir; PostgreSQL in ``balsam_bench_scale``, recreated) a real
+uvicorn server is started, one user with two sites is registered, and the database is filled with
+SQL (``dashboard_jobs_page.fill``: realistic states, ten ``campaign`` tags). Then, first at the
+small size and again after growing to the large one, through the routes the Python API uses:
+
+- **insert**: the SQL fill rate, and ``POST /jobs/`` of 5,000 jobs into the full database
+  (``Job.objects.bulk_create``);
+- **page**: ``GET /jobs/?tags=campaign:c3&state=RUNNING&limit=100`` (a filtered page, count
+  included), limit 20 ms on PostgreSQL and 50 ms on SQLite;
+- **counts**: ``GET /jobs/?state=S&limit=0`` for each state (``Job.objects.filter(state=S).count()``),
+  limit 20 ms;
+- **acquire**: a launcher Session leasing 100 runnable jobs (should not depend on the backlog);
+- **server RSS** after all of it.
+
+    python benchmarks/scale_jobs.py [--jobs 1000000] [--small 10000] [--backends sqlite,postgresql] [--repeat 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import psutil
+
+from bench_server import prepare_pg, start_server
+from dashboard_jobs_page import fill
+
+PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/balsam_bench_scale"
+LIMITS_MS = {"sqlite": {"page": 50.0, "count": 20.0}, "postgresql": {"page": 20.0, "count": 20.0}}
+STATES = ("JOB_FINISHED", "STAGED_IN", "RUNNING", "PREPROCESSED", "RESTART_READY", "FAILED")
+
+
+def timed_ms(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    samples.sort()
+    return statistics.median(samples), samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))]
+
+
+def get_ok(api: httpx.Client, path: str, **params: Any) -> dict[str, Any]:
+    answer = api.get(path, params=params)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def measure(api: httpx.Client, site_id: int, app_id: int, repeat: int, tag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["page"] = timed_ms(lambda: get_ok(api, "/jobs/", tags="campaign:c3", state="RUNNING", limit=100), repeat)
+    counts = {s: timed_ms(lambda s=s: get_ok(api, "/jobs/", state=s, limit=0), repeat) for s in STATES}
+    out["count"] = max(counts.values())  # the slowest state
+    out["count_state"] = max(counts, key=lambda s: counts[s][0])
+    rows = [{"workdir": f"ins/{tag}/{i}", "app_id": app_id, "tags": {"ins": tag}} for i in range(5000)]
+    start = time.perf_counter()
+    api.post("/jobs/", json=rows).raise_for_status()
+    out["insert_rate"] = 5000 / (time.perf_counter() - start)
+    api.request("DELETE", "/jobs/", params={"tags": f"ins:{tag}"}).raise_for_status()
+    body = {"max_num_jobs": 100, "filter_tags": {}, "states": ["PREPROCESSED"], "max_nodes_per_job": 1,
+            "max_wall_time_min": 60, "serial_only": False, "max_aggregate_nodes": None}
+    samples = []
+    for _ in range(repeat + 1):  # a new Session each time; deleting it gives the jobs back
+        session = api.post("/sessions/", json={"site_id": site_id}).json()
+        start = time.perf_counter()
+        got = api.post(f"/sessions/{session['id']}", json=body)
+        samples.append((time.perf_counter() - start) * 1000)
+        got.raise_for_status()
+        assert len(got.json()) == 100, str(got.json())[:300]
+        api.delete(f"/sessions/{session['id']}").raise_for_status()
+    samples = sorted(samples[1:])
+    out["acquire"] = (statistics.median(samples), samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))])
+    return out
+
+
+def run_backend(name: str, database_url: str, small: int, large: int, repeat: int, workdir: Path) -> None:
+    from balsam.server.db import create_db_engine
+    from balsam.server.migrate import upgrade_engine
+
+    engine = create_db_engine(database_url)
+    upgrade_engine(engine)
+    proc, url = start_server(workdir, database_url, home=workdir / "home", create_tables=False)
+    try:
+        username, password = f"scale-{os.getpid()}", "scale-bench-password"
+        httpx.post(f"{url}/auth/password/register", json={"username": username, "password": password}).raise_for_status()
+        token = httpx.post(f"{url}/auth/password/login", data={"username": username, "password": password}).json()["access_token"]
+        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
+        site = api.post("/sites/", json={"name": "scale", "path": "/sites/scale"}).json()
+        app = api.post("/apps/", json={"site_id": site["id"], "name": "Sim", "serialized_class": "", "source_code": "",
+                                       "parameters": {}, "transfers": {}, "description": ""}).json()
+        results = {}
+        filled = 0
+        for size in (small, large):
+            start = time.perf_counter()
+            fill(engine, app["id"], site["id"], filled, size - filled)
+            fill_sec = time.perf_counter() - start
+            if engine.dialect.name == "postgresql":
+                with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.exec_driver_sql("VACUUM ANALYZE jobs")
+            else:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql("ANALYZE")
+            rate = (size - filled) / fill_sec
+            filled = size
+            results[size] = measure(api, site["id"], app["id"], repeat, f"{name}{size}")
+            results[size]["fill_rate"] = rate
+        rss = psutil.Process(proc.pid).memory_info().rss / 2**20
+        lim = LIMITS_MS[name]
+        print(f"\n[{name}] median / p95 in ms; peer: the same call at {small:,} jobs, this run; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(f"{'figure':<52} {small:>12,} {large:>12,}   limit")
+
+        def row(label: str, key: str, limit: Any = None) -> None:
+            a, b = results[small][key], results[large][key]
+            cells = [f"{a[0]:6.1f}/{a[1]:5.1f}", f"{b[0]:6.1f}/{b[1]:5.1f}"]
+            verdict = "" if limit is None else (f"{limit:.0f} ms {'ok' if b[0] < limit else 'OVER'}")
+            print(f"{label:<52} {cells[0]:>12} {cells[1]:>12}   {verdict}")
+
+        row("page: tags=campaign:c3 & state=RUNNING, limit 100", "page", lim["page"])
+        row(f"count of one state (slowest: {results[large]['count_state']})", "count", lim["count"])
+        row("acquire 100 jobs (Session)", "acquire")
+        print(f"{'insert: SQL fill, jobs/s':<52} {results[small]['fill_rate']:>12,.0f} {results[large]['fill_rate']:>12,.0f}")
+        print(f"{'insert: POST /jobs/ 5,000 into the database, jobs/s':<52} {results[small]['insert_rate']:>12,.0f} "
+              f"{results[large]['insert_rate']:>12,.0f}")
+        print(f"{'server RSS after the run':<52} {rss:>25.0f} MiB")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1_000_000)
+    parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--pg-url", default=os.environ.get("BALSAM_BENCH_DATABASE_URL", PG_DEFAULT))
+    args = parser.parse_args()
+    # SIGTERM unwinds through the finally blocks: servers stopped, temp dirs removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for backend in args.backends.split(","):
+        workdir = Path(tempfile.mkdtemp(prefix=f"balsam-scale-{backend}-"))
+        try:
+            if backend == "sqlite":
+                url = f"sqlite:///{workdir / 'balsam.db'}"
+            else:
+                url = args.pg_url
+                prepare_pg(url)
+            run_backend(backend, url, args.small, args.jobs, args.repeat, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The ``local`` transfer backend (``local://`` and ``file://`` locations): copies on a file system
+the site shares with the location, e.g. a project directory mounted on the login and compute nodes.
+
+Each task runs in a worker thread. A file or directory is copied next to its destination under a
+hidden temporary name and renamed into place, so a destination is either absent, the old version
+or the complete new one, never half-written (a directory copied onto an existing one is merged
+into it, each file renamed into place) (an agent killed mid-copy leaves only a
+``.NAME.balsam-partial-*`` file, which the next copy of that destination removes). Task ids live
+in this process: after an agent restart they are ``unknown`` and the agent copies those items
+again, which is harmless because copies are atomic and idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import attrs
+
+from ..options import option
+from ..states import TransferDirection
+from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
+
+__all__ = ["LocalTransfer", "LocalTransferOptions", "ThreadedTasks", "copy_into_place"]
+
+PARTIAL_MARK = ".balsam-partial-"
+
+
+@attrs.frozen
+class LocalTransferOptions:
+    threads: int = option(4, "Tasks copying at the same time (one thread each).")
+
+
+def copy_into_place(src: Path, dest: Path, recursive: bool) -> int:
+    """Copy ``src`` to ``dest`` atomically; return the bytes copied. Raises OSError/ValueError."""
+    if not src.exists():
+        raise FileNotFoundError(f"no such file or directory: {src}")
+    if src.is_dir() and not recursive:
+        raise IsADirectoryError(f"{src} is a directory (the transfer slot is not recursive)")
+    if dest.is_dir() and not src.is_dir():
+        raise IsADirectoryError(f"destination {dest} is a directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    tmp = dest.parent / f".{dest.name}{PARTIAL_MARK}{token}"
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp, symlinks=True)
+            size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file() and not p.is_symlink())
+        else:
+            shutil.copyfile(src, tmp)
+            shutil.copymode(src, tmp)
+            size = tmp.stat().st_size
+        if dest.is_dir() and not dest.is_symlink():
+            # Into an existing directory (a workdir holding other inputs, a results directory):
+            # merge, each file renamed into place, as rsync and Globus do.
+            for path in sorted(tmp.rglob("*")):
+                target = dest / path.relative_to(tmp)
+                if path.is_dir() and not path.is_symlink():
+                    target.mkdir(exist_ok=True)
+                else:
+                    os.replace(path, target)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    # Leftovers of copies interrupted by a killed agent.
+    for stale in dest.parent.glob(f".{dest.name}{PARTIAL_MARK}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return size
+
+
+def _run_task(files: Sequence[TransferFile]) -> TaskStatus:
+    errors: dict[str, str] = {}
+    copied = 0
+    for f in files:
+        try:
+            copied += copy_into_place(Path(f.src), Path(f.dest), f.recursive)
+        except (OSError, ValueError, shutil.Error) as exc:
+            errors[f.dest] = one_line(exc)
+    info = {"files": len(files), "files_done": len(files) - len(errors), "bytes": copied}
+    return TaskStatus(TaskState.done, info=info, file_errors=errors)
+
+
+class ThreadedTasks:
+    """Tasks run by a thread pool of this process, for backends that do the copying themselves.
+
+    A finished task's status is kept for ``keep_sec`` after it was first reported, so a poll
+    repeated after a lost PATCH still answers (afterwards the id is unknown and the agent submits
+    the items again).
+    """
+
+    def __init__(self, threads: int, name: str, keep_sec: float = 3600.0) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._running: dict[str, Future] = {}
+        self._finished: dict[str, tuple[float, TaskStatus]] = {}
+        self._lock = threading.Lock()
+        self._keep_sec = keep_sec
+
+    def start(self, fn: Callable[..., TaskStatus], *args: object) -> str:
+        task_id = uuid.uuid4().hex
+        with self._lock:
+            self._running[task_id] = self._pool.submit(fn, *args)
+        return task_id
+
+    def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
+        now = time.monotonic()
+        found: dict[str, TaskStatus] = {}
+        with self._lock:
+            for tid in [t for t, (at, _) in self._finished.items() if now - at > self._keep_sec]:
+                del self._finished[tid]
+            for tid in task_ids:
+                if tid in self._finished:
+                    found[tid] = self._finished[tid][1]
+                    continue
+                future = self._running.get(tid)
+                if future is None:
+                    continue
+                if not future.done():
+                    found[tid] = TaskStatus(TaskState.active)
+                    continue
+                del self._running[tid]
+                exc = future.exception()
+                status = (TaskStatus(TaskState.failed, one_line(f"{type(exc).__name__}: {exc}"))
+                          if exc is not None else future.result())
+                self._finished[tid] = (now, status)
+                found[tid] = status
+        return found
+
+    def cancel(self, task_id: str) -> None:
+        with self._lock:
+            future = self._running.get(task_id)
+        if future is not None and not future.cancel() and not future.done():
+            raise TransferError(f"task {task_id} has started; it cannot be stopped", retryable=False)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class LocalTransfer(TransferBackend):
+    """Copy on a shared file system (``local://`` or ``file://``)."""
+
+    options_schema = LocalTransferOptions
+    description = "copies on a shared file system (local:// and file:// locations), atomically"
+
+    def __init__(self, options: object = None, *, site_path: Optional[str] = None) -> None:
+        super().__init__(options, site_path=site_path)
+        if self.options.threads < 1:
+            raise TransferError("transfers.backend_options.local.threads: must be at least 1", retryable=False)
+        self._tasks = ThreadedTasks(self.options.threads, "balsam-local-transfer")
+
+    def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile]) -> str:
+        for f in files:
+            for side in (f.src, f.dest):
+                if not os.path.isabs(side):
+                    raise TransferError(f"local transfer needs absolute paths, got {side!r}", retryable=False)
+        prefix = location.path.rstrip("/")
+        if prefix:
+            # local:///scratch/inputs: remote paths are inside that directory.
+            remote = "src" if direction == TransferDirection.stage_in else "dest"
+            files = [attrs.evolve(f, **{remote: prefix + getattr(f, remote)}) for f in files]
+        return self._tasks.start(_run_task, list(files))
+
+    def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
+        return self._tasks.statuses(task_ids)
+
+    def cancel_task(self, task_id: str) -> None:
+        self._tasks.cancel(task_id)
+
+    def close(self) -> None:
+        self._tasks.close()

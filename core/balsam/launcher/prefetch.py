@@ -1,0 +1,173 @@
+"""Jobs leased ahead of the free slots, from a background thread (the serial mode's job source).
+
+The serial master starts thousands of short tasks a second; asking the API for each batch on the
+loop thread would stall starts for a round trip every time. A :class:`Prefetcher` keeps up to
+``depth`` jobs leased and prepared (work directory, command line, environment) ahead of the loop.
+
+Thread contract (two threads, nothing else shared):
+
+* The **prefetch thread** alone opens the lease (so the Session is created while the rest of the
+  start-up runs), calls ``lease.acquire``, prepares jobs and reports unbuildable ones FAILED through
+  ``updater.put`` (the updater is thread-safe). It writes :attr:`exhausted` and :attr:`error`
+  (plain attribute stores, read by the loop thread).
+* The **loop thread** calls :meth:`take`, :meth:`note_held`, :meth:`stop`, :meth:`join` and
+  :meth:`close_lease`.
+* Hand-over: prepared jobs go through ``_ready``, a deque guarded by ``_lock``. The loop reports how
+  many taken jobs it still holds unstarted (:meth:`note_held`, an int store); the prefetch thread
+  tops up to ``depth`` counting both, and sleeps on ``_want`` until the loop has used half.
+* ``check_satisfiable`` is passed in by the owner and must only read state fixed at start (the
+  NodeManager's node list, never its occupancy).
+* :meth:`stop` sets an Event the thread checks between calls; :meth:`join` waits for the thread;
+  :meth:`close_lease` (after it) deletes the Session, which releases the unstarted jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Any, Callable, Optional
+
+from .app_run import JobBuildError, PreparedJob
+from .node_manager import Demand, UnsatisfiableJob
+from .runner import report_failed
+
+logger = logging.getLogger(__name__)
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        open_lease: Callable[[], Any],
+        prepare: Callable[[Any], PreparedJob],
+        check_satisfiable: Callable[[Demand], None],
+        updater: Any,
+        *,
+        depth: int,
+        remaining_min: Callable[[], int],
+        retry_sec: float = 1.0,
+        on_ready: Optional[Callable[[], None]] = None,
+        acquire_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.depth = max(1, int(depth))
+        self.retry_sec = float(retry_sec)
+        self._open_lease = open_lease
+        self._prepare = prepare
+        self._check = check_satisfiable
+        self._updater = updater
+        self._remaining_min = remaining_min
+        self._on_ready = on_ready or (lambda: None)
+        self._acquire_kwargs = dict(acquire_kwargs or {})
+        self._lock = threading.Lock()
+        self._ready: deque[PreparedJob] = deque()
+        self._held = 0
+        self._want = threading.Event()
+        self._stopping = threading.Event()
+        #: The lease (set by the prefetch thread once the Session exists).
+        self.lease: Any = None
+        #: Why the Session could not be created (the launcher cannot run without one).
+        self.error: Optional[BaseException] = None
+        #: The last acquire returned nothing: the server has no runnable job for us right now.
+        self.exhausted = False
+        #: The last acquire failed with this message (it is retried every ``retry_sec``).
+        self.acquire_error: Optional[str] = None
+        self.acquired = 0
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+
+    # -- loop thread ---------------------------------------------------------------------------
+    def start(self) -> "Prefetcher":
+        self._thread.start()
+        return self
+
+    def take(self) -> list[PreparedJob]:
+        """Every prepared job ready now (oldest first)."""
+        with self._lock:
+            if not self._ready:
+                return []
+            jobs = list(self._ready)
+            self._ready.clear()
+        return jobs
+
+    def note_held(self, count: int) -> None:
+        """The loop holds ``count`` taken jobs that have not started: top up when they run low."""
+        self._held = count
+        if count + len(self._ready) <= self.depth // 2:
+            self._want.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._ready)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._want.set()
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Stop the thread and wait for it (an acquire in flight finishes first)."""
+        self.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def close_lease(self, *, quick: bool = False) -> None:
+        """Close the lease, which gives unstarted jobs back (``quick``: no retry on an unreachable
+        API; the server expires the Session by itself). After :meth:`join`."""
+        if self.lease is not None:
+            if quick:
+                self.lease.close(retry_count=0)
+            else:
+                self.lease.close()
+
+    # -- prefetch thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.lease = self._open_lease()
+        except BaseException as exc:
+            logger.exception("could not create the session")
+            self.error = exc
+            self._on_ready()
+            return
+        while not self._stopping.is_set():
+            unstarted = self._held + len(self._ready)
+            if unstarted > self.depth // 2:
+                self._want.wait(0.05)
+                self._want.clear()
+                continue
+            try:
+                jobs = self.lease.acquire(self.depth - unstarted, max_wall_time_min=self._remaining_min(), **self._acquire_kwargs)
+                self.acquire_error = None
+            except Exception as exc:
+                self.acquire_error = str(exc)
+                logger.warning("acquire failed (retrying in %.1f s): %s", self.retry_sec, exc)
+                self._stopping.wait(self.retry_sec)
+                continue
+            self.acquired += len(jobs)
+            batch = []
+            for job in jobs:
+                prepared = self._prepare_one(job)
+                if prepared is not None:
+                    batch.append(prepared)
+                    if len(batch) == 1 and not self._ready:
+                        # The loop may be idle: hand the first job over at once (start-up latency).
+                        with self._lock:
+                            self._ready.append(batch.pop())
+                        self._on_ready()
+            if batch:
+                with self._lock:
+                    self._ready.extend(batch)
+                self._on_ready()
+            self.exhausted = not jobs
+            if not jobs:
+                self._stopping.wait(self.retry_sec)
+
+    def _prepare_one(self, job: Any) -> Optional[PreparedJob]:
+        try:
+            prepared = self._prepare(job)
+            self._check(prepared.demand)
+            return prepared
+        except (JobBuildError, UnsatisfiableJob) as exc:
+            logger.error("job %s FAILED: %s", job.id, exc)
+            report_failed(self._updater, job.id, str(exc))
+        except Exception as exc:  # keep the thread alive whatever one job holds
+            logger.exception("job %s FAILED while preparing", job.id)
+            report_failed(self._updater, job.id, f"An exception occurred while preparing the job: {type(exc).__name__}: {exc}")
+        return None

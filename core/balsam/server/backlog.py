@@ -1,0 +1,52 @@
+"""A site's backlog in numbers: jobs, node footprint and sizes per state, in one aggregate query.
+
+What an auto-scaler needs each cycle (the elastic queue: how many nodes the runnable and running
+jobs occupy, the smallest job it must fit) without listing the jobs: one ``GROUP BY state`` over
+the site's jobs in the asked states (the ``(site_id, state)`` index), optionally only those whose
+tags contain the given ones. A job's footprint is ``num_nodes / node_packing_count`` nodes: a job
+that packs 4 to a node occupies a quarter of one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import sqlalchemy as sa
+
+from balsam.states import JobState
+
+from .http import wire_datetime
+from .jobs_logic import json_contains
+from .tables import jobs
+
+#: Most ``tags`` filters one request may carry, and their most characters each (``key:value``): a
+#: site's filter_tags are a handful of short words, and the URL stays under the HTTP server's
+#: request-line limit (16 KiB) even when every character is percent-encoded.
+MAX_BACKLOG_TAGS = 8
+MAX_BACKLOG_TAG_CHARS = 128
+#: States asked for when the request names none: what a launcher can start now, and what runs.
+DEFAULT_BACKLOG_STATES = (JobState.preprocessed.value, JobState.restart_ready.value, JobState.running.value)
+
+
+def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[str]] = None,
+                     tags: Optional[dict[str, str]] = None) -> dict[str, dict[str, Any]]:
+    """``{state: {count, footprint, min_num_nodes, max_num_nodes, max_wall_time_min,
+    oldest_last_update}}`` of the site's jobs in ``states`` (default :data:`DEFAULT_BACKLOG_STATES`)
+    whose tags contain ``tags``. ``oldest_last_update`` is the earliest state change among them (how
+    long the longest-waiting runnable job has waited). States without jobs are absent."""
+    wanted = list(states or DEFAULT_BACKLOG_STATES)
+    footprint = sa.cast(jobs.c.num_nodes, sa.Float) / jobs.c.node_packing_count  # the server keeps it >= 1
+    stmt = (
+        sa.select(jobs.c.state, sa.func.count(), sa.func.sum(footprint), sa.func.min(jobs.c.num_nodes),
+                  sa.func.max(jobs.c.num_nodes), sa.func.max(jobs.c.wall_time_min), sa.func.min(jobs.c.last_update))
+        .where(jobs.c.site_id == site_id, jobs.c.state.in_(wanted))
+        .group_by(jobs.c.state)
+    )
+    if tags:
+        stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
+    out: dict[str, dict[str, Any]] = {}
+    for state, count, total, smallest, largest, longest, oldest in conn.execute(stmt):
+        out[state] = {"count": int(count), "footprint": float(total or 0.0), "min_num_nodes": int(smallest),
+                      "max_num_nodes": int(largest), "max_wall_time_min": int(longest or 0),
+                      "oldest_last_update": wire_datetime(oldest)}
+    return out

@@ -1,0 +1,578 @@
+"""The ``transfers`` agent module: stages job files in and out through transfer backends.
+
+One cycle (every ``service_period`` seconds):
+
+1. One GET of this site's transfer items that are ``pending``, ``active`` or ``inactive`` (at most
+   ``num_items_query_limit``), and one (chunked) GET of the workdirs of jobs not seen before.
+2. One :meth:`~balsam.transfer.TransferBackend.poll` per backend for all its in-flight tasks.
+   Done items become ``done`` (the server then moves READY jobs to STAGED_IN and POSTPROCESSED jobs
+   to JOB_FINISHED); a failed item goes back to ``pending`` with ``transfer_info.retry_after``
+   (``retry_backoff_sec``, doubling, at most ``retry_backoff_max_sec``) until it has failed
+   ``max_attempts`` times or with an error retrying cannot fix; then it becomes ``error`` and the
+   server moves its job to FAILED with the error in the event's data.
+3. Pending items due for a try are grouped by (direction, location alias), largest groups first,
+   cut into batches of ``transfer_batch_size``; at most ``max_concurrent_transfers`` tasks run at
+   once. Each batch is one backend task; its items become ``active`` with ``task_id =
+   "<backend>:<id>"``.
+4. One bulk PATCH of every item that changed.
+
+Restart safety: a task id is appended (fsync'd) to ``<site>/.transfer-tasks.jsonl`` right after its
+task is submitted and the file is emptied once the PATCH recording it has been answered. Items that
+are still ``pending`` but listed there (the agent died between the two) are polled under that task
+id instead of being submitted again. Backends with submission tokens (Globus submission ids) get
+the token journaled *before* the submission, so a batch whose task id never reached the journal is
+sent again with the same token and the service answers with the task it already has; backends whose task ids die with the process (``local``,
+``rsync``) report them ``unknown`` and those items are submitted again, which their atomic copies
+make harmless. Nothing is lost (an item is only ``done`` once its backend said so) and nothing is
+doubled (a destination is written by rename).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections import defaultdict
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Mapping, Optional
+
+import attrs
+
+from ...options import OptionsError, build_options, option
+from ...plugins.manager import PluginError, get_plugin_manager
+from ...states import DONE_STATES, JobState, TransferDirection, TransferItemState
+from ...transfer import (
+    TaskState,
+    TaskStatus,
+    TransferBackend,
+    TransferError,
+    TransferFile,
+    TransferLocation,
+    build_backend,
+    one_line,
+)
+from ..api_util import bulk_patch, list_all
+from ..module import AgentModule
+
+__all__ = ["TransfersModule", "TransfersOptions", "item_transfer_paths"]
+
+IN_FLIGHT = (TransferItemState.active.value, TransferItemState.inactive.value)
+JOURNAL_NAME = ".transfer-tasks.jsonl"
+#: Job ids per GET /jobs/?id=... (keeps the URL short).
+JOB_ID_CHUNK = 500
+
+
+@attrs.frozen
+class TransfersOptions:
+    """The ``transfers:`` section of settings.yml."""
+
+    transfer_locations: dict[str, str] = option(
+        help="Aliases of the places jobs stage files from and to: {alias: 'globus://<endpoint-id>' | "
+        "'local://' | 'rsync://user@host'}. A job names one as 'alias:/absolute/path'.",
+        factory=dict,
+    )
+    globus_endpoint_id: Optional[str] = option(None, "The Globus endpoint (collection) id of this site's file system.")
+    globus_endpoint_site_path: Optional[str] = option(
+        None, "This site's directory as the Globus endpoint sees it, when it differs from the local path."
+    )
+    max_concurrent_transfers: int = option(5, "Most transfer tasks in flight at once.")
+    transfer_batch_size: int = option(100, "Most files bundled into one transfer task.")
+    num_items_query_limit: int = option(2000, "Most transfer items read from the API per cycle.")
+    service_period: float = option(5, "Seconds between two transfer cycles.")
+    max_attempts: int = option(3, "Tries of a failing file before its job goes to FAILED with the error.")
+    retry_backoff_sec: float = option(30, "Wait before the first retry of a failed file; doubles on each retry.")
+    retry_backoff_max_sec: float = option(600, "Longest wait between two retries.")
+    backend_options: dict[str, dict[str, Any]] = option(
+        help="Options of each transfer backend, by backend name (e.g. {local: {threads: 8}}); "
+        "`balsam plugins show <name>` lists them.",
+        factory=dict,
+    )
+
+    def validate(self) -> dict[str, str]:
+        """Problems by key (the settings loader reports them with file and line)."""
+        problems: dict[str, str] = {}
+        for name in ("max_concurrent_transfers", "transfer_batch_size", "num_items_query_limit", "max_attempts"):
+            if getattr(self, name) < 1:
+                problems[name] = f"must be at least 1, got {getattr(self, name)!r}"
+        for name in ("service_period", "retry_backoff_sec", "retry_backoff_max_sec"):
+            if getattr(self, name) < 0:
+                problems[name] = f"must not be negative, got {getattr(self, name)!r}"
+        for alias, url in self.transfer_locations.items():
+            try:
+                TransferLocation.parse(alias, url)
+            except TransferError as exc:
+                problems[f"transfer_locations.{alias}"] = str(exc)
+        return problems
+
+
+def as_transfers_options(config: Any) -> TransfersOptions:
+    """The section as :class:`TransfersOptions`, whichever form the settings loader produced."""
+    if isinstance(config, TransfersOptions):
+        return config
+    if config is None:
+        return TransfersOptions()
+    if attrs.has(type(config)):
+        values = attrs.asdict(config, recurse=False)
+    else:
+        values = dict(config)
+    return build_options(TransfersOptions, values, where="transfers")
+
+
+def item_transfer_paths(item: Mapping[str, Any], workdir: Path) -> tuple[Path, TransferFile]:
+    """The job-side path of ``item`` (inside ``workdir``) and the file the backend moves.
+
+    A stage-in with ``local_path`` ``.`` that is not recursive lands as ``workdir/<remote basename>``.
+    Raises a non-retryable :class:`TransferError` for a path that leaves the workdir.
+    """
+    local_rel = str(item.get("local_path") or ".")
+    remote = str(item["remote_path"])
+    recursive = bool(item.get("recursive"))
+    rel = PurePosixPath(local_rel)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise TransferError(f"local_path {local_rel!r} must be relative and stay inside the job's workdir", retryable=False)
+    if not PurePosixPath(remote).is_absolute():
+        raise TransferError(f"remote path {remote!r} must be absolute", retryable=False)
+    stage_in = item["direction"] == TransferDirection.stage_in.value
+    local = workdir / rel
+    if stage_in and rel.parts in ((), (".",)) and not recursive:
+        local = workdir / PurePosixPath(remote).name
+    root = workdir.resolve()
+    resolved = local.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise TransferError(f"local_path {local_rel!r} leads outside the job's workdir ({resolved})", retryable=False)
+    if stage_in:
+        return local, TransferFile(src=remote, dest=str(local), recursive=recursive)
+    return local, TransferFile(src=str(local), dest=remote, recursive=recursive)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _due(item: Mapping[str, Any], now: dt.datetime) -> bool:
+    retry_after = (item.get("transfer_info") or {}).get("retry_after")
+    if not retry_after:
+        return True
+    try:
+        return dt.datetime.fromisoformat(str(retry_after)) <= now
+    except ValueError:
+        return True
+
+
+class TransfersModule(AgentModule):
+    """Stage-in and stage-out of job files (see the module docstring)."""
+
+    section = "transfers"
+    default_period = 5.0
+    period_fields = ("service_period",)
+    options_schema = TransfersOptions
+    section_comment = "Stages job files in and out through transfer backends (local, rsync, globus ...). null disables it."
+    enabled_by_default = True
+
+    def __init__(self, site_config: Any, config: Any, client: Any) -> None:
+        options = as_transfers_options(config)
+        problems = options.validate()
+        if problems:
+            key, why = next(iter(problems.items()))
+            raise OptionsError(f"transfers.{key}: {why}")
+        super().__init__(site_config, options, client)
+        self.backends: dict[str, TransferBackend] = {}
+        self.backend_errors: dict[str, TransferError] = {}
+        self.locations: dict[str, TransferLocation] = {}
+        self.location_errors: dict[str, TransferError] = {}
+        for alias, url in self.options.transfer_locations.items():
+            try:
+                self.locations[alias] = TransferLocation.parse(alias, url)
+            except TransferError as exc:
+                self.location_errors[alias] = exc
+                self.logger.error("settings.yml transfers.transfer_locations.%s: %s", alias, exc)
+        self.workdirs: dict[int, tuple[str, str]] = {}
+        self.journal_path = Path(site_config.site_path) / JOURNAL_NAME
+        #: API calls of the last cycle (the benchmark reports them).
+        self.last_cycle_calls = 0
+
+    # -- backends --------------------------------------------------------------------------------
+
+    def backend(self, name: str) -> TransferBackend:
+        if name in self.backends:
+            return self.backends[name]
+        if name in self.backend_errors:
+            raise self.backend_errors[name]
+        try:
+            cls = get_plugin_manager().load_driver("transfer", name)
+        except PluginError as exc:
+            # A location whose protocol no installed backend serves: its jobs fail with this reason.
+            error = TransferError(f"no transfer backend for protocol {name!r}: {exc}", retryable=False)
+        else:
+            options = dict(self.options.backend_options.get(name) or {})
+            for section_key, option_name in dict(getattr(cls, "section_keys", {}) or {}).items():
+                value = getattr(self.options, section_key, None)
+                if value is not None and option_name not in options:
+                    options[option_name] = value
+            try:
+                backend = build_backend(cls, name, options, site_path=str(self.site_config.site_path))
+            except (TransferError, OptionsError) as exc:
+                # Bad options of an installed backend: the operator fixes settings.yml and restarts
+                # the agent; meanwhile its items wait with this reason (their jobs do not fail).
+                error = TransferError(str(exc), retryable=True)
+            else:
+                self.backends[name] = backend
+                self.logger.info("transfer backend %s ready (%s)", name, type(backend).__name__)
+                return backend
+        self.backend_errors[name] = error
+        self.logger.error("transfer backend %s: %s", name, error)
+        raise error
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            try:
+                backend.close()
+            except Exception as exc:  # closing must not stop the agent's shutdown
+                self.logger.warning("transfer backend %s did not close cleanly: %s", backend.name, exc)
+
+    # -- the cycle -------------------------------------------------------------------------------
+
+    def _get(self, path: str, params: Mapping[str, Any], limit: Optional[int] = None) -> list[dict]:
+        self.last_cycle_calls += 1
+        return list_all(self.client, path, params, limit=limit)
+
+    def run_cycle(self) -> Optional[float]:
+        self.last_cycle_calls = 0
+        now = _now()
+        opts = self.options
+        if not opts.transfer_locations:
+            # The server refuses job transfers to aliases the site does not list: nothing to do.
+            return None
+        items = self._get(
+            "/transfers/",
+            # In-flight items first: a full page never hides a task that must be polled.
+            {"site_id": self.site_id, "state": [TransferItemState.pending.value, *IN_FLIGHT], "ordering": "state"},
+            limit=opts.num_items_query_limit,
+        )
+        updates: dict[int, dict[str, Any]] = {}
+        journal, token_batches = self._read_journal()
+        for item in items:
+            task_id = journal.get(item["id"])
+            if task_id and item["state"] == TransferItemState.pending.value and not item.get("task_id"):
+                # Submitted by a previous cycle (or agent) that died before recording it: poll, don't resubmit.
+                item["state"], item["task_id"] = TransferItemState.active.value, task_id
+                updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": task_id}
+        keep_journal = self._resubmit_with_tokens(token_batches, items, updates, now)
+        in_flight = [it for it in items if it["state"] in IN_FLIGHT]
+        still_running = self._poll(in_flight, updates, now)
+
+        pending = [it for it in items if it["state"] == TransferItemState.pending.value and it["id"] not in updates]
+        due = [it for it in pending if _due(it, now)]
+        submitted = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now)
+
+        if updates:
+            self.last_cycle_calls += 1
+            refused = bulk_patch(self.client, "/transfers/", list(updates.values()))
+            if refused:
+                self.logger.error("%d transfer item updates were refused by the server", len(refused))
+        if not keep_journal:
+            self._clear_journal()
+        # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
+        live = {int(it["job_id"]) for it in items}
+        self.workdirs = {job_id: w for job_id, w in self.workdirs.items() if job_id in live}
+        counts = defaultdict(int)
+        for update in updates.values():
+            counts[update.get("state", "?")] += 1
+        if updates or in_flight:
+            self.logger.info(
+                "cycle: %d items read, %d tasks in flight, %d tasks submitted; updates %s",
+                len(items), still_running, submitted, dict(counts) or "none",
+            )
+        return None
+
+    def _poll(self, in_flight: list[dict], updates: dict[int, dict[str, Any]], now: dt.datetime) -> int:
+        """Poll every in-flight task; record item updates; return the number of tasks still running."""
+        by_task: dict[str, list[dict]] = defaultdict(list)
+        for item in in_flight:
+            by_task[item.get("task_id") or ""].append(item)
+        by_backend: dict[str, list[str]] = defaultdict(list)
+        for task_id in by_task:
+            name, sep, _ = task_id.partition(":")
+            if not sep or not name:
+                for item in by_task[task_id]:
+                    self._back_to_pending(item, updates, f"in flight without a usable task id ({task_id!r})")
+                continue
+            by_backend[name].append(task_id)
+        running = 0
+        for name, task_ids in by_backend.items():
+            try:
+                backend = self.backend(name)
+                statuses = backend.poll([tid.partition(":")[2] for tid in task_ids])
+            except TransferError as exc:
+                if exc.retryable:
+                    self.logger.warning("transfer backend %s: polling %d tasks failed (will retry): %s", name, len(task_ids), exc)
+                    running += len(task_ids)
+                else:
+                    for tid in task_ids:
+                        for item in by_task[tid]:
+                            self._fail(item, str(exc), False, updates, now)
+                continue
+            for tid in task_ids:
+                status = statuses.get(tid.partition(":")[2]) or TaskStatus(TaskState.unknown)
+                if status.state in (TaskState.active, TaskState.inactive):
+                    running += 1
+                self._apply_status(tid, status, by_task[tid], updates, now)
+        return running
+
+    def _apply_status(self, task_id: str, status: TaskStatus, items: list[dict], updates: dict[int, dict[str, Any]],
+                      now: dt.datetime) -> None:
+        if status.state in (TaskState.active, TaskState.inactive):
+            state = status.state.value
+            for item in items:
+                info = dict(item.get("transfer_info") or {})
+                new_info = {**info, "task": dict(status.info)} if status.info else dict(info)
+                if status.state == TaskState.inactive and status.error:
+                    new_info["reason"] = status.error
+                elif status.state == TaskState.active:
+                    new_info.pop("reason", None)  # resumed
+                if item["state"] != state or new_info != info:
+                    updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": state, "transfer_info": new_info}
+            if status.state == TaskState.inactive:
+                self.logger.warning("transfer task %s is paused by its service: %s", task_id, status.error or "no reason given")
+        elif status.state == TaskState.done:
+            errors_by_dest = dict(status.file_errors)
+            for item in items:
+                dest = self._dest_of(item)
+                if errors_by_dest and not dest:
+                    # Recovered from the journal without its destination: which file failed is
+                    # unknown, so copy it again rather than call it done.
+                    self._back_to_pending(item, updates, f"task {task_id} had failed files and this item's is unknown")
+                    continue
+                error = errors_by_dest.get(dest)
+                if error is not None:
+                    self._fail(item, error, True, updates, now)
+                else:
+                    info = {k: v for k, v in (item.get("transfer_info") or {}).items()
+                            if k not in ("retry_after", "reason", "error")}
+                    if status.info:
+                        info["task"] = dict(status.info)  # figures of the whole task (all its items)
+                    info["completed"] = now.isoformat()
+                    updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.done.value, "transfer_info": info}
+        elif status.state == TaskState.failed:
+            for item in items:
+                self._fail(item, status.error or "transfer task failed", status.retryable, updates, now)
+        else:  # unknown: the task died with a previous agent process
+            for item in items:
+                self._back_to_pending(item, updates, f"task {task_id} is unknown to its backend (agent restarted?)")
+
+    def _dest_of(self, item: Mapping[str, Any]) -> str:
+        return str((item.get("transfer_info") or {}).get("dest", ""))
+
+    def _back_to_pending(self, item: dict, updates: dict[int, dict[str, Any]], why: str) -> None:
+        self.logger.info("transfer item %s: %s; it will be submitted again", item["id"], why)
+        info = {k: v for k, v in (item.get("transfer_info") or {}).items() if k != "dest"}
+        updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.pending.value, "task_id": "", "transfer_info": info}
+
+    def _wait(self, item: dict, reason: str, updates: dict[int, dict[str, Any]]) -> None:
+        """Keep ``item`` pending with the reason it waits (shown by `balsam transfer ls`); no try used."""
+        info = dict(item.get("transfer_info") or {})
+        if info.get("reason") != one_line(reason):
+            info["reason"] = one_line(reason)
+            updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "transfer_info": info}
+
+    def _fail(self, item: dict, error: str, retryable: bool, updates: dict[int, dict[str, Any]], now: dt.datetime) -> None:
+        opts = self.options
+        info = dict(item.get("transfer_info") or {})
+        attempts = int(info.get("attempts", 0) or 0) + 1
+        info.update(attempts=attempts, error=one_line(error))
+        info.pop("dest", None)
+        info.pop("retry_after", None)
+        if retryable and attempts < opts.max_attempts:
+            wait = min(opts.retry_backoff_max_sec, opts.retry_backoff_sec * 2 ** (attempts - 1))
+            info["retry_after"] = (now + dt.timedelta(seconds=wait)).isoformat()
+            state = TransferItemState.pending.value
+            self.logger.warning("transfer item %s (job %s) failed (try %d of %d; next in %.0f s): %s",
+                                item["id"], item["job_id"], attempts, opts.max_attempts, wait, info["error"])
+        else:
+            state = TransferItemState.error.value
+            why = "cannot succeed" if not retryable else f"failed {attempts} times"
+            self.logger.error("transfer item %s (job %s) %s; its job fails: %s", item["id"], item["job_id"], why, info["error"])
+        updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": state, "task_id": "", "transfer_info": info}
+
+    # -- submission ------------------------------------------------------------------------------
+
+    def _job_workdirs(self, job_ids: Iterable[int]) -> None:
+        missing = sorted({int(j) for j in job_ids} - self.workdirs.keys())
+        for start in range(0, len(missing), JOB_ID_CHUNK):
+            chunk = missing[start:start + JOB_ID_CHUNK]
+            for job in self._get("/jobs/", {"id": chunk}):
+                self.workdirs[int(job["id"])] = (str(job["workdir"]), str(job["state"]))
+
+    def _submit(self, due: list[dict], slots: int, updates: dict[int, dict[str, Any]], now: dt.datetime) -> int:
+        if not due or slots <= 0:
+            return 0
+        opts = self.options
+        groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for item in due:
+            groups[(item["direction"], item["location_alias"])].append(item)
+        batches: list[tuple[str, str, list[dict]]] = []
+        for (direction, alias), group in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            group.sort(key=lambda it: it["id"])
+            for start in range(0, len(group), opts.transfer_batch_size):
+                batches.append((direction, alias, group[start:start + opts.transfer_batch_size]))
+        batches = batches[:slots]
+        self._job_workdirs(it["job_id"] for _, _, batch in batches for it in batch)
+        data_path = Path(self.site_config.data_path)
+        submitted = 0
+        for direction, alias, batch in batches:
+            try:
+                location = self._location(alias)
+                backend = self.backend(location.backend_name)
+            except TransferError as exc:
+                for item in batch:
+                    if exc.retryable:
+                        self._wait(item, str(exc), updates)
+                    else:
+                        self._fail(item, str(exc), False, updates, now)
+                continue
+            files: list[TransferFile] = []
+            members: list[dict] = []
+            for item in batch:
+                job = self.workdirs.get(int(item["job_id"]))
+                if job is None:
+                    self.logger.warning("transfer item %s: job %s not found; skipped", item["id"], item["job_id"])
+                    continue
+                workdir_rel, job_state = job
+                if JobState(job_state) in DONE_STATES:
+                    self._fail(item, f"not transferred: job {item['job_id']} is already {job_state}", False, updates, now)
+                    continue
+                try:
+                    local, spec = item_transfer_paths(item, data_path / workdir_rel)
+                    if direction == TransferDirection.stage_in.value:
+                        # The workdir itself too: a recursive "." slot then merges into it.
+                        (data_path / workdir_rel).mkdir(parents=True, exist_ok=True)
+                        local.parent.mkdir(parents=True, exist_ok=True)
+                except TransferError as exc:
+                    self._fail(item, str(exc), exc.retryable, updates, now)
+                    continue
+                except OSError as exc:
+                    self._fail(item, f"cannot create the job's workdir: {exc}", True, updates, now)
+                    continue
+                files.append(spec)
+                members.append(item)
+            if not files:
+                continue
+            try:
+                token = backend.submission_token()
+                if token:
+                    self._journal_token(token, alias, direction, members, files)
+                task_id = backend.submit(location, TransferDirection(direction), files, token)
+            except TransferError as exc:
+                if exc.retryable:
+                    # The service, not the files: keep the items pending without using up their tries.
+                    self.logger.warning("transfer backend %s: submitting %d files to %s failed (will retry): %s",
+                                        backend.name, len(files), alias, exc)
+                    for item in members:
+                        self._wait(item, str(exc), updates)
+                else:
+                    for item in members:
+                        self._fail(item, str(exc), False, updates, now)
+                continue
+            full_id = f"{location.backend_name}:{task_id}"
+            self._journal(full_id, [it["id"] for it in members])
+            for item, spec in zip(members, files):
+                info = {k: v for k, v in (item.get("transfer_info") or {}).items() if k not in ("retry_after", "reason")}
+                info.update(dest=spec.dest, submitted=now.isoformat())
+                updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.active.value, "task_id": full_id,
+                                       "transfer_info": info}
+            submitted += 1
+        return submitted
+
+    def _location(self, alias: str) -> TransferLocation:
+        if alias in self.location_errors:
+            raise self.location_errors[alias]
+        location = self.locations.get(alias)
+        if location is None:
+            known = ", ".join(sorted(self.locations)) or "none"
+            raise TransferError(
+                f"unknown transfer location {alias!r} (settings.yml transfers.transfer_locations has: {known})",
+                retryable=False,
+            )
+        return location
+
+    # -- journal of submitted tasks not yet recorded in the API -----------------------------------
+
+    def _journal(self, task_id: str, item_ids: list[int]) -> None:
+        line = json.dumps({"task_id": task_id, "item_ids": item_ids}) + "\n"
+        with open(self.journal_path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _journal_token(self, token: str, alias: str, direction: str, members: list[dict], files: list[TransferFile]) -> None:
+        record = {"token": token, "alias": alias, "direction": direction,
+                  "files": [[it["id"], f.src, f.dest, f.recursive] for it, f in zip(members, files)]}
+        with open(self.journal_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _read_journal(self) -> tuple[dict[int, str], list[dict]]:
+        """(task id by item id, batches journaled with a submission token but no task id yet)."""
+        try:
+            text = self.journal_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}, []
+        except OSError as exc:
+            self.logger.warning("cannot read %s: %s", self.journal_path, exc)
+            return {}, []
+        found: dict[int, str] = {}
+        tokens: list[dict] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                record = json.loads(line)
+                if "token" in record:
+                    tokens.append({"token": str(record["token"]), "alias": str(record["alias"]),
+                                   "direction": str(record["direction"]),
+                                   "files": [(int(i), str(a), str(b), bool(r)) for i, a, b, r in record["files"]]})
+                    continue
+                for item_id in record["item_ids"]:
+                    found[int(item_id)] = str(record["task_id"])
+            except (ValueError, KeyError, TypeError):
+                # The last line of an agent killed while writing it; that task's items are resubmitted.
+                self.logger.warning("%s:%d: unreadable line skipped", self.journal_path, number)
+        tokens = [b for b in tokens if not any(i in found for i, *_ in b["files"])]
+        return found, tokens
+
+    def _resubmit_with_tokens(self, batches: list[dict], items: list[dict], updates: dict[int, dict[str, Any]],
+                              now: dt.datetime) -> bool:
+        """Submit again, with the same token, batches a dead agent submitted without recording a task
+        id: the service answers with the task it already has (or starts it if it never got it).
+        Returns True when one could not be sent (the journal is then kept for the next cycle)."""
+        by_id = {it["id"]: it for it in items}
+        failed = False
+        for batch in batches:
+            members = [by_id.get(i) for i, *_ in batch["files"]]
+            if any(m is None or m["state"] != TransferItemState.pending.value or m.get("task_id") for m in members):
+                continue  # already recorded, finished or gone
+            files = [TransferFile(src, dest, rec) for _, src, dest, rec in batch["files"]]
+            try:
+                location = self._location(batch["alias"])
+                backend = self.backend(location.backend_name)
+                task_id = backend.submit(location, TransferDirection(batch["direction"]), files, batch["token"])
+            except TransferError as exc:
+                self.logger.warning("re-sending a journaled batch of %d files failed: %s", len(files), exc)
+                failed = True
+                for item in members:
+                    item["state"] = "held"  # not submitted under a new token this cycle
+                continue
+            full_id = f"{location.backend_name}:{task_id}"
+            self._journal(full_id, [m["id"] for m in members])
+            self.logger.info("journaled batch of %d files re-sent with its token: task %s", len(files), full_id)
+            for item, spec in zip(members, files):
+                info = {**(item.get("transfer_info") or {}), "dest": spec.dest, "submitted": now.isoformat()}
+                item["state"], item["task_id"] = TransferItemState.active.value, full_id
+                updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": full_id, "transfer_info": info}
+        return failed
+
+    def _clear_journal(self) -> None:
+        try:
+            if self.journal_path.exists():
+                self.journal_path.unlink()
+        except OSError as exc:
+            self.logger.warning("cannot remove %s: %s", self.journal_path, exc)

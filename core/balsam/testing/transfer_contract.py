@@ -1,0 +1,163 @@
+"""``TransferContract``: the conformance tests every transfer backend runs against itself.
+
+Subclass it in your plugin's tests (the class name must start with ``Test``) and say how to reach a
+location whose files the test can see, e.g. a local directory behind your protocol::
+
+    from balsam.testing import TransferContract
+    from balsam_transfer_mine import MyBackend
+
+    class TestMyBackend(TransferContract):
+        backend_class = MyBackend
+        backend_name = "mine"                      # the balsam.transfers entry-point name
+        options = {"threads": 2}                   # transfers.backend_options.mine
+
+        def location_url(self, tmp_path):
+            return "mine://localhost"              # remote paths are then paths of this machine
+
+What the contract checks:
+
+- the ``balsam.transfers`` entry point of ``backend_name`` loads ``backend_class`` (skipped when
+  the distribution is not installed); the options schema builds with its defaults and every
+  option has a help text;
+- a stage-in and a stage-out batch (files and a recursive directory) arrive complete, and one
+  ``poll`` call answers for several tasks; a task's ``info`` is a mapping;
+- a missing source file is reported for that file only (``file_errors`` of a ``done`` task, or a
+  ``failed`` task), as one line, while the other files of the batch arrive;
+- copying onto an existing destination replaces it and leaves nothing else behind;
+- an id the backend never issued polls as ``unknown``; an empty batch or a relative path raises
+  :class:`~balsam.transfer.TransferError`, never anything else.
+
+Backends that cannot run for real in a test (a cloud service) test against that service's own
+recorded responses instead (the Globus plugin uses globus-sdk's testing fixtures).
+"""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional
+
+import attrs
+import pytest
+
+from ..options import option_help
+from ..states import TransferDirection
+from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, build_backend
+
+__all__ = ["TransferContract", "wait_for_tasks"]
+
+
+def wait_for_tasks(backend: TransferBackend, task_ids: list[str], timeout: float = 60.0) -> dict[str, TaskStatus]:
+    """Poll ``task_ids`` together until none is active; return their last statuses."""
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = backend.poll(task_ids)
+        if all(s.state not in (TaskState.active, TaskState.inactive) for s in statuses.values()):
+            return statuses
+        if time.monotonic() > deadline:
+            raise AssertionError(f"tasks still running after {timeout:.0f} s: {statuses}")
+        time.sleep(0.05)
+
+
+class TransferContract:
+    backend_class: ClassVar[Optional[type]] = None
+    backend_name: ClassVar[str] = ""
+    options: ClassVar[Mapping[str, Any]] = {}
+
+    def location_url(self, tmp_path: Path) -> str:
+        """A location URL of this backend whose remote paths are paths of this machine."""
+        raise NotImplementedError("set location_url() in your TransferContract subclass")
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @pytest.fixture
+    def backend(self) -> Any:
+        assert self.backend_class is not None and self.backend_name, "set backend_class and backend_name"
+        backend = build_backend(self.backend_class, self.backend_name, dict(self.options))
+        yield backend
+        backend.close()
+
+    @pytest.fixture
+    def location(self, tmp_path: Path) -> TransferLocation:
+        return TransferLocation.parse("contract", self.location_url(tmp_path))
+
+    # -- the contract ----------------------------------------------------------------------------
+
+    def test_entry_point_and_options(self) -> None:
+        assert self.backend_class is not None and issubclass(self.backend_class, TransferBackend)
+        schema = self.backend_class.options_schema
+        schema()  # every option has a default
+        assert all(option_help(schema).values()), f"{schema.__name__}: every option needs a help text"
+        found = [ep for ep in entry_points(group="balsam.transfers") if ep.name == self.backend_name]
+        if not found:
+            pytest.skip(f"no balsam.transfers entry point {self.backend_name!r} installed")
+        assert found[0].load() is self.backend_class
+
+    def test_stage_in_and_out(self, backend: TransferBackend, location: TransferLocation, tmp_path: Path) -> None:
+        remote, site = tmp_path / "remote", tmp_path / "site"
+        (remote / "tree" / "deep").mkdir(parents=True)
+        (remote / "a.txt").write_text("alpha\n")
+        (remote / "tree" / "deep" / "b.bin").write_bytes(bytes(range(256)) * 64)
+        stage_in = backend.submit(location, TransferDirection.stage_in, [
+            TransferFile(str(remote / "a.txt"), str(site / "job1" / "a.txt")),
+            TransferFile(str(remote / "tree"), str(site / "job2" / "tree"), recursive=True),
+        ])
+        (site / "job3").mkdir(parents=True)
+        (site / "job3" / "out.txt").write_text("result\n")
+        stage_out = backend.submit(location, TransferDirection.stage_out, [
+            TransferFile(str(site / "job3" / "out.txt"), str(remote / "results" / "job3.txt")),
+        ])
+        assert stage_in != stage_out
+        statuses = wait_for_tasks(backend, [stage_in, stage_out])
+        for status in statuses.values():
+            assert status.state == TaskState.done and not status.file_errors, status
+            assert isinstance(status.info, Mapping)
+        assert (site / "job1" / "a.txt").read_text() == "alpha\n"
+        assert (site / "job2" / "tree" / "deep" / "b.bin").read_bytes() == bytes(range(256)) * 64
+        assert (remote / "results" / "job3.txt").read_text() == "result\n"
+
+    def test_missing_source_fails_only_that_file(self, backend: TransferBackend, location: TransferLocation,
+                                                 tmp_path: Path) -> None:
+        (tmp_path / "here.txt").write_text("here")
+        good, bad = str(tmp_path / "site" / "good.txt"), str(tmp_path / "site" / "bad.txt")
+        task = backend.submit(location, TransferDirection.stage_in, [
+            TransferFile(str(tmp_path / "here.txt"), good),
+            TransferFile(str(tmp_path / "not-there.txt"), bad),
+        ])
+        status = wait_for_tasks(backend, [task])[task]
+        if status.state == TaskState.failed:
+            assert status.error and "\n" not in status.error
+        else:
+            assert status.state == TaskState.done
+            assert set(status.file_errors) == {bad}, status.file_errors
+            assert "\n" not in status.file_errors[bad] and status.file_errors[bad]
+            assert Path(good).read_text() == "here"
+        assert not Path(bad).exists()
+
+    def test_replacing_a_destination_leaves_nothing_else(self, backend: TransferBackend, location: TransferLocation,
+                                                        tmp_path: Path) -> None:
+        src, dest = tmp_path / "src.txt", tmp_path / "out" / "dest.txt"
+        dest.parent.mkdir()
+        dest.write_text("old")
+        for text in ("new 1", "new 2"):
+            src.write_text(text)
+            task = backend.submit(location, TransferDirection.stage_in, [TransferFile(str(src), str(dest))])
+            assert wait_for_tasks(backend, [task])[task].state == TaskState.done
+            assert dest.read_text() == text
+        assert sorted(p.name for p in dest.parent.iterdir()) == ["dest.txt"]
+
+    def test_unknown_ids_and_bad_requests(self, backend: TransferBackend, location: TransferLocation) -> None:
+        assert backend.poll(["never-issued"])["never-issued"].state == TaskState.unknown
+        assert backend.poll([]) == {}
+        with pytest.raises(TransferError) as empty:
+            backend.submit(location, TransferDirection.stage_in, [])
+        assert not empty.value.retryable
+        with pytest.raises(TransferError) as relative:
+            backend.submit(location, TransferDirection.stage_in, [TransferFile("relative/path", "/tmp/x")])
+        assert "\n" not in str(relative.value)
+
+    def test_status_is_frozen(self) -> None:
+        status = TaskStatus(TaskState.done)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            status.state = TaskState.failed  # type: ignore[misc]

@@ -1,0 +1,255 @@
+"""The transfer backend contract (entry-point group ``balsam.transfers``).
+
+A site's ``transfers.transfer_locations`` maps aliases to URLs (``globus://<endpoint-uuid>``,
+``local://`` or ``file://``, ``rsync://user@host``); the URL's protocol names the backend (the
+entry-point name; ``file`` is another name of ``local``). The ``transfers`` agent module hands a
+backend *batches*: one :meth:`TransferBackend.submit` call per (direction, location) batch of
+(src, dest, recursive) files, which becomes one transfer task, and one :meth:`TransferBackend.poll`
+call for all of a backend's in-flight tasks per cycle.
+
+Paths: for a stage-in, ``src`` is the remote path (in the location's namespace) and ``dest`` an
+absolute path on the site's file system; for a stage-out the other way round. A backend that sees
+the site under another prefix (a Globus endpoint) rewrites the local side itself.
+
+Errors: a backend raises only :class:`TransferError` (one line, ``retryable`` says whether trying
+the same thing again may work); the public methods of the base class turn anything else into one,
+so nothing else reaches the agent. A task that ran and failed is reported by :meth:`poll` as a
+:class:`TaskStatus` in state ``failed`` with the error; a task id the backend no longer knows
+(its process restarted) is ``unknown``, and the agent submits those items again.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+from urllib.parse import urlsplit
+
+import attrs
+
+from .options import NoOptions, build_options
+from .states import TransferDirection
+
+__all__ = [
+    "PROTOCOL_ALIASES",
+    "TaskState",
+    "TaskStatus",
+    "TransferBackend",
+    "TransferError",
+    "TransferFile",
+    "TransferLocation",
+    "backend_name_for",
+    "one_line",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Protocols that are other names of a backend.
+PROTOCOL_ALIASES: Mapping[str, str] = {"file": "local"}
+
+
+class TransferError(Exception):
+    """A transfer could not be started, polled or cancelled. The message is one line for users
+    (it ends up in the item's ``transfer_info.error`` and the job's FAILED event); ``retryable``
+    says whether the same request may work later (a network blip) or never will (a bad URL)."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(one_line(message))
+        self.retryable = retryable
+
+
+def one_line(text: Any, limit: int = 500) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+@attrs.frozen
+class TransferLocation:
+    """A parsed ``transfer_locations`` entry: ``alias: protocol://netloc[/path]``."""
+
+    alias: str
+    url: str
+    protocol: str
+    #: ``user@host`` for rsync, the endpoint id for Globus, empty for local.
+    netloc: str
+    #: A path after the netloc (rarely used: a prefix the backend may apply).
+    path: str = ""
+
+    @classmethod
+    def parse(cls, alias: str, url: str) -> "TransferLocation":
+        if not isinstance(url, str) or "://" not in url:
+            raise TransferError(
+                f"transfer location {alias!r}: expected protocol://address (e.g. globus://<endpoint-id>), got {url!r}",
+                retryable=False,
+            )
+        parts = urlsplit(url)
+        protocol = parts.scheme.lower()
+        if not protocol:
+            raise TransferError(f"transfer location {alias!r}: no protocol in {url!r}", retryable=False)
+        return cls(alias=alias, url=url, protocol=protocol, netloc=parts.netloc, path=parts.path)
+
+    @property
+    def backend_name(self) -> str:
+        return backend_name_for(self.protocol)
+
+
+def backend_name_for(protocol: str) -> str:
+    """The ``balsam.transfers`` entry-point name that serves ``protocol``."""
+    protocol = protocol.lower()
+    return PROTOCOL_ALIASES.get(protocol, protocol)
+
+
+@attrs.frozen
+class TransferFile:
+    """One file or directory of a task."""
+
+    src: str
+    dest: str
+    recursive: bool = False
+
+
+class TaskState(str, enum.Enum):
+    active = "active"
+    #: Paused by the service (Globus: credentials expired, endpoint paused); may resume.
+    inactive = "inactive"
+    done = "done"
+    failed = "failed"
+    #: The backend does not know this task id (e.g. it lived in a process that has since died).
+    unknown = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.frozen
+class TaskStatus:
+    state: TaskState
+    #: One line, set when ``failed`` (or the reason a task is ``inactive``).
+    error: str = ""
+    #: Whether running the same files again may succeed (only meaningful when ``failed``).
+    retryable: bool = True
+    #: Progress figures for users (``files``, ``files_done``, ``bytes`` ...), kept in ``transfer_info``.
+    info: Mapping[str, Any] = attrs.field(factory=dict)
+    #: A ``done`` task whose some files failed: {the file's ``dest``: one-line error}. The other
+    #: files of the task are done.
+    file_errors: Mapping[str, str] = attrs.field(factory=dict)
+
+
+class TransferBackend(abc.ABC):
+    """Moves batches of files between the site and one kind of location.
+
+    Subclasses implement :meth:`submit_batch` and :meth:`poll_tasks` (and :meth:`cancel_task` where
+    the service can cancel); they are built once per agent with ``options`` (an instance of
+    :attr:`options_schema`, from ``transfers.backend_options.<name>`` in settings.yml).
+    """
+
+    #: The frozen attrs class of this backend's options (see balsam.options).
+    options_schema: ClassVar[type] = NoOptions
+    #: ``transfers:`` section keys copied into this backend's options when set there (settings.yml
+    #: compatibility with Balsam 0.7, e.g. ``globus_endpoint_id``): {section key: option name}.
+    section_keys: ClassVar[Mapping[str, str]] = {}
+    #: One line for ``balsam plugins ls``.
+    description: ClassVar[str] = ""
+
+    def __init__(self, options: Any = None, *, site_path: Optional[str] = None) -> None:
+        self.options = build_options(self.options_schema, options, where=f"transfers.backend_options.{self.name}")
+        #: The site directory (local paths handed to the backend are inside its ``data/``); backends
+        #: that see the site under another prefix (a Globus endpoint) rewrite paths relative to it.
+        self.site_path = site_path
+
+    @property
+    def name(self) -> str:
+        return getattr(self, "_entry_point_name", "") or type(self).__name__
+
+    # -- what subclasses implement -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile]) -> str:
+        """Start one task moving ``files``; return its id (unique for this backend)."""
+
+    @abc.abstractmethod
+    def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
+        """The status of each of ``task_ids``, in as few service calls as the service allows."""
+
+    def cancel_task(self, task_id: str) -> None:
+        raise TransferError(f"{self.name}: tasks cannot be cancelled", retryable=False)
+
+    def new_submission_token(self) -> Optional[str]:
+        """A token that makes a repeated submission of the same batch return the same task instead of
+        starting a second one (Globus: a submission id), or None when the service has no such thing.
+
+        The agent journals the token *before* submitting; after a crash between the submission and
+        its record it submits the same files again with the same token. Backends returning a token
+        accept ``token=`` in :meth:`submit_batch`.
+        """
+        return None
+
+    def close(self) -> None:
+        """Release threads, processes or connections (called once when the agent stops)."""
+
+    # -- what the agent calls: nothing but TransferError escapes -----------------------------------
+
+    def submit(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile],
+               token: Optional[str] = None) -> str:
+        if not files:
+            raise TransferError(f"{self.name}: refusing to submit an empty batch to {location.alias!r}", retryable=False)
+        try:
+            extra = {"token": token} if token else {}
+            task_id = self.submit_batch(location, TransferDirection(direction), list(files), **extra)
+        except TransferError:
+            raise
+        except Exception as exc:
+            logger.debug("%s: submit to %s failed", self.name, location.alias, exc_info=True)
+            raise TransferError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from exc
+        if not task_id or not isinstance(task_id, str):
+            raise TransferError(f"{self.name}: submit returned no task id ({task_id!r})", retryable=True)
+        return task_id
+
+    def poll(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
+        """A status for every id in ``task_ids`` (ids the backend left out are ``unknown``)."""
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return {}
+        try:
+            found = dict(self.poll_tasks(ids))
+        except TransferError:
+            raise
+        except Exception as exc:
+            logger.debug("%s: poll failed", self.name, exc_info=True)
+            raise TransferError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from exc
+        return {tid: found.get(tid) or TaskStatus(TaskState.unknown, "the backend does not know this task") for tid in ids}
+
+    def submission_token(self) -> Optional[str]:
+        """:meth:`new_submission_token`, guarded like the other calls."""
+        try:
+            return self.new_submission_token()
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from exc
+
+    def cancel(self, task_id: str) -> None:
+        try:
+            self.cancel_task(task_id)
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from exc
+
+
+def build_backend(cls: type, name: str, options: Optional[Mapping[str, Any]] = None, *,
+                  site_path: Optional[str] = None) -> TransferBackend:
+    """Instantiate a backend class registered as ``name`` with plain ``options``."""
+    if not (isinstance(cls, type) and issubclass(cls, TransferBackend)):
+        raise TransferError(f"transfer backend {name!r} is not a balsam.transfer.TransferBackend ({cls!r})", retryable=False)
+    backend = cls.__new__(cls)
+    backend._entry_point_name = name  # type: ignore[attr-defined]
+    try:
+        backend.__init__(options, site_path=site_path)  # type: ignore[misc]
+    except TransferError:
+        raise
+    except Exception as exc:
+        raise TransferError(f"transfers.backend_options.{name}: {one_line(exc)}", retryable=False) from exc
+    return backend

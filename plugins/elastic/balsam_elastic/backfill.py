@@ -1,0 +1,120 @@
+"""``backfill``: Balsam 0.7's elastic-queue policy (the default strategy), with its faults fixed.
+
+Per cycle (inventory §9):
+
+1. BatchJobs queued longer than ``max_queue_wait_time_min`` missed the window they were sized for:
+   they are cancelled (``pending_deletion``) and no longer count below.
+2. ``reserved`` = nodes of the module's BatchJobs that wait or run; at ``max_queued_jobs`` of them,
+   nothing more is submitted.
+3. Nothing runnable: nothing to submit.
+4. The window: with ``use_backfill`` the scheduler's windows for the submit queue at least
+   ``min_wall_time_min`` long and as wide as the smallest runnable job, the largest by
+   nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``.
+5. ``idle = reserved - running footprint``; when the runnable footprint exceeds it, one BatchJob of
+   ``min(max(min_num_nodes, shortfall), window nodes, max_num_nodes)`` nodes for the window's
+   length less ``wall_time_pad_min``.
+6. Optional (``regular_queue_after_min`` > 0; 0.7 had no such thing): no window fits and a runnable
+   job has waited that long: one BatchJob in the regular queue (``max_wall_time_min`` long, never
+   cancelled as stale, one waiting at a time).
+
+Fixed against 0.7: a fractional shortfall is rounded up (0.7 truncated 2.5 to 2); the request is at
+least as wide as the smallest runnable job (0.7 could submit a BatchJob that can run nothing); the
+wall time never exceeds ``max_wall_time_min`` (0.7 asked for a Slurm partition's whole 24 h limit);
+a stale BatchJob's nodes are not counted as reserved in the cycle that cancels it; and the windows
+come from every scheduler driver (0.7's PBS and Slurm drivers returned none, so it never fired).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from balsam.models import BackfillWindow
+from balsam.states import BatchJobState
+
+from .strategy import Decision, Snapshot, Strategy, Submission, nodes_for
+
+
+class BackfillStrategy(Strategy):
+    name = "backfill"
+    uses_backfill_windows = True
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        s = self.settings
+        backlog = snapshot.backlog
+        stale = tuple(
+            b.id for b in snapshot.batch_jobs
+            if b.state == BatchJobState.queued and not b.regular_queue and b.queued_time_min is not None
+            and b.queued_time_min > s.max_queue_wait_time_min
+        )
+        live = [b for b in snapshot.reserving if b.id not in stale]
+        reserved = sum(b.num_nodes for b in live)
+        idle = reserved - backlog.running_footprint
+        numbers: list[tuple[str, Any]] = [
+            ("runnable", backlog.runnable_count), ("runnable_footprint", backlog.runnable_footprint),
+            ("running_footprint", backlog.running_footprint), ("reserved", reserved), ("idle", max(idle, 0.0)),
+            ("batch_jobs", f"{len(live)}/{s.max_queued_jobs}"),
+        ]
+        if stale:
+            numbers.append(("stale", f"queued>{s.max_queue_wait_time_min}min"))
+
+        def nothing(reason: str) -> Decision:
+            why = reason if not stale else f"{len(stale)} BatchJob(s) queued past max_queue_wait_time_min; {reason}"
+            return Decision(cancel=stale, reason=why, numbers=tuple(numbers))
+
+        if len(live) >= s.max_queued_jobs:
+            return nothing(f"max_queued_jobs reached ({len(live)} of {s.max_queued_jobs} BatchJobs wait or run)")
+        if backlog.runnable_count <= 0:
+            return nothing("no runnable jobs")
+        if backlog.runnable_footprint <= idle + 1e-9:
+            return nothing(f"idle nodes cover the backlog ({max(idle, 0.0):.6g} idle >= {backlog.runnable_footprint:.6g} needed)")
+        smallest = max(1, backlog.min_runnable_nodes)
+        if smallest > s.max_num_nodes:
+            return nothing(f"the smallest runnable job needs {smallest} nodes, more than max_num_nodes ({s.max_num_nodes})")
+        window, why_none = self.choose_window(snapshot, smallest)
+        numbers.append(("window", window if window is not None else "none"))
+        shortfall = nodes_for(backlog.runnable_footprint - max(idle, 0.0))
+        if window is None:
+            return self.regular_queue_fallback(snapshot, live, shortfall, smallest, why_none, stale, numbers) or nothing(why_none)
+        num_nodes = min(max(s.min_num_nodes, shortfall, smallest), window.num_nodes, s.max_num_nodes)
+        wall_time = min(window.wall_time_min - s.wall_time_pad_min, s.max_wall_time_min)
+        numbers.append(("shortfall", shortfall))
+        request = Submission(num_nodes=num_nodes, wall_time_min=wall_time)
+        return Decision(
+            submit=(request,), cancel=stale, numbers=tuple(numbers),
+            reason=(f"{backlog.runnable_footprint:.6g} runnable nodes of work, {max(idle, 0.0):.6g} idle"
+                    + (f"; {len(stale)} stale BatchJob(s) cancelled" if stale else "")),
+        )
+
+    def regular_queue_fallback(self, snapshot: Snapshot, live: list, shortfall: int, smallest: int, why_none: str,
+                               stale: tuple[int, ...], numbers: list) -> Optional[Decision]:
+        """``regular_queue_after_min``: a backlog that no window has served for that long gets one
+        BatchJob in the regular queue (one at a time). None: the option is off or not due yet."""
+        s = self.settings
+        waited = snapshot.backlog.oldest_runnable_wait_min
+        if not s.regular_queue_after_min or waited < s.regular_queue_after_min:
+            return None
+        numbers.append(("oldest_wait_min", waited))
+        if any(b.regular_queue and b.state != BatchJobState.running for b in live):
+            return Decision(cancel=stale, numbers=tuple(numbers),
+                            reason=f"{why_none}; a regular-queue BatchJob already waits")
+        numbers.append(("shortfall", shortfall))
+        request = Submission(num_nodes=min(max(s.min_num_nodes, shortfall, smallest), s.max_num_nodes),
+                             wall_time_min=s.max_wall_time_min, regular_queue=True)
+        return Decision(submit=(request,), cancel=stale, numbers=tuple(numbers),
+                        reason=(f"{why_none}, and a runnable job has waited {waited:.0f} min "
+                                f"(regular_queue_after_min {s.regular_queue_after_min})"))
+
+    def choose_window(self, snapshot: Snapshot, smallest: int) -> tuple[Optional[BackfillWindow], str]:
+        s = self.settings
+        if not s.use_backfill:
+            return BackfillWindow(num_nodes=s.max_num_nodes, wall_time_min=s.max_wall_time_min), ""
+        if snapshot.windows is None:
+            return None, f"backfill windows unavailable ({snapshot.windows_error or 'scheduler error'})"
+        if not snapshot.windows:
+            return None, f"no backfill window in queue {s.submit_queue!r}"
+        fitting = [w for w in snapshot.windows if w.wall_time_min >= s.min_wall_time_min and w.num_nodes >= smallest]
+        if not fitting:
+            shown = ", ".join(f"{w.num_nodes}x{w.wall_time_min}min" for w in snapshot.windows)
+            return None, (f"no backfill window fits (need >= {smallest} nodes x >= {s.min_wall_time_min} min; "
+                          f"windows {shown})")
+        return max(fitting, key=lambda w: (w.num_nodes * w.wall_time_min, w.num_nodes)), ""

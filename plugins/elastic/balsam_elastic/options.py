@@ -1,0 +1,114 @@
+"""The ``elastic_queue:`` section of settings.yml (the agent module's ``options_schema``).
+
+The keys of Balsam 0.7's section keep their names and meaning (a 0.7 settings.yml loads as it is);
+``strategy`` and ``strategy_options`` are new. The defaults fit a small site; Balsam 0.7 shipped
+``min_num_nodes: 20``, which no laptop or test cluster can hold.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+import attrs
+
+from balsam.options import option
+
+from .strategy import StrategyError, strategy_class
+
+__all__ = ["ElasticQueueOptions", "check_option_types"]
+
+JOB_MODES = ("mpi", "serial")
+
+
+@attrs.frozen
+class ElasticQueueOptions:
+    service_period: int = option(60, "Seconds between two elastic-queue cycles.")
+    strategy: str = option(
+        "backfill",
+        "Scaling strategy (entry point of balsam.elastic_strategies): backfill (Balsam 0.7's policy: "
+        "BatchJobs sized to the backlog and fitted to the scheduler's backfill windows) or simple "
+        "(fixed blocks up to a maximum).",
+    )
+    strategy_options: dict[str, Any] = option(
+        factory=dict, help="Options of the chosen strategy (simple: nodes_per_block, wall_time_min, min_blocks, "
+                           "max_blocks, parallelism); see docs/elastic.md."
+    )
+    submit_project: str = option("local", "Project charged by the BatchJobs it submits.")
+    submit_queue: str = option("local", "Queue it submits to.")
+    job_mode: str = option("mpi", "Launcher job mode of the BatchJobs it submits: mpi or serial.")
+    min_wall_time_min: int = option(35, "backfill: shortest BatchJob it submits; shorter windows are ignored (minutes).")
+    max_wall_time_min: int = option(360, "backfill: longest BatchJob it submits (minutes).")
+    wall_time_pad_min: int = option(5, "backfill: minutes subtracted from a backfill window's length.")
+    min_num_nodes: int = option(1, "backfill: smallest BatchJob it submits, unless the window is smaller (nodes).")
+    max_num_nodes: int = option(127, "backfill: largest BatchJob it submits (nodes).")
+    max_queue_wait_time_min: int = option(
+        10, "backfill: a BatchJob queued longer than this missed its window and is deleted (minutes)."
+    )
+    max_queued_jobs: int = option(20, "Most of its BatchJobs waiting or running at once.")
+    regular_queue_after_min: int = option(
+        0, "backfill: when no window fits and a runnable job has waited this long, submit one BatchJob to the "
+           "regular queue (max_wall_time_min long, never cancelled as stale); 0: never, as Balsam 0.7 (minutes).",
+    )
+    use_backfill: bool = option(
+        True, "backfill: fit BatchJobs to the scheduler's backfill windows (false: max_num_nodes x max_wall_time_min)."
+    )
+
+    def validate(self) -> dict[str, str]:
+        problems: dict[str, str] = {}
+        if self.wall_time_pad_min >= self.min_wall_time_min:
+            problems["wall_time_pad_min"] = f"must be less than min_wall_time_min ({self.min_wall_time_min})"
+        if self.min_num_nodes < 1:
+            problems["min_num_nodes"] = "must be at least 1"
+        elif self.min_num_nodes > self.max_num_nodes:
+            problems["min_num_nodes"] = f"must not exceed max_num_nodes ({self.max_num_nodes})"
+        if self.min_wall_time_min > self.max_wall_time_min:
+            problems["min_wall_time_min"] = f"must not exceed max_wall_time_min ({self.max_wall_time_min})"
+        if self.wall_time_pad_min < 0:
+            problems["wall_time_pad_min"] = "must not be negative"
+        if self.regular_queue_after_min < 0:
+            problems["regular_queue_after_min"] = "must not be negative (0: never)"
+        if self.max_queued_jobs < 1:
+            problems["max_queued_jobs"] = "must be at least 1"
+        if self.service_period < 1:
+            problems["service_period"] = "must be at least 1 second"
+        if self.job_mode not in JOB_MODES:
+            problems["job_mode"] = f"expected 'mpi' or 'serial', got {self.job_mode!r}"
+        try:
+            cls = strategy_class(self.strategy)
+        except StrategyError as exc:
+            problems["strategy"] = str(exc)
+        else:
+            problems.update(
+                {f"strategy_options.{key}": text for key, text in check_option_types(cls.options_schema, self.strategy_options).items()}
+            )
+            if not problems:
+                try:
+                    cls(self, self.strategy_options)
+                except (StrategyError, TypeError, ValueError) as exc:
+                    problems["strategy_options"] = str(exc)
+        return problems
+
+
+def check_option_types(schema: type, values: Any) -> dict[str, str]:
+    """``{key: problem}`` for keys unknown to ``schema`` and values of the wrong plain type
+    (int, float, str, bool), so a typo in ``strategy_options`` is never silently ignored."""
+    if not isinstance(values, dict):
+        return {"": f"expected a mapping, got {type(values).__name__}"}
+    hints = typing.get_type_hints(schema)
+    fields = {f.name for f in attrs.fields(schema)}
+    problems: dict[str, str] = {}
+    for key, value in values.items():
+        if key not in fields:
+            problems[str(key)] = f"unknown option (known: {', '.join(sorted(fields)) or 'none'})"
+            continue
+        wanted = hints.get(key)
+        if wanted is bool and not isinstance(value, bool):
+            problems[key] = f"expected true or false, got {value!r}"
+        elif wanted is int and (isinstance(value, bool) or not isinstance(value, int)):
+            problems[key] = f"expected an integer, got {value!r}"
+        elif wanted is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems[key] = f"expected a number, got {value!r}"
+        elif wanted is str and not isinstance(value, str):
+            problems[key] = f"expected a string, got {value!r}"
+    return problems

@@ -1,0 +1,80 @@
+"""``simple``: fixed-size blocks, as many as the backlog asks for, up to a maximum (like Parsl's
+``simple`` strategy).
+
+Per cycle: ``demand`` = runnable + running footprint (nodes); the blocks wanted are
+``ceil(demand * parallelism / nodes_per_block)`` kept within ``[max(min_blocks, 1), max_blocks]``
+while there is demand, ``min_blocks`` when there is none. Fewer blocks waiting or running than
+wanted: submit the difference at once (never past ``max_queued_jobs``). More: cancel the surplus
+blocks that have not started (newest first); a running block is never cancelled, its launcher leaves
+on its own after ``launcher.idle_ttl_sec`` without work. Backfill windows are not consulted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from balsam.options import option
+from balsam.states import BatchJobState
+
+from .strategy import Decision, Snapshot, Strategy, StrategyError, Submission
+
+
+@attrs.frozen
+class SimpleOptions:
+    nodes_per_block: int = option(1, "Nodes of each BatchJob (block).")
+    wall_time_min: int = option(60, "Wall time of each block (minutes).")
+    min_blocks: int = option(0, "Blocks kept waiting or running even without work.")
+    max_blocks: int = option(4, "Most blocks waiting or running at once.")
+    parallelism: float = option(
+        1.0, "Fraction of the backlog's node footprint to provision (1: all of it; 0.5: half, letting jobs queue).",
+    )
+
+
+class SimpleStrategy(Strategy):
+    name = "simple"
+    options_schema = SimpleOptions
+
+    def __init__(self, settings: Any, options: Any = None) -> None:
+        super().__init__(settings, options)
+        o = self.options
+        if o.nodes_per_block < 1 or o.wall_time_min < 1:
+            raise StrategyError("elastic_queue.strategy_options: nodes_per_block and wall_time_min must be at least 1")
+        if not 0 <= o.min_blocks <= o.max_blocks or o.max_blocks < 1:
+            raise StrategyError("elastic_queue.strategy_options: need 0 <= min_blocks <= max_blocks and max_blocks >= 1")
+        if not o.parallelism > 0:
+            raise StrategyError("elastic_queue.strategy_options.parallelism: must be greater than 0")
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        o = self.options
+        backlog = snapshot.backlog
+        blocks = snapshot.reserving
+        demand = backlog.runnable_footprint + backlog.running_footprint
+        if demand > 1e-9:
+            wanted = math.ceil(round(demand * o.parallelism / o.nodes_per_block, 9))
+            wanted = min(max(wanted, o.min_blocks, 1), o.max_blocks)
+        else:
+            wanted = o.min_blocks
+        numbers = (("runnable", backlog.runnable_count), ("demand_footprint", demand), ("blocks", len(blocks)),
+                   ("wanted", wanted), ("max_blocks", o.max_blocks), ("block", f"{o.nodes_per_block}x{o.wall_time_min}min"))
+        if len(blocks) > wanted:
+            waiting = sorted((b for b in blocks if b.state != BatchJobState.running), key=lambda b: b.id, reverse=True)
+            surplus = tuple(b.id for b in waiting[: len(blocks) - wanted])
+            if surplus:
+                return Decision(cancel=surplus, numbers=numbers,
+                                reason=f"{len(blocks)} blocks for a demand of {wanted}: cancelling blocks not started yet")
+            return Decision(numbers=numbers, reason=f"{len(blocks)} blocks, {wanted} wanted: the surplus runs and drains by idle_ttl_sec")
+        if len(blocks) == wanted:
+            return Decision(numbers=numbers, reason="no runnable jobs" if demand <= 1e-9 else f"{wanted} blocks cover the demand")
+        if backlog.runnable_count and backlog.min_runnable_nodes > o.nodes_per_block:
+            return Decision(numbers=numbers, reason=(f"the smallest runnable job needs {backlog.min_runnable_nodes} nodes, "
+                                                     f"more than nodes_per_block ({o.nodes_per_block})"))
+        room = self.settings.max_queued_jobs - len(blocks)
+        count = min(wanted - len(blocks), room)
+        if count <= 0:
+            return Decision(numbers=numbers, reason=f"max_queued_jobs reached ({len(blocks)} of {self.settings.max_queued_jobs})")
+        block = Submission(num_nodes=o.nodes_per_block, wall_time_min=o.wall_time_min)
+        return Decision(submit=(block,) * count, numbers=numbers,
+                        reason=f"{len(blocks)} blocks for a demand of {wanted}")

@@ -1,0 +1,194 @@
+"""The scaling-strategy contract: a pure function from one cycle's snapshot to a decision.
+
+The agent module (:mod:`balsam_elastic.module`) gathers a :class:`Snapshot` each cycle — this
+site's BatchJobs in the submit queue, the backlog in numbers (one aggregate API query), the
+scheduler's backfill windows and how long each queued BatchJob has waited — hands it to the
+configured strategy's :meth:`Strategy.decide`, and carries out the :class:`Decision` (create
+BatchJobs, mark stale ones ``pending_deletion``). Strategies do no I/O, so each is table-tested.
+
+A strategy is a class listed under the entry-point group ``balsam.elastic_strategies``; settings.yml
+picks it by name (``elastic_queue.strategy``) and passes ``elastic_queue.strategy_options``,
+checked against the class's ``options_schema`` (see :mod:`balsam.options`).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib.metadata
+import math
+from typing import Any, ClassVar, Optional
+
+import attrs
+
+from balsam.models import BackfillWindow
+from balsam.options import NoOptions, build_options
+from balsam.states import BatchJobState
+
+__all__ = [
+    "Backlog",
+    "BatchJobView",
+    "Decision",
+    "STRATEGY_GROUP",
+    "Snapshot",
+    "Strategy",
+    "StrategyError",
+    "Submission",
+    "available_strategies",
+    "load_strategy",
+    "nodes_for",
+]
+
+STRATEGY_GROUP = "balsam.elastic_strategies"
+
+#: BatchJob states that hold (or will hold) nodes: what 0.7 called "reserved".
+RESERVING_STATES = frozenset({BatchJobState.pending_submission, BatchJobState.queued, BatchJobState.running})
+
+
+class StrategyError(ValueError):
+    """An unknown strategy name or strategy options that do not fit (one line, naming the key)."""
+
+
+@attrs.frozen
+class BatchJobView:
+    """What a strategy needs to know about one of the module's BatchJobs."""
+
+    id: int
+    state: BatchJobState
+    num_nodes: int
+    wall_time_min: int
+    #: Minutes it has waited in the scheduler's queue (None: not queued, or the scheduler did not say).
+    queued_time_min: Optional[int] = None
+    #: Submitted to wait in the regular queue (not fitted to a window): never cancelled as stale.
+    regular_queue: bool = False
+
+    @property
+    def reserving(self) -> bool:
+        return self.state in RESERVING_STATES
+
+
+@attrs.frozen
+class Backlog:
+    """The site's jobs (with the site's filter_tags) in numbers. Footprints are in nodes:
+    ``num_nodes / node_packing_count`` summed, so they may be fractional."""
+
+    runnable_count: int = 0
+    runnable_footprint: float = 0.0
+    #: Smallest and largest ``num_nodes`` of a runnable job (0 when there is none).
+    min_runnable_nodes: int = 0
+    max_runnable_nodes: int = 0
+    running_count: int = 0
+    running_footprint: float = 0.0
+    #: Minutes since the longest-waiting runnable job became runnable (its last state change).
+    oldest_runnable_wait_min: float = 0.0
+
+
+@attrs.frozen
+class Snapshot:
+    batch_jobs: tuple[BatchJobView, ...] = ()
+    backlog: Backlog = Backlog()
+    #: Backfill windows usable in the submit queue (None: the scheduler could not say, see windows_error).
+    windows: Optional[tuple[BackfillWindow, ...]] = ()
+    windows_error: str = ""
+
+    @property
+    def reserving(self) -> tuple[BatchJobView, ...]:
+        return tuple(b for b in self.batch_jobs if b.reserving)
+
+
+@attrs.frozen
+class Submission:
+    num_nodes: int
+    wall_time_min: int
+    #: Not fitted to a backfill window: it waits its turn in the regular queue.
+    regular_queue: bool = False
+
+
+@attrs.frozen
+class Decision:
+    """What to do this cycle. ``reason`` says why in words (why nothing, when nothing);
+    ``numbers`` are the figures it was based on, in the order the log line shows them."""
+
+    submit: tuple[Submission, ...] = ()
+    cancel: tuple[int, ...] = ()
+    reason: str = ""
+    numbers: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def idle(self) -> bool:
+        return not self.submit and not self.cancel
+
+    def log_line(self, strategy: str) -> str:
+        """One line: the action (or "nothing"), the reason, then every number as key=value."""
+        actions = [f"submit {s.num_nodes} nodes x {s.wall_time_min} min" + (" (regular queue)" if s.regular_queue else "")
+                   for s in self.submit]
+        if self.cancel:
+            actions.append(f"cancel BatchJob {', '.join(str(i) for i in self.cancel)}")
+        action = "; ".join(actions) or "nothing"
+        figures = " ".join(f"{key}={_show(value)}" for key, value in self.numbers)
+        return f"[{strategy}] {action}: {self.reason} | {figures}".rstrip(" |")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, BackfillWindow):
+        return f"{value.num_nodes}x{value.wall_time_min}min"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def nodes_for(footprint: float) -> int:
+    """Whole nodes that hold a (possibly fractional) footprint. Balsam 0.7 truncated (2.5 -> 2),
+    leaving half a node of work without a place; this rounds up, ignoring float noise."""
+    return max(0, math.ceil(round(footprint, 9)))
+
+
+class Strategy(abc.ABC):
+    """A scaling policy. ``self.settings`` is the whole ``elastic_queue`` section (an
+    :class:`~balsam_elastic.options.ElasticQueueOptions`); ``self.options`` the strategy's own
+    ``strategy_options`` (an instance of :attr:`options_schema`)."""
+
+    #: The name settings.yml uses (the entry-point name).
+    name: ClassVar[str] = ""
+    #: The attrs class of ``elastic_queue.strategy_options`` for this strategy (see balsam.options).
+    options_schema: ClassVar[type] = NoOptions
+    #: Whether :meth:`decide` reads ``snapshot.windows`` (else the scheduler is not asked for them).
+    uses_backfill_windows: ClassVar[bool] = False
+
+    def __init__(self, settings: Any, options: Any = None) -> None:
+        self.settings = settings
+        try:
+            self.options = build_options(self.options_schema, options, where="elastic_queue.strategy_options")
+        except (TypeError, ValueError) as exc:
+            raise StrategyError(str(exc)) from None
+
+    @abc.abstractmethod
+    def decide(self, snapshot: Snapshot) -> Decision:
+        """The decision for this snapshot. Pure: no I/O, same snapshot -> same decision."""
+
+
+def available_strategies() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=STRATEGY_GROUP)}
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    known = available_strategies()
+    if name not in known:
+        raise StrategyError(
+            f"unknown strategy {name!r} (installed: {', '.join(sorted(known)) or 'none'}; "
+            f"entry-point group {STRATEGY_GROUP})"
+        )
+    try:
+        cls = known[name].load()
+    except Exception as exc:
+        raise StrategyError(f"strategy {name!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise StrategyError(f"strategy {name!r} ({known[name].value}) is not a balsam_elastic Strategy subclass")
+    return cls
+
+
+def load_strategy(settings: Any) -> Strategy:
+    """The strategy the section names, built with its ``strategy_options`` (raises StrategyError)."""
+    cls = strategy_class(settings.strategy)
+    return cls(settings, settings.strategy_options)

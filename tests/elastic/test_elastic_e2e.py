@@ -1,0 +1,183 @@
+"""The elastic queue end to end on the real Slurm (shared/ci/start-slurm.sh) and the fake PBS:
+a burst makes BatchJobs appear (sized from the driver's backfill windows) and run the jobs, the
+empty backlog lets the launchers drain and nothing new is submitted, and a BatchJob stuck in the
+queue past ``max_queue_wait_time_min`` is cancelled.
+
+PBS reports free nodes that belong to no queue under the key ``*``: Balsam 0.7 looked only at the
+submit queue's windows there (and its PBS/Slurm drivers reported none), so it never fired."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from elastic_test_utils import needs_module_sections
+from e2e_helpers import FAST, deep_merge, wait_batch_job, wait_jobs_done
+from fake_env import fake_batch_env, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+
+#: Three fake PBS/Cobalt nodes, all this host (hydra starts local hosts without ssh).
+FAKE_NODES = f"localhost,127.0.0.1,{socket.gethostname()}"
+#: project, nodes, and the wall time of the elastic BatchJobs: min(window - pad 2, max_wall_time_min 30)
+#: (Slurm: partition without a limit; PBS: backfill_window_min 60; Cobalt: the fake's 30-minute backfill)
+SCHEDULERS = {
+    "slurm": {"project": "root", "nodes": 4, "wall": 30},
+    "pbs": {"project": "proj", "nodes": 3, "wall": 30},
+    "cobalt": {"project": "proj", "nodes": 3, "wall": 28},
+}
+
+
+def blocker_command(kind: str, nodes: int, script: Path) -> list[str]:
+    """Someone else's job holding every fake node for 15 minutes."""
+    if kind == "pbs":
+        return ["qsub", "-q", "debug", "-l", f"select={nodes}", "-l", "walltime=00:15:00", str(script)]
+    return ["qsub", "-q", "debug", "-n", str(nodes), "-t", "15", "-A", "proj", str(script)]
+
+
+def _kinds(*fakes: str) -> list:
+    return [pytest.param("slurm", marks=[pytest.mark.slurm,
+                                         pytest.mark.skipif(shutil.which("sbatch") is None, reason="no Slurm here")]),
+            *fakes]
+
+
+def _agent_log(path: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((path / "log").glob("agent_*.log")))
+
+
+@pytest.fixture
+def elastic_site(balsam_env, tmp_path, monkeypatch) -> Iterator[Any]:
+    """``start(kind, elastic_settings) -> (path, site_id, client, tags)``: a site on that scheduler
+    with the elastic queue on and its agent running; BatchJobs deleted and the agent stopped after."""
+    from balsam.client import load_client
+    from balsam.plugins.manager import reset_plugin_manager
+    from balsam.site.site_ops import init_site, start_agent, stop_agent
+
+    started: list[tuple[Path, int]] = []
+    client = load_client()
+
+    def start(kind: str, elastic: dict) -> tuple[Path, int, Any, dict]:
+        if kind != "slurm":
+            for key, value in fake_batch_env(f"fake_{kind}", tmp_path / f"{kind}-server", FAKE_BATCH_NODES=FAKE_NODES,
+                                             FAKE_COBALT_PROJECTS="proj").items():
+                monkeypatch.setenv(key, value)
+        reset_plugin_manager()
+        spec = SCHEDULERS[kind]
+        tags = {"campaign": f"elastic-{uuid.uuid4().hex[:8]}"}
+        name = f"elastic-{kind}-{uuid.uuid4().hex[:6]}"
+        path = tmp_path / name
+        settings = deep_merge(FAST, {
+            "filter_tags": tags,
+            "scheduler": {"allowed_queues": {"debug": {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 10}},
+                          "allowed_projects": [spec["project"]]},
+            "elastic_queue": {"service_period": 2, "submit_queue": "debug", "submit_project": spec["project"],
+                              "job_mode": "serial", "min_wall_time_min": 10, "wall_time_pad_min": 2,
+                              "max_wall_time_min": 30, "max_num_nodes": spec["nodes"], "max_queued_jobs": 2, **elastic},
+        })
+        site_id = init_site(path, name, "default", client, settings_overrides=settings, scheduler_name=kind)
+        start_agent(path)
+        started.append((path, site_id))
+        return path, site_id, client, tags
+
+    yield start
+    for path, site_id in started:
+        active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
+        if active["results"]:
+            client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
+            wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
+                     60, "teardown deletions")
+        stop_agent(path, timeout=30, force=True)
+
+
+@pytest.mark.parametrize("kind", _kinds("pbs", "cobalt"))
+def test_a_burst_gets_batch_jobs_that_run_it_then_the_launchers_drain(kind, elastic_site) -> None:
+    path, site_id, client, tags = elastic_site(kind, {"max_queue_wait_time_min": 10})
+    made, rows = _run_a_burst(path, site_id, client, tags, "backfill")
+    assert all(1 <= b["num_nodes"] <= 3 and b["wall_time_min"] == SCHEDULERS[kind]["wall"] for b in made), made
+    log = _agent_log(path)
+    submits = [ln for ln in log.splitlines() if "[backfill] submit" in ln]
+    assert submits and "runnable=12 runnable_footprint=3 " in submits[0], submits
+    assert "window=" in submits[0] and "nothing: no backfill window" not in log.split(submits[0])[0], log[-4000:]
+
+
+@needs_module_sections
+def test_simple_blocks_on_the_fake_pbs(elastic_site) -> None:
+    """strategy: simple from settings.yml: 3 one-node blocks for a footprint of 3, none wider."""
+    path, site_id, client, tags = elastic_site("pbs", {
+        "strategy": "simple", "max_queued_jobs": 4,
+        "strategy_options": {"nodes_per_block": 1, "wall_time_min": 20, "max_blocks": 3}})
+    made, _rows = _run_a_burst(path, site_id, client, tags, "simple")
+    assert all(b["num_nodes"] == 1 and b["wall_time_min"] == 20 for b in made) and 1 <= len(made) <= 3, made
+    actions = [ln.split("[simple] ", 1)[1].split(": ", 1)[0] for ln in _agent_log(path).splitlines() if "[simple] submit" in ln]
+    submitted = sum(action.count("submit 1 nodes x 20 min") for action in actions)
+    assert submitted == len(made), _agent_log(path)[-4000:]
+
+
+def _run_a_burst(path: Path, site_id: int, client: Any, tags: dict, strategy: str) -> tuple[list, dict]:
+    """12 jobs packed 4 to a node (a footprint of 3 nodes) run to the end; the launchers drain and
+    nothing new is submitted. Returns the BatchJobs made and the jobs' rows."""
+    from balsam.api import ApplicationDefinition, Job
+
+    class Burst(ApplicationDefinition):
+        site = site_id
+        command_template = "sleep 1; echo burst {{ i }}"
+
+    Burst.sync()
+    jobs = Job.objects.bulk_create([Burst.submit(workdir=f"burst/{i}", i=i, node_packing_count=4, tags=tags, save=False)
+                                    for i in range(12)])
+    Job.objects.bulk_create([Burst.submit(workdir="not-ours/0", i=0, tags={"campaign": "someone-else"}, save=False)])
+    rows = wait_jobs_done(client, [j.id for j in jobs], 240)
+    assert {r["state"] for r in rows.values()} == {"JOB_FINISHED"}, _agent_log(path)[-4000:]
+
+    made = client.get("/batch-jobs/", params={"site_id": site_id})["results"]
+    assert made, _agent_log(path)[-4000:]
+    assert all(b["filter_tags"] == tags and b["queue"] == "debug" and b["job_mode"] == "serial" for b in made), made
+
+    # the backlog is empty: the launchers leave after idle_ttl_sec, and nothing new is submitted
+    for b in made:
+        wait_batch_job(client, b["id"], {"finished"}, 120)
+    seen = len(_agent_log(path))
+    wait_for(lambda: f"[{strategy}] nothing: no runnable jobs" in _agent_log(path)[seen:], 30, "an idle decision after the drain")
+    assert len(client.get("/batch-jobs/", params={"site_id": site_id})["results"]) == len(made)
+    assert all(r["batch_job_id"] in {b["id"] for b in made} for r in rows.values())
+    return made, rows
+
+
+# A minute at least each (queued_time_min counts whole minutes); the module does the same on every driver.
+@pytest.mark.parametrize("kind", _kinds("pbs"))
+def test_a_batch_job_queued_past_the_limit_is_cancelled(kind, elastic_site) -> None:
+    path, site_id, client, tags = elastic_site(kind, {"max_queue_wait_time_min": 0})
+    nodes = SCHEDULERS[kind]["nodes"]
+    blocker = None
+    if kind == "slurm":
+        # one node more than the cluster has: sbatch accepts it, Slurm never starts it
+        wanted = nodes + 1
+    else:
+        # PBS and Cobalt refuse a job wider than the machine: keep every node busy with someone else's job
+        script = path / "blocker.sh"
+        script.write_text("#!/bin/sh\nsleep 600\n")
+        script.chmod(0o755)
+        blocker = subprocess.run(blocker_command(kind, nodes, script), capture_output=True, text=True, check=True,
+                                 cwd=path).stdout.strip().splitlines()[-1]
+        wanted = 1
+    try:
+        stuck = client.post("/batch-jobs/", json={"site_id": site_id, "project": SCHEDULERS[kind]["project"],
+                                                  "queue": "debug", "num_nodes": wanted, "wall_time_min": 5,
+                                                  "job_mode": "serial", "filter_tags": tags})
+        wait_batch_job(client, stuck["id"], {"queued"}, 60)
+        done = wait_batch_job(client, stuck["id"], {"finished"}, 180)  # queued_time_min counts whole minutes
+    finally:
+        if blocker:
+            subprocess.run(["qdel", blocker], capture_output=True)
+    log = _agent_log(path)
+    assert f"cancel BatchJob {stuck['id']}" in log, log[-4000:]
+    line = next(ln for ln in log.splitlines() if f"cancel BatchJob {stuck['id']}" in ln)
+    assert "queued past max_queue_wait_time_min" in line and "stale=queued>0min" in line, line
+    if kind == "slurm":
+        assert done["status_info"]["scheduler_state"].startswith("CANCELLED"), done["status_info"]

@@ -1,0 +1,285 @@
+"""The ``transfers`` agent module against a real API server, with the built-in ``local`` backend.
+
+Jobs are created through the Python API with transfer slots; the module is run cycle by cycle;
+stage-outs are released by driving the jobs to POSTPROCESSED as a launcher and the processing
+module would (site_test_utils.finish_jobs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from balsam.site.modules.transfers import JOURNAL_NAME, TransfersModule, TransfersOptions
+from site_test_utils import events, finish_jobs, job_rows, state_counts
+
+
+def transfer_app(site_id: int):
+    from balsam.api import ApplicationDefinition
+
+    class Stager(ApplicationDefinition):
+        site = site_id
+        command_template = "cat input.txt > result.txt"
+        transfers = {
+            "input": {"required": True, "direction": "in", "local_path": "input.txt", "description": "input"},
+            "tree": {"required": False, "direction": "in", "local_path": "tree", "recursive": True},
+            "result": {"required": False, "direction": "out", "local_path": "result.txt", "description": "output"},
+        }
+
+    Stager.sync()
+    return Stager
+
+
+def make_module(site, client, **overrides) -> TransfersModule:
+    values = {"transfer_locations": {"shared": "local://", "files": "file://"}, "service_period": 1,
+              "retry_backoff_sec": 0, "max_attempts": 2, **overrides}
+    return TransfersModule(site, TransfersOptions(**values), client)
+
+
+def run_cycles(module: TransfersModule, predicate, cycles: int = 60) -> None:
+    import time
+
+    for _ in range(cycles):
+        module.run_cycle()
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("transfers did not reach the expected states")
+
+
+@pytest.fixture
+def site(make_site):
+    return make_site(overrides={"transfers": {"transfer_locations": {"shared": "local://", "files": "file://"}}})
+
+
+def test_stage_in_then_stage_out_through_local(site, client, tmp_path) -> None:
+    from balsam.api import Job
+
+    app = transfer_app(site.site_id)
+    remote = tmp_path / "remote"
+    (remote / "in").mkdir(parents=True)
+    (remote / "tree" / "sub").mkdir(parents=True)
+    (remote / "tree" / "sub" / "leaf.txt").write_text("leaf")
+    jobs = []
+    for i in range(7):
+        (remote / "in" / f"{i}.txt").write_text(f"input {i}\n")
+        transfers = {"input": f"shared:{remote}/in/{i}.txt", "result": f"files:{remote}/out/{i}.txt"}
+        if i == 0:
+            transfers["tree"] = f"shared:{remote}/tree"
+        jobs.append(Job(f"stage/{i}", app, transfers=transfers))
+    jobs = Job.objects.bulk_create(jobs)
+    ids = [j.id for j in jobs]
+    module = make_module(site, client, transfer_batch_size=3, max_concurrent_transfers=2)
+    data = Path(site.data_path)
+
+    module.run_cycle()
+    items = client.get("/transfers/", params={"job_id": ids})["results"]
+    active = [i for i in items if i["state"] == "active"]
+    # Groups by (direction, alias): 7 "shared" stage-ins + 1 tree -> batches of 3, at most 2 tasks.
+    assert len({i["task_id"] for i in active}) == 2 and len(active) == 6
+    assert all(i["task_id"].startswith("local:") for i in active)
+    assert module.last_cycle_calls == 3  # GET items, GET the jobs' workdirs, one PATCH
+
+    run_cycles(module, lambda: state_counts(client, site_id=site.site_id)["STAGED_IN"] == 7)
+    for i in range(7):
+        assert (data / f"stage/{i}/input.txt").read_text() == f"input {i}\n"
+    assert (data / "stage/0/tree/sub/leaf.txt").read_text() == "leaf"
+    assert not list(data.rglob("*.balsam-partial-*"))
+
+    for i in range(7):
+        (data / f"stage/{i}/result.txt").write_text(f"result {i}\n")
+    finish_jobs(client, site.site_id, ids)
+    assert state_counts(client, site_id=site.site_id)["POSTPROCESSED"] == 7
+    run_cycles(module, lambda: state_counts(client, site_id=site.site_id)["JOB_FINISHED"] == 7)
+    for i in range(7):
+        assert (remote / "out" / f"{i}.txt").read_text() == f"result {i}\n"
+    history = [(e["from_state"], e["to_state"]) for e in events(client, job_id=ids[0])]
+    assert ("READY", "STAGED_IN") in history and history[-1] == ("POSTPROCESSED", "JOB_FINISHED")
+    items = client.get("/transfers/", params={"job_id": ids})["results"]
+    assert {i["state"] for i in items} == {"done"}
+    assert all(i["transfer_info"].get("completed") for i in items)
+    module.close()
+
+
+def test_missing_file_fails_its_job_after_the_retries(site, client, tmp_path) -> None:
+    from balsam.api import Job
+
+    app = transfer_app(site.site_id)
+    (tmp_path / "ok.txt").write_text("fine")
+    good, bad = Job.objects.bulk_create([
+        Job("good/0", app, transfers={"input": f"shared:{tmp_path}/ok.txt"}),
+        Job("bad/0", app, transfers={"input": f"shared:{tmp_path}/missing.txt"}),
+    ])
+    module = make_module(site, client, max_attempts=3)
+    run_cycles(module, lambda: {r["id"]: r["state"] for r in job_rows(client, site_id=site.site_id)}[bad.id] == "FAILED")
+    rows = {r["id"]: r["state"] for r in job_rows(client, site_id=site.site_id)}
+    assert rows[good.id] == "STAGED_IN"
+    item = client.get("/transfers/", params={"job_id": [bad.id]})["results"][0]
+    assert item["state"] == "error" and item["transfer_info"]["attempts"] == 3
+    assert "no such file or directory" in item["transfer_info"]["error"]
+    last = events(client, job_id=bad.id)[-1]
+    assert (last["from_state"], last["to_state"]) == ("READY", "FAILED")
+    assert last["data"]["message"].startswith(f"Transfer failed: stage-in of shared:{tmp_path}/missing.txt to input.txt")
+    module.close()
+
+
+def test_retry_waits_for_its_backoff(site, client, tmp_path) -> None:
+    from balsam.api import Job
+
+    app = transfer_app(site.site_id)
+    (job,) = Job.objects.bulk_create([Job("late/0", app, transfers={"input": f"shared:{tmp_path}/late.txt"})])
+    module = make_module(site, client, max_attempts=5, retry_backoff_sec=3600)
+    run_cycles(module, lambda: client.get("/transfers/", params={"job_id": [job.id]})["results"][0]["transfer_info"].get("attempts"))
+    item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    assert item["state"] == "pending" and item["transfer_info"]["retry_after"]
+    (tmp_path / "late.txt").write_text("arrived")
+    for _ in range(3):
+        module.run_cycle()  # not due for an hour: not submitted again
+    assert client.get("/transfers/", params={"job_id": [job.id]})["results"][0]["state"] == "pending"
+    module.close()
+
+
+def test_bad_locations_and_paths_fail_at_once_with_a_reason(make_site, client, tmp_path) -> None:
+    from balsam.api import ApplicationDefinition, Job
+
+    site = make_site(overrides={"transfers": {"transfer_locations": {"shared": "local://", "gone": "nosuch://x"}}})
+    site_id = site.site_id
+
+    class Escaper(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+        transfers = {
+            "input": {"required": False, "direction": "in", "local_path": "../../outside.txt"},
+            "other": {"required": False, "direction": "in", "local_path": "x.txt"},
+        }
+
+    Escaper.sync()
+    (tmp_path / "f").write_text("x")
+    escaping, unknown = Job.objects.bulk_create([
+        Job("esc/0", Escaper, transfers={"input": f"shared:{tmp_path}/f"}),
+        Job("unk/0", Escaper, transfers={"other": f"gone:{tmp_path}/f"}),
+    ])
+    module = make_module(site, client, transfer_locations={"shared": "local://", "gone": "nosuch://x"})
+    module.run_cycle()
+    rows = {r["id"]: r["state"] for r in job_rows(client, site_id=site_id)}
+    assert rows == {escaping.id: "FAILED", unknown.id: "FAILED"}
+    assert "stay inside the job's workdir" in events(client, job_id=escaping.id)[-1]["data"]["error"]
+    assert "no transfer backend for protocol 'nosuch'" in events(client, job_id=unknown.id)[-1]["data"]["error"]
+    assert not (Path(site.data_path).parent / "outside.txt").exists()
+    module.close()
+
+
+def test_journal_resumes_polling_instead_of_resubmitting(site, client, tmp_path) -> None:
+    """An agent killed between submitting a task and recording it: the next one finds the task id
+    in the journal and polls it; a local task id from a dead process is unknown, so the items are
+    submitted again (harmless: copies are atomic)."""
+    from balsam.api import Job
+
+    app = transfer_app(site.site_id)
+    (tmp_path / "in.txt").write_text("data")
+    (job,) = Job.objects.bulk_create([Job("j/0", app, transfers={"input": f"shared:{tmp_path}/in.txt"})])
+    item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    journal = Path(site.site_path) / JOURNAL_NAME
+    journal.write_text(json.dumps({"task_id": "local:deadbeef", "item_ids": [item["id"]]}) + "\n{\"task_id\": \"loc")
+
+    module = make_module(site, client)
+    polled: list[list[str]] = []
+    backend = module.backend("local")
+    original = backend.poll_tasks
+    backend.poll_tasks = lambda ids: polled.append(list(ids)) or original(ids)  # type: ignore[method-assign]
+    module.run_cycle()
+    assert polled == [["deadbeef"]]  # resumed, not resubmitted
+    assert not journal.exists()
+    after = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    assert after["state"] == "pending" and after["task_id"] == ""  # unknown -> submitted again next cycle
+    run_cycles(module, lambda: job_rows(client, id=[job.id])[0]["state"] == "STAGED_IN")
+    assert (Path(site.data_path) / "j/0/input.txt").read_text() == "data"
+    module.close()
+
+
+def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from balsam._api.model import reset_default_client
+    from balsam.api import Job
+    from balsam.cli import main
+
+    reset_default_client()
+    app = transfer_app(site.site_id)
+    (tmp_path / "a.txt").write_text("a")
+    ok, bad = Job.objects.bulk_create([
+        Job("cli/ok", app, transfers={"input": f"shared:{tmp_path}/a.txt", "result": f"shared:{tmp_path}/out/ok.txt"}),
+        Job("cli/bad", app, transfers={"input": f"shared:{tmp_path}/nope.txt"}),
+    ])
+    module = make_module(site, client, max_attempts=1)
+    run_cycles(module, lambda: {r["state"] for r in job_rows(client, site_id=site.site_id)} == {"STAGED_IN", "FAILED"})
+    module.close()
+
+    def balsam(*args: str) -> str:
+        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    listing = balsam("transfer", "ls", "--site", str(site.site_id))
+    lines = {(line.split()[1], line.split()[2]): line for line in listing.splitlines()[2:]}
+    assert " done " in lines[(str(ok.id), "in")] and "task: 1/2 files" in lines[(str(ok.id), "in")]
+    assert " awaiting_job " in lines[(str(ok.id), "out")]  # waits for its job to run
+    assert " error " in lines[(str(bad.id), "in")] and "no such file or directory" in lines[(str(bad.id), "in")]
+    counts = balsam("transfer", "ls", "--job", str(ok.id), "--by-state")
+    assert [line.split() for line in counts.splitlines()[2:]] == [["in", "done", "1"], ["out", "awaiting_job", "1"]]
+    import balsam.cli.transfer as transfer_cli
+
+    for many in (2000, 1):  # by job ids, then (many jobs) by site
+        monkeypatch.setattr(transfer_cli, "MANY_JOBS", many)
+        jobs = balsam("job", "ls", "--site", str(site.site_id))
+        assert "Transfers" in jobs
+        rows = {line.split()[0]: line for line in jobs.splitlines()[2:]}
+        assert "in 1/1 out 0/1" in rows[str(ok.id)] and "in 0/1!" in rows[str(bad.id)]
+
+
+def test_bad_backend_options_make_items_wait_with_the_reason(site, client, tmp_path) -> None:
+    """An operator's mistake in backend_options must not fail jobs: the items wait, saying why."""
+    from balsam.api import Job
+    from balsam.options import OptionsError
+
+    app = transfer_app(site.site_id)
+    (tmp_path / "a.txt").write_text("a")
+    (job,) = Job.objects.bulk_create([Job("wait/0", app, transfers={"input": f"shared:{tmp_path}/a.txt"})])
+    module = make_module(site, client, backend_options={"local": {"threads": 0}})
+    for _ in range(2):
+        module.run_cycle()
+    item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    assert item["state"] == "pending" and "attempts" not in item["transfer_info"]
+    assert "transfers.backend_options.local.threads: must be at least 1" in item["transfer_info"]["reason"]
+    assert job_rows(client, id=[job.id])[0]["state"] == "READY"
+    module.close()
+    with pytest.raises(OptionsError, match="transfers.max_attempts: must be at least 1"):
+        make_module(site, client, max_attempts=0)
+
+
+def test_a_directory_slot_into_the_workdir_keeps_the_other_inputs(site, client, tmp_path) -> None:
+    from balsam.api import ApplicationDefinition, Job
+
+    site_id = site.site_id
+
+    class Both(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+        transfers = {
+            "config": {"required": True, "direction": "in", "local_path": "config.yml"},
+            "dataset": {"required": True, "direction": "in", "local_path": ".", "recursive": True},
+        }
+
+    Both.sync()
+    (tmp_path / "dataset" / "part").mkdir(parents=True)
+    (tmp_path / "dataset" / "part" / "a.dat").write_text("a")
+    (tmp_path / "config.yml").write_text("k: v")
+    (job,) = Job.objects.bulk_create([Job("both/0", Both, transfers={
+        "config": f"shared:{tmp_path}/config.yml", "dataset": f"files:{tmp_path}/dataset"})])
+    module = make_module(site, client)
+    run_cycles(module, lambda: job_rows(client, id=[job.id])[0]["state"] == "STAGED_IN")
+    workdir = Path(site.data_path) / "both/0"
+    assert sorted(p.relative_to(workdir).as_posix() for p in workdir.rglob("*")) == ["config.yml", "part", "part/a.dat"]
+    module.close()

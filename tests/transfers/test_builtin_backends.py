@@ -1,0 +1,171 @@
+"""The built-in ``local`` and ``rsync`` backends, for real, through the transfer contract kit.
+
+rsync runs three ways: over real ssh to a private sshd started on 127.0.0.1 for these tests (key
+authentication, its own host key and config; skipped when /usr/sbin/sshd is not installed or cannot
+start), rsync's own local mode (``rsync:///``), and rsync's remote protocol over a stand-in remote
+shell (tests/transfers/fake_ssh runs the remote side's ``rsync --server`` through a pipe, as sshd
+would), which needs no sshd at all.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from balsam.builtin.local_transfer import LocalTransfer, copy_into_place
+from balsam.builtin.rsync_transfer import RsyncOptions, RsyncTransfer, rsync_command
+from balsam.states import TransferDirection
+from balsam.testing import TransferContract, wait_for_tasks
+from balsam.transfer import TaskState, TransferError, TransferFile, TransferLocation, backend_name_for, build_backend
+
+FAKE_SSH = Path(__file__).with_name("fake_ssh")
+
+
+class TestLocalBackend(TransferContract):
+    backend_class = LocalTransfer
+    backend_name = "local"
+    options = {"threads": 2}
+
+    def location_url(self, tmp_path: Path) -> str:
+        return "local://"
+
+
+class TestRsyncLocalMode(TransferContract):
+    backend_class = RsyncTransfer
+    backend_name = "rsync"
+    options = {"threads": 2}
+
+    def location_url(self, tmp_path: Path) -> str:
+        return "rsync:///"
+
+
+class TestRsyncOverRemoteShell(TransferContract):
+    backend_class = RsyncTransfer
+    backend_name = "rsync"
+    options = {"threads": 2, "ssh_command": f"{sys.executable} {FAKE_SSH}"}
+
+    def location_url(self, tmp_path: Path) -> str:
+        return f"rsync://{os.environ.get('USER', 'balsam')}@dtn.example.org"
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A private sshd on a free 127.0.0.1 port accepting one key for the current user; yields the
+    ssh command line rsync should use."""
+    if not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")):
+        pytest.skip("no sshd installed (apt-get install openssh-server)")
+    home = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / name)], check=True)
+    (home / "authorized_keys").write_text((home / "user_key.pub").read_text())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (home / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {home / 'host_key'}\nPidFile {home / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {home / 'authorized_keys'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
+    )
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(home / "sshd_config")], stderr=open(home / "sshd.log", "w"))
+    ssh = (f"ssh -p {port} -i {home / 'user_key'} -o BatchMode=yes -o StrictHostKeyChecking=no "
+           f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+    deadline = time.monotonic() + 20
+    while True:
+        probe = subprocess.run([*ssh.split(), f"{getpass.getuser()}@127.0.0.1", "true"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.skip(f"sshd could not start or refused the key: {(home / 'sshd.log').read_text()[-300:]} {probe.stderr[-200:]}")
+        time.sleep(0.2)
+    yield ssh
+    proc.terminate()
+    proc.wait(10)
+
+
+class TestRsyncOverSshd(TransferContract):
+    """The rsync backend as a site uses it: rsync over ssh to user@host (here a private sshd)."""
+
+    backend_class = RsyncTransfer
+    backend_name = "rsync"
+
+    @pytest.fixture
+    def backend(self, sshd):
+        backend = build_backend(RsyncTransfer, "rsync", {"threads": 2, "ssh_command": sshd})
+        yield backend
+        backend.close()
+
+    def location_url(self, tmp_path: Path) -> str:
+        return f"rsync://{getpass.getuser()}@127.0.0.1"
+
+
+def test_protocols_name_their_backends() -> None:
+    assert backend_name_for("file") == "local" and backend_name_for("GLOBUS") == "globus"
+    loc = TransferLocation.parse("dtn", "rsync://me@dtn.example.org")
+    assert (loc.protocol, loc.netloc, loc.backend_name) == ("rsync", "me@dtn.example.org", "rsync")
+    with pytest.raises(TransferError, match="expected protocol://address"):
+        TransferLocation.parse("bad", "dtn.example.org:/data")
+
+
+def test_rsync_command_lines() -> None:
+    opts = RsyncOptions(extra_args=["--bwlimit=10m"])
+    loc = TransferLocation.parse("dtn", "rsync://me@dtn")
+    line = rsync_command(opts, loc, TransferDirection.stage_in, TransferFile("/r/dir", "/s/job/dir", recursive=True))
+    assert line == ["rsync", "--links", "--perms", "--times", "--protect-args", "--mkpath", "--recursive",
+                    "--ignore-times", "-e", "ssh -o BatchMode=yes", "--bwlimit=10m", "--", "me@dtn:/r/dir/", "/s/job/dir/"]
+    out = rsync_command(opts, loc, TransferDirection.stage_out, TransferFile("/s/job/r.txt", "/r/out/r.txt"))
+    assert out[-2:] == ["/s/job/r.txt", "me@dtn:/r/out/r.txt"] and "--recursive" not in out
+    local = rsync_command(RsyncOptions(local_mode_for_localhost=True), TransferLocation.parse("l", "rsync://u@localhost"),
+                          TransferDirection.stage_in, TransferFile("/a", "/b"))
+    assert "-e" not in local and local[-2:] == ["/a", "/b"]
+
+
+def test_rsync_unreachable_host_is_one_line_per_file(tmp_path: Path) -> None:
+    backend = build_backend(RsyncTransfer, "rsync", {"ssh_command": "false"})
+    try:
+        task = backend.submit(TransferLocation.parse("x", "rsync://me@nowhere"), TransferDirection.stage_in,
+                              [TransferFile("/a", str(tmp_path / "a"))])
+        status = wait_for_tasks(backend, [task])[task]
+        assert status.state == TaskState.done and list(status.file_errors) == [str(tmp_path / "a")]
+        assert status.file_errors[str(tmp_path / "a")].startswith("rsync exited")
+    finally:
+        backend.close()
+
+
+def test_local_copy_of_a_directory_merges_into_an_existing_one(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    (src / "x").mkdir(parents=True)
+    (src / "x" / "f").write_text("new")
+    (dest / "x").mkdir(parents=True)
+    (dest / "x" / "f").write_text("old")
+    (dest / "other-input.txt").write_text("staged by another slot")
+    (tmp_path / ".dest.balsam-partial-deadbeef").write_text("left by a killed agent")
+    copy_into_place(src, dest, recursive=True)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["other-input.txt", "x", "x/f"]
+    assert (dest / "x" / "f").read_text() == "new" and (dest / "other-input.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "src"]
+    fresh = tmp_path / "fresh"
+    copy_into_place(src, fresh, recursive=True)
+    assert (fresh / "x" / "f").read_text() == "new"
+    with pytest.raises(IsADirectoryError, match="not recursive"):
+        copy_into_place(src, tmp_path / "other", recursive=False)
+
+
+def test_bad_backend_options_are_one_line() -> None:
+    with pytest.raises(TransferError, match=r"transfers.backend_options.local.*thread"):
+        build_backend(LocalTransfer, "local", {"thread": 3})
+    with pytest.raises(TransferError, match="at least 1"):
+        build_backend(LocalTransfer, "local", {"threads": 0})

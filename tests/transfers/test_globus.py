@@ -1,0 +1,368 @@
+"""The Globus plugin against globus-sdk's own testing fixtures (``globus_sdk.testing``: registered
+real-shaped responses of the Transfer and Auth APIs, served through ``responses``): submit, task
+list, skipped errors, consent required, expired credentials, 502s, the login command, and the
+transfers agent module resuming a Globus task after a restart instead of submitting it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+import urllib.parse
+from pathlib import Path
+from types import SimpleNamespace
+
+import globus_sdk
+import pytest
+import responses
+from click.testing import CliRunner
+from globus_sdk.testing import RegisteredResponse, get_last_request, get_response_set, load_response
+from globus_sdk.transport import RetryConfig
+
+from balsam.states import TransferDirection
+from balsam.transfer import TaskState, TransferError, TransferFile, TransferLocation, build_backend
+from balsam_transfer_globus.auth import save_tokens
+from balsam_transfer_globus.backend import GlobusTransfer
+from balsam_transfer_globus.hooks import globus_login
+
+SITE_EP = "11111111-1111-1111-1111-111111111111"
+REMOTE_EP = "22222222-2222-2222-2222-222222222222"
+TASK_ID = get_response_set(globus_sdk.TransferClient.submit_transfer).lookup("default").metadata["task_id"]
+LOCATION = TransferLocation.parse("aps", f"globus://{REMOTE_EP}")
+
+
+@pytest.fixture(autouse=True)
+def mocked_responses():
+    """globus-sdk's recommended set-up: every HTTP request goes to registered responses only."""
+    responses.start()
+    # TransferClient.submit_transfer asks for a submission id first.
+    load_response(globus_sdk.TransferClient.get_submission_id)
+    yield
+    responses.stop()
+    responses.reset()
+
+
+def make_backend(tmp_path: Path, **options) -> GlobusTransfer:
+    client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer("test-token"),
+                                       retry_config=RetryConfig(max_retries=0))
+    backend = GlobusTransfer({"endpoint_id": SITE_EP, **options}, site_path=str(tmp_path / "site"),
+                             transfer_client=client)
+    backend._entry_point_name = "globus"
+    return backend
+
+
+def sent_json() -> dict:
+    return json.loads(get_last_request().body)
+
+
+def test_submit_rewrites_site_paths_and_sets_the_task_options(tmp_path: Path) -> None:
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    backend = make_backend(tmp_path, endpoint_site_path="/~/balsam-site")
+    site = tmp_path / "site"
+    task = backend.submit(LOCATION, TransferDirection.stage_in, [
+        TransferFile("/data/run1/in.h5", str(site / "data/job1/in.h5")),
+        TransferFile("/data/run1/dir", str(site / "data/job2/dir"), recursive=True),
+    ])
+    assert task == TASK_ID
+    body = sent_json()
+    assert (body["source_endpoint"], body["destination_endpoint"]) == (REMOTE_EP, SITE_EP)
+    assert [(d["source_path"], d["destination_path"], d.get("recursive")) for d in body["DATA"]] == [
+        ("/data/run1/in.h5", "/~/balsam-site/data/job1/in.h5", False),
+        ("/data/run1/dir", "/~/balsam-site/data/job2/dir", True),
+    ]
+    assert body["sync_level"] == 1  # "size"
+    assert body["verify_checksum"] is True and body["encrypt_data"] is True and body["skip_source_errors"] is True
+    assert body["notify_on_succeeded"] is False
+
+    # Without endpoint_site_path the local paths go as they are, never an empty batch (0.7's bug).
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    plain = make_backend(tmp_path)
+    plain.submit(LOCATION, TransferDirection.stage_out, [TransferFile(str(site / "data/job1/out.txt"), "/results/out.txt")])
+    body = sent_json()
+    assert (body["source_endpoint"], body["destination_endpoint"]) == (SITE_EP, REMOTE_EP)
+    assert [(d["source_path"], d["destination_path"]) for d in body["DATA"]] == [(str(site / "data/job1/out.txt"), "/results/out.txt")]
+
+
+def test_a_path_outside_the_site_cannot_be_mapped(tmp_path: Path) -> None:
+    backend = make_backend(tmp_path, endpoint_site_path="/~/site")
+    with pytest.raises(TransferError, match="outside the site directory") as err:
+        backend.submit(LOCATION, TransferDirection.stage_in, [TransferFile("/r", "/etc/passwd")])
+    assert not err.value.retryable
+
+
+def test_poll_many_tasks_in_one_call(tmp_path: Path) -> None:
+    base = get_response_set(globus_sdk.TransferClient.task_list).lookup("default").json["DATA"][0]
+    docs = [
+        {**base, "task_id": "t-ok", "status": "SUCCEEDED", "files": 2, "files_transferred": 2},
+        {**base, "task_id": "t-run", "status": "ACTIVE", "nice_status": "Queued"},
+        {**base, "task_id": "t-paused", "status": "INACTIVE", "nice_status_short_description": "auth expired"},
+        {**base, "task_id": "t-bad", "status": "FAILED",
+         "fatal_error": {"code": "PERMISSION_DENIED", "description": "permission denied on /data/x"}},
+    ]
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list",
+                  json={"DATA": docs, "DATA_TYPE": "task_list", "length": 4, "limit": 5, "offset": 0, "total": 4})
+    backend = make_backend(tmp_path)
+    statuses = backend.poll(["t-ok", "t-run", "t-paused", "t-bad", "t-gone"])
+    assert len(responses.calls) == 1
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(get_last_request().url).query)
+    assert query["filter"] == ["task_id:t-ok,t-run,t-paused,t-bad,t-gone"]
+    assert statuses["t-ok"].state == TaskState.done and statuses["t-ok"].info["files_transferred"] == 2
+    assert statuses["t-run"].state == TaskState.active
+    assert statuses["t-paused"].state == TaskState.inactive and "globus-login" in statuses["t-paused"].error
+    assert statuses["t-bad"].state == TaskState.failed and "permission denied on /data/x" in statuses["t-bad"].error
+    assert statuses["t-gone"].state == TaskState.unknown
+
+
+def test_skipped_source_errors_fail_only_those_files(tmp_path: Path) -> None:
+    base = get_response_set(globus_sdk.TransferClient.task_list).lookup("default").json["DATA"][0]
+    doc = {**base, "task_id": "t1", "status": "SUCCEEDED", "subtasks_skipped_errors": 1,
+           "destination_endpoint_id": SITE_EP}
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list",
+                  json={"DATA": [doc], "DATA_TYPE": "task_list", "length": 1, "limit": 1, "offset": 0, "total": 1})
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task/t1/skipped_errors", json={
+        "DATA_TYPE": "skipped_errors_list", "next_marker": None,
+        "DATA": [{"DATA_TYPE": "skipped_error", "error_code": "FILE_NOT_FOUND", "error_details": "No such file",
+                  "source_path": "/data/missing.h5", "destination_path": "/~/site/data/job7/in.h5",
+                  "is_directory": False, "is_symlink": False, "error_time": "2026-11-30T18:00:00+00:00"}],
+    })
+    backend = make_backend(tmp_path, endpoint_site_path="/~/site")
+    status = backend.poll(["t1"])["t1"]
+    local = str(tmp_path / "site" / "data" / "job7" / "in.h5")
+    assert status.state == TaskState.done and status.file_errors == {local: "FILE_NOT_FOUND: No such file"}
+
+
+def test_consent_required_names_the_login_command(tmp_path: Path) -> None:
+    responses.add(responses.POST, "https://transfer.api.globus.org/v0.10/transfer", status=403, json={
+        "code": "ConsentRequired", "message": "Missing required data_access consent",
+        "request_id": "abc", "resource": "/v0.10/transfer",
+        "required_scopes": [f"urn:globus:auth:scope:transfer.api.globus.org:all[*https://auth.globus.org/scopes/{REMOTE_EP}/data_access]"],
+    })
+    backend = make_backend(tmp_path)
+    with pytest.raises(TransferError) as err:
+        backend.submit(LOCATION, TransferDirection.stage_in, [TransferFile("/a", str(tmp_path / "site/data/a"))])
+    assert err.value.retryable
+    assert str(err.value) == (f"Globus needs your consent to reach these collections: "
+                              f"run `balsam site globus-login -e {SITE_EP} -e {REMOTE_EP}`")
+
+
+def test_502_is_retryable_and_400_is_not(tmp_path: Path) -> None:
+    responses.add(responses.POST, "https://transfer.api.globus.org/v0.10/transfer", status=502,
+                  json={"code": "ExternalError.DirListingFailed.ServerError", "message": "Bad gateway", "request_id": "x"})
+    backend = make_backend(tmp_path)
+    files = [TransferFile("/a", str(tmp_path / "site/data/a"))]
+    with pytest.raises(TransferError, match="unavailable \\(HTTP 502") as err:
+        backend.submit(LOCATION, TransferDirection.stage_in, files)
+    assert err.value.retryable
+    responses.reset()
+    load_response(globus_sdk.TransferClient.get_submission_id)
+    load_response(globus_sdk.TransferClient.submit_transfer, case="failure")
+    with pytest.raises(TransferError, match="refused the request \\(HTTP 400 ClientError.BadRequest.NoTransferItems") as err:
+        backend.submit(LOCATION, TransferDirection.stage_in, files)
+    assert not err.value.retryable
+    responses.reset()
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list", status=503, json={"code": "ServiceUnavailable"})
+    with pytest.raises(TransferError, match="HTTP 503") as err:
+        backend.poll(["t1"])
+    assert err.value.retryable
+
+
+def test_not_logged_in_and_expired_credentials(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))
+    backend = build_backend(GlobusTransfer, "globus", {"endpoint_id": SITE_EP, "http_retries": 0})
+    files = [TransferFile("/a", str(tmp_path / "a"))]
+    with pytest.raises(TransferError, match=f"not logged in to Globus .*run `balsam site globus-login -e {SITE_EP} -e {REMOTE_EP}`") as err:
+        backend.submit(LOCATION, TransferDirection.stage_in, files)
+    assert err.value.retryable
+
+    save_tokens(tmp_path / "home" / "globus-tokens.json", {
+        "client_id": "33333333-3333-3333-3333-333333333333", "refresh_token": "secret-refresh",
+        "access_token": "stale-access", "expires_at_seconds": int(time.time()) - 60,
+    })
+    load_response(globus_sdk.NativeAppAuthClient.oauth2_exchange_code_for_tokens, case="invalid_grant")
+    backend = build_backend(GlobusTransfer, "globus", {"endpoint_id": SITE_EP, "http_retries": 0})
+    with pytest.raises(TransferError) as err:
+        backend.submit(LOCATION, TransferDirection.stage_in, files)
+    assert str(err.value) == f"Globus credentials expired or were revoked: run `balsam site globus-login -e {SITE_EP} -e {REMOTE_EP}`"
+    assert "secret" not in str(err.value)
+
+
+def test_refreshed_tokens_are_saved_and_used(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))
+    path = tmp_path / "home" / "globus-tokens.json"
+    save_tokens(path, {"client_id": "33333333-3333-3333-3333-333333333333", "refresh_token": "r1",
+                       "access_token": "old", "expires_at_seconds": int(time.time()) - 60})
+    load_response(globus_sdk.NativeAppAuthClient.oauth2_exchange_code_for_tokens)  # the refresh answer
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    backend = build_backend(GlobusTransfer, "globus", {"endpoint_id": SITE_EP})
+    assert backend.submit(LOCATION, TransferDirection.stage_in, [TransferFile("/a", str(tmp_path / "a"))]) == TASK_ID
+    assert get_last_request().headers["Authorization"] == "Bearer transfer_access_token"
+    saved = json.loads(path.read_text())
+    assert saved["access_token"] == "transfer_access_token" and saved["refresh_token"] == "r1"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_globus_login_stores_the_refresh_token_0600(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    exchange = get_response_set(globus_sdk.NativeAppAuthClient.oauth2_exchange_code_for_tokens).lookup("default")
+    responses.add(responses.POST, "https://auth.globus.org/v2/oauth2/token",
+                  json={**exchange.json, "refresh_token": "the-refresh-token"})
+    result = CliRunner().invoke(globus_login, ["--client-id", "33333333-3333-3333-3333-333333333333", "-e", REMOTE_EP],
+                                input="the-code\n")
+    assert result.exit_code == 0, result.output
+    assert "https://auth.globus.org/v2/oauth2/authorize?" in result.output
+    assert "the-refresh-token" not in result.output and "transfer_access_token" not in result.output
+    sent = urllib.parse.parse_qs(get_last_request().body)
+    assert sent["code"] == ["the-code"] and sent["grant_type"] == ["authorization_code"]
+    authorize = result.output.split("https://auth.globus.org/v2/oauth2/authorize?", 1)[1].split()[0]
+    scope = urllib.parse.parse_qs(authorize)["scope"][0]
+    assert f"https://auth.globus.org/scopes/{REMOTE_EP}/data_access" in scope
+    path = tmp_path / "home" / "globus-tokens.json"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    saved = json.loads(path.read_text())
+    assert saved["refresh_token"] == "the-refresh-token" and saved["collections"] == [REMOTE_EP]
+
+    no_client = CliRunner().invoke(globus_login, ["--tokens-file", str(tmp_path / "other.json")], env={"BALSAM_GLOBUS_CLIENT_ID": ""})
+    assert no_client.exit_code != 0 and "register a native app" in no_client.output
+
+
+def test_the_section_keys_reach_the_backend(tmp_path: Path) -> None:
+    from balsam.site.modules.transfers import TransfersModule, TransfersOptions
+
+    site_config = SimpleNamespace(site_path=tmp_path, data_path=tmp_path / "data", site_id=1)
+    module = TransfersModule(site_config, TransfersOptions(
+        transfer_locations={"aps": f"globus://{REMOTE_EP}"}, globus_endpoint_id=SITE_EP,
+        globus_endpoint_site_path="/~/site", backend_options={"globus": {"sync_level": "checksum"}},
+    ), client=None)
+    backend = module.backend("globus")
+    assert (backend.options.endpoint_id, backend.options.endpoint_site_path, backend.options.sync_level) == (
+        SITE_EP, "/~/site", "checksum")
+    assert backend.site_path == str(tmp_path)
+
+
+def test_a_restarted_agent_resumes_the_globus_task(balsam_env, tmp_path: Path) -> None:
+    """The transfers module submits one Globus task for a job's stage-in; the agent then dies and a
+    new module (a restarted agent) polls that task id instead of submitting the files again."""
+    responses.add_passthru(balsam_env.url)  # the balsam API itself is real (httpx does not go through requests anyway)
+    from balsam._api.model import reset_default_client
+    from balsam.api import ApplicationDefinition, Job
+    from balsam.client import load_client
+    from balsam.site.modules.transfers import TransfersModule, TransfersOptions
+    from balsam.site.site_ops import init_site
+
+    reset_default_client()
+    client = load_client()
+    site_path = tmp_path / "globus-site"
+    init_site(site_path, "globus-site", "default", client,
+              settings_overrides={"transfers": {"transfer_locations": {"aps": f"globus://{REMOTE_EP}"},
+                                                "globus_endpoint_id": SITE_EP}})
+    from balsam.config import SiteConfig
+
+    site = SiteConfig(site_path)
+    site_id = site.site_id
+
+    class Fetch(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+        transfers = {"raw": {"required": True, "direction": "in", "local_path": "raw.h5"}}
+
+    Fetch.sync()
+    (job,) = Job.objects.bulk_create([Job("g/0", Fetch, transfers={"raw": "aps:/data/raw.h5"})])
+    options = TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"}, globus_endpoint_id=SITE_EP)
+
+    def module_with_mocked_globus() -> TransfersModule:
+        module = TransfersModule(site, options, client)
+        module.backends["globus"] = make_backend(tmp_path)
+        module.backends["globus"].site_path = str(site_path)
+        return module
+
+    base = get_response_set(globus_sdk.TransferClient.task_list).lookup("default").json["DATA"][0]
+
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    first = module_with_mocked_globus()
+    first.run_cycle()
+    item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    assert (item["state"], item["task_id"]) == ("active", f"globus:{TASK_ID}")
+    body = json.loads(next(c.request.body for c in responses.calls if c.request.url.endswith("/v0.10/transfer")))
+    assert body["DATA"][0]["destination_path"] == str(Path(site.data_path) / "g/0/raw.h5")
+    del first  # the agent dies here
+
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list", json={
+        "DATA": [{**base, "task_id": TASK_ID, "status": "INACTIVE", "nice_status_short_description": "credentials expired"}],
+        "DATA_TYPE": "task_list", "length": 1, "limit": 1, "offset": 0, "total": 1})
+    second = module_with_mocked_globus()
+    second.run_cycle()
+    paused = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    assert paused["state"] == "inactive" and paused["transfer_info"]["reason"].startswith("credentials expired; ")
+    assert "balsam site globus-login" in paused["transfer_info"]["reason"]
+    responses.replace(responses.GET, "https://transfer.api.globus.org/v0.10/task_list", json={
+        "DATA": [{**base, "task_id": TASK_ID, "status": "SUCCEEDED"}], "DATA_TYPE": "task_list",
+        "length": 1, "limit": 1, "offset": 0, "total": 1})
+    second.run_cycle()
+    submits = [c for c in responses.calls if c.request.method == "POST" and c.request.url.endswith("/v0.10/transfer")]
+    assert len(submits) == 1
+    assert client.get("/transfers/", params={"job_id": [job.id]})["results"][0]["state"] == "done"
+    assert client.get(f"/jobs/{job.id}")["state"] == "STAGED_IN"
+
+
+def test_a_batch_sent_before_a_crash_is_sent_again_with_its_submission_id(balsam_env, tmp_path: Path) -> None:
+    """The agent died after Globus accepted a batch but before the task id reached the journal: the
+    token (submission id) journaled before the submission is reused, so Globus answers with the task
+    it already has instead of starting a second one."""
+    from balsam._api.model import reset_default_client
+    from balsam.api import ApplicationDefinition, Job
+    from balsam.client import load_client
+    from balsam.config import SiteConfig
+    from balsam.site.modules.transfers import JOURNAL_NAME, TransfersModule, TransfersOptions
+    from balsam.site.site_ops import init_site
+
+    reset_default_client()
+    client = load_client()
+    site_path = tmp_path / "token-site"
+    init_site(site_path, "token-site", "default", client,
+              settings_overrides={"transfers": {"transfer_locations": {"aps": f"globus://{REMOTE_EP}"}}})
+    site = SiteConfig(site_path)
+    site_id = site.site_id
+
+    class Fetch(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+        transfers = {"raw": {"required": True, "direction": "in", "local_path": "raw.h5"}}
+
+    Fetch.sync()
+    (job,) = Job.objects.bulk_create([Job("t/0", Fetch, transfers={"raw": "aps:/data/raw.h5"})])
+    item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    dest = str(Path(site.data_path) / "t/0/raw.h5")
+    token = "aaaaaaaa-0000-0000-0000-000000000042"
+    (site_path / JOURNAL_NAME).write_text(json.dumps(
+        {"token": token, "alias": "aps", "direction": "in", "files": [[item["id"], "/data/raw.h5", dest, False]]}) + "\n")
+
+    responses.reset()  # no submission_id fixture: a new token must not be fetched for this batch
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    module = TransfersModule(site, TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"},
+                                                    globus_endpoint_id=SITE_EP), client)
+    module.backends["globus"] = make_backend(tmp_path)
+    base = get_response_set(globus_sdk.TransferClient.task_list).lookup("default").json["DATA"][0]
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list", json={
+        "DATA": [{**base, "task_id": TASK_ID, "status": "ACTIVE"}], "DATA_TYPE": "task_list",
+        "length": 1, "limit": 1, "offset": 0, "total": 1})
+    module.run_cycle()
+    submits = [c for c in responses.calls if c.request.url.endswith("/v0.10/transfer")]
+    assert len(submits) == 1
+    body = json.loads(submits[0].request.body)
+    assert body["submission_id"] == token
+    assert [(d["source_path"], d["destination_path"]) for d in body["DATA"]] == [("/data/raw.h5", dest)]
+    after = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    assert (after["state"], after["task_id"]) == ("active", f"globus:{TASK_ID}")
+    assert not (site_path / JOURNAL_NAME).exists()
+
+
+def test_new_batches_carry_a_journaled_submission_id(tmp_path: Path) -> None:
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    backend = make_backend(tmp_path)
+    token = backend.submission_token()
+    assert token == get_response_set(globus_sdk.TransferClient.get_submission_id).lookup("default").metadata["submission_id"]
+    backend.submit(LOCATION, TransferDirection.stage_in, [TransferFile("/a", str(tmp_path / "a"))], token)
+    assert sent_json()["submission_id"] == token
