@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -202,9 +204,16 @@ def test_init_asks_for_platform_and_name_in_a_terminal(balsam_env, client, tmp_p
     from balsam.site.site_ops import available_platforms
 
     choice = list(available_platforms()).index("default") + 1
-    os.write(master, f"{choice}\nasked-site\n".encode())
+    # platform, site name, projects (empty: the platform's proposal)
+    os.write(master, f"{choice}\nasked-site\n\n".encode())
     output = b""
-    while True:
+    deadline = time.monotonic() + 60  # a prompt nobody answers must fail the test, not hang it
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
         try:
             chunk = os.read(master, 4096)
         except OSError:  # EIO: the child closed the terminal
@@ -212,6 +221,8 @@ def test_init_asks_for_platform_and_name_in_a_terminal(balsam_env, client, tmp_p
         if not chunk:
             break
         output += chunk
+    else:
+        proc.kill()
     assert proc.wait(timeout=60) == 0, output.decode(errors="replace")
     os.close(master)
     text = output.decode(errors="replace")
