@@ -40,6 +40,43 @@ def test_the_document_states_the_server_rules(live_server):
     assert "security" not in doc["paths"]["/sites/"]["get"] and doc["security"] == [{"bearer": []}]
 
 
+def _worst_url_chars(schema: dict, doc: dict) -> int:
+    """The longest one query value allowed by ``schema`` can be once percent-encoded."""
+    if "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    if "enum" in schema:
+        return max(len(value) for value in schema["enum"])
+    if schema.get("type") == "integer":
+        return max(len(str(schema["minimum"])), len(str(schema["maximum"])))
+    if schema.get("type") == "boolean":
+        return len("false")
+    if schema.get("format") == "date-time":
+        return 64  # e.g. 2024-01-31T23:59:59.999999+05:30 with ':' and '+' percent-encoded
+    return 12 * schema["maxLength"]  # a 4-byte UTF-8 character is 12 URL characters
+
+
+def test_every_query_the_document_allows_fits_the_http_servers_limit(live_server):
+    # uvicorn (h11) refuses a request line and headers over 16 KiB with its own text/plain 400,
+    # before the app runs: so the document bounds each list filter (maxItems) and value (maxLength).
+    from balsam.server.openapi import QUERY_BUDGET
+
+    doc = httpx.get(f"{live_server}/openapi.json").json()
+    assert QUERY_BUDGET <= 14 * 1024
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            worst = 0
+            for param in (p for p in op["parameters"] if p["in"] == "query"):
+                schema = param["schema"]
+                one = len(param["name"]) + 2  # name, "=" and "&"
+                if schema.get("type") == "array":
+                    worst += schema["maxItems"] * (one + _worst_url_chars(schema["items"], doc))
+                else:
+                    worst += one + _worst_url_chars(schema, doc)
+            assert worst <= QUERY_BUDGET, (method, path, worst)
+    params = {p["name"]: p["schema"] for p in doc["paths"]["/jobs/"]["get"]["parameters"]}
+    assert params["id"]["maxItems"] == 32 and params["tags"]["maxItems"] == 8
+
+
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(live_server_factory, tmp_path):
     server = live_server_factory("sqlite", env={"BALSAM_AUTH_MAX_FAILURES_PER_ADDRESS": "1000000",

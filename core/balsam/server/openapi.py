@@ -25,6 +25,10 @@ from .backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS
 from .routing import route
 
 NO_NUL = "^[^\\x00]*$"
+#: The characters Python's ``str.isspace`` (hence ``str.strip``) treats as whitespace, as a regex
+#: class body: the server's "not blank" checks (models.workdir_problem, a site's name) use strip(),
+#: which also drops the ASCII separators \x1c-\x1f that a JSON Schema ``\s`` does not match.
+PY_SPACE = "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
 #: Datetimes in responses: naive UTC ISO-8601 (Balsam 0.7's wire format).
 WIRE_DATETIME = {"type": "string", "pattern": "^\\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\d:\\d\\d(\\.\\d+)?$",
                  "description": "UTC, without offset"}
@@ -99,7 +103,7 @@ def _field_text(name: str) -> dict[str, Any]:
 # -- request bodies ------------------------------------------------------------------------------
 
 SITE_FIELDS = {
-    "name": text(pattern="^[^\\x00]*[^\\s\\x00][^\\x00]*$", min_length=1),
+    "name": text(pattern=f"^[^\\x00]*[^{PY_SPACE}\\x00][^\\x00]*$", min_length=1),
     "path": text(MAX_PATH_CHARS, pattern="^/[^\\x00]*$"),
     "globus_endpoint_id": nullable(text()),
     "backfill_windows": str_map(array(_ref("BackfillWindow"))),
@@ -123,7 +127,7 @@ APP_FIELDS = {
 
 #: A path relative to the site's data/ directory that stays inside it (models.workdir_problem).
 WORKDIR = {**text(MAX_PATH_CHARS, pattern="^[^/\\x00][^\\x00]*$"), "allOf": [
-    {"pattern": "[^\\s\\x00]"}, {"not": {"pattern": "(^|/)\\.\\.(/|$)"}}, {"not": {"pattern": "^[./]*$"}}]}
+    {"pattern": f"[^{PY_SPACE}\\x00]"}, {"not": {"pattern": "(^|/)\\.\\.(/|$)"}}, {"not": {"pattern": "^[./]*$"}}]}
 JOB_COMMON = {
     "workdir": WORKDIR,
     "tags": TAGS,
@@ -311,9 +315,20 @@ def _page(name: str) -> dict[str, Any]:
 
 # -- query parameters ---------------------------------------------------------------------------
 
-Q_INT_LIST = array(int32())
-Q_KEY_VALUE = array(text(MAX_QUERY_VALUE_CHARS, pattern="^[^\\x00:]+:[^\\x00]*$"))
-Q_TEXT = text(MAX_QUERY_VALUE_CHARS, min_length=1)
+#: Filters are bounded so that every query string the document allows fits the HTTP server's limit
+#: (uvicorn on h11: 16 KiB for the request line and headers together) even when each character is
+#: percent-encoded 4-byte UTF-8 (12 URL characters): at most QUERY_BUDGET characters of query string
+#: per operation (tests/server/test_openapi.py computes each operation's worst case). The server
+#: itself accepts more (any number of values, each up to MAX_QUERY_VALUE_CHARS characters) as long
+#: as the URL gets through; a URL the HTTP server refuses never reaches it (400, text/plain).
+QUERY_BUDGET = 14 * 1024
+MAX_QUERY_IDS = 32
+MAX_QUERY_TEXT_CHARS = 256
+MAX_QUERY_TAGS, MAX_QUERY_TAG_CHARS = 8, 64
+Q_INT_LIST = array(int32(), MAX_QUERY_IDS)
+Q_KEY_VALUE = array(text(min(MAX_QUERY_TAG_CHARS, MAX_QUERY_VALUE_CHARS), pattern="^[^\\x00:]+:[^\\x00]*$"),
+                    MAX_QUERY_TAGS)
+Q_TEXT = text(min(MAX_QUERY_TEXT_CHARS, MAX_QUERY_VALUE_CHARS), min_length=1)
 Q_DATETIME = REQUEST_DATETIME
 PAGE_PARAMS = {"limit": int32(0, MAX_PAGE_SIZE), "offset": int32(0)}
 QUERIES: dict[str, dict[str, Any]] = {
@@ -321,10 +336,11 @@ QUERIES: dict[str, dict[str, Any]] = {
     "apps": {"site_id": Q_INT_LIST, "id": Q_INT_LIST, "name": Q_TEXT, "site_path": Q_TEXT, "site_name": Q_TEXT},
     "jobs": {"id": Q_INT_LIST, "parent_id": Q_INT_LIST, "app_id": int32(), "site_id": Q_INT_LIST,
              "batch_job_id": int32(), "last_update_before": Q_DATETIME, "last_update_after": Q_DATETIME,
-             "workdir__contains": Q_TEXT, "state__ne": _ref("JobState"), "state": array(_ref("JobState")),
+             "workdir__contains": Q_TEXT, "state__ne": _ref("JobState"), "state": array(_ref("JobState"), len(JobState)),
              "tags": Q_KEY_VALUE, "pending_file_cleanup": {"type": "boolean"},
              "ordering": enum(["last_update", "-last_update", "id", "-id", "state", "-state", "workdir", "-workdir"])},
-    "batch-jobs": {"id": Q_INT_LIST, "site_id": Q_INT_LIST, "state": array(_ref("BatchJobState")),
+    "batch-jobs": {"id": Q_INT_LIST, "site_id": Q_INT_LIST,
+                   "state": array(_ref("BatchJobState"), len(BatchJobState)),
                    "scheduler_id": int32(), "queue": Q_TEXT, "ordering": enum(["start_time", "-start_time"]),
                    "start_time_before": Q_DATETIME, "start_time_after": Q_DATETIME, "end_time_before": Q_DATETIME,
                    "end_time_after": Q_DATETIME, "filter_tags": Q_KEY_VALUE},
@@ -332,7 +348,8 @@ QUERIES: dict[str, dict[str, Any]] = {
                 "tags": array(text(MAX_BACKLOG_TAG_CHARS, pattern="^[^\\x00:]+:[^\\x00]*$"), MAX_BACKLOG_TAGS)},
     "sessions": {"id": Q_INT_LIST},
     "transfers": {"id": Q_INT_LIST, "site_id": Q_INT_LIST, "job_id": Q_INT_LIST,
-                  "state": array(_ref("TransferItemState")), "direction": _ref("TransferDirection"),
+                  "state": array(_ref("TransferItemState"), len(TransferItemState)),
+                  "direction": _ref("TransferDirection"),
                   "job_state": _ref("JobState"), "tags": Q_KEY_VALUE,
                   "ordering": enum(["id", "-id", "state", "-state"])},
     "events": {"id": Q_INT_LIST, "job_id": Q_INT_LIST, "batch_job_id": int32(), "scheduler_id": int32(),
@@ -484,6 +501,8 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
                        params=[_path_id("transfer_id")])},
         "/events/": {"get": _op("List job state events", response=_page("EventLog"), params=_params(q["events"], True))},
     }
+    # A rule JSON Schema cannot state (uniqueItems compares whole items, not their ids).
+    paths["/jobs/"]["patch"]["description"] = "Each job id at most once per request: a repeated id is 422."
     for path, ops in paths.items():
         if "post" in ops and not path.startswith("/auth"):
             ops["post"]["parameters"].append(IDEMPOTENCY_KEY)
