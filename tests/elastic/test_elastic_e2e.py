@@ -23,14 +23,15 @@ from fake_env import fake_batch_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
-#: Three fake PBS/Cobalt nodes, all this host (hydra starts local hosts without ssh).
-FAKE_NODES = f"localhost,127.0.0.1,{socket.gethostname()}"
+#: One fake PBS/Cobalt node, this host: serial mode checks that its workers run one per node, and
+#: several fake nodes would all be this host.
+FAKE_NODES = socket.gethostname()
 #: project, nodes, and the wall time of the elastic BatchJobs: min(window - pad 2, max_wall_time_min 30)
 #: (Slurm: partition without a limit; PBS: backfill_window_min 60; Cobalt: the fake's 30-minute backfill)
 SCHEDULERS = {
     "slurm": {"project": "root", "nodes": 4, "wall": 30},
-    "pbs": {"project": "proj", "nodes": 3, "wall": 30},
-    "cobalt": {"project": "proj", "nodes": 3, "wall": 28},
+    "pbs": {"project": "proj", "nodes": 1, "wall": 30},
+    "cobalt": {"project": "proj", "nodes": 1, "wall": 28},
 }
 
 
