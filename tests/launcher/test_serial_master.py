@@ -5,6 +5,7 @@ prefetcher's hand-over, the placement loop and the child reaper. Tasks are real 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -279,6 +280,15 @@ def test_start_check_accepts_nodes_it_cannot_compare() -> None:
     # One host standing in for two nodes (tests), or node names the ranks do not see (aliases).
     assert rank_for_node(nodes_named("h", "h"), ["h", "h"]) == [0, 1]
     assert rank_for_node(nodes_named("12", "13"), ["nid00012", "nid00013"]) == [0, 1]
+
+
+def test_start_check_reads_loopback_names_as_this_host() -> None:
+    # A test allocation that names this machine three ways (as the fake PBS/Cobalt e2e tests do).
+    here = socket.gethostname()
+    assert rank_for_node(nodes_named("localhost", "127.0.0.1", here), [here, here, here]) == [0, 1, 2]
+    # IP addresses are compared whole, not cut at their first dot.
+    with pytest.raises(StartError):
+        rank_for_node(nodes_named("10.0.0.1", "10.0.0.2"), ["10.0.0.1", "10.0.0.1"])
 
 
 # -- placement loop ----------------------------------------------------------------------------

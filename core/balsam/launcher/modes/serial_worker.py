@@ -76,8 +76,18 @@ class StartError(Exception):
     """The serial mode did not start one worker per node; ``str()`` says what was seen."""
 
 
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "::1"}
+
+
 def _short(host: str) -> str:
-    return host.split(".")[0].lower()
+    """A host's short name; loopback names stand for this machine (test allocations name one host
+    several ways) and IP addresses stay whole (``10.0.0.1`` is not ``10``)."""
+    name = host.strip().lower()
+    if name in _LOOPBACK_NAMES or name.startswith("127."):
+        name = socket.gethostname().lower()
+    elif name.replace(".", "").isdigit() or ":" in name:
+        return name
+    return name.split(".")[0]
 
 
 def rank_for_node(nodes: Sequence[NodeInfo], rank_hosts: Sequence[str]) -> list[int]:
