@@ -128,7 +128,11 @@ def wait_for_campaign(site_name: str, total: int, state: str, timeout: float, pr
         wait_for(done, timeout=timeout, what=f"{total} jobs in {state}", interval=0.5)
     except AssertionError as exc:
         consoles = [Path(p.console_path).read_text(errors="replace")[-1500:] for p in procs if hasattr(p, "console_path")]
-        raise AssertionError(f"{exc}: {state_count(site_name, state)} there\n" + "\n---\n".join(consoles)) from None
+        states = {s: n for s in ("READY", "STAGED_IN", "PREPROCESSED", "RESTART_READY", "RUNNING", "RUN_DONE",
+                                 "POSTPROCESSED", "JOB_FINISHED") if (n := state_count(site_name, s))}
+        alive = [p.poll() is None for p in procs]
+        raise AssertionError(f"{exc}: {state_count(site_name, state)} there; by state {states}; launchers alive "
+                             f"{alive}\n" + "\n---\n".join(consoles)) from None
 
 
 def finish(procs: list[Any], timeout: float = 60) -> None:
@@ -162,8 +166,12 @@ def stop_site_agent(site_path: Path) -> None:
 
 
 def agent_campaign(tmp_path: Path, name: str, total: int, seconds: float) -> tuple[Path, Path, list[int], list[Any]]:
-    """A site with its agent (processing) and two serial launchers on ``total`` jobs of ``seconds`` each."""
-    site = make_site(tmp_path / name, name, {"idle_ttl_sec": 8}, processing={"num_workers": 1})
+    """A site with its agent (processing) and two serial launchers on ``total`` jobs of ``seconds`` each.
+
+    The launchers' idle_ttl_sec outlasts the agent's restart: a drill measures loss and duplication,
+    and a launcher that exits while the restarted agent catches up (1 worker, a loaded CI machine)
+    only leaves jobs to nobody."""
+    site = make_site(tmp_path / name, name, {"idle_ttl_sec": 30}, processing={"num_workers": 1})
     runs = tmp_path / "runs"
     ids = campaign(name, runs, total, seconds=seconds, packing=8)
     start_site_agent(site)
