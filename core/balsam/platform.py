@@ -19,8 +19,9 @@ import attrs
 from .options import NoOptions, build_options
 
 __all__ = [
-    "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "format_id_ranges",
-    "parse_id_ranges", "parse_nvidia_smi_list", "read_node_file",
+    "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "cpu_ids_errors",
+    "first_launch_param", "format_id_ranges", "hosts_from_node_file", "launch_param_args", "leading_job_number",
+    "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding", "read_node_file",
 ]
 
 
@@ -184,6 +185,70 @@ def read_node_file(path: str) -> list[str]:
             if token not in hosts:
                 hosts.append(token)
     return hosts
+
+
+def cpu_ids_errors(text: str) -> dict[str, str]:
+    """An options ``validate()`` result for a ``cpu_ids`` option: ``{}``, or ``{"cpu_ids": why}``."""
+    try:
+        parse_id_ranges(text)
+    except ValueError as exc:
+        return {"cpu_ids": str(exc)}
+    return {}
+
+
+def hosts_from_node_file(env: Mapping[str, str], variable: str, *, inside: str) -> list[str]:
+    """Host names of the node file named by ``env[variable]`` (``PBS_NODEFILE``, ``COBALT_NODEFILE``).
+
+    Raises ``RuntimeError`` when the variable is unset ("not inside ``inside``"), the file cannot be
+    read, or it lists no nodes.
+    """
+    path = env.get(variable)
+    if not path:
+        raise RuntimeError(f"${variable} is not set: not inside {inside}")
+    try:
+        hosts = read_node_file(path)
+    except OSError as exc:
+        raise RuntimeError(f"cannot read ${variable} {path}: {exc.strerror or exc}") from None
+    if not hosts:
+        raise RuntimeError(f"${variable} {path} lists no nodes")
+    return hosts
+
+
+def leading_job_number(value: Optional[str]) -> Optional[int]:
+    """The number a scheduler job id starts with (``"123.pbs-server"`` -> ``123``), else ``None``."""
+    match = re.match(r"\s*(\d+)", value or "")
+    return int(match.group(1)) if match else None
+
+
+def first_launch_param(params: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    """The value of the first of ``keys`` set (non-empty) in ``params``, else ``None``."""
+    return next((params[k] for k in keys if params.get(k)), None)
+
+
+def launch_param_args(params: Mapping[str, Any], *, skip: Sequence[str] = (), prefix: str = "--") -> list[str]:
+    """``launch_params`` as command-line options: ``key`` -> ``--key value`` (``prefix`` added unless the
+    key already starts with ``-``; no value when it is empty or ``None``), ``skip`` keys left out."""
+    args: list[str] = []
+    for key, value in params.items():
+        if key in skip:
+            continue
+        args.append(key if key.startswith("-") else f"{prefix}{key}")
+        if value not in ("", None):
+            args.append(str(value))
+    return args
+
+
+def pick_cpu_binding(
+    spec: LaunchSpec, keys: Sequence[str], configured: str, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0
+) -> str:
+    """A PALS ``--cpu-bind``: the job's launch param (first of ``keys``), else the ``configured`` option,
+    else the ``list:...`` computed by :func:`cpu_bind_list`."""
+    chosen = first_launch_param(spec.launch_params, keys)
+    if chosen is not None:
+        return str(chosen)
+    if configured:
+        return configured
+    return cpu_bind_list(spec, node_cpu_ids, hyperthread_offset=hyperthread_offset)
 
 
 def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0) -> str:

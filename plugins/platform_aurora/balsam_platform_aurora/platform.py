@@ -25,7 +25,10 @@ from typing import Any, Mapping, Optional, Sequence
 import attrs
 
 from balsam.options import option
-from balsam.platform import LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_bind_list, parse_id_ranges, read_node_file
+from balsam.platform import (
+    LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, hosts_from_node_file,
+    launch_param_args, leading_job_number, parse_id_ranges, pick_cpu_binding,
+)
 
 #: launch_params keys that name the CPU binding (``--cpu-bind`` itself, or as users write it in 0.7).
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
@@ -71,16 +74,7 @@ class AuroraOptions:
     )
 
     def validate(self) -> dict[str, str]:
-        try:
-            parse_id_ranges(self.cpu_ids)
-        except ValueError as exc:
-            return {"cpu_ids": str(exc)}
-        return {}
-
-
-def _pbs_job_number(value: str) -> Optional[int]:
-    match = re.match(r"\s*(\d+)", value or "")
-    return int(match.group(1)) if match else None
+        return cpu_ids_errors(self.cpu_ids)
 
 
 class AuroraPlatform(Platform):
@@ -101,16 +95,7 @@ class AuroraPlatform(Platform):
 
     # -- inside an allocation -------------------------------------------------------------------
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
-        path = env.get("PBS_NODEFILE")
-        if not path:
-            raise RuntimeError("$PBS_NODEFILE is not set: not inside a PBS job")
-        try:
-            hosts = read_node_file(path)
-        except OSError as exc:
-            raise RuntimeError(f"cannot read $PBS_NODEFILE {path}: {exc.strerror or exc}") from None
-        if not hosts:
-            raise RuntimeError(f"$PBS_NODEFILE {path} lists no nodes")
-        return hosts
+        return hosts_from_node_file(env, "PBS_NODEFILE", inside="a PBS job")
 
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
         return [
@@ -119,20 +104,16 @@ class AuroraPlatform(Platform):
         ]
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
-        return _pbs_job_number(env.get("PBS_JOBID", ""))
+        return leading_job_number(env.get("PBS_JOBID", ""))
 
     # -- MPI ------------------------------------------------------------------------------------
     def cpu_binding(self, spec: LaunchSpec) -> str:
-        for key in CPU_BIND_KEYS:
-            if spec.launch_params.get(key):
-                return str(spec.launch_params[key])
-        if self.options.cpu_bind:
-            return self.options.cpu_bind
-        return cpu_bind_list(spec, self.cpu_ids, hyperthread_offset=self.options.hyperthread_offset)
+        return pick_cpu_binding(spec, CPU_BIND_KEYS, self.options.cpu_bind, self.cpu_ids,
+                                hyperthread_offset=self.options.hyperthread_offset)
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
-        depth = next((params[k] for k in DEPTH_KEYS if params.get(k)), None) or spec.threads_per_rank
+        depth = first_launch_param(params, DEPTH_KEYS) or spec.threads_per_rank
         args = [
             *shlex.split(self.options.mpiexec),
             "-n", str(spec.num_ranks),
@@ -142,13 +123,7 @@ class AuroraPlatform(Platform):
             "-d", str(depth),
             "--envall",
         ]
-        for key, value in params.items():
-            if key in CPU_BIND_KEYS or key in DEPTH_KEYS:
-                continue
-            args.append(key if key.startswith("-") else f"--{key}")
-            if value not in ("", None):
-                args.append(str(value))
-        return args
+        return args + launch_param_args(params, skip=CPU_BIND_KEYS + DEPTH_KEYS)
 
     def gpu_environment(self, gpu_ids: Sequence[str]) -> dict[str, str]:
         if not gpu_ids:

@@ -16,7 +16,6 @@ names (regular, debug, ...), so the site's Slurm scheduler is set to pass the qu
 
 from __future__ import annotations
 
-import re
 import shlex
 from importlib import resources
 from typing import Any, Mapping, Optional
@@ -25,7 +24,7 @@ import attrs
 
 from balsam.builtin.default_platform import expand_hostlist
 from balsam.options import option
-from balsam.platform import LaunchSpec, NodeInfo, Platform, parse_id_ranges
+from balsam.platform import LaunchSpec, NodeInfo, Platform, cpu_ids_errors, launch_param_args, leading_job_number, parse_id_ranges
 
 #: launch_params that replace the computed value of the same srun option.
 OVERRIDABLE = ("cpus-per-task", "gpus-per-task", "ntasks-per-node")
@@ -43,11 +42,7 @@ class PerlmutterOptions:
     )
 
     def validate(self) -> dict[str, str]:
-        try:
-            parse_id_ranges(self.cpu_ids or "0")
-        except ValueError as exc:
-            return {"cpu_ids": str(exc)}
-        return {}
+        return cpu_ids_errors(self.cpu_ids or "0")
 
 
 class PerlmutterGPUPlatform(Platform):
@@ -77,8 +72,7 @@ class PerlmutterGPUPlatform(Platform):
                 for host in expand_hostlist(nodelist)]
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
-        match = re.match(r"\s*(\d+)", env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "")
-        return int(match.group(1)) if match else None
+        return leading_job_number(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "")
 
     # -- MPI ------------------------------------------------------------------------------------
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
@@ -98,12 +92,7 @@ class PerlmutterGPUPlatform(Platform):
             args += ["--gpus-per-task", str(gpus)]
         args += ["--nodelist", ",".join(spec.hostnames), "--nodes", str(spec.num_nodes),
                  "--cpus-per-task", str(params.pop("cpus-per-task", spec.threads_per_rank))]
-        for key, value in params.items():
-            args.append(key if key.startswith("-") else f"--{key}")
-            if value not in ("", None):
-                args.append(str(value))
-        args.append("--overlap")
-        return args
+        return args + launch_param_args(params) + ["--overlap"]
 
     # -- site init ------------------------------------------------------------------------------
     @classmethod

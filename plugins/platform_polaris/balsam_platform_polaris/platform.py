@@ -27,7 +27,8 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_bind_list, parse_id_ranges, parse_nvidia_smi_list, read_node_file,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, hosts_from_node_file, launch_param_args,
+    leading_job_number, parse_id_ranges, parse_nvidia_smi_list, pick_cpu_binding,
 )
 
 logger = logging.getLogger("balsam.platform.polaris")
@@ -59,16 +60,7 @@ class PolarisOptions:
     discover_mig: bool = option(True, "Run `nvidia-smi -L` on the launcher's node to find MIG instances.")
 
     def validate(self) -> dict[str, str]:
-        try:
-            parse_id_ranges(self.cpu_ids)
-        except ValueError as exc:
-            return {"cpu_ids": str(exc)}
-        return {}
-
-
-def _pbs_job_number(value: str) -> Optional[int]:
-    match = re.match(r"\s*(\d+)", value or "")
-    return int(match.group(1)) if match else None
+        return cpu_ids_errors(self.cpu_ids)
 
 
 def _short(host: str) -> str:
@@ -89,16 +81,7 @@ class PolarisPlatform(Platform):
 
     # -- inside an allocation -------------------------------------------------------------------
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
-        path = env.get("PBS_NODEFILE")
-        if not path:
-            raise RuntimeError("$PBS_NODEFILE is not set: not inside a PBS job")
-        try:
-            hosts = read_node_file(path)
-        except OSError as exc:
-            raise RuntimeError(f"cannot read $PBS_NODEFILE {path}: {exc.strerror or exc}") from None
-        if not hosts:
-            raise RuntimeError(f"$PBS_NODEFILE {path} lists no nodes")
-        return hosts
+        return hosts_from_node_file(env, "PBS_NODEFILE", inside="a PBS job")
 
     def _recorded_list(self, host: str) -> Optional[str]:
         if not self.options.gpu_list_dir:
@@ -142,21 +125,17 @@ class PolarisPlatform(Platform):
         ]
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
-        return _pbs_job_number(env.get("PBS_JOBID", ""))
+        return leading_job_number(env.get("PBS_JOBID", ""))
 
     # -- MPI ------------------------------------------------------------------------------------
     def cpu_binding(self, spec: LaunchSpec) -> str:
-        for key in CPU_BIND_KEYS:
-            if spec.launch_params.get(key):
-                return str(spec.launch_params[key])
-        if self.options.cpu_bind:
-            return self.options.cpu_bind
-        return cpu_bind_list(spec, self.cpu_ids, hyperthread_offset=self.options.hyperthread_offset)
+        return pick_cpu_binding(spec, CPU_BIND_KEYS, self.options.cpu_bind, self.cpu_ids,
+                                hyperthread_offset=self.options.hyperthread_offset)
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
         bind = self.cpu_binding(spec)
-        depth = next((params[k] for k in DEPTH_KEYS if params.get(k)), None)
+        depth = first_launch_param(params, DEPTH_KEYS)
         if depth is None:
             # 0.7: the depth is the threads per rank, or the cores per rank with --cpu-bind core.
             depth = spec.cpus_per_rank if bind == "core" else spec.threads_per_rank
@@ -168,13 +147,7 @@ class PolarisPlatform(Platform):
             "--cpu-bind", bind,
             "-d", str(depth),
         ]
-        for key, value in params.items():
-            if key in CPU_BIND_KEYS or key in DEPTH_KEYS:
-                continue
-            args.append(key if key.startswith("-") else f"--{key}")
-            if value not in ("", None):
-                args.append(str(value))
-        return args
+        return args + launch_param_args(params, skip=CPU_BIND_KEYS + DEPTH_KEYS)
 
     # gpu_environment: the base class's CUDA_DEVICE_ORDER=PCI_BUS_ID + CUDA_VISIBLE_DEVICES (MIG
     # UUIDs included).

@@ -23,7 +23,10 @@ from typing import Any, Mapping, Optional
 import attrs
 
 from balsam.options import option
-from balsam.platform import LaunchSpec, NodeInfo, Platform, parse_id_ranges, parse_nvidia_smi_list, read_node_file
+from balsam.platform import (
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, hosts_from_node_file, launch_param_args,
+    leading_job_number, parse_id_ranges, parse_nvidia_smi_list,
+)
 
 logger = logging.getLogger("balsam.platform.theta")
 
@@ -44,11 +47,6 @@ def expand_nid_ranges(text: str) -> list[int]:
     return nids
 
 
-def _cobalt_job_id(env: Mapping[str, str]) -> Optional[int]:
-    match = re.match(r"\s*(\d+)", env.get("COBALT_JOBID", ""))
-    return int(match.group(1)) if match else None
-
-
 def _template(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text()
 
@@ -67,11 +65,7 @@ class ThetaKNLOptions:
     aprun: str = option("aprun", "The ALPS aprun command.")
 
     def validate(self) -> dict[str, str]:
-        try:
-            parse_id_ranges(self.cpu_ids)
-        except ValueError as exc:
-            return {"cpu_ids": str(exc)}
-        return {}
+        return cpu_ids_errors(self.cpu_ids)
 
 
 class ThetaKNLPlatform(Platform):
@@ -94,11 +88,11 @@ class ThetaKNLPlatform(Platform):
                 for nid in expand_nid_ranges(partition)]
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
-        return _cobalt_job_id(env)
+        return leading_job_number(env.get("COBALT_JOBID", ""))
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
-        affinity = next((params[k] for k in AFFINITY_KEYS if params.get(k)), None) or self.options.cpu_affinity
+        affinity = first_launch_param(params, AFFINITY_KEYS) or self.options.cpu_affinity
         # aprun -L takes node ids; the launcher knows hosts nid01001 ...: back to the numbers.
         nids = [str(int(h[3:])) if re.fullmatch(r"nid\d+", h) else h for h in spec.hostnames]
         args = [
@@ -110,13 +104,7 @@ class ThetaKNLPlatform(Platform):
             "-d", str(spec.threads_per_rank),
             "-j", str(spec.threads_per_core),
         ]
-        for key, value in params.items():
-            if key in AFFINITY_KEYS:
-                continue
-            args.append(key if key.startswith("-") else f"-{key}")  # aprun's options are single-dash
-            if value not in ("", None):
-                args.append(str(value))
-        return args
+        return args + launch_param_args(params, skip=AFFINITY_KEYS, prefix="-")  # aprun's options are single-dash
 
     def gpu_environment(self, gpu_ids: Any) -> dict[str, str]:
         return {}
@@ -162,11 +150,7 @@ class ThetaGPUOptions:
     mpirun: str = option("mpirun", "The Open MPI mpirun command.")
 
     def validate(self) -> dict[str, str]:
-        try:
-            parse_id_ranges(self.cpu_ids)
-        except ValueError as exc:
-            return {"cpu_ids": str(exc)}
-        return {}
+        return cpu_ids_errors(self.cpu_ids)
 
 
 class ThetaGPUPlatform(Platform):
@@ -191,19 +175,11 @@ class ThetaGPUPlatform(Platform):
         return self.gpu_ids
 
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
-        path = env.get("COBALT_NODEFILE")
-        if not path:
-            raise RuntimeError("$COBALT_NODEFILE is not set: not inside a Cobalt job on ThetaGPU")
-        try:
-            hosts = read_node_file(path)
-        except OSError as exc:
-            raise RuntimeError(f"cannot read $COBALT_NODEFILE {path}: {exc.strerror or exc}") from None
-        if not hosts:
-            raise RuntimeError(f"$COBALT_NODEFILE {path} lists no nodes")
+        hosts = hosts_from_node_file(env, "COBALT_NODEFILE", inside="a Cobalt job on ThetaGPU")
         return [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self._gpu_ids(host)) for host in hosts]
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
-        return _cobalt_job_id(env)
+        return leading_job_number(env.get("COBALT_JOBID", ""))
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         args = [*shlex.split(self.options.mpirun)]
@@ -216,11 +192,7 @@ class ThetaGPUPlatform(Platform):
         for name in spec.env_names:
             args += ["-x", name]
         args += ["--host", ",".join(spec.hostnames)]
-        for key, value in spec.launch_params.items():
-            args.append(key if key.startswith("-") else f"--{key}")
-            if value not in ("", None):
-                args.append(str(value))
-        return args
+        return args + launch_param_args(spec.launch_params)
 
     @classmethod
     def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:
