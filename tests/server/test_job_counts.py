@@ -119,10 +119,17 @@ def test_counts_by_state_api_of_the_dashboard(api: dict) -> None:
         assert counts() == ({"STAGED_IN": 8, "FAILED": 2}, True)
         assert counts(("site_id", str(site2))) == ({"STAGED_IN": 2, "FAILED": 1}, True)
         assert counts(("app_id", str(app1)), ("state", "FAILED")) == ({"STAGED_IN": 6, "FAILED": 1}, True)
-        assert counts(("tags", "k:0")) == ({"STAGED_IN": 3, "FAILED": 2}, True)  # a scan
-        newest, exact = counts(("tags", "k:0"), window=4)  # the newest 4 jobs: ids 7..10, two with k=0
-        assert newest == {"STAGED_IN": 1, "FAILED": 1} and not exact
-        assert counts(("tags", "k:0"), window=None) == ({"STAGED_IN": 3, "FAILED": 2}, True)
+        # one tag (+ site/app/state): the per-tag counters, exact whatever the window
+        assert counts(("tags", "k:0")) == ({"STAGED_IN": 3, "FAILED": 2}, True)
+        assert counts(("tags", "k:0"), window=4) == ({"STAGED_IN": 3, "FAILED": 2}, True)
+        assert counts(("tags", "k:0"), ("site_id", str(site2)), ("state", "FAILED")) == ({"FAILED": 1}, True)
+        assert counts(("tags", "k:1"), ("app_id", str(app1))) == ({"STAGED_IN": 3}, True)
+        assert counts(("tags", "k:2")) == ({}, True)
+        # other filters: a scan of the newest `window` jobs (exact with window=None)
+        newest, exact = counts(("workdir__contains", "a/"), window=4)  # the newest 4 jobs: indices 6..9
+        assert newest == {"STAGED_IN": 3, "FAILED": 1} and not exact
+        assert counts(("workdir__contains", "a/"), window=None) == ({"STAGED_IN": 8, "FAILED": 2}, True)
+        assert counts(("tags", "k:0"), ("workdir__contains", "a/"), window=None) == ({"STAGED_IN": 3, "FAILED": 2}, True)
 
 
 def test_concurrent_bulk_updates_neither_deadlock_nor_drift(api: dict) -> None:

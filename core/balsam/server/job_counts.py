@@ -80,16 +80,24 @@ def count_matching(conn: sa.Connection, owned: sa.Select, *, site_ids: Optional[
 
 
 def counts_by_site_app_state(conn: sa.Connection, user_id: int, *, site_ids: Optional[list[int]] = None,
-                             app_ids: Optional[list[int]] = None) -> dict[tuple[int, int, str], int]:
-    """``{(site_id, app_id, state): n}`` over the user's sites (optionally some sites / apps)."""
+                             app_ids: Optional[list[int]] = None,
+                             tag: Optional[tuple[str, str]] = None) -> dict[tuple[int, int, str], int]:
+    """``{(site_id, app_id, state): n}`` over the user's sites (optionally some sites / apps, and
+    only the jobs carrying one tag ``(key, value)``: the per-tag counters of migration 0005)."""
     owned = sa.select(sites.c.id).where(sites.c.owner_id == user_id)
+    if tag is None:
+        pairs = ((job_counts, job_counts.c.n), (job_count_deltas, job_count_deltas.c.delta))
+    else:
+        pairs = ((job_tag_counts, job_tag_counts.c.n), (job_tag_count_deltas, job_tag_count_deltas.c.delta))
     parts = []
-    for table, amount in ((job_counts, job_counts.c.n), (job_count_deltas, job_count_deltas.c.delta)):
+    for table, amount in pairs:
         stmt = sa.select(table.c.site_id, table.c.app_id, table.c.state, amount.label("n")).where(table.c.site_id.in_(owned))
         if site_ids is not None:
             stmt = stmt.where(table.c.site_id.in_(site_ids))
         if app_ids is not None:
             stmt = stmt.where(table.c.app_id.in_(app_ids))
+        if tag is not None:
+            stmt = stmt.where(table.c.tag_key == tag[0], table.c.tag_value == tag[1])
         parts.append(stmt)
     union = sa.union_all(*parts).subquery()
     totals = (sa.select(union.c.site_id, union.c.app_id, union.c.state, sa.func.sum(union.c.n))
@@ -98,9 +106,10 @@ def counts_by_site_app_state(conn: sa.Connection, user_id: int, *, site_ids: Opt
 
 
 def counts_by_state(conn: sa.Connection, user_id: int, *, site_ids: Optional[list[int]] = None,
-                    app_ids: Optional[list[int]] = None) -> dict[str, int]:
+                    app_ids: Optional[list[int]] = None, tag: Optional[tuple[str, str]] = None) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
-    for (_site, _app, state), n in counts_by_site_app_state(conn, user_id, site_ids=site_ids, app_ids=app_ids).items():
+    for (_site, _app, state), n in counts_by_site_app_state(conn, user_id, site_ids=site_ids, app_ids=app_ids,
+                                                            tag=tag).items():
         out[state] += n
     return {state: n for state, n in out.items() if n}
 

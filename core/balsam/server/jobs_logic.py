@@ -249,16 +249,20 @@ def count_jobs_by_state(conn: sa.Connection, user_id: int, q: QueryParams, *,
                         window: "int | None" = COUNT_SCAN_WINDOW) -> tuple[dict[str, int], bool]:
     """``({state: count}, exact)`` of the user's jobs matching the query's filters (but its state).
 
-    With no filter or only site/app filters, the counters answer (a few rows at any number of
-    jobs). Other filters (tags, workdir...) need a scan of the jobs: it covers the user's newest
+    With no filter, only site/app filters, or those and one tag, the counters answer exactly (a few
+    rows at any number of jobs; one tag: the per-tag counters of migration 0005). Other filters
+    (two or more tags, workdir...) need a scan of the jobs: it covers the user's newest
     ``window`` jobs (``exact`` is False when older ones exist), or all of them with ``window=None``."""
     from .job_counts import counts_by_state
 
     names = set(q.params.keys()) - {"state", "ordering"}
-    if names <= COUNTER_FILTERS:
+    tags = q.key_values("tags") if "tags" in names else None
+    # Site/app filters and at most one tag: the counters (migrations 0003 and 0005) answer exactly.
+    if names - {"tags"} <= COUNTER_FILTERS and (tags is None or len(tags) == 1):
         app_id = q.int("app_id")
         return counts_by_state(conn, user_id, site_ids=q.int_list("site_id"),
-                               app_ids=None if app_id is None else [app_id]), True
+                               app_ids=None if app_id is None else [app_id],
+                               tag=next(iter(tags.items())) if tags else None), True
     others = QueryParams(_without(q.params, "state"))
     condition = apply_job_filters(sa.select(jobs.c.id), others, conn.dialect.name).whereclause
     if window is None:
