@@ -270,3 +270,58 @@ def test_a_slow_start_up_is_not_idle_time(new_site: Any, mode: str) -> None:
     proc = start_launcher(path, mode, 1, env={"BALSAM_TESTPLUGIN_FAULTS": "slow-start"})
     wait_for_states(ids, {"RUN_DONE"}, timeout=90)
     assert proc.wait(60) == 0
+
+
+def _reap_until(pool: Any, predicate: Any, timeout: float = 30.0) -> list:
+    deadline = time.monotonic() + timeout
+    done: list = []
+    while not predicate(done):
+        assert time.monotonic() < deadline, f"reaped so far: {done}"
+        done += pool.reap()
+        time.sleep(0.02)
+    return done
+
+
+@pytest.mark.parametrize("with_reaper", [True, False], ids=["reaper", "polling"])
+def test_a_job_killed_by_the_allocations_stop_signal_is_a_timeout_not_an_error(tmp_path: Path, with_reaper: bool) -> None:
+    """A batch system ending an allocation signals every process in it: a job that dies of that
+    SIGTERM just before the launcher's own stop is one of the stop's victims (RUN_TIMEOUT, run
+    again), not a failed job. Found by a CI run where mpiexec exited 15 a moment before the launcher
+    stopped and the job went to FAILED instead of RESTART_READY."""
+    import threading
+
+    from balsam.launcher.runner import ProcessPool
+
+    pool = ProcessPool(10, wake=threading.Event() if with_reaper else None)
+    pool.start(1, "kill -TERM $$", tmp_path, dict(os.environ))   # dies of a SIGTERM (not ours)
+    pool.start(2, "exit 15", tmp_path, dict(os.environ))         # what hydra's mpiexec exits with
+    pool.start(3, "exit 3", tmp_path, dict(os.environ))          # a job's own error: reported at once
+    pool.start(4, "sleep 60", tmp_path, dict(os.environ))
+    done = _reap_until(pool, lambda d: len(d) == 1)
+    assert [(job_id, rc) for job_id, rc, _tail, _when in done] == [(3, 3)]
+    deadline = time.monotonic() + 5
+    while not all(pool.running[j].poll() is not None for j in (1, 2)):
+        assert time.monotonic() < deadline
+        pool.reap()
+        time.sleep(0.01)
+    victims, finished = pool.terminate_all(5)
+    assert sorted(victims) == [1, 2, 4] and finished == []
+    assert not pool.running and not pool.held
+
+
+def test_an_exit_by_a_signal_with_no_stop_after_it_is_the_jobs_error(tmp_path: Path) -> None:
+    """Held back for STOP_SIGNAL_HOLD_SEC only: with no stop in that time it is reported as the exit."""
+    import threading
+
+    from balsam.launcher.runner import ProcessPool
+
+    pool = ProcessPool(10, wake=threading.Event())
+    proc = pool.start(1, "echo dying >&2; kill -TERM $$", tmp_path, dict(os.environ))
+    deadline = time.monotonic() + 5
+    while proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert pool.reap() == [] and 1 in pool.held   # exited, held back: a stop may still claim it
+    (job_id, rc, tail, _when), = _reap_until(pool, bool)
+    assert (job_id, rc) == (1, -signal.SIGTERM) and "dying" in tail
+    assert not pool.running and not pool.held

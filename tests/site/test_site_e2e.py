@@ -139,8 +139,11 @@ def test_timeout_is_requeued_and_rerun(make_site, agent_daemon, client) -> None:
     client.put(f"/batch-jobs/{first_bj['id']}", json={"state": "pending_deletion"})
     # The agent's next poll sees the deletion, the local scheduler signals the launcher, which ends
     # the run: a few seconds alone, longer on a loaded CI machine (a bound, not a measurement).
-    wait_for(lambda: job_rows(client, id=job.id)[0]["state"] == "RESTART_READY", timeout=150,
-             what="RUN_TIMEOUT -> RESTART_READY")
+    try:
+        wait_for(lambda: job_rows(client, id=job.id)[0]["state"] == "RESTART_READY", timeout=150,
+                 what="RUN_TIMEOUT -> RESTART_READY")
+    except AssertionError as exc:  # say where the job went instead
+        raise AssertionError(f"{exc}; the job went {state_path(events(client, job_id=job.id))}") from None
     wait_for(lambda: batch_job(client, first_bj["id"])["state"] == "finished", timeout=30, what="the deleted BatchJob")
     create_batch_job(client, site.site_id, "mpi")
     wait_for(lambda: job_rows(client, id=job.id)[0]["state"] == "JOB_FINISHED", timeout=60, what="the re-run")

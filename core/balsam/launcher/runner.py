@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from collections import deque
@@ -197,17 +198,37 @@ class ChildReaper:
             time.sleep(self.FALLBACK_POLL_SEC)
 
 
+#: The signals a batch system sends when it ends an allocation (scancel, qdel, the wall time).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP)
+#: Exit statuses of a process ended by one of them: Popen's ``-N``, a shell's ``128+N``, and MPICH
+#: hydra's mpiexec, which exits with its rank's signal number (15 for a SIGTERM'd rank).
+STOP_SIGNAL_EXITS = frozenset(
+    [-int(s) for s in _STOP_SIGNALS] + [128 + int(s) for s in _STOP_SIGNALS] + [int(signal.SIGTERM), int(signal.SIGKILL)]
+)
+#: How long such an exit is held back before it is reported as the job's own error (see ProcessPool).
+STOP_SIGNAL_HOLD_SEC = 1.0
+
+
 class ProcessPool:
     """The processes this launcher process started.
 
     With ``wake`` (an Event), a :class:`ChildReaper` collects exits the moment they happen and sets
     ``wake``; without it, :meth:`reap` polls every running process.
+
+    When a batch system ends an allocation it signals every process in it at once: the launcher and
+    the jobs it runs. A job can then die of the signal a moment before the launcher's own stop ends
+    it, and reporting that exit as RUN_ERROR would fail a job the allocation merely cut short (it
+    must be RUN_TIMEOUT and run again). So an exit by a termination signal (:data:`STOP_SIGNAL_EXITS`)
+    is held back for :data:`STOP_SIGNAL_HOLD_SEC`: if :meth:`terminate_all` comes in that time, the
+    job is one of its victims; otherwise it is reported as the job's exit. A held process stays in
+    ``running`` (it still holds its resources until reported).
     """
 
     def __init__(self, error_tail_num_lines: int, wake: Optional[threading.Event] = None) -> None:
         self.error_tail_num_lines = error_tail_num_lines
         self.running: dict[int, AppProcess] = {}
         self.reaper = ChildReaper(wake) if wake is not None else None
+        self.held: dict[int, float] = {}  # job id -> when its exit by a signal was noticed (monotonic)
 
     def __len__(self) -> int:
         return len(self.running)
@@ -232,27 +253,36 @@ class ProcessPool:
         return (proc.job_id, rc, tail, time.time())
 
     def reap(self) -> list[tuple[int, int, str, float]]:
-        """Finished processes as ``(job_id, returncode, error_tail, end_time)``."""
-        finished = []
+        """Finished processes as ``(job_id, returncode, error_tail, end_time)`` (exits by a
+        termination signal once they have been held :data:`STOP_SIGNAL_HOLD_SEC`)."""
+        exited: list[AppProcess] = []
         if self.reaper is not None:
-            exited = self.reaper.exited
-            while exited:
-                proc = exited.popleft()
-                if self.running.pop(proc.job_id, None) is not None:
-                    finished.append(self._finished(proc))
-            return finished
-        for job_id, proc in list(self.running.items()):
-            if proc.poll() is None:
-                continue
-            del self.running[job_id]
-            finished.append(self._finished(proc))
+            queue = self.reaper.exited
+            while queue:
+                proc = queue.popleft()
+                if proc.job_id in self.running:
+                    exited.append(proc)
+        else:
+            exited = [proc for job_id, proc in self.running.items() if job_id not in self.held and proc.poll() is not None]
+        now = time.monotonic()
+        finished = []
+        for proc in exited:
+            if proc.returncode in STOP_SIGNAL_EXITS:
+                self.held[proc.job_id] = now
+            else:
+                del self.running[proc.job_id]
+                finished.append(self._finished(proc))
+        for job_id, since in list(self.held.items()):
+            if now - since >= STOP_SIGNAL_HOLD_SEC:
+                del self.held[job_id]
+                finished.append(self._finished(self.running.pop(job_id)))
         return finished
 
     def terminate_all(self, grace_sec: float) -> tuple[list[int], list[tuple[int, int, str, float]]]:
         """SIGTERM every process group, SIGKILL what is left after ``grace_sec``.
 
         Returns ``(ended_by_us, finished_on_their_own)``: a process that exits 0 before the signal
-        lands still counts as done.
+        lands still counts as done; one held after an exit by a termination signal is ended by us.
         """
         finished = self.reap()
         victims = list(self.running)
@@ -269,6 +299,7 @@ class ProcessPool:
         for proc in self.running.values():
             proc.wait(2.0)
         self.running.clear()
+        self.held.clear()
         if self.reaper is not None:
             self.reaper.exited.clear()
             self.reaper.stop()
