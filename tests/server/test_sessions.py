@@ -173,3 +173,34 @@ def test_finished_batch_job_ends_its_sessions(api, site_app):
     api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"state": "finished"})
     assert api.http.put(f"/sessions/{session}").status_code == 404
     assert api.job(ids[0])["state"] == "RUN_TIMEOUT"
+
+
+def test_a_server_restart_expires_no_session_that_heartbeats_again(db_kind, live_server_factory, register):
+    """The server killed -9 and down longer than the session expiry: on restart, a launcher that
+    survived (it heartbeats again) keeps its session and its RUNNING jobs (expiring it would run
+    them twice); a session that stays silent still expires, an expiry period after the restart."""
+    server = live_server_factory(db_kind, env={"BALSAM_SESSION_EXPIRE_SEC": str(SHORT_EXPIRY_SEC),
+                                              "BALSAM_SESSION_SWEEP_SEC": "1"})
+    api = Api(server.url, register)
+    site = api.site()
+    app = api.app(site["id"])
+    ids = runnable(api, app["id"], 4)
+    alive = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    silent = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    kept = [j["id"] for j in acquire(api, alive, max_num_jobs=2)]
+    lost = [j["id"] for j in acquire(api, silent, max_num_jobs=2)]
+    assert sorted(kept + lost) == sorted(ids)
+    api.patch_states(ids, "RUNNING")
+    server.proc.kill()
+    server.proc.wait(10)
+    time.sleep(SHORT_EXPIRY_SEC * 2 + 1)  # down for longer than the expiry: no heartbeat could arrive
+    server.start()
+    api.ok("PUT", f"/sessions/{alive}")  # the surviving launcher's next heartbeat
+    assert [api.job(i)["state"] for i in ids] == ["RUNNING"] * 4
+    deadline = time.monotonic() + SHORT_EXPIRY_SEC * 3 + 5
+    while api.ok("GET", "/sessions/", params={"id": [silent]})["count"]:
+        assert time.monotonic() < deadline, "the silent session was never swept after the restart"
+        api.ok("PUT", f"/sessions/{alive}")
+        time.sleep(0.5)
+    assert [api.job(i)["state"] for i in kept + lost] == ["RUNNING", "RUNNING", "RUN_TIMEOUT", "RUN_TIMEOUT"]
+    api.close()

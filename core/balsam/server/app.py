@@ -30,7 +30,7 @@ from .routes import apps, auth, batch_jobs, events, jobs, sessions, sites, trans
 from .routing import Ctx, route
 from .idempotency import sweep_expired_keys
 from .job_counts import fold_deltas
-from .sessions_logic import sweep_expired
+from .sessions_logic import note_outage, sweep_expired
 from .settings import ServerSettings
 
 logger = logging.getLogger("balsam.server")
@@ -102,6 +102,7 @@ async def _database_error(request: Request, exc: Exception) -> Response:
         return await _unexpected(request, exc)
     message = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
     logger.warning("Database unavailable on %s %s: %s", request.method, request.url.path, message[0] if message else exc)
+    note_outage(request.app.state.engine)  # heartbeats are failing too: no session may expire for it
     # 503 + Retry-After: clients retry it (the transaction was rolled back, or, if the commit itself
     # was cut, an Idempotency-Key makes the retry safe).
     return JSONResponse(
@@ -136,6 +137,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
                 await run_in_threadpool(_sweep_once, app)
             except Exception:  # keep sweeping: a failed sweep (e.g. DB restart) is retried next period
                 logger.exception("Session sweep failed")
+                note_outage(app.state.engine)
 
     task = asyncio.create_task(sweeper())
     try:

@@ -25,6 +25,14 @@ exactly once, with no window for a race:
 
 Releasing at once instead (free the lease when the answer is lost) was rejected: the server cannot
 know an answer was lost, and a launcher that did get it would then run jobs it no longer holds.
+
+Expiry counts only time the server could have heard a heartbeat. While the server process is down
+(a restart, a kill -9) or its database is unreachable, live launchers' heartbeats fail through no
+fault of theirs; expiring their sessions on recovery would send their RUNNING jobs to RUN_TIMEOUT and
+run them a second time elsewhere while the first run goes on. So the first sweep of a server process
+(per database) and the first sweep after a database outage (:func:`note_outage`) first restart the
+clock of every stale session (heartbeat = now): a launcher that survived has ``expire_sec`` to
+heartbeat again; one that died meanwhile expires ``expire_sec`` later than it would have.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ from .tables import batch_jobs, jobs, sessions, sites
 
 logger = logging.getLogger(__name__)
 _last_user_sweep: dict[tuple[int, int], float] = {}
+#: Databases (by URL) this process has swept since it started or since its last outage.
+_swept_since_outage: set[str] = set()
 SORT_BY_CHOICES = (None, "long_large_first")
 
 
@@ -63,10 +73,22 @@ def get_owned_session(conn: sa.Connection, user_id: int, session_id: int) -> sa.
     return row
 
 
+def note_outage(engine: sa.Engine) -> None:
+    """The database was unreachable: the next sweep restarts the stale sessions' clocks first."""
+    _swept_since_outage.discard(str(engine.url))
+
+
 def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = None) -> int:
     """Delete sessions with a stale heartbeat or a finished BatchJob; RUNNING jobs -> RUN_TIMEOUT."""
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=expire_sec)
+    database = str(conn.engine.url)
+    if database not in _swept_since_outage:
+        # The server could not hear heartbeats until now (see the module's docstring): all sessions.
+        restarted = conn.execute(sa.update(sessions).where(sessions.c.heartbeat < now).values(heartbeat=now)).rowcount
+        _swept_since_outage.add(database)
+        if restarted:
+            logger.info("Restarted the expiry clock of %d session(s) after a server start or outage", restarted)
     stmt = (
         sa.select(sessions.c.id)
         .select_from(sessions.outerjoin(batch_jobs, batch_jobs.c.id == sessions.c.batch_job_id))
