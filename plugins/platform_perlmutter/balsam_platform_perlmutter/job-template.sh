@@ -3,7 +3,6 @@
 #SBATCH --nodes={{ num_nodes }}
 #SBATCH --time={{ wall_time_min }}
 #SBATCH --account={{ project }}
-#SBATCH --qos={{ queue }}
 #SBATCH --constraint={{ optional_params.get("constraint") or "@CONSTRAINT@" }}
 {% if optional_params.get("reservation") %}#SBATCH --reservation={{ optional_params["reservation"] }}
 {% endif %}# Rendered by balsam for BatchJob {{ batch_job_id }} on Perlmutter @CONSTRAINT@ nodes (job-template.sh in the
