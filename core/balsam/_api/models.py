@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional,
 from balsam import models as records
 from balsam.batch_job_rules import check_batch_job
 from balsam.client.lease import acquire_request
+from balsam.client.rest import new_idempotency_key, paused_gc
 from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import DONE_STATES, RUNNABLE_STATES, BatchJobMode, BatchJobState, JobState
 
@@ -82,37 +83,49 @@ class BulkCreateError(Exception):
     """``Job.objects.bulk_create`` of more than one chunk (5,000 jobs) failed part way.
 
     ``created``: the Job objects stored (complete and certain). ``not_created``: the jobs of the failed
-    chunk and after it (the failed chunk was refused, or its answer never came). ``cause``: the error.
-    ``resume()`` sends ``not_created`` again and returns every created job; the failed chunk is resent
-    with the Idempotency-Key it had, so if the server did store it, it is not stored twice.
+    chunks and of those not sent (a failed chunk was refused, or its answer never came). ``cause``:
+    the first error. ``resume()`` sends ``not_created`` again and returns every created job; a failed
+    chunk is resent with the Idempotency-Key it had, so if the server did store it, it is not stored
+    twice.
     """
 
-    def __init__(self, manager: "JobManager", created: list["Job"], not_created: list["Job"], payloads: list[dict],
-                 key: str, cause: BaseException, total: int) -> None:
+    def __init__(self, manager: "JobManager", created: list["Job"], pending: list["_Chunk"], cause: BaseException,
+                 total: int) -> None:
         self.manager = manager
         self.created = list(created)
-        self.not_created = list(not_created)
+        self.not_created = [job for chunk in pending for job in chunk.jobs]
         self.cause = cause
-        self._payloads = payloads
-        self._key = key
+        self._pending = pending
         ids = [job.id for job in self.created]
         stored = f"ids {min(ids)}..{max(ids)}" if ids else "none"
         status = getattr(cause, "status_code", None)
         refused = isinstance(status, int) and 400 <= status < 500
+        failed = next(chunk for chunk in pending if chunk.key is not None)
         fate = "was refused" if refused else "got no answer (it may be stored: resume() finds out without duplicates)"
         super().__init__(
-            f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); the chunk of {len(payloads[:manager.bulk_chunk_size])} "
-            f"after them {fate}, and the {len(self.not_created)} jobs from there on are not stored: "
+            f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); a chunk of {len(failed.jobs)} "
+            f"{fate}, and the {len(self.not_created)} jobs from there on are not stored: "
             f"{type(cause).__name__}: {cause}"
         )
 
     def resume(self, progress: ProgressFn = None) -> list["Job"]:
         """Send the jobs not stored yet; returns all created jobs (``created`` + the new ones)."""
-        return self.manager._post_chunks(self.not_created, self._payloads, list(self.created), progress, first_key=self._key)
+        return self.manager._post_chunks(self._pending, list(self.created), progress)
+
+
+class _Chunk(NamedTuple):
+    """One bulk POST: its jobs, their payloads, and the Idempotency-Key it was sent with (None: not sent)."""
+
+    jobs: list["Job"]
+    payloads: list[dict[str, Any]]
+    key: Optional[str]
 
 
 class JobManager(Manager["Job"]):
     has_bulk_patch = True
+    #: bulk-create POSTs in flight at once: the next chunk is encoded, sent and parsed while the
+    #: server stores the one before (client, server and database each have work at the same time)
+    bulk_pipeline_depth: int = 2
 
     def bulk_create(self, objs: Sequence["Job"], progress: ProgressFn = None) -> list["Job"]:
         """Create jobs with one POST per ``bulk_chunk_size`` (5,000); returns the new Job objects.
@@ -125,32 +138,105 @@ class JobManager(Manager["Job"]):
                 raise TypeError(f"bulk_create() takes Job objects, got {type(job).__name__}")
             if job._stored:
                 raise ValueError(f"Job(id={job.id}) is already created")
-            payloads.append(job._create_payload())
-        return self._post_chunks(list(objs), payloads, [], progress)
+            payloads.append(job._create_payload(omit_defaults=True))
+        jobs = list(objs)
+        size = self.bulk_chunk_size
+        chunks = [_Chunk(jobs[i : i + size], payloads[i : i + size], None) for i in range(0, len(jobs), size)]
+        return self._post_chunks(chunks, [], progress)
 
-    def _post_chunks(self, objs: list["Job"], payloads: list[dict], created: list["Job"], progress: ProgressFn,
-                     first_key: Optional[str] = None) -> list["Job"]:
-        """POST ``payloads`` one chunk at a time (each with its own Idempotency-Key, ``first_key`` for
-        the first); a failure raises :class:`BulkCreateError` saying exactly what was stored."""
-        from balsam.client.rest import new_idempotency_key
-
+    def _post_chunks(self, chunks: list[_Chunk], created: list["Job"], progress: ProgressFn) -> list["Job"]:
+        """POST the chunks, up to ``bulk_pipeline_depth`` at a time, each with its own Idempotency-Key
+        (the one it had if it was sent before). A failure raises :class:`BulkCreateError` saying
+        exactly what was stored; the jobs are returned in the order of the chunks."""
         client = self._client
-        total = len(created) + len(payloads)
-        for start in range(0, len(payloads), self.bulk_chunk_size):
-            chunk = payloads[start : start + self.bulk_chunk_size]
-            key = first_key if start == 0 and first_key else new_idempotency_key()
-            try:
-                data = client.post(Job._path, json=chunk, idempotency_key=key)
-                if not isinstance(data, list):
-                    raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
-            except Exception as exc:
-                if total <= self.bulk_chunk_size:
-                    raise  # one request: it was applied entirely or not at all
-                raise BulkCreateError(self, created, objs[start:], payloads[start:], key, exc, total) from exc
-            created.extend(self._model._from_api(row) for row in data)
-            if progress:
-                progress(len(created), total)
-        return created
+        total = len(created) + sum(len(chunk.jobs) for chunk in chunks)
+        chunks = [chunk if chunk.key else chunk._replace(key=new_idempotency_key()) for chunk in chunks]
+        results: list[Any] = [None] * len(chunks)
+
+        def post(index: int, on_sent: Any = None) -> list["Job"]:
+            chunk = chunks[index]
+            data, headers = client.request_with_headers(
+                "POST", Job._path, json=chunk.payloads, headers={"Prefer": "return=minimal"},
+                idempotency_key=chunk.key, on_sent=on_sent)
+            return self._created_jobs(chunk, data, headers.get("Preference-Applied", ""))
+
+        if len(chunks) <= 1 or self.bulk_pipeline_depth <= 1:
+            for index in range(len(chunks)):
+                try:
+                    results[index] = post(index)
+                except Exception as exc:
+                    if total <= self.bulk_chunk_size:
+                        raise  # one request: it was applied entirely or not at all
+                    results[index] = exc
+                    break
+                self._report(results, created, total, progress)
+        else:
+            self._post_pipelined(post, results, created, total, progress)
+
+        stored = [job for result in results if isinstance(result, list) for job in result]
+        failures = [(index, result) for index, result in enumerate(results) if isinstance(result, BaseException)]
+        if failures:
+            pending = [chunk if isinstance(results[index], BaseException) else chunk._replace(key=None)
+                       for index, chunk in enumerate(chunks) if not isinstance(results[index], list)]
+            # A chunk never sent gets a new key when resumed; a failed one keeps its own.
+            cause = failures[0][1]
+            raise BulkCreateError(self, created + stored, pending, cause, total) from cause
+        return created + stored
+
+    def _post_pipelined(self, post: Any, results: list[Any], created: list["Job"], total: int,
+                        progress: ProgressFn) -> None:
+        """Chunk i+1 starts once chunk i's body has been written (so the server receives the chunks
+        in order) and fewer than ``bulk_pipeline_depth`` are in flight; after a failure no new
+        chunk starts."""
+        with concurrent.futures.ThreadPoolExecutor(self.bulk_pipeline_depth, thread_name_prefix="balsam-bulk") as pool:
+            in_flight: list[concurrent.futures.Future] = []
+            for index in range(len(results)):
+                if any(isinstance(r, BaseException) for r in results):
+                    break
+                while len(in_flight) >= self.bulk_pipeline_depth:
+                    done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+                    in_flight = [f for f in in_flight if f not in done]
+                    self._report(results, created, total, progress)
+                if any(isinstance(r, BaseException) for r in results):
+                    break
+                sent = threading.Event()
+                future = pool.submit(post, index, sent.set)
+                future.add_done_callback(lambda f, i=index, ev=sent: (results.__setitem__(i, f.exception() or f.result()), ev.set()))
+                in_flight.append(future)
+                sent.wait()
+            concurrent.futures.wait(in_flight)
+        self._report(results, created, total, progress)
+
+    @staticmethod
+    def _report(results: list[Any], created: list["Job"], total: int, progress: ProgressFn) -> None:
+        """``progress(done, total)`` for the chunks stored so far, in order."""
+        if progress:
+            done = len(created)
+            for result in results:
+                if not isinstance(result, list):
+                    break
+                done += len(result)
+            progress(done, total)
+
+    def _created_jobs(self, chunk: _Chunk, data: Any, applied: str) -> list["Job"]:
+        """The new Job objects of one chunk: from the server's ``{id, state, last_update}`` per job
+        and the payloads sent (``Prefer: return=minimal``), or from the full records (a server that
+        does not honour the preference)."""
+        if not isinstance(data, list) or len(data) != len(chunk.payloads):
+            raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
+        model = self._model
+        with paused_gc():
+            if applied.strip().lower() != "return=minimal":
+                return [model._from_api(row) for row in data]
+            defaults = model._wire_defaults()
+            jobs = []
+            for payload, row in zip(chunk.payloads, data):
+                raw = defaults.copy()
+                raw.update(payload)
+                raw.pop("transfers", None)  # as in the server's records: a job's transfers are TransferItems
+                raw.update(row)
+                jobs.append(model._from_api(raw))
+            return jobs
 
     def bulk_refresh(self, jobs: Sequence["Job"]) -> None:
         """Re-read many jobs with one request per 500 ids (jobs deleted meanwhile are left as they were)."""
