@@ -100,7 +100,7 @@ class BulkCreateError(Exception):
         stored = f"ids {min(ids)}..{max(ids)}" if ids else "none"
         status = getattr(cause, "status_code", None)
         refused = isinstance(status, int) and 400 <= status < 500
-        failed = next(chunk for chunk in pending if chunk.key is not None)
+        failed = next((chunk for chunk in pending if chunk.key is not None), pending[0])
         fate = "was refused" if refused else "got no answer (it may be stored: resume() finds out without duplicates)"
         super().__init__(
             f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); a chunk of {len(failed.jobs)} "
@@ -113,12 +113,22 @@ class BulkCreateError(Exception):
         return self.manager._post_chunks(self._pending, list(self.created), progress)
 
 
-class _Chunk(NamedTuple):
-    """One bulk POST: its jobs, their payloads, and the Idempotency-Key it was sent with (None: not sent)."""
+class _Chunk:
+    """One bulk POST: its jobs, their payloads (built when the chunk is first sent, then kept: a
+    resent chunk must be the same request), and its Idempotency-Key (None: not sent yet)."""
 
-    jobs: list["Job"]
-    payloads: list[dict[str, Any]]
-    key: Optional[str]
+    __slots__ = ("jobs", "payloads", "key")
+
+    def __init__(self, jobs: list["Job"], payloads: "list[dict[str, Any]] | None" = None,
+                 key: Optional[str] = None) -> None:
+        self.jobs = jobs
+        self.payloads = payloads
+        self.key = key
+
+    def body(self) -> list[dict[str, Any]]:
+        if self.payloads is None:
+            self.payloads = [job._create_payload(omit_defaults=True) for job in self.jobs]
+        return self.payloads
 
 
 class JobManager(Manager["Job"]):
@@ -132,16 +142,15 @@ class JobManager(Manager["Job"]):
 
         The given objects are left as they are (Balsam 0.7 behaviour): use the returned list.
         """
-        payloads = []
         for job in objs:
             if not isinstance(job, Job):
                 raise TypeError(f"bulk_create() takes Job objects, got {type(job).__name__}")
             if job._stored:
                 raise ValueError(f"Job(id={job.id}) is already created")
-            payloads.append(job._create_payload(omit_defaults=True))
         jobs = list(objs)
         size = self.bulk_chunk_size
-        chunks = [_Chunk(jobs[i : i + size], payloads[i : i + size], None) for i in range(0, len(jobs), size)]
+        # Each chunk's payloads are built as it is sent: while the one before is on the server.
+        chunks = [_Chunk(jobs[i : i + size]) for i in range(0, len(jobs), size)]
         return self._post_chunks(chunks, [], progress)
 
     def _post_chunks(self, chunks: list[_Chunk], created: list["Job"], progress: ProgressFn) -> list["Job"]:
@@ -150,13 +159,15 @@ class JobManager(Manager["Job"]):
         exactly what was stored; the jobs are returned in the order of the chunks."""
         client = self._client
         total = len(created) + sum(len(chunk.jobs) for chunk in chunks)
-        chunks = [chunk if chunk.key else chunk._replace(key=new_idempotency_key()) for chunk in chunks]
         results: list[Any] = [None] * len(chunks)
 
         def post(index: int, on_sent: Any = None) -> list["Job"]:
             chunk = chunks[index]
+            body = chunk.body()
+            if chunk.key is None:
+                chunk.key = new_idempotency_key()
             data, headers = client.request_with_headers(
-                "POST", Job._path, json=chunk.payloads, headers={"Prefer": "return=minimal"},
+                "POST", Job._path, json=body, headers={"Prefer": "return=minimal"},
                 idempotency_key=chunk.key, on_sent=on_sent)
             return self._created_jobs(chunk, data, headers.get("Preference-Applied", ""))
 
@@ -176,9 +187,8 @@ class JobManager(Manager["Job"]):
         stored = [job for result in results if isinstance(result, list) for job in result]
         failures = [(index, result) for index, result in enumerate(results) if isinstance(result, BaseException)]
         if failures:
-            pending = [chunk if isinstance(results[index], BaseException) else chunk._replace(key=None)
-                       for index, chunk in enumerate(chunks) if not isinstance(results[index], list)]
-            # A chunk never sent gets a new key when resumed; a failed one keeps its own.
+            # A failed chunk keeps its key and body (resent as the same request); one never sent has neither.
+            pending = [chunk for index, chunk in enumerate(chunks) if not isinstance(results[index], list)]
             cause = failures[0][1]
             raise BulkCreateError(self, created + stored, pending, cause, total) from cause
         return created + stored
@@ -222,7 +232,8 @@ class JobManager(Manager["Job"]):
         """The new Job objects of one chunk: from the server's ``{id, state, last_update}`` per job
         and the payloads sent (``Prefer: return=minimal``), or from the full records (a server that
         does not honour the preference)."""
-        if not isinstance(data, list) or len(data) != len(chunk.payloads):
+        payloads = chunk.body()
+        if not isinstance(data, list) or len(data) != len(payloads):
             raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
         model = self._model
         with paused_gc():
@@ -230,7 +241,7 @@ class JobManager(Manager["Job"]):
                 return [model._from_api(row) for row in data]
             defaults = model._wire_defaults()
             jobs = []
-            for payload, row in zip(chunk.payloads, data):
+            for payload, row in zip(payloads, data):
                 raw = defaults.copy()
                 raw.update(payload)
                 raw.pop("transfers", None)  # as in the server's records: a job's transfers are TransferItems

@@ -659,7 +659,7 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[dict[str, An
     if conn.dialect.name == "postgresql":
         new_ids = _insert_jobs_pg(conn, specs, site_of_app, states, now)
     else:
-        new_ids = _insert_jobs_generic(conn, specs, site_of_app, states, now)
+        new_ids = _insert_jobs_sqlite(conn, specs, site_of_app, states, now)
 
     if parent_ids:
         links = [{"child_id": job_id, "parent_id": parent}
@@ -801,24 +801,61 @@ def _insert_jobs_pg(conn: sa.Connection, specs: list[dict[str, Any]], site_of_ap
     return [id_of[spec["workdir"]] for spec in specs]
 
 
-def _insert_jobs_generic(conn: sa.Connection, specs: list[dict[str, Any]], site_of_app: dict[int, int],
-                         states: "list[str] | None", now: dt.datetime) -> list[int]:
-    defaults = CREATE_DEFAULTS
-    staged = S.staged_in.value
-    rows = []
-    for index, spec in enumerate(specs):
-        row = {name: spec.get(name, default) for name, default in defaults.items()}
-        row["workdir"] = spec["workdir"]
-        row["app_id"] = spec["app_id"]
-        row["site_id"] = site_of_app[spec["app_id"]]
-        row["state"] = staged if states is None else states[index]
-        row["last_update"] = now
-        rows.append(row)
-    new_ids = bulk_insert(conn, jobs, rows, return_ids=True)
-    bulk_insert(conn, log_events, [
-        {"job_id": job_id, "timestamp": now, "from_state": S.created.value, "to_state": row["state"], "data": {}}
-        for job_id, row in zip(new_ids, rows)
-    ])
+def _sqlite_default_sql(name: str) -> "str | None":
+    default = CREATE_DEFAULTS[name]
+    if default is None:
+        return None
+    if isinstance(jobs.c[name].type, sa.JSON):
+        return "'" + orjson.dumps(default).decode().replace("'", "''") + "'"
+    if isinstance(default, bool):
+        return "1" if default else "0"
+    if isinstance(default, str):
+        return "'" + default.replace("'", "''") + "'"
+    return repr(default)
+
+
+def _sqlite_insert_sql() -> str:
+    fields = [name for name in [*CREATE_FIELDS, "parent_ids"] if name not in ("workdir", "app_id")]
+
+    def field(name: str) -> str:
+        # json_extract gives JSON text for objects and arrays (as stored), the value for scalars.
+        default = _sqlite_default_sql(name)
+        extract = f"json_extract(value, '$.{name}')"
+        return extract if default is None else f"coalesce({extract}, {default})"
+
+    columns = ", ".join(["site_id", "app_id", "workdir", "state", "last_update", *fields])
+    values = ", ".join(["coalesce(json_extract(value, '$._site_id'), :site_id)", "json_extract(value, '$.app_id')",
+                        "json_extract(value, '$.workdir')", "coalesce(json_extract(value, '$._state'), :state)",
+                        ":now", *[field(name) for name in fields]])
+    return f"INSERT INTO jobs ({columns}) SELECT {values} FROM json_each(:rows) ORDER BY key RETURNING workdir, id"
+
+
+_SQLITE_INSERT_JOBS = _sqlite_insert_sql()
+
+
+def _insert_jobs_sqlite(conn: sa.Connection, specs: list[dict[str, Any]], site_of_app: dict[int, int],
+                        states: "list[str] | None", now: dt.datetime) -> list[int]:
+    """SQLite: the jobs from one JSON document (expanded by SQLite's JSON functions, in C), then
+    their created events; no per-value work in Python or SQLAlchemy."""
+    one_site = len(set(site_of_app.values())) == 1
+    rows: list[dict[str, Any]] = specs
+    if not one_site or states is not None:
+        rows = [dict(spec, _site_id=None if one_site else site_of_app[spec["app_id"]],
+                     _state=None if states is None else states[index]) for index, spec in enumerate(specs)]
+    stored_now = jobs.c.last_update.type.bind_processor(conn.dialect)(now)  # as SQLAlchemy stores datetimes
+    params = {"rows": orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS).decode(),
+              "site_id": next(iter(site_of_app.values())), "state": S.staged_in.value, "now": stored_now}
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        id_of = dict(cur.execute(_SQLITE_INSERT_JOBS, params).fetchall())
+        new_ids = [id_of[spec["workdir"]] for spec in specs]
+        staged = S.staged_in.value
+        cur.executemany(
+            "INSERT INTO log_events (job_id, timestamp, from_state, to_state, data) VALUES (?, ?, ?, ?, '{}')",
+            [(job_id, stored_now, S.created.value, staged if states is None else states[index])
+             for index, job_id in enumerate(new_ids)])
+    finally:
+        cur.close()
     return new_ids
 
 
