@@ -238,16 +238,18 @@ class JobManager(Manager["Job"]):
         model = self._model
         with paused_gc():
             if applied.strip().lower() != "return=minimal":
-                return [model._from_api(row) for row in data]
+                return model._from_api_many(data)
             defaults = model._wire_defaults()
-            jobs = []
+            records = []
             for payload, row in zip(payloads, data):
+                if not isinstance(row, dict):
+                    raise ValueError(f"unexpected bulk-create response from the server: {str(row)[:200]}")
                 raw = defaults.copy()
                 raw.update(payload)
                 raw.pop("transfers", None)  # as in the server's records: a job's transfers are TransferItems
                 raw.update(row)
-                jobs.append(model._from_api(raw))
-            return jobs
+                records.append(raw)
+            return model._from_api_many(records)
 
     def bulk_refresh(self, jobs: Sequence["Job"]) -> None:
         """Re-read many jobs with one request per 500 ids (jobs deleted meanwhile are left as they were)."""

@@ -211,7 +211,7 @@ class Query(Generic[T]):
             end = None if self._limit is None else self._offset + self._limit
             rows = rows[self._offset : end]
         with paused_gc():
-            self._cache = [self._model._from_api(row) for row in rows]
+            self._cache = self._model._from_api_many(rows)
         return self._cache
 
     def _sort_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
