@@ -164,10 +164,10 @@ def test_bulk_create_chunks_and_returns_new_objects(site, monkeypatch):
     assert Job.objects.filter(tags={"n": "1"}).count() == 10
 
 
-def test_pipelined_bulk_create_keeps_ids_in_order_and_objects_as_listed(site, monkeypatch):
-    """Chunks in flight together still get their ids in order (the server stores them in arrival
-    order); the objects built from the minimal answers equal the server's records; listing (pages
-    as rows) gives the same records; the garbage collector is running again afterwards."""
+def test_bulk_create_in_chunks_keeps_ids_in_order_and_objects_as_listed(site, monkeypatch):
+    """Chunks (each built while the one before is on the server) get their ids in order; the
+    objects built from the minimal answers equal the server's records; listing (pages as rows)
+    gives the same records; the garbage collector is running again afterwards."""
     import gc
 
     from balsam._api.models import JobManager
@@ -176,7 +176,6 @@ def test_pipelined_bulk_create_keeps_ids_in_order_and_objects_as_listed(site, mo
 
     Hello = _template_app(site)
     monkeypatch.setattr(JobManager, "bulk_chunk_size", 40)
-    monkeypatch.setattr(JobManager, "bulk_pipeline_depth", 3)
     jobs = [Job(workdir=f"pipe/{i}", app_id=Hello, parameters={"name": str(i)}, tags={"p": "1", "i": i},
                 num_nodes=1 + i % 2, gpus_per_rank=i % 2, data={"i": [i]} if i % 3 else {}) for i in range(600)]
     client = Job._get_client()
@@ -197,6 +196,39 @@ def test_pipelined_bulk_create_keeps_ids_in_order_and_objects_as_listed(site, mo
     listed[7].save()
     assert Job.objects.get(id=ids[7]).data == {"i": [7, 8]} and created[8].data == {"i": [8]}
     assert gc.isenabled()
+
+
+def test_bulk_create_refused_chunk_reports_what_was_stored_and_resumes(site, monkeypatch):
+    """A chunk refused part way: the error lists exactly the stored jobs, no chunk is sent after it,
+    and resume() stores the rest once."""
+    from balsam._api.models import JobManager
+    from balsam.api import BulkCreateError, Job
+    from balsam.client import RESTClient
+
+    Hello = _template_app(site)
+    monkeypatch.setattr(JobManager, "bulk_chunk_size", 10)
+    real = RESTClient.request_with_headers
+    calls = []
+
+    def refuse_second_chunk(self, method, path, **kwargs):
+        calls.append(kwargs["json"][0]["workdir"])
+        if len(calls) == 2:
+            raise APIError(method, path, 400, "refused for the test")
+        return real(self, method, path, **kwargs)
+
+    monkeypatch.setattr(RESTClient, "request_with_headers", refuse_second_chunk)
+    jobs = [Job(workdir=f"fail/{i}", app_id=Hello, parameters={"name": "x"}, tags={"f": "1"}) for i in range(60)]
+    with pytest.raises(BulkCreateError) as caught:
+        Job.objects.bulk_create(jobs)
+    error = caught.value
+    assert [str(job.workdir) for job in error.created] == [f"fail/{i}" for i in range(10)]
+    assert [str(job.workdir) for job in error.not_created] == [f"fail/{i}" for i in range(10, 60)]
+    assert calls == ["fail/0", "fail/10"] and "was refused" in str(error)
+    assert Job.objects.filter(tags={"f": "1"}).count() == 10
+    created = error.resume()
+    assert [str(job.workdir) for job in created] == [f"fail/{i}" for i in range(60)]
+    ids = [job.id for job in created]
+    assert ids == sorted(ids) and Job.objects.filter(tags={"f": "1"}).count() == 60
 
 
 def test_bulk_update_patches_only_changed_jobs_in_chunks(site, monkeypatch):

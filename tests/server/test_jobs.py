@@ -340,32 +340,3 @@ def test_minimal_create_answer_rows_listing_and_replay(api, site_app):
                     assert row[name].rstrip("0") == value.rstrip("0"), name
                 else:
                     assert row[name] == value, name
-
-
-def test_arrival_order_turns():
-    """Handlers that wait for their turn run in ticket order; one that leaves early lets the next go."""
-    import threading
-    import time
-
-    from balsam.server.ordering import ArrivalOrder
-
-    order = ArrivalOrder()
-    tickets = [order.arrive("u") for _ in range(4)]
-    other = order.arrive("someone else")
-    ran: list[int] = []
-
-    def handler(i: int) -> None:
-        with order.turn(tickets[i]):
-            ran.append(i)
-
-    with order.turn(other):  # another user's requests never wait for these
-        pass
-    threads = [threading.Thread(target=handler, args=(i,)) for i in (3, 2, 0)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.05)  # later tickets try first
-    order.leave(tickets[1])  # failed before its turn
-    order.leave(tickets[1])  # leaving twice is harmless
-    for thread in threads:
-        thread.join(timeout=30)
-    assert ran == [0, 2, 3]

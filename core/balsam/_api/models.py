@@ -7,6 +7,7 @@ of the Balsam 0.7 list routes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -83,8 +84,8 @@ class BulkCreateError(Exception):
     """``Job.objects.bulk_create`` of more than one chunk (5,000 jobs) failed part way.
 
     ``created``: the Job objects stored (complete and certain). ``not_created``: the jobs of the failed
-    chunks and of those not sent (a failed chunk was refused, or its answer never came). ``cause``:
-    the first error. ``resume()`` sends ``not_created`` again and returns every created job; a failed
+    chunk and of those after it (the failed chunk was refused, or its answer never came). ``cause``:
+    the error. ``resume()`` sends ``not_created`` again and returns every created job; the failed
     chunk is resent with the Idempotency-Key it had, so if the server did store it, it is not stored
     twice.
     """
@@ -100,11 +101,10 @@ class BulkCreateError(Exception):
         stored = f"ids {min(ids)}..{max(ids)}" if ids else "none"
         status = getattr(cause, "status_code", None)
         refused = isinstance(status, int) and 400 <= status < 500
-        failed = next((chunk for chunk in pending if chunk.key is not None), pending[0])
         fate = "was refused" if refused else "got no answer (it may be stored: resume() finds out without duplicates)"
         super().__init__(
-            f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); a chunk of {len(failed.jobs)} "
-            f"{fate}, and the {len(self.not_created)} jobs from there on are not stored: "
+            f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); the chunk of {len(pending[0].jobs)} "
+            f"after them {fate}, and the {len(self.not_created)} jobs from there on are not stored: "
             f"{type(cause).__name__}: {cause}"
         )
 
@@ -133,9 +133,6 @@ class _Chunk:
 
 class JobManager(Manager["Job"]):
     has_bulk_patch = True
-    #: bulk-create POSTs in flight at once: the next chunk is encoded, sent and parsed while the
-    #: server stores the one before (client, server and database each have work at the same time)
-    bulk_pipeline_depth: int = 2
 
     def bulk_create(self, objs: Sequence["Job"], progress: ProgressFn = None) -> list["Job"]:
         """Create jobs with one POST per ``bulk_chunk_size`` (5,000); returns the new Job objects.
@@ -149,84 +146,44 @@ class JobManager(Manager["Job"]):
                 raise ValueError(f"Job(id={job.id}) is already created")
         jobs = list(objs)
         size = self.bulk_chunk_size
-        # Each chunk's payloads are built as it is sent: while the one before is on the server.
         chunks = [_Chunk(jobs[i : i + size]) for i in range(0, len(jobs), size)]
         return self._post_chunks(chunks, [], progress)
 
     def _post_chunks(self, chunks: list[_Chunk], created: list["Job"], progress: ProgressFn) -> list["Job"]:
-        """POST the chunks, up to ``bulk_pipeline_depth`` at a time, each with its own Idempotency-Key
-        (the one it had if it was sent before). A failure raises :class:`BulkCreateError` saying
-        exactly what was stored; the jobs are returned in the order of the chunks."""
+        """POST the chunks one after the other (so their ids follow the order of the list), each
+        with its own Idempotency-Key (the one it had if it was sent before). While the server
+        stores a chunk, a helper thread builds the payloads of the next one (the client's share of
+        the work overlaps the server's). A failure raises :class:`BulkCreateError` saying exactly
+        what was stored."""
         client = self._client
         total = len(created) + sum(len(chunk.jobs) for chunk in chunks)
-        results: list[Any] = [None] * len(chunks)
-
-        def post(index: int, on_sent: Any = None) -> list["Job"]:
-            chunk = chunks[index]
-            body = chunk.body()
-            if chunk.key is None:
-                chunk.key = new_idempotency_key()
-            data, headers = client.request_with_headers(
-                "POST", Job._path, json=body, headers={"Prefer": "return=minimal"},
-                idempotency_key=chunk.key, on_sent=on_sent)
-            return self._created_jobs(chunk, data, headers.get("Preference-Applied", ""))
-
-        if len(chunks) <= 1 or self.bulk_pipeline_depth <= 1:
-            for index in range(len(chunks)):
+        created = list(created)
+        with contextlib.ExitStack() as stack:
+            builder = None
+            if len(chunks) > 1:
+                builder = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="balsam-bulk"))
+            for index, chunk in enumerate(chunks):
+                body = chunk.body()
+                next_body = builder.submit(chunks[index + 1].body) if builder and index + 1 < len(chunks) else None
+                if chunk.key is None:
+                    chunk.key = new_idempotency_key()
                 try:
-                    results[index] = post(index)
+                    data, headers = client.request_with_headers(
+                        "POST", Job._path, json=body, headers={"Prefer": "return=minimal"}, idempotency_key=chunk.key)
+                    new_jobs = self._created_jobs(chunk, data, headers.get("Preference-Applied", ""))
                 except Exception as exc:
                     if total <= self.bulk_chunk_size:
                         raise  # one request: it was applied entirely or not at all
-                    results[index] = exc
-                    break
-                self._report(results, created, total, progress)
-        else:
-            self._post_pipelined(post, results, created, total, progress)
-
-        stored = [job for result in results if isinstance(result, list) for job in result]
-        failures = [(index, result) for index, result in enumerate(results) if isinstance(result, BaseException)]
-        if failures:
-            # A failed chunk keeps its key and body (resent as the same request); one never sent has neither.
-            pending = [chunk for index, chunk in enumerate(chunks) if not isinstance(results[index], list)]
-            cause = failures[0][1]
-            raise BulkCreateError(self, created + stored, pending, cause, total) from cause
-        return created + stored
-
-    def _post_pipelined(self, post: Any, results: list[Any], created: list["Job"], total: int,
-                        progress: ProgressFn) -> None:
-        """Chunk i+1 starts once chunk i's body has been written (so the server receives the chunks
-        in order) and fewer than ``bulk_pipeline_depth`` are in flight; after a failure no new
-        chunk starts."""
-        with concurrent.futures.ThreadPoolExecutor(self.bulk_pipeline_depth, thread_name_prefix="balsam-bulk") as pool:
-            in_flight: list[concurrent.futures.Future] = []
-            for index in range(len(results)):
-                if any(isinstance(r, BaseException) for r in results):
-                    break
-                while len(in_flight) >= self.bulk_pipeline_depth:
-                    done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-                    in_flight = [f for f in in_flight if f not in done]
-                    self._report(results, created, total, progress)
-                if any(isinstance(r, BaseException) for r in results):
-                    break
-                sent = threading.Event()
-                future = pool.submit(post, index, sent.set)
-                future.add_done_callback(lambda f, i=index, ev=sent: (results.__setitem__(i, f.exception() or f.result()), ev.set()))
-                in_flight.append(future)
-                sent.wait()
-            concurrent.futures.wait(in_flight)
-        self._report(results, created, total, progress)
-
-    @staticmethod
-    def _report(results: list[Any], created: list["Job"], total: int, progress: ProgressFn) -> None:
-        """``progress(done, total)`` for the chunks stored so far, in order."""
-        if progress:
-            done = len(created)
-            for result in results:
-                if not isinstance(result, list):
-                    break
-                done += len(result)
-            progress(done, total)
+                    if next_body is not None:
+                        next_body.result()
+                    # The failed chunk keeps its key and body (resent as the same request).
+                    raise BulkCreateError(self, created, chunks[index:], exc, total) from exc
+                created.extend(new_jobs)
+                if progress:
+                    progress(len(created), total)
+                if next_body is not None:
+                    next_body.result()
+        return created
 
     def _created_jobs(self, chunk: _Chunk, data: Any, applied: str) -> list["Job"]:
         """The new Job objects of one chunk: from the server's ``{id, state, last_update}`` per job

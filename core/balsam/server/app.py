@@ -30,7 +30,6 @@ from .routes import apps, auth, batch_jobs, events, jobs, sessions, sites, trans
 from .routing import Ctx, route
 from .idempotency import sweep_expired_keys
 from .job_counts import fold_deltas
-from .ordering import ArrivalOrder
 from .sessions_logic import sweep_expired
 from .settings import ServerSettings
 
@@ -179,7 +178,6 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
     app.state.settings = settings
     app.state.engine = engine
     app.state.credential_cache = CredentialCache(settings.revocation_cache_sec)
-    app.state.arrival_order = ArrivalOrder()
     app.state.login_throttle = LoginThrottle(settings.max_failures_per_user, settings.max_failures_per_address,
                                              settings.failure_window_sec)
     return app

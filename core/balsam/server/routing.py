@@ -32,13 +32,10 @@ from .limits import check_field_sizes
 class Ctx:
     """What a handler needs: the request, its raw body, the authenticated user and the database."""
 
-    def __init__(self, request: Request, body: "bytes | None", user: "AuthUser | None" = None,
-                 ticket: "tuple[Any, int] | None" = None) -> None:
+    def __init__(self, request: Request, body: "bytes | None", user: "AuthUser | None" = None) -> None:
         self.request = request
         self.body = body
         self._user = user
-        #: this request's place among the user's requests of the same ordered route (see balsam.server.ordering)
-        self.ticket = ticket
         self._idempotency: "IdempotentRequest | None" = None
         self.settings = request.app.state.settings
         self.engine: sa.Engine = request.app.state.engine
@@ -86,11 +83,6 @@ class Ctx:
     def write(self):
         return write_tx(self.engine)
 
-    def in_arrival_order(self):
-        """Wait until the user's requests that arrived before this one (on a route declared with
-        ``arrival_ordered``) are done; then this one's turn lasts until the block ends."""
-        return self.request.app.state.arrival_order.turn(self.ticket)
-
     def read(self):
         return read_tx(self.engine)
 
@@ -115,30 +107,25 @@ async def read_body(request: Request, limit: int) -> bytes:
 def _authenticated_call(handler: Handler, ctx: Ctx) -> Response:
     """Runs in the thread pool: the credential check, then the handler with the site scope set."""
     user = ctx._user
+    if user is None:
+        return handler(ctx)
     state = ctx.request.app.state
+    state.credential_cache.check(lambda: read_tx(ctx.engine), user)
+    if ctx.settings.only_user is not None and user.username != ctx.settings.only_user:
+        raise Unauthorized(f"This server serves only its local user {ctx.settings.only_user!r}")
+    token = SITE_SCOPE.set(user.site_id)
     try:
-        if user is None:
-            return handler(ctx)
-        state.credential_cache.check(lambda: read_tx(ctx.engine), user)
-        if ctx.settings.only_user is not None and user.username != ctx.settings.only_user:
-            raise Unauthorized(f"This server serves only its local user {ctx.settings.only_user!r}")
-        token = SITE_SCOPE.set(user.site_id)
-        try:
-            return handler(ctx)
-        finally:
-            SITE_SCOPE.reset(token)
+        return handler(ctx)
     finally:
-        state.arrival_order.leave(ctx.ticket)  # a request that failed before its turn lets the next one go
+        SITE_SCOPE.reset(token)
 
 
 def route(path: str, methods: dict[str, Handler], *, public: bool = False,
-          not_for_site_scoped: "tuple[str, ...]" = (), arrival_ordered: "tuple[str, ...]" = ()) -> Route:
+          not_for_site_scoped: "tuple[str, ...]" = ()) -> Route:
     """A route whose handlers run in the thread pool. ``public``: no token needed (login, login
     methods, the OpenAPI document). ``not_for_site_scoped``: methods refused (403) to site-scoped
     launcher credentials (creating or deleting sites, managing credentials); every other route
-    limits them to their site's records through the ownership checks (``SITE_SCOPE``).
-    ``arrival_ordered``: methods whose requests take a ticket when their body has been read, so
-    that their handlers can write in arrival order per user (``Ctx.in_arrival_order``)."""
+    limits them to their site's records through the ownership checks (``SITE_SCOPE``)."""
 
     async def endpoint(request: Request) -> Response:
         handler = methods[request.method if request.method != "HEAD" else "GET"]
@@ -150,10 +137,7 @@ def route(path: str, methods: dict[str, Handler], *, public: bool = False,
         body = None
         if request.method in ("POST", "PUT", "PATCH"):
             body = await read_body(request, request.app.state.settings.max_body_bytes)
-        ticket = None
-        if user is not None and request.method in arrival_ordered:
-            ticket = request.app.state.arrival_order.arrive(user.id)
-        return await run_in_threadpool(_authenticated_call, handler, Ctx(request, body, user, ticket))
+        return await run_in_threadpool(_authenticated_call, handler, Ctx(request, body, user))
 
     endpoint.__name__ = path.strip("/").replace("/", "_").replace("{", "").replace("}", "") or "root"
     return Route(path, endpoint, methods=list(methods))

@@ -50,9 +50,7 @@ def bulk_create(ctx: Ctx) -> Response:
     specs = logic.parse_job_creates(payload)
     minimal = ctx.prefers_minimal()
     headers = {MINIMAL_APPLIED[0]: MINIMAL_APPLIED[1]} if minimal else None
-    # Chunks a client sends one after the other get their ids in that order, even when the next
-    # one is parsed while this one is stored (balsam.server.ordering).
-    with ctx.in_arrival_order(), ctx.write() as conn:
+    with ctx.write() as conn:
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:  # a retry of a create that was applied: the same jobs, not new ones
             replay = logic.fetch_created(conn, earlier.ids, minimal=minimal)
@@ -121,6 +119,6 @@ def query_delete(ctx: Ctx) -> Response:
 
 routes = [
     route("/jobs/", {"GET": list_jobs, "POST": bulk_create, "PATCH": bulk_update, "PUT": query_update,
-                     "DELETE": query_delete}, arrival_ordered=("POST",)),
+                     "DELETE": query_delete}),
     route("/jobs/{job_id}", {"GET": read_job, "PUT": update_one, "DELETE": delete_one}),
 ]
