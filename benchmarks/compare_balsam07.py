@@ -271,7 +271,7 @@ def report(results: dict[str, list[dict[str, float]]], n_jobs: int) -> None:
         print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× | |")
     lite = "balsam client -> balsam server (SQLite)"
     if results.get(lite):
-        print(f"\nour client -> our server on SQLite (peer: 0.7 on PostgreSQL above, same run):")
+        print("\nour client -> our server on SQLite (peer: 0.7 on PostgreSQL above, same run):")
         for key, what in (("bulk_create", "`Job.objects.bulk_create`"), ("list", "`list(Job.objects.filter(tags=...))`"),
                           ("delete", "`Job.objects.filter(tags=...).delete()`")):
             a, b = med("0.7 client -> 0.7 server", key), med(lite, key)

@@ -467,7 +467,8 @@ _FAST_KINDS = {
     "gpus_per_rank": _K_GPUS, "node_packing_count": _K_POSITIVE, "wall_time_min": _K_NONNEGATIVE,
     "parent_ids": _K_PARENTS, "batch_job_id": _K_OPTIONAL_INT, "pending_file_cleanup": _K_BOOL,
     "serialized_return_value": _K_TEXT, "serialized_exception": _K_TEXT,
-    # Server-side fields a client may echo back empty (Balsam 0.7's JobCreate sent some as null).
+    # Server-side fields a client may echo back empty (Balsam 0.7's JobCreate sent some as null),
+    # and transfers, which only the general path handles (accepted here when empty).
     "id": _K_IGNORED, "state": _K_IGNORED, "last_update": _K_IGNORED, "state_timestamp": _K_IGNORED,
     "state_data": _K_IGNORED, "transfers": _K_IGNORED,
 }
@@ -740,22 +741,23 @@ def _states_and_transfers(specs: list[dict[str, Any]], app_info: dict[int, Any],
     return states, transfer_specs
 
 
-def _pg_default_sql(name: str) -> "str | None":
-    """SQL for the value of a field the payload leaves out (None: NULL, no default)."""
+def _default_sql(name: str, dialect: str) -> "str | None":
+    """SQL for the value of a create field the payload leaves out (None: NULL, no default)."""
     default = CREATE_DEFAULTS[name]
     if default is None:
         return None
     if isinstance(jobs.c[name].type, sa.JSON):
-        return "'" + orjson.dumps(default).decode().replace("'", "''") + "'::jsonb"
+        text = "'" + orjson.dumps(default).decode().replace("'", "''") + "'"
+        return text + "::jsonb" if dialect == "postgresql" else text
     if isinstance(default, bool):
-        return "true" if default else "false"
+        return ("true" if default else "false") if dialect == "postgresql" else str(int(default))
     if isinstance(default, str):
         return "'" + default.replace("'", "''") + "'"
     return repr(default)
 
 
 #: (column, type in the JSON record, SQL for a field the payload leaves out) of a job insert.
-_PG_CREATE_COLUMNS = [(name, pg_record_type(jobs.c[name].type), _pg_default_sql(name))
+_PG_CREATE_COLUMNS = [(name, pg_record_type(jobs.c[name].type), _default_sql(name, "postgresql"))
                       for name in [*CREATE_FIELDS, "parent_ids"] if name not in ("workdir", "app_id")]
 
 
@@ -801,25 +803,12 @@ def _insert_jobs_pg(conn: sa.Connection, specs: list[dict[str, Any]], site_of_ap
     return [id_of[spec["workdir"]] for spec in specs]
 
 
-def _sqlite_default_sql(name: str) -> "str | None":
-    default = CREATE_DEFAULTS[name]
-    if default is None:
-        return None
-    if isinstance(jobs.c[name].type, sa.JSON):
-        return "'" + orjson.dumps(default).decode().replace("'", "''") + "'"
-    if isinstance(default, bool):
-        return "1" if default else "0"
-    if isinstance(default, str):
-        return "'" + default.replace("'", "''") + "'"
-    return repr(default)
-
-
 def _sqlite_insert_sql() -> str:
     fields = [name for name in [*CREATE_FIELDS, "parent_ids"] if name not in ("workdir", "app_id")]
 
     def field(name: str) -> str:
         # json_extract gives JSON text for objects and arrays (as stored), the value for scalars.
-        default = _sqlite_default_sql(name)
+        default = _default_sql(name, "sqlite")
         extract = f"json_extract(value, '$.{name}')"
         return extract if default is None else f"coalesce({extract}, {default})"
 
