@@ -4,7 +4,9 @@ interleaved rounds, the same client code on both sides.
 - **Python API** (``balsam07_compare_driver.py``, one file run by each package's Python):
   ``Job.objects.bulk_create`` of N jobs, ``list(Job.objects.filter(tags=...))`` of them,
   ``Job.objects.filter(tags=...).delete()``. Rows: 0.7 client -> 0.7 server, our client -> our
-  server, and the unmodified 0.7 client -> our server.
+  server, and the unmodified 0.7 client -> our server; with ``--sqlite``, also our client -> our
+  server on SQLite (the embedded default; Balsam 0.7 has no SQLite server, so its PostgreSQL row
+  is the peer).
 - **Raw HTTP** (httpx from this process, the same requests to both servers): ``POST /jobs/`` in
   chunks of 5,000, ``GET /jobs/?tags=...`` in pages of 5,000.
 
@@ -188,6 +190,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--venv07", type=Path, default=Path(os.environ.get("BALSAM07_VENV") or DEFAULT_VENV))
     parser.add_argument("--setup-07", action="store_true", help="create the Balsam 0.7 venv (client + server) and exit")
+    parser.add_argument("--sqlite", action="store_true", help="also run our client against our server on SQLite")
     args = parser.parse_args()
     if args.setup_07:
         setup_07(args.venv07)
@@ -209,6 +212,12 @@ def main() -> None:
         token_ours = login(ours_base, "bench-ours", workdir / "client-ours.yml")
         token07 = login(base07, "bench-07", workdir / "client-07.yml")
         login(ours_base, "bench-07client", workdir / "client-07-on-ours.yml")
+        if args.sqlite:
+            (workdir / "sqlite").mkdir()
+            lite, lite_base = start_server(workdir / "sqlite", f"sqlite:///{workdir / 'sqlite' / 'balsam.db'}",
+                                           home=workdir / "sqlite" / "home")
+            procs.append(lite)
+            login(lite_base, "bench-sqlite", workdir / "client-sqlite.yml")
         env_ours = {**os.environ, "BALSAM_CLIENT_PATH": str(workdir / "client-ours.yml")}
         env_07_client = {**env_07(args.venv07, url07), "BALSAM_CLIENT_PATH": str(workdir / "client-07.yml"),
                          "HOME": str(workdir)}
@@ -219,6 +228,9 @@ def main() -> None:
             "balsam client -> balsam server": (sys.executable, env_ours),
             "0.7 client -> balsam server": (python07, env_07_on_ours),
         }
+        if args.sqlite:
+            sides["balsam client -> balsam server (SQLite)"] = (
+                sys.executable, {**os.environ, "BALSAM_CLIENT_PATH": str(workdir / "client-sqlite.yml")})
         app07, app_ours = make_app(base07, token07, workdir), make_app(ours_base, token_ours, workdir)
         results: dict[str, list[dict[str, float]]] = {k: [] for k in [*sides, "raw 0.7", "raw balsam"]}
         print(f"{args.jobs} jobs, {args.rounds} interleaved rounds, PostgreSQL; {fork_exec_note()}")
@@ -257,6 +269,13 @@ def report(results: dict[str, list[dict[str, float]]], n_jobs: int) -> None:
     for key, what in (("raw_create", "raw HTTP create"), ("raw_list", "raw HTTP list")):
         a, b = med("raw 0.7", key), med("raw balsam", key)
         print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× | |")
+    lite = "balsam client -> balsam server (SQLite)"
+    if results.get(lite):
+        print("\nour client -> our server on SQLite (peer: 0.7 on PostgreSQL above, same run):")
+        for key, what in (("bulk_create", "`Job.objects.bulk_create`"), ("list", "`list(Job.objects.filter(tags=...))`"),
+                          ("delete", "`Job.objects.filter(tags=...).delete()`")):
+            a, b = med("0.7 client -> 0.7 server", key), med(lite, key)
+            print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× |")
     api_list, raw_list = med("balsam client -> balsam server", "list"), med("raw balsam", "raw_list")
     print(f"\nour Python-API listing / our raw-HTTP listing: {api_list / raw_list:.2f}× (target ≤ 1.5×)")
 

@@ -164,6 +164,73 @@ def test_bulk_create_chunks_and_returns_new_objects(site, monkeypatch):
     assert Job.objects.filter(tags={"n": "1"}).count() == 10
 
 
+def test_bulk_create_in_chunks_keeps_ids_in_order_and_objects_as_listed(site, monkeypatch):
+    """Chunks (each built while the one before is on the server) get their ids in order; the
+    objects built from the minimal answers equal the server's records; listing (pages as rows)
+    gives the same records; the garbage collector is running again afterwards."""
+    import gc
+
+    from balsam._api.models import JobManager
+    from balsam._api.query import Query
+    from balsam.api import Job
+
+    Hello = _template_app(site)
+    monkeypatch.setattr(JobManager, "bulk_chunk_size", 40)
+    jobs = [Job(workdir=f"pipe/{i}", app_id=Hello, parameters={"name": str(i)}, tags={"p": "1", "i": i},
+                num_nodes=1 + i % 2, gpus_per_rank=i % 2, data={"i": [i]} if i % 3 else {}) for i in range(600)]
+    client = Job._get_client()
+    before = client.request_counts["POST /jobs/"]
+    created = Job.objects.bulk_create(jobs)
+    assert client.request_counts["POST /jobs/"] - before == 15
+    ids = [job.id for job in created]
+    assert ids == sorted(ids) and len(set(ids)) == 600
+    assert [str(job.workdir) for job in created] == [f"pipe/{i}" for i in range(600)]
+    assert gc.isenabled()
+    monkeypatch.setattr(Query, "page_size", 250)
+    listed = list(Job.objects.filter(tags={"p": "1"}))
+    assert [job.id for job in listed] == ids
+    for made, read in zip(created, listed):
+        assert made._record == read._record
+    assert listed[7].num_nodes == 2 and listed[7].gpus_per_rank == 1.0 and listed[7].data == {"i": [7]}
+    listed[7].data["i"].append(8)
+    listed[7].save()
+    assert Job.objects.get(id=ids[7]).data == {"i": [7, 8]} and created[8].data == {"i": [8]}
+    assert gc.isenabled()
+
+
+def test_bulk_create_refused_chunk_reports_what_was_stored_and_resumes(site, monkeypatch):
+    """A chunk refused part way: the error lists exactly the stored jobs, no chunk is sent after it,
+    and resume() stores the rest once."""
+    from balsam._api.models import JobManager
+    from balsam.api import BulkCreateError, Job
+    from balsam.client import RESTClient
+
+    Hello = _template_app(site)
+    monkeypatch.setattr(JobManager, "bulk_chunk_size", 10)
+    real = RESTClient.request_with_headers
+    calls = []
+
+    def refuse_second_chunk(self, method, path, **kwargs):
+        calls.append(kwargs["json"][0]["workdir"])
+        if len(calls) == 2:
+            raise APIError(method, path, 400, "refused for the test")
+        return real(self, method, path, **kwargs)
+
+    monkeypatch.setattr(RESTClient, "request_with_headers", refuse_second_chunk)
+    jobs = [Job(workdir=f"fail/{i}", app_id=Hello, parameters={"name": "x"}, tags={"f": "1"}) for i in range(60)]
+    with pytest.raises(BulkCreateError) as caught:
+        Job.objects.bulk_create(jobs)
+    error = caught.value
+    assert [str(job.workdir) for job in error.created] == [f"fail/{i}" for i in range(10)]
+    assert [str(job.workdir) for job in error.not_created] == [f"fail/{i}" for i in range(10, 60)]
+    assert calls == ["fail/0", "fail/10"] and "was refused" in str(error)
+    assert Job.objects.filter(tags={"f": "1"}).count() == 10
+    created = error.resume()
+    assert [str(job.workdir) for job in created] == [f"fail/{i}" for i in range(60)]
+    ids = [job.id for job in created]
+    assert ids == sorted(ids) and Job.objects.filter(tags={"f": "1"}).count() == 60
+
+
 def test_bulk_update_patches_only_changed_jobs_in_chunks(site, monkeypatch):
     from balsam._api.models import JobManager
     from balsam.api import Job

@@ -268,14 +268,75 @@ def test_fast_create_parser_matches_the_model(item):
     """The create fast path and balsam.serialization agree on every accepted payload."""
     from balsam.models import Job
     from balsam.serialization import from_dict
-    from balsam.server.jobs_logic import parse_job_creates
+    from balsam.server.jobs_logic import CREATE_DEFAULTS, _spec_of_job, parse_job_creates
 
     (fast,) = parse_job_creates([item])
-    slow = from_dict(Job, item)
-    for name in ("workdir", "app_id", "tags", "data", "launch_params", "return_code", "batch_job_id", "num_nodes",
-                 "gpus_per_rank", "parent_ids", "pending_file_cleanup", "serialized_parameters", "wall_time_min",
-                 "node_packing_count"):
-        fast_value, slow_value = getattr(fast, name), getattr(slow, name)
-        if name == "workdir":
-            fast_value, slow_value = str(fast_value), str(slow_value)
+    slow = _spec_of_job(from_dict(Job, item))
+    for name in CREATE_DEFAULTS:
+        fast_value, slow_value = fast.get(name, CREATE_DEFAULTS[name]), slow[name]
         assert fast_value == slow_value and type(fast_value) is type(slow_value), name
+
+
+@pytest.mark.parametrize("body", [
+    [{"workdir": "a", "app_id": 1, "tags": {"k": "v" * 1025}}, {"workdir": "b", "app_id": 1}],
+    [{"workdir": "a", "app_id": 1}, {"workdir": "b" * 5000, "app_id": 1, "data": {"workdir": "x" * 4097}}],
+    [{"workdir": "a", "app_id": 1, "launch_params": {"k" * 300: "v"}, "serialized_parameters": "p" * 600_000}],
+    [{"workdir": "a", "app_id": 1, "data": {"deep": [{"text": "t" * 1_048_577}]}}, "s" * 1_048_577],
+    [{"workdir": "a", "app_id": 1, "data": {"big": 2**63}}],
+])
+def test_create_size_limits_as_for_any_body(body):
+    """The create parser checks the size limits item by item; its errors are those of the whole-body check."""
+    from balsam.server.errors import ValidationFailed
+    from balsam.server.jobs_logic import parse_job_creates
+    from balsam.server.limits import field_size_errors
+
+    expected = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in field_size_errors(body)]
+    assert expected
+    with pytest.raises(ValidationFailed) as caught:
+        parse_job_creates(body)
+    assert caught.value.detail == expected
+
+
+def test_minimal_create_answer_rows_listing_and_replay(api, site_app):
+    """``Prefer: return=minimal`` answers {id, state, last_update} per job (in the request's order,
+    also when replayed for a retried Idempotency-Key); ``Accept: ROWS_MEDIA_TYPE`` lists the same
+    jobs as rows of the fields of the object listing."""
+    from balsam.server.jobs_logic import ROWS_MEDIA_TYPE
+
+    _site, app = site_app
+    parent = api.jobs(app["id"])[0]
+    body = [{"workdir": f"m/{i}", "app_id": app["id"], "tags": {"m": str(i % 2)}, "gpus_per_rank": i % 2,
+             "parent_ids": [parent["id"]] if i == 3 else [], "data": {"i": i}} for i in range(6)]
+    headers = {"Prefer": "return=minimal", "Idempotency-Key": "minimal-1"}
+    resp = api.http.post("/jobs/", json=body, headers=headers)
+    assert resp.status_code == 201 and resp.headers["preference-applied"] == "return=minimal"
+    minimal = resp.json()
+    assert [set(job) for job in minimal] == [{"id", "state", "last_update"}] * 6
+    assert [job["state"] for job in minimal] == ["STAGED_IN"] * 3 + ["AWAITING_PARENTS"] + ["STAGED_IN"] * 2
+    ids = [job["id"] for job in minimal]
+    assert ids == sorted(ids)
+    replay = api.http.post("/jobs/", json=body, headers=headers)
+    assert replay.status_code == 201 and replay.json() == minimal
+    full = api.ok("GET", "/jobs/", params={"app_id": app["id"], "workdir__contains": "m/"})
+    by_id = {job["id"]: job for job in full["results"]}
+    for sent, got in zip(body, minimal):
+        job = by_id[got["id"]]
+        assert job["workdir"] == sent["workdir"] and job["state"] == got["state"] and job["last_update"] == got["last_update"]
+        assert job["gpus_per_rank"] == float(sent["gpus_per_rank"]) and job["data"] == sent["data"]
+    assert len(api.events(job_id=ids[3])) == 1
+
+    for params in ({"app_id": app["id"]}, {"tags": "m:1", "ordering": "-workdir", "limit": 2, "offset": 1}):
+        objects = api.ok("GET", "/jobs/", params=params)
+        rows = api.http.get("/jobs/", params=params, headers={"Accept": ROWS_MEDIA_TYPE})
+        assert rows.status_code == 200 and rows.headers["content-type"].startswith(ROWS_MEDIA_TYPE)
+        page = rows.json()
+        assert page["count"] == objects["count"]
+        listed = [dict(zip(page["fields"], row)) for row in page["rows"]]
+        assert len(listed) == len(objects["results"])
+        for row, obj in zip(listed, objects["results"]):
+            assert row.keys() == obj.keys()
+            for name, value in obj.items():  # the database writes 0.5 as 0.5 and 1.0 as 1, and times to the microsecond
+                if name == "last_update":
+                    assert row[name].rstrip("0") == value.rstrip("0"), name
+                else:
+                    assert row[name] == value, name

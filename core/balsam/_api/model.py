@@ -19,7 +19,7 @@ import json
 import threading
 import typing
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, TypeVar
 
 import attrs
 import yaml
@@ -168,6 +168,44 @@ def _json_encoder(tp: Any) -> Any:
     return fallback
 
 
+class Row:
+    """One record of a page sent as rows (``fields`` once, then a list of values per record):
+    read like the record's JSON object, without building a dict per record."""
+
+    __slots__ = ("index", "values")
+
+    def __init__(self, index: dict[str, int], values: list[Any]) -> None:
+        self.index = index  # field name -> position, shared by the rows of a page
+        self.values = values
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[self.index[name]]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        i = self.index.get(name)
+        return default if i is None else self.values[i]
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        values = self.values
+        return ((name, values[i]) for name, i in self.index.items())
+
+
+#: The default of a field that has none (never equal to a value).
+_NO_DEFAULT = object()
+
+
+def _default_of(field: "attrs.Attribute") -> Any:
+    default = field.default
+    if default is attrs.NOTHING:
+        return _NO_DEFAULT
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        return default.factory() if not default.takes_self else _NO_DEFAULT  # type: ignore[union-attr]
+    return default
+
+
 class Field:
     """Descriptor for one record field of a model."""
 
@@ -237,6 +275,8 @@ class BalsamModel:
     _client: ClassVar[Optional[RESTClient]] = None
     _fields: ClassVar[dict[str, Field]]
     _create_fields: ClassVar[frozenset[str]]
+    #: (name, default, wire encoder or None for plain values) of each create field, in record order
+    _create_plan: ClassVar[tuple[tuple[str, Any, Any], ...]]
     _update_fields: ClassVar[frozenset[str]]
     _creatable: ClassVar[bool] = True
     _updatable: ClassVar[bool] = True
@@ -259,7 +299,7 @@ class BalsamModel:
     # record (save, compare, display, pickle) builds it once through ``_record``; values already
     # handed out are kept in it, so an in-place change through them is still seen.
     _rec: Any = None
-    _raw: Optional[dict[str, Any]] = None
+    _raw: "dict[str, Any] | Row | None" = None
     _lazy: Optional[dict[str, Any]] = None
 
     @property
@@ -322,6 +362,10 @@ class BalsamModel:
             setattr(cls, f.name, fld)
         cls._fields = fields
         cls._create_fields = frozenset(n for n, f in fields.items() if f.role not in ("server", "update"))
+        cls._create_plan = tuple(
+            (f.name, _default_of(f), None if fields[f.name].plain_type is not None else fields[f.name].to_json)
+            for f in attrs.fields(record) if f.name in cls._create_fields
+        )
         cls._update_fields = frozenset(n for n, f in fields.items() if f.role not in ("server", "create"))
         name = cls.__name__
         cls.DoesNotExist = type("DoesNotExist", (BalsamModel.DoesNotExist,), {"__qualname__": f"{name}.DoesNotExist"})
@@ -379,14 +423,42 @@ class BalsamModel:
             raise TypeError(f"{name}(): {exc}") from None
 
     @classmethod
+    def _wire_defaults(cls) -> dict[str, Any]:
+        """The create fields' defaults in wire form (what the server stores for a field left out)."""
+        cached = cls.__dict__.get("_wire_defaults_cache")
+        if cached is None:
+            cached = {name: default if default is None or encode is None else encode(default)
+                      for name, default, encode in cls._create_plan if default is not _NO_DEFAULT}
+            cls._wire_defaults_cache = cached
+        return cached
+
+    @classmethod
     def _from_api(cls: type[T], data: dict[str, Any]) -> T:
         obj = cls.__new__(cls)
         obj._load(data)
         return obj
 
+    @classmethod
+    def _from_api_many(cls: type[T], records: list[Any]) -> list[T]:
+        """``[_from_api(r) for r in records]`` without a call per record (10,000-job pages)."""
+        out = []
+        append = out.append
+        new = cls.__new__
+        for data in records:
+            if type(data) is not Row and not isinstance(data, dict):
+                raise ValueError(f"{cls.__name__}: expected a JSON object from the server, got {type(data).__name__}")
+            obj = new(cls)
+            obj._raw = data
+            obj._lazy = {}
+            obj._stored = True
+            obj._dirty = set()
+            obj._snapshots = {}
+            append(obj)
+        return out
+
     def _load(self, data: Any) -> None:
         name = type(self).__name__
-        if not isinstance(data, dict):
+        if not isinstance(data, (dict, Row)):
             raise ValueError(f"{name}: expected a JSON object from the server, got {type(data).__name__}")
         # Structured lazily (see ``_record``); a malformed field is reported when it is read.
         self._rec = None
@@ -451,15 +523,17 @@ class BalsamModel:
     def _field_json(self, key: str) -> Any:
         return self._fields[key].to_json(getattr(self._record, key))
 
-    def _create_payload(self) -> dict[str, Any]:
+    def _create_payload(self, *, omit_defaults: bool = False) -> dict[str, Any]:
+        """The create body of this record: its fields in wire form, None left out (the server's
+        default), and with ``omit_defaults`` every field equal to its default too (the server
+        applies the same defaults: a bulk create of 10,000 jobs then sends a quarter of the bytes)."""
         payload = {}
         rec = self._record
-        fields = self._fields
-        for key in self._create_fields:
+        for key, default, encode in self._create_plan:
             value = getattr(rec, key)
-            if value is None:
+            if value is None or (omit_defaults and value == default):
                 continue
-            payload[key] = fields[key].to_json(value)
+            payload[key] = value if encode is None else encode(value)
         return payload
 
     def _update_payload(self) -> dict[str, Any]:

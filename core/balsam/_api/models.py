@@ -7,6 +7,7 @@ of the Balsam 0.7 list routes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional,
 from balsam import models as records
 from balsam.batch_job_rules import check_batch_job
 from balsam.client.lease import acquire_request
+from balsam.client.rest import new_idempotency_key, paused_gc
 from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import DONE_STATES, RUNNABLE_STATES, BatchJobMode, BatchJobState, JobState
 
@@ -82,33 +84,51 @@ class BulkCreateError(Exception):
     """``Job.objects.bulk_create`` of more than one chunk (5,000 jobs) failed part way.
 
     ``created``: the Job objects stored (complete and certain). ``not_created``: the jobs of the failed
-    chunk and after it (the failed chunk was refused, or its answer never came). ``cause``: the error.
-    ``resume()`` sends ``not_created`` again and returns every created job; the failed chunk is resent
-    with the Idempotency-Key it had, so if the server did store it, it is not stored twice.
+    chunk and of those after it (the failed chunk was refused, or its answer never came). ``cause``:
+    the error. ``resume()`` sends ``not_created`` again and returns every created job; the failed
+    chunk is resent with the Idempotency-Key it had, so if the server did store it, it is not stored
+    twice.
     """
 
-    def __init__(self, manager: "JobManager", created: list["Job"], not_created: list["Job"], payloads: list[dict],
-                 key: str, cause: BaseException, total: int) -> None:
+    def __init__(self, manager: "JobManager", created: list["Job"], pending: list["_Chunk"], cause: BaseException,
+                 total: int) -> None:
         self.manager = manager
         self.created = list(created)
-        self.not_created = list(not_created)
+        self.not_created = [job for chunk in pending for job in chunk.jobs]
         self.cause = cause
-        self._payloads = payloads
-        self._key = key
+        self._pending = pending
         ids = [job.id for job in self.created]
         stored = f"ids {min(ids)}..{max(ids)}" if ids else "none"
         status = getattr(cause, "status_code", None)
         refused = isinstance(status, int) and 400 <= status < 500
         fate = "was refused" if refused else "got no answer (it may be stored: resume() finds out without duplicates)"
         super().__init__(
-            f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); the chunk of {len(payloads[:manager.bulk_chunk_size])} "
+            f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); the chunk of {len(pending[0].jobs)} "
             f"after them {fate}, and the {len(self.not_created)} jobs from there on are not stored: "
             f"{type(cause).__name__}: {cause}"
         )
 
     def resume(self, progress: ProgressFn = None) -> list["Job"]:
         """Send the jobs not stored yet; returns all created jobs (``created`` + the new ones)."""
-        return self.manager._post_chunks(self.not_created, self._payloads, list(self.created), progress, first_key=self._key)
+        return self.manager._post_chunks(self._pending, list(self.created), progress)
+
+
+class _Chunk:
+    """One bulk POST: its jobs, their payloads (built when the chunk is first sent, then kept: a
+    resent chunk must be the same request), and its Idempotency-Key (None: not sent yet)."""
+
+    __slots__ = ("jobs", "payloads", "key")
+
+    def __init__(self, jobs: list["Job"], payloads: "list[dict[str, Any]] | None" = None,
+                 key: Optional[str] = None) -> None:
+        self.jobs = jobs
+        self.payloads = payloads
+        self.key = key
+
+    def body(self) -> list[dict[str, Any]]:
+        if self.payloads is None:
+            self.payloads = [job._create_payload(omit_defaults=True) for job in self.jobs]
+        return self.payloads
 
 
 class JobManager(Manager["Job"]):
@@ -119,38 +139,74 @@ class JobManager(Manager["Job"]):
 
         The given objects are left as they are (Balsam 0.7 behaviour): use the returned list.
         """
-        payloads = []
         for job in objs:
             if not isinstance(job, Job):
                 raise TypeError(f"bulk_create() takes Job objects, got {type(job).__name__}")
             if job._stored:
                 raise ValueError(f"Job(id={job.id}) is already created")
-            payloads.append(job._create_payload())
-        return self._post_chunks(list(objs), payloads, [], progress)
+        jobs = list(objs)
+        size = self.bulk_chunk_size
+        chunks = [_Chunk(jobs[i : i + size]) for i in range(0, len(jobs), size)]
+        return self._post_chunks(chunks, [], progress)
 
-    def _post_chunks(self, objs: list["Job"], payloads: list[dict], created: list["Job"], progress: ProgressFn,
-                     first_key: Optional[str] = None) -> list["Job"]:
-        """POST ``payloads`` one chunk at a time (each with its own Idempotency-Key, ``first_key`` for
-        the first); a failure raises :class:`BulkCreateError` saying exactly what was stored."""
-        from balsam.client.rest import new_idempotency_key
-
+    def _post_chunks(self, chunks: list[_Chunk], created: list["Job"], progress: ProgressFn) -> list["Job"]:
+        """POST the chunks one after the other (so their ids follow the order of the list), each
+        with its own Idempotency-Key (the one it had if it was sent before). While the server
+        stores a chunk, a helper thread builds the payloads of the next one (the client's share of
+        the work overlaps the server's). A failure raises :class:`BulkCreateError` saying exactly
+        what was stored."""
         client = self._client
-        total = len(created) + len(payloads)
-        for start in range(0, len(payloads), self.bulk_chunk_size):
-            chunk = payloads[start : start + self.bulk_chunk_size]
-            key = first_key if start == 0 and first_key else new_idempotency_key()
-            try:
-                data = client.post(Job._path, json=chunk, idempotency_key=key)
-                if not isinstance(data, list):
-                    raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
-            except Exception as exc:
-                if total <= self.bulk_chunk_size:
-                    raise  # one request: it was applied entirely or not at all
-                raise BulkCreateError(self, created, objs[start:], payloads[start:], key, exc, total) from exc
-            created.extend(self._model._from_api(row) for row in data)
-            if progress:
-                progress(len(created), total)
+        total = len(created) + sum(len(chunk.jobs) for chunk in chunks)
+        created = list(created)
+        with contextlib.ExitStack() as stack:
+            builder = None
+            if len(chunks) > 1:
+                builder = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="balsam-bulk"))
+            for index, chunk in enumerate(chunks):
+                body = chunk.body()
+                next_body = builder.submit(chunks[index + 1].body) if builder and index + 1 < len(chunks) else None
+                if chunk.key is None:
+                    chunk.key = new_idempotency_key()
+                try:
+                    data, headers = client.request_with_headers(
+                        "POST", Job._path, json=body, headers={"Prefer": "return=minimal"}, idempotency_key=chunk.key)
+                    new_jobs = self._created_jobs(chunk, data, headers.get("Preference-Applied", ""))
+                except Exception as exc:
+                    if total <= self.bulk_chunk_size:
+                        raise  # one request: it was applied entirely or not at all
+                    if next_body is not None:
+                        next_body.result()
+                    # The failed chunk keeps its key and body (resent as the same request).
+                    raise BulkCreateError(self, created, chunks[index:], exc, total) from exc
+                created.extend(new_jobs)
+                if progress:
+                    progress(len(created), total)
+                if next_body is not None:
+                    next_body.result()
         return created
+
+    def _created_jobs(self, chunk: _Chunk, data: Any, applied: str) -> list["Job"]:
+        """The new Job objects of one chunk: from the server's ``{id, state, last_update}`` per job
+        and the payloads sent (``Prefer: return=minimal``), or from the full records (a server that
+        does not honour the preference)."""
+        payloads = chunk.body()
+        if not isinstance(data, list) or len(data) != len(payloads):
+            raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
+        model = self._model
+        with paused_gc():
+            if applied.strip().lower() != "return=minimal":
+                return model._from_api_many(data)
+            defaults = model._wire_defaults()
+            records = []
+            for payload, row in zip(payloads, data):
+                if not isinstance(row, dict):
+                    raise ValueError(f"unexpected bulk-create response from the server: {str(row)[:200]}")
+                raw = defaults.copy()
+                raw.update(payload)
+                raw.pop("transfers", None)  # as in the server's records: a job's transfers are TransferItems
+                raw.update(row)
+                records.append(raw)
+            return model._from_api_many(records)
 
     def bulk_refresh(self, jobs: Sequence["Job"]) -> None:
         """Re-read many jobs with one request per 500 ids (jobs deleted meanwhile are left as they were)."""

@@ -12,9 +12,10 @@ import enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Iterator, Optional, TypeVar
 
+from balsam.client.rest import paused_gc
 from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
 
-from .model import to_aware_utc
+from .model import Row, to_aware_utc
 
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import Manager
@@ -160,13 +161,14 @@ class Query(Generic[T]):
         # Only the longest list is split; any other long list is sent whole (correct, just a longer URL).
         return out
 
-    def _get_pages(self, params: dict[str, Any], offset: int, limit: Optional[int]) -> tuple[int, list[dict[str, Any]]]:
+    def _get_pages(self, params: dict[str, Any], offset: int, limit: Optional[int]) -> tuple[int, list[Any]]:
+        """(count, records): dicts, or Row objects where the server sent the page as rows."""
         client = self._model._get_client()
         if not self._model._paginated:
             count, rows = _unpack_list(client.get(self._model._path, params=params))
             end = None if limit is None else offset + limit
             return count, rows[offset:end]
-        results: list[dict[str, Any]] = []
+        results: list[Any] = []
         total = 0
         while True:
             want = self.page_size if limit is None else min(self.page_size, limit - len(results))
@@ -175,8 +177,14 @@ class Query(Generic[T]):
             page_params = dict(params, limit=want, offset=offset + len(results))
             if self._order:
                 page_params["ordering"] = self._order
-            data = client.get(self._model._path, params=page_params)
-            count, page = _unpack_list(data)
+            # Job pages come as rows (the server's ROWS_MEDIA_TYPE); other lists, and servers that
+            # do not have it, answer with objects.
+            data, headers = client.request_with_headers("GET", self._model._path, params=page_params,
+                                                        headers={"Accept": f"{ROWS_MEDIA_TYPE}, application/json"})
+            if headers.get("content-type", "").startswith(ROWS_MEDIA_TYPE):
+                count, page = _unpack_rows(data)
+            else:
+                count, page = _unpack_list(data)
             total = count
             results.extend(page)
             if not page or len(results) + offset >= count or len(page) < want:
@@ -202,7 +210,8 @@ class Query(Generic[T]):
             self._count_cache = len(rows)
             end = None if self._limit is None else self._offset + self._limit
             rows = rows[self._offset : end]
-        self._cache = [self._model._from_api(row) for row in rows]
+        with paused_gc():
+            self._cache = self._model._from_api_many(rows)
         return self._cache
 
     def _sort_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -286,6 +295,24 @@ class Query(Generic[T]):
     def delete(self) -> Optional[int]:
         """Delete every matching record (Job: one bulk ``DELETE /jobs/?filters``)."""
         return self._manager._delete_query(self)
+
+
+#: A page as ``{"count", "fields", "rows"}`` (see balsam.server.jobs_logic.ROWS_MEDIA_TYPE).
+ROWS_MEDIA_TYPE = "application/vnd.balsam.rows+json"
+
+
+def _unpack_rows(data: Any) -> tuple[int, list[Row]]:
+    if not isinstance(data, dict) or not isinstance(data.get("fields"), list) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"unexpected list response from the server: {str(data)[:200]}")
+    fields = data["fields"]
+    index = {name: i for i, name in enumerate(fields)}
+    width = len(fields)
+    rows = data["rows"]
+    with paused_gc():
+        page = [Row(index, values) for values in rows if type(values) is list and len(values) == width]
+    if len(page) != len(rows):
+        raise ValueError(f"unexpected list response from the server: rows of {width} fields expected")
+    return int(data.get("count", len(rows))), page
 
 
 def _unpack_list(data: Any) -> tuple[int, list[dict[str, Any]]]:

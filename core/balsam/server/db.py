@@ -97,7 +97,7 @@ def read_tx(engine: sa.Engine) -> Iterator[sa.Connection]:
 # Python work). SQLite: executemany (in-process, already fast).
 # ---------------------------------------------------------------------------------------------
 
-def _pg_record_type(col_type: sa.types.TypeEngine) -> str:
+def pg_record_type(col_type: sa.types.TypeEngine) -> str:
     from .tables import UTCDateTime
 
     if isinstance(col_type, sa.JSON):
@@ -165,7 +165,7 @@ def bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]
         ).scalars())
         names = ["id", *names]
         rows = [{"id": new_id, **row} for new_id, row in zip(ids, rows)]
-    record = ", ".join(f'"{name}" {_pg_record_type(table.c[name].type)}' for name in names)
+    record = ", ".join(f'"{name}" {pg_record_type(table.c[name].type)}' for name in names)
     column_list = ", ".join(f'"{name}"' for name in names)
     payload = orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS).decode()
     raw = conn.connection.dbapi_connection

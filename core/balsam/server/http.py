@@ -54,8 +54,12 @@ class JSONResponse(Response):
         return dumps(content)
 
 
-def json_response(data: Any, status_code: int = 200) -> Response:
-    return JSONResponse(data, status_code=status_code)
+def json_response(data: Any, status_code: int = 200, headers: "dict[str, str] | None" = None) -> Response:
+    return JSONResponse(data, status_code=status_code, headers=headers)
+
+
+#: The answer to ``Prefer: return=minimal`` (RFC 7240), telling the client it was honoured.
+MINIMAL_APPLIED = ("Preference-Applied", "return=minimal")
 
 
 def no_content() -> Response:

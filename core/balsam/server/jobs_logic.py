@@ -11,6 +11,7 @@ import re
 from collections import defaultdict
 from typing import Any, Iterable
 
+import attrs
 import orjson
 import sqlalchemy as sa
 from starlette.datastructures import QueryParams as StarletteQueryParams
@@ -20,9 +21,11 @@ from balsam.models import Job, workdir_problem
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
 from .auth import SITE_SCOPE
-from .db import bulk_insert, update_rows_by_id, where_eq, where_in
+from .db import pg_record_type, bulk_insert, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .http import QueryParams, int_range_errors, is_json_int, wire_datetime
+from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
+                     field_size_errors, list_item_size_errors)
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
 S = JobState
@@ -205,6 +208,46 @@ def job_ordering(q: QueryParams) -> list[sa.ColumnElement]:
 
 
 def list_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, offset: int) -> tuple[int, list]:
+    count, page = _job_page(conn, user_id, q, limit, offset, JOB_OUT_COLUMNS)
+    return count, [] if page is None else job_dicts(conn.execute(page))
+
+
+#: A page of jobs as rows (``Accept`` of our client): ``{"count": N, "fields": JOB_OUT_FIELDS,
+#: "rows": [[value of each field], ...]}``. The database writes each row's JSON (in C), the
+#: server only joins them, and the body is a third of the objects' (no repeated field names).
+ROWS_MEDIA_TYPE = "application/vnd.balsam.rows+json"
+
+
+def _json_row(dialect: str) -> sa.ColumnElement:
+    """One job as a JSON array of JOB_OUT_FIELDS, as text, written by the database; datetimes as
+    naive UTC ISO text (as ``wire_datetime``)."""
+    values: list[Any] = []
+    for name in JOB_OUT_FIELDS:
+        col = jobs.c[name]
+        if dialect == "postgresql":
+            values.append(sa.func.timezone("UTC", col) if name == "last_update" else col)
+        elif name in JSON_OUT_FIELDS:
+            values.append(sa.func.json(col))  # stored as JSON text: embedded, not quoted
+        elif name == "pending_file_cleanup":
+            values.append(sa.case((col, sa.func.json("true")), else_=sa.func.json("false")))
+        elif name == "last_update":
+            values.append(sa.func.replace(sa.cast(col, sa.Text), " ", "T"))
+        else:
+            values.append(col)
+    if dialect == "postgresql":
+        return sa.cast(sa.func.json_build_array(*values), sa.Text)
+    return sa.func.json_array(*values, type_=sa.Text)
+
+
+def list_job_rows(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, offset: int) -> tuple[int, str]:
+    """``list_jobs`` as the JSON text of a list of rows (see ``ROWS_MEDIA_TYPE``)."""
+    count, page = _job_page(conn, user_id, q, limit, offset, [_json_row(conn.dialect.name).label("row")])
+    return count, "[]" if page is None else "[" + ",".join(conn.execute(page).scalars()) + "]"
+
+
+def _job_page(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, offset: int,
+              columns: list[Any]) -> tuple[int, "sa.Select | None"]:
+    """The number of matching jobs, and the statement selecting ``columns`` of one page (None if empty)."""
     dialect = conn.dialect.name
     count = counted_from_counters(conn, user_id, q)
     if count is None:
@@ -212,13 +255,12 @@ def list_jobs(conn: sa.Connection, user_id: int, q: QueryParams, limit: int, off
         base = apply_job_filters(base, q, dialect)
         count = conn.execute(sa.select(sa.func.count()).select_from(base.subquery())).scalar_one()
     if limit == 0 or count == 0:
-        return count, []
+        return count, None
     # The owner's site ids as values, not a subquery: PostgreSQL then walks (site_id, state, id) in
     # id order for a page instead of joining sites and sorting every match (10^6 jobs: 2 vs 130 ms).
     site_ids = list(conn.execute(owned_site_ids(user_id)).scalars())
-    stmt = sa.select(*JOB_OUT_COLUMNS).where(jobs.c.site_id.in_(site_ids))
-    stmt = apply_job_filters(stmt, q, dialect).order_by(*job_ordering(q)).limit(limit).offset(offset)
-    return count, job_dicts(conn.execute(stmt))
+    stmt = sa.select(*columns).where(jobs.c.site_id.in_(site_ids))
+    return count, apply_job_filters(stmt, q, dialect).order_by(*job_ordering(q)).limit(limit).offset(offset)
 
 
 #: Filters the trigger-kept counters can answer (balsam.server.job_counts); others need a scan.
@@ -344,6 +386,19 @@ def matching_job_ids(conn: sa.Connection, user_id: int, q: QueryParams) -> list[
     return list(conn.execute(stmt).scalars())
 
 
+def fetch_created(conn: sa.Connection, ids: list[int], *, minimal: bool) -> list[dict[str, Any]]:
+    """The jobs an earlier create made, in the order it answered them (a replayed answer must
+    line up with the request's items); ``minimal``: ``{id, state, last_update}`` each."""
+    if not ids:
+        return []
+    if minimal:
+        rows = conn.execute(sa.select(jobs.c.id, jobs.c.state, jobs.c.last_update).where(jobs.c.id.in_(ids)))
+        found = {row.id: {"id": row.id, "state": row.state, "last_update": wire_datetime(row.last_update)} for row in rows}
+    else:
+        found = {job["id"]: job for job in fetch_jobs(conn, ids)}
+    return [found[job_id] for job_id in ids if job_id in found]
+
+
 def fetch_jobs(conn: sa.Connection, ids: list[int]) -> list[dict[str, Any]]:
     if not ids:
         return []
@@ -392,72 +447,132 @@ def _normalize_transfers(item: Any) -> Any:
     return item
 
 
-_INT_FIELDS = ("app_id", "num_nodes", "ranks_per_node", "threads_per_rank", "threads_per_core", "node_packing_count",
-               "wall_time_min")
-_STR_FIELDS = ("workdir", "serialized_parameters", "serialized_return_value", "serialized_exception")
-_IGNORED_IF_EMPTY = ("id", "state", "last_update", "state_timestamp", "state_data", "transfers")
-_FAST_KEYS = frozenset(_INT_FIELDS + _STR_FIELDS + _IGNORED_IF_EMPTY + (
-    "tags", "launch_params", "data", "return_code", "batch_job_id", "gpus_per_rank", "parent_ids", "pending_file_cleanup"))
-_INT32 = range(-(2**31), 2**31)
-
-
 def _is_normal_path(text: Any) -> bool:
     """True if ``str(Path(text)) == text`` (so skipping the Path round trip changes nothing)."""
     return (type(text) is str and text not in ("", ".") and not text.endswith(("/", "/.")) and "//" not in text
             and not text.startswith("./") and "/./" not in text)
 
 
-def _fast_job(item: Any) -> "Job | None":
-    """The common, well-formed create payload without cattrs (several times faster for 5,000 jobs).
-    Returns None when anything is unusual; the caller then validates with ``from_dict``, which
-    also produces the detailed errors."""
-    if type(item) is not dict or not _FAST_KEYS.issuperset(item):
-        return None
-    for name in _INT_FIELDS:
-        if name in item and (type(item[name]) is not int or item[name] not in _INT32):
-            return None
-    if "app_id" not in item or "workdir" not in item or not _is_normal_path(item["workdir"]):
-        return None
-    for name in _STR_FIELDS:
-        if name in item and type(item[name]) is not str:
-            return None
-    for name in ("return_code", "batch_job_id"):
-        value = item.get(name)
-        if value is not None and (type(value) is not int or value not in _INT32):
-            return None
-    for name in ("tags", "launch_params"):
-        value = item.get(name, {})
-        if type(value) is not dict or not all(type(k) is str and type(v) is str for k, v in value.items()):
-            return None
-    if type(item.get("data", {})) is not dict or type(item.get("pending_file_cleanup", True)) is not bool:
-        return None
-    gpus = item.get("gpus_per_rank", 0.0)
-    if type(gpus) not in (int, float):
-        return None
-    parents = item.get("parent_ids", [])
-    if type(parents) is not list or not all(type(p) is int and p in _INT32 for p in parents):
-        return None
-    if any(item.get(name) for name in _IGNORED_IF_EMPTY):
-        return None
-    fields = {k: v for k, v in item.items() if k not in _IGNORED_IF_EMPTY}
-    fields["parent_ids"] = set(parents)
-    fields["gpus_per_rank"] = float(gpus)
-    # workdir stays a str here (bulk_create_jobs stores str(workdir) either way).
-    return Job(**fields)
+# Accepted create payloads are checked field by field here without building Job records: a
+# request of 5,000 jobs spends its time in the database, not in validation. Anything unusual
+# (a missing or mistyped field, a value out of range, transfers, a too long string) takes the
+# general path, cattrs' from_dict, which also writes the detailed errors.
+_INT32_MAX = 2**31 - 1
+(_K_WORKDIR, _K_APP, _K_TEXT, _K_STR_MAP, _K_POSITIVE, _K_NONNEGATIVE, _K_OPTIONAL_INT, _K_DATA, _K_BOOL, _K_GPUS,
+ _K_PARENTS, _K_IGNORED) = range(12)
+_FAST_KINDS = {
+    "workdir": _K_WORKDIR, "app_id": _K_APP, "tags": _K_STR_MAP, "serialized_parameters": _K_TEXT,
+    "data": _K_DATA, "return_code": _K_OPTIONAL_INT, "num_nodes": _K_POSITIVE, "ranks_per_node": _K_POSITIVE,
+    "threads_per_rank": _K_POSITIVE, "threads_per_core": _K_POSITIVE, "launch_params": _K_STR_MAP,
+    "gpus_per_rank": _K_GPUS, "node_packing_count": _K_POSITIVE, "wall_time_min": _K_NONNEGATIVE,
+    "parent_ids": _K_PARENTS, "batch_job_id": _K_OPTIONAL_INT, "pending_file_cleanup": _K_BOOL,
+    "serialized_return_value": _K_TEXT, "serialized_exception": _K_TEXT,
+    # Server-side fields a client may echo back empty (Balsam 0.7's JobCreate sent some as null),
+    # and transfers, which only the general path handles (accepted here when empty).
+    "id": _K_IGNORED, "state": _K_IGNORED, "last_update": _K_IGNORED, "state_timestamp": _K_IGNORED,
+    "state_data": _K_IGNORED, "transfers": _K_IGNORED,
+}
+_TEXT_LIMITS = {name: FIELD_CHARS.get(name, MAX_TEXT_CHARS) for name in _FAST_KINDS}
+#: What a created job holds where the payload leaves a field out (the Job model's defaults).
+CREATE_DEFAULTS: dict[str, Any] = {
+    f.name: (f.default.factory() if isinstance(f.default, attrs.Factory) else f.default)  # type: ignore[union-attr]
+    for f in attrs.fields(Job) if f.name in CREATE_FIELDS or f.name == "parent_ids"
+}
+CREATE_DEFAULTS["parent_ids"] = []
 
 
-def parse_job_creates(payload: list[Any]) -> list[Job]:
+def _str_map_ok(value: dict, tag_map: bool) -> bool:
+    for key, item in value.items():
+        if type(item) is not str or len(key) > MAX_KEY_CHARS:
+            return False
+        if len(item) > (MAX_TAG_VALUE_CHARS if tag_map else FIELD_CHARS.get(key, MAX_TEXT_CHARS)):
+            return False
+    return True
+
+
+def _fast_spec(item: Any) -> "dict[str, Any] | None":
+    """The item itself (or a canonical copy) when it is a well-formed create payload whose values
+    are already what gets stored; None sends it down the general path."""
+    if type(item) is not dict or "workdir" not in item or "app_id" not in item:
+        return None
+    kinds = _FAST_KINDS
+    fixes: "dict[str, Any] | None" = None
+    for key, value in item.items():
+        kind = kinds.get(key)
+        if kind is None:
+            return None
+        if kind == _K_WORKDIR:
+            # Exactly str(Path(value)) (no Path round trip needed) and inside data/.
+            if (not _is_normal_path(value) or len(value) > MAX_PATH_CHARS or value.startswith("/")
+                    or not value.strip() or ".." in value.split("/")):
+                return None
+        elif kind == _K_APP:
+            if type(value) is not int or not -_INT32_MAX - 1 <= value <= _INT32_MAX:
+                return None
+        elif kind == _K_TEXT:
+            if type(value) is not str or len(value) > _TEXT_LIMITS[key]:
+                return None
+        elif kind == _K_STR_MAP:
+            if type(value) is not dict or (value and not _str_map_ok(value, key == "tags")):
+                return None
+        elif kind == _K_POSITIVE:
+            if type(value) is not int or not 1 <= value <= _INT32_MAX:
+                return None
+        elif kind == _K_NONNEGATIVE:
+            if type(value) is not int or not 0 <= value <= _INT32_MAX:
+                return None
+        elif kind == _K_OPTIONAL_INT:
+            if value is not None and (type(value) is not int or not -_INT32_MAX - 1 <= value <= _INT32_MAX):
+                return None
+        elif kind == _K_DATA:
+            if type(value) is not dict or (value and field_size_errors(value, ["data"])):
+                return None
+        elif kind == _K_BOOL:
+            if type(value) is not bool:
+                return None
+        elif kind == _K_GPUS:
+            if type(value) is int and 0 <= value <= _INT32_MAX:
+                fixes = fixes or {}
+                fixes[key] = float(value)
+            elif type(value) is not float or not value >= 0:
+                return None
+        elif kind == _K_PARENTS:
+            if type(value) is not list or not all(type(p) is int and -_INT32_MAX - 1 <= p <= _INT32_MAX for p in value):
+                return None
+            if any(a >= b for a, b in zip(value, value[1:])):
+                fixes = fixes or {}
+                fixes[key] = sorted(set(value))
+        elif value:  # _K_IGNORED: only empty values are accepted (and dropped)
+            return None
+    return item if fixes is None else {**item, **fixes}
+
+
+def _spec_of_job(job: Job) -> dict[str, Any]:
+    """A Job structured by the general path, in the form of a fast-path spec."""
+    spec = {name: getattr(job, name) for name in CREATE_FIELDS}
+    spec["workdir"] = str(job.workdir)
+    spec["parent_ids"] = sorted(job.parent_ids)
+    spec["transfers"] = {slot: (item.location_alias, str(item.path)) for slot, item in job.transfers.items()}
+    return spec
+
+
+def parse_job_creates(payload: list[Any]) -> list[dict[str, Any]]:
+    """Validate a bulk-create body; returns one spec per job: a dict of the create fields given
+    (``CREATE_DEFAULTS`` for the others), ``parent_ids`` sorted, ``transfers`` as
+    ``{slot: (location_alias, path)}``. Raises 422 naming every problem (size limits first, as
+    for every other body: see balsam.server.limits)."""
     from balsam.serialization import PayloadError, from_dict
 
-    parsed: list[Job] = []
+    specs: list[Any] = [_fast_spec(item) for item in payload]
+    slow = [index for index, spec in enumerate(specs) if spec is None]
+    if not slow:
+        return specs
+    size_errors = list_item_size_errors(payload, slow)
+    if size_errors:
+        raise ValidationFailed(size_errors)
     errors: list[tuple[list[Any], str]] = []
-    for index, item in enumerate(payload):
-        job = _fast_job(item)
-        if job is not None and min(job.num_nodes, job.ranks_per_node, job.threads_per_rank, job.threads_per_core,
-                                   job.node_packing_count) >= 1 and job.wall_time_min >= 0 and job.gpus_per_rank >= 0 \
-                and workdir_problem(job.workdir) is None:
-            parsed.append(job)
-            continue
+    for index in slow:
+        item = payload[index]
         try:
             job = from_dict(Job, _normalize_transfers(item))
         except PayloadError as exc:
@@ -479,24 +594,31 @@ def parse_job_creates(payload: list[Any]) -> list[Job]:
         for slot, item_t in job.transfers.items():
             if not item_t.path.is_absolute():
                 errors.append((["body", index, "transfers", slot, "path"], f"remote path must be absolute, got {str(item_t.path)!r}"))
-        parsed.append(job)
+        specs[index] = _spec_of_job(job)
     if errors:
         raise ValidationFailed(errors)
-    return parsed
+    return specs
 
 
-def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> list[dict[str, Any]]:
+#: Keys of a spec that are not columns of the job as the API returns it.
+_NOT_OUT = ("transfers", "state_timestamp", "state_data")
+_OUT_DEFAULTS = {name: CREATE_DEFAULTS.get(name) for name in JOB_OUT_FIELDS}
+
+
+def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[dict[str, Any]], *,
+                     minimal: bool = False) -> list[dict[str, Any]]:
+    """Store the jobs of ``parse_job_creates``; returns them as the API shows them, or with
+    ``minimal`` only ``{id, state, last_update}`` each (the client has the rest)."""
     if not specs:
         return []
     now = utcnow()
-    workdirs: dict[str, int] = {}
+    first_index: dict[str, int] = {}
     for index, spec in enumerate(specs):
-        key = str(spec.workdir)
-        if key in workdirs:
-            raise Conflict(f"workdir {key!r} appears twice in this request (items {workdirs[key]} and {index})")
-        workdirs[key] = index
+        earlier = first_index.setdefault(spec["workdir"], index)
+        if earlier != index:
+            raise Conflict(f"workdir {spec['workdir']!r} appears twice in this request (items {earlier} and {index})")
 
-    app_ids = {spec.app_id for spec in specs}
+    app_ids = {spec["app_id"] for spec in specs}
     app_rows = conn.execute(
         sa.select(apps.c.id, apps.c.site_id, apps.c.transfers, sites.c.transfer_locations)
         .join(sites, sites.c.id == apps.c.site_id)
@@ -507,7 +629,10 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> lis
     if missing:
         raise not_found_ids("App", missing)
 
-    parent_ids = set().union(*(spec.parent_ids for spec in specs))
+    parent_ids: set[int] = set()
+    for spec in specs:
+        if spec.get("parent_ids"):
+            parent_ids.update(spec["parent_ids"])
     parent_states: dict[int, str] = {}
     if parent_ids:
         parent_states = dict(
@@ -521,100 +646,206 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[Job]) -> lis
         if missing:
             raise not_found_ids("Parent job", missing)
 
-    batch_ids = {spec.batch_job_id for spec in specs if spec.batch_job_id is not None}
+    batch_ids = {spec["batch_job_id"] for spec in specs if spec.get("batch_job_id") is not None}
     if batch_ids:
         _check_batch_jobs(conn, user_id, batch_ids)
 
+    # The state of each job: STAGED_IN for all of them unless parents or transfers say otherwise.
+    states: "list[str] | None" = None
+    transfer_specs: "list[list[dict[str, Any]]] | None" = None
+    if parent_ids or any(row.transfers for row in app_rows) or any(spec.get("transfers") for spec in specs):
+        states, transfer_specs = _states_and_transfers(specs, app_info, parent_states)
+    site_of_app = {app_id: row.site_id for app_id, row in app_info.items()}
+
+    if conn.dialect.name == "postgresql":
+        new_ids = _insert_jobs_pg(conn, specs, site_of_app, states, now)
+    else:
+        new_ids = _insert_jobs_sqlite(conn, specs, site_of_app, states, now)
+
+    if parent_ids:
+        links = [{"child_id": job_id, "parent_id": parent}
+                 for job_id, spec in zip(new_ids, specs) for parent in spec.get("parent_ids") or ()]
+        bulk_insert(conn, job_parents, links)
+    if transfer_specs is not None:
+        items_rows = [dict(item, job_id=job_id) for job_id, items in zip(new_ids, transfer_specs) for item in items]
+        bulk_insert(conn, transfer_items, items_rows)
+
+    wire_now = wire_datetime(now)
+    staged = S.staged_in.value
+    if minimal:
+        if states is None:
+            return [{"id": job_id, "state": staged, "last_update": wire_now} for job_id in new_ids]
+        return [{"id": job_id, "state": state, "last_update": wire_now} for job_id, state in zip(new_ids, states)]
+    out = []
+    base = _OUT_DEFAULTS
+    for index, (job_id, spec) in enumerate(zip(new_ids, specs)):
+        job = base.copy()
+        job.update(spec)
+        for name in _NOT_OUT:
+            if name in job:
+                del job[name]
+        job["id"] = job_id
+        job["state"] = staged if states is None else states[index]
+        job["last_update"] = wire_now
+        out.append(job)
+    return out
+
+
+def _states_and_transfers(specs: list[dict[str, Any]], app_info: dict[int, Any],
+                          parent_states: dict[int, str]) -> tuple[list[str], list[list[dict[str, Any]]]]:
+    """Each job's first state and its transfer items (checked against its app's slots)."""
     errors: list[tuple[list[Any], str]] = []
-    rows: list[dict[str, Any]] = []
+    states: list[str] = []
     transfer_specs: list[list[dict[str, Any]]] = []
     for index, spec in enumerate(specs):
-        app = app_info[spec.app_id]
+        app = app_info[spec["app_id"]]
         slots = app.transfers or {}
         locations = app.transfer_locations or {}
+        given = spec.get("transfers") or {}
         items: list[dict[str, Any]] = []
         for slot_name, slot in slots.items():
-            if slot.get("required") and slot_name not in spec.transfers:
+            if slot.get("required") and slot_name not in given:
                 errors.append((["body", index, "transfers", slot_name], "required transfer slot is missing"))
-        for slot_name, target in spec.transfers.items():
+        for slot_name, (alias, path) in given.items():
             slot = slots.get(slot_name)
             if slot is None:
                 valid = ", ".join(sorted(slots)) or "none"
-                errors.append((["body", index, "transfers", slot_name], f"app {spec.app_id} has no such transfer slot (valid: {valid})"))
+                errors.append((["body", index, "transfers", slot_name], f"app {spec['app_id']} has no such transfer slot (valid: {valid})"))
                 continue
-            if target.location_alias not in locations:
+            if alias not in locations:
                 valid = ", ".join(sorted(locations)) or "none"
                 errors.append((["body", index, "transfers", slot_name, "location_alias"],
-                               f"unknown location alias {target.location_alias!r} on the site (valid: {valid})"))
+                               f"unknown location alias {alias!r} on the site (valid: {valid})"))
                 continue
             stage_in = slot["direction"] == TransferDirection.stage_in.value
             items.append({
                 "direction": slot["direction"],
                 "local_path": slot["local_path"],
-                "remote_path": str(target.path),
-                "location_alias": target.location_alias,
+                "remote_path": path,
+                "location_alias": alias,
                 "recursive": bool(slot.get("recursive", False)),
                 "state": TransferItemState.pending.value if stage_in else TransferItemState.awaiting_job.value,
                 "task_id": "",
                 "transfer_info": {},
             })
-        if any(parent_states[p] != S.finished.value for p in spec.parent_ids):
+        if any(parent_states[p] != S.finished.value for p in spec.get("parent_ids") or ()):
             state = S.awaiting_parents
         elif any(it["direction"] == TransferDirection.stage_in.value for it in items):
             state = S.ready
         else:
             state = S.staged_in
-        rows.append({
-            "site_id": app.site_id,
-            "app_id": spec.app_id,
-            "workdir": str(spec.workdir),
-            "tags": spec.tags,
-            "serialized_parameters": spec.serialized_parameters,
-            "data": spec.data,
-            "return_code": spec.return_code,
-            "num_nodes": spec.num_nodes,
-            "ranks_per_node": spec.ranks_per_node,
-            "threads_per_rank": spec.threads_per_rank,
-            "threads_per_core": spec.threads_per_core,
-            "launch_params": spec.launch_params,
-            "gpus_per_rank": spec.gpus_per_rank,
-            "node_packing_count": spec.node_packing_count,
-            "wall_time_min": spec.wall_time_min,
-            "batch_job_id": spec.batch_job_id,
-            "parent_ids": sorted(spec.parent_ids),
-            "state": state.value,
-            "pending_file_cleanup": spec.pending_file_cleanup,
-            "serialized_return_value": spec.serialized_return_value,
-            "serialized_exception": spec.serialized_exception,
-            "last_update": now,
-            "session_id": None,
-        })
+        states.append(state.value)
         transfer_specs.append(items)
     if errors:
         raise ValidationFailed(errors)
+    return states, transfer_specs
 
-    new_ids = bulk_insert(conn, jobs, rows, return_ids=True)
-    links = [
-        {"child_id": job_id, "parent_id": parent}
-        for job_id, row in zip(new_ids, rows)
-        for parent in row["parent_ids"]
-    ]
-    bulk_insert(conn, job_parents, links)
-    items_rows = [dict(item, job_id=job_id) for job_id, items in zip(new_ids, transfer_specs) for item in items]
-    bulk_insert(conn, transfer_items, items_rows)
-    events = [
-        {"job_id": job_id, "timestamp": now, "from_state": S.created.value, "to_state": row["state"], "data": {}}
-        for job_id, row in zip(new_ids, rows)
-    ]
-    bulk_insert(conn, log_events, events)
 
-    out = []
-    wire_now = wire_datetime(now)
-    for job_id, row in zip(new_ids, rows):
-        job = {name: (job_id if name == "id" else row[name]) for name in JOB_OUT_FIELDS}
-        job["last_update"] = wire_now
-        out.append(job)
-    return out
+def _default_sql(name: str, dialect: str) -> "str | None":
+    """SQL for the value of a create field the payload leaves out (None: NULL, no default)."""
+    default = CREATE_DEFAULTS[name]
+    if default is None:
+        return None
+    if isinstance(jobs.c[name].type, sa.JSON):
+        text = "'" + orjson.dumps(default).decode().replace("'", "''") + "'"
+        return text + "::jsonb" if dialect == "postgresql" else text
+    if isinstance(default, bool):
+        return ("true" if default else "false") if dialect == "postgresql" else str(int(default))
+    if isinstance(default, str):
+        return "'" + default.replace("'", "''") + "'"
+    return repr(default)
+
+
+#: (column, type in the JSON record, SQL for a field the payload leaves out) of a job insert.
+_PG_CREATE_COLUMNS = [(name, pg_record_type(jobs.c[name].type), _default_sql(name, "postgresql"))
+                      for name in [*CREATE_FIELDS, "parent_ids"] if name not in ("workdir", "app_id")]
+
+
+def _pg_insert_sql() -> str:
+    record = ", ".join(['"app_id" bigint', '"workdir" text', '"_site_id" bigint', '"_state" text']
+                       + [f'"{name}" {pg_type}' for name, pg_type, _ in _PG_CREATE_COLUMNS])
+    values = ", ".join(["coalesce(x._site_id, %(site_id)s)", "x.app_id", "x.workdir", "coalesce(x._state, %(state)s)",
+                        "%(now)s"]
+                       + [f"x.{name}" if default is None else f"coalesce(x.{name}, {default})"
+                          for name, _, default in _PG_CREATE_COLUMNS])
+    columns = ", ".join(["site_id", "app_id", "workdir", "state", "last_update"] + [name for name, _, _ in _PG_CREATE_COLUMNS])
+    # The created event of each job is written by the same statement, from the inserted rows.
+    return (
+        f"WITH new AS (INSERT INTO jobs ({columns}) SELECT {values} FROM jsonb_to_recordset(%(rows)s::jsonb) AS x({record}) "
+        f"RETURNING id, workdir, state), "
+        f"events AS (INSERT INTO log_events (job_id, timestamp, from_state, to_state, data) "
+        f"SELECT id, %(now)s, %(created)s, state, '{{}}'::jsonb FROM new) "
+        f"SELECT workdir, id FROM new"
+    )
+
+
+_PG_INSERT_JOBS = _pg_insert_sql()
+
+
+def _insert_jobs_pg(conn: sa.Connection, specs: list[dict[str, Any]], site_of_app: dict[int, int],
+                    states: "list[str] | None", now: dt.datetime) -> list[int]:
+    """One statement: the jobs (their fields travel as one JSON document that PostgreSQL expands in
+    C) and their created events. Returns the ids in the order of ``specs``."""
+    one_site = len(set(site_of_app.values())) == 1
+    rows: list[dict[str, Any]] = specs
+    if not one_site or states is not None:
+        rows = [dict(spec, _site_id=None if one_site else site_of_app[spec["app_id"]],
+                     _state=None if states is None else states[index]) for index, spec in enumerate(specs)]
+    params = {
+        "rows": orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS).decode(),
+        "site_id": next(iter(site_of_app.values())), "state": S.staged_in.value, "now": now, "created": S.created.value,
+    }
+    raw = conn.connection.dbapi_connection
+    with raw.cursor() as cur:
+        cur.execute(_PG_INSERT_JOBS, params)
+        # Mapped back through the workdir (unique within a request): RETURNING has no order.
+        id_of = dict(cur.fetchall())
+    return [id_of[spec["workdir"]] for spec in specs]
+
+
+def _sqlite_insert_sql() -> str:
+    fields = [name for name in [*CREATE_FIELDS, "parent_ids"] if name not in ("workdir", "app_id")]
+
+    def field(name: str) -> str:
+        # json_extract gives JSON text for objects and arrays (as stored), the value for scalars.
+        default = _default_sql(name, "sqlite")
+        extract = f"json_extract(value, '$.{name}')"
+        return extract if default is None else f"coalesce({extract}, {default})"
+
+    columns = ", ".join(["site_id", "app_id", "workdir", "state", "last_update", *fields])
+    values = ", ".join(["coalesce(json_extract(value, '$._site_id'), :site_id)", "json_extract(value, '$.app_id')",
+                        "json_extract(value, '$.workdir')", "coalesce(json_extract(value, '$._state'), :state)",
+                        ":now", *[field(name) for name in fields]])
+    return f"INSERT INTO jobs ({columns}) SELECT {values} FROM json_each(:rows) ORDER BY key RETURNING workdir, id"
+
+
+_SQLITE_INSERT_JOBS = _sqlite_insert_sql()
+
+
+def _insert_jobs_sqlite(conn: sa.Connection, specs: list[dict[str, Any]], site_of_app: dict[int, int],
+                        states: "list[str] | None", now: dt.datetime) -> list[int]:
+    """SQLite: the jobs from one JSON document (expanded by SQLite's JSON functions, in C), then
+    their created events; no per-value work in Python or SQLAlchemy."""
+    one_site = len(set(site_of_app.values())) == 1
+    rows: list[dict[str, Any]] = specs
+    if not one_site or states is not None:
+        rows = [dict(spec, _site_id=None if one_site else site_of_app[spec["app_id"]],
+                     _state=None if states is None else states[index]) for index, spec in enumerate(specs)]
+    stored_now = jobs.c.last_update.type.bind_processor(conn.dialect)(now)  # as SQLAlchemy stores datetimes
+    params = {"rows": orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS).decode(),
+              "site_id": next(iter(site_of_app.values())), "state": S.staged_in.value, "now": stored_now}
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        id_of = dict(cur.execute(_SQLITE_INSERT_JOBS, params).fetchall())
+        new_ids = [id_of[spec["workdir"]] for spec in specs]
+        staged = S.staged_in.value
+        cur.executemany(
+            "INSERT INTO log_events (job_id, timestamp, from_state, to_state, data) VALUES (?, ?, ?, ?, '{}')",
+            [(job_id, stored_now, S.created.value, staged if states is None else states[index])
+             for index, job_id in enumerate(new_ids)])
+    finally:
+        cur.close()
+    return new_ids
 
 
 def _check_batch_jobs(conn: sa.Connection, user_id: int, batch_ids: set[int]) -> None:

@@ -76,10 +76,30 @@ def _walk(value: Any, loc: list[Any], limit: int, errors: list[tuple[list[Any], 
         errors.append((loc, f"longer than {limit} characters ({len(value)})"))
 
 
-def field_size_errors(data: Any) -> list[tuple[list[Any], str]]:
+def field_size_errors(data: Any, loc: "list[Any] | None" = None) -> list[tuple[list[Any], str]]:
+    """Every string or key of ``data`` (a body, or a part of one at ``loc``) over its limit."""
     errors: list[tuple[list[Any], str]] = []
-    _walk(data, ["body"], MAX_TEXT_CHARS, errors)
+    _walk(data, ["body"] if loc is None else loc, MAX_TEXT_CHARS, errors)
     return errors
+
+
+def list_item_size_errors(items: list[Any], indices: list[int]) -> list[tuple[list[Any], str]]:
+    """``field_size_errors`` of a list body, walking only the items at ``indices`` (bulk creates
+    check the other items field by field as they parse them)."""
+    errors: list[tuple[list[Any], str]] = []
+    loc: list[Any] = ["body"]
+    for index in indices:
+        item = items[index]
+        if type(item) is str:
+            if len(item) > MAX_TEXT_CHARS:
+                errors.append((loc + [index], f"longer than {MAX_TEXT_CHARS} characters ({len(item)})"))
+        elif item and isinstance(item, (dict, list)):
+            _walk(item, loc + [index], MAX_TEXT_CHARS, errors)
+        elif type(item) is int and not INT64_MIN <= item <= INT64_MAX:
+            errors.append((loc + [index], "integer out of the 64-bit range"))
+        if len(errors) >= _MAX_ERRORS:
+            break
+    return errors[:_MAX_ERRORS]
 
 
 def check_field_sizes(data: Any, body_bytes: int) -> None:

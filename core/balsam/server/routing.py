@@ -53,7 +53,9 @@ class Ctx:
             self._idempotency = IdempotentRequest(self)
         return self._idempotency
 
-    def json(self) -> Any:
+    def json(self, *, check_sizes: bool = True) -> Any:
+        """The parsed body. ``check_sizes=False``: the handler checks the size limits itself (the
+        bulk create does, while it parses the items: see jobs_logic.parse_job_creates)."""
         if not self.body:
             raise ValidationFailed.field(["body"], "request body is empty; expected JSON")
         try:
@@ -62,8 +64,15 @@ class Ctx:
             raise ValidationFailed.field(["body"], f"malformed JSON: {exc}") from None
         if b"\\u0000" in self.body:
             reject_nul(data, ["body"])
-        check_field_sizes(data, len(self.body))
+        if check_sizes:
+            check_field_sizes(data, len(self.body))
         return data
+
+    def prefers_minimal(self) -> bool:
+        """The client sent ``Prefer: return=minimal`` (RFC 7240): it needs only what the server
+        decided (ids, states), not the records it sent echoed back."""
+        prefer = self.request.headers.get("prefer", "")
+        return "return=minimal" in {part.strip().lower() for part in prefer.replace(";", ",").split(",")}
 
     def query(self, allowed: "set[str] | None" = None) -> QueryParams:
         return QueryParams(self.request, allowed)

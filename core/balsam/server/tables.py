@@ -140,12 +140,8 @@ jobs = sa.Table(
     # per-row FK check costs bulk inserts ~10%).
     sa.Column("site_id", sa.Integer, nullable=False),
     sa.Column("app_id", sa.Integer, sa.ForeignKey("apps.id", ondelete="CASCADE"), nullable=False, index=True),
-    sa.Column(
-        "session_id", sa.Integer, sa.ForeignKey("sessions.id", ondelete="SET NULL"), nullable=True, index=True
-    ),
-    sa.Column(
-        "batch_job_id", sa.Integer, sa.ForeignKey("batch_jobs.id", ondelete="SET NULL"), nullable=True, index=True
-    ),
+    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("batch_job_id", sa.Integer, sa.ForeignKey("batch_jobs.id", ondelete="SET NULL"), nullable=True),
     sa.Column("workdir", sa.Text, nullable=False),
     sa.Column("tags", JSONType, nullable=False),
     sa.Column("serialized_parameters", sa.Text, nullable=False),
@@ -171,6 +167,10 @@ jobs = sa.Table(
     sa.Index("ix_jobs_site_id_state_id", "site_id", "state", "id"),
     # A site's jobs newest first (the dashboard's keyset pages) without reading other sites' jobs.
     sa.Index("ix_jobs_site_id_id", "site_id", "id"),
+    # Most jobs are in no session and no BatchJob: partial indexes cost their insert nothing and
+    # still serve every lookup by a session or BatchJob (migration 0006).
+    *[sa.Index(f"ix_jobs_{name}", name, postgresql_where=sa.text(f"{name} IS NOT NULL"),
+               sqlite_where=sa.text(f"{name} IS NOT NULL")) for name in ("session_id", "batch_job_id")],
     sa.Index("ix_jobs_tags_gin", "tags", postgresql_using="gin", postgresql_ops={"tags": "jsonb_path_ops"}).ddl_if(
         dialect="postgresql"
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import sqlalchemy as sa
 from starlette.responses import Response
 
@@ -9,7 +10,8 @@ from balsam.models import MAX_ITEMS_PER_BULK_OP
 
 from .. import jobs_logic as logic
 from ..errors import BadRequest, NotFound, ValidationFailed
-from ..http import PAGINATION, json_response, no_content, pagination, require_list
+from ..http import MINIMAL_APPLIED, PAGINATION, dumps, json_response, no_content, pagination, require_list
+from ..limits import check_field_sizes
 from ..routing import Ctx, route
 from ..sessions_logic import sweep_expired
 from ..tables import jobs
@@ -18,6 +20,11 @@ from ..tables import jobs
 def list_jobs(ctx: Ctx) -> Response:
     q = ctx.query(logic.JOB_FILTERS | PAGINATION)
     limit, offset = pagination(q)
+    if logic.ROWS_MEDIA_TYPE in ctx.request.headers.get("accept", ""):
+        with ctx.read() as conn:
+            count, rows = logic.list_job_rows(conn, ctx.user.id, q, limit, offset)
+        body = {"count": count, "fields": logic.JOB_OUT_FIELDS, "rows": orjson.Fragment(rows)}
+        return Response(dumps(body), media_type=logic.ROWS_MEDIA_TYPE)
     with ctx.read() as conn:
         count, results = logic.list_jobs(conn, ctx.user.id, q, limit, offset)
     return json_response({"count": count, "results": results})
@@ -36,15 +43,21 @@ def read_job(ctx: Ctx) -> Response:
 
 
 def bulk_create(ctx: Ctx) -> Response:
-    payload = require_list(ctx.json(), "jobs", MAX_ITEMS_PER_BULK_OP)
+    data = ctx.json(check_sizes=False)
+    if not isinstance(data, list) or len(data) > MAX_ITEMS_PER_BULK_OP:
+        check_field_sizes(data, len(ctx.body or b""))  # else parse_job_creates checks them, item by item
+    payload = require_list(data, "jobs", MAX_ITEMS_PER_BULK_OP)
     specs = logic.parse_job_creates(payload)
+    minimal = ctx.prefers_minimal()
+    headers = {MINIMAL_APPLIED[0]: MINIMAL_APPLIED[1]} if minimal else None
     with ctx.write() as conn:
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:  # a retry of a create that was applied: the same jobs, not new ones
-            return json_response(logic.fetch_jobs(conn, earlier.ids), earlier.status_code)
-        created = logic.bulk_create_jobs(conn, ctx.user.id, specs)
+            replay = logic.fetch_created(conn, earlier.ids, minimal=minimal)
+            return json_response(replay, earlier.status_code, headers=headers)
+        created = logic.bulk_create_jobs(conn, ctx.user.id, specs, minimal=minimal)
         ctx.idempotency.record(conn, 201, "jobs", [job["id"] for job in created])
-    return json_response(created, 201)
+    return json_response(created, 201, headers=headers)
 
 
 def bulk_update(ctx: Ctx) -> Response:
