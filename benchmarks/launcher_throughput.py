@@ -230,12 +230,15 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
             result["error"] = f"timed out after {timeout:.0f} s"
         running = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING")]
         finished = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="JOB_FINISHED")]
+        run_done = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUN_DONE")]
         start = seen.get("start", float("nan"))
         result.update(
             polling_delay=start - created,
             first_running=(min(running) - start) if running else float("nan"),
             finished=len(finished),
             to_last=(max(finished) - start) if finished else float("nan"),
+            run_done=len(run_done),
+            to_last_run_done=(max(run_done) - start) if run_done else float("nan"),
             total=(max(finished) - created) if finished else float("nan"),
         )
         client.put(f"/batch-jobs/{batch_job.id}", json={"state": "pending_deletion"})
@@ -316,6 +319,10 @@ def main() -> int:
                 print(f"  {r['mode']:6s} {r['finished']:5d}/{r['jobs']} jobs, launcher start -> last JOB_FINISHED "
                       f"{r['to_last']:.2f} s: {rate:8.1f} jobs/s = {rate / limit:.0%} of the limit "
                       f"(BatchJob created -> last JOB_FINISHED {r['total']:.2f} s)")
+                done_rate = r["run_done"] / r["to_last_run_done"] if r["run_done"] else 0.0
+                print(f"  {r['mode']:6s} {r['run_done']:5d}/{r['jobs']} jobs, launcher start -> last RUN_DONE "
+                      f"{r['to_last_run_done']:.2f} s: {done_rate:8.1f} jobs/s = {done_rate / limit:.0%} of the limit "
+                      "(the launcher alone; JOB_FINISHED waits for the agent's processing module)")
                 if r["error"]:
                     print(f"         {r['error']}")
             return 0
