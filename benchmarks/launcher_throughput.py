@@ -14,7 +14,16 @@ Limits measured in the same run, just before the launchers (so a busy machine sh
 What "end" means is printed with the figures: JOB_FINISHED when the site agent's processing module
 is importable (it runs alongside the launcher and post-processes RUN_DONE jobs), otherwise RUN_DONE.
 
-    .venv/bin/python benchmarks/launcher_throughput.py [--serial-jobs 5000] [--mpi-jobs 200]
+``--end-to-end`` runs the same jobs through the real site agent instead: a site made by
+``init_site`` (default platform, ``local`` scheduler), the agent daemon started as ``balsam site
+start`` does, and a BatchJob created through the API. The agent's scheduler module submits it to
+the local queue, whose batch script starts the launcher from the job template; the agent's
+processing module takes RUN_DONE jobs to JOB_FINISHED. Printed: BatchJob created -> launcher process
+start (the scheduler's own polling delay, ``scheduler.sync_period`` plus the submit command: reported
+apart and excluded from the rates), launcher start -> first RUNNING, launcher start -> last
+JOB_FINISHED, and BatchJob created -> last JOB_FINISHED.
+
+    .venv/bin/python benchmarks/launcher_throughput.py [--serial-jobs 5000] [--mpi-jobs 200] [--end-to-end]
 """
 
 from __future__ import annotations
@@ -161,6 +170,84 @@ class _Null:
         return None
 
 
+def _launcher_start(log_dir: Path, mode: str, seen: dict[str, float], stop: threading.Event) -> None:
+    """Record when the batch job's launcher process started (watcher thread).
+
+    The launcher's log file name ends with its pid (``<mode>_mode_<stamp>_<host>_<pid>.0.log``); the
+    kernel's start time of that process is the batch script's start, which execs the launcher. A
+    directory listing every 20 ms is cheap next to scanning every process."""
+    import psutil
+
+    while not stop.is_set() and "start" not in seen:
+        for path in log_dir.glob(f"{mode}_mode_*.0.log"):
+            try:
+                pid = int(path.name.rsplit(".", 2)[0].rsplit("_", 1)[1])
+                seen["start"] = psutil.Process(pid).create_time()
+            except (ValueError, IndexError, psutil.Error):
+                continue
+            break
+        stop.wait(0.02)
+
+
+def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, timeout: float) -> dict:
+    """``count`` no-op jobs run by a BatchJob through the real site agent (see the module docstring)."""
+    from balsam.api import ApplicationDefinition, BatchJob, EventLog, Job
+    from balsam.client import load_client
+    from balsam.site.site_ops import init_site, start_agent, stop_agent
+
+    name = f"e2e-{mode}"
+    site_path = root / name
+    client = load_client()
+    site_id = init_site(site_path, name, "default", client, settings_overrides={
+        "scheduler": {"sync_period": 1},
+        "launcher": {"idle_ttl_sec": 2, "delay_sec": 1},
+        "processing": {"num_workers": 1},
+    })
+    class Noop(ApplicationDefinition):
+        site = name
+        command_template = command
+
+    Noop.sync()
+    app = Noop
+    tag = f"e2e-{mode}"
+    make_jobs(app, count, tag, node_packing_count=ncpu)
+    start_agent(site_path)
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_launcher_start, args=(site_path / "log", mode, seen, stop), daemon=True)
+    watcher.start()
+    result: dict = {"mode": mode, "jobs": count, "error": ""}
+    try:
+        created = time.time()
+        batch_job = BatchJob.objects.create(site_id=site_id, project="local", queue="local", num_nodes=1,
+                                            wall_time_min=10, job_mode=mode, filter_tags={"bench": tag})
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if Job.objects.filter(tags={"bench": tag}, state={"JOB_FINISHED", "FAILED"}).count() >= count:
+                break
+            time.sleep(0.25)
+        else:
+            result["error"] = f"timed out after {timeout:.0f} s"
+        running = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING")]
+        finished = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="JOB_FINISHED")]
+        run_done = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUN_DONE")]
+        start = seen.get("start", float("nan"))
+        result.update(
+            polling_delay=start - created,
+            first_running=(min(running) - start) if running else float("nan"),
+            finished=len(finished),
+            to_last=(max(finished) - start) if finished else float("nan"),
+            run_done=len(run_done),
+            to_last_run_done=(max(run_done) - start) if run_done else float("nan"),
+            total=(max(finished) - created) if finished else float("nan"),
+        )
+        client.put(f"/batch-jobs/{batch_job.id}", json={"state": "pending_deletion"})
+    finally:
+        stop.set()
+        stop_agent(site_path, timeout=30, force=True)
+    return result
+
+
 def spawn_rate(argv: list[str], threads: int, seconds: float = 3.0) -> float:
     """Processes started and reaped per second by ``threads`` threads, each one after the other."""
     import subprocess
@@ -186,6 +273,8 @@ def main() -> int:
     parser.add_argument("--serial-jobs", type=int, default=5000)
     parser.add_argument("--mpi-jobs", type=int, default=200)
     parser.add_argument("--no-processing", action="store_true", help="measure to RUN_DONE even if the processing module exists")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="through the real site agent and local scheduler, from a BatchJob created through the API")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     parser.add_argument("--command", default="true",
                         help="the no-op app's command template (default 'true', exec'd without a shell; "
@@ -214,6 +303,29 @@ def main() -> int:
 
         fork_limit = spawn_rate(["/bin/true"], 4)
         mpiexec_limit = spawn_rate([find_mpiexec(), "-n", "1", "true"], ncpu, seconds=5.0)
+        if args.end_to_end:
+            e2e = [run_end_to_end(root, mode, n, args.command, ncpu, timeout=600)
+                   for mode, n in (("serial", args.serial_jobs), ("mpi", args.mpi_jobs)) if n]
+            print(f"launcher throughput end to end ({ncpu} CPUs, load average before the run {load_before:.1f}; real "
+                  f"uvicorn + SQLite server, the site agent with the local scheduler, real mpiexec; app command {args.command!r})")
+            print(f"  limits, this run: fork/exec of /bin/true (4 threads) {fork_limit:,.0f}/s; "
+                  f"bare `mpiexec -n 1 true` ({ncpu} at a time) {mpiexec_limit:,.1f}/s")
+            for r in e2e:
+                limit = fork_limit if r["mode"] == "serial" else mpiexec_limit
+                rate = r["finished"] / r["to_last"] if r["finished"] else 0.0
+                print(f"  {r['mode']:6s} BatchJob created -> launcher process start (scheduler polling, excluded): "
+                      f"{r['polling_delay']:.2f} s")
+                print(f"  {r['mode']:6s} launcher start -> first RUNNING {r['first_running']:.3f} s")
+                print(f"  {r['mode']:6s} {r['finished']:5d}/{r['jobs']} jobs, launcher start -> last JOB_FINISHED "
+                      f"{r['to_last']:.2f} s: {rate:8.1f} jobs/s = {rate / limit:.0%} of the limit "
+                      f"(BatchJob created -> last JOB_FINISHED {r['total']:.2f} s)")
+                done_rate = r["run_done"] / r["to_last_run_done"] if r["run_done"] else 0.0
+                print(f"  {r['mode']:6s} {r['run_done']:5d}/{r['jobs']} jobs, launcher start -> last RUN_DONE "
+                      f"{r['to_last_run_done']:.2f} s: {done_rate:8.1f} jobs/s = {done_rate / limit:.0%} of the limit "
+                      "(the launcher alone; JOB_FINISHED waits for the agent's processing module)")
+                if r["error"]:
+                    print(f"         {r['error']}")
+            return 0
         results = []
         if args.serial_jobs:
             ids = make_jobs(Noop, args.serial_jobs, "serial", node_packing_count=ncpu)

@@ -127,3 +127,72 @@ def test_plain_command_lines_skip_bash_and_shell_syntax_keeps_it(tmp_path) -> No
         assert proc.wait(10) == 0
         seen = dict(line.split("=", 1) for line in (workdir / "job.out").read_text().splitlines() if "=" in line)
         assert seen["BALSAM_JOB_ID"] == "7" and seen["QUOTED"] == "a 'b' $c" and "HOME" not in seen
+
+
+def _mpi_mode(tmp_path, cpus: int = 2, **settings):
+    import types
+
+    from balsam.builtin.default_platform import DefaultPlatform
+    from balsam.config.schema import LauncherSettings
+    from balsam.launcher.job_mode import LauncherContext
+    from balsam.launcher.modes.mpi import MPIMode
+
+    launcher = LauncherSettings(**settings) if settings else LauncherSettings()
+    context = LauncherContext(site_config=None, settings=types.SimpleNamespace(launcher=launcher), site_id=1,
+                              data_path=tmp_path, log_path=tmp_path, platform=DefaultPlatform(),
+                              nodes=[NodeInfo("0", "h0", list(range(cpus)))], wall_time_min=10)
+    return MPIMode(context)
+
+
+def _waiting(job_id: int, packing: int):
+    from balsam.launcher.app_run import PreparedJob
+    from balsam.launcher.node_manager import Demand
+
+    return PreparedJob(job=None, id=job_id, workdir=".", cmdline="true", env={}, demand=Demand(node_packing_count=packing))
+
+
+def test_mpi_mode_leases_the_free_nodes_plus_one_wave_ahead(tmp_path) -> None:
+    mode = _mpi_mode(tmp_path)
+    # Idle partition of one node: what fits now and one more node's worth, waiting.
+    first = mode._acquire_request()
+    assert first["max_aggregate_nodes"] == 2.0 and first["max_nodes_per_job"] == 1 and first["probe"]
+    assert first["count"] == mode.max_concurrent
+    # Two half-node jobs running and two waiting: nothing more is leased until one ends.
+    for job_id in (1, 2):
+        mode.node_manager.assign(job_id, _waiting(job_id, 2).demand)
+    mode.pending.extend([_waiting(3, 2), _waiting(4, 2)])
+    assert mode._acquire_request() is None
+    mode.node_manager.free(1)
+    again = mode._acquire_request()
+    assert again["max_aggregate_nodes"] == 0.5 and not again["probe"]
+    assert again["count"] == mode.max_concurrent - 2
+
+
+def test_mpi_mode_lookahead_respects_max_concurrent_mpiruns(tmp_path) -> None:
+    mode = _mpi_mode(tmp_path, max_concurrent_mpiruns=2)
+    mode.pending.extend([_waiting(1, 64), _waiting(2, 64)])
+    assert mode._acquire_request() is None  # two waiting already: as many as may run at once
+
+
+def test_early_lease_takes_the_filters_of_the_settings_read_after_it_opened(monkeypatch) -> None:
+    from balsam.launcher import _api
+
+    class Lease:
+        filter_tags: dict = {}
+        sort_by = None
+        closed = False
+
+        def close(self, **kwargs) -> None:
+            self.closed = True
+
+    opened = Lease()
+    monkeypatch.setattr(_api, "open_lease", lambda site_id, batch_job_id: opened)
+    early = _api.EarlyLease.start(3, 7)
+    assert early.matches(3, 7) and not early.matches(3, 8)
+    lease = early.take({"experiment": "xpcs"}, "long_large_first")
+    assert lease is opened and lease.filter_tags == {"experiment": "xpcs"} and lease.sort_by == "long_large_first"
+    early.discard()  # taken: discarding leaves it open for its owner
+    assert not opened.closed
+    unused = _api.EarlyLease.start(3, 7)
+    unused.discard()
+    assert opened.closed

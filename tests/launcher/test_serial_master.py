@@ -54,10 +54,15 @@ class RecordingUpdater:
         self.lock = threading.Lock()
         self.closed = False
         self.gave_up = False
+        self.flushes = 0
 
     def put(self, job_id: int, state: Any = None, state_timestamp: Any = None, state_data: Any = None, **fields: Any) -> None:
         with self.lock:
             self.updates.append((job_id, str(getattr(state, "value", state)), state_data or {}))
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        self.flushes += 1
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -153,6 +158,7 @@ def test_master_runs_local_tasks_reports_each_once_and_stops_when_idle(tmp_path:
     assert lease.calls[0][1]["serial_only"] is True
     assert updater.closed and lease.closed == {}  # updates flushed before the session is deleted
     assert master.started == master.finished == 12
+    assert updater.flushes == 1  # the first RUNNING is sent at once, the rest in batches
 
 
 def test_master_sends_other_nodes_tasks_to_their_rank_and_frees_them_on_report(tmp_path: Path) -> None:

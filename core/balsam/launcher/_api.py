@@ -54,41 +54,44 @@ def open_lease(
 class EarlyLease:
     """A lease (Session) opened in a background thread while the launcher is still starting.
 
-    The job mode takes it with :meth:`take` (which waits for it and raises what opening it raised);
-    if nobody takes it (the start-up failed, or the BatchJob turned out to be another one),
-    :meth:`discard` closes it so that the Session does not linger until it expires."""
+    It is opened before the site's settings are read, so without the acquire filters (tags, sort
+    order) that come from them: a Session does not depend on them (each acquire request carries
+    them), and :meth:`take` sets them before the lease's first acquire. :meth:`take` waits for the
+    lease and raises what opening it raised; if nobody takes it (the start-up failed, or the
+    BatchJob turned out to be another one), :meth:`discard` closes it so that the Session does not
+    linger until it expires."""
 
-    def __init__(self, site_id: int, batch_job_id: int, filter_tags: dict[str, str], sort_by: Optional[str]) -> None:
+    def __init__(self, site_id: int, batch_job_id: int) -> None:
         self.site_id = site_id
         self.batch_job_id = batch_job_id
-        self.filter_tags = dict(filter_tags)
-        self.sort_by = sort_by
         self._lease: Any = None
         self._error: Optional[BaseException] = None
         self._taken = False
         self._thread = threading.Thread(target=self._open, name="early-lease", daemon=True)
 
     @classmethod
-    def start(cls, site_id: int, batch_job_id: int, filter_tags: dict[str, str], sort_by: Optional[str] = None) -> "EarlyLease":
-        early = cls(site_id, batch_job_id, filter_tags, sort_by)
+    def start(cls, site_id: int, batch_job_id: int) -> "EarlyLease":
+        early = cls(site_id, batch_job_id)
         early._thread.start()
         return early
 
     def _open(self) -> None:
         try:
-            self._lease = open_lease(self.site_id, self.batch_job_id, self.filter_tags, sort_by=self.sort_by)
+            self._lease = open_lease(self.site_id, self.batch_job_id)
         except BaseException as exc:  # handed to whoever takes it
             self._error = exc
 
-    def matches(self, site_id: int, batch_job_id: Optional[int], filter_tags: dict[str, str], sort_by: Optional[str]) -> bool:
-        return (site_id, batch_job_id, dict(filter_tags), sort_by) == (self.site_id, self.batch_job_id, self.filter_tags,
-                                                                       self.sort_by)
+    def matches(self, site_id: int, batch_job_id: Optional[int]) -> bool:
+        return (site_id, batch_job_id) == (self.site_id, self.batch_job_id)
 
-    def take(self) -> Any:
+    def take(self, filter_tags: dict[str, str], sort_by: Optional[str] = None) -> Any:
+        """The lease, acquiring with these filters (it has acquired nothing yet)."""
         self._thread.join()
         self._taken = True
         if self._error is not None:
             raise self._error
+        self._lease.filter_tags = dict(filter_tags)
+        self._lease.sort_by = sort_by
         return self._lease
 
     def discard(self) -> None:

@@ -327,19 +327,19 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping
     process it forked in between. Measured here, the pin/unpin pair costs under 0.05 ms a spawn,
     less than setting the affinity of the new process after the fact.
     """
-    child_env: Optional[dict[str, str]] = None
+    child_env: Optional[Mapping[str, str]] = None
     direct = direct_argv(argv[-1], env)
     if direct is not None:
-        argv, child_env = direct, {str(k): str(v) for k, v in env.items()}
+        argv, child_env = direct, env  # the modes pass str -> str mappings (launch_environment)
     else:
         prefix = env_prefix(env)
         if prefix is None:
-            child_env = {str(k): str(v) for k, v in env.items()}
+            child_env = env
         elif prefix:
             argv = [*argv[:-1], f"{prefix} {argv[-1]}"]
     own_mask = None
     if cpu_ids and _affinity_supported:
-        own_mask = os.sched_getaffinity(0)
+        own_mask = _thread_mask()
         try:
             os.sched_setaffinity(0, cpu_ids)  # this thread only; the child inherits it
         except OSError as exc:  # CPUs outside our cpuset: run unpinned rather than not at all
@@ -351,7 +351,7 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping
             cwd=cwd,
             stdout=stdout,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=_devnull(),
             env=child_env,
             start_new_session=True,
             close_fds=True,
@@ -359,3 +359,27 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping
     finally:
         if own_mask is not None:
             os.sched_setaffinity(0, own_mask)
+
+
+_masks = threading.local()
+
+
+def _thread_mask() -> set[int]:
+    """The calling thread's own CPU mask, read once per thread (only the pinning above changes it,
+    and it puts it back): one system call less per spawn."""
+    mask = getattr(_masks, "mask", None)
+    if mask is None:
+        mask = _masks.mask = os.sched_getaffinity(0)
+    return mask
+
+
+_devnull_fd: Optional[int] = None
+
+
+def _devnull() -> int:
+    """One read-only ``/dev/null`` descriptor for every task's stdin (``subprocess.DEVNULL`` opens
+    and closes it on each spawn). Close-on-exec, so only the ``dup2`` to fd 0 reaches a child."""
+    global _devnull_fd
+    if _devnull_fd is None:
+        _devnull_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull_fd

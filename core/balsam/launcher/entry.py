@@ -101,17 +101,26 @@ def configure_logging(path: Path, settings: Any = None) -> None:
     root.addHandler(console)
 
 
-def _load_site(site_path: Optional[str]) -> Any:
+def _find_site(site_path: Optional[str]) -> Any:
+    """The site and its id, without its settings (reading them loads every plugin: see
+    :func:`_load_settings`)."""
     from balsam.config import SiteConfig
 
     try:
         site_config = SiteConfig(site_path)
-        _ = site_config.settings
+        site_id = site_config.site_id
     except Exception as exc:
         raise LauncherError(str(exc)) from None
-    if site_config.site_id is None:
+    if site_id is None:
         raise LauncherError(f"{site_config.site_path}/.balsam-site has no site id (is the site registered?)")
     return site_config
+
+
+def _load_settings(site_config: Any) -> Any:
+    try:
+        return site_config.settings
+    except Exception as exc:
+        raise LauncherError(str(exc)) from None
 
 
 def _platform(settings: Any) -> Any:
@@ -159,17 +168,19 @@ def run_launcher(
     from balsam.client import on_credential_refused
     from balsam.site.launcher_credentials import use_launcher_credential
 
-    site_config = _load_site(site_path)
+    cli_tags = dict(parse_tag(t) for t in tags)
+    partitions = [parse_partition(p) for p in parts] or [Partition(job_mode, 0)]
+    site_config = _find_site(site_path)
     # The BatchJob's own site-scoped credential (minted by the agent), if there is one; child
     # processes (partitions, jobs using the API) inherit it.
     credential = use_launcher_credential(site_config.site_path, os.environ)
-    settings = site_config.settings
-    base_tags = dict(getattr(settings, "filter_tags", None) or {})
-    base_tags.update(dict(parse_tag(t) for t in tags))
-    partitions = [parse_partition(p) for p in parts] or [Partition(job_mode, 0)]
-    # The Session is created while the plugins load (a few hundred ms each on a busy node).
-    early_lease = _start_early_lease(site_config.site_id, settings, partitions, base_tags)
+    # The Session is created (and the API models imported) in the background while the settings are
+    # read, which loads every plugin: together the two longest steps before the first job starts.
+    early_lease = _start_early_lease(site_config.site_id, partitions)
     try:
+        settings = _load_settings(site_config)
+        base_tags = dict(getattr(settings, "filter_tags", None) or {})
+        base_tags.update(cli_tags)
         return _run_with_site(site_config, settings, credential, partitions, base_tags, wall_time_min, start_time,
                               partition_index, early_lease, on_credential_refused)
     finally:
@@ -177,18 +188,16 @@ def run_launcher(
             early_lease.discard()
 
 
-def _start_early_lease(site_id: int, settings: Any, partitions: Sequence[Partition], base_tags: dict[str, str]) -> Any:
+def _start_early_lease(site_id: int, partitions: Sequence[Partition]) -> Any:
     """A Session opened in the background now, for a single-partition launch whose BatchJob id is
-    known from the environment (what the job template exports); None otherwise."""
+    known from the environment (what the job template exports); None otherwise. Its acquire filters
+    (tags, sort order: they come from the settings) are given when the job mode takes it."""
     raw = os.environ.get("BALSAM_BATCH_JOB_ID", "").strip()
     if len(partitions) != 1 or not raw.isdigit():
         return None
     from ._api import EarlyLease
-    from .job_mode import launcher_setting
 
-    partition = partitions[0]
-    sort_by = launcher_setting(settings, "sort_by") if partition.job_mode != "serial" else None
-    return EarlyLease.start(site_id, int(raw), {**base_tags, **partition.filter_tags}, sort_by=sort_by)
+    return EarlyLease.start(site_id, int(raw))
 
 
 def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions: list[Partition], base_tags: dict[str, str],

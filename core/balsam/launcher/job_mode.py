@@ -188,11 +188,11 @@ class LauncherContext:
     early_lease: Any = None
 
     def open_lease(self, sort_by: Optional[str] = None) -> Any:
-        """The launcher's lease: the one opened early when it was opened for the same filters,
-        else a new one."""
+        """The launcher's lease: the one opened early when it was opened for this site and
+        BatchJob (given this launcher's filters), else a new one."""
         early, self.early_lease = self.early_lease, None
-        if early is not None and early.matches(self.site_id, self.batch_job_id, self.filter_tags, sort_by):
-            return early.take()
+        if early is not None and early.matches(self.site_id, self.batch_job_id):
+            return early.take(self.filter_tags, sort_by)
         if early is not None:
             early.discard()
         from ._api import open_lease

@@ -34,6 +34,9 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
         env.update({str(k): str(v) for k, v in platform.gpu_environment(list(gpu_ids)).items()})
     env.setdefault("OMP_NUM_THREADS", str(prepared.demand.threads_per_rank))
     (hook or _launch_hook())(job=prepared.job, env=env, node_hostnames=list(placement.hostnames))
+    # Hooks may put in non-strings; the common case (none did) costs no second copy.
+    if all(type(k) is str and type(v) is str for k, v in env.items()):
+        return env
     return {str(k): str(v) for k, v in env.items()}
 
 
@@ -58,6 +61,13 @@ def disk_full_note(path: Any) -> str:
 
 def report_running(updater: Any, prepared: PreparedJob) -> None:
     updater.put(prepared.id, JobState.running, state_data={"num_nodes": prepared.footprint})
+
+
+def send_first_running(updater: Any) -> None:
+    """Have the updater send the launcher's first RUNNING updates now, not after its batching
+    interval: how soon a new launcher shows running jobs is what users watch. (``flush`` with no
+    time to wait only wakes the updater's thread: at most one interval instead of two.)"""
+    updater.flush(timeout=0)
 
 
 def report_exit(updater: Any, job_id: int, returncode: int, tail: str, when: Optional[float] = None) -> None:

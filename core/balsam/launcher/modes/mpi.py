@@ -1,13 +1,27 @@
 """mpi job mode: every job is started with the platform's MPI launcher (``mpiexec``, ``srun``...).
 
 One process on the head node of the partition: it leases jobs through a Session sized to the free
-nodes (``max_aggregate_nodes`` = free node footprint, ``max_nodes_per_job`` = idle nodes,
-``max_wall_time_min`` = time left), places them with the NodeManager (node packing, CPUs, GPUs),
-starts ``platform.mpi_command_line(...)`` for each, and reports RUNNING / RUN_DONE / RUN_ERROR in bulk.
+nodes plus one wave ahead (``max_aggregate_nodes`` = free node footprint + the partition's nodes -
+the footprint already leased and waiting, ``max_nodes_per_job`` = idle nodes, ``max_wall_time_min`` =
+time left), places them with the NodeManager (node packing, CPUs, GPUs), starts
+``platform.mpi_command_line(...)`` for each, and reports RUNNING / RUN_DONE / RUN_ERROR in bulk.
+
+Why a wave ahead, and why the acquire runs in a thread: an acquire is a round trip to the API,
+often as long as a short job. Leasing only what fits now, on the loop thread, left a slot idle for
+a round trip after every exit (measured: about one job running at a time of two possible). Now a
+job that ends is replaced at once from the jobs leased ahead, and the next acquire is in flight
+while jobs run. At most one wave (the partition's node footprint, ``max_concurrent_mpiruns`` jobs)
+waits leased; the Session's deletion at exit (or its expiry after a crash) frees what never started.
+
+Threads: the **loop thread** owns the NodeManager, the pending deque and the process pool; the
+**acquirer thread** (an executor of one) only runs ``source.acquire`` (and the oversized-job probe)
+with arguments computed by the loop, one call at a time, and wakes the loop when it is done; the
+loop prepares the jobs it returns.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import os
 import time
@@ -22,7 +36,9 @@ from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environ
 from ..job_mode import JobMode
 from ..node_manager import NodeManager, Placement, UnsatisfiableJob
 from ..placement import place_pending
-from ..runner import ProcessPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout
+from ..runner import (
+    ProcessPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,32 +91,47 @@ class MPIMode(JobMode):
         self._probe_oversized = shares == 1
 
     # -- one loop step each --------------------------------------------------------------------
-    def _acquire(self, source: Any, updater: Any) -> Optional[int]:
-        """Lease jobs for the free resources; None when there is no room to ask for any."""
+    def _acquire_request(self) -> Optional[dict[str, Any]]:
+        """Arguments of the next acquire (the free resources plus one wave ahead, less what is
+        already leased and waiting), or None when there is no room to ask for any job."""
         nm = self.node_manager
-        free = nm.aggregate_free_nodes()
-        room = self.max_concurrent - len(self.pool)
+        waiting = sum(p.footprint for p in self.pending)
+        room_nodes = nm.aggregate_free_nodes() + len(nm) - waiting
+        room = self.max_concurrent - len(self.pending)
         if self.launch_limit is not None:
             left = self.launch_limit.max_launches - self.started - len(self.pending)
             if left <= 0:
                 self._report_launch_limit()
                 return None
             room = min(room, left)
-        if free < 0.01 or room <= 0:
-            return None
         if not nm.allow_node_packing:
-            room = min(room, nm.count_empty_nodes())
-            if room <= 0:
-                return None
+            room = min(room, nm.count_empty_nodes() + len(nm) - len(self.pending))
+        if room_nodes < 0.01 or room <= 0:
+            return None
         empty = nm.count_empty_nodes()
+        return {
+            "count": room,
+            "max_nodes_per_job": max(1, empty),
+            "max_aggregate_nodes": room_nodes,
+            # Jobs larger than the partition are looked for only while it is idle and nothing waits.
+            "probe": empty == len(nm) and not self.pending and not self.pool.running and self._probe_oversized,
+        }
+
+    def _fetch(self, source: Any, request: dict[str, Any]) -> list[Any]:
+        """The acquire itself (acquirer thread)."""
         jobs = source.acquire(
-            room,
+            request["count"],
             max_wall_time_min=self.countdown.remaining_min(),
-            max_nodes_per_job=max(1, empty),
-            max_aggregate_nodes=free,
+            max_nodes_per_job=request["max_nodes_per_job"],
+            max_aggregate_nodes=request["max_aggregate_nodes"],
         )
-        if not jobs and empty == len(nm) and not self.pending and self._probe_oversized:
+        if not jobs and request["probe"]:
             jobs = self._probe_too_large(source)
+        return jobs
+
+    def _take(self, jobs: list[Any], updater: Any) -> None:
+        """Prepare acquired jobs (loop thread); unbuildable or impossible ones end FAILED."""
+        nm = self.node_manager
         for job in jobs:
             try:
                 prepared = self.preparer.prepare(job)
@@ -111,7 +142,6 @@ class MPIMode(JobMode):
                 continue
             self.pending.append(prepared)
             self._try_start = True
-        return len(jobs)
 
     def _probe_too_large(self, source: Any) -> list[Any]:
         """Lease jobs that ask for more nodes than this partition has, so that they end FAILED
@@ -181,6 +211,8 @@ class MPIMode(JobMode):
             logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), cmd)
 
         started = place_pending(self.pending, self.node_manager, start, lambda job_id, reason: report_failed(updater, job_id, reason), room=room)
+        if started and not self.started:
+            send_first_running(updater)
         self.started += started
         return started
 
@@ -204,39 +236,57 @@ class MPIMode(JobMode):
             self.context.filter_tags, self.node_manager.allow_node_packing,
         )
         reason = "wall time"
+        acquirer = cf.ThreadPoolExecutor(1, thread_name_prefix="mpi-acquire")
+        inflight: Optional[cf.Future] = None
         with self.lease() as (source, updater):
-            next_acquire = 0.0
-            while True:
-                stop = self.should_stop()
-                if stop:
-                    reason = stop
-                    break
-                if self._reap(updater):
-                    next_acquire = 0.0  # freed resources: ask for more right away
-                now = time.monotonic()
-                if not self.pending and now >= next_acquire:
-                    try:
-                        got = self._acquire(source, updater)
-                    except Exception as exc:
-                        logger.warning("acquire failed (will retry in %.1f s): %s", self.delay_sec, exc)
-                        got = 0
-                    # Ask again right away while jobs keep coming; back off to delay_sec when the
-                    # server has none for us (no room to ask: wait for a job to end instead).
-                    if got is not None:
-                        next_acquire = now if got else now + self.delay_sec
-                if self.pending:
-                    self._start_pending(updater)
-                self.stop.note_activity(bool(self.pool.running or self.pending))
-                if self.pending and self._try_start:
-                    continue  # jobs arrived while placing: start them before sleeping
-                # Exits and stop requests set `wake`; the timeout paces the next acquire (with no
-                # room to ask for jobs, only an exit can change anything).
-                timeout = POLL_SEC if self.pool.running or self.pending else min(self.delay_sec, 0.2)
-                until_acquire = next_acquire - time.monotonic()
-                if not self.pending and until_acquire > 0:
-                    timeout = min(timeout, until_acquire)
-                self.wake.wait(timeout)
-                self.wake.clear()
+            try:
+                next_acquire = 0.0
+                while True:
+                    stop = self.should_stop()
+                    if stop:
+                        reason = stop
+                        break
+                    if self._reap(updater):
+                        next_acquire = 0.0  # freed resources: ask for more right away
+                    if inflight is not None and inflight.done():
+                        try:
+                            got: Optional[int] = len(inflight.result())
+                            self._take(inflight.result(), updater)
+                        except Exception as exc:
+                            logger.warning("acquire failed (will retry in %.1f s): %s", self.delay_sec, exc)
+                            got = 0
+                        inflight = None
+                        # Ask again right away while jobs keep coming; back off to delay_sec when
+                        # the server has none for us.
+                        next_acquire = time.monotonic() if got else time.monotonic() + self.delay_sec
+                    if self.pending:
+                        self._start_pending(updater)
+                    if inflight is None and time.monotonic() >= next_acquire:
+                        request = self._acquire_request()
+                        if request is not None:  # no room: wait for a job to end instead
+                            inflight = acquirer.submit(self._fetch, source, request)
+                            inflight.add_done_callback(lambda _f: self.wake.set())
+                    # An acquire in flight is not activity (one goes out every delay_sec while idle);
+                    # if the idle timeout ends the launcher under it, its jobs go back with the Session.
+                    self.stop.note_activity(bool(self.pool.running or self.pending))
+                    if self.pending and self._try_start:
+                        continue  # jobs arrived while placing: start them before sleeping
+                    # Exits, acquire answers and stop requests set `wake`; the timeout paces the
+                    # next acquire.
+                    timeout = POLL_SEC if self.pool.running or self.pending or inflight is not None else min(self.delay_sec, 0.2)
+                    until_acquire = next_acquire - time.monotonic()
+                    if inflight is None and until_acquire > 0:
+                        timeout = min(timeout, until_acquire)
+                    self.wake.wait(timeout)
+                    self.wake.clear()
+            finally:
+                # The acquire in flight ends first (its jobs stay leased until the Session is
+                # deleted, which frees them); then the running jobs are ended.
+                acquirer.shutdown(wait=True)
+                if inflight is not None and inflight.done() and not inflight.cancelled() and inflight.exception() is None:
+                    late = len(inflight.result())
+                    if late:
+                        logger.info("%d jobs acquired as the launcher stopped; the session release returns them", late)
             self._shutdown(updater, reason)
         logger.info("mpi mode done (%s): %d started, %d finished", reason, self.started, self.finished)
         return 0

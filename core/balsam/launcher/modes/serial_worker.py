@@ -52,7 +52,9 @@ from ..job_mode import StopConditions
 from ..node_manager import NodeManager, Placement
 from ..placement import place_pending
 from ..prefetch import Prefetcher
-from ..runner import ProcessPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout
+from ..runner import (
+    ProcessPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+)
 
 TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]} or {"stop": reason, "grace": sec}
 TAG_REPORT = 12  # worker -> master: {"done": [...]} or {"done": [...], "killed": [...], "final": True}
@@ -281,6 +283,8 @@ class Master:
         if self.pending and self._try_start:
             self._try_start = False
             started = place_pending(self.pending, self.node_manager, self._start, self._fail, max_misses=MAX_PLACEMENT_MISSES)
+            if started and not self.started:
+                send_first_running(self.updater)
             self.started += started
             progress += started
             self._send_outbox()

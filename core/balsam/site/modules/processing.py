@@ -221,7 +221,9 @@ class ProcessingModule(AgentModule):
                           _count_states(acquired) if acquired else "", self.in_flight())
         if room > 0 and len(acquired) >= room:
             return 0.0  # more work is likely waiting
-        if self.pending:
+        if self.pending or acquired:
+            # Hooks in flight, or jobs arriving (a launcher is running them): look again soon rather
+            # than a whole period later; one empty cycle goes back to the period.
             return min(self.period, 0.2)
         return None
 
