@@ -34,11 +34,22 @@ def test_session_cookie_round_trip_and_refusals() -> None:
 
 def test_renewal_keeps_the_session_id() -> None:
     cookie, session = s.issue_session(ALICE, SECRET, 100)
-    assert s.renew_session(session, SECRET, 100) is None  # fresh: nothing to renew
-    old = s.DashboardSession(ALICE, session.sid, session.expires - 60)
-    renewed = s.read_session(s.renew_session(old, SECRET, 100), SECRET)
+    assert s.renew_session(session, SECRET, 100, 3600) is None  # fresh: nothing to renew
+    old = s.DashboardSession(ALICE, session.sid, session.expires - 60, session.login_time)
+    renewed = s.read_session(s.renew_session(old, SECRET, 100, 3600), SECRET)
     assert renewed.sid == session.sid and renewed.expires > old.expires
+    assert renewed.login_time == session.login_time
     assert renewed.csrf_token(SECRET) == session.csrf_token(SECRET)
+
+
+def test_a_session_kept_in_use_still_ends_at_its_max_age() -> None:
+    """Renewal on use must not keep a (possibly stolen) cookie alive forever."""
+    _, session = s.issue_session(ALICE, SECRET, 100)
+    logged_in_long_ago = s.DashboardSession(ALICE, session.sid, session.expires - 60, session.login_time - 3600 + 50)
+    renewed = s.read_session(s.renew_session(logged_in_long_ago, SECRET, 100, 3600), SECRET)
+    assert renewed.expires == logged_in_long_ago.login_time + 3600  # capped, not now + 100
+    at_the_cap = s.DashboardSession(ALICE, session.sid, session.expires - 60, session.login_time - 3600 + 40)
+    assert s.renew_session(at_the_cap, SECRET, 100, 3600) is None  # nothing left to extend
 
 
 def test_csrf_token_and_login_nonce() -> None:

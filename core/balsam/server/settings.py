@@ -21,6 +21,7 @@
 | ``BALSAM_IDEMPOTENCY_TTL_SEC`` | 86400 (how long a create's ``Idempotency-Key`` is remembered) |
 | ``BALSAM_DB_POOL_SIZE`` / ``BALSAM_DB_MAX_OVERFLOW`` | 10 / 20 (PostgreSQL) |
 | ``BALSAM_DASHBOARD_SESSION_TTL_SEC`` | 28800 (8 h: a dashboard login lasts this long without use) |
+| ``BALSAM_DASHBOARD_SESSION_MAX_AGE_SEC`` | 604800 (7 days: no dashboard login outlives this, however much it is used) |
 | ``BALSAM_DASHBOARD_SECURE_COOKIES`` | ``auto`` (Secure cookies when the request came over HTTPS); ``1`` always |
 | ``BALSAM_SERVER_CREATE_TABLES`` | ``1`` for SQLite, ``0`` for PostgreSQL (use ``balsam server migrate``) |
 """
@@ -116,6 +117,7 @@ class ServerSettings:
     max_overflow: int = 20
     create_tables: bool = True
     dashboard_session_ttl_sec: int = 8 * 3600
+    dashboard_session_max_age_sec: int = 7 * 24 * 3600
     dashboard_secure_cookies: str = "auto"
 
     @classmethod
@@ -153,6 +155,7 @@ class ServerSettings:
             pool_size=_int_env("BALSAM_DB_POOL_SIZE", 10),
             max_overflow=_int_env("BALSAM_DB_MAX_OVERFLOW", 20),
             dashboard_session_ttl_sec=_int_env("BALSAM_DASHBOARD_SESSION_TTL_SEC", 8 * 3600),
+            dashboard_session_max_age_sec=_int_env("BALSAM_DASHBOARD_SESSION_MAX_AGE_SEC", 7 * 24 * 3600),
             dashboard_secure_cookies=os.environ.get("BALSAM_DASHBOARD_SECURE_COOKIES", "auto").strip().lower() or "auto",
             create_tables=os.environ.get("BALSAM_SERVER_CREATE_TABLES", create_default).strip() in ("1", "true", "yes"),
         )

@@ -38,6 +38,7 @@ class DashboardSession:
     user: AuthUser
     sid: str
     expires: int  # unix time
+    login_time: int  # unix time of the login: renewals never carry the session past login + max age
 
     def csrf_token(self, secret: str) -> str:
         return _mac(secret, f"csrf|{self.sid}")
@@ -54,20 +55,27 @@ def _now() -> int:
 
 def issue_session(user: AuthUser, secret: str, ttl_sec: int) -> tuple[str, DashboardSession]:
     """A new session for ``user``: the cookie value and the session it encodes."""
-    session = DashboardSession(user=user, sid=secrets.token_urlsafe(16), expires=_now() + ttl_sec)
+    now = _now()
+    session = DashboardSession(user=user, sid=secrets.token_urlsafe(16), expires=now + ttl_sec, login_time=now)
     return _encode(session, secret), session
 
 
-def renew_session(session: DashboardSession, secret: str, ttl_sec: int) -> Optional[str]:
-    """A fresh cookie (same sid, so open forms stay valid) once half the lifetime has passed."""
-    if session.expires - _now() > ttl_sec / 2:
+def renew_session(session: DashboardSession, secret: str, ttl_sec: int, max_age_sec: int) -> Optional[str]:
+    """A fresh cookie (same sid, so open forms stay valid) once half the lifetime has passed, never
+    valid past ``login_time + max_age_sec``: a cookie kept in use (or stolen and kept in use) still
+    ends, and its user logs in again."""
+    now = _now()
+    if session.expires - now > ttl_sec / 2:
         return None
-    return _encode(DashboardSession(session.user, session.sid, _now() + ttl_sec), secret)
+    expires = min(now + ttl_sec, session.login_time + max_age_sec)
+    if expires <= session.expires:
+        return None
+    return _encode(DashboardSession(session.user, session.sid, expires, session.login_time), secret)
 
 
 def _encode(session: DashboardSession, secret: str) -> str:
     payload = {"sub": str(session.user.id), "username": session.user.username, "sid": session.sid,
-               "exp": session.expires, "aud": SESSION_AUDIENCE}
+               "exp": session.expires, "aud": SESSION_AUDIENCE, "auth_time": session.login_time}
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
@@ -77,9 +85,10 @@ def read_session(cookie: Optional[str], secret: str) -> Optional[DashboardSessio
         return None
     try:
         payload = jwt.decode(cookie, secret, algorithms=[ALGORITHM], audience=SESSION_AUDIENCE,
-                             options={"require": ["exp", "sub", "aud", "sid"]})
+                             options={"require": ["exp", "sub", "aud", "sid", "auth_time"]})
         user = AuthUser(id=int(payload["sub"]), username=str(payload.get("username", "")))
-        return DashboardSession(user=user, sid=str(payload["sid"]), expires=int(payload["exp"]))
+        return DashboardSession(user=user, sid=str(payload["sid"]), expires=int(payload["exp"]),
+                                login_time=int(payload["auth_time"]))
     except (jwt.InvalidTokenError, ValueError, KeyError, TypeError):
         return None
 

@@ -251,7 +251,8 @@ def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, l
             response = view.render("error.html", 500, title="Server error",
                                    message=f"This page failed ({type(exc).__name__}); the server log has the details.")
         if session is not None and login:
-            renewed = sessions.renew_session(session, settings.secret_key, settings.dashboard_session_ttl_sec)
+            renewed = sessions.renew_session(session, settings.secret_key, settings.dashboard_session_ttl_sec,
+                                             settings.dashboard_session_max_age_sec)
             if renewed:
                 _set_session_cookie(response, request, renewed)
         return response
