@@ -205,3 +205,13 @@ def test_static_files_and_unknown_pages(live_server: str) -> None:
     assert missing.status_code == 404 and "text/html" in missing.headers["content-type"]
     api_missing = httpx.get(f"{live_server}/no-such-route")
     assert api_missing.status_code == 404 and api_missing.json()["detail"].startswith("Not found")
+
+
+def test_a_huge_form_post_is_refused_before_any_login(live_server: str) -> None:
+    """Form bodies are read before the session check: they are bounded (413), not buffered whole."""
+    anon = httpx.Client(base_url=live_server, timeout=30)
+    answer = anon.post("/dashboard/login", content=b"username=" + b"a" * 200_000,
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert answer.status_code == 413
+    small = anon.post("/dashboard/login", data={"username": "x", "password": "y"})
+    assert small.status_code == 403  # an ordinary form still reaches its checks (no login nonce here)

@@ -33,7 +33,7 @@ from ..errors import APIError, NotFound, Unauthorized
 from ..http import QueryParams, json_response
 from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
 from ..routes.events import EV_FIELDS, events_select
-from ..routing import Ctx, route
+from ..routing import Ctx, read_body, route
 from ..tables import apps, job_parents, jobs, sites, users
 from . import session as sessions
 from .plots import plot_data
@@ -211,6 +211,10 @@ def _safe_next(view_base: str, target: Optional[str]) -> str:
 Handler = Callable[[View], Response]
 
 
+#: Dashboard forms are a few short fields; the API's own (bulk-sized) body limit is far too generous.
+FORM_BODY_LIMIT_BYTES = 64 * 1024
+
+
 def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, login: bool = True,
           name: Optional[str] = None) -> Route:
     """A dashboard route: session check (redirect to the login page), CSRF check on POST, the
@@ -219,7 +223,8 @@ def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, l
     async def endpoint(request: Request) -> Response:
         form: dict[str, str] = {}
         if request.method == "POST":
-            body = await request.body()
+            # Read before any login check, so bounded: a form is a few fields (413 beyond the bound).
+            body = await read_body(request, FORM_BODY_LIMIT_BYTES)
             form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         return _security_headers(await run_in_threadpool(_dispatch, request, form))
 
