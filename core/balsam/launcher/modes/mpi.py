@@ -172,7 +172,9 @@ class MPIMode(JobMode):
         if self._limit_reported or self.launch_limit is None:
             return
         self._limit_reported = True
-        message = (f"stopped acquiring jobs after {self.started} MPI launches: {self.launch_limit.reason}; "
+        # Counted with the jobs taken but not yet started: the acquire runs a wave ahead of the starts.
+        launches = self.started + len(self.pending)
+        message = (f"stopped acquiring jobs after {launches} MPI launches: {self.launch_limit.reason}; "
                    "jobs left over run in the next batch job")
         logger.warning(message)
         note_batch_job(self.context.batch_job_id, "launcher", message)
