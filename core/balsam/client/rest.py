@@ -405,13 +405,10 @@ class RESTClient:
         json: Any = None,
         headers: "Mapping[str, str] | None" = None,
         idempotency_key: Optional[str] = None,
-        on_sent: Optional[Callable[[], None]] = None,
     ) -> tuple[Any, httpx.Headers]:
         """:meth:`request` with extra request headers (``Prefer``, ``Accept``); returns the parsed
-        body and the response headers. ``on_sent()`` is called each time the request body has
-        been written to the connection (a caller pipelining requests starts the next one then)."""
-        resp = self._send(method, path, params=params, json=json, headers=headers, idempotency_key=idempotency_key,
-                          on_sent=on_sent)
+        body and the response headers."""
+        resp = self._send(method, path, params=params, json=json, headers=headers, idempotency_key=idempotency_key)
         return _parse(resp), resp.headers
 
     def _send(
@@ -426,7 +423,6 @@ class RESTClient:
         authenticated: bool = True,
         idempotency_key: Optional[str] = None,
         retry_count: Optional[int] = None,
-        on_sent: Optional[Callable[[], None]] = None,
     ) -> httpx.Response:
         method = method.upper()
         url = path if path.startswith("/") else "/" + path
@@ -438,17 +434,11 @@ class RESTClient:
             self._ensure_fresh_token()
         content = None if json is None else _encode_json(json)  # encoded once, resent as is on a retry
         body_headers = {"Content-Type": "application/json"} if content is not None else {}
-        extensions = None
-        if on_sent is not None:
-            def trace(event: str, _info: dict) -> None:
-                if event.endswith("send_request_body.complete"):
-                    on_sent()
-            extensions = {"trace": trace}
         while True:
             self.request_counts[f"{method} {url}"] += 1
             try:
                 resp = self._http().request(
-                    method, url, params=params, content=content, data=data, extensions=extensions,
+                    method, url, params=params, content=content, data=data,
                     headers={**self._headers(authenticated), **retry_safe_headers, **body_headers, **(headers or {})},
                 )
             except _RETRY_EXCEPTIONS as exc:
