@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from balsam.server.db import create_db_engine
-from balsam.server.migrate import alembic_config, head_revision, upgrade
+from balsam.server.migrate import MIGRATIONS_DIR, alembic_config, head_revision, upgrade
 from balsam.server.tables import metadata
+
+
+def _statement_checked_fks() -> list:
+    path = MIGRATIONS_DIR / "versions" / "0007_statement_fk_checks.py"
+    spec = importlib.util.spec_from_file_location("balsam_migration_0007", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.STATEMENT_CHECKED_FKS
+
+
+STATEMENT_CHECKED_FKS = _statement_checked_fks()
 
 
 def test_upgrade_matches_tables_and_downgrades(database_url):
@@ -23,10 +36,18 @@ def test_upgrade_matches_tables_and_downgrades(database_url):
             if engine.dialect.name == "sqlite":
                 # The GIN index exists only on PostgreSQL (Index.ddl_if), which autogenerate ignores.
                 diff = [d for d in diff if not (d[0] == "add_index" and d[1].name == "ix_jobs_tags_gin")]
+            if engine.dialect.name == "postgresql":
+                # Migration 0007 replaces these foreign keys with statement triggers (tests/server/test_fk_triggers.py).
+                replaced = {name for name, *_ in STATEMENT_CHECKED_FKS}
+                diff = [d for d in diff if not (d[0] == "add_fk" and d[1].name in replaced)]
             assert diff == []
             if engine.dialect.name == "postgresql":
                 indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("jobs")}
                 assert "ix_jobs_tags_gin" in indexes
+                triggers = set(conn.exec_driver_sql("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal").scalars())
+                for _name, table, column, _parent in STATEMENT_CHECKED_FKS:
+                    for kind in ("insert", "update", "cascade", "key_update"):
+                        assert f"balsam_fk_{table}_{column}_{kind}" in triggers
         from alembic import command
 
         command.downgrade(alembic_config(database_url), "base")

@@ -139,6 +139,9 @@ jobs = sa.Table(
     # Copied from the app (no foreign key: jobs already cascade through apps.site_id, and a second
     # per-row FK check costs bulk inserts ~10%).
     sa.Column("site_id", sa.Integer, nullable=False),
+    # On PostgreSQL this reference, and those of log_events, job_parents and transfer_items to
+    # jobs, are checked and cascaded by statement triggers instead of foreign keys (migration
+    # 0007: a row-by-row check was a third of a bulk insert); SQLite keeps the foreign keys.
     sa.Column("app_id", sa.Integer, sa.ForeignKey("apps.id", ondelete="CASCADE"), nullable=False, index=True),
     sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id", ondelete="SET NULL"), nullable=True),
     sa.Column("batch_job_id", sa.Integer, sa.ForeignKey("batch_jobs.id", ondelete="SET NULL"), nullable=True),

@@ -26,8 +26,8 @@ def list_jobs(ctx: Ctx) -> Response:
         body = {"count": count, "fields": logic.JOB_OUT_FIELDS, "rows": orjson.Fragment(rows)}
         return Response(dumps(body), media_type=logic.ROWS_MEDIA_TYPE)
     with ctx.read() as conn:
-        count, results = logic.list_jobs(conn, ctx.user.id, q, limit, offset)
-    return json_response({"count": count, "results": results})
+        count, results = logic.list_jobs_json(conn, ctx.user.id, q, limit, offset)
+    return Response(dumps({"count": count, "results": orjson.Fragment(results)}), media_type="application/json")
 
 
 def read_job(ctx: Ctx) -> Response:
