@@ -1161,13 +1161,16 @@ def delete_jobs(conn: sa.Connection, ids: list[int]) -> int:
     """All-or-nothing: refuse (409) if any job is leased by a live session."""
     if not ids:
         return 0
+    # PostgreSQL takes the ids as one array parameter (SQLAlchemy expanding a 5,000-value IN list
+    # cost a fifth of a 10,000-job delete's server time); SQLite, in chunks of its parameter limit.
+    if conn.dialect.name == "postgresql":
+        chunks = [jobs.c.id == sa.any_(sa.literal(ids, postgresql.ARRAY(sa.Integer)))]
+    else:
+        chunks = [jobs.c.id.in_(ids[start:start + 5000]) for start in range(0, len(ids), 5000)]
     locked: list[int] = []
-    for start in range(0, len(ids), 5000):
-        chunk = ids[start:start + 5000]
+    for matching in chunks:
         locked.extend(
-            conn.execute(
-                sa.select(jobs.c.id).where(jobs.c.id.in_(chunk), jobs.c.session_id.is_not(None)).order_by(jobs.c.id)
-            ).scalars()
+            conn.execute(sa.select(jobs.c.id).where(matching, jobs.c.session_id.is_not(None)).order_by(jobs.c.id)).scalars()
         )
     if locked:
         shown = ", ".join(str(i) for i in locked[:50]) + (f" (+{len(locked) - 50} more)" if len(locked) > 50 else "")
@@ -1175,7 +1178,4 @@ def delete_jobs(conn: sa.Connection, ids: list[int]) -> int:
             f"{len(locked)} job(s) are leased by a running launcher session and were not deleted; nothing was "
             f"deleted. Locked job ids: {shown}"
         )
-    total = 0
-    for start in range(0, len(ids), 5000):
-        total += conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids[start:start + 5000]))).rowcount
-    return total
+    return sum(conn.execute(sa.delete(jobs).where(matching)).rowcount for matching in chunks)
