@@ -99,3 +99,19 @@ def test_unsatisfiable_jobs_are_recognised() -> None:
     with pytest.raises(UnsatisfiableJob, match="CPUs"):
         nm.check_satisfiable(Demand(ranks_per_node=8))
     nm.check_satisfiable(Demand(ranks_per_node=4))
+
+
+def test_hand_over_passes_a_placement_to_the_job_started_on_it() -> None:
+    manager = NodeManager([NodeInfo("0", "n0", [0, 1])])
+    demand = Demand(node_packing_count=2)
+    first = manager.assign(1, demand)
+    moved = manager.hand_over(1, 2)
+    assert moved is not None and moved.job_id == 2 and moved.cpu_ids == first.cpu_ids
+    assert set(manager.placements) == {2}
+    manager.assign(3, demand)  # the other CPU is still free; the handed-over one is not
+    with pytest.raises(InsufficientResources):
+        manager.assign(4, demand)
+    assert manager.hand_over(1, 5) is None  # nothing to pass on
+    manager.free(2)
+    manager.free(3)
+    assert manager.nodes[0].is_empty and manager.nodes[0].idle_cpus == [0, 1]

@@ -22,7 +22,7 @@ from balsam.launcher.modes.serial_worker import Master, StartError, prefetch_dep
 from balsam.launcher.node_manager import Demand, NodeManager
 from balsam.launcher.placement import place_pending
 from balsam.launcher.prefetch import Prefetcher
-from balsam.launcher.runner import ChildReaper, ProcessPool
+from balsam.launcher.runner import ChildReaper, ProcessPool, SpawnerPool
 from balsam.platform import NodeInfo
 
 
@@ -118,7 +118,8 @@ def _prepare(tmp_path: Path):
 
 
 def make_master(tmp_path: Path, jobs: list[FakeJob], *, nodes: int = 1, cpus: int = 2, idle_ttl: float = 0.3,
-                size: Optional[int] = None, lease: Optional[FakeLease] = None) -> tuple[Master, FakeLease, RecordingUpdater, FakeTransport]:
+                size: Optional[int] = None, lease: Optional[FakeLease] = None,
+                pool: Any = ProcessPool) -> tuple[Master, FakeLease, RecordingUpdater, FakeTransport]:
     infos = [NodeInfo(str(i), f"node{i}", list(range(cpus))) for i in range(nodes)]
     node_manager = NodeManager(infos)
     lease = lease or FakeLease(jobs)
@@ -130,7 +131,7 @@ def make_master(tmp_path: Path, jobs: list[FakeJob], *, nodes: int = 1, cpus: in
                             remaining_min=stop.countdown.remaining_min, retry_sec=0.05, on_ready=wake.set,
                             acquire_kwargs={"serial_only": True}).start()
     master = Master(node_manager=node_manager, rank_of_node=list(range(nodes)), transport=transport, stop=stop, wake=wake,
-                    pool=ProcessPool(5, wake=wake), prefetcher=prefetcher, updater=updater, platform=DefaultPlatform(),
+                    pool=pool(5, wake=wake), prefetcher=prefetcher, updater=updater, platform=DefaultPlatform(),
                     launch_hook=lambda **kw: None)
     return master, lease, updater, transport
 
@@ -146,9 +147,10 @@ def run_in_thread(master: Master) -> tuple[threading.Thread, dict[str, str]]:
     return thread, result
 
 
-def test_master_runs_local_tasks_reports_each_once_and_stops_when_idle(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pool", [ProcessPool, SpawnerPool])
+def test_master_runs_local_tasks_reports_each_once_and_stops_when_idle(tmp_path: Path, pool: Any) -> None:
     jobs = [FakeJob(i, "true" if i % 3 else "echo boom; exit 3") for i in range(1, 13)]
-    master, lease, updater, _ = make_master(tmp_path, jobs)
+    master, lease, updater, _ = make_master(tmp_path, jobs, pool=pool)
     assert master.run() == "idle"
     for job in jobs:
         expected = ["RUNNING", "RUN_DONE"] if job.id % 3 else ["RUNNING", "RUN_ERROR"]
@@ -183,9 +185,10 @@ def test_master_sends_other_nodes_tasks_to_their_rank_and_frees_them_on_report(t
     assert transport.stops and transport.stops[0][0] == "idle"
 
 
-def test_a_stop_request_ends_local_and_remote_tasks_as_run_timeout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pool", [ProcessPool, SpawnerPool])
+def test_a_stop_request_ends_local_and_remote_tasks_as_run_timeout(tmp_path: Path, pool: Any) -> None:
     jobs = [FakeJob(i, "sleep 30") for i in range(1, 5)]
-    master, _, updater, transport = make_master(tmp_path, jobs, nodes=2, cpus=2, idle_ttl=60)
+    master, _, updater, transport = make_master(tmp_path, jobs, nodes=2, cpus=2, idle_ttl=60, pool=pool)
     thread, result = run_in_thread(master)
     deadline = time.monotonic() + 20
     while master.started < 4 and time.monotonic() < deadline:
@@ -356,3 +359,44 @@ def test_the_reaper_leaves_other_children_alone_and_sees_an_exit_that_came_first
     assert reaper.exited.popleft() is proc and proc.returncode == 7
     assert foreign.wait(5) == 0  # still ours to reap: the reaper did not take it
     reaper.stop()
+
+
+def test_hand_over_starts_queued_jobs_where_the_job_ahead_ran_and_reports_each_once(tmp_path: Path) -> None:
+    jobs = [FakeJob(i, "sleep 0.3") for i in range(1, 11)]
+    master, _, updater, _ = make_master(tmp_path, jobs, pool=SpawnerPool)
+    assert master.run() == "idle"
+    for job in jobs:
+        assert updater.states(job.id) == ["RUNNING", "RUN_DONE"], job.id
+    assert master.started == master.finished == 10
+    assert master.handed_over >= 1  # two slots, ten jobs: the others wait in the spawner's queues
+    assert not master.node_manager.placements and not master.queued and not master.local
+
+
+def test_a_stop_ends_running_jobs_and_queued_jobs_never_show_as_started(tmp_path: Path) -> None:
+    jobs = [FakeJob(i, "sleep 30") for i in range(1, 9)]
+    master, lease, updater, _ = make_master(tmp_path, jobs, idle_ttl=60, pool=SpawnerPool)
+    thread, result = run_in_thread(master)
+    deadline = time.monotonic() + 20
+    while (master.started < 2 or not master.queued) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    queued = set(master.queued)
+    assert queued
+    master.stop.request("signal 15")
+    thread.join(30)
+    assert result["reason"] == "signal 15"
+    started = {j for j, s, _ in updater.updates if s == "RUNNING"}
+    assert len(started) == 2 and not started & queued
+    for job_id in started:
+        assert updater.states(job_id) == ["RUNNING", "RUN_TIMEOUT"]
+    assert all(updater.states(j) == [] for j in queued)  # given back with the lease, never run
+    assert lease.closed == {} and not master.node_manager.placements
+
+
+def test_a_long_job_gives_back_the_jobs_queued_behind_it(tmp_path: Path) -> None:
+    jobs = [FakeJob(1, "sleep 3")] + [FakeJob(i, "sleep 0.05") for i in range(2, 12)]
+    master, _, updater, _ = make_master(tmp_path, jobs, pool=SpawnerPool)
+    assert master.run() == "idle"
+    for job in jobs:
+        assert updater.states(job.id) == ["RUNNING", "RUN_DONE"], job.id
+    ends = [j for j, s, _ in updater.updates if s == "RUN_DONE"]
+    assert ends[-1] == 1  # the others ran on the other CPU meanwhile, not behind job 1

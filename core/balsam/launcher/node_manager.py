@@ -223,6 +223,19 @@ class NodeManager:
         self.placements[job_id] = placement
         return placement
 
+    def hand_over(self, job_id: int, new_job_id: int) -> Optional[Placement]:
+        """``new_job_id`` takes over ``job_id``'s resources as they are (it was started on them
+        when ``job_id`` ended: same demand, same CPUs); returns its placement (None if ``job_id``
+        held none)."""
+        placement = self.placements.pop(job_id, None)
+        if placement is None:
+            return None
+        if new_job_id in self.placements:
+            raise ValueError(f"job {new_job_id} is already placed")
+        moved = attrs.evolve(placement, job_id=new_job_id)
+        self.placements[new_job_id] = moved
+        return moved
+
     def free(self, job_id: int) -> None:
         placement = self.placements.pop(job_id, None)
         if placement is None:

@@ -7,14 +7,19 @@ import logging
 import os
 import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from balsam.states import JobState
 
-from .app_run import AppProcess, PreparedJob
+from ..util import tail_file
+from . import spawner
+from .app_run import JOB_OUTPUT_NAME, AppProcess, PreparedJob, direct_argv
 from .node_manager import Placement
 
 logger = logging.getLogger(__name__)
@@ -59,8 +64,9 @@ def disk_full_note(path: Any) -> str:
     return ""
 
 
-def report_running(updater: Any, prepared: PreparedJob) -> None:
-    updater.put(prepared.id, JobState.running, state_data={"num_nodes": prepared.footprint})
+def report_running(updater: Any, prepared: PreparedJob, when: Optional[float] = None) -> None:
+    ts = dt.datetime.fromtimestamp(when, dt.timezone.utc) if when else None
+    updater.put(prepared.id, JobState.running, state_timestamp=ts, state_data={"num_nodes": prepared.footprint})
 
 
 def send_first_running(updater: Any) -> None:
@@ -208,15 +214,48 @@ class ChildReaper:
             time.sleep(self.FALLBACK_POLL_SEC)
 
 
-#: The signals a batch system sends when it ends an allocation (scancel, qdel, the wall time).
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP)
-#: Exit statuses of a process ended by one of them: Popen's ``-N``, a shell's ``128+N``, and MPICH
-#: hydra's mpiexec, which exits with its rank's signal number (15 for a SIGTERM'd rank).
-STOP_SIGNAL_EXITS = frozenset(
-    [-int(s) for s in _STOP_SIGNALS] + [128 + int(s) for s in _STOP_SIGNALS] + [int(signal.SIGTERM), int(signal.SIGKILL)]
-)
+#: Exit statuses of a process ended by a signal a batch system sends when it ends an allocation
+#: (scancel, qdel, the wall time): defined beside the spawner, which acts on them too.
+STOP_SIGNAL_EXITS = spawner.STOP_SIGNAL_EXITS
 #: How long such an exit is held back before it is reported as the job's own error (see ProcessPool).
 STOP_SIGNAL_HOLD_SEC = 1.0
+
+
+def finished_record(proc: Any, error_tail_num_lines: int) -> tuple[int, int, str, float]:
+    """``(job_id, returncode, error_tail, end_time)`` of an ended task (``proc``: ``job_id``,
+    ``returncode``, ``workdir``, ``tail(n)``, optionally ``end_time``, else now); the tail only for
+    a failure."""
+    rc = proc.returncode if proc.returncode is not None else -1
+    tail = ""
+    if rc != 0:
+        tail = proc.tail(error_tail_num_lines)
+        full = disk_full_note(proc.workdir)
+        if full:
+            # The job could not even write its error to job.out: say why in the event and the log.
+            logger.error("job %s exited %s: %s", proc.job_id, rc, full)
+            tail = f"{tail}\n{full}" if tail.strip() else full
+    return (proc.job_id, rc, tail, getattr(proc, "end_time", None) or time.time())
+
+
+def settle_exits(exited: Sequence[Any], running: dict[int, Any], held: dict[int, float],
+                 error_tail_num_lines: int) -> list[tuple[int, int, str, float]]:
+    """The pools' shared exit rule: ``exited`` tasks leave ``running`` as finished records, except
+    exits by a termination signal, which wait in ``held`` (job id -> when noticed) for
+    :data:`STOP_SIGNAL_HOLD_SEC` first (see :class:`ProcessPool`)."""
+    now = time.monotonic()
+    finished = []
+    for proc in exited:
+        if proc.returncode in STOP_SIGNAL_EXITS:
+            held[proc.job_id] = now
+        else:
+            del running[proc.job_id]
+            finished.append(finished_record(proc, error_tail_num_lines))
+    for job_id, since in list(held.items()):
+        if now - since >= STOP_SIGNAL_HOLD_SEC:
+            del held[job_id]
+            proc = running.pop(job_id)
+            finished.append(finished_record(proc, error_tail_num_lines))
+    return finished
 
 
 class ProcessPool:
@@ -251,16 +290,7 @@ class ProcessPool:
         return proc
 
     def _finished(self, proc: AppProcess) -> tuple[int, int, str, float]:
-        rc = proc.returncode if proc.returncode is not None else -1
-        tail = ""
-        if rc != 0:
-            tail = proc.tail(self.error_tail_num_lines)
-            full = disk_full_note(proc.workdir)
-            if full:
-                # The job could not even write its error to job.out: say why in the event and the log.
-                logger.error("job %s exited %s: %s", proc.job_id, rc, full)
-                tail = f"{tail}\n{full}" if tail.strip() else full
-        return (proc.job_id, rc, tail, time.time())
+        return finished_record(proc, self.error_tail_num_lines)
 
     def reap(self) -> list[tuple[int, int, str, float]]:
         """Finished processes as ``(job_id, returncode, error_tail, end_time)`` (exits by a
@@ -274,19 +304,7 @@ class ProcessPool:
                     exited.append(proc)
         else:
             exited = [proc for job_id, proc in self.running.items() if job_id not in self.held and proc.poll() is not None]
-        now = time.monotonic()
-        finished = []
-        for proc in exited:
-            if proc.returncode in STOP_SIGNAL_EXITS:
-                self.held[proc.job_id] = now
-            else:
-                del self.running[proc.job_id]
-                finished.append(self._finished(proc))
-        for job_id, since in list(self.held.items()):
-            if now - since >= STOP_SIGNAL_HOLD_SEC:
-                del self.held[job_id]
-                finished.append(self._finished(self.running.pop(job_id)))
-        return finished
+        return settle_exits(exited, self.running, self.held, self.error_tail_num_lines)
 
     def terminate_all(self, grace_sec: float) -> tuple[list[int], list[tuple[int, int, str, float]]]:
         """SIGTERM every process group, SIGKILL what is left after ``grace_sec``.
@@ -314,3 +332,252 @@ class ProcessPool:
             self.reaper.exited.clear()
             self.reaper.stop()
         return victims, finished
+
+
+class SpawnedTask:
+    """A task run by the spawner process: what the pool needs to report its exit."""
+
+    __slots__ = ("job_id", "workdir", "outfile", "returncode", "end_time", "spawn_error")
+
+    def __init__(self, job_id: int, workdir: Path, outfile: Path) -> None:
+        self.job_id = job_id
+        self.workdir = workdir
+        self.outfile = outfile
+        self.returncode: Optional[int] = None
+        self.end_time: Optional[float] = None
+        self.spawn_error = ""
+
+    def tail(self, num_lines: int) -> str:
+        text = tail_file(self.outfile, num_lines)
+        if self.spawn_error and self.spawn_error not in text:
+            text = f"{text}\n{self.spawn_error}" if text.strip() else self.spawn_error
+        return text
+
+
+#: How long closing waits for the spawner to end what still runs (its own grace is 5 s).
+SPAWNER_CLOSE_WAIT_SEC = spawner.ORPHAN_GRACE_SEC + 5.0
+
+
+class SpawnerPool:
+    """A :class:`ProcessPool` whose processes are started and reaped by a spawner process
+    (:mod:`balsam.launcher.spawner`), so the launcher's interpreter never forks.
+
+    Same interface and the same exit rules as ProcessPool (the hold of exits by a termination
+    signal included). :meth:`start` decides the argv (exec'd directly when the line needs no
+    shell, as :func:`~balsam.launcher.app_run.direct_argv`) and sends it with the environment as
+    a difference from the one the spawner started with (the launcher's), so a request is a few
+    hundred bytes. A reader thread queues the spawner's events in :attr:`events` and sets ``wake``.
+
+    Hand-over (:meth:`queue_after`): a task may be queued behind a running one, to start on its
+    CPUs the moment it ends, without a round trip through the launcher's loop. :meth:`reap` turns
+    the spawner's events into exits (returned), starts of queued tasks (:meth:`take_started`:
+    ``(after_id, job_id, start_time)``, in order) and tasks dropped unstarted
+    (:meth:`take_dropped`). A queued task is not in :attr:`running` until it starts.
+
+    Thread contract: every method but the reader thread's is the owner's thread's; the reader
+    thread only appends to :attr:`events` (a deque) and stores the answer to the stop request. If
+    the spawner dies, every task it ran is reported with returncode -1 and the reason, what was
+    queued is dropped, and starts go to an in-process :class:`ProcessPool`.
+    """
+
+    #: How long :meth:`terminate_all` waits for the spawner's answer beyond the grace.
+    ANSWER_MARGIN_SEC = 15.0
+
+    def __init__(self, error_tail_num_lines: int, wake: threading.Event, *, python: str = sys.executable) -> None:
+        self.error_tail_num_lines = error_tail_num_lines
+        self.wake = wake
+        self.running: dict[int, Any] = {}
+        self.queued: dict[int, SpawnedTask] = {}
+        self.held: dict[int, float] = {}
+        self.events: deque[tuple] = deque()
+        self.base_env = dict(os.environ)
+        self._started: list[tuple[int, int, float]] = []
+        self._dropped: list[int] = []
+        self._answer: Optional[tuple[list[int], list[Any]]] = None
+        self._answered = threading.Event()
+        self._gone: Optional[str] = None
+        self._closing = False
+        self._fallback: Optional[ProcessPool] = None
+        request_r, self._request_w = os.pipe()
+        self._reply_r, reply_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [python, "-I", "-S", spawner.__file__, str(request_r), str(reply_w)],
+                pass_fds=(request_r, reply_w), stdin=subprocess.DEVNULL, env=self.base_env,
+            )
+        finally:
+            os.close(request_r)
+            os.close(reply_w)
+        self._reader = threading.Thread(target=self._read, name="spawner-reader", daemon=True)
+        self._reader.start()
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    @property
+    def can_queue(self) -> bool:
+        """Whether :meth:`queue_after` works (not after the spawner died)."""
+        return self._gone is None
+
+    # -- owner's thread ------------------------------------------------------------------------
+    def _request(self, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str]) -> tuple[SpawnedTask, tuple]:
+        workdir = Path(workdir).absolute()
+        task = SpawnedTask(job_id, workdir, workdir / JOB_OUTPUT_NAME)
+        argv = direct_argv(shell_cmd, env) or ["/bin/bash", "-c", shell_cmd]
+        base = self.base_env
+        env_set = {k: v for k, v in env.items() if base.get(k) != v}
+        env_unset = [k for k in base if k not in env]
+        return task, (argv, str(workdir), str(task.outfile), env_set, env_unset)
+
+    def _send(self, command: tuple) -> bool:
+        try:
+            spawner.write_all(self._request_w, spawner.encode([command]))
+            return True
+        except OSError as exc:  # the spawner is gone: its reader thread reports what it ran
+            self._gone = self._gone or f"the spawner process is gone ({exc})"
+            return False
+
+    def start(self, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str], cpu_ids: Sequence[int] = ()) -> Any:
+        if self._gone is None:
+            task, request = self._request(job_id, shell_cmd, workdir, env)
+            self.running[job_id] = task
+            if self._send(("s", job_id, list(cpu_ids), *request)):
+                return task
+            del self.running[job_id]
+        return self._fallback_pool().start(job_id, shell_cmd, workdir, env, cpu_ids)
+
+    def queue_after(self, after_id: int, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str]) -> bool:
+        """Queue ``job_id`` to start on ``after_id``'s CPUs when that one ends; False if not sent
+        (then the job was not taken: place it again)."""
+        if self._gone is not None:
+            return False
+        task, request = self._request(job_id, shell_cmd, workdir, env)
+        self.queued[job_id] = task
+        if self._send(("q", after_id, job_id, *request)):
+            return True
+        del self.queued[job_id]
+        return False
+
+    def cancel(self, job_id: int) -> None:
+        """Drop a queued task if it has not started (a ``take_dropped`` entry says so)."""
+        if job_id in self.queued and self._gone is None:
+            self._send(("c", job_id))
+
+    def take_started(self) -> list[tuple[int, int, float]]:
+        started, self._started = self._started, []
+        return started
+
+    def take_dropped(self) -> list[int]:
+        dropped, self._dropped = self._dropped, []
+        return dropped
+
+    def _fallback_pool(self) -> ProcessPool:
+        if self._fallback is None:
+            logger.error("%s: starting tasks from the launcher process from now on", self._gone)
+            self._fallback = ProcessPool(self.error_tail_num_lines, wake=self.wake)
+        return self._fallback
+
+    def reap(self) -> list[tuple[int, int, str, float]]:
+        exited = []
+        events = self.events
+        while events:
+            event = events.popleft()
+            kind, job_id = event[0], event[1]
+            if kind == "e":
+                task = self.running.get(job_id)
+                if isinstance(task, SpawnedTask):
+                    task.returncode, task.end_time, task.spawn_error = event[2], event[3], event[4]
+                    exited.append(task)
+            elif kind == "h":
+                started = self.queued.pop(event[2], None)
+                if started is not None:
+                    self.running[started.job_id] = started
+                    self._started.append((job_id, started.job_id, event[3]))
+            elif kind == "d":
+                if self.queued.pop(job_id, None) is not None:
+                    self._dropped.append(job_id)
+        finished = settle_exits(exited, self.running, self.held, self.error_tail_num_lines)
+        if self._fallback is not None:
+            done = self._fallback.reap()
+            for job_id, *_ in done:
+                self.running.pop(job_id, None)
+            finished.extend(done)
+        return finished
+
+    def terminate_all(self, grace_sec: float) -> tuple[list[int], list[tuple[int, int, str, float]]]:
+        """As :meth:`ProcessPool.terminate_all`, done by the spawner (which then exits). Queued
+        tasks that had not started are forgotten (they never ran); call :meth:`take_started`
+        afterwards for the ones that started meanwhile (they are among the victims or finished)."""
+        finished = self.reap()
+        victims: list[int] = []
+        if self._fallback is not None:
+            fb_victims, fb_finished = self._fallback.terminate_all(grace_sec)
+            victims += fb_victims
+            finished += fb_finished
+        if self._gone is None:
+            self._send(("t", float(grace_sec)))
+            self._answered.wait(grace_sec + self.ANSWER_MARGIN_SEC)
+        finished += self.reap()  # what ended or started before the stop request reached the spawner
+        answer = self._answer
+        if answer is not None:
+            ended, before = answer
+            for _kind, job_id, rc, when, error in before:
+                task = self.running.pop(job_id, None)
+                if isinstance(task, SpawnedTask):
+                    task.returncode, task.end_time, task.spawn_error = rc, when, error
+                    if rc in STOP_SIGNAL_EXITS:
+                        victims.append(job_id)
+                    else:
+                        finished.append(finished_record(task, self.error_tail_num_lines))
+            victims += [j for j in ended if self.running.pop(j, None) is not None]
+        # Held exits (killed by a stop signal before ours) and anything unanswered: ended by us.
+        victims += [j for j, t in self.running.items() if isinstance(t, SpawnedTask)]
+        self.running.clear()
+        self.queued.clear()
+        self.held.clear()
+        self.close()
+        return victims, finished
+
+    def close(self) -> None:
+        """Let the spawner go (end of file: it ends what still runs) and wait for it."""
+        self._closing = True
+        if self._request_w >= 0:
+            os.close(self._request_w)
+            self._request_w = -1
+        try:
+            self.proc.wait(SPAWNER_CLOSE_WAIT_SEC)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    # -- reader thread -------------------------------------------------------------------------
+    def _read(self) -> None:
+        frames = spawner.FrameReader()
+        try:
+            while True:
+                data = os.read(self._reply_r, 1 << 16)
+                if not data:
+                    break
+                for kind, *body in frames.feed(data):
+                    if kind == "x":
+                        self.events.extend(body[0])
+                    elif kind == "T":
+                        self._answer = (body[0], body[1])
+                        self._answered.set()
+                self.wake.set()
+        except OSError as exc:
+            logger.error("reading from the spawner process: %s", exc)
+        finally:
+            os.close(self._reply_r)
+        if not self._answered.is_set():
+            rc = self.proc.wait()
+            self._gone = f"the spawner process exited unexpectedly (status {rc})"
+            if not self._closing:
+                logger.error("%s; its tasks were ended", self._gone)
+            # What it ran has been ended with it (or never reported): report each as an error.
+            # (list() of a dict is one C call: no change by the owner's thread can interleave.)
+            now = time.time()
+            self.events.extend(("e", job_id, -1, now, self._gone) for job_id in list(self.running))
+            self.events.extend(("d", job_id) for job_id in list(self.queued))
+            self._answered.set()
+            self.wake.set()

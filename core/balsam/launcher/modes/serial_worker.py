@@ -19,8 +19,23 @@ SerialMode reads, and from there into the BatchJob's ``status_info``.
 Threads of the master (each with one job): the **loop thread** (:meth:`Master.run`) alone owns the
 NodeManager's occupancy, the pending deque, the process pool and the transport; the
 :class:`~balsam.launcher.prefetch.Prefetcher` thread leases and prepares jobs ahead (its hand-over
-contract is in its module); the pool's :class:`~balsam.launcher.runner.ChildReaper` thread reaps the
-master's own children and sets ``wake``; the BulkStatusUpdater thread sends state changes in bulk.
+contract is in its module); the pool's reader thread (:class:`~balsam.launcher.runner.SpawnerPool`)
+collects what the spawner process reports and sets ``wake``; the BulkStatusUpdater thread sends
+state changes in bulk.
+
+The master's own node's tasks are started and reaped by a **spawner process**
+(:mod:`balsam.launcher.spawner`), never by the master's interpreter: a fork/exec holds the GIL of
+the process that makes it (CPython 3.11), which used to stall the prefetcher and the updater for
+most of the master's time. **Hand-over**: when the node is full, the master queues up to
+:data:`HANDOVER_DEPTH` pending jobs of the same demand behind each young running task, in the
+spawner, which starts the next one on the same CPUs the moment the one ahead exits, without a round
+trip through this loop (short tasks otherwise leave their CPU idle while the exit travels to the
+master and the next start back). The master learns of such a start with the exit before it, reports
+RUNNING with the time it happened and passes the placement on (:meth:`NodeManager.hand_over`);
+a queued job is not RUNNING until it starts, so a stop simply forgets it (the lease gives it back).
+No hand-over after an exit by a termination signal (the allocation is ending) and none behind a
+task older than :data:`HANDOVER_MAX_AGE_SEC` (its queue is cancelled and placed again), so a long
+task does not hold jobs that could run elsewhere.
 Stop conditions (signal, wall time, idle timeout, refused credential) are one
 :class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
 master runs in the launcher process.
@@ -53,7 +68,7 @@ from ..node_manager import NodeManager, Placement
 from ..placement import place_pending
 from ..prefetch import Prefetcher
 from ..runner import (
-    ProcessPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+    ProcessPool, SpawnerPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
 )
 
 TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]} or {"stop": reason, "grace": sec}
@@ -72,6 +87,11 @@ MAX_PLACEMENT_MISSES = 8
 EXIT_START_FAILED = 3
 #: Prefetch depth bounds (Balsam 0.7: ``serial_mode_prefetch_per_rank`` per slot).
 MIN_PREFETCH, MAX_PREFETCH = 64, 2048
+#: Hand-over: tasks queued in the spawner behind each running local task (same demand, same CPUs).
+HANDOVER_DEPTH = 4
+#: ... only behind a task younger than this: a long task gives its queue back (cancelled) so that
+#: the jobs waiting behind it run wherever resources free up first.
+HANDOVER_MAX_AGE_SEC = 1.0
 
 
 class StartError(Exception):
@@ -233,7 +253,7 @@ class Master:
         transport: Transport,
         stop: StopConditions,
         wake: threading.Event,
-        pool: ProcessPool,
+        pool: "ProcessPool | SpawnerPool",
         prefetcher: Prefetcher,
         updater: Any,
         platform: Any,
@@ -257,6 +277,20 @@ class Master:
         self.finished = 0
         #: Worth a placement pass: resources were freed or jobs arrived since the last one.
         self._try_start = True
+        # Hand-over bookkeeping (a pool with ``queue_after``; see the module docstring):
+        #: started local jobs -> (prepared, placement, monotonic start): the heads jobs queue behind
+        self.local: dict[int, tuple[PreparedJob, Placement, float]] = {}
+        #: queued in the spawner, not started (job id -> prepared)
+        self.queued: dict[int, PreparedJob] = {}
+        #: job id -> the job queued right behind it
+        self.behind: dict[int, int] = {}
+        #: job id -> the queued job that started on its resources when it ended (its placement
+        #: passes to that job when this one's exit is settled)
+        self.handed_to: dict[int, int] = {}
+        self._cancelled: set[int] = set()
+        self._next_age_check = 0.0
+        #: Jobs started by a hand-over (in the spawner, without a turn of this loop).
+        self.handed_over = 0
 
     # -- one loop turn -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
@@ -268,6 +302,8 @@ class Master:
         """Reap, collect reports, take new jobs, start what fits; returns how much happened."""
         progress = 0
         done = self.pool.reap()
+        if self.queued:
+            progress += self._note_handovers()
         if done:
             self._finish(done)
             progress += len(done)
@@ -288,8 +324,12 @@ class Master:
             self.started += started
             progress += started
             self._send_outbox()
-        self.prefetcher.note_held(len(self.pending))
-        busy = bool(self.pool.running or self.remote or self.pending or self.prefetcher.backlog)
+        if self.pending and self.local and getattr(self.pool, "can_queue", False):
+            progress += self._queue_behind()
+        if self.queued:
+            self._cancel_behind_old()
+        self.prefetcher.note_held(len(self.pending) + len(self.queued))
+        busy = bool(self.pool.running or self.remote or self.pending or self.queued or self.prefetcher.backlog)
         self.stop.note_activity(busy or not self.prefetcher.exhausted)
         return progress
 
@@ -300,6 +340,7 @@ class Master:
         cpu_ids = placement.cpu_ids[0]
         if rank == 0:
             self.pool.start(prepared.id, cmd, prepared.workdir, env, cpu_ids)
+            self.local[prepared.id] = (prepared, placement, time.monotonic())
         else:
             self.outbox.setdefault(rank, []).append(self._remote_task(prepared.id, cmd, prepared.workdir, env, cpu_ids))
             self.remote[prepared.id] = rank
@@ -307,6 +348,89 @@ class Master:
 
     def _fail(self, job_id: int, reason: str) -> None:
         report_failed(self.updater, job_id, reason)
+
+    # -- hand-over: jobs queued in the spawner behind running local jobs -------------------------
+    def _queue_behind(self) -> int:
+        """Queue pending jobs behind young local jobs of the same demand, up to
+        :data:`HANDOVER_DEPTH` each: they start on those resources the moment the job ahead ends.
+        Only the head of ``pending`` is looked at (placement order is kept)."""
+        queued = 0
+        now = time.monotonic()
+        for head_id, (head, placement, since) in list(self.local.items()):
+            if not self.pending or self.pending[0].demand != head.demand:
+                break
+            if head_id in self.pool.held or now - since > HANDOVER_MAX_AGE_SEC:
+                continue
+            tail, depth = head_id, 0
+            while tail in self.behind:
+                tail = self.behind[tail]
+                depth += 1
+            while depth < HANDOVER_DEPTH and self.pending and self.pending[0].demand == head.demand:
+                prepared = self.pending.popleft()
+                try:
+                    env = launch_environment(prepared, placement, self.platform, self.launch_hook)
+                    cmd = shell_line(prepared.cmdline, prepared.preamble, prepared.workdir)
+                except Exception as exc:
+                    reason = f"An exception occurred while preparing the launch: {type(exc).__name__}: {exc}"
+                    logger.error("job %s FAILED: %s", prepared.id, reason)
+                    self._fail(prepared.id, reason)
+                    continue
+                if not self.pool.queue_after(tail, prepared.id, cmd, prepared.workdir, env):
+                    self.pending.appendleft(prepared)
+                    return queued
+                self.queued[prepared.id] = prepared
+                self.behind[tail] = prepared.id
+                tail = prepared.id
+                depth += 1
+                queued += 1
+        return queued
+
+    def _note_handovers(self) -> int:
+        """Queued jobs that started (RUNNING, at the time they started) or were given back."""
+        started = self.pool.take_started()
+        for after_id, job_id, when in started:
+            prepared = self.queued.pop(job_id)  # every start the pool reports was queued here
+            self.behind.pop(after_id, None)
+            self.handed_to[after_id] = job_id
+            head = self.local.get(after_id)
+            if head is not None:
+                self.local[job_id] = (prepared, head[1], time.monotonic())
+            report_running(self.updater, prepared, when)
+        self.started += len(started)
+        self.handed_over += len(started)
+        dropped = self.pool.take_dropped()
+        for job_id in reversed(dropped):
+            prepared = self.queued.pop(job_id, None)
+            if prepared is not None:
+                self.pending.appendleft(prepared)
+        if dropped:
+            drop = set(dropped)
+            for after_id in [a for a, j in self.behind.items() if j in drop]:
+                del self.behind[after_id]
+            self._cancelled -= drop
+            self._try_start = True
+        return len(started) + len(dropped)
+
+    def _cancel_behind_old(self) -> None:
+        """Give back the queue behind a local job running longer than :data:`HANDOVER_MAX_AGE_SEC`."""
+        now = time.monotonic()
+        if now < self._next_age_check:
+            return
+        self._next_age_check = now + HANDOVER_MAX_AGE_SEC / 4
+        for head_id, (_, _, since) in list(self.local.items()):
+            first = self.behind.get(head_id)
+            if first is not None and first not in self._cancelled and now - since > HANDOVER_MAX_AGE_SEC:
+                self._cancelled.add(first)
+                self.pool.cancel(first)
+
+    def _release(self, job_id: int) -> None:
+        """An exit is settled: its resources pass to the job that started on them, or are freed."""
+        self.local.pop(job_id, None)
+        successor = self.handed_to.pop(job_id, None)
+        if successor is not None:
+            self.node_manager.hand_over(job_id, successor)
+        else:
+            self.node_manager.free(job_id)
 
     def _remote_task(self, job_id: int, cmd: str, workdir: Path, env: dict[str, str], cpu_ids: Sequence[int]) -> dict[str, Any]:
         """What a worker needs to start a task; the environment as a difference from the master's
@@ -330,7 +454,7 @@ class Master:
         if results:
             self._try_start = True
         for job_id, rc, tail, when in results:
-            self.node_manager.free(job_id)
+            self._release(job_id)
             self.remote.pop(job_id, None)
             report_exit(self.updater, job_id, rc, tail, when)
         self.finished += len(results)
@@ -355,8 +479,8 @@ class Master:
             self.prefetcher.stop()
             self.shutdown(reason)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        logger.info("serial master done (%s): %d started, %d finished; CPU %.2f s user + %.2f s system",
-                    reason, self.started, self.finished, usage.ru_utime, usage.ru_stime)
+        logger.info("serial master done (%s): %d started (%d by hand-over), %d finished; CPU %.2f s user + %.2f s system",
+                    reason, self.started, self.handed_over, self.finished, usage.ru_utime, usage.ru_stime)
         return reason
 
     def shutdown(self, reason: str) -> None:
@@ -367,9 +491,12 @@ class Master:
         try:
             self.transport.stop_workers(reason, grace)
             victims, finished = self.pool.terminate_all(grace)
+            if hasattr(self.pool, "take_started"):
+                self._note_handovers()  # RUNNING for queued jobs that started before the stop
+            self.queued.clear()
             self._finish(finished)
             for job_id in victims:
-                self.node_manager.free(job_id)
+                self._release(job_id)
                 report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
             if victims:
                 logger.info("%d local tasks ended as RUN_TIMEOUT (%s)", len(victims), reason)
@@ -431,14 +558,16 @@ def build_master(
         on_ready=wake.set,
         acquire_kwargs={"max_nodes_per_job": 1, "serial_only": True},
     ).start()
+    pool: Any = None
     try:
+        pool = _local_pool(int(launcher["error_tail_num_lines"]), wake)
         return Master(
             node_manager=node_manager,
             rank_of_node=rank_of_node,
             transport=transport,
             stop=stop,
             wake=wake,
-            pool=ProcessPool(int(launcher["error_tail_num_lines"]), wake=wake),
+            pool=pool,
             prefetcher=prefetcher,
             updater=updater,
             platform=platform(),
@@ -446,6 +575,8 @@ def build_master(
         )
     except BaseException:
         # Start-up failed: give the leased jobs back now rather than at session expiry.
+        if isinstance(pool, SpawnerPool):
+            pool.close()
         prefetcher.stop()
         prefetcher.join()
         try:
@@ -453,6 +584,19 @@ def build_master(
         finally:
             prefetcher.close_lease()
         raise
+
+
+def _local_pool(error_tail_num_lines: int, wake: threading.Event) -> "ProcessPool | SpawnerPool":
+    """The master's own node's tasks are started by a spawner process (see
+    :mod:`balsam.launcher.spawner`); in this process only if that cannot start, or with
+    ``BALSAM_LAUNCHER_SPAWNER=0`` in the environment (to compare, or to rule the spawner out)."""
+    if os.environ.get("BALSAM_LAUNCHER_SPAWNER", "1").strip() == "0":
+        return ProcessPool(error_tail_num_lines, wake=wake)
+    try:
+        return SpawnerPool(error_tail_num_lines, wake=wake)
+    except OSError as exc:
+        logger.warning("no spawner process (%s): tasks are started from the master process", exc)
+        return ProcessPool(error_tail_num_lines, wake=wake)
 
 
 def record_start_error(config: dict[str, Any], message: str) -> None:

@@ -1,0 +1,323 @@
+"""A spawner process: starts and reaps a launcher's tasks outside the launcher's own interpreter.
+
+Why a second process: on CPython 3.11 ``subprocess.Popen`` holds the GIL while its vfork child
+runs up to ``exec`` (0.3-1 ms on a busy CPU), so a launcher that starts thousands of short tasks a
+second spends most of its loop thread in ``fork_exec`` and stalls its other threads (the prefetcher,
+the status updater, the reaper) meanwhile. Here a small single-threaded Python (standard library
+only, started with ``-I -S``: ~15 ms) does the spawning and reaping, and the launcher only writes
+requests to a pipe and reads exits from another (:class:`~balsam.launcher.runner.SpawnerPool`).
+
+Single-threaded is what makes it cheap: the process may ``chdir`` to the task's workdir and set its
+own CPU mask before each spawn (so the child is pinned from its first instruction and runs in its
+workdir) and use ``os.posix_spawn`` (``clone(CLONE_VM|CLONE_VFORK)`` in glibc, no Python code in
+the child); its only children are the tasks, so ``waitpid(-1)`` after a SIGCHLD reaps exactly them.
+
+Protocol (both ways: a 4-byte little-endian length, then a :mod:`marshal` payload; only plain
+types cross, and both ends are the same interpreter):
+
+- launcher -> spawner: a list of commands. ``("s", job_id, cpu_ids, argv, cwd, outfile, env_set,
+  env_unset)`` starts a task: ``argv[0]`` an absolute path, the environment this process started
+  with minus ``env_unset`` plus ``env_set``, stdout and stderr to ``outfile`` (truncated), stdin
+  from ``/dev/null``, a new session (so the whole task tree is killed by process group), the
+  signal dispositions and mask reset. ``("q", after_id, job_id, argv, cwd, outfile, env_set,
+  env_unset)`` queues a task behind a running (or queued) one: it starts on the same CPUs the
+  moment that one exits, without waiting for the launcher (a **hand-over**), unless that one died
+  of a termination signal (the allocation is ending: the queued task is dropped). ``("c",
+  job_id)`` drops a queued task (and what is queued behind it) that has not started.
+  ``("t", grace)`` drops what is queued, ends every task (SIGTERM to its process group, SIGKILL
+  after ``grace`` seconds), answers and exits.
+- spawner -> launcher: ``("x", [event, ...])`` in the order they happened: ``("e", job_id,
+  returncode, end_time, spawn_error)`` a task ended (``returncode`` as Popen gives it: ``-N`` for
+  signal N; a task that could not be started has :data:`SPAWN_FAILED` and the reason, also written
+  to its output file); ``("h", after_id, job_id, start_time)`` a queued task started on the CPUs of
+  the one that ended just before; ``("d", job_id)`` a queued task was dropped unstarted. The answer
+  to ``"t"``: ``("T", ended_by_signal, [("e", ...) events before the signal...])``.
+
+End of file on the request pipe means the launcher is gone: every task is ended as by ``"t"`` with
+a 5 s grace, and the process exits (tasks do not outlive their launcher unnoticed). SIGTERM and
+SIGINT are ignored here: the launcher gets them too and decides (it sends ``"t"``).
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import select
+import signal
+import struct
+import sys
+import time
+
+#: The returncode of a task that could not be started (as :class:`~balsam.launcher.app_run.AppProcess`).
+SPAWN_FAILED = 12345
+#: Grace of the stop after the launcher vanished (end of file on the request pipe).
+ORPHAN_GRACE_SEC = 5.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP)
+#: Exit statuses of a process ended by a signal a batch system sends when it ends an allocation:
+#: Popen's ``-N``, a shell's ``128+N``, and MPICH hydra's mpiexec, which exits with its rank's
+#: signal number (15 for a SIGTERM'd rank). No hand-over after such an exit.
+STOP_SIGNAL_EXITS = frozenset(
+    [-int(s) for s in _STOP_SIGNALS] + [128 + int(s) for s in _STOP_SIGNALS] + [int(signal.SIGTERM), int(signal.SIGKILL)]
+)
+_HEADER = struct.Struct("<I")
+#: Signals whose disposition a task gets back to default: this process ignores some (SIGTERM,
+#: SIGINT), CPython ignores SIGPIPE and SIGXFSZ, and ignored dispositions survive exec.
+_RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None), signal.SIGTERM, signal.SIGINT,
+                                   signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT) if s is not None)
+
+
+def encode(obj: object) -> bytes:
+    """One frame of the protocol."""
+    payload = marshal.dumps(obj)
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Splits a byte stream into protocol frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        self._buf += data
+        out = []
+        while len(self._buf) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buf)
+            end = _HEADER.size + size
+            if len(self._buf) < end:
+                break
+            out.append(marshal.loads(bytes(self._buf[_HEADER.size:end])))
+            del self._buf[:end]
+        return out
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class Spawner:
+    def __init__(self, request_fd: int, reply_fd: int) -> None:
+        self.request_fd = request_fd
+        self.reply_fd = reply_fd
+        self.base_env = dict(os.environ)
+        self.home_mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        self.mask: object = None  # the CPU mask currently set on this process (None: home_mask)
+        self.cwd = os.getcwd()
+        self.running: dict[int, int] = {}  # pid -> job id
+        self.cpus_of: dict[int, list] = {}  # job id -> CPU ids, of the running tasks
+        self.after: dict[int, tuple] = {}  # job id -> the task queued behind it (a "q" command's tail)
+        self.queued: set[int] = set()  # job ids of queued tasks not started
+        self.events: list[tuple] = []
+        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.setsid_ok = True
+
+    # -- starting ------------------------------------------------------------------------------
+    def start(self, job_id: int, cpu_ids: list, argv: list, cwd: str, outfile: str, env_set: dict, env_unset: list) -> None:
+        env = self.base_env
+        if env_set or env_unset:
+            env = dict(env)
+            for key in env_unset:
+                env.pop(key, None)
+            env.update(env_set)
+        try:
+            fd = os.open(outfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            self._failed(job_id, outfile, exc)
+            return
+        try:
+            self._set_mask(cpu_ids)
+            if cwd != self.cwd:
+                os.chdir(cwd)  # single-threaded: the process's cwd is the child's
+                self.cwd = cwd
+            pid = self._spawn(argv, env, fd)
+        except OSError as exc:
+            self._failed(job_id, outfile, exc)
+            return
+        finally:
+            os.close(fd)
+        self.running[pid] = job_id
+        self.cpus_of[job_id] = cpu_ids
+
+    def queue(self, after_id: int, job_id: int, *request: object) -> None:
+        if after_id in self.cpus_of or after_id in self.queued:
+            self.after[after_id] = (job_id, *request)
+            self.queued.add(job_id)
+        else:  # it ended before the request came: the launcher places this one again
+            self.events.append(("d", job_id))
+
+    def cancel(self, job_id: int) -> None:
+        if job_id in self.queued:
+            for after_id, task in list(self.after.items()):
+                if task[0] == job_id:
+                    self._drop(self.after.pop(after_id))
+                    break
+
+    def _drop(self, task: tuple) -> None:
+        job_id = task[0]
+        self.queued.discard(job_id)
+        self.events.append(("d", job_id))
+        behind = self.after.pop(job_id, None)
+        if behind is not None:
+            self._drop(behind)
+
+    def _spawn(self, argv: list, env: dict, fd: int) -> int:
+        actions = [(os.POSIX_SPAWN_DUP2, self.devnull, 0), (os.POSIX_SPAWN_DUP2, fd, 1), (os.POSIX_SPAWN_DUP2, fd, 2)]
+        if self.setsid_ok:
+            try:
+                return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
+                                      setsigmask=(), setsigdef=_RESET_SIGNALS)
+            except NotImplementedError:  # a libc without POSIX_SPAWN_SETSID
+                self.setsid_ok = False
+        import subprocess  # the fallback only
+
+        return subprocess.Popen(argv, env=env, stdin=self.devnull, stdout=fd, stderr=fd, start_new_session=True,
+                                close_fds=True).pid
+
+    def _set_mask(self, cpu_ids: list) -> None:
+        if self.home_mask is None:
+            return
+        wanted = tuple(cpu_ids) if cpu_ids else None
+        if wanted == self.mask:
+            return
+        try:
+            os.sched_setaffinity(0, wanted if wanted is not None else self.home_mask)
+            self.mask = wanted
+        except OSError:  # CPUs outside our cpuset: run unpinned rather than not at all
+            os.sched_setaffinity(0, self.home_mask)
+            self.mask = None
+
+    def _failed(self, job_id: int, outfile: str, exc: OSError) -> None:
+        reason = f"could not start the job: {exc}"
+        try:
+            with open(outfile, "ab") as out:
+                out.write((reason + "\n").encode())
+        except OSError:
+            pass
+        self.cpus_of.setdefault(job_id, [])
+        self._ended(job_id, SPAWN_FAILED, reason)
+
+    def _ended(self, job_id: int, returncode: int, error: str = "") -> None:
+        now = time.time()
+        self.events.append(("e", job_id, returncode, now, error))
+        cpu_ids = self.cpus_of.pop(job_id, [])
+        task = self.after.pop(job_id, None)
+        if task is None:
+            return
+        self.queued.discard(task[0])
+        if returncode in STOP_SIGNAL_EXITS:
+            self._drop(task)
+            return
+        self.events.append(("h", job_id, task[0], now))
+        self.start(task[0], cpu_ids, *task[1:])
+
+    # -- reaping -------------------------------------------------------------------------------
+    def reap(self) -> None:
+        while self.running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                break
+            job_id = self.running.pop(pid, None)
+            if job_id is not None:
+                self._ended(job_id, os.waitstatus_to_exitcode(status))
+
+    def send_events(self) -> None:
+        if self.events:
+            events, self.events = self.events, []
+            write_all(self.reply_fd, encode(("x", events)))
+
+    def stop_all(self, grace: float) -> tuple[list, list]:
+        """Drop what is queued; SIGTERM every task's group, SIGKILL what is left after ``grace``:
+        (ended job ids, exit events before the signal)."""
+        self.after.clear()
+        self.queued.clear()
+        self.reap()
+        before, self.events = [e for e in self.events if e[0] == "e"], []
+        victims = list(self.running.values())
+        for pid in self.running:
+            _kill_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.running and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.02)
+        for pid in self.running:
+            _kill_group(pid, signal.SIGKILL)
+        for pid in list(self.running):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.running.clear()
+        self.events.clear()
+        return victims, before
+
+    # -- loop ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            return self._loop()
+        except BrokenPipeError:  # the launcher closed its end of the reply pipe: it is gone
+            self.stop_all(ORPHAN_GRACE_SEC)
+            return 1
+
+    def _loop(self) -> int:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        os.set_blocking(wake_r, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler (not SIG_IGN) so the wake-up fd is written
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        poller = select.poll()
+        poller.register(self.request_fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        frames = FrameReader()
+        while True:
+            events = poller.poll()
+            for fd, _ in events:
+                if fd == wake_r:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                data = os.read(self.request_fd, 1 << 16)
+                if not data:  # the launcher is gone
+                    self.stop_all(ORPHAN_GRACE_SEC)
+                    return 1
+                for message in frames.feed(data):
+                    for command in message:
+                        kind = command[0]
+                        if kind == "s":
+                            self.start(*command[1:])
+                        elif kind == "q":
+                            self.queue(*command[1:])
+                        elif kind == "c":
+                            self.cancel(command[1])
+                        elif kind == "t":
+                            victims, before = self.stop_all(float(command[1]))
+                            write_all(self.reply_fd, encode(("T", victims, before)))
+                            return 0
+            self.reap()
+            self.send_events()
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def main(argv: list) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    request_fd, reply_fd = int(argv[0]), int(argv[1])
+    for fd in (request_fd, reply_fd):
+        os.set_inheritable(fd, False)  # the tasks must not hold the launcher's pipes open
+    return Spawner(request_fd, reply_fd).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

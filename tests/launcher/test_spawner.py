@@ -1,0 +1,135 @@
+"""The spawner process and its pool (:class:`balsam.launcher.runner.SpawnerPool`): real processes,
+no server. What a task gets (environment, workdir, job.out, its own session, CPUs), exits, start
+failures, hand-over to a queued task, the stop, and a spawner that dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balsam.launcher.runner import SpawnerPool
+from balsam.launcher.spawner import SPAWN_FAILED
+
+
+def _wait(pool: SpawnerPool, count: int, timeout: float = 20.0) -> list[tuple[int, int, str, float]]:
+    """Reap until ``count`` tasks finished (the timeout only keeps a broken test from hanging)."""
+    done: list[tuple[int, int, str, float]] = []
+    deadline = time.monotonic() + timeout
+    while len(done) < count and time.monotonic() < deadline:
+        pool.wake.wait(0.1)
+        pool.wake.clear()
+        done += pool.reap()
+    return done
+
+
+@pytest.fixture
+def pool() -> Any:
+    pool = SpawnerPool(5, threading.Event())
+    yield pool
+    pool.close()
+
+
+def _workdir(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def test_a_task_gets_its_environment_workdir_output_and_own_session(pool: SpawnerPool, tmp_path: Path) -> None:
+    env = dict(os.environ, BALSAM_TEST_VALUE="a b'c")
+    env.pop("HOME", None)
+    workdir = _workdir(tmp_path, "1")
+    (workdir / "job.out").write_text("old output\n")
+    pool.start(1, 'echo "$BALSAM_TEST_VALUE|${HOME-unset}|$PWD"; ps -o sid= -p $$; echo $$; exit 7', workdir, env)
+    pool.start(2, "true", _workdir(tmp_path, "2"), env)
+    done = {job_id: (rc, tail) for job_id, rc, tail, _ in _wait(pool, 2)}
+    assert done[2] == (0, "")
+    rc, tail = done[1]
+    lines = (workdir / "job.out").read_text().split()
+    assert rc == 7 and "old output" not in tail
+    value, sid, pid = (workdir / "job.out").read_text().splitlines()
+    assert value == f"a b'c|unset|{workdir}"
+    assert int(sid) == int(pid)  # a session of its own: the stop kills its whole process group
+    assert lines and not pool.running
+
+
+def test_a_task_that_cannot_start_ends_with_the_reason(pool: SpawnerPool, tmp_path: Path) -> None:
+    pool.start(1, "true", tmp_path / "missing", dict(os.environ))
+    [(job_id, rc, tail, _)] = _wait(pool, 1)
+    assert (job_id, rc) == (1, SPAWN_FAILED) and "could not start the job" in tail
+
+
+def test_a_queued_task_starts_on_the_cpus_of_the_one_ahead_when_it_ends(pool: SpawnerPool, tmp_path: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    env = dict(os.environ)
+    pool.start(1, "sleep 0.2", _workdir(tmp_path, "1"), env, [cpu])
+    assert pool.queue_after(1, 2, "grep Cpus_allowed_list /proc/self/status", _workdir(tmp_path, "2"), env)
+    assert pool.queue_after(2, 3, "exit 4", _workdir(tmp_path, "3"), env)
+    done = _wait(pool, 3)
+    assert [(j, rc) for j, rc, _, _ in done] == [(1, 0), (2, 0), (3, 4)]
+    assert [(a, j) for a, j, _ in pool.take_started()] == [(1, 2), (2, 3)]
+    assert (tmp_path / "2" / "job.out").read_text().split()[-1] == str(cpu)
+    assert not pool.queued and not pool.take_dropped()
+
+
+def test_no_hand_over_after_a_termination_signal_and_cancel_gives_a_task_back(pool: SpawnerPool, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    pool.start(1, "sleep 0.2; kill -TERM $$", _workdir(tmp_path, "1"), env)
+    pool.queue_after(1, 2, "true", _workdir(tmp_path, "2"), env)
+    pool.start(3, "sleep 30", _workdir(tmp_path, "3"), env)
+    pool.queue_after(3, 4, "true", _workdir(tmp_path, "4"), env)
+    pool.queue_after(4, 5, "true", _workdir(tmp_path, "5"), env)
+    pool.cancel(4)  # drops 4 and what is queued behind it
+    deadline = time.monotonic() + 20
+    dropped: list[int] = []
+    while len(dropped) < 3 and time.monotonic() < deadline:
+        pool.wake.wait(0.1)
+        pool.wake.clear()
+        pool.reap()  # job 1's exit by SIGTERM is held back (the allocation may be ending)
+        dropped += pool.take_dropped()
+    assert sorted(dropped) == [2, 4, 5] and not pool.take_started() and not pool.queued
+    victims, finished = pool.terminate_all(1.0)
+    assert sorted(victims) == [1, 3] and finished == []  # 1 held, 3 running: both ended by the stop
+
+
+def test_terminate_all_ends_running_tasks_and_forgets_queued_ones(pool: SpawnerPool, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    pool.start(1, "sleep 30", _workdir(tmp_path, "1"), env)
+    pool.start(2, "true", _workdir(tmp_path, "2"), env)
+    pool.queue_after(1, 3, "true", _workdir(tmp_path, "3"), env)
+    assert [j for j, *_ in _wait(pool, 1)] == [2]
+    victims, finished = pool.terminate_all(2.0)
+    assert victims == [1] and finished == [] and not pool.queued and not pool.take_started()
+    assert pool.proc.returncode == 0
+
+
+def test_when_the_launcher_goes_the_spawner_ends_its_tasks(pool: SpawnerPool, tmp_path: Path) -> None:
+    workdir = _workdir(tmp_path, "1")
+    pool.start(1, "echo $$; exec sleep 30", workdir, dict(os.environ))
+    deadline = time.monotonic() + 20
+    while not ((workdir / "job.out").exists() and (workdir / "job.out").read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = int((workdir / "job.out").read_text())
+    pool.close()  # end of file on its request pipe
+    assert pool.proc.returncode == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_dead_spawner_reports_its_tasks_and_later_starts_run_in_process(pool: SpawnerPool, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    pool.start(1, "sleep 30", _workdir(tmp_path, "1"), env)
+    pool.queue_after(1, 2, "true", _workdir(tmp_path, "2"), env)
+    os.kill(pool.proc.pid, signal.SIGKILL)
+    [(job_id, rc, tail, _)] = _wait(pool, 1)
+    assert (job_id, rc) == (1, -1) and "spawner process exited unexpectedly" in tail
+    assert pool.take_dropped() == [2] and not pool.can_queue
+    pool.start(2, "exit 3", _workdir(tmp_path, "2b"), env)
+    assert [(j, rc) for j, rc, _, _ in _wait(pool, 1)] == [(2, 3)]
+    assert pool.terminate_all(1.0) == ([], [])
