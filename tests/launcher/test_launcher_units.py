@@ -216,6 +216,42 @@ def test_mpi_mode_leases_further_ahead_while_short_jobs_end(tmp_path) -> None:
     assert lookahead > 1 and request["max_aggregate_nodes"] == pytest.approx(1 + lookahead - 2)
 
 
+def test_mpi_mode_acquire_returns_prepared_jobs_and_the_unbuildable_end_failed(tmp_path) -> None:
+    import types
+
+    from balsam.launcher.app_run import PreparedJob
+    from balsam.launcher.modes.mpi import Unbuildable
+
+    mode = _mpi_mode(tmp_path)
+
+    class Preparer:
+        def prepare(self, job):
+            if job.id == 2:
+                from balsam.launcher.app_run import JobBuildError
+
+                raise JobBuildError("no such app")
+            return _waiting(job.id, 2)
+
+    class Source:
+        def acquire(self, count, **limits):
+            return [types.SimpleNamespace(id=1), types.SimpleNamespace(id=2), types.SimpleNamespace(id=3)]
+
+    class Updater:
+        def __init__(self):
+            self.puts = []
+
+        def put(self, job_id, state, **fields):
+            self.puts.append((job_id, str(state), fields))
+
+    mode.preparer = Preparer()
+    got = mode._fetch(Source(), mode._acquire_request())
+    assert [type(j) for j in got] == [PreparedJob, Unbuildable, PreparedJob] and got[1].reason == "no such app"
+    updater = Updater()
+    mode._take(got, updater)
+    assert [p.id for p in mode.pending] == [1, 3]
+    assert updater.puts == [(2, "FAILED", {"state_data": {"error": "no such app"}})]
+
+
 def test_early_lease_takes_the_filters_of_the_settings_read_after_it_opened(monkeypatch) -> None:
     from balsam.launcher import _api
 

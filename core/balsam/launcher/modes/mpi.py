@@ -17,8 +17,9 @@ a crash) frees what never started.
 
 Threads: the **loop thread** owns the NodeManager, the pending deque and the process pool; the
 **acquirer thread** (an executor of one) only runs ``source.acquire`` (and the oversized-job probe)
-with arguments computed by the loop, one call at a time, and wakes the loop when it is done; the
-loop prepares the jobs it returns.
+with arguments computed by the loop, one call at a time, prepares the jobs it got (the
+``JobPreparer`` is safe off the loop thread: the serial master prepares in its acquire thread too)
+and wakes the loop when it is done; the loop checks them against the NodeManager and queues them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import os
 import time
 from collections import deque
 from typing import Any, Optional
+
+import attrs
 
 from balsam.platform import LaunchLimit, LaunchSpec
 
@@ -144,6 +147,14 @@ class LeaseAhead:
         return max(0.01, (ahead_nodes - self.wave_nodes) / 2)
 
 
+@attrs.frozen
+class Unbuildable:
+    """An acquired job the preparer could not build (it ends FAILED with the reason)."""
+
+    id: int
+    reason: str
+
+
 class MPIMode(JobMode):
     name = "mpi"
 
@@ -214,18 +225,28 @@ class MPIMode(JobMode):
                      time.monotonic() - began)
         if not jobs and request["probe"]:
             jobs = self._probe_too_large(source)
-        return jobs
+        # Prepared here rather than on the loop thread (app, command line, environment, workdir:
+        # ~1 ms a job), so that the loop answers job exits while a batch is being prepared.
+        return [self._prepare(job) for job in jobs]
 
-    def _take(self, jobs: list[Any], updater: Any) -> None:
-        """Prepare acquired jobs (loop thread); unbuildable or impossible ones end FAILED."""
+    def _prepare(self, job: Any) -> "PreparedJob | Unbuildable":
+        """A job ready to place, or why it cannot be built (acquirer thread)."""
+        try:
+            return self.preparer.prepare(job)
+        except JobBuildError as exc:
+            return Unbuildable(int(job.id), str(exc))
+
+    def _take(self, jobs: list["PreparedJob | Unbuildable"], updater: Any) -> None:
+        """Queue prepared jobs (loop thread); unbuildable or impossible ones end FAILED."""
         nm = self.node_manager
-        for job in jobs:
+        for prepared in jobs:
             try:
-                prepared = self.preparer.prepare(job)
+                if isinstance(prepared, Unbuildable):
+                    raise JobBuildError(prepared.reason)
                 nm.check_satisfiable(prepared.demand)
             except (JobBuildError, UnsatisfiableJob) as exc:
-                logger.error("job %s FAILED: %s", job.id, exc)
-                report_failed(updater, job.id, str(exc))
+                logger.error("job %s FAILED: %s", prepared.id, exc)
+                report_failed(updater, prepared.id, str(exc))
                 continue
             self.pending.append(prepared)
             self._try_start = True
