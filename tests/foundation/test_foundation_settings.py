@@ -432,3 +432,52 @@ def test_driver_options_are_checked_against_the_named_drivers_schema(monkeypatch
     assert "# scheduler.options when scheduler.name is 'local':\n#   # sbatch flag the queue goes to.\n" \
            "#   queue_flag: --partition\n" in sample
     assert "# launcher.platform_options when launcher.platform is 'default': none" in sample
+
+
+# -- what a launcher reads ------------------------------------------------------------------------
+
+
+def test_launcher_sections_are_read_without_the_agent_modules(tmp_path, monkeypatch):
+    import balsam.config.settings as settings_module
+    from balsam.config import LAUNCHER_SECTIONS
+
+    def no_plugin_scan():
+        raise AssertionError("reading the launcher's sections must not import the agent modules")
+
+    monkeypatch.setattr(settings_module, "section_specs", no_plugin_scan)
+    # A broken agent-module section is the agent's concern: the launcher neither checks nor keeps it.
+    settings = loads_settings(BAD_QUEUE + "nightly_report: {service_period: 5}\n", only=LAUNCHER_SECTIONS)
+    assert list(settings.sections) == ["logging", "filter_tags", "launcher"]
+    assert settings.launcher.platform == "default" and settings.filter_tags == {}
+    with pytest.raises(AttributeError, match="no section 'scheduler': only logging, filter_tags, launcher were read"):
+        settings.scheduler
+
+
+def test_launcher_sections_are_still_checked_with_their_lines(monkeypatch):
+    from balsam.config import LAUNCHER_SECTIONS
+
+    text = "launcher:\n  idle_ttl_sec: soon\n  platform: defualt\nscheduler:\n  sync_period: never\n"
+    with pytest.raises(SettingsError) as info:
+        loads_settings(text, only=LAUNCHER_SECTIONS)
+    errors = info.value.errors
+    assert any(e.startswith("settings.yml:2 launcher.idle_ttl_sec: expected an integer") for e in errors), errors
+    assert any("settings.yml:3 launcher.platform: unknown platform 'defualt'" in e for e in errors), errors
+    assert not any("scheduler" in e for e in errors), errors
+    # Read whole (check-settings, the agent), the scheduler section's problem is reported too.
+    with pytest.raises(SettingsError) as info:
+        loads_settings(text)
+    assert any(e.startswith("settings.yml:5 scheduler.sync_period") for e in info.value.errors), info.value.errors
+
+
+def test_site_config_launcher_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
+    site = make_site(tmp_path / "site")
+    (site / "settings.yml").write_text(BAD_QUEUE)
+    config = SiteConfig(site)
+    assert config.launcher_settings.launcher.idle_ttl_sec == 60
+    assert config.launcher_settings.only == ("logging", "filter_tags", "launcher")
+    with pytest.raises(SettingsError, match=r"settings.yml:14 scheduler.allowed_queues.debug.max_nodes"):
+        config.settings
+    (site / "settings.yml").write_text(BAD_QUEUE.replace("max_nodes: two", "max_nodes: 2"))
+    whole = config.reload_settings()
+    assert config.launcher_settings is whole  # read whole already: nothing to read again

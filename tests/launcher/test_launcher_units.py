@@ -174,6 +174,84 @@ def test_mpi_mode_lookahead_respects_max_concurrent_mpiruns(tmp_path) -> None:
     assert mode._acquire_request() is None  # two waiting already: as many as may run at once
 
 
+def test_lease_ahead_is_one_wave_until_jobs_end_faster_than_acquires_return() -> None:
+    from balsam.launcher.modes.mpi import LeaseAhead
+
+    ahead = LeaseAhead(2, window_sec=1.0, round_trips=3, min_sec=0.25, max_sec=2.0)
+    assert ahead.nodes(now=10.0) == 2 and ahead.min_request(2) == 0.01  # nothing ended yet: one wave
+    ahead.job_ended(1.0, now=10.0)
+    assert ahead.nodes(now=10.5) == 2  # a job a second: one wave covers the round trip
+    for i in range(50):  # 50 half-node jobs in 0.5 s: 25 nodes freed in the last second
+        ahead.job_ended(0.5, now=11.0 + i * 0.01)
+    # 25 nodes/s over 3 round trips of 0.1 s (more than 0.25 s): 7.5 nodes, in whole waves of 2.
+    ahead.round_trip_sec = 0.1
+    assert ahead.nodes(now=11.5) == 8
+    assert ahead.min_request(8) == 3  # half the extra lookahead: acquires come in batches
+    ahead.acquire_took(10.0)  # a slow API: capped at max_sec (2 s) of exits
+    assert ahead.nodes(now=11.5) == 50
+    assert ahead.nodes(now=13.0) == 2  # no exit within the window: one wave again
+
+
+def test_lease_ahead_counts_a_young_launcher_over_its_short_life() -> None:
+    from balsam.launcher.modes.mpi import LeaseAhead
+
+    ahead = LeaseAhead(1, window_sec=1.0, round_trips=3, min_sec=0.25, max_sec=2.0)
+    for i in range(4):  # the first 0.2 s: 4 whole-node exits = 20 nodes/s, not 4
+        ahead.job_ended(1.0, now=5.0 + i * 0.05)
+    assert ahead.freed_nodes_per_sec(now=5.2) == pytest.approx(20.0)
+    assert ahead.nodes(now=5.2) == 6  # 20 nodes/s x 0.3 s
+
+
+def test_mpi_mode_leases_further_ahead_while_short_jobs_end(tmp_path) -> None:
+    import time
+
+    mode = _mpi_mode(tmp_path)
+    now = time.monotonic()
+    for i in range(40):
+        mode.lease_ahead.job_ended(0.5, now - 0.5 + i * 0.01)
+    mode.pending.extend(_waiting(100 + i, 2) for i in range(4))  # two nodes' worth waiting
+    request = mode._acquire_request()
+    # Free node (1) + lookahead (whole waves of 1 node covering 3 round trips of exits) - waiting (2).
+    lookahead = mode.lease_ahead.nodes(time.monotonic())
+    assert lookahead > 1 and request["max_aggregate_nodes"] == pytest.approx(1 + lookahead - 2)
+
+
+def test_mpi_mode_acquire_returns_prepared_jobs_and_the_unbuildable_end_failed(tmp_path) -> None:
+    import types
+
+    from balsam.launcher.app_run import PreparedJob
+    from balsam.launcher.modes.mpi import Unbuildable
+
+    mode = _mpi_mode(tmp_path)
+
+    class Preparer:
+        def prepare(self, job):
+            if job.id == 2:
+                from balsam.launcher.app_run import JobBuildError
+
+                raise JobBuildError("no such app")
+            return _waiting(job.id, 2)
+
+    class Source:
+        def acquire(self, count, **limits):
+            return [types.SimpleNamespace(id=1), types.SimpleNamespace(id=2), types.SimpleNamespace(id=3)]
+
+    class Updater:
+        def __init__(self):
+            self.puts = []
+
+        def put(self, job_id, state, **fields):
+            self.puts.append((job_id, str(state), fields))
+
+    mode.preparer = Preparer()
+    got = mode._fetch(Source(), mode._acquire_request())
+    assert [type(j) for j in got] == [PreparedJob, Unbuildable, PreparedJob] and got[1].reason == "no such app"
+    updater = Updater()
+    mode._take(got, updater)
+    assert [p.id for p in mode.pending] == [1, 3]
+    assert updater.puts == [(2, "FAILED", {"state_data": {"error": "no such app"}})]
+
+
 def test_early_lease_takes_the_filters_of_the_settings_read_after_it_opened(monkeypatch) -> None:
     from balsam.launcher import _api
 
@@ -196,3 +274,12 @@ def test_early_lease_takes_the_filters_of_the_settings_read_after_it_opened(monk
     unused = _api.EarlyLease.start(3, 7)
     unused.discard()
     assert opened.closed
+
+
+def test_the_launcher_process_does_not_import_httpx_command_line_tool() -> None:
+    # `python -m balsam.launcher` runs the package's __main__; the REST client still works.
+    code = ("import sys, balsam.launcher.__main__, httpx; "
+            "assert 'httpx._main' in sys.modules and sys.modules['httpx._main'] is None; "
+            "assert 'rich.console' not in sys.modules and 'pygments' not in sys.modules; "
+            "httpx.Client(base_url='http://127.0.0.1:9').close()")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

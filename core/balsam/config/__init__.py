@@ -9,6 +9,7 @@ from .paths import balsam_home
 from .schema import AllowedQueue, LauncherSettings, LoggingSettings, setting
 from .sections import CORE_SECTIONS, SectionSpec, core_section_keys, section_specs
 from .settings import (
+    LAUNCHER_SECTIONS,
     Settings,
     SettingsError,
     load_settings,
@@ -22,6 +23,7 @@ from .site_config import SITE_MARKER, SiteConfig, SiteNotFoundError
 __all__ = [
     "AllowedQueue",
     "CORE_SECTIONS",
+    "LAUNCHER_SECTIONS",
     "LauncherSettings",
     "LoggingSettings",
     "SITE_MARKER",

@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import yaml
 
-from .settings import Settings, load_settings
+from .settings import LAUNCHER_SECTIONS, Settings, load_settings
 
 __all__ = ["SITE_MARKER", "SiteConfig", "SiteNotFoundError"]
 
@@ -32,6 +32,7 @@ class SiteConfig:
     def __init__(self, site_path: Union[str, os.PathLike, None] = None, settings: Optional[Settings] = None) -> None:
         self.site_path: Path = self.resolve_site_path(site_path)
         self._settings = settings
+        self._launcher_settings: Optional[Settings] = None
 
     @staticmethod
     def resolve_site_path(path: Union[str, os.PathLike, None] = None) -> Path:
@@ -73,8 +74,20 @@ class SiteConfig:
     def settings(self, value: Settings) -> None:
         self._settings = value
 
+    @property
+    def launcher_settings(self) -> Settings:
+        """What a launcher reads: the core sections only (``logging``, ``filter_tags``,
+        ``launcher``), checked as :attr:`settings` checks them, without importing the agent
+        modules for the schemas of the other sections (most of reading :attr:`settings`)."""
+        if self._settings is not None:
+            return self._settings
+        if self._launcher_settings is None:
+            self._launcher_settings = load_settings(self.settings_path, only=LAUNCHER_SECTIONS)
+        return self._launcher_settings
+
     def reload_settings(self) -> Settings:
         self._settings = None
+        self._launcher_settings = None
         return self.settings
 
     @property

@@ -102,8 +102,7 @@ def configure_logging(path: Path, settings: Any = None) -> None:
 
 
 def _find_site(site_path: Optional[str]) -> Any:
-    """The site and its id, without its settings (reading them loads every plugin: see
-    :func:`_load_settings`)."""
+    """The site and its id, without its settings (see :func:`_load_settings`)."""
     from balsam.config import SiteConfig
 
     try:
@@ -117,8 +116,10 @@ def _find_site(site_path: Optional[str]) -> Any:
 
 
 def _load_settings(site_config: Any) -> Any:
+    """The sections a launcher uses (core sections: the agent modules' sections are the agent's,
+    checked by it and by ``balsam site check-settings``; reading them imports every agent module)."""
     try:
-        return site_config.settings
+        return site_config.launcher_settings
     except Exception as exc:
         raise LauncherError(str(exc)) from None
 
@@ -175,7 +176,8 @@ def run_launcher(
     # processes (partitions, jobs using the API) inherit it.
     credential = use_launcher_credential(site_config.site_path, os.environ)
     # The Session is created (and the API models imported) in the background while the settings are
-    # read, which loads every plugin: together the two longest steps before the first job starts.
+    # read and the plugins (hook modules, the platform) load: the longest steps before the first
+    # job starts.
     early_lease = _start_early_lease(site_config.site_id, partitions)
     try:
         settings = _load_settings(site_config)

@@ -6,11 +6,8 @@ import os
 from typing import Any, Optional
 
 import click
-import globus_sdk
 
 from balsam.plugins.hookspecs import hookimpl
-
-from .auth import load_tokens, login, tokens_path
 
 CLIENT_ID_ENV = "BALSAM_GLOBUS_CLIENT_ID"
 
@@ -44,6 +41,12 @@ def _site_settings_collections() -> tuple[Optional[str], list[str]]:
               help="Where to store the tokens (default $BALSAM_HOME/globus-tokens.json).")
 def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_file: Optional[str]) -> None:
     """Log in to Globus so the site agent can run transfers (refresh token stored mode 0600)."""
+    # Imported here: this hook module is loaded by every balsam process (launchers too), and
+    # globus_sdk is ~0.1 s of a start-up that never logs in.
+    import globus_sdk
+
+    from .auth import load_tokens, login, tokens_path
+
     site_client, site_collections = _site_settings_collections()
     path = tokens_path(tokens_file)
     try:

@@ -1,8 +1,8 @@
 """mpi job mode: every job is started with the platform's MPI launcher (``mpiexec``, ``srun``...).
 
 One process on the head node of the partition: it leases jobs through a Session sized to the free
-nodes plus one wave ahead (``max_aggregate_nodes`` = free node footprint + the partition's nodes -
-the footprint already leased and waiting, ``max_nodes_per_job`` = idle nodes, ``max_wall_time_min`` =
+nodes plus a lookahead (``max_aggregate_nodes`` = free node footprint + the lookahead - the
+footprint already leased and waiting, ``max_nodes_per_job`` = idle nodes, ``max_wall_time_min`` =
 time left), places them with the NodeManager (node packing, CPUs, GPUs), starts
 ``platform.mpi_command_line(...)`` for each, and reports RUNNING / RUN_DONE / RUN_ERROR in bulk.
 
@@ -10,23 +10,29 @@ Why a wave ahead, and why the acquire runs in a thread: an acquire is a round tr
 often as long as a short job. Leasing only what fits now, on the loop thread, left a slot idle for
 a round trip after every exit (measured: about one job running at a time of two possible). Now a
 job that ends is replaced at once from the jobs leased ahead, and the next acquire is in flight
-while jobs run. At most one wave (the partition's node footprint, ``max_concurrent_mpiruns`` jobs)
-waits leased; the Session's deletion at exit (or its expiry after a crash) frees what never started.
+while jobs run. The lookahead is one wave (the partition's node footprint, at most
+``max_concurrent_mpiruns`` jobs) unless jobs end faster than acquires come back: then it is what
+ends in a few round trips (:class:`LeaseAhead`). The Session's deletion at exit (or its expiry after
+a crash) frees what never started.
 
 Threads: the **loop thread** owns the NodeManager, the pending deque and the process pool; the
 **acquirer thread** (an executor of one) only runs ``source.acquire`` (and the oversized-job probe)
-with arguments computed by the loop, one call at a time, and wakes the loop when it is done; the
-loop prepares the jobs it returns.
+with arguments computed by the loop, one call at a time, prepares the jobs it got (the
+``JobPreparer`` is safe off the loop thread: the serial master prepares in its acquire thread too)
+and wakes the loop when it is done; the loop checks them against the NodeManager and queues them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 import os
 import time
 from collections import deque
 from typing import Any, Optional
+
+import attrs
 
 from balsam.platform import LaunchLimit, LaunchSpec
 
@@ -47,6 +53,19 @@ logger = logging.getLogger(__name__)
 POLL_SEC = 0.05
 #: Jobs asked for per probe for jobs larger than the partition (see ``_probe_too_large``).
 PROBE_JOBS = 64
+#: Seconds of recent job exits the lease-ahead rate is measured over (see :class:`LeaseAhead`).
+EXIT_RATE_WINDOW_SEC = 1.0
+#: ...or over the time since the first exit, if shorter, but at least this.
+EXIT_RATE_MIN_SPAN_SEC = 0.1
+#: Short jobs are leased this many acquire round trips ahead of the starts...
+LEASE_AHEAD_ROUND_TRIPS = 3.0
+#: ...but never more than this many seconds of exits ahead (what another launcher cannot take).
+LEASE_AHEAD_MAX_SEC = 2.0
+#: ...and at least this many (a round trip measures only the HTTP call, not the loop and thread
+#: wake-ups around it on a busy node).
+LEASE_AHEAD_MIN_SEC = 0.25
+#: The acquire round trip assumed before one has been measured.
+INITIAL_ROUND_TRIP_SEC = 0.1
 
 
 def mpi_partitions(env: Any) -> int:
@@ -63,6 +82,77 @@ def share_launch_limit(limit: Optional[LaunchLimit], shares: int) -> Optional[La
         return limit
     return LaunchLimit(max(1, limit.max_launches // shares),
                        f"{limit.reason}, shared by {shares} mpi partitions")
+
+
+class LeaseAhead:
+    """How many nodes' worth of jobs to hold leased and waiting beyond the free nodes (pure accounting).
+
+    One wave (the partition's nodes) while jobs last longer than an acquire: a job that ends is
+    replaced from the wave, and the next acquire has a job's run time to come back. Jobs as short
+    as a round trip drain a wave before the acquire's answer arrives (measured with 400 no-op jobs
+    on two CPUs: gaps of 0.1-0.2 s with nothing running after every few jobs, and one acquire per
+    two jobs, each a request the server handles on the CPUs the jobs need). So the lease also
+    covers the nodes that ended jobs freed over the last :data:`EXIT_RATE_WINDOW_SEC`, times
+    :data:`LEASE_AHEAD_ROUND_TRIPS` measured acquire round trips (at least
+    :data:`LEASE_AHEAD_MIN_SEC`, at most :data:`LEASE_AHEAD_MAX_SEC`), in whole waves: what the
+    partition will start before an answer can come back.
+    Beyond one wave the acquire waits until half of the extra lookahead is used (:meth:`min_request`),
+    so that it asks for jobs in batches rather than one per exit.
+    """
+
+    def __init__(self, wave_nodes: float, *, window_sec: float = EXIT_RATE_WINDOW_SEC,
+                 round_trips: float = LEASE_AHEAD_ROUND_TRIPS, min_sec: float = LEASE_AHEAD_MIN_SEC,
+                 max_sec: float = LEASE_AHEAD_MAX_SEC) -> None:
+        self.wave_nodes = float(wave_nodes)
+        self.window_sec = window_sec
+        self.round_trips = round_trips
+        self.min_sec = min_sec
+        self.max_sec = max_sec
+        #: Smoothed acquire round trip (written by the acquirer thread: one float assignment).
+        self.round_trip_sec = INITIAL_ROUND_TRIP_SEC
+        self._freed: deque[tuple[float, float]] = deque()  # (monotonic time, footprint) per exit
+        self._freed_nodes = 0.0
+        self._first_exit: Optional[float] = None
+
+    def job_ended(self, footprint: float, now: float) -> None:
+        self._freed.append((now, footprint))
+        self._freed_nodes += footprint
+        if self._first_exit is None:
+            self._first_exit = now
+
+    def acquire_took(self, seconds: float) -> None:
+        self.round_trip_sec = 0.7 * self.round_trip_sec + 0.3 * max(0.0, seconds)
+
+    def freed_nodes_per_sec(self, now: float) -> float:
+        while self._freed and now - self._freed[0][0] > self.window_sec:
+            self._freed_nodes -= self._freed.popleft()[1]
+        if not self._freed:
+            self._freed_nodes = 0.0  # no float drift left behind
+            return 0.0
+        # Over the time since the first exit while that is shorter than the window: the first
+        # second of a launcher is when a wave runs out fastest.
+        span = min(self.window_sec, max(EXIT_RATE_MIN_SPAN_SEC, now - self._first_exit))  # type: ignore[operator]
+        return self._freed_nodes / span
+
+    def nodes(self, now: float) -> float:
+        """Footprint to hold leased beyond the free nodes: whole waves, so that a request never
+        offers a fraction of a wave too small for the jobs (an empty answer then looks like an
+        empty queue)."""
+        horizon = min(self.max_sec, max(self.min_sec, self.round_trips * self.round_trip_sec))
+        waves = math.ceil(self.freed_nodes_per_sec(now) * horizon / self.wave_nodes - 1e-9) if self.wave_nodes else 1
+        return self.wave_nodes * max(1, waves)
+
+    def min_request(self, ahead_nodes: float) -> float:
+        """The smallest footprint worth an acquire, for a lookahead of ``ahead_nodes``."""
+        return max(0.01, (ahead_nodes - self.wave_nodes) / 2)
+
+
+@attrs.frozen
+class Unbuildable:
+    """An acquired job the preparer could not build (it ends FAILED with the reason)."""
+
+    id: int
+    reason: str
 
 
 class MPIMode(JobMode):
@@ -89,14 +179,18 @@ class MPIMode(JobMode):
         self._next_probe = 0.0
         #: With several mpi partitions a job too large for this one may fit another: never probe.
         self._probe_oversized = shares == 1
+        self.lease_ahead = LeaseAhead(len(self.node_manager))
+        self._footprints: dict[int, float] = {}  # running job id -> its footprint (for lease_ahead)
 
     # -- one loop step each --------------------------------------------------------------------
     def _acquire_request(self) -> Optional[dict[str, Any]]:
-        """Arguments of the next acquire (the free resources plus one wave ahead, less what is
-        already leased and waiting), or None when there is no room to ask for any job."""
+        """Arguments of the next acquire (the free resources plus the lookahead of
+        :class:`LeaseAhead`, at least one wave, less what is already leased and waiting), or None
+        when there is no room to ask for any job, or too little to be worth a request."""
         nm = self.node_manager
         waiting = sum(p.footprint for p in self.pending)
-        room_nodes = nm.aggregate_free_nodes() + len(nm) - waiting
+        ahead = self.lease_ahead.nodes(time.monotonic())
+        room_nodes = nm.aggregate_free_nodes() + ahead - waiting
         room = self.max_concurrent - len(self.pending)
         if self.launch_limit is not None:
             left = self.launch_limit.max_launches - self.started - len(self.pending)
@@ -106,7 +200,7 @@ class MPIMode(JobMode):
             room = min(room, left)
         if not nm.allow_node_packing:
             room = min(room, nm.count_empty_nodes() + len(nm) - len(self.pending))
-        if room_nodes < 0.01 or room <= 0:
+        if room_nodes < self.lease_ahead.min_request(ahead) or room <= 0:
             return None
         empty = nm.count_empty_nodes()
         return {
@@ -119,26 +213,40 @@ class MPIMode(JobMode):
 
     def _fetch(self, source: Any, request: dict[str, Any]) -> list[Any]:
         """The acquire itself (acquirer thread)."""
+        began = time.monotonic()
         jobs = source.acquire(
             request["count"],
             max_wall_time_min=self.countdown.remaining_min(),
             max_nodes_per_job=request["max_nodes_per_job"],
             max_aggregate_nodes=request["max_aggregate_nodes"],
         )
+        self.lease_ahead.acquire_took(time.monotonic() - began)
+        logger.debug("acquired %d jobs for up to %.2f nodes in %.3f s", len(jobs), request["max_aggregate_nodes"],
+                     time.monotonic() - began)
         if not jobs and request["probe"]:
             jobs = self._probe_too_large(source)
-        return jobs
+        # Prepared here rather than on the loop thread (app, command line, environment, workdir:
+        # ~1 ms a job), so that the loop answers job exits while a batch is being prepared.
+        return [self._prepare(job) for job in jobs]
 
-    def _take(self, jobs: list[Any], updater: Any) -> None:
-        """Prepare acquired jobs (loop thread); unbuildable or impossible ones end FAILED."""
+    def _prepare(self, job: Any) -> "PreparedJob | Unbuildable":
+        """A job ready to place, or why it cannot be built (acquirer thread)."""
+        try:
+            return self.preparer.prepare(job)
+        except JobBuildError as exc:
+            return Unbuildable(int(job.id), str(exc))
+
+    def _take(self, jobs: list["PreparedJob | Unbuildable"], updater: Any) -> None:
+        """Queue prepared jobs (loop thread); unbuildable or impossible ones end FAILED."""
         nm = self.node_manager
-        for job in jobs:
+        for prepared in jobs:
             try:
-                prepared = self.preparer.prepare(job)
+                if isinstance(prepared, Unbuildable):
+                    raise JobBuildError(prepared.reason)
                 nm.check_satisfiable(prepared.demand)
             except (JobBuildError, UnsatisfiableJob) as exc:
-                logger.error("job %s FAILED: %s", job.id, exc)
-                report_failed(updater, job.id, str(exc))
+                logger.error("job %s FAILED: %s", prepared.id, exc)
+                report_failed(updater, prepared.id, str(exc))
                 continue
             self.pending.append(prepared)
             self._try_start = True
@@ -209,6 +317,7 @@ class MPIMode(JobMode):
             cmd = self._command(prepared, placement, env)
             # An MPI launcher binds ranks itself, so no affinity is forced on it here.
             self.pool.start(prepared.id, cmd, prepared.workdir, env)
+            self._footprints[prepared.id] = prepared.footprint
             report_running(updater, prepared)
             logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), cmd)
 
@@ -222,8 +331,10 @@ class MPIMode(JobMode):
         done = self.pool.reap()
         if done:
             self._try_start = True
+        now = time.monotonic()
         for job_id, rc, tail, when in done:
             self.node_manager.free(job_id)
+            self.lease_ahead.job_ended(self._footprints.pop(job_id, 0.0), now)
             report_exit(updater, job_id, rc, tail, when)
             logger.info("job %s exited with %s", job_id, rc)
         self.finished += len(done)
@@ -243,6 +354,7 @@ class MPIMode(JobMode):
         with self.lease() as (source, updater):
             try:
                 next_acquire = 0.0
+                freed_in_flight = False  # jobs ended while the acquire in flight was out
                 while True:
                     stop = self.should_stop()
                     if stop:
@@ -250,6 +362,7 @@ class MPIMode(JobMode):
                         break
                     if self._reap(updater):
                         next_acquire = 0.0  # freed resources: ask for more right away
+                        freed_in_flight = inflight is not None
                     if inflight is not None and inflight.done():
                         try:
                             got: Optional[int] = len(inflight.result())
@@ -259,8 +372,13 @@ class MPIMode(JobMode):
                             got = 0
                         inflight = None
                         # Ask again right away while jobs keep coming; back off to delay_sec when
-                        # the server has none for us.
-                        next_acquire = time.monotonic() if got else time.monotonic() + self.delay_sec
+                        # the server has none for us. An empty answer to a request sized before
+                        # jobs ended may only mean that nothing fitted the room it offered then:
+                        # ask again with the room freed since (backing off here left the partition
+                        # idle for delay_sec under short jobs).
+                        again = got or freed_in_flight
+                        next_acquire = time.monotonic() if again else time.monotonic() + self.delay_sec
+                        freed_in_flight = False
                     if self.pending:
                         self._start_pending(updater)
                     if inflight is None and time.monotonic() >= next_acquire:
