@@ -324,7 +324,9 @@ class Master:
             self.started += started
             progress += started
             self._send_outbox()
-        if self.pending and self.local and getattr(self.pool, "can_queue", False):
+        # Not while the pool holds unread events: an exit among them would make a job queued
+        # behind that task come back unstarted (queued and placed again: work done twice).
+        if self.pending and self.local and getattr(self.pool, "can_queue", False) and not self.pool.events:
             progress += self._queue_behind()
         if self.queued:
             self._cancel_behind_old()
