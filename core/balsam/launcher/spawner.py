@@ -115,6 +115,7 @@ class Spawner:
 
     # -- starting ------------------------------------------------------------------------------
     def start(self, job_id: int, cpu_ids: list, argv: list, cwd: str, outfile: str, env_set: dict, env_unset: list) -> None:
+        self.cpus_of[job_id] = cpu_ids  # also when the start fails: a task queued behind gets them
         env = self.base_env
         if env_set or env_unset:
             env = dict(env)
@@ -138,7 +139,6 @@ class Spawner:
         finally:
             os.close(fd)
         self.running[pid] = job_id
-        self.cpus_of[job_id] = cpu_ids
 
     def queue(self, after_id: int, job_id: int, *request: object) -> None:
         if after_id in self.cpus_of or after_id in self.queued:
@@ -195,7 +195,6 @@ class Spawner:
                 out.write((reason + "\n").encode())
         except OSError:
             pass
-        self.cpus_of.setdefault(job_id, [])
         self._ended(job_id, SPAWN_FAILED, reason)
 
     def _ended(self, job_id: int, returncode: int, error: str = "") -> None:
