@@ -289,8 +289,10 @@ class Master:
         self.handed_to: dict[int, int] = {}
         self._cancelled: set[int] = set()
         self._next_age_check = 0.0
-        #: Jobs started by a hand-over (in the spawner, without a turn of this loop).
+        #: Jobs started by a hand-over (in the spawner, without a turn of this loop), and queued
+        #: jobs given back unstarted (the task ahead ended before the request came, or ran long).
         self.handed_over = 0
+        self.given_back = 0
 
     # -- one loop turn -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
@@ -401,6 +403,7 @@ class Master:
         self.started += len(started)
         self.handed_over += len(started)
         dropped = self.pool.take_dropped()
+        self.given_back += len(dropped)
         for job_id in reversed(dropped):
             prepared = self.queued.pop(job_id, None)
             if prepared is not None:
@@ -481,8 +484,9 @@ class Master:
             self.prefetcher.stop()
             self.shutdown(reason)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        logger.info("serial master done (%s): %d started (%d by hand-over), %d finished; CPU %.2f s user + %.2f s system",
-                    reason, self.started, self.handed_over, self.finished, usage.ru_utime, usage.ru_stime)
+        logger.info("serial master done (%s): %d started (%d by hand-over; %d queued ones given back), %d finished; "
+                    "CPU %.2f s user + %.2f s system", reason, self.started, self.handed_over, self.given_back, self.finished,
+                    usage.ru_utime, usage.ru_stime)
         return reason
 
     def shutdown(self, reason: str) -> None:
