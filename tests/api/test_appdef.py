@@ -70,6 +70,14 @@ def test_template_rendering_defaults_quoting_and_environment(monkeypatch):
     env = app.get_environ_vars()
     assert env["SIM_MODE"] == "fast" and env["BALSAM_JOB_ID"] == "7" and env["OMP_NUM_THREADS"] == "4"
     assert env["PATH"] == os.environ["PATH"]
+    # The launcher's environment as os.environ has it, undecodable bytes (surrogates) and changes included.
+    monkeypatch.setenv("BALSAM_TEST_\udcff", "v\udcfe")
+    monkeypatch.delenv("PATH")
+    env = app.get_environ_vars()
+    assert env["BALSAM_TEST_\udcff"] == "v\udcfe" and "PATH" not in env
+    assert {k: v for k, v in env.items() if k not in ("SIM_MODE", "BALSAM_JOB_ID", "OMP_NUM_THREADS")} == {
+        k: v for k, v in os.environ.items() if k not in ("SIM_MODE", "BALSAM_JOB_ID", "OMP_NUM_THREADS")}
+    monkeypatch.undo()
     # Always exported, as in Balsam 0.7: 1 for a one-thread job, even if the launcher inherited another value.
     monkeypatch.setenv("OMP_NUM_THREADS", "64")
     assert Sim(_job_stub({"inp": "x"}, threads_per_rank=1)).get_environ_vars()["OMP_NUM_THREADS"] == "1"

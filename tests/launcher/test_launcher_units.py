@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -114,6 +115,9 @@ def test_plain_command_lines_skip_bash_and_shell_syntax_keeps_it(tmp_path) -> No
     env = dict(os.environ)
     assert direct_argv("sleep 300", env)[1:] == ["300"]
     assert direct_argv("/bin/ls -l 'a b'", env) == ["/bin/ls", "-l", "a b"]
+    # Unquoted lines are split without shlex: the same words as the shell (spaces only; \x0b is no separator).
+    for plain in ["  sleep   1 2 ", "sleep a\x0bb", "sleep --x=1 -y"]:
+        assert direct_argv(plain, env)[1:] == shlex.split(plain)[1:], plain
     for needs_shell in ["echo hi", "ls *.txt", "a && b", "cat < in", "FOO=1 env", "cd /tmp", "./app", "x $HOME",
                         "no-such-program-here x", "python3 -c 'print(1)'", "unbalanced 'quote"]:
         assert direct_argv(needs_shell, env) is None, needs_shell

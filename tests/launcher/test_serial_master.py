@@ -161,6 +161,20 @@ def test_master_runs_local_tasks_reports_each_once_and_stops_when_idle(tmp_path:
     assert updater.closed and lease.closed == {}  # updates flushed before the session is deleted
     assert master.started == master.finished == 12
     assert updater.flushes == 1  # the first RUNNING is sent at once, the rest in batches
+    assert not master.node_manager.placements and not master.deferred and not master.queued
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_many_short_tasks_by_hand_over_leave_no_resources_held(tmp_path: Path, round_: int) -> None:
+    jobs = [FakeJob(i, "true") for i in range(1, 121)]
+    master, _, updater, _ = make_master(tmp_path, jobs, pool=SpawnerPool)
+    assert master.run() == "idle"
+    for job in jobs:
+        assert updater.states(job.id) == ["RUNNING", "RUN_DONE"], job.id
+    assert master.started == master.finished == 120
+    assert not master.node_manager.placements and not master.deferred and not master.handed_to
+    node = master.node_manager.nodes[0]
+    assert node.is_empty and node.idle_cpus == [0, 1]
 
 
 def test_master_sends_other_nodes_tasks_to_their_rank_and_frees_them_on_report(tmp_path: Path) -> None:

@@ -133,3 +133,36 @@ def test_a_dead_spawner_reports_its_tasks_and_later_starts_run_in_process(pool: 
     pool.start(2, "exit 3", _workdir(tmp_path, "2b"), env)
     assert [(j, rc) for j, rc, _, _ in _wait(pool, 1)] == [(2, 3)]
     assert pool.terminate_all(1.0) == ([], [])
+
+
+def test_a_queued_task_that_cannot_start_passes_its_cpus_on(pool: SpawnerPool, tmp_path: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    env = dict(os.environ)
+    pool.start(1, "sleep 0.2", _workdir(tmp_path, "1"), env, [cpu])  # still running when 2 is queued
+    pool.queue_after(1, 2, "true", tmp_path / "missing", env)
+    pool.queue_after(2, 3, "grep Cpus_allowed_list /proc/self/status", _workdir(tmp_path, "3"), env)
+    done = {j: (rc, tail) for j, rc, tail, _ in _wait(pool, 3)}
+    assert done[1] == (0, "") and done[2][0] == SPAWN_FAILED and "could not start the job" in done[2][1]
+    assert done[3][0] == 0 and (tmp_path / "3" / "job.out").read_text().split()[-1] == str(cpu)
+    assert [(a, j) for a, j, _ in pool.take_started()] == [(1, 2), (2, 3)]
+
+
+def test_a_queue_request_that_comes_after_the_task_ended_starts_on_its_cpus(pool: SpawnerPool, tmp_path: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    env = dict(os.environ)
+    pool.start(1, "true", _workdir(tmp_path, "1"), env, [cpu])
+    pool.start(2, "sh -c 'kill -TERM $$'", _workdir(tmp_path, "2"), env)
+    assert [j for j, *_ in _wait(pool, 1)] == [1]  # 2's exit by SIGTERM is held back
+    pool.queue_after(1, 3, "grep Cpus_allowed_list /proc/self/status", _workdir(tmp_path, "3"), env)
+    pool.queue_after(2, 4, "true", _workdir(tmp_path, "4"), env)  # never behind a task killed by a stop signal
+    assert [(j, rc) for j, rc, _, _ in _wait(pool, 1)] == [(3, 0)]
+    assert [(a, j) for a, j, _ in pool.take_started()] == [(1, 3)]
+    assert (tmp_path / "3" / "job.out").read_text().split()[-1] == str(cpu)
+    dropped: list[int] = []
+    deadline = time.monotonic() + 20  # 4 may have been queued while 2 still ran: dropped when it dies
+    while not dropped and time.monotonic() < deadline:
+        pool.wake.wait(0.1)
+        pool.wake.clear()
+        pool.reap()
+        dropped += pool.take_dropped()
+    assert dropped == [4] and not pool.take_started()

@@ -285,10 +285,15 @@ def direct_argv(cmdline: str, env: Mapping[str, str]) -> Optional[list[str]]:
     """
     if not cmdline or not _SHELL_SYNTAX.isdisjoint(cmdline):
         return None
-    try:
-        words = shlex.split(cmdline)
-    except ValueError:
-        return None
+    if "'" in cmdline or '"' in cmdline:
+        try:
+            words = shlex.split(cmdline)
+        except ValueError:
+            return None
+    else:
+        # Without quotes (and without the tabs, newlines, backslashes and '#' excluded above) the
+        # shell splits on spaces alone: the same words as shlex.split, at a tenth of its cost.
+        words = [w for w in cmdline.split(" ") if w]
     if not words or "=" in words[0] or words[0] in _SHELL_ONLY:
         return None
     if "/" in words[0] and not os.path.isabs(words[0]):

@@ -22,7 +22,8 @@ types cross, and both ends are the same interpreter):
   signal dispositions and mask reset. ``("q", after_id, job_id, argv, cwd, outfile, env_set,
   env_unset)`` queues a task behind a running (or queued) one: it starts on the same CPUs the
   moment that one exits, without waiting for the launcher (a **hand-over**), unless that one died
-  of a termination signal (the allocation is ending: the queued task is dropped). ``("c",
+  of a termination signal (the allocation is ending: the queued task is dropped); a request that
+  arrives just after that one ended normally starts at once on its CPUs. ``("c",
   job_id)`` drops a queued task (and what is queued behind it) that has not started.
   ``("t", grace)`` drops what is queued, ends every task (SIGTERM to its process group, SIGKILL
   after ``grace`` seconds), answers and exits.
@@ -50,6 +51,8 @@ import time
 
 #: The returncode of a task that could not be started (as :class:`~balsam.launcher.app_run.AppProcess`).
 SPAWN_FAILED = 12345
+#: Ended tasks whose CPUs are remembered for a late queue request (the oldest are forgotten first).
+MAX_FREED = 4096
 #: Grace of the stop after the launcher vanished (end of file on the request pipe).
 ORPHAN_GRACE_SEC = 5.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP)
@@ -109,12 +112,17 @@ class Spawner:
         self.cpus_of: dict[int, list] = {}  # job id -> CPU ids, of the running tasks
         self.after: dict[int, tuple] = {}  # job id -> the task queued behind it (a "q" command's tail)
         self.queued: set[int] = set()  # job ids of queued tasks not started
+        #: job id -> CPU ids of a task that ended normally with nothing queued behind it: a request
+        #: to queue behind it that comes late still starts there (the launcher keeps those CPUs
+        #: for it until it hears whether the queued task started).
+        self.freed: dict[int, list] = {}
         self.events: list[tuple] = []
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.setsid_ok = True
 
     # -- starting ------------------------------------------------------------------------------
     def start(self, job_id: int, cpu_ids: list, argv: list, cwd: str, outfile: str, env_set: dict, env_unset: list) -> None:
+        self.cpus_of[job_id] = cpu_ids  # also when the start fails: a task queued behind gets them
         env = self.base_env
         if env_set or env_unset:
             env = dict(env)
@@ -138,13 +146,15 @@ class Spawner:
         finally:
             os.close(fd)
         self.running[pid] = job_id
-        self.cpus_of[job_id] = cpu_ids
 
     def queue(self, after_id: int, job_id: int, *request: object) -> None:
         if after_id in self.cpus_of or after_id in self.queued:
             self.after[after_id] = (job_id, *request)
             self.queued.add(job_id)
-        else:  # it ended before the request came: the launcher places this one again
+        elif after_id in self.freed:  # it ended just before the request came: start on its CPUs now
+            self.events.append(("h", after_id, job_id, time.time()))
+            self.start(job_id, self.freed.pop(after_id), *request)
+        else:  # it ended by a termination signal, or long ago: the launcher places this one again
             self.events.append(("d", job_id))
 
     def cancel(self, job_id: int) -> None:
@@ -195,7 +205,6 @@ class Spawner:
                 out.write((reason + "\n").encode())
         except OSError:
             pass
-        self.cpus_of.setdefault(job_id, [])
         self._ended(job_id, SPAWN_FAILED, reason)
 
     def _ended(self, job_id: int, returncode: int, error: str = "") -> None:
@@ -204,6 +213,10 @@ class Spawner:
         cpu_ids = self.cpus_of.pop(job_id, [])
         task = self.after.pop(job_id, None)
         if task is None:
+            if returncode not in STOP_SIGNAL_EXITS:
+                self.freed[job_id] = cpu_ids
+                if len(self.freed) > MAX_FREED:
+                    del self.freed[next(iter(self.freed))]
             return
         self.queued.discard(task[0])
         if returncode in STOP_SIGNAL_EXITS:
@@ -235,6 +248,7 @@ class Spawner:
         (ended job ids, exit events before the signal)."""
         self.after.clear()
         self.queued.clear()
+        self.freed.clear()
         self.reap()
         before, self.events = [e for e in self.events if e[0] == "e"], []
         victims = list(self.running.values())

@@ -35,7 +35,10 @@ RUNNING with the time it happened and passes the placement on (:meth:`NodeManage
 a queued job is not RUNNING until it starts, so a stop simply forgets it (the lease gives it back).
 No hand-over after an exit by a termination signal (the allocation is ending) and none behind a
 task older than :data:`HANDOVER_MAX_AGE_SEC` (its queue is cancelled and placed again), so a long
-task does not hold jobs that could run elsewhere.
+task does not hold jobs that could run elsewhere. A queue request may reach the spawner just after
+the task ahead ended: the spawner then starts it at once on that task's CPUs, so the master keeps
+an ended task's placement while the job queued behind it is in flight (:attr:`Master.deferred`)
+and passes it on, or frees it when the job comes back unstarted.
 Stop conditions (signal, wall time, idle timeout, refused credential) are one
 :class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
 master runs in the launcher process.
@@ -287,10 +290,15 @@ class Master:
         #: job id -> the queued job that started on its resources when it ended (its placement
         #: passes to that job when this one's exit is settled)
         self.handed_to: dict[int, int] = {}
+        #: ended jobs whose resources are kept for the job queued behind them: the request may
+        #: reach the spawner after the end, and it then starts the job there (``h``) or gives it back
+        self.deferred: set[int] = set()
         self._cancelled: set[int] = set()
         self._next_age_check = 0.0
-        #: Jobs started by a hand-over (in the spawner, without a turn of this loop).
+        #: Jobs started by a hand-over (in the spawner, without a turn of this loop), and queued
+        #: jobs given back unstarted (the task ahead ended before the request came, or ran long).
         self.handed_over = 0
+        self.given_back = 0
 
     # -- one loop turn -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
@@ -324,7 +332,9 @@ class Master:
             self.started += started
             progress += started
             self._send_outbox()
-        if self.pending and self.local and getattr(self.pool, "can_queue", False):
+        # Not while the pool holds unread events: an exit among them would make a job queued
+        # behind that task come back unstarted (queued and placed again: work done twice).
+        if self.pending and self.local and getattr(self.pool, "can_queue", False) and not self.pool.events:
             progress += self._queue_behind()
         if self.queued:
             self._cancel_behind_old()
@@ -391,14 +401,20 @@ class Master:
         for after_id, job_id, when in started:
             prepared = self.queued.pop(job_id)  # every start the pool reports was queued here
             self.behind.pop(after_id, None)
-            self.handed_to[after_id] = job_id
-            head = self.local.get(after_id)
-            if head is not None:
-                self.local[job_id] = (prepared, head[1], time.monotonic())
+            self._cancelled.discard(job_id)
+            placement = self.node_manager.placements.get(after_id)
+            if placement is not None:
+                self.local[job_id] = (prepared, placement, time.monotonic())
+            if after_id in self.deferred:  # its end was settled already: pass the resources on now
+                self.deferred.discard(after_id)
+                self.node_manager.hand_over(after_id, job_id)
+            else:
+                self.handed_to[after_id] = job_id
             report_running(self.updater, prepared, when)
         self.started += len(started)
         self.handed_over += len(started)
         dropped = self.pool.take_dropped()
+        self.given_back += len(dropped)
         for job_id in reversed(dropped):
             prepared = self.queued.pop(job_id, None)
             if prepared is not None:
@@ -407,6 +423,9 @@ class Master:
             drop = set(dropped)
             for after_id in [a for a, j in self.behind.items() if j in drop]:
                 del self.behind[after_id]
+                if after_id in self.deferred:
+                    self.deferred.discard(after_id)
+                    self.node_manager.free(after_id)
             self._cancelled -= drop
             self._try_start = True
         return len(started) + len(dropped)
@@ -424,11 +443,14 @@ class Master:
                 self.pool.cancel(first)
 
     def _release(self, job_id: int) -> None:
-        """An exit is settled: its resources pass to the job that started on them, or are freed."""
+        """An exit is settled: its resources pass to the job that started on them, wait for the
+        fate of the job queued behind it (not known yet), or are freed."""
         self.local.pop(job_id, None)
         successor = self.handed_to.pop(job_id, None)
         if successor is not None:
             self.node_manager.hand_over(job_id, successor)
+        elif job_id in self.behind:
+            self.deferred.add(job_id)
         else:
             self.node_manager.free(job_id)
 
@@ -479,8 +501,9 @@ class Master:
             self.prefetcher.stop()
             self.shutdown(reason)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        logger.info("serial master done (%s): %d started (%d by hand-over), %d finished; CPU %.2f s user + %.2f s system",
-                    reason, self.started, self.handed_over, self.finished, usage.ru_utime, usage.ru_stime)
+        logger.info("serial master done (%s): %d started (%d by hand-over; %d queued ones given back), %d finished; "
+                    "CPU %.2f s user + %.2f s system", reason, self.started, self.handed_over, self.given_back, self.finished,
+                    usage.ru_utime, usage.ru_stime)
         return reason
 
     def shutdown(self, reason: str) -> None:
@@ -493,7 +516,12 @@ class Master:
             victims, finished = self.pool.terminate_all(grace)
             if hasattr(self.pool, "take_started"):
                 self._note_handovers()  # RUNNING for queued jobs that started before the stop
+            # What was still queued will not start: nothing waits for it any more.
             self.queued.clear()
+            self.behind.clear()
+            for job_id in self.deferred:
+                self.node_manager.free(job_id)
+            self.deferred.clear()
             self._finish(finished)
             for job_id in victims:
                 self._release(job_id)
