@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import attrs
-import filelock
 import yaml
 
 NOT_LOGGED_IN = "Not logged in: run `balsam login` (or `balsam server start` for a local server)"
@@ -143,6 +142,9 @@ def store_refreshed_token(path: "Path | str | None", refresh_token: str, token: 
                           token_expiry: Optional[dt.datetime], refresh_expiry: Optional[dt.datetime]) -> bool:
     """Write a refreshed access token into the login file, but only if the file still holds this
     refresh credential (a newer ``balsam login`` or ``balsam logout`` wins). True if written."""
+    # Only token refreshes need the lock (filelock: ~15 ms of every client's, and launcher's, start).
+    import filelock
+
     path = Path(path) if path is not None else client_path()
     try:
         with filelock.FileLock(str(path) + ".lock", timeout=10):
