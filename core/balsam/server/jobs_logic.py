@@ -18,12 +18,13 @@ from starlette.datastructures import QueryParams as StarletteQueryParams
 from sqlalchemy.dialects import postgresql
 
 from balsam.models import Job, workdir_problem
+from balsam.serialization import parse_datetime
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
 from .auth import SITE_SCOPE
-from .db import pg_record_type, bulk_insert, update_rows_by_id, where_eq, where_in
+from .db import id_in, pg_record_type, bulk_insert, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
-from .http import QueryParams, dumps, int_range_errors, is_json_int, wire_datetime
+from .http import INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int, wire_datetime
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
                      field_size_errors, list_item_size_errors)
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
@@ -900,9 +901,53 @@ def _check_batch_jobs(conn: sa.Connection, user_id: int, batch_ids: set[int]) ->
 # Update
 # ---------------------------------------------------------------------------------------------
 
+_STATE_BY_VALUE = {state.value: state for state in JobState}
+
+
+def _fast_state_patch(data: Any) -> "dict[str, Any] | None":
+    """The patch of an update shaped as launchers and the processing module send them (``id``,
+    ``state``, ``state_timestamp``, ``state_data``, ``return_code``, all well-formed), checked here as
+    the general path checks them; None when the general path must judge it (any other field or
+    value, and every error). The general path's per-field converter lookups were the largest
+    per-job cost of a bulk state update."""
+    if type(data) is not dict or type(data.get("id")) is not int:
+        return None
+    patch: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "id" or key == "return_code":
+            if type(value) is not int or not INT_MIN <= value <= INT_MAX:
+                return None
+            if key == "return_code":
+                patch[key] = value
+        elif key == "state":
+            state = _STATE_BY_VALUE.get(value) if type(value) is str else None
+            if state is None:
+                return None
+            patch[key] = state
+        elif key == "state_timestamp":
+            if type(value) is not str:
+                return None
+            try:
+                patch[key] = parse_datetime(value)
+            except (ValueError, TypeError):
+                return None
+        elif key == "state_data":
+            if type(value) is not dict:
+                return None
+            patch[key] = dict(value)
+        else:
+            return None
+    patch["id"] = data["id"]
+    return patch
+
+
 def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, Any]:
     from balsam.serialization import PayloadError, partial_from_dict
 
+    if allow_id:
+        fast = _fast_state_patch(data)
+        if fast is not None:
+            return fast
     if not isinstance(data, dict):
         raise ValidationFailed.field(loc, f"expected a JSON object, got {type(data).__name__}")
     body = dict(data)
@@ -955,10 +1000,11 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, 
         return 0
     now = utcnow()
     ids = list(patches)
+    dialect = conn.dialect.name
     stmt = sa.select(jobs.c.id, jobs.c.state, jobs.c.session_id).where(
-        jobs.c.id.in_(ids), jobs.c.site_id.in_(owned_site_ids(user_id))
+        id_in(jobs.c.id, ids, dialect), jobs.c.site_id.in_(owned_site_ids(user_id))
     )
-    if conn.dialect.name == "postgresql":
+    if dialect == "postgresql":
         # Lock the rows (in id order: no deadlock between concurrent bulk updates) so that each
         # transition is validated against the state it really changes.
         stmt = stmt.order_by(jobs.c.id).with_for_update(of=jobs)
@@ -1053,7 +1099,7 @@ def _with_unfinished_transfers(conn: sa.Connection, job_ids: list[int], directio
     return set(
         conn.execute(
             sa.select(transfer_items.c.job_id).where(
-                transfer_items.c.job_id.in_(job_ids),
+                id_in(transfer_items.c.job_id, job_ids, conn.dialect.name),
                 transfer_items.c.direction == direction.value,
                 transfer_items.c.state != TransferItemState.done.value,
             ).distinct()
@@ -1065,18 +1111,23 @@ def _execute_grouped_updates(conn: sa.Connection, groups: dict[bytes, tuple[dict
     singles: dict[int, dict[str, Any]] = {}
     for values, ids in groups.values():
         if len(ids) > 1:
-            for chunk_start in range(0, len(ids), 1000):
-                conn.execute(sa.update(jobs).where(jobs.c.id.in_(ids[chunk_start:chunk_start + 1000])).values(**values))
+            conn.execute(sa.update(jobs).where(id_in(jobs.c.id, ids, conn.dialect.name)).values(**values))
         else:
             singles[ids[0]] = values
     update_rows_by_id(conn, jobs, singles)
 
 
+# Built once: an alias of the 40-column jobs table builds its column proxies on first use, which
+# cost more than the queries of a release (every bulk update that finishes jobs releases).
+_CHILD = jobs.alias("child")
+_PARENT = jobs.alias("parent")
+_LINK = job_parents.alias("link")
+
+
 def release_children(conn: sa.Connection, finished_ids: list[int], now: dt.datetime) -> list[int]:
     """Move AWAITING_PARENTS children whose parents are all JOB_FINISHED to READY / STAGED_IN."""
-    child = jobs.alias("child")
-    parent = jobs.alias("parent")
-    link = job_parents.alias("link")
+    child, parent, link = _CHILD, _PARENT, _LINK
+    dialect = conn.dialect.name
     unfinished_parent = (
         sa.select(sa.literal(1))
         .select_from(link.join(parent, parent.c.id == link.c.parent_id))
@@ -1086,12 +1137,12 @@ def release_children(conn: sa.Connection, finished_ids: list[int], now: dt.datet
     candidates = (
         sa.select(child.c.id)
         .where(
-            child.c.id.in_(sa.select(job_parents.c.child_id).where(job_parents.c.parent_id.in_(finished_ids))),
+            child.c.id.in_(sa.select(job_parents.c.child_id).where(id_in(job_parents.c.parent_id, finished_ids, dialect))),
             child.c.state == S.awaiting_parents.value,
         )
         .order_by(child.c.id)
     )
-    if conn.dialect.name == "postgresql":
+    if dialect == "postgresql":
         # Two parents finishing in concurrent transactions: each locks the common children first,
         # so the second one waits and then (new statement, new snapshot) sees both parents done.
         candidates = candidates.with_for_update(of=child)
