@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
@@ -48,3 +49,22 @@ class Api:
 
     def events(self, **params: Any) -> list[dict]:
         return self.ok("GET", "/events/", params=params)["results"]
+
+
+@contextlib.contextmanager
+def logged_in_test_client(database_url: str, secret: str) -> Iterator[tuple[Any, Any]]:
+    """An in-process server app on ``database_url`` (tables created) and a starlette TestClient
+    logged in as a freshly registered user ``u``: ``(client, app)``."""
+    from starlette.testclient import TestClient
+
+    from balsam.server.app import create_app
+    from balsam.server.settings import ServerSettings
+
+    settings = ServerSettings(database_url=database_url, secret_key=secret, registration="open")
+    app = create_app(settings=settings, create_tables_now=True)
+    password = "a long enough password"
+    with TestClient(app) as client:
+        client.post("/auth/password/register", json={"username": "u", "password": password}).raise_for_status()
+        token = client.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
+        client.headers["Authorization"] = f"Bearer {token}"
+        yield client, app

@@ -14,6 +14,7 @@ from starlette.datastructures import QueryParams as StarletteQueryParams
 
 from balsam.server import jobs_logic as logic
 from balsam.server.http import QueryParams, dumps
+from server_testlib import logged_in_test_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -25,18 +26,7 @@ QUERIES = ["limit=7&offset=3&tags=kind:odd", "ordering=-last_update&limit=5", "o
 
 @pytest.fixture
 def api(database_url: str) -> Iterator[dict[str, Any]]:
-    from starlette.testclient import TestClient
-
-    from balsam.server.app import create_app
-    from balsam.server.settings import ServerSettings
-
-    settings = ServerSettings(database_url=database_url, secret_key=SECRET, registration="open")
-    app = create_app(settings=settings, create_tables_now=True)
-    password = "a long enough password"
-    with TestClient(app) as client:
-        client.post("/auth/password/register", json={"username": "u", "password": password}).raise_for_status()
-        token = client.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
-        client.headers["Authorization"] = f"Bearer {token}"
+    with logged_in_test_client(database_url, SECRET) as (client, app):
         site = client.post("/sites/", json={"name": "s", "path": "/tmp/s"}).json()
         app_id = client.post("/apps/", json={"site_id": site["id"], "name": "A", "serialized_class": "",
                                              "source_code": "", "parameters": {}, "transfers": {},

@@ -9,6 +9,7 @@ import itertools
 from typing import Any, Iterator
 
 import pytest
+from server_testlib import logged_in_test_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -17,18 +18,7 @@ SECRET = "tag-counts-test-secret-0123456789-abcdefghijklmnop"
 
 @pytest.fixture
 def api(database_url: str) -> Iterator[dict[str, Any]]:
-    from starlette.testclient import TestClient
-
-    from balsam.server.app import create_app
-    from balsam.server.settings import ServerSettings
-
-    settings = ServerSettings(database_url=database_url, secret_key=SECRET, registration="open")
-    app = create_app(settings=settings, create_tables_now=True)
-    password = "a long enough password"
-    with TestClient(app) as client:
-        client.post("/auth/password/register", json={"username": "u", "password": password}).raise_for_status()
-        token = client.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
-        client.headers["Authorization"] = f"Bearer {token}"
+    with logged_in_test_client(database_url, SECRET) as (client, app):
         yield {"client": client, "engine": app.state.engine}
 
 
