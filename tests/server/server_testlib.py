@@ -68,3 +68,11 @@ def logged_in_test_client(database_url: str, secret: str) -> Iterator[tuple[Any,
         token = client.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
         client.headers["Authorization"] = f"Bearer {token}"
         yield client, app
+
+
+def create_site_and_app(client: Any, name: str = "s") -> tuple[int, int]:
+    """A site named ``name`` and an app "A" on it, through the API: ``(site_id, app_id)``."""
+    site = client.post("/sites/", json={"name": name, "path": f"/tmp/{name}"}).json()
+    app = client.post("/apps/", json={"site_id": site["id"], "name": "A", "serialized_class": "", "source_code": "",
+                                      "parameters": {}, "transfers": {}, "description": ""}).json()
+    return site["id"], app["id"]

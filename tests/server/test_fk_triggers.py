@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from balsam.server.tables import jobs
-from server_testlib import logged_in_test_client
+from server_testlib import create_site_and_app, logged_in_test_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -24,10 +24,7 @@ MISSING = 987654
 @pytest.fixture
 def api(database_url: str) -> Iterator[dict[str, Any]]:
     with logged_in_test_client(database_url, SECRET) as (client, app):
-        site = client.post("/sites/", json={"name": "s", "path": "/tmp/s"}).json()
-        app_id = client.post("/apps/", json={"site_id": site["id"], "name": "A", "serialized_class": "",
-                                             "source_code": "", "parameters": {}, "transfers": {},
-                                             "description": ""}).json()["id"]
+        _, app_id = create_site_and_app(client)
         parent = client.post("/jobs/", json=[{"workdir": "p", "app_id": app_id}]).json()[0]["id"]
         child = client.post("/jobs/", json=[{"workdir": "c", "app_id": app_id, "parent_ids": [parent]}]).json()[0]["id"]
         with app.state.engine.begin() as conn:  # a transfer item of the child, straight into the table

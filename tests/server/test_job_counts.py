@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 import sqlalchemy as sa
-from server_testlib import logged_in_test_client
+from server_testlib import create_site_and_app, logged_in_test_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -22,13 +22,6 @@ SECRET = "job-counts-test-secret-0123456789-abcdefghijklmnop"
 def api(database_url: str) -> Iterator[dict[str, Any]]:
     with logged_in_test_client(database_url, SECRET) as (client, app):
         yield {"client": client, "engine": app.state.engine, "user_id": 1}
-
-
-def _site_app(client: Any, name: str) -> tuple[int, int]:
-    site = client.post("/sites/", json={"name": name, "path": f"/tmp/{name}"}).json()
-    app = client.post("/apps/", json={"site_id": site["id"], "name": "A", "serialized_class": "", "source_code": "",
-                                      "parameters": {}, "transfers": {}, "description": ""}).json()
-    return site["id"], app["id"]
 
 
 def _check(api: dict, fold: bool = False) -> Counter:
@@ -54,7 +47,7 @@ def _patch(client: Any, ids: list[int], state: str, **data: Any) -> None:
 
 def test_counters_follow_every_change(api: dict) -> None:
     client = api["client"]
-    (site1, app1), (site2, app2) = _site_app(client, "one"), _site_app(client, "two")
+    (site1, app1), (site2, app2) = create_site_and_app(client, "one"), create_site_and_app(client, "two")
     jobs = client.post("/jobs/", json=[{"app_id": app1, "workdir": f"a/{i}", "tags": {"k": str(i % 3)}}
                                        for i in range(120)]).json()
     ids = [j["id"] for j in jobs]
@@ -98,7 +91,7 @@ def test_counts_by_state_api_of_the_dashboard(api: dict) -> None:
     from balsam.server.jobs_logic import count_jobs_by_state
 
     client = api["client"]
-    (_site1, app1), (site2, app2) = _site_app(client, "one"), _site_app(client, "two")
+    (_site1, app1), (site2, app2) = create_site_and_app(client, "one"), create_site_and_app(client, "two")
     jobs = client.post("/jobs/", json=[{"app_id": app1 if i < 7 else app2, "workdir": f"a/{i}", "tags": {"k": str(i % 2)}}
                                        for i in range(10)]).json()
     _patch(client, [jobs[0]["id"], jobs[8]["id"]], "FAILED")
@@ -125,7 +118,7 @@ def test_counts_by_state_api_of_the_dashboard(api: dict) -> None:
 def test_concurrent_bulk_updates_neither_deadlock_nor_drift(api: dict) -> None:
     """Four writers at once (on PostgreSQL the delta appends run concurrently; SQLite serializes them)."""
     client = api["client"]
-    _site, app_id = _site_app(client, "busy")
+    _site, app_id = create_site_and_app(client, "busy")
     ids = [j["id"] for j in client.post("/jobs/", json=[{"app_id": app_id, "workdir": f"w/{i}"} for i in range(800)]).json()]
     _patch(client, ids, "PREPROCESSED")
     errors: list[str] = []

@@ -14,7 +14,7 @@ from starlette.datastructures import QueryParams as StarletteQueryParams
 
 from balsam.server import jobs_logic as logic
 from balsam.server.http import QueryParams, dumps
-from server_testlib import logged_in_test_client
+from server_testlib import create_site_and_app, logged_in_test_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -27,10 +27,7 @@ QUERIES = ["limit=7&offset=3&tags=kind:odd", "ordering=-last_update&limit=5", "o
 @pytest.fixture
 def api(database_url: str) -> Iterator[dict[str, Any]]:
     with logged_in_test_client(database_url, SECRET) as (client, app):
-        site = client.post("/sites/", json={"name": "s", "path": "/tmp/s"}).json()
-        app_id = client.post("/apps/", json={"site_id": site["id"], "name": "A", "serialized_class": "",
-                                             "source_code": "", "parameters": {}, "transfers": {},
-                                             "description": ""}).json()["id"]
+        _, app_id = create_site_and_app(client)
         first = client.post("/jobs/", json=[{"workdir": "p/0", "app_id": app_id}]).json()
         jobs = [{"workdir": f"w/{i}{'%' if i == 3 else ''}", "app_id": app_id,
                  "tags": {"kind": "odd" if i % 2 else "even", "text": "é \"q\" \\ \n\t\u2603"},

@@ -9,7 +9,7 @@ import itertools
 from typing import Any, Iterator
 
 import pytest
-from server_testlib import logged_in_test_client
+from server_testlib import create_site_and_app, logged_in_test_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -20,13 +20,6 @@ SECRET = "tag-counts-test-secret-0123456789-abcdefghijklmnop"
 def api(database_url: str) -> Iterator[dict[str, Any]]:
     with logged_in_test_client(database_url, SECRET) as (client, app):
         yield {"client": client, "engine": app.state.engine}
-
-
-def _site_app(client: Any, name: str) -> tuple[int, int]:
-    site = client.post("/sites/", json={"name": name, "path": f"/tmp/{name}"}).json()
-    app = client.post("/apps/", json={"site_id": site["id"], "name": "A", "serialized_class": "", "source_code": "",
-                                      "parameters": {}, "transfers": {}, "description": ""}).json()
-    return site["id"], app["id"]
 
 
 def _check_listing_counts(api: dict, sites: list[int], apps: list[int], fold: bool = False) -> None:
@@ -59,7 +52,7 @@ def _check_listing_counts(api: dict, sites: list[int], apps: list[int], fold: bo
 
 def test_listing_counts_follow_every_change(api: dict) -> None:
     client = api["client"]
-    (site1, app1), (site2, app2) = _site_app(client, "one"), _site_app(client, "two")
+    (site1, app1), (site2, app2) = create_site_and_app(client, "one"), create_site_and_app(client, "two")
     jobs = client.post("/jobs/", json=[{"app_id": app1 if i % 4 else app2, "workdir": f"a/{i}",
                                         "tags": {"k": str(i % 3), **({"other": "x"} if i % 5 == 0 else {})}}
                                        for i in range(60)]).json()
@@ -88,7 +81,7 @@ def test_listing_counts_follow_every_change(api: dict) -> None:
 
 def test_listings_the_counters_cannot_answer_still_count_exactly(api: dict) -> None:
     client = api["client"]
-    _site, app_id = _site_app(client, "one")
+    _site, app_id = create_site_and_app(client, "one")
     client.post("/jobs/", json=[{"app_id": app_id, "workdir": f"a/{i}", "tags": {"k": str(i % 2), "j": str(i % 3)}}
                                 for i in range(30)]).raise_for_status()
     two_tags = client.get("/jobs/", params=[("tags", "k:0"), ("tags", "j:0"), ("limit", 0)]).json()
