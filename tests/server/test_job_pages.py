@@ -77,25 +77,39 @@ def test_the_database_written_page_equals_the_python_page(api: dict, query: str)
         assert "T" in job["last_update"] and "+" not in job["last_update"]  # naive UTC, as 0.7 sent it
 
 
-def test_columns_aggregated_out_of_order_are_rebuilt_in_order(api: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Neither database promises to aggregate in the subquery's order: a page whose positions come
-    back out of order is built from the listing's rows instead (the same page)."""
-    q = QueryParams(StarletteQueryParams("ordering=-workdir&limit=6&offset=2"))
-    checked = []
+@pytest.mark.parametrize(("ordering", "check", "checked"), [
+    ("ordering=-workdir&", "_positions_in_order", ([3, 4, 5, 6, 7, 8], 2)),
+    ("", "_ids_in_order", None), ("ordering=-id&", "_ids_in_order", None)])
+def test_columns_aggregated_out_of_order_are_rebuilt_in_order(api: dict, monkeypatch: pytest.MonkeyPatch,
+                                                              ordering: str, check: str, checked: Any) -> None:
+    """Neither database promises to aggregate in the subquery's order: a page whose ids (ordered by
+    id) or positions (other orderings) come back out of order is built from the listing's rows
+    instead (the same page)."""
+    q = QueryParams(StarletteQueryParams(f"{ordering}limit=6&offset=2"))
+    seen = []
 
-    def out_of_order(text: str, offset: int) -> bool:
-        checked.append((orjson.loads(text), offset))
+    def out_of_order(text: str, *args: Any, **kwargs: Any) -> bool:
+        seen.append(orjson.loads(text))
         return False
 
     with api["engine"].connect() as conn:
         _, expected = logic.list_job_columns(conn, api["user_id"], q, 6, 2)
-        monkeypatch.setattr(logic, "_positions_in_order", out_of_order)
+        monkeypatch.setattr(logic, check, out_of_order)
         count, text = logic.list_job_columns(conn, api["user_id"], q, 6, 2)
-    assert checked == [([3, 4, 5, 6, 7, 8], 2)] and count == 31
     columns, want = orjson.loads(text), orjson.loads(expected)
+    assert count == 31 and len(seen) == 1
+    assert seen[0] == (checked[0] if checked else want[0])  # the positions, or the ids
     assert len(columns) == len(want) == len(logic.JOB_OUT_FIELDS)
     assert [_normal(dict(zip(logic.JOB_OUT_FIELDS, row))) for row in zip(*columns)] == \
         [_normal(dict(zip(logic.JOB_OUT_FIELDS, row))) for row in zip(*want)]
+
+
+def test_order_checks() -> None:
+    assert logic._ids_in_order("[1, 5, 9]", descending=False) and not logic._ids_in_order("[1, 9, 5]", descending=False)
+    assert logic._ids_in_order("[9,5,1]", descending=True) and not logic._ids_in_order("[9,9]", descending=True)
+    assert logic._ids_in_order("[]", descending=False) and logic._ids_in_order("[4]", descending=True)
+    assert logic._positions_in_order("[3, 4, 5]", 2) and not logic._positions_in_order("[3, 5, 4]", 2)
+    assert not logic._positions_in_order("[1, 2]", 2)
 
 
 @pytest.mark.parametrize("offset", [31, 40])
