@@ -194,6 +194,10 @@ class Row:
         return ((name, columns[i][position]) for name, i in self.index.items())
 
 
+#: The changed fields of a record just read: shared, and replaced by a set of its own on the first
+#: change (a set per record is one more object for the garbage collector to walk per listed job).
+_CLEAN: frozenset = frozenset()
+
 #: The default of a field that has none (never equal to a value).
 _NO_DEFAULT = object()
 
@@ -452,7 +456,7 @@ class BalsamModel:
             obj._raw = data
             obj._lazy = {}
             obj._stored = True
-            obj._dirty = set()
+            obj._dirty = _CLEAN
             obj._snapshots = {}
             append(obj)
         return out
@@ -484,6 +488,8 @@ class BalsamModel:
             raise AttributeError(f"{name}.{key} cannot be set before the {name} is created")
         value = structure_value(name, key, value, fld.type)
         setattr(self._record, key, value)
+        if self._dirty is _CLEAN:
+            self._dirty = set()
         self._dirty.add(key)
         self._snapshots.pop(key, None)
 
