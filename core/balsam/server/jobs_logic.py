@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections import defaultdict
+from itertools import repeat
 from typing import Any, Callable, Iterable
 
 import attrs
@@ -22,11 +23,12 @@ from balsam.serialization import parse_datetime
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
 from .auth import SITE_SCOPE
-from .db import id_in, pg_record_type, bulk_insert, update_rows_by_id, where_eq, where_in
+from .db import id_in, bulk_insert, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .http import INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int, wire_datetime
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
                      field_size_errors, list_item_size_errors)
+from .pg_copy import NULL, allocate_ids, column_fields, copy_body, copy_rows, field_writer, text_field
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
 S = JobState
@@ -795,51 +797,50 @@ def _default_sql(name: str, dialect: str) -> "str | None":
     return repr(default)
 
 
-#: (column, type in the JSON record, SQL for a field the payload leaves out) of a job insert.
-_PG_CREATE_COLUMNS = [(name, pg_record_type(jobs.c[name].type), _default_sql(name, "postgresql"))
-                      for name in [*CREATE_FIELDS, "parent_ids"] if name not in ("workdir", "app_id")]
-
-
-def _pg_insert_sql() -> str:
-    record = ", ".join(['"app_id" bigint', '"workdir" text', '"_site_id" bigint', '"_state" text']
-                       + [f'"{name}" {pg_type}' for name, pg_type, _ in _PG_CREATE_COLUMNS])
-    values = ", ".join(["coalesce(x._site_id, %(site_id)s)", "x.app_id", "x.workdir", "coalesce(x._state, %(state)s)",
-                        "%(now)s"]
-                       + [f"x.{name}" if default is None else f"coalesce(x.{name}, {default})"
-                          for name, _, default in _PG_CREATE_COLUMNS])
-    columns = ", ".join(["site_id", "app_id", "workdir", "state", "last_update"] + [name for name, _, _ in _PG_CREATE_COLUMNS])
-    # The created event of each job is written by the same statement, from the inserted rows.
-    return (
-        f"WITH new AS (INSERT INTO jobs ({columns}) SELECT {values} FROM jsonb_to_recordset(%(rows)s::jsonb) AS x({record}) "
-        f"RETURNING id, workdir, state), "
-        f"events AS (INSERT INTO log_events (job_id, timestamp, from_state, to_state, data) "
-        f"SELECT id, %(now)s, %(created)s, state, '{{}}'::jsonb FROM new) "
-        f"SELECT workdir, id FROM new"
-    )
-
-
-_PG_INSERT_JOBS = _pg_insert_sql()
+#: The create fields a job row is written with besides its id, site, app, workdir, state and time.
+_COPY_FIELDS = [name for name in [*CREATE_FIELDS, "parent_ids"] if name not in ("workdir", "app_id")]
+#: (field, its COPY writer, the COPY text of its default: what a field left out or null stores).
+_COPY_WRITERS = [(name, field_writer(jobs.c[name].type),
+                  NULL if CREATE_DEFAULTS[name] is None else field_writer(jobs.c[name].type)(CREATE_DEFAULTS[name]))
+                 for name in _COPY_FIELDS]
+_EVENT_COLUMNS = ["job_id", "timestamp", "from_state", "to_state", "data"]
 
 
 def _insert_jobs_pg(conn: sa.Connection, specs: list[dict[str, Any]], site_of_app: dict[int, int],
                     states: "list[str] | None", now: dt.datetime) -> list[int]:
-    """One statement: the jobs (their fields travel as one JSON document that PostgreSQL expands in
-    C) and their created events. Returns the ids in the order of ``specs``."""
-    one_site = len(set(site_of_app.values())) == 1
-    rows: list[dict[str, Any]] = specs
-    if not one_site or states is not None:
-        rows = [dict(spec, _site_id=None if one_site else site_of_app[spec["app_id"]],
-                     _state=None if states is None else states[index]) for index, spec in enumerate(specs)]
-    params = {
-        "rows": orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS).decode(),
-        "site_id": next(iter(site_of_app.values())), "state": S.staged_in.value, "now": now, "created": S.created.value,
-    }
+    """The jobs and their created events by COPY (see balsam.server.pg_copy), with ids allocated
+    first in the order of ``specs``. A field no spec gives is one constant text for every row, the
+    others are written column by column. Returns the ids in the order of ``specs``."""
+    given: set[str] = set().union(*specs)
+    app_ids = [spec["app_id"] for spec in specs]
+    site_texts = {app_id: str(site_id) for app_id, site_id in site_of_app.items()}
+    now_text = now.isoformat()
+    state_texts = repeat(S.staged_in.value) if states is None else states
+    columns = ["id", "site_id", "app_id", "workdir", "state", "last_update"]
+    fields: list[Any] = [
+        None,  # the ids, once allocated
+        repeat(site_texts[app_ids[0]]) if len(site_texts) == 1 else [site_texts[app_id] for app_id in app_ids],
+        list(map(str, app_ids)),
+        [text_field(spec["workdir"]) for spec in specs],
+        state_texts,
+        repeat(now_text),
+    ]
+    for name, write, default in _COPY_WRITERS:
+        if name in given:
+            columns.append(name)
+            fields.append(column_fields([spec.get(name) for spec in specs], write, default))
+    constant = [(name, default) for name, _, default in _COPY_WRITERS if name not in given]
+    if constant:
+        columns.extend(name for name, _ in constant)
+        fields.append(repeat("\t".join(default for _, default in constant)))
     raw = conn.connection.dbapi_connection
     with raw.cursor() as cur:
-        cur.execute(_PG_INSERT_JOBS, params)
-        # Mapped back through the workdir (unique within a request): RETURNING has no order.
-        id_of = dict(cur.fetchall())
-    return [id_of[spec["workdir"]] for spec in specs]
+        ids = allocate_ids(cur, "jobs", len(specs))
+        fields[0] = id_texts = list(map(str, ids))
+        copy_rows(conn, cur, "jobs", columns, copy_body(fields))
+        copy_rows(conn, cur, "log_events", _EVENT_COLUMNS,
+                  copy_body([id_texts, repeat(now_text), repeat(S.created.value), state_texts, repeat("{}")]))
+    return ids
 
 
 def _sqlite_insert_sql() -> str:
