@@ -52,3 +52,71 @@ def test_jobs_of_several_sites_in_one_request(api):
         events = api.events(job_id=job["id"])
         assert [(e["from_state"], e["to_state"], e["data"]) for e in events] == [("CREATED", job["state"], {})]
         assert events[0]["timestamp"] == job["last_update"]
+
+
+#: Values of each create field, good and bad, for the randomized comparison below.
+FIELD_VALUES = {
+    "workdir": ["a", "a/b", "a b/c", "./a", "a/", "a//b", "a/./b", "/abs", "..", "a/../b", "a..b", ".", "", " ", "\t",
+                "x" * 4097, "é/ü", "a\x00b", 5, None],
+    "app_id": [1, 0, -1, 2**31 - 1, 2**31, -(2**31) - 1, True, 1.0, "1", None],
+    "tags": [{}, {"k": "v"}, {"k": "v" * 1025}, {"k" * 257: "v"}, {"k": 1}, {"a": "b", "c": ""}, [], None],
+    "launch_params": [{}, {"cpu_affinity": "depth"}, {"workdir": "p" * 4097}, {"x": "y" * 5000}, {"k": None}, "s"],
+    "data": [{}, {"x": [1, {"y": None}]}, {"big": 2**63}, {"t": "t" * 1_048_577}, [], None],
+    "serialized_parameters": ["", "abc", "p" * 600_000, 3, None],
+    "serialized_return_value": ["", "r"], "serialized_exception": ["", None],
+    "return_code": [None, 0, -1, 2**31, "0", 1.5], "batch_job_id": [None, 3, -(2**31) - 1, False],
+    "num_nodes": [1, 2, 0, -1, 2**31, 1.0, True, "2"], "ranks_per_node": [1, 64],
+    "threads_per_rank": [1, 0], "threads_per_core": [1, 2], "node_packing_count": [1, 8, 0],
+    "wall_time_min": [0, 30, -1, 2**31], "gpus_per_rank": [0.0, 0.5, 0, 1, -0.5, -1, True, "1", None],
+    "pending_file_cleanup": [True, False, 0, None], "parent_ids": [[], [1, 2], [2, 1], [1, 1], [1, "2"], [2**31], {}, None],
+    "id": [None, 0, 5], "state": [None, "", "RUNNING"], "last_update": [None], "state_timestamp": [None, ""],
+    "state_data": [{}, {"a": 1}], "transfers": [{}, {"in": "g:/x"}], "unknown_field": [1],
+}
+
+
+def _random_item(rng: "random.Random", base: dict) -> dict:
+    item = dict(base)
+    for name in rng.sample(sorted(FIELD_VALUES), rng.randint(0, 4)):
+        item[name] = rng.choice(FIELD_VALUES[name])
+    for name in ("workdir", "app_id"):
+        if rng.random() < 0.05:
+            item.pop(name, None)
+    return item
+
+
+def test_column_checks_agree_with_the_item_checks():
+    """``_fast_columns`` accepts a payload only when ``_fast_spec`` takes every item as it is, and
+    accepts the payloads launchers, our client and the 0.7 client send."""
+    import random
+
+    from balsam.server.jobs_logic import _fast_columns, _fast_spec, parse_job_creates
+
+    rng = random.Random(14)
+    bases = [
+        {"workdir": "w", "app_id": 1},
+        {"workdir": "w", "app_id": 1, "tags": {"raw": "t"}, "serialized_parameters": "", "data": {}, "parent_ids": [],
+         "transfers": {}},
+        {"workdir": "w", "app_id": 1, "tags": {}, "serialized_parameters": "", "data": {}, "return_code": None,
+         "num_nodes": 1, "ranks_per_node": 1, "threads_per_rank": 1, "threads_per_core": 1, "launch_params": {},
+         "gpus_per_rank": 0.0, "node_packing_count": 1, "wall_time_min": 0, "parent_ids": [], "transfers": {}},
+    ]
+    accepted = unchanged = 0
+    for round_ in range(3000):
+        base = bases[round_ % len(bases)]
+        n = rng.randint(1, 4)
+        good = [dict(base, workdir=f"w/{round_}/{i}") for i in range(n)]
+        payload = [_random_item(rng, item) if rng.random() < 0.5 else item for item in good]
+        columns = _fast_columns(payload)
+        items = [_fast_spec(item) for item in payload]
+        unchanged += all(spec is item for spec, item in zip(items, payload))
+        if columns is not None:
+            accepted += 1
+            assert all(spec is item for spec, item in zip(items, payload)), payload
+            assert columns == payload
+        if columns is not None or all(spec is not None for spec in items):
+            assert parse_job_creates(payload) == [spec for spec in items]
+    # It may leave a payload to the item checks (a '..' in a workdir, a long launch parameter), rarely.
+    assert accepted >= 0.95 * unchanged > 1000
+    for base in bases:
+        payload = [dict(base, workdir=f"b/{i}", tags={"k": str(i)}) for i in range(100)]
+        assert _fast_columns(payload) == payload

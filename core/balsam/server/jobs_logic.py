@@ -10,6 +10,7 @@ import datetime as dt
 import re
 from collections import defaultdict
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, Callable, Iterable
 
 import attrs
@@ -588,6 +589,100 @@ def _fast_spec(item: Any) -> "dict[str, Any] | None":
     return item if fixes is None else {**item, **fixes}
 
 
+#: The shortest length limit of any launch_params value (a column of them is checked against it).
+_MIN_FIELD_CHARS = min(MAX_TEXT_CHARS, *FIELD_CHARS.values())
+
+
+def _types(values: list[Any]) -> set[type]:
+    return set(map(type, values))
+
+
+def _ints_within(values: list[Any], low: int, high: int) -> bool:
+    return not values or (_types(values) == {int} and low <= min(values) and max(values) <= high)
+
+
+def _workdirs_ok(values: list[Any]) -> bool:
+    """Every value passes the workdir check of ``_fast_spec``. The column is joined with NUL, which
+    none of the patterns looked for contains, so a pattern found in the joined text lies within
+    one value or touches its start or end (a value holding a NUL can only make it look worse)."""
+    if _types(values) != {str} or "" in values or "." in values:
+        return False
+    joined = "\x00".join(values)
+    if ("//" in joined or "/./" in joined or ".." in joined or joined.startswith(("/", "./"))
+            or joined.endswith(("/", "/.")) or "\x00/" in joined or "\x00./" in joined or "/\x00" in joined
+            or "/.\x00" in joined):
+        return False
+    return max(map(len, values)) <= MAX_PATH_CHARS and not any(map(str.isspace, values))
+
+
+def _str_maps_ok(values: list[Any], tag_map: bool) -> bool:
+    if _types(values) != {dict}:
+        return False
+    filled = [value for value in values if value]
+    if not filled:
+        return True
+    keys = [key for value in filled for key in value]
+    items = [item for value in filled for item in value.values()]
+    # A launch_params value longer than the shortest per-key limit: _str_map_ok judges its key.
+    limit = MAX_TAG_VALUE_CHARS if tag_map else _MIN_FIELD_CHARS
+    return (_types(items) == {str} and max(map(len, keys)) <= MAX_KEY_CHARS and max(map(len, items)) <= limit)
+
+
+def _column_ok(key: str, kind: int, values: list[Any]) -> bool:
+    """Every value of this field passes ``_fast_spec`` as it is (no fix: a fix, like every doubt,
+    leaves the items to ``_fast_spec``)."""
+    if kind == _K_WORKDIR:
+        return _workdirs_ok(values)
+    if kind == _K_APP or kind == _K_OPTIONAL_INT:
+        present = values if kind == _K_APP else [value for value in values if value is not None]
+        return _ints_within(present, -_INT32_MAX - 1, _INT32_MAX)
+    if kind == _K_TEXT:
+        return _types(values) == {str} and max(map(len, values)) <= _TEXT_LIMITS[key]
+    if kind == _K_STR_MAP:
+        return _str_maps_ok(values, key == "tags")
+    if kind == _K_POSITIVE:
+        return _ints_within(values, 1, _INT32_MAX)
+    if kind == _K_NONNEGATIVE:
+        return _ints_within(values, 0, _INT32_MAX)
+    if kind == _K_DATA:
+        return _types(values) == {dict} and not any(field_size_errors(value, ["data"]) for value in values if value)
+    if kind == _K_BOOL:
+        return _types(values) == {bool}
+    if kind == _K_GPUS:
+        return _types(values) == {float} and all(value >= 0 for value in values)
+    if kind == _K_PARENTS:
+        if _types(values) != {list}:
+            return False
+        filled = [value for value in values if value]
+        return all(_ints_within(value, -_INT32_MAX - 1, _INT32_MAX) and all(a < b for a, b in zip(value, value[1:]))
+                   for value in filled)
+    return not any(values)  # _K_IGNORED
+
+
+def _fast_columns(payload: list[Any]) -> "list[dict[str, Any]] | None":
+    """The specs of a payload whose items all pass ``_fast_spec`` unchanged, checked one field at a
+    time over all the items (loops in C: a few passes per field, instead of the per-value Python
+    of ``_fast_spec``, the largest cost of parsing a 5,000-job create); None when any item might
+    not: ``_fast_spec`` then judges item by item. The specs are the items themselves."""
+    if not payload or _types(payload) != {dict}:
+        return None
+    fields = set().union(*payload)
+    if not fields <= _FAST_KINDS.keys():
+        return None
+    for key in fields:
+        try:
+            values = list(map(itemgetter(key), payload))
+        except KeyError:  # not in every item
+            if key in ("workdir", "app_id"):
+                return None
+            values = [item[key] for item in payload if key in item]
+        if not _column_ok(key, _FAST_KINDS[key], values):
+            return None
+    if "workdir" not in fields or "app_id" not in fields:
+        return None
+    return list(payload)
+
+
 def _spec_of_job(job: Job) -> dict[str, Any]:
     """A Job structured by the general path, in the form of a fast-path spec."""
     spec = {name: getattr(job, name) for name in CREATE_FIELDS}
@@ -604,6 +699,9 @@ def parse_job_creates(payload: list[Any]) -> list[dict[str, Any]]:
     for every other body: see balsam.server.limits)."""
     from balsam.serialization import PayloadError, from_dict
 
+    fast = _fast_columns(payload)
+    if fast is not None:
+        return fast
     specs: list[Any] = [_fast_spec(item) for item in payload]
     slow = [index for index, spec in enumerate(specs) if spec is None]
     if not slow:
