@@ -120,3 +120,34 @@ def test_column_checks_agree_with_the_item_checks():
     for base in bases:
         payload = [dict(base, workdir=f"b/{i}", tags={"k": str(i)}) for i in range(100)]
         assert _fast_columns(payload) == payload
+
+
+def test_postgres_column_defaults_are_the_models(database_url):
+    """A PostgreSQL bulk create leaves out the fields no job of the request gives: their column
+    defaults (migration 0009) must be what the model says (a job left out of nothing else stores them)."""
+    import pytest
+    import sqlalchemy as sa
+
+    from balsam.server.db import create_db_engine
+    from balsam.server.jobs_logic import _COPY_FIELDS, CREATE_DEFAULTS
+
+    if not database_url.startswith("postgres"):
+        pytest.skip("SQLite creates give every column (no COPY)")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            # Each default as its column stores it (a bare 0.0 would read as numeric).
+            found = dict(conn.execute(sa.text(
+                "SELECT table_name || '.' || column_name, 'CAST(' || column_default || ' AS ' || data_type || ')' "
+                "FROM information_schema.columns "
+                "WHERE table_name IN ('jobs', 'log_events') AND column_default IS NOT NULL")).all())
+            for name in _COPY_FIELDS:  # the fields a create may leave out
+                default = CREATE_DEFAULTS[name]
+                if default is None:
+                    assert f"jobs.{name}" not in found, name
+                    continue
+                value = conn.execute(sa.text(f"SELECT {found[f'jobs.{name}']}")).scalar_one()
+                assert value == default and type(value) is type(default), name
+            assert conn.execute(sa.text(f"SELECT {found['log_events.data']}")).scalar_one() == {}
+    finally:
+        engine.dispose()

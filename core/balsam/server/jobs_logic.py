@@ -897,18 +897,20 @@ def _default_sql(name: str, dialect: str) -> "str | None":
 
 #: The create fields a job row is written with besides its id, site, app, workdir, state and time.
 _COPY_FIELDS = [name for name in [*CREATE_FIELDS, "parent_ids"] if name not in ("workdir", "app_id")]
-#: (field, its COPY writer, the COPY text of its default: what a field left out or null stores).
+#: (field, its COPY writer, the COPY text of its default: what a field given as null stores).
 _COPY_WRITERS = [(name, field_writer(jobs.c[name].type),
                   NULL if CREATE_DEFAULTS[name] is None else field_writer(jobs.c[name].type)(CREATE_DEFAULTS[name]))
                  for name in _COPY_FIELDS]
-_EVENT_COLUMNS = ["job_id", "timestamp", "from_state", "to_state", "data"]
+#: The created event's data is its column's default, {} (migration 0009).
+_EVENT_COLUMNS = ["job_id", "timestamp", "from_state", "to_state"]
 
 
 def _insert_jobs_pg(conn: sa.Connection, specs: list[dict[str, Any]], site_of_app: dict[int, int],
                     states: "list[str] | None", now: dt.datetime) -> list[int]:
     """The jobs and their created events by COPY (see balsam.server.pg_copy), with ids allocated
-    first in the order of ``specs``. A field no spec gives is one constant text for every row, the
-    others are written column by column. Returns the ids in the order of ``specs``."""
+    first in the order of ``specs``. A field no spec gives is left out: its column's default is the
+    model's (migration 0009); the others are written column by column. Returns the ids in the
+    order of ``specs``."""
     given: set[str] = set().union(*specs)
     app_ids = [spec["app_id"] for spec in specs]
     site_texts = {app_id: str(site_id) for app_id, site_id in site_of_app.items()}
@@ -927,17 +929,13 @@ def _insert_jobs_pg(conn: sa.Connection, specs: list[dict[str, Any]], site_of_ap
         if name in given:
             columns.append(name)
             fields.append(column_fields([spec.get(name) for spec in specs], write, default))
-    constant = [(name, default) for name, _, default in _COPY_WRITERS if name not in given]
-    if constant:
-        columns.extend(name for name, _ in constant)
-        fields.append(repeat("\t".join(default for _, default in constant)))
     raw = conn.connection.dbapi_connection
     with raw.cursor() as cur:
         ids = allocate_ids(cur, "jobs", len(specs))
         fields[0] = id_texts = list(map(str, ids))
         copy_rows(conn, cur, "jobs", columns, copy_body(fields))
         copy_rows(conn, cur, "log_events", _EVENT_COLUMNS,
-                  copy_body([id_texts, repeat(now_text), repeat(S.created.value), state_texts, repeat("{}")]))
+                  copy_body([id_texts, repeat(now_text), repeat(S.created.value), state_texts]))
     return ids
 
 
