@@ -166,7 +166,7 @@ def test_bulk_create_chunks_and_returns_new_objects(site, monkeypatch):
 
 def test_bulk_create_in_chunks_keeps_ids_in_order_and_objects_as_listed(site, monkeypatch):
     """Chunks (each built while the one before is on the server) get their ids in order; the
-    objects built from the minimal answers equal the server's records; listing (pages as rows)
+    objects built from the minimal answers equal the server's records; listing (pages as columns)
     gives the same records; the garbage collector is running again afterwards."""
     import gc
 

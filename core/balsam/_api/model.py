@@ -128,28 +128,29 @@ def _json_encoder(tp: Any) -> Any:
 
 
 class Row:
-    """One record of a page sent as rows (``fields`` once, then a list of values per record):
-    read like the record's JSON object, without building a dict per record."""
+    """One record of a page sent as columns (``fields`` once, then a list of values per field):
+    read like the record's JSON object, without building a dict (or a list) per record."""
 
-    __slots__ = ("index", "values")
+    __slots__ = ("index", "columns", "position")
 
-    def __init__(self, index: dict[str, int], values: list[Any]) -> None:
-        self.index = index  # field name -> position, shared by the rows of a page
-        self.values = values
+    def __init__(self, index: dict[str, int], columns: list[list[Any]], position: int) -> None:
+        self.index = index  # field name -> column, shared by the rows of a page
+        self.columns = columns
+        self.position = position
 
     def __contains__(self, name: object) -> bool:
         return name in self.index
 
     def __getitem__(self, name: str) -> Any:
-        return self.values[self.index[name]]
+        return self.columns[self.index[name]][self.position]
 
     def get(self, name: str, default: Any = None) -> Any:
         i = self.index.get(name)
-        return default if i is None else self.values[i]
+        return default if i is None else self.columns[i][self.position]
 
     def items(self) -> Iterator[tuple[str, Any]]:
-        values = self.values
-        return ((name, values[i]) for name, i in self.index.items())
+        columns, position = self.columns, self.position
+        return ((name, columns[i][position]) for name, i in self.index.items())
 
 
 #: The default of a field that has none (never equal to a value).
