@@ -16,7 +16,6 @@ import copy
 import datetime as dt
 import enum
 import json
-import threading
 import typing
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, TypeVar
@@ -25,55 +24,15 @@ import attrs
 import yaml
 from cattrs.errors import ClassValidationError, IterableValidationError
 
-from balsam.client import RESTClient, load_client
-from balsam.client.settings import NotLoggedIn, client_path
+from balsam.client import RESTClient
+# The default client lives with the REST client (importable without the models); re-exported here.
+from balsam.client.default import get_default_client, reset_default_client, set_default_client  # noqa: F401
 from balsam.serialization import _flatten, converter
 
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import Manager
 
 T = TypeVar("T", bound="BalsamModel")
-
-# ------------------------------------------------------------------------------------ default client
-_default_lock = threading.Lock()
-_default_state: dict[str, Any] = {"client": None, "key": None, "explicit": None}
-
-
-def set_default_client(client: Optional[RESTClient]) -> None:
-    """Use ``client`` for every unbound model (``None`` goes back to the stored login)."""
-    with _default_lock:
-        _default_state["explicit"] = client
-
-
-def reset_default_client() -> None:
-    """Forget the cached default client; the next API call re-reads the login file."""
-    with _default_lock:
-        _default_state["client"] = None
-        _default_state["key"] = None
-        _default_state["explicit"] = None
-
-
-def get_default_client() -> RESTClient:
-    """The client the ``balsam.api`` models use, built lazily from the login file.
-
-    It is rebuilt when ``$BALSAM_CLIENT_PATH``/``$BALSAM_HOME`` point elsewhere or the file
-    changes (a new ``balsam login``). After ``fork()`` it opens a fresh connection pool.
-    """
-    explicit = _default_state["explicit"]
-    if explicit is not None:
-        return explicit
-    path = client_path()
-    try:
-        stat = path.stat()
-    except OSError:
-        raise NotLoggedIn(f"no login file at {path}") from None
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    with _default_lock:
-        if _default_state["key"] != key or _default_state["client"] is None:
-            _default_state["client"] = load_client(path)
-            _default_state["key"] = key
-        return _default_state["client"]
-
 
 # ------------------------------------------------------------------------------------ type helpers
 def _strip_optional(tp: Any) -> Any:

@@ -21,9 +21,7 @@ After ``fork()`` the child gets a fresh connection pool on its first request.
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime as dt
-import gc
 import json
 import logging
 import os
@@ -36,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import httpx
 import orjson
+
+from balsam.util import paused_gc
 
 from .settings import NOT_LOGGED_IN, ClientSettings, NotLoggedIn, store_refreshed_token
 from .transport import httpx_client_args
@@ -154,24 +154,6 @@ def _notify_credential_refused(error: AuthenticationError) -> None:
 
 #: Bodies longer than this are parsed with the garbage collector paused (see :func:`paused_gc`).
 LARGE_BODY_BYTES = 256 * 1024
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a large response becomes Python objects.
-
-    Each container made counts towards the next collection, and a collection walks every tracked
-    object, the many just made included: parsing a 10,000-job page and wrapping it in Job
-    objects triggered enough collections to double the time. Nothing made here is a cycle to
-    collect. The collector is re-enabled on exit (when this call disabled it)."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _parse(resp: httpx.Response) -> Any:
