@@ -528,3 +528,33 @@ def test_bulk_paths_on_postgresql(balsam_env_pg, tmp_path, monkeypatch):
     assert len(acquired) == 60
     session.delete()
     assert Job.objects.filter(tags={"even": "False"}).delete() == 50
+
+
+def test_column_pages_parse_a_column_when_a_field_of_it_is_first_read():
+    """A page sent as columns (JSON texts, see COLUMNS_MEDIA_TYPE) makes its records without
+    parsing their values; reading a field parses its column once; a column that is not a list of
+    the page's length is reported when read; lists (already parsed) are taken as they are."""
+    from balsam._api.query import _unpack_columns
+    from balsam.api import Job
+
+    fields = ["id", "workdir", "state", "data"]
+    data = {"count": 7, "fields": fields,
+            "columns": ["[4, 5, 6]", '["a/4", "a/5", "a/6"]', ["RUN_DONE", "FAILED", "RUNNING"], '[{"x": 1}, {}, "oops"'],
+            }
+    count, records = _unpack_columns(data)
+    assert count == 7 and len(records) == 3
+    page = records[0].columns
+    assert page._parsed[1:] == [None, None, None]  # only the ids were parsed
+    assert records[1]["workdir"] == "a/5" and records[2].get("workdir") == "a/6" and "state" in records[0]
+    assert page._parsed[1] == ["a/4", "a/5", "a/6"] and page._parsed[3] is None
+    with pytest.raises(ValueError, match="column 3"):
+        records[0]["data"]
+    jobs = Job._from_api_many(records)
+    assert [job.id for job in jobs] == [4, 5, 6] and str(jobs[1].workdir) == "a/5"
+    short = dict(data, columns=["[1, 2]", '["a"]', "[]", "[]"])
+    with pytest.raises(ValueError, match="column 1 is not a list of 2 values"):
+        _unpack_columns(short)[1][0]["workdir"]
+    for bad in ({"fields": fields, "columns": ["[1]"]}, {"fields": fields, "columns": [1, 2, 3, 4]}, [], {"columns": []}):
+        with pytest.raises(ValueError, match="unexpected list response"):
+            _unpack_columns(bad)
+    assert _unpack_columns({"count": 0, "fields": fields, "columns": ["[]"] * 4}) == (0, [])

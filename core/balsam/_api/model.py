@@ -128,12 +128,13 @@ def _json_encoder(tp: Any) -> Any:
 
 
 class Row:
-    """One record of a page sent as columns (``fields`` once, then a list of values per field):
-    read like the record's JSON object, without building a dict (or a list) per record."""
+    """One record of a page sent as columns (``fields`` once, then a list of values per field;
+    ``columns[i]`` is field i's list, see balsam._api.query.PageColumns): read like the record's
+    JSON object, without building a dict (or a list) per record."""
 
     __slots__ = ("index", "columns", "position")
 
-    def __init__(self, index: dict[str, int], columns: list[list[Any]], position: int) -> None:
+    def __init__(self, index: dict[str, int], columns: Any, position: int) -> None:
         self.index = index  # field name -> column, shared by the rows of a page
         self.columns = columns
         self.position = position

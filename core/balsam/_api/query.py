@@ -12,6 +12,8 @@ import enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Iterator, Optional, TypeVar
 
+import orjson
+
 from balsam.client.rest import paused_gc
 from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
 
@@ -301,19 +303,53 @@ class Query(Generic[T]):
 COLUMNS_MEDIA_TYPE = "application/vnd.balsam.columns+json"
 
 
+class PageColumns:
+    """The columns of a page sent as columns, each the JSON text of its list of values: a column is
+    parsed the first time a field of it is read, then kept (listing jobs makes none of their
+    values; reading one field of each parses that column once). Lists are taken as they are."""
+
+    __slots__ = ("_columns", "_parsed", "length")
+
+    def __init__(self, columns: list[Any]) -> None:
+        self._columns = columns
+        self._parsed: list[Optional[list[Any]]] = [None] * len(columns)
+        self.length = len(self[0]) if columns else 0
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+    def __getitem__(self, i: int) -> list[Any]:
+        column = self._parsed[i]
+        if column is None:
+            column = self._parse(i)
+        return column
+
+    def _parse(self, i: int) -> list[Any]:
+        column = self._columns[i]
+        if type(column) is str:
+            try:
+                with paused_gc():
+                    column = orjson.loads(column)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"unexpected list response from the server: column {i}: {exc}") from None
+        if type(column) is not list or (i and len(column) != self.length):
+            raise ValueError(f"unexpected list response from the server: column {i} is not a list of "
+                             f"{self.length} values")
+        self._parsed[i] = column
+        return column
+
+
 def _unpack_columns(data: Any) -> tuple[int, list[Row]]:
     fields = data.get("fields") if isinstance(data, dict) else None
     columns = data.get("columns") if isinstance(data, dict) else None
     if (not isinstance(fields, list) or not isinstance(columns, list) or len(columns) != len(fields)
-            or not all(type(column) is list for column in columns)):
+            or not all(type(column) in (str, list) for column in columns)):
         raise ValueError(f"unexpected list response from the server: {str(data)[:200]}")
-    length = len(columns[0]) if columns else 0
-    if any(len(column) != length for column in columns):
-        raise ValueError("unexpected list response from the server: columns of different lengths")
+    page = PageColumns(columns)  # parses the first column (ids): the number of records
     index = {name: i for i, name in enumerate(fields)}
     with paused_gc():
-        page = [Row(index, columns, position) for position in range(length)]
-    return int(data.get("count", length)), page
+        records = [Row(index, page, position) for position in range(page.length)]
+    return int(data.get("count", page.length)), records
 
 
 def _unpack_list(data: Any) -> tuple[int, list[dict[str, Any]]]:

@@ -24,7 +24,7 @@ def list_jobs(ctx: Ctx) -> Response:
     if logic.COLUMNS_MEDIA_TYPE in ctx.request.headers.get("accept", ""):
         with ctx.read() as conn:
             count, columns = logic.list_job_columns(conn, ctx.user.id, q, limit, offset)
-        body = {"count": count, "fields": logic.JOB_OUT_FIELDS, "columns": orjson.Fragment(columns)}
+        body = {"count": count, "fields": logic.JOB_OUT_FIELDS, "columns": columns}
         return Response(dumps(body), media_type=logic.COLUMNS_MEDIA_TYPE)
     with ctx.read() as conn:
         count, results = logic.list_jobs_json(conn, ctx.user.id, q, limit, offset)
