@@ -558,3 +558,79 @@ def test_column_pages_parse_a_column_when_a_field_of_it_is_first_read():
         with pytest.raises(ValueError, match="unexpected list response"):
             _unpack_columns(bad)
     assert _unpack_columns({"count": 0, "fields": fields, "columns": ["[]"] * 4}) == (0, [])
+
+
+def test_listed_jobs_see_in_place_changes_of_flat_and_nested_values(site):
+    """Flat string maps are snapshotted as copies, anything else as canonical JSON: both catch an
+    in-place change, a change of a value's type, and no change."""
+    from balsam.api import Job
+
+    _template_app(site)
+    Job.objects.create(workdir="flat", app_id="Hello", parameters={"name": "x"}, tags={"k": "v"}, data={"s": "1"})
+    Job.objects.create(workdir="nested", app_id="Hello", parameters={"name": "y"}, tags={"k": "v"}, data={"n": {"l": [1]}})
+    by_workdir = {str(job.workdir): job for job in Job.objects.filter(tags={"k": "v"})}
+    flat, nested = by_workdir["flat"], by_workdir["nested"]
+    assert flat.tags == {"k": "v"} and flat.data == {"s": "1"} and nested.data == {"n": {"l": [1]}}
+    assert flat.dirty_fields == set() and nested.dirty_fields == set()
+    flat.data["s"] = 1  # same key, a string became a number: the JSON differs
+    flat.tags["k"] = "v"  # written, same value
+    nested.data["n"]["l"].append(2)
+    assert flat.dirty_fields == {"data"} and nested.dirty_fields == {"data"}
+    flat.save()
+    nested.save()
+    assert Job.objects.get(id=flat.id).data == {"s": 1}
+    assert Job.objects.get(id=nested.id).data == {"n": {"l": [1, 2]}}
+
+
+def test_lazy_fields_structure_like_the_converter(site):
+    """The fast structurers of listed records give what the converter gives, and leave anything
+    unusual (and every error) to it."""
+    from balsam._api.model import _SLOW, Field
+    from balsam.api import Job
+    from balsam.models import Job as JobRecord
+    from balsam.serialization import converter
+    import attrs
+
+    fields = attrs.fields_dict(JobRecord)
+    for name, value in [("state", "RUNNING"), ("workdir", "a/b"), ("tags", {"a": "b"}), ("data", {"x": [1, {"y": None}]}),
+                        ("wall_time_min", 5), ("num_nodes", 2)]:
+        fld = Field(name, fields[name].type, None)
+        assert fld.structure("Job", value) == converter.structure(value, fields[name].type)
+        assert type(fld.structure("Job", value)) is type(converter.structure(value, fields[name].type))
+    state = Field("state", fields["state"].type, None)
+    assert state.fast_structure("NOT_A_STATE") is _SLOW
+    with pytest.raises(ValueError, match="state"):
+        state.structure("Job", "NOT_A_STATE")
+    tags = Field("tags", fields["tags"].type, None)
+    data = Field("data", fields["data"].type, None)
+    shared = {"a": "b"}  # a value read may be shared (a create payload's default): the record gets its own
+    assert tags.structure("Job", shared) == shared and tags.structure("Job", shared) is not shared
+    assert data.structure("Job", shared) == shared and data.structure("Job", shared) is not shared
+    assert tags.fast_structure({"a": 1}) is _SLOW
+    with pytest.raises(ValueError, match="tags"):
+        tags.structure("Job", {"a": 1})
+    _template_app(site)
+    Job.objects.create(workdir="w", app_id="Hello", parameters={"name": "x"}, tags={"t": "1"})
+    listed = list(Job.objects.filter(tags={"t": "1"}))[0]
+    fetched = Job.objects.get(id=listed.id)
+    fetched._record  # noqa: B018 - built whole by the converter
+    assert listed.state is fetched.state and type(listed.state) is type(fetched.state)
+    assert isinstance(listed.workdir, Path) and listed.workdir == Path("w")
+
+
+def test_codec_loads_plain_data_without_dill_and_the_rest_with_it():
+    import datetime as _dt
+
+    import dill
+
+    from balsam._api import codec
+
+    values = [{"i": 1}, {"a": [1, 2.5, "x", None, True, (1, 2)], "b": {"c": b"xy"}}, {1, 2}, frozenset([3]), [],
+              _dt.datetime(2020, 1, 2, 3, 4), complex(1, 2), Path("p/q")]
+    for value in values:
+        payload = codec.serialize(value)
+        assert codec.deserialize(payload) == value == dill.loads(codec._unb64(payload))
+    square = codec.deserialize(codec.serialize(lambda x: x * x))  # code: dill's unpickler
+    assert square(3) == 9
+    with pytest.raises(codec.DeserializeError):
+        codec.deserialize(codec._b64(b"\x80\x04not a pickle"))

@@ -48,7 +48,19 @@ def _is_mutable_type(tp: Any) -> bool:
     return base in (dict, list, set) or typing.get_origin(base) in (dict, list, set)
 
 
-def _fingerprint(value: Any, tp: Any) -> str:
+def _fingerprint(value: Any, tp: Any) -> Any:
+    """What a mutable field's value is compared by to see an in-place change before a save.
+
+    A flat map of strings (tags, most ``data``; an empty map or list) is its own copy: equal
+    copies mean equal JSON, at a hundredth of the cost of encoding it (listing 10,000 jobs and
+    reading their tags and data encoded 20,000 values). Anything else is its canonical JSON text
+    (a copy never equals a text, so a value that changes shape is seen as changed)."""
+    kind = type(value)
+    if kind is dict:
+        if all(type(k) is str and type(v) is str for k, v in value.items()):
+            return dict(value)
+    elif kind is list and not value:
+        return []
     return json.dumps(converter.unstructure(value, tp), sort_keys=True, default=str)
 
 
@@ -127,6 +139,50 @@ def _json_encoder(tp: Any) -> Any:
     return fallback
 
 
+#: What a fast structurer returns for a value it leaves to the converter (which words any error).
+_SLOW = object()
+
+
+# Both return a new dict, as the converter does: the value read may be shared (a create payload's
+# default, a page's column) and the record's own is changed in place by its user.
+def _str_map(value: Any) -> Any:
+    if type(value) is dict and all(type(k) is str and type(v) is str for k, v in value.items()):
+        return dict(value)
+    return _SLOW
+
+
+def _json_object(value: Any) -> Any:
+    # dict[str, Any]: the converter checks the keys and passes the values through.
+    if type(value) is dict and all(type(k) is str for k in value):
+        return dict(value)
+    return _SLOW
+
+
+def _fast_structurer(base: Any) -> Any:
+    """A function giving the value of a field of type ``base`` from its JSON for the common shapes
+    (the same value the converter gives, without its dispatch: reading six fields of each of 10,000
+    listed jobs spent most of its time there), or :data:`_SLOW` to leave it to the converter;
+    None for types without one."""
+    generic = typing.get_origin(base)
+    args = typing.get_args(base)
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        members = base._value2member_map_
+
+        def enum_member(value: Any) -> Any:
+            return members.get(value, _SLOW) if type(value) is str else _SLOW
+
+        return enum_member
+    if isinstance(base, type) and issubclass(base, PurePath):
+        return lambda value: base(value) if type(value) is str else _SLOW
+    if base is float:
+        return lambda value: value if type(value) is float else float(value) if type(value) is int else _SLOW
+    if generic is dict and args == (str, str):
+        return _str_map
+    if generic is dict and args == (str, Any):
+        return _json_object
+    return None
+
+
 class Row:
     """One record of a page sent as columns (``fields`` once, then a list of values per field;
     ``columns[i]`` is field i's list, see balsam._api.query.PageColumns): read like the record's
@@ -185,6 +241,7 @@ class Field:
         self.plain_type = base if base in _PLAIN_TYPES else None
         self.optional = base is not tp
         self.to_json = _json_encoder(tp)
+        self.fast_structure = _fast_structurer(base)
 
     def structure(self, model: str, value: Any) -> Any:
         """This field's value from the server's JSON (one field of a lazily loaded record)."""
@@ -192,6 +249,10 @@ class Field:
             return None
         if self.plain_type is not None and type(value) is self.plain_type:
             return value
+        if self.fast_structure is not None:
+            fast = self.fast_structure(value)
+            if fast is not _SLOW:
+                return fast
         try:
             return converter.structure(value, self.type)
         except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
@@ -365,7 +426,7 @@ class BalsamModel:
             raise TypeError(f"{type(self).__name__} records are created by the server, not by the API")
         self._stored = False
         self._dirty: set[str] = set()
-        self._snapshots: dict[str, str] = {}
+        self._snapshots: dict[str, Any] = {}
         name = type(self).__name__
         values: dict[str, Any] = {}
         for key, value in kwargs.items():
