@@ -151,3 +151,27 @@ def test_postgres_column_defaults_are_the_models(database_url):
             assert conn.execute(sa.text(f"SELECT {found['log_events.data']}")).scalar_one() == {}
     finally:
         engine.dispose()
+
+
+def test_copy_errors_are_sqlalchemy_errors(database_url):
+    """A COPY the database refuses raises SQLAlchemy's exception for it (the server answers an
+    IntegrityError 409, as for its other statements), and the transaction stays usable to roll back."""
+    import pytest
+    import sqlalchemy as sa
+
+    from balsam.server.db import create_db_engine
+    from balsam.server.pg_copy import copy_rows
+
+    if not database_url.startswith("postgres"):
+        pytest.skip("COPY is PostgreSQL's")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            with pytest.raises(sa.exc.IntegrityError, match="log_events"):
+                with conn.begin():
+                    with conn.connection.dbapi_connection.cursor() as cur:
+                        copy_rows(conn, cur, "log_events", ["job_id", "timestamp", "from_state", "to_state"],
+                                  "987654\t2026-12-01T00:00:00+00:00\tCREATED\tSTAGED_IN\n")
+            assert conn.execute(sa.text("SELECT count(*) FROM log_events")).scalar_one() == 0
+    finally:
+        engine.dispose()
