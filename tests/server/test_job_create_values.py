@@ -4,6 +4,8 @@ one created event per job, whatever mix of fields, apps and sites one request ca
 
 from __future__ import annotations
 
+from balsam.serialization import parse_datetime
+
 #: Text that COPY's text format would misread unescaped: separators, backslash sequences, its NULL.
 AWKWARD = "tab\there\nnewline\r\\N back\\slash \\. é 🚀 'quote\" ,;"
 
@@ -51,7 +53,7 @@ def test_jobs_of_several_sites_in_one_request(api):
     for job in created:
         events = api.events(job_id=job["id"])
         assert [(e["from_state"], e["to_state"], e["data"]) for e in events] == [("CREATED", job["state"], {})]
-        assert events[0]["timestamp"] == job["last_update"]
+        assert parse_datetime(events[0]["timestamp"]) == parse_datetime(job["last_update"])
 
 
 #: Values of each create field, good and bad, for the randomized comparison below.
