@@ -2,7 +2,8 @@
 interleaved rounds, the same client code on both sides.
 
 - **Python API** (``balsam07_compare_driver.py``, one file run by each package's Python):
-  ``Job.objects.bulk_create`` of N jobs, ``list(Job.objects.filter(tags=...))`` of them,
+  ``Job.objects.bulk_create`` of N jobs, ``list(Job.objects.filter(tags=...))`` of them, the same
+  listing reading six fields of every job (what a client that parses lazily then pays),
   ``Job.objects.filter(tags=...).delete()``. Rows: 0.7 client -> 0.7 server, our client -> our
   server, and the unmodified 0.7 client -> our server; with ``--sqlite``, also our client -> our
   server on SQLite (the embedded default; Balsam 0.7 has no SQLite server, so its PostgreSQL row
@@ -262,6 +263,7 @@ def report(results: dict[str, list[dict[str, float]]], n_jobs: int) -> None:
     print("| figure | 0.7 client -> 0.7 server | balsam client -> balsam server | ratio | 0.7 client -> balsam server |")
     print("|---|---|---|---|---|")
     for key, what in (("bulk_create", "`Job.objects.bulk_create`"), ("list", "`list(Job.objects.filter(tags=...))`"),
+                      ("list_read", "the same listing, reading each job's id, state, workdir, tags, data, get_parameters()"),
                       ("delete", "`Job.objects.filter(tags=...).delete()`")):
         a, b, c = med("0.7 client -> 0.7 server", key), med("balsam client -> balsam server", key), med("0.7 client -> balsam server", key)
         print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× "
@@ -273,6 +275,7 @@ def report(results: dict[str, list[dict[str, float]]], n_jobs: int) -> None:
     if results.get(lite):
         print("\nour client -> our server on SQLite (peer: 0.7 on PostgreSQL above, same run):")
         for key, what in (("bulk_create", "`Job.objects.bulk_create`"), ("list", "`list(Job.objects.filter(tags=...))`"),
+                      ("list_read", "the same listing, reading each job's id, state, workdir, tags, data, get_parameters()"),
                           ("delete", "`Job.objects.filter(tags=...).delete()`")):
             a, b = med("0.7 client -> 0.7 server", key), med(lite, key)
             print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× |")

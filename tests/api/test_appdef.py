@@ -192,6 +192,52 @@ def test_python_version_mismatch_fails_clearly(site):
         ApplicationDefinition.load_by_id(app.id)
 
 
+def test_prefetched_app_records_load_by_id_without_a_request(site, monkeypatch):
+    from balsam._api import codec
+    from balsam.api import App, ApplicationDefinition
+
+    site_name = site.name
+
+    class First(ApplicationDefinition):
+        site = site_name
+        command_template = "echo first"
+
+    class Second(ApplicationDefinition):
+        site = site_name
+        command_template = "echo second"
+
+    class Broken(ApplicationDefinition):
+        site = site_name
+        command_template = "true"
+
+    First.sync()
+    Second.sync()
+    Broken.sync()
+    broken = App.objects.get(id=Broken.__app_id__)
+    broken.serialized_class = base64.b64encode(b"not a pickle").decode()
+    broken.save()
+    ApplicationDefinition.clear_cache()
+
+    # One request for the site's apps; a record that cannot be deserialized does not fail it.
+    assert ApplicationDefinition.prefetch_site(site.id) == 3
+    gets = []
+    real_get = App.objects.get
+    monkeypatch.setattr(App.objects, "get", lambda **kw: gets.append(kw) or real_get(**kw))
+    assert ApplicationDefinition.load_by_id(First.__app_id__).command_template == "echo first"
+    assert ApplicationDefinition.load_by_id(Second.__app_id__).command_template == "echo second"
+    # ...it fails when loaded, as it would have without the prefetch.
+    with pytest.raises(codec.DeserializeError):
+        ApplicationDefinition.load_by_id(Broken.__app_id__)
+    assert gets == []
+
+    # Beyond the limit, apps are fetched by id as before.
+    ApplicationDefinition.clear_cache()
+    assert ApplicationDefinition.prefetch_site(site.id, limit=1) == 1
+    for app_cls in (First, Second):
+        ApplicationDefinition.load_by_id(app_cls.__app_id__)
+    assert len(gets) == 1
+
+
 def test_apps_serialized_by_balsam_07_clients_load(site, tmp_path):
     """A 0.7 client stored base64(dill.dumps(cls, recurse=True)) of a class defined in a user script."""
     from balsam.api import App, ApplicationDefinition

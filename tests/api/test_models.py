@@ -166,7 +166,7 @@ def test_bulk_create_chunks_and_returns_new_objects(site, monkeypatch):
 
 def test_bulk_create_in_chunks_keeps_ids_in_order_and_objects_as_listed(site, monkeypatch):
     """Chunks (each built while the one before is on the server) get their ids in order; the
-    objects built from the minimal answers equal the server's records; listing (pages as rows)
+    objects built from the minimal answers equal the server's records; listing (pages as columns)
     gives the same records; the garbage collector is running again afterwards."""
     import gc
 
@@ -528,3 +528,109 @@ def test_bulk_paths_on_postgresql(balsam_env_pg, tmp_path, monkeypatch):
     assert len(acquired) == 60
     session.delete()
     assert Job.objects.filter(tags={"even": "False"}).delete() == 50
+
+
+def test_column_pages_parse_a_column_when_a_field_of_it_is_first_read():
+    """A page sent as columns (JSON texts, see COLUMNS_MEDIA_TYPE) makes its records without
+    parsing their values; reading a field parses its column once; a column that is not a list of
+    the page's length is reported when read; lists (already parsed) are taken as they are."""
+    from balsam._api.query import _unpack_columns
+    from balsam.api import Job
+
+    fields = ["id", "workdir", "state", "data"]
+    data = {"count": 7, "fields": fields,
+            "columns": ["[4, 5, 6]", '["a/4", "a/5", "a/6"]', ["RUN_DONE", "FAILED", "RUNNING"], '[{"x": 1}, {}, "oops"'],
+            }
+    count, records = _unpack_columns(data)
+    assert count == 7 and len(records) == 3
+    page = records[0].columns
+    assert page._parsed[1:] == [None, None, None]  # only the ids were parsed
+    assert records[1]["workdir"] == "a/5" and records[2].get("workdir") == "a/6" and "state" in records[0]
+    assert page._parsed[1] == ["a/4", "a/5", "a/6"] and page._parsed[3] is None
+    with pytest.raises(ValueError, match="column 3"):
+        records[0]["data"]
+    jobs = Job._from_api_many(records)
+    assert [job.id for job in jobs] == [4, 5, 6] and str(jobs[1].workdir) == "a/5"
+    short = dict(data, columns=["[1, 2]", '["a"]', "[]", "[]"])
+    with pytest.raises(ValueError, match="column 1 is not a list of 2 values"):
+        _unpack_columns(short)[1][0]["workdir"]
+    for bad in ({"fields": fields, "columns": ["[1]"]}, {"fields": fields, "columns": [1, 2, 3, 4]}, [], {"columns": []}):
+        with pytest.raises(ValueError, match="unexpected list response"):
+            _unpack_columns(bad)
+    assert _unpack_columns({"count": 0, "fields": fields, "columns": ["[]"] * 4}) == (0, [])
+
+
+def test_listed_jobs_see_in_place_changes_of_flat_and_nested_values(site):
+    """Flat string maps are snapshotted as copies, anything else as canonical JSON: both catch an
+    in-place change, a change of a value's type, and no change."""
+    from balsam.api import Job
+
+    _template_app(site)
+    Job.objects.create(workdir="flat", app_id="Hello", parameters={"name": "x"}, tags={"k": "v"}, data={"s": "1"})
+    Job.objects.create(workdir="nested", app_id="Hello", parameters={"name": "y"}, tags={"k": "v"}, data={"n": {"l": [1]}})
+    by_workdir = {str(job.workdir): job for job in Job.objects.filter(tags={"k": "v"})}
+    flat, nested = by_workdir["flat"], by_workdir["nested"]
+    assert flat.tags == {"k": "v"} and flat.data == {"s": "1"} and nested.data == {"n": {"l": [1]}}
+    assert flat.dirty_fields == set() and nested.dirty_fields == set()
+    flat.data["s"] = 1  # same key, a string became a number: the JSON differs
+    flat.tags["k"] = "v"  # written, same value
+    nested.data["n"]["l"].append(2)
+    assert flat.dirty_fields == {"data"} and nested.dirty_fields == {"data"}
+    flat.save()
+    nested.save()
+    assert Job.objects.get(id=flat.id).data == {"s": 1}
+    assert Job.objects.get(id=nested.id).data == {"n": {"l": [1, 2]}}
+
+
+def test_lazy_fields_structure_like_the_converter(site):
+    """The fast structurers of listed records give what the converter gives, and leave anything
+    unusual (and every error) to it."""
+    from balsam._api.model import _SLOW, Field
+    from balsam.api import Job
+    from balsam.models import Job as JobRecord
+    from balsam.serialization import converter
+    import attrs
+
+    fields = attrs.fields_dict(JobRecord)
+    for name, value in [("state", "RUNNING"), ("workdir", "a/b"), ("tags", {"a": "b"}), ("data", {"x": [1, {"y": None}]}),
+                        ("wall_time_min", 5), ("num_nodes", 2)]:
+        fld = Field(name, fields[name].type, None)
+        assert fld.structure("Job", value) == converter.structure(value, fields[name].type)
+        assert type(fld.structure("Job", value)) is type(converter.structure(value, fields[name].type))
+    state = Field("state", fields["state"].type, None)
+    assert state.fast_structure("NOT_A_STATE") is _SLOW
+    with pytest.raises(ValueError, match="state"):
+        state.structure("Job", "NOT_A_STATE")
+    tags = Field("tags", fields["tags"].type, None)
+    data = Field("data", fields["data"].type, None)
+    shared = {"a": "b"}  # a value read may be shared (a create payload's default): the record gets its own
+    assert tags.structure("Job", shared) == shared and tags.structure("Job", shared) is not shared
+    assert data.structure("Job", shared) == shared and data.structure("Job", shared) is not shared
+    assert tags.fast_structure({"a": 1}) is _SLOW
+    with pytest.raises(ValueError, match="tags"):
+        tags.structure("Job", {"a": 1})
+    _template_app(site)
+    Job.objects.create(workdir="w", app_id="Hello", parameters={"name": "x"}, tags={"t": "1"})
+    listed = list(Job.objects.filter(tags={"t": "1"}))[0]
+    fetched = Job.objects.get(id=listed.id)
+    fetched._record  # noqa: B018 - built whole by the converter
+    assert listed.state is fetched.state and type(listed.state) is type(fetched.state)
+    assert isinstance(listed.workdir, Path) and listed.workdir == Path("w")
+
+
+def test_codec_loads_plain_data_without_dill_and_the_rest_with_it():
+    import datetime as _dt
+
+    import dill
+
+    from balsam._api import codec
+
+    values = [{"i": 1}, {"a": [1, 2.5, "x", None, True, (1, 2)], "b": {"c": b"xy"}}, {1, 2}, frozenset([3]), [],
+              _dt.datetime(2020, 1, 2, 3, 4), complex(1, 2), Path("p/q")]
+    for value in values:
+        payload = codec.serialize(value)
+        assert codec.deserialize(payload) == value == dill.loads(codec._unb64(payload))
+    square = codec.deserialize(codec.serialize(lambda x: x * x))  # code: dill's unpickler
+    assert square(3) == 9
+    with pytest.raises(codec.DeserializeError):
+        codec.deserialize(codec._b64(b"\x80\x04not a pickle"))

@@ -262,22 +262,77 @@ def test_early_lease_takes_the_filters_of_the_settings_read_after_it_opened(monk
     class Lease:
         filter_tags: dict = {}
         sort_by = None
+        wrap = None
         closed = False
 
         def close(self, **kwargs) -> None:
             self.closed = True
 
+    prefetched = []
+
+    class Models:
+        class Job:
+            _from_api = staticmethod(lambda row: ("job", row))
+
+        class ApplicationDefinition:
+            @staticmethod
+            def prefetch_site(site_id, limit):
+                prefetched.append((site_id, limit))
+                return 0
+
     opened = Lease()
-    monkeypatch.setattr(_api, "open_lease", lambda site_id, batch_job_id: opened)
+    # The Session is opened with the REST client alone; the models come after it (their import
+    # overlaps its round trip), then the site's apps are prefetched by the same thread.
+    monkeypatch.setattr(_api, "open_raw_lease", lambda site_id, batch_job_id: opened)
+    monkeypatch.setattr(_api, "api_models", lambda: Models)
     early = _api.EarlyLease.start(3, 7)
     assert early.matches(3, 7) and not early.matches(3, 8)
     lease = early.take({"experiment": "xpcs"}, "long_large_first")
     assert lease is opened and lease.filter_tags == {"experiment": "xpcs"} and lease.sort_by == "long_large_first"
+    assert lease.wrap({"id": 1}) == ("job", {"id": 1})
+    early.join()
+    assert prefetched == [(3, _api.APP_PREFETCH_LIMIT)] and early.apps_prefetched == 0
     early.discard()  # taken: discarding leaves it open for its owner
     assert not opened.closed
     unused = _api.EarlyLease.start(3, 7)
     unused.discard()
     assert opened.closed
+
+
+def test_early_lease_hands_over_the_open_error_and_a_failed_app_prefetch_is_harmless(monkeypatch) -> None:
+    from balsam.launcher import _api
+
+    def refused(site_id, batch_job_id):
+        raise RuntimeError("no session for you")
+
+    monkeypatch.setattr(_api, "open_raw_lease", refused)
+    early = _api.EarlyLease.start(3, 7)
+    with pytest.raises(RuntimeError, match="no session for you"):
+        early.take({}, None)
+
+    class Lease:
+        wrap = None
+        closed = False
+
+        def close(self, **kwargs) -> None:
+            self.closed = True
+
+    class Models:
+        class Job:
+            _from_api = staticmethod(lambda row: row)
+
+        class ApplicationDefinition:
+            @staticmethod
+            def prefetch_site(site_id, limit):
+                raise ConnectionError("API gone")
+
+    opened = Lease()
+    monkeypatch.setattr(_api, "open_raw_lease", lambda site_id, batch_job_id: opened)
+    monkeypatch.setattr(_api, "api_models", lambda: Models)
+    early = _api.EarlyLease.start(3, 7)
+    assert early.take({}, None) is opened
+    early.join()
+    assert early.apps_prefetched is None and not opened.closed
 
 
 def test_the_launcher_process_does_not_import_httpx_command_line_tool() -> None:

@@ -1,7 +1,8 @@
 """A page of jobs is the same whichever way it is written: the Python dicts of ``job_dicts``, the
-JSON the database writes for the object form (PostgreSQL: one ``json_agg`` value), and the rows
-form; for every ordering, offset and filter, with values of every kind (unicode and escapes in
-tags, fractional GPUs, return codes, parents, naive UTC datetimes)."""
+JSON the database writes for the object form (PostgreSQL: one ``json_agg`` value), and the columns
+form (one aggregate per field, checked against the rows' positions); for every ordering, offset and
+filter, with values of every kind (unicode and escapes in tags, fractional GPUs, return codes,
+parents, naive UTC datetimes)."""
 
 from __future__ import annotations
 
@@ -58,17 +59,64 @@ def test_the_database_written_page_equals_the_python_page(api: dict, query: str)
         count, expected = logic.list_jobs(conn, api["user_id"], q, limit, offset)
         expected = orjson.loads(dumps(expected))
         json_count, text = logic.list_jobs_json(conn, api["user_id"], q, limit, offset)
-        rows_count, rows_text = logic.list_job_rows(conn, api["user_id"], q, limit, offset)
+        columns_count, column_texts = logic.list_job_columns(conn, api["user_id"], q, limit, offset)
     as_objects = orjson.loads(text)
-    as_rows = [dict(zip(logic.JOB_OUT_FIELDS, row)) for row in orjson.loads(rows_text)]
-    assert count == json_count == rows_count
+    columns = [orjson.loads(column) for column in column_texts]
+    assert len(columns) == len(logic.JOB_OUT_FIELDS)
+    as_rows = [dict(zip(logic.JOB_OUT_FIELDS, row)) for row in zip(*columns)]
+    assert count == json_count == columns_count
     assert [_normal(j) for j in as_objects] == [_normal(j) for j in expected]
     assert [_normal(j) for j in as_rows] == [_normal(j) for j in expected]
     if limit:
         assert expected or "none" in query  # the queries select something
-    # And through HTTP: the object form a 0.7 client reads, the rows form of ours.
+    # And through HTTP: the object form a 0.7 client reads (the columns form: tests/server/test_jobs.py).
     body = api["client"].get(f"/jobs/?{query}").json()
     assert body["count"] == count
     assert [_normal(j) for j in body["results"]] == [_normal(j) for j in expected]
     for job in body["results"]:
         assert "T" in job["last_update"] and "+" not in job["last_update"]  # naive UTC, as 0.7 sent it
+
+
+@pytest.mark.parametrize(("ordering", "check", "checked"), [
+    ("ordering=-workdir&", "_positions_in_order", ([3, 4, 5, 6, 7, 8], 2)),
+    ("", "_ids_in_order", None), ("ordering=-id&", "_ids_in_order", None)])
+def test_columns_aggregated_out_of_order_are_rebuilt_in_order(api: dict, monkeypatch: pytest.MonkeyPatch,
+                                                              ordering: str, check: str, checked: Any) -> None:
+    """Neither database promises to aggregate in the subquery's order: a page whose ids (ordered by
+    id) or positions (other orderings) come back out of order is built from the listing's rows
+    instead (the same page)."""
+    q = QueryParams(StarletteQueryParams(f"{ordering}limit=6&offset=2"))
+    seen = []
+
+    def out_of_order(text: str, *args: Any, **kwargs: Any) -> bool:
+        seen.append(orjson.loads(text))
+        return False
+
+    with api["engine"].connect() as conn:
+        _, expected = logic.list_job_columns(conn, api["user_id"], q, 6, 2)
+        monkeypatch.setattr(logic, check, out_of_order)
+        count, text = logic.list_job_columns(conn, api["user_id"], q, 6, 2)
+    columns, want = [orjson.loads(c) for c in text], [orjson.loads(c) for c in expected]
+    assert count == 31 and len(seen) == 1
+    assert seen[0] == (checked[0] if checked else want[0])  # the positions, or the ids
+    assert len(columns) == len(want) == len(logic.JOB_OUT_FIELDS)
+    assert [_normal(dict(zip(logic.JOB_OUT_FIELDS, row))) for row in zip(*columns)] == \
+        [_normal(dict(zip(logic.JOB_OUT_FIELDS, row))) for row in zip(*want)]
+
+
+def test_order_checks() -> None:
+    assert logic._ids_in_order("[1, 5, 9]", descending=False) and not logic._ids_in_order("[1, 9, 5]", descending=False)
+    assert logic._ids_in_order("[9,5,1]", descending=True) and not logic._ids_in_order("[9,9]", descending=True)
+    assert logic._ids_in_order("[]", descending=False) and logic._ids_in_order("[4]", descending=True)
+    assert logic._positions_in_order("[3, 4, 5]", 2) and not logic._positions_in_order("[3, 5, 4]", 2)
+    assert not logic._positions_in_order("[1, 2]", 2)
+
+
+@pytest.mark.parametrize("offset", [31, 40])
+def test_a_page_past_the_end_is_empty_with_the_count(api: dict, offset: int) -> None:
+    q = QueryParams(StarletteQueryParams(f"limit=10&offset={offset}"))
+    with api["engine"].connect() as conn:
+        assert logic.list_jobs(conn, api["user_id"], q, 10, offset) == (31, [])
+        assert logic.list_jobs_json(conn, api["user_id"], q, 10, offset) == (31, "[]")
+        count, text = logic.list_job_columns(conn, api["user_id"], q, 10, offset)
+    assert count == 31 and text == ["[]"] * len(logic.JOB_OUT_FIELDS)

@@ -219,6 +219,8 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
     _client: ClassVar[Any] = None
     #: loaded classes by (server URL, app id) and (server URL, site name, app name)
     _app_id_cache: ClassVar[dict[tuple[str, int], type]] = {}
+    #: App records fetched ahead (:meth:`prefetch_site`), deserialized when first loaded by id.
+    _app_record_cache: ClassVar[dict[tuple[str, int], Any]] = {}
     _app_name_cache: ClassVar[dict[tuple[str, Optional[str], str], type]] = {}
 
     class ModuleLoadError(Exception):
@@ -458,14 +460,35 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
     def _load_by_id_with(AppModel: Any, app_id: int) -> type["ApplicationDefinition"]:
         key = (_server_key(AppModel), app_id)
         if key not in ApplicationDefinition._app_id_cache:
-            app = AppModel.objects.get(id=app_id)
+            app = ApplicationDefinition._app_record_cache.pop(key, None)
+            if app is None:
+                app = AppModel.objects.get(id=app_id)
             ApplicationDefinition._app_id_cache[key] = ApplicationDefinition.from_serialized(app)
         return ApplicationDefinition._app_id_cache[key]
+
+    @classmethod
+    def prefetch_site(cls, site_id: int, limit: int = 32) -> int:
+        """Fetch up to ``limit`` App records of a site in one request, so that :meth:`load_by_id`
+        of any of them makes no round trip; returns how many were fetched.
+
+        Only the records are kept: a class is deserialized when it is loaded (an app that cannot
+        load here fails then, for the jobs that use it, as without the prefetch). A launcher calls
+        this while its first acquire is in flight: the app of its first job then needs no request
+        after the acquire's answer."""
+        AppModel = cls._models().App
+        server = _server_key(AppModel)
+        records = list(AppModel.objects.filter(site_id=int(site_id))[: max(0, int(limit))])
+        for app in records:
+            key = (server, app.id)
+            if key not in ApplicationDefinition._app_id_cache:
+                ApplicationDefinition._app_record_cache[key] = app
+        return len(records)
 
     @classmethod
     def clear_cache(cls) -> None:
         ApplicationDefinition._app_id_cache.clear()
         ApplicationDefinition._app_name_cache.clear()
+        ApplicationDefinition._app_record_cache.clear()
 
 
 def _server_key(model: Any) -> str:

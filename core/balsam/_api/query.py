@@ -12,6 +12,8 @@ import enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Iterator, Optional, TypeVar
 
+import orjson
+
 from balsam.client.rest import paused_gc
 from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
 
@@ -162,7 +164,7 @@ class Query(Generic[T]):
         return out
 
     def _get_pages(self, params: dict[str, Any], offset: int, limit: Optional[int]) -> tuple[int, list[Any]]:
-        """(count, records): dicts, or Row objects where the server sent the page as rows."""
+        """(count, records): dicts, or Row objects where the server sent the page as columns."""
         client = self._model._get_client()
         if not self._model._paginated:
             count, rows = _unpack_list(client.get(self._model._path, params=params))
@@ -177,12 +179,12 @@ class Query(Generic[T]):
             page_params = dict(params, limit=want, offset=offset + len(results))
             if self._order:
                 page_params["ordering"] = self._order
-            # Job pages come as rows (the server's ROWS_MEDIA_TYPE); other lists, and servers that
-            # do not have it, answer with objects.
+            # Job pages come as columns (the server's COLUMNS_MEDIA_TYPE); other lists, and servers
+            # that do not have it, answer with objects.
             data, headers = client.request_with_headers("GET", self._model._path, params=page_params,
-                                                        headers={"Accept": f"{ROWS_MEDIA_TYPE}, application/json"})
-            if headers.get("content-type", "").startswith(ROWS_MEDIA_TYPE):
-                count, page = _unpack_rows(data)
+                                                        headers={"Accept": f"{COLUMNS_MEDIA_TYPE}, application/json"})
+            if headers.get("content-type", "").startswith(COLUMNS_MEDIA_TYPE):
+                count, page = _unpack_columns(data)
             else:
                 count, page = _unpack_list(data)
             total = count
@@ -297,22 +299,57 @@ class Query(Generic[T]):
         return self._manager._delete_query(self)
 
 
-#: A page as ``{"count", "fields", "rows"}`` (see balsam.server.jobs_logic.ROWS_MEDIA_TYPE).
-ROWS_MEDIA_TYPE = "application/vnd.balsam.rows+json"
+#: A page as ``{"count", "fields", "columns"}`` (see balsam.server.jobs_logic.COLUMNS_MEDIA_TYPE).
+COLUMNS_MEDIA_TYPE = "application/vnd.balsam.columns+json"
 
 
-def _unpack_rows(data: Any) -> tuple[int, list[Row]]:
-    if not isinstance(data, dict) or not isinstance(data.get("fields"), list) or not isinstance(data.get("rows"), list):
+class PageColumns:
+    """The columns of a page sent as columns, each the JSON text of its list of values: a column is
+    parsed the first time a field of it is read, then kept (listing jobs makes none of their
+    values; reading one field of each parses that column once). Lists are taken as they are."""
+
+    __slots__ = ("_columns", "_parsed", "length")
+
+    def __init__(self, columns: list[Any]) -> None:
+        self._columns = columns
+        self._parsed: list[Optional[list[Any]]] = [None] * len(columns)
+        self.length = len(self[0]) if columns else 0
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+    def __getitem__(self, i: int) -> list[Any]:
+        column = self._parsed[i]
+        if column is None:
+            column = self._parse(i)
+        return column
+
+    def _parse(self, i: int) -> list[Any]:
+        column = self._columns[i]
+        if type(column) is str:
+            try:
+                with paused_gc():
+                    column = orjson.loads(column)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"unexpected list response from the server: column {i}: {exc}") from None
+        if type(column) is not list or (i and len(column) != self.length):
+            raise ValueError(f"unexpected list response from the server: column {i} is not a list of "
+                             f"{self.length} values")
+        self._parsed[i] = column
+        return column
+
+
+def _unpack_columns(data: Any) -> tuple[int, list[Row]]:
+    fields = data.get("fields") if isinstance(data, dict) else None
+    columns = data.get("columns") if isinstance(data, dict) else None
+    if (not isinstance(fields, list) or not isinstance(columns, list) or len(columns) != len(fields)
+            or not all(type(column) in (str, list) for column in columns)):
         raise ValueError(f"unexpected list response from the server: {str(data)[:200]}")
-    fields = data["fields"]
+    page = PageColumns(columns)  # parses the first column (ids): the number of records
     index = {name: i for i, name in enumerate(fields)}
-    width = len(fields)
-    rows = data["rows"]
     with paused_gc():
-        page = [Row(index, values) for values in rows if type(values) is list and len(values) == width]
-    if len(page) != len(rows):
-        raise ValueError(f"unexpected list response from the server: rows of {width} fields expected")
-    return int(data.get("count", len(rows))), page
+        records = [Row(index, page, position) for position in range(page.length)]
+    return int(data.get("count", page.length)), records
 
 
 def _unpack_list(data: Any) -> tuple[int, list[dict[str, Any]]]:

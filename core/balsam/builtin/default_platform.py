@@ -1,9 +1,10 @@
 """The ``default`` platform: any Linux machine or generic cluster, with MPICH or Open MPI ``mpiexec``.
 
 Nodes come from the allocation's environment (``SLURM_JOB_NODELIST``, ``PBS_NODEFILE``,
-``COBALT_NODEFILE``) or, outside an allocation, the local host. CPU ids are read with psutil (this
-process's affinity); GPU ids from ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi -L``. Every node is assumed
-to look like the one the launcher runs on.
+``COBALT_NODEFILE``) or, outside an allocation, the local host. CPU ids are this process's affinity
+(``os.sched_getaffinity``: the standard library, so that a launcher's start does not import psutil);
+GPU ids from ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi -L``. Every node is assumed to look like the
+one the launcher runs on.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
-
-import psutil
 
 from balsam.platform import LaunchSpec, NodeInfo, Platform
 
@@ -91,12 +90,12 @@ def detect_mpi_flavor(mpiexec: str) -> str:
 
 def _local_cpu_ids() -> list[int]:
     try:
-        ids = psutil.Process().cpu_affinity()
+        ids = os.sched_getaffinity(0)
         if ids:
             return sorted(ids)
-    except (AttributeError, psutil.Error):  # no affinity support on this OS
+    except (AttributeError, OSError):  # no affinity support on this OS (macOS)
         pass
-    return list(range(psutil.cpu_count(logical=True) or 1))
+    return list(range(os.cpu_count() or 1))
 
 
 def _local_gpu_ids(env: Mapping[str, str]) -> list[str]:
@@ -116,10 +115,10 @@ def _local_gpu_ids(env: Mapping[str, str]) -> list[str]:
 
 
 class DefaultPlatform(Platform):
-    """A Linux node described by psutil; MPICH or Open MPI mpiexec."""
+    """A Linux node (this process's CPUs); MPICH or Open MPI mpiexec."""
 
     name = "default"
-    description = "Any Linux machine or generic cluster (psutil node description; MPICH or Open MPI mpiexec)"
+    description = "Any Linux machine or generic cluster (CPUs from this process's affinity; MPICH or Open MPI mpiexec)"
     default_scheduler = "local"
     mpirun_allows_node_packing = True
     # The job script (and so the launcher) runs on the first node of the allocation, or locally.

@@ -311,7 +311,7 @@ class BulkStatusUpdater:
             return
         client = self._client
         if client is None:
-            from balsam._api.model import get_default_client
+            from .default import get_default_client
 
             client = self._client = get_default_client()
         from .rest import RESTClient

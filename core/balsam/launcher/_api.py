@@ -19,10 +19,12 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_UPDATE_TIMEOUT_SEC = 5.0
 #: An acquire is retried this often inside one call; the lease resends it on the next loop turn.
 ACQUIRE_RETRY_COUNT = 2
+#: App records a launcher fetches ahead of its first jobs (one request; see :class:`EarlyLease`).
+APP_PREFETCH_LIMIT = 32
 
 def default_client() -> Any:
     """The REST client the ``balsam.api`` models use (built lazily from the login file)."""
-    from balsam._api.model import get_default_client
+    from balsam.client.default import get_default_client
 
     return get_default_client()
 
@@ -43,11 +45,27 @@ def open_lease(
     tick_period: Optional[float] = None,
 ) -> Any:
     """The launcher's lease on runnable jobs (``acquire()`` returns ``balsam.api.Job`` objects)."""
+    lease = open_raw_lease(site_id, batch_job_id, filter_tags, sort_by=sort_by, app_ids=app_ids, tick_period=tick_period)
+    lease.wrap = api_models().Job._from_api
+    return lease
+
+
+def open_raw_lease(
+    site_id: int,
+    batch_job_id: Optional[int],
+    filter_tags: Optional[dict[str, str]] = None,
+    *,
+    sort_by: Optional[str] = None,
+    app_ids: Optional[Iterable[int]] = None,
+    tick_period: Optional[float] = None,
+) -> Any:
+    """:func:`open_lease` before ``wrap`` is set: its Session is created with the REST client
+    alone, without importing the API models (``acquire()`` returns dicts until ``wrap`` is set)."""
     from balsam.client.lease import JobLease
 
     return JobLease(
         default_client(), site_id, batch_job_id, filter_tags=filter_tags, sort_by=sort_by, app_ids=app_ids,
-        tick_period=tick_period, wrap=api_models().Job._from_api, acquire_retry_count=ACQUIRE_RETRY_COUNT,
+        tick_period=tick_period, acquire_retry_count=ACQUIRE_RETRY_COUNT,
     )
 
 
@@ -59,15 +77,24 @@ class EarlyLease:
     them), and :meth:`take` sets them before the lease's first acquire. :meth:`take` waits for the
     lease and raises what opening it raised; if nobody takes it (the start-up failed, or the
     BatchJob turned out to be another one), :meth:`discard` closes it so that the Session does not
-    linger until it expires."""
+    linger until it expires.
 
-    def __init__(self, site_id: int, batch_job_id: int) -> None:
+    Once the lease is ready, the same thread fetches the site's App records
+    (:meth:`ApplicationDefinition.prefetch_site`), while the first acquire is in flight: the
+    app of the first job is then loaded without a round trip after the acquire's answer. Best
+    effort: an app not fetched (or a failed fetch) is loaded by id as before."""
+
+    def __init__(self, site_id: int, batch_job_id: int, *, prefetch_apps: int = APP_PREFETCH_LIMIT) -> None:
         self.site_id = site_id
         self.batch_job_id = batch_job_id
+        self.prefetch_apps = prefetch_apps
+        #: How many App records were prefetched (None until done or when it failed).
+        self.apps_prefetched: Optional[int] = None
         self._lease: Any = None
         self._error: Optional[BaseException] = None
         self._taken = False
-        self._thread = threading.Thread(target=self._open, name="early-lease", daemon=True)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="early-lease", daemon=True)
 
     @classmethod
     def start(cls, site_id: int, batch_job_id: int) -> "EarlyLease":
@@ -75,18 +102,43 @@ class EarlyLease:
         early._thread.start()
         return early
 
-    def _open(self) -> None:
+    def _run(self) -> None:
+        # The API models are imported in a thread of their own while this one opens the Session:
+        # the import then fills the Session's round trip instead of following it.
+        models = threading.Thread(target=_import_quietly, args=(api_models,), name="early-lease-models", daemon=True)
+        models.start()
         try:
-            self._lease = open_lease(self.site_id, self.batch_job_id)
+            self._open(models)
+        finally:
+            self._ready.set()
+        if self._lease is not None and self.prefetch_apps > 0:
+            try:
+                self.apps_prefetched = api_models().ApplicationDefinition.prefetch_site(self.site_id, self.prefetch_apps)
+            except Exception as exc:  # the apps are loaded one by one as before
+                logger.debug("could not prefetch the site's apps: %s", exc)
+
+    def _open(self, models: threading.Thread) -> None:
+        # The Session with the REST client alone: it does not wait for the models.
+        try:
+            lease = open_raw_lease(self.site_id, self.batch_job_id)
         except BaseException as exc:  # handed to whoever takes it
             self._error = exc
+            return
+        models.join()
+        try:
+            lease.wrap = api_models().Job._from_api  # imported by now (or raises what the import raised)
+        except BaseException as exc:
+            lease.close(retry_count=0)
+            self._error = exc
+            return
+        self._lease = lease
 
     def matches(self, site_id: int, batch_job_id: Optional[int]) -> bool:
         return (site_id, batch_job_id) == (self.site_id, self.batch_job_id)
 
     def take(self, filter_tags: dict[str, str], sort_by: Optional[str] = None) -> Any:
         """The lease, acquiring with these filters (it has acquired nothing yet)."""
-        self._thread.join()
+        self._ready.wait()
         self._taken = True
         if self._error is not None:
             raise self._error
@@ -94,13 +146,25 @@ class EarlyLease:
         self._lease.sort_by = sort_by
         return self._lease
 
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait for the thread (the app prefetch included)."""
+        self._thread.join(timeout)
+
     def discard(self) -> None:
         if self._taken:
             return
         self._taken = True
-        self._thread.join()
+        self._ready.wait()
         if self._lease is not None:
             self._lease.close(retry_count=0)
+
+
+def _import_quietly(importer: Any) -> None:
+    """Run ``importer`` for its side effect; a failure is raised again where the import is used."""
+    try:
+        importer()
+    except BaseException:  # noqa: BLE001 - re-raised by the caller's own import
+        pass
 
 
 def open_updater(spool_path: "Path | str | None") -> Any:

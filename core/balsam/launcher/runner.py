@@ -581,3 +581,22 @@ class SpawnerPool:
             self.events.extend(("d", job_id) for job_id in list(self.queued))
             self._answered.set()
             self.wake.set()
+
+
+#: ``BALSAM_LAUNCHER_SPAWNER=0`` in a launcher's environment: tasks are started from the launcher process.
+SPAWNER_ENV = "BALSAM_LAUNCHER_SPAWNER"
+
+
+def local_pool(error_tail_num_lines: int, wake: threading.Event) -> "ProcessPool | SpawnerPool":
+    """The pool a job mode starts this node's processes with: a spawner process (see
+    :mod:`balsam.launcher.spawner`), so that the launcher's loop thread only writes a request per job
+    (an in-process ``Popen`` of ``mpiexec`` cost mpi mode's loop 1.5-2.5 ms of held GIL per job); an
+    in-process :class:`ProcessPool` if the spawner cannot start, or with ``BALSAM_LAUNCHER_SPAWNER=0``
+    in the environment (to compare, or to rule the spawner out)."""
+    if os.environ.get(SPAWNER_ENV, "1").strip() == "0":
+        return ProcessPool(error_tail_num_lines, wake=wake)
+    try:
+        return SpawnerPool(error_tail_num_lines, wake=wake)
+    except OSError as exc:
+        logger.warning("no spawner process (%s): tasks are started from the launcher process", exc)
+        return ProcessPool(error_tail_num_lines, wake=wake)

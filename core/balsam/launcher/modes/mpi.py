@@ -43,7 +43,7 @@ from ..job_mode import JobMode
 from ..node_manager import NodeManager, Placement, UnsatisfiableJob
 from ..placement import place_pending
 from ..runner import (
-    ProcessPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+    _launch_hook, launch_environment, local_pool, report_exit, report_failed, report_running, report_timeout, send_first_running,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class MPIMode(JobMode):
         super().__init__(context)
         self.node_manager = NodeManager(context.nodes, allow_node_packing=context.allow_node_packing())
         self.preparer = JobPreparer(context.data_path)
-        self.pool = ProcessPool(int(context.setting("error_tail_num_lines")), wake=self.wake)
+        self.pool = local_pool(int(context.setting("error_tail_num_lines")), wake=self.wake)
         self.pending: deque[PreparedJob] = deque()
         self.max_concurrent = int(context.setting("max_concurrent_mpiruns"))
         self.delay_sec = float(context.setting("delay_sec"))

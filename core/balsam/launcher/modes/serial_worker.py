@@ -71,7 +71,7 @@ from ..node_manager import NodeManager, Placement
 from ..placement import place_pending
 from ..prefetch import Prefetcher
 from ..runner import (
-    ProcessPool, SpawnerPool, _launch_hook, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+    ProcessPool, SpawnerPool, _launch_hook, local_pool, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
 )
 
 TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]} or {"stop": reason, "grace": sec}
@@ -588,7 +588,7 @@ def build_master(
     ).start()
     pool: Any = None
     try:
-        pool = _local_pool(int(launcher["error_tail_num_lines"]), wake)
+        pool = local_pool(int(launcher["error_tail_num_lines"]), wake)
         return Master(
             node_manager=node_manager,
             rank_of_node=rank_of_node,
@@ -612,19 +612,6 @@ def build_master(
         finally:
             prefetcher.close_lease()
         raise
-
-
-def _local_pool(error_tail_num_lines: int, wake: threading.Event) -> "ProcessPool | SpawnerPool":
-    """The master's own node's tasks are started by a spawner process (see
-    :mod:`balsam.launcher.spawner`); in this process only if that cannot start, or with
-    ``BALSAM_LAUNCHER_SPAWNER=0`` in the environment (to compare, or to rule the spawner out)."""
-    if os.environ.get("BALSAM_LAUNCHER_SPAWNER", "1").strip() == "0":
-        return ProcessPool(error_tail_num_lines, wake=wake)
-    try:
-        return SpawnerPool(error_tail_num_lines, wake=wake)
-    except OSError as exc:
-        logger.warning("no spawner process (%s): tasks are started from the master process", exc)
-        return ProcessPool(error_tail_num_lines, wake=wake)
 
 
 def record_start_error(config: dict[str, Any], message: str) -> None:

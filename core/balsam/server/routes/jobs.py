@@ -21,11 +21,11 @@ from ..tables import jobs
 def list_jobs(ctx: Ctx) -> Response:
     q = ctx.query(logic.JOB_FILTERS | PAGINATION)
     limit, offset = pagination(q)
-    if logic.ROWS_MEDIA_TYPE in ctx.request.headers.get("accept", ""):
+    if logic.COLUMNS_MEDIA_TYPE in ctx.request.headers.get("accept", ""):
         with ctx.read() as conn:
-            count, rows = logic.list_job_rows(conn, ctx.user.id, q, limit, offset)
-        body = {"count": count, "fields": logic.JOB_OUT_FIELDS, "rows": orjson.Fragment(rows)}
-        return Response(dumps(body), media_type=logic.ROWS_MEDIA_TYPE)
+            count, columns = logic.list_job_columns(conn, ctx.user.id, q, limit, offset)
+        body = {"count": count, "fields": logic.JOB_OUT_FIELDS, "columns": columns}
+        return Response(dumps(body), media_type=logic.COLUMNS_MEDIA_TYPE)
     with ctx.read() as conn:
         count, results = logic.list_jobs_json(conn, ctx.user.id, q, limit, offset)
     return Response(dumps({"count": count, "results": orjson.Fragment(results)}), media_type="application/json")
