@@ -4,6 +4,8 @@ one created event per job, whatever mix of fields, apps and sites one request ca
 
 from __future__ import annotations
 
+from balsam.serialization import parse_datetime
+
 #: Text that COPY's text format would misread unescaped: separators, backslash sequences, its NULL.
 AWKWARD = "tab\there\nnewline\r\\N back\\slash \\. é 🚀 'quote\" ,;"
 
@@ -51,7 +53,7 @@ def test_jobs_of_several_sites_in_one_request(api):
     for job in created:
         events = api.events(job_id=job["id"])
         assert [(e["from_state"], e["to_state"], e["data"]) for e in events] == [("CREATED", job["state"], {})]
-        assert events[0]["timestamp"] == job["last_update"]
+        assert parse_datetime(events[0]["timestamp"]) == parse_datetime(job["last_update"])
 
 
 #: Values of each create field, good and bad, for the randomized comparison below.
@@ -149,5 +151,29 @@ def test_postgres_column_defaults_are_the_models(database_url):
                 value = conn.execute(sa.text(f"SELECT {found[f'jobs.{name}']}")).scalar_one()
                 assert value == default and type(value) is type(default), name
             assert conn.execute(sa.text(f"SELECT {found['log_events.data']}")).scalar_one() == {}
+    finally:
+        engine.dispose()
+
+
+def test_copy_errors_are_sqlalchemy_errors(database_url):
+    """A COPY the database refuses raises SQLAlchemy's exception for it (the server answers an
+    IntegrityError 409, as for its other statements), and the transaction stays usable to roll back."""
+    import pytest
+    import sqlalchemy as sa
+
+    from balsam.server.db import create_db_engine
+    from balsam.server.pg_copy import copy_rows
+
+    if not database_url.startswith("postgres"):
+        pytest.skip("COPY is PostgreSQL's")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            with pytest.raises(sa.exc.IntegrityError, match="log_events"):
+                with conn.begin():
+                    with conn.connection.dbapi_connection.cursor() as cur:
+                        copy_rows(conn, cur, "log_events", ["job_id", "timestamp", "from_state", "to_state"],
+                                  "987654\t2026-12-01T00:00:00+00:00\tCREATED\tSTAGED_IN\n")
+            assert conn.execute(sa.text("SELECT count(*) FROM log_events")).scalar_one() == 0
     finally:
         engine.dispose()

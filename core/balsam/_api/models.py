@@ -152,46 +152,80 @@ class JobManager(Manager["Job"]):
     def _post_chunks(self, chunks: list[_Chunk], created: list["Job"], progress: ProgressFn) -> list["Job"]:
         """POST the chunks one after the other (so their ids follow the order of the list), each
         with its own Idempotency-Key (the one it had if it was sent before). While the server
-        stores a chunk, a helper thread builds the payloads of the next one (the client's share of
-        the work overlaps the server's). A failure raises :class:`BulkCreateError` saying exactly
-        what was stored."""
+        stores a chunk, a helper thread builds the payloads of the next one and the Job objects of
+        the one before (the client's share of the work overlaps the server's). A failure raises
+        :class:`BulkCreateError` saying exactly what was stored."""
         client = self._client
         total = len(created) + sum(len(chunk.jobs) for chunk in chunks)
         created = list(created)
+        # The Job objects of an answered chunk, being built by the helper: (its index, future).
+        building: "tuple[int, concurrent.futures.Future] | None" = None
+
+        def collect() -> None:
+            nonlocal building
+            if building is None:
+                return
+            index, future = building
+            building = None
+            try:
+                created.extend(future.result())
+            except Exception as exc:
+                # That chunk is stored, and maybe the one after it: resume() resends both with
+                # their keys, which the server answers with the jobs it made (no duplicates).
+                raise BulkCreateError(self, created, chunks[index:], exc, total) from exc
+            if progress:
+                progress(len(created), total)
+
         with contextlib.ExitStack() as stack:
-            builder = None
+            helper = None
             if len(chunks) > 1:
-                builder = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="balsam-bulk"))
+                helper = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="balsam-bulk"))
             for index, chunk in enumerate(chunks):
                 body = chunk.body()
-                next_body = builder.submit(chunks[index + 1].body) if builder and index + 1 < len(chunks) else None
+                last = index + 1 == len(chunks)
+                next_body = helper.submit(chunks[index + 1].body) if helper and not last else None
                 if chunk.key is None:
                     chunk.key = new_idempotency_key()
                 try:
                     data, headers = client.request_with_headers(
                         "POST", Job._path, json=body, headers={"Prefer": "return=minimal"}, idempotency_key=chunk.key)
-                    new_jobs = self._created_jobs(chunk, data, headers.get("Preference-Applied", ""))
+                    self._check_created(chunk, data)
                 except Exception as exc:
+                    collect()
                     if total <= self.bulk_chunk_size:
                         raise  # one request: it was applied entirely or not at all
                     if next_body is not None:
                         next_body.result()
                     # The failed chunk keeps its key and body (resent as the same request).
                     raise BulkCreateError(self, created, chunks[index:], exc, total) from exc
-                created.extend(new_jobs)
-                if progress:
-                    progress(len(created), total)
+                collect()
+                applied = headers.get("Preference-Applied", "")
+                if helper is not None and not last:
+                    # Queued behind the next chunk's payloads: that chunk is sent first.
+                    building = (index, helper.submit(self._created_jobs, chunk, data, applied))
+                else:
+                    created.extend(self._created_jobs(chunk, data, applied))
+                    if progress:
+                        progress(len(created), total)
                 if next_body is not None:
                     next_body.result()
+            collect()
         return created
+
+    @staticmethod
+    def _check_created(chunk: _Chunk, data: Any) -> None:
+        """The answer to a chunk is one object per job sent (else ValueError)."""
+        if not isinstance(data, list) or len(data) != len(chunk.body()):
+            raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
+        for row in data:
+            if not isinstance(row, dict):
+                raise ValueError(f"unexpected bulk-create response from the server: {str(row)[:200]}")
 
     def _created_jobs(self, chunk: _Chunk, data: Any, applied: str) -> list["Job"]:
         """The new Job objects of one chunk: from the server's ``{id, state, last_update}`` per job
         and the payloads sent (``Prefer: return=minimal``), or from the full records (a server that
         does not honour the preference)."""
-        payloads = chunk.body()
-        if not isinstance(data, list) or len(data) != len(payloads):
-            raise ValueError(f"unexpected bulk-create response from the server: {str(data)[:200]}")
+        payloads = chunk.body()  # data: checked by _check_created
         model = self._model
         with paused_gc():
             if applied.strip().lower() != "return=minimal":
@@ -199,8 +233,6 @@ class JobManager(Manager["Job"]):
             defaults = model._wire_defaults()
             records = []
             for payload, row in zip(payloads, data):
-                if not isinstance(row, dict):
-                    raise ValueError(f"unexpected bulk-create response from the server: {str(row)[:200]}")
                 raw = defaults.copy()
                 raw.update(payload)
                 raw.pop("transfers", None)  # as in the server's records: a job's transfers are TransferItems

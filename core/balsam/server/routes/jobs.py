@@ -44,23 +44,29 @@ def read_job(ctx: Ctx) -> Response:
 
 
 def bulk_create(ctx: Ctx) -> Response:
-    # Thousands of jobs become dicts here: the collector would walk the server's whole heap for them.
+    # Thousands of jobs become dicts here: the collector would walk the server's whole heap for
+    # them. It is back on once they are freed (the locals of _bulk_create), so that its first
+    # collection does not walk them either.
     with paused_gc():
-        data = ctx.json(check_sizes=False)
-        if not isinstance(data, list) or len(data) > MAX_ITEMS_PER_BULK_OP:
-            check_field_sizes(data, len(ctx.body or b""))  # else parse_job_creates checks them, item by item
-        payload = require_list(data, "jobs", MAX_ITEMS_PER_BULK_OP)
-        specs = logic.parse_job_creates(payload)
-        minimal = ctx.prefers_minimal()
-        headers = {MINIMAL_APPLIED[0]: MINIMAL_APPLIED[1]} if minimal else None
-        with ctx.write() as conn:
-            earlier = ctx.idempotency.claim(conn)
-            if earlier is not None:  # a retry of a create that was applied: the same jobs, not new ones
-                replay = logic.fetch_created(conn, earlier.ids, minimal=minimal)
-                return json_response(replay, earlier.status_code, headers=headers)
-            created = logic.bulk_create_jobs(conn, ctx.user.id, specs, minimal=minimal)
-            ctx.idempotency.record(conn, 201, "jobs", [job["id"] for job in created])
-        return json_response(created, 201, headers=headers)
+        return _bulk_create(ctx)
+
+
+def _bulk_create(ctx: Ctx) -> Response:
+    data = ctx.json(check_sizes=False)
+    if not isinstance(data, list) or len(data) > MAX_ITEMS_PER_BULK_OP:
+        check_field_sizes(data, len(ctx.body or b""))  # else parse_job_creates checks them, item by item
+    payload = require_list(data, "jobs", MAX_ITEMS_PER_BULK_OP)
+    specs = logic.parse_job_creates(payload)
+    minimal = ctx.prefers_minimal()
+    headers = {MINIMAL_APPLIED[0]: MINIMAL_APPLIED[1]} if minimal else None
+    with ctx.write() as conn:
+        earlier = ctx.idempotency.claim(conn)
+        if earlier is not None:  # a retry of a create that was applied: the same jobs, not new ones
+            replay = logic.fetch_created(conn, earlier.ids, minimal=minimal)
+            return json_response(replay, earlier.status_code, headers=headers)
+        created = logic.bulk_create_jobs(conn, ctx.user.id, specs, minimal=minimal)
+        ctx.idempotency.record(conn, 201, "jobs", [job["id"] for job in created])
+    return json_response(created, 201, headers=headers)
 
 
 def bulk_update(ctx: Ctx) -> Response:
