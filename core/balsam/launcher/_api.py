@@ -103,12 +103,8 @@ class EarlyLease:
         return early
 
     def _run(self) -> None:
-        # The API models are imported in a thread of their own while this one opens the Session:
-        # the import then fills the Session's round trip instead of following it.
-        models = threading.Thread(target=_import_quietly, args=(api_models,), name="early-lease-models", daemon=True)
-        models.start()
         try:
-            self._open(models)
+            self._open()
         finally:
             self._ready.set()
         if self._lease is not None and self.prefetch_apps > 0:
@@ -117,16 +113,16 @@ class EarlyLease:
             except Exception as exc:  # the apps are loaded one by one as before
                 logger.debug("could not prefetch the site's apps: %s", exc)
 
-    def _open(self, models: threading.Thread) -> None:
-        # The Session with the REST client alone: it does not wait for the models.
+    def _open(self) -> None:
+        # The Session first, with the REST client alone: its round trip then overlaps the imports
+        # still ahead of the launcher (the API models among them, imported here right after).
         try:
             lease = open_raw_lease(self.site_id, self.batch_job_id)
         except BaseException as exc:  # handed to whoever takes it
             self._error = exc
             return
-        models.join()
         try:
-            lease.wrap = api_models().Job._from_api  # imported by now (or raises what the import raised)
+            lease.wrap = api_models().Job._from_api
         except BaseException as exc:
             lease.close(retry_count=0)
             self._error = exc
@@ -157,14 +153,6 @@ class EarlyLease:
         self._ready.wait()
         if self._lease is not None:
             self._lease.close(retry_count=0)
-
-
-def _import_quietly(importer: Any) -> None:
-    """Run ``importer`` for its side effect; a failure is raised again where the import is used."""
-    try:
-        importer()
-    except BaseException:  # noqa: BLE001 - re-raised by the caller's own import
-        pass
 
 
 def open_updater(spool_path: "Path | str | None") -> Any:
