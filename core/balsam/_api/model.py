@@ -51,16 +51,15 @@ def _is_mutable_type(tp: Any) -> bool:
 def _fingerprint(value: Any, tp: Any) -> Any:
     """What a mutable field's value is compared by to see an in-place change before a save.
 
-    A flat map of strings (tags, most ``data``; an empty map or list) is its own copy: equal
-    copies mean equal JSON, at a hundredth of the cost of encoding it (listing 10,000 jobs and
-    reading their tags and data encoded 20,000 values). Anything else is its canonical JSON text
-    (a copy never equals a text, so a value that changes shape is seen as changed)."""
+    A flat map of strings (tags, most ``data``) is its own copy: equal copies mean equal JSON, at
+    a hundredth of the cost of encoding it (listing 10,000 jobs and reading their tags and data
+    encoded 20,000 values). Anything else is its canonical JSON text, an empty map or list one
+    written out (a copy never equals a text, so a value that changes shape is seen as changed)."""
     kind = type(value)
-    if kind is dict:
-        if all(type(k) is str and type(v) is str for k, v in value.items()):
-            return dict(value)
-    elif kind is list and not value:
-        return []
+    if not value and (kind is dict or kind is list):
+        return "{}" if kind is dict else "[]"  # the canonical JSON, without a new container
+    if kind is dict and all(type(k) is str and type(v) is str for k, v in value.items()):
+        return dict(value)
     return json.dumps(converter.unstructure(value, tp), sort_keys=True, default=str)
 
 
@@ -216,6 +215,8 @@ _CLEAN: frozenset = frozenset()
 
 #: The default of a field that has none (never equal to a value).
 _NO_DEFAULT = object()
+#: A field not (yet) in a lazily loaded record's JSON or structured values.
+_ABSENT = object()
 
 
 def _default_of(field: "attrs.Attribute") -> Any:
@@ -359,15 +360,19 @@ class BalsamModel:
         return rec
 
     def _lazy_value(self, fld: Field) -> Any:
+        # Every field of a listed record is read here once: lookups by get() with a sentinel,
+        # as a missed key's KeyError cost more than the rest of a first read.
         lazy = self._lazy
-        assert lazy is not None and self._raw is not None
-        try:
-            return lazy[fld.name]
-        except KeyError:
-            pass
-        if fld.name not in self._raw:  # the default: build the whole record once
-            return getattr(self._materialize(), fld.name)
-        value = lazy[fld.name] = fld.structure(type(self).__name__, self._raw[fld.name])
+        raw = self._raw
+        assert lazy is not None and raw is not None
+        name = fld.name
+        value = lazy.get(name, _ABSENT)
+        if value is not _ABSENT:
+            return value
+        wire = raw.get(name, _ABSENT)
+        if wire is _ABSENT:  # the default: build the whole record once
+            return getattr(self._materialize(), name)
+        value = lazy[name] = fld.structure(type(self).__name__, wire)
         return value
 
     class DoesNotExist(Exception):
