@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "launcher"))
 
 from launcher_harness import LocalDeployment, start_launcher  # noqa: E402
-from launcher_throughput import compile_bytecode  # noqa: E402
+from launcher_throughput import bench_site, compile_bytecode, make_jobs  # noqa: E402
 
 # The tracer: written next to the site, run instead of ``-m balsam.launcher``.
 TRACER = r'''
@@ -159,15 +159,6 @@ def _ts(value: dt.datetime) -> float:
     return value.timestamp()
 
 
-def make_jobs(app, count: int, tag: str, **resources) -> None:
-    from balsam.api import Job
-
-    jobs = [app.submit(workdir=f"{tag}/{i}", tags={"bench": tag}, save=False, **resources) for i in range(count)]
-    for start in range(0, len(jobs), 5000):
-        Job.objects.bulk_create(jobs[start : start + 5000])
-    Job.objects.filter(tags={"bench": tag}).update(state="PREPROCESSED")
-
-
 def one_round(site: Path, mode: str, tag: str, tracer: Path, out: Path, importtime: bool) -> tuple[list, float, str]:
     from balsam.api import BatchJob, EventLog, Site
 
@@ -251,14 +242,7 @@ def main() -> int:
     dep = LocalDeployment(root / "deploy")
     try:
         dep.activate()
-        site = dep.make_site("bench", launcher={"idle_ttl_sec": 2, "delay_sec": 1}, processing={"num_workers": 1})
-        from balsam.api import ApplicationDefinition
-
-        class Noop(ApplicationDefinition):
-            site = "bench"
-            command_template = "true"
-
-        Noop.sync()
+        site, Noop = bench_site(dep, "true")
         tracer = root / "tracer.py"
         tracer.write_text(TRACER)
         ncpu = len(os.sched_getaffinity(0))

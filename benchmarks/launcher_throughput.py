@@ -207,7 +207,7 @@ def _launcher_start(log_dir: Path, mode: str, seen: dict[str, float], stop: thre
 
 def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, timeout: float) -> dict:
     """``count`` no-op jobs run by a BatchJob through the real site agent (see the module docstring)."""
-    from balsam.api import ApplicationDefinition, BatchJob, EventLog, Job
+    from balsam.api import BatchJob, EventLog, Job
     from balsam.client import load_client
     from balsam.site.site_ops import init_site, start_agent, stop_agent
 
@@ -219,12 +219,7 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
         "launcher": {"idle_ttl_sec": 2, "delay_sec": 1},
         "processing": {"num_workers": 1},
     })
-    class Noop(ApplicationDefinition):
-        site = name
-        command_template = command
-
-    Noop.sync()
-    app = Noop
+    app = noop_app(name, command)
     tag = f"e2e-{mode}"
     make_jobs(app, count, tag, node_packing_count=ncpu)
     start_agent(site_path)
@@ -284,6 +279,25 @@ def spawn_rate(argv: list[str], threads: int, seconds: float = 3.0) -> float:
     return total / (time.perf_counter() - start)
 
 
+def noop_app(site_name: str, command: str) -> type:
+    """The benchmarks' no-op app on this site, synced (its command is the job's whole run)."""
+    from balsam.api import ApplicationDefinition
+
+    class Noop(ApplicationDefinition):
+        site = site_name
+        command_template = command
+
+    Noop.sync()
+    return Noop
+
+
+def bench_site(dep: LocalDeployment, command: str) -> tuple[Path, type]:
+    """The site the direct runs use (launchers started by hand, the processing module beside
+    them) and its no-op app."""
+    site = dep.make_site("bench", launcher={"idle_ttl_sec": 2, "delay_sec": 1}, processing={"num_workers": 1})
+    return site, noop_app("bench", command)
+
+
 def compile_bytecode() -> int:
     """Write the balsam package's bytecode ahead, as an installed package has it (``pip install``
     compiles it), so that a launcher's start is not measured compiling its own sources: a source
@@ -322,14 +336,7 @@ def main() -> int:
     dep = LocalDeployment(root / "deploy")
     try:
         dep.activate()
-        site = dep.make_site("bench", launcher={"idle_ttl_sec": 2, "delay_sec": 1}, processing={"num_workers": 1})
-        from balsam.api import ApplicationDefinition
-
-        class Noop(ApplicationDefinition):
-            site = "bench"
-            command_template = args.command
-
-        Noop.sync()
+        site, Noop = bench_site(dep, args.command)
         import os
 
         ncpu = len(os.sched_getaffinity(0))

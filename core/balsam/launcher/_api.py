@@ -35,17 +35,11 @@ def api_models() -> Any:
     return api
 
 
-def open_lease(
-    site_id: int,
-    batch_job_id: Optional[int],
-    filter_tags: Optional[dict[str, str]] = None,
-    *,
-    sort_by: Optional[str] = None,
-    app_ids: Optional[Iterable[int]] = None,
-    tick_period: Optional[float] = None,
-) -> Any:
-    """The launcher's lease on runnable jobs (``acquire()`` returns ``balsam.api.Job`` objects)."""
-    lease = open_raw_lease(site_id, batch_job_id, filter_tags, sort_by=sort_by, app_ids=app_ids, tick_period=tick_period)
+def open_lease(site_id: int, batch_job_id: Optional[int], filter_tags: Optional[dict[str, str]] = None,
+               **options: Any) -> Any:
+    """The launcher's lease on runnable jobs (``acquire()`` returns ``balsam.api.Job`` objects);
+    ``options``: the keyword arguments of :func:`open_raw_lease`."""
+    lease = open_raw_lease(site_id, batch_job_id, filter_tags, **options)
     lease.wrap = api_models().Job._from_api
     return lease
 
