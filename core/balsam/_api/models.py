@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional,
 from balsam import models as records
 from balsam.batch_job_rules import check_batch_job
 from balsam.client.lease import acquire_request
-from balsam.client.rest import new_idempotency_key, paused_gc
+from balsam.client.rest import new_idempotency_key
+from balsam.util import paused_gc
 from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import DONE_STATES, RUNNABLE_STATES, BatchJobMode, BatchJobState, JobState
 

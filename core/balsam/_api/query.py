@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, Iterator, Optional, TypeVar
 
 import orjson
 
-from balsam.client.rest import paused_gc
+from balsam.util import paused_gc
 from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
 
 from .model import Row, to_aware_utc

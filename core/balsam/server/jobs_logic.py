@@ -917,16 +917,16 @@ def _states_and_transfers(specs: list[dict[str, Any]], app_info: dict[int, Any],
     return states, transfer_specs
 
 
-def _default_sql(name: str, dialect: str) -> "str | None":
-    """SQL for the value of a create field the payload leaves out (None: NULL, no default)."""
+def _sqlite_default_sql(name: str) -> "str | None":
+    """SQLite SQL for the value of a create field the payload leaves out (None: NULL, no default).
+    (PostgreSQL's columns carry these defaults themselves: migration 0009.)"""
     default = CREATE_DEFAULTS[name]
     if default is None:
         return None
     if isinstance(jobs.c[name].type, sa.JSON):
-        text = "'" + orjson.dumps(default).decode().replace("'", "''") + "'"
-        return text + "::jsonb" if dialect == "postgresql" else text
+        return "'" + orjson.dumps(default).decode().replace("'", "''") + "'"
     if isinstance(default, bool):
-        return ("true" if default else "false") if dialect == "postgresql" else str(int(default))
+        return str(int(default))
     if isinstance(default, str):
         return "'" + default.replace("'", "''") + "'"
     return repr(default)
@@ -981,7 +981,7 @@ def _sqlite_insert_sql() -> str:
 
     def field(name: str) -> str:
         # json_extract gives JSON text for objects and arrays (as stored), the value for scalars.
-        default = _default_sql(name, "sqlite")
+        default = _sqlite_default_sql(name)
         extract = f"json_extract(value, '$.{name}')"
         return extract if default is None else f"coalesce({extract}, {default})"
 
