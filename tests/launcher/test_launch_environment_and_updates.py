@@ -135,3 +135,30 @@ def test_bulk_status_updater_batches_and_isolates_refused_updates(new_site) -> N
     assert [e.to_state for e in history[ids[0]]][-2:] == ["RUNNING", "RUN_DONE"]
     assert history[ids[0]][-2].data == {"num_nodes": 1.0}
     session.delete()
+
+
+def test_send_soon_sends_without_waiting_for_the_batch_window() -> None:
+    """A launcher with nothing left running (or the processing module after a cycle) has the queued
+    updates sent at once; otherwise they wait for the batch window to gather more."""
+    import threading
+
+    from balsam.client.status_updater import BulkStatusUpdater
+
+    sent: list[list[int]] = []
+    arrived = threading.Event()
+
+    def send(chunk):
+        sent.append([u["id"] for u in chunk])
+        arrived.set()
+
+    updater = BulkStatusUpdater(send=send, max_wait_sec=3600)  # a window nobody waits out
+    try:
+        updater.send_soon()  # nothing queued: nothing to send, nothing breaks
+        updater.put(1, "RUNNING")
+        updater.put(2, "RUNNING")
+        assert not arrived.wait(0.3)  # gathering for the window
+        updater.send_soon()
+        assert arrived.wait(30)
+        assert sent == [[1, 2]]
+    finally:
+        updater.close()

@@ -64,6 +64,9 @@ class RecordingUpdater:
         self.flushes += 1
         return True
 
+    def send_soon(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 

@@ -482,6 +482,8 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
             key = (server, app.id)
             if key not in ApplicationDefinition._app_id_cache:
                 ApplicationDefinition._app_record_cache[key] = app
+        if any(app.serialized_class for app in records):
+            codec.warm_up()  # its import here, not on the first job's path
         return len(records)
 
     @classmethod

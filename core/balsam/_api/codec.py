@@ -15,12 +15,25 @@ import pickle
 import sys
 from typing import Any, Optional
 
-import dill
-import dill.source
 from tblib import Traceback
 
 APP_ENVELOPE_KEY = "balsam_app_class"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _dill() -> Any:
+    """dill, imported on first use: ~20 ms of CPU that a launcher of shell-command apps never
+    spends (their payloads are empty, or plain data that the C unpickler loads)."""
+    import dill
+    import dill.source
+
+    return dill
+
+
+def warm_up() -> None:
+    """Import what deserializing an app class needs, ahead of the first load (a launcher's thread
+    that prefetches the site's apps calls this, off the first job's path)."""
+    _dill()
 
 
 class SerializeError(ValueError):
@@ -50,7 +63,7 @@ def _unb64(payload: str) -> bytes:
 
 def serialize(obj: Any) -> str:
     try:
-        return _b64(dill.dumps(obj, recurse=True))
+        return _b64(_dill().dumps(obj, recurse=True))
     except Exception as exc:  # noqa: BLE001 - dill raises many kinds
         raise SerializeError(f"cannot serialize {type(obj).__name__}: {type(exc).__name__}: {exc}") from None
 
@@ -77,7 +90,7 @@ def deserialize(payload: str) -> Any:
     except Exception:  # noqa: BLE001 - a global, or not a valid pickle: dill decides (and words errors)
         pass
     try:
-        return dill.loads(data)
+        return _dill().loads(data)
     except Exception as exc:  # noqa: BLE001
         raise DeserializeError(f"cannot deserialize payload: {type(exc).__name__}: {exc}") from None
 
@@ -87,7 +100,7 @@ def serialize_exception(exc: BaseException) -> str:
     """An exception with its traceback (tblib), for ``Job.serialized_exception``."""
     tb = Traceback(exc.__traceback__).to_dict() if exc.__traceback__ is not None else None
     try:
-        value = dill.dumps(exc, recurse=True)
+        value = _dill().dumps(exc, recurse=True)
     except Exception:  # noqa: BLE001 - unpicklable exception: keep its type name and message
         value = None
     envelope = {
@@ -118,7 +131,7 @@ def deserialize_exception(payload: str) -> BaseException:
     exc: Optional[BaseException] = None
     if envelope.get("value") is not None:
         try:
-            exc = dill.loads(envelope["value"])
+            exc = _dill().loads(envelope["value"])
         except Exception:  # noqa: BLE001
             exc = None
     if not isinstance(exc, BaseException):
@@ -139,7 +152,7 @@ def serialize_app_class(cls: type) -> str:
     # user's module, so pretend it lives in __main__ to force pickling by value.
     cls.__module__ = "__main__"
     try:
-        inner = dill.dumps(cls, recurse=True)
+        inner = _dill().dumps(cls, recurse=True)
     except Exception as exc:  # noqa: BLE001
         raise SerializeError(f"cannot serialize app {cls.__name__}: {type(exc).__name__}: {exc}") from None
     finally:
@@ -177,7 +190,7 @@ def deserialize_app_class(payload: str, *, name: str = "?", app_id: Any = None) 
                 f"from Python {PYTHON_VERSION}"
             )
         try:
-            return dill.loads(envelope["class"])
+            return _dill().loads(envelope["class"])
         except ModuleNotFoundError as exc:
             raise DeserializeError(
                 f"cannot load {label}: its code needs module {exc.name!r}, which is not installed here "
@@ -187,7 +200,7 @@ def deserialize_app_class(payload: str, *, name: str = "?", app_id: Any = None) 
             raise DeserializeError(f"cannot load {label}: {type(exc).__name__}: {exc}") from None
     # A Balsam 0.7 payload: the dill bytes of the class itself, Python version unknown.
     try:
-        return envelope if isinstance(envelope, type) else dill.loads(data)
+        return envelope if isinstance(envelope, type) else _dill().loads(data)
     except Exception as exc:  # noqa: BLE001
         raise DeserializeError(
             f"cannot load {label} (serialized by a Balsam 0.7 client, Python version not recorded; "
@@ -197,4 +210,4 @@ def deserialize_app_class(payload: str, *, name: str = "?", app_id: Any = None) 
 
 
 def get_source(obj: Any) -> str:
-    return dill.source.getsource(obj, lstrip=True)
+    return _dill().source.getsource(obj, lstrip=True)

@@ -1,4 +1,5 @@
-"""HTTP client for the Balsam REST service (httpx).
+"""HTTP client for the Balsam REST service (the standard library's http.client for a server on this
+machine, httpx for a remote one: see :mod:`balsam.client.transport`).
 
 Retry policy (a fault of the original was retrying every 4xx for half an hour):
 
@@ -26,26 +27,45 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Union
 
-import httpx
 import orjson
 
 from balsam.util import paused_gc
 
+from .local_http import LocalHTTPPool, LocalTransportError
 from .settings import NOT_LOGGED_IN, ClientSettings, NotLoggedIn, store_refreshed_token
-from .transport import httpx_client_args
+from .transport import httpx_client_args, local_pool_args
 
 if TYPE_CHECKING:  # pragma: no cover
+    import httpx
+
     from balsam._api import models
+
+    from .local_http import LocalResponse
+
+    Response = Union[httpx.Response, LocalResponse]
 
 logger = logging.getLogger(__name__)
 
-_RETRY_EXCEPTIONS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+def _httpx_retry_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+def _is_connect_error(exc: BaseException) -> bool:
+    """Nothing reached the server (refused, no socket): worth the hint that it may be down."""
+    if isinstance(exc, LocalTransportError):
+        return exc.connect_failed
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(exc, httpx.ConnectError)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -125,7 +145,7 @@ def _detail_text(detail: Any) -> str:
     return str(detail)
 
 
-def _response_detail(resp: httpx.Response) -> Any:
+def _response_detail(resp: "Response") -> Any:
     try:
         body = resp.json()
     except ValueError:
@@ -138,7 +158,7 @@ def _response_detail(resp: httpx.Response) -> Any:
     return body
 
 
-def _retry_after(resp: httpx.Response) -> float:
+def _retry_after(resp: "Response") -> float:
     raw = resp.headers.get("Retry-After", "")
     return float(raw) if raw.replace(".", "", 1).isdigit() else 0.0
 
@@ -156,7 +176,7 @@ def _notify_credential_refused(error: AuthenticationError) -> None:
 LARGE_BODY_BYTES = 256 * 1024
 
 
-def _parse(resp: httpx.Response) -> Any:
+def _parse(resp: "Response") -> Any:
     if resp.status_code == 204 or not resp.content:
         return None
     try:
@@ -222,7 +242,9 @@ class RESTClient:
         self.backoff_max = backoff_max
         self._lock = threading.Lock()
         self._pid: Optional[int] = None
-        self._http_client: Optional[httpx.Client] = None
+        self._http_client: "httpx.Client | LocalHTTPPool | None" = None
+        #: What the connection pool raises for a request that got no answer (retried).
+        self._retry_errors: tuple[type[BaseException], ...] = (LocalTransportError,)
         self._bound_models: dict[str, type] = {}
         #: requests sent, by ``"METHOD /path"`` (retries included): for tests and benchmarks
         self.request_counts: collections.Counter[str] = collections.Counter()
@@ -248,20 +270,31 @@ class RESTClient:
         return f"RESTClient({self.api_root!r}, username={self.username!r})"
 
     # ----------------------------------------------------------------- connection pool
-    def _http(self) -> httpx.Client:
+    def _http(self) -> "httpx.Client | LocalHTTPPool":
         pid = os.getpid()
         if self._http_client is None or self._pid != pid:
             with self._lock:
                 if self._http_client is None or self._pid != pid:
                     # After fork the parent's sockets must not be shared: start a new pool.
-                    self._http_client = httpx.Client(
-                        timeout=httpx.Timeout(self.read_timeout, connect=self.connect_timeout),
-                        headers={"Accept": "application/json", "User-Agent": "balsam-client"},
-                        **httpx_client_args(self.api_root, server_certificate=self.server_certificate,
-                                            allow_insecure_http=self.allow_insecure_http),
-                    )
+                    self._http_client = self._new_pool()
                     self._pid = pid
         return self._http_client
+
+    def _new_pool(self) -> "httpx.Client | LocalHTTPPool":
+        headers = {"Accept": "application/json", "User-Agent": "balsam-client"}
+        local = local_pool_args(self.api_root)
+        if local is not None:
+            self._retry_errors = (LocalTransportError,)
+            return LocalHTTPPool(**local, connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+                                 headers=headers)
+        import httpx  # heavy: only a client of a remote server pays for it
+
+        self._retry_errors = _httpx_retry_errors()
+        return httpx.Client(
+            timeout=httpx.Timeout(self.read_timeout, connect=self.connect_timeout), headers=headers,
+            **httpx_client_args(self.api_root, server_certificate=self.server_certificate,
+                                allow_insecure_http=self.allow_insecure_http),
+        )
 
     def close(self) -> None:
         if self._http_client is not None and self._pid == os.getpid():
@@ -350,7 +383,7 @@ class RESTClient:
             expiry = expiry.replace(tzinfo=dt.timezone.utc)
         return expiry <= dt.datetime.now(dt.timezone.utc)
 
-    def _backoff(self, attempt: int, resp: Optional[httpx.Response] = None) -> float:
+    def _backoff(self, attempt: int, resp: "Optional[Response]" = None) -> float:
         if resp is not None:
             retry_after = resp.headers.get("Retry-After", "")
             if retry_after.replace(".", "", 1).isdigit():
@@ -387,7 +420,7 @@ class RESTClient:
         json: Any = None,
         headers: "Mapping[str, str] | None" = None,
         idempotency_key: Optional[str] = None,
-    ) -> tuple[Any, httpx.Headers]:
+    ) -> tuple[Any, Mapping[str, str]]:
         """:meth:`request` with extra request headers (``Prefer``, ``Accept``); returns the parsed
         body and the response headers."""
         resp = self._send(method, path, params=params, json=json, headers=headers, idempotency_key=idempotency_key)
@@ -405,7 +438,7 @@ class RESTClient:
         authenticated: bool = True,
         idempotency_key: Optional[str] = None,
         retry_count: Optional[int] = None,
-    ) -> httpx.Response:
+    ) -> "Response":
         method = method.upper()
         url = path if path.startswith("/") else "/" + path
         reauthed = False
@@ -418,17 +451,18 @@ class RESTClient:
         body_headers = {"Content-Type": "application/json"} if content is not None else {}
         while True:
             self.request_counts[f"{method} {url}"] += 1
+            pool = self._http()
             try:
-                resp = self._http().request(
+                resp = pool.request(
                     method, url, params=params, content=content, data=data,
                     headers={**self._headers(authenticated), **retry_safe_headers, **body_headers, **(headers or {})},
                 )
-            except _RETRY_EXCEPTIONS as exc:
+            except self._retry_errors as exc:
                 if attempt >= retries:
                     raise ServerUnavailable(
                         f"{method} {self.api_root}{url}: server unreachable after {attempt + 1} attempts: "
                         f"{type(exc).__name__}: {exc}"
-                        + (" (is it running? `balsam server status`)" if isinstance(exc, httpx.ConnectError) else "")
+                        + (" (is it running? `balsam server status`)" if _is_connect_error(exc) else "")
                     ) from None
                 delay = self._backoff(attempt)
                 logger.warning("%s %s: %s; retrying in %.1f s", method, url, type(exc).__name__, delay)

@@ -177,6 +177,15 @@ class BulkStatusUpdater:
         self._last_put = next(self._put_count)
         return self._last_put
 
+    def send_soon(self) -> None:
+        """Send what is queued now instead of waiting up to ``max_wait_sec`` for more (without
+        blocking), when the caller knows that no more updates are coming soon: a launcher with
+        nothing left running, the processing module after a cycle's whole batch. Whoever waits for
+        these states (the processing module, a user's ``Job.objects.wait``) then does not wait for
+        the batch window."""
+        if self._items:
+            self._wake.set()
+
     def done_through(self, sequence: int) -> bool:
         """True once the update numbered ``sequence`` and all before it were sent (or dropped)."""
         return self._done >= sequence
@@ -234,15 +243,21 @@ class BulkStatusUpdater:
 
     def _run(self) -> None:
         while True:
-            stopping = self._stopping
             if not self._items:
-                if stopping:
+                if self._stopping:
                     return
-                self._wake.wait(self.max_wait_sec)
+                # Cleared before looking again, so that a send_soon() or flush() that follows a
+                # put() in between is not lost.
                 self._wake.clear()
-                continue
-            # Let a burst accumulate (one call for many jobs) unless someone is waiting on us.
-            if not stopping and not self._wake.is_set():
+                if not self._items:
+                    self._wake.wait(self.max_wait_sec)
+                if not self._items:
+                    continue
+                # What arrived during that wait has waited for (part of) a window already: sent
+                # now. A call still goes out at most once per window, and an update waits at most
+                # one window, not one to come empty and another to gather.
+            elif not self._stopping and not self._wake.is_set():
+                # Let a burst accumulate (one call for many jobs) unless someone is waiting on us.
                 self._wake.wait(self.max_wait_sec)
             self._wake.clear()
             batch = self._inflight = self._drain()

@@ -10,6 +10,10 @@
 - ``http://``: only to this machine (loopback: SSH tunnels, tests), unless the login opted in with
   ``--insecure-http``: a bearer token or password sent in clear text to another host is a gift to
   whoever listens on the network.
+
+A server on this machine (Unix socket, loopback http) is reached through the standard library's
+``http.client`` (:mod:`balsam.client.local_http`, see :func:`local_pool_args`); any other through
+httpx (:func:`httpx_client_args`), imported only then.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import stat
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
-
-import httpx
 
 UNIX_SCHEME = "unix://"
 #: The Host header sent over the Unix socket.
@@ -123,6 +125,8 @@ def httpx_client_args(api_root: str, *, server_certificate: Optional[str] = None
                       allow_insecure_http: bool = False) -> dict[str, Any]:
     """``httpx.Client`` keyword arguments (base_url, transport or verify) for this api_root;
     raises :class:`TransportRefused` when the client must not talk to it."""
+    import httpx  # heavy (~80 ms of CPU): only clients of remote servers need it
+
     if is_unix(api_root):
         path = unix_socket_path(api_root)
         check_private_socket(path)
@@ -138,3 +142,18 @@ def httpx_client_args(api_root: str, *, server_certificate: Optional[str] = None
                 "(or, on a network you trust, `balsam login --insecure-http`)")
         return {"base_url": api_root, "verify": no_tls_context()}
     raise TransportRefused(f"unsupported server address {api_root!r} (expected https://, http:// or unix://)")
+
+
+def local_pool_args(api_root: str) -> Optional[dict[str, Any]]:
+    """:class:`~balsam.client.local_http.LocalHTTPPool` keyword arguments (host, port or
+    unix_path, base_path) when ``api_root`` is a server on this machine (a Unix socket, or plain
+    http to a loopback address); None for any other (then :func:`httpx_client_args` applies).
+    Checks the Unix socket's directory like :func:`httpx_client_args`."""
+    if is_unix(api_root):
+        path = unix_socket_path(api_root)
+        check_private_socket(path)
+        return {"host": urlparse(UNIX_BASE_URL).hostname, "unix_path": str(path)}
+    parsed = urlparse(api_root)
+    if parsed.scheme == "http" and is_loopback_host(parsed.hostname or ""):
+        return {"host": parsed.hostname, "port": parsed.port or 80, "base_path": parsed.path}
+    return None

@@ -165,7 +165,7 @@ def run_launcher(
     start_time = float(os.environ.get(START_TIME_ENV) or time.time())
     if wall_time_min <= 0:
         raise LauncherError(f"wall time must be positive, got {wall_time_min}")
-    # Imported here, after the start time is taken: the client pulls in httpx (~0.3 s).
+    # Imported here, after the start time is taken (the client and its HTTP stack: tens of ms).
     from balsam.client import on_credential_refused
     from balsam.site.launcher_credentials import use_launcher_credential
 

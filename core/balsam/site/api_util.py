@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 from ..models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
@@ -38,13 +39,10 @@ def load_site_client(site_config: Any = None) -> Any:
 
 def is_api_outage(exc: BaseException) -> bool:
     """True for errors that mean "the API is unreachable or overloaded": retry later, don't give up."""
-    try:
-        import httpx
-
-        if isinstance(exc, httpx.TransportError):
-            return True
-    except ImportError:  # pragma: no cover - httpx is a core dependency
-        pass
+    # httpx is imported only by clients of remote servers: if it is not loaded, no error is its.
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(exc, httpx.TransportError):
+        return True
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     status = getattr(exc, "status_code", None) or getattr(exc, "status", None)

@@ -355,6 +355,7 @@ class MPIMode(JobMode):
             try:
                 next_acquire = 0.0
                 freed_in_flight = False  # jobs ended while the acquire in flight was out
+                backlog_empty = False  # the last acquire found no job for us
                 while True:
                     stop = self.should_stop()
                     if stop:
@@ -377,6 +378,7 @@ class MPIMode(JobMode):
                         # ask again with the room freed since (backing off here left the partition
                         # idle for delay_sec under short jobs).
                         again = got or freed_in_flight
+                        backlog_empty = not got
                         next_acquire = time.monotonic() if again else time.monotonic() + self.delay_sec
                         freed_in_flight = False
                     if self.pending:
@@ -388,7 +390,13 @@ class MPIMode(JobMode):
                             inflight.add_done_callback(lambda _f: self.wake.set())
                     # An acquire in flight is not activity (one goes out every delay_sec while idle);
                     # if the idle timeout ends the launcher under it, its jobs go back with the Session.
-                    self.stop.note_activity(bool(self.pool.running or self.pending))
+                    busy = bool(self.pool.running or self.pending)
+                    self.stop.note_activity(busy)
+                    if not busy and backlog_empty:
+                        # The last exits, with no job left to lease: their RUN_DONEs go now, not
+                        # after the batch window (between waves of short jobs the pool empties
+                        # for a moment too, and there the window keeps the PATCHes few).
+                        updater.send_soon()
                     if self.pending and self._try_start:
                         continue  # jobs arrived while placing: start them before sleeping
                     # Exits, acquire answers and stop requests set `wake`; the timeout paces the

@@ -341,6 +341,11 @@ class Master:
         self.prefetcher.note_held(len(self.pending) + len(self.queued))
         busy = bool(self.pool.running or self.remote or self.pending or self.queued or self.prefetcher.backlog)
         self.stop.note_activity(busy or not self.prefetcher.exhausted)
+        if not busy and self.prefetcher.exhausted:
+            # The last exits, with no job left to lease: their RUN_DONEs go now, not after the
+            # batch window (between waves the pool empties for a moment too, and there the window
+            # keeps the PATCHes few).
+            self.updater.send_soon()
         return progress
 
     def _start(self, prepared: PreparedJob, placement: Placement) -> None:

@@ -161,6 +161,7 @@ class ProcessingModule(AgentModule):
             timestamp = fields.pop("state_timestamp", None)
             state_data = fields.pop("state_data", None)
             updater.put(job_id, state, timestamp, state_data, **fields)
+        updater.send_soon()  # a cycle's results come together: nothing to wait for
         self.processed += len(updates)
 
     def _harvest(self) -> list[dict]:
