@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from balsam._api import codec
-from balsam.site.modules.processing import ProcessingModule
+from balsam.site.modules.processing import FOLLOW_UP_SEC, FOLLOW_UP_WINDOW_SEC, ProcessingModule
 from site_test_utils import events, job_rows, state_path
 
 
@@ -118,10 +118,12 @@ def test_default_hooks_move_jobs_in_bulk(processing, client) -> None:
            Job("adder/bad", apps["adder"], parameters={"x": 2, "y": "a"})]
     )
     ids = [j.id for j in jobs]
-    assert module.run_cycle() == min(module.period, 0.2)  # jobs found: more may follow soon
+    assert module.run_cycle() == min(module.period, FOLLOW_UP_SEC)  # jobs found: more may follow soon
     module.flush()
     assert {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"}
-    assert module.run_cycle() is None  # nothing found: back to the module's period
+    assert module.run_cycle() == min(module.period, FOLLOW_UP_SEC)  # none now, but jobs were arriving
+    module._last_arrival -= FOLLOW_UP_WINDOW_SEC  # ...long enough ago
+    assert module.run_cycle() is None  # nothing found for a while: back to the module's period
     assert module.pool is None  # default hooks never start a worker process
 
     echo_ids, ok_id, bad_id = ids[:6], ids[6], ids[7]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import signal
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +43,13 @@ from ..module import AgentModule
 #: Jobs handed to one worker task (amortizes the IPC and app deserialization).
 WORKER_CHUNK = 16
 SESSION_TICK_SEC = 30.0
+#: While jobs keep arriving (a launcher is finishing them), cycles this often (a launcher's status
+#: updater sends a batch every 0.1 s)...
+FOLLOW_UP_SEC = 0.1
+#: ...until this long after the last job arrived; then every ``period``.
+FOLLOW_UP_WINDOW_SEC = 2.0
+#: Hooks still running in the workers (and nothing arriving): their results are looked for this often.
+HOOKS_POLL_SEC = 0.2
 
 
 def _worker_init() -> None:
@@ -92,6 +100,8 @@ class ProcessingModule(AgentModule):
         #: the next cycle, since no other session can take them while we hold them.
         self.backlog: list[dict] = []
         self.processed = 0
+        #: When a cycle last acquired jobs (monotonic seconds; None: never).
+        self._last_arrival: Optional[float] = None
 
     # -- configuration -----------------------------------------------------------------------------
     @property
@@ -220,12 +230,19 @@ class ProcessingModule(AgentModule):
         self.logger.debug("cycle: harvested %d results, room for %d, acquired %d %s, %d jobs in hook workers",
                           len(harvested), max(room, 0), len(acquired),
                           _count_states(acquired) if acquired else "", self.in_flight())
+        now = time.monotonic()
+        if acquired:
+            self._last_arrival = now
         if room > 0 and len(acquired) >= room:
             return 0.0  # more work is likely waiting
-        if self.pending or acquired:
-            # Hooks in flight, or jobs arriving (a launcher is running them): look again soon rather
-            # than a whole period later; one empty cycle goes back to the period.
-            return min(self.period, 0.2)
+        if self._last_arrival is not None and now - self._last_arrival < FOLLOW_UP_WINDOW_SEC:
+            # Jobs are arriving (a launcher is finishing them; a cycle between two of its batches
+            # finds none): a job's JOB_FINISHED follows its RUN_DONE within ~FOLLOW_UP_SEC, where
+            # one empty cycle used to put the module back on its period (1 s) until the next
+            # RUN_DONE. What it costs: one acquire request per cycle while jobs flow.
+            return min(self.period, FOLLOW_UP_SEC)
+        if self.pending:
+            return min(self.period, HOOKS_POLL_SEC)  # hooks in flight: collect their results soon
         return None
 
     def _dispatch(self, jobs: list[dict]) -> list[dict]:
