@@ -184,3 +184,14 @@ def test_a_client_of_a_local_server_never_imports_httpx(balsam_env):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_loopback_server_is_reached_directly_whatever_the_proxy_variables_say(balsam_env, monkeypatch):
+    """HPC nodes often set http_proxy; a request to this machine must not go to the proxy (httpx,
+    the client before, sent loopback requests there unless no_proxy listed them)."""
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    client = RESTClient(balsam_env.url, balsam_env.token, retry_count=0)
+    assert client.get("/sites/")["count"] == 0
