@@ -101,16 +101,26 @@ def _log_tail(lines: int = 25) -> str:
 
 
 def _answers(api_root: str) -> bool:
-    """True if a Balsam server answers at this address (``unix://`` socket or http URL)."""
-    import httpx
-
-    from balsam.client.transport import UNIX_BASE_URL, is_unix, unix_socket_path
+    """True if a Balsam server answers at this address (``unix://`` socket or http URL), reached
+    the way the client reaches it (:mod:`balsam.client.transport`)."""
+    from balsam.client.local_http import LocalHTTPPool, LocalTransportError
+    from balsam.client.transport import TransportRefused, local_pool_args
 
     try:
-        if is_unix(api_root):
-            transport = httpx.HTTPTransport(uds=str(unix_socket_path(api_root)))
-            with httpx.Client(transport=transport, base_url=UNIX_BASE_URL, timeout=2) as client:
-                return client.get("/auth/how").status_code == 200
+        local = local_pool_args(api_root)
+    except TransportRefused:  # no socket directory (nothing started), or one the client refuses
+        return False
+    if local is not None:
+        pool = LocalHTTPPool(**local, connect_timeout=2, read_timeout=2)
+        try:
+            return pool.request("GET", "/auth/how").status_code == 200
+        except LocalTransportError:
+            return False
+        finally:
+            pool.close()
+    import httpx  # a server on another host (``--host`` other than loopback)
+
+    try:
         return httpx.get(f"{api_root}/auth/how", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
