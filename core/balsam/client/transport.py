@@ -112,7 +112,7 @@ def fetch_server_certificate(api_root: str, timeout: float = 10.0) -> str:
 
 
 def no_tls_context() -> ssl.SSLContext:
-    """The SSL context of a client that talks plain http or over a Unix socket only.
+    """The SSL context of an httpx client that talks plain http only.
 
     httpx builds an SSL context for every client whether or not it will use TLS, and its default
     one loads the system's and certifi's authorities: ~20 ms of CPU, a tenth of a launcher's
@@ -123,14 +123,9 @@ def no_tls_context() -> ssl.SSLContext:
 
 def httpx_client_args(api_root: str, *, server_certificate: Optional[str] = None,
                       allow_insecure_http: bool = False) -> dict[str, Any]:
-    """``httpx.Client`` keyword arguments (base_url, transport or verify) for this api_root;
-    raises :class:`TransportRefused` when the client must not talk to it."""
-    import httpx  # heavy (~80 ms of CPU): only clients of remote servers need it
-
-    if is_unix(api_root):
-        path = unix_socket_path(api_root)
-        check_private_socket(path)
-        return {"base_url": UNIX_BASE_URL, "transport": httpx.HTTPTransport(uds=str(path), verify=no_tls_context())}
+    """``httpx.Client`` keyword arguments (base_url, verify) for an https or http api_root;
+    raises :class:`TransportRefused` when the client must not talk to it. (A Unix socket is
+    :func:`local_pool_args`' alone, like the loopback addresses the client sends there first.)"""
     parsed = urlparse(api_root)
     if parsed.scheme == "https":
         verify: Any = pinned_ssl_context(server_certificate) if server_certificate else True
