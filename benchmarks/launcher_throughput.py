@@ -4,12 +4,18 @@ serial mode, one node: N no-op jobs (``true``); prints jobs/s from launcher star
 end, and the time from launcher start to the first RUNNING. mpi mode: M single-rank no-op jobs, each
 started with the platform's mpiexec; prints jobs/s.
 
-Limits measured in the same run, just before the launchers (so a busy machine shows as one):
+Limits measured in the same run, just before and just after each mode's launcher (so a busy machine
+shows as one; the ratios are to the higher of the two readings):
 
 - the **fork/exec limit**: a pool of 4 threads spawning and reaping ``/bin/true`` (what serial mode
   does per job, with nothing else); serial mode's rate is printed as a fraction of it (target 60 %);
 - the **bare mpiexec rate**: ``mpiexec -n 1 true`` started the same way, as many at a time as mpi
   mode runs (one per CPU, the jobs' node packing); mpi mode's rate as a fraction of it (target 60 %).
+
+Also printed per mode: CPU per job by process (the launcher, its spawner, the tasks, the server,
+the processing module with this script) beside the CPU each of the limit's own processes took, and
+the CPU per job that 60 % of the limit leaves on this node for all of it: the tasks are the limit's
+work, the rest is balsam's, so a run shows whether the target is in reach on this node at all.
 
 What "end" means is printed with the figures: JOB_FINISHED when the site agent's processing module
 is importable (it runs alongside the launcher and post-processes RUN_DONE jobs), otherwise RUN_DONE.
@@ -37,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "launcher"))
 
@@ -111,6 +118,25 @@ def _cpu(pid: int) -> float:
     return times.user + times.system
 
 
+def launcher_cpu_split(pid: int) -> Optional[dict[str, float]]:
+    """CPU seconds so far of a live launcher: its own process (all threads), its spawner process,
+    and the tasks the spawner has reaped (their whole process trees: an ``mpiexec`` reaps its own
+    children). None if the launcher has no spawner (it fell back to starting tasks itself)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        own = proc.cpu_times()
+        spawners = [c for c in proc.children() if any("spawner" in part for part in c.cmdline())]
+        if len(spawners) != 1:
+            return None
+        spawner = spawners[0].cpu_times()
+    except psutil.Error:
+        return None
+    return {"launcher": own.user + own.system, "spawner": spawner.user + spawner.system,
+            "tasks": spawner.children_user + spawner.children_system}
+
+
 def _rusage(who: int) -> float:
     import resource
 
@@ -146,6 +172,8 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
             if launcher.poll() is not None and end_state == "RUN_DONE":
                 break
             time.sleep(0.25)
+        # Read while the launcher and its spawner still live: every task has ended and been reaped.
+        split = launcher_cpu_split(launcher.pid)
         launcher.terminate()
         launcher.wait(60)
     cpu1 = (_cpu(server_pid), _rusage(resource.RUSAGE_CHILDREN), _rusage(resource.RUSAGE_SELF))
@@ -154,7 +182,8 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
     running = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING"))
     first_running = min(_ts(e.timestamp) for e in running) - t0 if running else float("nan")
     result = {"mode": mode, "jobs": len(ids), "first_running_s": first_running, "processing_error": getattr(proc, "error", ""),
-              "figures": [], "cpu": [b - a for a, b in zip(cpu0, cpu1)], "errors": (len(failed), result_errors)}
+              "figures": [], "cpu": [b - a for a, b in zip(cpu0, cpu1)], "cpu_split": split,
+              "errors": (len(failed), result_errors)}
     for state in ("RUN_DONE", "JOB_FINISHED") if end_state == "JOB_FINISHED" else ("RUN_DONE",):
         ended = list(EventLog.objects.filter(tags={"bench": tag}, to_state=state))
         last = max(_ts(e.timestamp) for e in ended) - t0 if ended else float("nan")
@@ -259,11 +288,15 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
     return result
 
 
-def spawn_rate(argv: list[str], threads: int, seconds: float = 3.0) -> float:
-    """Processes started and reaped per second by ``threads`` threads, each one after the other."""
+def spawn_rate(argv: list[str], threads: int, seconds: float = 3.0) -> tuple[float, float]:
+    """Processes started and reaped per second by ``threads`` threads, each one after the other,
+    and the CPU seconds each of those processes took (its whole tree, as the kernel accounts it
+    to the parent that reaped it)."""
+    import resource
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
+    children0 = _rusage(resource.RUSAGE_CHILDREN)
     deadline = time.perf_counter() + seconds
 
     def loop() -> int:
@@ -276,7 +309,8 @@ def spawn_rate(argv: list[str], threads: int, seconds: float = 3.0) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(lambda _: loop(), range(threads)))
-    return total / (time.perf_counter() - start)
+    rate = total / (time.perf_counter() - start)
+    return rate, (_rusage(resource.RUSAGE_CHILDREN) - children0) / max(total, 1)
 
 
 def noop_app(site_name: str, command: str) -> type:
@@ -316,6 +350,24 @@ def compile_bytecode() -> int:
     return compiled
 
 
+def print_cpu_per_job(r: dict, ncpu: int, limit: float, limit_task_cpu: float) -> None:
+    """CPU per job, by process, beside what the limit's own processes took and the CPU the 60 %
+    target leaves per job on this node: the tasks are the limit's work, the rest is balsam's."""
+    split, jobs = r.get("cpu_split"), r["jobs"]
+    if not split or not jobs:
+        print(f"  {r['mode']:6s} CPU per job: not split (the launcher ran without its spawner process)")
+        return
+    server, _, here = r["cpu"]
+    ms = {name: 1e3 * value / jobs for name, value in split.items()}
+    ms["server"], ms["processing module + this script"] = 1e3 * server / jobs, 1e3 * here / jobs
+    ours = sum(value for name, value in ms.items() if name != "tasks")
+    budget = 1e3 * ncpu / (0.6 * limit)
+    print(f"  {r['mode']:6s} CPU per job (ms): tasks {ms['tasks']:.2f} (the limit's: {1e3 * limit_task_cpu:.2f} per process), "
+          + ", ".join(f"{name} {value:.2f}" for name, value in ms.items() if name != "tasks")
+          + f"; balsam's share {ours:.2f}, all {ours + ms['tasks']:.2f}; 60 % of the limit on {ncpu} CPUs leaves "
+          f"{budget:.2f} per job for all of it")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serial-jobs", type=int, default=5000)
@@ -343,9 +395,14 @@ def main() -> int:
         load_before = os.getloadavg()[0]
         from balsam.builtin.default_platform import find_mpiexec
 
-        fork_limit = spawn_rate(["/bin/true"], 4)
-        mpiexec_limit = spawn_rate([find_mpiexec(), "-n", "1", "true"], ncpu, seconds=5.0)
+        def measure_limit(mode: str) -> tuple[float, float]:
+            if mode == "serial":
+                return spawn_rate(["/bin/true"], 4)
+            return spawn_rate([find_mpiexec(), "-n", "1", "true"], ncpu, seconds=5.0)
+
         if args.end_to_end:
+            fork_limit, _ = measure_limit("serial")
+            mpiexec_limit, _ = measure_limit("mpi")
             e2e = [run_end_to_end(root, mode, n, args.command, ncpu, timeout=600)
                    for mode, n in (("serial", args.serial_jobs), ("mpi", args.mpi_jobs)) if n]
             print(f"launcher throughput end to end ({ncpu} CPUs, load average before the run {load_before:.1f}; real "
@@ -370,19 +427,27 @@ def main() -> int:
                     print(f"         {r['error']}")
             return 0
         results = []
-        if args.serial_jobs:
-            ids = make_jobs(Noop, args.serial_jobs, "serial", node_packing_count=ncpu)
-            results.append(run_mode(site, "serial", "serial", ids, not args.no_processing, timeout=600, server_pid=dep.proc.pid))
-        if args.mpi_jobs:
-            ids = make_jobs(Noop, args.mpi_jobs, "mpi", node_packing_count=ncpu)
-            results.append(run_mode(site, "mpi", "mpi", ids, not args.no_processing, timeout=600, server_pid=dep.proc.pid))
+        for mode, count in (("serial", args.serial_jobs), ("mpi", args.mpi_jobs)):
+            if not count:
+                continue
+            ids = make_jobs(Noop, count, mode, node_packing_count=ncpu)
+            # The limit just before and just after the run: the machine's speed drifts (another
+            # tenant, thermal, the page cache), and a limit read minutes away misstates the ratio.
+            before = measure_limit(mode)
+            result = run_mode(site, mode, mode, ids, not args.no_processing, timeout=600, server_pid=dep.proc.pid)
+            after = measure_limit(mode)
+            result["limits"] = (before[0], after[0])
+            result["limit_task_cpu"] = (before[1] + after[1]) / 2
+            results.append(result)
         print(f"launcher throughput ({ncpu} CPUs, load average before the run {load_before:.1f}; "
               f"real uvicorn + SQLite server, real mpiexec; app command {args.command!r})")
-        print(f"  limits, this run: fork/exec of /bin/true (4 threads) {fork_limit:,.0f}/s; "
-              f"bare `mpiexec -n 1 true` ({ncpu} at a time) {mpiexec_limit:,.1f}/s")
         print(f"  balsam's bytecode compiled ahead, as installed ({compiled} files compiled now)")
         for r in results:
-            limit = fork_limit if r["mode"] == "serial" else mpiexec_limit
+            # Against the higher of the two readings: the ratio is never flattered by a slow moment.
+            limit = max(r["limits"])
+            what = "fork/exec of /bin/true (4 threads)" if r["mode"] == "serial" else f"bare `mpiexec -n 1 true` ({ncpu} at a time)"
+            print(f"  {r['mode']:6s} limit, {what}: {r['limits'][0]:,.1f}/s just before the run, {r['limits'][1]:,.1f}/s "
+                  "just after; ratios below are to the higher")
             for state, count, elapsed, rate in r["figures"]:
                 print(f"  {r['mode']:6s} {count:5d}/{r['jobs']} jobs to {state:12s}: {rate:8.1f} jobs/s "
                       f"({elapsed:.2f} s from launcher start to the last {state}) = {rate / limit:.0%} of the limit")
@@ -390,6 +455,7 @@ def main() -> int:
             server, launcher, here = r["cpu"]
             print(f"  {r['mode']:6s} CPU seconds: server {server:.1f}, launcher with its tasks {launcher:.1f}, "
                   f"processing module + this script {here:.1f}")
+            print_cpu_per_job(r, ncpu, limit, r["limit_task_cpu"])
             if r["errors"][0]:
                 print(f"         {r['errors'][0]} jobs ended RUN_ERROR, e.g. {r['errors'][1]}")
             if r["processing_error"]:

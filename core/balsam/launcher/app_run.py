@@ -162,6 +162,8 @@ class AppProcess:
         env: Mapping[str, str],
         cpu_ids: Sequence[int] = (),
         outfile: Optional[Path] = None,
+        *,
+        sigpipe_ignored: bool = False,
     ) -> None:
         self.job_id = job_id
         self.workdir = Path(workdir)
@@ -176,7 +178,8 @@ class AppProcess:
             fd = os.open(self.outfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 self._proc = _spawn_with_affinity(
-                    ["/bin/bash", "-c", shell_cmd], cwd=str(self.workdir), stdout=fd, env=env, cpu_ids=cpu_ids
+                    ["/bin/bash", "-c", shell_cmd], cwd=str(self.workdir), stdout=fd, env=env, cpu_ids=cpu_ids,
+                    sigpipe_ignored=sigpipe_ignored,
                 )
             finally:
                 os.close(fd)
@@ -324,8 +327,12 @@ def env_prefix(env: Mapping[str, str]) -> Optional[str]:
     return " ".join(parts)
 
 
-def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping[str, str], cpu_ids: Sequence[int]) -> subprocess.Popen:
+def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping[str, str], cpu_ids: Sequence[int],
+                         sigpipe_ignored: bool = False) -> subprocess.Popen:
     """Popen in a new session, with the child pinned to ``cpu_ids`` from its first instruction.
+    ``sigpipe_ignored``: the child keeps this interpreter's ignored SIGPIPE (and SIGXFSZ: Popen
+    restores both or neither) instead of the default (MPI launchers: see
+    :func:`balsam.launcher.runner.local_pool`).
 
     The calling thread is pinned around the spawn, so the child inherits the mask before it can
     start children of its own: pinning the child afterwards (``taskset -p`` style) misses any
@@ -360,6 +367,7 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping
             env=child_env,
             start_new_session=True,
             close_fds=True,
+            restore_signals=not sigpipe_ignored,
         )
     finally:
         if own_mask is not None:

@@ -37,6 +37,11 @@ types cross, and both ends are the same interpreter):
 End of file on the request pipe means the launcher is gone: every task is ended as by ``"t"`` with
 a 5 s grace, and the process exits (tasks do not outlive their launcher unnoticed). SIGTERM and
 SIGINT are ignored here: the launcher gets them too and decides (it sends ``"t"``).
+
+Started as ``spawner.py REQUEST_FD REPLY_FD [sigpipe-ignored]``. With ``sigpipe-ignored`` the tasks
+keep SIGPIPE ignored (as this interpreter has it) instead of getting the default back: mpi mode's
+tasks are MPI launchers, which a late write can kill after a successful run (see
+:func:`balsam.launcher.runner.local_pool`).
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ _HEADER = struct.Struct("<I")
 #: SIGINT), CPython ignores SIGPIPE and SIGXFSZ, and ignored dispositions survive exec.
 _RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None), signal.SIGTERM, signal.SIGINT,
                                    signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT) if s is not None)
+#: The optional third argument: the tasks keep SIGPIPE ignored (see the module's docstring).
+SIGPIPE_IGNORED_ARG = "sigpipe-ignored"
 
 
 def encode(obj: object) -> bytes:
@@ -101,9 +108,12 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 class Spawner:
-    def __init__(self, request_fd: int, reply_fd: int) -> None:
+    def __init__(self, request_fd: int, reply_fd: int, *, sigpipe_ignored: bool = False) -> None:
         self.request_fd = request_fd
         self.reply_fd = reply_fd
+        self.sigpipe_ignored = sigpipe_ignored
+        #: Dispositions a task gets back to default (SIGPIPE stays ignored with ``sigpipe_ignored``).
+        self.reset_signals = tuple(s for s in _RESET_SIGNALS if not (sigpipe_ignored and s == signal.SIGPIPE))
         self.base_env = dict(os.environ)
         self.home_mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         self.mask: object = None  # the CPU mask currently set on this process (None: home_mask)
@@ -177,13 +187,13 @@ class Spawner:
         if self.setsid_ok:
             try:
                 return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
-                                      setsigmask=(), setsigdef=_RESET_SIGNALS)
+                                      setsigmask=(), setsigdef=self.reset_signals)
             except NotImplementedError:  # a libc without POSIX_SPAWN_SETSID
                 self.setsid_ok = False
         import subprocess  # the fallback only
 
         return subprocess.Popen(argv, env=env, stdin=self.devnull, stdout=fd, stderr=fd, start_new_session=True,
-                                close_fds=True).pid
+                                close_fds=True, restore_signals=not self.sigpipe_ignored).pid
 
     def _set_mask(self, cpu_ids: list) -> None:
         if self.home_mask is None:
@@ -330,7 +340,7 @@ def main(argv: list) -> int:
     request_fd, reply_fd = int(argv[0]), int(argv[1])
     for fd in (request_fd, reply_fd):
         os.set_inheritable(fd, False)  # the tasks must not hold the launcher's pipes open
-    return Spawner(request_fd, reply_fd).run()
+    return Spawner(request_fd, reply_fd, sigpipe_ignored=SIGPIPE_IGNORED_ARG in argv[2:]).run()
 
 
 if __name__ == "__main__":

@@ -162,7 +162,8 @@ class MPIMode(JobMode):
         super().__init__(context)
         self.node_manager = NodeManager(context.nodes, allow_node_packing=context.allow_node_packing())
         self.preparer = JobPreparer(context.data_path)
-        self.pool = local_pool(int(context.setting("error_tail_num_lines")), wake=self.wake)
+        # Every task here is an MPI launcher: it keeps SIGPIPE ignored (runner.local_pool).
+        self.pool = local_pool(int(context.setting("error_tail_num_lines")), wake=self.wake, sigpipe_ignored=True)
         self.pending: deque[PreparedJob] = deque()
         self.max_concurrent = int(context.setting("max_concurrent_mpiruns"))
         self.delay_sec = float(context.setting("delay_sec"))
