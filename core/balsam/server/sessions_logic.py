@@ -49,7 +49,7 @@ from balsam.states import BatchJobState, JobState
 from .errors import NotFound, ValidationFailed
 from .http import check_int_fields, wire_datetime
 from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, site_owned_by, utcnow
-from .tables import batch_jobs, jobs, sessions, sites
+from .tables import RUNNABLE_ORDERS, RUNNABLE_PREDICATE, RUNNABLE_STATES, batch_jobs, jobs, sessions, sites
 
 logger = logging.getLogger(__name__)
 _last_user_sweep: dict[tuple[int, int], float] = {}
@@ -153,13 +153,15 @@ def parse_acquire(payload: Any) -> SessionAcquire:
     return spec
 
 
-def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[dict[str, Any]]:
-    dialect = conn.dialect.name
-    stmt = sa.select(jobs.c.id, jobs.c.num_nodes, jobs.c.node_packing_count).where(
-        jobs.c.site_id == session.site_id,
-        jobs.c.session_id.is_(None),
-        jobs.c.state.in_(sorted(s.value for s in spec.states)),
-    )
+def candidates(site_id: int, spec: SessionAcquire, dialect: str) -> sa.Select:
+    """The jobs an acquire may lease, in the order it takes them (at most ``max_num_jobs``)."""
+    if spec.max_aggregate_nodes is not None and {s.value for s in spec.states} == set(RUNNABLE_STATES):
+        # mpi mode's request: the runnable jobs in packing order come from a partial index
+        # (migration 0010), and SQLite uses it only if this filter is its predicate word for word.
+        leasable: list[Any] = [sa.text(RUNNABLE_PREDICATE)]
+    else:
+        leasable = [jobs.c.session_id.is_(None), jobs.c.state.in_(sorted(s.value for s in spec.states))]
+    stmt = sa.select(jobs.c.id, jobs.c.num_nodes, jobs.c.node_packing_count).where(jobs.c.site_id == site_id, *leasable)
     if spec.filter_tags:
         stmt = stmt.where(json_contains(jobs.c.tags, spec.filter_tags, dialect))
     if spec.app_ids:
@@ -171,16 +173,17 @@ def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[
     if spec.serial_only:
         stmt = stmt.where(jobs.c.num_nodes == 1, jobs.c.ranks_per_node == 1)
     if spec.max_aggregate_nodes is not None:
-        if spec.sort_by == "long_large_first":
-            order = [jobs.c.wall_time_min.desc(), jobs.c.num_nodes.desc(), jobs.c.node_packing_count.desc()]
-        else:
-            order = [jobs.c.num_nodes.asc(), jobs.c.node_packing_count.desc(), jobs.c.wall_time_min.desc()]
-        stmt = stmt.order_by(*order, jobs.c.id)
+        stmt = stmt.order_by(*RUNNABLE_ORDERS[spec.sort_by])
     else:
         stmt = stmt.order_by(jobs.c.id)
     stmt = stmt.limit(spec.max_num_jobs)
     if dialect == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True, of=jobs)
+    return stmt
+
+
+def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[dict[str, Any]]:
+    stmt = candidates(session.site_id, spec, conn.dialect.name)
     now = utcnow()
     conn.execute(sa.update(sessions).where(sessions.c.id == session.id).values(heartbeat=now))
     values: dict[str, Any] = {"session_id": session.id}

@@ -15,6 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from balsam.states import JobState
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(column_0_label)s",
@@ -179,6 +181,29 @@ jobs = sa.Table(
     ),
     sqlite_autoincrement=True,
 )
+
+#: The jobs a Session may lease when it asks for the default states: not leased, PREPROCESSED or
+#: RESTART_READY. The predicate of the two partial indexes below, and, word for word, the filter
+#: of the acquires they serve: SQLite uses a partial index only for a query whose WHERE contains
+#: the index's terms exactly (the same literals, in the same order; bound parameters never match).
+RUNNABLE_STATES = (JobState.preprocessed.value, JobState.restart_ready.value)
+RUNNABLE_PREDICATE = "session_id IS NULL AND state IN ({})".format(", ".join(f"'{s}'" for s in RUNNABLE_STATES))
+#: The orders of mpi mode's acquire (``max_aggregate_nodes``: jobs packed first-fit in this order),
+#: by ``sort_by``: small jobs first (the default), or long and large first.
+RUNNABLE_ORDERS: dict[Any, tuple[sa.ColumnElement[Any], ...]] = {
+    None: (jobs.c.num_nodes.asc(), jobs.c.node_packing_count.desc(), jobs.c.wall_time_min.desc(), jobs.c.id.asc()),
+    "long_large_first": (jobs.c.wall_time_min.desc(), jobs.c.num_nodes.desc(), jobs.c.node_packing_count.desc(),
+                         jobs.c.id.asc()),
+}
+# A site's runnable jobs in each of those orders (migration 0010): an mpi acquire reads the first
+# few entries instead of sorting every runnable job of the site (24 ms at 18,000 runnable jobs on
+# SQLite, growing with the backlog). Only runnable jobs not leased are in them: creating a job in
+# another state, and every later state change, cost them nothing.
+for _name, _order in (("ix_jobs_runnable_small_first", RUNNABLE_ORDERS[None]),
+                      ("ix_jobs_runnable_long_large_first", RUNNABLE_ORDERS["long_large_first"])):
+    sa.Index(_name, jobs.c.site_id, *_order, sqlite_where=sa.text(RUNNABLE_PREDICATE),
+             postgresql_where=sa.text(RUNNABLE_PREDICATE))
+del _name, _order
 
 job_parents = sa.Table(
     "job_parents",
