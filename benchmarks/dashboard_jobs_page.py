@@ -36,8 +36,9 @@ STATES_SQL = (
 )
 
 
-def fill(engine: sa.Engine, app_id: int, site_id: int, start: int, count: int) -> None:
-    """``count`` jobs of one app in one statement (the database generates the rows)."""
+def fill(engine: sa.Engine, app_id: int, site_id: int, start: int, count: int, states_sql: str = STATES_SQL) -> None:
+    """``count`` jobs of one app in one statement (the database generates the rows); ``states_sql``
+    gives the state of row ``i``."""
     pg = engine.dialect.name == "postgresql"
     series = (f"generate_series({start}, {start + count - 1}) AS i" if pg else
               f"(WITH RECURSIVE n(i) AS (SELECT {start} UNION ALL SELECT i + 1 FROM n WHERE i < {start + count - 1}) "
@@ -50,7 +51,7 @@ def fill(engine: sa.Engine, app_id: int, site_id: int, start: int, count: int) -
         "threads_per_rank, threads_per_core, launch_params, gpus_per_rank, node_packing_count, wall_time_min, "
         "parent_ids, state, pending_file_cleanup, serialized_return_value, serialized_exception, last_update) "
         f"SELECT {site_id}, {app_id}, 'runs/' || i, {tags}, '', {empty_obj}, 1, 1, 1, 1, {empty_obj}, 0.0, 1, 0, "
-        f"{empty_list}, {STATES_SQL}, {'false' if pg else '0'}, '', '', {now} FROM {series}"
+        f"{empty_list}, {states_sql}, {'false' if pg else '0'}, '', '', {now} FROM {series}"
     )
     if pg:
         sql = sql.replace("%", "%%")  # psycopg2 reads % as a parameter marker

@@ -14,6 +14,10 @@ small size and again after growing to the large one, through the routes the Pyth
 - **acquire**: a launcher Session leasing 100 runnable jobs (should not depend on the backlog), as
   serial mode asks (in id order) and as mpi mode asks (``max_aggregate_nodes``: ordered by size and
   wall time, then packed first-fit into the free nodes);
+- **acquire after the finished jobs**: every leasable job of the site is set JOB_FINISHED and
+  1,000 PREPROCESSED and 1,000 STAGED_IN jobs are appended (a campaign's new jobs after its
+  finished ones: the layout where reading the table in id order passes every finished job); then
+  the launchers' acquires and the processing module's (its states, id order);
 - **server RSS** after all of it.
 
     python benchmarks/scale_jobs.py [--jobs 1000000] [--small 10000] [--backends sqlite,postgresql] [--repeat 9]
@@ -90,6 +94,43 @@ def measure(api: httpx.Client, site_id: int, app_id: int, repeat: int, tag: str)
     return out
 
 
+def acquire_ms(api: httpx.Client, site_id: int, body: dict[str, Any], repeat: int) -> tuple[float, float]:
+    """Median and p95 ms of ``body``'s acquire, each in a new Session (deleting it gives the jobs back)."""
+    samples = []
+    for _ in range(repeat + 1):
+        session = api.post("/sessions/", json={"site_id": site_id}).json()
+        start = time.perf_counter()
+        got = api.post(f"/sessions/{session['id']}", json=body)
+        samples.append((time.perf_counter() - start) * 1000)
+        got.raise_for_status()
+        assert len(got.json()) == body["max_num_jobs"], str(got.json())[:300]
+        api.delete(f"/sessions/{session['id']}").raise_for_status()
+    samples = sorted(samples[1:])
+    return statistics.median(samples), samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))]
+
+
+NEW_JOBS_SQL = "CASE WHEN i % 2 = 0 THEN 'PREPROCESSED' ELSE 'STAGED_IN' END"
+PROCESSABLE = ["RUN_DONE", "RUN_ERROR", "RUN_TIMEOUT", "STAGED_IN"]
+
+
+def measure_after_finished(engine: Any, api: httpx.Client, site_id: int, app_id: int, start: int, repeat: int) -> dict[str, Any]:
+    """The acquires once the site's jobs are all finished but 2,000 appended after them."""
+    import sqlalchemy as sa
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET state = 'JOB_FINISHED' WHERE site_id = :site AND state IN "
+                             "('PREPROCESSED', 'RESTART_READY', 'STAGED_IN', 'RUN_DONE', 'RUN_ERROR', 'RUN_TIMEOUT')"),
+                     {"site": site_id})
+    fill(engine, app_id, site_id, start, 2000, NEW_JOBS_SQL)
+    serial = {"max_num_jobs": 100, "filter_tags": {}, "states": ["PREPROCESSED", "RESTART_READY"], "max_nodes_per_job": 1,
+              "max_wall_time_min": 60, "serial_only": False, "max_aggregate_nodes": None}
+    return {
+        "tail_acquire": acquire_ms(api, site_id, serial, repeat),
+        "tail_acquire_mpi": acquire_ms(api, site_id, dict(serial, max_aggregate_nodes=100.0), repeat),
+        "tail_processing": acquire_ms(api, site_id, {"max_num_jobs": 100, "filter_tags": {}, "states": PROCESSABLE}, repeat),
+    }
+
+
 def run_backend(name: str, database_url: str, small: int, large: int, repeat: int, workdir: Path) -> None:
     from balsam.server.db import create_db_engine
     from balsam.server.migrate import upgrade_engine
@@ -121,26 +162,31 @@ def run_backend(name: str, database_url: str, small: int, large: int, repeat: in
             filled = size
             results[size] = measure(api, site["id"], app["id"], repeat, f"{name}{size}")
             results[size]["fill_rate"] = rate
+            results[size].update(measure_after_finished(engine, api, site["id"], app["id"], filled, repeat))
+            filled += 2000
         rss = psutil.Process(proc.pid).memory_info().rss / 2**20
         lim = LIMITS_MS[name]
         print(f"\n[{name}] median / p95 in ms; peer: the same call at {small:,} jobs, this run; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print(f"{'figure':<52} {small:>12,} {large:>12,}   limit")
+        print(f"{'figure':<60} {small:>12,} {large:>12,}   limit")
 
         def row(label: str, key: str, limit: Any = None) -> None:
             a, b = results[small][key], results[large][key]
             cells = [f"{a[0]:6.1f}/{a[1]:5.1f}", f"{b[0]:6.1f}/{b[1]:5.1f}"]
             verdict = "" if limit is None else (f"{limit:.0f} ms {'ok' if b[0] < limit else 'OVER'}")
-            print(f"{label:<52} {cells[0]:>12} {cells[1]:>12}   {verdict}")
+            print(f"{label:<60} {cells[0]:>12} {cells[1]:>12}   {verdict}")
 
         row("page: tags=campaign:c3 & state=RUNNING, limit 100", "page", lim["page"])
         row(f"count of one state (slowest: {results[large]['count_state']})", "count", lim["count"])
         row("acquire 100 jobs (Session), serial mode's request", "acquire")
         row("acquire 100 jobs (Session), mpi mode's request", "acquire_mpi")
-        print(f"{'insert: SQL fill, jobs/s':<52} {results[small]['fill_rate']:>12,.0f} {results[large]['fill_rate']:>12,.0f}")
-        print(f"{'insert: POST /jobs/ 5,000 into the database, jobs/s':<52} {results[small]['insert_rate']:>12,.0f} "
+        row("new jobs after the finished ones: serial mode's acquire", "tail_acquire")
+        row("new jobs after the finished ones: mpi mode's acquire", "tail_acquire_mpi")
+        row("new jobs after the finished ones: processing module's", "tail_processing")
+        print(f"{'insert: SQL fill, jobs/s':<60} {results[small]['fill_rate']:>12,.0f} {results[large]['fill_rate']:>12,.0f}")
+        print(f"{'insert: POST /jobs/ 5,000 into the database, jobs/s':<60} {results[small]['insert_rate']:>12,.0f} "
               f"{results[large]['insert_rate']:>12,.0f}")
-        print(f"{'server RSS after the run':<52} {rss:>25.0f} MiB")
+        print(f"{'server RSS after the run':<60} {rss:>25.0f} MiB")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

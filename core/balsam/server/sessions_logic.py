@@ -49,7 +49,7 @@ from balsam.states import BatchJobState, JobState
 from .errors import NotFound, ValidationFailed
 from .http import check_int_fields, wire_datetime
 from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, site_owned_by, utcnow
-from .tables import RUNNABLE_ORDERS, RUNNABLE_PREDICATE, RUNNABLE_STATES, batch_jobs, jobs, sessions, sites
+from .tables import LEASABLE_PREDICATES, RUNNABLE_ORDERS, batch_jobs, jobs, sessions, sites
 
 logger = logging.getLogger(__name__)
 _last_user_sweep: dict[tuple[int, int], float] = {}
@@ -155,23 +155,39 @@ def parse_acquire(payload: Any) -> SessionAcquire:
 
 def candidates(site_id: int, spec: SessionAcquire, dialect: str) -> sa.Select:
     """The jobs an acquire may lease, in the order it takes them (at most ``max_num_jobs``)."""
-    if spec.max_aggregate_nodes is not None and {s.value for s in spec.states} == set(RUNNABLE_STATES):
-        # mpi mode's request: the runnable jobs in packing order come from a partial index
-        # (migration 0010), and SQLite uses it only if this filter is its predicate word for word.
-        leasable: list[Any] = [sa.text(RUNNABLE_PREDICATE)]
+    states = frozenset(s.value for s in spec.states)
+    predicate = LEASABLE_PREDICATES.get(states)
+    if predicate is not None:
+        # A launcher's or the processing module's request: the leasable jobs, in the order taken,
+        # come from a partial index (migration 0010), which SQLite uses only if this filter is the
+        # index's predicate word for word.
+        leasable: list[Any] = [sa.text(predicate)]
     else:
         leasable = [jobs.c.session_id.is_(None), jobs.c.state.in_(sorted(s.value for s in spec.states))]
     stmt = sa.select(jobs.c.id, jobs.c.num_nodes, jobs.c.node_packing_count).where(jobs.c.site_id == site_id, *leasable)
     if spec.filter_tags:
         stmt = stmt.where(json_contains(jobs.c.tags, spec.filter_tags, dialect))
+    app_id, wall_time_min, num_nodes = jobs.c.app_id, jobs.c.wall_time_min, jobs.c.num_nodes
+    if predicate is not None:
+        # Read in order from the leasable jobs' index: the other filters are written ``+column``
+        # (SQLite's way to keep a term off every index), all but the range on the column that
+        # leads the packing order, else SQLite's planner, which has no statistics, may read the
+        # app's index (every job of the app, finished ones included) or another order's index
+        # for a range, and sort.
+        order = "id" if spec.max_aggregate_nodes is None else spec.sort_by
+        app_id = sa.literal_column("+jobs.app_id", sa.Integer)
+        if order != "long_large_first":
+            wall_time_min = sa.literal_column("+jobs.wall_time_min", sa.Integer)
+        if order is not None:
+            num_nodes = sa.literal_column("+jobs.num_nodes", sa.Integer)
     if spec.app_ids:
-        stmt = stmt.where(jobs.c.app_id.in_(sorted(spec.app_ids)))
+        stmt = stmt.where(app_id.in_(sorted(spec.app_ids)))
     if spec.max_wall_time_min is not None:
-        stmt = stmt.where(jobs.c.wall_time_min <= spec.max_wall_time_min)
+        stmt = stmt.where(wall_time_min <= spec.max_wall_time_min)
     if spec.max_nodes_per_job is not None:
-        stmt = stmt.where(jobs.c.num_nodes <= spec.max_nodes_per_job)
+        stmt = stmt.where(num_nodes <= spec.max_nodes_per_job)
     if spec.serial_only:
-        stmt = stmt.where(jobs.c.num_nodes == 1, jobs.c.ranks_per_node == 1)
+        stmt = stmt.where(num_nodes == 1, jobs.c.ranks_per_node == 1)
     if spec.max_aggregate_nodes is not None:
         stmt = stmt.order_by(*RUNNABLE_ORDERS[spec.sort_by])
     else:
