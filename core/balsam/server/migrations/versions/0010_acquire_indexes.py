@@ -3,12 +3,13 @@
 - mpi mode's acquire (``max_aggregate_nodes``) packs jobs first-fit in size order (``num_nodes``,
   then ``node_packing_count`` and ``wall_time_min`` descending; or long and large first with
   ``sort_by``). Without an index in that order the database read and sorted every runnable job of
-  the site on every acquire: on SQLite 6.8 ms at 10^4 jobs and 78 ms at 10^6, on PostgreSQL 18 and
-  138 ms.
+  the site on every acquire: on SQLite 7 ms at 10^4 jobs and 78-80 ms at 10^6, on PostgreSQL 18-24
+  and 107-138 ms.
 - Serial mode's acquire and the processing module's take jobs in id order among a few states. With
   the index on (site, state, id) the database either merged and sorted every job of those states
-  or, as SQLite chose, read the table in id order past every job of other states: a campaign's
-  new jobs after its finished ones cost each acquire ~55 ms at 400,000 jobs on SQLite.
+  or, as SQLite chose, read the table in id order past every job of other states. With a
+  campaign's new jobs after its finished ones, at 10^6 jobs, serial mode's acquire took 283 ms on
+  SQLite and 426 ms on PostgreSQL, the processing module's 376 and 470 ms.
 
 Each index is partial: it holds only the jobs the acquire may lease (not leased, in its states),
 so a job enters when it reaches one of those states and leaves when it is leased, and the other
