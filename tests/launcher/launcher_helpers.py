@@ -44,3 +44,20 @@ def events_of(ids: list[int]) -> dict[int, list[Any]]:
     for rows in by_job.values():
         rows.sort(key=lambda e: (e.timestamp, e.id))
     return by_job
+
+
+def mpi_mode(tmp_path: Any, cpus: int = 2, **settings: Any) -> Any:
+    """An MPIMode on one node of ``cpus`` CPUs (default platform), with ``settings`` over the launcher defaults."""
+    import types
+
+    from balsam.builtin.default_platform import DefaultPlatform
+    from balsam.config.schema import LauncherSettings
+    from balsam.launcher.job_mode import LauncherContext
+    from balsam.launcher.modes.mpi import MPIMode
+    from balsam.platform import NodeInfo
+
+    launcher = LauncherSettings(**settings) if settings else LauncherSettings()
+    context = LauncherContext(site_config=None, settings=types.SimpleNamespace(launcher=launcher), site_id=1,
+                              data_path=tmp_path, log_path=tmp_path, platform=DefaultPlatform(),
+                              nodes=[NodeInfo("0", "h0", list(range(cpus)))], wall_time_min=10)
+    return MPIMode(context)

@@ -15,6 +15,8 @@ from balsam.launcher.job_mode import Countdown, IdleTimer, JobMode
 from balsam.client.status_updater import split_into_rounds
 from balsam.platform import NodeInfo
 
+from launcher_helpers import mpi_mode
+
 
 def test_partition_syntax_of_balsam_07() -> None:
     assert parse_partition("mpi:2:role=leader:x=1") == Partition("mpi", 2, {"role": "leader", "x": "1"})
@@ -133,21 +135,6 @@ def test_plain_command_lines_skip_bash_and_shell_syntax_keeps_it(tmp_path) -> No
         assert seen["BALSAM_JOB_ID"] == "7" and seen["QUOTED"] == "a 'b' $c" and "HOME" not in seen
 
 
-def _mpi_mode(tmp_path, cpus: int = 2, **settings):
-    import types
-
-    from balsam.builtin.default_platform import DefaultPlatform
-    from balsam.config.schema import LauncherSettings
-    from balsam.launcher.job_mode import LauncherContext
-    from balsam.launcher.modes.mpi import MPIMode
-
-    launcher = LauncherSettings(**settings) if settings else LauncherSettings()
-    context = LauncherContext(site_config=None, settings=types.SimpleNamespace(launcher=launcher), site_id=1,
-                              data_path=tmp_path, log_path=tmp_path, platform=DefaultPlatform(),
-                              nodes=[NodeInfo("0", "h0", list(range(cpus)))], wall_time_min=10)
-    return MPIMode(context)
-
-
 def _waiting(job_id: int, packing: int):
     from balsam.launcher.app_run import PreparedJob
     from balsam.launcher.node_manager import Demand
@@ -156,7 +143,7 @@ def _waiting(job_id: int, packing: int):
 
 
 def test_mpi_mode_leases_the_free_nodes_plus_one_wave_ahead(tmp_path) -> None:
-    mode = _mpi_mode(tmp_path)
+    mode = mpi_mode(tmp_path)
     # Idle partition of one node: what fits now and one more node's worth, waiting.
     first = mode._acquire_request()
     assert first["max_aggregate_nodes"] == 2.0 and first["max_nodes_per_job"] == 1 and first["probe"]
@@ -173,7 +160,7 @@ def test_mpi_mode_leases_the_free_nodes_plus_one_wave_ahead(tmp_path) -> None:
 
 
 def test_mpi_mode_lookahead_respects_max_concurrent_mpiruns(tmp_path) -> None:
-    mode = _mpi_mode(tmp_path, max_concurrent_mpiruns=2)
+    mode = mpi_mode(tmp_path, max_concurrent_mpiruns=2)
     mode.pending.extend([_waiting(1, 64), _waiting(2, 64)])
     assert mode._acquire_request() is None  # two waiting already: as many as may run at once
 
@@ -209,7 +196,7 @@ def test_lease_ahead_counts_a_young_launcher_over_its_short_life() -> None:
 def test_mpi_mode_leases_further_ahead_while_short_jobs_end(tmp_path) -> None:
     import time
 
-    mode = _mpi_mode(tmp_path)
+    mode = mpi_mode(tmp_path)
     now = time.monotonic()
     for i in range(40):
         mode.lease_ahead.job_ended(0.5, now - 0.5 + i * 0.01)
@@ -226,7 +213,7 @@ def test_mpi_mode_acquire_returns_prepared_jobs_and_the_unbuildable_end_failed(t
     from balsam.launcher.app_run import PreparedJob
     from balsam.launcher.modes.mpi import Unbuildable
 
-    mode = _mpi_mode(tmp_path)
+    mode = mpi_mode(tmp_path)
 
     class Preparer:
         def prepare(self, job):

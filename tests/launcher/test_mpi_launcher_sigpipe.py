@@ -23,7 +23,7 @@ import pytest
 from balsam.builtin.default_platform import find_mpiexec
 from balsam.launcher.runner import ProcessPool, SpawnerPool
 
-from test_launcher_units import _mpi_mode
+from launcher_helpers import mpi_mode
 
 #: Writes to a pipe whose reader has exited, then exits 0 if it is still alive to do so.
 LATE_WRITE = "exec 3> >(true); sleep 0.3; echo late >&3; exit 0"
@@ -82,7 +82,7 @@ def test_a_late_write_kills_a_task_only_under_the_default_disposition(kind: str,
 
 
 def test_mpi_mode_starts_its_tasks_with_sigpipe_ignored_and_the_ranks_get_the_default(tmp_path: Path) -> None:
-    mode = _mpi_mode(tmp_path)
+    mode = mpi_mode(tmp_path)
     try:
         assert mode.pool.sigpipe_ignored
         rc, out = _run(mode.pool, 1, SIGIGN, tmp_path / "launcher")

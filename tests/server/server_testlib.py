@@ -76,3 +76,10 @@ def create_site_and_app(client: Any, name: str = "s") -> tuple[int, int]:
     app = client.post("/apps/", json={"site_id": site["id"], "name": "A", "serialized_class": "", "source_code": "",
                                       "parameters": {}, "transfers": {}, "description": ""}).json()
     return site["id"], app["id"]
+
+
+def runnable(api: "Api", app_id: int, n: int = 1, **fields: Any) -> list[int]:
+    """``n`` jobs of the app, moved to PREPROCESSED (what a launcher leases); their ids."""
+    jobs = api.jobs(app_id, n, **fields)
+    api.patch_states([j["id"] for j in jobs], "PREPROCESSED")
+    return [j["id"] for j in jobs]

@@ -22,7 +22,7 @@ from balsam.server.sessions_logic import candidates
 from balsam.server.tables import jobs
 from balsam.states import PROCESSABLE_STATES
 
-from test_sessions import runnable
+from server_testlib import runnable
 
 
 @pytest.fixture

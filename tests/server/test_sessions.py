@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import time
 
-from server_testlib import SHORT_EXPIRY_SEC, Api
-
-
-def runnable(api, app_id, n=1, **fields):
-    jobs = api.jobs(app_id, n, **fields)
-    api.patch_states([j["id"] for j in jobs], "PREPROCESSED")
-    return [j["id"] for j in jobs]
+from server_testlib import SHORT_EXPIRY_SEC, Api, runnable
 
 
 def acquire(api, session_id, **spec):
