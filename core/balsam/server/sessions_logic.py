@@ -214,26 +214,21 @@ def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[
         )
         return sorted(job_dicts(leased), key=lambda job: job["id"])
 
-    rows = conn.execute(stmt).all()
-    if spec.max_aggregate_nodes is not None:
-        chosen: list[int] = []
-        footprint = 0.0
-        # First fit in the requested order: a job that does not fit is skipped, so smaller jobs
-        # later in the order can still fill the remaining nodes.
-        for row in rows:
-            size = row.num_nodes / row.node_packing_count
-            if footprint + size > spec.max_aggregate_nodes + 1e-9:
-                continue
-            footprint += size
-            chosen.append(row.id)
-    else:
-        chosen = [row.id for row in rows]
-
+    chosen: list[int] = []
+    footprint = 0.0
+    # First fit in the requested order: a job that does not fit is skipped, so smaller jobs later
+    # in the order can still fill the remaining nodes.
+    for row in conn.execute(stmt):
+        size = row.num_nodes / row.node_packing_count
+        if footprint + size > spec.max_aggregate_nodes + 1e-9:
+            continue
+        footprint += size
+        chosen.append(row.id)
     if not chosen:
         return []
-    conn.execute(sa.update(jobs).where(jobs.c.id.in_(chosen)).values(**values))
-    result = conn.execute(sa.select(*JOB_OUT_COLUMNS).where(jobs.c.id.in_(chosen)))
-    by_id = {d["id"]: d for d in job_dicts(result)}
+    # RETURNING gives the rows in no promised order: the answer keeps the packing order.
+    leased = conn.execute(sa.update(jobs).where(jobs.c.id.in_(chosen)).values(**values).returning(*JOB_OUT_COLUMNS))
+    by_id = {d["id"]: d for d in job_dicts(leased)}
     return [by_id[jid] for jid in chosen]
 
 
