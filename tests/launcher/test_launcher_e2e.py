@@ -352,6 +352,58 @@ def test_serial_mode_spreads_tasks_over_worker_ranks(new_site) -> None:
     assert ranks == {"rank=0", "rank=1"}
 
 
+#: Run as a job: prints whether SIGPIPE is ignored in this process and in the nearest ``mpiexec``
+#: above it (found up the parent chain in /proc).
+SIGPIPE_PROBE = r"""
+import os, signal
+bit = 1 << (signal.SIGPIPE - 1)
+def ignored(pid):
+    line = next(l for l in open(f"/proc/{pid}/status") if l.startswith("SigIgn:"))
+    return bool(int(line.split()[1], 16) & bit)
+def parent(pid):
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+pid, launcher = os.getpid(), None
+while pid > 1 and launcher is None:
+    pid = parent(pid)
+    if open(f"/proc/{pid}/comm").read().strip().startswith("mpiexec"):
+        launcher = pid
+# Python ignores SIGPIPE itself: the task's own disposition is read from its shell instead.
+print("task", ignored(os.getppid()), "mpiexec", ignored(launcher) if launcher else None)
+"""
+
+
+@pytest.mark.parametrize("mode", ["mpi", "serial"])
+def test_the_mpi_launcher_keeps_sigpipe_ignored_and_the_task_gets_the_default(new_site, tmp_path, mode) -> None:
+    """Both modes start their MPI launcher (mpi mode: one per job; serial mode on two nodes: the
+    workers') with SIGPIPE ignored, so a late write cannot kill it after a run that succeeded
+    (runner.local_pool); the job's own process has the default disposition."""
+    import json
+    import socket
+    import sys
+
+    from balsam.api import ApplicationDefinition
+
+    probe = tmp_path / "sigpipe_probe.py"
+    probe.write_text(SIGPIPE_PROBE)
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Probe(ApplicationDefinition):
+        site = name
+        command_template = f"bash -c '{sys.executable} {probe}; true'"
+
+    Probe.sync()
+    ids = make_runnable([Probe.submit(workdir=f"p/{mode}", save=False)])
+    env = {}
+    if mode == "serial":  # two "nodes" on this host: the workers are started through mpiexec
+        host = socket.gethostname()
+        env["BALSAM_LAUNCHER_NODELIST"] = json.dumps([{"node_id": str(i), "hostname": host, "cpu_ids": [0, 1],
+                                                       "gpu_ids": []} for i in range(2)])
+    proc = start_launcher(path, mode, 1, env=env)
+    wait_for_states(ids, {"RUN_DONE"})
+    assert finish(proc) == 0
+    assert (path / "data" / f"p/{mode}" / "job.out").read_text().split() == ["task", "False", "mpiexec", "True"]
+
+
 def test_launcher_replaces_a_session_the_server_dropped(new_site) -> None:
     from balsam.api import ApplicationDefinition, Session
 

@@ -135,7 +135,11 @@ class SerialMode(JobMode):
         out_path = ctx.log_file("out")
         logger.info("serial mode: %d nodes; starting %s", len(ctx.nodes), cmd)
         with open(out_path, "ab") as out:
-            self._proc = subprocess.Popen(["/bin/bash", "-c", "exec " + cmd], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # The MPI launcher keeps SIGPIPE ignored, as mpi mode's do (runner.local_pool: hydra's
+            # mpiexec can die of a late write at the end of a run that succeeded); restore_signals
+            # restores SIGPIPE and SIGXFSZ together, so SIGXFSZ stays ignored for it too.
+            self._proc = subprocess.Popen(["/bin/bash", "-c", "exec " + cmd], stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, restore_signals=False)
             if self.stop.requested:
                 self.request_stop(self.stop_reason)
             # The ranks keep their own countdown; this is only a backstop if they hang.
