@@ -210,8 +210,8 @@ RUNNABLE_ORDERS: dict[Any, tuple[sa.ColumnElement[Any], ...]] = {
 # of the site (mpi mode's packing order: 78 ms at 10^6 jobs on SQLite) or read the table in id
 # order past every job that was not leasable (a campaign's new jobs after its finished ones: 283 ms
 # for serial mode's acquire and 376 ms for the processing module's at 10^6 jobs on SQLite). Only
-# leasable jobs are in them: a job enters when it reaches one of those states and leaves when it
-# is leased, so the other state changes cost them nothing.
+# leasable jobs are in them: a job enters when it reaches one of those states (a new job, STAGED_IN,
+# enters the processing module's) and leaves when it is leased; other state changes cost nothing.
 _ACQUIRE_INDEXES = (
     ("ix_jobs_runnable_by_id", _RUNNABLE, (jobs.c.id,)),
     ("ix_jobs_runnable_small_first", _RUNNABLE, RUNNABLE_ORDERS[None]),

@@ -12,8 +12,8 @@
   SQLite and 426 ms on PostgreSQL, the processing module's 376 and 470 ms.
 
 Each index is partial: it holds only the jobs the acquire may lease (not leased, in its states),
-so a job enters when it reaches one of those states and leaves when it is leased, and the other
-state changes cost it nothing. The acquire repeats the predicate word for word
+so a job enters when it reaches one of those states (a new job, STAGED_IN, enters the processing
+module's) and leaves when it is leased, and the other state changes cost it nothing. The acquire repeats the predicate word for word
 (``balsam.server.tables.LEASABLE_PREDICATES``): SQLite uses a partial index only then.
 
 Revision ID: 0010_acquire_indexes
