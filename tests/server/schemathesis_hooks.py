@@ -34,8 +34,11 @@ def distinct_job_ids(context, body):
     seen, kept = set(), []
     for item in body:
         job_id = item.get("id") if isinstance(item, dict) else None
-        if job_id is not None and job_id in seen:
-            continue
-        seen.add(job_id)
+        # Negative cases also send ids that are not ids (an object, a list): kept as they are,
+        # for the server to refuse.
+        if isinstance(job_id, (int, str)) and not isinstance(job_id, bool):
+            if job_id in seen:
+                continue
+            seen.add(job_id)
         kept.append(item)
     return kept
