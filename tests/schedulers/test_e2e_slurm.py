@@ -146,8 +146,10 @@ def test_a_job_slurm_can_never_start_shows_the_reason_and_can_be_deleted(balsam_
         reason = waiting["status_info"]["scheduler_reason"]
         assert reason in ("PartitionNodeLimit", "PartitionConfig"), waiting["status_info"]  # Slurm's words
         scheduler_id = waiting["scheduler_id"]
-        site_record = client.get(f"/sites/{site_id}")
-        assert site_record["queued_jobs"][str(scheduler_id)]["message"] == reason
+        # The site's queue snapshot is written apart from the BatchJob's update: wait for it too.
+        queued = wait_for(lambda: client.get(f"/sites/{site_id}")["queued_jobs"].get(str(scheduler_id)), 30,
+                          f"Slurm job {scheduler_id} in Site.queued_jobs", interval=0.5)
+        assert queued["message"] == reason
 
         client.patch("/batch-jobs/", json=[{"id": too_big["id"], "state": "pending_deletion"}])
         deleted = wait_batch_job(client, too_big["id"], {"finished"}, 60)
