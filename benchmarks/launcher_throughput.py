@@ -350,6 +350,11 @@ def compile_bytecode() -> int:
     return compiled
 
 
+def limit_label(mode: str, ncpu: int) -> str:
+    """What a mode's limit is, as the figures name it."""
+    return "fork/exec of /bin/true (4 threads)" if mode == "serial" else f"bare `mpiexec -n 1 true` ({ncpu} at a time)"
+
+
 def print_cpu_per_job(r: dict, ncpu: int, limit: float, limit_task_cpu: float) -> None:
     """CPU per job, by process, beside what the limit's own processes took and the CPU the 60 %
     target leaves per job on this node: the tasks are the limit's work, the rest is balsam's."""
@@ -413,7 +418,7 @@ def main() -> int:
             print(f"  balsam's bytecode compiled ahead, as installed ({compiled} files compiled now)")
             for r in e2e:
                 limit = max(r["limits"])
-                what = "fork/exec of /bin/true (4 threads)" if r["mode"] == "serial" else f"bare `mpiexec -n 1 true` ({ncpu} at a time)"
+                what = limit_label(r["mode"], ncpu)
                 print(f"  {r['mode']:6s} limit, {what}: {r['limits'][0]:,.1f}/s just before the run, {r['limits'][1]:,.1f}/s "
                       "just after; ratios below are to the higher")
                 rate = r["finished"] / r["to_last"] if r["finished"] else 0.0
@@ -449,7 +454,7 @@ def main() -> int:
         for r in results:
             # Against the higher of the two readings: the ratio is never flattered by a slow moment.
             limit = max(r["limits"])
-            what = "fork/exec of /bin/true (4 threads)" if r["mode"] == "serial" else f"bare `mpiexec -n 1 true` ({ncpu} at a time)"
+            what = limit_label(r["mode"], ncpu)
             print(f"  {r['mode']:6s} limit, {what}: {r['limits'][0]:,.1f}/s just before the run, {r['limits'][1]:,.1f}/s "
                   "just after; ratios below are to the higher")
             for state, count, elapsed, rate in r["figures"]:
