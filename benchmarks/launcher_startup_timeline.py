@@ -255,7 +255,7 @@ def main() -> int:
             console = ""
             for i in range(args.rounds + (1 if args.importtime else 0)):
                 tag = f"{mode}-{i}"
-                make_jobs(Noop, count, tag, node_packing_count=ncpu)
+                make_jobs(Noop, count, tag, site / "data", node_packing_count=ncpu)
                 extra = i == args.rounds  # the -X importtime round: slower, not in the medians
                 events, first, console = one_round(site, mode, tag, tracer, root / f"timeline-{mode}.jsonl", extra)
                 if extra:

@@ -16,6 +16,9 @@ Also printed per mode: CPU per job by process (the launcher, its spawner, the ta
 the processing module with this script) beside the CPU each of the limit's own processes took, and
 the CPU per job that 60 % of the limit leaves on this node for all of it: the tasks are the limit's
 work, the rest is balsam's, so a run shows whether the target is in reach on this node at all.
+And the file system's cost just before each run (the CPU of one ``mkdir`` and of one new file):
+the jobs' workdirs are made ahead, as the processing module's preprocess makes them, and the
+launcher creates each job's ``job.out``.
 
 What "end" means is printed with the figures: JOB_FINISHED when the site agent's processing module
 is importable (it runs alongside the launcher and post-processes RUN_DONE jobs), otherwise RUN_DONE.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import shutil
 import signal
 import sys
@@ -56,16 +60,36 @@ def _ts(value: dt.datetime) -> float:
     return value.timestamp()
 
 
-def make_jobs(app, count: int, tag: str, **resources) -> list[int]:
+def make_jobs(app, count: int, tag: str, data_path: Path, **resources) -> list[int]:
     from balsam.api import Job
 
     jobs = [app.submit(workdir=f"{tag}/{i}", tags={"bench": tag}, save=False, **resources) for i in range(count)]
     created = []
     for start in range(0, len(jobs), 5000):
         created.extend(Job.objects.bulk_create(jobs[start : start + 5000]))
-    # What the processing module's default preprocess() does, in bulk.
+    # What the processing module's default preprocess() does, in bulk: the workdirs, then the state.
+    for job in jobs:
+        (data_path / job.workdir).mkdir(parents=True, exist_ok=True)
     Job.objects.filter(tags={"bench": tag}).update(state="PREPROCESSED")
     return [j.id for j in created]
+
+
+def file_create_cost(directory: Path, count: int = 1000) -> tuple[float, float]:
+    """CPU seconds (this thread's, i.e. the kernel's work for it) per ``mkdir`` and per creation of
+    an empty file, ``count`` of each in ``directory`` (kept until the run's temp dir is removed).
+
+    Printed beside each run because this VM's ext4 varies tenfold: it runs without a journal, and
+    then the inode allocator skips every inode freed in the last 60 s (300 s while its inode table
+    block is unwritten), reading each one's table block; for minutes after many files were deleted
+    (a previous run's clean-up), a new inode costs 0.1-0.7 ms of CPU instead of ~0.03."""
+    directory.mkdir(parents=True, exist_ok=True)
+    began = time.thread_time()
+    for i in range(count):
+        os.mkdir(directory / str(i))
+    made = time.thread_time()
+    for i in range(count):
+        os.close(os.open(directory / str(i) / "job.out", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    return (made - began) / count, (time.thread_time() - made) / count
 
 
 class Processing:
@@ -250,7 +274,7 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
     })
     app = noop_app(name, command)
     tag = f"e2e-{mode}"
-    make_jobs(app, count, tag, node_packing_count=ncpu)
+    make_jobs(app, count, tag, site_path / "data", node_packing_count=ncpu)
     start_agent(site_path)
     seen: dict[str, float] = {}
     stop = threading.Event()
@@ -394,8 +418,6 @@ def main() -> int:
     try:
         dep.activate()
         site, Noop = bench_site(dep, args.command)
-        import os
-
         ncpu = len(os.sched_getaffinity(0))
         load_before = os.getloadavg()[0]
         from balsam.builtin.default_platform import find_mpiexec
@@ -439,14 +461,16 @@ def main() -> int:
         for mode, count in (("serial", args.serial_jobs), ("mpi", args.mpi_jobs)):
             if not count:
                 continue
-            ids = make_jobs(Noop, count, mode, node_packing_count=ncpu)
+            ids = make_jobs(Noop, count, mode, site / "data", node_packing_count=ncpu)
             # The limit just before and just after the run: the machine's speed drifts (another
             # tenant, thermal, the page cache), and a limit read minutes away misstates the ratio.
+            fs_cost = file_create_cost(root / f"fs-probe-{mode}")
             before = measure_limit(mode)
             result = run_mode(site, mode, mode, ids, not args.no_processing, timeout=600, server_pid=dep.proc.pid)
             after = measure_limit(mode)
             result["limits"] = (before[0], after[0])
             result["limit_task_cpu"] = (before[1] + after[1]) / 2
+            result["fs_cost"] = fs_cost
             results.append(result)
         print(f"launcher throughput ({ncpu} CPUs, load average before the run {load_before:.1f}; "
               f"real uvicorn + SQLite server, real mpiexec; app command {args.command!r})")
@@ -465,6 +489,10 @@ def main() -> int:
             print(f"  {r['mode']:6s} CPU seconds: server {server:.1f}, launcher with its tasks {launcher:.1f}, "
                   f"processing module + this script {here:.1f}")
             print_cpu_per_job(r, ncpu, limit, r["limit_task_cpu"])
+            mkdir_cpu, create_cpu = r["fs_cost"]
+            print(f"  {r['mode']:6s} file system just before the run (ms of CPU): a mkdir {1e3 * mkdir_cpu:.3f}, a new "
+                  f"job.out {1e3 * create_cpu:.3f} (the launcher creates job.out; the workdirs were made ahead, as "
+                  "the processing module's preprocess makes them)")
             if r["errors"][0]:
                 print(f"         {r['errors'][0]} jobs ended RUN_ERROR, e.g. {r['errors'][1]}")
             if r["processing_error"]:

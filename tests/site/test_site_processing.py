@@ -124,6 +124,8 @@ def test_default_hooks_move_jobs_in_bulk(processing, client, monkeypatch) -> Non
     assert module.run_cycle() == min(module.period, FOLLOW_UP_SEC)  # jobs found: more may follow soon
     module.flush()
     assert {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"}
+    # The default preprocess made each workdir (as 0.7's did), so a launcher need not.
+    assert all((Path(site.data_path) / job.workdir).is_dir() for job in jobs)
     assert module.run_cycle() == min(module.period, FOLLOW_UP_SEC)  # none now, but jobs were arriving
     module._last_arrival -= processing_module.FOLLOW_UP_WINDOW_SEC  # ...long enough ago
     assert module.run_cycle() is None  # nothing found for a while: back to the module's period
@@ -162,6 +164,24 @@ def test_default_hooks_move_jobs_in_bulk(processing, client, monkeypatch) -> Non
     failed_event = [e for e in events(client, job_id=echo_ids[3]) if e["to_state"] == "FAILED"][0]
     assert failed_event["data"]["error"].splitlines()[-1] == "fatal: disk full"
     assert len(failed_event["data"]["error"].splitlines()) == 10  # launcher.error_tail_num_lines
+
+
+def test_a_workdir_the_default_preprocess_cannot_make_fails_its_job_with_the_reason(processing, client) -> None:
+    from balsam.api import Job
+
+    site, module = processing
+    apps = define_apps(site.site_id)
+    (Path(site.data_path) / "blocked").write_text("a file where the workdir's parent should be")
+    bad, good = Job.objects.bulk_create([Job("blocked/job", apps["echo"], parameters={"word": "x"}),
+                                         Job("fine/job", apps["echo"], parameters={"word": "y"})])
+    run_until(module, lambda: all(r["state"] != "STAGED_IN" for r in job_rows(client, id=[bad.id, good.id])))
+    rows = {r["id"]: r for r in job_rows(client, id=[bad.id, good.id])}
+    assert rows[good.id]["state"] == "PREPROCESSED"
+    assert (Path(site.data_path) / "fine" / "job").is_dir()
+    assert rows[bad.id]["state"] == "FAILED"
+    failed = [e for e in events(client, job_id=bad.id) if e["to_state"] == "FAILED"][0]
+    assert failed["data"]["message"] == "An exception occurred in preprocess"
+    assert "blocked" in failed["data"]["error"]
 
 
 def test_user_hooks_run_in_workers_with_output_in_balsam_log(processing, client) -> None:

@@ -1,7 +1,7 @@
 """Running app hooks on jobs: the shared logic of the processing module and its worker processes.
 
 - :func:`default_update` applies a hook the app did *not* override, in the agent process, with no
-  worker: STAGED_IN→PREPROCESSED, RUN_DONE→POSTPROCESSED, RUN_ERROR→FAILED (with the tail of
+  worker: STAGED_IN→PREPROCESSED (creating the job's workdir), RUN_DONE→POSTPROCESSED, RUN_ERROR→FAILED (with the tail of
   ``job.out``), RUN_TIMEOUT→RESTART_READY; ``run()`` apps get their return value or exception read
   from the markers in ``job.out``.
 - :func:`run_hooks` runs user hooks in a worker process: one app instance per job, the hook's output
@@ -80,7 +80,12 @@ def default_update(job: dict, python_app: bool, data_path: Path, tail_num_lines:
     state = JobState(job["state"])
     target = DEFAULT_TARGET[state]
     update: dict[str, Any] = {"id": job["id"], "state": target.value, "state_timestamp": now_iso()}
-    if state in (JobState.run_done, JobState.run_error):
+    if state == JobState.staged_in:
+        # As Balsam 0.7's preprocessing did (it ran every hook in the workdir): the directory exists
+        # once the job is PREPROCESSED, made here on the agent's node rather than by the launcher
+        # in the allocation. A failure raises: the caller marks the job FAILED with the reason.
+        job_workdir(data_path, job["workdir"]).mkdir(parents=True, exist_ok=True)
+    elif state in (JobState.run_done, JobState.run_error):
         workdir = job_workdir(data_path, job["workdir"])
         if python_app:
             value, exc = read_run_markers(workdir)

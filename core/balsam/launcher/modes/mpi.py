@@ -314,7 +314,6 @@ class MPIMode(JobMode):
 
         def start(prepared: PreparedJob, placement: Placement) -> None:
             env = launch_environment(prepared, placement, self.context.platform, self._hook)
-            prepared.workdir.mkdir(parents=True, exist_ok=True)
             cmd = self._command(prepared, placement, env)
             # An MPI launcher binds ranks itself, so no affinity is forced on it here.
             self.pool.start(prepared.id, cmd, prepared.workdir, env)
