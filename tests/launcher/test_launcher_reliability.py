@@ -68,68 +68,56 @@ def test_a_serial_config_file_is_never_shared(tmp_path: Path) -> None:
 
 # -- 6. workdirs stay inside data/ -------------------------------------------------------------------
 
+class _TrueApp:
+    """An app whose command line is ``true``, as JobPreparer loads one."""
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+
+    def get_arg_str(self) -> str:
+        return "true"
+
+    def get_environ_vars(self) -> dict:
+        return {}
+
+    def shell_preamble(self) -> str:
+        return ""
+
+
+def _single_rank_job(workdir: str) -> Any:
+    return types.SimpleNamespace(id=1, app_id=1, workdir=workdir, num_nodes=1, ranks_per_node=1, threads_per_rank=1,
+                                 threads_per_core=1, gpus_per_rank=0, node_packing_count=1, launch_params={})
+
+
 @pytest.mark.parametrize("workdir", ["../../x", "/abs/x", "a/../../..", "", "."])
 def test_the_launcher_refuses_a_workdir_outside_data(tmp_path: Path, workdir: str) -> None:
     from balsam.launcher.app_run import JobBuildError, JobPreparer
 
-    class App:
-        def __init__(self, job: Any) -> None:
-            self.job = job
-
-        def get_arg_str(self) -> str:
-            return "true"
-
-        def get_environ_vars(self) -> dict:
-            return {}
-
-        def shell_preamble(self) -> str:
-            return ""
-
-    preparer = JobPreparer(tmp_path / "site" / "data", load_app=lambda _app_id: App)
-    job = types.SimpleNamespace(id=1, app_id=1, workdir=workdir, num_nodes=1, ranks_per_node=1, threads_per_rank=1,
-                                threads_per_core=1, gpus_per_rank=0, node_packing_count=1, launch_params={})
+    preparer = JobPreparer(tmp_path / "site" / "data", load_app=lambda _app_id: _TrueApp)
     with pytest.raises(JobBuildError, match="workdir"):
-        preparer.prepare(job)
+        preparer.prepare(_single_rank_job(workdir))
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was created anywhere
 
 
 def test_preparing_creates_job_out_and_a_missing_workdir_and_keeps_what_is_there(tmp_path: Path) -> None:
     from balsam.launcher.app_run import JobBuildError, JobPreparer
 
-    class App:
-        def __init__(self, job: Any) -> None:
-            self.job = job
-
-        def get_arg_str(self) -> str:
-            return "true"
-
-        def get_environ_vars(self) -> dict:
-            return {}
-
-        def shell_preamble(self) -> str:
-            return ""
-
     data = tmp_path / "data"
-    preparer = JobPreparer(data, load_app=lambda _app_id: App)
-
-    def job(workdir: str) -> Any:
-        return types.SimpleNamespace(id=1, app_id=1, workdir=workdir, num_nodes=1, ranks_per_node=1, threads_per_rank=1,
-                                     threads_per_core=1, gpus_per_rank=0, node_packing_count=1, launch_params={})
-
+    preparer = JobPreparer(data, load_app=lambda _app_id: _TrueApp)
     # No preprocess made this one: the launcher makes the directory itself.
-    prepared = preparer.prepare(job("new/deep/dir"))
+    prepared = preparer.prepare(_single_rank_job("new/deep/dir"))
     assert prepared.workdir == data / "new" / "deep" / "dir"
     assert (prepared.workdir / "job.out").read_text() == ""
     # Made ahead by the processing module, with a job.out from an earlier run: left as it is here
     # (the spawner truncates it when the task starts).
     (data / "made").mkdir()
     (data / "made" / "job.out").write_text("earlier run\n")
-    assert preparer.prepare(job("made")).workdir == data / "made"
+    assert preparer.prepare(_single_rank_job("made")).workdir == data / "made"
     assert (data / "made" / "job.out").read_text() == "earlier run\n"
     # A workdir that cannot exist: the job fails with the reason.
     (data / "afile").write_text("")
     with pytest.raises(JobBuildError, match="cannot create the job's workdir .*afile/sub"):
-        preparer.prepare(job("afile/sub"))
+        preparer.prepare(_single_rank_job("afile/sub"))
 
 
 # -- 8. a full disk says so ----------------------------------------------------------------------------
