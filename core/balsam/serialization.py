@@ -56,6 +56,15 @@ def format_datetime(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).isoformat()
 
 
+def _int64(number: int, given: Any) -> int:
+    """An integer converted from a float or a string, if it fits 64 bits (what any column or JSON
+    document stores). JSON parsers hand a long integer literal over as a float (1e24), which
+    converts to an integer nobody sent."""
+    if not -(2**63) <= number < 2**63:
+        raise ValueError(f"expected an integer of at most 64 bits, got {given!r}")
+    return number
+
+
 def _strict(kind: type, name: str):
     def check(value: Any, _type: type) -> Any:
         if isinstance(_type, type) and issubclass(_type, enum.Enum):
@@ -63,9 +72,9 @@ def _strict(kind: type, name: str):
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if kind is int and isinstance(value, float) and value.is_integer():
-            return int(value)
+            return _int64(int(value), value)
         if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
+            return _int64(int(value), value)
         if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
             raise ValueError(f"expected {name}, got {value!r}")
         return value
