@@ -62,13 +62,17 @@ def test_creates_whose_answers_are_lost_are_applied_once(user: dict) -> None:
     assert bj.id is not None
 
 
-def test_a_lost_acquire_answer_leaves_no_job_behind(user: dict) -> None:
+@pytest.mark.parametrize("wait_sec", [None, 0.2], ids=["no-wait", "prefer-wait"])
+def test_a_lost_acquire_answer_leaves_no_job_behind(user: dict, wait_sec: "float | None") -> None:
     """300 jobs acquired 40 at a time while two answers in four are lost, some for good (the client
-    gives up): every job reaches the launcher once."""
+    gives up): every job reaches the launcher once; also when the acquires ask the server to wait
+    for jobs (``Prefer: wait``: a resent request does not wait, and a look that finds nothing
+    claims no key)."""
     from balsam.client.lease import JobLease
 
     direct = user["direct"]
-    site = direct.post("/sites/", json={"name": "lossy-acq", "path": "/lossy-acq"}).json()
+    name = f"lossy-acq-{wait_sec}"
+    site = direct.post("/sites/", json={"name": name, "path": f"/{name}"}).json()
     app = direct.post("/apps/", json={"site_id": site["id"], "name": "A", "serialized_class": "eA==",
                                       "source_code": "class A: ..."}).json()
     ids = [j["id"] for j in direct.post("/jobs/", json=[{"workdir": f"a/{i}", "app_id": app["id"]} for i in range(300)]).json()]
@@ -86,7 +90,7 @@ def test_a_lost_acquire_answer_leaves_no_job_behind(user: dict) -> None:
         failures = empty_in_a_row = 0
         while empty_in_a_row < 2:
             try:
-                got = lease.acquire(40)
+                got = lease.acquire(40, wait_sec=wait_sec)
             except Exception:
                 failures += 1
                 continue

@@ -121,14 +121,17 @@ def test_default_hooks_move_jobs_in_bulk(processing, client, monkeypatch) -> Non
            Job("adder/bad", apps["adder"], parameters={"x": 2, "y": "a"})]
     )
     ids = [j.id for j in jobs]
-    assert module.run_cycle() == min(module.period, FOLLOW_UP_SEC)  # jobs found: more may follow soon
+    # Jobs found at once: more may follow soon (the sleep is what is left of the follow-up delay).
+    assert 0.0 < module.run_cycle() <= min(module.period, FOLLOW_UP_SEC)
     module.flush()
     assert {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"}
     # The default preprocess made each workdir (as 0.7's did), so a launcher need not.
     assert all((Path(site.data_path) / job.workdir).is_dir() for job in jobs)
-    assert module.run_cycle() == min(module.period, FOLLOW_UP_SEC)  # none now, but jobs were arriving
-    module._last_arrival -= processing_module.FOLLOW_UP_WINDOW_SEC  # ...long enough ago
-    assert module.run_cycle() is None  # nothing found for a while: back to the module's period
+    # None now: the server held the acquire (Prefer: wait) for the module's period, and that wait
+    # was the cycle's sleep, whether jobs were arriving lately or not.
+    assert module.run_cycle() == 0.0
+    module._last_arrival -= processing_module.FOLLOW_UP_WINDOW_SEC
+    assert module.run_cycle() == 0.0
     assert module.pool is None  # default hooks never start a worker process
 
     echo_ids, ok_id, bad_id = ids[:6], ids[6], ids[7]
@@ -164,6 +167,29 @@ def test_default_hooks_move_jobs_in_bulk(processing, client, monkeypatch) -> Non
     failed_event = [e for e in events(client, job_id=echo_ids[3]) if e["to_state"] == "FAILED"][0]
     assert failed_event["data"]["error"].splitlines()[-1] == "fatal: disk full"
     assert len(failed_event["data"]["error"].splitlines()) == 10  # launcher.error_tail_num_lines
+
+
+def test_a_cycle_waiting_for_work_takes_a_job_a_launcher_finishes_meanwhile(processing, client, monkeypatch) -> None:
+    import threading
+
+    from balsam.api import Job
+
+    site, module = processing
+    monkeypatch.setattr(ProcessingModule, "default_period", 8.0)  # the server holds the acquire up to 8 s
+    apps = define_apps(site.site_id)
+    (job,) = Job.objects.bulk_create([Job("waited/0", apps["echo"], parameters={"word": "w"})])
+    run_until(module, lambda: job_rows(client, id=[job.id])[0]["state"] == "PREPROCESSED")
+    launcher = FakeLauncher(client, site.site_id)
+    returned: list = []
+    cycle = threading.Thread(target=lambda: returned.append(module.run_cycle()))
+    cycle.start()  # nothing to process: its acquire waits in the server
+    time.sleep(0.3)  # (not needed for the outcome: a RUN_DONE sent before the acquire is taken too)
+    launcher.run({job.id: ("RUN_DONE", {})}, Path(site.data_path), {job.id: "done\n"})
+    cycle.join()
+    module.flush()
+    # That one cycle took the job (the old module would have found nothing and slept a second).
+    assert job_rows(client, id=[job.id])[0]["state"] == "JOB_FINISHED"
+    assert returned[0] is not None and returned[0] <= FOLLOW_UP_SEC
 
 
 def test_a_workdir_the_default_preprocess_cannot_make_fails_its_job_with_the_reason(processing, client) -> None:
@@ -251,5 +277,6 @@ def test_updates_a_launcher_spooled_are_sent_by_the_agent(processing, client) ->
     client.post(f"/sessions/{launcher.session}", json={"max_num_jobs": 10, "filter_tags": {}})
     client.patch("/jobs/", json=[{"id": i, "state": "RUNNING"} for i in ids])
     write_spool(site.spool_path, [{"id": i, "state": "RUN_DONE", "return_code": 0} for i in ids])
-    run_until(module, lambda: {r["state"] for r in job_rows(client, id=ids)} == {"JOB_FINISHED"})
-    assert list(Path(site.spool_path).glob("*.jsonl")) == []
+    # The file goes once its updates are sent (seen by a later cycle, perhaps after the jobs finished).
+    run_until(module, lambda: {r["state"] for r in job_rows(client, id=ids)} == {"JOB_FINISHED"}
+              and not list(Path(site.spool_path).glob("*.jsonl")))

@@ -209,17 +209,25 @@ class JobLease:
         max_nodes_per_job: Optional[int] = None,
         max_aggregate_nodes: Optional[float] = None,
         serial_only: bool = False,
+        wait_sec: Optional[float] = None,
     ) -> list[Any]:
         """Lease up to ``max_num_jobs`` jobs (at most 2,048) in the lease's states.
 
         When an earlier acquire got no answer, its request is sent again first (same key, same
         body) and its jobs are returned instead: call again for more.
+
+        ``wait_sec``: when there is nothing to lease, the server may hold the answer up to that
+        long (at most 10 s) and answer as soon as jobs can be leased (``Prefer: wait=N``); a
+        server that does not wait answers at once, as without it. A resent request never waits.
         """
         if self.closed or max_num_jobs <= 0:
             return []
+        headers = None
         with self._lock:  # one acquirer thread per lease; the lock orders it with session replacement
             session_id = self._session_id
             if self.pending is None:
+                if wait_sec is not None and wait_sec > 0:
+                    headers = {"Prefer": f"wait={wait_sec:g}"}
                 body = acquire_request(
                     min(int(max_num_jobs), MAX_JOBS_PER_SESSION_ACQUIRE), max_wall_time_min=max_wall_time_min,
                     max_nodes_per_job=max_nodes_per_job, max_aggregate_nodes=max_aggregate_nodes,
@@ -232,14 +240,15 @@ class JobLease:
             key, body = self.pending
         t0 = time.perf_counter()
         try:
+            extra = {"headers": headers} if headers is not None else {}
             rows = _rows(self.client.post(f"/sessions/{session_id}", json=body, idempotency_key=key,
-                                          retry_count=self.acquire_retry_count))
+                                          retry_count=self.acquire_retry_count, **extra))
         except Exception as exc:
             if not self._replace_lost_session(exc, session_id):
                 raise  # still pending: the next call resends it
             return self.acquire(
                 max_num_jobs, max_wall_time_min=max_wall_time_min, max_nodes_per_job=max_nodes_per_job,
-                max_aggregate_nodes=max_aggregate_nodes, serial_only=serial_only,
+                max_aggregate_nodes=max_aggregate_nodes, serial_only=serial_only, wait_sec=wait_sec,
             )
         with self._lock:
             if self.pending is not None and self.pending[0] == key:

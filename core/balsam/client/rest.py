@@ -403,12 +403,14 @@ class RESTClient:
         authenticated: bool = True,
         idempotency_key: Optional[str] = None,
         retry_count: Optional[int] = None,
+        headers: "Mapping[str, str] | None" = None,
     ) -> Any:
         """One API call, retried as the module docstring says. ``idempotency_key`` (POST) names the
         logical request (by default each call gets a new one); ``retry_count`` overrides the
-        client's retry budget for this call (callers that loop on their own keep it short)."""
-        resp = self._send(method, path, params=params, json=json, data=data, authenticated=authenticated,
-                          idempotency_key=idempotency_key, retry_count=retry_count)
+        client's retry budget for this call (callers that loop on their own keep it short);
+        ``headers`` are added to the request's (``Prefer``)."""
+        resp = self._send(method, path, params=params, json=json, data=data, headers=headers,
+                          authenticated=authenticated, idempotency_key=idempotency_key, retry_count=retry_count)
         return _parse(resp)
 
     def request_with_headers(

@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 import balsam
 
+from .acquire_waits import AcquireWaits
 from .auth import CredentialCache, LoginThrottle
 from .db import create_db_engine, write_tx
 from .errors import APIError, Conflict
@@ -119,8 +120,10 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def _sweep_once(app: Starlette) -> None:
     with write_tx(app.state.engine) as conn:
-        sweep_expired(conn, app.state.settings.session_expire_sec)
+        expired = sweep_expired(conn, app.state.settings.session_expire_sec)
         sweep_expired_keys(conn)
+    if expired:  # their RUNNING jobs are RUN_TIMEOUT now, and their other jobs leasable again
+        app.state.acquire_waits.wake_all()
     with write_tx(app.state.engine) as conn:
         fold_deltas(conn)
 
@@ -180,6 +183,7 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
     app.state.settings = settings
     app.state.engine = engine
     app.state.credential_cache = CredentialCache(settings.revocation_cache_sec)
+    app.state.acquire_waits = AcquireWaits()
     app.state.login_throttle = LoginThrottle(settings.max_failures_per_user, settings.max_failures_per_address,
                                              settings.failure_window_sec)
     return app

@@ -7,12 +7,15 @@ Order of every request (so that nobody learns anything without a valid token):
    public routes (login, the login methods, the OpenAPI document) skip this;
 2. read the body, at most ``BALSAM_MAX_BODY_BYTES`` (413 beyond, before reading it when the
    client announces its length);
-3. the handler, which validates its input and answers.
+3. the handler, which validates its input and answers. An acquire that asked to wait for jobs
+   (``Prefer: wait=N``) may instead say "nothing yet": the request then waits on the event loop
+   for a wake-up, and the handler runs again (see acquire_waits.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Union
 
 import orjson
 import sqlalchemy as sa
@@ -21,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .acquire_waits import AcquireWaits, WaitForJobs, requested_wait
 from .auth import SITE_SCOPE, AuthUser, bearer_user, require_unscoped
 from .db import read_tx, write_tx
 from .errors import PayloadTooLarge, Unauthorized, ValidationFailed
@@ -37,6 +41,8 @@ class Ctx:
         self.body = body
         self._user = user
         self._idempotency: "IdempotentRequest | None" = None
+        #: Set by :meth:`wake_acquires`.
+        self.woke = False
         self.settings = request.app.state.settings
         self.engine: sa.Engine = request.app.state.engine
 
@@ -68,6 +74,23 @@ class Ctx:
             check_field_sizes(data, len(self.body))
         return data
 
+    def wake_acquires(self) -> None:
+        """This request's write may have made jobs leasable: once it has committed, wake the
+        user's acquires that wait (``Prefer: wait=N``; see acquire_waits.py)."""
+        self.woke = True
+
+    def acquire_deadline(self) -> "float | None":
+        """When this request's wait for jobs ends (``time.monotonic()``), if it asked to wait
+        (``Prefer: wait=N``); fixed at the first call, so the retries after wake-ups keep it."""
+        state = self.request.state
+        if not hasattr(state, "acquire_deadline"):
+            seconds = requested_wait(self.request.headers.get("prefer", ""))
+            state.acquire_deadline = None if seconds is None else time.monotonic() + seconds
+        return state.acquire_deadline
+
+    def acquire_waits(self) -> AcquireWaits:
+        return self.request.app.state.acquire_waits
+
     def prefers_minimal(self) -> bool:
         """The client sent ``Prefer: return=minimal`` (RFC 7240): it needs only what the server
         decided (ids, states), not the records it sent echoed back."""
@@ -87,7 +110,8 @@ class Ctx:
         return read_tx(self.engine)
 
 
-Handler = Callable[[Ctx], Response]
+#: A handler answers, or (the acquire, asked to wait) says to call it again after a wake-up.
+Handler = Callable[[Ctx], Union[Response, WaitForJobs]]
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -104,7 +128,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _authenticated_call(handler: Handler, ctx: Ctx) -> Response:
+def _authenticated_call(handler: Handler, ctx: Ctx) -> "Response | WaitForJobs":
     """Runs in the thread pool: the credential check, then the handler with the site scope set."""
     user = ctx._user
     if user is None:
@@ -137,7 +161,16 @@ def route(path: str, methods: dict[str, Handler], *, public: bool = False,
         body = None
         if request.method in ("POST", "PUT", "PATCH"):
             body = await read_body(request, request.app.state.settings.max_body_bytes)
-        return await run_in_threadpool(_authenticated_call, handler, Ctx(request, body, user))
+        while True:
+            ctx = Ctx(request, body, user)
+            response = await run_in_threadpool(_authenticated_call, handler, ctx)
+            if ctx.woke and user is not None:
+                request.app.state.acquire_waits.wake(user.id)
+            if not isinstance(response, WaitForJobs):
+                return response
+            # Nothing to lease yet: wait on the event loop (no thread held, no transaction open),
+            # then look again; the handler answers for good once its deadline has passed.
+            await request.app.state.acquire_waits.wait(user.id, response.generation, response.deadline)
 
     endpoint.__name__ = path.strip("/").replace("/", "_").replace("{", "").replace("}", "") or "root"
     return Route(path, endpoint, methods=list(methods))

@@ -108,17 +108,19 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
     return len(expired)
 
 
-def maybe_sweep(conn: sa.Connection, settings: Any, user_id: int) -> None:
+def maybe_sweep(conn: sa.Connection, settings: Any, user_id: int) -> int:
     """Sweep the user's stale sessions, at most once per sweep period per process (the
-    background task sweeps everyone on the same period)."""
+    background task sweeps everyone on the same period); how many expired."""
     import time
 
     period = min(settings.session_sweep_sec, settings.session_expire_sec / 2)
     key = (id(settings), user_id)
     now = time.monotonic()
-    if now - _last_user_sweep.get(key, 0.0) >= period:
-        sweep_expired(conn, settings.session_expire_sec, user_id)
-        _last_user_sweep[key] = now
+    if now - _last_user_sweep.get(key, 0.0) < period:
+        return 0
+    expired = sweep_expired(conn, settings.session_expire_sec, user_id)
+    _last_user_sweep[key] = now
+    return expired
 
 
 def release_session_jobs(conn: sa.Connection, session_ids: list[int], now: dt.datetime) -> None:
@@ -153,8 +155,14 @@ def parse_acquire(payload: Any) -> SessionAcquire:
     return spec
 
 
-def candidates(site_id: int, spec: SessionAcquire, dialect: str) -> sa.Select:
-    """The jobs an acquire may lease, in the order it takes them (at most ``max_num_jobs``)."""
+def any_candidates(conn: sa.Connection, site_id: int, spec: SessionAcquire) -> bool:
+    """Whether an acquire would find a job to lease now (the same filters, read without locks)."""
+    return bool(conn.execute(sa.select(candidates(site_id, spec, conn.dialect.name, lock=False).exists())).scalar())
+
+
+def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool = True) -> sa.Select:
+    """The jobs an acquire may lease, in the order it takes them (at most ``max_num_jobs``);
+    ``lock``: on PostgreSQL, locked with ``FOR UPDATE SKIP LOCKED`` (for the lease)."""
     states = frozenset(s.value for s in spec.states)
     predicate = LEASABLE_PREDICATES.get(states)
     if predicate is not None:
@@ -193,7 +201,7 @@ def candidates(site_id: int, spec: SessionAcquire, dialect: str) -> sa.Select:
     else:
         stmt = stmt.order_by(jobs.c.id)
     stmt = stmt.limit(spec.max_num_jobs)
-    if dialect == "postgresql":
+    if dialect == "postgresql" and lock:
         stmt = stmt.with_for_update(skip_locked=True, of=jobs)
     return stmt
 

@@ -211,6 +211,7 @@ def update_batch_job(ctx: Ctx) -> Response:
     patch = _parse_patch(data, ["body"])
     with ctx.write() as conn:
         (row,) = _update_many(conn, ctx.user.id, {bj_id: patch})
+    ctx.wake_acquires()  # a finished BatchJob ends its sessions: their jobs may be leasable now
     return json_response(row)
 
 
@@ -219,6 +220,8 @@ def bulk_update(ctx: Ctx) -> Response:
     patches = parse_bulk_patches(payload, "batch job", _parse_patch, fixed=("site_id",))
     with ctx.write() as conn:
         rows = _update_many(conn, ctx.user.id, patches) if patches else []
+    if patches:
+        ctx.wake_acquires()  # as update_batch_job
     return json_response(rows)
 
 

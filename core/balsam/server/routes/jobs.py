@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 import orjson
 import sqlalchemy as sa
 from starlette.responses import Response
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP
+from balsam.states import JobState
 from balsam.util import paused_gc
 
 from .. import jobs_logic as logic
@@ -66,6 +69,7 @@ def _bulk_create(ctx: Ctx) -> Response:
             return json_response(replay, earlier.status_code, headers=headers)
         created = logic.bulk_create_jobs(conn, ctx.user.id, specs, minimal=minimal)
         ctx.idempotency.record(conn, 201, "jobs", [job["id"] for job in created])
+    ctx.wake_acquires()
     return json_response(created, 201, headers=headers)
 
 
@@ -80,6 +84,7 @@ def bulk_update(ctx: Ctx) -> Response:
         patches[job_id] = patch
     with ctx.write() as conn:
         count = logic.update_jobs(conn, ctx.user.id, patches)
+    _wake_if_states_moved(ctx, patches.values())
     return json_response(count)
 
 
@@ -93,6 +98,7 @@ def query_update(ctx: Ctx) -> Response:
                 f"The filters match {len(ids)} jobs; update at most {MAX_ITEMS_PER_BULK_OP} per call (narrow the filters)"
             )
         count = logic.update_jobs(conn, ctx.user.id, {job_id: dict(patch) for job_id in ids})
+    _wake_if_states_moved(ctx, [patch])
     return json_response(count)
 
 
@@ -101,7 +107,20 @@ def update_one(ctx: Ctx) -> Response:
     patch = logic.parse_job_patch(ctx.json(), ["body"], allow_id=False)
     with ctx.write() as conn:
         count = logic.update_jobs(conn, ctx.user.id, {job_id: patch})
+    _wake_if_states_moved(ctx, [patch])
     return json_response(count)
+
+
+def _wake_if_states_moved(ctx: Ctx, patches: Iterable[dict]) -> None:
+    """Wake waiting acquires when a job may have become leasable: any state change but to
+    RUNNING (a launcher's most frequent update, which makes nothing leasable; a finished parent
+    releases its children)."""
+    if any(_state_name(patch.get("state")) not in (None, JobState.running.value) for patch in patches):
+        ctx.wake_acquires()
+
+
+def _state_name(state: Any) -> "str | None":
+    return None if state is None else str(getattr(state, "value", state))
 
 
 def delete_one(ctx: Ctx) -> Response:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import sqlalchemy as sa
 from starlette.responses import Response
 
+from ..acquire_waits import WaitForJobs
 from ..db import count_and_page, where_in
 from ..errors import NotFound, ValidationFailed
 from ..http import PAGINATION, check_int_fields, is_json_int, json_response, no_content, pagination, wire_datetime
@@ -12,7 +15,8 @@ from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
-    acquire, get_owned_session, maybe_sweep, parse_acquire, reacquire, release_session_jobs, session_dict,
+    acquire, any_candidates, get_owned_session, maybe_sweep, parse_acquire, reacquire, release_session_jobs,
+    session_dict,
 )
 from ..tables import batch_jobs, sessions, sites
 
@@ -54,7 +58,8 @@ def create_session(ctx: Ctx) -> Response:
             ).first()
             if bj is None:
                 raise NotFound(f"BatchJob {batch_job_id} not found at site {site_id}")
-        maybe_sweep(conn, ctx.settings, ctx.user.id)
+        if maybe_sweep(conn, ctx.settings, ctx.user.id):
+            ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:  # a retried create: the same session, not an orphan beside it
             row = replay_one(earlier, "Session", lambda sid: get_owned_session(conn, ctx.user.id, sid))
@@ -66,11 +71,22 @@ def create_session(ctx: Ctx) -> Response:
     return json_response(session_dict(row), 201)
 
 
-def acquire_jobs(ctx: Ctx) -> Response:
+def acquire_jobs(ctx: Ctx) -> "Response | WaitForJobs":
     session_id = ctx.path_int("session_id")
     spec = parse_acquire(ctx.json())
+    deadline = ctx.acquire_deadline()
+    if deadline is not None and time.monotonic() < deadline:
+        # Asked to wait (Prefer: wait=N): look first, without a write transaction or the key's
+        # claim; if there is nothing, wait for a wake-up (see acquire_waits.py). The generation is
+        # read before the look, so a write committing after the look is never missed.
+        generation = ctx.acquire_waits().generation(ctx.user.id)
+        with ctx.read() as conn:
+            session = get_owned_session(conn, ctx.user.id, session_id)
+            if not any_candidates(conn, session.site_id, spec):
+                return WaitForJobs(generation, deadline)
     with ctx.write() as conn:
-        maybe_sweep(conn, ctx.settings, ctx.user.id)
+        if maybe_sweep(conn, ctx.settings, ctx.user.id):
+            ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         session = get_owned_session(conn, ctx.user.id, session_id)
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:  # the answer was lost: the same jobs again (see sessions_logic)
@@ -83,7 +99,8 @@ def acquire_jobs(ctx: Ctx) -> Response:
 def tick(ctx: Ctx) -> Response:
     session_id = ctx.path_int("session_id")
     with ctx.write() as conn:
-        maybe_sweep(conn, ctx.settings, ctx.user.id)
+        if maybe_sweep(conn, ctx.settings, ctx.user.id):
+            ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         get_owned_session(conn, ctx.user.id, session_id)
         now = utcnow()
         conn.execute(sa.update(sessions).where(sessions.c.id == session_id).values(heartbeat=now))
@@ -96,6 +113,7 @@ def delete_session(ctx: Ctx) -> Response:
         get_owned_session(conn, ctx.user.id, session_id)
         release_session_jobs(conn, [session_id], utcnow())
         conn.execute(sa.delete(sessions).where(sessions.c.id == session_id))
+    ctx.wake_acquires()  # its RUNNING jobs are RUN_TIMEOUT, its other jobs leasable again
     return no_content()
 
 

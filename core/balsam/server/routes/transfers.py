@@ -177,6 +177,7 @@ def update_transfer(ctx: Ctx) -> Response:
     values = _parse(ctx.json(), ["body"])
     with ctx.write() as conn:
         (row,) = update_items(conn, ctx.user.id, {ti_id: values})
+    ctx.wake_acquires()  # a job whose last stage-in ended is STAGED_IN now
     return json_response(row)
 
 
@@ -185,6 +186,8 @@ def bulk_update(ctx: Ctx) -> Response:
     patches = parse_bulk_patches(payload, "transfer item", _parse)
     with ctx.write() as conn:
         rows = update_items(conn, ctx.user.id, patches) if patches else []
+    if patches:
+        ctx.wake_acquires()  # as update_transfer
     return json_response(rows)
 
 

@@ -10,7 +10,9 @@ RUN_TIMEOUT               ``handle_timeout``  RESTART_READY
 ========================  ==================  ==========================================
 
 Jobs are leased through a Session of their own (no BatchJob), ``prefetch_depth`` at most at once,
-with the launchers' :class:`~balsam.client.lease.JobLease` (exactly-once acquisition).
+with the launchers' :class:`~balsam.client.lease.JobLease` (exactly-once acquisition). An acquire
+that finds nothing asks the server to wait for jobs (``Prefer: wait``, up to a cycle's sleep), so
+a launcher's RUN_DONE is taken as soon as the server has it.
 Jobs whose app keeps the default hook are moved in bulk in the agent process (no process is spawned:
 this path carries the launchers' thousands of jobs per second). Jobs whose app overrides the hook go
 to a pool of ``num_workers`` worker processes, which append the hook's output to the job's
@@ -128,14 +130,14 @@ class ProcessingModule(AgentModule):
     def session_id(self) -> Optional[int]:
         return self.lease.session_id if self.lease is not None else None
 
-    def _acquire(self, max_jobs: int) -> list[dict]:
+    def _acquire(self, max_jobs: int, wait_sec: Optional[float] = None) -> list[dict]:
         if self.lease is None:
             self.lease = JobLease(
                 self.client, self.site_id, filter_tags=self._filter_tags(), states=PROCESSABLE_STATES,
                 tick_period=min(SESSION_TICK_SEC, tick_period_from_env()), heartbeat_thread=False,
                 name="processing session",
             )
-        return self.lease.acquire(max_jobs)
+        return self.lease.acquire(max_jobs, wait_sec=wait_sec)
 
     def _tick(self) -> None:
         if self.lease is not None:
@@ -213,8 +215,15 @@ class ProcessingModule(AgentModule):
             self._send(harvested)
         room = min(self.prefetch_depth - self.in_flight() - len(self.backlog), MAX_JOBS_PER_SESSION_ACQUIRE)
         acquired: list[dict] = []
+        waited = 0.0
         if room > 0:
-            acquired = self._acquire(room)
+            # With nothing to lease, the server holds the answer until jobs reach our states (a
+            # launcher's RUN_DONE, a new job) or this long: the wait replaces this cycle's sleep.
+            # Only as long as the results of running hooks can wait, and no longer than a cycle.
+            wait = None if self.backlog else min(self.period, HOOKS_POLL_SEC) if self.pending else self.period
+            began = time.monotonic()
+            acquired = self._acquire(room, wait)
+            waited = time.monotonic() - began
             self.backlog.extend(acquired)
         if self.backlog:
             jobs, self.backlog = self.backlog, []
@@ -235,6 +244,13 @@ class ProcessingModule(AgentModule):
             self._last_arrival = now
         if room > 0 and len(acquired) >= room:
             return 0.0  # more work is likely waiting
+        delay = self._delay(now)
+        # The time the acquire waited counts as sleep (a server that does not wait answers at once,
+        # and the module then sleeps as it always did).
+        return max(0.0, (self.period if delay is None else delay) - waited) if waited else delay
+
+    def _delay(self, now: float) -> Optional[float]:
+        """How long to sleep after a cycle that did not fill its room (None: ``period``)."""
         if self._last_arrival is not None and now - self._last_arrival < FOLLOW_UP_WINDOW_SEC:
             # Jobs are arriving (a launcher is finishing them; a cycle between two of its batches
             # finds none): a job's JOB_FINISHED follows its RUN_DONE within ~FOLLOW_UP_SEC, where
