@@ -33,12 +33,26 @@ def distinct_job_ids(context, body):
         return body
     seen, kept = set(), []
     for item in body:
-        job_id = item.get("id") if isinstance(item, dict) else None
+        job_id = _as_id(item.get("id") if isinstance(item, dict) else None)
         # Negative cases also send ids that are not ids (an object, a list): kept as they are,
         # for the server to refuse.
-        if isinstance(job_id, (int, str)) and not isinstance(job_id, bool):
+        if job_id is not None:
             if job_id in seen:
                 continue
             seen.add(job_id)
         kept.append(item)
     return kept
+
+
+def _as_id(value):
+    """The job id the server reads from ``value``: it takes 5, 5.0 and "5" alike (so -2147483648.0
+    and -2147483648 repeat one id); None for what it refuses as an id."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
