@@ -23,7 +23,21 @@ def filter_failure(context, failure, case, response):
 
 @schemathesis.hook("map_body").apply_to(method="PATCH", path="/jobs/")
 def distinct_job_ids(context, body):
-    # PATCH /jobs/ refuses one job id twice in a request (422 naming the repeated item; an update
+    return _distinct_ids(body)
+
+
+@schemathesis.hook("map_body").apply_to(method="PATCH", path="/batch-jobs/")
+def distinct_batch_job_ids(context, body):
+    return _distinct_ids(body)
+
+
+@schemathesis.hook("map_body").apply_to(method="PATCH", path="/transfers/")
+def distinct_transfer_item_ids(context, body):
+    return _distinct_ids(body)
+
+
+def _distinct_ids(body):
+    # The bulk PATCH routes refuse one id twice in a request (422 naming the repeated item; an update
     # applied twice has no single meaning). The document says so in words (the operation's
     # description and docs/rest-api.md): JSON Schema cannot state "unique by the id field"
     # (uniqueItems compares whole items). Generated bodies keep each id's first item, so the
@@ -33,19 +47,19 @@ def distinct_job_ids(context, body):
         return body
     seen, kept = set(), []
     for item in body:
-        job_id = _as_id(item.get("id") if isinstance(item, dict) else None)
+        item_id = _as_id(item.get("id") if isinstance(item, dict) else None)
         # Negative cases also send ids that are not ids (an object, a list): kept as they are,
         # for the server to refuse.
-        if job_id is not None:
-            if job_id in seen:
+        if item_id is not None:
+            if item_id in seen:
                 continue
-            seen.add(job_id)
+            seen.add(item_id)
         kept.append(item)
     return kept
 
 
 def _as_id(value):
-    """The job id the server reads from ``value``: it takes 5, 5.0 and "5" alike (so -2147483648.0
+    """The id the server reads from ``value``: it takes 5, 5.0 and "5" alike (so -2147483648.0
     and -2147483648 repeat one id); None for what it refuses as an id."""
     if isinstance(value, bool):
         return None

@@ -32,6 +32,8 @@ from typing import Optional
 
 import attrs
 
+from .http import preferences
+
 #: The longest wait an acquire may ask for (a longer ``Prefer: wait`` is cut to this).
 MAX_WAIT_SEC = 10.0
 
@@ -39,18 +41,16 @@ MAX_WAIT_SEC = 10.0
 def requested_wait(prefer_header: str) -> Optional[float]:
     """The ``wait=N`` preference of a ``Prefer`` header in seconds (cut to :data:`MAX_WAIT_SEC`),
     or None (absent, malformed, zero or negative: no wait, as a server without the feature)."""
-    for part in prefer_header.replace(";", ",").split(","):
-        name, _, value = part.strip().partition("=")
-        if name.strip().lower() != "wait":
-            continue
-        try:
-            seconds = float(value.strip().strip('"'))
-        except ValueError:
-            return None
-        if not seconds > 0:  # also NaN
-            return None
-        return min(seconds, MAX_WAIT_SEC)
-    return None
+    value = preferences(prefer_header).get("wait")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    if not seconds > 0:  # also NaN
+        return None
+    return min(seconds, MAX_WAIT_SEC)
 
 
 @attrs.frozen

@@ -301,6 +301,18 @@ def int_range_errors(values: Any, loc: list[Any]) -> list[tuple[list[Any], str]]
     return errors
 
 
+def preferences(prefer_header: str) -> dict[str, str]:
+    """The preferences of a ``Prefer`` header (RFC 7240): lower-cased name -> value (unquoted; ""
+    when it has none). A name given twice keeps its first value."""
+    found: dict[str, str] = {}
+    for part in prefer_header.replace(";", ",").split(","):
+        name, _, value = part.partition("=")
+        name = name.strip().lower()
+        if name:
+            found.setdefault(name, value.strip().strip('"'))
+    return found
+
+
 def check_int_fields(values: Any, names: "tuple[str, ...] | list[str]", loc: list[Any], *,
                      wide: "tuple[str, ...]" = ()) -> None:
     """Raise 422 naming every listed field whose integer(s) do not fit the 32-bit columns (the

@@ -28,7 +28,7 @@ from .acquire_waits import AcquireWaits, WaitForJobs, requested_wait
 from .auth import SITE_SCOPE, AuthUser, bearer_user, require_unscoped
 from .db import read_tx, write_tx
 from .errors import PayloadTooLarge, Unauthorized, ValidationFailed
-from .http import QueryParams, path_int, reject_nul
+from .http import QueryParams, path_int, preferences, reject_nul
 from .idempotency import IdempotentRequest
 from .limits import check_field_sizes
 
@@ -94,8 +94,7 @@ class Ctx:
     def prefers_minimal(self) -> bool:
         """The client sent ``Prefer: return=minimal`` (RFC 7240): it needs only what the server
         decided (ids, states), not the records it sent echoed back."""
-        prefer = self.request.headers.get("prefer", "")
-        return "return=minimal" in {part.strip().lower() for part in prefer.replace(";", ",").split(",")}
+        return preferences(self.request.headers.get("prefer", "")).get("return", "").lower() == "minimal"
 
     def query(self, allowed: "set[str] | None" = None) -> QueryParams:
         return QueryParams(self.request, allowed)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import orjson
 import sqlalchemy as sa
@@ -115,12 +115,8 @@ def _wake_if_states_moved(ctx: Ctx, patches: Iterable[dict]) -> None:
     """Wake waiting acquires when a job may have become leasable: any state change but to
     RUNNING (a launcher's most frequent update, which makes nothing leasable; a finished parent
     releases its children)."""
-    if any(_state_name(patch.get("state")) not in (None, JobState.running.value) for patch in patches):
+    if any(patch.get("state") not in (None, JobState.running) for patch in patches):
         ctx.wake_acquires()
-
-
-def _state_name(state: Any) -> "str | None":
-    return None if state is None else str(getattr(state, "value", state))
 
 
 def delete_one(ctx: Ctx) -> Response:
