@@ -1,5 +1,6 @@
 """Acquires that wait for work (``Prefer: wait=N``): the wake-up mechanism, then the route in an
-in-process server on SQLite and PostgreSQL.
+in-process server on SQLite and PostgreSQL, then wake-ups between two server processes on
+PostgreSQL (LISTEN/NOTIFY; two in-process apps, each with its own wake-ups and listener).
 
 No test here measures time. Where a wake-up must be shown, the wait's deadline is an hour away
 (the cap is raised for the test): a wake-up that did not happen shows as the test's timeout.
@@ -14,8 +15,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from balsam.server import acquire_waits
+import sqlalchemy as sa
+from starlette.testclient import TestClient
+
+from balsam.server import acquire_notify, acquire_waits
+from balsam.server.acquire_notify import CHANNEL, WakeBridge, parse_payload
 from balsam.server.acquire_waits import MAX_WAIT_SEC, AcquireWaits, requested_wait
+from balsam.server.app import create_app
+from balsam.server.settings import ServerSettings
 from server_testlib import create_site_and_app, logged_in_test_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -71,6 +78,37 @@ def test_a_wake_of_another_user_does_not_end_a_wait_and_the_deadline_does() -> N
 
     asyncio.run(scenario())
     assert (waits.generation(1), waits.generation(2)) == (0, 1)
+
+
+def test_a_wake_of_every_user_ends_the_wait_of_a_user_never_woken_before() -> None:
+    # The expiry sweep wakes everyone, also a user whose look is in flight and who has no
+    # generation of its own yet.
+    waits = AcquireWaits()
+    since = waits.generation(9)
+    waits.wake_all()
+    asyncio.run(waits.wait(9, since, time.monotonic() + 3600))  # returns at once
+
+    async def scenario() -> None:
+        since = waits.generation(9)
+        threading.Timer(0.05, waits.wake_all).start()
+        await waits.wait(9, since, time.monotonic() + 3600)
+
+    asyncio.run(scenario())
+    assert waits._waiting == {}
+
+
+@pytest.mark.parametrize(("payload", "parsed"), [
+    ("abc 12", ("abc", 12)),
+    ("abc *", ("abc", None)),
+    ("abc", None),
+    ("abc 12 x", None),
+    (" 12", None),
+    ("abc -1", None),
+    ("abc twelve", None),
+    ("", None),
+])
+def test_the_payload_of_a_wake_up_notification(payload: str, parsed: Any) -> None:
+    assert parse_payload(payload) == parsed
 
 
 @pytest.fixture
@@ -159,3 +197,92 @@ def test_a_waiting_acquire_of_a_session_that_is_gone_says_so(server: dict[str, A
     out: list = []
     _acquire(server, "3600", out)
     assert out[0].status_code == 404
+
+
+# -- between server processes (PostgreSQL) --------------------------------------------------------
+
+
+#: Wake-ups cross server processes on PostgreSQL only (the embedded SQLite server is one process).
+ON_POSTGRESQL = pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+
+
+@pytest.fixture
+def two_servers(server: dict[str, Any], database_url: str) -> Iterator[dict[str, Any]]:
+    """``server`` and a second server process on the same database (its own app, wake-ups and
+    listener), with a client logged in as the same user."""
+    settings = ServerSettings(database_url=database_url, secret_key=SECRET, registration="open")
+    other = create_app(settings=settings, create_tables_now=False)
+    with TestClient(other) as other_client:
+        other_client.headers["Authorization"] = server["client"].headers["Authorization"]
+        for app in (server["app"], other):
+            assert app.state.wake_bridge.listening.wait(60)
+        yield {**server, "other_client": other_client, "other_app": other}
+
+
+@ON_POSTGRESQL
+def test_a_waiting_acquire_is_woken_by_a_write_in_another_server_process(two_servers: dict[str, Any]) -> None:
+    (job,) = two_servers["client"].post("/jobs/", json=[{"workdir": "w/0", "app_id": two_servers["app_id"]}]).json()
+    taken: list = []
+    _acquire(two_servers, "3600", taken)  # the processing module takes the new job
+    assert [j["id"] for j in taken[0].json()] == [job["id"]]
+    out: list = []
+    waiter = threading.Thread(target=_acquire, args=(two_servers, "3600", out))
+    waiter.start()
+    _until(lambda: _waiting(two_servers))  # waits in the first process
+    other = two_servers["other_client"]
+    for state in ("PREPROCESSED", "RUNNING", "RUN_DONE"):  # a launcher talks to the second one
+        other.patch("/jobs/", json=[{"id": job["id"], "state": state}]).raise_for_status()
+    waiter.join()  # woken through PostgreSQL: an hour early
+    assert [(j["id"], j["state"]) for j in out[0].json()] == [(job["id"], "RUN_DONE")]
+
+
+@ON_POSTGRESQL
+def test_a_process_skips_its_own_notifications_and_applies_the_others(
+    two_servers: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(acquire_notify, "PING_AFTER_SEC", 0.01)  # the quiet listeners check their connections
+    time.sleep(0.1)
+    first, second = two_servers["app"].state.wake_bridge, two_servers["other_app"].state.wake_bridge
+    waits = two_servers["app"].state.acquire_waits
+    before = waits.generation(5)
+    first.publish(5)  # its own: already woken locally, not again
+    second.publish(5)  # delivered after the first one (PostgreSQL keeps a sender's order)
+    _until(lambda: waits.generation(5) > before)
+    time.sleep(0.2)
+    assert waits.generation(5) == before + 1
+    before_all = waits.generation(6)
+    second.publish(None)  # every user (the expiry sweep)
+    _until(lambda: waits.generation(6) > before_all)
+
+
+@ON_POSTGRESQL
+def test_other_programs_on_the_channel_are_ignored_and_a_lost_listener_reconnects(
+    two_servers: dict[str, Any], database_url: str,
+) -> None:
+    bridge: WakeBridge = two_servers["app"].state.wake_bridge
+    waits = two_servers["app"].state.acquire_waits
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            for payload in ("hello", "x y z", "token not-a-user"):
+                conn.execute(sa.select(sa.func.pg_notify(CHANNEL, payload)))
+            conn.commit()
+            before = waits.generation(3)
+            two_servers["other_app"].state.wake_bridge.publish(3)
+            _until(lambda: waits.generation(3) > before)  # still listening after the garbage
+            assert bridge.listening.is_set()
+            # The database ends the listener's connection (a restart, an administrator):
+            before_all = waits.generation(4)
+            listeners = [app.state.wake_bridge.backend_pid for app in (two_servers["app"], two_servers["other_app"])]
+            for pid in listeners:
+                assert conn.execute(sa.select(sa.func.pg_terminate_backend(pid))).scalar()
+            conn.commit()
+        # It reconnects, and wakes every user once for what it may have missed meanwhile.
+        _until(lambda: waits.generation(4) > before_all)
+        _until(lambda: bridge.listening.is_set() and bridge.backend_pid not in listeners)
+        before = waits.generation(3)
+        two_servers["other_app"].state.wake_bridge.publish(3)
+        _until(lambda: waits.generation(3) > before)
+    finally:
+        engine.dispose()

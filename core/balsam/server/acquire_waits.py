@@ -19,8 +19,14 @@ nothing (the write moved other jobs): the acquire waits again until its deadline
 across the wait: the acquire's transaction starts after it, so nothing is locked meanwhile, and the
 request's ``Idempotency-Key`` is claimed only by the look that leases jobs (or by the last one).
 
-The generations live in the server process. With several server processes a write in one does not
-wake a wait in another: that wait ends at its deadline, as a poll of that period would have.
+A wake-up of every user (the expiry sweep) moves an *epoch* shared by all users instead: a user's
+generation is the epoch plus the user's own count, so it also moves for a user whose look is in
+flight and who has never been woken before.
+
+The generations live in the server process. On PostgreSQL, wake-ups cross server processes (uvicorn
+``--workers N``, several hosts) through ``LISTEN``/``NOTIFY``: see acquire_notify.py. Elsewhere (the
+embedded SQLite server is one process), or while that channel is down, a wait whose wake-up happened
+in another process ends at its deadline, as a poll of that period would have.
 """
 
 from __future__ import annotations
@@ -66,12 +72,13 @@ class AcquireWaits:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._epoch = 0  # moved by wake_all
         self._generation: dict[int, int] = {}
         self._waiting: dict[int, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
 
     def generation(self, user_id: int) -> int:
         with self._lock:
-            return self._generation.get(user_id, 0)
+            return self._epoch + self._generation.get(user_id, 0)
 
     def wake(self, user_id: int) -> None:
         """A write of ``user_id`` committed: wake that user's waits (callable from any thread)."""
@@ -82,17 +89,19 @@ class AcquireWaits:
             loop.call_soon_threadsafe(event.set)
 
     def wake_all(self) -> None:
+        """Wake every user's waits, including those of users not seen yet (callable from any thread)."""
         with self._lock:
-            users = set(self._generation) | set(self._waiting)
-        for user_id in users:
-            self.wake(user_id)
+            self._epoch += 1
+            waiting = [entry for entries in self._waiting.values() for entry in entries]
+        for loop, event in waiting:
+            loop.call_soon_threadsafe(event.set)
 
     async def wait(self, user_id: int, since: int, deadline: float) -> None:
         """Return when ``user_id``'s generation passes ``since`` or at ``deadline``."""
         event = asyncio.Event()
         entry = (asyncio.get_running_loop(), event)
         with self._lock:
-            if self._generation.get(user_id, 0) != since:
+            if self._epoch + self._generation.get(user_id, 0) != since:
                 return
             self._waiting.setdefault(user_id, set()).add(entry)
         try:

@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 import balsam
 
+from .acquire_notify import WakeBridge, supports_notify
 from .acquire_waits import AcquireWaits
 from .auth import CredentialCache, LoginThrottle
 from .db import create_db_engine, write_tx
@@ -124,6 +125,8 @@ def _sweep_once(app: Starlette) -> None:
         sweep_expired_keys(conn)
     if expired:  # their RUNNING jobs are RUN_TIMEOUT now, and their other jobs leasable again
         app.state.acquire_waits.wake_all()
+        if app.state.wake_bridge is not None:
+            app.state.wake_bridge.publish(None)
     with write_tx(app.state.engine) as conn:
         fold_deltas(conn)
 
@@ -143,12 +146,17 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
                 note_outage(app.state.engine)
 
     task = asyncio.create_task(sweeper())
+    bridge: "WakeBridge | None" = app.state.wake_bridge
+    if bridge is not None:
+        bridge.start()
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if bridge is not None:
+            await run_in_threadpool(bridge.stop)
         app.state.engine.dispose()
 
 
@@ -184,6 +192,8 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
     app.state.engine = engine
     app.state.credential_cache = CredentialCache(settings.revocation_cache_sec)
     app.state.acquire_waits = AcquireWaits()
+    # Several server processes on one PostgreSQL database wake each other's waiting acquires.
+    app.state.wake_bridge = WakeBridge(engine, app.state.acquire_waits) if supports_notify(engine) else None
     app.state.login_throttle = LoginThrottle(settings.max_failures_per_user, settings.max_failures_per_address,
                                              settings.failure_window_sec)
     return app

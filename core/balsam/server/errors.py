@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import re
+import typing
 from typing import Any, Iterable
+
+import attrs
 
 from balsam.serialization import PayloadError, partial_from_dict
 
@@ -108,10 +111,6 @@ def not_found_ids(kind: str, ids: Iterable[int]) -> NotFound:
 
 def null_field_errors(cls: type, values: dict[str, Any], loc: list[Any]) -> list[tuple[list[Any], str]]:
     """``null`` sent for a field whose type is not Optional."""
-    import typing
-
-    import attrs
-
     fields = attrs.fields_dict(cls)
     errors = []
     for name, value in values.items():

@@ -138,9 +138,13 @@ def _authenticated_call(handler: Handler, ctx: Ctx) -> "Response | WaitForJobs":
         raise Unauthorized(f"This server serves only its local user {ctx.settings.only_user!r}")
     token = SITE_SCOPE.set(user.site_id)
     try:
-        return handler(ctx)
+        response = handler(ctx)
     finally:
         SITE_SCOPE.reset(token)
+    bridge = state.wake_bridge
+    if ctx.woke and bridge is not None:  # committed: tell the other server processes (acquire_notify.py)
+        bridge.publish(user.id)
+    return response
 
 
 def route(path: str, methods: dict[str, Handler], *, public: bool = False,

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -111,8 +112,6 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
 def maybe_sweep(conn: sa.Connection, settings: Any, user_id: int) -> int:
     """Sweep the user's stale sessions, at most once per sweep period per process (the
     background task sweeps everyone on the same period); how many expired."""
-    import time
-
     period = min(settings.session_sweep_sec, settings.session_expire_sec / 2)
     key = (id(settings), user_id)
     now = time.monotonic()
