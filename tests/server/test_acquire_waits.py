@@ -9,6 +9,7 @@ No test here measures time. Where a wake-up must be shown, the wait's deadline i
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from typing import Any, Iterator
@@ -109,6 +110,30 @@ def test_a_wake_of_every_user_ends_the_wait_of_a_user_never_woken_before() -> No
 ])
 def test_the_payload_of_a_wake_up_notification(payload: str, parsed: Any) -> None:
     assert parse_payload(payload) == parsed
+
+
+def test_without_a_database_the_bridge_logs_once_and_raises_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    # A closed port: every publish fails, and the listener keeps retrying until stopped.
+    nowhere = sa.create_engine(f"postgresql+psycopg2://balsam@127.0.0.1:{_closed_port()}/nothing")
+    bridge = WakeBridge(nowhere, AcquireWaits())
+    with caplog.at_level("WARNING", logger="balsam.server.acquire_notify"):
+        bridge.publish(1)
+        bridge.publish(None)
+        bridge.start()
+        _until(lambda: any("Cannot listen" in r.getMessage() for r in caplog.records))
+        time.sleep(0.6)  # a retry or two
+        bridge.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("Could not tell other server processes" in m for m in messages) == 1, messages
+    assert sum("Cannot listen" in m for m in messages) == 1, messages
+    assert not bridge.listening.is_set()
+    nowhere.dispose()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture

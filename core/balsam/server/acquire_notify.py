@@ -126,6 +126,7 @@ class WakeBridge:
     def _connect(self) -> Any:
         """A psycopg2 connection of its own (not the pool's: it is held for the process's life)."""
         cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+        cparams.setdefault("connect_timeout", 10)  # an unreachable host must not hold the thread for minutes
         conn = self.engine.dialect.connect(*cargs, **cparams)
         conn.autocommit = True
         with conn.cursor() as cur:
