@@ -12,7 +12,7 @@ shows as one; the ratios are to the higher of the two readings):
 - the **bare mpiexec rate**: ``mpiexec -n 1 true`` started the same way, as many at a time as mpi
   mode runs (one per CPU, the jobs' node packing); mpi mode's rate as a fraction of it (target 60 %).
 
-Also printed per mode: CPU per job by process (the launcher, its spawner, the tasks, the server,
+Also printed per mode: CPU per job by process (the launcher, its spawners, the tasks, the server,
 the processing module with this script) beside the CPU each of the limit's own processes took, and
 the CPU per job that 60 % of the limit leaves on this node for all of it: the tasks are the limit's
 work, the rest is balsam's, so a run shows whether the target is in reach on this node at all.
@@ -143,22 +143,22 @@ def _cpu(pid: int) -> float:
 
 
 def launcher_cpu_split(pid: int) -> Optional[dict[str, float]]:
-    """CPU seconds so far of a live launcher: its own process (all threads), its spawner process,
-    and the tasks the spawner has reaped (their whole process trees: an ``mpiexec`` reaps its own
-    children). None if the launcher has no spawner (it fell back to starting tasks itself)."""
+    """CPU seconds so far of a live launcher: its own process (all threads), its spawner processes
+    (serial mode runs one per CPU, up to 4), and the tasks they have reaped (their whole process
+    trees: an ``mpiexec`` reaps its own children). None if the launcher has no spawner (it fell
+    back to starting tasks itself)."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
         own = proc.cpu_times()
-        spawners = [c for c in proc.children() if any("spawner" in part for part in c.cmdline())]
-        if len(spawners) != 1:
-            return None
-        spawner = spawners[0].cpu_times()
+        spawners = [c.cpu_times() for c in proc.children() if any("spawner" in part for part in c.cmdline())]
     except psutil.Error:
         return None
-    return {"launcher": own.user + own.system, "spawner": spawner.user + spawner.system,
-            "tasks": spawner.children_user + spawner.children_system}
+    if not spawners:
+        return None
+    return {"launcher": own.user + own.system, "spawner": sum(t.user + t.system for t in spawners),
+            "tasks": sum(t.children_user + t.children_system for t in spawners)}
 
 
 def _rusage(who: int) -> float:
@@ -166,6 +166,16 @@ def _rusage(who: int) -> float:
 
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(all, idle) CPU time of the machine so far, in clock ticks (/proc/stat; (0, 0) elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields), fields[3] + fields[4]  # idle + iowait
 
 
 def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, timeout: float, server_pid: int) -> dict:
@@ -179,7 +189,7 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
     with (Processing(site) if processing else _Null()) as proc:
         if processing and getattr(proc, "module", None) is not None:
             end_state = "JOB_FINISHED"
-        t0 = time.time()
+        t0, ticks0 = time.time(), _cpu_ticks()
         # As the job template starts it: with its BatchJob's id in the environment.
         from balsam.api import BatchJob, Site
 
@@ -196,6 +206,7 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
             if launcher.poll() is not None and end_state == "RUN_DONE":
                 break
             time.sleep(0.25)
+        ticks1 = _cpu_ticks()
         # Read while the launcher and its spawner still live: every task has ended and been reaped.
         split = launcher_cpu_split(launcher.pid)
         launcher.terminate()
@@ -207,7 +218,8 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
     first_running = min(_ts(e.timestamp) for e in running) - t0 if running else float("nan")
     result = {"mode": mode, "jobs": len(ids), "first_running_s": first_running, "processing_error": getattr(proc, "error", ""),
               "figures": [], "cpu": [b - a for a, b in zip(cpu0, cpu1)], "cpu_split": split,
-              "errors": (len(failed), result_errors)}
+              "errors": (len(failed), result_errors),
+              "idle": (ticks1[1] - ticks0[1]) / (ticks1[0] - ticks0[0]) if ticks1[0] > ticks0[0] else float("nan")}
     for state in ("RUN_DONE", "JOB_FINISHED") if end_state == "JOB_FINISHED" else ("RUN_DONE",):
         ended = list(EventLog.objects.filter(tags={"bench": tag}, to_state=state))
         last = max(_ts(e.timestamp) for e in ended) - t0 if ended else float("nan")
@@ -485,6 +497,8 @@ def main() -> int:
                 print(f"  {r['mode']:6s} {count:5d}/{r['jobs']} jobs to {state:12s}: {rate:8.1f} jobs/s "
                       f"({elapsed:.2f} s from launcher start to the last {state}) = {rate / limit:.0%} of the limit")
             print(f"  {r['mode']:6s} first RUNNING {r['first_running_s']:.3f} s after launcher start")
+            print(f"  {r['mode']:6s} CPUs idle {100 * r['idle']:.0f} % of the time from launcher start until this "
+                  "script saw the last job done (/proc/stat; it looks every 0.25 s)")
             server, launcher, here = r["cpu"]
             print(f"  {r['mode']:6s} CPU seconds: server {server:.1f}, launcher with its tasks {launcher:.1f}, "
                   f"processing module + this script {here:.1f}")

@@ -1,6 +1,7 @@
-"""The spawner process and its pool (:class:`balsam.launcher.runner.SpawnerPool`): real processes,
-no server. What a task gets (environment, workdir, job.out, its own session, CPUs), exits, start
-failures, hand-over to a queued task, the stop, and a spawner that dies."""
+"""The spawner process and its pool (:class:`balsam.launcher.runner.SpawnerPool`), and several
+spawners sharing a node's CPUs (:class:`~balsam.launcher.runner.SpawnerShards`, the same tests):
+real processes, no server. What a task gets (environment, workdir, job.out, its own session, CPUs),
+exits, start failures, hand-over to a queued task, the stop, and a spawner that dies."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from balsam.launcher.runner import SpawnerPool
+from balsam.launcher import runner
+from balsam.launcher.runner import SpawnerPool, SpawnerShards, spawner_count
 from balsam.launcher.spawner import SPAWN_FAILED
 
 
@@ -22,17 +24,32 @@ def _wait(pool: SpawnerPool, count: int, timeout: float = 20.0) -> list[tuple[in
     done: list[tuple[int, int, str, float]] = []
     deadline = time.monotonic() + timeout
     while len(done) < count and time.monotonic() < deadline:
-        pool.wake.wait(0.1)
-        pool.wake.clear()
+        _wake(pool).wait(0.1)
+        _wake(pool).clear()
         done += pool.reap()
     return done
 
 
+@pytest.fixture(params=["one spawner", "two spawners"])
+def pool(request: pytest.FixtureRequest) -> Any:
+    pool = SpawnerPool(5, threading.Event()) if request.param == "one spawner" else SpawnerShards(2, 5, threading.Event())
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def pool() -> Any:
+def one_pool() -> Any:
     pool = SpawnerPool(5, threading.Event())
     yield pool
     pool.close()
+
+
+def _wake(pool: Any) -> threading.Event:
+    return pool.shards[0].wake if isinstance(pool, SpawnerShards) else pool.wake
+
+
+def _procs(pool: Any) -> list:
+    return [shard.proc for shard in pool.shards] if isinstance(pool, SpawnerShards) else [pool.proc]
 
 
 def _workdir(tmp_path: Path, name: str) -> Path:
@@ -89,8 +106,8 @@ def test_no_hand_over_after_a_termination_signal_and_cancel_gives_a_task_back(po
     deadline = time.monotonic() + 20
     dropped: list[int] = []
     while len(dropped) < 3 and time.monotonic() < deadline:
-        pool.wake.wait(0.1)
-        pool.wake.clear()
+        _wake(pool).wait(0.1)
+        _wake(pool).clear()
         pool.reap()  # job 1's exit by SIGTERM is held back (the allocation may be ending)
         dropped += pool.take_dropped()
     assert sorted(dropped) == [2, 4, 5] and not pool.take_started() and not pool.queued
@@ -106,7 +123,7 @@ def test_terminate_all_ends_running_tasks_and_forgets_queued_ones(pool: SpawnerP
     assert [j for j, *_ in _wait(pool, 1)] == [2]
     victims, finished = pool.terminate_all(2.0)
     assert victims == [1] and finished == [] and not pool.queued and not pool.take_started()
-    assert pool.proc.returncode == 0
+    assert [proc.returncode for proc in _procs(pool)] == [0] * len(_procs(pool))
 
 
 def test_when_the_launcher_goes_the_spawner_ends_its_tasks(pool: SpawnerPool, tmp_path: Path) -> None:
@@ -117,12 +134,13 @@ def test_when_the_launcher_goes_the_spawner_ends_its_tasks(pool: SpawnerPool, tm
         time.sleep(0.02)
     pid = int((workdir / "job.out").read_text())
     pool.close()  # end of file on its request pipe
-    assert pool.proc.returncode == 1
+    assert 1 in [proc.returncode for proc in _procs(pool)]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
 
-def test_a_dead_spawner_reports_its_tasks_and_later_starts_run_in_process(pool: SpawnerPool, tmp_path: Path) -> None:
+def test_a_dead_spawner_reports_its_tasks_and_later_starts_run_in_process(one_pool: SpawnerPool, tmp_path: Path) -> None:
+    pool = one_pool
     env = dict(os.environ)
     pool.start(1, "sleep 30", _workdir(tmp_path, "1"), env)
     pool.queue_after(1, 2, "true", _workdir(tmp_path, "2"), env)
@@ -161,8 +179,84 @@ def test_a_queue_request_that_comes_after_the_task_ended_starts_on_its_cpus(pool
     dropped: list[int] = []
     deadline = time.monotonic() + 20  # 4 may have been queued while 2 still ran: dropped when it dies
     while not dropped and time.monotonic() < deadline:
-        pool.wake.wait(0.1)
-        pool.wake.clear()
+        _wake(pool).wait(0.1)
+        _wake(pool).clear()
         pool.reap()
         dropped += pool.take_dropped()
     assert dropped == [4] and not pool.take_started()
+
+
+def _allowed_cpus(pid: int) -> set[int]:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("Cpus_allowed_list:"))
+    cpus: set[int] = set()
+    for part in line.split(":", 1)[1].strip().split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell pinned from not")
+def test_the_spawner_pins_its_task_but_not_itself_while_it_waits(one_pool: SpawnerPool, tmp_path: Path) -> None:
+    # Pinned to the last task's CPU, the spawner would react to an exit on another CPU only when
+    # that task gave it a turn, and the freed CPU would sit idle meanwhile.
+    pool, home, cpu = one_pool, os.sched_getaffinity(0), min(os.sched_getaffinity(0))
+    workdir = _workdir(tmp_path, "1")
+    pool.start(1, "grep Cpus_allowed_list /proc/self/status; sleep 30", workdir, dict(os.environ), [cpu])
+    spawner = pool.proc.pid
+    deadline = time.monotonic() + 20  # only keeps a broken test from hanging
+    out = workdir / "job.out"
+    while (not (out.exists() and out.read_text()) or _allowed_cpus(spawner) != home) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (workdir / "job.out").read_text().split()[-1] == str(cpu)  # the task: pinned
+    assert _allowed_cpus(spawner) == home  # the spawner, waiting: back on every CPU
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_shards_split_the_cpus_between_spawners_and_a_dead_one_takes_only_its_tasks(tmp_path: Path) -> None:
+    low, high = sorted(os.sched_getaffinity(0))[:2]
+    pool = SpawnerShards(2, 5, threading.Event())
+    try:
+        env = dict(os.environ)
+        assert len(pool.shards) == 1  # the second starts when a task first goes to it
+        pool.start(1, "sleep 30", _workdir(tmp_path, "1"), env, [low])
+        pool.start(2, "sleep 30", _workdir(tmp_path, "2"), env, [high])
+        assert pool.queue_after(2, 3, "grep Cpus_allowed_list /proc/self/status", _workdir(tmp_path, "3"), env)
+        spawners = {pid: shard.proc.pid for pid, shard in ((1, pool._shard_of[1]), (2, pool._shard_of[2]))}
+        assert spawners[1] != spawners[2]  # neighbouring CPUs: different spawners
+        assert pool._shard_of[3] is pool._shard_of[2]  # queued behind 2: 2's spawner, 2's CPU
+        os.kill(spawners[1], signal.SIGKILL)
+        [(job_id, rc, tail, _)] = _wait(pool, 1)
+        assert (job_id, rc) == (1, -1) and "spawner process exited unexpectedly" in tail
+        assert pool.can_queue and 2 in pool.running
+        victims, finished = pool.terminate_all(1.0)
+        assert victims == [2] and finished == []  # 3 never started
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize(("setting", "cpus", "count"), [
+    (None, 2, 2), (None, 1, 1), (None, 104, runner.MAX_AUTO_SPAWNERS), ("1", 64, 1), ("6", 2, 6), ("many", 2, 2),
+])
+def test_how_many_spawners_a_node_runs(setting: "str | None", cpus: int, count: int,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    if setting is None:
+        monkeypatch.delenv(runner.SPAWNER_ENV, raising=False)
+    else:
+        monkeypatch.setenv(runner.SPAWNER_ENV, setting)
+    assert spawner_count(cpus) == count
+
+
+def test_a_spawner_that_cannot_start_leaves_its_cpus_to_the_first(tmp_path: Path) -> None:
+    pool = SpawnerShards(3, 5, threading.Event())
+    try:
+        def refuse() -> SpawnerPool:
+            raise OSError("no more processes")
+
+        pool._new_pool = refuse
+        env = dict(os.environ)
+        for job_id in (1, 2, 3):  # CPU ids 0, 1, 2: the spawners 0, 1 and 2
+            pool.start(job_id, "exit 0", _workdir(tmp_path, str(job_id)), env, [job_id - 1])
+        assert sorted(j for j, *_ in _wait(pool, 3)) == [1, 2, 3]
+        assert len(pool.shards) == 1
+    finally:
+        pool.close()

@@ -71,7 +71,7 @@ from ..node_manager import NodeManager, Placement
 from ..placement import place_pending
 from ..prefetch import Prefetcher
 from ..runner import (
-    ProcessPool, SpawnerPool, _launch_hook, local_pool, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+    ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
 )
 
 TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]} or {"stop": reason, "grace": sec}
@@ -256,7 +256,7 @@ class Master:
         transport: Transport,
         stop: StopConditions,
         wake: threading.Event,
-        pool: "ProcessPool | SpawnerPool",
+        pool: "ProcessPool | SpawnerPool | SpawnerShards",
         prefetcher: Prefetcher,
         updater: Any,
         platform: Any,
@@ -593,7 +593,9 @@ def build_master(
     ).start()
     pool: Any = None
     try:
-        pool = local_pool(int(launcher["error_tail_num_lines"]), wake)
+        own_node = nodes[list(rank_of_node).index(0)] if 0 in rank_of_node else nodes[0]
+        pool = local_pool(int(launcher["error_tail_num_lines"]), wake,
+                          spawners=spawner_count(len(own_node.cpu_ids) or os.cpu_count() or 1))
         return Master(
             node_manager=node_manager,
             rank_of_node=rank_of_node,
@@ -608,7 +610,7 @@ def build_master(
         )
     except BaseException:
         # Start-up failed: give the leased jobs back now rather than at session expiry.
-        if isinstance(pool, SpawnerPool):
+        if isinstance(pool, (SpawnerPool, SpawnerShards)):
             pool.close()
         prefetcher.stop()
         prefetcher.join()
