@@ -260,3 +260,23 @@ def test_a_spawner_that_cannot_start_leaves_its_cpus_to_the_first(tmp_path: Path
         assert len(pool.shards) == 1
     finally:
         pool.close()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_each_spawner_starts_once_and_takes_tasks_queued_behind_an_ended_one(tmp_path: Path) -> None:
+    low, high = sorted(os.sched_getaffinity(0))[:2]
+    pool = SpawnerShards(2, 5, threading.Event())
+    try:
+        env = dict(os.environ)
+        for job_id, cpu in enumerate((low, low, high, high, low), start=1):  # each ends before the next
+            pool.start(job_id, "true", _workdir(tmp_path, str(job_id)), env, [cpu])
+            assert [j for j, *_ in _wait(pool, 1)] == [job_id]
+        assert len(pool.shards) == 2 and not pool.running  # idle spawners are reused, not started again
+        # Queued behind a task that has ended (the request reached its spawner too late): it still
+        # starts on that task's CPU, in that task's spawner.
+        assert pool.queue_after(5, 6, "grep Cpus_allowed_list /proc/self/status", _workdir(tmp_path, "6"), env)
+        assert [j for j, *_ in _wait(pool, 1)] == [6]
+        assert [(a, j) for a, j, _ in pool.take_started()] == [(5, 6)]
+        assert (tmp_path / "6" / "job.out").read_text().split()[-1] == str(low)
+    finally:
+        pool.close()

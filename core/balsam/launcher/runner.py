@@ -648,7 +648,10 @@ class SpawnerShards:
 
     def start(self, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str], cpu_ids: Sequence[int] = ()) -> Any:
         if cpu_ids:
-            shard = self._route[cpu_ids[0] % len(self._route)] or self._start_shard(cpu_ids[0] % len(self._route))
+            index = cpu_ids[0] % len(self._route)
+            routed = self._route[index]
+            # "is None", not "or": a pool with no running task is falsy (it has a length).
+            shard = routed if routed is not None else self._start_shard(index)
         else:
             shard = min(self.shards, key=lambda s: len(s.running))
         self._shard_of[job_id] = shard
@@ -666,7 +669,9 @@ class SpawnerShards:
         return shard
 
     def queue_after(self, after_id: int, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str]) -> bool:
-        shard = self._shard_of.get(after_id) or self._ended_shard.get(after_id)
+        shard = self._shard_of.get(after_id)
+        if shard is None:
+            shard = self._ended_shard.get(after_id)
         if shard is None or not shard.queue_after(after_id, job_id, shell_cmd, workdir, env):
             return False
         self._shard_of[job_id] = shard
