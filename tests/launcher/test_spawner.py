@@ -52,6 +52,18 @@ def _procs(pool: Any) -> list:
     return [shard.proc for shard in pool.shards] if isinstance(pool, SpawnerShards) else [pool.proc]
 
 
+#: Telling spawners (or pinned from not) apart needs two CPUs; CI and this VM have two.
+NEEDS_TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+
+
+@pytest.fixture
+def two_spawners() -> Any:
+    """Two spawners sharing this machine's CPUs, and two CPU ids: ``(pool, low, high)``."""
+    pool = SpawnerShards(2, 5, threading.Event())
+    yield (pool, *sorted(os.sched_getaffinity(0))[:2])
+    pool.close()
+
+
 def _workdir(tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     path.mkdir()
@@ -195,7 +207,7 @@ def _allowed_cpus(pid: int) -> set[int]:
     return cpus
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell pinned from not")
+@NEEDS_TWO_CPUS
 def test_the_spawner_pins_its_task_but_not_itself_while_it_waits(one_pool: SpawnerPool, tmp_path: Path) -> None:
     # Pinned to the last task's CPU, the spawner would react to an exit on another CPU only when
     # that task gave it a turn, and the freed CPU would sit idle meanwhile.
@@ -211,27 +223,24 @@ def test_the_spawner_pins_its_task_but_not_itself_while_it_waits(one_pool: Spawn
     assert _allowed_cpus(spawner) == home  # the spawner, waiting: back on every CPU
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_shards_split_the_cpus_between_spawners_and_a_dead_one_takes_only_its_tasks(tmp_path: Path) -> None:
-    low, high = sorted(os.sched_getaffinity(0))[:2]
-    pool = SpawnerShards(2, 5, threading.Event())
-    try:
-        env = dict(os.environ)
-        assert len(pool.shards) == 1  # the second starts when a task first goes to it
-        pool.start(1, "sleep 30", _workdir(tmp_path, "1"), env, [low])
-        pool.start(2, "sleep 30", _workdir(tmp_path, "2"), env, [high])
-        assert pool.queue_after(2, 3, "grep Cpus_allowed_list /proc/self/status", _workdir(tmp_path, "3"), env)
-        spawners = {pid: shard.proc.pid for pid, shard in ((1, pool._shard_of[1]), (2, pool._shard_of[2]))}
-        assert spawners[1] != spawners[2]  # neighbouring CPUs: different spawners
-        assert pool._shard_of[3] is pool._shard_of[2]  # queued behind 2: 2's spawner, 2's CPU
-        os.kill(spawners[1], signal.SIGKILL)
-        [(job_id, rc, tail, _)] = _wait(pool, 1)
-        assert (job_id, rc) == (1, -1) and "spawner process exited unexpectedly" in tail
-        assert pool.can_queue and 2 in pool.running
-        victims, finished = pool.terminate_all(1.0)
-        assert victims == [2] and finished == []  # 3 never started
-    finally:
-        pool.close()
+@NEEDS_TWO_CPUS
+def test_shards_split_the_cpus_between_spawners_and_a_dead_one_takes_only_its_tasks(two_spawners: Any,
+                                                                                     tmp_path: Path) -> None:
+    pool, low, high = two_spawners
+    env = dict(os.environ)
+    assert len(pool.shards) == 1  # the second starts when a task first goes to it
+    pool.start(1, "sleep 30", _workdir(tmp_path, "1"), env, [low])
+    pool.start(2, "sleep 30", _workdir(tmp_path, "2"), env, [high])
+    assert pool.queue_after(2, 3, "grep Cpus_allowed_list /proc/self/status", _workdir(tmp_path, "3"), env)
+    spawners = {pid: shard.proc.pid for pid, shard in ((1, pool._shard_of[1]), (2, pool._shard_of[2]))}
+    assert spawners[1] != spawners[2]  # neighbouring CPUs: different spawners
+    assert pool._shard_of[3] is pool._shard_of[2]  # queued behind 2: 2's spawner, 2's CPU
+    os.kill(spawners[1], signal.SIGKILL)
+    [(job_id, rc, tail, _)] = _wait(pool, 1)
+    assert (job_id, rc) == (1, -1) and "spawner process exited unexpectedly" in tail
+    assert pool.can_queue and 2 in pool.running
+    victims, finished = pool.terminate_all(1.0)
+    assert victims == [2] and finished == []  # 3 never started
 
 
 @pytest.mark.parametrize(("setting", "cpus", "count"), [
@@ -262,21 +271,18 @@ def test_a_spawner_that_cannot_start_leaves_its_cpus_to_the_first(tmp_path: Path
         pool.close()
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_each_spawner_starts_once_and_takes_tasks_queued_behind_an_ended_one(tmp_path: Path) -> None:
-    low, high = sorted(os.sched_getaffinity(0))[:2]
-    pool = SpawnerShards(2, 5, threading.Event())
-    try:
-        env = dict(os.environ)
-        for job_id, cpu in enumerate((low, low, high, high, low), start=1):  # each ends before the next
-            pool.start(job_id, "true", _workdir(tmp_path, str(job_id)), env, [cpu])
-            assert [j for j, *_ in _wait(pool, 1)] == [job_id]
-        assert len(pool.shards) == 2 and not pool.running  # idle spawners are reused, not started again
-        # Queued behind a task that has ended (the request reached its spawner too late): it still
-        # starts on that task's CPU, in that task's spawner.
-        assert pool.queue_after(5, 6, "grep Cpus_allowed_list /proc/self/status", _workdir(tmp_path, "6"), env)
-        assert [j for j, *_ in _wait(pool, 1)] == [6]
-        assert [(a, j) for a, j, _ in pool.take_started()] == [(5, 6)]
-        assert (tmp_path / "6" / "job.out").read_text().split()[-1] == str(low)
-    finally:
-        pool.close()
+@NEEDS_TWO_CPUS
+def test_each_spawner_starts_once_and_takes_tasks_queued_behind_an_ended_one(two_spawners: Any,
+                                                                             tmp_path: Path) -> None:
+    pool, low, high = two_spawners
+    env = dict(os.environ)
+    for job_id, cpu in enumerate((low, low, high, high, low), start=1):  # each ends before the next
+        pool.start(job_id, "true", _workdir(tmp_path, str(job_id)), env, [cpu])
+        assert [j for j, *_ in _wait(pool, 1)] == [job_id]
+    assert len(pool.shards) == 2 and not pool.running  # idle spawners are reused, not started again
+    # Queued behind a task that has ended (the request reached its spawner too late): it still
+    # starts on that task's CPU, in that task's spawner.
+    assert pool.queue_after(5, 6, "grep Cpus_allowed_list /proc/self/status", _workdir(tmp_path, "6"), env)
+    assert [j for j, *_ in _wait(pool, 1)] == [6]
+    assert [(a, j) for a, j, _ in pool.take_started()] == [(5, 6)]
+    assert (tmp_path / "6" / "job.out").read_text().split()[-1] == str(low)
