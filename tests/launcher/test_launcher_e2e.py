@@ -338,7 +338,8 @@ def test_serial_mode_spreads_tasks_over_worker_ranks(new_site) -> None:
 
     class WhichRank(ApplicationDefinition):
         site = name
-        command_template = "bash -c 'echo rank=${PMI_RANK:-?}; sleep 0.3'"
+        # The task's parent: a spawner process on every node, not the master or worker rank.
+        command_template = "bash -c 'echo rank=${PMI_RANK:-?} $(xargs -0 < /proc/$PPID/cmdline); sleep 0.3'"
 
     WhichRank.sync()
     ids = make_runnable(WhichRank.submit(workdir=f"r/{i}", node_packing_count=2, save=False) for i in range(8))
@@ -348,8 +349,9 @@ def test_serial_mode_spreads_tasks_over_worker_ranks(new_site) -> None:
     proc = start_launcher(path, "serial", 1, env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
     wait_for_states(ids, {"RUN_DONE"})
     assert finish(proc) == 0
-    ranks = {(path / "data" / f"r/{i}" / "job.out").read_text().strip() for i in range(8)}
-    assert ranks == {"rank=0", "rank=1"}
+    lines = [(path / "data" / f"r/{i}" / "job.out").read_text().split() for i in range(8)]
+    assert {line[0] for line in lines} == {"rank=0", "rank=1"}
+    assert all(any(arg.endswith("spawner.py") for arg in line[1:]) for line in lines), lines
 
 
 #: Run as a job: prints whether SIGPIPE is ignored in this process and in the nearest ``mpiexec``

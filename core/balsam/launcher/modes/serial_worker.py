@@ -23,10 +23,11 @@ contract is in its module); the pool's reader thread (:class:`~balsam.launcher.r
 collects what the spawner process reports and sets ``wake``; the BulkStatusUpdater thread sends
 state changes in bulk.
 
-The master's own node's tasks are started and reaped by a **spawner process**
-(:mod:`balsam.launcher.spawner`), never by the master's interpreter: a fork/exec holds the GIL of
-the process that makes it (CPython 3.11), which used to stall the prefetcher and the updater for
-most of the master's time. **Hand-over**: when the node is full, the master queues up to
+Every node's tasks are started and reaped by **spawner processes** (:mod:`balsam.launcher.spawner`;
+one per CPU up to four, :class:`~balsam.launcher.runner.SpawnerShards`), never by the master's or a
+worker's interpreter: a fork/exec holds the GIL of the process that makes it (CPython 3.11), which
+used to stall the prefetcher and the updater for most of the master's time, and a worker rank is an
+MPI process, which is better not forked once per task. **Hand-over**: when the node is full, the master queues up to
 :data:`HANDOVER_DEPTH` pending jobs of the same demand behind each young running task, in the
 spawner, which starts the next one on the same CPUs the moment the one ahead exits, without a round
 trip through this loop (short tasks otherwise leave their CPU idle while the exit travels to the
@@ -637,7 +638,8 @@ class Worker:
     #: After a signal, wait this long for the master's stop message before ending tasks alone.
     ORPHAN_STOP_SEC = 30.0
 
-    def __init__(self, transport: MPITransport, wake: threading.Event, stop: StopConditions, pool: ProcessPool) -> None:
+    def __init__(self, transport: MPITransport, wake: threading.Event, stop: StopConditions,
+                 pool: "ProcessPool | SpawnerPool | SpawnerShards") -> None:
         self.transport = transport
         self.wake = wake
         self.stop = stop
@@ -683,6 +685,14 @@ class Worker:
 
 
 # -- program --------------------------------------------------------------------------------------
+def _usable_cpus() -> int:
+    """How many CPUs this process may run on (what its MPI launcher bound it to, else the node's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _setup_logging(path: Path, logging_config: Optional[dict[str, Any]]) -> None:
     configure_logging(path, types.SimpleNamespace(logging=types.SimpleNamespace(**(logging_config or {}))))
 
@@ -715,7 +725,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if transport.rank != 0:
         _setup_logging(log_dir / f"{base}.{socket.gethostname()}.{transport.rank}.log", config.get("logging"))
         try:
-            pool = ProcessPool(int(config.get("error_tail_num_lines", 10)), wake=wake)
+            # Spawner processes here too, as on the master's node: a fork/exec from this
+            # interpreter holds its GIL (and forks an MPI process) once per task.
+            pool = local_pool(int(config.get("error_tail_num_lines", 10)), wake, spawners=spawner_count(_usable_cpus()))
             return Worker(transport, wake, stop, pool).run()
         except Exception:
             logger.exception("serial worker failed")
