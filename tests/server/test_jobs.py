@@ -132,8 +132,12 @@ def test_update_errors_change_nothing(api, site_app):
     assert resp.status_code == 409
     assert f"job {ids[1]}" in resp.json()["detail"] and "STAGED_IN to RUN_DONE" in resp.json()["detail"]
     assert api.job(ids[0])["state"] == "STAGED_IN"
-    resp = api.http.patch("/jobs/", json=[{"id": ids[0], "data": {}}, {"id": ids[0], "data": {}}])
-    assert resp.status_code == 422 and "duplicate" in resp.json()["detail"][0]["msg"]
+    # A job's later update in the same call is validated from the state its earlier one leaves:
+    # here the third step is refused, so none is applied.
+    resp = api.http.patch("/jobs/", json=[{"id": ids[0], "state": "PREPROCESSED"}, {"id": ids[0], "state": "RUNNING"},
+                                          {"id": ids[0], "state": "STAGED_IN"}])
+    assert resp.status_code == 409 and "RUNNING to STAGED_IN" in resp.json()["detail"]
+    assert api.job(ids[0])["state"] == "STAGED_IN"
     resp = api.http.patch("/jobs/", json=[{"id": ids[0], "state": "BOGUS"}])
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "state"]
     resp = api.http.patch("/jobs/", json=[{"id": ids[0], "app_id": 5}])
@@ -146,6 +150,37 @@ def test_update_errors_change_nothing(api, site_app):
     assert resp.status_code == 409
     resp = api.http.put(f"/jobs/{ids[0]}", json={"batch_job_id": 99999999})
     assert resp.status_code == 404
+
+
+def test_bulk_patch_applies_a_jobs_updates_in_order(api, site_app):
+    """A launcher sends a short task's RUNNING and RUN_DONE in one call: one row write, one event
+    each with its own time and data, the other fields merged (a later update wins)."""
+    site, app = site_app
+    ids = [j["id"] for j in api.jobs(app["id"], 3)]
+    api.patch_states(ids, "PREPROCESSED")
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})
+    assert len(api.ok("POST", f"/sessions/{session['id']}", json={"max_num_jobs": 3, "filter_tags": {}})) == 3
+    t1, t2, t3 = "2026-01-02T03:04:05+00:00", "2026-01-02T03:04:06+00:00", "2026-01-02T03:04:07+00:00"
+    assert api.ok("PATCH", "/jobs/", json=[
+        {"id": ids[0], "state": "RUNNING", "state_timestamp": t1, "state_data": {"num_nodes": 0.25}, "data": {"a": 1}},
+        {"id": ids[1], "state": "RUNNING", "state_timestamp": t1},
+        {"id": ids[0], "state": "RUN_DONE", "state_timestamp": t2, "return_code": 0, "data": {"b": 2}},
+        {"id": ids[2], "data": {"c": 3}},
+        {"id": ids[0], "state": "POSTPROCESSED", "state_timestamp": t3},
+    ]) == 3
+    first = api.job(ids[0])
+    assert (first["state"], first["return_code"], first["data"]) == ("JOB_FINISHED", 0, {"b": 2})
+    moves = {(e["from_state"], e["to_state"]): (e["timestamp"][:19], e["data"]) for e in api.events(job_id=ids[0])}
+    assert moves[("PREPROCESSED", "RUNNING")] == ("2026-01-02T03:04:05", {"num_nodes": 0.25})
+    assert moves[("RUNNING", "RUN_DONE")] == ("2026-01-02T03:04:06", {})
+    assert moves[("RUN_DONE", "POSTPROCESSED")] == ("2026-01-02T03:04:07", {})
+    assert moves[("POSTPROCESSED", "JOB_FINISHED")][1] == {"message": "Skipped stage out"}
+    assert set(moves) == {("CREATED", "STAGED_IN"), ("STAGED_IN", "PREPROCESSED"), ("PREPROCESSED", "RUNNING"),
+                          ("RUNNING", "RUN_DONE"), ("RUN_DONE", "POSTPROCESSED"), ("POSTPROCESSED", "JOB_FINISHED")}
+    assert api.job(ids[1])["state"] == "RUNNING" and api.job(ids[2])["data"] == {"c": 3}
+    # The session let go of the job that went on past RUNNING, and still holds the running one.
+    assert api.http.delete(f"/sessions/{session['id']}").status_code in (200, 204)
+    assert api.job(ids[0])["state"] == "JOB_FINISHED" and api.job(ids[1])["state"] == "RUN_TIMEOUT"
 
 
 def test_users_may_force_restart_and_fail_but_not_leave_running(api, site_app):

@@ -1,11 +1,12 @@
 """BulkStatusUpdater: job state changes sent in bulk PATCH /jobs/ calls from a background thread.
 
 Launchers and the site agent's processing module ``put()`` state changes as they happen (with the
-time they happened); a thread collects them and sends them in as few ``PATCH /jobs/`` calls as the
-rule "at most one update per job per call" allows (a RUNNING and a RUN_DONE of one job go in two
-successive calls, in order). A call the server refuses as a whole (HTTP 4xx) is split in halves until
-the refused updates are isolated (:func:`isolate_refused`); those are logged and dropped, the others
-are sent. Connection failures and 5xx are retried for as long as the updater runs; once ``close()``
+time they happened); a thread collects them and sends what gathered in one batch window in one
+``PATCH /jobs/`` call (or one per 5,000 updates), in the order they were put: the server applies
+several updates of one job in one call in that order, so a short task's RUNNING and RUN_DONE cost
+one call and one row write. A call the server refuses as a whole (HTTP 4xx) is split in halves
+until the refused updates are isolated (:func:`isolate_refused`; the halves are sent in order, so
+a job's updates still arrive in order); those are logged and dropped, the others are sent. Connection failures and 5xx are retried for as long as the updater runs; once ``close()``
 is called, calls that keep failing for ``close_timeout`` seconds are given up.
 
 Nothing is lost when the API is gone at the end: with ``spool_dir``, the updates that could not be
@@ -76,7 +77,9 @@ def isolate_refused(send: Callable[[list], Any], items: list) -> list[tuple[Any,
 
 
 def split_into_rounds(updates: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Order-preserving split so that each round holds at most one update per job id.
+    """Order-preserving split so that each round holds at most one update per job id (no longer
+    needed by :class:`BulkStatusUpdater`, whose server applies a job's updates of one call in order;
+    kept for job modes and agent modules written against it).
 
     An update always lands in a later round than the previous update of the same job.
     """
@@ -273,11 +276,7 @@ class BulkStatusUpdater:
                     self._done_cond.notify_all()
 
     def _send_batch(self, batch: list[dict[str, Any]]) -> None:
-        chunks = [
-            round_[start : start + MAX_ITEMS_PER_BULK_OP]
-            for round_ in split_into_rounds(batch)
-            for start in range(0, len(round_), MAX_ITEMS_PER_BULK_OP)
-        ]
+        chunks = [batch[start : start + MAX_ITEMS_PER_BULK_OP] for start in range(0, len(batch), MAX_ITEMS_PER_BULK_OP)]
         for index, chunk in enumerate(chunks):
             try:
                 refused = isolate_refused(self._send_retrying, chunk)

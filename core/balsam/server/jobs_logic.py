@@ -1128,12 +1128,20 @@ def _stored_value(name: str, value: Any) -> Any:
     return value
 
 
-def update_jobs(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, Any]]) -> int:
-    """Apply ``{job_id: fields}``; all-or-nothing. Returns the number of jobs updated."""
+def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str, Any] | list[dict[str, Any]]]") -> int:
+    """Apply ``{job_id: fields}``; all-or-nothing. Returns the number of jobs updated.
+
+    A job's value may be a list of patches, applied in order (successive updates of one job in one
+    bulk call: a launcher's RUNNING and RUN_DONE of a short task). Each state change is validated
+    from the state the one before it left and gets its own event, with its own timestamp; the row
+    is written once, with the last state and the other fields merged (a later patch wins)."""
     if not patches:
         return 0
     now = utcnow()
-    ids = list(patches)
+    steps: dict[int, list[dict[str, Any]]] = {
+        job_id: (patch if isinstance(patch, list) else [patch]) for job_id, patch in patches.items()
+    }
+    ids = list(steps)
     dialect = conn.dialect.name
     stmt = sa.select(jobs.c.id, jobs.c.state, jobs.c.session_id).where(
         id_in(jobs.c.id, ids, dialect), jobs.c.site_id.in_(owned_site_ids(user_id))
@@ -1146,24 +1154,31 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, 
     missing = set(ids) - current.keys()
     if missing:
         raise not_found_ids("Job", missing)
-    batch_ids = {p["batch_job_id"] for p in patches.values() if p.get("batch_job_id") is not None}
+    batch_ids = {p["batch_job_id"] for job_steps in steps.values() for p in job_steps if p.get("batch_job_id") is not None}
     if batch_ids:
         _check_batch_jobs(conn, user_id, batch_ids)
 
-    # Validate every transition before writing anything.
+    # Validate every transition before writing anything; each job's steps from the state the
+    # previous step left.
     invalid: list[str] = []
     targets: dict[int, JobState] = {}
-    for job_id, patch in patches.items():
-        if "state" not in patch:
-            continue
-        old = JobState(current[job_id].state)
-        try:
-            new = validate_transition(old, patch["state"], forced=True)
-        except InvalidTransition as exc:
-            invalid.append(f"job {job_id}: {exc}")
-            continue
-        if new != old:
-            targets[job_id] = new
+    moves: dict[int, list[tuple[str, str, Any, Any]]] = {}  # job id -> [(from, to, timestamp, data)]
+    for job_id, job_steps in steps.items():
+        state = JobState(current[job_id].state)
+        for patch in job_steps:
+            if "state" not in patch:
+                continue
+            try:
+                new = validate_transition(state, patch["state"], forced=True)
+            except InvalidTransition as exc:
+                invalid.append(f"job {job_id}: {exc}")
+                break
+            if new != state:
+                moves.setdefault(job_id, []).append(
+                    (state.value, new.value, patch.get("state_timestamp") or now, patch.get("state_data")))
+                state = new
+        if job_id in moves:
+            targets[job_id] = state
     if invalid:
         shown = "; ".join(invalid[:10]) + (f"; (+{len(invalid) - 10} more)" if len(invalid) > 10 else "")
         raise Conflict(f"Invalid state change, nothing was updated: {shown}")
@@ -1175,15 +1190,16 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, 
 
     # Build the stored values per job, then group identical ones into a single UPDATE.
     groups: dict[bytes, tuple[dict[str, Any], list[int]]] = {}
-    for job_id, patch in patches.items():
-        values = {name: _stored_value(name, v) for name, v in patch.items() if name not in ("state", "state_timestamp", "state_data")}
+    for job_id, job_steps in steps.items():
+        values = {name: _stored_value(name, v) for patch in job_steps for name, v in patch.items()
+                  if name not in ("state", "state_timestamp", "state_data")}
         values["last_update"] = now
         if job_id in final_state:
             values["state"] = final_state[job_id].value
             if final_state[job_id] != S.running:
                 values["session_id"] = None
-            ts = patch.get("state_timestamp") or now
-            events.add(job_id, current[job_id].state, targets[job_id].value, ts, patch.get("state_data"))
+            for from_state, to_state, ts, data in moves[job_id]:
+                events.add(job_id, from_state, to_state, ts, data)
         key = orjson.dumps({k: v for k, v in values.items() if k != "last_update"}, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
         groups.setdefault(key, (values, []))[1].append(job_id)
     for job_id, from_state, to_state, data in extra_events:
@@ -1194,7 +1210,7 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, 
     finished = [jid for jid, st in final_state.items() if st == S.finished]
     if finished:
         release_children(conn, finished, now)
-    return len(patches)
+    return len(steps)
 
 
 def _resolve_automatic_moves(

@@ -502,7 +502,9 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
         "/events/": {"get": _op("List job state events", response=_page("EventLog"), params=_params(q["events"], True))},
     }
     # A rule JSON Schema cannot state (uniqueItems compares whole items, not their ids).
-    paths["/jobs/"]["patch"]["description"] = "Each job id at most once per request: a repeated id is 422."
+    paths["/jobs/"]["patch"]["description"] = (
+        "A job named more than once has its updates applied in the order they come, each state change "
+        "validated from the state the one before it left and recorded as its own event; the answer counts the jobs.")
     for path, ops in paths.items():
         if "post" in ops and not path.startswith("/auth"):
             ops["post"]["parameters"].append(IDEMPOTENCY_KEY)

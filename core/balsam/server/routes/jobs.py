@@ -13,7 +13,7 @@ from balsam.states import JobState
 from balsam.util import paused_gc
 
 from .. import jobs_logic as logic
-from ..errors import BadRequest, NotFound, ValidationFailed
+from ..errors import BadRequest, NotFound
 from ..http import MINIMAL_APPLIED, PAGINATION, dumps, json_response, no_content, pagination, require_list
 from ..limits import check_field_sizes
 from ..routing import Ctx, route
@@ -75,16 +75,17 @@ def _bulk_create(ctx: Ctx) -> Response:
 
 def bulk_update(ctx: Ctx) -> Response:
     payload = require_list(ctx.json(), "job updates", MAX_ITEMS_PER_BULK_OP)
-    patches: dict[int, dict] = {}
+    # Several updates of one job are applied in the order they come (a short task's RUNNING and
+    # RUN_DONE in one call: one row write, an event each).
+    patches: dict[int, list[dict]] = {}
+    items: list[dict] = []
     for index, item in enumerate(payload):
         patch = logic.parse_job_patch(item, ["body", index], allow_id=True)
-        job_id = patch.pop("id")
-        if job_id in patches:
-            raise ValidationFailed.field(["body", index, "id"], f"duplicate job id {job_id} in one request")
-        patches[job_id] = patch
+        patches.setdefault(patch.pop("id"), []).append(patch)
+        items.append(patch)
     with ctx.write() as conn:
         count = logic.update_jobs(conn, ctx.user.id, patches)
-    _wake_if_states_moved(ctx, patches.values())
+    _wake_if_states_moved(ctx, items)
     return json_response(count)
 
 
