@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import orjson
 import pytest
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP
@@ -367,8 +368,7 @@ def test_minimal_create_answer_columns_listing_and_replay(api, site_app):
     for sent, got in zip(body, minimal):
         job = by_id[got["id"]]
         assert job["workdir"] == sent["workdir"] and job["state"] == got["state"]
-        # The same time; PostgreSQL writes the microseconds without trailing zeros.
-        assert dt.datetime.fromisoformat(job["last_update"]) == dt.datetime.fromisoformat(got["last_update"])
+        assert job["last_update"] == got["last_update"]  # one instant, one text (also on PostgreSQL)
         assert job["gpus_per_rank"] == float(sent["gpus_per_rank"]) and job["data"] == sent["data"]
     assert len(api.events(job_id=ids[3])) == 1
 
@@ -382,8 +382,33 @@ def test_minimal_create_answer_columns_listing_and_replay(api, site_app):
         assert len(listed) == len(objects["results"])
         for row, obj in zip(listed, objects["results"]):
             assert row.keys() == obj.keys()
-            for name, value in obj.items():  # the database writes 0.5 as 0.5 and 1.0 as 1, and times to the microsecond
-                if name == "last_update":
-                    assert row[name].rstrip("0") == value.rstrip("0"), name
-                else:
-                    assert row[name] == value, name
+            for name, value in obj.items():
+                assert row[name] == value, name
+
+
+@pytest.mark.parametrize("stored", ["2026-01-02 03:04:05.120000", "2026-01-02 03:04:05", "2026-01-02 03:04:05.000001"])
+def test_listings_write_times_as_every_answer_does(api, site_app, db_kind, request, stored):
+    """Every form of a job listing (objects and columns, written by the server or by the database)
+    writes ``last_update`` as the create's answer and orjson do: six digits of microseconds, none
+    when they are zero. (PostgreSQL's own JSON drops trailing zeros; SQLite stores six digits.)"""
+    import sqlalchemy as sa
+
+    from balsam.server.db import normalize_database_url
+    from balsam.server.jobs_logic import COLUMNS_MEDIA_TYPE
+    from balsam.server.tables import jobs
+
+    _site, app = site_app
+    job = api.jobs(app["id"], 1, tags={"clock": stored})[0]
+    server = request.getfixturevalue("_live_server_obj" if db_kind == "sqlite" else "_live_server_pg_obj")
+    engine = sa.create_engine(normalize_database_url(server.database_url))
+    with engine.begin() as conn:  # stored as the server stores it (through the column's type)
+        instant = dt.datetime.fromisoformat(stored).replace(tzinfo=dt.timezone.utc)
+        conn.execute(sa.update(jobs).where(jobs.c.id == job["id"]).values(last_update=instant))
+    engine.dispose()
+    expected = dt.datetime.fromisoformat(stored).isoformat()
+    assert expected == orjson.dumps(dt.datetime.fromisoformat(stored)).decode().strip('"')
+    params = {"tags": f"clock:{stored}"}
+    assert [j["last_update"] for j in api.ok("GET", "/jobs/", params=params)["results"]] == [expected]
+    assert api.job(job["id"])["last_update"] == expected
+    page = api.http.get("/jobs/", params=params, headers={"Accept": COLUMNS_MEDIA_TYPE}).json()
+    assert json.loads(page["columns"][page["fields"].index("last_update")]) == [expected]

@@ -238,20 +238,35 @@ def list_jobs_json(conn: sa.Connection, user_id: int, q: QueryParams, limit: int
 COLUMNS_MEDIA_TYPE = "application/vnd.balsam.columns+json"
 
 
+def _json_datetime(dialect: str, col: Any) -> Any:
+    """A datetime column as the text the database puts into JSON, exactly as every other answer
+    writes it (orjson, naive UTC: ``YYYY-MM-DDTHH:MM:SS.ffffff``, no fraction when it is zero).
+    PostgreSQL's own JSON form of a timestamp drops the fraction's trailing zeros, and SQLite's
+    stored text always has six digits: a client comparing the texts of one instant (a listing's
+    ``last_update`` against a create's answer) would see two."""
+    if dialect == "postgresql":
+        utc = sa.func.timezone("UTC", col)
+        return sa.case((sa.func.date_trunc("second", utc) == utc, sa.func.to_char(utc, 'YYYY-MM-DD"T"HH24:MI:SS')),
+                       else_=sa.func.to_char(utc, 'YYYY-MM-DD"T"HH24:MI:SS.US'))
+    text = sa.cast(col, sa.Text)  # stored as SQLAlchemy writes it: 'YYYY-MM-DD HH:MM:SS.ffffff'
+    return sa.case((sa.func.substr(text, 20) == ".000000", sa.func.replace(sa.func.substr(text, 1, 19), " ", "T")),
+                   else_=sa.func.replace(text, " ", "T"))
+
+
 def _json_values(dialect: str, cols: Any = jobs.c) -> list[Any]:
     """JOB_OUT_FIELDS as the database writes them into JSON: datetimes as naive UTC ISO text (as
     ``wire_datetime``), the JSON columns embedded (not quoted), booleans as JSON booleans."""
     values: list[Any] = []
     for name in JOB_OUT_FIELDS:
         col = cols[name]
-        if dialect == "postgresql":
-            values.append(sa.func.timezone("UTC", col) if name == "last_update" else col)
+        if name == "last_update":
+            values.append(_json_datetime(dialect, col))
+        elif dialect == "postgresql":
+            values.append(col)
         elif name in JSON_OUT_FIELDS:
             values.append(sa.func.json(col))  # stored as JSON text: embedded, not quoted
         elif name == "pending_file_cleanup":
             values.append(sa.case((col, sa.func.json("true")), else_=sa.func.json("false")))
-        elif name == "last_update":
-            values.append(sa.func.replace(sa.cast(col, sa.Text), " ", "T"))
         else:
             values.append(col)
     return values
@@ -311,7 +326,7 @@ def _pg_object_page(conn: sa.Connection, user_id: int, q: QueryParams, limit: in
     in the page's order (a row becomes the object of JOB_OUT_FIELDS, written compactly, datetimes
     as naive UTC). The page is a subquery: its LIMIT and the index it reads stay as they are.
     (A ``row_to_json`` per row, joined here, takes less database time but more of the server's.)"""
-    columns = [sa.func.timezone("UTC", jobs.c.last_update).label(name) if name == "last_update" else jobs.c[name]
+    columns = [_json_datetime("postgresql", jobs.c.last_update).label(name) if name == "last_update" else jobs.c[name]
                for name in JOB_OUT_FIELDS]
     count, page = _job_page(conn, user_id, q, limit, offset, columns)
     if page is None:
