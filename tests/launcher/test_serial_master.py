@@ -275,6 +275,47 @@ def test_the_prefetcher_keeps_depth_jobs_ahead_and_tops_up_at_half() -> None:
     assert lease.closed == {}
 
 
+def test_the_prefetch_depth_follows_the_rate_jobs_are_used_at(monkeypatch: Any) -> None:
+    """With a lookahead, the prefetcher keeps that much work leased at the rate the loop has been
+    using jobs (fewer, larger acquires for short tasks), never below ``depth`` nor above
+    ``max_depth``. The clock is the test's: no timing."""
+    from balsam.launcher import prefetch
+
+    clock = [100.0]
+    monkeypatch.setattr(prefetch.time, "monotonic", lambda: clock[0])
+    lease = FakeLease([FakeJob(i) for i in range(1, 2000)])
+    prepared = lambda job: PreparedJob(job=job, id=job.id, workdir=Path("."), cmdline="true", env={})  # noqa: E731
+    fetcher = Prefetcher(lambda: lease, prepared, lambda demand: None, RecordingUpdater(), depth=20,
+                         remaining_min=lambda: 7, lookahead_sec=0.25, max_depth=100)
+    fixed = Prefetcher(lambda: lease, prepared, lambda demand: None, RecordingUpdater(), depth=20, remaining_min=lambda: 7)
+
+    def used(prefetcher: Prefetcher, count: int, held: int, after_sec: float) -> int:
+        prefetcher._taken += count
+        prefetcher._held = held
+        clock[0] += after_sec
+        prefetcher._measure_rate()
+        return prefetcher.depth_now
+
+    assert used(fetcher, 30, 10, 0.125) == 20 and fetcher.rate is None  # shorter than RATE_WINDOW_SEC
+    assert used(fetcher, 0, 10, 0.125) == 20 and fetcher.rate == 80  # 20 used in 0.25 s: 20 jobs' work
+    assert used(fetcher, 300, 10, 0.5) == 85  # 600/s in this window, (80 + 600) / 2 = 340/s: 85 jobs
+    assert used(fetcher, 2000, 0, 0.5) == 100  # 4,020/s: capped at max_depth
+    # Idle: the estimate halves every window, back to the floor.
+    assert [used(fetcher, 0, 0, 1.0) for _ in range(5)] == [100, 100, 68, 34, 20]
+    assert used(fixed, 5000, 0, 1.0) == 20 and fixed.rate is None  # no lookahead: the depth as given
+    # The depth in force is what the acquires top up to (and half of it what wakes the top-up).
+    fetcher.depth_now = 80
+    fetcher._rate_since = clock[0]  # the test's clock stands still: no window ends, the depth stays
+    fetcher._thread.start()
+    try:
+        deadline = time.time() + 10
+        while fetcher.backlog < 80 and time.time() < deadline:
+            time.sleep(0.01)
+        assert fetcher.backlog == 80 and lease.calls[-1][0] == 80
+    finally:
+        fetcher.join()
+
+
 def test_prefetch_depth_follows_the_slots_within_bounds() -> None:
     node = NodeInfo("0", "n", list(range(64)))
     assert prefetch_depth([node], 1) == 64

@@ -91,6 +91,9 @@ MAX_PLACEMENT_MISSES = 8
 EXIT_START_FAILED = 3
 #: Prefetch depth bounds (Balsam 0.7: ``serial_mode_prefetch_per_rank`` per slot).
 MIN_PREFETCH, MAX_PREFETCH = 64, 2048
+#: The prefetcher keeps at least this much work leased ahead, at the rate jobs are being started
+#: (short tasks: fewer, larger acquires; see :class:`~balsam.launcher.prefetch.Prefetcher`).
+PREFETCH_LOOKAHEAD_SEC = 0.25
 #: Hand-over: tasks queued in the spawner behind each running local task (same demand, same CPUs).
 HANDOVER_DEPTH = 4
 #: ... only behind a task younger than this: a long task gives its queue back (cancelled) so that
@@ -508,7 +511,8 @@ class Master:
             self.shutdown(reason)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         logger.info("serial master done (%s): %d started (%d by hand-over; %d queued ones given back), %d finished; "
-                    "CPU %.2f s user + %.2f s system", reason, self.started, self.handed_over, self.given_back, self.finished,
+                    "%d acquired, prefetch depth up to %d; CPU %.2f s user + %.2f s system", reason, self.started,
+                    self.handed_over, self.given_back, self.finished, self.prefetcher.acquired, self.prefetcher.depth_peak,
                     usage.ru_utime, usage.ru_stime)
         return reason
 
@@ -591,6 +595,8 @@ def build_master(
         retry_sec=float(launcher["delay_sec"]),
         on_ready=wake.set,
         acquire_kwargs={"max_nodes_per_job": 1, "serial_only": True},
+        lookahead_sec=PREFETCH_LOOKAHEAD_SEC,
+        max_depth=MAX_PREFETCH,
     ).start()
     pool: Any = None
     try:
