@@ -6,8 +6,9 @@ time they happened); a thread collects them and sends what gathered in one batch
 several updates of one job in one call in that order, so a short task's RUNNING and RUN_DONE cost
 one call and one row write. A call the server refuses as a whole (HTTP 4xx) is split in halves
 until the refused updates are isolated (:func:`isolate_refused`; the halves are sent in order, so
-a job's updates still arrive in order); those are logged and dropped, the others are sent. Connection failures and 5xx are retried for as long as the updater runs; once ``close()``
-is called, calls that keep failing for ``close_timeout`` seconds are given up.
+a job's updates still arrive in order); those are logged and dropped, the others are sent.
+Connection failures and 5xx are retried for as long as the updater runs; once ``close()`` is
+called, calls that keep failing for ``close_timeout`` seconds are given up.
 
 Nothing is lost when the API is gone at the end: with ``spool_dir``, the updates that could not be
 sent are written there (one JSON line each) and :func:`replay_spool` sends them later (the site
