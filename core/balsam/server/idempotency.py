@@ -66,6 +66,27 @@ def request_fingerprint(method: str, path: str, query: str, body: "bytes | None"
     return digest.hexdigest()
 
 
+def _claim_stmt(insert: Callable[..., Any]) -> Any:
+    return (
+        insert(idempotency_keys)
+        .values(user_id=sa.bindparam("b_user"), key=sa.bindparam("b_key"), request_hash=sa.bindparam("b_hash"), status_code=0,
+                resource="", resource_ids=[], created=sa.bindparam("b_now", type_=idempotency_keys.c.created.type),
+                expires=sa.bindparam("b_expires", type_=idempotency_keys.c.expires.type))
+        .on_conflict_do_nothing(index_elements=["user_id", "key"])
+    )
+
+
+# Built once and executed with parameters (every POST from our clients carries a key: the build
+# cost more than the statement; see jobs_logic.owned_sites_clause).
+_CLAIM = {"postgresql": _claim_stmt(postgresql.insert), "sqlite": _claim_stmt(sqlite.insert)}
+_RECORD = (
+    sa.update(idempotency_keys)
+    .where(idempotency_keys.c.user_id == sa.bindparam("b_user"), idempotency_keys.c.key == sa.bindparam("b_key"))
+    .values(status_code=sa.bindparam("b_status"), resource=sa.bindparam("b_resource"),
+            resource_ids=sa.bindparam("b_ids", type_=idempotency_keys.c.resource_ids.type))
+)
+
+
 class IdempotentRequest:
     """The idempotency key of one request (inactive when the request has none)."""
 
@@ -91,12 +112,9 @@ class IdempotentRequest:
         self._fingerprint = request_fingerprint(request.method, request.url.path, request.url.query, self.ctx.body)
         user_id = self.ctx.user.id
         now = _utcnow()
-        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
         claimed = conn.execute(
-            insert(idempotency_keys)
-            .values(user_id=user_id, key=self.key, request_hash=self._fingerprint, status_code=0, resource="",
-                    resource_ids=[], created=now, expires=now + self.ttl)
-            .on_conflict_do_nothing(index_elements=["user_id", "key"])
+            _CLAIM["postgresql" if conn.dialect.name == "postgresql" else "sqlite"],
+            {"b_user": user_id, "b_key": self.key, "b_hash": self._fingerprint, "b_now": now, "b_expires": now + self.ttl},
         ).rowcount
         if claimed:
             self._claimed = True
@@ -126,11 +144,8 @@ class IdempotentRequest:
         """Store what this request made (same transaction as the records themselves)."""
         if not self._claimed:
             return
-        conn.execute(
-            sa.update(idempotency_keys)
-            .where(idempotency_keys.c.user_id == self.ctx.user.id, idempotency_keys.c.key == self.key)
-            .values(status_code=status_code, resource=resource, resource_ids=list(ids))
-        )
+        conn.execute(_RECORD, {"b_user": self.ctx.user.id, "b_key": self.key, "b_status": status_code,
+                               "b_resource": resource, "b_ids": list(ids)})
 
 
 def sweep_expired_keys(conn: sa.Connection, now: "dt.datetime | None" = None) -> int:

@@ -49,7 +49,10 @@ from balsam.states import BatchJobState, JobState
 
 from .errors import NotFound, ValidationFailed
 from .http import check_int_fields, wire_datetime
-from .jobs_logic import JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, set_states, site_owned_by, utcnow
+from .jobs_logic import (
+    JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, owned_sites_clause, owner_params, set_states, site_owned_by,
+    utcnow,
+)
 from .tables import LEASABLE_PREDICATES, RUNNABLE_ORDERS, batch_jobs, jobs, sessions, sites
 
 logger = logging.getLogger(__name__)
@@ -63,12 +66,20 @@ def session_dict(row: Any) -> dict[str, Any]:
     return {"id": row.id, "site_id": row.site_id, "batch_job_id": row.batch_job_id, "heartbeat": wire_datetime(row.heartbeat)}
 
 
+#: Built once (see jobs_logic.owned_sites_clause): every session request reads its session.
+_OWNED_SESSION = {
+    scoped: sa.select(sessions).join(sites, sites.c.id == sessions.c.site_id)
+    .where(sessions.c.id == sa.bindparam("b_session"), owned_sites_clause(scoped))
+    for scoped in (False, True)
+}
+#: A session's heartbeat (every acquire and tick).
+HEARTBEAT = (sa.update(sessions).where(sessions.c.id == sa.bindparam("b_session"))
+             .values(heartbeat=sa.bindparam("b_now", type_=sessions.c.heartbeat.type)))
+
+
 def get_owned_session(conn: sa.Connection, user_id: int, session_id: int) -> sa.Row:
-    row = conn.execute(
-        sa.select(sessions)
-        .join(sites, sites.c.id == sessions.c.site_id)
-        .where(sessions.c.id == session_id, site_owned_by(user_id))
-    ).first()
+    scoped, params = owner_params(user_id)
+    row = conn.execute(_OWNED_SESSION[scoped], {"b_session": session_id, **params}).first()
     if row is None:
         raise NotFound(f"Session {session_id} not found (it may have expired: no heartbeat for too long)")
     return row
@@ -208,7 +219,7 @@ def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool =
 def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[dict[str, Any]]:
     stmt = candidates(session.site_id, spec, conn.dialect.name)
     now = utcnow()
-    conn.execute(sa.update(sessions).where(sessions.c.id == session.id).values(heartbeat=now))
+    conn.execute(HEARTBEAT, {"b_session": session.id, "b_now": now})
     values: dict[str, Any] = {"session_id": session.id}
     if session.batch_job_id is not None:
         values["batch_job_id"] = session.batch_job_id

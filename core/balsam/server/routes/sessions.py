@@ -15,7 +15,7 @@ from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
-    acquire, any_candidates, get_owned_session, maybe_sweep, parse_acquire, reacquire, release_session_jobs,
+    HEARTBEAT, acquire, any_candidates, get_owned_session, maybe_sweep, parse_acquire, reacquire, release_session_jobs,
     session_dict,
 )
 from ..tables import batch_jobs, sessions, sites
@@ -103,7 +103,7 @@ def tick(ctx: Ctx) -> Response:
             ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         get_owned_session(conn, ctx.user.id, session_id)
         now = utcnow()
-        conn.execute(sa.update(sessions).where(sessions.c.id == session_id).values(heartbeat=now))
+        conn.execute(HEARTBEAT, {"b_session": session_id, "b_now": now})
     return json_response({"id": session_id, "heartbeat": wire_datetime(now)})
 
 
