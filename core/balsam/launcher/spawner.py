@@ -212,9 +212,7 @@ class Spawner:
         """Back on every CPU of the launcher's before waiting. Left on the last task's CPUs, the
         spawner would react to an exit elsewhere only when that task's CPU gave it a turn, while the
         CPU just freed sat idle; its next task would wait for it."""
-        if self.mask is not None:
-            os.sched_setaffinity(0, self.home_mask)
-            self.mask = None
+        self._set_mask([])
 
     def _failed(self, job_id: int, outfile: str, exc: OSError) -> None:
         reason = f"could not start the job: {exc}"

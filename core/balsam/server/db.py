@@ -129,11 +129,29 @@ def id_in(column: sa.ColumnElement, ids: "list[int]", dialect: str) -> sa.Column
     read by ``json_each`` on SQLite. SQLAlchemy's ``in_(list)`` coerces each value into its own
     bound parameter and re-renders the list at every execution; on the bulk update path (100-1,000
     ids per call, several lists per request) that cost more server time per job than the SQL itself."""
+    return _in_ids_param(column, sa.bindparam(None, ids_param(ids, dialect), type_=_ids_type(dialect), unique=True), dialect)
+
+
+def ids_in_param(column: sa.ColumnElement, dialect: str) -> sa.ColumnElement[bool]:
+    """:func:`id_in` with the ids in the parameter ``b_ids`` (its value: :func:`ids_param`), for a
+    statement built once and executed with parameters."""
+    return _in_ids_param(column, sa.bindparam("b_ids", type_=_ids_type(dialect)), dialect)
+
+
+def ids_param(ids: "list[int]", dialect: str) -> Any:
+    """The value of an ids parameter of :func:`id_in` / :func:`ids_in_param`."""
+    return list(ids) if dialect == "postgresql" else orjson.dumps(list(ids)).decode()
+
+
+def _ids_type(dialect: str) -> sa.types.TypeEngine:
+    # bigint[]: an id from a path may exceed the 32-bit columns (no such row, rather than an error).
+    return postgresql.ARRAY(sa.BigInteger) if dialect == "postgresql" else sa.String()
+
+
+def _in_ids_param(column: sa.ColumnElement, param: sa.BindParameter, dialect: str) -> sa.ColumnElement[bool]:
     if dialect == "postgresql":
-        # bigint[]: an id from a path may exceed the 32-bit columns (no such row, rather than an error).
-        return column == sa.any_(sa.bindparam(None, list(ids), type_=postgresql.ARRAY(sa.BigInteger), unique=True))
-    ids_json = sa.bindparam(None, orjson.dumps(list(ids)).decode(), type_=sa.String, unique=True)
-    return column.in_(sa.select(sa.column("value")).select_from(sa.func.json_each(ids_json)))
+        return column == sa.any_(param)
+    return column.in_(sa.select(sa.column("value")).select_from(sa.func.json_each(param)))
 
 
 def count_and_page(conn: sa.Connection, stmt: sa.Select, order_by: list[Any], limit: int, offset: int) -> tuple[int, list[sa.Row]]:

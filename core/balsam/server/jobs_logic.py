@@ -24,7 +24,7 @@ from balsam.serialization import parse_datetime
 from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
 
 from .auth import SITE_SCOPE
-from .db import id_in, bulk_insert, update_rows_by_id, where_eq, where_in
+from .db import bulk_insert, id_in, ids_in_param, ids_param, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .http import INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int, wire_datetime
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
@@ -100,18 +100,6 @@ def owner_params(user_id: int) -> tuple[bool, dict[str, int]]:
     if scope is None:
         return False, {"b_owner": user_id}
     return True, {"b_owner": user_id, "b_scope": scope}
-
-
-def ids_param(ids: "list[int]", dialect: str) -> Any:
-    """The value of a ``b_ids`` parameter of :func:`ids_in_param` (as :func:`id_in` binds it)."""
-    return list(ids) if dialect == "postgresql" else orjson.dumps(list(ids)).decode()
-
-
-def ids_in_param(column: sa.ColumnElement, dialect: str) -> sa.ColumnElement[bool]:
-    """:func:`id_in` with the ids in the parameter ``b_ids`` (see :func:`ids_param`)."""
-    if dialect == "postgresql":
-        return column == sa.any_(sa.bindparam("b_ids", type_=postgresql.ARRAY(sa.BigInteger)))
-    return column.in_(sa.select(sa.column("value")).select_from(sa.func.json_each(sa.bindparam("b_ids", type_=sa.String))))
 
 
 def _current_states_stmt(dialect: str, scoped: bool) -> sa.Select:
