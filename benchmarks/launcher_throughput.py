@@ -32,7 +32,11 @@ start (the scheduler's own polling delay, ``scheduler.sync_period`` plus the sub
 apart and excluded from the rates), launcher start -> first RUNNING, launcher start -> last
 JOB_FINISHED, and BatchJob created -> last JOB_FINISHED.
 
-    .venv/bin/python benchmarks/launcher_throughput.py [--serial-jobs 5000] [--mpi-jobs 200] [--end-to-end]
+``--extra-env N`` adds N variables to the environment first (everything started inherits them, the
+limit's processes too): every job's environment is built from the launcher's, so the cost of a large
+environment shows.
+
+    .venv/bin/python benchmarks/launcher_throughput.py [--serial-jobs 5000] [--mpi-jobs 200] [--end-to-end] [--extra-env N]
 """
 
 from __future__ import annotations
@@ -420,7 +424,12 @@ def main() -> int:
     parser.add_argument("--command", default="true",
                         help="the no-op app's command template (default 'true', exec'd without a shell; "
                              "e.g. 'true;' goes through bash)")
+    parser.add_argument("--extra-env", type=int, default=0, metavar="N",
+                        help="add N variables (40 characters each) to the environment of everything this starts, "
+                             "the limit's processes included: a login environment with modules loaded holds hundreds")
     args = parser.parse_args()
+    for i in range(args.extra_env):
+        os.environ[f"BALSAM_BENCH_EXTRA_{i:04d}"] = "x" * 40
     # SIGTERM unwinds through the finally blocks: servers stopped, temp dirs removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -485,7 +494,8 @@ def main() -> int:
             result["fs_cost"] = fs_cost
             results.append(result)
         print(f"launcher throughput ({ncpu} CPUs, load average before the run {load_before:.1f}; "
-              f"real uvicorn + SQLite server, real mpiexec; app command {args.command!r})")
+              f"real uvicorn + SQLite server, real mpiexec; app command {args.command!r}; "
+              f"{len(os.environ)} environment variables)")
         print(f"  balsam's bytecode compiled ahead, as installed ({compiled} files compiled now)")
         for r in results:
             # Against the higher of the two readings: the ratio is never flattered by a slow moment.

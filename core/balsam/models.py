@@ -139,6 +139,8 @@ def workdir_problem(workdir: Any) -> Optional[str]:
     ``..`` (``a/../../x`` climbs out as surely as ``../x``), never empty or ``.`` (data/ itself).
     """
     text = str(workdir) if workdir is not None else ""
+    if ".." not in text and text.strip("./") and not text.startswith("/") and text.strip() == text:
+        return None  # the usual case, without splitting the path (launchers check every job)
     if not text.strip():
         return "must not be empty (a path relative to the site's data/ directory)"
     if text.startswith("/"):
@@ -157,7 +159,7 @@ def job_workdir(data_path: "Path | str", workdir: Any) -> Path:
     problem = workdir_problem(workdir)
     if problem is not None:
         raise ValueError(f"workdir {problem}")
-    return Path(data_path) / str(workdir)
+    return (data_path if isinstance(data_path, Path) else Path(data_path)) / str(workdir)
 
 
 @attrs.define(kw_only=True)

@@ -99,6 +99,42 @@ def test_the_launcher_refuses_a_workdir_outside_data(tmp_path: Path, workdir: st
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was created anywhere
 
 
+@pytest.mark.parametrize("workdir", ["a", "a/./b", ".hidden/x", "a..b/c", "runs/0001/", "a//b", "./a"])
+def test_the_launcher_takes_every_workdir_inside_data(tmp_path: Path, workdir: str) -> None:
+    """The usual workdirs pass the launcher's check without splitting the path; the same as the
+    full check (the names with dots in them are not '..')."""
+    from balsam.launcher.app_run import JobPreparer
+
+    data = tmp_path / "data"
+    prepared = JobPreparer(data, load_app=lambda _app_id: _TrueApp).prepare(_single_rank_job(workdir))
+    assert prepared.workdir == data / workdir and (prepared.workdir / "job.out").is_file()
+
+
+def test_an_apps_own_environment_is_turned_into_strings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app that overrides get_environ_vars may return non-strings: the launcher converts them
+    (the default get_environ_vars returns strings, and its result is used as it is)."""
+    from balsam.api import ApplicationDefinition
+    from balsam.launcher.app_run import JobPreparer
+
+    class Plain(ApplicationDefinition):
+        site = 1
+        command_template = "true"
+        environment_variables = {"LEVEL": 3}
+
+    class Own(Plain):
+        def get_environ_vars(self) -> dict:
+            return {"PATH": os.environ["PATH"], "COUNT": 2, 7: None}
+
+    job = types.SimpleNamespace(**vars(_single_rank_job("w")), parameters={}, serialized_parameters="",
+                                get_parameters=lambda: {})
+    own = JobPreparer(tmp_path, load_app=lambda _app_id: Own).prepare(job)
+    assert own.env == {"PATH": os.environ["PATH"], "COUNT": "2", "7": "None", "BALSAM_JOB_ID": "1", "OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("BALSAM_TEST_LATE", "set after the first job")
+    plain = JobPreparer(tmp_path, load_app=lambda _app_id: Plain).prepare(job)
+    assert plain.env["LEVEL"] == "3" and plain.env["BALSAM_TEST_LATE"] == "set after the first job"
+    assert all(type(k) is str and type(v) is str for k, v in plain.env.items())
+
+
 def test_preparing_creates_job_out_and_a_missing_workdir_and_keeps_what_is_there(tmp_path: Path) -> None:
     from balsam.launcher.app_run import JobBuildError, JobPreparer
 

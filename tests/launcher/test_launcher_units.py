@@ -6,12 +6,14 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from balsam.launcher.entry import LauncherError, Partition, parse_partition, parse_tag, split_nodes
 from balsam.launcher.job_mode import Countdown, IdleTimer, JobMode
+from balsam.launcher.wake import WakeEvent
 from balsam.client.status_updater import split_into_rounds
 from balsam.platform import NodeInfo
 
@@ -62,6 +64,42 @@ def test_update_rounds_hold_one_update_per_job_in_order() -> None:
     rounds = split_into_rounds(updates)
     assert [[(u["id"], u["state"]) for u in r] for r in rounds] == [
         [(1, "RUNNING"), (2, "RUNNING"), (3, "FAILED")], [(1, "RUN_DONE")], [(1, "X")]]
+
+
+def test_a_wake_event_set_again_does_not_notify_and_never_loses_a_wake_up() -> None:
+    wake = WakeEvent()
+    notified = []
+    wake._cond.notify_all = lambda: notified.append(1)  # type: ignore[method-assign]
+    wake.set()
+    wake.set()  # set already: nothing to do (no lock, no notify)
+    assert wake.is_set() and notified == [1]
+    wake.clear()
+    wake.set()
+    assert notified == [1, 1]
+
+    # The loop's protocol (clear, look, wait) against setters that publish first: every item is
+    # seen, and the loop never sleeps past its timeout with one waiting.
+    wake = WakeEvent()
+    items: list[int] = []
+    seen: list[int] = []
+    late = []
+
+    def producer() -> None:
+        for i in range(20000):
+            items.append(i)
+            wake.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    while len(seen) < 20000:
+        wake.clear()
+        while len(seen) < len(items):
+            seen.append(items[len(seen)])
+        if len(seen) < 20000 and not wake.wait(1.0):
+            late.append(len(items) - len(seen))
+    thread.join()
+    # A wait that timed out with items waiting would be a lost wake-up.
+    assert seen == list(range(20000)) and not [n for n in late if n]
 
 
 def test_job_mode_base_class_is_the_plugin_contract() -> None:

@@ -71,11 +71,13 @@ def _workdir(tmp_path: Path, name: str) -> Path:
 
 
 def test_a_task_gets_its_environment_workdir_output_and_own_session(pool: SpawnerPool, tmp_path: Path) -> None:
-    env = dict(os.environ, BALSAM_TEST_VALUE="a b'c")
+    # A value that is not UTF-8 (as os.environ decodes one: surrogate escapes) reaches the task as its bytes.
+    env = dict(os.environ, BALSAM_TEST_VALUE="a b'c", BALSAM_TEST_BYTES="caf\udce9")
     env.pop("HOME", None)
     workdir = _workdir(tmp_path, "1")
     (workdir / "job.out").write_text("old output\n")
-    pool.start(1, 'echo "$BALSAM_TEST_VALUE|${HOME-unset}|$PWD"; ps -o sid= -p $$; echo $$; exit 7', workdir, env)
+    pool.start(1, 'echo "$BALSAM_TEST_VALUE|${HOME-unset}|$PWD"; ps -o sid= -p $$; echo $$; '
+                  'printf %s "$BALSAM_TEST_BYTES" > bytes.out; exit 7', workdir, env)
     pool.start(2, "true", _workdir(tmp_path, "2"), env)
     done = {job_id: (rc, tail) for job_id, rc, tail, _ in _wait(pool, 2)}
     assert done[2] == (0, "")
@@ -85,6 +87,7 @@ def test_a_task_gets_its_environment_workdir_output_and_own_session(pool: Spawne
     value, sid, pid = (workdir / "job.out").read_text().splitlines()
     assert value == f"a b'c|unset|{workdir}"
     assert int(sid) == int(pid)  # a session of its own: the stop kills its whole process group
+    assert (workdir / "bytes.out").read_bytes() == b"caf\xe9"
     assert lines and not pool.running
 
 

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 JOB_OUTPUT_NAME = "job.out"
 
 
-def create_job_output(workdir: Path) -> None:
+def create_job_output(workdir: "str | os.PathLike[str]") -> None:
     """Create ``workdir/job.out`` (empty if new; left as it is if there), and the workdir if missing.
 
     The processing module's preprocess creates the workdir on the agent's node, ahead of the
@@ -45,11 +45,11 @@ def create_job_output(workdir: Path) -> None:
     40-700 us of kernel time per ``mkdir``. A missing directory (a job that skipped
     preprocessing, a workdir removed since) is made here.
     """
-    path = workdir / JOB_OUTPUT_NAME
+    path = os.path.join(workdir, JOB_OUTPUT_NAME)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except FileNotFoundError:
-        workdir.mkdir(parents=True, exist_ok=True)
+        os.makedirs(workdir, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     os.close(fd)
 
@@ -90,6 +90,9 @@ class JobPreparer:
         self._lock = threading.Lock()
 
     def _load_app(self, app_id: int) -> Any:
+        app_cls = self._apps.get(app_id)  # the usual case, without the lock (a dict read is atomic)
+        if app_cls is not None:
+            return app_cls
         with self._lock:
             if app_id in self._apps:
                 return self._apps[app_id]
@@ -110,6 +113,10 @@ class JobPreparer:
             return app_cls
 
     def prepare(self, job: Any) -> PreparedJob:
+        # Runs for every job a launcher starts (thousands a second in serial mode): each model
+        # field is read once, and the environment is not walked again when the app's
+        # get_environ_vars is the default one (it returns strings only).
+        job_id = job.id
         app_cls = self._load_app(job.app_id)
         try:
             app = app_cls(job)
@@ -117,7 +124,9 @@ class JobPreparer:
             raise JobBuildError(f"An exception occurred while loading the app or parameters: {_one_line(exc)}") from exc
         try:
             cmdline = app.get_arg_str()
-            env = {str(k): str(v) for k, v in app.get_environ_vars().items()}
+            env = app.get_environ_vars()
+            if getattr(app_cls, "get_environ_vars", None) is not _default_get_environ_vars():
+                env = {str(k): str(v) for k, v in env.items()}
             preamble_value = app.shell_preamble()
         except Exception as exc:
             raise JobBuildError(f"An exception occurred while constructing the job command line: {_one_line(exc)}") from exc
@@ -125,7 +134,7 @@ class JobPreparer:
             preamble = " && ".join(str(p) for p in preamble_value if str(p).strip())
         else:
             preamble = str(preamble_value or "")
-        env.setdefault("BALSAM_JOB_ID", str(job.id))
+        env.setdefault("BALSAM_JOB_ID", str(job_id))
         try:
             workdir = job_workdir(self.data_path, job.workdir)
         except ValueError as exc:
@@ -138,16 +147,26 @@ class JobPreparer:
         demand = Demand.of(job)
         # Always exported, as Balsam 0.7 did: an unset OMP_NUM_THREADS lets OpenMP take every core.
         env.setdefault("OMP_NUM_THREADS", str(demand.threads_per_rank))
+        launch_params = getattr(job, "launch_params", None)
         return PreparedJob(
             job=job,
-            id=int(job.id),
+            id=int(job_id),
             workdir=workdir,
             cmdline=cmdline,
             env=env,
             preamble=preamble,
             demand=demand,
-            launch_params={str(k): str(v) for k, v in (getattr(job, "launch_params", None) or {}).items()},
+            launch_params={str(k): str(v) for k, v in launch_params.items()} if launch_params else {},
         )
+
+
+@functools.lru_cache(maxsize=1)
+def _default_get_environ_vars() -> Any:
+    """``ApplicationDefinition.get_environ_vars`` itself (imported on first use: the API models are
+    loaded after the launcher's first request, to shorten its start-up)."""
+    from .._api.app import ApplicationDefinition
+
+    return ApplicationDefinition.get_environ_vars
 
 
 def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:

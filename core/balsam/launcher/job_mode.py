@@ -31,7 +31,10 @@ import attrs
 from balsam.config.schema import LauncherSettings
 from balsam.platform import NodeInfo, Platform
 
+from .wake import WakeEvent
+
 logger = logging.getLogger(__name__)
+
 
 def launcher_setting(settings: Any, name: str) -> Any:
     """``settings.launcher.<name>``; the defaults are those of the schema (``LauncherSettings``),
@@ -229,7 +232,7 @@ class JobMode(abc.ABC):
         self.context = context
         #: Set by :meth:`request_stop` and by a job's exit (a mode whose pool reaps with it):
         #: the loop sleeps on it, so it reacts at once to either.
-        self.wake = threading.Event()
+        self.wake = WakeEvent()
         self.stop = StopConditions.for_launcher(
             context.wall_time_min, context.start_time, context.setting("idle_ttl_sec"), wake=self.wake
         )

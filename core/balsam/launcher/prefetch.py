@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 from .app_run import JobBuildError, PreparedJob
 from .node_manager import Demand, UnsatisfiableJob
 from .runner import report_failed
+from .wake import WakeEvent
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._ready: deque[PreparedJob] = deque()
         self._held = 0
-        self._want = threading.Event()
+        self._want = WakeEvent()  # set by the loop thread on every turn that finds the backlog low
         self._stopping = threading.Event()
         #: The lease (set by the prefetch thread once the Session exists).
         self.lease: Any = None

@@ -13,7 +13,6 @@ import threading
 import time
 from collections import ChainMap, deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from balsam.states import JobState
@@ -39,7 +38,11 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     if gpu_ids:
         env.update({str(k): str(v) for k, v in platform.gpu_environment(list(gpu_ids)).items()})
     env.setdefault("OMP_NUM_THREADS", str(prepared.demand.threads_per_rank))
-    (hook or _launch_hook())(job=prepared.job, env=env, node_hostnames=list(placement.hostnames))
+    hook = hook or _launch_hook()
+    implementations = getattr(hook, "get_hookimpls", None)
+    if implementations is not None and not implementations():
+        return env  # no plugin implements the hook: nothing can have put in a non-string
+    hook(job=prepared.job, env=env, node_hostnames=list(placement.hostnames))
     # Hooks may put in non-strings; the common case (none did) costs no second copy.
     if all(type(k) is str and type(v) is str for k, v in env.items()):
         return env
@@ -343,7 +346,7 @@ class SpawnedTask:
 
     __slots__ = ("job_id", "workdir", "outfile", "returncode", "end_time", "spawn_error")
 
-    def __init__(self, job_id: int, workdir: Path, outfile: Path) -> None:
+    def __init__(self, job_id: int, workdir: str, outfile: str) -> None:
         self.job_id = job_id
         self.workdir = workdir
         self.outfile = outfile
@@ -428,13 +431,16 @@ class SpawnerPool:
 
     # -- owner's thread ------------------------------------------------------------------------
     def _request(self, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str]) -> tuple[SpawnedTask, tuple]:
-        workdir = Path(workdir).absolute()
-        task = SpawnedTask(job_id, workdir, workdir / JOB_OUTPUT_NAME)
+        # Strings, not Paths: this runs for every task (a Path costs a parse per join).
+        path = os.fspath(workdir)
+        if not os.path.isabs(path):
+            path = os.path.abspath(path)
+        task = SpawnedTask(job_id, path, os.path.join(path, JOB_OUTPUT_NAME))
         argv = direct_argv(shell_cmd, env) or ["/bin/bash", "-c", shell_cmd]
         base = self.base_env
         env_set = {k: v for k, v in env.items() if base.get(k) != v}
-        env_unset = [k for k in base if k not in env]
-        return task, (argv, str(workdir), str(task.outfile), env_set, env_unset)
+        env_unset = [] if base.keys() <= env.keys() else [k for k in base if k not in env]  # a C-level check first
+        return task, (argv, path, task.outfile, env_set, env_unset)
 
     def _send(self, command: tuple) -> bool:
         try:

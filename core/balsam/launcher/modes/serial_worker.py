@@ -71,6 +71,7 @@ from ..job_mode import StopConditions
 from ..node_manager import NodeManager, Placement
 from ..placement import place_pending
 from ..prefetch import Prefetcher
+from ..wake import WakeEvent
 from ..runner import (
     ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
 )
@@ -713,7 +714,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: python -m balsam.launcher.modes.serial_worker CONFIG.json", file=sys.stderr)
         return 2
     config = json.loads(Path(argv[0]).read_text())
-    wake = threading.Event()
+    wake = WakeEvent()
     stop = StopConditions.for_launcher(config["wall_time_min"], config["start_time"], config["launcher"]["idle_ttl_sec"], wake)
 
     def on_signal(signum: int, _frame: Any) -> None:
