@@ -71,10 +71,10 @@ from ..job_mode import StopConditions
 from ..node_manager import NodeManager, Placement
 from ..placement import place_pending
 from ..prefetch import Prefetcher
-from ..wake import WakeEvent
 from ..runner import (
     ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
 )
+from ..wake import WakeEvent
 
 TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]} or {"stop": reason, "grace": sec}
 TAG_REPORT = 12  # worker -> master: {"done": [...]} or {"done": [...], "killed": [...], "final": True}
@@ -472,7 +472,7 @@ class Master:
             "cmd": cmd,
             "workdir": str(workdir),
             "env": {k: v for k, v in env.items() if self.base_env.get(k) != v},
-            "unset": [k for k in self.base_env if k not in env],
+            "unset": [] if self.base_env.keys() <= env.keys() else [k for k in self.base_env if k not in env],
             "cpu_ids": list(cpu_ids),
         }
 
