@@ -161,6 +161,9 @@ def test_plain_command_lines_skip_bash_and_shell_syntax_keeps_it(tmp_path) -> No
     for needs_shell in ["echo hi", "ls *.txt", "a && b", "cat < in", "FOO=1 env", "cd /tmp", "./app", "x $HOME",
                         "no-such-program-here x", "python3 -c 'print(1)'", "unbalanced 'quote"]:
         assert direct_argv(needs_shell, env) is None, needs_shell
+    # An absolute path that is not executable goes through bash, which words the error in job.out.
+    (tmp_path / "not-executable").write_text("")
+    assert direct_argv(f"{tmp_path / 'not-executable'} x", env) is None
     # Both paths give the job the same environment, working directory and output file.
     for cmd in ["env", "env;"]:  # exec'd directly / through bash
         workdir = tmp_path / ("direct" if cmd == "env" else "bash")

@@ -337,8 +337,11 @@ def direct_argv(cmdline: str, env: Mapping[str, str]) -> Optional[list[str]]:
         return None
     if "/" in words[0] and not os.path.isabs(words[0]):
         return None  # relative to the job's workdir: let bash find it (and word any error) there
-    program = words[0] if "/" in words[0] else _which(words[0], env.get("PATH", os.defpath))
-    if program is None or not os.access(program, os.X_OK):
+    if "/" in words[0]:
+        program = words[0] if os.access(words[0], os.X_OK) else None
+    else:  # found on PATH, executable (shutil.which checks it), cached: no system call per task
+        program = _which(words[0], env.get("PATH", os.defpath))
+    if program is None:
         return None
     return [program, *words[1:]]
 
