@@ -49,6 +49,14 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     return {str(k): str(v) for k, v in env.items()}
 
 
+def env_difference(base: dict[str, str], env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """``env`` as changes to ``base``: (the variables to set, the names to unset). What a spawner or
+    a worker rank, which start from ``base``, needs to build ``env`` (runs for every task)."""
+    env_set = {k: v for k, v in env.items() if base.get(k) != v}
+    env_unset = [] if base.keys() <= env.keys() else [k for k in base if k not in env]  # a C-level check first
+    return env_set, env_unset
+
+
 #: A file system with less than this left for users counts as full.
 DISK_FULL_BYTES = 64 * 1024
 
@@ -437,9 +445,7 @@ class SpawnerPool:
             path = os.path.abspath(path)
         task = SpawnedTask(job_id, path, os.path.join(path, JOB_OUTPUT_NAME))
         argv = direct_argv(shell_cmd, env) or ["/bin/bash", "-c", shell_cmd]
-        base = self.base_env
-        env_set = {k: v for k, v in env.items() if base.get(k) != v}
-        env_unset = [] if base.keys() <= env.keys() else [k for k in base if k not in env]  # a C-level check first
+        env_set, env_unset = env_difference(self.base_env, env)
         return task, (argv, path, task.outfile, env_set, env_unset)
 
     def _send(self, command: tuple) -> bool:

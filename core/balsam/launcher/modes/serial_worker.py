@@ -72,7 +72,7 @@ from ..node_manager import NodeManager, Placement
 from ..placement import place_pending
 from ..prefetch import Prefetcher
 from ..runner import (
-    ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+    ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, env_difference, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
 )
 from ..wake import WakeEvent
 
@@ -467,14 +467,8 @@ class Master:
     def _remote_task(self, job_id: int, cmd: str, workdir: Path, env: dict[str, str], cpu_ids: Sequence[int]) -> dict[str, Any]:
         """What a worker needs to start a task; the environment as a difference from the master's
         (every rank starts with the same one), to keep messages small."""
-        return {
-            "id": job_id,
-            "cmd": cmd,
-            "workdir": str(workdir),
-            "env": {k: v for k, v in env.items() if self.base_env.get(k) != v},
-            "unset": [] if self.base_env.keys() <= env.keys() else [k for k in self.base_env if k not in env],
-            "cpu_ids": list(cpu_ids),
-        }
+        env_set, env_unset = env_difference(self.base_env, env)
+        return {"id": job_id, "cmd": cmd, "workdir": str(workdir), "env": env_set, "unset": env_unset, "cpu_ids": list(cpu_ids)}
 
     def _send_outbox(self) -> None:
         for rank, tasks in self.outbox.items():
