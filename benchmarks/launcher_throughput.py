@@ -21,13 +21,17 @@ the jobs' workdirs are made ahead, as the processing module's preprocess makes t
 launcher creates each job's ``job.out``.
 
 What "end" means is printed with the figures: JOB_FINISHED when the site agent's processing module
-is importable (it runs alongside the launcher and post-processes RUN_DONE jobs), otherwise RUN_DONE.
+is importable (it runs alongside the launcher) or when the launcher gives the default postprocess
+itself (``launcher.default_postprocess_in_launcher``, the default: RUN_DONE and POSTPROCESSED in one
+update), otherwise RUN_DONE. ``--postprocess module`` turns the launcher's part off, so that the
+processing module takes every RUN_DONE to POSTPROCESSED, as in Balsam 0.7: run both ways to compare.
 
 ``--end-to-end`` runs the same jobs through the real site agent instead: a site made by
 ``init_site`` (default platform, ``local`` scheduler), the agent daemon started as ``balsam site
 start`` does, and a BatchJob created through the API. The agent's scheduler module submits it to
 the local queue, whose batch script starts the launcher from the job template; the agent's
-processing module takes RUN_DONE jobs to JOB_FINISHED. Printed: BatchJob created -> launcher process
+processing module runs beside it (with ``--postprocess module`` it takes RUN_DONE jobs to
+POSTPROCESSED). Printed: BatchJob created -> launcher process
 start (the scheduler's own polling delay, ``scheduler.sync_period`` plus the submit command: reported
 apart and excluded from the rates), launcher start -> first RUNNING, launcher start -> last
 JOB_FINISHED, and BatchJob created -> last JOB_FINISHED.
@@ -182,7 +186,8 @@ def _cpu_ticks() -> tuple[int, int]:
     return sum(fields), fields[3] + fields[4]  # idle + iowait
 
 
-def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, timeout: float, server_pid: int) -> dict:
+def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, timeout: float, server_pid: int,
+             postprocess_in_launcher: bool) -> dict:
     import resource
 
     from balsam.api import EventLog, Job
@@ -191,7 +196,7 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
 
     end_state = "RUN_DONE"
     with (Processing(site) if processing else _Null()) as proc:
-        if processing and getattr(proc, "module", None) is not None:
+        if postprocess_in_launcher or (processing and getattr(proc, "module", None) is not None):
             end_state = "JOB_FINISHED"
         t0, ticks0 = time.time(), _cpu_ticks()
         # As the job template starts it: with its BatchJob's id in the environment.
@@ -274,7 +279,8 @@ def _launcher_start(log_dir: Path, mode: str, seen: dict[str, float], stop: thre
         stop.wait(0.02)
 
 
-def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, timeout: float) -> dict:
+def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, timeout: float,
+                   postprocess_in_launcher: bool) -> dict:
     """``count`` no-op jobs run by a BatchJob through the real site agent (see the module docstring)."""
     from balsam.api import BatchJob, EventLog, Job
     from balsam.client import load_client
@@ -285,7 +291,7 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
     client = load_client()
     site_id = init_site(site_path, name, "default", client, settings_overrides={
         "scheduler": {"sync_period": 1},
-        "launcher": {"idle_ttl_sec": 2, "delay_sec": 1},
+        "launcher": {"idle_ttl_sec": 2, "delay_sec": 1, "default_postprocess_in_launcher": postprocess_in_launcher},
         "processing": {"num_workers": 1},
     })
     app = noop_app(name, command)
@@ -365,10 +371,12 @@ def noop_app(site_name: str, command: str) -> type:
     return Noop
 
 
-def bench_site(dep: LocalDeployment, command: str) -> tuple[Path, type]:
+def bench_site(dep: LocalDeployment, command: str, postprocess_in_launcher: bool) -> tuple[Path, type]:
     """The site the direct runs use (launchers started by hand, the processing module beside
     them) and its no-op app."""
-    site = dep.make_site("bench", launcher={"idle_ttl_sec": 2, "delay_sec": 1}, processing={"num_workers": 1})
+    site = dep.make_site("bench", launcher={"idle_ttl_sec": 2, "delay_sec": 1,
+                                            "default_postprocess_in_launcher": postprocess_in_launcher},
+                         processing={"num_workers": 1})
     return site, noop_app("bench", command)
 
 
@@ -418,6 +426,9 @@ def main() -> int:
     parser.add_argument("--serial-jobs", type=int, default=5000)
     parser.add_argument("--mpi-jobs", type=int, default=200)
     parser.add_argument("--no-processing", action="store_true", help="measure to RUN_DONE even if the processing module exists")
+    parser.add_argument("--postprocess", choices=["launcher", "module"], default="launcher",
+                        help="who gives the default postprocess: the launcher, in its RUN_DONE update (the default "
+                             "setting), or the processing module (default_postprocess_in_launcher: false, as Balsam 0.7)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="through the real site agent and local scheduler, from a BatchJob created through the API")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
@@ -438,7 +449,8 @@ def main() -> int:
     dep = LocalDeployment(root / "deploy")
     try:
         dep.activate()
-        site, Noop = bench_site(dep, args.command)
+        in_launcher = args.postprocess == "launcher"
+        site, Noop = bench_site(dep, args.command, in_launcher)
         ncpu = len(os.sched_getaffinity(0))
         load_before = os.getloadavg()[0]
         from balsam.builtin.default_platform import find_mpiexec
@@ -453,11 +465,12 @@ def main() -> int:
             for mode, count in (("serial", args.serial_jobs), ("mpi", args.mpi_jobs)):
                 if count:
                     before = measure_limit(mode)
-                    result = run_end_to_end(root, mode, count, args.command, ncpu, timeout=600)
+                    result = run_end_to_end(root, mode, count, args.command, ncpu, timeout=600, postprocess_in_launcher=in_launcher)
                     result["limits"] = (before[0], measure_limit(mode)[0])
                     e2e.append(result)
             print(f"launcher throughput end to end ({ncpu} CPUs, load average before the run {load_before:.1f}; real "
-                  f"uvicorn + SQLite server, the site agent with the local scheduler, real mpiexec; app command {args.command!r})")
+                  f"uvicorn + SQLite server, the site agent with the local scheduler, real mpiexec; app command {args.command!r}; "
+                  f"default postprocess by the {args.postprocess})")
             print(f"  balsam's bytecode compiled ahead, as installed ({compiled} files compiled now)")
             for r in e2e:
                 limit = max(r["limits"])
@@ -474,7 +487,8 @@ def main() -> int:
                 done_rate = r["run_done"] / r["to_last_run_done"] if r["run_done"] else 0.0
                 print(f"  {r['mode']:6s} {r['run_done']:5d}/{r['jobs']} jobs, launcher start -> last RUN_DONE "
                       f"{r['to_last_run_done']:.2f} s: {done_rate:8.1f} jobs/s = {done_rate / limit:.0%} of the limit "
-                      "(the launcher alone; JOB_FINISHED waits for the agent's processing module)")
+                      + ("(the launcher's update carries POSTPROCESSED too)" if in_launcher else
+                         "(the launcher alone; JOB_FINISHED waits for the agent's processing module)"))
                 if r["error"]:
                     print(f"         {r['error']}")
             return 0
@@ -487,7 +501,8 @@ def main() -> int:
             # tenant, thermal, the page cache), and a limit read minutes away misstates the ratio.
             fs_cost = file_create_cost(root / f"fs-probe-{mode}")
             before = measure_limit(mode)
-            result = run_mode(site, mode, mode, ids, not args.no_processing, timeout=600, server_pid=dep.proc.pid)
+            result = run_mode(site, mode, mode, ids, not args.no_processing, timeout=600, server_pid=dep.proc.pid,
+                              postprocess_in_launcher=in_launcher)
             after = measure_limit(mode)
             result["limits"] = (before[0], after[0])
             result["limit_task_cpu"] = (before[1] + after[1]) / 2
@@ -495,7 +510,7 @@ def main() -> int:
             results.append(result)
         print(f"launcher throughput ({ncpu} CPUs, load average before the run {load_before:.1f}; "
               f"real uvicorn + SQLite server, real mpiexec; app command {args.command!r}; "
-              f"{len(os.environ)} environment variables)")
+              f"{len(os.environ)} environment variables; default postprocess by the {args.postprocess})")
         print(f"  balsam's bytecode compiled ahead, as installed ({compiled} files compiled now)")
         for r in results:
             # Against the higher of the two readings: the ratio is never flattered by a slow moment.

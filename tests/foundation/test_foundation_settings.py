@@ -85,7 +85,7 @@ def test_bad_settings_file_gives_one_error_line_on_the_cli(tmp_path):
          "not, install the distribution that provides the 'schedular' agent module, or set it to null)"),
         ("launcher:\n  zzz: 1\n", "settings.yml:2 launcher.zzz: unknown key (known keys: platform, platform_options, "
          "idle_ttl_sec, delay_sec, error_tail_num_lines, max_concurrent_mpiruns, mpirun_allows_node_packing, "
-         "serial_mode_prefetch_per_rank, sort_by, serial_mode_startup_params)"),
+         "serial_mode_prefetch_per_rank, sort_by, serial_mode_startup_params, default_postprocess_in_launcher)"),
         ("globus_extra: {}\n",
          "settings.yml:1 globus_extra: no installed agent module consumes this section (install the distribution "
          "that provides the 'globus_extra' agent module, or set it to null)"),
@@ -186,13 +186,13 @@ def test_settings_keyword_overrides():
 
 
 # Every key of inventory §5.1 (the dotted-class keys became plugin names: launcher.platform, scheduler.name),
-# plus the driver options. The transfers and elastic_queue sections belong to their own agent modules
+# plus the driver options and balsam's own additions (launcher.default_postprocess_in_launcher). The transfers and elastic_queue sections belong to their own agent modules
 # (their tests check them).
 INVENTORY_KEYS = {
     "logging": ["level", "format", "datefmt", "buffer_num_records", "flush_period"],
     "launcher": ["platform_options", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "max_concurrent_mpiruns",
                  "mpirun_allows_node_packing", "serial_mode_prefetch_per_rank", "sort_by",
-                 "serial_mode_startup_params", "platform"],
+                 "serial_mode_startup_params", "platform", "default_postprocess_in_launcher"],
     "scheduler": ["name", "options", "sync_period", "allowed_queues", "allowed_projects", "optional_batch_job_params",
                   "job_template_path"],
     "processing": ["num_workers", "prefetch_depth"],

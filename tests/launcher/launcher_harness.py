@@ -111,13 +111,19 @@ class LocalDeployment:
 
 def make_site(path: Path, name: str, launcher: Optional[dict[str, Any]] = None, **sections: Any) -> Path:
     """A site directory registered with the API (as the current user); ``launcher`` overrides
-    settings.launcher keys. Agent-module sections are left out (disabled): only launchers run."""
+    settings.launcher keys. Agent-module sections are left out (disabled): only launchers run.
+
+    The launcher's own default postprocess is off here (``default_postprocess_in_launcher``, on in
+    a real site): these sites' tests look at what the launcher reports of a run, RUN_DONE. The tests
+    of that postprocess turn it on (the launcher e2e test named after it, the eight-launcher drill),
+    and the site agent's end-to-end tests run real sites, with it on."""
     from balsam.api import Site
 
     path = Path(path)
     for sub in ("data", "log", "qsubmit"):
         (path / sub).mkdir(parents=True, exist_ok=True)
-    settings: dict[str, Any] = {"launcher": {"idle_ttl_sec": 3, "delay_sec": 1, **(launcher or {})}}
+    settings: dict[str, Any] = {"launcher": {"idle_ttl_sec": 3, "delay_sec": 1, "default_postprocess_in_launcher": False,
+                                             **(launcher or {})}}
     settings.update(sections)
     (path / "settings.yml").write_text(yaml.safe_dump(settings))
     site = Site.objects.create(name=name, path=str(path))

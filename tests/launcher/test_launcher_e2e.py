@@ -86,6 +86,51 @@ def test_jobs_run_with_output_events_and_logs(mode: str, new_site) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_the_launcher_gives_the_default_postprocess_in_its_own_update(mode: str, new_site) -> None:
+    """No processing module runs here. A job whose app keeps the default postprocess reaches
+    JOB_FINISHED through the launcher's update alone (RUN_DONE and POSTPROCESSED in one call, at the
+    exit's time); an app with its own postprocess stays RUN_DONE for the processing module, and so
+    does every job of a site whose settings turn this off (Balsam 0.7's way)."""
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2, default_postprocess_in_launcher=True)  # the setting's default
+    off_name, off_path = new_site(idle_ttl_sec=2, default_postprocess_in_launcher=False)
+
+    class Plain(ApplicationDefinition):
+        site = name
+        command_template = "echo plain"
+
+    class Hooked(ApplicationDefinition):
+        site = name
+        command_template = "echo hooked"
+
+        def postprocess(self) -> None:
+            self.job.state = "POSTPROCESSED"
+
+    class PlainElsewhere(ApplicationDefinition):
+        site = off_name
+        command_template = "echo plain"
+
+    for app in (Plain, Hooked, PlainElsewhere):
+        app.sync()
+    plain = make_runnable(Plain.submit(workdir=f"plain/{i}", save=False) for i in range(3))
+    hooked = make_runnable([Hooked.submit(workdir="hooked", save=False)])
+    elsewhere = make_runnable([PlainElsewhere.submit(workdir="plain", save=False)])
+    procs = [start_launcher(path, mode, 1), start_launcher(off_path, mode, 1)]
+    wait_for_states(plain, {"JOB_FINISHED"})
+    wait_for_states(hooked + elsewhere, {"RUN_DONE"})
+    assert [finish(p) for p in procs] == [0, 0]
+    history = events_of(plain + hooked + elsewhere)
+    for job_id in plain:
+        rows = history[job_id]
+        assert [(e.from_state, e.to_state) for e in rows][-4:] == [
+            ("PREPROCESSED", "RUNNING"), ("RUNNING", "RUN_DONE"), ("RUN_DONE", "POSTPROCESSED"), ("POSTPROCESSED", "JOB_FINISHED")]
+        assert rows[-3].timestamp == rows[-2].timestamp  # postprocessed at the exit, in the same update
+    for job_id in hooked + elsewhere:
+        assert [e.to_state for e in history[job_id]][-2:] == ["RUNNING", "RUN_DONE"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_run_error_carries_returncode_and_output_tail(mode: str, new_site) -> None:
     from balsam.api import ApplicationDefinition, Job
 

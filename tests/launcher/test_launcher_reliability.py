@@ -292,6 +292,98 @@ def test_the_updater_gives_up_quickly_once_closing_with_the_api_gone(tmp_path: P
     assert [json.loads(line)["id"] for line in lines] == [1, 2]
 
 
+def test_grouped_updates_reach_the_server_in_one_call_in_order(tmp_path: Path) -> None:
+    """put_updates: a job's RUN_DONE and POSTPROCESSED are never split between two calls (another
+    client would see the job half done), even at a call's size limit; the sequence numbers count
+    updates; a group that cannot be sent is spooled whole, in order."""
+    from balsam.client.status_updater import BulkStatusUpdater
+    from balsam.models import MAX_ITEMS_PER_BULK_OP
+
+    calls: list[list[tuple[int, str]]] = []
+    updater = BulkStatusUpdater(send=lambda chunk: calls.append([(u["id"], u["state"]) for u in chunk]), max_wait_sec=3600)
+    try:
+        for job_id in range(MAX_ITEMS_PER_BULK_OP - 1):
+            updater.put(job_id, "RUN_DONE")
+        last = updater.put_updates([{"id": -1, "state": "RUN_DONE"}, {"id": -1, "state": "POSTPROCESSED"}])
+        assert last == MAX_ITEMS_PER_BULK_OP + 1
+        updater.put(-2, "RUN_DONE")
+        assert updater.flush(30) and updater.done_through(last + 1)
+    finally:
+        updater.close()
+    assert [len(c) for c in calls] == [MAX_ITEMS_PER_BULK_OP - 1, 3]  # the group did not fit beside the rest
+    assert calls[1] == [(-1, "RUN_DONE"), (-1, "POSTPROCESSED"), (-2, "RUN_DONE")]
+
+    def unreachable(_chunk: list) -> None:
+        raise ConnectionError("connection refused")
+
+    gone = BulkStatusUpdater(send=unreachable, close_timeout=1.0, spool_dir=tmp_path / "spool")
+    gone.put_updates([{"id": 1, "state": "RUN_DONE"}, {"id": 1, "state": "POSTPROCESSED"}])
+    gone.put(2, "RUN_ERROR")
+    gone.close()
+    lines = [json.loads(line) for line in gone.spool_files[0].read_text().splitlines()]
+    assert [(u["id"], u["state"]) for u in lines] == [(1, "RUN_DONE"), (1, "POSTPROCESSED"), (2, "RUN_ERROR")]
+
+
+def test_a_successful_exit_is_postprocessed_in_the_same_call_only_when_asked() -> None:
+    from balsam.launcher.runner import report_exit
+
+    class Recording:
+        def __init__(self) -> None:
+            self.items: list[Any] = []
+
+        def put(self, job_id: int, state: Any = None, **fields: Any) -> None:
+            self.items.append(("put", job_id, str(state), fields))
+
+        def put_updates(self, updates: list) -> None:
+            self.items.append(("group", [(u["id"], u["state"], u["state_timestamp"]) for u in updates]))
+
+    rec = Recording()
+    report_exit(rec, 1, 0, "", 1_700_000_000.0, True)
+    report_exit(rec, 2, 0, "", 1_700_000_000.0)
+    report_exit(rec, 3, 1, "boom", 1_700_000_000.0, True)  # a failed run is the processing module's (handle_error)
+    stamp = dt.datetime.fromtimestamp(1_700_000_000.0, dt.timezone.utc).isoformat()
+    assert rec.items[0] == ("group", [(1, "RUN_DONE", stamp), (1, "POSTPROCESSED", stamp)])
+    assert [i[:3] for i in rec.items[1:]] == [("put", 2, "RUN_DONE"), ("put", 3, "RUN_ERROR")]
+
+
+def test_the_launcher_postprocesses_only_apps_that_keep_the_default_hook(tmp_path: Path) -> None:
+    """The same test as the processing module's: an app (or a base class of the user's) that defines
+    postprocess, and a run() app (its return value is read from job.out), go through the processing
+    module; so does every app when the setting is off."""
+    from balsam.api import ApplicationDefinition
+    from balsam.launcher.app_run import JobPreparer, _keeps_default_postprocess
+
+    class Plain(ApplicationDefinition):
+        site = 1
+        command_template = "true"
+
+    class OwnHook(Plain):
+        def postprocess(self) -> None:
+            self.job.state = "POSTPROCESSED"
+
+    class Inherits(OwnHook):
+        command_template = "echo"
+
+    class Pythonic(ApplicationDefinition):
+        site = 1
+
+        def run(self) -> int:
+            return 1
+
+    job = types.SimpleNamespace(**vars(_single_rank_job("w")), parameters={}, serialized_parameters="",
+                                get_parameters=lambda: {})
+    apps = {1: Plain, 2: OwnHook, 3: Inherits}
+    on = JobPreparer(tmp_path, load_app=apps.__getitem__, default_postprocess=True)
+    off = JobPreparer(tmp_path, load_app=apps.__getitem__)
+    seen = {}
+    for app_id in apps:
+        job.app_id = app_id
+        seen[app_id] = (on.prepare(job).postprocess_on_exit, off.prepare(job).postprocess_on_exit)
+    assert seen == {1: (True, False), 2: (False, False), 3: (False, False)}
+    # A run() app's job cannot be prepared without a synced app; the decision is the same function's.
+    assert [_keeps_default_postprocess(cls) for cls in (Plain, Pythonic)] == [True, False]
+
+
 def test_refused_updates_are_isolated_by_bisection() -> None:
     from balsam.client.status_updater import isolate_refused
 

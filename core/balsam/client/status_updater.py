@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP
 from balsam.states import JobState
@@ -95,6 +95,17 @@ def split_into_rounds(updates: list[dict[str, Any]]) -> list[list[dict[str, Any]
     return rounds
 
 
+def _flatten(items: Iterable[Any]) -> list[dict[str, Any]]:
+    """The updates of queued items (an item is an update or a tuple of them)."""
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if type(item) is tuple:
+            out.extend(item)
+        else:
+            out.append(item)
+    return out
+
+
 class _GaveUp(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
@@ -129,7 +140,9 @@ class BulkStatusUpdater:
         self.name = name
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         # put() only appends to a deque (atomic under the GIL): no lock on the launchers' hot path.
-        self._items: deque[dict[str, Any]] = deque()
+        # An item is one update, or a tuple of updates that must reach the server in one call
+        # (put_updates).
+        self._items: deque[Any] = deque()
         self._put_count = itertools.count(1)
         self._last_put = 0
         self._done = 0
@@ -181,6 +194,23 @@ class BulkStatusUpdater:
         self._last_put = next(self._put_count)
         return self._last_put
 
+    def put_updates(self, updates: Sequence[dict[str, Any]]) -> int:
+        """Queue updates already in wire form that must reach the server in the same call, in this
+        order: several state changes of one job (a launcher's RUN_DONE, then POSTPROCESSED), which
+        no other client should see half done. Returns the sequence number of the last one.
+
+        A call the server refuses as a whole is split to isolate the refused updates (as always);
+        only then may such a group travel in two calls."""
+        if self._closed:
+            raise RuntimeError("BulkStatusUpdater is closed")
+        group = tuple(updates)
+        if not group:
+            return self._last_put
+        self._items.append(group if len(group) > 1 else group[0])
+        for _ in group:
+            self._last_put = next(self._put_count)
+        return self._last_put
+
     def send_soon(self) -> None:
         """Send what is queued now instead of waiting up to ``max_wait_sec`` for more (without
         blocking), when the caller knows that no more updates are coming soon: a launcher with
@@ -223,7 +253,7 @@ class BulkStatusUpdater:
         self._thread.join(self.close_timeout + 30)
         if self._thread.is_alive():
             self.gave_up = True
-            left = list(self._inflight) + list(self._items)
+            left = list(self._inflight) + _flatten(self._items)
             logger.error("%s did not finish within %.0f s; %d updates unsent", self.name, self.close_timeout + 30, len(left))
             self._spool(left)
 
@@ -239,10 +269,20 @@ class BulkStatusUpdater:
 
     # -- background thread ---------------------------------------------------------------------
     def _drain(self) -> list[dict[str, Any]]:
+        # At most one call's worth (MAX_ITEMS_PER_BULK_OP), so that no group is split between two
+        # calls; a group larger than that alone goes whole to the chunking of _send_batch.
         batch: list[dict[str, Any]] = []
         items = self._items
-        while items and len(batch) < self.max_batch:
-            batch.append(items.popleft())
+        room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP)
+        while items and len(batch) < room:
+            item = items[0]  # this thread alone takes items: what it peeks at is what it pops
+            if type(item) is tuple:
+                if batch and len(batch) + len(item) > room:
+                    break
+                batch.extend(item)
+            else:
+                batch.append(item)
+            items.popleft()
         return batch
 
     def _run(self) -> None:

@@ -72,6 +72,10 @@ class LauncherSettings:
     serial_mode_startup_params: dict[str, str] = setting(
         help="Extra MPI launch parameters for starting serial-mode workers.", factory=lambda: {"cpu_affinity": "none"}
     )
+    default_postprocess_in_launcher: bool = setting(
+        True, "A job whose app keeps the default postprocess (not a run() app) goes RUN_DONE -> POSTPROCESSED "
+        "in the launcher's own update; false leaves it to the processing module, as Balsam 0.7 did."
+    )
 
     def validate(self) -> dict[str, str]:
         problems = {}

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import attrs
 
 from ..models import job_workdir
+from ..site.apps import is_python_app, overridden_hooks
 from ..util import tail_file
 from .node_manager import Demand
 
@@ -68,6 +69,10 @@ class PreparedJob:
     preamble: str = ""
     demand: Demand = attrs.Factory(Demand)
     launch_params: dict[str, str] = attrs.Factory(dict)
+    #: The app keeps the default ``postprocess`` (and is not a ``run()`` app, whose return value the
+    #: processing module reads from job.out): the launcher reports a successful exit as RUN_DONE and
+    #: POSTPROCESSED in one call (launcher setting ``default_postprocess_in_launcher``).
+    postprocess_on_exit: bool = False
 
     @property
     def footprint(self) -> float:
@@ -82,10 +87,15 @@ def _one_line(exc: BaseException) -> str:
 class JobPreparer:
     """Builds :class:`PreparedJob` records from API jobs (apps loaded once per app id)."""
 
-    def __init__(self, data_path: Path, load_app: Optional[Callable[[int], Any]] = None) -> None:
+    def __init__(self, data_path: Path, load_app: Optional[Callable[[int], Any]] = None, *,
+                 default_postprocess: bool = False) -> None:
         self.data_path = Path(data_path)
         self._load_app_fn = load_app
+        #: Postprocess here the jobs of apps that keep the default hook (see PreparedJob).
+        self.default_postprocess = default_postprocess
         self._apps: dict[int, Any] = {}
+        #: app id -> whether its jobs are postprocessed on exit (decided once, with the app load)
+        self._postprocess_on_exit: dict[int, bool] = {}
         self._app_errors: dict[int, str] = {}
         self._lock = threading.Lock()
 
@@ -109,7 +119,8 @@ class JobPreparer:
                 reason = f"An exception occurred while loading the app (id {app_id}): {_one_line(exc)}"
                 self._app_errors[app_id] = reason
                 raise JobBuildError(reason) from exc
-            self._apps[app_id] = app_cls
+            self._postprocess_on_exit[app_id] = self.default_postprocess and _keeps_default_postprocess(app_cls)
+            self._apps[app_id] = app_cls  # last: the lock-free read above must find both
             return app_cls
 
     def prepare(self, job: Any) -> PreparedJob:
@@ -117,7 +128,8 @@ class JobPreparer:
         # field is read once, and the environment is not walked again when the app's
         # get_environ_vars is the default one (it returns strings only).
         job_id = job.id
-        app_cls = self._load_app(job.app_id)
+        app_id = job.app_id
+        app_cls = self._load_app(app_id)
         try:
             app = app_cls(job)
         except Exception as exc:
@@ -157,7 +169,19 @@ class JobPreparer:
             preamble=preamble,
             demand=demand,
             launch_params={str(k): str(v) for k, v in launch_params.items()} if launch_params else {},
+            postprocess_on_exit=self._postprocess_on_exit.get(app_id, False),
         )
+
+
+def _keeps_default_postprocess(app_cls: Any) -> bool:
+    """Whether the processing module would give this app's RUN_DONE jobs the default postprocess
+    (POSTPROCESSED, nothing else): the same test it applies (:func:`balsam.site.apps.overridden_hooks`)."""
+    try:
+        return isinstance(app_cls, type) and "postprocess" not in overridden_hooks(app_cls) and not is_python_app(app_cls)
+    except Exception:  # an app class that cannot be inspected is left to the processing module
+        logger.warning("app %r: cannot tell whether it overrides postprocess; its jobs go through the processing module",
+                       app_cls, exc_info=True)
+        return False
 
 
 @functools.lru_cache(maxsize=1)

@@ -88,9 +88,19 @@ def send_first_running(updater: Any) -> None:
     updater.flush(timeout=0)
 
 
-def report_exit(updater: Any, job_id: int, returncode: int, tail: str, when: Optional[float] = None) -> None:
+def report_exit(updater: Any, job_id: int, returncode: int, tail: str, when: Optional[float] = None,
+                postprocess: bool = False) -> None:
+    """RUN_DONE or RUN_ERROR. ``postprocess`` (the job's app keeps the default postprocess, see
+    :attr:`~balsam.launcher.app_run.PreparedJob.postprocess_on_exit`): a RUN_DONE is followed by
+    POSTPROCESSED in the same call, which is all the processing module would have done."""
     ts = dt.datetime.fromtimestamp(when, dt.timezone.utc) if when else None
-    if returncode == 0:
+    if returncode == 0 and postprocess:
+        stamp = (ts or dt.datetime.now(dt.timezone.utc)).isoformat()
+        updater.put_updates([
+            {"id": job_id, "state": JobState.run_done.value, "state_timestamp": stamp, "return_code": 0},
+            {"id": job_id, "state": JobState.postprocessed.value, "state_timestamp": stamp},
+        ])
+    elif returncode == 0:
         updater.put(job_id, JobState.run_done, state_timestamp=ts, return_code=0)
     else:
         updater.put(job_id, JobState.run_error, state_timestamp=ts, state_data={"returncode": returncode, "error": tail}, return_code=returncode)

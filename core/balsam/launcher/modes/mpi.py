@@ -161,7 +161,9 @@ class MPIMode(JobMode):
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self.node_manager = NodeManager(context.nodes, allow_node_packing=context.allow_node_packing())
-        self.preparer = JobPreparer(context.data_path)
+        self.preparer = JobPreparer(context.data_path, default_postprocess=bool(context.setting("default_postprocess_in_launcher")))
+        #: Started jobs whose successful exit is reported with POSTPROCESSED (PreparedJob.postprocess_on_exit)
+        self._postprocess_on_exit: set[int] = set()
         # Every task here is an MPI launcher: it keeps SIGPIPE ignored (runner.local_pool).
         self.pool = local_pool(int(context.setting("error_tail_num_lines")), wake=self.wake, sigpipe_ignored=True)
         self.pending: deque[PreparedJob] = deque()
@@ -318,6 +320,8 @@ class MPIMode(JobMode):
             # An MPI launcher binds ranks itself, so no affinity is forced on it here.
             self.pool.start(prepared.id, cmd, prepared.workdir, env)
             self._footprints[prepared.id] = prepared.footprint
+            if prepared.postprocess_on_exit:
+                self._postprocess_on_exit.add(prepared.id)
             report_running(updater, prepared)
             logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), cmd)
 
@@ -327,6 +331,12 @@ class MPIMode(JobMode):
         self.started += started
         return started
 
+    def _pop_postprocess(self, job_id: int) -> bool:
+        if job_id in self._postprocess_on_exit:
+            self._postprocess_on_exit.discard(job_id)
+            return True
+        return False
+
     def _reap(self, updater: Any) -> int:
         done = self.pool.reap()
         if done:
@@ -335,7 +345,7 @@ class MPIMode(JobMode):
         for job_id, rc, tail, when in done:
             self.node_manager.free(job_id)
             self.lease_ahead.job_ended(self._footprints.pop(job_id, 0.0), now)
-            report_exit(updater, job_id, rc, tail, when)
+            report_exit(updater, job_id, rc, tail, when, self._pop_postprocess(job_id))
             logger.info("job %s exited with %s", job_id, rc)
         self.finished += len(done)
         return len(done)
@@ -422,7 +432,7 @@ class MPIMode(JobMode):
     def _shutdown(self, updater: Any, reason: str) -> None:
         victims, finished = self.pool.terminate_all(self.countdown.grace_sec)
         for job_id, rc, tail, when in finished:
-            report_exit(updater, job_id, rc, tail, when)
+            report_exit(updater, job_id, rc, tail, when, self._pop_postprocess(job_id))
         for job_id in victims:
             report_timeout(updater, job_id, f"launcher stopped ({reason})")
             logger.info("job %s ended as RUN_TIMEOUT (%s)", job_id, reason)

@@ -69,7 +69,8 @@ class SerialMode(JobMode):
             # Resolved here so the master can lease jobs before it has read settings.yml itself.
             "launcher": {
                 name: ctx.setting(name)
-                for name in ("platform", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "serial_mode_prefetch_per_rank")
+                for name in ("platform", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "serial_mode_prefetch_per_rank",
+                             "default_postprocess_in_launcher")
             },
         }
         # The options as plain values (the settings loader may hand over an instance of the schema).

@@ -283,6 +283,8 @@ class Master:
         self.base_env = dict(os.environ)
         self.started = 0
         self.finished = 0
+        #: Started jobs whose successful exit is reported with POSTPROCESSED (PreparedJob.postprocess_on_exit)
+        self.postprocess_on_exit: set[int] = set()
         #: Worth a placement pass: resources were freed or jobs arrived since the last one.
         self._try_start = True
         # Hand-over bookkeeping (a pool with ``queue_after``; see the module docstring):
@@ -364,6 +366,8 @@ class Master:
         else:
             self.outbox.setdefault(rank, []).append(self._remote_task(prepared.id, cmd, prepared.workdir, env, cpu_ids))
             self.remote[prepared.id] = rank
+        if prepared.postprocess_on_exit:
+            self.postprocess_on_exit.add(prepared.id)
         report_running(self.updater, prepared)
 
     def _fail(self, job_id: int, reason: str) -> None:
@@ -420,6 +424,8 @@ class Master:
                 self.node_manager.hand_over(after_id, job_id)
             else:
                 self.handed_to[after_id] = job_id
+            if prepared.postprocess_on_exit:
+                self.postprocess_on_exit.add(job_id)
             report_running(self.updater, prepared, when)
         self.started += len(started)
         self.handed_over += len(started)
@@ -479,10 +485,12 @@ class Master:
     def _finish(self, results: Sequence[Sequence[Any]]) -> None:
         if results:
             self._try_start = True
+        postprocess_on_exit = self.postprocess_on_exit
         for job_id, rc, tail, when in results:
             self._release(job_id)
             self.remote.pop(job_id, None)
-            report_exit(self.updater, job_id, rc, tail, when)
+            report_exit(self.updater, job_id, rc, tail, when, job_id in postprocess_on_exit)
+            postprocess_on_exit.discard(job_id)
         self.finished += len(results)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -579,7 +587,8 @@ def build_master(
     nodes = [NodeInfo(**n) for n in config["nodes"]]
     node_manager = NodeManager(nodes, allow_node_packing=True)
     updater = open_updater(config.get("spool_path"))
-    preparer = JobPreparer(Path(config["data_path"]))
+    preparer = JobPreparer(Path(config["data_path"]),
+                           default_postprocess=bool(launcher.get("default_postprocess_in_launcher", False)))
     prefetcher = Prefetcher(
         lease or (lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"])),
         preparer.prepare,
