@@ -9,6 +9,12 @@ RUN_ERROR                 ``handle_error``    FAILED (tail of job.out in the eve
 RUN_TIMEOUT               ``handle_timeout``  RESTART_READY
 ========================  ==================  ==========================================
 
+A RUN_DONE job whose app keeps the default ``postprocess`` (not a ``run()`` app) mostly never
+reaches this module: the launcher reports it POSTPROCESSED in the same call
+(``launcher.default_postprocess_in_launcher``, on by default; the same test as here, see
+:class:`~balsam.launcher.app_run.PreparedJob`). With the key off, or for jobs whose launcher did not
+(a spooled update, a 0.7 launcher), this module gives it.
+
 Jobs are leased through a Session of their own (no BatchJob), ``prefetch_depth`` at most at once,
 with the launchers' :class:`~balsam.client.lease.JobLease` (exactly-once acquisition). An acquire
 that finds nothing asks the server to wait for jobs (``Prefer: wait``, up to a cycle's sleep), so
