@@ -27,9 +27,10 @@ from balsam.platform import NodeInfo
 
 
 class FakeJob:
-    def __init__(self, job_id: int, command: str = "true") -> None:
+    def __init__(self, job_id: int, command: str = "true", postprocess: bool = False) -> None:
         self.id = job_id
         self.command = command
+        self.postprocess = postprocess  # its app keeps the default postprocess (and the setting is on)
 
 
 class FakeLease:
@@ -59,6 +60,10 @@ class RecordingUpdater:
     def put(self, job_id: int, state: Any = None, state_timestamp: Any = None, state_data: Any = None, **fields: Any) -> None:
         with self.lock:
             self.updates.append((job_id, str(getattr(state, "value", state)), state_data or {}))
+
+    def put_updates(self, updates: list[dict[str, Any]]) -> None:
+        with self.lock:  # one group, as BulkStatusUpdater keeps it in one call
+            self.updates.extend((u["id"], u["state"], u.get("state_data") or {}) for u in updates)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         self.flushes += 1
@@ -115,7 +120,7 @@ def _prepare(tmp_path: Path):
         workdir = tmp_path / str(job.id)
         workdir.mkdir(parents=True, exist_ok=True)
         return PreparedJob(job=job, id=job.id, workdir=workdir, cmdline=job.command, env={"PATH": os.environ["PATH"]},
-                           demand=Demand(node_packing_count=2))
+                           demand=Demand(node_packing_count=2), postprocess_on_exit=job.postprocess)
 
     return prepare
 
@@ -178,6 +183,29 @@ def test_many_short_tasks_by_hand_over_leave_no_resources_held(tmp_path: Path, r
     assert not master.node_manager.placements and not master.deferred and not master.handed_to
     node = master.node_manager.nodes[0]
     assert node.is_empty and node.idle_cpus == [0, 1]
+
+
+def test_the_master_postprocesses_successful_exits_of_default_hook_apps_local_handed_over_and_remote(tmp_path: Path) -> None:
+    """A job whose app keeps the default postprocess gets POSTPROCESSED right after its RUN_DONE (in
+    one group); a failed run and the other apps' jobs do not. Local tasks (most started by
+    hand-over, behind another task) and the tasks of a worker rank alike."""
+    jobs = [FakeJob(i, "true" if i % 5 else "exit 3", postprocess=bool(i % 2)) for i in range(1, 81)]
+    master, _, updater, transport = make_master(tmp_path, jobs, nodes=2, cpus=2, idle_ttl=0.5, pool=SpawnerPool)
+    thread, result = run_in_thread(master)
+    deadline = time.monotonic() + 30
+    remote: set[int] = set()
+    while thread.is_alive() and time.monotonic() < deadline:
+        batch = [t for t in transport.sent[1] if t["id"] not in remote]
+        remote.update(t["id"] for t in batch)
+        if batch:
+            transport.inbox.append((1, {"done": [(t["id"], 0 if t["id"] % 5 else 3, "", time.time()) for t in batch]}))
+        time.sleep(0.02)
+    thread.join(5)
+    assert result["reason"] == "idle" and remote and master.handed_over
+    for job in jobs:
+        expected = ["RUNNING", "RUN_ERROR"] if job.id % 5 == 0 else ["RUNNING", "RUN_DONE"] + ["POSTPROCESSED"] * job.postprocess
+        assert updater.states(job.id) == expected, (job.id, job.id in remote)
+    assert not master.postprocess_on_exit  # nothing left behind
 
 
 def test_master_sends_other_nodes_tasks_to_their_rank_and_frees_them_on_report(tmp_path: Path) -> None:
