@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 
@@ -75,6 +77,33 @@ def test_stage_in_then_stage_out_and_children(api, transfer_app):
     history = [(e["from_state"], e["to_state"]) for e in api.events(job_id=parent["id"], ordering="timestamp")]
     assert history[0] == ("CREATED", "READY") and ("READY", "STAGED_IN") in history
     assert history[-1] == ("POSTPROCESSED", "JOB_FINISHED")
+
+
+def test_run_done_and_postprocessed_in_one_call_release_stage_out_or_finish(api, transfer_app):
+    """What a launcher sends for a job whose app keeps the default postprocess: RUN_DONE, then
+    POSTPROCESSED, in one PATCH. The server does what it does for two calls: stage-out items go
+    pending (the job waits in POSTPROCESSED), a job without them finishes and frees its children."""
+    _site, app = transfer_app
+    staged = api.jobs(app["id"], transfers={"input": "aps:/d/in", "result": "home:/o/r"})[0]
+    plain = api.jobs(app["id"], transfers={"input": "aps:/d/in"})[0]
+    child = api.jobs(app["id"], parent_ids=[plain["id"]], transfers={"input": "aps:/d/in2"})[0]
+    ids = [staged["id"], plain["id"]]
+    stage_in = api.ok("GET", "/transfers/", params={"job_id": ids, "direction": "in"})["results"]
+    api.ok("PATCH", "/transfers/", json=[{"id": i["id"], "state": "done"} for i in stage_in])
+    assert [api.job(i)["state"] for i in ids] == ["STAGED_IN", "STAGED_IN"]
+    for state in ("PREPROCESSED", "RUNNING"):
+        api.patch_states(ids, state)
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat()  # the exit's time, on both events
+    api.ok("PATCH", "/jobs/", json=[u for i in ids for u in (
+        {"id": i, "state": "RUN_DONE", "state_timestamp": stamp, "return_code": 0},
+        {"id": i, "state": "POSTPROCESSED", "state_timestamp": stamp})])
+    assert api.job(staged["id"])["state"] == "POSTPROCESSED"
+    out = api.ok("GET", "/transfers/", params={"job_id": [staged["id"]], "direction": "out"})["results"][0]
+    assert out["state"] == "pending"
+    assert api.job(plain["id"])["state"] == "JOB_FINISHED"
+    assert api.job(child["id"])["state"] == "READY"  # released; its own stage-in is pending
+    history = [(e["from_state"], e["to_state"]) for e in api.events(job_id=plain["id"], ordering="timestamp")]
+    assert history[-3:] == [("RUNNING", "RUN_DONE"), ("RUN_DONE", "POSTPROCESSED"), ("POSTPROCESSED", "JOB_FINISHED")]
 
 
 def test_item_in_error_fails_its_job_with_the_reason(api, transfer_app):
