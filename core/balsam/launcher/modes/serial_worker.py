@@ -587,8 +587,7 @@ def build_master(
     nodes = [NodeInfo(**n) for n in config["nodes"]]
     node_manager = NodeManager(nodes, allow_node_packing=True)
     updater = open_updater(config.get("spool_path"))
-    preparer = JobPreparer(Path(config["data_path"]),
-                           default_postprocess=bool(launcher.get("default_postprocess_in_launcher", False)))
+    preparer = JobPreparer(Path(config["data_path"]), default_postprocess=bool(launcher["default_postprocess_in_launcher"]))
     prefetcher = Prefetcher(
         lease or (lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"])),
         preparer.prepare,
