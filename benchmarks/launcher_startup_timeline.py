@@ -242,7 +242,7 @@ def main() -> int:
     dep = LocalDeployment(root / "deploy")
     try:
         dep.activate()
-        site, Noop = bench_site(dep, "true")
+        site, Noop = bench_site(dep, "true", postprocess_in_launcher=True)
         tracer = root / "tracer.py"
         tracer.write_text(TRACER)
         ncpu = len(os.sched_getaffinity(0))
