@@ -18,6 +18,7 @@ Each is the median of 5 calls, in milliseconds. Usage::
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -111,6 +112,7 @@ def run_backend(name: str, database_url: str, n_jobs: int) -> dict[str, float]:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:
@@ -120,12 +122,13 @@ def main() -> None:
     parser.add_argument("--pg-url", default=PG_DEFAULT)
     args = parser.parse_args()
     for backend in args.backends.split(","):
-        if backend == "sqlite":
-            url = f"sqlite:///{tempfile.mkdtemp(prefix='balsam-bench-elastic-db-')}/bench.db"
-        else:
-            url = args.pg_url
-            prepare_pg(url)
-        figures = run_backend(backend, url, args.jobs)
+        with tempfile.TemporaryDirectory(prefix="balsam-bench-elastic-db-") as db_dir:
+            if backend == "sqlite":
+                url = f"sqlite:///{db_dir}/bench.db"
+            else:
+                url = args.pg_url
+                prepare_pg(url)
+            figures = run_backend(backend, url, args.jobs)
         for what, ms in figures.items():
             print(f"  {what:<50} {ms:>9.1f} ms")
 

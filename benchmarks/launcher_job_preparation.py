@@ -87,6 +87,7 @@ def measure(data_path: Path, count: int) -> list[float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--limit-sec", type=float, default=3.0, help="how long each reading of the fork/exec limit lasts")
     parser.add_argument("--extra-env", default="0,200", help="numbers of variables to add, one measurement each (default 0,200)")
     args = parser.parse_args()
     os.environ.setdefault("BALSAM_SITE_PATH", tempfile.gettempdir())
@@ -96,7 +97,7 @@ def main() -> int:
     ncpu = len(os.sched_getaffinity(0))
     root = Path(tempfile.mkdtemp(prefix="balsam-prep-bench-"))
     try:
-        limits = [spawn_rate(["/bin/true"], 4)[0]]
+        limits = [spawn_rate(["/bin/true"], 4, seconds=args.limit_sec)[0]]
         rows = []
         base = dict(os.environ)
         for extra in (int(x) for x in args.extra_env.split(",")):
@@ -107,7 +108,7 @@ def main() -> int:
             rows.append((len(os.environ), passes))
         os.environ.clear()
         os.environ.update(base)
-        limits.append(spawn_rate(["/bin/true"], 4)[0])
+        limits.append(spawn_rate(["/bin/true"], 4, seconds=args.limit_sec)[0])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     limit = max(limits)
