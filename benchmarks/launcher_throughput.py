@@ -34,7 +34,8 @@ processing module runs beside it (with ``--postprocess module`` it takes RUN_DON
 POSTPROCESSED). Printed: BatchJob created -> launcher process
 start (the scheduler's own polling delay, ``scheduler.sync_period`` plus the submit command: reported
 apart and excluded from the rates), launcher start -> first RUNNING, launcher start -> last
-JOB_FINISHED, and BatchJob created -> last JOB_FINISHED.
+JOB_FINISHED, BatchJob created -> last JOB_FINISHED, and the CPU per job that the server and the
+site agent took meanwhile.
 
 Beside every first RUNNING: the **start-up bound**, the ratio the run would show if every job ran
 at the limit's own rate from the first RUNNING on (``jobs / (first_running + jobs / limit) /
@@ -286,7 +287,7 @@ def _launcher_start(log_dir: Path, mode: str, seen: dict[str, float], stop: thre
 
 
 def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, timeout: float,
-                   postprocess_in_launcher: bool) -> dict:
+                   postprocess_in_launcher: bool, server_pid: int) -> dict:
     """``count`` no-op jobs run by a BatchJob through the real site agent (see the module docstring)."""
     from balsam.api import BatchJob, EventLog, Job
     from balsam.client import load_client
@@ -303,13 +304,14 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
     app = noop_app(name, command)
     tag = f"e2e-{mode}"
     make_jobs(app, count, tag, site_path / "data", node_packing_count=ncpu)
-    start_agent(site_path)
+    agent_pid = start_agent(site_path)
     seen: dict[str, float] = {}
     stop = threading.Event()
     watcher = threading.Thread(target=_launcher_start, args=(site_path / "log", mode, seen, stop), daemon=True)
     watcher.start()
     result: dict = {"mode": mode, "jobs": count, "error": ""}
     try:
+        cpu_before = _cpu(server_pid), _cpu(agent_pid)
         created = time.time()
         batch_job = BatchJob.objects.create(site_id=site_id, project="local", queue="local", num_nodes=1,
                                             wall_time_min=10, job_mode=mode, filter_tags={"bench": tag})
@@ -320,6 +322,9 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
             time.sleep(0.25)
         else:
             result["error"] = f"timed out after {timeout:.0f} s"
+        # The server's and the agent's CPU from the BatchJob's creation to the last job seen done
+        # (the agent: its modules' polling, the scheduler module's submit, the processing module).
+        result["cpu"] = (_cpu(server_pid) - cpu_before[0], _cpu(agent_pid) - cpu_before[1])
         running = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING")]
         finished = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="JOB_FINISHED")]
         run_done = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUN_DONE")]
@@ -482,7 +487,8 @@ def main() -> int:
             for mode, count in (("serial", args.serial_jobs), ("mpi", args.mpi_jobs)):
                 if count:
                     before = measure_limit(mode)
-                    result = run_end_to_end(root, mode, count, args.command, ncpu, timeout=600, postprocess_in_launcher=in_launcher)
+                    result = run_end_to_end(root, mode, count, args.command, ncpu, timeout=600, postprocess_in_launcher=in_launcher,
+                                            server_pid=dep.proc.pid)
                     result["limits"] = (before[0], measure_limit(mode)[0])
                     e2e.append(result)
             print(f"launcher throughput end to end ({ncpu} CPUs, load average before the run {load_before:.1f}; real "
@@ -507,6 +513,9 @@ def main() -> int:
                       f"{r['to_last_run_done']:.2f} s: {done_rate:8.1f} jobs/s = {done_rate / limit:.0%} of the limit "
                       + ("(the launcher's update carries POSTPROCESSED too)" if in_launcher else
                          "(the launcher alone; JOB_FINISHED waits for the agent's processing module)"))
+                server_cpu, agent_cpu = r["cpu"]
+                print(f"  {r['mode']:6s} CPU per job from BatchJob created to the last job seen done (ms; this script looks "
+                      f"every 0.25 s): server {1e3 * server_cpu / r['jobs']:.2f}, site agent {1e3 * agent_cpu / r['jobs']:.2f}")
                 if r["error"]:
                     print(f"         {r['error']}")
             return 0
