@@ -15,7 +15,8 @@ median of 5 passes:
   preparation's share of that budget is printed.
 
 No server and no spawn: the jobs are built from records in memory, and the workdirs exist (the
-first pass creates ``job.out``, as a launcher does; the others reopen it).
+first pass creates ``job.out``, as a launcher did before the processing module's preprocess made
+it ahead; the others open it, as a launcher does now: the median is of those).
 
     .venv/bin/python benchmarks/launcher_job_preparation.py [--jobs 5000] [--extra-env 0,200]
 """

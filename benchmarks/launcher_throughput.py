@@ -17,8 +17,8 @@ the processing module with this script) beside the CPU each of the limit's own p
 the CPU per job that 60 % of the limit leaves on this node for all of it: the tasks are the limit's
 work, the rest is balsam's, so a run shows whether the target is in reach on this node at all.
 And the file system's cost just before each run (the CPU of one ``mkdir`` and of one new file):
-the jobs' workdirs are made ahead, as the processing module's preprocess makes them, and the
-launcher creates each job's ``job.out``.
+the jobs' workdirs and their empty ``job.out`` are made ahead, as the processing module's
+preprocess makes them (the launcher opens ``job.out``, and creates it only if it is missing).
 
 What "end" means is printed with the figures: JOB_FINISHED when the site agent's processing module
 is importable (it runs alongside the launcher) or when the launcher gives the default postprocess
@@ -68,6 +68,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "launcher
 
 from launcher_harness import LocalDeployment, start_launcher  # noqa: E402
 
+from balsam.util import create_job_output  # noqa: E402
+
 
 def _ts(value: dt.datetime) -> float:
     if value.tzinfo is None:
@@ -82,9 +84,10 @@ def make_jobs(app, count: int, tag: str, data_path: Path, **resources) -> list[i
     created = []
     for start in range(0, len(jobs), 5000):
         created.extend(Job.objects.bulk_create(jobs[start : start + 5000]))
-    # What the processing module's default preprocess() does, in bulk: the workdirs, then the state.
+    # What the processing module's default preprocess() does, in bulk: the workdirs with an empty
+    # job.out, then the state.
     for job in jobs:
-        (data_path / job.workdir).mkdir(parents=True, exist_ok=True)
+        create_job_output(data_path / job.workdir)
     Job.objects.filter(tags={"bench": tag}).update(state="PREPROCESSED")
     return [j.id for j in created]
 
@@ -558,8 +561,8 @@ def main() -> int:
             print_cpu_per_job(r, ncpu, limit, r["limit_task_cpu"])
             mkdir_cpu, create_cpu = r["fs_cost"]
             print(f"  {r['mode']:6s} file system just before the run (ms of CPU): a mkdir {1e3 * mkdir_cpu:.3f}, a new "
-                  f"job.out {1e3 * create_cpu:.3f} (the launcher creates job.out; the workdirs were made ahead, as "
-                  "the processing module's preprocess makes them)")
+                  f"job.out {1e3 * create_cpu:.3f} (the workdirs and their job.out were made ahead, as the processing "
+                  "module's preprocess makes them)")
             if r["errors"][0]:
                 print(f"         {r['errors'][0]} jobs ended RUN_ERROR, e.g. {r['errors'][1]}")
             if r["processing_error"]:

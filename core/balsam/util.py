@@ -100,6 +100,30 @@ def config_file_logging(filename: Union[str, os.PathLike], level: Union[str, int
     return handler
 
 
+#: A job's output file in its workdir (the task's stdout and stderr).
+JOB_OUTPUT_NAME = "job.out"
+
+
+def create_job_output(workdir: "str | os.PathLike[str]") -> None:
+    """Make sure ``workdir/job.out`` exists (created empty if new, left as it is if there), making
+    the workdir too if it is missing.
+
+    Called twice on a job's way: by the processing module's preprocess on the agent's node, ahead
+    of the allocation, and by the launcher as it prepares the job, where the usual case is then one
+    ``open`` of an existing file. Creating a file is a metadata operation: a round trip to the
+    metadata server on a parallel file system, and 0.03-0.7 ms of kernel CPU on this VM's ext4
+    (up to ten times the usual for minutes after many files were deleted). In the allocation it
+    came out of the launcher's CPU per job; made ahead, it costs the allocation nothing.
+    """
+    path = os.path.join(workdir, JOB_OUTPUT_NAME)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        os.makedirs(workdir, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.close(fd)
+
+
 def tail_file(path: "str | os.PathLike", num_lines: int, max_bytes: int = 64 * 1024) -> str:
     """The last ``num_lines`` lines of a file ('' if missing); reads at most ``max_bytes`` from its end."""
     if num_lines <= 0:

@@ -125,8 +125,10 @@ def test_default_hooks_move_jobs_in_bulk(processing, client, monkeypatch) -> Non
     assert 0.0 < module.run_cycle() <= min(module.period, FOLLOW_UP_SEC)
     module.flush()
     assert {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"}
-    # The default preprocess made each workdir (as 0.7's did), so a launcher need not.
+    # The default preprocess made each workdir (as 0.7's did) and an empty job.out in it, so a
+    # launcher need not (file system metadata operations, off the allocation).
     assert all((Path(site.data_path) / job.workdir).is_dir() for job in jobs)
+    assert all((Path(site.data_path) / job.workdir / "job.out").read_bytes() == b"" for job in jobs)
     # None now: the server held the acquire (Prefer: wait) for the module's period, and that wait
     # was the cycle's sleep, whether jobs were arriving lately or not.
     assert module.run_cycle() == 0.0
@@ -222,6 +224,8 @@ def test_user_hooks_run_in_workers_with_output_in_balsam_log(processing, client)
     assert module.pool is not None
     rows = {r["id"]: r for r in job_rows(client, id=ids)}
     assert all(rows[i]["data"] == {"pre": "ok"} for i in ids[:4])
+    # A user's preprocess runs in a workdir that has its (empty) job.out, as the default one leaves it.
+    assert all((Path(site.data_path) / f"custom/{i}" / "job.out").read_bytes() == b"" for i in range(4))
 
     FakeLauncher(client, site.site_id).run(
         {ids[0]: ("RUN_DONE", {}), ids[1]: ("RUN_ERROR", {"returncode": 1}), ids[2]: ("RUN_TIMEOUT", {}),

@@ -29,30 +29,10 @@ import attrs
 
 from ..models import job_workdir
 from ..site.apps import is_python_app, overridden_hooks
-from ..util import tail_file
+from ..util import JOB_OUTPUT_NAME, create_job_output, tail_file
 from .node_manager import Demand
 
 logger = logging.getLogger(__name__)
-
-JOB_OUTPUT_NAME = "job.out"
-
-
-def create_job_output(workdir: "str | os.PathLike[str]") -> None:
-    """Create ``workdir/job.out`` (empty if new; left as it is if there), and the workdir if missing.
-
-    The processing module's preprocess creates the workdir on the agent's node, ahead of the
-    allocation, so the usual case is one ``open``: on a parallel file system each metadata call
-    from a compute node costs a round trip to the metadata server, and even this VM's ext4 takes
-    40-700 us of kernel time per ``mkdir``. A missing directory (a job that skipped
-    preprocessing, a workdir removed since) is made here.
-    """
-    path = os.path.join(workdir, JOB_OUTPUT_NAME)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except FileNotFoundError:
-        os.makedirs(workdir, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    os.close(fd)
 
 
 class JobBuildError(Exception):
@@ -153,6 +133,8 @@ class JobPreparer:
             raise JobBuildError(str(exc)) from None
         try:
             # Done here (both modes prepare in their acquire threads) to keep the spawn loop short.
+            # The preprocess made both ahead: this is one open of an existing file, unless the job
+            # skipped it or its workdir was removed since.
             create_job_output(workdir)
         except OSError as exc:
             raise JobBuildError(f"cannot create the job's workdir {workdir}: {exc}") from exc

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 
 from ..models import job_workdir
 from ..states import JobState
-from ..util import tail_file
+from ..util import create_job_output, tail_file
 
 HOOK_FOR_STATE: dict[JobState, str] = {
     JobState.staged_in: "preprocess",
@@ -83,8 +83,10 @@ def default_update(job: dict, python_app: bool, data_path: Path, tail_num_lines:
     if state == JobState.staged_in:
         # As Balsam 0.7's preprocessing did (it ran every hook in the workdir): the directory exists
         # once the job is PREPROCESSED, made here on the agent's node rather than by the launcher
-        # in the allocation. A failure raises: the caller marks the job FAILED with the reason.
-        job_workdir(data_path, job["workdir"]).mkdir(parents=True, exist_ok=True)
+        # in the allocation, and so does an empty job.out (another file system metadata operation
+        # taken off the allocation: see create_job_output). A failure raises: the caller marks the
+        # job FAILED with the reason.
+        create_job_output(job_workdir(data_path, job["workdir"]))
     elif state in (JobState.run_done, JobState.run_error):
         workdir = job_workdir(data_path, job["workdir"])
         if python_app:
@@ -184,7 +186,10 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
     state = JobState(job["state"])
     hook = HOOK_FOR_STATE[state]
     workdir = job_workdir(data_path, job["workdir"])
-    workdir.mkdir(parents=True, exist_ok=True)
+    if state == JobState.staged_in:
+        create_job_output(workdir)  # the workdir and an empty job.out, as the default preprocess makes them
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {"id": job["id"]}
     if state in (JobState.run_done, JobState.run_error) and python_app:
         value, exc = read_run_markers(workdir)
