@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--pg-url", default=os.environ.get("BALSAM_BENCH_DATABASE_URL", PG_DEFAULT))
     args = parser.parse_args()
+    if args.jobs < args.small + 2000:
+        # Each size's measurement appends 2,000 new jobs; the large fill starts after them.
+        parser.error(f"--jobs ({args.jobs:,}) must be at least --small + 2,000 ({args.small + 2000:,})")
     # SIGTERM unwinds through the finally blocks: servers stopped, temp dirs removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for backend in args.backends.split(","):
