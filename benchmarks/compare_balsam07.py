@@ -20,7 +20,8 @@ migration writes it).
     .venv/bin/python benchmarks/compare_balsam07.py --jobs 10000 --rounds 3
 
 PostgreSQL: ``$BALSAM_TEST_DATABASE_URL``'s server (default postgresql://postgres@127.0.0.1:5432);
-the databases ``balsam_bench_ours`` and ``balsam_bench_07`` are dropped and created.
+the databases ``balsam_bench_ours`` and ``balsam_bench_07`` are dropped and created (``--database-prefix``
+changes the ``balsam_bench`` part).
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def main() -> None:
     parser.add_argument("--venv07", type=Path, default=Path(os.environ.get("BALSAM07_VENV") or DEFAULT_VENV))
     parser.add_argument("--setup-07", action="store_true", help="create the Balsam 0.7 venv (client + server) and exit")
     parser.add_argument("--sqlite", action="store_true", help="also run our client against our server on SQLite")
+    parser.add_argument("--database-prefix", default="balsam_bench",
+                        help="the two PostgreSQL databases it drops and creates are PREFIX_ours and PREFIX_07")
     args = parser.parse_args()
     if args.setup_07:
         setup_07(args.venv07)
@@ -201,7 +204,7 @@ def main() -> None:
 
     # SIGTERM/SIGINT unwind through the finally below: both servers stopped, the temp dir removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    ours_url, url07 = pg_url("balsam_bench_ours"), pg_url("balsam_bench_07")
+    ours_url, url07 = pg_url(f"{args.database_prefix}_ours"), pg_url(f"{args.database_prefix}_07")
     workdir = Path(tempfile.mkdtemp(prefix="balsam-cmp07-"))
     procs: list[subprocess.Popen] = []
     try:

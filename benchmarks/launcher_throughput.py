@@ -18,7 +18,9 @@ the CPU per job that 60 % of the limit leaves on this node for all of it: the ta
 work, the rest is balsam's, so a run shows whether the target is in reach on this node at all.
 And the file system's cost just before each run (the CPU of one ``mkdir`` and of one new file):
 the jobs' workdirs and their empty ``job.out`` are made ahead, as the processing module's
-preprocess makes them (the launcher opens ``job.out``, and creates it only if it is missing).
+preprocess makes them (the launcher opens ``job.out``, and creates it only if it is missing);
+``--workdirs-only`` makes the workdirs alone, as the preprocess did before 2 December 2026, so that
+the launcher creates each ``job.out``: run both ways to compare.
 
 What "end" means is printed with the figures: JOB_FINISHED when the site agent's processing module
 is importable (it runs alongside the launcher) or when the launcher gives the default postprocess
@@ -77,7 +79,7 @@ def _ts(value: dt.datetime) -> float:
     return value.timestamp()
 
 
-def make_jobs(app, count: int, tag: str, data_path: Path, **resources) -> list[int]:
+def make_jobs(app, count: int, tag: str, data_path: Path, *, job_out_ahead: bool = True, **resources) -> list[int]:
     from balsam.api import Job
 
     jobs = [app.submit(workdir=f"{tag}/{i}", tags={"bench": tag}, save=False, **resources) for i in range(count)]
@@ -85,9 +87,13 @@ def make_jobs(app, count: int, tag: str, data_path: Path, **resources) -> list[i
     for start in range(0, len(jobs), 5000):
         created.extend(Job.objects.bulk_create(jobs[start : start + 5000]))
     # What the processing module's default preprocess() does, in bulk: the workdirs with an empty
-    # job.out, then the state.
+    # job.out, then the state (``job_out_ahead=False``: the workdirs alone, as it did before
+    # 2 December 2026, so that the launcher creates each job.out).
     for job in jobs:
-        create_job_output(data_path / job.workdir)
+        if job_out_ahead:
+            create_job_output(data_path / job.workdir)
+        else:
+            (data_path / job.workdir).mkdir(parents=True, exist_ok=True)
     Job.objects.filter(tags={"bench": tag}).update(state="PREPROCESSED")
     return [j.id for j in created]
 
@@ -290,7 +296,7 @@ def _launcher_start(log_dir: Path, mode: str, seen: dict[str, float], stop: thre
 
 
 def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, timeout: float,
-                   postprocess_in_launcher: bool, server_pid: int) -> dict:
+                   postprocess_in_launcher: bool, server_pid: int, job_out_ahead: bool) -> dict:
     """``count`` no-op jobs run by a BatchJob through the real site agent (see the module docstring)."""
     from balsam.api import BatchJob, EventLog, Job
     from balsam.client import load_client
@@ -306,7 +312,7 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
     })
     app = noop_app(name, command)
     tag = f"e2e-{mode}"
-    make_jobs(app, count, tag, site_path / "data", node_packing_count=ncpu)
+    make_jobs(app, count, tag, site_path / "data", job_out_ahead=job_out_ahead, node_packing_count=ncpu)
     agent_pid = start_agent(site_path)
     seen: dict[str, float] = {}
     stop = threading.Event()
@@ -455,6 +461,9 @@ def main() -> int:
     parser.add_argument("--end-to-end", action="store_true",
                         help="through the real site agent and local scheduler, from a BatchJob created through the API")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument("--workdirs-only", action="store_true",
+                        help="prepare the jobs as the preprocess did before 2 December 2026: the workdirs alone, each "
+                             "job.out created by the launcher (to compare with the default, which makes job.out ahead)")
     parser.add_argument("--limit-sec", type=float, default=3.0,
                         help="how long each reading of the fork/exec limit lasts (the bare mpiexec rate's: 5/3 of it)")
     parser.add_argument("--command", default="true",
@@ -491,12 +500,13 @@ def main() -> int:
                 if count:
                     before = measure_limit(mode)
                     result = run_end_to_end(root, mode, count, args.command, ncpu, timeout=600, postprocess_in_launcher=in_launcher,
-                                            server_pid=dep.proc.pid)
+                                            server_pid=dep.proc.pid, job_out_ahead=not args.workdirs_only)
                     result["limits"] = (before[0], measure_limit(mode)[0])
                     e2e.append(result)
             print(f"launcher throughput end to end ({ncpu} CPUs, load average before the run {load_before:.1f}; real "
                   f"uvicorn + SQLite server, the site agent with the local scheduler, real mpiexec; app command {args.command!r}; "
-                  f"default postprocess by the {args.postprocess})")
+                  f"default postprocess by the {args.postprocess}; "
+                  f"job.out {'created by the launcher' if args.workdirs_only else 'made ahead, with the workdir'})")
             print(f"  balsam's bytecode compiled ahead, as installed ({compiled} files compiled now)")
             for r in e2e:
                 limit = max(r["limits"])
@@ -526,7 +536,7 @@ def main() -> int:
         for mode, count in (("serial", args.serial_jobs), ("mpi", args.mpi_jobs)):
             if not count:
                 continue
-            ids = make_jobs(Noop, count, mode, site / "data", node_packing_count=ncpu)
+            ids = make_jobs(Noop, count, mode, site / "data", job_out_ahead=not args.workdirs_only, node_packing_count=ncpu)
             # The limit just before and just after the run: the machine's speed drifts (another
             # tenant, thermal, the page cache), and a limit read minutes away misstates the ratio.
             fs_cost = file_create_cost(root / f"fs-probe-{mode}")
@@ -561,8 +571,10 @@ def main() -> int:
             print_cpu_per_job(r, ncpu, limit, r["limit_task_cpu"])
             mkdir_cpu, create_cpu = r["fs_cost"]
             print(f"  {r['mode']:6s} file system just before the run (ms of CPU): a mkdir {1e3 * mkdir_cpu:.3f}, a new "
-                  f"job.out {1e3 * create_cpu:.3f} (the workdirs and their job.out were made ahead, as the processing "
-                  "module's preprocess makes them)")
+                  f"job.out {1e3 * create_cpu:.3f} ("
+                  + ("the workdirs were made ahead and the launcher created each job.out, as before 2 December 2026)"
+                     if args.workdirs_only else
+                     "the workdirs and their job.out were made ahead, as the processing module's preprocess makes them)"))
             if r["errors"][0]:
                 print(f"         {r['errors'][0]} jobs ended RUN_ERROR, e.g. {r['errors'][1]}")
             if r["processing_error"]:

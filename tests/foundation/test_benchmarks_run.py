@@ -16,13 +16,19 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import filelock
 import pytest
+import sqlalchemy as sa
+
+from balsam.server.db import normalize_database_url
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "benchmarks"
 PG = "{pg}"  # replaced by the test's scratch PostgreSQL database URL
+PG_NAME = "{pg_name}"  # ... and by that database's name
+VENV07 = "{venv07}"  # replaced by the Balsam 0.7 venv with its server's packages (made once, kept)
 
 
 def bench(script: str, args: str, expected: str, *marks: pytest.MarkDecorator, id: str = "") -> object:
@@ -64,19 +70,29 @@ RUNS = [
           r"(?s)uvicorn \+ postgresql.*fitted over these runs: [-\d.]+ ms of server CPU", postgres,
           id="server_request_mix-postgresql"),
     bench("transfers_throughput.py", "--items 10", r"large +10 items -> 10 jobs STAGED_IN in +[\d.]+ s"),
-    bench("compare_balsam07.py", "--jobs 10 --rounds 1", "",
-          pytest.mark.skip(reason="needs a Balsam 0.7 venv from PyPI, and drops the fixed databases balsam_bench_ours/_07")),
+    bench("compare_balsam07.py", f"--jobs 10 --rounds 1 --sqlite --venv07 {VENV07} --database-prefix {PG_NAME}",
+          r"(?s)our client -> our server on SQLite.*our Python-API listing / our raw-HTTP listing: [\d.]+×", postgres),
 ]
 HELPERS = {"bench_server.py": "imported by the others", "balsam07_compare_driver.py": "run by compare_balsam07.py"}
 
 
+@pytest.fixture(scope="session")
+def balsam07_server_venv() -> Path:
+    """Balsam 0.7 and its server's packages (``compare_balsam07.py --setup-07``: ~30 s of installs
+    from PyPI), in the venv tests/compat uses, which keeps it (same version stamp); under its lock."""
+    venv = Path(os.environ.get("BALSAM07_VENV") or REPO / ".cache" / "balsam-0.7-venv")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(venv) + ".lock", timeout=900):
+        if not (venv / "bin" / "uvicorn").exists():
+            subprocess.run([sys.executable, str(BENCHMARKS / "compare_balsam07.py"), "--setup-07", "--venv07", str(venv)],
+                           cwd=REPO, check=True, timeout=900)
+    return venv
+
+
 @pytest.fixture
 def scratch_pg_url() -> Iterator[str]:
-    """A PostgreSQL database of this test's own on BALSAM_TEST_DATABASE_URL's server (as tests/conftest.py reads it)."""
-    import sqlalchemy as sa
-
-    from balsam.server.db import normalize_database_url
-
+    """A PostgreSQL database name of this test's own on BALSAM_TEST_DATABASE_URL's server (as
+    tests/conftest.py reads it); every database whose name starts with it is dropped afterwards."""
     base = sa.engine.make_url(os.environ.get("BALSAM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/balsam_test"))
     url = base.set(database=f"{base.database}_{os.getpid()}_bench")
     yield url.render_as_string(hide_password=False)
@@ -84,7 +100,10 @@ def scratch_pg_url() -> Iterator[str]:
                              isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+            names = conn.exec_driver_sql("SELECT datname FROM pg_database WHERE starts_with(datname, %(p)s)",
+                                         {"p": url.database}).scalars().all()
+            for name in names:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         admin.dispose()
 
@@ -103,8 +122,11 @@ def test_benchmark_runs(script: str, args: list[str], expected: str, tmp_path: P
     env.update(TMPDIR=str(tmpdir), PATH=f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     if request.node.get_closest_marker("postgres"):
         pg = request.getfixturevalue("scratch_pg_url")
-        args = [a.replace(PG, pg) for a in args]
+        args = [a.replace(PG, pg).replace(PG_NAME, pg.rsplit("/", 1)[1]) for a in args]
         env["BALSAM_BENCH_DATABASE_URL"] = pg  # server_request_mix.py reads only this
+        env["BALSAM_TEST_DATABASE_URL"] = pg  # compare_balsam07.py: the server its databases go on
+    if VENV07 in args:
+        args = [a.replace(VENV07, str(request.getfixturevalue("balsam07_server_venv"))) for a in args]
     # A session of its own: on a timeout the benchmark's servers and launchers go with it.
     proc = subprocess.Popen([sys.executable, str(BENCHMARKS / script), *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
