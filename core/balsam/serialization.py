@@ -47,7 +47,14 @@ def parse_datetime(value: Any) -> dt.datetime:
         raise ValueError(f"expected an ISO-8601 datetime, got {value!r}")
     if result.tzinfo is None:
         return result.replace(tzinfo=dt.timezone.utc)
-    return result.astimezone(dt.timezone.utc)
+    try:
+        return result.astimezone(dt.timezone.utc)
+    except OverflowError:
+        # A valid ISO-8601 instant that UTC puts outside years 1-9999, the range of a datetime
+        # (0001-01-01T00:00+00:01 is 23:59 on 31 December of year 0): at most a day beyond it, so
+        # the nearest instant a datetime holds stands for it rather than the request failing.
+        edge = dt.datetime.min if result.year == 1 else dt.datetime.max
+        return edge.replace(tzinfo=dt.timezone.utc)
 
 
 def format_datetime(value: dt.datetime) -> str:

@@ -177,3 +177,14 @@ def test_copy_errors_are_sqlalchemy_errors(database_url):
             assert conn.execute(sa.text("SELECT count(*) FROM log_events")).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+def test_an_instant_that_utc_puts_past_year_1_or_9999_is_held_at_the_edge():
+    """Valid ISO-8601 that a datetime cannot hold in UTC (found by the schema fuzzing: a PATCH with
+    this state_timestamp was refused with 422): the nearest instant it can hold, not an error."""
+    import datetime as dt
+
+    utc = dt.timezone.utc
+    assert parse_datetime("0001-01-01T00:00:00+00:01") == dt.datetime.min.replace(tzinfo=utc)
+    assert parse_datetime("9999-12-31T23:59:59.999999-00:01") == dt.datetime.max.replace(tzinfo=utc)
+    assert parse_datetime("0001-01-01T00:01:00+00:01") == dt.datetime(1, 1, 1, tzinfo=utc)  # inside: exact
