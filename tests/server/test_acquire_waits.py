@@ -26,7 +26,6 @@ from balsam.server.app import create_app
 from balsam.server.settings import ServerSettings
 from server_testlib import create_site_and_app, logged_in_test_client
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 SECRET = "acquire-waits-test-secret-0123456789-abcdefghijklm"
 PROCESSABLE = ["RUN_DONE", "RUN_ERROR", "RUN_TIMEOUT", "STAGED_IN"]

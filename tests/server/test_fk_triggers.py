@@ -15,7 +15,6 @@ import sqlalchemy as sa
 from balsam.server.tables import jobs
 from server_testlib import create_site_and_app, logged_in_test_client
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 SECRET = "fk-triggers-test-secret-0123456789-abcdefghijklmnop"
 MISSING = 987654

@@ -13,7 +13,6 @@ import pytest
 import sqlalchemy as sa
 from server_testlib import create_site_and_app, logged_in_test_client
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 SECRET = "job-counts-test-secret-0123456789-abcdefghijklmnop"
 

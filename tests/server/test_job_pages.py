@@ -17,7 +17,6 @@ from balsam.server import jobs_logic as logic
 from balsam.server.http import QueryParams, dumps
 from server_testlib import create_site_and_app, logged_in_test_client
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 SECRET = "job-pages-test-secret-0123456789-abcdefghijklmnop"
 QUERIES = ["limit=7&offset=3&tags=kind:odd", "ordering=-last_update&limit=5", "ordering=state&limit=6&offset=2",

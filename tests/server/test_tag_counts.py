@@ -11,7 +11,6 @@ from typing import Any, Iterator
 import pytest
 from server_testlib import create_site_and_app, logged_in_test_client
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 SECRET = "tag-counts-test-secret-0123456789-abcdefghijklmnop"
 
