@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test suite, all of it (slow real-system tests included): install (scripts/bootstrap.sh),
 # make sure PostgreSQL runs with a `balsam_test` database and Chromium is installed (the dashboard's
-# browser test), start the CI Slurm cluster when its script is present and we are root, then run
-# pytest (which also builds the docs with `mkdocs build --strict`). Arguments go to pytest.
+# browser test), install sshd (the rsync-over-ssh tests) and start the CI Slurm cluster when its
+# script is present, both when we are root, then run pytest (which also builds the docs with
+# `mkdocs build --strict`). Arguments go to pytest.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -31,6 +32,19 @@ fi
 if ! command -v chromium >/dev/null 2>&1; then
     echo "test.sh: installing chromium"
     apt_install chromium
+fi
+# -- OpenSSH's sshd: the rsync transfer backend is tested over real ssh, to a private sshd the tests
+# start on 127.0.0.1 (tests/transfers/test_builtin_backends.py). Only the program is wanted: a
+# policy-rc.d denies the package's service start for the install, so no system sshd is left
+# running. Not fatal: without it those tests are skipped, and the same backend still runs through
+# a fake remote shell.
+if [ ! -x /usr/sbin/sshd ] && [ "$(id -u)" = 0 ]; then
+    echo "test.sh: installing openssh-server (for /usr/sbin/sshd; its service is not started)"
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1; fi
+    apt_install openssh-server || echo "test.sh: could not install openssh-server; the rsync-over-ssh tests will be skipped" >&2
+    if [ "$own_policy" = 1 ]; then rm -f "$policy"; fi
 fi
 pg_version="$(ls /etc/postgresql | sort -V | tail -1)"
 if ! pg_ok; then
