@@ -16,6 +16,8 @@ Also printed per mode: CPU per job by process (the launcher, its spawners, the t
 the processing module with this script) beside the CPU each of the limit's own processes took, and
 the CPU per job that 60 % of the limit leaves on this node for all of it: the tasks are the limit's
 work, the rest is balsam's, so a run shows whether the target is in reach on this node at all.
+The launcher's CPU by thread comes from the last line of its own log (it reads its threads' CPU
+from ``/proc`` as it stops).
 And the file system's cost just before each run (the CPU of one ``mkdir`` and of one new file):
 the jobs' workdirs and their empty ``job.out`` are made ahead, as the processing module's
 preprocess makes them (the launcher opens ``job.out``, and creates it only if it is missing);
@@ -185,6 +187,17 @@ def launcher_cpu_split(pid: int) -> Optional[dict[str, float]]:
             "tasks": sum(t.children_user + t.children_system for t in spawners)}
 
 
+def launcher_threads_cpu(log_dir: Path, mode: str) -> str:
+    """The launcher's own account of its CPU by thread, from the last line of its newest log of
+    this mode ("MainThread 0.67 s, prefetch 0.22 s, ..."), or ''."""
+    marker = "by thread, until the stop: "
+    for path in sorted(log_dir.glob(f"{mode}_mode_*.log"), key=lambda p: p.stat().st_mtime, reverse=True):
+        for line in reversed(path.read_text(errors="replace").splitlines()):
+            if marker in line:
+                return line.split(marker, 1)[1].rstrip().removesuffix(")")
+    return ""
+
+
 def _rusage(who: int) -> float:
     import resource
 
@@ -236,13 +249,14 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
         split = launcher_cpu_split(launcher.pid)
         launcher.terminate()
         launcher.wait(60)
+        threads = launcher_threads_cpu(site / "log", mode)
     cpu1 = (_cpu(server_pid), _rusage(resource.RUSAGE_CHILDREN), _rusage(resource.RUSAGE_SELF))
     failed = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUN_ERROR"))
     result_errors = [f"job {e.job_id}: {e.data}" for e in failed[:3]]
     running = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING"))
     first_running = min(_ts(e.timestamp) for e in running) - t0 if running else float("nan")
     result = {"mode": mode, "jobs": len(ids), "first_running_s": first_running, "processing_error": getattr(proc, "error", ""),
-              "figures": [], "cpu": [b - a for a, b in zip(cpu0, cpu1)], "cpu_split": split,
+              "figures": [], "cpu": [b - a for a, b in zip(cpu0, cpu1)], "cpu_split": split, "threads": threads,
               "errors": (len(failed), result_errors),
               "idle": (ticks1[1] - ticks0[1]) / (ticks1[0] - ticks0[0]) if ticks1[0] > ticks0[0] else float("nan")}
     for state in ("RUN_DONE", "JOB_FINISHED") if end_state == "JOB_FINISHED" else ("RUN_DONE",):
@@ -569,6 +583,8 @@ def main() -> int:
             print(f"  {r['mode']:6s} CPU seconds: server {server:.1f}, launcher with its tasks {launcher:.1f}, "
                   f"processing module + this script {here:.1f}")
             print_cpu_per_job(r, ncpu, limit, r["limit_task_cpu"])
+            if r["threads"]:
+                print(f"  {r['mode']:6s} launcher CPU by thread, start-up included (from its log): {r['threads']}")
             mkdir_cpu, create_cpu = r["fs_cost"]
             print(f"  {r['mode']:6s} file system just before the run (ms of CPU): a mkdir {1e3 * mkdir_cpu:.3f}, a new "
                   f"job.out {1e3 * create_cpu:.3f} ("

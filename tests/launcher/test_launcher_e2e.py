@@ -83,6 +83,11 @@ def test_jobs_run_with_output_events_and_logs(mode: str, new_site) -> None:
         assert rows[-2].data == {"num_nodes": 1.0}
     logs = [p.name for p in (path / "log").iterdir()]
     assert any(n.startswith(f"{mode}_mode_") and n.endswith(".log") for n in logs), logs
+    # The last line says where the launcher's CPU went, by thread (read as the loop stopped).
+    text = "".join(p.read_text() for p in (path / "log").glob(f"{mode}_mode_*.log"))
+    done = next(ln for ln in text.splitlines() if ("serial master done" if mode == "serial" else "mpi mode done") in ln)
+    by_thread = done.split("by thread, until the stop: ")[1]
+    assert "MainThread " in by_thread and ("prefetch " if mode == "serial" else "mpi-acquire") in by_thread, done
 
 
 @pytest.mark.parametrize("mode", MODES)

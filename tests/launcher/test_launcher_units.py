@@ -16,6 +16,7 @@ from balsam.launcher.job_mode import Countdown, IdleTimer, JobMode
 from balsam.launcher.wake import WakeEvent
 from balsam.client.status_updater import split_into_rounds
 from balsam.platform import NodeInfo
+from balsam.util import format_threads_cpu, threads_cpu_seconds
 
 from launcher_helpers import mpi_mode
 
@@ -370,3 +371,35 @@ def test_the_launcher_process_does_not_import_httpx_command_line_tool() -> None:
             "assert 'rich.console' not in sys.modules and 'pygments' not in sys.modules; "
             "httpx.Client(base_url='http://127.0.0.1:9').close()")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc")
+def test_threads_cpu_is_read_by_thread_name() -> None:
+    release = threading.Event()
+    burned = [threading.Event(), threading.Event()]
+
+    def burn(done: threading.Event) -> None:
+        while time.thread_time() < 0.05:  # 50 ms of this thread's own CPU, whatever the machine's speed
+            pass
+        done.set()
+        release.wait(30)  # alive (and so listed) until the reading below
+
+    workers = [threading.Thread(target=burn, args=(done,), name="burner") for done in burned]
+    for worker in workers:
+        worker.start()
+    try:
+        assert all(done.wait(30) for done in burned)
+        rows = {name: (n, sec) for name, n, sec in threads_cpu_seconds()}
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join()
+    assert "MainThread" in rows
+    n, sec = rows["burner"]
+    assert n == 2 and sec >= 0.08  # two threads of at least 50 ms each, read in clock ticks (10 ms)
+
+
+def test_threads_cpu_format() -> None:
+    assert format_threads_cpu([("MainThread", 1, 0.674), ("spawner-reader", 2, 0.13)]) == \
+        "MainThread 0.67 s, spawner-reader x2 0.13 s"
+    assert format_threads_cpu([]) == "not read"

@@ -28,6 +28,7 @@ import concurrent.futures as cf
 import logging
 import math
 import os
+import resource
 import time
 from collections import deque
 from typing import Any, Optional
@@ -35,6 +36,7 @@ from typing import Any, Optional
 import attrs
 
 from balsam.platform import LaunchLimit, LaunchSpec
+from balsam.util import format_threads_cpu, threads_cpu_seconds
 
 from .._api import largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
@@ -361,6 +363,7 @@ class MPIMode(JobMode):
         reason = "wall time"
         acquirer = cf.ThreadPoolExecutor(1, thread_name_prefix="mpi-acquire")
         inflight: Optional[cf.Future] = None
+        threads_cpu: list[tuple[str, int, float]] = []
         with self.lease() as (source, updater):
             try:
                 next_acquire = 0.0
@@ -418,6 +421,7 @@ class MPIMode(JobMode):
                     self.wake.wait(timeout)
                     self.wake.clear()
             finally:
+                threads_cpu = threads_cpu_seconds()  # before the threads it names stop
                 # The acquire in flight ends first (its jobs stay leased until the Session is
                 # deleted, which frees them); then the running jobs are ended.
                 acquirer.shutdown(wait=True)
@@ -426,7 +430,10 @@ class MPIMode(JobMode):
                     if late:
                         logger.info("%d jobs acquired as the launcher stopped; the session release returns them", late)
             self._shutdown(updater, reason)
-        logger.info("mpi mode done (%s): %d started, %d finished", reason, self.started, self.finished)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        logger.info("mpi mode done (%s): %d started, %d finished; CPU %.2f s user + %.2f s system (by thread, until "
+                    "the stop: %s)", reason, self.started, self.finished, usage.ru_utime, usage.ru_stime,
+                    format_threads_cpu(threads_cpu))
         return 0
 
     def _shutdown(self, updater: Any, reason: str) -> None:

@@ -63,6 +63,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 from balsam.config import SiteConfig
 from balsam.platform import NodeInfo
+from balsam.util import format_threads_cpu, threads_cpu_seconds
 
 from .._api import open_lease, open_updater
 from ..entry import _platform, configure_logging
@@ -500,6 +501,7 @@ class Master:
                     self.transport.size, len(self.node_manager), self.prefetcher.depth, self.stop.countdown.remaining_sec())
         self.stop.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
         reason = "wall time"
+        threads_cpu: list[tuple[str, int, float]] = []
         try:
             while True:
                 stop = self.stop_reason()
@@ -510,13 +512,15 @@ class Master:
                 if not self.step():
                     self.wake.wait(POLL_SEC if self.remote else IDLE_WAIT_SEC)
         finally:
+            threads_cpu = threads_cpu_seconds()  # before the threads it names stop
             self.prefetcher.stop()
             self.shutdown(reason)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         logger.info("serial master done (%s): %d started (%d by hand-over; %d queued ones given back), %d finished; "
-                    "%d acquired, prefetch depth up to %d; CPU %.2f s user + %.2f s system", reason, self.started,
-                    self.handed_over, self.given_back, self.finished, self.prefetcher.acquired, self.prefetcher.depth_peak,
-                    usage.ru_utime, usage.ru_stime)
+                    "%d acquired, prefetch depth up to %d; CPU %.2f s user + %.2f s system (by thread, until the "
+                    "stop: %s)", reason, self.started, self.handed_over, self.given_back, self.finished,
+                    self.prefetcher.acquired, self.prefetcher.depth_peak, usage.ru_utime, usage.ru_stime,
+                    format_threads_cpu(threads_cpu))
         return reason
 
     def shutdown(self, reason: str) -> None:
