@@ -136,6 +136,21 @@ def test_type_and_value_errors(text, expected):
 
 def test_yaml_syntax_error_names_the_line():
     assert error_of("logging:\n  level: INFO\n  format: [unclosed\n").startswith("settings.yml:4: invalid YAML:")
+    # A document libyaml refuses is read again by the pure-Python loader, whose message is the one shown.
+    assert error_of("logging:\n\tlevel: INFO\n") == \
+        "settings.yml:2: invalid YAML: found character '\\t' that cannot start any token"
+    assert error_of("launcher: x: 1\n") == "settings.yml:1: invalid YAML: mapping values are not allowed here"
+
+
+def test_the_fast_yaml_loader_reads_what_the_pure_python_one_reads(monkeypatch):
+    from balsam.config import settings as settings_module
+
+    text = (settings_module.render_sample_settings()
+            + "filter_tags: {system: H2O, n: '3'}\nextra: [1, 2.5, null, true, 2026-12-02, 'x: y']\n")
+    assert yaml.load(text, Loader=settings_module._FAST_YAML_LOADER) == yaml.safe_load(text)
+    fast_lines = settings_module._line_map(text)
+    monkeypatch.setattr(settings_module, "_FAST_YAML_LOADER", yaml.SafeLoader)
+    assert fast_lines == settings_module._line_map(text) and len(fast_lines) > 50
 
 
 def test_several_problems_are_counted_and_all_kept():
