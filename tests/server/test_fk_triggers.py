@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import pytest
 import sqlalchemy as sa
 
+from balsam.server.jobs_logic import EVENTS_OF_NEW_JOBS_SETTING, bulk_create_jobs, parse_job_creates
 from balsam.server.tables import jobs
 from server_testlib import create_site_and_app, logged_in_test_client
 
@@ -37,10 +38,12 @@ def _count(conn: sa.Connection, sql: str) -> int:
     return conn.exec_driver_sql(sql).scalar_one()
 
 
-def _copy_job_sql(job_id: int, app_id: int) -> str:
-    """An INSERT of a copy of a job (every column but the id), with another app and workdir."""
+def _copy_job_sql(job_id: int, app_id: int, **values: str) -> str:
+    """An INSERT of a copy of a job (every column but the id), with another app and workdir, and
+    the SQL ``values`` of some columns by name."""
     names = [c.name for c in jobs.columns if c.name != "id"]
-    values = [str(app_id) if n == "app_id" else "workdir || '-copy'" if n == "workdir" else n for n in names]
+    values = {"app_id": str(app_id), "workdir": "workdir || '-copy'", **values}
+    values = [values.get(n, n) for n in names]
     return f"INSERT INTO jobs ({', '.join(names)}) SELECT {', '.join(values)} FROM jobs WHERE id = {job_id}"
 
 
@@ -137,3 +140,100 @@ def test_pg_insert_and_delete_of_the_referenced_row_wait_for_each_other(api: dic
             inserter.exec_driver_sql(event.format(child))
     with engine.connect() as conn:
         assert _count(conn, "SELECT count(*) FROM log_events") == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # what only its statement triggers do
+def test_pg_created_events_skip_the_check_and_nothing_after_them_does(api: dict) -> None:
+    """A bulk create's created events skip the check of their jobs (migration 0011: the server has
+    just written those jobs), by a setting on for that one COPY: an event of a missing job written
+    later in the same transaction is still refused, and so is one in any other transaction."""
+    engine = api["engine"]
+    bad_event = ("INSERT INTO log_events (job_id, timestamp, from_state, to_state, data) "
+                 f"VALUES ({MISSING}, now(), 'A', 'B', '{{}}')")
+    with engine.connect() as conn:
+        user_id = conn.exec_driver_sql("SELECT id FROM users").scalar_one()
+        created = bulk_create_jobs(conn, user_id, parse_job_creates(
+            [{"workdir": f"new/{i}", "app_id": api["app_id"]} for i in range(3)]))
+        ids = ", ".join(str(job["id"]) for job in created)
+        assert _count(conn, f"SELECT count(*) FROM log_events WHERE job_id IN ({ids}) AND to_state = 'STAGED_IN'") == 3
+        assert conn.exec_driver_sql(f"SELECT current_setting('{EVENTS_OF_NEW_JOBS_SETTING}')").scalar_one() == "off"
+        with pytest.raises(sa.exc.IntegrityError, match="fk_log_events_job_id_jobs"):
+            conn.exec_driver_sql(bad_event)
+        conn.rollback()
+    # What the setting does, and only within its transaction.
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"SELECT set_config('{EVENTS_OF_NEW_JOBS_SETTING}', 'on', true)")
+        conn.exec_driver_sql(bad_event)
+        conn.rollback()
+        with pytest.raises(sa.exc.IntegrityError, match="fk_log_events_job_id_jobs"):
+            conn.exec_driver_sql(bad_event)
+
+
+@pytest.fixture
+def leased(api: dict) -> dict[str, Any]:
+    """``api`` plus a BatchJob and a session of it, through the API, and the parent job leased to
+    them by an acquire (the statement that sets both references)."""
+    client = api["client"]
+    site_id = client.get(f"/apps/{api['app_id']}").json()["site_id"]
+    batch_job = client.post("/batch-jobs/", json={"site_id": site_id, "project": "p", "queue": "q", "num_nodes": 1,
+                                                  "wall_time_min": 10, "job_mode": "serial"}).json()["id"]
+    session = client.post("/sessions/", json={"site_id": site_id, "batch_job_id": batch_job}).json()["id"]
+    assert client.patch("/jobs/", json=[{"id": api["parent"], "state": "PREPROCESSED"}]).status_code == 200
+    got = client.post(f"/sessions/{session}", json={"max_num_jobs": 10, "filter_tags": {}}).json()
+    assert [job["id"] for job in got] == [api["parent"]]
+    with api["engine"].connect() as conn:
+        assert conn.exec_driver_sql(f"SELECT session_id, batch_job_id FROM jobs WHERE id = {api['parent']}").one() == (
+            session, batch_job)
+    return {**api, "session": session, "batch_job": batch_job}
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE jobs SET session_id = {MISSING} WHERE id = {child}",
+    "UPDATE jobs SET batch_job_id = {MISSING} WHERE id = {child}",
+    "UPDATE jobs SET session_id = {MISSING}, state = 'RUNNING' WHERE id IN ({parent}, {child})",
+    "COPY-SESSION",
+    "UPDATE sessions SET id = {MISSING}",
+    "UPDATE batch_jobs SET id = {MISSING}",
+], ids=["job-leased-to-missing-session", "job-moved-to-missing-batch-job", "one-of-two-rows-to-missing-session",
+        "job-of-missing-session", "referenced-session-id-changed", "referenced-batch-job-id-changed"])
+def test_missing_lease_references_are_refused(leased: dict, statement: str) -> None:
+    """A job's session and BatchJob hold as foreign keys did (migration 0012 on PostgreSQL)."""
+    if statement == "COPY-SESSION":
+        statement = _copy_job_sql(leased["child"], leased["app_id"], session_id=str(MISSING))
+    statement = statement.replace("{MISSING}", str(MISSING)).format(**leased)
+    with pytest.raises(sa.exc.IntegrityError):
+        with leased["engine"].begin() as conn:
+            conn.exec_driver_sql(statement)
+    with leased["engine"].begin() as conn:  # what exists passes; an update that leaves the keys is not checked
+        conn.exec_driver_sql(f"UPDATE jobs SET session_id = {leased['session']}, batch_job_id = {leased['batch_job']} "
+                             f"WHERE id = {leased['child']}")
+        conn.exec_driver_sql(f"UPDATE jobs SET state = 'RUNNING' WHERE id IN ({leased['parent']}, {leased['child']})")
+
+
+def test_deleting_a_session_or_its_batch_job_clears_the_leases(leased: dict) -> None:
+    engine, parent = leased["engine"], leased["parent"]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DELETE FROM sessions WHERE id = {leased['session']}")
+        assert conn.exec_driver_sql(f"SELECT session_id, batch_job_id FROM jobs WHERE id = {parent}").one() == (
+            None, leased["batch_job"])
+        conn.exec_driver_sql(f"DELETE FROM batch_jobs WHERE id = {leased['batch_job']}")
+        assert conn.exec_driver_sql(f"SELECT session_id, batch_job_id FROM jobs WHERE id = {parent}").one() == (None, None)
+        assert _count(conn, "SELECT count(*) FROM jobs") == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # the lock order is PostgreSQL's
+def test_pg_lease_checks_lock_only_keys_that_change(leased: dict) -> None:
+    """A lease locks its session ``FOR KEY SHARE`` (a delete of the session waits for it, as for a
+    foreign key); a state change of leased jobs, which leaves the keys as they are, locks nothing,
+    so it never waits on the session's row (a sweep deleting the session holds it)."""
+    engine, session, parent, child = leased["engine"], leased["session"], leased["parent"], leased["child"]
+    with engine.connect() as holder, engine.connect() as writer:
+        holder.exec_driver_sql(f"SELECT 1 FROM sessions WHERE id = {session} FOR UPDATE")  # as a delete holds it
+        writer.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")
+        writer.exec_driver_sql(f"UPDATE jobs SET state = 'RUNNING' WHERE id = {parent}")  # no wait
+        with pytest.raises(sa.exc.OperationalError, match="lock timeout"):
+            writer.exec_driver_sql(f"UPDATE jobs SET session_id = {session} WHERE id = {child}")
+        writer.rollback()
+        holder.rollback()

@@ -13,15 +13,16 @@ from balsam.server.migrate import MIGRATIONS_DIR, alembic_config, head_revision,
 from balsam.server.tables import metadata
 
 
-def _statement_checked_fks() -> list:
-    path = MIGRATIONS_DIR / "versions" / "0007_statement_fk_checks.py"
-    spec = importlib.util.spec_from_file_location("balsam_migration_0007", path)
+def _migration(file_name: str):
+    path = MIGRATIONS_DIR / "versions" / file_name
+    spec = importlib.util.spec_from_file_location(f"balsam_migration_{file_name[:4]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.STATEMENT_CHECKED_FKS
+    return module
 
 
-STATEMENT_CHECKED_FKS = _statement_checked_fks()
+STATEMENT_CHECKED_FKS = _migration("0007_statement_fk_checks.py").STATEMENT_CHECKED_FKS
+LEASE_REFS = _migration("0012_lease_refs.py")
 
 
 def test_upgrade_matches_tables_and_downgrades(database_url):
@@ -37,8 +38,8 @@ def test_upgrade_matches_tables_and_downgrades(database_url):
                 # The GIN index exists only on PostgreSQL (Index.ddl_if), which autogenerate ignores.
                 diff = [d for d in diff if not (d[0] == "add_index" and d[1].name == "ix_jobs_tags_gin")]
             if engine.dialect.name == "postgresql":
-                # Migration 0007 replaces these foreign keys with statement triggers (tests/server/test_fk_triggers.py).
-                replaced = {name for name, *_ in STATEMENT_CHECKED_FKS}
+                # Migrations 0007 and 0012 replace these foreign keys with statement triggers (tests/server/test_fk_triggers.py).
+                replaced = {name for name, *_ in STATEMENT_CHECKED_FKS + LEASE_REFS.LEASE_FKS}
                 diff = [d for d in diff if not (d[0] == "add_fk" and d[1].name in replaced)]
             assert diff == []
             if engine.dialect.name == "postgresql":
@@ -48,6 +49,9 @@ def test_upgrade_matches_tables_and_downgrades(database_url):
                 for _name, table, column, _parent in STATEMENT_CHECKED_FKS:
                     for kind in ("insert", "update", "cascade", "key_update"):
                         assert f"balsam_fk_{table}_{column}_{kind}" in triggers
+                assert {name for name, _ in LEASE_REFS.TRIGGERS} <= triggers
+                constraints = set(conn.exec_driver_sql("SELECT conname FROM pg_constraint").scalars())
+                assert not constraints & {name for name, *_ in STATEMENT_CHECKED_FKS + LEASE_REFS.LEASE_FKS}
         from alembic import command
 
         command.downgrade(alembic_config(database_url), "base")
