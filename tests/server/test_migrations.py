@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from balsam.server.db import create_db_engine
-from balsam.server.migrate import MIGRATIONS_DIR, alembic_config, head_revision, upgrade
+from balsam.server.migrate import alembic_config, head_revision, load_migration, upgrade
 from balsam.server.tables import metadata
 
 
-def _migration(file_name: str):
-    path = MIGRATIONS_DIR / "versions" / file_name
-    spec = importlib.util.spec_from_file_location(f"balsam_migration_{file_name[:4]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-STATEMENT_CHECKED_FKS = _migration("0007_statement_fk_checks.py").STATEMENT_CHECKED_FKS
-LEASE_REFS = _migration("0012_lease_refs.py")
+STATEMENT_CHECKED_FKS = load_migration("0007_statement_fk_checks.py").STATEMENT_CHECKED_FKS
+LEASE_REFS = load_migration("0012_lease_refs.py")
 
 
 def test_upgrade_matches_tables_and_downgrades(database_url):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import sqlalchemy as sa
 from alembic import command
@@ -13,6 +15,16 @@ from alembic.script import ScriptDirectory
 from .db import create_db_engine, normalize_database_url
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def load_migration(file_name: str) -> ModuleType:
+    """A migration script as a module (a later migration reuses an earlier one's SQL builders;
+    the scripts are files, not an importable package)."""
+    path = MIGRATIONS_DIR / "versions" / file_name
+    spec = importlib.util.spec_from_file_location(f"balsam_migration_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def alembic_config(database_url: str) -> Config:

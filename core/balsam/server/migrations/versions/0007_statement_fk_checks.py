@@ -54,6 +54,20 @@ def _raise(name: str, table: str, column: str, parent: str, key: str) -> str:
                       DETAIL = format('Key ({column})=(%s) is not present in table "{parent}".', {key});""")
 
 
+def _key_update_function(name: str, table: str, column: str, parent: str) -> str:
+    """The function refusing a change of a referenced row's id (as ``NO ACTION`` did)."""
+    base = f"balsam_fk_{table}_{column}"
+    return f"""CREATE OR REPLACE FUNCTION {base}_key_update() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM {table} WHERE {column} = old.id) THEN
+                RAISE EXCEPTION 'update or delete on table "{parent}" violates foreign key constraint "{name}" on table "{table}"'
+                    USING ERRCODE = 'foreign_key_violation', CONSTRAINT = '{name}', TABLE = '{parent}',
+                          DETAIL = format('Key (id)=(%s) is still referenced from table "{table}".', old.id);
+            END IF;
+            RETURN new;
+        END $$"""
+
+
 def _pg_statements(name: str, table: str, column: str, parent: str) -> list[str]:
     base = f"balsam_fk_{table}_{column}"
     return [
@@ -84,15 +98,7 @@ def _pg_statements(name: str, table: str, column: str, parent: str) -> list[str]
             DELETE FROM {table} WHERE {column} IN (SELECT id FROM old_rows);
             RETURN NULL;
         END $$""",
-        f"""CREATE OR REPLACE FUNCTION {base}_key_update() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF EXISTS (SELECT 1 FROM {table} WHERE {column} = old.id) THEN
-                RAISE EXCEPTION 'update or delete on table "{parent}" violates foreign key constraint "{name}" on table "{table}"'
-                    USING ERRCODE = 'foreign_key_violation', CONSTRAINT = '{name}', TABLE = '{parent}',
-                          DETAIL = format('Key (id)=(%s) is still referenced from table "{table}".', old.id);
-            END IF;
-            RETURN new;
-        END $$""",
+        _key_update_function(name, table, column, parent),
         f"ALTER TABLE {table} DROP CONSTRAINT {name}",
         f"CREATE TRIGGER {base}_insert AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows "
         f"FOR EACH STATEMENT EXECUTE FUNCTION {base}_insert()",

@@ -32,11 +32,12 @@ def _migration_0007():
     return module
 
 
-def _insert_check(name: str, table: str, column: str, parent: str) -> str:
+def _insert_check(name: str, table: str, column: str, parent: str, first: str = "") -> str:
+    """The check's function; ``first``: PL/pgSQL run before it (migration 0011's guard)."""
     raise_missing = _migration_0007()._raise(name, table, column, parent, "missing")
     return f"""CREATE OR REPLACE FUNCTION balsam_fk_{table}_{column}_insert() RETURNS trigger LANGUAGE plpgsql AS $$
         DECLARE wanted bigint[]; locked bigint; missing bigint;
-        BEGIN
+        BEGIN{first}
             wanted := ARRAY(SELECT DISTINCT {column} FROM new_rows WHERE {column} IS NOT NULL);
             SELECT count(*) INTO locked FROM (
                 SELECT 1 FROM {parent} WHERE id = ANY(wanted) FOR KEY SHARE OF {parent}

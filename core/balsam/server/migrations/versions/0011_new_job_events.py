@@ -17,10 +17,9 @@ Revises: 0010_acquire_indexes
 Create Date: 2026-12-02
 """
 
-import importlib.util
-from pathlib import Path
-
 from alembic import op
+
+from balsam.server.migrate import load_migration
 
 revision = '0011_new_job_events'
 down_revision = '0010_acquire_indexes'
@@ -33,35 +32,13 @@ SETTING = "balsam.events_of_new_jobs"
 FK = ("fk_log_events_job_id_jobs", "log_events", "job_id", "jobs")
 
 
-def _migration(file_name: str):
-    path = Path(__file__).with_name(file_name)
-    spec = importlib.util.spec_from_file_location(f"balsam_migration_{file_name[:4]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _guarded_insert_check() -> str:
-    name, table, column, parent = FK
-    raise_missing = _migration("0007_statement_fk_checks.py")._raise(name, table, column, parent, "missing")
-    # 0008's check, behind the guard.
-    return f"""CREATE OR REPLACE FUNCTION balsam_fk_{table}_{column}_insert() RETURNS trigger LANGUAGE plpgsql AS $$
-        DECLARE wanted bigint[]; locked bigint; missing bigint;
-        BEGIN
+    """Migration 0008's check, behind the guard."""
+    guard = f"""
             IF current_setting('{SETTING}', true) = 'on' THEN
                 RETURN NULL;  -- the server's created events of jobs this transaction has just written
-            END IF;
-            wanted := ARRAY(SELECT DISTINCT {column} FROM new_rows WHERE {column} IS NOT NULL);
-            SELECT count(*) INTO locked FROM (
-                SELECT 1 FROM {parent} WHERE id = ANY(wanted) FOR KEY SHARE OF {parent}
-            ) AS referenced;
-            IF locked < cardinality(wanted) THEN
-                SELECT {column} INTO missing FROM new_rows
-                WHERE NOT EXISTS (SELECT 1 FROM {parent} WHERE {parent}.id = new_rows.{column}) LIMIT 1;
-                {raise_missing}
-            END IF;
-            RETURN NULL;
-        END $$"""
+            END IF;"""
+    return load_migration("0008_fk_check_one_pass.py")._insert_check(*FK, first=guard)
 
 
 def upgrade() -> None:
@@ -73,4 +50,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
-    op.execute(_migration("0008_fk_check_one_pass.py")._insert_check(*FK))
+    op.execute(load_migration("0008_fk_check_one_pass.py")._insert_check(*FK))

@@ -33,10 +33,9 @@ Revises: 0011_new_job_events
 Create Date: 2026-12-02
 """
 
-import importlib.util
-from pathlib import Path
-
 from alembic import op
+
+from balsam.server.migrate import load_migration
 
 revision = '0012_lease_refs'
 down_revision = '0011_new_job_events'
@@ -57,12 +56,12 @@ TRIGGERS = [
 ]
 
 
+def _migration_0007():
+    return load_migration("0007_statement_fk_checks.py")
+
+
 def _raise(name: str, table: str, column: str, parent: str, key: str) -> str:
-    path = Path(__file__).with_name("0007_statement_fk_checks.py")
-    spec = importlib.util.spec_from_file_location("balsam_migration_0007", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._raise(name, table, column, parent, key)
+    return _migration_0007()._raise(name, table, column, parent, key)
 
 
 def _lock_and_check() -> str:
@@ -119,15 +118,7 @@ def _pg_statements() -> list[str]:
                 UPDATE {table} SET {column} = NULL WHERE {column} IN (SELECT id FROM old_rows);
                 RETURN NULL;
             END $$""",
-            f"""CREATE OR REPLACE FUNCTION {base}_key_update() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF EXISTS (SELECT 1 FROM {table} WHERE {column} = old.id) THEN
-                    RAISE EXCEPTION 'update or delete on table "{parent}" violates foreign key constraint "{name}" on table "{table}"'
-                        USING ERRCODE = 'foreign_key_violation', CONSTRAINT = '{name}', TABLE = '{parent}',
-                              DETAIL = format('Key (id)=(%s) is still referenced from table "{table}".', old.id);
-                END IF;
-                RETURN new;
-            END $$""",
+            _migration_0007()._key_update_function(name, table, column, parent),
             f"ALTER TABLE {table} DROP CONSTRAINT {name}",
             f"CREATE TRIGGER {base}_set_null AFTER DELETE ON {parent} REFERENCING OLD TABLE AS old_rows "
             f"FOR EACH STATEMENT EXECUTE FUNCTION {base}_set_null()",
