@@ -5,8 +5,9 @@ checked once per statement instead of once per row, as migration 0007 did for th
 
 PostgreSQL queues a check of each foreign key for every inserted row, even where the key is NULL
 (as in every new job): ~4 ms of the ~40 ms its ``COPY`` of 5,000 new jobs took. An acquire sets
-both keys on every job it leases, and each row's check is a query: ~2.5 us a job of an acquire's
-``UPDATE`` (1,000 jobs: 21.9 -> 19.4 ms, measured on 2 December 2026).
+both keys on every job it leases, and each row's check is a query: an ``UPDATE`` leasing 1,000
+jobs took 22.8 and 25.1 ms with the foreign keys, 16.4 and 18.7 ms with these triggers (same
+transaction, median of 9, paired; 2 December 2026).
 
 The same guarantees, by triggers (``tests/server/test_fk_triggers.py``):
 
@@ -17,8 +18,8 @@ The same guarantees, by triggers (``tests/server/test_fk_triggers.py``):
   changed to a non-NULL value are checked (an update that leaves them alone, such as a launcher's
   state changes, locks nothing, as PostgreSQL's check skips an unchanged key). PostgreSQL allows no
   column list on a trigger with transition tables, so it runs for every update of jobs: its one
-  join of the statement's old and new rows measured within the noise of a 1,000-job state update
-  (20.6 ms either way);
+  join of the statement's old and new rows costs a 1,000-job state update ~0.3 ms (16.4 -> 16.7
+  and 18.0 -> 18.3 ms, paired as above);
 - delete of a session or a BatchJob: ``SET NULL`` as one ``UPDATE jobs ... WHERE col IN (deleted
   ids)`` per statement;
 - update of a referenced id (never done): refused while referenced, as ``NO ACTION`` did.
