@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import uuid
 from typing import Any, Iterator
@@ -83,3 +84,18 @@ def runnable(api: "Api", app_id: int, n: int = 1, **fields: Any) -> list[int]:
     jobs = api.jobs(app_id, n, **fields)
     api.patch_states([j["id"] for j in jobs], "PREPROCESSED")
     return [j["id"] for j in jobs]
+
+
+def create_jobs_at_once(api: Api, body: list, key: str, times: int = 6) -> list[list[int]]:
+    """``times`` ``POST /jobs/`` of the same body with the same Idempotency-Key at once, each on a
+    connection of its own; the ids of each answer."""
+
+    def post() -> list[int]:
+        with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {api.token}",
+                                                     "Idempotency-Key": key}, timeout=120) as http:
+            resp = http.post("/jobs/", json=body)
+            assert resp.status_code == 201, resp.text
+            return [job["id"] for job in resp.json()]
+
+    with concurrent.futures.ThreadPoolExecutor(times) as pool:
+        return list(pool.map(lambda _: post(), range(times)))

@@ -6,13 +6,11 @@ for, 6 stored); these tests send the same key twice, as the client does when it 
 
 from __future__ import annotations
 
-import concurrent.futures
 import uuid
 from typing import Any
 
-import httpx
 import pytest
-from server_testlib import Api
+from server_testlib import Api, create_jobs_at_once
 
 KEY = "Idempotency-Key"
 
@@ -130,14 +128,7 @@ def test_concurrent_duplicates_are_applied_once(api: Api, site_app: tuple[dict, 
     key = uuid.uuid4().hex
     body = [{"workdir": f"race/{i}", "app_id": app["id"]} for i in range(200)]
 
-    def post() -> list[int]:
-        with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {api.token}", KEY: key}, timeout=120) as http:
-            resp = http.post("/jobs/", json=body)
-            assert resp.status_code == 201, resp.text
-            return [j["id"] for j in resp.json()]
-
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda _: post(), range(6)))
+    answers = create_jobs_at_once(api, body, key)
     assert all(a == answers[0] for a in answers)
     assert count(api, "/jobs/", app_id=app["id"]) == 200
 

@@ -6,20 +6,22 @@ of the Balsam 0.7 list routes.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 from balsam import models as records
 from balsam.batch_job_rules import check_batch_job
 from balsam.client.lease import acquire_request
-from balsam.client.rest import new_idempotency_key
+from balsam.client.rest import APIError, new_idempotency_key
 from balsam.util import paused_gc
-from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
+from balsam.models import MAX_CHUNKS_PER_RESERVATION, MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import DONE_STATES, RUNNABLE_STATES, BatchJobMode, BatchJobState, JobState
 
 from . import codec
@@ -85,10 +87,10 @@ class BulkCreateError(Exception):
     """``Job.objects.bulk_create`` of more than one chunk (5,000 jobs) failed part way.
 
     ``created``: the Job objects stored (complete and certain). ``not_created``: the jobs of the failed
-    chunk and of those after it (the failed chunk was refused, or its answer never came). ``cause``:
-    the error. ``resume()`` sends ``not_created`` again and returns every created job; the failed
-    chunk is resent with the Idempotency-Key it had, so if the server did store it, it is not stored
-    twice.
+    chunk and of those after it (the failed chunk was refused, or its answer never came; a chunk
+    sent beside it may have been stored). ``cause``: the error. ``resume()`` sends ``not_created``
+    again and returns every created job; each of those chunks that was sent before is resent with
+    the Idempotency-Key it had, so if the server did store it, it is not stored twice.
     """
 
     def __init__(self, manager: "JobManager", created: list["Job"], pending: list["_Chunk"], cause: BaseException,
@@ -105,7 +107,8 @@ class BulkCreateError(Exception):
         fate = "was refused" if refused else "got no answer (it may be stored: resume() finds out without duplicates)"
         super().__init__(
             f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); the chunk of {len(pending[0].jobs)} "
-            f"after them {fate}, and the {len(self.not_created)} jobs from there on are not stored: "
+            f"after them {fate}; resume() sends the {len(self.not_created)} jobs from there on (a chunk sent beside "
+            f"the failed one and stored is answered from its Idempotency-Key, never stored twice): "
             f"{type(cause).__name__}: {cause}"
         )
 
@@ -132,6 +135,14 @@ class _Chunk:
         return self.payloads
 
 
+_PREFER_MINIMAL = {"Prefer": "return=minimal"}
+#: The most chunks in flight at once, whatever the server says (its answer is 2 on PostgreSQL).
+_MAX_IN_FLIGHT = 4
+#: The clients whose server reserves nothing (SQLite, or a server without the route): their bulk
+#: creates skip the reservation request.
+_ONE_CHUNK_AT_A_TIME: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
 class JobManager(Manager["Job"]):
     has_bulk_patch = True
 
@@ -151,13 +162,96 @@ class JobManager(Manager["Job"]):
         return self._post_chunks(chunks, [], progress)
 
     def _post_chunks(self, chunks: list[_Chunk], created: list["Job"], progress: ProgressFn) -> list["Job"]:
-        """POST the chunks one after the other (so their ids follow the order of the list), each
-        with its own Idempotency-Key (the one it had if it was sent before). While the server
-        stores a chunk, a helper thread builds the payloads of the next one and the Job objects of
-        the one before (the client's share of the work overlaps the server's). A failure raises
-        :class:`BulkCreateError` saying exactly what was stored."""
-        client = self._client
+        """POST the chunks, each with its own Idempotency-Key (the one it had if it was sent before),
+        their ids in the order of the list. A server that reserves ids (PostgreSQL) gets two chunks
+        side by side (:meth:`_post_side_by_side`); otherwise they go one after the other. A failure
+        raises :class:`BulkCreateError` saying exactly what was stored."""
         total = len(created) + sum(len(chunk.jobs) for chunk in chunks)
+        if len(chunks) > 1 and all(chunk.key is None for chunk in chunks) and self._client not in _ONE_CHUNK_AT_A_TIME:
+            with concurrent.futures.ThreadPoolExecutor(_MAX_IN_FLIGHT, thread_name_prefix="balsam-bulk") as pool:
+                reserving = pool.submit(self._reserve, chunks[:MAX_CHUNKS_PER_RESERVATION], created, chunks, total)
+                chunks[0].body()  # built while the server reserves
+                parallel = min(reserving.result(), _MAX_IN_FLIGHT)
+                if parallel > 1:
+                    return self._post_side_by_side(chunks, created, progress, parallel, total, pool)
+        return self._post_one_by_one(chunks, created, progress, total)
+
+    def _reserve(self, group: list[_Chunk], created: list["Job"], pending: list[_Chunk], total: int) -> int:
+        """Reserve an Idempotency-Key with its job ids for each chunk of ``group`` (``POST
+        /jobs/reservations``); returns how many chunks the server wants in flight. 1: nothing was
+        reserved (SQLite, or a server without the route; remembered for this client)."""
+        client = self._client
+        try:
+            answer = client.post(f"{Job._path}reservations", json={"sizes": [len(chunk.jobs) for chunk in group]})
+        except APIError as exc:
+            if exc.status_code in (404, 405):  # a server from before the route: one chunk at a time
+                _ONE_CHUNK_AT_A_TIME.add(client)
+                return 1
+            raise BulkCreateError(self, created, pending, exc, total) from exc
+        except Exception as exc:
+            raise BulkCreateError(self, created, pending, exc, total) from exc
+        answer = answer if isinstance(answer, dict) else {}
+        parallel = answer.get("parallel")
+        reservations = answer.get("reservations")
+        keys = [item.get("idempotency_key") if isinstance(item, dict) else None
+                for item in (reservations if isinstance(reservations, list) else ())]
+        if (not isinstance(parallel, int) or parallel <= 1 or len(keys) != len(group)
+                or not all(isinstance(key, str) and key for key in keys)):
+            _ONE_CHUNK_AT_A_TIME.add(client)  # nothing (usable) reserved: one chunk at a time
+            return 1
+        for chunk, key in zip(group, keys):
+            chunk.key = key
+        return parallel
+
+    def _post_side_by_side(self, chunks: list[_Chunk], created: list["Job"], progress: ProgressFn, parallel: int,
+                           total: int, pool: concurrent.futures.ThreadPoolExecutor) -> list["Job"]:
+        """Up to ``parallel`` chunks in flight, each sent with its reserved key (so its jobs get the
+        ids reserved for them: in the order of the list whatever the order the server stores the
+        chunks in). The calling thread builds the next chunk's payloads and the Job objects of the
+        answered ones, oldest first, while the server stores the others. When a chunk fails, the
+        chunks still in flight are waited for, and the error names that chunk and those after it
+        as not created: any of those that was stored is answered from its key by ``resume()``."""
+        client = self._client
+        created = list(created)
+        in_flight: "collections.deque[tuple[int, concurrent.futures.Future]]" = collections.deque()
+        reserved_until = min(len(chunks), MAX_CHUNKS_PER_RESERVATION)
+
+        def collect_oldest() -> None:
+            index, future = in_flight.popleft()
+            chunk = chunks[index]
+            try:
+                data, headers = future.result()
+                self._check_created(chunk, data)
+            except Exception as exc:
+                concurrent.futures.wait([other for _, other in in_flight])
+                raise BulkCreateError(self, created, chunks[index:], exc, total) from exc
+            created.extend(self._created_jobs(chunk, data, headers.get("Preference-Applied", "")))
+            if progress:
+                progress(len(created), total)
+
+        for index, chunk in enumerate(chunks):
+            if index == reserved_until:  # the next group of chunks: later reservations get higher ids
+                group = chunks[index : index + MAX_CHUNKS_PER_RESERVATION]
+                while in_flight:
+                    collect_oldest()
+                if self._reserve(group, created, chunks[index:], total) <= 1:
+                    return self._post_one_by_one(chunks[index:], created, progress, total)
+                reserved_until = index + len(group)
+            while len(in_flight) >= parallel:
+                collect_oldest()
+            body = chunk.body()
+            in_flight.append((index, pool.submit(client.request_with_headers, "POST", Job._path, json=body,
+                                                 headers=_PREFER_MINIMAL, idempotency_key=chunk.key)))
+        while in_flight:
+            collect_oldest()
+        return created
+
+    def _post_one_by_one(self, chunks: list[_Chunk], created: list["Job"], progress: ProgressFn,
+                         total: int) -> list["Job"]:
+        """POST the chunks one after the other (so their ids follow the order of the list). While
+        the server stores a chunk, a helper thread builds the payloads of the next one and the Job
+        objects of the one before (the client's share of the work overlaps the server's)."""
+        client = self._client
         created = list(created)
         # The Job objects of an answered chunk, being built by the helper: (its index, future).
         building: "tuple[int, concurrent.futures.Future] | None" = None
@@ -189,7 +283,7 @@ class JobManager(Manager["Job"]):
                     chunk.key = new_idempotency_key()
                 try:
                     data, headers = client.request_with_headers(
-                        "POST", Job._path, json=body, headers={"Prefer": "return=minimal"}, idempotency_key=chunk.key)
+                        "POST", Job._path, json=body, headers=_PREFER_MINIMAL, idempotency_key=chunk.key)
                     self._check_created(chunk, data)
                 except Exception as exc:
                     collect()

@@ -21,6 +21,16 @@ Why nothing is applied twice:
 - a key is bound to its request (sha256 of method, path, query and body): the same key on a
   different request is refused (422) rather than answered with an unrelated record.
 
+Reserved keys (``POST /jobs/reservations``, PostgreSQL only): the server issues keys for the
+chunks of one large bulk create, each row recording the job ids allocated to it in advance (the
+chunks' ids in the order of the client's list) with an empty ``request_hash``. The bulk-create
+route's claim of such a key takes the reservation with an ``UPDATE ... WHERE request_hash = ''``
+that sets the request's fingerprint: the update holds the row's lock until its transaction ends,
+so a second request with the same key waits, then finds the fingerprint (and the record, if the
+first committed) and is answered as a retry; a rollback leaves the reservation as it was. The ids
+are the key's own: a retry stores the chunk with the same ids. No other route takes a reserved
+key (its empty hash matches no request: 422).
+
 Records expire after ``BALSAM_IDEMPOTENCY_TTL_SEC`` (default 24 h; a client retries for minutes) and
 are swept by the server's background task. Requests without the header behave as before.
 """
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import attrs
@@ -43,6 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 128
+#: The request_hash of a reserved key not yet taken (a real fingerprint is 64 hex digits).
+RESERVED_HASH = ""
 
 
 @attrs.frozen
@@ -100,9 +113,13 @@ class IdempotentRequest:
         self.ttl = dt.timedelta(seconds=int(getattr(ctx.settings, "idempotency_ttl_sec", 86400)))
         self._fingerprint = ""
         self._claimed = False
+        #: The job ids reserved for this request's key (``claim(reservable=True)``), else None.
+        self.reserved_ids: "list[int] | None" = None
 
-    def claim(self, conn: sa.Connection) -> Optional[Recorded]:
+    def claim(self, conn: sa.Connection, *, reservable: bool = False) -> Optional[Recorded]:
         """Claim the key for this transaction; the earlier answer if the key is already recorded.
+        ``reservable``: a key reserved by ``reserve_job_keys`` is taken, and its ids are left in
+        ``reserved_ids`` (the bulk create of jobs).
 
         Call first thing in the write transaction that creates the records.
         """
@@ -119,6 +136,13 @@ class IdempotentRequest:
         if claimed:
             self._claimed = True
             return None
+        if reservable:
+            taken = conn.execute(_TAKE_RESERVED, {"b_user": user_id, "b_key": self.key, "b_hash": self._fingerprint,
+                                                  "b_now": now}).first()
+            if taken is not None:
+                self._claimed = True
+                self.reserved_ids = [i for first, last in taken.resource_ids for i in range(int(first), int(last) + 1)]
+                return None
         row = conn.execute(
             sa.select(idempotency_keys).where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == self.key)
         ).one()
@@ -146,6 +170,41 @@ class IdempotentRequest:
             return
         conn.execute(_RECORD, {"b_user": self.ctx.user.id, "b_key": self.key, "b_status": status_code,
                                "b_resource": resource, "b_ids": list(ids)})
+
+
+_TAKE_RESERVED = (
+    sa.update(idempotency_keys)
+    .where(idempotency_keys.c.user_id == sa.bindparam("b_user"), idempotency_keys.c.key == sa.bindparam("b_key"),
+           idempotency_keys.c.request_hash == RESERVED_HASH, idempotency_keys.c.status_code == 0,
+           idempotency_keys.c.expires > sa.bindparam("b_now", type_=idempotency_keys.c.expires.type))
+    .values(request_hash=sa.bindparam("b_hash"))
+    .returning(idempotency_keys.c.resource_ids)
+)
+
+
+def id_ranges(ids: "list[int]") -> "list[list[int]]":
+    """Increasing ids as ``[[first, last], ...]`` runs (a reservation's ids are one run unless other
+    creates took ids from the sequence meanwhile): a few numbers to store instead of thousands."""
+    runs: "list[list[int]]" = []
+    for i in ids:
+        if runs and runs[-1][1] + 1 == i:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return runs
+
+
+def reserve_job_keys(conn: sa.Connection, user_id: int, id_blocks: "list[list[int]]", ttl_sec: float) -> list[str]:
+    """A new key per block of job ids, each row holding its block as runs (``id_ranges``; see the
+    module docstring); returns the keys in the order of the blocks."""
+    now = _utcnow()
+    expires = now + dt.timedelta(seconds=ttl_sec)
+    keys = [f"reserved-{uuid.uuid4().hex}" for _ in id_blocks]
+    conn.execute(sa.insert(idempotency_keys), [
+        {"user_id": user_id, "key": key, "request_hash": RESERVED_HASH, "status_code": 0, "resource": "jobs",
+         "resource_ids": id_ranges(ids), "created": now, "expires": expires}
+        for key, ids in zip(keys, id_blocks)])
+    return keys
 
 
 def sweep_expired_keys(conn: sa.Connection, now: "dt.datetime | None" = None) -> int:

@@ -15,7 +15,8 @@ import copy
 from typing import Any, Optional
 
 import balsam
-from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_JOBS_PER_SESSION_ACQUIRE, MAX_PAGE_SIZE
+from balsam.models import (MAX_CHUNKS_PER_RESERVATION, MAX_ITEMS_PER_BULK_OP, MAX_JOBS_PER_SESSION_ACQUIRE,
+                           MAX_PAGE_SIZE)
 from balsam.states import BatchJobMode, BatchJobState, JobState, TransferDirection, TransferItemState
 
 from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, JSONResponse
@@ -472,6 +473,15 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
                        response=ANY_INT, params=_params(q["jobs"])),
             "delete": _op("Delete the jobs matching the filters; returns the count", response=ANY_INT,
                           params=_params(q["jobs"]))},
+        "/jobs/reservations": {"post": _op(
+            "Reserve Idempotency-Keys with job ids for the chunks of one bulk create (sent side by side, ids in order)",
+            body=obj({"sizes": array({"type": "integer", "minimum": 1, "maximum": MAX_ITEMS_PER_BULK_OP},
+                                     MAX_CHUNKS_PER_RESERVATION) | {"minItems": 1}}, required=["sizes"]),
+            response=obj({"parallel": {"type": "integer", "minimum": 1},
+                          "reservations": array(obj({"idempotency_key": {"type": "string"}, "size": ANY_INT,
+                                                     "first_id": ANY_INT, "last_id": ANY_INT},
+                                                    required=["idempotency_key", "size", "first_id", "last_id"]))},
+                         required=["parallel", "reservations"]))},
         "/jobs/{job_id}": {"get": _op("Read a job", response="Job", params=[_path_id("job_id")]),
                            "put": _op("Update a job; returns 1", body="JobUpdate", response=ANY_INT,
                                       params=[_path_id("job_id")]),
@@ -506,7 +516,7 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
         "A job named more than once has its updates applied in the order they come, each state change "
         "validated from the state the one before it left and recorded as its own event; the answer counts the jobs.")
     for path, ops in paths.items():
-        if "post" in ops and not path.startswith("/auth"):
+        if "post" in ops and not path.startswith("/auth") and path != "/jobs/reservations":
             ops["post"]["parameters"].append(IDEMPOTENCY_KEY)
     return {"openapi": "3.1.0", "info": {"title": "Balsam API", "version": balsam.__version__}, "paths": paths,
             "components": {"schemas": defs,

@@ -8,13 +8,14 @@ import orjson
 import sqlalchemy as sa
 from starlette.responses import Response
 
-from balsam.models import MAX_ITEMS_PER_BULK_OP
+from balsam.models import MAX_CHUNKS_PER_RESERVATION, MAX_ITEMS_PER_BULK_OP
 from balsam.states import JobState
 from balsam.util import paused_gc
 
 from .. import jobs_logic as logic
-from ..errors import BadRequest, NotFound
-from ..http import MINIMAL_APPLIED, PAGINATION, dumps, json_response, no_content, pagination, require_list
+from ..errors import BadRequest, NotFound, ValidationFailed
+from ..http import MINIMAL_APPLIED, PAGINATION, dumps, is_json_int, json_response, no_content, pagination, require_list
+from ..idempotency import HEADER as IDEMPOTENCY_HEADER, reserve_job_keys
 from ..limits import check_field_sizes
 from ..routing import Ctx, route
 from ..sessions_logic import sweep_expired
@@ -63,14 +64,45 @@ def _bulk_create(ctx: Ctx) -> Response:
     minimal = ctx.prefers_minimal()
     headers = {MINIMAL_APPLIED[0]: MINIMAL_APPLIED[1]} if minimal else None
     with ctx.write() as conn:
-        earlier = ctx.idempotency.claim(conn)
+        earlier = ctx.idempotency.claim(conn, reservable=True)
         if earlier is not None:  # a retry of a create that was applied: the same jobs, not new ones
             replay = logic.fetch_created(conn, earlier.ids, minimal=minimal)
             return json_response(replay, earlier.status_code, headers=headers)
-        created = logic.bulk_create_jobs(conn, ctx.user.id, specs, minimal=minimal)
+        reserved = ctx.idempotency.reserved_ids
+        if reserved is not None and len(reserved) != len(specs):
+            raise ValidationFailed.field(
+                ["header", IDEMPOTENCY_HEADER], f"this key was reserved for {len(reserved)} jobs; the request has {len(specs)}")
+        created = logic.bulk_create_jobs(conn, ctx.user.id, specs, minimal=minimal, ids=reserved)
         ctx.idempotency.record(conn, 201, "jobs", [job["id"] for job in created])
     ctx.wake_acquires()
     return json_response(created, 201, headers=headers)
+
+
+def reserve(ctx: Ctx) -> Response:
+    """Idempotency keys for the chunks of one bulk create, each with its job ids allocated now, so
+    that the client may send the chunks side by side and still get ids in the order of its list
+    (see balsam.server.idempotency). ``parallel``: how many chunks to keep in flight; on SQLite it
+    is 1 and nothing is reserved (one transaction writes at a time there)."""
+    data = ctx.json()
+    sizes = data.get("sizes") if isinstance(data, dict) else None
+    if (not isinstance(sizes, list) or not 1 <= len(sizes) <= MAX_CHUNKS_PER_RESERVATION
+            or not all(is_json_int(n) and 1 <= n <= MAX_ITEMS_PER_BULK_OP for n in sizes)):
+        raise ValidationFailed.field(["body", "sizes"], f"expected a list of 1 to {MAX_CHUNKS_PER_RESERVATION} "
+                                                        f"chunk sizes, each 1 to {MAX_ITEMS_PER_BULK_OP}")
+    extra = set(data) - {"sizes"}
+    if extra:
+        raise ValidationFailed.field(["body", sorted(extra)[0]], "extra fields not permitted")
+    sizes = [int(n) for n in sizes]
+    dialect = ctx.engine.dialect.name
+    parallel = logic.CREATE_PARALLEL.get(dialect, 1)
+    reservations: list[dict] = []
+    if parallel > 1:
+        with ctx.write() as conn:
+            blocks = logic.reserve_job_ids(conn, sizes)
+            keys = reserve_job_keys(conn, ctx.user.id, blocks, ctx.settings.idempotency_ttl_sec)
+        reservations = [{"idempotency_key": key, "size": len(ids), "first_id": ids[0], "last_id": ids[-1]}
+                        for key, ids in zip(keys, blocks)]
+    return json_response({"parallel": parallel, "reservations": reservations})
 
 
 def bulk_update(ctx: Ctx) -> Response:
@@ -145,5 +177,6 @@ def query_delete(ctx: Ctx) -> Response:
 routes = [
     route("/jobs/", {"GET": list_jobs, "POST": bulk_create, "PATCH": bulk_update, "PUT": query_update,
                      "DELETE": query_delete}),
+    route("/jobs/reservations", {"POST": reserve}),
     route("/jobs/{job_id}", {"GET": read_job, "PUT": update_one, "DELETE": delete_one}),
 ]
