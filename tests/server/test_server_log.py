@@ -7,7 +7,13 @@ import logging
 import logging.config
 from pathlib import Path
 
-from balsam.server.embedded import LOG_BACKUP_COUNT, MAX_LOG_LINE_CHARS, log_config
+from balsam.server.embedded import (
+    DEFAULT_LOG_MAX_BYTES,
+    LOG_BACKUP_COUNT,
+    MAX_LOG_LINE_CHARS,
+    log_config,
+    log_max_bytes_from_env,
+)
 
 
 def test_long_lines_are_capped_and_the_file_rotates(tmp_path: Path) -> None:
@@ -30,3 +36,15 @@ def test_long_lines_are_capped_and_the_file_rotates(tmp_path: Path) -> None:
     assert long and all(len(line) <= MAX_LOG_LINE_CHARS + 40 for line in long)
     assert long[0].endswith("more characters]")
     assert log_file.read_text().splitlines()[-1].endswith("short line")  # the newest file
+
+
+def test_the_rotation_size_comes_from_the_environment_and_a_bad_value_is_said(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("BALSAM_SERVER_LOG_MAX_BYTES", "123456")
+    assert log_max_bytes_from_env() == 123456
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("BALSAM_SERVER_LOG_MAX_BYTES", "10M")
+    assert log_max_bytes_from_env() == DEFAULT_LOG_MAX_BYTES
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "BALSAM_SERVER_LOG_MAX_BYTES='10M'" in err[0] and "default" in err[0]
+    monkeypatch.delenv("BALSAM_SERVER_LOG_MAX_BYTES")
+    assert log_max_bytes_from_env() == DEFAULT_LOG_MAX_BYTES

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -50,11 +51,26 @@ class CappedFormatter(logging.Formatter):
         return f"{text[: self.max_chars]}... [{len(text) - self.max_chars} more characters]"
 
 
+def log_max_bytes_from_env() -> int:
+    """``$BALSAM_SERVER_LOG_MAX_BYTES`` (a whole number of bytes; 0: never rotate), else the default.
+
+    A value that is not a whole number is not ignored silently: the server says so in one line on
+    its stderr (``server.out``) and rotates at the default size.
+    """
+    raw = os.environ.get("BALSAM_SERVER_LOG_MAX_BYTES", "").strip()
+    if not raw:
+        return DEFAULT_LOG_MAX_BYTES
+    if raw.isdigit():
+        return int(raw)
+    print(f"balsam server: BALSAM_SERVER_LOG_MAX_BYTES={raw!r} is not a whole number of bytes; "
+          f"rotating server.log at the default {DEFAULT_LOG_MAX_BYTES} bytes", file=sys.stderr, flush=True)
+    return DEFAULT_LOG_MAX_BYTES
+
+
 def log_config(log_file: Path, level: str, max_bytes: "int | None" = None) -> dict:
     """uvicorn's ``log_config``: one rotating, line-capped file for uvicorn's and balsam's loggers."""
     if max_bytes is None:
-        raw = os.environ.get("BALSAM_SERVER_LOG_MAX_BYTES", "")
-        max_bytes = int(raw) if raw.isdigit() else DEFAULT_LOG_MAX_BYTES
+        max_bytes = log_max_bytes_from_env()
     handler = {"class": "logging.handlers.RotatingFileHandler", "filename": str(log_file), "maxBytes": max_bytes,
                "backupCount": LOG_BACKUP_COUNT, "formatter": "capped", "encoding": "utf-8"}
     logger = {"handlers": ["file"], "level": level.upper(), "propagate": False}
