@@ -52,6 +52,7 @@ class FakeLease:
 class RecordingUpdater:
     def __init__(self) -> None:
         self.updates: list[tuple[int, str, dict[str, Any]]] = []
+        self.stamps: list[tuple[int, str, Any]] = []  # (job, state, the state_timestamp given)
         self.lock = threading.Lock()
         self.closed = False
         self.gave_up = False
@@ -60,6 +61,7 @@ class RecordingUpdater:
     def put(self, job_id: int, state: Any = None, state_timestamp: Any = None, state_data: Any = None, **fields: Any) -> None:
         with self.lock:
             self.updates.append((job_id, str(getattr(state, "value", state)), state_data or {}))
+            self.stamps.append((job_id, str(getattr(state, "value", state)), state_timestamp))
 
     def put_updates(self, updates: list[dict[str, Any]]) -> None:
         with self.lock:  # one group, as BulkStatusUpdater keeps it in one call
@@ -170,6 +172,25 @@ def test_master_runs_local_tasks_reports_each_once_and_stops_when_idle(tmp_path:
     assert master.started == master.finished == 12
     assert updater.flushes == 1  # the first RUNNING is sent at once, the rest in batches
     assert not master.node_manager.placements and not master.deferred and not master.queued
+
+
+class SlowToReturnPool(ProcessPool):
+    """A pool whose start returns late, as when the master loses the CPU just after a spawn."""
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        super().start(*args, **kwargs)
+        time.sleep(0.05)
+
+
+def test_running_is_stamped_before_a_task_that_ends_at_once_is_stamped_done(tmp_path: Path) -> None:
+    jobs = [FakeJob(i, "true") for i in range(1, 5)]
+    master, _lease, updater, _ = make_master(tmp_path, jobs, pool=SlowToReturnPool)
+    assert master.run() == "idle"
+    for job in jobs:
+        stamps = {state: ts for j, state, ts in updater.stamps if j == job.id}
+        assert set(stamps) == {"RUNNING", "RUN_DONE"}
+        assert stamps["RUNNING"] is not None and stamps["RUN_DONE"] is not None
+        assert stamps["RUNNING"] <= stamps["RUN_DONE"], job.id  # events sort RUNNING first
 
 
 @pytest.mark.parametrize("round_", range(3))

@@ -319,12 +319,14 @@ class MPIMode(JobMode):
         def start(prepared: PreparedJob, placement: Placement) -> None:
             env = launch_environment(prepared, placement, self.context.platform, self._hook)
             cmd = self._command(prepared, placement, env)
-            # An MPI launcher binds ranks itself, so no affinity is forced on it here.
+            # An MPI launcher binds ranks itself, so no affinity is forced on it here. RUNNING is
+            # stamped before the start is asked for, so it never sorts after a quick job's exit.
+            asked = time.time()
             self.pool.start(prepared.id, cmd, prepared.workdir, env)
             self._footprints[prepared.id] = prepared.footprint
             if prepared.postprocess_on_exit:
                 self._postprocess_on_exit.add(prepared.id)
-            report_running(updater, prepared)
+            report_running(updater, prepared, asked)
             logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), cmd)
 
         started = place_pending(self.pending, self.node_manager, start, lambda job_id, reason: report_failed(updater, job_id, reason), room=room)

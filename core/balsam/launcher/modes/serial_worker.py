@@ -361,6 +361,10 @@ class Master:
         env = launch_environment(prepared, placement, self.platform, self.launch_hook)
         cmd = shell_line(prepared.cmdline, prepared.preamble, prepared.workdir)
         cpu_ids = placement.cpu_ids[0]
+        # RUNNING is stamped before the spawn is asked for: a task that ends at once is stamped
+        # RUN_DONE by its spawner, possibly before this thread gets the CPU back (its events would
+        # sort RUN_DONE before RUNNING).
+        asked = time.time()
         if rank == 0:
             self.pool.start(prepared.id, cmd, prepared.workdir, env, cpu_ids)
             self.local[prepared.id] = (prepared, placement, time.monotonic())
@@ -369,7 +373,7 @@ class Master:
             self.remote[prepared.id] = rank
         if prepared.postprocess_on_exit:
             self.postprocess_on_exit.add(prepared.id)
-        report_running(self.updater, prepared)
+        report_running(self.updater, prepared, asked)
 
     def _fail(self, job_id: int, reason: str) -> None:
         report_failed(self.updater, job_id, reason)
