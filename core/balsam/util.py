@@ -51,6 +51,34 @@ def paused_gc() -> Iterator[None]:
         gc.enable()
 
 
+#: Whether :func:`pause_gc_for_start_up` turned the collector off (only it may turn it back on).
+_start_up_pause = {"on": False}
+
+
+def pause_gc_for_start_up() -> None:
+    """Turn the cyclic garbage collector off while a process imports its modules and reads its
+    settings (``python -m balsam.launcher`` calls it first); :func:`resume_gc_after_start_up` turns
+    it back on.
+
+    A launcher's start-up is CPU spent importing (~0.2-0.3 s to its first job on a 2-CPU VM), and
+    the collector ran ~15 collections during it (~15 ms, about 5 %), each walking the modules,
+    classes and functions just made: objects that live as long as the process and hold no garbage.
+    Does nothing when the collector is already off (someone else's choice)."""
+    if gc.isenabled():
+        gc.disable()
+        _start_up_pause["on"] = True
+
+
+def resume_gc_after_start_up() -> None:
+    """Turn the collector back on if :func:`pause_gc_for_start_up` turned it off, first freezing
+    the objects made so far (``gc.freeze``): later collections, the full ones of a launcher that
+    runs for hours included, no longer walk the start-up's modules and classes. Idempotent."""
+    if _start_up_pause["on"]:
+        _start_up_pause["on"] = False
+        gc.freeze()
+        gc.enable()
+
+
 def terminate_processes(procs: list, grace_sec: float = 3.0) -> list[int]:
     """SIGTERM ``procs`` (``psutil.Process`` objects), SIGKILL the ones left after ``grace_sec``;
     returns their pids. Processes already gone are skipped."""

@@ -62,6 +62,20 @@ def test_third_party_drivers_resolved_through_metadata(fresh_plugins):
     }
 
 
+def test_stevedore_imports_from_the_one_scan_without_scanning_again(fresh_plugins, monkeypatch):
+    import stevedore._cache
+
+    def second_scan(*_args, **_kwargs):
+        raise AssertionError("stevedore scanned the installed distributions a second time")
+
+    monkeypatch.setattr(stevedore._cache, "get_group_all", second_scan)
+    pm = PluginManager()
+    assert pm.load_driver("scheduler", "local") is LocalScheduler
+    assert pm.load_driver("scheduler", "testplugin").__name__ == "TestPluginScheduler"
+    assert any(r.kind == "plugin" and r.status == "ok" for r in pm.records())  # hook modules loaded too
+    assert {ep.name for ep in stevedore.ExtensionManager.ENTRY_POINT_CACHE["balsam.schedulers"]} >= {"local", "testplugin"}
+
+
 def test_third_party_transfer_driver_from_its_entry_point(fresh_plugins):
     pm = PluginManager(allowed=["testplugin"])
     from balsam_testplugin.drivers import CopyTransfer

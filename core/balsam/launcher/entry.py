@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from balsam.platform import NodeInfo
+from balsam.util import resume_gc_after_start_up
 
 logger = logging.getLogger("balsam.launcher")
 
@@ -267,6 +268,7 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         logger.info("launcher %s: site %s, batch job %s, %d nodes", partition.job_mode, site_config.site_path, batch_job_id, len(context.nodes))
+        resume_gc_after_start_up()  # start-up is over (see balsam.launcher.__main__)
         return int(mode.run() or 0)
     finally:
         for sig, handler in previous.items():
@@ -275,6 +277,7 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
 
 def _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_config, batch_job_id, start_time) -> int:
     """One child launcher per partition; SIGTERM is forwarded, stragglers killed after 10 s."""
+    resume_gc_after_start_up()  # this process only waits from here on (see balsam.launcher.__main__)
     children: list[subprocess.Popen] = []
     stopping = {"at": None}
 

@@ -16,7 +16,7 @@ from .report import BUILTIN_DISTRIBUTION, PluginRecord, normalize
 
 __all__ = [
     "DRIVER_GROUPS", "ENV_ALLOW", "ENV_NO_AUTOLOAD", "EntryPointInfo", "HOOK_GROUP", "HOOK_KIND", "KINDS",
-    "Selection", "list_entry_points",
+    "Selection", "importable_entry_points", "list_entry_points",
 ]
 
 #: Driver kind -> entry-point group. The only way a driver is registered.
@@ -103,6 +103,20 @@ def _entry_points_of(path_key: tuple[str, ...], group: str) -> tuple[EntryPointI
                                     version=version, location=where))
     found.sort(key=lambda e: 0 if normalize(e.distribution) == BUILTIN_DISTRIBUTION else 1)
     return tuple(found)
+
+
+def importable_entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
+    """``group``'s entry points as ``importlib.metadata`` objects, from this process's one scan: the
+    list stevedore builds from a scan of its own (the same duplicates dropped), for it to import
+    from (see :meth:`balsam.plugins.manager.PluginManager.load`)."""
+    seen: set[tuple[str, str, str]] = set()
+    found = []
+    for ep in _all_entry_points(tuple(sys.path)).select(group=group):
+        key = (ep.name, ep.value, ep.group)
+        if key not in seen:
+            seen.add(key)
+            found.append(ep)
+    return found
 
 
 def forget_entry_points() -> None:
