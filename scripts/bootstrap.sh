@@ -31,11 +31,12 @@ stamp_of() {
 # The installs are editable, so pip compiles none of balsam's own sources, and a process started
 # with PYTHONDONTWRITEBYTECODE=1 (containers and CI often set it) cannot cache what it compiles:
 # every launcher, agent, CLI call and Python run() job would compile each balsam module it imports,
-# again (~0.1 s of CPU per process). Compile them here, as pip does for a regular install; on every
-# run, since sources change under an editable install (an up-to-date file costs one stat).
+# again (50-85 ms of CPU per run() job here: benchmarks/python_app_startup.py). Compile them here,
+# as pip does for a regular install; on every run, since sources change under an editable install
+# (an up-to-date file costs one stat). compileall -q prints only the files that fail.
 compile_sources() {
-    "$venv/bin/python" -m compileall -q core plugins >/dev/null ||
-        echo "bootstrap: some sources under core/ or plugins/ do not compile (python -m compileall -q core plugins names them)" >&2
+    "$venv/bin/python" -m compileall -q core plugins >&2 ||
+        echo "bootstrap: the sources above under core/ or plugins/ do not compile" >&2
 }
 
 stamp_file="$venv/.balsam-bootstrap-$with_test_plugins"

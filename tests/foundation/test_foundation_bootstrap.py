@@ -32,8 +32,8 @@ def compiled_from_source(code: str) -> list[str]:
 
 @pytest.mark.skipif(not STAMP.exists(), reason="this environment was not made by scripts/bootstrap.sh --with-test-plugins")
 def test_bootstrap_compiles_the_sources_that_a_python_run_job_and_a_launcher_import():
-    # The stamp is there, so this is the script's quick path: it installs nothing, and compiles
-    # what changed since.
+    # scripts/test.sh ran the script just before pytest, so its stamp matches: this is the quick
+    # path, which installs nothing and compiles what changed since.
     proc = subprocess.run(["bash", "scripts/bootstrap.sh", "--with-test-plugins"], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
