@@ -15,7 +15,14 @@ Beside them, in the same rounds, the floor: the same interpreter running ``pytho
 sides alternate within each round; printed: the median wall time and CPU (user + system) per
 process. The copies go away at the end.
 
-    .venv/bin/python benchmarks/python_app_startup.py [--rounds 10] [--runs 2]
+``--baseline CHECKOUT`` adds sides that compare whole environments, as installed: the same line
+run by this checkout's venv (``sys.executable``, no ``PYTHONPATH``) and by ``CHECKOUT/.venv`` (made
+by that checkout's ``scripts/bootstrap.sh``: e.g. ``git worktree add /tmp/base HEAD~1``, then
+``bash /tmp/base/scripts/bootstrap.sh``), each beside its own ``python -c pass``. So a change to
+what a run() job imports, or to how balsam is installed, is measured against the code before it in
+the same rounds.
+
+    .venv/bin/python benchmarks/python_app_startup.py [--rounds 10] [--runs 2] [--baseline CHECKOUT]
 """
 
 from __future__ import annotations
@@ -73,8 +80,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=2, help="processes per side in each round")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="another checkout whose .venv (made by its scripts/bootstrap.sh) to compare this one's with")
     args = parser.parse_args()
     line = runner_line()
+    if not line.startswith(sys.executable + " "):
+        raise SystemExit(f"the runner line does not start with this interpreter ({sys.executable}): {line[:80]}")
+    other_python = None
+    if args.baseline is not None:
+        other_python = str(args.baseline.resolve() / ".venv" / "bin" / "python")
+        if not os.access(other_python, os.X_OK):
+            raise SystemExit(f"--baseline {args.baseline}: no {other_python} (run its scripts/bootstrap.sh first)")
     base_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     with tempfile.TemporaryDirectory(prefix="balsam-app-startup-") as tmp:
         roots = {"compiled": copy_of_balsam(Path(tmp, "compiled"), True),
@@ -82,6 +98,10 @@ def main() -> None:
         sides: dict[str, tuple[list[str], dict[str, str]]] = {
             name: (["bash", "-c", line], {**base_env, "PYTHONPATH": str(root)}) for name, root in roots.items()}
         sides["python -c pass"] = ([sys.executable, "-c", "pass"], base_env)
+        if other_python is not None:
+            sides["installed"] = (["bash", "-c", line], base_env)
+            sides["baseline"] = (["bash", "-c", other_python + line[len(sys.executable):]], base_env)
+            sides["baseline python -c pass"] = ([other_python, "-c", "pass"], base_env)
         for name, (_argv, env) in sides.items():
             if name in roots:  # the copy is the balsam these processes import
                 where = subprocess.run([sys.executable, "-c", "import balsam; print(balsam.__file__)"], env=env,
@@ -96,12 +116,21 @@ def main() -> None:
                 results[name].extend(timed(argv, env) for _ in range(args.runs))
     print(f"Python run() job start-up ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"PYTHONDONTWRITEBYTECODE=1; {args.rounds} alternated rounds x {args.runs} processes per side; medians)")
-    for name, label in (("compiled", "run() job, balsam compiled ahead"), ("source", "run() job, balsam compiled as it loads"),
-                        ("python -c pass", "python -c pass (the floor)")):
+    labels = [("compiled", "run() job, balsam compiled ahead"), ("source", "run() job, balsam compiled as it loads"),
+              ("python -c pass", "python -c pass (the floor)")]
+    if other_python is not None:
+        labels += [("installed", "run() job, this venv as installed"), ("baseline", "run() job, --baseline's venv"),
+                   ("baseline python -c pass", "python -c pass, --baseline's venv")]
+    for name, label in labels:
         walls, cpus = zip(*results[name])
         print(f"  {label:42s} wall {statistics.median(walls) * 1000:6.0f} ms   CPU {statistics.median(cpus) * 1000:6.0f} ms")
     saved = statistics.median(c for _w, c in results["source"]) - statistics.median(c for _w, c in results["compiled"])
     print(f"  compiling balsam as it loads costs each run() job {saved * 1000:.0f} ms of CPU")
+    if other_python is not None:
+        for what, index in (("wall", 0), ("CPU", 1)):
+            base, this = (statistics.median(x[index] for x in results[k]) for k in ("baseline", "installed"))
+            print(f"  this checkout against --baseline: {what} {base * 1000:.0f} -> {this * 1000:.0f} ms "
+                  f"({(this - base) * 1000:+.0f} ms per run() job)")
 
 
 if __name__ == "__main__":

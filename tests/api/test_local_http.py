@@ -5,6 +5,7 @@ of a local server that never imports httpx."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -183,6 +184,35 @@ def test_a_client_of_a_local_server_never_imports_httpx(balsam_env):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
+
+def test_importing_the_api_leaves_the_http_tls_and_yaml_stacks_to_first_use(tmp_path):
+    """A Python run() job imports balsam.api with the user's module and may never call the server:
+    http.client (with ssl and email), hashlib and yaml are imported when a connection is opened,
+    a certificate checked or client.yml read, not with the API (~20 ms of each job's start-up).
+    Then the same process reaches a server through a client.yml, which imports them."""
+    code = (
+        "import sys\n"
+        "import balsam.api\n"
+        "from balsam._api import python_runner\n"
+        "lazy = ('http.client', 'ssl', 'email.parser', 'hashlib', 'yaml', 'httpx')\n"
+        "print(sorted(m for m in lazy if m in sys.modules))\n"
+        "import balsam.client, balsam.client.transport\n"
+        "assert len(balsam.client.transport.normalize_fingerprint('ab' * 32)) == 95\n"
+        "balsam.client.ClientSettings(api_root='http://127.0.0.1:9', token='t', retry_count=0).save(sys.argv[1])\n"
+        "client = balsam.client.load_client(sys.argv[1])\n"
+        "try:\n"
+        "    client.get('/sites/')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+        "print(sorted(m for m in ('http.client', 'yaml') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "client.yml")], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    first, *rest = out.stdout.split()
+    assert first == "[]"
+    assert rest[-2:] == ["['http.client',", "'yaml']"]
 
 def test_a_loopback_server_is_reached_directly_whatever_the_proxy_variables_say(balsam_env, monkeypatch):
     """HPC nodes often set http_proxy; a request to this machine must not go to the proxy (httpx,

@@ -21,7 +21,6 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, TypeVar
 
 import attrs
-import yaml
 from cattrs.errors import ClassValidationError, IterableValidationError
 
 from balsam.client import RESTClient
@@ -639,6 +638,9 @@ class BalsamModel:
         return f"{type(self).__name__}({args})"
 
     def __str__(self) -> str:
+        # yaml here, not at the top: ~10 ms of every run() job's start-up, for printing a model.
+        import yaml
+
         return yaml.safe_dump(self.display_dict(), sort_keys=False, indent=4)
 
     def __eq__(self, other: Any) -> bool:

@@ -15,17 +15,24 @@ a launcher that was quiet for a while does not pay a failed request and a retry.
 
 Failures are raised as :class:`LocalTransportError` (a ``ConnectionError``), which the REST client
 retries like httpx's transport errors; ``connect_failed`` says that nothing was sent.
+
+``http.client`` is imported with the first connection, not with this module: with the ``ssl`` and
+``email`` modules it pulls in, it is ~10 ms (on the 2-CPU VM of the benchmarks) of every process that imports
+``balsam.api``, and a Python ``run()`` job that never calls the server does not need it.
 """
 
 from __future__ import annotations
 
-import http.client
+import functools
 import json
 import select
 import socket
 import threading
-from typing import Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 from urllib.parse import quote
+
+if TYPE_CHECKING:  # pragma: no cover
+    import http.client
 
 #: Idle connections kept per pool (a launcher uses at most a few at once: loop, acquirer, updater).
 MAX_IDLE = 8
@@ -99,22 +106,33 @@ def encode_query(params: "Mapping[str, Any] | None") -> str:
     return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in _param_pairs(params))
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a Unix socket (the Host header is ``host``)."""
+def _http_client() -> Any:
+    """The standard library's ``http.client`` (imported on first use: see the module's docstring)."""
+    import http.client
 
-    def __init__(self, socket_path: str, host: str, timeout: float) -> None:
-        super().__init__(host, timeout=timeout)
-        self.socket_path = socket_path
+    return http.client
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+
+@functools.cache
+def _unix_connection_class() -> Any:
+    """``http.client.HTTPConnection`` over a Unix socket (the Host header is ``host``)."""
+
+    class UnixHTTPConnection(_http_client().HTTPConnection):  # type: ignore[misc,name-defined]
+        def __init__(self, socket_path: str, host: str, timeout: float) -> None:
+            super().__init__(host, timeout=timeout)
+            self.socket_path = socket_path
+
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+
+    return UnixHTTPConnection
 
 
 class LocalHTTPPool:
@@ -142,9 +160,9 @@ class LocalHTTPPool:
     # -- connections ---------------------------------------------------------------------------
     def _new_connection(self) -> http.client.HTTPConnection:
         if self.unix_path:
-            conn: http.client.HTTPConnection = _UnixHTTPConnection(self.unix_path, self.host, self.connect_timeout)
+            conn: http.client.HTTPConnection = _unix_connection_class()(self.unix_path, self.host, self.connect_timeout)
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+            conn = _http_client().HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
         try:
             conn.connect()
         except socket.timeout as exc:
@@ -221,7 +239,7 @@ class LocalHTTPPool:
             conn.close()
             raise LocalTransportError(f"{method} {url}: no answer from {self._where()} within {self.read_timeout:g} s",
                                       timed_out=True) from exc
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, _http_client().HTTPException) as exc:
             conn.close()
             raise LocalTransportError(f"{method} {url}: connection to {self._where()} lost: "
                                       f"{type(exc).__name__}: {exc}") from exc

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import attrs
-import yaml
 
 NOT_LOGGED_IN = "Not logged in: run `balsam login` (or `balsam server start` for a local server)"
 DEFAULT_CLIENT_CLASS = "balsam.client.RESTClient"
@@ -75,6 +74,8 @@ class ClientSettings:
         path = Path(path) if path is not None else client_path()
         if not path.is_file():
             raise NotLoggedIn(f"no login file at {path}")
+        import yaml  # here, not at the top: ~10 ms that a run() job which never logs in does not need
+
         try:
             data = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:
@@ -114,6 +115,8 @@ class ClientSettings:
 
     def save(self, path: "Path | str | None" = None) -> Path:
         """Write atomically with mode 0600 (directory 0700)."""
+        import yaml  # see load()
+
         path = Path(path) if path is not None else client_path()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".client-", suffix=".yml")

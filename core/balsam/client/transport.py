@@ -13,20 +13,24 @@
 
 A server on this machine (Unix socket, loopback http) is reached through the standard library's
 ``http.client`` (:mod:`balsam.client.local_http`, see :func:`local_pool_args`); any other through
-httpx (:func:`httpx_client_args`), imported only then.
+httpx (:func:`httpx_client_args`), imported only then. For the same reason ``ssl`` and ``hashlib``
+(~7 ms together) are imported by the functions that deal with certificates, not with this module:
+every process that imports ``balsam.api`` imports it, and one that talks to a local server (or to
+none: a Python ``run()`` job) never uses them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import socket
-import ssl
 import stat
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ssl
 
 UNIX_SCHEME = "unix://"
 #: The Host header sent over the Unix socket.
@@ -78,6 +82,9 @@ def check_private_socket(path: Path) -> None:
 def fingerprint_of_pem(pem: str) -> str:
     """SHA-256 of the certificate's DER bytes, as ``AB:CD:...`` (what ``openssl x509 -fingerprint
     -sha256`` prints)."""
+    import hashlib
+    import ssl
+
     digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
@@ -90,6 +97,8 @@ def normalize_fingerprint(text: str) -> str:
 def pinned_ssl_context(pem: str) -> ssl.SSLContext:
     """A context that accepts exactly this certificate. The host name is not checked: the pinned
     certificate is the server's identity (it may name another host, or none)."""
+    import ssl
+
     ctx = ssl.create_default_context(cadata=pem)
     ctx.check_hostname = False
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
@@ -100,6 +109,8 @@ def fetch_server_certificate(api_root: str, timeout: float = 10.0) -> str:
     """The PEM certificate an https server presents (unverified: for the user to accept or not)."""
     parsed = urlparse(api_root)
     host, port = parsed.hostname or "", parsed.port or 443
+    import ssl
+
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -118,6 +129,8 @@ def no_tls_context() -> ssl.SSLContext:
     one loads the system's and certifi's authorities: ~20 ms of CPU, a tenth of a launcher's
     start-up. This one loads no authority at all and still requires a verified certificate and
     host name, so an https request through such a client fails verification (fails closed)."""
+    import ssl
+
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
