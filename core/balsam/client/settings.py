@@ -74,7 +74,7 @@ class ClientSettings:
         path = Path(path) if path is not None else client_path()
         if not path.is_file():
             raise NotLoggedIn(f"no login file at {path}")
-        import yaml  # here, not at the top: ~10 ms that a run() job which never logs in does not need
+        import yaml  # here, not at the top: ~10 ms that a run() job which never reads client.yml does not need
 
         try:
             data = yaml.safe_load(path.read_text())
