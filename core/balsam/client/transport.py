@@ -107,10 +107,10 @@ def pinned_ssl_context(pem: str) -> ssl.SSLContext:
 
 def fetch_server_certificate(api_root: str, timeout: float = 10.0) -> str:
     """The PEM certificate an https server presents (unverified: for the user to accept or not)."""
-    parsed = urlparse(api_root)
-    host, port = parsed.hostname or "", parsed.port or 443
     import ssl
 
+    parsed = urlparse(api_root)
+    host, port = parsed.hostname or "", parsed.port or 443
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
