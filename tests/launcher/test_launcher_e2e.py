@@ -31,6 +31,12 @@ def console(proc: subprocess.Popen) -> str:
     return Path(proc.console_path).read_text()
 
 
+def traced(trace: Path, seconds: float) -> str:
+    """A command template that sleeps ``seconds`` between lines ``start <id> <t>`` / ``end <id> <t>`` in ``trace``."""
+    return (f"bash -c 'echo start $BALSAM_JOB_ID $(date +%s.%N) >> {trace}; sleep {seconds}; "
+            f"echo end $BALSAM_JOB_ID $(date +%s.%N) >> {trace}'")
+
+
 def intervals(trace: Path) -> list[tuple[float, float]]:
     """(start, end) pairs from lines ``start <t>`` / ``end <t>`` written by the test apps."""
     starts, ends = {}, {}
@@ -213,10 +219,7 @@ def test_node_packing_limits_concurrency(mode: str, packing: int, expected: int,
 
     class Tracer(ApplicationDefinition):
         site = name
-        command_template = (
-            f"bash -c 'echo start $BALSAM_JOB_ID $(date +%s.%N) >> {trace}; sleep 0.4; "
-            f"echo end $BALSAM_JOB_ID $(date +%s.%N) >> {trace}'"
-        )
+        command_template = traced(trace, 0.4)
 
     Tracer.sync()
     ids = make_runnable(Tracer.submit(workdir=f"t/{i}", node_packing_count=packing, save=False) for i in range(8))
@@ -528,3 +531,37 @@ def test_multi_node_mpi_job_gets_whole_nodes(new_site) -> None:
     big_span = (history[big][-2].timestamp, history[big][-1].timestamp)
     small_start = history[small][-2].timestamp
     assert not (big_span[0] < small_start < big_span[1])  # never alongside the job holding every node
+
+
+def test_mpi_mode_hands_short_jobs_over_in_the_spawner(new_site) -> None:
+    """Short MPI jobs start on the resources of the one ahead the moment it exits (queued in the
+    spawner, balsam.launcher.handover): each still starts once, never more than the node packing
+    allows at a time, and its RUNNING carries the time it really started (not when it was queued)."""
+    import re
+
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+    trace = path / "trace.txt"
+
+    class Short(ApplicationDefinition):
+        site = name
+        command_template = traced(trace, 0.05)
+
+    Short.sync()
+    ids = make_runnable(Short.submit(workdir=f"short/{i}", node_packing_count=2, save=False) for i in range(16))
+    proc = start_launcher(path, "mpi", 1)
+    wait_for_states(ids, {"RUN_DONE"}, timeout=90)
+    assert finish(proc) == 0
+    spans = intervals(trace)
+    assert len(spans) == 16 and max_overlap(spans) <= 2
+    log = "".join(p.read_text() for p in (path / "log").glob("mpi_mode_*.log"))
+    handed = re.search(r"16 started \((\d+) by hand-over", log)
+    assert handed and int(handed.group(1)) >= 1, log[-2000:]
+    runs = []
+    for job_id, rows in events_of(ids).items():
+        moves = [(e.from_state, e.to_state) for e in rows]
+        assert moves[-2:] == [("PREPROCESSED", "RUNNING"), ("RUNNING", "RUN_DONE")], (job_id, moves)
+        runs.append((rows[-2].timestamp.timestamp(), rows[-1].timestamp.timestamp()))
+    # RUNNING -> RUN_DONE as the events say: a job queued behind another is RUNNING from its start.
+    assert max_overlap(runs) <= 2, sorted(runs)

@@ -171,7 +171,7 @@ def test_master_runs_local_tasks_reports_each_once_and_stops_when_idle(tmp_path:
     assert updater.closed and lease.closed == {}  # updates flushed before the session is deleted
     assert master.started == master.finished == 12
     assert updater.flushes == 1  # the first RUNNING is sent at once, the rest in batches
-    assert not master.node_manager.placements and not master.deferred and not master.queued
+    assert not master.node_manager.placements and not master.handover.deferred and not master.handover.queued
 
 
 class SlowToReturnPool(ProcessPool):
@@ -201,7 +201,7 @@ def test_many_short_tasks_by_hand_over_leave_no_resources_held(tmp_path: Path, r
     for job in jobs:
         assert updater.states(job.id) == ["RUNNING", "RUN_DONE"], job.id
     assert master.started == master.finished == 120
-    assert not master.node_manager.placements and not master.deferred and not master.handed_to
+    assert not master.node_manager.placements and not master.handover.deferred and not master.handover.handed_to
     node = master.node_manager.nodes[0]
     assert node.is_empty and node.idle_cpus == [0, 1]
 
@@ -222,7 +222,7 @@ def test_the_master_postprocesses_successful_exits_of_default_hook_apps_local_ha
             transport.inbox.append((1, {"done": [(t["id"], 0 if t["id"] % 5 else 3, "", time.time()) for t in batch]}))
         time.sleep(0.02)
     thread.join(5)
-    assert result["reason"] == "idle" and remote and master.handed_over
+    assert result["reason"] == "idle" and remote and master.handover.handed_over
     for job in jobs:
         expected = ["RUNNING", "RUN_ERROR"] if job.id % 5 == 0 else ["RUNNING", "RUN_DONE"] + ["POSTPROCESSED"] * job.postprocess
         assert updater.states(job.id) == expected, (job.id, job.id in remote)
@@ -475,8 +475,8 @@ def test_hand_over_starts_queued_jobs_where_the_job_ahead_ran_and_reports_each_o
     for job in jobs:
         assert updater.states(job.id) == ["RUNNING", "RUN_DONE"], job.id
     assert master.started == master.finished == 10
-    assert master.handed_over >= 1  # two slots, ten jobs: the others wait in the spawner's queues
-    assert not master.node_manager.placements and not master.queued and not master.local
+    assert master.handover.handed_over >= 1  # two slots, ten jobs: the others wait in the spawner's queues
+    assert not master.node_manager.placements and not master.handover.queued and not master.handover.local
 
 
 def test_a_stop_ends_running_jobs_and_queued_jobs_never_show_as_started(tmp_path: Path) -> None:
@@ -484,9 +484,9 @@ def test_a_stop_ends_running_jobs_and_queued_jobs_never_show_as_started(tmp_path
     master, lease, updater, _ = make_master(tmp_path, jobs, idle_ttl=60, pool=SpawnerPool)
     thread, result = run_in_thread(master)
     deadline = time.monotonic() + 20
-    while (master.started < 2 or not master.queued) and time.monotonic() < deadline:
+    while (master.started < 2 or not master.handover.queued) and time.monotonic() < deadline:
         time.sleep(0.02)
-    queued = set(master.queued)
+    queued = set(master.handover.queued)
     assert queued
     master.stop.request("signal 15")
     thread.join(30)

@@ -13,7 +13,9 @@ job that ends is replaced at once from the jobs leased ahead, and the next acqui
 while jobs run. The lookahead is one wave (the partition's node footprint, at most
 ``max_concurrent_mpiruns`` jobs) unless jobs end faster than acquires come back: then it is what
 ends in a few round trips (:class:`LeaseAhead`). The Session's deletion at exit (or its expiry after
-a crash) frees what never started.
+a crash) frees what never started. When the partition is full, jobs also wait in the spawner behind
+running jobs of the same demand and start on their resources as they exit (hand-over, shared with
+serial mode: :mod:`balsam.launcher.handover`), which saves the loop's round trip per exit.
 
 Threads: the **loop thread** owns the NodeManager, the pending deque and the process pool; the
 **acquirer thread** (an executor of one) only runs ``source.acquire`` (and the oversized-job probe)
@@ -41,6 +43,7 @@ from balsam.util import format_threads_cpu, threads_cpu_seconds
 from .._api import largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
 from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
+from ..handover import HandOver
 from ..job_mode import JobMode
 from ..node_manager import NodeManager, Placement, UnsatisfiableJob
 from ..placement import place_pending
@@ -68,6 +71,12 @@ LEASE_AHEAD_MAX_SEC = 2.0
 LEASE_AHEAD_MIN_SEC = 0.25
 #: The acquire round trip assumed before one has been measured.
 INITIAL_ROUND_TRIP_SEC = 0.1
+#: Hand-over (:mod:`balsam.launcher.handover`): jobs queued in the spawner behind each running job
+#: of the same demand, started on its nodes the moment it exits. Two cover the loop's round trip
+#: after an exit even for jobs of a few milliseconds; more would only hold jobs another slot could take.
+HANDOVER_DEPTH = 2
+#: ... only behind a job younger than this (an older one gives its queue back to be placed anew).
+HANDOVER_MAX_AGE_SEC = 1.0
 
 
 def mpi_partitions(env: Any) -> int:
@@ -186,6 +195,9 @@ class MPIMode(JobMode):
         self._probe_oversized = shares == 1
         self.lease_ahead = LeaseAhead(len(self.node_manager))
         self._footprints: dict[int, float] = {}  # running job id -> its footprint (for lease_ahead)
+        #: Jobs queued in the spawner behind running ones (counted with ``pending`` wherever the
+        #: leased-but-not-started jobs are: they are not RUNNING until they start).
+        self.handover = HandOver(self.pool, self.node_manager, depth=HANDOVER_DEPTH, max_age_sec=HANDOVER_MAX_AGE_SEC)
 
     # -- one loop step each --------------------------------------------------------------------
     def _acquire_request(self) -> Optional[dict[str, Any]]:
@@ -193,18 +205,19 @@ class MPIMode(JobMode):
         :class:`LeaseAhead`, at least one wave, less what is already leased and waiting), or None
         when there is no room to ask for any job, or too little to be worth a request."""
         nm = self.node_manager
-        waiting = sum(p.footprint for p in self.pending)
+        queued = self.handover.queued
+        waiting = sum(p.footprint for p in self.pending) + sum(p.footprint for p in queued.values())
         ahead = self.lease_ahead.nodes(time.monotonic())
         room_nodes = nm.aggregate_free_nodes() + ahead - waiting
-        room = self.max_concurrent - len(self.pending)
+        room = self.max_concurrent - len(self.pending) - len(queued)
         if self.launch_limit is not None:
-            left = self.launch_limit.max_launches - self.started - len(self.pending)
+            left = self.launch_limit.max_launches - self.started - len(self.pending) - len(queued)
             if left <= 0:
                 self._report_launch_limit()
                 return None
             room = min(room, left)
         if not nm.allow_node_packing:
-            room = min(room, nm.count_empty_nodes() + len(nm) - len(self.pending))
+            room = min(room, nm.count_empty_nodes() + len(nm) - len(self.pending) - len(queued))
         if room_nodes < self.lease_ahead.min_request(ahead) or room <= 0:
             return None
         empty = nm.count_empty_nodes()
@@ -286,7 +299,7 @@ class MPIMode(JobMode):
             return
         self._limit_reported = True
         # Counted with the jobs taken but not yet started: the acquire runs a wave ahead of the starts.
-        launches = self.started + len(self.pending)
+        launches = self.started + len(self.pending) + len(self.handover.queued)
         message = (f"stopped acquiring jobs after {launches} MPI launches: {self.launch_limit.reason}; "
                    "jobs left over run in the next batch job")
         logger.warning(message)
@@ -323,6 +336,7 @@ class MPIMode(JobMode):
             # stamped before the start is asked for, so it never sorts after a quick job's exit.
             asked = time.time()
             self.pool.start(prepared.id, cmd, prepared.workdir, env)
+            self.handover.started_local(prepared, placement)
             self._footprints[prepared.id] = prepared.footprint
             if prepared.postprocess_on_exit:
                 self._postprocess_on_exit.add(prepared.id)
@@ -335,6 +349,32 @@ class MPIMode(JobMode):
         self.started += started
         return started
 
+    # -- hand-over (balsam.launcher.handover) --------------------------------------------------
+    def _queued_command(self, prepared: PreparedJob, placement: Placement) -> tuple[str, dict[str, str]]:
+        """The MPI line and environment of a job queued to start on ``placement`` (its head's)."""
+        env = launch_environment(prepared, placement, self.context.platform, self._hook)
+        return self._command(prepared, placement, env), env
+
+    def _queue_behind(self, updater: Any) -> int:
+        queued = self.handover.queue_behind(self.pending, self._queued_command,
+                                            lambda job_id, reason: report_failed(updater, job_id, reason))
+        self.handover.cancel_behind_old()
+        return queued
+
+    def _note_handovers(self, updater: Any) -> None:
+        """Queued jobs that started (RUNNING at the time they started) or came back unstarted."""
+        def handed_over(prepared: PreparedJob, when: float) -> None:
+            self._footprints[prepared.id] = prepared.footprint
+            if prepared.postprocess_on_exit:
+                self._postprocess_on_exit.add(prepared.id)
+            report_running(updater, prepared, when)
+            logger.info("started job %s by hand-over", prepared.id)
+
+        started, dropped = self.handover.note_handovers(self.pending, handed_over)
+        self.started += started
+        if dropped:
+            self._try_start = True
+
     def _pop_postprocess(self, job_id: int) -> bool:
         if job_id in self._postprocess_on_exit:
             self._postprocess_on_exit.discard(job_id)
@@ -343,11 +383,13 @@ class MPIMode(JobMode):
 
     def _reap(self, updater: Any) -> int:
         done = self.pool.reap()
+        if self.handover.queued:
+            self._note_handovers(updater)  # before the exits: their placements pass to these
         if done:
             self._try_start = True
         now = time.monotonic()
         for job_id, rc, tail, when in done:
-            self.node_manager.free(job_id)
+            self.handover.release(job_id)
             self.lease_ahead.job_ended(self._footprints.pop(job_id, 0.0), now)
             report_exit(updater, job_id, rc, tail, when, self._pop_postprocess(job_id))
             logger.info("job %s exited with %s", job_id, rc)
@@ -398,6 +440,7 @@ class MPIMode(JobMode):
                         freed_in_flight = False
                     if self.pending:
                         self._start_pending(updater)
+                        self._queue_behind(updater)
                     if inflight is None and time.monotonic() >= next_acquire:
                         request = self._acquire_request()
                         if request is not None:  # no room: wait for a job to end instead
@@ -405,7 +448,7 @@ class MPIMode(JobMode):
                             inflight.add_done_callback(lambda _f: self.wake.set())
                     # An acquire in flight is not activity (one goes out every delay_sec while idle);
                     # if the idle timeout ends the launcher under it, its jobs go back with the Session.
-                    busy = bool(self.pool.running or self.pending)
+                    busy = bool(self.pool.running or self.pending or self.handover.queued)
                     self.stop.note_activity(busy)
                     if not busy and backlog_empty:
                         # The last exits, with no job left to lease: their RUN_DONEs go now, not
@@ -433,13 +476,17 @@ class MPIMode(JobMode):
                         logger.info("%d jobs acquired as the launcher stopped; the session release returns them", late)
             self._shutdown(updater, reason)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        logger.info("mpi mode done (%s): %d started, %d finished; CPU %.2f s user + %.2f s system (by thread, until "
-                    "the stop: %s)", reason, self.started, self.finished, usage.ru_utime, usage.ru_stime,
-                    format_threads_cpu(threads_cpu))
+        logger.info("mpi mode done (%s): %d started (%d by hand-over; %d queued ones given back), %d finished; CPU "
+                    "%.2f s user + %.2f s system (by thread, until the stop: %s)", reason, self.started,
+                    self.handover.handed_over, self.handover.given_back, self.finished, usage.ru_utime,
+                    usage.ru_stime, format_threads_cpu(threads_cpu))
         return 0
 
     def _shutdown(self, updater: Any, reason: str) -> None:
         victims, finished = self.pool.terminate_all(self.countdown.grace_sec)
+        if self.handover.queued:
+            self._note_handovers(updater)  # RUNNING for queued jobs that started before the stop
+        self.handover.forget_queued()  # what was still queued will not start
         for job_id, rc, tail, when in finished:
             report_exit(updater, job_id, rc, tail, when, self._pop_postprocess(job_id))
         for job_id in victims:

@@ -27,19 +27,13 @@ Every node's tasks are started and reaped by **spawner processes** (:mod:`balsam
 one per CPU up to four, :class:`~balsam.launcher.runner.SpawnerShards`), never by the master's or a
 worker's interpreter: a fork/exec holds the GIL of the process that makes it (CPython 3.11), which
 used to stall the prefetcher and the updater for most of the master's time, and a worker rank is an
-MPI process, which is better not forked once per task. **Hand-over**: when the node is full, the master queues up to
-:data:`HANDOVER_DEPTH` pending jobs of the same demand behind each young running task, in the
+MPI process, which is better not forked once per task. **Hand-over**
+(:mod:`balsam.launcher.handover`, shared with mpi mode): when the node is full, the master queues
+up to :data:`HANDOVER_DEPTH` pending jobs of the same demand behind each young running task, in the
 spawner, which starts the next one on the same CPUs the moment the one ahead exits, without a round
 trip through this loop (short tasks otherwise leave their CPU idle while the exit travels to the
-master and the next start back). The master learns of such a start with the exit before it, reports
-RUNNING with the time it happened and passes the placement on (:meth:`NodeManager.hand_over`);
-a queued job is not RUNNING until it starts, so a stop simply forgets it (the lease gives it back).
-No hand-over after an exit by a termination signal (the allocation is ending) and none behind a
-task older than :data:`HANDOVER_MAX_AGE_SEC` (its queue is cancelled and placed again), so a long
-task does not hold jobs that could run elsewhere. A queue request may reach the spawner just after
-the task ahead ended: the spawner then starts it at once on that task's CPUs, so the master keeps
-an ended task's placement while the job queued behind it is in flight (:attr:`Master.deferred`)
-and passes it on, or frees it when the job comes back unstarted.
+master and the next start back); a long task (older than :data:`HANDOVER_MAX_AGE_SEC`) gives its
+queue back.
 Stop conditions (signal, wall time, idle timeout, refused credential) are one
 :class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
 master runs in the launcher process.
@@ -68,6 +62,7 @@ from balsam.util import format_threads_cpu, threads_cpu_seconds
 from .._api import open_lease, open_updater
 from ..entry import _platform, configure_logging
 from ..app_run import JobPreparer, PreparedJob, shell_line
+from ..handover import HandOver
 from ..job_mode import StopConditions
 from ..node_manager import NodeManager, Placement
 from ..placement import place_pending
@@ -288,25 +283,8 @@ class Master:
         self.postprocess_on_exit: set[int] = set()
         #: Worth a placement pass: resources were freed or jobs arrived since the last one.
         self._try_start = True
-        # Hand-over bookkeeping (a pool with ``queue_after``; see the module docstring):
-        #: started local jobs -> (prepared, placement, monotonic start): the heads jobs queue behind
-        self.local: dict[int, tuple[PreparedJob, Placement, float]] = {}
-        #: queued in the spawner, not started (job id -> prepared)
-        self.queued: dict[int, PreparedJob] = {}
-        #: job id -> the job queued right behind it
-        self.behind: dict[int, int] = {}
-        #: job id -> the queued job that started on its resources when it ended (its placement
-        #: passes to that job when this one's exit is settled)
-        self.handed_to: dict[int, int] = {}
-        #: ended jobs whose resources are kept for the job queued behind them: the request may
-        #: reach the spawner after the end, and it then starts the job there (``h``) or gives it back
-        self.deferred: set[int] = set()
-        self._cancelled: set[int] = set()
-        self._next_age_check = 0.0
-        #: Jobs started by a hand-over (in the spawner, without a turn of this loop), and queued
-        #: jobs given back unstarted (the task ahead ended before the request came, or ran long).
-        self.handed_over = 0
-        self.given_back = 0
+        #: Jobs queued in the spawner behind running local jobs (see the module docstring).
+        self.handover = HandOver(pool, node_manager, depth=HANDOVER_DEPTH, max_age_sec=HANDOVER_MAX_AGE_SEC)
 
     # -- one loop turn -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
@@ -318,7 +296,7 @@ class Master:
         """Reap, collect reports, take new jobs, start what fits; returns how much happened."""
         progress = 0
         done = self.pool.reap()
-        if self.queued:
+        if self.handover.queued:
             progress += self._note_handovers()
         if done:
             self._finish(done)
@@ -340,14 +318,10 @@ class Master:
             self.started += started
             progress += started
             self._send_outbox()
-        # Not while the pool holds unread events: an exit among them would make a job queued
-        # behind that task come back unstarted (queued and placed again: work done twice).
-        if self.pending and self.local and getattr(self.pool, "can_queue", False) and not self.pool.events:
-            progress += self._queue_behind()
-        if self.queued:
-            self._cancel_behind_old()
-        self.prefetcher.note_held(len(self.pending) + len(self.queued))
-        busy = bool(self.pool.running or self.remote or self.pending or self.queued or self.prefetcher.backlog)
+        progress += self.handover.queue_behind(self.pending, self._local_command, self._fail)
+        self.handover.cancel_behind_old()
+        self.prefetcher.note_held(len(self.pending) + len(self.handover.queued))
+        busy = bool(self.pool.running or self.remote or self.pending or self.handover.queued or self.prefetcher.backlog)
         self.stop.note_activity(busy or not self.prefetcher.exhausted)
         if not busy and self.prefetcher.exhausted:
             # The last exits, with no job left to lease: their RUN_DONEs go now, not after the
@@ -367,7 +341,7 @@ class Master:
         asked = time.time()
         if rank == 0:
             self.pool.start(prepared.id, cmd, prepared.workdir, env, cpu_ids)
-            self.local[prepared.id] = (prepared, placement, time.monotonic())
+            self.handover.started_local(prepared, placement)
         else:
             self.outbox.setdefault(rank, []).append(self._remote_task(prepared.id, cmd, prepared.workdir, env, cpu_ids))
             self.remote[prepared.id] = rank
@@ -378,102 +352,24 @@ class Master:
     def _fail(self, job_id: int, reason: str) -> None:
         report_failed(self.updater, job_id, reason)
 
-    # -- hand-over: jobs queued in the spawner behind running local jobs -------------------------
-    def _queue_behind(self) -> int:
-        """Queue pending jobs behind young local jobs of the same demand, up to
-        :data:`HANDOVER_DEPTH` each: they start on those resources the moment the job ahead ends.
-        Only the head of ``pending`` is looked at (placement order is kept)."""
-        queued = 0
-        now = time.monotonic()
-        for head_id, (head, placement, since) in list(self.local.items()):
-            if not self.pending or self.pending[0].demand != head.demand:
-                break
-            if head_id in self.pool.held or now - since > HANDOVER_MAX_AGE_SEC:
-                continue
-            tail, depth = head_id, 0
-            while tail in self.behind:
-                tail = self.behind[tail]
-                depth += 1
-            while depth < HANDOVER_DEPTH and self.pending and self.pending[0].demand == head.demand:
-                prepared = self.pending.popleft()
-                try:
-                    env = launch_environment(prepared, placement, self.platform, self.launch_hook)
-                    cmd = shell_line(prepared.cmdline, prepared.preamble, prepared.workdir)
-                except Exception as exc:
-                    reason = f"An exception occurred while preparing the launch: {type(exc).__name__}: {exc}"
-                    logger.error("job %s FAILED: %s", prepared.id, reason)
-                    self._fail(prepared.id, reason)
-                    continue
-                if not self.pool.queue_after(tail, prepared.id, cmd, prepared.workdir, env):
-                    self.pending.appendleft(prepared)
-                    return queued
-                self.queued[prepared.id] = prepared
-                self.behind[tail] = prepared.id
-                tail = prepared.id
-                depth += 1
-                queued += 1
-        return queued
+    # -- hand-over (balsam.launcher.handover) --------------------------------------------------
+    def _local_command(self, prepared: PreparedJob, placement: Placement) -> tuple[str, dict[str, str]]:
+        """A job's shell line and environment on ``placement`` (one queued behind a local job)."""
+        env = launch_environment(prepared, placement, self.platform, self.launch_hook)
+        return shell_line(prepared.cmdline, prepared.preamble, prepared.workdir), env
+
+    def _handed_over(self, prepared: PreparedJob, when: float) -> None:
+        if prepared.postprocess_on_exit:
+            self.postprocess_on_exit.add(prepared.id)
+        report_running(self.updater, prepared, when)
 
     def _note_handovers(self) -> int:
         """Queued jobs that started (RUNNING, at the time they started) or were given back."""
-        started = self.pool.take_started()
-        for after_id, job_id, when in started:
-            prepared = self.queued.pop(job_id)  # every start the pool reports was queued here
-            self.behind.pop(after_id, None)
-            self._cancelled.discard(job_id)
-            placement = self.node_manager.placements.get(after_id)
-            if placement is not None:
-                self.local[job_id] = (prepared, placement, time.monotonic())
-            if after_id in self.deferred:  # its end was settled already: pass the resources on now
-                self.deferred.discard(after_id)
-                self.node_manager.hand_over(after_id, job_id)
-            else:
-                self.handed_to[after_id] = job_id
-            if prepared.postprocess_on_exit:
-                self.postprocess_on_exit.add(job_id)
-            report_running(self.updater, prepared, when)
-        self.started += len(started)
-        self.handed_over += len(started)
-        dropped = self.pool.take_dropped()
-        self.given_back += len(dropped)
-        for job_id in reversed(dropped):
-            prepared = self.queued.pop(job_id, None)
-            if prepared is not None:
-                self.pending.appendleft(prepared)
+        started, dropped = self.handover.note_handovers(self.pending, self._handed_over)
+        self.started += started
         if dropped:
-            drop = set(dropped)
-            for after_id in [a for a, j in self.behind.items() if j in drop]:
-                del self.behind[after_id]
-                if after_id in self.deferred:
-                    self.deferred.discard(after_id)
-                    self.node_manager.free(after_id)
-            self._cancelled -= drop
             self._try_start = True
-        return len(started) + len(dropped)
-
-    def _cancel_behind_old(self) -> None:
-        """Give back the queue behind a local job running longer than :data:`HANDOVER_MAX_AGE_SEC`."""
-        now = time.monotonic()
-        if now < self._next_age_check:
-            return
-        self._next_age_check = now + HANDOVER_MAX_AGE_SEC / 4
-        for head_id, (_, _, since) in list(self.local.items()):
-            first = self.behind.get(head_id)
-            if first is not None and first not in self._cancelled and now - since > HANDOVER_MAX_AGE_SEC:
-                self._cancelled.add(first)
-                self.pool.cancel(first)
-
-    def _release(self, job_id: int) -> None:
-        """An exit is settled: its resources pass to the job that started on them, wait for the
-        fate of the job queued behind it (not known yet), or are freed."""
-        self.local.pop(job_id, None)
-        successor = self.handed_to.pop(job_id, None)
-        if successor is not None:
-            self.node_manager.hand_over(job_id, successor)
-        elif job_id in self.behind:
-            self.deferred.add(job_id)
-        else:
-            self.node_manager.free(job_id)
+        return started + dropped
 
     def _remote_task(self, job_id: int, cmd: str, workdir: Path, env: dict[str, str], cpu_ids: Sequence[int]) -> dict[str, Any]:
         """What a worker needs to start a task; the environment as a difference from the master's
@@ -492,7 +388,7 @@ class Master:
             self._try_start = True
         postprocess_on_exit = self.postprocess_on_exit
         for job_id, rc, tail, when in results:
-            self._release(job_id)
+            self.handover.release(job_id)
             self.remote.pop(job_id, None)
             report_exit(self.updater, job_id, rc, tail, when, job_id in postprocess_on_exit)
             postprocess_on_exit.discard(job_id)
@@ -522,7 +418,7 @@ class Master:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         logger.info("serial master done (%s): %d started (%d by hand-over; %d queued ones given back), %d finished; "
                     "%d acquired, prefetch depth up to %d; CPU %.2f s user + %.2f s system (by thread, until the "
-                    "stop: %s)", reason, self.started, self.handed_over, self.given_back, self.finished,
+                    "stop: %s)", reason, self.started, self.handover.handed_over, self.handover.given_back, self.finished,
                     self.prefetcher.acquired, self.prefetcher.depth_peak, usage.ru_utime, usage.ru_stime,
                     format_threads_cpu(threads_cpu))
         return reason
@@ -537,15 +433,10 @@ class Master:
             victims, finished = self.pool.terminate_all(grace)
             if hasattr(self.pool, "take_started"):
                 self._note_handovers()  # RUNNING for queued jobs that started before the stop
-            # What was still queued will not start: nothing waits for it any more.
-            self.queued.clear()
-            self.behind.clear()
-            for job_id in self.deferred:
-                self.node_manager.free(job_id)
-            self.deferred.clear()
+            self.handover.forget_queued()  # what was still queued will not start
             self._finish(finished)
             for job_id in victims:
-                self._release(job_id)
+                self.handover.release(job_id)
                 report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
             if victims:
                 logger.info("%d local tasks ended as RUN_TIMEOUT (%s)", len(victims), reason)
