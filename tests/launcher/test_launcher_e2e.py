@@ -31,7 +31,7 @@ def console(proc: subprocess.Popen) -> str:
     return Path(proc.console_path).read_text()
 
 
-def traced(trace: Path, seconds: float) -> str:
+def traced(trace: Path, seconds: object) -> str:
     """A command template that sleeps ``seconds`` between lines ``start <id> <t>`` / ``end <id> <t>`` in ``trace``."""
     return (f"bash -c 'echo start $BALSAM_JOB_ID $(date +%s.%N) >> {trace}; sleep {seconds}; "
             f"echo end $BALSAM_JOB_ID $(date +%s.%N) >> {trace}'")
@@ -565,3 +565,30 @@ def test_mpi_mode_hands_short_jobs_over_in_the_spawner(new_site) -> None:
         runs.append((rows[-2].timestamp.timestamp(), rows[-1].timestamp.timestamp()))
     # RUNNING -> RUN_DONE as the events say: a job queued behind another is RUNNING from its start.
     assert max_overlap(runs) <= 2, sorted(runs)
+
+
+def test_mpi_mode_gives_back_jobs_queued_behind_a_long_job(new_site) -> None:
+    """Jobs queued in the spawner behind a job that runs long (over 1 s) are given back and run on
+    the slot that frees up, even when nothing else is pending, instead of waiting for that job."""
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+    trace = path / "trace.txt"
+
+    class Mixed(ApplicationDefinition):
+        site = name
+        command_template = traced(trace, "{{ secs }}")
+
+    Mixed.sync()
+    # The long job first: it is placed first, and the next jobs queue behind it.
+    ids = make_runnable(Mixed.submit(workdir=f"mixed/{i}", secs=6 if i == 0 else 0.05, node_packing_count=2, save=False)
+                        for i in range(6))
+    proc = start_launcher(path, "mpi", 1)
+    wait_for_states(ids, {"RUN_DONE"}, timeout=90)
+    assert finish(proc) == 0
+    text = trace.read_text()
+    ends = {parts[1]: float(parts[2]) for parts in (ln.split() for ln in text.splitlines()) if parts[:1] == ["end"]}
+    long_end = ends.pop(str(ids[0]))
+    assert len(ends) == 5 and max(ends.values()) < long_end - 2, text
+    log = "".join(p.read_text() for p in (path / "log").glob("mpi_mode_*.log"))
+    assert "queued ones given back" in log and " 0 queued ones given back" not in log, log[-2000:]

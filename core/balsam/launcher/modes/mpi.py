@@ -356,10 +356,8 @@ class MPIMode(JobMode):
         return self._command(prepared, placement, env), env
 
     def _queue_behind(self, updater: Any) -> int:
-        queued = self.handover.queue_behind(self.pending, self._queued_command,
-                                            lambda job_id, reason: report_failed(updater, job_id, reason))
-        self.handover.cancel_behind_old()
-        return queued
+        return self.handover.queue_behind(self.pending, self._queued_command,
+                                          lambda job_id, reason: report_failed(updater, job_id, reason))
 
     def _note_handovers(self, updater: Any) -> None:
         """Queued jobs that started (RUNNING at the time they started) or came back unstarted."""
@@ -441,6 +439,9 @@ class MPIMode(JobMode):
                     if self.pending:
                         self._start_pending(updater)
                         self._queue_behind(updater)
+                    # Also with nothing pending: jobs queued behind a long job go back to run on
+                    # whatever frees up first (without this they waited for that job's end).
+                    self.handover.cancel_behind_old()
                     if inflight is None and time.monotonic() >= next_acquire:
                         request = self._acquire_request()
                         if request is not None:  # no room: wait for a job to end instead
