@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -537,8 +538,6 @@ def test_mpi_mode_hands_short_jobs_over_in_the_spawner(new_site) -> None:
     """Short MPI jobs start on the resources of the one ahead the moment it exits (queued in the
     spawner, balsam.launcher.handover): each still starts once, never more than the node packing
     allows at a time, and its RUNNING carries the time it really started (not when it was queued)."""
-    import re
-
     from balsam.api import ApplicationDefinition
 
     name, path = new_site(idle_ttl_sec=2)

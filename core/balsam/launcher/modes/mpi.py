@@ -305,7 +305,10 @@ class MPIMode(JobMode):
         logger.warning(message)
         note_batch_job(self.context.batch_job_id, "launcher", message)
 
-    def _command(self, prepared: PreparedJob, placement: Placement, env: dict[str, str]) -> str:
+    def _launch_command(self, prepared: PreparedJob, placement: Placement) -> tuple[str, dict[str, str]]:
+        """The MPI line and environment of a job on ``placement`` (started, or queued behind the
+        job that holds it)."""
+        env = launch_environment(prepared, placement, self.context.platform, self._hook)
         d = prepared.demand
         inherited = inherited_environment()
         spec = LaunchSpec(
@@ -321,7 +324,7 @@ class MPIMode(JobMode):
             env_names=sorted(k for k, v in env.items() if inherited.get(k) != v),
         )
         mpi_line = self.context.platform.mpi_command_line(spec)
-        return shell_line(mpi_line, prepared.preamble, prepared.workdir)
+        return shell_line(mpi_line, prepared.preamble, prepared.workdir), env
 
     def _start_pending(self, updater: Any) -> int:
         if not self._try_start:
@@ -330,8 +333,7 @@ class MPIMode(JobMode):
         room = self.max_concurrent - len(self.pool)
 
         def start(prepared: PreparedJob, placement: Placement) -> None:
-            env = launch_environment(prepared, placement, self.context.platform, self._hook)
-            cmd = self._command(prepared, placement, env)
+            cmd, env = self._launch_command(prepared, placement)
             # An MPI launcher binds ranks itself, so no affinity is forced on it here. RUNNING is
             # stamped before the start is asked for, so it never sorts after a quick job's exit.
             asked = time.time()
@@ -350,13 +352,8 @@ class MPIMode(JobMode):
         return started
 
     # -- hand-over (balsam.launcher.handover) --------------------------------------------------
-    def _queued_command(self, prepared: PreparedJob, placement: Placement) -> tuple[str, dict[str, str]]:
-        """The MPI line and environment of a job queued to start on ``placement`` (its head's)."""
-        env = launch_environment(prepared, placement, self.context.platform, self._hook)
-        return self._command(prepared, placement, env), env
-
     def _queue_behind(self, updater: Any) -> int:
-        return self.handover.queue_behind(self.pending, self._queued_command,
+        return self.handover.queue_behind(self.pending, self._launch_command,
                                           lambda job_id, reason: report_failed(updater, job_id, reason))
 
     def _note_handovers(self, updater: Any) -> None:

@@ -318,7 +318,7 @@ class Master:
             self.started += started
             progress += started
             self._send_outbox()
-        progress += self.handover.queue_behind(self.pending, self._local_command, self._fail)
+        progress += self.handover.queue_behind(self.pending, self._launch_command, self._fail)
         self.handover.cancel_behind_old()
         self.prefetcher.note_held(len(self.pending) + len(self.handover.queued))
         busy = bool(self.pool.running or self.remote or self.pending or self.handover.queued or self.prefetcher.backlog)
@@ -332,8 +332,7 @@ class Master:
 
     def _start(self, prepared: PreparedJob, placement: Placement) -> None:
         rank = self.rank_of_node[placement.node_indexes[0]]
-        env = launch_environment(prepared, placement, self.platform, self.launch_hook)
-        cmd = shell_line(prepared.cmdline, prepared.preamble, prepared.workdir)
+        cmd, env = self._launch_command(prepared, placement)
         cpu_ids = placement.cpu_ids[0]
         # RUNNING is stamped before the spawn is asked for: a task that ends at once is stamped
         # RUN_DONE by its spawner, possibly before this thread gets the CPU back (its events would
@@ -353,8 +352,8 @@ class Master:
         report_failed(self.updater, job_id, reason)
 
     # -- hand-over (balsam.launcher.handover) --------------------------------------------------
-    def _local_command(self, prepared: PreparedJob, placement: Placement) -> tuple[str, dict[str, str]]:
-        """A job's shell line and environment on ``placement`` (one queued behind a local job)."""
+    def _launch_command(self, prepared: PreparedJob, placement: Placement) -> tuple[str, dict[str, str]]:
+        """A job's shell line and environment on ``placement`` (started, or queued behind a local job)."""
         env = launch_environment(prepared, placement, self.platform, self.launch_hook)
         return shell_line(prepared.cmdline, prepared.preamble, prepared.workdir), env
 
