@@ -111,6 +111,28 @@ def test_flavour_is_detected_from_mpiexec_version(tmp_path, monkeypatch):
         platform.mpi_flavor(spec(launch_params={"mpi_flavor": "lam"}))
 
 
+def test_mpiexec_is_found_once_per_path_and_looked_for_again_until_found(tmp_path, monkeypatch):
+    first, second, empty = tmp_path / "a", tmp_path / "b", tmp_path / "empty"
+    for folder in (first, second, empty):
+        folder.mkdir()
+    for folder in (first, second):
+        (folder / "mpiexec").write_text("#!/bin/sh\n")
+        (folder / "mpiexec").chmod(0o755)
+    monkeypatch.setattr(default_platform, "_mpiexec_found", {})
+    monkeypatch.setattr(default_platform.sys, "executable", str(empty / "python"))
+    monkeypatch.setenv("PATH", str(first))
+    assert DefaultPlatform().mpiexec() == str(first / "mpiexec")
+    (first / "mpiexec").unlink()  # found once for this PATH: not looked up again
+    assert DefaultPlatform().mpiexec() == str(first / "mpiexec")
+    monkeypatch.setenv("PATH", str(second))  # another PATH: looked up on it
+    assert DefaultPlatform().mpiexec() == str(second / "mpiexec")
+    monkeypatch.setenv("PATH", str(empty))  # none there: the bare name, and looked for again
+    assert DefaultPlatform().mpiexec() == "mpiexec"
+    (empty / "mpiexec").write_text("#!/bin/sh\n")
+    (empty / "mpiexec").chmod(0o755)
+    assert DefaultPlatform().mpiexec() == str(empty / "mpiexec")
+
+
 @pytest.mark.mpi
 def test_the_mpich_line_really_runs_mpi4py(tmp_path):
     program = tmp_path / "hello.py"

@@ -27,6 +27,8 @@ FLAVOR_PARAM = "mpi_flavor"
 FLAVOR_ENV = "BALSAM_MPI_FLAVOR"
 
 _flavor_cache: dict[str, str] = {}
+#: PATH -> the mpiexec found on it (see find_mpiexec).
+_mpiexec_found: dict[str, str] = {}
 
 
 def expand_hostlist(text: str) -> list[str]:
@@ -64,12 +66,20 @@ def _read_nodefile(path: str) -> list[str]:
 
 
 def find_mpiexec() -> str:
-    """``mpiexec`` from PATH, else the one installed next to this Python (the ``mpich`` wheel)."""
-    found = shutil.which("mpiexec")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else "mpiexec"
+    """``mpiexec`` from PATH, else the one installed next to this Python (the ``mpich`` wheel).
+
+    Found once per value of PATH: an mpi-mode launcher renders every job's line with it, and
+    ``shutil.which`` stats PATH's directories each time (about 1 % of the launcher's CPU per job).
+    What was not found is looked for again next time (it may be installed while a launcher runs)."""
+    path = os.environ.get("PATH", os.defpath)
+    found = _mpiexec_found.get(path)
+    if found is None:
+        found = shutil.which("mpiexec", path=path)
+        if not found:
+            beside = Path(sys.executable).parent / "mpiexec"
+            return str(beside) if beside.exists() else "mpiexec"
+        _mpiexec_found[path] = found
+    return found
 
 
 def detect_mpi_flavor(mpiexec: str) -> str:
