@@ -339,10 +339,7 @@ class MPIMode(JobMode):
             asked = time.time()
             self.pool.start(prepared.id, cmd, prepared.workdir, env)
             self.handover.started_local(prepared, placement)
-            self._footprints[prepared.id] = prepared.footprint
-            if prepared.postprocess_on_exit:
-                self._postprocess_on_exit.add(prepared.id)
-            report_running(updater, prepared, asked)
+            self._note_running(updater, prepared, asked)
             logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), cmd)
 
         started = place_pending(self.pending, self.node_manager, start, lambda job_id, reason: report_failed(updater, job_id, reason), room=room)
@@ -350,6 +347,13 @@ class MPIMode(JobMode):
             send_first_running(updater)
         self.started += started
         return started
+
+    def _note_running(self, updater: Any, prepared: PreparedJob, when: float) -> None:
+        """A job started at ``when`` (by this loop or by a hand-over): what its exit will need, and RUNNING."""
+        self._footprints[prepared.id] = prepared.footprint
+        if prepared.postprocess_on_exit:
+            self._postprocess_on_exit.add(prepared.id)
+        report_running(updater, prepared, when)
 
     # -- hand-over (balsam.launcher.handover) --------------------------------------------------
     def _queue_behind(self, updater: Any) -> int:
@@ -359,10 +363,7 @@ class MPIMode(JobMode):
     def _note_handovers(self, updater: Any) -> None:
         """Queued jobs that started (RUNNING at the time they started) or came back unstarted."""
         def handed_over(prepared: PreparedJob, when: float) -> None:
-            self._footprints[prepared.id] = prepared.footprint
-            if prepared.postprocess_on_exit:
-                self._postprocess_on_exit.add(prepared.id)
-            report_running(updater, prepared, when)
+            self._note_running(updater, prepared, when)
             logger.info("started job %s by hand-over", prepared.id)
 
         started, dropped = self.handover.note_handovers(self.pending, handed_over)

@@ -344,9 +344,7 @@ class Master:
         else:
             self.outbox.setdefault(rank, []).append(self._remote_task(prepared.id, cmd, prepared.workdir, env, cpu_ids))
             self.remote[prepared.id] = rank
-        if prepared.postprocess_on_exit:
-            self.postprocess_on_exit.add(prepared.id)
-        report_running(self.updater, prepared, asked)
+        self._note_running(prepared, asked)
 
     def _fail(self, job_id: int, reason: str) -> None:
         report_failed(self.updater, job_id, reason)
@@ -357,14 +355,15 @@ class Master:
         env = launch_environment(prepared, placement, self.platform, self.launch_hook)
         return shell_line(prepared.cmdline, prepared.preamble, prepared.workdir), env
 
-    def _handed_over(self, prepared: PreparedJob, when: float) -> None:
+    def _note_running(self, prepared: PreparedJob, when: float) -> None:
+        """A task started at ``when`` (by this loop or by a hand-over): what its exit will need, and RUNNING."""
         if prepared.postprocess_on_exit:
             self.postprocess_on_exit.add(prepared.id)
         report_running(self.updater, prepared, when)
 
     def _note_handovers(self) -> int:
         """Queued jobs that started (RUNNING, at the time they started) or were given back."""
-        started, dropped = self.handover.note_handovers(self.pending, self._handed_over)
+        started, dropped = self.handover.note_handovers(self.pending, self._note_running)
         self.started += started
         if dropped:
             self._try_start = True
