@@ -1,7 +1,9 @@
 """Python API throughput against a real uvicorn server (SQLite, or --database-url for PostgreSQL).
 
 Prints jobs/s for bulk_create, listing (paginated query), bulk_update (state changes, as a
-launcher sends them), query update, the futures poll (bulk_refresh) and per-request latencies.
+launcher sends them; then a different ``data`` on every job, which the server cannot group into one
+``UPDATE`` of many rows: compare the two rows), query update, the futures poll (bulk_refresh) and
+per-request latencies.
 
     .venv/bin/python benchmarks/client_api.py --jobs 20000
 """
@@ -69,6 +71,9 @@ def run(url: str, workdir: Path, n_jobs: int) -> None:
     for job in created:
         job.state = "PREPROCESSED"
     timed("Job.objects.bulk_update (state)", n_jobs, lambda: Job.objects.bulk_update(created))
+    for i, job in enumerate(created):
+        job.data = {"result": i}
+    timed("bulk_update, a different data per job", n_jobs, lambda: Job.objects.bulk_update(created))
     session = Session.objects.create(site_id=site.id)
     acquired: list = []
 

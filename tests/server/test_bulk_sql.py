@@ -1,6 +1,7 @@
-"""The bulk update path's helpers: ids sent as one parameter and rows inserted through the DBAPI's
-executemany (both backends, stored and read back as SQLAlchemy's own inserts are), and the direct
-parser of launcher-shaped job updates (the same result as the general one, or None)."""
+"""The bulk update path's helpers: ids sent as one parameter, rows inserted through the DBAPI's
+executemany and rows updated with different values each (both backends, stored and read back as
+SQLAlchemy's own inserts and updates store them), and the direct parser of launcher-shaped job
+updates (the same result as the general one, or None)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 
 from balsam.models import Job
 from balsam.serialization import partial_from_dict
-from balsam.server.db import bulk_insert, create_db_engine, id_in
+from balsam.server.db import bulk_insert, create_db_engine, id_in, update_rows_by_id
 from balsam.server.jobs_logic import UPDATE_FIELDS, _fast_state_patch, parse_job_patch
 from balsam.server.tables import JSONType, UTCDateTime
 
@@ -23,6 +24,9 @@ items = sa.Table(
     sa.Column("timestamp", UTCDateTime, nullable=False),
     sa.Column("label", sa.String(32), nullable=False),
     sa.Column("data", JSONType, nullable=False),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.Column("count", sa.Integer, nullable=True),
+    sa.Column("extra", JSONType, nullable=True),
 )
 
 
@@ -72,6 +76,37 @@ def test_bulk_insert_stores_rows_as_sqlalchemy_does(engine):
         assert raw[0] == raw[1]
         later = conn.execute(sa.select(items.c.label).where(items.c.timestamp > STAMP)).scalars()
         assert list(later) == ["b"]
+
+
+def test_update_rows_by_id_stores_values_as_sqlalchemy_does(engine):
+    naive = dt.datetime(2026, 12, 1, 5, 0, 0)  # naive: taken as UTC
+    later = STAMP + dt.timedelta(hours=1)
+    changes = [  # (row values for update_rows_by_id, the same as SQLAlchemy's own UPDATE)
+        {"data": {"result": 1, "text": "é \" '\\"}, "note": "it's"},
+        {"data": {"result": 2, "text": "é \" '\\"}, "note": None},  # same columns, other values: one statement
+        {"timestamp": naive, "count": 7, "extra": None},  # JSON None: a JSON null, as SQLAlchemy stores it
+        {"timestamp": later, "count": None, "extra": [1, {"a": None}], "label": "z"},
+        {},  # nothing to change
+    ]
+    n = len(changes)
+    with engine.begin() as conn:
+        rows = [{"id": i, "timestamp": STAMP, "label": "x", "data": {}, "note": "n", "count": 1, "extra": {}}
+                for i in range(1, 2 * n + 1)]
+        conn.execute(sa.insert(items), rows)
+        update_rows_by_id(conn, items, {i + 1: values for i, values in enumerate(changes)})
+        for i, values in enumerate(changes):
+            if values:
+                conn.execute(sa.update(items).where(items.c.id == n + i + 1).values(**values))
+        got = [tuple(r) for r in conn.execute(sa.select(items).order_by(items.c.id))]
+        assert [r[1:] for r in got[:n]] == [r[1:] for r in got[n:]]
+        assert got[2][1] == naive.replace(tzinfo=dt.timezone.utc) and got[3][1] == later
+        assert got[0][3] == {"result": 1, "text": "é \" '\\"} and got[3][6] == [1, {"a": None}]
+        # The stored text itself is the same (JSON null, not SQL NULL, in the first half too).
+        text = sa.text("SELECT id, CAST(timestamp AS TEXT), CAST(data AS TEXT), note, count, CAST(extra AS TEXT),"
+                       " extra IS NULL FROM bulk_sql_items ORDER BY id")
+        raw = [tuple(r)[1:] for r in conn.execute(text)]
+        assert raw[:n] == raw[n:]
+        assert raw[2][4] == "null" and not raw[2][5]
 
 
 @pytest.mark.parametrize("item", [

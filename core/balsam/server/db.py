@@ -162,18 +162,55 @@ def count_and_page(conn: sa.Connection, stmt: sa.Select, order_by: list[Any], li
 
 
 def update_rows_by_id(conn: sa.Connection, table: sa.Table, values_by_id: dict[int, dict[str, Any]]) -> None:
-    """Set different values on many rows: one executemany UPDATE per distinct set of column names."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    """Set different values on many rows: one UPDATE per distinct set of column names.
+
+    PostgreSQL: the rows travel as one JSON document joined with ``UPDATE ... FROM
+    jsonb_to_recordset`` (as :func:`bulk_insert` inserts). An executemany UPDATE would be one
+    statement and one round trip per row there: psycopg2's ``executemany`` loops over its rows, and
+    SQLAlchemy batches only INSERTs (5,000 jobs, each with its own ``data`` or return value, took
+    ~0.4 s of database round trips). SQLite: executemany (in-process)."""
+    groups: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = {}
     for row_id, values in values_by_id.items():
         if values:
-            groups.setdefault(tuple(sorted(values)), []).append({"b_id": row_id, **{f"v_{k}": v for k, v in values.items()}})
-    for names, params in groups.items():
+            groups.setdefault(tuple(sorted(values)), []).append((row_id, values))
+    for names, rows in groups.items():
+        if conn.dialect.name == "postgresql":
+            _pg_update_from_json(conn, table, names, rows)
+            continue
         stmt = (
             sa.update(table)
             .where(table.c.id == sa.bindparam("b_id"))
             .values({name: sa.bindparam(f"v_{name}", type_=table.c[name].type) for name in names})
         )
-        conn.execute(stmt, params)
+        conn.execute(stmt, [{"b_id": row_id, **{f"v_{k}": v for k, v in values.items()}} for row_id, values in rows])
+
+
+def _pg_update_from_json(conn: sa.Connection, table: sa.Table, names: tuple[str, ...],
+                         rows: list[tuple[int, dict[str, Any]]]) -> None:
+    # Each value goes through its column's own bind processor first, so that it is stored exactly
+    # as SQLAlchemy stores it: a JSON column's value becomes its JSON text (Python None -> 'null',
+    # as SQLAlchemy's JSON type stores it; jsonb_to_recordset would read a JSON null in a jsonb
+    # field as SQL NULL), cast back to jsonb in the SET; a datetime becomes an aware UTC one.
+    processors = [table.c[name].type.dialect_impl(conn.dialect).bind_processor(conn.dialect) for name in names]
+    is_json = [isinstance(table.c[name].type, sa.JSON) for name in names]
+    record = ", ".join(['"id" bigint', *(f'"{name}" {"text" if json else pg_record_type(table.c[name].type)}'
+                                        for name, json in zip(names, is_json))])
+    assignments = ", ".join(f'"{name}" = x."{name}"' + ("::jsonb" if json else "") for name, json in zip(names, is_json))
+    converters = list(zip(names, processors, is_json))
+    payload = []
+    for row_id, values in rows:
+        record_values: dict[str, Any] = {"id": row_id}
+        for name, proc, json in converters:
+            value = values[name]
+            record_values[name] = value if proc is None or (value is None and not json) else proc(value)
+        payload.append(record_values)
+    raw = conn.connection.dbapi_connection
+    with raw.cursor() as cur:
+        cur.execute(
+            f'UPDATE "{table.name}" SET {assignments} FROM jsonb_to_recordset(%s::jsonb) AS x({record}) '
+            f'WHERE "{table.name}".id = x.id',
+            (orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS).decode(),),
+        )
 
 
 def bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], *, return_ids: bool = False) -> list[int]:
