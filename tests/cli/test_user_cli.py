@@ -199,6 +199,27 @@ def test_job_ls_modify_rm(apps, site):
     assert Job.objects.count() == 0
 
 
+def test_job_rm_all_deletes_only_at_the_selected_sites(apps, site, tmp_path):
+    from balsam.api import ApplicationDefinition, Job, Site
+
+    other = Site.objects.create(name="site-b", path=str(tmp_path / "site-b"))
+
+    class Elsewhere(ApplicationDefinition):
+        site = "site-b"
+        command_template = "true"
+
+    Elsewhere.sync()
+    Hello, _ = apps
+    Job.objects.bulk_create([Hello.submit(workdir=f"a/{i}", name=str(i), save=False) for i in range(2)]
+                            + [Elsewhere.submit(workdir="b/0", save=False)])
+    os.chdir(site.path)
+    out = balsam("job", "rm", "--all", "-y")  # inside a site: that site's jobs only (it used to be every site)
+    assert "Deleted 2 job(s)" in out.output
+    (left,) = Job.objects.all()
+    assert str(left.workdir) == "b/0"
+    assert "Deleted 1 job(s)" in balsam("job", "rm", "--all", "--site", str(other.id), "-y").output
+
+
 def test_site_selection_rules(apps, site, tmp_path):
     from balsam.api import Site
     from balsam.cli._site_selector import resolve_site_ids
@@ -248,7 +269,11 @@ def test_queue_submit_validates_and_ls_term(site):
     bj.state = "queued"
     bj.scheduler_id = 777
     bj.save()
-    assert "777" in balsam("queue", "ls", "--scheduler_id", "777").output
+    assert "777" in balsam("queue", "ls", "--scheduler_id", "777").output  # Balsam 0.7's spelling, hidden
+    assert "777" in balsam("queue", "ls", "--scheduler-id", "777").output
+    assert "No active batch jobs" in balsam("queue", "ls", "--scheduler-id", "778").output
+    help_text = balsam("queue", "ls", "--help").output
+    assert "--scheduler-id" in help_text and "--scheduler_id" not in help_text and "-h, --history" in help_text
     out = balsam("queue", "term", "777")
     assert "Marked BatchJob" in out.output
     assert BatchJob.objects.get(id=bj.id).state.value == "pending_deletion"

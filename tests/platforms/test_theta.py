@@ -74,6 +74,26 @@ def test_nid_ranges() -> None:
         expand_nid_ranges("1001-x")
 
 
+def test_theta_knl_attrs_is_accepted_and_rendered_only_when_set(tmp_path: Path) -> None:
+    from balsam.batch_job_rules import check_batch_job
+
+    platform = ThetaKNLPlatform()
+    scheduler = platform.settings_defaults()["scheduler"]
+    defaults = scheduler["optional_batch_job_params"]
+    request = {"queue": "default", "project": "datascience", "num_nodes": 2, "wall_time_min": 30,
+               "optional_params": {"attrs": "mcdram=cache:numa=quad"}}
+    check_batch_job(request, scheduler["allowed_queues"], scheduler["allowed_projects"], defaults)  # -x attrs=... accepted
+    base = {"id": 7, "project": "datascience", "queue": "default", "num_nodes": 2, "wall_time_min": 30,
+            "job_mode": "mpi", "filter_tags": {}, "partitions": None}
+    with_attrs = render_job_script(platform.job_template(), build_context(
+        {**base, "optional_params": {"attrs": "mcdram=cache:numa=quad"}}, tmp_path,
+        default_optional_params=defaults, call_hook=False))
+    assert "#COBALT --attrs mcdram=cache:numa=quad\n" in with_attrs
+    without = render_job_script(platform.job_template(), build_context(
+        {**base, "optional_params": {}}, tmp_path, default_optional_params=defaults, call_hook=False))
+    assert "--attrs" not in without and "#COBALT -q default\n# Rendered by balsam" in without
+
+
 @pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parametrize("mode", ["mpi", "serial"])

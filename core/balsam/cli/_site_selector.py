@@ -1,7 +1,8 @@
 """``--site`` selection shared by ``app``, ``job`` and ``queue`` commands (Balsam 0.7 rules).
 
 - no ``--site``: inside a site directory (or with ``$BALSAM_SITE_PATH``) -> that site only;
-  elsewhere -> the *active* sites (agent heard from within the last 2 minutes);
+  elsewhere -> the *active* sites (record refreshed within the last 2 minutes: by the agent or by
+  ``site init/sync/mv/rename``);
 - ``--site=all`` -> every site; ``--site=active`` -> active sites; ``--site=this`` -> the current site;
 - otherwise a comma-separated list of site ids, site names and/or path fragments (a word that is
   the name of one of your sites selects that site; otherwise it matches every site whose path
@@ -27,6 +28,11 @@ SITE_OPTION_HELP = ("Sites: all, active, this, or comma-separated ids / names / 
 
 def site_option(func: Any) -> Any:
     return click.option("--site", "site_selector", default="", help=SITE_OPTION_HELP)(func)
+
+
+def site_option_with(help_text: str) -> Any:
+    """``--site`` with its own help, for commands whose default or arity differs (``queue submit/term``)."""
+    return click.option("--site", "site_selector", default="", help=help_text)
 
 
 def current_site_id() -> Optional[int]:

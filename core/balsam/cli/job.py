@@ -67,14 +67,14 @@ def job() -> None:
 @click.option("-a", "--app", "app_ref", required=True, help="App id or name")
 @click.option("-tag", "--tag", "tags", multiple=True, help="KEY=VALUE tag (repeatable)")
 @click.option("-p", "--param", "params", multiple=True, help="NAME=VALUE app parameter (repeatable)")
-@click.option("-n", "--num-nodes", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("-rpn", "--ranks-per-node", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("-tpr", "--threads-per-rank", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("-tpc", "--threads-per-core", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("-g", "--gpus-per-rank", default=0.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("-npc", "--node-packing-count", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("-n", "--num-nodes", default=1, show_default=True, type=click.IntRange(min=1), help="Nodes the job runs on")
+@click.option("-rpn", "--ranks-per-node", default=1, show_default=True, type=click.IntRange(min=1), help="MPI ranks per node")
+@click.option("-tpr", "--threads-per-rank", default=1, show_default=True, type=click.IntRange(min=1), help="Threads (cores) per rank")
+@click.option("-tpc", "--threads-per-core", default=1, show_default=True, type=click.IntRange(min=1), help="Hardware threads per core")
+@click.option("-g", "--gpus-per-rank", default=0.0, show_default=True, type=click.FloatRange(min=0), help="GPUs per rank (may be fractional)")
+@click.option("-npc", "--node-packing-count", default=1, show_default=True, type=click.IntRange(min=1), help="How many such jobs may share one node")
 @click.option("-lp", "--launch-param", "launch_params", multiple=True, help="NAME=VALUE for the MPI launcher (repeatable)")
-@click.option("-t", "--wall-time-min", default=1, show_default=True, type=click.IntRange(min=0))
+@click.option("-t", "--wall-time-min", default=1, show_default=True, type=click.IntRange(min=0), help="Expected run time in minutes (a launcher with less time left does not start it)")
 @click.option("-pid", "--parent-id", "parent_ids", multiple=True, type=int, help="Parent job id (repeatable)")
 @click.option("-s", "--stage-data", "stage_data", multiple=True, help="SLOT=ALIAS:/abs/path transfer (repeatable)")
 @click.option("-y", "--yes", is_flag=True, help="Create without asking for confirmation")
@@ -337,7 +337,8 @@ def modify(ids: tuple, tags: tuple, state: str, site_selector: str, yes: bool) -
 @click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
 @click.option("-s", "--state", default=None, type=_state_type(), help="Only jobs in this state")
 @click.option("-ns", "--exclude-state", default=None, type=_state_type(), help="Leave out jobs in this state")
-@click.option("--all", "delete_all", is_flag=True, help="Delete every job of the selected sites")
+@click.option("--all", "delete_all", is_flag=True,
+              help="Delete every job of the selected sites (no --site: the site you are in, elsewhere the active sites)")
 @site_option
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
 def rm(ids: tuple, tags: tuple, state: Optional[str], exclude_state: Optional[str], delete_all: bool,
@@ -347,7 +348,9 @@ def rm(ids: tuple, tags: tuple, state: Optional[str], exclude_state: Optional[st
 
     if not (ids or tags or state or exclude_state or delete_all or site_selector):
         raise click.UsageError("select jobs with --id, --tag, --state/--exclude-state, --site or --all")
-    filters = _job_filters(ids, tags, state, exclude_state, "all" if delete_all and not site_selector else site_selector)
+    # --all alone takes the usual default selection (this site, else the active sites), as every job
+    # command does: it used to mean every site, against this help and docs/cli.md.
+    filters = _job_filters(ids, tags, state, exclude_state, site_selector)
     query = Job.objects.filter(**filters)
     n = query.count()
     if n == 0:

@@ -8,7 +8,8 @@ from typing import Any, Optional
 import click
 import yaml
 
-from ._site_selector import format_table, parse_key_values, resolve_one_site, site_filter, site_names, site_option
+from ._site_selector import (format_table, parse_key_values, resolve_one_site, site_filter, site_names, site_option,
+                             site_option_with)
 
 ACTIVE_STATES = ("pending_submission", "queued", "running", "pending_deletion")
 #: Widest reason shown in the table (``-v`` prints status_info whole).
@@ -50,15 +51,16 @@ def queue() -> None:
 
 
 @queue.command("submit")
-@click.option("-n", "--num-nodes", required=True, type=click.IntRange(min=1))
-@click.option("-t", "--wall-time-min", required=True, type=click.IntRange(min=1))
+@click.option("-n", "--num-nodes", required=True, type=click.IntRange(min=1), help="Nodes to request")
+@click.option("-t", "--wall-time-min", required=True, type=click.IntRange(min=1), help="Wall time to request, in minutes")
 @click.option("-q", "--queue", "queue_name", required=True, help="Scheduler queue (one of the site's allowed_queues)")
 @click.option("-A", "--project", required=True, help="Project/allocation to charge")
-@click.option("-j", "--job-mode", required=True, type=click.Choice(["mpi", "serial"]))
+@click.option("-j", "--job-mode", required=True, type=click.Choice(["mpi", "serial"]),
+              help="Launcher job mode: mpi (one launch per job) or serial (many single-node jobs per worker)")
 @click.option("-tag", "--tag", "tags", multiple=True, help="KEY=VALUE: only run jobs with this tag (repeatable)")
 @click.option("-p", "--part", "parts", multiple=True, help="Partition MODE:NODES[:KEY=VALUE...] (repeatable)")
 @click.option("-x", "--extra-param", "extra", multiple=True, help="KEY=VALUE for the job template (repeatable)")
-@site_option
+@site_option_with("One site: this, or an id, name or path fragment (default: this site)")
 def submit(num_nodes: int, wall_time_min: int, queue_name: str, project: str, job_mode: str, tags: tuple,
            parts: tuple, extra: tuple, site_selector: str) -> None:
     """Request an allocation; the site agent submits it to the scheduler."""
@@ -112,18 +114,25 @@ def authorization_warnings(site: Any) -> list[str]:
 
 @queue.command("ls")
 @click.option("-n", "--num", default=0, type=click.IntRange(min=0), help="Show only the last N")
-@click.option("-h", "--history", is_flag=True, help="Include finished and failed batch jobs")
+@click.option("-h", "--history", is_flag=True,
+              help="Include finished and failed batch jobs (-h here means --history, as in Balsam 0.7; --help for help)")
 @click.option("-v", "--verbose", is_flag=True, help="Every field (YAML)")
-@click.option("--scheduler_id", "--scheduler-id", "scheduler_id", default=None, type=int)
+@click.option("--scheduler-id", "scheduler_id", default=None, type=int, help="Only the batch job with this scheduler id")
+@click.option("--scheduler_id", "scheduler_id_07", default=None, type=int, hidden=True,
+              help="Balsam 0.7 spelling of --scheduler-id")
 @site_option
-def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], site_selector: str) -> None:
-    """List batch jobs (active ones unless --history).
+def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], scheduler_id_07: Optional[int],
+       site_selector: str) -> None:
+    """List batch jobs (active ones unless --history / -h).
 
     A "reason" column appears when a job waits for a reason the scheduler gave (e.g. Slurm's
     PartitionNodeLimit), was refused, or failed to submit; -v shows the whole status_info.
     """
     from balsam.api import BatchJob
 
+    if scheduler_id is not None and scheduler_id_07 is not None and scheduler_id != scheduler_id_07:
+        raise click.UsageError("--scheduler-id and --scheduler_id disagree; give one")
+    scheduler_id = scheduler_id if scheduler_id is not None else scheduler_id_07
     filters: dict[str, Any] = site_filter(site_selector)
     if not history:
         filters["state"] = list(ACTIVE_STATES)
@@ -161,7 +170,8 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], site
 @queue.command("term")
 @click.argument("scheduler_id", type=int, required=False)
 @click.option("--id", "batch_job_id", type=int, default=None, help="BatchJob id (instead of the scheduler id)")
-@site_option
+@site_option_with("Sites to look for SCHEDULER_ID in: all, active, this, or comma-separated ids / names / path "
+                  "fragments (default: every site)")
 def term(scheduler_id: Optional[int], batch_job_id: Optional[int], site_selector: str) -> None:
     """Cancel a batch job (by scheduler id, or --id): the site agent deletes it from the queue."""
     from balsam.api import BatchJob

@@ -157,7 +157,8 @@ def _is_active(site: dict) -> bool:
 @click.command("ls")
 @click.option("-v", "--verbose", is_flag=True, help="Show every field of each site as YAML")
 def ls(verbose: bool) -> None:
-    """List your sites (Active = the agent reported within the last 2 minutes)."""
+    """List your sites (Active = the site record was refreshed within the last 2 minutes: by its agent, or by
+    `balsam site init/sync/mv/rename`)."""
     import yaml
 
     from balsam.site.api_util import list_all

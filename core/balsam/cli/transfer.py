@@ -100,7 +100,7 @@ def transfer() -> None:
 @click.option("--by-state", is_flag=True, help="Count items per direction and state")
 @site_option
 @click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C")
-@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1))
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between redraws (--watch)")
 @click.option("--rounds", default=None, type=click.IntRange(min=1), hidden=True, help="Stop --watch after N redraws (tests)")
 def ls(job_ids: tuple[int, ...], states: tuple[str, ...], direction: Optional[str], limit: Optional[int], by_state: bool,
        site_selector: str, watch: bool, interval: float, rounds: Optional[int]) -> None:

@@ -127,7 +127,8 @@ class ThetaKNLPlatform(Platform):
                     "default": {"max_nodes": 4010, "max_walltime": 1440, "max_queued_jobs": 20},
                 },
                 "allowed_projects": ["datascience"],
-                "optional_batch_job_params": {"singularity_prime_cache": "no"},
+                # attrs: `#COBALT --attrs <value>` when not empty (e.g. -x attrs=mcdram=cache:numa=quad)
+                "optional_batch_job_params": {"singularity_prime_cache": "no", "attrs": ""},
             },
         }
 
