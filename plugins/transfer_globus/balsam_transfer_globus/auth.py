@@ -3,7 +3,8 @@
 ``balsam site globus-login`` runs Globus Auth's native-app flow (a link to open, a code to paste)
 for the Transfer scope, with a ``data_access`` dependency for each collection named with ``-e``
 (Globus Connect Server v5 mapped collections need that consent). The refresh token is stored in
-``$BALSAM_HOME/globus-tokens.json`` (mode 0600, written atomically); the agent's backend builds a
+``$BALSAM_HOME/globus-tokens.json``, or the backend's ``tokens_file`` option (a relative path is
+relative to the site directory), mode 0600, written atomically; the agent's backend builds a
 refresh-token authorizer from it and writes refreshed access tokens back. Token values never go to
 logs or error messages.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -28,13 +30,31 @@ TOKENS_FILE = "globus-tokens.json"
 TRANSFER_RESOURCE_SERVER = "transfer.api.globus.org"
 
 
-def tokens_path(override: Optional[str] = None) -> Path:
-    return Path(override).expanduser() if override else balsam_home() / TOKENS_FILE
+def tokens_path(override: Optional[str] = None, base: Optional[str | os.PathLike[str]] = None) -> Path:
+    """The tokens file: ``override`` (``~`` expanded; a relative path is relative to ``base``, the
+    site directory for the ``tokens_file`` option, else to the current directory), else the default
+    ``$BALSAM_HOME/globus-tokens.json``."""
+    if not override:
+        return balsam_home() / TOKENS_FILE
+    path = Path(override).expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path
 
 
-def login_command(collections: Iterable[str] = ()) -> str:
-    """The exact command a user runs to (re)grant what the agent needs."""
-    return " ".join(["balsam site globus-login", *(f"-e {c}" for c in dict.fromkeys(c for c in collections if c))])
+def _absolute(path: Path) -> Path:
+    return Path(os.path.normpath(path.expanduser().absolute()))
+
+
+def login_command(collections: Iterable[str] = (), tokens_file: Optional[str | os.PathLike[str]] = None) -> str:
+    """The exact command a user runs to (re)grant what the agent needs: ``--tokens-file`` (absolute,
+    so the command works from any directory) when the agent reads another file than the default."""
+    words = ["balsam site globus-login", *(f"-e {c}" for c in dict.fromkeys(c for c in collections if c))]
+    if tokens_file is not None:
+        path = _absolute(Path(tokens_file))
+        if path != _absolute(balsam_home() / TOKENS_FILE):
+            words.append(f"--tokens-file {shlex.quote(str(path))}")
+    return " ".join(words)
 
 
 def transfer_scope(collections: Iterable[str]) -> Scope:

@@ -8,8 +8,9 @@
   added (Balsam 0.7 submitted an empty batch when that setting was unset).
 - ``poll``: one ``task_list`` call filtered on all in-flight task ids; a succeeded task with skipped
   files costs one ``task_skipped_errors`` call, which names the failed files.
-- Errors: consent required or expired/revoked credentials become one line naming the exact
-  ``balsam site globus-login -e ...`` command, retryable (the items wait, their jobs do not fail);
+- Errors: consent required, missing or expired/revoked credentials become one line naming the exact
+  ``balsam site globus-login -e ...`` command (with ``--tokens-file PATH`` when ``tokens_file`` is
+  not the default), retryable (the items wait, their jobs do not fail);
   5xx, 429 and network errors are retryable; other 4xx are not.
 
 Task ids are Globus's own, so an agent restarted after a crash resumes polling them.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 import posixpath
 import threading
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import attrs
@@ -56,7 +58,8 @@ class GlobusOptions:
     client_id: Optional[str] = option(
         None, "Native-app client id `balsam site globus-login` uses (the agent uses the one saved with the tokens)."
     )
-    tokens_file: Optional[str] = option(None, "Tokens written by `balsam site globus-login` (default $BALSAM_HOME/globus-tokens.json).")
+    tokens_file: Optional[str] = option(None, "Tokens written by `balsam site globus-login` (default $BALSAM_HOME/globus-tokens.json; "
+                                        "a relative path is relative to the site directory).")
     sync_level: str = option("size", "Skip files already at the destination with the same: exists, size, mtime or checksum.",
                              validator=_sync_level)
     verify_checksum: bool = option(True, "Globus verifies each file's checksum after transfer.")
@@ -67,9 +70,9 @@ class GlobusOptions:
                                "within one cycle (then the next cycle tries again).")
 
 
-def globus_error(exc: BaseException, collections: Sequence[str]) -> TransferError:
-    """One TransferError for anything globus-sdk raises."""
-    command = login_command(collections)
+def globus_error(exc: BaseException, collections: Sequence[str], tokens_file: Optional[Path] = None) -> TransferError:
+    """One TransferError for anything globus-sdk raises (``tokens_file``: the file the agent reads)."""
+    command = login_command(collections, tokens_file)
     if isinstance(exc, globus_sdk.GlobusAPIError):
         code = str(exc.code or "")
         status = exc.http_status
@@ -103,13 +106,21 @@ class GlobusTransfer(TransferBackend):
 
     # -- credentials -------------------------------------------------------------------------------
 
+    def tokens_path(self) -> Path:
+        """The tokens file this backend reads: ``tokens_file`` (relative: to the site directory), else
+        the default. ``balsam site globus-login`` run in the site writes the same file."""
+        return tokens_path(self.options.tokens_file, base=self.site_path)
+
     def _command(self) -> str:
-        return login_command(self._collections)
+        return login_command(self._collections, self.tokens_path())
+
+    def _error(self, exc: BaseException) -> TransferError:
+        return globus_error(exc, self._collections, self.tokens_path())
 
     def client(self) -> globus_sdk.TransferClient:
         with self._lock:
             if self._client is None:
-                path = tokens_path(self.options.tokens_file)
+                path = self.tokens_path()
                 try:
                     tokens = load_tokens(path)
                 except ValueError as exc:
@@ -166,7 +177,7 @@ class GlobusTransfer(TransferBackend):
         except TransferError:
             raise
         except Exception as exc:
-            raise globus_error(exc, self._collections) from None
+            raise self._error(exc) from None
 
     def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile],
                      token: Optional[str] = None) -> str:
@@ -197,7 +208,7 @@ class GlobusTransfer(TransferBackend):
         except TransferError:
             raise
         except Exception as exc:
-            raise globus_error(exc, self._collections) from None
+            raise self._error(exc) from None
         return str(response["task_id"])
 
     def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
@@ -212,7 +223,7 @@ class GlobusTransfer(TransferBackend):
         except TransferError:
             raise
         except Exception as exc:
-            raise globus_error(exc, self._collections) from None
+            raise self._error(exc) from None
         return statuses
 
     def _status(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any]) -> TaskStatus:
@@ -246,4 +257,4 @@ class GlobusTransfer(TransferBackend):
         except TransferError:
             raise
         except Exception as exc:
-            raise globus_error(exc, self._collections) from None
+            raise self._error(exc) from None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
 
 import click
 
@@ -12,54 +13,85 @@ from balsam.plugins.hookspecs import hookimpl
 CLIENT_ID_ENV = "BALSAM_GLOBUS_CLIENT_ID"
 
 
-def _site_settings_collections() -> tuple[Optional[str], list[str]]:
-    """(client id, collection ids) from the current site's settings.yml, when run inside a site."""
+class SiteGlobusSettings(NamedTuple):
+    """What ``globus-login`` takes from the current site's settings.yml (``transfers``)."""
+
+    client_id: Optional[str] = None
+    collections: tuple[str, ...] = ()
+    #: ``backend_options.globus.tokens_file``, resolved as the agent's backend resolves it.
+    tokens_file: Optional[Path] = None
+
+
+def _site_settings() -> SiteGlobusSettings:
+    """The Globus settings of the site the command runs in (found as every ``balsam site`` command
+    finds it: ``$BALSAM_SITE_PATH`` or the current directory's parents); empty outside a site."""
     try:
-        from balsam.config import SiteConfig
+        from balsam.config import SiteConfig, SiteNotFoundError
 
         site = SiteConfig()
-    except Exception:
-        return None, []
-    section = site.settings.sections.get("transfers") if hasattr(site.settings, "sections") else None
+    except SiteNotFoundError:
+        return SiteGlobusSettings()
+    except Exception as exc:  # noqa: BLE001 - the login works without the site's settings
+        click.echo(f"warning: not using the site's settings.yml: {type(exc).__name__}: {exc}", err=True)
+        return SiteGlobusSettings()
+    try:
+        sections = site.settings.sections
+    except Exception as exc:  # noqa: BLE001
+        click.echo(f"warning: not using {site.settings_path}: {exc}", err=True)
+        return SiteGlobusSettings()
+    section = sections.get("transfers")
     if section is None:
-        return None, []
+        return SiteGlobusSettings()
     get = (lambda k: section.get(k)) if isinstance(section, dict) else (lambda k: getattr(section, k, None))
-    collections = [get("globus_endpoint_id")] if get("globus_endpoint_id") else []
+    options = (get("backend_options") or {}).get("globus") or {}
+    collections = [c for c in (options.get("endpoint_id"), get("globus_endpoint_id")) if c]
     for url in (get("transfer_locations") or {}).values():
         if isinstance(url, str) and url.lower().startswith("globus://"):
             collections.append(url.split("://", 1)[1].strip("/"))
-    options = (get("backend_options") or {}).get("globus") or {}
-    return options.get("client_id"), collections
+    from .auth import tokens_path
+
+    configured = options.get("tokens_file")
+    return SiteGlobusSettings(
+        client_id=options.get("client_id"),
+        collections=tuple(dict.fromkeys(str(c) for c in collections)),
+        tokens_file=tokens_path(str(configured), base=site.site_path) if configured else None,
+    )
 
 
 @click.command("globus-login")
 @click.option("-e", "--endpoint-id", "endpoints", multiple=True, metavar="COLLECTION_ID",
-              help="Collection needing data_access consent (repeat). Default: those in the site's settings.yml.")
+              help="Collection needing data_access consent (repeat); those in the site's settings.yml are added.")
 @click.option("--client-id", envvar=CLIENT_ID_ENV, default=None, metavar="UUID",
-              help=f"Native-app client id registered at app.globus.org (or ${CLIENT_ID_ENV}).")
+              help=f"Native-app client id registered at app.globus.org (or ${CLIENT_ID_ENV}; "
+                   "default: the site's transfers.backend_options.globus.client_id).")
 @click.option("--tokens-file", type=click.Path(dir_okay=False), default=None,
-              help="Where to store the tokens (default $BALSAM_HOME/globus-tokens.json).")
+              help="Where to store the tokens (default: the site's transfers.backend_options.globus.tokens_file "
+                   "when run in a site, else $BALSAM_HOME/globus-tokens.json).")
 def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_file: Optional[str]) -> None:
-    """Log in to Globus so the site agent can run transfers (refresh token stored mode 0600)."""
+    """Log in to Globus so the site agent can run transfers (refresh token stored mode 0600).
+
+    Run in a site, the options not given here come from its settings.yml
+    (transfers.backend_options.globus), so the tokens go to the file the site's agent reads."""
     # Imported here: this hook module is loaded by every balsam process (launchers too), and
     # globus_sdk is ~0.1 s of a start-up that never logs in.
     import globus_sdk
 
     from .auth import load_tokens, login, tokens_path
 
-    site_client, site_collections = _site_settings_collections()
-    path = tokens_path(tokens_file)
+    site = _site_settings()
+    # The command line wins; a relative --tokens-file is relative to the current directory.
+    path = tokens_path(tokens_file) if tokens_file else (site.tokens_file or tokens_path())
     try:
         previous = load_tokens(path)
     except ValueError:
         previous = None
-    client_id = client_id or site_client or (previous or {}).get("client_id")
+    client_id = client_id or site.client_id or (previous or {}).get("client_id")
     if not client_id:
         raise click.UsageError(
             f"no Globus client id: register a native app at https://app.globus.org/settings/developers and pass "
             f"--client-id (or set ${CLIENT_ID_ENV})"
         )
-    collections = list(dict.fromkeys([*endpoints, *site_collections]))
+    collections = list(dict.fromkeys([*endpoints, *site.collections]))
     try:
         login(client_id, collections, path, prompt=lambda text: click.prompt(text, hide_input=False),
               echo=click.echo)
@@ -70,6 +102,9 @@ def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_fi
     shown = ", ".join(collections) or "none"
     click.echo(f"Logged in to Globus; tokens saved to {path} (mode {oct(os.stat(path).st_mode & 0o777)}); "
                f"data_access consent for: {shown}")
+    if site.tokens_file is not None and tokens_file and os.path.abspath(path) != os.path.abspath(site.tokens_file):
+        click.echo(f"warning: this site's agent reads {site.tokens_file} (transfers.backend_options.globus.tokens_file), "
+                   f"not {path}", err=True)
 
 
 @hookimpl
