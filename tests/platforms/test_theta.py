@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from balsam.platform import LaunchSpec, parse_nvidia_smi_list
-from balsam.site.job_template import build_context, render_job_script
+from balsam.site.job_template import build_context, render_job_script, template_platform_options
 from balsam.testing import PlatformContract
 from balsam.testing.platform_contract import SERIAL_WORKER_CMDLINE
 from balsam_platform_theta import ThetaGPUPlatform, ThetaKNLPlatform, expand_nid_ranges
@@ -94,6 +94,30 @@ def test_theta_knl_attrs_is_accepted_and_rendered_only_when_set(tmp_path: Path) 
     assert "--attrs" not in without and "#COBALT -q default\n# Rendered by balsam" in without
 
 
+def test_thetagpu_template_records_gpu_lists_where_the_launcher_reads_them(tmp_path: Path) -> None:
+    """``gpu_list_dir`` is one setting for both sides: the template renders it (it wrote to
+    ``${BALSAM_GPU_LIST_DIR:-/var/tmp}`` while the launcher read the option)."""
+    from balsam.config import SiteConfig
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / ".balsam-site").write_text("1\n")
+    base = {"id": 7, "project": "datascience", "queue": "full-node", "num_nodes": 2, "wall_time_min": 30,
+            "job_mode": "mpi", "filter_tags": {}, "partitions": None, "optional_params": {"mig_count": "7"}}
+    rendered = {}
+    for name, yaml_text in (("set", "launcher:\n  platform: thetagpu\n  platform_options:\n    gpu_list_dir: /lus/my dir\n"),
+                            ("default", "launcher:\n  platform: thetagpu\n")):
+        (site / "settings.yml").write_text(yaml_text)
+        settings = SiteConfig(site).settings
+        options = template_platform_options(settings)
+        rendered[name] = render_job_script(ThetaGPUPlatform().job_template(),
+                                           build_context(base, site, platform_options=options, call_hook=False))
+        assert ThetaGPUPlatform(options=options).options.gpu_list_dir == options["gpu_list_dir"]
+    assert "gpu_list_dir='/lus/my dir'" in rendered["set"]
+    assert "gpu_list_dir=/var/tmp" in rendered["default"]
+    assert "BALSAM_GPU_LIST_DIR" not in rendered["set"]
+
+
 @pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parametrize("mode", ["mpi", "serial"])
@@ -152,12 +176,15 @@ def test_thetagpu_template_creates_mig_and_launcher_hands_out_instances(balsam_e
                                         num_nodes=2, wall_time_min=10, job_mode="mpi",
                                         optional_params={"mig_count": "7"})
     template = get_plugin_manager().load_driver("platform", "thetagpu")().job_template()
-    script = render_job_script(template, build_context(batch_job, path, call_hook=False))
+    # As the scheduler module renders it: the site's platform options reach the template.
+    from balsam.config import SiteConfig
+
+    options = template_platform_options(SiteConfig(path).settings)
+    script = render_job_script(template, build_context(batch_job, path, platform_options=options, call_hook=False))
     assert "#COBALT --attrs pubnet=true:enable_ssh=1:filesystems=home,grand,eagle,theta-fs0:mig-mode=true" in script
     (path / "qsubmit" / "qlaunch.sh").write_text(script)
     run = subprocess.run(["bash", str(path / "qsubmit" / "qlaunch.sh")], capture_output=True, text=True, timeout=180,
-                         env={**os.environ, **machine.env(COBALT_NODEFILE=str(machine.node_file), COBALT_JOBID="10042",
-                                                          BALSAM_GPU_LIST_DIR=str(gpu_lists))})
+                         env={**os.environ, **machine.env(COBALT_NODEFILE=str(machine.node_file), COBALT_JOBID="10042")})
     assert run.returncode == 0, run.stdout + run.stderr
     # 7 rounds of `nvidia-smi_mig -cgi 19 -C` on each of the 2 nodes (1g.5gb instances)
     assert mig_calls.read_text().splitlines() == ["-cgi 19 -C"] * 14

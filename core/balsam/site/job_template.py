@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import attrs
 import jinja2
 
 __all__ = [
@@ -111,14 +112,26 @@ def _bin_dir(executable: str, env_var: Optional[str] = None) -> Optional[str]:
     return str(Path(found).parent) if found else None
 
 
+def template_platform_options(settings: Any) -> dict[str, Any]:
+    """The site's ``launcher.platform_options`` with the platform's defaults filled in (the settings
+    loader replaced the mapping with the platform's options instance); ``{}`` without any."""
+    options = getattr(getattr(settings, "launcher", None), "platform_options", None)
+    if attrs.has(type(options)):
+        return attrs.asdict(options)
+    return dict(options) if isinstance(options, dict) else {}
+
+
 def build_context(
     batch_job: Any,
     site_path: Path,
     *,
     default_optional_params: Optional[Mapping[str, str]] = None,
+    platform_options: Optional[Mapping[str, Any]] = None,
     call_hook: bool = True,
 ) -> dict[str, Any]:
-    """The template variables for ``batch_job`` (a ``balsam.models.BatchJob`` or its dict)."""
+    """The template variables for ``batch_job`` (a ``balsam.models.BatchJob`` or its dict);
+    ``platform_options``: the site's ``launcher.platform_options``, defaults filled in, so that a
+    template does what the launcher in it expects (e.g. writes files where the platform reads them)."""
     filter_tags = dict(_field(batch_job, "filter_tags") or {})
     optional_params = {**dict(default_optional_params or {}), **dict(_field(batch_job, "optional_params") or {})}
     wall_time_min = int(_field(batch_job, "wall_time_min"))
@@ -134,6 +147,7 @@ def build_context(
         "tags": _render_tags(filter_tags),
         "partitions": _render_partitions(_field(batch_job, "partitions")),
         "optional_params": optional_params,
+        "platform_options": dict(platform_options or {}),
         "balsam_site_path": str(Path(site_path).resolve()),
         "balsam_bin": _bin_dir("balsam"),
         "pg_bin": _bin_dir("pg_ctl", "POSTGRES_BIN"),

@@ -146,7 +146,7 @@ class ThetaGPUOptions:
     gpu_list_dir: str = option(
         "/var/tmp",
         "Where the job template records each node's `nvidia-smi -L` (balsam-<host>-gpulist.txt) after "
-        "creating MIG instances ($BALSAM_GPU_LIST_DIR in the template).",
+        "creating MIG instances, and where the launcher reads them (the template renders this value).",
     )
     mpirun: str = option("mpirun", "The Open MPI mpirun command.")
 

@@ -13,7 +13,7 @@ export https_proxy=http://theta-proxy.tmi.alcf.anl.gov:3128
 # 2g.10gb or 1g.5gb) and records each node's `nvidia-smi -L` where the launcher reads its GPU ids.
 {% if mig_count in ("2", "3", "7") %}
 mig_profile={{ {"2": 9, "3": 14, "7": 19}[mig_count] }}
-gpu_list_dir="${BALSAM_GPU_LIST_DIR:-/var/tmp}"
+gpu_list_dir={{ (platform_options.get("gpu_list_dir") or "/var/tmp") | shell_quote }}  # where the launcher reads them
 echo "Creating {{ mig_count }} MIG instances per GPU (profile $mig_profile) on {{ num_nodes }} node(s)"
 for i in $(seq 1 {{ mig_count }}); do
     mpirun -hostfile "$COBALT_NODEFILE" -n {{ num_nodes }} -npernode 1 nvidia-smi_mig -cgi "$mig_profile" -C || exit 1

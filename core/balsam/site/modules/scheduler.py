@@ -38,7 +38,7 @@ from ...scheduler import JobHistory, SchedulerError, SubmitRequest
 from ...serialization import format_datetime, to_dict
 from ...states import BatchJobState
 from ..api_util import bulk_patch, iso_now, list_all, utcnow
-from ..job_template import JobTemplateError, build_context, read_template, render_job_script
+from ..job_template import JobTemplateError, build_context, read_template, render_job_script, template_platform_options
 from ..launcher_credentials import LauncherCredentials
 from ..module import AgentModule
 
@@ -135,7 +135,9 @@ class SchedulerModule(AgentModule):
     def __init__(self, site_config: Any, config: Any, client: Any, *, scheduler: Any = None) -> None:
         super().__init__(site_config, config, client)
         self.scheduler = scheduler if scheduler is not None else self.site_scheduler()
-        self.threshold = max(1, int(getattr(scheduler, "status_error_threshold", 3)))
+        # The driver's own tolerance of failed status polls (a ClassVar of balsam.scheduler.Scheduler).
+        threshold = getattr(self.scheduler, "status_error_threshold", None)
+        self.threshold = max(1, int(threshold)) if threshold is not None else 3
         self.poll_failures = 0
         #: BatchJob id -> consecutive cycles it was missing from the queue with no history record.
         self.missing_counts: dict[int, int] = {}
@@ -407,6 +409,7 @@ class SchedulerModule(AgentModule):
                     batch_job,
                     self.site_path,
                     default_optional_params=self.options.optional_batch_job_params,
+                    platform_options=template_platform_options(getattr(self.site_config, "settings", None)),
                 ),
                 source=str(self.template_path()),
             )
