@@ -239,9 +239,10 @@ class TransferBackend(abc.ABC):
             raise TransferError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from exc
 
 
-def build_backend(cls: type, name: str, options: Optional[Mapping[str, Any]] = None, *,
+def build_backend(cls: type, name: str, options: Any = None, *,
                   site_path: Optional[str] = None) -> TransferBackend:
-    """Instantiate a backend class registered as ``name`` with plain ``options``."""
+    """Instantiate a backend class registered as ``name`` with ``options`` (a plain mapping, or an
+    instance of its ``options_schema``)."""
     if not (isinstance(cls, type) and issubclass(cls, TransferBackend)):
         raise TransferError(f"transfer backend {name!r} is not a balsam.transfer.TransferBackend ({cls!r})", retryable=False)
     backend = cls.__new__(cls)

@@ -2,13 +2,16 @@
 
 ``config_root_logger(level)`` sets the level of the ``balsam`` loggers and gives them one
 console handler; the level defaults to ``$BALSAM_LOG_LEVEL`` (else WARNING).
+``log_file_handler(path, log_settings)`` is the log file handler of the site agent and launchers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import logging
+import logging.handlers
 import os
 import signal
 import threading
@@ -126,6 +129,54 @@ def config_file_logging(filename: Union[str, os.PathLike], level: Union[str, int
     if logger.level == logging.NOTSET or logger.level > handler.level:
         logger.setLevel(handler.level)
     return handler
+
+
+class PeriodicMemoryHandler(logging.handlers.MemoryHandler):
+    """Holds up to ``capacity`` records in memory and writes them to ``target`` when full, at once
+    for a WARNING or worse, every ``flush_period`` seconds (a daemon thread) and when closed
+    (``logging.shutdown`` at a normal exit closes it before its target)."""
+
+    def __init__(self, target: logging.Handler, capacity: int, flush_period: float) -> None:
+        super().__init__(capacity, flushLevel=logging.WARNING, target=target, flushOnClose=True)
+        self._closing = threading.Event()
+        self._timer = threading.Thread(target=self._flush_periodically, args=(float(flush_period),),
+                                       name="balsam-log-flush", daemon=True)
+        self._timer.start()
+
+    def _flush_periodically(self, period: float) -> None:
+        while not self._closing.wait(period):
+            self.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Render the message and traceback now, on a copy (other handlers see the record as
+        # logged): the arguments may change, and the traceback holds frames alive, until the flush.
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            if not record.exc_text:
+                formatter = (self.target.formatter if self.target is not None else None) or logging.Formatter()
+                record.exc_text = formatter.formatException(record.exc_info)
+            record.exc_info = None
+        super().emit(record)
+
+    def close(self) -> None:
+        self._closing.set()
+        target = self.target
+        super().close()  # flushes, then lets go of the target
+        if target is not None:
+            target.close()
+
+
+def log_file_handler(path: Union[str, os.PathLike], log_settings: Any) -> logging.Handler:
+    """The handler of a site process's log file (agent, launcher, serial-mode ranks), as settings.yml
+    ``logging:`` says: ``format``/``datefmt``, and buffering of ``buffer_num_records`` records
+    flushed at least every ``flush_period`` seconds (either at most 1, resp. 0: unbuffered)."""
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter(log_settings.format, log_settings.datefmt))
+    capacity, period = int(log_settings.buffer_num_records), float(log_settings.flush_period)
+    if capacity <= 1 or period <= 0:
+        return file_handler
+    return PeriodicMemoryHandler(file_handler, capacity, period)
 
 
 def threads_cpu_seconds() -> list[tuple[str, int, float]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
+import time
 from pathlib import Path
 
 import attrs
@@ -22,6 +24,8 @@ from balsam.config import (
     render_settings_yaml,
     section_specs,
 )
+from balsam.config.schema import LoggingSettings
+from balsam.util import log_file_handler
 
 from foundation_helpers import run_balsam
 
@@ -122,6 +126,8 @@ def test_retired_class_path_keys_point_to_plugin_names():
          "settings.yml:2 scheduler.options.queue_flag: unknown option (scheduler 'local' takes no options)"),
         ("launcher:\n  platform_options: [1]\n",
          "settings.yml:2 launcher.platform_options: expected a mapping of NoOptions keys, got a list"),
+        ("logging:\n  buffer_num_records: -1\n",
+         "settings.yml:2 logging.buffer_num_records: must not be negative, got -1"),
         ("logging:\n  level: LOUD\n",
          "settings.yml:2 logging.level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'"),
         ("logging: null\n", "settings.yml:1 logging: this section cannot be null (remove the key to use the defaults)"),
@@ -496,3 +502,70 @@ def test_site_config_launcher_settings(tmp_path, monkeypatch):
     (site / "settings.yml").write_text(BAD_QUEUE.replace("max_nodes: two", "max_nodes: 2"))
     whole = config.reload_settings()
     assert config.launcher_settings is whole  # read whole already: nothing to read again
+
+
+# -- logging: buffer_num_records and flush_period ---------------------------------------------------
+
+
+def _file_logger(tmp_path: Path, **settings) -> tuple[logging.Logger, logging.Handler, Path]:
+    path = tmp_path / "site.log"
+    handler = log_file_handler(path, LoggingSettings(format="%(levelname)s %(message)s", **settings))
+    logger = logging.getLogger(f"balsam.test_log_buffer.{tmp_path.name}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    return logger, handler, path
+
+
+def test_buffered_log_records_are_written_after_flush_period_without_more_logging(tmp_path):
+    logger, handler, path = _file_logger(tmp_path, buffer_num_records=100, flush_period=1)
+    try:
+        logger.info("held %d", 1)
+        assert path.read_text() == ""  # in memory, not yet written
+        deadline = time.monotonic() + 10
+        while path.read_text() == "" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.read_text() == "INFO held 1\n"
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def test_a_warning_is_written_at_once_with_the_records_before_it_and_close_writes_the_rest(tmp_path):
+    logger, handler, path = _file_logger(tmp_path, buffer_num_records=100, flush_period=3600)
+    try:
+        logger.info("before")
+        logger.warning("careful")
+        assert path.read_text() == "INFO before\nWARNING careful\n"
+        logger.info("after")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()  # what logging.shutdown does at a normal exit
+    assert path.read_text() == "INFO before\nWARNING careful\nINFO after\n"
+
+
+def test_a_buffer_of_full_capacity_is_written(tmp_path):
+    logger, handler, path = _file_logger(tmp_path, buffer_num_records=3, flush_period=3600)
+    try:
+        args = {"n": 1}
+        logger.info("n=%(n)s", args)
+        args["n"] = 2  # the line says what was logged, not what the argument became before the flush
+        logger.info("two")
+        assert path.read_text() == ""
+        logger.info("three")
+        assert path.read_text() == "INFO n=1\nINFO two\nINFO three\n"
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+@pytest.mark.parametrize("settings", [{"buffer_num_records": 1}, {"buffer_num_records": 0}, {"flush_period": 0}])
+def test_unbuffered_logging_writes_each_record_at_once(tmp_path, settings):
+    logger, handler, path = _file_logger(tmp_path, **settings)
+    try:
+        assert type(handler) is logging.FileHandler
+        logger.info("now")
+        assert path.read_text() == "INFO now\n"
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

@@ -4,6 +4,8 @@ prefetcher's hand-over, the placement loop and the child reaper. Tasks are real 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import subprocess
@@ -18,12 +20,18 @@ import pytest
 from balsam.builtin.default_platform import DefaultPlatform
 from balsam.launcher.app_run import AppProcess, JobBuildError, PreparedJob
 from balsam.launcher.job_mode import StopConditions
+from balsam.config import SettingsError, SiteConfig
+from balsam.launcher.entry import LauncherError
+from balsam.launcher.job_mode import LauncherContext
+from balsam.launcher.modes import serial_worker
+from balsam.launcher.modes.serial import SerialMode
 from balsam.launcher.modes.serial_worker import Master, StartError, prefetch_depth, rank_for_node
 from balsam.launcher.node_manager import Demand, NodeManager
 from balsam.launcher.placement import place_pending
 from balsam.launcher.prefetch import Prefetcher
 from balsam.launcher.runner import ChildReaper, ProcessPool, SpawnerPool
 from balsam.platform import NodeInfo
+from balsam.util import PeriodicMemoryHandler
 
 
 class FakeJob:
@@ -507,3 +515,50 @@ def test_a_long_job_gives_back_the_jobs_queued_behind_it(tmp_path: Path) -> None
         assert updater.states(job.id) == ["RUNNING", "RUN_DONE"], job.id
     ends = [j for j, s, _ in updater.updates if s == "RUN_DONE"]
     assert ends[-1] == 1  # the others ran on the other CPU meanwhile, not behind job 1
+
+
+# -- the worker configuration ------------------------------------------------------------------
+def _serial_worker_config(tmp_path: Path, settings_yml: str) -> tuple[SiteConfig, dict[str, Any]]:
+    """The configuration a serial-mode launcher writes for its ranks, as JSON carries it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / ".balsam-site").write_text("1\n")
+    (site / "settings.yml").write_text(settings_yml)
+    site_config = SiteConfig(site)
+    context = LauncherContext(site_config=site_config, settings=site_config.launcher_settings, site_id=1,
+                              data_path=site / "data", log_path=site / "log", platform=DefaultPlatform(),
+                              nodes=[NodeInfo("0", socket.gethostname(), [0])], wall_time_min=1, job_mode="serial")
+    return site_config, json.loads(json.dumps(SerialMode(context).worker_config()))
+
+
+def test_the_master_builds_the_launchers_platform_even_with_a_broken_agent_module_section(tmp_path: Path) -> None:
+    """Launchers read only the core sections of settings.yml: a mistake in an agent module's
+    section (the agent's to report) must not stop a serial-mode start."""
+    site_config, config = _serial_worker_config(
+        tmp_path, "launcher:\n  platform: default\nscheduler:\n  sync_period: soon\n")
+    with pytest.raises(SettingsError, match="scheduler.sync_period"):
+        site_config.settings  # all sections: the broken one is refused there
+    assert config["launcher"]["platform"] == "default" and config["launcher"]["platform_options"] == {}
+    assert isinstance(serial_worker._load_platform(config), DefaultPlatform)
+    # The options come from the config too (the default platform takes none: a stray one is refused).
+    config["launcher"]["platform_options"] = {"bogus": 1}
+    with pytest.raises(LauncherError, match="launcher.platform_options.bogus: unknown option"):
+        serial_worker._load_platform(config)
+
+
+def test_serial_ranks_log_with_the_sites_buffering_settings(tmp_path: Path) -> None:
+    _site_config, config = _serial_worker_config(
+        tmp_path, "logging:\n  buffer_num_records: 50\n  flush_period: 7\n")
+    assert config["logging"]["buffer_num_records"] == 50 and config["logging"]["flush_period"] == 7
+    balsam_logger = logging.getLogger("balsam")
+    before, level = list(balsam_logger.handlers), balsam_logger.level
+    serial_worker._setup_logging(tmp_path / "rank.log", config["logging"])
+    added = [h for h in balsam_logger.handlers if h not in before]
+    try:
+        (handler,) = [h for h in added if isinstance(h, PeriodicMemoryHandler)]
+        assert handler.capacity == 50
+    finally:
+        for h in added:
+            balsam_logger.removeHandler(h)
+            h.close()
+        balsam_logger.setLevel(level)

@@ -10,6 +10,9 @@ from fake_env import wait_for
 
 #: Settings that make a site react within seconds.
 FAST = {
+    # Tests look for a line of a running agent's log as soon as what it reports shows in the API:
+    # unbuffered (the buffering has its own tests, in tests/foundation/test_foundation_settings.py).
+    "logging": {"buffer_num_records": 1},
     "scheduler": {"sync_period": 1},
     "launcher": {"idle_ttl_sec": 3, "delay_sec": 1},
     "processing": {"num_workers": 1},

@@ -519,3 +519,17 @@ def test_nersc_qos_is_a_setting_that_reaches_the_slurm_driver(tmp_path) -> None:
     assert "--qos" in command.args and "regular" in command.args and "--partition" not in command.args
     with pytest.raises(SettingsError, match=r"^settings.yml:4 scheduler.options.queue_flg: unknown key \(did you mean 'queue_flag'\?\)$"):
         loads_settings("scheduler:\n  name: slurm\n  options:\n    queue_flg: --qos\n")
+
+
+def test_status_error_threshold_is_the_drivers_when_built_from_settings(make_site, client, monkeypatch) -> None:
+    """The module builds its driver from settings.yml (no ``scheduler=``): the driver's own
+    tolerance of failed status polls applies, not the base class's 3."""
+
+    class PatientScheduler(ScriptedScheduler):
+        status_error_threshold = 5
+
+    monkeypatch.setattr(SchedulerModule, "site_scheduler", lambda self: PatientScheduler())
+    site = make_site()
+    module = SchedulerModule(site, site.settings.scheduler, client)
+    assert isinstance(module.scheduler, PatientScheduler)
+    assert module.threshold == 5

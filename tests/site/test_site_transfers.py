@@ -259,6 +259,26 @@ def test_bad_backend_options_make_items_wait_with_the_reason(site, client, tmp_p
         make_module(site, client, max_attempts=0)
 
 
+def test_settings_refuse_unknown_backends_and_their_unknown_options() -> None:
+    """A typo in backend_options fails when settings.yml is read (agent start, `balsam site
+    check-settings`), with its line, not when the backend is first used."""
+    from balsam.config import SettingsError, loads_settings
+    from balsam.plugins.manager import get_plugin_manager
+
+    available = ", ".join(sorted(get_plugin_manager().list_drivers("transfer", resolve=False)))
+    text = ("transfers:\n  backend_options:\n    local: {threads: 2}\n    rsnyc: {threads: 2}\n"
+            "    rsync:\n      thread: 2\n")
+    with pytest.raises(SettingsError) as info:
+        loads_settings(text)
+    assert info.value.errors == [
+        f"settings.yml:4 transfers.backend_options.rsnyc: unknown transfer backend 'rsnyc' (available: {available})",
+        "settings.yml:6 transfers.backend_options.rsync.thread: unknown option (known: extra_args, "
+        "local_mode_for_localhost, rsync, skip_unchanged, ssh_command, threads, timeout_sec)",
+    ]
+    settings = loads_settings("transfers:\n  backend_options:\n    local: {threads: 8}\n    rsync: {threads: 2}\n")
+    assert settings.transfers.backend_options == {"local": {"threads": 8}, "rsync": {"threads": 2}}
+
+
 def test_a_directory_slot_into_the_workdir_keeps_the_other_inputs(site, client, tmp_path) -> None:
     from balsam.api import ApplicationDefinition, Job
 

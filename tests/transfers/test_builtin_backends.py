@@ -133,6 +133,19 @@ def test_rsync_command_lines() -> None:
     assert "-e" not in local and local[-2:] == ["/a", "/b"]
 
 
+def test_rsync_program_is_this_sites_and_the_remote_one_is_chosen_through_extra_args() -> None:
+    """``rsync`` names the program run here only (a path on this site need not exist on the remote
+    host); ``--rsync-path`` reaches the remote host through extra_args, before the paths."""
+    loc = TransferLocation.parse("dtn", "rsync://me@dtn")
+    line = rsync_command(RsyncOptions(rsync="/opt/rsync/bin/rsync"), loc, TransferDirection.stage_in,
+                         TransferFile("/r/a", "/s/a"))
+    assert line[0] == "/opt/rsync/bin/rsync" and not any(arg.startswith("--rsync-path") for arg in line)
+    line = rsync_command(RsyncOptions(extra_args=["--rsync-path=/usr/local/bin/rsync"]), loc,
+                         TransferDirection.stage_out, TransferFile("/s/a", "/r/a"))
+    assert line[line.index("--") - 1] == "--rsync-path=/usr/local/bin/rsync"
+    assert line[-2:] == ["/s/a", "me@dtn:/r/a"]
+
+
 def test_rsync_unreachable_host_is_one_line_per_file(tmp_path: Path) -> None:
     backend = build_backend(RsyncTransfer, "rsync", {"ssh_command": "false"})
     try:

@@ -31,7 +31,10 @@ __all__ = ["RsyncOptions", "RsyncTransfer", "rsync_command"]
 
 @attrs.frozen
 class RsyncOptions:
-    rsync: str = option("rsync", "The rsync program on this site (and, through --rsync-path, on the remote host).")
+    rsync: str = option(
+        "rsync", "The rsync program on this site. The remote host runs the rsync on its own PATH; "
+        "extra_args: ['--rsync-path=/path/to/rsync'] picks another there."
+    )
     ssh_command: str = option("ssh -o BatchMode=yes", "Remote shell rsync connects through (rsync -e).")
     extra_args: list[str] = option(help="More rsync arguments, e.g. ['--bwlimit=50m'].", factory=list)
     timeout_sec: int = option(3600, "A single rsync (one file or directory) is stopped after this many seconds.")

@@ -37,15 +37,23 @@ class LoggingSettings:
     level: str = setting("INFO", "Log level of the site agent and launchers: DEBUG, INFO, WARNING or ERROR.")
     format: str = setting(DEFAULT_LOG_FORMAT, "Python logging format of each log line.")
     datefmt: str = setting("%Y-%m-%d %H:%M:%S", "strftime format of the time stamp in log lines.")
-    buffer_num_records: int = setting(1024, "Log records buffered in memory before they are written.")
-    flush_period: int = setting(30, "Seconds after which buffered log records are written anyway.")
+    buffer_num_records: int = setting(
+        1024, "Log records held in memory before they are written; a WARNING or worse is written at once with "
+        "those before it. 0 or 1: every record is written at once."
+    )
+    flush_period: int = setting(
+        30, "Held log records are written at least this often (seconds); 0: every record is written at once. "
+        "A process killed with SIGKILL loses what it holds."
+    )
 
     def validate(self) -> dict[str, str]:
         problems = {}
         if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             problems["level"] = f"expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {self.level!r}"
-        if self.buffer_num_records < 1:
-            problems["buffer_num_records"] = "must be at least 1"
+        # 0 is accepted as well as 1 for unbuffered: a buffer of 0 or 1 record holds nothing back.
+        for name in ("buffer_num_records", "flush_period"):
+            if getattr(self, name) < 0:
+                problems[name] = f"must not be negative, got {getattr(self, name)!r}"
         return problems
 
 
@@ -65,7 +73,9 @@ class LauncherSettings:
     mpirun_allows_node_packing: Optional[bool] = setting(
         None, "Whether several MPI runs may share a node; null uses the platform's default."
     )
-    serial_mode_prefetch_per_rank: int = setting(64, "Jobs a serial-mode launcher fetches ahead per worker rank.")
+    serial_mode_prefetch_per_rank: int = setting(
+        64, "Jobs a serial-mode launcher leases ahead per CPU of its partition (in all at least 64, at most 2,048)."
+    )
     sort_by: Optional[str] = setting(
         None, "Order runnable jobs before placing them: null (by id) or long_large_first."
     )

@@ -247,7 +247,8 @@ class _Checker:
         validate = getattr(obj, "validate", None)
         if callable(validate):
             for name, problem in (validate() or {}).items():
-                self.fail(path + (name,), problem)
+                # A dotted name ("transfer_locations.alias") is a path: its own line, when the YAML has it.
+                self.fail(path + tuple(name.split(".")), problem)
                 ok = False
         return obj if ok else self.INVALID
 

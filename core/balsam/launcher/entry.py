@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from balsam.platform import NodeInfo
-from balsam.util import resume_gc_after_start_up
+from balsam.util import log_file_handler, resume_gc_after_start_up
 
 logger = logging.getLogger("balsam.launcher")
 
@@ -83,15 +83,14 @@ def configure_logging(path: Path, settings: Any = None) -> None:
     from balsam.config.schema import LoggingSettings
 
     cfg = getattr(settings, "logging", None) or LoggingSettings()  # the schema: the one source of defaults
-    level, fmt, datefmt = cfg.level, cfg.format, cfg.datefmt
+    level = cfg.level
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("balsam")
     for handler in list(root.handlers):
         if getattr(handler, "_balsam_launcher", False):
             root.removeHandler(handler)
             handler.close()
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    handler = log_file_handler(path, cfg)
     handler._balsam_launcher = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO))

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..util import terminate_processes
+from ..util import log_file_handler, terminate_processes
 from .api_util import is_api_outage, load_site_client
 from .module import AgentModule
 
@@ -175,8 +175,7 @@ def setup_logging(site_config: Any, *, stream: bool = False) -> Path:
     log_dir = Path(getattr(site_config, "log_path", Path(site_config.site_path) / "log"))
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"agent_{dt.datetime.now():%Y-%m-%d_%H%M%S}.log"
-    handler: logging.Handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    handler = log_file_handler(path, log_settings)
     # On the root logger, so third-party agent modules logging under their own names land here too.
     root = logging.getLogger()
     root.setLevel(getattr(logging, level, logging.INFO))

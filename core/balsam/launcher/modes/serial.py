@@ -64,7 +64,7 @@ class SerialMode(JobMode):
             "error_tail_num_lines": int(ctx.setting("error_tail_num_lines")),
             "logging": {
                 name: getattr(getattr(ctx.settings, "logging", None), name, None)
-                for name in ("level", "format", "datefmt")
+                for name in ("level", "format", "datefmt", "buffer_num_records", "flush_period")
             },
             # Resolved here so the master can lease jobs before it has read settings.yml itself.
             "launcher": {

@@ -55,7 +55,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
-from balsam.config import SiteConfig
+from balsam.config import LoggingSettings
 from balsam.platform import NodeInfo
 from balsam.util import format_threads_cpu, threads_cpu_seconds
 
@@ -600,11 +600,18 @@ def _usable_cpus() -> int:
 
 
 def _setup_logging(path: Path, logging_config: Optional[dict[str, Any]]) -> None:
-    configure_logging(path, types.SimpleNamespace(logging=types.SimpleNamespace(**(logging_config or {}))))
+    # The launcher's resolved ``logging:`` settings; a key it left out (null) takes the schema's default.
+    values = {k: v for k, v in (logging_config or {}).items() if v is not None}
+    configure_logging(path, types.SimpleNamespace(logging=LoggingSettings(**values)))
 
 
 def _load_platform(config: dict[str, Any]) -> Any:
-    return _platform(SiteConfig(config["site_path"] or None).settings)
+    """The platform the launcher resolved (``launcher.platform`` and ``platform_options`` in the
+    config): the master never reads settings.yml, whose agent-module sections are not a
+    launcher's to check (a broken one must not stop a serial start)."""
+    launcher = config["launcher"]
+    section = types.SimpleNamespace(platform=launcher["platform"], platform_options=launcher.get("platform_options") or {})
+    return _platform(types.SimpleNamespace(launcher=section))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -102,7 +102,45 @@ class TransfersOptions:
                 TransferLocation.parse(alias, url)
             except TransferError as exc:
                 problems[f"transfer_locations.{alias}"] = str(exc)
+        if self.backend_options:
+            problems.update(self._backend_options_problems())
         return problems
+
+    def _backend_options_problems(self) -> dict[str, str]:
+        """A misspelt backend or option is refused here, when settings.yml is read, rather than when
+        the backend is first used (its items would wait, and `balsam site check-settings` pass)."""
+        problems: dict[str, str] = {}
+        pm = get_plugin_manager()
+        available = sorted(pm.list_drivers("transfer", resolve=False))
+        for name in self.backend_options:
+            key = f"backend_options.{name}"
+            if name not in available:
+                problems[key] = f"unknown transfer backend {name!r} (available: {', '.join(available) or 'none'})"
+                continue
+            try:
+                backend_options(pm.load_driver("transfer", name), name, self)
+            except PluginError as exc:
+                problems[key] = str(exc)
+            except OptionsError as exc:
+                # build_options names the option: "transfers.backend_options.<name>.<option>: why".
+                where, _, why = str(exc).partition(": ")
+                problems[where.removeprefix("transfers.") if why else key] = why or str(exc)
+        return problems
+
+
+def backend_options(cls: type, name: str, options: TransfersOptions) -> Any:
+    """The options of backend ``cls`` (registered as ``name``): ``backend_options.<name>``, plus the
+    section keys the backend takes from the ``transfers:`` section (``section_keys``), built as the
+    backend builds them. Raises OptionsError naming the option."""
+    values = dict(options.backend_options.get(name) or {})
+    for section_key, option_name in dict(getattr(cls, "section_keys", {}) or {}).items():
+        value = getattr(options, section_key, None)
+        if value is not None and option_name not in values:
+            values[option_name] = value
+    schema = getattr(cls, "options_schema", None)
+    if schema is None:
+        return values
+    return build_options(schema, values, where=f"transfers.backend_options.{name}")
 
 
 def as_transfers_options(config: Any) -> TransfersOptions:
@@ -204,12 +242,8 @@ class TransfersModule(AgentModule):
             # A location whose protocol no installed backend serves: its jobs fail with this reason.
             error = TransferError(f"no transfer backend for protocol {name!r}: {exc}", retryable=False)
         else:
-            options = dict(self.options.backend_options.get(name) or {})
-            for section_key, option_name in dict(getattr(cls, "section_keys", {}) or {}).items():
-                value = getattr(self.options, section_key, None)
-                if value is not None and option_name not in options:
-                    options[option_name] = value
             try:
+                options = backend_options(cls, name, self.options)
                 backend = build_backend(cls, name, options, site_path=str(self.site_config.site_path))
             except (TransferError, OptionsError) as exc:
                 # Bad options of an installed backend: the operator fixes settings.yml and restarts
