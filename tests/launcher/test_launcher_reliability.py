@@ -272,6 +272,38 @@ def test_spooled_updates_are_replayed_once_the_api_is_back(balsam_env: Any, tmp_
     reset_default_client()
 
 
+def test_spooled_updates_of_deleted_jobs_cost_one_call_not_one_per_job(balsam_env: Any, tmp_path: Path) -> None:
+    """Half of a spool's jobs were deleted while the API was away: the server names every one in
+    its refusal (``refused_ids``), and the updater drops those and sends the rest in the next call
+    (it split the call in halves down to single updates: ~2 calls per deleted job)."""
+    from balsam._api.model import get_default_client, reset_default_client
+    from balsam.client.status_updater import BulkStatusUpdater, SpoolReplayer, write_spool
+
+    reset_default_client()
+    client = get_default_client()
+    site = client.post("/sites/", json={"name": "spool-deleted", "path": str(tmp_path)})
+    app = client.post("/apps/", json={"site_id": site["id"], "name": "S", "serialized_class": "eA==", "source_code": "x"})
+    ids = [j["id"] for j in client.post("/jobs/", json=[{"workdir": f"s{i}", "app_id": app["id"]} for i in range(200)])]
+    client.patch("/jobs/", json=[{"id": i, "state": "PREPROCESSED"} for i in ids])
+    client.patch("/jobs/", json=[{"id": i, "state": "RUNNING"} for i in ids])
+    deleted, kept = ids[::2], ids[1::2]
+    client.delete("/jobs/", params={"id": deleted})
+    spool = tmp_path / "spool"
+    write_spool(spool, [{"id": i, "state": "RUN_DONE", "return_code": 0} for i in ids])
+    before = sum(n for key, n in client.request_counts.items() if key.startswith("PATCH"))
+    with BulkStatusUpdater(client, spool_dir=spool) as updater:
+        replayer = SpoolReplayer(spool, updater)
+        assert replayer.poll() == 200
+        assert updater.flush(30)
+        replayer.poll()
+    patches = sum(n for key, n in client.request_counts.items() if key.startswith("PATCH")) - before
+    assert patches == 2  # refused naming the 100 deleted jobs; the 100 others
+    assert sorted(u["id"] for u, _ in updater.dropped) == sorted(deleted)
+    assert {j["state"] for j in client.get("/jobs/", params={"id": kept})["results"]} == {"RUN_DONE"}
+    assert list(spool.glob("*.jsonl")) == []
+    reset_default_client()
+
+
 def test_the_updater_gives_up_quickly_once_closing_with_the_api_gone(tmp_path: Path) -> None:
     from balsam.client.status_updater import BulkStatusUpdater
 
@@ -401,6 +433,65 @@ def test_refused_updates_are_isolated_by_bisection() -> None:
     assert [item for item, _err in refused] == [13, 77]
     assert sorted(i for batch in sent for i in batch) == [i for i in range(100) if i not in (13, 77)]
     assert len(sent) < 20  # halves, not one call per record
+
+
+class _Refusal(Exception):
+    """A refusal as RESTClient raises it: its status and the records the server named."""
+
+    def __init__(self, status_code: int, refused_ids: set) -> None:
+        super().__init__(f"HTTP {status_code}")
+        self.status_code, self.refused_ids = status_code, frozenset(refused_ids)
+
+
+def _server(deleted: set, invalid: set) -> tuple:
+    """A bulk PATCH as the server answers it: 404 naming every update of a deleted job, else 409
+    naming every job with an invalid change (here: a RUNNING of a job in ``invalid``), else applied."""
+    calls: list[list[dict]] = []
+    applied: list[dict] = []
+
+    def send(items: list) -> None:
+        calls.append(items)
+        missing = {u["id"] for u in items} & deleted
+        if missing:
+            raise _Refusal(404, missing)
+        bad = {u["id"] for u in items if u["id"] in invalid and u["state"] == "RUNNING"}
+        if bad:
+            raise _Refusal(409, bad)
+        applied.extend(items)
+
+    return send, calls, applied
+
+
+def test_refused_records_named_by_the_server_are_dropped_without_bisection() -> None:
+    from balsam.client.status_updater import isolate_refused
+
+    # A spool of 5,000 updates of jobs deleted since: one call (halves took 9,999).
+    send, calls, applied = _server(deleted=set(range(5000)), invalid=set())
+    refused = isolate_refused(send, [{"id": i, "state": "RUN_DONE"} for i in range(5000)])
+    assert len(refused) == 5000 and len(calls) == 1 and applied == []
+
+    # 3 deleted, 2 invalid of 1,000: the others go in the second call, the named ones are refused.
+    updates = [{"id": i, "state": "RUN_DONE"} for i in range(1000)]
+    send, calls, applied = _server(deleted={5, 500, 999}, invalid={7, 8})
+    updates[7], updates[8] = {"id": 7, "state": "RUNNING"}, {"id": 8, "state": "RUNNING"}
+    refused = isolate_refused(send, updates)
+    assert sorted(u["id"] for u, _ in refused) == [5, 7, 8, 500, 999]
+    assert [u["id"] for u in applied] == [i for i in range(1000) if i not in (5, 7, 8, 500, 999)]
+    assert len(calls) == 3  # all; without the 404's; without the 409's
+
+    # A job's RUNNING is refused, its RUN_DONE after it in the same call is not: it is sent, in order.
+    send, calls, applied = _server(deleted=set(), invalid={1})
+    updates = [{"id": 1, "state": "RUNNING"}, {"id": 2, "state": "RUNNING"}, {"id": 1, "state": "RUN_DONE"},
+               {"id": 2, "state": "RUN_DONE"}]
+    refused = isolate_refused(send, updates)
+    assert [u for u, _ in refused] == [{"id": 1, "state": "RUNNING"}]
+    assert applied == [{"id": 2, "state": "RUNNING"}, {"id": 2, "state": "RUN_DONE"}, {"id": 1, "state": "RUN_DONE"}]
+    assert len(calls) <= 5
+
+    # Every item a record's: halves among them, as without names.
+    send, calls, applied = _server(deleted=set(), invalid={3})
+    refused = isolate_refused(send, [{"id": 3, "state": "RUNNING"}, {"id": 3, "state": "RUN_DONE"}])
+    assert [u for u, _ in refused] == [{"id": 3, "state": "RUNNING"}] and applied == [{"id": 3, "state": "RUN_DONE"}]
 
 
 # -- idle time counts from the start of work, not of a slow start-up -----------------------------------

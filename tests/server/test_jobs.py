@@ -132,6 +132,7 @@ def test_update_errors_change_nothing(api, site_app):
     resp = api.http.patch("/jobs/", json=[{"id": ids[0], "state": "PREPROCESSED"}, {"id": ids[1], "state": "RUN_DONE"}])
     assert resp.status_code == 409
     assert f"job {ids[1]}" in resp.json()["detail"] and "STAGED_IN to RUN_DONE" in resp.json()["detail"]
+    assert resp.json()["refused_ids"] == [ids[1]]  # every job that made the call fail, for the client to drop
     assert api.job(ids[0])["state"] == "STAGED_IN"
     # A job's later update in the same call is validated from the state its earlier one leaves:
     # here the third step is refused, so none is applied.
@@ -147,6 +148,14 @@ def test_update_errors_change_nothing(api, site_app):
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", 0, "id"]
     resp = api.http.patch("/jobs/", json=[{"id": ids[0], "state": "FAILED"}, {"id": 99999999, "state": "FAILED"}])
     assert resp.status_code == 404 and api.job(ids[0])["state"] == "STAGED_IN"
+    assert resp.json()["refused_ids"] == [99999999]
+    # All of them, where the detail shows 20.
+    missing = list(range(99999000, 99999030))
+    resp = api.http.patch("/jobs/", json=[{"id": i, "state": "FAILED"} for i in missing])
+    assert resp.status_code == 404 and "(+10 more)" in resp.json()["detail"] and resp.json()["refused_ids"] == missing
+    # A missing BatchJob the jobs refer to is not a job of the request: no refused_ids.
+    resp = api.http.patch("/jobs/", json=[{"id": ids[0], "batch_job_id": 99999999}])
+    assert resp.status_code == 404 and "BatchJob" in resp.json()["detail"] and "refused_ids" not in resp.json()
     resp = api.http.put(f"/jobs/{ids[0]}", json={"state": "CREATED"})
     assert resp.status_code == 409
     resp = api.http.put(f"/jobs/{ids[0]}", json={"batch_job_id": 99999999})

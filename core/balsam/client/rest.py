@@ -84,13 +84,17 @@ def idempotency_headers(method: str, key: Optional[str]) -> dict[str, str]:
 
 
 class APIError(Exception):
-    """The server refused a request. ``status_code`` and ``detail`` come from the response."""
+    """The server refused a request. ``status_code`` and ``detail`` come from the response;
+    ``refused_ids``: the records of a bulk request that made the server refuse it as a whole (all
+    of them, where ``detail`` shows the first few), or None when the server did not name them."""
 
-    def __init__(self, method: str, url: str, status_code: int, detail: Any) -> None:
+    def __init__(self, method: str, url: str, status_code: int, detail: Any,
+                 refused_ids: "frozenset[int] | None" = None) -> None:
         self.method = method
         self.url = url
         self.status_code = status_code
         self.detail = detail
+        self.refused_ids = refused_ids
         super().__init__(f"{method} {url} failed with HTTP {status_code}: {_detail_text(detail)}")
 
 
@@ -156,6 +160,18 @@ def _response_detail(resp: "Response") -> Any:
             if key in body:
                 return body[key]
     return body
+
+
+def _refused_ids(resp: "Response") -> "frozenset[int] | None":
+    """The ``refused_ids`` a refusal names beside its detail (see :class:`APIError`), if any."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    ids = body.get("refused_ids") if isinstance(body, dict) else None
+    if isinstance(ids, list) and all(type(i) is int for i in ids):
+        return frozenset(ids)
+    return None
 
 
 def _retry_after(resp: "Response") -> float:
@@ -497,7 +513,7 @@ class RESTClient:
                     _notify_credential_refused(error)
                 raise error
             if status >= 400:
-                raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
+                raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp), _refused_ids(resp))
             return resp
 
     def get(self, path: str, params: "Mapping[str, Any] | None" = None, **kw: Any) -> Any:

@@ -17,11 +17,21 @@ class APIError(Exception):
     #: Extra response headers (e.g. ``Retry-After``).
     headers: "dict[str, str] | None" = None
 
-    def __init__(self, detail: Any, status_code: "int | None" = None) -> None:
+    def __init__(self, detail: Any, status_code: "int | None" = None, *, refused_ids: "Iterable[int] | None" = None) -> None:
         super().__init__(detail if isinstance(detail, str) else repr(detail))
         self.detail = detail
         if status_code is not None:
             self.status_code = status_code
+        #: Every record of a bulk request that made the server refuse it as a whole, sent beside
+        #: ``detail`` (whose text shows only the first few): a client drops or retries exactly those
+        #: instead of splitting the request until it finds them (one request per record at worst).
+        self.refused_ids: "list[int] | None" = sorted(set(refused_ids)) if refused_ids is not None else None
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"detail": self.detail}
+        if self.refused_ids is not None:
+            body["refused_ids"] = self.refused_ids
+        return body
 
 
 class BadRequest(APIError):
@@ -56,8 +66,8 @@ class TooManyRequests(APIError):
 class NotFound(APIError):
     status_code = 404
 
-    def __init__(self, what: str = "Not found") -> None:
-        super().__init__(what, 404)
+    def __init__(self, what: str = "Not found", *, refused_ids: "Iterable[int] | None" = None) -> None:
+        super().__init__(what, 404, refused_ids=refused_ids)
 
 
 class Conflict(APIError):
@@ -103,10 +113,13 @@ def payload_errors(exc: PayloadError, prefix: list[Any]) -> "ValidationFailed":
     return ValidationFailed((list(prefix) + split_path(path), msg) for path, msg in exc.errors)
 
 
-def not_found_ids(kind: str, ids: Iterable[int]) -> NotFound:
+def not_found_ids(kind: str, ids: Iterable[int], *, of_request: bool = False) -> NotFound:
+    """404 naming the missing ids (the first 20 in ``detail``). ``of_request``: they are ids of the
+    bulk request's own records (a PATCH's items), so all of them go in ``refused_ids`` too; ids a
+    record merely refers to (its app, its parents) are not the records a client would drop."""
     ids = sorted(set(ids))
     shown = ", ".join(str(i) for i in ids[:20]) + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")
-    return NotFound(f"{kind} not found: {shown}")
+    return NotFound(f"{kind} not found: {shown}", refused_ids=ids if of_request else None)
 
 
 def null_field_errors(cls: type, values: dict[str, Any], loc: list[Any]) -> list[tuple[list[Any], str]]:

@@ -69,7 +69,7 @@ def no_content() -> Response:
 
 
 def error_response(exc: APIError) -> Response:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 def nul_locations(value: Any, loc: list[Any]) -> list[list[Any]]:

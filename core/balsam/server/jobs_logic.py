@@ -1228,7 +1228,7 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     current = {row.id: row for row in conn.execute(stmt, {"b_ids": ids_param(ids, dialect), **params})}
     missing = set(ids) - current.keys()
     if missing:
-        raise not_found_ids("Job", missing)
+        raise not_found_ids("Job", missing, of_request=True)
     batch_ids = {p["batch_job_id"] for job_steps in steps.values() for p in job_steps if p.get("batch_job_id") is not None}
     if batch_ids:
         _check_batch_jobs(conn, user_id, batch_ids)
@@ -1236,6 +1236,7 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     # Validate every transition before writing anything; each job's steps from the state the
     # previous step left.
     invalid: list[str] = []
+    invalid_ids: list[int] = []
     targets: dict[int, JobState] = {}
     moves: dict[int, list[tuple[str, str, Any, Any]]] = {}  # job id -> [(from, to, timestamp, data)]
     for job_id, job_steps in steps.items():
@@ -1247,6 +1248,7 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
                 new = validate_transition(state, patch["state"], forced=True)
             except InvalidTransition as exc:
                 invalid.append(f"job {job_id}: {exc}")
+                invalid_ids.append(job_id)
                 break
             if new != state:
                 moves.setdefault(job_id, []).append(
@@ -1256,7 +1258,7 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
             targets[job_id] = state
     if invalid:
         shown = "; ".join(invalid[:10]) + (f"; (+{len(invalid) - 10} more)" if len(invalid) > 10 else "")
-        raise Conflict(f"Invalid state change, nothing was updated: {shown}")
+        raise Conflict(f"Invalid state change, nothing was updated: {shown}", refused_ids=invalid_ids)
 
     events = EventBuffer()
     final_state: dict[int, JobState] = dict(targets)

@@ -300,7 +300,10 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                        "token_type": enum(["bearer"]), "expiration": WIRE_DATETIME},
                       ["id", "kind", "label", "site_id", "batch_job_id", "created", "expires", "last_used",
                        "revoked"]),
-    "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
+    "Error": {"type": "object", "required": ["detail"], "properties": {
+        "detail": {},
+        # A bulk request refused as a whole: every record that caused it (detail shows a few).
+        "refused_ids": {"type": "array", "items": {"type": "integer"}}}},
     "JsonValue": JSON_VALUE,
     "JobState": enum(STATE_NAMES),
     "BatchJobState": enum([s.value for s in BatchJobState]),

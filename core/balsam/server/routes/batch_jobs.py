@@ -182,7 +182,7 @@ def _update_many(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
     )
     missing = set(ids) - current.keys()
     if missing:
-        raise not_found_ids("BatchJob", missing)
+        raise not_found_ids("BatchJob", missing, of_request=True)
     _apply_state_rules(current, patches)
     update_rows_by_id(conn, batch_jobs, patches)
     finished = [bj_id for bj_id, values in patches.items()

@@ -92,7 +92,7 @@ def update_items(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
         if site_id in my_sites
     }
     if set(ids) - owned:
-        raise not_found_ids("TransferItem", set(ids) - owned)
+        raise not_found_ids("TransferItem", set(ids) - owned, of_request=True)
     update_rows_by_id(conn, transfer_items, patches)
     advance_jobs_after_transfers(conn, ids)
     rows = conn.execute(sa.select(*TI_COLUMNS).where(transfer_items.c.id.in_(ids)).order_by(transfer_items.c.id))
