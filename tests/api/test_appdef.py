@@ -168,6 +168,42 @@ def test_sync_update_rename_and_loaders(site):
     assert from_dict.__app_id__ == first_id
     with pytest.raises(ValueError, match="no site named"):
         type("Lost", (ApplicationDefinition,), {"site": "no-such-site", "command_template": "true"}).sync()
+    from balsam.api import Site
+
+    with pytest.raises(Site.DoesNotExist, match="no site named"):  # what Balsam 0.7 let through
+        type("Lost2", (ApplicationDefinition,), {"site": "no-such-site", "command_template": "true"}).sync()
+
+
+def test_balsam_07_app_classes_and_submits_still_work(site, caplog):
+    """Balsam 0.7 took parameter keys beyond required/default/help (its server dropped them) and
+    stored a shell app's unknown submit() parameters with the job (libEnsemble passes a whole
+    app_args dict): both work here, each said once in the log; a run() app still refuses a
+    parameter run() does not take (it would fail on the compute node)."""
+    from balsam.api import ApplicationDefinition
+
+    site_name = site.name
+
+    class Sim(ApplicationDefinition):
+        site = site_name
+        command_template = "sim --n {{ n }}"
+        parameters = {"n": {"required": True, "help": "steps", "type": "int", "choices": [1, 2]}}
+
+    assert "keys ['choices', 'type'] are not used" in caplog.text
+    assert Sim.parameters == {"n": {"required": True, "default": None, "help": "steps"}}
+    caplog.clear()
+    jobs = [Sim.submit(workdir=f"sim/{i}", n=i, extra="x", save=False) for i in range(3)]
+    assert [j.get_parameters() for j in jobs] == [{"n": i, "extra": "x"} for i in range(3)]
+    assert caplog.text.count("parameters ['extra'] are not in its command template") == 1
+    assert Sim(jobs[1]).get_arg_str() == "sim --n 1"
+
+    class Py(ApplicationDefinition):
+        site = site_name
+
+        def run(self, n):
+            return n
+
+    with pytest.raises(TypeError, match=r"unknown app parameters \['extra'\]"):
+        Py.submit(workdir="py/1", n=1, extra="x", save=False)
 
 
 def test_python_version_mismatch_fails_clearly(site):

@@ -268,6 +268,9 @@ def test_query_laziness_pagination_slicing_ordering(site, monkeypatch):
     assert query.count() == 25 and len(query) == 25 and bool(query)
     sliced = Job.objects.filter(workdir__contains="q/").order_by("workdir")[5:8]
     assert [str(j.workdir) for j in sliced] == ["q/05", "q/06", "q/07"]
+    # A step gives a list, as in Balsam 0.7 (and a list's slice).
+    assert [str(j.workdir) for j in Job.objects.order_by("workdir")[2:9:3]] == ["q/02", "q/05", "q/08"]
+    assert [str(j.workdir) for j in Job.objects.order_by("workdir")[22::-10]] == ["q/22", "q/12", "q/02"]
     assert str(Job.objects.order_by("workdir")[10].workdir) == "q/10"
     assert Job.objects.order_by("workdir").first().workdir == Path("q/00")
     with pytest.raises(IndexError):

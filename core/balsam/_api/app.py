@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import App, Job, Site
 
 logger = logging.getLogger(__name__)
+#: (app class, unknown parameter names) already warned about by submit(): once each, not per job.
+_WARNED_UNUSED_PARAMS: set[tuple[type, tuple[str, ...]]] = set()
 
 _TEMPLATE_VAR = re.compile(r"{{(.*?)}}")
 #: argv chunk size when a run() app and its job are passed on the command line
@@ -54,6 +56,13 @@ def _param_from_signature(param: inspect.Parameter) -> dict[str, Any]:
     return {"required": False, "default": param.default, "help": help_text}
 
 
+def _either(model_error: type[Exception], message: str) -> Exception:
+    """An error that is both ``model_error`` (what Balsam 0.7 let through: ``Site.DoesNotExist``,
+    ``App.MultipleObjectsReturned``) and ValueError (what this API says), for either ``except``."""
+    both = type(model_error.__name__, (model_error, ValueError), {"__qualname__": model_error.__qualname__})
+    return both(message)
+
+
 def _check_dict_param(app: str, name: str, param: Any) -> dict[str, Any]:
     if not isinstance(param, dict):
         raise AttributeError(f"ApplicationDefinition {app}: parameter {name!r} must be a dict with 'required' (and 'default', 'help')")
@@ -63,7 +72,9 @@ def _check_dict_param(app: str, name: str, param: Any) -> dict[str, Any]:
         raise AttributeError(f"ApplicationDefinition {app}: optional parameter {name!r} needs a 'default' value")
     unknown = set(param) - {"required", "default", "help"}
     if unknown:
-        raise AttributeError(f"ApplicationDefinition {app}: parameter {name!r} has unknown keys {sorted(unknown)}")
+        # Balsam 0.7 took such keys (its server dropped them): a class written for it must still load.
+        logger.warning("ApplicationDefinition %s: parameter %r: keys %s are not used (only required, default, help)",
+                       app, name, sorted(unknown))
     return {"required": bool(param["required"]), "default": param.get("default"), "help": str(param.get("help", ""))}
 
 
@@ -317,7 +328,7 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
             try:
                 cls._site_id = SiteModel.objects.get(name=site).id
             except SiteModel.DoesNotExist:
-                raise ValueError(f"{cls.__name__}.site: no site named {site!r} (see `balsam site ls`)") from None
+                raise _either(SiteModel.DoesNotExist, f"{cls.__name__}.site: no site named {site!r} (see `balsam site ls`)") from None
         elif isinstance(site, Site):
             if site.id is None:
                 raise ValueError(f"{cls.__name__}.site has no id (save the Site first)")
@@ -397,7 +408,17 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
             cls.sync()
         unknown = sorted(set(app_params) - set(cls.parameters))
         if unknown and not cls._accepts_any_params:
-            raise TypeError(f"{cls.__name__}.submit() got unknown app parameters {unknown} (parameters: {sorted(cls.parameters)})")
+            if cls._app_type == AppType.PY_FUNC:
+                # run() would fail with a TypeError on the compute node (as in Balsam 0.7): say it now.
+                raise TypeError(f"{cls.__name__}.submit() got unknown app parameters {unknown} "
+                                f"(run() takes: {sorted(cls.parameters)})")
+            # A command template renders only its own parameters; Balsam 0.7 stored the others with the
+            # job and ignored them (libEnsemble passes a whole app_args dict): kept, said once.
+            key = (cls, tuple(unknown))
+            if key not in _WARNED_UNUSED_PARAMS:
+                _WARNED_UNUSED_PARAMS.add(key)
+                logger.warning("%s.submit(): parameters %s are not in its command template (parameters: %s): "
+                               "stored with the job, not rendered", cls.__name__, unknown, sorted(cls.parameters))
         JobModel = cls._client.Job if cls._client is not None else _job_model()
         job = JobModel(
             workdir=workdir, app_id=cls.__app_id__, tags=tags, data=data, return_code=return_code, num_nodes=num_nodes,
@@ -460,7 +481,7 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
             try:
                 app = AppModel.objects.get(**lookup)
             except AppModel.MultipleObjectsReturned:
-                raise ValueError(f"several sites have an app named {app_name!r}: pass site_name") from None
+                raise _either(AppModel.MultipleObjectsReturned, f"several sites have an app named {app_name!r}: pass site_name") from None
             loaded = cls.from_serialized(app)
             ApplicationDefinition._app_name_cache[key] = loaded
             ApplicationDefinition._app_id_cache[(_server_key(AppModel), app.id)] = loaded

@@ -123,7 +123,13 @@ class Query(Generic[T]):
             if (k.start is not None and k.start < 0) or (k.stop is not None and k.stop < 0):
                 raise ValueError("negative indexing is not supported on queries")
             if k.step not in (None, 1):
-                raise ValueError("slice steps are not supported on queries")
+                # Balsam 0.7 gave a list: the rows of start:stop, every step-th (a negative step
+                # walks them backwards, as a list does).
+                if k.step == 0:
+                    raise ValueError("slice step cannot be zero")
+                if k.step > 0:
+                    return list(self[k.start:k.stop])[::k.step]
+                return list(self)[k]
             if self._cache is not None:
                 return self._cache[k]
             q = self._clone()
