@@ -100,6 +100,6 @@ def test_processing_refuses_a_workdir_outside_data() -> None:
 
     module = ProcessingModule.__new__(ProcessingModule)  # _dispatch checks the workdir before anything else
     jobs = [{"id": i, "state": "RUN_DONE", "app_id": 1, "workdir": w} for i, w in enumerate(["../../etc", "/abs", "."])]
-    updates = module._dispatch(jobs)
+    updates = module._dispatch(jobs, set())
     assert [(u["id"], u["state"]) for u in updates] == [(0, "FAILED"), (1, "FAILED"), (2, "FAILED")]
     assert all("workdir" in u["state_data"]["message"] for u in updates)

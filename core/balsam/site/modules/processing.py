@@ -238,7 +238,15 @@ class ProcessingModule(AgentModule):
             except Exception:
                 self.backlog = jobs
                 raise
-            updates = self._dispatch(jobs)
+            handed: set[int] = set()
+            try:
+                updates = self._dispatch(jobs, handed)
+            except Exception:
+                # Our session holds these jobs: one dropped here would wait for the agent's restart
+                # (an API outage while an app loads, a pool that cannot start). The ones not handed
+                # to a hook worker go back and are dispatched again (default hooks can run twice).
+                self.backlog = [job for job in jobs if job["id"] not in handed] + self.backlog
+                raise
             if updates:
                 self._send(updates)
         self._tick()
@@ -267,8 +275,9 @@ class ProcessingModule(AgentModule):
             return min(self.period, HOOKS_POLL_SEC)  # hooks in flight: collect their results soon
         return None
 
-    def _dispatch(self, jobs: list[dict]) -> list[dict]:
-        """Default hooks now (returned as updates), user hooks to the worker pool. Apps are prefetched."""
+    def _dispatch(self, jobs: list[dict], handed: set[int]) -> list[dict]:
+        """Default hooks now (returned as updates), user hooks to the worker pool (their ids added
+        to ``handed`` as they go: their results come through :meth:`_harvest`). Apps are prefetched."""
         updates: list[dict] = []
         custom: dict[int, list[dict]] = {}
         for job in jobs:
@@ -323,6 +332,7 @@ class ProcessingModule(AgentModule):
                     self.pool = None
                     future = self._pool().submit(*args)
                 self.pending[future] = chunk
+                handed.update(job["id"] for job in chunk)
         return updates
 
     def close(self) -> None:
