@@ -260,6 +260,14 @@ def test_broken_job_template_is_reported(setup, client) -> None:
     record = batch_job(client, bj["id"])
     assert record["state"] == "submit_failed"
     assert "job-template.sh:2" in record["status_info"]["error"]
+    # An error of the template's own expressions (not Jinja's) is reported the same way; it used
+    # to escape, leaving the BatchJob pending and retried every cycle.
+    Path(site.job_template_path).write_text("#!/bin/bash\n#X {{ num_nodes }}\n#Y {{ num_nodes + 'x' }}\n")
+    bj = create_batch_job(client, site.site_id)
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "submit_failed" and not fake.submitted
+    assert "job-template.sh:3: TypeError" in record["status_info"]["error"]
 
 
 def test_a_submission_the_api_never_recorded_is_not_repeated(setup, client, make_site) -> None:

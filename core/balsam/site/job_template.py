@@ -174,6 +174,22 @@ def render_job_script(template_text: str, context: Mapping[str, Any], *, source:
         raise JobTemplateError(f"{source}:{exc.lineno}: {exc.message}") from None
     except jinja2.TemplateError as exc:
         raise JobTemplateError(f"{source}: {exc}") from None
+    except Exception as exc:  # the template's own expressions: {{ 1/0 }}, {{ num_nodes + "x" }}
+        # Not a Jinja error, but the template's fault all the same: left to escape, it kept the
+        # BatchJob pending and was retried (with a new launcher credential) every cycle.
+        line = _template_line(exc)
+        where = f"{source}:{line}" if line else source
+        raise JobTemplateError(f"{where}: {type(exc).__name__}: {exc}") from None
+
+
+def _template_line(exc: BaseException) -> Optional[int]:
+    """The template line an error was raised at (Jinja2 rewrites its traceback to show it)."""
+    line, tb = None, exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def read_template(path: Path) -> str:
