@@ -107,6 +107,11 @@ class ProcessingModule(AgentModule):
         #: Jobs leased but not yet handled (e.g. the app lookup failed in an API outage): kept for
         #: the next cycle, since no other session can take them while we hold them.
         self.backlog: list[dict] = []
+        #: Ids of jobs whose hook worker died while they were in its chunk: run again alone, once,
+        #: one at a time in a pool of one worker of their own (a death there is theirs alone).
+        self.alone: set[int] = set()
+        self.isolation_pool: Optional[cf.ProcessPoolExecutor] = None
+        self.isolated: Optional[cf.Future] = None
         self.processed = 0
         #: When a cycle last acquired jobs (monotonic seconds; None: never).
         self._last_arrival: Optional[float] = None
@@ -158,6 +163,13 @@ class ProcessingModule(AgentModule):
             )
         return self.pool
 
+    def _isolation_pool(self) -> cf.ProcessPoolExecutor:
+        if self.isolation_pool is None:
+            self.isolation_pool = cf.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("forkserver"), initializer=_worker_init
+            )
+        return self.isolation_pool
+
     @property
     def spool_path(self) -> Path:
         return Path(getattr(self.site_config, "spool_path", Path(self.site_config.site_path) / "spool"))
@@ -189,9 +201,22 @@ class ProcessingModule(AgentModule):
             try:
                 updates.extend(future.result())
             except Exception as exc:  # the worker process itself died (e.g. a hook called os._exit)
-                self.logger.error("hook worker failed for jobs %s: %s", [j["id"] for j in jobs], exc)
-                if isinstance(exc, cf.process.BrokenProcessPool):
+                if future is self.isolated:
+                    self.isolation_pool = None  # the job alone killed it: it fails below
+                elif isinstance(exc, cf.process.BrokenProcessPool):
                     self.pool = None
+                    # One worker's death breaks the pool and fails every chunk in it, of any app:
+                    # each job not yet run alone is run again alone, so only the job whose hook
+                    # kills its worker fails (with the reason), not its neighbours.
+                    again = [j for j in jobs if j["id"] not in self.alone]
+                    if again:
+                        self.alone.update(j["id"] for j in again)
+                        self.backlog.extend(again)
+                        self.logger.warning("hook worker died (%s): jobs %s are run again, each alone",
+                                            exc, [j["id"] for j in again])
+                    jobs = [j for j in jobs if j not in again]
+                if jobs:
+                    self.logger.error("hook worker failed for jobs %s: %s", [j["id"] for j in jobs], exc)
                 updates.extend(
                     {
                         "id": j["id"],
@@ -201,6 +226,9 @@ class ProcessingModule(AgentModule):
                     }
                     for j in jobs
                 )
+            self.alone.difference_update(j["id"] for j in jobs)  # settled: they have their update
+            if future is self.isolated:
+                self.isolated = None
         return updates
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -323,8 +351,18 @@ class ProcessingModule(AgentModule):
                     )
         for app_id, app_jobs in custom.items():
             info = self.apps.info(app_id)
-            for start in range(0, len(app_jobs), WORKER_CHUNK):
-                chunk = app_jobs[start : start + WORKER_CHUNK]
+            for job in [job for job in app_jobs if job["id"] in self.alone]:
+                if self.isolated is None:
+                    args = (run_hooks, info.record, [job], info.python_app, str(self.data_path), self.tail_num_lines)
+                    self.isolated = self._isolation_pool().submit(*args)
+                    self.pending[self.isolated] = [job]
+                    handed.add(job["id"])
+                else:
+                    self.backlog.append(job)  # after the one running alone
+                    handed.add(job["id"])
+            shared = [job for job in app_jobs if job["id"] not in self.alone]
+            for start in range(0, len(shared), WORKER_CHUNK):
+                chunk = shared[start : start + WORKER_CHUNK]
                 args = (run_hooks, info.record, chunk, info.python_app, str(self.data_path), self.tail_num_lines)
                 try:
                     future = self._pool().submit(*args)
@@ -350,6 +388,9 @@ class ProcessingModule(AgentModule):
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        if self.isolation_pool is not None:
+            self.isolation_pool.shutdown(wait=True, cancel_futures=True)
+            self.isolation_pool = None
         if self.lease is not None:
             self.lease.close()
             self.lease = None
