@@ -194,7 +194,7 @@ def test_aurora_guide_on_a_faked_aurora(mode: str, client, agent_daemon, fake_ma
     wait_for(lambda: "finished" in balsam("queue", "ls", "--history", cwd=site_path).stdout, timeout=90,
              what="the batch job to end (launcher idle exit)")
     (script,) = (site_path / "qsubmit").glob("*.sh")
-    assert "#PBS -l select=2:system=aurora" in script.read_text()
+    assert "#PBS -l select=2\n" in script.read_text() and "system=aurora" not in script.read_text()
 
     # Every EchoHello job saw exactly one tile, its own, and OMP_NUM_THREADS=1.
     masks: dict[str, str] = {}

@@ -68,7 +68,8 @@ def test_options_cpu_bind_and_limit() -> None:
     assert platform.launch_limit() is None and 0 not in platform.cpu_ids and 52 not in platform.cpu_ids
     limit = AuroraPlatform().launch_limit()
     assert limit.max_launches == 1000 and "1000 mpiexec launches per batch job" in limit.reason
-    assert SunspotPlatform(options={"tiles_per_gpu": 1}).gpu_ids == ("0.0", "1.0", "2.0", "3.0", "4.0", "5.0")
+    # tiles_per_gpu=1: whole GPUs, plain ids (ZE_AFFINITY_MASK=0 is the whole GPU, 0.0 only its tile 0).
+    assert SunspotPlatform(options={"tiles_per_gpu": 1}).gpu_ids == ("0", "1", "2", "3", "4", "5")
 
 
 def test_id_ranges_and_bind_lists() -> None:

@@ -81,7 +81,7 @@ def test_aurora_site_runs_the_guides_commands_unedited(balsam_env, client, tmp_p
     script = render_job_script((path / "job-template.sh").read_text(),
                                build_context(batch_job, path, default_optional_params=scheduler["optional_batch_job_params"],
                                              call_hook=False))
-    for line in ("#PBS -l select=2:system=aurora", "#PBS -l walltime=00:10:00", "#PBS -l filesystems=home:flare",
+    for line in ("#PBS -l select=2\n", "#PBS -l walltime=00:10:00", "#PBS -l filesystems=home:flare",
                  "#PBS -l place=scatter", "#PBS -A Aurora_deployment", "#PBS -q debug-scaling",
                  "export HTTPS_PROXY=http://proxy.alcf.anl.gov:3128", f"export BALSAM_BATCH_JOB_ID={batch_job['id']}"):
         assert line in script, script

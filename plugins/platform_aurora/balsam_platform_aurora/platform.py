@@ -2,7 +2,8 @@
 Center GPU Max 1550, each of two tiles; PBS Pro; PALS ``mpiexec``.
 
 A Balsam "GPU" here is a tile (``0.0`` ... ``5.1``, GPU.tile), so ``gpus_per_rank=1`` places one rank
-per tile and ``gpus_per_rank=2`` one rank per whole GPU. A job sees its tiles through
+per tile and ``gpus_per_rank=2`` one rank per whole GPU; with the option ``tiles_per_gpu=1`` a Balsam
+GPU is a whole GPU (ids ``0`` ... ``5``). A job sees its tiles (or GPUs) through
 ``ZE_AFFINITY_MASK`` (with ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` so that the ids follow the PCI order
 the mask refers to); CUDA variables mean nothing to Level Zero and are never set.
 
@@ -37,7 +38,13 @@ DEPTH_KEYS = ("depth", "-d", "--depth")
 
 
 def tile_ids(num_gpus: int, tiles_per_gpu: int) -> tuple[str, ...]:
-    """``("0.0", "0.1", "1.0", ...)``: the GPU.tile ids ``ZE_AFFINITY_MASK`` takes in composite mode."""
+    """``("0.0", "0.1", "1.0", ...)``: the GPU.tile ids ``ZE_AFFINITY_MASK`` takes in composite mode.
+
+    With one tile per GPU the ids are the plain GPU ids ``("0", "1", ...)``: in composite mode
+    ``ZE_AFFINITY_MASK=0`` exposes the whole GPU (both tiles) while ``0.0`` would expose tile 0 only.
+    """
+    if tiles_per_gpu == 1:
+        return tuple(str(gpu) for gpu in range(num_gpus))
     return tuple(f"{gpu}.{tile}" for gpu in range(num_gpus) for tile in range(tiles_per_gpu))
 
 
@@ -58,7 +65,9 @@ class AuroraOptions:
     )
     gpus_per_node: int = option(6, "Intel GPUs per node.", validator=_non_negative)
     tiles_per_gpu: int = option(
-        2, "Tiles per GPU; every tile is one Balsam GPU id (GPU.tile), 1 to address whole GPUs.", validator=_non_negative
+        2,
+        "Tiles per GPU (1 or more); every tile is one Balsam GPU id (GPU.tile: 0.0 0.1 1.0 ...); 1 makes "
+        "every whole GPU one id (0 1 ... 5).",
     )
     cpu_bind: str = option(
         "",
@@ -74,7 +83,14 @@ class AuroraOptions:
     )
 
     def validate(self) -> dict[str, str]:
-        return cpu_ids_errors(self.cpu_ids)
+        errors = cpu_ids_errors(self.cpu_ids)
+        errors.update(tiles_per_gpu_errors(self.tiles_per_gpu))
+        return errors
+
+
+def tiles_per_gpu_errors(value: int) -> dict[str, str]:
+    # 0 would leave a node without GPU ids; 1 addresses whole GPUs.
+    return {} if value >= 1 else {"tiles_per_gpu": f"must be 1 or more (1: whole GPUs), got {value}"}
 
 
 class AuroraPlatform(Platform):
@@ -91,6 +107,8 @@ class AuroraPlatform(Platform):
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
         self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
+        for name, problem in tiles_per_gpu_errors(self.options.tiles_per_gpu).items():
+            raise ValueError(f"launcher.platform_options.{name}: {problem}")
         self.gpu_ids = tile_ids(self.options.gpus_per_node, self.options.tiles_per_gpu)
 
     # -- inside an allocation -------------------------------------------------------------------

@@ -8,7 +8,7 @@
 
 {% if optional_params.get("singularity_prime_cache", "no") | lower in ("yes", "true", "1") %}
 # -x singularity_prime_cache=yes: warm the Singularity image cache on every node first.
-aprun -N 1 -n "$COBALT_JOBSIZE" /soft/tools/prime-cache
+{{ platform_options.get("aprun") or "aprun" }} -N 1 -n "$COBALT_JOBSIZE" /soft/tools/prime-cache
 sleep 10
 {% endif %}
 # Tools that wrap every aprun'd process would slow each task down.

@@ -4,7 +4,9 @@
 #COBALT -A {{ project }}
 #COBALT -q {{ queue }}
 {% set mig_count = optional_params.get("mig_count", "0") | string %}
-#COBALT --attrs pubnet=true:enable_ssh=1:filesystems=home,grand,eagle,theta-fs0{% if mig_count != "0" %}:mig-mode=true{% endif %}
+{#- launcher.platform_options.mpirun, unquoted: bash splits it into the words the launcher gets from shlex.split -#}
+{% set mpirun = platform_options.get("mpirun") or "mpirun" %}
+#COBALT --attrs pubnet=true:enable_ssh=1:filesystems=home,grand,eagle,theta-fs0{% if mig_count in ("2", "3", "7") %}:mig-mode=true{% endif %}
 
 # Rendered by balsam for BatchJob {{ batch_job_id }} on ThetaGPU (job-template.sh in the site directory).
 export https_proxy=http://theta-proxy.tmi.alcf.anl.gov:3128
@@ -16,10 +18,10 @@ mig_profile={{ {"2": 9, "3": 14, "7": 19}[mig_count] }}
 gpu_list_dir={{ (platform_options.get("gpu_list_dir") or "/var/tmp") | shell_quote }}  # where the launcher reads them
 echo "Creating {{ mig_count }} MIG instances per GPU (profile $mig_profile) on {{ num_nodes }} node(s)"
 for i in $(seq 1 {{ mig_count }}); do
-    mpirun -hostfile "$COBALT_NODEFILE" -n {{ num_nodes }} -npernode 1 nvidia-smi_mig -cgi "$mig_profile" -C || exit 1
+    {{ mpirun }} -hostfile "$COBALT_NODEFILE" -n {{ num_nodes }} -npernode 1 nvidia-smi_mig -cgi "$mig_profile" -C || exit 1
 done
 for host in $(cat "$COBALT_NODEFILE"); do
-    mpirun -hostfile "$COBALT_NODEFILE" --host "$host" -n 1 nvidia-smi -L > "$gpu_list_dir/balsam-$host-gpulist.txt" || exit 1
+    {{ mpirun }} -hostfile "$COBALT_NODEFILE" --host "$host" -n 1 nvidia-smi -L > "$gpu_list_dir/balsam-$host-gpulist.txt" || exit 1
     echo "GPU list of $host recorded in $gpu_list_dir/balsam-$host-gpulist.txt"
 done
 {% elif mig_count != "0" %}
