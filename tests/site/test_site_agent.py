@@ -225,3 +225,59 @@ def test_a_refused_credential_stops_the_agent(make_site, client) -> None:
         assert agent.stop_reason == "credential-refused" and "revoked" in agent.credential_refused
     finally:
         agent.shutdown()
+
+
+class _ExitingModule:
+    """Built lazily (AgentModule is abstract): a module whose first cycle calls sys.exit."""
+
+    @staticmethod
+    def make(site, raising: type) -> object:
+        from balsam.site.module import AgentModule
+
+        class Exiting(AgentModule):
+            section = "exiting"
+            default_period = 0.05
+
+            def __init__(self) -> None:
+                super().__init__(site, None, None)
+                self.calls = 0
+
+            def run_cycle(self):
+                self.calls += 1
+                if self.calls == 1:
+                    if raising is SystemExit:
+                        sys.exit(3)  # as a plugin or driver might
+                    raise raising()
+                return None
+
+        return Exiting()
+
+
+def test_a_module_calling_sys_exit_is_logged_and_keeps_running(make_site, client, caplog) -> None:
+    site = make_site(overrides={"file_cleaner": None, "scheduler": None, "processing": None})
+    module = _ExitingModule.make(site, SystemExit)
+    caplog.set_level(logging.INFO, logger="balsam.site")
+    agent = Agent(site, client=client, modules=[module])
+    agent.start()
+    try:
+        wait_for(lambda: agent.cycles.get("exiting", 0) >= 2, timeout=30, what="2 more cycles after sys.exit")
+        assert agent.threads[0].is_alive() and agent.errors["exiting"] == 1
+        assert any("exiting: cycle raised SystemExit (the agent carries on): 3" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        agent.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_agent_logs_a_module_thread_that_died(make_site, client, caplog) -> None:
+    site = make_site(overrides={"file_cleaner": None, "scheduler": None, "processing": None})
+    module = _ExitingModule.make(site, KeyboardInterrupt)  # the one exception the loop lets through
+    agent = Agent(site, client=client, modules=[module])
+    agent.start()
+    try:
+        agent.threads[0].join(10)
+        agent.wait(timeout=2.5)
+        died = [r for r in caplog.records if "thread died" in r.getMessage()]
+        assert len(died) == 1 and died[0].levelno == logging.ERROR and "agent-exiting" in died[0].getMessage()
+    finally:
+        agent.shutdown()

@@ -252,6 +252,26 @@ def test_user_hooks_run_in_workers_with_output_in_balsam_log(processing, client)
     assert state_path(events(client, job_id=ids[0]))[-3:] == ["RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"]
 
 
+def test_a_custom_hook_job_whose_workdir_cannot_be_made_fails_alone_in_its_chunk(processing, client) -> None:
+    from balsam.api import Job
+
+    site, module = processing
+    apps = define_apps(site.site_id)
+    (Path(site.data_path) / "blocked_custom").write_text("a file where the workdir's parent should be")
+    # One app, so one worker chunk: the bad job sits between good ones.
+    jobs = Job.objects.bulk_create([Job("custom/a", apps["custom"]), Job("blocked_custom/job", apps["custom"]),
+                                    Job("custom/b", apps["custom"])])
+    ids = [j.id for j in jobs]
+    run_until(module, lambda: all(r["state"] != "STAGED_IN" for r in job_rows(client, id=ids)))
+    rows = {r["id"]: r for r in job_rows(client, id=ids)}
+    for i in (ids[0], ids[2]):
+        assert rows[i]["state"] == "PREPROCESSED" and rows[i]["data"] == {"pre": "ok"}
+    assert rows[ids[1]]["state"] == "FAILED"
+    failed = [e for e in events(client, job_id=ids[1]) if e["to_state"] == "FAILED"][0]
+    assert failed["data"]["message"] == "An exception occurred in preprocess"
+    assert "cannot prepare workdir 'blocked_custom/job'" in failed["data"]["error"]
+
+
 def test_close_releases_the_session(processing, client) -> None:
     from balsam.api import Job
 

@@ -80,3 +80,79 @@ def test_file_cleaner_deletes_cleanup_files_of_finished_jobs(make_site, client, 
     rows = {r["id"]: r for r in job_rows(client, site_id=site_id)}
     assert all(rows[j.id]["pending_file_cleanup"] is False for j in finished)
     assert rows[running[0].id]["pending_file_cleanup"] is True
+
+
+def test_file_cleaner_leaves_jobs_pending_during_an_api_outage(make_site, client, monkeypatch) -> None:
+    import pytest
+    from balsam.api import ApplicationDefinition, Job
+
+    site = make_site()
+    site_id = site.site_id
+
+    class Messy(ApplicationDefinition):
+        site = site_id
+        command_template = "echo messy"
+        cleanup_files = ["*.tmp"]
+
+    (job,) = Job.objects.bulk_create([Job("outage/0", Messy)])
+    workdir = Path(site.data_path) / job.workdir
+    workdir.mkdir(parents=True)
+    (workdir / "a.tmp").write_text("a")
+    finish_jobs(client, site_id, [job.id])
+    module = FileCleanerModule(site, FileCleanerSettings(cleanup_batch_size=10, service_period=1), client)
+
+    def outage(app_ids):
+        raise ConnectionError("the API is down")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module.apps, "prefetch", outage)
+        with pytest.raises(ConnectionError):  # the agent loop backs off on it
+            module.run_cycle()
+    assert job_rows(client, id=[job.id])[0]["pending_file_cleanup"] is True
+    assert (workdir / "a.tmp").exists()
+    module.run_cycle()  # the API is back: the files go, as they should have
+    assert not (workdir / "a.tmp").exists()
+    assert job_rows(client, id=[job.id])[0]["pending_file_cleanup"] is False
+
+
+def test_file_cleaner_skips_an_invalid_pattern_naming_the_app(make_site, client, caplog) -> None:
+    import logging
+
+    from balsam.api import ApplicationDefinition, Job
+
+    site = make_site()
+    site_id = site.site_id
+
+    class BadGlob(ApplicationDefinition):
+        site = site_id
+        command_template = "echo bad"
+        cleanup_files = ["**x", "*.tmp"]
+
+    class Fine(ApplicationDefinition):
+        site = site_id
+        command_template = "echo fine"
+        cleanup_files = ["*.tmp"]
+
+    jobs = Job.objects.bulk_create([Job("badglob/0", BadGlob), Job("fine/0", Fine)])
+    data = Path(site.data_path)
+    for job in jobs:
+        (data / job.workdir).mkdir(parents=True)
+        (data / job.workdir / "a.tmp").write_text("a")
+    finish_jobs(client, site_id, [j.id for j in jobs])
+    module = FileCleanerModule(site, FileCleanerSettings(cleanup_batch_size=10, service_period=1), client)
+    with caplog.at_level(logging.ERROR):
+        module.run_cycle()
+    # The other app, and the app's valid pattern, are cleaned as usual.
+    assert not (data / "fine/0/a.tmp").exists() and not (data / "badglob/0/a.tmp").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"app {jobs[0].app_id}" in errors[0] and "'**x'" in errors[0]
+    # Marked clean all the same: jobs left pending would fill every batch and starve other apps.
+    assert all(r["pending_file_cleanup"] is False for r in job_rows(client, id=[j.id for j in jobs]))
+
+    (later,) = Job.objects.bulk_create([Job("badglob/1", BadGlob)])
+    (data / later.workdir).mkdir(parents=True)
+    finish_jobs(client, site_id, [later.id])
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        module.run_cycle()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # reported once per app and pattern

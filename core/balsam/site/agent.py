@@ -207,6 +207,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.stop_reason = "signal"
         self.threads: list[threading.Thread] = []
+        self._dead_threads: set[str] = set()
         self.cycles: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         #: Set when the server refused the agent's credential for good (revoked, or expired with no
@@ -259,9 +260,15 @@ class Agent:
                 if backoff:
                     logger.info("%s: API reachable again", name)
                 backoff = 0.0
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a plugin or driver calling sys.exit must not end the module
                 self.errors[name] = self.errors.get(name, 0) + 1
-                if is_api_outage(exc):
+                if not isinstance(exc, Exception):
+                    logger.error("%s: cycle raised %s (the agent carries on): %s", name, type(exc).__name__, exc,
+                                 exc_info=True)
+                    delay = None
+                elif is_api_outage(exc):
                     backoff = min(MAX_BACKOFF_SEC, max(1.0, backoff * 2))
                     logger.warning("%s: API unavailable (%s); next try in %.0f s", name, exc, backoff)
                     delay = backoff
@@ -355,9 +362,20 @@ class Agent:
                 self.request_stop("credential-refused")
                 break
             self.stop_event.wait(1.0)
+            self._check_threads()
             if time.monotonic() - last_note > 600:
                 last_note = time.monotonic()
                 logger.info("agent alive: cycles %s, errors %s", self.cycles, self.errors)
+
+    def _check_threads(self) -> None:
+        """Log once each module thread that ended while the agent runs: its work is no longer done."""
+        if self.stop_event.is_set():
+            return
+        for thread in self.threads:
+            if not thread.is_alive() and thread.name not in self._dead_threads:
+                self._dead_threads.add(thread.name)
+                logger.error("%s: the module's thread died; the agent runs on without it (restart the agent)",
+                             thread.name)
 
     def shutdown(self, reason: Optional[str] = None, join_timeout: float = 15.0) -> None:
         from ..plugins.manager import get_plugin_manager

@@ -185,20 +185,34 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
     """Run the hook for ``job``'s state in this process and return the job's update."""
     state = JobState(job["state"])
     hook = HOOK_FOR_STATE[state]
-    workdir = job_workdir(data_path, job["workdir"])
-    if state == JobState.staged_in:
-        create_job_output(workdir)  # the workdir and an empty job.out, as the default preprocess makes them
-    else:
-        workdir.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {"id": job["id"]}
+    output = contextlib.ExitStack()
+    # This job's own setup may fail (a workdir that cannot be made, an unwritable balsam.log): that
+    # fails this job only; raising would lose the updates of the other jobs of the worker's chunk.
+    try:
+        workdir = job_workdir(data_path, job["workdir"])
+        if state == JobState.staged_in:
+            create_job_output(workdir)  # the workdir and an empty job.out, as the default preprocess makes them
+        else:
+            workdir.mkdir(parents=True, exist_ok=True)
+        output.enter_context(redirected_output(workdir / "balsam.log"))
+    except Exception as exc:
+        output.close()
+        return {
+            **base,
+            "state": JobState.failed.value,
+            "state_timestamp": now_iso(),
+            "state_data": {"message": f"An exception occurred in {hook}",
+                           "error": f"cannot prepare workdir {job['workdir']!r}: {type(exc).__name__}: {exc}"},
+        }
     if state in (JobState.run_done, JobState.run_error) and python_app:
-        value, exc = read_run_markers(workdir)
+        value, exc_text = read_run_markers(workdir)
         if value:
             base["serialized_return_value"] = job["serialized_return_value"] = value
-        if exc:
-            base["serialized_exception"] = job["serialized_exception"] = exc
+        if exc_text:
+            base["serialized_exception"] = job["serialized_exception"] = exc_text
     cwd = os.getcwd()
-    with redirected_output(workdir / "balsam.log"):
+    with output:
         print(f"#BALSAM Running {hook} for Job {job['id']} at {now_iso()}", flush=True)
         try:
             if app_cls is None:

@@ -15,7 +15,7 @@ import attrs
 
 from ...options import option
 from ...states import JobState
-from ..api_util import bulk_patch, list_all
+from ..api_util import bulk_patch, is_api_outage, list_all
 from ..apps import AppCache
 from ..module import AgentModule
 
@@ -35,6 +35,16 @@ class FileCleanerSettings:
         return problems
 
 
+def glob_pattern_error(pattern: str) -> Optional[str]:
+    """Why ``Path.glob`` refuses ``pattern`` (e.g. ``'**x'`` on Python 3.11), or None."""
+    try:
+        # A directory that does not exist: the pattern is parsed, nothing is listed.
+        list(Path("/nonexistent-balsam-glob-check").glob(pattern))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str]) -> list[Path]:
     """Delete files under ``workdir`` that match ``patterns``; return what was removed."""
     removed: list[Path] = []
@@ -42,6 +52,8 @@ def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str]) -> list
     for pattern in patterns:
         if not pattern or ".." in Path(pattern).parts or Path(pattern).is_absolute():
             continue
+        if glob_pattern_error(pattern):
+            continue  # the caller reports it, naming the app
         for match in workdir.glob(pattern):
             try:
                 resolved = match.resolve()
@@ -65,6 +77,7 @@ class FileCleanerModule(AgentModule):
     def __init__(self, site_config: Any, config: Any, client: Any) -> None:
         super().__init__(site_config, config, client)
         self.apps = AppCache(client)
+        self._reported: set[tuple[int, str]] = set()
 
     def run_cycle(self) -> Optional[float]:
         batch = self.options.cleanup_batch_size
@@ -84,8 +97,22 @@ class FileCleanerModule(AgentModule):
                 app_cls = self.apps.app_class(app_id)
                 patterns = list(getattr(app_cls, "cleanup_files", None) or [])
             except Exception as exc:
+                if is_api_outage(exc):
+                    # Not "no patterns": the jobs stay pending and the agent loop retries with backoff.
+                    raise
                 self.logger.warning("app %s: cannot load its cleanup_files: %s", app_id, exc)
                 patterns = []
+            usable = []
+            for pattern in patterns:
+                problem = glob_pattern_error(pattern) if isinstance(pattern, str) else "not a string"
+                if problem is None:
+                    usable.append(pattern)
+                elif (app_id, str(pattern)) not in self._reported:
+                    # Once per app and pattern; its jobs are still marked clean (with the other
+                    # patterns applied) so that they cannot fill every batch and starve other apps.
+                    self._reported.add((app_id, str(pattern)))
+                    self.logger.error("app %s: cleanup_files pattern %r is invalid (%s): skipped", app_id, pattern, problem)
+            patterns = usable
             if not patterns:
                 self.logger.debug("app %s: no cleanup_files patterns; its jobs are only marked clean", app_id)
                 continue
