@@ -165,12 +165,17 @@ def _runnable_jobs(client, site, count: int, tags: dict) -> list:
     return jobs
 
 
+#: A site whose scheduler module accepts the BatchJobs these tests expect in queue `debug`
+#: (the elastic module creates none the scheduler module would refuse).
+DEBUG_QUEUE = {"scheduler": {"allowed_queues": {"debug": {"max_nodes": 8, "max_walltime": 120, "max_queued_jobs": 10}}}}
+
+
 def test_pbs_windows_of_no_queue_count_for_the_submit_queue(make_site, client) -> None:
     """Polaris-style pbsnodes (recorded): 1 free node tied to `debug`, 2 tied to no queue (`*`).
     Balsam 0.7 read only the submit queue's windows (and its PBS driver had none)."""
     from balsam_scheduler_pbs import PBSScheduler
 
-    site = make_site()
+    site = make_site(overrides=DEBUG_QUEUE)
     runner = ReplayRunner({"pbsnodes": load_recorded(DATA / "pbs", "pbsnodes_a_json"),
                            "qstat": load_recorded(DATA / "pbs", "qstat_f_json_no_jobs")})
     options = ElasticQueueOptions(submit_queue="debug", min_wall_time_min=30, wall_time_pad_min=5, max_wall_time_min=60)
@@ -186,7 +191,7 @@ def test_pbs_windows_of_no_queue_count_for_the_submit_queue(make_site, client) -
 def test_regular_queue_fallback_is_marked_and_never_cancelled_as_stale(make_site, client) -> None:
     from balsam_scheduler_slurm import SlurmScheduler
 
-    site = make_site()
+    site = make_site(overrides=DEBUG_QUEUE)
     busy = result(stdout="debug|up|allocated|4|infinite\n")  # no idle node: no window
     # squeue: job 5 pending since 2026-11-22, days past max_queue_wait_time_min
     runner = ReplayRunner({"sinfo": busy, "squeue": load_recorded(DATA / "slurm", "squeue_all")})
@@ -241,3 +246,27 @@ def test_a_bad_section_is_one_line_naming_the_key(make_site, client) -> None:
         ElasticQueueModule(site, {"strategy_optionz": {}}, client)
     module = ElasticQueueModule(site, {"strategy": "simple", "strategy_options": {"max_blocks": 2}}, client)
     assert module.strategy.options.max_blocks == 2 and "strategy simple" in module.describe()
+
+
+def test_requests_beyond_the_queue_limits_are_clamped_and_refused_ones_not_created(make_site, client, caplog) -> None:
+    """Defaults max_num_nodes 127 x max_wall_time_min 360 against the `local` queue (1 node, 60 min
+    here): clamped to the queue's limits, not created to be refused by the scheduler module forever."""
+    site = make_site(overrides={"scheduler": {"allowed_queues": {"local": {"max_nodes": 1, "max_walltime": 60,
+                                                                           "max_queued_jobs": 10}}}})
+    caplog.set_level(logging.INFO, logger="balsam.site.modules.elastic_queue")
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_queued_jobs=1), client)
+    _runnable_jobs(client, site, 3, {})
+    module.run_cycle()
+    made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
+    assert [(b["num_nodes"], b["wall_time_min"], b["queue"]) for b in made] == [(1, 60, "local")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "num_nodes 3 clamped to queue 'local''s max_nodes 1 (settings.yml scheduler.allowed_queues)" in warnings
+
+    caplog.clear()
+    other = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, submit_queue="prod"), client)
+    for _ in range(3):
+        other.run_cycle()  # asks for a BatchJob in a queue the site does not allow, every cycle
+    assert [b["queue"] for b in client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]] == ["local"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["no BatchJob created: queue 'prod' is not in the site's allowed_queues (local) "
+                      "(settings.yml scheduler: / elastic_queue:)"]  # once, not every cycle

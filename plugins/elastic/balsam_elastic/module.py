@@ -20,10 +20,12 @@ after ``launcher.idle_ttl_sec`` without work.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import attrs
 
+from balsam.batch_job_rules import BatchJobRefused, check_batch_job
 from balsam.models import BackfillWindow
 from balsam.options import build_options
 from balsam.serialization import parse_datetime
@@ -76,6 +78,8 @@ class ElasticQueueModule(AgentModule):
         self.strategy = load_strategy(options)
         self._scheduler = scheduler
         self.last_decision: Optional[Decision] = None
+        #: Clamp and refusal messages already logged: each is logged once, not every cycle.
+        self._reported: set[str] = set()
 
     # -- inputs ----------------------------------------------------------------------------------
     @property
@@ -164,7 +168,7 @@ class ElasticQueueModule(AgentModule):
             bulk_patch(self.client, "/batch-jobs/",
                        [{"id": i, "state": BatchJobState.pending_deletion.value} for i in decision.cancel])
         for request in decision.submit:
-            created = self.client.post("/batch-jobs/", json={
+            body = {
                 "site_id": self.site_id,
                 "project": self.options.submit_project,
                 "queue": self.options.submit_queue,
@@ -173,10 +177,45 @@ class ElasticQueueModule(AgentModule):
                 "job_mode": self.options.job_mode,
                 "filter_tags": self.filter_tags(),
                 **({"status_info": {REQUEST_KIND: REGULAR_QUEUE}} if request.regular_queue else {}),
-            })
+            }
+            refused = self.fit_to_site_rules(body)
+            if refused:
+                self._report_once(f"no BatchJob created: {refused} (settings.yml scheduler: / elastic_queue:)", error=True)
+                continue
+            created = self.client.post("/batch-jobs/", json=body)
             self.logger.info("created BatchJob %s (%d nodes x %d min in %s%s)", (created or {}).get("id"),
-                             request.num_nodes, request.wall_time_min, self.options.submit_queue,
+                             body["num_nodes"], body["wall_time_min"], self.options.submit_queue,
                              ", regular queue" if request.regular_queue else "")
+        return None
+
+    def _report_once(self, message: str, error: bool = False) -> None:
+        if message not in self._reported:
+            self._reported.add(message)
+            (self.logger.error if error else self.logger.warning)("%s", message)
+
+    def fit_to_site_rules(self, body: dict) -> Optional[str]:
+        """Clamp ``body`` to the submit queue's ``max_nodes`` / ``max_walltime`` (the most the site
+        allows, which a user who set larger elastic limits would take), then check it with the
+        scheduler module's rules; the reason it would be refused, or None. A refused BatchJob is
+        not created: the scheduler module would mark it submit_failed, and the next cycle would
+        create another."""
+        rules = getattr(getattr(self.site_config, "settings", None), "scheduler", None)
+        if rules is None:
+            return None  # no scheduler section: no rules to check against (nothing submits them either)
+        allowed_queues = getattr(rules, "allowed_queues", None) or {}
+        limits = allowed_queues.get(body["queue"])
+        if limits is not None:
+            for field, limit_name in (("num_nodes", "max_nodes"), ("wall_time_min", "max_walltime")):
+                limit = int(limits[limit_name] if isinstance(limits, Mapping) else getattr(limits, limit_name))
+                if body[field] > limit:
+                    self._report_once(f"{field} {body[field]} clamped to queue {body['queue']!r}'s {limit_name} {limit} "
+                                      f"(settings.yml scheduler.allowed_queues)")
+                    body[field] = limit
+        try:
+            check_batch_job(body, allowed_queues, getattr(rules, "allowed_projects", None) or [],
+                            getattr(rules, "optional_batch_job_params", None) or {})
+        except BatchJobRefused as exc:
+            return str(exc)
         return None
 
     def describe(self) -> str:
