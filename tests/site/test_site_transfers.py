@@ -199,6 +199,40 @@ def test_journal_resumes_polling_instead_of_resubmitting(site, client, tmp_path)
     module.close()
 
 
+def test_a_token_batch_whose_submission_failed_is_sent_again_with_its_token(site, client, tmp_path) -> None:
+    """A submission with a token (Globus' submission id) that times out may have started a task:
+    the journal keeps the token past the cycle and the next cycle sends the batch again with the
+    same token, which the service answers with the task it has. The journal used to be cleared at
+    the end of the cycle, and the batch went again under a new token: a second task."""
+    from balsam.api import Job
+    from balsam.transfer import TransferError
+
+    app = transfer_app(site.site_id)
+    (tmp_path / "in.txt").write_text("data")
+    (job,) = Job.objects.bulk_create([Job("tok/0", app, transfers={"input": f"shared:{tmp_path}/in.txt"})])
+    module = make_module(site, client)
+    backend = module.backend("local")
+    tokens = iter(["token-1", "token-2"])
+    sent: list = []
+    original = backend.submit
+
+    def submit(location, direction, files, token=None):
+        sent.append(token)
+        if len(sent) == 1:
+            raise TransferError("read timed out (the service may have it)", retryable=True)
+        return original(location, direction, files)  # the local backend takes no token
+
+    backend.submission_token = lambda: next(tokens)  # type: ignore[method-assign]
+    backend.submit = submit  # type: ignore[method-assign]
+    module.run_cycle()
+    assert sent == ["token-1"]
+    assert (Path(site.site_path) / JOURNAL_NAME).exists()  # the token is kept
+    run_cycles(module, lambda: job_rows(client, id=[job.id])[0]["state"] == "STAGED_IN")
+    assert sent == ["token-1", "token-1"]  # the same token again, never a new one
+    assert not (Path(site.site_path) / JOURNAL_NAME).exists()
+    module.close()
+
+
 def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path, monkeypatch) -> None:
     from click.testing import CliRunner
 

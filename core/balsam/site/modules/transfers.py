@@ -20,8 +20,9 @@ Restart safety: a task id is appended (fsync'd) to ``<site>/.transfer-tasks.json
 task is submitted and the file is emptied once the PATCH recording it has been answered. Items that
 are still ``pending`` but listed there (the agent died between the two) are polled under that task
 id instead of being submitted again. Backends with submission tokens (Globus submission ids) get
-the token journaled *before* the submission, so a batch whose task id never reached the journal is
-sent again with the same token and the service answers with the task it already has; backends whose task ids die with the process (``local``,
+the token journaled *before* the submission, so a batch whose task id never reached the journal
+(the agent died, or the submission failed in a way that may hide a task the service started: a
+timeout) is sent again with the same token and the service answers with the task it already has; backends whose task ids die with the process (``local``,
 ``rsync``) report them ``unknown`` and those items are submitted again, which their atomic copies
 make harmless. Nothing is lost (an item is only ``done`` once its backend said so) and nothing is
 doubled (a destination is written by rename).
@@ -226,6 +227,9 @@ class TransfersModule(AgentModule):
                 self.logger.error("settings.yml transfers.transfer_locations.%s: %s", alias, exc)
         self.workdirs: dict[int, tuple[str, str]] = {}
         self.journal_path = Path(site_config.site_path) / JOURNAL_NAME
+        #: A batch sent with a submission token failed in a way that may hide a task the service
+        #: started: the journal (with that token) is kept for the next cycle to send it again.
+        self._unconfirmed_token = False
         #: API calls of the last cycle (the benchmark reports them).
         self.last_cycle_calls = 0
 
@@ -297,6 +301,7 @@ class TransfersModule(AgentModule):
 
         pending = [it for it in items if it["state"] == TransferItemState.pending.value and it["id"] not in updates]
         due = [it for it in pending if _due(it, now)]
+        self._unconfirmed_token = False
         submitted = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now)
 
         if updates:
@@ -304,7 +309,7 @@ class TransfersModule(AgentModule):
             refused = bulk_patch(self.client, "/transfers/", list(updates.values()))
             if refused:
                 self.logger.error("%d transfer item updates were refused by the server", len(refused))
-        if not keep_journal:
+        if not (keep_journal or self._unconfirmed_token):
             self._clear_journal()
         # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
         live = {int(it["job_id"]) for it in items}
@@ -491,6 +496,7 @@ class TransfersModule(AgentModule):
                 members.append(item)
             if not files:
                 continue
+            token = None
             try:
                 token = backend.submission_token()
                 if token:
@@ -501,6 +507,11 @@ class TransfersModule(AgentModule):
                     # The service, not the files: keep the items pending without using up their tries.
                     self.logger.warning("transfer backend %s: submitting %d files to %s failed (will retry): %s",
                                         backend.name, len(files), alias, exc)
+                    if token:
+                        # It may have arrived (a timeout after the service took it): the journal keeps
+                        # the token, so the next cycle sends the batch again with it, and the service
+                        # answers with the task it has rather than starting a second one.
+                        self._unconfirmed_token = True
                     for item in members:
                         self._wait(item, str(exc), updates)
                 else:
