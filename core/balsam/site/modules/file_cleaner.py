@@ -46,14 +46,13 @@ def glob_pattern_error(pattern: str) -> Optional[str]:
 
 
 def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str]) -> list[Path]:
-    """Delete files under ``workdir`` that match ``patterns``; return what was removed."""
+    """Delete files under ``workdir`` that match ``patterns`` (already checked with
+    :func:`glob_pattern_error` by the caller, once per app); return what was removed."""
     removed: list[Path] = []
     data_root = data_path.resolve()
     for pattern in patterns:
         if not pattern or ".." in Path(pattern).parts or Path(pattern).is_absolute():
             continue
-        if glob_pattern_error(pattern):
-            continue  # the caller reports it, naming the app
         for match in workdir.glob(pattern):
             try:
                 resolved = match.resolve()

@@ -227,9 +227,6 @@ class TransfersModule(AgentModule):
                 self.logger.error("settings.yml transfers.transfer_locations.%s: %s", alias, exc)
         self.workdirs: dict[int, tuple[str, str]] = {}
         self.journal_path = Path(site_config.site_path) / JOURNAL_NAME
-        #: A batch sent with a submission token failed in a way that may hide a task the service
-        #: started: the journal (with that token) is kept for the next cycle to send it again.
-        self._unconfirmed_token = False
         #: API calls of the last cycle (the benchmark reports them).
         self.last_cycle_calls = 0
 
@@ -301,15 +298,14 @@ class TransfersModule(AgentModule):
 
         pending = [it for it in items if it["state"] == TransferItemState.pending.value and it["id"] not in updates]
         due = [it for it in pending if _due(it, now)]
-        self._unconfirmed_token = False
-        submitted = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now)
+        submitted, unconfirmed_token = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now)
 
         if updates:
             self.last_cycle_calls += 1
             refused = bulk_patch(self.client, "/transfers/", list(updates.values()))
             if refused:
                 self.logger.error("%d transfer item updates were refused by the server", len(refused))
-        if not (keep_journal or self._unconfirmed_token):
+        if not (keep_journal or unconfirmed_token):
             self._clear_journal()
         # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
         live = {int(it["job_id"]) for it in items}
@@ -442,9 +438,13 @@ class TransfersModule(AgentModule):
             for job in self._get("/jobs/", {"id": chunk}):
                 self.workdirs[int(job["id"])] = (str(job["workdir"]), str(job["state"]))
 
-    def _submit(self, due: list[dict], slots: int, updates: dict[int, dict[str, Any]], now: dt.datetime) -> int:
+    def _submit(self, due: list[dict], slots: int, updates: dict[int, dict[str, Any]],
+                now: dt.datetime) -> tuple[int, bool]:
+        """Submit due items in batches: (tasks submitted, whether a batch sent with a submission
+        token failed in a way that may hide a task the service started: its journal entry is kept
+        for the next cycle to send it again with that token)."""
         if not due or slots <= 0:
-            return 0
+            return 0, False
         opts = self.options
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for item in due:
@@ -457,7 +457,7 @@ class TransfersModule(AgentModule):
         batches = batches[:slots]
         self._job_workdirs(it["job_id"] for _, _, batch in batches for it in batch)
         data_path = Path(self.site_config.data_path)
-        submitted = 0
+        submitted, unconfirmed_token = 0, False
         for direction, alias, batch in batches:
             try:
                 location = self._location(alias)
@@ -511,7 +511,7 @@ class TransfersModule(AgentModule):
                         # It may have arrived (a timeout after the service took it): the journal keeps
                         # the token, so the next cycle sends the batch again with it, and the service
                         # answers with the task it has rather than starting a second one.
-                        self._unconfirmed_token = True
+                        unconfirmed_token = True
                     for item in members:
                         self._wait(item, str(exc), updates)
                 else:
@@ -526,7 +526,7 @@ class TransfersModule(AgentModule):
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.active.value, "task_id": full_id,
                                        "transfer_info": info}
             submitted += 1
-        return submitted
+        return submitted, unconfirmed_token
 
     def _location(self, alias: str) -> TransferLocation:
         if alias in self.location_errors:
