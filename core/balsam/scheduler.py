@@ -25,6 +25,8 @@ The render/parse pairs:
 ``render_delete``/``parse_delete``  delete one job (already gone is success)
 ``render_histories``/               one command for the final record of several jobs (None when the
 ``parse_histories``                 records are files); parsed with the last status poll at hand
+``render_find``/``parse_find``      an earlier submission of a request whose outcome is unknown ->
+                                    the ids of the jobs it left (None: cannot look up)
 ``render_backfill``/                idle nodes -> ``{queue: [BackfillWindow]}``
 ``parse_backfill``
 ``render_discover_queues``/         the queues and their limits -> ``{name: AllowedQueue}``
@@ -250,6 +252,18 @@ class Scheduler(abc.ABC):
         """
         return {scheduler_id: JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished) for scheduler_id in jobs}
 
+    def render_find(self, request: SubmitRequest, user: str) -> Optional[Command]:
+        """The command that lists the user's jobs that ``request`` may already have submitted (its
+        ``job_name``, and where the scheduler shows it, its script or directory): queued, running or
+        recently ended. Asked when a submission's outcome is unknown (the agent stopped while the
+        submit command ran, or the command timed out), so that the BatchJob is not submitted twice.
+        None: this scheduler cannot look jobs up like that (the agent submits again, as before)."""
+        return None
+
+    def parse_find(self, result: CommandResult, request: SubmitRequest) -> list[int]:
+        """The ids of the jobs ``render_find``'s command listed (empty: none was submitted)."""
+        return []
+
     def render_backfill(self) -> Optional[Command]:
         return None
 
@@ -296,6 +310,16 @@ class Scheduler(abc.ABC):
             statuses = {i: s for i, s in poll.statuses.items() if s.state is not BatchJobState.finished}
         self.last_poll = poll
         return statuses
+
+    def find_submitted(self, request: SubmitRequest) -> Optional[list[int]]:
+        """The ids (lowest first) of the jobs an earlier submission of ``request`` left in the
+        scheduler, ``[]`` when there are none, None when the scheduler cannot tell (no
+        ``render_find``). Raises SchedulerError when the lookup itself failed."""
+        with self.guard("lookup of an earlier submission"):
+            command = self.render_find(request, self.user)
+            if command is None:
+                return None
+            return sorted(set(self.parse_find(self.run(command), request)))
 
     def delete_job(self, scheduler_id: int) -> None:
         with self.guard(f"delete of job {scheduler_id}"):

@@ -109,6 +109,20 @@ def test_a_restarted_agent_still_knows_its_jobs(tmp_path):
     assert again.get_history(job_id).native_state == "COMPLETED"
 
 
+def test_an_earlier_submission_is_found_by_script_and_name(scheduler, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mine = script(tmp_path / "a", "qlaunch00007.sh", "sleep 0.1\n")
+    other = script(tmp_path / "b", "qlaunch00007.sh", "sleep 0.1\n")
+    assert scheduler.find_submitted(request(mine, job_name="qlaunch00007")) == []
+    first = scheduler.submit(request(mine, job_name="qlaunch00007"))
+    second = scheduler.submit(request(other, job_name="qlaunch00007"))
+    assert scheduler.find_submitted(request(mine, job_name="qlaunch00007")) == [first]
+    assert scheduler.find_submitted(request(other, job_name="qlaunch00007")) == [second]
+    wait_for(lambda: first not in scheduler.get_statuses())
+    assert scheduler.find_submitted(request(mine, job_name="qlaunch00007")) == [first]  # ended: still found
+
+
 def test_default_construction_uses_balsam_home(tmp_path, monkeypatch):
     monkeypatch.delenv("BALSAM_LOCAL_SCHEDULER_DIR", raising=False)
     monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))

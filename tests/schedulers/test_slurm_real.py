@@ -68,6 +68,24 @@ def test_refused_submission_keeps_slurms_reason(slurm, tmp_path):
         slurm.submit(_request(script, optional_params={"reservation": "nosuchreservation"}))
 
 
+def test_an_earlier_submission_is_found_by_name_and_script(slurm, tmp_path):
+    """What the agent asks after an interrupted sbatch: the job of that name from that script, not
+    another directory's job of the same name; also once it has ended (squeue --states=all)."""
+    (tmp_path / "site-a").mkdir()
+    (tmp_path / "site-b").mkdir()
+    script = _script(tmp_path / "site-a", "qlaunch00004", "sleep 120")
+    other = _script(tmp_path / "site-b", "qlaunch00004", "sleep 120")
+    assert slurm.find_submitted(_request(script, num_nodes=1)) == []
+    jobid = slurm.submit(_request(script, num_nodes=1))
+    other_id = slurm.submit(_request(other, num_nodes=1))
+    assert slurm.find_submitted(_request(script, num_nodes=1)) == [jobid]
+    assert slurm.find_submitted(_request(other, num_nodes=1)) == [other_id]
+    slurm.delete_job(jobid)
+    slurm.delete_job(other_id)
+    wait_for(lambda: jobid not in slurm.get_statuses(), 30, "the cancelled job to leave the queue")
+    assert slurm.find_submitted(_request(script, num_nodes=1)) == [jobid]
+
+
 def test_delete_running_job(slurm, tmp_path):
     script = _script(tmp_path, "qlaunch00003", "sleep 120")
     jobid = slurm.submit(_request(script, num_nodes=1))

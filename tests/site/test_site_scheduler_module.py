@@ -33,6 +33,11 @@ class ScriptedScheduler(Scheduler):
         self.submit_errors: list[Exception] = []
         self.status_errors: list[Exception] = []
         self.next_id = 1000
+        #: Errors raised by submit *after* the job was queued (a timeout hiding an accepted job).
+        self.errors_after_accept: list[Exception] = []
+        #: scheduler id -> (job name, script) of every job ever queued; None: no lookup by name.
+        self.names: Optional[dict[int, tuple[str, Path]]] = None
+        self.find_errors: list[Exception] = []
 
     # The render/parse pairs are not used: this driver overrides the orchestration methods.
     def render_submit(self, request: SubmitRequest) -> Command:
@@ -60,7 +65,19 @@ class ScriptedScheduler(Scheduler):
             wall_time_min=request.wall_time_min, project=request.project, time_remaining_min=request.wall_time_min,
             queued_time_min=0,
         )
+        if self.names is not None:
+            self.names[self.next_id] = (request.job_name, Path(request.script_path))
+        if self.errors_after_accept:
+            raise self.errors_after_accept.pop(0)
         return self.next_id
+
+    def find_submitted(self, request: SubmitRequest) -> Optional[list[int]]:
+        if self.find_errors:
+            raise self.find_errors.pop(0)
+        if self.names is None:
+            return None
+        return sorted(i for i, (name, script) in self.names.items()
+                      if name == request.job_name and script == Path(request.script_path))
 
     def get_statuses(self, now: Optional[dt.datetime] = None) -> dict[int, SchedulerJobStatus]:
         if self.status_errors:
@@ -541,3 +558,84 @@ def test_status_error_threshold_is_the_drivers_when_built_from_settings(make_sit
     module = SchedulerModule(site, site.settings.scheduler, client)
     assert isinstance(module.scheduler, PatientScheduler)
     assert module.threshold == 5
+
+
+def test_an_interrupted_submission_is_looked_up_before_submitting_again(setup, client) -> None:
+    """sbatch timed out after Slurm had queued the job (or the agent stopped while it ran): the
+    next cycle finds that job by name and script and tracks it; no second job is submitted."""
+    site, fake, module = setup
+    fake.names = {}
+    bj = create_batch_job(client, site.site_id)
+    fake.errors_after_accept.append(SchedulerError("`sbatch` did not answer within 60 s"))
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "pending_submission" and "will retry" in record["status_info"]["error"]
+    script = module.script_path(bj["id"])
+    assert script.with_name(script.name + ".submitting").is_file()
+
+    fake.find_errors.append(SchedulerError("squeue: error: Socket timed out"))
+    module.run_cycle()  # cannot ask: the BatchJob waits, nothing submitted
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "pending_submission" and "Socket timed out" in record["status_info"]["waiting"]
+    assert len(fake.submitted) == 1
+
+    restarted = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    restarted.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued" and record["scheduler_id"] == fake.next_id
+    assert "waiting" not in record["status_info"]
+    assert len(fake.submitted) == 1
+    assert not script.with_name(script.name + ".submitting").exists()
+    assert script.with_name(script.name + ".scheduler_id").read_text().split() == [str(fake.next_id)]
+
+
+def test_an_interrupted_submission_that_never_reached_the_scheduler_is_submitted(setup, client) -> None:
+    site, fake, module = setup
+    fake.names = {}
+    bj = create_batch_job(client, site.site_id)
+    fake.submit_errors.append(SchedulerError("`sbatch` did not answer within 60 s"))  # nothing queued
+    module.run_cycle()
+    assert batch_job(client, bj["id"])["state"] == "pending_submission" and not fake.submitted
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued" and len(fake.submitted) == 1
+    # A refusal says for sure that nothing was queued: no lookup is left to do.
+    refused = create_batch_job(client, site.site_id)
+    fake.submit_errors.append(SchedulerError("sbatch: error: invalid partition", permanent=True))
+    module.run_cycle()
+    script = module.script_path(refused["id"])
+    assert batch_job(client, refused["id"])["state"] == "submit_failed"
+    assert not script.with_name(script.name + ".submitting").exists()
+
+
+def test_max_queued_jobs_holds_while_the_status_poll_fails(setup, client) -> None:
+    site, fake, module = setup  # max_queued_jobs 2
+    ids = [create_batch_job(client, site.site_id)["id"] for _ in range(2)]
+    module.run_cycle()
+    assert [batch_job(client, i)["state"] for i in ids] == ["queued", "queued"]
+    third = create_batch_job(client, site.site_id)
+    fake.status_errors.append(SchedulerError("squeue: error: slurm_load_jobs error: Socket timed out"))
+    module.run_cycle()  # the scheduler's count is unknown: the site's own two queued BatchJobs count
+    record = batch_job(client, third["id"])
+    assert record["state"] == "pending_submission" and "max_queued_jobs 2" in record["status_info"]["waiting"]
+    assert len(fake.submitted) == 2
+
+
+def test_launcher_credentials_are_renewed_when_the_site_update_fails(setup, client, monkeypatch) -> None:
+    site, fake, module = setup
+    create_batch_job(client, site.site_id)
+    renewed: list[list[int]] = []
+    monkeypatch.setattr(module.credentials, "renew_due", lambda live: renewed.append([b["id"] for b in live]) or [])
+    real = module.client
+
+    class SiteUpdateFails:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def put(self, path, **kwargs):
+            raise ConnectionError("PUT /sites: API went away")
+
+    module.client = SiteUpdateFails()
+    with pytest.raises(ConnectionError):
+        module.run_cycle()
+    assert renewed and len(renewed[-1]) == 1  # the just-queued BatchJob was looked at all the same

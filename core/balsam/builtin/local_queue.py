@@ -1,6 +1,6 @@
 """The queue behind the ``local`` scheduler: batch scripts as background processes of this machine.
 
-It is a small command (``python -m balsam.builtin.local_queue --state-dir DIR submit|status|delete|history``)
+It is a small command (``python -m balsam.builtin.local_queue --state-dir DIR submit|status|delete|history|find``)
 so the ``local`` scheduler driver works exactly like the others: it renders a command, an injected
 runner runs it, and the driver parses what it printed. Job records live in ``DIR/jobs.json``
 (guarded by a file lock), so a restarted agent still knows its jobs and only jobs submitted here
@@ -238,6 +238,15 @@ class LocalQueue:
                 self._settle(job_id, record, time.time())
             self._write(db)
 
+    def find(self, script: Path, job_name: str) -> list[int]:
+        """The ids of the jobs submitted from ``script`` under ``job_name`` (any state, while their
+        records are kept): how the agent tells whether a submission it lost track of took place."""
+        script_text = str(Path(script).resolve())
+        with self.lock:
+            jobs = self._read()["jobs"]
+        return sorted(int(key) for key, record in jobs.items()
+                      if record.get("script") == script_text and record.get("job_name") == job_name)
+
     def history(self, job_id: int) -> Optional[dict[str, Any]]:
         """The job's record (settled if its process is gone); None for a job never submitted here."""
         with self.lock:
@@ -268,6 +277,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     delete.add_argument("job_id", type=int)
     history = sub.add_parser("history", help="records of the jobs as a JSON object {id: record or null}")
     history.add_argument("job_ids", type=int, nargs="+")
+    find = sub.add_parser("find", help="ids of the jobs submitted from SCRIPT under --name, as a JSON list")
+    find.add_argument("script", type=Path)
+    find.add_argument("--name", required=True)
     args = parser.parse_args(argv)
 
     queue = LocalQueue(args.state_dir)
@@ -288,6 +300,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps(queue.status()))
         elif args.command == "delete":
             queue.delete(args.job_id)
+        elif args.command == "find":
+            print(json.dumps(queue.find(args.script, args.name)))
         elif args.command == "history":
             print(json.dumps({str(job_id): queue.history(job_id) for job_id in args.job_ids}))
     except QueueError as exc:

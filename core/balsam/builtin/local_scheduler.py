@@ -143,6 +143,20 @@ class LocalScheduler(Scheduler):
                 raise SchedulerError(f"local scheduler status entry {key!r} is malformed ({exc})") from None
         return statuses
 
+    # -- find an earlier submission -------------------------------------------------------------
+    def render_find(self, request: SubmitRequest, user: str) -> Optional[Command]:
+        return self._queue_command("find", str(Path(request.script_path).resolve()), "--name", request.job_name)
+
+    def parse_find(self, result: CommandResult, request: SubmitRequest) -> list[int]:
+        self._check(result, "look up its jobs")
+        try:
+            ids = json.loads(result.stdout)
+        except json.JSONDecodeError as exc:
+            raise SchedulerError(f"local scheduler job lookup is not JSON ({exc.msg})") from None
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise SchedulerError("local scheduler job lookup is not a list of job ids")
+        return ids
+
     # -- delete ---------------------------------------------------------------------------------
     def render_delete(self, scheduler_id: int) -> Command:
         return self._queue_command("delete", str(int(scheduler_id)))

@@ -36,8 +36,10 @@ What the contract checks, beyond your cases:
 - truncated and shuffled copies of each recorded status output give SchedulerError or a subset of
   the recorded jobs (never an invented job id);
 - a runner that fails (a missing executable) gives SchedulerError from every method;
+- ``find_submitted`` (the optional ``render_find``/``parse_find`` pair) returns None or job ids;
 - with ``fake_commands`` (fake commands of your batch system on balsam.testing.fakebatch), a whole
-  lifecycle for real: submit, queued/running, left the queue, a finished history with times, the
+  lifecycle for real: submit, the job found again by ``find_submitted`` (where the driver can look
+  jobs up), queued/running, left the queue, a finished history with times, the
   script's output where the driver asked for it, a deletion;
 - ``site_defaults()`` (fed the first queue and project outputs) is in settings.yml shape, names
   the scheduler and passes the real settings loader; it never raises, whatever the commands print;
@@ -179,6 +181,7 @@ class SchedulerContract:
             "submit": lambda d: d.submit(self.request(tmp_path)),
             "status": lambda d: d.get_statuses(self.now),
             "delete": lambda d: d.delete_job(42),
+            "find": lambda d: d.find_submitted(self.request(tmp_path)),
             "histories": lambda d: d.get_histories({42: script, 43: None}),
             "history": lambda d: d.get_history(42, script),
             "backfill": lambda d: d.get_backfill_windows(),
@@ -196,6 +199,9 @@ class SchedulerContract:
             assert isinstance(value, dict) and all(s.scheduler_id == i for i, s in value.items())
             assert all(s.state is not BatchJobState.finished for s in value.values()), \
                 "jobs that left the queue are not in get_statuses()"
+        elif operation == "find":
+            assert value is None or (isinstance(value, list) and all(isinstance(i, int) for i in value)), \
+                f"find_submitted returned {value!r}"
         elif operation == "histories":
             assert isinstance(value, dict) and set(value) == {42, 43}
         elif operation == "backfill":
@@ -331,7 +337,7 @@ class SchedulerContract:
     # -- the shape of the driver ---------------------------------------------------------------------
     def test_driver_is_render_parse_only(self):
         """No orchestration method overridden (unless declared with a reason)."""
-        orchestration = ("run", "submit", "get_statuses", "delete_job", "get_history", "get_histories",
+        orchestration = ("run", "submit", "find_submitted", "get_statuses", "delete_job", "get_history", "get_histories",
                          "get_backfill_windows", "discover_queues", "discover_projects", "guard")
         for klass in self.scheduler_class.__mro__:
             if klass is Scheduler:
@@ -381,6 +387,12 @@ class SchedulerContract:
 
         first = driver.submit(request("qlaunch00001", self.request_num_nodes))
         second = driver.submit(request("qlaunch00002", self.request_num_nodes))
+        # An interrupted submission is looked up by name (and script) before a second one.
+        found = driver.find_submitted(request("qlaunch00001", self.request_num_nodes))
+        assert found is None or found == [first], f"find_submitted of the first job gave {found!r}, not [{first}]"
+        scripts["qlaunch00003"] = qsubmit / "qlaunch00003.sh"
+        never = driver.find_submitted(request("qlaunch00003", self.request_num_nodes))
+        assert never is None or never == [], f"find_submitted of a job never submitted gave {never!r}"
         status = wait_for(lambda: driver.get_statuses().get(first), 20, "the first job in the status poll")
         assert status.num_nodes == self.request_num_nodes and status.queue == "debug"
         assert status.state in (BatchJobState.queued, BatchJobState.running)

@@ -276,6 +276,24 @@ class PBSScheduler(Scheduler):
             message=waiting_reason(job) if state is Q else "",
         )
 
+    # -- an earlier submission ----------------------------------------------------------------
+    def render_find(self, request: SubmitRequest, user: str) -> Command:
+        # -x: finished jobs too (where the server keeps job history). qselect matches the name
+        # only; our job names are the site's qlaunch<BatchJob id>.
+        return Command(["qselect", "-x", "-u", user, "-N", request.job_name[:236]], env=PLAIN_ENV)
+
+    def parse_find(self, result: CommandResult, request: SubmitRequest) -> list[int]:
+        if result.returncode != 0:
+            raise SchedulerError(f"qselect could not look up jobs named {request.job_name}: {_pbs_error(result)}")
+        found = []
+        for line in result.stdout.splitlines():
+            number = line.strip().split(".", 1)[0]
+            if number.isdigit():
+                found.append(int(number))
+            elif line.strip():
+                logger.warning("qselect: skipped unreadable line %r", line[:200])
+        return found
+
     # -- delete -----------------------------------------------------------------------------
     def render_delete(self, scheduler_id: int) -> Command:
         return Command(["qdel", str(scheduler_id)])

@@ -385,6 +385,33 @@ class SlurmScheduler(Scheduler):
             )
         return statuses
 
+    # -- an earlier submission ----------------------------------------------------------------
+    def render_find(self, request: SubmitRequest, user: str) -> Command:
+        # %o is the batch script's path as sbatch recorded it: with the name, it tells this site's
+        # job from another site's job of the same name. States=all: a job that already ended
+        # stays listed for MinJobAge seconds.
+        return Command(
+            ["squeue", "--noheader", "--states=all", "--user", user, "--name", request.job_name,
+             "--format", "%i|%o"],
+            env=PLAIN_ENV,
+            unset_env=USER_FORMAT_VARIABLES,
+        )
+
+    def parse_find(self, result: CommandResult, request: SubmitRequest) -> list[int]:
+        if result.returncode != 0:
+            raise SchedulerError(f"squeue could not look up jobs named {request.job_name}: {_slurm_error(result)}")
+        script = str(Path(request.script_path))
+        found = []
+        for line in result.stdout.splitlines():
+            jobid, sep, command = line.strip().partition("|")
+            if not sep or not jobid.isdigit():
+                if line.strip():
+                    logger.warning("squeue: skipped unreadable line %r", line[:200])
+                continue
+            if command.strip() == script:
+                found.append(int(jobid))
+        return found
+
     # -- delete -----------------------------------------------------------------------------
     def render_delete(self, scheduler_id: int) -> Command:
         return Command(["scancel", str(scheduler_id)], unset_env=("SLURM_CLUSTERS",))

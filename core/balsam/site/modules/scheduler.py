@@ -187,6 +187,12 @@ class SchedulerModule(AgentModule):
         queued_counts: dict[str, int] = {}
         for status in (statuses or {}).values():
             queued_counts[status.queue] = queued_counts.get(status.queue, 0) + 1
+        if statuses is None:
+            # No count from the scheduler (whose count also has the user's other jobs): this
+            # site's own queued and running BatchJobs keep max_queued_jobs enforced meanwhile.
+            for b in batch_jobs:
+                if b["state"] in (BatchJobState.queued.value, BatchJobState.running.value):
+                    queued_counts[b["queue"]] = queued_counts.get(b["queue"], 0) + 1
         self._histories = self._fetch_histories(batch_jobs, statuses)
 
         for batch_job in sorted(batch_jobs, key=lambda b: b["id"]):
@@ -199,19 +205,23 @@ class SchedulerModule(AgentModule):
             if update:
                 updates[batch_job["id"]] = {"id": batch_job["id"], **update}
 
-        if updates:
-            refused = bulk_patch(self.client, "/batch-jobs/", list(updates.values()))
-            if refused:
-                self._record_refusals(refused, {b["id"]: b for b in batch_jobs})
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self.logger.debug(
-                "cycle: %d active BatchJobs %s; scheduler lists %s; queued per queue %s; updates %s",
-                len(batch_jobs), {b["id"]: b["state"] for b in batch_jobs},
-                "nothing (poll failed)" if statuses is None else sorted(statuses), queued_counts,
-                {i: {k: v for k, v in u.items() if k != "id"} for i, u in updates.items()} or "none",
-            )
-        self._update_site(statuses)
-        self._keep_launcher_credentials(batch_jobs, updates)
+        try:
+            if updates:
+                refused = bulk_patch(self.client, "/batch-jobs/", list(updates.values()))
+                if refused:
+                    self._record_refusals(refused, {b["id"]: b for b in batch_jobs})
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.debug(
+                    "cycle: %d active BatchJobs %s; scheduler lists %s; queued per queue %s; updates %s",
+                    len(batch_jobs), {b["id"]: b["state"] for b in batch_jobs},
+                    "nothing (poll failed)" if statuses is None else sorted(statuses), queued_counts,
+                    {i: {k: v for k, v in u.items() if k != "id"} for i, u in updates.items()} or "none",
+                )
+            self._update_site(statuses)
+        finally:
+            # Even when the API refused the cycle's writes: a launcher credential that expires
+            # ends a running launcher's work (its renewal call has its own error handling).
+            self._keep_launcher_credentials(batch_jobs, updates)
         return None
 
     def _keep_launcher_credentials(self, batch_jobs: list[dict], updates: dict[int, dict]) -> None:
@@ -388,11 +398,20 @@ class SchedulerModule(AgentModule):
             except (OSError, ValueError, IndexError):
                 scheduler_id = None
             if scheduler_id is not None:
-                info = dict(batch_job.get("status_info") or {})
-                info.update(submit_script=str(script), submit_time=iso_now())
-                update.update(state=BatchJobState.queued.value, scheduler_id=scheduler_id, status_info=info)
-                self.logger.info("BatchJob %s: already submitted as scheduler job %s", batch_job["id"], scheduler_id)
+                self._record_submitted(batch_job, script, scheduler_id, update, "already submitted")
                 return
+        request = SubmitRequest(
+            script_path=script,
+            project=batch_job["project"],
+            queue=queue,
+            num_nodes=int(batch_job["num_nodes"]),
+            wall_time_min=int(batch_job["wall_time_min"]),
+            job_name=script.stem,
+            optional_params=dict(batch_job.get("optional_params") or {}),
+        )
+        pending = script.with_name(script.name + ".submitting")
+        if pending.is_file() and self._adopt_earlier_submission(batch_job, request, pending, marker, update):
+            return
         try:
             self.credentials.mint(batch_job)
         except Exception as exc:
@@ -416,24 +435,21 @@ class SchedulerModule(AgentModule):
             script.parent.mkdir(parents=True, exist_ok=True)
             script.write_text(text)
             os.chmod(script, 0o755)
+            # Written before the submit command runs and removed once its outcome is known: found
+            # on a later cycle (the agent stopped, or the command timed out), it says that a job
+            # may be in the queue already, and the scheduler is asked before submitting again.
+            pending.write_text(f"{iso_now()}\n")
         except (JobTemplateError, OSError) as exc:
             update["state"] = BatchJobState.submit_failed.value
             self._error(update, batch_job, f"job template: {exc}")
             return
-        request = SubmitRequest(
-            script_path=script,
-            project=batch_job["project"],
-            queue=queue,
-            num_nodes=int(batch_job["num_nodes"]),
-            wall_time_min=int(batch_job["wall_time_min"]),
-            job_name=script.stem,
-            optional_params=dict(batch_job.get("optional_params") or {}),
-        )
         try:
             scheduler_id = int(self.scheduler.submit(request))
         except Exception as exc:
             permanent = getattr(exc, "permanent", not isinstance(exc, SchedulerError))
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+            if permanent:  # the scheduler refused the request: nothing reached its queue
+                pending.unlink(missing_ok=True)
             failures = self.submit_failures.get(batch_job["id"], 0) + 1
             self.submit_failures[batch_job["id"]] = failures
             if permanent or failures >= self.threshold:
@@ -444,15 +460,54 @@ class SchedulerModule(AgentModule):
                 self._error(update, batch_job, f"submit failed (attempt {failures}, will retry): {message}")
             return
         self.submit_failures.pop(batch_job["id"], None)
-        try:
-            marker.write_text(f"{scheduler_id}\n")
-        except OSError as exc:
-            self.logger.warning("BatchJob %s: cannot record the submission in %s: %s", batch_job["id"], marker, exc)
         queued_counts[queue] = queued_counts.get(queue, 0) + 1
+        self._record_submitted(batch_job, script, scheduler_id, update, "submitted", marker=marker, pending=pending)
+
+    def _adopt_earlier_submission(self, batch_job: dict, request: SubmitRequest, pending: Path, marker: Path,
+                                  update: dict) -> bool:
+        """An earlier submit command of this BatchJob ended without a known outcome. True when the
+        scheduler has its job (recorded as submitted) or cannot be asked yet (wait); False when
+        submitting now cannot make a second job, or the scheduler cannot look jobs up by name."""
+        try:
+            found = self.scheduler.find_submitted(request)
+        except Exception as exc:
+            message = (f"waiting: cannot tell whether the earlier submission of {request.job_name} reached the "
+                       f"scheduler: {exc}")
+            if (batch_job.get("status_info") or {}).get("waiting") != message:
+                update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": message}
+            self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+            return True
+        if found is None:
+            self.logger.warning(
+                "BatchJob %s: an earlier submit command of %s ended without an answer and the %s scheduler "
+                "cannot look jobs up by name: submitting again (a second job is possible)",
+                batch_job["id"], request.job_name, self.scheduler.name or type(self.scheduler).__name__,
+            )
+            return False
+        if not found:
+            self.logger.info("BatchJob %s: the earlier submission of %s did not reach the scheduler: submitting",
+                             batch_job["id"], request.job_name)
+            return False
+        if len(found) > 1:
+            self.logger.warning("BatchJob %s: the scheduler has %d jobs named %s (%s); tracking %s",
+                                batch_job["id"], len(found), request.job_name, ", ".join(map(str, found)), found[0])
+        self._record_submitted(batch_job, Path(request.script_path), found[0], update,
+                               "found in the scheduler after an interrupted submission", marker=marker, pending=pending)
+        return True
+
+    def _record_submitted(self, batch_job: dict, script: Path, scheduler_id: int, update: dict, how: str, *,
+                          marker: Optional[Path] = None, pending: Optional[Path] = None) -> None:
+        if marker is not None:
+            try:
+                marker.write_text(f"{scheduler_id}\n")
+                if pending is not None:
+                    pending.unlink(missing_ok=True)
+            except OSError as exc:  # the .submitting marker stays: a later cycle asks the scheduler
+                self.logger.warning("BatchJob %s: cannot record the submission in %s: %s", batch_job["id"], marker, exc)
         info = {k: v for k, v in (batch_job.get("status_info") or {}).items() if k not in ("waiting",)}
         info.update(submit_script=str(script), submit_time=iso_now())
         update.update(state=BatchJobState.queued.value, scheduler_id=scheduler_id, status_info=info)
-        self.logger.info("BatchJob %s: submitted as scheduler job %s (%s)", batch_job["id"], scheduler_id, script.name)
+        self.logger.info("BatchJob %s: %s as scheduler job %s (%s)", batch_job["id"], how, scheduler_id, script.name)
 
     def _update_site(self, statuses: Optional[dict]) -> None:
         payload: dict[str, Any] = {}
