@@ -409,3 +409,99 @@ def test_server_of_one_local_user_refuses_everybody_else(live_server_factory, re
     assert _register(server.url)[1].status_code == 403
     resp = httpx.get(f"{server.url}/sites/", headers=_bearer(stranger["access_token"]))
     assert resp.status_code == 401 and "local user" in resp.json()["detail"]
+
+
+@pytest.fixture(scope="session")
+def _closed_servers() -> dict:
+    return {}
+
+
+@pytest.fixture
+def closed_server(db_kind, live_server_factory, _closed_servers):
+    """A server with the default registration (closed), on the same kind of database as ``server_url``."""
+    if db_kind not in _closed_servers:
+        _closed_servers[db_kind] = live_server_factory(db_kind, env={"BALSAM_AUTH_REGISTRATION": "closed"})
+    return _closed_servers[db_kind]
+
+
+def test_invitations_work_while_registration_is_closed(closed_server):
+    """Before: 403 "Registration is closed" for the very command `balsam server user invite` prints."""
+    from balsam.server.admin import Admin
+
+    url, name = closed_server.url, f"i-{uuid.uuid4().hex[:8]}"
+    _name, resp = _register(url)
+    assert resp.status_code == 403 and "closed" in resp.json()["detail"]
+    with Admin(closed_server.database_url) as admin:
+        code, _expires = admin.invite(name, 3600)
+    no_code = httpx.post(f"{url}/auth/password/register", json={"username": name, "password": PASSWORD})
+    assert no_code.status_code == 403 and "closed" in no_code.json()["detail"]
+    resp = httpx.post(f"{url}/auth/password/register", json={"username": name, "password": PASSWORD, "invitation": code})
+    assert resp.status_code == 201, resp.text
+    assert _login(url, name).status_code == 200
+
+
+def test_an_older_invitation_cannot_replace_a_password(closed_server):
+    """Before: invite bob twice, bob registers with the second code, and the first one still
+    answered 201 and replaced bob's password (an account takeover)."""
+    from balsam.server.admin import Admin
+
+    url, bob, dave = closed_server.url, f"b-{uuid.uuid4().hex[:8]}", f"d-{uuid.uuid4().hex[:8]}"
+    with Admin(closed_server.database_url) as admin:
+        first, _ = admin.invite(bob, 3600)
+        second, _ = admin.invite(bob, 3600)
+        # A new invitation replaces the user's earlier unused ones.
+        assert [c.kind for c in admin.credentials(bob, active_only=True)] == ["invitation"]
+
+    def redeem(name, code, password):
+        return httpx.post(f"{url}/auth/password/register", json={"username": name, "password": password,
+                                                                   "invitation": code})
+
+    assert redeem(bob, second, PASSWORD).status_code == 201
+    stolen = redeem(bob, first, "the attacker's password")
+    assert stolen.status_code in (401, 409), stolen.text
+    assert _login(url, bob).status_code == 200
+    assert _login(url, bob, "the attacker's password").status_code == 401
+    # A user who got a password some other way: their pending invitation no longer sets it.
+    with Admin(closed_server.database_url) as admin:
+        code, _ = admin.invite(dave, 3600)
+        admin.set_password(dave, PASSWORD, 12)
+    late = redeem(dave, code, "the attacker's password")
+    assert late.status_code == 409 and "already has a password" in late.json()["detail"]
+    assert _login(url, dave).status_code == 200
+
+
+def test_redeeming_an_invitation_revokes_all_of_the_users_invitations(closed_server):
+    from balsam.server.admin import Admin
+    from balsam.server.auth import issue_credential
+    from balsam.server.db import write_tx
+
+    url, name = closed_server.url, f"r-{uuid.uuid4().hex[:8]}"
+    with Admin(closed_server.database_url) as admin:
+        code, _ = admin.invite(name, 3600)
+        # A second live invitation (as a server before `invite` replaced earlier ones could hold).
+        with write_tx(admin.engine) as conn:
+            issue_credential(conn, admin.user_id(conn, name), "invitation", "older", 3600, with_secret=True)
+    resp = httpx.post(f"{url}/auth/password/register", json={"username": name, "password": PASSWORD, "invitation": code})
+    assert resp.status_code == 201, resp.text
+    with Admin(closed_server.database_url) as admin:
+        invitations = [c for c in admin.credentials(name) if c.kind == "invitation"]
+    assert len(invitations) == 2 and all(c.revoked is not None for c in invitations)
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", " ", "\x0b"])
+def test_usernames_with_trailing_whitespace_are_refused(server_url, suffix):
+    """Before: "alice\\n" registered beside "alice" (the pattern's $ matches before a final newline)."""
+    name = f"u-{uuid.uuid4().hex[:8]}"
+    _, resp = _register(server_url, name + suffix)
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "username"]
+
+
+def test_admins_cannot_add_names_registration_refuses(tmp_path):
+    from balsam.server.admin import Admin, AdminError
+
+    with Admin(f"sqlite:///{tmp_path / 'db.sqlite'}") as admin:
+        for bad in ("alice\n", "two words", ""):
+            with pytest.raises(AdminError, match="invalid user name"):
+                admin.add_user(bad, PASSWORD, 12)
+            with pytest.raises(AdminError, match="invalid user name"):
+                admin.invite(bad, 3600)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import httpx
+import pytest
+from server_testlib import runnable
+
 
 def bj_body(site_id, **fields):
     return {"site_id": site_id, "project": "datascience", "queue": "debug", "num_nodes": 2, "wall_time_min": 30,
@@ -92,3 +96,53 @@ def test_delete_keeps_jobs(api, site_app):
     api.ok("DELETE", f"/batch-jobs/{bj['id']}", 204)
     assert api.http.get(f"/batch-jobs/{bj['id']}").status_code == 404
     assert api.job(job["id"])["batch_job_id"] is None
+
+
+def _launcher(api, site_id, bj_id):
+    cred = api.ok("POST", "/auth/credentials", 201, json={"site_id": site_id, "batch_job_id": bj_id, "ttl_sec": 3600})
+    client = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {cred['access_token']}"}, timeout=60)
+    # A first call: the server process now trusts this credential (BALSAM_AUTH_REVOCATION_CACHE_SEC).
+    assert client.get(f"/sites/{site_id}").status_code == 200
+    return client
+
+
+@pytest.mark.parametrize("end", ["put_finished", "patch_finished", "delete_batch_job", "delete_site"])
+def test_ending_an_allocation_refuses_its_launcher_at_once(api, end):
+    """Before: the revoked launcher token kept working ~5 s, until the process's credential cache
+    checked again (security.md promises revocation at once in the process that revoked it)."""
+    site = api.site()
+    bj = api.ok("POST", "/batch-jobs/", 201, json=bj_body(site["id"]))
+    launcher = _launcher(api, site["id"], bj["id"])
+    try:
+        if end == "put_finished":
+            api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"state": "finished"})
+        elif end == "patch_finished":
+            api.ok("PATCH", "/batch-jobs/", json=[{"id": bj["id"], "state": "finished"}])
+        elif end == "delete_batch_job":
+            api.ok("DELETE", f"/batch-jobs/{bj['id']}", 204)
+        else:
+            api.ok("DELETE", f"/sites/{site['id']}", 204)
+        resp = launcher.get("/jobs/")
+        assert resp.status_code == 401, resp.text
+    finally:
+        launcher.close()
+
+
+def test_deleting_a_batch_job_ends_its_sessions(api, site_app):
+    """Before: the session survived (batch_job_id nulled) and kept its jobs leased (DELETE /jobs/ID
+    answered 409); now as when the BatchJob finishes: RUNNING -> RUN_TIMEOUT, the others freed."""
+    site, app = site_app
+    ids = runnable(api, app["id"], 2)
+    bj = api.ok("POST", "/batch-jobs/", 201, json=bj_body(site["id"]))
+    launcher = _launcher(api, site["id"], bj["id"])
+    try:
+        session = launcher.post("/sessions/", json={"site_id": site["id"], "batch_job_id": bj["id"]}).json()
+        acquired = launcher.post(f"/sessions/{session['id']}", json={"max_num_jobs": 2}).json()
+        assert sorted(j["id"] for j in acquired) == ids
+        assert launcher.patch("/jobs/", json=[{"id": ids[0], "state": "RUNNING"}]).status_code == 200
+    finally:
+        launcher.close()
+    api.ok("DELETE", f"/batch-jobs/{bj['id']}", 204)
+    assert api.ok("GET", "/sessions/", params={"id": session["id"]})["count"] == 0
+    assert [api.job(i)["state"] for i in ids] == ["RUN_TIMEOUT", "PREPROCESSED"]
+    api.ok("DELETE", f"/jobs/{ids[1]}", 204)  # no longer leased

@@ -17,6 +17,14 @@ class AdminError(RuntimeError):
     """One line for the administrator."""
 
 
+def _check_username(username: str) -> None:
+    """The rule of ``POST /auth/password/register``: a name it would refuse cannot be added here either."""
+    from .routes.auth import USERNAME_RE, USERNAME_RULE  # the routes import the web framework: only when needed
+
+    if not USERNAME_RE.fullmatch(username):
+        raise AdminError(f"invalid user name {username!r}: {USERNAME_RULE}")
+
+
 class Admin:
     def __init__(self, database_url: str) -> None:
         self.engine = create_db_engine(database_url)
@@ -45,6 +53,7 @@ class Admin:
             ).scalar_one()
 
     def add_user(self, username: str, password: Optional[str], min_length: int) -> int:
+        _check_username(username)
         if password is not None:
             problem = password_problem(password, min_length)
             if problem:
@@ -69,7 +78,9 @@ class Admin:
             conn.execute(sa.update(users).where(users.c.id == found).values(hashed_password=hashed))
 
     def invite(self, username: str, ttl_sec: int) -> tuple[str, dt.datetime]:
-        """Create ``username`` (no password yet) and an invitation code to set it with."""
+        """Create ``username`` (no password yet) and an invitation code to set it with; the
+        user's earlier invitations stop working (only the code handed out last is pending)."""
+        _check_username(username)
         with write_tx(self.engine) as conn:
             user_id = self.user_id(conn, username)
             if user_id is None:
@@ -79,6 +90,8 @@ class Admin:
                 ).scalar_one()
             elif conn.execute(sa.select(users.c.hashed_password).where(users.c.id == user_id)).scalar():
                 raise AdminError(f"user {username!r} already has a password (use `balsam server set-password`)")
+            # A code given out earlier (lost, or sent to the wrong address) must not stay usable.
+            revoke_credentials(conn, sa.and_(credentials.c.user_id == user_id, credentials.c.kind == "invitation"))
             _id, expires, code = issue_credential(conn, user_id, "invitation", f"invitation for {username}", ttl_sec,
                                                   with_secret=True)
         assert code is not None

@@ -31,7 +31,10 @@ from ..jobs_logic import site_owned_by
 from ..routing import Ctx, route
 from ..tables import batch_jobs, credentials, sites, users
 
-USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}$")
+#: A user name, matched with ``fullmatch`` (``$`` would also match before a final newline, and
+#: "alice\n" would register beside "alice").
+USERNAME_RE = re.compile(r"[A-Za-z0-9_.@+-]{1,150}")
+USERNAME_RULE = "1-150 characters from letters, digits and _.@+-"
 #: Form/JSON fields of a login: 0.7 clients also send OAuth2's grant_type, client_id and client_secret.
 LOGIN_FIELDS = {"username", "password", "grant_type", "scope", "client_id", "client_secret", "label"}
 CREDENTIAL_FIELDS = ["id", "kind", "label", "site_id", "batch_job_id", "created", "expires", "last_used", "revoked"]
@@ -129,20 +132,24 @@ def refresh(ctx: Ctx) -> Response:
 
 def register(ctx: Ctx) -> Response:
     """Create a user (``BALSAM_AUTH_REGISTRATION=open``), or set the password of an invited one
-    (``invitation`` code from ``balsam server user invite``). Closed by default."""
+    (``invitation`` code from ``balsam server user invite``, whatever the registration setting).
+    Closed by default."""
     settings = ctx.settings
     if "password" not in settings.login_methods:
         raise BadRequest("password registration is not enabled on this server")
-    if settings.registration == "closed":
+    data = ctx.json()
+    invitation = data.get("invitation") if isinstance(data, dict) else None
+    # An invitation is how an administrator adds accounts while registration is closed: only
+    # registrations without one are refused.
+    if settings.registration == "closed" and not invitation:
         raise Forbidden("Registration is closed on this server: ask its administrator for an account "
                         "(`balsam server user add` or `balsam server user invite`)")
-    data = ctx.json()
     if not isinstance(data, dict):
         raise ValidationFailed.field(["body"], "expected a JSON object with username and password")
     errors = []
-    username, password, invitation = data.get("username"), data.get("password"), data.get("invitation")
-    if not isinstance(username, str) or not USERNAME_RE.match(username):
-        errors.append((["body", "username"], "required: 1-150 characters from letters, digits and _.@+-"))
+    username, password = data.get("username"), data.get("password")
+    if not isinstance(username, str) or not USERNAME_RE.fullmatch(username):
+        errors.append((["body", "username"], f"required: {USERNAME_RULE}"))
     problem = password_problem(password, settings.min_password_length)
     if problem:
         errors.append((["body", "password"], problem))
@@ -163,8 +170,18 @@ def register(ctx: Ctx) -> Response:
             invited = conn.execute(sa.select(users.c.username).where(users.c.id == row.user_id)).scalar_one()
             if invited != username:
                 raise Unauthorized("Invalid invitation: log in again (`balsam login`)")
-            conn.execute(sa.update(users).where(users.c.id == row.user_id).values(hashed_password=hashed))
-            revoke_credentials(conn, credentials.c.id == row.id)
+            # An invitation sets a new user's first password, never replaces one: an older code
+            # left unused must not take over the account. The condition is in the UPDATE so that
+            # two redemptions at once cannot both set it.
+            updated = conn.execute(
+                sa.update(users).where(users.c.id == row.user_id,
+                                       sa.or_(users.c.hashed_password.is_(None), users.c.hashed_password == ""))
+                .values(hashed_password=hashed)
+            ).rowcount
+            if updated != 1:
+                raise Conflict(f"User {username!r} already has a password: log in with it (`balsam login`)")
+            # Used once: this code and any other pending invitation of the user.
+            revoke_credentials(conn, sa.and_(credentials.c.user_id == row.user_id, credentials.c.kind == "invitation"))
             return json_response({"id": row.user_id, "username": username}, 201)
         exists = conn.execute(sa.select(users.c.id).where(users.c.username == username)).first()
         if exists is not None:

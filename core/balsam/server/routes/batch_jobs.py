@@ -1,4 +1,4 @@
-"""/batch-jobs/: scheduler allocations (with bulk PATCH, which Balsam 0.7 lacked)."""
+"""/batch-jobs/: scheduler allocations (with the bulk PATCH the site agent sends each cycle, as in 0.7)."""
 
 from __future__ import annotations
 
@@ -171,7 +171,10 @@ def _apply_state_rules(current: dict[int, str], patches: dict[int, dict[str, Any
         raise Conflict("Invalid state change, nothing was updated: " + "; ".join(problems[:10]))
 
 
-def _update_many(conn: sa.Connection, user_id: int, patches: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+def _update_many(conn: sa.Connection, user_id: int,
+                 patches: dict[int, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The updated BatchJobs, and the ids of the launcher credentials revoked because theirs finished
+    (for the caller to forget in the credential cache once committed)."""
     ids = list(patches)
     current = dict(
         conn.execute(
@@ -187,12 +190,13 @@ def _update_many(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
     update_rows_by_id(conn, batch_jobs, patches)
     finished = [bj_id for bj_id, values in patches.items()
                 if values.get("state") == BJ.finished.value and current[bj_id] != BJ.finished.value]
+    revoked: list[int] = []
     if finished:
         end_batch_job_sessions(conn, finished)
         # Launcher credentials end with their allocation.
-        revoke_credentials(conn, credentials.c.batch_job_id.in_(finished))
+        revoked = [r.id for r in revoke_credentials(conn, credentials.c.batch_job_id.in_(finished))]
     rows = conn.execute(sa.select(*BJ_COLUMNS).where(batch_jobs.c.id.in_(ids)).order_by(batch_jobs.c.id))
-    return [bj_dict(r) for r in rows]
+    return [bj_dict(r) for r in rows], revoked
 
 
 def end_batch_job_sessions(conn: sa.Connection, bj_ids: list[int]) -> None:
@@ -210,7 +214,9 @@ def update_batch_job(ctx: Ctx) -> Response:
         data = {k: v for k, v in data.items() if k not in ("id", "site_id")}
     patch = _parse_patch(data, ["body"])
     with ctx.write() as conn:
-        (row,) = _update_many(conn, ctx.user.id, {bj_id: patch})
+        (row,), revoked = _update_many(conn, ctx.user.id, {bj_id: patch})
+    # This process stops trusting them now, not when its cache would check again.
+    ctx.request.app.state.credential_cache.forget(revoked)
     ctx.wake_acquires()  # a finished BatchJob ends its sessions: their jobs may be leasable now
     return json_response(row)
 
@@ -219,7 +225,8 @@ def bulk_update(ctx: Ctx) -> Response:
     payload = require_list(ctx.json(), "batch job updates", MAX_ITEMS_PER_BULK_OP)
     patches = parse_bulk_patches(payload, "batch job", _parse_patch, fixed=("site_id",))
     with ctx.write() as conn:
-        rows = _update_many(conn, ctx.user.id, patches) if patches else []
+        rows, revoked = _update_many(conn, ctx.user.id, patches) if patches else ([], [])
+    ctx.request.app.state.credential_cache.forget(revoked)  # as update_batch_job
     if patches:
         ctx.wake_acquires()  # as update_batch_job
     return json_response(rows)
@@ -229,7 +236,15 @@ def delete_batch_job(ctx: Ctx) -> Response:
     bj_id = ctx.path_int("batch_job_id")
     with ctx.write() as conn:
         _get_owned(conn, ctx.user.id, bj_id)
+        # As when it finishes: its launcher can no longer report, so its sessions end now (RUNNING
+        # jobs -> RUN_TIMEOUT, the others freed) rather than keep their jobs leased, and its
+        # credentials stop. Their rows go with the BatchJob: their ids are read first.
+        end_batch_job_sessions(conn, [bj_id])
+        revoke_credentials(conn, credentials.c.batch_job_id == bj_id)
+        cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.batch_job_id == bj_id)).scalars())
         conn.execute(sa.delete(batch_jobs).where(batch_jobs.c.id == bj_id))
+    ctx.request.app.state.credential_cache.forget(cred_ids)
+    ctx.wake_acquires()  # the ended sessions' jobs may be leasable now
     return no_content()
 
 

@@ -18,7 +18,7 @@ from ..http import PAGINATION, json_response, no_content, pagination, wire_datet
 from ..idempotency import replay_one
 from ..jobs_logic import like_escape, site_owned_by, utcnow
 from ..routing import Ctx, route
-from ..tables import sites
+from ..tables import credentials, sites
 
 SITE_FIELDS = [f for f in ("id", "name", "path", "globus_endpoint_id", "backfill_windows", "queued_jobs",
                            "optional_batch_job_params", "allowed_projects", "allowed_queues", "transfer_locations",
@@ -145,7 +145,11 @@ def delete_site(ctx: Ctx) -> Response:
     site_id = ctx.path_int("site_id")
     with ctx.write() as conn:
         get_owned_site(conn, ctx.user.id, site_id)
+        # The site's launcher credentials go with it: read their ids first, so that this process
+        # stops trusting them now rather than when its credential cache would check again.
+        cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.site_id == site_id)).scalars())
         conn.execute(sa.delete(sites).where(sites.c.id == site_id))
+    ctx.request.app.state.credential_cache.forget(cred_ids)
     return no_content()
 
 
