@@ -198,6 +198,37 @@ def test_one_time_link_from_the_cli(live_server: str, balsam_env: Any) -> None:
     assert httpx.post(f"{live_server}/dashboard/login-link").status_code == 401
 
 
+def test_a_login_link_works_once(live_server: str, two_users: dict) -> None:
+    """Before: a link opened any number of times within its two minutes, each time a new 8 h session."""
+    alice = two_users["alice"]
+    api = httpx.Client(base_url=live_server, headers={"Authorization": f"Bearer {alice['token']}"}, timeout=30)
+    path = api.post("/dashboard/login-link").json()["path"]
+    first = httpx.Client(base_url=live_server, timeout=30).get(path, follow_redirects=False)
+    assert first.status_code == 303 and "balsam_dashboard=" in first.headers["set-cookie"]
+    again = httpx.Client(base_url=live_server, timeout=30).get(path, follow_redirects=False)
+    assert again.status_code == 401 and "balsam_dashboard=" not in again.headers.get("set-cookie", "")
+    assert "already been used" in text_of(again.text) and 'href="/dashboard/login"' in again.text
+    # a new link works (once) again
+    fresh = api.post("/dashboard/login-link").json()["path"]
+    assert httpx.Client(base_url=live_server, timeout=30).get(fresh, follow_redirects=False).status_code == 303
+
+
+def test_a_launcher_credential_gets_no_login_link(live_server: str, two_users: dict) -> None:
+    """A site-scoped launcher credential is good for its site only and mints nothing: before, it got
+    a login link to a session over all the user's sites that outlived the credential's revocation."""
+    alice = two_users["alice"]
+    api = httpx.Client(base_url=live_server, headers={"Authorization": f"Bearer {alice['token']}"}, timeout=30)
+    cred = api.post("/auth/credentials", json={"site_id": alice["campaign"]["site"]["id"], "ttl_sec": 3600})
+    assert cred.status_code == 201, cred.text
+    launcher = httpx.Client(base_url=live_server, headers={"Authorization": f"Bearer {cred.json()['access_token']}"},
+                            timeout=30)
+    assert launcher.get("/jobs/").status_code == 200  # the credential works, for its site
+    answer = launcher.post("/dashboard/login-link")
+    assert answer.status_code == 403, answer.text
+    assert "limited to site" in answer.json()["detail"] and "ticket" not in answer.json()
+    assert api.post("/dashboard/login-link").status_code == 200  # the user's own login still gets one
+
+
 def test_static_files_and_unknown_pages(live_server: str) -> None:
     js = httpx.get(f"{live_server}/dashboard/static/vendor/uplot/uPlot.iife.min.js")
     assert js.status_code == 200 and "uPlot" in js.text[:2000]

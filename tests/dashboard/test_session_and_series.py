@@ -1,5 +1,6 @@
-"""Pure parts of the dashboard: session cookies, CSRF tokens, login nonces and tickets; the step-series
-helpers of balsam.analytics that the plots and the CLI tables use."""
+"""The dashboard's session cookies, CSRF tokens, login nonces and tickets (and their one-time
+redemption in the database); the step-series helpers of balsam.analytics that the plots and the
+CLI tables use."""
 
 from __future__ import annotations
 
@@ -28,8 +29,43 @@ def test_session_cookie_round_trip_and_refusals() -> None:
     with pytest.raises(Unauthorized):
         decode_token(cookie, SECRET)  # a session cookie is no API token
     ticket = s.issue_ticket(ALICE, SECRET)
-    assert s.read_session(ticket, SECRET) is None and s.read_ticket(ticket, SECRET) == ALICE
+    assert s.read_session(ticket, SECRET) is None and s.read_ticket(ticket, SECRET).user == ALICE
     assert s.read_ticket(cookie, SECRET) is None
+
+
+def test_a_ticket_is_redeemed_once_across_server_processes(database_url: str) -> None:
+    """Before: a one-time link logged in any number of times within its two minutes. Two engines
+    stand for two worker processes of one server: the second redemption is refused in either."""
+    from balsam.server.db import create_db_engine, write_tx
+    from balsam.server.migrate import upgrade
+    from balsam.server.tables import dashboard_tickets
+
+    upgrade(database_url)
+    engines = [create_db_engine(database_url), create_db_engine(database_url)]
+    try:
+        ticket = s.read_ticket(s.issue_ticket(ALICE, SECRET), SECRET)
+        other = s.read_ticket(s.issue_ticket(ALICE, SECRET), SECRET)
+        assert ticket.nonce != other.nonce
+        with write_tx(engines[0]) as conn:
+            assert s.redeem_ticket(conn, ticket)
+        for engine in engines:
+            with write_tx(engine) as conn:
+                assert not s.redeem_ticket(conn, ticket)
+        with write_tx(engines[1]) as conn:
+            assert s.redeem_ticket(conn, other)  # another link is unaffected
+        # An expired ticket is refused, and the rows of expired tickets go on the next redemption.
+        expired = s.Ticket(ALICE, "expired-nonce", s._now() - 1)
+        with write_tx(engines[0]) as conn:
+            assert not s.redeem_ticket(conn, expired)
+            conn.execute(dashboard_tickets.insert().values(
+                nonce="stale", expires=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)))
+        with write_tx(engines[1]) as conn:
+            assert s.redeem_ticket(conn, s.read_ticket(s.issue_ticket(ALICE, SECRET), SECRET))
+            nonces = set(conn.execute(dashboard_tickets.select().with_only_columns(dashboard_tickets.c.nonce)).scalars())
+        assert "stale" not in nonces and {ticket.nonce, other.nonce} <= nonces
+    finally:
+        for engine in engines:
+            engine.dispose()
 
 
 def test_renewal_keeps_the_session_id() -> None:

@@ -105,3 +105,44 @@ def test_nul_characters_are_refused_everywhere(api, world):
     assert resp.status_code == 422
     # Escaped backslashes are ordinary text.
     assert api.ok("PUT", f"/jobs/{world['job']['id']}", json={"data": {"path": "C:\\u0000"}}) == 1
+
+
+def test_path_limits_apply_to_the_fields_not_to_keys_of_free_form_json(api, world):
+    """The 4,096-character limit of ``workdir``, site ``path`` and transfer paths applied to any key of
+    that name, also inside ``data`` and the other free-form JSON values: ``data: {"path": <5000>}`` was
+    refused (422) while ``data: {"notes": <5000>}`` was stored. There, every string has the 1 MiB limit."""
+    long, app_id, job_id = "x" * 5000, world["app"]["id"], world["job"]["id"]
+    free = {"path": long, "workdir": long, "local_path": long, "remote_path": long, "serialized_class": "c" * 300_000,
+            "tags": {"k": long}, "nested": [{"path": long}], "source": {"workdir": long}}
+    accepted = [
+        ("POST", "/jobs/", [{"workdir": "free/1", "app_id": app_id, "data": free}]),
+        ("POST", "/jobs/", [{"workdir": "free/2", "app_id": app_id, "data": {"path": long}, "tags": {"x": "y"},
+                             "launch_params": {"path": long}}, {"workdir": "free/3", "app_id": app_id}]),
+        ("PUT", f"/jobs/{job_id}", {"data": free, "launch_params": {"workdir": long}}),
+        ("PATCH", "/jobs/", [{"id": job_id, "state": "STAGED_IN", "state_data": free}]),
+        ("PUT", f"/sites/{world['site']['id']}", {"optional_batch_job_params": {"path": long}}),
+        ("PUT", f"/batch-jobs/{world['bj']['id']}", {"status_info": {"path": long}}),
+        ("PUT", f"/transfers/{world['item']['id']}", {"transfer_info": free}),
+        ("POST", "/apps/", {"site_id": world["site"]["id"], "name": "Free", "serialized_class": "", "source_code": "",
+                            "parameters": {"path": {"required": False, "default": long, "help": long}}}),
+    ]
+    for method, path, body in accepted:
+        resp = api.http.request(method, path, json=body)
+        assert resp.status_code < 300, f"{method} {path} -> {resp.status_code}: {resp.text[:300]}"
+    assert api.job(job_id)["data"] == free
+    # The fields themselves keep their limits, in every form of body.
+    refused = [
+        ("POST", "/jobs/", [{"workdir": "w/" + long, "app_id": app_id}], ["body", 0, "workdir"]),
+        ("PUT", f"/jobs/{job_id}", {"workdir": "w/" + long}, ["body", "workdir"]),
+        ("PUT", f"/sites/{world['site']['id']}", {"path": "/" + long}, ["body", "path"]),
+        ("PUT", f"/apps/{world['app']['id']}", {"transfers": {"in": {"required": False, "direction": "in",
+                                                                   "local_path": long}}},
+         ["body", "transfers", "in", "local_path"]),
+        ("POST", "/jobs/", [{"workdir": "t/1", "app_id": app_id, "transfers": {"in": {"location_alias": "a", "path": "/" + long}}}],
+         ["body", 0, "transfers", "in", "path"]),
+        ("PUT", f"/jobs/{job_id}", {"tags": {"k": "v" * 1025}}, ["body", "tags", "k"]),
+    ]
+    for method, path, body, loc in refused:
+        resp = api.http.request(method, path, json=body)
+        assert resp.status_code == 422, f"{method} {path} -> {resp.status_code}: {resp.text[:300]}"
+        assert resp.json()["detail"][0]["loc"] == loc and "longer than" in resp.json()["detail"][0]["msg"], resp.text[:300]

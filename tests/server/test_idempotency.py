@@ -84,6 +84,20 @@ def test_a_replay_of_a_deleted_record_says_so(api: Api) -> None:
     assert resp.status_code == 409 and "deleted since" in resp.json()["detail"], resp.text
 
 
+def test_a_replayed_bulk_create_some_of_whose_jobs_were_deleted_says_so(api: Api, site_app: tuple[dict, dict]) -> None:
+    """Before: 201 with the jobs still there, a shorter list that no longer lined up with the request."""
+    _site, app = site_app
+    body = [{"workdir": f"gone/{i}", "app_id": app["id"]} for i in range(3)]
+    key = uuid.uuid4().hex
+    ids = [job["id"] for job in api.ok("POST", "/jobs/", 201, json=body, headers={KEY: key})]
+    api.ok("DELETE", f"/jobs/{ids[1]}", 204)
+    for prefer in ({}, {"Prefer": "return=minimal"}):
+        resp = api.http.post("/jobs/", json=body, headers={KEY: key, **prefer})
+        assert resp.status_code == 409, resp.text
+        assert "deleted since" in resp.json()["detail"] and str(ids[1]) in resp.json()["detail"]
+    assert count(api, "/jobs/", app_id=app["id"]) == 2  # nothing was created again
+
+
 def _acquire(api: Api, session_id: int, key: str, n: int = 10) -> list[int]:
     body = {"max_num_jobs": n, "states": ["PREPROCESSED"], "filter_tags": {}}
     return [j["id"] for j in api.ok("POST", f"/sessions/{session_id}", json=body, headers={KEY: key})]

@@ -40,13 +40,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Container, Optional
 
 import attrs
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .errors import ValidationFailed
+from .errors import Conflict, ValidationFailed
 from .tables import idempotency_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -224,3 +224,15 @@ def replay_one(recorded: Recorded, resource: str, fetch: Callable[[int], Any]) -
             f"the request with this {HEADER} created {resource} {recorded.ids[0] if recorded.ids else '?'}, "
             f"which has been deleted since"
         ) from None
+
+
+def require_all_replayed(recorded_ids: "list[int]", found: "Container[int]", resource: str) -> None:
+    """409 when a replay finds fewer records than the earlier create made (``found``: the ids still
+    there), as ``replay_one`` does for a single record: a shorter answer would no longer line up with
+    the request's items, which clients pair with the answer by position. ``resource``: singular."""
+    missing = [i for i in recorded_ids if i not in found]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        which = f"{resource} {shown} has" if len(missing) == 1 else f"{resource}s {shown} have"
+        raise Conflict(f"the request with this {HEADER} created {len(recorded_ids)} {resource}s, of which "
+                       f"{which} been deleted since")

@@ -26,9 +26,10 @@ from balsam.states import InvalidTransition, JobState, TransferDirection, Transf
 from .auth import SITE_SCOPE
 from .db import bulk_insert, id_in, ids_in_param, ids_param, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
+from .idempotency import require_all_replayed
 from .http import INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int, wire_datetime
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
-                     field_size_errors, list_item_size_errors)
+                     json_value_size_errors, list_item_size_errors)
 from .pg_copy import NULL, allocate_ids, column_fields, copy_body, copy_rows, field_writer, text_field
 from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
@@ -514,7 +515,8 @@ def matching_job_ids(conn: sa.Connection, user_id: int, q: QueryParams) -> list[
 
 def fetch_created(conn: sa.Connection, ids: list[int], *, minimal: bool) -> list[dict[str, Any]]:
     """The jobs an earlier create made, in the order it answered them (a replayed answer must
-    line up with the request's items); ``minimal``: ``{id, state, last_update}`` each."""
+    line up with the request's items: 409 when any was deleted since); ``minimal``: ``{id, state,
+    last_update}`` each."""
     if not ids:
         return []
     if minimal:
@@ -522,7 +524,8 @@ def fetch_created(conn: sa.Connection, ids: list[int], *, minimal: bool) -> list
         found = {row.id: {"id": row.id, "state": row.state, "last_update": wire_datetime(row.last_update)} for row in rows}
     else:
         found = {job["id"]: job for job in fetch_jobs(conn, ids)}
-    return [found[job_id] for job_id in ids if job_id in found]
+    require_all_replayed(ids, found, "job")
+    return [found[job_id] for job_id in ids]
 
 
 def fetch_jobs(conn: sa.Connection, ids: list[int]) -> list[dict[str, Any]]:
@@ -608,10 +611,10 @@ CREATE_DEFAULTS["parent_ids"] = []
 
 
 def _str_map_ok(value: dict, tag_map: bool) -> bool:
+    # launch_params' keys are the user's own: no field limit by key name (balsam.server.limits).
+    limit = MAX_TAG_VALUE_CHARS if tag_map else MAX_TEXT_CHARS
     for key, item in value.items():
-        if type(item) is not str or len(key) > MAX_KEY_CHARS:
-            return False
-        if len(item) > (MAX_TAG_VALUE_CHARS if tag_map else FIELD_CHARS.get(key, MAX_TEXT_CHARS)):
+        if type(item) is not str or len(key) > MAX_KEY_CHARS or len(item) > limit:
             return False
     return True
 
@@ -651,7 +654,7 @@ def _fast_spec(item: Any) -> "dict[str, Any] | None":
             if value is not None and (type(value) is not int or not -_INT32_MAX - 1 <= value <= _INT32_MAX):
                 return None
         elif kind == _K_DATA:
-            if type(value) is not dict or (value and field_size_errors(value, ["data"])):
+            if type(value) is not dict or (value and json_value_size_errors(value, ["data"])):
                 return None
         elif kind == _K_BOOL:
             if type(value) is not bool:
@@ -671,10 +674,6 @@ def _fast_spec(item: Any) -> "dict[str, Any] | None":
         elif value:  # _K_IGNORED: only empty values are accepted (and dropped)
             return None
     return item if fixes is None else {**item, **fixes}
-
-
-#: The shortest length limit of any launch_params value (a column of them is checked against it).
-_MIN_FIELD_CHARS = min(MAX_TEXT_CHARS, *FIELD_CHARS.values())
 
 
 def _types(values: list[Any]) -> set[type]:
@@ -707,8 +706,7 @@ def _str_maps_ok(values: list[Any], tag_map: bool) -> bool:
         return True
     keys = [key for value in filled for key in value]
     items = [item for value in filled for item in value.values()]
-    # A launch_params value longer than the shortest per-key limit: _str_map_ok judges its key.
-    limit = MAX_TAG_VALUE_CHARS if tag_map else _MIN_FIELD_CHARS
+    limit = MAX_TAG_VALUE_CHARS if tag_map else MAX_TEXT_CHARS
     return (_types(items) == {str} and max(map(len, keys)) <= MAX_KEY_CHARS and max(map(len, items)) <= limit)
 
 
@@ -729,7 +727,7 @@ def _column_ok(key: str, kind: int, values: list[Any]) -> bool:
     if kind == _K_NONNEGATIVE:
         return _ints_within(values, 0, _INT32_MAX)
     if kind == _K_DATA:
-        return _types(values) == {dict} and not any(field_size_errors(value, ["data"]) for value in values if value)
+        return _types(values) == {dict} and not any(json_value_size_errors(value, ["data"]) for value in values if value)
     if kind == _K_BOOL:
         return _types(values) == {bool}
     if kind == _K_GPUS:

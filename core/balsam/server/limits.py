@@ -27,6 +27,8 @@ MAX_TEXT_CHARS = 1_048_576
 #: A query-string value (filters).
 MAX_QUERY_VALUE_CHARS = 4096
 
+#: Limits of a record's own fields of these names; inside free-form JSON values a key of the same
+#: name is the user's own, its string limited as any other (see ``_walk_record``).
 FIELD_CHARS: dict[str, int] = {
     "workdir": MAX_PATH_CHARS,
     "path": MAX_PATH_CHARS,
@@ -39,64 +41,143 @@ FIELD_CHARS: dict[str, int] = {
     "source_code": MAX_SOURCE_CHARS,
 }
 TAG_FIELDS = frozenset({"tags", "filter_tags"})
+#: Fields whose value maps names to records of their own: an app's transfer slots
+#: (``{slot: {local_path, ...}}``) and a job's transfer items (``{slot: {location_alias, path}}``).
+#: Their fields (``local_path``, ``path``) have their limits as a record's own fields do.
+SUB_RECORD_FIELDS = frozenset({"transfers"})
 _MAX_ERRORS = 20
 #: JSON values are stored as they come; integers must fit 64 bits (orjson, JSONB).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _walk(value: Any, loc: list[Any], limit: int, errors: list[tuple[list[Any], str]]) -> None:
+# Where a limit applies: ``FIELD_CHARS`` and the tag limit are limits of a record's own fields (the
+# body, an item of a list body, a transfer slot or item), named by the API. Inside a free-form JSON
+# value (``data``, ``state_data``, ``transfer_info``, ``launch_params``, ``optional_batch_job_params``,
+# ``status_info``, ...) the keys are the user's own: a ``path`` there is just text (1 MiB), like any
+# other string.
+
+
+def _walk_json(value: Any, loc: list[Any], errors: list[tuple[list[Any], str]]) -> None:
+    """A free-form JSON value: keys of at most MAX_KEY_CHARS, strings of MAX_TEXT_CHARS, 64-bit ints."""
     # Hot on bulk creates (5,000 jobs): strings are checked inline, only containers recurse.
     if isinstance(value, dict):
-        tag_map = bool(loc) and loc[-1] in TAG_FIELDS
         for key, item in value.items():
             if len(key) > MAX_KEY_CHARS:
                 errors.append((loc + [key[:40] + "..."], f"key longer than {MAX_KEY_CHARS} characters ({len(key)})"))
             elif type(item) is str:
-                inner = MAX_TAG_VALUE_CHARS if tag_map else FIELD_CHARS.get(key, MAX_TEXT_CHARS)
-                if len(item) > inner:
-                    errors.append((loc + [key], f"longer than {inner} characters ({len(item)})"))
+                if len(item) > MAX_TEXT_CHARS:
+                    errors.append((loc + [key], f"longer than {MAX_TEXT_CHARS} characters ({len(item)})"))
             elif item and isinstance(item, (dict, list)):
-                _walk(item, loc + [key], FIELD_CHARS.get(key, MAX_TEXT_CHARS), errors)
+                _walk_json(item, loc + [key], errors)
             elif type(item) is int and not INT64_MIN <= item <= INT64_MAX:
                 errors.append((loc + [key], "integer out of the 64-bit range"))
             if len(errors) >= _MAX_ERRORS:
                 return
     elif isinstance(value, list):
-        for index, item in enumerate(value):
-            if type(item) is str:
-                if len(item) > limit:
-                    errors.append((loc + [index], f"longer than {limit} characters ({len(item)})"))
-            elif item and isinstance(item, (dict, list)):
-                _walk(item, loc + [index], limit, errors)
-            elif type(item) is int and not INT64_MIN <= item <= INT64_MAX:
-                errors.append((loc + [index], "integer out of the 64-bit range"))
-            if len(errors) >= _MAX_ERRORS:
-                return
-    elif isinstance(value, str) and len(value) > limit:
-        errors.append((loc, f"longer than {limit} characters ({len(value)})"))
+        _walk_list(value, loc, MAX_TEXT_CHARS, errors)
+    elif isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+        errors.append((loc, f"longer than {MAX_TEXT_CHARS} characters ({len(value)})"))
+
+
+def _walk_list(value: list[Any], loc: list[Any], limit: int, errors: list[tuple[list[Any], str]]) -> None:
+    """A list's strings up to ``limit`` (its field's), its containers as free-form JSON."""
+    for index, item in enumerate(value):
+        if type(item) is str:
+            if len(item) > limit:
+                errors.append((loc + [index], f"longer than {limit} characters ({len(item)})"))
+        elif item and isinstance(item, (dict, list)):
+            _walk_json(item, loc + [index], errors)
+        elif type(item) is int and not INT64_MIN <= item <= INT64_MAX:
+            errors.append((loc + [index], "integer out of the 64-bit range"))
+        if len(errors) >= _MAX_ERRORS:
+            return
+
+
+def _walk_record(record: dict, loc: list[Any], errors: list[tuple[list[Any], str]], *, sub_records: bool = True) -> None:
+    """A record's own fields with their limits (``FIELD_CHARS``, tag values); their values that are
+    free-form JSON with ``_walk_json``."""
+    for key, item in record.items():
+        if len(key) > MAX_KEY_CHARS:
+            errors.append((loc + [key[:40] + "..."], f"key longer than {MAX_KEY_CHARS} characters ({len(key)})"))
+        elif type(item) is str:
+            limit = FIELD_CHARS.get(key, MAX_TEXT_CHARS)
+            if len(item) > limit:
+                errors.append((loc + [key], f"longer than {limit} characters ({len(item)})"))
+        elif item and isinstance(item, dict):
+            if key in TAG_FIELDS:
+                _walk_tags(item, loc + [key], errors)
+            elif sub_records and key in SUB_RECORD_FIELDS:
+                for name, sub in item.items():
+                    if len(name) > MAX_KEY_CHARS:
+                        errors.append((loc + [key, name[:40] + "..."],
+                                       f"key longer than {MAX_KEY_CHARS} characters ({len(name)})"))
+                    elif isinstance(sub, dict):
+                        _walk_record(sub, loc + [key, name], errors, sub_records=False)
+                    else:
+                        _walk_json(sub, loc + [key, name], errors)
+                    if len(errors) >= _MAX_ERRORS:
+                        return
+            else:
+                _walk_json(item, loc + [key], errors)
+        elif item and isinstance(item, list):
+            _walk_list(item, loc + [key], FIELD_CHARS.get(key, MAX_TEXT_CHARS), errors)
+        elif type(item) is int and not INT64_MIN <= item <= INT64_MAX:
+            errors.append((loc + [key], "integer out of the 64-bit range"))
+        if len(errors) >= _MAX_ERRORS:
+            return
+
+
+def _walk_tags(tags: dict, loc: list[Any], errors: list[tuple[list[Any], str]]) -> None:
+    for key, item in tags.items():
+        if len(key) > MAX_KEY_CHARS:
+            errors.append((loc + [key[:40] + "..."], f"key longer than {MAX_KEY_CHARS} characters ({len(key)})"))
+        elif type(item) is str:
+            if len(item) > MAX_TAG_VALUE_CHARS:
+                errors.append((loc + [key], f"longer than {MAX_TAG_VALUE_CHARS} characters ({len(item)})"))
+        else:  # not a tag value (refused by the route's own checks): checked as any JSON
+            _walk_json(item, loc + [key], errors)
+        if len(errors) >= _MAX_ERRORS:
+            return
+
+
+def _walk_item(item: Any, loc: list[Any], errors: list[tuple[list[Any], str]]) -> None:
+    """A body, or an item of a list body: an object is a record, anything else free-form JSON."""
+    if isinstance(item, dict):
+        _walk_record(item, loc, errors)
+    elif type(item) is int:
+        if not INT64_MIN <= item <= INT64_MAX:
+            errors.append((loc, "integer out of the 64-bit range"))
+    else:
+        _walk_json(item, loc, errors)
 
 
 def field_size_errors(data: Any, loc: "list[Any] | None" = None) -> list[tuple[list[Any], str]]:
-    """Every string or key of ``data`` (a body, or a part of one at ``loc``) over its limit."""
+    """Every string or key of a body over its limit (a list body: each item a record)."""
     errors: list[tuple[list[Any], str]] = []
-    _walk(data, ["body"] if loc is None else loc, MAX_TEXT_CHARS, errors)
-    return errors
+    loc = ["body"] if loc is None else loc
+    if isinstance(data, list):
+        for index, item in enumerate(data):
+            if len(errors) >= _MAX_ERRORS:
+                break
+            _walk_item(item, loc + [index], errors)
+    else:
+        _walk_item(data, loc, errors)
+    return errors[:_MAX_ERRORS]
+
+
+def json_value_size_errors(value: Any, loc: list[Any]) -> list[tuple[list[Any], str]]:
+    """Every string or key over its limit in a free-form JSON value (a job's ``data``) at ``loc``."""
+    errors: list[tuple[list[Any], str]] = []
+    _walk_json(value, loc, errors)
+    return errors[:_MAX_ERRORS]
 
 
 def list_item_size_errors(items: list[Any], indices: list[int]) -> list[tuple[list[Any], str]]:
     """``field_size_errors`` of a list body, walking only the items at ``indices`` (bulk creates
     check the other items field by field as they parse them)."""
     errors: list[tuple[list[Any], str]] = []
-    loc: list[Any] = ["body"]
     for index in indices:
-        item = items[index]
-        if type(item) is str:
-            if len(item) > MAX_TEXT_CHARS:
-                errors.append((loc + [index], f"longer than {MAX_TEXT_CHARS} characters ({len(item)})"))
-        elif item and isinstance(item, (dict, list)):
-            _walk(item, loc + [index], MAX_TEXT_CHARS, errors)
-        elif type(item) is int and not INT64_MIN <= item <= INT64_MAX:
-            errors.append((loc + [index], "integer out of the 64-bit range"))
+        _walk_item(items[index], ["body", index], errors)
         if len(errors) >= _MAX_ERRORS:
             break
     return errors[:_MAX_ERRORS]

@@ -278,6 +278,17 @@ idempotency_keys = sa.Table(
     sa.Column("expires", UTCDateTime, nullable=False, index=True),
 )
 
+#: Nonces of the dashboard's one-time login links that have been used (dashboard/session.py
+#: redeem_ticket): inserting one a second time does nothing, so a link logs in once, whichever
+#: server process opens it. A row is needed only while its ticket is unexpired (two minutes): later
+#: redemptions delete the expired ones.
+dashboard_tickets = sa.Table(
+    "dashboard_tickets",
+    metadata,
+    sa.Column("nonce", sa.String(64), primary_key=True),
+    sa.Column("expires", UTCDateTime, nullable=False, index=True),
+)
+
 # Job counts per (app, state), kept by database triggers on ``jobs`` (migration 0003) so that the
 # counts by state of a site or of all a user's sites cost a few rows at any number of jobs (the
 # dashboard, ``balsam server status``). SQLite: row triggers update ``job_counts`` directly (writers

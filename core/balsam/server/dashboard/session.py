@@ -9,7 +9,9 @@ with cross-site POSTs) and ``Secure`` when the request came over HTTPS.
 Every form POST carries a CSRF token: an HMAC of the session's random id (``sid``) under the signing
 key, compared in constant time. The login form, which has no session yet, uses a signed random nonce
 that is both a cookie and a hidden field (double submit). One-time login links (``balsam dashboard``)
-carry a ticket: a JWT with the audience ``balsam-dashboard-ticket`` valid for two minutes.
+carry a ticket: a JWT with the audience ``balsam-dashboard-ticket`` valid for two minutes, and a
+random nonce that :func:`redeem_ticket` accepts once (a row in ``dashboard_tickets``, so that the
+link works once across all the server's worker processes, not once per process).
 """
 
 from __future__ import annotations
@@ -20,17 +22,22 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import jwt
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ..auth import ALGORITHM, AuthUser
+from ..tables import UTCDateTime, dashboard_tickets
 
 SESSION_COOKIE = "balsam_dashboard"
 LOGIN_COOKIE = "balsam_dashboard_login"
 SESSION_AUDIENCE = "balsam-dashboard"
 TICKET_AUDIENCE = "balsam-dashboard-ticket"
 TICKET_TTL_SEC = 120
+#: The width of ``dashboard_tickets.nonce``; the server's nonces have 22 characters.
+NONCE_MAX_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -110,19 +117,62 @@ def check_login_nonce(secret: str, cookie: Optional[str], submitted: Optional[st
     return bool(nonce) and hmac.compare_digest(mac, _mac(secret, "login|" + nonce))
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """A valid (signed, unexpired) login ticket; :func:`redeem_ticket` says whether it is still unused."""
+
+    user: AuthUser
+    nonce: str
+    expires: int  # unix time
+
+
 def issue_ticket(user: AuthUser, secret: str) -> str:
     """A short-lived login ticket for a one-time link (``balsam dashboard``)."""
     payload = {"sub": str(user.id), "username": user.username, "exp": _now() + TICKET_TTL_SEC,
-               "aud": TICKET_AUDIENCE, "nonce": secrets.token_urlsafe(8)}
+               "aud": TICKET_AUDIENCE, "nonce": secrets.token_urlsafe(16)}
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
-def read_ticket(ticket: Optional[str], secret: str) -> Optional[AuthUser]:
+def read_ticket(ticket: Optional[str], secret: str) -> Optional[Ticket]:
+    """The ticket in a link, or None when absent, forged, expired or not a ticket."""
     if not ticket:
         return None
     try:
         payload = jwt.decode(ticket, secret, algorithms=[ALGORITHM], audience=TICKET_AUDIENCE,
-                             options={"require": ["exp", "sub", "aud"]})
-        return AuthUser(id=int(payload["sub"]), username=str(payload.get("username", "")))
+                             options={"require": ["exp", "sub", "aud", "nonce"]})
+        user = AuthUser(id=int(payload["sub"]), username=str(payload.get("username", "")))
+        nonce = payload["nonce"]
+        if not isinstance(nonce, str) or not 1 <= len(nonce) <= NONCE_MAX_CHARS:
+            return None
+        return Ticket(user=user, nonce=nonce, expires=int(payload["exp"]))
     except (jwt.InvalidTokenError, ValueError, KeyError, TypeError):
         return None
+
+
+def _redeem_stmt(insert: Any) -> Any:
+    return (insert(dashboard_tickets)
+            .values(nonce=sa.bindparam("b_nonce"), expires=sa.bindparam("b_expires", type_=UTCDateTime()))
+            .on_conflict_do_nothing(index_elements=["nonce"]))
+
+
+_REDEEM = {"postgresql": _redeem_stmt(postgresql.insert), "sqlite": _redeem_stmt(sqlite.insert)}
+
+
+def redeem_ticket(conn: sa.Connection, ticket: Ticket) -> bool:
+    """True the first time ``ticket`` is redeemed, False ever after (call in a write transaction).
+
+    The nonce's insert does nothing when the row exists: a second use finds it whichever server
+    process the link reaches (on PostgreSQL a concurrent second insert waits for the first
+    transaction and then does nothing; SQLite serializes write transactions). Rows of tickets past
+    their expiry are deleted here, on the way: ``read_ticket`` refuses those tickets anyway. A
+    ticket whose expiry has come is refused here too, so that purging its row can never make it
+    usable again.
+    """
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    expires = dt.datetime.fromtimestamp(ticket.expires, dt.timezone.utc)
+    if expires <= now:
+        return False
+    conn.execute(sa.delete(dashboard_tickets).where(dashboard_tickets.c.expires <= now))
+    inserted = conn.execute(_REDEEM["postgresql" if conn.dialect.name == "postgresql" else "sqlite"],
+                            {"b_nonce": ticket.nonce, "b_expires": expires}).rowcount
+    return bool(inserted)

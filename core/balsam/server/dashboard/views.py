@@ -27,8 +27,8 @@ import balsam
 from balsam.states import BatchJobState, JobState
 
 from .. import job_counts, jobs_logic
-from ..auth import AuthUser, authenticate_password, client_address
-from ..db import count_and_page, read_tx
+from ..auth import AuthUser, authenticate_password, client_address, require_unscoped
+from ..db import count_and_page, read_tx, write_tx
 from ..errors import APIError, NotFound, Unauthorized
 from ..http import QueryParams, json_response
 from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
@@ -514,11 +514,19 @@ def logout(view: View) -> Response:
 
 
 def ticket_login(view: View) -> Response:
-    user = sessions.read_ticket(view.request.query_params.get("t"), view.settings.secret_key)
-    if user is None or not _user_exists(view.engine, user.id):
+    ticket = sessions.read_ticket(view.request.query_params.get("t"), view.settings.secret_key)
+    if ticket is None or not _user_exists(view.engine, ticket.user.id):
         return view.render("error.html", 401, title="Link expired",
                            message="This login link is invalid or has expired (links last two minutes): run "
                                    "`balsam dashboard` again, or log in with a password.")
+    # One-time: a link seen by someone else (a shared screen, a proxy's log) must not log them in too.
+    with write_tx(view.engine) as conn:
+        first_use = sessions.redeem_ticket(conn, ticket)
+    if not first_use:
+        return view.render("error.html", 401, title="Link already used",
+                           message="This login link has already been used (each link logs in once): run "
+                                   "`balsam dashboard` again, or log in with a password.")
+    user = ticket.user
     cookie, _session = sessions.issue_session(user, view.settings.secret_key, view.settings.dashboard_session_ttl_sec)
     response = RedirectResponse(view.url(""), status_code=303)
     _set_session_cookie(response, view.request, cookie)
@@ -529,6 +537,10 @@ def ticket_login(view: View) -> Response:
 def login_link(ctx: Ctx) -> Response:
     """``POST /dashboard/login-link`` (API bearer auth): a one-time login path for a browser."""
     user = ctx.user
+    # A launcher credential is limited to its site and mints nothing: a dashboard session shows all
+    # the user's sites and would outlive the credential's revocation. (Checked here rather than with
+    # route(not_for_site_scoped=...), whose message would name the path inside the mount.)
+    require_unscoped(user, "open a dashboard session: run `balsam dashboard` with your own login")
     with ctx.read() as conn:
         if conn.execute(sa.select(users.c.id).where(users.c.id == user.id)).first() is None:
             raise Unauthorized("This token's user no longer exists")
