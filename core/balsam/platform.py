@@ -297,9 +297,17 @@ class NvidiaDevices:
     migs: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
 
     def mig_ids(self, gpu_order: Sequence[str] = ()) -> list[str]:
-        """Every MIG UUID, the GPUs taken in ``gpu_order`` first (a machine's CPU-affinity order)."""
-        order = [g for g in gpu_order if g in self.migs] + [g for g in self.migs if g not in gpu_order]
-        return [uuid for gpu in order for uuid in self.migs[gpu]]
+        """The node's GPU ids when MIG is on for any of its GPUs, else ``[]`` (then the platform's
+        own GPU ids stand): each listed GPU in turn, those of ``gpu_order`` first (a machine's
+        CPU-affinity order) then the others as listed, gives its MIG UUIDs, or its index when it is
+        not split. A GPU left whole on a node where others are split is still a device jobs can get
+        (``CUDA_VISIBLE_DEVICES`` takes indexes and MIG UUIDs alike); only the MIG UUIDs came back
+        before, and the whole GPUs were never used."""
+        if not self.migs:
+            return []
+        listed = list(self.gpus) + [g for g in self.migs if g not in self.gpus]
+        order = [g for g in gpu_order if g in listed] + [g for g in listed if g not in gpu_order]
+        return [device for gpu in order for device in self.migs.get(gpu, (gpu,))]
 
 
 _NVSMI_GPU = re.compile(r"^GPU (\d+):")

@@ -13,6 +13,7 @@ import gc
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import threading
 from typing import Any, Iterator, Optional, Union
@@ -245,7 +246,29 @@ def tail_file(path: "str | os.PathLike", num_lines: int, max_bytes: int = 64 * 1
     except OSError:
         return ""
     lines = data.decode("utf-8", errors="replace").splitlines()
-    return "\n".join(lines[-num_lines:])
+    # The tail goes into a RUN_ERROR's state_data: without api_text, a NUL in the job's last lines
+    # (binary output) made the server refuse the update, and the job stayed RUNNING.
+    return api_text("\n".join(lines[-num_lines:]))
+
+
+def api_text(text: str) -> str:
+    """``text`` with what the API refuses replaced by U+FFFD: NUL (PostgreSQL text cannot store it,
+    so the server answers 422, :func:`balsam.server.http.reject_nul`) and lone surrogates (not
+    UTF-8: a request body holding one cannot be encoded, nor parsed by the server). The launchers
+    put job output and error messages into ``state_data`` through this, so that a job's final state
+    is never refused for its text. Every other character (other control characters included) is
+    accepted as it is. Costs a scan of ``text`` when there is nothing to replace."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (surrogate escapes of undecodable bytes, say)
+            text = _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SigHandler:

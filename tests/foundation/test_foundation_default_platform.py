@@ -98,6 +98,20 @@ def test_open_mpi_command_line_from_launch_param():
     assert args == ["mpiexec", "-n", "8", "--npernode", "4", "--host", "h1:4,h2:4", "-x", "OMP_NUM_THREADS"]
 
 
+def test_open_mpi_forwards_the_jobs_variables_with_x():
+    """Open MPI's mpiexec does not pass the job's environment to remote ranks: each variable the
+    launcher set for the job goes as ``-x NAME`` (LaunchSpec.env_names; Balsam 0.7's OpenMPIRun).
+    MPICH's hydra passes the whole environment: no such arguments there."""
+    platform = DefaultPlatform(mpi_flavor="openmpi", mpiexec="mpiexec")
+    job = spec(env_names=["CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MY_SETTING"])
+    assert platform.mpi_command_line(job) == (
+        "mpiexec -n 8 --npernode 4 --host h1:4,h2:4 -x CUDA_VISIBLE_DEVICES -x OMP_NUM_THREADS -x MY_SETTING ./app --x 1")
+    # a name the launch params forward already is not repeated
+    args = platform.mpi_launch_args(spec(env_names=["OMP_NUM_THREADS", "A"], launch_params={"-x": "OMP_NUM_THREADS"}))
+    assert args == ["mpiexec", "-n", "8", "--npernode", "4", "--host", "h1:4,h2:4", "-x", "A", "-x", "OMP_NUM_THREADS"]
+    assert "-x" not in DefaultPlatform(mpi_flavor="mpich", mpiexec="mpiexec").mpi_launch_args(job)
+
+
 def test_flavour_is_detected_from_mpiexec_version(tmp_path, monkeypatch):
     fake = tmp_path / "mpiexec"
     fake.write_text("#!/bin/sh\necho 'mpiexec (OpenRTE) 4.1.2'\necho 'Report bugs to http://www.open-mpi.org/community/help/'\n")

@@ -172,6 +172,31 @@ def test_run_error_carries_returncode_and_output_tail(mode: str, new_site) -> No
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_run_error_with_a_nul_in_the_output_tail_still_reaches_run_error(mode: str, new_site) -> None:
+    """The server refuses NUL characters: the tail is sent with each NUL replaced (U+FFFD). The
+    tail used to go as it was, the RUN_ERROR was refused (HTTP 422), the job stayed RUNNING until
+    its session expired and then ran again as RUN_TIMEOUT, forever."""
+    from balsam.api import ApplicationDefinition, Job
+
+    name, path = new_site(idle_ttl_sec=2, error_tail_num_lines=3)
+
+    class Binary(ApplicationDefinition):
+        site = name
+        command_template = "bash -c 'printf \"partial\\000binary\\n\"; echo last line; exit 3'"
+
+    Binary.sync()
+    ids = make_runnable([Binary.submit(workdir="nul", save=False)])
+    proc = start_launcher(path, mode, 1)
+    jobs = wait_for_states(ids, {"RUN_ERROR", "RUN_TIMEOUT"}, timeout=SESSION_EXPIRE_SEC + 30)
+    assert finish(proc) == 0
+    assert str(jobs[ids[0]].state) == "RUN_ERROR" and jobs[ids[0]].return_code == 3
+    error_event = events_of(ids)[ids[0]][-1]
+    assert error_event.to_state == "RUN_ERROR"
+    assert error_event.data["error"].splitlines() == ["partial\ufffdbinary", "last line"]
+    assert Job.objects.get(id=ids[0]).state == "RUN_ERROR"
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_wall_time_ends_jobs_as_run_timeout_and_they_rerun(mode: str, new_site) -> None:
     from balsam.api import ApplicationDefinition, Job
 
@@ -392,8 +417,10 @@ def test_serial_mode_spreads_tasks_over_worker_ranks(new_site) -> None:
 
     class WhichRank(ApplicationDefinition):
         site = name
-        # The task's parent: a spawner process on every node, not the master or worker rank.
-        command_template = "bash -c 'echo rank=${PMI_RANK:-?} $(xargs -0 < /proc/$PPID/cmdline); sleep 0.3'"
+        # The task's parent: a spawner process on every node, not the master or worker rank; the
+        # spawner's parent: the rank (the rank's own PMI_RANK is not passed on to tasks).
+        command_template = ("bash -c 'rank=$(($(ps -o ppid= -p $PPID))); "
+                            "echo rank=$rank $(xargs -0 < /proc/$PPID/cmdline) $(xargs -0 < /proc/$rank/cmdline); sleep 0.3'")
 
     WhichRank.sync()
     ids = make_runnable(WhichRank.submit(workdir=f"r/{i}", node_packing_count=2, save=False) for i in range(8))
@@ -404,8 +431,39 @@ def test_serial_mode_spreads_tasks_over_worker_ranks(new_site) -> None:
     wait_for_states(ids, {"RUN_DONE"})
     assert finish(proc) == 0
     lines = [(path / "data" / f"r/{i}" / "job.out").read_text().split() for i in range(8)]
-    assert {line[0] for line in lines} == {"rank=0", "rank=1"}
+    assert len({line[0] for line in lines}) == 2, lines  # under two rank processes
     assert all(any(arg.endswith("spawner.py") for arg in line[1:]) for line in lines), lines
+    assert all("balsam.launcher.modes.serial_worker" in line for line in lines), lines
+
+
+def test_serial_mode_tasks_do_not_inherit_the_worker_ranks_mpi_identity(new_site) -> None:
+    """Every rank of a multi-node serial partition was started by mpiexec and has its PMI
+    variables (PMI_FD, PMI_RANK, HYDI_CONTROL_FD, MPI_LOCALRANKID...); a task given them took itself
+    for that rank: an mpi4py task failed with "PMI_Init returned -1". They are not passed on."""
+    import json
+    import socket
+    import sys
+
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class MPIHello(ApplicationDefinition):
+        site = name
+        command_template = ("bash -c 'env | grep -E \"^(PMI|PMIX|HYDI|MPI_LOCAL)\" | sort; "
+                            f"{sys.executable} -c \"from mpi4py import MPI; print(\\\"size\\\", MPI.COMM_WORLD.Get_size())\"'")
+
+    MPIHello.sync()
+    ids = make_runnable(MPIHello.submit(workdir=f"m/{i}", node_packing_count=2, save=False) for i in range(4))
+    host = socket.gethostname()
+    # Two "nodes" on this host: rank 0 (master) runs node 0's tasks, rank 1 (worker) node 1's.
+    nodes = [{"node_id": str(i), "hostname": host, "cpu_ids": [0, 1], "gpu_ids": []} for i in range(2)]
+    proc = start_launcher(path, "serial", 1, env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
+    jobs = wait_for_states(ids, {"RUN_DONE", "RUN_ERROR"})
+    assert finish(proc) == 0
+    outputs = [(path / "data" / f"m/{i}" / "job.out").read_text() for i in range(4)]
+    assert {str(job.state) for job in jobs.values()} == {"RUN_DONE"}, outputs
+    assert outputs == ["size 1\n"] * 4  # a singleton each, and no rank variable in its environment
 
 
 #: Run as a job: prints whether SIGPIPE is ignored in this process and in the nearest ``mpiexec``

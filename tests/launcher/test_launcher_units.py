@@ -439,3 +439,59 @@ def test_python_m_balsam_launcher_starts_with_the_collector_paused() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "collector False"
+
+
+def test_text_sent_in_state_data_never_holds_what_the_server_refuses() -> None:
+    """NUL (the server answers 422) and lone surrogates (no UTF-8 body can hold one) become U+FFFD,
+    in the output tail and in every reason the launcher reports; other text is sent as it is."""
+    import orjson
+
+    from balsam.launcher.runner import report_exit, report_failed, report_timeout
+    from balsam.util import api_text
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.updates: list[dict] = []
+
+        def put(self, job_id, state, state_timestamp=None, state_data=None, **fields) -> None:
+            self.updates.append({"id": job_id, "state": str(state), "state_data": state_data, **fields})
+
+    assert api_text("tab\tbell\x07 é ok") == "tab\tbell\x07 é ok"
+    assert api_text("a\x00b\udce9c\ud800") == "a\ufffdb\ufffdc\ufffd"
+    updater = Recorder()
+    report_exit(updater, 1, 3, "out\x00put")
+    report_failed(updater, 2, "cannot open /data/caf\udce9: no such file")
+    report_timeout(updater, 3, "stopped (\x00)")
+    assert [u["state_data"] for u in updater.updates] == [
+        {"returncode": 3, "error": "out\ufffdput"},
+        {"error": "cannot open /data/caf\ufffd: no such file"},
+        {"reason": "stopped (\ufffd)"},
+    ]
+    assert b"\\u0000" not in orjson.dumps(updater.updates)  # and orjson encodes them (no surrogate left)
+
+
+def test_tail_file_replaces_nul_bytes(tmp_path) -> None:
+    from balsam.util import tail_file
+
+    out = tmp_path / "job.out"
+    out.write_bytes(b"first\nbinary\x00\xff data\nlast\n")
+    assert tail_file(out, 2) == "binary\ufffd\ufffd data\nlast"
+
+
+def test_serial_workers_keep_their_mpi_identity_from_tasks_but_not_user_settings() -> None:
+    from balsam.launcher.modes.serial_worker import drop_rank_bootstrap_environment
+
+    env = {name: "x" for name in (
+        # hydra (MPICH), as `mpiexec -n 2 env` shows here; Cray PALS; PMIx; Open MPI
+        "PMI_FD", "PMI_RANK", "PMI_SIZE", "PMI_HOSTNAME", "HYDI_CONTROL_FD", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
+        "PALS_RANKID", "PALS_NODEID", "PALS_APID", "PMI_CONTROL_PORT", "PMI_SHARED_SECRET",
+        "PMIX_RANK", "PMIX_NAMESPACE", "PMIX_SERVER_URI41", "OMPI_COMM_WORLD_RANK", "OMPI_MCA_orte_hnp_uri",
+        "OMPI_MCA_ess_base_vpid",
+    )}
+    kept = {name: "y" for name in (
+        "MPICH_GPU_SUPPORT_ENABLED", "I_MPI_PIN", "HYDRA_LAUNCHER", "OMPI_MCA_btl", "PMIX_MCA_gds", "FI_PROVIDER",
+        "PBS_NODEFILE", "SLURM_JOB_ID", "PATH", "OMP_NUM_THREADS",
+    )}
+    environ = {**env, **kept}
+    assert drop_rank_bootstrap_environment(environ) == sorted(env)
+    assert environ == kept

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -136,9 +137,55 @@ def test_terminate_all_ends_running_tasks_and_forgets_queued_ones(pool: SpawnerP
     pool.start(2, "true", _workdir(tmp_path, "2"), env)
     pool.queue_after(1, 3, "true", _workdir(tmp_path, "3"), env)
     assert [j for j, *_ in _wait(pool, 1)] == [2]
-    victims, finished = pool.terminate_all(2.0)
+    started = time.monotonic()
+    victims, finished = pool.terminate_all(5.0)
+    assert time.monotonic() - started < 4.0  # the wait ends once every group is empty
     assert victims == [1] and finished == [] and not pool.queued and not pool.take_started()
     assert [proc.returncode for proc in _procs(pool)] == [0] * len(_procs(pool))
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead and waiting for its parent to reap it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_for_pid(path: Path, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        time.sleep(0.02)
+    raise AssertionError(f"{path} not written in {timeout} s")
+
+
+#: Tasks whose leader dies of the SIGTERM but whose child (same process group) survives it: a
+#: child that ignores it, and an app that handles it (saves a checkpoint, say) under a bash line.
+SURVIVING_CHILDREN = [
+    "(trap '' TERM; exec sleep 300) & echo $! > child.pid; wait",
+    f"{sys.executable} -c 'import os, signal, time; signal.signal(signal.SIGTERM, lambda *a: None); "
+    "open(\"child.pid\", \"w\").write(str(os.getpid())); time.sleep(300)'; echo after",
+]
+
+
+def test_the_stop_kills_the_whole_process_group_after_the_grace(pool: SpawnerPool, tmp_path: Path) -> None:
+    """SIGTERM to each task's group, then SIGKILL to the group after the grace even where the
+    leader is gone: children that outlived the SIGTERM used to be left running."""
+    env = dict(os.environ)
+    workdirs = [_workdir(tmp_path, str(i)) for i in range(len(SURVIVING_CHILDREN))]
+    for job_id, (cmd, workdir) in enumerate(zip(SURVIVING_CHILDREN, workdirs), 1):
+        pool.start(job_id, cmd, workdir, env)
+    children = [_wait_for_pid(workdir / "child.pid") for workdir in workdirs]
+    time.sleep(0.2)  # the python child's handler is set once it wrote its pid; the trap before exec
+    started = time.monotonic()
+    victims, finished = pool.terminate_all(1.0)
+    took = time.monotonic() - started
+    assert sorted(victims) == [1, 2] and finished == []
+    assert took >= 1.0  # the groups were not empty before the grace ended
+    time.sleep(0.1)
+    assert [pid for pid in children if _running(pid)] == []
 
 
 def test_when_the_launcher_goes_the_spawner_ends_its_tasks(pool: SpawnerPool, tmp_path: Path) -> None:

@@ -76,6 +76,40 @@ def test_mig_instances_from_records_and_local_nvidia_smi(tmp_path: Path, monkeyp
     assert list(nodes[1].gpu_ids) == ["3", "2", "1", "0"]  # recorded list without MIG
 
 
+def _mixed_list() -> str:
+    """The recorded MIG listing with GPUs 2 and 3 left whole (their MIG lines dropped): GPUs 0-1
+    split in two 3g.20gb instances each, 2-3 whole, as `nvidia-smi -L` prints such a node."""
+    lines, gpu = [], None
+    for line in MIG_LIST.splitlines(keepends=True):
+        if line.startswith("GPU "):
+            gpu = int(line.split()[1].rstrip(":"))
+        elif gpu is not None and gpu >= 2:
+            continue
+        lines.append(line)
+    return "".join(lines)
+
+
+def test_gpus_left_whole_beside_mig_instances_are_still_gpu_ids(tmp_path: Path) -> None:
+    """Only the MIG UUIDs used to come back from a node whose GPUs were partly split: its whole
+    GPUs vanished. Each GPU gives its instances, or its index when whole, in affinity order."""
+    text = _mixed_list()
+    assert text.count("  MIG ") == 4 and text.count("GPU ") == 4
+    records = tmp_path / "gpulists"
+    records.mkdir()
+    (records / f"balsam-{HOSTS[0].split('.')[0]}-gpulist.txt").write_text(text)
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text(HOSTS[0] + "\n")
+    platform = PolarisPlatform(options={"gpu_list_dir": str(records), "discover_mig": False})
+    [node] = platform.discover_nodes({"PBS_NODEFILE": str(nodefile)})
+    # GPU 3, GPU 2 (whole), then GPU 1's and GPU 0's instances (MIG_IDS is in that order too)
+    assert list(node.gpu_ids) == ["3", "2", *MIG_IDS[4:]]
+    nm = NodeManager([node])
+    placed = [nm.assign(i, Demand(threads_per_rank=1, gpus_per_rank=1, node_packing_count=6)) for i in range(6)]
+    assert [p.gpu_ids[0][0] for p in placed] == ["3", "2", *MIG_IDS[4:]]
+    assert platform.gpu_environment(["2"])["CUDA_VISIBLE_DEVICES"] == "2"
+    assert platform.gpu_environment([MIG_IDS[4]])["CUDA_VISIBLE_DEVICES"] == MIG_IDS[4]
+
+
 @pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parametrize("mode", ["mpi", "serial"])

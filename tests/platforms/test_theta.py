@@ -118,6 +118,19 @@ def test_thetagpu_template_records_gpu_lists_where_the_launcher_reads_them(tmp_p
     assert "BALSAM_GPU_LIST_DIR" not in rendered["set"]
 
 
+def test_thetagpu_gpus_left_whole_beside_mig_instances_are_still_gpu_ids(tmp_path: Path) -> None:
+    """A node with only GPU 0 split (its 7 recorded 1g.5gb instances) keeps GPUs 1-7 by index."""
+    recorded = (RECORDED / "thetagpu-mig-1g.5gb-nvidia-smi-L.txt").read_text().splitlines(keepends=True)
+    gpu_1 = next(i for i, line in enumerate(recorded) if line.startswith("GPU 1:"))
+    mixed = "".join(recorded[:gpu_1] + [line for line in recorded[gpu_1:] if line.startswith("GPU ")])
+    (tmp_path / "balsam-thetagpu05-gpulist.txt").write_text(mixed)
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("thetagpu05\n")
+    platform = ThetaGPUPlatform(options={"gpu_list_dir": str(tmp_path)})
+    [node] = platform.discover_nodes({"COBALT_NODEFILE": str(nodefile)})
+    assert list(node.gpu_ids) == MIG7[:7] + [str(g) for g in range(1, 8)]
+
+
 @pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parametrize("mode", ["mpi", "serial"])

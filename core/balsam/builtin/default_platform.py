@@ -214,6 +214,15 @@ class DefaultPlatform(Platform):
                 "--host",
                 ",".join(f"{h}:{ranks_per_node}" for h in hosts),
             ]
+            # Open MPI starts remote ranks with the environment of their node's daemon, not the
+            # job's: each variable the launcher set for the job (GPU ids, OMP_NUM_THREADS, the
+            # app's) is forwarded by name, as Balsam 0.7's OpenMPIRun did (MPICH's hydra passes
+            # the whole environment by default). One the job's launch_params forward already
+            # ({"-x": NAME}) is not repeated.
+            forwarded = {str(spec.launch_params.get("-x"))}
+            for name in spec.env_names:
+                if name not in forwarded:
+                    args += ["-x", name]
         else:
             args = [self.mpiexec(), "-n", str(total), "-ppn", str(ranks_per_node), "--hosts", ",".join(hosts)]
         return args + self._extra_args(spec.launch_params)

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from balsam.states import JobState
 
-from ..util import tail_file
+from ..util import api_text, tail_file
 from . import spawner
 from .app_run import JOB_OUTPUT_NAME, AppProcess, PreparedJob, direct_argv
 from .node_manager import Placement
@@ -103,15 +103,19 @@ def report_exit(updater: Any, job_id: int, returncode: int, tail: str, when: Opt
     elif returncode == 0:
         updater.put(job_id, JobState.run_done, state_timestamp=ts, return_code=0)
     else:
-        updater.put(job_id, JobState.run_error, state_timestamp=ts, state_data={"returncode": returncode, "error": tail}, return_code=returncode)
+        # api_text: the server refuses a NUL (or a lone surrogate) anywhere in an update, and a
+        # refused RUN_ERROR left the job RUNNING until its session expired (then RUN_TIMEOUT, and
+        # it ran again, forever). The tail is the job's own output; the reasons below may quote it.
+        updater.put(job_id, JobState.run_error, state_timestamp=ts,
+                    state_data={"returncode": returncode, "error": api_text(tail)}, return_code=returncode)
 
 
 def report_timeout(updater: Any, job_id: int, reason: str) -> None:
-    updater.put(job_id, JobState.run_timeout, state_data={"reason": reason})
+    updater.put(job_id, JobState.run_timeout, state_data={"reason": api_text(reason)})
 
 
 def report_failed(updater: Any, job_id: int, reason: str) -> None:
-    updater.put(job_id, JobState.failed, state_data={"error": reason})
+    updater.put(job_id, JobState.failed, state_data={"error": api_text(reason)})
 
 
 class ChildReaper:
@@ -332,23 +336,31 @@ class ProcessPool:
         return settle_exits(exited, self.running, self.held, self.error_tail_num_lines)
 
     def terminate_all(self, grace_sec: float) -> tuple[list[int], list[tuple[int, int, str, float]]]:
-        """SIGTERM every process group, SIGKILL what is left after ``grace_sec``.
+        """SIGTERM every task's process group, SIGKILL every group still there after ``grace_sec``.
 
         Returns ``(ended_by_us, finished_on_their_own)``: a process that exits 0 before the signal
         lands still counts as done; one held after an exit by a termination signal is ended by us.
+
+        A task is its process group (its leader's pid: each starts a session of its own), as in
+        the spawner (:meth:`balsam.launcher.spawner.Spawner.stop_all`): the leader may die of the
+        SIGTERM and leave children that ignore or handle it, so the wait ends early only when
+        every group is empty, and the SIGKILL goes to each group still there, leader reaped or not
+        (a group seen empty is not signalled again: its number may be reused).
         """
         finished = self.reap()
         victims = list(self.running)
-        for proc in self.running.values():
-            proc.terminate()
+        groups = {proc.pid for proc in self.running.values() if proc.pid is not None}
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_sec
-        while self.running and time.monotonic() < deadline:
-            for job_id, proc in list(self.running.items()):
-                if proc.poll() is not None:
-                    del self.running[job_id]
-            time.sleep(0.02)
-        for proc in self.running.values():
-            proc.kill()
+        while groups and time.monotonic() < deadline:
+            for proc in self.running.values():
+                proc.poll()  # reaps a leader (the reaper thread does when there is one): no zombie
+            groups = {pgid for pgid in groups if spawner.group_exists(pgid)}
+            if groups:
+                time.sleep(0.02)
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGKILL)
         for proc in self.running.values():
             proc.wait(2.0)
         self.running.clear()
@@ -357,6 +369,13 @@ class ProcessPool:
             self.reaper.exited.clear()
             self.reaper.stop()
         return victims, finished
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class SpawnedTask:

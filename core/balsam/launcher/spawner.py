@@ -26,7 +26,8 @@ types cross, and both ends are the same interpreter):
   arrives just after that one ended normally starts at once on its CPUs. ``("c",
   job_id)`` drops a queued task (and what is queued behind it) that has not started.
   ``("t", grace)`` drops what is queued, ends every task (SIGTERM to its process group, SIGKILL
-  after ``grace`` seconds), answers and exits.
+  to the group after ``grace`` seconds unless the whole group is gone by then, its leader or not),
+  answers and exits.
 - spawner -> launcher: ``("x", [event, ...])`` in the order they happened: ``("e", job_id,
   returncode, end_time, spawn_error)`` a task ended (``returncode`` as Popen gives it: ``-N`` for
   signal N; a task that could not be started has :data:`SPAWN_FAILED` and the reason, also written
@@ -262,22 +263,32 @@ class Spawner:
             write_all(self.reply_fd, encode(("x", events)))
 
     def stop_all(self, grace: float) -> tuple[list, list]:
-        """Drop what is queued; SIGTERM every task's group, SIGKILL what is left after ``grace``:
-        (ended job ids, exit events before the signal)."""
+        """Drop what is queued; SIGTERM every task's process group, SIGKILL every group still there
+        after ``grace``: (ended job ids, exit events before the signal).
+
+        A task is its whole process group (its leader's pid is the group id: each task starts a
+        session of its own), not its leader: a leader that dies of the SIGTERM can leave children
+        that ignore or handle it (an app saving a checkpoint, ``trap '' TERM``, a helper started
+        in the background). The wait ends early only when every group is empty, and the SIGKILL
+        goes to every group still there, whether or not its leader has been reaped; a group is no
+        longer signalled once it was seen empty (its number may then be a new process's)."""
         self.after.clear()
         self.queued.clear()
         self.freed.clear()
         self.reap()
         before, self.events = [e for e in self.events if e[0] == "e"], []
         victims = list(self.running.values())
-        for pid in self.running:
-            _kill_group(pid, signal.SIGTERM)
+        groups = set(self.running)
+        for pgid in groups:
+            _kill_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while self.running and time.monotonic() < deadline:
-            self.reap()
-            time.sleep(0.02)
-        for pid in self.running:
-            _kill_group(pid, signal.SIGKILL)
+        while groups and time.monotonic() < deadline:
+            self.reap()  # a leader left a zombie would keep its group "there"
+            groups = {pgid for pgid in groups if group_exists(pgid)}
+            if groups:
+                time.sleep(0.02)
+        for pgid in groups:
+            _kill_group(pgid, signal.SIGKILL)
         for pid in list(self.running):
             try:
                 os.waitpid(pid, 0)
@@ -341,6 +352,17 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def group_exists(pgid: int) -> bool:
+    """Whether any process (a zombie included) is still in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member we may not signal (it changed its user): still there
+        return True
+    return True
 
 
 def main(argv: list) -> int:

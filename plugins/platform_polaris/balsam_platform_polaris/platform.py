@@ -6,7 +6,8 @@ to cores 8-15 and so on, so first-fit placement gives a job the cores and the GP
 domain (Balsam 0.7's ``PolarisNode``).
 
 MIG: when a node's GPUs are split into MIG instances, the instances (their ``MIG-...`` UUIDs) become
-the node's GPU ids and ``CUDA_VISIBLE_DEVICES`` names them. They are read from
+the node's GPU ids and ``CUDA_VISIBLE_DEVICES`` names them; a GPU left whole beside them keeps its
+index. They are read from
 ``<gpu_list_dir>/balsam-<host>-gpulist.txt`` (``nvidia-smi -L`` output recorded per node, Balsam
 0.7's convention) and, for the node the launcher runs on, from ``nvidia-smi -L`` itself.
 """
@@ -111,7 +112,7 @@ class PolarisPlatform(Platform):
         if text:
             migs = parse_nvidia_smi_list(text).mig_ids(self.gpu_ids)
             if migs:
-                logger.info("%s: %d MIG instances: %s", host, len(migs), ", ".join(migs))
+                logger.info("%s: %d GPU ids (MIG instances and whole GPUs): %s", host, len(migs), ", ".join(migs))
                 return tuple(migs)
         return self.gpu_ids
 

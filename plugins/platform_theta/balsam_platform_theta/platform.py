@@ -171,7 +171,7 @@ class ThetaGPUPlatform(Platform):
         if self.options.gpu_list_dir and record.is_file():
             migs = parse_nvidia_smi_list(record.read_text()).mig_ids(self.gpu_ids)
             if migs:
-                logger.info("%s: %d MIG instances (from %s)", host, len(migs), record)
+                logger.info("%s: %d GPU ids, MIG instances and whole GPUs (from %s)", host, len(migs), record)
                 return tuple(migs)
         return self.gpu_ids
 

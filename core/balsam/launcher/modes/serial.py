@@ -30,6 +30,7 @@ from typing import Any, Optional
 import attrs
 
 from balsam.platform import LaunchSpec
+from balsam.util import api_text
 
 from .._api import report_batch_job_error
 from ..job_mode import JobMode
@@ -178,7 +179,7 @@ class SerialMode(JobMode):
     def _start_failure(self, rc: int) -> Optional[str]:
         """Why the workers refused to start (the lines the masters wrote), or None."""
         try:
-            lines = [line.strip() for line in self.start_error_path.read_text().splitlines() if line.strip()]
+            lines = [line.strip() for line in self.start_error_path.read_text(errors="replace").splitlines() if line.strip()]
         except FileNotFoundError:
             lines = []
         if not lines:
@@ -194,6 +195,7 @@ class SerialMode(JobMode):
         if batch_job_id is None:
             return
         try:
-            report_batch_job_error(batch_job_id, f"serial mode did not start: {reason}")
+            # api_text: the reason quotes host names the ranks reported; the server refuses NUL.
+            report_batch_job_error(batch_job_id, api_text(f"serial mode did not start: {reason}"))
         except Exception as exc:  # the log still says why
             logger.warning("could not record the start failure on BatchJob %s: %s", batch_job_id, exc)

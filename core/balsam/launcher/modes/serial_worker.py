@@ -591,6 +591,60 @@ class Worker:
 
 
 # -- program --------------------------------------------------------------------------------------
+#: Variables by which an MPI launcher tells the process it started which MPI process it is and how
+#: to reach its process manager (rank, size, the PMI socket/fd, the job's key-value space). Every
+#: rank of the serial mode has them, and a task inherits the rank's environment: an MPI program
+#: run as a task then took itself for that rank, tried to connect to a PMI fd it does not hold
+#: ("PMI_Init returned -1") and failed. After MPI_Init has read them (see :func:`main`) they are
+#: removed from this process's environment, so that tasks start from a clean one (an mpi4py task
+#: runs as a singleton, or under its own mpiexec). User settings stay: MPICH_*, I_MPI_*, FI_*,
+#: UCX_*, HYDRA_* (hydra's mpiexec options, e.g. HYDRA_LAUNCHER), OMPI_MCA_ and PMIX_MCA_ tuning
+#: parameters, SLURM_*/PBS_* (the allocation's, which a task's own srun/mpiexec needs).
+RANK_BOOTSTRAP_PREFIXES = (
+    # PMI-1/PMI-2 (MPICH hydra, Intel MPI, Slurm --mpi=pmi2, Cray PMI under PALS): PMI_FD, PMI_PORT,
+    # PMI_ID, PMI_RANK, PMI_SIZE, PMI_HOSTNAME, PMI_KVSNAME, PMI_JOBID, PMI_LOCAL_RANK,
+    # PMI_CONTROL_PORT, PMI_SHARED_SECRET ...: all of them describe this process's PMI connection.
+    "PMI_",
+    # hydra's proxy-internal variables (HYDI_CONTROL_FD: a descriptor of this rank's proxy).
+    "HYDI_",
+    # Open MPI's (ORTE and PRRTE) per-process identity: OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK ...
+    "OMPI_COMM_WORLD_",
+    # Open MPI 4's connection to its orted daemon and its process name (the job id, the vpid).
+    "OMPI_MCA_orte_",
+    "OMPI_MCA_ess_base_",
+)
+#: Single names of the same kind (``PMIX_*`` is handled in :func:`is_rank_bootstrap_variable`).
+RANK_BOOTSTRAP_NAMES = frozenset({
+    "MPI_LOCALRANKID", "MPI_LOCALNRANKS",  # hydra: this rank's index on its node, ranks on the node
+    "OMPI_MCA_ess", "OMPI_MCA_pmix", "OMPI_UNIVERSE_SIZE", "OMPI_FIRST_RANKS", "OMPI_APP_CTX_NUM_PROCS",
+    "OMPI_NUM_APP_CTX", "OMPI_FILE_LOCATION",
+    # Cray PALS (Polaris' and Aurora's mpiexec): this rank's ids and its application's spool.
+    "PALS_RANKID", "PALS_NODEID", "PALS_LOCAL_RANKID", "PALS_LOCAL_SIZE", "PALS_APID", "PALS_APINFO",
+    "PALS_SPOOL_DIR", "PALS_DEPTH",
+    # ALPS (aprun): this rank's processing element number and its application id.
+    "ALPS_APP_PE", "ALPS_APP_ID",
+})
+
+
+def is_rank_bootstrap_variable(name: str) -> bool:
+    """Whether ``name`` is one of the variables an MPI launcher sets to identify the process it
+    started (:data:`RANK_BOOTSTRAP_PREFIXES`, :data:`RANK_BOOTSTRAP_NAMES`, and ``PMIX_*``: the
+    PMIx server's address, namespace and rank, but not ``PMIX_MCA_*``, which are user settings)."""
+    if name in RANK_BOOTSTRAP_NAMES or name.startswith(RANK_BOOTSTRAP_PREFIXES):
+        return True
+    return name.startswith("PMIX_") and not name.startswith("PMIX_MCA_")
+
+
+def drop_rank_bootstrap_environment(environ: Any = None) -> list[str]:
+    """Remove this rank's MPI bootstrap variables from ``environ`` (``os.environ``), which the
+    tasks' environment is built from; returns the names removed. Call only after MPI_Init."""
+    environ = os.environ if environ is None else environ
+    names = sorted(name for name in environ if is_rank_bootstrap_variable(name))
+    for name in names:
+        del environ[name]
+    return names
+
+
 def _usable_cpus() -> int:
     """How many CPUs this process may run on (what its MPI launcher bound it to, else the node's)."""
     try:
@@ -631,12 +685,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Importing mpi4py.MPI initialises MPI: only here, in the program the MPI launcher started.
     from mpi4py import MPI
 
+    # MPI is initialised: this rank's bootstrap variables have been read. Before any task
+    # environment is built from os.environ (the master's jobs through get_environ_vars, the
+    # workers' and spawners' base environments), take them out: a task is not this rank.
+    dropped = drop_rank_bootstrap_environment()
     transport = MPITransport(MPI.COMM_WORLD, MPI)
     log_dir = Path(config["log_path"])
     base = f"serial_mode_{config['timestamp']}.{config['partition_index']}"
     hosts = transport.hosts()  # collective: before anything else, on every rank
     if transport.rank != 0:
         _setup_logging(log_dir / f"{base}.{socket.gethostname()}.{transport.rank}.log", config.get("logging"))
+        logger.debug("MPI bootstrap variables not passed to tasks: %s", " ".join(dropped) or "none")
         try:
             # Spawner processes here too, as on the master's node: a fork/exec from this
             # interpreter holds its GIL (and forks an MPI process) once per task.
@@ -646,6 +705,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             logger.exception("serial worker failed")
             return 1
     _setup_logging(log_dir / f"{base}.master.log", config.get("logging"))
+    logger.debug("MPI bootstrap variables not passed to tasks: %s", " ".join(dropped) or "none")
     nodes = [NodeInfo(**n) for n in config["nodes"]]
     try:
         ranks = rank_for_node(nodes, hosts)
