@@ -637,3 +637,25 @@ def test_codec_loads_plain_data_without_dill_and_the_rest_with_it():
     assert square(3) == 9
     with pytest.raises(codec.DeserializeError):
         codec.deserialize(codec._b64(b"\x80\x04not a pickle"))
+
+
+def test_site_id_of_many_jobs_costs_one_get_per_app(site, monkeypatch):
+    """Job.site_id over a listing: the app's site is asked once per app (it was one GET per job)."""
+    from balsam.api import Job
+    from balsam.client import RESTClient
+
+    Hello = _template_app(site, name="SiteOfHello")
+    Other = _template_app(site, name="SiteOfOther")
+    Job.objects.bulk_create([app.submit(workdir=f"sid/{app.__name__}/{i}", name="x", save=False)
+                             for i in range(20) for app in (Hello, Other)])
+    jobs = [job for job in Job.objects.all() if str(job.workdir).startswith("sid/")]
+    real = RESTClient._send
+    gets = []
+
+    def counting(self, method, path, **kwargs):
+        gets.append((method, path))
+        return real(self, method, path, **kwargs)
+
+    monkeypatch.setattr(RESTClient, "_send", counting)
+    assert {job.site_id for job in jobs} == {Hello.resolve_site_id()} and len(jobs) == 40
+    assert len(gets) <= 2, gets

@@ -87,6 +87,17 @@ def test_junk_query_and_path_parameters(api, world):
             assert resp.status_code in (404, 422), (path, value, resp.status_code)
 
 
+def test_a_one_value_filter_given_twice_is_refused_not_cut_to_its_last_value(api, world):
+    """app_id=1&app_id=2 answered for app 2 only: a listing of part of what was asked, silently."""
+    app_id = world["app"]["id"]
+    for path, query in (("/jobs/", f"app_id={app_id}&app_id={app_id + 1}"), ("/jobs/", "state__ne=READY&state__ne=STAGED_IN"),
+                        ("/events/", "to_state=READY&to_state=RUNNING"), ("/jobs/", "limit=5&limit=10")):
+        resp = api.http.get(f"{path}?{query}")
+        assert resp.status_code == 422 and "takes one value, got 2" in resp.text, (path, query, resp.text[:300])
+    # List filters still take several values.
+    assert api.http.get(f"/jobs/?id={world['job']['id']}&id=999999").status_code == 200
+
+
 def test_nul_characters_are_refused_everywhere(api, world):
     """PostgreSQL text cannot hold NUL; both backends refuse it the same way, naming the field."""
     cases = [

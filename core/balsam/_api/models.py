@@ -552,12 +552,18 @@ class Job(BalsamModel):
 
     @property
     def site_id(self) -> int:
-        cached = self.__dict__.get("_site_id_cache")
-        if cached is None or cached[0] != self.app_id:
-            app = self._model_for("App").objects.get(id=self.app_id)
-            cached = (self.app_id, app.site_id)
-            self.__dict__["_site_id_cache"] = cached
-        return cached[1]
+        """The site of the job's app. An app never moves to another site (the server refuses it),
+        so the answer is kept per app for this client: reading ``site_id`` over a listing of jobs
+        costs one GET per app, not one per job."""
+        app_model = self._model_for("App")
+        known = app_model.__dict__.get("_site_of_app")
+        if known is None:  # one table per client's App class (not inherited from the unbound one)
+            known = {}
+            setattr(app_model, "_site_of_app", known)
+        site_id = known.get(self.app_id)
+        if site_id is None:
+            site_id = known[self.app_id] = app_model.objects.get(id=self.app_id).site_id
+        return site_id
 
     @property
     def working_directory(self) -> Path:

@@ -151,12 +151,20 @@ class QueryParams:
     def has(self, name: str) -> bool:
         return name in self.params
 
+    def _one(self, name: str) -> Optional[str]:
+        """The value of a parameter that takes one. Given twice (``app_id=1&app_id=2``), it is
+        refused: taking the last one silently answered for part of what was asked."""
+        raws = self.params.getlist(name)
+        if len(raws) > 1:
+            raise ValidationFailed.field(["query", name], f"takes one value, got {len(raws)}")
+        return raws[0] if raws else None
+
     def str(self, name: str) -> Optional[str]:
-        return self.params.get(name)
+        return self._one(name)
 
     def int(self, name: str, default: Optional[int] = None, *, minimum: Optional[int] = None,
             maximum: Optional[int] = None, bits: int = 32) -> Optional[int]:
-        raw = self.params.get(name)
+        raw = self._one(name)
         if raw is None or raw == "":
             return default
         value = self._convert(name, raw, int_from_text, "an integer")
@@ -200,10 +208,12 @@ class QueryParams:
 
     def enum(self, name: str, cls: type[enum.Enum]) -> Optional[str]:
         values = self.enum_list(name, cls)
-        return values[-1] if values else None
+        if values and len(values) > 1:
+            raise ValidationFailed.field(["query", name], f"takes one value, got {len(values)}")
+        return values[0] if values else None
 
     def choice(self, name: str, choices: "list[str]", default: Optional[str] = None) -> Optional[str]:
-        raw = self.params.get(name)
+        raw = self._one(name)
         if raw is None or raw == "":
             return default
         if raw not in choices:
@@ -211,13 +221,13 @@ class QueryParams:
         return raw
 
     def datetime(self, name: str) -> Optional[dt.datetime]:
-        raw = self.params.get(name)
+        raw = self._one(name)
         if raw is None or raw == "":
             return None
         return self._convert(name, raw, parse_datetime, "an ISO-8601 datetime")
 
     def bool(self, name: str) -> Optional[bool]:
-        raw = self.params.get(name)
+        raw = self._one(name)
         if raw is None or raw == "":
             return None
         low = raw.lower()
