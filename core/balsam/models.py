@@ -57,6 +57,20 @@ class AllowedQueue:
     max_walltime: int
     max_queued_jobs: int
 
+    def validate(self) -> dict[str, str]:
+        """Problems of a settings.yml queue (``{field: problem}``, reported with file and line).
+
+        A queue with ``max_nodes`` or ``max_walltime`` below 1 refuses every BatchJob (``1..0``);
+        ``max_queued_jobs`` 0 means no limit to the scheduler module, a negative one holds every
+        BatchJob back forever."""
+        problems = {}
+        for name in ("max_nodes", "max_walltime"):
+            if getattr(self, name) < 1:
+                problems[name] = f"must be at least 1, got {getattr(self, name)!r}"
+        if self.max_queued_jobs < 0:
+            problems["max_queued_jobs"] = f"must not be negative (0: no limit), got {self.max_queued_jobs!r}"
+        return problems
+
 
 @attrs.define(kw_only=True)
 class BackfillWindow:

@@ -86,8 +86,15 @@ def test_analytics_tables_and_figures(campaign: dict, tmp_path: Path) -> None:
     for png in ("thr.png", "util.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    out = balsam("analytics", "throughput", "--site", name, "--to-state", "RESTART_READY")
-    assert out.exit_code == 0 and "No job reached RESTART_READY yet" in out.output
+    out = balsam("analytics", "throughput", "--site", name, "--to-state", "restart_ready")  # any case, as job ls -s
+    assert out.exit_code == 0 and "No job reached RESTART_READY yet" in out.output, out.output
+
+
+def test_analytics_wrong_state_is_a_usage_error() -> None:
+    # It reached the server and exited 1 with its HTTP 422 text.
+    out = balsam("analytics", "throughput", "--to-state", "BOGUS")
+    assert out.exit_code == 2 and "Invalid value for '--to-state': 'BOGUS' is not one of" in out.output, out.output
+    assert "422" not in out.output
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -239,7 +239,84 @@ def test_site_selection_rules(apps, site, tmp_path):
     assert resolve_site_ids("") == [site.id] == resolve_site_ids("this")
 
 
+def test_a_wrong_site_path_is_an_error_not_the_active_sites(apps, site, tmp_path, monkeypatch):
+    """A set-but-wrong $BALSAM_SITE_PATH, or a .balsam-site without an id, used to fall back to the
+    active sites: `job rm --all` offered to delete another site's jobs."""
+    from balsam.api import Job
+
+    Hello, _ = apps
+    Job.objects.bulk_create([Hello.submit(workdir=f"w/{i}", name=str(i), save=False) for i in range(3)])
+    typo = tmp_path / "typo"
+    monkeypatch.setenv("BALSAM_SITE_PATH", str(typo))
+    for args in (["job", "rm", "--all", "-y"], ["job", "ls"], ["app", "ls"], ["job", "modify", "-t", "a=b", "-s", "FAILED", "-y"],
+                 ["queue", "ls"], ["queue", "submit", "-n", "1", "-t", "5", "-q", "debug", "-A", "proj", "-j", "mpi"]):
+        out = balsam(*args)
+        assert out.exit_code == 2, (args, out.output)
+        assert f"BALSAM_SITE_PATH={typo} is not a Balsam site (no .balsam-site file in it)" in out.output, (args, out.output)
+    assert Job.objects.count() == 3
+    assert balsam("job", "ls", "--site", "all").exit_code == 0  # an explicit --site needs no current site
+    monkeypatch.delenv("BALSAM_SITE_PATH")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / ".balsam-site").write_text("")
+    os.chdir(broken)
+    out = balsam("job", "rm", "--all", "-y")
+    assert out.exit_code == 2 and f"{broken / '.balsam-site'} is empty" in out.output, out.output
+    (broken / ".balsam-site").write_text("not-an-id\n")
+    out = balsam("job", "ls")
+    assert out.exit_code == 2 and "expected the site id (an integer), got 'not-an-id'" in out.output, out.output
+    assert Job.objects.count() == 3
+    os.chdir(tmp_path)  # neither set nor inside a site: the active sites, as before
+    assert len(balsam("job", "ls").output.splitlines()) == 5
+
+
+def test_job_ids_with_an_explicit_site_stay_at_that_site(apps, site, tmp_path):
+    from balsam.api import ApplicationDefinition, Job, Site
+
+    Site.objects.create(name="site-b", path=str(tmp_path / "site-b"))
+
+    class Elsewhere(ApplicationDefinition):
+        site = "site-b"
+        command_template = "true"
+
+    Elsewhere.sync()
+    Hello, _ = apps
+    here = Hello.submit(workdir="a/0")
+    there = Elsewhere.submit(workdir="b/0")
+    ids = ["--id", str(here.id), "--id", str(there.id)]
+    os.chdir(site.path)
+    # Without --site, ids are looked up at every site (no default restriction to the site you are in).
+    assert len(balsam("job", "ls", "--id", str(there.id)).output.splitlines()) == 3
+    out = balsam("job", "rm", *ids, "--site", "site-b", "-y")  # it deleted both
+    assert "Deleted 1 job(s)" in out.output, out.output
+    assert [j.id for j in Job.objects.all()] == [here.id]
+    out = balsam("job", "rm", *ids, "--site", "nosuchsite", "-y")
+    assert out.exit_code == 2 and "no site is named 'nosuchsite'" in out.output
+    out = balsam("job", "modify", "--id", str(here.id), "--site", "site-b", "-s", "FAILED", "-y")
+    assert "No job needs changing." in out.output
+    out = balsam("job", "modify", "--id", str(here.id), "-s", "FAILED", "-y")
+    assert "Set 1 job(s) to FAILED" in out.output
+
+
+def test_app_ls_and_rm_take_0_7s_short_site_flag(apps, site):
+    out = balsam("app", "ls", "-s", "all")
+    assert out.exit_code == 0 and {l.split()[1] for l in out.output.splitlines()[2:]} == {"Hello", "Adder"}
+    out = balsam("app", "rm", "-n", "Adder", "-s", str(site.id), "-y")
+    assert out.exit_code == 0 and "Deleted App Adder" in out.output, out.output
+
+
 # ----------------------------------------------------------------------------------------- queue
+def test_queue_term_of_a_batch_job_never_submitted_says_so(site):
+    from balsam.api import BatchJob
+
+    bj = BatchJob(site_id=site.id, num_nodes=1, wall_time_min=30, queue="debug", project="proj", job_mode="mpi")
+    bj.save()
+    out = balsam("queue", "term", "--id", str(bj.id))
+    assert out.exit_code == 0 and f"Marked BatchJob {bj.id} (not submitted yet) for deletion" in out.output, out.output
+    assert "None" not in out.output
+
+
 def test_queue_submit_validates_and_ls_term(site):
     from balsam.api import BatchJob
 

@@ -169,6 +169,75 @@ def test_several_problems_are_counted_and_all_kept():
     ]
 
 
+@pytest.mark.parametrize("text, expected", [
+    # A queue whose limits refuse every BatchJob, or hold every one back, is refused with its line.
+    ("scheduler:\n  allowed_queues:\n    q:\n      max_nodes: 0\n      max_walltime: 30\n      max_queued_jobs: 1\n",
+     ["settings.yml:4 scheduler.allowed_queues.q.max_nodes: must be at least 1, got 0"]),
+    ("scheduler:\n  allowed_queues:\n    q: {max_nodes: 2, max_walltime: -3, max_queued_jobs: -1}\n",
+     ["settings.yml:3 scheduler.allowed_queues.q.max_walltime: must be at least 1, got -3",
+      "settings.yml:3 scheduler.allowed_queues.q.max_queued_jobs: must not be negative (0: no limit), got -1"]),
+    ("launcher:\n  idle_ttl_sec: -5\n  delay_sec: -1\n  error_tail_num_lines: -2\n",
+     ["settings.yml:2 launcher.idle_ttl_sec: must not be negative, got -5",
+      "settings.yml:3 launcher.delay_sec: must be at least 1, got -1",
+      "settings.yml:4 launcher.error_tail_num_lines: must not be negative, got -2"]),
+    ("launcher:\n  delay_sec: 0\n", ["settings.yml:2 launcher.delay_sec: must be at least 1, got 0"]),
+])
+def test_limits_that_make_the_site_unusable_are_refused_with_their_line(text, expected):
+    with pytest.raises(SettingsError) as info:
+        loads_settings(text)
+    assert sorted(info.value.errors) == sorted(expected)
+
+
+def test_the_lowest_usable_limits_are_accepted():
+    settings = loads_settings("launcher: {idle_ttl_sec: 0, delay_sec: 1, error_tail_num_lines: 0}\n"
+                              "scheduler:\n  allowed_queues:\n    q: {max_nodes: 1, max_walltime: 1, max_queued_jobs: 0}\n")
+    assert settings.launcher.idle_ttl_sec == 0 and settings.scheduler.allowed_queues["q"].max_queued_jobs == 0
+
+
+def test_a_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "settings.yml"
+    path.write_bytes(b"logging:\n  level: INFO\nfilter_tags: {a: \"\xff\"}\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(path)
+    assert info.value.errors == [f"{path}:3: not UTF-8 text (byte 42: 0xff)"]
+    result = run_balsam("site", "check-settings", str(path))
+    assert result.returncode == 1 and result.stderr == f"Error: {path}:3: not UTF-8 text (byte 42: 0xff)\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a: &x [*x]\n", "settings.yml:1: invalid YAML: a[0] is an alias of a node that contains it (data that contains itself)"),
+    ("launcher:\n  platform_options: &x {b: *x}\n",
+     "settings.yml:2: invalid YAML: launcher.platform_options.b is an alias of a node that contains it (data that contains itself)"),
+])
+def test_a_self_referencing_alias_is_one_line(text, expected):
+    # It recursed in the line map until "maximum recursion depth exceeded".
+    assert error_of(text) == expected
+
+
+def test_aliases_used_twice_are_read_and_their_problems_located():
+    settings = loads_settings("filter_tags: &t {a: '1'}\nlauncher:\n  serial_mode_startup_params: *t\n")
+    assert settings.launcher.serial_mode_startup_params == {"a": "1"}
+    # Nested aliases: each node is walked once (a "billion laughs" document used to take exponential time).
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(6))
+    from balsam.config.settings import _line_map
+
+    # No clock here (no timed assertions): walked per use, this document is 10^7 nodes and the
+    # test would not end.
+    assert _line_map(laughs)[("g",)] == 7
+    message = error_of("scheduler:\n  allowed_queues:\n    debug: &q {max_nodes: 0, max_walltime: 5, max_queued_jobs: 1}\n"
+                       "    prod: *q\n")
+    assert message.startswith("settings.yml:3 scheduler.allowed_queues.debug.max_nodes: must be at least 1, got 0")
+    assert message.endswith("(and 1 more problem)")
+
+
+def test_check_settings_of_a_missing_yml_file_says_file_not_found(tmp_path):
+    result = run_balsam("site", "check-settings", "missing.yml", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == "Error: missing.yml: file not found\n"
+    result = run_balsam("site", "check-settings", "no-such-dir", cwd=tmp_path)  # still a site directory
+    assert result.returncode == 1 and "is not a Balsam site" in result.stderr
+
+
 def test_missing_file_is_one_line(tmp_path):
     with pytest.raises(SettingsError, match=r"settings.yml: file not found$"):
         load_settings(tmp_path / "settings.yml")

@@ -245,3 +245,29 @@ def test_start_reports_a_bad_settings_file_in_one_line(balsam_env, client, tmp_p
     assert len(error.splitlines()) == 1
     assert f"settings.yml:{index + 1} scheduler.allowed_queues.local.max_nodes: expected an integer, got 'two'" in error
     assert read_pid_file(path) is None
+
+
+def test_start_refuses_a_site_whose_record_is_gone(balsam_env, client, tmp_path) -> None:
+    """After `site rm --force` (or a reset server database) the agent logged HTTP 404 every second forever."""
+    path = tmp_path / "gone"
+    balsam("site", "init", str(path), "-n", "gone", "--platform", "default")
+    site_id = int((path / ".balsam-site").read_text())
+    balsam("site", "rm", str(path), "--force")
+    proc = balsam("site", "start", str(path), check=False)
+    assert proc.returncode == 1, proc.stdout
+    error = proc.stderr.strip()
+    assert len(error.splitlines()) == 1 and "Started" not in proc.stdout
+    assert error.startswith(f"Error: site {site_id} ({path}) is not on the server {balsam_env.url}")
+    assert "`balsam site init NEW_DIR`" in error
+    assert read_pid_file(path) is None and not (path / "log" / "agent-console.out").exists()
+
+
+def test_init_quotes_the_next_command_and_drops_empty_projects(balsam_env, client, tmp_path) -> None:
+    import shlex
+
+    path = tmp_path / "with space"
+    out = balsam("site", "init", str(path), "-n", "spaced", "--platform", "default", "-A", "", "-A", " ").stdout
+    assert f"Next: cd {shlex.quote(str(path))} && balsam site start" in out  # it pasted as `cd /tmp/with` + `space`
+    site = sites_by_name(client)["spaced"]
+    assert "" not in site["allowed_projects"] and site["allowed_projects"] == ["local"]  # -A "" stored ['']
+    assert yaml.safe_load((path / "settings.yml").read_text())["scheduler"]["allowed_projects"] == ["local"]

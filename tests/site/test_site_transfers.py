@@ -263,6 +263,9 @@ def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path, monke
     assert " error " in lines[(str(bad.id), "in")] and "no such file or directory" in lines[(str(bad.id), "in")]
     counts = balsam("transfer", "ls", "--job", str(ok.id), "--by-state")
     assert [line.split() for line in counts.splitlines()[2:]] == [["in", "done", "1"], ["out", "awaiting_job", "1"]]
+    # --job with an explicit --site of another site: narrowed to nothing (the --site was ignored).
+    other = client.post("/sites/", json={"name": "cli-other", "path": str(tmp_path / "other")})
+    assert balsam("transfer", "ls", "--job", str(ok.id), "--site", str(other["id"])).strip() == "No matching transfer items."
     import balsam.cli.transfer as transfer_cli
 
     for many in (2000, 1):  # by job ids, then (many jobs) by site

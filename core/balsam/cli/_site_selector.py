@@ -15,6 +15,7 @@ a site name -> that site; else the one site whose path contains the fragment.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from typing import Any, Optional
 
@@ -30,21 +31,43 @@ def site_option(func: Any) -> Any:
     return click.option("--site", "site_selector", default="", help=SITE_OPTION_HELP)(func)
 
 
+def site_option_short(func: Any) -> Any:
+    """``-s/--site``: Balsam 0.7 spelled it so on ``app ls`` and ``app rm`` (``job`` commands use
+    ``-s`` for ``--state``)."""
+    return click.option("-s", "--site", "site_selector", default="", help=SITE_OPTION_HELP)(func)
+
+
 def site_option_with(help_text: str) -> Any:
     """``--site`` with its own help, for commands whose default or arity differs (``queue submit/term``)."""
     return click.option("--site", "site_selector", default="", help=help_text)
 
 
 def current_site_id() -> Optional[int]:
-    """Id of the site this command runs in (cwd or ``$BALSAM_SITE_PATH``), else None."""
-    try:
-        from balsam.config import SiteConfig
+    """Id of the site this command runs in (cwd or ``$BALSAM_SITE_PATH``), else None.
 
+    Only "``$BALSAM_SITE_PATH`` unset and the cwd in no site" gives None. A ``$BALSAM_SITE_PATH``
+    that names no site (a typo) or a ``.balsam-site`` that holds no site id is a UsageError: falling
+    back to the active sites would make ``job rm --all`` act on *other* sites' jobs."""
+    from balsam.config import SITE_MARKER, SiteConfig, SiteNotFoundError
+    from balsam.config.site_config import SITE_PATH_ENV
+
+    try:
         cfg = SiteConfig()
-    except Exception:  # noqa: BLE001 - not inside a site
-        return None
-    site_id = cfg.site_id
-    return int(site_id) if site_id is not None else None
+    except SiteNotFoundError as exc:
+        if os.environ.get(SITE_PATH_ENV):
+            raise click.UsageError(str(exc)) from None
+        return None  # not inside a site: the caller picks the active sites
+    marker = cfg.site_path / SITE_MARKER
+    try:
+        site_id = cfg.site_id
+    except SiteNotFoundError as exc:
+        raise click.UsageError(str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.UsageError(f"{marker}: cannot read the site id ({getattr(exc, 'strerror', None) or exc})") from None
+    if site_id is None:
+        raise click.UsageError(f"{marker} is empty: it should hold the site id (is the site registered? "
+                               "see `balsam site ls`)")
+    return int(site_id)
 
 
 def is_active(site: Any, now: Optional[dt.datetime] = None) -> bool:

@@ -15,6 +15,14 @@ import click
 from ._site_selector import format_table, parse_key_values, site_filter, site_option
 
 
+def _state_type() -> click.Choice:
+    """The job states, case-insensitive as ``job ls --state``: a wrong one is a usage error (exit 2),
+    not the server's HTTP 422."""
+    from balsam.states import JobState
+
+    return click.Choice([s.value for s in JobState], case_sensitive=False)
+
+
 def _event_filters(site_selector: str, tags: tuple[str, ...]) -> dict[str, Any]:
     filters: dict[str, Any] = dict(site_filter(site_selector))
     if tags:
@@ -61,7 +69,8 @@ def analytics() -> None:
 @analytics.command("throughput")
 @site_option
 @click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE job tag filter (repeatable)")
-@click.option("--to-state", default="JOB_FINISHED", show_default=True, help="Count jobs reaching this state")
+@click.option("--to-state", default="JOB_FINISHED", show_default=True, type=_state_type(),
+              help="Count jobs reaching this state")
 @click.option("--rows", default=12, show_default=True, type=click.IntRange(min=1, max=1000), help="Intervals in the table")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, writable=True), help="Also draw the figure to FILE.png")
 def throughput(site_selector: str, tags: tuple, to_state: str, rows: int, plot_path: Optional[str]) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import click
 import yaml
 
-from ._site_selector import format_table, site_filter, site_names, site_option
+from ._site_selector import format_table, site_filter, site_names, site_option_short
 
 
 @click.group("app")
@@ -17,7 +17,7 @@ def app() -> None:
 
 
 @app.command("ls")
-@site_option
+@site_option_short
 @click.option("-v", "--verbose", is_flag=True, help="Show every field (parameters, transfers, source code)")
 def ls(site_selector: str, verbose: bool) -> None:
     """List apps."""
@@ -45,7 +45,7 @@ def ls(site_selector: str, verbose: bool) -> None:
 @app.command("rm")
 @click.option("-n", "--name", default=None, help="Name of the app to remove")
 @click.option("-a", "--all", "remove_all", is_flag=True, help="Remove every app of the selected site(s)")
-@site_option
+@site_option_short
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
 def rm(name: Optional[str], remove_all: bool, site_selector: str, yes: bool) -> None:
     """Remove apps (their jobs are deleted with them)."""

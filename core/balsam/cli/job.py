@@ -41,7 +41,10 @@ def _resolve_app(app_ref: str, site_selector: str) -> Any:
 def _job_filters(ids: tuple[int, ...], tags: tuple[str, ...], state: Optional[str], exclude_state: Optional[str],
                  site_selector: str, workdir: Optional[str] = None, app_ref: Optional[str] = None) -> dict[str, Any]:
     filters: dict[str, Any] = {}
-    filters.update(site_filter(site_selector) if not ids else {})
+    # Jobs named by id need no default site restriction (an id is unique across sites), but an
+    # explicit --site still narrows (and is checked) as it does without ids.
+    if not ids or site_selector:
+        filters.update(site_filter(site_selector))
     if ids:
         filters["id"] = list(ids)
     if tags:

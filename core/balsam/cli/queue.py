@@ -192,9 +192,12 @@ def term(scheduler_id: Optional[int], batch_job_id: Optional[int], site_selector
     if batch_job.state.value not in ("pending_submission", "queued", "running"):
         click.echo(f"BatchJob is not queued or running (state {batch_job.state.value})")
         return
+    # A pending_submission BatchJob has no scheduler id yet ("scheduler id None" said nothing).
+    submitted = (f"scheduler id {batch_job.scheduler_id}" if batch_job.scheduler_id is not None
+                 else "not submitted yet")
     batch_job.state = "pending_deletion"
     batch_job.save()
-    click.echo(f"Marked BatchJob {batch_job.id} (scheduler id {batch_job.scheduler_id}) for deletion")
+    click.echo(f"Marked BatchJob {batch_job.id} ({submitted}) for deletion")
 
 
 commands = [queue]

@@ -30,6 +30,9 @@ def check_settings(path: str | None) -> None:
     target = Path(path) if path else None
     if target is not None and target.is_file():
         settings_path = target
+    elif target is not None and target.suffix.lower() in (".yml", ".yaml") and not target.exists():
+        # A file was meant: "missing.yml is not a Balsam site (no .balsam-site file in it)" misled.
+        raise click.ClickException(f"{path}: file not found")
     else:
         settings_path = SiteConfig(target).settings_path
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 import shutil
 import socket
 import sys
@@ -54,6 +55,8 @@ def init(site_path: str, name: Optional[str], platform_name: Optional[str], sche
 
     path = Path(site_path).expanduser().absolute()
     interactive = _interactive()
+    # `-A ""` (an empty variable in a script) stored allowed_projects [''], a project no BatchJob can name.
+    projects = tuple(p.strip() for p in projects if p.strip())
     if platform_name is None:
         platforms = available_platforms()
         detected = detect_platform()
@@ -79,16 +82,20 @@ def init(site_path: str, name: Optional[str], platform_name: Optional[str], sche
     site_id = init_site(path, name, platform_name, _client(), echo=click.echo, scheduler_name=scheduler_name,
                         projects=list(projects) or None)
     click.echo(f"New Balsam site {name!r} (id {site_id}, platform {platform_name}) set up at {path}")
-    click.echo(f"Next: cd {path} && balsam site start")
+    click.echo(f"Next: cd {shlex.quote(str(path))} && balsam site start")  # a path with a space must paste as one
 
 
 @click.command("start")
 @click.argument("site_path", required=False)
 def start(site_path: Optional[str]) -> None:
     """Start the site agent in the background (run inside a site, or give its path)."""
-    from balsam.site.site_ops import start_agent
+    from balsam.site.site_ops import check_site_on_server, start_agent
 
     path = _site_path(site_path)
+    try:
+        check_site_on_server(_client(), path)  # an agent for a deleted record would log HTTP 404 forever
+    except ConnectionError as exc:  # ServerUnavailable: the agent rides out an outage, let it start
+        click.echo(f"Warning: could not check the site with the server ({exc}); starting the agent anyway", err=True)
     pid = start_agent(path)
     click.echo(f"Started Balsam site agent [pid {pid}] on {socket.gethostname()} (logs in {path / 'log'})")
 

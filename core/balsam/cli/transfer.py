@@ -105,7 +105,8 @@ def transfer() -> None:
 def ls(job_ids: tuple[int, ...], states: tuple[str, ...], direction: Optional[str], limit: Optional[int], by_state: bool,
        site_selector: str, watch: bool, interval: float, rounds: Optional[int]) -> None:
     """List transfer items with their state, task, tries and error or progress."""
-    filters: dict[str, Any] = {} if job_ids else site_filter(site_selector)
+    # Items of jobs named by id need no default site restriction; an explicit --site still narrows.
+    filters: dict[str, Any] = site_filter(site_selector) if not job_ids or site_selector else {}
     if job_ids:
         filters["job_id"] = list(job_ids)
     if states:

@@ -66,9 +66,9 @@ class LauncherSettings:
         help="Options of the platform plugin named above (its options schema; `balsam plugins show NAME`).",
         factory=dict,
     )
-    idle_ttl_sec: int = setting(60, "A launcher with nothing to run for this many seconds exits.")
-    delay_sec: int = setting(1, "Seconds between two launcher cycles.")
-    error_tail_num_lines: int = setting(10, "Lines of a failed job's output kept in its error event.")
+    idle_ttl_sec: int = setting(60, "A launcher with nothing to run for this many seconds exits (0 or more).")
+    delay_sec: int = setting(1, "Seconds between two launcher cycles (at least 1).")
+    error_tail_num_lines: int = setting(10, "Lines of a failed job's output kept in its error event (0 or more).")
     max_concurrent_mpiruns: int = setting(1000, "Most MPI runs one mpi-mode launcher starts at the same time.")
     mpirun_allows_node_packing: Optional[bool] = setting(
         None, "Whether several MPI runs may share a node; null uses the platform's default."
@@ -93,4 +93,11 @@ class LauncherSettings:
             problems["sort_by"] = f"expected null or 'long_large_first', got {self.sort_by!r}"
         if self.max_concurrent_mpiruns < 1:
             problems["max_concurrent_mpiruns"] = "must be at least 1"
+        # A negative delay reaches a wait timeout (ValueError in the mpi-mode loop); 0 makes an idle
+        # launcher ask the API for jobs without pause.
+        if self.delay_sec < 1:
+            problems["delay_sec"] = f"must be at least 1, got {self.delay_sec!r}"
+        for name in ("idle_ttl_sec", "error_tail_num_lines"):
+            if getattr(self, name) < 0:
+                problems[name] = f"must not be negative, got {getattr(self, name)!r}"
         return problems

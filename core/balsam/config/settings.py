@@ -88,28 +88,56 @@ class SettingsError(ValueError):
 _FAST_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+class _RecursiveYAML(ValueError):
+    """A YAML alias inside the node it names (``a: &x [*x]``): data that contains itself."""
+
+    def __init__(self, path: tuple, line: int) -> None:
+        self.path = path
+        self.line = line
+        super().__init__(f"{_dotted(path)} is an alias of a node that contains it (data that contains itself)")
+
+
 def _line_map(text: str) -> dict[tuple, int]:
-    """Key path -> 1-based line of that key (or list item) in the YAML text."""
+    """Key path -> 1-based line of that key (or list item) in the YAML text.
+
+    Walked with an explicit stack, each node once: a node reached again through an alias keeps
+    the lines of its first place (a document of nested aliases would otherwise take exponential
+    time), and an alias inside the node it names raises :class:`_RecursiveYAML` (it recursed until
+    "maximum recursion depth exceeded")."""
     lines: dict[tuple, int] = {}
     try:
         root = yaml.compose(text, Loader=_FAST_YAML_LOADER)
     except yaml.YAMLError:
         return lines
-
-    def walk(node: Any, path: tuple) -> None:
+    if root is None:
+        return lines
+    lines[()] = root.start_mark.line + 1
+    open_nodes: set[int] = set()  # the node being walked and the nodes that contain it
+    walked: set[int] = set()
+    stack: list[tuple[Any, tuple, bool]] = [(root, (), False)]
+    while stack:
+        node, path, leaving = stack.pop()
+        if leaving:
+            open_nodes.discard(id(node))
+            walked.add(id(node))
+            continue
+        if id(node) in walked:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, path, True))
         if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
-                lines[path + (key,)] = key_node.start_mark.line + 1
-                walk(value_node, path + (key,))
+            children = [(key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node),
+                         key_node.start_mark.line + 1, value_node) for key_node, value_node in node.value]
         elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                lines[path + (index,)] = item.start_mark.line + 1
-                walk(item, path + (index,))
-
-    if root is not None:
-        lines[()] = root.start_mark.line + 1
-        walk(root, ())
+            children = [(index, item.start_mark.line + 1, item) for index, item in enumerate(node.value)]
+        else:
+            continue
+        for key, line, child in reversed(children):
+            lines.setdefault(path + (key,), line)
+            if id(child) in open_nodes:
+                raise _RecursiveYAML(path + (key,), lines[path + (key,)])
+            if isinstance(child, (yaml.MappingNode, yaml.SequenceNode)) and id(child) not in walked:
+                stack.append((child, path + (key,), False))
     return lines
 
 
@@ -492,11 +520,17 @@ def load_settings(path: Union[str, os.PathLike], *, only: Optional[Collection[st
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise SettingsError([f"{source}: file not found"]) from None
     except OSError as exc:
         raise SettingsError([f"{source}: cannot read the file ({exc.strerror or exc})"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Not an OSError: it escaped as "'utf-8' codec can't decode byte 0xff ..." naming no file.
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise SettingsError([f"{source}:{line}: not UTF-8 text (byte {exc.start + 1}: 0x{raw[exc.start]:02x})"]) from None
     return loads_settings(text, source=source, only=only)
 
 
@@ -506,7 +540,11 @@ def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Co
         data = yaml.load(text, Loader=_FAST_YAML_LOADER)
     except yaml.YAMLError:
         data = _load_yaml_for_its_error(text, source)
-    return parse_settings(data, source=source, lines=_line_map(text), only=only)
+    try:
+        lines = _line_map(text)
+    except _RecursiveYAML as exc:
+        raise SettingsError([f"{source}:{exc.line}: invalid YAML: {exc}"]) from None
+    return parse_settings(data, source=source, lines=lines, only=only)
 
 
 def _load_yaml_for_its_error(text: str, source: str) -> Any:

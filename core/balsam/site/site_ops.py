@@ -231,6 +231,26 @@ def init_site(
 # -- agent daemon ---------------------------------------------------------------------------------
 
 
+def check_site_on_server(client: Any, site_path: Path) -> int:
+    """The site id of ``site_path`` once the server has its record; SiteError (one line) when the
+    server answers 404. An agent started for a deleted record (``site rm --force``, a reset server
+    database, another server or account logged in) only logs HTTP 404 every cycle, forever."""
+    site_id = read_site_id(site_path)
+    try:
+        client.get(f"/sites/{site_id}")
+    except Exception as exc:
+        if getattr(exc, "status_code", None) != 404:
+            raise
+        who = f" for user {client.username}" if getattr(client, "username", None) else ""
+        # `site sync` cannot help: it updates the record (PUT), which is just as missing.
+        raise SiteError(
+            f"site {site_id} ({Path(site_path).absolute()}) is not on the server {client.api_root}{who}: deleted, "
+            "or the server's database was reset? Create a new site with `balsam site init NEW_DIR`"
+            " (or `balsam login` to the server that has it)"
+        ) from None
+    return site_id
+
+
 def start_agent(site_path: Path, *, wait_sec: float = 20.0) -> int:
     """Start ``python -m balsam.site`` in the background for ``site_path``; return its pid once it runs."""
     site_path = Path(site_path).absolute()
