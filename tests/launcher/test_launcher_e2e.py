@@ -649,3 +649,98 @@ def test_mpi_mode_gives_back_jobs_queued_behind_a_long_job(new_site) -> None:
     assert len(ends) == 5 and max(ends.values()) < long_end - 2, text
     log = "".join(p.read_text() for p in (path / "log").glob("mpi_mode_*.log"))
     assert "queued ones given back" in log and " 0 queued ones given back" not in log, log[-2000:]
+
+
+#: Appends a line to ``runs`` in its workdir each run; exits 1 the first time (a marker file), 0 after.
+FLAKY_TEMPLATE = ("bash -c 'echo run >> runs; if [ -e tried ]; then echo second run ok; "
+                  "else touch tried; echo first run fails; exit 1; fi'")
+
+
+def _runs(path: Path, workdir: str) -> int:
+    return (path / "data" / workdir / "runs").read_text().count("run")
+
+
+def test_serial_mode_relaunches_quick_failures_as_balsam_07(new_site) -> None:
+    """Balsam 0.7's serial worker relaunched a task that exited with -11, 1, 255 or 12345 within
+    20 s of its start, up to 3 times, before reporting RUN_ERROR (runner.RETRY_CODES): a job that
+    fails once finishes, one that always fails ends RUN_ERROR after 4 runs (one RUN_ERROR event,
+    which says so), another exit code is reported at once. Window and other pools:
+    test_quick_failure_retry.py."""
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Flaky(ApplicationDefinition):
+        site = name
+        command_template = FLAKY_TEMPLATE
+
+    class Exits(ApplicationDefinition):
+        site = name
+        command_template = "bash -c 'echo run >> runs; echo failing; exit {{ code }}'"
+
+    Flaky.sync()
+    Exits.sync()
+    ids = make_runnable([Flaky.submit(workdir="flaky", save=False), Exits.submit(workdir="always1", code=1, save=False),
+                         Exits.submit(workdir="exit2", code=2, save=False)])
+    proc = start_launcher(path, "serial", 1)
+    jobs = wait_for_states(ids, {"RUN_DONE", "RUN_ERROR"})
+    assert finish(proc) == 0
+    flaky, always, other = ids
+    assert [str(jobs[j].state) for j in ids] == ["RUN_DONE", "RUN_ERROR", "RUN_ERROR"]
+    assert (_runs(path, "flaky"), _runs(path, "always1"), _runs(path, "exit2")) == (2, 4, 1)
+    history = events_of(ids)
+    moves = [(e.from_state, e.to_state) for e in history[flaky]]
+    assert moves[-2:] == [("PREPROCESSED", "RUNNING"), ("RUNNING", "RUN_DONE")], moves
+    assert [e.to_state for e in history[always]].count("RUN_ERROR") == 1
+    error = history[always][-1]
+    assert error.to_state == "RUN_ERROR" and error.data["returncode"] == 1 and jobs[always].return_code == 1
+    assert error.data["error"].startswith("failing\nbalsam: relaunched 3 times"), error.data
+    assert "relaunched" not in history[other][-1].data["error"] and jobs[other].return_code == 2
+    log = "".join(p.read_text() for p in (path / "log").glob("serial_mode_*.log"))
+    assert f"job {flaky} exited 1 after" in log and f"job {always} exited 1 after" in log
+    assert "relaunching (3 of 3)" in log and f"job {flaky} finished after 1 relaunch" in log
+
+
+def test_serial_mode_worker_ranks_relaunch_quick_failures_too(new_site) -> None:
+    """The rule runs on every rank: jobs placed on a worker rank's node are relaunched there."""
+    import json
+    import socket
+
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Flaky(ApplicationDefinition):
+        site = name
+        command_template = FLAKY_TEMPLATE
+
+    Flaky.sync()
+    ids = make_runnable(Flaky.submit(workdir=f"flaky/{i}", save=False) for i in range(4))
+    host = socket.gethostname()
+    # Two "nodes" of one CPU slot each: node 0's jobs run on rank 0 (master), node 1's on rank 1.
+    nodes = [{"node_id": str(i), "hostname": host, "cpu_ids": [0], "gpu_ids": []} for i in range(2)]
+    proc = start_launcher(path, "serial", 1, env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
+    jobs = wait_for_states(ids, {"RUN_DONE", "RUN_ERROR"})
+    assert finish(proc) == 0
+    assert {str(j.state) for j in jobs.values()} == {"RUN_DONE"}
+    assert [_runs(path, f"flaky/{i}") for i in range(4)] == [2, 2, 2, 2]
+    worker_logs = [p for p in (path / "log").glob("serial_mode_*.log") if not p.name.endswith(".master.log")]
+    assert worker_logs and "relaunching (1 of 3)" in "".join(p.read_text() for p in worker_logs)
+
+
+def test_mpi_mode_reports_a_quick_failure_at_once_as_balsam_07(new_site) -> None:
+    """0.7's mpi mode reported every non-zero exit: no relaunch there (docs/launcher.md)."""
+    from balsam.api import ApplicationDefinition
+
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Flaky(ApplicationDefinition):
+        site = name
+        command_template = FLAKY_TEMPLATE
+
+    Flaky.sync()
+    ids = make_runnable([Flaky.submit(workdir="flaky", save=False)])
+    proc = start_launcher(path, "mpi", 1)
+    jobs = wait_for_states(ids, {"RUN_DONE", "RUN_ERROR"})
+    assert finish(proc) == 0
+    assert str(jobs[ids[0]].state) == "RUN_ERROR" and _runs(path, "flaky") == 1

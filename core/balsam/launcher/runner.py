@@ -246,6 +246,57 @@ STOP_SIGNAL_EXITS = spawner.STOP_SIGNAL_EXITS
 #: How long such an exit is held back before it is reported as the job's own error (see ProcessPool).
 STOP_SIGNAL_HOLD_SEC = 1.0
 
+# Serial mode's quick-failure relaunch: Balsam 0.7's constants (its serial-mode ``Worker``:
+# ``RETRY_CODES = [-11, 1, 255, 12345]``, ``RETRY_WINDOW = 20``, ``MAX_RETRY = 3``), with 0.7's rule:
+# a task that exits with one of RETRY_CODES less than RETRY_WINDOW seconds after it (re)started is
+# started again at once, on the same CPUs and GPUs (its placement is kept: the launcher's loop does not
+# hear of the exit), up to MAX_RETRY times; then its exit is reported (RUN_ERROR). 12345 is a task that
+# could not be started (spawner.SPAWN_FAILED); -11 a segmentation fault. Only pools made with
+# ``relaunch_quick_failures`` (serial mode's) apply it: 0.7's mpi mode reported every non-zero exit.
+# Read when a pool is made (the spawner gets them as an argument).
+#: Exit codes of a quick failure worth a relaunch (Balsam 0.7's ``Worker.RETRY_CODES``).
+RETRY_CODES = frozenset([-11, 1, 255, 12345])
+#: Seconds from a task's (re)start within which such an exit is relaunched (0.7's ``Worker.RETRY_WINDOW``).
+RETRY_WINDOW = 20.0
+#: Most relaunches of one task (0.7's ``Worker.MAX_RETRY``: up to 4 runs in all).
+MAX_RETRY = 3
+
+
+def relaunch_rule() -> tuple[frozenset[int], float, int]:
+    """``(codes, window_sec, max_relaunches)``: the module's constants as they are now."""
+    return frozenset(RETRY_CODES), float(RETRY_WINDOW), int(MAX_RETRY)
+
+
+def log_relaunch(job_id: int, returncode: int, seconds: float, count: int, most: int) -> None:
+    logger.info("job %s exited %s after %.1f s: relaunching (%d of %d)", job_id, returncode, seconds, count, most)
+
+
+def relaunch_note(count: int, returncode: int, rule: tuple[frozenset[int], float, int]) -> str:
+    """What the RUN_ERROR of a task relaunched ``count`` times says about it (after its output tail)."""
+    codes, window, _most = rule
+    times = "once" if count == 1 else f"{count} times"
+    listed = ", ".join(map(str, sorted(codes)))
+    return (f"balsam: relaunched {times} (Balsam 0.7's serial-mode rule: exit code {listed} within {window:g} s "
+            f"of the start); the last run exited {returncode}")
+
+
+def _note_relaunches(finished: list[tuple[int, int, str, float]], relaunched: dict[int, int],
+                     rule: tuple[frozenset[int], float, int]) -> list[tuple[int, int, str, float]]:
+    """``finished`` with the relaunch note on the tail of the failures among the jobs in
+    ``relaunched`` (whose entries are removed); a success after relaunches is logged."""
+    out = []
+    for record in finished:
+        count = relaunched.pop(record[0], 0)
+        if count:
+            job_id, rc, tail, when = record
+            if rc:
+                note = relaunch_note(count, rc, rule)
+                record = (job_id, rc, f"{tail}\n{note}" if tail.strip() else note, when)
+            else:
+                logger.info("job %s finished after %d relaunch(es)", job_id, count)
+        out.append(record)
+    return out
+
 
 def finished_record(proc: Any, error_tail_num_lines: int) -> tuple[int, int, str, float]:
     """``(job_id, returncode, error_tail, end_time)`` of an ended task (``proc``: ``job_id``,
@@ -300,13 +351,18 @@ class ProcessPool:
     """
 
     def __init__(self, error_tail_num_lines: int, wake: Optional[threading.Event] = None, *,
-                 sigpipe_ignored: bool = False) -> None:
+                 sigpipe_ignored: bool = False, relaunch_quick_failures: bool = False) -> None:
         self.error_tail_num_lines = error_tail_num_lines
         #: The processes keep SIGPIPE ignored (MPI launchers: see :func:`local_pool`).
         self.sigpipe_ignored = sigpipe_ignored
         self.running: dict[int, AppProcess] = {}
         self.reaper = ChildReaper(wake) if wake is not None else None
         self.held: dict[int, float] = {}  # job id -> when its exit by a signal was noticed (monotonic)
+        #: Serial mode's quick-failure relaunch (:data:`RETRY_CODES`), or None. With it, ``_requests``
+        #: keeps each running task's start request and ``_relaunched`` how often it was started again.
+        self.relaunch = relaunch_rule() if relaunch_quick_failures else None
+        self._requests: dict[int, tuple[str, Any, dict[str, str], Sequence[int]]] = {}
+        self._relaunched: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.running)
@@ -314,9 +370,27 @@ class ProcessPool:
     def start(self, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str], cpu_ids: Sequence[int] = ()) -> AppProcess:
         proc = AppProcess(job_id, shell_cmd, workdir, env, cpu_ids, sigpipe_ignored=self.sigpipe_ignored)
         self.running[job_id] = proc
+        if self.relaunch is not None:
+            self._requests[job_id] = (shell_cmd, workdir, env, cpu_ids)
         if self.reaper is not None:
             self.reaper.watch(proc)
         return proc
+
+    def _relaunched_now(self, proc: AppProcess, rule: tuple[frozenset[int], float, int]) -> bool:
+        """Start ``proc``'s task again if the relaunch ``rule`` says so (it keeps its place in
+        ``running`` and its resources); False to report the exit."""
+        codes, window, most = rule
+        rc = proc.returncode
+        if rc is None or rc not in codes or proc.job_id not in self._requests:
+            return False
+        seconds = time.time() - proc.start_time
+        count = self._relaunched.get(proc.job_id, 0)
+        if seconds >= window or count >= most:
+            return False
+        self._relaunched[proc.job_id] = count + 1
+        log_relaunch(proc.job_id, rc, seconds, count + 1, most)
+        self.start(proc.job_id, *self._requests[proc.job_id])
+        return True
 
     def _finished(self, proc: AppProcess) -> tuple[int, int, str, float]:
         return finished_record(proc, self.error_tail_num_lines)
@@ -333,7 +407,15 @@ class ProcessPool:
                     exited.append(proc)
         else:
             exited = [proc for job_id, proc in self.running.items() if job_id not in self.held and proc.poll() is not None]
-        return settle_exits(exited, self.running, self.held, self.error_tail_num_lines)
+        rule = self.relaunch
+        if rule is None:
+            return settle_exits(exited, self.running, self.held, self.error_tail_num_lines)
+        if exited:
+            exited = [proc for proc in exited if not (proc.returncode and self._relaunched_now(proc, rule))]
+        finished = settle_exits(exited, self.running, self.held, self.error_tail_num_lines)
+        for record in finished:
+            self._requests.pop(record[0], None)
+        return _note_relaunches(finished, self._relaunched, self.relaunch) if self._relaunched else finished
 
     def terminate_all(self, grace_sec: float) -> tuple[list[int], list[tuple[int, int, str, float]]]:
         """SIGTERM every task's process group, SIGKILL every group still there after ``grace_sec``.
@@ -365,6 +447,8 @@ class ProcessPool:
             proc.wait(2.0)
         self.running.clear()
         self.held.clear()
+        self._requests.clear()
+        self._relaunched.clear()
         if self.reaper is not None:
             self.reaper.exited.clear()
             self.reaper.stop()
@@ -428,10 +512,13 @@ class SpawnerPool:
     ANSWER_MARGIN_SEC = 15.0
 
     def __init__(self, error_tail_num_lines: int, wake: threading.Event, *, python: str = sys.executable,
-                 sigpipe_ignored: bool = False) -> None:
+                 sigpipe_ignored: bool = False, relaunch_quick_failures: bool = False) -> None:
         self.error_tail_num_lines = error_tail_num_lines
         self.wake = wake
         self.sigpipe_ignored = sigpipe_ignored
+        #: Serial mode's quick-failure relaunch (:data:`RETRY_CODES`), applied by the spawner; or None.
+        self.relaunch = relaunch_rule() if relaunch_quick_failures else None
+        self._relaunched: dict[int, int] = {}  # job id -> relaunches the spawner reported ("r")
         self.running: dict[int, Any] = {}
         self.queued: dict[int, SpawnedTask] = {}
         self.held: dict[int, float] = {}
@@ -449,7 +536,8 @@ class SpawnerPool:
         try:
             self.proc = subprocess.Popen(
                 [python, "-I", "-S", spawner.__file__, str(request_r), str(reply_w),
-                 *([spawner.SIGPIPE_IGNORED_ARG] if sigpipe_ignored else [])],
+                 *([spawner.SIGPIPE_IGNORED_ARG] if sigpipe_ignored else []),
+                 *([spawner.relaunch_arg(*self.relaunch)] if self.relaunch is not None else [])],
                 pass_fds=(request_r, reply_w), stdin=subprocess.DEVNULL, env=self.base_env,
             )
         finally:
@@ -522,7 +610,8 @@ class SpawnerPool:
     def _fallback_pool(self) -> ProcessPool:
         if self._fallback is None:
             logger.error("%s: starting tasks from the launcher process from now on", self._gone)
-            self._fallback = ProcessPool(self.error_tail_num_lines, wake=self.wake, sigpipe_ignored=self.sigpipe_ignored)
+            self._fallback = ProcessPool(self.error_tail_num_lines, wake=self.wake, sigpipe_ignored=self.sigpipe_ignored,
+                                         relaunch_quick_failures=self.relaunch is not None)
         return self._fallback
 
     def reap(self) -> list[tuple[int, int, str, float]]:
@@ -536,6 +625,8 @@ class SpawnerPool:
                 if isinstance(task, SpawnedTask):
                     task.returncode, task.end_time, task.spawn_error = event[2], event[3], event[4]
                     exited.append(task)
+                    if self._relaunched:
+                        self._note_relaunched(task)
             elif kind == "h":
                 started = self.queued.pop(event[2], None)
                 if started is not None:
@@ -544,6 +635,9 @@ class SpawnerPool:
             elif kind == "d":
                 if self.queued.pop(job_id, None) is not None:
                     self._dropped.append(job_id)
+            elif kind == "r":  # the spawner started a task that failed quickly again
+                count = self._relaunched[job_id] = self._relaunched.get(job_id, 0) + 1
+                log_relaunch(job_id, event[2], event[3], count, self.relaunch[2] if self.relaunch else count)
         finished = settle_exits(exited, self.running, self.held, self.error_tail_num_lines)
         if self._fallback is not None:
             done = self._fallback.reap()
@@ -551,6 +645,17 @@ class SpawnerPool:
                 self.running.pop(job_id, None)
             finished.extend(done)
         return finished
+
+    def _note_relaunched(self, task: SpawnedTask) -> None:
+        """The last exit of a task the spawner relaunched: its RUN_ERROR says so (after the tail)."""
+        count = self._relaunched.pop(task.job_id, 0)
+        if not count:
+            return
+        if task.returncode:
+            note = relaunch_note(count, task.returncode, self.relaunch or relaunch_rule())
+            task.spawn_error = f"{task.spawn_error}\n{note}" if task.spawn_error else note
+        else:
+            logger.info("job %s finished after %d relaunch(es)", task.job_id, count)
 
     def terminate_all(self, grace_sec: float) -> tuple[list[int], list[tuple[int, int, str, float]]]:
         """As :meth:`ProcessPool.terminate_all`, done by the spawner (which then exits). Queued
@@ -583,6 +688,7 @@ class SpawnerPool:
         self.running.clear()
         self.queued.clear()
         self.held.clear()
+        self._relaunched.clear()
         self.close()
         return victims, finished
 
@@ -652,8 +758,9 @@ class SpawnerShards:
     """
 
     def __init__(self, count: int, error_tail_num_lines: int, wake: threading.Event, *,
-                 sigpipe_ignored: bool = False) -> None:
-        self._new_pool = lambda: SpawnerPool(error_tail_num_lines, wake, sigpipe_ignored=sigpipe_ignored)
+                 sigpipe_ignored: bool = False, relaunch_quick_failures: bool = False) -> None:
+        self._new_pool = lambda: SpawnerPool(error_tail_num_lines, wake, sigpipe_ignored=sigpipe_ignored,
+                                             relaunch_quick_failures=relaunch_quick_failures)
         #: The spawners started so far (each once).
         self.shards: list[SpawnerPool] = [self._new_pool()]
         self._route: list[Optional[SpawnerPool]] = [self.shards[0]] + [None] * (count - 1)
@@ -777,7 +884,7 @@ def spawner_count(node_cpus: int) -> int:
 
 
 def local_pool(error_tail_num_lines: int, wake: threading.Event, *, sigpipe_ignored: bool = False,
-               spawners: int = 1) -> "ProcessPool | SpawnerPool | SpawnerShards":
+               spawners: int = 1, relaunch_quick_failures: bool = False) -> "ProcessPool | SpawnerPool | SpawnerShards":
     """The pool a job mode starts this node's processes with: a spawner process (see
     :mod:`balsam.launcher.spawner`), so that the launcher's loop thread only writes a request per job
     (an in-process ``Popen`` of ``mpiexec`` cost mpi mode's loop 1.5-2.5 ms of held GIL per job); an
@@ -795,13 +902,17 @@ def local_pool(error_tail_num_lines: int, wake: threading.Event, *, sigpipe_igno
     true`` under load; 1 of 1,800 mpi-mode jobs in the launcher benchmark). With SIGPIPE ignored
     the write fails with EPIPE and ``mpiexec`` exits with its ranks' status (0 of 15,000). The
     ranks are not affected: the MPI launcher's daemons start them with the default disposition
-    (tested with hydra)."""
+    (tested with hydra).
+
+    ``relaunch_quick_failures``: a task that fails quickly is started again before its exit is
+    reported (Balsam 0.7's serial-mode rule, :data:`RETRY_CODES`); serial mode asks for it."""
+    options: dict[str, Any] = {"sigpipe_ignored": sigpipe_ignored, "relaunch_quick_failures": relaunch_quick_failures}
     if os.environ.get(SPAWNER_ENV, "1").strip() == "0":
-        return ProcessPool(error_tail_num_lines, wake=wake, sigpipe_ignored=sigpipe_ignored)
+        return ProcessPool(error_tail_num_lines, wake=wake, **options)
     try:
         if spawners > 1:
-            return SpawnerShards(spawners, error_tail_num_lines, wake, sigpipe_ignored=sigpipe_ignored)
-        return SpawnerPool(error_tail_num_lines, wake=wake, sigpipe_ignored=sigpipe_ignored)
+            return SpawnerShards(spawners, error_tail_num_lines, wake, **options)
+        return SpawnerPool(error_tail_num_lines, wake=wake, **options)
     except OSError as exc:
         logger.warning("no spawner process (%s): tasks are started from the launcher process", exc)
-        return ProcessPool(error_tail_num_lines, wake=wake, sigpipe_ignored=sigpipe_ignored)
+        return ProcessPool(error_tail_num_lines, wake=wake, **options)

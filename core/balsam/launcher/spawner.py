@@ -32,17 +32,22 @@ types cross, and both ends are the same interpreter):
   returncode, end_time, spawn_error)`` a task ended (``returncode`` as Popen gives it: ``-N`` for
   signal N; a task that could not be started has :data:`SPAWN_FAILED` and the reason, also written
   to its output file); ``("h", after_id, job_id, start_time)`` a queued task started on the CPUs of
-  the one that ended just before; ``("d", job_id)`` a queued task was dropped unstarted. The answer
-  to ``"t"``: ``("T", ended_by_signal, [("e", ...) events before the signal...])``.
+  the one that ended just before; ``("d", job_id)`` a queued task was dropped unstarted; ``("r",
+  job_id, returncode, seconds_run)`` a task failed quickly and was started again (below). The
+  answer to ``"t"``: ``("T", ended_by_signal, [("e", ...) events before the signal...])``.
 
 End of file on the request pipe means the launcher is gone: every task is ended as by ``"t"`` with
 a 5 s grace, and the process exits (tasks do not outlive their launcher unnoticed). SIGTERM and
 SIGINT are ignored here: the launcher gets them too and decides (it sends ``"t"``).
 
-Started as ``spawner.py REQUEST_FD REPLY_FD [sigpipe-ignored]``. With ``sigpipe-ignored`` the tasks
-keep SIGPIPE ignored (as this interpreter has it) instead of getting the default back: mpi mode's
-tasks are MPI launchers, which a late write can kill after a successful run (see
-:func:`balsam.launcher.runner.local_pool`).
+Started as ``spawner.py REQUEST_FD REPLY_FD [sigpipe-ignored] [relaunch=CODES;WINDOW;MAX]``. With
+``sigpipe-ignored`` the tasks keep SIGPIPE ignored (as this interpreter has it) instead of getting the
+default back: mpi mode's tasks are MPI launchers, which a late write can kill after a successful run
+(see :func:`balsam.launcher.runner.local_pool`). With ``relaunch=...`` (serial mode: Balsam 0.7's
+rule, whose constants are :data:`balsam.launcher.runner.RETRY_CODES` and its neighbours) a task that
+exits with one of the comma-separated CODES less than WINDOW seconds after it started is started
+again at once, same request, same CPUs, its queue kept behind it, up to MAX times; only its last
+exit is reported (each relaunch is an ``"r"`` event).
 """
 
 from __future__ import annotations
@@ -75,6 +80,22 @@ _RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", No
                                    signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT) if s is not None)
 #: The optional third argument: the tasks keep SIGPIPE ignored (see the module's docstring).
 SIGPIPE_IGNORED_ARG = "sigpipe-ignored"
+#: The optional argument that turns the quick-failure relaunch on: ``relaunch=CODES;WINDOW;MAX``.
+RELAUNCH_ARG = "relaunch"
+
+
+def relaunch_arg(codes: "list[int] | tuple[int, ...] | frozenset[int]", window_sec: float, max_relaunches: int) -> str:
+    """The argument for the relaunch rule (built by the launcher, read by :func:`parse_relaunch_arg`)."""
+    return f"{RELAUNCH_ARG}={','.join(str(int(c)) for c in codes)};{float(window_sec)!r};{int(max_relaunches)}"
+
+
+def parse_relaunch_arg(args: list) -> "tuple[frozenset[int], float, int] | None":
+    """``(codes, window_sec, max_relaunches)`` from the first ``relaunch=`` argument, else None."""
+    for arg in args:
+        if arg.startswith(RELAUNCH_ARG + "="):
+            codes, window, most = arg.split("=", 1)[1].split(";")
+            return frozenset(int(c) for c in codes.split(",") if c), float(window), int(most)
+    return None
 
 
 def encode(obj: object) -> bytes:
@@ -109,7 +130,8 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 class Spawner:
-    def __init__(self, request_fd: int, reply_fd: int, *, sigpipe_ignored: bool = False) -> None:
+    def __init__(self, request_fd: int, reply_fd: int, *, sigpipe_ignored: bool = False,
+                 relaunch: "tuple[frozenset[int], float, int] | None" = None) -> None:
         self.request_fd = request_fd
         self.reply_fd = reply_fd
         self.sigpipe_ignored = sigpipe_ignored
@@ -132,10 +154,18 @@ class Spawner:
         self.events: list[tuple] = []
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.setsid_ok = True
+        #: The quick-failure relaunch rule ``(codes, window_sec, max_relaunches)``, or None (every
+        #: exit is reported: mpi mode). With it, ``started`` keeps each running task's start
+        #: (monotonic) and request, and ``relaunched`` how often a task has been started again.
+        self.relaunch = relaunch
+        self.started: dict[int, tuple] = {}
+        self.relaunched: dict[int, int] = {}
 
     # -- starting ------------------------------------------------------------------------------
     def start(self, job_id: int, cpu_ids: list, argv: list, cwd: str, outfile: str, env_set: dict, env_unset: list) -> None:
         self.cpus_of[job_id] = cpu_ids  # also when the start fails: a task queued behind gets them
+        if self.relaunch is not None:  # before the spawn: a start that fails may be relaunched too
+            self.started[job_id] = (time.monotonic(), argv, cwd, outfile, env_set, env_unset)
         env = self.base_env
         if env_set or env_unset:
             env = dict(env)
@@ -227,6 +257,13 @@ class Spawner:
         self._ended(job_id, SPAWN_FAILED, reason)
 
     def _ended(self, job_id: int, returncode: int, error: str = "") -> None:
+        rule = self.relaunch
+        if rule is not None:
+            started = self.started.pop(job_id, None)
+            if returncode in rule[0] and started is not None and self._relaunched(job_id, returncode, started, rule):
+                return
+            if self.relaunched:
+                self.relaunched.pop(job_id, None)
         now = time.time()
         self.events.append(("e", job_id, returncode, now, error))
         cpu_ids = self.cpus_of.pop(job_id, [])
@@ -243,6 +280,19 @@ class Spawner:
             return
         self.events.append(("h", job_id, task[0], now))
         self.start(task[0], cpu_ids, *task[1:])
+
+    def _relaunched(self, job_id: int, returncode: int, started: tuple, rule: tuple) -> bool:
+        """Start a task that failed quickly again (the relaunch rule), keeping its CPUs and what
+        is queued behind it; False when the rule says no (too late, or relaunched enough)."""
+        _codes, window, most = rule
+        seconds = time.monotonic() - started[0]
+        count = self.relaunched.get(job_id, 0)
+        if seconds >= window or count >= most:
+            return False
+        self.relaunched[job_id] = count + 1
+        self.events.append(("r", job_id, returncode, seconds))
+        self.start(job_id, self.cpus_of[job_id], *started[1:])
+        return True
 
     # -- reaping -------------------------------------------------------------------------------
     def reap(self) -> None:
@@ -275,6 +325,7 @@ class Spawner:
         self.after.clear()
         self.queued.clear()
         self.freed.clear()
+        self.relaunch = None  # from here on every exit is final
         self.reap()
         before, self.events = [e for e in self.events if e[0] == "e"], []
         victims = list(self.running.values())
@@ -371,7 +422,8 @@ def main(argv: list) -> int:
     request_fd, reply_fd = int(argv[0]), int(argv[1])
     for fd in (request_fd, reply_fd):
         os.set_inheritable(fd, False)  # the tasks must not hold the launcher's pipes open
-    return Spawner(request_fd, reply_fd, sigpipe_ignored=SIGPIPE_IGNORED_ARG in argv[2:]).run()
+    return Spawner(request_fd, reply_fd, sigpipe_ignored=SIGPIPE_IGNORED_ARG in argv[2:],
+                   relaunch=parse_relaunch_arg(argv[2:])).run()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ spawner, which starts the next one on the same CPUs the moment the one ahead exi
 trip through this loop (short tasks otherwise leave their CPU idle while the exit travels to the
 master and the next start back); a long task (older than :data:`HANDOVER_MAX_AGE_SEC`) gives its
 queue back.
+**Quick failures** are relaunched as in Balsam 0.7's serial mode: a task that exits with one of
+:data:`~balsam.launcher.runner.RETRY_CODES` less than ``RETRY_WINDOW`` seconds after it started is
+started again at once by its spawner, on the same CPUs, up to ``MAX_RETRY`` times, before its exit
+reaches the master (the master's and every worker's pool: ``relaunch_quick_failures``); mpi mode
+does not (0.7's did not either).
 Stop conditions (signal, wall time, idle timeout, refused credential) are one
 :class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
 master runs in the launcher process.
@@ -501,7 +506,8 @@ def build_master(
     pool: Any = None
     try:
         own_node = nodes[list(rank_of_node).index(0)] if 0 in rank_of_node else nodes[0]
-        pool = local_pool(int(launcher["error_tail_num_lines"]), wake,
+        # relaunch_quick_failures: Balsam 0.7's serial-mode rule (runner.RETRY_CODES), on every rank.
+        pool = local_pool(int(launcher["error_tail_num_lines"]), wake, relaunch_quick_failures=True,
                           spawners=spawner_count(len(own_node.cpu_ids) or os.cpu_count() or 1))
         return Master(
             node_manager=node_manager,
@@ -699,7 +705,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             # Spawner processes here too, as on the master's node: a fork/exec from this
             # interpreter holds its GIL (and forks an MPI process) once per task.
-            pool = local_pool(int(config.get("error_tail_num_lines", 10)), wake, spawners=spawner_count(_usable_cpus()))
+            pool = local_pool(int(config.get("error_tail_num_lines", 10)), wake, spawners=spawner_count(_usable_cpus()),
+                              relaunch_quick_failures=True)
             return Worker(transport, wake, stop, pool).run()
         except Exception:
             logger.exception("serial worker failed")
