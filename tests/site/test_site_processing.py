@@ -380,3 +380,148 @@ def test_a_hook_that_kills_its_worker_fails_its_job_alone(processing, client) ->
     failed = [e for e in events(client, job_id=ids[2]) if e["to_state"] == "FAILED"][0]
     assert "the hook worker process died" in failed["data"]["message"]
     assert module.alone == set()
+
+
+def test_a_hook_state_the_state_machine_refuses_fails_the_job_with_the_reason(processing, client) -> None:
+    """The server validates state changes: a hook result it refused (an invalid state, no state at
+    all, a NUL in an exception's text) was dropped, and the job stayed leased to the processing
+    session, never processed again. It now fails, with the reason."""
+    from balsam.api import ApplicationDefinition, Job
+
+    site, module = processing
+    site_id = site.site_id
+
+    class Finisher(ApplicationDefinition):  # Balsam 0.7's server took any state from a hook
+        site = site_id
+        command_template = "true"
+
+        def postprocess(self):
+            self.job.state = "JOB_FINISHED" if self.job.data.get("as_07") else "PREPROCESSED"
+
+    class Silent(ApplicationDefinition):  # changes data, leaves the state
+        site = site_id
+        command_template = "true"
+
+        def handle_error(self):
+            self.job.data = {**self.job.data, "retries": 1}
+
+    class Lazy(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+
+        def preprocess(self):
+            pass
+
+    class Nul(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+
+        def postprocess(self):
+            if self.job.data.get("raise"):
+                raise ValueError("bad output: a\x00b")
+            if self.job.data.get("complex"):
+                self.job.data = {"z": 1j}  # not JSON: the status updater retried it forever
+            else:
+                self.job.data = {"out": "x\x00y"}
+            self.job.state = "POSTPROCESSED"
+            self.job.state_data = {"parsed": "a\x00"}
+
+    for app in (Finisher, Silent, Lazy, Nul):
+        app.sync()
+    fin, fin07, silent, lazy, raiser, nul_data, cplx = Job.objects.bulk_create(
+        [Job("fin/0", Finisher), Job("fin/07", Finisher, data={"as_07": 1}), Job("silent/0", Silent), Job("lazy/0", Lazy),
+         Job("nul/raise", Nul, data={"raise": True}), Job("nul/data", Nul), Job("nul/complex", Nul, data={"complex": 1})]
+    )
+    ids = [fin.id, fin07.id, silent.id, lazy.id, raiser.id, nul_data.id, cplx.id]
+    run_until(module, lambda: all(r["state"] != "STAGED_IN" for r in job_rows(client, id=ids)))
+    assert job_rows(client, id=[lazy.id])[0]["state"] == "FAILED"
+    FakeLauncher(client, site_id).run(
+        {fin.id: ("RUN_DONE", {}), fin07.id: ("RUN_DONE", {}), silent.id: ("RUN_ERROR", {"returncode": 1}), raiser.id: ("RUN_DONE", {}),
+         nul_data.id: ("RUN_DONE", {}), cplx.id: ("RUN_DONE", {})}, Path(site.data_path), {},
+    )
+    run_until(module, lambda: all(r["state"] in ("FAILED", "JOB_FINISHED") for r in job_rows(client, id=ids)))
+    rows = {r["id"]: r for r in job_rows(client, id=ids)}
+
+    def reason(job_id: int) -> dict:
+        return [e for e in events(client, job_id=job_id) if e["to_state"] == "FAILED"][0]["data"]
+
+    assert rows[fin.id]["state"] == "FAILED"
+    assert reason(fin.id) == {"message": "postprocess set PREPROCESSED: it must set POSTPROCESSED, RESTART_READY or FAILED"}
+    # What 0.7 apps do to end a job goes as POSTPROCESSED, and the server finishes it.
+    assert rows[fin07.id]["state"] == "JOB_FINISHED"
+    assert state_path(events(client, job_id=fin07.id))[-3:] == ["RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"]
+    assert rows[silent.id]["state"] == "FAILED" and rows[silent.id]["data"] == {"retries": 1}  # its changes are kept
+    assert reason(silent.id) == {"message": "handle_error left the job RUN_ERROR: it must set RESTART_READY or FAILED"}
+    assert reason(lazy.id) == {"message": "preprocess left the job STAGED_IN: it must set PREPROCESSED or FAILED"}
+    assert rows[raiser.id]["state"] == "FAILED"
+    assert "ValueError: bad output: a\ufffdb" in reason(raiser.id)["error"]
+    assert rows[nul_data.id]["state"] == "JOB_FINISHED" and rows[nul_data.id]["data"] == {"out": "x\ufffdy"}
+    post = [e for e in events(client, job_id=nul_data.id) if e["to_state"] == "POSTPROCESSED"][0]
+    assert post["data"] == {"parsed": "a\ufffd"}
+    assert rows[cplx.id]["state"] == "FAILED" and rows[cplx.id]["data"] == {"complex": 1}
+    assert reason(cplx.id)["message"].startswith("postprocess set a value that cannot be sent to the API: TypeError")
+    assert "#BALSAM postprocess set PREPROCESSED" in (Path(site.data_path) / "fin/0/balsam.log").read_text()
+    assert module.updater is not None and module.updater.dropped == []
+
+
+def test_hook_results_are_sent_at_stop_and_a_hung_hook_is_ended(processing, client, monkeypatch) -> None:
+    """A hook still running when the agent stops: its result was thrown away (the pool's shutdown
+    let it finish, nothing collected it) and the next agent ran it again. Now the results of the
+    hooks that finish by HOOKS_STOP_LIMIT_SEC are sent; a hook still running then is ended, and its
+    job, released with the session, is processed by the next agent."""
+    from balsam.api import ApplicationDefinition, Job
+    from balsam.site.modules import processing as processing_module
+
+    site, module = processing
+    site_id = site.site_id
+    monkeypatch.setattr(processing_module, "HOOKS_STOP_WAIT_SEC", 0.1)
+    monkeypatch.setattr(processing_module, "HOOKS_STOP_LIMIT_SEC", 4.0)
+
+    class Slow(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+
+        def postprocess(self):
+            import time
+
+            with open("runs.txt", "a") as f:
+                f.write("run\n")
+            time.sleep(1.5)
+            self.job.data = {"post": "done"}
+            self.job.state = "POSTPROCESSED"
+
+    class Hung(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+
+        def postprocess(self):
+            import os
+            import time
+
+            if not os.path.exists("started"):
+                open("started", "w").close()
+                time.sleep(120)
+            self.job.state = "POSTPROCESSED"
+
+    Slow.sync()
+    Hung.sync()
+    slow, hung = Job.objects.bulk_create([Job("slow/0", Slow), Job("hung/0", Hung)])
+    ids = [slow.id, hung.id]
+    run_until(module, lambda: {r["state"] for r in job_rows(client, id=ids)} == {"PREPROCESSED"})
+    FakeLauncher(client, site_id).run({i: ("RUN_DONE", {}) for i in ids}, Path(site.data_path), {})
+    run_until(module, lambda: module.in_flight() == 2)
+    began = time.monotonic()
+    module.close()
+    assert time.monotonic() - began < 4.0 + 10.0  # bounded: the hung hook was ended
+    rows = {r["id"]: r for r in job_rows(client, id=ids)}
+    assert rows[slow.id]["state"] == "JOB_FINISHED" and rows[slow.id]["data"] == {"post": "done"}
+    assert (Path(site.data_path) / "slow/0/runs.txt").read_text() == "run\n"
+    assert rows[hung.id]["state"] == "RUN_DONE"
+
+    # The next agent: the session was released, so it takes the job and runs its hook again.
+    again = ProcessingModule(site, site.settings.processing, client)
+    try:
+        run_until(again, lambda: job_rows(client, id=[hung.id])[0]["state"] == "JOB_FINISHED")
+    finally:
+        again.close()
+    assert (Path(site.data_path) / "slow/0/runs.txt").read_text() == "run\n"

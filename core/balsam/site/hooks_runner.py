@@ -6,6 +6,9 @@
   from the markers in ``job.out``.
 - :func:`run_hooks` runs user hooks in a worker process: one app instance per job, the hook's output
   appended to ``<workdir>/balsam.log``, an exception in a hook fails the job with the traceback.
+  What a hook leaves is checked before it is sent (:func:`check_hook_state`): a state the state
+  machine does not allow, or none at all, fails the job with the reason, since the server would
+  refuse it and the job would stay leased to the processing session, never processed again.
 Both return update dicts for ``PATCH /jobs/``.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import json
 import os
 import sys
 import traceback
@@ -21,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..models import job_workdir
-from ..states import JobState
-from ..util import create_job_output, tail_file
+from ..states import JobState, allowed_targets
+from ..util import api_text, create_job_output, tail_file
 
 HOOK_FOR_STATE: dict[JobState, str] = {
     JobState.staged_in: "preprocess",
@@ -60,6 +64,65 @@ HOOK_WRITABLE_FIELDS = (
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def api_json(value: Any) -> Any:
+    """``value`` (JSON-like) with every string and key through :func:`balsam.util.api_text`: the
+    server refuses a whole update for one NUL (422), and a refused hook result left its job leased
+    to the processing session, never processed again."""
+    if isinstance(value, str):
+        return api_text(value)
+    if isinstance(value, dict):
+        return {api_text(k) if isinstance(k, str) else k: api_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [api_json(v) for v in value]
+    return value
+
+
+#: What 0.7 apps' postprocess hooks set to end a job; sent as POSTPROCESSED, which the server
+#: takes on to JOB_FINISHED (after the job's stage-out, if it has one).
+FINISHED_BY_POSTPROCESS = frozenset({JobState.finished.value, JobState.staged_out.value})
+
+#: States only a launcher gives a job (it runs it): the state machine allows STAGED_IN -> RUNNING
+#: for Balsam 0.7 launchers, but a hook that set it would leave a job that nothing runs.
+_LAUNCHER_ONLY = frozenset({JobState.running})
+
+
+def hook_targets(state: JobState) -> frozenset[JobState]:
+    """The states the hook run on a job in ``state`` may give it: the state machine's own moves
+    from ``state`` (unforced, as the server checks the agent's), less those only a launcher makes."""
+    return allowed_targets(state, forced=False) - _LAUNCHER_ONLY
+
+
+def _state_list(state: JobState, targets: frozenset[JobState]) -> str:
+    """``targets`` for a message: the default hook's state first, FAILED last."""
+    order = [DEFAULT_TARGET[state], *JobState]
+    order = [s for s in order if s != JobState.failed] + [JobState.failed]
+    names = list(dict.fromkeys(s.value for s in order if s in targets))
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_hook_state(state: JobState, new_state: Any) -> Optional[str]:
+    """None when a hook run on a job in ``state`` left it in ``new_state`` (None: did not change it)
+    as the state machine allows; else the reason, one line, naming the hook and what it did.
+
+    Balsam 0.7 sent whatever a hook left: a hook that set no state left its job where it was, and
+    its server accepted any state. Here the server validates the change, so both left the job
+    stuck (leased to the processing session, never acquired again): such a job fails instead."""
+    hook = HOOK_FOR_STATE[state]
+    allowed = hook_targets(state)
+    must = f"it must set {_state_list(state, allowed)}"
+    if new_state is None:
+        return f"{hook} left the job {state.value}: {must}"
+    try:
+        target = JobState.parse(new_state)
+    except ValueError:
+        return f"{hook} set {str(new_state)[:100]!r}, not a job state: {must}"
+    if target == state:
+        return f"{hook} left the job {state.value}: {must}"
+    if target not in allowed:
+        return f"{hook} set {target.value}: {must}"
+    return None
 
 
 def read_run_markers(workdir: Path) -> tuple[str, str]:
@@ -226,25 +289,44 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
         except BaseException as exc:  # a hook may raise anything, even SystemExit
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             print(text, flush=True)
-            return {
+            # api_json: an exception's text may hold a NUL (a hook parsing binary output), and the
+            # server refused the whole FAILED for it.
+            return api_json({
                 **base,
                 "state": JobState.failed.value,
                 "state_timestamp": now_iso(),
                 "state_data": {"message": f"An exception occurred in {hook}", "error": text[-4000:]},
-            }
+            })
         finally:
             os.chdir(cwd)
-    update = dict(base)
-    for name, value in after.items():
-        if before.get(name) != value:
-            update[name] = value
-    if "state" in update:
-        update["state_timestamp"] = now_iso()
-        if "state_data" not in update and after.get("state_data"):
-            update["state_data"] = after["state_data"]
-    elif "state_data" in update:
-        update.pop("state_data")  # state_data only travels with a state change
-    return update
+        update = dict(base)
+        for name, value in after.items():
+            if before.get(name) != value:
+                update[name] = value
+        if "state" in update:
+            update["state_timestamp"] = now_iso()
+            if "state_data" not in update and after.get("state_data"):
+                update["state_data"] = after["state_data"]
+        elif "state_data" in update:
+            update.pop("state_data")  # state_data only travels with a state change
+        try:
+            # Checked here: the agent's status updater would retry an update it cannot encode forever.
+            json.dumps(update)
+        except (TypeError, ValueError) as exc:
+            problem = f"{hook} set a value that cannot be sent to the API: {type(exc).__name__}: {exc}"
+            update = dict(base)
+        else:
+            if state == JobState.run_done and getattr(update.get("state"), "value", update.get("state")) in FINISHED_BY_POSTPROCESS:
+                # Balsam 0.7 apps set JOB_FINISHED in postprocess (its server took any state):
+                # POSTPROCESSED ends the same way here, with the stage-out that skipping it missed.
+                update["state"] = JobState.postprocessed.value
+            problem = check_hook_state(state, update.get("state"))
+        if problem is not None:
+            problem = problem.replace("\n", " ")[:1000]
+            print(f"#BALSAM {problem}; the job is FAILED", flush=True)
+            # The hook's other changes (data, tags ...) are kept: e.g. a retry counter in data.
+            update.update(state=JobState.failed.value, state_timestamp=now_iso(), state_data={"message": problem})
+    return api_json(update)
 
 
 def run_hooks(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int = 10) -> list[dict]:

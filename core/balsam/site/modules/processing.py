@@ -26,6 +26,8 @@ to a pool of ``num_workers`` worker processes, which append the hook's output to
 the launchers' BulkStatusUpdater (bulk PATCHes; retried through API outages, so no result is lost
 while the jobs stay leased to this module's session). Each cycle also sends the job updates that
 launchers spooled in the site's ``spool/`` because the API was gone when they stopped.
+At stop, the results of the hooks that finish within ``HOOKS_STOP_LIMIT_SEC`` are sent before the
+session is released (see :meth:`ProcessingModule.close`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
 from ...options import option
 from ...states import PROCESSABLE_STATES, JobState
 from ..apps import AppCache
-from ..hooks_runner import HOOK_FOR_STATE, default_update, now_iso, run_hooks
+from ..hooks_runner import HOOK_FOR_STATE, api_json, default_update, now_iso, run_hooks
 from ..module import AgentModule
 
 #: Jobs handed to one worker task (amortizes the IPC and app deserialization).
@@ -58,6 +60,13 @@ FOLLOW_UP_SEC = 0.1
 FOLLOW_UP_WINDOW_SEC = 2.0
 #: Hooks still running in the workers (and nothing arriving): their results are looked for this often.
 HOOKS_POLL_SEC = 0.2
+#: At stop, the hook chunks in the workers (running or queued) get this long to finish...
+HOOKS_STOP_WAIT_SEC = 20.0
+#: ...then those not started are cancelled, and the hooks already running get until this long after
+#: the stop began; the workers of those still running then are ended. Their jobs are released with
+#: the session, and their hooks run again under the next agent. Within ``balsam site stop``'s
+#: default 45 s, with room to send the results.
+HOOKS_STOP_LIMIT_SEC = 35.0
 
 
 def _worker_init() -> None:
@@ -190,6 +199,10 @@ class ProcessingModule(AgentModule):
             state = fields.pop("state", None)
             timestamp = fields.pop("state_timestamp", None)
             state_data = fields.pop("state_data", None)
+            if state_data:
+                # The server refuses a NUL or a lone surrogate (an exception's text, a job's output):
+                # a refused result leaves its job leased to this session, never processed again.
+                state_data = api_json(state_data)
             updater.put(job_id, state, timestamp, state_data, **fields)
         updater.send_soon()  # a cycle's results come together: nothing to wait for
         self.processed += len(updates)
@@ -374,23 +387,57 @@ class ProcessingModule(AgentModule):
         return updates
 
     def close(self) -> None:
-        # Let running hooks finish (they are short by design) and send their results.
+        began = time.monotonic()
+        pools = [pool for pool in (self.pool, self.isolation_pool) if pool is not None]
         if self.pending:
-            cf.wait(list(self.pending), timeout=20)
-            updates = self._harvest()
-            if updates:
-                self._send(updates)
+            cf.wait(list(self.pending), timeout=HOOKS_STOP_WAIT_SEC)
+        # Chunks not started yet never start: their jobs are released with the session (their hooks
+        # have not run, so the next agent runs them once).
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        running = [f for f in self.pending if not f.done()]
+        if running:
+            cf.wait(running, timeout=max(0.0, began + HOOKS_STOP_LIMIT_SEC - time.monotonic()))
+        unfinished = [f for f in self.pending if not f.done()]
+        if unfinished:
+            self.logger.warning("stopping: hooks of jobs %s still run after %.0f s; ended (they run again "
+                                "under the next agent)", [j["id"] for f in unfinished for j in self.pending[f]],
+                                time.monotonic() - began)
+            for pool in pools:
+                _end_workers(pool)
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)  # prompt now: no hook runs any more
+        self.pool = self.isolation_pool = None
+        # The results of the hooks that finished, even those that finished during the shutdown (they
+        # used to be thrown away, and the hook ran again under the next agent). The jobs of the
+        # cancelled and ended chunks get nothing: they are released below.
+        for future in list(self.pending):
+            if future.cancelled() or (future in unfinished and (not future.done() or future.exception() is not None)):
+                self.pending.pop(future)
+        updates = self._harvest()
+        self.backlog = []  # jobs of a dead worker, to be run again alone: released below as well
+        if updates:
+            self._send(updates)
+        # The results are sent before the session is released: a job released first could be taken
+        # by another processing session and its hook run again.
         if self.updater is not None:
             self.updater.close()  # sends what is queued (retrying for up to 30 s)
             if self.updater.dropped:
                 self.logger.error("%d job updates could not be sent: %s", len(self.updater.dropped), self.updater.dropped[:3])
             self.updater = None
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
-        if self.isolation_pool is not None:
-            self.isolation_pool.shutdown(wait=True, cancel_futures=True)
-            self.isolation_pool = None
         if self.lease is not None:
             self.lease.close()
             self.lease = None
+
+
+def _end_workers(pool: cf.ProcessPoolExecutor) -> None:
+    """Terminate a pool's worker processes (the hooks they run)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.terminate()
+        except Exception:  # already gone
+            pass
