@@ -134,6 +134,47 @@ def test_item_in_error_fails_its_job_with_the_reason(api, transfer_app):
     assert len([e for e in api.events(job_id=b["id"]) if e["to_state"] == "FAILED"]) == 1
 
 
+def test_a_rerun_stages_out_again_after_a_failed_or_done_stage_out(api, transfer_app):
+    """A job FAILED by its stage-out (item in ``error``), re-run by the user: at its next
+    POSTPROCESSED the item is ``pending`` again with its tries forgotten, and the job finishes once
+    it is done. So is an item ``done`` by an earlier run: the re-run's files are staged out too."""
+    _site, app = transfer_app
+    job = api.jobs(app["id"], transfers={"input": "aps:/d/in", "result": "home:/o/r"})[0]
+    jid = job["id"]
+    items = {i["direction"]: i for i in api.ok("GET", "/transfers/", params={"job_id": [jid]})["results"]}
+    api.ok("PATCH", "/transfers/", json=[{"id": items["in"]["id"], "state": "done"}])
+    out = items["out"]["id"]
+
+    def run_to_postprocessed():
+        for state in ("PREPROCESSED", "RUNNING", "RUN_DONE", "POSTPROCESSED"):
+            api.patch_states([jid], state)
+
+    run_to_postprocessed()
+    api.ok("PATCH", "/transfers/", json=[{"id": out, "state": "active", "task_id": "globus:1"}])
+    api.ok("PATCH", "/transfers/", json=[{"id": out, "state": "error", "task_id": "",
+                                          "transfer_info": {"error": "boom", "attempts": 3, "bytes": 5}}])
+    assert api.job(jid)["state"] == "FAILED"
+    api.patch_states([jid], "RESTART_READY")
+    for state in ("RUNNING", "RUN_DONE", "POSTPROCESSED"):
+        api.patch_states([jid], state)
+    assert api.job(jid)["state"] == "POSTPROCESSED"
+    item = api.ok("GET", f"/transfers/{out}")
+    assert (item["state"], item["task_id"], item["transfer_info"]) == ("pending", "", {"bytes": 5})
+    api.ok("PATCH", "/transfers/", json=[{"id": out, "state": "done"}])
+    assert api.job(jid)["state"] == "JOB_FINISHED"
+
+    # Done, and re-run again (a user's RESTART_READY): the stage-out is not skipped.
+    api.patch_states([jid], "RESTART_READY")
+    for state in ("RUNNING", "RUN_DONE", "POSTPROCESSED"):
+        api.patch_states([jid], state)
+    assert api.job(jid)["state"] == "POSTPROCESSED"
+    assert api.ok("GET", f"/transfers/{out}")["state"] == "pending"
+    # The stage-in item is not touched (a re-run does not stage in again).
+    assert api.ok("GET", f"/transfers/{items['in']['id']}")["state"] == "done"
+    history = [(e["from_state"], e["to_state"]) for e in api.events(job_id=jid, ordering="timestamp")]
+    assert history[-1] == ("RUN_DONE", "POSTPROCESSED")
+
+
 def test_transfer_filters_and_errors(api, transfer_app):
     site, app = transfer_app
     j1 = api.jobs(app["id"], tags={"t": "1"}, transfers={"input": "aps:/a"})[0]

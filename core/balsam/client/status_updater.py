@@ -11,11 +11,19 @@ logged and dropped, the others are sent.
 Connection failures and 5xx are retried for as long as the updater runs; once ``close()`` is
 called, calls that keep failing for ``close_timeout`` seconds are given up.
 
+Leases: an updater given a ``session_id`` (a launcher's Session; an int, or a callable that tells
+the current one) adds ``"session_id"`` to every update put without one. The server applies such an
+update only while that session still holds the job, and checks its state change strictly: an update
+of a job the user moved meanwhile (re-queued, failed) is refused (409, ``refused_ids``) and dropped
+here instead of undoing the user's move. Updates put before the session is known go without it.
+
 Nothing is lost when the API is gone at the end: with ``spool_dir``, the updates that could not be
 sent are written there (one JSON line each) and :func:`replay_spool` sends them later (the site
 agent's processing module does, every cycle). A replayed update the server refuses by then (the job
 moved on, e.g. its session expired and it was timed out and re-queued) is dropped: the job runs
-again, which is the at-least-once side of the guarantee (docs/reliability.md).
+again, which is the at-least-once side of the guarantee (docs/reliability.md). A spooled update keeps
+the session it was put under, so the agent replays a launcher's updates under the launcher's lease,
+not its own.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from balsam.states import JobState
 
 logger = logging.getLogger(__name__)
 
+#: The key of an update sent under a session's lease (the server's ``jobs_logic.SESSION_KEY``).
+SESSION_KEY = "session_id"
 #: Statuses that mean "retry later", not "this request is wrong".
 _TRANSIENT_4XX = (401, 408, 429)
 
@@ -155,6 +165,9 @@ class BulkStatusUpdater:
     by default the client of ``balsam.api``. ``send`` replaces the HTTP call entirely (it receives
     one list of update dicts per call). ``spool_dir``: where updates that could not be sent by the
     end of ``close()`` are written (see :func:`replay_spool`); without it they are only logged.
+    ``session_id``: the Session whose lease the updates are sent under (see the module's docstring):
+    an int, or a callable returning the current one (or None); settable later (:attr:`session_id`),
+    before the first update of a leased job is put.
     """
 
     def __init__(
@@ -167,8 +180,10 @@ class BulkStatusUpdater:
         send: Optional[Callable[[list[dict[str, Any]]], Any]] = None,
         name: str = "status-updater",
         spool_dir: "Path | str | None" = None,
+        session_id: "int | Callable[[], Optional[int]] | None" = None,
     ) -> None:
         self._client = client
+        self._session: "int | Callable[[], Optional[int]] | None" = session_id
         self._send_fn = send
         self.max_batch = max_batch
         self.max_wait_sec = max_wait_sec
@@ -201,6 +216,28 @@ class BulkStatusUpdater:
         self._thread.start()
 
     # -- public API ----------------------------------------------------------------------------
+    @property
+    def session_id(self) -> Optional[int]:
+        """The session added to the updates put from now on (None: none)."""
+        source = self._session
+        if source is None or type(source) is int:
+            return source
+        if callable(source):
+            value = source()
+            return None if value is None else int(value)
+        return int(source)
+
+    @session_id.setter
+    def session_id(self, value: "int | Callable[[], Optional[int]] | None") -> None:
+        self._session = value
+
+    def _stamped(self, update: dict[str, Any]) -> dict[str, Any]:
+        """``update`` with this updater's session (a copy), unless it has one or there is none."""
+        if self._session is None or SESSION_KEY in update:
+            return update
+        session_id = self.session_id
+        return update if session_id is None else {**update, SESSION_KEY: session_id}
+
     def put(
         self,
         job_id: int,
@@ -221,12 +258,13 @@ class BulkStatusUpdater:
             update.update(fields)
         self.put_update(update)
 
-    def put_update(self, update: dict[str, Any]) -> int:
+    def put_update(self, update: dict[str, Any], *, stamp_session: bool = True) -> int:
         """Queue an update already in wire form (``{"id": ..., "state": ...}``); returns its sequence
-        number (see :meth:`done_through`)."""
+        number (see :meth:`done_through`). ``stamp_session=False``: sent as it is, without this
+        updater's session (another client's update: a replayed spool's)."""
         if self._closed:
             raise RuntimeError("BulkStatusUpdater is closed")
-        self._items.append(update)
+        self._items.append(self._stamped(update) if stamp_session else update)
         self._last_put = next(self._put_count)
         return self._last_put
 
@@ -239,7 +277,7 @@ class BulkStatusUpdater:
         only then may such a group travel in two calls."""
         if self._closed:
             raise RuntimeError("BulkStatusUpdater is closed")
-        group = tuple(updates)
+        group = tuple(self._stamped(u) for u in updates) if self._session is not None else tuple(updates)
         if not group:
             return self._last_put
         self._items.append(group if len(group) > 1 else group[0])
@@ -491,7 +529,8 @@ class SpoolReplayer:
                 except (ValueError, KeyError, TypeError):
                     logger.warning("%s:%d: not a job update; skipped", path, number)
                     continue
-                sequence = self.updater.put_update(update)
+                # As it was sent: under its launcher's session (or none), never the agent's.
+                sequence = self.updater.put_update(update, stamp_session=False)
                 queued += 1
             logger.info("replaying %d spooled job updates from %s", len(lines), path.name)
             if sequence:

@@ -149,14 +149,25 @@ class EarlyLease:
             self._lease.close(retry_count=0)
 
 
-def open_updater(spool_path: "Path | str | None") -> Any:
+def lease_session(lease: Any) -> Any:
+    """A callable telling the session ``lease`` holds now (None while it has none): a lost session
+    is replaced by a new one, whose jobs are then reported under it."""
+    return lambda: getattr(lease, "session_id", None)
+
+
+def open_updater(spool_path: "Path | str | None", lease: Any = None) -> Any:
     """The launcher's status updater: quick to give up on a vanished API at shutdown, and what it
-    could not send is spooled in the site for the agent."""
+    could not send is spooled in the site for the agent.
+
+    ``lease``: the launcher's lease; its updates are then sent under its Session (the server refuses
+    those of a job the session no longer holds: a user re-queued or failed it meanwhile). Opened
+    after the updater, it is set later with ``updater.session_id = lease_session(lease)``."""
     from balsam.client.status_updater import BulkStatusUpdater
 
     # No client given: the updater's thread resolves the balsam.api client on its first call, off
     # the launcher's start-up path.
-    return BulkStatusUpdater(None, close_timeout=SHUTDOWN_UPDATE_TIMEOUT_SEC, spool_dir=spool_path)
+    return BulkStatusUpdater(None, close_timeout=SHUTDOWN_UPDATE_TIMEOUT_SEC, spool_dir=spool_path,
+                             session_id=lease_session(lease) if lease is not None else None)
 
 
 def find_batch_job_id(site_id: int, env: Mapping[str, str], platform: Any) -> Optional[int]:

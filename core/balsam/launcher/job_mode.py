@@ -270,7 +270,7 @@ class JobMode(abc.ABC):
 
         ctx = self.context
         source = ctx.open_lease(sort_by=ctx.setting("sort_by"))
-        updater = open_updater(ctx.spool_path)
+        updater = open_updater(ctx.spool_path, source)  # updates sent under the source's Session
         self.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
         try:
             yield source, updater

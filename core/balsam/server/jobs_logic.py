@@ -1147,10 +1147,20 @@ def _fast_state_patch(data: Any) -> "dict[str, Any] | None":
             if type(value) is not dict:
                 return None
             patch[key] = dict(value)
+        elif key == "session_id":
+            if type(value) is not int or not INT_MIN <= value <= INT_MAX:
+                return None
+            patch[key] = value
         else:
             return None
     patch["id"] = data["id"]
     return patch
+
+
+#: The key of an update sent under a session's lease (a launcher's, the processing module's): see
+#: :func:`update_jobs`. Not a job field: it is checked, never stored.
+SESSION_KEY = "session_id"
+_NO_SESSION = object()
 
 
 def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, Any]:
@@ -1170,6 +1180,12 @@ def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, A
         if not is_json_int(job_id):
             raise ValidationFailed.field(loc + ["id"], f"expected an integer, got {job_id!r}")
         job_id = int(job_id)
+    session_id = body.pop(SESSION_KEY, None) if SESSION_KEY in body else _NO_SESSION
+    if session_id is not _NO_SESSION:
+        if not is_json_int(session_id):
+            raise ValidationFailed.field(loc + [SESSION_KEY], f"expected an integer (the session the update is sent "
+                                                              f"under), got {session_id!r}")
+        session_id = int(session_id)
     try:
         patch = partial_from_dict(Job, body, allowed=UPDATE_FIELDS)
     except PayloadError as exc:
@@ -1186,6 +1202,8 @@ def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, A
                     if name in patch for err in int_range_errors(patch[name], loc + [name])]
     if allow_id:
         range_errors.extend(int_range_errors(job_id, loc + ["id"]))
+    if session_id is not _NO_SESSION:
+        range_errors.extend(int_range_errors(session_id, loc + [SESSION_KEY]))
     if range_errors:
         raise ValidationFailed(range_errors)
     null_errors = null_field_errors(Job, {k: v for k, v in patch.items() if k != "state_timestamp"}, loc)
@@ -1195,6 +1213,8 @@ def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, A
         raise ValidationFailed(null_errors)
     if allow_id:
         patch["id"] = job_id
+    if session_id is not _NO_SESSION:
+        patch[SESSION_KEY] = session_id
     return patch
 
 
@@ -1212,7 +1232,18 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     A job's value may be a list of patches, applied in order (successive updates of one job in one
     bulk call: a launcher's RUNNING and RUN_DONE of a short task). Each state change is validated
     from the state the one before it left and gets its own event, with its own timestamp; the row
-    is written once, with the last state and the other fields merged (a later patch wins)."""
+    is written once, with the last state and the other fields merged (a later patch wins).
+
+    Leases: a patch with ``session_id`` S (:data:`SESSION_KEY`) was sent under session S's lease (a
+    launcher, the processing module). It applies only while the job is held by S (``jobs.session_id``
+    read under the row lock above, so no other update can change the holder in between), and its
+    state change is checked strictly (``forced=False``); else the whole request is refused (409)
+    with the job in ``refused_ids``. It never sets the holder. A patch without it (a user, a Balsam
+    0.7 client) may force a re-run or a failure, and its state change of a leased job ends the
+    lease (holder cleared; RUNNING excepted, a 0.7 launcher's report), so the holder's later
+    updates are refused instead of undoing the user's move. A job left in any state but RUNNING is
+    held by no session after the request, as before (the holder's own RUN_DONE or PREPROCESSED: it
+    is done with the job); the holder's later patches of the same request still apply."""
     if not patches:
         return 0
     now = utcnow()
@@ -1232,18 +1263,30 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
         _check_batch_jobs(conn, user_id, batch_ids)
 
     # Validate every transition before writing anything; each job's steps from the state the
-    # previous step left.
+    # previous step left. The rows are locked (PostgreSQL) or the write lock held (SQLite) since
+    # they were read: the lease checked here is the one the update changes.
     invalid: list[str] = []
     invalid_ids: list[int] = []
     targets: dict[int, JobState] = {}
     moves: dict[int, list[tuple[str, str, Any, Any]]] = {}  # job id -> [(from, to, timestamp, data)]
+    lease_ended: set[int] = set()
     for job_id, job_steps in steps.items():
-        state = JobState(current[job_id].state)
+        row = current[job_id]
+        state = JobState(row.state)
+        holder = row.session_id
         for patch in job_steps:
+            sender = patch.get(SESSION_KEY)
+            if sender is not None and sender != holder:
+                invalid.append(f"job {job_id} is no longer held by session {sender} (now: "
+                               f"{'no session' if holder is None else f'session {holder}'})")
+                invalid_ids.append(job_id)
+                break
             if "state" not in patch:
                 continue
             try:
-                new = validate_transition(state, patch["state"], forced=True)
+                # Sent under the job's lease: the holder's own moves, checked strictly. Without a
+                # session: a user (or a Balsam 0.7 client), who may force a re-run or a failure.
+                new = validate_transition(state, patch["state"], forced=sender is None)
             except InvalidTransition as exc:
                 invalid.append(f"job {job_id}: {exc}")
                 invalid_ids.append(job_id)
@@ -1252,6 +1295,12 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
                 moves.setdefault(job_id, []).append(
                     (state.value, new.value, patch.get("state_timestamp") or now, patch.get("state_data")))
                 state = new
+                if sender is None and new != S.running and holder is not None:
+                    # A user moved a leased job: the lease ends here, so the holder's later
+                    # updates (in this request or after it) are refused. (RUNNING without a
+                    # session is a Balsam 0.7 launcher's report: its lease stays.)
+                    holder = None
+                    lease_ended.add(job_id)
         if job_id in moves:
             targets[job_id] = state
     if invalid:
@@ -1267,11 +1316,11 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     groups: dict[bytes, tuple[dict[str, Any], list[int]]] = {}
     for job_id, job_steps in steps.items():
         values = {name: _stored_value(name, v) for patch in job_steps for name, v in patch.items()
-                  if name not in ("state", "state_timestamp", "state_data")}
+                  if name not in ("state", "state_timestamp", "state_data", SESSION_KEY)}
         values["last_update"] = now
         if job_id in final_state:
             values["state"] = final_state[job_id].value
-            if final_state[job_id] != S.running:
+            if final_state[job_id] != S.running or job_id in lease_ended:
                 values["session_id"] = None
             for from_state, to_state, ts, data in moves[job_id]:
                 events.add(job_id, from_state, to_state, ts, data)
@@ -1302,21 +1351,56 @@ def _resolve_automatic_moves(
                 extra_events.append((jid, S.ready, S.staged_in, {"message": "Skipped stage in"}))
     post = [jid for jid, st in final_state.items() if st == S.postprocessed]
     if post:
-        outstanding = _with_unfinished_transfers(conn, post, TransferDirection.stage_out)
-        if outstanding:
-            conn.execute(
-                sa.update(transfer_items)
-                .where(
-                    transfer_items.c.job_id.in_(outstanding),
-                    transfer_items.c.direction == TransferDirection.stage_out.value,
-                    transfer_items.c.state == TransferItemState.awaiting_job.value,
-                )
-                .values(state=TransferItemState.pending.value)
-            )
+        outstanding = _start_stage_outs(conn, post)
         for jid in post:
             if jid not in outstanding:
                 final_state[jid] = S.finished
                 extra_events.append((jid, S.postprocessed, S.finished, {"message": "Skipped stage out"}))
+
+
+#: What a failed try leaves in an item's ``transfer_info`` (the transfers module's ``_fail``): a
+#: re-run's stage-out starts over without it.
+_TRY_INFO_KEYS = ("attempts", "error", "retry_after", "reason", "dest")
+
+
+def _start_stage_outs(conn: sa.Connection, job_ids: list[int]) -> set[int]:
+    """The jobs among ``job_ids`` (just POSTPROCESSED) with stage-out items, whose items now start:
+    ``awaiting_job`` ones become ``pending``, and so do ``error`` and ``done`` ones, which an
+    earlier run of the job left (a job is POSTPROCESSED again only when it was re-run): their files
+    are this run's to copy, with fresh tries. ``active``/``inactive`` ones (a transfer still in
+    flight from an earlier run) and ``pending`` ones are left as they are."""
+    dialect = conn.dialect.name
+    stmt = _STAGE_OUT_ITEMS["postgresql" if dialect == "postgresql" else "sqlite"]
+    rows = conn.execute(stmt, {"b_ids": ids_param(job_ids, dialect)}).all()
+    if not rows:
+        return set()
+    waiting = [r.id for r in rows if r.state == TransferItemState.awaiting_job.value]
+    if waiting:
+        conn.execute(sa.update(transfer_items).where(transfer_items.c.id.in_(waiting))
+                     .values(state=TransferItemState.pending.value))
+    again = {
+        r.id: {"state": TransferItemState.pending.value, "task_id": "",
+               "transfer_info": _fresh_transfer_info(r.transfer_info)}
+        for r in rows if r.state in (TransferItemState.error.value, TransferItemState.done.value)
+    }
+    if again:
+        update_rows_by_id(conn, transfer_items, again)
+    return {r.job_id for r in rows}
+
+
+def _fresh_transfer_info(info: Any) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k not in _TRY_INFO_KEYS} if isinstance(info, dict) else {}
+
+
+#: Built once (see owned_sites_clause): every bulk update that moves jobs to POSTPROCESSED.
+_STAGE_OUT_ITEMS = {
+    dialect: sa.select(transfer_items.c.id, transfer_items.c.job_id, transfer_items.c.state,
+                       transfer_items.c.transfer_info).where(
+        ids_in_param(transfer_items.c.job_id, dialect),
+        transfer_items.c.direction == TransferDirection.stage_out.value,
+    ).order_by(transfer_items.c.id)
+    for dialect in ("postgresql", "sqlite")
+}
 
 
 def _with_unfinished_transfers(conn: sa.Connection, job_ids: list[int], direction: TransferDirection) -> set[int]:

@@ -159,6 +159,11 @@ JOB_UPDATE_FIELDS = {
     "state": enum([s for s in STATE_NAMES if s != "CREATED"]),
     "state_timestamp": nullable(REQUEST_DATETIME),
     "state_data": JSON_OBJECT,
+    # Not a job field: the update was sent under this session's lease (a launcher, the processing
+    # module). Applied only while that session holds the job, state change checked strictly;
+    # else 409 with the job in refused_ids. Never stored.
+    "session_id": {**int32(), "description": "Sent under this session's lease: applied only while the session "
+                   "holds the job (state change checked strictly), else 409 with the job's id in refused_ids"},
 }
 JOB_UPDATE = obj(JOB_UPDATE_FIELDS)
 JOB_PATCH = obj({"id": int32(), **JOB_UPDATE_FIELDS}, ["id"])

@@ -503,6 +503,9 @@ def build_master(
         lookahead_sec=PREFETCH_LOOKAHEAD_SEC,
         max_depth=MAX_PREFETCH,
     ).start()
+    # The prefetcher opens the lease: the updates are sent under its Session (the one holding the
+    # job now: a lost one is replaced), and the server refuses those of a job it no longer holds.
+    updater.session_id = lambda: getattr(prefetcher.lease, "session_id", None)
     pool: Any = None
     try:
         own_node = nodes[list(rank_of_node).index(0)] if 0 in rank_of_node else nodes[0]

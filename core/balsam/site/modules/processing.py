@@ -185,8 +185,12 @@ class ProcessingModule(AgentModule):
 
     def _updater(self) -> BulkStatusUpdater:
         if self.updater is None:
+            # Results go under this module's session (the one holding the jobs now): the server
+            # refuses those of a job a user moved meanwhile (failed it, re-queued it), which this
+            # module would otherwise overwrite with a stale hook result.
             self.updater = BulkStatusUpdater(
-                self.client, max_wait_sec=0.05, close_timeout=30.0, name="processing-updates", spool_dir=self.spool_path
+                self.client, max_wait_sec=0.05, close_timeout=30.0, name="processing-updates", spool_dir=self.spool_path,
+                session_id=lambda: self.session_id,
             )
             self.spool = SpoolReplayer(self.spool_path, self.updater)
         return self.updater
