@@ -299,7 +299,10 @@ def test_parent_delete_removes_link(api, site_app):
     child = api.jobs(app["id"], parent_ids=[parent["id"]])[0]
     api.ok("DELETE", f"/jobs/{parent['id']}", 204)
     assert api.ok("GET", "/jobs/", params={"parent_id": [parent["id"]]})["count"] == 0
-    assert api.job(child["id"])["state"] == "AWAITING_PARENTS"
+    assert api.job(child["id"])["state"] == "AWAITING_PARENTS"  # as in 0.7: api.md says what to do
+    assert api.ok("PUT", "/jobs/", params={"id": [child["id"]], "state": "AWAITING_PARENTS"},
+                  json={"state": "READY"}) == 1
+    assert api.job(child["id"])["state"] == "STAGED_IN"  # no stage-in: straight on
 
 
 def test_put_by_filter_validation(api, site_app):
