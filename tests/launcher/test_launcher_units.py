@@ -39,6 +39,14 @@ def test_nodes_are_split_into_contiguous_partitions() -> None:
         split_nodes(nodes, [Partition("mpi", 3), Partition("serial", 3)])
 
 
+def test_a_partition_killed_by_a_signal_fails_the_launcher() -> None:
+    from balsam.launcher.entry import partitions_exit_code
+
+    assert partitions_exit_code([0, 0]) == 0 and partitions_exit_code([]) == 0
+    assert partitions_exit_code([0, -9]) == 137  # max() gave 0: a killed partition read as success
+    assert partitions_exit_code([2, -15]) == 2
+
+
 def test_countdown_keeps_a_safety_margin() -> None:
     start = time.time()
     long = Countdown(60, start_time=start)

@@ -57,6 +57,14 @@ def test_site_validation(api):
     assert ["body", "allowed_queues", "q", "max_nodes"] in locs
     resp = api.http.post("/sites/", json={"path": "/x"})
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "name"]
+    # Limits that refuse every BatchJob: settings.yml's rule, also on the API (a direct PUT took them).
+    site = api.site("limits")
+    resp = api.http.put(f"/sites/{site['id']}", json={"allowed_queues": {"q": {"max_nodes": 0, "max_walltime": -3,
+                                                                               "max_queued_jobs": -1}}})
+    assert resp.status_code == 422
+    assert sorted(e["loc"][-1] for e in resp.json()["detail"]) == ["max_nodes", "max_queued_jobs", "max_walltime"]
+    assert api.ok("PUT", f"/sites/{site['id']}", json={"allowed_queues": {"q": {"max_nodes": 1, "max_walltime": 1,
+                                                                                "max_queued_jobs": 0}}})
     resp = api.http.put("/sites/999999", json={"name": "x"})
     assert resp.status_code == 404
     resp = api.http.get("/sites/abc")

@@ -274,8 +274,25 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
             signal.signal(sig, handler)
 
 
+#: Seconds after a forwarded SIGTERM before a partition's launcher still running is killed: a child
+#: ends its jobs within its grace (at most 10 s), sends or spools its updates (5 s) and closes its
+#: session; the rest is room for a loaded node.
+PARTITION_STOP_LIMIT_SEC = 40.0
+
+
+def partitions_exit_code(codes: list[int]) -> int:
+    """The exit status of a launcher of several partitions: 0 when every child ended well, else the
+    first failure's, a child killed by signal N as 128 + N (as a shell says it). ``max()`` took a
+    signal's negative code for success beside a 0."""
+    failed = [code for code in codes if code != 0]
+    if not failed:
+        return 0
+    return 128 - failed[0] if failed[0] < 0 else failed[0]
+
+
 def _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_config, batch_job_id, start_time) -> int:
-    """One child launcher per partition; SIGTERM is forwarded, stragglers killed after 10 s."""
+    """One child launcher per partition; SIGTERM is forwarded, stragglers killed
+    ``PARTITION_STOP_LIMIT_SEC`` after it."""
     resume_gc_after_start_up()  # this process only waits from here on (see balsam.launcher.__main__)
     children: list[subprocess.Popen] = []
     stopping = {"at": None}
@@ -310,9 +327,9 @@ def _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_conf
                     codes.append(child.wait(timeout=0.5))
                     break
                 except subprocess.TimeoutExpired:
-                    if stopping["at"] and time.monotonic() - stopping["at"] > 10 + 30:
+                    if stopping["at"] and time.monotonic() - stopping["at"] > PARTITION_STOP_LIMIT_SEC:
                         child.kill()
-        return max(codes) if codes else 0
+        return partitions_exit_code(codes)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from starlette.responses import Response
 
-from balsam.models import Site, writable_fields
+from balsam.models import AllowedQueue, Site, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import JobState
 
@@ -52,6 +52,10 @@ def _validate(values: dict[str, Any]) -> None:
         errors.append((["body", "path"], f"must be an absolute path, got {str(values['path'])!r}"))
     if "name" in values and not str(values["name"]).strip():
         errors.append((["body", "name"], "must not be empty"))
+    for queue, limits in (values.get("allowed_queues") or {}).items():
+        # The rule settings.yml is checked with: a queue of max_nodes 0 refuses every BatchJob.
+        for field, problem in AllowedQueue(**limits).validate().items():
+            errors.append((["body", "allowed_queues", queue, field], problem))
     for alias, url in (values.get("transfer_locations") or {}).items():
         if "://" not in url:
             errors.append((["body", "transfer_locations", alias], f"expected a URL like globus://<endpoint-id>, got {url!r}"))

@@ -427,7 +427,10 @@ class ProcessingModule(AgentModule):
         if self.updater is not None:
             self.updater.close()  # sends what is queued (retrying for up to 30 s)
             if self.updater.dropped:
-                self.logger.error("%d job updates could not be sent: %s", len(self.updater.dropped), self.updater.dropped[:3])
+                # Mostly refusals, each logged when it came: a job a user moved while its hook ran
+                # (no longer held by our session), or a value the server does not take.
+                self.logger.warning("%d job updates were not applied (refused by the server, or never sent): %s",
+                                    len(self.updater.dropped), self.updater.dropped[:3])
             self.updater = None
         if self.lease is not None:
             self.lease.close()
