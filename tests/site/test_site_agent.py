@@ -227,6 +227,26 @@ def test_a_refused_credential_stops_the_agent(make_site, client) -> None:
         agent.shutdown()
 
 
+def test_an_agent_whose_site_is_deleted_stops_with_one_error(make_site, client, caplog) -> None:
+    """`balsam site rm --force` (or a reset database) while the agent runs: every cycle would log HTTP
+    404 forever; the agent checks its record at once after a 404 and stops with one line."""
+    site = make_site(overrides={"file_cleaner": None, "processing": None})
+    caplog.set_level(logging.INFO, logger="balsam.site")
+    agent = Agent(site, client=client)
+    agent.start()
+    try:
+        wait_for(lambda: agent.cycles.get("scheduler", 0) >= 1, timeout=30, what="a scheduler cycle")
+        assert not agent.site_deleted()
+        client.delete(f"/sites/{site.site_id}")
+        agent.wait(timeout=30)
+        assert agent.stop_reason == "site-deleted"
+        stopped = [r for r in caplog.records if "is no longer on the server" in r.getMessage()]
+        assert len(stopped) == 1 and stopped[0].levelno == logging.ERROR
+        assert f"site {site.site_id} (" in stopped[0].getMessage()
+    finally:
+        agent.shutdown()
+
+
 class _ExitingModule:
     """Built lazily (AgentModule is abstract): a module whose first cycle calls sys.exit."""
 

@@ -7,6 +7,8 @@ section is enabled (entry-point group ``balsam.agent_modules``), and runs each m
 - an exception in a module is logged and the module runs again next period: the agent carries on;
 - errors that mean "the API is unreachable" (connection refused, timeouts, 5xx) are retried with an
   exponential backoff (1 s doubling up to 60 s) instead of every period;
+- the agent stops with one error line when the server no longer has its site (deleted with
+  ``balsam site rm``, a reset database): every module would otherwise log HTTP 404 every cycle;
 - SIGTERM / SIGINT stop the agent cleanly: the ``balsam_agent_stopping`` hook, the modules' ``close()``,
   then the pid file is removed;
 - the pid file ``balsam-service.pid`` (hostname, pid and the process start time, so a later process
@@ -40,6 +42,8 @@ MAX_BACKOFF_SEC = 60.0
 TOKEN_EXPIRY_MARGIN_SEC = 120.0
 #: How often the agent re-reads the login file for its deadline (a fresh `balsam login` moves it).
 LOGIN_CHECK_SEC = 30.0
+#: How often the agent checks that the server still has its site record (at once after any HTTP 404).
+SITE_CHECK_SEC = 60.0
 
 
 class AgentError(RuntimeError):
@@ -213,6 +217,8 @@ class Agent:
         #: Set when the server refused the agent's credential for good (revoked, or expired with no
         #: newer login on disk).
         self.credential_refused: Optional[str] = None
+        #: A module cycle got HTTP 404: check the site record at the next look rather than in a minute.
+        self._site_check_due = False
         self._forget_listener: Callable[[], None] = lambda: None
 
     def _make_client(self) -> Any:
@@ -273,6 +279,8 @@ class Agent:
                     logger.warning("%s: API unavailable (%s); next try in %.0f s", name, exc, backoff)
                     delay = backoff
                 else:
+                    if getattr(exc, "status_code", None) == 404:
+                        self._site_check_due = True
                     logger.exception("%s: cycle failed (the agent carries on): %s", name, exc)
                     delay = None
             if delay is None:
@@ -339,9 +347,22 @@ class Agent:
         if getattr(error, "url", "").startswith(str(getattr(self.client, "api_root", "\0"))):
             self.credential_refused = str(getattr(error, "detail", error))
 
+    def site_deleted(self) -> bool:
+        """True when the server answers 404 for this agent's site record. Any other outcome (the
+        record is there, the API is unreachable, another error) is False: only a definite answer
+        stops the agent."""
+        site_id = getattr(self.site_config, "site_id", None)
+        if site_id is None or not hasattr(self.client, "get"):
+            return False
+        try:
+            self.client.get(f"/sites/{site_id}")
+        except Exception as exc:
+            return getattr(exc, "status_code", None) == 404
+        return False
+
     def wait(self, timeout: Optional[float] = None) -> None:
         deadline_token = self._token_deadline()
-        checked = time.monotonic()
+        checked = site_checked = time.monotonic()
         deadline = None if timeout is None else time.monotonic() + timeout
         last_note = time.monotonic()
         while not self.stop_event.is_set():
@@ -361,6 +382,14 @@ class Agent:
                              "`balsam site start`)", self.credential_refused)
                 self.request_stop("credential-refused")
                 break
+            if self._site_check_due or time.monotonic() - site_checked >= SITE_CHECK_SEC:
+                self._site_check_due, site_checked = False, time.monotonic()
+                if self.site_deleted():
+                    logger.error("site %s (%s) is no longer on the server %s (deleted, or the server's database was "
+                                 "reset?): stopping; create a new site with `balsam site init NEW_DIR`",
+                                 self.site_config.site_id, self.site_path, getattr(self.client, "api_root", ""))
+                    self.request_stop("site-deleted")
+                    break
             self.stop_event.wait(1.0)
             self._check_threads()
             if time.monotonic() - last_note > 600:
