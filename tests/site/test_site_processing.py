@@ -559,3 +559,46 @@ def test_a_hook_result_for_a_job_the_user_moved_meanwhile_is_refused(processing,
     assert row["state"] == "FAILED"
     assert "no longer held by session" in str(module.updater.dropped)
     assert state_path(events(client, job_id=job.id))[-2:] == ["RUN_TIMEOUT", "FAILED"]
+
+
+def test_a_hook_value_the_server_refuses_fails_the_job_with_the_servers_reason(processing, client) -> None:
+    """A hook result refused for a value (num_nodes 0, a tag that is not text), not its state, was
+    dropped by the status updater: the job stayed leased to the processing session, never processed
+    again. It now fails with the server's reason; a job next to it in the same call is unaffected."""
+    from balsam.api import ApplicationDefinition, Job
+
+    site, module = processing
+    site_id = site.site_id
+
+    class Resizer(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+
+        def preprocess(self):
+            kind = self.job.data.get("kind")
+            if kind == "nodes":
+                self.job.num_nodes = 0
+            elif kind == "tag":
+                self.job.tags = {**self.job.tags, "n": "x" * 5000}  # tag values are at most 1,024 characters
+            self.job.state = "PREPROCESSED"
+
+    Resizer.sync()
+    zero, tag, fine = Job.objects.bulk_create(
+        [Job("rs/zero", Resizer, data={"kind": "nodes"}), Job("rs/tag", Resizer, data={"kind": "tag"}),
+         Job("rs/fine", Resizer, data={"kind": "none"})]
+    )
+    ids = [zero.id, tag.id, fine.id]
+    run_until(module, lambda: all(r["state"] != "STAGED_IN" for r in job_rows(client, id=ids)))
+    rows = {r["id"]: r for r in job_rows(client, id=ids)}
+    assert rows[fine.id]["state"] == "PREPROCESSED"
+    for job_id in (zero.id, tag.id):
+        assert rows[job_id]["state"] == "FAILED" and rows[job_id]["num_nodes"] == 1
+        failed = [e for e in events(client, job_id=job_id) if e["to_state"] == "FAILED"]
+        assert len(failed) == 1 and failed[0]["data"]["message"].startswith("the server refused the hook's result: ")
+    def reason(job_id: int) -> str:
+        return [e for e in events(client, job_id=job_id) if e["to_state"] == "FAILED"][0]["data"]["message"]
+
+    assert reason(zero.id) == "the server refused the hook's result: num_nodes: must be >= 1, got 0"
+    assert reason(tag.id).startswith("the server refused the hook's result: tags.n: ")
+    # The refused results are still accounted as dropped (and logged); their replacements went through.
+    assert sorted(u["id"] for u, _ in module.updater.dropped) == sorted([zero.id, tag.id])

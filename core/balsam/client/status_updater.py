@@ -55,7 +55,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _http_status(exc: BaseException) -> Optional[int]:
+def http_status(exc: BaseException) -> Optional[int]:
     """The HTTP status carried by a client exception, if any (duck-typed: clients differ)."""
     for attr in ("status_code", "status"):
         value = getattr(exc, attr, None)
@@ -68,7 +68,7 @@ def _http_status(exc: BaseException) -> Optional[int]:
 
 def is_refusal(exc: BaseException) -> bool:
     """The server refused the request as it is (4xx other than 401/408/429): resending it cannot help."""
-    status = _http_status(exc)
+    status = http_status(exc)
     return status is not None and 400 <= status < 500 and status not in _TRANSIENT_4XX
 
 
@@ -101,7 +101,7 @@ def isolate_refused(send: Callable[[list], Any], items: list) -> list[tuple[Any,
             others = [item for item in items if _record_id(item) not in named]
             # A record with all of this call's items named and several of them would come back
             # here unchanged: halves instead.
-            if suspects and (others or _http_status(exc) == 404 or len({_record_id(i) for i in suspects}) > 1):
+            if suspects and (others or http_status(exc) == 404 or len({_record_id(i) for i in suspects}) > 1):
                 return (isolate_refused(send, others) if others else []) + _isolate_named(send, suspects, exc)
         mid = len(items) // 2
         return isolate_refused(send, items[:mid]) + isolate_refused(send, items[mid:])
@@ -112,7 +112,7 @@ def _isolate_named(send: Callable[[list], Any], suspects: list, exc: BaseExcepti
     them; a record with one item here is refused for that item (alone it meets the same check). A
     record with several (RUNNING and RUN_DONE of one job) may have valid ones after the refused
     one, so its items are looked at on their own: a few calls per such record, none for the rest."""
-    if _http_status(exc) == 404:
+    if http_status(exc) == 404:
         return [(item, exc) for item in suspects]
     by_record: dict[Any, list] = {}
     for item in suspects:
@@ -168,6 +168,10 @@ class BulkStatusUpdater:
     ``session_id``: the Session whose lease the updates are sent under (see the module's docstring):
     an int, or a callable returning the current one (or None); settable later (:attr:`session_id`),
     before the first update of a leased job is put.
+    ``on_refused(update, error)``: called (in the sending thread) for each update the server
+    refused; it may return a replacement update to send in its place (once per job: a refused
+    replacement is only dropped). The processing module fails a job whose hook left a value the
+    server refuses, which would otherwise leave the job leased and never processed again.
     """
 
     def __init__(
@@ -181,8 +185,12 @@ class BulkStatusUpdater:
         name: str = "status-updater",
         spool_dir: "Path | str | None" = None,
         session_id: "int | Callable[[], Optional[int]] | None" = None,
+        on_refused: "Callable[[dict[str, Any], BaseException], Optional[dict[str, Any]]] | None" = None,
     ) -> None:
         self._client = client
+        self._on_refused = on_refused
+        #: Jobs whose refused update was replaced (by ``on_refused``): their replacement's refusal is final.
+        self._replaced: set[Any] = set()
         self._session: "int | Callable[[], Optional[int]] | None" = session_id
         self._send_fn = send
         self.max_batch = max_batch
@@ -405,7 +413,25 @@ class BulkStatusUpdater:
             for update, error in refused:
                 logger.error("%s: server refused update %s: %s", self.name, update, error)
                 self.dropped.append((update, str(error)))
+                self._replace_refused(update, error)
             self.sent += len(chunk) - len(refused)
+
+    def _replace_refused(self, update: dict[str, Any], error: BaseException) -> None:
+        job_id = update.get("id")
+        if self._on_refused is None or job_id in self._replaced:
+            return
+        try:
+            replacement = self._on_refused(update, error)
+        except Exception:
+            logger.exception("%s: on_refused failed for update %s", self.name, update)
+            return
+        if replacement is None:
+            return
+        self._replaced.add(job_id)
+        # Queued here, by the only thread that takes items, also while closing (put_update refuses
+        # then): _run sends what is queued before it ends. Counted as a put, so flush() waits for it.
+        self._items.append(replacement)
+        self._last_put = next(self._put_count)
 
     def _send_retrying(self, chunk: list[dict[str, Any]]) -> None:
         """One PATCH, retried through outages; raises refusals, and :class:`_GaveUp` once closing has

@@ -42,7 +42,7 @@ from typing import Any, Optional
 import attrs
 
 from ...client.lease import JobLease, tick_period_from_env
-from ...client.status_updater import BulkStatusUpdater, SpoolReplayer
+from ...client.status_updater import SESSION_KEY, BulkStatusUpdater, SpoolReplayer, http_status
 from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
 from ...options import option
 from ...states import PROCESSABLE_STATES, JobState
@@ -190,10 +190,25 @@ class ProcessingModule(AgentModule):
             # module would otherwise overwrite with a stale hook result.
             self.updater = BulkStatusUpdater(
                 self.client, max_wait_sec=0.05, close_timeout=30.0, name="processing-updates", spool_dir=self.spool_path,
-                session_id=lambda: self.session_id,
+                session_id=lambda: self.session_id, on_refused=self._fail_refused_result,
             )
             self.spool = SpoolReplayer(self.spool_path, self.updater)
         return self.updater
+
+    def _fail_refused_result(self, update: dict, error: BaseException) -> Optional[dict]:
+        """A hook result the server refuses as invalid (422: a hook set ``num_nodes = 0``, a tag that
+        is not text ...) fails its job with the server's reason: dropped, it left the job leased to
+        this session and never processed again. Other refusals are not ours to override: 409 is a
+        job a user moved meanwhile (or whose lease we lost), 404 a deleted job."""
+        if http_status(error) != 422 or update.get("state") is None:
+            return None
+        reason = " ".join(_refusal_reason(error).split())[:1000]
+        self.logger.warning("job %s: the server refused its hook result (%s); the job is FAILED", update.get("id"), reason)
+        failed = {"id": update["id"], "state": JobState.failed.value, "state_timestamp": now_iso(),
+                  "state_data": api_json({"message": f"the server refused the hook's result: {reason}"})}
+        if SESSION_KEY in update:
+            failed[SESSION_KEY] = update[SESSION_KEY]
+        return failed
 
     def _send(self, updates: list[dict]) -> None:
         updater = self._updater()
@@ -435,6 +450,19 @@ class ProcessingModule(AgentModule):
         if self.lease is not None:
             self.lease.close()
             self.lease = None
+
+
+def _refusal_reason(error: BaseException) -> str:
+    """The server's validation errors as ``field: message; ...`` (``detail`` is a list of
+    ``{"loc": ["body", <item>, field...], "msg": ...}``), else the error's text."""
+    detail = getattr(error, "detail", None)
+    if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
+        parts = []
+        for entry in detail:
+            loc = [str(part) for part in entry.get("loc", []) if part != "body" and not isinstance(part, int)]
+            parts.append(f"{'.'.join(loc) or 'update'}: {entry.get('msg', '')}")
+        return "; ".join(parts)
+    return str(detail or error)
 
 
 def _end_workers(pool: cf.ProcessPoolExecutor) -> None:

@@ -1,0 +1,39 @@
+"""BulkStatusUpdater's ``on_refused``: a refused update may be replaced, once per job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from balsam.client.status_updater import BulkStatusUpdater
+
+
+class _Refused(Exception):
+    status_code = 422
+
+
+def test_a_refused_update_is_replaced_once_and_flush_waits_for_the_replacement() -> None:
+    calls: list[list[dict[str, Any]]] = []
+
+    def send(chunk: list[dict[str, Any]]) -> None:
+        calls.append([dict(u) for u in chunk])
+        if any(u.get("bad") for u in chunk):
+            raise _Refused("num_nodes: must be >= 1")
+
+    seen: list[tuple[int, str]] = []
+
+    def on_refused(update: dict[str, Any], error: BaseException) -> dict[str, Any]:
+        seen.append((update["id"], str(error)))
+        return {"id": update["id"], "state": "FAILED", "bad": update["id"] == 2}  # job 2's replacement is refused too
+
+    updater = BulkStatusUpdater(send=send, max_wait_sec=0.01, on_refused=on_refused)
+    updater.put_update({"id": 1, "state": "PREPROCESSED", "bad": True})
+    updater.put_update({"id": 2, "state": "PREPROCESSED", "bad": True})
+    updater.put_update({"id": 3, "state": "PREPROCESSED"})
+    assert updater.flush(10)
+    updater.close()
+    sent = [u for call in calls for u in call if not u.get("bad")]
+    assert {(u["id"], u["state"]) for u in sent} >= {(1, "FAILED"), (3, "PREPROCESSED")}
+    # Job 2's replacement was refused in its turn: dropped, not replaced again.
+    assert seen == [(1, "num_nodes: must be >= 1"), (2, "num_nodes: must be >= 1")]
+    assert [u["id"] for u, _ in updater.dropped] == [1, 2, 2]
+    assert updater.pending == 0  # the replacements were counted as puts and as sent
