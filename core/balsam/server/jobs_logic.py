@@ -1530,8 +1530,9 @@ def set_states(conn: sa.Connection, moves: dict[int, tuple[str, JobState]], now:
 # Delete
 # ---------------------------------------------------------------------------------------------
 
-def delete_jobs(conn: sa.Connection, ids: list[int]) -> int:
-    """All-or-nothing: refuse (409) if any job is leased by a live session."""
+def delete_jobs(conn: sa.Connection, ids: list[int], *, refuse_leased: bool = True) -> int:
+    """All-or-nothing: refuse (409) if any job is leased by a live session (``refuse_leased``: a
+    query delete, which may select more than the user thinks; a delete of one job by id names it)."""
     if not ids:
         return 0
     # PostgreSQL takes the ids as one array parameter (SQLAlchemy expanding a 5,000-value IN list
@@ -1541,7 +1542,7 @@ def delete_jobs(conn: sa.Connection, ids: list[int]) -> int:
     else:
         chunks = [jobs.c.id.in_(ids[start:start + 5000]) for start in range(0, len(ids), 5000)]
     locked: list[int] = []
-    for matching in chunks:
+    for matching in (chunks if refuse_leased else []):
         locked.extend(
             conn.execute(sa.select(jobs.c.id).where(matching, jobs.c.session_id.is_not(None)).order_by(jobs.c.id)).scalars()
         )

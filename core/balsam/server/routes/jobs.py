@@ -161,7 +161,9 @@ def delete_one(ctx: Ctx) -> Response:
         ).first()
         if owned is None:
             raise NotFound(f"Job {job_id} not found")
-        logic.delete_jobs(conn, [job_id])
+        # Leased or not, as in 0.7: libEnsemble's BalsamTask.kill() deletes its job by id. The
+        # holding launcher learns at its next heartbeat that the job is gone and ends its run.
+        logic.delete_jobs(conn, [job_id], refuse_leased=False)
     return no_content()
 
 
