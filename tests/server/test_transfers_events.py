@@ -175,6 +175,34 @@ def test_a_rerun_stages_out_again_after_a_failed_or_done_stage_out(api, transfer
     assert history[-1] == ("RUN_DONE", "POSTPROCESSED")
 
 
+def test_a_rerun_after_a_failed_stage_in_stages_in_again(api, transfer_app):
+    """A job FAILED by its stage-in, re-run by the user (RESTART_READY, what the docs say to do):
+    a launcher ran it without its inputs. It now goes back to READY, its failed item pending with
+    fresh tries, its done items left done; once staged in it goes on as a new job does."""
+    _site, app = transfer_app
+    job = api.jobs(app["id"], transfers={"input": "aps:/d/in", "extra": "aps:/d/extra"})[0]
+    jid = job["id"]
+    items = {i["local_path"]: i for i in api.ok("GET", "/transfers/", params={"job_id": [jid]})["results"]}
+    inp, extra = items["input.dat"]["id"], items["."]["id"]
+    api.ok("PATCH", "/transfers/", json=[{"id": extra, "state": "done"}])
+    api.ok("PATCH", "/transfers/", json=[{"id": inp, "state": "error", "task_id": "",
+                                          "transfer_info": {"error": "no such file", "attempts": 3, "bytes": 0}}])
+    assert api.job(jid)["state"] == "FAILED"
+    api.patch_states([jid], "RESTART_READY")
+    assert api.job(jid)["state"] == "READY"
+    assert api.ok("GET", f"/transfers/{inp}")["state"] == "pending"
+    assert api.ok("GET", f"/transfers/{inp}")["transfer_info"] == {"bytes": 0}
+    assert api.ok("GET", f"/transfers/{extra}")["state"] == "done"
+    history = [(e["from_state"], e["to_state"]) for e in api.events(job_id=jid, ordering="timestamp")]
+    assert history[-2:] == [("FAILED", "RESTART_READY"), ("RESTART_READY", "READY")]
+    api.ok("PATCH", "/transfers/", json=[{"id": inp, "state": "done"}])
+    assert api.job(jid)["state"] == "STAGED_IN"
+    # A re-run of a job whose stage-in was done is not staged again.
+    for state in ("PREPROCESSED", "RUNNING", "RUN_ERROR", "FAILED", "RESTART_READY"):
+        api.patch_states([jid], state)
+    assert api.job(jid)["state"] == "RESTART_READY"
+
+
 def test_transfer_filters_and_errors(api, transfer_app):
     site, app = transfer_app
     j1 = api.jobs(app["id"], tags={"t": "1"}, transfers={"input": "aps:/a"})[0]

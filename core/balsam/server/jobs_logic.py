@@ -1341,7 +1341,15 @@ def _resolve_automatic_moves(
     conn: sa.Connection, final_state: dict[int, JobState], extra_events: list[tuple[int, JobState, JobState, dict]]
 ) -> None:
     """Server moves that follow a state change: READY with no pending stage-in -> STAGED_IN,
-    POSTPROCESSED with no outstanding stage-out -> JOB_FINISHED (else its stage-outs start)."""
+    POSTPROCESSED with no outstanding stage-out -> JOB_FINISHED (else its stage-outs start),
+    RESTART_READY with a stage-in not done (a re-run of a job its stage-in failed) -> READY, its
+    failed items pending again: a launcher would run it without its inputs."""
+    restart = [jid for jid, st in final_state.items() if st == S.restart_ready]
+    if restart:
+        for jid in _restage_inputs(conn, restart):
+            final_state[jid] = S.ready
+            extra_events.append((jid, S.restart_ready, S.ready,
+                                 {"message": "Stage-in not complete: staging in again before the re-run"}))
     ready = [jid for jid, st in final_state.items() if st == S.ready]
     if ready:
         pending_in = _with_unfinished_transfers(conn, ready, TransferDirection.stage_in)
@@ -1388,6 +1396,22 @@ def _start_stage_outs(conn: sa.Connection, job_ids: list[int]) -> set[int]:
     return {r.job_id for r in rows}
 
 
+def _restage_inputs(conn: sa.Connection, job_ids: list[int]) -> set[int]:
+    """The jobs among ``job_ids`` (just RESTART_READY) with a stage-in item not done. Their items in
+    ``error`` become ``pending`` with fresh tries; ``pending``/``active`` ones are left to finish."""
+    dialect = conn.dialect.name
+    stmt = _STAGE_IN_UNFINISHED["postgresql" if dialect == "postgresql" else "sqlite"]
+    rows = conn.execute(stmt, {"b_ids": ids_param(job_ids, dialect)}).all()
+    again = {
+        r.id: {"state": TransferItemState.pending.value, "task_id": "",
+               "transfer_info": _fresh_transfer_info(r.transfer_info)}
+        for r in rows if r.state == TransferItemState.error.value
+    }
+    if again:
+        update_rows_by_id(conn, transfer_items, again)
+    return {r.job_id for r in rows}
+
+
 def _fresh_transfer_info(info: Any) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k not in _TRY_INFO_KEYS} if isinstance(info, dict) else {}
 
@@ -1398,6 +1422,18 @@ _STAGE_OUT_ITEMS = {
                        transfer_items.c.transfer_info).where(
         ids_in_param(transfer_items.c.job_id, dialect),
         transfer_items.c.direction == TransferDirection.stage_out.value,
+    ).order_by(transfer_items.c.id)
+    for dialect in ("postgresql", "sqlite")
+}
+
+
+#: Built once (see owned_sites_clause): every bulk update that moves jobs to RESTART_READY.
+_STAGE_IN_UNFINISHED = {
+    dialect: sa.select(transfer_items.c.id, transfer_items.c.job_id, transfer_items.c.state,
+                       transfer_items.c.transfer_info).where(
+        ids_in_param(transfer_items.c.job_id, dialect),
+        transfer_items.c.direction == TransferDirection.stage_in.value,
+        transfer_items.c.state != TransferItemState.done.value,
     ).order_by(transfer_items.c.id)
     for dialect in ("postgresql", "sqlite")
 }
