@@ -104,7 +104,7 @@ def _set_state(fake: ScriptedScheduler, scheduler_id: int, state: BatchJobState)
 
 @pytest.fixture
 def setup(make_site, client):
-    site = make_site(overrides={"scheduler": {"optional_batch_job_params": {"shout": "no"},
+    site = make_site(overrides={"scheduler": {"optional_batch_job_params": {"shout": "no", "select": "system=polaris"},
                                               "allowed_queues": {"local": {"max_nodes": 4, "max_walltime": 60,
                                                                            "max_queued_jobs": 2}}}})
     fake = ScriptedScheduler()
@@ -124,7 +124,9 @@ def test_submits_renders_script_and_tracks_to_finished(setup, client) -> None:
     text = script.read_text()
     assert f"export BALSAM_BATCH_JOB_ID={bj['id']}" in text and "-j serial" in text and "--tag a=b" in text
     assert "# optional param shout=yes" in text
-    assert fake.submitted[0].optional_params == {"shout": "yes"} and fake.submitted[0].job_name == script.stem
+    # The submit command gets the site's defaults too (a driver may put them on its command line).
+    assert fake.submitted[0].optional_params == {"shout": "yes", "select": "system=polaris"}
+    assert fake.submitted[0].job_name == script.stem
     assert "submit_time" in record["status_info"]
 
     _set_state(fake, scheduler_id, BatchJobState.running)

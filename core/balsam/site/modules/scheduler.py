@@ -407,7 +407,10 @@ class SchedulerModule(AgentModule):
             num_nodes=int(batch_job["num_nodes"]),
             wall_time_min=int(batch_job["wall_time_min"]),
             job_name=script.stem,
-            optional_params=dict(batch_job.get("optional_params") or {}),
+            # The site's defaults overlaid with the BatchJob's own values, as the job script sees
+            # them: a default a driver puts on the command line (PBS's `select`, which the command
+            # line's `-l select=N` replaced in the script; a raw-flags default) was lost otherwise.
+            optional_params={**(self.options.optional_batch_job_params or {}), **(batch_job.get("optional_params") or {})},
         )
         pending = script.with_name(script.name + ".submitting")
         if pending.is_file() and self._adopt_earlier_submission(batch_job, request, pending, marker, update):
