@@ -37,3 +37,30 @@ def test_a_refused_update_is_replaced_once_and_flush_waits_for_the_replacement()
     assert seen == [(1, "num_nodes: must be >= 1"), (2, "num_nodes: must be >= 1")]
     assert [u["id"] for u, _ in updater.dropped] == [1, 2, 2]
     assert updater.pending == 0  # the replacements were counted as puts and as sent
+
+
+def test_a_422_naming_items_by_place_costs_one_call_per_invalid_item() -> None:
+    """The server stops at the first invalid item of a PATCH and names its place (``loc: ["body",
+    i, field]``): the updater refuses that item with its own error and resends the others at once.
+    Halving cost about 2k log2(n/k) calls for k invalid items among n."""
+    from balsam.client.rest import APIError
+
+    calls: list[int] = []
+
+    def server(chunk: list[dict[str, Any]]) -> None:
+        calls.append(len(chunk))
+        for index, update in enumerate(chunk):
+            if update.get("num_nodes") == 0:
+                raise APIError("PATCH", "http://api/jobs/", 422,
+                               [{"loc": ["body", index, "num_nodes"], "msg": "must be >= 1, got 0", "type": "value_error"}])
+
+    updates = [{"id": i, "state": "RUN_DONE", **({"num_nodes": 0} if i in (17, 400, 999) else {})} for i in range(1000)]
+    updater = BulkStatusUpdater(send=server, max_wait_sec=0.01)
+    updater.put_updates(updates)
+    assert updater.flush(10)
+    updater.close()
+    assert len(calls) == 4  # 3 invalid items: 3 refusals, then the 997 others in one call
+    assert sorted(u["id"] for u, _ in updater.dropped) == [17, 400, 999]
+    assert updater.sent == 997
+    # Each refused item carries its own error, as if it had been sent alone.
+    assert {reason for _, reason in updater.dropped} == {"PATCH http://api/jobs/ failed with HTTP 422: 0.num_nodes: must be >= 1, got 0"}

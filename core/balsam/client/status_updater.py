@@ -5,8 +5,8 @@ time they happened); a thread collects them and sends what gathered in one batch
 ``PATCH /jobs/`` call (or one per 5,000 updates), in the order they were put: the server applies
 several updates of one job in one call in that order, so a short task's RUNNING and RUN_DONE cost
 one call and one row write. A call the server refuses as a whole (HTTP 4xx) is resent without the
-updates of the jobs the refusal names (``refused_ids``), else split in halves until the refused
-updates are isolated (:func:`isolate_refused`; a job's updates still arrive in order); those are
+updates of the jobs the refusal names (``refused_ids``, or a 422's places of invalid items), else
+split in halves until the refused updates are isolated (:func:`isolate_refused`; a job's updates still arrive in order); those are
 logged and dropped, the others are sent.
 Connection failures and 5xx are retried for as long as the updater runs; once ``close()`` is
 called, calls that keep failing for ``close_timeout`` seconds are given up.
@@ -83,8 +83,8 @@ def isolate_refused(send: Callable[[list], Any], items: list) -> list[tuple[Any,
 
     Where the refusal names its records (``refused_ids``: every one, by id), the items of the other
     records are sent again at once and the named records' items refused (:func:`_isolate_named`:
-    a record with several items here is looked at on its own). Where
-    it does not, the call is split in halves until the refused items are alone (about 2k log2(n/k)
+    a record with several items here is looked at on its own); where a 422 names the items by
+    their place in the call, those are refused and the others sent again. Where it does neither, the call is split in halves until the refused items are alone (about 2k log2(n/k)
     calls for k refused of n; 2n calls when all are: a spool of 5,000 updates of deleted jobs was
     10,000 requests). The halves and the groups keep each record's items in their order."""
     try:
@@ -95,6 +95,15 @@ def isolate_refused(send: Callable[[list], Any], items: list) -> list[tuple[Any,
             raise
         if len(items) == 1:
             return [(items[0], exc)]
+        positions = _refused_positions(exc, len(items))
+        if positions:
+            # A 422 names the items by their place in the call (``loc: ["body", i, field]``): those
+            # are refused for their own values, whatever comes with them; the others go again at
+            # once (the server stops at the first invalid item: k invalid items cost k + 1 calls,
+            # where halving cost about 2k log2(n/k)).
+            others = [item for i, item in enumerate(items) if i not in positions]
+            refused = [(items[i], _error_at(exc, i)) for i in sorted(positions)]
+            return (isolate_refused(send, others) if others else []) + refused
         named = getattr(exc, "refused_ids", None)
         if named:
             suspects = [item for item in items if _record_id(item) in named]
@@ -105,6 +114,32 @@ def isolate_refused(send: Callable[[list], Any], items: list) -> list[tuple[Any,
                 return (isolate_refused(send, others) if others else []) + _isolate_named(send, suspects, exc)
         mid = len(items) // 2
         return isolate_refused(send, items[:mid]) + isolate_refused(send, items[mid:])
+
+
+def _refused_positions(exc: BaseException, count: int) -> set[int]:
+    """The places in the call of the items a 422 refused for their values (its ``detail`` entries'
+    ``loc`` is ``["body", i, ...]``); empty when it does not say (then the call is halved)."""
+    detail = getattr(exc, "detail", None)
+    if http_status(exc) != 422 or not isinstance(detail, list):
+        return set()
+    positions: set[int] = set()
+    for entry in detail:
+        loc = entry.get("loc") if isinstance(entry, dict) else None
+        if not (isinstance(loc, list) and len(loc) >= 2 and loc[0] == "body" and type(loc[1]) is int
+                and 0 <= loc[1] < count):
+            return set()  # a refusal of the call as a whole, or of an unknown shape
+        positions.add(loc[1])
+    return positions
+
+
+def _error_at(exc: BaseException, position: int) -> BaseException:
+    """``exc`` as it would read for the item at ``position`` sent alone (its own entries, at 0)."""
+    entries = [{**entry, "loc": ["body", 0, *entry["loc"][2:]]} for entry in exc.detail  # type: ignore[attr-defined]
+               if entry["loc"][1] == position]
+    try:
+        return type(exc)(exc.method, exc.url, exc.status_code, entries)  # type: ignore[attr-defined,call-arg]
+    except Exception:  # another client's exception type: the shared one
+        return exc
 
 
 def _isolate_named(send: Callable[[list], Any], suspects: list, exc: BaseException) -> list[tuple[Any, BaseException]]:
