@@ -11,6 +11,12 @@ Paths: for a stage-in, ``src`` is the remote path (in the location's namespace) 
 absolute path on the site's file system; for a stage-out the other way round. A backend that sees
 the site under another prefix (a Globus endpoint) rewrites the local side itself.
 
+Locations: each backend checks the URLs of its protocol when settings.yml is read
+(:meth:`TransferBackend.check_location`), so a malformed URL is a settings error naming its line,
+not a job failure later. A path after the address (``local:///scratch``, ``rsync://me@host/scratch``)
+is a directory prefix of the location's paths (:meth:`TransferLocation.remote_path`); a backend that
+cannot honour one refuses it there.
+
 Errors: a backend raises only :class:`TransferError` (one line, ``retryable`` says whether trying
 the same thing again may work); the public methods of the base class turn anything else into one,
 so nothing else reaches the agent. A task that ran and failed is reported by :meth:`poll` as a
@@ -94,6 +100,15 @@ class TransferLocation:
     def backend_name(self) -> str:
         return backend_name_for(self.protocol)
 
+    @property
+    def prefix(self) -> str:
+        """The directory prefix of the location's paths ('' when none: no path, or ``/``)."""
+        return self.path.rstrip("/")
+
+    def remote_path(self, path: str) -> str:
+        """``path`` as a job wrote it (``alias:/abs/path``), inside the location's prefix."""
+        return self.prefix + path if self.prefix else path
+
 
 def backend_name_for(protocol: str) -> str:
     """The ``balsam.transfers`` entry-point name that serves ``protocol``."""
@@ -175,6 +190,12 @@ class TransferBackend(abc.ABC):
 
     def cancel_task(self, task_id: str) -> None:
         raise TransferError(f"{self.name}: tasks cannot be cancelled", retryable=False)
+
+    @classmethod
+    def check_location(cls, location: TransferLocation) -> None:
+        """Refuse a ``transfer_locations`` URL this backend cannot honour (a missing or malformed
+        address, a port or path prefix it would ignore): raise :class:`TransferError` with one line
+        saying what is wrong. Called when settings.yml is read, before any job uses the location."""
 
     def new_submission_token(self) -> Optional[str]:
         """A token that makes a repeated submission of the same batch return the same task instead of

@@ -340,3 +340,91 @@ def test_a_directory_slot_into_the_workdir_keeps_the_other_inputs(site, client, 
     workdir = Path(site.data_path) / "both/0"
     assert sorted(p.relative_to(workdir).as_posix() for p in workdir.rglob("*")) == ["config.yml", "part", "part/a.dat"]
     module.close()
+
+
+def test_a_failed_stage_out_to_a_prefixed_local_location_fails_its_job(make_site, client, tmp_path) -> None:
+    """local:///prefix: the backend filed the error under the prefixed destination, the agent found
+    no item with that dest, and the job reached JOB_FINISHED with nothing copied."""
+    from balsam.api import Job
+
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    locations = {"proj": f"local://{prefix}"}
+    site = make_site(overrides={"transfers": {"transfer_locations": locations}})
+    app = transfer_app(site.site_id)
+    (prefix / "in.txt").write_text("x")
+    made, lost = Job.objects.bulk_create([
+        Job(f"pre/{i}", app, transfers={"input": "proj:/in.txt", "result": f"proj:/out/{i}.txt"})
+        for i in range(2)])
+    module = make_module(site, client, transfer_locations=locations)
+    run_cycles(module, lambda: {r["state"] for r in job_rows(client, site_id=site.site_id)} == {"STAGED_IN"})
+    (Path(site.data_path) / "pre/0/result.txt").write_text("result 0")  # job 1 "ran" but wrote nothing
+    finish_jobs(client, site.site_id, [made.id, lost.id])
+    run_cycles(module, lambda: {r["state"] for r in job_rows(client, site_id=site.site_id)} == {"JOB_FINISHED", "FAILED"})
+    rows = {r["id"]: r["state"] for r in job_rows(client, site_id=site.site_id)}
+    assert rows == {made.id: "JOB_FINISHED", lost.id: "FAILED"}
+    assert (prefix / "out/0.txt").read_text() == "result 0" and not (prefix / "out/1.txt").exists()
+    assert "no such file or directory" in events(client, job_id=lost.id)[-1]["data"]["error"]
+    module.close()
+
+
+def test_an_item_whose_task_failed_is_not_reattached_while_the_journal_is_kept(site, client, tmp_path) -> None:
+    """While the journal was kept (another batch's token submission kept failing), the lines of
+    tasks already recorded stayed in it: an item whose task failed was re-attached to that dead
+    task every cycle, its tries used up in consecutive cycles without a retry or a backoff."""
+    from balsam.api import Job
+    from balsam.transfer import TaskState, TaskStatus, TransferError
+
+    app = transfer_app(site.site_id)
+    (tmp_path / "x").write_text("x")
+    job_a, job_b = Job.objects.bulk_create([Job("ja", app, transfers={"input": f"shared:{tmp_path}/x"}),
+                                            Job("jb", app, transfers={"input": f"files:{tmp_path}/x"})])
+    module = make_module(site, client, max_attempts=3, retry_backoff_sec=3600)
+    backend = module.backend("local")
+    counter = iter(range(1000))
+    backend.submission_token = lambda: f"tok-{next(counter)}"  # type: ignore[method-assign]
+    submits: list = []
+
+    def submit(location, direction, files, token=None):
+        submits.append((location.alias, token))
+        if location.alias == "files":
+            raise TransferError("HTTP 502 (the service may have it)", retryable=True)
+        return f"T{len(submits)}"
+
+    backend.submit = submit  # type: ignore[method-assign]
+    backend.poll = lambda ids: {i: TaskStatus(TaskState.failed, "endpoint hiccup", retryable=True) for i in ids}  # type: ignore[method-assign]
+    history = []
+    for _ in range(5):
+        module.run_cycle()
+        item = client.get("/transfers/", params={"job_id": [job_a.id]})["results"][0]
+        history.append((item["state"], item["transfer_info"].get("attempts"), item["task_id"]))
+    assert history[0] == ("active", None, "local:T1")
+    assert history[1:] == [("pending", 1, "")] * 4  # waiting for its backoff, not re-attached to T1
+    assert [s for s in submits if s[0] == "shared"] == [("shared", "tok-0")]
+    assert {s for s in submits if s[0] == "files"} == {("files", "tok-1")}  # resent with its token
+    journal = [json.loads(line) for line in (Path(site.site_path) / JOURNAL_NAME).read_text().splitlines()]
+    assert [record.get("token") for record in journal] == ["tok-1"]
+    assert job_rows(client, id=[job_a.id])[0]["state"] == "READY"
+    module.close()
+
+
+def test_items_left_when_transfer_locations_are_emptied_are_polled_or_failed(site, client, tmp_path) -> None:
+    """With transfer_locations emptied the cycle returned at once: pending items never got a reason
+    and in-flight tasks were never polled, their jobs READY forever."""
+    from balsam.api import Job
+
+    app = transfer_app(site.site_id)
+    (tmp_path / "x").write_text("x")
+    Job.objects.bulk_create([Job(f"e/{i}", app, transfers={"input": f"shared:{tmp_path}/x"}) for i in range(2)])
+    before = make_module(site, client, transfer_batch_size=1, max_concurrent_transfers=1)
+    before.run_cycle()  # one item in flight, the other pending
+    items = {i["state"]: i for i in client.get("/transfers/", params={"site_id": site.site_id})["results"]}
+    assert sorted(items) == ["active", "pending"]
+    flying, waiting = items["active"]["job_id"], items["pending"]["job_id"]
+    after = make_module(site, client, transfer_locations={})
+    after.backends["local"] = before.backend("local")  # the same process: its task is still known
+    run_cycles(after, lambda: {r["state"] for r in job_rows(client, site_id=site.site_id)} == {"STAGED_IN", "FAILED"})
+    rows = {r["id"]: r["state"] for r in job_rows(client, site_id=site.site_id)}
+    assert rows == {flying: "STAGED_IN", waiting: "FAILED"}
+    assert "unknown transfer location 'shared'" in events(client, job_id=waiting)[-1]["data"]["error"]
+    before.close()

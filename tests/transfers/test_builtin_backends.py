@@ -182,3 +182,110 @@ def test_bad_backend_options_are_one_line() -> None:
         build_backend(LocalTransfer, "local", {"thread": 3})
     with pytest.raises(TransferError, match="at least 1"):
         build_backend(LocalTransfer, "local", {"threads": 0})
+
+
+def test_local_errors_are_filed_under_the_dest_the_agent_passed_with_a_prefix(tmp_path: Path) -> None:
+    """local:///prefix: the copy goes to prefix + dest, but a failure is filed under dest itself (the
+    key the agent looks its items up by). It was filed under the prefixed path, and the agent,
+    finding no item with that dest, called the stage-out done with nothing copied."""
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    (tmp_path / "result.txt").write_text("r")
+    backend = build_backend(LocalTransfer, "local", {"threads": 1})
+    try:
+        task = backend.submit(TransferLocation.parse("proj", f"local://{prefix}"), TransferDirection.stage_out, [
+            TransferFile(str(tmp_path / "missing.txt"), "/out/0.txt"),
+            TransferFile(str(tmp_path / "result.txt"), "/out/1.txt"),
+        ])
+        status = wait_for_tasks(backend, [task])[task]
+    finally:
+        backend.close()
+    assert status.state == TaskState.done and list(status.file_errors) == ["/out/0.txt"]
+    assert "no such file or directory" in status.file_errors["/out/0.txt"]
+    assert (prefix / "out" / "1.txt").read_text() == "r" and not (prefix / "out" / "0.txt").exists()
+
+
+@pytest.mark.parametrize("direction", [TransferDirection.stage_in, TransferDirection.stage_out])
+@pytest.mark.parametrize("remote_shell", [False, True], ids=["local-mode", "fake-ssh"])
+def test_rsync_directory_in_a_non_recursive_slot_is_a_file_error(tmp_path: Path, direction, remote_shell) -> None:
+    """rsync skips a directory source without --recursive ("skipping directory", exit 0): the slot
+    was reported done with nothing copied. It is a file error, worded as the local backend's."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.txt").write_text("a")
+    dest = tmp_path / "out" / "input"
+    options = {"threads": 1, **({"ssh_command": f"{sys.executable} {FAKE_SSH}"} if remote_shell else {})}
+    url = "rsync://me@dtn.example.org" if remote_shell else "rsync:///"
+    backend = build_backend(RsyncTransfer, "rsync", options)
+    try:
+        task = backend.submit(TransferLocation.parse("x", url), direction,
+                              [TransferFile(str(tmp_path / "dir"), str(dest), recursive=False)])
+        status = wait_for_tasks(backend, [task])[task]
+    finally:
+        backend.close()
+    assert status.state == TaskState.done
+    assert status.file_errors == {str(dest): f"{tmp_path / 'dir'} is a directory (the transfer slot is not recursive)"}
+    assert not dest.exists()
+
+
+def test_rsync_port_goes_to_ssh_and_the_path_prefix_to_the_remote_path() -> None:
+    """rsync://me@host:2222 became the remote path 'host:2222:/path' (a file named '2222:' on the
+    remote home) and a path after the host was dropped."""
+    opts = RsyncOptions()
+    f = TransferFile("/s/job/r.txt", "/results/r.txt")
+    port = rsync_command(opts, TransferLocation.parse("c", "rsync://me@dtn:2222"), TransferDirection.stage_out, f)
+    assert port[port.index("-e") + 1] == "ssh -o BatchMode=yes -p 2222" and port[-2:] == ["/s/job/r.txt", "me@dtn:/results/r.txt"]
+    prefix = rsync_command(opts, TransferLocation.parse("c", "rsync://me@dtn/scratch/"), TransferDirection.stage_in,
+                           TransferFile("/in/a", "/s/job/a"))
+    assert prefix[-2:] == ["me@dtn:/scratch/in/a", "/s/job/a"]
+    local = rsync_command(opts, TransferLocation.parse("c", "rsync:///scratch"), TransferDirection.stage_out, f)
+    assert "-e" not in local and local[-2:] == ["/s/job/r.txt", "/scratch/results/r.txt"]
+    # A port means a connection, even where localhost would be copied locally.
+    via_ssh = rsync_command(RsyncOptions(local_mode_for_localhost=True), TransferLocation.parse("c", "rsync://localhost:2222"),
+                            TransferDirection.stage_out, f)
+    assert "-e" in via_ssh and via_ssh[-1] == "localhost:/results/r.txt"
+
+
+def test_rsync_port_and_prefix_through_a_remote_shell(tmp_path: Path, monkeypatch) -> None:
+    """The real rsync over the stand-in ssh (its remote side starts in the current directory, as
+    ssh starts in $HOME): the file lands at prefix + dest, nothing under the remote home, and a
+    failure is filed under the dest the agent passed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.chdir(home)
+    (tmp_path / "r.txt").write_text("r")
+    backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "ssh_command": f"{sys.executable} {FAKE_SSH}"})
+    try:
+        port = backend.submit(TransferLocation.parse("c", "rsync://me@dtn.example.org:2222"), TransferDirection.stage_out,
+                              [TransferFile(str(tmp_path / "r.txt"), str(tmp_path / "results" / "x.txt"))])
+        prefixed = backend.submit(TransferLocation.parse("c", f"rsync://me@dtn.example.org{tmp_path}/remote"),
+                                  TransferDirection.stage_out,
+                                  [TransferFile(str(tmp_path / "r.txt"), "/out/x.txt"),
+                                   TransferFile(str(tmp_path / "missing.txt"), "/out/y.txt")])
+        statuses = wait_for_tasks(backend, [port, prefixed])
+    finally:
+        backend.close()
+    assert statuses[port].state == TaskState.done and not statuses[port].file_errors
+    assert (tmp_path / "results" / "x.txt").read_text() == "r" and not any(home.iterdir())
+    assert (tmp_path / "remote" / "out" / "x.txt").read_text() == "r" and not (tmp_path / "out").exists()
+    assert list(statuses[prefixed].file_errors) == ["/out/y.txt"]
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("local://scratch/inputs", "local:// takes no host, got 'scratch': write local:///scratch/inputs"),
+    ("rsync://me@dtn:22x", "rsync://user@host[:port]: bad port '22x'"),
+    ("rsync://me@", "bad rsync host 'me@'"),
+    ("rsync://me@dtn::1", "bad rsync host"),
+])
+def test_builtin_backends_refuse_locations_they_cannot_honour(url: str, problem: str) -> None:
+    location = TransferLocation.parse("x", url)
+    backend = LocalTransfer if location.backend_name == "local" else RsyncTransfer
+    with pytest.raises(TransferError, match=problem.replace("[", "\\[").replace("]", "\\]")) as err:
+        backend.check_location(location)
+    assert not err.value.retryable
+
+
+@pytest.mark.parametrize("url", ["local://", "file:///scratch/in", "file://localhost/scratch", "rsync:///",
+                                 "rsync://", "rsync://me@dtn", "rsync://me@dtn:2222/scratch", "rsync://me@[::1]:22"])
+def test_builtin_backends_accept_well_formed_locations(url: str) -> None:
+    location = TransferLocation.parse("x", url)
+    (LocalTransfer if location.backend_name == "local" else RsyncTransfer).check_location(location)

@@ -6,6 +6,7 @@ transfers agent module resuming a Globus task after a restart instead of submitt
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import stat
@@ -20,7 +21,10 @@ import responses
 from click.testing import CliRunner
 from globus_sdk.testing import RegisteredResponse, get_last_request, get_response_set, load_response
 from globus_sdk.transport import RetryConfig
+from responses import matchers
 
+from balsam.config import SettingsError, loads_settings
+from balsam.site.modules.transfers import TransfersModule, TransfersOptions
 from balsam.states import TransferDirection
 from balsam.transfer import TaskState, TransferError, TransferFile, TransferLocation, build_backend
 from balsam_transfer_globus.auth import save_tokens
@@ -214,6 +218,7 @@ def test_globus_login_stores_the_refresh_token_0600(tmp_path: Path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert "https://auth.globus.org/v2/oauth2/authorize?" in result.output
     assert "the-refresh-token" not in result.output and "transfer_access_token" not in result.output
+    assert "Authorization code:" in result.output and "the-code" not in result.output  # a credential: not echoed
     sent = urllib.parse.parse_qs(get_last_request().body)
     assert sent["code"] == ["the-code"] and sent["grant_type"] == ["authorization_code"]
     authorize = result.output.split("https://auth.globus.org/v2/oauth2/authorize?", 1)[1].split()[0]
@@ -366,3 +371,81 @@ def test_new_batches_carry_a_journaled_submission_id(tmp_path: Path) -> None:
     assert token == get_response_set(globus_sdk.TransferClient.get_submission_id).lookup("default").metadata["submission_id"]
     backend.submit(LOCATION, TransferDirection.stage_in, [TransferFile("/a", str(tmp_path / "a"))], token)
     assert sent_json()["submission_id"] == token
+
+
+def _skipped(path: str, code: str = "PERMISSION_DENIED") -> dict:
+    return {"DATA_TYPE": "skipped_error", "error_code": code, "error_details": "Permission denied",
+            "source_path": "/data/run/frames/x", "destination_path": path,
+            "is_directory": False, "is_symlink": False, "error_time": "2026-11-30T18:00:00+00:00"}
+
+
+def _succeeded_with_skipped_errors(task_id: str, count: int) -> None:
+    base = get_response_set(globus_sdk.TransferClient.task_list).lookup("default").json["DATA"][0]
+    doc = {**base, "task_id": task_id, "status": "SUCCEEDED", "subtasks_skipped_errors": count,
+           "destination_endpoint_id": SITE_EP, "files": 3, "files_transferred": 3 - count, "files_skipped": count}
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list",
+                  json={"DATA": [doc], "DATA_TYPE": "task_list", "length": 1, "limit": 1, "offset": 0, "total": 1})
+
+
+def _transfers_module(tmp_path: Path) -> TransfersModule:
+    site_config = SimpleNamespace(site_path=str(tmp_path / "site"), data_path=str(tmp_path / "site" / "data"), site_id=1)
+    return TransfersModule(site_config, TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"},
+                                                         globus_endpoint_id=SITE_EP, max_attempts=3), client=None)
+
+
+@pytest.mark.parametrize("item_dest", ["{site}/data/job7/frames", "{site}/data/job7/frames/", "{site}//data/job7//frames"])
+def test_a_file_skipped_inside_a_directory_item_fails_that_item(tmp_path: Path, item_dest: str) -> None:
+    """Globus names a file skipped inside a recursive (directory) item by the file's own path: the
+    agent looked the exact dest up, found no item, and called the directory item done."""
+    site = tmp_path / "site"
+    _succeeded_with_skipped_errors("t1", 1)
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task/t1/skipped_errors", json={
+        "DATA_TYPE": "skipped_errors_list", "next_marker": None,
+        "DATA": [_skipped(f"{site}/data/job7/frames/f0002.h5")]})
+    status = make_backend(tmp_path).poll(["t1"])["t1"]
+    assert status.state == TaskState.done and list(status.file_errors) == [f"{site}/data/job7/frames/f0002.h5"]
+
+    module = _transfers_module(tmp_path)
+    frames = {"id": 5, "job_id": 7, "direction": "in", "state": "active", "recursive": True, "local_path": "frames",
+              "remote_path": "/data/run/frames", "task_id": "globus:t1",
+              "transfer_info": {"dest": item_dest.format(site=site)}}
+    # A sibling file item whose name starts like the directory's: not inside it, done.
+    sibling = {**frames, "id": 6, "recursive": False, "local_path": "frames.txt",
+               "transfer_info": {"dest": f"{site}/data/job7/frames.txt"}}
+    updates: dict = {}
+    module._apply_status("globus:t1", status, [frames, sibling], updates, dt.datetime.now(dt.timezone.utc))
+    assert updates[5]["state"] == "pending" and updates[5]["transfer_info"]["attempts"] == 1
+    assert updates[5]["transfer_info"]["error"] == f"{site}/data/job7/frames/f0002.h5: PERMISSION_DENIED: Permission denied"
+    assert updates[6]["state"] == "done"
+
+
+def test_skipped_errors_are_read_from_every_page(tmp_path: Path) -> None:
+    """task_skipped_errors is paged (next_marker): only the first page was read, and a file whose
+    error was on a later page was called done."""
+    site = tmp_path / "site"
+    _succeeded_with_skipped_errors("t2", 2)
+    url = "https://transfer.api.globus.org/v0.10/task/t2/skipped_errors"
+    responses.add(responses.GET, url, match=[matchers.query_param_matcher({"marker": "page-2"})], json={
+        "DATA_TYPE": "skipped_errors_list", "next_marker": None, "DATA": [_skipped(f"{site}/data/j/b.h5", "FILE_NOT_FOUND")]})
+    responses.add(responses.GET, url, match=[matchers.query_param_matcher({})], json={
+        "DATA_TYPE": "skipped_errors_list", "next_marker": "page-2", "DATA": [_skipped(f"{site}/data/j/a.h5")]})
+    status = make_backend(tmp_path).poll(["t2"])["t2"]
+    assert status.file_errors == {f"{site}/data/j/a.h5": "PERMISSION_DENIED: Permission denied",
+                                  f"{site}/data/j/b.h5": "FILE_NOT_FOUND: Permission denied"}
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("globus://", "expected globus://<collection-id>, got 'globus://'"),
+    (f"globus:///{REMOTE_EP}", rf"one '/' too many\? globus://{REMOTE_EP}"),
+    ("globus://aps-dtn", "with a collection UUID, got 'aps-dtn'"),
+    (f"globus://{REMOTE_EP}/~/prefix", "takes no path, got '/~/prefix'"),
+])
+def test_malformed_globus_locations_are_settings_errors(url: str, problem: str) -> None:
+    """They passed settings validation and failed every job using them at submit time."""
+    with pytest.raises(TransferError, match=problem):
+        GlobusTransfer.check_location(TransferLocation.parse("aps", url))
+    with pytest.raises(SettingsError) as info:
+        loads_settings(f"transfers:\n  transfer_locations:\n    home: 'local://'\n    aps: '{url}'\n")
+    (error,) = info.value.errors
+    assert error.startswith("settings.yml:4 transfers.transfer_locations.aps: ")
+    GlobusTransfer.check_location(LOCATION)

@@ -1,5 +1,7 @@
 """The ``local`` transfer backend (``local://`` and ``file://`` locations): copies on a file system
 the site shares with the location, e.g. a project directory mounted on the login and compute nodes.
+``local:///prefix`` puts the location's paths under ``/prefix``; errors are still filed under the
+destinations the agent passed.
 
 Each task runs in a worker thread. A file or directory is copied next to its destination under a
 hidden temporary name and renamed into place, so a destination is either absent, the old version
@@ -83,14 +85,16 @@ def copy_into_place(src: Path, dest: Path, recursive: bool) -> int:
     return size
 
 
-def _run_task(files: Sequence[TransferFile]) -> TaskStatus:
+def _run_task(files: Sequence[tuple[str, TransferFile]]) -> TaskStatus:
+    """Copy each ``(key, file)``; a failure is filed under ``key``, the ``dest`` the agent passed
+    (not the prefixed path copied to: the agent matches errors to its items by that key)."""
     errors: dict[str, str] = {}
     copied = 0
-    for f in files:
+    for key, f in files:
         try:
             copied += copy_into_place(Path(f.src), Path(f.dest), f.recursive)
         except (OSError, ValueError, shutil.Error) as exc:
-            errors[f.dest] = one_line(exc)
+            errors[key] = one_line(exc)
     info = {"files": len(files), "files_done": len(files) - len(errors), "bytes": copied}
     return TaskStatus(TaskState.done, info=info, file_errors=errors)
 
@@ -167,12 +171,21 @@ class LocalTransfer(TransferBackend):
             for side in (f.src, f.dest):
                 if not os.path.isabs(side):
                     raise TransferError(f"local transfer needs absolute paths, got {side!r}", retryable=False)
-        prefix = location.path.rstrip("/")
-        if prefix:
-            # local:///scratch/inputs: remote paths are inside that directory.
-            remote = "src" if direction == TransferDirection.stage_in else "dest"
-            files = [attrs.evolve(f, **{remote: prefix + getattr(f, remote)}) for f in files]
-        return self._tasks.start(_run_task, list(files))
+        # local:///scratch/inputs: remote paths are inside that directory.
+        remote = "src" if direction == TransferDirection.stage_in else "dest"
+        copies = [(f.dest, attrs.evolve(f, **{remote: location.remote_path(getattr(f, remote))})) for f in files]
+        return self._tasks.start(_run_task, copies)
+
+    @classmethod
+    def check_location(cls, location: TransferLocation) -> None:
+        # local://scratch/inputs parses "scratch" as a host, which a copy on this file system would
+        # silently drop; localhost is what file://localhost/path means.
+        if location.netloc and location.netloc.lower() != "localhost":
+            raise TransferError(
+                f"local:// takes no host, got {location.netloc!r}: write local:///{location.netloc}{location.path} "
+                f"for the directory /{location.netloc}{location.path}, or local:// for none",
+                retryable=False,
+            )
 
     def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
         return self._tasks.statuses(task_ids)

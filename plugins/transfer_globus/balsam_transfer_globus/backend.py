@@ -7,7 +7,10 @@
   ``endpoint_site_path`` when the endpoint sees the site under another prefix; every file is always
   added (Balsam 0.7 submitted an empty batch when that setting was unset).
 - ``poll``: one ``task_list`` call filtered on all in-flight task ids; a succeeded task with skipped
-  files costs one ``task_skipped_errors`` call, which names the failed files.
+  files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
+  (a file inside a directory item is named by its own path; the agent files it under that item).
+- Locations: ``globus://<collection-uuid>`` only; a path after it is refused when settings.yml is
+  read (a skipped file's error names its full path, which could then not be matched to the job's).
 - Errors: consent required, missing or expired/revoked credentials become one line naming the exact
   ``balsam site globus-login -e ...`` command (with ``--tokens-file PATH`` when ``tokens_file`` is
   not the default), retryable (the items wait, their jobs do not fail);
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 import posixpath
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -87,6 +91,14 @@ def globus_error(exc: BaseException, collections: Sequence[str], tokens_file: Op
     if isinstance(exc, (globus_sdk.NetworkError, globus_sdk.GlobusConnectionError)):
         return TransferError(f"cannot reach Globus: {type(exc).__name__}", retryable=True)
     return TransferError(f"globus: {type(exc).__name__}: {one_line(exc)}", retryable=True)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 class GlobusTransfer(TransferBackend):
@@ -179,15 +191,28 @@ class GlobusTransfer(TransferBackend):
         except Exception as exc:
             raise self._error(exc) from None
 
+    @classmethod
+    def check_location(cls, location: TransferLocation) -> None:
+        if not location.netloc:
+            extra = location.path.strip("/")
+            hint = f" (one '/' too many? globus://{extra})" if _is_uuid(extra) else ""
+            raise TransferError(f"expected globus://<collection-id>, got {location.url!r}{hint}", retryable=False)
+        if not _is_uuid(location.netloc):
+            raise TransferError(f"expected globus://<collection-id> with a collection UUID, got {location.netloc!r}",
+                                retryable=False)
+        if location.prefix:
+            # Applying it would make skipped-file errors name prefixed paths no item has.
+            raise TransferError(f"globus://<collection-id> takes no path, got {location.path!r}: "
+                                "write the full collection path in the jobs' transfers", retryable=False)
+
     def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile],
                      token: Optional[str] = None) -> str:
         site_ep = self.options.endpoint_id
         if not site_ep:
             raise TransferError("globus: transfers.globus_endpoint_id (this site's collection id) is not set in settings.yml",
                                 retryable=False)
+        self.check_location(location)
         remote_ep = location.netloc
-        if not remote_ep:
-            raise TransferError(f"transfer location {location.alias!r}: expected globus://<collection-id>", retryable=False)
         if remote_ep not in self._collections:
             self._collections.append(remote_ep)
         stage_in = direction == TransferDirection.stage_in
@@ -233,7 +258,8 @@ class GlobusTransfer(TransferBackend):
         if status == "SUCCEEDED":
             errors: dict[str, str] = {}
             if doc.get("subtasks_skipped_errors"):
-                for skipped in client.task_skipped_errors(doc["task_id"]):
+                # Every page: an error left on a later one would leave its file's item done.
+                for skipped in client.paginated.task_skipped_errors(doc["task_id"]).items():
                     dest = str(skipped.get("destination_path") or "")
                     key = self.from_endpoint(dest) if str(doc.get("destination_endpoint_id")) == str(self.options.endpoint_id) else dest
                     errors[key] = one_line(f"{skipped.get('error_code', 'error')}: "

@@ -93,7 +93,8 @@ def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_fi
         )
     collections = list(dict.fromkeys([*endpoints, *site.collections]))
     try:
-        login(client_id, collections, path, prompt=lambda text: click.prompt(text, hide_input=False),
+        # The code is a credential until exchanged: not echoed, nor left in a terminal's scrollback.
+        login(client_id, collections, path, prompt=lambda text: click.prompt(text, hide_input=True),
               echo=click.echo)
     except globus_sdk.GlobusAPIError as exc:
         raise click.ClickException(f"Globus Auth refused the login (HTTP {exc.http_status} {exc.code})") from None

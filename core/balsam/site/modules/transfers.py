@@ -16,8 +16,14 @@ One cycle (every ``service_period`` seconds):
    "<backend>:<id>"``.
 4. One bulk PATCH of every item that changed.
 
+A done task whose ``file_errors`` name files is matched to its items by destination (a file inside
+a recursive item's destination is that item's); if some error matches no item, the items without
+an error of their own are not called done either: each fails a try (it is copied again, and its
+job fails if that keeps happening), since the unmatched error may be theirs.
+
 Restart safety: a task id is appended (fsync'd) to ``<site>/.transfer-tasks.jsonl`` right after its
-task is submitted and the file is emptied once the PATCH recording it has been answered. Items that
+task is submitted and its line is dropped once the PATCH recording it has been answered (only the
+token records of batches whose submission is still unconfirmed stay). Items that
 are still ``pending`` but listed there (the agent died between the two) are polled under that task
 id instead of being submitted again. Backends with submission tokens (Globus submission ids) get
 the token journaled *before* the submission, so a batch whose task id never reached the journal
@@ -33,6 +39,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Optional
@@ -100,9 +107,13 @@ class TransfersOptions:
                 problems[name] = f"must not be negative, got {getattr(self, name)!r}"
         for alias, url in self.transfer_locations.items():
             try:
-                TransferLocation.parse(alias, url)
+                location = TransferLocation.parse(alias, url)
             except TransferError as exc:
                 problems[f"transfer_locations.{alias}"] = str(exc)
+                continue
+            problem = _location_problem(location)
+            if problem:
+                problems[f"transfer_locations.{alias}"] = problem
         if self.backend_options:
             problems.update(self._backend_options_problems())
         return problems
@@ -127,6 +138,25 @@ class TransfersOptions:
                 where, _, why = str(exc).partition(": ")
                 problems[where.removeprefix("transfers.") if why else key] = why or str(exc)
         return problems
+
+
+def _location_problem(location: TransferLocation) -> str:
+    """What the location's backend refuses in its URL ('' when nothing, or when no installed backend
+    serves the protocol: its jobs then fail with that reason, as a plugin may be installed later)."""
+    try:
+        cls = get_plugin_manager().load_driver("transfer", location.backend_name)
+    except PluginError:
+        return ""
+    check = getattr(cls, "check_location", None)
+    if not callable(check):
+        return ""
+    try:
+        check(location)
+    except TransferError as exc:
+        return str(exc)
+    except Exception as exc:  # a plugin's check must not stop settings.yml from loading
+        return one_line(f"{location.backend_name} cannot check this location: {type(exc).__name__}: {exc}")
+    return ""
 
 
 def backend_options(cls: type, name: str, options: TransfersOptions) -> Any:
@@ -182,6 +212,40 @@ def item_transfer_paths(item: Mapping[str, Any], workdir: Path) -> tuple[Path, T
     if stage_in:
         return local, TransferFile(src=remote, dest=str(local), recursive=recursive)
     return local, TransferFile(src=str(local), dest=remote, recursive=recursive)
+
+
+def _norm_path(path: str) -> str:
+    """``path`` without repeated or trailing slashes (how backends may spell a destination)."""
+    return re.sub("/+", "/", path).rstrip("/") or "/"
+
+
+def match_file_errors(items: Iterable[tuple[Any, str, bool]], file_errors: Mapping[str, str]
+                      ) -> tuple[dict[Any, str], dict[str, str]]:
+    """Attribute a done task's ``file_errors`` to its items, given as (id, dest, recursive): an error
+    filed under an item's dest is that item's; one under a path inside a recursive item's dest (a
+    file of a directory) is that item's (the deepest such item's). Returns ({item id: error},
+    {key: error} of the errors matching no item)."""
+    items = [(item_id, _norm_path(dest), recursive) for item_id, dest, recursive in items if dest]
+    exact: dict[str, list[Any]] = defaultdict(list)
+    for item_id, dest, _ in items:
+        exact[dest].append(item_id)
+    found: dict[Any, list[str]] = defaultdict(list)
+    unmatched: dict[str, str] = {}
+    for key, error in file_errors.items():
+        path = _norm_path(str(key))
+        if path in exact:
+            for item_id in exact[path]:
+                found[item_id].append(error)
+            continue
+        inside = [(len(dest), item_id) for item_id, dest, recursive in items
+                  if recursive and path.startswith(dest.rstrip("/") + "/")]
+        if inside:
+            # A file of a directory item: its own path says which one.
+            found[max(inside, key=lambda pair: pair[0])[1]].append(f"{key}: {error}")
+        else:
+            unmatched[str(key)] = error
+    return {item_id: errs[0] if len(errs) == 1 else f"{errs[0]} (and {len(errs) - 1} more failed files)"
+            for item_id, errs in found.items()}, unmatched
 
 
 def _now() -> dt.datetime:
@@ -275,9 +339,8 @@ class TransfersModule(AgentModule):
         self.last_cycle_calls = 0
         now = _now()
         opts = self.options
-        if not opts.transfer_locations:
-            # The server refuses job transfers to aliases the site does not list: nothing to do.
-            return None
+        # Even with no transfer_locations left: items created while there were some must still be
+        # polled (tasks in flight) or failed with "unknown transfer location", never left waiting.
         items = self._get(
             "/transfers/",
             # In-flight items first: a full page never hides a task that must be polled.
@@ -292,21 +355,23 @@ class TransfersModule(AgentModule):
                 # Submitted by a previous cycle (or agent) that died before recording it: poll, don't resubmit.
                 item["state"], item["task_id"] = TransferItemState.active.value, task_id
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": task_id}
-        keep_journal = self._resubmit_with_tokens(token_batches, items, updates, now)
+        unsent = self._resubmit_with_tokens(token_batches, items, updates, now)
         in_flight = [it for it in items if it["state"] in IN_FLIGHT]
         still_running = self._poll(in_flight, updates, now)
 
         pending = [it for it in items if it["state"] == TransferItemState.pending.value and it["id"] not in updates]
         due = [it for it in pending if _due(it, now)]
-        submitted, unconfirmed_token = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now)
+        submitted, unconfirmed = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now)
 
         if updates:
             self.last_cycle_calls += 1
             refused = bulk_patch(self.client, "/transfers/", list(updates.values()))
             if refused:
                 self.logger.error("%d transfer item updates were refused by the server", len(refused))
-        if not (keep_journal or unconfirmed_token):
-            self._clear_journal()
+        # The PATCH recorded every task id journaled so far: only the batches whose submission with a
+        # token may or may not have arrived stay. Keeping the task lines too would re-attach their
+        # items to those tasks next cycle, after the tasks failed and the items went back to pending.
+        self._rewrite_journal(unsent + unconfirmed)
         # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
         live = {int(it["job_id"]) for it in items}
         self.workdirs = {job_id: w for job_id, w in self.workdirs.items() if job_id in live}
@@ -370,15 +435,23 @@ class TransfersModule(AgentModule):
             if status.state == TaskState.inactive:
                 self.logger.warning("transfer task %s is paused by its service: %s", task_id, status.error or "no reason given")
         elif status.state == TaskState.done:
-            errors_by_dest = dict(status.file_errors)
+            errors, unmatched = match_file_errors(
+                [(item["id"], self._dest_of(item), bool(item.get("recursive"))) for item in items], status.file_errors)
+            if unmatched:
+                self.logger.error("transfer task %s reported %d failed files matching none of its items, e.g. %s",
+                                  task_id, len(unmatched), next(iter(unmatched)))
             for item in items:
-                dest = self._dest_of(item)
-                if errors_by_dest and not dest:
+                if status.file_errors and not self._dest_of(item):
                     # Recovered from the journal without its destination: which file failed is
                     # unknown, so copy it again rather than call it done.
                     self._back_to_pending(item, updates, f"task {task_id} had failed files and this item's is unknown")
                     continue
-                error = errors_by_dest.get(dest)
+                error = errors.get(item["id"])
+                if error is None and unmatched:
+                    # Some file of the task failed and nothing says it is not this item's: done would
+                    # lose it. A failed try instead: copied again, and its job fails if it keeps on.
+                    key, why = next(iter(unmatched.items()))
+                    error = f"task {task_id} reported failed files matching none of its items ({key}: {why})"
                 if error is not None:
                     self._fail(item, error, True, updates, now)
                 else:
@@ -439,12 +512,12 @@ class TransfersModule(AgentModule):
                 self.workdirs[int(job["id"])] = (str(job["workdir"]), str(job["state"]))
 
     def _submit(self, due: list[dict], slots: int, updates: dict[int, dict[str, Any]],
-                now: dt.datetime) -> tuple[int, bool]:
-        """Submit due items in batches: (tasks submitted, whether a batch sent with a submission
-        token failed in a way that may hide a task the service started: its journal entry is kept
-        for the next cycle to send it again with that token)."""
+                now: dt.datetime) -> tuple[int, list[dict]]:
+        """Submit due items in batches: (tasks submitted, the journal records of batches sent with a
+        submission token that failed in a way that may hide a task the service started: they are
+        kept for the next cycle to send them again with that token)."""
         if not due or slots <= 0:
-            return 0, False
+            return 0, []
         opts = self.options
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for item in due:
@@ -457,7 +530,7 @@ class TransfersModule(AgentModule):
         batches = batches[:slots]
         self._job_workdirs(it["job_id"] for _, _, batch in batches for it in batch)
         data_path = Path(self.site_config.data_path)
-        submitted, unconfirmed_token = 0, False
+        submitted, unconfirmed = 0, []
         for direction, alias, batch in batches:
             try:
                 location = self._location(alias)
@@ -496,22 +569,22 @@ class TransfersModule(AgentModule):
                 members.append(item)
             if not files:
                 continue
-            token = None
+            token, record = None, None
             try:
                 token = backend.submission_token()
                 if token:
-                    self._journal_token(token, alias, direction, members, files)
+                    record = self._journal_token(token, alias, direction, members, files)
                 task_id = backend.submit(location, TransferDirection(direction), files, token)
             except TransferError as exc:
                 if exc.retryable:
                     # The service, not the files: keep the items pending without using up their tries.
                     self.logger.warning("transfer backend %s: submitting %d files to %s failed (will retry): %s",
                                         backend.name, len(files), alias, exc)
-                    if token:
+                    if record:
                         # It may have arrived (a timeout after the service took it): the journal keeps
                         # the token, so the next cycle sends the batch again with it, and the service
                         # answers with the task it has rather than starting a second one.
-                        unconfirmed_token = True
+                        unconfirmed.append(record)
                     for item in members:
                         self._wait(item, str(exc), updates)
                 else:
@@ -526,7 +599,7 @@ class TransfersModule(AgentModule):
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.active.value, "task_id": full_id,
                                        "transfer_info": info}
             submitted += 1
-        return submitted, unconfirmed_token
+        return submitted, unconfirmed
 
     def _location(self, alias: str) -> TransferLocation:
         if alias in self.location_errors:
@@ -549,13 +622,14 @@ class TransfersModule(AgentModule):
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _journal_token(self, token: str, alias: str, direction: str, members: list[dict], files: list[TransferFile]) -> None:
+    def _journal_token(self, token: str, alias: str, direction: str, members: list[dict], files: list[TransferFile]) -> dict:
         record = {"token": token, "alias": alias, "direction": direction,
                   "files": [[it["id"], f.src, f.dest, f.recursive] for it, f in zip(members, files)]}
         with open(self.journal_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        return record
 
     def _read_journal(self) -> tuple[dict[int, str], list[dict]]:
         """(task id by item id, batches journaled with a submission token but no task id yet)."""
@@ -585,12 +659,12 @@ class TransfersModule(AgentModule):
         return found, tokens
 
     def _resubmit_with_tokens(self, batches: list[dict], items: list[dict], updates: dict[int, dict[str, Any]],
-                              now: dt.datetime) -> bool:
+                              now: dt.datetime) -> list[dict]:
         """Submit again, with the same token, batches a dead agent submitted without recording a task
         id: the service answers with the task it already has (or starts it if it never got it).
-        Returns True when one could not be sent (the journal is then kept for the next cycle)."""
+        Returns the batches that could not be sent (kept in the journal for the next cycle)."""
         by_id = {it["id"]: it for it in items}
-        failed = False
+        failed: list[dict] = []
         for batch in batches:
             members = [by_id.get(i) for i, *_ in batch["files"]]
             if any(m is None or m["state"] != TransferItemState.pending.value or m.get("task_id") for m in members):
@@ -602,7 +676,7 @@ class TransfersModule(AgentModule):
                 task_id = backend.submit(location, TransferDirection(batch["direction"]), files, batch["token"])
             except TransferError as exc:
                 self.logger.warning("re-sending a journaled batch of %d files failed: %s", len(files), exc)
-                failed = True
+                failed.append(batch)
                 for item in members:
                     item["state"] = "held"  # not submitted under a new token this cycle
                 continue
@@ -615,9 +689,18 @@ class TransfersModule(AgentModule):
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": full_id, "transfer_info": info}
         return failed
 
-    def _clear_journal(self) -> None:
+    def _rewrite_journal(self, token_records: list[dict]) -> None:
+        """Leave only ``token_records`` in the journal (none: remove it), replaced atomically."""
         try:
-            if self.journal_path.exists():
-                self.journal_path.unlink()
+            if not token_records:
+                self.journal_path.unlink(missing_ok=True)
+                return
+            tmp = self.journal_path.with_name(self.journal_path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for record in token_records:
+                    fh.write(json.dumps({k: record[k] for k in ("token", "alias", "direction", "files")}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.journal_path)
         except OSError as exc:
-            self.logger.warning("cannot remove %s: %s", self.journal_path, exc)
+            self.logger.warning("cannot rewrite %s: %s", self.journal_path, exc)
