@@ -339,7 +339,7 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
 
     @classmethod
     def to_dict(cls) -> dict[str, Any]:
-        serialized = codec.serialize_app_class(cls)
+        serialized = _serialize_class(cls)
         cls._serialized_class = serialized
         try:
             source = cls.source_code  # type: ignore[attr-defined]
@@ -357,7 +357,15 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
 
     @classmethod
     def sync(cls, rename_from: Optional[str] = None) -> None:
-        """Create or update the App record of this class at its site (keyed by site and class name)."""
+        """Create or update the App record of this class at its site (keyed by site and class name).
+
+        Nothing is sent when the stored record is already this class (libEnsemble syncs before
+        every submit); a record created meanwhile by another process is updated, not refused."""
+        # Here, not at the top: a run() job's start-up imports this module, never the client.
+        from balsam.client.rest import APIError
+
+        from .models import forget_app_name
+
         AppModel = cls._models().App
         record = cls.to_dict()
         existing = None
@@ -367,18 +375,27 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
         except AppModel.DoesNotExist:
             if rename_from:
                 raise ValueError(f"cannot rename: no app named {rename_from!r} at site {record['site_id']}") from None
-        if existing is not None:
-            for key, value in record.items():
-                if key != "site_id" and getattr(existing, key) != value:
-                    setattr(existing, key, value)
-            existing.save()
-            app = existing
-            logger.info("Updated App(id=%s, name=%s)", app.id, app.name)
-        else:
-            app = AppModel.objects.create(**record)
-            logger.info("Created App(id=%s, name=%s)", app.id, app.name)
-        cls.__app_id__ = app.id
-        ApplicationDefinition._app_id_cache[(_server_key(AppModel), app.id)] = cls
+        if existing is None:
+            try:
+                existing = AppModel.objects.create(**record)
+                logger.info("Created App(id=%s, name=%s)", existing.id, existing.name)
+            except APIError as exc:
+                if exc.status_code != 409:
+                    raise
+                # Created since our look-up (concurrent first syncs: several workers, threads):
+                # that record is this app's, brought up to date below.
+                existing = AppModel.objects.get(site_id=record["site_id"], name=record["name"])
+        changed = _update_app(existing, record)
+        if changed:
+            logger.info("Updated App(id=%s, name=%s): %s", existing.id, existing.name, ", ".join(changed))
+        cls.__app_id__ = existing.id
+        server = _server_key(AppModel)
+        ApplicationDefinition._app_id_cache[(server, existing.id)] = cls
+        # Job(app_id="Name") keeps the id of each name: this one may have changed (the app was
+        # deleted and synced again) or been renamed.
+        forget_app_name(server, record["name"])
+        if rename_from:
+            forget_app_name(server, rename_from)
 
     @classmethod
     def submit(
@@ -528,6 +545,27 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
         ApplicationDefinition._app_record_cache.clear()
 
 
+#: Class attributes that are this client's state, not the app's: never in its serialized payload.
+_CLIENT_STATE = ("__app_id__", "_site_id", "_serialized_class")
+
+
+def _serialize_class(cls: type[ApplicationDefinition]) -> str:
+    return codec.serialize_app_class(cls, root=ApplicationDefinition, without=_CLIENT_STATE)
+
+
+def _update_app(existing: "App", record: dict[str, Any]) -> list[str]:
+    """Save the fields of ``record`` that differ from the stored App; returns their names. Compared
+    in wire form (the stored parameters are AppParameter records, the class's are dicts)."""
+    changed = []
+    for key, value in record.items():
+        if key != "site_id" and existing._field_json(key) != value:
+            setattr(existing, key, value)
+            changed.append(key)
+    if changed:
+        existing.save()
+    return changed
+
+
 def _server_key(model: Any) -> str:
     """Cache key part: app ids are unique per server, not across servers."""
     return model._get_client().api_root
@@ -587,7 +625,7 @@ def python_runner_command(app_cls: type[ApplicationDefinition], job: "Job") -> s
     """
     if app_cls.__app_id__ is None:
         raise ValueError(f"{app_cls.__name__} has no app id: load it from the API or sync() it")
-    payload = app_cls._serialized_class or codec.serialize_app_class(app_cls)
+    payload = app_cls._serialized_class or _serialize_class(app_cls)
     app_chunks = _chunk(payload, app_cls.ARG_CHUNK_SIZE)
     job_json = json.dumps(_job_json(job))
     job_chunks = _chunk(job_json, app_cls.ARG_CHUNK_SIZE)

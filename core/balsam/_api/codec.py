@@ -13,6 +13,7 @@ import binascii
 import io
 import pickle
 import sys
+import threading
 from typing import Any, Optional
 
 from tblib import Traceback
@@ -145,18 +146,38 @@ def deserialize_exception(payload: str) -> BaseException:
 
 
 # ------------------------------------------------------------------------------------ app classes
-def serialize_app_class(cls: type) -> str:
-    """Serialize an ApplicationDefinition subclass by value (its code travels to the site)."""
-    module = cls.__module__
-    # dill pickles importable classes by reference; the site may not be able to import the
-    # user's module, so pretend it lives in __main__ to force pickling by value.
-    cls.__module__ = "__main__"
-    try:
-        inner = _dill().dumps(cls, recurse=True)
-    except Exception as exc:  # noqa: BLE001
-        raise SerializeError(f"cannot serialize app {cls.__name__}: {type(exc).__name__}: {exc}") from None
-    finally:
-        cls.__module__ = module
+#: Serializations of app classes one at a time: each changes the class for its duration (below).
+_serialize_lock = threading.RLock()
+
+
+def serialize_app_class(cls: type, *, root: Optional[type] = None, without: tuple[str, ...] = ()) -> str:
+    """Serialize an ApplicationDefinition subclass by value (its code travels to the site).
+
+    ``without``: class attributes left out of the payload, on ``cls`` and on its bases below
+    ``root`` (the client's own state, such as the app id: set again where the class is loaded, and
+    in the payload they would make it differ after every sync, and ``_serialized_class`` would
+    nest the previous payload in each new one)."""
+    with _serialize_lock:
+        module = cls.__module__
+        removed: list[tuple[type, str, Any]] = []
+        try:
+            for klass in cls.__mro__:
+                if root is None or klass is root or not issubclass(klass, root):
+                    continue
+                for name in without:
+                    if name in klass.__dict__:
+                        removed.append((klass, name, klass.__dict__[name]))
+                        delattr(klass, name)
+            # dill pickles importable classes by reference; the site may not be able to import the
+            # user's module, so pretend it lives in __main__ to force pickling by value.
+            cls.__module__ = "__main__"
+            inner = _dill().dumps(cls, recurse=True)
+        except Exception as exc:  # noqa: BLE001
+            raise SerializeError(f"cannot serialize app {cls.__name__}: {type(exc).__name__}: {exc}") from None
+        finally:
+            cls.__module__ = module
+            for klass, name, value in removed:
+                setattr(klass, name, value)
     envelope = {APP_ENVELOPE_KEY: 1, "python": PYTHON_VERSION, "name": cls.__name__, "class": inner}
     return _b64(pickle.dumps(envelope, protocol=4))
 

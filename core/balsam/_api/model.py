@@ -24,6 +24,7 @@ import attrs
 from cattrs.errors import ClassValidationError, IterableValidationError
 
 from balsam.client import RESTClient
+from balsam.client.rest import APIError
 # The default client lives with the REST client (importable without the models); re-exported here.
 from balsam.client.default import get_default_client, reset_default_client, set_default_client  # noqa: F401
 from balsam.serialization import _flatten, converter
@@ -316,6 +317,11 @@ class BalsamModel:
     _orderings: ClassVar[frozenset[str]] = frozenset()
     #: fields cleared back to their default after every successful save (event payloads)
     _reset_after_save: ClassVar[tuple[str, ...]] = ()
+    #: the list route's order when none is asked for (list filters split over several requests
+    #: are merged back in this order)
+    _default_order: ClassVar[str] = "id"
+    #: set by delete(): save() then never creates the record again (see save())
+    _deleted: bool = False
 
     objects: ClassVar["Manager"] = ManagerDescriptor()  # type: ignore[assignment]
 
@@ -504,7 +510,7 @@ class BalsamModel:
         fld = self._fields.get(key)
         if fld is None:
             raise AttributeError(f"{name} has no field {key!r}")
-        if self._stored:
+        if self._stored or self._deleted:
             if not self._updatable:
                 raise AttributeError(f"{name} is read-only")
             if key not in self._update_fields:
@@ -598,6 +604,14 @@ class BalsamModel:
     def save(self) -> None:
         """Create the record, or send the changed fields of a stored one (nothing if unchanged)."""
         client = self._get_client()
+        if self._deleted:
+            # Balsam 0.7 kept a deleted object "stored" with no id: save() sent nothing, or failed
+            # for a changed field. Creating the record again (a new id, a job run twice) is never
+            # what such a call meant.
+            if self._changed_fields():
+                raise self._does_not_exist(f"{type(self).__name__} was deleted: save() cannot store its changes "
+                                           f"(build a new {type(self).__name__} to create it again)")
+            return
         if not self._stored:
             payload = self._create_payload()
             data = client.post(self._path, json=[payload] if self._create_as_list else payload)
@@ -612,11 +626,42 @@ class BalsamModel:
         self._apply_response(data)
 
     def refresh_from_db(self) -> None:
+        """Re-read the record; ``Model.DoesNotExist`` (also an ``APIError``, HTTP 404) once it is deleted."""
+        if self._deleted:
+            raise self._does_not_exist(f"{type(self).__name__} was deleted")
         if not self._stored:
             raise AttributeError(f"cannot refresh a {type(self).__name__} before it is saved")
-        self._load(self._get_client().get(self._detail_path))
+        path = self._detail_path
+        try:
+            data = self._get_client().get(path)
+        except APIError as exc:
+            if exc.status_code != 404:
+                raise
+            # Balsam 0.7 read the record with objects.get(id=...): a deleted one raised DoesNotExist.
+            raise self._does_not_exist(f"{type(self).__name__}(id={self.id}) does not exist (deleted?): {exc}",  # type: ignore[attr-defined]
+                                       exc) from None
+        self._load(data)
+
+    @classmethod
+    def _does_not_exist(cls, message: str, cause: Optional[APIError] = None) -> Exception:
+        """A ``cls.DoesNotExist`` that is also an :class:`APIError` (HTTP 404): what Balsam 0.7 raised,
+        and what code written for this API's earlier answer (``except APIError``) catches."""
+        base = cls.DoesNotExist
+        both = base.__dict__.get("_with_api_error")
+        if both is None:
+            both = type("DoesNotExist", (base, APIError), {"__qualname__": base.__qualname__,
+                                                            "__module__": base.__module__})
+            base._with_api_error = both  # type: ignore[attr-defined]
+        if cause is not None:
+            error = both(cause.method, cause.url, cause.status_code, cause.detail)
+        else:
+            error = both("", cls._path, 404, message)  # no request was sent: the object knows
+        error.args = (message,)
+        return error
 
     def delete(self) -> None:
+        if self._deleted:
+            raise self._does_not_exist(f"{type(self).__name__} was already deleted")
         if not self._stored:
             raise AttributeError(f"cannot delete a {type(self).__name__} that was never saved")
         if not self._deletable:
@@ -624,6 +669,7 @@ class BalsamModel:
         self._get_client().delete(self._detail_path)
         self._record.id = None  # type: ignore[attr-defined]
         self._stored = False
+        self._deleted = True
 
     # ------------------------------------------------------------------ display
     def display_dict(self) -> dict[str, Any]:
@@ -659,7 +705,7 @@ class BalsamModel:
         # uses the default client where it is unpickled).
         dirty = self._dirty | (self._changed_fields() if self._stored else set())
         state = {"record": converter.unstructure(self._record, self._record_cls), "stored": self._stored,
-                 "dirty": sorted(dirty)}
+                 "dirty": sorted(dirty), "deleted": self._deleted}
         return (_unpickle_model, (self._record_cls.__name__, state))
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -667,6 +713,7 @@ class BalsamModel:
         self._stored = state["stored"]
         self._dirty = set(state["dirty"])
         self._snapshots = {}
+        self._deleted = bool(state.get("deleted", False))
 
 
 def _unpickle_model(record_name: str, state: dict[str, Any]) -> BalsamModel:

@@ -159,7 +159,14 @@ class JobManager(Manager["Job"]):
         jobs = list(objs)
         size = self.bulk_chunk_size
         chunks = [_Chunk(jobs[i : i + size]) for i in range(0, len(jobs), size)]
-        return self._post_chunks(chunks, [], progress)
+        try:
+            return self._post_chunks(chunks, [], progress)
+        except APIError as exc:
+            # One request, refused as a whole (more chunks raise BulkCreateError): resent once
+            # with fresh payloads when an app given by name had a stale cached id.
+            if not _refresh_stale_app_names(jobs, exc):
+                raise
+            return self._post_chunks([_Chunk(jobs)], [], progress)
 
     def _post_chunks(self, chunks: list[_Chunk], created: list["Job"], progress: ProgressFn) -> list["Job"]:
         """POST the chunks, each with its own Idempotency-Key (the one it had if it was sent before),
@@ -412,7 +419,39 @@ class JobManager(Manager["Job"]):
 
 
 _app_id_cache_lock = threading.Lock()
+#: App ids looked up by name for ``Job(app_id="Name")``: (api_root, username, site_name, name) -> id
 _app_name_to_id: dict[tuple[str, Optional[str], Optional[str], str], int] = {}
+
+
+def forget_app_name(api_root: str, name: str) -> None:
+    """Drop the cached ids of the apps named ``name`` on the server at ``api_root`` (looked up
+    again on next use): ApplicationDefinition.sync() calls it, as the id may have changed."""
+    with _app_id_cache_lock:
+        for key in [k for k in _app_name_to_id if k[0] == api_root and k[3] == name]:
+            del _app_name_to_id[key]
+
+
+def _refresh_stale_app_names(jobs: Sequence["Job"], exc: BaseException) -> bool:
+    """After a create refused with "App not found": look up again (one request per name) the
+    apps of the jobs given by name, whose cached id may be stale (the app deleted and synced again
+    by another process). True if any job's app id changed (then the create is worth resending)."""
+    if not (isinstance(exc, APIError) and exc.status_code == 404 and str(exc.detail).startswith("App not found")):
+        return False
+    by_name: dict[tuple[str, Optional[str]], list["Job"]] = {}
+    for job in jobs:
+        ref = job.__dict__.get("_app_name")
+        if ref is not None:
+            by_name.setdefault(ref, []).append(job)
+    changed = False
+    for (name, site_name), group in by_name.items():
+        model = type(group[0])
+        forget_app_name(model._get_client().api_root, name)
+        fresh = model._app_id_by_name(name, site_name)
+        for job in group:
+            if job.app_id != fresh:
+                job.app_id = fresh
+                changed = True
+    return changed
 
 
 class Job(BalsamModel):
@@ -470,6 +509,7 @@ class Job(BalsamModel):
             raise TypeError("Job() missing required field: app_id (an app id, app name or ApplicationDefinition)")
         kwargs["workdir"] = workdir
         kwargs["app_id"] = self._resolve_app_id(app_id, site_name)
+        by_name = isinstance(app_id, str) and not app_id.isdigit()
         if transfers:
             kwargs["transfers"] = {slot: _parse_transfer(slot, item) for slot, item in transfers.items()}
         if parameters is not None:
@@ -477,6 +517,20 @@ class Job(BalsamModel):
                 raise TypeError(f"Job parameters must be a dict, got {type(parameters).__name__}")
             kwargs["serialized_parameters"] = codec.serialize(parameters)
         super().__init__(**kwargs)
+        if by_name:
+            # The id came from a cache of names: a create refused with "App not found" looks again.
+            self.__dict__["_app_name"] = (app_id, site_name)
+
+    def save(self) -> None:
+        if self._stored or self._deleted:
+            super().save()
+            return
+        try:
+            super().save()
+        except APIError as exc:
+            if not _refresh_stale_app_names([self], exc):
+                raise
+            super().save()
 
     @classmethod
     def _resolve_app_id(cls, app_id: Any, site_name: Optional[str]) -> int:
@@ -758,3 +812,4 @@ class EventLog(BalsamModel):
         }
     )
     _orderings = frozenset({"timestamp"})
+    _default_order = "-timestamp"  # the server's: newest first

@@ -223,7 +223,9 @@ class Query(Generic[T]):
         return self._cache
 
     def _sort_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        order = self._order or "id"
+        # Without an ordering, the model's default one: what the server gives one request (the
+        # newest events first), so a list filter of 501 values reads in the same order as of 500.
+        order = self._order or self._model._default_order
         key = order.lstrip("-")
         reverse = order.startswith("-")
         seen: dict[Any, dict[str, Any]] = {}
@@ -231,8 +233,14 @@ class Query(Generic[T]):
             seen[row.get("id")] = row
         rows = list(seen.values())
 
+        fld = self._model._fields.get(key)
+        # Datetimes compared as datetimes, not as the text of their JSON (whose forms may differ).
+        as_value = (lambda v: fld.structure(self._model.__name__, v)) if fld is not None and fld.is_datetime else None
+
         def sort_key(row: dict[str, Any]) -> tuple:
             value = row.get(key)
+            if value is not None and as_value is not None:
+                value = as_value(value)
             return (value is None, value if value is not None else 0, row.get("id") or 0)
 
         return sorted(rows, key=sort_key, reverse=reverse)
@@ -254,16 +262,29 @@ class Query(Generic[T]):
         return f"<Query [{', '.join(text)}]>"
 
     def count(self) -> int:
-        """Number of matching records (one request with ``limit=0`` unless already fetched)."""
-        if self._cache is not None:
-            return len(self._cache)
+        """Number of records matching the filters (one request with ``limit=0`` unless already fetched).
+
+        As in Balsam 0.7, a slice does not change it (``Job.objects.all()[:2].count()`` is the number
+        of jobs; ``len()`` of the slice is at most 2)."""
         if self._empty:
             return 0
+        if self._cache is not None and not self._sliced:
+            return len(self._cache)
+        if self._count_cache is not None:
+            return self._count_cache  # the matches of the filters, from the request that filled the cache
         param_sets = self._chunked_params()
-        if len(param_sets) == 1 and not self._sliced and self._model._paginated:
+        if len(param_sets) == 1 and self._model._paginated:
             data = self._model._get_client().get(self._model._path, params=dict(param_sets[0], limit=0, offset=0))
             return _unpack_list(data)[0]
-        return len(self._evaluate())
+        return len(self._unsliced()._evaluate())
+
+    def _unsliced(self) -> "Query[T]":
+        """A new query of the same filters and order, without this one's slice or cache."""
+        q = self._clone()
+        q._limit = None
+        q._offset = 0
+        q._sliced = False
+        return q
 
     def first(self) -> Optional[T]:
         results = self[0:1]._evaluate() if self._cache is None else self._cache[:1]
@@ -283,26 +304,41 @@ class Query(Generic[T]):
 
     # ------------------------------------------------------------------ bulk writes
     def _ids(self) -> list[int]:
-        return [obj.id for obj in self._evaluate()]  # type: ignore[attr-defined]
+        """The ids of the records matching now: read again, never from this query's cache (a bulk
+        write to an evaluated query must reach what its filters match, as Balsam 0.7's did)."""
+        if self._empty:
+            return []
+        return [obj.id for obj in self._clone()._evaluate()]  # type: ignore[attr-defined]
+
+    def _forget(self) -> None:
+        """Drop the cached results after a bulk write (they no longer show the records)."""
+        self._cache = None
+        self._count_cache = None
 
     def update(self, **fields: Any) -> int:
-        """Apply the same change to every matching record; returns the number updated.
+        """Apply the same change to every record the query matches now; returns the number updated.
 
-        Sent as bulk PATCHes of up to ``bulk_chunk_size`` records (PUT per record for the models
-        without a bulk route: Site, App).
+        The matching ids are read afresh (an evaluated query's cached rows are not what is updated),
+        then sent as bulk PATCHes of up to ``bulk_chunk_size`` records (PUT per record for the models
+        without a bulk route: Site, App). The query's cache is dropped: iterating it again reads
+        the updated records.
         """
         model = self._model
         if not model._updatable:
             raise AttributeError(f"{model.__name__} is read-only")
         payload = model._validate_update(fields)
         ids = self._ids()
+        self._forget()
         if not ids:
             return 0
         return self._manager._update_many([dict(payload, id=i) for i in ids])
 
     def delete(self) -> Optional[int]:
-        """Delete every matching record (Job: one bulk ``DELETE /jobs/?filters``)."""
-        return self._manager._delete_query(self)
+        """Delete every record the query matches now (Job: one bulk ``DELETE /jobs/?filters``)."""
+        try:
+            return self._manager._delete_query(self)
+        finally:
+            self._forget()
 
 
 #: A page as ``{"count", "fields", "columns"}`` (see balsam.server.jobs_logic.COLUMNS_MEDIA_TYPE).
