@@ -29,6 +29,9 @@ UPDATE_ONLY = {"role": "update"}
 MAX_PAGE_SIZE = 100_000
 MAX_ITEMS_PER_BULK_OP = 5_000
 MAX_JOBS_PER_SESSION_ACQUIRE = 2_048
+#: Job ids one session heartbeat (``PUT /sessions/{id}``) may ask about; a launcher holding more
+#: sends a different window of them on each heartbeat.
+MAX_JOB_IDS_PER_SESSION_TICK = 100_000
 #: Chunks per ``POST /jobs/reservations`` (a client reserves again for the chunks after them).
 MAX_CHUNKS_PER_RESERVATION = 100
 MAX_SERIALIZED_CLASS_CHARS = 262_144

@@ -12,6 +12,12 @@ next :meth:`acquire` sends them again, unchanged, before anything new, until an 
 server answers a repeated key with the jobs that request leased and this session still holds (see
 ``balsam.server.sessions_logic``), so an answer lost on the wire leaves no job leased to a launcher
 that never saw it.
+
+Jobs taken away: a user may delete a leased job or move it (which ends the lease). With
+:meth:`JobLease.watch`, every heartbeat carries the ids of the jobs the owner runs or holds ready
+(``{"job_ids": [...]}``, at most :data:`MAX_JOB_IDS_PER_SESSION_TICK`; more are sent a window per
+heartbeat) and the server answers those the Session no longer holds (``"gone"``); the lease hands
+them to the owner, which ends their runs. Still one request per heartbeat.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Optional
 
-from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
+from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import RUNNABLE_STATES, JobState
 
 from .rest import new_idempotency_key
@@ -129,6 +135,10 @@ class JobLease:
         self.tick_errors = 0
         #: (idempotency key, body) of an acquire whose answer never came: resent before anything new.
         self.pending: Optional[tuple[str, dict]] = None
+        #: See :meth:`watch`.
+        self._held_ids: Optional[Callable[[], Optional[Iterable[int]]]] = None
+        self._on_gone: Optional[Callable[[list[int]], None]] = None
+        self._window = 0  # where the next heartbeat's window of held ids starts (more than the limit)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_tick = time.monotonic()
@@ -174,20 +184,63 @@ class JobLease:
         return True
 
     # -- heartbeat -------------------------------------------------------------------------------
-    def tick(self) -> None:
-        """Heartbeat now (a lost session is replaced)."""
+    def watch(self, held_ids: Callable[[], Optional[Iterable[int]]], on_gone: Callable[[list[int]], None]) -> None:
+        """Ask, with every heartbeat, which held jobs the Session lost (deleted or moved by their user).
+
+        Thread contract: both callables run on the thread that ticks (the heartbeat thread, or the
+        caller of :meth:`tick_if_due`), never under the lease's lock. ``held_ids()`` returns the ids
+        the owner runs or holds ready now (None: skip this heartbeat's question); it reads the
+        owner's state from another thread, so it copies it (a job it misses is asked about next
+        time, and one that ended meanwhile is answered gone and must be ignored). ``on_gone(ids)``
+        gets the answer (only when not empty) and must only hand it over (a deque, an Event):
+        the owner's loop ends those runs and sends no update for them (the server would refuse it).
+        """
+        self._held_ids = held_ids
+        self._on_gone = on_gone
+
+    def _tick_body(self) -> dict[str, Any]:
+        if self._held_ids is None:
+            return {}
+        try:
+            held = self._held_ids()
+        except Exception as exc:  # the owner's containers changed under the copy: ask next time
+            logger.debug("%s: held jobs not read this heartbeat: %s", self.name, exc)
+            return {}
+        ids = sorted(set(held or ()))
+        if len(ids) > MAX_JOB_IDS_PER_SESSION_TICK:
+            # A window per heartbeat, moving on each time: every held job is asked about within
+            # a few heartbeats, and a heartbeat stays one request of bounded size.
+            start = self._window % len(ids)
+            ids = (ids[start:] + ids[:start])[:MAX_JOB_IDS_PER_SESSION_TICK]
+            self._window = start + MAX_JOB_IDS_PER_SESSION_TICK
+        return {"job_ids": ids} if ids else {}
+
+    def tick(self) -> list[int]:
+        """Heartbeat now (a lost session is replaced); returns the held jobs the Session no longer
+        holds (always empty without :meth:`watch`), after handing them to ``on_gone``."""
         session_id = self._session_id
+        body = self._tick_body()
         try:
             # A missed tick is retried at the next period (the server waits several periods), so one
             # tick never sits in minutes of backoff that would also hold up close().
-            self.client.put(f"/sessions/{session_id}", json={}, retry_count=TICK_RETRY_COUNT)
+            answer = self.client.put(f"/sessions/{session_id}", json=body, retry_count=TICK_RETRY_COUNT)
             self.tick_errors = 0
         except Exception as exc:
             if not self._replace_lost_session(exc, session_id):
                 self.tick_errors += 1
                 raise
+            return []
         finally:
             self._last_tick = time.monotonic()
+        # A server that does not know job_ids (Balsam 0.7's) answers without "gone".
+        gone = answer.get("gone") if isinstance(answer, dict) and body else None
+        if not gone:
+            return []
+        ids = [int(i) for i in gone]
+        logger.info("%s %s no longer holds %d of its jobs: %s", self.name, session_id, len(ids), ids[:20])
+        if self._on_gone is not None:
+            self._on_gone(ids)
+        return ids
 
     def tick_if_due(self) -> None:
         if not self.closed and time.monotonic() - self._last_tick >= self.tick_period:

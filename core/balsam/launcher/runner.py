@@ -363,9 +363,25 @@ class ProcessPool:
         self.relaunch = relaunch_rule() if relaunch_quick_failures else None
         self._requests: dict[int, tuple[str, Any, dict[str, str], Sequence[int]]] = {}
         self._relaunched: dict[int, int] = {}
+        #: Tasks ended on request (:meth:`end`): their groups until empty or SIGKILLed.
+        self.ending = spawner.Ending()
 
     def __len__(self) -> int:
         return len(self.running)
+
+    def job_ids(self) -> list[int]:
+        """The running tasks' job ids; safe from any thread (``list()`` of a dict is one C call)."""
+        return list(self.running)
+
+    def end(self, job_ids: Sequence[int], grace_sec: float) -> None:
+        """End these running tasks without waiting (SIGTERM to each group now, SIGKILL to what is
+        left after ``grace_sec``, sent by later :meth:`reap` calls); never relaunched. Their exits
+        come out of :meth:`reap` as any other."""
+        for job_id in job_ids:
+            proc = self.running.get(job_id)
+            if proc is not None and proc.pid is not None and proc.returncode is None:
+                self._requests.pop(job_id, None)  # no relaunch (see _relaunched_now)
+                self.ending.add(proc.pid, grace_sec)
 
     def start(self, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str], cpu_ids: Sequence[int] = ()) -> AppProcess:
         proc = AppProcess(job_id, shell_cmd, workdir, env, cpu_ids, sigpipe_ignored=self.sigpipe_ignored)
@@ -398,6 +414,8 @@ class ProcessPool:
     def reap(self) -> list[tuple[int, int, str, float]]:
         """Finished processes as ``(job_id, returncode, error_tail, end_time)`` (exits by a
         termination signal once they have been held :data:`STOP_SIGNAL_HOLD_SEC`)."""
+        if self.ending.groups:
+            self.ending.check()
         exited: list[AppProcess] = []
         if self.reaper is not None:
             queue = self.reaper.exited
@@ -431,7 +449,8 @@ class ProcessPool:
         """
         finished = self.reap()
         victims = list(self.running)
-        groups = {proc.pid for proc in self.running.values() if proc.pid is not None}
+        groups = {proc.pid for proc in self.running.values() if proc.pid is not None} | set(self.ending.groups)
+        self.ending.groups.clear()
         for pgid in groups:
             _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_sec
@@ -598,6 +617,19 @@ class SpawnerPool:
         """Drop a queued task if it has not started (a ``take_dropped`` entry says so)."""
         if job_id in self.queued and self._gone is None:
             self._send(("c", job_id))
+
+    def job_ids(self) -> list[int]:
+        """As :meth:`ProcessPool.job_ids` (the in-process fallback's too)."""
+        fallback = self._fallback
+        return list(self.running) + (fallback.job_ids() if fallback is not None else [])
+
+    def end(self, job_ids: Sequence[int], grace_sec: float) -> None:
+        """As :meth:`ProcessPool.end`, done by the spawner (``"k"``)."""
+        mine = [j for j in job_ids if isinstance(self.running.get(j), SpawnedTask)]
+        if mine and self._gone is None:
+            self._send(("k", mine, float(grace_sec)))
+        if self._fallback is not None:
+            self._fallback.end(job_ids, grace_sec)
 
     def take_started(self) -> list[tuple[int, int, float]]:
         started, self._started = self._started, []
@@ -829,6 +861,18 @@ class SpawnerShards:
         shard = self._shard_of.get(job_id)
         if shard is not None:
             shard.cancel(job_id)
+
+    def job_ids(self) -> list[int]:
+        return [job_id for shard in list(self.shards) for job_id in shard.job_ids()]
+
+    def end(self, job_ids: Sequence[int], grace_sec: float) -> None:
+        by_shard: dict[int, tuple[SpawnerPool, list[int]]] = {}
+        for job_id in job_ids:
+            shard = self._shard_of.get(job_id)
+            if shard is not None:
+                by_shard.setdefault(id(shard), (shard, []))[1].append(job_id)
+        for shard, ids in by_shard.values():
+            shard.end(ids, grace_sec)
 
     def take_started(self) -> list[tuple[int, int, float]]:
         return [started for shard in self.shards for started in shard.take_started()]

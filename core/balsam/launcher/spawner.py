@@ -27,7 +27,9 @@ types cross, and both ends are the same interpreter):
   job_id)`` drops a queued task (and what is queued behind it) that has not started.
   ``("t", grace)`` drops what is queued, ends every task (SIGTERM to its process group, SIGKILL
   to the group after ``grace`` seconds unless the whole group is gone by then, its leader or not),
-  answers and exits.
+  answers and exits. ``("k", [job_id, ...], grace)`` ends those running tasks the same way without
+  waiting (:class:`Ending`: the loop sends the SIGKILLs when their grace is over) and never
+  relaunches them: their user deleted or moved the jobs; their exits are reported as any other.
 - spawner -> launcher: ``("x", [event, ...])`` in the order they happened: ``("e", job_id,
   returncode, end_time, spawn_error)`` a task ended (``returncode`` as Popen gives it: ``-N`` for
   signal N; a task that could not be started has :data:`SPAWN_FAILED` and the reason, also written
@@ -129,6 +131,40 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+class Ending:
+    """Process groups being ended while everything else goes on (jobs their user deleted): SIGTERM
+    now; SIGKILL to a group still there after its grace, whether or not its leader is gone (the
+    rule of :meth:`Spawner.stop_all`, without its blocking wait). A group seen empty is forgotten
+    (its number may be reused), so :meth:`check` must be called every :data:`ENDING_POLL_SEC` or so
+    while :attr:`groups` is not empty."""
+
+    def __init__(self) -> None:
+        self.groups: dict[int, float] = {}  # process group id -> when its SIGKILL is due (monotonic)
+
+    def add(self, pgid: int, grace: float) -> None:
+        if pgid not in self.groups:
+            _kill_group(pgid, signal.SIGTERM)
+            self.groups[pgid] = time.monotonic() + grace
+
+    def check(self) -> "float | None":
+        """SIGKILL the groups whose grace is over, forget the empty ones; seconds until the next
+        call is due (None: none left)."""
+        now = time.monotonic()
+        for pgid, due in list(self.groups.items()):
+            if not group_exists(pgid):
+                del self.groups[pgid]
+            elif now >= due:
+                _kill_group(pgid, signal.SIGKILL)
+                del self.groups[pgid]
+        if not self.groups:
+            return None
+        return max(0.0, min(ENDING_POLL_SEC, min(self.groups.values()) - now))
+
+
+#: How often groups being ended are looked at (an empty group tells nobody).
+ENDING_POLL_SEC = 0.1
+
+
 class Spawner:
     def __init__(self, request_fd: int, reply_fd: int, *, sigpipe_ignored: bool = False,
                  relaunch: "tuple[frozenset[int], float, int] | None" = None) -> None:
@@ -160,6 +196,9 @@ class Spawner:
         self.relaunch = relaunch
         self.started: dict[int, tuple] = {}
         self.relaunched: dict[int, int] = {}
+        #: Tasks ended on request ("k"): never relaunched; their groups, SIGKILLed after the grace.
+        self.ending = Ending()
+        self.ending_jobs: set[int] = set()
 
     # -- starting ------------------------------------------------------------------------------
     def start(self, job_id: int, cpu_ids: list, argv: list, cwd: str, outfile: str, env_set: dict, env_unset: list) -> None:
@@ -206,6 +245,14 @@ class Spawner:
                 if task[0] == job_id:
                     self._drop(self.after.pop(after_id))
                     break
+
+    def end(self, job_ids: list, grace: float) -> None:
+        """End these running tasks (``"k"``), without waiting for them."""
+        wanted = set(job_ids)
+        for pid, job_id in self.running.items():
+            if job_id in wanted:
+                self.ending_jobs.add(job_id)
+                self.ending.add(pid, grace)
 
     def _drop(self, task: tuple) -> None:
         job_id = task[0]
@@ -258,6 +305,11 @@ class Spawner:
 
     def _ended(self, job_id: int, returncode: int, error: str = "") -> None:
         rule = self.relaunch
+        if self.ending_jobs and job_id in self.ending_jobs:
+            self.ending_jobs.discard(job_id)
+            rule = None  # ended on request: its exit is final
+            self.started.pop(job_id, None)
+            self.relaunched.pop(job_id, None)
         if rule is not None:
             started = self.started.pop(job_id, None)
             if returncode in rule[0] and started is not None and self._relaunched(job_id, returncode, started, rule):
@@ -329,7 +381,9 @@ class Spawner:
         self.reap()
         before, self.events = [e for e in self.events if e[0] == "e"], []
         victims = list(self.running.values())
-        groups = set(self.running)
+        # With the groups of tasks ended on request whose leader is gone but not every process.
+        groups = set(self.running) | set(self.ending.groups)
+        self.ending.groups.clear()
         for pgid in groups:
             _kill_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -368,7 +422,8 @@ class Spawner:
         poller.register(wake_r, select.POLLIN)
         frames = FrameReader()
         while True:
-            events = poller.poll()
+            due = self.ending.check() if self.ending.groups else None
+            events = poller.poll(None if due is None else due * 1000)
             for fd, _ in events:
                 if fd == wake_r:
                     try:
@@ -389,6 +444,8 @@ class Spawner:
                             self.queue(*command[1:])
                         elif kind == "c":
                             self.cancel(command[1])
+                        elif kind == "k":
+                            self.end(command[1], float(command[2]))
                         elif kind == "t":
                             victims, before = self.stop_all(float(command[1]))
                             write_all(self.reply_fd, encode(("T", victims, before)))

@@ -33,6 +33,15 @@ run them a second time elsewhere while the first run goes on. So the first sweep
 (per database) and the first sweep after a database outage (:func:`note_outage`) first restart the
 clock of every stale session (heartbeat = now): a launcher that survived has ``expire_sec`` to
 heartbeat again; one that died meanwhile expires ``expire_sec`` later than it would have.
+
+Jobs a launcher no longer holds: a user may delete a leased job (``DELETE /jobs/{id}``) or move it
+(which ends the lease: ``session_id`` is cleared). The launcher would not know and would run it to
+its end. So a heartbeat may carry the ids the launcher runs or has prefetched, and is answered with
+those this session no longer holds (:func:`gone_jobs`): one read, ``id IN (the ids) AND session_id =
+this session``, the difference taken here. It takes no lock: the answer is what the session held at
+that read, and a job no longer held then cannot be held again by this session unless it acquires it
+anew. A job that finished meanwhile (its RUN_DONE cleared the lease) is in the answer too; the
+launcher ignores a job it no longer runs.
 """
 
 from __future__ import annotations
@@ -44,11 +53,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE, SessionAcquire
+from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQUIRE, SessionAcquire
 from balsam.states import BatchJobState, JobState
 
+from .db import ids_in_param, ids_param
 from .errors import NotFound, ValidationFailed
-from .http import check_int_fields, wire_datetime
+from .http import INT64_MAX, INT64_MIN, check_int_fields, is_json_int, wire_datetime
 from .jobs_logic import (
     JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, owned_sites_clause, owner_params, set_states, site_owned_by,
     utcnow,
@@ -75,6 +85,13 @@ _OWNED_SESSION = {
 #: A session's heartbeat (every acquire and tick).
 HEARTBEAT = (sa.update(sessions).where(sessions.c.id == sa.bindparam("b_session"))
              .values(heartbeat=sa.bindparam("b_now", type_=sessions.c.heartbeat.type)))
+
+
+#: Which of the ids ``b_ids`` the session ``b_session`` holds (:func:`gone_jobs`), per dialect.
+_HELD = {
+    dialect: sa.select(jobs.c.id).where(ids_in_param(jobs.c.id, dialect), jobs.c.session_id == sa.bindparam("b_session"))
+    for dialect in ("postgresql", "sqlite")
+}
 
 
 def get_owned_session(conn: sa.Connection, user_id: int, session_id: int) -> sa.Row:
@@ -145,6 +162,37 @@ def release_session_jobs(conn: sa.Connection, session_ids: list[int], now: dt.da
             {"message": SESSION_EXPIRED_MSG},
         )
     conn.execute(sa.update(jobs).where(jobs.c.session_id.in_(session_ids)).values(session_id=None))
+
+
+def parse_tick(payload: Any) -> "list[int] | None":
+    """The ``job_ids`` of a heartbeat body (None when it has none: ``{}`` from Balsam 0.7 and from
+    clients that do not ask). Other keys are ignored, as the whole body was before."""
+    if not isinstance(payload, dict):
+        raise ValidationFailed.field(["body"], "expected a JSON object (optionally with job_ids)")
+    ids = payload.get("job_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list):
+        raise ValidationFailed.field(["body", "job_ids"], f"expected a list of job ids, got {type(ids).__name__}")
+    if len(ids) > MAX_JOB_IDS_PER_SESSION_TICK:
+        raise ValidationFailed.field(["body", "job_ids"], f"at most {MAX_JOB_IDS_PER_SESSION_TICK} job ids per "
+                                     f"heartbeat, got {len(ids)} (send the others with the next heartbeats)")
+    errors = [(["body", "job_ids", i], f"expected a 64-bit integer job id, got {value!r}"[:200])
+              for i, value in enumerate(ids) if not (is_json_int(value) and INT64_MIN <= value <= INT64_MAX)]
+    if errors:
+        raise ValidationFailed(errors[:20])
+    return [int(value) for value in ids]
+
+
+def gone_jobs(conn: sa.Connection, session_id: int, job_ids: list[int]) -> list[int]:
+    """Those of ``job_ids`` that session ``session_id`` does not hold (deleted, moved by their user,
+    finished, or never its own), sorted: one query."""
+    if not job_ids:
+        return []
+    dialect = conn.dialect.name
+    held = set(conn.execute(_HELD[dialect], {"b_ids": ids_param(sorted(set(job_ids)), dialect),
+                                             "b_session": session_id}).scalars())
+    return sorted(set(job_ids) - held)
 
 
 def parse_acquire(payload: Any) -> SessionAcquire:

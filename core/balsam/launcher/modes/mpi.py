@@ -22,6 +22,9 @@ Threads: the **loop thread** owns the NodeManager, the pending deque and the pro
 with arguments computed by the loop, one call at a time, prepares the jobs it got (the
 ``JobPreparer`` is safe off the loop thread: the serial master prepares in its acquire thread too)
 and wakes the loop when it is done; the loop checks them against the NodeManager and queues them.
+The lease's **heartbeat thread** asks the server which held jobs their user deleted or moved
+(:mod:`balsam.launcher.gone`): it copies the held ids and hands the answer over; the loop ends
+those runs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from balsam.util import format_threads_cpu, threads_cpu_seconds
 
 from .._api import largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
+from ..gone import GoneJobs
 from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
 from ..handover import HandOver
 from ..job_mode import JobMode
@@ -198,6 +202,22 @@ class MPIMode(JobMode):
         #: Jobs queued in the spawner behind running ones (counted with ``pending`` wherever the
         #: leased-but-not-started jobs are: they are not RUNNING until they start).
         self.handover = HandOver(self.pool, self.node_manager, depth=HANDOVER_DEPTH, max_age_sec=HANDOVER_MAX_AGE_SEC)
+        #: Jobs the Session no longer holds (deleted or moved by their user): their runs are ended.
+        self.gone = GoneJobs(self.wake)
+        self.gone.held = self._held_ids
+
+    # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
+    def _held_ids(self) -> list[int]:
+        """The jobs running, queued behind others or leased and waiting (heartbeat thread: copies)."""
+        return [*self.pool.job_ids(), *list(self.handover.queued), *(p.id for p in list(self.pending))]
+
+    def _end_gone(self) -> None:
+        """End the runs of the jobs the heartbeat said are gone; drop or cancel those not started."""
+        local, cancel, _ = self.gone.take(self.pool.job_ids(), self.pending, self.handover.queued)
+        for job_id in cancel:  # comes back unstarted (dropped then), or started (ended at once)
+            self.pool.cancel(job_id)
+        if local:
+            self.pool.end(local, self.countdown.grace_sec)
 
     # -- one loop step each --------------------------------------------------------------------
     def _acquire_request(self) -> Optional[dict[str, Any]]:
@@ -351,6 +371,9 @@ class MPIMode(JobMode):
     def _note_running(self, updater: Any, prepared: PreparedJob, when: float) -> None:
         """A job started at ``when`` (by this loop or by a hand-over): what its exit will need, and RUNNING."""
         self._footprints[prepared.id] = prepared.footprint
+        if prepared.id in self.gone.ending:  # a hand-over cancelled as gone that started first
+            self.pool.end([prepared.id], self.countdown.grace_sec)
+            return
         if prepared.postprocess_on_exit:
             self._postprocess_on_exit.add(prepared.id)
         report_running(updater, prepared, when)
@@ -381,13 +404,18 @@ class MPIMode(JobMode):
         done = self.pool.reap()
         if self.handover.queued:
             self._note_handovers(updater)  # before the exits: their placements pass to these
+            if self.gone.ending:
+                self.gone.drop_pending(self.pending)  # cancelled hand-overs of gone jobs came back
         if done:
             self._try_start = True
         now = time.monotonic()
         for job_id, rc, tail, when in done:
             self.handover.release(job_id)
             self.lease_ahead.job_ended(self._footprints.pop(job_id, 0.0), now)
-            report_exit(updater, job_id, rc, tail, when, self._pop_postprocess(job_id))
+            postprocess = self._pop_postprocess(job_id)
+            if self.gone.ending and self.gone.settled(job_id):
+                continue  # deleted or moved by its user: the server would refuse any update
+            report_exit(updater, job_id, rc, tail, when, postprocess)
             logger.info("job %s exited with %s", job_id, rc)
         self.finished += len(done)
         return len(done)
@@ -405,6 +433,7 @@ class MPIMode(JobMode):
         inflight: Optional[cf.Future] = None
         threads_cpu: list[tuple[str, int, float]] = []
         with self.lease() as (source, updater):
+            self.gone.attach(source)
             try:
                 next_acquire = 0.0
                 freed_in_flight = False  # jobs ended while the acquire in flight was out
@@ -417,6 +446,8 @@ class MPIMode(JobMode):
                     if self._reap(updater):
                         next_acquire = 0.0  # freed resources: ask for more right away
                         freed_in_flight = inflight is not None
+                    if self.gone.news:
+                        self._end_gone()
                     if inflight is not None and inflight.done():
                         try:
                             got: Optional[int] = len(inflight.result())
@@ -487,8 +518,11 @@ class MPIMode(JobMode):
             self._note_handovers(updater)  # RUNNING for queued jobs that started before the stop
         self.handover.forget_queued()  # what was still queued will not start
         for job_id, rc, tail, when in finished:
-            report_exit(updater, job_id, rc, tail, when, self._pop_postprocess(job_id))
+            if not (self.gone.ending and self.gone.settled(job_id)):
+                report_exit(updater, job_id, rc, tail, when, self._pop_postprocess(job_id))
         for job_id in victims:
+            if self.gone.ending and self.gone.settled(job_id):
+                continue
             report_timeout(updater, job_id, f"launcher stopped ({reason})")
             logger.info("job %s ended as RUN_TIMEOUT (%s)", job_id, reason)
         if self.pending:

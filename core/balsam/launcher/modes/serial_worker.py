@@ -39,6 +39,10 @@ queue back.
 started again at once by its spawner, on the same CPUs, up to ``MAX_RETRY`` times, before its exit
 reaches the master (the master's and every worker's pool: ``relaunch_quick_failures``); mpi mode
 does not (0.7's did not either).
+Jobs their user deleted or moved while leased (:mod:`balsam.launcher.gone`): the master learns
+them through its lease's heartbeat, ends its own node's runs, tells the rank running each other one
+to end it (``{"end": [...], "grace": sec}``, the worker ends it and reports its exit as usual), and
+reports nothing for them; their resources are freed when the exit comes back.
 Stop conditions (signal, wall time, idle timeout, refused credential) are one
 :class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
 master runs in the launcher process.
@@ -66,6 +70,7 @@ from balsam.util import format_threads_cpu, threads_cpu_seconds
 
 from .._api import open_lease, open_updater
 from ..entry import _platform, configure_logging
+from ..gone import GoneJobs
 from ..app_run import JobPreparer, PreparedJob, shell_line
 from ..handover import HandOver
 from ..job_mode import StopConditions
@@ -77,7 +82,7 @@ from ..runner import (
 )
 from ..wake import WakeEvent
 
-TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]} or {"stop": reason, "grace": sec}
+TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]}, {"end": [job id...], "grace": sec} or {"stop": reason, "grace": sec}
 TAG_REPORT = 12  # worker -> master: {"done": [...]} or {"done": [...], "killed": [...], "final": True}
 
 logger = logging.getLogger("balsam.launcher.serial")
@@ -166,6 +171,7 @@ class Transport(Protocol):
 
     def hosts(self) -> list[str]: ...
     def send_tasks(self, rank: int, tasks: list[dict[str, Any]]) -> None: ...
+    def end_tasks(self, rank: int, job_ids: list[int], grace: float) -> None: ...
     def reports(self) -> list[tuple[int, dict[str, Any]]]: ...
     def stop_workers(self, reason: str, grace: float) -> None: ...
     def flush(self) -> None: ...
@@ -180,6 +186,9 @@ class LocalTransport:
         return [socket.gethostname()]
 
     def send_tasks(self, rank: int, tasks: list[dict[str, Any]]) -> None:
+        raise ValueError(f"no rank {rank}: this master runs alone")
+
+    def end_tasks(self, rank: int, job_ids: list[int], grace: float) -> None:
         raise ValueError(f"no rank {rank}: this master runs alone")
 
     def reports(self) -> list[tuple[int, dict[str, Any]]]:
@@ -222,6 +231,10 @@ class MPITransport:
     # master side
     def send_tasks(self, rank: int, tasks: list[dict[str, Any]]) -> None:
         self._isend({"launch": tasks}, rank, TAG_LAUNCH)
+
+    def end_tasks(self, rank: int, job_ids: list[int], grace: float) -> None:
+        """End these running tasks (jobs their user deleted or moved); their exits come back as usual."""
+        self._isend({"end": job_ids, "grace": grace}, rank, TAG_LAUNCH)
 
     def reports(self) -> list[tuple[int, dict[str, Any]]]:
         out = []
@@ -267,6 +280,7 @@ class Master:
         updater: Any,
         platform: Any,
         launch_hook: Callable[..., Any],
+        gone: Optional[GoneJobs] = None,
     ) -> None:
         self.node_manager = node_manager
         self.rank_of_node = list(rank_of_node)
@@ -290,6 +304,27 @@ class Master:
         self._try_start = True
         #: Jobs queued in the spawner behind running local jobs (see the module docstring).
         self.handover = HandOver(pool, node_manager, depth=HANDOVER_DEPTH, max_age_sec=HANDOVER_MAX_AGE_SEC)
+        #: Jobs the Session no longer holds (deleted or moved by their user): the prefetcher's lease
+        #: asks about :meth:`_held_ids` with each heartbeat (``build_master`` attaches it).
+        self.gone = gone if gone is not None else GoneJobs(wake)
+        self.gone.held = self._held_ids
+
+    # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
+    def _held_ids(self) -> list[int]:
+        """Running here or on another rank, queued behind a local task, or waiting (heartbeat
+        thread: copies)."""
+        return [*self.pool.job_ids(), *list(self.remote), *list(self.handover.queued),
+                *(p.id for p in list(self.pending))]
+
+    def _end_gone(self) -> None:
+        local, cancel, by_rank = self.gone.take(self.pool.job_ids(), self.pending, self.handover.queued, self.remote)
+        grace = self.stop.countdown.grace_sec
+        for job_id in cancel:  # comes back unstarted (dropped then), or started (ended at once)
+            self.pool.cancel(job_id)
+        if local:
+            self.pool.end(local, grace)
+        for rank, ids in by_rank.items():
+            self.transport.end_tasks(rank, ids, grace)
 
     # -- one loop turn -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
@@ -315,6 +350,9 @@ class Master:
             self.pending.extend(new)
             self._try_start = True
             progress += len(new)
+        if self.gone.news:
+            self._end_gone()
+            progress += 1
         if self.pending and self._try_start:
             self._try_start = False
             started = place_pending(self.pending, self.node_manager, self._start, self._fail, max_misses=MAX_PLACEMENT_MISSES)
@@ -362,6 +400,9 @@ class Master:
 
     def _note_running(self, prepared: PreparedJob, when: float) -> None:
         """A task started at ``when`` (by this loop or by a hand-over): what its exit will need, and RUNNING."""
+        if prepared.id in self.gone.ending:  # a hand-over cancelled as gone that started first
+            self.pool.end([prepared.id], self.stop.countdown.grace_sec)
+            return
         if prepared.postprocess_on_exit:
             self.postprocess_on_exit.add(prepared.id)
         report_running(self.updater, prepared, when)
@@ -372,6 +413,8 @@ class Master:
         self.started += started
         if dropped:
             self._try_start = True
+            if self.gone.ending:
+                self.gone.drop_pending(self.pending)  # cancelled hand-overs of gone jobs came back
         return started + dropped
 
     def _remote_task(self, job_id: int, cmd: str, workdir: Path, env: dict[str, str], cpu_ids: Sequence[int]) -> dict[str, Any]:
@@ -390,10 +433,12 @@ class Master:
         if results:
             self._try_start = True
         postprocess_on_exit = self.postprocess_on_exit
+        gone = self.gone
         for job_id, rc, tail, when in results:
             self.handover.release(job_id)
             self.remote.pop(job_id, None)
-            report_exit(self.updater, job_id, rc, tail, when, job_id in postprocess_on_exit)
+            if not (gone.ending and gone.settled(job_id)):  # gone: the server would refuse any update
+                report_exit(self.updater, job_id, rc, tail, when, job_id in postprocess_on_exit)
             postprocess_on_exit.discard(job_id)
         self.finished += len(results)
 
@@ -440,7 +485,8 @@ class Master:
             self._finish(finished)
             for job_id in victims:
                 self.handover.release(job_id)
-                report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
+                if not (self.gone.ending and self.gone.settled(job_id)):
+                    report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
             if victims:
                 logger.info("%d local tasks ended as RUN_TIMEOUT (%s)", len(victims), reason)
             self._collect_final_reports(reason, grace + 10)
@@ -461,13 +507,15 @@ class Master:
                 self._finish(msg.get("done", []))
                 for job_id in msg.get("killed", []):
                     self.remote.pop(job_id, None)
-                    report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
+                    if not (self.gone.ending and self.gone.settled(job_id)):
+                        report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
                 if msg.get("final"):
                     waiting.discard(rank)
             if not reports:
                 time.sleep(0.01)
         for job_id in list(self.remote):
-            report_timeout(self.updater, job_id, f"launcher stopped ({reason}); worker did not report")
+            if not (self.gone.ending and self.gone.settled(job_id)):
+                report_timeout(self.updater, job_id, f"launcher stopped ({reason}); worker did not report")
         self.remote.clear()
         if waiting:
             logger.error("workers %s did not confirm their stop", sorted(waiting))
@@ -489,9 +537,11 @@ def build_master(
     nodes = [NodeInfo(**n) for n in config["nodes"]]
     node_manager = NodeManager(nodes, allow_node_packing=True)
     updater = open_updater(config.get("spool_path"))
+    gone = GoneJobs(wake)
+    open_source = lease or (lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"]))
     preparer = JobPreparer(Path(config["data_path"]), default_postprocess=bool(launcher["default_postprocess_in_launcher"]))
     prefetcher = Prefetcher(
-        lease or (lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"])),
+        lambda: gone.attach(open_source()),  # heartbeats ask which held jobs are gone (Master._held_ids)
         preparer.prepare,
         node_manager.check_satisfiable,
         updater,
@@ -523,6 +573,7 @@ def build_master(
             updater=updater,
             platform=platform(),
             launch_hook=_launch_hook(),
+            gone=gone,
         )
     except BaseException:
         # Start-up failed: give the leased jobs back now rather than at session expiry.
@@ -580,6 +631,9 @@ class Worker:
                     self.transport.flush()
                     logger.info("worker stopped (%s): %d tasks ended", msg["stop"], len(victims))
                     return 0
+                if "end" in msg:  # jobs their user deleted or moved: exits reported as usual, the master drops them
+                    self.pool.end(msg["end"], float(msg.get("grace", 5)))
+                    logger.info("ending jobs %s: deleted or moved by their user", msg["end"])
                 for task in msg.get("launch", ()):
                     self.pool.start(task["id"], task["cmd"], task["workdir"], self._env(task), task.get("cpu_ids", ()))
                 continue

@@ -15,8 +15,8 @@ from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
-    HEARTBEAT, acquire, any_candidates, get_owned_session, maybe_sweep, parse_acquire, reacquire, release_session_jobs,
-    session_dict,
+    HEARTBEAT, acquire, any_candidates, get_owned_session, gone_jobs, maybe_sweep, parse_acquire, parse_tick, reacquire,
+    release_session_jobs, session_dict,
 )
 from ..tables import batch_jobs, sessions, sites
 
@@ -98,13 +98,19 @@ def acquire_jobs(ctx: Ctx) -> "Response | WaitForJobs":
 
 def tick(ctx: Ctx) -> Response:
     session_id = ctx.path_int("session_id")
+    # Without a body, or without job_ids (Balsam 0.7 sends {}), the heartbeat alone, as before.
+    job_ids = parse_tick(ctx.json()) if ctx.body else None
     with ctx.write() as conn:
         if maybe_sweep(conn, ctx.settings, ctx.user.id):
             ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         get_owned_session(conn, ctx.user.id, session_id)
         now = utcnow()
         conn.execute(HEARTBEAT, {"b_session": session_id, "b_now": now})
-    return json_response({"id": session_id, "heartbeat": wire_datetime(now)})
+        gone = gone_jobs(conn, session_id, job_ids) if job_ids is not None else None
+    answer: dict = {"id": session_id, "heartbeat": wire_datetime(now)}
+    if gone is not None:
+        answer["gone"] = gone
+    return json_response(answer)
 
 
 def delete_session(ctx: Ctx) -> Response:
