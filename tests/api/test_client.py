@@ -263,4 +263,19 @@ def test_a_post_that_timed_out_is_resent_with_the_same_idempotency_key(scripted)
     assert client.post("/jobs/", json=[{}]) == [{"id": 2}]
     assert server.keys[2] not in (None, server.keys[0])  # a new call is a new request
     assert client.get("/sites/") == {"ok": 2}  # an idempotent GET is simply retried
-    assert server.keys[3:] == [None, None]  # only POSTs carry a key
+    assert server.keys[3:] == [None, None]  # a GET carries no key
+
+
+def test_updates_and_deletes_are_resent_with_the_same_idempotency_key(scripted):
+    # A state change or a delete the server applied before its answer was lost is answered from its
+    # record on the resend (no 409 "cannot change from JOB_FINISHED", no 404).
+    server = scripted([(502, "bad gateway", {}), (200, 1, {}), (503, {}, {}), (200, 2, {}), (500, "x", {}),
+                       (204, None, {})])
+    client = fast_client(server.url, retry_count=3)
+    assert client.put("/jobs/1", json={"state": "POSTPROCESSED"}) == 1
+    assert client.patch("/jobs/", json=[{"id": 1, "state": "RUNNING"}]) == 2
+    client.delete("/jobs/1")
+    assert [r[0] for r in server.requests] == ["PUT", "PUT", "PATCH", "PATCH", "DELETE", "DELETE"]
+    keys = server.keys
+    assert all(keys) and keys[0] == keys[1] and keys[2] == keys[3] and keys[4] == keys[5]
+    assert len({keys[0], keys[2], keys[4]}) == 3  # one key per call

@@ -5,10 +5,12 @@ Retry policy (a fault of the original was retrying every 4xx for half an hour):
 
 - connection errors, timeouts, 5xx and 429 are retried with capped exponential backoff
   (``retry_count`` times; ``Retry-After`` is honoured);
-- every POST carries an ``Idempotency-Key`` made once per call and resent unchanged on each retry,
-  so a create or an acquire whose answer was lost (dropped connection, read timeout, a proxy's
-  502/504 after the server committed) is answered from the server's record instead of being
-  applied twice (see :func:`idempotency_headers`; the server side is ``balsam.server.idempotency``);
+- every POST, PUT, PATCH and DELETE carries an ``Idempotency-Key`` made once per call and resent
+  unchanged on each retry, so a create, an acquire, an update or a delete whose answer was lost
+  (dropped connection, read timeout, a proxy's 502/504 after the server committed) is answered
+  from the server's record instead of being applied twice: no second job, and no 409 for a state
+  change or 404 for a delete that the first attempt applied (see :func:`idempotency_headers`; the
+  server side is ``balsam.server.idempotency``);
 - 401 re-reads the stored login once (another process may have run ``balsam login``), else
   exchanges the refresh credential for a new access token, and retries; a credential the server
   refuses even then raises :class:`AuthenticationError` with ``credential_refused`` set and calls the
@@ -75,10 +77,15 @@ def new_idempotency_key() -> str:
     return uuid.uuid4().hex
 
 
+#: The methods whose requests carry a key (a GET is simply retried). A server that claims keys
+#: only on POSTs ignores the header on the others.
+KEYED_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 def idempotency_headers(method: str, key: Optional[str]) -> dict[str, str]:
-    """The ``Idempotency-Key`` header of a request: every POST gets one (``key`` or a new one), made
-    before the first attempt and reused by every retry of the same call."""
-    if method != "POST":
+    """The ``Idempotency-Key`` header of a request: every POST, PUT, PATCH and DELETE gets one
+    (``key`` or a new one), made before the first attempt and reused by every retry of the same call."""
+    if method not in KEYED_METHODS:
         return {}
     return {IDEMPOTENCY_HEADER: key or new_idempotency_key()}
 
@@ -421,8 +428,8 @@ class RESTClient:
         retry_count: Optional[int] = None,
         headers: "Mapping[str, str] | None" = None,
     ) -> Any:
-        """One API call, retried as the module docstring says. ``idempotency_key`` (POST) names the
-        logical request (by default each call gets a new one); ``retry_count`` overrides the
+        """One API call, retried as the module docstring says. ``idempotency_key`` (POST, PUT, PATCH,
+        DELETE) names the logical request (by default each call gets a new one); ``retry_count`` overrides the
         client's retry budget for this call (callers that loop on their own keep it short);
         ``headers`` are added to the request's (``Prefer``)."""
         resp = self._send(method, path, params=params, json=json, data=data, headers=headers,

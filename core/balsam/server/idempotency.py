@@ -1,10 +1,21 @@
-"""Exactly-once creates: the ``Idempotency-Key`` request header.
+"""Exactly-once requests: the ``Idempotency-Key`` request header.
 
 The client sends one key per logical request (a fresh UUID), the same key on every retry of that
 request. A creating route (jobs, apps, sites, BatchJobs, sessions, job acquisition) *claims* the key
 at the start of its write transaction and *records* what it made (the ids) before the transaction
 commits; a request whose key is already recorded is answered from the record (the records as they
 are now) instead of being applied again.
+
+Updates and deletes (``PUT``, ``PATCH``, ``DELETE``) get the same from the routing layer, with no
+code in their routes (routing.py, ``Ctx.write``): the request's first write transaction claims the
+key as its first statement, and is kept open after the route's ``with ctx.write()`` block until
+the route has answered; then its answer (status, body, media type) is recorded in the same
+transaction, which commits. A replay gets that answer again, byte for byte: the count of a bulk
+PATCH, the 204 of a DELETE, the record a PUT answered (as it was then). Without the record, a
+retried state change answered 409 (the job had moved on: ``POSTPROCESSED`` -> ``JOB_FINISHED``)
+and a retried delete 404 or a count of 0, for changes that had been applied. The session heartbeat
+(``PUT /sessions/{id}``, naturally idempotent and the most frequent write) ignores the header.
+The cost: one row inserted and updated per request, whatever its size (never per job).
 
 Why nothing is applied twice:
 
@@ -45,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable, Container, Optional
 import attrs
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from starlette.responses import Response
 
 from .errors import Conflict, ValidationFailed
 from .tables import idempotency_keys
@@ -58,13 +70,39 @@ MAX_KEY_CHARS = 128
 RESERVED_HASH = ""
 
 
+#: Methods made exactly-once by the routing layer (``Ctx.write``); POST routes claim their keys themselves.
+REPLAYED_METHODS = frozenset({"PUT", "PATCH", "DELETE"})
+#: (method, route path) that ignore the header: applying them twice is harmless, and they are frequent.
+NOT_REPLAYED = frozenset({("PUT", "/sessions/{session_id}")})
+#: ``resource`` of a record that holds the answer itself (``answer``, ``answer_type``).
+ANSWER = "answer"
+
+
 @attrs.frozen
 class Recorded:
-    """What an earlier request with the same key answered: its status and the ids it made."""
+    """What an earlier request with the same key answered: its status and the ids it made (a
+    create), or the answer itself (an update or delete: ``resource == ANSWER``)."""
 
     status_code: int
     resource: str
     ids: list[int]
+    answer: "bytes | None" = None
+    answer_type: "str | None" = None
+
+
+class Replay(Exception):
+    """Raised by ``Ctx.write`` when an update's or delete's key is already recorded: the routing
+    layer answers ``response()`` instead of running the route."""
+
+    def __init__(self, recorded: Recorded) -> None:
+        super().__init__(recorded.status_code)
+        self.recorded = recorded
+
+    def response(self) -> Response:
+        recorded = self.recorded
+        if recorded.resource != ANSWER or not recorded.status_code:
+            raise Conflict(f"the request with this {HEADER} left no answer to replay; send a new key for a new request")
+        return Response(recorded.answer or b"", status_code=recorded.status_code, media_type=recorded.answer_type)
 
 
 def _utcnow() -> dt.datetime:
@@ -89,14 +127,21 @@ def _claim_stmt(insert: Callable[..., Any]) -> Any:
     )
 
 
-# Built once and executed with parameters (every POST from our clients carries a key: the build
-# cost more than the statement; see jobs_logic.owned_sites_clause).
+# Built once and executed with parameters (every POST, PUT, PATCH and DELETE from our clients
+# carries a key: the build cost more than the statement; see jobs_logic.owned_sites_clause).
 _CLAIM = {"postgresql": _claim_stmt(postgresql.insert), "sqlite": _claim_stmt(sqlite.insert)}
 _RECORD = (
     sa.update(idempotency_keys)
     .where(idempotency_keys.c.user_id == sa.bindparam("b_user"), idempotency_keys.c.key == sa.bindparam("b_key"))
     .values(status_code=sa.bindparam("b_status"), resource=sa.bindparam("b_resource"),
             resource_ids=sa.bindparam("b_ids", type_=idempotency_keys.c.resource_ids.type))
+)
+
+_RECORD_ANSWER = (
+    sa.update(idempotency_keys)
+    .where(idempotency_keys.c.user_id == sa.bindparam("b_user"), idempotency_keys.c.key == sa.bindparam("b_key"))
+    .values(status_code=sa.bindparam("b_status"), resource=ANSWER, answer=sa.bindparam("b_answer"),
+            answer_type=sa.bindparam("b_type"))
 )
 
 
@@ -152,7 +197,7 @@ class IdempotentRequest:
                 sa.update(idempotency_keys)
                 .where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == self.key)
                 .values(request_hash=self._fingerprint, status_code=0, resource="", resource_ids=[], created=now,
-                        expires=now + self.ttl)
+                        expires=now + self.ttl, answer=None, answer_type=None)
             )
             self._claimed = True
             return None
@@ -162,7 +207,8 @@ class IdempotentRequest:
                 f"this key was already used for a different request (at {row.created:%Y-%m-%d %H:%M:%S} UTC); "
                 f"send a new key for a new request",
             )
-        return Recorded(int(row.status_code), str(row.resource), [int(i) for i in row.resource_ids])
+        return Recorded(int(row.status_code), str(row.resource), [int(i) for i in row.resource_ids],
+                        None if row.answer is None else bytes(row.answer), row.answer_type)
 
     def record(self, conn: sa.Connection, status_code: int, resource: str, ids: "list[int]") -> None:
         """Store what this request made (same transaction as the records themselves)."""
@@ -170,6 +216,13 @@ class IdempotentRequest:
             return
         conn.execute(_RECORD, {"b_user": self.ctx.user.id, "b_key": self.key, "b_status": status_code,
                                "b_resource": resource, "b_ids": list(ids)})
+
+    def record_answer(self, conn: sa.Connection, response: Response) -> None:
+        """Store an update's or delete's answer, replayed as it is (same transaction as the change)."""
+        if not self._claimed:
+            return
+        conn.execute(_RECORD_ANSWER, {"b_user": self.ctx.user.id, "b_key": self.key, "b_status": response.status_code,
+                                      "b_answer": bytes(response.body) or None, "b_type": response.media_type})
 
 
 _TAKE_RESERVED = (

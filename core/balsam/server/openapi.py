@@ -15,11 +15,12 @@ import copy
 from typing import Any, Optional
 
 import balsam
-from balsam.models import (MAX_CHUNKS_PER_RESERVATION, MAX_ITEMS_PER_BULK_OP, MAX_JOBS_PER_SESSION_ACQUIRE,
-                           MAX_PAGE_SIZE)
+from balsam.models import (MAX_CHUNKS_PER_RESERVATION, MAX_ITEMS_PER_BULK_OP, MAX_JOB_IDS_PER_SESSION_TICK,
+                           MAX_JOBS_PER_SESSION_ACQUIRE, MAX_PAGE_SIZE)
 from balsam.states import BatchJobMode, BatchJobState, JobState, TransferDirection, TransferItemState
 
 from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, JSONResponse
+from .idempotency import NOT_REPLAYED
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_QUERY_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
                      MAX_TEXT_CHARS)
 from .backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS
@@ -214,6 +215,9 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
         "states": array(_ref("JobState")),
         "app_ids": array(int32()),
     }, ["max_num_jobs"]),
+    # The jobs a launcher runs or has prefetched: the answer names those the session no longer holds.
+    "SessionTick": obj({"job_ids": array({"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},
+                                         MAX_JOB_IDS_PER_SESSION_TICK)}),
     "TransferUpdate": obj(TRANSFER_FIELDS),
     "TransferPatch": obj({"id": int32(), **TRANSFER_FIELDS}, ["id"]),
     # The server refuses limits that refuse every BatchJob (balsam.models.AllowedQueue.validate).
@@ -284,7 +288,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                               "start_time", "end_time"]),
     "Session": obj({"id": ANY_INT, "site_id": ANY_INT, "batch_job_id": nullable(ANY_INT), "heartbeat": WIRE_DATETIME},
                    required=["id", "site_id", "batch_job_id", "heartbeat"]),
-    "Heartbeat": obj({"id": ANY_INT, "heartbeat": WIRE_DATETIME}, ["id", "heartbeat"]),
+    "Heartbeat": obj({"id": ANY_INT, "heartbeat": WIRE_DATETIME, "gone": array(ANY_INT)}, ["id", "heartbeat"]),
     "TransferItem": obj({"id": ANY_INT, "job_id": ANY_INT, "direction": _ref("TransferDirection"),
                          "local_path": {"type": "string"}, "remote_path": {"type": "string"},
                          "location_alias": {"type": "string"}, "recursive": {"type": "boolean"},
@@ -384,7 +388,8 @@ def _path_id(name: str) -> dict[str, Any]:
 
 # -- operations ----------------------------------------------------------------------------------
 
-#: Creating requests (POST outside /auth) may carry one; see docs/reliability.md.
+#: Creating requests (POST outside /auth), updates and deletes (PUT, PATCH, DELETE but the session
+#: heartbeat) may carry one; see docs/reliability.md.
 IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key", "in": "header", "required": False,
     "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[!-~]([ -~]*[!-~])?$"},
@@ -508,7 +513,8 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
                        "post": _op("Create a session", body="SessionCreate", status=201, response="Session")},
         "/sessions/{session_id}": {
             "post": _op("Acquire jobs", body="SessionAcquire", response=jobs_list, params=[_path_id("session_id")]),
-            "put": _op("Heartbeat (any body is ignored)", response="Heartbeat", params=[_path_id("session_id")]),
+            "put": _op("Heartbeat; with job_ids, answers in gone those of them the session no longer holds",
+                       body="SessionTick", response="Heartbeat", params=[_path_id("session_id")]),
             "delete": _op("End a session (RUNNING jobs become RUN_TIMEOUT)", status=204, params=[_path_id("session_id")])},
         "/transfers/": {
             "get": _op("List transfer items", response=_page("TransferItem"), params=_params(q["transfers"], True)),
@@ -527,6 +533,10 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
     for path, ops in paths.items():
         if "post" in ops and not path.startswith("/auth") and path != "/jobs/reservations":
             ops["post"]["parameters"].append(IDEMPOTENCY_KEY)
+        # Updates and deletes: the routing layer claims and records the key (except the heartbeat).
+        for method in ("put", "patch", "delete"):
+            if method in ops and (method.upper(), path) not in NOT_REPLAYED:
+                ops[method]["parameters"].append(IDEMPOTENCY_KEY)
     return {"openapi": "3.1.0", "info": {"title": "Balsam API", "version": balsam.__version__}, "paths": paths,
             "components": {"schemas": defs,
                            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},

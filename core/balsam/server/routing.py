@@ -9,13 +9,17 @@ Order of every request (so that nobody learns anything without a valid token):
    client announces its length);
 3. the handler, which validates its input and answers. An acquire that asked to wait for jobs
    (``Prefer: wait=N``) may instead say "nothing yet": the request then waits on the event loop
-   for a wake-up, and the handler runs again (see acquire_waits.py).
+   for a wake-up, and the handler runs again (see acquire_waits.py). An update or delete with an
+   ``Idempotency-Key`` is answered from its record if the key is recorded, else its transaction
+   commits only once the handler has answered, with the answer recorded in it (``Ctx.write``;
+   see idempotency.py).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Union
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator, Union
 
 import orjson
 import sqlalchemy as sa
@@ -29,18 +33,24 @@ from .auth import SITE_SCOPE, AuthUser, bearer_user, require_unscoped
 from .db import read_tx, write_tx
 from .errors import PayloadTooLarge, Unauthorized, ValidationFailed
 from .http import QueryParams, path_int, preferences, reject_nul
-from .idempotency import IdempotentRequest
+from .idempotency import HEADER as IDEMPOTENCY_HEADER, NOT_REPLAYED, REPLAYED_METHODS, IdempotentRequest, Replay
 from .limits import check_field_sizes
 
 
 class Ctx:
     """What a handler needs: the request, its raw body, the authenticated user and the database."""
 
-    def __init__(self, request: Request, body: "bytes | None", user: "AuthUser | None" = None) -> None:
+    def __init__(self, request: Request, body: "bytes | None", user: "AuthUser | None" = None, *,
+                 replayed: bool = False) -> None:
         self.request = request
         self.body = body
         self._user = user
         self._idempotency: "IdempotentRequest | None" = None
+        #: An update or delete whose ``Idempotency-Key`` the routing layer claims and records (``write``).
+        self.replayed = replayed
+        #: Its write transaction, from the end of the handler's ``with ctx.write()`` to the answer.
+        self._held: "tuple[sa.Connection, sa.RootTransaction] | None" = None
+        self._after_commit: list[Callable[[], None]] = []
         #: Set by :meth:`wake_acquires`.
         self.woke = False
         self.settings = request.app.state.settings
@@ -54,7 +64,8 @@ class Ctx:
 
     @property
     def idempotency(self) -> IdempotentRequest:
-        """The request's ``Idempotency-Key`` (creating routes claim and record it)."""
+        """The request's ``Idempotency-Key`` (creating routes claim and record it; ``write`` does
+        for updates and deletes)."""
         if self._idempotency is None:
             self._idempotency = IdempotentRequest(self)
         return self._idempotency
@@ -103,7 +114,65 @@ class Ctx:
         return path_int(self.request, name)
 
     def write(self):
+        """A write transaction. For an update or delete with an ``Idempotency-Key``: its first
+        statement claims the key (a recorded key raises :class:`Replay`, answered by the routing
+        layer), and it commits once the handler has answered, with the answer recorded (see
+        :meth:`finish`); a second ``write`` in the same request joins it."""
+        if self._held is not None:
+            return nullcontext(self._held[0])
+        if self.replayed and IDEMPOTENCY_HEADER in self.request.headers:
+            return self._claimed_write()
         return write_tx(self.engine)
+
+    @contextmanager
+    def _claimed_write(self) -> Iterator[sa.Connection]:
+        conn = self.engine.connect().execution_options(balsam_write=True)
+        tx = conn.begin()
+        try:
+            earlier = self.idempotency.claim(conn)
+            if earlier is not None:
+                raise Replay(earlier)
+            yield conn
+        except BaseException:
+            try:
+                tx.rollback()
+            except Exception:  # the connection is gone: the original error says why
+                pass
+            conn.close()
+            raise
+        self._held = (conn, tx)
+
+    def finish(self, response: "Response | WaitForJobs") -> None:
+        """Record the answer of a held transaction (``write``) in it, and commit."""
+        if self._held is None:
+            return
+        assert isinstance(response, Response), "an update or delete answers"
+        conn, tx = self._held
+        self.idempotency.record_answer(conn, response)
+        tx.commit()
+        self.release()
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    def release(self) -> None:
+        """Roll back a held transaction the handler did not answer (it raised), and close it."""
+        held, self._held = self._held, None
+        if held is not None:
+            conn, tx = held
+            try:
+                if tx.is_active:
+                    tx.rollback()
+            finally:
+                conn.close()
+
+    def forget_credentials(self, ids: "list[int]") -> None:
+        """This process stops trusting these (revoked or deleted) credentials now; again once a
+        held transaction commits (a request checking one meanwhile still read it as valid)."""
+        cache = self.request.app.state.credential_cache
+        cache.forget(ids)
+        if self._held is not None:
+            self._after_commit.append(lambda: cache.forget(ids))
 
     def read(self):
         return read_tx(self.engine)
@@ -139,7 +208,11 @@ def _authenticated_call(handler: Handler, ctx: Ctx) -> "Response | WaitForJobs":
     token = SITE_SCOPE.set(user.site_id)
     try:
         response = handler(ctx)
+        ctx.finish(response)  # an update's or delete's held transaction: its answer recorded, committed
+    except Replay as replay:  # ... or its key was recorded: the same answer again, nothing applied
+        response = replay.response()
     finally:
+        ctx.release()
         SITE_SCOPE.reset(token)
     bridge = state.wake_bridge
     if ctx.woke and bridge is not None:  # committed: tell the other server processes (acquire_notify.py)
@@ -154,6 +227,8 @@ def route(path: str, methods: dict[str, Handler], *, public: bool = False,
     launcher credentials (creating or deleting sites, managing credentials); every other route
     limits them to their site's records through the ownership checks (``SITE_SCOPE``)."""
 
+    replayed = {m for m in methods if m in REPLAYED_METHODS and (m, path) not in NOT_REPLAYED}
+
     async def endpoint(request: Request) -> Response:
         handler = methods[request.method if request.method != "HEAD" else "GET"]
         user = None
@@ -165,7 +240,7 @@ def route(path: str, methods: dict[str, Handler], *, public: bool = False,
         if request.method in ("POST", "PUT", "PATCH"):
             body = await read_body(request, request.app.state.settings.max_body_bytes)
         while True:
-            ctx = Ctx(request, body, user)
+            ctx = Ctx(request, body, user, replayed=request.method in replayed)
             response = await run_in_threadpool(_authenticated_call, handler, ctx)
             if ctx.woke and user is not None:
                 request.app.state.acquire_waits.wake(user.id)

@@ -259,9 +259,9 @@ log_events = sa.Table(
     sqlite_autoincrement=True,
 )
 
-#: Answers to creating requests that carried an ``Idempotency-Key`` header (see idempotency.py):
-#: a retry of the same request is answered from here instead of being applied again. The row is
-#: written in the same transaction as the records it names, so a crash cannot separate them.
+#: Answers to requests that carried an ``Idempotency-Key`` header (creates, updates, deletes; see
+#: idempotency.py): a retry of the same request is answered from here instead of being applied
+#: again. The row is written in the same transaction as the change, so a crash cannot separate them.
 idempotency_keys = sa.Table(
     "idempotency_keys",
     metadata,
@@ -271,11 +271,15 @@ idempotency_keys = sa.Table(
     sa.Column("request_hash", sa.String(64), nullable=False),
     sa.Column("status_code", sa.Integer, nullable=False),
     #: what the request made (``jobs``, ``site``, ``app``, ``batch_job``, ``session``, ``acquire``)
-    #: and the ids, from which the answer is rebuilt.
+    #: and the ids, from which the answer is rebuilt; ``answer`` for an update or delete.
     sa.Column("resource", sa.String(32), nullable=False),
     sa.Column("resource_ids", JSONType, nullable=False),
     sa.Column("created", UTCDateTime, nullable=False),
     sa.Column("expires", UTCDateTime, nullable=False, index=True),
+    #: The answer of an update or delete (PUT, PATCH, DELETE), replayed as it was sent: its body
+    #: and media type (NULL for a body-less 204, and for creates, whose answer is rebuilt from the ids).
+    sa.Column("answer", sa.LargeBinary, nullable=True),
+    sa.Column("answer_type", sa.String(128), nullable=True),
 )
 
 #: Nonces of the dashboard's one-time login links that have been used (dashboard/session.py

@@ -216,7 +216,7 @@ def update_batch_job(ctx: Ctx) -> Response:
     with ctx.write() as conn:
         (row,), revoked = _update_many(conn, ctx.user.id, {bj_id: patch})
     # This process stops trusting them now, not when its cache would check again.
-    ctx.request.app.state.credential_cache.forget(revoked)
+    ctx.forget_credentials(revoked)
     ctx.wake_acquires()  # a finished BatchJob ends its sessions: their jobs may be leasable now
     return json_response(row)
 
@@ -226,7 +226,7 @@ def bulk_update(ctx: Ctx) -> Response:
     patches = parse_bulk_patches(payload, "batch job", _parse_patch, fixed=("site_id",))
     with ctx.write() as conn:
         rows, revoked = _update_many(conn, ctx.user.id, patches) if patches else ([], [])
-    ctx.request.app.state.credential_cache.forget(revoked)  # as update_batch_job
+    ctx.forget_credentials(revoked)  # as update_batch_job
     if patches:
         ctx.wake_acquires()  # as update_batch_job
     return json_response(rows)
@@ -243,7 +243,7 @@ def delete_batch_job(ctx: Ctx) -> Response:
         revoke_credentials(conn, credentials.c.batch_job_id == bj_id)
         cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.batch_job_id == bj_id)).scalars())
         conn.execute(sa.delete(batch_jobs).where(batch_jobs.c.id == bj_id))
-    ctx.request.app.state.credential_cache.forget(cred_ids)
+    ctx.forget_credentials(cred_ids)
     ctx.wake_acquires()  # the ended sessions' jobs may be leasable now
     return no_content()
 

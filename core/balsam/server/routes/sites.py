@@ -153,7 +153,7 @@ def delete_site(ctx: Ctx) -> Response:
         # stops trusting them now rather than when its credential cache would check again.
         cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.site_id == site_id)).scalars())
         conn.execute(sa.delete(sites).where(sites.c.id == site_id))
-    ctx.request.app.state.credential_cache.forget(cred_ids)
+    ctx.forget_credentials(cred_ids)
     return no_content()
 
 
