@@ -206,7 +206,7 @@ def logout(ctx: Ctx) -> Response:
     user = ctx.user
     with ctx.write() as conn:
         revoke_credentials(conn, sa.and_(credentials.c.id == user.credential_id, credentials.c.user_id == user.id))
-    ctx.request.app.state.credential_cache.forget([user.credential_id])
+    ctx.forget_credentials([user.credential_id])
     return no_content()
 
 
@@ -318,7 +318,7 @@ def revoke_credential(ctx: Ctx) -> Response:
     with ctx.write() as conn:
         _owned_credential(conn, ctx.user.id, cred_id)
         revoke_credentials(conn, credentials.c.id == cred_id)
-    ctx.request.app.state.credential_cache.forget([cred_id])
+    ctx.forget_credentials([cred_id])
     return no_content()
 
 
