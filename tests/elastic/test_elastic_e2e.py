@@ -172,9 +172,11 @@ def test_a_batch_job_queued_past_the_limit_is_cancelled(kind, elastic_site) -> N
                                  cwd=path).stdout.strip().splitlines()[-1]
         wanted = 1
     try:
+        # stamped as the module's own request: it never cancels a BatchJob it did not create
         stuck = client.post("/batch-jobs/", json={"site_id": site_id, "project": SCHEDULERS[kind]["project"],
                                                   "queue": "debug", "num_nodes": wanted, "wall_time_min": 5,
-                                                  "job_mode": "serial", "filter_tags": tags})
+                                                  "job_mode": "serial", "filter_tags": tags,
+                                                  "status_info": {"elastic_request": "backfill"}})
         # (the fake PBS's job may be cancelled before this looks: the agent's log below says it was queued)
         wait_batch_job(client, stuck["id"], {"queued", "pending_deletion", "finished"}, 60)
         done = wait_batch_job(client, stuck["id"], {"finished"}, 180)  # queued_time_min counts whole minutes

@@ -21,8 +21,10 @@ def settings(**changes) -> ElasticQueueOptions:
     return ElasticQueueOptions(**{**base, **changes})
 
 
-def bj(id: int, state=Q, nodes: int = 1, queued: int | None = None, wall: int = 60, regular: bool = False) -> BatchJobView:
-    return BatchJobView(id=id, state=state, num_nodes=nodes, wall_time_min=wall, queued_time_min=queued, regular_queue=regular)
+def bj(id: int, state=Q, nodes: int = 1, queued: int | None = None, wall: int = 60, regular: bool = False,
+       owned: bool = True) -> BatchJobView:
+    return BatchJobView(id=id, state=state, num_nodes=nodes, wall_time_min=wall, queued_time_min=queued, regular_queue=regular,
+                        owned=owned)
 
 
 def backlog(runnable: int = 0, footprint: float = 0.0, smallest: int = 1, running: int = 0, running_fp: float = 0.0,
@@ -73,7 +75,17 @@ BACKFILL_CASES = [
      {}, Snapshot(backlog=backlog(2, 2.0, running=10, running_fp=10.0), windows=(W(num_nodes=8, wall_time_min=60),)),
      ((2, 55),), (), ""),
     ("use_backfill false: max nodes x max wall time",
-     {"use_backfill": False}, Snapshot(backlog=backlog(500, 500.0), windows=None), ((127, 355),), (), ""),
+     {"use_backfill": False}, Snapshot(backlog=backlog(500, 500.0), windows=None), ((127, 355, True),), (), ""),
+    # Balsam 0.7 cancelled these after max_queue_wait_time_min and submitted the same again, every cycle.
+    ("use_backfill false: its requests wait in the regular queue, never stale",
+     {"use_backfill": False}, Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(7, Q, 4, queued=11, wall=355, regular=True),)),
+     (), (), "idle nodes cover the backlog (4 idle >= 4 needed)"),
+    ("a stale BatchJob it did not create is never cancelled (0.7 did, after 10 min), but reserves",
+     {}, Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(7, Q, 4, queued=11, owned=False),),
+                  windows=(W(num_nodes=8, wall_time_min=60),)), (), (), "idle nodes cover the backlog"),
+    ("no runnable job fits: says why",
+     {}, Snapshot(backlog=Backlog(unfit_count=2, unfit_reason="wall_time_min of 360 or more"), windows=()), (), (),
+     "no runnable job fits its BatchJobs (2 runnable: wall_time_min of 360 or more)"),
     ("wall time never past max_wall_time_min (Slurm's unlimited partition)",
      {"max_wall_time_min": 120}, Snapshot(backlog=backlog(2, 2.0), windows=(W(num_nodes=4, wall_time_min=1440),)),
      ((2, 120),), (), ""),
@@ -141,8 +153,18 @@ SIMPLE_CASES = [
      ((2, 30),), (), ""),
     ("parallelism provisions part of the backlog", {"parallelism": 0.25}, Snapshot(backlog=backlog(16, 16.0)), ((2, 30),) * 2, (), ""),
     ("enough blocks", {}, Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(1, Q, 2), bj(2, P, 2))), (), (), "2 blocks cover"),
-    ("surplus waiting blocks cancelled, newest first", {}, Snapshot(batch_jobs=(bj(1, R, 2), bj(2, Q, 2), bj(3, P, 2))),
+    ("surplus waiting blocks cancelled, newest first", {}, Snapshot(batch_jobs=(bj(1, R, 2), bj(2, Q, 2, queued=0), bj(3, P, 2))),
      (), (3, 2), "cancelling"),
+    ("BatchJobs it did not create count as blocks, never cancelled",
+     {}, Snapshot(batch_jobs=(bj(1, Q, 8, queued=0, owned=False), bj(2, P, 1, owned=False))), (), (), "not ours to cancel"),
+    ("foreign blocks cover demand", {}, Snapshot(backlog=backlog(2, 2.0), batch_jobs=(bj(1, Q, 2, queued=0, owned=False),)),
+     (), (), "1 blocks cover the demand"),
+    # The status poll failed or did not see it queued: the scheduler may already run it.
+    ("a block not seen queued by this cycle's poll is not cancelled",
+     {"max_blocks": 4}, Snapshot(backlog=backlog(running=1, running_fp=1.0), batch_jobs=(bj(1, R, 2), bj(2, Q, 2, queued=None))),
+     (), (), "may have started"),
+    ("no runnable job fits: says why", {}, Snapshot(backlog=Backlog(unfit_count=1, unfit_reason="serial")), (), (),
+     "no runnable job fits its BatchJobs (1 runnable: serial)"),
     ("running surplus is left to drain", {}, Snapshot(batch_jobs=(bj(1, R, 2), bj(2, R, 2))), (), (), "drains by idle_ttl_sec"),
     ("job wider than a block", {}, Snapshot(backlog=backlog(1, 4.0, smallest=4)), (), (), "more than nodes_per_block (2)"),
     ("max_queued_jobs bounds the blocks", {"max_blocks": 10}, Snapshot(backlog=backlog(40, 40.0)), ((2, 30),) * 4, (), ""),
@@ -174,7 +196,7 @@ def test_strategies_are_chosen_by_name_and_options_are_checked() -> None:
         load_strategy(settings(strategy="parsl"))
     with pytest.raises(StrategyError, match="elastic_queue.strategy_options.bogus: unknown option"):
         load_strategy(settings(strategy="simple", strategy_options={"bogus": 1}))
-    with pytest.raises(StrategyError, match="min_blocks <= max_blocks"):
+    with pytest.raises(StrategyError, match=r"^elastic_queue.strategy_options.min_blocks: must be between 0 and max_blocks \(2\)$"):
         SimpleStrategy(settings(), {"min_blocks": 3, "max_blocks": 2})
 
 
@@ -188,11 +210,26 @@ def test_strategies_are_chosen_by_name_and_options_are_checked() -> None:
     ({"regular_queue_after_min": -1}, "regular_queue_after_min", "must not be negative"),
     ({"strategy": "nope"}, "strategy", "unknown strategy 'nope'"),
     ({"strategy": "simple", "strategy_options": {"max_blocks": "4"}}, "strategy_options.max_blocks", "expected an integer"),
-    ({"strategy": "simple", "strategy_options": {"parallelism": 0}}, "strategy_options", "greater than 0"),
+    ({"max_queue_wait_time_min": -5}, "max_queue_wait_time_min", "must not be negative"),
+    # The key's own name and no repeated prefix (it was "strategy_options": "elastic_queue.strategy_options.parallelism: ...").
+    ({"strategy": "simple", "strategy_options": {"parallelism": 0}}, "strategy_options.parallelism", "must be greater than 0"),
+    ({"strategy": "simple", "strategy_options": {"nodes_per_block": 0}}, "strategy_options.nodes_per_block", "must be at least 1"),
+    ({"strategy": "simple", "strategy_options": {"max_blocks": 0}}, "strategy_options.max_blocks", "must be at least 1"),
 ])
 def test_options_validate_names_the_key(changes, key, words) -> None:
     problems = settings(**changes).validate()
     assert key in problems and words in problems[key], problems
+    assert not problems[key].startswith("elastic_queue."), problems
+
+
+def test_max_queue_wait_time_min_zero_is_allowed() -> None:
+    assert settings(max_queue_wait_time_min=0).validate() == {}
+
+
+def test_longest_request_is_what_a_launcher_can_lease_within() -> None:
+    assert BackfillStrategy(settings()).longest_request_min() == 360
+    assert BackfillStrategy(settings(use_backfill=False)).longest_request_min() == 355
+    assert SimpleStrategy(settings(), {"wall_time_min": 45}).longest_request_min() == 45
 
 
 def test_option_type_check() -> None:

@@ -2,14 +2,17 @@
 
 Per cycle (inventory §9):
 
-1. BatchJobs queued longer than ``max_queue_wait_time_min`` missed the window they were sized for:
-   they are cancelled (``pending_deletion``) and no longer count below.
+1. The module's own BatchJobs queued longer than ``max_queue_wait_time_min`` missed the window
+   they were sized for: they are cancelled (``pending_deletion``) and no longer count below.
+   BatchJobs it did not create (by hand, queue_maintainer's) and regular-queue ones are never
+   cancelled (0.7 cancelled a hand-made BatchJob after 10 minutes).
 2. ``reserved`` = nodes of the module's BatchJobs that wait or run; at ``max_queued_jobs`` of them,
    nothing more is submitted.
 3. Nothing runnable: nothing to submit.
 4. The window: with ``use_backfill`` the scheduler's windows for the submit queue at least
    ``min_wall_time_min`` long and as wide as the smallest runnable job, the largest by
-   nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``.
+   nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``, in the regular queue
+   (never cancelled as stale).
 5. ``idle = reserved - running footprint``; when the runnable footprint exceeds it, one BatchJob of
    ``min(max(min_num_nodes, shortfall), window nodes, max_num_nodes)`` nodes for the window's
    length less ``wall_time_pad_min``.
@@ -43,7 +46,7 @@ class BackfillStrategy(Strategy):
         backlog = snapshot.backlog
         stale = tuple(
             b.id for b in snapshot.batch_jobs
-            if b.state == BatchJobState.queued and not b.regular_queue and b.queued_time_min is not None
+            if b.owned and b.state == BatchJobState.queued and not b.regular_queue and b.queued_time_min is not None
             and b.queued_time_min > s.max_queue_wait_time_min
         )
         live = [b for b in snapshot.reserving if b.id not in stale]
@@ -64,7 +67,7 @@ class BackfillStrategy(Strategy):
         if len(live) >= s.max_queued_jobs:
             return nothing(f"max_queued_jobs reached ({len(live)} of {s.max_queued_jobs} BatchJobs wait or run)")
         if backlog.runnable_count <= 0:
-            return nothing("no runnable jobs")
+            return nothing(backlog.nothing_runnable())
         if backlog.runnable_footprint <= idle + 1e-9:
             return nothing(f"idle nodes cover the backlog ({max(idle, 0.0):.6g} idle >= {backlog.runnable_footprint:.6g} needed)")
         smallest = max(1, backlog.min_runnable_nodes)
@@ -78,12 +81,20 @@ class BackfillStrategy(Strategy):
         num_nodes = min(max(s.min_num_nodes, shortfall, smallest), window.num_nodes, s.max_num_nodes)
         wall_time = min(window.wall_time_min - s.wall_time_pad_min, s.max_wall_time_min)
         numbers.append(("shortfall", shortfall))
-        request = Submission(num_nodes=num_nodes, wall_time_min=wall_time)
+        # Without use_backfill the request is not fitted to a window: it waits its turn in the
+        # regular queue, and waiting longer than max_queue_wait_time_min makes it no less useful.
+        request = Submission(num_nodes=num_nodes, wall_time_min=wall_time, regular_queue=not s.use_backfill)
         return Decision(
             submit=(request,), cancel=stale, numbers=tuple(numbers),
             reason=(f"{backlog.runnable_footprint:.6g} runnable nodes of work, {max(idle, 0.0):.6g} idle"
                     + (f"; {len(stale)} stale BatchJob(s) cancelled" if stale else "")),
         )
+
+    def longest_request_min(self) -> int:
+        s = self.settings
+        # Fitted to a window: up to max_wall_time_min (a long window, or the regular-queue fallback);
+        # without use_backfill always max_wall_time_min - wall_time_pad_min.
+        return s.max_wall_time_min if s.use_backfill else s.max_wall_time_min - s.wall_time_pad_min
 
     def regular_queue_fallback(self, snapshot: Snapshot, live: list, shortfall: int, smallest: int, why_none: str,
                                stale: tuple[int, ...], numbers: list) -> Optional[Decision]:

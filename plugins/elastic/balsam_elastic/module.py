@@ -4,7 +4,11 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
 
 - this site's BatchJobs in ``submit_queue`` whose ``filter_tags`` contain the site's (one GET);
 - the backlog in numbers, ``GET /sites/{id}/backlog`` with the site's ``filter_tags`` (one aggregate
-  query on the server, whatever the number of jobs);
+  query on the server, whatever the number of jobs). Only jobs its BatchJobs could lease count as
+  runnable (see :func:`fits`): when the aggregate cannot tell (``job_mode:
+  serial``, or runnable jobs both within and beyond a limit), the runnable jobs are listed and
+  checked one by one, since the backlog route has no filter for what a launcher leases;
+- the jobs running in those BatchJobs (one ``GET /jobs/?batch_job_id=`` per queued or running one);
 - from the site's scheduler driver (``settings.yml`` ``scheduler:`` name and options): one status poll
   (how long each queued BatchJob has waited) and, for strategies that use them, the backfill windows
   of ``submit_queue`` (plus those a driver reports for any queue, key ``*``, as PBS does for nodes
@@ -12,10 +16,11 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
 
 The strategy (:mod:`balsam_elastic.strategy`) turns that snapshot into a decision; the module creates
 the BatchJobs it asks for (carrying the site's ``filter_tags``, so the launchers run only this site's
-matching jobs) and marks the cancelled ones ``pending_deletion`` in one bulk PATCH (the scheduler
-module then deletes them from the scheduler). Every cycle logs one INFO line: the action or
-"nothing", the reason, and the numbers it was based on. Launchers release their nodes themselves
-after ``launcher.idle_ttl_sec`` without work.
+matching jobs, and ``status_info.elastic_request``, the stamp that makes them its own) and marks the
+cancelled ones ``pending_deletion`` in one bulk PATCH (the scheduler module then deletes them from
+the scheduler). It never cancels a BatchJob without its stamp, whatever a strategy asks. Every
+cycle logs one INFO line: the action or "nothing", the reason, and the numbers it was based on.
+Launchers release their nodes themselves after ``launcher.idle_ttl_sec`` without work.
 """
 
 from __future__ import annotations
@@ -42,8 +47,11 @@ ANY_QUEUE = "*"
 READ_STATES = [s.value for s in (BatchJobState.pending_submission, BatchJobState.queued, BatchJobState.running,
                                  BatchJobState.pending_deletion)]
 RUNNABLE = (JobState.preprocessed.value, JobState.restart_ready.value)
-#: status_info key and value marking a BatchJob submitted to wait in the regular queue.
+#: status_info key stamped on every BatchJob the module creates: the strategy's name, or
+#: REGULAR_QUEUE for one submitted to wait in the regular queue (never cancelled as stale).
 REQUEST_KIND, REGULAR_QUEUE = "elastic_request", "regular_queue"
+#: BatchJob states in which a launcher may run jobs (the API's state lags the scheduler's).
+LAUNCHED_STATES = (BatchJobState.queued.value, BatchJobState.running.value)
 
 
 def as_options(config: Any) -> ElasticQueueOptions:
@@ -75,11 +83,19 @@ class ElasticQueueModule(AgentModule):
     def __init__(self, site_config: Any, config: Any, client: Any, *, scheduler: Any = None) -> None:
         options = as_options(config)
         super().__init__(site_config, options, client)
-        self.strategy = load_strategy(options)
-        self._scheduler = scheduler
         self.last_decision: Optional[Decision] = None
         #: Clamp and refusal messages already logged: each is logged once, not every cycle.
-        self._reported: set[str] = set()
+        self._reported: set[tuple[bool, str]] = set()
+        queue_cap = self.queue_limit("max_queued_jobs") or 0  # 0: the queue sets no limit
+        if 0 < queue_cap < options.max_queued_jobs:
+            # More would wait in pending_submission (the scheduler module holds them back), reserving
+            # nodes that are not coming and never cancelled as stale.
+            self.logger.warning("max_queued_jobs %d capped to queue %r's max_queued_jobs %d (settings.yml "
+                                "scheduler.allowed_queues)", options.max_queued_jobs, options.submit_queue, queue_cap)
+            options = attrs.evolve(options, max_queued_jobs=queue_cap)
+        self.strategy = load_strategy(options)
+        self._scheduler = scheduler
+        self.warn_about_queue_maintainer()
 
     # -- inputs ----------------------------------------------------------------------------------
     @property
@@ -94,24 +110,95 @@ class ElasticQueueModule(AgentModule):
     def _tag_params(self) -> list[str]:
         return [f"{k}:{v}" for k, v in sorted(self.filter_tags().items())]
 
+    def queue_limit(self, name: str) -> Optional[int]:
+        """``max_nodes``, ``max_walltime`` or ``max_queued_jobs`` of the submit queue in settings.yml
+        ``scheduler.allowed_queues`` (None: no scheduler section, or the queue is not listed)."""
+        rules = getattr(getattr(self.site_config, "settings", None), "scheduler", None)
+        limits = (getattr(rules, "allowed_queues", None) or {}).get(self.options.submit_queue) if rules is not None else None
+        if limits is None:
+            return None
+        value = limits.get(name) if isinstance(limits, Mapping) else getattr(limits, name, None)
+        return None if value is None else int(value)
+
+    def warn_about_queue_maintainer(self) -> None:
+        """queue_maintainer filling the same queue: its BatchJobs carry the same filter_tags, so they
+        count here as reserved capacity (and it counts ours); neither cancels the other's, but each
+        submits less than configured. Say so once, at load."""
+        sections = getattr(getattr(self.site_config, "settings", None), "sections", None) or {}
+        maintainer = sections.get("queue_maintainer") if isinstance(sections, Mapping) else None
+        if maintainer is not None and getattr(maintainer, "submit_queue", None) == self.options.submit_queue:
+            self.logger.warning("queue_maintainer also submits to queue %r: its BatchJobs count as reserved capacity "
+                                "here and are never cancelled, and it counts ours (settings.yml queue_maintainer: and "
+                                "elastic_queue: submit_queue; set one of them to null or to another queue)",
+                                self.options.submit_queue)
+
+    def job_limits(self) -> tuple[Optional[int], bool, Optional[int]]:
+        """What a launcher in one of its BatchJobs leases, see :func:`fits`: (most nodes of a job,
+        serial-only, its longest BatchJob in minutes); None where there is no limit."""
+        serial = self.options.job_mode == "serial"
+        max_nodes = 1 if serial else self.queue_limit("max_nodes")
+        walls = [w for w in (self.strategy.longest_request_min(), self.queue_limit("max_walltime")) if w is not None]
+        return max_nodes, serial, min(walls) if walls else None
+
+    def unfit_reason(self, unfit: list[Mapping], limits: tuple[Optional[int], bool, Optional[int]]) -> str:
+        """Why the ``unfit`` jobs cannot run in its BatchJobs, in words without counts (the same
+        words each cycle, so each distinct reason is reported once)."""
+        max_nodes, serial, max_wall = limits
+        why = []
+        if serial and any(int(j["num_nodes"]) != 1 or int(j.get("ranks_per_node") or 1) != 1 for j in unfit):
+            why.append("more than 1 node or 1 rank per node (job_mode serial leases only single-node single-rank jobs)")
+        elif not serial and max_nodes is not None and any(int(j["num_nodes"]) > max_nodes for j in unfit):
+            why.append(f"more nodes than queue {self.options.submit_queue!r}'s max_nodes {max_nodes} "
+                       f"(settings.yml scheduler.allowed_queues)")
+        if max_wall is not None and any(int(j.get("wall_time_min") or 0) >= max_wall for j in unfit):
+            why.append(f"wall_time_min of {max_wall} or more, and its BatchJobs last at most {max_wall} min")
+        return "; ".join(why)
+
     def read_backlog(self) -> Backlog:
-        params: dict[str, Any] = {"state": [*RUNNABLE, JobState.running.value]}
+        """The runnable jobs its BatchJobs could lease, in numbers (``running_*`` are filled by
+        :meth:`snapshot`, from its BatchJobs)."""
+        params: dict[str, Any] = {"state": list(RUNNABLE)}
         if self.filter_tags():
             params["tags"] = self._tag_params()
         states = (self.client.get(f"/sites/{self.site_id}/backlog", params=params) or {}).get("states") or {}
         runnable = [states[s] for s in RUNNABLE if s in states]
-        running = states.get(JobState.running.value) or {}
-        oldest = min((parse_datetime(r["oldest_last_update"]) for r in runnable if r.get("oldest_last_update")), default=None)
-        waited = max(0.0, (utcnow() - oldest).total_seconds() / 60) if oldest is not None else 0.0
+        if not runnable:
+            return Backlog()
+        limits = max_nodes, serial, max_wall = self.job_limits()
+        widest = max(int(r["max_num_nodes"]) for r in runnable)
+        longest = max(int(r.get("max_wall_time_min") or 0) for r in runnable)
+        if not serial and (max_nodes is None or widest <= max_nodes) and (max_wall is None or longest < max_wall):
+            oldest = min((parse_datetime(r["oldest_last_update"]) for r in runnable if r.get("oldest_last_update")),
+                         default=None)
+            return Backlog(
+                runnable_count=sum(int(r["count"]) for r in runnable),
+                runnable_footprint=sum(float(r["footprint"]) for r in runnable),
+                min_runnable_nodes=min(int(r["min_num_nodes"]) for r in runnable),
+                max_runnable_nodes=widest,
+                oldest_runnable_wait_min=_minutes_since(oldest),
+            )
+        # Some runnable jobs are beyond a limit: which ones, the aggregate cannot say. List them
+        # (only when needed: the route has no filter for what a launcher leases).
+        jobs = list_all(self.client, "/jobs/", {"site_id": self.site_id, **params})
+        fit = [j for j in jobs if fits(j, *limits)]
+        unfit = [j for j in jobs if not fits(j, *limits)]
+        oldest = min((parse_datetime(j["last_update"]) for j in fit if j.get("last_update")), default=None)
         return Backlog(
-            runnable_count=sum(int(r["count"]) for r in runnable),
-            runnable_footprint=sum(float(r["footprint"]) for r in runnable),
-            min_runnable_nodes=min((int(r["min_num_nodes"]) for r in runnable), default=0),
-            max_runnable_nodes=max((int(r["max_num_nodes"]) for r in runnable), default=0),
-            running_count=int(running.get("count", 0)),
-            running_footprint=float(running.get("footprint", 0.0)),
-            oldest_runnable_wait_min=waited,
+            runnable_count=len(fit),
+            runnable_footprint=sum(_footprint(j) for j in fit),
+            min_runnable_nodes=min((int(j["num_nodes"]) for j in fit), default=0),
+            max_runnable_nodes=max((int(j["num_nodes"]) for j in fit), default=0),
+            oldest_runnable_wait_min=_minutes_since(oldest),
+            unfit_count=len(unfit),
+            unfit_reason=self.unfit_reason(unfit, limits),
         )
+
+    def read_running(self, rows: list[dict]) -> tuple[int, float]:
+        """(count, node footprint) of the jobs running in ``rows``' BatchJobs: only those hold nodes
+        of its reservation (jobs running in other queues' BatchJobs do not)."""
+        running = [j for r in rows if r["state"] in LAUNCHED_STATES
+                   for j in list_all(self.client, "/jobs/", {"batch_job_id": r["id"], "state": JobState.running.value})]
+        return len(running), sum(_footprint(j) for j in running)
 
     def read_batch_jobs(self) -> list[dict]:
         params: dict[str, Any] = {"site_id": self.site_id, "queue": self.options.submit_queue, "state": READ_STATES}
@@ -147,13 +234,15 @@ class ElasticQueueModule(AgentModule):
 
     def snapshot(self) -> Snapshot:
         rows = self.read_batch_jobs()
-        backlog = self.read_backlog()
+        running_count, running_footprint = self.read_running(rows)
+        backlog = attrs.evolve(self.read_backlog(), running_count=running_count, running_footprint=running_footprint)
         queued_times = self.read_queued_times() if any(r["state"] == BatchJobState.queued.value for r in rows) else {}
         windows, error = self.read_windows()
         views = tuple(
             BatchJobView(id=int(r["id"]), state=BatchJobState(r["state"]), num_nodes=int(r["num_nodes"]),
                          wall_time_min=int(r["wall_time_min"]),
                          regular_queue=(r.get("status_info") or {}).get(REQUEST_KIND) == REGULAR_QUEUE,
+                         owned=REQUEST_KIND in (r.get("status_info") or {}),
                          queued_time_min=queued_times.get(r["scheduler_id"]) if r.get("scheduler_id") is not None else None)
             for r in sorted(rows, key=lambda r: r["id"])
         )
@@ -161,12 +250,25 @@ class ElasticQueueModule(AgentModule):
 
     # -- one cycle ---------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
-        decision = self.strategy.decide(self.snapshot())
+        snapshot = self.snapshot()
+        decision = self.strategy.decide(snapshot)
         self.last_decision = decision
         self.logger.info("%s", decision.log_line(self.strategy.name))
-        if decision.cancel:
+        backlog = snapshot.backlog
+        if backlog.unfit_count:
+            # Logged once per distinct reason: at ERROR when nothing runnable fits (no BatchJob is
+            # submitted for those jobs until settings.yml or the jobs change).
+            self._report_once(f"runnable jobs its BatchJobs can never run: {backlog.unfit_reason}",
+                              error=not backlog.runnable_count)
+        owned = {b.id for b in snapshot.batch_jobs if b.owned}
+        foreign = [i for i in decision.cancel if i not in owned]
+        if foreign:
+            self._report_once(f"strategy {self.strategy.name!r} asked to cancel BatchJob(s) the elastic queue did not "
+                              f"create ({', '.join(map(str, foreign))}): left alone")
+        cancel = [i for i in decision.cancel if i in owned]
+        if cancel:
             bulk_patch(self.client, "/batch-jobs/",
-                       [{"id": i, "state": BatchJobState.pending_deletion.value} for i in decision.cancel])
+                       [{"id": i, "state": BatchJobState.pending_deletion.value} for i in cancel])
         for request in decision.submit:
             body = {
                 "site_id": self.site_id,
@@ -176,7 +278,7 @@ class ElasticQueueModule(AgentModule):
                 "wall_time_min": request.wall_time_min,
                 "job_mode": self.options.job_mode,
                 "filter_tags": self.filter_tags(),
-                **({"status_info": {REQUEST_KIND: REGULAR_QUEUE}} if request.regular_queue else {}),
+                "status_info": {REQUEST_KIND: REGULAR_QUEUE if request.regular_queue else self.strategy.name},
             }
             refused = self.fit_to_site_rules(body)
             if refused:
@@ -189,8 +291,9 @@ class ElasticQueueModule(AgentModule):
         return None
 
     def _report_once(self, message: str, error: bool = False) -> None:
-        if message not in self._reported:
-            self._reported.add(message)
+        # Keyed by level too: a reason first logged as a warning is logged again when it turns fatal.
+        if (error, message) not in self._reported:
+            self._reported.add((error, message))
             (self.logger.error if error else self.logger.warning)("%s", message)
 
     def fit_to_site_rules(self, body: dict) -> Optional[str]:
@@ -220,3 +323,24 @@ class ElasticQueueModule(AgentModule):
 
     def describe(self) -> str:
         return f"{self.name} (strategy {self.strategy.name}, every {self.period:g} s)"
+
+
+def fits(job: Mapping, max_nodes: Optional[int], serial: bool, max_wall: Optional[int]) -> bool:
+    """Whether a launcher of one of its BatchJobs could lease ``job`` (limits of
+    :meth:`ElasticQueueModule.job_limits`): not wider than the submit queue allows; single-node and
+    single-rank under job_mode serial (the serial launcher's ``serial_only`` lease); shorter than its
+    longest BatchJob (a launcher leases only jobs of ``wall_time_min`` <= its whole minutes left,
+    which are fewer than the BatchJob's wall time once it runs)."""
+    nodes = int(job["num_nodes"])
+    return ((max_nodes is None or nodes <= max_nodes)
+            and (not serial or (nodes == 1 and int(job.get("ranks_per_node") or 1) == 1))
+            and (max_wall is None or int(job.get("wall_time_min") or 0) < max_wall))
+
+
+def _footprint(job: Mapping) -> float:
+    """Nodes a job occupies: ``num_nodes / node_packing_count`` (the backlog route's footprint)."""
+    return int(job["num_nodes"]) / max(1, int(job.get("node_packing_count") or 1))
+
+
+def _minutes_since(when: Any) -> float:
+    return max(0.0, (utcnow() - when).total_seconds() / 60) if when is not None else 0.0

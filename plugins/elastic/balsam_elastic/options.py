@@ -68,6 +68,9 @@ class ElasticQueueOptions:
             problems["wall_time_pad_min"] = "must not be negative"
         if self.regular_queue_after_min < 0:
             problems["regular_queue_after_min"] = "must not be negative (0: never)"
+        if self.max_queue_wait_time_min < 0:
+            # Negative: every queued BatchJob would be "stale" at once, cancelled as soon as queued.
+            problems["max_queue_wait_time_min"] = "must not be negative"
         if self.max_queued_jobs < 1:
             problems["max_queued_jobs"] = "must be at least 1"
         if self.service_period < 1:
@@ -85,7 +88,10 @@ class ElasticQueueOptions:
             if not problems:
                 try:
                     cls(self, self.strategy_options)
-                except (StrategyError, TypeError, ValueError) as exc:
+                except StrategyError as exc:
+                    # On the key's own line (settings.yml:LINE elastic_queue.strategy_options.KEY: ...).
+                    problems[f"strategy_options.{exc.key}" if exc.key else "strategy_options"] = exc.text
+                except (TypeError, ValueError) as exc:
                     problems["strategy_options"] = str(exc)
         return problems
 

@@ -5,8 +5,10 @@ Per cycle: ``demand`` = runnable + running footprint (nodes); the blocks wanted 
 ``ceil(demand * parallelism / nodes_per_block)`` kept within ``[max(min_blocks, 1), max_blocks]``
 while there is demand, ``min_blocks`` when there is none. Fewer blocks waiting or running than
 wanted: submit the difference at once (never past ``max_queued_jobs``). More: cancel the surplus
-blocks that have not started (newest first); a running block is never cancelled, its launcher leaves
-on its own after ``launcher.idle_ttl_sec`` without work. Backfill windows are not consulted.
+blocks that certainly have not started (newest first): its own, waiting for submission or queued per
+this cycle's status poll. A running block, one the poll did not see queued, and a BatchJob it did
+not create are never cancelled (the latter still count as blocks); a launcher leaves on its own
+after ``launcher.idle_ttl_sec`` without work. Backfill windows are not consulted.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import Any
 import attrs
 
 from balsam.options import option
-from balsam.states import BatchJobState
 
 from .strategy import Decision, Snapshot, Strategy, StrategyError, Submission
 
@@ -40,12 +41,16 @@ class SimpleStrategy(Strategy):
     def __init__(self, settings: Any, options: Any = None) -> None:
         super().__init__(settings, options)
         o = self.options
-        if o.nodes_per_block < 1 or o.wall_time_min < 1:
-            raise StrategyError("elastic_queue.strategy_options: nodes_per_block and wall_time_min must be at least 1")
-        if not 0 <= o.min_blocks <= o.max_blocks or o.max_blocks < 1:
-            raise StrategyError("elastic_queue.strategy_options: need 0 <= min_blocks <= max_blocks and max_blocks >= 1")
+        for key in ("nodes_per_block", "wall_time_min", "max_blocks"):
+            if getattr(o, key) < 1:
+                raise StrategyError("must be at least 1", key=key)
+        if not 0 <= o.min_blocks <= o.max_blocks:
+            raise StrategyError(f"must be between 0 and max_blocks ({o.max_blocks})", key="min_blocks")
         if not o.parallelism > 0:
-            raise StrategyError("elastic_queue.strategy_options.parallelism: must be greater than 0")
+            raise StrategyError("must be greater than 0", key="parallelism")
+
+    def longest_request_min(self) -> int:
+        return self.options.wall_time_min
 
     def decide(self, snapshot: Snapshot) -> Decision:
         o = self.options
@@ -60,14 +65,16 @@ class SimpleStrategy(Strategy):
         numbers = (("runnable", backlog.runnable_count), ("demand_footprint", demand), ("blocks", len(blocks)),
                    ("wanted", wanted), ("max_blocks", o.max_blocks), ("block", f"{o.nodes_per_block}x{o.wall_time_min}min"))
         if len(blocks) > wanted:
-            waiting = sorted((b for b in blocks if b.state != BatchJobState.running), key=lambda b: b.id, reverse=True)
+            waiting = sorted((b for b in blocks if b.cancellable), key=lambda b: b.id, reverse=True)
             surplus = tuple(b.id for b in waiting[: len(blocks) - wanted])
             if surplus:
                 return Decision(cancel=surplus, numbers=numbers,
                                 reason=f"{len(blocks)} blocks for a demand of {wanted}: cancelling blocks not started yet")
-            return Decision(numbers=numbers, reason=f"{len(blocks)} blocks, {wanted} wanted: the surplus runs and drains by idle_ttl_sec")
+            return Decision(numbers=numbers, reason=(f"{len(blocks)} blocks, {wanted} wanted: the surplus is not ours to "
+                                                     f"cancel or may have started, and drains by idle_ttl_sec"))
         if len(blocks) == wanted:
-            return Decision(numbers=numbers, reason="no runnable jobs" if demand <= 1e-9 else f"{wanted} blocks cover the demand")
+            return Decision(numbers=numbers,
+                            reason=backlog.nothing_runnable() if demand <= 1e-9 else f"{wanted} blocks cover the demand")
         if backlog.runnable_count and backlog.min_runnable_nodes > o.nodes_per_block:
             return Decision(numbers=numbers, reason=(f"the smallest runnable job needs {backlog.min_runnable_nodes} nodes, "
                                                      f"more than nodes_per_block ({o.nodes_per_block})"))

@@ -45,7 +45,14 @@ RESERVING_STATES = frozenset({BatchJobState.pending_submission, BatchJobState.qu
 
 
 class StrategyError(ValueError):
-    """An unknown strategy name or strategy options that do not fit (one line, naming the key)."""
+    """An unknown strategy name or strategy options that do not fit (one line, naming the key).
+
+    ``key``: the ``strategy_options`` key at fault, when there is one; settings.yml's check then
+    reports ``text`` on that key's line (``settings.yml:LINE elastic_queue.strategy_options.KEY: text``)."""
+
+    def __init__(self, text: str, key: str = "") -> None:
+        self.key, self.text = key, text
+        super().__init__(f"elastic_queue.strategy_options.{key}: {text}" if key else text)
 
 
 @attrs.frozen
@@ -60,6 +67,18 @@ class BatchJobView:
     queued_time_min: Optional[int] = None
     #: Submitted to wait in the regular queue (not fitted to a window): never cancelled as stale.
     regular_queue: bool = False
+    #: Created by the elastic module (stamped ``status_info.elastic_request``). Only such BatchJobs
+    #: are ever cancelled; others (made by hand, by queue_maintainer) in the same queue with the
+    #: site's filter_tags run the same jobs, so they count as reserved capacity, never more.
+    owned: bool = True
+
+    @property
+    def cancellable(self) -> bool:
+        """Ours and certainly not started: waiting for its submission, or queued per this cycle's
+        status poll (the API state lags the scheduler: a BatchJob the poll did not report queued,
+        or a cycle whose poll failed, may already run)."""
+        return self.owned and (self.state == BatchJobState.pending_submission
+                               or (self.state == BatchJobState.queued and self.queued_time_min is not None))
 
     @property
     def reserving(self) -> bool:
@@ -69,7 +88,13 @@ class BatchJobView:
 @attrs.frozen
 class Backlog:
     """The site's jobs (with the site's filter_tags) in numbers. Footprints are in nodes:
-    ``num_nodes / node_packing_count`` summed, so they may be fractional."""
+    ``num_nodes / node_packing_count`` summed, so they may be fractional.
+
+    ``runnable_*`` count only the jobs a BatchJob of this module could lease (not wider than the
+    submit queue's ``max_nodes``, single-node single-rank under ``job_mode: serial``, shorter than
+    the longest BatchJob it requests); the others are ``unfit_count``, ``unfit_reason`` says why.
+    ``running_*`` count only the jobs running in the snapshot's BatchJobs (not those in BatchJobs
+    of other queues, which hold no nodes of this one)."""
 
     runnable_count: int = 0
     runnable_footprint: float = 0.0
@@ -80,6 +105,15 @@ class Backlog:
     running_footprint: float = 0.0
     #: Minutes since the longest-waiting runnable job became runnable (its last state change).
     oldest_runnable_wait_min: float = 0.0
+    #: Runnable jobs no BatchJob of this module could lease, and why (no counts: the words are stable).
+    unfit_count: int = 0
+    unfit_reason: str = ""
+
+    def nothing_runnable(self) -> str:
+        """The reason for a decision made without runnable jobs."""
+        if self.unfit_count:
+            return f"no runnable job fits its BatchJobs ({self.unfit_count} runnable: {self.unfit_reason})"
+        return "no runnable jobs"
 
 
 @attrs.frozen
@@ -166,6 +200,12 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def decide(self, snapshot: Snapshot) -> Decision:
         """The decision for this snapshot. Pure: no I/O, same snapshot -> same decision."""
+
+    def longest_request_min(self) -> Optional[int]:
+        """The longest wall time (minutes) of a BatchJob this strategy may request, or None when it
+        cannot say. The module then counts as runnable only jobs shorter than that: a launcher
+        leases only jobs that fit its time left."""
+        return None
 
 
 def available_strategies() -> dict[str, importlib.metadata.EntryPoint]:

@@ -1,0 +1,251 @@
+"""The elastic_queue module against a real API server: it cancels only the BatchJobs it created, counts
+only the jobs its BatchJobs could lease and the jobs running in them, and says why when nothing fits."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from balsam.states import BatchJobState
+from balsam_elastic import ElasticQueueOptions
+from balsam_elastic.module import ElasticQueueModule
+from elastic_test_utils import needs_module_sections
+
+LOGGER = "balsam.site.modules.elastic_queue"
+
+
+def _app(site_id: int):
+    from balsam.api import ApplicationDefinition
+
+    return type(f"App{uuid.uuid4().hex[:6]}", (ApplicationDefinition,),
+                {"site": site_id, "command_template": "echo {{ i }}", "__module__": __name__})
+
+
+def _runnable(client, site, n: int, **job_fields) -> list:
+    from balsam.api import Job
+
+    App = _app(site.site_id)
+    App.sync()
+    jobs = Job.objects.bulk_create([App.submit(workdir=f"r/{uuid.uuid4().hex[:8]}", i=i, save=False, **job_fields)
+                                    for i in range(n)])
+    client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in jobs])
+    return jobs
+
+
+def _batch_jobs(client, site) -> list[dict]:
+    return sorted(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"], key=lambda b: b["id"])
+
+
+def _acquire(client, site, **spec) -> list:
+    session = client.post("/sessions/", json={"site_id": site.site_id})["id"]
+    got = client.post(f"/sessions/{session}", json={"max_num_jobs": 100, **spec})
+    return got if isinstance(got, list) else got["results"]
+
+
+class QueuedFor:
+    """A scheduler driver whose status poll reports every BatchJob given as queued for ``minutes``."""
+
+    def __init__(self, minutes: int) -> None:
+        self.minutes, self.ids = minutes, []
+
+    def get_statuses(self) -> dict:
+        return {sid: SimpleNamespace(state=BatchJobState.queued, queued_time_min=self.minutes) for sid in self.ids}
+
+    def get_backfill_windows(self) -> dict:
+        return {}
+
+
+def _errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_without_backfill_requests_wait_in_the_regular_queue_and_are_not_cancelled_as_stale(make_site, client) -> None:
+    """use_backfill: false: the request is not fitted to a window, so waiting past
+    max_queue_wait_time_min is no reason to cancel it (it was cancelled and resubmitted every cycle)."""
+    site = make_site()
+    scheduler = QueuedFor(11)
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_queue_wait_time_min=10), client,
+                                scheduler=scheduler)
+    _runnable(client, site, 1)
+    module.run_cycle()
+    [made] = _batch_jobs(client, site)
+    assert made["status_info"] == {"elastic_request": "regular_queue"}
+    client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "queued", "scheduler_id": 4242}])
+    scheduler.ids = [4242]
+    module.run_cycle()
+    assert module.last_decision.cancel == () and module.last_decision.submit == (), module.last_decision
+    assert [b["state"] for b in _batch_jobs(client, site)] == ["queued"]
+
+
+def test_simple_never_cancels_a_batch_job_it_did_not_create(make_site, client) -> None:
+    """The user's own `balsam queue submit -q local` BatchJob (same queue, site filter_tags {}) was
+    set pending_deletion in the first cycle; the module's own surplus block still is."""
+    site = make_site()
+    scheduler = QueuedFor(0)
+    mine = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "local",
+                                             "num_nodes": 1, "wall_time_min": 60, "job_mode": "mpi"})
+    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 999999}])
+    scheduler.ids = [999999]
+    module = ElasticQueueModule(site, {"strategy": "simple"}, client, scheduler=scheduler)
+    module.run_cycle()
+    assert client.get(f"/batch-jobs/{mine['id']}")["state"] == "queued", module.last_decision
+    assert module.last_decision.cancel == ()
+
+    module = ElasticQueueModule(site, {"strategy": "simple", "strategy_options": {"max_blocks": 2}}, client,
+                                scheduler=scheduler)
+    _runnable(client, site, 1)
+    module.run_cycle()  # the hand-made BatchJob covers a demand of 1
+    assert len(_batch_jobs(client, site)) == 1, module.last_decision
+    _runnable(client, site, 1)
+    module.run_cycle()  # a demand of 2: one block of its own
+    own = [b for b in _batch_jobs(client, site) if b["id"] != mine["id"]]
+    assert [b["status_info"] for b in own] == [{"elastic_request": "simple"}]
+    client.delete("/jobs/", params={"site_id": site.site_id})  # no demand: it cancels its own block only
+    module.run_cycle()
+    states = {b["id"]: b["state"] for b in _batch_jobs(client, site)}
+    assert states == {mine["id"]: "queued", own[0]["id"]: "pending_deletion"}, module.last_decision
+
+
+def test_simple_and_queue_maintainer_on_one_queue_no_longer_fight(make_site, client, caplog) -> None:
+    """queue_maintainer keeps 1 BatchJob in `local`, simple wants none: simple cancelled it every
+    cycle and the maintainer made another, forever. Now it stays, and a warning says so at load."""
+    from balsam.site.modules.queue_maintainer import QueueMaintainerModule, QueueMaintainerSettings
+
+    site = make_site(overrides={"queue_maintainer": {"num_queued_jobs": 1}})
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    qm = QueueMaintainerModule(site, QueueMaintainerSettings(num_queued_jobs=1), client)
+    el = ElasticQueueModule(site, {"strategy": "simple"}, client, scheduler=QueuedFor(0))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("queue_maintainer also submits to queue 'local'") for w in warnings), warnings
+    for _ in range(3):
+        qm.run_cycle()
+        el.run_cycle()
+    assert [b["state"] for b in _batch_jobs(client, site)] == ["pending_submission"]
+
+
+def test_a_job_wider_than_the_queue_gets_no_batch_job_and_one_error(make_site, client, caplog) -> None:
+    """Queue `local` allows 1 node, the runnable job needs 2: the request was clamped to 1 node and
+    1-node BatchJobs that run nothing were made each cycle, with no word why."""
+    site = make_site()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False), client)
+    _runnable(client, site, 1, num_nodes=2)
+    for _ in range(3):
+        module.run_cycle()
+    assert _batch_jobs(client, site) == []
+    assert module.last_decision.reason.startswith("no runnable job fits its BatchJobs (1 runnable: more nodes than "
+                                                  "queue 'local''s max_nodes 1"), module.last_decision.reason
+    assert _errors(caplog) == ["runnable jobs its BatchJobs can never run: more nodes than queue 'local''s max_nodes 1 "
+                               "(settings.yml scheduler.allowed_queues)"]  # once, not every cycle
+
+    _runnable(client, site, 1)  # a 1-node job also: one BatchJob, for it alone
+    module.run_cycle()
+    assert [(b["num_nodes"], b["wall_time_min"]) for b in _batch_jobs(client, site)] == [(1, 355)]
+    assert dict(module.last_decision.numbers)["runnable"] == 1
+
+
+def test_job_mode_serial_counts_only_single_node_single_rank_jobs(make_site, client, caplog) -> None:
+    """A serial launcher leases only num_nodes == 1 and ranks_per_node == 1 jobs: 4-rank jobs got
+    serial BatchJobs that could run nothing."""
+    site = make_site()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, job_mode="serial"), client)
+    _runnable(client, site, 2, ranks_per_node=4)
+    module.run_cycle()
+    module.run_cycle()
+    assert _batch_jobs(client, site) == [] and _acquire(client, site, max_nodes_per_job=1, serial_only=True) == []
+    assert _errors(caplog) == ["runnable jobs its BatchJobs can never run: more than 1 node or 1 rank per node "
+                               "(job_mode serial leases only single-node single-rank jobs)"]
+    _runnable(client, site, 3)
+    module.run_cycle()
+    assert [b["job_mode"] for b in _batch_jobs(client, site)] == ["serial"]
+    assert dict(module.last_decision.numbers)["runnable"] == 3, module.last_decision
+
+
+def test_jobs_longer_than_any_batch_job_are_not_counted(make_site, client, caplog) -> None:
+    """Runnable jobs of wall_time_min 600 against requests of 355 min (max_wall_time_min less the
+    pad): a launcher leases only jobs that fit its time left, so the BatchJobs ran nothing."""
+    site = make_site()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False), client)
+    _runnable(client, site, 1, wall_time_min=600)
+    _runnable(client, site, 1, wall_time_min=355)  # exactly the BatchJob's length: never leased either
+    module.run_cycle()
+    assert _batch_jobs(client, site) == [] and _acquire(client, site, max_wall_time_min=354) == []
+    assert _errors(caplog) == ["runnable jobs its BatchJobs can never run: wall_time_min of 355 or more, and its "
+                               "BatchJobs last at most 355 min"]
+    _runnable(client, site, 2, wall_time_min=300)
+    module.run_cycle()
+    assert [b["wall_time_min"] for b in _batch_jobs(client, site)] == [355]
+    assert dict(module.last_decision.numbers)["runnable"] == 2, module.last_decision
+
+
+def test_only_jobs_running_in_its_batch_jobs_are_its_running_footprint(make_site, client) -> None:
+    """4 jobs run in a BatchJob of another queue: they hold none of this queue's nodes, yet they
+    counted as running footprint (simple provisioned 4 idle blocks; backfill saw its own BatchJob busy)."""
+    site = make_site(overrides={"scheduler": {"allowed_queues": {"local": {"max_nodes": 4, "max_walltime": 1440,
+                                                                           "max_queued_jobs": 10},
+                                                                 "other": {"max_nodes": 4, "max_walltime": 1440,
+                                                                           "max_queued_jobs": 10}}}})
+    foreign = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "other",
+                                                "num_nodes": 4, "wall_time_min": 60, "job_mode": "mpi"})
+    client.patch("/batch-jobs/", json=[{"id": foreign["id"], "state": "running", "scheduler_id": 77}])
+    busy = _runnable(client, site, 4)
+    client.patch("/jobs/", json=[{"id": j.id, "batch_job_id": foreign["id"], "state": "RUNNING"} for j in busy])
+    simple = ElasticQueueModule(site, {"strategy": "simple", "strategy_options": {"max_blocks": 8}}, client,
+                                scheduler=QueuedFor(0))
+    simple.run_cycle()
+    assert simple.last_decision.submit == () and dict(simple.last_decision.numbers)["demand_footprint"] == 0
+
+    backfill = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_num_nodes=4), client,
+                                  scheduler=QueuedFor(1))
+    _runnable(client, site, 4)
+    backfill.run_cycle()  # one 4-node BatchJob for the 4 runnable jobs ...
+    backfill.run_cycle()  # ... which covers them: the 4 jobs running elsewhere do not make it look busy
+    made = [b for b in _batch_jobs(client, site) if b["id"] != foreign["id"]]
+    assert [b["num_nodes"] for b in made] == [4], backfill.last_decision
+    assert dict(backfill.last_decision.numbers)["running_footprint"] == 0
+    assert backfill.last_decision.reason.startswith("idle nodes cover the backlog"), backfill.last_decision
+
+    client.patch("/batch-jobs/", json=[{"id": made[0]["id"], "state": "running", "scheduler_id": 78}])
+    client.patch("/jobs/", json=[{"id": j.id, "batch_job_id": made[0]["id"]} for j in busy[:2]])
+    backfill.run_cycle()  # 2 jobs now run in its own BatchJob: they are its running footprint
+    assert dict(backfill.last_decision.numbers)["running_footprint"] == 2, backfill.last_decision
+
+
+def test_max_queued_jobs_is_capped_by_the_queue(make_site, client, caplog) -> None:
+    """More BatchJobs than the queue's max_queued_jobs would wait in pending_submission, reserving
+    nodes that are not coming."""
+    site = make_site(overrides={"scheduler": {"allowed_queues": {"local": {"max_nodes": 1, "max_walltime": 1440,
+                                                                           "max_queued_jobs": 2}}}})
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_queued_jobs=20), client)
+    assert "max_queued_jobs 20 capped to queue 'local''s max_queued_jobs 2" in caplog.text
+    _runnable(client, site, 5)
+    for _ in range(4):
+        module.run_cycle()
+    assert len(_batch_jobs(client, site)) == 2
+    assert module.last_decision.reason.startswith("max_queued_jobs reached (2 of 2"), module.last_decision
+
+
+@needs_module_sections
+@pytest.mark.parametrize("section,line,message", [
+    ("elastic_queue:\n  strategy: simple\n  strategy_options:\n    nodes_per_block: 2\n    parallelism: 0\n",
+     5, "elastic_queue.strategy_options.parallelism: must be greater than 0"),
+    ("elastic_queue:\n  strategy: simple\n  strategy_options: {min_blocks: 3, max_blocks: 2}\n",
+     3, "elastic_queue.strategy_options.min_blocks: must be between 0 and max_blocks (2)"),
+    ("elastic_queue:\n  service_period: 30\n  max_queue_wait_time_min: -5\n",
+     3, "elastic_queue.max_queue_wait_time_min: must not be negative"),
+])
+def test_settings_errors_name_the_key_on_its_line(tmp_path, section, line, message) -> None:
+    from balsam.config.settings import SettingsError, load_settings
+
+    path = tmp_path / "settings.yml"
+    path.write_text(section)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path)
+    assert f"settings.yml:{line} {message}" in str(caught.value), str(caught.value)
+    assert "strategy_options: elastic_queue." not in str(caught.value)
