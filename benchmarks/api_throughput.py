@@ -52,7 +52,7 @@ def prepare_pg(url: str) -> None:
 
 def post_json(http: httpx.Client, method: str, path: str, body, key: "str | None" = None, **kwargs) -> httpx.Response:
     """Send JSON encoded with orjson (what a fast client does; stdlib json would dominate the client side);
-    ``key``: an Idempotency-Key, as balsam's own client sends on every POST."""
+    ``key``: an Idempotency-Key, as balsam's own client sends on every POST (and PUT, PATCH, DELETE)."""
     headers = {"content-type": "application/json", **({"Idempotency-Key": key} if key else {})}
     return http.request(method, path, content=orjson.dumps(body), headers=headers, **kwargs)
 

@@ -1,8 +1,9 @@
 """Server CPU per job for a serial launcher's requests, replayed against a real uvicorn server.
 
 For N jobs (made runnable first), in batches of B, the requests a serial launcher and the agent's
-processing module make: an acquire (``POST /sessions/{id}``, with an ``Idempotency-Key``), the
-jobs' RUNNING and RUN_DONE, then POSTPROCESSED (the server moves them on to JOB_FINISHED). Printed:
+processing module make: an acquire (``POST /sessions/{id}``), the jobs' RUNNING and RUN_DONE,
+then POSTPROCESSED, each with an ``Idempotency-Key`` as balsam's client sends on every POST, PUT,
+PATCH and DELETE (the server moves them on to JOB_FINISHED). Printed:
 the server process's CPU (user + system, from ``/proc``) per job and per request, for each batch
 size and each way of sending RUNNING and RUN_DONE:
 
@@ -85,11 +86,11 @@ class Replay:
             running = [{"id": i, "state": "RUNNING", "state_timestamp": now, "state_data": {"num_nodes": 1 / 64}} for i in ids]
             run_done = [{"id": i, "state": "RUN_DONE", "state_timestamp": now, "return_code": 0} for i in ids]
             if one_call:
-                self.send("PATCH", "/jobs/", running + run_done)
+                self.send("PATCH", "/jobs/", running + run_done, key=uuid.uuid4().hex)
             else:
-                self.send("PATCH", "/jobs/", running)
-                self.send("PATCH", "/jobs/", run_done)
-            self.send("PATCH", "/jobs/", [{"id": i, "state": "POSTPROCESSED"} for i in ids])
+                self.send("PATCH", "/jobs/", running, key=uuid.uuid4().hex)
+                self.send("PATCH", "/jobs/", run_done, key=uuid.uuid4().hex)
+            self.send("PATCH", "/jobs/", [{"id": i, "state": "POSTPROCESSED"} for i in ids], key=uuid.uuid4().hex)
             done += len(ids)
 
 
