@@ -131,6 +131,16 @@ def make_site(path: Path, name: str, launcher: Optional[dict[str, Any]] = None, 
     return path
 
 
+def finish(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """The launcher's exit status; killed (its group) with its console in the error after ``timeout``."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"launcher did not exit in {timeout} s:\n{Path(proc.console_path).read_text()[-3000:]}")
+
+
 def start_launcher(site_path: Path, job_mode: str, wall_time_min: float, *args: str, env: Optional[dict[str, str]] = None,
                    tick_sec: float = 1.0, output: Optional[Path] = None) -> subprocess.Popen:
     """``python -m balsam.launcher -j MODE -t MIN ...`` as the job template starts it."""

@@ -5,10 +5,8 @@ next job and sends no update for it (the server would refuse it). Real server, r
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -16,19 +14,10 @@ from pathlib import Path
 import pytest
 
 from launcher_helpers import events_of, make_runnable, wait_for_states
-from launcher_harness import start_launcher
+from launcher_harness import finish, start_launcher
 
 #: Generous: the outcome is waited for, never timed (the jobs sleep 60 s, far longer).
 WAIT_SEC = 45
-
-
-def finish(proc: subprocess.Popen, timeout: float = 60) -> int:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError(f"launcher did not exit in {timeout} s:\n{Path(proc.console_path).read_text()[-3000:]}")
 
 
 def alive(pid: int) -> bool:

@@ -12,20 +12,11 @@ from pathlib import Path
 import pytest
 
 from launcher_helpers import SESSION_EXPIRE_SEC, events_of, make_runnable, wait_for_states
-from launcher_harness import start_launcher
+from launcher_harness import finish, start_launcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
 MODES = ["mpi", "serial"]
-
-
-def finish(proc: subprocess.Popen, timeout: float = 60) -> int:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError(f"launcher did not exit in {timeout} s:\n{Path(proc.console_path).read_text()[-3000:]}")
 
 
 def console(proc: subprocess.Popen) -> str:
