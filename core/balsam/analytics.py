@@ -1,14 +1,16 @@
 """Campaign analytics from the EventLog and BatchJobs, as ``(X, Y)`` step series for plotting.
 
-- ``throughput_report(events, to_state="JOB_FINISHED")``: times of the matching state changes and
-  the cumulative count (1..N) at each;
+- ``throughput_report(events, to_state="JOB_FINISHED")``: the cumulative number of jobs that
+  reached ``to_state`` (each job counted once, at its first arrival: a re-run job finishing again
+  is not a second job; ``distinct_jobs=False`` counts every such state change, as 0.7 did);
 - ``utilization_report(events, node_weighting=True)``: nodes busy over time (+ ``data["num_nodes"]``,
   or +1, when a job starts RUNNING; minus the same when it leaves RUNNING);
 - ``available_nodes(batch_jobs)``: nodes held by BatchJobs over time (from start_time to end_time;
   a BatchJob still running counts until now).
 
 Each takes a query (``EventLog.objects.filter(...)``/``BatchJob.objects.filter(...)``) or a list.
-Times are naive local datetimes, like the rest of the Python API.
+Times are naive local datetimes, like the rest of the Python API; events are ordered by the
+instant they stand for (``.timestamp()``), so the hour daylight saving repeats keeps its order.
 
 Helpers for tables and plots of such step series: ``step_at`` (the value at a time),
 ``align_steps`` (several series on one time axis), ``time_average`` (the mean over an interval) and
@@ -31,11 +33,28 @@ def _state(value: Any) -> str:
     return getattr(value, "value", value)
 
 
-def throughput_report(eventlog_query: Iterable[Any], to_state: str = "JOB_FINISHED") -> Series:
-    """Cumulative number of jobs that reached ``to_state`` over time."""
+def _instant(when: dt.datetime) -> float:
+    """The instant a naive local (its ``fold`` honoured) or aware time stands for: a sort key that
+    stays right across daylight saving's fall-back, where naive times compare out of order."""
+    return when.timestamp()
+
+
+def throughput_report(eventlog_query: Iterable[Any], to_state: str = "JOB_FINISHED", *,
+                      distinct_jobs: bool = True) -> Series:
+    """Cumulative number of jobs that reached ``to_state`` over time: each job once, at its first
+    arrival (``distinct_jobs=False``: every arrival, a re-run's too, as Balsam 0.7 counted)."""
     wanted = _state(to_state)
-    times = sorted(e.timestamp for e in eventlog_query if _state(e.to_state) == wanted)
-    return times, list(range(1, len(times) + 1))
+    events = sorted((e for e in eventlog_query if _state(e.to_state) == wanted),
+                    key=lambda e: (_instant(e.timestamp), e.id or 0))
+    if distinct_jobs:
+        seen: set[Any] = set()
+        first = []
+        for event in events:
+            if event.job_id is None or event.job_id not in seen:
+                seen.add(event.job_id)
+                first.append(event)
+        events = first
+    return [e.timestamp for e in events], list(range(1, len(events) + 1))
 
 
 def _node_weight(event: Any, node_weighting: bool) -> float:
@@ -53,9 +72,11 @@ def utilization_report(eventlog_query: Iterable[Any], node_weighting: bool = Tru
     """Nodes (or jobs, without ``node_weighting``) in RUNNING over time.
 
     A job leaving RUNNING gives back what it took when it entered RUNNING (the end event's own
-    ``data`` usually has no node count).
+    ``data`` usually has no node count). A job that left RUNNING without entering it among these
+    events (it started before a ``timestamp_after`` window) is left out: it took nothing here, and
+    giving something back made the series go negative.
     """
-    events = sorted(eventlog_query, key=lambda e: (e.timestamp, e.id or 0))
+    events = sorted(eventlog_query, key=lambda e: (_instant(e.timestamp), e.id or 0))
     taken: dict[int, float] = {}
     times: list[dt.datetime] = []
     values: list[Union[int, float]] = []
@@ -67,7 +88,9 @@ def utilization_report(eventlog_query: Iterable[Any], node_weighting: bool = Tru
             taken[event.job_id] = taken.get(event.job_id, 0) + weight
             change = weight
         elif _state(event.from_state) == "RUNNING" and _state(event.to_state) != "RUNNING":
-            change = -taken.pop(event.job_id, _node_weight(event, node_weighting))
+            if event.job_id not in taken:
+                continue
+            change = -taken.pop(event.job_id)
         else:
             continue
         current += change
@@ -89,7 +112,7 @@ def available_nodes(batchjob_query: Iterable[Any], now: "dt.datetime | None" = N
             now = dt.datetime.now(dt.timezone.utc) if bj.start_time.tzinfo is not None else dt.datetime.now()
         changes.append((bj.start_time, bj.num_nodes))
         changes.append((bj.end_time if bj.end_time is not None else now, -bj.num_nodes))
-    changes.sort(key=lambda c: (c[0], c[1]))
+    changes.sort(key=lambda c: (_instant(c[0]), c[1]))
     times: list[dt.datetime] = []
     values: list[Union[int, float]] = []
     current = 0

@@ -48,3 +48,57 @@ def test_reports_from_a_real_campaign(site, run_jobs):
     times, nodes = available_nodes(BatchJob.objects.filter(site_id=site.id))
     assert nodes == [4, 6, 2, 0]
     assert abs((times[0] - (now - dt.timedelta(minutes=30))).total_seconds()) < 1
+
+
+def _event(i: int, job: int, from_state: str, to_state: str, when: dt.datetime, nodes: float = 0):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(id=i, job_id=job, from_state=from_state, to_state=to_state, timestamp=when,
+                           data={"num_nodes": nodes} if nodes else {})
+
+
+def test_throughput_counts_a_rerun_job_once_unless_asked_for_every_arrival() -> None:
+    from balsam.analytics import throughput_report
+
+    t0 = dt.datetime(2026, 3, 1, 12)
+    events = [_event(1, 1, "POSTPROCESSED", "JOB_FINISHED", t0), _event(2, 1, "POSTPROCESSED", "JOB_FINISHED", t0 + dt.timedelta(minutes=5)),
+              _event(3, 2, "POSTPROCESSED", "JOB_FINISHED", t0 + dt.timedelta(minutes=6))]
+    assert throughput_report(events) == ([t0, t0 + dt.timedelta(minutes=6)], [1, 2])
+    assert throughput_report(events, distinct_jobs=False)[1] == [1, 2, 3]  # 0.7's count of state changes
+
+
+def test_utilization_of_a_window_leaves_out_jobs_that_started_before_it() -> None:
+    """EventLog filtered by timestamp_after: job 1's RUNNING is outside, its exit inside. It gave
+    back a node it never took here (-1)."""
+    from balsam.analytics import utilization_report
+
+    t0 = dt.datetime(2026, 3, 1, 12)
+    events = [_event(2, 1, "RUNNING", "RUN_DONE", t0), _event(3, 2, "RESTART_READY", "RUNNING", t0 + dt.timedelta(seconds=10), 4),
+              _event(4, 2, "RUNNING", "RUN_TIMEOUT", t0 + dt.timedelta(seconds=20))]
+    assert utilization_report(events)[1] == [4, 0]
+
+
+def test_reports_keep_the_order_of_the_hour_daylight_saving_repeats(monkeypatch) -> None:
+    """01:30 CDT then 01:10 CST, 40 minutes later: as naive local times they compared the other way
+    round, and a job ended before it started (utilization -8 then +8 for good)."""
+    import time
+
+    from balsam._api.model import to_local_naive
+    from balsam.analytics import available_nodes, utilization_report
+
+    monkeypatch.setenv("TZ", "America/Chicago")
+    time.tzset()
+    try:
+        utc = dt.timezone.utc
+        start = to_local_naive(dt.datetime(2026, 11, 1, 6, 30, tzinfo=utc))
+        end = to_local_naive(dt.datetime(2026, 11, 1, 7, 10, tzinfo=utc))
+        assert (start.hour, start.minute, start.fold, end.hour, end.minute, end.fold) == (1, 30, 0, 1, 10, 1)
+        assert end.timestamp() - start.timestamp() == 40 * 60
+        events = [_event(2, 1, "RUNNING", "RUN_DONE", end), _event(1, 1, "PREPROCESSED", "RUNNING", start, 8)]
+        assert utilization_report(events) == ([start, end], [8, 0])
+        from types import SimpleNamespace
+
+        assert available_nodes([SimpleNamespace(start_time=start, end_time=end, num_nodes=8)])[1] == [8, 0]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -64,9 +64,16 @@ def _fingerprint(value: Any, tp: Any) -> Any:
 
 
 def to_local_naive(value: dt.datetime) -> dt.datetime:
+    """``value`` as a naive local time. In the hour daylight saving's fall-back repeats, the second
+    occurrence gets ``fold=1`` (``astimezone()`` alone gives a fixed offset, which the naive value
+    loses): its ``.timestamp()`` is then right, and so is ordering by it (the analytics do)."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone().replace(tzinfo=None)
+    local = value.astimezone()
+    naive = local.replace(tzinfo=None)
+    if naive.astimezone().utcoffset() != local.utcoffset():  # read as the first occurrence: it is the second
+        naive = naive.replace(fold=1)
+    return naive
 
 
 def to_aware_utc(value: Any) -> Any:

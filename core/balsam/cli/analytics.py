@@ -94,7 +94,8 @@ def throughput(site_selector: str, tags: tuple, to_state: str, rows: int, plot_p
         table.append([_fmt(hi), total - before, total, f"{(total - before) / minutes:.1f}" if minutes > 0 else ""])
     click.echo(format_table(["Until", "In interval", "Total", "Per minute"], table, right={1, 2, 3}))
     span = (end - start).total_seconds()
-    rate = f", {len(times) / span * 60:.1f} per minute on average" if span > 0 else ""
+    # N arrivals span N - 1 intervals; under a second, a rate says nothing.
+    rate = f", {(len(times) - 1) / span * 60:.1f} per minute on average" if span >= 1 and len(times) > 1 else ""
     click.echo(f"{len(times)} jobs reached {to_state.upper()} between {_fmt(start)} and {_fmt(end)}{rate}")
     if plt is not None:
         fig, ax = plt.subplots(figsize=(8, 4))

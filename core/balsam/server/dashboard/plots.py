@@ -35,8 +35,8 @@ def _epoch(value: dt.datetime) -> float:
 def throughput_series(conn: sa.Connection, user_id: int, q: QueryParams) -> tuple[list[dt.datetime], list[Number]]:
     """Jobs finished over time (``throughput_report`` of the matching JOB_FINISHED events)."""
     stmt, _order = events_select(user_id, q, conn.dialect.name)
-    # Only the two columns throughput_report reads (a campaign has one such event per job).
-    stmt = stmt.with_only_columns(log_events.c.timestamp, log_events.c.to_state).where(
+    # Only the columns throughput_report reads (the job's id: a re-run job finishing again counts once).
+    stmt = stmt.with_only_columns(log_events.c.id, log_events.c.job_id, log_events.c.timestamp, log_events.c.to_state).where(
         log_events.c.to_state == JobState.finished.value)
     return throughput_report(conn.execute(stmt))
 
