@@ -140,6 +140,30 @@ def test_type_and_value_errors(text, expected):
     assert error_of(text).startswith(expected)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("scheduler: {}\nqueue_maintainer:\n  submit_queue: debug\n",
+         "settings.yml:3 queue_maintainer.submit_queue: the scheduler section refuses its BatchJobs: queue 'debug' is "
+         "not in the site's allowed_queues (local)"),
+        ("scheduler: {}\nqueue_maintainer:\n  num_nodes: 2\n",
+         "settings.yml:3 queue_maintainer.num_nodes: the scheduler section refuses its BatchJobs: num_nodes 2 is outside"),
+        ("scheduler:\n  allowed_projects: [m1]\nqueue_maintainer:\n  submit_project: m2\n",
+         "settings.yml:4 queue_maintainer.submit_project: the scheduler section refuses its BatchJobs: project 'm2'"),
+    ],
+)
+def test_a_queue_maintainer_the_scheduler_section_refuses_is_an_error(text, expected):
+    """It posted a BatchJob the site refuses every cycle (1,440 failed BatchJobs a day)."""
+    assert error_of(text).startswith(expected)
+
+
+def test_a_queue_maintainer_that_submits_nothing_is_not_checked_against_the_scheduler():
+    from balsam.config.settings import parse_settings
+
+    parse_settings(yaml.safe_load("scheduler: {}\nqueue_maintainer:\n  submit_queue: debug\n  num_queued_jobs: 0\n"))
+    parse_settings(yaml.safe_load("scheduler: {}\nqueue_maintainer: {}\n"))  # the defaults fit the default scheduler section
+
+
 def test_yaml_syntax_error_names_the_line():
     assert error_of("logging:\n  level: INFO\n  format: [unclosed\n").startswith("settings.yml:4: invalid YAML:")
     # A document libyaml refuses is read again by the pure-Python loader, whose message is the one shown.
@@ -327,7 +351,7 @@ def test_render_settings_yaml_applies_platform_overrides():
         {
             "launcher": {"mpirun_allows_node_packing": False},
             "scheduler": {"name": "local", "allowed_queues": {"debug": {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 1}}},
-            "queue_maintainer": {"num_queued_jobs": 2},
+            "queue_maintainer": {"num_queued_jobs": 2, "submit_queue": "debug"},
             "file_cleaner": None,
         }
     )
@@ -336,7 +360,7 @@ def test_render_settings_yaml_applies_platform_overrides():
     assert settings.launcher.mpirun_allows_node_packing is False
     assert settings.launcher.idle_ttl_sec == 60  # untouched defaults stay
     assert settings.scheduler.allowed_queues == {"debug": AllowedQueue(max_nodes=2, max_walltime=60, max_queued_jobs=1)}
-    assert settings.queue_maintainer.num_queued_jobs == 2 and settings.queue_maintainer.submit_queue == "local"
+    assert settings.queue_maintainer.num_queued_jobs == 2 and settings.queue_maintainer.submit_queue == "debug"
     assert settings.file_cleaner is None
     assert "# Seconds between two checks of the queue." in text
 

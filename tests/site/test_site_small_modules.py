@@ -62,7 +62,7 @@ def test_file_cleaner_deletes_cleanup_files_of_finished_jobs(make_site, client, 
         (workdir / "scratch").mkdir(parents=True)
         for name in ("a.tmp", "b.tmp", "keep.txt", "scratch/x.dat"):
             (workdir / name).write_text(name)
-        os.symlink(outside, workdir / "link.tmp")  # a match that resolves outside data/: left alone
+        os.symlink(outside, workdir / "link.tmp")  # a matching symlink: the link goes, its target stays
     (data / "messy" / "neighbour.txt").write_text("a file next to the workdirs")
     finish_jobs(client, site_id, [j.id for j in finished])
 
@@ -72,7 +72,7 @@ def test_file_cleaner_deletes_cleanup_files_of_finished_jobs(make_site, client, 
     module.run_cycle()
     for job in finished[:3]:
         workdir = data / job.workdir
-        assert sorted(p.name for p in workdir.rglob("*")) == ["keep.txt", "link.tmp", "scratch"]
+        assert sorted(p.name for p in workdir.rglob("*")) == ["keep.txt", "scratch"]
     assert outside.read_text() == "not ours"
     assert (data / "messy" / "neighbour.txt").exists()  # "../*" never reaches outside the workdir
     assert (data / "tidy/0/a.tmp").exists()  # no cleanup_files: nothing deleted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any, Optional
 
 import click
@@ -80,8 +81,31 @@ def submit(num_nodes: int, wall_time_min: int, queue_name: str, project: str, jo
         raise click.ClickException(f"Refused by site {site.name}: {exc}{hint}") from None
     batch_job.save()
     click.echo(yaml.safe_dump(batch_job.display_dict(), sort_keys=False), nl=False)
-    for warning in authorization_warnings(site):
+    for warning in authorization_warnings(site) + filter_tags_warnings(site, batch_job.filter_tags or {}):
         click.echo(f"Warning: {warning}", err=True)
+
+
+def filter_tags_warnings(site: Any, batch_job_tags: dict) -> list[str]:
+    """The site agent submits only BatchJobs whose filter_tags include the site's (settings.yml's
+    ``filter_tags``): say so when this one's do not. Only where the site's settings.yml can be read
+    here (the site directory on this machine); else nothing is said."""
+    from balsam.config.settings import SettingsError, load_settings
+
+    path = Path(str(site.path)) / "settings.yml"
+    try:
+        if not path.is_file():
+            return []
+        site_tags = load_settings(path, only=("filter_tags",)).filter_tags or {}
+    except (OSError, SettingsError):
+        return []
+    if all(batch_job_tags.get(k) == v for k, v in site_tags.items()):
+        return []
+    def show(tags: dict) -> str:
+        return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(tags.items())) + "}"
+
+    flags = " ".join(f"--tag {k}={v}" for k, v in sorted(site_tags.items()))
+    return [f"this BatchJob's filter_tags {show(batch_job_tags)} do not include site {site.name}'s filter_tags "
+            f"{show(site_tags)}: its agent will not submit it (it stays pending_submission). Submit with {flags}"]
 
 
 #: A site whose agent has not refreshed its record for this long has no agent running (0.7's "active").

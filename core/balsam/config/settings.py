@@ -449,6 +449,14 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
         if key not in data:
             sections[key] = None if spec.disableable else spec.default()
     _bind_driver_options(sections, checker, data, specs)
+    if not checker.errors:
+        # Rules across sections (a section's values that another section refuses), once each
+        # section is valid on its own: ``validate_with(sections) -> {field: problem}``.
+        for key, section in sections.items():
+            cross = getattr(section, "validate_with", None)
+            if section is not None and callable(cross):
+                for name, problem in cross(sections).items():
+                    checker.fail((key, name), problem)
     if checker.errors:
         raise SettingsError(checker.sorted_errors())
     ordered = {key: sections[key] for key in specs}

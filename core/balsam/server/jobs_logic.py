@@ -1324,6 +1324,10 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
                 values["session_id"] = None
             for from_state, to_state, ts, data in moves[job_id]:
                 events.add(job_id, from_state, to_state, ts, data)
+            if "pending_file_cleanup" not in values and any(m[0] == S.finished.value for m in moves[job_id]):
+                # A re-run of a finished job (the file_cleaner cleared the flag): its new files
+                # are cleaned again when it finishes, as a new job's are (created with True).
+                values["pending_file_cleanup"] = True
         key = orjson.dumps({k: v for k, v in values.items() if k != "last_update"}, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
         groups.setdefault(key, (values, []))[1].append(job_id)
     for job_id, from_state, to_state, data in extra_events:

@@ -2,12 +2,14 @@
 
 Each cycle (``service_period`` seconds) it fetches up to ``cleanup_batch_size`` JOB_FINISHED jobs of
 this site with ``pending_file_cleanup`` set, groups them by app, deletes the files matching the app's
-``cleanup_files`` glob patterns inside each workdir (never outside the site's ``data/``), and clears
+``cleanup_files`` glob patterns inside each workdir (never through a symlink to somewhere else: a
+matched symlink is removed as a link, its target is kept), and clears
 ``pending_file_cleanup`` on all of them with one bulk PATCH.
 """
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,20 +49,35 @@ def glob_pattern_error(pattern: str) -> Optional[str]:
 
 def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str]) -> list[Path]:
     """Delete files under ``workdir`` that match ``patterns`` (already checked with
-    :func:`glob_pattern_error` by the caller, once per app); return what was removed."""
+    :func:`glob_pattern_error` by the caller, once per app); return what was removed.
+
+    Symlinks are never followed to delete something else: a match counts only if its parent
+    directory, resolved, is the workdir (resolved once) or below it, so a pattern cannot reach
+    another job's files through a directory symlink; a match that is itself a symlink is removed
+    as a link (its target is left alone); otherwise only regular files are removed.
+    """
     removed: list[Path] = []
-    data_root = data_path.resolve()
+    try:
+        data_root = data_path.resolve()
+        root = workdir.resolve()
+    except (OSError, RuntimeError):
+        return removed
+    if data_root not in root.parents:
+        return removed
     for pattern in patterns:
         if not pattern or ".." in Path(pattern).parts or Path(pattern).is_absolute():
             continue
         for match in workdir.glob(pattern):
             try:
-                resolved = match.resolve()
-                if data_root not in resolved.parents or not resolved.is_file():
+                parent = match.parent.resolve()
+                if parent != root and root not in parent.parents:
                     continue
-                resolved.unlink()
-                removed.append(resolved)
-            except OSError:
+                mode = match.lstat().st_mode
+                if not (stat.S_ISLNK(mode) or stat.S_ISREG(mode)):
+                    continue
+                match.unlink()
+                removed.append(match)
+            except (OSError, RuntimeError):
                 continue
     return removed
 

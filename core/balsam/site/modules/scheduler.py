@@ -124,6 +124,14 @@ def _tags_match(batch_job_tags: dict, site_tags: dict) -> bool:
     return all(batch_job_tags.get(k) == v for k, v in site_tags.items())
 
 
+#: The start of the ``waiting`` note of a BatchJob whose filter_tags lack the site's.
+_TAGS_WAITING = "waiting: filter_tags mismatch"
+
+
+def _show_tags(tags: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(tags.items())) + "}"
+
+
 class SchedulerModule(AgentModule):
     section = "scheduler"
     default_period = 10.0
@@ -260,8 +268,18 @@ class SchedulerModule(AgentModule):
         state = BatchJobState(batch_job["state"])
         scheduler_id = batch_job.get("scheduler_id")
         if state == BatchJobState.pending_submission:
-            if _tags_match(batch_job.get("filter_tags") or {}, self._site_filter_tags()):
+            job_tags, site_tags = batch_job.get("filter_tags") or {}, self._site_filter_tags()
+            if _tags_match(job_tags, site_tags):
                 self._submit(batch_job, queued_counts, update)
+            else:
+                # Not this agent's to submit (an agent of this site with other filter_tags may
+                # be): say so once, instead of leaving it pending with no reason. A note another
+                # agent of the site left about the same mismatch is not overwritten each cycle.
+                info = batch_job.get("status_info") or {}
+                if not str(info.get("waiting") or "").startswith(_TAGS_WAITING):
+                    update["status_info"] = {**info, "waiting": (
+                        f"{_TAGS_WAITING}: its filter_tags {_show_tags(job_tags)} do not include the site's "
+                        f"filter_tags {_show_tags(site_tags)}, so this site's agent does not submit it")}
             return
         if state == BatchJobState.pending_deletion:
             if scheduler_id is None:
