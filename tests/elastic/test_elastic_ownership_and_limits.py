@@ -183,6 +183,78 @@ def test_jobs_longer_than_any_batch_job_are_not_counted(make_site, client, caplo
     assert dict(module.last_decision.numbers)["runnable"] == 2, module.last_decision
 
 
+def test_serial_single_node_jobs_too_long_or_multi_rank_get_the_right_reasons(make_site, client, caplog) -> None:
+    """job_mode serial, every runnable job on 1 node, some too long: whether some also have several
+    ranks the aggregate cannot tell, so one more backlog request (serial_only without the wall
+    limit) settles which reasons to give."""
+    site = make_site()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, job_mode="serial"), client)
+    _runnable(client, site, 2, wall_time_min=600)
+    _runnable(client, site, 1)
+    module.run_cycle()
+    assert _errors(caplog) == []
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "runnable jobs its BatchJobs can never run: wall_time_min of 355 or more, and its BatchJobs last at most "
+        "355 min"]
+    assert dict(module.last_decision.numbers)["runnable"] == 1, module.last_decision
+    _runnable(client, site, 1, ranks_per_node=2, wall_time_min=600)
+    _runnable(client, site, 1, ranks_per_node=2)
+    module.run_cycle()
+    assert dict(module.last_decision.numbers)["runnable"] == 1, module.last_decision
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][-1] == (
+        "runnable jobs its BatchJobs can never run: more than 1 node or 1 rank per node (job_mode serial leases "
+        "only single-node single-rank jobs); wall_time_min of 355 or more, and its BatchJobs last at most 355 min")
+
+
+class CountingClient:
+    """The API client, recording each request's method and path."""
+
+    def __init__(self, client) -> None:
+        self._client, self.calls = client, []
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if name not in ("get", "post", "put", "patch", "delete"):
+            return attr
+
+        def call(path, *args, **kwargs):
+            self.calls.append((name.upper(), path))
+            return attr(path, *args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("job_mode, unfit", [("mpi", {"num_nodes": 2}), ("serial", {"ranks_per_node": 4})])
+def test_a_cycle_reads_with_the_same_requests_whatever_the_backlog_size(make_site, client, monkeypatch,
+                                                                         job_mode, unfit) -> None:
+    """Runnable jobs within and beyond the limits, and jobs running in its own BatchJob: the
+    cycle's reads are a fixed set of aggregate requests, for 10 jobs as for 300 (the module used to
+    list the runnable jobs page by page, and GET the running jobs of each BatchJob)."""
+    import balsam.site.api_util as api_util
+
+    monkeypatch.setattr(api_util, "MAX_PAGE_SIZE", 100)  # listing 300 jobs would take pages
+    reads = {}
+    for n in (10, 300):
+        site = make_site()
+        counting = CountingClient(client)
+        module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, job_mode=job_mode), counting)
+        fit = _runnable(client, site, n)
+        _runnable(client, site, n, **unfit)
+        module.run_cycle()  # its BatchJob: running, with 3 jobs in it
+        [made] = _batch_jobs(client, site)
+        client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "running", "scheduler_id": 4000 + n}])
+        client.patch("/jobs/", json=[{"id": j.id, "batch_job_id": made["id"], "state": "RUNNING"} for j in fit[:3]])
+        counting.calls.clear()
+        module.run_cycle()
+        numbers = dict(module.last_decision.numbers)
+        assert (numbers["runnable"], numbers["running_footprint"]) == (n - 3, 3), module.last_decision
+        reads[n] = [(m, p.replace(f"/sites/{site.site_id}/", "/sites/{id}/")) for m, p in counting.calls if m == "GET"]
+    assert reads[10] == reads[300]
+    # its BatchJobs; all runnable jobs; those that fit; those running in its BatchJobs
+    assert reads[10] == [("GET", "/batch-jobs/")] + [("GET", "/sites/{id}/backlog")] * 3, reads[10]
+
+
 def test_only_jobs_running_in_its_batch_jobs_are_its_running_footprint(make_site, client) -> None:
     """4 jobs run in a BatchJob of another queue: they hold none of this queue's nodes, yet they
     counted as running footprint (simple provisioned 4 idle blocks; backfill saw its own BatchJob busy)."""

@@ -3,8 +3,11 @@
 What an auto-scaler needs each cycle (the elastic queue: how many nodes the runnable and running
 jobs occupy, the smallest job it must fit) without listing the jobs: one ``GROUP BY state`` over
 the site's jobs in the asked states (the ``(site_id, state)`` index), optionally only those whose
-tags contain the given ones. A job's footprint is ``num_nodes / node_packing_count`` nodes: a job
-that packs 4 to a node occupies a quarter of one.
+tags contain the given ones, only those a launcher could lease (``max_nodes_per_job``,
+``serial_only``, ``max_wall_time_min``: the very conditions of a session acquire, see
+:func:`balsam.server.sessions_logic.candidates`), and only those of given BatchJobs
+(``batch_job_ids``: what runs in an auto-scaler's own BatchJobs). A job's footprint is
+``num_nodes / node_packing_count`` nodes: a job that packs 4 to a node occupies a quarter of one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sqlalchemy as sa
 
 from balsam.states import JobState
 
+from .db import id_in
 from .http import wire_datetime
 from .jobs_logic import json_contains
 from .tables import jobs
@@ -29,11 +33,18 @@ DEFAULT_BACKLOG_STATES = (JobState.preprocessed.value, JobState.restart_ready.va
 
 
 def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[str]] = None,
-                     tags: Optional[dict[str, str]] = None) -> dict[str, dict[str, Any]]:
+                     tags: Optional[dict[str, str]] = None, *, max_nodes_per_job: Optional[int] = None,
+                     serial_only: bool = False, max_wall_time_min: Optional[int] = None,
+                     batch_job_ids: Optional[list[int]] = None) -> dict[str, dict[str, Any]]:
     """``{state: {count, footprint, min_num_nodes, max_num_nodes, max_wall_time_min,
     oldest_last_update}}`` of the site's jobs in ``states`` (default :data:`DEFAULT_BACKLOG_STATES`)
     whose tags contain ``tags``. ``oldest_last_update`` is the earliest state change among them (how
-    long the longest-waiting runnable job has waited). States without jobs are absent."""
+    long the longest-waiting runnable job has waited). States without jobs are absent.
+
+    Only jobs a launcher acquiring with the same ``max_nodes_per_job``, ``serial_only`` and
+    ``max_wall_time_min`` could lease are counted, with the acquire's conditions (``num_nodes <=``,
+    ``num_nodes == 1 and ranks_per_node == 1``, ``wall_time_min <=``: a job of ``wall_time_min`` 0,
+    the default, fits any); with ``batch_job_ids`` (None: no filter), only jobs of those BatchJobs."""
     wanted = list(states or DEFAULT_BACKLOG_STATES)
     footprint = sa.cast(jobs.c.num_nodes, sa.Float) / jobs.c.node_packing_count  # the server keeps it >= 1
     stmt = (
@@ -44,6 +55,15 @@ def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[st
     )
     if tags:
         stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
+    # The acquire's filters, written as sessions_logic.candidates writes them.
+    if max_wall_time_min is not None:
+        stmt = stmt.where(jobs.c.wall_time_min <= max_wall_time_min)
+    if max_nodes_per_job is not None:
+        stmt = stmt.where(jobs.c.num_nodes <= max_nodes_per_job)
+    if serial_only:
+        stmt = stmt.where(jobs.c.num_nodes == 1, jobs.c.ranks_per_node == 1)
+    if batch_job_ids is not None:
+        stmt = stmt.where(id_in(jobs.c.batch_job_id, batch_job_ids, conn.dialect.name))
     out: dict[str, dict[str, Any]] = {}
     for state, count, total, smallest, largest, longest, oldest in conn.execute(stmt):
         out[state] = {"count": int(count), "footprint": float(total or 0.0), "min_num_nodes": int(smallest),

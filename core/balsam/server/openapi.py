@@ -359,7 +359,11 @@ QUERIES: dict[str, dict[str, Any]] = {
                    "start_time_before": Q_DATETIME, "start_time_after": Q_DATETIME, "end_time_before": Q_DATETIME,
                    "end_time_after": Q_DATETIME, "filter_tags": Q_KEY_VALUE},
     "backlog": {"state": array(_ref("JobState"), len(JobState)),
-                "tags": array(text(MAX_BACKLOG_TAG_CHARS, pattern="^[^\\x00:]+:[^\\x00]*$"), MAX_BACKLOG_TAGS)},
+                "tags": array(text(MAX_BACKLOG_TAG_CHARS, pattern="^[^\\x00:]+:[^\\x00]*$"), MAX_BACKLOG_TAGS),
+                # What a launcher acquiring with the same limits could lease (the acquire's rules),
+                # and the jobs of given BatchJobs (an auto-scaler's own: its running footprint).
+                "max_nodes_per_job": int32(1), "serial_only": {"type": "boolean"}, "max_wall_time_min": int32(0),
+                "batch_job_id": Q_INT_LIST},
     "sessions": {"id": Q_INT_LIST},
     "transfers": {"id": Q_INT_LIST, "site_id": Q_INT_LIST, "job_id": Q_INT_LIST,
                   "state": array(_ref("TransferItemState"), len(TransferItemState)),

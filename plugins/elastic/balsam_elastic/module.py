@@ -5,10 +5,12 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
 - this site's BatchJobs in ``submit_queue`` whose ``filter_tags`` contain the site's (one GET);
 - the backlog in numbers, ``GET /sites/{id}/backlog`` with the site's ``filter_tags`` (one aggregate
   query on the server, whatever the number of jobs). Only jobs its BatchJobs could lease count as
-  runnable (see :func:`fits`): when the aggregate cannot tell (``job_mode:
-  serial``, or runnable jobs both within and beyond a limit), the runnable jobs are listed and
-  checked one by one, since the backlog route has no filter for what a launcher leases;
-- the jobs running in those BatchJobs (one ``GET /jobs/?batch_job_id=`` per queued or running one);
+  runnable (see :meth:`ElasticQueueModule.job_limits`): when the runnable jobs are not all within
+  the limits (and always under ``job_mode: serial``), a second request with the route's lease
+  filters (``max_nodes_per_job``, ``serial_only``, ``max_wall_time_min``: the acquire's own
+  conditions) counts those that are, and rarely a third says why the others are not;
+- the jobs running in those BatchJobs: one more backlog request, ``state=RUNNING&batch_job_id=…``
+  with the ids of its queued and running BatchJobs (:data:`MAX_IDS_PER_REQUEST` a request);
 - from the site's scheduler driver (``settings.yml`` ``scheduler:`` name and options): one status poll
   (how long each queued BatchJob has waited) and, for strategies that use them, the backfill windows
   of ``submit_queue`` (plus those a driver reports for any queue, key ``*``, as PBS does for nodes
@@ -47,6 +49,10 @@ ANY_QUEUE = "*"
 READ_STATES = [s.value for s in (BatchJobState.pending_submission, BatchJobState.queued, BatchJobState.running,
                                  BatchJobState.pending_deletion)]
 RUNNABLE = (JobState.preprocessed.value, JobState.restart_ready.value)
+RUNNING = JobState.running.value
+#: Most BatchJob ids in one backlog request (the API document's bound of a list filter, which keeps
+#: the URL short): more ids take more requests, a handful at most, whatever the number of jobs.
+MAX_IDS_PER_REQUEST = 32
 #: status_info key stamped on every BatchJob the module creates: the strategy's name, or
 #: REGULAR_QUEUE for one submitted to wait in the regular queue (never cancelled as stale).
 REQUEST_KIND, REGULAR_QUEUE = "elastic_request", "regular_queue"
@@ -133,72 +139,106 @@ class ElasticQueueModule(AgentModule):
                                 self.options.submit_queue)
 
     def job_limits(self) -> tuple[Optional[int], bool, Optional[int]]:
-        """What a launcher in one of its BatchJobs leases, see :func:`fits`: (most nodes of a job,
-        serial-only, its longest BatchJob in minutes); None where there is no limit."""
+        """What a launcher in one of its BatchJobs leases: (most nodes of a job, serial-only, its
+        longest BatchJob in minutes); None where there is no limit. A job fits when it is not wider
+        than the submit queue allows, single-node and single-rank under job_mode serial (the serial
+        launcher's ``serial_only`` lease), and shorter than its longest BatchJob (a launcher leases
+        only jobs of ``wall_time_min`` <= its whole minutes left, which are fewer than the
+        BatchJob's wall time once it runs). :meth:`lease_filters` asks the server for those."""
         serial = self.options.job_mode == "serial"
         max_nodes = 1 if serial else self.queue_limit("max_nodes")
         walls = [w for w in (self.strategy.longest_request_min(), self.queue_limit("max_walltime")) if w is not None]
         return max_nodes, serial, min(walls) if walls else None
 
-    def unfit_reason(self, unfit: list[Mapping], limits: tuple[Optional[int], bool, Optional[int]]) -> str:
-        """Why the ``unfit`` jobs cannot run in its BatchJobs, in words without counts (the same
-        words each cycle, so each distinct reason is reported once)."""
+    def lease_filters(self, limits: tuple[Optional[int], bool, Optional[int]]) -> Optional[dict[str, Any]]:
+        """The backlog route's parameters that keep the jobs a launcher in one of its BatchJobs could
+        lease (``limits`` of :meth:`job_limits`); None when no job could be (a limit below 1)."""
         max_nodes, serial, max_wall = limits
+        params: dict[str, Any] = {}
+        if serial:
+            params["serial_only"] = "true"  # 1 node and 1 rank per node, as the serial launcher acquires
+        elif max_nodes is not None:
+            if max_nodes < 1:
+                return None
+            params["max_nodes_per_job"] = max_nodes
+        if max_wall is not None:
+            # Shorter than its longest BatchJob: the route keeps wall_time_min <= the value.
+            if max_wall < 1:
+                return None
+            params["max_wall_time_min"] = max_wall - 1
+        return params
+
+    def unfit_reason(self, everything: list[Mapping], params: dict[str, Any],
+                     limits: tuple[Optional[int], bool, Optional[int]]) -> str:
+        """Why some runnable jobs cannot run in its BatchJobs, in words without counts (the same
+        words each cycle, so each distinct reason is reported once). ``everything``: the runnable
+        jobs' aggregate rows (``params``: the request that read them), of which some do not fit."""
+        max_nodes, serial, max_wall = limits
+        widest = max(int(r["max_num_nodes"]) for r in everything)
+        too_long = max_wall is not None and max(int(r.get("max_wall_time_min") or 0) for r in everything) >= max_wall
         why = []
-        if serial and any(int(j["num_nodes"]) != 1 or int(j.get("ranks_per_node") or 1) != 1 for j in unfit):
-            why.append("more than 1 node or 1 rank per node (job_mode serial leases only single-node single-rank jobs)")
-        elif not serial and max_nodes is not None and any(int(j["num_nodes"]) > max_nodes for j in unfit):
+        if serial:
+            # A job that does not fit and is not too long has more than 1 node or rank. With single-node
+            # jobs only, some of them too long, the aggregate cannot tell: one more request does.
+            not_serial = widest > 1 or not too_long
+            if not not_serial:
+                serial_shaped = self._read_backlog_rows({**params, "serial_only": "true"})
+                not_serial = _count(serial_shaped) < _count(everything)
+            if not_serial:
+                why.append("more than 1 node or 1 rank per node "
+                           "(job_mode serial leases only single-node single-rank jobs)")
+        elif max_nodes is not None and widest > max_nodes:
             why.append(f"more nodes than queue {self.options.submit_queue!r}'s max_nodes {max_nodes} "
                        f"(settings.yml scheduler.allowed_queues)")
-        if max_wall is not None and any(int(j.get("wall_time_min") or 0) >= max_wall for j in unfit):
+        if too_long:
             why.append(f"wall_time_min of {max_wall} or more, and its BatchJobs last at most {max_wall} min")
         return "; ".join(why)
 
+    def _read_backlog(self, params: dict[str, Any]) -> dict[str, dict]:
+        """``GET /sites/{id}/backlog`` with ``params``: ``{state: numbers}`` (one aggregate query)."""
+        return (self.client.get(f"/sites/{self.site_id}/backlog", params=params) or {}).get("states") or {}
+
+    def _read_backlog_rows(self, params: dict[str, Any]) -> list[dict]:
+        states = self._read_backlog(params)
+        return [states[s] for s in RUNNABLE if s in states]
+
     def read_backlog(self) -> Backlog:
         """The runnable jobs its BatchJobs could lease, in numbers (``running_*`` are filled by
-        :meth:`snapshot`, from its BatchJobs)."""
+        :meth:`snapshot`, from its BatchJobs): one aggregate request when all runnable jobs fit,
+        two when some do not (and under job_mode serial), three in one case (see :meth:`unfit_reason`)."""
         params: dict[str, Any] = {"state": list(RUNNABLE)}
         if self.filter_tags():
             params["tags"] = self._tag_params()
-        states = (self.client.get(f"/sites/{self.site_id}/backlog", params=params) or {}).get("states") or {}
-        runnable = [states[s] for s in RUNNABLE if s in states]
-        if not runnable:
+        everything = self._read_backlog_rows(params)
+        if not everything:
             return Backlog()
         limits = max_nodes, serial, max_wall = self.job_limits()
-        widest = max(int(r["max_num_nodes"]) for r in runnable)
-        longest = max(int(r.get("max_wall_time_min") or 0) for r in runnable)
+        widest = max(int(r["max_num_nodes"]) for r in everything)
+        longest = max(int(r.get("max_wall_time_min") or 0) for r in everything)
         if not serial and (max_nodes is None or widest <= max_nodes) and (max_wall is None or longest < max_wall):
-            oldest = min((parse_datetime(r["oldest_last_update"]) for r in runnable if r.get("oldest_last_update")),
-                         default=None)
-            return Backlog(
-                runnable_count=sum(int(r["count"]) for r in runnable),
-                runnable_footprint=sum(float(r["footprint"]) for r in runnable),
-                min_runnable_nodes=min(int(r["min_num_nodes"]) for r in runnable),
-                max_runnable_nodes=widest,
-                oldest_runnable_wait_min=_minutes_since(oldest),
-            )
-        # Some runnable jobs are beyond a limit: which ones, the aggregate cannot say. List them
-        # (only when needed: the route has no filter for what a launcher leases).
-        jobs = list_all(self.client, "/jobs/", {"site_id": self.site_id, **params})
-        fit = [j for j in jobs if fits(j, *limits)]
-        unfit = [j for j in jobs if not fits(j, *limits)]
-        oldest = min((parse_datetime(j["last_update"]) for j in fit if j.get("last_update")), default=None)
-        return Backlog(
-            runnable_count=len(fit),
-            runnable_footprint=sum(_footprint(j) for j in fit),
-            min_runnable_nodes=min((int(j["num_nodes"]) for j in fit), default=0),
-            max_runnable_nodes=max((int(j["num_nodes"]) for j in fit), default=0),
-            oldest_runnable_wait_min=_minutes_since(oldest),
-            unfit_count=len(unfit),
-            unfit_reason=self.unfit_reason(unfit, limits),
-        )
+            return _runnable_backlog(everything)
+        # Some runnable jobs may be beyond a limit: the route counts those within (the acquire's filters).
+        filters = self.lease_filters(limits)
+        fit = self._read_backlog_rows({**params, **filters}) if filters is not None else []
+        backlog = _runnable_backlog(fit)
+        unfit_count = _count(everything) - backlog.runnable_count
+        reason = self.unfit_reason(everything, params, limits) if unfit_count > 0 else ""
+        if not reason:  # all fit (jobs may also have changed between the two requests)
+            return backlog
+        return attrs.evolve(backlog, unfit_count=unfit_count, unfit_reason=reason)
 
     def read_running(self, rows: list[dict]) -> tuple[int, float]:
-        """(count, node footprint) of the jobs running in ``rows``' BatchJobs: only those hold nodes
-        of its reservation (jobs running in other queues' BatchJobs do not)."""
-        running = [j for r in rows if r["state"] in LAUNCHED_STATES
-                   for j in list_all(self.client, "/jobs/", {"batch_job_id": r["id"], "state": JobState.running.value})]
-        return len(running), sum(_footprint(j) for j in running)
+        """(count, node footprint) of the jobs running in ``rows``' queued and running BatchJobs: only
+        those hold nodes of its reservation (jobs running in other queues' BatchJobs do not). One
+        backlog request per :data:`MAX_IDS_PER_REQUEST` BatchJobs, none without such a BatchJob."""
+        ids = sorted(int(r["id"]) for r in rows if r["state"] in LAUNCHED_STATES)
+        count, footprint = 0, 0.0
+        for start in range(0, len(ids), MAX_IDS_PER_REQUEST):
+            running = self._read_backlog({"state": RUNNING, "batch_job_id": ids[start:start + MAX_IDS_PER_REQUEST]})
+            if RUNNING in running:
+                count += int(running[RUNNING]["count"])
+                footprint += float(running[RUNNING]["footprint"])
+        return count, footprint
 
     def read_batch_jobs(self) -> list[dict]:
         params: dict[str, Any] = {"site_id": self.site_id, "queue": self.options.submit_queue, "state": READ_STATES}
@@ -325,21 +365,22 @@ class ElasticQueueModule(AgentModule):
         return f"{self.name} (strategy {self.strategy.name}, every {self.period:g} s)"
 
 
-def fits(job: Mapping, max_nodes: Optional[int], serial: bool, max_wall: Optional[int]) -> bool:
-    """Whether a launcher of one of its BatchJobs could lease ``job`` (limits of
-    :meth:`ElasticQueueModule.job_limits`): not wider than the submit queue allows; single-node and
-    single-rank under job_mode serial (the serial launcher's ``serial_only`` lease); shorter than its
-    longest BatchJob (a launcher leases only jobs of ``wall_time_min`` <= its whole minutes left,
-    which are fewer than the BatchJob's wall time once it runs)."""
-    nodes = int(job["num_nodes"])
-    return ((max_nodes is None or nodes <= max_nodes)
-            and (not serial or (nodes == 1 and int(job.get("ranks_per_node") or 1) == 1))
-            and (max_wall is None or int(job.get("wall_time_min") or 0) < max_wall))
+def _count(rows: list[Mapping]) -> int:
+    return sum(int(r["count"]) for r in rows)
 
 
-def _footprint(job: Mapping) -> float:
-    """Nodes a job occupies: ``num_nodes / node_packing_count`` (the backlog route's footprint)."""
-    return int(job["num_nodes"]) / max(1, int(job.get("node_packing_count") or 1))
+def _runnable_backlog(rows: list[Mapping]) -> Backlog:
+    """The runnable numbers of a backlog answer's runnable states' rows."""
+    if not rows:
+        return Backlog()
+    oldest = min((parse_datetime(r["oldest_last_update"]) for r in rows if r.get("oldest_last_update")), default=None)
+    return Backlog(
+        runnable_count=_count(rows),
+        runnable_footprint=sum(float(r["footprint"]) for r in rows),
+        min_runnable_nodes=min(int(r["min_num_nodes"]) for r in rows),
+        max_runnable_nodes=max(int(r["max_num_nodes"]) for r in rows),
+        oldest_runnable_wait_min=_minutes_since(oldest),
+    )
 
 
 def _minutes_since(when: Any) -> float:

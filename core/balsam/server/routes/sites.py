@@ -158,9 +158,11 @@ def delete_site(ctx: Ctx) -> Response:
 
 
 def site_backlog(ctx: Ctx) -> Response:
-    """The site's jobs in numbers per state (see balsam.server.backlog): what auto-scalers read."""
+    """The site's jobs in numbers per state (see balsam.server.backlog): what auto-scalers read.
+    ``max_nodes_per_job``, ``serial_only`` and ``max_wall_time_min`` keep the jobs a launcher
+    acquiring with them could lease; ``batch_job_id`` (repeated) those of the given BatchJobs."""
     site_id = ctx.path_int("site_id")
-    q = ctx.query({"state", "tags"})
+    q = ctx.query({"state", "tags", "max_nodes_per_job", "serial_only", "max_wall_time_min", "batch_job_id"})
     states = q.enum_list("state", JobState)
     raw_tags = q.params.getlist("tags")
     if len(raw_tags) > MAX_BACKLOG_TAGS:
@@ -168,9 +170,15 @@ def site_backlog(ctx: Ctx) -> Response:
     if any(len(raw) > MAX_BACKLOG_TAG_CHARS for raw in raw_tags):
         raise ValidationFailed.field(["query", "tags"], f"a tag filter longer than {MAX_BACKLOG_TAG_CHARS} characters")
     tags = q.key_values("tags")
+    max_nodes_per_job = q.int("max_nodes_per_job", minimum=1)
+    serial_only = bool(q.bool("serial_only"))
+    max_wall_time_min = q.int("max_wall_time_min", minimum=0)
+    batch_job_ids = q.int_list("batch_job_id")
     with ctx.read() as conn:
         get_owned_site(conn, ctx.user.id, site_id)
-        by_state = backlog_by_state(conn, site_id, states, tags)
+        by_state = backlog_by_state(conn, site_id, states, tags, max_nodes_per_job=max_nodes_per_job,
+                                    serial_only=serial_only, max_wall_time_min=max_wall_time_min,
+                                    batch_job_ids=batch_job_ids)
     return json_response({"site_id": site_id, "states": by_state})
 
 
