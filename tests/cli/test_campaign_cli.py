@@ -90,6 +90,21 @@ def test_analytics_tables_and_figures(campaign: dict, tmp_path: Path) -> None:
     assert out.exit_code == 0 and "No job reached RESTART_READY yet" in out.output, out.output
 
 
+def test_analytics_table_edges_end_at_the_last_event_and_short_spans_show_milliseconds() -> None:
+    """The division of the span rounded to microseconds: the last edge fell 1 us short and the jobs
+    of the last bulk update (one timestamp) were missing from the cumulative table."""
+    import datetime as dt
+
+    from balsam.cli.analytics import _edges, _fmt
+
+    start = dt.datetime(2026, 12, 4, 0, 31, 42, 123457)
+    end = start + dt.timedelta(microseconds=747273)
+    for rows in (2, 3, 4, 7):
+        edges = _edges(start, end, rows)
+        assert len(edges) == rows + 1 and edges[0] == start and edges[-1] == end and edges == sorted(edges)
+    assert _fmt(end, end - start) == "2026-12-04 00:31:42.870" and _fmt(end) == "2026-12-04 00:31:42"
+
+
 def test_analytics_wrong_state_is_a_usage_error() -> None:
     # It reached the server and exited 1 with its HTTP 422 text.
     out = balsam("analytics", "throughput", "--to-state", "BOGUS")

@@ -76,6 +76,21 @@ def apps(site):
 
 
 # ----------------------------------------------------------------------------------------- login / register
+def test_login_with_the_local_servers_socket_stored_says_what_to_do(tmp_path, monkeypatch):
+    """After `balsam server start` the client file holds the unix:// socket: `balsam login` said
+    "not an http(s) URL" (exit 2) before it could say that this login comes from the server."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("BALSAM_HOME", str(home))
+    monkeypatch.delenv("BALSAM_CLIENT_PATH", raising=False)
+    (home / "client.yml").write_text(f"api_root: unix://{tmp_path}/run/balsam.sock\nusername: me\ntoken: t\n")
+    for args in ((), ("--force",)):
+        out = balsam("login", *args)
+        assert out.exit_code == 1, out.output
+        assert "the local server's login comes from `balsam server login`" in out.output
+        assert "balsam login -u URL" in out.output and "not an http(s) URL" not in out.output
+
+
 def test_register_and_login_store_the_token_with_mode_0600(live_server, tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("BALSAM_HOME", str(home))
@@ -162,6 +177,28 @@ def test_job_create_checks_and_creates(apps, site):
 
     (job,) = Job.objects.all()
     assert job.get_parameters() == {"name": "world"} and job.tags == {"exp": "1"} and job.wall_time_min == 1
+
+
+def test_job_modify_re_runs_what_from_state_selects_and_leaves_waiting_children(apps, site):
+    """`job modify -t TAG -s RESTART_READY` also took the tag's AWAITING_PARENTS children, which
+    then ran before their (failed) parents; --from-state selects by the current state."""
+    from balsam.api import Job
+
+    Hello, _ = apps
+    parent = Hello.submit(workdir="p/0", name="p", tags={"exp": "1"})
+    child = Hello.submit(workdir="p/1", name="c", tags={"exp": "1"}, parent_ids=[parent.id])
+    done = Hello.submit(workdir="p/2", name="d", tags={"exp": "1"})
+    Job.objects.filter(id=[parent.id]).update(state="FAILED")
+    out = balsam("job", "modify", "-t", "exp=1", "--from-state", "FAILED", "-s", "RESTART_READY", "-y", "--site", "all")
+    assert out.exit_code == 0 and "Set 1 job(s) to RESTART_READY" in out.output, out.output
+    states = {j.id: j.state.value for j in Job.objects.filter(id=[parent.id, child.id, done.id])}
+    assert states == {parent.id: "RESTART_READY", child.id: "AWAITING_PARENTS", done.id: "STAGED_IN"}
+    out = balsam("job", "modify", "-t", "exp=1", "-s", "RESTART_READY", "-y", "--site", "all")
+    assert out.exit_code == 0, out.output
+    assert "Left 1 job(s) waiting for their parents" in out.output and "Set 1 job(s) to RESTART_READY" in out.output
+    assert Job.objects.get(id=child.id).state.value == "AWAITING_PARENTS"
+    out = balsam("job", "modify", "--id", str(child.id), "-s", "RESTART_READY", "-y", "--site", "all")
+    assert out.exit_code == 0 and Job.objects.get(id=child.id).state.value == "RESTART_READY", out.output
 
 
 def test_job_ls_modify_rm(apps, site):

@@ -32,10 +32,16 @@ def _event_filters(site_selector: str, tags: tuple[str, ...]) -> dict[str, Any]:
 
 def _edges(start: dt.datetime, end: dt.datetime, rows: int) -> list[dt.datetime]:
     step = (end - start) / rows
-    return [start + step * i for i in range(rows + 1)]
+    # The last edge is ``end`` itself: the division rounds to microseconds, and an edge 1 us short
+    # left the jobs of the last bulk update (one timestamp) out of the cumulative table.
+    return [start + step * i for i in range(rows)] + [end]
 
 
-def _fmt(when: dt.datetime) -> str:
+def _fmt(when: dt.datetime, span: "dt.timedelta | None" = None) -> str:
+    """A time of a table; to the millisecond when the table spans under a minute (its rows would
+    all read the same second)."""
+    if span is not None and span < dt.timedelta(minutes=1):
+        return when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     return when.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -91,7 +97,7 @@ def throughput(site_selector: str, tags: tuple, to_state: str, rows: int, plot_p
         before = step_at(times, counts, lo) if lo > start else 0
         total = step_at(times, counts, hi)
         minutes = (hi - lo).total_seconds() / 60
-        table.append([_fmt(hi), total - before, total, f"{(total - before) / minutes:.1f}" if minutes > 0 else ""])
+        table.append([_fmt(hi, end - start), total - before, total, f"{(total - before) / minutes:.1f}" if minutes > 0 else ""])
     click.echo(format_table(["Until", "In interval", "Total", "Per minute"], table, right={1, 2, 3}))
     span = (end - start).total_seconds()
     # N arrivals span N - 1 intervals; under a second, a rate says nothing.
@@ -137,7 +143,7 @@ def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, pl
     for lo, hi in zip(edges, edges[1:]):
         busy, held = time_average(busy_t, busy_y, lo, hi), time_average(avail_t, avail_y, lo, hi)
         share = f"{100 * busy / held:.0f}%" if held > 0 and not count_jobs else ""
-        table.append([_fmt(hi), f"{busy:.1f}", f"{held:.1f}", share])
+        table.append([_fmt(hi, end - start), f"{busy:.1f}", f"{held:.1f}", share])
     click.echo(format_table(["Until", f"Busy {unit} (mean)", "Nodes held (mean)", "Utilization"], table, right={1, 2, 3}))
     peak = max(busy_y) if busy_y else 0
     click.echo(f"Peak: {peak:g} {unit} busy; {_fmt(start)} to {_fmt(end)}")

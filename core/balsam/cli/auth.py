@@ -158,12 +158,19 @@ def login(url: Optional[str], force: bool, username: Optional[str], password_std
     from balsam.client import APIError, AuthenticationError, ClientSettings, RESTClient, TransportRefused, client_path
 
     stored = _stored_settings()
-    api_root = normalize_url(url or (stored.api_root if stored else DEFAULT_URL))
+    target = url or (stored.api_root if stored else DEFAULT_URL)
+    if target.startswith("unix://"):
+        # The embedded server's socket (what `balsam server start` stores): no password there.
+        if not force and stored is not None and url is None and _login_works(stored):
+            click.echo("You already have a good login stored, to the local server. (Use `balsam login -u URL` "
+                       "for another server.)")
+            return
+        raise click.ClickException("the local server's login comes from `balsam server login` (it needs no "
+                                   "password); for another server, `balsam login -u URL`")
+    api_root = normalize_url(target)
     if not force and stored is not None and stored.api_root.rstrip("/") == api_root and _login_works(stored):
         click.echo("You already have a good login stored. (Use --force to log in again.)")
         return
-    if api_root.startswith("unix://"):
-        raise click.ClickException("the local server's login comes from `balsam server login`")
 
     certificate = _server_certificate(api_root, stored, fingerprint, interactive=not password_stdin)
     client = RESTClient(api_root, retry_count=2, server_certificate=certificate, allow_insecure_http=insecure_http)

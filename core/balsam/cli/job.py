@@ -311,17 +311,28 @@ def _state_name(value: Any) -> str:
 @click.option("-i", "--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
 @click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
 @click.option("-s", "--state", required=True, type=_state_type(), help="New state (e.g. RESTART_READY to re-run)")
+@click.option("-f", "--from-state", default=None, type=_state_type(),
+              help="Only jobs now in this state (e.g. FAILED: re-run the failed ones)")
 @site_option
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
-def modify(ids: tuple, tags: tuple, state: str, site_selector: str, yes: bool) -> None:
+def modify(ids: tuple, tags: tuple, state: str, from_state: Optional[str], site_selector: str, yes: bool) -> None:
     """Change the state of jobs: RESTART_READY re-runs them, FAILED gives up on them."""
     from balsam.api import Job
 
     if not ids and not tags:
         raise click.UsageError("select jobs with --id and/or --tag")
-    filters = _job_filters(ids, tags, None, None, site_selector)
+    filters = _job_filters(ids, tags, from_state, None, site_selector)
     query = Job.objects.filter(**filters)
     jobs = [j for j in query if j.state is None or j.state.value != state.upper()]
+    waiting = []
+    if state.upper() == "RESTART_READY" and not ids and (from_state or "").upper() != "AWAITING_PARENTS":
+        # A tag selects a workflow's children too: re-running them would run them before their
+        # parents (a failed parent keeps them waiting). Named by --id or --from-state, they move.
+        waiting = [j for j in jobs if _state_name(j.state) == "AWAITING_PARENTS"]
+        jobs = [j for j in jobs if _state_name(j.state) != "AWAITING_PARENTS"]
+    if waiting:
+        click.echo(f"Left {len(waiting)} job(s) waiting for their parents (--from-state AWAITING_PARENTS, or "
+                   "--id, moves them anyway)")
     if not jobs:
         click.echo("No job needs changing.")
         return
