@@ -321,3 +321,22 @@ def test_settings_errors_name_the_key_on_its_line(tmp_path, section, line, messa
         load_settings(path)
     assert f"settings.yml:{line} {message}" in str(caught.value), str(caught.value)
     assert "strategy_options: elastic_queue." not in str(caught.value)
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("scheduler: {}\nelastic_queue:\n  submit_queue: debug\n", 3,
+     "elastic_queue.submit_queue: queue 'debug' is not in the scheduler section's allowed_queues (local)"),
+    ("scheduler:\n  allowed_projects: [m1]\nelastic_queue:\n  submit_project: m2\n", 4,
+     "elastic_queue.submit_project: project 'm2' is not in the scheduler section's allowed_projects (m1)"),
+])
+def test_a_queue_or_project_the_scheduler_section_refuses_is_a_settings_error(tmp_path, text, line, message) -> None:
+    """It was found by the agent at run time only: every BatchJob of the module failed."""
+    from balsam.config.settings import SettingsError, load_settings
+
+    path = tmp_path / "settings.yml"
+    path.write_text(text)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path)
+    assert f"settings.yml:{line} {message}" in str(caught.value), str(caught.value)
+    path.write_text("scheduler: {}\nelastic_queue: {}\n")  # the defaults fit the default scheduler section
+    assert load_settings(path).sections["elastic_queue"].submit_queue == "local"

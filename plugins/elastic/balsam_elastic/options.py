@@ -96,6 +96,25 @@ class ElasticQueueOptions:
         return problems
 
 
+    def validate_with(self, sections: dict[str, Any]) -> dict[str, str]:
+        """The ``scheduler`` section's queues and projects (read when settings.yml is loaded): a
+        queue or project the site refuses makes every BatchJob of this module fail. Nodes and wall
+        time are fitted to the queue's limits each cycle instead (docs/elastic.md)."""
+        scheduler = sections.get("scheduler")
+        if scheduler is None:
+            return {}
+        problems: dict[str, str] = {}
+        queues = dict(getattr(scheduler, "allowed_queues", None) or {})
+        if self.submit_queue not in queues:
+            problems["submit_queue"] = (f"queue {self.submit_queue!r} is not in the scheduler section's allowed_queues "
+                                        f"({', '.join(sorted(queues)) or 'none'})")
+        projects = list(getattr(scheduler, "allowed_projects", None) or [])
+        if projects and self.submit_project not in projects:
+            problems["submit_project"] = (f"project {self.submit_project!r} is not in the scheduler section's "
+                                          f"allowed_projects ({', '.join(projects)})")
+        return problems
+
+
 def check_option_types(schema: type, values: Any) -> dict[str, str]:
     """``{key: problem}`` for keys unknown to ``schema`` and values of the wrong plain type
     (int, float, str, bool), so a typo in ``strategy_options`` is never silently ignored."""
