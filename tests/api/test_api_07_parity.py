@@ -219,3 +219,28 @@ def test_chunked_list_filter_keeps_the_default_order(site, monkeypatch):
     monkeypatch.setattr(Query, "filter_chunk_size", 2)  # stands for 500: two requests
     assert [(e.id, e.job_id) for e in EventLog.objects.filter(job_id=ids)] == whole
     assert EventLog.objects.filter(job_id=ids).first().job_id == jobs[0].id
+
+
+def test_serializing_an_app_keeps_an_app_id_another_thread_set_meanwhile(monkeypatch) -> None:
+    """Serializing takes the client's state off the class for the dump and puts it back: an id set
+    meanwhile by another thread's sync() (the app was made again) was overwritten with the old one."""
+    from balsam._api import codec
+    from balsam._api.app import ApplicationDefinition, _serialize_class
+
+    class Racy(ApplicationDefinition):
+        site = 1
+        command_template = "true"
+
+    Racy.__app_id__ = 1
+    real = codec._dill()
+
+    class SyncDuringDump:
+        @staticmethod
+        def dumps(obj, **kw):
+            assert "__app_id__" not in Racy.__dict__  # off the payload
+            Racy.__app_id__ = 2  # another thread's sync() lands now
+            return real.dumps(obj, **kw)
+
+    monkeypatch.setattr(codec, "_dill", lambda: SyncDuringDump)
+    _serialize_class(Racy)
+    assert Racy.__app_id__ == 2 and codec.app_id_of(Racy) == 2

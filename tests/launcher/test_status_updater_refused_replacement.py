@@ -64,3 +64,48 @@ def test_a_422_naming_items_by_place_costs_one_call_per_invalid_item() -> None:
     assert updater.sent == 997
     # Each refused item carries its own error, as if it had been sent alone.
     assert {reason for _, reason in updater.dropped} == {"PATCH http://api/jobs/ failed with HTTP 422: 0.num_nodes: must be >= 1, got 0"}
+
+
+def test_a_job_refused_again_later_gets_a_replacement_again() -> None:
+    """The replacement was once per job id for the updater's life (the agent's): a re-run job whose
+    hook left a bad value again stayed leased, never processed again."""
+    def send(chunk: list[dict[str, Any]]) -> None:
+        if any(u.get("bad") for u in chunk):
+            raise _Refused("bad value")
+
+    replaced: list[str] = []
+
+    def on_refused(update: dict[str, Any], error: BaseException) -> dict[str, Any]:
+        replaced.append(update["state"])
+        return {"id": update["id"], "state": "FAILED"}
+
+    updater = BulkStatusUpdater(send=send, max_wait_sec=0.01, on_refused=on_refused)
+    updater.put_update({"id": 7, "state": "PREPROCESSED", "bad": True})
+    assert updater.flush(10)
+    updater.put_update({"id": 7, "state": "POSTPROCESSED", "bad": True})  # the re-run's hook
+    assert updater.flush(10)
+    updater.close()
+    assert replaced == ["PREPROCESSED", "POSTPROCESSED"]
+
+
+def test_every_try_of_one_patch_carries_the_same_idempotency_key(monkeypatch) -> None:
+    """A try the server applied whose answer was lost, sent again under a new key, was applied again."""
+    from balsam.client.rest import RESTClient
+
+    keys: list[Any] = []
+
+    class LostAnswer(Exception):
+        pass
+
+    def patch(self, path, json=None, params=None, **kw):  # noqa: A002 - the client's own signature
+        keys.append(kw.get("idempotency_key"))
+        if len(keys) == 1:
+            raise LostAnswer("read timeout")  # not a refusal: the updater retries
+
+    monkeypatch.setattr(RESTClient, "patch", patch)
+    client = RESTClient("http://127.0.0.1:9")
+    updater = BulkStatusUpdater(client, max_wait_sec=0.01)
+    updater.put_update({"id": 1, "state": "RUNNING"})
+    assert updater.flush(10)
+    updater.close()
+    assert len(keys) == 2 and keys[0] and keys[0] == keys[1]

@@ -421,8 +421,9 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
 
         Keyword arguments that are not Job fields become the app's parameters.
         """
-        if cls.__app_id__ is None:
+        if codec.app_id_of(cls) is None:
             cls.sync()
+        app_id = codec.app_id_of(cls)
         unknown = sorted(set(app_params) - set(cls.parameters))
         if unknown and not cls._accepts_any_params:
             if cls._app_type == AppType.PY_FUNC:
@@ -438,7 +439,7 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
                                "stored with the job, not rendered", cls.__name__, unknown, sorted(cls.parameters))
         JobModel = cls._client.Job if cls._client is not None else _job_model()
         job = JobModel(
-            workdir=workdir, app_id=cls.__app_id__, tags=tags, data=data, return_code=return_code, num_nodes=num_nodes,
+            workdir=workdir, app_id=app_id, tags=tags, data=data, return_code=return_code, num_nodes=num_nodes,
             ranks_per_node=ranks_per_node, threads_per_rank=threads_per_rank, threads_per_core=threads_per_core,
             launch_params=launch_params, gpus_per_rank=gpus_per_rank, node_packing_count=node_packing_count,
             wall_time_min=wall_time_min, parent_ids=parent_ids, transfers=transfers, parameters=app_params,
@@ -623,13 +624,14 @@ def python_runner_command(app_cls: type[ApplicationDefinition], job: "Job") -> s
     ``<python_exe> -m balsam._api.python_runner <app_id> <n_app_chunks> <app chunks...> <job chunks...>``
     (chunks of 128,000 characters, shell-quoted) so no file needs to be shared with the node.
     """
-    if app_cls.__app_id__ is None:
+    app_id = codec.app_id_of(app_cls)
+    if app_id is None:
         raise ValueError(f"{app_cls.__name__} has no app id: load it from the API or sync() it")
     payload = app_cls._serialized_class or _serialize_class(app_cls)
     app_chunks = _chunk(payload, app_cls.ARG_CHUNK_SIZE)
     job_json = json.dumps(_job_json(job))
     job_chunks = _chunk(job_json, app_cls.ARG_CHUNK_SIZE)
-    args = [str(app_cls.__app_id__), str(len(app_chunks)), *app_chunks, *job_chunks]
+    args = [str(app_id), str(len(app_chunks)), *app_chunks, *job_chunks]
     return f"{shlex.quote(app_cls.python_exe)} -m {RUNNER_MODULE} " + " ".join(shlex.quote(a) for a in args)
 
 

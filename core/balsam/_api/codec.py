@@ -150,6 +150,13 @@ def deserialize_exception(payload: str) -> BaseException:
 _serialize_lock = threading.RLock()
 
 
+def app_id_of(cls: type) -> Optional[int]:
+    """``cls.__app_id__`` read between serializations: one in progress in another thread takes the
+    client's state off the class for a few milliseconds (below), when the id would read None."""
+    with _serialize_lock:
+        return getattr(cls, "__app_id__", None)
+
+
 def serialize_app_class(cls: type, *, root: Optional[type] = None, without: tuple[str, ...] = ()) -> str:
     """Serialize an ApplicationDefinition subclass by value (its code travels to the site).
 
@@ -177,7 +184,8 @@ def serialize_app_class(cls: type, *, root: Optional[type] = None, without: tupl
         finally:
             cls.__module__ = module
             for klass, name, value in removed:
-                setattr(klass, name, value)
+                if name not in klass.__dict__:  # another thread's sync() may have set a newer one meanwhile
+                    setattr(klass, name, value)
     envelope = {APP_ENVELOPE_KEY: 1, "python": PYTHON_VERSION, "name": cls.__name__, "class": inner}
     return _b64(pickle.dumps(envelope, protocol=4))
 

@@ -541,10 +541,11 @@ class Job(BalsamModel):
         if isinstance(app_id, int):
             return app_id
         if isinstance(app_id, type) and issubclass(app_id, ApplicationDefinition):
-            if app_id.__app_id__ is None:
+            if codec.app_id_of(app_id) is None:
                 app_id.sync()
-            assert app_id.__app_id__ is not None
-            return int(app_id.__app_id__)
+            resolved = codec.app_id_of(app_id)
+            assert resolved is not None
+            return int(resolved)
         if isinstance(app_id, App):
             if app_id.id is None:
                 raise ValueError("the App has no id: save it first")

@@ -17,6 +17,7 @@ import orjson
 from balsam.util import paused_gc
 from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
 
+from . import codec
 from .model import Row, to_aware_utc
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,7 +38,7 @@ def encode_filter_value(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, type) and hasattr(value, "__app_id__"):
-        return value.__app_id__
+        return codec.app_id_of(value)
     if hasattr(value, "_record") and hasattr(value, "id"):
         return value.id  # a model object stands for its id (site_id=site)
     return value

@@ -36,6 +36,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -193,6 +194,10 @@ class _GaveUp(Exception):
         self.cause = cause
 
 
+class _Replacement(dict):
+    """An update ``on_refused`` gave in place of a refused one (sent as any dict)."""
+
+
 class BulkStatusUpdater:
     """Collects job updates and PATCHes them to the API in batches.
 
@@ -224,8 +229,6 @@ class BulkStatusUpdater:
     ) -> None:
         self._client = client
         self._on_refused = on_refused
-        #: Jobs whose refused update was replaced (by ``on_refused``): their replacement's refusal is final.
-        self._replaced: set[Any] = set()
         self._session: "int | Callable[[], Optional[int]] | None" = session_id
         self._send_fn = send
         self.max_batch = max_batch
@@ -452,9 +455,8 @@ class BulkStatusUpdater:
             self.sent += len(chunk) - len(refused)
 
     def _replace_refused(self, update: dict[str, Any], error: BaseException) -> None:
-        job_id = update.get("id")
-        if self._on_refused is None or job_id in self._replaced:
-            return
+        if self._on_refused is None or type(update) is _Replacement:
+            return  # a refused replacement is only dropped
         try:
             replacement = self._on_refused(update, error)
         except Exception:
@@ -462,19 +464,21 @@ class BulkStatusUpdater:
             return
         if replacement is None:
             return
-        self._replaced.add(job_id)
-        # Queued here, by the only thread that takes items, also while closing (put_update refuses
+        # Marked by its type, not by job id: the same job may have a later update refused (a re-run
+        # whose hook leaves a bad value again), which gets its replacement too. Queued here, by the only thread that takes items, also while closing (put_update refuses
         # then): _run sends what is queued before it ends. Counted as a put, so flush() waits for it.
-        self._items.append(replacement)
+        self._items.append(_Replacement(replacement))
         self._last_put = next(self._put_count)
 
     def _send_retrying(self, chunk: list[dict[str, Any]]) -> None:
         """One PATCH, retried through outages; raises refusals, and :class:`_GaveUp` once closing has
-        seen failures for ``close_timeout`` seconds."""
+        seen failures for ``close_timeout`` seconds. Every try carries the same Idempotency-Key: a
+        try the server applied whose answer was lost is answered from its record, not applied again."""
         delay = 0.5
+        key = uuid.uuid4().hex  # as rest.new_idempotency_key (rest, and httpx, load only when first sent)
         while True:
             try:
-                self._patch(chunk)
+                self._patch(chunk, key)
                 self._failing_since = None
                 return
             except Exception as exc:
@@ -494,7 +498,7 @@ class BulkStatusUpdater:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _patch(self, chunk: list[dict[str, Any]]) -> None:
+    def _patch(self, chunk: list[dict[str, Any]], key: Optional[str] = None) -> None:
         self.calls += 1
         if self._send_fn is not None:
             self._send_fn(chunk)
@@ -508,7 +512,7 @@ class BulkStatusUpdater:
 
         if isinstance(client, RESTClient):
             # This loop does the retrying: while closing, one attempt per call keeps the give-up prompt.
-            client.patch("/jobs/", json=chunk, retry_count=0 if self._stopping else None)
+            client.patch("/jobs/", json=chunk, idempotency_key=key, retry_count=0 if self._stopping else None)
         else:
             client.patch("/jobs/", json=chunk)
 
