@@ -114,9 +114,9 @@ def test_bulk_status_updater_batches_and_isolates_refused_updates(new_site) -> N
     updater = BulkStatusUpdater(max_wait_sec=0.5)
     original = updater._patch
 
-    def counting(chunk):
+    def counting(chunk, key=None):
         calls.append(len(chunk))
-        return original(chunk)
+        return original(chunk, key)
 
     updater._patch = counting
     for job_id in ids:
