@@ -10,9 +10,14 @@ means writing a platform plugin, never editing the core.
 from __future__ import annotations
 
 import abc
+import logging
+import os
 import re
 import shlex
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
 import attrs
 
@@ -20,9 +25,17 @@ from .options import NoOptions, build_options
 
 __all__ = [
     "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "cpu_ids_errors",
-    "first_launch_param", "format_id_ranges", "hosts_from_node_file", "launch_param_args", "leading_job_number",
-    "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding", "read_node_file",
+    "file_mtime", "first_launch_param", "format_id_ranges", "hardware_thread_ids", "hosts_from_node_file",
+    "launch_option", "launch_param_args", "leading_job_number", "nvidia_smi_list", "parse_id_ranges",
+    "parse_nvidia_smi_list", "pick_cpu_binding", "read_fresh_gpu_list", "read_node_file",
 ]
+
+logger = logging.getLogger("balsam.platform")
+
+
+def _id_groups(value: Iterable[Iterable[Any]]) -> tuple[tuple[str, ...], ...]:
+    # From JSON (the serial workers' config, BALSAM_LAUNCHER_NODELIST) the groups come back as lists.
+    return tuple(tuple(str(g) for g in group) for group in value)
 
 
 @attrs.frozen
@@ -33,6 +46,22 @@ class NodeInfo:
     hostname: str
     cpu_ids: tuple[int, ...] = attrs.field(converter=tuple)
     gpu_ids: tuple[str, ...] = attrs.field(converter=tuple, factory=tuple)
+    #: GPU ids that are parts of one physical device (Aurora: the two tiles of one GPU,
+    #: ``(("0.0", "0.1"), ("1.0", "1.1"), ...)``); empty when every GPU id is a whole device. The
+    #: node manager gives a request of a multiple of a group's size whole groups when it can, and
+    #: a smaller one the free part of a half-used group first, so that whole devices stay free.
+    gpu_groups: tuple[tuple[str, ...], ...] = attrs.field(converter=_id_groups, factory=tuple)
+
+    @gpu_groups.validator
+    def _check_groups(self, _attribute: Any, groups: tuple[tuple[str, ...], ...]) -> None:
+        seen: set[str] = set()
+        for group in groups:
+            for gpu in group:
+                if gpu not in self.gpu_ids:
+                    raise ValueError(f"node {self.hostname}: gpu_groups names {gpu!r}, which is not one of its gpu_ids")
+                if gpu in seen:
+                    raise ValueError(f"node {self.hostname}: gpu_groups names {gpu!r} twice")
+                seen.add(gpu)
 
 
 @attrs.frozen
@@ -134,6 +163,27 @@ class Platform(abc.ABC):
         """A job-template.sh (Jinja2) for this machine, or None to use the scheduler's default."""
         return None
 
+    # -- serial mode ----------------------------------------------------------------------------
+    def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
+        """Launch params that start the serial-mode workers (one rank per node) unbound, free to pin
+        their tasks to any CPU of their node; ``{}`` when this MPI launcher binds nothing unless told.
+
+        ``launcher.serial_mode_startup_params: {cpu_affinity: none}`` (the settings default, Balsam
+        0.7's value) is replaced by these params. None (the default): the platform does not know;
+        the key is then left out of the line, as before, and the launcher's own default binding
+        applies (``aprun`` binds with ``-cc depth``, ``srun`` to ``--cpus-per-task``, Open MPI to
+        a core).
+        """
+        return None
+
+    def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
+        """The CPU ids a serial-mode task is pinned to, given the ``cpu_ids`` (cores) it was
+        assigned and its ``threads_per_core``: a platform whose CPU ids are cores adds their sibling
+        hardware threads (see :func:`hardware_thread_ids`), as its MPI binding does. The default:
+        ``cpu_ids`` as they are (CPU ids that are hardware threads already, as on the default
+        platform)."""
+        return tuple(cpu_ids)
+
     # -- limits of the machine ------------------------------------------------------------------
     def launch_limit(self) -> Optional["LaunchLimit"]:
         """The most MPI launches one batch job may make on this machine, or None for no limit.
@@ -225,17 +275,41 @@ def first_launch_param(params: Mapping[str, Any], keys: Sequence[str]) -> Any:
     return next((params[k] for k in keys if params.get(k)), None)
 
 
+def launch_option(key: str, prefix: str = "--") -> str:
+    """The option a ``launch_params`` key names: ``key`` as it is when it starts with ``-``, else
+    ``-k`` for a single letter (``{"c": "8"}`` is ``-c 8``: short options take one dash with every
+    launcher), else ``prefix`` + ``key``."""
+    if key.startswith("-"):
+        return key
+    return f"-{key}" if len(key) == 1 else f"{prefix}{key}"
+
+
 def launch_param_args(params: Mapping[str, Any], *, skip: Sequence[str] = (), prefix: str = "--") -> list[str]:
-    """``launch_params`` as command-line options: ``key`` -> ``--key value`` (``prefix`` added unless the
-    key already starts with ``-``; no value when it is empty or ``None``), ``skip`` keys left out."""
+    """``launch_params`` as command-line options: ``key`` -> ``--key value`` (see :func:`launch_option`
+    for the option's name); an empty or ``None`` value gives the option alone (a flag, such as
+    ``{"exclusive": ""}`` -> ``--exclusive``), never an empty argument; ``skip`` keys left out."""
     args: list[str] = []
     for key, value in params.items():
         if key in skip:
             continue
-        args.append(key if key.startswith("-") else f"{prefix}{key}")
+        args.append(launch_option(key, prefix))
         if value not in ("", None):
             args.append(str(value))
     return args
+
+
+def hardware_thread_ids(cores: Sequence[int], threads_per_core: int, offset: int, *, max_threads_per_core: int = 0) -> list[int]:
+    """``cores`` then their sibling hardware threads ``core + offset * t`` for ``t`` in
+    ``1 .. threads_per_core - 1`` (at most ``max_threads_per_core`` threads per core when it is
+    not 0): the CPUs of a rank or task that asked for ``threads_per_core`` threads per core, on a
+    machine whose core ``c`` has the hardware threads ``c, c + offset, c + 2 * offset, ...``."""
+    threads = max(1, threads_per_core)
+    if max_threads_per_core:
+        threads = min(threads, max_threads_per_core)
+    ids = list(cores)
+    if offset:
+        ids += [c + offset * t for t in range(1, threads) for c in cores]
+    return ids
 
 
 def pick_cpu_binding(
@@ -256,19 +330,24 @@ def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_
 
     The CPUs are those the launcher assigned to the job on its node (single-node jobs), else all of
     ``node_cpu_ids`` (whole-node jobs). With ``threads_per_core > 1`` each rank also gets the sibling
-    hardware threads (``cpu + hyperthread_offset``), as Balsam 0.7 built it for Polaris.
+    hardware threads (``cpu + hyperthread_offset``), as Balsam 0.7 built it for Polaris; with fewer
+    cores than ranks, each rank gets ``threads_per_rank`` hardware threads of them instead.
     """
     assigned = list(spec.cpu_ids[0]) if spec.cpu_ids and spec.cpu_ids[0] else list(node_cpu_ids)
     ranks = max(1, spec.ranks_per_node)
+    threads = [t for core in assigned for t in hardware_thread_ids([core], spec.threads_per_core, hyperthread_offset)]
+    per_thread_rank = max(1, spec.threads_per_rank)
+    if ranks > len(assigned) and ranks * per_thread_rank <= len(threads):
+        # Fewer cores than ranks (3 one-thread ranks at 2 threads per core got 2 cores): each rank
+        # gets its own hardware threads, core by core, rather than ranks wrapping onto one core.
+        return "list:" + ":".join(
+            format_id_ranges(threads[r * per_thread_rank : (r + 1) * per_thread_rank]) for r in range(ranks))
     per_rank = max(1, len(assigned) // ranks)
     groups = []
     for rank in range(ranks):
         start = (rank * per_rank) % max(1, len(assigned))
         cores = assigned[start : start + per_rank]
-        cpus = list(cores)
-        if spec.threads_per_core > 1 and hyperthread_offset:
-            cpus += [c + hyperthread_offset * t for t in range(1, spec.threads_per_core) for c in cores]
-        groups.append(format_id_ranges(cpus))
+        groups.append(format_id_ranges(hardware_thread_ids(cores, spec.threads_per_core, hyperthread_offset)))
     return "list:" + ":".join(groups)
 
 
@@ -329,3 +408,58 @@ def parse_nvidia_smi_list(text: str) -> NvidiaDevices:
         if mig and gpus:
             migs.setdefault(gpus[-1], []).append(mig.group(1))
     return NvidiaDevices(tuple(gpus), {g: tuple(u) for g, u in migs.items()})
+
+
+def nvidia_smi_list() -> Optional[str]:
+    """``nvidia-smi -L`` on this node, or None when there is no ``nvidia-smi`` or it failed (logged)."""
+    program = shutil.which("nvidia-smi")
+    if program is None:
+        return None
+    try:
+        out = subprocess.run([program, "-L"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        logger.warning("nvidia-smi -L failed: %s", exc)
+        return None
+    if out.returncode != 0:
+        logger.warning("nvidia-smi -L exited %s: %s", out.returncode, (out.stderr or "").strip()[:200])
+        return None
+    return out.stdout
+
+
+def file_mtime(path: Optional[str]) -> Optional[float]:
+    """The modification time of ``path``, or None (no path, or it cannot be read).
+
+    The batch system writes an allocation's node file (``$PBS_NODEFILE``, ``$COBALT_NODEFILE``) when
+    the allocation starts: its mtime is the allocation's start, by the same clock as files written
+    on that node afterwards."""
+    if not path:
+        return None
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def read_fresh_gpu_list(directory: str, names: Iterable[str], not_before: Optional[float]) -> Optional[str]:
+    """The first ``<directory>/balsam-<name>-gpulist.txt`` (an ``nvidia-smi -L`` recorded per node)
+    that exists and was written at or after ``not_before`` (the allocation's start), else None.
+
+    A record older than the allocation was left by an earlier job on that node (``/var/tmp``
+    outlives a job): its MIG instances may be gone, and trusting it handed jobs MIG UUIDs that
+    no longer exist. Such a record is ignored, with a warning naming it.
+    """
+    if not directory:
+        return None
+    for name in dict.fromkeys(names):
+        path = Path(directory) / f"balsam-{name}-gpulist.txt"
+        try:
+            written = path.stat().st_mtime
+            if not path.is_file():
+                continue
+            if not_before is not None and written < not_before:
+                logger.warning("ignoring %s: written before this allocation started (a record of an earlier job)", path)
+                continue
+            return path.read_text()
+        except OSError:
+            continue
+    return None

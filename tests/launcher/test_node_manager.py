@@ -115,3 +115,76 @@ def test_hand_over_passes_a_placement_to_the_job_started_on_it() -> None:
     manager.free(2)
     manager.free(3)
     assert manager.nodes[0].is_empty and manager.nodes[0].idle_cpus == [0, 1]
+
+
+def test_cores_for_threads_round_up() -> None:
+    """3 ranks x 1 thread at 2 threads per core need 2 cores: the count rounded down to 1 core."""
+    assert Demand(ranks_per_node=3, threads_per_rank=1, threads_per_core=2).cpus_per_node == 2
+    assert Demand(ranks_per_node=1, threads_per_rank=3, threads_per_core=2).cpus_per_node == 2
+    assert Demand(ranks_per_node=2, threads_per_rank=4, threads_per_core=2).cpus_per_node == 4
+    nm = NodeManager(gpu_nodes(count=1, cpus=4, gpus=0))
+    assert nm.assign(1, Demand(ranks_per_node=3, threads_per_core=2, node_packing_count=2)).cpu_ids == ((0, 1),)
+
+
+def test_multi_node_jobs_need_nodes_that_each_hold_the_per_node_demand() -> None:
+    """8 one-GPU ranks per node fail on one 4-GPU node; on two such nodes they were accepted and
+    oversubscribed every GPU twice. Nodes may differ (MIG on some): a multi-node job takes nodes that fit."""
+    nm = NodeManager(gpu_nodes(count=2, cpus=32, gpus=4))
+    for nodes in (1, 2):
+        with pytest.raises(UnsatisfiableJob, match="8 GPUs on (one node|each of 2 nodes)"):
+            nm.check_satisfiable(Demand(num_nodes=nodes, ranks_per_node=8, gpus_per_rank=1))
+        with pytest.raises(UnsatisfiableJob, match="128 CPUs"):
+            nm.check_satisfiable(Demand(num_nodes=nodes, ranks_per_node=64, threads_per_rank=2))
+    nm.check_satisfiable(Demand(num_nodes=2, ranks_per_node=4, gpus_per_rank=1))
+
+    mixed = NodeManager([*gpu_nodes(count=1, cpus=32, gpus=4), *gpu_nodes(count=2, cpus=32, gpus=8)])
+    eight = Demand(num_nodes=2, ranks_per_node=8, gpus_per_rank=1)
+    mixed.check_satisfiable(eight)
+    assert mixed.assign(1, eight).node_indexes == (1, 2)  # not the 4-GPU node 0, though it is empty too
+    with pytest.raises(UnsatisfiableJob, match="2 of them hold that much"):
+        mixed.check_satisfiable(Demand(num_nodes=3, ranks_per_node=8, gpus_per_rank=1))
+
+
+def grouped_node(cpus: int = 8) -> NodeInfo:
+    """Three devices of two parts each (Aurora's GPU tiles)."""
+    ids = [f"{g}.{t}" for g in range(3) for t in range(2)]
+    return NodeInfo("n0", "host0", range(cpus), ids, gpu_groups=[ids[0:2], ids[2:4], ids[4:6]])
+
+
+def test_gpu_groups_keep_whole_devices_for_whole_device_requests() -> None:
+    nm = NodeManager([grouped_node()])
+    assert nm.assign(1, Demand(gpus_per_rank=1, node_packing_count=8)).gpu_ids == (("0.0",),)
+    # two parts: both of one free device, not the free half of device 0 and half of device 1
+    assert nm.assign(2, Demand(gpus_per_rank=2, node_packing_count=8)).gpu_ids == (("1.0", "1.1"),)
+    # one part: the free half of the half-used device 0 before splitting device 2
+    assert nm.assign(3, Demand(gpus_per_rank=1, node_packing_count=8)).gpu_ids == (("0.1",),)
+    assert nm.assign(4, Demand(gpus_per_rank=2, node_packing_count=8)).gpu_ids == (("2.0", "2.1"),)
+    nm.free(2)
+    nm.free(3)
+    # three parts: one whole device, then the free half of a half-used one (device 0's 0.1)
+    assert nm.assign(5, Demand(ranks_per_node=3, gpus_per_rank=1, node_packing_count=8)).gpu_ids == (("1.0", "1.1", "0.1"),)
+
+
+def test_gpu_groups_fall_back_to_parts_of_several_devices() -> None:
+    nm = NodeManager([grouped_node()])
+    one, two = Demand(gpus_per_rank=1, node_packing_count=8), Demand(gpus_per_rank=2, node_packing_count=8)
+    assert [nm.assign(i, one).gpu_ids[0][0] for i in range(4)] == ["0.0", "0.1", "1.0", "1.1"]
+    nm.free(1)
+    nm.free(3)  # free: 0.1, 1.1 and device 2
+    assert nm.assign(5, two).gpu_ids == (("2.0", "2.1"),)
+    # no whole device left: the request still runs, on free parts of two devices
+    assert nm.assign(6, two).gpu_ids == (("0.1", "1.1"),)
+
+
+def test_gpu_groups_are_checked_and_survive_json() -> None:
+    import json
+
+    import attrs
+
+    with pytest.raises(ValueError, match="host0: gpu_groups names '9', which is not one of its gpu_ids"):
+        NodeInfo("n0", "host0", [0], ["0", "1"], gpu_groups=[["0", "9"]])
+    with pytest.raises(ValueError, match="gpu_groups names '0' twice"):
+        NodeInfo("n0", "host0", [0], ["0", "1"], gpu_groups=[["0"], ["0", "1"]])
+    node = grouped_node()
+    # The serial workers' config and BALSAM_LAUNCHER_NODELIST carry nodes as JSON (groups as lists).
+    assert NodeInfo(**json.loads(json.dumps(attrs.asdict(node)))) == node

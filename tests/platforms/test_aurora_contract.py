@@ -33,6 +33,11 @@ class TestAurora(PlatformContract):
     ]
     serial_worker_line = (f"mpiexec -n 2 --ppn 1 --hosts {','.join(HOSTS)} --cpu-bind list:0-103 -d 1 --envall "
                           f"{SERIAL_WORKER_CMDLINE}")
+    # cpu_affinity: none (the settings default): unbound, so tasks may be pinned to hyperthreads too
+    unbound_serial_worker_line = (f"mpiexec -n 2 --ppn 1 --hosts {','.join(HOSTS)} --cpu-bind none -d 1 --envall "
+                                  f"{SERIAL_WORKER_CMDLINE}")
+    # a threads_per_core=2 task: its cores and their second hardware threads (core + 104)
+    task_cpu_cases = [((10, 11), 2, (10, 11, 114, 115)), ((10, 11), 1, (10, 11)), ((3,), 4, (3, 107))]
 
 
 class TestSunspot(TestAurora):

@@ -40,6 +40,23 @@ def test_gpus_per_rank_one_is_a_tile_two_is_a_gpu(tmp_path: Path) -> None:
     assert whole[0] == ("0.0", "0.1") and whole[5] == ("5.0", "5.1")  # both tiles of one GPU
 
 
+def test_a_whole_gpu_after_a_single_tile_job_is_both_tiles_of_one_gpu(tmp_path: Path) -> None:
+    """gpus_per_rank=2 is "one rank per whole GPU": after a one-tile job took 0.0 it got 0.1 and 1.0,
+    tiles of two GPUs. Each GPU's tiles are one NodeInfo.gpu_groups entry: whole GPUs go to whole
+    GPU requests, and a single tile fills the half-used GPU first."""
+    platform, found = nodes(tmp_path, 1)
+    assert found[0].gpu_groups == tuple((f"{g}.0", f"{g}.1") for g in range(6))
+    nm = NodeManager(found)
+    assert nm.assign(1, Demand(gpus_per_rank=1, node_packing_count=12)).gpu_ids == (("0.0",),)
+    whole = nm.assign(2, Demand(gpus_per_rank=2, node_packing_count=6))
+    assert whole.gpu_ids == (("1.0", "1.1"),)
+    assert platform.gpu_environment(whole.gpu_ids[0])["ZE_AFFINITY_MASK"] == "1.0,1.1"
+    assert nm.assign(3, Demand(gpus_per_rank=1, node_packing_count=12)).gpu_ids == (("0.1",),)
+    # tiles_per_gpu=1: every id is a whole GPU already, no groups
+    _, whole_gpus = nodes(tmp_path, 1, tiles_per_gpu=1)
+    assert whole_gpus[0].gpu_groups == ()
+
+
 def test_launch_lines_as_balsam_07_builds_them() -> None:
     platform = AuroraPlatform()
     hosts = ("x4000c0s0b0n0", "x4000c0s1b0n0")

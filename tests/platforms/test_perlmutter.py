@@ -28,20 +28,27 @@ class TestPerlmutterGPU(PlatformContract):
     expected_scheduler_id = 31415926
     gpu_visibility = [(["2"], {"CUDA_VISIBLE_DEVICES": "2"})]
     launch_lines = [
-        # 0.7's PerlmutterRun: one rank gets --gres=craynetwork:0
+        # 0.7's PerlmutterRun: one rank gets --gres=craynetwork:0; --cpus-per-task counts logical CPUs
+        # (2 threads -> 2 cores -> 4 hardware threads) and --cpu-bind=cores, NERSC's rule
         (LaunchSpec(cmdline="./app", hostnames=HOSTS[:1], ranks_per_node=1, gpus_per_rank=1, threads_per_rank=2),
          "srun --gres=craynetwork:0 -n 1 --ntasks-per-node 1 --gpus-per-task 1 --nodelist nid001234 --nodes 1 "
-         "--cpus-per-task 2 --overlap ./app"),
+         "--cpus-per-task 4 --cpu-bind=cores --overlap ./app"),
+        # the job's cpu-bind replaces the default one
         (LaunchSpec(cmdline="./app", hostnames=HOSTS, ranks_per_node=4, threads_per_rank=16, gpus_per_rank=1,
-                    launch_params={"cpu-bind": "cores"}),
+                    launch_params={"cpu-bind": "threads"}),
          "srun -n 8 --ntasks-per-node 4 --gpus-per-task 1 --nodelist nid001234,nid001235 --nodes 2 "
-         "--cpus-per-task 16 --cpu-bind cores --overlap ./app"),
+         "--cpus-per-task 32 --cpu-bind=threads --overlap ./app"),
         # half a GPU: no srun GPU request (two such jobs share one GPU through CUDA_VISIBLE_DEVICES)
         (LaunchSpec(cmdline="./app", hostnames=HOSTS[:1], ranks_per_node=2, gpus_per_rank=0.5),
-         "srun -n 2 --ntasks-per-node 2 --nodelist nid001234 --nodes 1 --cpus-per-task 1 --overlap ./app"),
+         "srun -n 2 --ntasks-per-node 2 --nodelist nid001234 --nodes 1 --cpus-per-task 2 --cpu-bind=cores --overlap ./app"),
     ]
     serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
-                          f"--cpus-per-task 1 --overlap {SERIAL_WORKER_CMDLINE}")
+                          f"--cpus-per-task 2 --cpu-bind=cores --overlap {SERIAL_WORKER_CMDLINE}")
+    # cpu_affinity: none (the settings default): the worker gets every logical CPU of its node
+    unbound_serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
+                                  f"--cpus-per-task 128 --cpu-bind=cores --overlap {SERIAL_WORKER_CMDLINE}")
+    # core c's second hardware thread is c + 64
+    task_cpu_cases = [((3,), 2, (3, 67))]
 
 
 class TestPerlmutterCPU(TestPerlmutterGPU):
@@ -50,11 +57,41 @@ class TestPerlmutterCPU(TestPerlmutterGPU):
     expected_gpu_ids = []
     gpu_visibility = []
     launch_lines = [
-        (LaunchSpec(cmdline="./app", hostnames=HOSTS, ranks_per_node=128, threads_per_rank=2),
-         "srun -n 256 --ntasks-per-node 128 --nodelist nid001234,nid001235 --nodes 2 --cpus-per-task 2 --overlap ./app"),
+        (LaunchSpec(cmdline="./app", hostnames=HOSTS, ranks_per_node=128, threads_per_rank=2, threads_per_core=2),
+         "srun -n 256 --ntasks-per-node 128 --nodelist nid001234,nid001235 --nodes 2 --cpus-per-task 2 "
+         "--cpu-bind=cores --overlap ./app"),
     ]
-    serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
-                          f"--cpus-per-task 1 --overlap {SERIAL_WORKER_CMDLINE}")
+    unbound_serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
+                                  f"--cpus-per-task 256 --cpu-bind=cores --overlap {SERIAL_WORKER_CMDLINE}")
+    task_cpu_cases = [((3,), 2, (3, 131))]
+
+
+def test_cpus_per_task_counts_hardware_threads() -> None:
+    """srun's -c counts logical CPUs (2 per core): it was threads_per_rank, so a rank of 16 threads
+    got 8 cores. Launch params replace the computed options under any of their spellings."""
+    platform = PerlmutterGPUPlatform()
+
+    def options(**kw):
+        args = platform.mpi_launch_args(LaunchSpec(cmdline="app", hostnames=HOSTS[:1], **kw))
+        return args[1:]
+
+    def value(args, option):
+        return args[args.index(option) + 1]
+
+    assert value(options(threads_per_rank=16), "--cpus-per-task") == "32"  # 16 cores
+    assert value(options(threads_per_rank=16, threads_per_core=2), "--cpus-per-task") == "16"  # 8 cores
+    assert value(options(threads_per_rank=3, threads_per_core=2), "--cpus-per-task") == "4"  # 2 cores, rounded up
+    assert value(options(), "--cpus-per-task") == "2" and "--cpu-bind=cores" in options()
+    for key in ("cpus-per-task", "--cpus-per-task", "c", "-c"):
+        args = options(launch_params={key: "8"})
+        assert value(args, "--cpus-per-task") == "8" and args.count("--cpus-per-task") == 1 and "-c" not in args, key
+    for key in ("gres", "--gres"):
+        args = options(launch_params={key: "gpu:1"})
+        assert "--gres=gpu:1" in args and "--gres" not in args and "--gres=craynetwork:0" not in args
+    # an empty value leaves a computed option out (srun has no bare --gpus-per-task); never ''
+    args = options(gpus_per_rank=1, launch_params={"gpu-bind": "none", "gpus-per-task": ""})
+    assert "--gpus-per-task" not in args and "" not in args and args[-3:] == ["--gpu-bind", "none", "--overlap"]
+    assert "--cpu-bind=cores" not in options(launch_params={"cpu_bind": ""})
 
 
 def test_site_init_uses_qos_queues(balsam_env, client, tmp_path: Path) -> None:
@@ -104,7 +141,9 @@ def test_jobs_on_a_faked_perlmutter_gpu(mode: str, balsam_env, fake_machine, tmp
         assert len(records) == 8
         for r in records:
             opts = dict(r["options"])
-            assert opts["--gpus-per-task"] == "1" and opts["--cpus-per-task"] == "8" and "--overlap" in opts
+            # 8 threads, one per core: 8 cores of 2 hardware threads
+            assert opts["--gpus-per-task"] == "1" and opts["--cpus-per-task"] == "16" and "--overlap" in opts
+            assert opts["--cpu-bind"] == "cores"
             assert opts["--nodelist"] in HOSTS and opts["--gres"] == "craynetwork:0"
     else:
         (workers,) = records

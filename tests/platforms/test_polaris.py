@@ -3,6 +3,8 @@ launcher on a faked Polaris (PBS node file, recording PALS mpiexec, nvidia-smi s
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 from pathlib import Path
 
@@ -53,15 +55,79 @@ class TestPolaris(PlatformContract):
          f"mpiexec -n 4 --ppn 2 --hosts {','.join(HOSTS)} --cpu-bind core -d 4 ./app"),
     ]
     serial_worker_line = f"mpiexec -n 2 --ppn 1 --hosts {','.join(HOSTS)} --cpu-bind list:0-31 -d 1 {SERIAL_WORKER_CMDLINE}"
+    unbound_serial_worker_line = f"mpiexec -n 2 --ppn 1 --hosts {','.join(HOSTS)} --cpu-bind none -d 1 {SERIAL_WORKER_CMDLINE}"
+    task_cpu_cases = [((0,), 2, (0, 32)), ((4, 5), 2, (4, 5, 36, 37))]
 
 
-def test_gpu_gets_the_cores_of_its_numa_domain(tmp_path: Path) -> None:
+def test_gpu_gets_the_cores_of_its_numa_domain_only_with_whole_domains(tmp_path: Path) -> None:
+    """CPUs are first-fit in id order, whatever the GPU: 8-core one-GPU jobs get one NUMA domain
+    each (cores 0-7 with GPU 3 ...); 1-core jobs get cores 0, 1, 2, 3 with GPUs 3, 2, 1, 0 (the docs
+    promised a NUMA domain in every case)."""
     nodefile = tmp_path / "nodes"
     nodefile.write_text(HOSTS[0] + "\n")
     platform = PolarisPlatform(options={"gpu_list_dir": "", "discover_mig": False})
     nm = NodeManager(platform.discover_nodes({"PBS_NODEFILE": str(nodefile)}))
     placed = [nm.assign(i, Demand(threads_per_rank=8, gpus_per_rank=1, node_packing_count=4)) for i in range(4)]
     assert [(p.cpu_ids[0][0], p.gpu_ids[0]) for p in placed] == [(0, ("3",)), (8, ("2",)), (16, ("1",)), (24, ("0",))]
+    nm = NodeManager(platform.discover_nodes({"PBS_NODEFILE": str(nodefile)}))
+    placed = [nm.assign(i, Demand(gpus_per_rank=1, node_packing_count=4)) for i in range(4)]
+    assert [(p.cpu_ids[0], p.gpu_ids[0]) for p in placed] == [((0,), ("3",)), ((1,), ("2",)), ((2,), ("1",)), ((3,), ("0",))]
+
+
+def test_ranks_sharing_cores_get_their_own_hardware_threads(tmp_path: Path) -> None:
+    """3 ranks x 1 thread at 2 threads per core: 2 cores (the count rounded down to 1), and each rank
+    its own hardware thread of them (the third rank was bound to the first one's)."""
+    platform = PolarisPlatform(options={"gpu_list_dir": "", "discover_mig": False})
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text(HOSTS[0] + "\n")
+    nm = NodeManager(platform.discover_nodes({"PBS_NODEFILE": str(nodefile)}))
+    demand = Demand(ranks_per_node=3, threads_per_core=2, node_packing_count=2)
+    placed = nm.assign(1, demand)
+    assert placed.cpu_ids == ((0, 1),)
+    spec = LaunchSpec(cmdline="a", hostnames=HOSTS[:1], ranks_per_node=3, threads_per_core=2, cpu_ids=placed.cpu_ids)
+    assert platform.cpu_binding(spec) == "list:0:32:1"
+
+
+def _nodefile(tmp_path: Path, *hosts: str) -> Path:
+    """The allocation's node file, written (as PBS does) when the allocation starts."""
+    nodefile = tmp_path / "PBS_NODEFILE"
+    nodefile.write_text("".join(h + "\n" for h in hosts))
+    return nodefile
+
+
+def test_the_launchers_own_node_asks_nvidia_smi_before_its_record(tmp_path: Path, monkeypatch, fake_machine) -> None:
+    """A MIG record left in /var/tmp by an earlier job named instances this node no longer has; the
+    live `nvidia-smi -L` (MIG off) wins for the launcher's own node."""
+    machine = fake_machine([socket.gethostname()])
+    machine.nvidia_smi("polaris-nvidia-smi-L.txt")
+    monkeypatch.setenv("PATH", machine.env()["PATH"])
+    nodefile = _nodefile(tmp_path, socket.gethostname())
+    records = tmp_path / "gpulists"
+    records.mkdir()
+    (records / f"balsam-{socket.gethostname().split('.')[0]}-gpulist.txt").write_text(MIG_LIST)
+    [node] = PolarisPlatform(options={"gpu_list_dir": str(records)}).discover_nodes({"PBS_NODEFILE": str(nodefile)})
+    assert list(node.gpu_ids) == ["3", "2", "1", "0"]
+    # discover_mig off (no nvidia-smi run): the record, written after the allocation started, counts
+    [node] = PolarisPlatform(options={"gpu_list_dir": str(records), "discover_mig": False}).discover_nodes(
+        {"PBS_NODEFILE": str(nodefile)})
+    assert list(node.gpu_ids) == MIG_IDS
+
+
+def test_records_older_than_the_allocation_are_ignored(tmp_path: Path, caplog) -> None:
+    records = tmp_path / "gpulists"
+    records.mkdir()
+    record = records / f"balsam-{HOSTS[1].split('.')[0]}-gpulist.txt"
+    record.write_text(MIG_LIST)
+    nodefile = _nodefile(tmp_path, *HOSTS)
+    started = nodefile.stat().st_mtime
+    os.utime(record, (started - 3600, started - 3600))  # an earlier job's record
+    platform = PolarisPlatform(options={"gpu_list_dir": str(records), "discover_mig": False})
+    with caplog.at_level(logging.WARNING, logger="balsam.platform"):
+        nodes = platform.discover_nodes({"PBS_NODEFILE": str(nodefile)})
+    assert [list(n.gpu_ids) for n in nodes] == [["3", "2", "1", "0"]] * 2
+    assert f"ignoring {record}: written before this allocation started" in caplog.text
+    os.utime(record, (started, started))  # written at the allocation's start: this job's
+    assert list(platform.discover_nodes({"PBS_NODEFILE": str(nodefile)})[1].gpu_ids) == MIG_IDS
 
 
 def test_mig_instances_from_records_and_local_nvidia_smi(tmp_path: Path, monkeypatch, fake_machine) -> None:
@@ -94,11 +160,10 @@ def test_gpus_left_whole_beside_mig_instances_are_still_gpu_ids(tmp_path: Path) 
     GPUs vanished. Each GPU gives its instances, or its index when whole, in affinity order."""
     text = _mixed_list()
     assert text.count("  MIG ") == 4 and text.count("GPU ") == 4
+    nodefile = _nodefile(tmp_path, HOSTS[0])  # the allocation started before the record was written
     records = tmp_path / "gpulists"
     records.mkdir()
     (records / f"balsam-{HOSTS[0].split('.')[0]}-gpulist.txt").write_text(text)
-    nodefile = tmp_path / "nodes"
-    nodefile.write_text(HOSTS[0] + "\n")
     platform = PolarisPlatform(options={"gpu_list_dir": str(records), "discover_mig": False})
     [node] = platform.discover_nodes({"PBS_NODEFILE": str(nodefile)})
     # GPU 3, GPU 2 (whole), then GPU 1's and GPU 0's instances (MIG_IDS is in that order too)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -43,6 +44,10 @@ class TestThetaKNL(PlatformContract):
          "aprun -n 16 -N 16 -L 4001 -cc none -d 8 -j 2 -e FOO=1 ./app"),
     ]
     serial_worker_line = f"aprun -n 4 -N 1 -L 3824,3825,3826,4001 -cc depth -d 1 -j 1 {SERIAL_WORKER_CMDLINE}"
+    # cpu_affinity: none (the settings default): aprun's own default would be -cc depth
+    unbound_serial_worker_line = f"aprun -n 4 -N 1 -L 3824,3825,3826,4001 -cc none -d 1 -j 1 {SERIAL_WORKER_CMDLINE}"
+    # KNL: core c's hardware threads are c, c+64, c+128, c+192
+    task_cpu_cases = [((5,), 4, (5, 69, 133, 197)), ((5, 6), 2, (5, 6, 69, 70))]
 
 
 class TestThetaGPU(PlatformContract):
@@ -62,6 +67,8 @@ class TestThetaGPU(PlatformContract):
          "--host thetagpu05,thetagpu06 ./app"),
     ]
     serial_worker_line = f"mpirun --oversubscribe --bind-to none -n 2 -npernode 1 --host thetagpu05,thetagpu06 {SERIAL_WORKER_CMDLINE}"
+    unbound_serial_worker_line = serial_worker_line  # --bind-to none already
+    task_cpu_cases = [((5,), 2, (5, 133))]
 
     @pytest.fixture(autouse=True)
     def _no_cobalt_nodefile(self, monkeypatch):
@@ -123,12 +130,62 @@ def test_thetagpu_gpus_left_whole_beside_mig_instances_are_still_gpu_ids(tmp_pat
     recorded = (RECORDED / "thetagpu-mig-1g.5gb-nvidia-smi-L.txt").read_text().splitlines(keepends=True)
     gpu_1 = next(i for i, line in enumerate(recorded) if line.startswith("GPU 1:"))
     mixed = "".join(recorded[:gpu_1] + [line for line in recorded[gpu_1:] if line.startswith("GPU ")])
-    (tmp_path / "balsam-thetagpu05-gpulist.txt").write_text(mixed)
     nodefile = tmp_path / "nodes"
-    nodefile.write_text("thetagpu05\n")
+    nodefile.write_text("thetagpu05\n")  # the allocation started before the template wrote the record
+    (tmp_path / "balsam-thetagpu05-gpulist.txt").write_text(mixed)
     platform = ThetaGPUPlatform(options={"gpu_list_dir": str(tmp_path)})
     [node] = platform.discover_nodes({"COBALT_NODEFILE": str(nodefile)})
     assert list(node.gpu_ids) == MIG7[:7] + [str(g) for g in range(1, 8)]
+
+
+def test_thetagpu_ignores_a_record_older_than_the_allocation(tmp_path: Path) -> None:
+    """A record of an earlier MIG job (gpu_list_dir outlives it) named instances that may be gone."""
+    record = tmp_path / "balsam-thetagpu05-gpulist.txt"
+    record.write_text((RECORDED / "thetagpu-mig-1g.5gb-nvidia-smi-L.txt").read_text())
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("thetagpu05\n")
+    started = nodefile.stat().st_mtime
+    os.utime(record, (started - 3600, started - 3600))
+    platform = ThetaGPUPlatform(options={"gpu_list_dir": str(tmp_path)})
+    [node] = platform.discover_nodes({"COBALT_NODEFILE": str(nodefile)})
+    assert list(node.gpu_ids) == [str(g) for g in range(8)]
+    os.utime(record, (started, started))
+    [node] = platform.discover_nodes({"COBALT_NODEFILE": str(nodefile)})
+    assert list(node.gpu_ids) == MIG7
+
+
+def test_thetagpu_launchers_own_node_asks_nvidia_smi_before_its_record(tmp_path: Path, monkeypatch, fake_machine) -> None:
+    machine = fake_machine([socket.gethostname()])
+    machine.nvidia_smi("thetagpu-nvidia-smi-L.txt")  # MIG off on this node now
+    monkeypatch.setenv("PATH", machine.env()["PATH"])
+    (tmp_path / f"balsam-{socket.gethostname()}-gpulist.txt").write_text(
+        (RECORDED / "thetagpu-mig-1g.5gb-nvidia-smi-L.txt").read_text())
+    [node] = ThetaGPUPlatform(options={"gpu_list_dir": str(tmp_path)}).discover_nodes(
+        {"COBALT_NODEFILE": str(machine.node_file)})
+    assert list(node.gpu_ids) == [str(g) for g in range(8)]
+
+
+@pytest.mark.parametrize("mig_count", ["0", "5"])
+def test_thetagpu_template_without_mig_removes_earlier_records(tmp_path: Path, mig_count: str) -> None:
+    """The script itself, run by bash: records of this allocation's nodes go; other files stay."""
+    gpu_lists = tmp_path / "gpulists"
+    gpu_lists.mkdir()
+    for host in ("thetagpu05", "thetagpu06", "thetagpu07"):
+        (gpu_lists / f"balsam-{host}-gpulist.txt").write_text("GPU 0: A100 (UUID: GPU-x)\n  MIG 1g.5gb Device 0: (UUID: MIG-y)\n")
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("thetagpu05\nthetagpu06\n")
+    site = tmp_path / "site"
+    site.mkdir()
+    batch_job = {"id": 7, "project": "datascience", "queue": "full-node", "num_nodes": 2, "wall_time_min": 30,
+                 "job_mode": "mpi", "filter_tags": {}, "partitions": None, "optional_params": {"mig_count": mig_count}}
+    context = build_context(batch_job, site, platform_options={"gpu_list_dir": str(gpu_lists)}, call_hook=False)
+    context["launcher_cmd"] = "echo launcher"  # only the part before the launcher runs here
+    script = render_job_script(ThetaGPUPlatform().job_template(), context)
+    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COBALT_NODEFILE": str(nodefile)})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in gpu_lists.iterdir()) == ["balsam-thetagpu07-gpulist.txt"]
+    assert ("not using MIG" in run.stderr) == (mig_count == "5")
 
 
 @pytest.mark.slow

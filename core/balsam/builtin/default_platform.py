@@ -3,8 +3,9 @@
 Nodes come from the allocation's environment (``SLURM_JOB_NODELIST``, ``PBS_NODEFILE``,
 ``COBALT_NODEFILE``) or, outside an allocation, the local host. CPU ids are this process's affinity
 (``os.sched_getaffinity``: the standard library, so that a launcher's start does not import psutil);
-GPU ids from ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi -L``. Every node is assumed to look like the
-one the launcher runs on.
+GPU ids from ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi -L`` (MIG instances by UUID when a GPU is
+split, a whole GPU beside them by index). Every node is assumed to look like the one the launcher
+runs on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from balsam.platform import LaunchSpec, NodeInfo, Platform
+from balsam.platform import LaunchSpec, NodeInfo, Platform, launch_option, nvidia_smi_list, parse_nvidia_smi_list
 
 __all__ = ["DefaultPlatform", "detect_mpi_flavor", "expand_hostlist"]
 
@@ -112,16 +113,12 @@ def _local_gpu_ids(env: Mapping[str, str]) -> list[str]:
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g.strip() for g in visible.split(",") if g.strip() and g.strip() not in ("-1", "NoDevFiles")]
-    nvidia_smi = shutil.which("nvidia-smi")
-    if not nvidia_smi:
+    text = nvidia_smi_list()
+    if not text:
         return []
-    try:
-        out = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if out.returncode != 0:
-        return []
-    return [m.group(1) for m in re.finditer(r"^GPU (\d+):", out.stdout, flags=re.MULTILINE)]
+    devices = parse_nvidia_smi_list(text)
+    # With MIG on, a split GPU's index is not a device a job can use alone: its instances are.
+    return devices.mig_ids() or list(devices.gpus)
 
 
 class DefaultPlatform(Platform):
@@ -189,13 +186,13 @@ class DefaultPlatform(Platform):
 
     @staticmethod
     def _extra_args(params: Mapping[str, Any]) -> list[str]:
-        """Launch params other than ``mpi_flavor`` as ``--key value`` (an empty value: just ``--key``)."""
+        """Launch params other than ``mpi_flavor`` as ``--key value`` (``-k value`` for a one-letter key;
+        an empty value: just the option)."""
         args: list[str] = []
         for key, value in params.items():
             if key == FLAVOR_PARAM:
                 continue
-            option = key if key.startswith("-") else f"--{key}"
-            args.append(option)
+            args.append(launch_option(key))
             if value not in (None, "", True):
                 args.append(str(value))
         return args
@@ -226,6 +223,10 @@ class DefaultPlatform(Platform):
         else:
             args = [self.mpiexec(), "-n", str(total), "-ppn", str(ranks_per_node), "--hosts", ",".join(hosts)]
         return args + self._extra_args(spec.launch_params)
+
+    def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
+        # Open MPI binds each rank to a core (or a package) unless told; MPICH's hydra binds none.
+        return {"bind-to": "none"} if self.mpi_flavor() == OPENMPI else {}
 
     # -- site init ------------------------------------------------------------------------------
     def settings_defaults(self) -> dict[str, Any]:

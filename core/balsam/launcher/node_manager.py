@@ -3,7 +3,11 @@
 A node has an occupancy (0..1: each job takes ``1 / node_packing_count`` of it), a set of idle CPU
 ids and a per-GPU free capacity (1.0 = whole GPU free; a job asking for ``gpus_per_rank=0.5`` takes half
 of one GPU, so two such jobs share it). Single-node jobs are packed first-fit; multi-node jobs take
-whole empty nodes. The mpi and serial job modes share this code, so both pack the same way.
+whole empty nodes, each of which must hold the job's per-node CPUs and GPUs. Where GPU ids are parts
+of one device (``NodeInfo.gpu_groups``: Aurora's tiles), a job asking for a whole number of devices
+gets whole free devices when there are any, and a smaller request goes to a half-used device first.
+CPUs are taken first-fit in id order: nothing here knows which CPUs sit near which GPU. The mpi and
+serial job modes share this code, so both pack the same way.
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ class Demand:
 
     @property
     def cpus_per_node(self) -> int:
-        return max(1, self.ranks_per_node * self.threads_per_rank // self.threads_per_core)
+        # Rounded up: 3 one-thread ranks at 2 threads per core need 2 cores; rounded down they got
+        # 1, and the third rank was bound to the first one's hardware thread.
+        threads = self.ranks_per_node * self.threads_per_rank
+        return max(1, -(-threads // self.threads_per_core))
 
     @property
     def gpus_per_node(self) -> float:
@@ -85,6 +92,13 @@ class ComputeNode:
         self.occupancy = 0.0
         self.idle_cpus: list[int] = list(info.cpu_ids)
         self.gpu_free: dict[str, float] = {g: 1.0 for g in info.gpu_ids}
+        #: GPU id -> its place in the node's order (the platform's preferred order).
+        self.gpu_order: dict[str, int] = {g: i for i, g in enumerate(info.gpu_ids)}
+        #: GPU id -> the ids of its device (itself alone when the platform names no groups).
+        self.group_of: dict[str, tuple[str, ...]] = {g: (g,) for g in info.gpu_ids}
+        for group in info.gpu_groups:
+            for gpu in group:
+                self.group_of[gpu] = group
         self.num_jobs = 0
 
     @property
@@ -95,21 +109,44 @@ class ComputeNode:
     def is_empty(self) -> bool:
         return self.num_jobs == 0
 
+    def _is_free(self, gpu: str) -> bool:
+        return self.gpu_free[gpu] >= 1.0 - _EPS
+
+    def _free_in_group(self, gpu: str) -> int:
+        return sum(1 for g in self.group_of[gpu] if self._is_free(g))
+
     def _pick_gpus(self, gpus: float) -> Optional[list[tuple[str, float]]]:
         if gpus <= 0:
             return []
+        order = self.gpu_order
         if gpus < 1.0:
-            # A fraction of one GPU: share the fullest GPU that still has room (keeps whole GPUs free).
-            candidates = [(free, g) for g, free in self.gpu_free.items() if free + _EPS >= gpus]
+            # A fraction of one GPU: share the fullest GPU that still has room (keeps whole GPUs
+            # free); among free ones, one of a half-used device first.
+            candidates = [(free, self._free_in_group(g), order[g], g) for g, free in self.gpu_free.items()
+                          if free + _EPS >= gpus]
             if not candidates:
                 return None
-            _, gpu = min(candidates)
-            return [(gpu, gpus)]
+            return [(min(candidates)[3], gpus)]
         whole = math.ceil(gpus - _EPS)
-        free_gpus = [g for g, free in self.gpu_free.items() if free >= 1.0 - _EPS]
+        free_gpus = [g for g in self.gpu_free if self._is_free(g)]
         if len(free_gpus) < whole:
             return None
-        return [(g, 1.0) for g in free_gpus[:whole]]
+        chosen: list[str] = []
+        # Whole free devices while the request still needs at least one device's worth...
+        for group in dict.fromkeys(self.group_of[g] for g in free_gpus):
+            if len(group) <= whole - len(chosen) and all(self._is_free(g) for g in group):
+                chosen.extend(group)
+        # ...then the rest from the devices with the fewest free ids (half-used ones first), so a
+        # single tile does not split a whole GPU while half of another is idle.
+        rest = sorted((g for g in free_gpus if g not in chosen), key=lambda g: (self._free_in_group(g), order[g]))
+        chosen.extend(rest[: whole - len(chosen)])
+        return [(g, 1.0) for g in chosen]
+
+    def could_hold(self, cpus: int, gpus: float) -> bool:
+        """Whether the node, idle, has ``cpus`` CPUs and ``gpus`` GPUs."""
+        gpu_count = len(self.info.gpu_ids)
+        gpus_ok = gpus <= 0 or (gpus < 1 and gpu_count > 0) or math.ceil(gpus - _EPS) <= gpu_count
+        return cpus <= len(self.info.cpu_ids) and gpus_ok
 
     def check_fit(self, cpus: int, gpus: float, occupancy: float) -> Optional[list[tuple[str, float]]]:
         """The GPU shares the job would take, or None if it does not fit now."""
@@ -163,21 +200,26 @@ class NodeManager:
         return max(len(n.info.cpu_ids) for n in self.nodes)
 
     def check_satisfiable(self, demand: Demand) -> None:
-        """Raise :class:`UnsatisfiableJob` if ``demand`` could never run here, even on idle nodes."""
+        """Raise :class:`UnsatisfiableJob` if ``demand`` could never run here, even on idle nodes.
+
+        Every node of a multi-node job runs ``ranks_per_node`` ranks: it needs ``num_nodes`` nodes
+        that each hold the per-node CPUs and GPUs (a 2-node job of 8 one-GPU ranks per node does
+        not fit 4-GPU nodes any better than a 1-node one)."""
         if demand.num_nodes > len(self.nodes):
             raise UnsatisfiableJob(f"job asks for {demand.num_nodes} nodes; this launcher has {len(self.nodes)}")
-        if demand.num_nodes > 1:
-            return
-        for node in self.nodes:
-            cpus_ok = demand.cpus_per_node <= len(node.info.cpu_ids)
-            gpus = demand.gpus_per_node
-            gpus_ok = gpus <= 0 or (gpus < 1 and len(node.info.gpu_ids) > 0) or math.ceil(gpus - _EPS) <= len(node.info.gpu_ids)
-            if cpus_ok and gpus_ok:
-                return
+        cpus, gpus = demand.cpus_per_node, demand.gpus_per_node
+        fitting = 0
+        for node in self.nodes:  # stops at the first nodes that do: called per job, over up to 10^4 nodes
+            if node.could_hold(cpus, gpus):
+                fitting += 1
+                if fitting >= demand.num_nodes:
+                    return
+        where = "one node" if demand.num_nodes == 1 else f"each of {demand.num_nodes} nodes"
         raise UnsatisfiableJob(
-            f"job asks for {demand.cpus_per_node} CPUs and {demand.gpus_per_node:g} GPUs on one node; "
+            f"job asks for {cpus} CPUs and {gpus:g} GPUs on {where}; "
             f"the nodes have at most {self.max_cpus_per_node()} CPUs and "
             f"{max(len(n.info.gpu_ids) for n in self.nodes)} GPUs"
+            + (f" ({fitting} of them hold that much)" if demand.num_nodes > 1 and fitting else "")
         )
 
     # -- assignment ----------------------------------------------------------------------------
@@ -186,7 +228,9 @@ class NodeManager:
         if job_id in self.placements:
             raise ValueError(f"job {job_id} is already placed")
         if demand.num_nodes > 1:
-            empty = [i for i, n in enumerate(self.nodes) if n.is_empty]
+            # Only nodes that hold the per-node CPUs and GPUs (nodes may differ: MIG on some).
+            cpus, gpus = demand.cpus_per_node, demand.gpus_per_node
+            empty = [i for i, n in enumerate(self.nodes) if n.is_empty and n.could_hold(cpus, gpus)]
             if len(empty) < demand.num_nodes:
                 raise InsufficientResources(f"{demand.num_nodes} empty nodes needed, {len(empty)} free")
             chosen = empty[: demand.num_nodes]

@@ -45,7 +45,12 @@ What the contract checks:
   ``mpi_launch_args(spec)`` followed by the app's command line; the arguments are strings;
 - the serial-mode worker start (one rank per node over all nodes, see
   ``balsam.launcher.modes.serial``) gives a command line (``serial_worker_line`` checks it exactly
-  when set) that names every host, so each node gets its worker.
+  when set) that names every host, so each node gets its worker;
+- ``unbound_serial_worker_params()`` (what replaces ``serial_mode_startup_params: {cpu_affinity:
+  none}``) is None or string launch params, and the worker line renders with them
+  (``unbound_serial_worker_line`` checks it exactly when set);
+- ``task_cpu_ids(ids, threads_per_core)`` (what a serial-mode task is pinned to) keeps the assigned
+  ids first, is exactly them for one thread per core, and gives each case of ``task_cpu_cases``.
 
 Override a ``test_*`` method (or set it to ``None``) only for a check that cannot apply to your
 machine, and say why in a comment.
@@ -112,6 +117,10 @@ class PlatformContract:
     launch_lines: ClassVar[Sequence[tuple[LaunchSpec, str]]] = ()
     #: The expected serial-worker start line on ``expected_hostnames`` (None: only checked loosely).
     serial_worker_line: ClassVar[Optional[str]] = None
+    #: The same line with ``unbound_serial_worker_params()`` (None: only checked loosely).
+    unbound_serial_worker_line: ClassVar[Optional[str]] = None
+    #: ``(assigned cpu ids, threads_per_core, ids the task is pinned to)`` cases of ``task_cpu_ids``.
+    task_cpu_cases: ClassVar[Sequence[tuple[Sequence[int], int, Sequence[int]]]] = ()
 
     # -- fixtures ---------------------------------------------------------------------------------
     @pytest.fixture
@@ -234,3 +243,28 @@ class PlatformContract:
             launch = line[: -len(SERIAL_WORKER_CMDLINE)]
             missing = [h for h in hosts if h not in launch]
             assert not missing, f"the serial-worker start line does not name hosts {missing}: {line}"
+
+    def test_serial_workers_unbound(self, platform):
+        params = platform.unbound_serial_worker_params()
+        if params is None:  # the platform does not know: serial mode drops cpu_affinity: none
+            assert self.unbound_serial_worker_line is None, "unbound_serial_worker_params() returned None"
+            return
+        assert isinstance(params, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()), \
+            "unbound_serial_worker_params() returns None or a dict of str -> str launch params"
+        hosts = list(self.expected_hostnames) or ["node0", "node1"]
+        line = platform.mpi_command_line(LaunchSpec(cmdline=SERIAL_WORKER_CMDLINE, hostnames=hosts, ranks_per_node=1,
+                                                    launch_params=params))
+        assert line.endswith(SERIAL_WORKER_CMDLINE)
+        if self.unbound_serial_worker_line is not None:
+            assert line == self.unbound_serial_worker_line
+
+    def test_task_cpu_ids(self, platform):
+        for threads_per_core in (1, 2):
+            pinned = platform.task_cpu_ids((0, 1), threads_per_core)
+            assert isinstance(pinned, tuple) and all(isinstance(c, int) for c in pinned), \
+                "task_cpu_ids returns a tuple of int"
+            assert pinned[:2] == (0, 1), "task_cpu_ids keeps the assigned ids first"
+            if threads_per_core == 1:
+                assert pinned == (0, 1), "one thread per core: the task is pinned to its assigned ids only"
+        for cpu_ids, threads_per_core, expected in self.task_cpu_cases:
+            assert platform.task_cpu_ids(tuple(cpu_ids), threads_per_core) == tuple(expected)

@@ -2,7 +2,9 @@
 Center GPU Max 1550, each of two tiles; PBS Pro; PALS ``mpiexec``.
 
 A Balsam "GPU" here is a tile (``0.0`` ... ``5.1``, GPU.tile), so ``gpus_per_rank=1`` places one rank
-per tile and ``gpus_per_rank=2`` one rank per whole GPU; with the option ``tiles_per_gpu=1`` a Balsam
+per tile and ``gpus_per_rank=2`` one rank per whole GPU (the nodes name each GPU's tiles as one
+``NodeInfo.gpu_groups`` entry, so two tiles go to one free GPU even after single-tile jobs, and a
+single tile goes to a half-used GPU first); with the option ``tiles_per_gpu=1`` a Balsam
 GPU is a whole GPU (ids ``0`` ... ``5``). A job sees its tiles (or GPUs) through
 ``ZE_AFFINITY_MASK`` (with ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` so that the ids follow the PCI order
 the mask refers to); CUDA variables mean nothing to Level Zero and are never set.
@@ -27,14 +29,16 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, hosts_from_node_file,
-    launch_param_args, leading_job_number, parse_id_ranges, pick_cpu_binding,
+    LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, hardware_thread_ids,
+    hosts_from_node_file, launch_param_args, leading_job_number, parse_id_ranges, pick_cpu_binding,
 )
 
 #: launch_params keys that name the CPU binding (``--cpu-bind`` itself, or as users write it in 0.7).
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
 #: launch_params keys that set the depth (``-d``).
 DEPTH_KEYS = ("depth", "-d", "--depth")
+#: Hardware threads per core of the Xeon Max 9470C (2 per core: 208 on 104 cores).
+HARDWARE_THREADS_PER_CORE = 2
 
 
 def tile_ids(num_gpus: int, tiles_per_gpu: int) -> tuple[str, ...]:
@@ -43,9 +47,15 @@ def tile_ids(num_gpus: int, tiles_per_gpu: int) -> tuple[str, ...]:
     With one tile per GPU the ids are the plain GPU ids ``("0", "1", ...)``: in composite mode
     ``ZE_AFFINITY_MASK=0`` exposes the whole GPU (both tiles) while ``0.0`` would expose tile 0 only.
     """
+    return tuple(tile for group in tile_groups(num_gpus, tiles_per_gpu) for tile in group)
+
+
+def tile_groups(num_gpus: int, tiles_per_gpu: int) -> tuple[tuple[str, ...], ...]:
+    """The ids of each GPU's tiles, one tuple per GPU (``NodeInfo.gpu_groups``: a request for a
+    multiple of ``tiles_per_gpu`` tiles gets whole GPUs; one tile goes to a half-used GPU first)."""
     if tiles_per_gpu == 1:
-        return tuple(str(gpu) for gpu in range(num_gpus))
-    return tuple(f"{gpu}.{tile}" for gpu in range(num_gpus) for tile in range(tiles_per_gpu))
+        return tuple((str(gpu),) for gpu in range(num_gpus))
+    return tuple(tuple(f"{gpu}.{tile}" for tile in range(tiles_per_gpu)) for gpu in range(num_gpus))
 
 
 def _non_negative(_instance: Any, attribute: Any, value: int) -> None:
@@ -110,6 +120,7 @@ class AuroraPlatform(Platform):
         for name, problem in tiles_per_gpu_errors(self.options.tiles_per_gpu).items():
             raise ValueError(f"launcher.platform_options.{name}: {problem}")
         self.gpu_ids = tile_ids(self.options.gpus_per_node, self.options.tiles_per_gpu)
+        self.gpu_groups = tile_groups(self.options.gpus_per_node, self.options.tiles_per_gpu)
 
     # -- inside an allocation -------------------------------------------------------------------
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
@@ -117,7 +128,8 @@ class AuroraPlatform(Platform):
 
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
         return [
-            NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids)
+            NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids,
+                     gpu_groups=self.gpu_groups if self.options.tiles_per_gpu > 1 else ())
             for host in self.hostnames(env)
         ]
 
@@ -142,6 +154,16 @@ class AuroraPlatform(Platform):
             "--envall",
         ]
         return args + launch_param_args(params, skip=CPU_BIND_KEYS + DEPTH_KEYS)
+
+    def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
+        # The computed default binding (list:<every core>) would leave out the second hardware
+        # threads the workers pin threads_per_core=2 tasks to.
+        return {"cpu-bind": "none"}
+
+    def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
+        # As the mpiexec binding does: a core's second hardware thread is core + hyperthread_offset.
+        return tuple(hardware_thread_ids(cpu_ids, threads_per_core, self.options.hyperthread_offset,
+                                         max_threads_per_core=HARDWARE_THREADS_PER_CORE))
 
     def gpu_environment(self, gpu_ids: Sequence[str]) -> dict[str, str]:
         if not gpu_ids:

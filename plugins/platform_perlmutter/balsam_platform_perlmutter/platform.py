@@ -9,25 +9,54 @@ names (regular, debug, ...), so the site's Slurm scheduler is set to pass the qu
 (``scheduler.options.queue_flag``). Runs are Slurm job steps, Balsam 0.7's ``PerlmutterRun`` line::
 
     srun [--gres=craynetwork:0] -n N --ntasks-per-node R [--gpus-per-task G] --nodelist h1,h2 --nodes n
-         --cpus-per-task T [--key value ...] --overlap CMD
+         --cpus-per-task C --cpu-bind=cores [--key value ...] --overlap CMD
 
-(``--overlap`` so that packed steps may share the allocation's nodes).
+(``--overlap`` so that packed steps may share the allocation's nodes). ``C`` counts logical CPUs
+(hardware threads), as srun does (NERSC: ``-c`` is 2 x the cores a task needs): the cores of one rank,
+``ceil(threads_per_rank / threads_per_core)``, times the node's 2 hardware threads per core; 0.7 passed
+``threads_per_rank``, which gave a rank of 8 threads 4 cores. ``--cpu-bind=cores`` (NERSC's advice)
+unless the job's launch_params bind otherwise.
 """
 
 from __future__ import annotations
 
 import shlex
 from importlib import resources
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import attrs
 
 from balsam.builtin.default_platform import expand_hostlist
 from balsam.options import option
-from balsam.platform import LaunchSpec, NodeInfo, Platform, cpu_ids_errors, launch_param_args, leading_job_number, parse_id_ranges
+from balsam.platform import (
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, hardware_thread_ids, launch_param_args, leading_job_number,
+    parse_id_ranges,
+)
 
-#: launch_params that replace the computed value of the same srun option.
-OVERRIDABLE = ("cpus-per-task", "gpus-per-task", "ntasks-per-node")
+#: srun options the platform computes -> the launch_params keys that replace the computed value
+#: (as written in settings and jobs: bare, with dashes, or the short letter). An empty value
+#: leaves the option out (``{"gpus-per-task": ""}``: no GPU request); srun has no bare form of them.
+OVERRIDES = {
+    "gres": ("gres", "--gres"),
+    "ntasks-per-node": ("ntasks-per-node", "--ntasks-per-node"),
+    "gpus-per-task": ("gpus-per-task", "--gpus-per-task"),
+    "cpus-per-task": ("cpus-per-task", "--cpus-per-task", "c", "-c"),
+    "cpu-bind": ("cpu-bind", "--cpu-bind", "cpu_bind"),
+}
+#: The binding of a step whose launch_params name none (NERSC's recommended ``--cpu-bind=cores``).
+DEFAULT_CPU_BIND = "cores"
+
+
+def _override(params: dict[str, Any], option: str) -> tuple[bool, Any]:
+    """``(given, value)`` of the launch param that replaces srun's ``option``; every alias of it is
+    taken out of ``params`` (the first one set wins)."""
+    given, value = False, None
+    for key in OVERRIDES[option]:
+        if key in params:
+            found = params.pop(key)
+            if not given:
+                given, value = True, found
+    return given, value
 
 
 @attrs.frozen
@@ -56,6 +85,8 @@ class PerlmutterGPUPlatform(Platform):
     node_gpu_ids = "0,1,2,3"
     #: Logical CPUs of a node: what one serial-mode worker per node asks srun for.
     logical_cpus = 128
+    #: Hardware threads per core (srun's --cpus-per-task counts them); core c's second is c + cores.
+    hardware_threads_per_core = 2
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -75,24 +106,51 @@ class PerlmutterGPUPlatform(Platform):
         return leading_job_number(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "")
 
     # -- MPI ------------------------------------------------------------------------------------
+    def cpus_per_task(self, spec: LaunchSpec) -> int:
+        """srun's ``--cpus-per-task``: logical CPUs, so the rank's cores times the hardware threads of
+        a core (NERSC's rule); a rank's cores are ``threads_per_rank / threads_per_core`` rounded up."""
+        threads_per_core = min(max(1, spec.threads_per_core), self.hardware_threads_per_core)
+        cores = max(1, -(-max(1, spec.threads_per_rank) // threads_per_core))
+        return cores * self.hardware_threads_per_core
+
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
         args = [*shlex.split(self.options.srun)]
-        gres = params.pop("gres", None)
-        if gres is None and spec.num_ranks == 1:
+        given, gres = _override(params, "gres")
+        if not given and spec.num_ranks == 1:
             gres = self.options.single_rank_gres
         if gres:
             args.append(f"--gres={gres}")
-        args += ["-n", str(spec.num_ranks),
-                 "--ntasks-per-node", str(params.pop("ntasks-per-node", max(1, spec.ranks_per_node)))]
-        gpus = params.pop("gpus-per-task", None)
-        if gpus is None and spec.gpus_per_rank >= 1 and float(spec.gpus_per_rank).is_integer():
+        given, ntasks = _override(params, "ntasks-per-node")
+        args += ["-n", str(spec.num_ranks), "--ntasks-per-node", str(ntasks if given else max(1, spec.ranks_per_node))]
+        given, gpus = _override(params, "gpus-per-task")
+        if not given and spec.gpus_per_rank >= 1 and float(spec.gpus_per_rank).is_integer():
             gpus = int(spec.gpus_per_rank)  # a fraction of a GPU: no srun GPU request, CUDA_VISIBLE_DEVICES only
-        if gpus is not None:
+        if gpus not in (None, ""):
             args += ["--gpus-per-task", str(gpus)]
-        args += ["--nodelist", ",".join(spec.hostnames), "--nodes", str(spec.num_nodes),
-                 "--cpus-per-task", str(params.pop("cpus-per-task", spec.threads_per_rank))]
+        args += ["--nodelist", ",".join(spec.hostnames), "--nodes", str(spec.num_nodes)]
+        given, cpus = _override(params, "cpus-per-task")
+        if not given:
+            cpus = self.cpus_per_task(spec)
+        if cpus not in (None, ""):
+            args += ["--cpus-per-task", str(cpus)]
+        given, bind = _override(params, "cpu-bind")
+        if not given:
+            bind = DEFAULT_CPU_BIND
+        if bind not in (None, ""):
+            args.append(f"--cpu-bind={bind}")
         return args + launch_param_args(params) + ["--overlap"]
+
+    # -- serial mode ----------------------------------------------------------------------------
+    def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
+        # srun binds a task to its --cpus-per-task logical CPUs: the worker gets them all.
+        return {"cpus-per-task": str(self.logical_cpus)}
+
+    def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
+        # The CPU ids are cores 0..N-1; core c's second hardware thread is c + N (N = logical_cpus / 2).
+        offset = self.logical_cpus // self.hardware_threads_per_core
+        return tuple(hardware_thread_ids(cpu_ids, threads_per_core, offset,
+                                         max_threads_per_core=self.hardware_threads_per_core))
 
     # -- site init ------------------------------------------------------------------------------
     @classmethod

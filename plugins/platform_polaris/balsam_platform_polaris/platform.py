@@ -1,15 +1,19 @@
 """Polaris (ALCF): HPE Apollo 6500 nodes with one 32-core AMD EPYC 7543P (64 hardware threads) and
 four NVIDIA A100 GPUs; PBS Pro; PALS ``mpiexec``.
 
-GPU ids are handed out in the order ``3, 2, 1, 0``: on Polaris GPU 3 sits closest to cores 0-7, GPU 2
-to cores 8-15 and so on, so first-fit placement gives a job the cores and the GPU of one NUMA
-domain (Balsam 0.7's ``PolarisNode``).
+GPU ids are handed out in the order ``3, 2, 1, 0`` (Balsam 0.7's ``PolarisNode``): on Polaris GPU 3
+sits closest to cores 0-7, GPU 2 to cores 8-15 and so on. CPUs are handed out first-fit in id order,
+independently of the GPU, so a job gets the cores and the GPU of one NUMA domain only when the
+jobs before it took whole domains (8 cores each: ``threads_per_rank=8`` one-GPU jobs); four one-core
+one-GPU jobs get cores 0, 1, 2, 3 and GPUs 3, 2, 1, 0.
 
 MIG: when a node's GPUs are split into MIG instances, the instances (their ``MIG-...`` UUIDs) become
 the node's GPU ids and ``CUDA_VISIBLE_DEVICES`` names them; a GPU left whole beside them keeps its
-index. They are read from
+index. For the node the launcher runs on they come from ``nvidia-smi -L`` itself (option
+``discover_mig``); for the others, and when that cannot run, from
 ``<gpu_list_dir>/balsam-<host>-gpulist.txt`` (``nvidia-smi -L`` output recorded per node, Balsam
-0.7's convention) and, for the node the launcher runs on, from ``nvidia-smi -L`` itself.
+0.7's convention), if it was written after the allocation started (``$PBS_NODEFILE``'s mtime): an
+older record is an earlier job's, its MIG instances perhaps gone.
 """
 
 from __future__ import annotations
@@ -17,25 +21,25 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-import shutil
 import socket
-import subprocess
 from importlib import resources
-from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, hosts_from_node_file, launch_param_args,
-    leading_job_number, parse_id_ranges, parse_nvidia_smi_list, pick_cpu_binding,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, file_mtime, first_launch_param, hardware_thread_ids,
+    hosts_from_node_file, launch_param_args, leading_job_number, nvidia_smi_list, parse_id_ranges,
+    parse_nvidia_smi_list, pick_cpu_binding, read_fresh_gpu_list,
 )
 
 logger = logging.getLogger("balsam.platform.polaris")
 
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
 DEPTH_KEYS = ("depth", "-d", "--depth")
+#: Hardware threads per core of the EPYC 7543P (SMT 2).
+HARDWARE_THREADS_PER_CORE = 2
 
 
 @attrs.frozen
@@ -56,9 +60,12 @@ class PolarisOptions:
     gpu_list_dir: str = option(
         "/var/tmp",
         "Directory of per-node `nvidia-smi -L` records (balsam-<host>-gpulist.txt); MIG instances listed "
-        "there become the node's GPU ids. Empty: only the launcher's own node is asked.",
+        "there become the node's GPU ids (records older than the allocation are ignored). Empty: only "
+        "the launcher's own node is asked.",
     )
-    discover_mig: bool = option(True, "Run `nvidia-smi -L` on the launcher's node to find MIG instances.")
+    discover_mig: bool = option(
+        True, "Run `nvidia-smi -L` on the launcher's node to find MIG instances (it wins over that node's record)."
+    )
 
     def validate(self) -> dict[str, str]:
         return cpu_ids_errors(self.cpu_ids)
@@ -84,31 +91,18 @@ class PolarisPlatform(Platform):
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
         return hosts_from_node_file(env, "PBS_NODEFILE", inside="a PBS job")
 
-    def _recorded_list(self, host: str) -> Optional[str]:
-        if not self.options.gpu_list_dir:
-            return None
-        for name in {host, _short(host)}:
-            path = Path(self.options.gpu_list_dir) / f"balsam-{name}-gpulist.txt"
-            if path.is_file():
-                return path.read_text()
-        return None
-
     def _local_list(self) -> Optional[str]:
-        program = shutil.which("nvidia-smi") if self.options.discover_mig else None
-        if program is None:
-            return None
-        try:
-            out = subprocess.run([program, "-L"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            logger.warning("nvidia-smi -L failed: %s", exc)
-            return None
-        return out.stdout if out.returncode == 0 else None
+        return nvidia_smi_list() if self.options.discover_mig else None
 
-    def node_gpu_ids(self, host: str, local: bool) -> tuple[str, ...]:
-        """MIG UUIDs when the node's GPUs are split (GPUs in affinity order), else ``gpu_ids``."""
-        text = self._recorded_list(host)
-        if text is None and local:
-            text = self._local_list()
+    def node_gpu_ids(self, host: str, local: bool, not_before: Optional[float] = None) -> tuple[str, ...]:
+        """MIG UUIDs when the node's GPUs are split (GPUs in affinity order), else ``gpu_ids``.
+
+        The launcher's own node (``local``) is asked live first: a record there may be an earlier
+        job's. A record (this node's when ``nvidia-smi`` cannot run, the others') counts only if
+        written at or after ``not_before`` (the allocation's start)."""
+        text = self._local_list() if local else None
+        if text is None:
+            text = read_fresh_gpu_list(self.options.gpu_list_dir, (host, _short(host)), not_before)
         if text:
             migs = parse_nvidia_smi_list(text).mig_ids(self.gpu_ids)
             if migs:
@@ -119,9 +113,10 @@ class PolarisPlatform(Platform):
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
         here = _short(socket.gethostname())
         hosts = self.hostnames(env)
+        started = file_mtime(env.get("PBS_NODEFILE"))  # PBS writes it when the allocation starts
         return [
             NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids,
-                     gpu_ids=self.node_gpu_ids(host, local=_short(host) == here or len(hosts) == 1))
+                     gpu_ids=self.node_gpu_ids(host, local=_short(host) == here or len(hosts) == 1, not_before=started))
             for host in hosts
         ]
 
@@ -149,6 +144,16 @@ class PolarisPlatform(Platform):
             "-d", str(depth),
         ]
         return args + launch_param_args(params, skip=CPU_BIND_KEYS + DEPTH_KEYS)
+
+    def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
+        # The computed default binding (list:<every core>) would leave out the second hardware
+        # threads the workers pin threads_per_core=2 tasks to.
+        return {"cpu-bind": "none"}
+
+    def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
+        # As the mpiexec binding does: a core's second hardware thread is core + hyperthread_offset.
+        return tuple(hardware_thread_ids(cpu_ids, threads_per_core, self.options.hyperthread_offset,
+                                         max_threads_per_core=HARDWARE_THREADS_PER_CORE))
 
     # gpu_environment: the base class's CUDA_DEVICE_ORDER=PCI_BUS_ID + CUDA_VISIBLE_DEVICES (MIG
     # UUIDs included).

@@ -7,7 +7,10 @@
 - ``thetagpu``: NVIDIA DGX A100 nodes (2 x 64-core AMD EPYC 7742, 8 A100-SXM4-40GB) listed in
   ``$COBALT_NODEFILE``; Open MPI ``mpirun``. With ``-x mig_count=2|3|7`` the job template splits every
   GPU into MIG instances and records each node's ``nvidia-smi -L``; the MIG UUIDs then become the
-  node's GPU ids (and ``CUDA_VISIBLE_DEVICES`` values).
+  node's GPU ids (and ``CUDA_VISIBLE_DEVICES`` values). The launcher's own node is asked live
+  (``nvidia-smi -L``) first; a record counts only if written after the allocation started
+  (``$COBALT_NODEFILE``'s mtime), and the template removes the records of an earlier job when this
+  one uses no MIG.
 """
 
 from __future__ import annotations
@@ -16,22 +19,27 @@ import logging
 import os
 import re
 import shlex
+import socket
 from importlib import resources
-from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, hosts_from_node_file, launch_param_args,
-    leading_job_number, parse_id_ranges, parse_nvidia_smi_list,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, file_mtime, first_launch_param, hardware_thread_ids,
+    hosts_from_node_file, launch_param_args, leading_job_number, nvidia_smi_list, parse_id_ranges,
+    parse_nvidia_smi_list, read_fresh_gpu_list,
 )
 
 logger = logging.getLogger("balsam.platform.theta")
 
 #: launch_params keys naming aprun's -cc (0.7 users wrote cpu_affinity).
 AFFINITY_KEYS = ("cpu_affinity", "cc", "-cc")
+#: Xeon Phi 7230: 64 cores of 4 hardware threads; core c's threads are c, c+64, c+128, c+192.
+KNL_CORES, KNL_THREADS_PER_CORE = 64, 4
+#: DGX A100: 2 x 64 cores of 2 hardware threads; core c's second thread is c+128.
+DGX_CORES, DGX_THREADS_PER_CORE = 128, 2
 
 
 def expand_nid_ranges(text: str) -> list[int]:
@@ -109,6 +117,13 @@ class ThetaKNLPlatform(Platform):
     def gpu_environment(self, gpu_ids: Any) -> dict[str, str]:
         return {}
 
+    def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
+        # aprun binds every rank with -cc depth unless told: the worker would be confined to one core.
+        return {"cc": "none"}
+
+    def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
+        return tuple(hardware_thread_ids(cpu_ids, threads_per_core, KNL_CORES, max_threads_per_core=KNL_THREADS_PER_CORE))
+
     @classmethod
     def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:
         host = hostname.lower()
@@ -146,7 +161,11 @@ class ThetaGPUOptions:
     gpu_list_dir: str = option(
         "/var/tmp",
         "Where the job template records each node's `nvidia-smi -L` (balsam-<host>-gpulist.txt) after "
-        "creating MIG instances, and where the launcher reads them (the template renders this value).",
+        "creating MIG instances, and where the launcher reads them (the template renders this value); "
+        "records older than the allocation are ignored.",
+    )
+    discover_mig: bool = option(
+        True, "Run `nvidia-smi -L` on the launcher's node to find MIG instances (it wins over that node's record)."
     )
     mpirun: str = option("mpirun", "The Open MPI mpirun command.")
 
@@ -166,18 +185,28 @@ class ThetaGPUPlatform(Platform):
         self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
         self.gpu_ids = tuple(g.strip() for g in self.options.gpu_ids.split(",") if g.strip())
 
-    def _gpu_ids(self, host: str) -> tuple[str, ...]:
-        record = Path(self.options.gpu_list_dir or ".") / f"balsam-{host}-gpulist.txt"
-        if self.options.gpu_list_dir and record.is_file():
-            migs = parse_nvidia_smi_list(record.read_text()).mig_ids(self.gpu_ids)
+    def _gpu_ids(self, host: str, local: bool = False, not_before: Optional[float] = None) -> tuple[str, ...]:
+        """MIG UUIDs (and whole GPUs beside them) when the node's GPUs are split, else ``gpu_ids``:
+        from ``nvidia-smi -L`` on the launcher's own node (``local``), else from the node's record
+        if written at or after ``not_before`` (the allocation's start; an older one is an earlier
+        job's, its instances perhaps destroyed)."""
+        text = nvidia_smi_list() if local and self.options.discover_mig else None
+        if text is None:
+            text = read_fresh_gpu_list(self.options.gpu_list_dir, (host,), not_before)
+        if text:
+            migs = parse_nvidia_smi_list(text).mig_ids(self.gpu_ids)
             if migs:
-                logger.info("%s: %d GPU ids, MIG instances and whole GPUs (from %s)", host, len(migs), record)
+                logger.info("%s: %d GPU ids, MIG instances and whole GPUs", host, len(migs))
                 return tuple(migs)
         return self.gpu_ids
 
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
         hosts = hosts_from_node_file(env, "COBALT_NODEFILE", inside="a Cobalt job on ThetaGPU")
-        return [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self._gpu_ids(host)) for host in hosts]
+        here = socket.gethostname().split(".")[0]
+        started = file_mtime(env.get("COBALT_NODEFILE"))  # Cobalt writes it when the allocation starts
+        return [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids,
+                         gpu_ids=self._gpu_ids(host, local=host.split(".")[0] == here, not_before=started))
+                for host in hosts]
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
         return leading_job_number(env.get("COBALT_JOBID", ""))
@@ -194,6 +223,12 @@ class ThetaGPUPlatform(Platform):
             args += ["-x", name]
         args += ["--host", ",".join(spec.hostnames)]
         return args + launch_param_args(spec.launch_params)
+
+    def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
+        return {}  # the mpirun line has --bind-to none already
+
+    def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
+        return tuple(hardware_thread_ids(cpu_ids, threads_per_core, DGX_CORES, max_threads_per_core=DGX_THREADS_PER_CORE))
 
     @classmethod
     def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:

@@ -13,9 +13,9 @@ export https_proxy=http://theta-proxy.tmi.alcf.anl.gov:3128
 
 # -x mig_count=2|3|7 splits every A100 of every node into that many MIG instances (3g.20gb,
 # 2g.10gb or 1g.5gb) and records each node's `nvidia-smi -L` where the launcher reads its GPU ids.
+gpu_list_dir={{ (platform_options.get("gpu_list_dir") or "/var/tmp") | shell_quote }}  # where the launcher reads them
 {% if mig_count in ("2", "3", "7") %}
 mig_profile={{ {"2": 9, "3": 14, "7": 19}[mig_count] }}
-gpu_list_dir={{ (platform_options.get("gpu_list_dir") or "/var/tmp") | shell_quote }}  # where the launcher reads them
 echo "Creating {{ mig_count }} MIG instances per GPU (profile $mig_profile) on {{ num_nodes }} node(s)"
 for i in $(seq 1 {{ mig_count }}); do
     {{ mpirun }} -hostfile "$COBALT_NODEFILE" -n {{ num_nodes }} -npernode 1 nvidia-smi_mig -cgi "$mig_profile" -C || exit 1
@@ -24,8 +24,14 @@ for host in $(cat "$COBALT_NODEFILE"); do
     {{ mpirun }} -hostfile "$COBALT_NODEFILE" --host "$host" -n 1 nvidia-smi -L > "$gpu_list_dir/balsam-$host-gpulist.txt" || exit 1
     echo "GPU list of $host recorded in $gpu_list_dir/balsam-$host-gpulist.txt"
 done
-{% elif mig_count != "0" %}
-echo "mig_count={{ mig_count }} is not one of 2, 3, 7: not using MIG" >&2
+{% else %}
+{% if mig_count != "0" %}echo "mig_count={{ mig_count }} is not one of 2, 3, 7: not using MIG" >&2
+{% endif %}
+# No MIG in this job: an earlier MIG job's records (gpu_list_dir outlives it) would name instances
+# that may be gone; the launcher ignores records older than the allocation, and they go here too.
+for host in $(cat "$COBALT_NODEFILE"); do
+    rm -f "$gpu_list_dir/balsam-$host-gpulist.txt"
+done
 {% endif %}
 
 export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}

@@ -95,10 +95,15 @@ class SerialMode(JobMode):
         ctx = self.context
         worker = f"{shlex.quote(sys.executable)} -m balsam.launcher.modes.serial_worker {shlex.quote(config_path)}"
         params = {str(k): str(v) for k, v in (ctx.setting("serial_mode_startup_params") or {}).items()}
-        # Balsam 0.7's default ``cpu_affinity: none`` means "do not bind the workers", which is what
-        # every MPI launcher does when not told otherwise: leave it out rather than pass an unknown flag.
+        # Balsam 0.7's default ``cpu_affinity: none`` means "do not bind the workers" (they pin their
+        # own tasks). MPI launchers bind by default (aprun -cc depth, srun to --cpus-per-task 1, Open
+        # MPI to a core): the platform says how to start its workers unbound; one that does not
+        # know (None) gets the key left out rather than an option its launcher does not have.
         if params.get("cpu_affinity", "").lower() == "none":
             params.pop("cpu_affinity")
+            unbound = ctx.platform.unbound_serial_worker_params()
+            for key, value in (unbound or {}).items():
+                params.setdefault(str(key), str(value))
         gpus = len(ctx.nodes[0].gpu_ids) if ctx.nodes else 0
         spec = LaunchSpec(
             cmdline=worker,
