@@ -122,3 +122,38 @@ def test_delete_and_projects(cobalt):
         cobalt.parse_delete(result(stderr="qdel: permission denied", returncode=1), 1)
     projects = cobalt.parse_discover_projects(result(stderr=recorded("cobalt", "qsub_bad_project.stderr.txt"), returncode=1))
     assert projects == ["datascience", "catalyst", "CSC249ADCD08"]
+
+
+def test_qsub_that_exits_0_without_a_job_id_is_not_a_refusal(cobalt):
+    """qsub accepted the job (exit 0) but its id line was lost: the job may be queued. A permanent
+    refusal made the agent drop the submission's marker and fail the BatchJob while the job ran."""
+    for stdout in (recorded("cobalt", "qsub_no_jobid.txt"), ""):
+        with pytest.raises(SchedulerError, match="^qsub printed no job id") as info:
+            cobalt.parse_submit(result(stdout=stdout, returncode=0))
+        assert not info.value.permanent
+
+
+def test_status_with_nothing_readable_is_a_failed_poll_not_an_empty_queue(cobalt, caplog):
+    """As Slurm's: lines under the header, none readable, used to read as "no jobs", and every
+    queued BatchJob was declared gone after three polls."""
+    with pytest.raises(SchedulerError, match=r"^qstat printed nothing readable \(first line: 'Traceback"):
+        cobalt.parse_status(result(stdout=recorded("cobalt", "qstat_nothing_readable.txt")), NOW)
+    assert caplog.text.count("skipped unreadable line") == 2
+    assert cobalt.parse_status(result(stdout=recorded("cobalt", "qstat_header.txt").splitlines(True)[0]), NOW) == {}
+
+
+def test_an_earlier_submission_is_found_in_its_cobaltlog(cobalt, tmp_path):
+    """qstat cannot look jobs up by name; qsub writes the job's .cobaltlog (``Jobid: N``) as it
+    accepts it, so a submission whose output was lost is found there, not submitted twice."""
+    import os
+
+    script = tmp_path / "qlaunch00014.sh"
+    script.write_text("#!/bin/bash\n")
+    request = SubmitRequest(script_path=script, project="datascience", queue="debug-cache-quad", num_nodes=8,
+                            wall_time_min=30, job_name="qlaunch00014")
+    assert cobalt.find_submitted(request) is None  # no log: cannot tell
+    log = script.with_suffix(".cobaltlog")
+    shutil.copy(DATA / "cobalt" / "qlaunch00014_deleted.cobaltlog", log)
+    assert cobalt.find_submitted(request) == [498131]
+    os.utime(log, (script.stat().st_mtime - 60,) * 2)  # a log older than the script is another BatchJob's
+    assert cobalt.find_submitted(request) is None

@@ -18,7 +18,7 @@ class TestSlurmContract(SchedulerContract):
     user = "root"
     recorded_dir = DATA / "slurm"
     now = utc(2026, 11, 22, 5, 43, 0)
-    submit_outputs = {"sbatch_parsable": 6, "sbatch_plain": 7}
+    submit_outputs = {"sbatch_parsable": 6, "sbatch_plain": 7, "sbatch_clusters_parsable": 19}
     submit_refusals = {
         "sbatch_bad_partition": Refusal("Invalid partition name specified", permanent=True),
         "sbatch_missing_script": Refusal("Unable to open file /nonexistent/script.sh"),
@@ -28,6 +28,9 @@ class TestSlurmContract(SchedulerContract):
         "squeue_all": {2: R, 4: R, 5: Q, 6: R, 9: R, 10: Q, 11: Q},
         "squeue_after": {5: Q, 11: Q},
         "squeue_empty": {},
+        # --clusters output: the `CLUSTER: ci` line and the column header are not jobs
+        "squeue_clusters": {19: R, 20: Q},
+        "squeue_clusters_empty": {},
     }
     status_failures = {
         "synthetic_squeue_default_format": "nothing readable",
@@ -38,6 +41,9 @@ class TestSlurmContract(SchedulerContract):
     history_cases = [
         HistoryCase({1: F, 2: F, 5: None, 8: F, 9: F, 10: F, 11: None, 99999: None}, output="sacct_history"),
         HistoryCase({201: F, 202: SF, 203: F, 205: SF, 206: None, 207: SF}, output="synthetic_sacct_more_states"),
+        HistoryCase({11: F, 19: F, 20: F}, output="sacct_clusters"),
+        # no accounting at all: no record, ever (not a failed lookup, which would raise)
+        HistoryCase({11: None, 19: None}, output="synthetic_sacct_disabled"),
     ]
     backfill_outputs = {"sinfo_backfill": {"debug": [(4, 1440)]},
                         "synthetic_sinfo_mixed": {"big": [(10, 2880)], "debug": [(4, 30)], "long": [(2, 1440)]}}
@@ -61,6 +67,7 @@ class TestPBSContract(SchedulerContract):
         "qstat_f_json": {1196243: R, 1196250: Q, 1196251: Q, 1196252: R},
         "qstat_f_json_bad_escapes": {1196243: R, 1196250: Q, 1196251: Q, 1196252: R},
         "qstat_f_json_no_jobs": {},
+        "qstat_f_json_routed": {1196400: Q, 1196401: Q},
     }
     status_failures = {"qstat_f_json_truncated": "invalid JSON"}
     delete_outputs = {"qdel_unknown": None, "qdel_unauthorized": "Unauthorized Request"}
@@ -81,9 +88,16 @@ class TestCobaltContract(SchedulerContract):
     recorded_dir = DATA / "cobalt"
     now = utc(2023, 11, 21, 18, 16, 13)
     submit_outputs = {"qsub_ok": 498131}
-    submit_refusals = {"qsub_bad_queue": Refusal("", permanent=True)}
+    submit_refusals = {
+        "qsub_bad_queue": Refusal("", permanent=True),
+        # qsub exited 0: the job may be queued, so not a refusal
+        "qsub_no_jobid": Refusal("printed no job id", permanent=False),
+    }
     status_outputs = {"qstat_header": {498110: R, 498131: Q, 498132: Q, 498140: SF, 498141: R, 498142: R}}
-    status_failures = {"qstat_default_header": "requested columns"}
+    status_failures = {"qstat_default_header": "requested columns", "qstat_nothing_readable": "nothing readable"}
+    overrides_orchestration = {
+        "find_submitted": "qstat cannot look jobs up by name: the job id is read from the .cobaltlog qsub writes",
+    }
     delete_outputs = {"qdel_ok": None}
     history_cases = [
         HistoryCase({498110: F, 498111: None, 498131: F, 498140: SF, 498150: None, 1: None},

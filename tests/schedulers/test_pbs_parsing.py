@@ -8,7 +8,7 @@ import pytest
 from balsam.scheduler import SchedulerError, StatusPoll, SubmitRequest
 from balsam.states import BatchJobState
 from balsam_scheduler_pbs import PBS_STATES, PBSScheduler
-from balsam_scheduler_pbs.scheduler import parse_pbs_time
+from balsam_scheduler_pbs.scheduler import job_project, parse_pbs_time
 
 from sched_helpers import ReplayRunner, recorded, result, utc
 
@@ -180,3 +180,13 @@ def test_queue_discovery_keeps_the_queues_users_submit_to(pbs):
     assert (queues["prod"].max_nodes, queues["prod"].max_walltime, queues["prod"].max_queued_jobs) == (496, 1440, 100)
     with pytest.raises(SchedulerError, match="cannot connect"):
         pbs.parse_discover_queues(result(stderr="qstat: cannot connect to server polaris-pbs-01 (errno=111)", returncode=2))
+
+
+def test_routed_jobs_show_their_execution_queue_and_account(pbs):
+    """Polaris: `-q prod` is a routing queue; qstat shows the execution queue (small) and, without
+    `-P`, project `_pbs_project_default`: the project is the job's Account_Name (`-A`)."""
+    statuses = pbs.parse_status(result(stdout=recorded("pbs", "qstat_f_json_routed.txt")), NOW)
+    assert {i: (s.queue, s.project) for i, s in statuses.items()} == {
+        1196400: ("small", "datascience"), 1196401: ("small", "datascience")}
+    assert job_project({"project": "_pbs_project_default"}) == ""
+    assert job_project({"project": "CSC249ADCD08"}) == "CSC249ADCD08"  # no Account_Name: -P's project

@@ -226,3 +226,76 @@ def test_unset_env_really_removes_user_formats(monkeypatch):
     out = subprocess_runner(Command(["sh", "-c", "echo ${SQUEUE_FORMAT-unset} $TZ"], env={"TZ": "UTC"},
                                     unset_env=("SQUEUE_FORMAT",)))
     assert out.stdout.split() == ["unset", "UTC"]
+
+
+# -- multi-cluster sites (sbatch --clusters) ----------------------------------------------------
+
+
+def _cluster_request(tmp_path, **params):
+    return SubmitRequest(script_path=tmp_path / "qlaunch00021.sh", project="m1234", queue="regular", num_nodes=1,
+                         wall_time_min=30, job_name="qlaunch00021", optional_params=params)
+
+
+def test_a_cluster_the_site_does_not_list_is_refused_not_lost(slurm, tmp_path):
+    """`-x cluster=NAME` used to reach sbatch only: squeue, scancel and sacct asked the login node's
+    cluster, never saw the job, and the agent declared it submit_failed while it waited there."""
+    for params, where in (({"cluster": "escori"}, "optional param cluster"),
+                          ({"sbatch_flags": "--mail-type=END -M escori"}, "optional param sbatch_flags"),
+                          ({"sbatch_flags": "--clusters=escori"}, "optional param sbatch_flags")):
+        with pytest.raises(SchedulerError, match=rf"^cluster 'escori' \({where}\) is not in scheduler.options.clusters "
+                                                 r"of settings.yml \(listed: none\)") as info:
+            slurm.render_submit(_cluster_request(tmp_path, **params))
+        assert info.value.permanent
+    listed = SlurmScheduler(user="root", options={"clusters": ["perlmutter"]})
+    with pytest.raises(SchedulerError, match=r"listed: perlmutter"):
+        listed.render_submit(_cluster_request(tmp_path, cluster="escori"))
+    assert "--clusters" not in " ".join(slurm.render_submit(_cluster_request(tmp_path, cluster="")).args)
+
+
+def test_named_clusters_reach_every_command_that_looks_jobs_up(tmp_path):
+    slurm = SlurmScheduler(user="root", options={"clusters": ["perlmutter", "escori"]})
+    submit = slurm.render_submit(_cluster_request(tmp_path, cluster="escori")).args
+    assert "--clusters=escori" in submit and submit.count("--clusters=escori") == 1
+    assert "--clusters=perlmutter" in slurm.render_submit(_cluster_request(tmp_path)).args  # the first by default
+    status = slurm.render_status("root").args
+    assert "--clusters=perlmutter,escori" in status and "--noheader" not in status  # keeps the CLUSTER: lines
+    assert "--clusters=perlmutter,escori" in slurm.render_histories({4242: None}).args
+    assert "--clusters=perlmutter,escori" in slurm.render_find(_cluster_request(tmp_path), "root").args
+    assert slurm.render_delete(4242).args == ("scancel", "--clusters=perlmutter,escori", "4242")  # not polled yet
+    # Once polled, a job is cancelled on its own cluster only (the same number may exist on the other).
+    slurm.runner = ReplayRunner({"squeue": result(stdout=recorded("slurm", "synthetic_squeue_two_clusters.txt"))})
+    statuses = slurm.get_statuses(NOW)
+    assert {i: (s.state, s.queue) for i, s in statuses.items()} == {
+        31337: (BatchJobState.running, "regular_milan_ss11"), 4242: (BatchJobState.queued, "workflow")}
+    assert slurm.render_delete(4242).args == ("scancel", "--clusters=escori", "4242")
+    assert slurm.render_delete(31337).args == ("scancel", "--clusters=perlmutter", "31337")
+    with pytest.raises(ValueError, match="clusters"):
+        SlurmScheduler(user="root", options={"clusters": ["bad name"]})
+
+
+def test_real_cluster_outputs_are_read(tmp_path):
+    """Recorded from the real Slurm 22.05 here with --clusters=ci: `ID;CLUSTER` from sbatch; squeue
+    prints `CLUSTER: ci` and its column header (--noheader would drop both)."""
+    slurm = SlurmScheduler(user="root", options={"clusters": ["ci"]})
+    assert slurm.parse_submit(result(stdout=recorded("slurm", "sbatch_clusters_parsable.txt"))) == 19
+    poll = slurm.parse_status(result(stdout=recorded("slurm", "squeue_clusters.txt")), NOW)
+    assert {i: s.state for i, s in poll.statuses.items()} == {19: BatchJobState.running, 20: BatchJobState.queued}
+    assert poll.statuses[20].message == "PartitionNodeLimit" and poll.ended[11].native_state == "TIMEOUT"
+    assert set(poll.clusters.values()) == {"ci"}
+    assert slurm.parse_status(result(stdout=recorded("slurm", "squeue_clusters_empty.txt")), NOW).statuses == {}
+    request = SubmitRequest(script_path="/tmp/fix-sched/job.sh", project="root", queue="debug", num_nodes=1,
+                            wall_time_min=5, job_name="qlaunch00021")
+    assert slurm.parse_find(result(stdout=recorded("slurm", "squeue_find_clusters.txt")), request) == [19]
+    histories = slurm.parse_histories(result(stdout=recorded("slurm", "sacct_clusters.txt")), dict.fromkeys([19, 20]), NO_POLL)
+    assert histories[19].native_state == "CANCELLED by 0" and histories[19].start_time == utc(2026, 12, 4, 3, 54, 56)
+    assert histories[20].start_time is None and histories[20].state is BatchJobState.finished
+
+
+def test_sacct_without_accounting_is_no_record_not_a_failed_lookup(slurm):
+    """A site without accounting storage never has a record: the agent may count such jobs as
+    missing. A database outage is a failed lookup (raised), which the agent waits out."""
+    disabled = result(stderr=recorded("slurm", "synthetic_sacct_disabled.stderr.txt"), returncode=1)
+    assert slurm.parse_histories(disabled, dict.fromkeys([777, 778]), NO_POLL) == {777: None, 778: None}
+    down = result(stderr=recorded("slurm", "synthetic_sacct_db_down.stderr.txt"), returncode=1)
+    with pytest.raises(SchedulerError, match="Problem talking to the database: Connection refused"):
+        slurm.parse_histories(down, dict.fromkeys([777]), NO_POLL)

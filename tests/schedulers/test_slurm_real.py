@@ -118,3 +118,22 @@ def test_queue_flag_qos_submits_the_queue_as_a_qos(tmp_path):
     history = wait_for(lambda: qos.get_history(jobid, script), 60, "the job's record")
     assert history.native_state == "COMPLETED"
     # (this Slurm does not enforce QOS names: AccountingStorageEnforce=none, so no refusal case here)
+
+
+def test_a_named_cluster_is_asked_by_every_command(tmp_path):
+    """A site whose jobs go to named clusters (`clusters` option, `-x cluster=`): sbatch, squeue,
+    scancel, sacct and the lookup of an earlier submission all name them (this host's cluster is
+    `ci`); squeue's `CLUSTER: ci` line and column header are read, not taken for jobs."""
+    slurm = SlurmScheduler(user=getpass.getuser(), options={"clusters": ["ci"]})
+    assert slurm.get_statuses() is not None  # an empty or busy queue of cluster ci, not "nothing readable"
+    script = _script(tmp_path, "qlaunch00005", "sleep 120")
+    request = _request(script, num_nodes=1, optional_params={"cluster": "ci"})
+    jobid = slurm.submit(request)
+    assert slurm.find_submitted(request) == [jobid]
+    wait_for(lambda: (s := slurm.get_statuses().get(jobid)) and s.state is BatchJobState.running, 30, "the job to run")
+    assert slurm.last_poll.clusters[jobid] == "ci"
+    slurm.delete_job(jobid)
+    history = wait_for(lambda: slurm.get_history(jobid, script), 60, "the cancelled job's record")
+    assert history.native_state.startswith("CANCELLED") and history.start_time is not None
+    with pytest.raises(SchedulerError, match="cluster 'elsewhere'"):
+        slurm.submit(_request(script, num_nodes=1, optional_params={"cluster": "elsewhere"}))

@@ -1,5 +1,5 @@
 """Cobalt driver: qsub, qstat (with our own QSTAT_HEADER), qdel, nodelist, and the job's
-``.cobaltlog`` as its history record."""
+``.cobaltlog`` as its history record (and as the record of a submission whose qsub output was lost)."""
 
 from __future__ import annotations
 
@@ -147,14 +147,39 @@ class CobaltScheduler(Scheduler):
         return Command(args, cwd=script.parent)
 
     def parse_submit(self, result: CommandResult) -> int:
+        said = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
         if result.returncode == 0:
             for line in result.stdout.splitlines():
                 if line.strip().isdigit():
                     return int(line.strip())
-        said = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
+            # qsub said yes without printing the id (a wrapper's message, a routing notice): the job
+            # may be in the queue, so this is not a refusal. Transient: the agent keeps the
+            # submission's marker, retries, and finally gives up without claiming nothing was queued.
+            raise SchedulerError(f"qsub printed no job id: {' '.join(said[:3]) if said else 'no output'}")
         reason = " ".join(said[:3]) if said else f"exit code {result.returncode} and no output"
         transient = re.search(r"connection|timed out|try again|unavailable", reason, re.I) is not None
         raise SchedulerError(f"qsub refused the job: {reason}", permanent=not transient)
+
+    # -- an earlier submission ----------------------------------------------------------------
+    def find_submitted(self, request: SubmitRequest) -> Optional[list[int]]:
+        """Cobalt's qstat cannot look jobs up by name, but qsub writes the job's ``.cobaltlog``
+        (``-O`` stem, next to the script) as it accepts the job, starting with ``Jobid: N``: that
+        is the earlier submission, if the log is not older than the script (which the agent
+        rewrites before each submission; an older log is another BatchJob's of the same id, from
+        an earlier site database). No such log: the scheduler cannot tell (None)."""
+        with self.guard("lookup of an earlier submission"):
+            script = Path(request.script_path)
+            log = script.with_suffix(".cobaltlog")
+            try:
+                if log.stat().st_mtime < script.stat().st_mtime:
+                    return None
+                text = log.read_text(errors="replace")
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise SchedulerError(f"cannot read {log}: {exc}") from None
+            match = re.search(r"^Jobid:\s*(\d+)\s*$", text, re.M)
+            return [int(match.group(1))] if match else None
 
     # -- status -----------------------------------------------------------------------------
     def render_status(self, user: str) -> Command:
@@ -171,11 +196,13 @@ class CobaltScheduler(Scheduler):
         if [h.lower() for h in header] != [c.lower() for c in QSTAT_COLUMNS]:
             raise SchedulerError(f"qstat did not print the requested columns (header: {lines[0][:120]!r})")
         statuses: dict[int, SchedulerJobStatus] = {}
+        bad: list[str] = []
         for line in lines[1:]:
             if set(line.strip()) <= {"=", "-"}:
                 continue
             fields = line.split()
             if len(fields) != len(QSTAT_COLUMNS) or not fields[0].isdigit() or not fields[4].isdigit():
+                bad.append(line)
                 logger.warning("qstat: skipped unreadable line %r", line[:200])
                 continue
             jobid, state_text, wall, queue, nodes, project, remaining, queued = fields
@@ -197,6 +224,9 @@ class CobaltScheduler(Scheduler):
                 # qstat prints no reason or comment column; its hold states are the only "why"
                 message=state_text.lower() if state is Q and state_text.lower() != "queued" else "",
             )
+        if bad and not statuses:
+            # Not an empty queue: read as one, every queued BatchJob would be declared gone.
+            raise SchedulerError(f"qstat printed nothing readable (first line: {bad[0].strip()[:120]!r})")
         return statuses
 
     # -- delete -----------------------------------------------------------------------------

@@ -149,6 +149,20 @@ def waiting_reason(job: dict[str, Any]) -> str:
     return ""
 
 
+#: What PBS Pro shows as ``project`` of a job submitted without ``-P`` (unrelated to ``-A``).
+DEFAULT_PBS_PROJECT = "_pbs_project_default"
+
+
+def job_project(job: dict[str, Any]) -> str:
+    """The allocation a job charges: ``Account_Name`` (qsub ``-A``, what a BatchJob's project is),
+    else a ``project`` (qsub ``-P``) other than PBS's placeholder ``_pbs_project_default``."""
+    account = str(job.get("Account_Name") or "").strip()
+    if account:
+        return account
+    project = str(job.get("project") or "").strip()
+    return "" if project == DEFAULT_PBS_PROJECT else project
+
+
 def _pbs_error(result: CommandResult) -> str:
     lines = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
     if not lines:
@@ -270,7 +284,7 @@ class PBSScheduler(Scheduler):
             queue=str(job.get("queue", "")),
             num_nodes=int(nodes),
             wall_time_min=walltime,
-            project=str(job.get("project") or job.get("Account_Name") or ""),
+            project=job_project(job),
             time_remaining_min=remaining,
             queued_time_min=queued,
             message=waiting_reason(job) if state is Q else "",

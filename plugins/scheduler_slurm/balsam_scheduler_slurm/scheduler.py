@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 
 import attrs
 
-from balsam.options import option
+from balsam.options import OptionsError, option
 from balsam.models import AllowedQueue
 from balsam.scheduler import (
     BackfillWindow,
@@ -80,7 +80,6 @@ PASS_THROUGH_FLAGS: dict[str, str] = {
     "nodelist": "--nodelist",
     "begin": "--begin",
     "signal": "--signal",
-    "cluster": "--clusters",
 }
 #: ``-x key=yes`` optional params that become bare sbatch switches.
 PASS_THROUGH_SWITCHES: dict[str, str] = {"exclusive": "--exclusive", "requeue": "--requeue", "no_requeue": "--no-requeue"}
@@ -89,6 +88,13 @@ RAW_FLAGS_PARAM = "sbatch_flags"
 
 SQUEUE_FIELDS = ("jobid", "state", "partition", "nodes", "timelimit", "account", "timeleft", "submit", "start", "end", "reason")
 SQUEUE_FORMAT = "|".join(("%i", "%T", "%P", "%D", "%l", "%a", "%L", "%V", "%S", "%e", "%r"))
+#: The header squeue prints above SQUEUE_FORMAT's columns (status polls of named clusters keep it).
+SQUEUE_HEADER = ("JOBID", "STATE", "PARTITION", "NODES", "TIME_LIMIT", "ACCOUNT", "TIME_LEFT", "SUBMIT_TIME",
+                 "START_TIME", "END_TIME", "REASON")
+#: The line squeue (-M/--clusters) prints before each cluster's jobs.
+_CLUSTER_LINE = re.compile(r"CLUSTER:\s*(\S+)\s*")
+#: The optional param naming the cluster a BatchJob goes to (sbatch --clusters).
+CLUSTER_PARAM = "cluster"
 SACCT_FIELDS = ("JobIDRaw", "State", "Submit", "Start", "End", "ExitCode", "Reason")
 
 #: Environment variables that change what squeue/sacct/sinfo print or which jobs they list.
@@ -109,6 +115,8 @@ DISCOVERY_TIMEOUT_SEC = 20.0
 DISCOVERED_MAX_QUEUED_JOBS = 20
 
 _NO_TIME = {"", "N/A", "UNKNOWN", "NONE", "INVALID", "NOT_SET"}
+#: What sacct says (lower case) at a site with no accounting storage (AccountingStorageType=none).
+ACCOUNTING_DISABLED = "accounting storage is disabled"
 #: Longest scheduler reason kept (``ReqNodeNotAvail, UnavailableNodes:...`` can list many nodes).
 MAX_REASON_CHARS = 300
 
@@ -188,6 +196,8 @@ class SqueueRow:
     start_time: Optional[dt.datetime]
     end_time: Optional[dt.datetime]
     reason: str
+    #: The cluster squeue listed the job under (a poll with --clusters), else "".
+    cluster: str = ""
 
     @property
     def state(self) -> BatchJobState:
@@ -227,16 +237,25 @@ def parse_squeue_line(line: str) -> SqueueRow:
 
 def parse_squeue_rows(result: CommandResult) -> list[SqueueRow]:
     """All readable lines of a squeue poll. Unreadable lines are logged and skipped; a failed
-    command, or output of which no line is readable, raises SchedulerError."""
+    command, or output of which no line is readable, raises SchedulerError. A poll of named
+    clusters (``--clusters``) prints ``CLUSTER: name`` and the column header before each cluster's
+    jobs: each row keeps its cluster."""
     if result.returncode != 0:
         raise SchedulerError(f"status poll failed: {result.describe()}")
     rows: list[SqueueRow] = []
     bad: list[str] = []
+    cluster = ""
     for line in result.stdout.splitlines():
         if not line.strip():
             continue
+        marker = _CLUSTER_LINE.fullmatch(line.strip())
+        if marker:
+            cluster = marker.group(1)
+            continue
+        if line.split("|", 1)[0].strip().upper() == SQUEUE_HEADER[0]:
+            continue  # the column header (its other titles vary between Slurm versions)
         try:
-            rows.append(parse_squeue_line(line))
+            rows.append(attrs.evolve(parse_squeue_line(line), cluster=cluster))
         except ValueError as exc:
             bad.append(line)
             logger.warning("squeue: skipped unreadable line %r: %s", line[:200], exc)
@@ -286,6 +305,41 @@ class SlurmOptions:
         1440, "Length (minutes) of a backfill window on a partition with no time limit.",
         validator=attrs.validators.ge(1),
     )
+    clusters: list[str] = option(
+        help="Slurm clusters (multi-cluster -M names) this site's jobs may go to; [] (default): the login node's "
+        "own cluster only. Jobs go to the first unless a BatchJob names another with -x cluster=NAME; squeue, "
+        "scancel and sacct then ask all of them.",
+        factory=list,
+    )
+
+    def validate(self) -> dict[str, str]:
+        """Checked by the settings loader (``settings.yml:LINE scheduler.options.clusters: ...``)
+        and by the driver: a comma or a space would silently name other clusters."""
+        bad = [name for name in self.clusters if not re.fullmatch(r"[A-Za-z0-9_.\-]+", str(name))]
+        return {"clusters": f"{bad[0]!r} is not a Slurm cluster name (letters, digits, '_', '.', '-')"} if bad else {}
+
+
+@attrs.frozen
+class SlurmPoll(StatusPoll):
+    """A squeue poll, with the cluster each job was listed under (polls of named clusters)."""
+
+    clusters: Mapping[int, str] = attrs.field(factory=dict)
+
+
+def _cluster_flag_values(tokens: list[str]) -> list[str]:
+    """The clusters raw sbatch flags name (``-M a,b``, ``-Ma``, ``--clusters=a``, ``--cluster a``...)."""
+    names: list[str] = []
+    for i, token in enumerate(tokens):
+        value: Optional[str] = None
+        if token == "-M" or re.fullmatch(r"--clu(s(t(e(rs?)?)?)?)?", token):
+            value = tokens[i + 1] if i + 1 < len(tokens) else ""
+        elif token.startswith("-M"):
+            value = token[2:]
+        elif re.match(r"--clu(s(t(e(rs?)?)?)?)?=", token):
+            value = token.split("=", 1)[1]
+        if value is not None:
+            names += [n.strip() for n in value.split(",")]
+    return names
 
 
 class SlurmScheduler(Scheduler):
@@ -294,6 +348,11 @@ class SlurmScheduler(Scheduler):
     name = "slurm"
     default_job_template = resources.files(__package__).joinpath("job-template.sh").read_text()
     options_schema = SlurmOptions
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for key, problem in self.options.validate().items():  # options built in code, not from settings.yml
+            raise OptionsError(f"scheduler.options.{key}: {problem}")
 
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:
@@ -310,9 +369,33 @@ class SlurmScheduler(Scheduler):
             args += ["--account", request.project]
         if request.queue:
             args += [self.options.queue_flag, request.queue]
-        args += self.pass_through_args(request.optional_params)
+        cluster = self.submit_cluster(request.optional_params)
+        if cluster:
+            args.append(f"--clusters={cluster}")
+        args += self.pass_through_args({k: v for k, v in request.optional_params.items() if k != CLUSTER_PARAM})
         args.append(str(script))
         return Command(args, env=PLAIN_ENV, cwd=script.parent, unset_env=("SLURM_CLUSTERS",))
+
+    def submit_cluster(self, optional_params: Mapping[str, str]) -> str:
+        """The cluster a job goes to: the BatchJob's ``cluster`` param, else the first of the
+        ``clusters`` option, else none (the login node's own). A cluster the option does not list
+        is refused: squeue, scancel and sacct would never see the job there, and it would be
+        declared failed while it waits or runs."""
+        wanted = str(optional_params.get(CLUSTER_PARAM, "") or "").strip()
+        named = ([wanted] if wanted else []) + _cluster_flag_values(
+            shlex.split(str(optional_params.get(RAW_FLAGS_PARAM, "") or "")))
+        unknown = [name for name in named if name not in self.options.clusters]
+        if unknown:
+            listed = ", ".join(self.options.clusters) or "none"
+            raise SchedulerError(
+                f"cluster {unknown[0]!r} (optional param {CLUSTER_PARAM if unknown[0] == wanted else RAW_FLAGS_PARAM}) "
+                f"is not in scheduler.options.clusters of settings.yml (listed: {listed}): the agent would not see "
+                f"the job there", permanent=True)
+        return wanted or (self.options.clusters[0] if self.options.clusters else "")
+
+    def _clusters_args(self) -> list[str]:
+        """``--clusters=a,b`` for the commands that look jobs up, when the site names clusters."""
+        return [f"--clusters={','.join(self.options.clusters)}"] if self.options.clusters else []
 
     @staticmethod
     def pass_through_args(optional_params: Mapping[str, str]) -> list[str]:
@@ -340,8 +423,11 @@ class SlurmScheduler(Scheduler):
 
     # -- status -----------------------------------------------------------------------------
     def render_status(self, user: str) -> Command:
+        # With --clusters, --noheader would also drop the `CLUSTER: name` lines that tell which
+        # cluster each job is on (Slurm 22.05): the header is kept and skipped when read.
+        header = [] if self.options.clusters else ["--noheader"]
         return Command(
-            ["squeue", "--noheader", "--states=all", "--user", user, "--format", SQUEUE_FORMAT],
+            ["squeue", *header, "--states=all", "--user", user, *self._clusters_args(), "--format", SQUEUE_FORMAT],
             env=PLAIN_ENV,
             unset_env=USER_FORMAT_VARIABLES,
         )
@@ -350,6 +436,14 @@ class SlurmScheduler(Scheduler):
         """The jobs in the queue, and the final word on those squeue still lists in a final state
         (for MinJobAge seconds): the history when sacct is unavailable or has no record yet."""
         rows = parse_squeue_rows(result)
+        clusters: dict[int, str] = {}
+        for row in rows:
+            if row.cluster and clusters.setdefault(row.scheduler_id, row.cluster) != row.cluster:
+                # Each cluster numbers its own jobs: the same number on two clusters cannot be told
+                # apart by the agent, which knows a job by its number only.
+                logger.warning("squeue: job %d is listed on clusters %s and %s; the later line is kept",
+                               row.scheduler_id, clusters[row.scheduler_id], row.cluster)
+                clusters[row.scheduler_id] = row.cluster
         ended = {
             row.scheduler_id: history
             for row in rows
@@ -357,7 +451,7 @@ class SlurmScheduler(Scheduler):
             and (history := history_from_sacct(row.native_state, row.submit_time, row.start_time, row.end_time,
                                                "", row.reason, row.scheduler_id)) is not None
         }
-        return StatusPoll(time=now, statuses=self.statuses_from_rows(rows, now), ended=ended)
+        return SlurmPoll(time=now, statuses=self.statuses_from_rows(rows, now), ended=ended, clusters=clusters)
 
     @staticmethod
     def statuses_from_rows(rows: list[SqueueRow], now: dt.datetime) -> dict[int, SchedulerJobStatus]:
@@ -391,8 +485,8 @@ class SlurmScheduler(Scheduler):
         # job from another site's job of the same name. States=all: a job that already ended
         # stays listed for MinJobAge seconds.
         return Command(
-            ["squeue", "--noheader", "--states=all", "--user", user, "--name", request.job_name,
-             "--format", "%i|%o"],
+            ["squeue", "--noheader", "--states=all", "--user", user, *self._clusters_args(),
+             "--name", request.job_name, "--format", "%i|%o"],
             env=PLAIN_ENV,
             unset_env=USER_FORMAT_VARIABLES,
         )
@@ -405,7 +499,7 @@ class SlurmScheduler(Scheduler):
         for line in result.stdout.splitlines():
             jobid, sep, command = line.strip().partition("|")
             if not sep or not jobid.isdigit():
-                if line.strip():
+                if line.strip() and not _CLUSTER_LINE.fullmatch(line.strip()):
                     logger.warning("squeue: skipped unreadable line %r", line[:200])
                 continue
             if command.strip() == script:
@@ -414,7 +508,11 @@ class SlurmScheduler(Scheduler):
 
     # -- delete -----------------------------------------------------------------------------
     def render_delete(self, scheduler_id: int) -> Command:
-        return Command(["scancel", str(scheduler_id)], unset_env=("SLURM_CLUSTERS",))
+        # The cluster the last poll listed the job on: scancel -M of every listed cluster would
+        # also cancel the user's job of the same number on another cluster.
+        cluster = getattr(self.last_poll, "clusters", {}).get(scheduler_id)
+        where = [f"--clusters={cluster}"] if cluster and self.options.clusters else self._clusters_args()
+        return Command(["scancel", *where, str(scheduler_id)], unset_env=("SLURM_CLUSTERS",))
 
     def parse_delete(self, result: CommandResult, scheduler_id: int) -> None:
         said = f"{result.stdout}\n{result.stderr}"
@@ -427,7 +525,7 @@ class SlurmScheduler(Scheduler):
     # -- history ----------------------------------------------------------------------------
     def render_histories(self, jobs: Mapping[int, Optional[Path]]) -> Command:
         return Command(
-            ["sacct", "--allocations", "--noheader", "--parsable2",
+            ["sacct", "--allocations", "--noheader", "--parsable2", *self._clusters_args(),
              "--jobs", ",".join(str(i) for i in jobs), "--format", ",".join(SACCT_FIELDS)],
             env=PLAIN_ENV,
             unset_env=USER_FORMAT_VARIABLES,
@@ -437,6 +535,10 @@ class SlurmScheduler(Scheduler):
                         last_poll: StatusPoll) -> dict[int, Optional[JobHistory]]:
         """sacct's records; jobs it does not know (yet) are None, and take what squeue last said
         of them (``last_poll.ended``, merged by the base class), as they do when sacct fails."""
+        if result is not None and result.returncode != 0 and ACCOUNTING_DISABLED in (result.stderr + result.stdout).lower():
+            # Not a failed lookup but a site without accounting: no record will ever come, so the
+            # jobs take what squeue last said of them, else are missing (which the agent counts).
+            return {i: None for i in jobs}
         if result is None or result.returncode != 0:
             raise SchedulerError(f"sacct failed: {_slurm_error(result) if result else 'not run'}")
         wanted = set(jobs)

@@ -5,11 +5,14 @@ Each cycle (``scheduler.sync_period`` seconds):
 1. reads this site's active BatchJobs (one GET) and polls the scheduler once (``get_statuses()``);
 2. submits ``pending_submission`` BatchJobs whose ``filter_tags`` contain the site's ``filter_tags``,
    after validating them against ``allowed_queues`` / ``allowed_projects`` /
-   ``optional_batch_job_params`` and ``max_queued_jobs``; the rendered script is
+   ``optional_batch_job_params`` and ``max_queued_jobs`` (the site's jobs count toward their
+   BatchJob's queue, whatever queue name the scheduler shows); the rendered script is
    ``qsubmit/qlaunch<id:05d>.sh``;
-3. deletes ``pending_deletion`` BatchJobs from the scheduler;
+3. deletes ``pending_deletion`` BatchJobs from the scheduler (one whose submission's outcome was
+   never recorded is first looked up, so that no job of it is left in the queue);
 4. copies queued/running from the scheduler; a BatchJob that left the queue is looked up in the
-   scheduler's history (start/end times, final native state) before it is declared finished;
+   scheduler's history (start/end times, final native state) before it is declared finished (a
+   lookup that fails leaves it as it is until one answers);
 5. sends all BatchJob changes in one bulk PATCH and updates the Site (``queued_jobs``,
    ``backfill_windows``; the update also refreshes ``last_refresh``, the "active" flag);
 6. keeps the launcher credentials of queued and running BatchJobs alive (each BatchJob's launcher
@@ -34,7 +37,7 @@ import attrs
 from ...batch_job_rules import BatchJobRefused, check_batch_job
 from ...models import AllowedQueue
 from ...options import option
-from ...scheduler import JobHistory, SchedulerError, SubmitRequest
+from ...scheduler import JobHistory, SchedulerError, StatusPoll, SubmitRequest
 from ...serialization import format_datetime, to_dict
 from ...states import BatchJobState
 from ..api_util import bulk_patch, iso_now, list_all, utcnow
@@ -120,9 +123,20 @@ def clean_record(value: Any) -> Any:
     return value
 
 
+def _read_marker(marker: Path) -> Optional[int]:
+    """The scheduler id a ``.scheduler_id`` marker holds; None when there is none (or it is unreadable)."""
+    try:
+        return int(marker.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _tags_match(batch_job_tags: dict, site_tags: dict) -> bool:
     return all(batch_job_tags.get(k) == v for k, v in site_tags.items())
 
+
+#: In the error of a BatchJob whose job left the queue while the history lookup kept failing.
+_LOOKUP_FAILING = "left the queue; its history lookup keeps failing"
 
 #: The start of the ``waiting`` note of a BatchJob whose filter_tags lack the site's.
 _TAGS_WAITING = "waiting: filter_tags mismatch"
@@ -153,6 +167,11 @@ class SchedulerModule(AgentModule):
         self.submit_failures: dict[int, int] = {}
         #: scheduler id -> history record, fetched in bulk once per cycle.
         self._histories: dict[int, Optional[JobHistory]] = {}
+        #: scheduler ids whose history lookup failed this cycle (their end is unknown, not missing).
+        self._history_unknown: set[int] = set()
+        #: consecutive cycles whose history lookup failed, and the last failure's message.
+        self.history_failures = 0
+        self._history_error = ""
         self.credentials = LauncherCredentials(client, self.site_path, self.site_id)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -193,15 +212,21 @@ class SchedulerModule(AgentModule):
         statuses, poll_error = self._poll()
         updates: dict[int, dict] = {}
         queued_counts: dict[str, int] = {}
-        for status in (statuses or {}).values():
-            queued_counts[status.queue] = queued_counts.get(status.queue, 0) + 1
+        # A job of ours counts toward its BatchJob's queue, the one max_queued_jobs limits: the
+        # scheduler may list it under another name (a PBS routing queue's job shows the execution
+        # queue it was routed to; a Slurm `--qos debug` job shows its partition), and counted by that
+        # name it would never fill the limit. The user's other jobs count by the scheduler's name.
+        owner_queues = {b["scheduler_id"]: b["queue"] for b in batch_jobs if b.get("scheduler_id") is not None}
+        for scheduler_id, status in (statuses or {}).items():
+            queue = owner_queues.get(scheduler_id, status.queue)
+            queued_counts[queue] = queued_counts.get(queue, 0) + 1
         if statuses is None:
             # No count from the scheduler (whose count also has the user's other jobs): this
             # site's own queued and running BatchJobs keep max_queued_jobs enforced meanwhile.
             for b in batch_jobs:
                 if b["state"] in (BatchJobState.queued.value, BatchJobState.running.value):
                     queued_counts[b["queue"]] = queued_counts.get(b["queue"], 0) + 1
-        self._histories = self._fetch_histories(batch_jobs, statuses)
+        self._histories, self._history_unknown = self._fetch_histories(batch_jobs, statuses)
 
         for batch_job in sorted(batch_jobs, key=lambda b: b["id"]):
             update: dict = {}
@@ -283,7 +308,7 @@ class SchedulerModule(AgentModule):
             return
         if state == BatchJobState.pending_deletion:
             if scheduler_id is None:
-                update.update(state=BatchJobState.finished.value, end_time=format_datetime(utcnow()))
+                self._delete_unrecorded(batch_job, update)
             elif statuses is not None and scheduler_id in statuses:
                 try:
                     self.scheduler.delete_job(scheduler_id)
@@ -329,10 +354,13 @@ class SchedulerModule(AgentModule):
             info.pop("scheduler_reason", None)
         update["status_info"] = info
 
-    def _fetch_histories(self, batch_jobs: list[dict], statuses: Optional[dict]) -> dict[int, Optional[JobHistory]]:
-        """One history lookup (sacct, qstat -x ...) for every job that left the queue this cycle."""
+    def _fetch_histories(self, batch_jobs: list[dict],
+                         statuses: Optional[dict]) -> tuple[dict[int, Optional[JobHistory]], set[int]]:
+        """One history lookup (sacct, qstat -x ...) for every job that left the queue this cycle:
+        the records found, and the ids whose lookup failed (their end is unknown this cycle)."""
         if statuses is None:
-            return {}
+            self.history_failures = 0
+            return {}, set()
         gone = {
             b["scheduler_id"]: self.script_path(b["id"])
             for b in batch_jobs
@@ -344,17 +372,54 @@ class SchedulerModule(AgentModule):
             )
         }
         if not gone:
-            return {}
+            self.history_failures = 0
+            return {}, set()
+        # What the last status poll said of the jobs that ended (squeue lists them for MinJobAge
+        # seconds). The driver's get_histories falls back on these itself, but when its lookup
+        # fails it then answers None for every other job, which reads as "no record" and would
+        # count toward declaring them failed: it is asked with a poll that has no ended records
+        # (so a failed lookup raises) and the fallback is applied here.
+        poll = getattr(self.scheduler, "last_poll", None)
+        ended = {i: h for i, h in poll.ended.items() if i in gone and h is not None} if isinstance(poll, StatusPoll) else {}
         try:
-            return self.scheduler.get_histories(gone)
+            if ended:
+                found = self.scheduler.get_histories(gone, last_poll=attrs.evolve(poll, ended={}))
+            else:
+                found = self.scheduler.get_histories(gone)
+            histories = {i: found.get(i) or ended.get(i) for i in gone}
         except Exception as exc:
+            self.history_failures += 1
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
-            self.logger.warning("history lookup of %d jobs failed: %s", len(gone), message)
-            return {}
+            self._history_error = message
+            unknown = set(gone) - set(ended)
+            self.logger.warning(
+                "history lookup of %d jobs failed (%d in a row): %s; %s", len(gone), self.history_failures, message,
+                f"jobs {', '.join(map(str, sorted(unknown)))} are left as they are until it answers" if unknown
+                else "the last status poll's record of them is used",
+            )
+            return dict(ended), unknown
+        self.history_failures = 0
+        return histories, set()
+
+    def _history_unknown_note(self, batch_job: dict, update: dict) -> None:
+        """The job left the queue but its history lookup failed: its end (ran or not, when) is
+        unknown, so it is not counted as missing. Once the lookup has failed ``threshold`` cycles
+        in a row the BatchJob's status_info says so (written when the text changes only)."""
+        if self.history_failures < self.threshold:
+            return
+        message = (f"scheduler job {batch_job['scheduler_id']} {_LOOKUP_FAILING}, "
+                   f"so its end is not recorded yet: {self._history_error}")
+        if (batch_job.get("status_info") or {}).get("error") != clean_text(message):
+            self._error(update, batch_job, message)
 
     def _left_queue(self, batch_job: dict, update: dict, *, deleting: bool = False) -> None:
         """The scheduler no longer lists the job: ask its history before declaring it finished."""
         scheduler_id = batch_job["scheduler_id"]
+        if scheduler_id in self._history_unknown:
+            # Not "no record": the lookup itself failed (accounting daemon down, a timeout). The
+            # job may well have run; it is looked up again next cycle, and not counted as missing.
+            self._history_unknown_note(batch_job, update)
+            return
         history: Optional[JobHistory] = self._histories.get(scheduler_id)
         if history is None and deleting:
             # We asked for the deletion: a job without a history record is simply gone.
@@ -381,6 +446,9 @@ class SchedulerModule(AgentModule):
             update["start_time"] = format_datetime(history.start_time)
         update["end_time"] = format_datetime(history.end_time or utcnow())
         info = dict(batch_job.get("status_info") or {})
+        if _LOOKUP_FAILING in str(info.get("error") or ""):  # outdated now that the lookup answered
+            info.pop("error", None)
+            info.pop("error_time", None)
         if history.native_state:
             info["scheduler_state"] = clean_text(history.native_state)
         if history.message:
@@ -409,27 +477,12 @@ class SchedulerModule(AgentModule):
             return
         script = self.script_path(batch_job["id"])
         marker = script.with_name(script.name + ".scheduler_id")
-        if marker.is_file():
-            # Submitted before, but the API never heard of it (outage, agent restart): never submit twice.
-            try:
-                scheduler_id = int(marker.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                scheduler_id = None
-            if scheduler_id is not None:
-                self._record_submitted(batch_job, script, scheduler_id, update, "already submitted")
-                return
-        request = SubmitRequest(
-            script_path=script,
-            project=batch_job["project"],
-            queue=queue,
-            num_nodes=int(batch_job["num_nodes"]),
-            wall_time_min=int(batch_job["wall_time_min"]),
-            job_name=script.stem,
-            # The site's defaults overlaid with the BatchJob's own values, as the job script sees
-            # them: a default a driver puts on the command line (PBS's `select`, which the command
-            # line's `-l select=N` replaced in the script; a raw-flags default) was lost otherwise.
-            optional_params={**(self.options.optional_batch_job_params or {}), **(batch_job.get("optional_params") or {})},
-        )
+        # Submitted before, but the API never heard of it (outage, agent restart): never submit twice.
+        scheduler_id = _read_marker(marker)
+        if scheduler_id is not None:
+            self._record_submitted(batch_job, script, scheduler_id, update, "already submitted")
+            return
+        request = self._submit_request(batch_job, script)
         pending = script.with_name(script.name + ".submitting")
         if pending.is_file() and self._adopt_earlier_submission(batch_job, request, pending, marker, update):
             return
@@ -483,6 +536,77 @@ class SchedulerModule(AgentModule):
         self.submit_failures.pop(batch_job["id"], None)
         queued_counts[queue] = queued_counts.get(queue, 0) + 1
         self._record_submitted(batch_job, script, scheduler_id, update, "submitted", marker=marker, pending=pending)
+
+    def _submit_request(self, batch_job: dict, script: Path) -> SubmitRequest:
+        return SubmitRequest(
+            script_path=script,
+            project=batch_job["project"],
+            queue=batch_job["queue"],
+            num_nodes=int(batch_job["num_nodes"]),
+            wall_time_min=int(batch_job["wall_time_min"]),
+            job_name=script.stem,
+            # The site's defaults overlaid with the BatchJob's own values, as the job script sees
+            # them: a default a driver puts on the command line (PBS's `select`, which the command
+            # line's `-l select=N` replaced in the script; a raw-flags default) was lost otherwise.
+            optional_params={**(self.options.optional_batch_job_params or {}), **(batch_job.get("optional_params") or {})},
+        )
+
+    def _delete_unrecorded(self, batch_job: dict, update: dict) -> None:
+        """Cancel a BatchJob the API knows no scheduler job of. Usually it was never submitted and
+        simply finishes; but a submit command whose outcome is unknown (its ``.submitting`` marker:
+        the command timed out, the agent stopped) or whose job id never reached the API (its
+        ``.scheduler_id`` marker) may have left a job in the queue, which would run unwatched. That
+        job is found the way an interrupted submission is adopted, deleted, and recorded: the next
+        cycles follow it to its end like any deletion. A lookup that fails is retried next cycle."""
+        script = self.script_path(batch_job["id"])
+        marker = script.with_name(script.name + ".scheduler_id")
+        pending = script.with_name(script.name + ".submitting")
+        recorded = _read_marker(marker)
+        found: Optional[list[int]]
+        if recorded is not None:
+            found = [recorded]
+        elif pending.is_file():
+            try:
+                found = self.scheduler.find_submitted(self._submit_request(batch_job, script))
+            except Exception as exc:
+                message = (f"waiting: cannot tell whether the earlier submission of {script.stem} reached the "
+                           f"scheduler, so the BatchJob is not deleted yet: {exc}")
+                if (batch_job.get("status_info") or {}).get("waiting") != clean_text(message):
+                    update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": clean_text(message)}
+                self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+                return
+        else:
+            found = []  # never submitted
+        if not found:
+            update.update(state=BatchJobState.finished.value, end_time=format_datetime(utcnow()))
+            if found is None:
+                self._error(update, batch_job, (
+                    f"an earlier submit command of {script.stem} ended without an answer and the "
+                    f"{self.scheduler.name or type(self.scheduler).__name__} scheduler cannot look jobs up by name: "
+                    f"a job {script.stem} may be left in its queue (delete it by hand)"))
+            try:
+                pending.unlink(missing_ok=True)
+            except OSError:  # a stale marker of a finished BatchJob is harmless: it is never submitted again
+                pass
+            return
+        for scheduler_id in found:
+            try:
+                self.scheduler.delete_job(scheduler_id)
+            except Exception as exc:  # retried next cycle: the lookup finds the same job again
+                message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+                self._error(update, batch_job, f"delete of scheduler job {scheduler_id} failed: {message}")
+                return
+            self.logger.info("BatchJob %s: deleted scheduler job %s (its submission was never recorded)",
+                             batch_job["id"], scheduler_id)
+        try:
+            marker.write_text(f"{found[0]}\n")
+            pending.unlink(missing_ok=True)
+        except OSError as exc:  # the lookup runs again next cycle; deleting twice is harmless
+            self.logger.warning("BatchJob %s: cannot record the submission in %s: %s", batch_job["id"], marker, exc)
+        update["scheduler_id"] = found[0]
+        info = batch_job.get("status_info") or {}
+        if "waiting" in info:
+            update["status_info"] = {k: v for k, v in info.items() if k != "waiting"}
 
     def _adopt_earlier_submission(self, batch_job: dict, request: SubmitRequest, pending: Path, marker: Path,
                                   update: dict) -> bool:
