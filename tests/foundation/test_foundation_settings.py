@@ -72,6 +72,23 @@ def test_bad_value_names_file_line_key_and_problem(tmp_path):
     assert str(info.value) == f"{path}:14 scheduler.allowed_queues.debug.max_nodes: expected an integer, got 'two'"
 
 
+def test_a_driver_options_attrs_validator_is_a_settings_error_on_its_line():
+    # attrs' own validators (in_, ge) raised a bare ValueError out of the loader: a traceback
+    # instead of the key's file and line.
+    assert error_of("""\
+        scheduler:
+          name: slurm
+          options:
+            queue_flag: -p
+        """) == "settings.yml:4 scheduler.options.queue_flag: 'queue_flag' must be in ('--partition', '--qos') (got '-p')"
+    assert error_of("""\
+        scheduler:
+          name: slurm
+          options:
+            unlimited_window_min: 0
+        """) == "settings.yml:4 scheduler.options.unlimited_window_min: 'unlimited_window_min' must be >= 1: 0"
+
+
 def test_bad_settings_file_gives_one_error_line_on_the_cli(tmp_path):
     path = write(tmp_path, BAD_QUEUE)
     result = run_balsam("site", "check-settings", str(path))

@@ -66,6 +66,13 @@ _RETIRED_KEYS = {
 LAUNCHER_SECTIONS: tuple[str, ...] = ("logging", "filter_tags", "launcher")
 
 
+def _validator_message(exc: Exception) -> str:
+    """One line from an attrs validator's error: its own message (attrs' ``in_`` and ``ge`` say
+    "'name' must be in (...): 'value'", "'name' must be >= 1: 0")."""
+    message = str(exc.args[0]) if exc.args else str(exc)
+    return message.splitlines()[0] if message else type(exc).__name__
+
+
 class SettingsError(ValueError):
     """settings.yml (or a settings dict) is wrong. ``str()`` is one line; ``errors`` has them all."""
 
@@ -271,7 +278,19 @@ class _Checker:
                 ok = False
         if not ok:
             return self.INVALID
-        obj = cls(**kwargs)
+        try:
+            obj = cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            # A schema's attrs validator (``in_``, ``ge``, a driver's own): its error on the key's
+            # line, not a traceback. attrs passes the field as the second argument; a validator of
+            # the schema's own raising a plain message is reported on the section.
+            message = _validator_message(exc)
+            field = exc.args[1].name if len(exc.args) > 1 and isinstance(exc.args[1], attrs.Attribute) else None
+            if field is None:  # attrs' ge/le/max_len name the field only in words: "'name' must be >= 1: 0"
+                quoted = message.split("'")[1] if message.startswith("'") and message.count("'") >= 2 else None
+                field = quoted if quoted in fields else None
+            self.fail(path + (field,) if field is not None else path, message)
+            return self.INVALID
         validate = getattr(obj, "validate", None)
         if callable(validate):
             for name, problem in (validate() or {}).items():
