@@ -18,6 +18,12 @@ Jobs taken away: a user may delete a leased job or move it (which ends the lease
 (``{"job_ids": [...]}``, at most :data:`MAX_JOB_IDS_PER_SESSION_TICK`; more are sent a window per
 heartbeat) and the server answers those the Session no longer holds (``"gone"``); the lease hands
 them to the owner, which ends their runs. Still one request per heartbeat.
+
+Copies of a job: a job the Session lost can be leased again by the same lease (its user re-queued
+it, or the Session expired and was replaced), while an answer computed before that acquire is still
+on its way. So the lease numbers the acquires that return jobs (:attr:`JobLease.generation`), and a
+heartbeat notes the number before its request: its ``gone`` ids say nothing about copies acquired
+after that number (``watch(..., generation=True)`` hands the number to the owner with the ids).
 """
 
 from __future__ import annotations
@@ -138,7 +144,10 @@ class JobLease:
         #: See :meth:`watch`.
         self._held_ids: Optional[Callable[[], Optional[Iterable[int]]]] = None
         self._on_gone: Optional[Callable[[list[int]], None]] = None
+        self._gone_with_generation = False
         self._window = 0  # where the next heartbeat's window of held ids starts (more than the limit)
+        #: Acquires answered with jobs so far (see :attr:`generation`).
+        self._generation = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_tick = time.monotonic()
@@ -159,6 +168,14 @@ class JobLease:
     @property
     def session_id(self) -> int:
         return self._session_id
+
+    @property
+    def generation(self) -> int:
+        """How many acquires have returned jobs: read on the acquiring thread right after
+        :meth:`acquire`, the number of the copies it returned (only acquire changes it, and a lease
+        has one acquiring thread). A heartbeat's ``gone`` answer holds for copies numbered up to
+        the number it noted before its request, not for later ones (see :meth:`watch`)."""
+        return self._generation
 
     def _create_session(self) -> int:
         body: dict[str, Any] = {"site_id": self.site_id}
@@ -184,7 +201,8 @@ class JobLease:
         return True
 
     # -- heartbeat -------------------------------------------------------------------------------
-    def watch(self, held_ids: Callable[[], Optional[Iterable[int]]], on_gone: Callable[[list[int]], None]) -> None:
+    def watch(self, held_ids: Callable[[], Optional[Iterable[int]]], on_gone: Callable[..., None], *,
+              generation: bool = False) -> None:
         """Ask, with every heartbeat, which held jobs the Session lost (deleted or moved by their user).
 
         Thread contract: both callables run on the thread that ticks (the heartbeat thread, or the
@@ -194,9 +212,16 @@ class JobLease:
         time, and one that ended meanwhile is answered gone and must be ignored). ``on_gone(ids)``
         gets the answer (only when not empty) and must only hand it over (a deque, an Event):
         the owner's loop ends those runs and sends no update for them (the server would refuse it).
+
+        With ``generation=True`` the callback is ``on_gone(ids, as_of)``: ``as_of`` is
+        :attr:`generation` as it was before the heartbeat's request went out. The answer is true of
+        the copies acquired up to that number only: a job leased again since (a re-queue, a
+        replaced Session) is held anew, and its new copy must not be ended on this answer (it is
+        asked about again at the next heartbeat).
         """
         self._held_ids = held_ids
         self._on_gone = on_gone
+        self._gone_with_generation = generation
 
     def _tick_body(self) -> dict[str, Any]:
         if self._held_ids is None:
@@ -219,6 +244,10 @@ class JobLease:
         """Heartbeat now (a lost session is replaced); returns the held jobs the Session no longer
         holds (always empty without :meth:`watch`), after handing them to ``on_gone``."""
         session_id = self._session_id
+        # Before the request: every acquire counted up to here was answered before the server
+        # computes this heartbeat's answer, so that answer is true of those copies (and maybe not of
+        # later ones).
+        as_of = self._generation
         body = self._tick_body()
         try:
             # A missed tick is retried at the next period (the server waits several periods), so one
@@ -239,7 +268,10 @@ class JobLease:
         ids = [int(i) for i in gone]
         logger.info("%s %s no longer holds %d of its jobs: %s", self.name, session_id, len(ids), ids[:20])
         if self._on_gone is not None:
-            self._on_gone(ids)
+            if self._gone_with_generation:
+                self._on_gone(ids, as_of)
+            else:
+                self._on_gone(ids)
         return ids
 
     def tick_if_due(self) -> None:
@@ -306,6 +338,10 @@ class JobLease:
         with self._lock:
             if self.pending is not None and self.pending[0] == key:
                 self.pending = None
+            if rows:
+                # Counted once the answer is here (the server committed the lease before it): a
+                # heartbeat that notes this number or a later one was computed after this lease.
+                self._generation += 1
         if rows:
             logger.debug("acquired %d jobs in %.3f s", len(rows), time.perf_counter() - t0)
         return [self.wrap(row) for row in rows] if self.wrap is not None else rows

@@ -21,6 +21,11 @@ Thread contract (two threads, nothing else shared):
   acquire costs the server a fixed ~3 ms of CPU besides its jobs (a request, a write transaction,
   an idempotency record), so short tasks run at 1,000 a second leased 64 at a time spent a tenth
   of the server's CPU on acquires; a quarter second of work ahead makes them a few hundred each.
+* Copies: each acquire's jobs carry the lease's number for it (``lease.generation``, read by the
+  prefetch thread right after the acquire, stored with the ready jobs under ``_lock``); :meth:`take`
+  sets :attr:`taken_generation` to the newest number among the jobs it returns (for the loop,
+  :mod:`balsam.launcher.gone`: a heartbeat answer older than a copy is not applied to it, and a
+  number too high only defers an answer to the next heartbeat).
 * ``check_satisfiable`` is passed in by the owner and must only read state fixed at start (the
   NodeManager's node list, never its occupancy).
 * :meth:`stop` sets an Event the thread checks between calls; :meth:`join` waits for the thread;
@@ -36,6 +41,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from .app_run import JobBuildError, PreparedJob
+from .gone import acquire_generation
 from .node_manager import Demand, UnsatisfiableJob
 from .runner import report_failed
 from .wake import WakeEvent
@@ -83,6 +89,9 @@ class Prefetcher:
         self._acquire_kwargs = dict(acquire_kwargs or {})
         self._lock = threading.Lock()
         self._ready: deque[PreparedJob] = deque()
+        self._ready_generation = 0  # the acquire number of the newest job in _ready (under _lock)
+        #: The acquire number of the newest job the last :meth:`take` returned (loop thread).
+        self.taken_generation = 0
         self._held = 0
         self._want = WakeEvent()  # set by the loop thread on every turn that finds the backlog low
         self._stopping = threading.Event()
@@ -109,6 +118,7 @@ class Prefetcher:
                 return []
             jobs = list(self._ready)
             self._ready.clear()
+            self.taken_generation = self._ready_generation
         self._taken += len(jobs)
         return jobs
 
@@ -166,6 +176,7 @@ class Prefetcher:
                 self._stopping.wait(self.retry_sec)
                 continue
             self.acquired += len(jobs)
+            generation = acquire_generation(self.lease)  # this thread is the lease's only acquirer
             batch = []
             for job in jobs:
                 prepared = self._prepare_one(job)
@@ -175,10 +186,12 @@ class Prefetcher:
                         # The loop may be idle: hand the first job over at once (start-up latency).
                         with self._lock:
                             self._ready.append(batch.pop())
+                            self._ready_generation = generation
                         self._on_ready()
             if batch:
                 with self._lock:
                     self._ready.extend(batch)
+                    self._ready_generation = generation
                 self._on_ready()
             self.exhausted = not jobs
             if not jobs:

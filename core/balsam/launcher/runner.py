@@ -378,10 +378,12 @@ class ProcessPool:
         left after ``grace_sec``, sent by later :meth:`reap` calls); never relaunched. Their exits
         come out of :meth:`reap` as any other."""
         for job_id in job_ids:
+            # Always: the reaper thread may have seen a quick failure that reap() has not taken
+            # yet, and that reap() would start it again (see _relaunched_now).
+            self._requests.pop(job_id, None)
             proc = self.running.get(job_id)
             if proc is not None and proc.pid is not None and proc.returncode is None:
-                self._requests.pop(job_id, None)  # no relaunch (see _relaunched_now)
-                self.ending.add(proc.pid, grace_sec)
+                self.ending.add(proc.pid, grace_sec)  # signalled only while it runs
 
     def start(self, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str], cpu_ids: Sequence[int] = ()) -> AppProcess:
         proc = AppProcess(job_id, shell_cmd, workdir, env, cpu_ids, sigpipe_ignored=self.sigpipe_ignored)

@@ -24,7 +24,12 @@ with arguments computed by the loop, one call at a time, prepares the jobs it go
 and wakes the loop when it is done; the loop checks them against the NodeManager and queues them.
 The lease's **heartbeat thread** asks the server which held jobs their user deleted or moved
 (:mod:`balsam.launcher.gone`): it copies the held ids and hands the answer over; the loop ends
-those runs.
+those runs. A job leased again while an older copy of it is held replaces that copy (same module).
+
+At a stop, and after an exception in the loop alike, the running jobs are ended and reported first;
+only then is an acquire still in flight waited for (its jobs never start; the Session's deletion,
+after it, frees them): a slow API must not keep the jobs running while the batch system's kill
+comes closer.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from balsam.util import format_threads_cpu, threads_cpu_seconds
 
 from .._api import largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
-from ..gone import GoneJobs
+from ..gone import Acquired, GoneJobs, acquire_generation
 from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
 from ..handover import HandOver
 from ..job_mode import JobMode
@@ -249,8 +254,9 @@ class MPIMode(JobMode):
             "probe": empty == len(nm) and not self.pending and not self.pool.running and self._probe_oversized,
         }
 
-    def _fetch(self, source: Any, request: dict[str, Any]) -> list[Any]:
-        """The acquire itself (acquirer thread)."""
+    def _fetch(self, source: Any, request: dict[str, Any]) -> Acquired:
+        """The acquire itself (acquirer thread); the jobs carry the acquire's number (see
+        :mod:`balsam.launcher.gone`: a heartbeat answer older than them is not applied to them)."""
         began = time.monotonic()
         jobs = source.acquire(
             request["count"],
@@ -263,9 +269,10 @@ class MPIMode(JobMode):
                      time.monotonic() - began)
         if not jobs and request["probe"]:
             jobs = self._probe_too_large(source)
+        generation = acquire_generation(source)  # this thread is the lease's only acquirer
         # Prepared here rather than on the loop thread (app, command line, environment, workdir:
         # ~1 ms a job), so that the loop answers job exits while a batch is being prepared.
-        return [self._prepare(job) for job in jobs]
+        return Acquired((self._prepare(job) for job in jobs), generation)
 
     def _prepare(self, job: Any) -> "PreparedJob | Unbuildable":
         """A job ready to place, or why it cannot be built (acquirer thread)."""
@@ -275,8 +282,11 @@ class MPIMode(JobMode):
             return Unbuildable(int(job.id), str(exc))
 
     def _take(self, jobs: list["PreparedJob | Unbuildable"], updater: Any) -> None:
-        """Queue prepared jobs (loop thread); unbuildable or impossible ones end FAILED."""
+        """Queue prepared jobs (loop thread); unbuildable or impossible ones end FAILED. A job
+        that arrives while an older copy of it is held replaces that copy (:meth:`GoneJobs.arrive`):
+        a second copy in ``pending`` would be placed twice (the NodeManager refuses) or run twice."""
         nm = self.node_manager
+        ready = []
         for prepared in jobs:
             try:
                 if isinstance(prepared, Unbuildable):
@@ -286,7 +296,29 @@ class MPIMode(JobMode):
                 logger.error("job %s FAILED: %s", prepared.id, exc)
                 report_failed(updater, prepared.id, str(exc))
                 continue
-            self.pending.append(prepared)
+            ready.append(prepared)
+        if not ready:
+            return
+        now, local, cancel, _ = self.gone.arrive(ready, getattr(jobs, "generation", 0), self.pool.job_ids, self.pending,
+                                                 self.handover.queued, placed=nm.placements)
+        for job_id in cancel:  # comes back unstarted (dropped then), or started (ended at once)
+            self.pool.cancel(job_id)
+        if local:
+            self.pool.end(local, self.countdown.grace_sec)
+        if now:
+            self.pending.extend(now)
+            self._try_start = True
+
+    def _fail(self, updater: Any, job_id: int, reason: str) -> None:
+        """A job that could not be started ends FAILED."""
+        self.gone.forget(job_id)
+        report_failed(updater, job_id, reason)
+
+    def _queue_ready(self) -> None:
+        """New copies of jobs whose stale copy has exited and freed its resources: to ``pending``."""
+        ready = self.gone.release_ready(self.node_manager.placements)
+        if ready:
+            self.pending.extend(ready)
             self._try_start = True
 
     def _probe_too_large(self, source: Any) -> list[Any]:
@@ -362,7 +394,7 @@ class MPIMode(JobMode):
             self._note_running(updater, prepared, asked)
             logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), cmd)
 
-        started = place_pending(self.pending, self.node_manager, start, lambda job_id, reason: report_failed(updater, job_id, reason), room=room)
+        started = place_pending(self.pending, self.node_manager, start, lambda job_id, reason: self._fail(updater, job_id, reason), room=room)
         if started and not self.started:
             send_first_running(updater)
         self.started += started
@@ -381,7 +413,7 @@ class MPIMode(JobMode):
     # -- hand-over (balsam.launcher.handover) --------------------------------------------------
     def _queue_behind(self, updater: Any) -> int:
         return self.handover.queue_behind(self.pending, self._launch_command,
-                                          lambda job_id, reason: report_failed(updater, job_id, reason))
+                                          lambda job_id, reason: self._fail(updater, job_id, reason))
 
     def _note_handovers(self, updater: Any) -> None:
         """Queued jobs that started (RUNNING at the time they started) or came back unstarted."""
@@ -415,9 +447,12 @@ class MPIMode(JobMode):
             postprocess = self._pop_postprocess(job_id)
             if self.gone.ending and self.gone.settled(job_id):
                 continue  # deleted or moved by its user: the server would refuse any update
+            self.gone.forget(job_id)
             report_exit(updater, job_id, rc, tail, when, postprocess)
             logger.info("job %s exited with %s", job_id, rc)
         self.finished += len(done)
+        if self.gone.ready:  # after the exits and hand-overs that free the stale copies' placements
+            self._queue_ready()
         return len(done)
 
     # -- main loop -----------------------------------------------------------------------------
@@ -432,6 +467,7 @@ class MPIMode(JobMode):
         acquirer = cf.ThreadPoolExecutor(1, thread_name_prefix="mpi-acquire")
         inflight: Optional[cf.Future] = None
         threads_cpu: list[tuple[str, int, float]] = []
+        failed: Optional[BaseException] = None
         with self.lease() as (source, updater):
             self.gone.attach(source)
             try:
@@ -495,16 +531,32 @@ class MPIMode(JobMode):
                         timeout = min(timeout, until_acquire)
                     self.wake.wait(timeout)
                     self.wake.clear()
+            except BaseException as exc:
+                # Whatever broke the loop, the running jobs are still ended and reported (below):
+                # left alone they would outlive the launcher and only time out with the Session.
+                failed = exc
+                reason = f"launcher error: {type(exc).__name__}: {exc}"
+                logger.exception("mpi mode loop failed; ending the running jobs")
+                raise
             finally:
                 threads_cpu = threads_cpu_seconds()  # before the threads it names stop
-                # The acquire in flight ends first (its jobs stay leased until the Session is
-                # deleted, which frees them); then the running jobs are ended.
-                acquirer.shutdown(wait=True)
-                if inflight is not None and inflight.done() and not inflight.cancelled() and inflight.exception() is None:
-                    late = len(inflight.result())
-                    if late:
-                        logger.info("%d jobs acquired as the launcher stopped; the session release returns them", late)
-            self._shutdown(updater, reason)
+                try:
+                    # The running jobs are ended first, without waiting for an acquire in flight:
+                    # the API may be slow to answer it, and the batch system would not wait.
+                    self._shutdown(updater, reason)
+                except Exception:
+                    if failed is None:
+                        raise
+                    logger.exception("ending the running jobs after the loop failed did not complete")
+                finally:
+                    # Then the acquire in flight is waited for, before the Session is deleted
+                    # (leaving the lease below): the deletion frees the jobs it leased, which never
+                    # started, rather than a Session that is gone while the acquire still runs.
+                    acquirer.shutdown(wait=True, cancel_futures=True)
+                    if inflight is not None and inflight.done() and not inflight.cancelled() and inflight.exception() is None:
+                        late = len(inflight.result())
+                        if late:
+                            logger.info("%d jobs acquired as the launcher stopped; the session release returns them", late)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         logger.info("mpi mode done (%s): %d started (%d by hand-over; %d queued ones given back), %d finished; CPU "
                     "%.2f s user + %.2f s system (by thread, until the stop: %s)", reason, self.started,
@@ -525,5 +577,6 @@ class MPIMode(JobMode):
                 continue
             report_timeout(updater, job_id, f"launcher stopped ({reason})")
             logger.info("job %s ended as RUN_TIMEOUT (%s)", job_id, reason)
-        if self.pending:
-            logger.info("%d acquired jobs never started; the session release returns them", len(self.pending))
+        unstarted = len(self.pending) + len(self.gone.successors) + len(self.gone.ready)
+        if unstarted:
+            logger.info("%d acquired jobs never started; the session release returns them", unstarted)

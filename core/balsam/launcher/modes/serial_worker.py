@@ -347,9 +347,13 @@ class Master:
             progress += len(done)
         new = self.prefetcher.take()
         if new:
-            self.pending.extend(new)
-            self._try_start = True
+            self._take(new, self.prefetcher.taken_generation)
             progress += len(new)
+        if self.gone.ready:  # after the exits and hand-overs that free the stale copies' placements
+            ready = self.gone.release_ready(self.node_manager.placements)
+            if ready:
+                self.pending.extend(ready)
+                self._try_start = True
         if self.gone.news:
             self._end_gone()
             progress += 1
@@ -376,7 +380,10 @@ class Master:
     def _start(self, prepared: PreparedJob, placement: Placement) -> None:
         rank = self.rank_of_node[placement.node_indexes[0]]
         cmd, env = self._launch_command(prepared, placement)
-        cpu_ids = placement.cpu_ids[0]
+        # The assigned ids are cores; a threads_per_core > 1 task also gets their sibling hardware
+        # threads, as mpi mode's binding gives them. A job handed over later runs on these same ids
+        # (the spawner keeps the CPUs of the job ahead).
+        cpu_ids = self.platform.task_cpu_ids(placement.cpu_ids[0], prepared.demand.threads_per_core)
         # RUNNING is stamped before the spawn is asked for: a task that ends at once is stamped
         # RUN_DONE by its spawner, possibly before this thread gets the CPU back (its events would
         # sort RUN_DONE before RUNNING).
@@ -390,7 +397,27 @@ class Master:
         self._note_running(prepared, asked)
 
     def _fail(self, job_id: int, reason: str) -> None:
+        self.gone.forget(job_id)
         report_failed(self.updater, job_id, reason)
+
+    def _take(self, jobs: list[PreparedJob], generation: int) -> None:
+        """Queue jobs the prefetcher leased (copies of acquire ``generation`` or older). A job that
+        arrives while an older copy of it is held (re-queued by its user, or leased again by a
+        replaced Session) replaces that copy (:meth:`GoneJobs.arrive`): two copies in ``pending``
+        would be placed twice (the NodeManager refuses: the loop crashed) or run twice."""
+        now, local, cancel, by_rank = self.gone.arrive(jobs, generation, self.pool.job_ids, self.pending,
+                                                       self.handover.queued, self.remote, placed=self.node_manager.placements)
+        if local or cancel or by_rank:
+            grace = self.stop.countdown.grace_sec
+            for job_id in cancel:  # comes back unstarted (dropped then), or started (ended at once)
+                self.pool.cancel(job_id)
+            if local:
+                self.pool.end(local, grace)
+            for rank, ids in by_rank.items():
+                self.transport.end_tasks(rank, ids, grace)
+        if now:
+            self.pending.extend(now)
+            self._try_start = True
 
     # -- hand-over (balsam.launcher.handover) --------------------------------------------------
     def _launch_command(self, prepared: PreparedJob, placement: Placement) -> tuple[str, dict[str, str]]:
@@ -434,10 +461,12 @@ class Master:
             self._try_start = True
         postprocess_on_exit = self.postprocess_on_exit
         gone = self.gone
+        forget = gone.copies.pop
         for job_id, rc, tail, when in results:
             self.handover.release(job_id)
             self.remote.pop(job_id, None)
             if not (gone.ending and gone.settled(job_id)):  # gone: the server would refuse any update
+                forget(job_id, None)
                 report_exit(self.updater, job_id, rc, tail, when, job_id in postprocess_on_exit)
             postprocess_on_exit.discard(job_id)
         self.finished += len(results)
