@@ -87,8 +87,31 @@ DB_OUTAGE_RETRY_AFTER_SEC = 5
 _SQLITE_PERMANENT = ("no such table", "no such column", "syntax error", "has no column")
 
 
+#: Seconds a client should wait before retrying a transaction that lost a lock conflict.
+TX_CONFLICT_RETRY_AFTER_SEC = 1
+
+
+def _is_tx_conflict(exc: Exception) -> bool:
+    """PostgreSQL rolled the transaction back for a conflict with a concurrent one (SQLSTATE class
+    40: deadlock detected, serialization failure, ...): the database is up, a retry will do."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "pgcode", None) or ""
+    if code.startswith("40"):
+        return True
+    try:
+        from psycopg2.extensions import TransactionRollbackError
+    except ImportError:  # pragma: no cover - SQLite-only installations
+        return False
+    return isinstance(orig, TransactionRollbackError)
+
+
 def _is_db_outage(exc: Exception) -> bool:
     """Connection lost, server restarting or shutting down, pool exhausted, database locked."""
+    if _is_tx_conflict(exc):
+        # psycopg2 raises these as OperationalError, but they are no outage: counting one as an
+        # outage (note_outage) made the next sweep restart the expiry clock of every session of
+        # every user, so dead launchers' sessions outlived their expiry.
+        return False
     if isinstance(exc, sa.exc.TimeoutError):  # no pool connection became free in time
         return True
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
@@ -100,6 +123,8 @@ def _is_db_outage(exc: Exception) -> bool:
 
 
 async def _database_error(request: Request, exc: Exception) -> Response:
+    if _is_tx_conflict(exc):
+        return _tx_conflict(request, exc)
     if not _is_db_outage(exc):
         return await _unexpected(request, exc)
     message = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
@@ -111,6 +136,23 @@ async def _database_error(request: Request, exc: Exception) -> Response:
         {"detail": "The database is unavailable; retry shortly"},
         status_code=503,
         headers={"Retry-After": str(DB_OUTAGE_RETRY_AFTER_SEC)},
+    )
+
+
+def _tx_conflict(request: Request, exc: Exception) -> Response:
+    """A deadlock or serialization failure: the whole transaction was rolled back, nothing of the
+    request applied (a request whose first transaction committed before a later one failed has an
+    Idempotency-Key, as every write of our clients does: its retry is answered from the record).
+    Answered 503 with a short Retry-After, which the clients retry, and no note_outage. The request
+    is not run again here: the routing layer's handlers are not all safe to re-run from the start
+    (an acquire that waited, a commit made before the failed statement)."""
+    message = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+    logger.warning("Transaction conflict on %s %s (rolled back, client to retry): %s", request.method,
+                   request.url.path, message[0] if message else exc)
+    return JSONResponse(
+        {"detail": "The request conflicted with a concurrent one and was rolled back; retry it"},
+        status_code=503,
+        headers={"Retry-After": str(TX_CONFLICT_RETRY_AFTER_SEC)},
     )
 
 
@@ -141,7 +183,11 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             await asyncio.sleep(period)
             try:
                 await run_in_threadpool(_sweep_once, app)
-            except Exception:  # keep sweeping: a failed sweep (e.g. DB restart) is retried next period
+            except Exception as exc:  # keep sweeping: a failed sweep (e.g. DB restart) is retried next period
+                if _is_tx_conflict(exc):  # rolled back for a concurrent transaction: no outage
+                    logger.warning("Session sweep rolled back (%s); retried next period",
+                                   str(getattr(exc, "orig", exc)).strip().splitlines()[0])
+                    continue
                 logger.exception("Session sweep failed")
                 note_outage(app.state.engine)
 

@@ -31,6 +31,13 @@ Why nothing is applied twice:
   therefore answered once the original has committed, never applied beside it.
 - a key is bound to its request (sha256 of method, path, query and body): the same key on a
   different request is refused (422) rather than answered with an unrelated record.
+- an expired record not swept yet is taken over by the next request with its key (a new life),
+  with an ``UPDATE ... WHERE expires <= now``: two requests that both read it expired both reach
+  that UPDATE, and on PostgreSQL the second waits for the first's row lock, then re-checks the
+  condition against the first's commit (renewed: no longer expired) and changes nothing; it then
+  reads the record the first committed and is answered from it. (Without the condition both took
+  the key and the request was applied twice.) A record swept between the claim and its read is
+  claimed anew.
 
 Reserved keys (``POST /jobs/reservations``, PostgreSQL only): the server issues keys for the
 chunks of one large bulk create, each row recording the job ids allocated to it in advance (the
@@ -173,34 +180,48 @@ class IdempotentRequest:
         request = self.ctx.request
         self._fingerprint = request_fingerprint(request.method, request.url.path, request.url.query, self.ctx.body)
         user_id = self.ctx.user.id
-        now = _utcnow()
-        claimed = conn.execute(
-            _CLAIM["postgresql" if conn.dialect.name == "postgresql" else "sqlite"],
-            {"b_user": user_id, "b_key": self.key, "b_hash": self._fingerprint, "b_now": now, "b_expires": now + self.ttl},
-        ).rowcount
-        if claimed:
-            self._claimed = True
-            return None
-        if reservable:
-            taken = conn.execute(_TAKE_RESERVED, {"b_user": user_id, "b_key": self.key, "b_hash": self._fingerprint,
-                                                  "b_now": now}).first()
-            if taken is not None:
+        params = {"b_user": user_id, "b_key": self.key, "b_hash": self._fingerprint}
+        # Each pass ends in a claim or an answer, except when another transaction changed the key's
+        # row under us (see the two ``continue``): then the next pass reads what it committed. A
+        # third pass would need the key to expire again or be swept again in between: not within
+        # a request's time (the TTL is hours), so the loop is bounded for safety only.
+        for _attempt in range(3):
+            now = _utcnow()
+            claimed = conn.execute(
+                _CLAIM["postgresql" if conn.dialect.name == "postgresql" else "sqlite"],
+                {**params, "b_now": now, "b_expires": now + self.ttl},
+            ).rowcount
+            if claimed:
                 self._claimed = True
-                self.reserved_ids = [i for first, last in taken.resource_ids for i in range(int(first), int(last) + 1)]
                 return None
-        row = conn.execute(
-            sa.select(idempotency_keys).where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == self.key)
-        ).one()
-        if row.expires <= now:
-            # Expired but not swept yet: the key starts a new life with this request.
-            conn.execute(
-                sa.update(idempotency_keys)
-                .where(idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == self.key)
-                .values(request_hash=self._fingerprint, status_code=0, resource="", resource_ids=[], created=now,
-                        expires=now + self.ttl, answer=None, answer_type=None)
-            )
-            self._claimed = True
-            return None
+            if reservable:
+                taken = conn.execute(_TAKE_RESERVED, {**params, "b_now": now}).first()
+                if taken is not None:
+                    self._claimed = True
+                    self.reserved_ids = [i for first, last in taken.resource_ids
+                                         for i in range(int(first), int(last) + 1)]
+                    return None
+            row = conn.execute(sa.select(idempotency_keys).where(
+                idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == self.key)).first()
+            if row is None:  # expired and swept after the claim saw it: claim it anew
+                continue
+            if row.expires <= now:
+                # Expired but not swept yet: the key starts a new life with this request. Only if it
+                # is still expired when this UPDATE holds its row: a concurrent request with the key
+                # may have read it expired too and renewed it first (on PostgreSQL this UPDATE waits
+                # for that transaction, then re-checks the condition against its commit). Without
+                # the condition both took the key and the request was applied twice; now the later
+                # one changes no row and reads the record the other committed (its answer).
+                renewed = conn.execute(_RENEW, {**params, "b_now": now, "b_expires": now + self.ttl}).rowcount
+                if renewed:
+                    self._claimed = True
+                    return None
+                continue
+            return self._recorded(row)
+        raise Conflict(f"this {HEADER} kept changing under concurrent requests with the same key; retry")
+
+    def _recorded(self, row: sa.Row) -> Recorded:
+        """The earlier request's record (422 if the key was used for a different request)."""
         if row.request_hash != self._fingerprint:
             raise ValidationFailed.field(
                 ["header", HEADER],
@@ -224,6 +245,16 @@ class IdempotentRequest:
         conn.execute(_RECORD_ANSWER, {"b_user": self.ctx.user.id, "b_key": self.key, "b_status": response.status_code,
                                       "b_answer": bytes(response.body) or None, "b_type": response.media_type})
 
+
+#: Renew an expired key for a new request, only while it is still expired (see ``claim``).
+_RENEW = (
+    sa.update(idempotency_keys)
+    .where(idempotency_keys.c.user_id == sa.bindparam("b_user"), idempotency_keys.c.key == sa.bindparam("b_key"),
+           idempotency_keys.c.expires <= sa.bindparam("b_now", type_=idempotency_keys.c.expires.type))
+    .values(request_hash=sa.bindparam("b_hash"), status_code=0, resource="", resource_ids=[],
+            created=sa.bindparam("b_now", type_=idempotency_keys.c.created.type),
+            expires=sa.bindparam("b_expires", type_=idempotency_keys.c.expires.type), answer=None, answer_type=None)
+)
 
 _TAKE_RESERVED = (
     sa.update(idempotency_keys)

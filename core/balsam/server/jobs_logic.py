@@ -881,13 +881,20 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[dict[str, An
             parent_ids.update(spec["parent_ids"])
     parent_states: dict[int, str] = {}
     if parent_ids:
-        parent_states = dict(
-            conn.execute(
-                sa.select(jobs.c.id, jobs.c.state).where(
-                    jobs.c.id.in_(parent_ids), jobs.c.site_id.in_(owned_site_ids(user_id))
-                )
-            ).all()
+        stmt = sa.select(jobs.c.id, jobs.c.state).where(
+            jobs.c.id.in_(parent_ids), jobs.c.site_id.in_(owned_site_ids(user_id))
         )
+        if conn.dialect.name == "postgresql":
+            # A parent finishing meanwhile (its update locks it FOR UPDATE, then releases the
+            # children it finds linked) must not slip between this read and the insert of the
+            # links: read without a lock, it committed JOB_FINISHED before our link existed and
+            # the child, created AWAITING_PARENTS from the stale state, waited forever. FOR SHARE
+            # makes the finish wait for this transaction (it then sees the link and releases the
+            # child), or this read wait for the finish (and then read JOB_FINISHED). In id order,
+            # as every job lock is taken, so two such transactions cannot deadlock. (SQLite
+            # serializes writers: no finish can run between the read and the insert.)
+            stmt = stmt.order_by(jobs.c.id).with_for_update(read=True, of=jobs)
+        parent_states = dict(conn.execute(stmt).all())
         missing = parent_ids - parent_states.keys()
         if missing:
             raise not_found_ids("Parent job", missing)

@@ -26,6 +26,35 @@ exactly once, with no window for a race:
 Releasing at once instead (free the lease when the answer is lost) was rejected: the server cannot
 know an answer was lost, and a launcher that did get it would then run jobs it no longer holds.
 
+Lock order (PostgreSQL; SQLite runs one write transaction at a time). Every transaction that
+locks more than one kind of row takes them in one order, each kind in id order:
+BatchJobs, then sessions, then jobs, then a job's transfer items (and other rows of its own):
+
+- the expiry sweep locks the stale sessions (``FOR UPDATE SKIP LOCKED``: one a request holds is
+  left to it), then their RUNNING jobs (:func:`release_session_jobs`), then deletes the sessions.
+  Its clock restart after a start or an outage skips locked sessions too. So the sweep never waits
+  for a session row, and waits for jobs only while holding sessions;
+- ``DELETE /sessions/{id}`` locks the session (``get_owned_session(lock=True)``) before its jobs,
+  and a finished or deleted BatchJob is locked (``FOR NO KEY UPDATE``, which a lease's key-share
+  lock on it does not wait for) before its sessions (``end_batch_job_sessions``), which are locked
+  before their jobs. Either used to lock the jobs first and delete the session last, while a sweep
+  held the session and waited for those jobs: a deadlock;
+- an acquire or a tick locks its session with the heartbeat ``UPDATE`` before leasing jobs (the
+  candidates are taken ``SKIP LOCKED``: it never waits for a job). The session was read just before
+  without a lock, so the heartbeat may find it deleted by the sweep it waited for: that is 404
+  (:func:`heartbeat`), the answer a launcher replaces its session on (leasing jobs to the deleted
+  session was a foreign-key violation, 409);
+- job updates lock their jobs (id order) before anything of theirs; a transfer update locks its
+  items' jobs before writing the items (a job's delete locks the job, then its cascade the items);
+  a job create reads its parents ``FOR SHARE`` (a parent finishing meanwhile waits for the links,
+  then releases the child).
+
+Two transactions that still meet in a cycle (jobs locked in an order a workflow makes, such as
+parents finishing in one request while their children's parents finish in another) are ended by
+PostgreSQL's deadlock check. That is no outage (app.py): the victim's request is answered 503 with
+a short ``Retry-After``, nothing of it applied, and the clients retry it with its Idempotency-Key;
+the sessions' expiry clocks are left alone (only a real outage restarts them).
+
 Expiry counts only time the server could have heard a heartbeat. While the server process is down
 (a restart, a kill -9) or its database is unreachable, live launchers' heartbeats fail through no
 fault of theirs; expiring their sessions on recovery would send their RUNNING jobs to RUN_TIMEOUT and
@@ -82,6 +111,8 @@ _OWNED_SESSION = {
     .where(sessions.c.id == sa.bindparam("b_session"), owned_sites_clause(scoped))
     for scoped in (False, True)
 }
+#: The same, locked for a change that ends the session (PostgreSQL; see "Lock order" above).
+_OWNED_SESSION_LOCKED = {scoped: stmt.with_for_update(of=sessions) for scoped, stmt in _OWNED_SESSION.items()}
 #: A session's heartbeat (every acquire and tick).
 HEARTBEAT = (sa.update(sessions).where(sessions.c.id == sa.bindparam("b_session"))
              .values(heartbeat=sa.bindparam("b_now", type_=sessions.c.heartbeat.type)))
@@ -94,12 +125,29 @@ _HELD = {
 }
 
 
-def get_owned_session(conn: sa.Connection, user_id: int, session_id: int) -> sa.Row:
+def _session_not_found(session_id: int) -> NotFound:
+    return NotFound(f"Session {session_id} not found (it may have expired: no heartbeat for too long)")
+
+
+def get_owned_session(conn: sa.Connection, user_id: int, session_id: int, *, lock: bool = False) -> sa.Row:
+    """The user's session (404 if there is none). ``lock``: locked ``FOR UPDATE`` on PostgreSQL,
+    for a request that ends it (its delete): the session before its jobs (see "Lock order")."""
     scoped, params = owner_params(user_id)
-    row = conn.execute(_OWNED_SESSION[scoped], {"b_session": session_id, **params}).first()
+    stmt = (_OWNED_SESSION_LOCKED if lock and conn.dialect.name == "postgresql" else _OWNED_SESSION)[scoped]
+    row = conn.execute(stmt, {"b_session": session_id, **params}).first()
     if row is None:
-        raise NotFound(f"Session {session_id} not found (it may have expired: no heartbeat for too long)")
+        raise _session_not_found(session_id)
     return row
+
+
+def heartbeat(conn: sa.Connection, session_id: int, now: dt.datetime) -> None:
+    """Record a heartbeat; 404 if the session is gone. The session was read just before, without a
+    lock: the expiry sweep may hold its row then (on PostgreSQL this UPDATE waits for it) and delete
+    it. The UPDATE then changes no row, and the request must stop here: an acquire went on to lease
+    jobs to the deleted session (409, a foreign key violation, where the launcher replaces its
+    session only on 404) and a tick answered 200 for a session that no longer existed."""
+    if not conn.execute(HEARTBEAT, {"b_session": session_id, "b_now": now}).rowcount:
+        raise _session_not_found(session_id)
 
 
 def note_outage(engine: sa.Engine) -> None:
@@ -114,7 +162,14 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
     database = str(conn.engine.url)
     if database not in _swept_since_outage:
         # The server could not hear heartbeats until now (see the module's docstring): all sessions.
-        restarted = conn.execute(sa.update(sessions).where(sessions.c.heartbeat < now).values(heartbeat=now)).rowcount
+        stale = sessions.c.heartbeat < now
+        if conn.dialect.name == "postgresql":
+            # Never wait for a session's row (see "Lock order"): a locked one is being changed by a
+            # request that heartbeats it or ends it, or swept by another worker.
+            free = sessions.alias("free")
+            stale = sessions.c.id.in_(
+                sa.select(free.c.id).where(free.c.heartbeat < now).with_for_update(skip_locked=True))
+        restarted = conn.execute(sa.update(sessions).where(stale).values(heartbeat=now)).rowcount
         _swept_since_outage.add(database)
         if restarted:
             logger.info("Restarted the expiry clock of %d session(s) after a server start or outage", restarted)
@@ -267,7 +322,9 @@ def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool =
 def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[dict[str, Any]]:
     stmt = candidates(session.site_id, spec, conn.dialect.name)
     now = utcnow()
-    conn.execute(HEARTBEAT, {"b_session": session.id, "b_now": now})
+    # First: it locks the session's row (before its jobs, see "Lock order"), and a session the
+    # sweep deleted meanwhile is 404 here, not a lease to a session that no longer exists.
+    heartbeat(conn, session.id, now)
     values: dict[str, Any] = {"session_id": session.id}
     if session.batch_job_id is not None:
         values["batch_job_id"] = session.batch_job_id

@@ -125,10 +125,11 @@ def create_batch_job(ctx: Ctx) -> Response:
     return json_response(bj_dict(row), 201)
 
 
-def _get_owned(conn: sa.Connection, user_id: int, bj_id: int) -> sa.Row:
-    row = conn.execute(
-        sa.select(*BJ_COLUMNS).where(batch_jobs.c.id == bj_id, batch_jobs.c.site_id.in_(owned_site_ids(user_id)))
-    ).first()
+def _get_owned(conn: sa.Connection, user_id: int, bj_id: int, *, lock: bool = False) -> sa.Row:
+    stmt = sa.select(*BJ_COLUMNS).where(batch_jobs.c.id == bj_id, batch_jobs.c.site_id.in_(owned_site_ids(user_id)))
+    if lock and conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(key_share=True, of=batch_jobs)
+    row = conn.execute(stmt).first()
     if row is None:
         raise NotFound(f"BatchJob {bj_id} not found")
     return row
@@ -176,13 +177,19 @@ def _update_many(conn: sa.Connection, user_id: int,
     """The updated BatchJobs, and the ids of the launcher credentials revoked because theirs finished
     (for the caller to forget in the credential cache once committed)."""
     ids = list(patches)
-    current = dict(
-        conn.execute(
-            sa.select(batch_jobs.c.id, batch_jobs.c.state).where(
-                batch_jobs.c.id.in_(ids), batch_jobs.c.site_id.in_(owned_site_ids(user_id))
-            )
-        ).all()
+    stmt = sa.select(batch_jobs.c.id, batch_jobs.c.state).where(
+        batch_jobs.c.id.in_(ids), batch_jobs.c.site_id.in_(owned_site_ids(user_id))
     )
+    if conn.dialect.name == "postgresql":
+        # Each transition is validated against the state it really changes: unlocked, two
+        # concurrent updates both read the old state, and the later write won (a finished
+        # allocation became pending_deletion; a user's cancel was overwritten by the agent's
+        # queued). Rows in id order (two bulk updates cannot deadlock); NO KEY UPDATE, the lock
+        # the UPDATE below takes anyway, so a session or a lease referring to the BatchJob (a
+        # key-share lock) does not wait. The lock order of this path: BatchJobs, then their
+        # sessions, then jobs (see sessions_logic). (SQLite serializes writers.)
+        stmt = stmt.order_by(batch_jobs.c.id).with_for_update(key_share=True, of=batch_jobs)
+    current = dict(conn.execute(stmt).all())
     missing = set(ids) - current.keys()
     if missing:
         raise not_found_ids("BatchJob", missing, of_request=True)
@@ -201,7 +208,14 @@ def _update_many(conn: sa.Connection, user_id: int,
 
 def end_batch_job_sessions(conn: sa.Connection, bj_ids: list[int]) -> None:
     """A finished allocation has no live launcher: end its sessions now (RUNNING -> RUN_TIMEOUT)."""
-    session_ids = list(conn.execute(sa.select(sessions.c.id).where(sessions.c.batch_job_id.in_(bj_ids))).scalars())
+    stmt = sa.select(sessions.c.id).where(sessions.c.batch_job_id.in_(bj_ids))
+    if conn.dialect.name == "postgresql":
+        # The sessions before their jobs, as the expiry sweep and every other path lock them
+        # (sessions_logic's module docstring): locking the jobs first deadlocked with a sweep that
+        # held the session and waited for the jobs. A session the sweep holds is waited for, then
+        # found deleted (a locking read skips it).
+        stmt = stmt.order_by(sessions.c.id).with_for_update(of=sessions)
+    session_ids = list(conn.execute(stmt).scalars())
     if session_ids:
         release_session_jobs(conn, session_ids, utcnow())
         conn.execute(sa.delete(sessions).where(sessions.c.id.in_(session_ids)))
@@ -235,7 +249,11 @@ def bulk_update(ctx: Ctx) -> Response:
 def delete_batch_job(ctx: Ctx) -> Response:
     bj_id = ctx.path_int("batch_job_id")
     with ctx.write() as conn:
-        _get_owned(conn, ctx.user.id, bj_id)
+        # Locked first, as an update of it locks it first (the lock order BatchJob, sessions, jobs):
+        # a concurrent update (its finish) and this delete take their turns instead of each
+        # holding what the other waits for. NO KEY UPDATE, as the update takes: a lease of a job
+        # to one of its sessions (a key-share lock on it) goes on; the DELETE below waits for it.
+        _get_owned(conn, ctx.user.id, bj_id, lock=True)
         # As when it finishes: its launcher can no longer report, so its sessions end now (RUNNING
         # jobs -> RUN_TIMEOUT, the others freed) rather than keep their jobs leased, and its
         # credentials stop. Their rows go with the BatchJob: their ids are read first.

@@ -15,7 +15,7 @@ from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
-    HEARTBEAT, acquire, any_candidates, get_owned_session, gone_jobs, maybe_sweep, parse_acquire, parse_tick, reacquire,
+    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, parse_acquire, parse_tick, reacquire,
     release_session_jobs, session_dict,
 )
 from ..tables import batch_jobs, sessions, sites
@@ -105,7 +105,7 @@ def tick(ctx: Ctx) -> Response:
             ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         get_owned_session(conn, ctx.user.id, session_id)
         now = utcnow()
-        conn.execute(HEARTBEAT, {"b_session": session_id, "b_now": now})
+        heartbeat(conn, session_id, now)  # 404 if the sweep deleted the session meanwhile
         gone = gone_jobs(conn, session_id, job_ids) if job_ids is not None else None
     answer: dict = {"id": session_id, "heartbeat": wire_datetime(now)}
     if gone is not None:
@@ -116,7 +116,10 @@ def tick(ctx: Ctx) -> Response:
 def delete_session(ctx: Ctx) -> Response:
     session_id = ctx.path_int("session_id")
     with ctx.write() as conn:
-        get_owned_session(conn, ctx.user.id, session_id)
+        # The session locked before its jobs, as the expiry sweep locks them (sessions_logic, "Lock
+        # order"): the jobs first deadlocked with a sweep that held the session and waited for the
+        # jobs. A session the sweep is deleting is waited for, then not found (404).
+        get_owned_session(conn, ctx.user.id, session_id, lock=True)
         release_session_jobs(conn, [session_id], utcnow())
         conn.execute(sa.delete(sessions).where(sessions.c.id == session_id))
     ctx.wake_acquires()  # its RUNNING jobs are RUN_TIMEOUT, its other jobs leasable again

@@ -82,15 +82,21 @@ def update_items(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
     # Two plain lookups: the user's sites, then the items' sites by primary key. (One query with
     # both IN lists made SQLite scan the jobs of every owned site: 1 s for 2,000 items.)
     my_sites = set(conn.execute(owned_site_ids(user_id)).scalars())
-    owned = {
-        item_id
-        for item_id, site_id in conn.execute(
-            sa.select(transfer_items.c.id, jobs.c.site_id)
-            .join(jobs, jobs.c.id == transfer_items.c.job_id)
-            .where(transfer_items.c.id.in_(ids))
-        )
-        if site_id in my_sites
-    }
+    items = (
+        sa.select(transfer_items.c.id, jobs.c.site_id)
+        .join(jobs, jobs.c.id == transfer_items.c.job_id)
+        .where(transfer_items.c.id.in_(ids))
+    )
+    if conn.dialect.name == "postgresql":
+        # The items' jobs are locked first, in id order, before any item is written: a job's
+        # delete locks the job and then (its cascade) the items, and this update used to write
+        # the items and then lock the jobs (advance_jobs_after_transfers): a deadlock. Reading
+        # ownership under the lock also settles a delete that committed meanwhile: its job's row
+        # is skipped, so its items are not found (404, all or nothing) rather than an item that
+        # vanished between this check and the answer (a 500 for PUT, an item silently left out
+        # of a bulk PATCH's answer). Items go only with their job, so they stay while it is locked.
+        items = items.order_by(jobs.c.id).with_for_update(of=jobs)
+    owned = {item_id for item_id, site_id in conn.execute(items) if site_id in my_sites}
     if set(ids) - owned:
         raise not_found_ids("TransferItem", set(ids) - owned, of_request=True)
     update_rows_by_id(conn, transfer_items, patches)
@@ -104,6 +110,7 @@ def advance_jobs_after_transfers(conn: sa.Connection, item_ids: list[int]) -> No
     if conn.dialect.name == "postgresql":
         # Items of one job finishing in concurrent requests: lock the jobs first, so the later
         # transaction waits and then sees the other's items as done (no job left behind).
+        # (update_items has locked them before writing the items: this finds them held.)
         conn.execute(sa.select(jobs.c.id).where(jobs.c.id.in_(job_ids)).order_by(jobs.c.id).with_for_update())
     not_done = (
         sa.select(sa.literal(1))
