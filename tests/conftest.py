@@ -126,6 +126,21 @@ def reset_pg_schema(url: str) -> None:
     upgrade(url)
 
 
+def empty_pg_schema(url: str) -> None:
+    """No tables at all: what a server's own migration (BALSAM_SERVER_CREATE_TABLES) starts from."""
+    import sqlalchemy as sa
+
+    from balsam.server.db import normalize_database_url
+
+    engine = sa.create_engine(normalize_database_url(url))
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+            conn.exec_driver_sql("CREATE SCHEMA public")
+    finally:
+        engine.dispose()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -244,19 +259,21 @@ def _live_server_pg_obj(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Li
 
 @pytest.fixture(scope="session")
 def live_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """``start(database="sqlite"|"postgresql", env={...}, workers=1) -> LiveServer`` for servers with
-    special settings (e.g. a short session expiry); all are stopped at the end of the session.
-    PostgreSQL servers get their own database ``balsam_test_<n>`` (created and migrated)."""
+    """``start(database="sqlite"|"postgresql", env={...}, workers=1, migrated=True) -> LiveServer``
+    for servers with special settings (e.g. a short session expiry); all are stopped at the end of
+    the session. PostgreSQL servers get their own database ``balsam_test_<n>`` (created and
+    migrated; with ``migrated=False`` empty, for the server's own migration)."""
     started: list[LiveServer] = []
 
-    def start(database: str = "sqlite", env: "dict[str, str] | None" = None, workers: int = 1) -> LiveServer:
+    def start(database: str = "sqlite", env: "dict[str, str] | None" = None, workers: int = 1,
+              migrated: bool = True) -> LiveServer:
         workdir = tmp_path_factory.mktemp(f"server-{database}")
         if database == "sqlite":
             url = f"sqlite:///{workdir / 'balsam.db'}"
         else:
             url = pg_test_url(str(len(started) + 1))
             ensure_pg_database(url)
-            reset_pg_schema(url)
+            reset_pg_schema(url) if migrated else empty_pg_schema(url)
         server = LiveServer(url, workdir, extra_env=env, workers=workers)
         server.start()
         started.append(server)

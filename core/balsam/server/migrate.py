@@ -15,6 +15,8 @@ from alembic.script import ScriptDirectory
 from .db import create_db_engine, normalize_database_url
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+#: The PostgreSQL advisory lock the embedded migration takes (any constant of balsam's own).
+MIGRATION_LOCK_KEY = 0x62616C73616D  # "balsam"
 
 
 def load_migration(file_name: str) -> ModuleType:
@@ -57,6 +59,11 @@ def upgrade_engine(engine: sa.Engine) -> None:
     """Bring an engine's database to head inside one write transaction (embedded servers)."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.connect().execution_options(balsam_write=True) as conn:
+        if conn.dialect.name == "postgresql":
+            # Several workers of one server start at once (uvicorn --workers N): without a lock
+            # they all create alembic_version and the tables, and all but one die of a
+            # UniqueViolation. The lock is the transaction's: the others wait, then find head.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
         conn.commit()
