@@ -80,7 +80,14 @@ def test_cpus_per_task_counts_hardware_threads() -> None:
 
     assert value(options(threads_per_rank=16), "--cpus-per-task") == "32"  # 16 cores
     assert value(options(threads_per_rank=16, threads_per_core=2), "--cpus-per-task") == "16"  # 8 cores
-    assert value(options(threads_per_rank=3, threads_per_core=2), "--cpus-per-task") == "4"  # 2 cores, rounded up
+    assert value(options(threads_per_rank=3, threads_per_core=2), "--cpus-per-task") == "3"  # 3 hardware threads
+    # Ranks that share a core get one logical CPU each: 2 (a whole core) asked srun for twice the
+    # node's 256 logical CPUs for a node of 256 one-thread ranks at 2 threads per core.
+    cpu = PerlmutterCPUPlatform().mpi_launch_args(LaunchSpec(cmdline="app", hostnames=HOSTS[:1], ranks_per_node=256,
+                                                             threads_per_rank=1, threads_per_core=2))
+    assert value(cpu, "--cpus-per-task") == "1"
+    assert value(options(launch_params={"ntasks-per-node": "2"}), "--ntasks-per-node") == "2"
+    assert "--ntasks-per-node" not in options(launch_params={"ntasks-per-node": ""})  # left out, never ''
     assert value(options(), "--cpus-per-task") == "2" and "--cpu-bind=cores" in options()
     for key in ("cpus-per-task", "--cpus-per-task", "c", "-c"):
         args = options(launch_params={key: "8"})

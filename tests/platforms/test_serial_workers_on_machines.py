@@ -68,6 +68,20 @@ def test_a_users_param_wins_over_the_platforms_unbound_one() -> None:
     assert "--cpus-per-task 64" in line and "128" not in line
 
 
+@pytest.mark.parametrize("platform_name, given, mine", [
+    ("perlmutter-gpu", {"--cpus-per-task": "64"}, "--cpus-per-task 64"),
+    ("polaris", {"--cpu-bind": "depth"}, "--cpu-bind depth"),
+    ("polaris", {"cpu_bind": "depth"}, "--cpu-bind depth"),
+    ("theta-knl", {"-cc": "depth"}, "-cc depth"),
+])
+def test_a_users_param_wins_however_it_is_spelled(platform_name, given, mine) -> None:
+    # The platforms read the first spelling of an option in their own order: the translation's
+    # `cpu-bind: none` beside the user's `--cpu-bind: depth` used to win.
+    platform = get_plugin_manager().load_driver("platform", platform_name)()
+    line = _worker_line(platform, _two_nodes(platform), {"cpu_affinity": "none", **given})
+    assert mine in line and " none" not in line and "128" not in line, line
+
+
 def test_a_platform_without_the_hook_gets_cpu_affinity_left_out() -> None:
     class Unknowing(DefaultPlatform):
         def unbound_serial_worker_params(self):

@@ -107,11 +107,14 @@ class PerlmutterGPUPlatform(Platform):
 
     # -- MPI ------------------------------------------------------------------------------------
     def cpus_per_task(self, spec: LaunchSpec) -> int:
-        """srun's ``--cpus-per-task``: logical CPUs, so the rank's cores times the hardware threads of
-        a core (NERSC's rule); a rank's cores are ``threads_per_rank / threads_per_core`` rounded up."""
+        """srun's ``--cpus-per-task``: logical CPUs (NERSC's rule), so a rank's share of cores
+        (``threads_per_rank / threads_per_core``) times the hardware threads of a core, rounded up
+        only once: ranks that share a core (one thread each at 2 threads per core) get one logical
+        CPU each, as the node manager counts them; rounding the cores up first asked srun for twice
+        the node's CPUs."""
         threads_per_core = min(max(1, spec.threads_per_core), self.hardware_threads_per_core)
-        cores = max(1, -(-max(1, spec.threads_per_rank) // threads_per_core))
-        return cores * self.hardware_threads_per_core
+        logical = max(1, spec.threads_per_rank) * self.hardware_threads_per_core
+        return max(1, -(-logical // threads_per_core))
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
@@ -122,7 +125,11 @@ class PerlmutterGPUPlatform(Platform):
         if gres:
             args.append(f"--gres={gres}")
         given, ntasks = _override(params, "ntasks-per-node")
-        args += ["-n", str(spec.num_ranks), "--ntasks-per-node", str(ntasks if given else max(1, spec.ranks_per_node))]
+        args += ["-n", str(spec.num_ranks)]
+        if not given:
+            ntasks = max(1, spec.ranks_per_node)
+        if ntasks not in (None, ""):  # an empty override leaves it out (srun refuses an empty value)
+            args += ["--ntasks-per-node", str(ntasks)]
         given, gpus = _override(params, "gpus-per-task")
         if not given and spec.gpus_per_rank >= 1 and float(spec.gpus_per_rank).is_integer():
             gpus = int(spec.gpus_per_rank)  # a fraction of a GPU: no srun GPU request, CUDA_VISIBLE_DEVICES only

@@ -39,6 +39,11 @@ from .serial_worker import EXIT_START_FAILED, LocalTransport, StartError, build_
 logger = logging.getLogger(__name__)
 
 
+def _option_name(key: str) -> str:
+    """A launch param's option as written any way: ``--cpu-bind``, ``cpu_bind``, ``cpu-bind`` -> ``cpu-bind``."""
+    return key.lstrip("-").replace("_", "-").lower()
+
+
 class SerialMode(JobMode):
     name = "serial"
 
@@ -102,8 +107,13 @@ class SerialMode(JobMode):
         if params.get("cpu_affinity", "").lower() == "none":
             params.pop("cpu_affinity")
             unbound = ctx.platform.unbound_serial_worker_params()
+            # The user's own setting of an option wins however it is spelled (``--cpu-bind``,
+            # ``cpu_bind`` beside the platform's ``cpu-bind``): platforms read the first spelling
+            # in their own order, which could be the translation's.
+            given = {_option_name(key) for key in params}
             for key, value in (unbound or {}).items():
-                params.setdefault(str(key), str(value))
+                if _option_name(str(key)) not in given:
+                    params[str(key)] = str(value)
         gpus = len(ctx.nodes[0].gpu_ids) if ctx.nodes else 0
         spec = LaunchSpec(
             cmdline=worker,
