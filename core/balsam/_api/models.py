@@ -644,7 +644,13 @@ class Job(BalsamModel):
     def result_nowait(self) -> Any:
         """The run() return value, re-raising the run() exception; ``Job.NoResult`` if neither exists."""
         if self.serialized_exception:
-            raise codec.deserialize_exception(self.serialized_exception)
+            exc = codec.deserialize_exception(self.serialized_exception)
+            if not isinstance(exc, Exception):
+                # A SystemExit stored by an earlier runner (it serialized any BaseException):
+                # raised here it would slip past the caller's ``except Exception`` and end the
+                # driver script. The runner now stores only Exceptions.
+                raise codec.RemoteException(f"{type(exc).__name__}: {exc}").with_traceback(exc.__traceback__)
+            raise exc
         if self.serialized_return_value:
             return codec.deserialize(self.serialized_return_value)
         raise self.NoResult(f"Job(id={self.id}) in state {self.state} has no result")

@@ -3,8 +3,9 @@
 The launcher builds this command with :func:`balsam._api.app.python_runner_command`. The runner
 rebuilds the app class and the job, calls ``run(**parameters)`` and prints on stdout (``job.out``)
 ``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` (rank 0 only under MPI); an exception
-is re-raised so the process exits non-zero (RUN_ERROR). The processing module reads the markers
-with :func:`balsam._api.app.parse_run_markers`.
+is re-raised so the process exits non-zero (RUN_ERROR). A ``SystemExit`` (or another
+``BaseException`` that is not an ``Exception``) prints no marker: the exit status tells. The
+processing module reads the markers with :func:`balsam._api.app.parse_run_markers`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ def main(argv: "list[str] | None" = None) -> int:
     app = cls(job)
     try:
         result = app.run(**job.get_parameters())  # type: ignore[misc]
-    except BaseException as exc:
+    except Exception as exc:
+        # Only an Exception is the job's result, as in Balsam 0.7. SystemExit (a ported script's
+        # sys.exit), KeyboardInterrupt ... end the process with their exit status and no marker:
+        # re-raised by job.result() in the user's driver, a SystemExit slipped past its
+        # ``except Exception`` and ended it. With no marker, result() raises Job.NoResult.
         _emit(EXCEPTION_MARKER, codec.serialize_exception(exc))
         raise
     _emit(RETURN_MARKER, codec.serialize(result))

@@ -12,6 +12,7 @@ group (so a timeout ends the whole tree), optionally pinned to CPU ids.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -178,16 +179,24 @@ def _default_get_environ_vars() -> Any:
 def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
     """The bash line that runs ``cmdline`` after the preamble.
 
-    A one-line preamble is chained with ``&&``; a multi-line one is written to
-    ``<workdir>/.balsam_preamble.sh`` and sourced (so ``module load`` and exports reach the app).
+    A one-line preamble runs in a ``{ ... }`` group chained with ``&&``; a multi-line one is
+    written to ``<workdir>/.balsam_preamble.sh`` and sourced (so ``module load`` and exports reach
+    the app). Either way a failing preamble skips the app and the job ends RUN_ERROR.
     """
-    if not preamble.strip():
+    stripped = preamble.strip()
+    if not stripped:
         return cmdline
-    if "\n" in preamble.strip():
+    if "\n" in stripped:
         script = Path(workdir) / ".balsam_preamble.sh"
         script.write_text(preamble if preamble.endswith("\n") else preamble + "\n")
         return f"source {shlex.quote(str(script))} && {cmdline}"
-    return f"{preamble} && {cmdline}"
+    # Not ``f"{preamble} && {cmdline}"``: a docstring-style preamble (its trailing newline) or one
+    # ending in ';' was a bash syntax error, and one ending in a ``# comment`` commented out the
+    # app, which then exited 0 without running. The newline before ``}`` ends any comment and lets
+    # a trailing ';' stand; ``:;`` keeps a group whose preamble is all comment from being empty (a
+    # syntax error); the group's status is the preamble's last command's, so ``&&`` still skips
+    # the app after a failing preamble.
+    return f"{{ :; {stripped}\n}} && {cmdline}"
 
 
 _SPAWN_FAILED = 12345
@@ -384,16 +393,12 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping
     process it forked in between. Measured here, the pin/unpin pair costs under 0.05 ms a spawn,
     less than setting the affinity of the new process after the fact.
     """
-    child_env: Optional[Mapping[str, str]] = None
+    shell_argv = argv
     direct = direct_argv(argv[-1], env)
     if direct is not None:
         argv, child_env = direct, env  # the modes pass str -> str mappings (launch_environment)
     else:
-        prefix = env_prefix(env)
-        if prefix is None:
-            child_env = env
-        elif prefix:
-            argv = [*argv[:-1], f"{prefix} {argv[-1]}"]
+        argv, child_env = _through_shell(shell_argv, env)
     own_mask = None
     if cpu_ids and _affinity_supported:
         own_mask = _thread_mask()
@@ -403,20 +408,44 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping
             logger.debug("cpu affinity %s not applied: %s", list(cpu_ids), exc)
             own_mask = None
     try:
-        return subprocess.Popen(
-            argv,
-            cwd=cwd,
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            stdin=_devnull(),
-            env=child_env,
-            start_new_session=True,
-            close_fds=True,
-            restore_signals=not sigpipe_ignored,
-        )
+        try:
+            return _popen(argv, cwd, stdout, child_env, sigpipe_ignored)
+        except OSError as exc:
+            if direct is None or exc.errno != errno.ENOEXEC:
+                raise
+            # An executable script without a '#!' line: the kernel refuses to exec it, where bash
+            # (what the line would have gone through without the direct exec) runs it as a shell
+            # script. Only this error path pays for the second spawn (still pinned: inside the try).
+            argv, child_env = _through_shell(shell_argv, env)
+            return _popen(argv, cwd, stdout, child_env, sigpipe_ignored)
     finally:
         if own_mask is not None:
             os.sched_setaffinity(0, own_mask)
+
+
+def _through_shell(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], Optional[Mapping[str, str]]]:
+    """``(argv, env for Popen)`` running ``/bin/bash -c <line>`` with ``env``: the inherited
+    environment plus an ``export`` prefix when it can be written as one (None: inherit it)."""
+    prefix = env_prefix(env)
+    if prefix is None:
+        return argv, env
+    if prefix:
+        return [*argv[:-1], f"{prefix} {argv[-1]}"], None
+    return argv, None
+
+
+def _popen(argv: list[str], cwd: str, stdout: Any, env: Optional[Mapping[str, str]], sigpipe_ignored: bool) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        stdin=_devnull(),
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+        restore_signals=not sigpipe_ignored,
+    )
 
 
 _masks = threading.local()

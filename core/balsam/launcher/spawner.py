@@ -19,7 +19,8 @@ types cross, and both ends are the same interpreter):
   env_unset)`` starts a task: ``argv[0]`` an absolute path, the environment this process started
   with minus ``env_unset`` plus ``env_set``, stdout and stderr to ``outfile`` (truncated), stdin
   from ``/dev/null``, a new session (so the whole task tree is killed by process group), the
-  signal dispositions and mask reset. ``("q", after_id, job_id, argv, cwd, outfile, env_set,
+  signal dispositions and mask reset (an ``argv[0]`` the kernel will not exec, a script without
+  ``#!``, is run by ``/bin/bash`` as bash would). ``("q", after_id, job_id, argv, cwd, outfile, env_set,
   env_unset)`` queues a task behind a running (or queued) one: it starts on the same CPUs the
   moment that one exits, without waiting for the launcher (a **hand-over**), unless that one died
   of a termination signal (the allocation is ending: the queued task is dropped); a request that
@@ -54,6 +55,7 @@ exit is reported (each relaunch is an ``"r"`` event).
 
 from __future__ import annotations
 
+import errno
 import marshal
 import os
 import select
@@ -62,6 +64,8 @@ import struct
 import sys
 import time
 
+#: The shell a line that cannot be exec'd directly runs under (as the launcher's ``/bin/bash -c``).
+SHELL = "/bin/bash"
 #: The returncode of a task that could not be started (as :class:`~balsam.launcher.app_run.AppProcess`).
 SPAWN_FAILED = 12345
 #: Ended tasks whose CPUs are remembered for a late queue request (the oldest are forgotten first).
@@ -221,7 +225,15 @@ class Spawner:
             if cwd != self.cwd:
                 os.chdir(cwd)  # single-threaded: the process's cwd is the child's
                 self.cwd = cwd
-            pid = self._spawn(argv, env, fd)
+            try:
+                pid = self._spawn(argv, env, fd)
+            except OSError as exc:
+                if exc.errno != errno.ENOEXEC or argv[0] == SHELL:
+                    raise
+                # An executable script without a '#!' line, exec'd directly (the launcher's
+                # direct_argv): the kernel refuses it, where bash (the line's other path) runs it
+                # as a shell script, as `bash script args` does. Only this error path pays for it.
+                pid = self._spawn([SHELL, *argv], env, fd)
         except OSError as exc:
             self._failed(job_id, outfile, exc)
             return

@@ -153,11 +153,11 @@ def default_update(job: dict, python_app: bool, data_path: Path, tail_num_lines:
     elif state in (JobState.run_done, JobState.run_error):
         workdir = job_workdir(data_path, job["workdir"])
         if python_app:
-            value, exc = read_run_markers(workdir)
-            if value:
-                update["serialized_return_value"] = value
-            if exc:
-                update["serialized_exception"] = exc
+            # Both, "" for the one this run's job.out lacks: a re-run (RESTART_READY) keeps the
+            # previous run's fields, and result() reads the exception first, so a run that failed
+            # and then succeeded reported the old exception. (Balsam 0.7 cleared the other field
+            # when it found a marker; a run that printed none, a sys.exit, leaves no result here.)
+            update["serialized_return_value"], update["serialized_exception"] = read_run_markers(workdir)
         if state == JobState.run_error:
             tail = tail_file(workdir / "job.out", tail_num_lines)
             update["state_data"] = {
@@ -269,11 +269,11 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
                            "error": f"cannot prepare workdir {job['workdir']!r}: {type(exc).__name__}: {exc}"},
         }
     if state in (JobState.run_done, JobState.run_error) and python_app:
+        # Both, "" for the one this run's job.out lacks (see default_update): the hook sees, and the
+        # job keeps, this run's result only.
         value, exc_text = read_run_markers(workdir)
-        if value:
-            base["serialized_return_value"] = job["serialized_return_value"] = value
-        if exc_text:
-            base["serialized_exception"] = job["serialized_exception"] = exc_text
+        base["serialized_return_value"] = job["serialized_return_value"] = value
+        base["serialized_exception"] = job["serialized_exception"] = exc_text
     cwd = os.getcwd()
     with output:
         print(f"#BALSAM Running {hook} for Job {job['id']} at {now_iso()}", flush=True)
@@ -329,8 +329,14 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
     return api_json(update)
 
 
-def run_hooks(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int = 10) -> list[dict]:
-    """Worker-process entry: run the hooks of several jobs of one app."""
+def run_hooks(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int = 10,
+              results_path: Optional[str] = None) -> list[dict]:
+    """Worker-process entry: run the hooks of several jobs of one app.
+
+    ``results_path``: each job's update is also appended there (a JSON line) as soon as its hook
+    has run (see :func:`read_results`): when a later hook of the chunk kills the worker, or the
+    agent ends a hung one at stop, the chunk's return value is lost, and the hooks that completed
+    would otherwise run again, their side effects (a job created, a file appended) twice."""
     try:
         app_cls = _app_class(app_record) if app_record is not None else None
     except Exception as exc:
@@ -343,4 +349,61 @@ def run_hooks(app_record: Optional[dict], jobs: list[dict], python_app: bool, da
             }
             for job in jobs
         ]
-    return [run_hook_on_job(app_cls, job, python_app, Path(data_path), tail_num_lines) for job in jobs]
+    updates = []
+    with _ResultsFile(results_path) as results:
+        for job in jobs:
+            update = run_hook_on_job(app_cls, job, python_app, Path(data_path), tail_num_lines)
+            results.record(update)
+            updates.append(update)
+    return updates
+
+
+class _ResultsFile:
+    """The worker's side of ``results_path``: one JSON line per job, one ``write`` each (so a
+    death between two hooks leaves whole lines). A file that cannot be written is given up: its
+    jobs are only run again after a worker death, as without it."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.fd: Optional[int] = None
+        if path is not None:
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "_ResultsFile":
+        return self
+
+    def record(self, update: dict) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, (json.dumps(update) + "\n").encode())
+        except (OSError, TypeError, ValueError):
+            self.__exit__()
+
+    def __exit__(self, *_: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_results(path: Optional[Path], jobs: list[dict]) -> dict[int, dict]:
+    """The updates a worker recorded in ``path`` (:func:`run_hooks`) for ``jobs``, by job id: those
+    whose hooks completed. A torn or foreign line is skipped (its job runs again)."""
+    if path is None:
+        return {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    wanted = {job["id"] for job in jobs}
+    done: dict[int, dict] = {}
+    for line in text.splitlines():
+        try:
+            update = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(update, dict) and update.get("id") in wanted:
+            done[update["id"]] = update
+    return done

@@ -28,13 +28,20 @@ while the jobs stay leased to this module's session). Each cycle also sends the 
 launchers spooled in the site's ``spool/`` because the API was gone when they stopped.
 At stop, the results of the hooks that finish within ``HOOKS_STOP_LIMIT_SEC`` are sent before the
 session is released (see :meth:`ProcessingModule.close`).
+A worker writes each job's result to a results file of its task as the job's hook completes: when
+a hook kills its worker (``os._exit``, a crash) or is ended at stop, the chunk's return value is
+lost, but the jobs whose hooks completed keep their results; only the others run again (each
+alone, after a death), so no completed hook runs twice.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import multiprocessing
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -47,7 +54,7 @@ from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
 from ...options import option
 from ...states import PROCESSABLE_STATES, JobState
 from ..apps import AppCache
-from ..hooks_runner import HOOK_FOR_STATE, api_json, default_update, now_iso, run_hooks
+from ..hooks_runner import HOOK_FOR_STATE, api_json, default_update, now_iso, read_results, run_hooks
 from ..module import AgentModule
 
 #: Jobs handed to one worker task (amortizes the IPC and app deserialization).
@@ -121,6 +128,11 @@ class ProcessingModule(AgentModule):
         self.alone: set[int] = set()
         self.isolation_pool: Optional[cf.ProcessPoolExecutor] = None
         self.isolated: Optional[cf.Future] = None
+        #: Each hook task's results file (see run_hooks): after a worker death, the jobs of its chunk
+        #: whose hooks completed keep their results; only the others run again.
+        self.results_files: dict[cf.Future, Path] = {}
+        self._results_dir: Optional[Path] = None
+        self._results_count = itertools.count()
         self.processed = 0
         #: When a cycle last acquired jobs (monotonic seconds; None: never).
         self._last_arrival: Optional[float] = None
@@ -230,9 +242,19 @@ class ProcessingModule(AgentModule):
         updates: list[dict] = []
         for future in [f for f in self.pending if f.done()]:
             jobs = self.pending.pop(future)
+            results_file = self.results_files.pop(future, None)
             try:
                 updates.extend(future.result())
             except Exception as exc:  # the worker process itself died (e.g. a hook called os._exit)
+                # The hooks of the chunk that completed before it died: their results, not a second
+                # run (their side effects happened once already).
+                completed = read_results(results_file, jobs)
+                if completed:
+                    updates.extend(completed.values())
+                    self.alone.difference_update(completed)
+                    jobs = [j for j in jobs if j["id"] not in completed]
+                    self.logger.warning("hook worker died (%s): the hooks of jobs %s had completed; their results are kept",
+                                        exc, sorted(completed))
                 if future is self.isolated:
                     self.isolation_pool = None  # the job alone killed it: it fails below
                 elif isinstance(exc, cf.process.BrokenProcessPool):
@@ -258,10 +280,34 @@ class ProcessingModule(AgentModule):
                     }
                     for j in jobs
                 )
+            finally:
+                _remove(results_file)
             self.alone.difference_update(j["id"] for j in jobs)  # settled: they have their update
             if future is self.isolated:
                 self.isolated = None
         return updates
+
+    def _submit(self, info: Any, jobs: list[dict], *, alone: bool = False) -> cf.Future:
+        """Hand ``jobs`` (of one app) to a hook worker (``alone``: the isolation pool's), with a
+        results file of their own."""
+        if self._results_dir is None:
+            # Local to the agent's node (its workers run there): one small file per task, removed
+            # once the task's results are in.
+            self._results_dir = Path(tempfile.mkdtemp(prefix="balsam-hook-results-"))
+        results_file = self._results_dir / f"{next(self._results_count)}.jsonl"
+        args = (run_hooks, info.record, jobs, info.python_app, str(self.data_path), self.tail_num_lines, str(results_file))
+        pool = self._isolation_pool if alone else self._pool
+        try:
+            future = pool().submit(*args)
+        except RuntimeError:  # a broken pool (a worker died): start a fresh one
+            if alone:
+                self.isolation_pool = None
+            else:
+                self.pool = None
+            future = pool().submit(*args)
+        self.pending[future] = jobs
+        self.results_files[future] = results_file
+        return future
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every result handed to the status updater has been sent."""
@@ -385,9 +431,7 @@ class ProcessingModule(AgentModule):
             info = self.apps.info(app_id)
             for job in [job for job in app_jobs if job["id"] in self.alone]:
                 if self.isolated is None:
-                    args = (run_hooks, info.record, [job], info.python_app, str(self.data_path), self.tail_num_lines)
-                    self.isolated = self._isolation_pool().submit(*args)
-                    self.pending[self.isolated] = [job]
+                    self.isolated = self._submit(info, [job], alone=True)
                     handed.add(job["id"])
                 else:
                     self.backlog.append(job)  # after the one running alone
@@ -395,13 +439,7 @@ class ProcessingModule(AgentModule):
             shared = [job for job in app_jobs if job["id"] not in self.alone]
             for start in range(0, len(shared), WORKER_CHUNK):
                 chunk = shared[start : start + WORKER_CHUNK]
-                args = (run_hooks, info.record, chunk, info.python_app, str(self.data_path), self.tail_num_lines)
-                try:
-                    future = self._pool().submit(*args)
-                except RuntimeError:  # a broken pool (a worker died): start a fresh one
-                    self.pool = None
-                    future = self._pool().submit(*args)
-                self.pending[future] = chunk
+                self._submit(info, chunk)
                 handed.update(job["id"] for job in chunk)
         return updates
 
@@ -428,15 +466,23 @@ class ProcessingModule(AgentModule):
             pool.shutdown(wait=True, cancel_futures=True)  # prompt now: no hook runs any more
         self.pool = self.isolation_pool = None
         # The results of the hooks that finished, even those that finished during the shutdown (they
-        # used to be thrown away, and the hook ran again under the next agent). The jobs of the
+        # used to be thrown away, and the hook ran again under the next agent), also those of an
+        # ended chunk whose hooks completed before the one that hung. The other jobs of the
         # cancelled and ended chunks get nothing: they are released below.
+        updates: list[dict] = []
         for future in list(self.pending):
             if future.cancelled() or (future in unfinished and (not future.done() or future.exception() is not None)):
-                self.pending.pop(future)
-        updates = self._harvest()
+                jobs = self.pending.pop(future)
+                results_file = self.results_files.pop(future, None)
+                updates.extend(read_results(results_file, jobs).values())
+                _remove(results_file)
+        updates += self._harvest()
         self.backlog = []  # jobs of a dead worker, to be run again alone: released below as well
         if updates:
             self._send(updates)
+        if self._results_dir is not None:
+            shutil.rmtree(self._results_dir, ignore_errors=True)
+            self._results_dir = None
         # The results are sent before the session is released: a job released first could be taken
         # by another processing session and its hook run again.
         if self.updater is not None:
@@ -463,6 +509,14 @@ def _refusal_reason(error: BaseException) -> str:
             parts.append(f"{'.'.join(loc) or 'update'}: {entry.get('msg', '')}")
         return "; ".join(parts)
     return str(detail or error)
+
+
+def _remove(path: Optional[Path]) -> None:
+    if path is not None:
+        try:
+            path.unlink()
+        except OSError:  # never written (no hook ran), or already gone
+            pass
 
 
 def _end_workers(pool: cf.ProcessPoolExecutor) -> None:
