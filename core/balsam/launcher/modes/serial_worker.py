@@ -317,7 +317,12 @@ class Master:
                 *(p.id for p in list(self.pending))]
 
     def _end_gone(self) -> None:
-        local, cancel, by_rank = self.gone.take(self.pool.job_ids(), self.pending, self.handover.queued, self.remote)
+        self._end_runs(*self.gone.take(self.pool.job_ids(), self.pending, self.handover.queued, self.remote))
+
+    def _end_runs(self, local: list[int], cancel: list[int], by_rank: dict[int, list[int]]) -> None:
+        """End runs here, cancel queued hand-overs, tell other ranks to end theirs (exits come back as usual)."""
+        if not (local or cancel or by_rank):
+            return
         grace = self.stop.countdown.grace_sec
         for job_id in cancel:  # comes back unstarted (dropped then), or started (ended at once)
             self.pool.cancel(job_id)
@@ -407,14 +412,7 @@ class Master:
         would be placed twice (the NodeManager refuses: the loop crashed) or run twice."""
         now, local, cancel, by_rank = self.gone.arrive(jobs, generation, self.pool.job_ids, self.pending,
                                                        self.handover.queued, self.remote, placed=self.node_manager.placements)
-        if local or cancel or by_rank:
-            grace = self.stop.countdown.grace_sec
-            for job_id in cancel:  # comes back unstarted (dropped then), or started (ended at once)
-                self.pool.cancel(job_id)
-            if local:
-                self.pool.end(local, grace)
-            for rank, ids in by_rank.items():
-                self.transport.end_tasks(rank, ids, grace)
+        self._end_runs(local, cancel, by_rank)
         if now:
             self.pending.extend(now)
             self._try_start = True
