@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 #: Wall-clock budget of the schemathesis runs (the fuzzing phase gets two thirds, the stateful one
-#: the rest).
-FUZZ_SECONDS = int(os.environ.get("BALSAM_FUZZ_SECONDS", "75"))
+#: the rest): bounded so that the whole CI run stays under its 30 minutes; set
+#: BALSAM_FUZZ_SECONDS higher for a longer hunt.
+FUZZ_SECONDS = int(os.environ.get("BALSAM_FUZZ_SECONDS", "60"))
 
 
 def test_the_document_states_the_server_rules(live_server):
