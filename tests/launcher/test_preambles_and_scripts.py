@@ -71,6 +71,12 @@ PREAMBLES: dict[str, tuple[Any, bool]] = {
     "multi-line": ("\nexport FOO=bar\nexport BAZ=1  # more\n", True),
     # A failing preamble still skips the app (and the job ends RUN_ERROR).
     "failing one-liner": ("false  # e.g. a module that is not there", False),
+    # `set -e` and ERR traps stop the preamble where it fails, as in a script: inside the `&&`
+    # list of the first fix, bash ignored them and the app ran after a failed step.
+    "set -e one-liner": ("set -e; false; export FOO=bar", False),
+    "ERR trap one-liner": ("trap 'exit 7' ERR; false; export FOO=bar", False),
+    "set -e multi-line": ("set -e\nfalse\nexport FOO=bar\n", False),
+    "exit in a preamble": ("exit 4", False),
 }
 
 

@@ -225,3 +225,59 @@ def test_hooks_that_completed_before_a_hung_one_keep_their_results_at_stop(proce
     finally:
         again.close()
     assert (Path(site.data_path) / "h/order.txt").read_text().split() == ["1", "2", "3", "3"]
+
+
+def test_a_neighbour_chunk_still_running_when_the_pool_breaks_keeps_exactly_its_completed_hooks(processing) -> None:
+    """A broken pool fails every chunk's future before it ends the workers: a neighbour chunk whose
+    hooks ignore SIGTERM went on running hooks after its results file was read, and those jobs were
+    run again alone (their hooks twice). The workers are now killed before the file is read: every
+    hook that ran has its result, and only the others run again."""
+    import types
+
+    from balsam._api.app import _serialize_class
+    from balsam.api import ApplicationDefinition
+
+    class SigtermProof(ApplicationDefinition):
+        site = 1
+        command_template = "true"
+
+        def postprocess(self):
+            import os
+            import signal
+            import time
+
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # e.g. a library the hook uses handles SIGTERM
+            if self.job.data.get("kill"):
+                time.sleep(0.3)
+                os._exit(3)
+            time.sleep(0.25)
+            with open("../side.txt", "a") as log:
+                log.write(os.path.basename(os.getcwd()) + "\n")
+            self.job.state = "POSTPROCESSED"
+
+    site, module = processing
+    record = {"id": 1, "site_id": 1, "name": "SigtermProof", "serialized_class": _serialize_class(SigtermProof),
+              "parameters": {}}
+    info = types.SimpleNamespace(record=record, python_app=False)
+    data = Path(site.data_path)
+
+    def job(i: int, **values) -> dict:
+        (data / f"w/{i}").mkdir(parents=True, exist_ok=True)
+        return {"id": i, "workdir": f"w/{i}", "state": "RUN_DONE", "app_id": 1, "data": values, "tags": {},
+                "parameters": {}, "serialized_parameters": "", "serialized_return_value": "", "serialized_exception": ""}
+
+    module._submit(info, [job(1, kill=True)])
+    module._submit(info, [job(i) for i in range(2, 8)])
+    workers = list(module.pool._processes.values())
+    updates: list[dict] = []
+    deadline = time.monotonic() + 60  # only keeps a broken test from hanging
+    while module.pending and time.monotonic() < deadline:
+        updates += module._harvest()
+        time.sleep(0.05)
+    for worker in workers:  # whatever a worker still ran after the harvest is in side.txt then
+        worker.join(60)
+    ran = (data / "w/side.txt").read_text().split() if (data / "w/side.txt").exists() else []
+    kept = sorted(u["id"] for u in updates if u["state"] == "POSTPROCESSED")
+    again = sorted(j["id"] for j in module.backlog)
+    assert kept == sorted(int(i) for i in ran), (kept, ran)
+    assert again == sorted({1, *range(2, 8)} - set(kept)), (again, kept)

@@ -179,9 +179,10 @@ def _default_get_environ_vars() -> Any:
 def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
     """The bash line that runs ``cmdline`` after the preamble.
 
-    A one-line preamble runs in a ``{ ... }`` group chained with ``&&``; a multi-line one is
-    written to ``<workdir>/.balsam_preamble.sh`` and sourced (so ``module load`` and exports reach
-    the app). Either way a failing preamble skips the app and the job ends RUN_ERROR.
+    A one-line preamble runs as written, on its own line; a multi-line one is written to
+    ``<workdir>/.balsam_preamble.sh`` and sourced (so ``module load`` and exports reach the app).
+    Either way a preamble whose last command fails, or that stops itself (``set -e``, an ERR trap,
+    ``exit``), skips the app and the job ends RUN_ERROR with the preamble's status.
     """
     stripped = preamble.strip()
     if not stripped:
@@ -189,14 +190,15 @@ def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
     if "\n" in stripped:
         script = Path(workdir) / ".balsam_preamble.sh"
         script.write_text(preamble if preamble.endswith("\n") else preamble + "\n")
-        return f"source {shlex.quote(str(script))} && {cmdline}"
+        first = f"source {shlex.quote(str(script))}"
+    else:
+        first = stripped
     # Not ``f"{preamble} && {cmdline}"``: a docstring-style preamble (its trailing newline) or one
     # ending in ';' was a bash syntax error, and one ending in a ``# comment`` commented out the
-    # app, which then exited 0 without running. The newline before ``}`` ends any comment and lets
-    # a trailing ';' stand; ``:;`` keeps a group whose preamble is all comment from being empty (a
-    # syntax error); the group's status is the preamble's last command's, so ``&&`` still skips
-    # the app after a failing preamble.
-    return f"{{ :; {stripped}\n}} && {cmdline}"
+    # app, which then exited 0 without running. On a line of its own (the newline ends any
+    # comment) and outside any ``&&`` list, where bash ignores ``set -e`` and ERR traps, the
+    # preamble stops the shell as it would in a script; its last status decides the rest.
+    return f"{first}\n__balsam_rc=$?; if [ $__balsam_rc -ne 0 ]; then exit $__balsam_rc; fi; {cmdline}"
 
 
 _SPAWN_FAILED = 12345

@@ -240,12 +240,21 @@ class ProcessingModule(AgentModule):
 
     def _harvest(self) -> list[dict]:
         updates: list[dict] = []
+        shared_pool, isolation_pool = self.pool, self.isolation_pool  # as they were when these chunks ran
+        stopped: set[int] = set()
         for future in [f for f in self.pending if f.done()]:
             jobs = self.pending.pop(future)
             results_file = self.results_files.pop(future, None)
             try:
                 updates.extend(future.result())
             except Exception as exc:  # the worker process itself died (e.g. a hook called os._exit)
+                # A broken pool fails its chunks' futures before it ends their workers: a worker
+                # whose hook ignores SIGTERM could still be running hooks of this chunk. Its results
+                # are final only once every worker of that pool is gone.
+                pool = isolation_pool if future is self.isolated else shared_pool
+                if isinstance(exc, cf.process.BrokenProcessPool) and pool is not None and id(pool) not in stopped:
+                    stopped.add(id(pool))
+                    _kill_workers(pool)
                 # The hooks of the chunk that completed before it died: their results, not a second
                 # run (their side effects happened once already).
                 completed = read_results(results_file, jobs)
@@ -516,6 +525,21 @@ def _remove(path: Optional[Path]) -> None:
         try:
             path.unlink()
         except OSError:  # never written (no hook ran), or already gone
+            pass
+
+
+def _kill_workers(pool: cf.ProcessPoolExecutor, timeout: float = 10.0) -> None:
+    """SIGKILL a broken pool's worker processes and wait for them (they cannot finish a hook after)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        try:
+            process.kill()
+        except Exception:  # already gone
+            pass
+    for process in processes:
+        try:
+            process.join(timeout)
+        except Exception:
             pass
 
 
