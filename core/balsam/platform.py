@@ -25,9 +25,10 @@ from .options import NoOptions, build_options
 
 __all__ = [
     "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "cpu_ids_errors",
-    "file_mtime", "first_launch_param", "format_id_ranges", "hardware_thread_ids", "hosts_from_node_file",
-    "launch_option", "launch_param_args", "leading_job_number", "nvidia_smi_list", "parse_id_ranges",
-    "parse_nvidia_smi_list", "pick_cpu_binding", "read_fresh_gpu_list", "read_node_file",
+    "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
+    "hosts_from_node_file", "launch_option", "launch_param_args", "leading_job_number", "near_cpus_of",
+    "nvidia_smi_list", "parse_gpu_cpu_map", "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding",
+    "read_fresh_gpu_list", "read_node_file",
 ]
 
 logger = logging.getLogger("balsam.platform")
@@ -36,6 +37,12 @@ logger = logging.getLogger("balsam.platform")
 def _id_groups(value: Iterable[Iterable[Any]]) -> tuple[tuple[str, ...], ...]:
     # From JSON (the serial workers' config, BALSAM_LAUNCHER_NODELIST) the groups come back as lists.
     return tuple(tuple(str(g) for g in group) for group in value)
+
+
+def _gpu_cpu_pairs(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # A mapping or (gpu, cpus) pairs; from JSON the pairs come back as lists.
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple((str(gpu), tuple(int(c) for c in cpus)) for gpu, cpus in items)
 
 
 @attrs.frozen
@@ -62,6 +69,21 @@ class NodeInfo:
                 if gpu in seen:
                     raise ValueError(f"node {self.hostname}: gpu_groups names {gpu!r} twice")
                 seen.add(gpu)
+
+    #: The CPU ids nearest each GPU id (its NUMA domain or socket), as ``(gpu id, cpu ids)`` pairs;
+    #: empty when the platform does not know. The node manager then gives a GPU job CPUs near its
+    #: GPUs, a job a GPU whose near CPUs are idle, and a CPU-only job CPUs away from idle GPUs.
+    gpu_cpus: tuple[tuple[str, tuple[int, ...]], ...] = attrs.field(converter=_gpu_cpu_pairs, factory=tuple)
+
+    @gpu_cpus.validator
+    def _check_gpu_cpus(self, _attribute: Any, pairs: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
+        seen: set[str] = set()
+        for gpu, _cpus in pairs:
+            if gpu not in self.gpu_ids:
+                raise ValueError(f"node {self.hostname}: gpu_cpus names {gpu!r}, which is not one of its gpu_ids")
+            if gpu in seen:
+                raise ValueError(f"node {self.hostname}: gpu_cpus names {gpu!r} twice")
+            seen.add(gpu)
 
 
 @attrs.frozen
@@ -225,6 +247,52 @@ def parse_id_ranges(text: str, *, where: str = "cpu_ids") -> tuple[int, ...]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"{where}: {text!r} names an id twice")
     return tuple(ids)
+
+
+def parse_gpu_cpu_map(text: str, *, where: str = "gpu_cpus") -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
+    """``"3:0-7 2:8-15"`` or ``"0,1,2:0-51; 3,4,5:52-103"`` -> ``((("3",), (0, ..., 7)), ...)``: GPU ids
+    and the CPU ids nearest them, entries separated by spaces or ``;``. Empty text: no entries."""
+    entries: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
+    seen: set[str] = set()
+    for entry in str(text).replace(";", " ").split():
+        gpus_text, sep, cpus_text = entry.partition(":")
+        gpus = tuple(g for g in gpus_text.split(",") if g)
+        if not sep or not gpus or not cpus_text:
+            raise ValueError(f"{where}: {entry!r} is not GPU ids:CPU ranges (like 3:0-7 or 0,1,2:0-51)")
+        for gpu in gpus:
+            if gpu in seen:
+                raise ValueError(f"{where}: GPU {gpu!r} is named twice")
+            seen.add(gpu)
+        entries.append((gpus, parse_id_ranges(cpus_text, where=where)))
+    return tuple(entries)
+
+
+def gpu_cpu_map_errors(name: str, text: str) -> dict[str, str]:
+    """An options ``validate()`` result for a :func:`parse_gpu_cpu_map` option."""
+    try:
+        parse_gpu_cpu_map(text)
+    except ValueError as exc:
+        return {name: str(exc)}
+    return {}
+
+
+def near_cpus_of(
+    device_ids: Sequence[str],
+    entries: Sequence[tuple[Sequence[str], Sequence[int]]],
+    node_cpu_ids: Sequence[int],
+    parent: Optional[Mapping[str, str]] = None,
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``NodeInfo.gpu_cpus`` for a node's device ids from :func:`parse_gpu_cpu_map` entries: a device
+    named in an entry, or whose ``parent`` GPU is (a MIG instance, a tile), gets that entry's CPUs
+    that jobs are placed on (``node_cpu_ids``). Devices no entry names get none."""
+    placeable, parent = set(node_cpu_ids), parent or {}
+    by_gpu = {gpu: tuple(c for c in cpus if c in placeable) for gpus, cpus in entries for gpu in gpus}
+    pairs = []
+    for device in device_ids:
+        cpus = by_gpu.get(device, by_gpu.get(parent.get(device, device)))
+        if cpus:
+            pairs.append((device, cpus))
+    return tuple(pairs)
 
 
 def read_node_file(path: str) -> list[str]:

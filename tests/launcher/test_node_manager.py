@@ -188,3 +188,41 @@ def test_gpu_groups_are_checked_and_survive_json() -> None:
     node = grouped_node()
     # The serial workers' config and BALSAM_LAUNCHER_NODELIST carry nodes as JSON (groups as lists).
     assert NodeInfo(**json.loads(json.dumps(attrs.asdict(node)))) == node
+
+
+def numa_node(cpus: int = 16) -> NodeInfo:
+    """Four GPUs, each near a quarter of the CPUs, GPU 3 near the first (Polaris' layout)."""
+    quarter = cpus // 4
+    near = {str(3 - d): range(d * quarter, (d + 1) * quarter) for d in range(4)}
+    return NodeInfo("n0", "host0", range(cpus), ["3", "2", "1", "0"], gpu_cpus=near)
+
+
+def test_gpu_cpus_put_cpus_near_their_gpus_and_keep_them_for_gpu_jobs() -> None:
+    nm = NodeManager([numa_node()])
+    one_gpu = Demand(gpus_per_rank=1, node_packing_count=16)
+    # one-GPU jobs: a CPU of each GPU's quarter, not CPUs 0, 1, 2, 3
+    assert [nm.assign(i, one_gpu).cpu_ids[0] for i in range(2)] == [(0,), (4,)]
+    # a CPU-only job takes CPUs near the busy GPUs (3's and 2's quarters), not near idle GPUs 1 and 0
+    assert nm.assign(2, Demand(threads_per_rank=4, node_packing_count=16)).cpu_ids == ((1, 2, 3, 5),)
+    assert nm.assign(3, one_gpu).cpu_ids == ((8,),)
+    nm.free(0)
+    # GPU 3 is free again but its CPUs are not all idle; a 4-CPU GPU job takes GPU 0 (CPUs 12-15 idle)
+    placed = nm.assign(4, Demand(threads_per_rank=4, gpus_per_rank=1, node_packing_count=16))
+    assert placed.gpu_ids == (("0",),) and placed.cpu_ids == ((12, 13, 14, 15),)
+    # a fraction of a GPU goes near idle CPUs too: GPU 3 (CPU 0 idle again)
+    assert nm.assign(5, Demand(gpus_per_rank=0.5, node_packing_count=16)).cpu_ids == ((0,),)
+    for job in range(6):
+        nm.free(job)
+    assert sorted(nm.nodes[0].idle_cpus) == nm.nodes[0].idle_cpus == list(range(16))
+
+
+def test_gpu_cpus_are_checked_and_survive_json() -> None:
+    import json
+
+    import attrs
+
+    with pytest.raises(ValueError, match="host0: gpu_cpus names '9', which is not one of its gpu_ids"):
+        NodeInfo("n0", "host0", [0], ["0"], gpu_cpus={"9": [0]})
+    node = numa_node()
+    assert dict(node.gpu_cpus)["3"] == (0, 1, 2, 3)
+    assert NodeInfo(**json.loads(json.dumps(attrs.asdict(node)))) == node

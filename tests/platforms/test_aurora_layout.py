@@ -57,6 +57,31 @@ def test_a_whole_gpu_after_a_single_tile_job_is_both_tiles_of_one_gpu(tmp_path: 
     assert whole_gpus[0].gpu_groups == ()
 
 
+def test_tiles_get_cores_of_their_gpus_socket(tmp_path: Path) -> None:
+    """GPUs 0-2 sit on socket 0 (cores 0-51), GPUs 3-5 on socket 1 (52-103): a tile's cores come
+    from its socket, however earlier jobs left the node."""
+    platform, found = nodes(tmp_path, 1)
+    near = dict(found[0].gpu_cpus)
+    assert near["0.0"] == near["2.1"] == tuple(range(52)) and near["3.0"] == tuple(range(52, 104))
+    nm = NodeManager(found)
+    eight = Demand(threads_per_rank=8, gpus_per_rank=1, node_packing_count=12)
+    placed = [nm.assign(i, eight) for i in range(12)]
+    assert [p.gpu_ids[0][0][0] for p in placed] == ["0", "0", "1", "1", "2", "2", "3", "3", "4", "4", "5", "5"]
+    assert all((p.cpu_ids[0][0] < 52) == (int(p.gpu_ids[0][0][0]) < 3) for p in placed)
+    for i in (0, 1, 6):  # tiles 0.0, 0.1 and 3.0 free; cores 0-15 and 52-59
+        nm.free(i)
+    again = nm.assign(20, eight)  # tile 3.0 (half-used GPU 3 first) with cores of socket 1
+    assert again.gpu_ids == (("3.0",),) and again.cpu_ids == (tuple(range(52, 60)),)
+    spec = LaunchSpec(cmdline="a", hostnames=[found[0].hostname], threads_per_rank=8, gpus_per_rank=1,
+                      cpu_ids=again.cpu_ids, gpu_ids=again.gpu_ids)
+    assert platform.cpu_binding(spec) == "list:52-59"
+    # with a user's cpu_ids leaving the first core of each socket out, the map keeps only those
+    _, found = nodes(tmp_path, 1, cpu_ids="1-51,53-103")
+    assert dict(found[0].gpu_cpus)["3.1"][0] == 53
+    _, found = nodes(tmp_path, 1, gpu_cpus="")
+    assert found[0].gpu_cpus == ()
+
+
 def test_launch_lines_as_balsam_07_builds_them() -> None:
     platform = AuroraPlatform()
     hosts = ("x4000c0s0b0n0", "x4000c0s1b0n0")

@@ -59,19 +59,78 @@ class TestPolaris(PlatformContract):
     task_cpu_cases = [((0,), 2, (0, 32)), ((4, 5), 2, (4, 5, 36, 37))]
 
 
-def test_gpu_gets_the_cores_of_its_numa_domain_only_with_whole_domains(tmp_path: Path) -> None:
-    """CPUs are first-fit in id order, whatever the GPU: 8-core one-GPU jobs get one NUMA domain
-    each (cores 0-7 with GPU 3 ...); 1-core jobs get cores 0, 1, 2, 3 with GPUs 3, 2, 1, 0 (the docs
-    promised a NUMA domain in every case)."""
+def _polaris_node(tmp_path: Path, **options):
     nodefile = tmp_path / "nodes"
     nodefile.write_text(HOSTS[0] + "\n")
-    platform = PolarisPlatform(options={"gpu_list_dir": "", "discover_mig": False})
-    nm = NodeManager(platform.discover_nodes({"PBS_NODEFILE": str(nodefile)}))
+    platform = PolarisPlatform(options={"gpu_list_dir": "", "discover_mig": False, **options})
+    return platform, platform.discover_nodes({"PBS_NODEFILE": str(nodefile)})
+
+
+def test_gpu_jobs_get_the_cores_of_their_gpus_numa_domain(tmp_path: Path) -> None:
+    """1-core one-GPU jobs got cores 0, 1, 2, 3 with GPUs 3, 2, 1, 0 (first-fit, whatever the GPU:
+    three of four jobs on another NUMA domain than their GPU); now each gets a core of its GPU's
+    domain, as 8-core jobs always did."""
+    platform, found = _polaris_node(tmp_path)
+    nm = NodeManager(found)
     placed = [nm.assign(i, Demand(threads_per_rank=8, gpus_per_rank=1, node_packing_count=4)) for i in range(4)]
     assert [(p.cpu_ids[0][0], p.gpu_ids[0]) for p in placed] == [(0, ("3",)), (8, ("2",)), (16, ("1",)), (24, ("0",))]
-    nm = NodeManager(platform.discover_nodes({"PBS_NODEFILE": str(nodefile)}))
-    placed = [nm.assign(i, Demand(gpus_per_rank=1, node_packing_count=4)) for i in range(4)]
-    assert [(p.cpu_ids[0], p.gpu_ids[0]) for p in placed] == [((0,), ("3",)), ((1,), ("2",)), ((2,), ("1",)), ((3,), ("0",))]
+    nm = NodeManager(found)
+    placed = [nm.assign(i, Demand(gpus_per_rank=1, node_packing_count=8)) for i in range(4)]
+    assert [(p.cpu_ids[0], p.gpu_ids[0]) for p in placed] == [((0,), ("3",)), ((8,), ("2",)), ((16,), ("1",)), ((24,), ("0",))]
+    # Two ranks on two GPUs: each rank's cores near its own GPU (rank i uses the job's GPU i).
+    nm = NodeManager(found)
+    placed = nm.assign(1, Demand(ranks_per_node=2, threads_per_rank=2, gpus_per_rank=1, node_packing_count=4))
+    assert placed.gpu_ids == (("3", "2"),) and placed.cpu_ids == ((0, 1, 8, 9),)
+    spec = LaunchSpec(cmdline="a", hostnames=HOSTS[:1], ranks_per_node=2, threads_per_rank=2, gpus_per_rank=1,
+                      cpu_ids=placed.cpu_ids, gpu_ids=placed.gpu_ids)
+    assert platform.cpu_binding(spec) == "list:0-1:8-9"
+
+
+def test_gpus_with_idle_cores_first_and_cpu_jobs_near_busy_gpus(tmp_path: Path) -> None:
+    _, found = _polaris_node(tmp_path)
+    nm = NodeManager(found)
+    # A CPU-only job on an idle node: cores 0-7 (GPU 3's domain)...
+    assert nm.assign(1, Demand(threads_per_rank=8, node_packing_count=8)).cpu_ids == (tuple(range(8)),)
+    # ...so a one-GPU job gets GPU 2 and a core of its domain, not GPU 3 with a core far from it.
+    assert nm.assign(2, Demand(threads_per_rank=2, gpus_per_rank=1, node_packing_count=8)).gpu_ids == (("2",),)
+    assert nm.placements[2].cpu_ids == ((8, 9),)
+    # The next CPU-only job takes cores near the busy GPU 2 (10-13), not GPU 1's or GPU 0's.
+    assert nm.assign(3, Demand(threads_per_rank=4, node_packing_count=8)).cpu_ids == ((10, 11, 12, 13),)
+    assert nm.assign(4, Demand(gpus_per_rank=1, node_packing_count=8)).cpu_ids == ((16,),)
+    # When no free GPU has idle cores near it, the job still runs (cores elsewhere).
+    nm.free(1)
+    for job in range(5, 12):
+        nm.assign(job, Demand(threads_per_rank=1, node_packing_count=32))
+    assert nm.assign(20, Demand(threads_per_rank=1, gpus_per_rank=1, node_packing_count=32)).gpu_ids == (("3",),)
+
+
+def test_gpu_cpus_option_empty_is_first_fit_and_bad_values_are_named(tmp_path: Path) -> None:
+    _, found = _polaris_node(tmp_path, gpu_cpus="")
+    assert found[0].gpu_cpus == ()
+    nm = NodeManager(found)
+    placed = [nm.assign(i, Demand(gpus_per_rank=1, node_packing_count=8)) for i in range(4)]
+    assert [p.cpu_ids[0] for p in placed] == [(0,), (1,), (2,), (3,)]
+    assert PolarisPlatform.options_schema(gpu_cpus="3:0-7 2").validate() == {
+        "gpu_cpus": "gpu_cpus: '2' is not GPU ids:CPU ranges (like 3:0-7 or 0,1,2:0-51)"}
+    assert "named twice" in PolarisPlatform.options_schema(gpu_cpus="3:0-7 3:8-15").validate()["gpu_cpus"]
+    with pytest.raises(ValueError, match="launcher.platform_options.gpu_cpus: 'x-1' is not a number"):
+        PolarisPlatform(options={"gpu_cpus": "3:x-1"})
+
+
+def test_mig_instances_get_the_cores_of_their_gpu(tmp_path: Path) -> None:
+    nodefile = _nodefile(tmp_path, HOSTS[0], HOSTS[1])  # the allocation starts, then the record is written
+    records = tmp_path / "gpulists"
+    records.mkdir()
+    (records / f"balsam-{HOSTS[0].split('.')[0]}-gpulist.txt").write_text(MIG_LIST)
+    platform = PolarisPlatform(options={"gpu_list_dir": str(records), "discover_mig": False})
+    node = platform.discover_nodes({"PBS_NODEFILE": str(nodefile)})[0]
+    near = dict(node.gpu_cpus)
+    assert near[MIG_IDS[0]] == near[MIG_IDS[1]] == tuple(range(0, 8))  # GPU 3's instances
+    assert near[MIG_IDS[6]] == tuple(range(24, 32))  # GPU 0's
+    nm = NodeManager([node])
+    placed = [nm.assign(i, Demand(gpus_per_rank=1, node_packing_count=8)) for i in range(3)]
+    assert [(p.gpu_ids[0], p.cpu_ids[0]) for p in placed] == [
+        ((MIG_IDS[0],), (0,)), ((MIG_IDS[1],), (1,)), ((MIG_IDS[2],), (8,))]
 
 
 def test_ranks_sharing_cores_get_their_own_hardware_threads(tmp_path: Path) -> None:

@@ -6,12 +6,20 @@ of one GPU, so two such jobs share it). Single-node jobs are packed first-fit; m
 whole empty nodes, each of which must hold the job's per-node CPUs and GPUs. Where GPU ids are parts
 of one device (``NodeInfo.gpu_groups``: Aurora's tiles), a job asking for a whole number of devices
 gets whole free devices when there are any, and a smaller request goes to a half-used device first.
-CPUs are taken first-fit in id order: nothing here knows which CPUs sit near which GPU. The mpi and
-serial job modes share this code, so both pack the same way.
+
+CPUs are taken first-fit in id order, unless the platform says which CPUs sit near which GPU
+(``NodeInfo.gpu_cpus``: Polaris' NUMA domains, Aurora's sockets). Then a GPU job gets CPUs near its
+GPUs (an equal share near each, in the GPUs' order, so rank i's CPUs sit near its GPU i), a free
+GPU whose near CPUs are idle is chosen before one whose CPUs are taken, and the CPUs of a CPU-only
+job (or those a GPU job needs beyond its GPUs' share) come first from near busy GPUs, keeping CPUs
+near idle GPUs for the GPU jobs to come. Long campaigns free CPUs and GPUs in any order, so first-fit
+alone soon puts a job's CPUs on another socket than its GPU. The mpi and serial job modes share this
+code, so both pack the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Optional, Sequence
 
@@ -84,6 +92,21 @@ class Placement:
     gpu_shares: tuple[tuple[tuple[str, float], ...], ...] = ()
 
 
+@functools.lru_cache(maxsize=64)
+def _cpu_domains(
+    cpu_ids: tuple[int, ...], gpu_cpus: tuple[tuple[str, tuple[int, ...]], ...]
+) -> tuple[dict[int, int], tuple[tuple[str, ...], ...]]:
+    # Cached: the nodes of a partition (up to 10^4) nearly always share one layout. Read only.
+    near = [(gpu, frozenset(cpus)) for gpu, cpus in gpu_cpus]
+    domains: dict[tuple[str, ...], int] = {}
+    domain_of_cpu: dict[int, int] = {}
+    for cpu in cpu_ids:
+        gpus = tuple(gpu for gpu, cpus in near if cpu in cpus)
+        if gpus:
+            domain_of_cpu[cpu] = domains.setdefault(gpus, len(domains))
+    return domain_of_cpu, tuple(domains)
+
+
 class ComputeNode:
     """Occupancy, idle CPUs and GPU capacity of one node."""
 
@@ -99,6 +122,11 @@ class ComputeNode:
         for group in info.gpu_groups:
             for gpu in group:
                 self.group_of[gpu] = group
+        #: GPU id -> the CPUs nearest it; empty when the platform does not say (first-fit CPUs).
+        self.near: dict[str, tuple[int, ...]] = dict(info.gpu_cpus)
+        #: ``domain_of_cpu``: CPU id -> index into ``domain_gpus``, the GPUs that CPU is near (one
+        #: NUMA domain or socket); CPUs near no GPU are not in it.
+        self.domain_of_cpu, self.domain_gpus = _cpu_domains(info.cpu_ids, info.gpu_cpus)
         self.num_jobs = 0
 
     @property
@@ -115,32 +143,73 @@ class ComputeNode:
     def _free_in_group(self, gpu: str) -> int:
         return sum(1 for g in self.group_of[gpu] if self._is_free(g))
 
-    def _pick_gpus(self, gpus: float) -> Optional[list[tuple[str, float]]]:
+    def _lacks_near_cpus(self, gpu: str, cpus: int, idle: set[int]) -> int:
+        """1 when ``gpu`` has fewer than ``cpus`` idle CPUs near it (0 without a near map: no preference)."""
+        near = self.near.get(gpu)
+        if not near or cpus <= 0:
+            return 0
+        return 0 if sum(1 for c in near if c in idle) >= cpus else 1
+
+    def _pick_gpus(self, gpus: float, cpus: int = 0) -> Optional[list[tuple[str, float]]]:
         if gpus <= 0:
             return []
         order = self.gpu_order
+        idle = set(self.idle_cpus) if self.near else set()
         if gpus < 1.0:
             # A fraction of one GPU: share the fullest GPU that still has room (keeps whole GPUs
-            # free); among free ones, one of a half-used device first.
-            candidates = [(free, self._free_in_group(g), order[g], g) for g, free in self.gpu_free.items()
-                          if free + _EPS >= gpus]
+            # free); among free ones, one of a half-used device first, then one with idle CPUs near it.
+            candidates = [(free, self._free_in_group(g), self._lacks_near_cpus(g, cpus, idle), order[g], g)
+                          for g, free in self.gpu_free.items() if free + _EPS >= gpus]
             if not candidates:
                 return None
-            return [(min(candidates)[3], gpus)]
+            return [(min(candidates)[4], gpus)]
         whole = math.ceil(gpus - _EPS)
         free_gpus = [g for g in self.gpu_free if self._is_free(g)]
         if len(free_gpus) < whole:
             return None
+        per_gpu = -(-cpus // whole)
         chosen: list[str] = []
-        # Whole free devices while the request still needs at least one device's worth...
-        for group in dict.fromkeys(self.group_of[g] for g in free_gpus):
+        # Whole free devices while the request still needs at least one device's worth (those with
+        # idle CPUs near them first)...
+        groups = list(dict.fromkeys(self.group_of[g] for g in free_gpus))
+        if self.near:
+            groups.sort(key=lambda group: self._lacks_near_cpus(group[0], per_gpu * len(group), idle))
+        for group in groups:
             if len(group) <= whole - len(chosen) and all(self._is_free(g) for g in group):
                 chosen.extend(group)
         # ...then the rest from the devices with the fewest free ids (half-used ones first), so a
         # single tile does not split a whole GPU while half of another is idle.
-        rest = sorted((g for g in free_gpus if g not in chosen), key=lambda g: (self._free_in_group(g), order[g]))
+        rest = sorted((g for g in free_gpus if g not in chosen),
+                      key=lambda g: (self._free_in_group(g), self._lacks_near_cpus(g, per_gpu, idle), order[g]))
         chosen.extend(rest[: whole - len(chosen)])
         return [(g, 1.0) for g in chosen]
+
+    def _pick_cpus(self, count: int, gpus: Sequence[str]) -> tuple[int, ...]:
+        """``count`` idle CPUs: an equal share near each of ``gpus`` (in their order), the rest near
+        the busiest GPUs first (keeping CPUs near idle GPUs free), then by id. Needs ``self.near``."""
+        idle = set(self.idle_cpus)
+        picked: list[int] = []
+        if gpus:
+            per_gpu = -(-count // len(gpus))
+            for gpu in gpus:
+                want = min(per_gpu, count - len(picked))
+                for cpu in self.near.get(gpu, ()):
+                    if want <= 0:
+                        break
+                    if cpu in idle:
+                        idle.discard(cpu)
+                        picked.append(cpu)
+                        want -= 1
+        if len(picked) < count:
+            domain_free = [sum(self.gpu_free[g] for g in group) for group in self.domain_gpus]
+
+            def key(cpu: int) -> tuple[float, int]:
+                # CPUs near no GPU first (no GPU job wants them), then those near the busiest GPUs.
+                domain = self.domain_of_cpu.get(cpu)
+                return (-1.0 if domain is None else domain_free[domain], cpu)
+
+            picked.extend(sorted(idle, key=key)[: count - len(picked)])
+        return tuple(picked)
 
     def could_hold(self, cpus: int, gpus: float) -> bool:
         """Whether the node, idle, has ``cpus`` CPUs and ``gpus`` GPUs."""
@@ -152,13 +221,18 @@ class ComputeNode:
         """The GPU shares the job would take, or None if it does not fit now."""
         if self.occupancy + occupancy > 1.0 + _EPS or cpus > len(self.idle_cpus):
             return None
-        return self._pick_gpus(gpus)
+        return self._pick_gpus(gpus, cpus)
 
     def take(self, cpus: int, gpu_shares: Sequence[tuple[str, float]], occupancy: float) -> tuple[int, ...]:
-        cpu_ids = tuple(self.idle_cpus[:cpus])
-        del self.idle_cpus[:cpus]
         for gpu, share in gpu_shares:
             self.gpu_free[gpu] -= share
+        if self.near:
+            cpu_ids = self._pick_cpus(cpus, [g for g, _ in gpu_shares])
+            taken = set(cpu_ids)
+            self.idle_cpus = [c for c in self.idle_cpus if c not in taken]
+        else:
+            cpu_ids = tuple(self.idle_cpus[:cpus])
+            del self.idle_cpus[:cpus]
         self.occupancy += occupancy
         self.num_jobs += 1
         return cpu_ids

@@ -5,7 +5,8 @@ A Balsam "GPU" here is a tile (``0.0`` ... ``5.1``, GPU.tile), so ``gpus_per_ran
 per tile and ``gpus_per_rank=2`` one rank per whole GPU (the nodes name each GPU's tiles as one
 ``NodeInfo.gpu_groups`` entry, so two tiles go to one free GPU even after single-tile jobs, and a
 single tile goes to a half-used GPU first); with the option ``tiles_per_gpu=1`` a Balsam
-GPU is a whole GPU (ids ``0`` ... ``5``). A job sees its tiles (or GPUs) through
+GPU is a whole GPU (ids ``0`` ... ``5``). GPUs 0-2 sit on the first socket (cores 0-51), GPUs 3-5
+on the second (52-103): a job gets cores of its tiles' socket (option ``gpu_cpus``). A job sees its tiles (or GPUs) through
 ``ZE_AFFINITY_MASK`` (with ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` so that the ids follow the PCI order
 the mask refers to); CUDA variables mean nothing to Level Zero and are never set.
 
@@ -29,8 +30,9 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, hardware_thread_ids,
-    hosts_from_node_file, launch_param_args, leading_job_number, parse_id_ranges, pick_cpu_binding,
+    LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, gpu_cpu_map_errors,
+    hardware_thread_ids, hosts_from_node_file, launch_param_args, leading_job_number, near_cpus_of,
+    parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
 )
 
 #: launch_params keys that name the CPU binding (``--cpu-bind`` itself, or as users write it in 0.7).
@@ -79,6 +81,11 @@ class AuroraOptions:
         "Tiles per GPU (1 or more); every tile is one Balsam GPU id (GPU.tile: 0.0 0.1 1.0 ...); 1 makes "
         "every whole GPU one id (0 1 ... 5).",
     )
+    gpu_cpus: str = option(
+        "0,1,2:0-51 3,4,5:52-103",
+        "The cores nearest each GPU (its socket), as GPU:ranges entries (a tile goes with its GPU): a "
+        "GPU job gets cores near its tiles. Empty: cores first-fit in id order.",
+    )
     cpu_bind: str = option(
         "",
         "mpiexec --cpu-bind for jobs whose launch_params set none: empty computes list:... from the "
@@ -95,6 +102,7 @@ class AuroraOptions:
     def validate(self) -> dict[str, str]:
         errors = cpu_ids_errors(self.cpu_ids)
         errors.update(tiles_per_gpu_errors(self.tiles_per_gpu))
+        errors.update(gpu_cpu_map_errors("gpu_cpus", self.gpu_cpus))
         return errors
 
 
@@ -121,6 +129,9 @@ class AuroraPlatform(Platform):
             raise ValueError(f"launcher.platform_options.{name}: {problem}")
         self.gpu_ids = tile_ids(self.options.gpus_per_node, self.options.tiles_per_gpu)
         self.gpu_groups = tile_groups(self.options.gpus_per_node, self.options.tiles_per_gpu)
+        gpu_cpu_map = parse_gpu_cpu_map(self.options.gpu_cpus, where="launcher.platform_options.gpu_cpus")
+        self.gpu_cpus = near_cpus_of(self.gpu_ids, gpu_cpu_map, self.cpu_ids,
+                                     {tile: tile.split(".")[0] for tile in self.gpu_ids})
 
     # -- inside an allocation -------------------------------------------------------------------
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
@@ -129,7 +140,7 @@ class AuroraPlatform(Platform):
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
         return [
             NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids,
-                     gpu_groups=self.gpu_groups if self.options.tiles_per_gpu > 1 else ())
+                     gpu_groups=self.gpu_groups if self.options.tiles_per_gpu > 1 else (), gpu_cpus=self.gpu_cpus)
             for host in self.hostnames(env)
         ]
 

@@ -2,10 +2,10 @@
 four NVIDIA A100 GPUs; PBS Pro; PALS ``mpiexec``.
 
 GPU ids are handed out in the order ``3, 2, 1, 0`` (Balsam 0.7's ``PolarisNode``): on Polaris GPU 3
-sits closest to cores 0-7, GPU 2 to cores 8-15 and so on. CPUs are handed out first-fit in id order,
-independently of the GPU, so a job gets the cores and the GPU of one NUMA domain only when the
-jobs before it took whole domains (8 cores each: ``threads_per_rank=8`` one-GPU jobs); four one-core
-one-GPU jobs get cores 0, 1, 2, 3 and GPUs 3, 2, 1, 0.
+sits closest to cores 0-7, GPU 2 to cores 8-15 and so on (option ``gpu_cpus``). A GPU job gets
+cores of its GPUs' NUMA domains (four one-core one-GPU jobs: GPU 3 with core 0, GPU 2 with core 8,
+GPU 1 with 16, GPU 0 with 24), a free GPU whose domain has idle cores is taken before one whose
+cores are busy, and CPU-only jobs take cores near busy GPUs first (the node manager's rules).
 
 MIG: when a node's GPUs are split into MIG instances, the instances (their ``MIG-...`` UUIDs) become
 the node's GPU ids and ``CUDA_VISIBLE_DEVICES`` names them; a GPU left whole beside them keeps its
@@ -29,9 +29,10 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, file_mtime, first_launch_param, hardware_thread_ids,
-    hosts_from_node_file, launch_param_args, leading_job_number, nvidia_smi_list, parse_id_ranges,
-    parse_nvidia_smi_list, pick_cpu_binding, read_fresh_gpu_list,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, file_mtime, first_launch_param, gpu_cpu_map_errors,
+    hardware_thread_ids, hosts_from_node_file, launch_param_args, leading_job_number, near_cpus_of,
+    nvidia_smi_list, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list, pick_cpu_binding,
+    read_fresh_gpu_list,
 )
 
 logger = logging.getLogger("balsam.platform.polaris")
@@ -51,6 +52,11 @@ class PolarisOptions:
     gpu_ids: str = option(
         "3,2,1,0", "GPU ids of one node in the order jobs get them (Polaris: GPU 3 is closest to cores 0-7)."
     )
+    gpu_cpus: str = option(
+        "3:0-7 2:8-15 1:16-23 0:24-31",
+        "The cores nearest each GPU (its NUMA domain), as GPU:ranges entries: a GPU job gets cores near "
+        "its GPUs, and a MIG instance those of its GPU. Empty: cores first-fit in id order.",
+    )
     cpu_bind: str = option(
         "",
         "mpiexec --cpu-bind for jobs whose launch_params set none: empty computes list:... from the "
@@ -68,7 +74,7 @@ class PolarisOptions:
     )
 
     def validate(self) -> dict[str, str]:
-        return cpu_ids_errors(self.cpu_ids)
+        return {**cpu_ids_errors(self.cpu_ids), **gpu_cpu_map_errors("gpu_cpus", self.gpu_cpus)}
 
 
 def _short(host: str) -> str:
@@ -86,6 +92,7 @@ class PolarisPlatform(Platform):
         super().__init__(options)
         self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
         self.gpu_ids = tuple(g.strip() for g in self.options.gpu_ids.split(",") if g.strip())
+        self.gpu_cpu_map = parse_gpu_cpu_map(self.options.gpu_cpus, where="launcher.platform_options.gpu_cpus")
 
     # -- inside an allocation -------------------------------------------------------------------
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
@@ -94,8 +101,11 @@ class PolarisPlatform(Platform):
     def _local_list(self) -> Optional[str]:
         return nvidia_smi_list() if self.options.discover_mig else None
 
-    def node_gpu_ids(self, host: str, local: bool, not_before: Optional[float] = None) -> tuple[str, ...]:
-        """MIG UUIDs when the node's GPUs are split (GPUs in affinity order), else ``gpu_ids``.
+    def node_gpus(
+        self, host: str, local: bool, not_before: Optional[float] = None
+    ) -> tuple[tuple[str, ...], dict[str, str]]:
+        """The node's GPU ids (MIG UUIDs when its GPUs are split, GPUs in affinity order, else
+        ``gpu_ids``) and, for each MIG instance, the GPU it is part of.
 
         The launcher's own node (``local``) is asked live first: a record there may be an earlier
         job's. A record (this node's when ``nvidia-smi`` cannot run, the others') counts only if
@@ -104,21 +114,24 @@ class PolarisPlatform(Platform):
         if text is None:
             text = read_fresh_gpu_list(self.options.gpu_list_dir, (host, _short(host)), not_before)
         if text:
-            migs = parse_nvidia_smi_list(text).mig_ids(self.gpu_ids)
+            devices = parse_nvidia_smi_list(text)
+            migs = devices.mig_ids(self.gpu_ids)
             if migs:
                 logger.info("%s: %d GPU ids (MIG instances and whole GPUs): %s", host, len(migs), ", ".join(migs))
-                return tuple(migs)
-        return self.gpu_ids
+                parent = {uuid: gpu for gpu, uuids in devices.migs.items() for uuid in uuids}
+                return tuple(migs), parent
+        return self.gpu_ids, {}
 
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
         here = _short(socket.gethostname())
         hosts = self.hostnames(env)
         started = file_mtime(env.get("PBS_NODEFILE"))  # PBS writes it when the allocation starts
-        return [
-            NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids,
-                     gpu_ids=self.node_gpu_ids(host, local=_short(host) == here or len(hosts) == 1, not_before=started))
-            for host in hosts
-        ]
+        nodes = []
+        for host in hosts:
+            gpu_ids, parent = self.node_gpus(host, local=_short(host) == here or len(hosts) == 1, not_before=started)
+            nodes.append(NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=gpu_ids,
+                                  gpu_cpus=near_cpus_of(gpu_ids, self.gpu_cpu_map, self.cpu_ids, parent)))
+        return nodes
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
         return leading_job_number(env.get("PBS_JOBID", ""))
