@@ -679,3 +679,21 @@ def test_unbuffered_logging_writes_each_record_at_once(tmp_path, settings):
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+@pytest.mark.parametrize("text, expected", [
+    # An unknown key hid the section's range problems (check-settings promises every problem of the file).
+    ("launcher:\n  idle_ttl_sec: -1\n  delay_sec: 0\n  bogus: 1\n",
+     ["settings.yml:2 launcher.idle_ttl_sec: must not be negative, got -1",
+      "settings.yml:3 launcher.delay_sec: must be at least 1, got 0",
+      "settings.yml:4 launcher.bogus: unknown key"]),
+    # A type error hid them too.
+    ("launcher:\n  idle_ttl_sec: x\n  delay_sec: 0\n",
+     ["settings.yml:2 launcher.idle_ttl_sec: expected an integer, got 'x'",
+      "settings.yml:3 launcher.delay_sec: must be at least 1, got 0"]),
+])
+def test_every_problem_of_a_section_is_reported_at_once(text, expected):
+    with pytest.raises(SettingsError) as info:
+        loads_settings(text)
+    assert [e.split(" (")[0] for e in info.value.errors] == expected
+

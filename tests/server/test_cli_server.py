@@ -50,6 +50,9 @@ def test_start_status_login_stop(home_env, tmp_path):
     home = Path(home_env["BALSAM_HOME"])
     client_file = home / "client.yml"
     assert stat.S_IMODE(client_file.stat().st_mode) == 0o600
+    # $BALSAM_HOME was created 0755 (mkdir's mode went to server/ only): its local scheduler's and
+    # demo site's files were readable by everyone on a shared login node.
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
     assert stat.S_IMODE((home / "server" / "secret.key").stat().st_mode) == 0o600
     login = yaml.safe_load(client_file.read_text())
     # Clients reach the embedded server through a socket in a private directory.

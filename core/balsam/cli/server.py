@@ -195,7 +195,10 @@ def start(host: str, port: int, timeout: float) -> None:
                    + (f" and {info['url']}" if info.get("url") else ""))
         click.echo(_issue_local_login(info.get("api_root", api_root), info.get("database_url", database_url), force=False))
         return
-    paths["dir"].mkdir(parents=True, exist_ok=True, mode=0o700)
+    # mkdir's mode applies to the last component only: $BALSAM_HOME (client.yml, the local scheduler's
+    # and the demo site's files) would get the umask's 0755.
+    paths["dir"].parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths["dir"].mkdir(exist_ok=True, mode=0o700)
     previous = _info().get("api_root")
     tcp_url = None
     if port:

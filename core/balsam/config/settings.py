@@ -276,8 +276,24 @@ class _Checker:
             if name not in kwargs and field.default is attrs.NOTHING and name not in data and name not in suggested:
                 self.fail(path + (name,) if path + (name,) in self.lines else path, f"missing required key '{name}'")
                 ok = False
-        if not ok:
-            return self.INVALID
+        if any(name not in kwargs and field.default is attrs.NOTHING for name, field in fields.items()):
+            return self.INVALID  # cannot be built to check further (already reported)
+        # Each key's own validator first, so that every bad value of the section is reported at once
+        # (attrs stops at the first); a key that fails it is left out, its default standing in while
+        # the rest of the section is checked.
+        for name in list(kwargs):
+            field = fields[name]
+            if field.validator is None or field.converter is not None:
+                continue
+            try:
+                field.validator(None, field, kwargs[name])
+            except (TypeError, ValueError) as exc:
+                self.fail(path + (name,), _validator_message(exc))
+                del kwargs[name]
+                ok = False
+            except AttributeError:  # a validator that reads the instance: checked when it is built
+                pass
+        given_ok = set(kwargs)  # keys the file sets and that passed their own checks
         try:
             obj = cls(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -294,6 +310,11 @@ class _Checker:
         validate = getattr(obj, "validate", None)
         if callable(validate):
             for name, problem in (validate() or {}).items():
+                # With other keys of the section already wrong, only problems of keys the file sets
+                # and that passed their own checks: a default standing in for a bad value could
+                # otherwise be blamed in a cross-key check.
+                if not ok and name.split(".")[0] not in given_ok:
+                    continue
                 # A dotted name ("transfer_locations.alias") is a path: its own line, when the YAML has it.
                 self.fail(path + tuple(name.split(".")), problem)
                 ok = False
