@@ -207,6 +207,11 @@ class TransferBackend(abc.ABC):
         """
         return None
 
+    def use_locations(self, locations: Sequence[TransferLocation]) -> None:
+        """Told once, right after the agent builds the backend: the ``transfer_locations`` this
+        backend serves. A backend whose messages name them (Globus: the login command lists every
+        collection) keeps them; the default ignores them."""
+
     def close(self) -> None:
         """Release threads, processes or connections (called once when the agent stops)."""
 

@@ -177,6 +177,60 @@ def test_local_copy_of_a_directory_merges_into_an_existing_one(tmp_path: Path) -
         copy_into_place(src, tmp_path / "other", recursive=False)
 
 
+def test_stale_partials_are_matched_by_the_literal_name(tmp_path: Path) -> None:
+    """The stale-partial glob was built from the raw name: copying into ``run[1].h5`` kept its own
+    stale partial and deleted another copy's partial in progress (``[1]`` matched ``1``)."""
+    (tmp_path / "src.h5").write_text("data")
+    stale = tmp_path / ".run[1].h5.balsam-partial-aaaa"
+    stale.write_text("left by a killed agent")
+    other = tmp_path / ".run1.h5.balsam-partial-bbbb"
+    other.write_text("another copy, in progress")
+    copy_into_place(tmp_path / "src.h5", tmp_path / "run[1].h5", recursive=False)
+    assert (tmp_path / "run[1].h5").read_text() == "data"
+    assert not stale.exists()
+    assert other.read_text() == "another copy, in progress"
+
+
+def test_cancelling_a_local_task_mid_copy_writes_nothing_more(tmp_path: Path, monkeypatch) -> None:
+    """Cancel used to refuse a started task ("cannot be stopped") and the copy landed anyway: now
+    the file being copied is dropped before its rename and the rest of the batch is not copied."""
+    import threading
+
+    import balsam.builtin.local_transfer as local_transfer
+
+    started, release = threading.Event(), threading.Event()
+    real = shutil.copyfile
+
+    def gated(src, dst, *args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(local_transfer.shutil, "copyfile", gated)
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(name)
+    backend = build_backend(LocalTransfer, "local", {"threads": 1})
+    try:
+        task = backend.submit(TransferLocation.parse("here", "local://"), TransferDirection.stage_in, [
+            TransferFile(str(tmp_path / "a"), str(tmp_path / "out" / "a")),
+            TransferFile(str(tmp_path / "b"), str(tmp_path / "out" / "b")),
+        ])
+        # One thread: this one waits behind the first, and is cancelled before it starts.
+        queued = backend.submit(TransferLocation.parse("here", "local://"), TransferDirection.stage_in, [
+            TransferFile(str(tmp_path / "a"), str(tmp_path / "out" / "c"))])
+        assert started.wait(30)
+        backend.cancel(task)
+        backend.cancel(queued)
+        release.set()
+        statuses = wait_for_tasks(backend, [task, queued])
+        backend.cancel(task)  # finished: nothing left to cancel, no error
+    finally:
+        release.set()
+        backend.close()
+    assert {(s.state, s.error) for s in statuses.values()} == {(TaskState.failed, "cancelled")}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no file, no partial
+
+
 def test_bad_backend_options_are_one_line() -> None:
     with pytest.raises(TransferError, match=r"transfers.backend_options.local.*thread"):
         build_backend(LocalTransfer, "local", {"thread": 3})

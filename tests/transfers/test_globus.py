@@ -192,6 +192,55 @@ def test_not_logged_in_and_expired_credentials(tmp_path: Path, monkeypatch) -> N
     assert "secret" not in str(err.value)
 
 
+def test_the_not_logged_in_reason_names_the_collections_of_every_globus_location(tmp_path: Path, monkeypatch) -> None:
+    """The backend learnt a location's collection only in submit_batch, after submission_token()
+    had already failed: the waiting item's reason named only the site's collection, and a login
+    following it would lack the consent for the remote one."""
+    monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))
+    module = _transfers_module(tmp_path, backend_options={"globus": {"tokens_file": str(tmp_path / "none.json")}})
+    site = tmp_path / "site"
+    module.workdirs[7] = ("job7", "READY")
+    item = {"id": 5, "job_id": 7, "direction": "in", "state": "pending", "recursive": False, "local_path": "raw.h5",
+            "remote_path": "/data/raw.h5", "location_alias": "aps", "task_id": "", "transfer_info": {}}
+    updates: dict = {}
+    assert module._submit([item], 1, updates, dt.datetime.now(dt.timezone.utc)) == (0, [])
+    reason = updates[5]["transfer_info"]["reason"]
+    assert reason.startswith(f"not logged in to Globus ({tmp_path / 'none.json'} missing)")
+    assert f"run `balsam site globus-login -e {SITE_EP} -e {REMOTE_EP} --tokens-file {tmp_path / 'none.json'}`" in reason
+    assert "state" not in updates[5]  # waiting, no try used
+    assert (site / "data" / "job7").is_dir()
+    assert not responses.calls  # nothing was sent
+
+
+def test_a_task_whose_items_were_deleted_is_cancelled_once(tmp_path: Path, caplog) -> None:
+    """A deleted job's (or campaign's) Globus task ran to its end: the module never called cancel."""
+    task_id = load_response(globus_sdk.TransferClient.cancel_task).metadata["task_id"]
+    gets: list = []
+    module = _transfers_module(tmp_path)
+    # The API has none of the task's items left (deleted with their jobs).
+    module.client = SimpleNamespace(get=lambda path, params=None: gets.append((path, params)) or {"count": 0, "results": []})
+    module.backends["globus"] = make_backend(tmp_path)
+    module.tracked_tasks = {f"globus:{task_id}": {5, 6}}
+    with caplog.at_level("INFO", logger="balsam.site.modules.transfers"):
+        module._cancel_orphaned_tasks([])
+        module._cancel_orphaned_tasks([])
+    cancels = [c for c in responses.calls if c.request.url.endswith(f"/task/{task_id}/cancel")]
+    assert len(cancels) == 1 and module.tracked_tasks == {}
+    assert len(gets) == 1 and sorted(gets[0][1]["id"]) == [5, 6]  # one GET for all of them
+    assert f"transfer task globus:{task_id} cancelled" in caplog.text
+
+    # Already finished: said so, and forgotten all the same.
+    responses.add(responses.POST, f"https://transfer.api.globus.org/v0.10/task/{task_id}/cancel", json={
+        "DATA_TYPE": "result", "code": "TaskComplete", "message": "The task completed before it could be cancelled.",
+        "resource": f"/task/{task_id}/cancel", "request_id": "abc"})
+    responses.calls.reset()
+    module.tracked_tasks = {f"globus:{task_id}": {5}}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="balsam.site.modules.transfers"):
+        module._cancel_orphaned_tasks([])
+    assert module.tracked_tasks == {} and "had already finished" in caplog.text
+
+
 def test_refreshed_tokens_are_saved_and_used(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))
     path = tmp_path / "home" / "globus-tokens.json"
@@ -387,10 +436,11 @@ def _succeeded_with_skipped_errors(task_id: str, count: int) -> None:
                   json={"DATA": [doc], "DATA_TYPE": "task_list", "length": 1, "limit": 1, "offset": 0, "total": 1})
 
 
-def _transfers_module(tmp_path: Path) -> TransfersModule:
+def _transfers_module(tmp_path: Path, **options) -> TransfersModule:
     site_config = SimpleNamespace(site_path=str(tmp_path / "site"), data_path=str(tmp_path / "site" / "data"), site_id=1)
     return TransfersModule(site_config, TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"},
-                                                         globus_endpoint_id=SITE_EP, max_attempts=3), client=None)
+                                                         globus_endpoint_id=SITE_EP, max_attempts=3, **options),
+                           client=None)
 
 
 @pytest.mark.parametrize("item_dest", ["{site}/data/job7/frames", "{site}/data/job7/frames/", "{site}//data/job7//frames"])

@@ -10,10 +10,15 @@ into it, each file renamed into place) (an agent killed mid-copy leaves only a
 ``.NAME.balsam-partial-*`` file, which the next copy of that destination removes). Task ids live
 in this process: after an agent restart they are ``unknown`` and the agent copies those items
 again, which is harmless because copies are atomic and idempotent.
+
+Cancelling a task (the agent does when every job of the task was deleted) stops it between files
+and before the rename of the file being copied: that file finishes into its temporary name, which
+is then removed, so nothing more lands at a destination. Files already renamed into place stay.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import threading
@@ -29,9 +34,13 @@ from ..options import option
 from ..states import TransferDirection
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
 
-__all__ = ["LocalTransfer", "LocalTransferOptions", "ThreadedTasks", "copy_into_place"]
+__all__ = ["CopyCancelled", "LocalTransfer", "LocalTransferOptions", "ThreadedTasks", "copy_into_place"]
 
 PARTIAL_MARK = ".balsam-partial-"
+
+
+class CopyCancelled(Exception):
+    """The task was cancelled before the copy was renamed into place (the copy was removed)."""
 
 
 @attrs.frozen
@@ -39,8 +48,9 @@ class LocalTransferOptions:
     threads: int = option(4, "Tasks copying at the same time (one thread each).")
 
 
-def copy_into_place(src: Path, dest: Path, recursive: bool) -> int:
-    """Copy ``src`` to ``dest`` atomically; return the bytes copied. Raises OSError/ValueError."""
+def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[threading.Event] = None) -> int:
+    """Copy ``src`` to ``dest`` atomically; return the bytes copied. Raises OSError/ValueError, or
+    :class:`CopyCancelled` when ``stop`` is set by the time the copy is ready to be renamed."""
     if not src.exists():
         raise FileNotFoundError(f"no such file or directory: {src}")
     if src.is_dir() and not recursive:
@@ -58,6 +68,9 @@ def copy_into_place(src: Path, dest: Path, recursive: bool) -> int:
             shutil.copyfile(src, tmp)
             shutil.copymode(src, tmp)
             size = tmp.stat().st_size
+        if stop is not None and stop.is_set():
+            # Cancelled while copying (its job was deleted): the destination must not appear.
+            raise CopyCancelled(f"cancelled before {dest} was written")
         if dest.is_dir() and not dest.is_symlink():
             # Into an existing directory (a workdir holding other inputs, a results directory):
             # merge, each file renamed into place, as rsync and Globus do.
@@ -76,8 +89,10 @@ def copy_into_place(src: Path, dest: Path, recursive: bool) -> int:
         else:
             tmp.unlink(missing_ok=True)
         raise
-    # Leftovers of copies interrupted by a killed agent.
-    for stale in dest.parent.glob(f".{dest.name}{PARTIAL_MARK}*"):
+    # Leftovers of copies interrupted by a killed agent. Escaped: a name holding glob characters
+    # ("run[1].h5") would otherwise match other names (another copy's partial in progress) and
+    # miss its own.
+    for stale in dest.parent.glob(glob.escape(f".{dest.name}{PARTIAL_MARK}") + "*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
@@ -85,14 +100,19 @@ def copy_into_place(src: Path, dest: Path, recursive: bool) -> int:
     return size
 
 
-def _run_task(files: Sequence[tuple[str, TransferFile]]) -> TaskStatus:
+def _run_task(files: Sequence[tuple[str, TransferFile]], stop: Optional[threading.Event] = None) -> TaskStatus:
     """Copy each ``(key, file)``; a failure is filed under ``key``, the ``dest`` the agent passed
-    (not the prefixed path copied to: the agent matches errors to its items by that key)."""
+    (not the prefixed path copied to: the agent matches errors to its items by that key). When
+    ``stop`` is set (the task was cancelled), no further file is copied or renamed into place."""
     errors: dict[str, str] = {}
     copied = 0
     for key, f in files:
+        if stop is not None and stop.is_set():
+            return TaskStatus(TaskState.failed, "cancelled", retryable=False)
         try:
-            copied += copy_into_place(Path(f.src), Path(f.dest), f.recursive)
+            copied += copy_into_place(Path(f.src), Path(f.dest), f.recursive, stop=stop)
+        except CopyCancelled:
+            return TaskStatus(TaskState.failed, "cancelled", retryable=False)
         except (OSError, ValueError, shutil.Error) as exc:
             errors[key] = one_line(exc)
     info = {"files": len(files), "files_done": len(files) - len(errors), "bytes": copied}
@@ -110,14 +130,21 @@ class ThreadedTasks:
     def __init__(self, threads: int, name: str, keep_sec: float = 3600.0) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
         self._running: dict[str, Future] = {}
+        #: Stop flags of the tasks started with ``stoppable=True``.
+        self._stops: dict[str, threading.Event] = {}
         self._finished: dict[str, tuple[float, TaskStatus]] = {}
         self._lock = threading.Lock()
         self._keep_sec = keep_sec
 
-    def start(self, fn: Callable[..., TaskStatus], *args: object) -> str:
+    def start(self, fn: Callable[..., TaskStatus], *args: object, stoppable: bool = False) -> str:
+        """Run ``fn(*args)`` as a task; with ``stoppable``, ``fn`` also gets ``stop=`` (an Event that
+        :meth:`cancel` sets) and must return soon after it is set, having written nothing more."""
         task_id = uuid.uuid4().hex
+        kwargs: dict[str, object] = {}
         with self._lock:
-            self._running[task_id] = self._pool.submit(fn, *args)
+            if stoppable:
+                kwargs["stop"] = self._stops[task_id] = threading.Event()
+            self._running[task_id] = self._pool.submit(fn, *args, **kwargs)
         return task_id
 
     def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
@@ -137,18 +164,29 @@ class ThreadedTasks:
                     found[tid] = TaskStatus(TaskState.active)
                     continue
                 del self._running[tid]
-                exc = future.exception()
-                status = (TaskStatus(TaskState.failed, one_line(f"{type(exc).__name__}: {exc}"))
-                          if exc is not None else future.result())
+                self._stops.pop(tid, None)
+                if future.cancelled():  # cancelled before it started (exception() would raise)
+                    status = TaskStatus(TaskState.failed, "cancelled", retryable=False)
+                else:
+                    exc = future.exception()
+                    status = (TaskStatus(TaskState.failed, one_line(f"{type(exc).__name__}: {exc}"))
+                              if exc is not None else future.result())
                 self._finished[tid] = (now, status)
                 found[tid] = status
         return found
 
     def cancel(self, task_id: str) -> None:
+        """Cancel a task: one not started never runs; a started stoppable one is told to stop. A task
+        unknown or already finished has nothing left to cancel. Raises a non-retryable TransferError
+        for a started task that cannot be stopped."""
         with self._lock:
             future = self._running.get(task_id)
-        if future is not None and not future.cancel() and not future.done():
+            stop = self._stops.get(task_id)
+        if future is None or future.cancel() or future.done():
+            return
+        if stop is None:
             raise TransferError(f"task {task_id} has started; it cannot be stopped", retryable=False)
+        stop.set()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -174,7 +212,7 @@ class LocalTransfer(TransferBackend):
         # local:///scratch/inputs: remote paths are inside that directory.
         remote = "src" if direction == TransferDirection.stage_in else "dest"
         copies = [(f.dest, attrs.evolve(f, **{remote: location.remote_path(getattr(f, remote))})) for f in files]
-        return self._tasks.start(_run_task, copies)
+        return self._tasks.start(_run_task, copies, stoppable=True)
 
     @classmethod
     def check_location(cls, location: TransferLocation) -> None:

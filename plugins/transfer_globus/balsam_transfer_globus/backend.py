@@ -9,8 +9,12 @@
 - ``poll``: one ``task_list`` call filtered on all in-flight task ids; a succeeded task with skipped
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
   (a file inside a directory item is named by its own path; the agent files it under that item).
+- ``cancel``: the agent cancels a task none of whose items is left (their jobs were deleted); a
+  task that had already finished (``TaskComplete``) is reported as such, not as cancelled.
 - Locations: ``globus://<collection-uuid>`` only; a path after it is refused when settings.yml is
   read (a skipped file's error names its full path, which could then not be matched to the job's).
+  The agent hands the backend its ``globus://`` locations when it builds it (``use_locations``),
+  so the login command of the very first "not logged in" names every collection.
 - Errors: consent required, missing or expired/revoked credentials become one line naming the exact
   ``balsam site globus-login -e ...`` command (with ``--tokens-file PATH`` when ``tokens_file`` is
   not the default), retryable (the items wait, their jobs do not fail);
@@ -113,8 +117,16 @@ class GlobusTransfer(TransferBackend):
         super().__init__(options, site_path=site_path)
         self._client = transfer_client
         self._lock = threading.Lock()
-        #: Collections seen in locations: the login command names them all.
+        #: Collections of this site and its locations: the login command names them all (the agent
+        #: adds those of transfer_locations through use_locations, before any submission).
         self._collections: list[str] = [self.options.endpoint_id] if self.options.endpoint_id else []
+
+    def use_locations(self, locations: Sequence[TransferLocation]) -> None:
+        # Known before the first submission, whose "not logged in" error must name them all: a
+        # login consenting to the site's collection only would fail again on the remote one.
+        for location in locations:
+            if location.netloc and location.netloc not in self._collections:
+                self._collections.append(location.netloc)
 
     # -- credentials -------------------------------------------------------------------------------
 
@@ -279,8 +291,11 @@ class GlobusTransfer(TransferBackend):
 
     def cancel_task(self, task_id: str) -> None:
         try:
-            self.client().cancel_task(task_id)
+            response = self.client().cancel_task(task_id)
         except TransferError:
             raise
         except Exception as exc:
             raise self._error(exc) from None
+        if str(response.get("code") or "") == "TaskComplete":
+            # Said apart from a cancel: the agent logs that it had already run to its end.
+            raise TransferError(f"Globus task {task_id} had already finished", retryable=False)

@@ -3,8 +3,18 @@
 One cycle (every ``service_period`` seconds):
 
 1. One GET of this site's transfer items that are ``pending``, ``active`` or ``inactive`` (at most
-   ``num_items_query_limit``), and one (chunked) GET of the workdirs of jobs not seen before.
-2. One :meth:`~balsam.transfer.TransferBackend.poll` per backend for all its in-flight tasks.
+   ``num_items_query_limit``, in-flight ones first), and one (chunked) GET of the workdirs of jobs
+   not seen before. When that page is full but holds fewer than ``num_items_query_limit`` items the
+   cycle can act on (pending items waiting for their retry backoff, or for a location whose backend
+   refused the last submission for a reason retrying may fix, e.g. Globus not logged in), at most
+   ``PENDING_PAGES_PER_CYCLE`` more GETs page on through the pending items by id, and the next
+   cycle goes on from where that stopped: waiting items never starve the other locations' items.
+2. Tasks whose items are all gone from the server (their jobs were deleted) are cancelled, once
+   each (:meth:`~balsam.transfer.TransferBackend.cancel`). The module keeps the ids of the tasks in
+   flight, in memory and in ``<site>/.transfer-tasks-in-flight.json`` (so an agent restarted after
+   the deletion still cancels them); a tracked task absent from this cycle's in-flight items costs
+   one (chunked) GET of its items by id.
+   One :meth:`~balsam.transfer.TransferBackend.poll` per backend for all its in-flight tasks.
    Done items become ``done`` (the server then moves READY jobs to STAGED_IN and POSTPROCESSED jobs
    to JOB_FINISHED); a failed item goes back to ``pending`` with ``transfer_info.retry_after``
    (``retry_backoff_sec``, doubling, at most ``retry_backoff_max_sec``) until it has failed
@@ -13,7 +23,8 @@ One cycle (every ``service_period`` seconds):
 3. Pending items due for a try are grouped by (direction, location alias), largest groups first,
    cut into batches of ``transfer_batch_size``; at most ``max_concurrent_transfers`` tasks run at
    once. Each batch is one backend task; its items become ``active`` with ``task_id =
-   "<backend>:<id>"``.
+   "<backend>:<id>"``. Once a location's submission fails for a reason retrying may fix, its other
+   batches wait with that reason for this cycle, taking no slot.
 4. One bulk PATCH of every item that changed.
 
 A done task whose ``file_errors`` name files is matched to its items by destination (a file inside
@@ -38,6 +49,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 from collections import defaultdict
@@ -59,13 +71,19 @@ from ...transfer import (
     build_backend,
     one_line,
 )
-from ..api_util import bulk_patch, list_all
+from ...models import MAX_PAGE_SIZE
+from ..api_util import bulk_patch, list_all, results
 from ..module import AgentModule
 
 __all__ = ["TransfersModule", "TransfersOptions", "item_transfer_paths"]
 
 IN_FLIGHT = (TransferItemState.active.value, TransferItemState.inactive.value)
 JOURNAL_NAME = ".transfer-tasks.jsonl"
+#: The tasks in flight and their item ids, kept so that a task whose items were all deleted (with
+#: their jobs) is cancelled, even by an agent restarted after the deletion.
+TASKS_NAME = ".transfer-tasks-in-flight.json"
+#: GETs of pending items past a full first page per cycle (see the module docstring).
+PENDING_PAGES_PER_CYCLE = 4
 #: Job ids per GET /jobs/?id=... (keeps the URL short).
 JOB_ID_CHUNK = 500
 
@@ -85,7 +103,9 @@ class TransfersOptions:
     )
     max_concurrent_transfers: int = option(5, "Most transfer tasks in flight at once.")
     transfer_batch_size: int = option(100, "Most files bundled into one transfer task.")
-    num_items_query_limit: int = option(2000, "Most transfer items read from the API per cycle.")
+    num_items_query_limit: int = option(
+        2000, "Transfer items a cycle reads and acts on (its first page; pages on through pending items when "
+        "that page is full of items that wait).")
     service_period: float = option(5, "Seconds between two transfer cycles.")
     max_attempts: int = option(3, "Tries of a failing file before its job goes to FAILED with the error.")
     retry_backoff_sec: float = option(30, "Wait before the first retry of a failed file; doubles on each retry.")
@@ -291,8 +311,24 @@ class TransfersModule(AgentModule):
                 self.logger.error("settings.yml transfers.transfer_locations.%s: %s", alias, exc)
         self.workdirs: dict[int, tuple[str, str]] = {}
         self.journal_path = Path(site_config.site_path) / JOURNAL_NAME
+        self.tasks_path = Path(site_config.site_path) / TASKS_NAME
         #: API calls of the last cycle (the benchmark reports them).
         self.last_cycle_calls = 0
+        #: Aliases whose last submission failed for a reason retrying may fix: {alias: reason}. Their
+        #: pending items do not count as work when deciding whether to page past a full first page.
+        self.blocked_aliases: dict[str, str] = {}
+        #: Where the next cycle's extra pages of pending items start (0: right after the first page).
+        self._pending_cursor = 0
+        #: Tasks in flight: {"<backend>:<id>": item ids}; a task none of whose items is left in flight
+        #: on the server is cancelled.
+        self.tracked_tasks: dict[str, set[int]] = self._load_tracked()
+        #: What the file holds (it is written when that changes, not every cycle).
+        self._tracked_saved = {tid: set(ids) for tid, ids in self.tracked_tasks.items()}
+        #: Tasks this cycle's poll found over (done, failed, unknown): no longer tracked, even if
+        #: some of their items were deleted meanwhile (nothing left to cancel).
+        self._finished_tasks: set[str] = set()
+        #: Tasks whose cancel failed for a reason retrying may fix (tried again each cycle).
+        self._cancel_retries: set[str] = set()
 
     # -- backends --------------------------------------------------------------------------------
 
@@ -315,6 +351,11 @@ class TransfersModule(AgentModule):
                 # the agent; meanwhile its items wait with this reason (their jobs do not fail).
                 error = TransferError(str(exc), retryable=True)
             else:
+                try:
+                    # Before any submission: messages may name them (Globus' login command).
+                    backend.use_locations([loc for loc in self.locations.values() if loc.backend_name == name])
+                except Exception as exc:  # a plugin's bug must not keep its items waiting
+                    self.logger.warning("transfer backend %s: use_locations failed: %s", name, one_line(exc))
                 self.backends[name] = backend
                 self.logger.info("transfer backend %s ready (%s)", name, type(backend).__name__)
                 return backend
@@ -335,18 +376,59 @@ class TransfersModule(AgentModule):
         self.last_cycle_calls += 1
         return list_all(self.client, path, params, limit=limit)
 
-    def run_cycle(self) -> Optional[float]:
-        self.last_cycle_calls = 0
-        now = _now()
-        opts = self.options
+    def _usable(self, item: Mapping[str, Any], now: dt.datetime) -> bool:
+        """Whether this cycle can act on ``item``: poll it, or submit it (due, and its location not
+        known to be refusing submissions)."""
+        if item["state"] in IN_FLIGHT:
+            return True
+        return _due(item, now) and item.get("location_alias") not in self.blocked_aliases
+
+    def _read_items(self, now: dt.datetime) -> list[dict]:
+        """In-flight and pending items: the first page, then (when it is full of items that wait)
+        up to PENDING_PAGES_PER_CYCLE pages of pending items by id, from where the last cycle's
+        stopped, until ``num_items_query_limit`` items the cycle can act on are in hand."""
+        limit = self.options.num_items_query_limit
         # Even with no transfer_locations left: items created while there were some must still be
         # polled (tasks in flight) or failed with "unknown transfer location", never left waiting.
         items = self._get(
             "/transfers/",
             # In-flight items first: a full page never hides a task that must be polled.
             {"site_id": self.site_id, "state": [TransferItemState.pending.value, *IN_FLIGHT], "ordering": "state"},
-            limit=opts.num_items_query_limit,
+            limit=limit,
         )
+        usable = sum(1 for it in items if self._usable(it, now))
+        if len(items) < limit or usable >= limit:
+            self._pending_cursor = 0
+            return items
+        # The page is full but items that wait without using a try (backoff, a blocked location)
+        # fill it: the limit applied before that filter and newer items of other locations never
+        # started. Page on through the pending items (the first page held the oldest ones).
+        seen = {it["id"] for it in items}
+        offset = max(sum(1 for it in items if it["state"] == TransferItemState.pending.value), self._pending_cursor)
+        size = min(limit, MAX_PAGE_SIZE)
+        params = {"site_id": self.site_id, "state": [TransferItemState.pending.value], "ordering": "id"}
+        for _ in range(PENDING_PAGES_PER_CYCLE):
+            self.last_cycle_calls += 1
+            page = results(self.client.get("/transfers/", params={**params, "limit": size, "offset": offset}))
+            offset += len(page)
+            for item in page:
+                if item["id"] not in seen:
+                    seen.add(item["id"])
+                    items.append(item)
+                    usable += self._usable(item, now)
+            if len(page) < size or usable >= limit:
+                # The end, or enough work: the next cycle starts again from the oldest items.
+                offset = 0
+                break
+        # Otherwise the next cycle goes on from here, so every pending item is read in turn.
+        self._pending_cursor = offset
+        return items
+
+    def run_cycle(self) -> Optional[float]:
+        self.last_cycle_calls = 0
+        now = _now()
+        opts = self.options
+        items = self._read_items(now)
         updates: dict[int, dict[str, Any]] = {}
         journal, token_batches = self._read_journal()
         for item in items:
@@ -357,6 +439,8 @@ class TransfersModule(AgentModule):
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": task_id}
         unsent = self._resubmit_with_tokens(token_batches, items, updates, now)
         in_flight = [it for it in items if it["state"] in IN_FLIGHT]
+        self._cancel_orphaned_tasks(in_flight)
+        self._finished_tasks = set()
         still_running = self._poll(in_flight, updates, now)
 
         pending = [it for it in items if it["state"] == TransferItemState.pending.value and it["id"] not in updates]
@@ -372,6 +456,7 @@ class TransfersModule(AgentModule):
         # token may or may not have arrived stay. Keeping the task lines too would re-attach their
         # items to those tasks next cycle, after the tasks failed and the items went back to pending.
         self._rewrite_journal(unsent + unconfirmed)
+        self._track_tasks(in_flight, updates)
         # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
         live = {int(it["job_id"]) for it in items}
         self.workdirs = {job_id: w for job_id, w in self.workdirs.items() if job_id in live}
@@ -411,11 +496,14 @@ class TransfersModule(AgentModule):
                     for tid in task_ids:
                         for item in by_task[tid]:
                             self._fail(item, str(exc), False, updates, now)
+                    self._finished_tasks.update(task_ids)
                 continue
             for tid in task_ids:
                 status = statuses.get(tid.partition(":")[2]) or TaskStatus(TaskState.unknown)
                 if status.state in (TaskState.active, TaskState.inactive):
                     running += 1
+                else:
+                    self._finished_tasks.add(tid)
                 self._apply_status(tid, status, by_task[tid], updates, now)
         return running
 
@@ -527,11 +615,20 @@ class TransfersModule(AgentModule):
             group.sort(key=lambda it: it["id"])
             for start in range(0, len(group), opts.transfer_batch_size):
                 batches.append((direction, alias, group[start:start + opts.transfer_batch_size]))
-        batches = batches[:slots]
-        self._job_workdirs(it["job_id"] for _, _, batch in batches for it in batch)
         data_path = Path(self.site_config.data_path)
         submitted, unconfirmed = 0, []
-        for direction, alias, batch in batches:
+        #: Aliases whose submission failed this cycle for a reason retrying may fix: {alias: reason}.
+        blocked: dict[str, str] = {}
+        asked: set[int] = set()
+        for index, (direction, alias, batch) in enumerate(batches):
+            if submitted >= slots:
+                break
+            if alias in blocked:
+                # Trying its other batches would fail the same way: they wait with the reason,
+                # without taking the slots of other locations' batches.
+                for item in batch:
+                    self._wait(item, blocked[alias], updates)
+                continue
             try:
                 location = self._location(alias)
                 backend = self.backend(location.backend_name)
@@ -541,7 +638,15 @@ class TransfersModule(AgentModule):
                         self._wait(item, str(exc), updates)
                     else:
                         self._fail(item, str(exc), False, updates, now)
+                if exc.retryable:
+                    blocked[alias] = str(exc)
                 continue
+            if any(int(it["job_id"]) not in self.workdirs and int(it["job_id"]) not in asked for it in batch):
+                # One GET for the batches this cycle may still submit (not one per batch).
+                ahead = [b for _, a, b in batches[index:] if a not in blocked][: slots - submitted]
+                wanted = {int(it["job_id"]) for b in ahead for it in b} - asked
+                asked |= wanted
+                self._job_workdirs(wanted)
             files: list[TransferFile] = []
             members: list[dict] = []
             for item in batch:
@@ -587,6 +692,7 @@ class TransfersModule(AgentModule):
                         unconfirmed.append(record)
                     for item in members:
                         self._wait(item, str(exc), updates)
+                    blocked[alias] = str(exc)
                 else:
                     for item in members:
                         self._fail(item, str(exc), False, updates, now)
@@ -599,6 +705,9 @@ class TransfersModule(AgentModule):
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.active.value, "task_id": full_id,
                                        "transfer_info": info}
             submitted += 1
+            self.blocked_aliases.pop(alias, None)
+        # Aliases not tried this cycle keep what the last try said.
+        self.blocked_aliases.update(blocked)
         return submitted, unconfirmed
 
     def _location(self, alias: str) -> TransferLocation:
@@ -612,6 +721,109 @@ class TransfersModule(AgentModule):
                 retryable=False,
             )
         return location
+
+    # -- tasks whose items were deleted ----------------------------------------------------------
+
+    def _load_tracked(self) -> dict[str, set[int]]:
+        """The tasks in flight when the last agent stopped, and those of journal lines it left (a
+        task submitted by an agent that died before recording it: its jobs may be deleted since)."""
+        tracked: dict[str, set[int]] = defaultdict(set)
+        try:
+            data = json.loads(self.tasks_path.read_text(encoding="utf-8"))
+            for task_id, item_ids in dict(data).items():
+                tracked[str(task_id)].update(int(i) for i in item_ids)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError) as exc:
+            self.logger.warning("cannot read %s (tasks of deleted jobs may not be cancelled): %s", self.tasks_path, exc)
+        journal, _ = self._read_journal()
+        for item_id, task_id in journal.items():
+            tracked[task_id].add(item_id)
+        return dict(tracked)
+
+    def _cancel_orphaned_tasks(self, in_flight: list[dict]) -> None:
+        """Cancel the tracked tasks none of whose items is still in flight on the server: their
+        items were deleted with their jobs, and nothing would ever look at what they copy."""
+        seen = {str(it.get("task_id") or "") for it in in_flight}
+        missing = {tid: ids for tid, ids in self.tracked_tasks.items() if tid not in seen}
+        if not missing:
+            return
+        # Not in this cycle's page is not gone (the page may be full): ask for those items by id.
+        ids = sorted(set().union(*missing.values()))
+        alive: set[str] = set()
+        for start in range(0, len(ids), JOB_ID_CHUNK):
+            params = {"site_id": self.site_id, "id": ids[start:start + JOB_ID_CHUNK], "state": list(IN_FLIGHT)}
+            alive.update(str(it.get("task_id") or "") for it in self._get("/transfers/", params))
+        for task_id in missing:
+            if task_id in alive:
+                continue
+            name, _, raw_id = task_id.partition(":")
+            # Said once per task, not on every retry of a cancel that failed.
+            first = task_id not in self._cancel_retries
+            if first:
+                self.logger.info("transfer task %s: its items were deleted (with their jobs); cancelling it", task_id)
+            try:
+                self.backend(name).cancel(raw_id)
+            except TransferError as exc:
+                if exc.retryable:
+                    self.logger.log(logging.WARNING if first else logging.DEBUG,
+                                    "transfer task %s: cancelling failed (will retry every cycle): %s", task_id, exc)
+                    self._cancel_retries.add(task_id)
+                    continue
+                # Already finished, or a service that cannot cancel: nothing more to do.
+                self.logger.info("transfer task %s was not cancelled (%s); forgotten", task_id, exc)
+            else:
+                self.logger.info("transfer task %s cancelled", task_id)
+            self._cancel_retries.discard(task_id)
+            del self.tracked_tasks[task_id]
+
+    def _track_tasks(self, in_flight: list[dict], updates: Mapping[int, Mapping[str, Any]]) -> None:
+        """Keep ``tracked_tasks`` in step with this cycle: an item read in flight belongs to its task;
+        then the updates sent have the last word (a submitted item joins its task; a done, failed or
+        re-pended one leaves it)."""
+        tracked: dict[str, set[int]] = defaultdict(set)
+        owner: dict[int, str] = {}
+        for tid, ids in self.tracked_tasks.items():
+            tracked[tid] = set(ids)
+            owner.update(dict.fromkeys(ids, tid))
+
+        def assign(item_id: int, task_id: str) -> None:
+            old = owner.pop(item_id, None)
+            if old is not None:
+                tracked[old].discard(item_id)
+            if task_id:
+                tracked[task_id].add(item_id)
+                owner[item_id] = task_id
+
+        for item in in_flight:
+            if item.get("task_id"):
+                assign(int(item["id"]), str(item["task_id"]))
+        for item_id, update in updates.items():
+            if "state" not in update:
+                continue  # a reason only
+            if update["state"] in IN_FLIGHT:
+                assign(int(item_id), str(update.get("task_id") or owner.get(int(item_id)) or ""))
+            else:
+                assign(int(item_id), "")
+        self.tracked_tasks = {tid: ids for tid, ids in tracked.items() if ids and tid not in self._finished_tasks}
+        if self.tracked_tasks != self._tracked_saved:
+            self._write_tracked()
+
+    def _write_tracked(self) -> None:
+        try:
+            if not self.tracked_tasks:
+                self.tasks_path.unlink(missing_ok=True)
+            else:
+                tmp = self.tasks_path.with_name(self.tasks_path.name + ".tmp")
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    json.dump({tid: sorted(ids) for tid, ids in self.tracked_tasks.items()}, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.tasks_path)
+        except OSError as exc:
+            self.logger.warning("cannot write %s: %s", self.tasks_path, exc)
+            return
+        self._tracked_saved = {tid: set(ids) for tid, ids in self.tracked_tasks.items()}
 
     # -- journal of submitted tasks not yet recorded in the API -----------------------------------
 
