@@ -10,7 +10,8 @@ every ``service_period``; only the machine, the scheduler and the launchers are 
   of 20-180 minutes (most of the time a few, sometimes none, sometimes many); the scheduler reports
   the free nodes as a backfill window lasting until the phase ends (Cobalt-style windows);
 - the scheduler: a request that fits the current window (nodes free, wall time before the phase
-  ends) starts at once; any other request waits in the regular queue and starts after
+  ends) starts at once, or ``--start-lag`` minutes after its submission (the scheduler module's
+  cycle plus the scheduler's backfill pass; meanwhile the window still shows its nodes free); any other request waits in the regular queue and starts after
   ``--queue-wait`` minutes (the machine's typical wait; it is then given its nodes);
 - launchers: each task takes one node; a launcher starts a task only if it ends before the wall
   time, and leaves after ``--idle-ttl`` minutes without work or at its wall time.
@@ -127,10 +128,11 @@ class Block:
 
 class Simulation:
     def __init__(self, tasks: list[Task], phases: list[Phase], *, queue_wait: int, idle_ttl: int, period: int,
-                 horizon: int) -> None:
+                 horizon: int, start_lag: int = 0) -> None:
         self.tasks = [Task(t.id, t.created, t.duration) for t in tasks]
         self.phases = phases
         self.queue_wait = queue_wait
+        self.start_lag = start_lag
         self.idle_ttl = idle_ttl
         self.period = period
         self.horizon = horizon
@@ -160,7 +162,8 @@ class Simulation:
         for b in self.blocks:
             if b.state == BatchJobState.queued and not b.cancelled:
                 free, left = self.free_now()
-                if (b.nodes <= free and b.wall <= left) or t - b.submitted >= self.queue_wait:
+                fits = b.nodes <= free and b.wall <= left and t - b.submitted >= self.start_lag
+                if fits or t - b.submitted >= self.queue_wait:
                     b.started = t
                     b.idle_since = t
         # launchers: finish tasks, start runnable ones (FIFO), leave when idle or at wall time
@@ -243,6 +246,8 @@ def main() -> None:
     parser.add_argument("--queue-wait", type=int, default=120, help="minutes a request outside a window waits")
     parser.add_argument("--idle-ttl", type=int, default=5, help="launcher idle_ttl_sec, in minutes")
     parser.add_argument("--period", type=int, default=1, help="elastic_queue service_period, in minutes")
+    parser.add_argument("--start-lag", type=int, default=0,
+                        help="minutes before a request that fits a window starts (its nodes still show free meanwhile)")
     parser.add_argument("--regular-after", type=int, default=60, help="regular_queue_after_min of the second backfill row")
     args = parser.parse_args()
 
@@ -253,35 +258,40 @@ def main() -> None:
     work = sum(t.duration for t in tasks) / 60
     print(f"XPCS-like campaign: {len(tasks)} one-node tasks over {args.hours} h ({work:.0f} node-hours of work), "
           f"{args.nodes}-node machine, windows in {len(phases)} phases, regular queue wait {args.queue_wait} min, "
-          f"idle_ttl {args.idle_ttl} min, cycle {args.period} min, seed {args.seed}")
+          f"idle_ttl {args.idle_ttl} min, cycle {args.period} min, start lag {args.start_lag} min, seed {args.seed}")
 
     backfill_settings = ElasticQueueOptions(min_wall_time_min=35, max_wall_time_min=360, wall_time_pad_min=5,
                                             min_num_nodes=1, max_num_nodes=32, max_queue_wait_time_min=10,
                                             max_queued_jobs=5)
     runs: dict[str, dict] = {}
-    sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=args.idle_ttl, period=args.period, horizon=horizon)
+    sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=args.idle_ttl, period=args.period, horizon=horizon,
+                     start_lag=args.start_lag)
     sim.run(BackfillStrategy(backfill_settings))
     runs["backfill (default)"] = sim.report()
 
     fallback = attrs.evolve(backfill_settings, regular_queue_after_min=args.regular_after)
-    sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=args.idle_ttl, period=args.period, horizon=horizon)
+    sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=args.idle_ttl, period=args.period, horizon=horizon,
+                     start_lag=args.start_lag)
     sim.run(BackfillStrategy(fallback))
     runs[f"backfill, regular queue after {args.regular_after} min"] = sim.report()
 
     simple_options = {"nodes_per_block": 4, "wall_time_min": 120, "min_blocks": 0, "max_blocks": 8, "parallelism": 1.0}
-    sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=args.idle_ttl, period=args.period, horizon=horizon)
+    sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=args.idle_ttl, period=args.period, horizon=horizon,
+                     start_lag=args.start_lag)
     sim.run(SimpleStrategy(ElasticQueueOptions(max_queued_jobs=8), simple_options))
     runs["simple (4 nodes x 120 min, <= 8)"] = sim.report()
 
     static_nodes = max(1, math.ceil(runs["backfill (default)"]["node_hours"] / (horizon / 60)))
-    sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=horizon, period=args.period, horizon=horizon)
+    sim = Simulation(tasks, phases, queue_wait=args.queue_wait, idle_ttl=horizon, period=args.period, horizon=horizon,
+                     start_lag=args.start_lag)
     reservation = sim.submit(static_nodes, horizon)
     reservation.started = 0
     sim.run(None)
     runs[f"static ({static_nodes} nodes, same node-hours)"] = sim.report()
 
     no_windows = Simulation(tasks, [Phase(0, horizon + 1, 0)], queue_wait=args.queue_wait, idle_ttl=args.idle_ttl,
-                            period=args.period, horizon=horizon)
+                            period=args.period, horizon=horizon,
+                     start_lag=args.start_lag)
     no_windows.run(BackfillStrategy(backfill_settings))
     runs["0.7 on PBS/Slurm (no windows)"] = no_windows.report()
 

@@ -47,7 +47,8 @@ def test_backlog_route_sums_footprints_in_one_query(env, request, tmp_path) -> N
     mine = client.get(f"/sites/{site_id}/backlog", params={"tags": ["w:a"]})
     oldest = mine["states"]["PREPROCESSED"].pop("oldest_last_update")
     assert mine == {"site_id": site_id, "states": {"PREPROCESSED": {
-        "count": 7, "footprint": 7.0, "min_num_nodes": 1, "max_num_nodes": 2, "max_wall_time_min": 0}}}
+        "count": 7, "footprint": 7.0, "unpacked_footprint": 10, "min_num_nodes": 1, "max_num_nodes": 2, "min_wall_time_min": 0,
+        "max_wall_time_min": 0}}}
     rows = client.get("/jobs/", params={"tags": "w:a", "state": "PREPROCESSED", "ordering": "last_update", "limit": 1})
     # The same instant; the text may differ (PostgreSQL writes the page's JSON and drops a
     # trailing zero of the microseconds, orjson writes six digits).
@@ -186,6 +187,47 @@ def test_pbs_windows_of_no_queue_count_for_the_submit_queue(make_site, client) -
     assert dict(module.last_decision.numbers)["window"] == BackfillWindow(num_nodes=2, wall_time_min=60)
     made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
     assert [(b["num_nodes"], b["wall_time_min"], b["queue"]) for b in made] == [(2, 55, "debug")]
+
+
+def test_slurm_qos_queues_get_the_partitions_windows(make_site, client) -> None:
+    """Perlmutter (queue_flag --qos, submit_queue a QOS): sinfo's windows were keyed by partition,
+    which no QOS name matches, so the elastic queue never submitted."""
+    from balsam_scheduler_slurm import SlurmScheduler
+
+    site = make_site(overrides={"scheduler": {"name": "slurm", "options": {"queue_flag": "--qos"}, "allowed_queues": {
+        "regular": {"max_nodes": 1536, "max_walltime": 720, "max_queued_jobs": 5000}}}})
+    runner = ReplayRunner({"sinfo": result(stdout="regular_milan_ss11|up|idle|40|2-00:00:00\n"
+                                                  "gpu_ss11|up|idle|12|2-00:00:00\n"),
+                           "squeue": result(stdout="")})
+    module = ElasticQueueModule(site, ElasticQueueOptions(submit_queue="regular", max_wall_time_min=120), client,
+                                scheduler=SlurmScheduler(runner, user="u", options={"queue_flag": "--qos"}))
+    _runnable_jobs(client, site, 5, {})
+    module.run_cycle()
+    assert [(s.num_nodes, s.wall_time_min) for s in module.last_decision.submit] == [(5, 120)], module.last_decision
+    assert dict(module.last_decision.numbers)["window"] == BackfillWindow(num_nodes=40, wall_time_min=2880)
+
+
+def test_a_window_is_requested_once_while_its_batch_job_waits_to_start(make_site, client) -> None:
+    """sinfo keeps showing a window's nodes idle until the BatchJob sized to it starts: each cycle
+    until then asked for the same window again."""
+    from balsam_scheduler_slurm import SlurmScheduler
+
+    site = make_site(overrides={"scheduler": {"name": "slurm", "allowed_queues": {
+        "debug": {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 10}}}})
+    _runnable_jobs(client, site, 20, {})
+    submitted = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    runner = ReplayRunner({"sinfo": result(stdout="debug|up|idle|4|2:00:00\ndebug|up|allocated|60|2:00:00\n"),
+                           "squeue": result(stdout=f"501|PENDING|debug|4|1:55:00|local|1:55:00|{submitted}|N/A|N/A|Priority\n")})
+    module = ElasticQueueModule(site, ElasticQueueOptions(submit_queue="debug", max_wall_time_min=120), client,
+                                scheduler=SlurmScheduler(runner, user="u"))
+    module.run_cycle()  # one 4-node BatchJob for the 4-node window, waiting for submission ...
+    module.run_cycle()
+    (mine,) = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
+    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 501}])
+    for _ in range(2):  # ... then queued 1 minute: the window is still its own
+        module.run_cycle()
+    assert [b["id"] for b in client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]] == [mine["id"]]
+    assert "4 nodes of them already requested by its BatchJobs not started yet" in module.last_decision.reason
 
 
 def test_regular_queue_fallback_is_marked_and_never_cancelled_as_stale(make_site, client) -> None:

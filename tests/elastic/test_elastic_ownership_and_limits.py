@@ -311,6 +311,12 @@ def test_max_queued_jobs_is_capped_by_the_queue(make_site, client, caplog) -> No
      3, "elastic_queue.strategy_options.min_blocks: must be between 0 and max_blocks (2)"),
     ("elastic_queue:\n  service_period: 30\n  max_queue_wait_time_min: -5\n",
      3, "elastic_queue.max_queue_wait_time_min: must not be negative"),
+    # Cross-key errors on the line of the key the file sets (max_num_nodes: 0 named min_num_nodes,
+    # which the file does not set, on the section's line).
+    ("elastic_queue:\n  submit_queue: local\n  max_num_nodes: 0\n", 3, "elastic_queue.max_num_nodes: must be at least 1"),
+    ("elastic_queue:\n  min_num_nodes: 4\n  max_num_nodes: 2\n", 3,
+     "elastic_queue.max_num_nodes: must be at least min_num_nodes (4)"),
+    ("elastic_queue:\n  min_num_nodes: 200\n", 2, "elastic_queue.min_num_nodes: must not exceed max_num_nodes (127)"),
 ])
 def test_settings_errors_name_the_key_on_its_line(tmp_path, section, line, message) -> None:
     from balsam.config.settings import SettingsError, load_settings
@@ -328,6 +334,13 @@ def test_settings_errors_name_the_key_on_its_line(tmp_path, section, line, messa
      "elastic_queue.submit_queue: queue 'debug' is not in the scheduler section's allowed_queues (local)"),
     ("scheduler:\n  allowed_projects: [m1]\nelastic_queue:\n  submit_project: m2\n", 4,
      "elastic_queue.submit_project: project 'm2' is not in the scheduler section's allowed_projects (m1)"),
+    # simple counted full blocks, then each was clamped to the queue (8-node blocks became 2-node ones).
+    ("scheduler:\n  allowed_queues: {local: {max_nodes: 2, max_walltime: 600, max_queued_jobs: 10}}\n"
+     "elastic_queue:\n  strategy: simple\n  strategy_options:\n    nodes_per_block: 8\n", 5,
+     "elastic_queue.strategy_options: nodes_per_block 8 exceeds queue 'local''s max_nodes 2 (scheduler.allowed_queues)"),
+    ("scheduler:\n  allowed_queues: {local: {max_nodes: 2, max_walltime: 30, max_queued_jobs: 10}}\n"
+     "elastic_queue:\n  strategy: simple\n  strategy_options:\n    nodes_per_block: 2\n", 5,
+     "elastic_queue.strategy_options: wall_time_min 60 exceeds queue 'local''s max_walltime 30 (scheduler.allowed_queues)"),
 ])
 def test_a_queue_or_project_the_scheduler_section_refuses_is_a_settings_error(tmp_path, text, line, message) -> None:
     """It was found by the agent at run time only: every BatchJob of the module failed."""
@@ -340,3 +353,85 @@ def test_a_queue_or_project_the_scheduler_section_refuses_is_a_settings_error(tm
     assert f"settings.yml:{line} {message}" in str(caught.value), str(caught.value)
     path.write_text("scheduler: {}\nelastic_queue: {}\n")  # the defaults fit the default scheduler section
     assert load_settings(path).sections["elastic_queue"].submit_queue == "local"
+
+
+def test_jobs_a_running_launcher_holds_are_not_runnable_backlog(make_site, client) -> None:
+    """A launcher prefetches jobs (its session holds them) before it starts them: they run in its
+    BatchJob, yet they counted as runnable, and each cycle submitted a BatchJob that found nothing."""
+    site = make_site(overrides={"filter_tags": {"c": "h"}})
+    jobs = _runnable(client, site, 10, tags={"c": "h"})
+    module = ElasticQueueModule(site, ElasticQueueOptions(job_mode="serial", use_backfill=False, max_num_nodes=1,
+                                                          max_queued_jobs=5, min_wall_time_min=10,
+                                                          wall_time_pad_min=1, max_wall_time_min=10), client)
+    module.run_cycle()
+    (mine,) = _batch_jobs(client, site)
+    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 1}])
+    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "running"}])
+    session = client.post("/sessions/", json={"site_id": site.site_id, "batch_job_id": mine["id"]})["id"]
+    got = client.post(f"/sessions/{session}", json={"max_num_jobs": 64, "max_nodes_per_job": 1, "serial_only": True,
+                                                    "filter_tags": {"c": "h"}})
+    held = [j["id"] for j in (got if isinstance(got, list) else got["results"])]
+    assert sorted(held) == sorted(j.id for j in jobs)
+    client.patch("/jobs/", json=[{"id": held[0], "state": "RUNNING", "batch_job_id": mine["id"]}])
+    for _ in range(3):
+        module.run_cycle()
+    assert [b["id"] for b in _batch_jobs(client, site)] == [mine["id"]], module.last_decision
+    numbers = dict(module.last_decision.numbers)
+    assert (numbers["runnable"], numbers["running_footprint"]) == (0, 1), module.last_decision
+    assert module.last_decision.reason == "no runnable jobs"
+
+
+@pytest.mark.parametrize("job_mode, tags, filter_tags, partitions, counts", [
+    ("serial", {}, {}, None, False),  # a serial launcher leases none of the 2-node jobs
+    ("mpi", {"kind": "a"}, {"kind": "b"}, None, False),  # leases only jobs tagged kind b: none here
+    ("mpi", {}, {}, [{"job_mode": "serial", "num_nodes": 8, "filter_tags": {}}], False),
+    ("mpi", {}, {}, None, True),  # the same launcher as its own: reserved capacity, never cancelled
+])
+def test_a_batch_job_it_did_not_create_counts_only_if_it_can_run_the_backlog(make_site, client, job_mode, tags,
+                                                                                filter_tags, partitions, counts) -> None:
+    """A hand-made BatchJob in submit_queue that could run none of the backlog counted as reserved
+    capacity: the backlog waited for it and got no BatchJob."""
+    site = make_site(overrides={"scheduler": {"allowed_queues": {"local": {"max_nodes": 16, "max_walltime": 600,
+                                                                           "max_queued_jobs": 10}}}})
+    _runnable(client, site, 4, num_nodes=2, tags=tags)
+    body = {"site_id": site.site_id, "project": "local", "queue": "local", "num_nodes": 8, "wall_time_min": 60,
+            "job_mode": job_mode, "filter_tags": filter_tags}
+    if partitions:
+        body["partitions"] = partitions
+    foreign = client.post("/batch-jobs/", json=body)
+    module = ElasticQueueModule(site, ElasticQueueOptions(job_mode="mpi", use_backfill=False, max_num_nodes=16,
+                                                          max_queued_jobs=5, min_wall_time_min=10, wall_time_pad_min=1,
+                                                          max_wall_time_min=60), client)
+    module.run_cycle()
+    numbers = dict(module.last_decision.numbers)
+    if counts:
+        assert module.last_decision.submit == () and numbers["reserved"] == 8, module.last_decision
+    else:
+        assert [s.num_nodes for s in module.last_decision.submit] == [8], module.last_decision
+        assert numbers["reserved"] == 0 and numbers["batch_jobs"] == "0/5", module.last_decision
+    assert client.get(f"/batch-jobs/{foreign['id']}")["state"] == "pending_submission"
+
+
+@pytest.mark.parametrize("packing, job_mode, nodes", [(False, "mpi", 8), (None, "mpi", 2), (True, "mpi", 2),
+                                                      (False, "serial", 2)])
+def test_without_node_packing_each_mpi_job_holds_whole_nodes(make_site, client, packing, job_mode, nodes) -> None:
+    """launcher.mpirun_allows_node_packing: false (Theta's default): an mpi-mode launcher runs one job
+    per node, yet the footprint divided by node_packing_count (8 such jobs asked for 2 nodes, and
+    the 6 left waiting looked covered by 1.5 idle nodes). The serial launcher packs them anyway."""
+    site = make_site(overrides={"launcher": {"mpirun_allows_node_packing": packing},
+                                "scheduler": {"allowed_queues": {"local": {"max_nodes": 16, "max_walltime": 600,
+                                                                           "max_queued_jobs": 10}}}})
+    _runnable(client, site, 8, node_packing_count=4)
+    module = ElasticQueueModule(site, ElasticQueueOptions(job_mode=job_mode, use_backfill=False, max_num_nodes=16,
+                                                          min_wall_time_min=10, wall_time_pad_min=1,
+                                                          max_wall_time_min=60), client)
+    module.run_cycle()
+    assert [s.num_nodes for s in module.last_decision.submit] == [nodes], module.last_decision
+    (mine,) = _batch_jobs(client, site)
+    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "running", "scheduler_id": 7}])
+    taken = [j["id"] for j in _acquire(client, site, max_num_jobs=2)]
+    client.patch("/jobs/", json=[{"id": i, "state": "RUNNING", "batch_job_id": mine["id"]} for i in taken])
+    module.run_cycle()
+    numbers = dict(module.last_decision.numbers)
+    assert (numbers["runnable_footprint"], numbers["running_footprint"]) == (6 * nodes / 8, 2 * nodes / 8)
+    assert module.last_decision.submit == (), module.last_decision  # its BatchJob holds the rest

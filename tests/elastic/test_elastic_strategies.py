@@ -119,6 +119,46 @@ BACKFILL_CASES = [
     ("pending_deletion BatchJobs reserve nothing",
      {}, Snapshot(backlog=backlog(2, 2.0), batch_jobs=(bj(3, D, 8),), windows=(W(num_nodes=8, wall_time_min=60),)),
      ((2, 55),), (), ""),
+    # The scheduler shows a window's nodes idle until the BatchJob sized to it starts: the same
+    # window was requested again each cycle until then.
+    ("a window its queued BatchJob waits to take is not requested again",
+     {}, Snapshot(backlog=backlog(20, 20.0), batch_jobs=(bj(1, Q, 4, queued=1, wall=55),),
+                  windows=(W(num_nodes=4, wall_time_min=60),)),
+     (), (), "windows 4x60min, 4 nodes of them already requested by its BatchJobs not started yet"),
+    ("nor one its BatchJob waiting for submission asked for",
+     {}, Snapshot(backlog=backlog(20, 20.0), batch_jobs=(bj(1, P, 4, wall=55),), windows=(W(num_nodes=4, wall_time_min=60),)),
+     (), (), "4 nodes of them already requested"),
+    ("the rest of a window is still requested",
+     {}, Snapshot(backlog=backlog(20, 20.0), batch_jobs=(bj(1, P, 3, wall=55),), windows=(W(num_nodes=8, wall_time_min=60),)),
+     ((5, 55),), (), ""),
+    ("a request is taken off the window that holds it",
+     {}, Snapshot(backlog=backlog(20, 20.0), batch_jobs=(bj(1, Q, 4, queued=2, wall=115),),
+                  windows=(W(num_nodes=6, wall_time_min=120), W(num_nodes=4, wall_time_min=60))),
+     ((4, 55),), (), ""),
+    ("the window it was fitted to: its length less the pad is the request's wall time",
+     {}, Snapshot(backlog=backlog(20, 20.0), batch_jobs=(bj(1, Q, 4, queued=2, wall=55),),
+                  windows=(W(num_nodes=6, wall_time_min=120), W(num_nodes=4, wall_time_min=60))),
+     ((6, 115),), (), ""),
+    # A launcher leases only jobs shorter than its BatchJob: a 55-minute request for 120-minute jobs
+    # ran nothing, left after idle_ttl_sec, and was submitted again every cycle.
+    ("windows shorter than every runnable job are skipped",
+     {}, Snapshot(backlog=attrs.evolve(backlog(10, 10.0), min_runnable_wall_time_min=120),
+                  windows=(W(num_nodes=8, wall_time_min=60),)),
+     (), (), "need >= 1 nodes x >= 126 min; the shortest runnable job needs 120 min, plus wall_time_pad_min 5; "
+             "windows 8x60min"),
+    ("a window long enough for the shortest job is used",
+     {}, Snapshot(backlog=attrs.evolve(backlog(10, 10.0), min_runnable_wall_time_min=120),
+                  windows=(W(num_nodes=8, wall_time_min=60), W(num_nodes=2, wall_time_min=126))),
+     ((2, 121),), (), ""),
+    ("a job without wall_time_min fits any window",
+     {}, Snapshot(backlog=attrs.evolve(backlog(10, 10.0), min_runnable_wall_time_min=0),
+                  windows=(W(num_nodes=8, wall_time_min=40),)),
+     ((8, 35),), (), ""),
+    ("a stale BatchJob, one the poll did not see queued, a regular-queue or foreign one claim no window",
+     {}, Snapshot(backlog=backlog(40, 40.0), batch_jobs=(bj(1, Q, 4, queued=11, wall=55), bj(2, Q, 4, queued=None, wall=55),
+                                                          bj(3, Q, 4, queued=1, regular=True), bj(4, P, 4, owned=False)),
+                  windows=(W(num_nodes=4, wall_time_min=60),)),
+     ((4, 55),), (1,), ""),
 ]
 
 
@@ -204,6 +244,10 @@ def test_strategies_are_chosen_by_name_and_options_are_checked() -> None:
     ({"wall_time_pad_min": 35}, "wall_time_pad_min", "must be less than min_wall_time_min (35)"),
     ({"min_num_nodes": 200}, "min_num_nodes", "must not exceed max_num_nodes (127)"),
     ({"min_num_nodes": 0}, "min_num_nodes", "at least 1"),
+    # Under the max-side key (max_num_nodes: 0 was reported as min_num_nodes, on the section's line).
+    ({"max_num_nodes": 0}, "max_num_nodes", "must be at least 1"),
+    ({"min_num_nodes": 8, "max_num_nodes": 4}, "max_num_nodes", "must be at least min_num_nodes (8)"),
+    ({"max_wall_time_min": 30}, "max_wall_time_min", "must be at least min_wall_time_min (35)"),
     ({"min_wall_time_min": 400}, "min_wall_time_min", "must not exceed max_wall_time_min"),
     ({"job_mode": "hybrid"}, "job_mode", "expected 'mpi' or 'serial'"),
     ({"max_queued_jobs": 0}, "max_queued_jobs", "at least 1"),

@@ -216,6 +216,16 @@ def test_backfill_from_sinfo(slurm):
         "big": [(10, 2880)], "debug": [(4, 30)], "long": [(2, 1440)]}
 
 
+def test_backfill_under_qos_queues_is_usable_from_any_queue():
+    """With queue_flag --qos a BatchJob's queue is a QOS (NERSC: regular), which sinfo never names:
+    windows keyed by partition matched no queue, and the elastic queue never submitted."""
+    qos = SlurmScheduler(user="root", options={"queue_flag": "--qos"})
+    windows = qos.parse_backfill(result(stdout=recorded("slurm", "synthetic_sinfo_mixed.txt")))
+    assert {q: sorted((w.num_nodes, w.wall_time_min) for w in ws) for q, ws in windows.items()} == {
+        "*": [(2, 1440), (4, 30), (10, 2880)]}
+    assert qos.parse_backfill(result(stdout="debug|up|allocated|4|30:00\n")) == {}
+
+
 def test_discover_projects(slurm):
     assert slurm.parse_discover_projects(result(stdout=recorded("slurm", "sacctmgr_accounts.txt"))) == ["root"]
     assert slurm.parse_discover_projects(result(stdout="m1234\nm1234\nm9999\n\n")) == ["m1234", "m9999"]

@@ -6,8 +6,12 @@ the site's jobs in the asked states (the ``(site_id, state)`` index), optionally
 tags contain the given ones, only those a launcher could lease (``max_nodes_per_job``,
 ``serial_only``, ``max_wall_time_min``: the very conditions of a session acquire, see
 :func:`balsam.server.sessions_logic.candidates`), and only those of given BatchJobs
-(``batch_job_ids``: what runs in an auto-scaler's own BatchJobs). A job's footprint is
-``num_nodes / node_packing_count`` nodes: a job that packs 4 to a node occupies a quarter of one.
+(``batch_job_ids``: what runs in an auto-scaler's own BatchJobs), and optionally only jobs no
+launcher session holds (``leased=False``): a runnable job a launcher has already acquired (prefetched,
+not started yet) is work some BatchJob will run, not demand for a new one. A job's footprint is
+``num_nodes / node_packing_count`` nodes: a job that packs 4 to a node occupies a quarter of one;
+``unpacked_footprint`` (Σ ``num_nodes``) is what the jobs occupy where MPI runs may not share a node
+(``launcher.mpirun_allows_node_packing: false``).
 """
 
 from __future__ import annotations
@@ -35,21 +39,26 @@ DEFAULT_BACKLOG_STATES = (JobState.preprocessed.value, JobState.restart_ready.va
 def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[str]] = None,
                      tags: Optional[dict[str, str]] = None, *, max_nodes_per_job: Optional[int] = None,
                      serial_only: bool = False, max_wall_time_min: Optional[int] = None,
-                     batch_job_ids: Optional[list[int]] = None) -> dict[str, dict[str, Any]]:
-    """``{state: {count, footprint, min_num_nodes, max_num_nodes, max_wall_time_min,
-    oldest_last_update}}`` of the site's jobs in ``states`` (default :data:`DEFAULT_BACKLOG_STATES`)
-    whose tags contain ``tags``. ``oldest_last_update`` is the earliest state change among them (how
+                     batch_job_ids: Optional[list[int]] = None,
+                     leased: Optional[bool] = None) -> dict[str, dict[str, Any]]:
+    """``{state: {count, footprint, unpacked_footprint, min_num_nodes, max_num_nodes,
+    min_wall_time_min, max_wall_time_min, oldest_last_update}}`` of the site's jobs in ``states``
+    (default :data:`DEFAULT_BACKLOG_STATES`) whose tags contain ``tags``. ``oldest_last_update`` is the earliest state change among them (how
     long the longest-waiting runnable job has waited). States without jobs are absent.
 
     Only jobs a launcher acquiring with the same ``max_nodes_per_job``, ``serial_only`` and
     ``max_wall_time_min`` could lease are counted, with the acquire's conditions (``num_nodes <=``,
     ``num_nodes == 1 and ranks_per_node == 1``, ``wall_time_min <=``: a job of ``wall_time_min`` 0,
-    the default, fits any); with ``batch_job_ids`` (None: no filter), only jobs of those BatchJobs."""
+    the default, fits any); with ``batch_job_ids`` (None: no filter), only jobs of those BatchJobs;
+    with ``leased`` (None: no filter), only jobs a session holds (True) or none does (False).
+    ``min_wall_time_min`` is the shortest ``wall_time_min`` (0 when some job has none: it fits any
+    BatchJob), what an auto-scaler needs to tell a window too short for every job."""
     wanted = list(states or DEFAULT_BACKLOG_STATES)
     footprint = sa.cast(jobs.c.num_nodes, sa.Float) / jobs.c.node_packing_count  # the server keeps it >= 1
     stmt = (
-        sa.select(jobs.c.state, sa.func.count(), sa.func.sum(footprint), sa.func.min(jobs.c.num_nodes),
-                  sa.func.max(jobs.c.num_nodes), sa.func.max(jobs.c.wall_time_min), sa.func.min(jobs.c.last_update))
+        sa.select(jobs.c.state, sa.func.count(), sa.func.sum(footprint), sa.func.sum(jobs.c.num_nodes),
+                  sa.func.min(jobs.c.num_nodes), sa.func.max(jobs.c.num_nodes), sa.func.min(jobs.c.wall_time_min),
+                  sa.func.max(jobs.c.wall_time_min), sa.func.min(jobs.c.last_update))
         .where(jobs.c.site_id == site_id, jobs.c.state.in_(wanted))
         .group_by(jobs.c.state)
     )
@@ -64,9 +73,14 @@ def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[st
         stmt = stmt.where(jobs.c.num_nodes == 1, jobs.c.ranks_per_node == 1)
     if batch_job_ids is not None:
         stmt = stmt.where(id_in(jobs.c.batch_job_id, batch_job_ids, conn.dialect.name))
+    if leased is not None:
+        # The acquire's own condition (a job is leasable while session_id IS NULL), or its negation.
+        stmt = stmt.where(jobs.c.session_id.is_not(None) if leased else jobs.c.session_id.is_(None))
     out: dict[str, dict[str, Any]] = {}
-    for state, count, total, smallest, largest, longest, oldest in conn.execute(stmt):
-        out[state] = {"count": int(count), "footprint": float(total or 0.0), "min_num_nodes": int(smallest),
-                      "max_num_nodes": int(largest), "max_wall_time_min": int(longest or 0),
+    for state, count, total, unpacked, smallest, largest, shortest, longest, oldest in conn.execute(stmt):
+        out[state] = {"count": int(count), "footprint": float(total or 0.0), "unpacked_footprint": int(unpacked or 0),
+                      "min_num_nodes": int(smallest),
+                      "max_num_nodes": int(largest), "min_wall_time_min": int(shortest or 0),
+                      "max_wall_time_min": int(longest or 0),
                       "oldest_last_update": wire_datetime(oldest)}
     return out

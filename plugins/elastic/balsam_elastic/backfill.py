@@ -9,9 +9,11 @@ Per cycle (inventory §9):
 2. ``reserved`` = nodes of the module's BatchJobs that wait or run; at ``max_queued_jobs`` of them,
    nothing more is submitted.
 3. Nothing runnable: nothing to submit.
-4. The window: with ``use_backfill`` the scheduler's windows for the submit queue at least
-   ``min_wall_time_min`` long and as wide as the smallest runnable job, the largest by
-   nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``, in the regular queue
+4. The window: with ``use_backfill`` the scheduler's windows for the submit queue, less the nodes
+   its own window-fitted BatchJobs requested and have not taken yet (the scheduler shows them idle
+   until those start), at least ``min_wall_time_min`` long, longer than the shortest runnable job
+   plus ``wall_time_pad_min`` (a launcher leases only jobs shorter than its BatchJob), and as wide
+   as the smallest runnable job, the largest by nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``, in the regular queue
    (never cancelled as stale).
 5. ``idle = reserved - running footprint``; when the runnable footprint exceeds it, one BatchJob of
    ``min(max(min_num_nodes, shortfall), window nodes, max_num_nodes)`` nodes for the window's
@@ -123,9 +125,44 @@ class BackfillStrategy(Strategy):
             return None, f"backfill windows unavailable ({snapshot.windows_error or 'scheduler error'})"
         if not snapshot.windows:
             return None, f"no backfill window in queue {s.submit_queue!r}"
-        fitting = [w for w in snapshot.windows if w.wall_time_min >= s.min_wall_time_min and w.num_nodes >= smallest]
+        windows, requested = self.unclaimed_windows(snapshot)
+        # A launcher leases only jobs of wall_time_min <= its whole minutes left, fewer than its
+        # BatchJob's wall time: a window whose request is not longer than the shortest runnable job
+        # (0: a job without one fits any) gives a BatchJob that runs nothing and leaves, every cycle.
+        shortest = snapshot.backlog.min_runnable_wall_time_min
+        need_min = max(s.min_wall_time_min, shortest + 1 + s.wall_time_pad_min if shortest else 0)
+        fitting = [w for w in windows if w.wall_time_min >= need_min and w.num_nodes >= smallest]
         if not fitting:
             shown = ", ".join(f"{w.num_nodes}x{w.wall_time_min}min" for w in snapshot.windows)
-            return None, (f"no backfill window fits (need >= {smallest} nodes x >= {s.min_wall_time_min} min; "
-                          f"windows {shown})")
+            claimed = f", {requested} nodes of them already requested by its BatchJobs not started yet" if requested else ""
+            why = (f"; the shortest runnable job needs {shortest} min, plus wall_time_pad_min {s.wall_time_pad_min}"
+                   if need_min > s.min_wall_time_min else "")
+            return None, (f"no backfill window fits (need >= {smallest} nodes x >= {need_min} min{why}; "
+                          f"windows {shown}{claimed})")
         return max(fitting, key=lambda w: (w.num_nodes * w.wall_time_min, w.num_nodes)), ""
+
+    def unclaimed_windows(self, snapshot: Snapshot) -> tuple[list[BackfillWindow], int]:
+        """The windows less the nodes its own window-fitted BatchJobs have asked for and not taken
+        yet (waiting for submission, or queued within ``max_queue_wait_time_min``), and how many
+        nodes that took off. The scheduler keeps showing a window's nodes idle until the BatchJob
+        sized to it starts (a scheduler-module cycle plus the scheduler's backfill pass): without
+        this, every cycle until then requested the same window again. Each request is taken off the
+        window it was fitted to: among those that still hold it, one whose length less
+        ``wall_time_pad_min`` is the request's wall time, else the largest by nodes x minutes (as
+        it was chosen). One that no window holds claims none (the nodes it was sized for are gone:
+        it will be stale)."""
+        s = self.settings
+        left = [[w.num_nodes, w.wall_time_min] for w in snapshot.windows or ()]
+        requested = 0
+        waiting = (b for b in snapshot.batch_jobs
+                   if b.owned and not b.regular_queue
+                   and (b.state == BatchJobState.pending_submission
+                        or (b.state == BatchJobState.queued and b.queued_time_min is not None
+                            and b.queued_time_min <= s.max_queue_wait_time_min)))
+        for b in sorted(waiting, key=lambda b: b.id):
+            holders = [w for w in left if w[0] >= b.num_nodes and w[1] >= b.wall_time_min]
+            if holders:
+                window = max(holders, key=lambda w: (w[1] - s.wall_time_pad_min == b.wall_time_min, w[0] * w[1], w[0]))
+                window[0] -= b.num_nodes
+                requested += b.num_nodes
+        return [BackfillWindow(num_nodes=n, wall_time_min=m) for n, m in left if n > 0], requested

@@ -2,9 +2,11 @@
 
 Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
 
-- this site's BatchJobs in ``submit_queue`` whose ``filter_tags`` contain the site's (one GET);
-- the backlog in numbers, ``GET /sites/{id}/backlog`` with the site's ``filter_tags`` (one aggregate
-  query on the server, whatever the number of jobs). Only jobs its BatchJobs could lease count as
+- this site's BatchJobs in ``submit_queue`` whose ``filter_tags`` contain the site's (one GET), of
+  which it keeps its own and those others that can run its backlog (:meth:`runs_the_backlog`);
+- the backlog in numbers, ``GET /sites/{id}/backlog`` with the site's ``filter_tags`` and
+  ``leased=false`` (one aggregate query on the server, whatever the number of jobs): a job a running
+  launcher already holds is not unmet demand. Only jobs its BatchJobs could lease count as
   runnable (see :meth:`ElasticQueueModule.job_limits`): when the runnable jobs are not all within
   the limits (and always under ``job_mode: serial``), a second request with the route's lease
   filters (``max_nodes_per_job``, ``serial_only``, ``max_wall_time_min``: the acquire's own
@@ -33,6 +35,8 @@ from typing import Any, Optional
 import attrs
 
 from balsam.batch_job_rules import BatchJobRefused, check_batch_job
+from balsam.config.drivers import site_platform
+from balsam.launcher.job_mode import launcher_setting
 from balsam.models import BackfillWindow
 from balsam.options import build_options
 from balsam.serialization import parse_datetime
@@ -101,6 +105,8 @@ class ElasticQueueModule(AgentModule):
             options = attrs.evolve(options, max_queued_jobs=queue_cap)
         self.strategy = load_strategy(options)
         self._scheduler = scheduler
+        #: The backlog answer's footprint field it reads (see :meth:`footprint_key`).
+        self.footprint_field = self.footprint_key()
         self.warn_about_queue_maintainer()
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -109,6 +115,23 @@ class ElasticQueueModule(AgentModule):
         if self._scheduler is None:
             self._scheduler = self.site_scheduler()
         return self._scheduler
+
+    def footprint_key(self) -> str:
+        """``footprint`` (Σ num_nodes / node_packing_count), or ``unpacked_footprint`` (Σ num_nodes)
+        under job_mode mpi where MPI runs may not share a node (``launcher.mpirun_allows_node_packing``
+        false, or null on a platform whose default is false, as Theta's): each job then holds whole
+        nodes, and the packed footprint undercounted the nodes by node_packing_count."""
+        if self.options.job_mode != "mpi":
+            return "footprint"  # the serial launcher packs node_packing_count jobs per node itself
+        settings = getattr(self.site_config, "settings", None)
+        packing = launcher_setting(settings, "mpirun_allows_node_packing")
+        if packing is None:
+            try:
+                packing = getattr(site_platform(settings), "mpirun_allows_node_packing", True)
+            except Exception as exc:  # an unloadable platform fails the launcher, not this module
+                self.logger.warning("launcher platform not loaded (%s): assuming MPI runs may share a node", exc)
+                packing = True
+        return "footprint" if packing else "unpacked_footprint"
 
     def filter_tags(self) -> dict[str, str]:
         return dict(getattr(getattr(self.site_config, "settings", None), "filter_tags", None) or {})
@@ -206,7 +229,9 @@ class ElasticQueueModule(AgentModule):
         """The runnable jobs its BatchJobs could lease, in numbers (``running_*`` are filled by
         :meth:`snapshot`, from its BatchJobs): one aggregate request when all runnable jobs fit,
         two when some do not (and under job_mode serial), three in one case (see :meth:`unfit_reason`)."""
-        params: dict[str, Any] = {"state": list(RUNNABLE)}
+        # leased=false: a runnable job a launcher already holds (prefetched, not started) will run in
+        # that launcher's BatchJob; counting it would submit BatchJobs that find nothing to lease.
+        params: dict[str, Any] = {"state": list(RUNNABLE), "leased": "false"}
         if self.filter_tags():
             params["tags"] = self._tag_params()
         everything = self._read_backlog_rows(params)
@@ -216,11 +241,11 @@ class ElasticQueueModule(AgentModule):
         widest = max(int(r["max_num_nodes"]) for r in everything)
         longest = max(int(r.get("max_wall_time_min") or 0) for r in everything)
         if not serial and (max_nodes is None or widest <= max_nodes) and (max_wall is None or longest < max_wall):
-            return _runnable_backlog(everything)
+            return _runnable_backlog(everything, self.footprint_field)
         # Some runnable jobs may be beyond a limit: the route counts those within (the acquire's filters).
         filters = self.lease_filters(limits)
         fit = self._read_backlog_rows({**params, **filters}) if filters is not None else []
-        backlog = _runnable_backlog(fit)
+        backlog = _runnable_backlog(fit, self.footprint_field)
         unfit_count = _count(everything) - backlog.runnable_count
         reason = self.unfit_reason(everything, params, limits) if unfit_count > 0 else ""
         if not reason:  # all fit (jobs may also have changed between the two requests)
@@ -237,14 +262,31 @@ class ElasticQueueModule(AgentModule):
             running = self._read_backlog({"state": RUNNING, "batch_job_id": ids[start:start + MAX_IDS_PER_REQUEST]})
             if RUNNING in running:
                 count += int(running[RUNNING]["count"])
-                footprint += float(running[RUNNING]["footprint"])
+                footprint += float(running[RUNNING][self.footprint_field])
         return count, footprint
 
     def read_batch_jobs(self) -> list[dict]:
+        """Its BatchJobs in submit_queue, and those made by others that can run its backlog (see
+        :meth:`runs_the_backlog`): the capacity the strategy counts."""
         params: dict[str, Any] = {"site_id": self.site_id, "queue": self.options.submit_queue, "state": READ_STATES}
         if self.filter_tags():
             params["filter_tags"] = self._tag_params()
-        return list_all(self.client, "/batch-jobs/", params)
+        return [r for r in list_all(self.client, "/batch-jobs/", params)
+                if REQUEST_KIND in (r.get("status_info") or {}) or self.runs_the_backlog(r)]
+
+    def runs_the_backlog(self, row: Mapping) -> bool:
+        """Whether a BatchJob it did not create (by hand, queue_maintainer's) could run any of the
+        jobs it counts as runnable, so that it counts as reserved capacity: the site's filter_tags
+        exactly (the server's filter keeps those containing them; more tags lease only some of the
+        jobs), no ``partitions`` (each partition has its own job_mode and filter_tags), and a
+        job_mode whose launcher leases the backlog: the module's own, or mpi (whose launcher runs
+        any job; a serial launcher leases only single-node single-rank jobs). Other BatchJobs hold
+        nodes that run none of these jobs: counting them withheld the BatchJobs the backlog needed."""
+        if row.get("partitions"):
+            return False
+        if dict(row.get("filter_tags") or {}) != self.filter_tags():
+            return False
+        return row.get("job_mode") in (self.options.job_mode, "mpi")
 
     def read_queued_times(self) -> dict[int, int]:
         """scheduler id -> minutes queued (empty when the poll failed: nothing is then cancelled)."""
@@ -369,16 +411,18 @@ def _count(rows: list[Mapping]) -> int:
     return sum(int(r["count"]) for r in rows)
 
 
-def _runnable_backlog(rows: list[Mapping]) -> Backlog:
-    """The runnable numbers of a backlog answer's runnable states' rows."""
+def _runnable_backlog(rows: list[Mapping], footprint: str = "footprint") -> Backlog:
+    """The runnable numbers of a backlog answer's runnable states' rows (``footprint``: the field
+    of the node footprint, see :meth:`ElasticQueueModule.footprint_key`)."""
     if not rows:
         return Backlog()
     oldest = min((parse_datetime(r["oldest_last_update"]) for r in rows if r.get("oldest_last_update")), default=None)
     return Backlog(
         runnable_count=_count(rows),
-        runnable_footprint=sum(float(r["footprint"]) for r in rows),
+        runnable_footprint=sum(float(r[footprint]) for r in rows),
         min_runnable_nodes=min(int(r["min_num_nodes"]) for r in rows),
         max_runnable_nodes=max(int(r["max_num_nodes"]) for r in rows),
+        min_runnable_wall_time_min=min(int(r.get("min_wall_time_min") or 0) for r in rows),
         oldest_runnable_wait_min=_minutes_since(oldest),
     )
 

@@ -45,7 +45,10 @@ class ElasticQueueOptions:
     max_queue_wait_time_min: int = option(
         10, "backfill: a BatchJob queued longer than this missed its window and is deleted (minutes)."
     )
-    max_queued_jobs: int = option(20, "Most of its BatchJobs waiting or running at once.")
+    max_queued_jobs: int = option(
+        20, "Most BatchJobs waiting or running at once in submit_queue that count as its capacity: its own, and "
+            "others (by hand, queue_maintainer's) that can run its backlog.",
+    )
     regular_queue_after_min: int = option(
         0, "backfill: when no window fits and a runnable job has waited this long, submit one BatchJob to the "
            "regular queue (max_wall_time_min long, never cancelled as stale); 0: never, as Balsam 0.7 (minutes).",
@@ -58,12 +61,14 @@ class ElasticQueueOptions:
         problems: dict[str, str] = {}
         if self.wall_time_pad_min >= self.min_wall_time_min:
             problems["wall_time_pad_min"] = f"must be less than min_wall_time_min ({self.min_wall_time_min})"
-        if self.min_num_nodes < 1:
+        if self.max_num_nodes < 1:
+            problems["max_num_nodes"] = "must be at least 1"
+        elif self.min_num_nodes < 1:
             problems["min_num_nodes"] = "must be at least 1"
         elif self.min_num_nodes > self.max_num_nodes:
-            problems["min_num_nodes"] = f"must not exceed max_num_nodes ({self.max_num_nodes})"
+            self._cross(problems, "min_num_nodes", "max_num_nodes")
         if self.min_wall_time_min > self.max_wall_time_min:
-            problems["min_wall_time_min"] = f"must not exceed max_wall_time_min ({self.max_wall_time_min})"
+            self._cross(problems, "min_wall_time_min", "max_wall_time_min")
         if self.wall_time_pad_min < 0:
             problems["wall_time_pad_min"] = "must not be negative"
         if self.regular_queue_after_min < 0:
@@ -96,6 +101,17 @@ class ElasticQueueOptions:
         return problems
 
 
+    def _cross(self, problems: dict[str, str], low: str, high: str) -> None:
+        """``low`` above ``high``: filed under the key settings.yml sets, so that the error names its
+        line (an error under a key the file omits falls back to the section's line). Which one is
+        not known here: ``high`` (``max_num_nodes: 0`` was reported under min_num_nodes), unless
+        ``high`` is at its default and ``low`` is not (then the file set ``low``)."""
+        defaults = {f.name: f.default for f in attrs.fields(type(self))}
+        if getattr(self, high) == defaults[high] and getattr(self, low) != defaults[low]:
+            problems[low] = f"must not exceed {high} ({getattr(self, high)})"
+        else:
+            problems[high] = f"must be at least {low} ({getattr(self, low)})"
+
     def validate_with(self, sections: dict[str, Any]) -> dict[str, str]:
         """The ``scheduler`` section's queues and projects (read when settings.yml is loaded): a
         queue or project the site refuses makes every BatchJob of this module fail. Nodes and wall
@@ -108,6 +124,19 @@ class ElasticQueueOptions:
         if self.submit_queue not in queues:
             problems["submit_queue"] = (f"queue {self.submit_queue!r} is not in the scheduler section's allowed_queues "
                                         f"({', '.join(sorted(queues)) or 'none'})")
+        limits = queues.get(self.submit_queue)
+        if limits is not None and self.strategy == "simple" and isinstance(self.strategy_options, dict):
+            # simple counts full blocks of nodes_per_block x wall_time_min: a block clamped to the
+            # queue's limits each cycle would leave the demand it was counted for without nodes.
+            defaults = {f.name: f.default for f in attrs.fields(strategy_class("simple").options_schema)}
+            for key, limit_name in (("nodes_per_block", "max_nodes"), ("wall_time_min", "max_walltime")):
+                value = self.strategy_options.get(key, defaults[key])
+                limit = limits.get(limit_name) if isinstance(limits, dict) else getattr(limits, limit_name, None)
+                if isinstance(value, int) and limit is not None and value > int(limit):
+                    # On strategy_options' line: the loader resolves a cross-section key one level deep.
+                    problems["strategy_options"] = (f"{key} {value} exceeds queue {self.submit_queue!r}'s {limit_name} "
+                                                    f"{int(limit)} (scheduler.allowed_queues)")
+                    break
         projects = list(getattr(scheduler, "allowed_projects", None) or [])
         if projects and self.submit_project not in projects:
             problems["submit_project"] = (f"project {self.submit_project!r} is not in the scheduler section's "

@@ -68,8 +68,9 @@ class BatchJobView:
     #: Submitted to wait in the regular queue (not fitted to a window): never cancelled as stale.
     regular_queue: bool = False
     #: Created by the elastic module (stamped ``status_info.elastic_request``). Only such BatchJobs
-    #: are ever cancelled; others (made by hand, by queue_maintainer) in the same queue with the
-    #: site's filter_tags run the same jobs, so they count as reserved capacity, never more.
+    #: are ever cancelled; others (made by hand, by queue_maintainer) in the same queue that can run
+    #: the backlog (the site's filter_tags exactly, a job_mode that leases it, no partitions) count
+    #: as reserved capacity, never more; the module leaves the rest out of the snapshot.
     owned: bool = True
 
     @property
@@ -90,7 +91,8 @@ class Backlog:
     """The site's jobs (with the site's filter_tags) in numbers. Footprints are in nodes:
     ``num_nodes / node_packing_count`` summed, so they may be fractional.
 
-    ``runnable_*`` count only the jobs a BatchJob of this module could lease (not wider than the
+    ``runnable_*`` count only the jobs no launcher holds yet (a job a launcher has acquired runs in
+    its BatchJob) and that a BatchJob of this module could lease (not wider than the
     submit queue's ``max_nodes``, single-node single-rank under ``job_mode: serial``, shorter than
     the longest BatchJob it requests); the others are ``unfit_count``, ``unfit_reason`` says why.
     ``running_*`` count only the jobs running in the snapshot's BatchJobs (not those in BatchJobs
@@ -101,6 +103,8 @@ class Backlog:
     #: Smallest and largest ``num_nodes`` of a runnable job (0 when there is none).
     min_runnable_nodes: int = 0
     max_runnable_nodes: int = 0
+    #: Shortest ``wall_time_min`` of a runnable job (0: some job has none, it fits any BatchJob).
+    min_runnable_wall_time_min: int = 0
     running_count: int = 0
     running_footprint: float = 0.0
     #: Minutes since the longest-waiting runnable job became runnable (its last state change).

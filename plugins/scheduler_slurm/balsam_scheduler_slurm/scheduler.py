@@ -111,6 +111,9 @@ PLAIN_ENV = {"TZ": "UTC", "SLURM_TIME_FORMAT": "standard"}
 UNLIMITED_WALLTIME_MIN = 7 * 1440
 #: Seconds a discovery command (site init, on a login node) may take before it is given up.
 DISCOVERY_TIMEOUT_SEC = 20.0
+#: The backfill key of windows usable from any queue (the elastic queue reads it beside its own
+#: queue's, as PBS reports nodes tied to no queue): Slurm's windows under ``queue_flag: --qos``.
+ANY_QUEUE = "*"
 #: max_queued_jobs written by site init for a discovered partition (sinfo does not show QOS limits).
 DISCOVERED_MAX_QUEUED_JOBS = 20
 
@@ -568,6 +571,10 @@ class SlurmScheduler(Scheduler):
 
         sinfo prints one line per (partition, node state); only nodes in the plain ``idle`` state
         count (``idle~`` is powered off, ``idle*`` not responding, ``mixed`` partly busy).
+
+        Keyed by partition; with ``queue_flag: --qos`` under ``*`` (usable from any queue) instead:
+        a BatchJob's queue is then a QOS name, which sinfo never shows and whose partitions Slurm
+        picks at submission, so partition keys would match no queue and no window would ever be used.
         """
         if result.returncode != 0:
             raise SchedulerError(f"sinfo failed: {_slurm_error(result)}")
@@ -586,11 +593,14 @@ class SlurmScheduler(Scheduler):
             limits[partition] = (
                 self.options.unlimited_window_min if limit.lower() in ("infinite", "unlimited") else _minutes(limit)
             )
-        return {
+        windows = {
             partition: [BackfillWindow(num_nodes=count, wall_time_min=limits[partition])]
             for partition, count in sorted(idle.items())
             if count > 0 and limits[partition] > 0
         }
+        if self.options.queue_flag == "--qos":
+            return {ANY_QUEUE: [w for ws in windows.values() for w in ws]} if windows else {}
+        return windows
 
     # -- queues and projects (site init) ---------------------------------------------------------
     def render_discover_queues(self) -> Optional[Command]:

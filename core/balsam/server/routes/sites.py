@@ -160,9 +160,10 @@ def delete_site(ctx: Ctx) -> Response:
 def site_backlog(ctx: Ctx) -> Response:
     """The site's jobs in numbers per state (see balsam.server.backlog): what auto-scalers read.
     ``max_nodes_per_job``, ``serial_only`` and ``max_wall_time_min`` keep the jobs a launcher
-    acquiring with them could lease; ``batch_job_id`` (repeated) those of the given BatchJobs."""
+    acquiring with them could lease; ``batch_job_id`` (repeated) those of the given BatchJobs;
+    ``leased`` (true/false) only jobs a launcher session holds / none holds."""
     site_id = ctx.path_int("site_id")
-    q = ctx.query({"state", "tags", "max_nodes_per_job", "serial_only", "max_wall_time_min", "batch_job_id"})
+    q = ctx.query({"state", "tags", "max_nodes_per_job", "serial_only", "max_wall_time_min", "batch_job_id", "leased"})
     states = q.enum_list("state", JobState)
     raw_tags = q.params.getlist("tags")
     if len(raw_tags) > MAX_BACKLOG_TAGS:
@@ -174,11 +175,12 @@ def site_backlog(ctx: Ctx) -> Response:
     serial_only = bool(q.bool("serial_only"))
     max_wall_time_min = q.int("max_wall_time_min", minimum=0)
     batch_job_ids = q.int_list("batch_job_id")
+    leased = q.bool("leased")
     with ctx.read() as conn:
         get_owned_site(conn, ctx.user.id, site_id)
         by_state = backlog_by_state(conn, site_id, states, tags, max_nodes_per_job=max_nodes_per_job,
                                     serial_only=serial_only, max_wall_time_min=max_wall_time_min,
-                                    batch_job_ids=batch_job_ids)
+                                    batch_job_ids=batch_job_ids, leased=leased)
     return json_response({"site_id": site_id, "states": by_state})
 
 
