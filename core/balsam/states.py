@@ -24,6 +24,10 @@ class JobState(str, enum.Enum):
     postprocessed = "POSTPROCESSED"
     staged_out = "STAGED_OUT"
     finished = "JOB_FINISHED"
+    # Balsam 0.7's name for JOB_FINISHED. An alias (same value): ``JobState.job_finished is
+    # JobState.finished``, and iterating JobState (state lists, the OpenAPI enum, CLI choices)
+    # still yields each state once.
+    job_finished = "JOB_FINISHED"
     failed = "FAILED"
 
     def __str__(self) -> str:
@@ -101,7 +105,9 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.awaiting_parents: frozenset({S.ready, S.staged_in}),
     S.ready: frozenset({S.staged_in}),
     # Balsam 0.7 launchers also run jobs straight from STAGED_IN (as its server accepted).
-    S.staged_in: frozenset({S.preprocessed, S.running}),
+    # POSTPROCESSED: a skipped run, set by a 0.7 "transfer-only" app's preprocess hook; the server
+    # then starts the job's stage-out (or finishes it) as after a run. No launcher lease is involved.
+    S.staged_in: frozenset({S.preprocessed, S.running, S.postprocessed}),
     S.preprocessed: frozenset({S.running}),
     S.running: frozenset({S.run_done, S.run_error, S.run_timeout}),
     S.run_done: frozenset({S.postprocessed, S.restart_ready}),

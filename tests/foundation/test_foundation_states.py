@@ -23,7 +23,9 @@ STRICT = {
     S.created: {S.awaiting_parents, S.ready, S.staged_in, S.failed},
     S.awaiting_parents: {S.ready, S.staged_in, S.failed},
     S.ready: {S.staged_in, S.failed},
-    S.staged_in: {S.preprocessed, S.running, S.failed},  # RUNNING: Balsam 0.7 launchers do it
+    # RUNNING: Balsam 0.7 launchers do it; POSTPROCESSED: a preprocess hook skipping the run (0.7's
+    # "transfer-only" apps), then stage-out as after a run.
+    S.staged_in: {S.preprocessed, S.running, S.postprocessed, S.failed},
     S.preprocessed: {S.running, S.failed},
     S.running: {S.run_done, S.run_error, S.run_timeout, S.failed},
     S.run_done: {S.postprocessed, S.restart_ready, S.failed},
@@ -90,6 +92,23 @@ def test_refusal_lists_the_allowed_targets():
     assert str(info.value) == (
         "job state cannot change from RUNNING to READY (allowed: FAILED, RUN_DONE, RUN_ERROR, RUN_TIMEOUT)"
     )
+
+
+def test_a_preprocess_may_skip_the_run_to_postprocessed_as_in_07():
+    # Strict: the processing module sends it under its lease; stored as is (the server then
+    # starts the job's stage-out, or finishes it).
+    assert validate_transition("STAGED_IN", "POSTPROCESSED", forced=False) == S.postprocessed
+    from balsam.site.hooks_runner import check_hook_state
+
+    assert check_hook_state(S.staged_in, "POSTPROCESSED") is None
+    # The refusal message still names what a preprocess normally sets.
+    assert check_hook_state(S.staged_in, "RUN_DONE") == "preprocess set RUN_DONE: it must set PREPROCESSED or FAILED"
+
+
+def test_job_finished_alias_is_the_same_state():
+    assert S.job_finished is S.finished
+    assert validate_transition("POSTPROCESSED", S.job_finished, forced=False) is S.finished
+    assert list(JobState).count(S.finished) == 1 and len(list(JobState)) == 14
 
 
 def test_wire_values_parse_and_unknown_states_are_named():

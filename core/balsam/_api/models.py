@@ -490,8 +490,9 @@ class Job(BalsamModel):
         serialized_exception: str
         return_code: Optional[int]
 
-    class NoResult(Exception):
-        """The job has no return value (yet): it is not done, or is not a run() app."""
+    class NoResult(ValueError):
+        """The job has no return value (yet): it is not done, or is not a run() app. A ValueError,
+        as in Balsam 0.7, so its callers' ``except ValueError`` still catches it."""
 
     def __init__(
         self,

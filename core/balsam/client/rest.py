@@ -133,8 +133,10 @@ def on_credential_refused(callback: Callable[[AuthenticationError], None]) -> Ca
 REFRESH_MARGIN_SEC = 120.0
 
 
-class ServerUnavailable(ConnectionError):
-    """The server could not be reached (or kept failing) after all retries."""
+class ServerUnavailable(ConnectionError, TimeoutError):
+    """The server could not be reached (or kept failing) after all retries. Also a TimeoutError:
+    Balsam 0.7's client raised ``TimeoutError("Exceeded max retries: ...")`` when it gave up, and
+    scripts written for it catch that."""
 
 
 _MAX_DETAIL_ITEMS = 10  # a rejected bulk request can list thousands of errors: keep the message one short line

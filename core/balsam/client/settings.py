@@ -97,6 +97,21 @@ class ClientSettings:
             raise ClientSettingsError(f"{path}: bad value in the stored login: {exc}") from None
         return cls(**kwargs)
 
+    # Balsam 0.7's names (``from balsam.config import ClientSettings``;
+    # ``ClientSettings.load_from_file().build_client()`` in its docs and users' scripts).
+    @classmethod
+    def load_from_file(cls, path: "Path | str | None" = None) -> "ClientSettings":
+        return cls.load(path)
+
+    def save_to_file(self, path: "Path | str | None" = None) -> Path:
+        return self.save(path)
+
+    def build_client(self) -> Any:
+        """A :class:`~balsam.client.RESTClient` for this login (0.7's ``build_client``)."""
+        from .rest import RESTClient  # rest imports this module
+
+        return RESTClient.from_settings(self)
+
     def to_yaml_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self)
         for name in ("token_expiry", "refresh_expiry"):

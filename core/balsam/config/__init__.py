@@ -44,3 +44,13 @@ __all__ = [
     "site_platform",
     "site_scheduler",
 ]
+
+
+def __getattr__(name: str):
+    # Balsam 0.7 kept the client's login settings here (``from balsam.config import ClientSettings``);
+    # they live in balsam.client now. Imported on use: most users of balsam.config never need the client.
+    if name == "ClientSettings":
+        from balsam.client import ClientSettings
+
+        return ClientSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -33,6 +33,7 @@ class SiteConfig:
         self.site_path: Path = self.resolve_site_path(site_path)
         self._settings = settings
         self._launcher_settings: Optional[Settings] = None
+        self._client: Any = None
 
     @staticmethod
     def resolve_site_path(path: Union[str, os.PathLike, None] = None) -> Path:
@@ -85,6 +86,28 @@ class SiteConfig:
             self._launcher_settings = load_settings(self.settings_path, only=LAUNCHER_SECTIONS)
         return self._launcher_settings
 
+    @property
+    def client(self) -> Any:
+        """The REST client (:class:`balsam.client.RESTClient`), made on first access and kept.
+
+        Balsam 0.7's docs tell app hooks to use ``SiteConfig().client`` and its bound models
+        (``client.Job``, ``client.App``, ``client.BatchJob``, ``client.Site``, ``client.EventLog``
+        ...) rather than ``balsam.api``. 0.7 read the login in the constructor; here it is read on
+        first use, so a SiteConfig made without a login (``balsam site init``, a launcher's
+        settings) still works. It is the process's default client (the stored login, or the one
+        :func:`balsam.api.set_default_client` set), so hooks talk to the server their agent uses.
+        Raises :class:`balsam.client.NotLoggedIn` without a login."""
+        if self._client is None:
+            from balsam.client.default import get_default_client  # not at import: the client is only loaded when used
+
+            self._client = get_default_client()
+        return self._client
+
+    @client.setter
+    def client(self, value: Any) -> None:
+        # 0.7's SiteConfig had a plain attribute: code that assigned its own client keeps working.
+        self._client = value
+
     def reload_settings(self) -> Settings:
         self._settings = None
         self._launcher_settings = None
@@ -134,6 +157,11 @@ class SiteConfig:
     @property
     def pid_path(self) -> Path:
         return self.site_path / "balsam-service.pid"
+
+    def __getstate__(self) -> dict:
+        # A SiteConfig sent to another process (a worker) leaves its client behind: a client holds
+        # locks and sockets, and the other process makes its own on first use.
+        return {**self.__dict__, "_client": None}
 
     def __repr__(self) -> str:
         return f"SiteConfig({str(self.site_path)!r})"

@@ -94,8 +94,16 @@ def hook_targets(state: JobState) -> frozenset[JobState]:
     return allowed_targets(state, forced=False) - _LAUNCHER_ONLY
 
 
+#: Moves a hook may make for Balsam 0.7's apps that the refusal message does not offer (as with
+#: JOB_FINISHED from postprocess): a preprocess setting POSTPROCESSED skips the run, as 0.7's
+#: "transfer-only" apps do, and the server starts the job's stage-out (or finishes it).
+_COMPAT_ONLY: dict[JobState, frozenset[JobState]] = {JobState.staged_in: frozenset({JobState.postprocessed})}
+
+
 def _state_list(state: JobState, targets: frozenset[JobState]) -> str:
-    """``targets`` for a message: the default hook's state first, FAILED last."""
+    """``targets`` for a message: the default hook's state first, FAILED last; the 0.7
+    compatibility moves left out (the message says what a hook should set)."""
+    targets = targets - _COMPAT_ONLY.get(state, frozenset())
     order = [DEFAULT_TARGET[state], *JobState]
     order = [s for s in order if s != JobState.failed] + [JobState.failed]
     names = list(dict.fromkeys(s.value for s in order if s in targets))
