@@ -58,6 +58,9 @@ DEFAULT_JOB_TEMPLATE = """#!/bin/bash
 # BatchJob {{ batch_job_id }}: {{ num_nodes }} node(s), {{ wall_time_min }} min, queue {{ queue }}, project {{ project }}
 {% for key, value in optional_params.items() %}# optional param {{ key }}={{ value }}
 {% endfor %}
+# The allocation started now: the launcher counts its wall time from here, not from its own
+# start after the set-up below (BALSAM_LAUNCHER_START_TIME).
+export BALSAM_LAUNCHER_START_TIME=$(date +%s)
 export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}
 export BALSAM_BATCH_JOB_ID={{ batch_job_id }}
 cd "$BALSAM_SITE_PATH"

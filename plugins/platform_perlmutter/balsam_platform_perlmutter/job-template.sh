@@ -8,6 +8,9 @@
 {% endif %}# Rendered by balsam for BatchJob {{ batch_job_id }} on Perlmutter @CONSTRAINT@ nodes (job-template.sh in the
 # site directory). NERSC queues are QOS names: sbatch gets --qos (scheduler.options.queue_flag).
 
+# The allocation started now: the launcher counts its wall time from here, not from its own
+# start after the set-up below (BALSAM_LAUNCHER_START_TIME).
+export BALSAM_LAUNCHER_START_TIME=$(date +%s)
 export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}
 export BALSAM_BATCH_JOB_ID={{ batch_job_id }}
 cd "$BALSAM_SITE_PATH"

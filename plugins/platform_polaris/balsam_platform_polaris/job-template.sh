@@ -12,6 +12,9 @@
 # Rendered by balsam for BatchJob {{ batch_job_id }} on Polaris (job-template.sh in the site directory).
 
 # Compute nodes reach the Balsam server through the ALCF proxy.
+# The allocation started now: the launcher counts its wall time from here, not from its own
+# start after the set-up below (BALSAM_LAUNCHER_START_TIME).
+export BALSAM_LAUNCHER_START_TIME=$(date +%s)
 export HTTP_PROXY=http://proxy.alcf.anl.gov:3128
 export HTTPS_PROXY=http://proxy.alcf.anl.gov:3128
 export http_proxy=http://proxy.alcf.anl.gov:3128

@@ -6,6 +6,9 @@
 {% if optional_params.get("attrs") %}#COBALT --attrs {{ optional_params["attrs"] }}
 {% endif %}# Rendered by balsam for BatchJob {{ batch_job_id }} on Theta KNL (job-template.sh in the site directory).
 
+# The allocation started now: the launcher counts its wall time from here, not from its own
+# start after the set-up below (BALSAM_LAUNCHER_START_TIME).
+export BALSAM_LAUNCHER_START_TIME=$(date +%s)
 {% if optional_params.get("singularity_prime_cache", "no") | lower in ("yes", "true", "1") %}
 # -x singularity_prime_cache=yes: warm the Singularity image cache on every node first.
 {{ platform_options.get("aprun") or "aprun" }} -N 1 -n "$COBALT_JOBSIZE" /soft/tools/prime-cache

@@ -9,6 +9,9 @@
 #COBALT --attrs pubnet=true:enable_ssh=1:filesystems=home,grand,eagle,theta-fs0{% if mig_count in ("2", "3", "7") %}:mig-mode=true{% endif %}
 
 # Rendered by balsam for BatchJob {{ batch_job_id }} on ThetaGPU (job-template.sh in the site directory).
+# The allocation started now: the launcher counts its wall time from here, not from its own
+# start after the set-up below (BALSAM_LAUNCHER_START_TIME).
+export BALSAM_LAUNCHER_START_TIME=$(date +%s)
 export https_proxy=http://theta-proxy.tmi.alcf.anl.gov:3128
 
 # -x mig_count=2|3|7 splits every A100 of every node into that many MIG instances (3g.20gb,

@@ -10,6 +10,9 @@
 # Rendered by balsam from job-template.sh. The qsub command line repeats the resource requests
 # above (and any -x pass-through flags); the command line wins where they differ.
 
+# The allocation started now: the launcher counts its wall time from here, not from its own
+# start after the set-up below (BALSAM_LAUNCHER_START_TIME).
+export BALSAM_LAUNCHER_START_TIME=$(date +%s)
 export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}
 export BALSAM_BATCH_JOB_ID={{ batch_job_id }}
 cd "$BALSAM_SITE_PATH"

@@ -12,6 +12,9 @@
 # above; the queue goes there only, as --partition or --qos (settings.yml scheduler.options.queue_flag),
 # so that a site whose queues are QOS names never gets a --partition it does not have.
 
+# The allocation started now: the launcher counts its wall time from here, not from its own
+# start after the set-up below (BALSAM_LAUNCHER_START_TIME).
+export BALSAM_LAUNCHER_START_TIME=$(date +%s)
 export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}
 export BALSAM_BATCH_JOB_ID={{ batch_job_id }}
 cd "$BALSAM_SITE_PATH"
