@@ -310,7 +310,8 @@ def test_a_late_gone_answer_after_a_replaced_session_leaves_the_new_copies_in_pl
     launcher.turn()
     server.sweep_until(ids[0], "RUN_TIMEOUT")  # no heartbeat: the Session expired, 1 and 2 timed out
     server.requeue(ids[0])  # the processing module re-queues a timed-out job
-    assert launcher.lease.tick() == [] and launcher.lease.session_id  # 404: a new Session
+    # 404: a new Session; every job held under the old one is reported gone at once (as of acquire 1)
+    assert launcher.lease.tick() == ids and launcher.lease.session_id
     thread, deliver = launcher.late_tick()  # computed now: the new Session holds none of them
     launcher.mode.pool.finish(ids[1])
     launcher.mode._reap(launcher.updater)
@@ -369,6 +370,144 @@ def test_jobs_leased_again_after_a_lost_session_run_once(server: Server, launche
     launcher.run_to_end()
     assert Counter(launcher.mode.pool.starts) == {i: 1 for i in [*ids[:2], *again]}
     assert {i: server.state(i) for i in again} == {i: "RUN_DONE" for i in again}
+
+
+def _take_after_expiry(server: Server, lease: JobLease, want: list[int]) -> list[int]:
+    """Another launcher's lease acquires ``want`` once the first launcher's Session has expired
+    (a session request runs the server's sweep)."""
+    deadline = time.monotonic() + WAIT_SEC
+    taken: list[int] = []
+    while not set(want) <= set(taken):
+        assert time.monotonic() < deadline, f"only {taken} of {want} were freed"
+        taken += [j["id"] for j in lease.acquire(len(want))]
+        time.sleep(0.2)
+        server.tc.post("/sessions/", json={"site_id": server.site_id})
+    return sorted(taken)
+
+
+def test_a_replaced_session_reports_every_job_it_held_gone(server: Server) -> None:
+    """The audit's scenario: a lease prefetches 4 jobs, is cut off longer than the expiry, another
+    launcher leases the 4; the first lease's next tick finds its Session gone and replaces it. It
+    must report the 4 as gone at once (it answered [] and called nobody: the launcher kept them
+    and started them while the other launcher ran them too)."""
+    ids = server.runnable(4)
+    first = JobLease(server.client, server.site_id, heartbeat_thread=False)
+    held = [j["id"] for j in first.acquire(4)]
+    assert held == ids
+    gone: list[tuple[list[int], int]] = []
+    first.watch(lambda: held, lambda job_ids, as_of: gone.append((job_ids, as_of)), generation=True)
+    second = JobLease(server.client, server.site_id, heartbeat_thread=False)
+    assert _take_after_expiry(server, second, ids) == ids  # no heartbeat from the first: expired
+    lost = first.session_id
+    assert first.tick() == ids  # 404: a new Session, and the old one's jobs are reported
+    assert first.session_id != lost
+    assert gone == [(ids, 1)]  # as of acquire 1: copies it acquires from now on are not concerned
+    assert first.tick() == ids  # the new Session confirms it (asked with every heartbeat)
+    first.close()
+    second.close()
+
+
+def test_a_prefetched_job_is_not_started_after_its_session_was_replaced(server: Server, launcher: Launcher) -> None:
+    """Launcher 1 runs jobs 1 and 2 and holds 3 and 4 ready; its Session expires while it is cut
+    off, launcher 2 leases 3 and 4. When launcher 1's tick replaces the Session, 3 and 4 must not
+    be started (they ran twice at once, in the same workdir, until the next heartbeat's answer)."""
+    ids = server.runnable(4)
+    assert launcher.acquire() == ids
+    launcher.turn()
+    assert launcher.mode.pool.job_ids() == ids[:2] and launcher.pending() == ids[2:]
+    launcher.mode.pool.finish(ids[0])
+    launcher.mode.pool.finish(ids[1])
+    launcher.mode._reap(launcher.updater)  # room for 3 and 4, started at the next turn
+    assert launcher.updater.flush(WAIT_SEC)
+    other = JobLease(server.client, server.site_id, heartbeat_thread=False)
+    assert _take_after_expiry(server, other, ids[2:]) == ids[2:]
+    answer = launcher.lease.tick()  # 404: the Session is replaced
+    launcher.turn()
+    assert Counter(launcher.mode.pool.starts) == {ids[0]: 1, ids[1]: 1}, "a job leased to another launcher was started"
+    assert launcher.pending() == [] and launcher.mode.pool.job_ids() == []
+    assert answer == ids[2:]  # the replaced Session's held jobs
+    assert {i: server.state(i) for i in ids} == {ids[0]: "RUN_DONE", ids[1]: "RUN_DONE", ids[2]: "PREPROCESSED",
+                                                 ids[3]: "PREPROCESSED"}
+    assert not launcher.updater.dropped
+    other.close()
+
+
+class Outage:
+    """A client whose API can be switched off (a server restart, a proxy down): every call fails
+    as a connection does, which the updater retries and then gives up on."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.down = False
+        self.retry_count = 0
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self.client, name)
+
+        def guarded(*args: Any, **kw: Any) -> Any:
+            if self.down:
+                raise ConnectionError("the API is down")
+            return call(*args, **kw)
+
+        return guarded
+
+
+def _launcher_ending_in_an_outage(server: Server, spool: Path) -> tuple[Outage, JobLease, int]:
+    """What a launcher does when the API goes away as it ends (JobMode.lease()): its job's RUNNING
+    was sent, its RUN_DONE cannot be, and the updater gives up and spools it."""
+    [job_id] = server.runnable(1)
+    client = Outage(server.client)
+    lease = JobLease(client, server.site_id, heartbeat_thread=False)
+    assert [j["id"] for j in lease.acquire(1)] == [job_id]
+    updater = BulkStatusUpdater(client, close_timeout=0.2, spool_dir=spool, session_id=lease_session(lease),
+                                max_wait_sec=0.01)
+    updater.put(job_id, "RUNNING")
+    assert updater.flush(WAIT_SEC)
+    client.down = True
+    updater.put(job_id, "RUN_DONE", return_code=0)
+    updater.close()
+    assert updater.gave_up and updater.spooled == 1
+    return client, lease, job_id
+
+
+def _agent_replays(server: Server, spool: Path) -> list:
+    """The site agent's processing module replays the spool; returns what the server refused."""
+    from balsam.client.status_updater import SpoolReplayer
+
+    agent = BulkStatusUpdater(server.client, max_wait_sec=0.01)
+    replayer = SpoolReplayer(spool, agent)
+    replayer.poll()
+    assert agent.flush(WAIT_SEC)
+    replayer.poll()  # the next cycle deletes the files sent
+    agent.close()
+    return agent.dropped
+
+
+def test_a_spooled_result_is_recorded_when_the_api_is_back_before_the_launcher_ends(server: Server, tmp_path: Path) -> None:
+    """The audit's order: the API is back when the lease closes. The Session's DELETE used to go
+    through and time the job out (RUN_TIMEOUT, lease ended), then the agent's replay of RUN_DONE
+    was refused ('no longer held by session') and the finished job ran again."""
+    spool = tmp_path / "spool"
+    client, lease, job_id = _launcher_ending_in_an_outage(server, spool)
+    client.down = False
+    lease.close(retry_count=0)  # as JobMode.lease() closes it after the updater gave up
+    dropped = _agent_replays(server, spool)
+    assert server.state(job_id) == "RUN_DONE", [e["to_state"] for e in server.tc.get("/events/", params={"job_id": job_id}).json()["results"]]
+    assert not dropped
+    assert not list(spool.glob("*.jsonl"))  # sent by the lease's close; nothing left to replay
+
+
+def test_a_spooled_result_is_recorded_when_the_api_is_back_after_the_launcher_ended(server: Server, tmp_path: Path) -> None:
+    """The other order: the API is still gone when the lease closes, the agent replays later. The
+    Session is left to expire (not deleted) and still holds the job when the replay arrives."""
+    spool = tmp_path / "spool"
+    client, lease, job_id = _launcher_ending_in_an_outage(server, spool)
+    lease.close(retry_count=0)
+    client.down = False
+    assert list(spool.glob("*.jsonl"))
+    assert not _agent_replays(server, spool)
+    assert server.state(job_id) == "RUN_DONE"
+    assert not list(spool.glob("*.jsonl"))
 
 
 class NumberingClient:

@@ -4,7 +4,7 @@ Launchers (``balsam.launcher``) and the site agent's ``processing`` module both 
 The Session is created with the site id (and the BatchJob id, for launchers), ticked every
 ``tick_period`` seconds (from a background thread, or by calling :meth:`JobLease.tick_if_due`), and
 deleted at close, which makes the server turn jobs still RUNNING into RUN_TIMEOUT and free the
-acquired jobs that never started.
+acquired jobs that never started (unless updates sent under it wait in the spool: see :meth:`JobLease.close`).
 
 Exactly-once acquisition: every acquire is sent with an ``Idempotency-Key``. The client retries it
 with the same key; if it still gets no answer, the key and the request body stay *pending* and the
@@ -24,6 +24,13 @@ it, or the Session expired and was replaced), while an answer computed before th
 on its way. So the lease numbers the acquires that return jobs (:attr:`JobLease.generation`), and a
 heartbeat notes the number before its request: its ``gone`` ids say nothing about copies acquired
 after that number (``watch(..., generation=True)`` hands the number to the owner with the ids).
+
+A replaced Session: when a heartbeat or an acquire finds the Session gone (404: it expired while the
+API could not be reached), the lease opens a new one and at once reports every job the owner holds
+as gone, as of the number of acquires answered so far (all of them under the lost Session): their
+lease ended with the old Session and another launcher may run them now. The running copies are
+ended and the ones leased ahead are not started; later copies (the new Session may lease the same
+jobs again) are numbered higher and untouched.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQ
 from balsam.states import RUNNABLE_STATES, JobState
 
 from .rest import new_idempotency_key
+from .status_updater import send_spooled, spooled_for
 
 logger = logging.getLogger(__name__)
 
@@ -187,18 +195,60 @@ class JobLease:
         logger.info("%s %s created (site %s, batch job %s)", self.name, session_id, self.site_id, self.batch_job_id)
         return session_id
 
-    def _replace_lost_session(self, exc: BaseException, lost_id: int) -> bool:
+    def _replace_lost_session(self, exc: BaseException, lost_id: int) -> Optional[list[int]]:
         """The server no longer knows session ``lost_id`` (it expired while we could not reach it):
         start a new one (once, whoever notices first). Jobs the old one held were freed by the server
-        (RUNNING ones are RUN_TIMEOUT), so a pending acquire of the old session is void."""
+        (RUNNING ones are RUN_TIMEOUT), so a pending acquire of the old session is void.
+
+        Returns None when ``exc`` is no lost session (the caller raises it), else the held jobs
+        reported gone (empty when another thread replaced it first, or without :meth:`watch`).
+        Every copy acquired so far was acquired under the lost session (or an earlier one): none of
+        them is held any more, and another launcher may already run them. So they are all handed
+        to ``on_gone`` at once, numbered with the generation read under the lock that orders the
+        replacement with acquires: a running copy is ended and a copy leased ahead is never started.
+        Waiting for the next heartbeat to ask the new Session left a whole tick period in which the
+        launcher started its prefetched jobs, which then ran twice at once (here and on the
+        launcher that leased them after the expiry), in the same workdir. A copy acquired after the
+        replacement is numbered higher and is not touched (the owner's generation check). An
+        acquire of the old session answered only after the replacement (it was committed before the
+        expiry) is numbered higher too: the next heartbeat, of the new Session, reports it gone."""
         if _status(exc) != 404 or self.closed:
-            return False
+            return None
         with self._lock:
-            if self._session_id == lost_id:
-                logger.warning("%s %s is gone on the server (%s); creating a new one", self.name, lost_id, exc)
-                self.pending = None
-                self._session_id = self._create_session()
-        return True
+            if self._session_id != lost_id:
+                return []  # replaced already, and reported by whoever did
+            logger.warning("%s %s is gone on the server (%s); creating a new one", self.name, lost_id, exc)
+            self.pending = None
+            as_of = self._generation
+            self._session_id = self._create_session()
+        return self._report_lost(lost_id, as_of)
+
+    def _report_lost(self, lost_id: int, as_of: int) -> list[int]:
+        """Hand every held job to ``on_gone`` as of generation ``as_of`` (see :meth:`_replace_lost_session`);
+        outside the lock, as the watch contract asks."""
+        if self._held_ids is None or self._on_gone is None:
+            return []
+        held: Optional[Iterable[int]] = None
+        for _ in range(3):
+            try:
+                held = self._held_ids()
+                break
+            except Exception as exc:  # the owner's containers changed under the copy: read them again
+                logger.debug("%s: held jobs not read at the replacement (%s)", self.name, exc)
+        else:
+            # Left to the next heartbeat, which asks the new Session about every held job.
+            logger.warning("%s: could not read the held jobs when %s was lost", self.name, lost_id)
+            return []
+        ids = sorted(set(held or ()))
+        if not ids:
+            return []
+        logger.warning("%s %s was lost with %d held jobs, which are no longer this launcher's: %s",
+                       self.name, lost_id, len(ids), ids[:20])
+        if self._gone_with_generation:
+            self._on_gone(ids, as_of)
+        else:
+            self._on_gone(ids)
+        return ids
 
     # -- heartbeat -------------------------------------------------------------------------------
     def watch(self, held_ids: Callable[[], Optional[Iterable[int]]], on_gone: Callable[..., None], *,
@@ -206,7 +256,8 @@ class JobLease:
         """Ask, with every heartbeat, which held jobs the Session lost (deleted or moved by their user).
 
         Thread contract: both callables run on the thread that ticks (the heartbeat thread, or the
-        caller of :meth:`tick_if_due`), never under the lease's lock. ``held_ids()`` returns the ids
+        caller of :meth:`tick_if_due`), or on the acquiring thread when an acquire finds the
+        Session lost (see :meth:`_replace_lost_session`), never under the lease's lock. ``held_ids()`` returns the ids
         the owner runs or holds ready now (None: skip this heartbeat's question); it reads the
         owner's state from another thread, so it copies it (a job it misses is asked about next
         time, and one that ended meanwhile is answered gone and must be ignored). ``on_gone(ids)``
@@ -255,10 +306,11 @@ class JobLease:
             answer = self.client.put(f"/sessions/{session_id}", json=body, retry_count=TICK_RETRY_COUNT)
             self.tick_errors = 0
         except Exception as exc:
-            if not self._replace_lost_session(exc, session_id):
+            lost = self._replace_lost_session(exc, session_id)
+            if lost is None:
                 self.tick_errors += 1
                 raise
-            return []
+            return lost
         finally:
             self._last_tick = time.monotonic()
         # A server that does not know job_ids (Balsam 0.7's) answers without "gone".
@@ -329,7 +381,7 @@ class JobLease:
             rows = _rows(self.client.post(f"/sessions/{session_id}", json=body, idempotency_key=key,
                                           retry_count=self.acquire_retry_count, **extra))
         except Exception as exc:
-            if not self._replace_lost_session(exc, session_id):
+            if self._replace_lost_session(exc, session_id) is None:
                 raise  # still pending: the next call resends it
             return self.acquire(
                 max_num_jobs, max_wall_time_min=max_wall_time_min, max_nodes_per_job=max_nodes_per_job,
@@ -352,6 +404,12 @@ class JobLease:
 
         At shutdown a few quick retries are enough: if the API is down, the server expires the lease
         by itself, and an allocation should not idle for minutes waiting to say goodbye.
+
+        Updates sent under the Session that an updater of this process spooled (the API was gone
+        when it gave up) are sent first, once more (:func:`~balsam.client.status_updater.send_spooled`);
+        if they still cannot be, the Session is not deleted but left to expire, so that the site
+        agent's replay of the spool finds the jobs still held by it. Either order of "the API comes
+        back" and "the launcher ends" then records the launcher's results.
         """
         if self.closed:
             return
@@ -364,6 +422,16 @@ class JobLease:
         if saved is not None:
             client.retry_count = min(saved, retry_count)
         try:
+            if spooled_for(client, self._session_id) and not send_spooled(client, self._session_id):
+                # Updates sent under this Session wait in the spool for the site agent (the API was
+                # gone when the updater gave up, and still is). Deleting the Session would make its
+                # RUNNING jobs RUN_TIMEOUT and the spooled RUN_DONE would be refused at replay: the
+                # job run again, its result lost. Left to expire instead: the agent's replay lands
+                # while the Session still holds the jobs (the server restarts the expiry clock after
+                # an outage), and the jobs it leased ahead wait for the expiry to be leased again.
+                logger.warning("%s %s is not deleted: updates sent under it are spooled for the site agent; it "
+                               "expires on the server", self.name, self._session_id)
+                return
             client.delete(f"/sessions/{self._session_id}")
             logger.info("%s %s deleted", self.name, self._session_id)
         except Exception as exc:

@@ -23,7 +23,9 @@ agent's processing module does, every cycle). A replayed update the server refus
 moved on, e.g. its session expired and it was timed out and re-queued) is dropped: the job runs
 again, which is the at-least-once side of the guarantee (docs/reliability.md). A spooled update keeps
 the session it was put under, so the agent replays a launcher's updates under the launcher's lease,
-not its own.
+not its own. And the launcher's lease does not end that session while its updates wait in the spool
+(:func:`send_spooled`, :meth:`balsam.client.lease.JobLease.close`): ending it would time the jobs out
+and the replay would be refused.
 """
 
 from __future__ import annotations
@@ -530,11 +532,92 @@ class BulkStatusUpdater:
             return
         self.spooled += len(updates)
         self.spool_files.append(path)
+        _note_spooled(path, updates, api_of(self._client))
         logger.warning("%s: %d job updates saved to %s; the site agent sends them when the API is back",
                        self.name, len(updates), path)
 
 
 SPOOL_SUFFIX = ".jsonl"
+
+#: (API root, session id) -> the spool files this process wrote with updates sent under that
+#: session, until :func:`send_spooled` sends them. The lease of that session must not end it
+#: meanwhile (:meth:`balsam.client.lease.JobLease.close`): ending it makes its RUNNING jobs
+#: RUN_TIMEOUT and frees its jobs, and the spooled RUN_DONE would then be refused at replay ("no
+#: longer held by session"), the job run again. Per process: a launcher's updater and lease live
+#: in one (on the same client, or clients of the same API root).
+_SPOOLED: dict[tuple[Optional[str], int], set[Path]] = {}
+_SPOOLED_LOCK = threading.Lock()
+
+
+def api_of(client: Any) -> Optional[str]:
+    """The API root of ``client`` (None for a client that does not tell): session ids are per API."""
+    root = getattr(client, "api_root", None)
+    return root if isinstance(root, str) else None
+
+
+def _note_spooled(path: Path, updates: list[dict[str, Any]], api: Optional[str]) -> None:
+    sessions = {u.get(SESSION_KEY) for u in updates}
+    with _SPOOLED_LOCK:
+        for session_id in sessions:
+            if type(session_id) is int:
+                _SPOOLED.setdefault((api, session_id), set()).add(path)
+
+
+def spooled_for(client: Any, session_id: int) -> list[Path]:
+    """The spool files of this process that hold updates sent under ``session_id`` of the API of
+    ``client``, not sent yet."""
+    with _SPOOLED_LOCK:
+        return sorted(_SPOOLED.get((api_of(client), session_id), ()))
+
+
+def _forget_spooled(path: Path) -> None:
+    with _SPOOLED_LOCK:
+        for key in list(_SPOOLED):
+            _SPOOLED[key].discard(path)
+            if not _SPOOLED[key]:
+                del _SPOOLED[key]
+
+
+def send_spooled(client: Any, session_id: int) -> bool:
+    """One more try (no retry) to send the spool files holding updates of ``session_id`` now, on
+    ``client``; each file sent is deleted. True when none is left unsent.
+
+    A launcher calls this (through its lease's close) before it ends its Session: the API that was
+    gone when its updater gave up may be back. Updates the server refuses are dropped, as a replay
+    would drop them. A file the site agent replayed meanwhile is gone: the agent deletes a file
+    only once it sent it. The agent may also be replaying a file sent here: the second copy of an
+    update is a no-op or refused (the job is no longer held), never applied twice."""
+    for path in spooled_for(client, session_id):
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            _forget_spooled(path)  # replayed by the agent
+            continue
+        except OSError as exc:
+            logger.warning("cannot read spooled updates %s: %s", path, exc)
+            return False
+        updates = []
+        for line in lines:
+            try:
+                updates.append(json.loads(line))
+            except ValueError:
+                continue
+        try:
+            for start in range(0, len(updates), MAX_ITEMS_PER_BULK_OP):
+                refused = isolate_refused(
+                    lambda chunk: client.patch("/jobs/", json=chunk, idempotency_key=uuid.uuid4().hex, retry_count=0),
+                    updates[start : start + MAX_ITEMS_PER_BULK_OP],
+                )
+                for update, error in refused:
+                    logger.error("server refused spooled update %s: %s", update, error)
+        except Exception as exc:
+            # Left for the agent; the chunks sent already are no-ops or refused when it replays them.
+            logger.warning("spooled updates %s still cannot be sent (%s): left for the site agent", path.name, exc)
+            return False
+        logger.info("sent %d spooled job updates from %s", len(updates), path.name)
+        path.unlink(missing_ok=True)
+        _forget_spooled(path)
+    return True
 
 
 def write_spool(spool_dir: "Path | str", updates: list[dict[str, Any]]) -> Path:

@@ -264,7 +264,11 @@ class JobMode(abc.ABC):
         """A Session job source and a BulkStatusUpdater, flushed and closed in the right order.
 
         Updates are flushed *before* the Session is deleted: deleting it turns jobs still RUNNING
-        into RUN_TIMEOUT, which would refuse a late RUN_DONE.
+        into RUN_TIMEOUT, which would refuse a late RUN_DONE. For the same reason, when the updater
+        gave up and spooled updates, the lease's close sends them once more first, and if the API
+        still does not take them, leaves the Session to expire rather than delete it: the site
+        agent replays the spool under the Session, which must still hold the jobs then
+        (:meth:`balsam.client.lease.JobLease.close`).
         """
         from ._api import open_updater
 
@@ -279,5 +283,6 @@ class JobMode(abc.ABC):
                 updater.close()
             finally:
                 # The updater found the API gone: do not keep the allocation waiting to say goodbye
-                # (the server expires the session by itself).
+                # (the server expires the session by itself). The close sends what the updater
+                # spooled first, and does not delete the Session while that cannot be sent.
                 source.close(retry_count=0) if updater.gave_up else source.close()

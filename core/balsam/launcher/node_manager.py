@@ -15,6 +15,10 @@ job (or those a GPU job needs beyond its GPUs' share) come first from near busy 
 near idle GPUs for the GPU jobs to come. Long campaigns free CPUs and GPUs in any order, so first-fit
 alone soon puts a job's CPUs on another socket than its GPU. The mpi and serial job modes share this
 code, so both pack the same way.
+
+A node can be taken out of the partition (:meth:`NodeManager.disable_node`): it gets no new job,
+and its running jobs free it as usual. :class:`NodeFaults` decides when (mpi mode: a node that is
+down, whose every launch fails at once).
 """
 
 from __future__ import annotations
@@ -128,6 +132,8 @@ class ComputeNode:
         #: NUMA domain or socket); CPUs near no GPU are not in it.
         self.domain_of_cpu, self.domain_gpus = _cpu_domains(info.cpu_ids, info.gpu_cpus)
         self.num_jobs = 0
+        #: Taken out of the partition (NodeManager.disable_node): no new job is placed here.
+        self.disabled = False
 
     @property
     def hostname(self) -> str:
@@ -135,7 +141,8 @@ class ComputeNode:
 
     @property
     def is_empty(self) -> bool:
-        return self.num_jobs == 0
+        """Idle and usable (a disabled node is never offered as empty)."""
+        return self.num_jobs == 0 and not self.disabled
 
     def _is_free(self, gpu: str) -> bool:
         return self.gpu_free[gpu] >= 1.0 - _EPS
@@ -219,7 +226,7 @@ class ComputeNode:
 
     def check_fit(self, cpus: int, gpus: float, occupancy: float) -> Optional[list[tuple[str, float]]]:
         """The GPU shares the job would take, or None if it does not fit now."""
-        if self.occupancy + occupancy > 1.0 + _EPS or cpus > len(self.idle_cpus):
+        if self.disabled or self.occupancy + occupancy > 1.0 + _EPS or cpus > len(self.idle_cpus):
             return None
         return self._pick_gpus(gpus, cpus)
 
@@ -268,7 +275,20 @@ class NodeManager:
         return sum(1 for n in self.nodes if n.is_empty)
 
     def aggregate_free_nodes(self) -> float:
-        return sum(max(0.0, 1.0 - n.occupancy) for n in self.nodes)
+        return sum(max(0.0, 1.0 - n.occupancy) for n in self.nodes if not n.disabled)
+
+    def disable_node(self, index: int) -> bool:
+        """Take node ``index`` out: no job is placed on it from now on (the jobs on it free it as
+        usual). Returns False (and does nothing) if it is already out or is the last node in: a
+        partition without nodes would hold its leased jobs to the end for nothing."""
+        node = self.nodes[index]
+        if node.disabled or sum(1 for n in self.nodes if not n.disabled) <= 1:
+            return False
+        node.disabled = True
+        return True
+
+    def enabled_count(self) -> int:
+        return sum(1 for n in self.nodes if not n.disabled)
 
     def max_cpus_per_node(self) -> int:
         return max(len(n.info.cpu_ids) for n in self.nodes)
@@ -361,3 +381,89 @@ class NodeManager:
         shares = placement.gpu_shares or tuple(() for _ in placement.node_indexes)
         for index, cpu_ids, gpu_shares in zip(placement.node_indexes, placement.cpu_ids, shares):
             self.nodes[index].release(cpu_ids, gpu_shares, placement.occupancy)
+
+
+#: What an MPI launcher or its remote shell prints when it could not start the ranks on a node
+#: (hydra's proxy, Cray PALS, ssh), compared lower-case.
+#: Specific on purpose: an app's own output ("connection refused" from its database client) must
+#: not take a node out.
+LAUNCH_FAULT_SIGNS = (
+    "launch proxy failed", "ssh: ", "could not resolve hostname", "no route to host",
+    "host key verification failed", "permission denied (publickey",
+)
+
+
+@attrs.frozen
+class Exit:
+    """A single-node job's exit, as :class:`NodeFaults` sees it (frozen values)."""
+
+    job_id: int
+    node: int
+    returncode: int
+    seconds_run: float
+    tail: str
+    #: When it ended (epoch seconds), for its report.
+    ended: Optional[float] = None
+
+
+@attrs.frozen
+class FaultVerdict:
+    """What to report for the exits :meth:`NodeFaults.note` settled: ``report`` as they are
+    (RUN_DONE, RUN_ERROR), ``requeue`` as RUN_TIMEOUT (they failed on a node now taken out, which
+    ``disabled`` names, or had been taken out before); exits held meanwhile are in neither."""
+
+    report: tuple[Exit, ...] = ()
+    requeue: tuple[Exit, ...] = ()
+    disabled: Optional[int] = None
+
+
+class NodeFaults:
+    """Which node is down: pure accounting over exits (mpi mode).
+
+    A node is taken out after ``threshold`` **quick failures** in a row of different jobs on it
+    (non-zero, less than ``quick_sec`` after the start, single-node jobs), with no success or slow
+    exit between them, every one of them bearing an MPI launcher's own fault message
+    (:data:`LAUNCH_FAULT_SIGNS`: the ranks never started there). Quick failures of the app itself
+    never count, even while other nodes succeed: campaigns where some parameter sets fail at once
+    are common, and a few of those in a row on one node would have shrunk the allocation node by
+    node. Their jobs are reported RUN_ERROR as they are. The last node in is never taken out.
+
+    A quick failure is **held** (not reported) while its node's streak is open: if the node is
+    taken out, the jobs of the streak did not fail, their node did, and they are re-queued
+    (RUN_TIMEOUT); a success or slow exit on the node, or a streak that reaches the threshold
+    without the evidence above, reports them as they are. :meth:`flush` reports what is held at a
+    stop. Exits on a node already out are re-queued (hand-overs that started there as it failed).
+    """
+
+    def __init__(self, node_count: int, *, threshold: int = 3, quick_sec: float = 5.0) -> None:
+        self.threshold = threshold
+        self.quick_sec = quick_sec
+        self.held: dict[int, list[Exit]] = {}
+        self.out: set[int] = set()
+        self.node_count = node_count
+
+    def note(self, exit: Exit) -> FaultVerdict:
+        node = exit.node
+        if node in self.out:
+            return FaultVerdict(requeue=(exit,)) if exit.returncode != 0 else FaultVerdict(report=(exit,))
+        if exit.returncode != 0 and exit.seconds_run < self.quick_sec:
+            streak = self.held.setdefault(node, [])
+            streak.append(exit)
+            if len(streak) < self.threshold:
+                return FaultVerdict()
+            signed = all(any(sign in e.tail.lower() for sign in LAUNCH_FAULT_SIGNS) for e in streak)
+            self.held.pop(node)
+            if signed and len(self.out) + 1 < self.node_count:
+                self.out.add(node)
+                return FaultVerdict(requeue=tuple(streak), disabled=node)
+            return FaultVerdict(report=tuple(streak))
+        return FaultVerdict(report=(*self.held.pop(node, ()), exit))
+
+    def flush(self) -> tuple[Exit, ...]:
+        """Every held exit (to report as it is: a stop came before the verdict)."""
+        held = tuple(e for streak in self.held.values() for e in streak)
+        self.held.clear()
+        return held
+
+    def held_ids(self) -> list[int]:
+        return [e.job_id for streak in self.held.values() for e in streak]

@@ -560,6 +560,11 @@ class SpawnerPool:
                  *([spawner.SIGPIPE_IGNORED_ARG] if sigpipe_ignored else []),
                  *([spawner.relaunch_arg(*self.relaunch)] if self.relaunch is not None else [])],
                 pass_fds=(request_r, reply_w), stdin=subprocess.DEVNULL, env=self.base_env,
+                # A session of its own: a kill of this process's group (an MPI launcher ending a
+                # rank, a batch system or a user ending the launcher) must spare the spawner, which
+                # then sees end of file on its request pipe and ends its tasks (their own sessions:
+                # the group kill missed them) within ORPHAN_GRACE_SEC instead of leaving them orphans.
+                start_new_session=True,
             )
         finally:
             os.close(request_r)

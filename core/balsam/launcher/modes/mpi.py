@@ -54,7 +54,7 @@ from ..gone import Acquired, GoneJobs, acquire_generation
 from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
 from ..handover import HandOver
 from ..job_mode import JobMode
-from ..node_manager import NodeManager, Placement, UnsatisfiableJob
+from ..node_manager import Exit, NodeFaults, NodeManager, Placement, UnsatisfiableJob
 from ..placement import place_pending
 from ..runner import (
     _launch_hook, launch_environment, local_pool, report_exit, report_failed, report_running, report_timeout, send_first_running,
@@ -210,6 +210,10 @@ class MPIMode(JobMode):
         #: Jobs the Session no longer holds (deleted or moved by their user): their runs are ended.
         self.gone = GoneJobs(self.wake)
         self.gone.held = self._held_ids
+        #: A node that is down is taken out after a few quick failures there (NodeFaults' rule).
+        self.faults = NodeFaults(len(self.node_manager))
+        self._started_at: dict[int, float] = {}  # running job id -> when it started (epoch)
+        self._nodes_out: list[str] = []
 
     # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
     def _held_ids(self) -> list[int]:
@@ -403,6 +407,7 @@ class MPIMode(JobMode):
     def _note_running(self, updater: Any, prepared: PreparedJob, when: float) -> None:
         """A job started at ``when`` (by this loop or by a hand-over): what its exit will need, and RUNNING."""
         self._footprints[prepared.id] = prepared.footprint
+        self._started_at[prepared.id] = when
         if prepared.id in self.gone.ending:  # a hand-over cancelled as gone that started first
             self.pool.end([prepared.id], self.countdown.grace_sec)
             return
@@ -442,18 +447,53 @@ class MPIMode(JobMode):
             self._try_start = True
         now = time.monotonic()
         for job_id, rc, tail, when in done:
+            placement = self.node_manager.placements.get(job_id)  # before release frees it
+            started_at = self._started_at.pop(job_id, None)
             self.handover.release(job_id)
             self.lease_ahead.job_ended(self._footprints.pop(job_id, 0.0), now)
             postprocess = self._pop_postprocess(job_id)
             if self.gone.ending and self.gone.settled(job_id):
                 continue  # deleted or moved by its user: the server would refuse any update
             self.gone.forget(job_id)
-            report_exit(updater, job_id, rc, tail, when, postprocess)
             logger.info("job %s exited with %s", job_id, rc)
+            if placement is None or len(placement.node_indexes) != 1 or started_at is None or not when:
+                report_exit(updater, job_id, rc, tail, when, postprocess)  # a multi-node job's node is not known
+                continue
+            verdict = self.faults.note(Exit(job_id, placement.node_indexes[0], rc, when - started_at, tail, when))
+            self._settle(updater, verdict, postprocess)
         self.finished += len(done)
         if self.gone.ready:  # after the exits and hand-overs that free the stale copies' placements
             self._queue_ready()
         return len(done)
+
+    def _settle(self, updater: Any, verdict: Any, postprocess: bool) -> None:
+        """Report the exits :class:`NodeFaults` settled; take a node out if it says so."""
+        for e in verdict.report:  # held ones are failures: no postprocess to report for them
+            report_exit(updater, e.job_id, e.returncode, e.tail, e.ended, postprocess and e.returncode == 0)
+        if verdict.disabled is not None:
+            self._take_out(verdict.disabled, verdict.requeue)
+        for e in verdict.requeue:
+            host = self.node_manager.nodes[e.node].hostname
+            report_timeout(updater, e.job_id, f"node {host} taken out (down: its launches fail at once); the job did not "
+                                               f"run there (exit {e.returncode}: {e.tail[-500:]})")
+
+    def _take_out(self, index: int, streak: tuple) -> None:
+        node = self.node_manager.nodes[index]
+        if not self.node_manager.disable_node(index):
+            return
+        last = streak[-1].tail.strip().splitlines()[-1:] if streak else []
+        message = (f"node {node.hostname} taken out: {len(streak)} jobs in a row failed there within "
+                   f"{self.faults.quick_sec:g} s of their start ({last[0][:300] if last else 'no output'}); "
+                   f"they are re-queued (RUN_TIMEOUT)")
+        logger.error("%s; %d nodes left", message, self.node_manager.enabled_count())
+        # Jobs queued behind the jobs on that node would start there: given back (they come back
+        # unstarted to pending, or fail there and are re-queued as exits on a node that is out).
+        for head_id, (_prepared, placement, _since) in list(self.handover.local.items()):
+            first = self.handover.behind.get(head_id)
+            if first is not None and index in placement.node_indexes:
+                self.pool.cancel(first)
+        self._nodes_out.append(message)
+        note_batch_job(self.context.batch_job_id, "nodes_out", "; ".join(self._nodes_out))
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -565,6 +605,8 @@ class MPIMode(JobMode):
         return 0
 
     def _shutdown(self, updater: Any, reason: str) -> None:
+        for e in self.faults.flush():  # quick failures whose node was not judged: as they are
+            report_exit(updater, e.job_id, e.returncode, e.tail, e.ended)
         victims, finished = self.pool.terminate_all(self.countdown.grace_sec)
         if self.handover.queued:
             self._note_handovers(updater)  # RUNNING for queued jobs that started before the stop

@@ -12,12 +12,20 @@ runs the master in this process instead (no MPI). See :mod:`balsam.launcher.mode
 
 If the workers did not start one per node, the master refuses to run anything: the launcher exits
 1 and the BatchJob's ``status_info["error"]`` says what was seen.
+
+If the workers die (a rank killed, a node lost: the MPI launcher then ends every rank, the master
+too, and exits non-zero; or it could not start them on a node that is down), the launcher process
+ends the master's Session itself (the master records it: :class:`~.serial_worker.SessionRecord`),
+so that its RUNNING jobs become RUN_TIMEOUT at once and are run again instead of waiting for the
+Session to expire; it logs at ERROR and records ``serial workers died (mpiexec exit N): <the end of
+the MPI launcher's output>`` in the BatchJob's ``status_info["error"]``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import signal
 import socket
@@ -32,9 +40,11 @@ import attrs
 from balsam.platform import LaunchSpec
 from balsam.util import api_text
 
-from .._api import report_batch_job_error
+from .._api import default_client, report_batch_job_error
 from ..job_mode import JobMode
-from .serial_worker import EXIT_START_FAILED, LocalTransport, StartError, build_master, rank_for_node, record_start_error
+from .serial_worker import (
+    EXIT_START_FAILED, LocalTransport, StartError, build_master, rank_for_node, read_session_record, record_start_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +97,11 @@ class SerialMode(JobMode):
     @property
     def start_error_path(self) -> Path:
         return self.context.log_file("serial.start-error")
+
+    @property
+    def session_path(self) -> Path:
+        """Where the master (an MPI rank) records its Session (:class:`~.serial_worker.SessionRecord`)."""
+        return self.context.log_file("serial.session")
 
     def runs_in_process(self) -> bool:
         """One node, this launcher's own, on a platform whose launcher runs on its compute node."""
@@ -143,6 +158,7 @@ class SerialMode(JobMode):
         if ctx.early_lease is not None:  # the master (another process) opens its own
             ctx.early_lease.discard()
             ctx.early_lease = None
+        config["session_path"] = str(self.session_path)
         config_path = ctx.log_file("serial.json")
         config_path.parent.mkdir(parents=True, exist_ok=True)
         # Exclusive create: a name clash with another launcher must fail loudly, never be shared.
@@ -174,6 +190,8 @@ class SerialMode(JobMode):
         if failure:
             self._fail_start(failure)
             return 1
+        if rc != 0:
+            self._workers_exited(rc, out_path)
         return 0 if rc == 0 else 1
 
     def _run_in_process(self, config: dict[str, Any]) -> int:
@@ -204,6 +222,52 @@ class SerialMode(JobMode):
         extra = f" ({len(lines)} masters said so: the ranks did not see each other)" if len(lines) > 1 else ""
         return lines[0] + extra
 
+    def _workers_exited(self, rc: int, out_path: Path) -> None:
+        """The MPI launcher exited non-zero: unless the master closed its Session itself (it stopped,
+        then a rank exited non-zero), the ranks died (the master with them: the MPI launcher ends
+        every rank when one dies) or never started. End the master's Session now, so that its
+        RUNNING jobs become RUN_TIMEOUT and run again without waiting for its expiry, and say why."""
+        record = read_session_record(self.session_path)
+        closed = record.get("closed") if record else None
+        if closed:
+            if str(closed).startswith("no session"):  # the master's own stop, already logged by it
+                logger.error("serial master stopped: %s", closed)
+            else:
+                logger.warning("serial workers exited with %s after the master closed its session (%s)", rc, closed)
+            return
+        if record is not None:
+            self._end_session(record)
+        reason = f"serial workers died (mpiexec exit {rc})"
+        tail = _tail(out_path, int(self.context.setting("error_tail_num_lines")))
+        logger.error("%s: %s", reason, tail or "no output")
+        batch_job_id = self.context.batch_job_id
+        if batch_job_id is None:
+            return
+        try:
+            # api_text: the output may hold anything (the server refuses NUL).
+            report_batch_job_error(batch_job_id, api_text(f"{reason}: {tail}" if tail else reason))
+        except Exception as exc:  # the log still says why
+            logger.warning("could not record the workers' failure on BatchJob %s: %s", batch_job_id, exc)
+
+    def _end_session(self, record: dict[str, Any]) -> None:
+        """Delete the dead master's Session (the server makes its RUNNING jobs RUN_TIMEOUT), as its
+        lease's close would have; but, as that close, leave it to expire if the master spooled
+        updates sent under it (the site agent replays them while the Session still holds the jobs)."""
+        session_id = record["session_id"]
+        spool = self.context.spool_path
+        if spool is not None and any(Path(spool).glob(f"unsent-{record.get('host')}-{record.get('pid')}-*")):
+            logger.warning("session %s of the dead serial master is left to expire: it spooled updates", session_id)
+            return
+        try:
+            default_client().delete(f"/sessions/{session_id}")
+            logger.info("session %s of the dead serial master deleted: its RUNNING jobs are RUN_TIMEOUT", session_id)
+        except Exception as exc:
+            if getattr(exc, "status_code", None) == 404:  # as the lease's close tells (client.lease._status)
+                logger.info("session %s of the dead serial master was already gone", session_id)
+            else:
+                logger.error("could not delete session %s of the dead serial master (it expires on the server): %s",
+                             session_id, exc)
+
     def _fail_start(self, reason: str) -> None:
         logger.error("serial mode did not start: %s", reason)
         batch_job_id = self.context.batch_job_id
@@ -214,3 +278,17 @@ class SerialMode(JobMode):
             report_batch_job_error(batch_job_id, api_text(f"serial mode did not start: {reason}"))
         except Exception as exc:  # the log still says why
             logger.warning("could not record the start failure on BatchJob %s: %s", batch_job_id, exc)
+
+
+def _tail(path: Path, num_lines: int, max_bytes: int = 16384) -> str:
+    """The last ``num_lines`` non-empty lines of ``path`` (read from its end), joined with " | "."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    # Without the rules of hydra's banner (lines of "=" only), which say nothing.
+    lines = [line.strip() for line in text.splitlines() if line.strip().strip("=")]
+    return " | ".join(lines[-max(1, num_lines):])

@@ -258,6 +258,54 @@ class MPITransport:
 
 
 # -- master ---------------------------------------------------------------------------------------
+class SessionRecord:
+    """The master's Session id, in a file of the launcher's log directory (``session_path`` of the
+    config; none: nothing is written).
+
+    Why: the master is an MPI rank. When a rank dies (kill -9, a node failure), the MPI launcher
+    ends every other rank with it, the master included, before it can delete its Session; its
+    RUNNING jobs then stayed RUNNING until the Session expired. The launcher process, which
+    started the MPI launcher and outlives it, reads this file and deletes the Session
+    (:meth:`~balsam.launcher.modes.serial.SerialMode.run`): its RUNNING jobs become RUN_TIMEOUT at
+    once and are run again. ``closed`` (the master's stop reason) says the master closed the
+    Session itself: nothing is left to do. The id is noted again whenever the lease replaced a lost
+    Session; ``pid`` and ``host`` name the master's spool files (updates it could not send)."""
+
+    def __init__(self, path: "str | Path | None") -> None:
+        self.path = Path(path) if path else None
+        self.noted: Optional[int] = None
+
+    def note(self, lease: Any) -> None:
+        """Record ``lease``'s Session if it is not the one recorded (cheap: called every loop turn)."""
+        session_id = getattr(lease, "session_id", None)
+        if session_id is None or session_id == self.noted or self.path is None:
+            return
+        self.noted = session_id
+        self._write({"session_id": session_id, "pid": os.getpid(), "host": socket.gethostname(), "closed": None})
+
+    def closed(self, reason: str) -> None:
+        if self.path is not None and self.noted is not None:
+            self._write({"session_id": self.noted, "pid": os.getpid(), "host": socket.gethostname(), "closed": reason})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self.path is not None
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.path)  # whole or not at all: the reader may come at any moment
+        except OSError as exc:
+            logger.warning("cannot record the session in %s: %s", self.path, exc)
+
+
+def read_session_record(path: Path) -> Optional[dict[str, Any]]:
+    """What :class:`SessionRecord` wrote at ``path``, or None."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("session_id"), int) else None
+
+
 def prefetch_depth(nodes: Sequence[NodeInfo], per_slot: int) -> int:
     """Jobs kept leased ahead of the free slots: ``per_slot`` per CPU of the partition, bounded."""
     slots = sum(max(1, len(n.cpu_ids)) for n in nodes)
@@ -281,8 +329,10 @@ class Master:
         platform: Any,
         launch_hook: Callable[..., Any],
         gone: Optional[GoneJobs] = None,
+        session_record: Optional[SessionRecord] = None,
     ) -> None:
         self.node_manager = node_manager
+        self.session_record = session_record if session_record is not None else SessionRecord(None)
         self.rank_of_node = list(rank_of_node)
         self.transport = transport
         self.stop = stop
@@ -340,6 +390,7 @@ class Master:
     def step(self) -> int:
         """Reap, collect reports, take new jobs, start what fits; returns how much happened."""
         progress = 0
+        self.session_record.note(self.prefetcher.lease)  # before any job of a new Session starts
         done = self.pool.reap()
         if self.handover.queued:
             progress += self._note_handovers()
@@ -524,6 +575,7 @@ class Master:
                 self.updater.close()
             finally:
                 self.prefetcher.close_lease(quick=bool(getattr(self.updater, "gave_up", False)))
+                self.session_record.closed(reason)
 
     def _collect_final_reports(self, reason: str, timeout: float) -> None:
         waiting = set(range(1, self.transport.size))
@@ -601,6 +653,7 @@ def build_master(
             platform=platform(),
             launch_hook=_launch_hook(),
             gone=gone,
+            session_record=SessionRecord(config.get("session_path")),
         )
     except BaseException:
         # Start-up failed: give the leased jobs back now rather than at session expiry.

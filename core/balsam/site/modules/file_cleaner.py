@@ -5,6 +5,11 @@ this site with ``pending_file_cleanup`` set, groups them by app, deletes the fil
 ``cleanup_files`` glob patterns inside each workdir (never through a symlink to somewhere else: a
 matched symlink is removed as a link, its target is kept), and clears
 ``pending_file_cleanup`` on all of them with one bulk PATCH.
+
+A job re-run by its user meanwhile (its files are the new run's): the jobs are asked about once
+more, in one request, right before any file is deleted, and those no longer JOB_FINISHED are left
+alone; the server ignores a cleared flag for a job that is not JOB_FINISHED (a re-run after the
+re-check keeps its flag, and its files are cleaned when it finishes again).
 """
 
 from __future__ import annotations
@@ -106,8 +111,10 @@ class FileCleanerModule(AgentModule):
         if not jobs:
             self.logger.debug("cycle: no finished job waits for cleanup")
             return None
+        listed = len(jobs)
         data_path = Path(self.site_config.data_path)
         removed = 0
+        patterns_of: dict[int, list[str]] = {}
         for app_id in sorted({job["app_id"] for job in jobs}):
             try:
                 app_cls = self.apps.app_class(app_id)
@@ -128,13 +135,26 @@ class FileCleanerModule(AgentModule):
                     # patterns applied) so that they cannot fill every batch and starve other apps.
                     self._reported.add((app_id, str(pattern)))
                     self.logger.error("app %s: cleanup_files pattern %r is invalid (%s): skipped", app_id, pattern, problem)
-            patterns = usable
-            if not patterns:
+            patterns_of[app_id] = usable
+            if not usable:
                 self.logger.debug("app %s: no cleanup_files patterns; its jobs are only marked clean", app_id)
-                continue
-            for job in jobs:
-                if job["app_id"] == app_id:
-                    removed += len(cleanup_workdir(data_path / job["workdir"], data_path, patterns))
-        bulk_patch(self.client, "/jobs/", [{"id": job["id"], "pending_file_cleanup": False} for job in jobs])
+        if any(patterns_of.values()):
+            # Loading the apps took time: a job its user re-ran since the list is running again (or
+            # about to) in the same workdir, and its files are the new run's. Asked once for the
+            # batch, right before deleting. (A re-run that comes even later keeps its flag anyway:
+            # the server ignores a cleared flag for a job no longer JOB_FINISHED.)
+            still = {row["id"] for row in list_all(
+                self.client, "/jobs/", {"id": [job["id"] for job in jobs], "state": JobState.finished.value},
+                limit=len(jobs),
+            )}
+            if len(still) < len(jobs):
+                self.logger.info("%d jobs were re-run since they were listed: not cleaned", len(jobs) - len(still))
+            jobs = [job for job in jobs if job["id"] in still]
+        for job in jobs:
+            patterns = patterns_of.get(job["app_id"])
+            if patterns:
+                removed += len(cleanup_workdir(data_path / job["workdir"], data_path, patterns))
+        if jobs:
+            bulk_patch(self.client, "/jobs/", [{"id": job["id"], "pending_file_cleanup": False} for job in jobs])
         self.logger.info("cleaned %d finished jobs (%d files removed)", len(jobs), removed)
-        return 0.0 if len(jobs) >= batch else None
+        return 0.0 if listed >= batch else None
