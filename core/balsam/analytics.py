@@ -9,8 +9,9 @@
   a BatchJob still running counts until now).
 
 Each takes a query (``EventLog.objects.filter(...)``/``BatchJob.objects.filter(...)``) or a list.
-Times are naive local datetimes, like the rest of the Python API; events are ordered by the
-instant they stand for (``.timestamp()``), so the hour daylight saving repeats keeps its order.
+Times are naive local datetimes, like the rest of the Python API; events are ordered, and
+durations measured, by the instant they stand for (``.timestamp()``, which honours ``fold``), so the
+hour daylight saving repeats keeps its order and its length.
 
 Helpers for tables and plots of such step series: ``step_at`` (the value at a time),
 ``align_steps`` (several series on one time axis), ``time_average`` (the mean over an interval) and
@@ -37,6 +38,20 @@ def _instant(when: dt.datetime) -> float:
     """The instant a naive local (its ``fold`` honoured) or aware time stands for: a sort key that
     stays right across daylight saving's fall-back, where naive times compare out of order."""
     return when.timestamp()
+
+
+def _seconds(start: dt.datetime, end: dt.datetime) -> float:
+    """Real seconds from ``start`` to ``end``: across daylight saving's fall-back the naive
+    difference ``end - start`` ignores ``fold`` and is an hour short (or negative)."""
+    return _instant(end) - _instant(start)
+
+
+def from_instant(seconds: float, like: dt.datetime) -> dt.datetime:
+    """The time ``seconds`` after the epoch, of the same kind as ``like``: aware in its zone, or
+    naive local (``fold=1`` in the hour the fall-back repeats)."""
+    if like.tzinfo is not None:
+        return dt.datetime.fromtimestamp(seconds, like.tzinfo)
+    return dt.datetime.fromtimestamp(seconds)  # naive local, fold set (PEP 495)
 
 
 def throughput_report(eventlog_query: Iterable[Any], to_state: str = "JOB_FINISHED", *,
@@ -132,20 +147,26 @@ def batch_jobs_serving(batchjob_query: Iterable[Any], tags: "dict[str, str] | No
 
 
 def step_at(times: Sequence[dt.datetime], values: Sequence[Union[int, float]], when: dt.datetime) -> Union[int, float]:
-    """The value of a step series at ``when`` (0 before its first point; ``times`` sorted)."""
-    index = bisect.bisect_right(times, when)
+    """The value of a step series at ``when`` (0 before its first point; ``times`` sorted by instant)."""
+    # By instant: naive times bisected as such put 01:05 CST (fold=1) before 01:30 CDT.
+    index = bisect.bisect_right(times, _instant(when), key=_instant)
     return values[index - 1] if index else 0
 
 
 def align_steps(*series: Series) -> tuple[list[dt.datetime], list[list[Union[int, float]]]]:
     """Step series on one time axis (the union of their times), each carried forward (0 before it starts)."""
-    axis = sorted({t for times, _values in series for t in times})
+    # Keyed by instant: naive times of the repeated hour compare (and hash) equal whatever their fold.
+    by_instant: dict[float, dt.datetime] = {}
+    for times, _values in series:
+        for t in times:
+            by_instant.setdefault(_instant(t), t)
+    axis = [by_instant[k] for k in sorted(by_instant)]
     aligned = []
     for times, values in series:
         out: list[Union[int, float]] = []
         i, current = 0, 0
         for t in axis:
-            while i < len(times) and times[i] <= t:
+            while i < len(times) and _instant(times[i]) <= _instant(t):
                 current = values[i]
                 i += 1
             out.append(current)
@@ -155,17 +176,18 @@ def align_steps(*series: Series) -> tuple[list[dt.datetime], list[list[Union[int
 
 def time_average(times: Sequence[dt.datetime], values: Sequence[Union[int, float]], start: dt.datetime,
                  end: dt.datetime) -> float:
-    """The time-weighted mean of a step series over ``[start, end]``."""
-    span = (end - start).total_seconds()
+    """The time-weighted mean of a step series over ``[start, end]`` (durations in real time)."""
+    span = _seconds(start, end)
     if span <= 0:
         return float(step_at(times, values, start))
     total, at, current = 0.0, start, step_at(times, values, start)
-    for t, v in zip(times[bisect.bisect_right(times, start):], values[bisect.bisect_right(times, start):]):
-        if t >= end:
+    first = bisect.bisect_right(times, _instant(start), key=_instant)
+    for t, v in zip(times[first:], values[first:]):
+        if _instant(t) >= _instant(end):
             break
-        total += current * (t - at).total_seconds()
+        total += current * _seconds(at, t)
         at, current = t, v
-    total += current * (end - at).total_seconds()
+    total += current * _seconds(at, end)
     return total / span
 
 
@@ -176,12 +198,12 @@ def downsample(times: Sequence[dt.datetime], columns: Sequence[Sequence[Union[in
     if len(times) <= max_points or len(times) < 2:
         return list(times), [list(c) for c in columns]
     start = times[0]
-    width = (times[-1] - start).total_seconds() / max_points or 1.0
+    width = _seconds(start, times[-1]) / max_points or 1.0
     out_t: list[dt.datetime] = []
     out_cols: list[list[Union[int, float]]] = [[] for _ in columns]
     bucket = -1
     for i, t in enumerate(times):
-        b = min(int((t - start).total_seconds() / width), max_points - 1)
+        b = min(int(_seconds(start, t) / width), max_points - 1)
         if b != bucket:
             bucket = b
             out_t.append(t)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 
 def test_reports_from_a_real_campaign(site, run_jobs):
     from balsam.analytics import available_nodes, throughput_report, utilization_report
@@ -99,6 +101,46 @@ def test_reports_keep_the_order_of_the_hour_daylight_saving_repeats(monkeypatch)
         from types import SimpleNamespace
 
         assert available_nodes([SimpleNamespace(start_time=start, end_time=end, num_nodes=8)])[1] == [8, 0]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_durations_across_the_fall_back_are_real_time(monkeypatch) -> None:
+    """America/Chicago, 2026-11-01: a job RUNNING 00:50 CDT .. 01:20 CST (90 real minutes) in a BatchJob
+    held 00:45 CDT .. 01:30 CST (105 minutes). Naive differences ignore ``fold`` (an hour short): the
+    mean came out wrong, the value at 01:05 CST read 0, and the CLI's table edges were uneven."""
+    import time
+    from types import SimpleNamespace
+
+    from balsam._api.model import to_local_naive
+    from balsam.analytics import (align_steps, available_nodes, downsample, step_at, time_average,
+                                  utilization_report)
+    from balsam.cli.analytics import _edges
+
+    monkeypatch.setenv("TZ", "America/Chicago")
+    time.tzset()
+    try:
+        def local(hour: int, minute: int) -> dt.datetime:
+            return to_local_naive(dt.datetime(2026, 11, 1, hour, minute, tzinfo=dt.timezone.utc))
+
+        events = [_event(1, 1, "PREPROCESSED", "RUNNING", local(5, 50), 1), _event(2, 1, "RUNNING", "RUN_DONE", local(7, 20))]
+        bt, by = utilization_report(events)
+        at, ay = available_nodes([SimpleNamespace(start_time=local(5, 45), end_time=local(7, 30), num_nodes=1)])
+        start, end = at[0], at[-1]
+        assert time_average(bt, by, start, end) == pytest.approx(90 / 105)
+        assert time_average(at, ay, start, end) == pytest.approx(1.0)
+        assert step_at(bt, by, local(7, 5)) == 1  # 01:05 CST, the job runs
+        assert step_at(bt, by, local(7, 25)) == 0
+        axis, (busy, held) = align_steps((bt, by), (at, ay))
+        assert [t.timestamp() for t in axis] == sorted(t.timestamp() for t in axis) and len(axis) == 4
+        assert busy == [0, 1, 0, 0] and held == [1, 1, 1, 0]
+        edges = _edges(start, end, 7)  # 105 minutes: 15 each
+        assert [round(b.timestamp() - a.timestamp()) for a, b in zip(edges, edges[1:])] == [15 * 60] * 7
+        # 00:45 CDT, 01:40 CDT, 01:10 CST, 01:30 CST (0, 55, 85, 105 real minutes) in 3 buckets of 35
+        points = [local(5, 45), local(6, 40), local(7, 10), local(7, 30)]
+        times, (cols,) = downsample(points, [[1, 2, 3, 4]], 3, ["max"])
+        assert cols == [1, 2, 4] and times == [points[0], points[1], points[3]]
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()

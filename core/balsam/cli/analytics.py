@@ -31,10 +31,20 @@ def _event_filters(site_selector: str, tags: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _edges(start: dt.datetime, end: dt.datetime, rows: int) -> list[dt.datetime]:
-    step = (end - start) / rows
-    # The last edge is ``end`` itself: the division rounds to microseconds, and an edge 1 us short
-    # left the jobs of the last bulk update (one timestamp) out of the cumulative table.
-    return [start + step * i for i in range(rows)] + [end]
+    """``rows`` equal intervals of real time: naive ``start + step * i`` ignored daylight saving's
+    fall-back (an hour short, the repeated hour's edges out of order)."""
+    from balsam.analytics import _instant, from_instant
+
+    first, step = _instant(start), _seconds(start, end) / rows
+    # The last edge is ``end`` itself: the division rounds, and an edge 1 us short left the jobs of
+    # the last bulk update (one timestamp) out of the cumulative table.
+    return [start] + [from_instant(first + step * i, start) for i in range(1, rows)] + [end]
+
+
+def _seconds(start: dt.datetime, end: dt.datetime) -> float:
+    from balsam.analytics import _seconds as seconds
+
+    return seconds(start, end)
 
 
 def _fmt(when: dt.datetime, span: "dt.timedelta | None" = None) -> str:
@@ -92,14 +102,15 @@ def throughput(site_selector: str, tags: tuple, to_state: str, rows: int, plot_p
         return
     start, end = times[0], times[-1]
     table = []
-    edges = _edges(start, end, rows) if end > start else [start, end]
+    span = _seconds(start, end)
+    edges = _edges(start, end, rows) if span > 0 else [start, end]
     for lo, hi in zip(edges, edges[1:]):
-        before = step_at(times, counts, lo) if lo > start else 0
+        before = step_at(times, counts, lo) if _seconds(start, lo) > 0 else 0
         total = step_at(times, counts, hi)
-        minutes = (hi - lo).total_seconds() / 60
-        table.append([_fmt(hi, end - start), total - before, total, f"{(total - before) / minutes:.1f}" if minutes > 0 else ""])
+        minutes = _seconds(lo, hi) / 60
+        table.append([_fmt(hi, dt.timedelta(seconds=span)), total - before, total,
+                      f"{(total - before) / minutes:.1f}" if minutes > 0 else ""])
     click.echo(format_table(["Until", "In interval", "Total", "Per minute"], table, right={1, 2, 3}))
-    span = (end - start).total_seconds()
     # N arrivals span N - 1 intervals; under a second, a rate says nothing.
     rate = f", {(len(times) - 1) / span * 60:.1f} per minute on average" if span >= 1 and len(times) > 1 else ""
     click.echo(f"{len(times)} jobs reached {to_state.upper()} between {_fmt(start)} and {_fmt(end)}{rate}")
@@ -135,15 +146,18 @@ def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, pl
     if not busy_t and not avail_t:
         click.echo(f"No job has run yet and no BatchJob has started ({_selection_text(site_selector, tags)}).")
         return
-    start = min(t for t in (busy_t[:1] + avail_t[:1]))
-    end = max(t for t in (busy_t[-1:] + avail_t[-1:]))
+    from balsam.analytics import _instant
+
+    start = min(busy_t[:1] + avail_t[:1], key=_instant)
+    end = max(busy_t[-1:] + avail_t[-1:], key=_instant)
     unit = "jobs" if count_jobs else "nodes"
     table = []
-    edges = _edges(start, end, rows) if end > start else [start, end]
+    span = _seconds(start, end)
+    edges = _edges(start, end, rows) if span > 0 else [start, end]
     for lo, hi in zip(edges, edges[1:]):
         busy, held = time_average(busy_t, busy_y, lo, hi), time_average(avail_t, avail_y, lo, hi)
         share = f"{100 * busy / held:.0f}%" if held > 0 and not count_jobs else ""
-        table.append([_fmt(hi, end - start), f"{busy:.1f}", f"{held:.1f}", share])
+        table.append([_fmt(hi, dt.timedelta(seconds=span)), f"{busy:.1f}", f"{held:.1f}", share])
     click.echo(format_table(["Until", f"Busy {unit} (mean)", "Nodes held (mean)", "Utilization"], table, right={1, 2, 3}))
     peak = max(busy_y) if busy_y else 0
     click.echo(f"Peak: {peak:g} {unit} busy; {_fmt(start)} to {_fmt(end)}")

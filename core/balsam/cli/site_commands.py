@@ -87,20 +87,23 @@ def init(site_path: str, name: Optional[str], platform_name: Optional[str], sche
 
 @click.command("start")
 @click.argument("site_path", required=False)
-def start(site_path: Optional[str]) -> None:
+@click.option("--force", is_flag=True,
+              help="Drop a pid file naming another host whose agent looks dead (the site not refreshed for a few sync periods)")
+def start(site_path: Optional[str], force: bool) -> None:
     """Start the site agent in the background (run inside a site, or give its path)."""
     from balsam.site.site_ops import check_site_on_server, start_agent
 
     path = _site_path(site_path)
+    client = _client()
     try:
-        check_site_on_server(_client(), path)  # an agent for a deleted record would log HTTP 404 forever
+        check_site_on_server(client, path)  # an agent for a deleted record would log HTTP 404 forever
     except ConnectionError as exc:  # ServerUnavailable: the agent rides out an outage, let it start
         click.echo(f"Warning: could not check the site with the server ({exc}); starting the agent anyway", err=True)
-    pid = start_agent(path)
+    pid = start_agent(path, force=force, client=client, echo=click.echo)
     click.echo(f"Started Balsam site agent [pid {pid}] on {socket.gethostname()} (logs in {path / 'log'})")
 
 
-def _stop(path: Path, timeout: float, force: bool) -> Optional[int]:
+def _stop(path: Path, timeout: float, force: bool, client: Any = None) -> Optional[int]:
     from balsam.site.site_ops import stop_agent
 
     shown = {"last": -1}
@@ -111,7 +114,7 @@ def _stop(path: Path, timeout: float, force: bool) -> Optional[int]:
             shown["last"] = second
             click.echo(f"\rWaiting for the site agent to stop... {second:>2d}/{int(total)} s", nl=False, err=True)
 
-    pid = stop_agent(path, timeout=timeout, force=force, progress=progress)
+    pid = stop_agent(path, timeout=timeout, force=force, progress=progress, client=client, echo=click.echo)
     if shown["last"] >= 0:
         click.echo("", err=True)
     return pid
@@ -120,7 +123,8 @@ def _stop(path: Path, timeout: float, force: bool) -> Optional[int]:
 @click.command("stop")
 @click.argument("site_path", required=False)
 @click.option("-t", "--timeout", default=45.0, show_default=True, help="Seconds to wait for a clean stop")
-@click.option("--force", is_flag=True, help="Kill the agent if it has not stopped after the timeout")
+@click.option("--force", is_flag=True, help="Kill the agent if it has not stopped after the timeout; drop a pid file "
+              "naming another host whose agent looks dead (the site not refreshed for a few sync periods)")
 def stop(site_path: Optional[str], timeout: float, force: bool) -> None:
     """Stop the site agent cleanly (SIGTERM, then wait)."""
     path = _site_path(site_path)
@@ -147,6 +151,11 @@ def sync(site_path: Optional[str]) -> None:
         _stop(Path(config.site_path), 45.0, False)
         pid = start_agent(Path(config.site_path))
         click.echo(f"Started Balsam site agent [pid {pid}] on {socket.gethostname()}")
+    elif running is not None:
+        # Its processes cannot be signalled from here: say so, or the user expects the new settings applied.
+        click.echo(f"The site agent runs on {running[0]} [pid {running[1]}] and was not restarted: agent settings "
+                   f"apply at its start; on {running[0]} run `balsam site stop {config.site_path}` then "
+                   f"`balsam site start {config.site_path}`.")
 
 
 def _is_active(site: dict) -> bool:
@@ -205,7 +214,7 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     """Delete a site: its API record (with all its apps, jobs and BatchJobs) and its directory."""
     from balsam.site.agent import agent_running
     from balsam.site.api_util import count
-    from balsam.site.site_ops import read_site_id
+    from balsam.site.site_ops import check_other_host_agent, read_site_id
 
     client = _client()
     path = Path(site_path).expanduser().absolute()
@@ -217,6 +226,7 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     if not path.is_dir():
         raise click.ClickException(f"{path} does not exist (use --force to delete the API record by path)")
     site_id = read_site_id(path)
+    check_other_host_agent(path, client, force=False, command="stop")  # a pid file of another host
     running = agent_running(path)
     if running is not None:
         raise click.ClickException(f"the site agent is running on {running[0]} [pid {running[1]}]: `balsam site stop` first")
@@ -237,11 +247,12 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
 def mv(src: str, dest: str) -> None:
     """Move a site directory and update its path in the API."""
     from balsam.site.agent import agent_running
-    from balsam.site.site_ops import read_site_id
+    from balsam.site.site_ops import check_other_host_agent, read_site_id
 
     src_path = Path(src).expanduser().absolute()
     dest_path = Path(dest).expanduser().absolute()
     site_id = read_site_id(src_path)
+    check_other_host_agent(src_path, _client(), force=False, command="stop")  # a pid file of another host
     if agent_running(src_path) is not None:
         raise click.ClickException("the site agent is running: `balsam site stop` first")
     if dest_path.exists():

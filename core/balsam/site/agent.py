@@ -9,10 +9,12 @@ section is enabled (entry-point group ``balsam.agent_modules``), and runs each m
   exponential backoff (1 s doubling up to 60 s) instead of every period;
 - the agent stops with one error line when the server no longer has its site (deleted with
   ``balsam site rm``, a reset database): every module would otherwise log HTTP 404 every cycle;
-- SIGTERM / SIGINT stop the agent cleanly: the ``balsam_agent_stopping`` hook, the modules' ``close()``,
+- SIGTERM / SIGINT / SIGHUP (a closed terminal or ssh session of a foreground agent) stop the agent cleanly: the ``balsam_agent_stopping`` hook, the modules' ``close()``,
   then the pid file is removed;
 - the pid file ``balsam-service.pid`` (hostname, pid and the process start time, so a later process
-  that reuses the pid is never mistaken for the agent) exists while the agent runs;
+  that reuses the pid is never mistaken for the agent) exists while the agent runs, and the agent
+  holds an exclusive flock on ``.balsam-service.lock`` (two agents started at once: one runs);
+- a module cycle that runs far past its period (hung) is logged once with its thread's stack;
 - child processes still running when the agent stops (a scheduler command that hangs) are ended;
 - logs go to ``log/agent_<YYYY-mm-dd_HHMMSS>.log`` in the site.
 """
@@ -44,6 +46,13 @@ TOKEN_EXPIRY_MARGIN_SEC = 120.0
 LOGIN_CHECK_SEC = 30.0
 #: How often the agent checks that the server still has its site record (at once after any HTTP 404).
 SITE_CHECK_SEC = 60.0
+#: A module cycle running longer than max(HUNG_CYCLE_PERIODS x its period, HUNG_CYCLE_MIN_SEC) is
+#: reported once (ERROR with the thread's stack): a wait with no timeout (an NFS stat, a socket)
+#: otherwise stops the module's work silently while its thread stays alive.
+HUNG_CYCLE_PERIODS = 10.0
+HUNG_CYCLE_MIN_SEC = 300.0
+#: How often the agent logs its "agent alive" line (cycles, errors, hung modules).
+ALIVE_NOTE_SEC = 600.0
 
 
 class AgentError(RuntimeError):
@@ -127,19 +136,75 @@ def agent_running(site_path: Path) -> Optional[tuple[str, int]]:
     return (host, pid) if recorded_agent_alive(record) else None
 
 
+#: Held (``fcntl.flock``, exclusive) by the agent for its whole life: two agents started at the same
+#: moment both found no live pid file and both ran (the pid file alone is check-then-write). flock
+#: locks are shared across hosts on NFS v4 and on Lustre/GPFS mounted with flock support; where the
+#: file system refuses flock (ENOLCK/ENOSYS, e.g. Lustre with ``noflock``) the agent logs a warning
+#: and relies on the pid file alone.
+LOCK_FILE_NAME = ".balsam-service.lock"
+#: site dir -> the open lock file descriptor this process holds (a second Agent.run in one process,
+#: e.g. in tests, reuses it: a second flock on a new descriptor would refuse our own lock).
+_held_locks: dict[str, int] = {}
+
+
+def lock_file_path(site_path: Path) -> Path:
+    return Path(site_path) / LOCK_FILE_NAME
+
+
+def acquire_agent_lock(site_path: Path) -> Optional[int]:
+    """Take the site's agent lock for this process's life; AgentError if another process holds it.
+    Returns the descriptor (None where the file system has no flock)."""
+    import errno
+    import fcntl
+
+    key = str(Path(site_path).absolute())
+    if key in _held_locks:
+        return _held_locks[key]
+    path = lock_file_path(site_path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise AgentError(f"another site agent holds {path} (starting or running, perhaps on another host)") from None
+        logger.warning("cannot lock %s (%s): relying on the pid file alone to keep a second agent out", path, exc)
+        return None
+    _held_locks[key] = fd
+    return fd
+
+
+def release_agent_lock(site_path: Path) -> None:
+    fd = _held_locks.pop(str(Path(site_path).absolute()), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
 def write_pid_file(site_path: Path) -> Path:
+    """Take the agent lock, check that no agent runs, write the pid file. The lock stays held until
+    :func:`remove_pid_file` (or the process's exit)."""
     import psutil
 
     path = pid_file_path(site_path)
-    running = agent_running(site_path)
-    if running is not None and running[1] != os.getpid():
-        host, pid = running
-        raise AgentError(f"the site agent is already running on {host} [pid {pid}] (pid file {path})")
-    if path.exists():
-        logger.warning("replacing stale pid file %s (%s)", path, path.read_text().split())
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{socket.gethostname()}\n{os.getpid()}\n{psutil.Process().create_time():.3f}\n")
-    os.replace(tmp, path)
+    acquire_agent_lock(site_path)
+    try:
+        running = agent_running(site_path)
+        if running is not None and running[1] != os.getpid():
+            host, pid = running
+            if host != socket.gethostname():
+                raise AgentError(f"the pid file {path} names a site agent on {host} [pid {pid}]: stop it there; if that "
+                                 "host is gone, `balsam site start --force` drops the file once the site looks dead")
+            raise AgentError(f"the site agent is already running on {host} [pid {pid}] (pid file {path})")
+        if path.exists():
+            logger.warning("replacing stale pid file %s (%s)", path, path.read_text().split())
+        # A temp name of this process's own: a shared one was replaced from under a concurrent start
+        # (FileNotFoundError in os.replace).
+        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        tmp.write_text(f"{socket.gethostname()}\n{os.getpid()}\n{psutil.Process().create_time():.3f}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        release_agent_lock(site_path)
+        raise
     return path
 
 
@@ -160,6 +225,7 @@ def remove_pid_file(site_path: Path) -> None:
     found = read_pid_file(site_path)
     if found is not None and found == (socket.gethostname(), os.getpid()):
         pid_file_path(site_path).unlink(missing_ok=True)
+    release_agent_lock(site_path)  # after the unlink: the next agent finds no pid file of ours
 
 
 # -- settings access -------------------------------------------------------------------------------
@@ -220,6 +286,13 @@ class Agent:
         #: A module cycle got HTTP 404: check the site record at the next look rather than in a minute.
         self._site_check_due = False
         self._forget_listener: Callable[[], None] = lambda: None
+        #: module name -> monotonic start of the cycle in progress (absent between cycles).
+        self._cycle_started: dict[str, float] = {}
+        #: module name -> the start of the cycle already reported as hung (reported once per cycle).
+        self._hung_reported: dict[str, float] = {}
+        #: settings.yml still to be copied to the site record (the server was down at start-up).
+        self.settings_push_pending = False
+        self._cycles_at_push = -1
 
     def _make_client(self) -> Any:
         client = load_site_client(self.site_config)
@@ -260,6 +333,7 @@ class Agent:
         backoff = 0.0
         while not self.stop_event.is_set():
             delay: Optional[float]
+            self._cycle_started[name] = time.monotonic()
             try:
                 delay = module.run_cycle()
                 self.cycles[name] = self.cycles.get(name, 0) + 1
@@ -283,6 +357,8 @@ class Agent:
                         self._site_check_due = True
                     logger.exception("%s: cycle failed (the agent carries on): %s", name, exc)
                     delay = None
+            finally:
+                self._cycle_started.pop(name, None)
             if delay is None:
                 delay = module.period
             logger.debug("%s: cycle %d done; next in %.2f s", name, self.cycles.get(name, 0), delay)
@@ -296,6 +372,9 @@ class Agent:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        # A foreground agent's terminal or ssh session closing: without a handler SIGHUP killed it with
+        # no shutdown (log buffer lost, modules not closed, processing session held, pid file left).
+        signal.signal(signal.SIGHUP, handler)
 
     def request_stop(self, reason: str = "signal") -> None:
         if not self.stop_event.is_set():
@@ -355,7 +434,13 @@ class Agent:
         if site_id is None or not hasattr(self.client, "get"):
             return False
         try:
-            self.client.get(f"/sites/{site_id}")
+            if hasattr(self.client, "put"):
+                # An empty update refreshes the record's last_refresh: the sign of life `balsam site
+                # start/stop --force` reads for a pid file of another host, with or without a scheduler
+                # module (which refreshes it every sync_period).
+                self.client.put(f"/sites/{site_id}", json={})
+            else:
+                self.client.get(f"/sites/{site_id}")
         except Exception as exc:
             return getattr(exc, "status_code", None) == 404
         return False
@@ -392,12 +477,53 @@ class Agent:
                     break
             self.stop_event.wait(1.0)
             self._check_threads()
-            if time.monotonic() - last_note > 600:
+            self._retry_settings_push()
+            if time.monotonic() - last_note > ALIVE_NOTE_SEC:
                 last_note = time.monotonic()
-                logger.info("agent alive: cycles %s, errors %s", self.cycles, self.errors)
+                hung = self.hung_modules()
+                logger.info("agent alive: cycles %s, errors %s%s", self.cycles, self.errors,
+                            ", hung: " + ", ".join(f"{n} (cycle running for {s:.0f} s)" for n, s in hung.items())
+                            if hung else "")
+
+    def push_settings(self) -> bool:
+        """Copy settings.yml's limits to the site record; on failure, retried after the next
+        successful module cycle (a server down at start-up left the record stale until a restart)."""
+        from .site_ops import push_site_settings
+
+        try:
+            push_site_settings(self.client, self.site_config)
+        except Exception as exc:
+            if not self.settings_push_pending:
+                logger.warning("could not push settings.yml to the API site record (retried once the API "
+                               "answers): %s", exc)
+            self.settings_push_pending = True
+            self._cycles_at_push = sum(self.cycles.values())
+            return False
+        if self.settings_push_pending:
+            logger.info("pushed settings.yml to the API site record")
+        self.settings_push_pending = False
+        return True
+
+    def _retry_settings_push(self) -> None:
+        if self.settings_push_pending and sum(self.cycles.values()) > self._cycles_at_push:
+            self.push_settings()
+
+    def hang_threshold(self, module: AgentModule) -> float:
+        return max(HUNG_CYCLE_PERIODS * float(module.period), HUNG_CYCLE_MIN_SEC)
+
+    def hung_modules(self) -> dict[str, float]:
+        """Module name -> seconds its cycle in progress has run, for cycles past their hang threshold."""
+        now = time.monotonic()
+        hung = {}
+        for module in self.modules:
+            started = self._cycle_started.get(module.name)
+            if started is not None and now - started > self.hang_threshold(module):
+                hung[module.name] = now - started
+        return hung
 
     def _check_threads(self) -> None:
-        """Log once each module thread that ended while the agent runs: its work is no longer done."""
+        """Log once each module thread that ended while the agent runs (its work is no longer done),
+        and once per cycle each module whose cycle hangs (with the thread's stack)."""
         if self.stop_event.is_set():
             return
         for thread in self.threads:
@@ -405,6 +531,26 @@ class Agent:
                 self._dead_threads.add(thread.name)
                 logger.error("%s: the module's thread died; the agent runs on without it (restart the agent)",
                              thread.name)
+        hung = self.hung_modules()
+        if not hung:
+            return
+        import traceback
+
+        frames = sys._current_frames()
+        threads = {t.name: t for t in self.threads}
+        for name, seconds in hung.items():
+            started = self._cycle_started.get(name)
+            if started is None or self._hung_reported.get(name) == started:
+                continue
+            self._hung_reported[name] = started
+            thread = threads.get(f"agent-{name}")
+            frame = frames.get(thread.ident) if thread is not None and thread.ident is not None else None
+            stack = "".join(traceback.format_stack(frame)) if frame is not None else "(stack unavailable)\n"
+            module = next((m for m in self.modules if m.name == name), None)
+            limit = self.hang_threshold(module) if module is not None else HUNG_CYCLE_MIN_SEC
+            logger.error("%s: a cycle has run for %.0f s (over %.0f s): the module looks hung and does no other "
+                         "work meanwhile (restart the agent if it stays so); its thread is at:\n%s",
+                         name, seconds, limit, stack.rstrip())
 
     def shutdown(self, reason: Optional[str] = None, join_timeout: float = 15.0) -> None:
         from ..plugins.manager import get_plugin_manager
@@ -469,12 +615,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logger.info("balsam site agent starting (pid %d on %s), log %s", os.getpid(), socket.gethostname(), log_path)
     try:
         agent = Agent(site_config, end_children=True)
-        try:
-            from .site_ops import push_site_settings
-
-            push_site_settings(agent.client, site_config)
-        except Exception as exc:
-            logger.warning("could not push settings.yml to the API site record: %s", exc)
+        agent.push_settings()
         return agent.run()
     except AgentError as exc:
         logger.error("%s", exc)

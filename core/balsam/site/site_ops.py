@@ -6,6 +6,7 @@ Kept apart from the click commands so the demo and tests call the same code.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import os
 import shutil
 import signal
@@ -251,9 +252,94 @@ def check_site_on_server(client: Any, site_path: Path) -> int:
     return site_id
 
 
-def start_agent(site_path: Path, *, wait_sec: float = 20.0) -> int:
-    """Start ``python -m balsam.site`` in the background for ``site_path``; return its pid once it runs."""
+#: A pid file naming another host is taken for a dead agent's once the site record has not been
+#: refreshed for max(STALE_REFRESH_PERIODS x the refresh period, STALE_MIN_SEC) seconds. A running
+#: agent refreshes it every scheduler ``sync_period`` (the scheduler module's site update) and at
+#: least every ``SITE_CHECK_SEC`` (its site check); `balsam site sync/mv/rename` refresh it too.
+STALE_REFRESH_PERIODS = 3
+STALE_MIN_SEC = 120.0
+
+
+def agent_silence_limit(site_path: Path) -> float:
+    """Seconds without a site refresh after which an agent on another host is taken for dead."""
+    from .agent import SITE_CHECK_SEC
+
+    period = float(SITE_CHECK_SEC)
+    try:
+        from ..config import SiteConfig
+
+        scheduler = getattr(SiteConfig(site_path).settings, "scheduler", None)
+        if scheduler is not None:
+            period = min(period, float(scheduler.sync_period))
+    except Exception:  # a bad settings.yml: the agent's own site check still refreshes
+        pass
+    return max(STALE_REFRESH_PERIODS * period, STALE_MIN_SEC)
+
+
+def _local_time(when: dt.datetime) -> str:
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def check_other_host_agent(site_path: Path, client: Any, *, force: bool, command: str) -> Optional[str]:
+    """Deal with a pid file that names another host (a login node retired or renamed, a site on a
+    shared file system), whose processes cannot be checked from here.
+
+    The site record's ``last_refresh`` says whether that agent still lives. Silent for longer than
+    :func:`agent_silence_limit`: SiteError pointing at ``balsam site {command} --force``, or, with
+    ``force``, the pid file is removed and a note returned. Refreshed recently: SiteError naming the
+    host and file, even with ``force`` (an agent that still talks to the server is never
+    overridden). None when the pid file is absent or names this host.
+    """
+    record = read_pid_record(site_path)
+    if record is None or record[0] == socket.gethostname():
+        return None
+    from ..serialization import parse_datetime
+
+    host, pid, _start = record
+    path = pid_file_path(site_path)
+    site_id = read_site_id(site_path)
+    try:
+        last = parse_datetime(client.get(f"/sites/{site_id}")["last_refresh"])
+    except Exception as exc:
+        raise SiteError(f"the pid file {path} names a site agent on {host} [pid {pid}] and whether it still runs "
+                        f"cannot be checked (site {site_id} on the server: {exc}); `balsam site {command}` it on {host}")
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=dt.timezone.utc)
+    silent = (dt.datetime.now(dt.timezone.utc) - last).total_seconds()
+    limit = agent_silence_limit(site_path)
+    if silent <= limit:
+        hint = f"; --force drops it only once the site has been silent for over {limit:.0f} s" if force else ""
+        raise SiteError(f"the site agent runs on {host} [pid {pid}] (pid file {path}; the site was refreshed "
+                        f"{silent:.0f} s ago): `balsam site stop` it on {host}{hint}")
+    if not force:
+        raise SiteError(f"the pid file {path} names a site agent on {host} [pid {pid}], but the site has not been "
+                        f"refreshed since {_local_time(last)}: that agent looks dead; `balsam site {command} --force` "
+                        "drops the pid file")
+    path.unlink(missing_ok=True)
+    return (f"Removed the pid file {path} of the site agent on {host} [pid {pid}]: the site had not been "
+            f"refreshed since {_local_time(last)}")
+
+
+def _default_client(client: Any) -> Any:
+    if client is not None:
+        return client
+    from ..client import load_client
+
+    return load_client()
+
+
+def start_agent(site_path: Path, *, wait_sec: float = 20.0, force: bool = False, client: Any = None,
+                echo: Callable[[str], None] = lambda _msg: None) -> int:
+    """Start ``python -m balsam.site`` in the background for ``site_path``; return its pid once it runs.
+
+    A pid file naming another host is checked against the site record (:func:`check_other_host_agent`);
+    ``force`` drops it when that agent looks dead."""
     site_path = Path(site_path).absolute()
+    record = read_pid_record(site_path)
+    if record is not None and record[0] != socket.gethostname():
+        note = check_other_host_agent(site_path, _default_client(client), force=force, command="start")
+        if note:
+            echo(note)
     running = agent_running(site_path)
     if running is not None:
         host, pid = running
@@ -295,12 +381,16 @@ def stop_agent(
     timeout: float = 45.0,
     force: bool = False,
     progress: Optional[Callable[[float, float], None]] = None,
+    client: Any = None,
+    echo: Callable[[str], None] = lambda _msg: None,
 ) -> Optional[int]:
     """SIGTERM the site's agent and wait for it to exit. Returns its pid, or None if it was not running.
 
     Only the process the pid file names *and* dates is signalled (a pid reused by another process
     since is left alone). Processes the agent left behind in its process group (it is the group
-    leader) are ended too; with ``force`` the whole group is SIGKILLed after ``timeout``.
+    leader) are ended too; with ``force`` the whole group is SIGKILLed after ``timeout``. A pid file
+    of another host is checked against the site record (:func:`check_other_host_agent`); with
+    ``force`` it is removed when that agent looks dead.
     """
     site_path = Path(site_path).absolute()
     record = read_pid_record(site_path)
@@ -308,7 +398,10 @@ def stop_agent(
         return None
     host, pid, start_time = record
     if host != socket.gethostname():
-        raise SiteError(f"the site agent runs on {host} [pid {pid}]: stop it from that host")
+        note = check_other_host_agent(site_path, _default_client(client), force=force, command="stop")
+        if note:
+            echo(note)
+        return None
     if not recorded_agent_alive(record):
         pid_file_path(site_path).unlink(missing_ok=True)
         return None
