@@ -105,15 +105,19 @@ def _is_tx_conflict(exc: Exception) -> bool:
     return isinstance(orig, TransactionRollbackError)
 
 
+def _is_pool_timeout(exc: Exception) -> bool:
+    """No pool connection became free in time: the server is busy, the database is up."""
+    return isinstance(exc, sa.exc.TimeoutError)
+
+
 def _is_db_outage(exc: Exception) -> bool:
-    """Connection lost, server restarting or shutting down, pool exhausted, database locked."""
-    if _is_tx_conflict(exc):
-        # psycopg2 raises these as OperationalError, but they are no outage: counting one as an
-        # outage (note_outage) made the next sweep restart the expiry clock of every session of
-        # every user, so dead launchers' sessions outlived their expiry.
+    """Connection lost, server restarting or shutting down, database locked."""
+    if _is_tx_conflict(exc) or _is_pool_timeout(exc):
+        # psycopg2 raises conflicts as OperationalError, but neither is an outage: counting one as
+        # an outage (note_outage) made the next sweep restart the expiry clock of every session of
+        # every user, so dead launchers' sessions outlived their expiry (under load, for pool
+        # timeouts: the other requests, heartbeats among them, were being served meanwhile).
         return False
-    if isinstance(exc, sa.exc.TimeoutError):  # no pool connection became free in time
-        return True
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, sa.exc.OperationalError):
@@ -125,6 +129,11 @@ def _is_db_outage(exc: Exception) -> bool:
 async def _database_error(request: Request, exc: Exception) -> Response:
     if _is_tx_conflict(exc):
         return _tx_conflict(request, exc)
+    if _is_pool_timeout(exc):
+        # Busy, not down: 503 so that the client retries, and no note_outage (see _is_db_outage).
+        logger.warning("No database connection free in time on %s %s (busy): %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "The server is busy; retry shortly"}, status_code=503,
+                            headers={"Retry-After": str(DB_OUTAGE_RETRY_AFTER_SEC)})
     if not _is_db_outage(exc):
         return await _unexpected(request, exc)
     message = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
@@ -184,9 +193,9 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             try:
                 await run_in_threadpool(_sweep_once, app)
             except Exception as exc:  # keep sweeping: a failed sweep (e.g. DB restart) is retried next period
-                if _is_tx_conflict(exc):  # rolled back for a concurrent transaction: no outage
-                    logger.warning("Session sweep rolled back (%s); retried next period",
-                                   str(getattr(exc, "orig", exc)).strip().splitlines()[0])
+                if _is_tx_conflict(exc) or _is_pool_timeout(exc):  # a concurrent transaction, or busy: no outage
+                    logger.warning("Session sweep not done (%s); retried next period",
+                                   (str(getattr(exc, "orig", exc)).strip().splitlines() or [type(exc).__name__])[0])
                     continue
                 logger.exception("Session sweep failed")
                 note_outage(app.state.engine)

@@ -63,7 +63,9 @@ def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[st
         .group_by(jobs.c.state)
     )
     if tags:
-        stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name))
+        # Tested on the jobs of the (site_id, state) index, not with the GIN index (PostgreSQL),
+        # which reads every job of the tag, finished ones included (10^6 jobs: 0.04 -> 13 ms).
+        stmt = stmt.where(json_contains(jobs.c.tags, tags, conn.dialect.name, indexable=False))
     # The acquire's filters, written as sessions_logic.candidates writes them.
     if max_wall_time_min is not None:
         stmt = stmt.where(jobs.c.wall_time_min <= max_wall_time_min)

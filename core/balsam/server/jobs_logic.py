@@ -31,7 +31,7 @@ from .http import INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_jso
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
                      json_value_size_errors, list_item_size_errors)
 from .pg_copy import NULL, allocate_ids, column_fields, copy_body, copy_rows, field_writer, text_field
-from .tables import apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
+from .tables import CLEANUP_PREDICATES, apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
 S = JobState
 #: Columns of a job as the API returns it (Balsam 0.7 JobOut).
@@ -133,9 +133,16 @@ def _scalar_candidates(value: str, loose: bool) -> list[Any]:
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.:@+/ -]+$")
 
 
-def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str, *, loose: bool = False) -> sa.ColumnElement[bool]:
+def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str, *, loose: bool = False,
+                  indexable: bool = True) -> sa.ColumnElement[bool]:
     """``col @> wanted`` for a flat dict of strings (JSONB containment on PostgreSQL, which the
-    GIN index serves). ``loose`` also matches numbers and booleans written as text (event data)."""
+    GIN index serves). ``loose`` also matches numbers and booleans written as text (event data).
+
+    ``indexable=False``: on PostgreSQL the same test as the function behind the operator,
+    ``jsonb_contains(col, wanted)``, which no index serves (the counterpart of SQLite's ``+column``):
+    for a query that reads a few rows from another index (an acquire's partial index, the backlog's
+    active states), where the planner would otherwise AND it with the GIN index's bitmap of every
+    job carrying the tag, finished ones included (10^6 jobs: an acquire 0.2 -> 17-38 ms)."""
     if not wanted:
         return sa.true()
     clauses = []
@@ -143,7 +150,11 @@ def json_contains(col: sa.ColumnElement, wanted: dict[str, str], dialect: str, *
         candidates = _scalar_candidates(str(value), loose)
         if dialect == "postgresql":
             jsonb = sa.type_coerce(col, postgresql.JSONB)
-            clauses.append(sa.or_(*[jsonb.contains({key: c}) for c in candidates]))
+            if indexable:
+                clauses.append(sa.or_(*[jsonb.contains({key: c}) for c in candidates]))
+            else:
+                clauses.append(sa.or_(*[sa.func.jsonb_contains(jsonb, sa.bindparam(None, {key: c}, type_=postgresql.JSONB))
+                                        for c in candidates]))
         elif not _PLAIN_KEY.match(key):
             # SQLite's JSON paths cannot quote every key (a '"', a backslash, non-ASCII): look such
             # keys up among the entries instead (slower, so plain keys keep the path).
@@ -227,11 +238,17 @@ def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Selec
     state_ne = q.enum("state__ne", JobState)
     if state_ne is not None:
         stmt = stmt.where(jobs.c.state != state_ne)
-    stmt = where_in(stmt, jobs.c.state, q.enum_list("state", JobState))
+    states, pending_cleanup = q.enum_list("state", JobState), q.bool("pending_file_cleanup")
+    if states == [JobState.finished.value] and pending_cleanup is True:
+        # The file cleaner's listing: the jobs of its partial index (migration 0015), with the
+        # index's predicate word for word (SQLite uses a partial index only then; see tables.py).
+        stmt = stmt.where(sa.text(CLEANUP_PREDICATES[dialect]))
+        states = pending_cleanup = None
+    stmt = where_in(stmt, jobs.c.state, states)
     tags = q.key_values("tags")
     if tags:
         stmt = stmt.where(json_contains(jobs.c.tags, tags, dialect))
-    stmt = where_eq(stmt, jobs.c.pending_file_cleanup, q.bool("pending_file_cleanup"))
+    stmt = where_eq(stmt, jobs.c.pending_file_cleanup, pending_cleanup)
     return stmt
 
 
@@ -1325,6 +1342,13 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
         values = {name: _stored_value(name, v) for patch in job_steps for name, v in patch.items()
                   if name not in ("state", "state_timestamp", "state_data", SESSION_KEY)}
         values["last_update"] = now
+        if values.get("pending_file_cleanup") is False and final_state.get(job_id, JobState(current[job_id].state)) != S.finished:
+            # "Cleaned" is said of a finished job's files: the file_cleaner lists JOB_FINISHED jobs,
+            # deletes their files, then clears the flag. A job re-run in between (RESTART_READY, and
+            # the flag set again by that move) would lose its flag here and its new files would never
+            # be cleaned. The state is the one read under the row lock above (or left by this
+            # request), so the check cannot race with the re-run: ignored for a job not finished.
+            del values["pending_file_cleanup"]
         if job_id in final_state:
             values["state"] = final_state[job_id].value
             if final_state[job_id] != S.running or job_id in lease_ended:

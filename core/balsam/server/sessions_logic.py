@@ -63,6 +63,17 @@ run them a second time elsewhere while the first run goes on. So the first sweep
 clock of every stale session (heartbeat = now): a launcher that survived has ``expire_sec`` to
 heartbeat again; one that died meanwhile expires ``expire_sec`` later than it would have.
 
+Clock restarts: at most one per session between two of its heartbeats. "First sweep of a process"
+is per process, and a server runs several worker processes, which a process manager may recycle
+(``--max-requests``, a crashed worker) while the others serve: each new one restarted every clock,
+and workers recycled more often than ``expire_sec`` kept a dead launcher's session (and its jobs)
+forever. The database cannot tell a new worker from a server that was down, so a restart marks the
+sessions it restarted (``sessions.clock_restarted``, cleared by a heartbeat) and the next restart
+skips the sessions still marked: a launcher that died is expired ``expire_sec`` after the first
+restart that followed its last heartbeat, whatever the workers do; a live one heartbeats within its
+tick period, which clears the mark, and is covered by the next outage again (two outages within one
+tick period count the second one's downtime against it).
+
 Jobs a launcher no longer holds: a user may delete a leased job (``DELETE /jobs/{id}``) or move it
 (which ends the lease: ``session_id`` is cleared). The launcher would not know and would run it to
 its end. So a heartbeat may carry the ids the launcher runs or has prefetched, and is answered with
@@ -115,7 +126,7 @@ _OWNED_SESSION = {
 _OWNED_SESSION_LOCKED = {scoped: stmt.with_for_update(of=sessions) for scoped, stmt in _OWNED_SESSION.items()}
 #: A session's heartbeat (every acquire and tick).
 HEARTBEAT = (sa.update(sessions).where(sessions.c.id == sa.bindparam("b_session"))
-             .values(heartbeat=sa.bindparam("b_now", type_=sessions.c.heartbeat.type)))
+             .values(heartbeat=sa.bindparam("b_now", type_=sessions.c.heartbeat.type), clock_restarted=False))
 
 
 #: Which of the ids ``b_ids`` the session ``b_session`` holds (:func:`gone_jobs`), per dialect.
@@ -161,15 +172,19 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
     cutoff = now - dt.timedelta(seconds=expire_sec)
     database = str(conn.engine.url)
     if database not in _swept_since_outage:
-        # The server could not hear heartbeats until now (see the module's docstring): all sessions.
-        stale = sessions.c.heartbeat < now
+        # The server could not hear heartbeats until now (see the module's docstring): all sessions,
+        # but each at most once until it heartbeats again (see "Clock restarts" there).
+        stale = sa.select(sessions.c.id).where(sessions.c.heartbeat < now, sessions.c.clock_restarted.is_(False))
         if conn.dialect.name == "postgresql":
             # Never wait for a session's row (see "Lock order"): a locked one is being changed by a
-            # request that heartbeats it or ends it, or swept by another worker.
-            free = sessions.alias("free")
-            stale = sessions.c.id.in_(
-                sa.select(free.c.id).where(free.c.heartbeat < now).with_for_update(skip_locked=True))
-        restarted = conn.execute(sa.update(sessions).where(stale).values(heartbeat=now)).rowcount
+            # request that heartbeats it or ends it, or swept by another worker. The rows stay
+            # locked until the commit: no heartbeat comes between this read and the update.
+            stale = stale.with_for_update(skip_locked=True, of=sessions)
+        ids = list(conn.execute(stale).scalars())
+        restarted = 0
+        for start in range(0, len(ids), 5000):
+            restarted += conn.execute(sa.update(sessions).where(sessions.c.id.in_(ids[start:start + 5000]))
+                                      .values(heartbeat=now, clock_restarted=True)).rowcount
         _swept_since_outage.add(database)
         if restarted:
             logger.info("Restarted the expiry clock of %d session(s) after a server start or outage", restarted)
@@ -287,7 +302,9 @@ def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool =
         leasable = [jobs.c.session_id.is_(None), jobs.c.state.in_(sorted(s.value for s in spec.states))]
     stmt = sa.select(jobs.c.id, jobs.c.num_nodes, jobs.c.node_packing_count).where(jobs.c.site_id == site_id, *leasable)
     if spec.filter_tags:
-        stmt = stmt.where(json_contains(jobs.c.tags, spec.filter_tags, dialect))
+        # With a partial index, the tags are tested on its few rows: not with the GIN index (on
+        # PostgreSQL), whose bitmap holds every job of the tag, finished ones included.
+        stmt = stmt.where(json_contains(jobs.c.tags, spec.filter_tags, dialect, indexable=predicate is None))
     app_id, wall_time_min, num_nodes = jobs.c.app_id, jobs.c.wall_time_min, jobs.c.num_nodes
     if predicate is not None:
         # Read in order from the leasable jobs' index: the other filters are written ``+column``
