@@ -659,3 +659,34 @@ def test_site_id_of_many_jobs_costs_one_get_per_app(site, monkeypatch):
     monkeypatch.setattr(RESTClient, "_send", counting)
     assert {job.site_id for job in jobs} == {Hello.resolve_site_id()} and len(jobs) == 40
     assert len(gets) <= 2, gets
+
+
+def test_rows_inserted_ahead_while_pages_are_read_are_not_returned_twice(site, monkeypatch):
+    """Events listed newest first during a live campaign: rows inserted at the head between two
+    pages shifted the next page, whose first rows were the last of the page before (analytics
+    counted those jobs twice)."""
+    from balsam._api.query import Query
+    from balsam.api import EventLog, Job
+
+    Hello = _template_app(site)
+    jobs = Job.objects.bulk_create([Hello.submit(workdir=f"ev/{i:02d}", name="x", save=False) for i in range(12)])
+    monkeypatch.setattr(Query, "page_size", 5)
+    client = EventLog._get_client()
+    real = client.request_with_headers
+    pages = []
+
+    def insert_between_pages(method, path, **kwargs):
+        answer = real(method, path, **kwargs)
+        if path.startswith("/events") and len(pages) < 2:
+            pages.append(kwargs["params"]["offset"])
+            # Two more events, newer than every row read so far (the live campaign goes on).
+            more = Job.objects.bulk_create([Hello.submit(workdir=f"ev/new{len(pages)}-{i}", name="x", save=False)
+                                            for i in range(2)])
+            assert len(more) == 2
+        return answer
+
+    monkeypatch.setattr(client, "request_with_headers", insert_between_pages)
+    events = list(EventLog.objects.filter(job_id=[j.id for j in jobs] + list(range(jobs[-1].id + 1, jobs[-1].id + 10))))
+    ids = [e.id for e in events]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    assert {e.job_id for e in events} >= {j.id for j in jobs}  # none of the first rows missed

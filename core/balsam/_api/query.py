@@ -179,11 +179,17 @@ class Query(Generic[T]):
             return count, rows[offset:end]
         results: list[Any] = []
         total = 0
+        # Rows inserted ahead of the read position while the pages are read (a live campaign's
+        # events, listed newest first) shift the later pages: their first rows are the last of the
+        # page before. Offsets count the rows fetched and a row seen already is skipped, so none is
+        # returned twice (a row deleted meanwhile may still be missed: offsets cannot tell).
+        fetched = 0
+        seen: set[Any] = set()
         while True:
             want = self.page_size if limit is None else min(self.page_size, limit - len(results))
             if limit is not None and want <= 0:
                 break
-            page_params = dict(params, limit=want, offset=offset + len(results))
+            page_params = dict(params, limit=want, offset=offset + fetched)
             if self._order:
                 page_params["ordering"] = self._order
             # Job pages come as columns (the server's COLUMNS_MEDIA_TYPE); other lists, and servers
@@ -195,8 +201,15 @@ class Query(Generic[T]):
             else:
                 count, page = _unpack_list(data)
             total = count
-            results.extend(page)
-            if not page or len(results) + offset >= count or len(page) < want:
+            fetched += len(page)
+            for row in page:
+                row_id = row.get("id") if isinstance(row, dict) else getattr(row, "id", None)
+                if row_id is None:
+                    results.append(row)
+                elif row_id not in seen:
+                    seen.add(row_id)
+                    results.append(row)
+            if not page or fetched + offset >= count or len(page) < want:
                 break
         return total, results
 
