@@ -3,7 +3,8 @@
 # make sure PostgreSQL runs with a `balsam_test` database and Chromium is installed (the dashboard's
 # browser test), install sshd (the rsync-over-ssh tests) and start the CI Slurm cluster when its
 # script is present, both when we are root, then run pytest (which also builds the docs with
-# `mkdocs build --strict`). Arguments go to pytest.
+# `mkdocs build --strict`), on 2 pytest-xdist workers unless test paths are given (see the end).
+# Arguments go to pytest.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -75,4 +76,25 @@ if [ -f "$slurm_script" ] && [ "$(id -u)" = 0 ]; then
         echo "test.sh: start-slurm.sh failed; its output:" >&2; tail -40 /tmp/balsam-start-slurm.log >&2; exit 1; }
 fi
 
-exec "$repo/.venv/bin/pytest" "$@"
+# -- pytest, on 2 pytest-xdist workers for the whole suite (about half the wall time on 2 cores) ----
+# Each worker has its own servers, databases (balsam_test_<pid>_*) and tmp dirs; the real-Slurm tests
+# all run on one worker, one after another (XDIST_GROUPS in tests/conftest.py). With test paths
+# (`scripts/test.sh tests/server/test_jobs.py`) pytest runs in this process, which starts sooner.
+# BALSAM_TEST_WORKERS=N sets the number of workers either way (0 or 1: none; `auto`: one per CPU);
+# with -n, --dist, -p no:xdist, --pdb or --trace among the arguments, pytest gets them as they are
+# (give `-n N --dist loadgroup` to keep the real-Slurm tests on one worker).
+workers="${BALSAM_TEST_WORKERS:-}"
+user_chooses=0
+for arg in "$@"; do
+    case "$arg" in
+        -n|-n*|--numprocesses|--numprocesses=*|--dist|--dist=*|no:xdist|-pno:xdist|--pdb|--trace) user_chooses=1 ;;
+        -*) ;;
+        *) if [ -z "$workers" ] && [ -e "${arg%%::*}" ]; then workers=1; fi ;;  # a test path
+    esac
+done
+workers="${workers:-2}"
+xdist=()
+if [ "$user_chooses" = 0 ] && [ "$workers" != 0 ] && [ "$workers" != 1 ]; then
+    xdist=(-n "$workers" --dist loadgroup)   # N, or pytest-xdist's `auto`
+fi
+exec "$repo/.venv/bin/pytest" ${xdist[@]+"${xdist[@]}"} "$@"

@@ -86,10 +86,53 @@ def drop_pg_databases(names: "set[str]") -> None:
 
 
 def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001
-    """Drop this process's private test databases (servers are stopped by their fixtures first)."""
-    if hasattr(session.config, "workerinput"):
-        return
+    """Drop this process's private test databases (servers are stopped by their fixtures first).
+    Under pytest-xdist each worker is such a process (its own pid, its own databases); the
+    controller runs no tests and has none."""
     drop_pg_databases(set(_CREATED_PG_DATABASES))
+
+
+# -- pytest-xdist (scripts/test.sh runs the suite with `-n 2 --dist loadgroup`) --------------------
+#: Test files whose tests must not overlap one another: the tests of one group all go to one worker,
+#: which runs them one after another, as a serial run does (the other worker meanwhile runs other
+#: tests). ``slurm``: the real Slurm cluster of the CI host has 4 nodes, and its tests size their
+#: allocations, and what they wait for, to a cluster nobody else in the run is using. Every test
+#: marked ``slurm`` must be in one of the group's files (checked at collection).
+XDIST_GROUPS: dict[str, tuple[str, ...]] = {
+    "slurm": ("tests/schedulers/test_slurm_real.py", "tests/schedulers/test_e2e_slurm.py",
+              "tests/elastic/test_elastic_e2e.py"),
+}
+_XDIST_GROUP_OF_FILE = {path: group for group, paths in XDIST_GROUPS.items() for path in paths}
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001
+    """A test marked with a group's name (``slurm``) outside that group's files would overlap the
+    group under xdist: refuse the run, whether or not it is distributed."""
+    stray = [item.nodeid for item in items for group in XDIST_GROUPS
+             if item.get_closest_marker(group) is not None
+             and _XDIST_GROUP_OF_FILE.get(item.nodeid.split("::", 1)[0]) != group]
+    if stray:
+        raise pytest.UsageError(f"tests marked with an xdist group outside its files (add the file to "
+                                f"XDIST_GROUPS in tests/conftest.py): {stray}")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):  # noqa: ANN001
+    """``--dist loadgroup`` with XDIST_GROUPS: like xdist's own loadgroup (each test its own unit
+    of work, sent to whichever worker is free; tests marked ``xdist_group(NAME)`` one unit), and each
+    group of XDIST_GROUPS one unit. The groups go by file: the controller sees only test ids (and
+    xdist 3.8's ``xdist_group`` renaming of ids does nothing on pytest 9.2, whose nodes keep their id
+    elsewhere)."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class BalsamGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = _XDIST_GROUP_OF_FILE.get(nodeid.split("::", 1)[0])
+            return group or super()._split_scope(nodeid)
+
+    return BalsamGroupScheduling(config, log)
 
 
 def ensure_pg_database(url: str) -> None:
