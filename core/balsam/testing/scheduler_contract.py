@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import shlex
 import subprocess
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -376,7 +377,11 @@ class SchedulerContract:
         qsubmit = tmp_path / "qsubmit"
         qsubmit.mkdir()
         scripts = {}
-        for name, body in (("qlaunch00001", "echo lifecycle-ran; sleep 1"), ("qlaunch00002", "sleep 60")):
+        # The first job stays in the queue until the test has seen it in a status poll (at most 60 s):
+        # with a fixed `sleep 1` it could leave the queue, on a busy host, before the first poll.
+        release = tmp_path / "release-first-job"
+        hold = f"for _ in $(seq 300); do [ -e {shlex.quote(str(release))} ] && break; sleep 0.2; done"
+        for name, body in (("qlaunch00001", f"echo lifecycle-ran; {hold}"), ("qlaunch00002", "sleep 60")):
             scripts[name] = qsubmit / f"{name}.sh"
             scripts[name].write_text(f"#!/bin/bash\n{body}\n")
             scripts[name].chmod(0o755)
@@ -396,6 +401,7 @@ class SchedulerContract:
         status = wait_for(lambda: driver.get_statuses().get(first), 20, "the first job in the status poll")
         assert status.num_nodes == self.request_num_nodes and status.queue == "debug"
         assert status.state in (BatchJobState.queued, BatchJobState.running)
+        release.touch()
         wait_for(lambda: first not in driver.get_statuses(), 60, "the first job to leave the queue")
         history = wait_for(lambda: driver.get_history(first, scripts["qlaunch00001"]), 30, "the first job's history")
         assert history.state is BatchJobState.finished, history
