@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -116,11 +118,21 @@ def test_every_benchmark_is_in_the_table() -> None:
     assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == sorted(listed)
 
 
+@pytest.fixture
+def tmpdir_short() -> Iterator[Path]:
+    """An empty directory for the benchmark's TMPDIR, directly in the system's temporary directory
+    (removed afterwards): the processing benchmark's forkserver binds a Unix socket in it, whose path
+    may have 107 bytes at most, and under pytest-xdist a tmp_path
+    (``/tmp/pytest-of-root/pytest-170/popen-gw0/test_benchmark_runs_processing0/tmp``) leaves too few."""
+    path = Path(tempfile.mkdtemp(prefix="balsam-bench-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("script, args, expected", RUNS)
-def test_benchmark_runs(script: str, args: list[str], expected: str, tmp_path: Path,
+def test_benchmark_runs(script: str, args: list[str], expected: str, tmpdir_short: Path,
                         request: pytest.FixtureRequest) -> None:
-    tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
+    tmpdir = tmpdir_short
     env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")}
     env.update(TMPDIR=str(tmpdir), PATH=f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     if request.node.get_closest_marker("postgres"):
