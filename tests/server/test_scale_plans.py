@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from starlette.datastructures import QueryParams as StarletteQueryParams
 
 from balsam.server.backlog import backlog_by_state
-from balsam.server.db import count_and_page, create_db_engine
+from balsam.server.db import count_and_page
 from balsam.server.http import QueryParams
 from balsam.server.jobs_logic import list_job_columns, list_jobs, list_jobs_json
 from balsam.server.routes.events import events_select
@@ -29,19 +29,11 @@ from balsam.server.tables import jobs, sites
 from balsam.states import PROCESSABLE_STATES
 
 from server_testlib import runnable
-from test_acquire_plans import _spec
+from test_acquire_plans import _spec, engine  # noqa: F401 - engine: the live server's database (a fixture)
 
 #: Finished jobs a site has done (copies of one of its jobs, in 10 campaigns), to give the planners a
 #: table in which reading every finished job, or every job of a campaign, costs what it costs at scale.
 FINISHED = 10_000
-
-
-@pytest.fixture
-def engine(db_kind: str, request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
-    server = request.getfixturevalue("_live_server_obj" if db_kind == "sqlite" else "_live_server_pg_obj")
-    engine = create_db_engine(server.database_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
