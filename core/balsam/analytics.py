@@ -160,13 +160,15 @@ def align_steps(*series: Series) -> tuple[list[dt.datetime], list[list[Union[int
     for times, _values in series:
         for t in times:
             by_instant.setdefault(_instant(t), t)
-    axis = [by_instant[k] for k in sorted(by_instant)]
+    keys = sorted(by_instant)
+    axis = [by_instant[k] for k in keys]
     aligned = []
     for times, values in series:
+        instants = [_instant(t) for t in times]
         out: list[Union[int, float]] = []
         i, current = 0, 0
-        for t in axis:
-            while i < len(times) and _instant(times[i]) <= _instant(t):
+        for key in keys:
+            while i < len(instants) and instants[i] <= key:
                 current = values[i]
                 i += 1
             out.append(current)

@@ -56,6 +56,7 @@ from .states import BatchJobState
 logger = logging.getLogger("balsam.scheduler")
 
 __all__ = [
+    "ANY_QUEUE",
     "BackfillWindow",
     "Command",
     "CommandResult",
@@ -69,6 +70,12 @@ __all__ = [
     "SubmitRequest",
     "subprocess_runner",
 ]
+
+
+#: The :meth:`Scheduler.get_backfill_windows` key of windows usable from any queue (PBS nodes tied
+#: to no queue, Slurm's windows under ``queue_flag: --qos``); the elastic queue reads it beside its
+#: own queue's.
+ANY_QUEUE = "*"
 
 
 class SchedulerError(Exception):

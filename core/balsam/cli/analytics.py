@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import click
 
+from balsam.analytics import _instant, _seconds, from_instant  # standard library only: no start-up cost
+
 from ._site_selector import format_table, parse_key_values, site_filter, site_option
 
 
@@ -33,18 +35,10 @@ def _event_filters(site_selector: str, tags: tuple[str, ...]) -> dict[str, Any]:
 def _edges(start: dt.datetime, end: dt.datetime, rows: int) -> list[dt.datetime]:
     """``rows`` equal intervals of real time: naive ``start + step * i`` ignored daylight saving's
     fall-back (an hour short, the repeated hour's edges out of order)."""
-    from balsam.analytics import _instant, from_instant
-
     first, step = _instant(start), _seconds(start, end) / rows
     # The last edge is ``end`` itself: the division rounds, and an edge 1 us short left the jobs of
     # the last bulk update (one timestamp) out of the cumulative table.
     return [start] + [from_instant(first + step * i, start) for i in range(1, rows)] + [end]
-
-
-def _seconds(start: dt.datetime, end: dt.datetime) -> float:
-    from balsam.analytics import _seconds as seconds
-
-    return seconds(start, end)
 
 
 def _fmt(when: dt.datetime, span: "dt.timedelta | None" = None) -> str:
@@ -146,7 +140,6 @@ def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, pl
     if not busy_t and not avail_t:
         click.echo(f"No job has run yet and no BatchJob has started ({_selection_text(site_selector, tags)}).")
         return
-    from balsam.analytics import _instant
 
     start = min(busy_t[:1] + avail_t[:1], key=_instant)
     end = max(busy_t[-1:] + avail_t[-1:], key=_instant)

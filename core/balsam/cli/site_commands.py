@@ -103,7 +103,7 @@ def start(site_path: Optional[str], force: bool) -> None:
     click.echo(f"Started Balsam site agent [pid {pid}] on {socket.gethostname()} (logs in {path / 'log'})")
 
 
-def _stop(path: Path, timeout: float, force: bool, client: Any = None) -> Optional[int]:
+def _stop(path: Path, timeout: float, force: bool) -> Optional[int]:
     from balsam.site.site_ops import stop_agent
 
     shown = {"last": -1}
@@ -114,7 +114,7 @@ def _stop(path: Path, timeout: float, force: bool, client: Any = None) -> Option
             shown["last"] = second
             click.echo(f"\rWaiting for the site agent to stop... {second:>2d}/{int(total)} s", nl=False, err=True)
 
-    pid = stop_agent(path, timeout=timeout, force=force, progress=progress, client=client, echo=click.echo)
+    pid = stop_agent(path, timeout=timeout, force=force, progress=progress, echo=click.echo)
     if shown["last"] >= 0:
         click.echo("", err=True)
     return pid
@@ -252,7 +252,8 @@ def mv(src: str, dest: str) -> None:
     src_path = Path(src).expanduser().absolute()
     dest_path = Path(dest).expanduser().absolute()
     site_id = read_site_id(src_path)
-    check_other_host_agent(src_path, _client(), force=False, command="stop")  # a pid file of another host
+    client = _client()
+    check_other_host_agent(src_path, client, force=False, command="stop")  # a pid file of another host
     if agent_running(src_path) is not None:
         raise click.ClickException("the site agent is running: `balsam site stop` first")
     if dest_path.exists():
@@ -261,7 +262,6 @@ def mv(src: str, dest: str) -> None:
         dest_path = dest_path / src_path.name
         if dest_path.exists():
             raise click.ClickException(f"{dest_path} already exists")
-    client = _client()
     client.get(f"/sites/{site_id}")  # fails early if the record is not ours
     shutil.move(str(src_path), str(dest_path))
     try:

@@ -45,7 +45,7 @@ from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQ
 from balsam.states import RUNNABLE_STATES, JobState
 
 from .rest import new_idempotency_key
-from .status_updater import send_spooled, spooled_for
+from .status_updater import send_spooled
 
 logger = logging.getLogger(__name__)
 
@@ -244,11 +244,17 @@ class JobLease:
             return []
         logger.warning("%s %s was lost with %d held jobs, which are no longer this launcher's: %s",
                        self.name, lost_id, len(ids), ids[:20])
+        self._hand_gone(ids, as_of)
+        return ids
+
+    def _hand_gone(self, ids: list[int], as_of: int) -> None:
+        """``on_gone(ids)``, with the generation the copies were acquired under when it takes one."""
+        if self._on_gone is None:
+            return
         if self._gone_with_generation:
             self._on_gone(ids, as_of)
         else:
             self._on_gone(ids)
-        return ids
 
     # -- heartbeat -------------------------------------------------------------------------------
     def watch(self, held_ids: Callable[[], Optional[Iterable[int]]], on_gone: Callable[..., None], *,
@@ -319,11 +325,7 @@ class JobLease:
             return []
         ids = [int(i) for i in gone]
         logger.info("%s %s no longer holds %d of its jobs: %s", self.name, session_id, len(ids), ids[:20])
-        if self._on_gone is not None:
-            if self._gone_with_generation:
-                self._on_gone(ids, as_of)
-            else:
-                self._on_gone(ids)
+        self._hand_gone(ids, as_of)
         return ids
 
     def tick_if_due(self) -> None:
@@ -422,7 +424,7 @@ class JobLease:
         if saved is not None:
             client.retry_count = min(saved, retry_count)
         try:
-            if spooled_for(client, self._session_id) and not send_spooled(client, self._session_id):
+            if not send_spooled(client, self._session_id):
                 # Updates sent under this Session wait in the spool for the site agent (the API was
                 # gone when the updater gave up, and still is). Deleting the Session would make its
                 # RUNNING jobs RUN_TIMEOUT and the spooled RUN_DONE would be refused at replay: the

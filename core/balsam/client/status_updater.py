@@ -596,12 +596,7 @@ def send_spooled(client: Any, session_id: int) -> bool:
         except OSError as exc:
             logger.warning("cannot read spooled updates %s: %s", path, exc)
             return False
-        updates = []
-        for line in lines:
-            try:
-                updates.append(json.loads(line))
-            except ValueError:
-                continue
+        updates = spooled_updates(path, lines)
         try:
             for start in range(0, len(updates), MAX_ITEMS_PER_BULK_OP):
                 refused = isolate_refused(
@@ -620,11 +615,30 @@ def send_spooled(client: Any, session_id: int) -> bool:
     return True
 
 
+def spooled_updates(path: Path, lines: list[str]) -> list[dict[str, Any]]:
+    """The job updates of a spool file's ``lines`` (a line that is not one is logged and skipped)."""
+    updates = []
+    for number, line in enumerate(lines, 1):
+        try:
+            update = json.loads(line)
+            int(update["id"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s:%d: not a job update; skipped", path, number)
+            continue
+        updates.append(update)
+    return updates
+
+
+def spool_prefix(host: str, pid: int) -> str:
+    """The start of the names of the spool files written by process ``pid`` on ``host``."""
+    return f"unsent-{host}-{pid}-"
+
+
 def write_spool(spool_dir: "Path | str", updates: list[dict[str, Any]]) -> Path:
     """Write ``updates`` to a new file in ``spool_dir`` (complete or not at all: write, then rename)."""
     spool_dir = Path(spool_dir)
     spool_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"unsent-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+    stem = f"{spool_prefix(socket.gethostname(), os.getpid())}{time.time_ns()}"
     tmp = spool_dir / f".{stem}.tmp"
     with open(tmp, "w") as fh:
         for update in updates:
@@ -670,13 +684,7 @@ class SpoolReplayer:
                 logger.warning("cannot read spooled updates %s: %s", path, exc)
                 continue
             sequence = 0
-            for number, line in enumerate(lines, 1):
-                try:
-                    update = json.loads(line)
-                    int(update["id"])
-                except (ValueError, KeyError, TypeError):
-                    logger.warning("%s:%d: not a job update; skipped", path, number)
-                    continue
+            for update in spooled_updates(path, lines):
                 # As it was sent: under its launcher's session (or none), never the agent's.
                 sequence = self.updater.put_update(update, stamp_session=False)
                 queued += 1

@@ -272,11 +272,11 @@ class _Checker:
                 ok = False
             else:
                 kwargs[key] = converted
-        for name, field in fields.items():
-            if name not in kwargs and field.default is attrs.NOTHING and name not in data and name not in suggested:
+        missing = [name for name, field in fields.items() if name not in kwargs and field.default is attrs.NOTHING]
+        for name in missing:
+            if name not in data and name not in suggested:  # else its own problem was reported
                 self.fail(path + (name,) if path + (name,) in self.lines else path, f"missing required key '{name}'")
-                ok = False
-        if any(name not in kwargs and field.default is attrs.NOTHING for name, field in fields.items()):
+        if missing:
             return self.INVALID  # cannot be built to check further (already reported)
         # Each key's own validator first, so that every bad value of the section is reported at once
         # (attrs stops at the first); a key that fails it is left out, its default standing in while

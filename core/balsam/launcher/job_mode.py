@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import attrs
 
@@ -41,6 +41,16 @@ def launcher_setting(settings: Any, name: str) -> Any:
     the one source, also for a settings object without a launcher section (tests, embedding)."""
     section = getattr(settings, "launcher", None)
     return getattr(section if section is not None else LauncherSettings(), name)
+
+
+def allows_node_packing(settings: Any, platform: "Callable[[], Any]") -> bool:
+    """Whether MPI runs may share a node: ``launcher.mpirun_allows_node_packing``, else (null) the
+    platform's default (``platform()`` is asked only then). The launcher and the elastic queue's
+    sizing both follow this one rule."""
+    configured = launcher_setting(settings, "mpirun_allows_node_packing")
+    if configured is None:
+        return bool(getattr(platform(), "mpirun_allows_node_packing", True))
+    return bool(configured)
 
 
 def env_float(name: str, default: float) -> float:
@@ -206,10 +216,7 @@ class LauncherContext:
         return launcher_setting(self.settings, name)
 
     def allow_node_packing(self) -> bool:
-        configured = self.setting("mpirun_allows_node_packing")
-        if configured is None:
-            return bool(getattr(self.platform, "mpirun_allows_node_packing", True))
-        return bool(configured)
+        return allows_node_packing(self.settings, lambda: self.platform)
 
     @property
     def spool_path(self) -> Optional[Path]:

@@ -282,7 +282,7 @@ class NodeManager:
         usual). Returns False (and does nothing) if it is already out or is the last node in: a
         partition without nodes would hold its leased jobs to the end for nothing."""
         node = self.nodes[index]
-        if node.disabled or sum(1 for n in self.nodes if not n.disabled) <= 1:
+        if node.disabled or self.enabled_count() <= 1:
             return False
         node.disabled = True
         return True

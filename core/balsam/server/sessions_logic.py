@@ -96,7 +96,7 @@ import sqlalchemy as sa
 from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQUIRE, SessionAcquire
 from balsam.states import BatchJobState, JobState
 
-from .db import ids_in_param, ids_param
+from .db import id_in, ids_in_param, ids_param
 from .errors import NotFound, ValidationFailed
 from .http import INT64_MAX, INT64_MIN, check_int_fields, is_json_int, wire_datetime
 from .jobs_logic import (
@@ -181,10 +181,8 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
             # locked until the commit: no heartbeat comes between this read and the update.
             stale = stale.with_for_update(skip_locked=True, of=sessions)
         ids = list(conn.execute(stale).scalars())
-        restarted = 0
-        for start in range(0, len(ids), 5000):
-            restarted += conn.execute(sa.update(sessions).where(sessions.c.id.in_(ids[start:start + 5000]))
-                                      .values(heartbeat=now, clock_restarted=True)).rowcount
+        restarted = conn.execute(sa.update(sessions).where(id_in(sessions.c.id, ids, conn.dialect.name))
+                                 .values(heartbeat=now, clock_restarted=True)).rowcount if ids else 0
         _swept_since_outage.add(database)
         if restarted:
             logger.info("Restarted the expiry clock of %d session(s) after a server start or outage", restarted)

@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -482,7 +483,7 @@ class Agent:
                 last_note = time.monotonic()
                 hung = self.hung_modules()
                 logger.info("agent alive: cycles %s, errors %s%s", self.cycles, self.errors,
-                            ", hung: " + ", ".join(f"{n} (cycle running for {s:.0f} s)" for n, s in hung.items())
+                            ", hung: " + ", ".join(f"{n} (cycle running for {s:.0f} s)" for n, (s, _) in hung.items())
                             if hung else "")
 
     def push_settings(self) -> bool:
@@ -511,14 +512,16 @@ class Agent:
     def hang_threshold(self, module: AgentModule) -> float:
         return max(HUNG_CYCLE_PERIODS * float(module.period), HUNG_CYCLE_MIN_SEC)
 
-    def hung_modules(self) -> dict[str, float]:
-        """Module name -> seconds its cycle in progress has run, for cycles past their hang threshold."""
+    def hung_modules(self) -> dict[str, tuple[float, float]]:
+        """Module name -> (seconds its cycle in progress has run, its hang threshold), for cycles
+        past their threshold."""
         now = time.monotonic()
         hung = {}
         for module in self.modules:
             started = self._cycle_started.get(module.name)
-            if started is not None and now - started > self.hang_threshold(module):
-                hung[module.name] = now - started
+            limit = self.hang_threshold(module)
+            if started is not None and now - started > limit:
+                hung[module.name] = (now - started, limit)
         return hung
 
     def _check_threads(self) -> None:
@@ -534,11 +537,9 @@ class Agent:
         hung = self.hung_modules()
         if not hung:
             return
-        import traceback
-
         frames = sys._current_frames()
         threads = {t.name: t for t in self.threads}
-        for name, seconds in hung.items():
+        for name, (seconds, limit) in hung.items():
             started = self._cycle_started.get(name)
             if started is None or self._hung_reported.get(name) == started:
                 continue
@@ -546,8 +547,6 @@ class Agent:
             thread = threads.get(f"agent-{name}")
             frame = frames.get(thread.ident) if thread is not None and thread.ident is not None else None
             stack = "".join(traceback.format_stack(frame)) if frame is not None else "(stack unavailable)\n"
-            module = next((m for m in self.modules if m.name == name), None)
-            limit = self.hang_threshold(module) if module is not None else HUNG_CYCLE_MIN_SEC
             logger.error("%s: a cycle has run for %.0f s (over %.0f s): the module looks hung and does no other "
                          "work meanwhile (restart the agent if it stays so); its thread is at:\n%s",
                          name, seconds, limit, stack.rstrip())

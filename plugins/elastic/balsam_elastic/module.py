@@ -36,9 +36,10 @@ import attrs
 
 from balsam.batch_job_rules import BatchJobRefused, check_batch_job
 from balsam.config.drivers import site_platform
-from balsam.launcher.job_mode import launcher_setting
+from balsam.launcher.job_mode import allows_node_packing
 from balsam.models import BackfillWindow
 from balsam.options import build_options
+from balsam.scheduler import ANY_QUEUE
 from balsam.serialization import parse_datetime
 from balsam.site.api_util import bulk_patch, list_all, utcnow
 from balsam.site.module import AgentModule
@@ -47,8 +48,6 @@ from balsam.states import BatchJobState, JobState
 from .options import ElasticQueueOptions
 from .strategy import Backlog, BatchJobView, Decision, Snapshot, load_strategy
 
-#: The key under which a driver reports windows usable from any queue (PBS nodes without a queue).
-ANY_QUEUE = "*"
 #: BatchJob states the module reads (finished ones no longer matter).
 READ_STATES = [s.value for s in (BatchJobState.pending_submission, BatchJobState.queued, BatchJobState.running,
                                  BatchJobState.pending_deletion)]
@@ -124,14 +123,15 @@ class ElasticQueueModule(AgentModule):
         if self.options.job_mode != "mpi":
             return "footprint"  # the serial launcher packs node_packing_count jobs per node itself
         settings = getattr(self.site_config, "settings", None)
-        packing = launcher_setting(settings, "mpirun_allows_node_packing")
-        if packing is None:
+
+        def platform() -> Any:
             try:
-                packing = getattr(site_platform(settings), "mpirun_allows_node_packing", True)
+                return site_platform(settings)
             except Exception as exc:  # an unloadable platform fails the launcher, not this module
                 self.logger.warning("launcher platform not loaded (%s): assuming MPI runs may share a node", exc)
-                packing = True
-        return "footprint" if packing else "unpacked_footprint"
+                return None
+
+        return "footprint" if allows_node_packing(settings, platform) else "unpacked_footprint"
 
     def filter_tags(self) -> dict[str, str]:
         return dict(getattr(getattr(self.site_config, "settings", None), "filter_tags", None) or {})
@@ -411,7 +411,7 @@ def _count(rows: list[Mapping]) -> int:
     return sum(int(r["count"]) for r in rows)
 
 
-def _runnable_backlog(rows: list[Mapping], footprint: str = "footprint") -> Backlog:
+def _runnable_backlog(rows: list[Mapping], footprint: str) -> Backlog:
     """The runnable numbers of a backlog answer's runnable states' rows (``footprint``: the field
     of the node footprint, see :meth:`ElasticQueueModule.footprint_key`)."""
     if not rows:

@@ -14,7 +14,7 @@ import attrs
 
 from balsam.options import option
 
-from .strategy import StrategyError, strategy_class
+from .strategy import StrategyError, load_strategy, strategy_class
 
 __all__ = ["ElasticQueueOptions", "check_option_types"]
 
@@ -125,18 +125,19 @@ class ElasticQueueOptions:
             problems["submit_queue"] = (f"queue {self.submit_queue!r} is not in the scheduler section's allowed_queues "
                                         f"({', '.join(sorted(queues)) or 'none'})")
         limits = queues.get(self.submit_queue)
-        if limits is not None and self.strategy == "simple" and isinstance(self.strategy_options, dict):
-            # simple counts full blocks of nodes_per_block x wall_time_min: a block clamped to the
-            # queue's limits each cycle would leave the demand it was counted for without nodes.
-            defaults = {f.name: f.default for f in attrs.fields(strategy_class("simple").options_schema)}
-            for key, limit_name in (("nodes_per_block", "max_nodes"), ("wall_time_min", "max_walltime")):
-                value = self.strategy_options.get(key, defaults[key])
-                limit = limits.get(limit_name) if isinstance(limits, dict) else getattr(limits, limit_name, None)
-                if isinstance(value, int) and limit is not None and value > int(limit):
+        if limits is not None:
+            try:
+                strategy = load_strategy(self)
+            except (StrategyError, TypeError, ValueError):
+                strategy = None  # validate() reports it
+            if strategy is not None:
+                def limit(name: str) -> Any:
+                    return limits.get(name) if isinstance(limits, dict) else getattr(limits, name, None)
+
+                problem = strategy.queue_problem(self.submit_queue, limit("max_nodes"), limit("max_walltime"))
+                if problem:
                     # On strategy_options' line: the loader resolves a cross-section key one level deep.
-                    problems["strategy_options"] = (f"{key} {value} exceeds queue {self.submit_queue!r}'s {limit_name} "
-                                                    f"{int(limit)} (scheduler.allowed_queues)")
-                    break
+                    problems["strategy_options"] = problem
         projects = list(getattr(scheduler, "allowed_projects", None) or [])
         if projects and self.submit_project not in projects:
             problems["submit_project"] = (f"project {self.submit_project!r} is not in the scheduler section's "

@@ -49,6 +49,16 @@ class SimpleStrategy(Strategy):
         if not o.parallelism > 0:
             raise StrategyError("must be greater than 0", key="parallelism")
 
+    def queue_problem(self, queue: str, max_nodes: Any, max_walltime: Any) -> Any:
+        # simple counts full blocks of nodes_per_block x wall_time_min: a block clamped to the
+        # queue's limits each cycle would leave the demand it was counted for without nodes.
+        for key, limit_name, limit in (("nodes_per_block", "max_nodes", max_nodes),
+                                       ("wall_time_min", "max_walltime", max_walltime)):
+            value = getattr(self.options, key)
+            if limit is not None and value > int(limit):
+                return f"{key} {value} exceeds queue {queue!r}'s {limit_name} {int(limit)} (scheduler.allowed_queues)"
+        return None
+
     def longest_request_min(self) -> int:
         return self.options.wall_time_min
 

@@ -205,6 +205,12 @@ class Strategy(abc.ABC):
     def decide(self, snapshot: Snapshot) -> Decision:
         """The decision for this snapshot. Pure: no I/O, same snapshot -> same decision."""
 
+    def queue_problem(self, queue: str, max_nodes: Optional[int], max_walltime: Optional[int]) -> Optional[str]:
+        """Why this strategy's options cannot work in the submit queue (its limits), or None. Checked
+        when settings.yml is loaded (reported on ``strategy_options``' line): a strategy that counts
+        its requests at a fixed size must not be clamped to the queue's limits at run time."""
+        return None
+
     def longest_request_min(self) -> Optional[int]:
         """The longest wall time (minutes) of a BatchJob this strategy may request, or None when it
         cannot say. The module then counts as runnable only jobs shorter than that: a launcher

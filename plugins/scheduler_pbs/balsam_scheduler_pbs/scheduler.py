@@ -20,6 +20,7 @@ import attrs
 from balsam.models import AllowedQueue
 from balsam.options import option
 from balsam.scheduler import (
+    ANY_QUEUE,
     BackfillWindow,
     Command,
     CommandResult,
@@ -186,7 +187,7 @@ class PBSOptions:
         "node stays free, so this is the request size the elastic queue may try.",
         validator=attrs.validators.ge(1),
     )
-    any_queue_key: str = option("*", "Queue name under which free nodes tied to no particular queue are reported.")
+    any_queue_key: str = option(ANY_QUEUE, "Queue name under which free nodes tied to no particular queue are reported.")
 
 
 class PBSScheduler(Scheduler):

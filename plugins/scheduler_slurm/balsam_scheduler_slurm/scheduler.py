@@ -21,6 +21,7 @@ import attrs
 from balsam.options import OptionsError, option
 from balsam.models import AllowedQueue
 from balsam.scheduler import (
+    ANY_QUEUE,
     BackfillWindow,
     Command,
     CommandResult,
@@ -111,9 +112,6 @@ PLAIN_ENV = {"TZ": "UTC", "SLURM_TIME_FORMAT": "standard"}
 UNLIMITED_WALLTIME_MIN = 7 * 1440
 #: Seconds a discovery command (site init, on a login node) may take before it is given up.
 DISCOVERY_TIMEOUT_SEC = 20.0
-#: The backfill key of windows usable from any queue (the elastic queue reads it beside its own
-#: queue's, as PBS reports nodes tied to no queue): Slurm's windows under ``queue_flag: --qos``.
-ANY_QUEUE = "*"
 #: max_queued_jobs written by site init for a discovered partition (sinfo does not show QOS limits).
 DISCOVERED_MAX_QUEUED_JOBS = 20
 

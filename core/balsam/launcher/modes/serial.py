@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import signal
 import socket
@@ -38,7 +37,7 @@ from typing import Any, Optional
 import attrs
 
 from balsam.platform import LaunchSpec
-from balsam.util import api_text
+from balsam.util import api_text, tail_file
 
 from .._api import default_client, report_batch_job_error
 from ..job_mode import JobMode
@@ -240,29 +239,26 @@ class SerialMode(JobMode):
         reason = f"serial workers died (mpiexec exit {rc})"
         tail = _tail(out_path, int(self.context.setting("error_tail_num_lines")))
         logger.error("%s: %s", reason, tail or "no output")
-        batch_job_id = self.context.batch_job_id
-        if batch_job_id is None:
-            return
-        try:
-            # api_text: the output may hold anything (the server refuses NUL).
-            report_batch_job_error(batch_job_id, api_text(f"{reason}: {tail}" if tail else reason))
-        except Exception as exc:  # the log still says why
-            logger.warning("could not record the workers' failure on BatchJob %s: %s", batch_job_id, exc)
+        self._record_error(f"{reason}: {tail}" if tail else reason, "the workers' failure")
 
     def _end_session(self, record: dict[str, Any]) -> None:
         """Delete the dead master's Session (the server makes its RUNNING jobs RUN_TIMEOUT), as its
         lease's close would have; but, as that close, leave it to expire if the master spooled
         updates sent under it (the site agent replays them while the Session still holds the jobs)."""
+        # Here, not at the top: the client's modules cost the launcher's start-up ~10 ms, and only
+        # this failure path needs them (the master imports them in its own process).
+        from balsam.client.status_updater import http_status, spool_prefix
+
         session_id = record["session_id"]
         spool = self.context.spool_path
-        if spool is not None and any(Path(spool).glob(f"unsent-{record.get('host')}-{record.get('pid')}-*")):
+        if spool is not None and any(Path(spool).glob(f"{spool_prefix(record.get('host'), record.get('pid'))}*")):
             logger.warning("session %s of the dead serial master is left to expire: it spooled updates", session_id)
             return
         try:
             default_client().delete(f"/sessions/{session_id}")
             logger.info("session %s of the dead serial master deleted: its RUNNING jobs are RUN_TIMEOUT", session_id)
         except Exception as exc:
-            if getattr(exc, "status_code", None) == 404:  # as the lease's close tells (client.lease._status)
+            if http_status(exc) == 404:
                 logger.info("session %s of the dead serial master was already gone", session_id)
             else:
                 logger.error("could not delete session %s of the dead serial master (it expires on the server): %s",
@@ -270,25 +266,23 @@ class SerialMode(JobMode):
 
     def _fail_start(self, reason: str) -> None:
         logger.error("serial mode did not start: %s", reason)
+        self._record_error(f"serial mode did not start: {reason}", "the start failure")
+
+    def _record_error(self, message: str, what: str) -> None:
+        """``message`` in the BatchJob's ``status_info["error"]`` (the log says it already)."""
         batch_job_id = self.context.batch_job_id
         if batch_job_id is None:
             return
         try:
-            # api_text: the reason quotes host names the ranks reported; the server refuses NUL.
-            report_batch_job_error(batch_job_id, api_text(f"serial mode did not start: {reason}"))
+            # api_text: the message quotes host names and MPI output; the server refuses NUL.
+            report_batch_job_error(batch_job_id, api_text(message))
         except Exception as exc:  # the log still says why
-            logger.warning("could not record the start failure on BatchJob %s: %s", batch_job_id, exc)
+            logger.warning("could not record %s on BatchJob %s: %s", what, batch_job_id, exc)
 
 
 def _tail(path: Path, num_lines: int, max_bytes: int = 16384) -> str:
     """The last ``num_lines`` non-empty lines of ``path`` (read from its end), joined with " | "."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - max_bytes))
-            text = fh.read().decode(errors="replace")
-    except OSError:
-        return ""
+    text = tail_file(path, sys.maxsize, max_bytes=max_bytes)  # every line of the last max_bytes
     # Without the rules of hydra's banner (lines of "=" only), which say nothing.
     lines = [line.strip() for line in text.splitlines() if line.strip().strip("=")]
     return " | ".join(lines[-max(1, num_lines):])
