@@ -115,6 +115,7 @@ def test_update_rows_by_id_stores_values_as_sqlalchemy_does(engine):
     {"id": 7, "state": "RUN_ERROR", "state_timestamp": "2026-12-01T04:05:06", "return_code": -9,
      "state_data": {"returncode": -9, "error": "tail"}},
     {"state": "POSTPROCESSED", "id": 2**31 - 1},
+    {"state": "RUNNING", "id": 2**31 + 5},  # job ids are 64-bit
     {"id": 7, "return_code": 3},
 ])
 def test_launcher_shaped_patches_parse_as_the_general_path_parses_them(item):
@@ -127,7 +128,7 @@ def test_launcher_shaped_patches_parse_as_the_general_path_parses_them(item):
 
 @pytest.mark.parametrize("item", [
     {"id": 7, "state": "running"}, {"id": 7, "state": None}, {"id": 7.0, "state": "RUNNING"}, {"id": True},
-    {"id": 2**31, "state": "RUNNING"}, {"id": 7, "return_code": 2**31}, {"id": 7, "return_code": None},
+    {"id": 2**63, "state": "RUNNING"}, {"id": 7, "return_code": 2**31}, {"id": 7, "return_code": None},
     {"id": 7, "state_timestamp": "yesterday"}, {"id": 7, "state_timestamp": None}, {"id": 7, "state_data": None},
     {"id": 7, "state_data": []}, {"id": 7, "tags": {}}, {"state": "RUNNING"}, [],
 ])

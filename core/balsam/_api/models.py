@@ -38,7 +38,7 @@ __all__ = ["Site", "App", "Job", "BatchJob", "Session", "TransferItem", "EventLo
 
 # ====================================================================================== Site
 class SiteManager(Manager["Site"]):
-    positional_lookup = "name"
+    pass
 
 
 class Site(BalsamModel):
@@ -46,7 +46,13 @@ class Site(BalsamModel):
     _path = "/sites/"
     _manager_cls = SiteManager
     _filters = frozenset({"name", "path", "id", "last_refresh_after"})
+    _positional = ("name", "path", "id", "last_refresh_after")
     objects: SiteManager  # type: ignore[assignment]
+
+    @classmethod
+    def _first_positional(cls, value: Any) -> Optional[str]:
+        # ``Site.objects.get(3)`` is the site of id 3 (0.7 read it as the name "3")
+        return "id" if isinstance(value, int) and not isinstance(value, bool) else None
 
     if TYPE_CHECKING:  # pragma: no cover
         id: Optional[int]
@@ -57,7 +63,7 @@ class Site(BalsamModel):
 
 # ====================================================================================== App
 class AppManager(Manager["App"]):
-    positional_lookup = "name"
+    pass
 
 
 class App(BalsamModel):
@@ -67,7 +73,14 @@ class App(BalsamModel):
     _path = "/apps/"
     _manager_cls = AppManager
     _filters = frozenset({"site_id", "id", "name", "site_path", "site_name"})
+    _positional = ("site_id", "id", "name", "site_path", "site_name")
     objects: AppManager  # type: ignore[assignment]
+
+    @classmethod
+    def _first_positional(cls, value: Any) -> Optional[str]:
+        # ``App.objects.get("Name")`` looks up by name (0.7 read it as a site_id); a number is a
+        # site_id, as in 0.7
+        return "name" if isinstance(value, str) and not value.isdigit() else None
 
     if TYPE_CHECKING:  # pragma: no cover
         id: Optional[int]
@@ -145,6 +158,7 @@ _ONE_CHUNK_AT_A_TIME: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 class JobManager(Manager["Job"]):
     has_bulk_patch = True
+    has_query_update = True
 
     def bulk_create(self, objs: Sequence["Job"], progress: ProgressFn = None) -> list["Job"]:
         """Create jobs with one POST per ``bulk_chunk_size`` (5,000); returns the new Job objects.
@@ -193,6 +207,12 @@ class JobManager(Manager["Job"]):
         except APIError as exc:
             if exc.status_code in (404, 405):  # a server from before the route: one chunk at a time
                 _ONE_CHUNK_AT_A_TIME.add(client)
+                return 1
+            if exc.status_code == 429:
+                # The user's reservations not used yet are at the server's budget (other bulk
+                # creates of theirs in flight, or abandoned): this create sends its chunks one
+                # after the other, without reservation; the next one asks again.
+                logger.info("bulk_create: no ids reserved (%s); sending the chunks one by one", exc.detail)
                 return 1
             raise BulkCreateError(self, created, pending, exc, total) from exc
         except Exception as exc:
@@ -467,6 +487,8 @@ class Job(BalsamModel):
         }
     )
     _orderings = frozenset({"last_update", "id", "state", "workdir"})
+    _positional = ("id", "parent_id", "app_id", "site_id", "batch_job_id", "last_update_before", "last_update_after",
+                   "workdir__contains", "state__ne", "state", "tags", "pending_file_cleanup")
     _reset_after_save = ("state_timestamp", "state_data")
     _create_as_list = True
     objects: JobManager  # type: ignore[assignment]
@@ -568,13 +590,17 @@ class Job(BalsamModel):
         lookup: dict[str, Any] = {"name": name}
         if site_name:
             lookup["site_name"] = site_name
+        from .app import _either  # both App.DoesNotExist (what 0.7 raised) and ValueError
+
         try:
             app = AppModel.objects.get(**lookup)
         except AppModel.DoesNotExist:
             where = f" at site {site_name!r}" if site_name else ""
-            raise ValueError(f"no app named {name!r}{where}: sync() its ApplicationDefinition first") from None
+            raise _either(AppModel.DoesNotExist,
+                          f"no app named {name!r}{where}: sync() its ApplicationDefinition first") from None
         except AppModel.MultipleObjectsReturned:
-            raise ValueError(f"several sites have an app named {name!r}: pass site_name= to choose one") from None
+            raise _either(AppModel.MultipleObjectsReturned,
+                          f"several sites have an app named {name!r}: pass site_name= to choose one") from None
         with _app_id_cache_lock:
             _app_name_to_id[key] = app.id
         return app.id
@@ -696,6 +722,8 @@ class BatchJob(BalsamModel):
         }
     )
     _orderings = frozenset({"start_time"})
+    _positional = ("id", "site_id", "state", "scheduler_id", "queue", "start_time_before", "start_time_after",
+                   "end_time_before", "end_time_after", "filter_tags")
     objects: BatchJobManager  # type: ignore[assignment]
 
     if TYPE_CHECKING:  # pragma: no cover
@@ -801,6 +829,7 @@ class TransferItem(BalsamModel):
     _creatable = False
     _deletable = False
     _filters = frozenset({"id", "site_id", "job_id", "state", "direction", "job_state", "tags"})
+    _positional = ("id", "site_id", "job_id", "state", "direction", "job_state", "tags")
 
 
 # ====================================================================================== EventLog
@@ -820,4 +849,7 @@ class EventLog(BalsamModel):
         }
     )
     _orderings = frozenset({"timestamp"})
+    # Balsam 0.7's order (its filters had no site_id: that one is a keyword only)
+    _positional = ("id", "job_id", "batch_job_id", "scheduler_id", "tags", "data", "timestamp_before",
+                   "timestamp_after", "from_state", "to_state")
     _default_order = "-timestamp"  # the server's: newest first

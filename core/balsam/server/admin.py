@@ -67,6 +67,8 @@ class Admin:
             ).scalar_one()
 
     def set_password(self, username: str, password: str, min_length: int) -> None:
+        """Set the password; the user's dashboard sessions end (their credentials are revoked: a
+        browser logged in with the old password, or a stolen cookie, must log in again)."""
         problem = password_problem(password, min_length)
         if problem:
             raise AdminError(f"password {problem}")
@@ -76,6 +78,7 @@ class Admin:
             if found is None:
                 raise AdminError(f"no user {username!r}")
             conn.execute(sa.update(users).where(users.c.id == found).values(hashed_password=hashed))
+            revoke_credentials(conn, sa.and_(credentials.c.user_id == found, credentials.c.kind == "dashboard"))
 
     def invite(self, username: str, ttl_sec: int) -> tuple[str, dt.datetime]:
         """Create ``username`` (no password yet) and an invitation code to set it with; the

@@ -13,7 +13,10 @@ and has not expired (checked through :class:`CredentialCache`, which trusts a ve
   to now + ``BALSAM_AUTH_REFRESH_TTL_SEC``, so an agent that keeps running keeps working;
 - ``launcher``: minted by the site agent for one BatchJob, good only for that BatchJob's site
   (the token's ``site`` claim), renewed by the agent while the BatchJob lives;
-- ``invitation``: a one-time code with which an invited user sets a password.
+- ``invitation``: a one-time code with which an invited user sets a password;
+- ``dashboard``: one per dashboard login (password form or one-time link), carried by the session
+  cookie and checked on every page (balsam.server.dashboard.session); it expires with the
+  session's maximum age, logging out revokes it, and so does setting the user's password.
 
 Password logins go through :func:`check_password_login`: one scrypt computation whether the user
 exists or not (same time for unknown users), and :class:`LoginThrottle` (failures per user name and
@@ -47,7 +50,7 @@ _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN = 2**14, 8, 1, 32
 ALGORITHM = "HS256"
 REFRESH_PREFIX = "bsr1"
 INVITATION_PREFIX = "bsi1"
-CREDENTIAL_KINDS = ("login", "refresh", "launcher", "invitation")
+CREDENTIAL_KINDS = ("login", "refresh", "launcher", "invitation", "dashboard")
 LOGIN_FAILED = "Incorrect username or password"
 
 

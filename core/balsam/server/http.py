@@ -18,7 +18,8 @@ from .errors import APIError, BadRequest, ValidationFailed
 from .limits import MAX_QUERY_VALUE_CHARS
 
 
-#: Integer ids and counts are stored as 32-bit integers.
+#: Integer ids and counts are stored as 32-bit integers (but the ids of jobs, events, transfer items
+#: and sessions: 64-bit, balsam.server.tables.BigId).
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 #: Ids in a path are 64-bit integers (an id beyond the 32-bit columns simply does not exist: 404).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -176,16 +177,19 @@ class QueryParams:
             raise ValidationFailed.field(["query", name], f"must be <= {maximum}, got {value}")
         return value
 
-    def int_list(self, name: str) -> Optional[list[int]]:
+    def int_list(self, name: str, *, bits: int = 32) -> Optional[list[int]]:
+        """Integers given as repeated and/or comma-separated values; ``bits=64`` for the ids of
+        64-bit columns (jobs, events, transfer items, sessions)."""
         raws = self.params.getlist(name)
         if not raws:
             return None
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         out: list[int] = []
         for raw in raws:
             for part in raw.split(","):
                 if part.strip():
                     value = self._convert(name, part.strip(), int_from_text, "an integer")
-                    if not INT_MIN <= value <= INT_MAX:
+                    if not low <= value <= high:
                         raise ValidationFailed.field(["query", name], f"integer out of range: {value}")
                     out.append(value)
         return out
@@ -272,10 +276,11 @@ def require_list(payload: Any, what: str, max_items: int) -> list:
 
 
 def parse_bulk_patches(payload: list, kind: str, parse: Callable[[dict[str, Any], list[Any]], dict[str, Any]], *,
-                       fixed: "tuple[str, ...]" = ()) -> dict[int, dict[str, Any]]:
+                       fixed: "tuple[str, ...]" = (), wide_id: bool = False) -> dict[int, dict[str, Any]]:
     """A bulk PATCH body ``[{"id": N, field: value, ...}, ...]`` -> ``{N: parse(fields, loc)}``.
 
-    Each item needs a unique integer ``id``; ``fixed`` fields may be sent only as null (and are dropped).
+    Each item needs a unique integer ``id`` (64-bit with ``wide_id``); ``fixed`` fields may be sent
+    only as null (and are dropped).
     """
     patches: dict[int, dict[str, Any]] = {}
     for index, item in enumerate(payload):
@@ -283,7 +288,7 @@ def parse_bulk_patches(payload: list, kind: str, parse: Callable[[dict[str, Any]
         if not isinstance(item, dict) or not is_json_int(item.get("id")):
             raise ValidationFailed.field(loc + ["id"], "each item needs an integer id")
         item = {**item, "id": int(item["id"])}
-        check_int_fields(item, ["id"], loc)
+        check_int_fields(item, [] if wide_id else ["id"], loc, wide=("id",) if wide_id else ())
         body = {k: v for k, v in item.items() if k != "id"}
         for name in fixed:
             if body.pop(name, None) is not None:

@@ -49,6 +49,15 @@ first committed) and is answered as a retry; a rollback leaves the reservation a
 are the key's own: a retry stores the chunk with the same ids. No other route takes a reserved
 key (its empty hash matches no request: 422).
 
+The reserved ids come from the job id sequence that every user shares, and an unused reservation
+burns its ids. So each user has a budget (:func:`check_reservation_budget`): their reserved keys not
+taken yet and unexpired may hold at most ``MAX_RESERVED_IDS_PER_USER`` ids (two full reservations:
+1,000,000) in at most ``MAX_RESERVED_KEYS_PER_USER`` keys (200); a reservation that would pass
+either is refused with 429 and a ``Retry-After`` of when enough of them expire (taking them frees
+them at once). Clients then send the chunks one after the other, without reservation (balsam's
+``bulk_create`` does). Without the budget one user's reservations (500,000 ids a request) used up
+the 32-bit sequence in ~4,300 requests, and every user's creates failed from then on.
+
 Records expire after ``BALSAM_IDEMPOTENCY_TTL_SEC`` (default 24 h; a client retries for minutes) and
 are swept by the server's background task. Requests without the header behave as before.
 """
@@ -65,7 +74,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from starlette.responses import Response
 
-from .errors import Conflict, ValidationFailed
+from balsam.models import MAX_CHUNKS_PER_RESERVATION, MAX_ITEMS_PER_BULK_OP
+
+from .errors import Conflict, TooManyRequests, ValidationFailed
 from .tables import idempotency_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -289,6 +300,56 @@ def reserve_job_keys(conn: sa.Connection, user_id: int, id_blocks: "list[list[in
          "resource_ids": id_ranges(ids), "created": now, "expires": expires}
         for key, ids in zip(keys, id_blocks)])
     return keys
+
+
+#: The most job ids one user's reserved keys (not taken yet, unexpired) may hold, and the most such
+#: keys: twice what one full reservation takes (see the module docstring).
+MAX_RESERVED_IDS_PER_USER = 2 * MAX_CHUNKS_PER_RESERVATION * MAX_ITEMS_PER_BULK_OP
+MAX_RESERVED_KEYS_PER_USER = 2 * MAX_CHUNKS_PER_RESERVATION
+#: The class of the transaction-level advisory lock (with the user's id) that makes one user's
+#: reservations check the budget one at a time (PostgreSQL; "bres").
+RESERVATION_LOCK_CLASS = 0x62726573
+
+#: A user's reserved keys not taken yet and unexpired, with the number of ids each holds (its runs,
+#: ``id_ranges``). ``request_hash = ''`` is written out (not bound): the partial index
+#: ``ix_idempotency_keys_reserved`` has this predicate.
+_OUTSTANDING = """WITH outstanding AS (
+    SELECT k.expires, (SELECT coalesce(sum((r ->> 1)::bigint - (r ->> 0)::bigint + 1), 0)
+                       FROM jsonb_array_elements(k.resource_ids) AS r) AS n
+    FROM idempotency_keys AS k
+    WHERE k.user_id = :user AND k.request_hash = '' AND k.status_code = 0 AND k.expires > :now
+)"""
+_BUDGET_USE = sa.text(_OUTSTANDING + " SELECT count(*), coalesce(sum(n), 0) FROM outstanding")
+#: When enough of them have expired that ``need_keys`` keys and ``need_ids`` ids are free again.
+_FREED_AT = sa.text(_OUTSTANDING + """, freed AS (
+    SELECT expires, count(*) OVER w AS keys, sum(n) OVER w AS ids FROM outstanding
+    WINDOW w AS (ORDER BY expires ROWS UNBOUNDED PRECEDING)
+) SELECT min(expires) FROM freed WHERE keys >= :need_keys AND ids >= :need_ids""")
+
+
+def check_reservation_budget(conn: sa.Connection, user_id: int, sizes: "list[int]") -> None:
+    """429 when reserving ``sizes`` (one key per chunk) would leave the user more reserved ids or
+    keys not taken yet than the budget allows (PostgreSQL, where ids are reserved; call in the
+    reservation's write transaction, before it reserves: the user's reservations wait for each
+    other here, so two of them cannot both pass on the same room)."""
+    if conn.dialect.name != "postgresql":
+        return
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:cls, :user)"), {"cls": RESERVATION_LOCK_CLASS, "user": user_id})
+    now = _utcnow()
+    keys, ids = conn.execute(_BUDGET_USE, {"user": user_id, "now": now}).one()
+    keys, ids, asked = int(keys), int(ids), sum(sizes)
+    need_keys = keys + len(sizes) - MAX_RESERVED_KEYS_PER_USER
+    need_ids = ids + asked - MAX_RESERVED_IDS_PER_USER
+    if need_keys <= 0 and need_ids <= 0:
+        return
+    freed_at = conn.execute(_FREED_AT, {"user": user_id, "now": now, "need_keys": max(need_keys, 0),
+                                        "need_ids": max(need_ids, 0)}).scalar()
+    wait = (freed_at - now).total_seconds() if freed_at is not None else 1.0
+    raise TooManyRequests(
+        f"Reservation refused: your reserved job ids not used yet ({ids:,} ids in {keys} keys) and this request's "
+        f"({asked:,} ids in {len(sizes)} keys) would pass the per-user budget of {MAX_RESERVED_IDS_PER_USER:,} ids in "
+        f"{MAX_RESERVED_KEYS_PER_USER} keys; send the chunks one after the other without a reservation, or retry once "
+        f"earlier reservations are used or expire", wait)
 
 
 def sweep_expired_keys(conn: sa.Connection, now: "dt.datetime | None" = None) -> int:

@@ -21,13 +21,16 @@ from sqlalchemy.dialects import postgresql
 
 from balsam.models import Job, workdir_problem
 from balsam.serialization import parse_datetime
-from balsam.states import InvalidTransition, JobState, TransferDirection, TransferItemState, validate_transition
+from balsam.states import (
+    RUNNABLE_STATES, USER_FORCEABLE_TARGETS, InvalidTransition, JobState, TransferDirection, TransferItemState,
+    validate_transition,
+)
 
 from .auth import SITE_SCOPE
 from .db import bulk_insert, id_in, ids_in_param, ids_param, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .idempotency import require_all_replayed
-from .http import INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int, wire_datetime
+from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int, wire_datetime
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
                      json_value_size_errors, list_item_size_errors)
 from .pg_copy import NULL, allocate_ids, column_fields, copy_body, copy_rows, field_writer, text_field
@@ -113,6 +116,12 @@ def _current_states_stmt(dialect: str, scoped: bool) -> sa.Select:
         stmt = stmt.order_by(jobs.c.id).with_for_update(of=jobs)
     return stmt
 
+
+#: A job leased in these states may be running in its launcher (leased ahead and started, its
+#: RUNNING not reported yet): a user's re-run or failure of it that ends the lease marks the job
+#: (update_jobs). Not a move to RUN_DONE, RUN_ERROR or RUN_TIMEOUT: sent without a session, that is
+#: also a Balsam 0.7 launcher's report of its own run's end, whose re-run must not wait.
+_LAUNCHER_HELD_STATES = RUNNABLE_STATES | {S.running}
 
 _CURRENT_STATES = {(d, scoped): _current_states_stmt(d, scoped) for d in ("postgresql", "sqlite") for scoped in (False, True)}
 
@@ -217,8 +226,8 @@ def plain_job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Select:
-    stmt = where_in(stmt, jobs.c.id, q.int_list("id"))
-    parent_ids = q.int_list("parent_id")
+    stmt = where_in(stmt, jobs.c.id, q.int_list("id", bits=64))
+    parent_ids = q.int_list("parent_id", bits=64)
     if parent_ids is not None:
         stmt = stmt.where(
             jobs.c.id.in_(sa.select(job_parents.c.child_id).where(job_parents.c.parent_id.in_(parent_ids)))
@@ -604,6 +613,8 @@ def _is_normal_path(text: Any) -> bool:
 # (a missing or mistyped field, a value out of range, transfers, a too long string) takes the
 # general path, cattrs' from_dict, which also writes the detailed errors.
 _INT32_MAX = 2**31 - 1
+#: Job ids (``parent_ids``) are 64-bit (balsam.server.tables.BigId).
+_INT64_MIN, _INT64_MAX = INT64_MIN, INT64_MAX
 (_K_WORKDIR, _K_APP, _K_TEXT, _K_STR_MAP, _K_POSITIVE, _K_NONNEGATIVE, _K_OPTIONAL_INT, _K_DATA, _K_BOOL, _K_GPUS,
  _K_PARENTS, _K_IGNORED) = range(12)
 _FAST_KINDS = {
@@ -683,7 +694,7 @@ def _fast_spec(item: Any) -> "dict[str, Any] | None":
             elif type(value) is not float or not value >= 0:
                 return None
         elif kind == _K_PARENTS:
-            if type(value) is not list or not all(type(p) is int and -_INT32_MAX - 1 <= p <= _INT32_MAX for p in value):
+            if type(value) is not list or not all(type(p) is int and _INT64_MIN <= p <= _INT64_MAX for p in value):
                 return None
             if any(a >= b for a, b in zip(value, value[1:])):
                 fixes = fixes or {}
@@ -753,7 +764,7 @@ def _column_ok(key: str, kind: int, values: list[Any]) -> bool:
         if _types(values) != {list}:
             return False
         filled = [value for value in values if value]
-        return all(_ints_within(value, -_INT32_MAX - 1, _INT32_MAX) and all(a < b for a, b in zip(value, value[1:]))
+        return all(_ints_within(value, _INT64_MIN, _INT64_MAX) and all(a < b for a, b in zip(value, value[1:]))
                    for value in filled)
     return not any(values)  # _K_IGNORED
 
@@ -826,9 +837,12 @@ def parse_job_creates(payload: list[Any]) -> list[dict[str, Any]]:
             errors.append((["body", index, "wall_time_min"], "must be >= 0"))
         if job.gpus_per_rank < 0:
             errors.append((["body", index, "gpus_per_rank"], "must be >= 0"))
-        for name in ("app_id", "parent_ids", "batch_job_id", "return_code", "num_nodes", "ranks_per_node",
+        for name in ("app_id", "batch_job_id", "return_code", "num_nodes", "ranks_per_node",
                      "threads_per_rank", "threads_per_core", "node_packing_count", "wall_time_min"):
             errors.extend(int_range_errors(getattr(job, name), ["body", index, name]))
+        errors.extend((["body", index, "parent_ids", position], f"integer out of range: {parent}")
+                      for position, parent in enumerate(sorted(job.parent_ids))
+                      if not _INT64_MIN <= parent <= _INT64_MAX)
         for slot, item_t in job.transfers.items():
             if not item_t.path.is_absolute():
                 errors.append((["body", index, "transfers", slot, "path"], f"remote path must be absolute, got {str(item_t.path)!r}"))
@@ -1150,11 +1164,13 @@ def _fast_state_patch(data: Any) -> "dict[str, Any] | None":
         return None
     patch: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "id" or key == "return_code":
+        if key == "id":
+            if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
+                return None
+        elif key == "return_code":
             if type(value) is not int or not INT_MIN <= value <= INT_MAX:
                 return None
-            if key == "return_code":
-                patch[key] = value
+            patch[key] = value
         elif key == "state":
             state = _STATE_BY_VALUE.get(value) if type(value) is str else None
             if state is None:
@@ -1172,7 +1188,7 @@ def _fast_state_patch(data: Any) -> "dict[str, Any] | None":
                 return None
             patch[key] = dict(value)
         elif key == "session_id":
-            if type(value) is not int or not INT_MIN <= value <= INT_MAX:
+            if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
                 return None
             patch[key] = value
         else:
@@ -1224,10 +1240,11 @@ def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, A
     range_errors = [err for name in ("batch_job_id", "return_code", "num_nodes", "ranks_per_node", "threads_per_rank",
                                      "threads_per_core", "node_packing_count", "wall_time_min")
                     if name in patch for err in int_range_errors(patch[name], loc + [name])]
-    if allow_id:
-        range_errors.extend(int_range_errors(job_id, loc + ["id"]))
-    if session_id is not _NO_SESSION:
-        range_errors.extend(int_range_errors(session_id, loc + [SESSION_KEY]))
+    # Job and session ids are 64-bit.
+    if allow_id and not INT64_MIN <= job_id <= INT64_MAX:
+        range_errors.append((loc + ["id"], f"integer out of range: {job_id}"))
+    if session_id is not _NO_SESSION and not INT64_MIN <= session_id <= INT64_MAX:
+        range_errors.append((loc + [SESSION_KEY], f"integer out of range: {session_id}"))
     if range_errors:
         raise ValidationFailed(range_errors)
     null_errors = null_field_errors(Job, {k: v for k, v in patch.items() if k != "state_timestamp"}, loc)
@@ -1265,7 +1282,10 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     with the job in ``refused_ids``. It never sets the holder. A patch without it (a user, a Balsam
     0.7 client) may force a re-run or a failure, and its state change of a leased job ends the
     lease (holder cleared; RUNNING excepted, a 0.7 launcher's report), so the holder's later
-    updates are refused instead of undoing the user's move. A job left in any state but RUNNING is
+    updates are refused instead of undoing the user's move; a job the holder may be running (leased
+    RUNNING, PREPROCESSED or RESTART_READY) that the user re-queues or fails keeps the holder's id
+    (``released_from_session_id``), and no acquire leases it until that session's run of it is
+    over (sessions_logic, "Re-queued while running"). A job left in any state but RUNNING is
     held by no session after the request, as before (the holder's own RUN_DONE or PREPROCESSED: it
     is done with the job); the holder's later patches of the same request still apply."""
     if not patches:
@@ -1294,6 +1314,7 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     targets: dict[int, JobState] = {}
     moves: dict[int, list[tuple[str, str, Any, Any]]] = {}  # job id -> [(from, to, timestamp, data)]
     lease_ended: set[int] = set()
+    run_released: set[int] = set()  # of those, jobs the holder may be running (a launcher's lease)
     for job_id, job_steps in steps.items():
         row = current[job_id]
         state = JobState(row.state)
@@ -1318,13 +1339,15 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
             if new != state:
                 moves.setdefault(job_id, []).append(
                     (state.value, new.value, patch.get("state_timestamp") or now, patch.get("state_data")))
-                state = new
+                before, state = state, new
                 if sender is None and new != S.running and holder is not None:
                     # A user moved a leased job: the lease ends here, so the holder's later
                     # updates (in this request or after it) are refused. (RUNNING without a
                     # session is a Balsam 0.7 launcher's report: its lease stays.)
                     holder = None
                     lease_ended.add(job_id)
+                    if before in _LAUNCHER_HELD_STATES and new in USER_FORCEABLE_TARGETS:
+                        run_released.add(job_id)
         if job_id in moves:
             targets[job_id] = state
     if invalid:
@@ -1363,6 +1386,13 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
         groups.setdefault(key, (values, []))[1].append(job_id)
     for job_id, from_state, to_state, data in extra_events:
         events.add(job_id, from_state.value, to_state.value, now, data)
+    if run_released:
+        # The session whose lease the user ended may still run the job: acquires skip it until that
+        # session no longer does (sessions_logic, "Re-queued while running"). One
+        # statement, before the updates below clear the holder; the rows are locked (or the write
+        # lock held) since they were read.
+        conn.execute(sa.update(jobs).where(id_in(jobs.c.id, sorted(run_released), dialect))
+                     .values(released_from_session_id=jobs.c.session_id, released_tick_seen=False))
     _execute_grouped_updates(conn, groups)
     events.flush(conn)
 
@@ -1609,7 +1639,7 @@ def delete_jobs(conn: sa.Connection, ids: list[int], *, refuse_leased: bool = Tr
     # PostgreSQL takes the ids as one array parameter (SQLAlchemy expanding a 5,000-value IN list
     # cost a fifth of a 10,000-job delete's server time); SQLite, in chunks of its parameter limit.
     if conn.dialect.name == "postgresql":
-        chunks = [jobs.c.id == sa.any_(sa.literal(ids, postgresql.ARRAY(sa.Integer)))]
+        chunks = [jobs.c.id == sa.any_(sa.literal(ids, postgresql.ARRAY(sa.BigInteger)))]
     else:
         chunks = [jobs.c.id.in_(ids[start:start + 5000]) for start in range(0, len(ids), 5000)]
     locked: list[int] = []

@@ -52,6 +52,11 @@ def int32(minimum: int = INT_MIN, maximum: int = INT_MAX) -> dict[str, Any]:
     return {"type": "integer", "minimum": minimum, "maximum": maximum}
 
 
+def int64() -> dict[str, Any]:
+    """The ids of jobs, events, transfer items and sessions (64-bit columns)."""
+    return {"type": "integer", "format": "int64", "minimum": INT64_MIN, "maximum": INT64_MAX}
+
+
 def nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
@@ -105,7 +110,11 @@ def _field_text(name: str) -> dict[str, Any]:
 # -- request bodies ------------------------------------------------------------------------------
 
 SITE_FIELDS = {
-    "name": text(pattern=f"^[^\\x00]*[^{PY_SPACE}\\x00][^\\x00]*$", min_length=1),
+    # What ``--site NAME`` could never select is refused (routes/sites.py site_name_problem): all
+    # digits (an id), a comma (several selectors), all/active/this (selectors of their own).
+    "name": {**text(pattern=f"^[^\\x00]*[^{PY_SPACE}\\x00][^\\x00]*$", min_length=1), "allOf": [
+        {"not": {"pattern": f"^[{PY_SPACE}]*\\d+[{PY_SPACE}]*$"}}, {"not": {"pattern": ","}},
+        {"not": {"pattern": f"^[{PY_SPACE}]*(all|active|this)[{PY_SPACE}]*$"}}]},
     "path": text(MAX_PATH_CHARS, pattern="^/[^\\x00]*$"),
     "globus_endpoint_id": nullable(text()),
     "backfill_windows": str_map(array(_ref("BackfillWindow"))),
@@ -150,7 +159,7 @@ JOB_COMMON = {
     "serialized_exception": _field_text("serialized_exception"),
 }
 JOB_CREATE = obj(
-    {**JOB_COMMON, "app_id": int32(), "parent_ids": array(int32()),
+    {**JOB_COMMON, "app_id": int32(), "parent_ids": array(int64()),
      "transfers": str_map({"anyOf": [_ref("JobTransferItem"), text(pattern="^[^\\x00:]+:/[^\\x00]*$")]})},
     ["workdir", "app_id"],
     read_only={"id": {}, "state": {}, "last_update": {}, "state_timestamp": {}, "state_data": {}},
@@ -163,11 +172,11 @@ JOB_UPDATE_FIELDS = {
     # Not a job field: the update was sent under this session's lease (a launcher, the processing
     # module). Applied only while that session holds the job, state change checked strictly;
     # else 409 with the job in refused_ids. Never stored.
-    "session_id": {**int32(), "description": "Sent under this session's lease: applied only while the session "
+    "session_id": {**int64(), "description": "Sent under this session's lease: applied only while the session "
                    "holds the job (state change checked strictly), else 409 with the job's id in refused_ids"},
 }
 JOB_UPDATE = obj(JOB_UPDATE_FIELDS)
-JOB_PATCH = obj({"id": int32(), **JOB_UPDATE_FIELDS}, ["id"])
+JOB_PATCH = obj({"id": int64(), **JOB_UPDATE_FIELDS}, ["id"])
 
 BATCH_JOB_FIELDS = {
     "project": text(),
@@ -216,10 +225,10 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
         "app_ids": array(int32()),
     }, ["max_num_jobs"]),
     # The jobs a launcher runs or has prefetched: the answer names those the session no longer holds.
-    "SessionTick": obj({"job_ids": array({"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},
+    "SessionTick": obj({"job_ids": array(int64(),
                                          MAX_JOB_IDS_PER_SESSION_TICK)}),
     "TransferUpdate": obj(TRANSFER_FIELDS),
-    "TransferPatch": obj({"id": int32(), **TRANSFER_FIELDS}, ["id"]),
+    "TransferPatch": obj({"id": int64(), **TRANSFER_FIELDS}, ["id"]),
     # The server refuses limits that refuse every BatchJob (balsam.models.AllowedQueue.validate).
     "AllowedQueue": obj({"max_nodes": int32(1), "max_walltime": int32(1), "max_queued_jobs": int32(0)},
                         ["max_nodes", "max_walltime", "max_queued_jobs"]),
@@ -304,7 +313,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "Token": obj({"access_token": {"type": "string"}, "token_type": enum(["bearer"]), "expiration": WIRE_DATETIME,
                   "refresh_token": {"type": "string"}, "refresh_expiration": WIRE_DATETIME},
                  ["access_token", "token_type", "expiration"]),
-    "Credential": obj({"id": ANY_INT, "kind": enum(["login", "refresh", "launcher", "invitation"]),
+    "Credential": obj({"id": ANY_INT, "kind": enum(["login", "refresh", "launcher", "invitation", "dashboard"]),
                        "label": {"type": "string"}, "site_id": nullable(ANY_INT), "batch_job_id": nullable(ANY_INT),
                        "created": WIRE_DATETIME, "expires": WIRE_DATETIME, "last_used": nullable(WIRE_DATETIME),
                        "revoked": nullable(WIRE_DATETIME), "access_token": {"type": "string"},
@@ -341,6 +350,9 @@ MAX_QUERY_IDS = 32
 MAX_QUERY_TEXT_CHARS = 256
 MAX_QUERY_TAGS, MAX_QUERY_TAG_CHARS = 8, 64
 Q_INT_LIST = array(int32(), MAX_QUERY_IDS)
+#: 64-bit ids are longer (up to 20 characters): a list of them holds fewer within the budget.
+MAX_QUERY_IDS_64 = 30
+Q_ID64_LIST = array(int64(), MAX_QUERY_IDS_64)
 Q_KEY_VALUE = array(text(min(MAX_QUERY_TAG_CHARS, MAX_QUERY_VALUE_CHARS), pattern="^[^\\x00:]+:[^\\x00]*$"),
                     MAX_QUERY_TAGS)
 Q_TEXT = text(min(MAX_QUERY_TEXT_CHARS, MAX_QUERY_VALUE_CHARS), min_length=1)
@@ -349,7 +361,7 @@ PAGE_PARAMS = {"limit": int32(0, MAX_PAGE_SIZE), "offset": int32(0)}
 QUERIES: dict[str, dict[str, Any]] = {
     "sites": {"name": Q_TEXT, "path": Q_TEXT, "id": Q_INT_LIST, "last_refresh_after": Q_DATETIME},
     "apps": {"site_id": Q_INT_LIST, "id": Q_INT_LIST, "name": Q_TEXT, "site_path": Q_TEXT, "site_name": Q_TEXT},
-    "jobs": {"id": Q_INT_LIST, "parent_id": Q_INT_LIST, "app_id": int32(), "site_id": Q_INT_LIST,
+    "jobs": {"id": Q_ID64_LIST, "parent_id": Q_ID64_LIST, "app_id": int32(), "site_id": Q_INT_LIST,
              "batch_job_id": int32(), "last_update_before": Q_DATETIME, "last_update_after": Q_DATETIME,
              "workdir__contains": Q_TEXT, "state__ne": _ref("JobState"), "state": array(_ref("JobState"), len(JobState)),
              "tags": Q_KEY_VALUE, "pending_file_cleanup": {"type": "boolean"},
@@ -367,17 +379,17 @@ QUERIES: dict[str, dict[str, Any]] = {
                 "batch_job_id": Q_INT_LIST,
                 # Only jobs a launcher session holds (true) or none holds (false: still unmet demand).
                 "leased": {"type": "boolean"}},
-    "sessions": {"id": Q_INT_LIST},
-    "transfers": {"id": Q_INT_LIST, "site_id": Q_INT_LIST, "job_id": Q_INT_LIST,
+    "sessions": {"id": Q_ID64_LIST},
+    "transfers": {"id": Q_ID64_LIST, "site_id": Q_INT_LIST, "job_id": Q_ID64_LIST,
                   "state": array(_ref("TransferItemState"), len(TransferItemState)),
                   "direction": _ref("TransferDirection"),
                   "job_state": _ref("JobState"), "tags": Q_KEY_VALUE,
                   "ordering": enum(["id", "-id", "state", "-state"])},
-    "events": {"id": Q_INT_LIST, "job_id": Q_INT_LIST, "batch_job_id": int32(), "scheduler_id": int32(),
+    "events": {"id": Q_ID64_LIST, "job_id": Q_ID64_LIST, "batch_job_id": int32(), "scheduler_id": int32(),
                "tags": Q_KEY_VALUE, "data": Q_KEY_VALUE, "timestamp_before": Q_DATETIME,
                "timestamp_after": Q_DATETIME, "from_state": _ref("JobState"), "to_state": _ref("JobState"),
                "ordering": enum(["timestamp", "-timestamp"])},
-    "credentials": {"kind": enum(["login", "refresh", "launcher", "invitation"]), "site_id": int32(),
+    "credentials": {"kind": enum(["login", "refresh", "launcher", "invitation", "dashboard"]), "site_id": int32(),
                     "batch_job_id": int32(), "active": {"type": "boolean"}},
 }
 
@@ -413,7 +425,8 @@ FORM = "application/x-www-form-urlencoded"
 
 
 def _op(summary: str, *, body: Any = None, status: int = 200, response: Any = None, params: "list | None" = None,
-        public: bool = False, form: bool = False) -> dict[str, Any]:
+        public: bool = False, form: bool = False, errors: "dict[str, str] | None" = None) -> dict[str, Any]:
+    """An operation; ``errors``: descriptions of error statuses that say more than ``ERRORS``."""
     op: dict[str, Any] = {"summary": summary, "parameters": list(params or [])}
     if body is not None:
         schema = _ref(body) if isinstance(body, str) else body
@@ -424,7 +437,7 @@ def _op(summary: str, *, body: Any = None, status: int = 200, response: Any = No
     else:
         schema = _ref(response) if isinstance(response, str) else response
         responses[str(status)] = {"description": "OK", "content": {"application/json": {"schema": schema}}}
-    for code, what in ERRORS.items():
+    for code, what in {**ERRORS, **(errors or {})}.items():
         responses[code] = {"description": what, "content": {"application/json": {"schema": _ref("Error")}}}
     op["responses"] = responses
     if public:
@@ -502,7 +515,10 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
                           "reservations": array(obj({"idempotency_key": {"type": "string"}, "size": ANY_INT,
                                                      "first_id": ANY_INT, "last_id": ANY_INT},
                                                     required=["idempotency_key", "size", "first_id", "last_id"]))},
-                         required=["parallel", "reservations"]))},
+                         required=["parallel", "reservations"]),
+            errors={"429": "The user's reserved ids not used yet, with these, would pass the per-user budget "
+                           "(Retry-After: when enough of them expire); send the chunks one after the other "
+                           "without reservation"})},
         "/jobs/{job_id}": {"get": _op("Read a job", response="Job", params=[_path_id("job_id")]),
                            "put": _op("Update a job; returns 1", body="JobUpdate", response=ANY_INT,
                                       params=[_path_id("job_id")]),

@@ -40,7 +40,8 @@ BatchJobs, then sessions, then jobs, then a job's transfer items (and other rows
   before their jobs. Either used to lock the jobs first and delete the session last, while a sweep
   held the session and waited for those jobs: a deadlock;
 - an acquire or a tick locks its session with the heartbeat ``UPDATE`` before leasing jobs (the
-  candidates are taken ``SKIP LOCKED``: it never waits for a job). The session was read just before
+  candidates are taken ``SKIP LOCKED``: it never waits for a job) or changing its jobs' marks (a
+  tick locks the marked jobs in id order, :func:`note_held`; the end of a session too). The session was read just before
   without a lock, so the heartbeat may find it deleted by the sweep it waited for: that is 404
   (:func:`heartbeat`), the answer a launcher replaces its session on (leasing jobs to the deleted
   session was a foreign-key violation, 409);
@@ -82,6 +83,53 @@ this session``, the difference taken here. It takes no lock: the answer is what 
 that read, and a job no longer held then cannot be held again by this session unless it acquires it
 anew. A job that finished meanwhile (its RUN_DONE cleared the lease) is in the answer too; the
 launcher ignores a job it no longer runs.
+
+Re-queued while running: the answer above is how a launcher learns that its user moved a job it
+runs, so its run goes on until that heartbeat is answered (and the end's grace). A user who fails a
+RUNNING job and re-queues it (``FAILED``, then ``RESTART_READY``; RUNNING -> RESTART_READY is
+refused), or re-queues a job leased ahead, made it leasable at once: another launcher leased it and
+ran it in the same workdir beside the old run. So a user's move to RESTART_READY or FAILED that ends
+a lease (``update_jobs``: the job's holder is cleared) of a job the holder may be running (leased
+RUNNING, or PREPROCESSED or RESTART_READY: leased ahead, perhaps started with its RUNNING not
+reported yet) also sets ``jobs.released_from_session_id`` to the holder, in the same transaction,
+and acquires (:func:`candidates`) skip a job with that mark. A move of a RUNNING job to RUN_DONE,
+RUN_ERROR or RUN_TIMEOUT without a session marks nothing: that is also how a Balsam 0.7 launcher
+reports its own run's end (its updates carry no session), and its jobs' re-runs must not wait. The
+mark is cleared by:
+
+- a heartbeat of that session whose ``job_ids`` do not list the job, if an earlier heartbeat of it
+  has come since the move (``released_tick_seen``, set by the first heartbeat after the move,
+  :func:`note_held`). A launcher lists every job it runs, has queued or holds leased and waiting
+  (balsam.launcher.gone), until the job's process has exited; a job it was told is gone stays listed
+  until its end (SIGTERM, then SIGKILL after the grace) is over. The first heartbeat after the move
+  is not enough: its list may have been read before the launcher took in the answer of the acquire
+  that leased the job (the acquiring thread hands the jobs to the loop right after); the next one's
+  list is read a heartbeat period later, after that heartbeat was answered (an acquire answer that
+  was lost is resent under its key and replays only the jobs still held: never this one). A list of
+  the largest size may be one window of a longer one (balsam.client.lease): it clears nothing;
+- a heartbeat without ``job_ids`` (``{}``: sent by a launcher that holds nothing, and by clients
+  that never ask which jobs they lost, such as the site agent's processing module and Balsam 0.7's
+  launcher, whose runs waiting longer would not end) counts as an empty list: the mark is cleared
+  at the second heartbeat after the move;
+- the session's end: its delete, the expiry sweep, its BatchJob finishing
+  (:func:`release_session_jobs`; those clear the marks after their ``UPDATE`` of the session's jobs,
+  which waited for any request still moving one of them, so the clearing read sees every mark that
+  request left).
+
+A job deleted meanwhile takes its mark with it. So a re-queued job waits for the old run's end: one
+heartbeat period for the launcher to be told, the end's grace, and the next heartbeat (two periods
+in all when the run ends within one). Why this is race-free: the mark is written in the transaction
+that clears the holder, on the job rows ``update_jobs`` locked (PostgreSQL) or under the write lock
+(SQLite), so no committed row is ever both free of a holder and free of the mark after such a move; an acquire tests the mark in its write transaction as it tests the holder
+(the same predicate, that of its partial index, rechecked on a row's latest version under ``FOR
+UPDATE`` on PostgreSQL), and ``SKIP LOCKED`` leaves a row being marked or cleared to the next one. A mark is
+changed only by the move that sets it (the job is held then, and no other move can find it held
+until an acquire leases it again, which the mark forbids) and by its session's heartbeat or end,
+which hold that session's row, one at a time; a new mark made while a heartbeat runs is not seen by
+it (the first heartbeat of the session after the move is the one that sees it). The launcher side
+of the argument: it stops listing a job only once it no longer runs it, or never ran it (dropped
+before its start, or its exit reported and refused); a job it holds is in its list from the moment
+the loop takes it from the acquire, so at least one heartbeat lists it whenever it was started.
 """
 
 from __future__ import annotations
@@ -230,6 +278,57 @@ def release_session_jobs(conn: sa.Connection, session_ids: list[int], now: dt.da
             {"message": SESSION_EXPIRED_MSG},
         )
     conn.execute(sa.update(jobs).where(jobs.c.session_id.in_(session_ids)).values(session_id=None))
+    # The jobs users took from these sessions may be leased again: the sessions' runs are over or
+    # no longer theirs (see "Re-queued while running"). After the UPDATE above, which waited for
+    # any request that was moving one of their jobs, so this read sees that move's mark.
+    _clear_marks(conn, jobs.c.released_from_session_id.in_(session_ids))
+
+
+def _clear_marks(conn: sa.Connection, where: sa.ColumnElement[bool]) -> int:
+    """Clear the marks of the jobs ``where`` selects among the marked ones (locked in id order on
+    PostgreSQL first, as every job update locks its jobs); how many were cleared."""
+    dialect = conn.dialect.name
+    stmt = sa.select(jobs.c.id).where(where)
+    if dialect == "postgresql":
+        stmt = stmt.order_by(jobs.c.id).with_for_update(of=jobs)
+    ids = list(conn.execute(stmt).scalars())
+    if ids:
+        conn.execute(sa.update(jobs).where(id_in(jobs.c.id, ids, dialect))
+                     .values(released_from_session_id=None, released_tick_seen=False))
+    return len(ids)
+
+
+#: The jobs users took from session ``b_session`` (the heartbeat's look at them), per dialect.
+_MARKS = {
+    "postgresql": sa.select(jobs.c.id, jobs.c.released_tick_seen)
+    .where(jobs.c.released_from_session_id == sa.bindparam("b_session")).order_by(jobs.c.id).with_for_update(of=jobs),
+    "sqlite": sa.select(jobs.c.id, jobs.c.released_tick_seen).where(jobs.c.released_from_session_id == sa.bindparam("b_session")),
+}
+
+
+def note_held(conn: sa.Connection, session_id: int, job_ids: "list[int] | None") -> int:
+    """A heartbeat of ``session_id`` said it holds ``job_ids`` (None: it sent no list): the jobs
+    its user took from it and that a heartbeat since has seen, not listed now, are leasable again;
+    the others are seen by this one. How many became leasable (see "Re-queued while running").
+
+    One read through the marks' index (nothing when the session has none, the usual case) and at
+    most two bulk updates. Called after :func:`heartbeat`, which locked the session."""
+    dialect = conn.dialect.name
+    marks = conn.execute(_MARKS[dialect], {"b_session": session_id}).all()
+    if not marks:
+        return 0
+    # A full list may be one window of more held ids (balsam.client.lease): a job not in it may
+    # still run, so it clears nothing (the session's end does).
+    complete = job_ids is None or len(job_ids) < MAX_JOB_IDS_PER_SESSION_TICK
+    listed = set(job_ids or ())
+    done = [row.id for row in marks if row.released_tick_seen and complete and row.id not in listed]
+    seen = [row.id for row in marks if not row.released_tick_seen]
+    if done:
+        conn.execute(sa.update(jobs).where(id_in(jobs.c.id, done, dialect))
+                     .values(released_from_session_id=None, released_tick_seen=False))
+    if seen:
+        conn.execute(sa.update(jobs).where(id_in(jobs.c.id, seen, dialect)).values(released_tick_seen=True))
+    return len(done)
 
 
 def parse_tick(payload: Any) -> "list[int] | None":
@@ -294,10 +393,13 @@ def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool =
     if predicate is not None:
         # A launcher's or the processing module's request: the leasable jobs, in the order taken,
         # come from a partial index (migration 0010), which SQLite uses only if this filter is the
-        # index's predicate word for word.
+        # index's predicate word for word. Leasable: held by no session, and not marked as taken by
+        # its user from a session that may still run it ("Re-queued while running"): a marked job
+        # leaves these indexes as a leased one does (migration 0018), so no acquire reads it.
         leasable: list[Any] = [sa.text(predicate)]
     else:
-        leasable = [jobs.c.session_id.is_(None), jobs.c.state.in_(sorted(s.value for s in spec.states))]
+        leasable = [jobs.c.session_id.is_(None), jobs.c.released_from_session_id.is_(None),
+                    jobs.c.state.in_(sorted(s.value for s in spec.states))]
     stmt = sa.select(jobs.c.id, jobs.c.num_nodes, jobs.c.node_packing_count).where(jobs.c.site_id == site_id, *leasable)
     if spec.filter_tags:
         # With a partial index, the tags are tested on its few rows: not with the GIN index (on

@@ -55,6 +55,14 @@ class UTCDateTime(sa.types.TypeDecorator):
 #: JSON on SQLite, JSONB (containment operators, GIN indexes) on PostgreSQL.
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
+#: Ids that grow with every job or event (jobs, their events, parent links and transfer items, and
+#: sessions, which any user may create and delete at will) and the columns that refer to them: 64-bit
+#: on PostgreSQL (migration 0017). One user could otherwise use up a 32-bit sequence for everyone (a
+#: reservation of job ids takes 500,000 at once; a long-lived server's events pass 2**31 too), after
+#: which every insert fails. SQLite's ``INTEGER PRIMARY KEY`` is already a 64-bit rowid (and must be
+#: spelled INTEGER to be one, as AUTOINCREMENT requires), so the columns stay INTEGER there.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 users = sa.Table(
     "users",
     metadata,
@@ -125,7 +133,7 @@ batch_jobs = sa.Table(
 sessions = sa.Table(
     "sessions",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("id", BigId, primary_key=True),
     sa.Column("site_id", sa.Integer, sa.ForeignKey("sites.id", ondelete="CASCADE"), nullable=False, index=True),
     sa.Column(
         "batch_job_id", sa.Integer, sa.ForeignKey("batch_jobs.id", ondelete="SET NULL"), nullable=True, index=True
@@ -140,7 +148,7 @@ sessions = sa.Table(
 jobs = sa.Table(
     "jobs",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("id", BigId, primary_key=True),
     # Copied from the app (no foreign key: jobs already cascade through apps.site_id, and a second
     # per-row FK check costs bulk inserts ~10%).
     sa.Column("site_id", sa.Integer, nullable=False),
@@ -148,7 +156,7 @@ jobs = sa.Table(
     # jobs, are checked and cascaded by statement triggers instead of foreign keys (migration
     # 0007: a row-by-row check was a third of a bulk insert); SQLite keeps the foreign keys.
     sa.Column("app_id", sa.Integer, sa.ForeignKey("apps.id", ondelete="CASCADE"), nullable=False, index=True),
-    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("session_id", BigId, sa.ForeignKey("sessions.id", ondelete="SET NULL"), nullable=True),
     sa.Column("batch_job_id", sa.Integer, sa.ForeignKey("batch_jobs.id", ondelete="SET NULL"), nullable=True),
     sa.Column("workdir", sa.Text, nullable=False),
     sa.Column("tags", JSONType, nullable=False),
@@ -169,6 +177,13 @@ jobs = sa.Table(
     sa.Column("serialized_return_value", sa.Text, nullable=False),
     sa.Column("serialized_exception", sa.Text, nullable=False),
     sa.Column("last_update", UTCDateTime, nullable=False),
+    # Set when a user's move ended a session's lease on the job (a re-queue or a failure of a job the
+    # session's launcher may be running): the session that held it. Acquires skip the job until that
+    # session's heartbeats show the old run stopped, or the session ends (migration 0018;
+    # sessions_logic, "Re-queued while running"). ``released_tick_seen``: a heartbeat of that session
+    # has come since the release.
+    sa.Column("released_from_session_id", BigId, nullable=True),
+    sa.Column("released_tick_seen", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     # Every job query is scoped to the owner's sites, so (site_id, state) serves state filters; with
     # id last, a page of a state (plus any other filter) is read in id order, a few rows per match
     # (migration 0005; SQLite indexes end with the rowid anyway).
@@ -178,7 +193,8 @@ jobs = sa.Table(
     # Most jobs are in no session and no BatchJob: partial indexes cost their insert nothing and
     # still serve every lookup by a session or BatchJob (migration 0006).
     *[sa.Index(f"ix_jobs_{name}", name, postgresql_where=sa.text(f"{name} IS NOT NULL"),
-               sqlite_where=sa.text(f"{name} IS NOT NULL")) for name in ("session_id", "batch_job_id")],
+               sqlite_where=sa.text(f"{name} IS NOT NULL"))
+      for name in ("session_id", "batch_job_id", "released_from_session_id")],
     sa.Index("ix_jobs_tags_gin", "tags", postgresql_using="gin", postgresql_ops={"tags": "jsonb_path_ops"}).ddl_if(
         dialect="postgresql"
     ),
@@ -187,7 +203,10 @@ jobs = sa.Table(
 
 
 def _leasable(states: "tuple[str, ...]") -> str:
-    return "session_id IS NULL AND state IN ({})".format(", ".join(f"'{state}'" for state in states))
+    # Held by no session, and not taken by its user from a session that may still run it (migration
+    # 0018; sessions_logic, "Re-queued while running").
+    return "session_id IS NULL AND released_from_session_id IS NULL AND state IN ({})".format(
+        ", ".join(f"'{state}'" for state in states))
 
 
 # What a launcher leases by default and what the site agent's processing module leases, sorted.
@@ -214,7 +233,8 @@ RUNNABLE_ORDERS: dict[Any, tuple[sa.ColumnElement[Any], ...]] = {
 # order past every job that was not leasable (a campaign's new jobs after its finished ones: 283 ms
 # for serial mode's acquire and 376 ms for the processing module's at 10^6 jobs on SQLite). Only
 # leasable jobs are in them: a job enters when it reaches one of those states (a new job, STAGED_IN,
-# enters the processing module's) and leaves when it is leased; other state changes cost nothing.
+# enters the processing module's) and leaves when it is leased (or marked as taken from a session
+# that may still run it: migration 0018, whose predicates these are); other state changes cost nothing.
 _ACQUIRE_INDEXES = (
     ("ix_jobs_runnable_by_id", _RUNNABLE, (jobs.c.id,)),
     ("ix_jobs_runnable_small_first", _RUNNABLE, RUNNABLE_ORDERS[None]),
@@ -246,16 +266,16 @@ sa.Index("ix_jobs_cleanup", jobs.c.site_id, jobs.c.id, sqlite_where=sa.text(CLEA
 job_parents = sa.Table(
     "job_parents",
     metadata,
-    sa.Column("child_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("parent_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("child_id", BigId, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("parent_id", BigId, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
     sa.Index("ix_job_parents_parent_id", "parent_id"),
 )
 
 transfer_items = sa.Table(
     "transfer_items",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("job_id", BigId, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
     sa.Column("direction", sa.String(8), nullable=False),
     sa.Column("local_path", sa.Text, nullable=False),
     sa.Column("remote_path", sa.Text, nullable=False),
@@ -270,8 +290,8 @@ transfer_items = sa.Table(
 log_events = sa.Table(
     "log_events",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("job_id", BigId, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
     sa.Column("timestamp", UTCDateTime, nullable=False, index=True),
     sa.Column("from_state", sa.String(32), nullable=False),
     sa.Column("to_state", sa.String(32), nullable=False),
@@ -304,6 +324,10 @@ idempotency_keys = sa.Table(
     #: and media type (NULL for a body-less 204, and for creates, whose answer is rebuilt from the ids).
     sa.Column("answer", sa.LargeBinary, nullable=True),
     sa.Column("answer_type", sa.String(128), nullable=True),
+    # A user's reserved keys not taken yet (``POST /jobs/reservations``, whose budget counts them:
+    # idempotency.reserved_budget_use; migration 0017), without reading the user's other keys.
+    sa.Index("ix_idempotency_keys_reserved", "user_id", "expires",
+             postgresql_where=sa.text("request_hash = ''"), sqlite_where=sa.text("request_hash = ''")),
 )
 
 #: Nonces of the dashboard's one-time login links that have been used (dashboard/session.py

@@ -1,5 +1,14 @@
 """Dashboard sessions: a signed, expiring cookie per browser login, CSRF tokens bound to it.
 
+Each login (the password form or a one-time link) makes a ``dashboard`` credential (a row of
+``credentials``, like every token the server hands out: see :mod:`balsam.server.auth`), whose id the
+cookie carries (``cid``); every page checks it through the server's credential cache, as the API
+checks a bearer token. So revoking it (``balsam server revoke --user``, ``--id``, ``DELETE
+/auth/credentials/{id}``), a new password (``balsam server set-password``, which revokes the user's
+dashboard credentials) or logging out ends the session within ``BALSAM_AUTH_REVOCATION_CACHE_SEC``
+(at once in the worker that revoked it); a cookie without a ``cid`` (made before this) is refused.
+The credential expires with the session's maximum age.
+
 The session cookie is a JWT (HS256, the server's signing key) with the audience
 ``balsam-dashboard``: an API bearer token (no audience) is refused as a cookie, and a session cookie
 (with an audience) is refused as a bearer token by :func:`balsam.server.auth.decode_token`, so neither
@@ -47,6 +56,11 @@ class DashboardSession:
     expires: int  # unix time
     login_time: int  # unix time of the login: renewals never carry the session past login + max age
 
+    @property
+    def credential_id(self) -> Optional[int]:
+        """The id of the session's ``dashboard`` credential (None: a cookie no page accepts)."""
+        return self.user.credential_id
+
     def csrf_token(self, secret: str) -> str:
         return _mac(secret, f"csrf|{self.sid}")
 
@@ -61,7 +75,8 @@ def _now() -> int:
 
 
 def issue_session(user: AuthUser, secret: str, ttl_sec: int) -> tuple[str, DashboardSession]:
-    """A new session for ``user``: the cookie value and the session it encodes."""
+    """A new session for ``user`` (its ``credential_id``: the session's ``dashboard`` credential):
+    the cookie value and the session it encodes."""
     now = _now()
     session = DashboardSession(user=user, sid=secrets.token_urlsafe(16), expires=now + ttl_sec, login_time=now)
     return _encode(session, secret), session
@@ -81,8 +96,10 @@ def renew_session(session: DashboardSession, secret: str, ttl_sec: int, max_age_
 
 
 def _encode(session: DashboardSession, secret: str) -> str:
-    payload = {"sub": str(session.user.id), "username": session.user.username, "sid": session.sid,
-               "exp": session.expires, "aud": SESSION_AUDIENCE, "auth_time": session.login_time}
+    payload: dict[str, Any] = {"sub": str(session.user.id), "username": session.user.username, "sid": session.sid,
+                               "exp": session.expires, "aud": SESSION_AUDIENCE, "auth_time": session.login_time}
+    if session.user.credential_id is not None:
+        payload["cid"] = int(session.user.credential_id)
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
@@ -93,7 +110,9 @@ def read_session(cookie: Optional[str], secret: str) -> Optional[DashboardSessio
     try:
         payload = jwt.decode(cookie, secret, algorithms=[ALGORITHM], audience=SESSION_AUDIENCE,
                              options={"require": ["exp", "sub", "aud", "sid", "auth_time"]})
-        user = AuthUser(id=int(payload["sub"]), username=str(payload.get("username", "")))
+        cid = payload.get("cid")
+        user = AuthUser(id=int(payload["sub"]), username=str(payload.get("username", "")),
+                        credential_id=int(cid) if cid is not None else None)
         return DashboardSession(user=user, sid=str(payload["sid"]), expires=int(payload["exp"]),
                                 login_time=int(payload["auth_time"]))
     except (jwt.InvalidTokenError, ValueError, KeyError, TypeError):

@@ -27,14 +27,15 @@ import balsam
 from balsam.states import BatchJobState, JobState
 
 from .. import job_counts, jobs_logic
-from ..auth import AuthUser, authenticate_password, client_address, require_unscoped
+from ..auth import (AuthUser, authenticate_password, client_address, issue_credential, require_unscoped,
+                    revoke_credentials)
 from ..db import count_and_page, read_tx, write_tx
 from ..errors import APIError, NotFound, Unauthorized
 from ..http import QueryParams, json_response
 from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
 from ..routes.events import EV_FIELDS, events_select
 from ..routing import Ctx, read_body, route
-from ..tables import apps, job_parents, jobs, sites, users
+from ..tables import apps, credentials, job_parents, jobs, sites, users
 from . import session as sessions
 from .plots import plot_data
 
@@ -201,6 +202,33 @@ def _user_exists(engine: sa.Engine, user_id: int) -> bool:
         return conn.execute(sa.select(users.c.id).where(users.c.id == user_id)).first() is not None
 
 
+def _session_valid(request: Request, session: sessions.DashboardSession) -> bool:
+    """The session's ``dashboard`` credential still exists, is not revoked and has not expired,
+    checked as the API checks a bearer token's (the app's credential cache; a revocation made by
+    another process counts within ``BALSAM_AUTH_REVOCATION_CACHE_SEC``). The credential goes with
+    its user: a deleted user's session ends too."""
+    if session.credential_id is None:  # a cookie from before sessions had credentials
+        return False
+    engine = request.app.state.engine
+    try:
+        request.app.state.credential_cache.check(lambda: read_tx(engine), session.user)
+    except Unauthorized:
+        return False
+    return True
+
+
+def _start_session(view: "View", conn: sa.Connection, user: AuthUser, how: str) -> str:
+    """A new session's cookie, with its ``dashboard`` credential made in ``conn`` (a write
+    transaction that commits before the cookie is sent). The credential lives the session's
+    maximum age (``BALSAM_DASHBOARD_SESSION_MAX_AGE_SEC``)."""
+    settings = view.settings
+    label = f"dashboard {how} from {client_address(view.request)}"
+    cred_id, _expires, _code = issue_credential(conn, user.id, "dashboard", label, settings.dashboard_session_max_age_sec)
+    cookie, _session = sessions.issue_session(AuthUser(id=user.id, username=user.username, credential_id=cred_id),
+                                              settings.secret_key, settings.dashboard_session_ttl_sec)
+    return cookie
+
+
 def _safe_next(view_base: str, target: Optional[str]) -> str:
     """Only a path inside the dashboard (no scheme, no host, no ``//``): no open redirect."""
     if target and target.startswith(view_base + "/") and "//" not in target and "\\" not in target:
@@ -231,7 +259,7 @@ def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, l
     def _dispatch(request: Request, form: dict[str, str]) -> Response:
         settings = request.app.state.settings
         session = sessions.read_session(request.cookies.get(sessions.SESSION_COOKIE), settings.secret_key)
-        if session is not None and not _user_exists(request.app.state.engine, session.user.id):
+        if session is not None and not _session_valid(request, session):
             session = None
         view = View(request, session, form)
         if login and session is None:
@@ -494,7 +522,8 @@ def login_page(view: View) -> Response:
             except APIError as exc:  # e.g. a rate limit (429) decided by the server's login check
                 error, status = str(exc.detail), exc.status_code
             else:
-                cookie, _session = sessions.issue_session(user, secret, view.settings.dashboard_session_ttl_sec)
+                with write_tx(view.engine) as conn:
+                    cookie = _start_session(view, conn, user, "password login")
                 response = RedirectResponse(_safe_next(view.base, next_url), status_code=303)
                 _set_session_cookie(response, view.request, cookie)
                 response.delete_cookie(sessions.LOGIN_COOKIE, path=_cookie_path(view.request))
@@ -508,6 +537,14 @@ def login_page(view: View) -> Response:
 
 
 def logout(view: View) -> Response:
+    """End the session: its credential is revoked (a copy of the cookie stops working too)."""
+    session = view.session
+    if session is not None and session.credential_id is not None:
+        with write_tx(view.engine) as conn:
+            revoke_credentials(conn, sa.and_(credentials.c.id == session.credential_id,
+                                             credentials.c.user_id == session.user.id,
+                                             credentials.c.kind == "dashboard"))
+        view.request.app.state.credential_cache.forget([session.credential_id])
     response = RedirectResponse(view.url("login"), status_code=303)
     response.delete_cookie(sessions.SESSION_COOKIE, path=_cookie_path(view.request))
     return response
@@ -522,12 +559,11 @@ def ticket_login(view: View) -> Response:
     # One-time: a link seen by someone else (a shared screen, a proxy's log) must not log them in too.
     with write_tx(view.engine) as conn:
         first_use = sessions.redeem_ticket(conn, ticket)
-    if not first_use:
+        cookie = _start_session(view, conn, ticket.user, "login link") if first_use else None
+    if cookie is None:
         return view.render("error.html", 401, title="Link already used",
                            message="This login link has already been used (each link logs in once): run "
                                    "`balsam dashboard` again, or log in with a password.")
-    user = ticket.user
-    cookie, _session = sessions.issue_session(user, view.settings.secret_key, view.settings.dashboard_session_ttl_sec)
     response = RedirectResponse(view.url(""), status_code=303)
     _set_session_cookie(response, view.request, cookie)
     response.headers["Referrer-Policy"] = "no-referrer"

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from starlette.responses import Response
 
 from ..auth import (
+    CREDENTIAL_KINDS,
     check_password_login,
     client_address,
     create_token,
@@ -223,7 +224,7 @@ def list_credentials(ctx: Ctx) -> Response:
     stmt = sa.select(*[credentials.c[n] for n in CREDENTIAL_FIELDS]).where(credentials.c.user_id == ctx.user.id)
     if ctx.user.site_id is not None:
         stmt = stmt.where(credentials.c.id == ctx.user.credential_id)
-    kind = q.choice("kind", ["login", "refresh", "launcher", "invitation"])
+    kind = q.choice("kind", list(CREDENTIAL_KINDS))
     if kind:
         stmt = stmt.where(credentials.c.kind == kind)
     for name in ("site_id", "batch_job_id"):

@@ -24,8 +24,8 @@ def events_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Select
     stmt = sa.select(*EV_COLUMNS).join(jobs, jobs.c.id == log_events.c.job_id).where(
         jobs.c.site_id.in_(owned_site_ids(user_id))
     )
-    stmt = where_in(stmt, log_events.c.id, q.int_list("id"))
-    stmt = where_in(stmt, log_events.c.job_id, q.int_list("job_id"))
+    stmt = where_in(stmt, log_events.c.id, q.int_list("id", bits=64))
+    stmt = where_in(stmt, log_events.c.job_id, q.int_list("job_id", bits=64))
     stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
     stmt = where_eq(stmt, jobs.c.batch_job_id, q.int("batch_job_id"))
     scheduler_id = q.int("scheduler_id", bits=64)

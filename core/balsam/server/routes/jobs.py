@@ -15,7 +15,7 @@ from balsam.util import paused_gc
 from .. import jobs_logic as logic
 from ..errors import BadRequest, NotFound, ValidationFailed
 from ..http import MINIMAL_APPLIED, PAGINATION, dumps, is_json_int, json_response, no_content, pagination, require_list
-from ..idempotency import HEADER as IDEMPOTENCY_HEADER, reserve_job_keys
+from ..idempotency import HEADER as IDEMPOTENCY_HEADER, check_reservation_budget, reserve_job_keys
 from ..limits import check_field_sizes
 from ..routing import Ctx, route
 from ..sessions_logic import sweep_expired
@@ -82,7 +82,8 @@ def reserve(ctx: Ctx) -> Response:
     """Idempotency keys for the chunks of one bulk create, each with its job ids allocated now, so
     that the client may send the chunks side by side and still get ids in the order of its list
     (see balsam.server.idempotency). ``parallel``: how many chunks to keep in flight; on SQLite it
-    is 1 and nothing is reserved (one transaction writes at a time there)."""
+    is 1 and nothing is reserved (one transaction writes at a time there). 429 beyond the user's
+    budget of reserved ids not used yet (``check_reservation_budget``)."""
     data = ctx.json()
     sizes = data.get("sizes") if isinstance(data, dict) else None
     if (not isinstance(sizes, list) or not 1 <= len(sizes) <= MAX_CHUNKS_PER_RESERVATION
@@ -98,6 +99,7 @@ def reserve(ctx: Ctx) -> Response:
     reservations: list[dict] = []
     if parallel > 1:
         with ctx.write() as conn:
+            check_reservation_budget(conn, ctx.user.id, sizes)
             blocks = logic.reserve_job_ids(conn, sizes)
             keys = reserve_job_keys(conn, ctx.user.id, blocks, ctx.settings.idempotency_ttl_sec)
         reservations = [{"idempotency_key": key, "size": len(ids), "first_id": ids[0], "last_id": ids[-1]}

@@ -15,8 +15,8 @@ from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
-    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, parse_acquire, parse_tick, reacquire,
-    release_session_jobs, session_dict,
+    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, note_held, parse_acquire, parse_tick,
+    reacquire, release_session_jobs, session_dict,
 )
 from ..tables import batch_jobs, sessions, sites
 
@@ -25,7 +25,7 @@ def list_sessions(ctx: Ctx) -> Response:
     q = ctx.query({"id"} | PAGINATION)
     limit, offset = pagination(q)
     stmt = sa.select(sessions).where(sessions.c.site_id.in_(owned_site_ids(ctx.user.id)))
-    stmt = where_in(stmt, sessions.c.id, q.int_list("id"))
+    stmt = where_in(stmt, sessions.c.id, q.int_list("id", bits=64))
     with ctx.read() as conn:
         count, rows = count_and_page(conn, stmt, [sessions.c.id], limit, offset)
     return json_response({"count": count, "results": [session_dict(r) for r in rows]})
@@ -107,6 +107,10 @@ def tick(ctx: Ctx) -> Response:
         now = utcnow()
         heartbeat(conn, session_id, now)  # 404 if the sweep deleted the session meanwhile
         gone = gone_jobs(conn, session_id, job_ids) if job_ids is not None else None
+        # Jobs its user re-queued while this session ran them: leasable again once it no longer does.
+        leasable_again = note_held(conn, session_id, job_ids)
+    if leasable_again:
+        ctx.wake_acquires()
     answer: dict = {"id": session_id, "heartbeat": wire_datetime(now)}
     if gone is not None:
         answer["gone"] = gone

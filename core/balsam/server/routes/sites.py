@@ -46,12 +46,31 @@ def _stored(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: ``--site`` words that select something other than the site of that name (cli/_site_selector.py).
+SITE_SELECTOR_WORDS = frozenset({"all", "active", "this"})
+
+
+def site_name_problem(name: str) -> str:
+    """Why ``--site NAME`` could never select a site of this name ("" when it can): digits are read
+    as a site id, a comma separates several selectors, all/active/this are selectors of their own."""
+    word = name.strip()
+    if word.isdigit():
+        return f"must not be all digits ({name!r}): `--site {word}` means the site with id {word}"
+    if "," in name:
+        return f"must not contain a comma ({name!r}): `--site a,b` means the sites a and b"
+    if word in SITE_SELECTOR_WORDS:
+        return f"must not be {word!r}: `--site {word}` selects {'the current site' if word == 'this' else f'{word} sites'}"
+    return ""
+
+
 def _validate(values: dict[str, Any]) -> None:
     errors = []
     if "path" in values and not str(values["path"]).startswith("/"):
         errors.append((["body", "path"], f"must be an absolute path, got {str(values['path'])!r}"))
     if "name" in values and not str(values["name"]).strip():
         errors.append((["body", "name"], "must not be empty"))
+    elif "name" in values and site_name_problem(str(values["name"])):
+        errors.append((["body", "name"], site_name_problem(str(values["name"]))))
     for queue, limits in (values.get("allowed_queues") or {}).items():
         # The rule settings.yml is checked with: a queue of max_nodes 0 refuses every BatchJob.
         for field, problem in AllowedQueue(**limits).validate().items():
@@ -129,9 +148,12 @@ def update_site(ctx: Ctx) -> Response:
         # Read-only fields sent back by clients that PUT a whole record are ignored.
         data = {k: v for k, v in data.items() if k not in ("id", "last_refresh", "creation_date")}
     values = _stored(parse_partial(Site, data, WRITABLE, ["body"]))
-    _validate(values)
+    # A whole record sent back may repeat a name stored before the rule (checked below).
+    _validate({k: v for k, v in values.items() if k != "name" or not site_name_problem(str(v))})
     with ctx.write() as conn:
-        get_owned_site(conn, ctx.user.id, site_id)
+        stored = get_owned_site(conn, ctx.user.id, site_id)
+        if "name" in values and values["name"] != stored.name and site_name_problem(str(values["name"])):
+            raise ValidationFailed.field(["body", "name"], site_name_problem(str(values["name"])))
         if "name" in values:
             dup = conn.execute(
                 sa.select(sites.c.id).where(

@@ -43,9 +43,9 @@ def list_transfers(ctx: Ctx) -> Response:
     stmt = _owned_items()
     with ctx.read() as conn:
         stmt = stmt.where(jobs.c.site_id.in_(owned_site_ids(ctx.user.id)))
-        stmt = where_in(stmt, transfer_items.c.id, q.int_list("id"))
+        stmt = where_in(stmt, transfer_items.c.id, q.int_list("id", bits=64))
         stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
-        stmt = where_in(stmt, transfer_items.c.job_id, q.int_list("job_id"))
+        stmt = where_in(stmt, transfer_items.c.job_id, q.int_list("job_id", bits=64))
         stmt = where_in(stmt, transfer_items.c.state, q.enum_list("state", TransferItemState))
         stmt = where_eq(stmt, transfer_items.c.direction, q.enum("direction", TransferDirection))
         stmt = where_eq(stmt, jobs.c.state, q.enum("job_state", JobState))
@@ -190,7 +190,7 @@ def update_transfer(ctx: Ctx) -> Response:
 
 def bulk_update(ctx: Ctx) -> Response:
     payload = require_list(ctx.json(), "transfer item updates", MAX_ITEMS_PER_BULK_OP)
-    patches = parse_bulk_patches(payload, "transfer item", _parse)
+    patches = parse_bulk_patches(payload, "transfer item", _parse, wide_id=True)
     with ctx.write() as conn:
         rows = update_items(conn, ctx.user.id, patches) if patches else []
     if patches:
