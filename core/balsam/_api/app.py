@@ -217,6 +217,11 @@ class ApplicationDefinitionMeta(type):
 
     @property
     def source_code(cls) -> str:
+        """The class's source: read from its file, or for a class loaded from the API (whose file
+        is elsewhere: ``load_by_site()``, ``from_serialized()``) the source stored with it."""
+        loaded = cls.__dict__.get("_source_code")
+        if loaded:
+            return loaded
         return codec.get_source(cls)
 
 
@@ -240,6 +245,8 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
     #: run(self, **kwargs) apps take any parameter
     _accepts_any_params: ClassVar[bool] = False
     _serialized_class: ClassVar[Optional[str]] = None
+    #: the source stored in the App record this class was loaded from (None: not loaded)
+    _source_code: ClassVar[Optional[str]] = None
     #: client used by sync()/load_*; None = the balsam.api default client
     _client: ClassVar[Any] = None
     #: loaded classes by (server URL, app id) and (server URL, site name, app name)
@@ -344,7 +351,9 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
         try:
             source = cls.source_code  # type: ignore[attr-defined]
         except (OSError, TypeError):
-            source = ""  # defined interactively or loaded from the API: no source file
+            # Defined interactively: no source file (sync() then keeps a stored source, never
+            # replaces it with "").
+            source = ""
         return {
             "site_id": cls.resolve_site_id(),
             "name": cls.__name__,
@@ -455,7 +464,11 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
         if isinstance(app, dict):
             from .models import App
 
+            # A record of some fields only (the site agent's hook workers get no source) is fine.
+            stored_source = app.get("source_code")
             app = App._from_api(app)
+        else:
+            stored_source = app.source_code
         if app.id is None:
             raise ValueError("cannot load an App that has no id")
         cls = codec.deserialize_app_class(app.serialized_class, name=app.name, app_id=app.id)
@@ -463,6 +476,8 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
             raise TypeError(f"App(id={app.id}, name={app.name}) does not hold an ApplicationDefinition subclass")
         cls.__app_id__ = app.id
         cls._serialized_class = app.serialized_class
+        # Its file is not here: sync() of the loaded class keeps this source (0.7 raised OSError).
+        cls._source_code = stored_source
         if getattr(cls, "_site_id", None) is None:
             cls._site_id = app.site_id
         return cls
@@ -547,7 +562,7 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
 
 
 #: Class attributes that are this client's state, not the app's: never in its serialized payload.
-_CLIENT_STATE = ("__app_id__", "_site_id", "_serialized_class")
+_CLIENT_STATE = ("__app_id__", "_site_id", "_serialized_class", "_source_code")
 
 
 def _serialize_class(cls: type[ApplicationDefinition]) -> str:
@@ -559,6 +574,8 @@ def _update_app(existing: "App", record: dict[str, Any]) -> list[str]:
     in wire form (the stored parameters are AppParameter records, the class's are dicts)."""
     changed = []
     for key, value in record.items():
+        if key == "source_code" and not value:
+            continue  # the source could not be read here: the stored one stays
         if key != "site_id" and existing._field_json(key) != value:
             setattr(existing, key, value)
             changed.append(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Optional, Sequence, TypeVar
 
+from balsam.client.rest import APIError
 from balsam.models import MAX_ITEMS_PER_BULK_OP
 
 from .query import Query
@@ -29,8 +30,9 @@ class Manager(Generic[T]):
     bulk_chunk_size: int = MAX_ITEMS_PER_BULK_OP
     #: the list route accepts PATCH with ``[{id, ...changed fields}, ...]``
     has_bulk_patch: bool = False
-    #: what a positional argument of ``get()`` looks up (``Site.objects.get("name")``)
-    positional_lookup: Optional[str] = None
+    #: the list route accepts PUT with filters in the query string and the change as the body
+    #: (``PUT /jobs/?tags=...``): ``query.update()`` is then one request
+    has_query_update: bool = False
 
     def __init__(self, model: type[T]) -> None:
         self._model = model
@@ -46,16 +48,13 @@ class Manager(Generic[T]):
     def all(self) -> Query[T]:
         return Query(self)
 
-    def filter(self, **kwargs: Any) -> Query[T]:
-        return Query(self).filter(**kwargs)
+    def filter(self, *args: Any, **kwargs: Any) -> Query[T]:
+        """Positional filters are taken in the model's Balsam 0.7 order (see ``Model._positional``)."""
+        return Query(self).filter(*args, **kwargs)
 
     def get(self, *args: Any, **kwargs: Any) -> T:
-        if args:
-            if len(args) > 1 or self.positional_lookup is None:
-                raise TypeError(f"{self._model.__name__}.objects.get() takes keyword filters only")
-            key = "id" if isinstance(args[0], int) else self.positional_lookup
-            kwargs[key] = args[0]
-        return Query(self).get(**kwargs)
+        """Positional filters are taken in the model's Balsam 0.7 order (see ``Model._positional``)."""
+        return Query(self).get(*args, **kwargs)
 
     def count(self) -> int:
         return Query(self).count()
@@ -104,25 +103,81 @@ class Manager(Generic[T]):
             obj._mark_clean()
         return count
 
-    def _update_many(self, rows: list[dict[str, Any]], progress: ProgressFn = None) -> int:
+    def _update_many(self, rows: list[dict[str, Any]], progress: ProgressFn = None, skip_missing: bool = False) -> int:
+        """Send ``rows`` (``{id, ...fields}``); returns the number of records updated.
+
+        ``skip_missing`` (``query.update()``: the ids were read just before): a record deleted
+        meanwhile is left out (its chunk sent again without it) instead of failing the update,
+        as 0.7's update by ids did; the count is then of the records actually updated."""
         model = self._model
         client = self._client
-        done = 0
+        done = updated = 0
         if self.has_bulk_patch:
             for chunk in chunks(rows, self.bulk_chunk_size):
-                client.patch(model._path, json=list(chunk))
+                try:
+                    updated += self._patch_chunk(list(chunk), skip_missing)
+                except APIError as exc:
+                    if not done:
+                        raise
+                    # Each chunk is its own transaction: the server's "nothing was updated" is
+                    # about this one only.
+                    from balsam.client.rest import _detail_text
+
+                    text = _detail_text(exc.detail).replace(", nothing was updated", "")
+                    raise type(exc)(exc.method, exc.url, exc.status_code,
+                                    f"{updated} of {len(rows)} {model.__name__} records were updated before this "
+                                    f"error (the rest were not): {text}", exc.refused_ids) from exc
                 done += len(chunk)
                 if progress:
                     progress(done, len(rows))
-            return done
+            return updated
         for row in rows:
             row = dict(row)
             rid = row.pop("id")
-            client.put(f"{model._path}{rid}", json=row)
+            try:
+                client.put(f"{model._path}{rid}", json=row)
+                updated += 1
+            except APIError as exc:
+                if not (skip_missing and exc.status_code == 404):
+                    raise
             done += 1
             if progress:
                 progress(done, len(rows))
-        return done
+        return updated
+
+    def _patch_chunk(self, chunk: list[dict[str, Any]], skip_missing: bool) -> int:
+        """One bulk PATCH (again without the records the server says are gone, with ``skip_missing``)."""
+        client = self._client
+        while chunk:
+            try:
+                client.patch(self._model._path, json=chunk)
+            except APIError as exc:
+                gone = exc.refused_ids if skip_missing and exc.status_code == 404 else None
+                left = [row for row in chunk if row["id"] not in gone] if gone else chunk
+                if len(left) == len(chunk):
+                    raise
+                chunk = left
+                continue
+            return len(chunk)  # applied all or nothing
+        return 0
+
+    def _update_query(self, query: Query[T], payload: dict[str, Any]) -> Optional[int]:
+        """``query.update()`` as one ``PUT <list route>?<filters>`` where the route exists and the
+        query is its filters alone (no slice, no list filter split over requests); returns the
+        number updated, or None where the ids must be read and sent (the route also refuses a
+        query matching more records than one request may update: 400)."""
+        if not self.has_query_update or query._sliced or len(query._chunked_params()) > 1:
+            return None
+        try:
+            result = self._client.put(self._model._path, params=query._params, json=payload)
+        except APIError as exc:
+            if exc.status_code == 400:  # more matches than one request may update: by ids, in chunks
+                return None
+            raise
+        # Applied: never sent again by ids. The server answers the count (0.7's: the records).
+        if isinstance(result, list):
+            return len(result)
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
     def _delete_query(self, query: Query[T]) -> Optional[int]:
         model = self._model

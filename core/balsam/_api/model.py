@@ -101,13 +101,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _str_map_wire(value: dict) -> dict:
+    """A copy of a string map (tags, launch_params, optional_params ...) with its numbers (and
+    number keys) as strings: Balsam 0.7 (pydantic) turned ``{"n": 5}`` into ``{"n": "5"}``. Used
+    both when such a field is assigned and when it is sent (a number put in place,
+    ``job.tags["n"] = 5``, is sent as ``"5"``); other values are left for the server to refuse."""
+    return {k if type(k) is str else str(k): str(v) if isinstance(v, (int, float)) else v for k, v in value.items()}
+
+
+def _stringify_numbers_in_place(value: dict) -> None:
+    """Turn the numbers among a string map's values into strings, in the map itself (a value read
+    again after an in-place change, as the site's hook runner reads ``self.job.tags``, is then
+    what the server takes)."""
+    for key, item in value.items():
+        if type(item) is not str and isinstance(item, (int, float)):
+            value[key] = str(item)  # an existing key: the dict's size does not change
+
+
 def structure_value(model: str, name: str, value: Any, tp: Any) -> Any:
     if _strip_optional(tp) is dt.datetime:
         value = to_aware_utc(value)
     value = _plain(value)
     if _is_str_dict(tp) and isinstance(value, dict):
         # Balsam 0.7 (pydantic) turned numbers in tags/launch_params/... into strings: keep doing so.
-        value = {str(k): str(v) if isinstance(v, (int, float)) else v for k, v in value.items()}
+        value = _str_map_wire(value)
     try:
         return converter.structure(value, tp)
     except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
@@ -136,13 +153,22 @@ def _json_encoder(tp: Any) -> Any:
     if isinstance(base, type) and issubclass(base, enum.Enum):
         return lambda value: None if value is None else value.value
     if generic is dict and args == (str, str):
-        return lambda value: None if value is None else dict(value)
+        return _encode_str_map
     if generic is dict and args[:1] == (str,) and args[1:] == (Any,):
         # Plain JSON values are sent as they are; anything else (a Path, a datetime) converted.
         return lambda value: value if not value else fallback(value)
     if generic in (set, frozenset) and args == (int,):
         return lambda value: None if value is None else sorted(value)
     return fallback
+
+
+def _encode_str_map(value: Any) -> Any:
+    """The wire form of a string map: a copy, its numbers as strings (see :func:`_str_map_wire`)."""
+    if value is None:
+        return None
+    if all(type(k) is str and type(v) is str for k, v in value.items()):
+        return dict(value)
+    return _str_map_wire(value)
 
 
 #: What a fast structurer returns for a value it leaves to the converter (which words any error).
@@ -243,6 +269,8 @@ class Field:
         self.type = tp
         self.role = role
         self.mutable = _is_mutable_type(tp)
+        #: a map of strings (tags ...): numbers put in it in place are made strings when read again
+        self.str_map = _is_str_dict(tp)
         self.is_datetime = _strip_optional(tp) is dt.datetime
         base = _strip_optional(tp)
         #: The JSON value can be used as it is when its type is exactly this one.
@@ -276,6 +304,10 @@ class Field:
             value = getattr(obj._record, self.name)
         if self.mutable and obj._stored and self.name not in obj._snapshots and self.name not in obj._dirty:
             obj._snapshots[self.name] = _fingerprint(value, self.type)
+        elif self.str_map and type(value) is dict:
+            # Read before, so maybe changed in place since: ``job.tags["n"] = 5`` reads as "5" from
+            # here on, as the attribute's assignment and save() have it (0.7's server stored "5").
+            _stringify_numbers_in_place(value)
         if self.is_datetime and value is not None:
             return to_local_naive(value)
         return value
@@ -292,7 +324,7 @@ class ManagerDescriptor:
 
     def __get__(self, obj: Any, owner: Any) -> "Manager":
         if obj is not None:
-            raise AttributeError("Manager is reachable from the model class only, e.g. Job.objects")
+            owner = type(obj)  # ``job.objects`` is ``Job.objects``, as in Balsam 0.7 (a class attribute there)
         manager = owner.__dict__.get("_manager_instance")
         if manager is None:
             manager = owner._manager_cls(owner)
@@ -322,6 +354,9 @@ class BalsamModel:
     #: query-string filter names accepted by the list route (those of Balsam 0.7)
     _filters: ClassVar[frozenset[str]] = frozenset()
     _orderings: ClassVar[frozenset[str]] = frozenset()
+    #: the filters that positional arguments of ``get()``/``filter()`` give, in order: Balsam 0.7's
+    #: (its generated managers' signatures)
+    _positional: ClassVar[tuple[str, ...]] = ("id",)
     #: fields cleared back to their default after every successful save (event payloads)
     _reset_after_save: ClassVar[tuple[str, ...]] = ()
     #: the list route's order when none is asked for (list filters split over several requests
@@ -417,6 +452,12 @@ class BalsamModel:
             (BalsamModel.MultipleObjectsReturned,),
             {"__qualname__": f"{name}.MultipleObjectsReturned"},
         )
+
+    @classmethod
+    def _first_positional(cls, value: Any) -> Optional[str]:
+        """The filter a first positional argument gives when its type says so (None: the first of
+        ``_positional``)."""
+        return None
 
     # ------------------------------------------------------------------ client binding
     @classmethod

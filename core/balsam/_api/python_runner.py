@@ -4,7 +4,8 @@ The launcher builds this command with :func:`balsam._api.app.python_runner_comma
 rebuilds the app class and the job, calls ``run(**parameters)`` and prints on stdout (``job.out``)
 ``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` (rank 0 only under MPI); an exception
 is re-raised so the process exits non-zero (RUN_ERROR). A ``SystemExit`` (or another
-``BaseException`` that is not an ``Exception``) prints no marker: the exit status tells. The
+``BaseException`` that is not an ``Exception``) prints no marker: the exit status tells. A return
+value that cannot be serialized is reported as a raising run() (``SerializeError`` naming its type). The
 processing module reads the markers with :func:`balsam._api.app.parse_run_markers`.
 """
 
@@ -67,7 +68,16 @@ def main(argv: "list[str] | None" = None) -> int:
         # ``except Exception`` and ended it. With no marker, result() raises Job.NoResult.
         _emit(EXCEPTION_MARKER, codec.serialize_exception(exc))
         raise
-    _emit(RETURN_MARKER, codec.serialize(result))
+    try:
+        payload = codec.serialize(result)
+    except Exception as exc:
+        # A return value dill cannot pickle (a generator, an open file, a lock...): reported like a
+        # raising run(), so job.result() raises an error that names the type (without this the
+        # runner died outside the try above with no marker, and result() said only "has no result").
+        error = codec.SerializeError(f"the return value of run() cannot be serialized: {exc}")
+        _emit(EXCEPTION_MARKER, codec.serialize_exception(error))
+        raise error from None
+    _emit(RETURN_MARKER, payload)
     return 0
 
 

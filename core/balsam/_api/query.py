@@ -69,6 +69,29 @@ def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) ->
     return params, empty
 
 
+def positional_filters(model: Any, method: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the positional ``args`` of ``get()``/``filter()`` added under their names: the
+    order of the model's filters in Balsam 0.7 (``Job.objects.get(5)`` is ``get(id=5)``; App's first
+    is ``site_id``), except that the first argument may name another filter by its type
+    (``Site.objects.get(3)`` is ``id=3``, ``App.objects.get("Name")`` is ``name="Name"``)."""
+    if not args:
+        return kwargs
+    order = model._positional
+    name = model.__name__
+    if len(args) > len(order):
+        raise TypeError(f"{name}.objects.{method}() takes at most {len(order)} positional filter"
+                        f"{'s' if len(order) != 1 else ''} ({len(args)} given), in this order: {', '.join(order)}")
+    names = list(order[: len(args)])
+    names[0] = model._first_positional(args[0]) or names[0]
+    out = dict(kwargs)
+    for key, value in zip(names, args):
+        if key in out:
+            raise TypeError(f"{name}.objects.{method}() got multiple values for filter {key!r} "
+                            f"(positional filters are, in order: {', '.join(order)})")
+        out[key] = value
+    return out
+
+
 class Query(Generic[T]):
     #: page size of list requests (the server's maximum)
     page_size: int = MAX_PAGE_SIZE
@@ -100,9 +123,10 @@ class Query(Generic[T]):
         return q
 
     # ------------------------------------------------------------------ building
-    def filter(self, **kwargs: Any) -> "Query[T]":
+    def filter(self, *args: Any, **kwargs: Any) -> "Query[T]":
         if self._sliced:
             raise AttributeError("cannot filter a query after slicing it")
+        kwargs = positional_filters(self._model, "filter", args, kwargs)
         params, empty = encode_filters(self._model.__name__, self._model._filters, kwargs)
         q = self._clone()
         q._params.update(params)
@@ -304,7 +328,8 @@ class Query(Generic[T]):
         results = self[0:1]._evaluate() if self._cache is None else self._cache[:1]
         return results[0] if results else None
 
-    def get(self, **kwargs: Any) -> T:
+    def get(self, *args: Any, **kwargs: Any) -> T:
+        kwargs = positional_filters(self._model, "get", args, kwargs)
         q = self.filter(**kwargs) if kwargs else self
         results = q[0:2]._evaluate() if q._cache is None else q._cache
         if not results:
@@ -332,20 +357,32 @@ class Query(Generic[T]):
     def update(self, **fields: Any) -> int:
         """Apply the same change to every record the query matches now; returns the number updated.
 
-        The matching ids are read afresh (an evaluated query's cached rows are not what is updated),
-        then sent as bulk PATCHes of up to ``bulk_chunk_size`` records (PUT per record for the models
-        without a bulk route: Site, App). The query's cache is dropped: iterating it again reads
-        the updated records.
+        A Job query of filters alone is one request, ``PUT /jobs/?<filters>`` (what they match when
+        the server applies it; up to 5,000 jobs). Otherwise (a slice, a list filter split over
+        requests, more matches, other models) the matching ids are read afresh (an evaluated
+        query's cached rows are not what is updated), then sent as bulk PATCHes of up to
+        ``bulk_chunk_size`` records (PUT per record for the models without a bulk route: Site,
+        App); a record deleted meanwhile is skipped. The query's cache is dropped: iterating it
+        again reads the updated records.
         """
         model = self._model
         if not model._updatable:
             raise AttributeError(f"{model.__name__} is read-only")
         payload = model._validate_update(fields)
-        ids = self._ids()
-        self._forget()
-        if not ids:
-            return 0
-        return self._manager._update_many([dict(payload, id=i) for i in ids])
+        try:
+            if self._empty:
+                return 0
+            # Job: one PUT /jobs/?<filters>, applied to what the filters match then (as 0.7's update).
+            count = self._manager._update_query(self, payload)
+            if count is not None:
+                return count
+            ids = self._ids()
+            if not ids:
+                return 0
+            # A record deleted between reading the ids and the update is skipped, not an error.
+            return self._manager._update_many([dict(payload, id=i) for i in ids], skip_missing=True)
+        finally:
+            self._forget()
 
     def delete(self) -> Optional[int]:
         """Delete every record the query matches now (Job: one bulk ``DELETE /jobs/?filters``)."""

@@ -98,7 +98,8 @@ class BalsamGroup(click.Group):
             from .legacy import legacy_hint
 
             self.attach_plugin_commands()
-            hint = legacy_hint(list(args), frozenset(self.commands))
+            groups = {name: frozenset(cmd.commands) for name, cmd in self.commands.items() if isinstance(cmd, click.Group)}
+            hint = legacy_hint(list(args), frozenset(self.commands), groups)
             if hint:
                 raise click.UsageError(hint, ctx)
         return super().parse_args(ctx, args)

@@ -190,8 +190,13 @@ def format_table(headers: list[str], rows: list[list[Any]], right: "set[int] | N
 
 def watch_output(draw: Any, interval: float, *, title: str, iterations: Optional[int] = None) -> None:
     """Call ``draw()`` every ``interval`` seconds, clearing the terminal first, until Ctrl-C
-    (or ``iterations`` rounds). Off a terminal each round is separated by a header line instead."""
+    (or ``iterations`` rounds). Off a terminal each round is separated by a header line instead.
+
+    A round the API cannot answer (unreachable, or a 5xx after the client's retries: a server
+    restart, a database outage) prints one line and the watch goes on; other errors end it."""
     import time
+
+    from balsam.client import APIError, ServerUnavailable
 
     tty = sys.stdout.isatty()
     done = 0
@@ -201,7 +206,13 @@ def watch_output(draw: Any, interval: float, *, title: str, iterations: Optional
                 click.clear()
             click.echo(click.style(f"{title}  (every {interval:g} s, Ctrl-C to stop)  {dt.datetime.now():%Y-%m-%d %H:%M:%S}",
                                    dim=True))
-            draw()
+            try:
+                draw()
+            except (ServerUnavailable, APIError) as exc:
+                if isinstance(exc, APIError) and exc.status_code < 500 and exc.status_code != 429:
+                    raise
+                click.echo(click.style(f"API not answering, trying again in {interval:g} s: "
+                                       f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", fg="yellow"))
             done += 1
             if iterations is not None and done >= iterations:
                 return

@@ -149,6 +149,8 @@ def ls(tags: tuple, state: Optional[str], exclude_state: Optional[str], ids: tup
        workdir: Optional[str], app_ref: Optional[str], limit: Optional[int], site_selector: str, verbose: bool,
        watch: bool, interval: float, rounds: Optional[int]) -> None:
     """List jobs."""
+    if by_state and limit is not None:
+        raise click.UsageError("--by-state and -n/--num do not go together: the counts per state have no row limit")
     filters = _job_filters(ids, tags, state, exclude_state, site_selector, workdir, app_ref)
     if not watch:
         _list_jobs(filters, state, exclude_state, by_state, limit, verbose)
@@ -317,7 +319,10 @@ def _state_name(value: Any) -> str:
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
 def modify(ids: tuple, tags: tuple, state: str, from_state: Optional[str], site_selector: str, yes: bool) -> None:
     """Change the state of jobs: RESTART_READY re-runs them, FAILED gives up on them."""
+    import collections
+
     from balsam.api import Job
+    from balsam.states import InvalidTransition, JobState, is_valid_transition
 
     if not ids and not tags:
         raise click.UsageError("select jobs with --id and/or --tag")
@@ -333,6 +338,20 @@ def modify(ids: tuple, tags: tuple, state: str, from_state: Optional[str], site_
     if waiting:
         click.echo(f"Left {len(waiting)} job(s) waiting for their parents (--from-state AWAITING_PARENTS, or "
                    "--id, moves them anyway)")
+    # The server refuses a whole request (a 5,000-job chunk) for one move it does not allow, after
+    # the chunks before it were applied: check each move with its rule before sending anything.
+    # (Refused as a whole, nothing would have changed: that stays an error.)
+    refused = [j for j in jobs if j.state is None or not is_valid_transition(j.state, state.upper())]
+    if refused:
+        jobs = [j for j in jobs if j.state is not None and is_valid_transition(j.state, state.upper())]
+        by_state = collections.Counter(_state_name(j.state) or "?" for j in refused)
+        shown = ", ".join(f"{n} {name}" for name, n in sorted(by_state.items()))
+        if not jobs and not waiting:
+            first = refused[0]
+            why = InvalidTransition(first.state, JobState.parse(state.upper())) if first.state is not None else "no state"
+            raise click.ClickException(f"none of the {len(refused)} selected job(s) can move to {state.upper()} "
+                                       f"({shown}): job {first.id}: {why}")
+        click.echo(f"Left {len(refused)} job(s) that cannot move to {state.upper()} ({shown})")
     if not jobs:
         click.echo("No job needs changing.")
         return

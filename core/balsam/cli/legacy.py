@@ -37,6 +37,10 @@ _LS_OPTIONS: dict[str, Translation] = {
 }
 _LS_FLAGS = {"--verbose", "--by-states", "--history", "--tree"}
 
+#: 0.x ``balsam rm jobs --id ID | --all`` (the word ``jobs`` is skipped as any positional word).
+_RM_OPTIONS: dict[str, Translation] = {"--id": "--id", "--all": "--all", "--force": "-y"}
+_RM_FLAGS = {"--all", "--force"}
+
 #: 0.x top-level commands: (what to run now, option translations, flags without a value, a note).
 LEGACY_COMMANDS: dict[str, tuple[str, dict[str, Translation], set[str], str]] = {
     "ls": ("balsam job ls", _LS_OPTIONS, _LS_FLAGS,
@@ -50,7 +54,8 @@ LEGACY_COMMANDS: dict[str, tuple[str, dict[str, Translation], set[str], str]] = 
     "modify": ("balsam job modify --id ID -s STATE", {}, set(), "e.g. -s RESTART_READY to run a job again"),
     "kill": ("balsam job modify --id ID -s FAILED", {}, set(), "a running job is stopped by its launcher"),
     "killjob": ("balsam job modify --id ID -s FAILED", {}, set(), ""),
-    "rm": ("balsam job rm --id ID", {}, set(), "apps: `balsam app rm -n NAME`"),
+    "rm": ("balsam job rm", _RM_OPTIONS, _RM_FLAGS,
+           "select the jobs with --id ID (repeatable), -t KEY=VALUE, -s STATE or --all; apps: `balsam app rm -n NAME`"),
     "mkchild": ("balsam job create ... --parent-id ID", {}, set(), ""),
     "dep": ("balsam job create ... --parent-id ID", {}, set(), "dependencies are given when the child is created"),
     "which": ("balsam site ls", {}, set(), "the server: `balsam server status`"),
@@ -67,6 +72,16 @@ LEGACY_GROUP_OPTIONS: dict[str, tuple[str, dict[str, Translation], set[str], str
     "job": ("balsam job create", _JOB_OPTIONS, _JOB_FLAGS, "the app must exist first (ApplicationDefinition.sync())"),
 }
 
+
+#: Balsam 0.7 subcommands that are gone: (group, name) -> what replaced them (docs/server.md).
+_SHARED_SERVER = ("a shared server on PostgreSQL: `balsam server migrate` with BALSAM_DATABASE_URL set, then run "
+                  "`uvicorn balsam.server.app:app` (or gunicorn) under your own process manager; Balsam no longer "
+                  "creates a PostgreSQL cluster or starts Redis (docs/server.md, \"Shared deployment on PostgreSQL\")")
+LEGACY_SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("server", "deploy"): ("balsam server start", "that is the embedded server (SQLite, this machine); for " + _SHARED_SERVER),
+    ("server", "up"): ("balsam server start", "for " + _SHARED_SERVER),
+    ("server", "down"): ("balsam server stop", "a shared deployment: stop the uvicorn/gunicorn processes you started"),
+}
 
 def _translate(target: str, options: dict[str, Translation], flags: set[str], args: list[str]) -> tuple[str, list[str]]:
     parts = [target]
@@ -137,14 +152,23 @@ def _app_message(args: list[str]) -> str:
             f"then create jobs with `balsam job create -a {name} -w WORKDIR -p args=...`; list apps with `balsam app ls`")
 
 
-def legacy_hint(args: list[str], known_commands: "set[str] | frozenset[str]") -> Optional[str]:
-    """The replacement for a 0.x command line ``args`` (the words after ``balsam``), or None."""
+def legacy_hint(args: list[str], known_commands: "set[str] | frozenset[str]",
+                subcommands: "Optional[dict[str, frozenset[str]]]" = None) -> Optional[str]:
+    """The replacement for a 0.x command line ``args`` (the words after ``balsam``), or None.
+    ``subcommands``: the subcommands of each group (a 0.7 subcommand a plugin adds again is left alone)."""
     if not args:
         return None
     name, rest = args[0], list(args[1:])
     if name not in known_commands and name in LEGACY_COMMANDS:
         target, options, flags, note = LEGACY_COMMANDS[name]
         return _message(" ".join(args[:1]), target, options, flags, note, rest)
+    if rest and (name, rest[0]) in LEGACY_SUBCOMMANDS and rest[0] not in (subcommands or {}).get(name, ()):
+        target, note = LEGACY_SUBCOMMANDS[(name, rest[0])]
+        dropped = [a.split("=", 1)[0] for a in rest[1:] if a.startswith("-")]
+        text = f"`balsam {name} {rest[0]}` is a Balsam 0.7 command. Use instead:\n  {target}"
+        if dropped:
+            text += f"\n(no equivalent for {', '.join(dict.fromkeys(dropped))})"
+        return text + f"\nNote: {note}"
     if name == "app" and rest and rest[0].split("=", 1)[0] in ("--name", "--executable", "--description"):
         return _app_message(rest)
     if name in LEGACY_GROUP_OPTIONS and rest and rest[0].startswith("--") and rest[0] not in ("--help",):

@@ -392,8 +392,10 @@ def credentials_ls(username: Optional[str], show_all: bool) -> None:
 @server_group.command("revoke")
 @click.option("--user", "username", default=None, help="Revoke this user's credentials (all, or of --kind).")
 @click.option("--id", "ids", multiple=True, type=int, help="Credential id (repeat for several).")
-@click.option("--kind", "kinds", multiple=True, type=click.Choice(["login", "refresh", "launcher", "invitation"]),
-              help="Only credentials of this kind.")
+@click.option("--kind", "kinds", multiple=True,
+              # balsam.server.auth.CREDENTIAL_KINDS (not imported: the server's modules load on use).
+              type=click.Choice(["login", "refresh", "launcher", "invitation", "dashboard"]),
+              help="Only credentials of this kind (dashboard: the dashboard's browser sessions).")
 def revoke(username: Optional[str], ids: tuple[int, ...], kinds: tuple[str, ...]) -> None:
     """Revoke credentials: their tokens stop working (within BALSAM_AUTH_REVOCATION_CACHE_SEC on a
     running server); a revoked launcher credential also ends its BatchJob's sessions."""
@@ -438,9 +440,24 @@ def stop(timeout: float) -> None:
     paths["pid"].unlink(missing_ok=True)
 
 
+#: ``server status``'s exit status when the server is not running or not answering (as
+#: ``systemctl status`` and LSB init scripts: 3 "not running"); 0 when it runs and answers.
+STATUS_NOT_RUNNING = 3
+
+
 @server_group.command("status")
-def status() -> None:
-    """Show whether the server runs: url, pid, database, uptime and record counts."""
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Show whether the server runs: url, pid, database, uptime and record counts.
+
+    Exit status 0 when it runs and answers, 3 when it is not running or not answering."""
+    healthy = _status()
+    if not healthy:
+        ctx.exit(STATUS_NOT_RUNNING)
+
+
+def _status() -> bool:
+    """Print ``server status``; True when the server runs and answers."""
     import psutil
     import sqlalchemy as sa
 
@@ -450,12 +467,14 @@ def status() -> None:
     pid = _running_pid()
     info = _info()
     database_url = info.get("database_url") or _database_url()
+    healthy = False
     if pid is None:
         click.echo("Balsam server: not running")
     else:
         started = dt.datetime.fromtimestamp(psutil.Process(pid).create_time())
         uptime = dt.datetime.now() - started
-        answering = "answering" if _answers(info.get("api_root", "")) else "NOT answering"
+        healthy = _answers(info.get("api_root", ""))
+        answering = "answering" if healthy else "NOT answering"
         click.echo(f"Balsam server: running, {answering}")
         click.echo(f"  socket:   {info.get('api_root')}")
         click.echo(f"  url:      {info.get('url') or '(no TCP listener)'}")
@@ -466,7 +485,7 @@ def status() -> None:
     click.echo(f"  database: {safe_url}")
     if database_url.startswith("sqlite") and not Path(database_url.split("///", 1)[-1]).exists():
         click.echo("  (no database yet)")
-        return
+        return healthy
     engine = create_db_engine(database_url)
     try:
         with engine.connect() as conn:
@@ -475,13 +494,14 @@ def status() -> None:
             by_state = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
     except sa.exc.SQLAlchemyError as exc:
         click.echo(f"  counts:   unavailable ({str(exc).splitlines()[0]})")
-        return
+        return healthy
     finally:
         engine.dispose()
     total = sum(n for _, n in by_state)
     click.echo(f"  users: {n_users}  sites: {n_sites}  jobs: {total}")
     for state, n in sorted(by_state):
         click.echo(f"    {state:<17} {n}")
+    return healthy
 
 
 @server_group.command("migrate")

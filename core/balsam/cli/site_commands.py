@@ -206,9 +206,20 @@ def _find_site_by_path(client: Any, path: Path) -> dict:
     return matches[0]
 
 
+#: BatchJobs in the scheduler's queue (or about to be removed from it by the site agent).
+ACTIVE_BATCH_JOB_STATES = ["queued", "running", "pending_deletion"]
+
+
+def _active_batch_jobs(client: Any, site_id: int) -> int:
+    from balsam.site.api_util import count
+
+    return count(client, "/batch-jobs/", {"site_id": site_id, "state": ACTIVE_BATCH_JOB_STATES})
+
+
 @click.command("rm")
 @click.argument("site_path")
-@click.option("-f", "--force", is_flag=True, help="Delete the API record even if the directory is gone (keeps files)")
+@click.option("-f", "--force", is_flag=True,
+              help="Delete the API record even if the directory is gone or BatchJobs are queued (keeps files)")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
 def rm(site_path: str, force: bool, yes: bool) -> None:
     """Delete a site: its API record (with all its apps, jobs and BatchJobs) and its directory."""
@@ -220,8 +231,12 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     path = Path(site_path).expanduser().absolute()
     if force:
         site = _find_site_by_path(client, path)
+        active = _active_batch_jobs(client, site["id"])
         client.delete(f"/sites/{site['id']}")
         click.echo(f"Deleted site {site['name']} (id {site['id']}) from the API; {path} was left as it is.")
+        if active:
+            click.echo(f"Note: {active} of its BatchJobs were still queued or running: cancel them with the "
+                       "scheduler's own command (qdel, scancel, ...); no agent will do it now.")
         return
     if not path.is_dir():
         raise click.ClickException(f"{path} does not exist (use --force to delete the API record by path)")
@@ -231,6 +246,13 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     if running is not None:
         raise click.ClickException(f"the site agent is running on {running[0]} [pid {running[1]}]: `balsam site stop` first")
     site = client.get(f"/sites/{site_id}")
+    active = _active_batch_jobs(client, site_id)
+    if active:
+        # Deleting the record deletes its BatchJobs: nothing would then cancel them in the scheduler.
+        raise click.ClickException(
+            f"site {site['name']} has {active} BatchJob(s) queued or running: cancel them first with "
+            f"`balsam queue term SCHEDULER_ID --site {site_id}` (see `balsam queue ls --site {site_id}`) and let "
+            "the site agent remove them from the scheduler, or use --force (deletes the API record only)")
     num_jobs = count(client, "/jobs/", {"site_id": site_id})
     if not yes:
         click.confirm(

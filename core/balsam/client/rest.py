@@ -42,7 +42,7 @@ from balsam.util import paused_gc
 
 from .local_http import LocalHTTPPool, LocalTransportError
 from .settings import NOT_LOGGED_IN, ClientSettings, NotLoggedIn, store_refreshed_token
-from .transport import httpx_client_args, local_pool_args
+from .transport import UNIX_SCHEME, httpx_client_args, local_pool_args
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -513,10 +513,21 @@ class RESTClient:
                     continue
                 detail = _response_detail(resp)
                 if authenticated:
-                    hint = NOT_LOGGED_IN if not self.token else "Login expired or invalid: run `balsam login`"
-                    if self.token and self._expired():
-                        hint = f"Login expired at {self.token_expiry:%Y-%m-%d %H:%M} UTC: run `balsam login`"
-                    detail = f"{_detail_text(detail)}. {hint}"
+                    # The embedded server's login is `balsam server login` (`balsam login` refuses
+                    # it); the server's own text may name the command already: named once.
+                    login = "balsam server login" if self.api_root.startswith(UNIX_SCHEME) else "balsam login"
+                    text = _detail_text(detail).replace("`balsam login`", f"`{login}`")
+                    if not self.token:
+                        hint = "Not logged in"
+                    elif self._expired():
+                        hint = f"Login expired at {self.token_expiry:%Y-%m-%d %H:%M} UTC"
+                    else:
+                        hint = "Login expired or invalid"
+                    if f"`{login}`" not in text:
+                        hint += f": run `{login}`"
+                    if not self.token and login == "balsam login":
+                        hint += NOT_LOGGED_IN.partition("`balsam login`")[2]  # " (or `balsam server start` ...)"
+                    detail = f"{text}. {hint}"
                 error = AuthenticationError(method, f"{self.api_root}{url}", status, detail)
                 if authenticated and self.token:
                     _notify_credential_refused(error)

@@ -21,6 +21,8 @@ server's socket in a private directory).
 from __future__ import annotations
 
 import datetime as dt
+import difflib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -28,8 +30,18 @@ from typing import Any, Optional
 
 import attrs
 
+logger = logging.getLogger(__name__)
+
 NOT_LOGGED_IN = "Not logged in: run `balsam login` (or `balsam server start` for a local server)"
 DEFAULT_CLIENT_CLASS = "balsam.client.RESTClient"
+#: Warnings about a login file already logged by this process (each once, not at every load).
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
 
 
 class ClientSettingsError(RuntimeError):
@@ -83,6 +95,7 @@ class ClientSettings:
         if not isinstance(data, dict) or not data.get("api_root"):
             raise ClientSettingsError(f"{path}: the stored login has no api_root; run `balsam login` again")
         known = {f.name for f in attrs.fields(cls)}
+        cls._warn_about_keys(path, data, known)
         kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known and v is not None}
         try:
             for name in ("token_expiry", "refresh_expiry"):
@@ -96,6 +109,22 @@ class ClientSettings:
         except (TypeError, ValueError) as exc:
             raise ClientSettingsError(f"{path}: bad value in the stored login: {exc}") from None
         return cls(**kwargs)
+
+    @staticmethod
+    def _warn_about_keys(path: Path, data: dict, known: "set[str]") -> None:
+        """One warning line (once per process) for each key the client does not use: a key it does
+        not know (a misspelling: it would silently do nothing), and ``client_class`` set to another
+        class (Balsam 0.7 built that class; this client is always the REST client)."""
+        for key in data:
+            if str(key) in known:
+                continue
+            match = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean '{match[0]}'?" if match else f"known keys: {', '.join(sorted(known))}"
+            _warn_once(f"{path}: unknown key '{key}' is ignored ({hint})")
+        client_class = data.get("client_class")
+        if client_class is not None and client_class != DEFAULT_CLIENT_CLASS:
+            _warn_once(f"{path}: client_class {client_class!r} is ignored (kept for Balsam 0.7 compatibility; the "
+                       f"client is always {DEFAULT_CLIENT_CLASS}); `balsam login` writes the default")
 
     # Balsam 0.7's names (``from balsam.config import ClientSettings``;
     # ``ClientSettings.load_from_file().build_client()`` in its docs and users' scripts).

@@ -52,6 +52,31 @@ logger = logging.getLogger(__name__)
 SESSION_KEY = "session_id"
 #: Statuses that mean "retry later", not "this request is wrong".
 _TRANSIENT_4XX = (401, 408, 429)
+#: ``BulkStatusUpdater.dropped`` keeps the most recent this many dropped updates (``dropped_count``
+#: counts them all): a long-lived updater (the site agent's processing module) must not grow without bound.
+MAX_DROPPED_KEPT = 1000
+#: A dropped update (or the reason) is logged and kept cut to about this many characters: one value
+#: the server refuses as too long (a run() result over 512,000 characters) made a log line of 800 KB.
+MAX_DROPPED_CHARS = 2000
+#: ...and each of its values cut to this many when the whole is longer.
+_MAX_DROPPED_VALUE_CHARS = 200
+
+
+def excerpt(value: Any, limit: int = MAX_DROPPED_CHARS) -> str:
+    """``value`` as text (``repr`` unless a string), cut to ``limit`` characters with the total size."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters in all)"
+
+
+def bounded_update(update: Any) -> Any:
+    """``update`` itself when its text is short, else a copy whose long values are cut (see
+    :func:`excerpt`): what ``dropped`` keeps (the id, state and other short fields stay as they are)."""
+    if not isinstance(update, dict) or len(repr(update)) <= MAX_DROPPED_CHARS:
+        return update
+    return {key: value if isinstance(value, (int, float, bool, type(None))) or len(repr(value)) <= _MAX_DROPPED_VALUE_CHARS
+            else excerpt(value, _MAX_DROPPED_VALUE_CHARS) for key, value in update.items()}
 
 
 def _now() -> dt.datetime:
@@ -253,7 +278,10 @@ class BulkStatusUpdater:
         self._failing_since: Optional[float] = None
         self._inflight: list[dict[str, Any]] = []
         self.sent = 0
+        #: (update, reason) of the most recent :data:`MAX_DROPPED_KEPT` updates dropped (refused, or
+        #: never sent), long values cut (:func:`bounded_update`); ``dropped_count`` counts them all.
         self.dropped: list[tuple[dict[str, Any], str]] = []
+        self.dropped_count = 0
         #: True once closing gave up on an unreachable API (then nothing else should wait for it).
         self.gave_up = False
         #: Updates written to ``spool_dir`` because the API could not be reached at the end.
@@ -431,7 +459,7 @@ class BulkStatusUpdater:
                 self._send_batch(batch)
             except Exception:  # never let the thread die: log and account for every update
                 logger.exception("%s: unexpected error; %d updates dropped", self.name, len(batch))
-                self.dropped.extend((u, "unexpected error") for u in batch)
+                self._drop(batch, "unexpected error")
             finally:
                 self._inflight = []
                 with self._done_cond:
@@ -447,14 +475,23 @@ class BulkStatusUpdater:
                 self.gave_up = True
                 unsent = [u for later in chunks[index:] for u in later]
                 logger.error("%s: giving up on %d updates: %s", self.name, len(unsent), exc.cause)
-                self.dropped.extend((u, str(exc.cause)) for u in unsent)
+                self._drop(unsent, str(exc.cause))
                 self._spool(unsent)
                 return
             for update, error in refused:
-                logger.error("%s: server refused update %s: %s", self.name, update, error)
-                self.dropped.append((update, str(error)))
+                logger.error("%s: server refused update %s: %s", self.name, excerpt(update), excerpt(str(error)))
+                self._drop([update], str(error))
                 self._replace_refused(update, error)
             self.sent += len(chunk) - len(refused)
+
+    def _drop(self, updates: Sequence[dict[str, Any]], reason: str) -> None:
+        """Keep a bounded record of dropped updates (sender thread only)."""
+        self.dropped_count += len(updates)
+        reason = excerpt(reason)
+        kept = updates[-MAX_DROPPED_KEPT:]
+        self.dropped.extend((bounded_update(u), reason) for u in kept)
+        if len(self.dropped) > MAX_DROPPED_KEPT:
+            del self.dropped[: len(self.dropped) - MAX_DROPPED_KEPT]
 
     def _replace_refused(self, update: dict[str, Any], error: BaseException) -> None:
         if self._on_refused is None or type(update) is _Replacement:

@@ -77,7 +77,10 @@ class LauncherSettings:
         64, "Jobs a serial-mode launcher leases ahead per CPU of its partition (in all at least 64, at most 2,048)."
     )
     sort_by: Optional[str] = setting(
-        None, "Order runnable jobs before placing them: null (by id) or long_large_first."
+        None, "mpi mode only: the order in which its launcher leases runnable jobs (and packs them onto free nodes). "
+        "null: fewest nodes first, then most jobs per node (node_packing_count), then longest wall time, then id; "
+        "long_large_first: longest wall time first, then most nodes, then most jobs per node, then id. Serial mode "
+        "ignores it (it leases by id, which keeps its lease fast with millions of jobs) and logs a warning when set."
     )
     serial_mode_startup_params: dict[str, str] = setting(
         help="Extra MPI launch parameters for starting serial-mode workers.", factory=lambda: {"cpu_affinity": "none"}

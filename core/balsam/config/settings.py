@@ -180,7 +180,9 @@ class _Checker:
         self.lines = lines
         self.errors: list[tuple[int, str]] = []
 
-    def fail(self, path: tuple, message: str) -> Any:
+    def locate(self, path: tuple, message: str) -> tuple[int, str]:
+        """(line, ``"<file>:<line> <key path>: <message>"``): the line of the key, else of the
+        nearest enclosing key the file has."""
         line = 0
         probe = path
         while True:
@@ -191,7 +193,10 @@ class _Checker:
                 break
             probe = probe[:-1]
         where = f"{self.source}:{line}" if line else self.source
-        self.errors.append((line, f"{where} {_dotted(path)}: {message}"))
+        return line, f"{where} {_dotted(path)}: {message}"
+
+    def fail(self, path: tuple, message: str) -> Any:
+        self.errors.append(self.locate(path, message))
         return self.INVALID
 
     def value(self, data: Any, tp: Any, path: tuple) -> Any:
@@ -356,6 +361,10 @@ class Settings:
     dict in settings.yml shape, or None).
     """
 
+    #: Keys that are valid but do nothing as set (``"<file>:<line> <key path>: why"``), from each
+    #: section's optional ``warnings(self) -> {field: text}``; set by :func:`parse_settings`.
+    warnings: tuple[str, ...] = ()
+
     def __init__(self, sections: Optional[dict[str, Any]] = None, *, source: str = "<defaults>",
                  only: Optional[Collection[str]] = None, **overrides: Any) -> None:
         if sections is None:
@@ -500,7 +509,41 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
     if checker.errors:
         raise SettingsError(checker.sorted_errors())
     ordered = {key: sections[key] for key in specs}
-    return Settings(ordered, source=source, only=only)
+    settings = Settings(ordered, source=source, only=only)
+    object.__setattr__(settings, "warnings", _section_warnings(ordered, checker))
+    return settings
+
+
+def _section_warnings(sections: dict[str, Any], checker: "_Checker") -> tuple[str, ...]:
+    """The located lines of each section's optional ``warnings(self) -> {field: text}``: keys that
+    pass every check but do nothing as set (e.g. keys the chosen strategy does not read), which a
+    user must hear about rather than find out (the file still loads)."""
+    found: list[tuple[int, str]] = []
+    for key, section in sections.items():
+        method = getattr(section, "warnings", None) if section is not None and attrs.has(type(section)) else None
+        if not callable(method):
+            continue
+        try:
+            items = dict(method() or {})
+        except Exception as exc:  # a plugin's warnings must not stop settings.yml from loading
+            items = {"": f"could not check for ignored keys: {type(exc).__name__}: {exc}"}
+        for name, text in items.items():
+            found.append(checker.locate((key, *[part for part in str(name).split(".") if part]), str(text)))
+    return tuple(message for _, message in sorted(found, key=lambda item: item[0]))
+
+
+#: Settings warnings already logged by this process (each once, however often the file is read).
+_LOGGED_WARNINGS: set[str] = set()
+
+
+def _log_warnings(settings: Settings) -> None:
+    import logging
+
+    for line in settings.warnings:
+        if line not in _LOGGED_WARNINGS:
+            _LOGGED_WARNINGS.add(line)
+            # Without logging set up (a `balsam` command), Python writes a warning to stderr.
+            logging.getLogger("balsam.config").warning("Warning: %s", line)
 
 
 def _unloadable(spec: SectionSpec) -> str:
@@ -561,10 +604,15 @@ def _bind_driver_options(sections: dict[str, Any], checker: _Checker, raw: Optio
             sections[key] = attrs.evolve(section, **{options_field: converted})
 
 
-def load_settings(path: Union[str, os.PathLike], *, only: Optional[Collection[str]] = None) -> Settings:
+def load_settings(path: Union[str, os.PathLike], *, only: Optional[Collection[str]] = None,
+                  log_warnings: bool = True) -> Settings:
     """Read and check a settings.yml; every problem is a :class:`SettingsError` naming file and line.
 
-    ``only``: read just these sections (e.g. :data:`LAUNCHER_SECTIONS`)."""
+    ``only``: read just these sections (e.g. :data:`LAUNCHER_SECTIONS`). ``log_warnings``: log each
+    of the file's :attr:`Settings.warnings` (once per process) as a WARNING of ``balsam.config``,
+    which a ``balsam`` command without logging set up (``balsam site check-settings``) prints on
+    stderr; :class:`~balsam.config.SiteConfig` reads without it: an agent module logs its own
+    section's warnings into the agent's log when it starts."""
     path = Path(path)
     source = str(path)
     try:
@@ -579,7 +627,10 @@ def load_settings(path: Union[str, os.PathLike], *, only: Optional[Collection[st
         # Not an OSError: it escaped as "'utf-8' codec can't decode byte 0xff ..." naming no file.
         line = raw.count(b"\n", 0, exc.start) + 1
         raise SettingsError([f"{source}:{line}: not UTF-8 text (byte {exc.start + 1}: 0x{raw[exc.start]:02x})"]) from None
-    return loads_settings(text, source=source, only=only)
+    settings = loads_settings(text, source=source, only=only)
+    if log_warnings:
+        _log_warnings(settings)
+    return settings
 
 
 def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Collection[str]] = None) -> Settings:

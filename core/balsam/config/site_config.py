@@ -68,7 +68,8 @@ class SiteConfig:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = load_settings(self.settings_path)
+            # Warnings unlogged: the agent module of the section logs them into the agent's log.
+            self._settings = load_settings(self.settings_path, log_warnings=False)
         return self._settings
 
     @settings.setter
@@ -83,7 +84,7 @@ class SiteConfig:
         if self._settings is not None:
             return self._settings
         if self._launcher_settings is None:
-            self._launcher_settings = load_settings(self.settings_path, only=LAUNCHER_SECTIONS)
+            self._launcher_settings = load_settings(self.settings_path, only=LAUNCHER_SECTIONS, log_warnings=False)
         return self._launcher_settings
 
     @property

@@ -144,6 +144,34 @@ def _job_mode_class(name: str) -> Any:
         raise LauncherError(str(exc)) from None
 
 
+#: Launcher settings a job mode does not use, and why: {mode: {key: why}}. A launcher of that mode
+#: started with the key set away from its default logs one warning line at start (a key that
+#: silently does nothing is a defect). ``balsam site check-settings`` cannot say it: the job mode is
+#: a BatchJob's, not the site's.
+IGNORED_LAUNCHER_SETTINGS: dict[str, dict[str, str]] = {
+    "serial": {
+        "sort_by": "a serial-mode launcher leases runnable jobs by id (its acquire reads an index in id order, which "
+                   "stays fast with millions of jobs); sort_by orders mpi mode's leases only",
+    },
+}
+
+
+def ignored_settings_warnings(job_mode: str, settings: Any, source: Any = "settings.yml") -> list[str]:
+    """One line per launcher setting that ``job_mode`` ignores and that ``settings`` sets away from
+    its default (see :data:`IGNORED_LAUNCHER_SETTINGS`)."""
+    from balsam.config.schema import LauncherSettings
+
+    from .job_mode import launcher_setting
+
+    defaults = LauncherSettings()
+    lines = []
+    for key, why in IGNORED_LAUNCHER_SETTINGS.get(job_mode, {}).items():
+        value = launcher_setting(settings, key)
+        if value != getattr(defaults, key):
+            lines.append(f"{source} launcher.{key}: {value!r} is ignored in {job_mode} mode: {why}")
+    return lines
+
+
 def _nodes_from_env(env: dict[str, str]) -> Optional[list[NodeInfo]]:
     raw = env.get(NODES_ENV)
     if not raw:
@@ -249,6 +277,8 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
     os.environ["BALSAM_LAUNCHER_NODES"] = str(len(context.nodes))
     os.environ["BALSAM_JOB_MODE"] = partition.job_mode
     configure_logging(context.log_file("log"), settings)
+    for line in ignored_settings_warnings(partition.job_mode, settings, getattr(site_config, "settings_path", "settings.yml")):
+        logger.warning("%s", line)
     if credential is not None:
         logger.info("using the launcher credential %s", credential)
     mode = _job_mode_class(partition.job_mode)(context)

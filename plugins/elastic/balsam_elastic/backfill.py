@@ -36,12 +36,13 @@ from typing import Any, Optional
 from balsam.models import BackfillWindow
 from balsam.states import BatchJobState
 
-from .strategy import Decision, Snapshot, Strategy, Submission, nodes_for
+from .strategy import STRATEGY_SECTION_KEYS, Decision, Snapshot, Strategy, Submission, nodes_for
 
 
 class BackfillStrategy(Strategy):
     name = "backfill"
     uses_backfill_windows = True
+    reads_section_keys = frozenset(STRATEGY_SECTION_KEYS)
 
     def decide(self, snapshot: Snapshot) -> Decision:
         s = self.settings

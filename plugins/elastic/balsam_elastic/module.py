@@ -103,6 +103,8 @@ class ElasticQueueModule(AgentModule):
                                 "scheduler.allowed_queues)", options.max_queued_jobs, options.submit_queue, queue_cap)
             options = attrs.evolve(options, max_queued_jobs=queue_cap)
         self.strategy = load_strategy(options)
+        for key, text in options.warnings().items():  # once, at load (keys the strategy does not read)
+            self.logger.warning("%s elastic_queue.%s: %s", getattr(site_config, "settings_path", "settings.yml"), key, text)
         self._scheduler = scheduler
         #: The backlog answer's footprint field it reads (see :meth:`footprint_key`).
         self.footprint_field = self.footprint_key()

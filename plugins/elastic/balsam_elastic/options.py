@@ -14,7 +14,7 @@ import attrs
 
 from balsam.options import option
 
-from .strategy import StrategyError, load_strategy, strategy_class
+from .strategy import STRATEGY_SECTION_KEYS, StrategyError, load_strategy, strategy_class
 
 __all__ = ["ElasticQueueOptions", "check_option_types"]
 
@@ -100,6 +100,27 @@ class ElasticQueueOptions:
                     problems["strategy_options"] = str(exc)
         return problems
 
+    def ignored_keys(self) -> list[str]:
+        """The keys of :data:`~balsam_elastic.strategy.STRATEGY_SECTION_KEYS` set away from their
+        defaults that the chosen strategy does not read (none when it does not say which it reads)."""
+        try:
+            reads = strategy_class(self.strategy).reads_section_keys
+        except StrategyError:
+            return []  # validate() reports it
+        if reads is None:
+            return []
+        defaults = {f.name: f.default for f in attrs.fields(type(self))}
+        return [key for key in STRATEGY_SECTION_KEYS if key not in reads and getattr(self, key) != defaults[key]]
+
+    def warnings(self) -> dict[str, str]:
+        """Keys that pass every check but do nothing as set (the settings loader locates them and
+        ``balsam site check-settings`` prints them; the module logs them once when it starts)."""
+        ignored = self.ignored_keys()
+        if not ignored:
+            return {}
+        shown = ", ".join(f"{key}: {_yaml_value(getattr(self, key))}" for key in ignored)
+        return {"strategy": f"strategy {self.strategy!r} ignores {shown} (keys of the backfill strategy, set away "
+                            f"from their defaults: remove them, or use strategy: backfill)"}
 
     def _cross(self, problems: dict[str, str], low: str, high: str) -> None:
         """``low`` above ``high``: filed under the key settings.yml sets, so that the error names its
@@ -143,6 +164,10 @@ class ElasticQueueOptions:
             problems["submit_project"] = (f"project {self.submit_project!r} is not in the scheduler section's "
                                           f"allowed_projects ({', '.join(projects)})")
         return problems
+
+
+def _yaml_value(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def check_option_types(schema: type, values: Any) -> dict[str, str]:

@@ -14,7 +14,7 @@ after ``launcher.idle_ttl_sec`` without work. Backfill windows are not consulted
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -37,6 +37,8 @@ class SimpleOptions:
 class SimpleStrategy(Strategy):
     name = "simple"
     options_schema = SimpleOptions
+    #: Its blocks are strategy_options; none of the backfill keys (nodes, wall times, waits) apply.
+    reads_section_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, settings: Any, options: Any = None) -> None:
         super().__init__(settings, options)

@@ -29,6 +29,7 @@ __all__ = [
     "BatchJobView",
     "Decision",
     "STRATEGY_GROUP",
+    "STRATEGY_SECTION_KEYS",
     "Snapshot",
     "Strategy",
     "StrategyError",
@@ -39,6 +40,13 @@ __all__ = [
 ]
 
 STRATEGY_GROUP = "balsam.elastic_strategies"
+
+#: ``elastic_queue`` keys that only a strategy reads (the ``backfill`` strategy: Balsam 0.7's
+#: keys); the module itself reads none of them. A strategy says which it reads
+#: (:attr:`Strategy.reads_section_keys`), and settings.yml keys of this list it does not read, set
+#: away from their defaults, draw a warning when the file is read.
+STRATEGY_SECTION_KEYS = ("min_num_nodes", "max_num_nodes", "min_wall_time_min", "max_wall_time_min", "wall_time_pad_min",
+                         "max_queue_wait_time_min", "regular_queue_after_min", "use_backfill")
 
 #: BatchJob states that hold (or will hold) nodes: what 0.7 called "reserved".
 RESERVING_STATES = frozenset({BatchJobState.pending_submission, BatchJobState.queued, BatchJobState.running})
@@ -193,6 +201,9 @@ class Strategy(abc.ABC):
     options_schema: ClassVar[type] = NoOptions
     #: Whether :meth:`decide` reads ``snapshot.windows`` (else the scheduler is not asked for them).
     uses_backfill_windows: ClassVar[bool] = False
+    #: The keys of :data:`STRATEGY_SECTION_KEYS` this strategy reads from ``self.settings``; None:
+    #: it does not say (no warning about the others).
+    reads_section_keys: ClassVar[Optional[frozenset[str]]] = None
 
     def __init__(self, settings: Any, options: Any = None) -> None:
         self.settings = settings

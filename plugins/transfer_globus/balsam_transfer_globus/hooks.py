@@ -59,7 +59,8 @@ def _site_settings() -> SiteGlobusSettings:
 
 
 @click.command("globus-login")
-@click.option("-e", "--endpoint-id", "endpoints", multiple=True, metavar="COLLECTION_ID",
+# --endpoint_id: Balsam 0.7's spelling, kept so its command lines still work.
+@click.option("-e", "--endpoint-id", "--endpoint_id", "endpoints", multiple=True, metavar="COLLECTION_ID",
               help="Collection needing data_access consent (repeat); those in the site's settings.yml are added.")
 @click.option("--client-id", envvar=CLIENT_ID_ENV, default=None, metavar="UUID",
               help=f"Native-app client id registered at app.globus.org (or ${CLIENT_ID_ENV}; "

@@ -68,6 +68,7 @@ from ...transfer import (
     TransferError,
     TransferFile,
     TransferLocation,
+    backend_name_for,
     build_backend,
     one_line,
 )
@@ -86,6 +87,9 @@ TASKS_NAME = ".transfer-tasks-in-flight.json"
 PENDING_PAGES_PER_CYCLE = 4
 #: Job ids per GET /jobs/?id=... (keeps the URL short).
 JOB_ID_CHUNK = 500
+#: ``transfers:`` keys that ``balsam site sync`` also sends to the Site record
+#: (:func:`balsam.site.site_ops.site_record_fields`).
+SITE_RECORD_KEYS = frozenset({"transfer_locations", "globus_endpoint_id"})
 
 
 @attrs.frozen
@@ -111,8 +115,8 @@ class TransfersOptions:
     retry_backoff_sec: float = option(30, "Wait before the first retry of a failed file; doubles on each retry.")
     retry_backoff_max_sec: float = option(600, "Longest wait between two retries.")
     backend_options: dict[str, dict[str, Any]] = option(
-        help="Options of each transfer backend, by backend name (e.g. {local: {threads: 8}}); "
-        "`balsam plugins show <name>` lists them.",
+        help="Options of each transfer backend, by backend name (e.g. {local: {threads: 8}}; file is another name "
+        "of local: give one of the two); `balsam plugins show <name>` lists them.",
         factory=dict,
     )
 
@@ -146,17 +150,27 @@ class TransfersOptions:
         available = sorted(pm.list_drivers("transfer", resolve=False))
         for name in self.backend_options:
             key = f"backend_options.{name}"
-            if name not in available:
+            # A section under another name of a backend (``file``: ``local``) is that backend's, as a
+            # ``file://`` location is served by ``local``.
+            canonical = backend_name_for(name)
+            if canonical not in available:
                 problems[key] = f"unknown transfer backend {name!r} (available: {', '.join(available) or 'none'})"
                 continue
+            same = _option_keys(self, canonical)
+            if len(same) > 1 and name != same[0]:
+                continue  # reported once, on the first of them (backend_options() raises it)
             try:
-                backend_options(pm.load_driver("transfer", name), name, self)
+                cls = pm.load_driver("transfer", canonical)
+                for option_key, problem in _section_key_conflicts(cls, name, self).items():
+                    problems[option_key.removeprefix("transfers.")] = problem
+                backend_options(cls, canonical, self)
             except PluginError as exc:
                 problems[key] = str(exc)
             except OptionsError as exc:
                 # build_options names the option: "transfers.backend_options.<name>.<option>: why".
                 where, _, why = str(exc).partition(": ")
-                problems[where.removeprefix("transfers.") if why else key] = why or str(exc)
+                where = where.removeprefix("transfers.") if why else key
+                problems.setdefault(where, why or str(exc))
         return problems
 
 
@@ -179,11 +193,47 @@ def _location_problem(location: TransferLocation) -> str:
     return ""
 
 
+def _option_keys(options: TransfersOptions, name: str) -> list[str]:
+    """The ``backend_options`` keys that name backend ``name``: its own name or another name of it
+    (``file`` for ``local``, :data:`balsam.transfer.PROTOCOL_ALIASES`), in the file's order."""
+    canonical = backend_name_for(name)
+    return [key for key in options.backend_options if backend_name_for(key) == canonical]
+
+
+def _section_key_conflicts(cls: type, key: str, options: TransfersOptions) -> dict[str, str]:
+    """``{"transfers.backend_options.<key>.<option>": problem}`` for each option that the backend
+    also takes from a ``transfers:`` section key (``section_keys``: ``globus_endpoint_id`` ->
+    ``endpoint_id``) when both are set to different values: the backend would use the option while
+    ``balsam site sync`` sends the section key to the Site record."""
+    values = options.backend_options.get(key) or {}
+    conflicts: dict[str, str] = {}
+    for section_key, option_name in dict(getattr(cls, "section_keys", {}) or {}).items():
+        section_value, option_value = getattr(options, section_key, None), values.get(option_name)
+        if section_value is not None and option_value is not None and str(section_value) != str(option_value):
+            synced = " (the one `balsam site sync` sends to the Site record)" if section_key in SITE_RECORD_KEYS else ""
+            conflicts[f"transfers.backend_options.{key}.{option_name}"] = (
+                f"{option_value!r} differs from transfers.{section_key} ({section_value!r}): set only "
+                f"transfers.{section_key}{synced}, or both to the same value")
+    return conflicts
+
+
 def backend_options(cls: type, name: str, options: TransfersOptions) -> Any:
-    """The options of backend ``cls`` (registered as ``name``): ``backend_options.<name>``, plus the
-    section keys the backend takes from the ``transfers:`` section (``section_keys``), built as the
-    backend builds them. Raises OptionsError naming the option."""
-    values = dict(options.backend_options.get(name) or {})
+    """The options of backend ``cls`` (registered as ``name``): ``backend_options.<name>`` (or the
+    section under another name of it: ``file`` for ``local``), plus the section keys the backend
+    takes from the ``transfers:`` section (``section_keys``), built as the backend builds them.
+    Raises OptionsError naming the option: also for two sections of one backend (``file`` and
+    ``local``), and for a section key and its option set to different values."""
+    name = backend_name_for(name)
+    keys = _option_keys(options, name)
+    if len(keys) > 1:
+        raise OptionsError(f"transfers.backend_options.{keys[0]}: {' and '.join(f'backend_options.{k}' for k in keys)} "
+                           f"are the same transfer backend ({name}): give its options under one of them")
+    key = keys[0] if keys else name
+    conflicts = _section_key_conflicts(cls, key, options)
+    if conflicts:
+        where, problem = next(iter(conflicts.items()))
+        raise OptionsError(f"{where}: {problem}")
+    values = dict(options.backend_options.get(key) or {})
     for section_key, option_name in dict(getattr(cls, "section_keys", {}) or {}).items():
         value = getattr(options, section_key, None)
         if value is not None and option_name not in values:
@@ -191,7 +241,7 @@ def backend_options(cls: type, name: str, options: TransfersOptions) -> Any:
     schema = getattr(cls, "options_schema", None)
     if schema is None:
         return values
-    return build_options(schema, values, where=f"transfers.backend_options.{name}")
+    return build_options(schema, values, where=f"transfers.backend_options.{key}")
 
 
 def as_transfers_options(config: Any) -> TransfersOptions:

@@ -1,0 +1,89 @@
+"""The backfill keys of ``elastic_queue`` (nodes, wall times, waits, use_backfill) under
+``strategy: simple``, which reads none of them: they were accepted and silently did nothing. Now
+one warning line names those set away from their defaults: ``balsam site check-settings`` prints
+it, and the module logs it once when it starts (an audit of settings keys)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SIMPLE = """scheduler:
+  name: local
+  allowed_queues: {local: {max_nodes: 8, max_walltime: 600, max_queued_jobs: 10}}
+elastic_queue:
+  strategy: simple
+  strategy_options: {nodes_per_block: 4, wall_time_min: 60}
+  max_num_nodes: 1
+  max_wall_time_min: 40
+  min_wall_time_min: 36
+  use_backfill: false
+  max_queue_wait_time_min: 1
+"""
+NAMED = "strategy 'simple' ignores max_num_nodes: 1, min_wall_time_min: 36, max_wall_time_min: 40, " \
+        "max_queue_wait_time_min: 1, use_backfill: false"
+
+
+def _site(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "site"
+    (path / "data").mkdir(parents=True)
+    (path / ".balsam-site").write_text("1\n")
+    (path / "settings.yml").write_text(text)
+    return path
+
+
+def _check_settings(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from balsam.cli import main; main()", "site", "check-settings", str(path)],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_check_settings_names_the_keys_the_simple_strategy_ignores(tmp_path) -> None:
+    site = _site(tmp_path, SIMPLE)
+    proc = _check_settings(site)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "ignores" in line]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"Warning: {site / 'settings.yml'}:5 elastic_queue.strategy: {NAMED} ")
+    # Keys left at their defaults, and the backfill strategy (which reads them), draw nothing.
+    for text in ("elastic_queue:\n  strategy: simple\n  max_num_nodes: 127\n",
+                 SIMPLE.replace("strategy: simple", "strategy: backfill").replace(
+                     "  strategy_options: {nodes_per_block: 4, wall_time_min: 60}\n", "")):
+        (site / "settings.yml").write_text(text)
+        proc = _check_settings(site)
+        assert proc.returncode == 0 and "ignores" not in proc.stderr, proc.stderr
+
+
+def test_the_module_logs_the_ignored_keys_once_at_start(tmp_path, caplog) -> None:
+    from balsam.config import SiteConfig
+    from balsam_elastic.module import ElasticQueueModule
+
+    site = SiteConfig(_site(tmp_path, SIMPLE))
+    caplog.set_level(logging.WARNING)
+    section = site.settings.elastic_queue  # read as the agent reads it: not logged there
+    assert [r for r in caplog.records if "ignores" in r.getMessage()] == []
+    assert len(site.settings.warnings) == 1 and NAMED in site.settings.warnings[0]
+    ElasticQueueModule(site, section, client=None)
+    warned = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"{site.settings_path} elastic_queue.strategy: {NAMED}"), warned
+
+
+def test_a_strategy_that_does_not_say_what_it_reads_draws_no_warning() -> None:
+    from balsam_elastic import ElasticQueueOptions, Strategy
+    from balsam_elastic.strategy import STRATEGY_SECTION_KEYS
+
+    assert Strategy.reads_section_keys is None
+    options = ElasticQueueOptions(strategy="simple", max_num_nodes=1, regular_queue_after_min=5)
+    assert options.ignored_keys() == ["max_num_nodes", "regular_queue_after_min"]
+    assert ElasticQueueOptions(strategy="backfill", max_num_nodes=1).warnings() == {}
+    import attrs
+
+    assert set(STRATEGY_SECTION_KEYS) <= set(attrs.fields_dict(ElasticQueueOptions))
+    with pytest.MonkeyPatch.context() as mp:
+        from balsam_elastic.simple import SimpleStrategy
+
+        mp.setattr(SimpleStrategy, "reads_section_keys", None)
+        assert options.warnings() == {}
