@@ -3,9 +3,11 @@ of a stop: the real in-process server (SQLite, starlette TestClient), the real J
 BulkStatusUpdater, GoneJobs and MPIMode over a fake process pool; the serial master over real
 processes and a scripted lease.
 
-- A heartbeat answer computed before the launcher leased a job again (after a re-queue of a job it
-  held, or after its lost Session was replaced) must not end or drop the new copy: it stayed leased
-  and never ran.
+- A heartbeat answer computed before the launcher leased a job again (after its lost Session was
+  replaced) must not end or drop the new copy: it stayed leased and never ran. A job its user
+  re-queued while the launcher held it is not leased again until the launcher's heartbeats no longer
+  list it (the server holds it back: balsam.server.sessions_logic, "Re-queued while running"), so
+  the gone answer about it always comes before any new copy.
 - A job leased again while an older copy is held: the older copy is stale; it must neither sit
   twice in ``pending`` (the NodeManager refused the second placement: the loop crashed) nor run twice.
 - A failure of the mpi loop still ends and reports the running jobs; a stop ends them before it
@@ -274,25 +276,28 @@ def launcher(server: Server, tmp_path: Path) -> Iterator[Launcher]:
     launcher.close()
 
 
-def test_a_late_gone_answer_leaves_the_copy_of_a_requeued_job_leased_again_in_place(server: Server, launcher: Launcher) -> None:
+def test_a_requeued_held_job_is_leased_again_only_after_the_gone_answer_was_applied(server: Server, launcher: Launcher) -> None:
     """Same Session: the user re-queues a held unstarted job (which ends the lease); the server
-    answers a heartbeat "gone"; before that answer arrives, the launcher's next acquire leases the job
-    again. The answer is older than the new copy: the job stays pending and runs."""
+    answers a heartbeat "gone". Before that answer arrives, the launcher's next acquire used to lease
+    the job again (the answer was then older than the new copy). Now the server holds the job back
+    while the launcher may hold its old copy: the answer drops the old copy, the next heartbeat (which
+    no longer lists it) frees the job, and the acquire after it leases it again; it runs once."""
     ids = server.runnable(4)
     assert launcher.acquire() == ids
     launcher.turn()
     assert launcher.mode.pool.job_ids() == ids[:2] and launcher.pending() == ids[2:]
     server.requeue(ids[2])
-    thread, deliver = launcher.late_tick()  # computed now: ids[2] is not held
+    thread, deliver = launcher.late_tick()  # computed now: ids[2] is listed, and no longer held
     launcher.mode.pool.finish(ids[0])
     launcher.mode._reap(launcher.updater)  # room for an acquire, which comes before the next placement
-    assert launcher.acquire() == [ids[2]]
-    assert sorted(launcher.pending()) == ids[2:]  # once: its older copy was dropped
+    assert launcher.acquire() == []  # not while this launcher may hold (or run) its old copy
     deliver.set()
     thread.join(WAIT_SEC)
     assert launcher.mode.gone.news
     launcher.turn()
-    assert ids[2] in launcher.pending() + launcher.mode.pool.job_ids(), "the new copy was dropped on a stale answer"
+    assert ids[2] not in launcher.pending() + launcher.mode.pool.job_ids()  # the old copy, dropped
+    assert launcher.lease.tick() == []  # ids[2] no longer listed: leasable again
+    assert launcher.acquire() == [ids[2]]
     launcher.run_to_end()
     assert launcher.lease.tick() == []
     assert {i: server.state(i) for i in ids} == {i: "RUN_DONE" for i in ids}
@@ -331,15 +336,21 @@ def test_a_late_gone_answer_after_a_replaced_session_leaves_the_new_copies_in_pl
 
 
 def test_a_requeued_job_leased_again_by_the_same_session_runs_once_without_a_crash(server: Server, launcher: Launcher) -> None:
-    """The job sat twice in pending: the second placement raised 'job 3 is already placed'."""
+    """The job sat twice in pending: the second placement raised 'job 3 is already placed'. Now the
+    server leases it again only once the launcher's heartbeats no longer list it (the first is
+    answered "gone", which drops the old copy; the second frees it)."""
     ids = server.runnable(4)
     launcher.acquire()
     launcher.turn()
     server.requeue(ids[2])
     launcher.mode.pool.finish(ids[0])
     launcher.mode._reap(launcher.updater)
+    assert launcher.acquire() == []
+    assert launcher.lease.tick() == [ids[2]]
+    launcher.turn()
+    assert launcher.lease.tick() == []
     assert launcher.acquire() == [ids[2]]
-    assert sorted(launcher.pending()) == ids[2:]
+    assert sorted(launcher.pending() + launcher.mode.pool.job_ids()) == ids[1:]  # each once
     assert launcher.lease.tick() == []
     launcher.run_to_end()
     assert Counter(launcher.mode.pool.starts) == {i: 1 for i in ids}

@@ -45,13 +45,14 @@ def test_a_buggy_app_failing_fast_everywhere_takes_no_node_out() -> None:
 
 def test_the_apps_own_quick_failures_never_take_a_node_out_even_while_others_succeed() -> None:
     """A campaign where some parameter sets fail at once: three of them in a row on one node while
-    the other node succeeds is the app, not the node (the allocation would shrink node by node)."""
+    the other node succeeds is the app, not the node (the allocation would shrink node by node).
+    Without the MPI launcher's message they are not even held: each is reported as it comes."""
     faults = NodeFaults(3, threshold=3)
-    faults.note(_exit(1, 1, rc=1, tail="segfault"))
-    assert faults.note(_exit(2, 0, rc=0)).report  # success elsewhere, after the streak began
-    faults.note(_exit(3, 1, rc=1, tail="error: connection refused by the database"))
+    assert [e.job_id for e in faults.note(_exit(1, 1, rc=1, tail="segfault")).report] == [1]
+    assert faults.note(_exit(2, 0, rc=0)).report  # success elsewhere
+    assert [e.job_id for e in faults.note(_exit(3, 1, rc=1, tail="error: connection refused by the database")).report] == [3]
     verdict = faults.note(_exit(4, 1, rc=1, tail="segfault"))
-    assert verdict.disabled is None and [e.job_id for e in verdict.report] == [1, 3, 4]
+    assert verdict.disabled is None and [e.job_id for e in verdict.report] == [4] and not faults.held
 
 
 def test_a_success_or_a_slow_failure_on_the_node_ends_its_streak_and_reports_what_was_held() -> None:
@@ -66,10 +67,18 @@ def test_a_success_or_a_slow_failure_on_the_node_ends_its_streak_and_reports_wha
 
 
 def test_the_last_node_is_never_taken_out() -> None:
+    """Nor are its quick failures held for a verdict that cannot come: each is reported at once
+    (held, one stayed unreported, its job RUNNING, until the next exit on the node)."""
     faults = NodeFaults(1, threshold=2)
-    faults.note(_exit(1, 0))
-    verdict = faults.note(_exit(2, 0))
-    assert verdict.disabled is None and [e.job_id for e in verdict.report] == [1, 2]
+    for job_id in (1, 2):
+        verdict = faults.note(_exit(job_id, 0))
+        assert verdict.disabled is None and [e.job_id for e in verdict.report] == [job_id] and not verdict.requeue
+    assert faults.held_ids() == []
+    # Two nodes, one out: the other is the last one in.
+    faults = NodeFaults(2, threshold=2)
+    faults.note(_exit(1, 1))
+    assert faults.note(_exit(2, 1)).disabled == 1
+    assert [e.job_id for e in faults.note(_exit(3, 0)).report] == [3] and faults.held_ids() == []
 
 
 def test_a_disabled_node_gets_no_job_and_is_not_counted_free() -> None:

@@ -602,3 +602,26 @@ def test_a_hook_value_the_server_refuses_fails_the_job_with_the_servers_reason(p
     assert reason(tag.id).startswith("the server refused the hook's result: tags.n: ")
     # The refused results are still accounted as dropped (and logged); their replacements went through.
     assert sorted(u["id"] for u, _ in module.updater.dropped) == sorted([zero.id, tag.id])
+
+
+def test_the_stop_warning_counts_every_dropped_update_not_only_those_kept(processing, caplog) -> None:
+    """The status updater keeps only the most recent dropped updates (MAX_DROPPED_KEPT) and counts
+    them all in ``dropped_count``: the warning at the stop said 1,000 where 2,500 were dropped."""
+    import logging
+
+    from balsam.client.status_updater import MAX_DROPPED_KEPT
+
+    class Dropped:
+        dropped_count = 2500
+        dropped = [({"id": i, "state": "POSTPROCESSED"}, "refused") for i in range(2500 - MAX_DROPPED_KEPT, 2500)]
+
+        def close(self) -> None:
+            pass
+
+    _site, module = processing
+    module.updater = Dropped()  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, logger=module.logger.name):
+        module.close()
+    (warning,) = [r.getMessage() for r in caplog.records if "were not applied" in r.getMessage()]
+    assert warning.startswith("2500 job updates were not applied"), warning
+    assert "'id': 2499" in warning and "'id': 1500," not in warning  # the most recent ones are shown

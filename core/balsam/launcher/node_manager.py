@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Iterable, Optional, Sequence
 
 import attrs
@@ -417,6 +418,20 @@ class FaultVerdict:
     disabled: Optional[int] = None
 
 
+#: Longest a held quick failure waits for the next exit on its node (:meth:`NodeFaults.expire`):
+#: a node that is down fails the launches placed there within milliseconds of each other, so the
+#: verdict never needs more; a held exit that outlived this is reported as it is. Without a bound,
+#: a held failure stayed unreported (its job RUNNING) until the next exit there, hours later behind
+#: a long job, and was lost if the launcher was killed meanwhile.
+HELD_EXIT_MAX_SEC = 5.0
+
+
+def bears_launch_fault_sign(tail: str) -> bool:
+    """Whether a job's output tail holds an MPI launcher's own message (:data:`LAUNCH_FAULT_SIGNS`)."""
+    text = tail.lower()
+    return any(sign in text for sign in LAUNCH_FAULT_SIGNS)
+
+
 class NodeFaults:
     """Which node is down: pure accounting over exits (mpi mode).
 
@@ -426,43 +441,62 @@ class NodeFaults:
     (:data:`LAUNCH_FAULT_SIGNS`: the ranks never started there). Quick failures of the app itself
     never count, even while other nodes succeed: campaigns where some parameter sets fail at once
     are common, and a few of those in a row on one node would have shrunk the allocation node by
-    node. Their jobs are reported RUN_ERROR as they are. The last node in is never taken out.
+    node. Their jobs are reported RUN_ERROR as they are, at once. The last node in is never taken out.
 
-    A quick failure is **held** (not reported) while its node's streak is open: if the node is
-    taken out, the jobs of the streak did not fail, their node did, and they are re-queued
-    (RUN_TIMEOUT); a success or slow exit on the node, or a streak that reaches the threshold
-    without the evidence above, reports them as they are. :meth:`flush` reports what is held at a
-    stop. Exits on a node already out are re-queued (hand-overs that started there as it failed).
+    Only a quick failure that could lead to a verdict is **held** (not reported): one bearing the
+    launcher's message on a node that could still be taken out (fewer than ``node_count - 1`` out).
+    If the node is taken out, the jobs of the streak did not fail, their node did, and they are
+    re-queued (RUN_TIMEOUT). Everything else reports the held exits with it, as they are: an exit
+    without the message (quick or not), a success, a slow exit, or a signed one when no node may go
+    out any more. A held exit waits at most ``max_held_sec`` for the next exit on its node
+    (:meth:`expire`, called by the mode's loop), and :meth:`flush` reports what is held at a stop.
+    Exits on a node already out are re-queued (hand-overs that started there as it failed).
     """
 
-    def __init__(self, node_count: int, *, threshold: int = 3, quick_sec: float = 5.0) -> None:
+    def __init__(self, node_count: int, *, threshold: int = 3, quick_sec: float = 5.0,
+                 max_held_sec: float = HELD_EXIT_MAX_SEC) -> None:
         self.threshold = threshold
         self.quick_sec = quick_sec
+        self.max_held_sec = max_held_sec
         self.held: dict[int, list[Exit]] = {}
+        #: node -> when (monotonic) its last held exit was noted
+        self._held_since: dict[int, float] = {}
         self.out: set[int] = set()
         self.node_count = node_count
 
-    def note(self, exit: Exit) -> FaultVerdict:
+    def _release(self, node: int) -> list[Exit]:
+        self._held_since.pop(node, None)
+        return self.held.pop(node, [])
+
+    def note(self, exit: Exit, now: Optional[float] = None) -> FaultVerdict:
         node = exit.node
         if node in self.out:
             return FaultVerdict(requeue=(exit,)) if exit.returncode != 0 else FaultVerdict(report=(exit,))
-        if exit.returncode != 0 and exit.seconds_run < self.quick_sec:
+        if (exit.returncode != 0 and exit.seconds_run < self.quick_sec
+                and len(self.out) < self.node_count - 1 and bears_launch_fault_sign(exit.tail)):
             streak = self.held.setdefault(node, [])
             streak.append(exit)
+            self._held_since[node] = time.monotonic() if now is None else now
             if len(streak) < self.threshold:
                 return FaultVerdict()
-            signed = all(any(sign in e.tail.lower() for sign in LAUNCH_FAULT_SIGNS) for e in streak)
-            self.held.pop(node)
-            if signed and len(self.out) + 1 < self.node_count:
-                self.out.add(node)
-                return FaultVerdict(requeue=tuple(streak), disabled=node)
-            return FaultVerdict(report=tuple(streak))
-        return FaultVerdict(report=(*self.held.pop(node, ()), exit))
+            self._release(node)
+            self.out.add(node)
+            return FaultVerdict(requeue=tuple(streak), disabled=node)
+        return FaultVerdict(report=(*self._release(node), exit))
+
+    def expire(self, now: Optional[float] = None) -> tuple[Exit, ...]:
+        """The held exits whose node saw no further exit for ``max_held_sec`` (to report as they are)."""
+        if not self.held:
+            return ()
+        now = time.monotonic() if now is None else now
+        stale = [node for node, since in self._held_since.items() if now - since >= self.max_held_sec]
+        return tuple(e for node in stale for e in self._release(node))
 
     def flush(self) -> tuple[Exit, ...]:
         """Every held exit (to report as it is: a stop came before the verdict)."""
         held = tuple(e for streak in self.held.values() for e in streak)
         self.held.clear()
+        self._held_since.clear()
         return held
 
     def held_ids(self) -> list[int]:

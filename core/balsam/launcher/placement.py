@@ -8,13 +8,21 @@ not fit goes back to the end of the deque. A demand that did not fit is not trie
 pass (resources only grow when jobs end), and the pass can stop after ``max_misses`` jobs in a row
 did not fit: the serial mode keeps thousands of identical tasks pending, and once a node is full
 walking the rest of the deque only costs time.
+
+Jobs leased ahead that can no longer finish before the wall time (:func:`split_too_late`): the
+acquire asks only for jobs that fit the time left then, but a job leased ahead starts later, and
+one started with less time left than its ``wall_time_min`` would only be ended at the wall time
+(RUN_TIMEOUT) after running for nothing. Every job mode applies this one rule before it starts
+jobs: mpi mode before placing or queueing pending jobs, serial mode where the prefetcher hands jobs
+to the master and again before the master places or queues them (a job taken in time may wait for
+a slot until the time runs short).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 from .app_run import PreparedJob
 from .node_manager import InsufficientResources, NodeManager, Placement
@@ -71,3 +79,56 @@ def place_pending(
             continue
         started += 1
     return started
+
+
+# -- jobs that can no longer finish before the wall time ----------------------------------------
+def wall_time_min(prepared: PreparedJob) -> int:
+    """The ``wall_time_min`` a job asks for (0, the default: none; such a job is never too late)."""
+    return getattr(prepared.job, "wall_time_min", 0) or 0
+
+
+def max_wall_time_min(*groups: Iterable[PreparedJob]) -> int:
+    """The largest ``wall_time_min`` among the jobs of ``groups`` (0: none asks for a wall time)."""
+    return max((wall_time_min(p) for group in groups for p in group), default=0)
+
+
+class WallTimeSplit(NamedTuple):
+    """What :func:`split_too_late` found: the jobs that may still start (in their order), those that
+    can no longer finish before the wall time, and the minutes left it compared them with (None:
+    no job asked for a wall time, the time left was not read)."""
+
+    may_start: list[PreparedJob]
+    too_late: list[PreparedJob]
+    minutes_left: Optional[int] = None
+
+
+def split_too_late(jobs: Sequence[PreparedJob], minutes_left: Union[int, Callable[[], int]]) -> WallTimeSplit:
+    """Split ``jobs`` (not started yet) into those that may still start and those too late: a job is
+    too late when its ``wall_time_min`` exceeds ``minutes_left``. Pure: ``jobs`` is not changed.
+
+    ``minutes_left`` (or a function returning it, called at most once, and only when one of
+    ``jobs`` asks for a wall time: with none, the usual case, this is one pass over the jobs and
+    no clock is read) must be the value the mode passes as the acquire's ``max_wall_time_min``:
+    :meth:`Countdown.remaining_min <balsam.launcher.job_mode.Countdown.remaining_min>`, the whole
+    minutes left (rounded down, at least 0). Why that rounding: the server leases only jobs with
+    ``wall_time_min <= max_wall_time_min``, so a job is held back here exactly when an acquire made
+    now would have refused it, in every mode alike; and since ``wall_time_min`` is a whole number,
+    ``wall_time_min <= floor(seconds_left / 60)`` is the same as ``wall_time_min * 60 <= seconds_left``:
+    no job is held back that fits the time left, none started that does not.
+    """
+    if not any(map(wall_time_min, jobs)):
+        return WallTimeSplit(list(jobs), [])
+    left = minutes_left() if callable(minutes_left) else minutes_left
+    may_start: list[PreparedJob] = []
+    too_late: list[PreparedJob] = []
+    for prepared in jobs:
+        (too_late if wall_time_min(prepared) > left else may_start).append(prepared)
+    return WallTimeSplit(may_start, too_late, left)
+
+
+def log_too_late(split: WallTimeSplit, released_by: str) -> None:
+    """One log line per job :func:`split_too_late` held back (``released_by``: what gives it back)."""
+    for prepared in split.too_late:
+        logger.info("job %s is not started: it asks for %d min and %s whole minutes are left before the wall time; "
+                    "it stays leased, unstarted, until %s returns it", prepared.id, wall_time_min(prepared),
+                    split.minutes_left, released_by)

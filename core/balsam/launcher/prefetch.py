@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional
 from .app_run import JobBuildError, PreparedJob
 from .gone import acquire_generation
 from .node_manager import Demand, UnsatisfiableJob
+from .placement import log_too_late, split_too_late
 from .runner import report_failed
 from .wake import WakeEvent
 
@@ -104,6 +105,8 @@ class Prefetcher:
         #: The last acquire failed with this message (it is retried every ``retry_sec``).
         self.acquire_error: Optional[str] = None
         self.acquired = 0
+        #: Jobs :meth:`take` held back: their ``wall_time_min`` exceeded the time left (never started).
+        self.too_late: list[PreparedJob] = []
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
     # -- loop thread ---------------------------------------------------------------------------
@@ -112,7 +115,8 @@ class Prefetcher:
         return self
 
     def take(self) -> list[PreparedJob]:
-        """Every prepared job ready now (oldest first)."""
+        """Every prepared job ready now (oldest first), less those that can no longer finish in time
+        (:meth:`_hold_back_too_late`)."""
         with self._lock:
             if not self._ready:
                 return []
@@ -120,7 +124,24 @@ class Prefetcher:
             self._ready.clear()
             self.taken_generation = self._ready_generation
         self._taken += len(jobs)
-        return jobs
+        return self._hold_back_too_late(jobs)
+
+    def _hold_back_too_late(self, jobs: list[PreparedJob]) -> list[PreparedJob]:
+        """Jobs that can no longer finish before the wall time are not handed to the loop
+        (:func:`~balsam.launcher.placement.split_too_late`, the rule every mode applies, against the
+        same ``remaining_min`` the acquire passes as ``max_wall_time_min``): the acquire asked only
+        for jobs that fit the time left then, but these were leased ahead and would start later, to
+        be ended at the wall time (RUN_TIMEOUT) after running for nothing. They stay leased (the API
+        gives back a Session's jobs only with the Session) and go back unstarted when the lease is
+        closed, to a launcher with time left, as every leased job that never started; they are
+        neither work for the idle timeout nor held jobs that take the next acquire's room. Jobs with
+        no wall time (0, the default) are never held back, and without any the time left is not
+        read. The serial master checks again the jobs that wait for a slot (Master.step)."""
+        split = split_too_late(jobs, self._remaining_min)
+        if split.too_late:
+            self.too_late.extend(split.too_late)
+            log_too_late(split, "the lease's close (its Session's deletion)")
+        return split.may_start
 
     def note_held(self, count: int) -> None:
         """The loop holds ``count`` taken jobs that have not started: top up when they run low."""

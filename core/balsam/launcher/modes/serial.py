@@ -47,6 +47,14 @@ from .serial_worker import (
 
 logger = logging.getLogger(__name__)
 
+#: Once the master has closed its Session (its stop is done: every report sent), the MPI launcher
+#: gets this long to exit before it is killed. A worker rank the master took out as hung (SIGSTOP,
+#: a node wedged in D state) never exits, and the MPI launcher waits for every rank: it held the
+#: allocation to its end.
+EXIT_AFTER_CLOSE_SEC = 10.0
+#: How often the launcher reads the master's Session record while the ranks run.
+SESSION_RECORD_POLL_SEC = 2.0
+
 
 def _option_name(key: str) -> str:
     """A launch param's option as written any way: ``--cpu-bind``, ``cpu_bind``, ``cpu-bind`` -> ``cpu-bind``."""
@@ -176,14 +184,31 @@ class SerialMode(JobMode):
                 self.request_stop(self.stop_reason)
             # The ranks keep their own countdown; this is only a backstop if they hang.
             hard_deadline = self.countdown.deadline + self.countdown.margin_sec
+            closed_at: Optional[float] = None  # when the master was seen to have closed its Session
+            closed_reason = ""
+            next_look = time.monotonic() + SESSION_RECORD_POLL_SEC
             while True:
                 try:
                     rc = self._proc.wait(timeout=0.5)
                     break
                 except subprocess.TimeoutExpired:
+                    now = time.monotonic()
                     if time.time() > hard_deadline:
                         logger.error("serial workers still running at the allocation end; killing them")
                         self._proc.kill()
+                    elif closed_at is None and now >= next_look:
+                        next_look = now + SESSION_RECORD_POLL_SEC
+                        record = read_session_record(self.session_path)
+                        if record and record.get("closed"):
+                            closed_at, closed_reason = now, str(record["closed"])
+                    elif closed_at is not None and now - closed_at > EXIT_AFTER_CLOSE_SEC:
+                        logger.warning("serial workers still running %.0f s after the master stopped (%s): a rank "
+                                       "it took out as unresponsive holds the MPI launcher; killing it",
+                                       EXIT_AFTER_CLOSE_SEC, closed_reason)
+                        self._proc.kill()
+                        self._proc.wait()
+                        # The master's own outcome (its Session is closed, its reports sent).
+                        return 1 if closed_reason.startswith("no session") else 0
         logger.info("serial mode workers exited with %s", rc)
         failure = self._start_failure(rc)
         if failure:

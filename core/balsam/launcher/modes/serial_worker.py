@@ -43,6 +43,17 @@ Jobs their user deleted or moved while leased (:mod:`balsam.launcher.gone`): the
 them through its lease's heartbeat, ends its own node's runs, tells the rank running each other one
 to end it (``{"end": [...], "grace": sec}``, the worker ends it and reports its exit as usual), and
 reports nothing for them; their resources are freed when the exit comes back.
+**Hung workers** (SIGSTOP, a node wedged in D state, a hung file system): a worker sends a report
+at least every :data:`HEARTBEAT_SEC` (an empty one when it has nothing else to say); a rank silent
+for :data:`RANK_SILENCE_SEC` is taken out: its jobs are reported RUN_TIMEOUT (``serial worker rank
+N on HOST unresponsive for X s``) and run again elsewhere, its node gets no more tasks (the idle
+timeout no longer counts it busy), its late reports are dropped (a job is never reported twice),
+and the BatchJob's ``status_info["nodes_out"]`` says so. The master's own node stays in service.
+**Jobs that can no longer finish before the wall time** (``wall_time_min`` over the whole minutes
+left, the acquire's own rule: :func:`~balsam.launcher.placement.split_too_late`) are never started:
+the prefetcher holds them back when the master takes them, and the master checks again the jobs
+that wait for a slot (:meth:`Master._set_aside_too_late`). They stay leased, count as neither work
+nor held jobs, and go back unstarted with the Session's deletion at the stop.
 Stop conditions (signal, wall time, idle timeout, refused credential) are one
 :class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
 master runs in the launcher process.
@@ -68,14 +79,14 @@ from balsam.config import LoggingSettings
 from balsam.platform import NodeInfo
 from balsam.util import format_threads_cpu, threads_cpu_seconds
 
-from .._api import open_lease, open_updater
+from .._api import note_batch_job, open_lease, open_updater
 from ..entry import _platform, configure_logging
 from ..gone import GoneJobs
 from ..app_run import JobPreparer, PreparedJob, shell_line
 from ..handover import HandOver
 from ..job_mode import StopConditions
 from ..node_manager import NodeManager, Placement
-from ..placement import place_pending
+from ..placement import log_too_late, max_wall_time_min, place_pending, split_too_late
 from ..prefetch import Prefetcher
 from ..runner import (
     ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, env_difference, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
@@ -83,7 +94,7 @@ from ..runner import (
 from ..wake import WakeEvent
 
 TAG_LAUNCH = 11  # master -> worker: {"launch": [task...]}, {"end": [job id...], "grace": sec} or {"stop": reason, "grace": sec}
-TAG_REPORT = 12  # worker -> master: {"done": [...]} or {"done": [...], "killed": [...], "final": True}
+TAG_REPORT = 12  # worker -> master: {"done": [...]} (empty: alive) or {"done": [...], "killed": [...], "final": True}
 
 logger = logging.getLogger("balsam.launcher.serial")
 
@@ -106,6 +117,26 @@ HANDOVER_DEPTH = 4
 #: ... only behind a task younger than this: a long task gives its queue back (cancelled) so that
 #: the jobs waiting behind it run wherever resources free up first.
 HANDOVER_MAX_AGE_SEC = 1.0
+#: A worker rank sends the master a report at least this often: an empty one (``{"done": []}``)
+#: when it sent nothing else for this long (:meth:`Worker.run`), so that the master can tell a hung
+#: rank (SIGSTOP, a node wedged in D state, a hung file system) from a quiet one. 3 s: a rank whose
+#: tasks end often never sends one (its exit reports count), an idle one sends one small message
+#: every 3 s (nothing beside a task's start), and it is short beside :data:`RANK_SILENCE_SEC`.
+HEARTBEAT_SEC = 3.0
+#: A worker rank silent for this long is taken out (:meth:`Master._check_ranks`): its jobs are
+#: reported RUN_TIMEOUT (run again elsewhere), its node gets no more tasks, its late reports are
+#: dropped. 10 heartbeats, at least 30 s: a rank whose node is overloaded by its own tasks (swapping,
+#: a slow file system under a task's start) may miss a few heartbeats without being lost.
+RANK_SILENCE_SEC = max(30.0, 10 * HEARTBEAT_SEC)
+#: How often the master looks for silent ranks.
+RANK_CHECK_SEC = 1.0
+#: At a stop, the master waits for the workers' last reports at most ``grace + this``, and never
+#: past the allocation's end less :data:`FINAL_SEND_RESERVE_SEC`.
+FINAL_COLLECT_EXTRA_SEC = 10.0
+#: Kept free before the allocation's end after the last reports are collected: the master still
+#: sends its updates and deletes its Session, before the launcher's backstop kills the MPI launcher
+#: at the allocation's end (:meth:`~balsam.launcher.modes.serial.SerialMode.run`).
+FINAL_SEND_RESERVE_SEC = 2.0
 
 
 class StartError(Exception):
@@ -175,6 +206,7 @@ class Transport(Protocol):
     def reports(self) -> list[tuple[int, dict[str, Any]]]: ...
     def stop_workers(self, reason: str, grace: float) -> None: ...
     def flush(self) -> None: ...
+    # Optional: ``abandon(rank)``, never wait again for a send to ``rank`` (taken out as hung).
 
 
 class LocalTransport:
@@ -213,16 +245,37 @@ class MPITransport:
         self.size = comm.Get_size()
         self.rank = comm.Get_rank()
         self._requests: list[Any] = []
+        self._dests: list[int] = []  # the rank each of _requests goes to
+        #: Ranks taken out as hung, and the sends to them, never waited for (kept: the request
+        #: holds the message's buffer).
+        self._abandoned: set[int] = set()
+        self._orphans: list[Any] = []
         self._status = mpi.Status()
 
     def _isend(self, msg: dict[str, Any], dest: int, tag: int) -> None:
-        self._requests.append(self.comm.isend(msg, dest=dest, tag=tag))
+        request = self.comm.isend(msg, dest=dest, tag=tag)
+        if self._abandoned and dest in self._abandoned:
+            self._orphans.append(request)
+            return
+        self._requests.append(request)
+        self._dests.append(dest)
         if len(self._requests) > self.MAX_REQUESTS:
             self.flush()
 
     def flush(self) -> None:
         self.mpi.Request.Waitall(self._requests)
         self._requests.clear()
+        self._dests.clear()
+
+    def abandon(self, rank: int) -> None:
+        """Never wait again for a send to ``rank`` (the master took it out as hung): a message too
+        large to go eagerly completes only once the receiver takes it, and a wait for it would hang
+        the master with the rank."""
+        self._abandoned.add(rank)
+        kept = [(r, d) for r, d in zip(self._requests, self._dests) if d != rank]
+        self._orphans.extend(r for r, d in zip(self._requests, self._dests) if d == rank)
+        self._requests[:] = [r for r, _ in kept]
+        self._dests[:] = [d for _, d in kept]
 
     def hosts(self) -> list[str]:
         """Every rank's host name, on rank 0 (a collective call: every rank makes it)."""
@@ -330,6 +383,8 @@ class Master:
         launch_hook: Callable[..., Any],
         gone: Optional[GoneJobs] = None,
         session_record: Optional[SessionRecord] = None,
+        record_nodes_out: Optional[Callable[[str], None]] = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node_manager = node_manager
         self.session_record = session_record if session_record is not None else SessionRecord(None)
@@ -358,6 +413,25 @@ class Master:
         #: asks about :meth:`_held_ids` with each heartbeat (``build_master`` attaches it).
         self.gone = gone if gone is not None else GoneJobs(wake)
         self.gone.held = self._held_ids
+        # -- hung worker ranks (see _check_ranks) --
+        self.clock = clock
+        #: Worker rank -> when the master last heard from it (ranks in service only).
+        self._heard: dict[int, float] = {rank: clock() for rank in range(1, transport.size)}
+        self._next_rank_check = 0.0
+        #: Worker ranks taken out as hung -> why; those that reported again since (logged once).
+        self.ranks_out: dict[int, str] = {}
+        self._spoke_again: set[int] = set()
+        #: Sets the BatchJob's ``status_info["nodes_out"]`` (the key mpi mode's node take-out uses).
+        self._record_nodes_out = record_nodes_out
+        self._recorders: list[threading.Thread] = []
+        self._record_lock = threading.Lock()
+        # -- jobs that can no longer finish before the wall time (see _set_aside_too_late) --
+        #: An upper bound of the ``wall_time_min`` of the taken jobs not started yet (pending, queued
+        #: behind local tasks, held by the gone-jobs handling); 0: none asks for a wall time.
+        self._wall_bound = 0
+        #: Taken jobs set aside because they waited for a slot until the time left ran short (never
+        #: started; the prefetcher's ``too_late`` holds those it never handed over).
+        self.too_late: dict[int, PreparedJob] = {}
 
     # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
     def _held_ids(self) -> list[int]:
@@ -381,6 +455,71 @@ class Master:
         for rank, ids in by_rank.items():
             self.transport.end_tasks(rank, ids, grace)
 
+    # -- hung worker ranks ---------------------------------------------------------------------
+    def _check_ranks(self, now: float) -> None:
+        """Take out every worker rank silent for :data:`RANK_SILENCE_SEC` (each sends at least one
+        report per :data:`HEARTBEAT_SEC`). The master's own node stays in: a hung worker never ends
+        the launcher, whose other nodes go on (the master's, at least)."""
+        self._next_rank_check = now + RANK_CHECK_SEC
+        silent = [(rank, now - heard) for rank, heard in self._heard.items() if now - heard > RANK_SILENCE_SEC]
+        for rank, silent_sec in silent:
+            self._take_rank_out(rank, silent_sec)
+
+    def _take_rank_out(self, rank: int, silent_sec: float) -> None:
+        """Its jobs are reported RUN_TIMEOUT (run again, elsewhere), its node gets no more tasks, the
+        transport never waits for it again, its later reports are dropped."""
+        index = self.rank_of_node.index(rank) if rank in self.rank_of_node else None
+        host = self.node_manager.nodes[index].hostname if index is not None else "?"
+        reason = f"serial worker rank {rank} on {host} unresponsive for {silent_sec:.0f} s"
+        self._heard.pop(rank, None)
+        self.ranks_out[rank] = reason
+        if index is not None and not self.node_manager.disable_node(index):
+            logger.error("node %s of the unresponsive rank %d could not be taken out", host, rank)
+        abandon = getattr(self.transport, "abandon", None)
+        if abandon is not None:
+            abandon(rank)
+        jobs = sorted(job_id for job_id, r in self.remote.items() if r == rank)
+        if jobs:
+            # If the rank comes back, its copies are ended (their exits are dropped with its reports).
+            self.transport.end_tasks(rank, jobs, self.stop.countdown.grace_sec)
+        gone = self.gone
+        for job_id in jobs:
+            self.remote.pop(job_id, None)
+            self.handover.release(job_id)  # frees its placement: the node is out, nothing goes there again
+            self.postprocess_on_exit.discard(job_id)
+            if gone.ending and gone.settled(job_id):  # deleted or moved by its user: nothing to report
+                continue
+            gone.forget(job_id)
+            report_timeout(self.updater, job_id, f"{reason}; taken out, the job runs again")
+        message = f"{reason}: taken out, its {len(jobs)} running job(s) re-queued (RUN_TIMEOUT)"
+        logger.error("%s; %d of %d nodes left", message, self.node_manager.enabled_count(), len(self.node_manager))
+        self._record_out()
+
+    def _late_report(self, rank: int) -> None:
+        if rank not in self._spoke_again:
+            self._spoke_again.add(rank)
+            logger.warning("serial worker rank %d reported again after it was taken out (%s); it stays out, its "
+                           "reports are dropped (its jobs were reported RUN_TIMEOUT)", rank, self.ranks_out[rank])
+
+    def _record_out(self) -> None:
+        """Every rank taken out so far, in the BatchJob's ``status_info["nodes_out"]``, from a thread
+        (an API call must not hold up the loop)."""
+        if self._record_nodes_out is None:
+            return
+        text = "; ".join(f"{reason}: taken out" for reason in self.ranks_out.values())
+
+        def record() -> None:
+            with self._record_lock:  # in order: the last one written names every rank
+                try:
+                    assert self._record_nodes_out is not None
+                    self._record_nodes_out(text)
+                except Exception as exc:  # the log says it already
+                    logger.warning("could not record the nodes taken out: %s", exc)
+
+        thread = threading.Thread(target=record, name="record-nodes-out", daemon=True)
+        thread.start()
+        self._recorders.append(thread)
+
     # -- one loop turn -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
         if self.prefetcher.error is not None:
@@ -397,10 +536,19 @@ class Master:
         if done:
             self._finish(done)
             progress += len(done)
-        for _rank, msg in self.transport.reports():
+        heard = self._heard  # worker ranks in service (none: a master alone)
+        now = self.clock() if heard else 0.0
+        for rank, msg in self.transport.reports():
+            if rank in heard:
+                heard[rank] = now
+            elif rank in self.ranks_out:
+                self._late_report(rank)  # its jobs were reported RUN_TIMEOUT: never report them again
+                continue
             done = msg.get("done", [])
             self._finish(done)
             progress += len(done)
+        if heard and now >= self._next_rank_check:
+            self._check_ranks(now)
         new = self.prefetcher.take()
         if new:
             self._take(new, self.prefetcher.taken_generation)
@@ -413,6 +561,8 @@ class Master:
         if self.gone.news:
             self._end_gone()
             progress += 1
+        if self._wall_bound and self.pending:
+            self._set_aside_too_late()  # before anything takes jobs from pending to start them
         if self.pending and self._try_start:
             self._try_start = False
             started = place_pending(self.pending, self.node_manager, self._start, self._fail, max_misses=MAX_PLACEMENT_MISSES)
@@ -461,12 +611,48 @@ class Master:
         arrives while an older copy of it is held (re-queued by its user, or leased again by a
         replaced Session) replaces that copy (:meth:`GoneJobs.arrive`): two copies in ``pending``
         would be placed twice (the NodeManager refuses: the loop crashed) or run twice."""
+        # Also those that wait for a stale copy to end (gone.successors): they reach pending later.
+        self._wall_bound = max(self._wall_bound, max_wall_time_min(jobs))
         now, local, cancel, by_rank = self.gone.arrive(jobs, generation, self.pool.job_ids, self.pending,
                                                        self.handover.queued, self.remote, placed=self.node_manager.placements)
         self._end_runs(local, cancel, by_rank)
         if now:
             self.pending.extend(now)
             self._try_start = True
+
+    def _set_aside_too_late(self) -> int:
+        """Take out of ``pending`` the jobs that can no longer finish before the wall time
+        (:func:`~balsam.launcher.placement.split_too_late`, the rule every mode applies): the
+        prefetcher held back those already too late when taken, but a job taken in time may wait
+        for a slot (thousands wait here behind long tasks) until the time left runs short. Both ways
+        a job starts (``place_pending``, or queued behind a local task by ``queue_behind``) take
+        jobs from ``pending``, so this runs before them. Cheap while no taken job asks for more than
+        the minutes left (``_wall_bound``): one read of the clock a turn.
+
+        They stay leased until the master stops: the API gives back a Session's jobs only with the
+        Session, whose deletion at the stop (``prefetcher.close_lease``) returns them unstarted, as
+        every leased job that never started (nothing is reported for them). They are neither work
+        for the idle timeout (``step``'s ``busy``) nor held jobs that take the next acquire's room
+        (``prefetcher.note_held``), nor listed in the heartbeats (:meth:`_held_ids`). A job queued
+        behind a local task starts within about :data:`HANDOVER_MAX_AGE_SEC` of this check, or
+        comes back to ``pending``. Returns how many were set aside."""
+        left = self.stop.countdown.remaining_min()
+        if self._wall_bound <= left:
+            return 0  # the usual case: no job waiting asks for more than the time left
+        split = split_too_late(self.pending, left)
+        if split.too_late:
+            log_too_late(split, "the master's stop (its Session's deletion)")
+            for prepared in split.too_late:
+                self.too_late[prepared.id] = prepared
+                self.gone.forget(prepared.id)
+            self.pending.clear()
+            self.pending.extend(split.may_start)
+        # What is still taken and not started bounds the next check (while a job queued behind a
+        # local task, or held by the gone-jobs handling, is too late, each turn checks again: it
+        # may come back to pending).
+        self._wall_bound = max_wall_time_min(self.pending, self.handover.queued.values(), self.gone.successors.values(),
+                                             self.gone.ready.values())
+        return len(split.too_late)
 
     # -- hand-over (balsam.launcher.handover) --------------------------------------------------
     def _launch_command(self, prepared: PreparedJob, placement: Placement) -> tuple[str, dict[str, str]]:
@@ -526,6 +712,9 @@ class Master:
         logger.info("serial master: %d ranks, %d nodes, prefetch %d, stop in %.0f s",
                     self.transport.size, len(self.node_manager), self.prefetcher.depth, self.stop.countdown.remaining_sec())
         self.stop.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
+        started = self.clock()
+        for rank in self._heard:  # so do the ranks' silences
+            self._heard[rank] = started
         reason = "wall time"
         threads_cpu: list[tuple[str, int, float]] = []
         try:
@@ -567,7 +756,7 @@ class Master:
                     report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
             if victims:
                 logger.info("%d local tasks ended as RUN_TIMEOUT (%s)", len(victims), reason)
-            self._collect_final_reports(reason, grace + 10)
+            self._collect_final_reports(reason, self.final_collect_sec(grace))
             self.transport.flush()
         finally:
             self.prefetcher.join()
@@ -576,13 +765,41 @@ class Master:
             finally:
                 self.prefetcher.close_lease(quick=bool(getattr(self.updater, "gave_up", False)))
                 self.session_record.closed(reason)
+                self._log_unstarted()
+                for thread in self._recorders:
+                    thread.join(FINAL_SEND_RESERVE_SEC)
+
+    def _log_unstarted(self) -> None:
+        """Say how many leased jobs never started: nothing is reported for them, the Session's
+        deletion (``close_lease``) returned them, those held back near the wall time included."""
+        too_late = len(self.too_late) + len(self.prefetcher.too_late)
+        unstarted = (len(self.pending) + len(self.gone.successors) + len(self.gone.ready) + self.prefetcher.backlog
+                     + too_late)
+        if unstarted:
+            logger.info("%d acquired jobs never started (%d of them too long for the time that was left); the "
+                        "session release returns them", unstarted, too_late)
+
+    def final_collect_sec(self, grace: float) -> float:
+        """How long a stop waits for the workers' last reports: ``grace`` + :data:`FINAL_COLLECT_EXTRA_SEC`,
+        but not past the allocation's end less :data:`FINAL_SEND_RESERVE_SEC`, where the launcher's
+        backstop kills the MPI launcher: the reports must reach the server before that."""
+        wanted = grace + FINAL_COLLECT_EXTRA_SEC
+        countdown = self.stop.countdown
+        if countdown.wall_time_sec <= 0:
+            return wanted
+        left = countdown.start_time + countdown.wall_time_sec - time.time() - FINAL_SEND_RESERVE_SEC
+        return max(0.0, min(wanted, left))
 
     def _collect_final_reports(self, reason: str, timeout: float) -> None:
-        waiting = set(range(1, self.transport.size))
-        deadline = time.monotonic() + timeout
-        while waiting and time.monotonic() < deadline:
+        # Ranks taken out as hung are not waited for (nor heard: their jobs were reported already).
+        waiting = set(range(1, self.transport.size)) - set(self.ranks_out)
+        deadline = self.clock() + timeout
+        while waiting and self.clock() < deadline:
             reports = self.transport.reports()
             for rank, msg in reports:
+                if rank in self.ranks_out:
+                    self._late_report(rank)
+                    continue
                 self._finish(msg.get("done", []))
                 for job_id in msg.get("killed", []):
                     self.remote.pop(job_id, None)
@@ -654,6 +871,7 @@ def build_master(
             launch_hook=_launch_hook(),
             gone=gone,
             session_record=SessionRecord(config.get("session_path")),
+            record_nodes_out=lambda text: note_batch_job(config.get("batch_job_id"), "nodes_out", text),
         )
     except BaseException:
         # Start-up failed: give the leased jobs back now rather than at session expiry.
@@ -679,18 +897,20 @@ def record_start_error(config: dict[str, Any], message: str) -> None:
 
 # -- worker ---------------------------------------------------------------------------------------
 class Worker:
-    """Starts the tasks the master sends, reports their exits in batches, stops when told."""
+    """Starts the tasks the master sends, reports their exits in batches, stops when told; says
+    it is alive (an empty report) when it sent nothing for :data:`HEARTBEAT_SEC`."""
 
     #: After a signal, wait this long for the master's stop message before ending tasks alone.
     ORPHAN_STOP_SEC = 30.0
 
     def __init__(self, transport: MPITransport, wake: threading.Event, stop: StopConditions,
-                 pool: "ProcessPool | SpawnerPool | SpawnerShards") -> None:
+                 pool: "ProcessPool | SpawnerPool | SpawnerShards", clock: Callable[[], float] = time.monotonic) -> None:
         self.transport = transport
         self.wake = wake
         self.stop = stop
         self.pool = pool
         self.base_env = dict(os.environ)
+        self.clock = clock
 
     def _env(self, task: dict[str, Any]) -> dict[str, str]:
         env = dict(self.base_env)
@@ -701,6 +921,8 @@ class Worker:
 
     def run(self) -> int:
         signal_time: Optional[float] = None
+        clock = self.clock
+        last_sent = clock()  # the last report sent to the master (its liveness deadline counts from there)
         while True:
             self.wake.clear()
             msg = self.transport.receive()
@@ -720,7 +942,12 @@ class Worker:
             done = self.pool.reap()
             if done:
                 self.transport.report({"done": done})
+                last_sent = clock()
                 continue
+            now = clock()
+            if now - last_sent >= HEARTBEAT_SEC:  # nothing sent for a while: say we are alive
+                self.transport.report({"done": []})
+                last_sent = now
             if self.stop.requested:
                 # The master got the same signal and will send "stop"; fend for ourselves if it does not.
                 signal_time = signal_time or time.monotonic()

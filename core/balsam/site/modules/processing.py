@@ -496,11 +496,12 @@ class ProcessingModule(AgentModule):
         # by another processing session and its hook run again.
         if self.updater is not None:
             self.updater.close()  # sends what is queued (retrying for up to 30 s)
-            if self.updater.dropped:
+            if self.updater.dropped_count:
                 # Mostly refusals, each logged when it came: a job a user moved while its hook ran
-                # (no longer held by our session), or a value the server does not take.
-                self.logger.warning("%d job updates were not applied (refused by the server, or never sent): %s",
-                                    len(self.updater.dropped), self.updater.dropped[:3])
+                # (no longer held by our session), or a value the server does not take. ``dropped``
+                # keeps only the most recent ones (MAX_DROPPED_KEPT): ``dropped_count`` counts them all.
+                self.logger.warning("%d job updates were not applied (refused by the server, or never sent); the "
+                                    "most recent: %s", self.updater.dropped_count, self.updater.dropped[-3:])
             self.updater = None
         if self.lease is not None:
             self.lease.close()

@@ -1,0 +1,145 @@
+"""A serial worker rank that hangs (SIGSTOP) rather than dies, against a live server and real MPICH.
+
+Two "nodes" on this host (rank 0 the master, rank 1 a worker); rank 1 is stopped while it runs
+tasks. Its jobs come back RUN_TIMEOUT with the reason once it has been silent for
+``RANK_SILENCE_SEC``, run again on the master's node, the launcher goes idle and exits, long
+before the wall time (it used to hold every job of that rank RUNNING, and the whole allocation,
+until the wall time). The unit tests of the same rules are ``test_serial_hung_rank.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from balsam.builtin.default_platform import DefaultPlatform
+from balsam.config import SiteConfig
+from balsam.launcher.job_mode import LauncherContext
+from balsam.launcher.modes import serial_worker
+from balsam.launcher.modes.serial import SerialMode
+from balsam.platform import NodeInfo
+from launcher_helpers import events_of, make_runnable
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+
+#: Far beyond the test: a RUN_TIMEOUT here is the launcher's, never the expiry sweep's.
+EXPIRE_SEC = 300
+WALL_MIN = 5
+#: How long the master lets a rank be silent (a default: this test also shows the fault without the fix).
+SILENCE_SEC = getattr(serial_worker, "RANK_SILENCE_SEC", 30.0)
+
+
+@pytest.fixture(scope="session")
+def _long_expiry_server(live_server_factory: Any) -> Any:
+    return live_server_factory(env={"BALSAM_SESSION_EXPIRE_SEC": str(EXPIRE_SEC), "BALSAM_SESSION_SWEEP_SEC": "1"})
+
+
+@pytest.fixture
+def live_server(_long_expiry_server: Any, request: pytest.FixtureRequest) -> str:
+    request.node._balsam_live_server = _long_expiry_server
+    return _long_expiry_server.url
+
+
+def _worker_rank_pid(path: Path) -> Optional[int]:
+    """The serial worker of rank 1: the serial_worker process that has the rank's log open."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"balsam.launcher.modes.serial_worker" not in (entry / "cmdline").read_bytes():
+                continue
+            targets = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+        except OSError:
+            continue
+        if any(t.startswith(str(path / "log")) and t.endswith(".1.log") for t in targets):
+            return int(entry.name)
+    return None
+
+
+def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere_long_before_the_wall_time(new_site: Any) -> None:
+    from balsam.api import ApplicationDefinition, BatchJob, Job
+
+    name, path = new_site(idle_ttl_sec=5, delay_sec=1)
+
+    class Short(ApplicationDefinition):
+        site = name
+        command_template = "bash -c 'echo run >> runs; sleep 2'"
+
+    Short.sync()
+    ids = make_runnable(Short.submit(workdir=f"h/{i}", node_packing_count=2, save=False) for i in range(8))
+    batch_job = BatchJob.objects.create(site_id=Short.resolve_site_id(), project="local", queue="local", num_nodes=2,
+                                        wall_time_min=WALL_MIN, job_mode="serial")
+    host = socket.gethostname()
+    nodes = [NodeInfo(str(i), host, [0, 1]) for i in range(2)]
+    site_config = SiteConfig(path)
+    context = LauncherContext(site_config=site_config, settings=site_config.settings, site_id=site_config.site_id,
+                              data_path=site_config.data_path, log_path=site_config.log_path, platform=DefaultPlatform(),
+                              nodes=nodes, wall_time_min=WALL_MIN, job_mode="serial", batch_job_id=batch_job.id)
+    mode = SerialMode(context)
+    result: dict[str, int] = {}
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: result.setdefault("rc", mode.run()), daemon=True)
+    thread.start()
+    victim: Optional[int] = None
+    try:
+        # Stop rank 1 once both nodes run tasks.
+        deadline = time.monotonic() + 60
+        while True:
+            victim = _worker_rank_pid(path)
+            if victim and Job.objects.filter(id=ids, state="RUNNING").count() >= 4:
+                break
+            assert time.monotonic() < deadline, "the tasks did not start"
+            time.sleep(0.2)
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        # Act as the processing module's default handle_timeout: re-queue what comes back RUN_TIMEOUT.
+        requeued: set[int] = set()
+        deadline = stopped_at + SILENCE_SEC + 60
+        while True:
+            jobs = {j.id: j for j in Job.objects.filter(id=ids)}
+            timed_out = [j for j in jobs.values() if str(j.state) == "RUN_TIMEOUT"]
+            for job in timed_out:
+                job.state = "RESTART_READY"
+            if timed_out:
+                Job.objects.bulk_update(timed_out)
+                requeued.update(j.id for j in timed_out)
+            if all(str(j.state) == "RUN_DONE" for j in jobs.values()):
+                break
+            assert time.monotonic() < deadline, {i: str(j.state) for i, j in jobs.items()}
+            time.sleep(0.2)
+        # Idle (nothing left; the rank taken out is not busy), then the MPI launcher that waits
+        # for the stopped rank is ended: the launcher returns minutes before the wall time.
+        thread.join(SILENCE_SEC + 60)
+        elapsed = time.monotonic() - started
+        assert not thread.is_alive() and result.get("rc") == 0, result
+        assert elapsed < WALL_MIN * 60 / 2, elapsed
+    finally:
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if thread.is_alive():
+            mode.request_stop("test over")
+            thread.join(60)
+
+    assert requeued  # the stopped rank held jobs
+    history = events_of(ids)
+    for job_id in ids:
+        rows = history[job_id]
+        assert [e.to_state for e in rows].count("RUN_DONE") == 1, job_id  # none lost, none finished twice
+        timeouts = [e for e in rows if e.to_state == "RUN_TIMEOUT"]
+        assert len(timeouts) == (job_id in requeued), job_id
+        for event in timeouts:
+            reason = str((event.data or {}).get("reason"))
+            assert reason.startswith(f"serial worker rank 1 on {host} unresponsive for "), reason
+    info = BatchJob.objects.get(id=batch_job.id).status_info or {}
+    assert f"serial worker rank 1 on {host} unresponsive" in info.get("nodes_out", ""), info
+    assert "error" not in info, info  # the launcher went on with its other node: no failure
