@@ -99,6 +99,27 @@ class SchedulerJobStatus:
     message: str = ""
 
 
+#: ``--site`` words that select something other than the site of that name (the CLI's
+#: balsam.cli._site_selector): every site, the active sites, the current site.
+SITE_SELECTOR_ALL, SITE_SELECTOR_ACTIVE, SITE_SELECTOR_THIS = "all", "active", "this"
+SITE_SELECTOR_WORDS = frozenset({SITE_SELECTOR_ALL, SITE_SELECTOR_ACTIVE, SITE_SELECTOR_THIS})
+
+
+def site_name_problem(name: str) -> str:
+    """Why ``--site NAME`` could never select a site of this name ("" when it can): digits are read
+    as a site id, a comma separates several selectors, all/active/this are selectors of their own.
+    The server refuses such a name on create and rename (balsam.server.routes.sites)."""
+    word = name.strip()
+    if word.isdigit():
+        return f"must not be all digits ({name!r}): `--site {word}` means the site with id {word}"
+    if "," in name:
+        return f"must not contain a comma ({name!r}): `--site a,b` means the sites a and b"
+    if word in SITE_SELECTOR_WORDS:
+        return (f"must not be {word!r}: `--site {word}` selects "
+                f"{'the current site' if word == SITE_SELECTOR_THIS else f'{word} sites'}")
+    return ""
+
+
 @attrs.define(kw_only=True)
 class Site:
     id: Optional[int] = attrs.field(default=None, metadata=SERVER)

@@ -24,20 +24,20 @@ def _demand(**kw: object) -> Demand:
 def test_a_node_whose_launches_fail_with_the_launchers_message_is_taken_out_and_its_jobs_requeued() -> None:
     faults = NodeFaults(2, threshold=3)
     for job_id in (1, 2):  # held: nothing to report yet
-        verdict = faults.note(_exit(job_id, 1))
+        verdict = faults.note(_exit(job_id, 1), now=0.0)
         assert not (verdict.report or verdict.requeue) and verdict.disabled is None
     assert faults.held_ids() == [1, 2]
-    verdict = faults.note(_exit(3, 1))
+    verdict = faults.note(_exit(3, 1), now=0.0)
     assert verdict.disabled == 1 and [e.job_id for e in verdict.requeue] == [1, 2, 3] and not verdict.report
     # A late exit on that node (a hand-over that started there) is re-queued too.
-    assert [e.job_id for e in faults.note(_exit(4, 1)).requeue] == [4]
+    assert [e.job_id for e in faults.note(_exit(4, 1), now=0.0).requeue] == [4]
 
 
 def test_a_buggy_app_failing_fast_everywhere_takes_no_node_out() -> None:
     faults = NodeFaults(2, threshold=3)
     reported = []
     for job_id in range(1, 7):
-        verdict = faults.note(_exit(job_id, job_id % 2, rc=1, tail="Traceback: ValueError"))
+        verdict = faults.note(_exit(job_id, job_id % 2, rc=1, tail="Traceback: ValueError"), now=0.0)
         assert verdict.disabled is None and not verdict.requeue
         reported += [e.job_id for e in verdict.report]
     assert sorted(reported) == [1, 2, 3, 4, 5, 6]  # every one RUN_ERROR, as it is
@@ -48,21 +48,22 @@ def test_the_apps_own_quick_failures_never_take_a_node_out_even_while_others_suc
     the other node succeeds is the app, not the node (the allocation would shrink node by node).
     Without the MPI launcher's message they are not even held: each is reported as it comes."""
     faults = NodeFaults(3, threshold=3)
-    assert [e.job_id for e in faults.note(_exit(1, 1, rc=1, tail="segfault")).report] == [1]
-    assert faults.note(_exit(2, 0, rc=0)).report  # success elsewhere
-    assert [e.job_id for e in faults.note(_exit(3, 1, rc=1, tail="error: connection refused by the database")).report] == [3]
-    verdict = faults.note(_exit(4, 1, rc=1, tail="segfault"))
+    assert [e.job_id for e in faults.note(_exit(1, 1, rc=1, tail="segfault"), now=0.0).report] == [1]
+    assert faults.note(_exit(2, 0, rc=0), now=0.0).report  # success elsewhere
+    db_error = _exit(3, 1, rc=1, tail="error: connection refused by the database")
+    assert [e.job_id for e in faults.note(db_error, now=0.0).report] == [3]
+    verdict = faults.note(_exit(4, 1, rc=1, tail="segfault"), now=0.0)
     assert verdict.disabled is None and [e.job_id for e in verdict.report] == [4] and not faults.held
 
 
 def test_a_success_or_a_slow_failure_on_the_node_ends_its_streak_and_reports_what_was_held() -> None:
     faults = NodeFaults(2, threshold=3)
-    faults.note(_exit(1, 1))
-    faults.note(_exit(2, 1))
-    assert [e.job_id for e in faults.note(_exit(3, 1, rc=0)).report] == [1, 2, 3]
-    faults.note(_exit(4, 1))
-    assert [e.job_id for e in faults.note(_exit(5, 1, rc=1, seconds=60.0)).report] == [4, 5]
-    faults.note(_exit(6, 1))
+    faults.note(_exit(1, 1), now=0.0)
+    faults.note(_exit(2, 1), now=0.0)
+    assert [e.job_id for e in faults.note(_exit(3, 1, rc=0), now=0.0).report] == [1, 2, 3]
+    faults.note(_exit(4, 1), now=0.0)
+    assert [e.job_id for e in faults.note(_exit(5, 1, rc=1, seconds=60.0), now=0.0).report] == [4, 5]
+    faults.note(_exit(6, 1), now=0.0)
     assert [e.job_id for e in faults.flush()] == [6] and faults.held_ids() == []
 
 
@@ -71,14 +72,14 @@ def test_the_last_node_is_never_taken_out() -> None:
     (held, one stayed unreported, its job RUNNING, until the next exit on the node)."""
     faults = NodeFaults(1, threshold=2)
     for job_id in (1, 2):
-        verdict = faults.note(_exit(job_id, 0))
+        verdict = faults.note(_exit(job_id, 0), now=0.0)
         assert verdict.disabled is None and [e.job_id for e in verdict.report] == [job_id] and not verdict.requeue
     assert faults.held_ids() == []
     # Two nodes, one out: the other is the last one in.
     faults = NodeFaults(2, threshold=2)
-    faults.note(_exit(1, 1))
-    assert faults.note(_exit(2, 1)).disabled == 1
-    assert [e.job_id for e in faults.note(_exit(3, 0)).report] == [3] and faults.held_ids() == []
+    faults.note(_exit(1, 1), now=0.0)
+    assert faults.note(_exit(2, 1), now=0.0).disabled == 1
+    assert [e.job_id for e in faults.note(_exit(3, 0), now=0.0).report] == [3] and faults.held_ids() == []
 
 
 def test_a_disabled_node_gets_no_job_and_is_not_counted_free() -> None:

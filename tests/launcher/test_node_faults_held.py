@@ -14,7 +14,7 @@ def _exit(job_id: int, node: int, rc: int = 255, seconds: float = 0.1, tail: str
 
 def test_a_quick_failure_without_the_launchers_message_is_reported_at_once() -> None:
     faults = NodeFaults(4, threshold=3)
-    verdict = faults.note(_exit(1, 2, rc=3, tail="bad input"))
+    verdict = faults.note(_exit(1, 2, rc=3, tail="bad input"), now=0.0)
     assert [e.job_id for e in verdict.report] == [1] and faults.held_ids() == []
 
 
@@ -27,7 +27,7 @@ def test_an_unsigned_quick_failure_ends_the_streak_and_reports_what_was_held_wit
 
 def test_a_launch_failure_on_a_one_node_partition_is_reported_at_once() -> None:
     faults = NodeFaults(1)
-    assert [e.job_id for e in faults.note(_exit(1, 0)).report] == [1] and faults.held_ids() == []
+    assert [e.job_id for e in faults.note(_exit(1, 0), now=0.0).report] == [1] and faults.held_ids() == []
 
 
 def test_a_held_failure_is_reported_when_no_further_exit_comes_on_its_node_in_time() -> None:

@@ -102,6 +102,7 @@ def test_a_silent_rank_holding_jobs_is_taken_out_its_jobs_timed_out_once_and_the
         assert updater.states(job_id) == ["RUNNING", "RUN_TIMEOUT"], job_id  # reported once, never flipped back
         reason = next(d["reason"] for j, s, d in updater.updates if j == job_id and s == "RUN_TIMEOUT")
         assert reason.startswith("serial worker rank 1 on node1 unresponsive for 100 s"), reason
+        assert "its task there may still be running" in reason, reason  # it was not stopped with its rank
     for job in jobs:
         if job.id not in hung:
             assert updater.states(job.id) == ["RUNNING", "RUN_DONE"], job.id  # all on the master's node
@@ -190,15 +191,15 @@ def test_the_worker_sends_an_empty_report_when_it_sent_nothing_for_the_heartbeat
 
 def test_the_final_collect_waits_grace_plus_10_s_but_never_past_the_allocation_end(tmp_path: Path) -> None:
     clock = FakeClock()
-    long_run, _, _ = make_master(tmp_path / "a", [], clock, wall_min=60)
-    assert long_run.final_collect_sec(3.0) == 3.0 + serial_worker.FINAL_COLLECT_EXTRA_SEC
+    start = 1000.0  # the countdown's clock (wall time): each stop below comes at a given moment on it
+    long_run, _, _ = make_master(tmp_path / "a", [], clock, wall_min=60, start_time=start)
+    assert long_run.final_collect_sec(3.0, start + 55) == 3.0 + serial_worker.FINAL_COLLECT_EXTRA_SEC
     # A one-minute allocation, 5 s before its end: what is left less the reserve for the last updates.
-    near_end, _, _ = make_master(tmp_path / "b", [], clock, wall_min=1, start_time=time.time() - 55)
-    cap = near_end.final_collect_sec(3.0)
-    assert 0 < cap <= 5 - serial_worker.FINAL_SEND_RESERVE_SEC
-    assert cap > 5 - serial_worker.FINAL_SEND_RESERVE_SEC - 1  # (the test's own run time)
-    past_end, _, _ = make_master(tmp_path / "c", [], clock, wall_min=1, start_time=time.time() - 70)
-    assert past_end.final_collect_sec(3.0) == 0.0
+    near_end, _, _ = make_master(tmp_path / "b", [], clock, wall_min=1, start_time=start)
+    assert 0 < 5 - serial_worker.FINAL_SEND_RESERVE_SEC < 3.0 + serial_worker.FINAL_COLLECT_EXTRA_SEC
+    assert near_end.final_collect_sec(3.0, start + 55) == 5 - serial_worker.FINAL_SEND_RESERVE_SEC
+    past_end, _, _ = make_master(tmp_path / "c", [], clock, wall_min=1, start_time=start)
+    assert past_end.final_collect_sec(3.0, start + 70) == 0.0
     for master in (long_run, near_end, past_end):
         master.prefetcher.stop()
         master.prefetcher.join()

@@ -2,9 +2,10 @@
 
 Two "nodes" on this host (rank 0 the master, rank 1 a worker); rank 1 is stopped while it runs
 tasks. Its jobs come back RUN_TIMEOUT with the reason once it has been silent for
-``RANK_SILENCE_SEC``, run again on the master's node, the launcher goes idle and exits, long
-before the wall time (it used to hold every job of that rank RUNNING, and the whole allocation,
-until the wall time). The unit tests of the same rules are ``test_serial_hung_rank.py``.
+``RANK_SILENCE_SEC``, run again on the master's node (the rank's node is out), the launcher goes
+idle and exits with 0 and records the node taken out (it used to hold every job of that rank
+RUNNING, and the whole allocation, until the wall time). The unit tests of the same rules are
+``test_serial_hung_rank.py``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _worker_rank_pid(path: Path) -> Optional[int]:
     return None
 
 
-def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere_long_before_the_wall_time(new_site: Any) -> None:
+def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere(new_site: Any) -> None:
     from balsam.api import ApplicationDefinition, BatchJob, Job
 
     name, path = new_site(idle_ttl_sec=5, delay_sec=1)
@@ -84,7 +85,6 @@ def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere_long_
                               nodes=nodes, wall_time_min=WALL_MIN, job_mode="serial", batch_job_id=batch_job.id)
     mode = SerialMode(context)
     result: dict[str, int] = {}
-    started = time.monotonic()
     thread = threading.Thread(target=lambda: result.setdefault("rc", mode.run()), daemon=True)
     thread.start()
     victim: Optional[int] = None
@@ -115,11 +115,9 @@ def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere_long_
             assert time.monotonic() < deadline, {i: str(j.state) for i, j in jobs.items()}
             time.sleep(0.2)
         # Idle (nothing left; the rank taken out is not busy), then the MPI launcher that waits
-        # for the stopped rank is ended: the launcher returns minutes before the wall time.
+        # for the stopped rank is ended: the launcher returns on its own, with 0.
         thread.join(SILENCE_SEC + 60)
-        elapsed = time.monotonic() - started
         assert not thread.is_alive() and result.get("rc") == 0, result
-        assert elapsed < WALL_MIN * 60 / 2, elapsed
     finally:
         if victim is not None:
             try:
@@ -140,6 +138,14 @@ def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere_long_
         for event in timeouts:
             reason = str((event.data or {}).get("reason"))
             assert reason.startswith(f"serial worker rank 1 on {host} unresponsive for "), reason
+            assert "its task there may still be running" in reason, reason
+        if job_id in requeued:
+            # Run again after the take-out: started anew by the master (rank 1's node is out, its
+            # reports are dropped), so on the master's node, and done there.
+            after = [e.to_state for e in rows[rows.index(timeouts[0]) + 1:]]
+            assert "RESTART_READY" in after and "RUN_DONE" in after, (job_id, after)
+            rerun = after[after.index("RESTART_READY"):]
+            assert rerun.index("RUNNING") < rerun.index("RUN_DONE"), (job_id, after)
     info = BatchJob.objects.get(id=batch_job.id).status_info or {}
     assert f"serial worker rank 1 on {host} unresponsive" in info.get("nodes_out", ""), info
     assert "error" not in info, info  # the launcher went on with its other node: no failure

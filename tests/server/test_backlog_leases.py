@@ -59,3 +59,32 @@ def test_unpacked_footprint_ignores_node_packing(api, site_app) -> None:
     runnable(api, app["id"], 2, num_nodes=3, node_packing_count=2)
     row = _backlog(api, site["id"], state="PREPROCESSED")["PREPROCESSED"]
     assert (row["footprint"], row["unpacked_footprint"]) == (4.0, 10)
+
+
+def test_a_job_requeued_while_running_is_no_unmet_demand_until_its_mark_clears(api, site_app) -> None:
+    """A RUNNING job its user re-queues keeps its old session's mark (``released_from_session_id``):
+    no acquire leases it until that session's heartbeats stop listing it, so ``leased=false`` (the
+    elastic queue's unmet demand) does not count it until then; ``leased=true`` does not either
+    (no session holds it)."""
+    site, app = site_app
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
+    job, other = runnable(api, app["id"], 2)
+    got = api.ok("POST", f"/sessions/{session}", json={"max_num_jobs": 10, "filter_tags": {}})
+    assert sorted(j["id"] for j in got) == sorted([job, other])
+    api.ok("PATCH", "/jobs/", json=[{"id": i, "state": "RUNNING", "session_id": session} for i in (job, other)])
+    for state in ("FAILED", "RESTART_READY"):  # balsam job modify -s FAILED, then -s RESTART_READY
+        api.patch_states([job], state)
+
+    def counts(**params) -> dict:
+        return {state: row["count"] for state, row in _backlog(api, site["id"], **params).items()}
+
+    assert counts() == {"RESTART_READY": 1, "RUNNING": 1}
+    assert counts(leased="false") == {}
+    assert counts(leased="true") == {"RUNNING": 1}
+    # The holder's heartbeats: the first after the move lists it (told it is gone), the next does not.
+    assert api.ok("PUT", f"/sessions/{session}", json={"job_ids": [job, other]})["gone"] == [job]
+    assert counts(leased="false") == {}
+    api.ok("PUT", f"/sessions/{session}", json={"job_ids": [other]})
+    # The mark is cleared: leasable again, unmet demand again.
+    assert counts(leased="false") == {"RESTART_READY": 1}
+    assert counts(leased="true") == {"RUNNING": 1}

@@ -32,6 +32,11 @@ def _sequence_types(conn: sa.Connection) -> dict[str, str]:
     return dict(conn.execute(sa.text("SELECT sequencename, data_type::text FROM pg_sequences")).all())
 
 
+def _trigger_defs(conn: sa.Connection) -> dict[str, str]:
+    return dict(conn.exec_driver_sql(
+        "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal").all())
+
+
 def test_the_migration_makes_job_event_and_session_ids_bigint_and_keeps_rows_and_triggers(database_url: str) -> None:
     if not database_url.startswith("postgres"):
         pytest.skip("SQLite's INTEGER PRIMARY KEY is a 64-bit rowid already: the migration changes nothing there")
@@ -46,7 +51,7 @@ def test_the_migration_makes_job_event_and_session_ids_bigint_and_keeps_rows_and
         with engine.begin() as conn:
             assert set(_types(conn).values()) == {"integer"}
             assert {_sequence_types(conn)[name] for name in SEQUENCES} == {"integer"}
-            triggers_before = set(conn.exec_driver_sql("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal").scalars())
+            triggers_before = _trigger_defs(conn)
             user = conn.execute(sa.text("INSERT INTO users (username, date_joined) VALUES ('m', now()) RETURNING id")).scalar()
             site = conn.execute(sa.text(
                 "INSERT INTO sites (owner_id, name, path, backfill_windows, queued_jobs, optional_batch_job_params, "
@@ -64,8 +69,9 @@ def test_the_migration_makes_job_event_and_session_ids_bigint_and_keeps_rows_and
         with engine.begin() as conn:
             assert _types(conn) == {pair: "bigint" for pair in WIDENED}
             assert {name: _sequence_types(conn)[name] for name in SEQUENCES} == {name: "bigint" for name in SEQUENCES}
-            # The triggers that name an id column were dropped and made again, the same.
-            assert set(conn.exec_driver_sql("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal").scalars()) == triggers_before
+            # The triggers that name an id column were dropped and made again, the same (their
+            # whole definitions: table, timing, events, columns, condition, function).
+            assert _trigger_defs(conn) == triggers_before
             assert conn.execute(sa.text("SELECT count(*) FROM log_events WHERE job_id = :j"), {"j": job}).scalar() == 1
             # Past 2**31 and still checked by the triggers (a missing job is refused).
             conn.execute(sa.text(f"SELECT setval('jobs_id_seq', {BEYOND})"))
@@ -167,3 +173,14 @@ def test_ids_past_2_31_are_accepted_where_they_name_jobs_events_transfers_and_se
     app = api.app(site["id"])
     resp = api.http.post("/jobs/", json=[{"workdir": f"x/{uuid.uuid4().hex[:6]}", "app_id": app["id"], "parent_ids": [big]}])
     assert resp.status_code == 404 and "Parent job not found" in resp.text
+
+
+def test_a_parent_id_out_of_range_is_named_at_its_position_in_the_request(api: Api) -> None:
+    """The error's location is the index in the body's own list (not in the sorted set of ids)."""
+    site = api.site()
+    app = api.app(site["id"])
+    too_big = 2**63
+    resp = api.http.post("/jobs/", json=[{"workdir": "x/p", "app_id": app["id"], "parent_ids": [9, too_big, 3]}])
+    assert resp.status_code == 422, resp.text
+    (error,) = resp.json()["detail"]
+    assert error["loc"] == ["body", 0, "parent_ids", 1] and "out of" in error["msg"], error

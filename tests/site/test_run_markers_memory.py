@@ -85,13 +85,33 @@ def test_the_same_answer_as_parse_run_markers(tmp_path: Path, monkeypatch: pytes
     """The last marker line wins, a marker not at the start of its line or without a payload is
     none, blanks around are stripped: on random outputs, read in small chunks and tails."""
     pieces = [f"{RETURN_MARKER} ", f"{EXCEPTION_MARKER} ", RETURN_MARKER, "BALSAM-EXC", "abc", "xyz==", " ", "\t",
-              "\n", "\r", "\r\n", "\x0c", "\x1e", "\x1f", "  \n", "yyyyyyyy", "B", "BALSAM-"]
+              "\n", "\r", "\r\n", "\x0c", "\x0b", "\x1e", "\x1f", "  \n", "yyyyyyyy", "B", "BALSAM-",
+              "\x85", "\u2028", "\xa0", "\u3000"]
     rnd = random.Random(7)
     path = tmp_path / "job.out"
     for _ in range(1500):
         monkeypatch.setattr(hooks_runner, "MARKERS_CHUNK_BYTES", rnd.choice([1, 2, 3, 7, 64, 4096]), raising=False)
         monkeypatch.setattr(hooks_runner, "MARKERS_TAIL_BYTES", rnd.choice([1, 3, 10, 40, 10**6]), raising=False)
         text = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 40)))
-        path.write_text(text)
+        path.write_bytes(text.encode())
         value, exc = parse_run_markers(text)
         assert read_run_markers(tmp_path) == (value or "", exc or ""), repr(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    # Found by a fuzz check when the two readers were two implementations: non-ASCII whitespace is text.
+    (f"{EXCEPTION_MARKER} \x85\t  {RETURN_MARKER} v", (None, f"\x85\t  {RETURN_MARKER} v")),
+    (f"x\u2028{RETURN_MARKER} v\n", (None, None)),
+    (f"{RETURN_MARKER} v\u2028{EXCEPTION_MARKER} e", (f"v\u2028{EXCEPTION_MARKER} e", None)),
+    (f"\xa0{RETURN_MARKER} v\n", (None, None)),
+    # Lines end at \n only; ASCII blanks (\r included) are stripped around a line and its payload.
+    (f"out\r\n \t{RETURN_MARKER}  v== \r\n", ("v==", None)),
+    (f"{RETURN_MARKER} a\r{EXCEPTION_MARKER} b\n", (f"a\r{EXCEPTION_MARKER} b", None)),
+    (f"progress 10%\rprogress 100%\r\n{EXCEPTION_MARKER} e\n", (None, "e")),
+])
+def test_one_rule_for_line_breaks_and_blanks(tmp_path: Path, text: str, expected: tuple) -> None:
+    """The markers are our runner's, one per line, ASCII: ``\\n`` ends a line, ASCII whitespace is
+    stripped, anything else is text; the agent's reader and parse_run_markers are one scanner."""
+    assert parse_run_markers(text) == expected
+    (tmp_path / "job.out").write_bytes(text.encode())
+    assert read_run_markers(tmp_path) == tuple(x or "" for x in expected)

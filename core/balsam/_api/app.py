@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Union
 from balsam.states import JobState
 
 from . import codec
+from .run_markers import EXCEPTION_MARKER, RETURN_MARKER, scan_run_markers  # noqa: F401 (the markers: re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import App, Job, Site
@@ -658,21 +659,13 @@ def _job_json(job: "Job") -> dict[str, Any]:
     return converter.unstructure(job._record, type(job._record))
 
 
-RETURN_MARKER = "BALSAM-RETURN-VALUE"
-EXCEPTION_MARKER = "BALSAM-EXCEPTION"
-
-
 def parse_run_markers(job_out_text: str) -> tuple[Optional[str], Optional[str]]:
     """Find the run() result in a job's output: ``(serialized_return_value, serialized_exception)``.
 
     The runner prints ``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` on a line of its
-    own; the last such line wins. Either item is None when absent.
+    own; the last such line wins. Either item is None when absent. The site agent's scanner
+    (:class:`balsam._api.run_markers.MarkerScan`, which reads job.out in chunks) run over the
+    text's UTF-8 bytes, so both read a line the same way: lines end at ``\n`` only, ASCII blanks
+    are stripped (see :mod:`balsam._api.run_markers`).
     """
-    value = exc = None
-    for line in job_out_text.splitlines():
-        line = line.strip()
-        if line.startswith(RETURN_MARKER + " "):
-            value, exc = line[len(RETURN_MARKER) + 1 :].strip(), None
-        elif line.startswith(EXCEPTION_MARKER + " "):
-            exc, value = line[len(EXCEPTION_MARKER) + 1 :].strip(), None
-    return value, exc
+    return scan_run_markers(job_out_text.encode("utf-8", "surrogatepass"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Optional, Sequence, TypeVar
 
-from balsam.client.rest import APIError
+from balsam.client.rest import APIError, AuthenticationError, _detail_text
 from balsam.models import MAX_ITEMS_PER_BULK_OP
 
 from .query import Query
@@ -121,12 +121,15 @@ class Manager(Generic[T]):
                         raise
                     # Each chunk is its own transaction: the server's "nothing was updated" is
                     # about this one only.
-                    from balsam.client.rest import _detail_text
-
                     text = _detail_text(exc.detail).replace(", nothing was updated", "")
-                    raise type(exc)(exc.method, exc.url, exc.status_code,
-                                    f"{updated} of {len(rows)} {model.__name__} records were updated before this "
-                                    f"error (the rest were not): {text}", exc.refused_ids) from exc
+                    error = type(exc)(exc.method, exc.url, exc.status_code,
+                                      f"{updated} of {len(rows)} {model.__name__} records were updated before this "
+                                      f"error (the rest were not): {text}", exc.refused_ids)
+                    if isinstance(exc, AuthenticationError):
+                        # Set on the instance when the server refused the credential for good (a
+                        # launcher's status updater stops on it).
+                        error.credential_refused = exc.credential_refused
+                    raise error from exc
                 done += len(chunk)
                 if progress:
                     progress(done, len(rows))

@@ -6,7 +6,8 @@ rebuilds the app class and the job, calls ``run(**parameters)`` and prints on st
 is re-raised so the process exits non-zero (RUN_ERROR). A ``SystemExit`` (or another
 ``BaseException`` that is not an ``Exception``) prints no marker: the exit status tells. A return
 value that cannot be serialized is reported as a raising run() (``SerializeError`` naming its type). The
-processing module reads the markers with :func:`balsam._api.app.parse_run_markers`.
+processing module reads the markers from job.out with :func:`balsam.site.hooks_runner.read_run_markers`
+(the scanner of :mod:`balsam._api.run_markers`; :func:`balsam._api.app.parse_run_markers` runs it over a text).
 """
 
 from __future__ import annotations

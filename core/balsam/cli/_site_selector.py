@@ -86,6 +86,9 @@ def _active_site_ids(Site: Any) -> list[int]:
 def resolve_site_ids(selector: str) -> Optional[list[int]]:
     """Site ids selected by ``selector``; None means every site (no filter)."""
     from balsam.api import Site
+    # The words the server refuses as site names (balsam.models.site_name_problem); imported here
+    # as balsam.api is: the CLI's modules load the client's on use (start-up time).
+    from balsam.models import SITE_SELECTOR_ACTIVE, SITE_SELECTOR_ALL, SITE_SELECTOR_THIS
 
     selector = (selector or "").strip()
     if not selector:
@@ -97,11 +100,11 @@ def resolve_site_ids(selector: str) -> Optional[list[int]]:
             click.echo("Note: not inside a site and no site is active (agent heard from in the last 2 minutes);"
                        " use --site=all to see every site.", err=True)
         return active
-    if selector == "all":
+    if selector == SITE_SELECTOR_ALL:
         return None
-    if selector == "active":
+    if selector == SITE_SELECTOR_ACTIVE:
         return _active_site_ids(Site)
-    if selector == "this":
+    if selector == SITE_SELECTOR_THIS:
         here = current_site_id()
         if here is None:
             raise click.UsageError("--site=this: not inside a Balsam site (cd into one or set BALSAM_SITE_PATH)")
@@ -131,9 +134,10 @@ def _sites_named_or_containing(Site: Any, word: str) -> list[Any]:
 def resolve_one_site(selector: str) -> Any:
     """The single Site for commands acting on one site (``queue submit``)."""
     from balsam.api import Site
+    from balsam.models import SITE_SELECTOR_THIS
 
     selector = (selector or "").strip()
-    if not selector or selector == "this":
+    if not selector or selector == SITE_SELECTOR_THIS:
         here = current_site_id()
         if here is None:
             raise click.UsageError("not inside a Balsam site: cd into one, set BALSAM_SITE_PATH or pass --site ID|PATH")

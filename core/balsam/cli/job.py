@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from pathlib import PurePosixPath
 from typing import Any, Optional
 
@@ -319,8 +320,6 @@ def _state_name(value: Any) -> str:
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
 def modify(ids: tuple, tags: tuple, state: str, from_state: Optional[str], site_selector: str, yes: bool) -> None:
     """Change the state of jobs: RESTART_READY re-runs them, FAILED gives up on them."""
-    import collections
-
     from balsam.api import Job
     from balsam.states import InvalidTransition, JobState, is_valid_transition
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 import types
 import typing
@@ -537,8 +538,6 @@ _LOGGED_WARNINGS: set[str] = set()
 
 
 def _log_warnings(settings: Settings) -> None:
-    import logging
-
     for line in settings.warnings:
         if line not in _LOGGED_WARNINGS:
             _LOGGED_WARNINGS.add(line)

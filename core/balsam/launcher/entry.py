@@ -159,6 +159,9 @@ IGNORED_LAUNCHER_SETTINGS: dict[str, dict[str, str]] = {
 def ignored_settings_warnings(job_mode: str, settings: Any, source: Any = "settings.yml") -> list[str]:
     """One line per launcher setting that ``job_mode`` ignores and that ``settings`` sets away from
     its default (see :data:`IGNORED_LAUNCHER_SETTINGS`)."""
+    # Imported on use, as this module's others are: at the top they would load the settings schema
+    # and the API models before the launcher takes its start time and starts the early lease
+    # (which imports the models in the background).
     from balsam.config.schema import LauncherSettings
 
     from .job_mode import launcher_setting

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Iterable, Optional, Sequence
 
 import attrs
@@ -459,7 +458,7 @@ class NodeFaults:
         self.quick_sec = quick_sec
         self.max_held_sec = max_held_sec
         self.held: dict[int, list[Exit]] = {}
-        #: node -> when (monotonic) its last held exit was noted
+        #: node -> when (the caller's clock) its last held exit was noted
         self._held_since: dict[int, float] = {}
         self.out: set[int] = set()
         self.node_count = node_count
@@ -468,7 +467,8 @@ class NodeFaults:
         self._held_since.pop(node, None)
         return self.held.pop(node, [])
 
-    def note(self, exit: Exit, now: Optional[float] = None) -> FaultVerdict:
+    def note(self, exit: Exit, now: float) -> FaultVerdict:
+        """Settle ``exit``; ``now`` is the caller's clock (monotonic: what :meth:`expire` is given)."""
         node = exit.node
         if node in self.out:
             return FaultVerdict(requeue=(exit,)) if exit.returncode != 0 else FaultVerdict(report=(exit,))
@@ -476,7 +476,7 @@ class NodeFaults:
                 and len(self.out) < self.node_count - 1 and bears_launch_fault_sign(exit.tail)):
             streak = self.held.setdefault(node, [])
             streak.append(exit)
-            self._held_since[node] = time.monotonic() if now is None else now
+            self._held_since[node] = now
             if len(streak) < self.threshold:
                 return FaultVerdict()
             self._release(node)
@@ -484,11 +484,11 @@ class NodeFaults:
             return FaultVerdict(requeue=tuple(streak), disabled=node)
         return FaultVerdict(report=(*self._release(node), exit))
 
-    def expire(self, now: Optional[float] = None) -> tuple[Exit, ...]:
-        """The held exits whose node saw no further exit for ``max_held_sec`` (to report as they are)."""
+    def expire(self, now: float) -> tuple[Exit, ...]:
+        """The held exits whose node saw no further exit for ``max_held_sec`` by ``now`` (the clock
+        :meth:`note` was given), to report as they are."""
         if not self.held:
             return ()
-        now = time.monotonic() if now is None else now
         stale = [node for node, since in self._held_since.items() if now - since >= self.max_held_sec]
         return tuple(e for node in stale for e in self._release(node))
 

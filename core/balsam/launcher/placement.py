@@ -132,3 +132,59 @@ def log_too_late(split: WallTimeSplit, released_by: str) -> None:
         logger.info("job %s is not started: it asks for %d min and %s whole minutes are left before the wall time; "
                     "it stays leased, unstarted, until %s returns it", prepared.id, wall_time_min(prepared),
                     split.minutes_left, released_by)
+
+
+class TooLateJobs:
+    """A launcher loop's leased jobs set aside because they can no longer finish before the wall
+    time (:func:`split_too_late`), never started, and the bound that keeps checking them cheap.
+    One per loop (mpi mode's, the serial master's).
+
+    They stay leased until the loop ends: the API gives back a Session's jobs only with the Session,
+    whose deletion returns them unstarted (to a launcher with time left), as every leased job that
+    never started. The loop counts them neither as work (its idle timeout ends a launcher that holds
+    only these) nor as room taken for the next acquire, nor lists them in its heartbeats (a user's
+    move of one of them needs no answer). A job queued behind a running one starts within about
+    ``HANDOVER_MAX_AGE_SEC`` of a check, or comes back to ``pending`` and is checked again."""
+
+    def __init__(self, released_by: str) -> None:
+        #: what gives these jobs back (for the log line)
+        self.released_by = released_by
+        #: job id -> the job set aside
+        self.jobs: dict[int, PreparedJob] = {}
+        #: An upper bound of the ``wall_time_min`` of the leased jobs not started yet; 0: none asks
+        #: for a wall time, and :meth:`set_aside` reads no clock.
+        self.bound = 0
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Any:
+        return iter(self.jobs)
+
+    def note_leased(self, jobs: Iterable[PreparedJob]) -> None:
+        """Jobs the loop has just taken (also those that will wait for a stale copy to end)."""
+        self.bound = max(self.bound, max_wall_time_min(jobs))
+
+    def set_aside(self, pending: "deque[PreparedJob]", minutes_left: Callable[[], int], *waiting: Iterable[PreparedJob],
+                  forget: Callable[[int], Any]) -> int:
+        """Take out of ``pending`` (in place) the jobs too late to start, before anything starts
+        jobs from it. ``minutes_left``: the mode's ``Countdown.remaining_min``, read only while
+        some job waiting asks for more than the bound allows (the usual case: one comparison);
+        ``waiting``: the other leased jobs not started (queued behind running ones, held by the
+        gone-jobs handling), which bound the next check; ``forget``: drops a job set aside from the
+        gone-jobs bookkeeping. Returns how many were set aside."""
+        if not self.bound:
+            return 0
+        left = minutes_left()
+        if self.bound <= left:
+            return 0
+        split = split_too_late(pending, left)
+        if split.too_late:
+            log_too_late(split, self.released_by)
+            for prepared in split.too_late:
+                self.jobs[prepared.id] = prepared
+                forget(prepared.id)
+            pending.clear()
+            pending.extend(split.may_start)
+        self.bound = max_wall_time_min(pending, *waiting)
+        return len(split.too_late)

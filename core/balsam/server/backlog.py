@@ -7,7 +7,8 @@ tags contain the given ones, only those a launcher could lease (``max_nodes_per_
 ``serial_only``, ``max_wall_time_min``: the very conditions of a session acquire, see
 :func:`balsam.server.sessions_logic.candidates`), and only those of given BatchJobs
 (``batch_job_ids``: what runs in an auto-scaler's own BatchJobs), and optionally only jobs no
-launcher session holds (``leased=False``): a runnable job a launcher has already acquired (prefetched,
+launcher session holds and an acquire could lease (``leased=False``: not a job re-queued while its
+old run may still be running, see ``jobs.released_from_session_id``): a runnable job a launcher has already acquired (prefetched,
 not started yet) is work some BatchJob will run, not demand for a new one. A job's footprint is
 ``num_nodes / node_packing_count`` nodes: a job that packs 4 to a node occupies a quarter of one;
 ``unpacked_footprint`` (Σ ``num_nodes``) is what the jobs occupy where MPI runs may not share a node
@@ -50,7 +51,7 @@ def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[st
     ``max_wall_time_min`` could lease are counted, with the acquire's conditions (``num_nodes <=``,
     ``num_nodes == 1 and ranks_per_node == 1``, ``wall_time_min <=``: a job of ``wall_time_min`` 0,
     the default, fits any); with ``batch_job_ids`` (None: no filter), only jobs of those BatchJobs;
-    with ``leased`` (None: no filter), only jobs a session holds (True) or none does (False).
+    with ``leased`` (None: no filter), only jobs a session holds (True) or none does and an acquire could lease (False).
     ``min_wall_time_min`` is the shortest ``wall_time_min`` (0 when some job has none: it fits any
     BatchJob), what an auto-scaler needs to tell a window too short for every job."""
     wanted = list(states or DEFAULT_BACKLOG_STATES)
@@ -76,8 +77,16 @@ def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[st
     if batch_job_ids is not None:
         stmt = stmt.where(id_in(jobs.c.batch_job_id, batch_job_ids, conn.dialect.name))
     if leased is not None:
-        # The acquire's own condition (a job is leasable while session_id IS NULL), or its negation.
-        stmt = stmt.where(jobs.c.session_id.is_not(None) if leased else jobs.c.session_id.is_(None))
+        # leased=True: jobs a session holds (session_id IS NOT NULL). leased=False: the acquire's
+        # own leasable condition, session_id IS NULL AND released_from_session_id IS NULL: a job its
+        # user re-queued while its old run may still be running (the mark, migration 0018) is
+        # neither held nor leasable until the holder's heartbeat clears the mark, so it is no
+        # demand for a new BatchJob yet. Both are tested on the rows the (site_id, state) index
+        # already gives.
+        if leased:
+            stmt = stmt.where(jobs.c.session_id.is_not(None))
+        else:
+            stmt = stmt.where(jobs.c.session_id.is_(None), jobs.c.released_from_session_id.is_(None))
     out: dict[str, dict[str, Any]] = {}
     for state, count, total, unpacked, smallest, largest, shortest, longest, oldest in conn.execute(stmt):
         out[state] = {"count": int(count), "footprint": float(total or 0.0), "unpacked_footprint": int(unpacked or 0),

@@ -613,8 +613,6 @@ def _is_normal_path(text: Any) -> bool:
 # (a missing or mistyped field, a value out of range, transfers, a too long string) takes the
 # general path, cattrs' from_dict, which also writes the detailed errors.
 _INT32_MAX = 2**31 - 1
-#: Job ids (``parent_ids``) are 64-bit (balsam.server.tables.BigId).
-_INT64_MIN, _INT64_MAX = INT64_MIN, INT64_MAX
 (_K_WORKDIR, _K_APP, _K_TEXT, _K_STR_MAP, _K_POSITIVE, _K_NONNEGATIVE, _K_OPTIONAL_INT, _K_DATA, _K_BOOL, _K_GPUS,
  _K_PARENTS, _K_IGNORED) = range(12)
 _FAST_KINDS = {
@@ -694,7 +692,7 @@ def _fast_spec(item: Any) -> "dict[str, Any] | None":
             elif type(value) is not float or not value >= 0:
                 return None
         elif kind == _K_PARENTS:
-            if type(value) is not list or not all(type(p) is int and _INT64_MIN <= p <= _INT64_MAX for p in value):
+            if type(value) is not list or not all(type(p) is int and INT64_MIN <= p <= INT64_MAX for p in value):
                 return None
             if any(a >= b for a, b in zip(value, value[1:])):
                 fixes = fixes or {}
@@ -764,7 +762,7 @@ def _column_ok(key: str, kind: int, values: list[Any]) -> bool:
         if _types(values) != {list}:
             return False
         filled = [value for value in values if value]
-        return all(_ints_within(value, _INT64_MIN, _INT64_MAX) and all(a < b for a, b in zip(value, value[1:]))
+        return all(_ints_within(value, INT64_MIN, INT64_MAX) and all(a < b for a, b in zip(value, value[1:]))
                    for value in filled)
     return not any(values)  # _K_IGNORED
 
@@ -840,9 +838,16 @@ def parse_job_creates(payload: list[Any]) -> list[dict[str, Any]]:
         for name in ("app_id", "batch_job_id", "return_code", "num_nodes", "ranks_per_node",
                      "threads_per_rank", "threads_per_core", "node_packing_count", "wall_time_min"):
             errors.extend(int_range_errors(getattr(job, name), ["body", index, name]))
-        errors.extend((["body", index, "parent_ids", position], f"integer out of range: {parent}")
-                      for position, parent in enumerate(sorted(job.parent_ids))
-                      if not _INT64_MIN <= parent <= _INT64_MAX)
+        # Positions of the request's own list (job.parent_ids is a set); where the body held
+        # something else (a tuple, say), the bad value is named without a position.
+        raw_parents = item.get("parent_ids") if isinstance(item, dict) else None
+        if type(raw_parents) is list:
+            errors.extend((["body", index, "parent_ids", position], f"integer out of range: {parent}")
+                          for position, parent in enumerate(raw_parents)
+                          if type(parent) is int and not INT64_MIN <= parent <= INT64_MAX)
+        else:
+            errors.extend((["body", index, "parent_ids"], f"integer out of range: {parent}")
+                          for parent in sorted(job.parent_ids) if not INT64_MIN <= parent <= INT64_MAX)
         for slot, item_t in job.transfers.items():
             if not item_t.path.is_absolute():
                 errors.append((["body", index, "transfers", slot, "path"], f"remote path must be absolute, got {str(item_t.path)!r}"))

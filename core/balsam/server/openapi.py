@@ -16,9 +16,10 @@ from typing import Any, Optional
 
 import balsam
 from balsam.models import (MAX_CHUNKS_PER_RESERVATION, MAX_ITEMS_PER_BULK_OP, MAX_JOB_IDS_PER_SESSION_TICK,
-                           MAX_JOBS_PER_SESSION_ACQUIRE, MAX_PAGE_SIZE)
+                           MAX_JOBS_PER_SESSION_ACQUIRE, MAX_PAGE_SIZE, SITE_SELECTOR_WORDS)
 from balsam.states import BatchJobMode, BatchJobState, JobState, TransferDirection, TransferItemState
 
+from .auth import CREDENTIAL_KINDS
 from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, JSONResponse
 from .idempotency import NOT_REPLAYED
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_QUERY_VALUE_CHARS, MAX_TAG_VALUE_CHARS,
@@ -110,11 +111,11 @@ def _field_text(name: str) -> dict[str, Any]:
 # -- request bodies ------------------------------------------------------------------------------
 
 SITE_FIELDS = {
-    # What ``--site NAME`` could never select is refused (routes/sites.py site_name_problem): all
+    # What ``--site NAME`` could never select is refused (balsam.models.site_name_problem): all
     # digits (an id), a comma (several selectors), all/active/this (selectors of their own).
     "name": {**text(pattern=f"^[^\\x00]*[^{PY_SPACE}\\x00][^\\x00]*$", min_length=1), "allOf": [
         {"not": {"pattern": f"^[{PY_SPACE}]*\\d+[{PY_SPACE}]*$"}}, {"not": {"pattern": ","}},
-        {"not": {"pattern": f"^[{PY_SPACE}]*(all|active|this)[{PY_SPACE}]*$"}}]},
+        {"not": {"pattern": f"^[{PY_SPACE}]*({'|'.join(sorted(SITE_SELECTOR_WORDS))})[{PY_SPACE}]*$"}}]},
     "path": text(MAX_PATH_CHARS, pattern="^/[^\\x00]*$"),
     "globus_endpoint_id": nullable(text()),
     "backfill_windows": str_map(array(_ref("BackfillWindow"))),
@@ -313,7 +314,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "Token": obj({"access_token": {"type": "string"}, "token_type": enum(["bearer"]), "expiration": WIRE_DATETIME,
                   "refresh_token": {"type": "string"}, "refresh_expiration": WIRE_DATETIME},
                  ["access_token", "token_type", "expiration"]),
-    "Credential": obj({"id": ANY_INT, "kind": enum(["login", "refresh", "launcher", "invitation", "dashboard"]),
+    "Credential": obj({"id": ANY_INT, "kind": enum(list(CREDENTIAL_KINDS)),
                        "label": {"type": "string"}, "site_id": nullable(ANY_INT), "batch_job_id": nullable(ANY_INT),
                        "created": WIRE_DATETIME, "expires": WIRE_DATETIME, "last_used": nullable(WIRE_DATETIME),
                        "revoked": nullable(WIRE_DATETIME), "access_token": {"type": "string"},
@@ -389,7 +390,7 @@ QUERIES: dict[str, dict[str, Any]] = {
                "tags": Q_KEY_VALUE, "data": Q_KEY_VALUE, "timestamp_before": Q_DATETIME,
                "timestamp_after": Q_DATETIME, "from_state": _ref("JobState"), "to_state": _ref("JobState"),
                "ordering": enum(["timestamp", "-timestamp"])},
-    "credentials": {"kind": enum(["login", "refresh", "launcher", "invitation", "dashboard"]), "site_id": int32(),
+    "credentials": {"kind": enum(list(CREDENTIAL_KINDS)), "site_id": int32(),
                     "batch_job_id": int32(), "active": {"type": "boolean"}},
 }
 

@@ -19,12 +19,12 @@ import datetime as dt
 import enum
 import json
 import os
-import re
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .._api.run_markers import MarkerScan  # the client API owns the marker format, and its one scanner
 from ..models import job_workdir
 from ..states import JobState, allowed_targets
 from ..util import api_text, create_job_output, tail_file
@@ -140,109 +140,6 @@ def check_hook_state(state: JobState, new_state: Any) -> Optional[str]:
 MARKERS_TAIL_BYTES = 4 * 2**20
 #: job.out is read this much at a time.
 MARKERS_CHUNK_BYTES = 2**20
-#: A marker line is kept up to this length: well over the API's 512,000-character limit on a
-#: payload (balsam.models.MAX_SERIALIZED_PAYLOAD_CHARS), which a longer one breaks either way.
-MARKER_LINE_MAX_BYTES = 8 * 2**20
-#: What ``str.splitlines`` breaks lines at, in ASCII (the markers and their payloads are ASCII).
-_LINE_BREAKS = re.compile(rb"[\n\r\x0b\x0c\x1c\x1d\x1e]")
-_BREAK_BYTES = tuple(bytes([b]) for b in b"\n\r\x0b\x0c\x1c\x1d\x1e")
-_BREAK_SET = frozenset(b"\n\r\x0b\x0c\x1c\x1d\x1e")
-#: What ``str.strip`` strips that is left within a line, in ASCII.
-_BLANKS = b" \t\x1f"
-_BLANK_SET = frozenset(_BLANKS)
-
-
-class _MarkerScan:
-    """The last ``run()`` marker line in job.out bytes fed in order, in bounded memory and at the
-    speed of ``bytes.rfind``: in each chunk only the last marker at the start of a line is looked
-    at, and of the line the chunk ends in (continued by the next chunk) only as much is kept as may
-    be a marker line (up to :data:`MARKER_LINE_MAX_BYTES`). The same answer as
-    :func:`balsam._api.app.parse_run_markers` on the decoded text (the marker lines are ASCII),
-    without the text in memory (a 400 MB job.out took 888 MB of the agent)."""
-
-    def __init__(self, prefixes: tuple[bytes, bytes], *, mid_line: bool = False) -> None:
-        self.prefixes = prefixes  # (return value marker + " ", exception marker + " ")
-        self.value: Optional[str] = None
-        self.exc: Optional[str] = None
-        self.found = False
-        # The line being read (its leading blanks stripped) while it may be a marker line; None: it
-        # is not, skip to its end (also the partial line a read from the middle of the file starts in).
-        self._line: Optional[bytes] = None if mid_line else b""
-        self._cut = False  # _line is a marker line cut at MARKER_LINE_MAX_BYTES: its rest is skipped
-
-    def feed(self, data: bytes) -> None:
-        first = _LINE_BREAKS.search(data)
-        if first is None:
-            self._extend(data, 0, len(data))
-            return
-        self._extend(data, 0, first.start())
-        self._end_line()
-        last = max(data.rfind(b) for b in _BREAK_BYTES)
-        if last > first.start():
-            self._last_marker_line(data, first.end(), last)
-        self._extend(data, last + 1, len(data))
-
-    def close(self) -> None:
-        """The end of the data: its last line needs no line break."""
-        self._end_line()
-
-    def _extend(self, data: bytes, start: int, end: int) -> None:
-        """The line being read goes on with ``data[start:end]`` (no line break in it)."""
-        if self._line is None or self._cut or start >= end:
-            return
-        line = (self._line + data[start:end]).lstrip(_BLANKS)
-        if not any(line[:len(prefix)] == prefix[:len(line)] for prefix in self.prefixes):
-            self._line = None  # not a marker line: skipped to its end
-        elif len(line) >= MARKER_LINE_MAX_BYTES:
-            self._line, self._cut = line[:MARKER_LINE_MAX_BYTES], True
-        else:
-            self._line = line
-
-    def _end_line(self) -> None:
-        line, self._line, self._cut = self._line, b"", False
-        if line:
-            self._take(line)
-
-    def _take(self, line: bytes) -> bool:
-        """A whole line (or a marker line cut at the limit): the last marker so far if it is one."""
-        line = line.strip(_BLANKS)
-        for kind, prefix in enumerate(self.prefixes):
-            if line.startswith(prefix):
-                payload = line[len(prefix):].strip(_BLANKS).decode("utf-8", "replace")
-                self.value, self.exc = (payload, None) if kind == 0 else (None, payload)
-                self.found = True
-                return True
-        return False
-
-    def _last_marker_line(self, data: bytes, start: int, end: int) -> None:
-        """The last marker line among the whole lines of ``data[start:end]`` (``start``: a line's
-        start; ``end``: the line break after the last one), if there is one: the occurrences of the
-        markers from the end back, until one starts a line and is a marker line."""
-        found = [-1, -1]
-        for kind, prefix in enumerate(self.prefixes):
-            high = end
-            while (pos := data.rfind(prefix, start, high)) > found[1 - kind]:
-                head = pos
-                while head > start and data[head - 1] in _BLANK_SET:
-                    head -= 1
-                if head == start or data[head - 1] in _BREAK_SET:  # it starts its line
-                    line_end = _LINE_BREAKS.search(data, pos, end + 1)
-                    line = data[pos:line_end.start() if line_end else end]
-                    if line.rstrip(_BLANKS) != prefix.rstrip(_BLANKS):  # not the marker alone: a marker line
-                        found[kind] = pos
-                        break
-                high = pos  # look further back
-        last = max(found)
-        if last >= 0:
-            line_end = _LINE_BREAKS.search(data, last, end + 1)
-            self._take(data[last:line_end.start() if line_end else end])
-
-    def read(self, f: Any, offset: int) -> "_MarkerScan":
-        f.seek(offset)
-        for chunk in iter(lambda: f.read(MARKERS_CHUNK_BYTES), b""):
-            self.feed(chunk)
-        self.close()
-        return self
 
 
 def read_run_markers(workdir: Path) -> tuple[str, str]:
@@ -250,9 +147,6 @@ def read_run_markers(workdir: Path) -> tuple[str, str]:
     last marker line, "" for the kind it is not. Memory stays bounded whatever the file's size: the
     last :data:`MARKERS_TAIL_BYTES` are scanned first, the whole file in chunks only if they hold no
     marker line."""
-    from .._api.app import EXCEPTION_MARKER, RETURN_MARKER  # the client API owns the marker format
-
-    prefixes = ((RETURN_MARKER + " ").encode(), (EXCEPTION_MARKER + " ").encode())
     try:
         with open(workdir / "job.out", "rb") as f:
             start = max(0, os.fstat(f.fileno()).st_size - MARKERS_TAIL_BYTES)
@@ -260,9 +154,9 @@ def read_run_markers(workdir: Path) -> tuple[str, str]:
             if start:
                 # From the byte before the tail: the partial line it starts in is skipped, and a
                 # line that starts right at the tail is not (that byte is the line break before it).
-                scan = _MarkerScan(prefixes, mid_line=True).read(f, start - 1)
+                scan = MarkerScan(mid_line=True).read(f, start - 1, MARKERS_CHUNK_BYTES)
             if scan is None or not scan.found:
-                scan = _MarkerScan(prefixes).read(f, 0)
+                scan = MarkerScan().read(f, 0, MARKERS_CHUNK_BYTES)
     except OSError:
         return "", ""
     return scan.value or "", scan.exc or ""

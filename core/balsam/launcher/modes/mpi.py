@@ -55,7 +55,7 @@ from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environ
 from ..handover import HandOver
 from ..job_mode import JobMode
 from ..node_manager import Exit, NodeFaults, NodeManager, Placement, UnsatisfiableJob
-from ..placement import log_too_late, max_wall_time_min, place_pending, split_too_late
+from ..placement import TooLateJobs, place_pending
 from ..runner import (
     _launch_hook, launch_environment, local_pool, report_exit, report_failed, report_running, report_timeout, send_first_running,
 )
@@ -214,12 +214,8 @@ class MPIMode(JobMode):
         self.faults = NodeFaults(len(self.node_manager))
         self._started_at: dict[int, float] = {}  # running job id -> when it started (epoch)
         self._nodes_out: list[str] = []
-        #: An upper bound of the ``wall_time_min`` of the leased jobs not started yet (pending, queued
-        #: behind running jobs, held by the gone-jobs handling); 0: none asks for a wall time, and
-        #: :meth:`_set_aside_too_late` is never called.
-        self._wall_bound = 0
         #: Leased jobs set aside because they can no longer finish before the wall time (never started).
-        self.too_late: dict[int, PreparedJob] = {}
+        self.too_late = TooLateJobs("the launcher's end (its Session's deletion)")
 
     # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
     def _held_ids(self) -> list[int]:
@@ -310,7 +306,7 @@ class MPIMode(JobMode):
         if not ready:
             return
         # Also those that wait for a stale copy to end (gone.successors): they reach pending later.
-        self._wall_bound = max(self._wall_bound, max_wall_time_min(ready))
+        self.too_late.note_leased(ready)
         now, local, cancel, _ = self.gone.arrive(ready, getattr(jobs, "generation", 0), self.pool.job_ids, self.pending,
                                                  self.handover.queued, placed=nm.placements)
         for job_id in cancel:  # comes back unstarted (dropped then), or started (ended at once)
@@ -390,41 +386,6 @@ class MPIMode(JobMode):
         mpi_line = self.context.platform.mpi_command_line(spec)
         return shell_line(mpi_line, prepared.preamble, prepared.workdir), env
 
-    def _set_aside_too_late(self) -> int:
-        """Take out of ``pending`` the jobs that can no longer finish before the wall time
-        (:func:`~balsam.launcher.placement.split_too_late`, the rule every mode applies): started,
-        they could only be ended at the wall time (RUN_TIMEOUT) after running for nothing. Both ways
-        a job starts (placed by :meth:`_start_pending`, or queued behind a running job by
-        :meth:`_queue_behind`) take jobs from ``pending``, so this runs before them. The acquire asks
-        only for jobs that fit the whole minutes left, but the jobs leased a wave ahead start later.
-        Cheap while no leased job asks for more than the minutes left (``_wall_bound``): one read
-        of the clock.
-
-        They stay leased until the launcher ends: the API has no call that gives back some of a
-        Session's jobs, only the Session's deletion, which returns them unstarted (to be leased by a
-        launcher with time left), as every leased job that never started. They are not counted as
-        work (the idle timeout ends a launcher that holds only these), nor as room taken for the
-        next acquire, nor listed in the heartbeats (a user's move of one of them needs no answer).
-        A job queued behind another starts within about ``HANDOVER_MAX_AGE_SEC`` of this check, or
-        comes back to ``pending``. Returns how many were set aside."""
-        left = self.countdown.remaining_min()
-        if self._wall_bound <= left:
-            return 0  # the usual case: no job waiting asks for more than the time left
-        split = split_too_late(self.pending, left)
-        if split.too_late:
-            log_too_late(split, "the launcher's end (its Session's deletion)")
-            for prepared in split.too_late:
-                self.too_late[prepared.id] = prepared
-                self.gone.forget(prepared.id)
-            self.pending.clear()
-            self.pending.extend(split.may_start)
-        # What is still leased and not started bounds the next check (while a job queued behind a
-        # running one, or held by the gone-jobs handling, is too late, each turn checks again: it
-        # may come back to pending).
-        self._wall_bound = max_wall_time_min(self.pending, self.handover.queued.values(), self.gone.successors.values(),
-                                             self.gone.ready.values())
-        return len(split.too_late)
-
     def _start_pending(self, updater: Any) -> int:
         if not self._try_start:
             return 0
@@ -502,7 +463,7 @@ class MPIMode(JobMode):
             if placement is None or len(placement.node_indexes) != 1 or started_at is None or not when:
                 report_exit(updater, job_id, rc, tail, when, postprocess)  # a multi-node job's node is not known
                 continue
-            verdict = self.faults.note(Exit(job_id, placement.node_indexes[0], rc, when - started_at, tail, when))
+            verdict = self.faults.note(Exit(job_id, placement.node_indexes[0], rc, when - started_at, tail, when), now)
             self._settle(updater, verdict, postprocess)
         self.finished += len(done)
         if self.gone.ready:  # after the exits and hand-overs that free the stale copies' placements
@@ -523,7 +484,7 @@ class MPIMode(JobMode):
     def _report_expired_held(self, updater: Any) -> None:
         """Report the held quick failures whose node saw no further exit within
         :data:`~balsam.launcher.node_manager.HELD_EXIT_MAX_SEC` (as they are: no verdict came)."""
-        for e in self.faults.expire():
+        for e in self.faults.expire(time.monotonic()):
             logger.info("job %s: its quick failure is reported (no further exit on its node to judge it)", e.job_id)
             report_exit(updater, e.job_id, e.returncode, e.tail, e.ended)
 
@@ -594,8 +555,9 @@ class MPIMode(JobMode):
                         next_acquire = time.monotonic() if again else time.monotonic() + self.delay_sec
                         freed_in_flight = False
                     if self.pending:
-                        if self._wall_bound:
-                            self._set_aside_too_late()
+                        self.too_late.set_aside(self.pending, self.countdown.remaining_min, self.handover.queued.values(),
+                                                self.gone.successors.values(), self.gone.ready.values(),
+                                                forget=self.gone.forget)
                         self._start_pending(updater)
                         self._queue_behind(updater)
                     # Also with nothing pending: jobs queued behind a long job go back to run on

@@ -42,7 +42,8 @@ from balsam.util import api_text, tail_file
 from .._api import default_client, report_batch_job_error
 from ..job_mode import JobMode
 from .serial_worker import (
-    EXIT_START_FAILED, LocalTransport, StartError, build_master, rank_for_node, read_session_record, record_start_error,
+    EXIT_START_FAILED, LocalTransport, StartError, build_master, master_exit_code, rank_for_node, read_session_record,
+    record_start_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ class SerialMode(JobMode):
                         self._proc.kill()
                         self._proc.wait()
                         # The master's own outcome (its Session is closed, its reports sent).
-                        return 1 if closed_reason.startswith("no session") else 0
+                        return master_exit_code(closed_reason)
         logger.info("serial mode workers exited with %s", rc)
         failure = self._start_failure(rc)
         if failure:
@@ -231,7 +232,7 @@ class SerialMode(JobMode):
             return 1
         master = build_master(config, transport, ranks, self.stop, self.wake, lambda: ctx.platform, lease=ctx.open_lease)
         reason = master.run()
-        return 1 if reason.startswith("no session") else 0
+        return master_exit_code(reason)
 
     def _start_failure(self, rc: int) -> Optional[str]:
         """Why the workers refused to start (the lines the masters wrote), or None."""
@@ -254,7 +255,7 @@ class SerialMode(JobMode):
         record = read_session_record(self.session_path)
         closed = record.get("closed") if record else None
         if closed:
-            if str(closed).startswith("no session"):  # the master's own stop, already logged by it
+            if master_exit_code(str(closed)):  # the master lost its Session: its own stop, already logged by it
                 logger.error("serial master stopped: %s", closed)
             else:
                 logger.warning("serial workers exited with %s after the master closed its session (%s)", rc, closed)

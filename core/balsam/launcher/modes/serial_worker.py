@@ -46,13 +46,14 @@ reports nothing for them; their resources are freed when the exit comes back.
 **Hung workers** (SIGSTOP, a node wedged in D state, a hung file system): a worker sends a report
 at least every :data:`HEARTBEAT_SEC` (an empty one when it has nothing else to say); a rank silent
 for :data:`RANK_SILENCE_SEC` is taken out: its jobs are reported RUN_TIMEOUT (``serial worker rank
-N on HOST unresponsive for X s``) and run again elsewhere, its node gets no more tasks (the idle
+N on HOST unresponsive for X s``) and run again elsewhere (its tasks are not stopped: they may still
+run there, in the same workdirs, see :meth:`Master._take_rank_out`), its node gets no more tasks (the idle
 timeout no longer counts it busy), its late reports are dropped (a job is never reported twice),
 and the BatchJob's ``status_info["nodes_out"]`` says so. The master's own node stays in service.
 **Jobs that can no longer finish before the wall time** (``wall_time_min`` over the whole minutes
 left, the acquire's own rule: :func:`~balsam.launcher.placement.split_too_late`) are never started:
 the prefetcher holds them back when the master takes them, and the master checks again the jobs
-that wait for a slot (:meth:`Master._set_aside_too_late`). They stay leased, count as neither work
+that wait for a slot (:class:`~balsam.launcher.placement.TooLateJobs`). They stay leased, count as neither work
 nor held jobs, and go back unstarted with the Session's deletion at the stop.
 Stop conditions (signal, wall time, idle timeout, refused credential) are one
 :class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
@@ -86,7 +87,7 @@ from ..app_run import JobPreparer, PreparedJob, shell_line
 from ..handover import HandOver
 from ..job_mode import StopConditions
 from ..node_manager import NodeManager, Placement
-from ..placement import log_too_late, max_wall_time_min, place_pending, split_too_late
+from ..placement import TooLateJobs, place_pending
 from ..prefetch import Prefetcher
 from ..runner import (
     ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, env_difference, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
@@ -359,6 +360,12 @@ def read_session_record(path: Path) -> Optional[dict[str, Any]]:
     return record if isinstance(record, dict) and isinstance(record.get("session_id"), int) else None
 
 
+def master_exit_code(reason: str) -> int:
+    """The launcher's exit code for the master's stop ``reason`` (:meth:`Master.stop_reason`, also
+    the ``closed`` of its Session record): 1 when it lost its Session (``no session: ...``), else 0."""
+    return 1 if reason.startswith("no session") else 0
+
+
 def prefetch_depth(nodes: Sequence[NodeInfo], per_slot: int) -> int:
     """Jobs kept leased ahead of the free slots: ``per_slot`` per CPU of the partition, bounded."""
     slots = sum(max(1, len(n.cpu_ids)) for n in nodes)
@@ -425,13 +432,9 @@ class Master:
         self._record_nodes_out = record_nodes_out
         self._recorders: list[threading.Thread] = []
         self._record_lock = threading.Lock()
-        # -- jobs that can no longer finish before the wall time (see _set_aside_too_late) --
-        #: An upper bound of the ``wall_time_min`` of the taken jobs not started yet (pending, queued
-        #: behind local tasks, held by the gone-jobs handling); 0: none asks for a wall time.
-        self._wall_bound = 0
         #: Taken jobs set aside because they waited for a slot until the time left ran short (never
         #: started; the prefetcher's ``too_late`` holds those it never handed over).
-        self.too_late: dict[int, PreparedJob] = {}
+        self.too_late = TooLateJobs("the master's stop (its Session's deletion)")
 
     # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
     def _held_ids(self) -> list[int]:
@@ -467,7 +470,13 @@ class Master:
 
     def _take_rank_out(self, rank: int, silent_sec: float) -> None:
         """Its jobs are reported RUN_TIMEOUT (run again, elsewhere), its node gets no more tasks, the
-        transport never waits for it again, its later reports are dropped."""
+        transport never waits for it again, its later reports are dropped.
+
+        Its tasks are not stopped: they run in their own sessions under the rank's spawners, which a
+        hung rank (SIGSTOP, D state) does not stop, and the master cannot reach processes on another
+        node, nor does it know their pids on its own (only the rank does). Each may go on writing in
+        its workdir while the job runs again elsewhere: the reason and the log say so. A rank that
+        comes back is told to end them (:meth:`Transport.end_tasks`)."""
         index = self.rank_of_node.index(rank) if rank in self.rank_of_node else None
         host = self.node_manager.nodes[index].hostname if index is not None else "?"
         reason = f"serial worker rank {rank} on {host} unresponsive for {silent_sec:.0f} s"
@@ -490,8 +499,10 @@ class Master:
             if gone.ending and gone.settled(job_id):  # deleted or moved by its user: nothing to report
                 continue
             gone.forget(job_id)
-            report_timeout(self.updater, job_id, f"{reason}; taken out, the job runs again")
-        message = f"{reason}: taken out, its {len(jobs)} running job(s) re-queued (RUN_TIMEOUT)"
+            report_timeout(self.updater, job_id, f"{reason}; taken out, the job runs again (its task there may "
+                                                  f"still be running: the master cannot end it)")
+        message = (f"{reason}: taken out, its {len(jobs)} running job(s) re-queued (RUN_TIMEOUT); their tasks "
+                   f"may still be running on {host}, in the same workdirs as their new runs")
         logger.error("%s; %d of %d nodes left", message, self.node_manager.enabled_count(), len(self.node_manager))
         self._record_out()
 
@@ -561,8 +572,9 @@ class Master:
         if self.gone.news:
             self._end_gone()
             progress += 1
-        if self._wall_bound and self.pending:
-            self._set_aside_too_late()  # before anything takes jobs from pending to start them
+        if self.pending:  # before anything takes jobs from pending to start them
+            self.too_late.set_aside(self.pending, self.stop.countdown.remaining_min, self.handover.queued.values(),
+                                    self.gone.successors.values(), self.gone.ready.values(), forget=self.gone.forget)
         if self.pending and self._try_start:
             self._try_start = False
             started = place_pending(self.pending, self.node_manager, self._start, self._fail, max_misses=MAX_PLACEMENT_MISSES)
@@ -612,47 +624,13 @@ class Master:
         replaced Session) replaces that copy (:meth:`GoneJobs.arrive`): two copies in ``pending``
         would be placed twice (the NodeManager refuses: the loop crashed) or run twice."""
         # Also those that wait for a stale copy to end (gone.successors): they reach pending later.
-        self._wall_bound = max(self._wall_bound, max_wall_time_min(jobs))
+        self.too_late.note_leased(jobs)
         now, local, cancel, by_rank = self.gone.arrive(jobs, generation, self.pool.job_ids, self.pending,
                                                        self.handover.queued, self.remote, placed=self.node_manager.placements)
         self._end_runs(local, cancel, by_rank)
         if now:
             self.pending.extend(now)
             self._try_start = True
-
-    def _set_aside_too_late(self) -> int:
-        """Take out of ``pending`` the jobs that can no longer finish before the wall time
-        (:func:`~balsam.launcher.placement.split_too_late`, the rule every mode applies): the
-        prefetcher held back those already too late when taken, but a job taken in time may wait
-        for a slot (thousands wait here behind long tasks) until the time left runs short. Both ways
-        a job starts (``place_pending``, or queued behind a local task by ``queue_behind``) take
-        jobs from ``pending``, so this runs before them. Cheap while no taken job asks for more than
-        the minutes left (``_wall_bound``): one read of the clock a turn.
-
-        They stay leased until the master stops: the API gives back a Session's jobs only with the
-        Session, whose deletion at the stop (``prefetcher.close_lease``) returns them unstarted, as
-        every leased job that never started (nothing is reported for them). They are neither work
-        for the idle timeout (``step``'s ``busy``) nor held jobs that take the next acquire's room
-        (``prefetcher.note_held``), nor listed in the heartbeats (:meth:`_held_ids`). A job queued
-        behind a local task starts within about :data:`HANDOVER_MAX_AGE_SEC` of this check, or
-        comes back to ``pending``. Returns how many were set aside."""
-        left = self.stop.countdown.remaining_min()
-        if self._wall_bound <= left:
-            return 0  # the usual case: no job waiting asks for more than the time left
-        split = split_too_late(self.pending, left)
-        if split.too_late:
-            log_too_late(split, "the master's stop (its Session's deletion)")
-            for prepared in split.too_late:
-                self.too_late[prepared.id] = prepared
-                self.gone.forget(prepared.id)
-            self.pending.clear()
-            self.pending.extend(split.may_start)
-        # What is still taken and not started bounds the next check (while a job queued behind a
-        # local task, or held by the gone-jobs handling, is too late, each turn checks again: it
-        # may come back to pending).
-        self._wall_bound = max_wall_time_min(self.pending, self.handover.queued.values(), self.gone.successors.values(),
-                                             self.gone.ready.values())
-        return len(split.too_late)
 
     # -- hand-over (balsam.launcher.handover) --------------------------------------------------
     def _launch_command(self, prepared: PreparedJob, placement: Placement) -> tuple[str, dict[str, str]]:
@@ -756,7 +734,7 @@ class Master:
                     report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
             if victims:
                 logger.info("%d local tasks ended as RUN_TIMEOUT (%s)", len(victims), reason)
-            self._collect_final_reports(reason, self.final_collect_sec(grace))
+            self._collect_final_reports(reason, self.final_collect_sec(grace, time.time()))
             self.transport.flush()
         finally:
             self.prefetcher.join()
@@ -779,15 +757,17 @@ class Master:
             logger.info("%d acquired jobs never started (%d of them too long for the time that was left); the "
                         "session release returns them", unstarted, too_late)
 
-    def final_collect_sec(self, grace: float) -> float:
-        """How long a stop waits for the workers' last reports: ``grace`` + :data:`FINAL_COLLECT_EXTRA_SEC`,
-        but not past the allocation's end less :data:`FINAL_SEND_RESERVE_SEC`, where the launcher's
-        backstop kills the MPI launcher: the reports must reach the server before that."""
+    def final_collect_sec(self, grace: float, now: float) -> float:
+        """How long a stop at ``now`` waits for the workers' last reports: ``grace`` +
+        :data:`FINAL_COLLECT_EXTRA_SEC`, but not past the allocation's end less
+        :data:`FINAL_SEND_RESERVE_SEC`, where the launcher's backstop kills the MPI launcher: the
+        reports must reach the server before that. ``now`` is on the countdown's clock (``time.time()``,
+        the clock of its ``start_time``)."""
         wanted = grace + FINAL_COLLECT_EXTRA_SEC
         countdown = self.stop.countdown
         if countdown.wall_time_sec <= 0:
             return wanted
-        left = countdown.start_time + countdown.wall_time_sec - time.time() - FINAL_SEND_RESERVE_SEC
+        left = countdown.start_time + countdown.wall_time_sec - now - FINAL_SEND_RESERVE_SEC
         return max(0.0, min(wanted, left))
 
     def _collect_final_reports(self, reason: str, timeout: float) -> None:
@@ -1092,7 +1072,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         logger.exception("serial master failed")
         transport.stop_workers("master failed", 5)
         return 1
-    return 1 if reason.startswith("no session") else 0
+    return master_exit_code(reason)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from starlette.responses import Response
 
-from balsam.models import AllowedQueue, Site, writable_fields
+from balsam.models import AllowedQueue, Site, site_name_problem, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import JobState
 
@@ -44,23 +44,6 @@ def _stored(values: dict[str, Any]) -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-#: ``--site`` words that select something other than the site of that name (cli/_site_selector.py).
-SITE_SELECTOR_WORDS = frozenset({"all", "active", "this"})
-
-
-def site_name_problem(name: str) -> str:
-    """Why ``--site NAME`` could never select a site of this name ("" when it can): digits are read
-    as a site id, a comma separates several selectors, all/active/this are selectors of their own."""
-    word = name.strip()
-    if word.isdigit():
-        return f"must not be all digits ({name!r}): `--site {word}` means the site with id {word}"
-    if "," in name:
-        return f"must not contain a comma ({name!r}): `--site a,b` means the sites a and b"
-    if word in SITE_SELECTOR_WORDS:
-        return f"must not be {word!r}: `--site {word}` selects {'the current site' if word == 'this' else f'{word} sites'}"
-    return ""
 
 
 def _validate(values: dict[str, Any]) -> None:
