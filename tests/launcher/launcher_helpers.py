@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 #: Sessions of the launcher tests' server expire after this many seconds without a heartbeat.
 SESSION_EXPIRE_SEC = 4
@@ -61,3 +63,40 @@ def mpi_mode(tmp_path: Any, cpus: int = 2, **settings: Any) -> Any:
                               data_path=tmp_path, log_path=tmp_path, platform=DefaultPlatform(),
                               nodes=[NodeInfo("0", "h0", list(range(cpus)))], wall_time_min=10)
     return MPIMode(context)
+
+
+def worker_rank_pid(path: Path) -> Optional[int]:
+    """The serial worker of rank 1: the serial_worker process that has the rank's log open."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"balsam.launcher.modes.serial_worker" not in (entry / "cmdline").read_bytes():
+                continue
+            targets = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+        except OSError:
+            continue
+        if any(t.startswith(str(path / "log")) and t.endswith(".1.log") for t in targets):
+            return int(entry.name)
+    return None
+
+
+def rerun_timeouts_until_done(ids: list[int], timeout: float) -> set[int]:
+    """Act as the processing module's default handle_timeout until every job is RUN_DONE: re-queue
+    what comes back RUN_TIMEOUT. Returns the ids re-queued."""
+    from balsam.api import Job
+
+    requeued: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = {j.id: j for j in Job.objects.filter(id=ids)}
+        timed_out = [j for j in jobs.values() if str(j.state) == "RUN_TIMEOUT"]
+        for job in timed_out:
+            job.state = "RESTART_READY"
+        if timed_out:
+            Job.objects.bulk_update(timed_out)
+            requeued.update(j.id for j in timed_out)
+        if all(str(j.state) == "RUN_DONE" for j in jobs.values()):
+            return requeued
+        assert time.monotonic() < deadline, {i: str(j.state) for i, j in jobs.items()}
+        time.sleep(0.2)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher_helpers import SESSION_EXPIRE_SEC, events_of, make_runnable, wait_for_states
+from launcher_helpers import SESSION_EXPIRE_SEC, events_of, make_runnable, rerun_timeouts_until_done, wait_for_states
 from launcher_harness import finish, start_launcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
@@ -279,20 +279,7 @@ def test_kill9_launcher_jobs_return_after_lease_expiry(mode: str, new_site) -> N
     second = start_launcher(path, mode, 2)
 
     # Act as the processing module's default handle_timeout: re-queue what comes back as RUN_TIMEOUT.
-    requeued: set[int] = set()
-    deadline = time.monotonic() + 60
-    while True:
-        jobs = {j.id: j for j in Job.objects.filter(id=ids)}
-        timed_out = [j for j in jobs.values() if str(j.state) == "RUN_TIMEOUT"]
-        for job in timed_out:
-            job.state = "RESTART_READY"
-        if timed_out:
-            Job.objects.bulk_update(timed_out)
-            requeued.update(j.id for j in timed_out)
-        if all(str(j.state) == "RUN_DONE" for j in jobs.values()):
-            break
-        assert time.monotonic() < deadline, {i: str(j.state) for i, j in jobs.items()}
-        time.sleep(0.2)
+    requeued = rerun_timeouts_until_done(ids, 60)
     second.send_signal(signal.SIGTERM)
     finish(second)
 

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -30,7 +30,7 @@ from balsam.launcher.job_mode import LauncherContext
 from balsam.launcher.modes.serial import SerialMode
 from balsam.platform import NodeInfo
 from launcher_harness import start_launcher
-from launcher_helpers import make_runnable, wait_for_states
+from launcher_helpers import make_runnable, wait_for_states, worker_rank_pid
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -105,22 +105,6 @@ def _kill_leftovers(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _worker_rank_pid(path: Path) -> Optional[int]:
-    """The serial worker of rank 1: the serial_worker process that has the rank's log open."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if b"balsam.launcher.modes.serial_worker" not in (entry / "cmdline").read_bytes():
-                continue
-            targets = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
-        except OSError:
-            continue
-        if any(t.startswith(str(path / "log")) and t.endswith(".1.log") for t in targets):
-            return int(entry.name)
-    return None
-
-
 def test_a_killed_serial_worker_rank_ends_the_session_says_why_and_leaves_no_orphan(new_site: Any) -> None:
     from balsam.api import BatchJob
 
@@ -140,7 +124,7 @@ def test_a_killed_serial_worker_rank_ends_the_session_says_why_and_leaves_no_orp
     try:
         wait_for_states(ids, {"RUNNING"}, timeout=60)
         pids = _task_pids(path, workdirs)
-        victim = _worker_rank_pid(path)
+        victim = worker_rank_pid(path)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         # RUN_TIMEOUT by the launcher, long before the Session's expiry (EXPIRE_SEC) would do it.

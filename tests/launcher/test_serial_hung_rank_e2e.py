@@ -15,7 +15,6 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -26,7 +25,7 @@ from balsam.launcher.job_mode import LauncherContext
 from balsam.launcher.modes import serial_worker
 from balsam.launcher.modes.serial import SerialMode
 from balsam.platform import NodeInfo
-from launcher_helpers import events_of, make_runnable
+from launcher_helpers import events_of, make_runnable, rerun_timeouts_until_done, worker_rank_pid
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -46,22 +45,6 @@ def _long_expiry_server(live_server_factory: Any) -> Any:
 def live_server(_long_expiry_server: Any, request: pytest.FixtureRequest) -> str:
     request.node._balsam_live_server = _long_expiry_server
     return _long_expiry_server.url
-
-
-def _worker_rank_pid(path: Path) -> Optional[int]:
-    """The serial worker of rank 1: the serial_worker process that has the rank's log open."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if b"balsam.launcher.modes.serial_worker" not in (entry / "cmdline").read_bytes():
-                continue
-            targets = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
-        except OSError:
-            continue
-        if any(t.startswith(str(path / "log")) and t.endswith(".1.log") for t in targets):
-            return int(entry.name)
-    return None
 
 
 def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere(new_site: Any) -> None:
@@ -92,7 +75,7 @@ def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere(new_s
         # Stop rank 1 once both nodes run tasks.
         deadline = time.monotonic() + 60
         while True:
-            victim = _worker_rank_pid(path)
+            victim = worker_rank_pid(path)
             if victim and Job.objects.filter(id=ids, state="RUNNING").count() >= 4:
                 break
             assert time.monotonic() < deadline, "the tasks did not start"
@@ -100,20 +83,7 @@ def test_a_hung_serial_worker_rank_is_taken_out_and_its_jobs_run_elsewhere(new_s
         os.kill(victim, signal.SIGSTOP)
         stopped_at = time.monotonic()
         # Act as the processing module's default handle_timeout: re-queue what comes back RUN_TIMEOUT.
-        requeued: set[int] = set()
-        deadline = stopped_at + SILENCE_SEC + 60
-        while True:
-            jobs = {j.id: j for j in Job.objects.filter(id=ids)}
-            timed_out = [j for j in jobs.values() if str(j.state) == "RUN_TIMEOUT"]
-            for job in timed_out:
-                job.state = "RESTART_READY"
-            if timed_out:
-                Job.objects.bulk_update(timed_out)
-                requeued.update(j.id for j in timed_out)
-            if all(str(j.state) == "RUN_DONE" for j in jobs.values()):
-                break
-            assert time.monotonic() < deadline, {i: str(j.state) for i, j in jobs.items()}
-            time.sleep(0.2)
+        requeued = rerun_timeouts_until_done(ids, stopped_at + SILENCE_SEC + 60 - time.monotonic())
         # Idle (nothing left; the rank taken out is not busy), then the MPI launcher that waits
         # for the stopped rank is ended: the launcher returns on its own, with 0.
         thread.join(SILENCE_SEC + 60)
