@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -423,3 +424,27 @@ def _no_interactive_retry_cap_leak() -> Iterator[None]:
     from balsam.client.rest import cap_retries_for_interactive_use
 
     cap_retries_for_interactive_use(None)
+
+
+@pytest.fixture
+def requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """How many requests the balsam client had in flight at once: ``["most"]`` (``["now"]``: at present),
+    counted from this fixture's set-up (a test that asks for side-by-side chunks checks it)."""
+    from balsam.client import RESTClient
+
+    real = RESTClient.request_with_headers
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0}
+
+    def counting(self: Any, method: str, path: str, **kwargs: Any) -> Any:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            return real(self, method, path, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(RESTClient, "request_with_headers", counting)
+    return state

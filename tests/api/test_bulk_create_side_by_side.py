@@ -37,29 +37,15 @@ def _jobs(app: Any, prefix: str, n: int, tag: str) -> list[Any]:
 
 
 @pytest.mark.postgres
-def test_chunks_in_flight_side_by_side_keep_the_ids_in_list_order(pg_site: Any, monkeypatch: Any) -> None:
+def test_chunks_in_flight_side_by_side_keep_the_ids_in_list_order(pg_site: Any, monkeypatch: Any,
+                                                                   requests_in_flight: dict) -> None:
     from balsam._api import models
     from balsam.api import Job
-    from balsam.client import RESTClient
 
     app = _app(pg_site)
     monkeypatch.setattr(models.JobManager, "bulk_chunk_size", 5)
     monkeypatch.setattr(models, "MAX_CHUNKS_PER_RESERVATION", 2)  # 5 chunks: three reservations
-    real = RESTClient.request_with_headers
-    lock = threading.Lock()
-    state = {"now": 0, "most": 0}
-
-    def counting(self: Any, method: str, path: str, **kwargs: Any) -> Any:
-        with lock:
-            state["now"] += 1
-            state["most"] = max(state["most"], state["now"])
-        try:
-            return real(self, method, path, **kwargs)
-        finally:
-            with lock:
-                state["now"] -= 1
-
-    monkeypatch.setattr(RESTClient, "request_with_headers", counting)
+    state = requests_in_flight  # the requests before this point went one at a time
     client = Job._get_client()
     progress: list[tuple[int, int]] = []
     created = Job.objects.bulk_create(_jobs(app, "s", 23, "side"), progress=lambda d, t: progress.append((d, t)))

@@ -40,7 +40,7 @@ from balsam.launcher.node_manager import Demand, NodeManager
 from balsam.launcher.prefetch import Prefetcher
 from balsam.launcher.runner import ProcessPool, SpawnerPool
 from balsam.platform import NodeInfo
-from launcher_helpers import mpi_mode
+from launcher_helpers import FakePool, mpi_mode
 from test_serial_master import FakeJob, FakeTransport, RecordingUpdater, _prepare
 
 #: Generous: only keeps a broken test from hanging.
@@ -136,64 +136,6 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 # -- an MPIMode over a fake pool --------------------------------------------------------------------
-class FakePool:
-    """The pool interface MPIMode uses; a task 'runs' until finish() (or end(), which finishes it -15)."""
-
-    def __init__(self, wake: threading.Event) -> None:
-        self.wake = wake
-        self.running: dict[int, bool] = {}
-        self.held: dict[int, float] = {}
-        self.queued: dict[int, Any] = {}
-        self.events = False
-        self.can_queue = False
-        self.exits: list[tuple[int, int, str, float]] = []
-        self.starts: list[int] = []
-        self.ended: list[int] = []
-        self.terminated: list[list[int]] = []
-
-    def __len__(self) -> int:
-        return len(self.running)
-
-    def start(self, job_id: int, cmd: str, workdir: Any, env: dict, cpu_ids: Any = ()) -> None:
-        assert job_id not in self.running, f"job {job_id} started while a run of it is running"
-        self.running[job_id] = True
-        self.starts.append(job_id)
-
-    def job_ids(self) -> list[int]:
-        return list(self.running)
-
-    def end(self, ids: list[int], grace: float) -> None:
-        for job_id in ids:
-            if job_id in self.running:
-                self.ended.append(job_id)
-                self.finish(job_id, -15)
-
-    def finish(self, job_id: int, rc: int = 0) -> None:
-        self.exits.append((job_id, rc, "", time.time()))
-        self.wake.set()
-
-    def reap(self) -> list[tuple[int, int, str, float]]:
-        out, self.exits = self.exits, []
-        for record in out:
-            self.running.pop(record[0], None)
-        return out
-
-    def cancel(self, job_id: int) -> None:
-        pass
-
-    def take_started(self) -> list:
-        return []
-
-    def take_dropped(self) -> list:
-        return []
-
-    def terminate_all(self, grace: float) -> tuple[list[int], list]:
-        victims = list(self.running)
-        self.terminated.append(victims)
-        self.running.clear()
-        return victims, []
-
-
 class Prep:
     def prepare(self, job: Any) -> PreparedJob:
         job_id = job["id"] if isinstance(job, dict) else job.id

@@ -28,70 +28,26 @@ from balsam.launcher.job_mode import LauncherContext
 from balsam.launcher.modes.mpi import MPIMode
 from balsam.launcher.node_manager import Demand
 from balsam.platform import NodeInfo
+from launcher_helpers import FakePool
 
 #: Deadline of every wait (against hangs only).
 WAIT_SEC = 30.0
 PROXY = "ssh: Could not resolve hostname nid-down-001\n[mpiexec@x] Launch proxy failed."
 
 
-class Pool:
+class Pool(FakePool):
     """The pool interface MPIMode uses. ``outcome(job_id)`` says how a started job ends: None (it
     runs until the test finishes it), or (returncode, output tail), at once."""
 
     def __init__(self, wake: threading.Event, outcome: Any) -> None:
-        self.wake = wake
+        super().__init__(wake)
         self.outcome = outcome
-        self.running: dict[int, bool] = {}
-        self.held: dict[int, float] = {}
-        self.events = False
-        self.can_queue = False
-        self.exits: list[tuple[int, int, str, float]] = []
-        self.starts: list[int] = []
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self.running)
 
     def start(self, job_id: int, cmd: str, workdir: Any, env: dict, cpu_ids: Any = ()) -> None:
-        self.running[job_id] = True
-        self.starts.append(job_id)
+        super().start(job_id, cmd, workdir, env, cpu_ids)
         ends = self.outcome(job_id)
         if ends is not None:
             self.finish(job_id, *ends)
-
-    def job_ids(self) -> list[int]:
-        return list(self.running)
-
-    def end(self, ids: list[int], grace: float) -> None:
-        for job_id in ids:
-            if job_id in self.running:
-                self.finish(job_id, -15)
-
-    def finish(self, job_id: int, rc: int = 0, tail: str = "") -> None:
-        with self._lock:
-            self.exits.append((job_id, rc, tail, time.time()))
-        self.wake.set()
-
-    def reap(self) -> list[tuple[int, int, str, float]]:
-        with self._lock:
-            out, self.exits = self.exits, []
-        for record in out:
-            self.running.pop(record[0], None)
-        return out
-
-    def cancel(self, job_id: int) -> None:
-        pass
-
-    def take_started(self) -> list:
-        return []
-
-    def take_dropped(self) -> list:
-        return []
-
-    def terminate_all(self, grace: float) -> tuple[list[int], list]:
-        victims = list(self.running)
-        self.running.clear()
-        return victims, []
 
 
 class Updater:
