@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 
 
-def prepare_pg(url: str) -> None:
-    """Drop and create the PostgreSQL database of ``url`` (a benchmark's own), then migrate it."""
+def prepare_pg(url: str, revision: str = "head") -> None:
+    """Drop and create the PostgreSQL database of ``url`` (a benchmark's own), then migrate it to
+    ``revision``."""
     import sqlalchemy as sa
 
     from balsam.server.db import normalize_database_url
@@ -26,7 +27,7 @@ def prepare_pg(url: str) -> None:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
         conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
     admin.dispose()
-    upgrade(url)
+    upgrade(url, revision)
 
 
 def free_port() -> int:

@@ -63,6 +63,8 @@ RUNS = [
     bench("python_app_startup.py", "--rounds 1 --runs 1 --baseline .",  # this checkout against itself
           r"(?s)compiling balsam as it loads costs each run\(\) job -?\d+ ms of CPU"
           r".*this checkout against --baseline: CPU \d+ -> \d+ ms"),
+    bench("migrations_at_scale.py", f"--jobs 300 --pg-url {PG}",
+          r"(?s)sqlite: upgrade to 0018 +[\d.]+ s.*postgresql: upgrade to 0017 +[\d.]+ s \([\d.]+x the fill\)", postgres),
     bench("processing_throughput.py", "--jobs 10 --hook-jobs 3",
           r"postprocess \(user hook, \d+ workers\) +3 jobs in +[\d.]+ s = +\d+ jobs/s"),
     # The acquires it times lease 100 runnable jobs (9 % of the fill), and the large fill follows
