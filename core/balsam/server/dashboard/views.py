@@ -82,6 +82,18 @@ def _ago(value: Optional[dt.datetime]) -> str:
     return f"{seconds} s ago"
 
 
+def error_text(detail: Any) -> str:
+    """An APIError's detail as one line: a validation error's list of ``{loc, msg}`` becomes
+    ``"state: expected one of ...; got 'BOGUS'"`` (the field, without the ``query``/``body`` part)."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" if isinstance(e, dict) else str(e)
+            for e in detail)
+    return str(detail)
+
+
 def _num(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
@@ -276,7 +288,7 @@ def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, l
         try:
             response = handler(view)
         except APIError as exc:
-            response = view.render("error.html", exc.status_code, title="Error", message=exc.detail)
+            response = view.render("error.html", exc.status_code, title="Error", message=error_text(exc.detail))
         except sa.exc.SQLAlchemyError:
             raise  # the app's handlers answer database errors (conflicts, values it cannot store)
         except Exception as exc:  # a page must fail as a page, with the details in the server log
@@ -362,6 +374,9 @@ def jobs_page(view: View) -> Response:
             limit = pq.int("limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=max(PAGE_SIZES)) or DEFAULT_PAGE_SIZE
             before, after = pq.int("before", minimum=0), pq.int("after", minimum=0)
             q = view.query(raw)
+            # Checked here, as the API checks it: when the counts say nothing matches, the page is
+            # not read, and an unknown state would otherwise read as "0 matching jobs".
+            q.enum_list("state", JobState)
             count_all = pq.choice("count", ["all"]) == "all"
             counts, exact = jobs_logic.count_jobs_by_state(
                 conn, view.user.id, q, window=None if count_all else jobs_logic.COUNT_SCAN_WINDOW)
@@ -371,10 +386,12 @@ def jobs_page(view: View) -> Response:
             else:
                 rows, more = jobs_logic.keyset_page_jobs(conn, view.user.id, q, limit, before_id=before, after_id=after)
         except APIError as exc:
-            error = exc.detail if isinstance(exc.detail, str) else "; ".join(
-                f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in exc.detail)
+            error = error_text(exc.detail)
     states = raw.getlist("state")
     matching = sum(n for s, n in counts.items() if not states or s in states)
+    # A count over the newest jobs only may miss older matches that this very page lists: the
+    # lower bound is at least the rows shown, and one more when another page follows.
+    at_least = matching if exact else max(matching, len(rows) + (1 if more else 0))
     site_names = {s.id: s.name for s in site_rows}
     newest_page = before is None and after is None
     # Cursor links: "newer" exists unless this is the first page; "older" when more rows lie beyond.
@@ -382,7 +399,8 @@ def jobs_page(view: View) -> Response:
     has_older = bool(rows) and (more if after is None else True)
     return view.render(
         "jobs.html", 422 if error else 200, title="Jobs", active_page="jobs", error=error, rows=rows,
-        counts=_state_table(counts), count_total=sum(counts.values()), matching=matching, exact=exact, filters=raw,
+        counts=_state_table(counts), count_total=sum(counts.values()), matching=matching, at_least=at_least, more=more,
+        exact=exact, filters=raw,
         window=jobs_logic.COUNT_SCAN_WINDOW, count_all_url=view.url("jobs", raw, count="all") if not exact else "",
         selected_states=states, tags_text=" ".join(raw.getlist("tags")), sites=site_rows, site_names=site_names,
         apps=app_names, states=LISTED_STATES, limit=limit, page_sizes=PAGE_SIZES,
@@ -407,6 +425,8 @@ def _error_tail(events: list[dict]) -> Optional[dict]:
 
 def job_page(view: View) -> Response:
     job_id = int(view.request.path_params["job_id"])
+    if not 0 < job_id < 2 ** 63:  # no job has such an id (jobs.id is a 64-bit integer)
+        raise NotFound(f"Job {job_id} not found")
     with view.read() as conn:
         found = jobs_logic.keyset_page_jobs(conn, view.user.id, view.query(StarletteQueryParams([("id", str(job_id))])), 1)[0]
         if not found:
@@ -443,13 +463,19 @@ def job_page(view: View) -> Response:
 
 def batch_jobs_page(view: View) -> Response:
     raw = view.params(("state", "site_id"))
-    page = view.query(view.params(("page",))).int("page", 1, minimum=1) or 1
+    error = ""
+    page, count = 1, 0
+    bjs: list[dict] = []
+    ran: dict[int, dict[str, int]] = {}
     with view.read() as conn:
         site_rows = _site_rows(conn, view.user.id)
-        stmt, _ = batch_jobs_select(view.user.id, view.query(raw), conn.dialect.name)
-        count, rows = count_and_page(conn, stmt, [sa.desc("id")], BATCH_JOB_PAGE_SIZE, (page - 1) * BATCH_JOB_PAGE_SIZE)
+        try:
+            page = view.query(view.params(("page",))).int("page", 1, minimum=1) or 1
+            stmt, _ = batch_jobs_select(view.user.id, view.query(raw), conn.dialect.name)
+            count, rows = count_and_page(conn, stmt, [sa.desc("id")], BATCH_JOB_PAGE_SIZE, (page - 1) * BATCH_JOB_PAGE_SIZE)
+        except APIError as exc:  # shown above the results, the filter form kept to correct it
+            error, rows = error_text(exc.detail), []
         bjs = [dict(zip(BJ_FIELDS, r)) for r in rows]
-        ran: dict[int, dict[str, int]] = {}
         if bjs:
             for bj_id, state, n in conn.execute(
                 sa.select(jobs.c.batch_job_id, jobs.c.state, sa.func.count())
@@ -459,7 +485,8 @@ def batch_jobs_page(view: View) -> Response:
                 ran.setdefault(bj_id, {})[state] = n
     pages = max(1, -(-count // BATCH_JOB_PAGE_SIZE))
     return view.render(
-        "batch_jobs.html", title="BatchJobs", active_page="batch_jobs", batch_jobs=bjs, count=count, page=page,
+        "batch_jobs.html", 422 if error else 200, title="BatchJobs", active_page="batch_jobs", error=error,
+        batch_jobs=bjs, count=count, page=page,
         pages=pages, filters=raw, selected_states=raw.getlist("state"), states=[s.value for s in BatchJobState],
         sites=site_rows, site_names={s.id: s.name for s in site_rows}, ran=ran,
         prev_url=view.url("batch-jobs", raw, page=page - 1) if page > 1 else "",
@@ -473,17 +500,19 @@ PLOT_FILTER_NAMES = ("site_id", "tags")
 def plots_page(view: View) -> Response:
     raw = view.params(PLOT_FILTER_NAMES)
     error = ""
-    summary: dict[str, Any] = {}
+    data: dict[str, Any] = {"summary": {}, "throughput": {"t": []}, "utilization": {"t": []}}
     with view.read() as conn:
         site_rows = _site_rows(conn, view.user.id)
         try:
-            summary = plot_data(conn, view.user.id, view.query(raw))["summary"]
+            data = plot_data(conn, view.user.id, view.query(raw))
         except APIError as exc:
-            error = str(exc.detail)
+            error = error_text(exc.detail)
     return view.render(
         "plots.html", 422 if error else 200, title="Throughput and utilization", active_page="plots", error=error,
-        summary=summary, sites=site_rows, filters=raw, tags_text=" ".join(raw.getlist("tags")),
-        data_url=view.url("plots/data", raw), fmt_epoch=lambda t: _fmt_time(dt.datetime.fromtimestamp(t, dt.timezone.utc)) if t else "",
+        summary=data["summary"], sites=site_rows, filters=raw, tags_text=" ".join(raw.getlist("tags")),
+        data_url=view.url("plots/data", raw), has_throughput=bool(data["throughput"]["t"]),
+        has_utilization=bool(data["utilization"]["t"]),
+        from_epoch=lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc) if t is not None else None,
     )
 
 

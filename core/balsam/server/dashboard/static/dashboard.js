@@ -2,16 +2,21 @@
 // shown in the browser's time zone. The pages work without it (reload to refresh).
 (function () {
   "use strict";
-  var PERIOD_MS = 5000;
+  // A refresh waits at least MIN_PERIOD_MS, and SLOWDOWN times as long as the last one took: a
+  // page that is slow to build (?count=all scans every matching job) is not rebuilt back to back.
+  var MIN_PERIOD_MS = 5000;
+  var SLOWDOWN = 10;
 
+  // The server writes UTC; shown here in the browser's zone, named ("5/1/2024, 5:00:00 AM CDT"),
+  // with the UTC time on hover. Relative times ("3 s ago") keep their words.
   function localTimes(root) {
     root.querySelectorAll("time[datetime]").forEach(function (el) {
       var iso = el.getAttribute("datetime");
       if (!iso || el.dataset.local) return;
       var d = new Date(iso);
       if (isNaN(d.getTime())) return;
-      el.title = el.textContent + " (UTC)";
-      if (!/ago|now|never/.test(el.textContent)) el.textContent = d.toLocaleString();
+      el.title = d.toISOString().replace(/\.\d{3}Z$/, "Z");
+      if (!/ago|now|never/.test(el.textContent)) el.textContent = d.toLocaleString(undefined, { timeZoneName: "short" });
       el.dataset.local = "1";
     });
   }
@@ -45,11 +50,14 @@
   }
 
   function loop() {
-    refresh().then(function () { window.setTimeout(loop, PERIOD_MS); });
+    var started = Date.now();
+    refresh().then(function () {
+      window.setTimeout(loop, Math.max(MIN_PERIOD_MS, SLOWDOWN * (Date.now() - started)));
+    });
   }
 
   document.addEventListener("DOMContentLoaded", function () {
     localTimes(document);
-    window.setTimeout(loop, PERIOD_MS);
+    window.setTimeout(loop, MIN_PERIOD_MS);
   });
 })();

@@ -59,8 +59,11 @@
       charts.throughput.setData(thr);
       charts.utilization.setData(util);
     }
+    // "No data yet" above a chart with nothing to draw (no finished job, no node ever busy or held).
+    document.getElementById("empty-throughput").hidden = payload.throughput.t.length > 0;
+    document.getElementById("empty-utilization").hidden = payload.utilization.t.length > 0;
     var status = document.getElementById("plot-status");
-    var when = new Date(payload.generated * 1000).toLocaleTimeString();
+    var when = new Date(payload.generated * 1000).toLocaleTimeString(undefined, { timeZoneName: "short" });
     status.textContent = payload.summary.finished + " jobs finished; " + payload.summary.busy_now +
       " nodes busy of " + payload.summary.available_now + " held (updated " + when + ")";
   }

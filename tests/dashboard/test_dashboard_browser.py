@@ -1,0 +1,180 @@
+"""The dashboard's layout and scripts in a real headless Chromium (Debian's ``chromium`` driven by
+Playwright, as tests/site/test_dashboard_browser.py) against a real uvicorn server: long values
+wrap inside the window, times carry their zone, an empty Plots page says so, and the live refresh
+backs off when the page is slow to build."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dashboard_helpers import make_campaign  # noqa: E402
+
+CHROMIUM = os.environ.get("BALSAM_TEST_CHROMIUM", "/usr/bin/chromium")
+VIEWPORT = {"width": 1280, "height": 900}
+LONG_KEY, LONG_VALUE = "k" * 200, "v" * 1024
+LONG_WORKDIR = "w" * 300
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.fail(f"headless Chromium not found at {CHROMIUM}: `apt-get install chromium` (scripts/test.sh does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield browser
+        browser.close()
+
+
+def _page(chromium: Any, url: str, username: str, password: str, **context: Any) -> Any:
+    """A logged-in tab (through the login form); ``context``: Playwright context options."""
+    ctx = chromium.new_context(base_url=url, viewport=VIEWPORT, **context)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    page.errors = errors
+    page.goto("/dashboard/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r".*/dashboard/$"))
+    return page
+
+
+@pytest.fixture
+def user(live_server: str, register: Any) -> dict[str, Any]:
+    username, password, _user_id, token, _ = register(live_server)
+    return {"url": live_server, "username": username, "password": password, "token": token}
+
+
+def _overflow(page: Any) -> int:
+    """How far the page is wider than the window (px; <= 0: no horizontal scrolling)."""
+    return page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
+def test_long_tags_and_workdirs_wrap_inside_the_window(chromium: Any, user: dict) -> None:
+    """Before: a 200+1024-character tag or a 300-character workdir made the Jobs page 11,461 px wide
+    at a 1280 px window (tags were ``white-space: nowrap``; the cells had no wrap rule)."""
+    campaign = make_campaign(user["url"], user["token"], n_jobs=1, name=f"wide-{uuid.uuid4().hex[:6]}")
+    api = httpx.Client(base_url=user["url"], headers={"Authorization": f"Bearer {user['token']}"}, timeout=30)
+    made = api.post("/jobs/", json=[{"app_id": campaign["app"]["id"], "workdir": LONG_WORKDIR,
+                                     "tags": {LONG_KEY: LONG_VALUE, "short": "x"}}])
+    assert made.status_code == 201, made.text
+    parent = made.json()[0]["id"]
+    child = api.post("/jobs/", json=[{"app_id": campaign["app"]["id"], "workdir": LONG_WORKDIR + "/child",
+                                      "tags": {LONG_KEY: LONG_VALUE}, "parent_ids": [parent]}])
+    assert child.status_code == 201, child.text
+    page = _page(chromium, user["url"], user["username"], user["password"])
+    for path in ("/dashboard/jobs", f"/dashboard/jobs/{parent}", f"/dashboard/jobs/{child.json()[0]['id']}"):
+        page.goto(path)
+        assert LONG_VALUE in page.inner_text("main")  # wrapped, not cut
+        assert _overflow(page) <= 2, f"{path} is {_overflow(page)} px wider than the window"
+    assert page.errors == []
+
+
+def test_times_show_their_zone_and_hover_shows_utc_once(chromium: Any, user: dict) -> None:
+    """Before: a local time without its zone, and a hover of "... UTC (UTC)" (or "2 min ago (UTC)")."""
+    campaign = make_campaign(user["url"], user["token"], n_jobs=2, name=f"tz-{uuid.uuid4().hex[:6]}")
+    page = _page(chromium, user["url"], user["username"], user["password"], timezone_id="America/Chicago", locale="en-US")
+    page.goto(f"/dashboard/jobs/{campaign['failed']}")
+    times = page.evaluate("() => Array.from(document.querySelectorAll('main time[datetime]')).map(el =>"
+                          " [el.getAttribute('datetime'), el.textContent, el.title])")
+    assert len(times) >= 5  # last update and each event
+    for iso, text, title in times:
+        expected = page.evaluate("iso => new Date(iso).toLocaleString(undefined, {timeZoneName: 'short'})", iso)
+        assert text == expected and re.search(r"\bC[DS]T$", text), (iso, text)
+        assert title == page.evaluate("iso => new Date(iso).toISOString().replace(/\\.\\d{3}Z$/, 'Z')", iso), (iso, title)
+        assert title.count("UTC") + title.count("Z") == 1 and "(UTC)" not in title
+    # a relative time ("agent last heard 3 s ago") keeps its words; its hover is the UTC time, once
+    page.goto("/dashboard/")
+    heard = page.locator("main time[datetime]").first
+    assert re.search(r"ago|now|never", heard.inner_text())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", heard.get_attribute("title"))
+    assert page.errors == []
+
+
+def test_an_empty_plots_page_says_there_is_no_data(chromium: Any, user: dict, register: Any) -> None:
+    """Before: "First / last finished: /" and two blank charts for a user with no data yet."""
+    page = _page(chromium, user["url"], user["username"], user["password"])
+    page.goto("/dashboard/plots")
+    page.wait_for_selector("#chart-throughput canvas")
+    page.wait_for_selector("#plot-status:has-text('jobs finished')")
+    assert page.inner_text("#summary-first-last") == "—"
+    for chart in ("throughput", "utilization"):
+        note = page.locator(f"#empty-{chart}")
+        assert note.is_visible() and note.inner_text() == "No data yet"
+    # with data, the figures and no note
+    username, password, _id, token, _ = register(user["url"])
+    make_campaign(user["url"], token, n_jobs=2, finished=True, name=f"plots-{uuid.uuid4().hex[:6]}")
+    other = _page(chromium, user["url"], username, password)
+    other.goto("/dashboard/plots")
+    other.wait_for_selector("#plot-status:has-text('1 jobs finished')")
+    assert "—" not in other.inner_text("#summary-first-last") and " / " in other.inner_text("#summary-first-last")
+    assert not other.locator("#empty-throughput").is_visible() and not other.locator("#empty-utilization").is_visible()
+    assert page.errors == [] and other.errors == []
+
+
+def test_live_refresh_waits_ten_times_a_slow_page(chromium: Any, user: dict) -> None:
+    """Before: a ?count=all page (a scan of every job) was reloaded every 5 s however long it took.
+
+    The browser's clock is Playwright's fake one and the refresh's fetch answers when the test says
+    (a stand-in for a slow server): the test moves time and reads when each refresh was asked for;
+    nothing waits on real time."""
+    make_campaign(user["url"], user["token"], n_jobs=2, name=f"live-{uuid.uuid4().hex[:6]}")
+    page = _page(chromium, user["url"], user["username"], user["password"])
+    page.context.add_init_script("""
+        window.__calls = [];
+        window.fetch = function (url) {
+          return new Promise(function (resolve) { window.__calls.push({ url: String(url), at: Date.now(), resolve: resolve }); });
+        };""")
+    page.clock.install()
+    page.clock.pause_at(dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1))
+    page.goto("/dashboard/jobs?count=all")
+    page.wait_for_selector("#count-total")
+
+    def asked() -> list[int]:
+        """When (fake ms) each refresh was asked for."""
+        return page.evaluate("() => window.__calls.map(c => c.at)")
+
+    def answer() -> int:
+        """The pending refresh gets this page as its answer; returns when (fake ms)."""
+        return page.evaluate("""async () => {
+            const refreshed = new Promise(r => document.addEventListener('balsam:refreshed', r, { once: true }));
+            const call = window.__calls[window.__calls.length - 1];
+            call.resolve(new Response(document.documentElement.outerHTML, { status: 200, headers: { 'Content-Type': 'text/html' } }));
+            await refreshed;
+            // one task later: the refresh's promise chain (which sets the next timer) has run
+            await new Promise(r => { const c = new MessageChannel(); c.port1.onmessage = r; c.port2.postMessage(0); });
+            return Date.now();
+        }""")
+
+    page.clock.run_for(5_000)
+    assert len(asked()) == 1  # 5 s after the page loaded
+    page.clock.run_for(100)  # a fast answer (0.1 s): the next refresh 5 s after it
+    answered = answer()
+    assert answered - asked()[0] == 100
+    page.clock.run_for(6_000)
+    assert len(asked()) == 2 and asked()[1] - answered == 5_000
+    page.clock.run_for(2_000)  # a slow answer: 1 s past the call above, then 2 s
+    answered = answer()
+    took = answered - asked()[1]
+    assert took == 3_000
+    page.clock.run_for(29_000)
+    assert len(asked()) == 2, "refreshed again before 10 x the last answer's time"
+    page.clock.run_for(2_000)
+    assert len(asked()) == 3 and asked()[2] - answered == 10 * took
+    assert page.errors == []
