@@ -24,9 +24,9 @@ import attrs
 from .options import NoOptions, build_options
 
 __all__ = [
-    "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "cpu_ids_errors",
-    "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
-    "hosts_from_node_file", "launch_option", "launch_param_args", "leading_job_number", "near_cpus_of",
+    "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "cpu_domains_of",
+    "cpu_ids_errors", "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
+    "hosts_from_node_file", "is_mig_id", "launch_option", "launch_param_args", "leading_job_number", "near_cpus_of",
     "nvidia_smi_list", "parse_gpu_cpu_map", "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding",
     "read_fresh_gpu_list", "read_node_file",
 ]
@@ -381,25 +381,81 @@ def hardware_thread_ids(cores: Sequence[int], threads_per_core: int, offset: int
 
 
 def pick_cpu_binding(
-    spec: LaunchSpec, keys: Sequence[str], configured: str, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0
+    spec: LaunchSpec, keys: Sequence[str], configured: str, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0,
+    cpu_domains: Sequence[Sequence[int]] = (),
 ) -> str:
     """A PALS ``--cpu-bind``: the job's launch param (first of ``keys``), else the ``configured`` option,
-    else the ``list:...`` computed by :func:`cpu_bind_list`."""
+    else the ``list:...`` computed by :func:`cpu_bind_list` (over ``cpu_domains``, if any)."""
     chosen = first_launch_param(spec.launch_params, keys)
     if chosen is not None:
         return str(chosen)
     if configured:
         return configured
-    return cpu_bind_list(spec, node_cpu_ids, hyperthread_offset=hyperthread_offset)
+    return cpu_bind_list(spec, node_cpu_ids, hyperthread_offset=hyperthread_offset, cpu_domains=cpu_domains)
 
 
-def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0) -> str:
+def cpu_domains_of(
+    node_cpu_ids: Sequence[int], gpu_cpus: Iterable[tuple[str, Sequence[int]]]
+) -> tuple[tuple[int, ...], ...]:
+    """The node's CPU domains (sockets, NUMA domains) as a platform declares them in
+    ``NodeInfo.gpu_cpus``: the CPUs of ``node_cpu_ids`` near the same GPUs form one domain (the
+    CPUs of a socket are near all of its GPUs' ids, tiles or MIG instances alike), domains in the
+    order of their first CPU; CPUs near no GPU are in none. Empty without ``gpu_cpus``."""
+    near = [(gpu, frozenset(cpus)) for gpu, cpus in gpu_cpus]
+    domains: dict[tuple[str, ...], list[int]] = {}
+    for cpu in node_cpu_ids:
+        gpus = tuple(gpu for gpu, cpus in near if cpu in cpus)
+        if gpus:
+            domains.setdefault(gpus, []).append(cpu)
+    return tuple(tuple(cpus) for cpus in domains.values())
+
+
+def _cut_by_domain(assigned: Sequence[int], ranks: int, cores_needed: int,
+                   domains: Sequence[Sequence[int]]) -> Optional[list[list[int]]]:
+    """Each rank's cores when the ranks are spread evenly over the ``domains`` that the ``assigned``
+    cores fall in and each domain's cores are cut on their own, so that no rank spans two domains
+    (the first domains take one rank more when the ranks do not divide evenly; every rank gets the
+    same number of cores). Domains come in the order of their first assigned core and keep the
+    assigned order (the launcher lists a GPU job's cores near its GPU i first for rank i). None
+    when this is not possible: fewer than two domains among the assigned cores, fewer ranks than
+    domains (a rank would lose a whole domain), or a rank would get fewer cores than its threads
+    need. Cores near no domain are left out."""
+    domain_of = {cpu: index for index, domain in enumerate(domains) for cpu in domain}
+    parts: dict[int, list[int]] = {}
+    for cpu in assigned:
+        if cpu in domain_of:
+            parts.setdefault(domain_of[cpu], []).append(cpu)
+    cut = list(parts.values())
+    if len(cut) < 2 or ranks < len(cut):
+        return None
+    counts = [ranks // len(cut) + (1 if i < ranks % len(cut) else 0) for i in range(len(cut))]
+    per_rank = min(len(part) // n for part, n in zip(cut, counts))
+    if per_rank < max(1, cores_needed):
+        return None
+    return [part[k * per_rank : (k + 1) * per_rank] for part, n in zip(cut, counts) for k in range(n)]
+
+
+def _spans_domains(cut: Sequence[Sequence[int]], domains: Sequence[Sequence[int]]) -> bool:
+    """Whether a rank's cores in ``cut`` lie in two of the ``domains``."""
+    domain_of = {cpu: index for index, domain in enumerate(domains) for cpu in domain}
+    return any(len({domain_of[c] for c in cores if c in domain_of}) > 1 for cores in cut)
+
+
+def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0,
+                  cpu_domains: Sequence[Sequence[int]] = ()) -> str:
     """A ``list:a,b:c,d`` CPU binding: each rank gets ``cpus_per_rank`` consecutive CPUs.
 
     The CPUs are those the launcher assigned to the job on its node (single-node jobs), else all of
     ``node_cpu_ids`` (whole-node jobs). With ``threads_per_core > 1`` each rank also gets the sibling
     hardware threads (``cpu + hyperthread_offset``), as Balsam 0.7 built it for Polaris; with fewer
     cores than ranks, each rank gets ``threads_per_rank`` hardware threads of them instead.
+
+    ``cpu_domains`` are the platform's sockets or NUMA domains (see :func:`cpu_domains_of`). Where
+    the cut in id order would give a rank cores of two of them (12 ranks of 8 cores over Aurora's
+    1-51,53-103 gave rank 6 cores 49-51 and 53-57, one rank on both sockets), the ranks are spread
+    evenly over the domains and each domain is cut on its own (ranks 0-5 on 1-48, 6-11 on
+    53-100), as ALCF's binding examples do. Without domains, or when the domain cut cannot give
+    each rank the cores its threads need, the id-order cut stands.
     """
     assigned = list(spec.cpu_ids[0]) if spec.cpu_ids and spec.cpu_ids[0] else list(node_cpu_ids)
     ranks = max(1, spec.ranks_per_node)
@@ -411,12 +467,14 @@ def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_
         return "list:" + ":".join(
             format_id_ranges(threads[r * per_thread_rank : (r + 1) * per_thread_rank]) for r in range(ranks))
     per_rank = max(1, len(assigned) // ranks)
-    groups = []
+    cut = []
     for rank in range(ranks):
         start = (rank * per_rank) % max(1, len(assigned))
-        cores = assigned[start : start + per_rank]
-        groups.append(format_id_ranges(hardware_thread_ids(cores, spec.threads_per_core, hyperthread_offset)))
-    return "list:" + ":".join(groups)
+        cut.append(assigned[start : start + per_rank])
+    if cpu_domains and _spans_domains(cut, cpu_domains):
+        cut = _cut_by_domain(assigned, ranks, spec.threads_per_rank // max(1, spec.threads_per_core), cpu_domains) or cut
+    return "list:" + ":".join(
+        format_id_ranges(hardware_thread_ids(cores, spec.threads_per_core, hyperthread_offset)) for cores in cut)
 
 
 def format_id_ranges(ids: Sequence[int]) -> str:
@@ -433,6 +491,12 @@ def format_id_ranges(ids: Sequence[int]) -> str:
     if run:
         parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(parts)
+
+
+def is_mig_id(gpu_id: str) -> bool:
+    """Whether a GPU id is a MIG instance's UUID (``MIG-<uuid>``, or R450's ``MIG-GPU-<uuid>/gi/ci``),
+    the form :meth:`NvidiaDevices.mig_ids` and ``CUDA_VISIBLE_DEVICES`` use for them."""
+    return str(gpu_id).startswith("MIG-")
 
 
 @attrs.frozen

@@ -31,6 +31,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
 HOSTS = ["x4102c5s0b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov", "x4102c5s1b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov"]
 TILES = [f"{g}.{t}" for g in range(6) for t in range(2)]
+#: The same tiles as ZE_AFFINITY_MASK names them in FLAT mode (what `module load frameworks` sets).
+FLAT_TILES = [str(i) for i in range(12)]
 
 # The guide's balsam_job_ensemble.py, verbatim but for the site name.
 GUIDE_JOBS = '''
@@ -155,6 +157,7 @@ def test_aurora_guide_on_a_faked_aurora(mode: str, client, agent_daemon, fake_ma
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PATH", f"{machine.bin}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # the template exports the ALCF proxy
+    monkeypatch.setenv("ZE_FLAT_DEVICE_HIERARCHY", "FLAT")  # as the guide's `module load frameworks` sets it
 
     name = f"aurora-{uuid.uuid4().hex[:6]}"
     site_path = tmp_path / name
@@ -202,7 +205,7 @@ def test_aurora_guide_on_a_faked_aurora(mode: str, client, agent_daemon, fake_ma
         out = (site_path / "data" / f"demo/echo_hello{n}" / "job.out").read_text()
         assert f"Hello, world {n}!!" in out and "OMP_NUM_THREADS=1" in out, out
         mask = out.split("ZE_AFFINITY_MASK=")[1].split()[0]
-        assert mask in TILES, out  # exactly one tile
+        assert mask in FLAT_TILES, out  # exactly one tile, by its flat device id
         masks[f"demo/echo_hello{n}"] = mask
 
     # Two jobs on one tile never run at the same time: from the jobs' RUNNING and RUN_DONE events
@@ -225,11 +228,12 @@ def test_aurora_guide_on_a_faked_aurora(mode: str, client, agent_daemon, fake_ma
             opts = dict(r["options"])
             assert opts["-n"] == "1" and opts["--ppn"] == "1" and opts["--hosts"] in HOSTS and "--envall" in opts
             assert opts["--cpu-bind"].startswith("list:") and r["env"]["ZE_ENABLE_PCI_ID_DEVICE_ORDER"] == "1"
+            assert r["env"]["ZE_FLAT_DEVICE_HIERARCHY"] == "FLAT"
             assert not any(k.startswith("CUDA_") for k in r["env"])
         (affinity,) = [r for r in records if r["program"][0].endswith("set_affinity_gpu_aurora.sh")]
         opts = dict(affinity["options"])
         assert opts["-n"] == "12" and opts["--ppn"] == "12"
-        assert sorted(affinity["env"]["ZE_AFFINITY_MASK"].split(",")) == sorted(TILES)
+        assert sorted(affinity["env"]["ZE_AFFINITY_MASK"].split(",")) == sorted(FLAT_TILES)
         assert len(opts["--cpu-bind"].split(":")) == 13  # list: + one CPU set per rank
         out = (site_path / "data" / "demo/hello_affinity" / "job.out").read_text()
         masks = sorted(line.split("ZE_AFFINITY_MASK=")[1] for line in out.splitlines() if "MPI rank" in line)

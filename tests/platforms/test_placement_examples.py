@@ -43,8 +43,9 @@ def _line(platform, placement, demand: Demand) -> str:
 
 # platform, options, GPU ids per node, 0.7's line for the first npc=G gpr=1 job (one core, one GPU)
 CASES = [
-    ("aurora", None, 12, "mpiexec -n 1 --ppn 1 --hosts n0 --cpu-bind list:0 -d 1 --envall ./app"),
-    ("sunspot", None, 12, "mpiexec -n 1 --ppn 1 --hosts n0 --cpu-bind list:0 -d 1 --envall ./app"),
+    # core 0 is left to the system on Aurora and Sunspot: the first job gets core 1
+    ("aurora", None, 12, "mpiexec -n 1 --ppn 1 --hosts n0 --cpu-bind list:1 -d 1 --envall ./app"),
+    ("sunspot", None, 12, "mpiexec -n 1 --ppn 1 --hosts n0 --cpu-bind list:1 -d 1 --envall ./app"),
     ("polaris", {"gpu_list_dir": "", "discover_mig": False}, 4, "mpiexec -n 1 --ppn 1 --hosts n0 --cpu-bind list:0 -d 1 ./app"),
     ("perlmutter-gpu", None, 4,
      # 0.7 passed --cpus-per-task 1 (threads_per_rank); srun counts hardware threads: one core is 2

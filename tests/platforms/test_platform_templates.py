@@ -52,8 +52,13 @@ def test_aurora_whole_gpus_with_one_tile_per_gpu() -> None:
     assert tile_ids(6, 1) == ("0", "1", "2", "3", "4", "5")
     platform = AuroraPlatform(options={"tiles_per_gpu": 1})
     assert platform.gpu_ids == ("0", "1", "2", "3", "4", "5")
-    # The job's ZE_AFFINITY_MASK names whole GPUs (composite mode: "0" is both tiles of GPU 0).
-    assert platform.gpu_environment(["0", "3"]) == {"ZE_ENABLE_PCI_ID_DEVICE_ORDER": "1", "ZE_AFFINITY_MASK": "0,3"}
+    # The job's ZE_AFFINITY_MASK names whole GPUs: in composite mode "0" is both tiles of GPU 0; in
+    # FLAT mode (Level Zero's default) GPU g is the flat devices 2g and 2g+1.
+    composite = AuroraPlatform(options={"tiles_per_gpu": 1, "device_hierarchy": "composite"})
+    assert composite.gpu_environment(["0", "3"]) == {
+        "ZE_ENABLE_PCI_ID_DEVICE_ORDER": "1", "ZE_FLAT_DEVICE_HIERARCHY": "COMPOSITE", "ZE_AFFINITY_MASK": "0,3"}
+    flat = AuroraPlatform(options={"tiles_per_gpu": 1, "device_hierarchy": "flat"})
+    assert flat.gpu_environment(["0", "3"])["ZE_AFFINITY_MASK"] == "0,1,6,7"
     assert SunspotPlatform(options={"tiles_per_gpu": 1}).gpu_ids == platform.gpu_ids
 
 

@@ -16,6 +16,12 @@ near idle GPUs for the GPU jobs to come. Long campaigns free CPUs and GPUs in an
 alone soon puts a job's CPUs on another socket than its GPU. The mpi and serial job modes share this
 code, so both pack the same way.
 
+On a node with MIG instances (their ``MIG-...`` UUIDs among its GPU ids), a job whose ranks need
+more than one GPU id each gets whole GPUs only: CUDA enumerates one MIG instance per process (NVIDIA's
+MIG user guide, "CUDA Device Enumeration"), so a rank given two instances, or an instance and a whole
+GPU, could use one device of them. A job that no node can give enough whole GPUs is refused as
+:class:`UnsatisfiableJob`, with the reason.
+
 A node can be taken out of the partition (:meth:`NodeManager.disable_node`): it gets no new job,
 and its running jobs free it as usual. :class:`NodeFaults` decides when (mpi mode: a node that is
 down, whose every launch fails at once).
@@ -29,7 +35,7 @@ from typing import Iterable, Optional, Sequence
 
 import attrs
 
-from balsam.platform import NodeInfo
+from balsam.platform import NodeInfo, is_mig_id
 
 #: Float tolerance on occupancy sums (eight 1/8 jobs must fill a node exactly).
 _EPS = 1e-3
@@ -75,6 +81,12 @@ class Demand:
     @property
     def gpus_per_node(self) -> float:
         return self.ranks_per_node * self.gpus_per_rank
+
+    @property
+    def whole_gpus_only(self) -> bool:
+        """Whether each rank needs more than one GPU id: then it may get no MIG instance (CUDA would
+        show it only one of its devices)."""
+        return self.gpus_per_rank > 1.0 + _EPS
 
     @property
     def footprint(self) -> float:
@@ -131,6 +143,9 @@ class ComputeNode:
         #: ``domain_of_cpu``: CPU id -> index into ``domain_gpus``, the GPUs that CPU is near (one
         #: NUMA domain or socket); CPUs near no GPU are not in it.
         self.domain_of_cpu, self.domain_gpus = _cpu_domains(info.cpu_ids, info.gpu_cpus)
+        #: The GPU ids that are MIG instances, and the number of the others (whole GPUs).
+        self.mig_ids = frozenset(g for g in info.gpu_ids if is_mig_id(g))
+        self.whole_gpu_count = len(info.gpu_ids) - len(self.mig_ids)
         self.num_jobs = 0
         #: Taken out of the partition (NodeManager.disable_node): no new job is placed here.
         self.disabled = False
@@ -157,7 +172,7 @@ class ComputeNode:
             return 0
         return 0 if sum(1 for c in near if c in idle) >= cpus else 1
 
-    def _pick_gpus(self, gpus: float, cpus: int = 0) -> Optional[list[tuple[str, float]]]:
+    def _pick_gpus(self, gpus: float, cpus: int = 0, whole_only: bool = False) -> Optional[list[tuple[str, float]]]:
         if gpus <= 0:
             return []
         order = self.gpu_order
@@ -171,7 +186,7 @@ class ComputeNode:
                 return None
             return [(min(candidates)[4], gpus)]
         whole = math.ceil(gpus - _EPS)
-        free_gpus = [g for g in self.gpu_free if self._is_free(g)]
+        free_gpus = [g for g in self.gpu_free if self._is_free(g) and not (whole_only and g in self.mig_ids)]
         if len(free_gpus) < whole:
             return None
         per_gpu = -(-cpus // whole)
@@ -218,17 +233,19 @@ class ComputeNode:
             picked.extend(sorted(idle, key=key)[: count - len(picked)])
         return tuple(picked)
 
-    def could_hold(self, cpus: int, gpus: float) -> bool:
-        """Whether the node, idle, has ``cpus`` CPUs and ``gpus`` GPUs."""
-        gpu_count = len(self.info.gpu_ids)
+    def could_hold(self, cpus: int, gpus: float, whole_only: bool = False) -> bool:
+        """Whether the node, idle, has ``cpus`` CPUs and ``gpus`` GPUs (whole GPUs, no MIG instance,
+        with ``whole_only``)."""
+        gpu_count = self.whole_gpu_count if whole_only else len(self.info.gpu_ids)
         gpus_ok = gpus <= 0 or (gpus < 1 and gpu_count > 0) or math.ceil(gpus - _EPS) <= gpu_count
         return cpus <= len(self.info.cpu_ids) and gpus_ok
 
-    def check_fit(self, cpus: int, gpus: float, occupancy: float) -> Optional[list[tuple[str, float]]]:
+    def check_fit(self, cpus: int, gpus: float, occupancy: float,
+                  whole_only: bool = False) -> Optional[list[tuple[str, float]]]:
         """The GPU shares the job would take, or None if it does not fit now."""
         if self.disabled or self.occupancy + occupancy > 1.0 + _EPS or cpus > len(self.idle_cpus):
             return None
-        return self._pick_gpus(gpus, cpus)
+        return self._pick_gpus(gpus, cpus, whole_only)
 
     def take(self, cpus: int, gpu_shares: Sequence[tuple[str, float]], occupancy: float) -> tuple[int, ...]:
         for gpu, share in gpu_shares:
@@ -301,14 +318,23 @@ class NodeManager:
         not fit 4-GPU nodes any better than a 1-node one)."""
         if demand.num_nodes > len(self.nodes):
             raise UnsatisfiableJob(f"job asks for {demand.num_nodes} nodes; this launcher has {len(self.nodes)}")
-        cpus, gpus = demand.cpus_per_node, demand.gpus_per_node
+        cpus, gpus, whole_only = demand.cpus_per_node, demand.gpus_per_node, demand.whole_gpus_only
         fitting = 0
         for node in self.nodes:  # stops at the first nodes that do: called per job, over up to 10^4 nodes
-            if node.could_hold(cpus, gpus):
+            if node.could_hold(cpus, gpus, whole_only):
                 fitting += 1
                 if fitting >= demand.num_nodes:
                     return
         where = "one node" if demand.num_nodes == 1 else f"each of {demand.num_nodes} nodes"
+        if (whole_only and any(n.mig_ids for n in self.nodes)
+                and sum(1 for n in self.nodes if n.could_hold(cpus, gpus)) >= demand.num_nodes):
+            # It would fit if MIG instances counted: say why they do not.
+            raise UnsatisfiableJob(
+                f"job asks for {demand.gpus_per_rank:g} GPUs per rank ({gpus:g} on {where}): a rank needing more "
+                f"than one GPU gets whole GPUs only, as CUDA shows a process one MIG instance at most; the nodes "
+                f"have at most {max(n.whole_gpu_count for n in self.nodes)} GPUs not split by MIG"
+                + (f" ({fitting} of them hold that much)" if demand.num_nodes > 1 and fitting else "")
+            )
         raise UnsatisfiableJob(
             f"job asks for {cpus} CPUs and {gpus:g} GPUs on {where}; "
             f"the nodes have at most {self.max_cpus_per_node()} CPUs and "
@@ -324,7 +350,8 @@ class NodeManager:
         if demand.num_nodes > 1:
             # Only nodes that hold the per-node CPUs and GPUs (nodes may differ: MIG on some).
             cpus, gpus = demand.cpus_per_node, demand.gpus_per_node
-            empty = [i for i, n in enumerate(self.nodes) if n.is_empty and n.could_hold(cpus, gpus)]
+            empty = [i for i, n in enumerate(self.nodes)
+                     if n.is_empty and n.could_hold(cpus, gpus, demand.whole_gpus_only)]
             if len(empty) < demand.num_nodes:
                 raise InsufficientResources(f"{demand.num_nodes} empty nodes needed, {len(empty)} free")
             chosen = empty[: demand.num_nodes]
@@ -342,7 +369,7 @@ class NodeManager:
             occupancy = 1.0 / demand.node_packing_count if self.allow_node_packing else 1.0
             cpus, gpus = demand.cpus_per_node, demand.gpus_per_node
             for i, node in enumerate(self.nodes):
-                shares = node.check_fit(cpus, gpus, occupancy)
+                shares = node.check_fit(cpus, gpus, occupancy, demand.whole_gpus_only)
                 if shares is None:
                     continue
                 cpu_ids = node.take(cpus, shares, occupancy)

@@ -6,13 +6,22 @@ per tile and ``gpus_per_rank=2`` one rank per whole GPU (the nodes name each GPU
 ``NodeInfo.gpu_groups`` entry, so two tiles go to one free GPU even after single-tile jobs, and a
 single tile goes to a half-used GPU first); with the option ``tiles_per_gpu=1`` a Balsam
 GPU is a whole GPU (ids ``0`` ... ``5``). GPUs 0-2 sit on the first socket (cores 0-51), GPUs 3-5
-on the second (52-103): a job gets cores of its tiles' socket (option ``gpu_cpus``). A job sees its tiles (or GPUs) through
-``ZE_AFFINITY_MASK`` (with ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` so that the ids follow the PCI order
-the mask refers to); CUDA variables mean nothing to Level Zero and are never set.
+on the second (52-103); cores 0 and 52 are left to the system (ALCF reserves them for system
+services since 31 March 2025), so jobs get cores 1-51 and 53-103, those of their tiles' socket
+(option ``gpu_cpus``).
+
+A job sees its tiles (or GPUs) through ``ZE_AFFINITY_MASK``, whose ids depend on Level Zero's device
+hierarchy (``ZE_FLAT_DEVICE_HIERARCHY``): in FLAT mode (Level Zero's default, and what ALCF's
+``frameworks`` module sets) every tile is a device of its own, numbered 0 ... 11 (GPU g's tile t is
+``g * tiles_per_gpu + t``); only in COMPOSITE mode does the mask take ``GPU.tile`` ids. The mode is
+the launcher's own (option ``device_hierarchy: inherit``; unset means FLAT) or the option's, and is
+always set next to the mask, so the two cannot disagree. ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` makes
+the ids follow the PCI order; CUDA variables mean nothing to Level Zero and are never set.
 
 The launch line is the one Balsam 0.7 built (``mpiexec -n N --ppn R --hosts h1,h2 --cpu-bind B -d D
 --envall CMD``), except that without a ``cpu_bind`` launch parameter the binding is computed from the
-CPUs the launcher assigned (``list:0:1:...``) instead of ``none``, so packed jobs do not share cores.
+CPUs the launcher assigned (``list:1:2:...``) instead of ``none``, so packed jobs do not share cores,
+and a whole-node job's ranks are spread over both sockets with none spanning the two.
 
 Aurora's Slingshot fabric allows about 1,000 ``mpiexec`` launches per batch job (ALCF's Aurora guide);
 the driver declares this limit (option ``max_mpiexec_per_batch_job``) and the mpi job mode stops
@@ -21,6 +30,7 @@ acquiring when it is reached.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from importlib import resources
@@ -30,9 +40,9 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_ids_errors, first_launch_param, gpu_cpu_map_errors,
-    hardware_thread_ids, hosts_from_node_file, launch_param_args, leading_job_number, near_cpus_of,
-    parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
+    LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_domains_of, cpu_ids_errors, first_launch_param,
+    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, leading_job_number,
+    near_cpus_of, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
 )
 
 #: launch_params keys that name the CPU binding (``--cpu-bind`` itself, or as users write it in 0.7).
@@ -41,13 +51,24 @@ CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
 DEPTH_KEYS = ("depth", "-d", "--depth")
 #: Hardware threads per core of the Xeon Max 9470C (2 per core: 208 on 104 cores).
 HARDWARE_THREADS_PER_CORE = 2
+#: Tiles of one Intel Data Center GPU Max 1550: the flat devices one whole GPU is in FLAT mode.
+HARDWARE_TILES_PER_GPU = 2
+#: Level Zero's device hierarchy variable, and the modes it takes. FLAT (every tile a root device)
+#: is its default on these GPUs (Intel's "Flattening GPU Tile Hierarchy", since late 2023) and
+#: what ALCF's ``frameworks`` module sets; COMBINED numbers root devices as FLAT does.
+HIERARCHY_VARIABLE = "ZE_FLAT_DEVICE_HIERARCHY"
+HIERARCHIES = ("FLAT", "COMPOSITE", "COMBINED")
+DEFAULT_HIERARCHY = "FLAT"
+#: ``device_hierarchy`` option values: ``inherit`` takes the launcher's environment.
+HIERARCHY_CHOICES = ("inherit", "flat", "composite", "combined")
 
 
 def tile_ids(num_gpus: int, tiles_per_gpu: int) -> tuple[str, ...]:
-    """``("0.0", "0.1", "1.0", ...)``: the GPU.tile ids ``ZE_AFFINITY_MASK`` takes in composite mode.
+    """``("0.0", "0.1", "1.0", ...)``: Balsam's ids of a node's tiles (GPU.tile, as in composite mode;
+    :func:`affinity_mask` turns them into the mask of the job's device hierarchy).
 
-    With one tile per GPU the ids are the plain GPU ids ``("0", "1", ...)``: in composite mode
-    ``ZE_AFFINITY_MASK=0`` exposes the whole GPU (both tiles) while ``0.0`` would expose tile 0 only.
+    With one tile per GPU the ids are the plain GPU ids ``("0", "1", ...)``: each is a whole GPU
+    (in composite mode ``ZE_AFFINITY_MASK=0`` exposes both tiles, ``0.0`` would expose tile 0 only).
     """
     return tuple(tile for group in tile_groups(num_gpus, tiles_per_gpu) for tile in group)
 
@@ -60,6 +81,50 @@ def tile_groups(num_gpus: int, tiles_per_gpu: int) -> tuple[tuple[str, ...], ...
     return tuple(tuple(f"{gpu}.{tile}" for tile in range(tiles_per_gpu)) for gpu in range(num_gpus))
 
 
+def affinity_mask(gpu_ids: Sequence[str], hierarchy: str, tiles_per_gpu: int) -> str:
+    """``ZE_AFFINITY_MASK`` for Balsam GPU ids under the device ``hierarchy`` (one of :data:`HIERARCHIES`).
+
+    COMPOSITE: the ids as they are (``0.1`` is GPU 0's tile 1, ``0`` the whole GPU 0). FLAT and
+    COMBINED: every tile is a device of its own, numbered in GPU order, so tile ``g.t`` is
+    ``g * tiles_per_gpu + t`` (``0.1`` -> ``1``, ``5.1`` -> ``11``) and a whole GPU ``g``
+    (``tiles_per_gpu=1``) is its :data:`HARDWARE_TILES_PER_GPU` tiles. In FLAT mode Level Zero
+    reads ``0.1`` as sub-device 1 of device 0, and a device has no sub-devices there, so the
+    GPU.tile mask exposed nothing, or the wrong tile.
+    """
+    if hierarchy == "COMPOSITE":
+        return ",".join(map(str, gpu_ids))
+    flat: list[int] = []
+    for gpu_id in gpu_ids:
+        gpu, dot, tile = str(gpu_id).partition(".")
+        try:
+            if dot:
+                flat.append(int(gpu) * tiles_per_gpu + int(tile))
+            else:
+                flat.extend(int(gpu) * HARDWARE_TILES_PER_GPU + t for t in range(HARDWARE_TILES_PER_GPU))
+        except ValueError:
+            raise ValueError(f"GPU id {gpu_id!r} is not an Aurora GPU (0 ... 5) or tile (0.0 ... 5.1) id") from None
+    return ",".join(map(str, flat))
+
+
+def hierarchy_from(choice: str, env: Mapping[str, str]) -> str:
+    """The device hierarchy jobs run under: the option's (``flat``, ``composite``, ``combined``), or with
+    ``inherit`` the ``ZE_FLAT_DEVICE_HIERARCHY`` of ``env`` (the environment the launcher's jobs
+    start from), FLAT when it is unset or empty (Level Zero's default)."""
+    chosen = choice.strip().lower()
+    if chosen != "inherit":
+        if chosen.upper() not in HIERARCHIES:
+            raise ValueError(f"launcher.platform_options.device_hierarchy: {choice!r} is not one of "
+                             f"{', '.join(HIERARCHY_CHOICES)}")
+        return chosen.upper()
+    value = env.get(HIERARCHY_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_HIERARCHY
+    if value.upper() not in HIERARCHIES:
+        raise ValueError(f"${HIERARCHY_VARIABLE}={value!r} in the launcher's environment is not one of "
+                         f"{', '.join(HIERARCHIES)} (or set launcher.platform_options.device_hierarchy)")
+    return value.upper()
+
+
 def _non_negative(_instance: Any, attribute: Any, value: int) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name}: must be 0 or more, got {value}")
@@ -68,9 +133,9 @@ def _non_negative(_instance: Any, attribute: Any, value: int) -> None:
 @attrs.frozen
 class AuroraOptions:
     cpu_ids: str = option(
-        "0-103",
-        "CPU (core) ids of one node that jobs are placed on, as ranges: 0-103 is every core of both "
-        "sockets; 1-51,53-103 leaves the first core of each socket to the system.",
+        "1-51,53-103",
+        "CPU (core) ids of one node that jobs are placed on, as ranges: 1-51,53-103 leaves the first "
+        "core of each socket (0 and 52) to the system services ALCF reserves them for; 0-103 is every core.",
     )
     hyperthread_offset: int = option(
         104, "Id distance from a core to its second hardware thread (added to the binding when threads_per_core=2)."
@@ -82,9 +147,16 @@ class AuroraOptions:
         "every whole GPU one id (0 1 ... 5).",
     )
     gpu_cpus: str = option(
-        "0,1,2:0-51 3,4,5:52-103",
-        "The cores nearest each GPU (its socket), as GPU:ranges entries (a tile goes with its GPU): a "
-        "GPU job gets cores near its tiles. Empty: cores first-fit in id order.",
+        "0,1,2:1-51 3,4,5:53-103",
+        "The cores nearest each GPU (its socket), as GPU:ranges entries (a tile goes with its GPU; only "
+        "cores of cpu_ids count): a GPU job gets cores near its tiles, and a whole-node job's ranks are "
+        "spread over the sockets. Empty: cores first-fit in id order, cut in id order.",
+    )
+    device_hierarchy: str = option(
+        "inherit",
+        "Level Zero device hierarchy of the jobs (ZE_FLAT_DEVICE_HIERARCHY, set with their "
+        "ZE_AFFINITY_MASK): inherit takes the launcher's environment (unset: FLAT, Level Zero's "
+        "default); flat (tiles are devices 0 ... 11), composite (GPU.tile ids) or combined.",
     )
     cpu_bind: str = option(
         "",
@@ -103,6 +175,8 @@ class AuroraOptions:
         errors = cpu_ids_errors(self.cpu_ids)
         errors.update(tiles_per_gpu_errors(self.tiles_per_gpu))
         errors.update(gpu_cpu_map_errors("gpu_cpus", self.gpu_cpus))
+        if self.device_hierarchy.strip().lower() not in HIERARCHY_CHOICES:
+            errors["device_hierarchy"] = f"{self.device_hierarchy!r} is not one of {', '.join(HIERARCHY_CHOICES)}"
         return errors
 
 
@@ -132,12 +206,21 @@ class AuroraPlatform(Platform):
         gpu_cpu_map = parse_gpu_cpu_map(self.options.gpu_cpus, where="launcher.platform_options.gpu_cpus")
         self.gpu_cpus = near_cpus_of(self.gpu_ids, gpu_cpu_map, self.cpu_ids,
                                      {tile: tile.split(".")[0] for tile in self.gpu_ids})
+        #: The sockets (cores near the same GPUs): whole-node jobs' ranks are spread over them.
+        self.cpu_domains = cpu_domains_of(self.cpu_ids, self.gpu_cpus)
+        #: The device hierarchy of the jobs, read once (the launcher's environment does not change).
+        self._hierarchy: Optional[str] = None
+        if self.options.device_hierarchy.strip().lower() != "inherit":
+            self._hierarchy = hierarchy_from(self.options.device_hierarchy, {})
 
     # -- inside an allocation -------------------------------------------------------------------
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
         return hosts_from_node_file(env, "PBS_NODEFILE", inside="a PBS job")
 
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
+        # A $ZE_FLAT_DEVICE_HIERARCHY Level Zero does not know stops the launcher here, in one line,
+        # rather than failing every GPU job.
+        self.device_hierarchy()
         return [
             NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids,
                      gpu_groups=self.gpu_groups if self.options.tiles_per_gpu > 1 else (), gpu_cpus=self.gpu_cpus)
@@ -150,7 +233,7 @@ class AuroraPlatform(Platform):
     # -- MPI ------------------------------------------------------------------------------------
     def cpu_binding(self, spec: LaunchSpec) -> str:
         return pick_cpu_binding(spec, CPU_BIND_KEYS, self.options.cpu_bind, self.cpu_ids,
-                                hyperthread_offset=self.options.hyperthread_offset)
+                                hyperthread_offset=self.options.hyperthread_offset, cpu_domains=self.cpu_domains)
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
@@ -176,10 +259,25 @@ class AuroraPlatform(Platform):
         return tuple(hardware_thread_ids(cpu_ids, threads_per_core, self.options.hyperthread_offset,
                                          max_threads_per_core=HARDWARE_THREADS_PER_CORE))
 
+    def device_hierarchy(self) -> str:
+        """The Level Zero device hierarchy the jobs run under (see :func:`hierarchy_from`). Jobs start
+        from this process's environment (the mpi-mode launcher's, or the serial-mode worker's, which
+        mpiexec --envall gave the launcher's), so with ``inherit`` that is where it is read."""
+        if self._hierarchy is None:
+            self._hierarchy = hierarchy_from(self.options.device_hierarchy, os.environ)
+        return self._hierarchy
+
     def gpu_environment(self, gpu_ids: Sequence[str]) -> dict[str, str]:
         if not gpu_ids:
             return {}
-        return {"ZE_ENABLE_PCI_ID_DEVICE_ORDER": "1", "ZE_AFFINITY_MASK": ",".join(map(str, gpu_ids))}
+        hierarchy = self.device_hierarchy()
+        # The mode goes with the mask: a job's own or a module's ZE_FLAT_DEVICE_HIERARCHY could
+        # otherwise read the mask in another numbering and expose other tiles, or none.
+        return {
+            "ZE_ENABLE_PCI_ID_DEVICE_ORDER": "1",
+            HIERARCHY_VARIABLE: hierarchy,
+            "ZE_AFFINITY_MASK": affinity_mask(gpu_ids, hierarchy, self.options.tiles_per_gpu),
+        }
 
     def launch_limit(self) -> Optional[LaunchLimit]:
         limit = self.options.max_mpiexec_per_batch_job
