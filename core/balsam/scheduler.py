@@ -29,6 +29,8 @@ The render/parse pairs:
                                     the ids of the jobs it left (None: cannot look up)
 ``render_backfill``/                idle nodes -> ``{queue: [BackfillWindow]}``
 ``parse_backfill``
+``never_starts``                    a queued job's status -> whether its scheduler reason says it
+                                    can never start as submitted (exceeds a limit)
 ``render_discover_queues``/         the queues and their limits -> ``{name: AllowedQueue}``
 ``parse_discover_queues``           (used by :meth:`Scheduler.site_defaults`)
 ``render_discover_projects``/       the user's projects (allocations) -> names
@@ -270,6 +272,13 @@ class Scheduler(abc.ABC):
     def parse_find(self, result: CommandResult, request: SubmitRequest) -> list[int]:
         """The ids of the jobs ``render_find``'s command listed (empty: none was submitted)."""
         return []
+
+    def never_starts(self, status: SchedulerJobStatus) -> bool:
+        """Whether a queued job can never start as it was submitted, per the scheduler's own word on
+        why it waits (``status.message``): it asks for more than its queue, partition, account or QOS
+        allows, so it waits for ever instead of for its turn. Pure; each driver knows its own words.
+        The default, for a scheduler that does not say: False (it may start)."""
+        return False
 
     def render_backfill(self) -> Optional[Command]:
         return None

@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 import uuid
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -312,3 +313,82 @@ def test_requests_beyond_the_queue_limits_are_clamped_and_refused_ones_not_creat
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["no BatchJob created: queue 'prod' is not in the site's allowed_queues (local) "
                       "(settings.yml scheduler: / elastic_queue:)"]  # once, not every cycle
+
+
+@pytest.mark.parametrize("squeue", ["not_listed_yet", "poll_failed", "running"])
+def test_a_queued_batch_job_keeps_its_window_until_a_poll_shows_it_running(make_site, client, squeue) -> None:
+    """squeue lists a job a moment after sbatch, and a poll may fail: a queued BatchJob the poll
+    said nothing of gave its window up, and the same window was requested again each such cycle
+    (up to max_queued_jobs). Only a poll showing it running releases it (its nodes left the window)."""
+    from balsam_scheduler_slurm import SlurmScheduler
+
+    site = make_site(overrides={"scheduler": {"name": "slurm", "allowed_queues": {
+        "debug": {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 10}}}})
+    _runnable_jobs(client, site, 20, {})
+    started = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    poll = {"not_listed_yet": result(stdout=""),
+            "poll_failed": result(stderr="squeue: error: Socket timed out on send/recv operation", returncode=1),
+            "running": result(stdout=f"501|RUNNING|debug|4|1:55:00|local|1:54:00|{started}|{started}|N/A|None\n")}[squeue]
+    runner = ReplayRunner({"sinfo": result(stdout="debug|up|idle|4|2:00:00\ndebug|up|allocated|60|2:00:00\n"),
+                           "squeue": poll})
+    module = ElasticQueueModule(site, ElasticQueueOptions(submit_queue="debug", max_wall_time_min=120), client,
+                                scheduler=SlurmScheduler(runner, user="u"))
+    module.run_cycle()  # a 4 x 115 BatchJob for the 4 x 120 window ...
+    (mine,) = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
+    assert (mine["num_nodes"], mine["wall_time_min"]) == (4, 115)
+    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 501}])  # sbatch said 501
+    for _ in range(2):
+        module.run_cycle()
+    made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
+    if squeue == "running":  # its nodes are taken: the next window is another's
+        assert len(made) == 2, made
+    else:
+        assert [b["id"] for b in made] == [mine["id"]], made
+        assert "4 nodes of them already requested by its BatchJobs not started yet" in module.last_decision.reason
+
+
+def test_batch_jobs_that_can_never_start_are_no_capacity_and_warned_once_each(make_site, client, caplog) -> None:
+    """allowed_queues max_nodes 8 on a 4-node partition: Slurm keeps the 8-node BatchJobs pending
+    with PartitionConfig for ever. Counted as capacity they covered the backlog for ever ("16 idle
+    >= 16 needed"); now they count as none, each is named once, and none as large is requested again."""
+    from balsam.api import Job
+    from balsam_scheduler_slurm import SlurmScheduler
+
+    site = make_site(overrides={"scheduler": {"name": "slurm", "allowed_queues": {
+        "debug": {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 10}}}})
+    App = _app(site.site_id, f"App{uuid.uuid4().hex[:6]}")
+    App.sync()
+    jobs = Job.objects.bulk_create([App.submit(workdir=f"w/{i}", i=i, num_nodes=8, save=False) for i in range(2)])
+    client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in jobs])
+    options = ElasticQueueOptions(submit_queue="debug", use_backfill=False, max_num_nodes=8, max_wall_time_min=30,
+                                  min_wall_time_min=10)
+    submitted = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M:%S")
+
+    def squeue(reason: str) -> Any:
+        return result(stdout="".join(f"{sid}|PENDING|debug|8|25:00|local|25:00|{submitted}|N/A|N/A|{reason}\n"
+                                     for sid in (601, 602)))
+
+    runner = ReplayRunner({"squeue": squeue("Priority")})  # not evaluated yet: it may start
+    module = ElasticQueueModule(site, options, client, scheduler=SlurmScheduler(runner, user="u"))
+    caplog.set_level(logging.INFO, logger="balsam.site.modules.elastic_queue")
+    for sid in (601, 602):  # two cycles, two 8 x 25 BatchJobs, which sbatch numbered 601 and 602
+        module.run_cycle()
+        newest = max(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"], key=lambda b: b["id"])
+        client.patch("/batch-jobs/", json=[{"id": newest["id"], "state": "queued", "scheduler_id": sid}])
+    mine = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
+    assert sorted((b["num_nodes"], b["wall_time_min"]) for b in mine) == [(8, 25), (8, 25)]
+    runner.answers["squeue"] = squeue("PartitionConfig")  # Slurm's verdict: wider than the partition
+    for _ in range(3):
+        module.run_cycle()
+    assert len(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]) == 2  # none more
+    numbers = dict(module.last_decision.numbers)
+    assert (numbers["reserved"], numbers["idle"], numbers["never_starts"]) == (0, 0.0, 2), numbers
+    low = min(b["id"] for b in mine)
+    assert module.last_decision.reason == (f"BatchJob {low} (8 nodes x 25 min) can never start as submitted "
+                                           f"(scheduler: PartitionConfig): no BatchJob as large is requested again")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "can never start" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # one per BatchJob, not one per cycle
+    for b in mine:
+        (line,) = [w for w in warnings if w.startswith(f"BatchJob {b['id']} ")]
+        assert "the scheduler says 'PartitionConfig'" in line and "allowed_queues.debug.max_nodes" in line, line
+    assert all(b["state"] == "queued" for b in client.get("/batch-jobs/", params={"site_id": site.site_id})["results"])

@@ -22,9 +22,11 @@ def settings(**changes) -> ElasticQueueOptions:
 
 
 def bj(id: int, state=Q, nodes: int = 1, queued: int | None = None, wall: int = 60, regular: bool = False,
-       owned: bool = True) -> BatchJobView:
+       owned: bool = True, polled=None, never: str = "") -> BatchJobView:
+    # A queued time comes from a poll that listed it queued.
+    polled = polled if polled is not None or queued is None else Q
     return BatchJobView(id=id, state=state, num_nodes=nodes, wall_time_min=wall, queued_time_min=queued, regular_queue=regular,
-                        owned=owned)
+                        owned=owned, polled_state=polled, never_starts=never)
 
 
 def backlog(runnable: int = 0, footprint: float = 0.0, smallest: int = 1, running: int = 0, running_fp: float = 0.0,
@@ -154,11 +156,36 @@ BACKFILL_CASES = [
      {}, Snapshot(backlog=attrs.evolve(backlog(10, 10.0), min_runnable_wall_time_min=0),
                   windows=(W(num_nodes=8, wall_time_min=40),)),
      ((8, 35),), (), ""),
-    ("a stale BatchJob, one the poll did not see queued, a regular-queue or foreign one claim no window",
-     {}, Snapshot(backlog=backlog(40, 40.0), batch_jobs=(bj(1, Q, 4, queued=11, wall=55), bj(2, Q, 4, queued=None, wall=55),
+    ("a stale BatchJob, one the poll shows running, a regular-queue or foreign one claim no window",
+     {}, Snapshot(backlog=backlog(40, 40.0), batch_jobs=(bj(1, Q, 4, queued=11, wall=55), bj(2, Q, 4, polled=R, wall=55),
                                                           bj(3, Q, 4, queued=1, regular=True), bj(4, P, 4, owned=False)),
                   windows=(W(num_nodes=4, wall_time_min=60),)),
      ((4, 55),), (1,), ""),
+    # squeue lists a job a moment after sbatch, and a poll may fail ("Socket timed out"): a queued
+    # BatchJob the poll said nothing of gave up its window, which was requested again every such cycle.
+    ("a queued BatchJob the poll did not list (or a failed poll) keeps its window",
+     {}, Snapshot(backlog=backlog(20, 20.0), batch_jobs=(bj(1, Q, 4, queued=None, wall=115),),
+                  windows=(W(num_nodes=4, wall_time_min=120),)),
+     (), (), "windows 4x120min, 4 nodes of them already requested by its BatchJobs not started yet"),
+    ("but not one whose poll says it can never start",
+     {}, Snapshot(backlog=backlog(2, 2.0), batch_jobs=(bj(1, Q, 4, queued=3, wall=55, never="AccountNotAllowed"),),
+                  windows=(W(num_nodes=4, wall_time_min=60),)),
+     ((2, 55),), (), ""),
+    # Slurm: allowed_queues max_nodes 8 on a 4-node partition. The two 8-node BatchJobs wait with
+    # PartitionConfig for ever; counted as capacity they covered the backlog for ever.
+    ("BatchJobs that can never start are no capacity, and none as large is requested again",
+     {"use_backfill": False, "max_num_nodes": 8, "max_wall_time_min": 30, "min_wall_time_min": 10},
+     Snapshot(backlog=backlog(2, 16.0, smallest=8), batch_jobs=(bj(1, Q, 8, queued=2, wall=25, never="PartitionConfig"),
+                                                               bj(2, Q, 8, queued=1, wall=25, never="PartitionConfig"))),
+     (), (), "BatchJob 1 (8 nodes x 25 min) can never start as submitted (scheduler: PartitionConfig)"),
+    ("a smaller request than the one that never starts is still made",
+     {"use_backfill": False, "max_num_nodes": 4, "max_wall_time_min": 30, "min_wall_time_min": 10},
+     Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(1, Q, 8, queued=2, wall=25, never="PartitionConfig"),)),
+     ((4, 25, True),), (), ""),
+    ("one that never starts still holds a place among max_queued_jobs", {"max_queued_jobs": 1},
+     Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(1, Q, 8, queued=2, wall=25, never="PartitionConfig"),),
+              windows=(W(num_nodes=4, wall_time_min=60),)),
+     (), (), "max_queued_jobs reached (1 of 1"),
 ]
 
 
@@ -185,6 +212,9 @@ def test_backfill_log_line_carries_the_numbers() -> None:
 
 SIMPLE_OPTIONS = {"nodes_per_block": 2, "wall_time_min": 30, "min_blocks": 0, "max_blocks": 3, "parallelism": 1.0}
 SIMPLE_CASES = [
+    ("a block that can never start is no block, and none more is submitted",
+     {}, Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(1, Q, 2, queued=1, wall=30, never="PartitionNodeLimit"),)),
+     (), (), "BatchJob 1 (2 nodes x 30 min) can never start as submitted (scheduler: PartitionNodeLimit)"),
     ("empty backlog, no blocks", {}, Snapshot(), (), (), "no runnable jobs"),
     ("empty backlog keeps min_blocks", {"min_blocks": 1}, Snapshot(), ((2, 30),), (), "0 blocks for a demand of 1"),
     ("burst: blocks up to the maximum at once", {}, Snapshot(backlog=backlog(40, 40.0)), ((2, 30),) * 3, (), ""),

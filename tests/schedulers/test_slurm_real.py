@@ -97,6 +97,21 @@ def test_delete_running_job(slurm, tmp_path):
     slurm.delete_job(jobid)  # already gone: not an error
 
 
+def test_a_job_wider_than_the_partition_is_said_to_never_start(slurm, tmp_path):
+    """8 nodes in the 4-node partition (what allowed_queues max_nodes 8 let through): Slurm keeps
+    it pending with PartitionConfig for ever, and the driver says so (the elastic queue then counts
+    it as no capacity)."""
+    script = _script(tmp_path, "qlaunch00009", "true")
+    jobid = slurm.submit(_request(script, num_nodes=8))
+    try:
+        status = wait_for(lambda: (s := slurm.get_statuses().get(jobid)) and s.message and s, 30,
+                          "squeue to give the job a pending reason")
+        assert status.state is BatchJobState.queued and status.num_nodes == 8, status
+        assert status.message in ("PartitionConfig", "PartitionNodeLimit") and slurm.never_starts(status), status
+    finally:
+        slurm.delete_job(jobid)
+
+
 def test_backfill_and_projects(slurm):
     windows = slurm.get_backfill_windows()
     assert set(windows) <= {PARTITION} and all(w.num_nodes >= 1 for ws in windows.values() for w in ws)

@@ -6,12 +6,14 @@ Per cycle (inventory §9):
    they were sized for: they are cancelled (``pending_deletion``) and no longer count below.
    BatchJobs it did not create (by hand, queue_maintainer's) and regular-queue ones are never
    cancelled (0.7 cancelled a hand-made BatchJob after 10 minutes).
-2. ``reserved`` = nodes of the module's BatchJobs that wait or run; at ``max_queued_jobs`` of them,
-   nothing more is submitted.
+2. ``reserved`` = nodes of the module's BatchJobs that wait or run, less those the scheduler says can
+   never start (``BatchJobView.never_starts``: they hold a place in the queue, no nodes); at
+   ``max_queued_jobs`` of them (those included), nothing more is submitted, nor, while one that can
+   never start waits, a request at least as large as it (the same limit would hold it back).
 3. Nothing runnable: nothing to submit.
 4. The window: with ``use_backfill`` the scheduler's windows for the submit queue, less the nodes
    its own window-fitted BatchJobs requested and have not taken yet (the scheduler shows them idle
-   until those start), at least ``min_wall_time_min`` long, longer than the shortest runnable job
+   until those start; a queued one keeps its claim until a status poll shows it running), at least ``min_wall_time_min`` long, longer than the shortest runnable job
    plus ``wall_time_pad_min`` (a launcher leases only jobs shorter than its BatchJob), and as wide
    as the smallest runnable job, the largest by nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``, in the regular queue
    (never cancelled as stale).
@@ -36,7 +38,7 @@ from typing import Any, Optional
 from balsam.models import BackfillWindow
 from balsam.states import BatchJobState
 
-from .strategy import STRATEGY_SECTION_KEYS, Decision, Snapshot, Strategy, Submission, nodes_for
+from .strategy import STRATEGY_SECTION_KEYS, Decision, Snapshot, Strategy, Submission, never_starts_reason, nodes_for
 
 
 class BackfillStrategy(Strategy):
@@ -53,7 +55,10 @@ class BackfillStrategy(Strategy):
             and b.queued_time_min > s.max_queue_wait_time_min
         )
         live = [b for b in snapshot.reserving if b.id not in stale]
-        reserved = sum(b.num_nodes for b in live)
+        # One the scheduler says can never start keeps its place in the queue but brings no nodes:
+        # counted, it covered the backlog for ever ("16 idle >= 16 needed" with none coming).
+        never = [b for b in live if b.never_starts]
+        reserved = sum(b.num_nodes for b in live if not b.never_starts)
         idle = reserved - backlog.running_footprint
         numbers: list[tuple[str, Any]] = [
             ("runnable", backlog.runnable_count), ("runnable_footprint", backlog.runnable_footprint),
@@ -62,6 +67,8 @@ class BackfillStrategy(Strategy):
         ]
         if stale:
             numbers.append(("stale", f"queued>{s.max_queue_wait_time_min}min"))
+        if never:
+            numbers.append(("never_starts", len(never)))
 
         def nothing(reason: str) -> Decision:
             why = reason if not stale else f"{len(stale)} BatchJob(s) queued past max_queue_wait_time_min; {reason}"
@@ -84,6 +91,9 @@ class BackfillStrategy(Strategy):
         num_nodes = min(max(s.min_num_nodes, shortfall, smallest), window.num_nodes, s.max_num_nodes)
         wall_time = min(window.wall_time_min - s.wall_time_pad_min, s.max_wall_time_min)
         numbers.append(("shortfall", shortfall))
+        blocked = snapshot.never_starting_as_large(num_nodes, wall_time)
+        if blocked is not None:
+            return nothing(never_starts_reason(blocked))
         # Without use_backfill the request is not fitted to a window: it waits its turn in the
         # regular queue, and waiting longer than max_queue_wait_time_min makes it no less useful.
         request = Submission(num_nodes=num_nodes, wall_time_min=wall_time, regular_queue=not s.use_backfill)
@@ -114,6 +124,9 @@ class BackfillStrategy(Strategy):
         numbers.append(("shortfall", shortfall))
         request = Submission(num_nodes=min(max(s.min_num_nodes, shortfall, smallest), s.max_num_nodes),
                              wall_time_min=s.max_wall_time_min, regular_queue=True)
+        blocked = snapshot.never_starting_as_large(request.num_nodes, request.wall_time_min)
+        if blocked is not None:
+            return Decision(cancel=stale, numbers=tuple(numbers), reason=f"{why_none}; {never_starts_reason(blocked)}")
         return Decision(submit=(request,), cancel=stale, numbers=tuple(numbers),
                         reason=(f"{why_none}, and a runnable job has waited {waited:.0f} min "
                                 f"(regular_queue_after_min {s.regular_queue_after_min})"))
@@ -144,7 +157,8 @@ class BackfillStrategy(Strategy):
 
     def unclaimed_windows(self, snapshot: Snapshot) -> tuple[list[BackfillWindow], int]:
         """The windows less the nodes its own window-fitted BatchJobs have asked for and not taken
-        yet (waiting for submission, or queued within ``max_queue_wait_time_min``), and how many
+        yet (waiting for submission, or queued and neither seen running by this cycle's status poll
+        nor queued past ``max_queue_wait_time_min``), and how many
         nodes that took off. The scheduler keeps showing a window's nodes idle until the BatchJob
         sized to it starts (a scheduler-module cycle plus the scheduler's backfill pass): without
         this, every cycle until then requested the same window again. Each request is taken off the
@@ -155,11 +169,15 @@ class BackfillStrategy(Strategy):
         s = self.settings
         left = [[w.num_nodes, w.wall_time_min] for w in snapshot.windows or ()]
         requested = 0
+        # A queued one keeps its claim until a poll shows it running (its nodes then left the
+        # windows). A failed poll, or one that does not list it yet (just submitted), says
+        # nothing: releasing the claim then requested the same window again, every such cycle.
+        # One queued past max_queue_wait_time_min is stale; one that can never start takes no nodes.
         waiting = (b for b in snapshot.batch_jobs
-                   if b.owned and not b.regular_queue
+                   if b.owned and not b.regular_queue and not b.never_starts
                    and (b.state == BatchJobState.pending_submission
-                        or (b.state == BatchJobState.queued and b.queued_time_min is not None
-                            and b.queued_time_min <= s.max_queue_wait_time_min)))
+                        or (b.state == BatchJobState.queued and b.polled_state != BatchJobState.running
+                            and (b.queued_time_min is None or b.queued_time_min <= s.max_queue_wait_time_min))))
         for b in sorted(waiting, key=lambda b: b.id):
             holders = [w for w in left if w[0] >= b.num_nodes and w[1] >= b.wall_time_min]
             if holders:

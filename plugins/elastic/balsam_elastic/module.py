@@ -14,7 +14,8 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
 - the jobs running in those BatchJobs: one more backlog request, ``state=RUNNING&batch_job_id=…``
   with the ids of its queued and running BatchJobs (:data:`MAX_IDS_PER_REQUEST` a request);
 - from the site's scheduler driver (``settings.yml`` ``scheduler:`` name and options): one status poll
-  (how long each queued BatchJob has waited) and, for strategies that use them, the backfill windows
+  (how long each queued BatchJob has waited, whether it already runs, whether the scheduler says it
+  can never start as submitted) and, for strategies that use them, the backfill windows
   of ``submit_queue`` (plus those a driver reports for any queue, key ``*``, as PBS does for nodes
   not tied to a queue).
 
@@ -290,15 +291,41 @@ class ElasticQueueModule(AgentModule):
             return False
         return row.get("job_mode") in (self.options.job_mode, "mpi")
 
-    def read_queued_times(self) -> dict[int, int]:
-        """scheduler id -> minutes queued (empty when the poll failed: nothing is then cancelled)."""
+    def read_poll(self) -> Optional[dict[int, Any]]:
+        """This cycle's status poll: scheduler id -> the driver's status of each job still in the
+        queue; None when the poll failed (nothing is then cancelled, and the queued BatchJobs keep
+        the windows they were sized for: a failed poll does not say they started)."""
         try:
             statuses = self.scheduler.get_statuses()
         except Exception as exc:  # the drivers raise SchedulerError only; never let a cycle die of it
             self.logger.warning("scheduler status poll failed: %s (no stale BatchJob is cancelled this cycle)", exc)
-            return {}
-        return {int(sid): int(getattr(st, "queued_time_min", 0) or 0) for sid, st in (statuses or {}).items()
-                if getattr(getattr(st, "state", None), "value", getattr(st, "state", None)) == BatchJobState.queued.value}
+            return None
+        return {int(sid): st for sid, st in (statuses or {}).items()}
+
+    def view(self, row: Mapping, poll: Optional[dict[int, Any]]) -> BatchJobView:
+        """One BatchJob as the strategy sees it: the API's record, and what this cycle's poll said
+        of it (nothing when the poll failed or does not list it)."""
+        status = (poll or {}).get(int(row["scheduler_id"])) if row.get("scheduler_id") is not None else None
+        polled = _polled_state(status)
+        queued = polled is BatchJobState.queued
+        return BatchJobView(
+            id=int(row["id"]), state=BatchJobState(row["state"]), num_nodes=int(row["num_nodes"]),
+            wall_time_min=int(row["wall_time_min"]),
+            queued_time_min=int(getattr(status, "queued_time_min", 0) or 0) if queued else None,
+            regular_queue=(row.get("status_info") or {}).get(REQUEST_KIND) == REGULAR_QUEUE,
+            owned=REQUEST_KIND in (row.get("status_info") or {}),
+            polled_state=polled, never_starts=self.never_starts(status) if queued else "",
+        )
+
+    def never_starts(self, status: Any) -> str:
+        """The scheduler's reason when its driver says this queued job can never start as
+        submitted (``Scheduler.never_starts``), else ""."""
+        try:
+            never = bool(getattr(self.scheduler, "never_starts", lambda _status: False)(status))
+        except Exception as exc:  # a driver's fault must not stop the cycle: the job then may start
+            self._report_once(f"scheduler driver's never_starts failed: {type(exc).__name__}: {exc}")
+            return ""
+        return (str(getattr(status, "message", "") or "") or "no reason given") if never else ""
 
     def read_windows(self) -> tuple[Optional[tuple[BackfillWindow, ...]], str]:
         if not self.options.use_backfill or not self.strategy.uses_backfill_windows:
@@ -320,16 +347,9 @@ class ElasticQueueModule(AgentModule):
         rows = self.read_batch_jobs()
         running_count, running_footprint = self.read_running(rows)
         backlog = attrs.evolve(self.read_backlog(), running_count=running_count, running_footprint=running_footprint)
-        queued_times = self.read_queued_times() if any(r["state"] == BatchJobState.queued.value for r in rows) else {}
+        poll = self.read_poll() if any(r["state"] == BatchJobState.queued.value for r in rows) else None
         windows, error = self.read_windows()
-        views = tuple(
-            BatchJobView(id=int(r["id"]), state=BatchJobState(r["state"]), num_nodes=int(r["num_nodes"]),
-                         wall_time_min=int(r["wall_time_min"]),
-                         regular_queue=(r.get("status_info") or {}).get(REQUEST_KIND) == REGULAR_QUEUE,
-                         owned=REQUEST_KIND in (r.get("status_info") or {}),
-                         queued_time_min=queued_times.get(r["scheduler_id"]) if r.get("scheduler_id") is not None else None)
-            for r in sorted(rows, key=lambda r: r["id"])
-        )
+        views = tuple(self.view(r, poll) for r in sorted(rows, key=lambda r: r["id"]))
         return Snapshot(batch_jobs=views, backlog=backlog, windows=windows, windows_error=error)
 
     # -- one cycle ---------------------------------------------------------------------------------
@@ -344,6 +364,19 @@ class ElasticQueueModule(AgentModule):
             # submitted for those jobs until settings.yml or the jobs change).
             self._report_once(f"runnable jobs its BatchJobs can never run: {backlog.unfit_reason}",
                               error=not backlog.runnable_count)
+        for b in snapshot.batch_jobs:
+            if b.reserving and b.never_starts:
+                # Once per BatchJob (and reason); it is left queued: a user or an administrator
+                # decides (a limit may be raised), and the module never deletes what it did not
+                # cancel as stale.
+                queue = self.options.submit_queue
+                self._report_once(
+                    f"BatchJob {b.id} ({b.num_nodes} nodes x {b.wall_time_min} min in queue {queue!r}) can never start: "
+                    f"the scheduler says {b.never_starts!r}. It is not counted as capacity, and no BatchJob as large "
+                    f"is requested while it waits. Make settings.yml scheduler.allowed_queues.{queue}.max_nodes and "
+                    f"max_walltime (and elastic_queue.max_num_nodes, max_wall_time_min) no larger than the "
+                    f"partition's limits, check the project may use the queue, then remove it: "
+                    f"balsam queue term --id {b.id}")
         owned = {b.id for b in snapshot.batch_jobs if b.owned}
         foreign = [i for i in decision.cancel if i not in owned]
         if foreign:
@@ -407,6 +440,15 @@ class ElasticQueueModule(AgentModule):
 
     def describe(self) -> str:
         return f"{self.name} (strategy {self.strategy.name}, every {self.period:g} s)"
+
+
+def _polled_state(status: Any) -> Optional[BatchJobState]:
+    """The state a driver's status record gives (None: no record, or a state it does not know)."""
+    state = getattr(status, "state", None)
+    try:
+        return BatchJobState(getattr(state, "value", state)) if state is not None else None
+    except ValueError:
+        return None
 
 
 def _count(rows: list[Mapping]) -> int:

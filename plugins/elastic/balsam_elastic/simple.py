@@ -8,7 +8,9 @@ wanted: submit the difference at once (never past ``max_queued_jobs``). More: ca
 blocks that certainly have not started (newest first): its own, waiting for submission or queued per
 this cycle's status poll. A running block, one the poll did not see queued, and a BatchJob it did
 not create are never cancelled (the latter still count as blocks); a launcher leaves on its own
-after ``launcher.idle_ttl_sec`` without work. Backfill windows are not consulted.
+after ``launcher.idle_ttl_sec`` without work. A block the scheduler says can never start (its
+driver's ``never_starts``) is no block, but holds a place among ``max_queued_jobs``, and while one
+waits no more blocks are submitted (they would never start either). Backfill windows are not consulted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import attrs
 
 from balsam.options import option
 
-from .strategy import Decision, Snapshot, Strategy, StrategyError, Submission
+from .strategy import Decision, Snapshot, Strategy, StrategyError, Submission, never_starts_reason
 
 
 @attrs.frozen
@@ -67,7 +69,9 @@ class SimpleStrategy(Strategy):
     def decide(self, snapshot: Snapshot) -> Decision:
         o = self.options
         backlog = snapshot.backlog
-        blocks = snapshot.reserving
+        # A block the scheduler says can never start brings no nodes, but holds a place in the queue.
+        blocks = snapshot.capacity
+        queued = len(snapshot.reserving)
         demand = backlog.runnable_footprint + backlog.running_footprint
         if demand > 1e-9:
             wanted = math.ceil(round(demand * o.parallelism / o.nodes_per_block, 9))
@@ -76,6 +80,8 @@ class SimpleStrategy(Strategy):
             wanted = o.min_blocks
         numbers = (("runnable", backlog.runnable_count), ("demand_footprint", demand), ("blocks", len(blocks)),
                    ("wanted", wanted), ("max_blocks", o.max_blocks), ("block", f"{o.nodes_per_block}x{o.wall_time_min}min"))
+        if queued > len(blocks):
+            numbers += (("never_starts", queued - len(blocks)),)
         if len(blocks) > wanted:
             waiting = sorted((b for b in blocks if b.cancellable), key=lambda b: b.id, reverse=True)
             surplus = tuple(b.id for b in waiting[: len(blocks) - wanted])
@@ -90,10 +96,13 @@ class SimpleStrategy(Strategy):
         if backlog.runnable_count and backlog.min_runnable_nodes > o.nodes_per_block:
             return Decision(numbers=numbers, reason=(f"the smallest runnable job needs {backlog.min_runnable_nodes} nodes, "
                                                      f"more than nodes_per_block ({o.nodes_per_block})"))
-        room = self.settings.max_queued_jobs - len(blocks)
+        room = self.settings.max_queued_jobs - queued
         count = min(wanted - len(blocks), room)
         if count <= 0:
-            return Decision(numbers=numbers, reason=f"max_queued_jobs reached ({len(blocks)} of {self.settings.max_queued_jobs})")
+            return Decision(numbers=numbers, reason=f"max_queued_jobs reached ({queued} of {self.settings.max_queued_jobs})")
+        blocked = snapshot.never_starting_as_large(o.nodes_per_block, o.wall_time_min)
+        if blocked is not None:
+            return Decision(numbers=numbers, reason=never_starts_reason(blocked))
         block = Submission(num_nodes=o.nodes_per_block, wall_time_min=o.wall_time_min)
         return Decision(submit=(block,) * count, numbers=numbers,
                         reason=f"{len(blocks)} blocks for a demand of {wanted}")

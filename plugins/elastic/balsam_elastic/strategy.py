@@ -36,6 +36,7 @@ __all__ = [
     "Submission",
     "available_strategies",
     "load_strategy",
+    "never_starts_reason",
     "nodes_for",
 ]
 
@@ -80,6 +81,15 @@ class BatchJobView:
     #: the backlog (the site's filter_tags exactly, a job_mode that leases it, no partitions) count
     #: as reserved capacity, never more; the module leaves the rest out of the snapshot.
     owned: bool = True
+    #: The state this cycle's status poll showed it in; None: the poll failed, or did not list it
+    #: (just submitted: squeue and qstat list a job a moment after its submission). The API state
+    #: lags the poll's: a BatchJob the API says is queued may already run.
+    polled_state: Optional[BatchJobState] = None
+    #: The scheduler's reason, when this cycle's poll says it can never start as submitted (it
+    #: asks for more than its queue, partition, account or QOS allows; see the driver's
+    #: ``never_starts``); "" when it may start. Such a BatchJob holds a place in the queue
+    #: (``max_queued_jobs``) but no capacity: it is not counted as nodes coming.
+    never_starts: str = ""
 
     @property
     def cancellable(self) -> bool:
@@ -91,7 +101,13 @@ class BatchJobView:
 
     @property
     def reserving(self) -> bool:
+        """Waits or runs: holds a place among ``max_queued_jobs``."""
         return self.state in RESERVING_STATES
+
+    @property
+    def capacity(self) -> bool:
+        """Waits or runs, and may start: its nodes count as coming (or there)."""
+        return self.reserving and not self.never_starts
 
 
 @attrs.frozen
@@ -139,6 +155,24 @@ class Snapshot:
     @property
     def reserving(self) -> tuple[BatchJobView, ...]:
         return tuple(b for b in self.batch_jobs if b.reserving)
+
+    @property
+    def capacity(self) -> tuple[BatchJobView, ...]:
+        return tuple(b for b in self.batch_jobs if b.capacity)
+
+    def never_starting_as_large(self, num_nodes: int, wall_time_min: int) -> Optional[BatchJobView]:
+        """One of the BatchJobs the scheduler says can never start that is no larger than a request
+        of ``num_nodes`` x ``wall_time_min`` (its own or another's in the same queue; the lowest
+        id), or None. The limit that keeps it waiting would hold such a request back as well:
+        submitting it would only fill the queue with BatchJobs that never start, each cycle."""
+        return next((b for b in self.batch_jobs if b.reserving and b.never_starts
+                     and b.num_nodes <= num_nodes and b.wall_time_min <= wall_time_min), None)
+
+
+def never_starts_reason(b: BatchJobView) -> str:
+    """Why a decision does not request a BatchJob as large as ``b``, which never starts."""
+    return (f"BatchJob {b.id} ({b.num_nodes} nodes x {b.wall_time_min} min) can never start as submitted "
+            f"(scheduler: {b.never_starts}): no BatchJob as large is requested again")
 
 
 @attrs.frozen

@@ -138,6 +138,10 @@ def load_pbs_json(text: str, what: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+#: The start (lower case) of the comment PBS Pro gives a job that can never run as submitted.
+NEVER_RUNS_COMMENT = "can never run"
+
+
 def waiting_reason(job: dict[str, Any]) -> str:
     """Why a job that has not started waits: the scheduler's ``comment`` ("Not Running: ...",
     "Can Never Run: ..."), else its holds. (A running job's comment only says where it started.)"""
@@ -196,6 +200,11 @@ class PBSScheduler(Scheduler):
     name = "pbs"
     default_job_template = resources.files(__package__).joinpath("job-template.sh").read_text()
     options_schema = PBSOptions
+
+    def never_starts(self, status: SchedulerJobStatus) -> bool:
+        # PBS Pro's scheduler comments a job that exceeds a queue or server limit (or asks for
+        # resources no node has) "Can Never Run: ..."; "Not Running: ..." waits its turn.
+        return status.state is BatchJobState.queued and status.message.lower().startswith(NEVER_RUNS_COMMENT)
 
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:

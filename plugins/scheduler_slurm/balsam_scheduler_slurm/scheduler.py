@@ -122,6 +122,19 @@ ACCOUNTING_DISABLED = "accounting storage is disabled"
 MAX_REASON_CHARS = 300
 
 
+#: squeue pending reasons (%r) that say the job asks for more than its partition, account or QOS
+#: allows (or for something it may not use): it waits for ever, not for its turn, until an
+#: administrator changes the limits or it is deleted. (PartitionNodeLimit also shows while enough of
+#: the partition's nodes are down: each status poll says it again, so a job whose reason changes
+#: counts again.)
+NEVER_STARTS_REASONS = frozenset({
+    "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "AccountNotAllowed", "QOSNotAllowed",
+    "InvalidAccount", "InvalidQOS", "BadConstraints",
+    "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit", "QOSMaxCpuPerJobLimit", "QOSMinNode",
+    "AssocMaxNodesPerJobLimit", "AssocMaxWallDurationPerJobLimit", "AssocMaxCpuPerJobLimit",
+})
+
+
 def pending_reason(reason: str) -> str:
     """squeue's %r as the status message: ``None`` (running, or not yet evaluated) means no reason."""
     reason = reason.strip()
@@ -354,6 +367,11 @@ class SlurmScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         for key, problem in self.options.validate().items():  # options built in code, not from settings.yml
             raise OptionsError(f"scheduler.options.{key}: {problem}")
+
+    def never_starts(self, status: SchedulerJobStatus) -> bool:
+        # The message is squeue's %r: one reason word (a few are followed by ", details").
+        word = status.message.split(",", 1)[0].strip()
+        return status.state is BatchJobState.queued and word in NEVER_STARTS_REASONS
 
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:

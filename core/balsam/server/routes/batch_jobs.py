@@ -30,6 +30,12 @@ UPDATABLE = {"scheduler_id", "state", "status_info", "start_time", "end_time", "
 FILTERS = {"id", "site_id", "state", "scheduler_id", "queue", "ordering", "start_time_before", "start_time_after",
            "end_time_before", "end_time_after", "filter_tags"}
 BJ = BatchJobState
+#: What the scheduler took when the BatchJob was submitted. Once it has left pending_submission,
+#: nothing applies a change of these to the scheduler (no resubmission, no scontrol/qalter): the
+#: record would lie to whoever reads it (the elastic queue counts its nodes and minutes), so a
+#: change is refused (409). The same value is accepted: a client that re-sends a whole object (0.7's
+#: save() sends every field set since it was read, changed or not) keeps working.
+FROZEN_AFTER_SUBMISSION = ("num_nodes", "wall_time_min", "queue", "project", "job_mode")
 
 
 def bj_dict(row: Any) -> dict[str, Any]:
@@ -172,12 +178,32 @@ def _apply_state_rules(current: dict[int, str], patches: dict[int, dict[str, Any
         raise Conflict("Invalid state change, nothing was updated: " + "; ".join(problems[:10]))
 
 
+def _check_frozen_fields(current: dict[int, Any], patches: dict[int, dict[str, Any]]) -> None:
+    """Refuse (409, nothing updated) a change of a :data:`FROZEN_AFTER_SUBMISSION` field of a
+    BatchJob whose stored state is not pending_submission; ``current``: the stored rows by id."""
+    problems, refused = [], []
+    for bj_id, patch in patches.items():
+        row = current[bj_id]
+        if row.state == BJ.pending_submission.value:
+            continue
+        changed = [f"{name} {row._mapping[name]!r} -> {patch[name]!r}" for name in FROZEN_AFTER_SUBMISSION
+                   if name in patch and patch[name] != row._mapping[name]]
+        if changed:
+            refused.append(bj_id)
+            problems.append(f"batch job {bj_id}: {', '.join(changed)} while {row.state} "
+                            f"(these fields change only while pending_submission)")
+    if problems:
+        raise Conflict("Submitted BatchJob fields cannot change, nothing was updated: " + "; ".join(problems[:10]),
+                       refused_ids=refused)
+
+
 def _update_many(conn: sa.Connection, user_id: int,
                  patches: dict[int, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
     """The updated BatchJobs, and the ids of the launcher credentials revoked because theirs finished
     (for the caller to forget in the credential cache once committed)."""
     ids = list(patches)
-    stmt = sa.select(batch_jobs.c.id, batch_jobs.c.state).where(
+    frozen = [batch_jobs.c[name] for name in FROZEN_AFTER_SUBMISSION]
+    stmt = sa.select(batch_jobs.c.id, batch_jobs.c.state, *frozen).where(
         batch_jobs.c.id.in_(ids), batch_jobs.c.site_id.in_(owned_site_ids(user_id))
     )
     if conn.dialect.name == "postgresql":
@@ -189,10 +215,12 @@ def _update_many(conn: sa.Connection, user_id: int,
         # key-share lock) does not wait. The lock order of this path: BatchJobs, then their
         # sessions, then jobs (see sessions_logic). (SQLite serializes writers.)
         stmt = stmt.order_by(batch_jobs.c.id).with_for_update(key_share=True, of=batch_jobs)
-    current = dict(conn.execute(stmt).all())
-    missing = set(ids) - current.keys()
+    stored = {row.id: row for row in conn.execute(stmt)}
+    missing = set(ids) - stored.keys()
     if missing:
         raise not_found_ids("BatchJob", missing, of_request=True)
+    _check_frozen_fields(stored, patches)
+    current = {bj_id: row.state for bj_id, row in stored.items()}
     _apply_state_rules(current, patches)
     update_rows_by_id(conn, batch_jobs, patches)
     finished = [bj_id for bj_id, values in patches.items()
