@@ -326,7 +326,7 @@ INVENTORY_KEYS = {
                  "serial_mode_startup_params", "platform", "default_postprocess_in_launcher"],
     "scheduler": ["name", "options", "sync_period", "allowed_queues", "allowed_projects", "optional_batch_job_params",
                   "job_template_path"],
-    "processing": ["num_workers", "prefetch_depth"],
+    "processing": ["num_workers", "prefetch_depth", "hook_timeout_sec"],
     "queue_maintainer": ["submit_period", "submit_project", "submit_queue", "job_mode", "num_queued_jobs",
                          "num_nodes", "wall_time_min"],
     "file_cleaner": ["cleanup_batch_size", "service_period"],

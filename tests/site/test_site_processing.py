@@ -6,6 +6,8 @@ Jobs are driven through RUNNING and RUN_DONE / RUN_ERROR / RUN_TIMEOUT exactly a
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -499,7 +501,8 @@ def test_hook_results_are_sent_at_stop_and_a_hung_hook_is_ended(processing, clie
             import time
 
             if not os.path.exists("started"):
-                open("started", "w").close()
+                with open("started", "w") as f:
+                    f.write(str(os.getpid()))
                 time.sleep(120)
             self.job.state = "POSTPROCESSED"
 
@@ -511,6 +514,16 @@ def test_hook_results_are_sent_at_stop_and_a_hung_hook_is_ended(processing, clie
     FakeLauncher(client, site_id).run({i: ("RUN_DONE", {}) for i in ids}, Path(site.data_path), {})
     run_until(module, lambda: module.in_flight() == 2)
     module.close()  # returns: the hung hook was ended (its job is released below)
+    # Its worker is gone: it ran on after close() (the pool's shutdown had forgotten its processes),
+    # alongside the next agent's run of the same hook, and the agent's exit waited for it.
+    hung_pid = int((Path(site.data_path) / "hung/0/started").read_text())
+    try:
+        stat = Path(f"/proc/{hung_pid}/stat").read_text()
+    except OSError:
+        stat = ""
+    if stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
+        os.kill(hung_pid, signal.SIGKILL)  # leave no hung hook behind
+        raise AssertionError(f"the hung hook's worker {hung_pid} still runs after close()")
     rows = {r["id"]: r for r in job_rows(client, id=ids)}
     assert rows[slow.id]["state"] == "JOB_FINISHED" and rows[slow.id]["data"] == {"post": "done"}
     assert (Path(site.data_path) / "slow/0/runs.txt").read_text() == "run\n"

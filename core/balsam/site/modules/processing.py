@@ -31,20 +31,27 @@ session is released (see :meth:`ProcessingModule.close`).
 A worker writes each job's result to a results file of its task as the job's hook completes: when
 a hook kills its worker (``os._exit``, a crash) or is ended at stop, the chunk's return value is
 lost, but the jobs whose hooks completed keep their results; only the others run again (each
-alone, after a death), so no completed hook runs twice.
+alone, after a death), so no completed hook runs twice. Each cycle reads those files of the tasks
+still running: a completed hook's result is sent without waiting for the rest of its chunk.
+The worker also writes a line there as each hook starts, so the module knows which hook runs, in
+which worker, since when: a hook running longer than ``hook_timeout_sec`` has its worker killed and
+its job FAILED (a WARNING names it at half that time); the rest of its chunk takes the worker-death
+path above.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
+import json
 import multiprocessing
+import os
 import shutil
 import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 
@@ -74,11 +81,57 @@ HOOKS_STOP_WAIT_SEC = 20.0
 #: the session, and their hooks run again under the next agent. Within ``balsam site stop``'s
 #: default 45 s, with room to send the results.
 HOOKS_STOP_LIMIT_SEC = 35.0
+#: A worker ended at stop (or by a hook timeout) gets this long to go after SIGTERM, then SIGKILL,
+#: and this long again to be gone: a hook may ignore SIGTERM, and a worker left running keeps its
+#: hook going beside the next agent's run of it, and the interpreter's exit waits for it.
+WORKER_END_GRACE_SEC = 2.0
 
 
 def _worker_init() -> None:
     # Ctrl-C in a foreground agent reaches the whole process group: the agent stops the pool itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_chunk(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int,
+               results_path: str) -> list[dict]:
+    """Worker-process entry: :func:`run_hooks` job by job, each hook's start announced in the
+    results file first (``{"start": <job id>, "pid": <worker pid>}``; :func:`read_results` skips
+    it, having no ``id``). The agent times each hook from it and knows which worker to end."""
+    updates: list[dict] = []
+    for job in jobs:
+        _append_line(results_path, {"start": job["id"], "pid": os.getpid()})
+        updates.extend(run_hooks(app_record, [job], python_app, data_path, tail_num_lines, results_path))
+    return updates
+
+
+def _append_line(path: str, record: dict) -> None:
+    """One JSON line, in one ``write`` with O_APPEND (as run_hooks writes its results)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError:  # no start line: that hook is not timed (its result still comes)
+        return
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@attrs.define
+class _HookTask:
+    """What the module knows of one worker task (a chunk of jobs of one app) while it runs."""
+
+    #: The pool it runs in (the one whose worker is killed when its hook times out).
+    pool: Optional[cf.ProcessPoolExecutor]
+    #: Bytes of its results file read so far: whole lines only.
+    offset: int = 0
+    #: The job whose hook runs now (its start line read, its result not), its worker's pid, and
+    #: when the module read the start line (``ProcessingModule.clock``).
+    running: Optional[int] = None
+    pid: Optional[int] = None
+    since: float = 0.0
+    warned: bool = False
 
 
 def _count_states(jobs: list[dict]) -> dict[str, int]:
@@ -94,6 +147,9 @@ class ProcessingSettings:
 
     num_workers: int = option(2, "Processes running the apps' preprocess/postprocess hooks.")
     prefetch_depth: int = option(1000, "Jobs fetched ahead for the hook workers.")
+    hook_timeout_sec: float = option(
+        3600.0, "Seconds a hook may run: one running longer has its worker killed and its job FAILED "
+        "('<hook> hook timed out after N s'). A WARNING names the job at half that time.")
 
     def validate(self) -> dict[str, str]:
         problems = {}
@@ -101,6 +157,8 @@ class ProcessingSettings:
             problems["num_workers"] = "must be at least 1"
         if self.prefetch_depth < 1:
             problems["prefetch_depth"] = "must be at least 1"
+        if not self.hook_timeout_sec > 0:
+            problems["hook_timeout_sec"] = "must be more than 0"
         return problems
 
 
@@ -117,7 +175,14 @@ class ProcessingModule(AgentModule):
         self.apps = AppCache(client)
         self.lease: Optional[JobLease] = None
         self.pool: Optional[cf.ProcessPoolExecutor] = None
+        #: Each worker task's jobs still without a result (its completed hooks' results are taken
+        #: from its results file as they come, see _read_progress).
         self.pending: dict[cf.Future, list[dict]] = {}
+        self.tasks: dict[cf.Future, _HookTask] = {}
+        #: Ids of jobs whose hook timed out (their worker is being killed) -> the reason they fail with.
+        self.timed_out: dict[int, str] = {}
+        #: Times the hooks (monotonic seconds); tests put a clock of their own.
+        self.clock: Callable[[], float] = time.monotonic
         self.updater: Optional[BulkStatusUpdater] = None
         self.spool: Optional[SpoolReplayer] = None
         #: Jobs leased but not yet handled (e.g. the app lookup failed in an API outage): kept for
@@ -145,6 +210,10 @@ class ProcessingModule(AgentModule):
     @property
     def prefetch_depth(self) -> int:
         return int(self.options.prefetch_depth)
+
+    @property
+    def hook_timeout_sec(self) -> float:
+        return float(self.options.hook_timeout_sec)
 
     @property
     def data_path(self) -> Path:
@@ -239,14 +308,17 @@ class ProcessingModule(AgentModule):
         self.processed += len(updates)
 
     def _harvest(self) -> list[dict]:
-        updates: list[dict] = []
+        updates = self._read_progress()
         shared_pool, isolation_pool = self.pool, self.isolation_pool  # as they were when these chunks ran
         stopped: set[int] = set()
         for future in [f for f in self.pending if f.done()]:
             jobs = self.pending.pop(future)
             results_file = self.results_files.pop(future, None)
+            self.tasks.pop(future, None)
+            chunk_ids = [j["id"] for j in jobs]
             try:
-                updates.extend(future.result())
+                # Only the jobs still without a result: the others' came from the results file.
+                updates.extend(u for u in future.result() if u.get("id") in chunk_ids)
             except Exception as exc:  # the worker process itself died (e.g. a hook called os._exit)
                 # A broken pool fails its chunks' futures before it ends their workers: a worker
                 # whose hook ignores SIGTERM could still be running hooks of this chunk. Its results
@@ -264,6 +336,13 @@ class ProcessingModule(AgentModule):
                     jobs = [j for j in jobs if j["id"] not in completed]
                     self.logger.warning("hook worker died (%s): the hooks of jobs %s had completed; their results are kept",
                                         exc, sorted(completed))
+                # A hook that timed out: its worker was killed for it. It fails with the reason,
+                # and is not run again (it would hang again); the rest go the way of any death.
+                hung = [j for j in jobs if j["id"] in self.timed_out]
+                if hung:
+                    updates.extend(_failed(j, self.timed_out[j["id"]]) for j in hung)
+                    self.alone.difference_update(j["id"] for j in hung)
+                    jobs = [j for j in jobs if j["id"] not in self.timed_out]
                 if future is self.isolated:
                     self.isolation_pool = None  # the job alone killed it: it fails below
                 elif isinstance(exc, cf.process.BrokenProcessPool):
@@ -280,21 +359,78 @@ class ProcessingModule(AgentModule):
                     jobs = [j for j in jobs if j not in again]
                 if jobs:
                     self.logger.error("hook worker failed for jobs %s: %s", [j["id"] for j in jobs], exc)
-                updates.extend(
-                    {
-                        "id": j["id"],
-                        "state": JobState.failed.value,
-                        "state_timestamp": now_iso(),
-                        "state_data": {"message": f"the hook worker process died: {exc}"},
-                    }
-                    for j in jobs
-                )
+                updates.extend(_failed(j, f"the hook worker process died: {exc}") for j in jobs)
             finally:
                 _remove(results_file)
+                for job_id in chunk_ids:
+                    self.timed_out.pop(job_id, None)
             self.alone.difference_update(j["id"] for j in jobs)  # settled: they have their update
             if future is self.isolated:
                 self.isolated = None
+        self._watch_hooks()
         return updates
+
+    def _read_progress(self) -> list[dict]:
+        """The results of the hooks completed since the last read, from the results files of the
+        tasks still in the workers; also which hook each task runs now. A hung hook held the
+        results of its whole chunk (``WORKER_CHUNK`` jobs) until it returned."""
+        updates: list[dict] = []
+        now = self.clock()
+        for future, jobs in self.pending.items():
+            task, path = self.tasks.get(future), self.results_files.get(future)
+            if task is None or path is None:
+                continue
+            records = _new_lines(path, task)
+            if not records:
+                continue
+            remaining = {j["id"] for j in jobs}
+            for record in records:
+                if "id" not in record and "start" in record:  # the next hook starts: the previous one is over
+                    task.running, task.pid, task.since, task.warned = record["start"], record.get("pid"), now, False
+                elif record.get("id") in remaining:
+                    remaining.discard(record["id"])
+                    updates.append(record)
+                    self.alone.discard(record["id"])  # settled
+                    self.timed_out.pop(record["id"], None)  # it completed as its worker was killed: kept
+                    if task.running == record["id"]:
+                        task.running = None
+            if len(remaining) < len(jobs):
+                self.pending[future] = [j for j in jobs if j["id"] in remaining]
+        return updates
+
+    def _watch_hooks(self) -> None:
+        """A hook past half ``hook_timeout_sec``: a WARNING naming its job, once. Past it: its
+        worker is killed; the task's future then breaks, and the job fails in :meth:`_harvest`."""
+        timeout = self.hook_timeout_sec
+        now = self.clock()
+        for future, task in self.tasks.items():
+            job_id = task.running
+            if job_id is None or future.done() or job_id in self.timed_out:
+                continue
+            ran = now - task.since
+            hook = self._hook_of(future, job_id)
+            if ran >= timeout:
+                reason = f"{hook} hook timed out after {timeout:g} s"
+                self.timed_out[job_id] = reason
+                self.logger.error("job %s: %s (processing.hook_timeout_sec): its worker (pid %s) is killed, the job "
+                                  "FAILED; the hooks not yet completed in that pool run again, each alone",
+                                  job_id, reason, task.pid)
+                _kill_worker(task.pool, task.pid)
+            elif ran >= timeout / 2 and not task.warned:
+                task.warned = True
+                self.logger.warning("job %s: its %s hook has run for %.0f s; it is ended at %g s "
+                                    "(processing.hook_timeout_sec)", job_id, hook, ran, timeout)
+
+    def _hook_of(self, future: cf.Future, job_id: int) -> str:
+        for job in self.pending.get(future, []):
+            if job["id"] == job_id:
+                return HOOK_FOR_STATE.get(JobState(job["state"]), "hook")
+        return "hook"
+
+    def hooks_running(self) -> dict[int, float]:
+        """Job id -> seconds its hook has run (by ``clock``), for the hooks the workers run now."""
+        now = self.clock()
+        return {t.running: now - t.since for f, t in self.tasks.items() if t.running is not None and not f.done()}
 
     def _submit(self, info: Any, jobs: list[dict], *, alone: bool = False) -> cf.Future:
         """Hand ``jobs`` (of one app) to a hook worker (``alone``: the isolation pool's), with a
@@ -304,7 +440,7 @@ class ProcessingModule(AgentModule):
             # once the task's results are in.
             self._results_dir = Path(tempfile.mkdtemp(prefix="balsam-hook-results-"))
         results_file = self._results_dir / f"{next(self._results_count)}.jsonl"
-        args = (run_hooks, info.record, jobs, info.python_app, str(self.data_path), self.tail_num_lines, str(results_file))
+        args = (_run_chunk, info.record, jobs, info.python_app, str(self.data_path), self.tail_num_lines, str(results_file))
         pool = self._isolation_pool if alone else self._pool
         try:
             future = pool().submit(*args)
@@ -314,9 +450,14 @@ class ProcessingModule(AgentModule):
             else:
                 self.pool = None
             future = pool().submit(*args)
-        self.pending[future] = jobs
-        self.results_files[future] = results_file
+        self._track(future, jobs, results_file, self.isolation_pool if alone else self.pool)
         return future
+
+    def _track(self, future: cf.Future, jobs: list[dict], results_file: Path,
+               pool: Optional[cf.ProcessPoolExecutor]) -> None:
+        self.pending[future] = list(jobs)
+        self.results_files[future] = results_file
+        self.tasks[future] = _HookTask(pool)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every result handed to the status updater has been sent."""
@@ -455,6 +596,10 @@ class ProcessingModule(AgentModule):
     def close(self) -> None:
         began = time.monotonic()
         pools = [pool for pool in (self.pool, self.isolation_pool) if pool is not None]
+        # Taken now: shutdown(wait=False) forgets a pool's processes (Python 3.11 sets ``_processes``
+        # to None), and the hung hooks' workers, never ended, ran on beside the next agent's run of
+        # the same hooks, and held the interpreter's exit (its concurrent.futures exit hook joins them).
+        workers = [process for pool in pools for process in _processes(pool)]
         if self.pending:
             cf.wait(list(self.pending), timeout=HOOKS_STOP_WAIT_SEC)
         # Chunks not started yet never start: their jobs are released with the session (their hooks
@@ -469,8 +614,9 @@ class ProcessingModule(AgentModule):
             self.logger.warning("stopping: hooks of jobs %s still run after %.0f s; ended (they run again "
                                 "under the next agent)", [j["id"] for f in unfinished for j in self.pending[f]],
                                 time.monotonic() - began)
-            for pool in pools:
-                _end_workers(pool)
+            survivors = _end_processes(workers)
+            if survivors:
+                self.logger.error("stopping: hook workers %s could not be ended", [p.pid for p in survivors])
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)  # prompt now: no hook runs any more
         self.pool = self.isolation_pool = None
@@ -483,6 +629,7 @@ class ProcessingModule(AgentModule):
             if future.cancelled() or (future in unfinished and (not future.done() or future.exception() is not None)):
                 jobs = self.pending.pop(future)
                 results_file = self.results_files.pop(future, None)
+                self.tasks.pop(future, None)
                 updates.extend(read_results(results_file, jobs).values())
                 _remove(results_file)
         updates += self._harvest()
@@ -544,14 +691,80 @@ def _kill_workers(pool: cf.ProcessPoolExecutor, timeout: float = 10.0) -> None:
             pass
 
 
-def _end_workers(pool: cf.ProcessPoolExecutor) -> None:
-    """Terminate a pool's worker processes (the hooks they run)."""
-    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
-    if terminate is not None:
-        terminate()
-        return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+def _processes(pool: Optional[cf.ProcessPoolExecutor]) -> list[Any]:
+    """A pool's worker processes (none once the pool has been shut down)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
+def _end_processes(processes: list[Any], grace: float = WORKER_END_GRACE_SEC) -> list[Any]:
+    """SIGTERM the worker ``processes`` (the hooks they run), SIGKILL those still there after
+    ``grace`` seconds (a hook may ignore SIGTERM), and wait up to ``grace`` again for them to be
+    gone; returns those still alive then."""
+    for process in processes:
         try:
             process.terminate()
         except Exception:  # already gone
             pass
+    for stage in ("kill", None):
+        deadline = time.monotonic() + grace
+        for process in processes:
+            try:
+                process.join(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
+        alive = [process for process in processes if _is_alive(process)]
+        if not alive or stage is None:
+            return alive
+        for process in alive:
+            try:
+                process.kill()
+            except Exception:
+                pass
+    return []
+
+
+def _is_alive(process: Any) -> bool:
+    try:
+        return bool(process.is_alive())
+    except Exception:  # closed, or not our child any more
+        return False
+
+
+def _kill_worker(pool: Optional[cf.ProcessPoolExecutor], pid: Optional[int]) -> None:
+    """SIGKILL the worker ``pid`` of ``pool`` (a hook that timed out): only a pid that is one of the
+    pool's processes, never another process that reused it. The pool then breaks (as for any
+    worker death) and ends its other workers."""
+    for process in _processes(pool):
+        if process.pid == pid:
+            try:
+                process.kill()
+            except Exception:  # already gone: the pool breaks all the same
+                pass
+
+
+def _new_lines(path: Path, task: _HookTask) -> list[dict]:
+    """The records appended to a task's results file since ``task.offset``: whole lines only. The
+    worker may be appending a line as this reads (its one ``write`` can be seen in part): a line
+    without its newline yet is left for the next read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(task.offset)
+            data = f.read()
+    except OSError:  # not written yet (no hook has started)
+        return []
+    whole = data.rfind(b"\n") + 1
+    task.offset += whole
+    records = []
+    for line in data[:whole].splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a torn line of a worker killed as it wrote it: that hook has no result
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _failed(job: dict, message: str) -> dict:
+    return {"id": job["id"], "state": JobState.failed.value, "state_timestamp": now_iso(),
+            "state_data": {"message": message}}
