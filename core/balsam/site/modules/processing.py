@@ -37,6 +37,9 @@ The worker also writes a line there as each hook starts, so the module knows whi
 which worker, since when: a hook running longer than ``hook_timeout_sec`` has its worker killed and
 its job FAILED (a WARNING names it at half that time); the rest of its chunk takes the worker-death
 path above.
+Nothing of the pools outlives the agent, a SIGKILLed one included: each worker watches a pipe whose
+write end only the agent holds, and kills itself when it reads EOF; the forkserver and the resource
+tracker then exit by themselves (see :func:`_end_with_agent`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -87,9 +92,54 @@ HOOKS_STOP_LIMIT_SEC = 35.0
 WORKER_END_GRACE_SEC = 2.0
 
 
-def _worker_init() -> None:
+#: The agent's end of the "agent alive" pipe, and the process it belongs to (see :func:`_agent_alive`).
+_alive_pipe: Optional[tuple[Connection, Connection, int]] = None
+_alive_lock = threading.Lock()
+
+
+def _agent_alive() -> Connection:
+    """The read end of this process's "agent alive" pipe, for its hook workers: the write end is
+    held by this process alone (``os.pipe`` is close-on-exec, and forkserver workers inherit
+    nothing from it) and never written to, so a worker reads EOF exactly when this process is gone,
+    whatever ended it. Made once per process and kept until its exit: closing it would end the
+    workers of every pool, also those a later pool of the process still runs."""
+    global _alive_pipe
+    with _alive_lock:
+        if _alive_pipe is None or _alive_pipe[2] != os.getpid():
+            reader, writer = multiprocessing.Pipe(duplex=False)
+            _alive_pipe = (reader, writer, os.getpid())
+        return _alive_pipe[0]
+
+
+def _worker_init(agent_alive: Optional[Connection] = None) -> None:
     # Ctrl-C in a foreground agent reaches the whole process group: the agent stops the pool itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if agent_alive is not None:
+        threading.Thread(target=_end_with_agent, args=(agent_alive,), name="balsam-agent-watch", daemon=True).start()
+
+
+def _end_with_agent(agent_alive: Connection) -> None:
+    """Worker thread: wait for the agent's end (EOF on ``agent_alive``), then SIGKILL this worker
+    (the hook it runs is released with the agent's session and runs again under the next agent).
+
+    Why: a SIGKILLed agent never shuts its pools down, and nothing else ended them: the workers block
+    on their call queue, whose write end they hold themselves; the forkserver (their parent, not the
+    agent) exits only once every holder of its "alive" pipe is gone, the workers included; the
+    resource tracker exits once every holder of its pipe (the agent, the workers) is gone. All four
+    stayed, orphaned, for ever (~70 MiB per killed agent). Once the workers end themselves, the
+    forkserver and the tracker exit by themselves, the tracker unlinking the pools' semaphores in
+    /dev/shm first (why a worker kills only itself, not the agent's process group: a killed tracker
+    leaves them there).
+    ``prctl(PR_SET_PDEATHSIG)`` in the workers would not do it: it fires on the death of their
+    parent, the forkserver, which waits for the workers. A pipe works on macOS as well as Linux.
+    A hook that holds the GIL (a C call that never releases it) delays its worker's end until it
+    lets go; hooks' own child processes are not ended (they are not the pool's)."""
+    try:
+        while os.read(agent_alive.fileno(), 1):  # nothing is ever written: returns at EOF
+            pass
+    except OSError:  # the fd was closed under us (a hook closing every fd): cannot watch, let it run
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _run_chunk(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int,
@@ -248,15 +298,18 @@ class ProcessingModule(AgentModule):
     def _pool(self) -> cf.ProcessPoolExecutor:
         if self.pool is None:
             # forkserver: the agent has threads, and forking a threaded process is unsafe.
+            # The workers end themselves when the agent is gone, a SIGKILL included (_end_with_agent).
             self.pool = cf.ProcessPoolExecutor(
-                self.num_workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_worker_init
+                self.num_workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_worker_init,
+                initargs=(_agent_alive(),),
             )
         return self.pool
 
     def _isolation_pool(self) -> cf.ProcessPoolExecutor:
         if self.isolation_pool is None:
             self.isolation_pool = cf.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("forkserver"), initializer=_worker_init
+                1, mp_context=multiprocessing.get_context("forkserver"), initializer=_worker_init,
+                initargs=(_agent_alive(),),
             )
         return self.isolation_pool
 
