@@ -88,9 +88,11 @@ def test_a_refused_chunk_beside_a_stored_one_is_reported_and_resumed_once(pg_sit
     with pytest.raises(BulkCreateError) as caught:
         Job.objects.bulk_create(_jobs(app, "r", 45, "refused"))
     error = caught.value
-    assert [str(job.workdir) for job in error.created] == [f"r/{i}" for i in range(10)]
-    assert [str(job.workdir) for job in error.not_created] == [f"r/{i}" for i in range(10, 45)]
-    assert "was refused" in str(error) and "never stored twice" in str(error)
+    # The third chunk, answered beside the refused one, is stored: created, not to be sent again.
+    assert [str(job.workdir) for job in error.created] == [f"r/{i}" for i in (*range(10), *range(20, 30))]
+    assert [str(job.workdir) for job in error.not_created] == [f"r/{i}" for i in (*range(10, 20), *range(30, 45))]
+    assert "stored 20 of 45 jobs" in str(error) and "chunk of 10 from item 10 of the list was refused" in str(error)
+    assert "never stored twice" in str(error)
     assert sorted(sent) == ["r/0", "r/10", "r/20"]  # nothing sent past the chunk beside the refused one
     assert Job.objects.filter(tags={"t": "refused"}).count() == 20  # chunks 1 and 3
     monkeypatch.setattr(RESTClient, "request_with_headers", real)

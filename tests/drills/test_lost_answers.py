@@ -144,8 +144,11 @@ def test_bulk_create_reports_exactly_what_was_stored_and_resumes_without_duplica
         error = caught.value
         assert proxy.faults["drop"] == 1 + retries
         stored = len(error.created)
-        assert stored == 5000 if user["db"] == "sqlite" else stored in (0, 5000)
-        assert [str(j.workdir) for j in error.created + error.not_created] == [f"b/{i}" for i in range(7000)]
+        # The chunk answered is created (side by side, the second chunk's answer may come first).
+        assert stored == 5000 if user["db"] == "sqlite" else stored in (2000, 5000)
+        first, second = [f"b/{i}" for i in range(5000)], [f"b/{i}" for i in range(5000, 7000)]
+        created_now, not_created = [str(j.workdir) for j in error.created], [str(j.workdir) for j in error.not_created]
+        assert (created_now, not_created) in ((first, second), (second, first))
         assert f"stored {stored} of 7000 jobs" in str(error) and "may be stored" in str(error)
         assert count(direct, "/jobs/", app_id=app["id"]) == 7000  # the lost chunk was in fact stored
         created = error.resume()

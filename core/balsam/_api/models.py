@@ -99,48 +99,61 @@ class JobWaitResult(NamedTuple):
 class BulkCreateError(Exception):
     """``Job.objects.bulk_create`` of more than one chunk (5,000 jobs) failed part way.
 
-    ``created``: the Job objects stored (complete and certain). ``not_created``: the jobs of the failed
-    chunk and of those after it (the failed chunk was refused, or its answer never came; a chunk
-    sent beside it may have been stored). ``cause``: the error. ``resume()`` sends ``not_created``
-    again and returns every created job; each of those chunks that was sent before is resent with
-    the Idempotency-Key it had, so if the server did store it, it is not stored twice.
+    ``created``: the Job objects stored (complete and certain), in the order of the list given to
+    ``bulk_create``: every job before the failed chunk, then those of any chunk sent beside it
+    (side by side, PostgreSQL) whose answer came. ``not_created``: the other jobs, in the order of
+    the list: those of the failed chunk (refused, or its answer never came), of a chunk beside it
+    that got no answer either (it may be stored), and of the chunks not sent. The two lists do not
+    overlap and together hold every job given. ``cause``: the error. ``resume()`` sends the chunks of
+    ``not_created`` again and returns every job of the list, in its order; each of those chunks
+    that was sent before is resent with the Idempotency-Key it had, so if the server did store it,
+    it is not stored twice. (Sending ``not_created`` in a new ``bulk_create`` instead gives new keys:
+    a job of it that was in fact stored would be stored twice.)
     """
 
     def __init__(self, manager: "JobManager", created: list["Job"], pending: list["_Chunk"], cause: BaseException,
                  total: int) -> None:
+        # ``created``: the jobs before ``pending[0]``, the chunk that failed; a chunk of ``pending``
+        # with ``stored`` set was answered beside it.
         self.manager = manager
-        self.created = list(created)
-        self.not_created = [job for chunk in pending for job in chunk.jobs]
+        self.created = list(created) + [job for chunk in pending if chunk.stored is not None for job in chunk.stored]
+        self.not_created = [job for chunk in pending if chunk.stored is None for job in chunk.jobs]
         self.cause = cause
+        self._created_before = list(created)
         self._pending = pending
-        ids = [job.id for job in self.created]
-        stored = f"ids {min(ids)}..{max(ids)}" if ids else "none"
+        groups = [created, *(chunk.stored for chunk in pending if chunk.stored is not None)]
+        ranges = [f"{min(j.id for j in group)}..{max(j.id for j in group)}" for group in groups if group]
+        stored = f"ids {', '.join(ranges)}" if ranges else "none"
         status = getattr(cause, "status_code", None)
         refused = isinstance(status, int) and 400 <= status < 500
         fate = "was refused" if refused else "got no answer (it may be stored: resume() finds out without duplicates)"
         super().__init__(
             f"bulk_create stored {len(self.created)} of {total} jobs ({stored}); the chunk of {len(pending[0].jobs)} "
-            f"after them {fate}; resume() sends the {len(self.not_created)} jobs from there on (a chunk sent beside "
-            f"the failed one and stored is answered from its Idempotency-Key, never stored twice): "
-            f"{type(cause).__name__}: {cause}"
+            f"from item {len(created)} of the list {fate}; resume() sends the {len(self.not_created)} jobs not stored "
+            f"(a chunk sent beside the failed one that got no answer either is resent with its Idempotency-Key, "
+            f"never stored twice): {type(cause).__name__}: {cause}"
         )
 
     def resume(self, progress: ProgressFn = None) -> list["Job"]:
-        """Send the jobs not stored yet; returns all created jobs (``created`` + the new ones)."""
-        return self.manager._post_chunks(self._pending, list(self.created), progress)
+        """Send the jobs not stored yet; returns all created jobs (``created`` + the new ones), in
+        the order of the list given to ``bulk_create``."""
+        return self.manager._post_chunks(self._pending, list(self._created_before), progress)
 
 
 class _Chunk:
     """One bulk POST: its jobs, their payloads (built when the chunk is first sent, then kept: a
-    resent chunk must be the same request), and its Idempotency-Key (None: not sent yet)."""
+    resent chunk must be the same request), its Idempotency-Key (None: not sent yet), and
+    ``stored``: the Job objects of its answer when it was answered beside a chunk that failed (a
+    resume does not send it again)."""
 
-    __slots__ = ("jobs", "payloads", "key")
+    __slots__ = ("jobs", "payloads", "key", "stored")
 
     def __init__(self, jobs: list["Job"], payloads: "list[dict[str, Any]] | None" = None,
                  key: Optional[str] = None) -> None:
         self.jobs = jobs
         self.payloads = payloads
         self.key = key
+        self.stored: "list[Job] | None" = None
 
     def body(self) -> list[dict[str, Any]]:
         if self.payloads is None:
@@ -236,8 +249,9 @@ class JobManager(Manager["Job"]):
         ids reserved for them: in the order of the list whatever the order the server stores the
         chunks in). The calling thread builds the next chunk's payloads and the Job objects of the
         answered ones, oldest first, while the server stores the others. When a chunk fails, the
-        chunks still in flight are waited for, and the error names that chunk and those after it
-        as not created: any of those that was stored is answered from its key by ``resume()``."""
+        chunks still in flight are waited for: those answered are stored, and the error counts them
+        as created; it names the failed chunk, those beside it without an answer and those not sent
+        as not created (``resume()`` resends each sent one with its key: answered from it if stored)."""
         client = self._client
         created = list(created)
         in_flight: "collections.deque[tuple[int, concurrent.futures.Future]]" = collections.deque()
@@ -251,6 +265,17 @@ class JobManager(Manager["Job"]):
                 self._check_created(chunk, data)
             except Exception as exc:
                 concurrent.futures.wait([other for _, other in in_flight])
+                for other_index, other in in_flight:
+                    # Answered: stored. Counted as not created, its jobs were stored twice when a
+                    # user sent not_created again in a new bulk_create (new keys).
+                    beside = chunks[other_index]
+                    try:
+                        other_data, other_headers = other.result()
+                        self._check_created(beside, other_data)
+                        beside.stored = self._created_jobs(beside, other_data,
+                                                           other_headers.get("Preference-Applied", ""))
+                    except Exception:  # no answer either: resume() resends it with its key
+                        continue
                 raise BulkCreateError(self, created, chunks[index:], exc, total) from exc
             created.extend(self._created_jobs(chunk, data, headers.get("Preference-Applied", "")))
             if progress:
@@ -303,6 +328,12 @@ class JobManager(Manager["Job"]):
             if len(chunks) > 1:
                 helper = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="balsam-bulk"))
             for index, chunk in enumerate(chunks):
+                if chunk.stored is not None:  # a resume: answered beside the chunk that failed
+                    collect()
+                    created.extend(chunk.stored)
+                    if progress:
+                        progress(len(created), total)
+                    continue
                 body = chunk.body()
                 last = index + 1 == len(chunks)
                 next_body = helper.submit(chunks[index + 1].body) if helper and not last else None

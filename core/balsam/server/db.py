@@ -92,6 +92,46 @@ def read_tx(engine: sa.Engine) -> Iterator[sa.Connection]:
             yield conn
 
 
+@contextmanager
+def raw_cursor(conn: sa.Connection) -> Iterator[Any]:
+    """A cursor of the DBAPI connection under ``conn``, for what SQLAlchemy cannot send as fast
+    (COPY, one JSON document per statement, executemany without its per-row work); its errors are
+    raised as SQLAlchemy's (:func:`dbapi_errors_as_sqlalchemy`). Every raw cursor of the server's
+    requests is taken here."""
+    with dbapi_errors_as_sqlalchemy(conn):
+        cur = conn.connection.dbapi_connection.cursor()
+    with dbapi_errors_as_sqlalchemy(conn, cur):
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+
+@contextmanager
+def dbapi_errors_as_sqlalchemy(conn: sa.Connection, cur: Any = None, statement: "str | None" = None) -> Iterator[None]:
+    """Raise the DBAPI errors of statements sent past SQLAlchemy on ``conn`` (with cursor ``cur``)
+    as SQLAlchemy raises those of its own: ``OperationalError``, ``IntegrityError``... with
+    ``connection_invalidated`` set for a lost connection, which is then invalidated, as SQLAlchemy
+    does (a dead connection must not go back to the pool).
+
+    Why: the app answers database errors by their SQLAlchemy classes (503 + Retry-After for an
+    outage, a deadlock or SQLite's "database is locked"; 409 for a conflict); a DBAPI error raised
+    as it is reached none of those handlers and was answered 500 "Internal server error"."""
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    try:
+        yield
+    except dbapi_error as exc:
+        invalidated = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cur)
+        if statement is None:
+            sent = getattr(cur, "query", None)  # psycopg2: the statement that failed, as sent
+            statement = sent.decode(errors="replace") if isinstance(sent, bytes) else sent
+        error = sa.exc.DBAPIError.instance(statement, None, exc, dbapi_error, connection_invalidated=invalidated,
+                                           dialect=conn.dialect)
+        if invalidated and not conn.invalidated:
+            conn.invalidate(error)
+        raise error from exc
+
+
 # ---------------------------------------------------------------------------------------------
 # Bulk inserts. PostgreSQL: the whole batch travels as one JSON document that the server expands
 # with jsonb_to_recordset (serialized by orjson in C, parsed by PostgreSQL in C: no per-value
@@ -216,8 +256,7 @@ def _pg_update_from_json(conn: sa.Connection, table: sa.Table, names: tuple[str,
             value = values[name]
             record_values[name] = value if proc is None or (value is None and not json) else proc(value)
         payload.append(record_values)
-    raw = conn.connection.dbapi_connection
-    with raw.cursor() as cur:
+    with raw_cursor(conn) as cur:
         cur.execute(
             f'UPDATE "{table.name}" SET {assignments} FROM jsonb_to_recordset(%s::jsonb) AS x({record}) '
             f'WHERE "{table.name}".id = x.id',
@@ -257,8 +296,7 @@ def bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]
     record = ", ".join(f'"{name}" {pg_record_type(table.c[name].type)}' for name in names)
     column_list = ", ".join(f'"{name}"' for name in names)
     payload = orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS).decode()
-    raw = conn.connection.dbapi_connection
-    with raw.cursor() as cur:
+    with raw_cursor(conn) as cur:
         cur.execute(
             f"INSERT INTO {table.name} ({column_list}) SELECT {column_list} FROM jsonb_to_recordset(%s::jsonb) AS x({record})",
             (payload,),

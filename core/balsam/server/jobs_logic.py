@@ -27,7 +27,7 @@ from balsam.states import (
 )
 
 from .auth import SITE_SCOPE
-from .db import bulk_insert, id_in, ids_in_param, ids_param, update_rows_by_id, where_eq, where_in
+from .db import bulk_insert, id_in, ids_in_param, ids_param, raw_cursor, update_rows_by_id, where_eq, where_in
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .idempotency import require_all_replayed
 from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int, wire_datetime
@@ -874,8 +874,7 @@ CREATE_PARALLEL = {"postgresql": 2, "sqlite": 1}
 def reserve_job_ids(conn: sa.Connection, sizes: list[int]) -> list[list[int]]:
     """Ids for the chunks of one bulk create, allocated now in one statement: increasing, each
     chunk's after the one before it (PostgreSQL; see ``idempotency.reserve_job_keys``)."""
-    raw = conn.connection.dbapi_connection
-    with raw.cursor() as cur:
+    with raw_cursor(conn) as cur:
         ids = allocate_ids(cur, "jobs", sum(sizes))
     blocks, start = [], 0
     for size in sizes:
@@ -1084,8 +1083,7 @@ def _insert_jobs_pg(conn: sa.Connection, specs: list[dict[str, Any]], site_of_ap
         if name in given:
             columns.append(name)
             fields.append(column_fields([spec.get(name) for spec in specs], write, default))
-    raw = conn.connection.dbapi_connection
-    with raw.cursor() as cur:
+    with raw_cursor(conn) as cur:
         if ids is None:
             ids = allocate_ids(cur, "jobs", len(specs))
         fields[0] = id_texts = list(map(str, ids))
@@ -1128,8 +1126,7 @@ def _insert_jobs_sqlite(conn: sa.Connection, specs: list[dict[str, Any]], site_o
     stored_now = jobs.c.last_update.type.bind_processor(conn.dialect)(now)  # as SQLAlchemy stores datetimes
     params = {"rows": orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS).decode(),
               "site_id": next(iter(site_of_app.values())), "state": S.staged_in.value, "now": stored_now}
-    cur = conn.connection.dbapi_connection.cursor()
-    try:
+    with raw_cursor(conn) as cur:
         id_of = dict(cur.execute(_SQLITE_INSERT_JOBS, params).fetchall())
         new_ids = [id_of[spec["workdir"]] for spec in specs]
         staged = S.staged_in.value
@@ -1137,8 +1134,6 @@ def _insert_jobs_sqlite(conn: sa.Connection, specs: list[dict[str, Any]], site_o
             "INSERT INTO log_events (job_id, timestamp, from_state, to_state, data) VALUES (?, ?, ?, ?, '{}')",
             [(job_id, stored_now, S.created.value, staged if states is None else states[index])
              for index, job_id in enumerate(new_ids)])
-    finally:
-        cur.close()
     return new_ids
 
 

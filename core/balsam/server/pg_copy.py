@@ -9,7 +9,8 @@ foreign keys, the statement triggers with their transition tables: migrations 00
 so every guarantee of the tables holds as for any other statement.
 
 Errors are raised as SQLAlchemy's exceptions (``IntegrityError``, ``OperationalError``...), as the
-statements run through SQLAlchemy are, so that the server answers them the same way.
+statements run through SQLAlchemy are, so that the server answers them the same way
+(``balsam.server.db.dbapi_errors_as_sqlalchemy``, as for every raw cursor of the server).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import io
 from typing import Any, Callable, Iterable
 
 import orjson
-import psycopg2
 import sqlalchemy as sa
 
+from .db import dbapi_errors_as_sqlalchemy
 from .tables import UTCDateTime
 
 #: What stands for NULL in COPY's text format.
@@ -105,9 +106,5 @@ def allocate_ids(cur: Any, table: str, n: int) -> list[int]:
 def copy_rows(conn: sa.Connection, cur: Any, table: str, columns: list[str], body: str) -> None:
     """COPY the rows of ``body`` (see ``copy_body``) into these columns of ``table``."""
     statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-    try:
+    with dbapi_errors_as_sqlalchemy(conn, cur, statement):
         cur.copy_expert(statement, io.StringIO(body))
-    except psycopg2.Error as exc:
-        invalidated = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cur)
-        raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg2.Error, connection_invalidated=invalidated,
-                                         dialect=conn.dialect) from exc
