@@ -79,3 +79,15 @@ def test_new_refuses_bad_names_and_existing_directories(tmp_path):
     again = runner.invoke(plugins, ["new", "platform", "ok", "--path", str(tmp_path)])
     assert again.exit_code == 2 and "already exists" in again.output
     assert runner.invoke(plugins, ["new", "transfer", "x", "--path", str(tmp_path)]).exit_code == 2
+
+
+def test_new_scheduler_template_exports_the_launcher_start_time(tmp_path):
+    # The launcher counts its wall time from BALSAM_LAUNCHER_START_TIME; without it a template's
+    # set-up time is not counted and jobs are timed out after the allocation has already ended.
+    package = _scaffold(tmp_path, "scheduler", "lsf_like")
+    lines = (package / "balsam_scheduler_lsf_like" / "job-template.sh").read_text().splitlines()
+    assert "export BALSAM_LAUNCHER_START_TIME=$(date +%s)" in lines
+    start = lines.index("export BALSAM_LAUNCHER_START_TIME=$(date +%s)")
+    # before the site set-up and the launcher's start
+    assert start < next(i for i, line in enumerate(lines) if line.startswith("export BALSAM_SITE_PATH="))
+    assert start < next(i for i, line in enumerate(lines) if line.startswith("exec "))

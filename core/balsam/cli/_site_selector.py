@@ -110,13 +110,22 @@ def resolve_site_ids(selector: str) -> Optional[list[int]]:
             raise click.UsageError("--site=this: not inside a Balsam site (cd into one or set BALSAM_SITE_PATH)")
         return [here]
     ids: set[int] = set()
+    given_ids: set[int] = set()
     for part in (p.strip() for p in selector.split(",")):
         if not part:
             continue
         if part.isdigit():
-            ids.add(int(part))
+            given_ids.add(int(part))
             continue
         ids.update(s.id for s in _sites_named_or_containing(Site, part))
+    if given_ids:
+        # One query for all of them. An id of no site of yours (a typo, a deleted site) is a usage
+        # error, as an unknown name is: taken as it was, it printed "No matching jobs." and exit 0.
+        unknown = given_ids - {s.id for s in Site.objects.filter(id=sorted(given_ids))}
+        if unknown:
+            listed = ", ".join(str(i) for i in sorted(unknown))
+            raise click.UsageError(f"--site: no site with id {listed} (see `balsam site ls`)")
+        ids |= given_ids
     return sorted(ids)
 
 

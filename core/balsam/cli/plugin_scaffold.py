@@ -317,6 +317,9 @@ __all__ = ["$klass", "${klass}Options"]
 # TODO: this batch system's directives (the submit command line already carries the requests)
 # BatchJob {{ batch_job_id }}: {{ num_nodes }} node(s), {{ wall_time_min }} min, queue {{ queue }}
 
+# The allocation started now: the launcher counts its wall time from here, not from its own
+# start after any set-up added below (BALSAM_LAUNCHER_START_TIME).
+export BALSAM_LAUNCHER_START_TIME=$$(date +%s)
 export BALSAM_SITE_PATH={{ balsam_site_path | shell_quote }}
 export BALSAM_BATCH_JOB_ID={{ batch_job_id }}
 cd "$$BALSAM_SITE_PATH"

@@ -14,6 +14,8 @@ Variables (Balsam 0.7's, inventory §7.4, plus ``batch_job_id`` and ``tags``):
 ``partitions``             pre-rendered `` --part MODE:NODES[:K=V...]`` options (empty without partitions)
 ``optional_params``        dict: the site's ``optional_batch_job_params`` defaults overlaid with the
                            BatchJob's ``-x`` values
+``platform_options``       dict: the site's ``launcher.platform_options``, the platform's defaults
+                           filled in
 ``balsam_site_path``       absolute site directory
 ``balsam_bin``             directory of the ``balsam`` executable
 ``pg_bin``                 directory of ``pg_ctl`` (or ``$POSTGRES_BIN``), may be None
@@ -53,8 +55,9 @@ class JobTemplateError(ValueError):
 #: Used when neither the platform nor the scheduler driver ships a template of its own.
 DEFAULT_JOB_TEMPLATE = """#!/bin/bash
 # Balsam job template (Jinja2): rendered by the site agent for each BatchJob into qsubmit/.
-# Variables: project queue num_nodes wall_time_min job_mode filter_tags optional_params
-#            balsam_site_path launcher_cmd batch_job_id partitions tags (see docs/site.md)
+# Variables (see docs/job-template.md#variables): project queue num_nodes wall_time_min
+#   launcher_wall_time_min job_mode filter_tags tags partitions optional_params platform_options
+#   balsam_site_path balsam_bin pg_bin launcher_cmd batch_job_id
 # BatchJob {{ batch_job_id }}: {{ num_nodes }} node(s), {{ wall_time_min }} min, queue {{ queue }}, project {{ project }}
 {% for key, value in optional_params.items() %}# optional param {{ key }}={{ value }}
 {% endfor %}
