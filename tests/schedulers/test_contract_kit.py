@@ -68,8 +68,14 @@ class TestPBSContract(SchedulerContract):
         "qstat_f_json_bad_escapes": {1196243: R, 1196250: Q, 1196251: Q, 1196252: R},
         "qstat_f_json_no_jobs": {},
         "qstat_f_json_routed": {1196400: Q, 1196401: Q},
+        # another user's job with environment values PBS 2022 prints as invalid JSON numbers
+        "qstat_f_json_numeric_env": {1196243: R, 1196250: Q, 1196251: Q, 1196252: R},
     }
     status_failures = {"qstat_f_json_truncated": "invalid JSON"}
+    overrides_orchestration = {
+        "find_submitted": "qselect matches the name only: the jobs it lists are read with qstat -x to drop older "
+                          "jobs of the same name (an earlier site database's)",
+    }
     delete_outputs = {"qdel_unknown": None, "qdel_unauthorized": "Unauthorized Request"}
     history_cases = [
         HistoryCase({1196243: F, 1196250: F, 1196251: F, 1196253: SF, 1196260: None}, output="qstat_x_f_json"),

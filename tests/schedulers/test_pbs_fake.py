@@ -101,3 +101,21 @@ def test_delete_running_job_and_forgotten_history(pbs, tmp_path):
 def test_site_defaults_discover_the_queues(pbs):
     queues = pbs.site_defaults()["scheduler"]["allowed_queues"]
     assert queues == {q: {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 10} for q in ("debug", "prod")}
+
+
+def test_find_submitted_ignores_an_older_job_of_the_same_name(pbs, tmp_path, monkeypatch):
+    """An earlier site database's BatchJob 1 left a finished qlaunch00001 in the job history; the new
+    BatchJob 1's interrupted submission must not adopt it (it would be marked finished unrun)."""
+    monkeypatch.setenv("FAKE_BATCH_KEEP_SEC", "600")  # the old job stays in the history
+    script = _script(tmp_path, "qlaunch00001", "true")
+    request = _request(script, num_nodes=1)
+    old = pbs.submit(request)
+    wait_for(lambda: old not in pbs.get_statuses(), 15, "the old job to finish")
+    assert pbs.get_history(old, script).state is BatchJobState.finished
+    time.sleep(1.1)  # PBS dates a job (ctime) to the second: the new script is written a second later
+    script.write_text("#!/bin/bash\necho new\n")
+    assert pbs.parse_find(pbs.run(pbs.render_find(request, pbs.user)), request) == [old]  # qselect: by name only
+    assert pbs.find_submitted(request) == []  # the interrupted qsub never reached the server
+    new = pbs.submit(request)  # it did, this time
+    assert pbs.find_submitted(request) == [new]
+    pbs.delete_job(new)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 
 from balsam.scheduler import SchedulerError, StatusPoll, SubmitRequest
 from balsam.states import BatchJobState
 from balsam_scheduler_pbs import PBS_STATES, PBSScheduler
-from balsam_scheduler_pbs.scheduler import job_project, parse_pbs_time
+from balsam_scheduler_pbs.scheduler import job_project, max_queued_for, parse_pbs_time
 
 from sched_helpers import ReplayRunner, recorded, result, utc
 
@@ -99,6 +100,67 @@ def test_known_json_slips_are_repaired(pbs, caplog):
     assert "malformed JSON" in caplog.text
 
 
+ALICE = {1196243: BatchJobState.running, 1196250: BatchJobState.queued, 1196251: BatchJobState.queued,
+         1196252: BatchJobState.running}
+
+
+def test_another_users_numeric_environment_values_do_not_break_the_poll(pbs, caplog):
+    """PBS 2022 (before openpbs PR #2603) prints bob's `-v FOO3=00,FOO1=.123,...` as bare invalid
+    JSON numbers in the every-user listing: they are quoted and alice's jobs come back."""
+    stdout = recorded("pbs", "qstat_f_json_numeric_env.txt")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(stdout)
+    statuses = pbs.parse_status(result(stdout=stdout), NOW)
+    assert {i: s.state for i, s in statuses.items()} == ALICE
+    assert "malformed JSON" in caplog.text
+    bob = PBSScheduler(user="bob").parse_status(result(stdout=stdout), NOW)
+    assert set(bob) == {1196190, 1196191} and bob[1196191].state is BatchJobState.queued
+
+
+NUMERIC_ENV = '"FOO1":.123,'
+
+
+def test_another_users_unrepairable_record_is_skipped(pbs, caplog):
+    """A slip no repair knows (here a missing comma) in bob's record: the listing is read record by
+    record, bob's record is skipped with one log line, alice's statuses come back."""
+    stdout = recorded("pbs", "qstat_f_json_numeric_env.txt").replace(NUMERIC_ENV, '"FOO1":"a" "FOOX":"b",')
+    statuses = pbs.parse_status(result(stdout=stdout), NOW)
+    assert {i: s.state for i, s in statuses.items()} == ALICE
+    skipped = [r.getMessage() for r in caplog.records if "of other users" in r.getMessage()]
+    assert len(skipped) == 1 and "1196191" in skipped[0] and "bob" in skipped[0]
+
+
+def test_our_unreadable_record_fails_the_poll(pbs):
+    stdout = recorded("pbs", "qstat_f_json_numeric_env.txt").replace('"Hold_Types":"u",', '"Hold_Types":"u" "X":1,', 1)
+    with pytest.raises(SchedulerError, match=r"record of job 1196251\S* \(alice\) is invalid JSON"):
+        pbs.parse_status(result(stdout=stdout), NOW)
+
+
+def test_cut_off_listing_is_not_read_record_by_record(pbs):
+    """Read record by record, a listing cut off after bob's broken record would look like a
+    shorter queue: it is a failed poll."""
+    stdout = recorded("pbs", "qstat_f_json_numeric_env.txt").replace(NUMERIC_ENV, '"FOO1":"a" "FOOX":"b",')
+    with pytest.raises(SchedulerError, match="invalid JSON"):
+        pbs.parse_status(result(stdout=stdout[:stdout.index('"1196300[]')]), NOW)
+
+
+@pytest.mark.parametrize("stdout", [
+    '{"Jobs":{"1.s":{"Job_Owner":"alice@h","job_state":"R","Resource_List":{"nodect":"two"}}}}',
+    '{"Jobs":{"1.s":"garbage"}}',
+    '{"Jobs":[]}',
+    '{"Jobs":null}',
+])
+def test_none_of_our_records_readable_is_a_failed_poll(pbs, stdout):
+    """Not an empty queue: read as one, every queued BatchJob would be declared gone."""
+    with pytest.raises(SchedulerError, match="none of the user's|'Jobs' is not an object"):
+        pbs.parse_status(result(stdout=stdout), NOW)
+
+
+def test_another_users_odd_record_alone_is_an_empty_queue(pbs):
+    stdout = '{"Jobs":{"1.s":{"Job_Owner":"bob@h","job_state":"R","Resource_List":{"nodect":"two"}}}}'
+    assert pbs.parse_status(result(stdout=stdout), NOW) == {}
+
+
 def test_truncated_json_is_a_failed_poll(pbs):
     with pytest.raises(SchedulerError, match="invalid JSON"):
         pbs.parse_status(result(stdout=recorded("pbs", "qstat_f_json_truncated.txt")), NOW)
@@ -160,6 +222,9 @@ def test_delete(pbs):
     pbs.parse_delete(result(stderr=recorded("pbs", "qdel_unknown.stderr.txt"), returncode=153), 1196240)
     with pytest.raises(SchedulerError, match="Unauthorized Request"):
         pbs.parse_delete(result(stderr=recorded("pbs", "qdel_unauthorized.stderr.txt"), returncode=159), 1196190)
+    # a job exiting (state E) cannot be deleted: it is leaving the queue, as deletion wanted
+    pbs.parse_delete(result(stderr="qdel: Request invalid for state of job 1196243.polaris-pbs-01\n", returncode=168),
+                     1196243)
 
 
 def test_backfill_from_pbsnodes(pbs):
@@ -190,3 +255,83 @@ def test_routed_jobs_show_their_execution_queue_and_account(pbs):
         1196400: ("small", "datascience"), 1196401: ("small", "datascience")}
     assert job_project({"project": "_pbs_project_default"}) == ""
     assert job_project({"project": "CSC249ADCD08"}) == "CSC249ADCD08"  # no Account_Name: -P's project
+
+
+REPEATED_MAX_QUEUED = """{
+    "timestamp":1700590573,
+    "pbs_version":"2022.1.3.20230614134139",
+    "pbs_server":"polaris-pbs-01.hsn.cm.polaris.alcf.anl.gov",
+    "Queue":{
+        "debug":{
+            "queue_type":"Execution",
+            "max_queued":"[o:PBS_ALL=10]",
+            "max_queued":"[u:PBS_GENERIC=1]",
+            "max_queued":"[u:tom=15]",
+            "resources_max":{"nodect":2, "walltime":"01:00:00"},
+            "enabled":"True",
+            "started":"True"
+        }
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("user, expected", [("alice", 1), ("tom", 10)])
+def test_repeated_max_queued_keys_are_all_read(user, expected):
+    """qstat -Q -f -F json prints max_queued once per restriction (openpbs #2677): the user's own
+    limit, else the generic one, no more than the limit of all users together."""
+    queues = PBSScheduler(user=user).parse_discover_queues(result(stdout=REPEATED_MAX_QUEUED))
+    assert queues["debug"].max_queued_jobs == expected
+
+
+def test_max_queued_that_applies_to_the_user():
+    assert max_queued_for("[u:PBS_GENERIC=5]", "alice", 20) == 5
+    assert max_queued_for(["[u:PBS_GENERIC=5]", "[u:alice=8]"], "alice", 20) == 8
+    assert max_queued_for("[o:PBS_ALL=10]", "alice", 20) == 10
+    assert max_queued_for(["[o:PBS_ALL=100]", "[g:staff=2]"], "alice", 20) == 20  # group limits left out
+    assert max_queued_for(None, "alice", 20) == 20
+    zero = REPEATED_MAX_QUEUED.replace("[u:PBS_GENERIC=1]", "[u:PBS_GENERIC=0]")
+    assert PBSScheduler(user="alice").parse_discover_queues(result(stdout=zero)) == {}  # 0 would mean "no limit"
+
+
+def _history(jobs: dict) -> str:
+    return json.dumps({"timestamp": 1700590573, "Jobs": jobs}, indent=4)
+
+
+def test_find_keeps_the_newest_job_of_this_script_since_it_was_written(pbs, tmp_path):
+    script = tmp_path / "qsubmit" / "qlaunch00001.sh"
+    request = SubmitRequest(script_path=script, project="p", queue="debug", num_nodes=1, wall_time_min=5,
+                            job_name="qlaunch00001")
+    output = f"login-01:{script.with_suffix('.output')}"
+    records = {
+        "101.s": {"ctime": "Tue Nov 21 17:00:00 2023", "Output_Path": output, "job_state": "F"},  # before the script
+        "102.s": {"ctime": "Tue Nov 21 18:00:00 2023", "Output_Path": "login-01:/elsewhere/qlaunch00001.output"},
+        "103.s": {"ctime": "Tue Nov 21 18:00:01 2023", "Output_Path": output, "job_state": "Q"},
+        "104.s": {"ctime": "Tue Nov 21 18:05:00 2023", "Output_Path": output, "job_state": "Q"},
+    }
+    written = utc(2023, 11, 21, 18, 0, 0)
+    assert pbs.parse_find_records(result(stdout=_history(records)), request, written) == [104]
+    del records["104.s"]
+    assert pbs.parse_find_records(result(stdout=_history(records)), request, written) == [103]
+    del records["103.s"]
+    assert pbs.parse_find_records(result(stdout=_history(records)), request, written) == []
+    forgotten = result(stderr="qstat: Unknown Job Id 101.s\n", returncode=153)
+    assert pbs.parse_find_records(forgotten, request, written) == []
+    with pytest.raises(SchedulerError, match="cannot connect"):
+        pbs.parse_find_records(result(stderr="qstat: cannot connect to server s (errno=111)", returncode=2),
+                               request, written)
+
+
+def test_find_runs_qselect_then_one_qstat(tmp_path):
+    script = tmp_path / "qlaunch00001.sh"
+    script.write_text("#!/bin/bash\n")
+    request = SubmitRequest(script_path=script, project="p", queue="debug", num_nodes=1, wall_time_min=5,
+                            job_name="qlaunch00001")
+    runner = ReplayRunner({"qselect": result(stdout="101.s\n102.s\n"), "qstat": result(stdout=_history({}))})
+    assert PBSScheduler(runner, user="alice").find_submitted(request) == []
+    assert [c.args for c in runner.calls] == [("qselect", "-x", "-u", "alice", "-N", "qlaunch00001"),
+                                              ("qstat", "-x", "-f", "-F", "json", "101", "102")]
+    nothing = ReplayRunner({"qselect": result(stdout="")})
+    assert PBSScheduler(nothing, user="alice").find_submitted(request) == [] and len(nothing.calls) == 1
+    script.unlink()  # jobs of that name, but no script to date them: cannot tell
+    assert PBSScheduler(runner, user="alice").find_submitted(request) is None

@@ -13,7 +13,7 @@ import re
 import shlex
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import attrs
 
@@ -116,9 +116,37 @@ def job_number(pbs_job_id: str) -> Optional[int]:
     return int(head) if head.isdigit() else None
 
 
-def load_pbs_json(text: str, what: str) -> dict[str, Any]:
-    """qstat/pbsnodes JSON, tolerating the known PBS slips (unescaped backslashes and control
-    characters inside Variable_List values). Empty output is an empty document."""
+#: One JSON string, escapes included (matched whole, so that what it holds is never read as JSON).
+_JSON_STRING = r'"[^"\\]*(?:\\[\s\S][^"\\]*)*"'
+#: A string, or a bare value after ``:`` (a number, true, false, null, or one of PBS's slips).
+_STRING_OR_BARE_VALUE = re.compile(rf'({_JSON_STRING})|(:[ \t]*)([^\s,{{}}\[\]":]+)')
+_JSON_LITERAL = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null")
+#: A job record's key under "Jobs" (``123.server``, an array's ``123[].server``), one per line as
+#: PBS prints it. No Variable_List or resource name starts with a digit.
+_JOB_KEY = re.compile(r'^[ \t]*"(\d+(?:\[\d*\])?(?:\.[^"\s]*)?)"[ \t]*:[ \t]*\{', re.M)
+_JOB_OWNER = re.compile(r'"Job_Owner"\s*:\s*"([^"@\s]*)')
+_DECODER = json.JSONDecoder(strict=False)
+
+
+def _quote_bad_number(match: re.Match) -> str:
+    if match.group(1) is not None or _JSON_LITERAL.fullmatch(match.group(3)):
+        return match.group(0)
+    return match.group(2) + json.dumps(match.group(3))
+
+
+def repair_pbs_json(body: str) -> str:
+    """The known PBS JSON slips repaired: unescaped backslashes (and, read with ``strict=False``,
+    raw control characters) inside strings, and values printed as bare numbers that JSON does not
+    allow. OpenPBS before PR #2603 (2023; Polaris runs 2022.1.3) prints any value ``strtod`` reads
+    (an environment value ``00``, ``005``, ``-00.1``, ``.123``, ``123.``, ``inf``) unquoted
+    (openpbs issue #1255): those are quoted, as the strings they are."""
+    body = re.sub(r'\\(?!["\\/bfnrt]|u[0-9a-fA-F]{4})', r"\\\\", body)
+    return _STRING_OR_BARE_VALUE.sub(_quote_bad_number, body)
+
+
+def load_pbs_json(text: str, what: str, object_pairs_hook: Optional[Callable[[list], Any]] = None) -> dict[str, Any]:
+    """qstat/pbsnodes JSON, tolerating the known PBS slips (see ``repair_pbs_json``). Empty output
+    is an empty document; anything else that is not a JSON object raises SchedulerError."""
     if not text.strip():
         return {}
     start = text.find("{")
@@ -126,16 +154,107 @@ def load_pbs_json(text: str, what: str) -> dict[str, Any]:
         raise SchedulerError(f"{what} printed no JSON (first line: {text.strip().splitlines()[0][:120]!r})")
     body = text[start:]
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError:
         pass
-    repaired = re.sub(r'\\(?!["\\/bfnrt]|u[0-9a-fA-F]{4})', r"\\\\", body)
     try:
-        data = json.loads(repaired, strict=False)
+        data = json.loads(repair_pbs_json(body), strict=False, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
         raise SchedulerError(f"{what} printed invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     logger.warning("%s printed slightly malformed JSON; read it after repair", what)
     return data if isinstance(data, dict) else {}
+
+
+def _is_complete(body: str) -> bool:
+    """Whether a document ends where its braces close (outside strings): not cut off."""
+    bare = re.sub(_JSON_STRING, '""', body).rstrip()
+    return bare.endswith("}") and bare.count("{") == bare.count("}") and bare.count("[") == bare.count("]")
+
+
+def split_job_records(body: str) -> Optional[list[tuple[str, str]]]:
+    """The text of each job record under ``"Jobs"`` (``[(pbs_id, text from its "{")]``), or None
+    when the document has no such records or is not complete (a cut-off listing must not read as
+    a shorter queue)."""
+    jobs = re.search(r'"Jobs"\s*:\s*\{', body)
+    if jobs is None or not _is_complete(body):
+        return None
+    keys = list(_JOB_KEY.finditer(body, jobs.end()))
+    ends = [k.start() for k in keys[1:]] + [len(body)]
+    return [(key.group(1), body[key.end() - 1:end]) for key, end in zip(keys, ends)] or None
+
+
+def _decode_record(text: str, last: bool) -> Any:
+    record, end = _DECODER.raw_decode(text)
+    rest = text[end:].strip()
+    # Each record is followed by a comma, the last by the braces that close "Jobs" and the document.
+    if not rest.startswith("}") if last else rest != ",":
+        raise ValueError(f"unexpected text after the record: {rest[:40]!r}")
+    return record
+
+
+def load_pbs_jobs(text: str, what: str) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """The job records of a ``qstat -f -F json`` listing: ``(readable {pbs_id: record},
+    unreadable {pbs_id: (Job_Owner's user name or "", why)})``.
+
+    The listing holds every user's jobs, so one job of another user that PBS prints as invalid
+    JSON (a slip ``repair_pbs_json`` does not know) must not hide ours: when the document does not
+    parse, each record is read on its own. A document that cannot be split into records (not the
+    PBS layout, or cut off) raises the document's SchedulerError."""
+    try:
+        doc = load_pbs_json(text, what)
+    except SchedulerError as exc:
+        start = text.find("{")
+        records = split_job_records(repair_pbs_json(text[start:])) if start >= 0 else None
+        if records is None:
+            raise exc from None
+        jobs: dict[str, Any] = {}
+        unreadable: dict[str, tuple[str, str]] = {}
+        for index, (pbs_id, record) in enumerate(records):
+            try:
+                jobs[pbs_id] = _decode_record(record, last=index == len(records) - 1)
+            except ValueError as err:
+                owner = _JOB_OWNER.search(record)
+                why = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
+                unreadable[pbs_id] = (owner.group(1) if owner else "", why)
+        logger.warning("%s; read it record by record: %d readable, %d not", exc, len(jobs), len(unreadable))
+        return jobs, unreadable
+    found = doc.get("Jobs", {})
+    if not isinstance(found, dict):
+        raise SchedulerError(f"{what}: 'Jobs' is not an object but {type(found).__name__}")
+    return found, {}
+
+
+class RepeatedKey(list):
+    """The values of a key that a JSON object holds more than once (see ``keep_repeated_keys``)."""
+
+
+def keep_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that keeps every value of a repeated key (as a ``RepeatedKey``):
+    ``qstat -Q -f -F json`` prints ``max_queued`` once per restriction (openpbs issue #2677)."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key not in result:
+            result[key] = value
+        elif isinstance(result[key], RepeatedKey):
+            result[key].append(value)
+        else:
+            result[key] = RepeatedKey([result[key], value])
+    return result
+
+
+_RESTRICTION = re.compile(r"\[\s*([ougp]):([^=\]\s]+)\s*=\s*(\d+)\s*\]")
+
+
+def max_queued_for(value: Any, user: str, default: int) -> int:
+    """The number of jobs ``user`` may queue under a queue's ``max_queued`` (one or several
+    ``[o:PBS_ALL=N]``, ``[u:PBS_GENERIC=N]``, ``[u:NAME=N]`` entries): ``u:<user>`` if given, else
+    ``u:PBS_GENERIC``, else ``default``; no more than ``o:PBS_ALL`` (all users' jobs together).
+    Group (``g:``) and project (``p:``) limits may not apply to the user's jobs and are left out."""
+    texts = value if isinstance(value, list) else [value]
+    limits = {(kind, name): int(n) for text in texts for kind, name, n in _RESTRICTION.findall(str(text or ""))}
+    own = limits.get(("u", user), limits.get(("u", "PBS_GENERIC"), default))
+    overall = limits.get(("o", "PBS_ALL"))
+    return own if overall is None else min(own, overall)
 
 
 #: The start (lower case) of the comment PBS Pro gives a job that can never run as submitted.
@@ -166,6 +285,11 @@ def job_project(job: dict[str, Any]) -> str:
         return account
     project = str(job.get("project") or "").strip()
     return "" if project == DEFAULT_PBS_PROJECT else project
+
+
+def _owner(job: dict[str, Any]) -> str:
+    """The user name of a job's ``Job_Owner`` (``alice@login-host``)."""
+    return str(job.get("Job_Owner", "")).split("@", 1)[0]
 
 
 def _pbs_error(result: CommandResult) -> str:
@@ -243,26 +367,46 @@ class PBSScheduler(Scheduler):
         return Command(["qstat", "-f", "-F", "json"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES)
 
     def parse_status(self, result: CommandResult, now: dt.datetime) -> dict[int, SchedulerJobStatus]:
+        """The user's jobs in the every-user listing. A record of another user that cannot be read
+        is skipped (one log line); one of ours (or of no readable owner) that is not JSON fails the
+        poll, and so do records of ours none of which can be read: either read as an empty queue
+        would declare every queued BatchJob gone."""
         if result.returncode != 0 and not result.stdout.strip():
             raise SchedulerError(f"status poll failed: {result.describe()}")
-        jobs = load_pbs_json(result.stdout, "qstat -f -F json").get("Jobs") or {}
-        if not isinstance(jobs, dict):
-            raise SchedulerError("qstat -f -F json: 'Jobs' is not an object")
+        jobs, unreadable = load_pbs_jobs(result.stdout, "qstat -f -F json")
+        ours = {pbs_id: (owner, why) for pbs_id, (owner, why) in unreadable.items() if owner in ("", self.user)}
+        if ours:
+            pbs_id, (owner, why) = next(iter(ours.items()))
+            raise SchedulerError(f"qstat -f -F json: the record of job {pbs_id} ({owner or 'no readable Job_Owner'}) "
+                                 f"is invalid JSON ({why}); {len(ours)} such record(s) of {self.user} or no "
+                                 "readable owner")
+        if unreadable:
+            pbs_id, (owner, why) = next(iter(unreadable.items()))
+            logger.warning("qstat: skipped %d unreadable record(s) of other users (first: %s of %s: %s)",
+                           len(unreadable), pbs_id, owner, why)
         statuses: dict[int, SchedulerJobStatus] = {}
+        read, skipped = 0, []
         for pbs_id, job in jobs.items():
+            mine = not isinstance(job, dict) or _owner(job) == self.user
             try:
                 status = self.status_from_record(pbs_id, job, now)
             except (TypeError, ValueError, AttributeError, KeyError) as exc:
                 logger.warning("qstat: skipped unreadable record %r: %s", pbs_id, exc)
+                if mine:
+                    skipped.append(pbs_id)
                 continue
+            if mine:
+                read += 1
             if status is not None:
                 statuses[status.scheduler_id] = status
+        if skipped and not read:
+            raise SchedulerError(f"qstat -f -F json: none of the user's {len(skipped)} job record(s) is readable "
+                                 f"(first: {skipped[0]!r})")
         return statuses
 
     def status_from_record(self, pbs_id: str, job: dict[str, Any], now: dt.datetime) -> Optional[SchedulerJobStatus]:
         """The status of one of the user's jobs still in the queue, else None."""
-        owner = str(job.get("Job_Owner", ""))
-        if owner.split("@", 1)[0] != self.user:
+        if _owner(job) != self.user:
             return None
         number = job_number(pbs_id)
         if number is None:
@@ -301,9 +445,31 @@ class PBSScheduler(Scheduler):
         )
 
     # -- an earlier submission ----------------------------------------------------------------
+    def find_submitted(self, request: SubmitRequest) -> Optional[list[int]]:
+        """``qselect`` matches the job name only, and the names are ``qlaunch<BatchJob id>``: an
+        earlier site database's BatchJob of the same id left jobs of the same name (finished ones
+        stay in the job history). The jobs qselect lists are read with one ``qstat -x -f -F json``
+        and kept only if submitted (``ctime``) no earlier than the script was written (the agent
+        writes it before each submission) and writing this script's output file; the newest of
+        those (``[]``: none). No script: None (cannot tell)."""
+        with self.guard("lookup of an earlier submission"):
+            ids = sorted(set(self.parse_find(self.run(self.render_find(request, self.user)), request)))
+            if not ids:
+                return []
+            script = Path(request.script_path)
+            try:
+                written = dt.datetime.fromtimestamp(int(script.stat().st_mtime), dt.timezone.utc)
+            except FileNotFoundError:
+                logger.warning("qselect: jobs named %s exist but %s is gone: cannot tell which is its job",
+                               request.job_name, script)
+                return None
+            except OSError as exc:
+                raise SchedulerError(f"cannot read {script}: {exc}") from None
+            return self.parse_find_records(self.run(self.render_histories(dict.fromkeys(ids))), request, written)
+
     def render_find(self, request: SubmitRequest, user: str) -> Command:
         # -x: finished jobs too (where the server keeps job history). qselect matches the name
-        # only; our job names are the site's qlaunch<BatchJob id>.
+        # only (our job names are the site's qlaunch<BatchJob id>): find_submitted reads the jobs.
         return Command(["qselect", "-x", "-u", user, "-N", request.job_name[:236]], env=PLAIN_ENV)
 
     def parse_find(self, result: CommandResult, request: SubmitRequest) -> list[int]:
@@ -318,6 +484,36 @@ class PBSScheduler(Scheduler):
                 logger.warning("qselect: skipped unreadable line %r", line[:200])
         return found
 
+    def parse_find_records(self, result: CommandResult, request: SubmitRequest, written: dt.datetime) -> list[int]:
+        """``qstat -x -f -F json`` of the jobs qselect found -> ``[id]`` of the newest one submitted
+        (``ctime``, printed to the second) since the script was ``written`` whose ``Output_Path``
+        (``host:/path``) is this script's output file; ``[]`` when none is."""
+        unknown = _unknown_ids(result)  # left the history between the two commands
+        if result.returncode != 0 and not result.stdout.strip() and not unknown:
+            raise SchedulerError(f"qstat -x could not read the jobs named {request.job_name}: {_pbs_error(result)}")
+        records = load_pbs_json(result.stdout, "qstat -x -f -F json").get("Jobs", {})
+        if not isinstance(records, dict):
+            raise SchedulerError(f"qstat -x -f -F json: 'Jobs' is not an object but {type(records).__name__}")
+        output = str(Path(request.script_path).with_suffix(".output"))
+        ours, others = [], []
+        for pbs_id, job in records.items():
+            number = job_number(pbs_id)
+            if number is None or not isinstance(job, dict):
+                continue
+            submitted = parse_pbs_time(job.get("ctime"))
+            if (submitted is not None and submitted >= written
+                    and str(job.get("Output_Path", "")).endswith(output)):
+                ours.append((submitted, number))
+            else:
+                others.append(number)
+        if others:
+            logger.info("qselect: job(s) %s named %s are older than %s or write another output file: not its job",
+                        ", ".join(map(str, sorted(others))), request.job_name, Path(request.script_path).name)
+        if len(ours) > 1:
+            logger.warning("qselect: %d jobs named %s since its script was written (%s): the newest is kept",
+                           len(ours), request.job_name, ", ".join(str(n) for _, n in sorted(ours)))
+        return [max(ours)[1]] if ours else []
+
     # -- delete -----------------------------------------------------------------------------
     def render_delete(self, scheduler_id: int) -> Command:
         return Command(["qdel", str(scheduler_id)])
@@ -328,6 +524,8 @@ class PBSScheduler(Scheduler):
         said = result.stderr + result.stdout
         if re.search(r"Unknown Job Id|Job has finished|job has already finished", said, re.I):
             return  # gone already
+        if re.search(r"Request invalid for state of job", said, re.I):
+            return  # exiting (state E), as Slurm's "already completing": it leaves the queue by itself
         raise SchedulerError(f"qdel could not delete job {scheduler_id}: {_pbs_error(result)}")
 
     # -- history ----------------------------------------------------------------------------
@@ -344,7 +542,9 @@ class PBSScheduler(Scheduler):
         unknown = _unknown_ids(result)
         if result.returncode != 0 and not result.stdout.strip() and not unknown:
             raise SchedulerError(f"qstat -x failed: {_pbs_error(result)}")
-        records = load_pbs_json(result.stdout, "qstat -x -f -F json").get("Jobs") or {}
+        records = load_pbs_json(result.stdout, "qstat -x -f -F json").get("Jobs", {})
+        if not isinstance(records, dict):
+            raise SchedulerError(f"qstat -x -f -F json: 'Jobs' is not an object but {type(records).__name__}")
         by_number = {job_number(k): v for k, v in records.items() if isinstance(v, dict)}
         histories: dict[int, Optional[JobHistory]] = {}
         for scheduler_id, script_path in jobs.items():
@@ -403,10 +603,13 @@ class PBSScheduler(Scheduler):
     def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
         """The queues users may submit to (enabled, not route-only) with a node limit
         (``resources_max.nodect``); wall time from ``resources_max.walltime`` (none: a week) and
-        queued jobs from the per-user ``max_queued`` (none: ``DISCOVERED_MAX_QUEUED_JOBS``)."""
+        queued jobs from ``max_queued`` as it applies to the user (``max_queued_for``; none stated:
+        ``DISCOVERED_MAX_QUEUED_JOBS``). PBS prints ``max_queued`` once per restriction (openpbs
+        #2677): every one is kept. A queue where the user may queue no job is left out."""
         if result.returncode != 0 and not result.stdout.strip():
             raise SchedulerError(f"qstat -Q failed: {_pbs_error(result)}")
-        queues = load_pbs_json(result.stdout, "qstat -Q -f -F json").get("Queue") or {}
+        doc = load_pbs_json(result.stdout, "qstat -Q -f -F json", object_pairs_hook=keep_repeated_keys)
+        queues = doc.get("Queue") or {}
         if not isinstance(queues, dict):
             raise SchedulerError("qstat -Q -f -F json: 'Queue' is not an object")
         found: dict[str, AllowedQueue] = {}
@@ -419,9 +622,12 @@ class PBSScheduler(Scheduler):
                 logger.info("qstat -Q: queue %s has no node limit (resources_max.nodect): left out", name)
                 continue
             walltime = pbs_duration_min(limits["walltime"]) if limits.get("walltime") else UNLIMITED_WALLTIME_MIN
-            per_user = re.search(r"\bu:PBS_GENERIC=(\d+)", str(queue.get("max_queued") or ""))
+            max_queued = max_queued_for(queue.get("max_queued"), self.user, DISCOVERED_MAX_QUEUED_JOBS)
+            if max_queued < 1:  # 0 would read as "no limit" in settings.yml
+                logger.info("qstat -Q: queue %s lets %s queue no job (max_queued): left out", name, self.user)
+                continue
             found[name] = AllowedQueue(max_nodes=int(nodes), max_walltime=walltime or UNLIMITED_WALLTIME_MIN,
-                                       max_queued_jobs=int(per_user.group(1)) if per_user else DISCOVERED_MAX_QUEUED_JOBS)
+                                       max_queued_jobs=max_queued)
         return found
 
     # -- backfill ---------------------------------------------------------------------------
