@@ -276,20 +276,31 @@ def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path, monke
         assert "in 1/1 out 0/1" in rows[str(ok.id)] and "in 0/1!" in rows[str(bad.id)]
 
 
-def test_bad_backend_options_make_items_wait_with_the_reason(site, client, tmp_path) -> None:
-    """An operator's mistake in backend_options must not fail jobs: the items wait, saying why."""
+def test_bad_backend_options_make_items_wait_with_the_reason(site, client, tmp_path, monkeypatch) -> None:
+    """An operator's mistake in backend_options must not fail jobs: a value its options refuse stops
+    the module from starting (as settings.yml's check does); one the backend only refuses when it is
+    built makes the items wait, saying why."""
     from balsam.api import Job
+    from balsam.builtin.local_transfer import LocalTransfer
     from balsam.options import OptionsError
+    from balsam.transfer import TransferError
 
+    with pytest.raises(OptionsError, match="transfers.backend_options.local.threads: must be at least 1"):
+        make_module(site, client, backend_options={"local": {"threads": 0}})
+
+    def refuse(self, options=None, *, site_path=None):
+        raise TransferError("transfers.backend_options.local: no thread may start here", retryable=False)
+
+    monkeypatch.setattr(LocalTransfer, "__init__", refuse)
     app = transfer_app(site.site_id)
     (tmp_path / "a.txt").write_text("a")
     (job,) = Job.objects.bulk_create([Job("wait/0", app, transfers={"input": f"shared:{tmp_path}/a.txt"})])
-    module = make_module(site, client, backend_options={"local": {"threads": 0}})
+    module = make_module(site, client, backend_options={"local": {"threads": 2}})
     for _ in range(2):
         module.run_cycle()
     item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
     assert item["state"] == "pending" and "attempts" not in item["transfer_info"]
-    assert "transfers.backend_options.local.threads: must be at least 1" in item["transfer_info"]["reason"]
+    assert "transfers.backend_options.local: no thread may start here" in item["transfer_info"]["reason"]
     assert job_rows(client, id=[job.id])[0]["state"] == "READY"
     module.close()
     with pytest.raises(OptionsError, match="transfers.max_attempts: must be at least 1"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
 import threading
 from pathlib import Path
 
@@ -147,14 +146,14 @@ def test_items_in_their_retry_backoff_do_not_starve_newer_ones(site, client, tmp
 def gated_copy(monkeypatch):
     """The local backend's copies block inside the copy (before the rename) until released."""
     started, release = threading.Event(), threading.Event()
-    real = shutil.copyfile
+    real = local_transfer._copy_file
 
-    def copyfile(src, dst, *args, **kwargs):
+    def copy_file(src, dst, stop):
         started.set()
         release.wait(30)
-        return real(src, dst, *args, **kwargs)
+        return real(src, dst, stop)
 
-    monkeypatch.setattr(local_transfer.shutil, "copyfile", copyfile)
+    monkeypatch.setattr(local_transfer, "_copy_file", copy_file)
     yield started, release
     release.set()
 

@@ -125,9 +125,12 @@ def test_rsync_command_lines() -> None:
     loc = TransferLocation.parse("dtn", "rsync://me@dtn")
     line = rsync_command(opts, loc, TransferDirection.stage_in, TransferFile("/r/dir", "/s/job/dir", recursive=True))
     assert line == ["rsync", "--links", "--perms", "--times", "--protect-args", "--mkpath", "--recursive",
-                    "--ignore-times", "-e", "ssh -o BatchMode=yes", "--bwlimit=10m", "--", "me@dtn:/r/dir/", "/s/job/dir/"]
+                    "--copy-unsafe-links", "--ignore-times", "-e", "ssh -o BatchMode=yes", "--bwlimit=10m", "--",
+                    "me@dtn:/r/dir/", "/s/job/dir/"]
     out = rsync_command(opts, loc, TransferDirection.stage_out, TransferFile("/s/job/r.txt", "/r/out/r.txt"))
     assert out[-2:] == ["/s/job/r.txt", "me@dtn:/r/out/r.txt"] and "--recursive" not in out
+    # A single file named by a symlink arrives as the file it names, not as a (dangling) link.
+    assert "--copy-links" in out and "--copy-unsafe-links" not in out
     local = rsync_command(RsyncOptions(local_mode_for_localhost=True), TransferLocation.parse("l", "rsync://u@localhost"),
                           TransferDirection.stage_in, TransferFile("/a", "/b"))
     assert "-e" not in local and local[-2:] == ["/a", "/b"]
@@ -199,14 +202,14 @@ def test_cancelling_a_local_task_mid_copy_writes_nothing_more(tmp_path: Path, mo
     import balsam.builtin.local_transfer as local_transfer
 
     started, release = threading.Event(), threading.Event()
-    real = shutil.copyfile
+    real = local_transfer._copy_file
 
-    def gated(src, dst, *args, **kwargs):
+    def gated(src, dst, stop):
         started.set()
         release.wait(30)
-        return real(src, dst, *args, **kwargs)
+        return real(src, dst, stop)
 
-    monkeypatch.setattr(local_transfer.shutil, "copyfile", gated)
+    monkeypatch.setattr(local_transfer, "_copy_file", gated)
     for name in ("a", "b"):
         (tmp_path / name).write_text(name)
     backend = build_backend(LocalTransfer, "local", {"threads": 1})

@@ -296,6 +296,30 @@ def test_the_section_keys_reach_the_backend(tmp_path: Path) -> None:
     assert backend.site_path == str(tmp_path)
 
 
+def test_the_task_gets_a_deadline_of_task_timeout_sec(tmp_path: Path) -> None:
+    """transfers.task_timeout_sec reaches the backend (section_keys, as globus_endpoint_id does) and
+    each task is submitted with a Globus deadline of that many seconds after its submission: Globus
+    stops a task the agent gives up on even when the agent's cancel never reaches it."""
+    from balsam.site.modules.transfers import TransfersModule, TransfersOptions
+
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    site_config = SimpleNamespace(site_path=tmp_path, data_path=tmp_path / "data", site_id=1)
+    module = TransfersModule(site_config, TransfersOptions(
+        transfer_locations={"aps": f"globus://{REMOTE_EP}"}, globus_endpoint_id=SITE_EP, task_timeout_sec=7200,
+    ), client=None)
+    backend = module.backend("globus")
+    assert backend.options.task_timeout_sec == 7200
+    backend._client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer("test-token"),
+                                                retry_config=RetryConfig(max_retries=0))
+    backend.now = lambda: dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+    backend.submit(LOCATION, TransferDirection.stage_in, [TransferFile("/data/a.h5", str(tmp_path / "data/j/a.h5"))])
+    assert sent_json()["deadline"] == "2030-01-01T14:00:00+00:00"
+    # A backend built without the section (by hand): no deadline, as before.
+    load_response(globus_sdk.TransferClient.submit_transfer)
+    make_backend(tmp_path).submit(LOCATION, TransferDirection.stage_in, [TransferFile("/data/a.h5", "/s/a.h5")])
+    assert "deadline" not in sent_json()
+
+
 def test_a_restarted_agent_resumes_the_globus_task(balsam_env, tmp_path: Path) -> None:
     """The transfers module submits one Globus task for a job's stage-in; the agent then dies and a
     new module (a restarted agent) polls that task id instead of submitting the files again."""

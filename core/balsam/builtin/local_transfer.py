@@ -11,20 +11,30 @@ into it, each file renamed into place) (an agent killed mid-copy leaves only a
 in this process: after an agent restart they are ``unknown`` and the agent copies those items
 again, which is harmless because copies are atomic and idempotent.
 
-Cancelling a task (the agent does when every job of the task was deleted) stops it between files
-and before the rename of the file being copied: that file finishes into its temporary name, which
-is then removed, so nothing more lands at a destination. Files already renamed into place stay.
+Cancelling a task (the agent does when every job of the task was deleted, and when a task passes
+``transfers.task_timeout_sec``) stops it between chunks of the file being copied (``CHUNK_BYTES``),
+between files, and before the rename: the temporary copy is removed, so nothing more lands at a
+destination. Files already renamed into place stay.
+
+Stopping the agent (:meth:`ThreadedTasks.close`) stops every task the same way and waits for them
+at most ``CLOSE_WAIT_SEC``: a copy blocked in a ``read()`` that never returns (a hung NFS mount)
+cannot be interrupted, so the workers are daemon threads that never hold up the process's exit.
+The items of a task stopped by close stay ``active`` on the server with their task id; the next
+agent finds that id ``unknown`` and copies them again (the crash recovery of the transfers module),
+so nothing is lost, marked done, or charged a failed try.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import queue
 import shutil
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -34,23 +44,131 @@ from ..options import option
 from ..states import TransferDirection
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
 
-__all__ = ["CopyCancelled", "LocalTransfer", "LocalTransferOptions", "ThreadedTasks", "copy_into_place"]
+__all__ = ["CopyCancelled", "LocalTransfer", "LocalTransferOptions", "StopFlag", "ThreadedTasks", "copy_into_place"]
+
+logger = logging.getLogger(__name__)
 
 PARTIAL_MARK = ".balsam-partial-"
+#: Bytes copied between two looks at the stop flag: large enough to keep the kernel's copy fast
+#: (one sendfile call each), small enough that a stop lands within a fraction of a second.
+CHUNK_BYTES = 64 * 1024 * 1024
+#: Longest wait of close() for tasks to notice their stop flag (the agent's stop waits 45 s in all).
+CLOSE_WAIT_SEC = 10.0
 
 
 class CopyCancelled(Exception):
     """The task was cancelled before the copy was renamed into place (the copy was removed)."""
 
 
+def at_least_one(instance: object, attribute: "attrs.Attribute", value: int) -> None:
+    """attrs validator: the settings loader reports the message on the option's own line."""
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value!r}")
+
+
 @attrs.frozen
 class LocalTransferOptions:
-    threads: int = option(4, "Tasks copying at the same time (one thread each).")
+    threads: int = option(4, "Tasks copying at the same time (one thread each); at least 1.", validator=at_least_one)
+
+
+class StopFlag(threading.Event):
+    """A task's stop flag: :meth:`set` also runs the callbacks the task registered (the rsync
+    backend kills the process group of the rsync it is waiting for), so a task blocked in a
+    subprocess stops at once rather than at its next look at the flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks_lock = threading.Lock()
+
+    def add_callback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the flag is set (at once if it already is)."""
+        with self._callbacks_lock:
+            self._callbacks.append(fn)
+            already = self.is_set()
+        if already:
+            fn()
+
+    def remove_callback(self, fn: Callable[[], None]) -> None:
+        with self._callbacks_lock:
+            if fn in self._callbacks:
+                self._callbacks.remove(fn)
+
+    def set(self) -> None:
+        with self._callbacks_lock:
+            super().set()
+            callbacks = list(self._callbacks)
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception as exc:  # one failing callback must not keep the others from running
+                logger.warning("stopping a transfer task: %s", exc)
+
+
+def _check_stop(stop: Optional[threading.Event], dest: Path) -> None:
+    if stop is not None and stop.is_set():
+        raise CopyCancelled(f"cancelled before {dest} was written")
+
+
+def _copy_file(src: Path, dst: Path, stop: Optional[threading.Event]) -> None:
+    """Copy a file's bytes and mode in chunks of CHUNK_BYTES (sendfile, else read/write), looking
+    at ``stop`` between chunks: a big copy stops within a chunk, not when it ends."""
+    with open(src, "rb") as fin, open(dst, "wb", buffering=0) as fout:
+        size = os.fstat(fin.fileno()).st_size
+        offset, use_sendfile = 0, hasattr(os, "sendfile")
+        while True:
+            _check_stop(stop, dst)
+            if use_sendfile:
+                try:
+                    sent = os.sendfile(fout.fileno(), fin.fileno(), offset, CHUNK_BYTES)
+                except OSError:
+                    # Not supported for this pair of files (a pipe, a tty, some file systems): reads.
+                    use_sendfile = False
+                    if fin.seekable():
+                        fin.seek(offset)
+                    continue
+                if sent == 0 and offset >= size:
+                    break
+                if sent == 0:  # the file shrank while being copied
+                    break
+                offset += sent
+            else:
+                # os.read returns what there is (a pipe's data so far), where a buffered read waits for all.
+                block = os.read(fin.fileno(), min(CHUNK_BYTES, 1024 * 1024))
+                if not block:
+                    break
+                view = memoryview(block)
+                while view:
+                    view = view[fout.write(view) or 0:]
+                offset += len(block)
+    shutil.copymode(src, dst)
+
+
+def _copy_tree(src: Path, dst: Path, stop: Optional[threading.Event]) -> None:
+    """Copy a directory, as rsync --copy-unsafe-links does: a symlink pointing inside the tree stays
+    a link; one pointing out of it (absolute, or ``../``) is replaced by what it points to, which
+    would otherwise dangle at the destination (a dangling link stays as it is)."""
+    shutil.copytree(src, dst, symlinks=True, copy_function=lambda a, b: _copy_file(Path(a), Path(b), stop))
+    root = src.resolve()
+    for link in sorted(p for p in dst.rglob("*") if p.is_symlink()):
+        original = src / link.relative_to(dst)
+        target = os.readlink(original)
+        resolved = original.resolve()
+        if not os.path.isabs(target) and (resolved == root or root in resolved.parents):
+            continue  # inside the tree: the copy's link points into the copy
+        if not resolved.exists():
+            continue
+        link.unlink()
+        if resolved.is_dir():
+            shutil.copytree(resolved, link, symlinks=True, copy_function=lambda a, b: _copy_file(Path(a), Path(b), stop))
+        else:
+            _copy_file(resolved, link, stop)
 
 
 def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[threading.Event] = None) -> int:
     """Copy ``src`` to ``dest`` atomically; return the bytes copied. Raises OSError/ValueError, or
-    :class:`CopyCancelled` when ``stop`` is set by the time the copy is ready to be renamed."""
+    :class:`CopyCancelled` when ``stop`` is set before the copy is renamed into place (it is looked
+    at between chunks of each file; the partial copy is then removed)."""
     if not src.exists():
         raise FileNotFoundError(f"no such file or directory: {src}")
     if src.is_dir() and not recursive:
@@ -62,15 +180,15 @@ def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[th
     tmp = dest.parent / f".{dest.name}{PARTIAL_MARK}{token}"
     try:
         if src.is_dir():
-            shutil.copytree(src, tmp, symlinks=True)
+            _copy_tree(src, tmp, stop)
             size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file() and not p.is_symlink())
         else:
-            shutil.copyfile(src, tmp)
-            shutil.copymode(src, tmp)
+            # A symlinked source is followed: its content arrives, never a link.
+            _copy_file(src, tmp, stop)
             size = tmp.stat().st_size
-        if stop is not None and stop.is_set():
-            # Cancelled while copying (its job was deleted): the destination must not appear.
-            raise CopyCancelled(f"cancelled before {dest} was written")
+        # Cancelled (its job was deleted, its deadline passed, the agent stops): the destination
+        # must not appear.
+        _check_stop(stop, dest)
         if dest.is_dir() and not dest.is_symlink():
             # Into an existing directory (a workdir holding other inputs, a results directory):
             # merge, each file renamed into place, as rsync and Globus do.
@@ -113,44 +231,93 @@ def _run_task(files: Sequence[tuple[str, TransferFile]], stop: Optional[threadin
             copied += copy_into_place(Path(f.src), Path(f.dest), f.recursive, stop=stop)
         except CopyCancelled:
             return TaskStatus(TaskState.failed, "cancelled", retryable=False)
-        except (OSError, ValueError, shutil.Error) as exc:
+        except shutil.Error as exc:
+            # copytree gathers its files' errors, a cancelled copy among them.
+            if stop is not None and stop.is_set():
+                return TaskStatus(TaskState.failed, "cancelled", retryable=False)
+            errors[key] = one_line(exc)
+        except (OSError, ValueError) as exc:
             errors[key] = one_line(exc)
     info = {"files": len(files), "files_done": len(files) - len(errors), "bytes": copied}
     return TaskStatus(TaskState.done, info=info, file_errors=errors)
 
 
 class ThreadedTasks:
-    """Tasks run by a thread pool of this process, for backends that do the copying themselves.
+    """Tasks run by worker threads of this process, for backends that do the copying themselves.
 
     A finished task's status is kept for ``keep_sec`` after it was first reported, so a poll
     repeated after a lost PATCH still answers (afterwards the id is unknown and the agent submits
     the items again).
+
+    The workers are daemon threads (not a ThreadPoolExecutor, whose threads the interpreter joins at
+    exit): a task stuck in a call that never returns must not keep the agent from exiting. A started
+    task that is cancelled is replaced by a new worker, so a stuck one does not take a slot for ever.
     """
 
-    def __init__(self, threads: int, name: str, keep_sec: float = 3600.0) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+    def __init__(self, threads: int, name: str, keep_sec: float = 3600.0, close_wait_sec: Optional[float] = None) -> None:
+        self._name = name
+        self._queue: "queue.SimpleQueue[Optional[tuple[Future, Callable[..., TaskStatus], tuple, dict]]]" = queue.SimpleQueue()
         self._running: dict[str, Future] = {}
         #: Stop flags of the tasks started with ``stoppable=True``.
-        self._stops: dict[str, threading.Event] = {}
+        self._stops: dict[str, StopFlag] = {}
         self._finished: dict[str, tuple[float, TaskStatus]] = {}
         self._lock = threading.Lock()
         self._keep_sec = keep_sec
+        self._close_wait_sec = close_wait_sec
+        self._closed = False
+        #: Workers to retire when their task ends (one was started in place of each cancelled task).
+        self._retire = 0
+        self._workers: list[threading.Thread] = []
+        for _ in range(threads):
+            self._add_worker()
+
+    def _add_worker(self) -> None:
+        worker = threading.Thread(target=self._work, name=f"{self._name}-{len(self._workers)}", daemon=True)
+        self._workers.append(worker)
+        worker.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            future, fn, args, kwargs = job
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            with self._lock:
+                if self._retire > 0:
+                    self._retire -= 1
+                    return
 
     def start(self, fn: Callable[..., TaskStatus], *args: object, stoppable: bool = False) -> str:
-        """Run ``fn(*args)`` as a task; with ``stoppable``, ``fn`` also gets ``stop=`` (an Event that
-        :meth:`cancel` sets) and must return soon after it is set, having written nothing more."""
+        """Run ``fn(*args)`` as a task; with ``stoppable``, ``fn`` also gets ``stop=`` (a
+        :class:`StopFlag` that :meth:`cancel` and :meth:`close` set) and must return soon after it
+        is set, having written nothing more."""
         task_id = uuid.uuid4().hex
         kwargs: dict[str, object] = {}
+        future: Future = Future()
         with self._lock:
+            if self._closed:
+                raise TransferError("the transfer backend is closed (the agent is stopping)", retryable=True)
             if stoppable:
-                kwargs["stop"] = self._stops[task_id] = threading.Event()
-            self._running[task_id] = self._pool.submit(fn, *args, **kwargs)
+                kwargs["stop"] = self._stops[task_id] = StopFlag()
+            self._running[task_id] = future
+        self._queue.put((future, fn, args, kwargs))
         return task_id
 
     def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
         now = time.monotonic()
         found: dict[str, TaskStatus] = {}
         with self._lock:
+            if self._closed:
+                # Stopped by close(): unknown, so the items are copied again (no try used).
+                return found
             for tid in [t for t, (at, _) in self._finished.items() if now - at > self._keep_sec]:
                 del self._finished[tid]
             for tid in task_ids:
@@ -176,9 +343,10 @@ class ThreadedTasks:
         return found
 
     def cancel(self, task_id: str) -> None:
-        """Cancel a task: one not started never runs; a started stoppable one is told to stop. A task
-        unknown or already finished has nothing left to cancel. Raises a non-retryable TransferError
-        for a started task that cannot be stopped."""
+        """Cancel a task: one not started never runs; a started stoppable one is told to stop (and a
+        new worker takes its slot, in case it is stuck). A task unknown or already finished has
+        nothing left to cancel. Raises a non-retryable TransferError for a started task that cannot
+        be stopped."""
         with self._lock:
             future = self._running.get(task_id)
             stop = self._stops.get(task_id)
@@ -187,9 +355,32 @@ class ThreadedTasks:
         if stop is None:
             raise TransferError(f"task {task_id} has started; it cannot be stopped", retryable=False)
         stop.set()
+        with self._lock:
+            if not future.done() and not self._closed:
+                self._retire += 1
+                self._add_worker()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop every task: queued ones never run, running ones have their stop flag set (which
+        kills their subprocesses); wait for them at most ``close_wait_sec``."""
+        with self._lock:
+            self._closed = True
+            futures = list(self._running.values())
+            stops = list(self._stops.values())
+        for future in futures:
+            future.cancel()
+        for stop in stops:
+            stop.set()
+        for _ in self._workers:
+            self._queue.put(None)
+        wait = CLOSE_WAIT_SEC if self._close_wait_sec is None else self._close_wait_sec
+        deadline = time.monotonic() + wait
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        stuck = [w.name for w in self._workers if w.is_alive()]
+        if stuck:
+            logger.warning("%d transfer task(s) did not stop within %.0f s (blocked in a system call?); "
+                           "left behind, their items are copied again by the next agent", len(stuck), wait)
 
 
 class LocalTransfer(TransferBackend):
@@ -200,8 +391,6 @@ class LocalTransfer(TransferBackend):
 
     def __init__(self, options: object = None, *, site_path: Optional[str] = None) -> None:
         super().__init__(options, site_path=site_path)
-        if self.options.threads < 1:
-            raise TransferError("transfers.backend_options.local.threads: must be at least 1", retryable=False)
         self._tasks = ThreadedTasks(self.options.threads, "balsam-local-transfer")
 
     def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile]) -> str:

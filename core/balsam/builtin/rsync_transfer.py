@@ -12,13 +12,27 @@ slot that is not recursive is a file error (rsync itself only says "skipping dir
 location's paths under ``/prefix`` on the host. Task ids live in
 this process: after an agent restart they are ``unknown`` and the agent runs those items again
 (rsync then only sends what differs).
+
+Symbolic links: a single-file item whose source is a symlink arrives as the file it points to
+(``--copy-links``); inside a recursive item, links pointing out of the copied tree arrive as the
+files they point to and links within it stay links (``--copy-unsafe-links``), so nothing arrives
+dangling.
+
+Each rsync runs in a session of its own (``start_new_session``): a timeout, a cancel (the agent's,
+or ``transfers.task_timeout_sec``) or :meth:`RsyncTransfer.close` (the agent stopping) kill its
+whole process group, the ssh it started included. After a file timed out or ssh itself failed
+(exit 255: host unreachable, login refused) the task's remaining files fail at once with that
+reason, untried: a batch to a hung host costs one ``timeout_sec``, not one per file (rsync's exit
+statuses 10, 12, 30 and 35 say the same as ssh's 255: see ``CONNECTION_FAILED``).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
+import threading
 from pathlib import PurePosixPath
 from typing import Mapping, Optional, Sequence
 
@@ -26,10 +40,31 @@ import attrs
 
 from ..options import option
 from ..states import TransferDirection
-from .local_transfer import ThreadedTasks
+from .local_transfer import StopFlag, ThreadedTasks, at_least_one
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
 
 __all__ = ["RsyncOptions", "RsyncTransfer", "rsync_command"]
+
+
+def _positive(instance: object, attribute: "attrs.Attribute", value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be more than 0, got {value!r}")
+
+
+def _string_list(instance: object, attribute: "attrs.Attribute", value: object) -> None:
+    # A plain string would be split into one argument per character.
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}" +
+                         (f" (write [{value!r}])" if isinstance(value, str) else ""))
+
+
+#: Seconds a killed rsync gets after SIGTERM to remove its temporary file, before SIGKILL.
+TERM_GRACE_SEC = 1.0
+#: rsync's exit statuses that say the connection failed, not a file: 255 the remote shell (ssh)
+#: failed (host unreachable, login refused); 12 (protocol data stream) and 10 (socket I/O) are what
+#: rsync reports instead when it notices the closed pipe before ssh's exit status (a race: a third
+#: of the time on a loaded machine); 30 and 35 its own I/O timeouts (--timeout, --contimeout).
+CONNECTION_FAILED = frozenset({10, 12, 30, 35, 255})
 
 
 @attrs.frozen
@@ -39,9 +74,12 @@ class RsyncOptions:
         "extra_args: ['--rsync-path=/path/to/rsync'] picks another there."
     )
     ssh_command: str = option("ssh -o BatchMode=yes", "Remote shell rsync connects through (rsync -e).")
-    extra_args: list[str] = option(help="More rsync arguments, e.g. ['--bwlimit=50m'].", factory=list)
-    timeout_sec: int = option(3600, "A single rsync (one file or directory) is stopped after this many seconds.")
-    threads: int = option(4, "Tasks running at the same time (one thread each).")
+    extra_args: list[str] = option(help="More rsync arguments, a list of strings, e.g. ['--bwlimit=50m'].",
+                                   factory=list, validator=_string_list)
+    timeout_sec: int = option(
+        3600, "A single rsync (one file or directory) is stopped after this many seconds (more than 0); the task's "
+        "remaining files then fail untried.", validator=_positive)
+    threads: int = option(4, "Tasks running at the same time (one thread each); at least 1.", validator=at_least_one)
     skip_unchanged: bool = option(
         False, "Skip files whose size and modification time match the destination (rsync's quick check): faster "
         "re-runs of big directories, but a same-size rewrite within the same second is missed. Off: --ignore-times.",
@@ -81,7 +119,11 @@ def rsync_command(options: RsyncOptions, location: TransferLocation, direction: 
     address, port = split_address(location.netloc)
     args = [options.rsync, "--links", "--perms", "--times", "--protect-args", "--mkpath"]
     if f.recursive:
-        args.append("--recursive")
+        # Links out of the tree would dangle at the destination: their targets are copied instead.
+        args += ["--recursive", "--copy-unsafe-links"]
+    else:
+        # One file named by a link (latest.h5 -> run42.h5): its content is what the job wants.
+        args.append("--copy-links")
     if not options.skip_unchanged:
         args.append("--ignore-times")
     if not local_mode:
@@ -104,6 +146,27 @@ def _last_error_line(text: str) -> str:
     return meaningful[0] if meaningful else "no output"
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop rsync and everything it started (its session's process group): SIGTERM, which lets rsync
+    remove its temporary file, then SIGKILL after TERM_GRACE_SEC."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return  # already gone
+        try:
+            proc.wait(TERM_GRACE_SEC)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            # rsync is gone; ssh (same group) may linger: it gets the SIGKILL too.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+
+
 class RsyncTransfer(TransferBackend):
     """rsync over ssh (``rsync://user@host``)."""
 
@@ -112,38 +175,75 @@ class RsyncTransfer(TransferBackend):
 
     def __init__(self, options: object = None, *, site_path: Optional[str] = None) -> None:
         super().__init__(options, site_path=site_path)
-        if self.options.threads < 1:
-            raise TransferError("transfers.backend_options.rsync.threads: must be at least 1", retryable=False)
         self._tasks = ThreadedTasks(self.options.threads, "balsam-rsync")
 
-    def _run_one(self, location: TransferLocation, direction: TransferDirection, f: TransferFile) -> str:
-        """'' on success, else one line saying what went wrong."""
+    def _run_one(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
+                 stop: Optional[StopFlag] = None) -> tuple[str, bool]:
+        """('' on success, else one line saying what went wrong; whether the task's remaining files
+        should be failed untried: a timeout or ssh failing say the host is not answering)."""
         not_recursive = f"{f.src} is a directory (the transfer slot is not recursive)"
         if not f.recursive and direction == TransferDirection.stage_out and os.path.isdir(f.src):
             # rsync itself would only say "skipping directory" (not with -q) and exit 0.
-            return not_recursive
+            return not_recursive, False
         args = rsync_command(self.options, location, direction, f)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RSYNC_")}
         try:
-            proc = subprocess.run(args, capture_output=True, text=True, timeout=self.options.timeout_sec,
-                                  stdin=subprocess.DEVNULL, env=env)
+            # A session of its own: killing its process group kills the ssh it starts too (killing
+            # rsync alone left ssh running, one per timed-out file).
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         except FileNotFoundError:
-            return f"cannot run {self.options.rsync!r}: not found on PATH"
-        except subprocess.TimeoutExpired:
-            return f"rsync of {f.src} did not finish within {self.options.timeout_sec} s"
-        if proc.returncode == 0:
-            if not f.recursive and any(line.startswith(SKIPPED_DIRECTORY)
-                                       for line in (proc.stdout + "\n" + proc.stderr).splitlines()):
-                return not_recursive
-            return ""
-        return one_line(f"rsync exited {proc.returncode}: {_last_error_line(proc.stderr or proc.stdout)}")
+            return f"cannot run {self.options.rsync!r}: not found on PATH", False
+        killed = threading.Event()
 
-    def _run_task(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile]) -> TaskStatus:
+        def kill() -> None:
+            killed.set()
+            _kill_group(proc)
+
+        if stop is not None:
+            stop.add_callback(kill)
+        try:
+            try:
+                out, err = proc.communicate(timeout=self.options.timeout_sec)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                try:
+                    proc.communicate(timeout=TERM_GRACE_SEC)
+                except subprocess.TimeoutExpired:
+                    pass  # a process that left the group still holds its pipes: not ours to wait for
+                return f"rsync of {f.src} did not finish within {self.options.timeout_sec} s", True
+        finally:
+            if stop is not None:
+                stop.remove_callback(kill)
+            if proc.poll() is None:  # an exception above: never leave it running
+                _kill_group(proc)
+                proc.wait()
+        if killed.is_set():
+            return "cancelled", True
+        if proc.returncode == 0:
+            if not f.recursive and any(line.startswith(SKIPPED_DIRECTORY) for line in (out + "\n" + err).splitlines()):
+                return not_recursive, False
+            return "", False
+        message = one_line(f"rsync exited {proc.returncode}: {_last_error_line(err or out)}")
+        return message, proc.returncode in CONNECTION_FAILED
+
+    def _run_task(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile],
+                  stop: Optional[StopFlag] = None) -> TaskStatus:
         errors: dict[str, str] = {}
+        give_up = ""
         for f in files:
-            error = self._run_one(location, direction, f)
+            if stop is not None and stop.is_set():
+                return TaskStatus(TaskState.failed, "cancelled", retryable=False)
+            if give_up:
+                errors[f.dest] = give_up
+                continue
+            error, host_down = self._run_one(location, direction, f, stop)
+            if stop is not None and stop.is_set():
+                return TaskStatus(TaskState.failed, "cancelled", retryable=False)
             if error:
                 errors[f.dest] = error
+            if host_down:
+                give_up = one_line(f"not tried: an earlier file of this task failed ({error})")
         info = {"files": len(files), "files_done": len(files) - len(errors)}
         return TaskStatus(TaskState.done, info=info, file_errors=errors)
 
@@ -153,7 +253,7 @@ class RsyncTransfer(TransferBackend):
                 if not PurePosixPath(side).is_absolute():
                     raise TransferError(f"rsync transfer needs absolute paths, got {side!r}", retryable=False)
         self.check_location(location)
-        return self._tasks.start(self._run_task, location, direction, list(files))
+        return self._tasks.start(self._run_task, location, direction, list(files), stoppable=True)
 
     @classmethod
     def check_location(cls, location: TransferLocation) -> None:

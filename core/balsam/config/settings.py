@@ -48,6 +48,7 @@ __all__ = [
     "SettingsError",
     "core_section_keys",
     "load_settings",
+    "options_problems",
     "parse_settings",
     "render_sample_settings",
     "render_settings_yaml",
@@ -601,6 +602,28 @@ def _bind_driver_options(sections: dict[str, Any], checker: _Checker, raw: Optio
         converted = checker.value({} if options is None else options, schema, (key, options_field))
         if converted is not checker.INVALID and section is not None:
             sections[key] = attrs.evolve(section, **{options_field: converted})
+
+
+class _ProblemCollector(_Checker):
+    """A checker that keeps each problem under its key path instead of locating it."""
+
+    def __init__(self) -> None:
+        super().__init__("", {})
+        self.problems: dict[str, str] = {}
+
+    def fail(self, path: tuple, message: str) -> Any:
+        self.problems.setdefault(_dotted(path), message)
+        return self.INVALID
+
+
+def options_problems(schema: type, values: Any, path: tuple) -> dict[str, str]:
+    """The problems the loader finds in ``values`` against a driver's ``options_schema`` (types,
+    unknown keys, validators), as {dotted key path starting with ``path``: message}. For a section
+    holding the options of several drivers (``transfers.backend_options``): its ``validate()``
+    returns them, and the loader reports each with file and line like scheduler.options'."""
+    collector = _ProblemCollector()
+    collector.value({} if values is None else values, schema, tuple(path))
+    return collector.problems
 
 
 def load_settings(path: Union[str, os.PathLike], *, only: Optional[Collection[str]] = None,

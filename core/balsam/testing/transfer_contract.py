@@ -24,6 +24,8 @@ What the contract checks:
 - a missing source file is reported for that file only (``file_errors`` of a ``done`` task, or a
   ``failed`` task), as one line, while the other files of the batch arrive;
 - copying onto an existing destination replaces it and leaves nothing else behind;
+- a source that is a symlink arrives as a readable file with the linked file's content, never as a
+  (dangling) link; so does a link inside a recursive item that points out of its tree;
 - an id the backend never issued polls as ``unknown``; an empty batch or a relative path raises
   :class:`~balsam.transfer.TransferError`, never anything else.
 
@@ -146,6 +148,26 @@ class TransferContract:
             assert wait_for_tasks(backend, [task])[task].state == TaskState.done
             assert dest.read_text() == text
         assert sorted(p.name for p in dest.parent.iterdir()) == ["dest.txt"]
+
+    def test_symlinked_sources_arrive_as_their_files(self, backend: TransferBackend, location: TransferLocation,
+                                                     tmp_path: Path) -> None:
+        remote, site = tmp_path / "remote", tmp_path / "site"
+        (remote / "runs").mkdir(parents=True)
+        (remote / "runs" / "run42.h5").write_bytes(b"run 42 data\n")
+        (remote / "latest.h5").symlink_to("runs/run42.h5")  # relative: dangles anywhere else
+        (remote / "tree").mkdir()
+        (remote / "tree" / "own.txt").write_text("own\n")
+        (remote / "tree" / "shared.h5").symlink_to("../runs/run42.h5")  # points out of the tree
+        task = backend.submit(location, TransferDirection.stage_in, [
+            TransferFile(str(remote / "latest.h5"), str(site / "job1" / "raw.h5")),
+            TransferFile(str(remote / "tree"), str(site / "job2" / "tree"), recursive=True),
+        ])
+        status = wait_for_tasks(backend, [task])[task]
+        assert status.state == TaskState.done and not status.file_errors, status
+        for path in (site / "job1" / "raw.h5", site / "job2" / "tree" / "shared.h5"):
+            assert not path.is_symlink(), f"{path} arrived as a link to {path.readlink()}"
+            assert path.read_bytes() == b"run 42 data\n"
+        assert (site / "job2" / "tree" / "own.txt").read_text() == "own\n"
 
     def test_unknown_ids_and_bad_requests(self, backend: TransferBackend, location: TransferLocation) -> None:
         assert backend.poll(["never-issued"])["never-issued"].state == TaskState.unknown

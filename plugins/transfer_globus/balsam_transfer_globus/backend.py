@@ -5,7 +5,10 @@
   collection (``globus://<collection-id>``) and this site's (``endpoint_id``, set by
   ``transfers.globus_endpoint_id``). Site-side paths are rewritten from the site directory to
   ``endpoint_site_path`` when the endpoint sees the site under another prefix; every file is always
-  added (Balsam 0.7 submitted an empty batch when that setting was unset).
+  added (Balsam 0.7 submitted an empty batch when that setting was unset). The task gets a
+  ``deadline`` of submission time + ``task_timeout_sec`` (``transfers.task_timeout_sec``, through
+  ``section_keys``): Globus itself stops a task the agent gives up on, even when the agent cannot
+  reach Globus to cancel it.
 - ``poll``: one ``task_list`` call filtered on all in-flight task ids; a succeeded task with skipped
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
   (a file inside a directory item is named by its own path; the agent files it under that item).
@@ -25,12 +28,13 @@ Task ids are Globus's own, so an agent restarted after a crash resumes polling t
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import posixpath
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import attrs
 import globus_sdk
@@ -51,7 +55,12 @@ TASK_LIST_LIMIT = 1000
 
 def _sync_level(instance: Any, attribute: Any, value: str) -> None:
     if value not in SYNC_LEVELS:
-        raise ValueError(f"sync_level: expected one of {', '.join(SYNC_LEVELS)}, got {value!r}")
+        raise ValueError(f"expected one of {', '.join(SYNC_LEVELS)}, got {value!r}")
+
+
+def _positive_or_none(instance: Any, attribute: Any, value: Optional[float]) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"must be more than 0, got {value!r}")
 
 
 @attrs.frozen
@@ -74,6 +83,9 @@ class GlobusOptions:
     encrypt_data: bool = option(True, "Encrypt data on the wire.")
     preserve_timestamp: bool = option(False, "Keep source modification times.")
     label: str = option("balsam", "Prefix of the task labels shown in the Globus web app.")
+    task_timeout_sec: Optional[float] = option(
+        None, "Seconds after submission at which Globus stops a task (its deadline); transfers.task_timeout_sec "
+        "sets it. null: no deadline.", validator=_positive_or_none)
     http_retries: int = option(3, "Retries of a Globus request that failed with 5xx/429 or a network error, "
                                "within one cycle (then the next cycle tries again).")
 
@@ -109,7 +121,8 @@ class GlobusTransfer(TransferBackend):
     """Globus Transfer (``globus://<collection-id>``)."""
 
     options_schema = GlobusOptions
-    section_keys = {"globus_endpoint_id": "endpoint_id", "globus_endpoint_site_path": "endpoint_site_path"}
+    section_keys = {"globus_endpoint_id": "endpoint_id", "globus_endpoint_site_path": "endpoint_site_path",
+                    "task_timeout_sec": "task_timeout_sec"}
     description = "Globus Transfer tasks between this site's collection and globus://<collection-id> locations"
 
     def __init__(self, options: object = None, *, site_path: Optional[str] = None,
@@ -120,6 +133,8 @@ class GlobusTransfer(TransferBackend):
         #: Collections of this site and its locations: the login command names them all (the agent
         #: adds those of transfer_locations through use_locations, before any submission).
         self._collections: list[str] = [self.options.endpoint_id] if self.options.endpoint_id else []
+        #: The clock of submissions' deadlines (tests set their own).
+        self.now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
 
     def use_locations(self, locations: Sequence[TransferLocation]) -> None:
         # Known before the first submission, whose "not logged in" error must name them all: a
@@ -229,12 +244,18 @@ class GlobusTransfer(TransferBackend):
             self._collections.append(remote_ep)
         stage_in = direction == TransferDirection.stage_in
         src_ep, dest_ep = (remote_ep, site_ep) if stage_in else (site_ep, remote_ep)
+        extra: dict[str, Any] = {"submission_id": token} if token else {}
+        if self.options.task_timeout_sec:
+            # The agent cancels the task at this age too; the service stops it even if that cancel
+            # never reaches it (Globus unreachable, the agent down).
+            deadline = self.now() + dt.timedelta(seconds=self.options.task_timeout_sec)
+            extra["deadline"] = deadline.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+00:00")
         data = globus_sdk.TransferData(
             src_ep, dest_ep, label=f"{self.options.label} stage-{'in' if stage_in else 'out'} ({len(files)} files)",
             sync_level=self.options.sync_level, verify_checksum=self.options.verify_checksum,
             encrypt_data=self.options.encrypt_data, preserve_timestamp=self.options.preserve_timestamp,
             skip_source_errors=True, notify_on_succeeded=False, notify_on_failed=False, notify_on_inactive=False,
-            **({"submission_id": token} if token else {}),
+            **extra,
         )
         for f in files:
             src = f.src if stage_in else self.to_endpoint(f.src)

@@ -27,6 +27,14 @@ One cycle (every ``service_period`` seconds):
    batches wait with that reason for this cycle, taking no slot.
 4. One bulk PATCH of every item that changed.
 
+Deadline: a task polled ``active`` or ``inactive`` more than ``task_timeout_sec`` after its items
+were submitted (``transfer_info.submitted``) is cancelled and its items fail a try with that
+reason (then retry with backoff, or their job goes to FAILED after ``max_attempts``); a warning is
+logged once when a task passes half of it. A cancel that fails for a reason retrying may fix leaves
+the task in flight (tried again next cycle): its items are not sent again while it may still write.
+Backends that take the deadline themselves (``section_keys`` mapping ``task_timeout_sec``: the Globus
+plugin passes it to the service) stop the task on their side too.
+
 A done task whose ``file_errors`` name files is matched to its items by destination (a file inside
 a recursive item's destination is that item's); if some error matches no item, the items without
 an error of their own are not called done either: each fails a try (it is copied again, and its
@@ -54,10 +62,11 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs
 
+from ...config.settings import options_problems
 from ...options import OptionsError, build_options, option
 from ...plugins.manager import PluginError, get_plugin_manager
 from ...states import DONE_STATES, JobState, TransferDirection, TransferItemState
@@ -90,6 +99,8 @@ JOB_ID_CHUNK = 500
 #: ``transfers:`` keys that ``balsam site sync`` also sends to the Site record
 #: (:func:`balsam.site.site_ops.site_record_fields`).
 SITE_RECORD_KEYS = frozenset({"transfer_locations", "globus_endpoint_id"})
+#: What a location alias may be: it is written ``alias:/path`` in jobs, so no ':' (nor '/', spaces).
+ALIAS_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @attrs.frozen
@@ -114,6 +125,10 @@ class TransfersOptions:
     max_attempts: int = option(3, "Tries of a failing file before its job goes to FAILED with the error.")
     retry_backoff_sec: float = option(30, "Wait before the first retry of a failed file; doubles on each retry.")
     retry_backoff_max_sec: float = option(600, "Longest wait between two retries.")
+    task_timeout_sec: float = option(
+        21600, "A transfer task still running this many seconds after it was submitted is cancelled and its files "
+        "fail a try (a hung host or file system); a warning is logged at half of it. 6 h by default: hours more "
+        "than a batch of transfer_batch_size files needs at tens of MB/s; raise it for bigger batches.")
     backend_options: dict[str, dict[str, Any]] = option(
         help="Options of each transfer backend, by backend name (e.g. {local: {threads: 8}}; file is another name "
         "of local: give one of the two); `balsam plugins show <name>` lists them.",
@@ -129,7 +144,14 @@ class TransfersOptions:
         for name in ("service_period", "retry_backoff_sec", "retry_backoff_max_sec"):
             if getattr(self, name) < 0:
                 problems[name] = f"must not be negative, got {getattr(self, name)!r}"
+        if self.task_timeout_sec <= 0:
+            problems["task_timeout_sec"] = f"must be more than 0, got {self.task_timeout_sec!r}"
         for alias, url in self.transfer_locations.items():
+            if not ALIAS_PATTERN.fullmatch(str(alias)):
+                problems[f"transfer_locations.{alias}"] = (
+                    f"bad location alias {alias!r}: use letters, digits, '_', '.' and '-' only "
+                    "(jobs write it as 'alias:/path', so ':', '/' and spaces cannot be in it)")
+                continue
             try:
                 location = TransferLocation.parse(alias, url)
             except TransferError as exc:
@@ -161,17 +183,61 @@ class TransfersOptions:
                 continue  # reported once, on the first of them (backend_options() raises it)
             try:
                 cls = pm.load_driver("transfer", canonical)
-                for option_key, problem in _section_key_conflicts(cls, name, self).items():
-                    problems[option_key.removeprefix("transfers.")] = problem
-                backend_options(cls, canonical, self)
             except PluginError as exc:
                 problems[key] = str(exc)
+                continue
+            for option_key, problem in _section_key_conflicts(cls, name, self).items():
+                problems[option_key.removeprefix("transfers.")] = problem
+            # Each value against the backend's typed options, as the loader checks scheduler.options:
+            # `threads: many` is refused here with its line, not when the agent first builds the backend.
+            schema = getattr(cls, "options_schema", None)
+            if schema is not None and attrs.has(schema):
+                values = self.backend_options.get(name)
+                typed = options_problems(schema, values, ("backend_options", name))
+                if isinstance(values, Mapping):
+                    known = {f.name for f in attrs.fields(schema)}
+                    for option_name in [str(k) for k in values if str(k) not in known]:
+                        # Worded as build_options words it (the backend's own refusal): the known options.
+                        try:
+                            build_options(schema, {option_name: None}, where=f"backend_options.{name}")
+                        except OptionsError as exc:
+                            where, _, why = str(exc).partition(": ")
+                            typed[where] = why
+                    for where, problem in _raw_value_problems(schema, values, f"backend_options.{name}").items():
+                        if not any(k == where or k.startswith((where + "[", where + ".")) for k in typed):
+                            typed[where] = problem  # said once per option
+                if typed:
+                    problems.update(typed)
+                    continue
+            try:
+                backend_options(cls, canonical, self)
             except OptionsError as exc:
                 # build_options names the option: "transfers.backend_options.<name>.<option>: why".
                 where, _, why = str(exc).partition(": ")
                 where = where.removeprefix("transfers.") if why else key
                 problems.setdefault(where, why or str(exc))
+            except (TypeError, ValueError) as exc:  # a check across the backend's options
+                problems.setdefault(key, one_line(exc))
         return problems
+
+
+def _raw_value_problems(schema: type, values: Mapping[str, Any], key: str) -> dict[str, str]:
+    """The options' own validators on the values as written: the loader's check converts some first
+    (a string where a list of strings goes becomes a one-item list), but the backend is built from
+    the values as written (``extra_args: '--bwlimit=5m'`` would be split into characters)."""
+    problems: dict[str, str] = {}
+    fields = {f.name: f for f in attrs.fields(schema)}
+    for name, value in values.items():
+        field = fields.get(str(name))
+        if field is None or field.validator is None:
+            continue
+        try:
+            field.validator(None, field, value)
+        except (TypeError, ValueError) as exc:
+            problems[f"{key}.{name}"] = one_line(exc.args[0] if exc.args else exc)
+        except AttributeError:  # a validator reading the instance: checked when the backend is built
+            pass
+    return problems
 
 
 def _location_problem(location: TransferLocation) -> str:
@@ -209,7 +275,8 @@ def _section_key_conflicts(cls: type, key: str, options: TransfersOptions) -> di
     conflicts: dict[str, str] = {}
     for section_key, option_name in dict(getattr(cls, "section_keys", {}) or {}).items():
         section_value, option_value = getattr(options, section_key, None), values.get(option_name)
-        if section_value is not None and option_value is not None and str(section_value) != str(option_value):
+        if (section_value is not None and option_value is not None and section_value != option_value
+                and str(section_value) != str(option_value)):
             synced = " (the one `balsam site sync` sends to the Site record)" if section_key in SITE_RECORD_KEYS else ""
             conflicts[f"transfers.backend_options.{key}.{option_name}"] = (
                 f"{option_value!r} differs from transfers.{section_key} ({section_value!r}): set only "
@@ -322,6 +389,18 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _submitted_at(item: Mapping[str, Any]) -> Optional[dt.datetime]:
+    """When the item was submitted to its task (``transfer_info.submitted``), or None."""
+    text = (item.get("transfer_info") or {}).get("submitted")
+    if not text:
+        return None
+    try:
+        at = dt.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)
+
+
 def _due(item: Mapping[str, Any], now: dt.datetime) -> bool:
     retry_after = (item.get("transfer_info") or {}).get("retry_after")
     if not retry_after:
@@ -379,6 +458,10 @@ class TransfersModule(AgentModule):
         self._finished_tasks: set[str] = set()
         #: Tasks whose cancel failed for a reason retrying may fix (tried again each cycle).
         self._cancel_retries: set[str] = set()
+        #: Tasks already warned about for passing half of task_timeout_sec (each is warned once).
+        self._half_warned: set[str] = set()
+        #: The clock of the cycle (tests set their own: deadlines are checked without waiting).
+        self.now: Callable[[], dt.datetime] = _now
 
     # -- backends --------------------------------------------------------------------------------
 
@@ -476,7 +559,7 @@ class TransfersModule(AgentModule):
 
     def run_cycle(self) -> Optional[float]:
         self.last_cycle_calls = 0
-        now = _now()
+        now = self.now()
         opts = self.options
         items = self._read_items(now)
         updates: dict[int, dict[str, Any]] = {}
@@ -486,7 +569,12 @@ class TransfersModule(AgentModule):
             if task_id and item["state"] == TransferItemState.pending.value and not item.get("task_id"):
                 # Submitted by a previous cycle (or agent) that died before recording it: poll, don't resubmit.
                 item["state"], item["task_id"] = TransferItemState.active.value, task_id
-                updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": task_id}
+                # When it was submitted is not known: its deadline counts from now (a stale time of
+                # an earlier try would cut it short).
+                info = {**(item.get("transfer_info") or {}), "submitted": now.isoformat()}
+                item["transfer_info"] = info
+                updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": task_id,
+                                       "transfer_info": info}
         unsent = self._resubmit_with_tokens(token_batches, items, updates, now)
         in_flight = [it for it in items if it["state"] in IN_FLIGHT]
         self._cancel_orphaned_tasks(in_flight)
@@ -551,11 +639,44 @@ class TransfersModule(AgentModule):
             for tid in task_ids:
                 status = statuses.get(tid.partition(":")[2]) or TaskStatus(TaskState.unknown)
                 if status.state in (TaskState.active, TaskState.inactive):
+                    status = self._check_deadline(backend, tid, status, by_task[tid], now)
+                if status.state in (TaskState.active, TaskState.inactive):
                     running += 1
                 else:
                     self._finished_tasks.add(tid)
+                    self._half_warned.discard(tid)
                 self._apply_status(tid, status, by_task[tid], updates, now)
         return running
+
+    def _check_deadline(self, backend: TransferBackend, task_id: str, status: TaskStatus, items: list[dict],
+                        now: dt.datetime) -> TaskStatus:
+        """``status`` of a task still running, or a failed status (a try of each of its items) once it
+        has run past ``task_timeout_sec`` and was cancelled."""
+        submitted = [_submitted_at(item) for item in items]
+        known = [at for at in submitted if at is not None]
+        if not known:
+            return status  # items of an older agent without the time: counted from their next submission
+        age = (now - min(known)).total_seconds()
+        limit = self.options.task_timeout_sec
+        if age <= limit:
+            if age > limit / 2 and task_id not in self._half_warned:
+                self._half_warned.add(task_id)
+                self.logger.warning("transfer task %s has been running for %.0f s, over half of transfers.task_timeout_sec "
+                                    "(%.0f s); it is cancelled if it runs past it", task_id, age, limit)
+            return status
+        try:
+            backend.cancel(task_id.partition(":")[2])
+        except TransferError as exc:
+            if exc.retryable:
+                # It may still be writing: its items are not sent again until it is known to stop.
+                self.logger.warning("transfer task %s ran past transfers.task_timeout_sec (%.0f s) but cancelling it "
+                                    "failed (will retry): %s", task_id, limit, exc)
+                return status
+            self.logger.warning("transfer task %s ran past transfers.task_timeout_sec; not cancelled (%s)", task_id, exc)
+        self.logger.error("transfer task %s did not finish within transfers.task_timeout_sec (%.0f s); cancelled, "
+                          "its %d files fail a try", task_id, limit, len(items))
+        return TaskStatus(TaskState.failed, f"transfer task {task_id} did not finish within {limit:.0f} s "
+                          "(transfers.task_timeout_sec); cancelled", retryable=True)
 
     def _apply_status(self, task_id: str, status: TaskStatus, items: list[dict], updates: dict[int, dict[str, Any]],
                       now: dt.datetime) -> None:
