@@ -6,11 +6,15 @@ of 1,000 answered beside it was stored): a user who sent ``not_created`` again i
 
 from __future__ import annotations
 
-import threading
-from typing import Any
+from typing import Any, Callable
 
 import pytest
-from test_bulk_create_side_by_side import _app, _jobs, pg_site  # noqa: F401 (pg_site: a fixture)
+from test_bulk_create_side_by_side import (
+    _app,
+    _jobs,
+    fail_a_chunk_beside_another,
+    pg_site,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -24,25 +28,13 @@ def test_a_chunk_answered_beside_a_lost_answer_is_created_and_not_sent_again(pg_
     app = _app(pg_site)
     monkeypatch.setattr(models.JobManager, "bulk_chunk_size", 10)
     real = RESTClient.request_with_headers
-    sent: list[str] = []
-    second_stored = threading.Event()
 
-    def lose_the_first_answer(self: Any, method: str, path: str, **kwargs: Any) -> Any:
-        if (method, path) != ("POST", "/jobs/"):
-            return real(self, method, path, **kwargs)
-        first = kwargs["json"][0]["workdir"]
-        sent.append(first)
-        if first == "L/0":
-            second_stored.wait(30)  # both chunks in flight; the second one answered first
-            real(self, method, path, **kwargs)  # stored by the server...
-            raise ServerUnavailable("the answer was lost (for the test)")  # ...its answer lost
-        try:
-            return real(self, method, path, **kwargs)
-        finally:
-            if first == "L/10":
-                second_stored.set()
+    def lose_the_answer(send: Callable[[], Any]) -> Any:
+        send()  # stored by the server...
+        raise ServerUnavailable("the answer was lost (for the test)")  # ...its answer lost
 
-    monkeypatch.setattr(RESTClient, "request_with_headers", lose_the_first_answer)
+    # both chunks in flight; the second one answered first
+    sent = fail_a_chunk_beside_another(monkeypatch, "L/0", "L/10", lose_the_answer)
     with pytest.raises(BulkCreateError) as caught:
         Job.objects.bulk_create(_jobs(app, "L", 25, "lost"))
     error = caught.value

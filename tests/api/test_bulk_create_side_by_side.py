@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -34,6 +34,35 @@ def _jobs(app: Any, prefix: str, n: int, tag: str) -> list[Any]:
     from balsam.api import Job
 
     return [Job(workdir=f"{prefix}/{i}", app_id=app.__app_id__, parameters={"i": i}, tags={"t": tag}) for i in range(n)]
+
+
+def fail_a_chunk_beside_another(monkeypatch: Any, failing: str, beside: str,
+                                fail: Callable[[Callable[[], Any]], Any]) -> list[str]:
+    """Make the ``bulk_create`` chunk whose first workdir is ``failing`` wait until the chunk
+    starting at ``beside`` is answered (both in flight side by side), then give ``fail(send)``
+    (``send()`` sends it for real). Returns the first workdir of each chunk, as sent."""
+    from balsam.client import RESTClient
+
+    real = RESTClient.request_with_headers
+    sent: list[str] = []
+    beside_answered = threading.Event()
+
+    def intercept(self: Any, method: str, path: str, **kwargs: Any) -> Any:
+        if (method, path) != ("POST", "/jobs/"):
+            return real(self, method, path, **kwargs)
+        first = kwargs["json"][0]["workdir"]
+        sent.append(first)
+        if first == failing:
+            beside_answered.wait(30)
+            return fail(lambda: real(self, method, path, **kwargs))
+        try:
+            return real(self, method, path, **kwargs)
+        finally:
+            if first == beside:
+                beside_answered.set()
+
+    monkeypatch.setattr(RESTClient, "request_with_headers", intercept)
+    return sent
 
 
 @pytest.mark.postgres
@@ -69,22 +98,12 @@ def test_a_refused_chunk_beside_a_stored_one_is_reported_and_resumed_once(pg_sit
     app = _app(pg_site)
     monkeypatch.setattr(models.JobManager, "bulk_chunk_size", 10)
     real = RESTClient.request_with_headers
-    sent: list[str] = []
-    third_stored = threading.Event()
 
-    def refuse_second_chunk(self: Any, method: str, path: str, **kwargs: Any) -> Any:
-        first = kwargs["json"][0]["workdir"]
-        sent.append(first)
-        if first == "r/10":
-            third_stored.wait(30)  # the chunk after it is stored while this one is refused
-            raise APIError(method, path, 400, "refused for the test")
-        try:
-            return real(self, method, path, **kwargs)
-        finally:
-            if first == "r/20":
-                third_stored.set()
+    def refuse(send: Callable[[], Any]) -> Any:
+        raise APIError("POST", "/jobs/", 400, "refused for the test")
 
-    monkeypatch.setattr(RESTClient, "request_with_headers", refuse_second_chunk)
+    # the chunk after the second one is stored while the second one is refused
+    sent = fail_a_chunk_beside_another(monkeypatch, "r/10", "r/20", refuse)
     with pytest.raises(BulkCreateError) as caught:
         Job.objects.bulk_create(_jobs(app, "r", 45, "refused"))
     error = caught.value

@@ -90,3 +90,30 @@ def finish_jobs(client: Any, site_id: int, ids: list[int]) -> None:
     for state in ("RUNNING", "RUN_DONE", "POSTPROCESSED"):
         client.patch("/jobs/", json=[{"id": i, "state": state} for i in ids])
     client.delete(f"/sessions/{session}")
+
+
+def process_until(module: Any, predicate: Callable[[], Any], what: str = "the expected states",
+                  timeout: float = 90.0) -> None:
+    """Run cycles of a processing module, each flushed, until ``predicate()`` holds; the timeout only
+    keeps a broken test from hanging."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        module.run_cycle()
+        module.flush()
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processing did not reach {what}")
+
+
+def input_stager(site_id: int) -> Any:
+    """An app of the site with one required stage-in item, ``input`` (to ``input.txt``), that runs ``true``."""
+    from balsam.api import ApplicationDefinition
+
+    class InputStager(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+        transfers = {"input": {"required": True, "direction": "in", "local_path": "input.txt"}}
+
+    InputStager.sync()
+    return InputStager

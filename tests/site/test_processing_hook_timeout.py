@@ -20,14 +20,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import attrs
 import pytest
 
 from balsam.site.modules.processing import ProcessingModule, ProcessingSettings
-from site_test_utils import job_rows
+from site_test_utils import job_rows, process_until
 
 TIMEOUT = 100.0
 
@@ -54,17 +53,6 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _cycle_until(module: ProcessingModule, predicate, what: str) -> None:
-    deadline = time.monotonic() + 90  # only keeps a broken test from hanging
-    while time.monotonic() < deadline:
-        module.run_cycle()
-        module.flush()
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"processing did not reach: {what}")
 
 
 def _hanging_app(site_id: int):
@@ -145,7 +133,7 @@ def test_a_hung_preprocess_times_out_and_the_rest_of_its_chunk_is_processed(time
         return {r["id"]: r["state"] for r in job_rows(client, id=ids)}
 
     # The hung hook has started (and the module saw it start); the jobs before it in the chunk are sent.
-    _cycle_until(module, lambda: hung_id in module.hooks_running() and all(
+    process_until(module, lambda: hung_id in module.hooks_running() and all(
         states()[i] == "PREPROCESSED" for i in ids[:hung]), "the hooks before the hung one sent")
     pid = _pid(data / f"t/{hung}/pid", pids)
     assert states()[hung_id] == "STAGED_IN"
@@ -159,7 +147,7 @@ def test_a_hung_preprocess_times_out_and_the_rest_of_its_chunk_is_processed(time
     assert _alive(pid) and states()[hung_id] == "STAGED_IN"
 
     clock.now += TIMEOUT * 0.5
-    _cycle_until(module, lambda: set(states().values()) == {"PREPROCESSED", "FAILED"} and not module.pending,
+    process_until(module, lambda: set(states().values()) == {"PREPROCESSED", "FAILED"} and not module.pending,
                  "the hung job FAILED and the others PREPROCESSED")
     rows = {r["id"]: r for r in job_rows(client, id=ids)}
     assert {i: r["state"] for i, r in rows.items()} == {i: "FAILED" if i == hung_id else "PREPROCESSED" for i in ids}
@@ -191,10 +179,10 @@ def test_a_hung_handle_error_or_handle_timeout_times_out_alike(timed, client, st
     client.patch("/jobs/", json=[{"id": i, "state": state} for i in ids])
     client.delete(f"/sessions/{session}")
 
-    _cycle_until(module, lambda: ids[0] in module.hooks_running(), f"the hung {hook} running")
+    process_until(module, lambda: ids[0] in module.hooks_running(), f"the hung {hook} running")
     pid = _pid(Path(site.data_path) / "e/0/pid", pids)
     clock.now += TIMEOUT + 1
-    _cycle_until(module, lambda: not module.pending and {r["state"] for r in job_rows(client, id=ids)} == {
+    process_until(module, lambda: not module.pending and {r["state"] for r in job_rows(client, id=ids)} == {
         "FAILED", "RESTART_READY"}, "the hung job FAILED")
     from site_test_utils import events
 

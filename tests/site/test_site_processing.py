@@ -16,6 +16,7 @@ import pytest
 from balsam._api import codec
 from balsam.site.modules.processing import FOLLOW_UP_SEC, ProcessingModule
 from site_test_utils import events, job_rows, state_path
+from site_test_utils import process_until as run_until  # test_site_processing_results imports it by this name
 
 
 def define_apps(site_id: int) -> dict:
@@ -67,17 +68,6 @@ def define_apps(site_id: int) -> dict:
     for cls in apps.values():
         cls.sync()
     return apps
-
-
-def run_until(module: ProcessingModule, predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        module.run_cycle()
-        module.flush()
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("processing did not reach the expected states in time")
 
 
 class FakeLauncher:

@@ -21,21 +21,9 @@ import pytest
 import balsam.builtin.local_transfer as local_transfer
 from balsam.options import OptionsError
 from balsam.site.modules.transfers import TransfersModule, TransfersOptions
-from site_test_utils import events, job_rows
+from site_test_utils import events, input_stager, job_rows
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
-
-
-def stager(site_id: int):
-    from balsam.api import ApplicationDefinition
-
-    class HungStager(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"input": {"required": True, "direction": "in", "local_path": "input.txt"}}
-
-    HungStager.sync()
-    return HungStager
 
 
 @pytest.fixture
@@ -67,7 +55,7 @@ def test_a_task_past_task_timeout_sec_is_cancelled_and_fails_a_try(site, client,
     item fails a try; with the tries used up its job goes to FAILED with the reason."""
     from balsam.api import Job
 
-    app = stager(site.site_id)
+    app = input_stager(site.site_id)
     (job,) = Job.objects.bulk_create([Job("hung/0", app, transfers={"input": f"shared:{hung_source}"})])
     module = TransfersModule(site, TransfersOptions(transfer_locations={"shared": "local://"}, task_timeout_sec=600,
                                                     max_attempts=2, retry_backoff_sec=0), client)
@@ -118,7 +106,7 @@ def test_an_agent_stopped_mid_copy_leaves_its_items_to_the_next_agent(site, clie
     from balsam.api import Job
 
     monkeypatch.setattr(local_transfer, "CLOSE_WAIT_SEC", 0.2, raising=False)
-    app = stager(site.site_id)
+    app = input_stager(site.site_id)
     (job,) = Job.objects.bulk_create([Job("stop/0", app, transfers={"input": f"shared:{hung_source}"})])
     options = TransfersOptions(transfer_locations={"shared": "local://"}, retry_backoff_sec=0)
     first = TransfersModule(site, options, client)

@@ -21,23 +21,11 @@ import pytest
 import balsam.builtin.local_transfer as local_transfer
 from balsam.site.api_util import bulk_patch
 from balsam.site.modules.transfers import PENDING_PAGES_PER_CYCLE, TASKS_NAME, TransfersModule, TransfersOptions
-from site_test_utils import job_rows
+from site_test_utils import input_stager, job_rows
 
 SITE_EP = "08925f04-569f-11e7-bef8-22000b9a448b"
 DTN_EP = "9d6d994a-6d04-11e5-ba46-22000b92c6ec"
 LOCATIONS = {"shared": "local://", "dtn": f"globus://{DTN_EP}"}
-
-
-def stager(site_id: int):
-    from balsam.api import ApplicationDefinition
-
-    class WaitStager(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"input": {"required": True, "direction": "in", "local_path": "input.txt"}}
-
-    WaitStager.sync()
-    return WaitStager
 
 
 def logged_out_module(site, client, tmp_path: Path, **overrides) -> TransfersModule:
@@ -70,7 +58,7 @@ def test_items_of_a_logged_out_globus_location_do_not_starve_a_local_one(site, c
     waiting until you do"), one newer on local://, num_items_query_limit 3."""
     from balsam.api import Job
 
-    app = stager(site.site_id)
+    app = input_stager(site.site_id)
     (tmp_path / "a.txt").write_text("a")
     jobs = Job.objects.bulk_create([Job(f"w/{i}", app, transfers={"input": f"dtn:/x/{i}.txt"}) for i in range(3)]
                                    + [Job("ok/0", app, transfers={"input": f"shared:{tmp_path}/a.txt"})])
@@ -89,7 +77,7 @@ def test_a_logged_out_location_takes_no_slot_from_the_others(site, client, tmp_p
     same way; now the first failure makes its other batches wait without a try or a slot."""
     from balsam.api import Job
 
-    app = stager(site.site_id)
+    app = input_stager(site.site_id)
     (tmp_path / "a.txt").write_text("a")
     jobs = Job.objects.bulk_create([Job(f"w/{i}", app, transfers={"input": f"dtn:/x/{i}.txt"}) for i in range(4)]
                                    + [Job("ok/0", app, transfers={"input": f"shared:{tmp_path}/a.txt"})])
@@ -114,7 +102,7 @@ def test_items_in_their_retry_backoff_do_not_starve_newer_ones(site, client, tmp
     bounded number of API calls."""
     from balsam.api import Job
 
-    app = stager(site.site_id)
+    app = input_stager(site.site_id)
     (tmp_path / "a.txt").write_text("a")
     backlog = Job.objects.bulk_create([Job(f"b/{i}", app, transfers={"input": f"shared:{tmp_path}/a.txt"})
                                        for i in range(2 * PENDING_PAGES_PER_CYCLE + 1)])
@@ -176,7 +164,7 @@ def test_deleting_a_job_mid_copy_cancels_its_task(site, client, tmp_path, gated_
     from balsam.api import Job
 
     started, release = gated_copy
-    app = stager(site.site_id)
+    app = input_stager(site.site_id)
     (tmp_path / "big.txt").write_text("data")
     (job,) = Job.objects.bulk_create([Job("del/0", app, transfers={"input": f"shared:{tmp_path}/big.txt"})])
     module = TransfersModule(site, TransfersOptions(transfer_locations={"shared": "local://"}), client)
@@ -205,7 +193,7 @@ def test_an_agent_restarted_after_the_deletion_still_cancels_the_task(site, clie
     from balsam.api import Job
 
     started, release = gated_copy
-    app = stager(site.site_id)
+    app = input_stager(site.site_id)
     (tmp_path / "big.txt").write_text("data")
     (job,) = Job.objects.bulk_create([Job("del/1", app, transfers={"input": f"shared:{tmp_path}/big.txt"})])
     options = TransfersOptions(transfer_locations={"shared": "local://"})
@@ -234,7 +222,7 @@ def test_a_task_with_one_job_left_is_not_cancelled(site, client, tmp_path, gated
     from balsam.api import Job
 
     started, release = gated_copy
-    app = stager(site.site_id)
+    app = input_stager(site.site_id)
     (tmp_path / "big.txt").write_text("data")
     gone, kept = Job.objects.bulk_create([Job(f"two/{i}", app, transfers={"input": f"shared:{tmp_path}/big.txt"})
                                           for i in range(2)])

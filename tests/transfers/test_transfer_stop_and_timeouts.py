@@ -43,6 +43,12 @@ def started_ssh(pids: Path) -> list[int]:
     return sorted(int(p.name) for p in pids.iterdir())
 
 
+def stage_in_from_dtn(backend, dests: list[str]):
+    """Submit one stage-in task from the rsync host ``dtn``: ``/data/<i>.txt`` to ``dests[i]``."""
+    return backend.submit(TransferLocation.parse("dtn", "rsync://me@dtn"), TransferDirection.stage_in,
+                          [TransferFile(f"/data/{i}.txt", dest) for i, dest in enumerate(dests)])
+
+
 def wait_until(predicate, what: str) -> None:
     event = threading.Event()
     for _ in range(int(BOUND / 0.05)):
@@ -147,8 +153,7 @@ def test_close_kills_an_rsync_to_a_host_that_never_answers(tmp_path: Path, reap)
     Now close() kills rsync's process group: no process of its session remains."""
     ssh, pids = hung_ssh(tmp_path)
     backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "ssh_command": ssh})
-    task = backend.submit(TransferLocation.parse("dtn", "rsync://me@dtn"), TransferDirection.stage_in,
-                          [TransferFile("/data/0.txt", str(tmp_path / "out" / "0.txt"))])
+    task = stage_in_from_dtn(backend, [str(tmp_path / "out" / "0.txt")])
     wait_until(lambda: started_ssh(pids), "ssh to start")
     reap.extend(started_ssh(pids))
     session = os.getsid(started_ssh(pids)[0])
@@ -179,8 +184,7 @@ def test_rsync_timeout_kills_its_ssh_and_fails_the_rest_of_the_batch_untried(tmp
     backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "ssh_command": ssh, "timeout_sec": 1})
     dests = [str(tmp_path / "out" / f"{i}.txt") for i in range(3)]
     try:
-        task = backend.submit(TransferLocation.parse("dtn", "rsync://me@dtn"), TransferDirection.stage_in,
-                              [TransferFile(f"/data/{i}.txt", dest) for i, dest in enumerate(dests)])
+        task = stage_in_from_dtn(backend, dests)
         status = wait_for_tasks(backend, [task], timeout=BOUND)[task]
     finally:
         reap.extend(started_ssh(pids))
@@ -204,8 +208,7 @@ def test_rsync_ssh_failure_fails_the_rest_of_the_batch_untried(tmp_path: Path) -
     backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "ssh_command": str(script)})
     dests = [str(tmp_path / "out" / f"{i}.txt") for i in range(4)]
     try:
-        task = backend.submit(TransferLocation.parse("dtn", "rsync://me@dtn"), TransferDirection.stage_in,
-                              [TransferFile(f"/data/{i}.txt", dest) for i, dest in enumerate(dests)])
+        task = stage_in_from_dtn(backend, dests)
         status = wait_for_tasks(backend, [task], timeout=BOUND)[task]
     finally:
         backend.close()
@@ -221,8 +224,7 @@ def test_cancelling_an_rsync_task_kills_its_process_group(tmp_path: Path, reap) 
     ssh, pids = hung_ssh(tmp_path)
     backend = build_backend(RsyncTransfer, "rsync", {"threads": 1, "ssh_command": ssh})
     try:
-        task = backend.submit(TransferLocation.parse("dtn", "rsync://me@dtn"), TransferDirection.stage_in,
-                              [TransferFile("/data/0.txt", str(tmp_path / "0.txt"))])
+        task = stage_in_from_dtn(backend, [str(tmp_path / "0.txt")])
         wait_until(lambda: started_ssh(pids), "ssh to start")
         reap.extend(started_ssh(pids))
         backend.cancel(task)
