@@ -392,3 +392,5 @@ def test_batch_jobs_that_can_never_start_are_no_capacity_and_warned_once_each(ma
         (line,) = [w for w in warnings if w.startswith(f"BatchJob {b['id']} ")]
         assert "the scheduler says 'PartitionConfig'" in line and "allowed_queues.debug.max_nodes" in line, line
     assert all(b["state"] == "queued" for b in client.get("/batch-jobs/", params={"site_id": site.site_id})["results"])
+    snapshot = module.snapshot()  # the project its requests charge, and each BatchJob's: they hold back only their own
+    assert snapshot.project == options.submit_project and {b.project for b in snapshot.batch_jobs} == {options.submit_project}

@@ -22,11 +22,11 @@ def settings(**changes) -> ElasticQueueOptions:
 
 
 def bj(id: int, state=Q, nodes: int = 1, queued: int | None = None, wall: int = 60, regular: bool = False,
-       owned: bool = True, polled=None, never: str = "") -> BatchJobView:
+       owned: bool = True, polled=None, never: str = "", project: str = "") -> BatchJobView:
     # A queued time comes from a poll that listed it queued.
     polled = polled if polled is not None or queued is None else Q
     return BatchJobView(id=id, state=state, num_nodes=nodes, wall_time_min=wall, queued_time_min=queued, regular_queue=regular,
-                        owned=owned, polled_state=polled, never_starts=never)
+                        owned=owned, polled_state=polled, never_starts=never, project=project)
 
 
 def backlog(runnable: int = 0, footprint: float = 0.0, smallest: int = 1, running: int = 0, running_fp: float = 0.0,
@@ -182,6 +182,25 @@ BACKFILL_CASES = [
      {"use_backfill": False, "max_num_nodes": 4, "max_wall_time_min": 30, "min_wall_time_min": 10},
      Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(1, Q, 8, queued=2, wall=25, never="PartitionConfig"),)),
      ((4, 25, True),), (), ""),
+    # never_starts says whether, not why: a minimal one (1 node x the shortest request,
+    # min_wall_time_min - wall_time_pad_min) that never starts holds back every request, whatever
+    # the reason; one denied for access holds back only those at least as large (docs/elastic.md).
+    ("a minimal BatchJob that never starts holds back every request",
+     {}, Snapshot(backlog=backlog(6, 6.0), windows=(W(num_nodes=8, wall_time_min=60),),
+                  batch_jobs=(bj(1, Q, 1, queued=2, wall=30, never="InvalidAccount"),)),
+     (), (), "BatchJob 1 (1 nodes x 30 min) can never start as submitted (scheduler: InvalidAccount)"),
+    ("a larger one denied for access holds back only requests as large (max_queued_jobs caps the rest)",
+     {}, Snapshot(backlog=backlog(4, 4.0), windows=(W(num_nodes=8, wall_time_min=60),),
+                  batch_jobs=(bj(1, Q, 8, queued=2, wall=55, never="InvalidAccount"),)),
+     ((4, 55),), (), ""),
+    ("one of another project holds nothing back (its account says nothing of the requests')",
+     {}, Snapshot(backlog=backlog(6, 6.0), windows=(W(num_nodes=8, wall_time_min=60),), project="mine",
+                  batch_jobs=(bj(1, Q, 1, queued=2, wall=30, never="InvalidAccount", project="theirs", owned=False),)),
+     ((6, 55),), (), ""),
+    ("one of the requests' project does",
+     {}, Snapshot(backlog=backlog(6, 6.0), windows=(W(num_nodes=8, wall_time_min=60),), project="mine",
+                  batch_jobs=(bj(1, Q, 1, queued=2, wall=30, never="InvalidAccount", project="mine", owned=False),)),
+     (), (), "BatchJob 1 (1 nodes x 30 min) can never start"),
     ("one that never starts still holds a place among max_queued_jobs", {"max_queued_jobs": 1},
      Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(1, Q, 8, queued=2, wall=25, never="PartitionConfig"),),
               windows=(W(num_nodes=4, wall_time_min=60),)),
@@ -215,6 +234,10 @@ SIMPLE_CASES = [
     ("a block that can never start is no block, and none more is submitted",
      {}, Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(1, Q, 2, queued=1, wall=30, never="PartitionNodeLimit"),)),
      (), (), "BatchJob 1 (2 nodes x 30 min) can never start as submitted (scheduler: PartitionNodeLimit)"),
+    ("a block of another project that can never start holds no block back",
+     {}, Snapshot(backlog=backlog(4, 4.0), project="mine",
+                  batch_jobs=(bj(1, Q, 2, queued=1, wall=30, never="QOSNotAllowed", project="theirs", owned=False),)),
+     ((2, 30),) * 2, (), ""),
     ("empty backlog, no blocks", {}, Snapshot(), (), (), "no runnable jobs"),
     ("empty backlog keeps min_blocks", {"min_blocks": 1}, Snapshot(), ((2, 30),), (), "0 blocks for a demand of 1"),
     ("burst: blocks up to the maximum at once", {}, Snapshot(backlog=backlog(40, 40.0)), ((2, 30),) * 3, (), ""),

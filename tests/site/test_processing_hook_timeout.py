@@ -282,3 +282,32 @@ def test_an_agent_process_whose_hook_hangs_exits_after_close(tmp_path) -> None:
     finally:
         if pid_file.exists():
             _kill(int(pid_file.read_text()))
+
+
+def test_a_chunk_is_one_run_hooks_call_that_announces_each_hook_and_loads_its_app_once(tmp_path, monkeypatch) -> None:
+    """The worker's entry (run_hooks, the results file's one writer) writes each job's start line
+    before its hook and its update after, in chunk order; an app class that fails to load is
+    loaded once for the chunk (deserializing runs the class's module code), not once per job, and
+    every job of the chunk fails with the reason."""
+    from balsam.site import apps, hooks_runner
+
+    loads: list[int] = []
+
+    def broken(record):
+        loads.append(record["id"])
+        raise ImportError("No module named 'gone'")
+
+    monkeypatch.setattr(apps, "load_app_class", broken)
+    jobs = [{"id": i, "state": "STAGED_IN", "workdir": f"w/{i}"} for i in (7, 8, 9)]
+    path = tmp_path / "results.jsonl"
+    record = {"id": 424242, "serialized_class": "not a class"}
+    updates = hooks_runner.run_hooks(record, jobs, False, str(tmp_path / "data"), 10, str(path))
+    assert loads == [424242]
+    assert [u["id"] for u in updates] == [7, 8, 9]
+    assert {u["state"] for u in updates} == {"FAILED"}
+    assert {u["state_data"]["error"] for u in updates} == {"No module named 'gone'"}
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0::2] == [{"start": i, "pid": os.getpid()} for i in (7, 8, 9)]
+    assert lines[1::2] == updates
+    assert hooks_runner.read_results(path, jobs) == {u["id"]: u for u in updates}
+    assert not (tmp_path / "data").exists()  # no workdir made for a job whose app cannot load

@@ -355,36 +355,50 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
 
 def run_hooks(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int = 10,
               results_path: Optional[str] = None) -> list[dict]:
-    """Worker-process entry: run the hooks of several jobs of one app.
+    """Worker-process entry: run the hooks of several jobs of one app (a chunk), in order.
 
-    ``results_path``: each job's update is also appended there (a JSON line) as soon as its hook
-    has run (see :func:`read_results`): when a later hook of the chunk kills the worker, or the
-    agent ends a hung one at stop, the chunk's return value is lost, and the hooks that completed
-    would otherwise run again, their side effects (a job created, a file appended) twice."""
-    try:
-        app_cls = _app_class(app_record) if app_record is not None else None
-    except Exception as exc:
-        return [
-            {
-                "id": job["id"],
-                "state": JobState.failed.value,
-                "state_timestamp": now_iso(),
-                "state_data": {"message": "An exception occurred while loading the app", "error": str(exc)},
-            }
-            for job in jobs
-        ]
+    ``results_path``: the worker's record of its progress, JSON lines (see :class:`_ResultsFile`):
+    before each job, ``{"start": <job id>, "pid": <worker pid>}`` (the processing module times
+    each hook from it, and knows which worker to end when one hangs; :func:`read_results` skips it,
+    having no ``id``); after it, the job's update, as soon as its hook has run. When a later hook
+    of the chunk kills the worker, or the agent ends a hung one, the chunk's return value is lost,
+    and the hooks that completed would otherwise run again, their side effects (a job created, a
+    file appended) twice.
+
+    The app class is loaded once for the chunk, after the first job's start line (a load that
+    hangs is timed as that job's hook). A load that fails fails every job of the chunk with the
+    reason, and is not tried again for each (deserializing a class runs its module's code)."""
     updates = []
+    loaded: Optional[type] = None
+    load_error: Optional[str] = None
+    attempted = app_record is None  # no record: run_hook_on_job fails each job ("could not be loaded")
     with _ResultsFile(results_path) as results:
         for job in jobs:
-            update = run_hook_on_job(app_cls, job, python_app, Path(data_path), tail_num_lines)
+            results.record({"start": job["id"], "pid": os.getpid()})
+            if not attempted:
+                attempted = True
+                try:
+                    loaded = _app_class(app_record)
+                except Exception as exc:
+                    load_error = str(exc)
+            if load_error is not None:
+                update = {
+                    "id": job["id"],
+                    "state": JobState.failed.value,
+                    "state_timestamp": now_iso(),
+                    "state_data": {"message": "An exception occurred while loading the app", "error": load_error},
+                }
+            else:
+                update = run_hook_on_job(loaded, job, python_app, Path(data_path), tail_num_lines)
             results.record(update)
             updates.append(update)
     return updates
 
 
 class _ResultsFile:
-    """The worker's side of ``results_path``: one JSON line per job, one ``write`` each (so a
-    death between two hooks leaves whole lines). A file that cannot be written is given up: its
+    """The worker's side of ``results_path`` (the one writer of it): one JSON line per record, one
+    ``write`` each with O_APPEND (so a death between two hooks leaves whole lines, and a reader
+    sees a line either whole or not yet ended). A file that cannot be written is given up: its
     jobs are only run again after a worker death, as without it."""
 
     def __init__(self, path: Optional[str]) -> None:
@@ -398,11 +412,11 @@ class _ResultsFile:
     def __enter__(self) -> "_ResultsFile":
         return self
 
-    def record(self, update: dict) -> None:
+    def record(self, record: dict) -> None:
         if self.fd is None:
             return
         try:
-            os.write(self.fd, (json.dumps(update) + "\n").encode())
+            os.write(self.fd, (json.dumps(record) + "\n").encode())
         except (OSError, TypeError, ValueError):
             self.__exit__()
 

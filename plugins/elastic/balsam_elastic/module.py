@@ -315,13 +315,14 @@ class ElasticQueueModule(AgentModule):
             regular_queue=(row.get("status_info") or {}).get(REQUEST_KIND) == REGULAR_QUEUE,
             owned=REQUEST_KIND in (row.get("status_info") or {}),
             polled_state=polled, never_starts=self.never_starts(status) if queued else "",
+            project=str(row.get("project") or ""),
         )
 
     def never_starts(self, status: Any) -> str:
         """The scheduler's reason when its driver says this queued job can never start as
         submitted (``Scheduler.never_starts``), else ""."""
         try:
-            never = bool(getattr(self.scheduler, "never_starts", lambda _status: False)(status))
+            never = bool(self.scheduler.never_starts(status))
         except Exception as exc:  # a driver's fault must not stop the cycle: the job then may start
             self._report_once(f"scheduler driver's never_starts failed: {type(exc).__name__}: {exc}")
             return ""
@@ -350,7 +351,8 @@ class ElasticQueueModule(AgentModule):
         poll = self.read_poll() if any(r["state"] == BatchJobState.queued.value for r in rows) else None
         windows, error = self.read_windows()
         views = tuple(self.view(r, poll) for r in sorted(rows, key=lambda r: r["id"]))
-        return Snapshot(batch_jobs=views, backlog=backlog, windows=windows, windows_error=error)
+        return Snapshot(batch_jobs=views, backlog=backlog, windows=windows, windows_error=error,
+                        project=self.options.submit_project)
 
     # -- one cycle ---------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
@@ -370,10 +372,11 @@ class ElasticQueueModule(AgentModule):
                 # decides (a limit may be raised), and the module never deletes what it did not
                 # cancel as stale.
                 queue = self.options.submit_queue
+                held = (", and no BatchJob as large is requested while it waits" if b.project == snapshot.project
+                        else f" (project {b.project!r}: the elastic queue's, {snapshot.project!r}, is not held back)")
                 self._report_once(
                     f"BatchJob {b.id} ({b.num_nodes} nodes x {b.wall_time_min} min in queue {queue!r}) can never start: "
-                    f"the scheduler says {b.never_starts!r}. It is not counted as capacity, and no BatchJob as large "
-                    f"is requested while it waits. Make settings.yml scheduler.allowed_queues.{queue}.max_nodes and "
+                    f"the scheduler says {b.never_starts!r}. It is not counted as capacity{held}. Make settings.yml scheduler.allowed_queues.{queue}.max_nodes and "
                     f"max_walltime (and elastic_queue.max_num_nodes, max_wall_time_min) no larger than the "
                     f"partition's limits, check the project may use the queue, then remove it: "
                     f"balsam queue term --id {b.id}")

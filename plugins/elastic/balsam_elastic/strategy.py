@@ -90,6 +90,9 @@ class BatchJobView:
     #: ``never_starts``); "" when it may start. Such a BatchJob holds a place in the queue
     #: (``max_queued_jobs``) but no capacity: it is not counted as nodes coming.
     never_starts: str = ""
+    #: The project it charges (the module's own all charge ``elastic_queue.submit_project``; one
+    #: made by hand may charge another).
+    project: str = ""
 
     @property
     def cancellable(self) -> bool:
@@ -151,6 +154,9 @@ class Snapshot:
     #: Backfill windows usable in the submit queue (None: the scheduler could not say, see windows_error).
     windows: Optional[tuple[BackfillWindow, ...]] = ()
     windows_error: str = ""
+    #: The project the module's requests charge (``elastic_queue.submit_project``; they all go to
+    #: the snapshot's queue, ``submit_queue``).
+    project: str = ""
 
     @property
     def reserving(self) -> tuple[BatchJobView, ...]:
@@ -162,10 +168,19 @@ class Snapshot:
 
     def never_starting_as_large(self, num_nodes: int, wall_time_min: int) -> Optional[BatchJobView]:
         """One of the BatchJobs the scheduler says can never start that is no larger than a request
-        of ``num_nodes`` x ``wall_time_min`` (its own or another's in the same queue; the lowest
-        id), or None. The limit that keeps it waiting would hold such a request back as well:
-        submitting it would only fill the queue with BatchJobs that never start, each cycle."""
-        return next((b for b in self.batch_jobs if b.reserving and b.never_starts
+        of ``num_nodes`` x ``wall_time_min`` and charges the requests' project (its own or another's
+        in the same queue; the lowest id), or None. The limit that keeps it waiting would hold such
+        a request back as well: submitting it would only fill the queue with BatchJobs that never
+        start, each cycle.
+
+        Only "no larger": the driver's ``never_starts`` says whether, not why, and a smaller request
+        may start under a size limit (a partition's nodes or minutes). So a minimal one (1 node, the
+        shortest wall time) that never starts holds back every request, as any request is at least
+        as large, but one denied for access (Slurm's ``InvalidAccount``, ``QOSNotAllowed``) holds
+        back only the requests at least as large as it: the smaller ones are submitted, each held
+        back in turn once its poll says it never starts, ``max_queued_jobs`` at most. A BatchJob of
+        another project holds nothing back (an account's limits or access say nothing of another's)."""
+        return next((b for b in self.batch_jobs if b.reserving and b.never_starts and b.project == self.project
                      and b.num_nodes <= num_nodes and b.wall_time_min <= wall_time_min), None)
 
 

@@ -33,8 +33,9 @@ a hook kills its worker (``os._exit``, a crash) or is ended at stop, the chunk's
 lost, but the jobs whose hooks completed keep their results; only the others run again (each
 alone, after a death), so no completed hook runs twice. Each cycle reads those files of the tasks
 still running: a completed hook's result is sent without waiting for the rest of its chunk.
-The worker also writes a line there as each hook starts, so the module knows which hook runs, in
-which worker, since when: a hook running longer than ``hook_timeout_sec`` has its worker killed and
+The worker (:func:`~balsam.site.hooks_runner.run_hooks`, one call per chunk, the file's one writer)
+also writes a line there as each hook starts, so the module knows which hook runs, in which worker,
+since when: a hook running longer than ``hook_timeout_sec`` has its worker killed and
 its job FAILED (a WARNING names it at half that time); the rest of its chunk takes the worker-death
 path above.
 Nothing of the pools outlives the agent, a SIGKILLed one included: each worker watches a pipe whose
@@ -140,32 +141,6 @@ def _end_with_agent(agent_alive: Connection) -> None:
     except OSError:  # the fd was closed under us (a hook closing every fd): cannot watch, let it run
         return
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _run_chunk(app_record: Optional[dict], jobs: list[dict], python_app: bool, data_path: str, tail_num_lines: int,
-               results_path: str) -> list[dict]:
-    """Worker-process entry: :func:`run_hooks` job by job, each hook's start announced in the
-    results file first (``{"start": <job id>, "pid": <worker pid>}``; :func:`read_results` skips
-    it, having no ``id``). The agent times each hook from it and knows which worker to end."""
-    updates: list[dict] = []
-    for job in jobs:
-        _append_line(results_path, {"start": job["id"], "pid": os.getpid()})
-        updates.extend(run_hooks(app_record, [job], python_app, data_path, tail_num_lines, results_path))
-    return updates
-
-
-def _append_line(path: str, record: dict) -> None:
-    """One JSON line, in one ``write`` with O_APPEND (as run_hooks writes its results)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    except OSError:  # no start line: that hook is not timed (its result still comes)
-        return
-    try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @attrs.define
@@ -493,7 +468,7 @@ class ProcessingModule(AgentModule):
             # once the task's results are in.
             self._results_dir = Path(tempfile.mkdtemp(prefix="balsam-hook-results-"))
         results_file = self._results_dir / f"{next(self._results_count)}.jsonl"
-        args = (_run_chunk, info.record, jobs, info.python_app, str(self.data_path), self.tail_num_lines, str(results_file))
+        args = (run_hooks, info.record, jobs, info.python_app, str(self.data_path), self.tail_num_lines, str(results_file))
         pool = self._isolation_pool if alone else self._pool
         try:
             future = pool().submit(*args)
