@@ -13,6 +13,7 @@ from balsam.launcher.node_manager import Demand, NodeManager
 from balsam.launcher.runner import launch_environment
 from balsam.platform import LaunchSpec, cpu_bind_list, parse_id_ranges
 from balsam_platform_aurora import AuroraOptions, AuroraPlatform, SunspotPlatform
+from balsam_platform_aurora.platform import affinity_mask
 
 HOSTS = ("x4102c5s0b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov", "x4102c5s1b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov")
 #: ALCF's Aurora "Running jobs" binding for 12 ranks of 8 cores: socket 0 then socket 1, cores 0
@@ -67,6 +68,24 @@ def test_the_option_sets_the_hierarchy(monkeypatch: pytest.MonkeyPatch) -> None:
     # whole GPUs (tiles_per_gpu=1) in FLAT mode are both of their tiles
     env = AuroraPlatform(options={"tiles_per_gpu": 1, "device_hierarchy": "flat"}).gpu_environment(["1"])
     assert env["ZE_AFFINITY_MASK"] == "2,3"
+
+
+@pytest.mark.parametrize("tiles", [0, 3, 4])
+def test_tiles_per_gpu_is_1_or_2(tiles: int) -> None:
+    """A Max 1550 has 2 tiles: with tiles_per_gpu=3 the ids 0.2 and 1.0 were both written as flat
+    tile 2 ... 3 of the wrong GPUs (GPU 1's tile 0 is flat 2 on the hardware)."""
+    message = f"must be 1 (whole GPUs) or 2 (tiles; a Max 1550 has 2), got {tiles}"
+    assert AuroraOptions(tiles_per_gpu=tiles).validate() == {"tiles_per_gpu": message}
+    with pytest.raises(ValueError, match=rf"^launcher.platform_options.tiles_per_gpu: must be 1 \(whole GPUs\) or 2"):
+        AuroraPlatform(options={"tiles_per_gpu": tiles})
+    assert AuroraOptions(tiles_per_gpu=1).validate() == {} and AuroraOptions(tiles_per_gpu=2).validate() == {}
+
+
+def test_flat_ids_count_the_hardware_tiles() -> None:
+    assert affinity_mask(["1.0", "1.1", "5.1"], "FLAT") == "2,3,11"
+    assert affinity_mask(["0", "3"], "COMBINED") == "0,1,6,7"
+    with pytest.raises(ValueError, match=r"GPU id '0.2' is not an Aurora GPU"):
+        affinity_mask(["0.2", "1.0"], "FLAT")
 
 
 def test_a_bad_hierarchy_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

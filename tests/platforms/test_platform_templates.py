@@ -62,16 +62,17 @@ def test_aurora_whole_gpus_with_one_tile_per_gpu() -> None:
     assert SunspotPlatform(options={"tiles_per_gpu": 1}).gpu_ids == platform.gpu_ids
 
 
-def test_aurora_tiles_per_gpu_must_be_at_least_one() -> None:
-    assert AuroraOptions(tiles_per_gpu=0).validate() == {"tiles_per_gpu": "must be 1 or more (1: whole GPUs), got 0"}
+def test_aurora_tiles_per_gpu_must_be_1_or_2() -> None:
+    assert AuroraOptions(tiles_per_gpu=0).validate() == {
+        "tiles_per_gpu": "must be 1 (whole GPUs) or 2 (tiles; a Max 1550 has 2), got 0"}
     assert AuroraOptions(tiles_per_gpu=1).validate() == {}
     assert "cpu_ids" in AuroraOptions(tiles_per_gpu=0, cpu_ids="3-1").validate()
-    with pytest.raises(ValueError, match="tiles_per_gpu: must be 1 or more"):
+    with pytest.raises(ValueError, match=r"tiles_per_gpu: must be 1 \(whole GPUs\) or 2"):
         AuroraPlatform(options={"tiles_per_gpu": 0})
     # In settings.yml: one line naming the file line and the key.
     from balsam.config.settings import SettingsError, loads_settings
 
-    with pytest.raises(SettingsError, match=r"settings.yml:4 launcher.platform_options.tiles_per_gpu: must be 1 or more"):
+    with pytest.raises(SettingsError, match=r"settings.yml:4 launcher.platform_options.tiles_per_gpu: must be 1 \(whole GPUs\) or 2"):
         loads_settings("launcher:\n  platform: aurora\n  platform_options:\n    tiles_per_gpu: 0\n", only=["launcher"])
 
 

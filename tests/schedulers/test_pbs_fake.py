@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from balsam.scheduler import SchedulerError, SubmitRequest
 from balsam.states import BatchJobState
 from balsam_scheduler_pbs import PBSScheduler
+from balsam_scheduler_pbs.scheduler import CLOCK_SLACK_SEC
 
 from fake_env import fake_batch_env, wait_for
 
@@ -103,16 +105,32 @@ def test_site_defaults_discover_the_queues(pbs):
     assert queues == {q: {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 10} for q in ("debug", "prod")}
 
 
+def test_find_submitted_adopts_its_job_on_a_server_whose_clock_is_behind(pbs, tmp_path, monkeypatch):
+    """The PBS server's clock 5 s behind the file system's: the job qsub'ed right after its script
+    was written is dated (ctime) before the script, and is still this submission's job."""
+    monkeypatch.setenv("FAKE_BATCH_BACKDATE_SEC", "5")
+    script = _script(tmp_path, "qlaunch00003", "sleep 30")
+    request = _request(script, num_nodes=1)
+    jobid = pbs.submit(request)
+    assert pbs.find_submitted(request) == [jobid]
+    pbs.delete_job(jobid)
+
+
 def test_find_submitted_ignores_an_older_job_of_the_same_name(pbs, tmp_path, monkeypatch):
     """An earlier site database's BatchJob 1 left a finished qlaunch00001 in the job history; the new
     BatchJob 1's interrupted submission must not adopt it (it would be marked finished unrun)."""
     monkeypatch.setenv("FAKE_BATCH_KEEP_SEC", "600")  # the old job stays in the history
+    # the old job was submitted beyond the clock slack before the script is rewritten: the fake
+    # server dates it back (ctime) instead of the test waiting that long
+    monkeypatch.setenv("FAKE_BATCH_BACKDATE_SEC", str(CLOCK_SLACK_SEC + 60))
     script = _script(tmp_path, "qlaunch00001", "true")
+    old_written = time.time() - CLOCK_SLACK_SEC - 60
+    os.utime(script, (old_written, old_written))  # the old script, written before its job
     request = _request(script, num_nodes=1)
     old = pbs.submit(request)
+    monkeypatch.setenv("FAKE_BATCH_BACKDATE_SEC", "0")
     wait_for(lambda: old not in pbs.get_statuses(), 15, "the old job to finish")
     assert pbs.get_history(old, script).state is BatchJobState.finished
-    time.sleep(1.1)  # PBS dates a job (ctime) to the second: the new script is written a second later
     script.write_text("#!/bin/bash\necho new\n")
     assert pbs.parse_find(pbs.run(pbs.render_find(request, pbs.user)), request) == [old]  # qselect: by name only
     assert pbs.find_submitted(request) == []  # the interrupted qsub never reached the server

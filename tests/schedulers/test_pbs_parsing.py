@@ -9,7 +9,7 @@ import pytest
 from balsam.scheduler import SchedulerError, StatusPoll, SubmitRequest
 from balsam.states import BatchJobState
 from balsam_scheduler_pbs import PBS_STATES, PBSScheduler
-from balsam_scheduler_pbs.scheduler import job_project, max_queued_for, parse_pbs_time
+from balsam_scheduler_pbs.scheduler import CLOCK_SLACK_SEC, job_project, max_queued_for, parse_pbs_time
 
 from sched_helpers import ReplayRunner, recorded, result, utc
 
@@ -320,6 +320,28 @@ def test_find_keeps_the_newest_job_of_this_script_since_it_was_written(pbs, tmp_
     with pytest.raises(SchedulerError, match="cannot connect"):
         pbs.parse_find_records(result(stderr="qstat: cannot connect to server s (errno=111)", returncode=2),
                                request, written)
+
+
+def test_find_adopts_its_job_dated_before_the_script_by_a_server_clock_behind(pbs, tmp_path):
+    """The reviewer's case: the script written at ...:20.1 (login node), qsub'ed 0.3 s later on a PBS
+    server whose clock is 0.8 s behind: ctime ...:19, a second before the script's mtime ...:20."""
+    script = tmp_path / "qsubmit" / "qlaunch00007.sh"
+    request = SubmitRequest(script_path=script, project="p", queue="debug", num_nodes=1, wall_time_min=5,
+                            job_name="qlaunch00007")
+    output = f"login-01:{script.with_suffix('.output')}"
+    written = utc(2023, 11, 21, 18, 0, 20)
+    skewed = {"123.s": {"ctime": "Tue Nov 21 18:00:19 2023", "Output_Path": output, "job_state": "Q"}}
+    assert pbs.parse_find_records(result(stdout=_history(skewed)), request, written) == [123]
+    # the slack is the remaining window: an earlier job of this script submitted within it is taken,
+    # one submitted before it, or one writing another file (even one ending alike), is not
+    edge = {"124.s": {"ctime": "Tue Nov 21 17:58:20 2023", "Output_Path": output, "job_state": "F"}}
+    assert CLOCK_SLACK_SEC == 120
+    assert pbs.parse_find_records(result(stdout=_history(edge)), request, written) == [124]
+    edge["124.s"]["ctime"] = "Tue Nov 21 17:58:19 2023"
+    assert pbs.parse_find_records(result(stdout=_history(edge)), request, written) == []
+    elsewhere = {"125.s": {"ctime": "Tue Nov 21 18:00:19 2023", "job_state": "Q",
+                           "Output_Path": f"login-01:/other{script.with_suffix('.output')}"}}
+    assert pbs.parse_find_records(result(stdout=_history(elsewhere)), request, written) == []
 
 
 def test_find_runs_qselect_then_one_qstat(tmp_path):

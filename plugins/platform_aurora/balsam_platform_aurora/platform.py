@@ -13,7 +13,7 @@ services since 31 March 2025), so jobs get cores 1-51 and 53-103, those of their
 A job sees its tiles (or GPUs) through ``ZE_AFFINITY_MASK``, whose ids depend on Level Zero's device
 hierarchy (``ZE_FLAT_DEVICE_HIERARCHY``): in FLAT mode (Level Zero's default, and what ALCF's
 ``frameworks`` module sets) every tile is a device of its own, numbered 0 ... 11 (GPU g's tile t is
-``g * tiles_per_gpu + t``); only in COMPOSITE mode does the mask take ``GPU.tile`` ids. The mode is
+``g * 2 + t``, two tiles to a GPU in hardware whatever the option ``tiles_per_gpu``, 1 or 2); only in COMPOSITE mode does the mask take ``GPU.tile`` ids. The mode is
 the launcher's own (option ``device_hierarchy: inherit``; unset means FLAT) or the option's, and is
 always set next to the mask, so the two cannot disagree. ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` makes
 the ids follow the PCI order; CUDA variables mean nothing to Level Zero and are never set.
@@ -81,15 +81,16 @@ def tile_groups(num_gpus: int, tiles_per_gpu: int) -> tuple[tuple[str, ...], ...
     return tuple(tuple(f"{gpu}.{tile}" for tile in range(tiles_per_gpu)) for gpu in range(num_gpus))
 
 
-def affinity_mask(gpu_ids: Sequence[str], hierarchy: str, tiles_per_gpu: int) -> str:
+def affinity_mask(gpu_ids: Sequence[str], hierarchy: str) -> str:
     """``ZE_AFFINITY_MASK`` for Balsam GPU ids under the device ``hierarchy`` (one of :data:`HIERARCHIES`).
 
     COMPOSITE: the ids as they are (``0.1`` is GPU 0's tile 1, ``0`` the whole GPU 0). FLAT and
     COMBINED: every tile is a device of its own, numbered in GPU order, so tile ``g.t`` is
-    ``g * tiles_per_gpu + t`` (``0.1`` -> ``1``, ``5.1`` -> ``11``) and a whole GPU ``g``
-    (``tiles_per_gpu=1``) is its :data:`HARDWARE_TILES_PER_GPU` tiles. In FLAT mode Level Zero
-    reads ``0.1`` as sub-device 1 of device 0, and a device has no sub-devices there, so the
-    GPU.tile mask exposed nothing, or the wrong tile.
+    ``g * HARDWARE_TILES_PER_GPU + t`` (``0.1`` -> ``1``, ``5.1`` -> ``11``) and a whole GPU ``g``
+    (``tiles_per_gpu=1``) is its :data:`HARDWARE_TILES_PER_GPU` tiles: Level Zero numbers the
+    tiles the hardware has, not the ids Balsam hands out. In FLAT mode Level Zero reads ``0.1``
+    as sub-device 1 of device 0, and a device has no sub-devices there, so the GPU.tile mask
+    exposed nothing, or the wrong tile.
     """
     if hierarchy == "COMPOSITE":
         return ",".join(map(str, gpu_ids))
@@ -98,7 +99,9 @@ def affinity_mask(gpu_ids: Sequence[str], hierarchy: str, tiles_per_gpu: int) ->
         gpu, dot, tile = str(gpu_id).partition(".")
         try:
             if dot:
-                flat.append(int(gpu) * tiles_per_gpu + int(tile))
+                if not 0 <= int(tile) < HARDWARE_TILES_PER_GPU:
+                    raise ValueError(tile)
+                flat.append(int(gpu) * HARDWARE_TILES_PER_GPU + int(tile))
             else:
                 flat.extend(int(gpu) * HARDWARE_TILES_PER_GPU + t for t in range(HARDWARE_TILES_PER_GPU))
         except ValueError:
@@ -143,7 +146,7 @@ class AuroraOptions:
     gpus_per_node: int = option(6, "Intel GPUs per node.", validator=_non_negative)
     tiles_per_gpu: int = option(
         2,
-        "Tiles per GPU (1 or more); every tile is one Balsam GPU id (GPU.tile: 0.0 0.1 1.0 ...); 1 makes "
+        "Tiles per GPU, 1 or 2 (a Max 1550 has 2); every tile is one Balsam GPU id (GPU.tile: 0.0 0.1 1.0 ...); 1 makes "
         "every whole GPU one id (0 1 ... 5).",
     )
     gpu_cpus: str = option(
@@ -181,8 +184,12 @@ class AuroraOptions:
 
 
 def tiles_per_gpu_errors(value: int) -> dict[str, str]:
-    # 0 would leave a node without GPU ids; 1 addresses whole GPUs.
-    return {} if value >= 1 else {"tiles_per_gpu": f"must be 1 or more (1: whole GPUs), got {value}"}
+    # 1 addresses whole GPUs, 2 each tile. Other values name tiles the Max 1550 does not have (3)
+    # or none at all (0), and ZE_AFFINITY_MASK numbers the hardware's 2 tiles per GPU regardless.
+    if value in (1, HARDWARE_TILES_PER_GPU):
+        return {}
+    return {"tiles_per_gpu": f"must be 1 (whole GPUs) or {HARDWARE_TILES_PER_GPU} (tiles; a Max 1550 has "
+                             f"{HARDWARE_TILES_PER_GPU}), got {value}"}
 
 
 class AuroraPlatform(Platform):
@@ -276,7 +283,7 @@ class AuroraPlatform(Platform):
         return {
             "ZE_ENABLE_PCI_ID_DEVICE_ORDER": "1",
             HIERARCHY_VARIABLE: hierarchy,
-            "ZE_AFFINITY_MASK": affinity_mask(gpu_ids, hierarchy, self.options.tiles_per_gpu),
+            "ZE_AFFINITY_MASK": affinity_mask(gpu_ids, hierarchy),
         }
 
     def launch_limit(self) -> Optional[LaunchLimit]:

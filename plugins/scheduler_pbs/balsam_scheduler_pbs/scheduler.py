@@ -70,6 +70,13 @@ DISCOVERY_TIMEOUT_SEC = 20.0
 DISCOVERED_MAX_QUEUED_JOBS = 20
 #: Longest scheduler comment kept as a status message.
 MAX_REASON_CHARS = 300
+#: Seconds a job's ``ctime`` may lie before its script's mtime and still be taken as this
+#: submission by find_submitted: ctime is the PBS server's clock, the mtime the login node's or
+#: file server's, each printed to the whole second, so a server clock even a fraction of a second
+#: behind dates our own job before its script. The Output_Path match keeps other scripts' jobs
+#: out; an earlier job of this same script path is adopted only if it was submitted within this
+#: slack before the script was rewritten.
+CLOCK_SLACK_SEC = 120
 USER_FORMAT_VARIABLES = ("PBS_QSTAT_HEADER", "QSTAT_HEADER", "PBS_QSTAT_NO_HEADER", "PBS_QSTAT_FMT")
 
 _CONNECTION_TROUBLE = ("cannot connect", "connection refused", "end of file", "timed out", "try again",
@@ -449,9 +456,9 @@ class PBSScheduler(Scheduler):
         """``qselect`` matches the job name only, and the names are ``qlaunch<BatchJob id>``: an
         earlier site database's BatchJob of the same id left jobs of the same name (finished ones
         stay in the job history). The jobs qselect lists are read with one ``qstat -x -f -F json``
-        and kept only if submitted (``ctime``) no earlier than the script was written (the agent
-        writes it before each submission) and writing this script's output file; the newest of
-        those (``[]``: none). No script: None (cannot tell)."""
+        and kept only if writing this script's output file and submitted (``ctime``) no earlier
+        than ``CLOCK_SLACK_SEC`` before the script was written (the agent writes it before each
+        submission); the newest of those (``[]``: none). No script: None (cannot tell)."""
         with self.guard("lookup of an earlier submission"):
             ids = sorted(set(self.parse_find(self.run(self.render_find(request, self.user)), request)))
             if not ids:
@@ -485,9 +492,10 @@ class PBSScheduler(Scheduler):
         return found
 
     def parse_find_records(self, result: CommandResult, request: SubmitRequest, written: dt.datetime) -> list[int]:
-        """``qstat -x -f -F json`` of the jobs qselect found -> ``[id]`` of the newest one submitted
-        (``ctime``, printed to the second) since the script was ``written`` whose ``Output_Path``
-        (``host:/path``) is this script's output file; ``[]`` when none is."""
+        """``qstat -x -f -F json`` of the jobs qselect found -> ``[id]`` of the newest one whose
+        ``Output_Path`` (``host:/path``) is this script's output file and submitted (``ctime``,
+        printed to the second) no earlier than ``CLOCK_SLACK_SEC`` before the script was
+        ``written``; ``[]`` when none is."""
         unknown = _unknown_ids(result)  # left the history between the two commands
         if result.returncode != 0 and not result.stdout.strip() and not unknown:
             raise SchedulerError(f"qstat -x could not read the jobs named {request.job_name}: {_pbs_error(result)}")
@@ -495,23 +503,28 @@ class PBSScheduler(Scheduler):
         if not isinstance(records, dict):
             raise SchedulerError(f"qstat -x -f -F json: 'Jobs' is not an object but {type(records).__name__}")
         output = str(Path(request.script_path).with_suffix(".output"))
+        # the server's clock against the file system's (see CLOCK_SLACK_SEC)
+        earliest = written - dt.timedelta(seconds=CLOCK_SLACK_SEC)
         ours, others = [], []
         for pbs_id, job in records.items():
             number = job_number(pbs_id)
             if number is None or not isinstance(job, dict):
                 continue
             submitted = parse_pbs_time(job.get("ctime"))
-            if (submitted is not None and submitted >= written
-                    and str(job.get("Output_Path", "")).endswith(output)):
+            # host:/path, matched whole: the slack leaves this match as what keeps other jobs out
+            written_to = str(job.get("Output_Path", ""))
+            if (submitted is not None and submitted >= earliest
+                    and (written_to == output or written_to.endswith(":" + output))):
                 ours.append((submitted, number))
             else:
                 others.append(number)
         if others:
-            logger.info("qselect: job(s) %s named %s are older than %s or write another output file: not its job",
-                        ", ".join(map(str, sorted(others))), request.job_name, Path(request.script_path).name)
+            logger.info("qselect: job(s) %s named %s were submitted over %d s before %s was written or write "
+                        "another output file: not its job", ", ".join(map(str, sorted(others))), request.job_name,
+                        CLOCK_SLACK_SEC, Path(request.script_path).name)
         if len(ours) > 1:
-            logger.warning("qselect: %d jobs named %s since its script was written (%s): the newest is kept",
-                           len(ours), request.job_name, ", ".join(str(n) for _, n in sorted(ours)))
+            logger.warning("qselect: %d jobs named %s since its script was written, less the clock slack (%s): "
+                           "the newest is kept", len(ours), request.job_name, ", ".join(str(n) for _, n in sorted(ours)))
         return [max(ours)[1]] if ours else []
 
     # -- delete -----------------------------------------------------------------------------
