@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -30,6 +31,35 @@ class PayloadError(ValueError):
         super().__init__(f"invalid {model}: {detail}")
 
 
+class _ShortRepr(reprlib.Repr):
+    """Values shown in error messages, shortened: a 422 names what was wrong, it does not echo a
+    60 MB value back (nor a million-digit integer, whose ``repr`` itself fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 2
+        self.maxstring = self.maxother = self.maxlong = 60
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 6
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 200:  # beyond any integer a field takes; repr() fails past 4300 digits
+            return f"<an integer of about {int(x.bit_length() * 0.30103)} digits>"
+        return super().repr_int(x, level)
+
+
+_short_repr = _ShortRepr()
+
+
+def show(value: Any) -> str:
+    """``repr(value)``, shortened for an error message."""
+    return _short_repr.repr(value)
+
+
+#: Seconds since the epoch that a datetime holds (years 1 to 9999, UTC).
+_MIN_TIMESTAMP = dt.datetime.min.replace(tzinfo=dt.timezone.utc).timestamp()
+_MAX_TIMESTAMP = dt.datetime.max.replace(tzinfo=dt.timezone.utc).timestamp()
+
+
 def parse_datetime(value: Any) -> dt.datetime:
     if isinstance(value, dt.datetime):
         result = value
@@ -40,11 +70,18 @@ def parse_datetime(value: Any) -> dt.datetime:
         try:
             result = dt.datetime.fromisoformat(text)
         except ValueError:
-            raise ValueError(f"expected an ISO-8601 datetime, got {value!r}") from None
+            raise ValueError(f"expected an ISO-8601 datetime, got {show(value)}") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        result = dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
+        # fromtimestamp raises OverflowError or OSError beyond this range (and on NaN), which
+        # would not name the field.
+        if not _MIN_TIMESTAMP <= value <= _MAX_TIMESTAMP:
+            raise ValueError(f"expected a datetime in years 1 to 9999 (seconds since 1970), got {show(value)}")
+        try:
+            result = dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
+        except (OverflowError, OSError, ValueError):  # within a second of the range's ends
+            raise ValueError(f"expected a datetime in years 1 to 9999 (seconds since 1970), got {show(value)}") from None
     else:
-        raise ValueError(f"expected an ISO-8601 datetime, got {value!r}")
+        raise ValueError(f"expected an ISO-8601 datetime, got {show(value)}")
     if result.tzinfo is None:
         return result.replace(tzinfo=dt.timezone.utc)
     try:
@@ -68,7 +105,7 @@ def _int64(number: int, given: Any) -> int:
     document stores). JSON parsers hand a long integer literal over as a float (1e24), which
     converts to an integer nobody sent."""
     if not -(2**63) <= number < 2**63:
-        raise ValueError(f"expected an integer of at most 64 bits, got {given!r}")
+        raise ValueError(f"expected an integer of at most 64 bits, got {show(given)}")
     return number
 
 
@@ -81,9 +118,12 @@ def _strict(kind: type, name: str):
         if kind is int and isinstance(value, float) and value.is_integer():
             return _int64(int(value), value)
         if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return _int64(int(value), value)
+            # 20 digits hold any 64-bit integer; int() of a longer text may exceed Python's limit
+            # on converted digits, whose own message would be the answer.
+            digits = value.strip().lstrip("-").lstrip("0")
+            return _int64(int(value) if len(digits) <= 20 else 2**63, value)
         if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-            raise ValueError(f"expected {name}, got {value!r}")
+            raise ValueError(f"expected {name}, got {show(value)}")
         return value
 
     return check
@@ -94,7 +134,7 @@ def _structure_enum(value: Any, cls: type[enum.Enum]) -> enum.Enum:
         return cls(value)
     except ValueError:
         valid = ", ".join(str(m.value) for m in cls)
-        raise ValueError(f"expected one of {valid}; got {value!r}") from None
+        raise ValueError(f"expected one of {valid}; got {show(value)}") from None
 
 
 def _is_set(t: Any) -> bool:
@@ -124,7 +164,7 @@ def _refuse_text_as_collection(conv: cattrs.Converter) -> None:
 
     def refuse(value: Any, what: str) -> None:
         if isinstance(value, (str, bytes, Mapping)):
-            raise ValueError(f"expected {what}, got {value!r}")
+            raise ValueError(f"expected {what}, got {show(value)}")
 
     def list_hook(t: Any) -> Any:
         default = list_structure_factory(t, conv)

@@ -272,6 +272,12 @@ def test_kill9_launcher_jobs_return_after_lease_expiry(mode: str, new_site) -> N
         assert time.monotonic() < deadline and first.poll() is None, console(first)
         time.sleep(0.1)
     running_before_kill = {j.id for j in Job.objects.filter(id=ids, state="RUNNING")}
+    # RUNNING is reported when the task is spawned, before its shell writes the trace: wait for the
+    # line, or a kill just after the spawn leaves one start to count instead of two.
+    traces = [path / "data" / "s" / f"trace-{job_id}" for job_id in running_before_kill]
+    while not all(t.exists() and "start" in t.read_text() for t in traces):
+        assert time.monotonic() < deadline and first.poll() is None, console(first)
+        time.sleep(0.05)
     # kill -9 the launcher and its MPI ranks (the whole process group); its lease stays on the server.
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()

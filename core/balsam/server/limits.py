@@ -46,6 +46,11 @@ TAG_FIELDS = frozenset({"tags", "filter_tags"})
 #: Their fields (``local_path``, ``path``) have their limits as a record's own fields do.
 SUB_RECORD_FIELDS = frozenset({"transfers"})
 _MAX_ERRORS = 20
+#: Nesting of arrays and objects in a body, counting the body itself as level 1. The parser
+#: accepts 1024 levels, but serializing a value (orjson.dumps, for the database and the answer)
+#: fails beyond about 250 and the recursive walks below beyond the interpreter's stack; no
+#: workflow's data needs more than a few levels.
+MAX_JSON_DEPTH = 64
 #: JSON values are stored as they come; integers must fit 64 bits (orjson, JSONB).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -55,6 +60,37 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # value (``data``, ``state_data``, ``transfer_info``, ``launch_params``, ``optional_batch_job_params``,
 # ``status_info``, ...) the keys are the user's own: a ``path`` there is just text (1 MiB), like any
 # other string.
+
+
+def check_depth(data: Any) -> None:
+    """422 naming the first array or object nested deeper than ``MAX_JSON_DEPTH`` levels.
+    Iterative (the point is to refuse what would overflow recursive code), one level at a time
+    without building paths (a 5,000-job create is walked in a few milliseconds); the path of the
+    first too-deep point is searched for only once there is one."""
+    level, depth = [data], 1
+    while level:
+        if depth > MAX_JSON_DEPTH:
+            raise ValidationFailed.field(_first_too_deep(data), f"nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
+        below = []
+        for value in level:
+            for item in (value.values() if type(value) is dict else value):
+                if type(item) is dict or type(item) is list:  # an empty one too: it is a level
+                    below.append(item)
+        level, depth = below, depth + 1
+
+
+def _first_too_deep(data: Any) -> list[Any]:
+    """The loc of the first container, in document order, nested deeper than ``MAX_JSON_DEPTH``."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ("body",))]
+    while stack:
+        value, loc = stack.pop()
+        if len(loc) > MAX_JSON_DEPTH:  # the body is level 1, with loc ["body"]
+            return list(loc)
+        items = value.items() if type(value) is dict else enumerate(value)
+        for key, item in reversed(list(items)):  # reversed: popped in document order
+            if type(item) is dict or type(item) is list:
+                stack.append((item, loc + (key,)))
+    return ["body"]
 
 
 def _walk_json(value: Any, loc: list[Any], errors: list[tuple[list[Any], str]]) -> None:

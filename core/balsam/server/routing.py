@@ -34,7 +34,7 @@ from .db import read_tx, write_tx
 from .errors import PayloadTooLarge, Unauthorized, ValidationFailed
 from .http import QueryParams, path_int, preferences, reject_nul
 from .idempotency import HEADER as IDEMPOTENCY_HEADER, NOT_REPLAYED, REPLAYED_METHODS, IdempotentRequest, Replay
-from .limits import check_field_sizes
+from .limits import MAX_JSON_DEPTH, check_depth, check_field_sizes
 
 
 class Ctx:
@@ -79,6 +79,9 @@ class Ctx:
             data = orjson.loads(self.body)
         except orjson.JSONDecodeError as exc:
             raise ValidationFailed.field(["body"], f"malformed JSON: {exc}") from None
+        # First: the NUL and size checks below, the handlers and orjson.dumps all recurse.
+        if isinstance(data, (dict, list)) and self.body.count(b"[") + self.body.count(b"{") > MAX_JSON_DEPTH:
+            check_depth(data)
         if b"\\u0000" in self.body:
             reject_nul(data, ["body"])
         if check_sizes:

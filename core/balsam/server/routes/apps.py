@@ -112,7 +112,8 @@ def create_app_record(ctx: Ctx) -> Response:
         app_id = conn.execute(sa.insert(apps).values(**values).returning(apps.c.id)).scalar_one()
         row = get_owned_app(conn, ctx.user.id, app_id)
         ctx.idempotency.record(conn, 201, "App", [app_id])
-    return json_response(app_dict(row), 201)
+        response = json_response(app_dict(row), 201)  # built before the commit, as jobs' (routes/jobs.py)
+    return response
 
 
 def read_app(ctx: Ctx) -> Response:

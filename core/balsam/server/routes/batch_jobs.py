@@ -128,7 +128,10 @@ def create_batch_job(ctx: Ctx) -> Response:
         new_id = conn.execute(sa.insert(batch_jobs).values(**values).returning(batch_jobs.c.id)).scalar_one()
         row = conn.execute(sa.select(*BJ_COLUMNS).where(batch_jobs.c.id == new_id)).one()
         ctx.idempotency.record(conn, 201, "BatchJob", [new_id])
-    return json_response(bj_dict(row), 201)
+        # Built before the commit, as jobs' (routes/jobs.py): an answer that cannot be built rolls
+        # the BatchJob back, so a client retrying without a key does not ask for a second allocation.
+        response = json_response(bj_dict(row), 201)
+    return response
 
 
 def _get_owned(conn: sa.Connection, user_id: int, bj_id: int, *, lock: bool = False) -> sa.Row:

@@ -74,8 +74,11 @@ def _bulk_create(ctx: Ctx) -> Response:
                 ["header", IDEMPOTENCY_HEADER], f"this key was reserved for {len(reserved)} jobs; the request has {len(specs)}")
         created = logic.bulk_create_jobs(conn, ctx.user.id, specs, minimal=minimal, ids=reserved)
         ctx.idempotency.record(conn, 201, "jobs", [job["id"] for job in created])
+        # Serialized before the commit: an answer that cannot be built rolls the jobs back, so a
+        # client retrying the failed request does not create them twice.
+        response = json_response(created, 201, headers=headers)
     ctx.wake_acquires()
-    return json_response(created, 201, headers=headers)
+    return response
 
 
 def reserve(ctx: Ctx) -> Response:

@@ -115,7 +115,8 @@ def create_site(ctx: Ctx) -> Response:
         ).scalar_one()
         row = get_owned_site(conn, ctx.user.id, site_id)
         ctx.idempotency.record(conn, 201, "Site", [site_id])
-    return json_response(site_dict(row), 201)
+        response = json_response(site_dict(row), 201)  # built before the commit, as jobs' (routes/jobs.py)
+    return response
 
 
 def read_site(ctx: Ctx) -> Response:
