@@ -167,7 +167,11 @@ def _tx_conflict(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("Unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": f"Internal server error ({type(exc).__name__}); see the server log"}, status_code=500)
+    # Starlette raises the error again once this answer is sent, and uvicorn then closes the
+    # connection: said here, so a client does not send its next request on a kept-alive connection
+    # that is about to be reset (that request would fail for a reason that is not its own).
+    return JSONResponse({"detail": f"Internal server error ({type(exc).__name__}); see the server log"}, status_code=500,
+                        headers={"Connection": "close"})
 
 
 def _sweep_once(app: Starlette) -> None:
