@@ -191,6 +191,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def serve_in_process() -> Iterator:
+    """``serve(app) -> base URL``: a real uvicorn serving ``app`` in a thread of this process, for
+    tests that patch the server's code (a live_server subprocess would not see the patch). Every
+    server started is stopped when the test ends."""
+    import uvicorn
+
+    started: list[tuple[object, threading.Thread]] = []
+
+    def serve(app: object) -> str:
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="critical"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        while not server.started:  # a readiness wait, not a timed assertion
+            assert thread.is_alive(), "the in-process server did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{server.config.port}"
+
+    yield serve
+    for server, thread in started:
+        server.should_exit = True
+        thread.join()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":

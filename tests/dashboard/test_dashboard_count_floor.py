@@ -9,12 +9,9 @@ in a thread, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import re
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -27,45 +24,28 @@ WINDOW = 20
 OLD, NEW = 30, 30  # jobs "old/<i>" first, then "new/<i>": the window sees only new ones
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def in_process_server(database_url: str, monkeypatch: pytest.MonkeyPatch, register: Any) -> Iterator[dict[str, Any]]:
-    import uvicorn
-
+def in_process_server(database_url: str, monkeypatch: pytest.MonkeyPatch, register: Any,
+                      serve_in_process: Any) -> dict[str, Any]:
     from balsam.server import jobs_logic
     from balsam.server.app import create_app
     from balsam.server.settings import ServerSettings
 
     monkeypatch.setattr(jobs_logic, "COUNT_SCAN_WINDOW", WINDOW)
-    app = create_app(settings=ServerSettings(database_url=database_url, registration="open",
-                                             secret_key="count-floor-secret-0123456789-abcdefghijklmnop"),
-                     create_tables_now=True)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:  # a readiness wait, not a timed assertion
-        assert thread.is_alive(), "the in-process server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.config.port}"
-    try:
-        username, password, _user_id, token, _ = register(url)
-        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-        site = api.post("/sites/", json={"name": "floor", "path": "/tmp/floor"}).json()
-        app_row = api.post("/apps/", json={"site_id": site["id"], "name": "Sim", "serialized_class": "", "source_code": "",
-                                           "parameters": {}, "transfers": {}, "description": ""}).json()
-        for prefix, n in (("old", OLD), ("new", NEW)):
-            made = api.post("/jobs/", json=[{"app_id": app_row["id"], "workdir": f"{prefix}/{i}", "tags": {"k": "v"}}
-                                            for i in range(n)])
-            assert made.status_code == 201, made.text
-        yield {"client": logged_in_client(url, username, password)}
-    finally:
-        server.should_exit = True
-        thread.join()
+    url = serve_in_process(create_app(
+        settings=ServerSettings(database_url=database_url, registration="open",
+                                secret_key="count-floor-secret-0123456789-abcdefghijklmnop"),
+        create_tables_now=True))
+    username, password, _user_id, token, _ = register(url)
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    site = api.post("/sites/", json={"name": "floor", "path": "/tmp/floor"}).json()
+    app_row = api.post("/apps/", json={"site_id": site["id"], "name": "Sim", "serialized_class": "", "source_code": "",
+                                       "parameters": {}, "transfers": {}, "description": ""}).json()
+    for prefix, n in (("old", OLD), ("new", NEW)):
+        made = api.post("/jobs/", json=[{"app_id": app_row["id"], "workdir": f"{prefix}/{i}", "tags": {"k": "v"}}
+                                        for i in range(n)])
+        assert made.status_code == 201, made.text
+    return {"client": logged_in_client(url, username, password)}
 
 
 def _heading(client: httpx.Client, query: str) -> tuple[str, int, str]:
