@@ -86,11 +86,18 @@ class SchedulerError(Exception):
     The message is one line meant for users (it is stored in ``BatchJob.status_info["error"]``).
     ``permanent`` says whether retrying the same request is pointless (e.g. the scheduler refused a
     submission because the queue does not exist) or may work later (a timeout, a daemon restart).
+
+    ``at_queue_limit`` says the scheduler refused a submission only because the user (or their
+    group, project or the whole queue) already has as many jobs or resources queued as a limit
+    allows: nothing reached the queue, and the same request is accepted once some of those jobs
+    leave it, which may take hours. It is neither a failure nor worth a try every cycle: the agent
+    keeps the BatchJob waiting and holds back that queue's submissions until the queue shrinks.
     """
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool = False, at_queue_limit: bool = False) -> None:
         super().__init__(message)
-        self.permanent = permanent
+        self.permanent = permanent and not at_queue_limit
+        self.at_queue_limit = at_queue_limit
 
 
 @attrs.frozen

@@ -325,7 +325,7 @@ INVENTORY_KEYS = {
                  "mpirun_allows_node_packing", "serial_mode_prefetch_per_rank", "sort_by",
                  "serial_mode_startup_params", "platform", "default_postprocess_in_launcher"],
     "scheduler": ["name", "options", "sync_period", "allowed_queues", "allowed_projects", "optional_batch_job_params",
-                  "job_template_path"],
+                  "job_template_path", "queue_limit_retry_sec"],
     "processing": ["num_workers", "prefetch_depth", "hook_timeout_sec"],
     "queue_maintainer": ["submit_period", "submit_project", "submit_queue", "job_mode", "num_queued_jobs",
                          "num_nodes", "wall_time_min"],
@@ -525,7 +525,7 @@ def test_check_settings_lists_every_problem(tmp_path):
         f"Error: {path}:4 launcher.idle_ttl: unknown key (did you mean 'idle_ttl_sec'?)",
         f"Error: {path}:5 launcher.platform_options.x: unknown option (platform 'default' takes no options)",
         f"Error: {path}:7 scheduler.options.queue_flag: unknown option (scheduler 'local' takes no options)",
-        f"Error: {path}:8 scheduler.sync_period: must be at least 1",
+        f"Error: {path}:8 scheduler.sync_period: must be at least 1, got 0",
         f"Error: {path}:9 nightly_report: no installed agent module consumes this section (install the distribution "
         "that provides the 'nightly_report' agent module, or set it to null)",
         f"6 problems in {path}",

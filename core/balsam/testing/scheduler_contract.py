@@ -97,11 +97,13 @@ GARBAGE: tuple[str, ...] = (
 
 @attrs.frozen
 class Refusal:
-    """A submission the batch system refused: a fragment of the SchedulerError message, and
-    whether retrying the same request is pointless (``permanent``; None: not checked)."""
+    """A submission the batch system refused: a fragment of the SchedulerError message, whether
+    retrying the same request is pointless (``permanent``; None: not checked), and whether it was
+    refused only because a queue limit is reached (``at_queue_limit``; None: not checked)."""
 
     match: str
     permanent: Optional[bool] = None
+    at_queue_limit: Optional[bool] = None
 
 
 @attrs.frozen
@@ -270,6 +272,9 @@ class SchedulerContract:
             assert refusal.match in str(info.value), f"{name}: {info.value}"
             if refusal.permanent is not None:
                 assert info.value.permanent is refusal.permanent, f"{name}: permanent={info.value.permanent}"
+            if refusal.at_queue_limit is not None:
+                assert info.value.at_queue_limit is refusal.at_queue_limit, (
+                    f"{name}: at_queue_limit={info.value.at_queue_limit}")
 
     def test_status_outputs(self):
         assert self.status_outputs, "record at least one status poll (status_outputs)"

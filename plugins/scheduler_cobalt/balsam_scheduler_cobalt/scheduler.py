@@ -158,7 +158,10 @@ class CobaltScheduler(Scheduler):
             raise SchedulerError(f"qsub printed no job id: {' '.join(said[:3]) if said else 'no output'}")
         reason = " ".join(said[:3]) if said else f"exit code {result.returncode} and no output"
         transient = re.search(r"connection|timed out|try again|unavailable", reason, re.I) is not None
-        raise SchedulerError(f"qsub refused the job: {reason}", permanent=not transient)
+        # Cobalt's maxqueued restriction: "The limit of 20 jobs per user in the 'default' queue has
+        # been reached" (cqm's Restriction.maxqueuedjobs); it clears as the user's jobs leave.
+        at_limit = re.search(r"limit of \d+ jobs per user .* has been reached", reason, re.I) is not None
+        raise SchedulerError(f"qsub refused the job: {reason}", permanent=not transient, at_queue_limit=at_limit)
 
     # -- an earlier submission ----------------------------------------------------------------
     def find_submitted(self, request: SubmitRequest) -> Optional[list[int]]:

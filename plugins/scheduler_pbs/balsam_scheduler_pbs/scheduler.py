@@ -82,6 +82,14 @@ USER_FORMAT_VARIABLES = ("PBS_QSTAT_HEADER", "QSTAT_HEADER", "PBS_QSTAT_NO_HEADE
 _CONNECTION_TROUBLE = ("cannot connect", "connection refused", "end of file", "timed out", "try again",
                        "communication failure", "server not available", "pbs_server", "temporarily")
 
+#: qsub's refusals by a queued-jobs limit (max_queued, queued_jobs_threshold and their _res forms, on a
+#: queue or the server, per user, group or project, or overall), as OpenPBS's entity-limit tests
+#: expect them: "would exceed queue workq's per-user limit of jobs in 'Q' state", "would exceed user
+#: alice's limit on resource ncpus in complex", "Maximum number of jobs for user alice already in queue
+#: workq", the older "Maximum number of jobs already in queue" (PBSE_MAXQUED). They clear as the
+#: counted jobs leave the queue. Run limits (max_run) hold a queued job instead of refusing it.
+_QUEUED_LIMIT = re.compile(r"would exceed .*limit|Maximum number of jobs .*already in", re.IGNORECASE)
+
 
 def parse_pbs_time(text: Any) -> Optional[dt.datetime]:
     """``Mon Nov  6 16:43:39 2023`` (printed under TZ=UTC) or epoch seconds -> aware UTC datetime."""
@@ -361,7 +369,8 @@ class PBSScheduler(Scheduler):
         if result.returncode != 0:
             said = (result.stderr + result.stdout).lower()
             transient = any(t in said for t in _CONNECTION_TROUBLE)
-            raise SchedulerError(f"qsub refused the job: {_pbs_error(result)}", permanent=not transient)
+            raise SchedulerError(f"qsub refused the job: {_pbs_error(result)}", permanent=not transient,
+                                 at_queue_limit=_QUEUED_LIMIT.search(result.stderr + result.stdout) is not None)
         for line in result.stdout.splitlines():
             number = job_number(line.strip()) if re.fullmatch(r"\d+(\.\S+)?", line.strip()) else None
             if number is not None:

@@ -433,7 +433,8 @@ class SlurmScheduler(Scheduler):
 
     def parse_submit(self, result: CommandResult) -> int:
         if result.returncode != 0:
-            raise SchedulerError(f"sbatch refused the job: {_slurm_error(result)}", permanent=_is_refusal(result))
+            raise SchedulerError(f"sbatch refused the job: {_slurm_error(result)}", permanent=_is_refusal(result),
+                                 at_queue_limit=_submit_limit_reason(result) is not None)
         for line in reversed(result.stdout.strip().splitlines()):
             match = re.fullmatch(r"(\d+)(;\S+)?", line.strip()) or re.search(r"Submitted batch job (\d+)", line)
             if match:
@@ -664,13 +665,30 @@ class SlurmScheduler(Scheduler):
 
 
 def _slurm_error(result: CommandResult) -> str:
-    """The most telling line Slurm printed: the last ``error:`` line, else the first line."""
+    """The most telling line Slurm printed: the last ``error:`` line (after the limit's reason code
+    sbatch prints on the line before it, e.g. ``QOSMaxNodePerJobLimit: Batch job submission failed:
+    Job violates accounting/QOS policy ...``: the policy line alone does not say which limit), else
+    the first line."""
     lines = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()]
+    errors = [re.sub(r"^\w+: error: ", "", ln) for ln in lines if "error" in ln.lower()]
     if errors:
-        text = errors[-1]
-        return re.sub(r"^\w+: error: ", "", text)
+        reasons = [e for e in errors[:-1] if _REASON_CODE.fullmatch(e)]
+        return f"{reasons[-1]}: {errors[-1]}" if reasons else errors[-1]
     return result.describe()
+
+
+#: A job reason code alone on its line (sbatch prints the limit a refused job hit this way).
+_REASON_CODE = re.compile(r"(?:QOS|Assoc)[A-Za-z]+")
+#: The reasons of limits on how many jobs may be queued at once (per user, account, association or
+#: QOS): they clear by themselves as the counted jobs end. Size and time limits (QOSMaxNodePerJobLimit,
+#: ...) do not: the same request is refused every time.
+_SUBMIT_LIMIT = re.compile(r"(?:QOS|Assoc)\w*Submit\w*Limit")
+
+
+def _submit_limit_reason(result: CommandResult) -> Optional[str]:
+    """The reason code of a submission refused only because a job-count limit is reached."""
+    match = _SUBMIT_LIMIT.search(result.stderr + "\n" + result.stdout)
+    return match.group(0) if match else None
 
 
 def _is_refusal(result: CommandResult) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,9 +75,43 @@ class SchedulerSettings:
         help="Extra job-template variables a BatchJob may set, with their default values.", factory=dict
     )
     job_template_path: str = option("job-template.sh", "The batch script template, relative to the site directory.")
+    queue_limit_retry_sec: int = option(
+        300,
+        "After the scheduler refused a submission because a queue limit is reached (e.g. Slurm's "
+        "QOSMaxSubmitJobPerUserLimit, PBS's per-user max_queued), the queue's BatchJobs wait: a submission "
+        "is tried again as soon as a status poll lists fewer of the user's jobs in that queue, or after "
+        "this many seconds (jobs the limit also counts may be listed elsewhere or belong to others).",
+    )
 
     def validate(self) -> dict[str, str]:
-        return {"sync_period": "must be at least 1"} if self.sync_period < 1 else {}
+        problems = {}
+        if self.sync_period < 1:
+            problems["sync_period"] = f"must be at least 1, got {self.sync_period}"
+        if self.queue_limit_retry_sec < 1:
+            problems["queue_limit_retry_sec"] = f"must be at least 1, got {self.queue_limit_retry_sec}"
+        return problems
+
+
+@attrs.frozen
+class QueueLimitHold:
+    """A queue the scheduler refused a submission to because a queue limit is reached
+    (``SchedulerError.at_queue_limit``): its BatchJobs wait, untried, until the hold lifts."""
+
+    #: What the scheduler said, for the waiting BatchJobs' status_info.
+    message: str
+    #: The user's jobs the status poll listed in that queue at the refusal (None: the poll failed).
+    listed: Optional[int]
+    #: ``time.monotonic()`` after which a submission is tried again anyway.
+    retry_at: float
+    #: Since when (``time.monotonic()``) the queue has been held, across refusals.
+    since: float
+    #: Lifted: the next BatchJob of the queue is tried (a refusal holds the queue again).
+    lifted: bool = False
+
+    def lifts(self, listed_now: Optional[int], now: float) -> bool:
+        # A job of the user leaving the queue frees a place under a per-user limit; under a group,
+        # project or queue-wide limit (other users' jobs count too) only the retry time tells.
+        return now >= self.retry_at or (self.listed is not None and listed_now is not None and listed_now < self.listed)
 
 
 def _as_dict(value: Any) -> dict:
@@ -172,6 +207,10 @@ class SchedulerModule(AgentModule):
         #: consecutive cycles whose history lookup failed, and the last failure's message.
         self.history_failures = 0
         self._history_error = ""
+        #: queue -> the hold its last submission's "queue limit reached" refusal put on it.
+        self.queue_holds: dict[str, QueueLimitHold] = {}
+        #: Whether this cycle's status poll answered (queued_counts then include the user's other jobs).
+        self._poll_answered = False
         self.credentials = LauncherCredentials(client, self.site_path, self.site_id)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -210,6 +249,7 @@ class SchedulerModule(AgentModule):
             self.client, "/batch-jobs/", {"site_id": self.site_id, "state": [s.value for s in ACTIVE]}
         )
         statuses, poll_error = self._poll()
+        self._poll_answered = statuses is not None
         updates: dict[int, dict] = {}
         queued_counts: dict[str, int] = {}
         # A job of ours counts toward its BatchJob's queue, the one max_queued_jobs limits: the
@@ -482,6 +522,8 @@ class SchedulerModule(AgentModule):
         if scheduler_id is not None:
             self._record_submitted(batch_job, script, scheduler_id, update, "already submitted")
             return
+        if self._held_back(batch_job, queued_counts, update):
+            return
         request = self._submit_request(batch_job, script)
         pending = script.with_name(script.name + ".submitting")
         if pending.is_file() and self._adopt_earlier_submission(batch_job, request, pending, marker, update):
@@ -522,6 +564,10 @@ class SchedulerModule(AgentModule):
         except Exception as exc:
             permanent = getattr(exc, "permanent", not isinstance(exc, SchedulerError))
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+            if getattr(exc, "at_queue_limit", False):  # nothing reached the queue; no try charged
+                pending.unlink(missing_ok=True)
+                self._hold_queue(batch_job, queued_counts, message, update)
+                return
             if permanent:  # the scheduler refused the request: nothing reached its queue
                 pending.unlink(missing_ok=True)
             failures = self.submit_failures.get(batch_job["id"], 0) + 1
@@ -535,7 +581,53 @@ class SchedulerModule(AgentModule):
             return
         self.submit_failures.pop(batch_job["id"], None)
         queued_counts[queue] = queued_counts.get(queue, 0) + 1
+        held = self.queue_holds.pop(queue, None)
+        if held is not None:
+            self.logger.info("queue %r accepts submissions again (held back %.0f s by its limit)",
+                             queue, time.monotonic() - held.since)
         self._record_submitted(batch_job, script, scheduler_id, update, "submitted", marker=marker, pending=pending)
+
+    def _held_back(self, batch_job: dict, queued_counts: dict[str, int], update: dict) -> bool:
+        """Whether the BatchJob's queue is held by an earlier "queue limit reached" refusal (then
+        the BatchJob waits, untried); a hold whose time came, or whose queue shrank, lifts here."""
+        queue = batch_job["queue"]
+        hold = self.queue_holds.get(queue)
+        if hold is None or hold.lifted:
+            return False
+        listed_now = queued_counts.get(queue, 0) if self._poll_answered else None
+        if hold.lifts(listed_now, time.monotonic()):
+            self.queue_holds[queue] = attrs.evolve(hold, lifted=True)
+            return False
+        self._set_waiting(batch_job, update, f"waiting: queue {queue!r} is at a scheduler limit: {hold.message}")
+        return True
+
+    def _hold_queue(self, batch_job: dict, queued_counts: dict[str, int], message: str, update: dict) -> None:
+        """The scheduler refused the BatchJob because a queue limit is reached: it stays
+        pending_submission (no try charged), and so do the queue's others until the hold lifts."""
+        queue = batch_job["queue"]
+        now = time.monotonic()
+        earlier = self.queue_holds.get(queue)
+        listed = queued_counts.get(queue, 0) if self._poll_answered else None
+        retry = max(1, int(self.options.queue_limit_retry_sec))
+        self.queue_holds[queue] = QueueLimitHold(message=clean_text(message), listed=listed, retry_at=now + retry,
+                                                 since=earlier.since if earlier is not None else now)
+        self.submit_failures.pop(batch_job["id"], None)
+        self._set_waiting(batch_job, update, f"waiting: queue {queue!r} is at a scheduler limit: {message}")
+        if earlier is None:
+            shrinks = (f"a status poll lists fewer than the {listed} jobs of yours there" if listed is not None
+                       else "a status poll lists fewer jobs of yours there")
+            self.logger.warning("queue %r: the scheduler refused BatchJob %s: %s: its BatchJobs wait in "
+                                "pending_submission; submitting again when %s, or in %d s",
+                                queue, batch_job["id"], clean_text(message), shrinks, retry)
+        else:
+            self.logger.info("queue %r: still at its limit (BatchJob %s refused again); next try in %d s",
+                             queue, batch_job["id"], retry)
+
+    def _set_waiting(self, batch_job: dict, update: dict, message: str) -> None:
+        message = clean_text(message)
+        info = update.get("status_info") or batch_job.get("status_info") or {}
+        if info.get("waiting") != message:
+            update["status_info"] = {**info, "waiting": message}
 
     def _submit_request(self, batch_job: dict, script: Path) -> SubmitRequest:
         return SubmitRequest(
