@@ -169,10 +169,16 @@ class SubmitRequest:
 
 @attrs.frozen
 class JobHistory:
-    """What the scheduler's history/accounting says about a job that left the queue."""
+    """What the scheduler's history/accounting says about a job that left the queue.
+
+    ``state`` is finished, or submit_failed when the scheduler never ran it; or queued/running when
+    the history says the job is still active, i.e. the status poll missed it (an empty or cut
+    qstat): the agent then keeps the BatchJob as it is rather than counting the job as gone, until
+    the job is past its wall time.
+    """
 
     scheduler_id: int
-    state: BatchJobState  # finished, or submit_failed when the scheduler never ran it
+    state: BatchJobState
     start_time: Optional[dt.datetime] = None
     end_time: Optional[dt.datetime] = None
     #: The scheduler's own final state and reason, e.g. "TIMEOUT" or "CANCELLED by 0".
@@ -356,7 +362,8 @@ class Scheduler(abc.ABC):
         self, jobs: Mapping[int, Optional[Path]], last_poll: Optional[StatusPoll] = None
     ) -> dict[int, Optional[JobHistory]]:
         """History of jobs that left the queue: ``{scheduler_id: script_path}`` in (one command for
-        all), ``{scheduler_id: JobHistory or None}`` out (None: not known yet, or still active).
+        all), ``{scheduler_id: JobHistory or None}`` out (None: no record yet; a JobHistory in state
+        queued or running: the history says the job is still active).
 
         Jobs the history has no record of take what the last status poll said of their end
         (``StatusPoll.ended``); when the lookup fails, those are returned if there are any, and the

@@ -11,7 +11,7 @@ from balsam.scheduler import SchedulerError, SubmitRequest
 from balsam.states import BatchJobState
 from balsam_scheduler_cobalt import CobaltScheduler
 
-from fake_env import fake_batch_env, wait_for
+from fake_env import ended, fake_batch_env, wait_for
 
 
 @pytest.fixture
@@ -74,12 +74,12 @@ def test_walltime_and_deletes(cobalt, tmp_path):
     wait_for(lambda: _running(cobalt, first), 10, "the first job to run")
     assert cobalt.get_statuses()[second].state is BatchJobState.queued
     cobalt.delete_job(second)
-    timed_out = wait_for(lambda: cobalt.get_history(first, long), 20, "the wall-time kill")
+    timed_out = wait_for(lambda: ended(cobalt.get_history(first, long)), 20, "the wall-time kill")
     assert "exceeded its walltime" in timed_out.message and timed_out.state is BatchJobState.finished
     deleted = cobalt.get_history(second, waiting)
     assert deleted.state is BatchJobState.finished and deleted.start_time is None
     third = cobalt.submit(_request(running, num_nodes=1))
     wait_for(lambda: _running(cobalt, third), 10, "the third job to run")
     cobalt.delete_job(third)
-    killed = wait_for(lambda: cobalt.get_history(third, running), 15, "the deleted job's end")
+    killed = wait_for(lambda: ended(cobalt.get_history(third, running)), 15, "the deleted job's end")
     assert "killed by user" in killed.message and killed.start_time is not None

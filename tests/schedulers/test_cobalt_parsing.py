@@ -100,7 +100,9 @@ def test_history_from_cobaltlog(cobalt, tmp_path):
     assert done.state is BatchJobState.finished
     assert done.start_time == utc(2023, 11, 21, 17, 51, 6) and done.end_time == utc(2023, 11, 21, 18, 49, 58)
     assert "exit code of 0" in done.message
-    assert history("qlaunch00013_running.cobaltlog", 498111) is None
+    running = history("qlaunch00013_running.cobaltlog", 498111)  # started, not ended: still running
+    assert running.state is BatchJobState.running and running.start_time == utc(2023, 11, 21, 17, 51, 6)
+    assert running.end_time is None
     deleted = history("qlaunch00014_deleted.cobaltlog", 498131)
     assert deleted.state is BatchJobState.finished and deleted.start_time is None
     assert history("qlaunch00015_depfail.cobaltlog", 498140).state is BatchJobState.submit_failed

@@ -41,8 +41,9 @@ class TestSlurmContract(SchedulerContract):
     delete_outputs = {"scancel_unknown": None, "synthetic_scancel_invalid": None,
                       "synthetic_scancel_denied": "Access/permission denied"}
     history_cases = [
-        HistoryCase({1: F, 2: F, 5: None, 8: F, 9: F, 10: F, 11: None, 99999: None}, output="sacct_history"),
-        HistoryCase({201: F, 202: SF, 203: F, 205: SF, 206: None, 207: SF}, output="synthetic_sacct_more_states"),
+        # 5 and 11 still pending, 206 running again: the history says "still active"
+        HistoryCase({1: F, 2: F, 5: Q, 8: F, 9: F, 10: F, 11: Q, 99999: None}, output="sacct_history"),
+        HistoryCase({201: F, 202: SF, 203: F, 205: SF, 206: R, 207: SF}, output="synthetic_sacct_more_states"),
         HistoryCase({11: F, 19: F, 20: F}, output="sacct_clusters"),
         # no accounting at all: no record, ever (not a failed lookup, which would raise)
         HistoryCase({11: None, 19: None}, output="synthetic_sacct_disabled"),
@@ -81,7 +82,7 @@ class TestPBSContract(SchedulerContract):
     }
     delete_outputs = {"qdel_unknown": None, "qdel_unauthorized": "Unauthorized Request"}
     history_cases = [
-        HistoryCase({1196243: F, 1196250: F, 1196251: F, 1196253: SF, 1196260: None}, output="qstat_x_f_json"),
+        HistoryCase({1196243: F, 1196250: F, 1196251: F, 1196253: SF, 1196260: R}, output="qstat_x_f_json"),
         # PBS forgot 1196180: its output file says it ran; PBS says nothing of 1196181 (yet)
         HistoryCase({1196180: F, 1196181: None}, output="qstat_x_unknown", files={1196180: {".output": "qsub_ok.txt"}}),
         HistoryCase({1196180: SF}, output="qstat_x_unknown", files={1196180: {}}),
@@ -110,7 +111,7 @@ class TestCobaltContract(SchedulerContract):
     }
     delete_outputs = {"qdel_ok": None}
     history_cases = [
-        HistoryCase({498110: F, 498111: None, 498131: F, 498140: SF, 498150: None, 1: None},
+        HistoryCase({498110: F, 498111: R, 498131: F, 498140: SF, 498150: None, 1: None},
                     files={498110: {".cobaltlog": "qlaunch00012.cobaltlog"},
                            498111: {".cobaltlog": "qlaunch00013_running.cobaltlog"},
                            498131: {".cobaltlog": "qlaunch00014_deleted.cobaltlog"},

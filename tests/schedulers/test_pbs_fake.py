@@ -14,7 +14,7 @@ from balsam.states import BatchJobState
 from balsam_scheduler_pbs import PBSScheduler
 from balsam_scheduler_pbs.scheduler import CLOCK_SLACK_SEC
 
-from fake_env import fake_batch_env, wait_for
+from fake_env import ended, fake_batch_env, wait_for
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_walltime_kill_delete_and_backfill(pbs, tmp_path):
     assert statuses[second].state is BatchJobState.queued  # both nodes are busy
     assert pbs.get_backfill_windows() == {}
     pbs.delete_job(second)  # deleted while queued
-    histories = wait_for(lambda: (h := pbs.get_histories({first: long, second: waiting})) and all(h.values()) and h,
+    histories = wait_for(lambda: (h := pbs.get_histories({first: long, second: waiting})) and all(map(ended, h.values())) and h,
                          20, "both jobs to end")
     assert histories[second].state is BatchJobState.finished and histories[second].start_time is None
     assert "walltime" in histories[first].message and histories[first].native_state == "F (Exit_status -29)"
@@ -90,7 +90,7 @@ def test_delete_running_job_and_forgotten_history(pbs, tmp_path):
     wait_for(lambda: pbs.get_statuses().get(jobid) and pbs.get_statuses()[jobid].state is BatchJobState.running,
              10, "the job to run")
     pbs.delete_job(jobid)
-    history = wait_for(lambda: pbs.get_history(jobid, script), 15, "the deleted job's history")
+    history = wait_for(lambda: ended(pbs.get_history(jobid, script)), 15, "the deleted job's history")
     assert history.state is BatchJobState.finished and history.native_state == "F (Exit_status 271)"
     pbs.delete_job(jobid)  # deleting a job that is gone is not an error
     time.sleep(4.5)  # the fake server forgets finished jobs after FAKE_BATCH_KEEP_SEC=4

@@ -195,7 +195,8 @@ def test_history_from_qstat_x(pbs, tmp_path):
     assert histories[1196250].state is BatchJobState.finished
     assert histories[1196251].state is BatchJobState.finished and histories[1196251].start_time is None  # deleted
     assert histories[1196253].state is BatchJobState.submit_failed  # Exit_status -3, never started
-    assert histories[1196260] is None  # still running
+    assert histories[1196260].state is BatchJobState.running  # still running: the status poll missed it
+    assert histories[1196260].end_time is None
 
 
 def test_unknown_job_id_checks_the_output_file(pbs, tmp_path):

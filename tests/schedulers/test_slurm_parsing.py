@@ -178,7 +178,8 @@ def test_history_real_sacct(slurm):
     assert histories[9].native_state == "CANCELLED by 0" and histories[9].state is BatchJobState.finished
     # cancelled while pending: never started, still "finished" (a deletion, not a failure)
     assert histories[10].start_time is None and histories[10].state is BatchJobState.finished
-    assert histories[5] is None and histories[11] is None  # still pending: not history yet
+    # still pending: the history says "still active" (the agent keeps such a BatchJob)
+    assert histories[5].state is BatchJobState.queued and histories[11].state is BatchJobState.queued
     assert histories[99999] is None  # unknown to sacct (yet)
 
 
@@ -189,7 +190,7 @@ def test_history_more_states(slurm):
     assert histories[202].state is BatchJobState.submit_failed and "never started" in histories[202].message
     assert histories[203].native_state == "OUT_OF_MEMORY"
     assert histories[205].state is BatchJobState.submit_failed
-    assert histories[206] is None  # requeued and running again: the last record wins
+    assert histories[206].state is BatchJobState.running  # requeued and running again: the last record wins
     assert histories[207].state is BatchJobState.submit_failed
 
 

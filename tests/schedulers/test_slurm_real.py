@@ -11,7 +11,7 @@ from balsam.scheduler import SchedulerError, SubmitRequest
 from balsam.states import BatchJobState
 from balsam_scheduler_slurm import SlurmScheduler
 
-from fake_env import wait_for
+from fake_env import ended, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -49,7 +49,7 @@ def test_submit_poll_history(slurm, tmp_path):
     status = wait_for(lambda: slurm.get_statuses().get(jobid), 20, "the job in squeue")
     assert status.num_nodes == 2 and status.queue == PARTITION and status.project == ACCOUNT
     assert status.wall_time_min == 5
-    histories = wait_for(lambda: (h := slurm.get_histories({jobid: script})) and h[jobid] and h, 60,
+    histories = wait_for(lambda: (h := slurm.get_histories({jobid: script})) and ended(h[jobid]) and h, 60,
                          "sacct to record the end")
     history = histories[jobid]
     assert history.state is BatchJobState.finished and history.native_state == "COMPLETED"
@@ -91,7 +91,7 @@ def test_delete_running_job(slurm, tmp_path):
     jobid = slurm.submit(_request(script, num_nodes=1))
     wait_for(lambda: (s := slurm.get_statuses().get(jobid)) and s.state is BatchJobState.running, 30, "the job to run")
     slurm.delete_job(jobid)
-    history = wait_for(lambda: slurm.get_history(jobid, script), 60, "the cancelled job's record")
+    history = wait_for(lambda: ended(slurm.get_history(jobid, script)), 60, "the cancelled job's record")
     assert history.native_state.startswith("CANCELLED") and history.state is BatchJobState.finished
     assert history.start_time is not None
     slurm.delete_job(jobid)  # already gone: not an error
@@ -130,7 +130,7 @@ def test_queue_flag_qos_submits_the_queue_as_a_qos(tmp_path):
     qos = SlurmScheduler(user=getpass.getuser(), options={"queue_flag": "--qos"})
     script = _script(tmp_path, "qlaunch00004", "true")
     jobid = qos.submit(_request(script, queue="normal", num_nodes=1))
-    history = wait_for(lambda: qos.get_history(jobid, script), 60, "the job's record")
+    history = wait_for(lambda: ended(qos.get_history(jobid, script)), 60, "the job's record")
     assert history.native_state == "COMPLETED"
     # (this Slurm does not enforce QOS names: AccountingStorageEnforce=none, so no refusal case here)
 
@@ -148,7 +148,7 @@ def test_a_named_cluster_is_asked_by_every_command(tmp_path):
     wait_for(lambda: (s := slurm.get_statuses().get(jobid)) and s.state is BatchJobState.running, 30, "the job to run")
     assert slurm.last_poll.clusters[jobid] == "ci"
     slurm.delete_job(jobid)
-    history = wait_for(lambda: slurm.get_history(jobid, script), 60, "the cancelled job's record")
+    history = wait_for(lambda: ended(slurm.get_history(jobid, script)), 60, "the cancelled job's record")
     assert history.native_state.startswith("CANCELLED") and history.start_time is not None
     with pytest.raises(SchedulerError, match="cluster 'elsewhere'"):
         slurm.submit(_request(script, num_nodes=1, optional_params={"cluster": "elsewhere"}))

@@ -184,6 +184,10 @@ def init_site(
         {"launcher": {"platform": platform_name}, "scheduler": {"name": scheduler_name}},
         scheduler_site_defaults(scheduler_cls),
     )
+    # A platform's projects are a placeholder (ALCF's "datascience"): the projects the scheduler
+    # says this user has win over it, and it is used only when they cannot be listed. (It used to
+    # win, so a Theta user of another project had every BatchJob refused by the agent.)
+    placeholder = list(platform_defaults.get("scheduler", {}).pop("allowed_projects", None) or [])
     overrides = deep_merge(overrides, platform_defaults)
     if projects:
         overrides = deep_merge(overrides, {"scheduler": {"allowed_projects": list(projects)}})
@@ -193,8 +197,8 @@ def init_site(
         except Exception as exc:
             echo(f"Could not list your projects with the {scheduler_name} scheduler ({exc}); edit allowed_projects later.")
             projects = []
-        if projects:
-            overrides = deep_merge(overrides, {"scheduler": {"allowed_projects": projects}})
+        if projects or placeholder:
+            overrides = deep_merge(overrides, {"scheduler": {"allowed_projects": projects or placeholder}})
     overrides = deep_merge(overrides, settings_overrides or {})
 
     created_dir = not path.exists()

@@ -74,7 +74,8 @@ def cobalt_duration_min(text: str) -> int:
 
 
 def parse_cobaltlog(text: str, scheduler_id: int) -> Optional[JobHistory]:
-    """Start and end of a job from its .cobaltlog; None while it has not ended."""
+    """Start and end of a job from its .cobaltlog; a running JobHistory while it has started and
+    not ended (an empty qstat must not end a running allocation); None before it starts."""
     start: Optional[dt.datetime] = None
     end: Optional[dt.datetime] = None
     last_words = ""
@@ -97,7 +98,10 @@ def parse_cobaltlog(text: str, scheduler_id: int) -> Optional[JobHistory]:
             end, last_words = stamp, rest
             failed = failed or bool(re.search(r"dep_fail|failed to start|could not start", rest, re.I))
     if end is None:
-        return None
+        if start is None:
+            return None
+        return JobHistory(scheduler_id=scheduler_id, state=BatchJobState.running, start_time=start,
+                          native_state="running", message="started, not ended (.cobaltlog)")
     never_ran = start is None and failed
     return JobHistory(
         scheduler_id=scheduler_id,
@@ -224,8 +228,10 @@ class CobaltScheduler(Scheduler):
                 project=project,
                 time_remaining_min=cobalt_duration_min(remaining) if state is R else cobalt_duration_min(wall),
                 queued_time_min=cobalt_duration_min(queued),
-                # qstat prints no reason or comment column; its hold states are the only "why"
-                message=state_text.lower() if state is Q and state_text.lower() != "queued" else "",
+                # qstat prints no reason or comment column; its hold states are the only "why",
+                # and dep_fail/failed the only word on a job that will never run
+                message=(state_text.lower() if (state is Q and state_text.lower() != "queued")
+                         or state is BatchJobState.submit_failed else ""),
             )
         if bad and not statuses:
             # Not an empty queue: read as one, every queued BatchJob would be declared gone.

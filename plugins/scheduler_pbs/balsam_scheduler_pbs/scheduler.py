@@ -582,9 +582,12 @@ class PBSScheduler(Scheduler):
     @staticmethod
     def history_from_record(scheduler_id: int, job: dict[str, Any]) -> Optional[JobHistory]:
         letter = str(job.get("job_state", "")).strip().upper()
-        if PBS_STATES.get(letter) is not F:
-            return None  # still queued or running: the status poll missed it
         start = parse_pbs_time(job.get("stime"))
+        if PBS_STATES.get(letter) in (Q, R):  # still active: the status poll missed it
+            return JobHistory(scheduler_id=scheduler_id, state=PBS_STATES[letter], start_time=start,
+                              native_state=letter, message=f"PBS job_state {letter}")
+        if PBS_STATES.get(letter) is not F:
+            return None
         end = parse_pbs_time(job.get("obittime") or job.get("mtime"))
         exit_status = job.get("Exit_status")
         details = [f"PBS job_state {letter}"]

@@ -280,13 +280,17 @@ def parse_squeue_rows(result: CommandResult) -> list[SqueueRow]:
 
 def history_from_sacct(native: str, submit: Optional[dt.datetime], start: Optional[dt.datetime],
                        end: Optional[dt.datetime], exit_code: str, reason: str, scheduler_id: int) -> Optional[JobHistory]:
-    """A JobHistory from the final state of a job, or None while it is still queued or running."""
+    """A JobHistory from the final state of a job; while it is still queued or running (the status
+    poll missed it), one in that state."""
     state = _native_state(native)
     mapped = SLURM_STATES.get(state)
     if mapped is None:
         if end is None:
             return None
         mapped = F
+    if mapped in (Q, R):
+        return JobHistory(scheduler_id=scheduler_id, state=mapped, start_time=start, native_state=native.strip(),
+                          message=f"Slurm state {native.strip()}")
     if mapped is not F:
         return None
     details = [f"Slurm state {native.strip()}"]

@@ -27,6 +27,7 @@ when the scheduler no longer gives one. No scheduler exception escapes a cycle.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import time
@@ -38,13 +39,16 @@ import attrs
 from ...batch_job_rules import BatchJobRefused, check_batch_job
 from ...models import AllowedQueue
 from ...options import option
-from ...scheduler import JobHistory, SchedulerError, StatusPoll, SubmitRequest
-from ...serialization import format_datetime, to_dict
+from ...scheduler import JobHistory, SchedulerError, SchedulerJobStatus, StatusPoll, SubmitRequest
+from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
 from ..api_util import bulk_patch, iso_now, list_all, utcnow
 from ..job_template import JobTemplateError, build_context, read_template, render_job_script, template_platform_options
 from ..launcher_credentials import LauncherCredentials
 from ..module import AgentModule
+
+#: Minutes past its wall time after which a job whose history still says "running" counts as gone.
+ACTIVE_RECORD_GRACE_MIN = 10
 
 ACTIVE = (
     BatchJobState.pending_submission,
@@ -211,6 +215,8 @@ class SchedulerModule(AgentModule):
         self.queue_holds: dict[str, QueueLimitHold] = {}
         #: Whether this cycle's status poll answered (queued_counts then include the user's other jobs).
         self._poll_answered = False
+        #: The last backfill query's failure ("" after one answered): warned once, not every cycle.
+        self._backfill_error = ""
         self.credentials = LauncherCredentials(client, self.site_path, self.site_id)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -367,7 +373,7 @@ class SchedulerModule(AgentModule):
             return
         status = statuses.get(scheduler_id) if scheduler_id is not None else None
         if status is None or status.state in (BatchJobState.finished, BatchJobState.submit_failed):
-            self._left_queue(batch_job, update)
+            self._left_queue(batch_job, update, listed=status)
             return
         self.missing_counts.pop(batch_job["id"], None)
         new_state = status.state
@@ -452,8 +458,10 @@ class SchedulerModule(AgentModule):
         if (batch_job.get("status_info") or {}).get("error") != clean_text(message):
             self._error(update, batch_job, message)
 
-    def _left_queue(self, batch_job: dict, update: dict, *, deleting: bool = False) -> None:
-        """The scheduler no longer lists the job: ask its history before declaring it finished."""
+    def _left_queue(self, batch_job: dict, update: dict, *, deleting: bool = False,
+                    listed: Optional[SchedulerJobStatus] = None) -> None:
+        """The scheduler no longer lists the job (or lists it in a final state, ``listed``): ask its
+        history before declaring it finished."""
         scheduler_id = batch_job["scheduler_id"]
         if scheduler_id in self._history_unknown:
             # Not "no record": the lookup itself failed (accounting daemon down, a timeout). The
@@ -461,9 +469,16 @@ class SchedulerModule(AgentModule):
             self._history_unknown_note(batch_job, update)
             return
         history: Optional[JobHistory] = self._histories.get(scheduler_id)
+        if history is not None and history.state in (BatchJobState.queued, BatchJobState.running):
+            if self._still_active(batch_job, history, update):
+                return
+            history = None  # past its wall time: a record that never ends counts as no record
         if history is None and deleting:
             # We asked for the deletion: a job without a history record is simply gone.
             history = JobHistory(scheduler_id=scheduler_id, state=BatchJobState.finished, message="deleted")
+        if history is None and listed is not None and listed.state == BatchJobState.submit_failed:
+            self._delete_never_running(batch_job, listed, update)
+            return
         if history is None:
             missing = self.missing_counts.get(batch_job["id"], 0) + 1
             self.missing_counts[batch_job["id"]] = missing
@@ -474,6 +489,7 @@ class SchedulerModule(AgentModule):
             final = BatchJobState.submit_failed if state == BatchJobState.queued and not deleting else BatchJobState.finished
             update.update(state=final.value, end_time=format_datetime(utcnow()))
             self._error(update, batch_job, f"scheduler job {scheduler_id} left the queue and has no history record")
+            update["status_info"].pop("scheduler_reason", None)  # why it waited: outdated once it ended
             return
         self.missing_counts.pop(batch_job["id"], None)
         final = history.state
@@ -486,6 +502,7 @@ class SchedulerModule(AgentModule):
             update["start_time"] = format_datetime(history.start_time)
         update["end_time"] = format_datetime(history.end_time or utcnow())
         info = dict(batch_job.get("status_info") or {})
+        info.pop("scheduler_reason", None)  # why it waited: outdated once it ended
         if _LOOKUP_FAILING in str(info.get("error") or ""):  # outdated now that the lookup answered
             info.pop("error", None)
             info.pop("error_time", None)
@@ -498,6 +515,45 @@ class SchedulerModule(AgentModule):
         if info != (batch_job.get("status_info") or {}):
             update["status_info"] = info
         self.logger.info("BatchJob %s: scheduler job %s %s", batch_job["id"], scheduler_id, final.value)
+
+    def _delete_never_running(self, batch_job: dict, status: SchedulerJobStatus, update: dict) -> None:
+        """The scheduler still lists the job but says it will never run (Cobalt's dep_fail): it
+        would hold a place among the queue's jobs (and max_queued_jobs) until deleted by hand, so
+        it is deleted, and the BatchJob is submit_failed with the scheduler's word at once."""
+        scheduler_id = batch_job["scheduler_id"]
+        said = clean_text(status.message) or "failed"
+        try:
+            self.scheduler.delete_job(scheduler_id)
+        except Exception as exc:  # tried again next cycle: the job is still listed
+            message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+            self._error(update, batch_job, f"the scheduler will never run job {scheduler_id} ({said}); "
+                                           f"deleting it failed: {message}")
+            return
+        self.missing_counts.pop(batch_job["id"], None)
+        update.update(state=BatchJobState.submit_failed.value, end_time=format_datetime(utcnow()))
+        self._error(update, batch_job, f"the scheduler will never run job {scheduler_id} ({said}): deleted it")
+        update["status_info"].pop("scheduler_reason", None)
+        update["status_info"]["scheduler_state"] = said
+
+    def _still_active(self, batch_job: dict, history: JobHistory, update: dict) -> bool:
+        """The status poll did not list the job but its history says it is still queued or
+        running (an empty or cut status output; Cobalt's .cobaltlog with a start and no end): the
+        BatchJob is kept (a queued one moves to running), and the job is not counted as missing
+        until it is past its wall time plus ``ACTIVE_RECORD_GRACE_MIN`` (a record that never ends,
+        e.g. the scheduler died with the job, must not hold the BatchJob for ever)."""
+        started = history.start_time or (parse_datetime(batch_job["start_time"]) if batch_job.get("start_time") else None)
+        if started is not None:
+            ends = started + dt.timedelta(minutes=int(batch_job["wall_time_min"]) + ACTIVE_RECORD_GRACE_MIN)
+            if utcnow() > ends:
+                return False
+        self.missing_counts.pop(batch_job["id"], None)
+        if history.state == BatchJobState.running and batch_job["state"] == BatchJobState.queued.value:
+            update["state"] = BatchJobState.running.value
+            update["start_time"] = format_datetime(started or utcnow())
+            self.logger.info("BatchJob %s: queued -> running (from the scheduler's history)", batch_job["id"])
+        self.logger.debug("BatchJob %s: scheduler job %s not in the status poll, but its history says %s",
+                          batch_job["id"], batch_job["scheduler_id"], history.state.value)
+        return True
 
     def _submit(self, batch_job: dict, queued_counts: dict[str, int], update: dict) -> None:
         try:
@@ -756,6 +812,12 @@ class SchedulerModule(AgentModule):
             windows = self.scheduler.get_backfill_windows()
             payload["backfill_windows"] = {q: [to_dict(w) for w in ws] for q, ws in (windows or {}).items()}
         except Exception as exc:
-            self.logger.warning("backfill windows unavailable: %s", exc)
+            # Once per distinct failure: a site without the backfill command (Cobalt's `nodelist`
+            # not installed) would otherwise log the same warning every cycle, 8,640 times a day.
+            if str(exc) != self._backfill_error:
+                self.logger.warning("backfill windows unavailable: %s (said once until it changes)", exc)
+            self._backfill_error = str(exc)
             payload["backfill_windows"] = {}
+        else:
+            self._backfill_error = ""
         self.client.put(f"/sites/{self.site_id}", json=payload)
