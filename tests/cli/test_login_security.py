@@ -144,7 +144,8 @@ def test_admin_user_commands(tmp_path, monkeypatch):
     assert "already exists" in run("server", "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n").output
     assert "at least 12" in run("server", "user", "add", "bob", "--password-stdin", stdin="short\n").output
     invite = run("server", "user", "invite", "carol")
-    assert invite.exit_code == 0 and "--invitation bsi1." in invite.output
+    # The code on its own line, never inside a command (whose argv other users can read)
+    assert invite.exit_code == 0 and "bsi1." in invite.output and "--invitation bsi1." not in invite.output
     listing = run("server", "user", "ls").output
     assert "alice" in listing and "carol" in listing
     assert "invitation" in run("server", "credentials", "--user", "carol").output

@@ -254,12 +254,46 @@ def logout() -> None:
     click.echo(f"Logged out of {stored.api_root}: the login is {revoked}; removed from {path}")
 
 
+#: Where `balsam register` also finds the invitation code: a process's environment is readable by
+#: its owner and root only (/proc/<pid>/environ is 0400), unlike its command line.
+INVITATION_ENV = "BALSAM_INVITATION"
+
+
+def _read_invitation(argument: Optional[str], from_stdin: bool, interactive: bool) -> Optional[str]:
+    """The invitation code, never from the command line unless the user insists: every user of the
+    machine reads command lines (``ps``, /proc/<pid>/cmdline) while the command waits at its
+    password prompt, and could register the account first with a password of their own."""
+    if argument is not None and from_stdin:
+        raise click.UsageError("give the invitation with --invitation-stdin or --invitation, not both")
+    if argument is not None:
+        click.echo("Warning: --invitation puts the code on the command line, where every user of this "
+                   f"machine can read it (ps); use the prompt, --invitation-stdin or ${INVITATION_ENV}", err=True)
+        return argument.strip() or None
+    if from_stdin:
+        line = sys.stdin.readline().strip()
+        if not line:
+            raise click.UsageError("--invitation-stdin: no invitation code on standard input")
+        return line
+    if os.environ.get(INVITATION_ENV, "").strip():
+        return os.environ[INVITATION_ENV].strip()
+    if interactive:
+        return click.prompt("Invitation code (Enter if you have none)", hide_input=True, default="",
+                            show_default=False).strip() or None
+    return None
+
+
 @click.command("register")
 @click.option("-a", "--address", default=None, help=f"Balsam server URL (prompted; default {DEFAULT_URL})")
 @click.option("-u", "--username", default=None, help="New username (prompted if absent)")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input")
-@click.option("--invitation", default=None, help="Invitation code from the server's administrator")
-def register(address: Optional[str], username: Optional[str], password_stdin: bool, invitation: Optional[str]) -> None:
+@click.option("--invitation-stdin", is_flag=True,
+              help="Read the invitation code from the first line of standard input (with --password-stdin, "
+                   f"the password follows on the second); also read from ${INVITATION_ENV}, else prompted for")
+@click.option("--invitation", default=None,
+              help="Invitation code: visible to every user of this machine while the command runs; "
+                   "prefer the prompt, --invitation-stdin or $" + INVITATION_ENV)
+def register(address: Optional[str], username: Optional[str], password_stdin: bool, invitation_stdin: bool,
+             invitation: Optional[str]) -> None:
     """Create a user account on a Balsam server that allows it (then run `balsam login`)."""
     from balsam.client import APIError, RESTClient
 
@@ -269,6 +303,8 @@ def register(address: Optional[str], username: Optional[str], password_stdin: bo
     api_root = normalize_url(address or DEFAULT_URL)
     if not username:
         username = click.prompt("Balsam username", default=os.environ.get("USER") or None)
+    # Asked for (hidden) only at a terminal: scripts give it with --invitation-stdin or the environment.
+    code = _read_invitation(invitation, invitation_stdin, interactive=not password_stdin and sys.stdin.isatty())
     if password_stdin:
         password = _read_password(True)
     else:
@@ -277,7 +313,7 @@ def register(address: Optional[str], username: Optional[str], password_stdin: bo
         raise click.UsageError("the password must not be empty")
     client = RESTClient(api_root, retry_count=2)
     try:
-        user = client.register(username, password, invitation=invitation)
+        user = client.register(username, password, invitation=code)
     except APIError as exc:
         raise click.ClickException(f"Registration failed: {exc.detail}") from None
     click.echo(f"Registration success! {user}")

@@ -40,7 +40,7 @@ def _paths() -> dict[str, Path]:
 
     base = _server_dir()
     return {"dir": base, "pid": base / "server.pid", "log": base / "server.log", "out": base / "server.out",
-            "info": base / "server.json",
+            "info": base / "server.json", "lock": base / "server.lock",
             "db": base / "balsam.db", "socket": socket_path_for(base)}
 
 
@@ -50,9 +50,22 @@ def _database_url() -> str:
     return os.environ.get("BALSAM_DATABASE_URL") or default_database_url()
 
 
-def _admin_database_url() -> str:
-    """The running embedded server's database, else ``$BALSAM_DATABASE_URL``, else the embedded one."""
-    return _info().get("database_url") or _database_url()
+def _safe_url(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def _admin_database_url(announce: bool = True) -> str:
+    """``$BALSAM_DATABASE_URL``, else the running embedded server's database, else the embedded one.
+
+    An explicit URL wins: server.json outlived stopped servers, and the admin commands acted on the
+    embedded SQLite instead of the shared database named. With ``announce``, says which (stderr)."""
+    url = os.environ.get("BALSAM_DATABASE_URL") or (
+        _info().get("database_url") if _running_pid() is not None else None) or _database_url()
+    if announce:
+        click.echo(f"Database: {_safe_url(url)}", err=True)
+    return url
 
 
 def _client_path() -> Path:
@@ -61,8 +74,14 @@ def _client_path() -> Path:
     return client_path()
 
 
+#: The embedded server's module (``python -m ...``), what its command line names.
+EMBEDDED_MODULE = "balsam.server.embedded"
+
+
 def _running_pid() -> Optional[int]:
-    """The pid in server.pid if that process is alive and is a balsam server."""
+    """The pid in server.pid if that process is alive and is the embedded server started then: its
+    command line names the embedded module and its start time is the one server.json recorded. A
+    pid reused by another process (even ``uvicorn balsam.server.app:app``) is not ours to stop."""
     import psutil
 
     pid_file = _paths()["pid"]
@@ -72,10 +91,16 @@ def _running_pid() -> Optional[int]:
         return None
     try:
         proc = psutil.Process(pid)
-        cmdline = " ".join(proc.cmdline())
+        cmdline = proc.cmdline()
+        created = proc.create_time()
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
-    if proc.status() == psutil.STATUS_ZOMBIE or "balsam.server" not in cmdline:
+    if EMBEDDED_MODULE not in cmdline:
+        return None
+    info = _info()
+    if info.get("pid") == pid and info.get("create_time") is not None and abs(info["create_time"] - created) > 1.0:
         return None
     return pid
 
@@ -87,17 +112,46 @@ def _info() -> dict[str, Any]:
         return {}
 
 
-def _log_tail(lines: int = 25) -> str:
-    """The last lines of the server's log, then of its stdout/stderr (where a crash at start lands)."""
-    parts = []
+def _file_sizes() -> dict[str, int]:
+    """Sizes of server.log and server.out now: where this run's lines will begin."""
+    sizes = {}
     for key in ("log", "out"):
         try:
-            text = _paths()[key].read_text(errors="replace").splitlines()
+            sizes[key] = _paths()[key].stat().st_size
         except OSError:
-            continue
+            sizes[key] = 0
+    return sizes
+
+
+def _run_lines(key: str, since: dict[str, int]) -> list[str]:
+    """This run's lines of server.log or server.out (those past the sizes at start; all of a file
+    rotated meanwhile)."""
+    try:
+        with open(_paths()[key], "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    start = since.get(key, 0)
+    return data[start if len(data) >= start else 0:].decode(errors="replace").splitlines()
+
+
+def _start_failure(since: dict[str, int]) -> Optional[str]:
+    """The one-line reason the server gave for not starting this time (see embedded.start_error)."""
+    from balsam.server.embedded import START_ERROR_PREFIX
+
+    reasons = [line[len(START_ERROR_PREFIX):] for line in _run_lines("out", since) if line.startswith(START_ERROR_PREFIX)]
+    return reasons[-1] if reasons else None
+
+
+def _log_tail(since: dict[str, int], lines: int = 25) -> str:
+    """The last lines this run wrote to the server's log, then to its stdout/stderr (where a crash
+    at start lands); earlier runs' lines only confused the reader."""
+    parts = []
+    for key in ("log", "out"):
+        text = [line for line in _run_lines(key, since) if line.strip() and not line.startswith("--- balsam server start")]
         if text:
             parts.append(f"[{_paths()[key].name}]\n" + "\n".join(text[-lines:]))
-    return "\n".join(parts) or "(no server log)"
+    return "\n".join(parts) or "(nothing in the server's log)"
 
 
 def _answers(api_root: str) -> bool:
@@ -137,17 +191,24 @@ def _stored_login() -> Any:
 
 def _issue_local_login(api_root: str, database_url: str, *, force: bool, replaceable: "set[str] | None" = None) -> str:
     """Store a login (refresh credential + access token) for the local user, unless the client
-    file holds a login for another server (then explain), or already one for this server."""
+    file holds a login for another server (then explain), or already one for this server that the
+    server still accepts."""
     from balsam.client import ClientSettings
     from balsam.server.admin import Admin
     from balsam.server.settings import ServerSettings
 
     path = _client_path()
     stored = _stored_login()
+    replaced = ""
     if stored is not None and not force:
         other = stored.api_root.rstrip("/")
         if other == api_root and stored.refresh_token:
-            return f"Login for {api_root} already stored in {path}"
+            # An expired, revoked or unknown one is as good as none: kept, it made every command
+            # answer "HTTP 401 ... log in again", and `balsam login` refuses the local server.
+            problem = _refresh_problem(database_url, stored.refresh_token)
+            if problem is None:
+                return f"Login for {api_root} already stored in {path}"
+            replaced = f" (replaces the stored login: {problem})"
         if other != api_root and other not in {u.rstrip("/") for u in (replaceable or set()) if u}:
             return (f"Kept the existing login for {other} in {path}. To use the local server instead run "
                     f"`balsam server login`.")
@@ -169,7 +230,26 @@ def _issue_local_login(api_root: str, database_url: str, *, force: bool, replace
         retry_count=stored.retry_count if stored else 10,
     )
     new.save(path)
-    return f"Logged in as {username} at {api_root} (refresh credential {login['credential_id']}; stored in {path})"
+    return (f"Logged in as {username} at {api_root} (refresh credential {login['credential_id']}; stored in {path})"
+            + replaced)
+
+
+def _refresh_problem(database_url: str, refresh_token: str) -> Optional[str]:
+    """Why the server would refuse this refresh credential (expired, revoked, unknown), or None."""
+    from balsam.server.auth import redeem_code
+    from balsam.server.db import create_db_engine, read_tx
+    from balsam.server.errors import Unauthorized
+
+    engine = create_db_engine(database_url)
+    try:
+        with read_tx(engine) as conn:
+            redeem_code(conn, refresh_token, "refresh")
+    except Unauthorized as exc:
+        text = str(exc.detail).partition(":")[0]  # "This refresh credential expired"
+        return text[:1].lower() + text[1:]
+    finally:
+        engine.dispose()
+    return None
 
 
 @click.group("server")
@@ -184,21 +264,57 @@ def server_group() -> None:
 def start(host: str, port: int, timeout: float) -> None:
     """Start the server in the background and log in the local user."""
     from balsam.client.transport import UNIX_SCHEME
+    from balsam.server.embedded import START_ERROR_PREFIX, lock_server_dir, make_private_dir
 
     paths = _paths()
     database_url = _database_url()
     api_root = f"{UNIX_SCHEME}{paths['socket']}"
-    running = _running_pid()
-    if running is not None:
-        info = _info()
-        click.echo(f"Balsam server already running (pid {running}) at {info.get('api_root', api_root)}"
-                   + (f" and {info['url']}" if info.get("url") else ""))
-        click.echo(_issue_local_login(info.get("api_root", api_root), info.get("database_url", database_url), force=False))
-        return
+    # balsam.db (password and credential hashes), server.json/.pid and the logs are the user's only,
+    # whatever the umask; the server process inherits it.
+    os.umask(0o077)
     # mkdir's mode applies to the last component only: $BALSAM_HOME (client.yml, the local scheduler's
     # and the demo site's files) would get the umask's 0755.
     paths["dir"].parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    paths["dir"].mkdir(exist_ok=True, mode=0o700)
+    try:  # mkdir leaves an existing directory's mode alone: a server/ made 0755 beforehand is tightened
+        make_private_dir(paths["dir"])
+    except SystemExit as exc:
+        raise click.ClickException(str(exc.code).removeprefix(START_ERROR_PREFIX)) from None
+    lock_fd = lock_server_dir(paths["lock"])
+    if lock_fd is None:  # a server runs (it holds the lock for its life), or another start is under way
+        running = _running_pid()
+        info = _info()
+        root = info.get("api_root", api_root)
+        if running is None or not _answers(root):
+            raise click.ClickException(
+                f"another `balsam server start` is in progress for {paths['dir']} "
+                + (f"(its server, pid {running}, does not answer at {root} yet)" if running is not None else
+                   f"(or a server runs whose server.pid is gone: {paths['lock']} is held)")
+                + ": wait for it, then run `balsam server status`")
+        _report_running(running, info, api_root, database_url)
+        return
+    try:
+        running = _running_pid()  # one started by an earlier balsam, which took no lock
+        if running is not None:
+            _report_running(running, _info(), api_root, database_url)
+            return
+        _start_locked(paths, host, port, timeout, database_url, api_root, lock_fd)
+    finally:
+        os.close(lock_fd)  # the server holds the lock through the descriptor it inherited
+
+
+def _report_running(pid: int, info: dict[str, Any], api_root: str, database_url: str) -> None:
+    click.echo(f"Balsam server already running (pid {pid}) at {info.get('api_root', api_root)}"
+               + (f" and {info['url']}" if info.get("url") else ""))
+    click.echo(_issue_local_login(info.get("api_root", api_root), info.get("database_url", database_url), force=False))
+
+
+def _start_locked(paths: dict[str, Path], host: str, port: int, timeout: float, database_url: str, api_root: str,
+                  lock_fd: int) -> None:
+    """``start`` under the server directory's lock (no server runs)."""
+    import psutil
+    import sqlalchemy as sa
+    from alembic.util import CommandError
+
     previous = _info().get("api_root")
     tcp_url = None
     if port:
@@ -212,53 +328,122 @@ def start(host: str, port: int, timeout: float) -> None:
     from balsam.server.migrate import upgrade_engine
     from balsam.server.settings import ServerSettings
 
-    ServerSettings.from_env(database_url)  # creates the signing key (0600) on first start
-    engine = create_db_engine(database_url)
     try:
-        upgrade_engine(engine)
-    finally:
-        engine.dispose()
+        # Creates the signing key (0600) on first start, beside an SQLite database: in its directory.
+        ServerSettings.from_env(database_url)
+        engine = create_db_engine(database_url)
+        try:
+            upgrade_engine(engine)
+        finally:
+            engine.dispose()
+    except (sa.exc.SQLAlchemyError, CommandError, OSError) as exc:
+        raise click.ClickException(_database_problem(database_url, exc)) from None
 
     env = dict(os.environ, BALSAM_DATABASE_URL=database_url, BALSAM_SERVER_CREATE_TABLES="0",
                BALSAM_AUTH_REGISTRATION="closed", BALSAM_AUTH_ONLY_USER=getpass.getuser())
     # The server logs to server.log itself (rotated, lines capped); its stdout/stderr (a crash before
     # logging starts, warnings) go to server.out.
-    cmd = [sys.executable, "-m", "balsam.server.embedded", "--socket", str(paths["socket"]), "--host", host,
-           "--port", str(port), "--log-level", "info", "--log-file", str(paths["log"])]
+    cmd = [sys.executable, "-m", EMBEDDED_MODULE, "--socket", str(paths["socket"]), "--host", host,
+           "--port", str(port), "--log-level", "info", "--log-file", str(paths["log"]), "--lock-fd", str(lock_fd)]
+    since = _file_sizes()
     with open(paths["out"], "ab") as out:
         out.write(f"\n--- balsam server start {dt.datetime.now().isoformat()} ---\n".encode())
         out.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=paths["dir"])
-    paths["pid"].write_text(f"{proc.pid}\n")
+                                start_new_session=True, cwd=paths["dir"], pass_fds=(lock_fd,))
+    try:
+        create_time: Optional[float] = psutil.Process(proc.pid).create_time()
+    except psutil.Error:  # exited already: reported below
+        create_time = None
+    # server.json before server.pid: whoever finds the pid finds the start time to check it with.
     paths["info"].write_text(json.dumps({"pid": proc.pid, "api_root": api_root, "url": tcp_url,
-                                         "database_url": database_url,
+                                         "database_url": database_url, "create_time": create_time,
                                          "started": dt.datetime.now(dt.timezone.utc).isoformat()}))
+    paths["pid"].write_text(f"{proc.pid}\n")
     click.echo(f"Starting Balsam server at {api_root}" + (f" and {tcp_url}" if tcp_url else "")
                + f" (pid {proc.pid}, log {paths['log']}) ", nl=False)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             paths["pid"].unlink(missing_ok=True)
+            paths["info"].unlink(missing_ok=True)
             click.echo("")
-            raise click.ClickException(
-                f"the server exited with code {proc.returncode}. Last lines of {paths['log']}:\n{_log_tail()}"
-            )
+            reason = _start_failure(since)
+            if reason:
+                raise click.ClickException(f"{reason} (the server exited)")
+            raise click.ClickException(f"the server exited with code {proc.returncode}. This start's lines of "
+                                       f"{paths['log'].name} and {paths['out'].name} in {paths['dir']}:\n{_log_tail(since)}")
         if _answers(api_root):
             break
         if time.monotonic() > deadline:
             proc.terminate()
             paths["pid"].unlink(missing_ok=True)
+            paths["info"].unlink(missing_ok=True)
             click.echo("")
-            raise click.ClickException(
-                f"the server did not answer within {timeout:.0f}s. Last lines of {paths['log']}:\n{_log_tail()}"
-            )
+            raise click.ClickException(f"the server did not answer within {timeout:.0f}s. This start's lines of "
+                                       f"{paths['log'].name} and {paths['out'].name} in {paths['dir']}:\n{_log_tail(since)}")
         click.echo(".", nl=False)
         time.sleep(0.5)
     click.echo(" ready")
     # Logins for this server's earlier addresses (another socket, or its TCP url before sockets) are replaced.
     replaceable = ({previous} if previous else set()) | _local_tcp_roots()
     click.echo(_issue_local_login(api_root, database_url, force=False, replaceable=replaceable))
+
+
+#: SQLite's words for what stops an upgrade, as the user would say them.
+SQLITE_CAUSES = {
+    "database or disk is full": "the disk is full",
+    "unable to open database file": "cannot open it (is it a directory, or its directory not writable?)",
+    "attempt to write a readonly database": "it is read-only (no permission to write it or its directory)",
+    "file is not a database": "it is not an SQLite database",
+}
+
+
+def _database_problem(url: str, exc: BaseException, verb: str = "upgrade") -> str:
+    """One line: which database (its file for SQLite, the URL without password otherwise) and why
+    it could not be brought to this balsam's schema."""
+    import sqlalchemy as sa
+    from alembic.util import CommandError
+
+    from balsam.server.migrate import head_revision
+
+    parsed = sa.engine.make_url(url)
+    where = parsed.database if parsed.get_backend_name() == "sqlite" and parsed.database else _safe_url(url)
+    if isinstance(exc, CommandError):
+        newer = _unknown_revision(url)
+        if newer is not None:
+            return (f"cannot {verb} {where}: it was written by a newer balsam (revision {newer}; this one knows up "
+                    f"to {head_revision()}): upgrade balsam")
+        cause = str(exc)
+    elif isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+        cause = str(exc.orig)
+    elif isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        cause = f"{exc.filename} is not a directory"  # in the database's path (mkdir's EEXIST)
+    elif isinstance(exc, OSError):
+        cause = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    else:
+        cause = str(exc)
+    cause = (cause.strip().splitlines() or [type(exc).__name__])[0]
+    return f"cannot {verb} {where}: {SQLITE_CAUSES.get(cause.lower(), cause)}"
+
+
+def _unknown_revision(url: str) -> Optional[str]:
+    """The schema revision stored in the database if this balsam has no migration of that name."""
+    import sqlalchemy as sa
+    from alembic.script import ScriptDirectory
+
+    from balsam.server.db import create_db_engine
+    from balsam.server.migrate import alembic_config, current_revision
+
+    engine = create_db_engine(url)
+    try:
+        stored = current_revision(engine)
+    except sa.exc.SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()}
+    return stored if stored and stored not in known else None
 
 
 def _local_tcp_roots() -> "set[str]":
@@ -295,7 +480,7 @@ def _read_new_password(password_stdin: bool) -> str:
 def _min_password_length() -> int:
     from balsam.server.settings import ServerSettings
 
-    return ServerSettings.from_env(_admin_database_url(), secret_key="unused").min_password_length
+    return ServerSettings.from_env(_admin_database_url(announce=False), secret_key="unused").min_password_length
 
 
 @server_group.command("set-password")
@@ -349,8 +534,13 @@ def user_invite(username: str, valid_hours: float) -> None:
             code, expires = admin.invite(username, int(valid_hours * 3600))
         except AdminError as exc:
             raise click.ClickException(str(exc)) from None
-    click.echo(f"Invitation for {username} (valid until {expires:%Y-%m-%d %H:%M} UTC); give them this command:")
-    click.echo(f"  balsam register -a <server address> -u {username} --invitation {code}")
+    # The code goes to the user apart from the command: on a command line (--invitation) every user
+    # of the machine could read it while the command waits for a password, and register first.
+    click.echo(f"Invitation for {username} (valid until {expires:%Y-%m-%d %H:%M} UTC); give them this code privately:")
+    click.echo(f"  {code}")
+    click.echo("They run the command below and paste the code at its hidden 'Invitation code' prompt "
+               "(scripts: --invitation-stdin or $BALSAM_INVITATION, never --invitation):")
+    click.echo(f"  balsam register -a <server address> -u {username}")
 
 
 @user_group.command("ls")
@@ -419,6 +609,7 @@ def stop(timeout: float) -> None:
     paths = _paths()
     if pid is None:
         paths["pid"].unlink(missing_ok=True)
+        paths["info"].unlink(missing_ok=True)
         click.echo("No Balsam server is running.")
         return
     click.echo(f"Stopping Balsam server (pid {pid}) ", nl=False)
@@ -438,6 +629,9 @@ def stop(timeout: float) -> None:
     else:
         click.echo(" stopped")
     paths["pid"].unlink(missing_ok=True)
+    # server.json names the running server's database: left behind, admin commands took it for one
+    # that runs (and `status` showed its database).
+    paths["info"].unlink(missing_ok=True)
 
 
 #: ``server status``'s exit status when the server is not running or not answering (as
@@ -512,13 +706,15 @@ def migrate(database_url: Optional[str]) -> None:
 
     from balsam.server.migrate import head_revision, upgrade
 
+    from alembic.util import CommandError
+
     url = database_url or _database_url()
     safe_url = sa.engine.make_url(url).render_as_string(hide_password=True)
     click.echo(f"Migrating {safe_url} to {head_revision()} ...")
     try:
         revision = upgrade(url)
-    except sa.exc.OperationalError as exc:
-        raise click.ClickException(f"cannot migrate {safe_url}: {str(exc.orig).strip().splitlines()[0]}") from None
+    except (sa.exc.SQLAlchemyError, CommandError, OSError) as exc:
+        raise click.ClickException(_database_problem(url, exc, verb="migrate")) from None
     click.echo(f"Database schema at revision {revision}")
 
 

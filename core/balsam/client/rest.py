@@ -512,10 +512,13 @@ class RESTClient:
                     reauthed = True
                     continue
                 detail = _response_detail(resp)
+                # The embedded server's login is `balsam server login` (`balsam login` refuses
+                # it); the server's own text may name the command already: named once. Also for
+                # the refresh call (unauthenticated), whose 401 reaches the user as it is.
+                login = "balsam server login" if self.api_root.startswith(UNIX_SCHEME) else "balsam login"
+                if not authenticated and login != "balsam login" and "`balsam login`" in _detail_text(detail):
+                    detail = _detail_text(detail).replace("`balsam login`", f"`{login}`")
                 if authenticated:
-                    # The embedded server's login is `balsam server login` (`balsam login` refuses
-                    # it); the server's own text may name the command already: named once.
-                    login = "balsam server login" if self.api_root.startswith(UNIX_SCHEME) else "balsam login"
                     text = _detail_text(detail).replace("`balsam login`", f"`{login}`")
                     if not self.token:
                         hint = "Not logged in"

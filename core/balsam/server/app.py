@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from typing import Any, AsyncIterator
 
 import sqlalchemy as sa
@@ -32,6 +33,7 @@ from .routes import apps, auth, batch_jobs, events, jobs, sessions, sites, trans
 from .routing import Ctx, route
 from .idempotency import sweep_expired_keys
 from .job_counts import fold_deltas
+from .migrate import SchemaMismatch, check_schema, upgrade_engine
 from .sessions_logic import note_outage, sweep_expired
 from .settings import ServerSettings
 
@@ -227,10 +229,16 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
             raise TypeError(f"unknown server setting {key!r}")
         setattr(settings, key, value)
     engine = create_db_engine(settings.database_url, pool_size=settings.pool_size, max_overflow=settings.max_overflow)
-    if settings.create_tables if create_tables_now is None else create_tables_now:
-        from .migrate import upgrade_engine
-
-        upgrade_engine(engine)
+    try:
+        if settings.create_tables if create_tables_now is None else create_tables_now:
+            upgrade_engine(engine)
+        else:
+            # A shared server's schema is migrated by its administrator (`balsam server migrate`): on
+            # an older one it would start and answer 500 wherever a newer column is read; refuse.
+            check_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     app = Starlette(
         routes=_all_routes(),
         exception_handlers={
@@ -258,8 +266,18 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
     return app
 
 
+#: uvicorn's exit status for an app that cannot start (uvicorn.config.STARTUP_FAILURE).
+STARTUP_FAILURE = 3
+
+
 def create_app_from_env() -> Starlette:
-    return create_app()
+    try:
+        return create_app()
+    except SchemaMismatch as exc:
+        # One line, no traceback. Exit status 3 is uvicorn's STARTUP_FAILURE: with --workers N its
+        # supervisor then stops instead of restarting workers that would fail the same way.
+        print(f"balsam server: {exc}", file=sys.stderr, flush=True)
+        sys.exit(STARTUP_FAILURE)
 
 
 def __getattr__(name: str) -> Any:

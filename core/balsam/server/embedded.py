@@ -18,6 +18,8 @@ naming 5,000 job ids.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -35,6 +37,14 @@ MAX_LOG_LINE_CHARS = 2000
 DEFAULT_LOG_MAX_BYTES = 10 * 2**20
 #: Rotated log files kept (server.log.1 ... server.log.3).
 LOG_BACKUP_COUNT = 3
+#: How the server's reason for not starting begins on its stderr (``server.out``): ``balsam server
+#: start`` finds this run's line and reports it alone instead of a traceback and old log lines.
+START_ERROR_PREFIX = "balsam server cannot start: "
+
+
+def start_error(message: str) -> SystemExit:
+    """A one-line reason for not starting (printed to stderr, exit status 1)."""
+    return SystemExit(START_ERROR_PREFIX + message)
 
 
 class CappedFormatter(logging.Formatter):
@@ -99,21 +109,43 @@ def make_private_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = path.stat()
     if info.st_uid != os.getuid():
-        raise SystemExit(f"{path} belongs to another user: refusing to put the server's socket there")
+        raise start_error(f"{path} belongs to another user: refusing to put the server's files there")
     if stat.S_IMODE(info.st_mode) & 0o077:
         os.chmod(path, 0o700)
 
 
-def bind_unix(path: Path) -> socket.socket:
+def lock_server_dir(lock_path: Path) -> "int | None":
+    """Take the exclusive flock on ``lock_path`` (``server/server.lock``); the descriptor, or None if
+    another process holds it. ``balsam server start`` holds it from its check for a running server to
+    the server's first answer, and the server (which inherits the descriptor) for its whole life: two
+    starts at once, or a start beside a running server, found no live pid file and ran two servers
+    (the pid file alone is check-then-write)."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def bind_unix(path: Path, locked: bool = True) -> socket.socket:
+    """Bind the socket; a socket file left by a server that died is replaced, but only under the
+    server directory's lock (``locked``): without it, the file may be that of a server that has
+    bound but not yet listens, which refuses connections just as a dead one does."""
     make_private_dir(path.parent)
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))
         except OSError:
+            if not locked:
+                raise start_error(f"{path} exists and nothing answers there: remove it if no server runs") from None
             path.unlink()  # a stale socket of a server that died
         else:
-            raise SystemExit(f"another server already listens on {path}")
+            raise start_error(f"another server already listens on {path}")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -125,8 +157,17 @@ def bind_unix(path: Path) -> socket.socket:
 def bind_tcp(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    # For a restart while the previous server's connections are in TIME_WAIT. It also lets two
+    # sockets bind one port as long as neither listens: listen at once, so a second one fails here.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise start_error(f"{host}:{port} is in use by another process: choose another --port (or --port 0)") from None
+        raise start_error(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
 
 
@@ -140,8 +181,18 @@ def main(argv: "list[str] | None" = None) -> None:
     parser.add_argument("--log-level", default=os.environ.get("BALSAM_LOG_LEVEL", "info").lower())
     parser.add_argument("--log-file", type=Path, default=None,
                         help="log here (rotated, lines capped) instead of to stderr")
+    parser.add_argument("--lock-fd", type=int, default=None,
+                        help="descriptor of the server directory's lock, taken by `balsam server start`: held "
+                             "for the server's life, so that no second server runs on that directory")
     args = parser.parse_args(argv)
-    sockets = [bind_unix(Path(args.socket))]
+    # The database (password and credential hashes), the log and the socket: the user's only.
+    os.umask(0o077)
+    if args.lock_fd is not None:
+        try:  # the start command's lock, inherited: flock on the same open file succeeds
+            fcntl.flock(args.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise start_error(f"the server directory's lock (descriptor {args.lock_fd}) is not ours: {exc.strerror}") from None
+    sockets = [bind_unix(Path(args.socket), locked=args.lock_fd is not None)]
     if args.port:
         sockets.append(bind_tcp(args.host, args.port))
     socket_path = Path(args.socket)

@@ -11,6 +11,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from .db import create_db_engine, normalize_database_url
 
@@ -45,6 +46,41 @@ def current_revision(engine: sa.Engine) -> "str | None":
         return MigrationContext.configure(conn).get_current_revision()
 
 
+class SchemaMismatch(RuntimeError):
+    """The database's schema is not the one this balsam's code reads and writes."""
+
+
+def schema_mismatch(engine: sa.Engine) -> "str | None":
+    """Why this balsam must not serve ``engine``'s database (one line), or None when its schema is
+    at head. A server on an older schema starts and answers until a route reads a column it lacks
+    (500s, also from the background sweep), so the server checks at startup rather than later."""
+    head = head_revision()
+    current = current_revision(engine)
+    if current == head:
+        return None
+    where = f"database {engine.url.render_as_string(hide_password=True)}"
+    if current is None:
+        return f"{where} has no balsam schema, this balsam needs {head}: run `balsam server migrate`"
+    if not _known_revision(current):
+        return (f"{where} is at revision {current}, which this balsam (schema {head}) does not know: "
+                "a newer balsam wrote it; run that version (or upgrade balsam here)")
+    return f"{where} is at revision {current}, this balsam needs {head}: run `balsam server migrate`"
+
+
+def check_schema(engine: sa.Engine) -> None:
+    """Raise SchemaMismatch unless ``engine``'s database is at this balsam's head revision."""
+    problem = schema_mismatch(engine)
+    if problem is not None:
+        raise SchemaMismatch(problem)
+
+
+def _known_revision(revision: str) -> bool:
+    try:
+        return ScriptDirectory.from_config(alembic_config("sqlite://")).get_revision(revision) is not None
+    except CommandError:  # alembic's "Can't locate revision identified by ..."
+        return False
+
+
 def upgrade(database_url: str, revision: str = "head") -> str:
     """Upgrade the schema to ``revision``; returns the revision now stored."""
     command.upgrade(alembic_config(database_url), revision)
@@ -56,7 +92,11 @@ def upgrade(database_url: str, revision: str = "head") -> str:
 
 
 def upgrade_engine(engine: sa.Engine) -> None:
-    """Bring an engine's database to head inside one write transaction (embedded servers)."""
+    """Bring an engine's database to head inside one write transaction (embedded servers).
+    Refuses (SchemaMismatch) a database a newer balsam wrote: it cannot be brought to this head."""
+    current = current_revision(engine)
+    if current is not None and not _known_revision(current):
+        raise SchemaMismatch(schema_mismatch(engine) or f"unknown schema revision {current}")
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.connect().execution_options(balsam_write=True) as conn:
         if conn.dialect.name == "postgresql":

@@ -163,7 +163,7 @@ def register(ctx: Ctx) -> Response:
     if settings.only_user is not None and username != settings.only_user:
         raise Forbidden(f"This server serves only its local user {settings.only_user!r}")
     if settings.registration == "invitation" and not invitation:
-        raise Forbidden("Registration needs an invitation on this server (`balsam register --invitation CODE`)")
+        raise Forbidden("Registration needs an invitation on this server (`balsam register` asks for its code)")
     hashed = hash_password(password)
     with ctx.write() as conn:
         if invitation:

@@ -13,7 +13,7 @@ from balsam.states import JobState
 
 from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, backlog_by_state
 from ..db import count_and_page, where_in
-from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
+from ..errors import Conflict, Forbidden, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
 from ..idempotency import replay_one
 from ..jobs_logic import like_escape, site_owned_by, utcnow
@@ -25,6 +25,9 @@ SITE_FIELDS = [f for f in ("id", "name", "path", "globus_endpoint_id", "backfill
                            "last_refresh", "creation_date")]
 SITE_COLUMNS = [sites.c[f] for f in SITE_FIELDS]
 WRITABLE = set(writable_fields(Site, on="update"))
+#: What a launcher (site-scoped) credential may not change on its site: how the user and the agent
+#: find the site. Its status fields (queued_jobs, backfill_windows, last_refresh) stay writable.
+IDENTITY_FIELDS = ("name", "path")
 
 
 def site_dict(row: Any) -> dict[str, Any]:
@@ -136,6 +139,12 @@ def update_site(ctx: Ctx) -> Response:
     _validate({k: v for k, v in values.items() if k != "name" or not site_name_problem(str(v))})
     with ctx.write() as conn:
         stored = get_owned_site(conn, ctx.user.id, site_id)
+        if ctx.user.site_id is not None:
+            # Sent back unchanged (a whole record) is fine; a change is the user's to make.
+            changed = [f for f in IDENTITY_FIELDS if f in values and values[f] != getattr(stored, f)]
+            if changed:
+                raise Forbidden(f"This credential is limited to site {ctx.user.site_id} and cannot change "
+                                f"the site's {changed[0]}")
         if "name" in values and values["name"] != stored.name and site_name_problem(str(values["name"])):
             raise ValidationFailed.field(["body", "name"], site_name_problem(str(values["name"])))
         if "name" in values:
