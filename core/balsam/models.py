@@ -279,6 +279,9 @@ class SessionAcquire:
     max_wall_time_min: Optional[int] = None
     max_nodes_per_job: Optional[int] = None
     max_aggregate_nodes: Optional[float] = None
+    #: Only jobs asking at most this many GPUs per node (``ranks_per_node * gpus_per_rank``): a
+    #: launcher whose nodes have no GPU sends 0, and jobs that need one stay for another launcher.
+    max_gpus_per_node: Optional[float] = None
     serial_only: bool = False
     sort_by: Optional[str] = None
     states: set[JobState] = attrs.Factory(lambda: {JobState.preprocessed, JobState.restart_ready})

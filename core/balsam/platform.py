@@ -25,9 +25,9 @@ from .options import NoOptions, build_options
 
 __all__ = [
     "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "cpu_domains_of",
-    "cpu_ids_errors", "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
+    "cpu_ids_errors", "cuda_visible_only", "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
     "hosts_from_node_file", "is_mig_id", "launch_option", "launch_param_args", "leading_job_number", "near_cpus_of",
-    "nvidia_smi_list", "parse_gpu_cpu_map", "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding",
+    "nvidia_smi_list", "nvidia_smi_note", "parse_gpu_cpu_map", "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding",
     "read_fresh_gpu_list", "read_node_file",
 ]
 
@@ -295,6 +295,47 @@ def near_cpus_of(
     return tuple(pairs)
 
 
+def cuda_visible_only(
+    nodes: Sequence[NodeInfo], env: Mapping[str, str], parent: Optional[Mapping[str, str]] = None
+) -> list[NodeInfo]:
+    """``nodes`` with only the GPU ids that ``CUDA_VISIBLE_DEVICES`` in the launcher's environment
+    ``env`` lists (a MIG instance also when its ``parent`` GPU is listed), in the nodes' own order;
+    their ``gpu_groups`` and ``gpu_cpus`` cut down to match. Unset: ``nodes`` as they are. Set (an
+    allocation of part of a node: Slurm's ``--gpus=2``, a shared QOS), jobs must get only the GPUs
+    it lists, which are all a job started from the launcher can see; ``""``, ``-1`` and
+    ``NoDevFiles`` list none. Logged in one line when it sets anything; a value naming none of the
+    nodes' ids (``GPU-<uuid>`` forms) leaves them as they are, with a warning.
+
+    ``parent``: MIG UUID -> the index of the GPU it is part of, over all nodes (UUIDs are unique)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or not any(node.gpu_ids for node in nodes):
+        return list(nodes)
+    listed = {g.strip() for g in visible.split(",")} - {"", "-1", "NoDevFiles"}
+    parent = parent or {}
+    known = {g for node in nodes for g in node.gpu_ids} | {parent.get(g) for node in nodes for g in node.gpu_ids}
+    unknown = sorted(listed - known)
+    if listed and len(unknown) == len(listed):
+        # Another form (GPU-<uuid>): which of the nodes' ids it means is unknown; leaving every GPU
+        # out would fail every GPU job as unsatisfiable.
+        logger.warning("CUDA_VISIBLE_DEVICES=%s in the launcher's environment names none of the nodes' GPU ids (%s): "
+                       "jobs get all of them", visible, ",".join(nodes[0].gpu_ids))
+        return list(nodes)
+    kept_nodes = []
+    for node in nodes:
+        kept = tuple(g for g in node.gpu_ids if g in listed or parent.get(g) in listed)
+        if len(kept) != len(node.gpu_ids):
+            groups = tuple(part for part in (tuple(g for g in group if g in kept) for group in node.gpu_groups) if part)
+            node = attrs.evolve(node, gpu_ids=kept, gpu_groups=groups,
+                                gpu_cpus=tuple((g, cpus) for g, cpus in node.gpu_cpus if g in kept))
+        kept_nodes.append(node)
+    logger.info(
+        "CUDA_VISIBLE_DEVICES=%s in the launcher's environment: jobs get only the GPU ids it lists (%s: %s of %s)%s",
+        visible, nodes[0].hostname, ",".join(kept_nodes[0].gpu_ids) or "none", ",".join(nodes[0].gpu_ids) or "none",
+        f"; {','.join(unknown)} not among the nodes' GPU ids" if unknown else "",
+    )
+    return kept_nodes
+
+
 def read_node_file(path: str) -> list[str]:
     """Host names of a PBS/Cobalt node file (one per line, or comma separated), each once, in order."""
     hosts: list[str] = []
@@ -542,19 +583,46 @@ def parse_nvidia_smi_list(text: str) -> NvidiaDevices:
     return NvidiaDevices(tuple(gpus), {g: tuple(u) for g, u in migs.items()})
 
 
+#: Why this process's last :func:`nvidia_smi_list` found no GPU ("" when it found some; None
+#: before any call), for the launcher's line about GPU jobs left to other launchers.
+_nvidia_smi_note: list[Optional[str]] = [None]
+#: The empty or garbled answers :func:`nvidia_smi_list` warned about already (once per process each).
+_nvidia_smi_warned: set[str] = set()
+
+
+def _note_nvidia_smi(note: str, warn: str = "always") -> None:
+    _nvidia_smi_note[0] = note
+    if warn == "always" or (warn == "once" and note not in _nvidia_smi_warned):
+        _nvidia_smi_warned.add(note)
+        logger.warning("nvidia-smi -L %s", note)
+
+
+def nvidia_smi_note() -> Optional[str]:
+    """Why this process's last :func:`nvidia_smi_list` found no GPU (``not on PATH``, ``exited 6: No
+    devices were found``...), "" when it found some, None when it was not called."""
+    return _nvidia_smi_note[0]
+
+
 def nvidia_smi_list() -> Optional[str]:
     """``nvidia-smi -L`` on this node, or None when there is no ``nvidia-smi`` or it failed (logged)."""
     program = shutil.which("nvidia-smi")
     if program is None:
+        _note_nvidia_smi("not on PATH", warn="never")  # a CPU node: nothing to warn about
         return None
     try:
         out = subprocess.run([program, "-L"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        logger.warning("nvidia-smi -L failed: %s", exc)
+        _note_nvidia_smi(f"failed: {exc}")
         return None
     if out.returncode != 0:
-        logger.warning("nvidia-smi -L exited %s: %s", out.returncode, (out.stderr or "").strip()[:200])
+        # "No devices were found" (exit 6) is printed on stdout, a driver error on stderr.
+        _note_nvidia_smi(f"exited {out.returncode}: {((out.stderr or '').strip() or (out.stdout or '').strip())[:200]}")
         return None
+    if not any(_NVSMI_GPU.match(line) for line in out.stdout.splitlines()):
+        # Exit 0 yet no GPU listed (an empty or garbled answer): without this, 0 GPUs and no word.
+        _note_nvidia_smi(f"exited 0 but listed no GPU (no 'GPU <n>:' line): {out.stdout.strip()[:200]!r}", warn="once")
+        return out.stdout
+    _nvidia_smi_note[0] = ""
     return out.stdout
 
 

@@ -72,7 +72,7 @@ PAYLOADS: dict[type, dict] = {
     models.Session: {"id": 2, "site_id": 5, "batch_job_id": 4, "heartbeat": T0},
     models.SessionAcquire: {
         "max_num_jobs": 100, "filter_tags": {"k": "v"}, "max_wall_time_min": 30, "max_nodes_per_job": 2,
-        "max_aggregate_nodes": 3.5, "serial_only": True, "sort_by": "long_large_first",
+        "max_aggregate_nodes": 3.5, "max_gpus_per_node": 0.0, "serial_only": True, "sort_by": "long_large_first",
         "states": ["PREPROCESSED", "RESTART_READY"], "app_ids": [7, 9],
     },
     models.TransferItem: {

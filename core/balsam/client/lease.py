@@ -83,9 +83,10 @@ def acquire_request(
     filter_tags: Optional[dict[str, str]] = None,
     states: Iterable["JobState | str"] = RUNNABLE_STATES,
     app_ids: Optional[Iterable[int]] = None,
+    max_gpus_per_node: Optional[float] = None,
 ) -> dict[str, Any]:
     """The body of ``POST /sessions/{id}`` (SessionAcquire)."""
-    return {
+    body = {
         "max_num_jobs": max_num_jobs,
         "max_wall_time_min": max_wall_time_min,
         "max_nodes_per_job": max_nodes_per_job,
@@ -96,6 +97,10 @@ def acquire_request(
         "states": sorted(JobState.parse(s).value for s in states),
         "app_ids": sorted(set(app_ids or ())),
     }
+    if max_gpus_per_node is not None:
+        # Sent only when set: a server older than the field refuses unknown fields (422).
+        body["max_gpus_per_node"] = max_gpus_per_node
+    return body
 
 
 def _rows(payload: Any) -> list[dict]:
@@ -349,8 +354,12 @@ class JobLease:
         max_aggregate_nodes: Optional[float] = None,
         serial_only: bool = False,
         wait_sec: Optional[float] = None,
+        max_gpus_per_node: Optional[float] = None,
     ) -> list[Any]:
         """Lease up to ``max_num_jobs`` jobs (at most 2,048) in the lease's states.
+
+        ``max_gpus_per_node``: only jobs asking at most that many GPUs per node (0: a launcher
+        whose nodes have none leaves the GPU jobs to others).
 
         When an earlier acquire got no answer, its request is sent again first (same key, same
         body) and its jobs are returned instead: call again for more.
@@ -371,7 +380,7 @@ class JobLease:
                     min(int(max_num_jobs), MAX_JOBS_PER_SESSION_ACQUIRE), max_wall_time_min=max_wall_time_min,
                     max_nodes_per_job=max_nodes_per_job, max_aggregate_nodes=max_aggregate_nodes,
                     serial_only=serial_only, sort_by=self.sort_by, filter_tags=self.filter_tags, states=self.states,
-                    app_ids=self.app_ids,
+                    app_ids=self.app_ids, max_gpus_per_node=max_gpus_per_node,
                 )
                 self.pending = (new_idempotency_key(), body)
             else:
@@ -388,6 +397,7 @@ class JobLease:
             return self.acquire(
                 max_num_jobs, max_wall_time_min=max_wall_time_min, max_nodes_per_job=max_nodes_per_job,
                 max_aggregate_nodes=max_aggregate_nodes, serial_only=serial_only, wait_sec=wait_sec,
+                max_gpus_per_node=max_gpus_per_node,
             )
         with self._lock:
             if self.pending is not None and self.pending[0] == key:

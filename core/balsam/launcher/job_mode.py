@@ -24,12 +24,12 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence
 
 import attrs
 
 from balsam.config.schema import LauncherSettings
-from balsam.platform import NodeInfo, Platform
+from balsam.platform import NodeInfo, Platform, nvidia_smi_note
 
 from .wake import WakeEvent
 
@@ -51,6 +51,32 @@ def allows_node_packing(settings: Any, platform: "Callable[[], Any]") -> bool:
     if configured is None:
         return bool(getattr(platform(), "mpirun_allows_node_packing", True))
     return bool(configured)
+
+
+def gpuless_acquire_filter(nodes: Sequence[NodeInfo], env: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """The acquire filter of a launcher whose nodes have no GPU at all: ``{"max_gpus_per_node": 0}``,
+    else ``{}``. Logs once why (call it once per launcher, in the process that discovered the nodes).
+
+    Such a launcher (a CPU partition of a mixed site, or a GPU node whose driver does not answer now)
+    could only fail the jobs that need a GPU as impossible here, for good; the server leases it the
+    others and keeps those for a launcher with GPUs (a later one, once the driver is back). A job that
+    does not fit for another reason (too many CPUs, more GPUs than a GPU node has) is leased and
+    FAILED with the reason as before."""
+    if not nodes or any(node.gpu_ids for node in nodes):
+        return {}
+    env = os.environ if env is None else env
+    note = nvidia_smi_note()
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible.strip(","):
+        why, level = f"CUDA_VISIBLE_DEVICES={visible!r}", logging.INFO
+    elif note:
+        # nvidia-smi present but failing, or listing nothing, is a GPU node in trouble: warn.
+        why, level = f"nvidia-smi: {note}", logging.INFO if note == "not on PATH" else logging.WARNING
+    else:
+        why, level = "the platform lists none", logging.INFO
+    logger.log(level, "jobs that need GPUs are not acquired: this launcher's nodes have none (%s); they are left "
+               "for another launcher", why)
+    return {"max_gpus_per_node": 0}
 
 
 def env_float(name: str, default: float) -> float:

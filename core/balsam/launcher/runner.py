@@ -15,6 +15,7 @@ from collections import ChainMap, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
+from balsam.platform import is_mig_id
 from balsam.states import JobState
 
 from ..util import api_text, tail_file
@@ -37,6 +38,12 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     gpu_ids = placement.gpu_ids[0] if placement.gpu_ids else ()
     if gpu_ids:
         env.update({str(k): str(v) for k, v in platform.gpu_environment(list(gpu_ids)).items()})
+        if prepared.demand.ranks_per_node > 1 and len(gpu_ids) > 1 and any(map(is_mig_id, gpu_ids)):
+            # CUDA shows a process the first MIG instance it is given: without narrowing, every rank
+            # of the job runs on the same one.
+            logger.warning("job %s: its %d ranks per node get one CUDA_VISIBLE_DEVICES of %d ids with MIG instances: "
+                           "each rank uses the first unless the command narrows it per rank (gpu_per_rank.sh in "
+                           "docs/platforms/polaris.md)", prepared.id, prepared.demand.ranks_per_node, len(gpu_ids))
     env.setdefault("OMP_NUM_THREADS", str(prepared.demand.threads_per_rank))
     hook = hook or _launch_hook()
     implementations = getattr(hook, "get_hookimpls", None)

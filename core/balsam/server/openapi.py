@@ -220,6 +220,7 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
         "max_wall_time_min": nullable(int32()),
         "max_nodes_per_job": nullable(int32()),
         "max_aggregate_nodes": nullable({"type": "number", "minimum": 0, "maximum": 1e9}),
+        "max_gpus_per_node": nullable({"type": "number", "minimum": 0, "maximum": 1e9}),
         "serial_only": {"type": "boolean"},
         "sort_by": nullable(enum(["long_large_first"])),
         "states": array(_ref("JobState")),

@@ -377,6 +377,8 @@ def parse_acquire(payload: Any) -> SessionAcquire:
         raise ValidationFailed.field(["body", "sort_by"], f"expected null or 'long_large_first', got {spec.sort_by!r}")
     if spec.max_aggregate_nodes is not None and spec.max_aggregate_nodes < 0:
         raise ValidationFailed.field(["body", "max_aggregate_nodes"], "must be >= 0")
+    if spec.max_gpus_per_node is not None and not 0 <= spec.max_gpus_per_node <= 1e9:
+        raise ValidationFailed.field(["body", "max_gpus_per_node"], f"must be between 0 and 1e9, got {spec.max_gpus_per_node!r}")
     return spec
 
 
@@ -426,6 +428,10 @@ def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool =
         stmt = stmt.where(num_nodes <= spec.max_nodes_per_job)
     if spec.serial_only:
         stmt = stmt.where(num_nodes == 1, jobs.c.ranks_per_node == 1)
+    if spec.max_gpus_per_node is not None:
+        # A launcher whose nodes have no GPU (0): jobs needing one are not leased to it, to be failed
+        # there as impossible, but stay for a launcher with GPUs. Tested on the rows read (no index).
+        stmt = stmt.where(jobs.c.ranks_per_node * jobs.c.gpus_per_rank <= spec.max_gpus_per_node + 1e-9)
     if spec.max_aggregate_nodes is not None:
         stmt = stmt.order_by(*RUNNABLE_ORDERS[spec.sort_by])
     else:

@@ -4,9 +4,11 @@
   (``--constraint=gpu``);
 - ``perlmutter-cpu``: two 64-core AMD EPYC 7763 (256 hardware threads) per node (``--constraint=cpu``).
 
-Nodes come from ``$SLURM_JOB_NODELIST`` (``nid[001234-001236,001240]``). NERSC's queues are Slurm QOS
-names (regular, debug, ...), so the site's Slurm scheduler is set to pass the queue as ``--qos``
-(``scheduler.options.queue_flag``). Runs are Slurm job steps, Balsam 0.7's ``PerlmutterRun`` line::
+Nodes come from ``$SLURM_JOB_NODELIST`` (``nid[001234-001236,001240]``); when the launcher's
+environment sets ``CUDA_VISIBLE_DEVICES`` (the shared QOS, ``--gpus=1|2``), jobs get only the GPU
+ids it lists. NERSC's queues are Slurm QOS names (regular, debug, ...), so the site's Slurm
+scheduler is set to pass the queue as ``--qos`` (``scheduler.options.queue_flag``). Runs are
+Slurm job steps, Balsam 0.7's ``PerlmutterRun`` line::
 
     srun [--gres=craynetwork:0] -n N --ntasks-per-node R [--gpus-per-task G] --nodelist h1,h2 --nodes n
          --cpus-per-task C --cpu-bind=cores [--key value ...] --overlap CMD
@@ -29,8 +31,8 @@ import attrs
 from balsam.builtin.default_platform import expand_hostlist
 from balsam.options import option
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, hardware_thread_ids, launch_param_args, leading_job_number,
-    parse_id_ranges,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, hardware_thread_ids, launch_param_args,
+    leading_job_number, parse_id_ranges,
 )
 
 #: srun options the platform computes -> the launch_params keys that replace the computed value
@@ -99,8 +101,10 @@ class PerlmutterGPUPlatform(Platform):
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
             raise RuntimeError("$SLURM_JOB_NODELIST is not set: not inside a Slurm job")
-        return [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids)
-                for host in expand_hostlist(nodelist)]
+        nodes = [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids)
+                 for host in expand_hostlist(nodelist)]
+        # The shared QOS (--gpus=1|2) and partial-node allocations: Slurm names the job's GPUs there.
+        return cuda_visible_only(nodes, env)
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
         return leading_job_number(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "")

@@ -14,6 +14,9 @@ index. For the node the launcher runs on they come from ``nvidia-smi -L`` itself
 ``<gpu_list_dir>/balsam-<host>-gpulist.txt`` (``nvidia-smi -L`` output recorded per node, Balsam
 0.7's convention), if it was written after the allocation started (``$PBS_NODEFILE``'s mtime): an
 older record is an earlier job's, its MIG instances perhaps gone.
+
+When the launcher's environment sets ``CUDA_VISIBLE_DEVICES`` (an allocation of part of a node),
+jobs get only the GPU ids it lists (and the MIG instances of the GPUs it lists).
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, file_mtime, first_launch_param, gpu_cpu_map_errors,
-    hardware_thread_ids, hosts_from_node_file, launch_param_args, leading_job_number, near_cpus_of,
-    nvidia_smi_list, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list, pick_cpu_binding,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, file_mtime, first_launch_param,
+    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, leading_job_number,
+    near_cpus_of, nvidia_smi_list, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list, pick_cpu_binding,
     read_fresh_gpu_list,
 )
 
@@ -126,12 +129,14 @@ class PolarisPlatform(Platform):
         here = _short(socket.gethostname())
         hosts = self.hostnames(env)
         started = file_mtime(env.get("PBS_NODEFILE"))  # PBS writes it when the allocation starts
-        nodes = []
+        nodes, parents = [], {}
         for host in hosts:
             gpu_ids, parent = self.node_gpus(host, local=_short(host) == here or len(hosts) == 1, not_before=started)
+            parents.update(parent)
             nodes.append(NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=gpu_ids,
                                   gpu_cpus=near_cpus_of(gpu_ids, self.gpu_cpu_map, self.cpu_ids, parent)))
-        return nodes
+        # A partial-node allocation names its GPUs there (MIG instances go with their GPU's index).
+        return cuda_visible_only(nodes, env, parents)
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
         return leading_job_number(env.get("PBS_JOBID", ""))

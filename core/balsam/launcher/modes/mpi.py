@@ -53,7 +53,7 @@ from ..entry import MPI_PARTITIONS_ENV
 from ..gone import Acquired, GoneJobs, acquire_generation
 from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
 from ..handover import HandOver
-from ..job_mode import JobMode
+from ..job_mode import JobMode, gpuless_acquire_filter
 from ..node_manager import Exit, NodeFaults, NodeManager, Placement, UnsatisfiableJob
 from ..placement import TooLateJobs, place_pending
 from ..runner import (
@@ -216,6 +216,8 @@ class MPIMode(JobMode):
         self._nodes_out: list[str] = []
         #: Leased jobs set aside because they can no longer finish before the wall time (never started).
         self.too_late = TooLateJobs("the launcher's end (its Session's deletion)")
+        #: Every acquire's (and the probe's) extra filter: no job needing a GPU when the nodes have none.
+        self._acquire_filter = gpuless_acquire_filter(context.nodes)
 
     # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
     def _held_ids(self) -> list[int]:
@@ -269,6 +271,7 @@ class MPIMode(JobMode):
             max_wall_time_min=self.countdown.remaining_min(),
             max_nodes_per_job=request["max_nodes_per_job"],
             max_aggregate_nodes=request["max_aggregate_nodes"],
+            **self._acquire_filter,
         )
         self.lease_ahead.acquire_took(time.monotonic() - began)
         logger.debug("acquired %d jobs for up to %.2f nodes in %.3f s", len(jobs), request["max_aggregate_nodes"],
@@ -351,7 +354,7 @@ class MPIMode(JobMode):
             return []
         if larger > nodes:
             return []
-        return source.acquire(PROBE_JOBS, max_wall_time_min=self.countdown.remaining_min())
+        return source.acquire(PROBE_JOBS, max_wall_time_min=self.countdown.remaining_min(), **self._acquire_filter)
 
     def _report_launch_limit(self) -> None:
         """Say once, in the log and in the BatchJob's status_info, why no more jobs are acquired."""

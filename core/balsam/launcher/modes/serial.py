@@ -40,7 +40,7 @@ from balsam.platform import LaunchSpec
 from balsam.util import api_text, tail_file
 
 from .._api import default_client, report_batch_job_error
-from ..job_mode import JobMode
+from ..job_mode import JobMode, gpuless_acquire_filter
 from .serial_worker import (
     EXIT_START_FAILED, LocalTransport, StartError, build_master, master_exit_code, rank_for_node, read_session_record,
     record_start_error,
@@ -100,6 +100,8 @@ class SerialMode(JobMode):
         # The options as plain values (the settings loader may hand over an instance of the schema).
         options = ctx.setting("platform_options") or {}
         config["launcher"]["platform_options"] = attrs.asdict(options) if attrs.has(type(options)) else dict(options)
+        # Decided here, where the nodes were discovered (the master may be another process).
+        config["acquire_filter"] = gpuless_acquire_filter(ctx.nodes)
         return config
 
     @property

@@ -825,7 +825,7 @@ def build_master(
         remaining_min=stop.countdown.remaining_min,
         retry_sec=float(launcher["delay_sec"]),
         on_ready=wake.set,
-        acquire_kwargs={"max_nodes_per_job": 1, "serial_only": True},
+        acquire_kwargs={"max_nodes_per_job": 1, "serial_only": True, **config.get("acquire_filter", {})},
         lookahead_sec=PREFETCH_LOOKAHEAD_SEC,
         max_depth=MAX_PREFETCH,
     ).start()
