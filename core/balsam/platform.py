@@ -198,6 +198,11 @@ class Platform(abc.ABC):
         """
         return None
 
+    #: Whether :class:`NodeInfo` ``cpu_ids`` are cores whose sibling hardware threads the binding adds
+    #: (a job then needs ``threads / threads_per_core`` ids per node), rather than hardware threads
+    #: (one id per thread: the default platform's logical CPUs). Goes with :meth:`task_cpu_ids`.
+    cpu_ids_are_cores: ClassVar[bool] = False
+
     def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
         """The CPU ids a serial-mode task is pinned to, given the ``cpu_ids`` (cores) it was
         assigned and its ``threads_per_core``: a platform whose CPU ids are cores adds their sibling

@@ -546,6 +546,32 @@ def test_serial_tasks_are_pinned_to_their_cpus(new_site) -> None:
     assert len(set(allowed)) == 2  # two tasks at a time, on different CPUs
 
 
+def test_a_serial_task_of_two_threads_per_core_gets_two_hardware_threads(new_site) -> None:
+    """The default platform's CPU ids are hardware threads: a task of 2 threads at 2 threads per
+    core was pinned to one CPU (its thread count divided by threads_per_core as if ids were cores)."""
+    from balsam.api import ApplicationDefinition
+
+    assert len(os.sched_getaffinity(0)) >= 2, "this test needs a node with at least 2 CPUs"
+    name, path = new_site(idle_ttl_sec=2)
+
+    class Affinity(ApplicationDefinition):
+        site = name
+        command_template = "bash -c 'grep Cpus_allowed_list /proc/self/status; echo OMP=$OMP_NUM_THREADS'"
+
+    Affinity.sync()
+    ids = make_runnable([Affinity.submit(workdir="ht", threads_per_rank=2, threads_per_core=2, save=False)])
+    proc = start_launcher(path, "serial", 1)
+    wait_for_states(ids, {"RUN_DONE"})
+    assert finish(proc) == 0
+    out = (path / "data" / "ht" / "job.out").read_text().split()
+    allowed, omp = out[-2], out[-1]
+    pinned = set()
+    for part in allowed.split(","):
+        low, _, high = part.partition("-")
+        pinned |= set(range(int(low), int(high or low) + 1))
+    assert len(pinned) == 2 and omp == "OMP=2", (allowed, omp)
+
+
 def test_multi_node_mpi_job_gets_whole_nodes(new_site) -> None:
     import json
     import socket

@@ -126,6 +126,21 @@ def test_cores_for_threads_round_up() -> None:
     assert nm.assign(1, Demand(ranks_per_node=3, threads_per_core=2, node_packing_count=2)).cpu_ids == ((0, 1),)
 
 
+def test_threads_per_core_counts_only_where_cpu_ids_are_cores() -> None:
+    """On the default platform the CPU ids are hardware threads already: a 2-thread rank at 2
+    threads per core needs 2 of them (dividing by threads_per_core gave it 1)."""
+    demand = Demand(ranks_per_node=1, threads_per_rank=2, threads_per_core=2, node_packing_count=2)
+    assert demand.cpu_ids_per_node(cpu_ids_are_cores=True) == 1 and demand.cpu_ids_per_node(cpu_ids_are_cores=False) == 2
+    assert Demand(ranks_per_node=3, threads_per_core=2).cpu_ids_per_node(cpu_ids_are_cores=False) == 3
+    threads = NodeManager(gpu_nodes(count=1, cpus=4, gpus=0), cpu_ids_are_cores=False)
+    assert threads.assign(1, demand).cpu_ids == ((0, 1),)
+    cores = NodeManager(gpu_nodes(count=1, cpus=4, gpus=0))
+    assert cores.assign(1, demand).cpu_ids == ((0,),)  # the platform's binding adds core 0's sibling
+    with pytest.raises(UnsatisfiableJob):
+        NodeManager(gpu_nodes(count=1, cpus=4, gpus=0), cpu_ids_are_cores=False).check_satisfiable(
+            Demand(ranks_per_node=3, threads_per_rank=2, threads_per_core=2))  # 6 threads, 4 ids
+
+
 def test_multi_node_jobs_need_nodes_that_each_hold_the_per_node_demand() -> None:
     """8 one-GPU ranks per node fail on one 4-GPU node; on two such nodes they were accepted and
     oversubscribed every GPU twice. Nodes may differ (MIG on some): a multi-node job takes nodes that fit."""

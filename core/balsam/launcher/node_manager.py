@@ -73,9 +73,19 @@ class Demand:
 
     @property
     def cpus_per_node(self) -> int:
+        """CPU ids per node on a platform whose CPU ids are cores (see :meth:`cpu_ids_per_node`)."""
+        return self.cpu_ids_per_node(cpu_ids_are_cores=True)
+
+    def cpu_ids_per_node(self, cpu_ids_are_cores: bool) -> int:
+        """The CPU ids the job needs on each node. Where the ids are cores (``Platform.cpu_ids_are_cores``:
+        its binding adds their sibling hardware threads), ``threads_per_core`` threads share one;
+        where they are hardware threads already (the default platform's logical CPUs), each thread
+        is one id: dividing there gave a 2-thread rank at 2 threads per core a single CPU."""
+        threads = self.ranks_per_node * self.threads_per_rank
+        if not cpu_ids_are_cores:
+            return max(1, threads)
         # Rounded up: 3 one-thread ranks at 2 threads per core need 2 cores; rounded down they got
         # 1, and the third rank was bound to the first one's hardware thread.
-        threads = self.ranks_per_node * self.threads_per_rank
         return max(1, -(-threads // self.threads_per_core))
 
     @property
@@ -277,11 +287,14 @@ class ComputeNode:
 class NodeManager:
     """Assigns jobs to the nodes of one partition and frees them when they end."""
 
-    def __init__(self, nodes: Sequence[NodeInfo], *, allow_node_packing: bool = True) -> None:
+    def __init__(self, nodes: Sequence[NodeInfo], *, allow_node_packing: bool = True,
+                 cpu_ids_are_cores: bool = True) -> None:
         if not nodes:
             raise ValueError("a NodeManager needs at least one node")
         self.nodes = [ComputeNode(n) for n in nodes]
         self.allow_node_packing = allow_node_packing
+        #: The platform's ``cpu_ids_are_cores`` (see :meth:`Demand.cpu_ids_per_node`).
+        self.cpu_ids_are_cores = cpu_ids_are_cores
         self.placements: dict[int, Placement] = {}
 
     def __len__(self) -> int:
@@ -318,7 +331,7 @@ class NodeManager:
         not fit 4-GPU nodes any better than a 1-node one)."""
         if demand.num_nodes > len(self.nodes):
             raise UnsatisfiableJob(f"job asks for {demand.num_nodes} nodes; this launcher has {len(self.nodes)}")
-        cpus, gpus, whole_only = demand.cpus_per_node, demand.gpus_per_node, demand.whole_gpus_only
+        cpus, gpus, whole_only = demand.cpu_ids_per_node(self.cpu_ids_are_cores), demand.gpus_per_node, demand.whole_gpus_only
         fitting = 0
         for node in self.nodes:  # stops at the first nodes that do: called per job, over up to 10^4 nodes
             if node.could_hold(cpus, gpus, whole_only):
@@ -349,7 +362,7 @@ class NodeManager:
             raise ValueError(f"job {job_id} is already placed")
         if demand.num_nodes > 1:
             # Only nodes that hold the per-node CPUs and GPUs (nodes may differ: MIG on some).
-            cpus, gpus = demand.cpus_per_node, demand.gpus_per_node
+            cpus, gpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores), demand.gpus_per_node
             empty = [i for i, n in enumerate(self.nodes)
                      if n.is_empty and n.could_hold(cpus, gpus, demand.whole_gpus_only)]
             if len(empty) < demand.num_nodes:
@@ -367,7 +380,7 @@ class NodeManager:
             )
         else:
             occupancy = 1.0 / demand.node_packing_count if self.allow_node_packing else 1.0
-            cpus, gpus = demand.cpus_per_node, demand.gpus_per_node
+            cpus, gpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores), demand.gpus_per_node
             for i, node in enumerate(self.nodes):
                 shares = node.check_fit(cpus, gpus, occupancy, demand.whole_gpus_only)
                 if shares is None:

@@ -266,5 +266,12 @@ class PlatformContract:
             assert pinned[:2] == (0, 1), "task_cpu_ids keeps the assigned ids first"
             if threads_per_core == 1:
                 assert pinned == (0, 1), "one thread per core: the task is pinned to its assigned ids only"
+            elif pinned != (0, 1):
+                # Sibling threads added: the ids are cores, and the node manager must count a job's
+                # threads per core against them (else a 2-thread rank would get two whole cores).
+                assert platform.cpu_ids_are_cores, "task_cpu_ids adds sibling threads: set cpu_ids_are_cores = True"
+            else:
+                assert not platform.cpu_ids_are_cores, \
+                    "cpu_ids_are_cores is True but task_cpu_ids adds no sibling thread at 2 threads per core"
         for cpu_ids, threads_per_core, expected in self.task_cpu_cases:
             assert platform.task_cpu_ids(tuple(cpu_ids), threads_per_core) == tuple(expected)

@@ -261,6 +261,10 @@ class AuroraPlatform(Platform):
         # threads the workers pin threads_per_core=2 tasks to.
         return {"cpu-bind": "none"}
 
+    #: CPU ids are cores: a job at threads_per_core N needs 1/N of its threads in ids (task_cpu_ids and
+    #: the binding add the siblings).
+    cpu_ids_are_cores = True
+
     def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
         # As the mpiexec binding does: a core's second hardware thread is core + hyperthread_offset.
         return tuple(hardware_thread_ids(cpu_ids, threads_per_core, self.options.hyperthread_offset,

@@ -157,6 +157,10 @@ class PerlmutterGPUPlatform(Platform):
         # srun binds a task to its --cpus-per-task logical CPUs: the worker gets them all.
         return {"cpus-per-task": str(self.logical_cpus)}
 
+    #: CPU ids are cores: a job at threads_per_core N needs 1/N of its threads in ids (task_cpu_ids and
+    #: the binding add the siblings).
+    cpu_ids_are_cores = True
+
     def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
         # The CPU ids are cores 0..N-1; core c's second hardware thread is c + N (N = logical_cpus / 2).
         offset = self.logical_cpus // self.hardware_threads_per_core

@@ -121,6 +121,10 @@ class ThetaKNLPlatform(Platform):
         # aprun binds every rank with -cc depth unless told: the worker would be confined to one core.
         return {"cc": "none"}
 
+    #: CPU ids are cores: a job at threads_per_core N needs 1/N of its threads in ids (task_cpu_ids and
+    #: the binding add the siblings).
+    cpu_ids_are_cores = True
+
     def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
         return tuple(hardware_thread_ids(cpu_ids, threads_per_core, KNL_CORES, max_threads_per_core=KNL_THREADS_PER_CORE))
 
@@ -226,6 +230,10 @@ class ThetaGPUPlatform(Platform):
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         return {}  # the mpirun line has --bind-to none already
+
+    #: CPU ids are cores: a job at threads_per_core N needs 1/N of its threads in ids (task_cpu_ids and
+    #: the binding add the siblings).
+    cpu_ids_are_cores = True
 
     def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
         return tuple(hardware_thread_ids(cpu_ids, threads_per_core, DGX_CORES, max_threads_per_core=DGX_THREADS_PER_CORE))

@@ -102,6 +102,7 @@ class SerialMode(JobMode):
         config["launcher"]["platform_options"] = attrs.asdict(options) if attrs.has(type(options)) else dict(options)
         # Decided here, where the nodes were discovered (the master may be another process).
         config["acquire_filter"] = gpuless_acquire_filter(ctx.nodes)
+        config["cpu_ids_are_cores"] = bool(getattr(ctx.platform, "cpu_ids_are_cores", False))
         return config
 
     @property
