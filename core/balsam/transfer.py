@@ -21,7 +21,9 @@ Errors: a backend raises only :class:`TransferError` (one line, ``retryable`` sa
 the same thing again may work); the public methods of the base class turn anything else into one,
 so nothing else reaches the agent. A task that ran and failed is reported by :meth:`poll` as a
 :class:`TaskStatus` in state ``failed`` with the error; a task id the backend no longer knows
-(its process restarted) is ``unknown``, and the agent submits those items again.
+(its process restarted) is ``unknown``, and the agent submits those items again. A :meth:`poll`
+that raises says nothing about the tasks: their items stay in flight whatever ``retryable`` says,
+until the tasks' deadline (``transfers.task_timeout_sec``).
 """
 
 from __future__ import annotations
@@ -150,6 +152,10 @@ class TaskStatus:
     #: A ``done`` task whose some files failed: {the file's ``dest``: one-line error}. The other
     #: files of the task are done.
     file_errors: Mapping[str, str] = attrs.field(factory=dict)
+    #: One line for users, set on an ``active`` task that makes no progress for a reason its service
+    #: reports (Globus: a fault it keeps retrying, a pause by an administrator); the agent shows it
+    #: as the items' reason and logs it once. Empty: the task is progressing (or the backend cannot tell).
+    reason: str = ""
 
 
 class TransferBackend(abc.ABC):

@@ -84,7 +84,11 @@ def _note(item: dict) -> str:
     if item["state"] == "error" or (item["state"] == "pending" and info.get("error")):
         when = f" (retry after {info['retry_after'][:19]})" if item["state"] == "pending" and info.get("retry_after") else ""
         return f"{info.get('error', '')}{when}"
-    return info.get("reason") or _progress(info)
+    reason, progress = info.get("reason"), _progress(info)
+    if reason and progress and item["state"] in ("active", "inactive"):
+        # Why the task is not moving, and how far it got.
+        return f"{reason} ({progress})"
+    return reason or progress
 
 
 @click.group("transfer")

@@ -46,10 +46,13 @@ def _absolute(path: Path) -> Path:
     return Path(os.path.normpath(path.expanduser().absolute()))
 
 
-def login_command(collections: Iterable[str] = (), tokens_file: Optional[str | os.PathLike[str]] = None) -> str:
+def login_command(collections: Iterable[str] = (), tokens_file: Optional[str | os.PathLike[str]] = None,
+                  session_domains: Iterable[str] = ()) -> str:
     """The exact command a user runs to (re)grant what the agent needs: ``--tokens-file`` (absolute,
-    so the command works from any directory) when the agent reads another file than the default."""
+    so the command works from any directory) when the agent reads another file than the default;
+    ``--session-domain`` for each identity domain a collection's policy requires a login with."""
     words = ["balsam site globus-login", *(f"-e {c}" for c in dict.fromkeys(c for c in collections if c))]
+    words += [f"--session-domain {shlex.quote(d)}" for d in dict.fromkeys(d for d in session_domains if d)]
     if tokens_file is not None:
         path = _absolute(Path(tokens_file))
         if path != _absolute(balsam_home() / TOKENS_FILE):
@@ -91,13 +94,20 @@ def save_tokens(path: Path, data: dict[str, Any]) -> None:
 
 
 def login(client_id: str, collections: list[str], path: Path, *, prompt: Callable[[str], str],
-          echo: Callable[[str], None], auth_client: Optional[globus_sdk.NativeAppAuthClient] = None) -> dict[str, Any]:
-    """Run the native-app flow and store the tokens; returns what was stored (without printing it)."""
+          echo: Callable[[str], None], auth_client: Optional[globus_sdk.NativeAppAuthClient] = None,
+          session_domains: Iterable[str] = ()) -> dict[str, Any]:
+    """Run the native-app flow and store the tokens; returns what was stored (without printing it).
+    ``session_domains``: the login must be with an identity of one of these domains (a collection's
+    authentication policy asked for it), authenticated anew."""
     client = auth_client or globus_sdk.NativeAppAuthClient(client_id, app_name="balsam")
     client.oauth2_start_flow(requested_scopes=[transfer_scope(collections)], refresh_tokens=True,
                              prefill_named_grant="balsam site agent")
+    domains = list(dict.fromkeys(d for d in session_domains if d))
+    # A policy's requirement is met by a fresh authentication with such an identity, not by the
+    # browser's existing session: hence prompt=login.
+    session = {"session_required_single_domain": domains, "prompt": "login"} if domains else {}
     echo("Open this link in a browser, log in, and paste the authorization code it shows:\n")
-    echo(f"  {client.oauth2_get_authorize_url()}\n")
+    echo(f"  {client.oauth2_get_authorize_url(**session)}\n")
     code = prompt("Authorization code").strip()
     if not code:
         raise ValueError("no authorization code given")

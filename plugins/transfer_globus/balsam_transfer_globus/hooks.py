@@ -68,7 +68,11 @@ def _site_settings() -> SiteGlobusSettings:
 @click.option("--tokens-file", type=click.Path(dir_okay=False), default=None,
               help="Where to store the tokens (default: the site's transfers.backend_options.globus.tokens_file "
                    "when run in a site, else $BALSAM_HOME/globus-tokens.json).")
-def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_file: Optional[str]) -> None:
+@click.option("--session-domain", "session_domains", multiple=True, metavar="DOMAIN",
+              help="Log in anew with an identity of this domain (repeat), as a collection's authentication "
+                   "policy requires (the agent's message names it).")
+def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_file: Optional[str],
+                 session_domains: tuple[str, ...] = ()) -> None:
     """Log in to Globus so the site agent can run transfers (refresh token stored mode 0600).
 
     Run in a site, the options not given here come from its settings.yml
@@ -96,7 +100,7 @@ def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_fi
     try:
         # The code is a credential until exchanged: not echoed, nor left in a terminal's scrollback.
         login(client_id, collections, path, prompt=lambda text: click.prompt(text, hide_input=True),
-              echo=click.echo)
+              echo=click.echo, session_domains=session_domains)
     except globus_sdk.GlobusAPIError as exc:
         raise click.ClickException(f"Globus Auth refused the login (HTTP {exc.http_status} {exc.code})") from None
     except ValueError as exc:

@@ -27,6 +27,18 @@ One cycle (every ``service_period`` seconds):
    batches wait with that reason for this cycle, taking no slot.
 4. One bulk PATCH of every item that changed.
 
+A poll that fails (the service down, not logged in, or refusing the request) says nothing about the
+tasks: their items stay in flight (Globus may still be writing into the jobs' workdirs) with the
+reason on them, and only the deadline below ends them. A task its backend reports not progressing
+(``TaskStatus.reason``: a fault the service keeps retrying, a pause by an administrator) keeps running;
+the reason is shown on its items. Each such reason, and each "will retry" of a failed submission, is
+logged once per task (location) until it changes, not every cycle.
+
+A batch journaled with a submission token whose re-sending the service refuses for good (the
+location's collection is gone, the alias is no longer in settings.yml) fails a try of its items as a
+refused submission does, and leaves the journal; a refusal retrying may fix keeps it journaled, its
+items waiting with the reason.
+
 Deadline: a task polled ``active`` or ``inactive`` more than ``task_timeout_sec`` after its items
 were submitted (``transfer_info.submitted``) is cancelled and its items fail a try with that
 reason (then retry with backoff, or their job goes to FAILED after ``max_attempts``); a warning is
@@ -460,6 +472,9 @@ class TransfersModule(AgentModule):
         self._cancel_retries: set[str] = set()
         #: Tasks already warned about for passing half of task_timeout_sec (each is warned once).
         self._half_warned: set[str] = set()
+        #: The last reason logged as a warning, by what it is about (a task, a backend's poll, a
+        #: location's submission): the same reason again is logged at DEBUG, not every cycle.
+        self._said: dict[str, str] = {}
         #: The clock of the cycle (tests set their own: deadlines are checked without waiting).
         self.now: Callable[[], dt.datetime] = _now
 
@@ -495,6 +510,12 @@ class TransfersModule(AgentModule):
         self.backend_errors[name] = error
         self.logger.error("transfer backend %s: %s", name, error)
         raise error
+
+    def _warn_once(self, key: str, reason: str, message: str, *args: Any) -> None:
+        """Log ``message`` as a warning the first time ``key`` has this ``reason``, else at DEBUG."""
+        level = logging.DEBUG if self._said.get(key) == reason else logging.WARNING
+        self._said[key] = reason
+        self.logger.log(level, message, *args)
 
     def close(self) -> None:
         for backend in self.backends.values():
@@ -623,19 +644,32 @@ class TransfersModule(AgentModule):
             by_backend[name].append(task_id)
         running = 0
         for name, task_ids in by_backend.items():
+            backend: Optional[TransferBackend] = None
             try:
                 backend = self.backend(name)
                 statuses = backend.poll([tid.partition(":")[2] for tid in task_ids])
             except TransferError as exc:
-                if exc.retryable:
-                    self.logger.warning("transfer backend %s: polling %d tasks failed (will retry): %s", name, len(task_ids), exc)
-                    running += len(task_ids)
-                else:
-                    for tid in task_ids:
+                # Whatever the refusal (a 400 of the service, a login it wants), it says nothing about
+                # the tasks, which may still be writing into the jobs' workdirs: their items stay in
+                # flight, and the deadline is the one thing that ends them.
+                self._warn_once(f"poll:{name}", str(exc), "transfer backend %s: polling %d tasks failed (will retry "
+                                "every cycle): %s", name, len(task_ids), exc)
+                reason = one_line(f"cannot poll its task: {exc}")
+                for tid in task_ids:
+                    status = TaskStatus(TaskState.active, reason=reason)
+                    if backend is not None:
+                        status = self._check_deadline(backend, tid, status, by_task[tid], now)
+                    if status.state == TaskState.active:
+                        running += 1
                         for item in by_task[tid]:
-                            self._fail(item, str(exc), False, updates, now)
-                    self._finished_tasks.update(task_ids)
+                            self._wait(item, reason, updates)
+                    else:
+                        self._finished_tasks.add(tid)
+                        self._half_warned.discard(tid)
+                        self._said.pop(f"task:{tid}", None)
+                        self._apply_status(tid, status, by_task[tid], updates, now)
                 continue
+            self._said.pop(f"poll:{name}", None)
             for tid in task_ids:
                 status = statuses.get(tid.partition(":")[2]) or TaskStatus(TaskState.unknown)
                 if status.state in (TaskState.active, TaskState.inactive):
@@ -645,6 +679,7 @@ class TransfersModule(AgentModule):
                 else:
                     self._finished_tasks.add(tid)
                     self._half_warned.discard(tid)
+                    self._said.pop(f"task:{tid}", None)
                 self._apply_status(tid, status, by_task[tid], updates, now)
         return running
 
@@ -682,17 +717,25 @@ class TransfersModule(AgentModule):
                       now: dt.datetime) -> None:
         if status.state in (TaskState.active, TaskState.inactive):
             state = status.state.value
+            reason = status.error if status.state == TaskState.inactive else status.reason
             for item in items:
                 info = dict(item.get("transfer_info") or {})
                 new_info = {**info, "task": dict(status.info)} if status.info else dict(info)
-                if status.state == TaskState.inactive and status.error:
-                    new_info["reason"] = status.error
+                if reason:
+                    new_info["reason"] = one_line(reason)
                 elif status.state == TaskState.active:
                     new_info.pop("reason", None)  # resumed
                 if item["state"] != state or new_info != info:
                     updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": state, "transfer_info": new_info}
             if status.state == TaskState.inactive:
-                self.logger.warning("transfer task %s is paused by its service: %s", task_id, status.error or "no reason given")
+                self._warn_once(f"task:{task_id}", reason or "", "transfer task %s is paused by its service: %s",
+                                task_id, reason or "no reason given")
+            elif reason:
+                # Running, but not moving (a fault its service retries until the deadline, an
+                # administrator's pause): said once, not taken for a slow task for hours.
+                self._warn_once(f"task:{task_id}", reason, "transfer task %s is not moving: %s", task_id, reason)
+            else:
+                self._said.pop(f"task:{task_id}", None)
         elif status.state == TaskState.done:
             errors, unmatched = match_file_errors(
                 [(item["id"], self._dest_of(item), bool(item.get("recursive"))) for item in items], status.file_errors)
@@ -736,7 +779,8 @@ class TransfersModule(AgentModule):
         updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.pending.value, "task_id": "", "transfer_info": info}
 
     def _wait(self, item: dict, reason: str, updates: dict[int, dict[str, Any]]) -> None:
-        """Keep ``item`` pending with the reason it waits (shown by `balsam transfer ls`); no try used."""
+        """Keep ``item`` in its state (pending, or in flight) with the reason it waits (shown by `balsam
+        transfer ls`); no try used."""
         info = dict(item.get("transfer_info") or {})
         if info.get("reason") != one_line(reason):
             info["reason"] = one_line(reason)
@@ -854,8 +898,8 @@ class TransfersModule(AgentModule):
             except TransferError as exc:
                 if exc.retryable:
                     # The service, not the files: keep the items pending without using up their tries.
-                    self.logger.warning("transfer backend %s: submitting %d files to %s failed (will retry): %s",
-                                        backend.name, len(files), alias, exc)
+                    self._warn_once(f"submit:{alias}", str(exc), "transfer backend %s: submitting %d files to %s failed "
+                                    "(will retry): %s", backend.name, len(files), alias, exc)
                     if record:
                         # It may have arrived (a timeout after the service took it): the journal keeps
                         # the token, so the next cycle sends the batch again with it, and the service
@@ -877,6 +921,7 @@ class TransfersModule(AgentModule):
                                        "transfer_info": info}
             submitted += 1
             self.blocked_aliases.pop(alias, None)
+            self._said.pop(f"submit:{alias}", None)
         # Aliases not tried this cycle keep what the last try said.
         self.blocked_aliases.update(blocked)
         return submitted, unconfirmed
@@ -1058,11 +1103,23 @@ class TransfersModule(AgentModule):
                 backend = self.backend(location.backend_name)
                 task_id = backend.submit(location, TransferDirection(batch["direction"]), files, batch["token"])
             except TransferError as exc:
-                self.logger.warning("re-sending a journaled batch of %d files failed: %s", len(files), exc)
+                if not exc.retryable:
+                    # Refused for good (the location's collection is gone, its alias left
+                    # settings.yml): as a first submission refused so, the items fail a try and the
+                    # record leaves the journal, instead of being sent again every cycle forever.
+                    self.logger.warning("re-sending a journaled batch of %d files to %s was refused: %s",
+                                        len(files), batch["alias"], exc)
+                    for item in members:
+                        self._fail(item, str(exc), False, updates, now)
+                    continue
+                self._warn_once(f"resend:{batch['token']}", str(exc), "re-sending a journaled batch of %d files to %s "
+                                "failed (will retry): %s", len(files), batch["alias"], exc)
                 failed.append(batch)
                 for item in members:
+                    self._wait(item, str(exc), updates)
                     item["state"] = "held"  # not submitted under a new token this cycle
                 continue
+            self._said.pop(f"resend:{batch['token']}", None)
             full_id = f"{location.backend_name}:{task_id}"
             self._journal(full_id, [m["id"] for m in members])
             self.logger.info("journaled batch of %d files re-sent with its token: task %s", len(files), full_id)
