@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import fcntl
 import gc
 import logging
 import logging.handlers
@@ -172,7 +174,9 @@ def log_file_handler(path: Union[str, os.PathLike], log_settings: Any) -> loggin
     """The handler of a site process's log file (agent, launcher, serial-mode ranks), as settings.yml
     ``logging:`` says: ``format``/``datefmt``, and buffering of ``buffer_num_records`` records
     flushed at least every ``flush_period`` seconds (either at most 1, resp. 0: unbuffered)."""
-    file_handler = logging.FileHandler(path)
+    # backslashreplace: a record holding text that is not valid UTF-8 (surrogate escapes of a job's
+    # non-UTF-8 arguments) raised UnicodeEncodeError in emit, and the line was lost.
+    file_handler = logging.FileHandler(path, errors="backslashreplace")
     file_handler.setFormatter(logging.Formatter(log_settings.format, log_settings.datefmt))
     capacity, period = int(log_settings.buffer_num_records), float(log_settings.flush_period)
     if capacity <= 1 or period <= 0:
@@ -233,8 +237,20 @@ def create_job_output(workdir: "str | os.PathLike[str]") -> None:
     os.close(fd)
 
 
+#: Characters of one line of an error tail kept (the rest is counted): a job may print one 64 KB line.
+MAX_TAIL_LINE_CHARS = 1024
+
+
+def clip(text: str, limit: int = 1024) -> str:
+    """``text``, or its first ``limit`` characters and ``... (N more characters)``."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def tail_file(path: "str | os.PathLike", num_lines: int, max_bytes: int = 64 * 1024) -> str:
-    """The last ``num_lines`` lines of a file ('' if missing); reads at most ``max_bytes`` from its end."""
+    """The last ``num_lines`` lines of a file ('' if missing), each clipped to
+    :data:`MAX_TAIL_LINE_CHARS`; reads at most ``max_bytes`` from its end."""
     if num_lines <= 0:
         return ""
     try:
@@ -245,10 +261,12 @@ def tail_file(path: "str | os.PathLike", num_lines: int, max_bytes: int = 64 * 1
             data = fh.read()
     except OSError:
         return ""
-    lines = data.decode("utf-8", errors="replace").splitlines()
+    lines = data.decode("utf-8", errors="replace").splitlines()[-num_lines:]
+    if len(data) > MAX_TAIL_LINE_CHARS:  # else no line can be longer
+        lines = [clip(line, MAX_TAIL_LINE_CHARS) for line in lines]
     # The tail goes into a RUN_ERROR's state_data: without api_text, a NUL in the job's last lines
     # (binary output) made the server refuse the update, and the job stayed RUNNING.
-    return api_text("\n".join(lines[-num_lines:]))
+    return api_text("\n".join(lines))
 
 
 def api_text(text: str) -> str:
@@ -296,3 +314,18 @@ class SigHandler:
     def restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+
+def try_exclusive_flock(path: "str | os.PathLike[str]") -> Optional[int]:
+    """Open ``path`` (0600) and take its exclusive flock without waiting: the descriptor (held until
+    closed, and by the children that inherit it), or None when another process holds the lock. Any
+    other failure (a file system without flock) is the OSError, for the caller to judge."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd

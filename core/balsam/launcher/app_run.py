@@ -40,6 +40,62 @@ class JobBuildError(Exception):
     """The job cannot be turned into a command (app fails to load, missing parameter...)."""
 
 
+class WorkdirUnavailable(JobBuildError):
+    """The job's workdir or job.out cannot be made for a reason of the site's file system, not of
+    the job (read-only, full, over quota, failing): the job is given back unstarted, not FAILED
+    (see :class:`SiteFaults`)."""
+
+    def __init__(self, message: str, path: str, error: OSError) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = error.errno
+
+
+#: errnos of a workdir that cannot be made which say the file system is at fault, not the job.
+SITE_FAULT_ERRNOS = frozenset(e for e in (errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO)
+                              if e is not None)
+#: Faults of the kind above in a row after which a launcher stops acquiring jobs.
+SITE_FAULTS_TO_STOP = 3
+
+
+class SiteFaults:
+    """Counts the jobs given back in a row because the site's file system failed their workdir.
+
+    A read-only or full ``data/`` (a Lustre hiccup, a quota) fails every job alike: failing each
+    one emptied the queue as fast as the launcher could acquire. Each such job is given back
+    unstarted instead (it stays leased, untouched, and the Session's release at the launcher's
+    end makes it runnable again); after :data:`SITE_FAULTS_TO_STOP` in a row :attr:`tripped` is
+    set, the launcher stops acquiring (one ERROR says why) and ends when idle. A job whose workdir
+    was made resets the count. Used by one thread (the acquiring one); the loop reads
+    :attr:`tripped` (a bool store)."""
+
+    def __init__(self, limit: int = SITE_FAULTS_TO_STOP) -> None:
+        self.limit = limit
+        self.streak = 0
+        self.tripped = False
+        self.given_back: list[int] = []
+
+    def ok(self) -> None:
+        self.streak = 0
+
+    def fault(self, job_id: int, exc: WorkdirUnavailable) -> None:
+        self.given_back.append(int(job_id))
+        self.streak += 1
+        if self.tripped:
+            return
+        if self.streak == 1:
+            logger.warning("job %s given back unstarted: %s", job_id, exc)
+        if self.streak >= self.limit:
+            self.tripped = True
+            logger.error("the site's file system fails job workdirs (%s at %s, errno %s, %d jobs in a row): no more "
+                         "jobs are acquired; the %d given back return to the queue when this launcher's Session "
+                         "ends", os.strerror(exc.errno) if exc.errno else "error", exc.path, exc.errno,
+                         self.streak, len(self.given_back))
+
+    def reason(self) -> str:
+        return "the site's file system failed job workdirs: not acquiring"
+
+
 @attrs.define
 class PreparedJob:
     job: Any
@@ -118,8 +174,11 @@ class JobPreparer:
         try:
             cmdline = app.get_arg_str()
             env = app.get_environ_vars()
+            # The default get_environ_vars adds the app's environment_variables to this process's
+            # environment (which cannot hold a NUL): only those are looked at for one below.
+            own_vars = getattr(app, "environment_variables", None) or {}
             if getattr(app_cls, "get_environ_vars", None) is not _default_get_environ_vars():
-                env = {str(k): str(v) for k, v in env.items()}
+                env = own_vars = {str(k): str(v) for k, v in env.items()}
             preamble_value = app.shell_preamble()
         except Exception as exc:
             raise JobBuildError(f"An exception occurred while constructing the job command line: {_one_line(exc)}") from exc
@@ -127,6 +186,13 @@ class JobPreparer:
             preamble = " && ".join(str(p) for p in preamble_value if str(p).strip())
         else:
             preamble = str(preamble_value or "")
+        launch_params = getattr(job, "launch_params", None)
+        # exec takes C strings: a NUL ends an argument or a variable there, and posix_spawn refuses
+        # it (ValueError) in the process that starts every job. C-level scans; the reason only on
+        # the error path.
+        if "\x00" in cmdline or "\x00" in preamble or (own_vars and _has_nul(own_vars)) or (
+                launch_params and _has_nul(launch_params)):
+            raise JobBuildError(_nul_reason(job, cmdline, preamble, own_vars, launch_params or {}))
         env.setdefault("BALSAM_JOB_ID", str(job_id))
         try:
             workdir = job_workdir(self.data_path, job.workdir)
@@ -138,11 +204,13 @@ class JobPreparer:
             # skipped it or its workdir was removed since.
             create_job_output(workdir)
         except OSError as exc:
-            raise JobBuildError(f"cannot create the job's workdir {workdir}: {exc}") from exc
+            message = f"cannot create the job's workdir {workdir}: {exc}"
+            if self._site_fault(exc):
+                raise WorkdirUnavailable(message, exc.filename or str(workdir), exc) from exc
+            raise JobBuildError(message) from exc
         demand = Demand.of(job)
         # Always exported, as Balsam 0.7 did: an unset OMP_NUM_THREADS lets OpenMP take every core.
         env.setdefault("OMP_NUM_THREADS", str(demand.threads_per_rank))
-        launch_params = getattr(job, "launch_params", None)
         return PreparedJob(
             job=job,
             id=int(job_id),
@@ -154,6 +222,36 @@ class JobPreparer:
             launch_params={str(k): str(v) for k, v in launch_params.items()} if launch_params else {},
             postprocess_on_exit=self._postprocess_on_exit.get(app_id, False),
         )
+
+
+    def _site_fault(self, exc: OSError) -> bool:
+        """Whether a workdir that cannot be made is the file system's fault rather than the job's:
+        read-only, full, over quota, I/O error; or permission denied on the data directory itself
+        (not on a directory of the job's choosing)."""
+        if exc.errno in SITE_FAULT_ERRNOS:
+            return True
+        return exc.errno == errno.EACCES and not os.access(self.data_path, os.W_OK | os.X_OK)
+
+
+def _has_nul(mapping: Mapping[Any, Any]) -> bool:
+    return any("\x00" in str(k) or "\x00" in str(v) for k, v in mapping.items())
+
+
+def _nul_reason(job: Any, cmdline: str, preamble: str, variables: Mapping[Any, Any], launch_params: Mapping[Any, Any]) -> str:
+    """Which of the job's values holds a NUL byte (no program can be given one)."""
+    what = []
+    if "\x00" in cmdline:
+        try:
+            params = job.get_parameters()
+        except Exception:
+            params = {}
+        names = sorted(str(k) for k, v in params.items() if "\x00" in str(v))
+        what.append(f"parameter {', '.join(map(repr, names))}" if names else "its command line")
+    if "\x00" in preamble:
+        what.append("the app's shell_preamble")
+    what += [f"environment variable {str(k)!r}" for k, v in variables.items() if "\x00" in str(k) or "\x00" in str(v)]
+    what += [f"launch parameter {str(k)!r}" for k, v in launch_params.items() if "\x00" in str(k) or "\x00" in str(v)]
+    return f"{'; '.join(what)} holds a NUL byte, which no program can be given (exec ends a C string there)"
 
 
 def _keeps_default_postprocess(app_cls: Any) -> bool:
@@ -253,6 +351,8 @@ class AppProcess:
 
     #: Set when a :class:`~balsam.launcher.runner.ChildReaper` reaps this process (never poll it then).
     reaped_externally = False
+    #: Set by the reaper: the process group still had members when the leader was reaped.
+    group_left = False
 
     def mark_exited(self, returncode: int) -> None:
         """Record the exit status collected by a reaper thread."""

@@ -78,6 +78,26 @@ def split_nodes(nodes: Sequence[NodeInfo], partitions: Sequence[Partition]) -> l
     return out
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """stderr, with what its encoding cannot write backslash-escaped: a record quoting a job's
+    non-UTF-8 argument (surrogate escapes) raised UnicodeEncodeError in emit on a stream whose
+    error handler is strict, printed a traceback and lost the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if text.isascii():
+            return text
+        encoding = getattr(self.stream, "encoding", None) or "utf-8"
+        try:
+            text.encode(encoding)
+            return text
+        except UnicodeEncodeError:
+            pass
+        except LookupError:
+            encoding = "utf-8"
+        return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+
+
 def configure_logging(path: Path, settings: Any = None) -> None:
     """Log to ``path`` with the site's logging settings (and warnings to stderr)."""
     from balsam.config.schema import LoggingSettings
@@ -94,7 +114,7 @@ def configure_logging(path: Path, settings: Any = None) -> None:
     handler._balsam_launcher = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
-    console = logging.StreamHandler()
+    console = ConsoleHandler()
     console.setLevel(logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     console._balsam_launcher = True  # type: ignore[attr-defined]

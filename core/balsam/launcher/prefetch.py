@@ -40,7 +40,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-from .app_run import JobBuildError, PreparedJob
+from .app_run import JobBuildError, PreparedJob, SiteFaults, WorkdirUnavailable
 from .gone import acquire_generation
 from .node_manager import Demand, UnsatisfiableJob
 from .placement import log_too_late, split_too_late
@@ -107,6 +107,9 @@ class Prefetcher:
         self.acquired = 0
         #: Jobs :meth:`take` held back: their ``wall_time_min`` exceeded the time left (never started).
         self.too_late: list[PreparedJob] = []
+        #: Jobs given back unstarted because the site's file system failed their workdirs; once
+        #: tripped, no more acquires (:attr:`exhausted` stays set: the launcher ends when idle).
+        self.site_faults = SiteFaults()
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
     # -- loop thread ---------------------------------------------------------------------------
@@ -182,6 +185,10 @@ class Prefetcher:
             self._on_ready()
             return
         while not self._stopping.is_set():
+            if self.site_faults.tripped:
+                self.exhausted = True
+                self._stopping.wait(self.retry_sec)
+                continue
             self._measure_rate()
             unstarted = self._held + len(self._ready)
             if unstarted > self.depth_now // 2:
@@ -235,10 +242,17 @@ class Prefetcher:
         self.depth_peak = max(self.depth_peak, self.depth_now)
 
     def _prepare_one(self, job: Any) -> Optional[PreparedJob]:
+        faults = self.site_faults
+        if faults.tripped:  # the rest of an acquire after the file system failed: not even tried
+            faults.given_back.append(int(job.id))
+            return None
         try:
             prepared = self._prepare(job)
+            faults.ok()
             self._check(prepared.demand)
             return prepared
+        except WorkdirUnavailable as exc:  # the site's fault: left leased, the Session's release gives it back
+            faults.fault(job.id, exc)
         except (JobBuildError, UnsatisfiableJob) as exc:
             logger.error("job %s FAILED: %s", job.id, exc)
             report_failed(self._updater, job.id, str(exc))

@@ -198,6 +198,9 @@ class ChildReaper:
             code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:  # reaped by someone else after all: the status is lost
             code = -1
+        # Looked at right after the reap, while the leader's pid cannot name another group yet;
+        # the owner's reap() ends what is left (see ProcessPool.reap).
+        proc.group_left = spawner.group_exists(pid)
         proc.mark_exited(code)
         self._done(proc)
 
@@ -242,6 +245,7 @@ class ChildReaper:
                 if done_pid:
                     with self._lock:
                         self._by_pid.pop(pid, None)
+                    proc.group_left = spawner.group_exists(pid)
                     proc.mark_exited(os.waitstatus_to_exitcode(status) if status >= 0 else -1)
                     self._done(proc)
             time.sleep(self.FALLBACK_POLL_SEC)
@@ -318,7 +322,28 @@ def finished_record(proc: Any, error_tail_num_lines: int) -> tuple[int, int, str
             # The job could not even write its error to job.out: say why in the event and the log.
             logger.error("job %s exited %s: %s", proc.job_id, rc, full)
             tail = f"{tail}\n{full}" if tail.strip() else full
+        elif not tail and not os.path.isdir(proc.workdir):
+            # Removed while the job ran (by the job itself, or a purge): an empty error said nothing.
+            tail = f"{JOB_OUTPUT_NAME} missing: workdir {os.fspath(proc.workdir)} no longer exists"
+        killed = signal_note(rc)
+        if killed:
+            tail = f"{tail}\n{killed}" if tail.strip() else killed
     return (proc.job_id, rc, tail, getattr(proc, "end_time", None) or time.time())
+
+
+def signal_note(returncode: int) -> str:
+    """"killed by signal SIGKILL (9) (out of memory?)" for a returncode ``-N`` (Popen's: the
+    process died of signal N), else "": a bare -9 told a user nothing. Not for -1: the pools'
+    "status unknown" (a spawner gone, a status lost), far more often than a SIGHUP."""
+    if returncode >= -1:
+        return ""
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    note = f"killed by signal {name} ({-returncode})"
+    # The kernel's OOM killer (and a batch system's memory limit) kill with SIGKILL.
+    return note + " (out of memory?)" if -returncode == signal.SIGKILL else note
 
 
 def settle_exits(exited: Sequence[Any], running: dict[int, Any], held: dict[int, float],
@@ -432,8 +457,13 @@ class ProcessPool:
                 proc = queue.popleft()
                 if proc.job_id in self.running:
                     exited.append(proc)
+                    if proc.group_left:  # what the task left in its group is ended (spawner.reap)
+                        self.ending.add(proc.pid, spawner.LEFTOVER_GRACE_SEC)  # type: ignore[arg-type]
         else:
             exited = [proc for job_id, proc in self.running.items() if job_id not in self.held and proc.poll() is not None]
+            for proc in exited:
+                if proc.pid is not None and spawner.group_exists(proc.pid):
+                    self.ending.add(proc.pid, spawner.LEFTOVER_GRACE_SEC)
         rule = self.relaunch
         if rule is None:
             return settle_exits(exited, self.running, self.held, self.error_tail_num_lines)
@@ -773,7 +803,10 @@ class SpawnerPool:
             rc = self.proc.wait()
             self._gone = f"the spawner process exited unexpectedly (status {rc})"
             if not self._closing:
-                logger.error("%s; its tasks were ended", self._gone)
+                # It ends its tasks before it exits on an error of its own (Spawner.run); killed
+                # by a signal, it could not.
+                fate = "its tasks may still run" if rc < 0 else "its tasks were ended"
+                logger.error("%s; %s", self._gone, fate)
             # What it ran has been ended with it (or never reported): report each as an error.
             # (list() of a dict is one C call: no change by the owner's thread can interleave.)
             now = time.time()

@@ -40,7 +40,13 @@ types cross, and both ends are the same interpreter):
   answer to ``"t"``: ``("T", ended_by_signal, [("e", ...) events before the signal...])``.
 
 End of file on the request pipe means the launcher is gone: every task is ended as by ``"t"`` with
-a 5 s grace, and the process exits (tasks do not outlive their launcher unnoticed). SIGTERM and
+a 5 s grace, and the process exits (tasks do not outlive their launcher unnoticed); so does any
+error of this process's own (its tasks are ended before it exits).
+
+A task whose leader exits leaves nothing running: a process it left in its process group
+(``cmd &``, ``nohup cmd &``) gets SIGTERM at once and SIGKILL after :data:`LEFTOVER_GRACE_SEC`
+(:class:`Ending`). A process that called ``setsid`` (``setsid cmd``, a daemon) has left the group
+and escapes: only a cgroup per task would catch it. SIGTERM and
 SIGINT are ignored here: the launcher gets them too and decides (it sends ``"t"``).
 
 Started as ``spawner.py REQUEST_FD REPLY_FD [sigpipe-ignored] [relaunch=CODES;WINDOW;MAX]``. With
@@ -72,6 +78,9 @@ SPAWN_FAILED = 12345
 MAX_FREED = 4096
 #: Grace of the stop after the launcher vanished (end of file on the request pipe).
 ORPHAN_GRACE_SEC = 5.0
+#: Grace of the processes a task left in its process group when its leader exited (SIGTERM at the
+#: exit, SIGKILL after this).
+LEFTOVER_GRACE_SEC = 5.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP)
 #: Exit statuses of a process ended by a signal a batch system sends when it ends an allocation:
 #: Popen's ``-N``, a shell's ``128+N``, and MPICH hydra's mpiexec, which exits with its rank's
@@ -209,15 +218,15 @@ class Spawner:
         self.cpus_of[job_id] = cpu_ids  # also when the start fails: a task queued behind gets them
         if self.relaunch is not None:  # before the spawn: a start that fails may be relaunched too
             self.started[job_id] = (time.monotonic(), argv, cwd, outfile, env_set, env_unset)
-        env = self.base_env
-        if env_set or env_unset:
-            env = dict(env)
-            for key in env_unset:
-                env.pop(os.fsencode(key), None)
-            env.update({os.fsencode(k): os.fsencode(v) for k, v in env_set.items()})
         try:
+            env = self.base_env
+            if env_set or env_unset:
+                env = dict(env)
+                for key in env_unset:
+                    env.pop(os.fsencode(key), None)
+                env.update({os.fsencode(k): os.fsencode(v) for k, v in env_set.items()})
             fd = os.open(outfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a lone surrogate fsencode cannot encode
             self._failed(job_id, outfile, exc)
             return
         try:
@@ -234,7 +243,10 @@ class Spawner:
                 # direct_argv): the kernel refuses it, where bash (the line's other path) runs it
                 # as a shell script, as `bash script args` does. Only this error path pays for it.
                 pid = self._spawn([SHELL, *argv], env, fd)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # ValueError: a NUL in an argv word or an environment variable ("embedded null byte";
+            # the launcher refuses those jobs before they get here). Uncaught, it ended this
+            # process and with it every other task's report.
             self._failed(job_id, outfile, exc)
             return
         finally:
@@ -306,7 +318,7 @@ class Spawner:
         CPU just freed sat idle; its next task would wait for it."""
         self._set_mask([])
 
-    def _failed(self, job_id: int, outfile: str, exc: OSError) -> None:
+    def _failed(self, job_id: int, outfile: str, exc: Exception) -> None:
         reason = f"could not start the job: {exc}"
         try:
             with open(outfile, "ab") as out:
@@ -369,6 +381,14 @@ class Spawner:
                 break
             job_id = self.running.pop(pid, None)
             if job_id is not None:
+                # Children the task left in its process group (``cmd &``, ``nohup cmd &``) would
+                # outlive it unseen, on CPUs the launcher gives to the next task: the group is
+                # ended as a "k" request ends it. One killpg(0) per exit, which finds nothing for
+                # a task that leaves nothing behind (the serial hot path: ~1 us). Grandchildren
+                # that called setsid() are in groups of their own and escape (only a cgroup
+                # catches them).
+                if group_exists(pid):
+                    self.ending.add(pid, LEFTOVER_GRACE_SEC)
                 self._ended(job_id, os.waitstatus_to_exitcode(status))
 
     def send_events(self) -> None:
@@ -404,8 +424,10 @@ class Spawner:
             groups = {pgid for pgid in groups if group_exists(pgid)}
             if groups:
                 time.sleep(0.02)
-        for pgid in groups:
+        # With the groups reaped leaders left behind during the wait (already sent SIGTERM).
+        for pgid in groups | set(self.ending.groups):
             _kill_group(pgid, signal.SIGKILL)
+        self.ending.groups.clear()
         for pid in list(self.running):
             try:
                 os.waitpid(pid, 0)
@@ -421,6 +443,18 @@ class Spawner:
             return self._loop()
         except BrokenPipeError:  # the launcher closed its end of the reply pipe: it is gone
             self.stop_all(ORPHAN_GRACE_SEC)
+            return 1
+        except BaseException:
+            # Whatever else broke the loop: the tasks are ended before this process goes, so that
+            # the launcher's "ended with the spawner" is true and none runs on as an orphan on
+            # CPUs the launcher frees.
+            import traceback  # here only: importing it costs every spawner ~10 ms at start-up
+
+            traceback.print_exc()
+            try:
+                self.stop_all(ORPHAN_GRACE_SEC)
+            except BaseException:
+                traceback.print_exc()
             return 1
 
     def _loop(self) -> int:

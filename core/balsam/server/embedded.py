@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..util import try_exclusive_flock
+
 #: sockaddr_un.sun_path holds 108 bytes on Linux.
 MAX_SOCKET_PATH = 100
 #: Longest log line kept; the rest is replaced by a note of how much was cut.
@@ -120,15 +122,7 @@ def lock_server_dir(lock_path: Path) -> "int | None":
     the server's first answer, and the server (which inherits the descriptor) for its whole life: two
     starts at once, or a start beside a running server, found no live pid file and ran two servers
     (the pid file alone is check-then-write)."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd
+    return try_exclusive_flock(lock_path)
 
 
 def bind_unix(path: Path, locked: bool = True) -> socket.socket:

@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..util import log_file_handler, terminate_processes
+from ..util import log_file_handler, terminate_processes, try_exclusive_flock
 from .api_util import is_api_outage, load_site_client
 from .module import AgentModule
 
@@ -155,22 +155,17 @@ def lock_file_path(site_path: Path) -> Path:
 def acquire_agent_lock(site_path: Path) -> Optional[int]:
     """Take the site's agent lock for this process's life; AgentError if another process holds it.
     Returns the descriptor (None where the file system has no flock)."""
-    import errno
-    import fcntl
-
     key = str(Path(site_path).absolute())
     if key in _held_locks:
         return _held_locks[key]
     path = lock_file_path(site_path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = try_exclusive_flock(path)
     except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise AgentError(f"another site agent holds {path} (starting or running, perhaps on another host)") from None
         logger.warning("cannot lock %s (%s): relying on the pid file alone to keep a second agent out", path, exc)
         return None
+    if fd is None:
+        raise AgentError(f"another site agent holds {path} (starting or running, perhaps on another host)")
     _held_locks[key] = fd
     return fd
 

@@ -46,12 +46,14 @@ from typing import Any, Optional
 import attrs
 
 from balsam.platform import LaunchLimit, LaunchSpec
-from balsam.util import format_threads_cpu, threads_cpu_seconds
+from balsam.util import clip, format_threads_cpu, threads_cpu_seconds
 
 from .._api import largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
 from ..gone import Acquired, GoneJobs, acquire_generation
-from ..app_run import JobBuildError, JobPreparer, PreparedJob, inherited_environment, shell_line
+from ..app_run import (
+    JobBuildError, JobPreparer, PreparedJob, SiteFaults, WorkdirUnavailable, inherited_environment, shell_line,
+)
 from ..handover import HandOver
 from ..job_mode import JobMode, gpuless_acquire_filter
 from ..node_manager import Exit, NodeFaults, NodeManager, Placement, UnsatisfiableJob
@@ -175,6 +177,14 @@ class Unbuildable:
     reason: str
 
 
+@attrs.frozen
+class GivenBack:
+    """An acquired job left unstarted: the site's file system failed its workdir (:class:`SiteFaults`).
+    It stays leased, untouched; the Session's release at the end makes it runnable again."""
+
+    id: int
+
+
 class MPIMode(JobMode):
     name = "mpi"
 
@@ -219,6 +229,9 @@ class MPIMode(JobMode):
         self.too_late = TooLateJobs("the launcher's end (its Session's deletion)")
         #: Every acquire's (and the probe's) extra filter: no job needing a GPU when the nodes have none.
         self._acquire_filter = gpuless_acquire_filter(context.nodes)
+        #: Jobs given back because the site's file system failed their workdirs; once tripped, no
+        #: more acquires (the launcher ends when idle).
+        self.site_faults = SiteFaults()
 
     # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
     def _held_ids(self) -> list[int]:
@@ -238,6 +251,8 @@ class MPIMode(JobMode):
         """Arguments of the next acquire (the free resources plus the lookahead of
         :class:`LeaseAhead`, at least one wave, less what is already leased and waiting), or None
         when there is no room to ask for any job, or too little to be worth a request."""
+        if self.site_faults.tripped:
+            return None
         nm = self.node_manager
         queued = self.handover.queued
         waiting = sum(p.footprint for p in self.pending) + sum(p.footprint for p in queued.values())
@@ -284,20 +299,31 @@ class MPIMode(JobMode):
         # ~1 ms a job), so that the loop answers job exits while a batch is being prepared.
         return Acquired((self._prepare(job) for job in jobs), generation)
 
-    def _prepare(self, job: Any) -> "PreparedJob | Unbuildable":
-        """A job ready to place, or why it cannot be built (acquirer thread)."""
+    def _prepare(self, job: Any) -> "PreparedJob | Unbuildable | GivenBack":
+        """A job ready to place, or why it cannot be built, or given back unstarted (acquirer thread)."""
+        faults = self.site_faults
+        if faults.tripped:  # the rest of an acquire after the file system failed: not even tried
+            faults.given_back.append(int(job.id))
+            return GivenBack(int(job.id))
         try:
-            return self.preparer.prepare(job)
+            prepared = self.preparer.prepare(job)
+        except WorkdirUnavailable as exc:  # the site's fault, not the job's
+            faults.fault(job.id, exc)
+            return GivenBack(int(job.id))
         except JobBuildError as exc:
             return Unbuildable(int(job.id), str(exc))
+        faults.ok()
+        return prepared
 
-    def _take(self, jobs: list["PreparedJob | Unbuildable"], updater: Any) -> None:
+    def _take(self, jobs: list["PreparedJob | Unbuildable | GivenBack"], updater: Any) -> None:
         """Queue prepared jobs (loop thread); unbuildable or impossible ones end FAILED. A job
         that arrives while an older copy of it is held replaces that copy (:meth:`GoneJobs.arrive`):
         a second copy in ``pending`` would be placed twice (the NodeManager refuses) or run twice."""
         nm = self.node_manager
         ready = []
         for prepared in jobs:
+            if isinstance(prepared, GivenBack):
+                continue  # left leased and unstarted: the Session's release gives it back
             try:
                 if isinstance(prepared, Unbuildable):
                     raise JobBuildError(prepared.reason)
@@ -404,7 +430,8 @@ class MPIMode(JobMode):
             self.pool.start(prepared.id, cmd, prepared.workdir, env)
             self.handover.started_local(prepared, placement)
             self._note_running(updater, prepared, asked)
-            logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), cmd)
+            # Clipped: a job's arguments can be any size (a 200 KB one made a 200 KB log line).
+            logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), clip(cmd))
 
         started = place_pending(self.pending, self.node_manager, start, lambda job_id, reason: self._fail(updater, job_id, reason), room=room)
         if started and not self.started:
@@ -639,7 +666,9 @@ class MPIMode(JobMode):
                 continue
             report_timeout(updater, job_id, f"launcher stopped ({reason})")
             logger.info("job %s ended as RUN_TIMEOUT (%s)", job_id, reason)
-        unstarted = len(self.pending) + len(self.gone.successors) + len(self.gone.ready) + len(self.too_late)
+        given_back = len(self.site_faults.given_back)
+        unstarted = len(self.pending) + len(self.gone.successors) + len(self.gone.ready) + len(self.too_late) + given_back
         if unstarted:
-            logger.info("%d acquired jobs never started (%d of them too long for the time that was left); the "
-                        "session release returns them", unstarted, len(self.too_late))
+            back = f", {given_back} given back as the file system failed their workdirs" if given_back else ""
+            logger.info("%d acquired jobs never started (%d of them too long for the time that was left%s); the "
+                        "session release returns them", unstarted, len(self.too_late), back)

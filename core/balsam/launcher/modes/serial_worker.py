@@ -751,11 +751,14 @@ class Master:
         """Say how many leased jobs never started: nothing is reported for them, the Session's
         deletion (``close_lease``) returned them, those held back near the wall time included."""
         too_late = len(self.too_late) + len(self.prefetcher.too_late)
+        faults = getattr(self.prefetcher, "site_faults", None)
+        given_back = len(faults.given_back) if faults is not None else 0
         unstarted = (len(self.pending) + len(self.gone.successors) + len(self.gone.ready) + self.prefetcher.backlog
-                     + too_late)
+                     + too_late + given_back)
         if unstarted:
-            logger.info("%d acquired jobs never started (%d of them too long for the time that was left); the "
-                        "session release returns them", unstarted, too_late)
+            back = f", {given_back} given back as the file system failed their workdirs" if given_back else ""
+            logger.info("%d acquired jobs never started (%d of them too long for the time that was left%s); the "
+                        "session release returns them", unstarted, too_late, back)
 
     def final_collect_sec(self, grace: float, now: float) -> float:
         """How long a stop at ``now`` waits for the workers' last reports: ``grace`` +
