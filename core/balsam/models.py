@@ -94,9 +94,10 @@ class SchedulerJobStatus:
     time_remaining_min: int
     queued_time_min: int
     #: The scheduler's own word on why the job is not running yet (Slurm pending reason, PBS
-    #: comment, Cobalt hold state); empty when it says nothing. Not in the 0.7 wire format:
-    #: optional here, and 0.7 clients ignore the extra key.
-    message: str = ""
+    #: comment, Cobalt hold state); empty when it says nothing. Not in the 0.7 wire format: the
+    #: wire leaves it out when empty (``OMIT_IF_DEFAULT``: a 0.7 client under pydantic's
+    #: extra="allow", set by libEnsemble, refuses the unknown key, so Site.objects.get failed).
+    message: str = attrs.field(default="", metadata={"omit_if_default": True})
 
 
 #: ``--site`` words that select something other than the site of that name (the CLI's

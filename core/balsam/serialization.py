@@ -155,7 +155,23 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), _structure_enum)
     conv.register_unstructure_hook_func(lambda t: isinstance(t, type) and issubclass(t, enum.Enum), lambda v: v.value)
     _refuse_text_as_collection(conv)
+    conv.register_unstructure_hook_factory(_has_omittable_fields, lambda cls: _omitting_unstructure_fn(cls, conv))
     return conv
+
+
+def _has_omittable_fields(cls: Any) -> bool:
+    """An attrs class with a field marked ``metadata={"omit_if_default": True}``: a field newer than
+    Balsam 0.7's wire format, left out of the JSON while it has its default (0.7 clients under
+    pydantic's extra="allow" refuse a key they do not know)."""
+    return attrs.has(cls) and any(f.metadata.get("omit_if_default") for f in attrs.fields(cls))
+
+
+def _omitting_unstructure_fn(cls: Any, conv: cattrs.Converter) -> Any:
+    from cattrs.gen import make_dict_unstructure_fn, override
+
+    attrs.resolve_types(cls)  # string annotations (postponed evaluation) to the types the hooks match
+    marked = {f.name: override(omit_if_default=True) for f in attrs.fields(cls) if f.metadata.get("omit_if_default")}
+    return make_dict_unstructure_fn(cls, conv, **marked)
 
 
 def _refuse_text_as_collection(conv: cattrs.Converter) -> None:
@@ -222,10 +238,22 @@ def _flatten(exc: BaseException, path: str = "") -> list[tuple[str, str]]:
     return found
 
 
+def _without_07_kwargs_leak(cls: type, data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data`` without the ``"kwargs": {}`` Balsam 0.7's client puts in every create and update
+    body once pydantic's global ``BaseConfig.extra`` is "allow" (libEnsemble's Balsam executor sets
+    it on import): its generated models' ``__init__(**kwargs)`` then keeps its own ``kwargs``. The
+    0.7 server ignored unknown keys; ours refuses them (422), and the 0.7 client retried that for
+    34 minutes. Only this exact leak is dropped: any other unknown key is still refused."""
+    if "kwargs" in data and data["kwargs"] == {} and "kwargs" not in attrs.fields_dict(cls):
+        return {k: v for k, v in data.items() if k != "kwargs"}
+    return data
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     """Structure a JSON-ready mapping into ``cls``; raise :class:`PayloadError` naming each bad field."""
     if not isinstance(data, Mapping):
         raise PayloadError(cls.__name__, [("", f"expected a JSON object, got {type(data).__name__}")])
+    data = _without_07_kwargs_leak(cls, data)
     try:
         return converter.structure(dict(data), cls)
     except (ClassValidationError, ForbiddenExtraKeysError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -247,6 +275,7 @@ def partial_from_dict(cls: type, data: Mapping[str, Any], *, allowed: "set[str] 
     """
     if not isinstance(data, Mapping):
         raise PayloadError(cls.__name__, [("", f"expected a JSON object, got {type(data).__name__}")])
+    data = _without_07_kwargs_leak(cls, data)
     fields = attrs.fields_dict(cls)
     errors: list[tuple[str, str]] = []
     result: dict[str, Any] = {}

@@ -71,3 +71,28 @@ def test_the_unmodified_07_client_works_against_our_server(database, balsam07_ve
 
     listing = run("site", "ls")
     assert site_name in listing.stdout and "Active" in listing.stdout
+
+
+def test_the_07_client_under_libensembles_pydantic_setting_creates_and_updates(balsam07_venv, live_server_factory,
+                                                                              tmp_path):
+    """libEnsemble's import makes 0.7's models send "kwargs": {} in every body: each create was a 422
+    (and the 0.7 client retried it for 34 minutes), so its executor could submit nothing."""
+    from balsam.server.admin import Admin
+
+    server = live_server_factory("sqlite")
+    username = f"libe07-{uuid.uuid4().hex[:6]}"
+    with Admin(server.database_url) as admin:
+        admin.add_user(username, PASSWORD, 12)
+    # The 0.7 venv's own packages only: a PYTHONPATH (ours) would shadow its `balsam`.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_") and k != "PYTHONPATH"}
+    env.update(HOME=str(tmp_path), BALSAM_CLIENT_PATH=str(tmp_path / "client07.yml"), PYTHONNOUSERSITE="1",
+               PATH=f"{balsam07_venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    login = subprocess.run([str(balsam07_venv / "bin" / "balsam"), "login", "-u", server.url], input=f"{username}\n{PASSWORD}\n",
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert login.returncode == 0, login.stdout[-2000:] + login.stderr[-2000:]
+    driver = subprocess.run([str(balsam07_venv / "bin" / "python"), str(DRIVER.with_name("balsam07_libensemble_driver.py")),
+                             f"libe-{uuid.uuid4().hex[:6]}", str(tmp_path / "site")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert driver.returncode == 0, driver.stdout[-2000:] + driver.stderr[-5000:]
+    seen = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert seen["data"] == {"seen": True} and seen["batch_job_id"] > 0

@@ -680,3 +680,44 @@ def test_a_stop_ends_the_running_jobs_before_waiting_for_the_acquire_in_flight(t
     assert events == ["jobs ended", "acquire answered", "session closed"]
     assert updater.puts[-1] == (1, "RUN_TIMEOUT")
     assert all(job_id == 1 for job_id, _ in updater.puts)  # the late job was neither started nor reported
+
+
+# -- a launcher newer than its server ---------------------------------------------------------------
+class OlderServer(Adapter):
+    """The server as it was before SessionAcquire had ``max_gpus_per_node``: the real server's
+    answers, but that field is an unknown one (422), as its strict request parsing answers it."""
+
+    refused = 0
+
+    def _req(self, method: str, path: str, json: Any = None, **kw: Any) -> Any:
+        if method == "POST" and path.startswith("/sessions/") and isinstance(json, dict) and "max_gpus_per_node" in json:
+            OlderServer.refused += 1
+            raise APIError(method, path, 422, [{"loc": ["body", "max_gpus_per_node"], "msg": "unknown field"}])
+        return super()._req(method, path, json=json, **kw)
+
+
+def test_a_gpuless_launcher_leases_from_a_server_older_than_the_gpu_filter(server: Server) -> None:
+    """A launcher whose nodes have no GPU asks the server to hold back GPU jobs. A server older than
+    that filter refuses the field (422): the request was resent as 'lost' on every call for the
+    launcher's whole idle time, and it ran nothing. It now drops the filter once, with a warning."""
+    ids = server.runnable(3)
+    lease = JobLease(OlderServer(server.tc), server.site_id, heartbeat_thread=False)
+    OlderServer.refused = 0
+    try:
+        rows = lease.acquire(10, max_gpus_per_node=0)
+        assert sorted(r["id"] for r in rows) == sorted(ids) and OlderServer.refused == 1
+        assert lease.pending is None
+        assert lease.acquire(10, max_gpus_per_node=0) == [] and OlderServer.refused == 1  # not sent again
+    finally:
+        lease.close()
+
+
+def test_an_acquire_the_server_refuses_is_not_resent_as_lost(server: Server) -> None:
+    lease = JobLease(server.client, server.site_id, heartbeat_thread=False)
+    try:
+        with pytest.raises(APIError) as info:
+            lease.acquire(10, max_gpus_per_node=-1)  # refused: must be between 0 and 1e9
+        assert info.value.status_code == 422 and lease.pending is None
+        assert lease.acquire(10) == []  # a new request, not the refused one again
+    finally:
+        lease.close()

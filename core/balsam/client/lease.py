@@ -154,6 +154,9 @@ class JobLease:
         self.tick_errors = 0
         #: (idempotency key, body) of an acquire whose answer never came: resent before anything new.
         self.pending: Optional[tuple[str, dict]] = None
+        #: The server refused ``max_gpus_per_node`` as an unknown field (it is older than this
+        #: client): the filter is not sent again.
+        self._no_gpu_filter = False
         #: See :meth:`watch`.
         self._held_ids: Optional[Callable[[], Optional[Iterable[int]]]] = None
         self._on_gone: Optional[Callable[[list[int]], None]] = None
@@ -380,7 +383,7 @@ class JobLease:
                     min(int(max_num_jobs), MAX_JOBS_PER_SESSION_ACQUIRE), max_wall_time_min=max_wall_time_min,
                     max_nodes_per_job=max_nodes_per_job, max_aggregate_nodes=max_aggregate_nodes,
                     serial_only=serial_only, sort_by=self.sort_by, filter_tags=self.filter_tags, states=self.states,
-                    app_ids=self.app_ids, max_gpus_per_node=max_gpus_per_node,
+                    app_ids=self.app_ids, max_gpus_per_node=None if self._no_gpu_filter else max_gpus_per_node,
                 )
                 self.pending = (new_idempotency_key(), body)
             else:
@@ -392,6 +395,22 @@ class JobLease:
             rows = _rows(self.client.post(f"/sessions/{session_id}", json=body, idempotency_key=key,
                                           retry_count=self.acquire_retry_count, **extra))
         except Exception as exc:
+            if _status(exc) == 422:
+                # The server read the request and refused it: nothing was leased, and the same body
+                # would be refused for ever (it was resent every call, the launcher idling out).
+                with self._lock:
+                    if self.pending is not None and self.pending[0] == key:
+                        self.pending = None
+                said = str(exc)
+                if ("max_gpus_per_node" in body and "max_gpus_per_node" in said and "unknown field" in said
+                        and not self._no_gpu_filter):
+                    self._no_gpu_filter = True
+                    logger.warning("%s %s: the server is older than this launcher and cannot hold back the jobs that "
+                                   "need GPUs (%s); acquiring without that filter", self.name, session_id, exc)
+                    return self.acquire(
+                        max_num_jobs, max_wall_time_min=max_wall_time_min, max_nodes_per_job=max_nodes_per_job,
+                        max_aggregate_nodes=max_aggregate_nodes, serial_only=serial_only, wait_sec=wait_sec)
+                raise
             if self._replace_lost_session(exc, session_id) is None:
                 raise  # still pending: the next call resends it
             return self.acquire(

@@ -162,6 +162,15 @@ def clean_record(value: Any) -> Any:
     return value
 
 
+def _queued_job_record(status: Any) -> dict:
+    """A Site.queued_jobs entry: 0.7's fields, plus ``message`` only when the scheduler gave one
+    (see SchedulerJobStatus.message)."""
+    record = clean_record(to_dict(status))
+    if not record.get("message"):
+        record.pop("message", None)
+    return record
+
+
 def _read_marker(marker: Path) -> Optional[int]:
     """The scheduler id a ``.scheduler_id`` marker holds; None when there is none (or it is unreadable)."""
     try:
@@ -806,7 +815,7 @@ class SchedulerModule(AgentModule):
         payload: dict[str, Any] = {}
         if statuses is not None:
             payload["queued_jobs"] = {
-                str(k): clean_record(to_dict(v)) for k, v in statuses.items() if -(2**63) <= int(k) < 2**63
+                str(k): _queued_job_record(v) for k, v in statuses.items() if -(2**63) <= int(k) < 2**63
             }
         try:
             windows = self.scheduler.get_backfill_windows()
