@@ -11,15 +11,15 @@ normalised). On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Iterator
 
 import pytest
 import sqlalchemy as sa
 
-from balsam.server.db import create_db_engine, normalize_database_url
+from balsam.server.db import create_db_engine
 from balsam.server.migrate import head_revision, upgrade
 from balsam.server.tables import metadata
+from scratch_db import scratch_database
 
 
 def _normalised(sql: str) -> str:
@@ -45,20 +45,8 @@ def _partial_indexes(url: str) -> dict[str, str]:
 @pytest.fixture
 def created_url(database_url: str, tmp_path) -> Iterator[str]:
     """A second, empty database of the same kind, for ``create_all``."""
-    if database_url.startswith("sqlite"):
-        yield f"sqlite:///{tmp_path / 'create-all.db'}"
-        return
-    url = sa.engine.make_url(normalize_database_url(database_url))
-    name = f"{url.database}_ca_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.dispose()
+    with scratch_database(database_url, tmp_path, "create_all") as url:
+        yield url
 
 
 def test_partial_indexes_after_upgrade_are_those_of_create_all(database_url: str, created_url: str) -> None:

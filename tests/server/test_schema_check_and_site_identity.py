@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from balsam.server.db import create_db_engine, normalize_database_url
 from balsam.server.migrate import head_revision, upgrade
+from scratch_db import scratch_database
 
 OLD_REVISION = "0010_acquire_indexes"  # before sessions.clock_restarted (0016): POST /sessions/ answered 500
 FUTURE_REVISION = "9999_written_by_a_newer_balsam"
@@ -35,20 +36,9 @@ def _free_port() -> int:
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def scratch_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database of its own (PostgreSQL: created on BALSAM_TEST_DATABASE_URL's server, dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
-        return
-    base = sa.engine.make_url(normalize_database_url(os.environ.get("BALSAM_TEST_DATABASE_URL", DEFAULT_PG_URL)))
-    name = f"{base.database}_{os.getpid()}_schema_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    like = "sqlite://" if request.param == "sqlite" else os.environ.get("BALSAM_TEST_DATABASE_URL", DEFAULT_PG_URL)
+    with scratch_database(like, tmp_path, "schema") as url:
+        yield url
 
 
 class Server:

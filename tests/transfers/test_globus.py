@@ -30,31 +30,11 @@ from balsam.transfer import TaskState, TransferError, TransferFile, TransferLoca
 from balsam_transfer_globus.auth import save_tokens
 from balsam_transfer_globus.backend import GlobusTransfer
 from balsam_transfer_globus.hooks import globus_login
+from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses  # noqa: F401
 
-SITE_EP = "11111111-1111-1111-1111-111111111111"
-REMOTE_EP = "22222222-2222-2222-2222-222222222222"
+pytestmark = pytest.mark.usefixtures("mocked_responses")
+
 TASK_ID = get_response_set(globus_sdk.TransferClient.submit_transfer).lookup("default").metadata["task_id"]
-LOCATION = TransferLocation.parse("aps", f"globus://{REMOTE_EP}")
-
-
-@pytest.fixture(autouse=True)
-def mocked_responses():
-    """globus-sdk's recommended set-up: every HTTP request goes to registered responses only."""
-    responses.start()
-    # TransferClient.submit_transfer asks for a submission id first.
-    load_response(globus_sdk.TransferClient.get_submission_id)
-    yield
-    responses.stop()
-    responses.reset()
-
-
-def make_backend(tmp_path: Path, **options) -> GlobusTransfer:
-    client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer("test-token"),
-                                       retry_config=RetryConfig(max_retries=0))
-    backend = GlobusTransfer({"endpoint_id": SITE_EP, **options}, site_path=str(tmp_path / "site"),
-                             transfer_client=client)
-    backend._entry_point_name = "globus"
-    return backend
 
 
 def sent_json() -> dict:

@@ -20,20 +20,19 @@ from types import SimpleNamespace
 import globus_sdk
 import pytest
 import responses
-from globus_sdk.testing import get_last_request, get_response_set, load_response
-from globus_sdk.transport import RetryConfig
+from globus_sdk.testing import get_last_request, get_response_set
 
 from balsam.cli.transfer import _note
 from balsam.site.modules.transfers import JOURNAL_NAME, TransfersModule, TransfersOptions
 from balsam.states import TransferDirection
-from balsam.transfer import TaskState, TransferError, TransferFile, TransferLocation, build_backend
+from balsam.transfer import TaskState, TransferError, TransferFile, build_backend
 from balsam_transfer_globus.auth import login, save_tokens
 from balsam_transfer_globus.backend import GlobusTransfer
+from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses  # noqa: F401
 
-SITE_EP = "11111111-1111-1111-1111-111111111111"
-REMOTE_EP = "22222222-2222-2222-2222-222222222222"
+pytestmark = pytest.mark.usefixtures("mocked_responses")
+
 CLIENT_ID = "33333333-3333-3333-3333-333333333333"
-LOCATION = TransferLocation.parse("aps", f"globus://{REMOTE_EP}")
 TRANSFER = "https://transfer.api.globus.org/v0.10"
 TOKEN_URL = "https://auth.globus.org/v2/oauth2/token"
 LOGIN = f"balsam site globus-login -e {SITE_EP} -e {REMOTE_EP}"
@@ -46,24 +45,6 @@ CONSENT = {"code": "ConsentRequired", "message": "Missing required data_access c
 SESSION = {"code": "AuthorizationRequired", "message": "You must authenticate with a nersc.gov identity within 12h",
            "request_id": "r", "authorization_parameters": {"session_message": "session too old",
                                                            "session_required_single_domain": ["nersc.gov"]}}
-
-
-@pytest.fixture(autouse=True)
-def mocked_responses():
-    responses.start()
-    load_response(globus_sdk.TransferClient.get_submission_id)
-    yield
-    responses.stop()
-    responses.reset()
-
-
-def make_backend(tmp_path: Path, **options) -> GlobusTransfer:
-    client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer("test-token"),
-                                       retry_config=RetryConfig(max_retries=0))
-    backend = GlobusTransfer({"endpoint_id": SITE_EP, **options}, site_path=str(tmp_path / "site"),
-                             transfer_client=client)
-    backend._entry_point_name = "globus"
-    return backend
 
 
 def file_backend() -> GlobusTransfer:

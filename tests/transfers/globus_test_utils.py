@@ -1,0 +1,39 @@
+"""What the Globus plugin's test modules share: the collections, globus-sdk's recommended response
+mocking (every HTTP request goes to registered responses only), and a backend on a test client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import globus_sdk
+import pytest
+import responses
+from globus_sdk.testing import load_response
+from globus_sdk.transport import RetryConfig
+
+from balsam.transfer import TransferLocation
+from balsam_transfer_globus.backend import GlobusTransfer
+
+SITE_EP = "11111111-1111-1111-1111-111111111111"
+REMOTE_EP = "22222222-2222-2222-2222-222222222222"
+LOCATION = TransferLocation.parse("aps", f"globus://{REMOTE_EP}")
+
+
+@pytest.fixture
+def mocked_responses():
+    """Use with ``pytestmark = pytest.mark.usefixtures("mocked_responses")``."""
+    responses.start()
+    # TransferClient.submit_transfer asks for a submission id first.
+    load_response(globus_sdk.TransferClient.get_submission_id)
+    yield
+    responses.stop()
+    responses.reset()
+
+
+def make_backend(tmp_path: Path, **options) -> GlobusTransfer:
+    client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer("test-token"),
+                                       retry_config=RetryConfig(max_retries=0))
+    backend = GlobusTransfer({"endpoint_id": SITE_EP, **options}, site_path=str(tmp_path / "site"),
+                             transfer_client=client)
+    backend._entry_point_name = "globus"
+    return backend
