@@ -186,6 +186,10 @@ class JobHistory:
     message: str = ""
 
 
+#: JobHistory states that say the job is still active (the status poll missed it).
+_ACTIVE = (BatchJobState.queued, BatchJobState.running)
+
+
 def _frozen_mapping(value: Optional[Mapping]) -> Mapping:
     return MappingProxyType(dict(value or {}))
 
@@ -384,7 +388,10 @@ class Scheduler(abc.ABC):
                 raise
             logger.warning("%s; using the last status poll's record of the jobs that ended", exc)
             return fallback
-        return {i: histories[i] if histories[i] is not None else fallback[i] for i in jobs}
+        # A final record of the last poll beats a history that still says queued/running (sacct
+        # behind a busy slurmdbd says RUNNING after squeue showed the job COMPLETED).
+        return {i: histories[i] if histories[i] is not None and not (fallback[i] and histories[i].state in _ACTIVE)
+                else fallback[i] for i in jobs}
 
     def get_backfill_windows(self) -> dict[str, list[BackfillWindow]]:
         with self.guard("backfill query"):

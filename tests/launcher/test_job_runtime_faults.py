@@ -388,3 +388,11 @@ def test_log_handlers_write_text_that_is_not_utf8(tmp_path: Path) -> None:
     assert not failures, failures
     assert "echo bad\\udcffbyte" in (tmp_path / "x.log").read_text()
     assert "echo bad\\udcffbyte" in stream.buffer.getvalue().decode()  # type: ignore[attr-defined]
+
+
+def test_a_parallel_file_systems_hiccups_are_site_faults() -> None:
+    import errno
+
+    from balsam.launcher.app_run import SITE_FAULT_ERRNOS
+
+    assert {errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EMFILE} <= SITE_FAULT_ERRNOS

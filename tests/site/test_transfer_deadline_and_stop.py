@@ -147,3 +147,36 @@ def test_task_timeout_sec_must_be_positive(site, client) -> None:
 def test_a_location_alias_that_jobs_cannot_write_is_refused(site, client) -> None:
     with pytest.raises(OptionsError, match=r"transfers.transfer_locations.aps:dtn: bad location alias 'aps:dtn'"):
         TransfersModule(site, TransfersOptions(transfer_locations={"aps:dtn": "local://"}), client)
+
+
+def test_the_deadline_ends_a_task_whose_backend_can_no_longer_be_built(site, client, hung_source) -> None:
+    """A task in flight whose backend became unavailable (its plugin uninstalled or failing to load
+    under a new environment) could be neither polled nor cancelled: its items stayed active with
+    "cannot poll its task" for ever. Past task_timeout_sec they now fail a try, as a hung task does."""
+    from balsam.api import Job
+    from balsam.transfer import TransferError
+
+    app = input_stager(site.site_id)
+    (job,) = Job.objects.bulk_create([Job("gone/0", app, transfers={"input": f"shared:{hung_source}"})])
+    module = TransfersModule(site, TransfersOptions(transfer_locations={"shared": "local://"}, task_timeout_sec=600,
+                                                    max_attempts=1, retry_backoff_sec=0), client)
+    clock = [T0]
+    module.now = lambda: clock[0]
+    gone = None
+    try:
+        module.run_cycle()
+        assert item_of(client, job)["state"] == "active"
+        gone = module.backends.pop("local")
+        module.backend_errors["local"] = TransferError("no transfer backend for protocol 'local': gone", retryable=False)
+        clock[0] = T0 + dt.timedelta(minutes=5)
+        module.run_cycle()
+        assert item_of(client, job)["state"] == "active"  # within the deadline: it may still be copying
+        clock[0] = T0 + dt.timedelta(minutes=10, seconds=1)
+        module.run_cycle()
+    finally:
+        module.close()
+        if gone is not None:
+            gone.close()
+    item = item_of(client, job)
+    assert item["state"] == "error" and "did not finish within 600 s" in item["transfer_info"]["error"]
+    assert job_rows(client, id=[job.id])[0]["state"] == "FAILED"

@@ -52,7 +52,10 @@ class WorkdirUnavailable(JobBuildError):
 
 
 #: errnos of a workdir that cannot be made which say the file system is at fault, not the job.
-SITE_FAULT_ERRNOS = frozenset(e for e in (errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO)
+SITE_FAULT_ERRNOS = frozenset(e for e in (errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO,
+                                          # a parallel file system's hiccup, and the launcher out of descriptors
+                                          errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.ESHUTDOWN,
+                                          errno.EMFILE, errno.ENFILE)
                               if e is not None)
 #: Faults of the kind above in a row after which a launcher stops acquiring jobs.
 SITE_FAULTS_TO_STOP = 3

@@ -122,7 +122,16 @@ def lock_server_dir(lock_path: Path) -> "int | None":
     the server's first answer, and the server (which inherits the descriptor) for its whole life: two
     starts at once, or a start beside a running server, found no live pid file and ran two servers
     (the pid file alone is check-then-write)."""
-    return try_exclusive_flock(lock_path)
+    try:
+        return try_exclusive_flock(lock_path)
+    except OSError as exc:
+        # A file system without flock ($BALSAM_HOME on NFS without lockd: ENOLCK; some Lustre
+        # mounts: ENOSYS): lock a file of the same name on this host's temporary directory instead,
+        # which still keeps a second server of this BALSAM_HOME from starting here.
+        local = Path(tempfile.gettempdir()) / (
+            f"balsam-server-{os.getuid()}-{hashlib.sha256(str(Path(lock_path).absolute()).encode()).hexdigest()[:16]}.lock")
+        print(f"balsam server: cannot lock {lock_path} ({exc}); locking {local} instead", file=sys.stderr)
+        return try_exclusive_flock(local)
 
 
 def bind_unix(path: Path, locked: bool = True) -> socket.socket:

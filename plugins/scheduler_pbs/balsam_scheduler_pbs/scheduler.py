@@ -584,7 +584,9 @@ class PBSScheduler(Scheduler):
         letter = str(job.get("job_state", "")).strip().upper()
         start = parse_pbs_time(job.get("stime"))
         if PBS_STATES.get(letter) in (Q, R):  # still active: the status poll missed it
-            return JobHistory(scheduler_id=scheduler_id, state=PBS_STATES[letter], start_time=start,
+            # A requeued job back in Q keeps its earlier run's stime: not its start.
+            return JobHistory(scheduler_id=scheduler_id, state=PBS_STATES[letter],
+                              start_time=start if PBS_STATES[letter] is R else None,
                               native_state=letter, message=f"PBS job_state {letter}")
         if PBS_STATES.get(letter) is not F:
             return None

@@ -49,6 +49,8 @@ from ..module import AgentModule
 
 #: Minutes past its wall time after which a job whose history still says "running" counts as gone.
 ACTIVE_RECORD_GRACE_MIN = 10
+#: JobHistory states that say the job is still active (the status poll missed it).
+STILL_ACTIVE = (BatchJobState.queued, BatchJobState.running)
 
 ACTIVE = (
     BatchJobState.pending_submission,
@@ -211,6 +213,10 @@ class SchedulerModule(AgentModule):
         self.poll_failures = 0
         #: BatchJob id -> consecutive cycles it was missing from the queue with no history record.
         self.missing_counts: dict[int, int] = {}
+        #: BatchJob id -> its "queue limit reached" refusals in a row while no job of the user was listed in the queue.
+        self.limit_refusals_alone: dict[int, int] = {}
+        #: BatchJob id -> when the poll first missed a job whose history says queued (no start).
+        self.missed_since: dict[int, dt.datetime] = {}
         #: BatchJob id -> consecutive transient submit failures.
         self.submit_failures: dict[int, int] = {}
         #: scheduler id -> history record, fetched in bulk once per cycle.
@@ -385,6 +391,7 @@ class SchedulerModule(AgentModule):
             self._left_queue(batch_job, update, listed=status)
             return
         self.missing_counts.pop(batch_job["id"], None)
+        self.missed_since.pop(batch_job["id"], None)
         new_state = status.state
         if new_state in (BatchJobState.queued, BatchJobState.running) and new_state != state:
             if not (state == BatchJobState.running and new_state == BatchJobState.queued):
@@ -441,7 +448,9 @@ class SchedulerModule(AgentModule):
                 found = self.scheduler.get_histories(gone, last_poll=attrs.evolve(poll, ended={}))
             else:
                 found = self.scheduler.get_histories(gone)
-            histories = {i: found.get(i) or ended.get(i) for i in gone}
+            # A final record of the last poll beats a history that still says queued/running.
+            histories = {i: ended.get(i) if ended.get(i) and (found.get(i) is None or found[i].state in STILL_ACTIVE)
+                         else found.get(i) for i in gone}
         except Exception as exc:
             self.history_failures += 1
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
@@ -494,6 +503,7 @@ class SchedulerModule(AgentModule):
             if missing < self.threshold:
                 return
             self.missing_counts.pop(batch_job["id"], None)
+            self.missed_since.pop(batch_job["id"], None)
             state = BatchJobState(batch_job["state"])
             final = BatchJobState.submit_failed if state == BatchJobState.queued and not deleting else BatchJobState.finished
             update.update(state=final.value, end_time=format_datetime(utcnow()))
@@ -501,6 +511,7 @@ class SchedulerModule(AgentModule):
             update["status_info"].pop("scheduler_reason", None)  # why it waited: outdated once it ended
             return
         self.missing_counts.pop(batch_job["id"], None)
+        self.missed_since.pop(batch_job["id"], None)
         final = history.state
         if deleting or final not in (BatchJobState.finished, BatchJobState.submit_failed):
             final = BatchJobState.finished
@@ -551,10 +562,11 @@ class SchedulerModule(AgentModule):
         until it is past its wall time plus ``ACTIVE_RECORD_GRACE_MIN`` (a record that never ends,
         e.g. the scheduler died with the job, must not hold the BatchJob for ever)."""
         started = history.start_time or (parse_datetime(batch_job["start_time"]) if batch_job.get("start_time") else None)
-        if started is not None:
-            ends = started + dt.timedelta(minutes=int(batch_job["wall_time_min"]) + ACTIVE_RECORD_GRACE_MIN)
-            if utcnow() > ends:
-                return False
+        # Never started: bounded from when the poll first missed it (a record stuck in a queued
+        # state, e.g. PBS's M for a job moved to another server, or a Slurm runaway job).
+        since = started or self.missed_since.setdefault(batch_job["id"], utcnow())
+        if utcnow() > since + dt.timedelta(minutes=int(batch_job["wall_time_min"]) + ACTIVE_RECORD_GRACE_MIN):
+            return False  # counted as missing from now on (missed_since is dropped when it ends)
         self.missing_counts.pop(batch_job["id"], None)
         if history.state == BatchJobState.running and batch_job["state"] == BatchJobState.queued.value:
             update["state"] = BatchJobState.running.value
@@ -673,6 +685,22 @@ class SchedulerModule(AgentModule):
         now = time.monotonic()
         earlier = self.queue_holds.get(queue)
         listed = queued_counts.get(queue, 0) if self._poll_answered else None
+        if listed == 0:
+            # None of the user's jobs is in the queue, yet it is "at a limit": the request alone
+            # exceeds it (PBS max_queued_res, a QOS allowing 0 jobs), which no wait clears; held, it
+            # would be tried first at every lift and keep the queue's other BatchJobs waiting for ever.
+            alone = self.limit_refusals_alone.get(batch_job["id"], 0) + 1
+            self.limit_refusals_alone[batch_job["id"]] = alone
+            if alone >= self.threshold:
+                self.limit_refusals_alone.pop(batch_job["id"], None)
+                self.queue_holds.pop(queue, None)
+                update["state"] = BatchJobState.submit_failed.value
+                self._error(update, batch_job, f"submit failed: {message} (refused at a queue limit {alone} times while "
+                                               f"the scheduler listed no job of yours in queue {queue!r}: the request "
+                                               f"alone exceeds the limit)")
+                return
+        else:
+            self.limit_refusals_alone.pop(batch_job["id"], None)
         retry = max(1, int(self.options.queue_limit_retry_sec))
         self.queue_holds[queue] = QueueLimitHold(message=clean_text(message), listed=listed, retry_at=now + retry,
                                                  since=earlier.since if earlier is not None else now)

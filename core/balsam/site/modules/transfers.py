@@ -656,9 +656,10 @@ class TransfersModule(AgentModule):
                                 "every cycle): %s", name, len(task_ids), exc)
                 reason = one_line(f"cannot poll its task: {exc}")
                 for tid in task_ids:
-                    status = TaskStatus(TaskState.active, reason=reason)
-                    if backend is not None:
-                        status = self._check_deadline(backend, tid, status, by_task[tid], now)
+                    # Also without a backend (its plugin uninstalled or unloadable): the deadline
+                    # still ends the task's items, else their jobs would wait for ever.
+                    status = self._check_deadline(backend, tid, TaskStatus(TaskState.active, reason=reason),
+                                                  by_task[tid], now)
                     if status.state == TaskState.active:
                         running += 1
                         for item in by_task[tid]:
@@ -683,7 +684,7 @@ class TransfersModule(AgentModule):
                 self._apply_status(tid, status, by_task[tid], updates, now)
         return running
 
-    def _check_deadline(self, backend: TransferBackend, task_id: str, status: TaskStatus, items: list[dict],
+    def _check_deadline(self, backend: Optional[TransferBackend], task_id: str, status: TaskStatus, items: list[dict],
                         now: dt.datetime) -> TaskStatus:
         """``status`` of a task still running, or a failed status (a try of each of its items) once it
         has run past ``task_timeout_sec`` and was cancelled."""
@@ -700,6 +701,9 @@ class TransfersModule(AgentModule):
                                     "(%.0f s); it is cancelled if it runs past it", task_id, age, limit)
             return status
         try:
+            if backend is None:
+                raise TransferError(f"its transfer backend is unavailable ({status.reason or 'cannot be built'})",
+                                    retryable=False)
             backend.cancel(task_id.partition(":")[2])
         except TransferError as exc:
             if exc.retryable:
