@@ -19,9 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_bind_list, launch_option, nvidia_smi_list, parse_id_ranges, parse_nvidia_smi_list,
-)
+from balsam.platform import LaunchSpec, NodeInfo, Platform, launch_option, nvidia_smi_list, parse_nvidia_smi_list
 
 __all__ = ["DefaultPlatform", "detect_mpi_flavor", "expand_hostlist"]
 
@@ -30,8 +28,6 @@ FLAVOR_PARAM = "mpi_flavor"
 FLAVOR_ENV = "BALSAM_MPI_FLAVOR"
 
 _flavor_cache: dict[str, str] = {}
-#: mpiexec -> whether it is MPICH's hydra (see is_hydra).
-_hydra_cache: dict[str, bool] = {}
 #: PATH -> the mpiexec found on it (see find_mpiexec).
 _mpiexec_found: dict[str, str] = {}
 
@@ -87,34 +83,20 @@ def find_mpiexec() -> str:
     return found
 
 
-def _version_text(mpiexec: str) -> str:
-    """``mpiexec --version``, lower-case ("" when it does not run)."""
-    try:
-        out = subprocess.run(
-            [mpiexec, "--version"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL
-        )
-        return (out.stdout + out.stderr).lower()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
 def detect_mpi_flavor(mpiexec: str) -> str:
     """``openmpi`` when ``mpiexec --version`` says Open MPI / OpenRTE / PRRTE, else ``mpich``."""
     if mpiexec in _flavor_cache:
         return _flavor_cache[mpiexec]
-    text = _version_text(mpiexec)
+    try:
+        out = subprocess.run(
+            [mpiexec, "--version"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL
+        )
+        text = (out.stdout + out.stderr).lower()
+    except (OSError, subprocess.TimeoutExpired):
+        text = ""
     flavor = OPENMPI if ("open mpi" in text or "openrte" in text or "prrte" in text) else MPICH
     _flavor_cache[mpiexec] = flavor
     return flavor
-
-
-def is_hydra(mpiexec: str) -> bool:
-    """Whether ``mpiexec`` is MPICH's hydra (``--version`` prints ``HYDRA build details``; MVAPICH's
-    too), whose ``-bind-to user:...`` binds each rank to given CPUs. Other launchers of the mpich
-    flavour (Cray PALS, Intel MPI, MPICH's gforker) have no such option and would refuse the line."""
-    if mpiexec not in _hydra_cache:
-        _hydra_cache[mpiexec] = "hydra build details" in _version_text(mpiexec)
-    return _hydra_cache[mpiexec]
 
 
 def _local_cpu_ids() -> list[int]:
@@ -149,13 +131,10 @@ class DefaultPlatform(Platform):
     # The job script (and so the launcher) runs on the first node of the allocation, or locally.
     serial_workers_without_mpi = True
 
-    def __init__(self, mpi_flavor: Optional[str] = None, mpiexec: Optional[str] = None, *, options: Any = None,
-                 bind_ranks: Optional[bool] = None) -> None:
+    def __init__(self, mpi_flavor: Optional[str] = None, mpiexec: Optional[str] = None, *, options: Any = None) -> None:
         super().__init__(options)
         self._mpi_flavor = mpi_flavor
         self._mpiexec = mpiexec
-        #: Whether mpich-flavour lines bind ranks to their CPUs (None: when mpiexec is hydra).
-        self._bind_ranks = bind_ranks
 
     # -- inside an allocation -------------------------------------------------------------------
     def hostnames(self, env: Mapping[str, str]) -> list[str]:
@@ -243,24 +222,7 @@ class DefaultPlatform(Platform):
                     args += ["-x", name]
         else:
             args = [self.mpiexec(), "-n", str(total), "-ppn", str(ranks_per_node), "--hosts", ",".join(hosts)]
-            args += self._hydra_binding(spec)
         return args + self._extra_args(spec.launch_params)
-
-    def _hydra_binding(self, spec: LaunchSpec) -> list[str]:
-        """``--bind-to user:a+b,c+d`` (hydra's explicit binding: rank i to the i-th ``+``-joined list)
-        for a single-node job the launcher assigned CPUs to, each rank getting its share of them
-        (:func:`~balsam.platform.cpu_bind_list`; the ids are already hardware threads here). Without
-        it the ranks of jobs packed on one node all ran on every CPU of it. Nothing when the job's
-        launch_params bind (``bind-to``, ``binding``), for whole-node jobs (no CPUs assigned), or
-        when ``mpiexec`` is not hydra (:func:`is_hydra`): those ranks are not bound."""
-        if len(spec.cpu_ids) != 1 or not spec.cpu_ids[0]:
-            return []
-        if any(key.lstrip("-").replace("_", "-").lower() in ("bind-to", "binding") for key in spec.launch_params):
-            return []
-        if not (self._bind_ranks if self._bind_ranks is not None else is_hydra(self.mpiexec())):
-            return []
-        ranks = cpu_bind_list(spec, spec.cpu_ids[0]).removeprefix("list:").split(":")
-        return ["--bind-to", "user:" + ",".join("+".join(map(str, parse_id_ranges(r))) for r in ranks)]
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         # Open MPI binds each rank to a core (or a package) unless told; MPICH's hydra binds none.
