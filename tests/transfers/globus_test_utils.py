@@ -37,3 +37,32 @@ def make_backend(tmp_path: Path, **options) -> GlobusTransfer:
                              transfer_client=client)
     backend._entry_point_name = "globus"
     return backend
+
+
+def stage_in_site(tmp_path: Path, name: str):
+    """A real site (on the test's API) with a Globus location ``aps`` and one job staging
+    ``aps:/data/raw.h5`` in: ``(client, site_path, site, job, item)``, its transfer item as the API
+    has it."""
+    from balsam._api.model import reset_default_client
+    from balsam.api import ApplicationDefinition, Job
+    from balsam.client import load_client
+    from balsam.config import SiteConfig
+    from balsam.site.site_ops import init_site
+
+    reset_default_client()
+    client = load_client()
+    site_path = tmp_path / name
+    init_site(site_path, name, "default", client,
+              settings_overrides={"transfers": {"transfer_locations": {"aps": f"globus://{REMOTE_EP}"}}})
+    site = SiteConfig(site_path)
+    site_id = site.site_id
+
+    class Fetch(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+        transfers = {"raw": {"required": True, "direction": "in", "local_path": "raw.h5"}}
+
+    Fetch.sync()
+    (job,) = Job.objects.bulk_create([Job("t/0", Fetch, transfers={"raw": "aps:/data/raw.h5"})])
+    item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    return client, site_path, site, job, item

@@ -30,7 +30,7 @@ from balsam.transfer import TaskState, TransferError, TransferFile, TransferLoca
 from balsam_transfer_globus.auth import save_tokens
 from balsam_transfer_globus.backend import GlobusTransfer
 from balsam_transfer_globus.hooks import globus_login
-from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses  # noqa: F401
+from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses, stage_in_site  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("mocked_responses")
 
@@ -369,29 +369,9 @@ def test_a_batch_sent_before_a_crash_is_sent_again_with_its_submission_id(balsam
     """The agent died after Globus accepted a batch but before the task id reached the journal: the
     token (submission id) journaled before the submission is reused, so Globus answers with the task
     it already has instead of starting a second one."""
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
     from balsam.site.modules.transfers import JOURNAL_NAME, TransfersModule, TransfersOptions
-    from balsam.site.site_ops import init_site
 
-    reset_default_client()
-    client = load_client()
-    site_path = tmp_path / "token-site"
-    init_site(site_path, "token-site", "default", client,
-              settings_overrides={"transfers": {"transfer_locations": {"aps": f"globus://{REMOTE_EP}"}}})
-    site = SiteConfig(site_path)
-    site_id = site.site_id
-
-    class Fetch(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"raw": {"required": True, "direction": "in", "local_path": "raw.h5"}}
-
-    Fetch.sync()
-    (job,) = Job.objects.bulk_create([Job("t/0", Fetch, transfers={"raw": "aps:/data/raw.h5"})])
-    item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    client, site_path, site, job, item = stage_in_site(tmp_path, "token-site")
     dest = str(Path(site.data_path) / "t/0/raw.h5")
     token = "aaaaaaaa-0000-0000-0000-000000000042"
     (site_path / JOURNAL_NAME).write_text(json.dumps(

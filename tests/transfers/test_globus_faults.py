@@ -28,7 +28,7 @@ from balsam.states import TransferDirection
 from balsam.transfer import TaskState, TransferError, TransferFile, build_backend
 from balsam_transfer_globus.auth import login, save_tokens
 from balsam_transfer_globus.backend import GlobusTransfer
-from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses  # noqa: F401
+from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses, stage_in_site  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("mocked_responses")
 
@@ -310,29 +310,8 @@ def test_a_journaled_batch_that_may_work_later_waits_with_the_reason(tmp_path: P
 def test_a_journaled_batch_refused_for_good_leaves_the_journal(balsam_env, tmp_path: Path) -> None:
     """Through run_cycle with a real API: one POST, the item fails a try (its job fails), the journal
     is gone (was: a POST every cycle, the item pending without an error, the journal kept)."""
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.site_ops import init_site
-
     responses.add_passthru(balsam_env.url)
-    reset_default_client()
-    client = load_client()
-    site_path = tmp_path / "tok"
-    init_site(site_path, "tok", "default", client,
-              settings_overrides={"transfers": {"transfer_locations": {"aps": f"globus://{REMOTE_EP}"}}})
-    site = SiteConfig(site_path)
-    site_id = site.site_id
-
-    class Fetch(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"raw": {"required": True, "direction": "in", "local_path": "raw.h5"}}
-
-    Fetch.sync()
-    (job,) = Job.objects.bulk_create([Job("t/0", Fetch, transfers={"raw": "aps:/data/raw.h5"})])
-    item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    client, site_path, site, job, item = stage_in_site(tmp_path, "tok")
     (site_path / JOURNAL_NAME).write_text(json.dumps(
         {"token": "aaaaaaaa-0000-0000-0000-000000000042", "alias": "aps", "direction": "in",
          "files": [[item["id"], "/data/raw.h5", str(Path(site.data_path) / "t/0/raw.h5"), False]]}) + "\n")
