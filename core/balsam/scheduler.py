@@ -67,10 +67,12 @@ __all__ = [
     "Scheduler",
     "SchedulerError",
     "SchedulerGuard",
+    "STILL_ACTIVE",
     "SchedulerJobStatus",
     "StatusPoll",
     "SubmitRequest",
     "subprocess_runner",
+    "with_poll_record",
 ]
 
 
@@ -187,7 +189,14 @@ class JobHistory:
 
 
 #: JobHistory states that say the job is still active (the status poll missed it).
-_ACTIVE = (BatchJobState.queued, BatchJobState.running)
+STILL_ACTIVE = (BatchJobState.queued, BatchJobState.running)
+
+
+def with_poll_record(history: Optional[JobHistory], ended: Optional[JobHistory]) -> Optional[JobHistory]:
+    """A job's history, or what the last status poll said of its end (``StatusPoll.ended``) when
+    the history has no record or still says queued/running: a final record of the poll beats a
+    history that lags (sacct behind a busy slurmdbd says RUNNING after squeue showed COMPLETED)."""
+    return ended if ended is not None and (history is None or history.state in STILL_ACTIVE) else history
 
 
 def _frozen_mapping(value: Optional[Mapping]) -> Mapping:
@@ -388,10 +397,7 @@ class Scheduler(abc.ABC):
                 raise
             logger.warning("%s; using the last status poll's record of the jobs that ended", exc)
             return fallback
-        # A final record of the last poll beats a history that still says queued/running (sacct
-        # behind a busy slurmdbd says RUNNING after squeue showed the job COMPLETED).
-        return {i: histories[i] if histories[i] is not None and not (fallback[i] and histories[i].state in _ACTIVE)
-                else fallback[i] for i in jobs}
+        return {i: with_poll_record(histories[i], fallback[i]) for i in jobs}
 
     def get_backfill_windows(self) -> dict[str, list[BackfillWindow]]:
         with self.guard("backfill query"):

@@ -39,10 +39,10 @@ def make_backend(tmp_path: Path, **options) -> GlobusTransfer:
     return backend
 
 
-def stage_in_site(tmp_path: Path, name: str):
-    """A real site (on the test's API) with a Globus location ``aps`` and one job staging
-    ``aps:/data/raw.h5`` in: ``(client, site_path, site, job, item)``, its transfer item as the API
-    has it."""
+def stage_in_site(tmp_path: Path, name: str, workdir: str = "t/0", **transfers):
+    """A real site (on the test's API) with a Globus location ``aps`` (and the other ``transfers``
+    settings given) and one job in ``workdir`` staging ``aps:/data/raw.h5`` in:
+    ``(client, site_path, site, job, item)``, its transfer item as the API has it."""
     from balsam._api.model import reset_default_client
     from balsam.api import ApplicationDefinition, Job
     from balsam.client import load_client
@@ -53,7 +53,7 @@ def stage_in_site(tmp_path: Path, name: str):
     client = load_client()
     site_path = tmp_path / name
     init_site(site_path, name, "default", client,
-              settings_overrides={"transfers": {"transfer_locations": {"aps": f"globus://{REMOTE_EP}"}}})
+              settings_overrides={"transfers": {"transfer_locations": {"aps": f"globus://{REMOTE_EP}"}, **transfers}})
     site = SiteConfig(site_path)
     site_id = site.site_id
 
@@ -63,6 +63,6 @@ def stage_in_site(tmp_path: Path, name: str):
         transfers = {"raw": {"required": True, "direction": "in", "local_path": "raw.h5"}}
 
     Fetch.sync()
-    (job,) = Job.objects.bulk_create([Job("t/0", Fetch, transfers={"raw": "aps:/data/raw.h5"})])
+    (job,) = Job.objects.bulk_create([Job(workdir, Fetch, transfers={"raw": "aps:/data/raw.h5"})])
     item = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
     return client, site_path, site, job, item

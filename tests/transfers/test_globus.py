@@ -304,30 +304,9 @@ def test_a_restarted_agent_resumes_the_globus_task(balsam_env, tmp_path: Path) -
     """The transfers module submits one Globus task for a job's stage-in; the agent then dies and a
     new module (a restarted agent) polls that task id instead of submitting the files again."""
     responses.add_passthru(balsam_env.url)  # the balsam API itself is real (httpx does not go through requests anyway)
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
     from balsam.site.modules.transfers import TransfersModule, TransfersOptions
-    from balsam.site.site_ops import init_site
 
-    reset_default_client()
-    client = load_client()
-    site_path = tmp_path / "globus-site"
-    init_site(site_path, "globus-site", "default", client,
-              settings_overrides={"transfers": {"transfer_locations": {"aps": f"globus://{REMOTE_EP}"},
-                                                "globus_endpoint_id": SITE_EP}})
-    from balsam.config import SiteConfig
-
-    site = SiteConfig(site_path)
-    site_id = site.site_id
-
-    class Fetch(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"raw": {"required": True, "direction": "in", "local_path": "raw.h5"}}
-
-    Fetch.sync()
-    (job,) = Job.objects.bulk_create([Job("g/0", Fetch, transfers={"raw": "aps:/data/raw.h5"})])
+    client, site_path, site, job, _ = stage_in_site(tmp_path, "globus-site", "g/0", globus_endpoint_id=SITE_EP)
     options = TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"}, globus_endpoint_id=SITE_EP)
 
     def module_with_mocked_globus() -> TransfersModule:

@@ -39,7 +39,9 @@ import attrs
 from ...batch_job_rules import BatchJobRefused, check_batch_job
 from ...models import AllowedQueue
 from ...options import option
-from ...scheduler import JobHistory, SchedulerError, SchedulerJobStatus, StatusPoll, SubmitRequest
+from ...scheduler import (
+    STILL_ACTIVE, JobHistory, SchedulerError, SchedulerJobStatus, StatusPoll, SubmitRequest, with_poll_record,
+)
 from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
 from ..api_util import bulk_patch, iso_now, list_all, utcnow
@@ -49,8 +51,6 @@ from ..module import AgentModule
 
 #: Minutes past its wall time after which a job whose history still says "running" counts as gone.
 ACTIVE_RECORD_GRACE_MIN = 10
-#: JobHistory states that say the job is still active (the status poll missed it).
-STILL_ACTIVE = (BatchJobState.queued, BatchJobState.running)
 
 ACTIVE = (
     BatchJobState.pending_submission,
@@ -162,15 +162,6 @@ def clean_record(value: Any) -> Any:
     if isinstance(value, list):
         return [clean_record(v) for v in value]
     return value
-
-
-def _queued_job_record(status: Any) -> dict:
-    """A Site.queued_jobs entry: 0.7's fields, plus ``message`` only when the scheduler gave one
-    (see SchedulerJobStatus.message)."""
-    record = clean_record(to_dict(status))
-    if not record.get("message"):
-        record.pop("message", None)
-    return record
 
 
 def _read_marker(marker: Path) -> Optional[int]:
@@ -448,9 +439,7 @@ class SchedulerModule(AgentModule):
                 found = self.scheduler.get_histories(gone, last_poll=attrs.evolve(poll, ended={}))
             else:
                 found = self.scheduler.get_histories(gone)
-            # A final record of the last poll beats a history that still says queued/running.
-            histories = {i: ended.get(i) if ended.get(i) and (found.get(i) is None or found[i].state in STILL_ACTIVE)
-                         else found.get(i) for i in gone}
+            histories = {i: with_poll_record(found.get(i), ended.get(i)) for i in gone}
         except Exception as exc:
             self.history_failures += 1
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
@@ -487,7 +476,7 @@ class SchedulerModule(AgentModule):
             self._history_unknown_note(batch_job, update)
             return
         history: Optional[JobHistory] = self._histories.get(scheduler_id)
-        if history is not None and history.state in (BatchJobState.queued, BatchJobState.running):
+        if history is not None and history.state in STILL_ACTIVE:
             if self._still_active(batch_job, history, update):
                 return
             history = None  # past its wall time: a record that never ends counts as no record
@@ -843,7 +832,8 @@ class SchedulerModule(AgentModule):
         payload: dict[str, Any] = {}
         if statuses is not None:
             payload["queued_jobs"] = {
-                str(k): _queued_job_record(v) for k, v in statuses.items() if -(2**63) <= int(k) < 2**63
+                # to_dict leaves an empty message out (SchedulerJobStatus.message): 0.7's format
+                str(k): clean_record(to_dict(v)) for k, v in statuses.items() if -(2**63) <= int(k) < 2**63
             }
         try:
             windows = self.scheduler.get_backfill_windows()
