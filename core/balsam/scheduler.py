@@ -81,6 +81,13 @@ __all__ = [
 #: own queue's.
 ANY_QUEUE = "*"
 
+#: The ``status_info`` key that the site agent's scheduler module sets (to ``"true"``: status_info
+#: holds strings) on a BatchJob it made submit_failed because the scheduler refused the request for
+#: good (``SchedulerError.permanent``, or a request alone over a per-user queue limit), not because a
+#: command kept failing (a daemon down for a few cycles): a request as large would be refused again,
+#: which the elastic queue reads.
+REFUSED_FOR_GOOD = "refused_for_good"
+
 
 class SchedulerError(Exception):
     """A scheduler command failed or printed something we cannot read.
@@ -94,12 +101,21 @@ class SchedulerError(Exception):
     allows: nothing reached the queue, and the same request is accepted once some of those jobs
     leave it, which may take hours. It is neither a failure nor worth a try every cycle: the agent
     keeps the BatchJob waiting and holds back that queue's submissions until the queue shrinks.
+
+    ``per_user_limit`` (with ``at_queue_limit``) says the limit reached counts the submitting user's
+    own jobs only (Slurm's QOSMaxSubmitJobPerUserLimit, PBS's per-user max_queued, Cobalt's
+    maxqueued), as the driver reads its scheduler's wording: then a refusal while the status poll
+    lists none of the user's jobs means that the request alone exceeds the limit, which no wait
+    clears. A limit of a group, account, association or project, or of the whole queue, counts other
+    users' jobs, which the poll does not list: never "alone". False where the driver cannot tell.
     """
 
-    def __init__(self, message: str, *, permanent: bool = False, at_queue_limit: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool = False, at_queue_limit: bool = False,
+                 per_user_limit: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent and not at_queue_limit
         self.at_queue_limit = at_queue_limit
+        self.per_user_limit = at_queue_limit and per_user_limit
 
 
 @attrs.frozen

@@ -51,7 +51,8 @@ def test_check_settings_names_the_keys_the_simple_strategy_ignores(tmp_path) -> 
     # Keys left at their defaults, and the backfill strategy (which reads them), draw nothing.
     for text in ("elastic_queue:\n  strategy: simple\n  max_num_nodes: 127\n",
                  SIMPLE.replace("strategy: simple", "strategy: backfill").replace(
-                     "  strategy_options: {nodes_per_block: 4, wall_time_min: 60}\n", "")):
+                     "  strategy_options: {nodes_per_block: 4, wall_time_min: 60}\n", "").replace(
+                     "  use_backfill: false\n", "")):
         (site / "settings.yml").write_text(text)
         proc = _check_settings(site)
         assert proc.returncode == 0 and "ignores" not in proc.stderr, proc.stderr
@@ -87,3 +88,40 @@ def test_a_strategy_that_does_not_say_what_it_reads_draws_no_warning() -> None:
 
         mp.setattr(SimpleStrategy, "reads_section_keys", None)
         assert options.warnings() == {}
+
+
+BACKFILL_OFF = """scheduler:
+  name: local
+  allowed_queues: {local: {max_nodes: 8, max_walltime: 600, max_queued_jobs: 10}}
+elastic_queue:
+  max_num_nodes: 4
+  min_wall_time_min: 20
+  use_backfill: false
+  max_queue_wait_time_min: 3
+  regular_queue_after_min: 30
+"""
+OFF_NAMED = "use_backfill: false ignores min_wall_time_min: 20, max_queue_wait_time_min: 3, regular_queue_after_min: 30"
+
+
+def test_keys_the_backfill_strategy_reads_only_for_windows_are_named_under_use_backfill_false(tmp_path) -> None:
+    """use_backfill: false: every request is max_num_nodes x (max_wall_time_min - pad) in the regular
+    queue, so min_wall_time_min (the shortest window), max_queue_wait_time_min (a window-fitted
+    request's staleness) and regular_queue_after_min (taken when no window fits) did nothing, without
+    a word. Now one warning, on use_backfill's line, names those set away from their defaults."""
+    from balsam_elastic import ElasticQueueOptions
+
+    site = _site(tmp_path, BACKFILL_OFF)
+    proc = _check_settings(site)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "ignores" in line]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"Warning: {site / 'settings.yml'}:7 elastic_queue.use_backfill: {OFF_NAMED} "), lines
+    # The keys it does read without windows (nodes, the longest wall time, the pad) draw nothing,
+    # nor do the window keys at their defaults or with use_backfill: true.
+    assert ElasticQueueOptions(use_backfill=False, max_num_nodes=2, min_num_nodes=2, max_wall_time_min=90,
+                               wall_time_pad_min=2).warnings() == {}
+    assert ElasticQueueOptions(use_backfill=True, min_wall_time_min=20, regular_queue_after_min=30).warnings() == {}
+    assert ElasticQueueOptions(use_backfill=False, regular_queue_after_min=30).ignored_keys() == ["regular_queue_after_min"]
+    # Under simple, which reads none of them, the strategy warning names them all (once, not twice).
+    simple = ElasticQueueOptions(strategy="simple", use_backfill=False, min_wall_time_min=20)
+    assert list(simple.warnings()) == ["strategy"] and simple.ignored_keys() == ["min_wall_time_min", "use_backfill"]

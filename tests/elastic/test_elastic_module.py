@@ -248,8 +248,8 @@ def test_regular_queue_fallback_is_marked_and_never_cancelled_as_stale(make_site
     module.read_backlog = lambda: attrs.evolve(ElasticQueueModule.read_backlog(module), oldest_runnable_wait_min=2.0)
     module.run_cycle()
     made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
-    assert [(b["num_nodes"], b["wall_time_min"], b["status_info"]) for b in made] == [
-        (2, 60, {"elastic_request": "regular_queue"})], module.last_decision
+    assert [(b["num_nodes"], b["wall_time_min"], b["status_info"]["elastic_request"]) for b in made] == [
+        (2, 60, "regular_queue")], module.last_decision
     assert "submit 2 nodes x 60 min (regular queue)" in module.last_decision.log_line("backfill")
     client.patch("/batch-jobs/", json=[{"id": made[0]["id"], "state": "queued", "scheduler_id": 5}])
     jobs += _runnable_jobs(client, site, 2, {})  # more work than it reserves

@@ -23,7 +23,8 @@ class TestSlurmContract(SchedulerContract):
         "sbatch_bad_partition": Refusal("Invalid partition name specified", permanent=True),
         "sbatch_missing_script": Refusal("Unable to open file /nonexistent/script.sh"),
         "synthetic_sbatch_timeout": Refusal("Socket timed out", permanent=False),
-        "sbatch_qos_submit_limit": Refusal("QOSMaxSubmitJobPerUserLimit", permanent=False, at_queue_limit=True),
+        "sbatch_qos_submit_limit": Refusal("QOSMaxSubmitJobPerUserLimit", permanent=False, at_queue_limit=True,
+                                           per_user_limit=True),
         "sbatch_qos_node_limit": Refusal("QOSMaxNodePerJobLimit", permanent=True, at_queue_limit=False),
     }
     status_outputs = {
@@ -65,7 +66,8 @@ class TestPBSContract(SchedulerContract):
         "qsub_unknown_queue": Refusal("Unknown queue", permanent=True),
         "qsub_hook_reject": Refusal("Invalid filesystem specified: grnd"),
         "qsub_no_server": Refusal("", permanent=False),
-        "qsub_queued_threshold_user": Refusal("per-user limit of jobs in 'Q' state", permanent=False, at_queue_limit=True),
+        "qsub_queued_threshold_user": Refusal("per-user limit of jobs in 'Q' state", permanent=False, at_queue_limit=True,
+                                              per_user_limit=False),
     }
     status_outputs = {
         "qstat_f_json": {1196243: R, 1196250: Q, 1196251: Q, 1196252: R},
@@ -100,7 +102,8 @@ class TestCobaltContract(SchedulerContract):
     submit_outputs = {"qsub_ok": 498131}
     submit_refusals = {
         "qsub_bad_queue": Refusal("", permanent=True),
-        "qsub_maxqueued": Refusal("The limit of 20 jobs per user", permanent=False, at_queue_limit=True),
+        "qsub_maxqueued": Refusal("The limit of 20 jobs per user", permanent=False, at_queue_limit=True,
+                                  per_user_limit=True),
         # qsub exited 0: the job may be queued, so not a refusal
         "qsub_no_jobid": Refusal("printed no job id", permanent=False),
     }

@@ -99,11 +99,13 @@ GARBAGE: tuple[str, ...] = (
 class Refusal:
     """A submission the batch system refused: a fragment of the SchedulerError message, whether
     retrying the same request is pointless (``permanent``; None: not checked), and whether it was
-    refused only because a queue limit is reached (``at_queue_limit``; None: not checked)."""
+    refused only because a queue limit is reached (``at_queue_limit``; None: not checked), and whether
+    that limit counts the user's own jobs only (``per_user_limit``; None: not checked)."""
 
     match: str
     permanent: Optional[bool] = None
     at_queue_limit: Optional[bool] = None
+    per_user_limit: Optional[bool] = None
 
 
 @attrs.frozen
@@ -275,6 +277,9 @@ class SchedulerContract:
             if refusal.at_queue_limit is not None:
                 assert info.value.at_queue_limit is refusal.at_queue_limit, (
                     f"{name}: at_queue_limit={info.value.at_queue_limit}")
+            if refusal.per_user_limit is not None:
+                assert info.value.per_user_limit is refusal.per_user_limit, (
+                    f"{name}: per_user_limit={info.value.per_user_limit}")
 
     def test_status_outputs(self):
         assert self.status_outputs, "record at least one status poll (status_outputs)"

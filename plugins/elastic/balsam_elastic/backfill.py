@@ -3,14 +3,19 @@
 Per cycle (inventory §9):
 
 1. The module's own BatchJobs queued longer than ``max_queue_wait_time_min`` missed the window
-   they were sized for: they are cancelled (``pending_deletion``) and no longer count below.
+   they were sized for: they are cancelled (``pending_deletion``) and no longer count below; so
+   are those the scheduler module holds back in pending_submission (a queue at a scheduler limit,
+   ``BatchJobView.held``) more than ``max_queue_wait_time_min`` after their creation.
    BatchJobs it did not create (by hand, queue_maintainer's) and regular-queue ones are never
    cancelled (0.7 cancelled a hand-made BatchJob after 10 minutes).
 2. ``reserved`` = nodes of the module's BatchJobs that wait or run, less those the scheduler says can
    never start (``BatchJobView.never_starts``: they hold a place in the queue, no nodes); at
    ``max_queued_jobs`` of them (those included), nothing more is submitted, nor, while one that can
    never start waits, a request at least as large as it (the same limit would hold it back).
-3. Nothing runnable: nothing to submit.
+3. Nothing runnable: nothing to submit, and its own window-fitted BatchJobs still waiting for their
+   submission are cancelled (held back at a queue limit, they were submitted once it lifted, for a
+   backlog long gone); when the idle nodes cover the runnable footprint, the newest such ones the
+   others can spare are.
 4. The window: with ``use_backfill`` the scheduler's windows for the submit queue, less the nodes
    its own window-fitted BatchJobs requested and have not taken yet (the scheduler shows them idle
    until those start; a queued one keeps its claim until a status poll shows it running), at least ``min_wall_time_min`` long, longer than the shortest runnable job
@@ -38,22 +43,27 @@ from typing import Any, Optional
 from balsam.models import BackfillWindow
 from balsam.states import BatchJobState
 
-from .strategy import STRATEGY_SECTION_KEYS, Decision, Snapshot, Strategy, Submission, never_starts_reason, nodes_for
+from .strategy import (STRATEGY_SECTION_KEYS, BatchJobView, Decision, Snapshot, Strategy, Submission, never_starts_reason,
+                       nodes_for)
 
 
 class BackfillStrategy(Strategy):
     name = "backfill"
     uses_backfill_windows = True
     reads_section_keys = frozenset(STRATEGY_SECTION_KEYS)
+    #: With use_backfill false every request is max_num_nodes x max_wall_time_min in the regular
+    #: queue: no window is chosen (min_wall_time_min), no request is fitted to one and so none is
+    #: stale (max_queue_wait_time_min), and the regular-queue fallback, taken when no window fits,
+    #: never is (regular_queue_after_min).
+    window_only_keys = frozenset({"min_wall_time_min", "max_queue_wait_time_min", "regular_queue_after_min"})
+    widest_request_key = "max_num_nodes"
 
     def decide(self, snapshot: Snapshot) -> Decision:
         s = self.settings
         backlog = snapshot.backlog
-        stale = tuple(
-            b.id for b in snapshot.batch_jobs
-            if b.owned and b.state == BatchJobState.queued and not b.regular_queue and b.queued_time_min is not None
-            and b.queued_time_min > s.max_queue_wait_time_min
-        )
+        stale_queued = tuple(b.id for b in snapshot.batch_jobs if self.stale_queued(b))
+        stale_held = tuple(b.id for b in snapshot.batch_jobs if self.stale_held(b))
+        stale = stale_queued + stale_held
         live = [b for b in snapshot.reserving if b.id not in stale]
         # One the scheduler says can never start keeps its place in the queue but brings no nodes:
         # counted, it covered the backlog for ever ("16 idle >= 16 needed" with none coming).
@@ -65,14 +75,26 @@ class BackfillStrategy(Strategy):
             ("running_footprint", backlog.running_footprint), ("reserved", reserved), ("idle", max(idle, 0.0)),
             ("batch_jobs", f"{len(live)}/{s.max_queued_jobs}"),
         ]
-        if stale:
+        if stale_queued:
             numbers.append(("stale", f"queued>{s.max_queue_wait_time_min}min"))
+        if stale_held:
+            numbers.append(("stale_held", f"pending>{s.max_queue_wait_time_min}min"))
         if never:
             numbers.append(("never_starts", len(never)))
+        # Its window-fitted requests not submitted yet that the runnable jobs no longer need (the
+        # backlog is gone, or the other nodes cover it): held back by the scheduler module at a
+        # queue limit, they were submitted once it lifted, for jobs long gone.
+        unneeded = self.unneeded_requests(live, idle, backlog)
+        if unneeded:
+            numbers.append(("unneeded", len(unneeded)))
 
         def nothing(reason: str) -> Decision:
-            why = reason if not stale else f"{len(stale)} BatchJob(s) queued past max_queue_wait_time_min; {reason}"
-            return Decision(cancel=stale, reason=why, numbers=tuple(numbers))
+            why = [f"{len(stale_queued)} BatchJob(s) queued past max_queue_wait_time_min"] if stale_queued else []
+            if stale_held:
+                why.append(f"{len(stale_held)} BatchJob(s) held in pending_submission past max_queue_wait_time_min")
+            if unneeded:
+                why.append(f"{len(unneeded)} BatchJob(s) not submitted yet that no runnable job needs")
+            return Decision(cancel=stale + unneeded, reason="; ".join(why + [reason]), numbers=tuple(numbers))
 
         if len(live) >= s.max_queued_jobs:
             return nothing(f"max_queued_jobs reached ({len(live)} of {s.max_queued_jobs} BatchJobs wait or run)")
@@ -102,6 +124,41 @@ class BackfillStrategy(Strategy):
             reason=(f"{backlog.runnable_footprint:.6g} runnable nodes of work, {max(idle, 0.0):.6g} idle"
                     + (f"; {len(stale)} stale BatchJob(s) cancelled" if stale else "")),
         )
+
+    def stale_queued(self, b: BatchJobView) -> bool:
+        """Its own window-fitted BatchJob queued past ``max_queue_wait_time_min``: it missed the window."""
+        return (b.owned and b.state == BatchJobState.queued and not b.regular_queue and b.queued_time_min is not None
+                and b.queued_time_min > self.settings.max_queue_wait_time_min)
+
+    def stale_held(self, b: BatchJobView) -> bool:
+        """Its own window-fitted BatchJob that the scheduler module holds back in pending_submission
+        (the queue is at a scheduler limit) more than ``max_queue_wait_time_min`` after it was
+        created: it missed the window as surely as one queued that long, and once the hold lifted
+        it was submitted for the window (and backlog) of long ago."""
+        return (b.owned and b.state == BatchJobState.pending_submission and not b.regular_queue and bool(b.held)
+                and b.age_min is not None and b.age_min > self.settings.max_queue_wait_time_min)
+
+    def unneeded_requests(self, live: list[BatchJobView], idle: float, backlog: Any) -> tuple[int, ...]:
+        """Its own window-fitted BatchJobs still waiting for their submission that nothing runnable
+        needs: all of them without a runnable job; else the newest ones whose nodes the idle nodes
+        can spare while still covering the runnable footprint. Regular-queue ones are kept (they
+        wait their turn and are never cancelled), and so are BatchJobs it did not create."""
+        if backlog.runnable_count > 0 and backlog.runnable_footprint > idle + 1e-9:
+            return ()
+        waiting = sorted((b for b in live if b.owned and not b.regular_queue
+                          and b.state == BatchJobState.pending_submission), key=lambda b: b.id, reverse=True)
+        if backlog.runnable_count <= 0:
+            return tuple(b.id for b in waiting)
+        spare = idle - backlog.runnable_footprint
+        cancel = []
+        for b in waiting:
+            if b.num_nodes <= spare + 1e-9:
+                cancel.append(b.id)
+                spare -= b.num_nodes
+        return tuple(cancel)
+
+    def widest_request_nodes(self) -> int:
+        return self.settings.max_num_nodes
 
     def longest_request_min(self) -> int:
         s = self.settings
@@ -149,6 +206,10 @@ class BackfillStrategy(Strategy):
         if not fitting:
             shown = ", ".join(f"{w.num_nodes}x{w.wall_time_min}min" for w in snapshot.windows)
             claimed = f", {requested} nodes of them already requested by its BatchJobs not started yet" if requested else ""
+            held = [b for b in snapshot.batch_jobs if b.owned and b.held and not b.regular_queue and not self.stale_held(b)]
+            if requested and held:
+                # Not coming soon: the scheduler module holds them back (a queue at a scheduler limit).
+                claimed += f" ({len(held)} of them held back, BatchJob {held[0].id}: {held[0].held})"
             why = (f"; the shortest runnable job needs {shortest} min, plus wall_time_pad_min {s.wall_time_pad_min}"
                    if need_min > s.min_wall_time_min else "")
             return None, (f"no backfill window fits (need >= {smallest} nodes x >= {need_min} min{why}; "
@@ -175,7 +236,7 @@ class BackfillStrategy(Strategy):
         # One queued past max_queue_wait_time_min is stale; one that can never start takes no nodes.
         waiting = (b for b in snapshot.batch_jobs
                    if b.owned and not b.regular_queue and not b.never_starts
-                   and (b.state == BatchJobState.pending_submission
+                   and ((b.state == BatchJobState.pending_submission and not self.stale_held(b))
                         or (b.state == BatchJobState.queued and b.polled_state != BatchJobState.running
                             and (b.queued_time_min is None or b.queued_time_min <= s.max_queue_wait_time_min))))
         for b in sorted(waiting, key=lambda b: b.id):

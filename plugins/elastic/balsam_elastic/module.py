@@ -17,19 +17,25 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
   (how long each queued BatchJob has waited, whether it already runs, whether the scheduler says it
   can never start as submitted) and, for strategies that use them, the backfill windows
   of ``submit_queue`` (plus those a driver reports for any queue, key ``*``, as PBS does for nodes
-  not tied to a queue).
+  not tied to a queue);
+- only in a cycle whose decision submits: its BatchJobs the scheduler refused lately (the newest
+  submit_failed ones of ``submit_queue``, one GET, see :meth:`ElasticQueueModule.read_refused`); the
+  strategy then decides again, and requests nothing at least as large as one of them.
 
 The strategy (:mod:`balsam_elastic.strategy`) turns that snapshot into a decision; the module creates
 the BatchJobs it asks for (carrying the site's ``filter_tags``, so the launchers run only this site's
-matching jobs, and ``status_info.elastic_request``, the stamp that makes them its own) and marks the
+matching jobs, ``status_info.elastic_request``, the stamp that makes them its own, and
+``status_info.elastic_created``, when, from which one held back in pending_submission is timed) and marks the
 cancelled ones ``pending_deletion`` in one bulk PATCH (the scheduler module then deletes them from
 the scheduler). It never cancels a BatchJob without its stamp, whatever a strategy asks. Every
-cycle logs one INFO line: the action or "nothing", the reason, and the numbers it was based on.
+cycle logs one INFO line: the action or "nothing", the reason, and the numbers it was based on (and
+the BatchJobs the scheduler module holds back at a queue limit, in its words).
 Launchers release their nodes themselves after ``launcher.idle_ttl_sec`` without work.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -40,14 +46,14 @@ from balsam.config.drivers import site_platform
 from balsam.launcher.job_mode import allows_node_packing
 from balsam.models import BackfillWindow
 from balsam.options import build_options
-from balsam.scheduler import ANY_QUEUE
+from balsam.scheduler import ANY_QUEUE, REFUSED_FOR_GOOD
 from balsam.serialization import parse_datetime
 from balsam.site.api_util import bulk_patch, list_all, utcnow
 from balsam.site.module import AgentModule
 from balsam.states import BatchJobState, JobState
 
 from .options import ElasticQueueOptions
-from .strategy import Backlog, BatchJobView, Decision, Snapshot, load_strategy
+from .strategy import Backlog, BatchJobView, Decision, Snapshot, load_strategy, never_starts_reason
 
 #: BatchJob states the module reads (finished ones no longer matter).
 READ_STATES = [s.value for s in (BatchJobState.pending_submission, BatchJobState.queued, BatchJobState.running,
@@ -62,6 +68,14 @@ MAX_IDS_PER_REQUEST = 32
 REQUEST_KIND, REGULAR_QUEUE = "elastic_request", "regular_queue"
 #: BatchJob states in which a launcher may run jobs (the API's state lags the scheduler's).
 LAUNCHED_STATES = (BatchJobState.queued.value, BatchJobState.running.value)
+#: status_info key stamped beside REQUEST_KIND: when the module created the BatchJob (ISO 8601, UTC),
+#: from which a request held back in pending_submission is timed.
+CREATED_AT = "elastic_created"
+#: How far back a refusal of the scheduler holds back requests as large (minutes): its own
+#: submit_failed BatchJobs refused since the module started and at most this long ago count.
+REFUSAL_MEMORY_MIN = 24 * 60
+#: Most recent submit_failed BatchJobs of submit_queue read (one request, newest first).
+REFUSED_READ_LIMIT = 20
 
 
 def as_options(config: Any) -> ElasticQueueOptions:
@@ -94,6 +108,10 @@ class ElasticQueueModule(AgentModule):
         options = as_options(config)
         super().__init__(site_config, options, client)
         self.last_decision: Optional[Decision] = None
+        #: Refusals of the scheduler older than this are forgotten (a restart lifts them all).
+        self.started_at = utcnow()
+        #: When it first saw each of its BatchJobs that carry no CREATED_AT stamp (made by an earlier version).
+        self._first_seen: dict[int, Any] = {}
         #: Clamp and refusal messages already logged: each is logged once, not every cycle.
         self._reported: set[tuple[bool, str]] = set()
         queue_cap = self.queue_limit("max_queued_jobs") or 0  # 0: the queue sets no limit
@@ -167,12 +185,16 @@ class ElasticQueueModule(AgentModule):
     def job_limits(self) -> tuple[Optional[int], bool, Optional[int]]:
         """What a launcher in one of its BatchJobs leases: (most nodes of a job, serial-only, its
         longest BatchJob in minutes); None where there is no limit. A job fits when it is not wider
-        than the submit queue allows, single-node and single-rank under job_mode serial (the serial
+        than the submit queue allows nor than the widest BatchJob the strategy requests
+        (``Strategy.widest_request_nodes``), single-node and single-rank under job_mode serial (the serial
         launcher's ``serial_only`` lease), and shorter than its longest BatchJob (a launcher leases
         only jobs of ``wall_time_min`` <= its whole minutes left, which are fewer than the
         BatchJob's wall time once it runs). :meth:`lease_filters` asks the server for those."""
         serial = self.options.job_mode == "serial"
-        max_nodes = 1 if serial else self.queue_limit("max_nodes")
+        # Nor wider than its widest request (max_num_nodes, nodes_per_block): such a job ran in none
+        # of its BatchJobs, and counted, it inflated the requests.
+        widths = [w for w in (self.queue_limit("max_nodes"), self.strategy.widest_request_nodes()) if w is not None]
+        max_nodes = 1 if serial else (min(widths) if widths else None)
         walls = [w for w in (self.strategy.longest_request_min(), self.queue_limit("max_walltime")) if w is not None]
         return max_nodes, serial, min(walls) if walls else None
 
@@ -214,8 +236,15 @@ class ElasticQueueModule(AgentModule):
                 why.append("more than 1 node or 1 rank per node "
                            "(job_mode serial leases only single-node single-rank jobs)")
         elif max_nodes is not None and widest > max_nodes:
-            why.append(f"more nodes than queue {self.options.submit_queue!r}'s max_nodes {max_nodes} "
-                       f"(settings.yml scheduler.allowed_queues)")
+            queue_max = self.queue_limit("max_nodes")
+            if queue_max is not None and queue_max <= max_nodes:
+                why.append(f"more nodes than queue {self.options.submit_queue!r}'s max_nodes {max_nodes} "
+                           f"(settings.yml scheduler.allowed_queues)")
+            elif self.strategy.widest_request_key:
+                why.append(f"more nodes than elastic_queue.{self.strategy.widest_request_key} {max_nodes}, "
+                           f"the most nodes its BatchJobs have (settings.yml)")
+            else:
+                why.append(f"more nodes than strategy {self.strategy.name!r}'s widest BatchJob ({max_nodes} nodes)")
         if too_long:
             why.append(f"wall_time_min of {max_wall} or more, and its BatchJobs last at most {max_wall} min")
         return "; ".join(why)
@@ -308,15 +337,67 @@ class ElasticQueueModule(AgentModule):
         status = (poll or {}).get(int(row["scheduler_id"])) if row.get("scheduler_id") is not None else None
         polled = _polled_state(status)
         queued = polled is BatchJobState.queued
+        info = row.get("status_info") or {}
+        pending = row["state"] == BatchJobState.pending_submission.value
         return BatchJobView(
             id=int(row["id"]), state=BatchJobState(row["state"]), num_nodes=int(row["num_nodes"]),
             wall_time_min=int(row["wall_time_min"]),
             queued_time_min=int(getattr(status, "queued_time_min", 0) or 0) if queued else None,
-            regular_queue=(row.get("status_info") or {}).get(REQUEST_KIND) == REGULAR_QUEUE,
-            owned=REQUEST_KIND in (row.get("status_info") or {}),
+            regular_queue=info.get(REQUEST_KIND) == REGULAR_QUEUE,
+            owned=REQUEST_KIND in info,
             polled_state=polled, never_starts=self.never_starts(status) if queued else "",
             project=str(row.get("project") or ""),
+            held=str(info.get("waiting") or "") if pending else "",
+            age_min=self.age_min(row) if REQUEST_KIND in info else None,
         )
+
+    def age_min(self, row: Mapping) -> Optional[int]:
+        """Whole minutes since it created ``row`` (its CREATED_AT stamp; one without the stamp,
+        made by an earlier version, is timed from the cycle that first saw it)."""
+        created = None
+        stamp = (row.get("status_info") or {}).get(CREATED_AT)
+        if stamp:
+            try:
+                created = parse_datetime(stamp)
+            except (TypeError, ValueError):
+                created = None
+        if created is None:
+            created = self._first_seen.setdefault(int(row["id"]), utcnow())
+        return int(_minutes_since(created))
+
+    def read_refused(self) -> tuple[BatchJobView, ...]:
+        """Its own BatchJobs of submit_queue that the scheduler refused for good (submit_failed
+        without a scheduler id, marked ``status_info[REFUSED_FOR_GOOD]`` by the scheduler module:
+        nothing reached the queue, and the scheduler's words are in ``status_info.error``), refused since the module started and within
+        :data:`REFUSAL_MEMORY_MIN`: one request, the :data:`REFUSED_READ_LIMIT` newest submit_failed
+        BatchJobs of the queue. Read only in a cycle whose decision submits."""
+        params: dict[str, Any] = {"site_id": self.site_id, "queue": self.options.submit_queue,
+                                  "state": BatchJobState.submit_failed.value, "ordering": "-id",
+                                  "limit": REFUSED_READ_LIMIT}
+        if self.filter_tags():
+            params["filter_tags"] = self._tag_params()
+        rows = (self.client.get("/batch-jobs/", params=params) or {}).get("results") or []
+        since = max(self.started_at, utcnow() - dt.timedelta(minutes=REFUSAL_MEMORY_MIN))
+        refused = []
+        for row in rows:
+            info = row.get("status_info") or {}
+            if REQUEST_KIND not in info or row.get("scheduler_id") is not None:
+                continue  # not its own, or it reached the queue (and failed there later)
+            if info.get(REFUSED_FOR_GOOD) != "true":
+                continue  # failed after retries of a failing command (a daemon down), not refused: may go again
+            when = info.get("error_time") or row.get("end_time")
+            try:
+                failed = parse_datetime(when) if when else None
+            except (TypeError, ValueError):
+                failed = None
+            if failed is None or failed < since:
+                continue
+            refused.append(BatchJobView(
+                id=int(row["id"]), state=BatchJobState.submit_failed, num_nodes=int(row["num_nodes"]),
+                wall_time_min=int(row["wall_time_min"]), regular_queue=info.get(REQUEST_KIND) == REGULAR_QUEUE,
+                never_starts=str(info.get("error") or "no reason given"), project=str(row.get("project") or ""),
+            ))
+        return tuple(sorted(refused, key=lambda b: b.id))
 
     def never_starts(self, status: Any) -> str:
         """The scheduler's reason when its driver says this queued job can never start as
@@ -351,6 +432,9 @@ class ElasticQueueModule(AgentModule):
         poll = self.read_poll() if any(r["state"] == BatchJobState.queued.value for r in rows) else None
         windows, error = self.read_windows()
         views = tuple(self.view(r, poll) for r in sorted(rows, key=lambda r: r["id"]))
+        seen = {v.id for v in views}
+        for gone in [i for i in self._first_seen if i not in seen]:
+            del self._first_seen[gone]
         return Snapshot(batch_jobs=views, backlog=backlog, windows=windows, windows_error=error,
                         project=self.options.submit_project)
 
@@ -358,8 +442,16 @@ class ElasticQueueModule(AgentModule):
     def run_cycle(self) -> Optional[float]:
         snapshot = self.snapshot()
         decision = self.strategy.decide(snapshot)
+        if decision.submit:
+            # Requests the scheduler refused for good (a QOS's per-job node limit) would be refused
+            # again: a new submit_failed BatchJob and a scheduler call every cycle. Read only now.
+            refused = self.read_refused()
+            if refused:
+                snapshot = attrs.evolve(snapshot, refused=refused)
+                decision = self.strategy.decide(snapshot)
+                self.report_refused(snapshot)
         self.last_decision = decision
-        self.logger.info("%s", decision.log_line(self.strategy.name))
+        self.logger.info("%s%s", decision.log_line(self.strategy.name), self.held_note(snapshot))
         backlog = snapshot.backlog
         if backlog.unfit_count:
             # Logged once per distinct reason: at ERROR when nothing runnable fits (no BatchJob is
@@ -390,6 +482,11 @@ class ElasticQueueModule(AgentModule):
             bulk_patch(self.client, "/batch-jobs/",
                        [{"id": i, "state": BatchJobState.pending_deletion.value} for i in cancel])
         for request in decision.submit:
+            blocked = snapshot.never_starting_as_large(request.num_nodes, request.wall_time_min)
+            if blocked is not None:  # a strategy that does not check it (the built-in ones do)
+                self._report_once(f"strategy {self.strategy.name!r} requested {request.num_nodes} nodes x "
+                                  f"{request.wall_time_min} min: not created, {never_starts_reason(blocked)}")
+                continue
             body = {
                 "site_id": self.site_id,
                 "project": self.options.submit_project,
@@ -398,7 +495,8 @@ class ElasticQueueModule(AgentModule):
                 "wall_time_min": request.wall_time_min,
                 "job_mode": self.options.job_mode,
                 "filter_tags": self.filter_tags(),
-                "status_info": {REQUEST_KIND: REGULAR_QUEUE if request.regular_queue else self.strategy.name},
+                "status_info": {REQUEST_KIND: REGULAR_QUEUE if request.regular_queue else self.strategy.name,
+                                CREATED_AT: utcnow().isoformat()},
             }
             refused = self.fit_to_site_rules(body)
             if refused:
@@ -409,6 +507,29 @@ class ElasticQueueModule(AgentModule):
                              body["num_nodes"], body["wall_time_min"], self.options.submit_queue,
                              ", regular queue" if request.regular_queue else "")
         return None
+
+    def report_refused(self, snapshot: Snapshot) -> None:
+        """One ERROR line per BatchJob of its project the scheduler refused, with the scheduler's words."""
+        queue = self.options.submit_queue
+        for b in snapshot.refused:
+            if b.project != snapshot.project:
+                continue  # another project (submit_project changed since): holds nothing back
+            self._report_once(
+                f"BatchJob {b.id} ({b.num_nodes} nodes x {b.wall_time_min} min in queue {queue!r}, project "
+                f"{b.project!r}) was refused by the scheduler: {b.never_starts}. No BatchJob at least as large is "
+                f"requested for this project and queue while the agent runs (for {REFUSAL_MEMORY_MIN // 60} h at "
+                f"most); smaller ones still are. Make elastic_queue.max_num_nodes and max_wall_time_min (or the "
+                f"strategy's block) fit the scheduler's limits, or check the project may use the queue, then "
+                f"restart the agent", error=True)
+
+    def held_note(self, snapshot: Snapshot) -> str:
+        """For the cycle's INFO line: the BatchJobs the scheduler module holds back in
+        pending_submission (a queue at a scheduler limit), which count as capacity but are not
+        coming yet, and the scheduler module's words for the first."""
+        held = [b for b in snapshot.batch_jobs if b.held]
+        if not held:
+            return ""
+        return f" | held={len(held)} (BatchJob {held[0].id}: {held[0].held})"
 
     def _report_once(self, message: str, error: bool = False) -> None:
         # Keyed by level too: a reason first logged as a warning is logged again when it turns fatal.

@@ -102,25 +102,52 @@ class ElasticQueueOptions:
 
     def ignored_keys(self) -> list[str]:
         """The keys of :data:`~balsam_elastic.strategy.STRATEGY_SECTION_KEYS` set away from their
-        defaults that the chosen strategy does not read (none when it does not say which it reads)."""
+        defaults that do nothing as set: those the chosen strategy does not read (none when it does
+        not say which it reads), then, under ``use_backfill: false``, those it reads only for
+        requests fitted to backfill windows (``Strategy.window_only_keys``)."""
+        return self._strategy_ignored() + self._window_only_ignored()
+
+    def _changed(self, keys: Any) -> list[str]:
+        defaults = {f.name: f.default for f in attrs.fields(type(self))}
+        return [key for key in STRATEGY_SECTION_KEYS if key in keys and getattr(self, key) != defaults[key]]
+
+    def _strategy_ignored(self) -> list[str]:
         try:
             reads = strategy_class(self.strategy).reads_section_keys
         except StrategyError:
             return []  # validate() reports it
         if reads is None:
             return []
-        defaults = {f.name: f.default for f in attrs.fields(type(self))}
-        return [key for key in STRATEGY_SECTION_KEYS if key not in reads and getattr(self, key) != defaults[key]]
+        return self._changed([key for key in STRATEGY_SECTION_KEYS if key not in reads])
+
+    def _window_only_ignored(self) -> list[str]:
+        if self.use_backfill:
+            return []
+        try:
+            cls = strategy_class(self.strategy)
+        except StrategyError:
+            return []
+        if cls.reads_section_keys is None or "use_backfill" not in cls.reads_section_keys:
+            return []  # a strategy that ignores use_backfill is warned about it above
+        return self._changed(cls.window_only_keys)
 
     def warnings(self) -> dict[str, str]:
         """Keys that pass every check but do nothing as set (the settings loader locates them and
         ``balsam site check-settings`` prints them; the module logs them once when it starts)."""
-        ignored = self.ignored_keys()
-        if not ignored:
-            return {}
-        shown = ", ".join(f"{key}: {_yaml_value(getattr(self, key))}" for key in ignored)
-        return {"strategy": f"strategy {self.strategy!r} ignores {shown} (keys of the backfill strategy, set away "
-                            f"from their defaults: remove them, or use strategy: backfill)"}
+        found: dict[str, str] = {}
+        ignored = self._strategy_ignored()
+        if ignored:
+            shown = ", ".join(f"{key}: {_yaml_value(getattr(self, key))}" for key in ignored)
+            found["strategy"] = (f"strategy {self.strategy!r} ignores {shown} (keys of the backfill strategy, set "
+                                 f"away from their defaults: remove them, or use strategy: backfill)")
+        unused = self._window_only_ignored()
+        if unused:
+            shown = ", ".join(f"{key}: {_yaml_value(getattr(self, key))}" for key in unused)
+            found["use_backfill"] = (f"use_backfill: false ignores {shown} (they apply only to requests fitted to "
+                                     f"backfill windows; each request waits in the regular queue, at most max_num_nodes "
+                                     f"x max_wall_time_min less wall_time_pad_min, and is never cancelled as stale: "
+                                     f"remove them, or set use_backfill: true)")
+        return found
 
     def _cross(self, problems: dict[str, str], low: str, high: str) -> None:
         """``low`` above ``high``: filed under the key settings.yml sets, so that the error names its

@@ -41,6 +41,7 @@ class SimpleStrategy(Strategy):
     options_schema = SimpleOptions
     #: Its blocks are strategy_options; none of the backfill keys (nodes, wall times, waits) apply.
     reads_section_keys: ClassVar[frozenset[str]] = frozenset()
+    widest_request_key: ClassVar[str] = "strategy_options.nodes_per_block"
 
     def __init__(self, settings: Any, options: Any = None) -> None:
         super().__init__(settings, options)
@@ -65,6 +66,9 @@ class SimpleStrategy(Strategy):
 
     def longest_request_min(self) -> int:
         return self.options.wall_time_min
+
+    def widest_request_nodes(self) -> int:
+        return self.options.nodes_per_block
 
     def decide(self, snapshot: Snapshot) -> Decision:
         o = self.options

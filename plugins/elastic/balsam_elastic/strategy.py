@@ -93,6 +93,12 @@ class BatchJobView:
     #: The project it charges (the module's own all charge ``elastic_queue.submit_project``; one
     #: made by hand may charge another).
     project: str = ""
+    #: Waiting for its submission and held back by the scheduler module: its words
+    #: (``status_info.waiting``, e.g. "waiting: queue 'debug' is at a scheduler limit: ..."); "" otherwise.
+    held: str = ""
+    #: Whole minutes since the elastic module created it (its ``status_info.elastic_created`` stamp;
+    #: for one without the stamp, since the module first saw it); None: not known, or not its own.
+    age_min: Optional[int] = None
 
     @property
     def cancellable(self) -> bool:
@@ -157,6 +163,12 @@ class Snapshot:
     #: The project the module's requests charge (``elastic_queue.submit_project``; they all go to
     #: the snapshot's queue, ``submit_queue``).
     project: str = ""
+    #: Its own BatchJobs of ``submit_queue`` the scheduler refused for good, recently (state
+    #: submit_failed without a scheduler id: nothing reached the queue; ``never_starts`` holds the
+    #: scheduler's error). Like a BatchJob that can never start, each holds back the requests at least
+    #: as large (:meth:`never_starting_as_large`); none counts as capacity or holds a place in the queue.
+    #: The module reads them only in a cycle whose decision submits, then decides again with them.
+    refused: tuple[BatchJobView, ...] = ()
 
     @property
     def reserving(self) -> tuple[BatchJobView, ...]:
@@ -179,13 +191,22 @@ class Snapshot:
         as large, but one denied for access (Slurm's ``InvalidAccount``, ``QOSNotAllowed``) holds
         back only the requests at least as large as it: the smaller ones are submitted, each held
         back in turn once its poll says it never starts, ``max_queued_jobs`` at most. A BatchJob of
-        another project holds nothing back (an account's limits or access say nothing of another's)."""
-        return next((b for b in self.batch_jobs if b.reserving and b.never_starts and b.project == self.project
+        another project holds nothing back (an account's limits or access say nothing of another's).
+
+        A BatchJob of :attr:`refused` (the scheduler refused it at submission, for good) holds back
+        the requests at least as large the same way: submitted, each would be refused in turn, a
+        new BatchJob and a scheduler call every cycle."""
+        waiting = [b for b in self.batch_jobs if b.reserving and b.never_starts]
+        return next((b for b in waiting + list(self.refused) if b.project == self.project
                      and b.num_nodes <= num_nodes and b.wall_time_min <= wall_time_min), None)
 
 
 def never_starts_reason(b: BatchJobView) -> str:
-    """Why a decision does not request a BatchJob as large as ``b``, which never starts."""
+    """Why a decision does not request a BatchJob as large as ``b``, which never starts (or which
+    the scheduler refused: a BatchJob of :attr:`Snapshot.refused`)."""
+    if b.state == BatchJobState.submit_failed:
+        return (f"BatchJob {b.id} ({b.num_nodes} nodes x {b.wall_time_min} min) was refused by the scheduler "
+                f"({b.never_starts}): no BatchJob as large is requested again")
     return (f"BatchJob {b.id} ({b.num_nodes} nodes x {b.wall_time_min} min) can never start as submitted "
             f"(scheduler: {b.never_starts}): no BatchJob as large is requested again")
 
@@ -253,6 +274,12 @@ class Strategy(abc.ABC):
     #: The keys of :data:`STRATEGY_SECTION_KEYS` this strategy reads from ``self.settings``; None:
     #: it does not say (no warning about the others).
     reads_section_keys: ClassVar[Optional[frozenset[str]]] = None
+    #: Of those, the keys it reads only with ``use_backfill: true`` (requests fitted to windows): set
+    #: away from their defaults under ``use_backfill: false``, they draw a warning.
+    window_only_keys: ClassVar[frozenset[str]] = frozenset()
+    #: The ``elastic_queue`` key that sets :meth:`widest_request_nodes`, named in the message on jobs
+    #: wider than that ("" when no key does).
+    widest_request_key: ClassVar[str] = ""
 
     def __init__(self, settings: Any, options: Any = None) -> None:
         self.settings = settings
@@ -275,6 +302,13 @@ class Strategy(abc.ABC):
         """The longest wall time (minutes) of a BatchJob this strategy may request, or None when it
         cannot say. The module then counts as runnable only jobs shorter than that: a launcher
         leases only jobs that fit its time left."""
+        return None
+
+    def widest_request_nodes(self) -> Optional[int]:
+        """The most nodes of a BatchJob this strategy may request, or None when it cannot say. The
+        module then counts as runnable only jobs no wider than that (nor than the submit queue's
+        ``max_nodes``): a wider job runs in none of its BatchJobs, and counted, it inflated the
+        requests with nodes that ran nothing."""
         return None
 
 

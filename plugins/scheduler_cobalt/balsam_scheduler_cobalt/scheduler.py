@@ -165,7 +165,9 @@ class CobaltScheduler(Scheduler):
         # Cobalt's maxqueued restriction: "The limit of 20 jobs per user in the 'default' queue has
         # been reached" (cqm's Restriction.maxqueuedjobs); it clears as the user's jobs leave.
         at_limit = re.search(r"limit of \d+ jobs per user .* has been reached", reason, re.I) is not None
-        raise SchedulerError(f"qsub refused the job: {reason}", permanent=not transient, at_queue_limit=at_limit)
+        # That limit counts the user's own jobs only.
+        raise SchedulerError(f"qsub refused the job: {reason}", permanent=not transient, at_queue_limit=at_limit,
+                             per_user_limit=at_limit)
 
     # -- an earlier submission ----------------------------------------------------------------
     def find_submitted(self, request: SubmitRequest) -> Optional[list[int]]:

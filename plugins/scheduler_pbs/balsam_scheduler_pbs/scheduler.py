@@ -89,6 +89,16 @@ _CONNECTION_TROUBLE = ("cannot connect", "connection refused", "end of file", "t
 #: workq", the older "Maximum number of jobs already in queue" (PBSE_MAXQUED). They clear as the
 #: counted jobs leave the queue. Run limits (max_run) hold a queued job instead of refusing it.
 _QUEUED_LIMIT = re.compile(r"would exceed .*limit|Maximum number of jobs .*already in", re.IGNORECASE)
+#: ... of those, the wordings of a limit on the user's own jobs: the per-user max_queued ("would
+#: exceed queue debug's per-user limit", "Maximum number of jobs for user alice already in queue
+#: workq") and max_queued_res ("would exceed user alice's limit on resource ncpus in complex"). Group,
+#: project and overall limits, and queued_jobs_threshold ("... limit of jobs in 'Q' state"), count
+#: jobs that the user's status poll does not show.
+_PER_USER_LIMIT = re.compile(r"per-user limit|\buser \S+'s limit|for user \S+ already in", re.IGNORECASE)
+
+
+def _is_per_user_limit(said: str) -> bool:
+    return _PER_USER_LIMIT.search(said) is not None and "'Q' state" not in said
 
 
 def parse_pbs_time(text: Any) -> Optional[dt.datetime]:
@@ -370,7 +380,8 @@ class PBSScheduler(Scheduler):
             said = (result.stderr + result.stdout).lower()
             transient = any(t in said for t in _CONNECTION_TROUBLE)
             raise SchedulerError(f"qsub refused the job: {_pbs_error(result)}", permanent=not transient,
-                                 at_queue_limit=_QUEUED_LIMIT.search(result.stderr + result.stdout) is not None)
+                                 at_queue_limit=_QUEUED_LIMIT.search(result.stderr + result.stdout) is not None,
+                                 per_user_limit=_is_per_user_limit(result.stderr + result.stdout))
         for line in result.stdout.splitlines():
             number = job_number(line.strip()) if re.fullmatch(r"\d+(\.\S+)?", line.strip()) else None
             if number is not None:

@@ -437,8 +437,9 @@ class SlurmScheduler(Scheduler):
 
     def parse_submit(self, result: CommandResult) -> int:
         if result.returncode != 0:
+            limit = _submit_limit_reason(result)
             raise SchedulerError(f"sbatch refused the job: {_slurm_error(result)}", permanent=_is_refusal(result),
-                                 at_queue_limit=_submit_limit_reason(result) is not None)
+                                 at_queue_limit=limit is not None, per_user_limit=_counts_only_the_users_jobs(limit))
         for line in reversed(result.stdout.strip().splitlines()):
             match = re.fullmatch(r"(\d+)(;\S+)?", line.strip()) or re.search(r"Submitted batch job (\d+)", line)
             if match:
@@ -693,6 +694,14 @@ def _submit_limit_reason(result: CommandResult) -> Optional[str]:
     """The reason code of a submission refused only because a job-count limit is reached."""
     match = _SUBMIT_LIMIT.search(result.stderr + "\n" + result.stdout)
     return match.group(0) if match else None
+
+
+def _counts_only_the_users_jobs(reason: Optional[str]) -> bool:
+    """Whether a submit-limit reason code counts the user's own jobs only (QOSMaxSubmitJobPerUserLimit).
+    Group, account and association limits (AssocMaxSubmitJobLimit, AssocGrpSubmitJobsLimit,
+    QOSGrpSubmitJobsLimit, QOSMaxSubmitJobPerAccountLimit) count jobs of other users or of other
+    partitions that the user's status poll does not list."""
+    return reason is not None and "PerUser" in reason and not re.search(r"Grp|Account|Assoc", reason)
 
 
 def _is_refusal(result: CommandResult) -> bool:

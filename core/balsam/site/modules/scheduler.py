@@ -40,7 +40,8 @@ from ...batch_job_rules import BatchJobRefused, check_batch_job
 from ...models import AllowedQueue
 from ...options import option
 from ...scheduler import (
-    STILL_ACTIVE, JobHistory, SchedulerError, SchedulerJobStatus, StatusPoll, SubmitRequest, with_poll_record,
+    REFUSED_FOR_GOOD, STILL_ACTIVE, JobHistory, SchedulerError, SchedulerJobStatus, StatusPoll, SubmitRequest,
+    with_poll_record,
 )
 from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
@@ -84,9 +85,10 @@ class SchedulerSettings:
     queue_limit_retry_sec: int = option(
         300,
         "After the scheduler refused a submission because a queue limit is reached (e.g. Slurm's "
-        "QOSMaxSubmitJobPerUserLimit, PBS's per-user max_queued), the queue's BatchJobs wait: a submission "
-        "is tried again as soon as a status poll lists fewer of the user's jobs in that queue, or after "
-        "this many seconds (jobs the limit also counts may be listed elsewhere or belong to others).",
+        "QOSMaxSubmitJobPerUserLimit, PBS's per-user max_queued), that queue's BatchJobs of the same project "
+        "wait: a submission is tried again as soon as a status poll lists fewer of the user's jobs in that "
+        "queue, or after this many seconds (jobs the limit also counts may be listed elsewhere or belong to "
+        "others).",
     )
 
     def validate(self) -> dict[str, str]:
@@ -100,8 +102,10 @@ class SchedulerSettings:
 
 @attrs.frozen
 class QueueLimitHold:
-    """A queue the scheduler refused a submission to because a queue limit is reached
-    (``SchedulerError.at_queue_limit``): its BatchJobs wait, untried, until the hold lifts."""
+    """A queue and project the scheduler refused a submission of because a queue limit is reached
+    (``SchedulerError.at_queue_limit``): the queue's BatchJobs of that project wait, untried, until
+    the hold lifts. Keyed by (queue, project): a project at its own account or association limit
+    must not keep another project's BatchJobs of the same queue from being tried."""
 
     #: What the scheduler said, for the waiting BatchJobs' status_info.
     message: str
@@ -183,6 +187,11 @@ _LOOKUP_FAILING = "left the queue; its history lookup keeps failing"
 _TAGS_WAITING = "waiting: filter_tags mismatch"
 
 
+def _hold_key(batch_job: dict) -> tuple[str, str]:
+    """What a "queue limit reached" hold is kept by: the BatchJob's queue and project."""
+    return batch_job["queue"], batch_job.get("project") or ""
+
+
 def _show_tags(tags: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(tags.items())) + "}"
 
@@ -204,7 +213,8 @@ class SchedulerModule(AgentModule):
         self.poll_failures = 0
         #: BatchJob id -> consecutive cycles it was missing from the queue with no history record.
         self.missing_counts: dict[int, int] = {}
-        #: BatchJob id -> its "queue limit reached" refusals in a row while no job of the user was listed in the queue.
+        #: BatchJob id -> its "queue limit reached" refusals in a row while no job of the user was listed in any
+        #: queue, by a limit on the user's own jobs (SchedulerError.per_user_limit).
         self.limit_refusals_alone: dict[int, int] = {}
         #: BatchJob id -> when the poll first missed a job whose history says queued (no start).
         self.missed_since: dict[int, dt.datetime] = {}
@@ -217,8 +227,8 @@ class SchedulerModule(AgentModule):
         #: consecutive cycles whose history lookup failed, and the last failure's message.
         self.history_failures = 0
         self._history_error = ""
-        #: queue -> the hold its last submission's "queue limit reached" refusal put on it.
-        self.queue_holds: dict[str, QueueLimitHold] = {}
+        #: (queue, project) -> the hold its last submission's "queue limit reached" refusal put on it.
+        self.queue_holds: dict[tuple[str, str], QueueLimitHold] = {}
         #: Whether this cycle's status poll answered (queued_counts then include the user's other jobs).
         self._poll_answered = False
         #: The last backfill query's failure ("" after one answered): warned once, not every cycle.
@@ -287,6 +297,8 @@ class SchedulerModule(AgentModule):
             except Exception as exc:  # a driver bug must not stop the other BatchJobs
                 self.logger.exception("BatchJob %s: unexpected error", batch_job["id"])
                 self._error(update, batch_job, f"{type(exc).__name__}: {exc}")
+            if update.get("state") == BatchJobState.submit_failed.value:
+                self._drop_waiting(batch_job, update)
             if update:
                 updates[batch_job["id"]] = {"id": batch_job["id"], **update}
 
@@ -632,7 +644,8 @@ class SchedulerModule(AgentModule):
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
             if getattr(exc, "at_queue_limit", False):  # nothing reached the queue; no try charged
                 pending.unlink(missing_ok=True)
-                self._hold_queue(batch_job, queued_counts, message, update)
+                self._hold_queue(batch_job, queued_counts, message, update,
+                                 per_user=bool(getattr(exc, "per_user_limit", False)))
                 return
             if permanent:  # the scheduler refused the request: nothing reached its queue
                 pending.unlink(missing_ok=True)
@@ -642,68 +655,97 @@ class SchedulerModule(AgentModule):
                 self.submit_failures.pop(batch_job["id"], None)
                 update["state"] = BatchJobState.submit_failed.value
                 self._error(update, batch_job, f"submit failed: {message}")
+                if permanent:
+                    update["status_info"][REFUSED_FOR_GOOD] = "true"
             else:
                 self._error(update, batch_job, f"submit failed (attempt {failures}, will retry): {message}")
             return
         self.submit_failures.pop(batch_job["id"], None)
         queued_counts[queue] = queued_counts.get(queue, 0) + 1
-        held = self.queue_holds.pop(queue, None)
+        held = self.queue_holds.pop(_hold_key(batch_job), None)
         if held is not None:
-            self.logger.info("queue %r accepts submissions again (held back %.0f s by its limit)",
-                             queue, time.monotonic() - held.since)
+            self.logger.info("queue %r accepts submissions of project %r again (held back %.0f s by its limit)",
+                             queue, batch_job["project"], time.monotonic() - held.since)
         self._record_submitted(batch_job, script, scheduler_id, update, "submitted", marker=marker, pending=pending)
 
     def _held_back(self, batch_job: dict, queued_counts: dict[str, int], update: dict) -> bool:
-        """Whether the BatchJob's queue is held by an earlier "queue limit reached" refusal (then
-        the BatchJob waits, untried); a hold whose time came, or whose queue shrank, lifts here."""
-        queue = batch_job["queue"]
-        hold = self.queue_holds.get(queue)
+        """Whether the BatchJob's queue and project are held by an earlier "queue limit reached"
+        refusal (then the BatchJob waits, untried); a hold whose time came, or whose queue shrank,
+        lifts here."""
+        queue, key = batch_job["queue"], _hold_key(batch_job)
+        hold = self.queue_holds.get(key)
         if hold is None or hold.lifted:
             return False
         listed_now = queued_counts.get(queue, 0) if self._poll_answered else None
         if hold.lifts(listed_now, time.monotonic()):
-            self.queue_holds[queue] = attrs.evolve(hold, lifted=True)
+            self.queue_holds[key] = attrs.evolve(hold, lifted=True)
             return False
         self._set_waiting(batch_job, update, f"waiting: queue {queue!r} is at a scheduler limit: {hold.message}")
         return True
 
-    def _hold_queue(self, batch_job: dict, queued_counts: dict[str, int], message: str, update: dict) -> None:
+    def _hold_queue(self, batch_job: dict, queued_counts: dict[str, int], message: str, update: dict, *,
+                    per_user: bool) -> None:
         """The scheduler refused the BatchJob because a queue limit is reached: it stays
-        pending_submission (no try charged), and so do the queue's others until the hold lifts."""
-        queue = batch_job["queue"]
+        pending_submission (no try charged), and so do the queue's other BatchJobs of the same
+        project until the hold lifts.
+
+        The hold is keyed by (queue, project): a project at its own account/association limit holds
+        back its own BatchJobs only, and another project's first BatchJob in the queue is still tried.
+        Under a per-user limit (which every project of the user shares) this costs at most one refused
+        submit per project per lift: acceptable, each is a cheap refusal and the hold is set again."""
+        queue, project, key = batch_job["queue"], batch_job["project"], _hold_key(batch_job)
         now = time.monotonic()
-        earlier = self.queue_holds.get(queue)
+        earlier = self.queue_holds.get(key)
         listed = queued_counts.get(queue, 0) if self._poll_answered else None
-        if listed == 0:
-            # None of the user's jobs is in the queue, yet it is "at a limit": the request alone
-            # exceeds it (PBS max_queued_res, a QOS allowing 0 jobs), which no wait clears; held, it
-            # would be tried first at every lift and keep the queue's other BatchJobs waiting for ever.
+        listed_anywhere = sum(queued_counts.values()) if self._poll_answered else None
+        if listed_anywhere == 0 and per_user:
+            # A limit on the user's own jobs (the driver says so from its scheduler's wording:
+            # SchedulerError.per_user_limit), and the poll lists none of the user's jobs in any
+            # queue (a QOS or a server-wide limit counts those of other queues too), yet it is
+            # reached: the request alone exceeds it (PBS max_queued_res, a QOS allowing 0 jobs),
+            # which no wait clears; held, it would be tried first at every lift and keep the
+            # project's other BatchJobs of the queue waiting for ever. Group, account, association
+            # and project limits count other users' jobs, which the poll does not list: never "alone".
             alone = self.limit_refusals_alone.get(batch_job["id"], 0) + 1
             self.limit_refusals_alone[batch_job["id"]] = alone
             if alone >= self.threshold:
                 self.limit_refusals_alone.pop(batch_job["id"], None)
-                self.queue_holds.pop(queue, None)
+                self.queue_holds.pop(key, None)
                 update["state"] = BatchJobState.submit_failed.value
                 self._error(update, batch_job, f"submit failed: {message} (refused at a queue limit {alone} times while "
                                                f"the scheduler listed no job of yours in queue {queue!r}: the request "
-                                               f"alone exceeds the limit)")
+                                               f"alone exceeds the limit; it listed none in any other queue either)")
+                update["status_info"][REFUSED_FOR_GOOD] = "true"
                 return
         else:
             self.limit_refusals_alone.pop(batch_job["id"], None)
         retry = max(1, int(self.options.queue_limit_retry_sec))
-        self.queue_holds[queue] = QueueLimitHold(message=clean_text(message), listed=listed, retry_at=now + retry,
-                                                 since=earlier.since if earlier is not None else now)
+        self.queue_holds[key] = QueueLimitHold(message=clean_text(message), listed=listed, retry_at=now + retry,
+                                               since=earlier.since if earlier is not None else now)
         self.submit_failures.pop(batch_job["id"], None)
         self._set_waiting(batch_job, update, f"waiting: queue {queue!r} is at a scheduler limit: {message}")
         if earlier is None:
-            shrinks = (f"a status poll lists fewer than the {listed} jobs of yours there" if listed is not None
-                       else "a status poll lists fewer jobs of yours there")
-            self.logger.warning("queue %r: the scheduler refused BatchJob %s: %s: its BatchJobs wait in "
-                                "pending_submission; submitting again when %s, or in %d s",
-                                queue, batch_job["id"], clean_text(message), shrinks, retry)
+            if listed:
+                when = (f"when a status poll lists fewer than the {listed} job{'s' if listed != 1 else ''} of yours "
+                        f"there, or in {retry} s")
+            elif listed == 0:
+                when = (f"in {retry} s (the status poll lists no job of yours in that queue, so none leaving it can "
+                        f"lift the hold sooner)")
+            else:
+                when = f"in {retry} s (the status poll failed: your jobs there are not counted)"
+            self.logger.warning("queue %r, project %r: the scheduler refused BatchJob %s: %s: the project's BatchJobs "
+                                "of that queue wait in pending_submission; submitting again %s",
+                                queue, project, batch_job["id"], clean_text(message), when)
         else:
-            self.logger.info("queue %r: still at its limit (BatchJob %s refused again); next try in %d s",
-                             queue, batch_job["id"], retry)
+            self.logger.info("queue %r, project %r: still at its limit (BatchJob %s refused again); next try in %d s",
+                             queue, project, batch_job["id"], retry)
+
+    def _drop_waiting(self, batch_job: dict, update: dict) -> None:
+        """A BatchJob that failed waits for nothing: its "waiting" note (a queue-limit hold's, a
+        max_queued_jobs wait's) is outdated beside its error."""
+        info = update.get("status_info") or batch_job.get("status_info") or {}
+        if "waiting" in info:
+            update["status_info"] = {k: v for k, v in info.items() if k != "waiting"}
 
     def _set_waiting(self, batch_job: dict, update: dict, message: str) -> None:
         message = clean_text(message)
