@@ -7,7 +7,8 @@ several updates of one job in one call in that order, so a short task's RUNNING 
 one call and one row write. A call the server refuses as a whole (HTTP 4xx) is resent without the
 updates of the jobs the refusal names (``refused_ids``, or a 422's places of invalid items), else
 split in halves until the refused updates are isolated (:func:`isolate_refused`; a job's updates still arrive in order); those are
-logged and dropped, the others are sent.
+logged (one ERROR line per call, however many it refused: :func:`log_refused`) and dropped, the
+others are sent.
 Connection failures and 5xx are retried for as long as the updater runs; once ``close()`` is
 called, calls that keep failing for ``close_timeout`` seconds are given up.
 
@@ -60,6 +61,11 @@ MAX_DROPPED_KEPT = 1000
 MAX_DROPPED_CHARS = 2000
 #: ...and each of its values cut to this many when the whole is longer.
 _MAX_DROPPED_VALUE_CHARS = 200
+#: A refused chunk's ERROR line names this many of its refused jobs, and this many distinct reasons
+#: (each cut to ``_MAX_REASON_CHARS``); the ids of all of them are in a DEBUG line.
+_REFUSED_IDS_SHOWN = 5
+_REFUSED_REASONS_SHOWN = 3
+_MAX_REASON_CHARS = 500
 
 
 def excerpt(value: Any, limit: int = MAX_DROPPED_CHARS) -> str:
@@ -77,6 +83,35 @@ def bounded_update(update: Any) -> Any:
         return update
     return {key: value if isinstance(value, (int, float, bool, type(None))) or len(repr(value)) <= _MAX_DROPPED_VALUE_CHARS
             else excerpt(value, _MAX_DROPPED_VALUE_CHARS) for key, value in update.items()}
+
+
+def log_refused(name: str, refused: Sequence[tuple[Any, BaseException]], total: int) -> None:
+    """Log the updates the server refused in one call of ``total`` updates: one ERROR line for
+    them all (how many, the first few job ids, each distinct reason once), the ids of every refused
+    update at DEBUG. A user moving 1,000 jobs a session held made 1,000 ERROR lines of the same
+    409, one per job. One refused update keeps its line of old (the update itself, cut)."""
+    if not refused:
+        return
+    if len(refused) == 1:
+        update, error = refused[0]
+        logger.error("%s: server refused update %s: %s", name, excerpt(update), excerpt(str(error)))
+        return
+    by_reason: dict[str, list[Any]] = {}
+    for update, error in refused:
+        by_reason.setdefault(str(error), []).append(_record_id(update))
+    ids = [_record_id(update) for update, _ in refused]
+    shown = ", ".join(str(i) for i in ids[:_REFUSED_IDS_SHOWN])
+    if len(ids) > _REFUSED_IDS_SHOWN:
+        shown += f" and {len(ids) - _REFUSED_IDS_SHOWN} more"
+    reasons = [excerpt(reason, _MAX_REASON_CHARS) for reason in list(by_reason)[:_REFUSED_REASONS_SHOWN]]
+    if len(by_reason) > _REFUSED_REASONS_SHOWN:
+        reasons.append(f"and {len(by_reason) - _REFUSED_REASONS_SHOWN} other reasons")
+    logger.error("%s: server refused updates: %d of the %d of one call (jobs %s): %s", name, len(refused), total, shown,
+                 "; ".join(reasons))
+    if logger.isEnabledFor(logging.DEBUG):
+        for reason, reason_ids in by_reason.items():
+            logger.debug("%s: the %d updates refused (%s) were of jobs %s", name, len(reason_ids),
+                         excerpt(reason, _MAX_REASON_CHARS), reason_ids)
 
 
 def _now() -> dt.datetime:
@@ -478,8 +513,8 @@ class BulkStatusUpdater:
                 self._drop(unsent, str(exc.cause))
                 self._spool(unsent)
                 return
+            log_refused(self.name, refused, len(chunk))
             for update, error in refused:
-                logger.error("%s: server refused update %s: %s", self.name, excerpt(update), excerpt(str(error)))
                 self._drop([update], str(error))
                 self._replace_refused(update, error)
             self.sent += len(chunk) - len(refused)
@@ -636,12 +671,12 @@ def send_spooled(client: Any, session_id: int) -> bool:
         updates = spooled_updates(path, lines)
         try:
             for start in range(0, len(updates), MAX_ITEMS_PER_BULK_OP):
+                chunk = updates[start : start + MAX_ITEMS_PER_BULK_OP]
                 refused = isolate_refused(
-                    lambda chunk: client.patch("/jobs/", json=chunk, idempotency_key=uuid.uuid4().hex, retry_count=0),
-                    updates[start : start + MAX_ITEMS_PER_BULK_OP],
+                    lambda part: client.patch("/jobs/", json=part, idempotency_key=uuid.uuid4().hex, retry_count=0),
+                    chunk,
                 )
-                for update, error in refused:
-                    logger.error("server refused spooled update %s: %s", update, error)
+                log_refused(f"spooled updates {path.name}", refused, len(chunk))
         except Exception as exc:
             # Left for the agent; the chunks sent already are no-ops or refused when it replays them.
             logger.warning("spooled updates %s still cannot be sent (%s): left for the site agent", path.name, exc)

@@ -5,6 +5,10 @@ section is enabled (entry-point group ``balsam.agent_modules``), and runs each m
 ``run_cycle()`` on its period in a thread of its own:
 
 - an exception in a module is logged and the module runs again next period: the agent carries on;
+  the same error again (same module, exception type and message) is logged in full the first time
+  only, then once every ``REPEATED_ERROR_LOG_SEC`` (5 min) with the number of repeats meanwhile,
+  and one line says when the module's cycles succeed again (a persistent failure at a 1 s period
+  wrote ~86,000 tracebacks a day);
 - errors that mean "the API is unreachable" (connection refused, timeouts, 5xx) are retried with an
   exponential backoff (1 s doubling up to 60 s) instead of every period;
 - the agent stops with one error line when the server no longer has its site (deleted with
@@ -54,10 +58,76 @@ HUNG_CYCLE_PERIODS = 10.0
 HUNG_CYCLE_MIN_SEC = 300.0
 #: How often the agent logs its "agent alive" line (cycles, errors, hung modules).
 ALIVE_NOTE_SEC = 600.0
+#: A module cycle failing again with an error it failed with since it last succeeded (same exception
+#: type and message) is logged in full once, then at most once per this many seconds, with a count.
+REPEATED_ERROR_LOG_SEC = 300.0
 
 
 class AgentError(RuntimeError):
     """The agent cannot start (message is one line for the user)."""
+
+
+class _Repeats:
+    """One error's repeats (see :class:`_RepeatedErrors`)."""
+
+    __slots__ = ("count", "unlogged", "logged_at", "since")
+
+    def __init__(self, now: float) -> None:
+        self.count = 1  # failures with it since the module last succeeded
+        self.unlogged = 0  # since it was last logged
+        self.logged_at = now
+        self.since = now
+
+
+class _RepeatedErrors:
+    """The failures of one module's cycles, for :meth:`Agent._module_loop`: says whether an error
+    is logged in full (new since the module last succeeded), summed up (the same again, once per
+    ``REPEATED_ERROR_LOG_SEC``) or not at all, and when the module recovers. Errors are told apart
+    by exception type and message; the most recent ``MAX_KEPT`` distinct ones are remembered (two
+    errors that alternate are each summed up, not logged in full each time)."""
+
+    MAX_KEPT = 16
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.errors: dict[tuple[str, str], _Repeats] = {}
+        self.failures = 0  # in a row, whatever the error
+        self.since = 0.0  # when the first of them happened
+
+    def failed(self, exc: BaseException) -> Optional[str]:
+        """None: log ``exc`` in full (a new error); "": log nothing; else the summary line's text."""
+        now = self.clock()
+        if not self.failures:
+            self.since = now
+        self.failures += 1
+        key = (type(exc).__name__, str(exc))
+        repeats = self.errors.pop(key, None)
+        if repeats is None:
+            self.errors[key] = _Repeats(now)
+            while len(self.errors) > self.MAX_KEPT:
+                del self.errors[next(iter(self.errors))]  # the one seen least recently
+            return None
+        self.errors[key] = repeats  # the most recently seen last
+        repeats.count += 1
+        repeats.unlogged += 1
+        if now - repeats.logged_at < REPEATED_ERROR_LOG_SEC:
+            return ""
+        note = (f"repeated {repeats.unlogged} times in the last {(now - repeats.logged_at) / 60:.0f} min "
+                f"({repeats.count} times since {(now - repeats.since) / 60:.0f} min ago)")
+        repeats.unlogged, repeats.logged_at = 0, now
+        return note
+
+    def succeeded(self) -> Optional[str]:
+        """The recovery line's text after failures (None: there were none)."""
+        if not self.failures:
+            return None
+        kinds = len(self.errors)
+        note = (f"{self.failures} failure{'s' if self.failures != 1 else ''} in a row over "
+                f"{(self.clock() - self.since) / 60:.0f} min"
+                + (f" ({kinds} different errors)" if kinds > 1 else ""))
+        self.errors.clear()
+        self.failures = 0
+        return note
 
 
 # -- pid file -------------------------------------------------------------------------------------
@@ -289,6 +359,8 @@ class Agent:
         #: settings.yml still to be copied to the site record (the server was down at start-up).
         self.settings_push_pending = False
         self._cycles_at_push = -1
+        #: Times the repeats of a module's error (monotonic seconds); tests put a clock of their own.
+        self.clock: Callable[[], float] = time.monotonic
 
     def _make_client(self) -> Any:
         client = load_site_client(self.site_config)
@@ -327,6 +399,7 @@ class Agent:
     def _module_loop(self, module: AgentModule) -> None:
         name = module.name
         backoff = 0.0
+        repeated = _RepeatedErrors(self.clock)
         while not self.stop_event.is_set():
             delay: Optional[float]
             self._cycle_started[name] = time.monotonic()
@@ -336,22 +409,28 @@ class Agent:
                 if backoff:
                     logger.info("%s: API reachable again", name)
                 backoff = 0.0
+                recovered = repeated.succeeded()
+                if recovered is not None:
+                    logger.info("%s: cycle succeeded again after %s", name, recovered)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # a plugin or driver calling sys.exit must not end the module
                 self.errors[name] = self.errors.get(name, 0) + 1
-                if not isinstance(exc, Exception):
-                    logger.error("%s: cycle raised %s (the agent carries on): %s", name, type(exc).__name__, exc,
-                                 exc_info=True)
-                    delay = None
-                elif is_api_outage(exc):
+                if isinstance(exc, Exception) and is_api_outage(exc):
                     backoff = min(MAX_BACKOFF_SEC, max(1.0, backoff * 2))
                     logger.warning("%s: API unavailable (%s); next try in %.0f s", name, exc, backoff)
                     delay = backoff
                 else:
                     if getattr(exc, "status_code", None) == 404:
                         self._site_check_due = True
-                    logger.exception("%s: cycle failed (the agent carries on): %s", name, exc)
+                    # In full the first time; the same error again is summed up every few minutes.
+                    note = repeated.failed(exc)
+                    what = "failed" if isinstance(exc, Exception) else f"raised {type(exc).__name__}"
+                    if note is None:
+                        logger.error("%s: cycle %s (the agent carries on): %s", name, what, exc, exc_info=True)
+                    elif note:
+                        logger.error("%s: cycle %s again (the agent carries on): %s: %s; %s", name, what,
+                                     type(exc).__name__, exc, note)
                     delay = None
             finally:
                 self._cycle_started.pop(name, None)

@@ -15,14 +15,25 @@ reaches this module: the launcher reports it POSTPROCESSED in the same call
 :class:`~balsam.launcher.app_run.PreparedJob`). With the key off, or for jobs whose launcher did not
 (a spooled update, a 0.7 launcher), this module gives it.
 
-Jobs are leased through a Session of their own (no BatchJob), ``prefetch_depth`` at most at once,
-with the launchers' :class:`~balsam.client.lease.JobLease` (exactly-once acquisition). An acquire
-that finds nothing asks the server to wait for jobs (``Prefer: wait``, up to a cycle's sleep), so
-a launcher's RUN_DONE is taken as soon as the server has it.
+Jobs are leased through a Session of their own (no BatchJob), with the launchers'
+:class:`~balsam.client.lease.JobLease` (exactly-once acquisition). An acquire that finds nothing
+asks the server to wait for jobs (``Prefer: wait``, up to a cycle's sleep), so a launcher's RUN_DONE
+is taken as soon as the server has it.
 Jobs whose app keeps the default hook are moved in bulk in the agent process (no process is spawned:
-this path carries the launchers' thousands of jobs per second). Jobs whose app overrides the hook go
-to a pool of ``num_workers`` worker processes, which append the hook's output to the job's
-``balsam.log``. ``run()`` apps get their return value or exception from ``job.out``. Results go to
+this path carries the launchers' thousands of jobs per second). Jobs whose app overrides the hook
+wait in a queue per app and go to a pool of ``num_workers`` worker processes, ``TASKS_PER_WORKER``
+chunks per worker at most, the apps taking turns chunk by chunk (:meth:`ProcessingModule._feed`;
+a cycle with jobs queued spends its sleep handing each freed worker its next chunk); the workers
+append the hook's output to the job's ``balsam.log``. ``run()`` apps get their return value or
+exception from ``job.out``.
+The module holds ``prefetch_depth`` jobs at most (in the pools, queued, in its backlog), with one
+exception, so that hooks never hold back the jobs that need none: when hook jobs take all of it
+(slow hooks, hung ones), each cycle still acquires up to ``HOOK_OVERFLOW_ACQUIRE`` jobs, up to
+``MAX_HELD_PER_PREFETCH`` x ``prefetch_depth`` held in all (the bound on memory). Those whose app
+keeps the default hook are moved at once; more hook jobs join the queues. Queued jobs stay leased
+to this module's session (its heartbeat lists no job ids: the server holds them by the session), so
+no other session takes them; at stop, those not yet handed to a worker are released with the
+session, their hooks never started (the next agent runs them once). Results go to
 the launchers' BulkStatusUpdater (bulk PATCHes; retried through API outages, so no result is lost
 while the jobs stay leased to this module's session). Each cycle also sends the job updates that
 launchers spooled in the site's ``spool/`` because the API was gone when they stopped.
@@ -55,6 +66,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections import deque
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -72,6 +84,17 @@ from ..module import AgentModule
 
 #: Jobs handed to one worker task (amortizes the IPC and app deserialization).
 WORKER_CHUNK = 16
+#: Tasks (chunks) in the shared pool at once, per worker: the one it runs and the next, ready. The
+#: other hook jobs wait in the module's queues, one per app, and the apps take turns (see
+#: :meth:`ProcessingModule._feed`): one app's thousands of jobs hold another's back by a few chunks
+#: at most, and a worker death (a hook timeout) breaks only the chunks in the pool.
+TASKS_PER_WORKER = 2
+#: When the jobs waiting for the hook workers (in the pool and queued) take all of
+#: ``prefetch_depth``, each cycle still acquires up to this many jobs: those whose app keeps the
+#: default hook are moved at once, behind hooks that are slow or hung...
+HOOK_OVERFLOW_ACQUIRE = 100
+#: ...while the module holds fewer than this many times ``prefetch_depth`` jobs in all (memory).
+MAX_HELD_PER_PREFETCH = 2
 SESSION_TICK_SEC = 30.0
 #: While jobs keep arriving (a launcher is finishing them), cycles this often (a launcher's status
 #: updater sends a batch every 0.1 s)...
@@ -213,11 +236,21 @@ class ProcessingModule(AgentModule):
         #: Jobs leased but not yet handled (e.g. the app lookup failed in an API outage): kept for
         #: the next cycle, since no other session can take them while we hold them.
         self.backlog: list[dict] = []
+        #: Jobs leased for a hook of their app's own that wait for a worker (app id -> jobs, in the
+        #: order the apps take turns): the pool gets ``TASKS_PER_WORKER`` chunks per worker at
+        #: most (see _feed). They stay leased to our session meanwhile; at close they are released
+        #: with it, their hooks not run.
+        self.queued: dict[int, deque[dict]] = {}
         #: Ids of jobs whose hook worker died while they were in its chunk: run again alone, once,
         #: one at a time in a pool of one worker of their own (a death there is theirs alone).
         self.alone: set[int] = set()
+        #: Those waiting for the one running alone.
+        self.alone_queue: deque[dict] = deque()
         self.isolation_pool: Optional[cf.ProcessPoolExecutor] = None
         self.isolated: Optional[cf.Future] = None
+        #: Set as a hook task ends (from the pool's thread): a cycle that has hook jobs queued
+        #: feeds the freed worker at once rather than at the next cycle (see _feed_while_waiting).
+        self._task_done = threading.Event()
         #: Each hook task's results file (see run_hooks): after a worker death, the jobs of its chunk
         #: whose hooks completed keep their results; only the others run again.
         self.results_files: dict[cf.Future, Path] = {}
@@ -239,6 +272,16 @@ class ProcessingModule(AgentModule):
     @property
     def hook_timeout_sec(self) -> float:
         return float(self.options.hook_timeout_sec)
+
+    @property
+    def max_tasks(self) -> int:
+        """Tasks (chunks) in the shared pool at once (see ``TASKS_PER_WORKER``)."""
+        return self.num_workers * TASKS_PER_WORKER
+
+    @property
+    def max_held(self) -> int:
+        """Jobs the module holds at most (in the pools, queued for them, in its backlog)."""
+        return MAX_HELD_PER_PREFETCH * self.prefetch_depth
 
     @property
     def data_path(self) -> Path:
@@ -486,13 +529,62 @@ class ProcessingModule(AgentModule):
         self.pending[future] = list(jobs)
         self.results_files[future] = results_file
         self.tasks[future] = _HookTask(pool)
+        future.add_done_callback(lambda _future: self._task_done.set())
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every result handed to the status updater has been sent."""
         return self.updater.flush(timeout) if self.updater is not None else True
 
     def in_flight(self) -> int:
+        """Jobs handed to the hook workers (in both pools), still without a result."""
         return sum(len(jobs) for jobs in self.pending.values())
+
+    def waiting(self) -> int:
+        """Hook jobs queued for a worker (not yet handed to a pool)."""
+        return sum(len(jobs) for jobs in self.queued.values()) + len(self.alone_queue)
+
+    def _feed(self) -> None:
+        """Hand queued hook jobs to the workers: the next job to be run alone when none runs, and
+        chunks (``WORKER_CHUNK`` jobs of one app) to the shared pool while it has fewer than
+        ``max_tasks``, the apps taking turns, a chunk each. A job leaves its queue once its task is
+        submitted: a submit that raises (an app record that cannot be fetched) leaves it there."""
+        if self.alone_queue and self.isolated is None:
+            job = self.alone_queue[0]
+            self.isolated = self._submit(self.apps.info(job["app_id"]), [job], alone=True)
+            self.alone_queue.popleft()
+        while self.queued and sum(1 for f in self.pending if f is not self.isolated) < self.max_tasks:
+            app_id = next(iter(self.queued))
+            queue = self.queued[app_id]
+            chunk = [queue[i] for i in range(min(WORKER_CHUNK, len(queue)))]
+            self._submit(self.apps.info(app_id), chunk)
+            for _ in chunk:
+                queue.popleft()
+            del self.queued[app_id]
+            if queue:
+                self.queued[app_id] = queue  # its next chunk after the other apps' next ones
+
+    def _feed_safely(self) -> Optional[Exception]:
+        try:
+            self._feed()
+        except Exception as exc:
+            return exc
+        return None
+
+    def _feed_while_waiting(self, seconds: float) -> float:
+        """With hook jobs queued, the cycle's sleep is spent feeding them to the workers as tasks
+        end (results sent as they come): a chunk of fast hooks takes milliseconds, and waiting for
+        the next cycle left the workers idle. Returns the seconds left to sleep."""
+        deadline = time.monotonic() + seconds
+        while (self.queued or self.alone_queue) and self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._task_done.wait(left):
+                break
+            self._task_done.clear()  # before the harvest: a task ending after it sets it again
+            harvested = self._harvest()
+            if harvested:
+                self._send(harvested)
+            self._feed()
+        return max(0.0, deadline - time.monotonic())
 
     # -- cycle -------------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
@@ -503,14 +595,27 @@ class ProcessingModule(AgentModule):
         harvested = self._harvest()
         if harvested:
             self._send(harvested)
-        room = min(self.prefetch_depth - self.in_flight() - len(self.backlog), MAX_JOBS_PER_SESSION_ACQUIRE)
+        # Workers freed since the last cycle. A feed that fails (an app record that cannot be
+        # fetched, a pool that cannot start) holds back no other job: raised once the cycle is done.
+        feed_error = self._feed_safely()
+        hook_jobs = self.in_flight() + self.waiting()
+        held = hook_jobs + len(self.backlog)
+        room = self.prefetch_depth - held
+        if room <= 0 and hook_jobs:
+            # Hook jobs waiting for the workers (slow hooks, hung ones) take all of prefetch_depth:
+            # the jobs behind them (in the server's order) whose app keeps the default hook need no
+            # worker, and are not held back by them; a bounded number a cycle, up to max_held.
+            room = min(HOOK_OVERFLOW_ACQUIRE, self.max_held - held)
+        room = min(room, MAX_JOBS_PER_SESSION_ACQUIRE)
         acquired: list[dict] = []
         waited = 0.0
         if room > 0:
             # With nothing to lease, the server holds the answer until jobs reach our states (a
             # launcher's RUN_DONE, a new job) or this long: the wait replaces this cycle's sleep.
-            # Only as long as the results of running hooks can wait, and no longer than a cycle.
-            wait = None if self.backlog else min(self.period, HOOKS_POLL_SEC) if self.pending else self.period
+            # Only as long as the results of running hooks can wait, and no longer than a cycle;
+            # not at all while hook jobs wait for a worker: the cycle's sleep feeds them (_feed_while_waiting).
+            queued = self.queued or self.alone_queue
+            wait = None if self.backlog or queued else min(self.period, HOOKS_POLL_SEC) if self.pending else self.period
             began = time.monotonic()
             acquired = self._acquire(room, wait)
             waited = time.monotonic() - began
@@ -527,25 +632,31 @@ class ProcessingModule(AgentModule):
                 updates = self._dispatch(jobs, handed)
             except Exception:
                 # Our session holds these jobs: one dropped here would wait for the agent's restart
-                # (an API outage while an app loads, a pool that cannot start). The ones not handed
-                # to a hook worker go back and are dispatched again (default hooks can run twice).
+                # (an API outage while an app loads). The ones not queued for a hook worker go back
+                # and are dispatched again (default hooks can run twice).
                 self.backlog = [job for job in jobs if job["id"] not in handed] + self.backlog
                 raise
             if updates:
                 self._send(updates)
+            feed_error = self._feed_safely() or feed_error
         self._tick()
-        self.logger.debug("cycle: harvested %d results, room for %d, acquired %d %s, %d jobs in hook workers",
-                          len(harvested), max(room, 0), len(acquired),
-                          _count_states(acquired) if acquired else "", self.in_flight())
+        self.logger.debug("cycle: harvested %d results, room for %d, acquired %d %s, %d jobs in hook workers, "
+                          "%d queued for them", len(harvested), max(room, 0), len(acquired),
+                          _count_states(acquired) if acquired else "", self.in_flight(), self.waiting())
         now = time.monotonic()
         if acquired:
             self._last_arrival = now
+        if feed_error is not None:
+            raise feed_error  # the agent logs it (and backs off in an API outage); the jobs stay queued
         if room > 0 and len(acquired) >= room:
             return 0.0  # more work is likely waiting
         delay = self._delay(now)
         # The time the acquire waited counts as sleep (a server that does not wait answers at once,
         # and the module then sleeps as it always did).
-        return max(0.0, (self.period if delay is None else delay) - waited) if waited else delay
+        sleep = max(0.0, (self.period if delay is None else delay) - waited) if waited else delay
+        if self.queued or self.alone_queue:
+            return self._feed_while_waiting(self.period if sleep is None else sleep)
+        return sleep
 
     def _delay(self, now: float) -> Optional[float]:
         """How long to sleep after a cycle that did not fill its room (None: ``period``)."""
@@ -555,13 +666,14 @@ class ProcessingModule(AgentModule):
             # one empty cycle used to put the module back on its period (1 s) until the next
             # RUN_DONE. What it costs: one acquire request per cycle while jobs flow.
             return min(self.period, FOLLOW_UP_SEC)
-        if self.pending:
+        if self.pending or self.queued or self.alone_queue:
             return min(self.period, HOOKS_POLL_SEC)  # hooks in flight: collect their results soon
         return None
 
     def _dispatch(self, jobs: list[dict], handed: set[int]) -> list[dict]:
-        """Default hooks now (returned as updates), user hooks to the worker pool (their ids added
-        to ``handed`` as they go: their results come through :meth:`_harvest`). Apps are prefetched."""
+        """Default hooks now (returned as updates), user hooks queued for the workers (their ids
+        added to ``handed`` as they go; :meth:`_feed` hands them to a pool, and their results come
+        through :meth:`_harvest`). Apps are prefetched."""
         updates: list[dict] = []
         custom: dict[int, list[dict]] = {}
         for job in jobs:
@@ -606,19 +718,12 @@ class ProcessingModule(AgentModule):
                         }
                     )
         for app_id, app_jobs in custom.items():
-            info = self.apps.info(app_id)
-            for job in [job for job in app_jobs if job["id"] in self.alone]:
-                if self.isolated is None:
-                    self.isolated = self._submit(info, [job], alone=True)
-                    handed.add(job["id"])
+            for job in app_jobs:
+                if job["id"] in self.alone:
+                    self.alone_queue.append(job)  # one at a time, in the isolation pool
                 else:
-                    self.backlog.append(job)  # after the one running alone
-                    handed.add(job["id"])
-            shared = [job for job in app_jobs if job["id"] not in self.alone]
-            for start in range(0, len(shared), WORKER_CHUNK):
-                chunk = shared[start : start + WORKER_CHUNK]
-                self._submit(info, chunk)
-                handed.update(job["id"] for job in chunk)
+                    self.queued.setdefault(app_id, deque()).append(job)
+                handed.add(job["id"])
         return updates
 
     def close(self) -> None:
@@ -661,7 +766,14 @@ class ProcessingModule(AgentModule):
                 updates.extend(read_results(results_file, jobs).values())
                 _remove(results_file)
         updates += self._harvest()
-        self.backlog = []  # jobs of a dead worker, to be run again alone: released below as well
+        # Jobs of a dead worker to be run again alone, and the hook jobs still queued for a worker
+        # (their hooks never started): released with the session below, run by the next agent.
+        waiting = self.waiting() + len(self.backlog)
+        if waiting:
+            self.logger.info("stopping: %d jobs whose hooks had not started are released", waiting)
+        self.backlog = []
+        self.queued = {}
+        self.alone_queue = deque()
         if updates:
             self._send(updates)
         if self._results_dir is not None:
