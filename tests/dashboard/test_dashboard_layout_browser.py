@@ -86,6 +86,28 @@ def test_long_tags_and_workdirs_wrap_inside_the_window(chromium: Any, user: dict
     assert page.errors == []
 
 
+def test_a_waiting_job_shows_its_deleted_and_failed_parents(chromium: Any, user: dict) -> None:
+    """Before: a child of a FAILED and a deleted parent listed the FAILED one alone, and did not say
+    that it waited for both (nor what to do); with only the deleted parent, "Parents: None."."""
+    campaign = make_campaign(user["url"], user["token"], n_jobs=1, name=f"dag-{uuid.uuid4().hex[:6]}")
+    api = httpx.Client(base_url=user["url"], headers={"Authorization": f"Bearer {user['token']}"}, timeout=30)
+    gone = api.post("/jobs/", json=[{"app_id": campaign["app"]["id"], "workdir": "gone"}]).json()[0]["id"]
+    made = api.post("/jobs/", json=[{"app_id": campaign["app"]["id"], "workdir": LONG_WORKDIR,
+                                     "parent_ids": [campaign["failed"], gone]}])
+    assert made.status_code == 201, made.text
+    assert api.delete(f"/jobs/{gone}").status_code == 204
+    child = made.json()[0]["id"]
+    page = _page(chromium, user["url"], user["username"], user["password"])
+    page.goto(f"/dashboard/jobs/{child}")
+    parents = page.inner_text("main").split("Parents")[1].split("Children")[0]
+    assert f"{campaign['failed']} run/0 FAILED" in parents and f"{gone} deleted or not found" in parents
+    assert f"Waiting for: {campaign['failed']} (FAILED), {gone} (deleted)" in parents
+    assert f"balsam job modify -i {child} -s READY" in parents
+    assert _overflow(page) <= 2, f"the page is {_overflow(page)} px wider than the window"
+    assert page.errors == []
+    api.close()
+
+
 def test_times_show_their_zone_and_hover_shows_utc_once(chromium: Any, user: dict) -> None:
     """Before: a local time without its zone, and a hover of "... UTC (UTC)" (or "2 min ago (UTC)")."""
     campaign = make_campaign(user["url"], user["token"], n_jobs=2, name=f"tz-{uuid.uuid4().hex[:6]}")

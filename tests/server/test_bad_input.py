@@ -98,6 +98,55 @@ def test_a_one_value_filter_given_twice_is_refused_not_cut_to_its_last_value(api
     assert api.http.get(f"/jobs/?id={world['job']['id']}&id=999999").status_code == 200
 
 
+def test_a_tag_key_given_two_values_is_refused_not_cut_to_its_last_value(api, world):
+    """tags=a:1&tags=a:2 answered for a:2 only (the last value won): a listing, count, update or
+    delete of part of what was asked, silently. A tag has one value: 422 naming the key."""
+    site_id, app_id = world["site"]["id"], world["app"]["id"]
+    job_ids = [j["id"] for j in api.jobs(app_id, 2, tags={"exp": "2"})]
+    two = "tags=exp:1&tags=exp:2"
+    cases = [("GET", "/jobs/", two), ("PUT", "/jobs/", two), ("DELETE", "/jobs/", two), ("GET", "/events/", two),
+             ("GET", "/events/", "data=k:1&data=k:2"), ("GET", "/transfers/", two),
+             ("GET", "/batch-jobs/", "filter_tags=exp:1&filter_tags=exp:2"),
+             ("GET", f"/sites/{site_id}/backlog", two)]
+    for method, path, query in cases:
+        body = {"state": "FAILED"} if method == "PUT" else None
+        resp = api.http.request(method, f"{path}?{query}", json=body)
+        assert resp.status_code == 422, (method, path, query, resp.status_code, resp.text[:300])
+        text = resp.text
+        assert "exp" in text or "'k'" in text, text
+        assert "given twice with different values" in text, text
+    detail = api.http.get(f"/jobs/?{two}").json()["detail"][0]
+    assert detail["loc"] == ["query", "tags"], detail
+    assert detail["msg"] == "key 'exp' given twice with different values (exp:1 and exp:2); give each key once", detail
+    # Nothing was updated or deleted by the refused requests.
+    jobs = api.ok("GET", "/jobs/", params=[("id", i) for i in job_ids])["results"]
+    assert sorted(j["id"] for j in jobs) == sorted(job_ids) and all(j["state"] != "FAILED" for j in jobs)
+    # The same pair twice is harmless; different keys still all must match.
+    same = api.ok("GET", "/jobs/?tags=exp:2&tags=exp:2")
+    assert sorted(j["id"] for j in same["results"]) == sorted(job_ids)
+    assert api.ok("GET", "/jobs/?tags=exp:2&tags=other:1")["count"] == 0
+
+
+def test_the_dashboard_filter_box_refuses_a_tag_key_given_two_values(api, world):
+    """It showed "exp:1 exp:2" in its filter box but listed the exp:2 jobs."""
+    import html
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "dashboard"))
+    from dashboard_helpers import logged_in_client, text_of
+
+    api.jobs(world["app"]["id"], 2, tags={"exp": "2"})
+    client = logged_in_client(api.url, api.username, api.password)
+    page = client.get("/dashboard/jobs", params={"tags": "exp:1 exp:2"})
+    text = html.unescape(text_of(page.text))
+    assert page.status_code == 422, text[:500]
+    assert "key 'exp' given twice with different values (exp:1 and exp:2)" in text, text[:500]
+    assert client.get("/dashboard/jobs", params={"tags": "exp:2 exp:2"}).status_code == 200
+    plots = client.get("/dashboard/plots", params={"tags": "exp:1, exp:2"})
+    assert plots.status_code == 422 and "given twice" in html.unescape(plots.text)
+
+
 def test_nul_characters_are_refused_everywhere(api, world):
     """PostgreSQL text cannot hold NUL; both backends refuse it the same way, naming the field."""
     cases = [

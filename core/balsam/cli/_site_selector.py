@@ -177,27 +177,53 @@ def site_names(ids: Optional[list[int]] = None) -> dict[int, str]:
 
 
 def parse_key_values(pairs: tuple[str, ...], what: str) -> dict[str, str]:
-    """``("a=1", "b=2")`` -> ``{"a": "1", "b": "2"}``; a clear UsageError naming the bad item."""
+    """``("a=1", "b=2")`` -> ``{"a": "1", "b": "2"}``; a clear UsageError naming the bad item.
+
+    A key given twice with different values (``-t exp=1 -t exp=2``) is refused: a tag has one value,
+    and keeping the last one silently made ``job ls``/``job rm`` act on the jobs of ``exp=2`` only.
+    The same pair given twice is harmless and kept once."""
     result: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise click.UsageError(f"{what} {pair!r}: expected KEY=VALUE")
-        result[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if key in result and result[key] != value:
+            raise click.UsageError(f"{what}: key {key!r} given twice ({key}={result[key]} and {key}={value}); "
+                                   "give each key once")
+        result[key] = value
     return result
 
 
-def format_table(headers: list[str], rows: list[list[Any]], right: "set[int] | None" = None) -> str:
-    """Columns padded to their widest cell (+2), header underlined; ``right`` = right-aligned columns."""
+def _cells(row: list[Any]) -> list[str]:
+    return ["" if c is None else str(c) for c in row]
+
+
+def table_widths(headers: list[str], rows: list[list[Any]]) -> list[int]:
+    """The column widths of :func:`format_table` for these rows (its header counts too)."""
+    cells = [[str(h) for h in headers]] + [_cells(row) for row in rows]
+    return [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+
+def format_rows(rows: list[list[Any]], widths: list[int], right: "set[int] | None" = None) -> str:
+    """Rows laid out in columns of ``widths`` (a longer cell overflows its column), no header."""
     right = right or set()
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
-    for n, row in enumerate(cells):
-        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)]
+    for row in rows:
+        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(_cells(row))]
         lines.append("  ".join(parts).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_table(headers: list[str], rows: list[list[Any]], right: "set[int] | None" = None,
+                 widths: "list[int] | None" = None) -> str:
+    """Columns padded to their widest cell (+2), header underlined; ``right`` = right-aligned columns.
+    ``widths`` (from :func:`table_widths`) lays the table out in given columns instead."""
+    widths = widths or table_widths(headers, rows)
+    header = format_rows([[str(h) for h in headers]], widths, right)
+    lines = [header, "  ".join("-" * w for w in widths)]
+    if rows:
+        lines.append(format_rows(rows, widths, right))
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import click
 
 from balsam.analytics import _instant, _seconds, from_instant  # standard library only: no start-up cost
 
-from ._site_selector import format_table, parse_key_values, site_filter, site_option
+from ._site_selector import current_site_id, format_table, parse_key_values, site_filter, site_names, site_option
 
 
 def _state_type() -> click.Choice:
@@ -66,9 +66,25 @@ def _save(fig: Any, path: str) -> None:
     click.echo(f"Wrote {path}")
 
 
-def _selection_text(site_selector: str, tags: tuple[str, ...]) -> str:
-    parts = [f"site {site_selector}" if site_selector else "", " ".join(tags)]
-    return ", ".join(p for p in parts if p) or "all selected sites"
+def _selection_text(site_selector: str, tags: tuple[str, ...], filters: dict[str, Any]) -> str:
+    """What was selected, by name: ``site big (current)``, ``sites a, b (active)``, ``all sites``,
+    then the tags. ``filters`` are the query's (``site_id`` as :func:`site_filter` resolved it)."""
+    from balsam.models import SITE_SELECTOR_ACTIVE, SITE_SELECTOR_THIS
+
+    selector = (site_selector or "").strip()
+    ids = filters.get("site_id")
+    if "site_id" not in filters:
+        where = "all sites"
+    elif not ids:
+        where = "no active site" if selector in ("", SITE_SELECTOR_ACTIVE) else "no site"
+    else:
+        names = site_names(list(ids))
+        where = ("site " if len(ids) == 1 else "sites ") + ", ".join(str(names.get(i, i)) for i in ids)
+        if selector == SITE_SELECTOR_THIS or (not selector and current_site_id() is not None):
+            where += " (current)"
+        elif selector in ("", SITE_SELECTOR_ACTIVE):
+            where += " (active)"
+    return ", ".join(p for p in (where, " ".join(tags)) if p)
 
 
 @click.group("analytics")
@@ -89,10 +105,11 @@ def throughput(site_selector: str, tags: tuple, to_state: str, rows: int, plot_p
     from balsam.api import EventLog
 
     plt = _load_pyplot() if plot_path else None
-    events = EventLog.objects.filter(to_state=to_state.upper(), **_event_filters(site_selector, tags))
+    filters = _event_filters(site_selector, tags)
+    events = EventLog.objects.filter(to_state=to_state.upper(), **filters)
     times, counts = throughput_report(events, to_state=to_state.upper())
     if not times:
-        click.echo(f"No job reached {to_state.upper()} yet ({_selection_text(site_selector, tags)}).")
+        click.echo(f"No job reached {to_state.upper()} yet ({_selection_text(site_selector, tags, filters)}).")
         return
     start, end = times[0], times[-1]
     table = []
@@ -113,7 +130,7 @@ def throughput(site_selector: str, tags: tuple, to_state: str, rows: int, plot_p
         ax.step(times, counts, where="post", color="#0b5fad")
         ax.set_xlabel("time")
         ax.set_ylabel(f"jobs {to_state.upper()}")
-        ax.set_title(f"Throughput ({_selection_text(site_selector, tags)})")
+        ax.set_title(f"Throughput ({_selection_text(site_selector, tags, filters)})")
         ax.grid(alpha=0.3)
         fig.autofmt_xdate()
         _save(fig, plot_path)
@@ -138,7 +155,7 @@ def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, pl
     bj_filters = {k: v for k, v in filters.items() if k == "site_id"}
     avail_t, avail_y = available_nodes(batch_jobs_serving(BatchJob.objects.filter(**bj_filters), filters.get("tags")))
     if not busy_t and not avail_t:
-        click.echo(f"No job has run yet and no BatchJob has started ({_selection_text(site_selector, tags)}).")
+        click.echo(f"No job has run yet and no BatchJob has started ({_selection_text(site_selector, tags, filters)}).")
         return
 
     start = min(busy_t[:1] + avail_t[:1], key=_instant)
@@ -162,7 +179,7 @@ def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, pl
             ax.step(avail_t, avail_y, where="post", color="#9a6700", linestyle="--", label="nodes held by BatchJobs")
         ax.set_xlabel("time")
         ax.set_ylabel(unit)
-        ax.set_title(f"Utilization ({_selection_text(site_selector, tags)})")
+        ax.set_title(f"Utilization ({_selection_text(site_selector, tags, filters)})")
         ax.legend(loc="upper left")
         ax.grid(alpha=0.3)
         fig.autofmt_xdate()

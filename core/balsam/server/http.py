@@ -242,7 +242,10 @@ class QueryParams:
         raise ValidationFailed.field(["query", name], f"expected true or false, got {raw!r}")
 
     def key_values(self, name: str) -> Optional[dict[str, str]]:
-        """``tags=k:v`` (repeated) -> ``{"k": "v"}`` (Balsam 0.7 tag filter syntax)."""
+        """``tags=k:v`` (repeated) -> ``{"k": "v"}`` (Balsam 0.7 tag filter syntax).
+
+        One key with two values (``tags=a:1&tags=a:2``) is refused: a tag has one value, and
+        keeping the last one silently answered for ``a:2`` alone. The same pair twice is harmless."""
         raws = self.params.getlist(name)
         if not raws:
             return None
@@ -251,6 +254,9 @@ class QueryParams:
             key, sep, value = raw.partition(":")
             if not sep or not key:
                 raise ValidationFailed.field(["query", name], f"expected KEY:VALUE, got {raw!r}")
+            if key in out and out[key] != value:
+                raise ValidationFailed.field(["query", name], f"key {key!r} given twice with different values "
+                                             f"({key}:{out[key]} and {raw}); give each key once")
             out[key] = value
         return out
 

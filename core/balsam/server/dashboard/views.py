@@ -455,10 +455,26 @@ def job_page(view: View) -> Response:
     return view.render(
         "job.html", title=f"Job {job_id}", active_page="jobs", job=job, site=placed, events=events,
         error_event=_error_tail(events), job_out=job_out, fields=shown_fields,
-        parents=[family.get(p) for p in sorted(job["parent_ids"] or []) if p in family],
+        **_parents_context(job, family),
         children=[family[c] for c in children if c in family], has_more_children=len(children) >= 200,
         error_states=ERROR_STATES,
     )
+
+
+def _parents_context(job: dict, family: dict[int, Any]) -> dict[str, Any]:
+    """Every parent of ``job`` (``None`` in place of one deleted or not among the user's jobs) and,
+    for a job in AWAITING_PARENTS, what it waits for: each parent not JOB_FINISHED (a FAILED parent
+    keeps its children waiting, as in Balsam 0.7; a deleted one never finishes)."""
+    parent_ids = sorted(job["parent_ids"] or [])
+    parents = [(p, family.get(p)) for p in parent_ids]
+    waiting = job["state"] == JobState.awaiting_parents.value
+    waits_for = [(p, row.state if row is not None else "deleted") for p, row in parents
+                 if row is None or row.state != JobState.finished.value] if waiting else []
+    return {
+        "parents": parents, "waiting": waiting, "waits_for": waits_for,
+        "failed_parents": [p for p, state in waits_for if state == JobState.failed.value],
+        "deleted_parents": [p for p, state in waits_for if state == "deleted"],
+    }
 
 
 def batch_jobs_page(view: View) -> Response:
