@@ -23,7 +23,9 @@ so nothing else reaches the agent. A task that ran and failed is reported by :me
 :class:`TaskStatus` in state ``failed`` with the error; a task id the backend no longer knows
 (its process restarted) is ``unknown``, and the agent submits those items again. A :meth:`poll`
 that raises says nothing about the tasks: their items stay in flight whatever ``retryable`` says,
-until the tasks' deadline (``transfers.task_timeout_sec``).
+until the tasks' deadline (``transfers.task_timeout_sec``). A task the backend has accepted but not
+started yet (it waits for one of a bounded number of workers) is ``active`` with ``queued`` set: the
+deadline counts from when it starts, not from its submission.
 """
 
 from __future__ import annotations
@@ -156,6 +158,12 @@ class TaskStatus:
     #: reports (Globus: a fault it keeps retrying, a pause by an administrator); the agent shows it
     #: as the items' reason and logs it once. Empty: the task is progressing (or the backend cannot tell).
     reason: str = ""
+    #: An ``active`` task that has not started yet: it waits for the backend's capacity (the ``local``
+    #: and ``rsync`` backends run at most ``threads`` tasks at once, the others queue behind them).
+    #: The agent's deadline (``transfers.task_timeout_sec``) does not run while a task is queued: it
+    #: counts from the first poll that finds it started. A backend that cannot tell leaves it False,
+    #: and the deadline counts from the submission (Globus: its tasks start when submitted).
+    queued: bool = False
 
 
 class TransferBackend(abc.ABC):

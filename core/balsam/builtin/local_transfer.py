@@ -245,6 +245,9 @@ def _run_task(files: Sequence[tuple[str, TransferFile]], stop: Optional[threadin
 class ThreadedTasks:
     """Tasks run by worker threads of this process, for backends that do the copying themselves.
 
+    At most ``threads`` tasks run at once; a task waiting for a free worker polls ``active`` with
+    ``queued`` set (the agent's deadline starts when a worker takes it).
+
     A finished task's status is kept for ``keep_sec`` after it was first reported, so a poll
     repeated after a lost PATCH still answers (afterwards the id is unknown and the agent submits
     the items again).
@@ -328,7 +331,9 @@ class ThreadedTasks:
                 if future is None:
                     continue
                 if not future.done():
-                    found[tid] = TaskStatus(TaskState.active)
+                    # Queued behind busy workers until one takes it (set_running_or_notify_cancel):
+                    # the agent's deadline does not run meanwhile.
+                    found[tid] = TaskStatus(TaskState.active, queued=not (future.running() or future.done()))
                     continue
                 del self._running[tid]
                 self._stops.pop(tid, None)

@@ -23,17 +23,29 @@ or ``transfers.task_timeout_sec``) or :meth:`RsyncTransfer.close` (the agent sto
 whole process group, the ssh it started included. After a file timed out or ssh itself failed
 (exit 255: host unreachable, login refused) the task's remaining files fail at once with that
 reason, untried: a batch to a hung host costs one ``timeout_sec``, not one per file (rsync's exit
-statuses 10, 12, 30 and 35 say the same as ssh's 255: see ``CONNECTION_FAILED``).
+statuses 10, 12, 30 and 35 say the same as ssh's 255: see ``CONNECTION_FAILED``). Nothing else ends
+such a session when the agent dies: each running rsync is recorded in the site
+(:class:`RunningRsyncs`), and the next agent's backend ends those of a dead agent when it is built.
+
+Remote names holding wildcard characters (``run[1].h5``) are taken literally, although the remote
+rsync expands wildcards even with ``--protect-args``: escaped in a source, sent as a link of that
+name into the directory of a destination; what cannot be named exactly is a file error (see
+:func:`remote_source` and :func:`remote_dest_link_name`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import threading
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Mapping, Optional, Sequence
 
 import attrs
@@ -42,8 +54,11 @@ from ..options import option
 from ..states import TransferDirection
 from .local_transfer import StopFlag, ThreadedTasks, at_least_one
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
+from ..util import terminate_processes
 
-__all__ = ["RsyncOptions", "RsyncTransfer", "rsync_command"]
+__all__ = ["RsyncOptions", "RsyncTransfer", "RunningRsyncs", "rsync_command"]
+
+logger = logging.getLogger(__name__)
 
 
 def _positive(instance: object, attribute: "attrs.Attribute", value: float) -> None:
@@ -110,13 +125,79 @@ def _local_mode(options: RsyncOptions, location: TransferLocation) -> bool:
     return not address or (options.local_mode_for_localhost and port is None and address.split("@")[-1] == "localhost")
 
 
+#: The characters the remote rsync takes as wildcards. With ``--protect-args`` the path reaches the
+#: remote rsync whole (no shell), and that rsync expands wildcards in it itself (rsync's manual:
+#: "Wildcards are expanded on the remote host by rsync instead of a shell"): a source ``run[1].h5``
+#: fetched ``run1.h5``, exit 0. Local mode (``rsync:///``) expands nothing.
+WILDCARDS = frozenset("*?[]")
+
+
+class RemoteNameError(ValueError):
+    """A remote path rsync over ssh cannot name exactly (the message is the file's error)."""
+
+
+def _has_wildcards(path: str) -> bool:
+    return any(c in WILDCARDS for c in path)
+
+
+def remote_source(path: str) -> str:
+    """A remote source path as the remote rsync must receive it to take it literally: its wildcard
+    characters backslash-escaped (the remote rsync's glob then matches the one name, and the local
+    rsync accepts the file it sends back). A name holding a backslash *and* a wildcard character
+    cannot be named so (rsync 3.5: escaping the backslash too makes the local rsync reject the file
+    the remote one sends, "rejecting unrequested file-list name"; leaving it unescaped fetches the
+    wrong file): refused (:class:`RemoteNameError`). A backslash alone needs no escape (no
+    wildcard, no glob: the name is used as it is)."""
+    if not _has_wildcards(path):
+        return path
+    if "\\" in path:
+        raise RemoteNameError(
+            f"rsync over ssh cannot fetch {path} exactly: its name holds both a backslash and a wildcard "
+            "character (* ? [ ]), which the remote rsync expands; rename it, or use a local:// location")
+    return "".join("\\" + c if c in WILDCARDS else c for c in path)
+
+
+def remote_dest_link_name(options: RsyncOptions, location: TransferLocation, direction: TransferDirection,
+                          f: TransferFile) -> Optional[str]:
+    """For a stage-out whose remote destination's *name* holds wildcard characters: that name. The
+    remote rsync expands wildcards in its destination argument too, and an escape does not help
+    there (with nothing matching, the name is created with the backslashes in it; unescaped, an
+    existing ``run1.h5`` is overwritten for ``run[1].h5``). So such a file is sent as a link of that
+    name (followed: ``--copy-links``) into its directory, and the name travels in rsync's file list,
+    which nothing expands. None when the destination needs nothing of the sort (local mode, no
+    wildcard). Raises :class:`RemoteNameError` for what cannot be sent so: a wildcard in a directory
+    of the destination, or in a recursive item's destination (rsync would then judge the links of
+    the tree against the link's directory)."""
+    if direction != TransferDirection.stage_out or _local_mode(options, location):
+        return None
+    dest = location.remote_path(f.dest.rstrip("/") if f.recursive else f.dest)
+    if not _has_wildcards(dest):
+        return None
+    parent, _, name = dest.rpartition("/")
+    if f.recursive or _has_wildcards(parent) or not name:
+        where = "a directory of it" if _has_wildcards(parent) else "a recursive item's destination"
+        raise RemoteNameError(
+            f"rsync over ssh cannot write {dest} exactly: the remote rsync expands wildcard characters (* ? [ ]) "
+            f"in {where} and may write elsewhere; rename it, or use a local:// location")
+    return name
+
+
 def rsync_command(options: RsyncOptions, location: TransferLocation, direction: TransferDirection,
-                  f: TransferFile) -> list[str]:
+                  f: TransferFile, link: Optional[str] = None) -> list[str]:
     """The rsync command line moving one file (pure; tests check it). The location's path prefix
     (rsync://me@host/scratch) is applied to the remote side; its port goes to ssh as ``-p``, since
-    rsync's own ``host:path`` syntax has no place for one (``host:2222:/path`` is a remote path)."""
+    rsync's own ``host:path`` syntax has no place for one (``host:2222:/path`` is a remote path).
+
+    A remote source's wildcard characters are escaped (:func:`remote_source`). A stage-out whose
+    remote destination is named with wildcard characters (:func:`remote_dest_link_name`) sends
+    ``link`` (a symbolic link to ``f.src`` named as the destination) into the destination's
+    directory instead. Raises :class:`RemoteNameError` for a remote path that cannot be named
+    exactly."""
     local_mode = _local_mode(options, location)
     address, port = split_address(location.netloc)
+    link_name = remote_dest_link_name(options, location, direction, f)
+    if link_name is not None and (link is None or PurePosixPath(link).name != link_name):
+        raise ValueError(f"the destination {f.dest} needs a link named {link_name!r} to its source")
     args = [options.rsync, "--links", "--perms", "--times", "--protect-args", "--mkpath"]
     if f.recursive:
         # Links out of the tree would dangle at the destination: their targets are copied instead.
@@ -134,9 +215,14 @@ def rsync_command(options: RsyncOptions, location: TransferLocation, direction: 
         # Directory into directory (dest/ gets src's content, not dest/<name>/).
         src, dest = src.rstrip("/") + "/", dest.rstrip("/") + "/"
     if direction == TransferDirection.stage_in:
-        src = location.remote_path(src) if local_mode else f"{address}:{location.remote_path(src)}"
+        src = location.remote_path(src) if local_mode else f"{address}:{remote_source(location.remote_path(src))}"
+    elif local_mode:
+        dest = location.remote_path(dest)
+    elif link is not None and link_name is not None:  # (checked above: link is given when needed)
+        # The link (named as the destination) into the destination's directory.
+        src, dest = link, f"{address}:{location.remote_path(dest).rpartition('/')[0]}/"
     else:
-        dest = location.remote_path(dest) if local_mode else f"{address}:{location.remote_path(dest)}"
+        dest = f"{address}:{location.remote_path(dest)}"
     return [*args, "--", src, dest]
 
 
@@ -144,6 +230,10 @@ def _last_error_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     meaningful = [ln for ln in lines if not ln.startswith("rsync error:")] or lines
     return meaningful[0] if meaningful else "no output"
+
+
+def _not_recursive(f: TransferFile) -> str:
+    return f"{f.src} is a directory (the transfer slot is not recursive)"
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -167,6 +257,140 @@ def _kill_group(proc: subprocess.Popen) -> None:
             return
 
 
+#: The site's directory of running rsyncs (see :class:`RunningRsyncs`).
+RUNNING_DIR = ".rsync-running"
+#: Two readings of one process's start time differ by clock-tick rounding only (as the agent's pid file).
+START_TIME_TOLERANCE_SEC = 0.5
+
+
+def _started(pid: int, running: bool = False) -> Optional[float]:
+    """When process ``pid`` started (psutil reads it from ``/proc/<pid>/stat``), None if there is no
+    such process (or, with ``running``, it is a zombie: it has exited). With the pid it names one
+    process: a recycled pid started later."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if running and proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def _same_process(pid: int, started: float, running: bool = False) -> bool:
+    now = _started(pid, running)
+    return now is not None and abs(now - started) <= START_TIME_TOLERANCE_SEC
+
+
+def end_rsync_group(pid: int, started: float, grace_sec: float = TERM_GRACE_SEC) -> list[int]:
+    """End what is left of the process group of an rsync started as ``pid`` at ``started`` (its
+    session's: the rsync and the ssh it started); SIGTERM, then SIGKILL after ``grace_sec``. While
+    that rsync runs, every process of its group is its own. Once it is gone, the processes of the
+    group started after it are (the kernel gives no new process a group id still in use), unless a
+    new process holds that pid: the group id was then free and given again, and nothing is touched.
+    Returns the pids ended."""
+    import psutil
+
+    leader = _same_process(pid, started)
+    procs = []
+    for proc in psutil.process_iter(["create_time", "status"]):
+        try:
+            if os.getpgid(proc.pid) != pid:
+                continue
+        except OSError:
+            continue
+        if proc.pid == pid and not leader:
+            return []  # another process, with rsync's old pid: the group is not rsync's
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if leader or (proc.info["create_time"] or 0) >= started - START_TIME_TOLERANCE_SEC:
+            procs.append(proc)
+    return terminate_processes(procs, grace_sec) if procs else []
+
+
+class RunningRsyncs:
+    """The rsyncs this process runs for a site, on disk: ``<site>/.rsync-running/<host>-<pid>-<ms>.json``
+    (this process's host, pid and start time) lists each running rsync's pid and start time.
+
+    Each rsync runs in a session of its own (so that a timeout or cancel kills the ssh it started
+    too), so nothing else ends it when the agent dies: a SIGKILLed agent's rsync ran on (its
+    ``timeout_sec`` no longer applied: one to a hung host never ended) beside the next agent's copy of
+    the same item. :meth:`end_orphans`, called when the backend is built (before the agent polls or
+    submits anything through it), ends the recorded rsyncs of processes of this host that are gone.
+
+    One file per process, replaced whole (a crash never leaves half a file): two processes never
+    write the same one, so no lock is needed. A process that dies between starting an rsync and
+    recording it (microseconds) leaves that one unrecorded."""
+
+    def __init__(self, site_path: str) -> None:
+        self.directory = Path(site_path) / RUNNING_DIR
+        self.host = socket.gethostname()
+        started = _started(os.getpid()) or 0.0
+        self.path = self.directory / f"{self.host}-{os.getpid()}-{int(started * 1000)}.json"
+        self._lock = threading.Lock()
+        self._groups: dict[int, float] = {}
+
+    def add(self, pid: int) -> None:
+        started = _started(pid)
+        if started is None:
+            return  # already over
+        with self._lock:
+            self._groups[pid] = started
+            self._save()
+
+    def remove(self, pid: int) -> None:
+        with self._lock:
+            if self._groups.pop(pid, None) is not None:
+                self._save()
+
+    def _save(self) -> None:
+        try:
+            if not self._groups:
+                self.path.unlink(missing_ok=True)
+                return
+            self.directory.mkdir(exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"host": self.host, "rsyncs": [[pid, t] for pid, t in self._groups.items()]}))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.warning("cannot record the running rsyncs in %s (a killed agent's would not be ended by the "
+                           "next): %s", self.path, exc)
+
+    def end_orphans(self) -> list[int]:
+        """End the recorded rsyncs of processes of this host that no longer run; returns the pids ended."""
+        try:
+            names = sorted(p.name for p in self.directory.iterdir())
+        except FileNotFoundError:
+            return []
+        ended: list[int] = []
+        for name in names:
+            stem, _, suffix = name.rpartition(".")  # <host>-<pid>-<ms>.json (or .tmp: being written)
+            parts = stem.rsplit("-", 2)
+            if suffix not in ("json", "tmp") or len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+                continue
+            host, owner, owner_ms = parts[0], int(parts[1]), int(parts[2])
+            if host != self.host:
+                continue  # another host's agent: its pids mean nothing here
+            if _same_process(owner, owner_ms / 1000, running=True):
+                continue  # its process runs (this one, or another on this host)
+            path = self.directory / name
+            if suffix == "json":
+                try:
+                    rsyncs = json.loads(path.read_text())["rsyncs"]
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    logger.warning("unreadable record of running rsyncs %s: %s", path, exc)
+                    rsyncs = []
+                for entry in rsyncs:
+                    try:
+                        pid, started = int(entry[0]), float(entry[1])
+                    except (ValueError, TypeError, IndexError):
+                        continue
+                    ended += end_rsync_group(pid, started)
+            path.unlink(missing_ok=True)
+        return ended
+
+
 class RsyncTransfer(TransferBackend):
     """rsync over ssh (``rsync://user@host``)."""
 
@@ -175,17 +399,54 @@ class RsyncTransfer(TransferBackend):
 
     def __init__(self, options: object = None, *, site_path: Optional[str] = None) -> None:
         super().__init__(options, site_path=site_path)
+        #: The running rsyncs, recorded in the site (none without one: a test's backend).
+        self._running: Optional[RunningRsyncs] = None
+        if site_path:
+            self._running = RunningRsyncs(site_path)
+            try:
+                # Before anything is submitted: a killed agent's rsync must not write the
+                # destinations its items are copied to again (nor outlive it at all).
+                ended = self._running.end_orphans()
+            except OSError as exc:
+                logger.warning("rsync: cannot look for the rsyncs a previous agent left running in %s: %s",
+                               self._running.directory, exc)
+            else:
+                if ended:
+                    logger.warning("rsync: ended %d processes (rsync and its ssh) that a previous agent left running "
+                                   "(pids %s); their items are copied again", len(ended), ", ".join(map(str, ended)))
         self._tasks = ThreadedTasks(self.options.threads, "balsam-rsync")
 
     def _run_one(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
                  stop: Optional[StopFlag] = None) -> tuple[str, bool]:
         """('' on success, else one line saying what went wrong; whether the task's remaining files
         should be failed untried: a timeout or ssh failing say the host is not answering)."""
-        not_recursive = f"{f.src} is a directory (the transfer slot is not recursive)"
         if not f.recursive and direction == TransferDirection.stage_out and os.path.isdir(f.src):
             # rsync itself would only say "skipping directory" (not with -q) and exit 0.
-            return not_recursive, False
-        args = rsync_command(self.options, location, direction, f)
+            return _not_recursive(f), False
+        try:
+            link_name = remote_dest_link_name(self.options, location, direction, f)
+        except RemoteNameError as exc:
+            return one_line(exc), False
+        if link_name is None:
+            return self._run_rsync(location, direction, f, stop)
+        if not os.path.exists(f.src):
+            return f"no such file or directory: {f.src}", False
+        # The destination's name holds wildcard characters: a link of that name to the source is
+        # sent into the destination's directory (see remote_dest_link_name).
+        holder = tempfile.mkdtemp(prefix="balsam-rsync-link-")
+        try:
+            link = os.path.join(holder, link_name)
+            os.symlink(os.path.abspath(f.src), link)
+            return self._run_rsync(location, direction, f, stop, link)
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)
+
+    def _run_rsync(self, location: TransferLocation, direction: TransferDirection, f: TransferFile,
+                   stop: Optional[StopFlag], link: Optional[str] = None) -> tuple[str, bool]:
+        try:
+            args = rsync_command(self.options, location, direction, f, link)
+        except RemoteNameError as exc:
+            return one_line(exc), False
         env = {k: v for k, v in os.environ.items() if not k.startswith("RSYNC_")}
         try:
             # A session of its own: killing its process group kills the ssh it starts too (killing
@@ -194,6 +455,16 @@ class RsyncTransfer(TransferBackend):
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         except FileNotFoundError:
             return f"cannot run {self.options.rsync!r}: not found on PATH", False
+        if self._running is not None:
+            # Recorded until it is over: the next agent ends it if this process dies first.
+            self._running.add(proc.pid)
+        try:
+            return self._wait_rsync(proc, f, stop)
+        finally:
+            if self._running is not None:
+                self._running.remove(proc.pid)
+
+    def _wait_rsync(self, proc: subprocess.Popen, f: TransferFile, stop: Optional[StopFlag]) -> tuple[str, bool]:
         killed = threading.Event()
 
         def kill() -> None:
@@ -222,7 +493,7 @@ class RsyncTransfer(TransferBackend):
             return "cancelled", True
         if proc.returncode == 0:
             if not f.recursive and any(line.startswith(SKIPPED_DIRECTORY) for line in (out + "\n" + err).splitlines()):
-                return not_recursive, False
+                return _not_recursive(f), False
             return "", False
         message = one_line(f"rsync exited {proc.returncode}: {_last_error_line(err or out)}")
         return message, proc.returncode in CONNECTION_FAILED
@@ -264,6 +535,11 @@ class RsyncTransfer(TransferBackend):
         host = address.rpartition("@")[2]
         if address and (shlex.split(address) != [address] or not host or (":" in host and not host.startswith("["))):
             raise TransferError(f"bad rsync host {location.netloc!r} in {location.url!r}", retryable=False)
+        if host.startswith("-"):
+            # ssh would take it for an option (-oProxyCommand=... runs a command); rsync 3.5 refuses it
+            # itself, older ones pass it on. (The user part reaches ssh as the value of -l: harmless.)
+            raise TransferError(f"bad rsync host {host!r} in {location.url!r}: a host cannot start with '-'",
+                                retryable=False)
 
     def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
         return self._tasks.statuses(task_ids)

@@ -26,6 +26,9 @@ What the contract checks:
 - copying onto an existing destination replaces it and leaves nothing else behind;
 - a source that is a symlink arrives as a readable file with the linked file's content, never as a
   (dangling) link; so does a link inside a recursive item that points out of its tree;
+- a name holding wildcard characters (``*``, ``?``, ``[``, ``]``) or a backslash is that one file,
+  in both directions, with decoys its pattern would match beside it (rsync over ssh fetched
+  ``run1.h5`` for ``run[1].h5``: its remote side expands wildcards);
 - an id the backend never issued polls as ``unknown``; an empty batch or a relative path raises
   :class:`~balsam.transfer.TransferError`, never anything else.
 
@@ -168,6 +171,42 @@ class TransferContract:
             assert not path.is_symlink(), f"{path} arrived as a link to {path.readlink()}"
             assert path.read_bytes() == b"run 42 data\n"
         assert (site / "job2" / "tree" / "own.txt").read_text() == "own\n"
+
+    def test_names_with_wildcard_characters_are_taken_literally(self, backend: TransferBackend,
+                                                                location: TransferLocation, tmp_path: Path) -> None:
+        remote, site = tmp_path / "remote", tmp_path / "site"
+        # {name: a decoy its pattern matches}: the name must arrive, the decoy stay where it is.
+        names = {"run[1].h5": "run1.h5", "*.dat": "a.dat", "q?.txt": "qa.txt", "back\\slash": "backslash"}
+        (remote / "d[1]").mkdir(parents=True)
+        (remote / "d1").mkdir()
+        for name, decoy in names.items():
+            (remote / name).write_text(f"right {name}\n")
+            (remote / decoy).write_text(f"WRONG {decoy}\n")
+        (remote / "d[1]" / "f.txt").write_text("right d[1]\n")
+        (remote / "d1" / "f.txt").write_text("WRONG d1\n")
+        stage_in = backend.submit(location, TransferDirection.stage_in, [
+            *(TransferFile(str(remote / name), str(site / "in" / name)) for name in names),
+            TransferFile(str(remote / "d[1]"), str(site / "in" / "tree"), recursive=True),
+        ])
+        outputs = {"res[1].h5": "res1.h5", "*.out": "b.out", "r?.txt": "ra.txt"}
+        (site / "out").mkdir(parents=True)
+        (remote / "results").mkdir()
+        for name, decoy in outputs.items():
+            (site / "out" / name).write_text(f"result {name}\n")
+            (remote / "results" / decoy).write_text(f"keep {decoy}\n")
+        stage_out = backend.submit(location, TransferDirection.stage_out, [
+            TransferFile(str(site / "out" / name), str(remote / "results" / name)) for name in outputs
+        ])
+        statuses = wait_for_tasks(backend, [stage_in, stage_out])
+        for status in statuses.values():
+            assert status.state == TaskState.done and not status.file_errors, status
+        got = {p.relative_to(site / "in").as_posix(): p.read_text() for p in (site / "in").rglob("*") if p.is_file()}
+        assert got == {**{name: f"right {name}\n" for name in names}, "tree/f.txt": "right d[1]\n"}, f"arrived: {got}"
+        results = {p.name: p.read_text() for p in (remote / "results").iterdir()}
+        assert results == {**{name: f"result {name}\n" for name in outputs},
+                           **{decoy: f"keep {decoy}\n" for decoy in outputs.values()}}, f"results: {results}"
+        for decoy in names.values():
+            assert (remote / decoy).read_text() == f"WRONG {decoy}\n"
 
     def test_unknown_ids_and_bad_requests(self, backend: TransferBackend, location: TransferLocation) -> None:
         assert backend.poll(["never-issued"])["never-issued"].state == TaskState.unknown

@@ -39,11 +39,19 @@ location's collection is gone, the alias is no longer in settings.yml) fails a t
 refused submission does, and leaves the journal; a refusal retrying may fix keeps it journaled, its
 items waiting with the reason.
 
-Deadline: a task polled ``active`` or ``inactive`` more than ``task_timeout_sec`` after its items
-were submitted (``transfer_info.submitted``) is cancelled and its items fail a try with that
-reason (then retry with backoff, or their job goes to FAILED after ``max_attempts``); a warning is
-logged once when a task passes half of it. A cancel that fails for a reason retrying may fix leaves
-the task in flight (tried again next cycle): its items are not sent again while it may still write.
+Deadline: a task polled ``active`` or ``inactive`` more than ``task_timeout_sec`` after it started
+is cancelled and its items fail a try with that reason (then retry with backoff, or their job goes
+to FAILED after ``max_attempts``); a warning is logged once when a task passes half of it. A task
+starts when its items are submitted (``transfer_info.submitted``), unless its backend polls it
+``queued`` (``TaskStatus.queued``: the ``local`` and ``rsync`` backends run ``threads`` tasks at
+once and the others wait for a free thread): its items then carry ``transfer_info.queued`` and the
+reason they wait, no deadline runs, and the first poll that finds it started records that time as
+``transfer_info.started``, from which its deadline counts (so a task queued behind hung ones gets
+its whole ``task_timeout_sec`` once it runs; the hung ones ahead of it meet their own deadlines,
+and a cancelled one's thread is replaced). A task whose poll fails counts from its start if known,
+else from its submission, whatever it was last seen as. A new submission drops both keys.
+A cancel that fails for a reason retrying may fix leaves the task in flight (tried again next
+cycle): its items are not sent again while it may still write.
 Backends that take the deadline themselves (``section_keys`` mapping ``task_timeout_sec``: the Globus
 plugin passes it to the service) stop the task on their side too.
 
@@ -100,6 +108,11 @@ from ..module import AgentModule
 __all__ = ["TransfersModule", "TransfersOptions", "item_transfer_paths"]
 
 IN_FLIGHT = (TransferItemState.active.value, TransferItemState.inactive.value)
+#: ``transfer_info`` keys of one submission's clock (see the module docstring's "Deadline"): a new
+#: submission, or an item leaving its task, drops them.
+CLOCK_KEYS = ("queued", "started")
+#: The reason shown on the items of a task its backend reports ``queued``.
+QUEUED_REASON = "waiting for the transfer backend to start its task (all its threads are busy)"
 JOURNAL_NAME = ".transfer-tasks.jsonl"
 #: The tasks in flight and their item ids, kept so that a task whose items were all deleted (with
 #: their jobs) is cancelled, even by an agent restarted after the deletion.
@@ -138,7 +151,8 @@ class TransfersOptions:
     retry_backoff_sec: float = option(30, "Wait before the first retry of a failed file; doubles on each retry.")
     retry_backoff_max_sec: float = option(600, "Longest wait between two retries.")
     task_timeout_sec: float = option(
-        21600, "A transfer task still running this many seconds after it was submitted is cancelled and its files "
+        21600, "A transfer task still running this many seconds after it started (was submitted, or was taken from "
+        "its backend's queue of tasks waiting for a free thread) is cancelled and its files "
         "fail a try (a hung host or file system); a warning is logged at half of it. 6 h by default: hours more "
         "than a batch of transfer_batch_size files needs at tens of MB/s; raise it for bigger batches.")
     backend_options: dict[str, dict[str, Any]] = option(
@@ -401,9 +415,10 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _submitted_at(item: Mapping[str, Any]) -> Optional[dt.datetime]:
-    """When the item was submitted to its task (``transfer_info.submitted``), or None."""
-    text = (item.get("transfer_info") or {}).get("submitted")
+def _info_time(item: Mapping[str, Any], key: str) -> Optional[dt.datetime]:
+    """A time in the item's ``transfer_info``, or None: ``submitted`` (when it was submitted to its
+    task), ``started`` (when its task was first polled started after being polled ``queued``)."""
+    text = (item.get("transfer_info") or {}).get(key)
     if not text:
         return None
     try:
@@ -421,6 +436,12 @@ def _due(item: Mapping[str, Any], now: dt.datetime) -> bool:
         return dt.datetime.fromisoformat(str(retry_after)) <= now
     except ValueError:
         return True
+
+
+def _without(info: Optional[Mapping[str, Any]], keys: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``transfer_info`` without ``keys``."""
+    keys = set(keys)
+    return {k: v for k, v in (info or {}).items() if k not in keys}
 
 
 class TransfersModule(AgentModule):
@@ -592,7 +613,7 @@ class TransfersModule(AgentModule):
                 item["state"], item["task_id"] = TransferItemState.active.value, task_id
                 # When it was submitted is not known: its deadline counts from now (a stale time of
                 # an earlier try would cut it short).
-                info = {**(item.get("transfer_info") or {}), "submitted": now.isoformat()}
+                info = {**_without(item.get("transfer_info"), CLOCK_KEYS), "submitted": now.isoformat()}
                 item["transfer_info"] = info
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": task_id,
                                        "transfer_info": info}
@@ -659,7 +680,7 @@ class TransfersModule(AgentModule):
                     # Also without a backend (its plugin uninstalled or unloadable): the deadline
                     # still ends the task's items, else their jobs would wait for ever.
                     status = self._check_deadline(backend, tid, TaskStatus(TaskState.active, reason=reason),
-                                                  by_task[tid], now)
+                                                  by_task[tid], now, reported=False)
                     if status.state == TaskState.active:
                         running += 1
                         for item in by_task[tid]:
@@ -685,14 +706,14 @@ class TransfersModule(AgentModule):
         return running
 
     def _check_deadline(self, backend: Optional[TransferBackend], task_id: str, status: TaskStatus, items: list[dict],
-                        now: dt.datetime) -> TaskStatus:
+                        now: dt.datetime, *, reported: bool = True) -> TaskStatus:
         """``status`` of a task still running, or a failed status (a try of each of its items) once it
-        has run past ``task_timeout_sec`` and was cancelled."""
-        submitted = [_submitted_at(item) for item in items]
-        known = [at for at in submitted if at is not None]
-        if not known:
-            return status  # items of an older agent without the time: counted from their next submission
-        age = (now - min(known)).total_seconds()
+        has run past ``task_timeout_sec`` and was cancelled. ``reported``: ``status`` is what the
+        backend said (False: its poll failed, and ``status`` stands in for it)."""
+        start = self._clock_start(status, items, now, reported)
+        if start is None:
+            return status
+        age = (now - start).total_seconds()
         limit = self.options.task_timeout_sec
         if age <= limit:
             if age > limit / 2 and task_id not in self._half_warned:
@@ -717,16 +738,47 @@ class TransfersModule(AgentModule):
         return TaskStatus(TaskState.failed, f"transfer task {task_id} did not finish within {limit:.0f} s "
                           "(transfers.task_timeout_sec); cancelled", retryable=True)
 
+    @staticmethod
+    def _clock_start(status: TaskStatus, items: list[dict], now: dt.datetime, reported: bool) -> Optional[dt.datetime]:
+        """Since when a running task's deadline counts (None: it does not count yet).
+
+        A task its backend reports ``queued`` (waiting for a free thread) has not started: no
+        deadline yet. Once it is polled started, the deadline counts from that poll
+        (``transfer_info.started``, written by :meth:`_apply_status`; ``now`` at that first poll,
+        while the items still carry the ``queued`` mark). A task never seen queued (a backend that
+        does not say, Globus, or a task a free thread took at once) counts from its submission. A
+        task whose poll failed counts from its start if known, else from its submission, whatever it
+        was last seen as: a backend that can no longer be asked must not keep its items for ever.
+        """
+        if reported and status.state == TaskState.active and status.queued:
+            return None
+        started = [at for at in (_info_time(item, "started") for item in items) if at is not None]
+        if started:
+            return min(started)
+        if reported and any((item.get("transfer_info") or {}).get("queued") for item in items):
+            return now  # it started since the last poll, which found it queued
+        submitted = [at for at in (_info_time(item, "submitted") for item in items) if at is not None]
+        # Items of an older agent without the time: counted from their next submission.
+        return min(submitted) if submitted else None
+
     def _apply_status(self, task_id: str, status: TaskStatus, items: list[dict], updates: dict[int, dict[str, Any]],
                       now: dt.datetime) -> None:
         if status.state in (TaskState.active, TaskState.inactive):
             state = status.state.value
             reason = status.error if status.state == TaskState.inactive else status.reason
+            queued = status.state == TaskState.active and status.queued
             for item in items:
                 info = dict(item.get("transfer_info") or {})
                 new_info = {**info, "task": dict(status.info)} if status.info else dict(info)
+                if queued:
+                    # Its deadline starts when it does (see _clock_start).
+                    new_info["queued"] = True
+                elif new_info.pop("queued", None):
+                    new_info.setdefault("started", now.isoformat())
                 if reason:
                     new_info["reason"] = one_line(reason)
+                elif queued:
+                    new_info["reason"] = QUEUED_REASON
                 elif status.state == TaskState.active:
                     new_info.pop("reason", None)  # resumed
                 if item["state"] != state or new_info != info:
@@ -761,8 +813,7 @@ class TransfersModule(AgentModule):
                 if error is not None:
                     self._fail(item, error, True, updates, now)
                 else:
-                    info = {k: v for k, v in (item.get("transfer_info") or {}).items()
-                            if k not in ("retry_after", "reason", "error")}
+                    info = _without(item.get("transfer_info"), ("retry_after", "reason", "error", "queued"))
                     if status.info:
                         info["task"] = dict(status.info)  # figures of the whole task (all its items)
                     info["completed"] = now.isoformat()
@@ -779,7 +830,7 @@ class TransfersModule(AgentModule):
 
     def _back_to_pending(self, item: dict, updates: dict[int, dict[str, Any]], why: str) -> None:
         self.logger.info("transfer item %s: %s; it will be submitted again", item["id"], why)
-        info = {k: v for k, v in (item.get("transfer_info") or {}).items() if k != "dest"}
+        info = _without(item.get("transfer_info"), ("dest", *CLOCK_KEYS))
         updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.pending.value, "task_id": "", "transfer_info": info}
 
     def _wait(self, item: dict, reason: str, updates: dict[int, dict[str, Any]]) -> None:
@@ -795,8 +846,8 @@ class TransfersModule(AgentModule):
         info = dict(item.get("transfer_info") or {})
         attempts = int(info.get("attempts", 0) or 0) + 1
         info.update(attempts=attempts, error=one_line(error))
-        info.pop("dest", None)
-        info.pop("retry_after", None)
+        for key in ("dest", "retry_after", *CLOCK_KEYS):
+            info.pop(key, None)
         if retryable and attempts < opts.max_attempts:
             wait = min(opts.retry_backoff_max_sec, opts.retry_backoff_sec * 2 ** (attempts - 1))
             info["retry_after"] = (now + dt.timedelta(seconds=wait)).isoformat()
@@ -919,7 +970,7 @@ class TransfersModule(AgentModule):
             full_id = f"{location.backend_name}:{task_id}"
             self._journal(full_id, [it["id"] for it in members])
             for item, spec in zip(members, files):
-                info = {k: v for k, v in (item.get("transfer_info") or {}).items() if k not in ("retry_after", "reason")}
+                info = _without(item.get("transfer_info"), ("retry_after", "reason", *CLOCK_KEYS))
                 info.update(dest=spec.dest, submitted=now.isoformat())
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.active.value, "task_id": full_id,
                                        "transfer_info": info}
@@ -1128,7 +1179,7 @@ class TransfersModule(AgentModule):
             self._journal(full_id, [m["id"] for m in members])
             self.logger.info("journaled batch of %d files re-sent with its token: task %s", len(files), full_id)
             for item, spec in zip(members, files):
-                info = {**(item.get("transfer_info") or {}), "dest": spec.dest, "submitted": now.isoformat()}
+                info = {**_without(item.get("transfer_info"), CLOCK_KEYS), "dest": spec.dest, "submitted": now.isoformat()}
                 item["state"], item["task_id"] = TransferItemState.active.value, full_id
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": full_id, "transfer_info": info}
         return failed
