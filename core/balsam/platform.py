@@ -24,7 +24,8 @@ import attrs
 from .options import NoOptions, build_options
 
 __all__ = [
-    "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "cpu_bind_list", "cpu_domains_of",
+    "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "capped_threads_per_core", "cpu_bind_list",
+    "cpu_domains_of",
     "cpu_ids_errors", "cuda_visible_only", "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
     "hosts_from_node_file", "is_mig_id", "launch_option", "launch_param_args", "leading_job_number", "near_cpus_of",
     "nvidia_smi_list", "nvidia_smi_note", "parse_gpu_cpu_map", "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding",
@@ -84,6 +85,17 @@ class NodeInfo:
             if gpu in seen:
                 raise ValueError(f"node {self.hostname}: gpu_cpus names {gpu!r} twice")
             seen.add(gpu)
+
+    #: Hardware threads of one core (``Platform.hardware_threads_per_core``; 0: not known). Where
+    #: ``cpu_ids`` are cores, the node manager counts a job's cores at ``threads_per_core`` capped
+    #: at this, as the platform's binding and serial-mode pinning add at most this many threads of
+    #: a core.
+    hardware_threads_per_core: int = attrs.field(default=0, converter=int)
+
+    @hardware_threads_per_core.validator
+    def _check_threads(self, _attribute: Any, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"node {self.hostname}: hardware_threads_per_core must be 0 or more, got {value}")
 
 
 @attrs.frozen
@@ -167,6 +179,21 @@ class Platform(abc.ABC):
             return {}
         return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids))}
 
+    def job_environment(self, gpu_ids: Sequence[str]) -> dict[str, str]:
+        """The variables this platform sets for a job that was given ``gpu_ids`` on its node (none: a
+        CPU-only job, or a multi-node job, which owns whole nodes and sees every GPU).
+
+        The default: :meth:`gpu_environment` of the ids, nothing without ids. A platform whose jobs
+        must all run under some setting, GPUs or not (Aurora's Level Zero device hierarchy, option
+        ``device_hierarchy``), returns it here for every job.
+
+        What this returns are the job's GPU visibility variables: they replace the app's own
+        variables of the same names (one warning per job names each replaced one), and a job with a
+        shell preamble gets them set again after the preamble, which runs first in the same shell
+        (a ``module load`` or an ``export`` there would otherwise change which devices the job, or
+        the ``mpiexec --envall`` after it, sees)."""
+        return self.gpu_environment(gpu_ids) if gpu_ids else {}
+
     # -- on the login node (site init) --------------------------------------------------------
     @classmethod
     def recognizes(cls, hostname: str, env: Mapping[str, str]) -> bool:
@@ -202,6 +229,13 @@ class Platform(abc.ABC):
     #: (a job then needs ``threads / threads_per_core`` ids per node), rather than hardware threads
     #: (one id per thread: the default platform's logical CPUs). Goes with :meth:`task_cpu_ids`.
     cpu_ids_are_cores: ClassVar[bool] = False
+    #: Hardware threads of one core, where ``cpu_ids_are_cores`` (0: not known, no cap). A job's
+    #: ``threads_per_core`` above it (the API takes any positive value; Balsam 0.7 allowed up to 4,
+    #: a KNL's) is capped at it in its core count, its MPI binding and its serial-mode pinning alike
+    #: (:func:`capped_threads_per_core`), with one warning per job: uncapped, the binding named
+    #: CPUs the node does not have and the job got too few cores. The platform's ``discover_nodes``
+    #: puts it in each :class:`NodeInfo` (the node manager reads it there).
+    hardware_threads_per_core: ClassVar[int] = 0
 
     def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
         """The CPU ids a serial-mode task is pinned to, given the ``cpu_ids`` (cores) it was
@@ -412,14 +446,19 @@ def launch_param_args(params: Mapping[str, Any], *, skip: Sequence[str] = (), pr
     return args
 
 
+def capped_threads_per_core(threads_per_core: int, max_threads_per_core: int = 0) -> int:
+    """A job's ``threads_per_core`` (at least 1), at most ``max_threads_per_core`` when that is not 0:
+    the hardware threads of a core that a job's binding, pinning and core count use."""
+    threads = max(1, int(threads_per_core or 1))
+    return min(threads, max_threads_per_core) if max_threads_per_core else threads
+
+
 def hardware_thread_ids(cores: Sequence[int], threads_per_core: int, offset: int, *, max_threads_per_core: int = 0) -> list[int]:
     """``cores`` then their sibling hardware threads ``core + offset * t`` for ``t`` in
     ``1 .. threads_per_core - 1`` (at most ``max_threads_per_core`` threads per core when it is
     not 0): the CPUs of a rank or task that asked for ``threads_per_core`` threads per core, on a
     machine whose core ``c`` has the hardware threads ``c, c + offset, c + 2 * offset, ...``."""
-    threads = max(1, threads_per_core)
-    if max_threads_per_core:
-        threads = min(threads, max_threads_per_core)
+    threads = capped_threads_per_core(threads_per_core, max_threads_per_core)
     ids = list(cores)
     if offset:
         ids += [c + offset * t for t in range(1, threads) for c in cores]
@@ -428,16 +467,18 @@ def hardware_thread_ids(cores: Sequence[int], threads_per_core: int, offset: int
 
 def pick_cpu_binding(
     spec: LaunchSpec, keys: Sequence[str], configured: str, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0,
-    cpu_domains: Sequence[Sequence[int]] = (),
+    cpu_domains: Sequence[Sequence[int]] = (), max_threads_per_core: int = 0,
 ) -> str:
     """A PALS ``--cpu-bind``: the job's launch param (first of ``keys``), else the ``configured`` option,
-    else the ``list:...`` computed by :func:`cpu_bind_list` (over ``cpu_domains``, if any)."""
+    else the ``list:...`` computed by :func:`cpu_bind_list` (over ``cpu_domains``, if any; at most
+    ``max_threads_per_core`` hardware threads of a core when it is not 0)."""
     chosen = first_launch_param(spec.launch_params, keys)
     if chosen is not None:
         return str(chosen)
     if configured:
         return configured
-    return cpu_bind_list(spec, node_cpu_ids, hyperthread_offset=hyperthread_offset, cpu_domains=cpu_domains)
+    return cpu_bind_list(spec, node_cpu_ids, hyperthread_offset=hyperthread_offset, cpu_domains=cpu_domains,
+                         max_threads_per_core=max_threads_per_core)
 
 
 def cpu_domains_of(
@@ -488,7 +529,7 @@ def _spans_domains(cut: Sequence[Sequence[int]], domains: Sequence[Sequence[int]
 
 
 def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_offset: int = 0,
-                  cpu_domains: Sequence[Sequence[int]] = ()) -> str:
+                  cpu_domains: Sequence[Sequence[int]] = (), max_threads_per_core: int = 0) -> str:
     """A ``list:a,b:c,d`` CPU binding: each rank gets ``cpus_per_rank`` consecutive CPUs.
 
     The CPUs are those the launcher assigned to the job on its node (single-node jobs), else all of
@@ -502,10 +543,15 @@ def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_
     evenly over the domains and each domain is cut on its own (ranks 0-5 on 1-48, 6-11 on
     53-100), as ALCF's binding examples do. Without domains, or when the domain cut cannot give
     each rank the cores its threads need, the id-order cut stands.
+
+    ``max_threads_per_core`` (the platform's hardware threads of a core; 0: no cap) caps
+    ``threads_per_core``: at 4 threads per core on a 2-thread core the list named ``core + 2 *
+    offset`` and ``core + 3 * offset``, CPUs the node does not have.
     """
     assigned = list(spec.cpu_ids[0]) if spec.cpu_ids and spec.cpu_ids[0] else list(node_cpu_ids)
     ranks = max(1, spec.ranks_per_node)
-    threads = [t for core in assigned for t in hardware_thread_ids([core], spec.threads_per_core, hyperthread_offset)]
+    per_core = capped_threads_per_core(spec.threads_per_core, max_threads_per_core)
+    threads = [t for core in assigned for t in hardware_thread_ids([core], per_core, hyperthread_offset)]
     per_thread_rank = max(1, spec.threads_per_rank)
     if ranks > len(assigned) and ranks * per_thread_rank <= len(threads):
         # Fewer cores than ranks (3 one-thread ranks at 2 threads per core got 2 cores): each rank
@@ -518,9 +564,9 @@ def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_
         start = (rank * per_rank) % max(1, len(assigned))
         cut.append(assigned[start : start + per_rank])
     if cpu_domains and _spans_domains(cut, cpu_domains):
-        cut = _cut_by_domain(assigned, ranks, spec.threads_per_rank // max(1, spec.threads_per_core), cpu_domains) or cut
+        cut = _cut_by_domain(assigned, ranks, spec.threads_per_rank // per_core, cpu_domains) or cut
     return "list:" + ":".join(
-        format_id_ranges(hardware_thread_ids(cores, spec.threads_per_core, hyperthread_offset)) for cores in cut)
+        format_id_ranges(hardware_thread_ids(cores, per_core, hyperthread_offset)) for cores in cut)
 
 
 def format_id_ranges(ids: Sequence[int]) -> str:

@@ -277,6 +277,21 @@ def _default_get_environ_vars() -> Any:
     return ApplicationDefinition.get_environ_vars
 
 
+#: The environment variable that names (space separated) the variables the platform set for a job
+#: with a shell preamble (its GPU visibility: ``Platform.job_environment``): the job's shell line sets
+#: them again, to the values they had when it started, after the preamble and before the app (or
+#: the MPI launcher). Set by :func:`balsam.launcher.runner.launch_environment`.
+PLATFORM_VARIABLES = "BALSAM_PLATFORM_VARIABLES"
+
+#: Before the preamble: the values of the variables named in $BALSAM_PLATFORM_VARIABLES (set ones only).
+_SAVE_PLATFORM_VARIABLES = (
+    f'__balsam_keep=(); for __balsam_n in ${{{PLATFORM_VARIABLES}-}}; do if [ -n "${{!__balsam_n+x}}" ]; '
+    'then __balsam_keep+=("$__balsam_n=${!__balsam_n}"); fi; done'
+)
+#: After it: set again (``${a[@]+...}``: an empty array under a preamble's ``set -u`` is no error in bash < 4.4).
+_RESTORE_PLATFORM_VARIABLES = 'for __balsam_kv in ${__balsam_keep[@]+"${__balsam_keep[@]}"}; do export "$__balsam_kv"; done'
+
+
 def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
     """The bash line that runs ``cmdline`` after the preamble.
 
@@ -284,6 +299,11 @@ def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
     ``<workdir>/.balsam_preamble.sh`` and sourced (so ``module load`` and exports reach the app).
     Either way a preamble whose last command fails, or that stops itself (``set -e``, an ERR trap,
     ``exit``), skips the app and the job ends RUN_ERROR with the preamble's status.
+
+    The variables the platform set for the job's GPU visibility (named in
+    :data:`PLATFORM_VARIABLES`) are set again after the preamble, as they were before it: a
+    ``module load`` or ``export ZE_FLAT_DEVICE_HIERARCHY=...`` there no longer changes which GPUs
+    the app, or the ranks ``mpiexec --envall`` starts, see (packed jobs shared GPUs so).
     """
     stripped = preamble.strip()
     if not stripped:
@@ -299,7 +319,8 @@ def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
     # app, which then exited 0 without running. On a line of its own (the newline ends any
     # comment) and outside any ``&&`` list, where bash ignores ``set -e`` and ERR traps, the
     # preamble stops the shell as it would in a script; its last status decides the rest.
-    return f"{first}\n__balsam_rc=$?; if [ $__balsam_rc -ne 0 ]; then exit $__balsam_rc; fi; {cmdline}"
+    return (f"{_SAVE_PLATFORM_VARIABLES}\n{first}\n__balsam_rc=$?; if [ $__balsam_rc -ne 0 ]; then exit $__balsam_rc; fi; "
+            f"{_RESTORE_PLATFORM_VARIABLES}; {cmdline}")
 
 
 _SPAWN_FAILED = 12345

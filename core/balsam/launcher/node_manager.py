@@ -35,7 +35,7 @@ from typing import Iterable, Optional, Sequence
 
 import attrs
 
-from balsam.platform import NodeInfo, is_mig_id
+from balsam.platform import NodeInfo, capped_threads_per_core, is_mig_id
 
 #: Float tolerance on occupancy sums (eight 1/8 jobs must fill a node exactly).
 _EPS = 1e-3
@@ -76,17 +76,21 @@ class Demand:
         """CPU ids per node on a platform whose CPU ids are cores (see :meth:`cpu_ids_per_node`)."""
         return self.cpu_ids_per_node(cpu_ids_are_cores=True)
 
-    def cpu_ids_per_node(self, cpu_ids_are_cores: bool) -> int:
+    def cpu_ids_per_node(self, cpu_ids_are_cores: bool, max_threads_per_core: int = 0) -> int:
         """The CPU ids the job needs on each node. Where the ids are cores (``Platform.cpu_ids_are_cores``:
-        its binding adds their sibling hardware threads), ``threads_per_core`` threads share one;
-        where they are hardware threads already (the default platform's logical CPUs), each thread
-        is one id: dividing there gave a 2-thread rank at 2 threads per core a single CPU."""
+        its binding adds their sibling hardware threads), ``threads_per_core`` threads share one,
+        capped at the cores' ``max_threads_per_core`` hardware threads when that is known (not 0),
+        as the platform's binding and pinning cap it: 8 threads at 4 per core on 2-thread cores
+        need 4 cores, not 2; where they are hardware threads already (the default platform's
+        logical CPUs), each thread is one id: dividing there gave a 2-thread rank at 2 threads per
+        core a single CPU."""
         threads = self.ranks_per_node * self.threads_per_rank
         if not cpu_ids_are_cores:
             return max(1, threads)
+        per_core = capped_threads_per_core(self.threads_per_core, max_threads_per_core)
         # Rounded up: 3 one-thread ranks at 2 threads per core need 2 cores; rounded down they got
         # 1, and the third rank was bound to the first one's hardware thread.
-        return max(1, -(-threads // self.threads_per_core))
+        return max(1, -(-threads // per_core))
 
     @property
     def gpus_per_node(self) -> float:
@@ -295,6 +299,10 @@ class NodeManager:
         self.allow_node_packing = allow_node_packing
         #: The platform's ``cpu_ids_are_cores`` (see :meth:`Demand.cpu_ids_per_node`).
         self.cpu_ids_are_cores = cpu_ids_are_cores
+        #: The nodes' hardware threads per core (``NodeInfo.hardware_threads_per_core``; 0: not known):
+        #: the cap on a job's ``threads_per_core`` when its cores are counted.
+        self.max_threads_per_core = min((n.hardware_threads_per_core for n in nodes if n.hardware_threads_per_core),
+                                        default=0)
         self.placements: dict[int, Placement] = {}
 
     def __len__(self) -> int:
@@ -331,7 +339,8 @@ class NodeManager:
         not fit 4-GPU nodes any better than a 1-node one)."""
         if demand.num_nodes > len(self.nodes):
             raise UnsatisfiableJob(f"job asks for {demand.num_nodes} nodes; this launcher has {len(self.nodes)}")
-        cpus, gpus, whole_only = demand.cpu_ids_per_node(self.cpu_ids_are_cores), demand.gpus_per_node, demand.whole_gpus_only
+        cpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores, self.max_threads_per_core)
+        gpus, whole_only = demand.gpus_per_node, demand.whole_gpus_only
         fitting = 0
         for node in self.nodes:  # stops at the first nodes that do: called per job, over up to 10^4 nodes
             if node.could_hold(cpus, gpus, whole_only):
@@ -362,7 +371,7 @@ class NodeManager:
             raise ValueError(f"job {job_id} is already placed")
         if demand.num_nodes > 1:
             # Only nodes that hold the per-node CPUs and GPUs (nodes may differ: MIG on some).
-            cpus, gpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores), demand.gpus_per_node
+            cpus, gpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores, self.max_threads_per_core), demand.gpus_per_node
             empty = [i for i, n in enumerate(self.nodes)
                      if n.is_empty and n.could_hold(cpus, gpus, demand.whole_gpus_only)]
             if len(empty) < demand.num_nodes:
@@ -380,7 +389,7 @@ class NodeManager:
             )
         else:
             occupancy = 1.0 / demand.node_packing_count if self.allow_node_packing else 1.0
-            cpus, gpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores), demand.gpus_per_node
+            cpus, gpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores, self.max_threads_per_core), demand.gpus_per_node
             for i, node in enumerate(self.nodes):
                 shares = node.check_fit(cpus, gpus, occupancy, demand.whole_gpus_only)
                 if shares is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from balsam.states import JobState
 
 from ..util import api_text, tail_file
 from . import spawner
-from .app_run import JOB_OUTPUT_NAME, AppProcess, PreparedJob, direct_argv
+from .app_run import JOB_OUTPUT_NAME, PLATFORM_VARIABLES, AppProcess, PreparedJob, direct_argv, inherited_environment
 from .node_manager import Placement
 
 logger = logging.getLogger(__name__)
@@ -33,11 +34,35 @@ def _launch_hook() -> Any:
 
 
 def launch_environment(prepared: PreparedJob, placement: Placement, platform: Any, hook: Any = None) -> dict[str, str]:
-    """The job's environment with the platform's GPU visibility, then the plugins' adjustments."""
+    """The job's environment with the platform's GPU visibility, then the plugins' adjustments.
+
+    The platform's variables (``Platform.job_environment``: those of ``gpu_environment`` for the
+    job's GPU ids, and any the platform sets for every job) replace the app's own, with one warning
+    naming them. A job with a shell preamble also gets their names in
+    :data:`~balsam.launcher.app_run.PLATFORM_VARIABLES`, so that its shell line sets them again
+    after the preamble (:func:`~balsam.launcher.app_run.shell_line`)."""
     env = dict(prepared.env)
     gpu_ids = placement.gpu_ids[0] if placement.gpu_ids else ()
+    job_environment = getattr(platform, "job_environment", None)
+    if job_environment is not None:
+        platform_env = job_environment(list(gpu_ids))
+    else:  # a platform object without the Platform base class (gpu_environment only)
+        platform_env = platform.gpu_environment(list(gpu_ids)) if gpu_ids else {}
+    if platform_env:
+        platform_env = {str(k): str(v) for k, v in platform_env.items()}
+        _warn_replaced(prepared, env, platform_env)
+        env.update(platform_env)
+        if prepared.preamble and prepared.preamble.strip():
+            names = [k for k in platform_env if k.isidentifier() and k.isascii()]
+            if names:
+                env[PLATFORM_VARIABLES] = " ".join(names)
+    threads_per_core = prepared.demand.threads_per_core
+    cap = getattr(platform, "hardware_threads_per_core", 0) or 0
+    if cap and threads_per_core > cap and getattr(platform, "cpu_ids_are_cores", False):
+        logger.warning("job %s: threads_per_core=%d is more than the %d hardware threads of a core on this machine: "
+                       "it is placed, bound and pinned at threads_per_core=%d (%d cores per node)", prepared.id,
+                       threads_per_core, cap, cap, prepared.demand.cpu_ids_per_node(True, cap))
     if gpu_ids:
-        env.update({str(k): str(v) for k, v in platform.gpu_environment(list(gpu_ids)).items()})
         if prepared.demand.ranks_per_node > 1 and len(gpu_ids) > 1 and any(map(is_mig_id, gpu_ids)):
             # CUDA shows a process the first MIG instance it is given: without narrowing, every rank
             # of the job runs on the same one.
@@ -54,6 +79,27 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     if all(type(k) is str and type(v) is str for k, v in env.items()):
         return env
     return {str(k): str(v) for k, v in env.items()}
+
+
+def _warn_replaced(prepared: PreparedJob, env: dict[str, str], platform_env: dict[str, str]) -> None:
+    """One warning per job for the platform variables that replace the app's own (its
+    ``environment_variables`` or ``get_environ_vars()``: those that differ from the launcher's
+    environment), and one for ``launch_params`` that set them for the MPI launcher (PALS ``--env
+    NAME=value``, ``srun --export``), whose value the ranks would get instead of the platform's."""
+    inherited = inherited_environment()
+    replaced = [k for k, v in platform_env.items() if k in env and env[k] != v and inherited.get(k) != env[k]]
+    if replaced:
+        logger.warning("job %s: its app's %s %s replaced by the platform's GPU visibility variables: %s", prepared.id,
+                       ", ".join(f"{k}={env[k]}" for k in replaced), "is" if len(replaced) == 1 else "are",
+                       ", ".join(f"{k}={platform_env[k]}" for k in replaced))
+    if prepared.launch_params:
+        pattern = re.compile(r"(?<![A-Za-z0-9_])(%s)=" % "|".join(map(re.escape, platform_env)))
+        for key, value in prepared.launch_params.items():
+            named = sorted(set(pattern.findall(f"{key} {value}")))
+            if named:
+                logger.warning("job %s: launch_params %s=%r sets %s for the MPI launcher, over the value the platform "
+                               "set for the GPUs this job was given: its ranks may use GPUs assigned to other jobs",
+                               prepared.id, key, value, ", ".join(named))
 
 
 def env_difference(base: dict[str, str], env: dict[str, str]) -> tuple[dict[str, str], list[str]]:

@@ -15,8 +15,11 @@ hierarchy (``ZE_FLAT_DEVICE_HIERARCHY``): in FLAT mode (Level Zero's default, an
 ``frameworks`` module sets) every tile is a device of its own, numbered 0 ... 11 (GPU g's tile t is
 ``g * 2 + t``, two tiles to a GPU in hardware whatever the option ``tiles_per_gpu``, 1 or 2); only in COMPOSITE mode does the mask take ``GPU.tile`` ids. The mode is
 the launcher's own (option ``device_hierarchy: inherit``; unset means FLAT) or the option's, and is
-always set next to the mask, so the two cannot disagree. ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` makes
-the ids follow the PCI order; CUDA variables mean nothing to Level Zero and are never set.
+always set next to the mask, so the two cannot disagree; the option's mode is set for jobs without
+a mask too (multi-node, CPU-only: ``job_environment``), and the launcher sets these variables again
+after a job's shell preamble. ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` makes the ids follow the PCI
+order; CUDA variables mean nothing to Level Zero and are never set. ``threads_per_core`` above the
+2 hardware threads of a core counts as 2 (``hardware_threads_per_core``).
 
 The launch line is the one Balsam 0.7 built (``mpiexec -n N --ppn R --hosts h1,h2 --cpu-bind B -d D
 --envall CMD``), except that without a ``cpu_bind`` launch parameter the binding is computed from the
@@ -47,8 +50,8 @@ from balsam.platform import (
 
 #: launch_params keys that name the CPU binding (``--cpu-bind`` itself, or as users write it in 0.7).
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
-#: launch_params keys that set the depth (``-d``).
-DEPTH_KEYS = ("depth", "-d", "--depth")
+#: launch_params keys that set the depth (``-d``; ``{"d": "8"}`` is ``-d 8`` too, see ``launch_option``).
+DEPTH_KEYS = ("depth", "d", "-d", "--depth")
 #: Hardware threads per core of the Xeon Max 9470C (2 per core: 208 on 104 cores).
 HARDWARE_THREADS_PER_CORE = 2
 #: Tiles of one Intel Data Center GPU Max 1550: the flat devices one whole GPU is in FLAT mode.
@@ -159,7 +162,8 @@ class AuroraOptions:
         "inherit",
         "Level Zero device hierarchy of the jobs (ZE_FLAT_DEVICE_HIERARCHY, set with their "
         "ZE_AFFINITY_MASK): inherit takes the launcher's environment (unset: FLAT, Level Zero's "
-        "default); flat (tiles are devices 0 ... 11), composite (GPU.tile ids) or combined.",
+        "default); flat (tiles are devices 0 ... 11), composite (GPU.tile ids) or combined, set for "
+        "every job (multi-node and CPU-only jobs too).",
     )
     cpu_bind: str = option(
         "",
@@ -202,6 +206,8 @@ class AuroraPlatform(Platform):
     options_schema = AuroraOptions
     #: ``-l system=`` and queues differ between the two machines; the rest is the same.
     system = "aurora"
+    #: A job's threads_per_core is capped at it (core count, binding, serial pinning).
+    hardware_threads_per_core = HARDWARE_THREADS_PER_CORE
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -230,7 +236,8 @@ class AuroraPlatform(Platform):
         self.device_hierarchy()
         return [
             NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids,
-                     gpu_groups=self.gpu_groups if self.options.tiles_per_gpu > 1 else (), gpu_cpus=self.gpu_cpus)
+                     gpu_groups=self.gpu_groups if self.options.tiles_per_gpu > 1 else (), gpu_cpus=self.gpu_cpus,
+                     hardware_threads_per_core=self.hardware_threads_per_core)
             for host in self.hostnames(env)
         ]
 
@@ -240,7 +247,8 @@ class AuroraPlatform(Platform):
     # -- MPI ------------------------------------------------------------------------------------
     def cpu_binding(self, spec: LaunchSpec) -> str:
         return pick_cpu_binding(spec, CPU_BIND_KEYS, self.options.cpu_bind, self.cpu_ids,
-                                hyperthread_offset=self.options.hyperthread_offset, cpu_domains=self.cpu_domains)
+                                hyperthread_offset=self.options.hyperthread_offset, cpu_domains=self.cpu_domains,
+                                max_threads_per_core=self.hardware_threads_per_core)
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
@@ -268,7 +276,7 @@ class AuroraPlatform(Platform):
     def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
         # As the mpiexec binding does: a core's second hardware thread is core + hyperthread_offset.
         return tuple(hardware_thread_ids(cpu_ids, threads_per_core, self.options.hyperthread_offset,
-                                         max_threads_per_core=HARDWARE_THREADS_PER_CORE))
+                                         max_threads_per_core=self.hardware_threads_per_core))
 
     def device_hierarchy(self) -> str:
         """The Level Zero device hierarchy the jobs run under (see :func:`hierarchy_from`). Jobs start
@@ -289,6 +297,16 @@ class AuroraPlatform(Platform):
             HIERARCHY_VARIABLE: hierarchy,
             "ZE_AFFINITY_MASK": affinity_mask(gpu_ids, hierarchy),
         }
+
+    def job_environment(self, gpu_ids: Sequence[str]) -> dict[str, str]:
+        """The mask and its hierarchy for a job given tiles; for every other job (CPU-only, or
+        multi-node: whole nodes, no mask) the hierarchy the option ``device_hierarchy`` names, when
+        it names one: "set it for every job". With ``inherit`` such a job keeps the launcher's."""
+        if gpu_ids:
+            return self.gpu_environment(gpu_ids)
+        if self.options.device_hierarchy.strip().lower() == "inherit":
+            return {}
+        return {HIERARCHY_VARIABLE: self.device_hierarchy()}
 
     def launch_limit(self) -> Optional[LaunchLimit]:
         limit = self.options.max_mpiexec_per_batch_job

@@ -90,6 +90,8 @@ class PolarisPlatform(Platform):
     default_scheduler = "pbs"
     mpirun_allows_node_packing = True
     options_schema = PolarisOptions
+    #: A job's threads_per_core is capped at it (core count, binding, serial pinning).
+    hardware_threads_per_core = HARDWARE_THREADS_PER_CORE
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -134,7 +136,8 @@ class PolarisPlatform(Platform):
             gpu_ids, parent = self.node_gpus(host, local=_short(host) == here or len(hosts) == 1, not_before=started)
             parents.update(parent)
             nodes.append(NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=gpu_ids,
-                                  gpu_cpus=near_cpus_of(gpu_ids, self.gpu_cpu_map, self.cpu_ids, parent)))
+                                  gpu_cpus=near_cpus_of(gpu_ids, self.gpu_cpu_map, self.cpu_ids, parent),
+                                  hardware_threads_per_core=self.hardware_threads_per_core))
         # A partial-node allocation names its GPUs there (MIG instances go with their GPU's index).
         return cuda_visible_only(nodes, env, parents)
 
@@ -144,7 +147,8 @@ class PolarisPlatform(Platform):
     # -- MPI ------------------------------------------------------------------------------------
     def cpu_binding(self, spec: LaunchSpec) -> str:
         return pick_cpu_binding(spec, CPU_BIND_KEYS, self.options.cpu_bind, self.cpu_ids,
-                                hyperthread_offset=self.options.hyperthread_offset)
+                                hyperthread_offset=self.options.hyperthread_offset,
+                                max_threads_per_core=self.hardware_threads_per_core)
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
@@ -175,7 +179,7 @@ class PolarisPlatform(Platform):
     def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:
         # As the mpiexec binding does: a core's second hardware thread is core + hyperthread_offset.
         return tuple(hardware_thread_ids(cpu_ids, threads_per_core, self.options.hyperthread_offset,
-                                         max_threads_per_core=HARDWARE_THREADS_PER_CORE))
+                                         max_threads_per_core=self.hardware_threads_per_core))
 
     # gpu_environment: the base class's CUDA_DEVICE_ORDER=PCI_BUS_ID + CUDA_VISIBLE_DEVICES (MIG
     # UUIDs included).
