@@ -237,3 +237,34 @@ def test_pg_lease_checks_lock_only_keys_that_change(leased: dict) -> None:
             writer.exec_driver_sql(f"UPDATE jobs SET session_id = {session} WHERE id = {child}")
         writer.rollback()
         holder.rollback()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # the lock order is PostgreSQL's
+def test_pg_lease_checks_lock_only_the_keys_each_row_changed(leased: dict) -> None:
+    """Per row and per column (migration 0019 changed the check's plan, not this): in one update,
+    a row that keeps its session but changes its BatchJob locks only the new BatchJob, another row
+    newly leased locks only its own new session, and a row leaving its session and BatchJob
+    (NULL) locks nothing; a row moving to a locked session waits for it."""
+    engine, client, session, batch_job = leased["engine"], leased["client"], leased["session"], leased["batch_job"]
+    parent, child = leased["parent"], leased["child"]
+    site_id = client.get(f"/apps/{leased['app_id']}").json()["site_id"]
+    other_session = client.post("/sessions/", json={"site_id": site_id}).json()["id"]
+    other_batch_job = client.post("/batch-jobs/", json={"site_id": site_id, "project": "p", "queue": "q", "num_nodes": 1,
+                                                        "wall_time_min": 10, "job_mode": "serial"}).json()["id"]
+    with engine.connect() as holder, engine.connect() as writer:
+        holder.exec_driver_sql(f"SELECT 1 FROM sessions WHERE id = {session} FOR UPDATE")
+        holder.exec_driver_sql(f"SELECT 1 FROM batch_jobs WHERE id = {batch_job} FOR UPDATE")
+        writer.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")
+        writer.exec_driver_sql(
+            f"UPDATE jobs SET batch_job_id = CASE WHEN id = {parent} THEN {other_batch_job} ELSE batch_job_id END, "
+            f"session_id = CASE WHEN id = {child} THEN {other_session} ELSE session_id END "
+            f"WHERE id IN ({parent}, {child})")  # no wait
+        assert writer.exec_driver_sql(f"SELECT id, session_id, batch_job_id FROM jobs WHERE id IN ({parent}, {child}) "
+                                      "ORDER BY id").all() == [(parent, session, other_batch_job),
+                                                               (child, other_session, None)]
+        writer.exec_driver_sql(f"UPDATE jobs SET session_id = NULL, batch_job_id = NULL WHERE id = {parent}")  # no wait
+        with pytest.raises(sa.exc.OperationalError, match="lock timeout"):
+            writer.exec_driver_sql(f"UPDATE jobs SET session_id = {session} WHERE id IN ({parent}, {child})")
+        writer.rollback()
+        holder.rollback()

@@ -308,6 +308,28 @@ def test_parent_delete_removes_link(api, site_app):
     assert api.job(child["id"])["state"] == "STAGED_IN"  # no stage-in: straight on
 
 
+@pytest.mark.parametrize("deleted_finished", [False, True], ids=["unfinished", "finished"])
+def test_a_deleted_parent_never_releases_its_children(api, site_app, deleted_finished):
+    """A parent deleted (finished or not) counts as not finished: its links go with it, but the
+    children keep its id in parent_ids and wait (docs/api.md). The last other parent finishing
+    used to release them ("All parents finished") without the deleted one's output."""
+    _site, app = site_app
+    deleted, other = (p["id"] for p in api.jobs(app["id"], 2))
+    if deleted_finished:
+        run_to(api, [deleted])
+        assert api.job(deleted)["state"] == "JOB_FINISHED"
+    child = api.jobs(app["id"], 1, parent_ids=[deleted, other])[0]
+    sibling = api.jobs(app["id"], 1, parent_ids=[other])[0]  # the same finish releases it
+    assert child["state"] == sibling["state"] == "AWAITING_PARENTS"
+    api.ok("DELETE", f"/jobs/{deleted}", 204)
+    run_to(api, [other])
+    assert api.job(other)["state"] == "JOB_FINISHED"
+    after = api.job(child["id"])
+    assert (after["state"], sorted(after["parent_ids"])) == ("AWAITING_PARENTS", sorted([deleted, other]))
+    assert [(e["from_state"], e["to_state"]) for e in api.events(job_id=child["id"])] == [("CREATED", "AWAITING_PARENTS")]
+    assert api.job(sibling["id"])["state"] == "STAGED_IN"
+
+
 def test_put_by_filter_validation(api, site_app):
     _site, app = site_app
     ids = [j["id"] for j in api.jobs(app["id"], 3)]
