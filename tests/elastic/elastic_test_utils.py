@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 
@@ -17,3 +19,21 @@ def core_defines_the_section() -> bool:
 needs_module_sections = pytest.mark.skipif(
     core_defines_the_section(), reason="settings.yml's elastic_queue section is still the core's (0.7 keys only)")
 
+
+
+def runnable_jobs(client, site, n: int, **job_fields) -> list:
+    """``n`` jobs of a new app of ``site``, made runnable (PREPROCESSED) with ``job_fields``."""
+    from balsam.api import ApplicationDefinition, Job
+
+    App = type(f"App{uuid.uuid4().hex[:6]}", (ApplicationDefinition,),
+               {"site": site.site_id, "command_template": "echo {{ i }}", "__module__": __name__})
+    App.sync()
+    jobs = Job.objects.bulk_create([App.submit(workdir=f"r/{uuid.uuid4().hex[:8]}", i=i, save=False, **job_fields)
+                                    for i in range(n)])
+    client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in jobs])
+    return jobs
+
+
+def batch_jobs_of(client, site) -> list[dict]:
+    """The site's BatchJobs, by id."""
+    return sorted(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"], key=lambda b: b["id"])

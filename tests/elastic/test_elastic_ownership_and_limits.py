@@ -4,7 +4,6 @@ only the jobs its BatchJobs could lease and the jobs running in them, and says w
 from __future__ import annotations
 
 import logging
-import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -12,31 +11,9 @@ import pytest
 from balsam.states import BatchJobState
 from balsam_elastic import ElasticQueueOptions
 from balsam_elastic.module import ElasticQueueModule
-from elastic_test_utils import needs_module_sections
+from elastic_test_utils import batch_jobs_of, needs_module_sections, runnable_jobs
 
 LOGGER = "balsam.site.modules.elastic_queue"
-
-
-def _app(site_id: int):
-    from balsam.api import ApplicationDefinition
-
-    return type(f"App{uuid.uuid4().hex[:6]}", (ApplicationDefinition,),
-                {"site": site_id, "command_template": "echo {{ i }}", "__module__": __name__})
-
-
-def _runnable(client, site, n: int, **job_fields) -> list:
-    from balsam.api import Job
-
-    App = _app(site.site_id)
-    App.sync()
-    jobs = Job.objects.bulk_create([App.submit(workdir=f"r/{uuid.uuid4().hex[:8]}", i=i, save=False, **job_fields)
-                                    for i in range(n)])
-    client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in jobs])
-    return jobs
-
-
-def _batch_jobs(client, site) -> list[dict]:
-    return sorted(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"], key=lambda b: b["id"])
 
 
 def _acquire(client, site, **spec) -> list:
@@ -69,16 +46,16 @@ def test_without_backfill_requests_wait_in_the_regular_queue_and_are_not_cancell
     scheduler = QueuedFor(11)
     module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_queue_wait_time_min=10), client,
                                 scheduler=scheduler)
-    _runnable(client, site, 1)
+    runnable_jobs(client, site, 1)
     module.run_cycle()
-    [made] = _batch_jobs(client, site)
+    [made] = batch_jobs_of(client, site)
     assert made["status_info"].keys() == {"elastic_request", "elastic_created"}  # the stamp, and when it was made
     assert made["status_info"]["elastic_request"] == "regular_queue"
     client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "queued", "scheduler_id": 4242}])
     scheduler.ids = [4242]
     module.run_cycle()
     assert module.last_decision.cancel == () and module.last_decision.submit == (), module.last_decision
-    assert [b["state"] for b in _batch_jobs(client, site)] == ["queued"]
+    assert [b["state"] for b in batch_jobs_of(client, site)] == ["queued"]
 
 
 def test_simple_never_cancels_a_batch_job_it_did_not_create(make_site, client) -> None:
@@ -97,16 +74,16 @@ def test_simple_never_cancels_a_batch_job_it_did_not_create(make_site, client) -
 
     module = ElasticQueueModule(site, {"strategy": "simple", "strategy_options": {"max_blocks": 2}}, client,
                                 scheduler=scheduler)
-    _runnable(client, site, 1)
+    runnable_jobs(client, site, 1)
     module.run_cycle()  # the hand-made BatchJob covers a demand of 1
-    assert len(_batch_jobs(client, site)) == 1, module.last_decision
-    _runnable(client, site, 1)
+    assert len(batch_jobs_of(client, site)) == 1, module.last_decision
+    runnable_jobs(client, site, 1)
     module.run_cycle()  # a demand of 2: one block of its own
-    own = [b for b in _batch_jobs(client, site) if b["id"] != mine["id"]]
+    own = [b for b in batch_jobs_of(client, site) if b["id"] != mine["id"]]
     assert [b["status_info"]["elastic_request"] for b in own] == ["simple"]
     client.delete("/jobs/", params={"site_id": site.site_id})  # no demand: it cancels its own block only
     module.run_cycle()
-    states = {b["id"]: b["state"] for b in _batch_jobs(client, site)}
+    states = {b["id"]: b["state"] for b in batch_jobs_of(client, site)}
     assert states == {mine["id"]: "queued", own[0]["id"]: "pending_deletion"}, module.last_decision
 
 
@@ -124,7 +101,7 @@ def test_simple_and_queue_maintainer_on_one_queue_no_longer_fight(make_site, cli
     for _ in range(3):
         qm.run_cycle()
         el.run_cycle()
-    assert [b["state"] for b in _batch_jobs(client, site)] == ["pending_submission"]
+    assert [b["state"] for b in batch_jobs_of(client, site)] == ["pending_submission"]
 
 
 def test_a_job_wider_than_the_queue_gets_no_batch_job_and_one_error(make_site, client, caplog) -> None:
@@ -133,18 +110,18 @@ def test_a_job_wider_than_the_queue_gets_no_batch_job_and_one_error(make_site, c
     site = make_site()
     caplog.set_level(logging.INFO, logger=LOGGER)
     module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False), client)
-    _runnable(client, site, 1, num_nodes=2)
+    runnable_jobs(client, site, 1, num_nodes=2)
     for _ in range(3):
         module.run_cycle()
-    assert _batch_jobs(client, site) == []
+    assert batch_jobs_of(client, site) == []
     assert module.last_decision.reason.startswith("no runnable job fits its BatchJobs (1 runnable: more nodes than "
                                                   "queue 'local''s max_nodes 1"), module.last_decision.reason
     assert _errors(caplog) == ["runnable jobs its BatchJobs can never run: more nodes than queue 'local''s max_nodes 1 "
                                "(settings.yml scheduler.allowed_queues)"]  # once, not every cycle
 
-    _runnable(client, site, 1)  # a 1-node job also: one BatchJob, for it alone
+    runnable_jobs(client, site, 1)  # a 1-node job also: one BatchJob, for it alone
     module.run_cycle()
-    assert [(b["num_nodes"], b["wall_time_min"]) for b in _batch_jobs(client, site)] == [(1, 355)]
+    assert [(b["num_nodes"], b["wall_time_min"]) for b in batch_jobs_of(client, site)] == [(1, 355)]
     assert dict(module.last_decision.numbers)["runnable"] == 1
 
 
@@ -154,15 +131,15 @@ def test_job_mode_serial_counts_only_single_node_single_rank_jobs(make_site, cli
     site = make_site()
     caplog.set_level(logging.INFO, logger=LOGGER)
     module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, job_mode="serial"), client)
-    _runnable(client, site, 2, ranks_per_node=4)
+    runnable_jobs(client, site, 2, ranks_per_node=4)
     module.run_cycle()
     module.run_cycle()
-    assert _batch_jobs(client, site) == [] and _acquire(client, site, max_nodes_per_job=1, serial_only=True) == []
+    assert batch_jobs_of(client, site) == [] and _acquire(client, site, max_nodes_per_job=1, serial_only=True) == []
     assert _errors(caplog) == ["runnable jobs its BatchJobs can never run: more than 1 node or 1 rank per node "
                                "(job_mode serial leases only single-node single-rank jobs)"]
-    _runnable(client, site, 3)
+    runnable_jobs(client, site, 3)
     module.run_cycle()
-    assert [b["job_mode"] for b in _batch_jobs(client, site)] == ["serial"]
+    assert [b["job_mode"] for b in batch_jobs_of(client, site)] == ["serial"]
     assert dict(module.last_decision.numbers)["runnable"] == 3, module.last_decision
 
 
@@ -172,15 +149,15 @@ def test_jobs_longer_than_any_batch_job_are_not_counted(make_site, client, caplo
     site = make_site()
     caplog.set_level(logging.INFO, logger=LOGGER)
     module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False), client)
-    _runnable(client, site, 1, wall_time_min=600)
-    _runnable(client, site, 1, wall_time_min=355)  # exactly the BatchJob's length: never leased either
+    runnable_jobs(client, site, 1, wall_time_min=600)
+    runnable_jobs(client, site, 1, wall_time_min=355)  # exactly the BatchJob's length: never leased either
     module.run_cycle()
-    assert _batch_jobs(client, site) == [] and _acquire(client, site, max_wall_time_min=354) == []
+    assert batch_jobs_of(client, site) == [] and _acquire(client, site, max_wall_time_min=354) == []
     assert _errors(caplog) == ["runnable jobs its BatchJobs can never run: wall_time_min of 355 or more, and its "
                                "BatchJobs last at most 355 min"]
-    _runnable(client, site, 2, wall_time_min=300)
+    runnable_jobs(client, site, 2, wall_time_min=300)
     module.run_cycle()
-    assert [b["wall_time_min"] for b in _batch_jobs(client, site)] == [355]
+    assert [b["wall_time_min"] for b in batch_jobs_of(client, site)] == [355]
     assert dict(module.last_decision.numbers)["runnable"] == 2, module.last_decision
 
 
@@ -191,16 +168,16 @@ def test_serial_single_node_jobs_too_long_or_multi_rank_get_the_right_reasons(ma
     site = make_site()
     caplog.set_level(logging.INFO, logger=LOGGER)
     module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, job_mode="serial"), client)
-    _runnable(client, site, 2, wall_time_min=600)
-    _runnable(client, site, 1)
+    runnable_jobs(client, site, 2, wall_time_min=600)
+    runnable_jobs(client, site, 1)
     module.run_cycle()
     assert _errors(caplog) == []
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "runnable jobs its BatchJobs can never run: wall_time_min of 355 or more, and its BatchJobs last at most "
         "355 min"]
     assert dict(module.last_decision.numbers)["runnable"] == 1, module.last_decision
-    _runnable(client, site, 1, ranks_per_node=2, wall_time_min=600)
-    _runnable(client, site, 1, ranks_per_node=2)
+    runnable_jobs(client, site, 1, ranks_per_node=2, wall_time_min=600)
+    runnable_jobs(client, site, 1, ranks_per_node=2)
     module.run_cycle()
     assert dict(module.last_decision.numbers)["runnable"] == 1, module.last_decision
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][-1] == (
@@ -240,10 +217,10 @@ def test_a_cycle_reads_with_the_same_requests_whatever_the_backlog_size(make_sit
         site = make_site()
         counting = CountingClient(client)
         module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, job_mode=job_mode), counting)
-        fit = _runnable(client, site, n)
-        _runnable(client, site, n, **unfit)
+        fit = runnable_jobs(client, site, n)
+        runnable_jobs(client, site, n, **unfit)
         module.run_cycle()  # its BatchJob: running, with 3 jobs in it
-        [made] = _batch_jobs(client, site)
+        [made] = batch_jobs_of(client, site)
         client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "running", "scheduler_id": 4000 + n}])
         client.patch("/jobs/", json=[{"id": j.id, "batch_job_id": made["id"], "state": "RUNNING"} for j in fit[:3]])
         counting.calls.clear()
@@ -269,7 +246,7 @@ def test_only_jobs_running_in_its_batch_jobs_are_its_running_footprint(make_site
     foreign = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "other",
                                                 "num_nodes": 4, "wall_time_min": 60, "job_mode": "mpi"})
     client.patch("/batch-jobs/", json=[{"id": foreign["id"], "state": "running", "scheduler_id": 77}])
-    busy = _runnable(client, site, 4)
+    busy = runnable_jobs(client, site, 4)
     client.patch("/jobs/", json=[{"id": j.id, "batch_job_id": foreign["id"], "state": "RUNNING"} for j in busy])
     simple = ElasticQueueModule(site, {"strategy": "simple", "strategy_options": {"max_blocks": 8}}, client,
                                 scheduler=QueuedFor(0))
@@ -278,10 +255,10 @@ def test_only_jobs_running_in_its_batch_jobs_are_its_running_footprint(make_site
 
     backfill = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_num_nodes=4), client,
                                   scheduler=QueuedFor(1))
-    _runnable(client, site, 4)
+    runnable_jobs(client, site, 4)
     backfill.run_cycle()  # one 4-node BatchJob for the 4 runnable jobs ...
     backfill.run_cycle()  # ... which covers them: the 4 jobs running elsewhere do not make it look busy
-    made = [b for b in _batch_jobs(client, site) if b["id"] != foreign["id"]]
+    made = [b for b in batch_jobs_of(client, site) if b["id"] != foreign["id"]]
     assert [b["num_nodes"] for b in made] == [4], backfill.last_decision
     assert dict(backfill.last_decision.numbers)["running_footprint"] == 0
     assert backfill.last_decision.reason.startswith("idle nodes cover the backlog"), backfill.last_decision
@@ -300,10 +277,10 @@ def test_max_queued_jobs_is_capped_by_the_queue(make_site, client, caplog) -> No
     caplog.set_level(logging.INFO, logger=LOGGER)
     module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_queued_jobs=20), client)
     assert "max_queued_jobs 20 capped to queue 'local''s max_queued_jobs 2" in caplog.text
-    _runnable(client, site, 5)
+    runnable_jobs(client, site, 5)
     for _ in range(4):
         module.run_cycle()
-    assert len(_batch_jobs(client, site)) == 2
+    assert len(batch_jobs_of(client, site)) == 2
     assert module.last_decision.reason.startswith("max_queued_jobs reached (2 of 2"), module.last_decision
 
 
@@ -363,12 +340,12 @@ def test_jobs_a_running_launcher_holds_are_not_runnable_backlog(make_site, clien
     """A launcher prefetches jobs (its session holds them) before it starts them: they run in its
     BatchJob, yet they counted as runnable, and each cycle submitted a BatchJob that found nothing."""
     site = make_site(overrides={"filter_tags": {"c": "h"}})
-    jobs = _runnable(client, site, 10, tags={"c": "h"})
+    jobs = runnable_jobs(client, site, 10, tags={"c": "h"})
     module = ElasticQueueModule(site, ElasticQueueOptions(job_mode="serial", use_backfill=False, max_num_nodes=1,
                                                           max_queued_jobs=5, min_wall_time_min=10,
                                                           wall_time_pad_min=1, max_wall_time_min=10), client)
     module.run_cycle()
-    (mine,) = _batch_jobs(client, site)
+    (mine,) = batch_jobs_of(client, site)
     client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 1}])
     client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "running"}])
     session = client.post("/sessions/", json={"site_id": site.site_id, "batch_job_id": mine["id"]})["id"]
@@ -379,7 +356,7 @@ def test_jobs_a_running_launcher_holds_are_not_runnable_backlog(make_site, clien
     client.patch("/jobs/", json=[{"id": held[0], "state": "RUNNING", "batch_job_id": mine["id"]}])
     for _ in range(3):
         module.run_cycle()
-    assert [b["id"] for b in _batch_jobs(client, site)] == [mine["id"]], module.last_decision
+    assert [b["id"] for b in batch_jobs_of(client, site)] == [mine["id"]], module.last_decision
     numbers = dict(module.last_decision.numbers)
     assert (numbers["runnable"], numbers["running_footprint"]) == (0, 1), module.last_decision
     assert module.last_decision.reason == "no runnable jobs"
@@ -397,7 +374,7 @@ def test_a_batch_job_it_did_not_create_counts_only_if_it_can_run_the_backlog(mak
     capacity: the backlog waited for it and got no BatchJob."""
     site = make_site(overrides={"scheduler": {"allowed_queues": {"local": {"max_nodes": 16, "max_walltime": 600,
                                                                            "max_queued_jobs": 10}}}})
-    _runnable(client, site, 4, num_nodes=2, tags=tags)
+    runnable_jobs(client, site, 4, num_nodes=2, tags=tags)
     body = {"site_id": site.site_id, "project": "local", "queue": "local", "num_nodes": 8, "wall_time_min": 60,
             "job_mode": job_mode, "filter_tags": filter_tags}
     if partitions:
@@ -425,13 +402,13 @@ def test_without_node_packing_each_mpi_job_holds_whole_nodes(make_site, client, 
     site = make_site(overrides={"launcher": {"mpirun_allows_node_packing": packing},
                                 "scheduler": {"allowed_queues": {"local": {"max_nodes": 16, "max_walltime": 600,
                                                                            "max_queued_jobs": 10}}}})
-    _runnable(client, site, 8, node_packing_count=4)
+    runnable_jobs(client, site, 8, node_packing_count=4)
     module = ElasticQueueModule(site, ElasticQueueOptions(job_mode=job_mode, use_backfill=False, max_num_nodes=16,
                                                           min_wall_time_min=10, wall_time_pad_min=1,
                                                           max_wall_time_min=60), client)
     module.run_cycle()
     assert [s.num_nodes for s in module.last_decision.submit] == [nodes], module.last_decision
-    (mine,) = _batch_jobs(client, site)
+    (mine,) = batch_jobs_of(client, site)
     client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "running", "scheduler_id": 7}])
     taken = [j["id"] for j in _acquire(client, site, max_num_jobs=2)]
     client.patch("/jobs/", json=[{"id": i, "state": "RUNNING", "batch_job_id": mine["id"]} for i in taken])

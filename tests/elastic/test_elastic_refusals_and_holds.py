@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import uuid
 from pathlib import Path
 
 import attrs
@@ -17,6 +16,7 @@ from balsam.models import BackfillWindow
 from balsam.states import BatchJobState
 from balsam_elastic import BackfillStrategy, Backlog, BatchJobView, ElasticQueueOptions, SimpleStrategy, Snapshot
 from balsam_elastic.module import ElasticQueueModule
+from elastic_test_utils import batch_jobs_of, runnable_jobs
 
 LOGGER = "balsam.site.modules.elastic_queue"
 SLURM = Path(__file__).parent.parent / "schedulers" / "data" / "slurm"
@@ -25,22 +25,6 @@ Q, R, P, F = (BatchJobState.queued, BatchJobState.running, BatchJobState.pending
               BatchJobState.submit_failed)
 W = BackfillWindow
 HELD = "waiting: queue 'debug' is at a scheduler limit: qsub: would exceed queue debug's per-user limit"
-
-
-def _runnable(client, site, n: int, **job_fields) -> list:
-    from balsam.api import ApplicationDefinition, Job
-
-    App = type(f"App{uuid.uuid4().hex[:6]}", (ApplicationDefinition,),
-               {"site": site.site_id, "command_template": "echo {{ i }}", "__module__": __name__})
-    App.sync()
-    jobs = Job.objects.bulk_create([App.submit(workdir=f"r/{uuid.uuid4().hex[:8]}", i=i, save=False, **job_fields)
-                                    for i in range(n)])
-    client.patch("/jobs/", json=[{"id": j.id, "state": "PREPROCESSED"} for j in jobs])
-    return jobs
-
-
-def _batch_jobs(client, site) -> list[dict]:
-    return sorted(client.get("/batch-jobs/", params={"site_id": site.site_id})["results"], key=lambda b: b["id"])
 
 
 def _logged(caplog, level: int) -> list[str]:
@@ -81,12 +65,12 @@ def test_a_request_the_scheduler_refused_for_good_is_not_made_again(make_site, c
     settings = {"submit_queue": "debug", "submit_project": "root", "use_backfill": False, "max_num_nodes": 2,
                 "max_wall_time_min": 60}
     elastic = ElasticQueueModule(site, settings, client, scheduler=slurm)
-    jobs = _runnable(client, site, 2)
+    jobs = runnable_jobs(client, site, 2)
     caplog.set_level(logging.INFO)
     for _ in range(8):
         elastic.run_cycle()
         scheduler.run_cycle()
-    rows = _batch_jobs(client, site)
+    rows = batch_jobs_of(client, site)
     assert [(b["num_nodes"], b["wall_time_min"], b["state"]) for b in rows] == [(2, 55, "submit_failed")], rows
     assert [c.args[0] for c in runner.calls].count("sbatch") == 1
     refused = rows[0]["id"]
@@ -102,13 +86,13 @@ def test_a_request_the_scheduler_refused_for_good_is_not_made_again(make_site, c
     for _ in range(4):
         elastic.run_cycle()
         scheduler.run_cycle()
-    assert [(b["num_nodes"], b["state"]) for b in _batch_jobs(client, site)] == [(2, "submit_failed"), (1, "submit_failed")]
+    assert [(b["num_nodes"], b["state"]) for b in batch_jobs_of(client, site)] == [(2, "submit_failed"), (1, "submit_failed")]
     assert [c.args[0] for c in runner.calls].count("sbatch") == 2 and len(_logged(caplog, logging.ERROR)) == 2
 
     # Another project (settings.yml changed, the agent restarted) is not held back by these.
     other = ElasticQueueModule(site, {**settings, "submit_project": "other"}, client, scheduler=slurm)
     other.run_cycle()
-    assert [(b["project"], b["state"]) for b in _batch_jobs(client, site)][-1] == ("other", "pending_submission")
+    assert [(b["project"], b["state"]) for b in batch_jobs_of(client, site)][-1] == ("other", "pending_submission")
 
 
 def _failed(client, site, *, error_time: str, mine: bool = True, scheduler_id=None, nodes: int = 2,
@@ -143,11 +127,11 @@ def test_only_its_own_recent_refusals_hold_requests_back(make_site, client) -> N
     _failed(client, site, error_time=now.isoformat(), project="other")  # another project
     _failed(client, site, error_time=now.isoformat(), nodes=3)  # larger than the request
     _failed(client, site, error_time=now.isoformat(), for_good=False)  # the scheduler was down: not refused
-    _runnable(client, site, 2)
+    runnable_jobs(client, site, 2)
     module.run_cycle()
     assert [(s.num_nodes, s.wall_time_min) for s in module.last_decision.submit] == [(2, 55)], module.last_decision
     counted = _failed(client, site, error_time=dt.datetime.now(dt.timezone.utc).isoformat())
-    client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in _batch_jobs(client, site)
+    client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in batch_jobs_of(client, site)
                                        if b["state"] == "pending_submission"])
     module.run_cycle()
     assert module.last_decision.submit == () and f"BatchJob {counted} (2 nodes x 55 min) was refused" in \
@@ -202,9 +186,15 @@ def backlog(runnable: int = 0, footprint: float = 0.0) -> Backlog:
 WINDOW = (W(num_nodes=8, wall_time_min=60),)
 # (case, snapshot (built in the test), expected submissions, expected cancels, words in the reason)
 HELD_CASES = [
-    ("the backlog is gone: its requests not submitted yet are cancelled, held or not",
-     lambda: Snapshot(batch_jobs=(bj(1, held=HELD), bj(2)), windows=WINDOW), (), (2, 1),
+    ("the backlog is gone: its requests held back are cancelled",
+     lambda: Snapshot(batch_jobs=(bj(1, held=HELD), bj(2, held=HELD)), windows=WINDOW), (), (2, 1),
      "2 BatchJob(s) not submitted yet that no runnable job needs; no runnable jobs"),
+    ("the backlog is gone: one waiting for its submission without a hold is not cancelled (the scheduler "
+     "module may be submitting it)",
+     lambda: Snapshot(batch_jobs=(bj(1, held=HELD), bj(2)), windows=WINDOW), (), (1,),
+     "1 BatchJob(s) not submitted yet that no runnable job needs; no runnable jobs"),
+    ("the backlog is gone: none held, none cancelled",
+     lambda: Snapshot(batch_jobs=(bj(1), bj(2, age=30)), windows=WINDOW), (), (), "no runnable jobs"),
     ("a regular-queue one and one it did not create are kept",
      lambda: Snapshot(batch_jobs=(bj(1, held=HELD, regular=True), bj(2, owned=False, age=None)), windows=WINDOW), (), (),
      "no runnable jobs"),
@@ -215,8 +205,12 @@ HELD_CASES = [
      (), (1,), "no runnable job fits its BatchJobs"),
     ("idle nodes cover the backlog: the newest requests the others can spare are cancelled",
      lambda: Snapshot(backlog=attrs.evolve(backlog(3, 3.0), running_footprint=2.0),
-              batch_jobs=(bj(1, R, nodes=4), bj(2, nodes=2, held=HELD), bj(3, nodes=1)),
+              batch_jobs=(bj(1, R, nodes=4), bj(2, nodes=2, held=HELD), bj(3, nodes=1, held=HELD)),
               windows=WINDOW), (), (3,), "1 BatchJob(s) not submitted yet that no runnable job needs; idle nodes cover"),
+    ("idle nodes cover the backlog: one not held back is not cancelled, a held one older is",
+     lambda: Snapshot(backlog=attrs.evolve(backlog(3, 3.0), running_footprint=2.0),
+              batch_jobs=(bj(1, R, nodes=4), bj(2, nodes=1, held=HELD), bj(3, nodes=1)),
+              windows=WINDOW), (), (2,), "1 BatchJob(s) not submitted yet that no runnable job needs; idle nodes cover"),
     ("the backlog needs them all: none cancelled",
      lambda: Snapshot(backlog=backlog(3, 3.0), batch_jobs=(bj(2, nodes=2, held=HELD), bj(3, nodes=1)), windows=WINDOW),
      (), (), "idle nodes cover the backlog (3 idle >= 3 needed)"),
@@ -260,9 +254,9 @@ def test_a_held_request_is_cancelled_once_its_backlog_is_gone(make_site, client,
                                        "max_wall_time_min": 60, "min_wall_time_min": 35}, client,
                                 scheduler=Windows(W(num_nodes=1, wall_time_min=60)))
     caplog.set_level(logging.INFO, logger=LOGGER)
-    _runnable(client, site, 2)
+    runnable_jobs(client, site, 2)
     module.run_cycle()
-    [made] = _batch_jobs(client, site)
+    [made] = batch_jobs_of(client, site)
     client.patch("/batch-jobs/", json=[{"id": made["id"], "status_info": {**made["status_info"], "waiting": HELD}}])
     module.run_cycle()
     assert module.last_decision.submit == () and module.last_decision.cancel == (), module.last_decision
@@ -271,8 +265,92 @@ def test_a_held_request_is_cancelled_once_its_backlog_is_gone(make_site, client,
     client.delete("/jobs/", params={"site_id": site.site_id})  # the backlog is gone (done elsewhere)
     module.run_cycle()
     assert module.last_decision.cancel == (made["id"],), module.last_decision
-    assert [b["state"] for b in _batch_jobs(client, site)] == ["pending_deletion"]
+    assert [b["state"] for b in batch_jobs_of(client, site)] == ["pending_deletion"]
     assert made["status_info"]["elastic_request"] == "backfill" and made["status_info"]["elastic_created"]
+
+
+class SubmittedMeanwhile(Windows):
+    """Windows, and while the module asks for them (after it read its BatchJobs, before its PATCH)
+    the scheduler module submits BatchJob ``moved`` (its hold lifted): queued, then running."""
+
+    def __init__(self, client, *windows: BackfillWindow, to: tuple[str, ...] = ("queued",)) -> None:
+        super().__init__(*windows)
+        self.client, self.to, self.moved = client, to, None
+
+    def get_backfill_windows(self) -> dict:
+        if self.moved is not None:
+            for state in self.to:
+                update = {"id": self.moved, "state": state}
+                if state == "queued":
+                    update["scheduler_id"] = 4242
+                self.client.patch("/batch-jobs/", json=[update])
+            self.moved = None
+        return super().get_backfill_windows()
+
+
+@pytest.mark.parametrize("to", [("queued",), ("queued", "running")], ids=["queued", "running"])
+def test_a_request_submitted_after_the_snapshot_is_not_cancelled(make_site, client, caplog, to) -> None:
+    """The snapshot reads the BatchJobs, then asks the scheduler (seconds); a held request whose hold
+    lifted meanwhile was queued (or running) when the PATCH marked it pending_deletion, and the
+    scheduler module deleted the allocation. It is read again just before the PATCH and kept."""
+    site = make_site(overrides={"scheduler": {"allowed_queues": DEBUG, "allowed_projects": ["proj"]}})
+    scheduler = SubmittedMeanwhile(client, W(num_nodes=1, wall_time_min=60), to=to)
+    module = ElasticQueueModule(site, {"submit_queue": "debug", "submit_project": "proj", "max_num_nodes": 1,
+                                       "max_wall_time_min": 60, "min_wall_time_min": 35}, client, scheduler=scheduler)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    runnable_jobs(client, site, 1)
+    module.run_cycle()
+    [made] = batch_jobs_of(client, site)
+    client.patch("/batch-jobs/", json=[{"id": made["id"], "status_info": {**made["status_info"], "waiting": HELD}}])
+    client.delete("/jobs/", params={"site_id": site.site_id})  # the backlog is gone
+    scheduler.moved = made["id"]
+    module.run_cycle()
+    assert module.last_decision.cancel == (made["id"],), module.last_decision  # the snapshot's decision
+    assert [b["state"] for b in batch_jobs_of(client, site)] == [to[-1]]
+    assert module.last_cancelled == ()
+    assert any(f"BatchJob {made['id']} not cancelled: it was pending_submission when this cycle read it, "
+               f"and is {to[-1]} now" in m for m in _logged(caplog, logging.INFO))
+    client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "pending_deletion"}])
+
+
+def test_a_stale_held_request_submitted_after_the_snapshot_is_not_cancelled(make_site, client) -> None:
+    """The same re-read protects a request held past max_queue_wait_time_min (stale) whose hold
+    lifted while the module asked the scheduler; the cycle's new request is still made."""
+    site = make_site(overrides={"scheduler": {"allowed_queues": DEBUG, "allowed_projects": ["proj"]}})
+    scheduler = SubmittedMeanwhile(client, W(num_nodes=1, wall_time_min=60))
+    module = ElasticQueueModule(site, {"submit_queue": "debug", "submit_project": "proj", "max_num_nodes": 1,
+                                       "max_wall_time_min": 60, "min_wall_time_min": 35,
+                                       "max_queue_wait_time_min": 10}, client, scheduler=scheduler)
+    runnable_jobs(client, site, 1)
+    module.run_cycle()
+    [made] = batch_jobs_of(client, site)
+    created = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=30)
+    client.patch("/batch-jobs/", json=[{"id": made["id"], "status_info": {
+        **made["status_info"], "waiting": HELD, "elastic_created": created.isoformat()}}])
+    scheduler.moved = made["id"]
+    module.run_cycle()
+    assert module.last_decision.cancel == (made["id"],), module.last_decision
+    assert [b["state"] for b in batch_jobs_of(client, site)] == ["queued", "pending_submission"]
+    assert module.last_cancelled == ()
+    client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "pending_deletion"}])
+
+
+def test_a_pending_request_without_a_hold_is_never_cancelled_by_backfill(make_site, client) -> None:
+    """Not held back, a request waiting for its submission is the scheduler module's to submit at its
+    next cycle: the backlog gone, backfill leaves it (cancelling it raced that submission)."""
+    site = make_site(overrides={"scheduler": {"allowed_queues": DEBUG, "allowed_projects": ["proj"]}})
+    module = ElasticQueueModule(site, {"submit_queue": "debug", "submit_project": "proj", "max_num_nodes": 1,
+                                       "max_wall_time_min": 60, "min_wall_time_min": 35}, client,
+                                scheduler=Windows(W(num_nodes=1, wall_time_min=60)))
+    runnable_jobs(client, site, 1)
+    module.run_cycle()
+    [made] = batch_jobs_of(client, site)
+    client.delete("/jobs/", params={"site_id": site.site_id})
+    for _ in range(2):
+        module.run_cycle()
+        assert [b["state"] for b in batch_jobs_of(client, site)] == ["pending_submission"]
+        assert module.last_decision.cancel == () and module.last_cancelled == (), module.last_decision
+    client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "pending_deletion"}])
 
 
 def test_a_request_held_past_max_queue_wait_time_min_is_stale(make_site, client) -> None:
@@ -283,16 +361,16 @@ def test_a_request_held_past_max_queue_wait_time_min_is_stale(make_site, client)
                                        "max_wall_time_min": 60, "min_wall_time_min": 35,
                                        "max_queue_wait_time_min": 10}, client,
                                 scheduler=Windows(W(num_nodes=1, wall_time_min=60)))
-    _runnable(client, site, 1)
+    runnable_jobs(client, site, 1)
     module.run_cycle()
-    [made] = _batch_jobs(client, site)
+    [made] = batch_jobs_of(client, site)
     created = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=30)
     client.patch("/batch-jobs/", json=[{"id": made["id"], "status_info": {
         **made["status_info"], "waiting": HELD, "elastic_created": created.isoformat()}}])
     module.run_cycle()
     assert module.last_decision.cancel == (made["id"],), module.last_decision
     assert [(s.num_nodes, s.wall_time_min) for s in module.last_decision.submit] == [(1, 55)], module.last_decision
-    assert [b["state"] for b in _batch_jobs(client, site)] == ["pending_deletion", "pending_submission"]
+    assert [b["state"] for b in batch_jobs_of(client, site)] == ["pending_deletion", "pending_submission"]
 
 
 # -- 5. jobs wider than its widest request ----------------------------------------------------------
@@ -309,11 +387,11 @@ def test_jobs_wider_than_its_widest_request_are_reported_not_counted(make_site, 
                                                                            "max_queued_jobs": 20}}}})
     module = ElasticQueueModule(site, settings, client, scheduler=Windows())
     caplog.set_level(logging.INFO, logger=LOGGER)
-    _runnable(client, site, 1, num_nodes=12)
-    _runnable(client, site, 1)
+    runnable_jobs(client, site, 1, num_nodes=12)
+    runnable_jobs(client, site, 1)
     for _ in range(5):
         module.run_cycle()
-    assert sum(b["num_nodes"] for b in _batch_jobs(client, site)) <= 4, _batch_jobs(client, site)
+    assert sum(b["num_nodes"] for b in batch_jobs_of(client, site)) <= 4, batch_jobs_of(client, site)
     message = (f"runnable jobs its BatchJobs can never run: more nodes than elastic_queue.{key}, the most nodes its "
                f"BatchJobs have (settings.yml)")
     assert _logged(caplog, logging.WARNING) == [message]
@@ -323,9 +401,9 @@ def test_jobs_wider_than_its_widest_request_are_reported_not_counted(make_site, 
     only = make_site(overrides={"scheduler": {"allowed_queues": {"local": {"max_nodes": 16, "max_walltime": 600,
                                                                            "max_queued_jobs": 20}}}})
     module = ElasticQueueModule(only, settings, client, scheduler=Windows())
-    _runnable(client, only, 1, num_nodes=12)
+    runnable_jobs(client, only, 1, num_nodes=12)
     for _ in range(3):
         module.run_cycle()
-    assert _batch_jobs(client, only) == [] and _logged(caplog, logging.ERROR) == [message]
+    assert batch_jobs_of(client, only) == [] and _logged(caplog, logging.ERROR) == [message]
     assert module.last_decision.reason.startswith("no runnable job fits its BatchJobs (1 runnable: more nodes than "
                                                   f"elastic_queue.{key}"), module.last_decision

@@ -12,10 +12,12 @@ Per cycle (inventory §9):
    never start (``BatchJobView.never_starts``: they hold a place in the queue, no nodes); at
    ``max_queued_jobs`` of them (those included), nothing more is submitted, nor, while one that can
    never start waits, a request at least as large as it (the same limit would hold it back).
-3. Nothing runnable: nothing to submit, and its own window-fitted BatchJobs still waiting for their
-   submission are cancelled (held back at a queue limit, they were submitted once it lifted, for a
-   backlog long gone); when the idle nodes cover the runnable footprint, the newest such ones the
-   others can spare are.
+3. Nothing runnable: nothing to submit, and its own window-fitted BatchJobs that the scheduler
+   module holds back in pending_submission (``BatchJobView.held``: a queue at a scheduler limit)
+   are cancelled (they would be submitted once it lifted, for a backlog long gone); when the idle
+   nodes cover the runnable footprint, the newest such ones the others can spare are. One waiting
+   for its submission without a hold is left alone: the scheduler module submits it at its next
+   cycle, and a cancel racing that submission could delete a BatchJob already queued or running.
 4. The window: with ``use_backfill`` the scheduler's windows for the submit queue, less the nodes
    its own window-fitted BatchJobs requested and have not taken yet (the scheduler shows them idle
    until those start; a queued one keeps its claim until a status poll shows it running), at least ``min_wall_time_min`` long, longer than the shortest runnable job
@@ -81,9 +83,9 @@ class BackfillStrategy(Strategy):
             numbers.append(("stale_held", f"pending>{s.max_queue_wait_time_min}min"))
         if never:
             numbers.append(("never_starts", len(never)))
-        # Its window-fitted requests not submitted yet that the runnable jobs no longer need (the
-        # backlog is gone, or the other nodes cover it): held back by the scheduler module at a
-        # queue limit, they were submitted once it lifted, for jobs long gone.
+        # Its window-fitted requests held back by the scheduler module (a queue limit) that the
+        # runnable jobs no longer need (the backlog is gone, or the other nodes cover it): they
+        # would be submitted once the hold lifted, for jobs long gone.
         unneeded = self.unneeded_requests(live, idle, backlog)
         if unneeded:
             numbers.append(("unneeded", len(unneeded)))
@@ -139,14 +141,18 @@ class BackfillStrategy(Strategy):
                 and b.age_min is not None and b.age_min > self.settings.max_queue_wait_time_min)
 
     def unneeded_requests(self, live: list[BatchJobView], idle: float, backlog: Any) -> tuple[int, ...]:
-        """Its own window-fitted BatchJobs still waiting for their submission that nothing runnable
-        needs: all of them without a runnable job; else the newest ones whose nodes the idle nodes
-        can spare while still covering the runnable footprint. Regular-queue ones are kept (they
-        wait their turn and are never cancelled), and so are BatchJobs it did not create."""
+        """Its own window-fitted BatchJobs that the scheduler module holds back in pending_submission
+        (``held``: a queue at a scheduler limit) and that nothing runnable needs: all of them without
+        a runnable job; else the newest ones whose nodes the idle nodes can spare while still
+        covering the runnable footprint. Regular-queue ones are kept (they wait their turn and are
+        never cancelled), and so are BatchJobs it did not create and those not held back: the
+        scheduler module submits one of those at its next cycle, maybe while this cycle reads the
+        scheduler, and cancelling it then deleted a BatchJob that was queued, or running."""
         if backlog.runnable_count > 0 and backlog.runnable_footprint > idle + 1e-9:
             return ()
         waiting = sorted((b for b in live if b.owned and not b.regular_queue
-                          and b.state == BatchJobState.pending_submission), key=lambda b: b.id, reverse=True)
+                          and b.state == BatchJobState.pending_submission and b.held),
+                         key=lambda b: b.id, reverse=True)
         if backlog.runnable_count <= 0:
             return tuple(b.id for b in waiting)
         spare = idle - backlog.runnable_footprint

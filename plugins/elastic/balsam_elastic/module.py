@@ -27,7 +27,8 @@ the BatchJobs it asks for (carrying the site's ``filter_tags``, so the launchers
 matching jobs, ``status_info.elastic_request``, the stamp that makes them its own, and
 ``status_info.elastic_created``, when, from which one held back in pending_submission is timed) and marks the
 cancelled ones ``pending_deletion`` in one bulk PATCH (the scheduler module then deletes them from
-the scheduler). It never cancels a BatchJob without its stamp, whatever a strategy asks. Every
+the scheduler), after reading them again in one GET: one whose state changed since the snapshot
+read it (submitted, or started, meanwhile) is left alone. It never cancels a BatchJob without its stamp, whatever a strategy asks. Every
 cycle logs one INFO line: the action or "nothing", the reason, and the numbers it was based on (and
 the BatchJobs the scheduler module holds back at a queue limit, in its words).
 Launchers release their nodes themselves after ``launcher.idle_ttl_sec`` without work.
@@ -108,6 +109,9 @@ class ElasticQueueModule(AgentModule):
         options = as_options(config)
         super().__init__(site_config, options, client)
         self.last_decision: Optional[Decision] = None
+        #: The BatchJobs its last cycle marked pending_deletion (the decision's, less those not its own
+        #: and those whose state changed since the snapshot read them: see :meth:`still_cancellable`).
+        self.last_cancelled: tuple[int, ...] = ()
         #: Refusals of the scheduler older than this are forgotten (a restart lifts them all).
         self.started_at = utcnow()
         #: When it first saw each of its BatchJobs that carry no CREATED_AT stamp (made by an earlier version).
@@ -477,7 +481,8 @@ class ElasticQueueModule(AgentModule):
         if foreign:
             self._report_once(f"strategy {self.strategy.name!r} asked to cancel BatchJob(s) the elastic queue did not "
                               f"create ({', '.join(map(str, foreign))}): left alone")
-        cancel = [i for i in decision.cancel if i in owned]
+        cancel = self.still_cancellable(snapshot, [i for i in decision.cancel if i in owned])
+        self.last_cancelled = tuple(cancel)
         if cancel:
             bulk_patch(self.client, "/batch-jobs/",
                        [{"id": i, "state": BatchJobState.pending_deletion.value} for i in cancel])
@@ -507,6 +512,32 @@ class ElasticQueueModule(AgentModule):
                              body["num_nodes"], body["wall_time_min"], self.options.submit_queue,
                              ", regular queue" if request.regular_queue else "")
         return None
+
+    def still_cancellable(self, snapshot: Snapshot, cancel: list[int]) -> list[int]:
+        """Of ``cancel``, those still in the state the snapshot read them in, read again just before
+        the PATCH (one ``GET /batch-jobs/?id=…`` per :data:`MAX_IDS_PER_REQUEST`, one in practice).
+        The snapshot's BatchJobs were read before the status poll and the backfill windows (seconds
+        of scheduler commands): meanwhile the scheduler module may have submitted one that waited in
+        pending_submission (a hold lifted, or its normal submission), or a launcher started one that
+        was queued. The server lets such a BatchJob move to pending_deletion, and the scheduler
+        module then deleted an allocation that was queued, or running. Those are kept, and said so."""
+        if not cancel:
+            return []
+        was = {b.id: b.state for b in snapshot.batch_jobs}
+        now: dict[int, str] = {}
+        for start in range(0, len(cancel), MAX_IDS_PER_REQUEST):
+            ids = cancel[start:start + MAX_IDS_PER_REQUEST]
+            rows = (self.client.get("/batch-jobs/", params={"id": ids, "limit": len(ids)}) or {}).get("results") or []
+            now.update({int(r["id"]): r["state"] for r in rows})
+        kept = []
+        for i in cancel:
+            before = was[i].value
+            if now.get(i) == before:
+                kept.append(i)
+            else:
+                self.logger.info("BatchJob %s not cancelled: it was %s when this cycle read it, and is %s now "
+                                 "(it may have been submitted or started since)", i, before, now.get(i, "gone"))
+        return kept
 
     def report_refused(self, snapshot: Snapshot) -> None:
         """One ERROR line per BatchJob of its project the scheduler refused, with the scheduler's words."""
