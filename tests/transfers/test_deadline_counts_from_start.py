@@ -252,3 +252,96 @@ def test_where_the_clock_starts(tmp_path: Path) -> None:
                                   later, reported=False).state == TaskState.failed
     assert module._check_deadline(None, "local:t", queued, [_item({"submitted": submitted, "queued": True})],
                                   later).state == TaskState.active
+
+
+class FlakyAPI(FakeAPI):
+    """FakeAPI whose PATCH fails as an outage while ``down`` (the GETs still answer)."""
+
+    down = False
+
+    def patch(self, path: str, json: list[dict]) -> list[dict]:
+        if self.down:
+            raise ConnectionError("the API is down")
+        return super().patch(path, json)
+
+
+def test_the_deadline_does_not_restart_while_the_patch_recording_the_start_fails(tmp_path: Path, fifos) -> None:
+    """The PATCH that records ``transfer_info.started`` failed (API down): the items still said
+    ``queued``, and each cycle took the task as just started, its deadline starting again every
+    cycle for as long as the API was down. The module now remembers the start: the record written
+    when the API is back is the first poll's, and the deadline runs from it."""
+    first, second = fifos("first.dat"), fifos("second.dat")
+    site = tmp_path / "site"
+    (site / "data").mkdir(parents=True)
+    api = FlakyAPI([stage_in(1, first), stage_in(2, second)],
+                   [{"id": 1, "workdir": "job1", "state": "READY"}, {"id": 2, "workdir": "job2", "state": "READY"}])
+    options = TransfersOptions(transfer_locations={"shared": "local://"}, backend_options={"local": {"threads": 1}},
+                               max_concurrent_transfers=2, transfer_batch_size=1, task_timeout_sec=600,
+                               retry_backoff_sec=0, max_attempts=3)
+    module = TransfersModule(SimpleNamespace(site_path=str(site), data_path=str(site / "data"), site_id=1),
+                             options, api)
+    clock = [T0]
+    module.now = lambda: clock[0]
+
+    def at(minutes: float) -> None:
+        clock[0] = T0 + dt.timedelta(minutes=minutes)
+        if api.down:
+            with pytest.raises(ConnectionError):
+                module.run_cycle()
+        else:
+            module.run_cycle()
+
+    try:
+        at(0)
+        task_a, task_b = api.items[1]["task_id"], api.items[2]["task_id"]
+        backend = module.backend("local")
+
+        def running(task_id: str) -> bool:
+            return backend._tasks._running[task_id.partition(":")[2]].running()
+
+        wait_for(lambda: running(task_a), "the first task running")
+        at(5)
+        assert api.items[2]["transfer_info"].get("queued") is True
+        release(first, b"first\n")
+        wait_for(lambda: running(task_b), "the second task running")
+
+        api.down = True
+        for minute in (11, 14, 18):  # first found started at 11; none of these cycles' updates arrive
+            at(minute)
+        assert api.items[2]["transfer_info"].get("queued") is True and "started" not in api.items[2]["transfer_info"]
+        api.down = False
+        at(19)  # the API is back: the start recorded is that of the first poll that found it running
+        info = api.items[2]["transfer_info"]
+        assert info.get("started") == (T0 + dt.timedelta(minutes=11)).isoformat(), info
+        assert api.items[2]["state"] == "active" and api.items[2]["task_id"] == task_b
+        at(21.02)  # 10 minutes after its start (not after the API came back): cancelled, a failed try
+        failed = api.items[2]
+        assert failed["state"] == "pending" and failed["transfer_info"].get("attempts") == 1, failed
+        assert "did not finish within 600 s" in failed["transfer_info"]["error"]
+        at(21.1)  # its retry: a new task
+        assert api.items[2]["task_id"] not in ("", task_b)
+        assert task_b not in module._task_started  # forgotten once the task left
+    finally:
+        for fifo in (first, second):
+            for _ in range(4):
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    break
+        module.close()
+
+
+def test_a_remembered_start_counts_when_the_items_lack_it(tmp_path: Path) -> None:
+    """The first poll finding a queued task started remembers when; a later poll whose items still
+    say ``queued`` (that update lost) counts from then, not from its own time."""
+    start = TransfersModule._clock_start
+    remembered: dict = {}
+    running = TaskStatus(TaskState.active)
+    items = [_item({"submitted": T0.isoformat(), "queued": True})]
+    first, later = T0 + dt.timedelta(hours=1), T0 + dt.timedelta(hours=2)
+    assert start(running, items, first, True, task_id="local:t", remembered=remembered) == first
+    assert start(running, items, later, True, task_id="local:t", remembered=remembered) == first
+    assert start(running, items, later, False, task_id="local:t", remembered=remembered) == first
+    # The items' record wins once it is there.
+    recorded = [_item({"submitted": T0.isoformat(), "started": later.isoformat()})]
+    assert start(running, recorded, later, True, task_id="local:t", remembered=remembered) == later

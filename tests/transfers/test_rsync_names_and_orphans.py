@@ -259,6 +259,23 @@ def exited_process() -> tuple[int, float]:
     return proc.pid, started
 
 
+#: bash: a ``sleep`` in the background, named (its first argument) ``$0``; prints its pid and exits.
+LEAVE_A_CHILD = '(exec -a "$0" sleep 600 </dev/null >/dev/null 2>&1) & echo $!'
+
+
+def group_left_behind(program: str, user: "int | None" = None) -> tuple[int, float, int]:
+    """A process group whose leader has exited, leaving one process running: a ``sleep`` whose first
+    argument (its name for ps) is ``program``. Returns (leader pid, leader start time, child pid)."""
+    leader = subprocess.Popen(["bash", "-c", LEAVE_A_CHILD, program], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True, user=user, cwd="/")
+    leader_started = psutil.Process(leader.pid).create_time()
+    child = int(leader.stdout.readline())
+    leader.stdout.close()
+    leader.wait()
+    assert running([child]) == [child] and os.getpgid(child) == leader.pid
+    return leader.pid, leader_started, child
+
+
 def test_only_the_recorded_processes_of_dead_owners_are_ended(tmp_path: Path, leftovers) -> None:
     """A recorded pid now held by another process (another start time) is left alone, and so is an
     rsync whose owner still runs; a dead owner's rsync is ended, and so is what is left of its
@@ -288,15 +305,9 @@ def test_only_the_recorded_processes_of_dead_owners_are_ended(tmp_path: Path, le
     other.wait(BOUND)
 
     # The rsync gone, its ssh still running in its process group: ended too.
-    leader = subprocess.Popen(["sh", "-c", "sleep 600 & echo $!"], stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    leader_started = psutil.Process(leader.pid).create_time()
-    child = int(leader.stdout.readline())
-    leader.stdout.close()
+    leader, leader_started, child = group_left_behind("ssh")
     leftovers.append(child)
-    leader.wait()
-    assert running([child]) == [child]
-    record(site, dead_owner, dead_started, [(leader.pid, leader_started)])
+    record(site, dead_owner, dead_started, [(leader, leader_started)])
     build_backend(RsyncTransfer, "rsync", {}, site_path=str(site)).close()
     assert running([child]) == []
     assert list((site / RUNNING_DIR).iterdir()) == []
@@ -315,3 +326,39 @@ def test_a_finished_rsync_is_no_longer_recorded(tmp_path: Path) -> None:
         backend.close()
     assert (site / "in").read_text() == "x"
     assert list((site / RUNNING_DIR).iterdir()) == []
+
+
+def test_a_recycled_group_id_left_by_a_daemon_is_not_taken_for_the_rsyncs(tmp_path: Path, leftovers) -> None:
+    """Once a recorded rsync is gone its pid, so its group id, may be given again: to a process that
+    made a group of its own and exited, leaving children (a double-forking daemon). Those started
+    after the rsync, in a group of that id, were ended as the rsync's leftovers whatever they were;
+    now only processes running rsync or the ssh command are, and never another user's."""
+    site = tmp_path / "site"
+    dead_owner, dead_started = exited_process()
+
+    # The daemon's survivor: a group of the recorded pid, started after the recorded start time.
+    daemon, daemon_started, survivor = group_left_behind("sleep")
+    leftovers.append(survivor)
+    record(site, dead_owner, dead_started, [(daemon, daemon_started - 100)])
+    build_backend(RsyncTransfer, "rsync", {}, site_path=str(site)).close()
+    assert running([survivor]) == [survivor], "an unrelated process in a recycled group was killed"
+    assert list((site / RUNNING_DIR).iterdir()) == []
+
+    # A program the dead agent's settings named (recorded with its rsyncs) counts as its ssh.
+    leader, leader_started, wrapper = group_left_behind("site-ssh")
+    leftovers.append(wrapper)
+    path = record(site, dead_owner, dead_started, [(leader, leader_started)])
+    path.write_text(json.dumps({**json.loads(path.read_text()), "commands": ["rsync", "site-ssh"]}))
+    build_backend(RsyncTransfer, "rsync", {}, site_path=str(site)).close()
+    assert running([wrapper]) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process of another user")
+def test_another_users_process_is_never_ended(tmp_path: Path, leftovers) -> None:
+    site = tmp_path / "site"
+    dead_owner, dead_started = exited_process()
+    leader, leader_started, theirs = group_left_behind("ssh", user=65534)
+    leftovers.append(theirs)
+    record(site, dead_owner, dead_started, [(leader, leader_started)])
+    build_backend(RsyncTransfer, "rsync", {}, site_path=str(site)).close()
+    assert running([theirs]) == [theirs], "another user's process was killed"

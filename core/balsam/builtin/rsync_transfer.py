@@ -54,7 +54,7 @@ from ..options import option
 from ..states import TransferDirection
 from .local_transfer import StopFlag, ThreadedTasks, at_least_one
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
-from ..util import terminate_processes
+from ..util import START_TIME_TOLERANCE_SEC, process_start_time, same_process, terminate_processes
 
 __all__ = ["RsyncOptions", "RsyncTransfer", "RunningRsyncs", "rsync_command"]
 
@@ -259,42 +259,60 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 #: The site's directory of running rsyncs (see :class:`RunningRsyncs`).
 RUNNING_DIR = ".rsync-running"
-#: Two readings of one process's start time differ by clock-tick rounding only (as the agent's pid file).
-START_TIME_TOLERANCE_SEC = 0.5
 
 
-def _started(pid: int, running: bool = False) -> Optional[float]:
-    """When process ``pid`` started (psutil reads it from ``/proc/<pid>/stat``), None if there is no
-    such process (or, with ``running``, it is a zombie: it has exited). With the pid it names one
-    process: a recycled pid started later."""
-    import psutil
-
+def command_names(options: "RsyncOptions") -> list[str]:
+    """The program names an rsync of ``options`` runs as: ``rsync`` and ``ssh``, and the basenames of
+    ``options.rsync`` and of the first word of ``options.ssh_command``."""
+    names = ["rsync", "ssh", os.path.basename(options.rsync)]  # (a wrapper script may exec the real ones)
     try:
-        proc = psutil.Process(pid)
-        if running and proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc.create_time()
-    except psutil.Error:
-        return None
+        ssh = shlex.split(options.ssh_command)
+    except ValueError:
+        ssh = options.ssh_command.split()
+    if ssh:
+        names.append(os.path.basename(ssh[0]))
+    return sorted({n for n in names if n})
 
 
-def _same_process(pid: int, started: float, running: bool = False) -> bool:
-    now = _started(pid, running)
-    return now is not None and abs(now - started) <= START_TIME_TOLERANCE_SEC
-
-
-def end_rsync_group(pid: int, started: float, grace_sec: float = TERM_GRACE_SEC) -> list[int]:
-    """End what is left of the process group of an rsync started as ``pid`` at ``started`` (its
-    session's: the rsync and the ssh it started); SIGTERM, then SIGKILL after ``grace_sec``. While
-    that rsync runs, every process of its group is its own. Once it is gone, the processes of the
-    group started after it are (the kernel gives no new process a group id still in use), unless a
-    new process holds that pid: the group id was then free and given again, and nothing is touched.
-    Returns the pids ended."""
+def _runs_one_of(proc: "object", names: Sequence[str]) -> bool:
+    """Whether a ``psutil.Process`` runs one of the programs ``names``: its name (the kernel's
+    ``comm``: a script's own name), or the basename of its executable or of its first argument."""
     import psutil
 
-    leader = _same_process(pid, started)
+    seen = {proc.info.get("name") or ""}  # type: ignore[attr-defined]
+    for read in (lambda: proc.exe(), lambda: (proc.cmdline() or [""])[0]):  # type: ignore[attr-defined]
+        try:
+            seen.add(os.path.basename(read()))
+        except (psutil.Error, OSError):
+            continue
+    return bool(seen & set(names))
+
+
+def _mine(proc: "object") -> bool:
+    """Whether a ``psutil.Process`` belongs to this process's user (its real and effective uid)."""
+    uids = proc.info.get("uids")  # type: ignore[attr-defined]
+    return uids is not None and uids.real == os.getuid() and uids.effective == os.geteuid()
+
+
+def end_rsync_group(pid: int, started: float, names: Sequence[str] = ("rsync", "ssh"),
+                    grace_sec: float = TERM_GRACE_SEC) -> list[int]:
+    """End what is left of the process group of an rsync started as ``pid`` at ``started`` (its
+    session's: the rsync and the ssh it started); SIGTERM, then SIGKILL after ``grace_sec``.
+
+    While that rsync runs (``pid`` is the process started at ``started``; a zombie too), every
+    process of its group is its own, whatever it runs (an ssh ``ProxyCommand``'s shell included): a
+    process joins a group of its own session only, and the group id cannot be given again while the
+    pid or the group is in use. Once the rsync is gone, the group's id
+    may have been given again (the pid reused by a process that made a group of its own and
+    exited, leaving children: a daemon): only the processes of the group started after the rsync
+    that run one of ``names`` (rsync, or the ssh command in use) are taken for its leftovers.
+    A process that holds the pid now (another start time) means the group is not the rsync's:
+    nothing is touched. Never a process of another user. Returns the pids ended."""
+    import psutil
+
+    leader = same_process(pid, started, running=False)
     procs = []
-    for proc in psutil.process_iter(["create_time", "status"]):
+    for proc in psutil.process_iter(["create_time", "status", "name", "uids"]):
         try:
             if os.getpgid(proc.pid) != pid:
                 continue
@@ -302,16 +320,18 @@ def end_rsync_group(pid: int, started: float, grace_sec: float = TERM_GRACE_SEC)
             continue
         if proc.pid == pid and not leader:
             return []  # another process, with rsync's old pid: the group is not rsync's
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or not _mine(proc):
             continue
-        if leader or (proc.info["create_time"] or 0) >= started - START_TIME_TOLERANCE_SEC:
+        if leader or ((proc.info["create_time"] or 0) >= started - START_TIME_TOLERANCE_SEC
+                      and _runs_one_of(proc, names)):
             procs.append(proc)
     return terminate_processes(procs, grace_sec) if procs else []
 
 
 class RunningRsyncs:
     """The rsyncs this process runs for a site, on disk: ``<site>/.rsync-running/<host>-<pid>-<ms>.json``
-    (this process's host, pid and start time) lists each running rsync's pid and start time.
+    (this process's host, pid and start time) lists each running rsync's pid and start time, and the
+    programs they run as (``commands``: see :func:`end_rsync_group`).
 
     Each rsync runs in a session of its own (so that a timeout or cancel kills the ssh it started
     too), so nothing else ends it when the agent dies: a SIGKILLed agent's rsync ran on (its
@@ -323,16 +343,19 @@ class RunningRsyncs:
     write the same one, so no lock is needed. A process that dies between starting an rsync and
     recording it (microseconds) leaves that one unrecorded."""
 
-    def __init__(self, site_path: str) -> None:
+    def __init__(self, site_path: str, names: Sequence[str] = ("rsync", "ssh")) -> None:
         self.directory = Path(site_path) / RUNNING_DIR
         self.host = socket.gethostname()
-        started = _started(os.getpid()) or 0.0
+        #: The programs this process's rsyncs run as (:func:`command_names`), recorded with them:
+        #: once an rsync is gone, only leftovers of its group running one of them are ended.
+        self.names = sorted(set(names))
+        started = process_start_time(os.getpid()) or 0.0
         self.path = self.directory / f"{self.host}-{os.getpid()}-{int(started * 1000)}.json"
         self._lock = threading.Lock()
         self._groups: dict[int, float] = {}
 
     def add(self, pid: int) -> None:
-        started = _started(pid)
+        started = process_start_time(pid)
         if started is None:
             return  # already over
         with self._lock:
@@ -351,7 +374,8 @@ class RunningRsyncs:
                 return
             self.directory.mkdir(exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"host": self.host, "rsyncs": [[pid, t] for pid, t in self._groups.items()]}))
+            tmp.write_text(json.dumps({"host": self.host, "commands": self.names,
+                                       "rsyncs": [[pid, t] for pid, t in self._groups.items()]}))
             os.replace(tmp, self.path)
         except OSError as exc:
             logger.warning("cannot record the running rsyncs in %s (a killed agent's would not be ended by the "
@@ -372,13 +396,17 @@ class RunningRsyncs:
             host, owner, owner_ms = parts[0], int(parts[1]), int(parts[2])
             if host != self.host:
                 continue  # another host's agent: its pids mean nothing here
-            if _same_process(owner, owner_ms / 1000, running=True):
+            if same_process(owner, owner_ms / 1000):
                 continue  # its process runs (this one, or another on this host)
             path = self.directory / name
             if suffix == "json":
+                commands = list(self.names)
                 try:
-                    rsyncs = json.loads(path.read_text())["rsyncs"]
-                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    recorded = json.loads(path.read_text())
+                    rsyncs = recorded["rsyncs"]
+                    # The programs of the dead agent's settings too (a changed ssh_command).
+                    commands += [c for c in recorded.get("commands") or [] if isinstance(c, str)]
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                     logger.warning("unreadable record of running rsyncs %s: %s", path, exc)
                     rsyncs = []
                 for entry in rsyncs:
@@ -386,7 +414,7 @@ class RunningRsyncs:
                         pid, started = int(entry[0]), float(entry[1])
                     except (ValueError, TypeError, IndexError):
                         continue
-                    ended += end_rsync_group(pid, started)
+                    ended += end_rsync_group(pid, started, commands)
             path.unlink(missing_ok=True)
         return ended
 
@@ -402,7 +430,7 @@ class RsyncTransfer(TransferBackend):
         #: The running rsyncs, recorded in the site (none without one: a test's backend).
         self._running: Optional[RunningRsyncs] = None
         if site_path:
-            self._running = RunningRsyncs(site_path)
+            self._running = RunningRsyncs(site_path, command_names(self.options))
             try:
                 # Before anything is submitted: a killed agent's rsync must not write the
                 # destinations its items are copied to again (nor outlive it at all).

@@ -37,7 +37,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..util import log_file_handler, terminate_processes, try_exclusive_flock
+from ..util import START_TIME_TOLERANCE_SEC, log_file_handler, same_process, terminate_processes, try_exclusive_flock
 from .api_util import is_api_outage, load_site_client
 from .module import AgentModule
 
@@ -158,24 +158,10 @@ def read_pid_file(site_path: Path) -> Optional[tuple[str, int]]:
     return (record[0], record[1]) if record is not None else None
 
 
-#: Two readings of one process's start time differ by clock-tick rounding only.
-START_TIME_TOLERANCE_SEC = 0.5
-
-
 def pid_alive(pid: int, start_time: Optional[float] = None) -> bool:
     """True if ``pid`` runs (not a zombie) and, when ``start_time`` is given, is the process that
-    started then (not a later one that reused the pid)."""
-    try:
-        import psutil
-
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if start_time is not None:
-            return abs(proc.create_time() - start_time) <= START_TIME_TOLERANCE_SEC
-        return True
-    except Exception:
-        return False
+    started then (not a later one that reused the pid): :func:`balsam.util.same_process`."""
+    return same_process(pid, start_time)
 
 
 def _is_agent_process(pid: int) -> bool:

@@ -496,6 +496,11 @@ class TransfersModule(AgentModule):
         #: The last reason logged as a warning, by what it is about (a task, a backend's poll, a
         #: location's submission): the same reason again is logged at DEBUG, not every cycle.
         self._said: dict[str, str] = {}
+        #: When each in-flight task was first polled started after being polled ``queued`` (see
+        #: :meth:`_clock_start`): kept here too, as the PATCH recording it as ``transfer_info.started``
+        #: may fail (API down) and the items then still say ``queued``. Tasks no longer in flight are
+        #: dropped each poll.
+        self._task_started: dict[str, dt.datetime] = {}
         #: The clock of the cycle (tests set their own: deadlines are checked without waiting).
         self.now: Callable[[], dt.datetime] = _now
 
@@ -655,6 +660,7 @@ class TransfersModule(AgentModule):
         by_task: dict[str, list[dict]] = defaultdict(list)
         for item in in_flight:
             by_task[item.get("task_id") or ""].append(item)
+        self._task_started = {tid: at for tid, at in self._task_started.items() if tid in by_task}
         by_backend: dict[str, list[str]] = defaultdict(list)
         for task_id in by_task:
             name, sep, _ = task_id.partition(":")
@@ -710,7 +716,7 @@ class TransfersModule(AgentModule):
         """``status`` of a task still running, or a failed status (a try of each of its items) once it
         has run past ``task_timeout_sec`` and was cancelled. ``reported``: ``status`` is what the
         backend said (False: its poll failed, and ``status`` stands in for it)."""
-        start = self._clock_start(status, items, now, reported)
+        start = self._clock_start(status, items, now, reported, task_id=task_id, remembered=self._task_started)
         if start is None:
             return status
         age = (now - start).total_seconds()
@@ -739,7 +745,8 @@ class TransfersModule(AgentModule):
                           "(transfers.task_timeout_sec); cancelled", retryable=True)
 
     @staticmethod
-    def _clock_start(status: TaskStatus, items: list[dict], now: dt.datetime, reported: bool) -> Optional[dt.datetime]:
+    def _clock_start(status: TaskStatus, items: list[dict], now: dt.datetime, reported: bool, *, task_id: str = "",
+                     remembered: Optional[dict[str, dt.datetime]] = None) -> Optional[dt.datetime]:
         """Since when a running task's deadline counts (None: it does not count yet).
 
         A task its backend reports ``queued`` (waiting for a free thread) has not started: no
@@ -749,14 +756,23 @@ class TransfersModule(AgentModule):
         does not say, Globus, or a task a free thread took at once) counts from its submission. A
         task whose poll failed counts from its start if known, else from its submission, whatever it
         was last seen as: a backend that can no longer be asked must not keep its items for ever.
+
+        ``remembered`` ({task id: start}, the module's memory) holds the start found at that first
+        poll until the items record it: should the PATCH writing ``started`` fail (API down), the
+        items still say ``queued`` next cycle, and the deadline must not start again at each.
         """
         if reported and status.state == TaskState.active and status.queued:
             return None
         started = [at for at in (_info_time(item, "started") for item in items) if at is not None]
         if started:
             return min(started)
+        if remembered is not None and task_id in remembered:
+            return remembered[task_id]  # found started by an earlier poll whose update was lost
         if reported and any((item.get("transfer_info") or {}).get("queued") for item in items):
-            return now  # it started since the last poll, which found it queued
+            # It started since the last poll, which found it queued.
+            if remembered is not None:
+                remembered[task_id] = now
+            return now
         submitted = [at for at in (_info_time(item, "submitted") for item in items) if at is not None]
         # Items of an older agent without the time: counted from their next submission.
         return min(submitted) if submitted else None
@@ -774,7 +790,7 @@ class TransfersModule(AgentModule):
                     # Its deadline starts when it does (see _clock_start).
                     new_info["queued"] = True
                 elif new_info.pop("queued", None):
-                    new_info.setdefault("started", now.isoformat())
+                    new_info.setdefault("started", self._task_started.get(task_id, now).isoformat())
                 if reason:
                     new_info["reason"] = one_line(reason)
                 elif queued:
