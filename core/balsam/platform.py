@@ -86,17 +86,6 @@ class NodeInfo:
                 raise ValueError(f"node {self.hostname}: gpu_cpus names {gpu!r} twice")
             seen.add(gpu)
 
-    #: Hardware threads of one core (``Platform.hardware_threads_per_core``; 0: not known). Where
-    #: ``cpu_ids`` are cores, the node manager counts a job's cores at ``threads_per_core`` capped
-    #: at this, as the platform's binding and serial-mode pinning add at most this many threads of
-    #: a core.
-    hardware_threads_per_core: int = attrs.field(default=0, converter=int)
-
-    @hardware_threads_per_core.validator
-    def _check_threads(self, _attribute: Any, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"node {self.hostname}: hardware_threads_per_core must be 0 or more, got {value}")
-
 
 @attrs.frozen
 class LaunchSpec:
@@ -232,9 +221,9 @@ class Platform(abc.ABC):
     #: Hardware threads of one core, where ``cpu_ids_are_cores`` (0: not known, no cap). A job's
     #: ``threads_per_core`` above it (the API takes any positive value; Balsam 0.7 allowed up to 4,
     #: a KNL's) is capped at it in its core count, its MPI binding and its serial-mode pinning alike
-    #: (:func:`capped_threads_per_core`), with one warning per job: uncapped, the binding named
-    #: CPUs the node does not have and the job got too few cores. The platform's ``discover_nodes``
-    #: puts it in each :class:`NodeInfo` (the node manager reads it there).
+    #: (:func:`capped_threads_per_core`), with one warning per app and value in each launcher
+    #: process: uncapped, the binding named CPUs the node does not have and the job got too few
+    #: cores. The launcher hands this attribute to its node manager (the one source of the cap).
     hardware_threads_per_core: ClassVar[int] = 0
 
     def task_cpu_ids(self, cpu_ids: Sequence[int], threads_per_core: int) -> tuple[int, ...]:

@@ -119,9 +119,9 @@ def test_hand_over_passes_a_placement_to_the_job_started_on_it() -> None:
 
 def test_cores_for_threads_round_up() -> None:
     """3 ranks x 1 thread at 2 threads per core need 2 cores: the count rounded down to 1 core."""
-    assert Demand(ranks_per_node=3, threads_per_rank=1, threads_per_core=2).cpus_per_node == 2
-    assert Demand(ranks_per_node=1, threads_per_rank=3, threads_per_core=2).cpus_per_node == 2
-    assert Demand(ranks_per_node=2, threads_per_rank=4, threads_per_core=2).cpus_per_node == 4
+    assert Demand(ranks_per_node=3, threads_per_rank=1, threads_per_core=2).cpu_ids_per_node(True) == 2
+    assert Demand(ranks_per_node=1, threads_per_rank=3, threads_per_core=2).cpu_ids_per_node(True) == 2
+    assert Demand(ranks_per_node=2, threads_per_rank=4, threads_per_core=2).cpu_ids_per_node(True) == 4
     nm = NodeManager(gpu_nodes(count=1, cpus=4, gpus=0))
     assert nm.assign(1, Demand(ranks_per_node=3, threads_per_core=2, node_packing_count=2)).cpu_ids == ((0, 1),)
 

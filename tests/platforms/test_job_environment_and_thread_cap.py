@@ -8,8 +8,9 @@ NodeManager, runner.launch_environment and app_run.shell_line run under a real b
   --envall`` (or the serial task) and made mask ``1`` mean the whole GPU 1 (packed jobs shared
   GPUs); the same for ``CUDA_VISIBLE_DEVICES`` on Polaris and Perlmutter.
 - ``threads_per_core`` above the cores' hardware threads (the API takes any positive value) is
-  capped at them in the core count, the MPI binding and the serial pinning alike, with one warning
-  naming the cap: uncapped, Aurora's binding named CPUs 209-210 and 313-314 of a 208-CPU node.
+  capped at them in the core count, the MPI binding and the serial pinning alike, with a warning
+  naming the cap, once per app and value (not per job: ~10^4 lines on a campaign): uncapped,
+  Aurora's binding named CPUs 209-210 and 313-314 of a 208-CPU node.
 - An app's own GPU visibility variable, or a launch param that sets one for the MPI launcher, is
   named in a warning instead of being replaced (or winning) silently.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +28,7 @@ import pytest
 
 from balsam.launcher.app_run import PreparedJob, shell_line
 from balsam.launcher.node_manager import Demand, NodeManager
+from balsam.launcher import runner
 from balsam.launcher.runner import launch_environment
 from balsam.platform import LaunchSpec, NodeInfo, Platform, parse_id_ranges
 from balsam_platform_aurora import AuroraPlatform
@@ -50,6 +53,21 @@ def _launcher_in_flat(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings() -> Any:
+    # The launcher's warnings are given once per app and value in a process: each test starts anew.
+    given = getattr(runner, "_warned", set())  # (a set the launcher keeps; none before it warned once)
+    given.clear()
+    yield
+    given.clear()
+
+
+def manager(platform: Platform, nodes: Sequence[NodeInfo]) -> NodeManager:
+    """The node manager as both modes build it: the platform's cpu_ids_are_cores and its cap."""
+    return NodeManager(nodes, cpu_ids_are_cores=platform.cpu_ids_are_cores,
+                       hardware_threads_per_core=platform.hardware_threads_per_core)
+
+
 def aurora_nodes(tmp_path: Path, platform: AuroraPlatform, n: int = 2) -> list[NodeInfo]:
     nodefile = tmp_path / "nodefile"
     nodefile.write_text("".join(f"{h}\n" for h in AURORA_HOSTS[:n]))
@@ -69,12 +87,14 @@ def perlmutter() -> tuple[PerlmutterGPUPlatform, list[NodeInfo]]:
 
 
 def prepared(tmp_path: Path, demand: Demand, *, preamble: str = "", cmdline: str = SHOW, job_id: int = 1,
-             own: dict[str, str] | None = None, launch_params: dict[str, str] | None = None) -> PreparedJob:
+             own: dict[str, str] | None = None, launch_params: dict[str, str] | None = None,
+             app_id: int | None = None) -> PreparedJob:
     """A job as JobPreparer makes it: the launcher's environment plus the app's own variables."""
     workdir = tmp_path / f"job{job_id}"
     workdir.mkdir(exist_ok=True)
     env = {**os.environ, **(own or {}), "BALSAM_JOB_ID": str(job_id)}
-    return PreparedJob(job=None, id=job_id, workdir=workdir, cmdline=cmdline, env=env, preamble=preamble,
+    job = None if app_id is None else types.SimpleNamespace(id=job_id, app_id=app_id)
+    return PreparedJob(job=job, id=job_id, workdir=workdir, cmdline=cmdline, env=env, preamble=preamble,
                        demand=demand, launch_params=launch_params or {})
 
 
@@ -96,7 +116,7 @@ def test_the_hierarchy_option_reaches_multi_node_and_cpu_only_jobs(
     # The launcher runs in another mode than the option names: the option must win for every job.
     monkeypatch.setenv("ZE_FLAT_DEVICE_HIERARCHY", "COMPOSITE" if option == "flat" else "FLAT")
     platform = AuroraPlatform(options={"device_hierarchy": option})
-    nm = NodeManager(aurora_nodes(tmp_path, platform), cpu_ids_are_cores=True)
+    nm = manager(platform, aurora_nodes(tmp_path, platform))
     two_nodes = Demand(num_nodes=2, ranks_per_node=12, gpus_per_rank=1)
     placement = nm.assign(1, two_nodes)
     assert placement.gpu_ids == ((), ())  # whole nodes: no mask
@@ -116,7 +136,7 @@ def test_inherit_leaves_jobs_without_tiles_in_the_launchers_mode(tmp_path: Path,
     monkeypatch.setenv("ZE_FLAT_DEVICE_HIERARCHY", "COMPOSITE")
     platform = AuroraPlatform()  # device_hierarchy: inherit
     assert platform.job_environment([]) == {}
-    nm = NodeManager(aurora_nodes(tmp_path, platform), cpu_ids_are_cores=True)
+    nm = manager(platform, aurora_nodes(tmp_path, platform))
     two_nodes = Demand(num_nodes=2)
     env = launch_environment(prepared(tmp_path, two_nodes), nm.assign(1, two_nodes), platform, NoHook())
     assert env["ZE_FLAT_DEVICE_HIERARCHY"] == "COMPOSITE"  # the launcher's, inherited
@@ -148,7 +168,7 @@ def _preamble(value: Any) -> str:
 @pytest.mark.parametrize("name", list(PREAMBLES))
 def test_aurora_tile_jobs_keep_the_mask_and_hierarchy_balsam_set(tmp_path: Path, name: str) -> None:
     platform = AuroraPlatform()
-    nm = NodeManager(aurora_nodes(tmp_path, platform, 1), cpu_ids_are_cores=True)
+    nm = manager(platform, aurora_nodes(tmp_path, platform, 1))
     tile = Demand(gpus_per_rank=1, node_packing_count=12)
     seen = []
     for job_id in (1, 2):
@@ -161,7 +181,7 @@ def test_aurora_tile_jobs_keep_the_mask_and_hierarchy_balsam_set(tmp_path: Path,
 
 def test_aurora_multi_node_jobs_keep_the_option_hierarchy(tmp_path: Path) -> None:
     platform = AuroraPlatform(options={"device_hierarchy": "flat"})
-    nm = NodeManager(aurora_nodes(tmp_path, platform), cpu_ids_are_cores=True)
+    nm = manager(platform, aurora_nodes(tmp_path, platform))
     two_nodes = Demand(num_nodes=2, ranks_per_node=12, gpus_per_rank=1)
     job = prepared(tmp_path, two_nodes, preamble=_preamble(PREAMBLES["export one-liner"]))
     env = launch_environment(job, nm.assign(1, two_nodes), platform, NoHook())
@@ -171,7 +191,7 @@ def test_aurora_multi_node_jobs_keep_the_option_hierarchy(tmp_path: Path) -> Non
 @pytest.mark.parametrize("name", list(PREAMBLES))
 def test_cuda_visible_devices_survives_the_preamble_on_polaris_and_perlmutter(tmp_path: Path, name: str) -> None:
     for platform, nodes in (polaris(tmp_path), perlmutter()):
-        nm = NodeManager(nodes, cpu_ids_are_cores=True)
+        nm = manager(platform, nodes)
         gpu = Demand(gpus_per_rank=1, node_packing_count=4)
         job = prepared(tmp_path, gpu, preamble=_preamble(PREAMBLES[name]), cmdline='echo "CVD=$CUDA_VISIBLE_DEVICES"')
         placement = nm.assign(1, gpu)
@@ -181,7 +201,7 @@ def test_cuda_visible_devices_survives_the_preamble_on_polaris_and_perlmutter(tm
 
 def test_jobs_without_a_preamble_or_platform_variables_are_unchanged(tmp_path: Path) -> None:
     platform = AuroraPlatform()
-    nm = NodeManager(aurora_nodes(tmp_path, platform, 1), cpu_ids_are_cores=True)
+    nm = manager(platform, aurora_nodes(tmp_path, platform, 1))
     tile = Demand(gpus_per_rank=1, node_packing_count=12)
     job = prepared(tmp_path, tile)
     env = launch_environment(job, nm.assign(1, tile), platform, NoHook())
@@ -195,7 +215,7 @@ def test_jobs_without_a_preamble_or_platform_variables_are_unchanged(tmp_path: P
 
 def test_a_failing_preamble_still_skips_the_app(tmp_path: Path) -> None:
     platform = AuroraPlatform()
-    nm = NodeManager(aurora_nodes(tmp_path, platform, 1), cpu_ids_are_cores=True)
+    nm = manager(platform, aurora_nodes(tmp_path, platform, 1))
     tile = Demand(gpus_per_rank=1, node_packing_count=12)
     job = prepared(tmp_path, tile, preamble="set -e; false; export X=1")
     env = launch_environment(job, nm.assign(1, tile), platform, NoHook())
@@ -214,7 +234,8 @@ def _bind_cpus(bind: str) -> list[set[int]]:
 
 def _mpi_and_serial_cpus(platform: Platform, nodes: Sequence[NodeInfo], demand: Demand) -> tuple[set[int], set[int], Any]:
     """The CPUs mpi mode binds the job's ranks to and those serial mode pins the task to."""
-    placement = NodeManager(nodes, cpu_ids_are_cores=platform.cpu_ids_are_cores).assign(1, demand)
+    placement = NodeManager(nodes, cpu_ids_are_cores=platform.cpu_ids_are_cores,
+                            hardware_threads_per_core=platform.hardware_threads_per_core).assign(1, demand)
     spec = LaunchSpec(cmdline="app", hostnames=placement.hostnames, ranks_per_node=demand.ranks_per_node,
                       threads_per_rank=demand.threads_per_rank, threads_per_core=demand.threads_per_core,
                       gpus_per_rank=demand.gpus_per_rank, cpu_ids=placement.cpu_ids, gpu_ids=placement.gpu_ids)
@@ -249,7 +270,8 @@ def test_polaris_and_perlmutter_get_the_same_cap_with_their_thread_counts(tmp_pa
     assert len(placement.cpu_ids[0]) == 4 and bound == pinned and max(bound) < 64  # 32 cores, 64 threads
     # Perlmutter binds with srun --cpus-per-task: 8 logical CPUs = the 4 cores the node manager counted
     platform, nodes = perlmutter()
-    placement = NodeManager(nodes, cpu_ids_are_cores=True).assign(1, demand)
+    placement = NodeManager(nodes, cpu_ids_are_cores=True,
+                            hardware_threads_per_core=platform.hardware_threads_per_core).assign(1, demand)
     assert len(placement.cpu_ids[0]) == 4
     spec = LaunchSpec(cmdline="app", hostnames=placement.hostnames, threads_per_rank=8, threads_per_core=4,
                       gpus_per_rank=1, cpu_ids=placement.cpu_ids, gpu_ids=placement.gpu_ids)
@@ -267,9 +289,9 @@ def test_the_core_count_without_a_known_cap_is_unchanged() -> None:
     assert NodeManager([node]).assign(1, demand).cpu_ids == ((0, 1),)
 
 
-def test_one_warning_per_job_names_the_cap(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_one_warning_per_app_names_the_cap(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     platform = AuroraPlatform()
-    nm = NodeManager(aurora_nodes(tmp_path, platform, 1), cpu_ids_are_cores=True)
+    nm = manager(platform, aurora_nodes(tmp_path, platform, 1))
     demand = Demand(threads_per_rank=8, threads_per_core=4, node_packing_count=12)
     with caplog.at_level(logging.WARNING, logger="balsam.launcher.runner"):
         launch_environment(prepared(tmp_path, demand, job_id=7), nm.assign(7, demand), platform, NoHook())
@@ -277,7 +299,53 @@ def test_one_warning_per_job_names_the_cap(tmp_path: Path, caplog: pytest.LogCap
         launch_environment(prepared(tmp_path, ok, job_id=8), nm.assign(8, ok), platform, NoHook())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["job 7: threads_per_core=4 is more than the 2 hardware threads of a core on this machine: "
-                        "it is placed, bound and pinned at threads_per_core=2 (4 cores per node)"]
+                        "it is placed, bound and pinned at threads_per_core=2 (4 cores per node); the same for every "
+                        "job of its app with threads_per_core=4 (warned once)"]
+
+
+def test_the_cap_is_warned_once_for_many_jobs_of_one_app(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """~10^4 jobs of one app at threads_per_core=4 were ~10^4 WARNING lines: one per app and value."""
+    platform = AuroraPlatform()
+    nm = NodeManager(aurora_nodes(tmp_path, platform, 1), cpu_ids_are_cores=True)  # (the warning is the platform's)
+    over = Demand(threads_per_rank=2, threads_per_core=4, node_packing_count=12)
+    with caplog.at_level(logging.WARNING, logger="balsam.launcher.runner"):
+        for job_id in range(1, 201):
+            job = prepared(tmp_path, over, job_id=job_id, app_id=3)
+            launch_environment(job, nm.assign(job_id, over), platform, NoHook())
+            nm.free(job_id)
+        # another app, and another value of the same app: one more each
+        for job_id, app_id, per_core in ((201, 4, 4), (202, 4, 4), (203, 3, 3), (204, 3, 3)):
+            other = Demand(threads_per_rank=2, threads_per_core=per_core, node_packing_count=12)
+            job = prepared(tmp_path, other, job_id=job_id, app_id=app_id)
+            launch_environment(job, nm.assign(job_id, other), platform, NoHook())
+            nm.free(job_id)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split(":")[0] for w in warnings] == ["job 1", "job 201", "job 203"], warnings
+    assert warnings[0].endswith("the same for every job of app 3 with threads_per_core=4 (warned once)")
+
+
+def test_the_replaced_variable_and_launch_param_warnings_come_once_per_app(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    platform = AuroraPlatform()
+    nm = NodeManager(aurora_nodes(tmp_path, platform, 1), cpu_ids_are_cores=True)
+    tile = Demand(gpus_per_rank=1, node_packing_count=12)
+    with caplog.at_level(logging.WARNING, logger="balsam.launcher.runner"):
+        for job_id in range(1, 51):
+            job = prepared(tmp_path, tile, own={"ZE_AFFINITY_MASK": "7"}, launch_params={"env": "ZE_AFFINITY_MASK=0"},
+                           job_id=job_id, app_id=3)
+            launch_environment(job, nm.assign(job_id, tile), platform, NoHook())
+            nm.free(job_id)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all(w.startswith("job 1: ") for w in warnings), warnings
+    assert "the same in every job of app 3 that sets that value (warned once)" in warnings[0]
+    assert "the same for every job of app 3 with that launch param (warned once)" in warnings[1]
+
+
+def test_the_set_of_given_warnings_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "_WARNED_MOST", 4)
+    for key in range(10):
+        assert runner._first_warning((key,)) and not runner._first_warning((key,))
+        assert len(runner._warned) <= 4
 
 
 # -- the app's own GPU variables, and launch params that set them --------------------------------------
@@ -285,7 +353,7 @@ def test_one_warning_per_job_names_the_cap(tmp_path: Path, caplog: pytest.LogCap
 
 def test_an_apps_own_mask_is_replaced_with_a_warning_naming_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     platform = AuroraPlatform()
-    nm = NodeManager(aurora_nodes(tmp_path, platform, 1), cpu_ids_are_cores=True)
+    nm = manager(platform, aurora_nodes(tmp_path, platform, 1))
     tile = Demand(gpus_per_rank=1, node_packing_count=12)
     with caplog.at_level(logging.WARNING, logger="balsam.launcher.runner"):
         job = prepared(tmp_path, tile, own={"ZE_AFFINITY_MASK": "7"}, job_id=5)
@@ -296,12 +364,13 @@ def test_an_apps_own_mask_is_replaced_with_a_warning_naming_it(tmp_path: Path, c
     assert env["ZE_AFFINITY_MASK"] == "0"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["job 5: its app's ZE_AFFINITY_MASK=7 is replaced by the platform's GPU visibility "
-                        "variables: ZE_AFFINITY_MASK=0"]
+                        "variables: ZE_AFFINITY_MASK=0; the same in every job of its app that sets that value "
+                        "(warned once)"]
 
 
 def test_a_launch_param_that_sets_the_mask_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     platform = AuroraPlatform()
-    nm = NodeManager(aurora_nodes(tmp_path, platform, 1), cpu_ids_are_cores=True)
+    nm = manager(platform, aurora_nodes(tmp_path, platform, 1))
     tile = Demand(gpus_per_rank=1, node_packing_count=12)
     with caplog.at_level(logging.WARNING, logger="balsam.launcher.runner"):
         job = prepared(tmp_path, tile, launch_params={"env": "ZE_AFFINITY_MASK=0"}, job_id=9)
@@ -311,7 +380,8 @@ def test_a_launch_param_that_sets_the_mask_is_warned_about(tmp_path: Path, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["job 9: launch_params env='ZE_AFFINITY_MASK=0' sets ZE_AFFINITY_MASK for the MPI launcher, "
                         "over the value the platform set for the GPUs this job was given: its ranks may use GPUs "
-                        "assigned to other jobs"]
+                        "assigned to other jobs; the same for every job of its app with that launch param "
+                        "(warned once)"]
 
 
 def test_a_one_letter_depth_param_replaces_the_depth_instead_of_repeating_it() -> None:

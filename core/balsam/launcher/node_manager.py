@@ -71,11 +71,6 @@ class Demand:
             node_packing_count=max(1, int(getattr(job, "node_packing_count", 1) or 1)),
         )
 
-    @property
-    def cpus_per_node(self) -> int:
-        """CPU ids per node on a platform whose CPU ids are cores (see :meth:`cpu_ids_per_node`)."""
-        return self.cpu_ids_per_node(cpu_ids_are_cores=True)
-
     def cpu_ids_per_node(self, cpu_ids_are_cores: bool, max_threads_per_core: int = 0) -> int:
         """The CPU ids the job needs on each node. Where the ids are cores (``Platform.cpu_ids_are_cores``:
         its binding adds their sibling hardware threads), ``threads_per_core`` threads share one,
@@ -292,17 +287,20 @@ class NodeManager:
     """Assigns jobs to the nodes of one partition and frees them when they end."""
 
     def __init__(self, nodes: Sequence[NodeInfo], *, allow_node_packing: bool = True,
-                 cpu_ids_are_cores: bool = True) -> None:
+                 cpu_ids_are_cores: bool = True, hardware_threads_per_core: int = 0) -> None:
         if not nodes:
             raise ValueError("a NodeManager needs at least one node")
         self.nodes = [ComputeNode(n) for n in nodes]
         self.allow_node_packing = allow_node_packing
         #: The platform's ``cpu_ids_are_cores`` (see :meth:`Demand.cpu_ids_per_node`).
         self.cpu_ids_are_cores = cpu_ids_are_cores
-        #: The nodes' hardware threads per core (``NodeInfo.hardware_threads_per_core``; 0: not known):
-        #: the cap on a job's ``threads_per_core`` when its cores are counted.
-        self.max_threads_per_core = min((n.hardware_threads_per_core for n in nodes if n.hardware_threads_per_core),
-                                        default=0)
+        #: The platform's ``hardware_threads_per_core`` (0: not known, no cap), passed in as
+        #: ``cpu_ids_are_cores`` is: the cap on a job's ``threads_per_core`` when its cores are
+        #: counted, the same one the platform's binding, the serial pinning and the launcher's
+        #: warning read (one source: a platform that sets only its class attribute is capped here too).
+        if int(hardware_threads_per_core or 0) < 0:
+            raise ValueError(f"hardware_threads_per_core must be 0 or more, got {hardware_threads_per_core}")
+        self.max_threads_per_core = int(hardware_threads_per_core or 0)
         self.placements: dict[int, Placement] = {}
 
     def __len__(self) -> int:

@@ -59,9 +59,12 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     threads_per_core = prepared.demand.threads_per_core
     cap = getattr(platform, "hardware_threads_per_core", 0) or 0
     if cap and threads_per_core > cap and getattr(platform, "cpu_ids_are_cores", False):
-        logger.warning("job %s: threads_per_core=%d is more than the %d hardware threads of a core on this machine: "
-                       "it is placed, bound and pinned at threads_per_core=%d (%d cores per node)", prepared.id,
-                       threads_per_core, cap, cap, prepared.demand.cpu_ids_per_node(True, cap))
+        app = _app_of(prepared)
+        if _first_warning((app, "threads_per_core", threads_per_core, cap)):
+            logger.warning("job %s: threads_per_core=%d is more than the %d hardware threads of a core on this machine: "
+                           "it is placed, bound and pinned at threads_per_core=%d (%d cores per node); the same for "
+                           "every job of %s with threads_per_core=%d (warned once)", prepared.id, threads_per_core, cap, cap,
+                           prepared.demand.cpu_ids_per_node(True, cap), _app_name(app), threads_per_core)
     if gpu_ids:
         if prepared.demand.ranks_per_node > 1 and len(gpu_ids) > 1 and any(map(is_mig_id, gpu_ids)):
             # CUDA shows a process the first MIG instance it is given: without narrowing, every rank
@@ -81,25 +84,58 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     return {str(k): str(v) for k, v in env.items()}
 
 
+#: The warnings of :func:`launch_environment` given in this launcher process, by (app id, what,
+#: value): each is given once, for the first job it applies to, and says it applies to every such
+#: job (one per job was ~10^4 lines on a campaign). Bounded: cleared when full (a repeated warning
+#: costs a line; an unbounded set, memory).
+_warned: set[tuple] = set()
+_WARNED_MOST = 1024
+
+
+def _first_warning(key: tuple) -> bool:
+    """Whether the warning ``key`` is not given yet in this process (and now counts as given).
+    Called only where a warning applies: nothing is added to a job that needs none."""
+    if key in _warned:
+        return False
+    if len(_warned) >= _WARNED_MOST:
+        _warned.clear()
+    _warned.add(key)
+    return True
+
+
+def _app_of(prepared: PreparedJob) -> Any:
+    return getattr(prepared.job, "app_id", None)
+
+
+def _app_name(app: Any) -> str:
+    return "its app" if app is None else f"app {app}"
+
+
 def _warn_replaced(prepared: PreparedJob, env: dict[str, str], platform_env: dict[str, str]) -> None:
-    """One warning per job for the platform variables that replace the app's own (its
+    """A warning for the platform variables that replace the app's own (its
     ``environment_variables`` or ``get_environ_vars()``: those that differ from the launcher's
     environment), and one for ``launch_params`` that set them for the MPI launcher (PALS ``--env
-    NAME=value``, ``srun --export``), whose value the ranks would get instead of the platform's."""
+    NAME=value``, ``srun --export``), whose value the ranks would get instead of the platform's:
+    each once per app and value in this process (:func:`_first_warning`), for every such job."""
     inherited = inherited_environment()
     replaced = [k for k, v in platform_env.items() if k in env and env[k] != v and inherited.get(k) != env[k]]
     if replaced:
-        logger.warning("job %s: its app's %s %s replaced by the platform's GPU visibility variables: %s", prepared.id,
-                       ", ".join(f"{k}={env[k]}" for k in replaced), "is" if len(replaced) == 1 else "are",
-                       ", ".join(f"{k}={platform_env[k]}" for k in replaced))
+        app = _app_of(prepared)
+        if _first_warning((app, "replaced", tuple((k, env[k]) for k in replaced))):
+            logger.warning("job %s: its app's %s %s replaced by the platform's GPU visibility variables: %s; the "
+                           "same in every job of %s that sets %s (warned once)", prepared.id,
+                           ", ".join(f"{k}={env[k]}" for k in replaced), "is" if len(replaced) == 1 else "are",
+                           ", ".join(f"{k}={platform_env[k]}" for k in replaced), _app_name(app),
+                           "that value" if len(replaced) == 1 else "those values")
     if prepared.launch_params:
         pattern = re.compile(r"(?<![A-Za-z0-9_])(%s)=" % "|".join(map(re.escape, platform_env)))
         for key, value in prepared.launch_params.items():
             named = sorted(set(pattern.findall(f"{key} {value}")))
-            if named:
+            if named and _first_warning((_app_of(prepared), "launch_params", key, value)):
                 logger.warning("job %s: launch_params %s=%r sets %s for the MPI launcher, over the value the platform "
-                               "set for the GPUs this job was given: its ranks may use GPUs assigned to other jobs",
-                               prepared.id, key, value, ", ".join(named))
+                               "set for the GPUs this job was given: its ranks may use GPUs assigned to other jobs; "
+                               "the same for every job of %s with that launch param (warned once)",
+                               prepared.id, key, value, ", ".join(named), _app_name(_app_of(prepared)))
 
 
 def env_difference(base: dict[str, str], env: dict[str, str]) -> tuple[dict[str, str], list[str]]:

@@ -236,8 +236,7 @@ class AuroraPlatform(Platform):
         self.device_hierarchy()
         return [
             NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids,
-                     gpu_groups=self.gpu_groups if self.options.tiles_per_gpu > 1 else (), gpu_cpus=self.gpu_cpus,
-                     hardware_threads_per_core=self.hardware_threads_per_core)
+                     gpu_groups=self.gpu_groups if self.options.tiles_per_gpu > 1 else (), gpu_cpus=self.gpu_cpus)
             for host in self.hostnames(env)
         ]
 

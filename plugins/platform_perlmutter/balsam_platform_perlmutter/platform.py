@@ -101,8 +101,7 @@ class PerlmutterGPUPlatform(Platform):
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
             raise RuntimeError("$SLURM_JOB_NODELIST is not set: not inside a Slurm job")
-        nodes = [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids,
-                          hardware_threads_per_core=self.hardware_threads_per_core)
+        nodes = [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids)
                  for host in expand_hostlist(nodelist)]
         # The shared QOS (--gpus=1|2) and partial-node allocations: Slurm names the job's GPUs there.
         return cuda_visible_only(nodes, env)

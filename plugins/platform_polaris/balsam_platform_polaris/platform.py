@@ -136,8 +136,7 @@ class PolarisPlatform(Platform):
             gpu_ids, parent = self.node_gpus(host, local=_short(host) == here or len(hosts) == 1, not_before=started)
             parents.update(parent)
             nodes.append(NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=gpu_ids,
-                                  gpu_cpus=near_cpus_of(gpu_ids, self.gpu_cpu_map, self.cpu_ids, parent),
-                                  hardware_threads_per_core=self.hardware_threads_per_core))
+                                  gpu_cpus=near_cpus_of(gpu_ids, self.gpu_cpu_map, self.cpu_ids, parent)))
         # A partial-node allocation names its GPUs there (MIG instances go with their GPU's index).
         return cuda_visible_only(nodes, env, parents)
 

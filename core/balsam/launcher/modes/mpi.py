@@ -191,7 +191,9 @@ class MPIMode(JobMode):
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self.node_manager = NodeManager(context.nodes, allow_node_packing=context.allow_node_packing(),
-                                        cpu_ids_are_cores=bool(getattr(context.platform, "cpu_ids_are_cores", False)))
+                                        cpu_ids_are_cores=bool(getattr(context.platform, "cpu_ids_are_cores", False)),
+                                        hardware_threads_per_core=int(
+                                            getattr(context.platform, "hardware_threads_per_core", 0) or 0))
         self.preparer = JobPreparer(context.data_path, default_postprocess=bool(context.setting("default_postprocess_in_launcher")))
         #: Started jobs whose successful exit is reported with POSTPROCESSED (PreparedJob.postprocess_on_exit)
         self._postprocess_on_exit: set[int] = set()

@@ -103,6 +103,8 @@ class SerialMode(JobMode):
         # Decided here, where the nodes were discovered (the master may be another process).
         config["acquire_filter"] = gpuless_acquire_filter(ctx.nodes)
         config["cpu_ids_are_cores"] = bool(getattr(ctx.platform, "cpu_ids_are_cores", False))
+        # The node manager's threads_per_core cap: the one the platform's pinning and warning use.
+        config["hardware_threads_per_core"] = int(getattr(ctx.platform, "hardware_threads_per_core", 0) or 0)
         return config
 
     @property

@@ -814,7 +814,8 @@ def build_master(
     ``lease`` opens the job source (default: a new Session for the config's site and tags)."""
     launcher = config["launcher"]
     nodes = [NodeInfo(**n) for n in config["nodes"]]
-    node_manager = NodeManager(nodes, allow_node_packing=True, cpu_ids_are_cores=bool(config.get("cpu_ids_are_cores", False)))
+    node_manager = NodeManager(nodes, allow_node_packing=True, cpu_ids_are_cores=bool(config.get("cpu_ids_are_cores", False)),
+                               hardware_threads_per_core=int(config.get("hardware_threads_per_core", 0) or 0))
     updater = open_updater(config.get("spool_path"))
     gone = GoneJobs(wake)
     open_source = lease or (lambda: open_lease(config["site_id"], config["batch_job_id"], config["filter_tags"]))
