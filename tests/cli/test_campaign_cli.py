@@ -8,28 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "dashboard"))
 
 from dashboard_helpers import make_campaign  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _fresh_api_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    from balsam._api.model import reset_default_client
-
-    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
-    monkeypatch.chdir(tmp_path)
-    reset_default_client()
-    yield
-    reset_default_client()
-
-
-def balsam(*args: str) -> Any:
-    from balsam.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+from cli_test_utils import balsam, fresh_api_state  # noqa: F401, E402 (fresh_api_state: autouse)
 
 
 @pytest.fixture

@@ -12,26 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-
-@pytest.fixture(autouse=True)
-def _fresh_api_state(monkeypatch, tmp_path):
-    from balsam._api.app import ApplicationDefinition
-    from balsam._api.model import reset_default_client
-
-    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
-    monkeypatch.chdir(tmp_path)
-    reset_default_client()
-    ApplicationDefinition.clear_cache()
-    yield
-    reset_default_client()
-
-
-def balsam(*args: str, input: "str | None" = None):
-    from balsam.cli import main
-
-    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+from cli_test_utils import balsam, fresh_api_state  # noqa: F401, E402 (fresh_api_state: autouse)
 
 
 @pytest.fixture

@@ -13,26 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
-
-
-@pytest.fixture(autouse=True)
-def _fresh_api_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    from balsam._api.app import ApplicationDefinition
-    from balsam._api.model import reset_default_client
-
-    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
-    monkeypatch.chdir(tmp_path)
-    reset_default_client()
-    ApplicationDefinition.clear_cache()
-    yield
-    reset_default_client()
-
-
-def balsam(*args: str) -> Any:
-    from balsam.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+from cli_test_utils import balsam, fresh_api_state  # noqa: F401, E402 (fresh_api_state: autouse)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_campaign_cli import _fresh_api_state, balsam  # noqa: F401 (_fresh_api_state: an autouse fixture)
+from cli_test_utils import balsam, fresh_api_state  # noqa: F401 (fresh_api_state: autouse)
 
 
 @pytest.fixture

@@ -12,29 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
+from cli_test_utils import balsam, fresh_api_state  # noqa: F401, E402 (fresh_api_state: autouse)
 
 BALSAM = [str(Path(sys.executable).parent / "balsam")]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_api_state(monkeypatch, tmp_path):
-    from balsam._api.app import ApplicationDefinition
-    from balsam._api.model import reset_default_client
-
-    monkeypatch.delenv("BALSAM_SITE_PATH", raising=False)
-    monkeypatch.chdir(tmp_path)  # not inside any site unless a test says so
-    reset_default_client()
-    ApplicationDefinition.clear_cache()
-    yield
-    reset_default_client()
-
-
-def balsam(*args: str, input: "str | None" = None):
-    from balsam.cli import main
-
-    result = CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
-    return result
 
 
 @pytest.fixture

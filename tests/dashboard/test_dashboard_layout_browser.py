@@ -88,7 +88,9 @@ def test_long_tags_and_workdirs_wrap_inside_the_window(chromium: Any, user: dict
 
 def test_a_waiting_job_shows_its_deleted_and_failed_parents(chromium: Any, user: dict) -> None:
     """Before: a child of a FAILED and a deleted parent listed the FAILED one alone, and did not say
-    that it waited for both (nor what to do); with only the deleted parent, "Parents: None."."""
+    what it waited for (nor what to do); with only the deleted parent, "Parents: None.". Under the
+    server's rule (only the parents that still exist must be JOB_FINISHED) it waits for the FAILED one
+    only; the deleted one is listed as such, not waited for."""
     campaign = make_campaign(user["url"], user["token"], n_jobs=1, name=f"dag-{uuid.uuid4().hex[:6]}")
     api = httpx.Client(base_url=user["url"], headers={"Authorization": f"Bearer {user['token']}"}, timeout=30)
     gone = api.post("/jobs/", json=[{"app_id": campaign["app"]["id"], "workdir": "gone"}]).json()[0]["id"]
@@ -100,8 +102,10 @@ def test_a_waiting_job_shows_its_deleted_and_failed_parents(chromium: Any, user:
     page = _page(chromium, user["url"], user["username"], user["password"])
     page.goto(f"/dashboard/jobs/{child}")
     parents = page.inner_text("main").split("Parents")[1].split("Children")[0]
-    assert f"{campaign['failed']} run/0 FAILED" in parents and f"{gone} deleted or not found" in parents
-    assert f"Waiting for: {campaign['failed']} (FAILED), {gone} (deleted)" in parents
+    assert f"{campaign['failed']} run/0 FAILED" in parents and f"{gone} deleted" in parents
+    assert f"Waiting for: {campaign['failed']} (FAILED)\n" in parents  # the FAILED one only
+    assert f"A deleted parent is not waited for ({gone})" in parents and "never finishes" not in parents
+    assert f"balsam job modify -i {campaign['failed']} -s RESTART_READY" in parents
     assert f"balsam job modify -i {child} -s READY" in parents
     assert _overflow(page) <= 2, f"the page is {_overflow(page)} px wider than the window"
     assert page.errors == []

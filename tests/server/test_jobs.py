@@ -296,23 +296,36 @@ def _same_time(job: dict) -> dict:
     return dict(job, last_update=dt.datetime.fromisoformat(job["last_update"]))
 
 
+def _moves(api, job_id):
+    """(from, to, message) of a job's events, oldest first."""
+    events = sorted(api.events(job_id=job_id), key=lambda e: (e["timestamp"], e["id"]))
+    return [(e["from_state"], e["to_state"], (e.get("data") or {}).get("message")) for e in events]
+
+
 def test_parent_delete_removes_link(api, site_app):
+    """Deleting a child's only (unfinished) parent releases it at once: a deleted parent does not
+    block (as in 0.7), and the delete re-checks the children (0.7 did not: they stayed waiting)."""
     _site, app = site_app
     parent = api.jobs(app["id"])[0]
     child = api.jobs(app["id"], parent_ids=[parent["id"]])[0]
+    assert child["state"] == "AWAITING_PARENTS"
     api.ok("DELETE", f"/jobs/{parent['id']}", 204)
     assert api.ok("GET", "/jobs/", params={"parent_id": [parent["id"]]})["count"] == 0
-    assert api.job(child["id"])["state"] == "AWAITING_PARENTS"  # as in 0.7: api.md says what to do
-    assert api.ok("PUT", "/jobs/", params={"id": [child["id"]], "state": "AWAITING_PARENTS"},
-                  json={"state": "READY"}) == 1
-    assert api.job(child["id"])["state"] == "STAGED_IN"  # no stage-in: straight on
+    after = api.job(child["id"])
+    assert (after["state"], after["parent_ids"]) == ("STAGED_IN", [parent["id"]])  # no stage-in: straight on
+    assert _moves(api, child["id"]) == [
+        ("CREATED", "AWAITING_PARENTS", None),
+        ("AWAITING_PARENTS", "STAGED_IN", f"All remaining parents finished (deleted: {parent['id']})"),
+    ]
 
 
+@pytest.mark.parametrize("via", ["by_id", "query"])
 @pytest.mark.parametrize("deleted_finished", [False, True], ids=["unfinished", "finished"])
-def test_a_deleted_parent_never_releases_its_children(api, site_app, deleted_finished):
-    """A parent deleted (finished or not) counts as not finished: its links go with it, but the
-    children keep its id in parent_ids and wait (docs/api.md). The last other parent finishing
-    used to release them ("All parents finished") without the deleted one's output."""
+def test_a_deleted_parent_does_not_block_its_children(api, site_app, deleted_finished, via):
+    """A parent deleted (finished or not: ``balsam job rm --state JOB_FINISHED`` cleans up finished
+    ones) while the child's other parent still runs: the child waits for that one, and its finish
+    releases the child, once, saying which parent was gone (docs/api.md). 8028a93 kept it waiting
+    for ever."""
     _site, app = site_app
     deleted, other = (p["id"] for p in api.jobs(app["id"], 2))
     if deleted_finished:
@@ -321,13 +334,43 @@ def test_a_deleted_parent_never_releases_its_children(api, site_app, deleted_fin
     child = api.jobs(app["id"], 1, parent_ids=[deleted, other])[0]
     sibling = api.jobs(app["id"], 1, parent_ids=[other])[0]  # the same finish releases it
     assert child["state"] == sibling["state"] == "AWAITING_PARENTS"
-    api.ok("DELETE", f"/jobs/{deleted}", 204)
+    if via == "by_id":
+        api.ok("DELETE", f"/jobs/{deleted}", 204)
+    else:
+        assert api.ok("DELETE", "/jobs/", params={"id": [deleted]}) == 1
+    assert api.job(child["id"])["state"] == "AWAITING_PARENTS"  # the other parent runs
     run_to(api, [other])
     assert api.job(other)["state"] == "JOB_FINISHED"
     after = api.job(child["id"])
-    assert (after["state"], sorted(after["parent_ids"])) == ("AWAITING_PARENTS", sorted([deleted, other]))
-    assert [(e["from_state"], e["to_state"]) for e in api.events(job_id=child["id"])] == [("CREATED", "AWAITING_PARENTS")]
-    assert api.job(sibling["id"])["state"] == "STAGED_IN"
+    assert (after["state"], sorted(after["parent_ids"])) == ("STAGED_IN", sorted([deleted, other]))
+    assert _moves(api, child["id"]) == [
+        ("CREATED", "AWAITING_PARENTS", None),
+        ("AWAITING_PARENTS", "STAGED_IN", f"All remaining parents finished (deleted: {deleted})"),
+    ]
+    assert _moves(api, sibling["id"])[-1] == ("AWAITING_PARENTS", "STAGED_IN", "All parents finished")
+
+
+def test_a_delete_releases_children_whose_remaining_parents_finished(api):
+    """The other parents finished first: the delete itself releases the child (0.7 left it waiting
+    for ever), in one query delete that also takes a child (gone, not released) and leaves a child
+    whose remaining parent still runs waiting, until that one finishes. A child with an input to
+    stage in goes to READY."""
+    site = api.site(transfer_locations={"dtn": "globus://endpoint-1"})
+    app = api.app(site["id"], transfers={"in": {"required": False, "direction": "in", "local_path": "in.dat"}})
+    deleted, done, running = (p["id"] for p in api.jobs(app["id"], 3))
+    run_to(api, [done])
+    child, doomed = (j["id"] for j in api.jobs(app["id"], 2, parent_ids=[deleted, done]))
+    staging = api.jobs(app["id"], 1, parent_ids=[deleted, done], transfers={"in": "dtn:/remote/in.dat"})[0]["id"]
+    waits = api.jobs(app["id"], 1, parent_ids=[deleted, running])[0]["id"]
+    assert {api.job(j)["state"] for j in (child, doomed, staging, waits)} == {"AWAITING_PARENTS"}
+    assert api.ok("DELETE", "/jobs/", params={"id": [deleted, doomed]}) == 2
+    message = f"All remaining parents finished (deleted: {deleted})"
+    assert _moves(api, child)[1:] == [("AWAITING_PARENTS", "STAGED_IN", message)]
+    assert _moves(api, staging)[1:] == [("AWAITING_PARENTS", "READY", message)]
+    assert api.http.get(f"/jobs/{doomed}").status_code == 404
+    assert api.job(waits)["state"] == "AWAITING_PARENTS"
+    run_to(api, [running])
+    assert _moves(api, waits)[1:] == [("AWAITING_PARENTS", "STAGED_IN", message)]
 
 
 def test_put_by_filter_validation(api, site_app):

@@ -218,8 +218,8 @@ def _job_pages(filters: dict[str, Any]) -> Iterator[tuple[list[Any], bool]]:
 
     The REST API has no ``id > N`` filter: pages are ``ordering=id`` with an offset, and the count
     that comes with each page says when to stop. A job listed already is not listed again (jobs
-    created or deleted meanwhile shift the offsets; a job deleted during the listing may move a
-    later one back into a page read already, where it is missed, as offset paging goes)."""
+    created or deleted meanwhile shift the offsets: a page read after jobs left the filter is read
+    again from as many rows earlier, see below)."""
     from balsam.api import Job
 
     size = LIST_PAGE_SIZE
@@ -238,13 +238,29 @@ def _job_pages(filters: dict[str, Any]) -> Iterator[tuple[list[Any], bool]]:
     query = Job.objects.filter(**filters).order_by("id")
     offset = 0
     last_id: Optional[int] = None
+    last_count: Optional[int] = None
     while True:
         sliced = query[offset:offset + size]
         page = list(sliced)
+        count = sliced.count()  # the count comes with the page (no request of its own)
+        if last_count is not None and count < last_count and offset > 0:
+            # Jobs left the filter since the previous page (deleted, or a state change under
+            # --state RUNNING on a live campaign). Each one that left below the read position moved
+            # every later job back by one: this page was read that many rows too far, and the jobs
+            # now just before it would never be listed. Read it again from that many rows earlier;
+            # the jobs listed already come back in the overlap and are dropped (ids ascend; the
+            # last_id check), as are the extra rows when the jobs left above the read position.
+            # Each retry follows a lower count, so it ends. What a count cannot tell: a job that
+            # left and one that arrived (created, or entering the filter) in the same interval
+            # cancel out in the count, and the job that moved back is still missed; an arrival
+            # alone only moves jobs forward, read twice and dropped here.
+            offset = max(0, offset - (last_count - count))
+            last_count = count
+            continue
+        last_count = count
         offset += len(page)
         fresh = [j for j in page if last_id is None or j.id > last_id]
-        # The count comes with the page (no request of its own).
-        more = len(page) == size and offset < sliced.count()
+        more = len(page) == size and offset < count
         if fresh:
             last_id = fresh[-1].id
             yield fresh, more
@@ -427,29 +443,16 @@ def _show_one(j: Any, apps: dict, sites: dict, events: list, children: list, lin
 
 
 def _parent_lines(j: Any, parents: dict[int, Any]) -> list[tuple[str, str]]:
-    """``parents`` with each parent's state (a deleted one: "deleted or not found") and, for a job in
-    AWAITING_PARENTS, ``waiting for``: its parents not JOB_FINISHED, and what to do about a FAILED
-    parent (it keeps its children waiting, as in Balsam 0.7) or a deleted one (it never finishes)."""
-    ids = sorted(j.parent_ids)
-    states = {p: _state_name(parents[p].state) if p in parents else None for p in ids}
-    out = [("parents", ", ".join(f"{p} ({states[p] or 'deleted or not found'})" for p in ids))]
-    if _state_name(j.state) != "AWAITING_PARENTS":
-        return out
-    pending = [p for p in ids if states[p] != "JOB_FINISHED"]
-    if not pending:
-        out.append(("waiting for", "none (every parent is JOB_FINISHED): move it on with "
-                                   f"`balsam job modify -i {j.id} -s READY`"))
-        return out
-    out.append(("waiting for", ", ".join(f"{p} ({states[p] or 'deleted'})" for p in pending)))
-    failed = [p for p in pending if states[p] == "FAILED"]
-    if failed:
-        rerun = " ".join(f"-i {p}" for p in failed)
-        out.append(("", f"a FAILED parent keeps its children waiting: re-run it (`balsam job modify {rerun} -s RESTART_READY`; "
-                        "this job goes on when every parent is JOB_FINISHED), or move this job on without it "
-                        f"(`balsam job modify -i {j.id} -s READY`)"))
-    if any(states[p] is None for p in pending):
-        out.append(("", f"a deleted parent never finishes: move this job on yourself (`balsam job modify -i {j.id} -s READY`), "
-                        "or delete it"))
+    """``parents`` with each parent's state (a deleted one: "deleted") and, for a job in
+    AWAITING_PARENTS, ``waiting for`` and what to do: the rule and its words are
+    :func:`balsam.dependencies.parent_wait`'s, shared with the dashboard's job page."""
+    from balsam.dependencies import DELETED, parent_wait
+
+    wait = parent_wait(j.id, j.state, j.parent_ids, {p: parents[p].state for p in j.parent_ids or () if p in parents})
+    out = [("parents", ", ".join(f"{p} ({state or DELETED})" for p, state in wait.parents))]
+    if wait.waiting:
+        out.append(("waiting for", wait.waits_for_text))
+        out.extend(("", line) for line in wait.advice)
     return out
 
 

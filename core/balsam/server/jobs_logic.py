@@ -1558,59 +1558,66 @@ def _release_candidates_stmt(dialect: str) -> sa.Select:
 _RELEASE_CANDIDATES = {dialect: _release_candidates_stmt(dialect) for dialect in ("postgresql", "sqlite")}
 
 
-def _all_parents_finished(dialect: str) -> sa.ColumnElement[bool]:
-    """True for a child (``_CHILD``) every id of whose ``parent_ids`` is a JOB_FINISHED job.
+def _releasable_stmt(dialect: str) -> sa.Select:
+    """(id, deleted parents) of each candidate child (``:b_ids``) every listed parent of which that
+    still exists is JOB_FINISHED: a deleted parent does not block (as in Balsam 0.7's
+    update_waiting_children, which read the parents that still existed); "deleted parents" lists
+    the ids in ``parent_ids`` that name no job any more (NULL when none), for the release message.
 
-    Read from ``parent_ids``, not from the ``job_parents`` links: deleting a job cascades to its
-    links, while its children keep its id in ``parent_ids`` (the API shows it; docs/api.md), so a
-    deleted parent left no link to be found unfinished and the child was released "All parents
-    finished" without it. A deleted parent now counts as not finished (finished or not before:
-    ids are never reused), and so does one that is there and not JOB_FINISHED.
-
-    Race-free, with no lock beyond the release's own (the children, FOR UPDATE in id order: see
-    sessions_logic "Lock order"; a delete locks only the job it deletes and removes its links in
-    its cascade): this statement's snapshot (READ COMMITTED) sees a concurrent delete of a parent
-    either committed (no such job: not finished) or not (the job as it was: not finished, or
-    finished and then the delete comes after this release in the serial order, and the release
-    was right). So a delete of an unfinished parent racing the last other parent's finish keeps
-    the child waiting whichever commits first; the old test (no link to an unfinished parent)
-    released it when the delete committed first and kept it waiting otherwise. SQLite runs one
-    write transaction at a time.
-
-    Each listed id is one primary-key lookup, whatever the tables' statistics. (Counting the
+    Read from ``parent_ids``, which keeps a deleted parent's id (the API shows it; docs/api.md),
+    not from the ``job_parents`` links, which go with it. Ids are never reused. One statement for
+    all the candidates: each listed id is one primary-key lookup, grouped per child. (Counting the
     finished links against the length of ``parent_ids``, a correlated scalar subquery, was planned
     as a scan of ``job_parents`` per child on tables PostgreSQL had not analysed yet: 5.9 s for
-    10,000 children, against 40-55 ms for this and for the old test.)"""
+    10,000 children.)
+
+    Race-free with deletes (:func:`delete_jobs`) as with finishes: whoever may release a child
+    locks it (FOR UPDATE, in id order) and checks it afterwards with this new statement, whose
+    snapshot (READ COMMITTED) sees every transaction that held the lock before: see
+    :func:`delete_jobs`."""
     child, parent = _CHILD, _PARENT
     if dialect == "postgresql":
-        ids = sa.func.jsonb_array_elements_text(child.c.parent_ids).table_valued("value").alias("listed")
-        listed_id = sa.cast(ids.c.value, sa.BigInteger)
+        listed = sa.func.jsonb_array_elements_text(child.c.parent_ids).table_valued("value").alias("listed")
+        listed_id = sa.cast(listed.c.value, sa.BigInteger)
+        deleted = sa.func.string_agg(sa.case((parent.c.id.is_(None), listed.c.value)), sa.literal(","))
     else:
-        ids = sa.func.json_each(child.c.parent_ids).table_valued("value").alias("listed")
-        listed_id = ids.c.value
-    finished = sa.exists().where(parent.c.id == listed_id, parent.c.state == S.finished.value)
-    return ~sa.exists().select_from(ids).where(~finished)
+        listed = sa.func.json_each(child.c.parent_ids).table_valued("value").alias("listed")
+        listed_id = listed.c.value
+        deleted = sa.func.group_concat(sa.case((parent.c.id.is_(None), listed.c.value)), ",")
+    blocking = sa.case((parent.c.state == S.finished.value, 0), (parent.c.id.is_(None), 0), else_=1)
+    return (
+        sa.select(child.c.id, deleted.label("deleted"))
+        .select_from(child.join(listed, sa.true()).outerjoin(parent, parent.c.id == listed_id))
+        .where(ids_in_param(child.c.id, dialect))
+        .group_by(child.c.id)
+        .having(sa.func.max(blocking) == 0)
+        .order_by(child.c.id)
+    )
 
 
-#: Built once: every bulk update that finishes jobs tests their waiting children.
-_ALL_PARENTS_FINISHED = {dialect: _all_parents_finished(dialect) for dialect in ("postgresql", "sqlite")}
+#: Built once: every bulk update that finishes jobs, and every delete of a parent, tests their
+#: waiting children.
+_RELEASABLE = {dialect: _releasable_stmt(dialect) for dialect in ("postgresql", "sqlite")}
 
 
 def release_children(conn: sa.Connection, finished_ids: list[int], now: dt.datetime) -> list[int]:
-    """Move AWAITING_PARENTS children whose parents are all JOB_FINISHED (a deleted parent counts
-    as not finished: :func:`_all_parents_finished`) to READY / STAGED_IN."""
-    child = _CHILD
+    """Move AWAITING_PARENTS children whose parents are all JOB_FINISHED (a deleted one does not
+    block: :func:`_releasable_stmt`) to READY / STAGED_IN."""
     dialect = conn.dialect.name
-    key = "postgresql" if dialect == "postgresql" else "sqlite"
-    candidates = _RELEASE_CANDIDATES[key]
+    candidates = _RELEASE_CANDIDATES["postgresql" if dialect == "postgresql" else "sqlite"]
     candidate_ids = list(conn.execute(candidates, {"b_ids": ids_param(finished_ids, dialect)}).scalars())
+    return _release_checked(conn, candidate_ids, now)
+
+
+def _release_checked(conn: sa.Connection, candidate_ids: list[int], now: dt.datetime) -> list[int]:
+    """Release those of ``candidate_ids`` (AWAITING_PARENTS children, locked by the caller on
+    PostgreSQL) whose parents that still exist are all JOB_FINISHED."""
     if not candidate_ids:
         return []
-    released = list(
-        conn.execute(
-            sa.select(child.c.id).where(child.c.id.in_(candidate_ids), _ALL_PARENTS_FINISHED[key]).order_by(child.c.id)
-        ).scalars()
-    )
+    dialect = conn.dialect.name
+    stmt = _RELEASABLE["postgresql" if dialect == "postgresql" else "sqlite"]
+    deleted_of = {jid: deleted for jid, deleted in conn.execute(stmt, {"b_ids": ids_param(candidate_ids, dialect)})}
+    released = list(deleted_of)
     if not released:
         return []
     pending_in = set(
@@ -1625,11 +1632,17 @@ def release_children(conn: sa.Connection, finished_ids: list[int], now: dt.datet
     to_ready = [jid for jid in released if jid in pending_in]
     to_staged = [jid for jid in released if jid not in pending_in]
     events = EventBuffer()
+    all_finished = {"message": "All parents finished"}
     for ids, state in ((to_ready, S.ready), (to_staged, S.staged_in)):
         if ids:
             conn.execute(sa.update(jobs).where(jobs.c.id.in_(ids)).values(state=state.value, last_update=now))
             for jid in ids:
-                events.add(jid, S.awaiting_parents.value, state.value, now, {"message": "All parents finished"})
+                deleted = deleted_of[jid]
+                data = all_finished if deleted is None else {
+                    "message": "All remaining parents finished (deleted: "
+                               + ", ".join(str(i) for i in sorted(int(d) for d in str(deleted).split(","))) + ")"
+                }
+                events.add(jid, S.awaiting_parents.value, state.value, now, data)
     events.flush(conn)
     return released
 
@@ -1664,26 +1677,67 @@ def set_states(conn: sa.Connection, moves: dict[int, tuple[str, JobState]], now:
 # Delete
 # ---------------------------------------------------------------------------------------------
 
-def delete_jobs(conn: sa.Connection, ids: list[int], *, refuse_leased: bool = True) -> int:
+def delete_jobs(conn: sa.Connection, ids: list[int], *, refuse_leased: bool = True,
+                released: "list[int] | None" = None) -> int:
     """All-or-nothing: refuse (409) if any job is leased by a live session (``refuse_leased``: a
-    query delete, which may select more than the user thinks; a delete of one job by id names it)."""
+    query delete, which may select more than the user thinks; a delete of one job by id names it).
+
+    A deleted parent no longer blocks its children (:func:`_releasable_stmt`), so the delete
+    releases, in its own transaction, the AWAITING_PARENTS children (not deleted themselves) whose
+    remaining parents are all JOB_FINISHED; their ids are appended to ``released``. The children
+    are found through the links before the delete cascades them.
+
+    Race-free (PostgreSQL; SQLite runs one write transaction at a time), in the lock order of
+    sessions_logic ("Lock order": a job's parents, then its children, each in id order): the delete
+    locks the jobs it deletes (FOR UPDATE, id order), then their waiting children (FOR UPDATE, id
+    order, :data:`_RELEASE_CANDIDATES`, as the finish of a parent does), deletes, and then checks
+    the children with a new statement. Against the last other parent finishing at once (its
+    transaction locks that parent, then the same children): whichever takes a child's lock second
+    waits until the first commits and then, in its next statement's snapshot (READ COMMITTED), sees
+    the first's change (the parent gone, or the other one finished) besides its own, and releases
+    the child; the first saw the other's change not yet committed and left the child waiting. (A
+    lock wait re-reads the child's row: released meanwhile, it is no candidate any more.) Either
+    order ends released, once. A child created at the same time reads its parents FOR SHARE: the
+    delete's lock of the parent waits for that create's commit, so the next statement (the
+    candidates) sees the new child's links; a create that waits for the delete finds no parent.
+    (Checking at the finish only, and counting a deleted parent as finished because its links were
+    gone, released the child or left it waiting for ever depending on the order; counting it as
+    unfinished for ever kept children of routinely cleaned-up finished parents waiting.)"""
     if not ids:
         return 0
+    dialect = conn.dialect.name
     # PostgreSQL takes the ids as one array parameter (SQLAlchemy expanding a 5,000-value IN list
     # cost a fifth of a 10,000-job delete's server time); SQLite, in chunks of its parameter limit.
-    if conn.dialect.name == "postgresql":
+    if dialect == "postgresql":
         chunks = [jobs.c.id == sa.any_(sa.literal(ids, postgresql.ARRAY(sa.BigInteger)))]
     else:
         chunks = [jobs.c.id.in_(ids[start:start + 5000]) for start in range(0, len(ids), 5000)]
     locked: list[int] = []
-    for matching in (chunks if refuse_leased else []):
-        locked.extend(
-            conn.execute(sa.select(jobs.c.id).where(matching, jobs.c.session_id.is_not(None)).order_by(jobs.c.id)).scalars()
-        )
+    if dialect == "postgresql":
+        # The deleted jobs first (a parent's row before its children's), with their leases.
+        rows = conn.execute(
+            sa.select(jobs.c.id, jobs.c.session_id).where(chunks[0]).order_by(jobs.c.id).with_for_update()
+        ).all()
+        if refuse_leased:
+            locked = [jid for jid, session_id in rows if session_id is not None]
+    else:
+        for matching in (chunks if refuse_leased else []):
+            locked.extend(
+                conn.execute(sa.select(jobs.c.id).where(matching, jobs.c.session_id.is_not(None)).order_by(jobs.c.id)).scalars()
+            )
     if locked:
         shown = ", ".join(str(i) for i in locked[:50]) + (f" (+{len(locked) - 50} more)" if len(locked) > 50 else "")
         raise Conflict(
             f"{len(locked)} job(s) are leased by a running launcher session and were not deleted; nothing was "
             f"deleted. Locked job ids: {shown}"
         )
-    return sum(conn.execute(sa.delete(jobs).where(matching)).rowcount for matching in chunks)
+    # Their waiting children (locked in id order on PostgreSQL), read before the cascade takes the links.
+    candidates = _RELEASE_CANDIDATES["postgresql" if dialect == "postgresql" else "sqlite"]
+    children = conn.execute(candidates, {"b_ids": ids_param(ids, dialect)}).scalars().all()
+    count = sum(conn.execute(sa.delete(jobs).where(matching)).rowcount for matching in chunks)
+    if children:
+        deleted = set(ids)
+        newly = _release_checked(conn, [jid for jid in children if jid not in deleted], utcnow())
+        if released is not None:
+            released.extend(newly)
+    return count

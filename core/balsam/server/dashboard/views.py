@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 import balsam
+from balsam.dependencies import DELETED, parent_wait
 from balsam.states import BatchJobState, JobState
 
 from .. import job_counts, jobs_logic
@@ -462,18 +463,18 @@ def job_page(view: View) -> Response:
 
 
 def _parents_context(job: dict, family: dict[int, Any]) -> dict[str, Any]:
-    """Every parent of ``job`` (``None`` in place of one deleted or not among the user's jobs) and,
-    for a job in AWAITING_PARENTS, what it waits for: each parent not JOB_FINISHED (a FAILED parent
-    keeps its children waiting, as in Balsam 0.7; a deleted one never finishes)."""
-    parent_ids = sorted(job["parent_ids"] or [])
-    parents = [(p, family.get(p)) for p in parent_ids]
-    waiting = job["state"] == JobState.awaiting_parents.value
-    waits_for = [(p, row.state if row is not None else "deleted") for p, row in parents
-                 if row is None or row.state != JobState.finished.value] if waiting else []
+    """Every parent of ``job`` (``None`` in place of one deleted) and, for a job in
+    AWAITING_PARENTS, what it waits for and what to do: the rule and its words are
+    :func:`balsam.dependencies.parent_wait`'s, shared with ``balsam job show``."""
+    wait = parent_wait(job["id"], job["state"], job["parent_ids"],
+                       {p: family[p].state for p in job["parent_ids"] or () if p in family})
     return {
-        "parents": parents, "waiting": waiting, "waits_for": waits_for,
-        "failed_parents": [p for p, state in waits_for if state == JobState.failed.value],
-        "deleted_parents": [p for p, state in waits_for if state == "deleted"],
+        "parents": [(p, family.get(p)) for p, _ in wait.parents], "deleted_label": DELETED, "waiting": wait.waiting,
+        "waits_for_text": wait.waits_for_text,
+        # each advice line as (text, is_code) pieces: its commands (between backticks) shown as code
+        # (the CLI's lowercase sentence starts with a capital here)
+        "parent_advice": [[(piece, n % 2 == 1) for n, piece in enumerate((line[:1].upper() + line[1:]).split("`")) if piece]
+                          for line in wait.advice],
     }
 
 

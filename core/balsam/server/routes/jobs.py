@@ -168,7 +168,10 @@ def delete_one(ctx: Ctx) -> Response:
             raise NotFound(f"Job {job_id} not found")
         # Leased or not, as in 0.7: libEnsemble's BalsamTask.kill() deletes its job by id. The
         # holding launcher learns at its next heartbeat that the job is gone and ends its run.
-        logic.delete_jobs(conn, [job_id], refuse_leased=False)
+        released: list[int] = []
+        logic.delete_jobs(conn, [job_id], refuse_leased=False, released=released)
+    if released:
+        ctx.wake_acquires()  # children whose remaining parents had finished: READY / STAGED_IN
     return no_content()
 
 
@@ -177,7 +180,10 @@ def query_delete(ctx: Ctx) -> Response:
     with ctx.write() as conn:
         sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
         ids = logic.matching_job_ids(conn, ctx.user.id, q)
-        count = logic.delete_jobs(conn, ids)
+        released: list[int] = []
+        count = logic.delete_jobs(conn, ids, released=released)
+    if released:
+        ctx.wake_acquires()  # children whose remaining parents had finished: READY / STAGED_IN
     return json_response(count)
 
 
