@@ -355,8 +355,11 @@ Q_INT_LIST = array(int32(), MAX_QUERY_IDS)
 #: 64-bit ids are longer (up to 20 characters): a list of them holds fewer within the budget.
 MAX_QUERY_IDS_64 = 30
 Q_ID64_LIST = array(int64(), MAX_QUERY_IDS_64)
-Q_KEY_VALUE = array(text(min(MAX_QUERY_TAG_CHARS, MAX_QUERY_VALUE_CHARS), pattern="^[^\\x00:]+:[^\\x00]*$"),
-                    MAX_QUERY_TAGS)
+Q_KEY_VALUE = {**array(text(min(MAX_QUERY_TAG_CHARS, MAX_QUERY_VALUE_CHARS), pattern="^[^\\x00:]+:[^\\x00]*$"),
+                       MAX_QUERY_TAGS),
+               # JSON Schema cannot say "unique by the part before the colon" (http.QueryParams.key_values).
+               "description": "KEY:VALUE, repeated for more keys; a key given twice with different values is "
+                              "refused (422): a tag has one value"}
 Q_TEXT = text(min(MAX_QUERY_TEXT_CHARS, MAX_QUERY_VALUE_CHARS), min_length=1)
 Q_DATETIME = REQUEST_DATETIME
 PAGE_PARAMS = {"limit": int32(0, MAX_PAGE_SIZE), "offset": int32(0)}
