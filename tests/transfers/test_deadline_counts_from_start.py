@@ -116,16 +116,14 @@ def stage_in(item_id: int, fifo: Path) -> dict:
             "state": "pending", "task_id": "", "transfer_info": {}}
 
 
-def test_a_task_queued_behind_a_busy_thread_gets_its_whole_deadline_once_it_starts(tmp_path: Path, fifos) -> None:
-    """One thread, two tasks: the second waits behind the first (blocked for 9 of the 10 minutes of
-    task_timeout_sec), then starts. It used to be cancelled at the first cycle past 10 minutes after
-    its submission (a failed try, "did not finish within 600 s"); now its items show why they wait,
-    its deadline counts from its start, and it still has one: 10 minutes after that it is cancelled."""
-    first, second = fifos("first.dat"), fifos("second.dat")
+
+def two_tasks_one_thread(tmp_path: Path, api_class, first, second):
+    """A module with one local-backend thread and two single-file stage-in tasks (jobs 1 and 2,
+    reading ``first`` and ``second``), its clock at T0 (``clock[0]``, moved by the test)."""
     site = tmp_path / "site"
     (site / "data").mkdir(parents=True)
-    api = FakeAPI([stage_in(1, first), stage_in(2, second)],
-                  [{"id": 1, "workdir": "job1", "state": "READY"}, {"id": 2, "workdir": "job2", "state": "READY"}])
+    api = api_class([stage_in(1, first), stage_in(2, second)],
+                    [{"id": 1, "workdir": "job1", "state": "READY"}, {"id": 2, "workdir": "job2", "state": "READY"}])
     options = TransfersOptions(transfer_locations={"shared": "local://"}, backend_options={"local": {"threads": 1}},
                                max_concurrent_transfers=2, transfer_batch_size=1, task_timeout_sec=600,
                                retry_backoff_sec=0, max_attempts=3)
@@ -133,6 +131,15 @@ def test_a_task_queued_behind_a_busy_thread_gets_its_whole_deadline_once_it_star
                              options, api)
     clock = [T0]
     module.now = lambda: clock[0]
+    return api, module, clock
+
+def test_a_task_queued_behind_a_busy_thread_gets_its_whole_deadline_once_it_starts(tmp_path: Path, fifos) -> None:
+    """One thread, two tasks: the second waits behind the first (blocked for 9 of the 10 minutes of
+    task_timeout_sec), then starts. It used to be cancelled at the first cycle past 10 minutes after
+    its submission (a failed try, "did not finish within 600 s"); now its items show why they wait,
+    its deadline counts from its start, and it still has one: 10 minutes after that it is cancelled."""
+    first, second = fifos("first.dat"), fifos("second.dat")
+    api, module, clock = two_tasks_one_thread(tmp_path, FakeAPI, first, second)
 
     def at(minutes: float) -> None:
         clock[0] = T0 + dt.timedelta(minutes=minutes)
@@ -162,7 +169,7 @@ def test_a_task_queued_behind_a_busy_thread_gets_its_whole_deadline_once_it_star
 
         at(11)  # 11 minutes after the submission, 2 since the second task started
         assert api.items[1]["state"] == "done"
-        assert (site / "data" / "job1" / "input.dat").read_bytes() == b"first\n"
+        assert (tmp_path / "site" / "data" / "job1" / "input.dat").read_bytes() == b"first\n"
         second_item = api.items[2]
         assert second_item["state"] == "active" and second_item["task_id"] == task_b, (
             f"a task that waited for a thread was cancelled as it started: {second_item['transfer_info']}")
@@ -271,17 +278,7 @@ def test_the_deadline_does_not_restart_while_the_patch_recording_the_start_fails
     cycle for as long as the API was down. The module now remembers the start: the record written
     when the API is back is the first poll's, and the deadline runs from it."""
     first, second = fifos("first.dat"), fifos("second.dat")
-    site = tmp_path / "site"
-    (site / "data").mkdir(parents=True)
-    api = FlakyAPI([stage_in(1, first), stage_in(2, second)],
-                   [{"id": 1, "workdir": "job1", "state": "READY"}, {"id": 2, "workdir": "job2", "state": "READY"}])
-    options = TransfersOptions(transfer_locations={"shared": "local://"}, backend_options={"local": {"threads": 1}},
-                               max_concurrent_transfers=2, transfer_batch_size=1, task_timeout_sec=600,
-                               retry_backoff_sec=0, max_attempts=3)
-    module = TransfersModule(SimpleNamespace(site_path=str(site), data_path=str(site / "data"), site_id=1),
-                             options, api)
-    clock = [T0]
-    module.now = lambda: clock[0]
+    api, module, clock = two_tasks_one_thread(tmp_path, FlakyAPI, first, second)
 
     def at(minutes: float) -> None:
         clock[0] = T0 + dt.timedelta(minutes=minutes)
