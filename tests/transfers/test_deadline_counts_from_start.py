@@ -117,6 +117,16 @@ def stage_in(item_id: int, fifo: Path) -> dict:
 
 
 
+def unblock(*fifos) -> None:
+    """Let any copy still reading one of ``fifos`` finish (a writer opened and closed: end of file)."""
+    for fifo in fifos:
+        for _ in range(4):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                break
+
+
 def two_tasks_one_thread(tmp_path: Path, api_class, first, second):
     """A module with one local-backend thread and two single-file stage-in tasks (jobs 1 and 2,
     reading ``first`` and ``second``), its clock at T0 (``clock[0]``, moved by the test)."""
@@ -195,12 +205,7 @@ def test_a_task_queued_behind_a_busy_thread_gets_its_whole_deadline_once_it_star
         assert retry["transfer_info"]["submitted"] == clock[0].isoformat()
         assert "started" not in retry["transfer_info"]
     finally:
-        for fifo in (first, second):
-            for _ in range(4):
-                try:
-                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-                except OSError:
-                    break
+        unblock(first, second)
         module.close()
 
 
@@ -319,12 +324,7 @@ def test_the_deadline_does_not_restart_while_the_patch_recording_the_start_fails
         assert api.items[2]["task_id"] not in ("", task_b)
         assert task_b not in module._task_started  # forgotten once the task left
     finally:
-        for fifo in (first, second):
-            for _ in range(4):
-                try:
-                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-                except OSError:
-                    break
+        unblock(first, second)
         module.close()
 
 
