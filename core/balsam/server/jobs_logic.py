@@ -1538,12 +1538,29 @@ _CHILD = jobs.alias("child")
 _PARENT = jobs.alias("parent")
 
 
-def _release_candidates_stmt(dialect: str) -> sa.Select:
+#: The jobs of an app or of a site (:func:`delete_jobs_of`): the column of ``jobs`` that names it
+#: (indexed), compared with the parameter ``b_of``.
+_OWNER_COLUMNS = {"app": "app_id", "site": "site_id"}
+
+
+def _release_candidates_stmt(dialect: str, owner: "str | None" = None) -> sa.Select:
+    """The AWAITING_PARENTS children of the parents ``:b_ids``, locked in id order on PostgreSQL.
+    ``owner`` ("app" / "site", :data:`_OWNER_COLUMNS`): of the parents that are the jobs of the
+    app / site ``:b_of`` instead, leaving out the children of that app / site themselves (they are
+    deleted with it); read through the index of that column, not a list of ids sent along."""
+    if owner is None:
+        parents = ids_in_param(job_parents.c.parent_id, dialect)
+        outside: list[sa.ColumnElement[bool]] = []
+    else:
+        column = _OWNER_COLUMNS[owner]
+        parents = job_parents.c.parent_id.in_(sa.select(jobs.c.id).where(jobs.c[column] == sa.bindparam("b_of")))
+        outside = [_CHILD.c[column] != sa.bindparam("b_of")]
     stmt = (
         sa.select(_CHILD.c.id)
         .where(
-            _CHILD.c.id.in_(sa.select(job_parents.c.child_id).where(ids_in_param(job_parents.c.parent_id, dialect))),
+            _CHILD.c.id.in_(sa.select(job_parents.c.child_id).where(parents)),
             _CHILD.c.state == S.awaiting_parents.value,
+            *outside,
         )
         .order_by(_CHILD.c.id)
     )
@@ -1556,6 +1573,9 @@ def _release_candidates_stmt(dialect: str) -> sa.Select:
 
 #: Built once (see owned_sites_clause): every bulk update that finishes jobs looks for their children.
 _RELEASE_CANDIDATES = {dialect: _release_candidates_stmt(dialect) for dialect in ("postgresql", "sqlite")}
+#: Those of the jobs of an app or a site about to be deleted (:func:`delete_jobs_of`), by (dialect, owner).
+_RELEASE_CANDIDATES_OF = {(dialect, owner): _release_candidates_stmt(dialect, owner)
+                          for dialect in ("postgresql", "sqlite") for owner in _OWNER_COLUMNS}
 
 
 def _releasable_stmt(dialect: str) -> sa.Select:
@@ -1623,7 +1643,7 @@ def _release_checked(conn: sa.Connection, candidate_ids: list[int], now: dt.date
     pending_in = set(
         conn.execute(
             sa.select(transfer_items.c.job_id).where(
-                transfer_items.c.job_id.in_(released),
+                id_in(transfer_items.c.job_id, released, dialect),
                 transfer_items.c.direction == TransferDirection.stage_in.value,
                 transfer_items.c.state != TransferItemState.done.value,
             ).distinct()
@@ -1635,7 +1655,9 @@ def _release_checked(conn: sa.Connection, candidate_ids: list[int], now: dt.date
     all_finished = {"message": "All parents finished"}
     for ids, state in ((to_ready, S.ready), (to_staged, S.staged_in)):
         if ids:
-            conn.execute(sa.update(jobs).where(jobs.c.id.in_(ids)).values(state=state.value, last_update=now))
+            conn.execute(
+                sa.update(jobs).where(id_in(jobs.c.id, ids, dialect)).values(state=state.value, last_update=now)
+            )
             for jid in ids:
                 deleted = deleted_of[jid]
                 data = all_finished if deleted is None else {
@@ -1706,12 +1728,7 @@ def delete_jobs(conn: sa.Connection, ids: list[int], *, refuse_leased: bool = Tr
     if not ids:
         return 0
     dialect = conn.dialect.name
-    # PostgreSQL takes the ids as one array parameter (SQLAlchemy expanding a 5,000-value IN list
-    # cost a fifth of a 10,000-job delete's server time); SQLite, in chunks of its parameter limit.
-    if dialect == "postgresql":
-        chunks = [jobs.c.id == sa.any_(sa.literal(ids, postgresql.ARRAY(sa.BigInteger)))]
-    else:
-        chunks = [jobs.c.id.in_(ids[start:start + 5000]) for start in range(0, len(ids), 5000)]
+    chunks = _id_chunks(ids, dialect)
     locked: list[int] = []
     if dialect == "postgresql":
         # The deleted jobs first (a parent's row before its children's), with their leases.
@@ -1731,13 +1748,77 @@ def delete_jobs(conn: sa.Connection, ids: list[int], *, refuse_leased: bool = Tr
             f"{len(locked)} job(s) are leased by a running launcher session and were not deleted; nothing was "
             f"deleted. Locked job ids: {shown}"
         )
-    # Their waiting children (locked in id order on PostgreSQL), read before the cascade takes the links.
+    # Their waiting children (locked in id order on PostgreSQL), read before the cascade takes the
+    # links; those deleted too are left out of the check.
     candidates = _RELEASE_CANDIDATES["postgresql" if dialect == "postgresql" else "sqlite"]
-    children = conn.execute(candidates, {"b_ids": ids_param(ids, dialect)}).scalars().all()
-    count = sum(conn.execute(sa.delete(jobs).where(matching)).rowcount for matching in chunks)
+    return _delete_and_release(conn, candidates, {"b_ids": ids_param(ids, dialect)}, chunks, released,
+                               exclude=set(ids))
+
+
+def delete_jobs_of(conn: sa.Connection, *, app_id: "int | None" = None, site_id: "int | None" = None,
+                   released: "list[int] | None" = None) -> int:
+    """Delete the jobs of the app ``app_id``, or of every app of the site ``site_id``, which the
+    caller deletes next in this transaction, as :func:`delete_jobs` deletes jobs: their waiting
+    children elsewhere (another app, another site of the user) are re-checked and released when
+    their remaining parents have all finished (ids appended to ``released``). The delete of the app
+    or the site alone cascaded to its jobs (``ON DELETE CASCADE``) without a look at their
+    children, which then waited in AWAITING_PARENTS for ever. Leased jobs are deleted too, as that
+    cascade did (their launchers learn it at their next heartbeat).
+
+    Bulk, whatever the number of jobs: a few statements that select the jobs by their app or site
+    (the indexes on ``jobs.app_id`` / ``jobs.site_id``), no list of ids sent back and forth. An app
+    of 20,000 jobs without children elsewhere: 64-72 ms on PostgreSQL, against 55-64 ms for the
+    cascade alone (the lock of the jobs); sending their ids to the server twice, as
+    :func:`delete_jobs` does, had made it 160-180 ms.
+
+    Race-free (PostgreSQL) as :func:`delete_jobs`, in the same order: the app (the site's apps, in
+    id order) is locked first, ``FOR UPDATE``, so that no job is created in it from then on (a
+    create's insert locks its app ``FOR KEY SHARE``: it waits, then finds the app gone) and the
+    jobs selected by the app or site are the same in every statement below; then its jobs (id
+    order), then their waiting children (id order), as a job delete locks them; the delete; the
+    check of the children, a new statement. The cascade, too, took the app before its jobs, and a
+    site's apps (with their jobs) before its BatchJobs and sessions, which the caller's delete of
+    the site still takes after the jobs."""
+    if (app_id is None) == (site_id is None):
+        raise TypeError("delete_jobs_of: give app_id or site_id")
+    owner, owner_id = ("app", app_id) if app_id is not None else ("site", site_id)
+    dialect = conn.dialect.name
+    of_jobs = jobs.c[_OWNER_COLUMNS[owner]] == owner_id
+    if dialect == "postgresql":
+        of_apps = apps.c.id == owner_id if owner == "app" else apps.c.site_id == owner_id
+        conn.execute(sa.select(apps.c.id).where(of_apps).order_by(apps.c.id).with_for_update())
+        # Locked without sending the ids back (the count of a locking subquery, which PostgreSQL
+        # keeps whole: its rows are locked in its own order).
+        locking = sa.select(jobs.c.id).where(of_jobs).order_by(jobs.c.id).with_for_update().subquery()
+        conn.execute(sa.select(sa.func.count()).select_from(locking))
+    candidates = _RELEASE_CANDIDATES_OF["postgresql" if dialect == "postgresql" else "sqlite", owner]
+    return _delete_and_release(conn, candidates, {"b_of": owner_id}, [of_jobs], released)
+
+
+def _id_chunks(ids: list[int], dialect: str) -> list[sa.ColumnElement[bool]]:
+    """``jobs.id`` among ``ids``: PostgreSQL takes them as one array parameter (SQLAlchemy
+    expanding a 5,000-value IN list cost a fifth of a 10,000-job delete's server time); SQLite, in
+    chunks of its parameter limit."""
+    if dialect == "postgresql":
+        return [jobs.c.id == sa.any_(sa.literal(ids, postgresql.ARRAY(sa.BigInteger)))]
+    return [jobs.c.id.in_(ids[start:start + 5000]) for start in range(0, len(ids), 5000)]
+
+
+def _delete_and_release(conn: sa.Connection, candidates: sa.Select, params: dict[str, Any],
+                        deletes: list[sa.ColumnElement[bool]], released: "list[int] | None",
+                        exclude: "set[int] | None" = None) -> int:
+    """The delete shared by :func:`delete_jobs` and :func:`delete_jobs_of`, once the jobs to delete
+    are locked (PostgreSQL, id order): lock and read their waiting children (``candidates`` with
+    ``params``: :func:`_release_candidates_stmt`) before the delete cascades the links, delete the
+    jobs (``deletes``: conditions on ``jobs``, one statement each), then check those children not
+    deleted too (``exclude``: the deleted ids, where the candidates may hold some) with a new
+    statement and release those whose remaining parents have all finished."""
+    children = conn.execute(candidates, params).scalars().all()
+    count = sum(conn.execute(sa.delete(jobs).where(condition)).rowcount for condition in deletes)
+    if exclude:
+        children = [jid for jid in children if jid not in exclude]
     if children:
-        deleted = set(ids)
-        newly = _release_checked(conn, [jid for jid in children if jid not in deleted], utcnow())
+        newly = _release_checked(conn, children, utcnow())
         if released is not None:
             released.extend(newly)
     return count

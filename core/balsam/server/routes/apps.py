@@ -14,7 +14,7 @@ from ..db import count_and_page, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, parse_partial
 from ..idempotency import replay_one
 from ..http import PAGINATION, check_int_fields, json_response, no_content, pagination
-from ..jobs_logic import like_escape, site_owned_by
+from ..jobs_logic import delete_jobs_of, like_escape, site_owned_by
 from ..routing import Ctx, route
 from ..tables import apps, sites
 
@@ -145,9 +145,15 @@ def update_app(ctx: Ctx) -> Response:
 
 def delete_app(ctx: Ctx) -> Response:
     app_id = ctx.path_int("app_id")
+    released: list[int] = []
     with ctx.write() as conn:
         get_owned_app(conn, ctx.user.id, app_id)
+        # Its jobs first, as a job delete does: their waiting children in other apps are re-checked
+        # (the cascade alone left them waiting for ever).
+        delete_jobs_of(conn, app_id=app_id, released=released)
         conn.execute(sa.delete(apps).where(apps.c.id == app_id))
+    if released:
+        ctx.wake_acquires()  # children whose remaining parents had finished: READY / STAGED_IN
     return no_content()
 
 

@@ -16,7 +16,7 @@ from ..db import count_and_page, where_in
 from ..errors import Conflict, Forbidden, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
 from ..idempotency import replay_one
-from ..jobs_logic import like_escape, site_owned_by, utcnow
+from ..jobs_logic import delete_jobs_of, like_escape, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..tables import credentials, sites
 
@@ -167,8 +167,14 @@ def delete_site(ctx: Ctx) -> Response:
         # The site's launcher credentials go with it: read their ids first, so that this process
         # stops trusting them now rather than when its credential cache would check again.
         cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.site_id == site_id)).scalars())
+        # Its jobs first, as a job delete does: their waiting children on the user's other sites
+        # are re-checked (the cascade alone left them waiting for ever).
+        released: list[int] = []
+        delete_jobs_of(conn, site_id=site_id, released=released)
         conn.execute(sa.delete(sites).where(sites.c.id == site_id))
     ctx.forget_credentials(cred_ids)
+    if released:
+        ctx.wake_acquires()  # children whose remaining parents had finished: READY / STAGED_IN
     return no_content()
 
 
