@@ -109,8 +109,10 @@ def same_process(pid: int, start_time: Optional[float] = None, running: bool = T
     """Whether ``pid`` is (still) the process that started at ``start_time``: it exists (with
     ``running``, the default, and is not a zombie) and its start time is within
     :data:`START_TIME_TOLERANCE_SEC` of ``start_time`` (a later process given the same pid is not
-    it). Without ``start_time``, whether ``pid`` exists at all. The one rule for the site agent's
-    pid file and the rsync backend's records of its running rsyncs."""
+    it). Without ``start_time``, whether ``pid`` exists at all. The one rule for every record of a
+    pid: the site agent's pid file (``site stop``, and the agent's process group it ends), the rsync
+    backend's records of its running rsyncs, the embedded server's server.pid (dated by
+    server.json) and the local scheduler's records of its batch jobs."""
     started = process_start_time(pid, running)
     if started is None:
         return False

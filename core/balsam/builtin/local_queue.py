@@ -26,7 +26,7 @@ from typing import Any, Optional
 import psutil
 from filelock import FileLock
 
-from balsam.util import terminate_processes
+from balsam.util import process_start_time, same_process, terminate_processes
 
 #: Finished records older than this are dropped from jobs.json.
 KEEP_FINISHED_SEC = 7 * 24 * 3600
@@ -74,11 +74,17 @@ class LocalQueue:
     # -- process checks -------------------------------------------------------------------------
     @staticmethod
     def _process(record: dict[str, Any]) -> Optional[psutil.Process]:
-        """The job's wrapper process if it still runs (same pid *and* start time), else None."""
+        """The job's wrapper process if it still runs: the pid recorded *and* the process that
+        started then (:func:`balsam.util.same_process`: a pid given to another process since is not
+        the job), not a zombie; else None. A record without both tells nothing: None."""
+        pid, started = record.get("pid"), record.get("create_time")
+        if not isinstance(pid, int) or not isinstance(started, (int, float)):
+            return None
         try:
-            proc = psutil.Process(record["pid"])
-            if abs(proc.create_time() - record["create_time"]) > 1.0:
-                return None  # the pid was reused by another process
+            proc = psutil.Process(pid)
+            # After taking hold of the process: the one checked is the one returned.
+            if not same_process(pid, started, running=False):
+                return None
             if proc.status() == psutil.STATUS_ZOMBIE:
                 try:  # our own child (same process submitted and polls): reap it
                     os.waitpid(proc.pid, os.WNOHANG)
@@ -86,7 +92,7 @@ class LocalQueue:
                     pass
                 return None
             return proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except psutil.Error:
             return None
 
     def _settle(self, job_id: int, record: dict[str, Any], now: float) -> None:
@@ -166,9 +172,10 @@ class LocalQueue:
                 )
             finally:
                 output.close()
-            try:
-                create_time = psutil.Process(proc.pid).create_time()
-            except psutil.NoSuchProcess:  # finished already (and is a zombie we will reap)
+            # Our child, not reaped: readable even if it finished already (a zombie); `now` only
+            # where psutil cannot read it at all.
+            create_time = process_start_time(proc.pid)
+            if create_time is None:
                 create_time = now
             db["jobs"][str(job_id)] = {
                 "pid": proc.pid,

@@ -79,30 +79,45 @@ EMBEDDED_MODULE = "balsam.server.embedded"
 
 
 def _running_pid() -> Optional[int]:
-    """The pid in server.pid if that process is alive and is the embedded server started then: its
-    command line names the embedded module and its start time is the one server.json recorded. A
-    pid reused by another process (even ``uvicorn balsam.server.app:app``) is not ours to stop."""
+    """The pid in server.pid if that process runs (not a zombie) and is the embedded server started
+    then: its command line names the embedded module and it is the process server.json dates,
+    :func:`balsam.util.same_process` with the start time recorded there (``create_time``). A pid
+    reused by another process (even ``uvicorn balsam.server.app:app``, or another embedded server)
+    is not ours to stop.
+
+    A server.json written before start times were recorded (an older balsam) has ``started``, when
+    ``start`` wrote it, just after the server started: the process must have started by then, not
+    later (a pid given again after a reboot). Without either for this pid (server.json missing,
+    unreadable, or naming another pid: a ``start`` killed between writing it and server.pid) the
+    process cannot be told apart from one that got the pid since: None."""
     import psutil
 
-    pid_file = _paths()["pid"]
+    from balsam.util import START_TIME_TOLERANCE_SEC, process_start_time, same_process
+
     try:
-        pid = int(pid_file.read_text().strip())
+        pid = int(_paths()["pid"].read_text().strip())
     except (OSError, ValueError):
         return None
-    try:
-        proc = psutil.Process(pid)
-        cmdline = proc.cmdline()
-        created = proc.create_time()
-        if proc.status() == psutil.STATUS_ZOMBIE:
+    info = _info()
+    if info.get("pid") != pid:
+        return None
+    recorded = info.get("create_time")
+    if not isinstance(recorded, (int, float)):
+        try:
+            written = dt.datetime.fromisoformat(info["started"]).timestamp()
+        except (KeyError, TypeError, ValueError):
             return None
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        recorded = process_start_time(pid, running=True)
+        if recorded is None or recorded > written + START_TIME_TOLERANCE_SEC:
+            return None
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
         return None
     if EMBEDDED_MODULE not in cmdline:
         return None
-    info = _info()
-    if info.get("pid") == pid and info.get("create_time") is not None and abs(info["create_time"] - created) > 1.0:
-        return None
-    return pid
+    # Last: the process whose command line was read is still the one dated (not a later one).
+    return pid if same_process(pid, recorded) else None
 
 
 def _info() -> dict[str, Any]:
@@ -311,9 +326,10 @@ def _report_running(pid: int, info: dict[str, Any], api_root: str, database_url:
 def _start_locked(paths: dict[str, Path], host: str, port: int, timeout: float, database_url: str, api_root: str,
                   lock_fd: int) -> None:
     """``start`` under the server directory's lock (no server runs)."""
-    import psutil
     import sqlalchemy as sa
     from alembic.util import CommandError
+
+    from balsam.util import process_start_time
 
     previous = _info().get("api_root")
     tcp_url = None
@@ -351,10 +367,7 @@ def _start_locked(paths: dict[str, Path], host: str, port: int, timeout: float, 
         out.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=paths["dir"], pass_fds=(lock_fd,))
-    try:
-        create_time: Optional[float] = psutil.Process(proc.pid).create_time()
-    except psutil.Error:  # exited already: reported below
-        create_time = None
+    create_time = process_start_time(proc.pid)  # None: exited already (reported below)
     # server.json before server.pid: whoever finds the pid finds the start time to check it with.
     paths["info"].write_text(json.dumps({"pid": proc.pid, "api_root": api_root, "url": tcp_url,
                                          "database_url": database_url, "create_time": create_time,
@@ -612,9 +625,15 @@ def stop(timeout: float) -> None:
         paths["info"].unlink(missing_ok=True)
         click.echo("No Balsam server is running.")
         return
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+    except psutil.NoSuchProcess:  # exited since _running_pid
+        paths["pid"].unlink(missing_ok=True)
+        paths["info"].unlink(missing_ok=True)
+        click.echo("No Balsam server is running.")
+        return
     click.echo(f"Stopping Balsam server (pid {pid}) ", nl=False)
-    proc = psutil.Process(pid)
-    proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
         if time.monotonic() > deadline:
@@ -652,21 +671,21 @@ def status(ctx: click.Context) -> None:
 
 def _status() -> bool:
     """Print ``server status``; True when the server runs and answers."""
-    import psutil
     import sqlalchemy as sa
 
     from balsam.server.db import create_db_engine
     from balsam.server.tables import jobs, sites, users
+    from balsam.util import process_start_time
 
     pid = _running_pid()
     info = _info()
     database_url = info.get("database_url") or _database_url()
     healthy = False
-    if pid is None:
+    started = process_start_time(pid) if pid is not None else None
+    if pid is None or started is None:  # (or it exited since _running_pid)
         click.echo("Balsam server: not running")
     else:
-        started = dt.datetime.fromtimestamp(psutil.Process(pid).create_time())
-        uptime = dt.datetime.now() - started
+        uptime = dt.datetime.now() - dt.datetime.fromtimestamp(started)
         healthy = _answers(info.get("api_root", ""))
         answering = "answering" if healthy else "NOT answering"
         click.echo(f"Balsam server: running, {answering}")

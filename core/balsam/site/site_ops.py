@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 from .agent import (
     START_TIME_TOLERANCE_SEC, agent_running, pid_alive, pid_file_path, read_pid_file, read_pid_record, recorded_agent_alive,
 )
-from ..util import terminate_processes
+from ..util import process_start_time, same_process, terminate_processes
 from .job_template import default_template_for
 
 SITE_ID_FILE = ".balsam-site"
@@ -394,9 +394,20 @@ def stop_agent(
     since is left alone). Processes the agent left behind in its process group (it is the group
     leader) are ended too; with ``force`` the whole group is SIGKILLed after ``timeout``. A pid file
     of another host is checked against the site record (:func:`check_other_host_agent`); with
-    ``force`` it is removed when that agent looks dead.
+    ``force`` it is removed when that agent looks dead. Whatever the agent's state, once no agent
+    of this host runs, the rsyncs that dead agents of this host left running are ended
+    (:func:`end_orphan_rsyncs`).
     """
     site_path = Path(site_path).absolute()
+    pid = _stop_recorded_agent(site_path, timeout=timeout, force=force, progress=progress, client=client, echo=echo)
+    end_orphan_rsyncs(site_path, echo)
+    return pid
+
+
+def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,
+                         progress: Optional[Callable[[float, float], None]], client: Any,
+                         echo: Callable[[str], None]) -> Optional[int]:
+    """:func:`stop_agent` but for the orphan rsyncs."""
     record = read_pid_record(site_path)
     if record is None:
         return None
@@ -406,11 +417,16 @@ def stop_agent(
         if note:
             echo(note)
         return None
-    if not recorded_agent_alive(record):
+    # A pid file of an older balsam has no start time: the process's own, read *before* the check
+    # that it runs the agent, dates the process checked (the one signalled below, never a later one).
+    started = start_time if start_time is not None else process_start_time(pid, running=True)
+    if started is None or not recorded_agent_alive(record) or not same_process(pid, started):
         pid_file_path(site_path).unlink(missing_ok=True)
         return None
-    started = start_time if start_time is not None else _start_time(pid)
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass  # exited since the check: its leftovers are still ended below
     begin = time.monotonic()
     while pid_alive(pid, started):
         elapsed = time.monotonic() - begin
@@ -419,7 +435,10 @@ def stop_agent(
         if elapsed > timeout:
             if not force:
                 raise SiteError(f"the site agent [pid {pid}] did not stop within {timeout:.0f} s (use --force to kill it)")
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             time.sleep(0.5)
             pid_file_path(site_path).unlink(missing_ok=True)
             break
@@ -428,23 +447,39 @@ def stop_agent(
     return pid
 
 
-def _start_time(pid: int) -> Optional[float]:
-    try:
-        import psutil
+def end_orphan_rsyncs(site_path: Path, echo: Callable[[str], None] = lambda _msg: None) -> list[int]:
+    """End the rsyncs (with their ssh) recorded in ``<site>/.rsync-running/`` by agents of this host
+    that no longer run: what the next agent's rsync backend does when it is built
+    (:meth:`balsam.builtin.rsync_transfer.RunningRsyncs.end_orphans`, the same rule: only the
+    recorded processes, never a pid now held by another process, nor another user's), so that
+    they do not run on until an agent starts again on this host. Returns the pids ended."""
+    from ..builtin.rsync_transfer import RunningRsyncs
 
-        return psutil.Process(pid).create_time()
-    except Exception:
-        return None
+    running = RunningRsyncs(str(site_path))
+    try:
+        ended = running.end_orphans()
+    except OSError as exc:
+        echo(f"Warning: cannot look for the rsyncs a dead agent left running in {running.directory}: {exc}")
+        return []
+    if ended:
+        echo(f"Ended {len(ended)} processes (rsync and its ssh) that a dead site agent left running "
+             f"(pids {', '.join(map(str, ended))})")
+    return ended
 
 
 def end_group_leftovers(leader_pid: int, leader_start: Optional[float], grace_sec: float = 3.0) -> list[int]:
     """End processes still in the process group of the exited agent ``leader_pid`` (e.g. a scheduler
     command that hung when the agent was killed). Only processes started after the agent are
-    touched: while such a process lives, the kernel cannot give the group's id to anyone else."""
+    touched: while such a process lives, the kernel cannot give the group's id to anyone else.
+    Once the agent is gone its pid may be given again: a process that holds ``leader_pid`` now and
+    is not the agent (another start time, :func:`balsam.util.same_process`) may lead a group of
+    that id, which is not the agent's: nothing is touched then."""
     import psutil
 
     if leader_start is None:
         return []
+    if not same_process(leader_pid, leader_start, running=False) and process_start_time(leader_pid) is not None:
+        return []  # the pid was given to another process since: a group of that id is not the agent's
     leftovers = []
     for proc in psutil.process_iter(["pid", "create_time"]):
         try:
