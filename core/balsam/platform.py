@@ -22,14 +22,16 @@ from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 import attrs
 
 from .options import NoOptions, build_options
+from .util import first_warning
 
 __all__ = [
     "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "capped_threads_per_core", "cpu_bind_list",
     "cpu_domains_of",
     "cpu_ids_errors", "cuda_visible_only", "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
-    "hosts_from_node_file", "is_mig_id", "launch_option", "launch_param_args", "leading_job_number", "near_cpus_of",
+    "hosts_from_node_file", "is_mig_id", "launch_option", "launch_option_name", "launch_param_args",
+    "launch_params_to_pass", "leading_job_number", "near_cpus_of",
     "nvidia_smi_list", "nvidia_smi_note", "parse_gpu_cpu_map", "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding",
-    "read_fresh_gpu_list", "read_node_file",
+    "read_fresh_gpu_list", "read_node_file", "split_launch_params",
 ]
 
 logger = logging.getLogger("balsam.platform")
@@ -106,6 +108,10 @@ class LaunchSpec:
     #: OMP_NUM_THREADS, the app's variables), for MPI launchers that forward only what they are
     #: told to (Open MPI's ``-x NAME``). The job's process already has them in its environment.
     env_names: tuple[str, ...] = attrs.field(converter=tuple, factory=tuple)
+    #: The job and its app, when the run is a job's (None for the serial-mode workers): named in the
+    #: warnings about its launch params (:func:`launch_params_to_pass`), given once per app.
+    job_id: Optional[int] = None
+    app_id: Any = None
 
     @property
     def num_nodes(self) -> int:
@@ -433,6 +439,84 @@ def launch_param_args(params: Mapping[str, Any], *, skip: Sequence[str] = (), pr
         if value not in ("", None):
             args.append(str(value))
     return args
+
+
+def launch_option_name(key: str) -> str:
+    """The name of the option a ``launch_params`` key names, without its dashes or a value written
+    into the key: every spelling :func:`launch_option` turns into that option (``"ppn"``, ``"-ppn"``,
+    ``"--ppn"``, ``"--ppn=4"``) gives ``"ppn"``. Case is kept: ``srun -n`` and ``-N`` differ."""
+    return re.split(r"[=\s]", str(key).strip().lstrip("-"), maxsplit=1)[0]
+
+
+def split_launch_params(params: Mapping[str, Any], reserved: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(passed, refused)``: the ``params`` whose option (:func:`launch_option_name`, any spelling)
+    is not one of the ``reserved`` option names (without dashes), and those whose option is."""
+    names = set(reserved)
+    passed: dict[str, Any] = {}
+    refused: dict[str, Any] = {}
+    for key, value in params.items():
+        (refused if launch_option_name(key) in names else passed)[key] = value
+    return passed, refused
+
+
+def _option_value(args: Sequence[str], option: str) -> str:
+    """``option value`` as it stands in ``args`` (a flag alone, or ``--option=value``), clipped."""
+    for index, arg in enumerate(args):
+        if arg == option:
+            following = args[index + 1] if index + 1 < len(args) else ""
+            text = f"{option} {following}" if following and not following.startswith("-") else option
+            break
+        if arg.startswith(option + "="):
+            text = arg
+            break
+    else:
+        return option
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def launch_params_to_pass(
+    spec: LaunchSpec, args: Sequence[str], reserved: Mapping[str, str], *,
+    params: Optional[Mapping[str, Any]] = None, duplicates: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The launch params a driver passes on after its own ``args`` (the launcher line it built from
+    balsam's placement): ``params`` (default ``spec.launch_params``) without those that name one of
+    its options, in any spelling (:func:`split_launch_params`).
+
+    ``reserved``: the option names (without dashes) the driver sets from the placement (rank count,
+    ranks per node, hosts or node list, node count) -> the option of ``args`` that sets it
+    (``{"ppn": "--ppn", "n": "-n", "np": "-n", ...}``). Such a key is not passed: given twice,
+    the launcher takes the last one or refuses the line, and either way the ranks do not run where
+    balsam accounted for them (packed jobs on the same cores, a job on nodes given to another).
+    Each is logged once per (app, key) in this process, naming the job, the key and balsam's own
+    option and value (the launcher's warn-once record, as for the GPU variables a launch param
+    would replace).
+
+    ``duplicates``: option names of flags ``args`` has already (``envall``): dropped without a word,
+    since passing them changes nothing but the line's length."""
+    passed, refused = split_launch_params(params if params is not None else spec.launch_params, reserved)
+    silent = set(duplicates)
+    passed = {k: v for k, v in passed.items() if launch_option_name(k) not in silent}
+    if refused:
+        _warn_refused(spec, args, reserved, refused)
+    return passed
+
+
+def _warn_refused(
+    spec: LaunchSpec, args: Sequence[str], reserved: Mapping[str, str], refused: Mapping[str, Any]
+) -> None:
+    launcher = os.path.basename(args[0]) if args else "the MPI launcher"
+    of = "" if spec.job_id is None else f" of job {spec.job_id}"
+    if spec.app_id is not None:
+        of += f" (app {spec.app_id})"
+    every = "its app" if spec.app_id is None else f"app {spec.app_id}"
+    for key, value in refused.items():
+        if not first_warning((spec.app_id, "reserved launch param", key)):
+            continue
+        option = reserved[launch_option_name(key)]
+        logger.warning("launch param %r=%r%s not passed to %s: balsam sets %s itself, from the job's placement "
+                       "(its num_nodes and ranks_per_node, on the nodes balsam gave it: set those on the job "
+                       "instead); the same for every job of %s with launch param %r (warned once)",
+                       key, value, of, launcher, _option_value(args, option), every, key)
 
 
 def capped_threads_per_core(threads_per_core: int, max_threads_per_core: int = 0) -> int:

@@ -119,6 +119,25 @@ def same_process(pid: int, start_time: Optional[float] = None, running: bool = T
     return start_time is None or abs(started - start_time) <= START_TIME_TOLERANCE_SEC
 
 
+#: Warnings given once per process (:func:`first_warning`), by key: the launcher's about a job's
+#: environment, threads per core or launch params, which it gives for the first job of an app they
+#: apply to and says apply to every such job (one per job was ~10^4 lines on a campaign). Bounded:
+#: cleared when full (a repeated warning costs a line; an unbounded set, memory).
+_warned: set[tuple] = set()
+_WARNED_MOST = 1024
+
+
+def first_warning(key: tuple) -> bool:
+    """Whether the warning ``key`` is not given yet in this process (and now counts as given).
+    Called only where a warning applies: nothing is added to a job that needs none."""
+    if key in _warned:
+        return False
+    if len(_warned) >= _WARNED_MOST:
+        _warned.clear()
+    _warned.add(key)
+    return True
+
+
 def terminate_processes(procs: list, grace_sec: float = 3.0) -> list[int]:
     """SIGTERM ``procs`` (``psutil.Process`` objects), SIGKILL the ones left after ``grace_sec``;
     returns their pids. Processes already gone are skipped."""

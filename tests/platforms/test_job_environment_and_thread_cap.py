@@ -28,7 +28,7 @@ import pytest
 
 from balsam.launcher.app_run import PreparedJob, shell_line
 from balsam.launcher.node_manager import Demand, NodeManager
-from balsam.launcher import runner
+import balsam.util
 from balsam.launcher.runner import launch_environment
 from balsam.platform import LaunchSpec, NodeInfo, Platform, parse_id_ranges
 from balsam_platform_aurora import AuroraPlatform
@@ -56,7 +56,7 @@ def _launcher_in_flat(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_warnings() -> Any:
     # The launcher's warnings are given once per app and value in a process: each test starts anew.
-    given = getattr(runner, "_warned", set())  # (a set the launcher keeps; none before it warned once)
+    given = balsam.util._warned
     given.clear()
     yield
     given.clear()
@@ -342,10 +342,10 @@ def test_the_replaced_variable_and_launch_param_warnings_come_once_per_app(
 
 
 def test_the_set_of_given_warnings_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner, "_WARNED_MOST", 4)
+    monkeypatch.setattr(balsam.util, "_WARNED_MOST", 4)
     for key in range(10):
-        assert runner._first_warning((key,)) and not runner._first_warning((key,))
-        assert len(runner._warned) <= 4
+        assert balsam.util.first_warning((key,)) and not balsam.util.first_warning((key,))
+        assert len(balsam.util._warned) <= 4
 
 
 # -- the app's own GPU variables, and launch params that set them --------------------------------------

@@ -19,13 +19,26 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from balsam.platform import LaunchSpec, NodeInfo, Platform, launch_option, nvidia_smi_list, parse_nvidia_smi_list
+from balsam.platform import (
+    LaunchSpec, NodeInfo, Platform, launch_option, launch_params_to_pass, nvidia_smi_list, parse_nvidia_smi_list,
+)
 
 __all__ = ["DefaultPlatform", "detect_mpi_flavor", "expand_hostlist"]
 
 MPICH, OPENMPI = "mpich", "openmpi"
 FLAVOR_PARAM = "mpi_flavor"
 FLAVOR_ENV = "BALSAM_MPI_FLAVOR"
+
+#: mpiexec options the line sets from balsam's placement, per MPI flavour (names without dashes, any
+#: spelling of a launch_params key) -> the option of the line: a launch param naming one is not
+#: passed (warned once per app and key), since the ranks would not run where balsam placed them.
+RESERVED_OPTIONS = {
+    MPICH: {"n": "-n", "np": "-n", "ppn": "-ppn",
+            "hosts": "--hosts", "host": "--hosts", "f": "--hosts", "hostfile": "--hosts", "machinefile": "--hosts"},
+    OPENMPI: {"n": "-n", "np": "-n", "c": "-n", "npernode": "--npernode", "N": "--npernode",
+              "host": "--host", "H": "--host", "hostfile": "--host", "machinefile": "--host",
+              "default-hostfile": "--host"},
+}
 
 _flavor_cache: dict[str, str] = {}
 #: PATH -> the mpiexec found on it (see find_mpiexec).
@@ -201,7 +214,8 @@ class DefaultPlatform(Platform):
         hosts = list(spec.hostnames) or [socket.gethostname()]
         ranks_per_node = max(1, spec.ranks_per_node)
         total = ranks_per_node * len(hosts)
-        if self.mpi_flavor(spec) == OPENMPI:
+        flavor = self.mpi_flavor(spec)
+        if flavor == OPENMPI:
             args = [
                 self.mpiexec(),
                 "-n",
@@ -222,7 +236,7 @@ class DefaultPlatform(Platform):
                     args += ["-x", name]
         else:
             args = [self.mpiexec(), "-n", str(total), "-ppn", str(ranks_per_node), "--hosts", ",".join(hosts)]
-        return args + self._extra_args(spec.launch_params)
+        return args + self._extra_args(launch_params_to_pass(spec, args, RESERVED_OPTIONS[flavor]))
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         # Open MPI binds each rank to a core (or a package) unless told; MPICH's hydra binds none.

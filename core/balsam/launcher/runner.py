@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 from balsam.platform import is_mig_id
 from balsam.states import JobState
 
-from ..util import api_text, tail_file
+from ..util import api_text, first_warning, tail_file
 from . import spawner
 from .app_run import JOB_OUTPUT_NAME, PLATFORM_VARIABLES, AppProcess, PreparedJob, direct_argv, inherited_environment
 from .node_manager import Placement
@@ -60,7 +60,7 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     cap = getattr(platform, "hardware_threads_per_core", 0) or 0
     if cap and threads_per_core > cap and getattr(platform, "cpu_ids_are_cores", False):
         app = _app_of(prepared)
-        if _first_warning((app, "threads_per_core", threads_per_core, cap)):
+        if first_warning((app, "threads_per_core", threads_per_core, cap)):
             logger.warning("job %s: threads_per_core=%d is more than the %d hardware threads of a core on this machine: "
                            "it is placed, bound and pinned at threads_per_core=%d (%d cores per node); the same for "
                            "every job of %s with threads_per_core=%d (warned once)", prepared.id, threads_per_core, cap, cap,
@@ -84,23 +84,6 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     return {str(k): str(v) for k, v in env.items()}
 
 
-#: The warnings of :func:`launch_environment` given in this launcher process, by (app id, what,
-#: value): each is given once, for the first job it applies to, and says it applies to every such
-#: job (one per job was ~10^4 lines on a campaign). Bounded: cleared when full (a repeated warning
-#: costs a line; an unbounded set, memory).
-_warned: set[tuple] = set()
-_WARNED_MOST = 1024
-
-
-def _first_warning(key: tuple) -> bool:
-    """Whether the warning ``key`` is not given yet in this process (and now counts as given).
-    Called only where a warning applies: nothing is added to a job that needs none."""
-    if key in _warned:
-        return False
-    if len(_warned) >= _WARNED_MOST:
-        _warned.clear()
-    _warned.add(key)
-    return True
 
 
 def _app_of(prepared: PreparedJob) -> Any:
@@ -116,12 +99,12 @@ def _warn_replaced(prepared: PreparedJob, env: dict[str, str], platform_env: dic
     ``environment_variables`` or ``get_environ_vars()``: those that differ from the launcher's
     environment), and one for ``launch_params`` that set them for the MPI launcher (PALS ``--env
     NAME=value``, ``srun --export``), whose value the ranks would get instead of the platform's:
-    each once per app and value in this process (:func:`_first_warning`), for every such job."""
+    each once per app and value in this process (:func:`balsam.util.first_warning`), for every such job."""
     inherited = inherited_environment()
     replaced = [k for k, v in platform_env.items() if k in env and env[k] != v and inherited.get(k) != env[k]]
     if replaced:
         app = _app_of(prepared)
-        if _first_warning((app, "replaced", tuple((k, env[k]) for k in replaced))):
+        if first_warning((app, "replaced", tuple((k, env[k]) for k in replaced))):
             logger.warning("job %s: its app's %s %s replaced by the platform's GPU visibility variables: %s; the "
                            "same in every job of %s that sets %s (warned once)", prepared.id,
                            ", ".join(f"{k}={env[k]}" for k in replaced), "is" if len(replaced) == 1 else "are",
@@ -131,7 +114,7 @@ def _warn_replaced(prepared: PreparedJob, env: dict[str, str], platform_env: dic
         pattern = re.compile(r"(?<![A-Za-z0-9_])(%s)=" % "|".join(map(re.escape, platform_env)))
         for key, value in prepared.launch_params.items():
             named = sorted(set(pattern.findall(f"{key} {value}")))
-            if named and _first_warning((_app_of(prepared), "launch_params", key, value)):
+            if named and first_warning((_app_of(prepared), "launch_params", key, value)):
                 logger.warning("job %s: launch_params %s=%r sets %s for the MPI launcher, over the value the platform "
                                "set for the GPUs this job was given: its ranks may use GPUs assigned to other jobs; "
                                "the same for every job of %s with that launch param (warned once)",

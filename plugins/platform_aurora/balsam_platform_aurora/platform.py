@@ -24,7 +24,9 @@ order; CUDA variables mean nothing to Level Zero and are never set. ``threads_pe
 The launch line is the one Balsam 0.7 built (``mpiexec -n N --ppn R --hosts h1,h2 --cpu-bind B -d D
 --envall CMD``), except that without a ``cpu_bind`` launch parameter the binding is computed from the
 CPUs the launcher assigned (``list:1:2:...``) instead of ``none``, so packed jobs do not share cores,
-and a whole-node job's ranks are spread over both sockets with none spanning the two.
+and a whole-node job's ranks are spread over both sockets with none spanning the two. Launch params
+naming ``-n``, ``--ppn`` or ``--hosts`` again are not passed (one warning per app and key), and
+``envall`` is dropped: the line has it (``RESERVED_OPTIONS``, ``DUPLICATE_FLAGS``).
 
 Aurora's Slingshot fabric allows about 1,000 ``mpiexec`` launches per batch job (ALCF's Aurora guide);
 the driver declares this limit (option ``max_mpiexec_per_batch_job``) and the mpi job mode stops
@@ -44,14 +46,20 @@ import attrs
 from balsam.options import option
 from balsam.platform import (
     LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_domains_of, cpu_ids_errors, first_launch_param,
-    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, leading_job_number,
-    near_cpus_of, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
+    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
+    leading_job_number, near_cpus_of, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
 )
 
 #: launch_params keys that name the CPU binding (``--cpu-bind`` itself, or as users write it in 0.7).
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
 #: launch_params keys that set the depth (``-d``; ``{"d": "8"}`` is ``-d 8`` too, see ``launch_option``).
 DEPTH_KEYS = ("depth", "d", "-d", "--depth")
+#: mpiexec options the line sets from balsam's placement (names without dashes, any spelling of a
+#: launch_params key) -> the option of the line: a launch param naming one is not passed (warned
+#: once per app and key), since the ranks would not run where balsam placed them.
+RESERVED_OPTIONS = {"n": "-n", "np": "-n", "ppn": "--ppn", "hosts": "--hosts", "host": "--hosts", "hostfile": "--hosts"}
+#: Flags the line has already: a launch param naming one is dropped without a warning.
+DUPLICATE_FLAGS = ("envall",)
 #: Hardware threads per core of the Xeon Max 9470C (2 per core: 208 on 104 cores).
 HARDWARE_THREADS_PER_CORE = 2
 #: Tiles of one Intel Data Center GPU Max 1550: the flat devices one whole GPU is in FLAT mode.
@@ -261,7 +269,8 @@ class AuroraPlatform(Platform):
             "-d", str(depth),
             "--envall",
         ]
-        return args + launch_param_args(params, skip=CPU_BIND_KEYS + DEPTH_KEYS)
+        passed = launch_params_to_pass(spec, args, RESERVED_OPTIONS, params=params, duplicates=DUPLICATE_FLAGS)
+        return args + launch_param_args(passed, skip=CPU_BIND_KEYS + DEPTH_KEYS)
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         # The computed default binding (list:<every core>) would leave out the second hardware

@@ -32,7 +32,7 @@ from balsam.builtin.default_platform import expand_hostlist
 from balsam.options import option
 from balsam.platform import (
     LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, hardware_thread_ids, launch_param_args,
-    leading_job_number, parse_id_ranges,
+    launch_params_to_pass, leading_job_number, parse_id_ranges,
 )
 
 #: srun options the platform computes -> the launch_params keys that replace the computed value
@@ -40,11 +40,22 @@ from balsam.platform import (
 #: leaves the option out (``{"gpus-per-task": ""}``: no GPU request); srun has no bare form of them.
 OVERRIDES = {
     "gres": ("gres", "--gres"),
-    "ntasks-per-node": ("ntasks-per-node", "--ntasks-per-node"),
     "gpus-per-task": ("gpus-per-task", "--gpus-per-task"),
     "cpus-per-task": ("cpus-per-task", "--cpus-per-task", "c", "-c"),
     "cpu-bind": ("cpu-bind", "--cpu-bind", "cpu_bind"),
 }
+#: srun options the line sets from balsam's placement (names without dashes, any spelling of a
+#: launch_params key) -> the option of the line. A launch param naming one is not passed (warned once
+#: per app and key): given twice, srun takes the last one, and the step's ranks are not laid out on
+#: the nodes and cores balsam accounted for (a packed step could land on another step's cores).
+RESERVED_OPTIONS = {
+    "n": "-n", "ntasks": "-n",
+    "ntasks-per-node": "--ntasks-per-node",
+    "N": "--nodes", "nodes": "--nodes",
+    "w": "--nodelist", "nodelist": "--nodelist", "F": "--nodelist", "nodefile": "--nodelist",
+}
+#: Flags the line has already: a launch param naming one is dropped without a warning.
+DUPLICATE_FLAGS = ("overlap",)
 #: The binding of a step whose launch_params name none (NERSC's recommended ``--cpu-bind=cores``).
 DEFAULT_CPU_BIND = "cores"
 
@@ -128,12 +139,7 @@ class PerlmutterGPUPlatform(Platform):
             gres = self.options.single_rank_gres
         if gres:
             args.append(f"--gres={gres}")
-        given, ntasks = _override(params, "ntasks-per-node")
-        args += ["-n", str(spec.num_ranks)]
-        if not given:
-            ntasks = max(1, spec.ranks_per_node)
-        if ntasks not in (None, ""):  # an empty override leaves it out (srun refuses an empty value)
-            args += ["--ntasks-per-node", str(ntasks)]
+        args += ["-n", str(spec.num_ranks), "--ntasks-per-node", str(max(1, spec.ranks_per_node))]
         given, gpus = _override(params, "gpus-per-task")
         if not given and spec.gpus_per_rank >= 1 and float(spec.gpus_per_rank).is_integer():
             gpus = int(spec.gpus_per_rank)  # a fraction of a GPU: no srun GPU request, CUDA_VISIBLE_DEVICES only
@@ -150,7 +156,8 @@ class PerlmutterGPUPlatform(Platform):
             bind = DEFAULT_CPU_BIND
         if bind not in (None, ""):
             args.append(f"--cpu-bind={bind}")
-        return args + launch_param_args(params) + ["--overlap"]
+        passed = launch_params_to_pass(spec, args, RESERVED_OPTIONS, params=params, duplicates=DUPLICATE_FLAGS)
+        return args + launch_param_args(passed) + ["--overlap"]
 
     # -- serial mode ----------------------------------------------------------------------------
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:

@@ -28,7 +28,7 @@ import attrs
 from balsam.options import option
 from balsam.platform import (
     LaunchSpec, NodeInfo, Platform, cpu_ids_errors, file_mtime, first_launch_param, hardware_thread_ids,
-    hosts_from_node_file, launch_param_args, leading_job_number, nvidia_smi_list, parse_id_ranges,
+    hosts_from_node_file, launch_param_args, launch_params_to_pass, leading_job_number, nvidia_smi_list, parse_id_ranges,
     parse_nvidia_smi_list, read_fresh_gpu_list,
 )
 
@@ -36,6 +36,28 @@ logger = logging.getLogger("balsam.platform.theta")
 
 #: launch_params keys naming aprun's -cc (0.7 users wrote cpu_affinity).
 AFFINITY_KEYS = ("cpu_affinity", "cc", "-cc")
+#: launch_params keys naming aprun's -d (CPUs per rank) and -j (CPUs per compute unit, i.e. hardware
+#: threads per core): the job's value replaces the computed one, never a second -d or -j.
+DEPTH_KEYS = ("depth", "d", "-d", "cpus-per-pe", "--cpus-per-pe")
+THREADS_PER_CORE_KEYS = ("j", "-j", "cpus-per-cu", "--cpus-per-cu")
+#: aprun options the line sets from balsam's placement (names without dashes, any spelling of a
+#: launch_params key) -> the option of the line: a launch param naming one is not passed (warned
+#: once per app and key), since the ranks would not run where balsam placed them.
+KNL_RESERVED_OPTIONS = {
+    "n": "-n", "pes": "-n",
+    "N": "-N", "pes-per-node": "-N",
+    "L": "-L", "node-list": "-L", "l": "-L", "node-list-file": "-L",
+}
+#: The same for ThetaGPU's Open MPI mpirun.
+GPU_RESERVED_OPTIONS = {
+    "n": "-n", "np": "-n", "c": "-n",
+    "npernode": "-npernode", "N": "-npernode",
+    "host": "--host", "H": "--host", "hostfile": "--host", "machinefile": "--host", "default-hostfile": "--host",
+}
+#: launch_params keys naming mpirun's --bind-to: the job's value replaces ThetaGPU's ``none``.
+BIND_TO_KEYS = ("bind-to", "--bind-to")
+#: Flags ThetaGPU's line has already: a launch param naming one is dropped without a warning.
+GPU_DUPLICATE_FLAGS = ("oversubscribe",)
 #: Xeon Phi 7230: 64 cores of 4 hardware threads; core c's threads are c, c+64, c+128, c+192.
 KNL_CORES, KNL_THREADS_PER_CORE = 64, 4
 #: DGX A100: 2 x 64 cores of 2 hardware threads; core c's second thread is c+128.
@@ -109,10 +131,12 @@ class ThetaKNLPlatform(Platform):
             "-N", str(max(1, spec.ranks_per_node)),
             "-L", ",".join(nids),
             "-cc", str(affinity),
-            "-d", str(spec.threads_per_rank),
-            "-j", str(spec.threads_per_core),
+            "-d", str(first_launch_param(params, DEPTH_KEYS) or spec.threads_per_rank),
+            "-j", str(first_launch_param(params, THREADS_PER_CORE_KEYS) or spec.threads_per_core),
         ]
-        return args + launch_param_args(params, skip=AFFINITY_KEYS, prefix="-")  # aprun's options are single-dash
+        passed = launch_params_to_pass(spec, args, KNL_RESERVED_OPTIONS, params=params)
+        # aprun's options are single-dash
+        return args + launch_param_args(passed, skip=AFFINITY_KEYS + DEPTH_KEYS + THREADS_PER_CORE_KEYS, prefix="-")
 
     def gpu_environment(self, gpu_ids: Any) -> dict[str, str]:
         return {}
@@ -220,13 +244,15 @@ class ThetaGPUPlatform(Platform):
         hostfile = os.environ.get("COBALT_NODEFILE")
         if hostfile:
             args += ["-hostfile", hostfile]
-        args += ["--oversubscribe", "--bind-to", "none", "-n", str(spec.num_ranks),
+        bind_to = first_launch_param(spec.launch_params, BIND_TO_KEYS) or "none"
+        args += ["--oversubscribe", "--bind-to", str(bind_to), "-n", str(spec.num_ranks),
                  "-npernode", str(max(1, spec.ranks_per_node))]
         # Open MPI starts remote ranks with its own environment: forward what the job was given.
         for name in spec.env_names:
             args += ["-x", name]
         args += ["--host", ",".join(spec.hostnames)]
-        return args + launch_param_args(spec.launch_params)
+        passed = launch_params_to_pass(spec, args, GPU_RESERVED_OPTIONS, duplicates=GPU_DUPLICATE_FLAGS)
+        return args + launch_param_args(passed, skip=BIND_TO_KEYS)
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         return {}  # the mpirun line has --bind-to none already

@@ -414,6 +414,8 @@ class MPIMode(JobMode):
             gpu_ids=placement.gpu_ids,
             launch_params=prepared.launch_params,
             env_names=sorted(k for k, v in env.items() if inherited.get(k) != v),
+            job_id=prepared.id,
+            app_id=getattr(prepared.job, "app_id", None),
         )
         mpi_line = self.context.platform.mpi_command_line(spec)
         return shell_line(mpi_line, prepared.preamble, prepared.workdir), env
