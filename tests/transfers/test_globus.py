@@ -276,24 +276,30 @@ def test_the_section_keys_reach_the_backend(tmp_path: Path) -> None:
     assert backend.site_path == str(tmp_path)
 
 
-def test_the_task_gets_a_deadline_of_task_timeout_sec(tmp_path: Path) -> None:
-    """transfers.task_timeout_sec reaches the backend (section_keys, as globus_endpoint_id does) and
-    each task is submitted with a Globus deadline of that many seconds after its submission: Globus
-    stops a task the agent gives up on even when the agent's cancel never reaches it."""
+@pytest.mark.parametrize("max_concurrent, deadline", [(5, "2030-01-01T16:10:00+00:00"), (3, "2030-01-01T14:10:00+00:00"),
+                                                      (10, "2030-01-01T20:10:00+00:00")])
+def test_the_task_gets_a_deadline_of_task_timeout_sec(tmp_path: Path, max_concurrent: int, deadline: str) -> None:
+    """transfers.task_timeout_sec and max_concurrent_transfers reach the backend (section_keys, as
+    globus_endpoint_id does) and each task is submitted with a Globus deadline: task_timeout_sec to
+    run, after the rounds of task_timeout_sec it may wait in Globus's queue (3 tasks of a user run
+    at once; the agent stops each within task_timeout_sec), plus 10 min. Globus stops a task the
+    agent gives up on even when the agent's cancel never reaches it, and no longer cuts short a
+    task that waited (the deadline was submission + task_timeout_sec)."""
     from balsam.site.modules.transfers import TransfersModule, TransfersOptions
 
     load_response(globus_sdk.TransferClient.submit_transfer)
     site_config = SimpleNamespace(site_path=tmp_path, data_path=tmp_path / "data", site_id=1)
     module = TransfersModule(site_config, TransfersOptions(
         transfer_locations={"aps": f"globus://{REMOTE_EP}"}, globus_endpoint_id=SITE_EP, task_timeout_sec=7200,
+        max_concurrent_transfers=max_concurrent,
     ), client=None)
     backend = module.backend("globus")
-    assert backend.options.task_timeout_sec == 7200
+    assert (backend.options.task_timeout_sec, backend.options.max_concurrent_transfers) == (7200, max_concurrent)
     backend._client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer("test-token"),
                                                 retry_config=RetryConfig(max_retries=0))
     backend.now = lambda: dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
     backend.submit(LOCATION, TransferDirection.stage_in, [TransferFile("/data/a.h5", str(tmp_path / "data/j/a.h5"))])
-    assert sent_json()["deadline"] == "2030-01-01T14:00:00+00:00"
+    assert sent_json()["deadline"] == deadline
     # A backend built without the section (by hand): no deadline, as before.
     load_response(globus_sdk.TransferClient.submit_transfer)
     make_backend(tmp_path).submit(LOCATION, TransferDirection.stage_in, [TransferFile("/data/a.h5", "/s/a.h5")])

@@ -1,17 +1,36 @@
 """The ``globus`` transfer backend: a batch of files is one Globus Transfer task.
 
 - ``submit``: one ``TransferData`` (``sync_level``, ``verify_checksum``, ``encrypt_data``,
-  ``skip_source_errors`` so one missing file does not sink its batch) between the location's
-  collection (``globus://<collection-id>``) and this site's (``endpoint_id``, set by
+  ``skip_source_errors`` so one missing file does not sink its batch, ``fail_on_quota_errors`` so a
+  full quota fails the task at once instead of Globus retrying it until the deadline) between the
+  location's collection (``globus://<collection-id>``) and this site's (``endpoint_id``, set by
   ``transfers.globus_endpoint_id``). Site-side paths are rewritten from the site directory to
   ``endpoint_site_path`` when the endpoint sees the site under another prefix; every file is always
-  added (Balsam 0.7 submitted an empty batch when that setting was unset). The task gets a
-  ``deadline`` of submission time + ``task_timeout_sec`` (``transfers.task_timeout_sec``, through
-  ``section_keys``): Globus itself stops a task the agent gives up on, even when the agent cannot
-  reach Globus to cancel it.
+  added (Balsam 0.7 submitted an empty batch when that setting was unset). The task gets a Globus
+  ``deadline`` (see :func:`globus_deadline`): ``task_timeout_sec`` (``transfers.task_timeout_sec``,
+  through ``section_keys``) plus room for the time it may wait in Globus's queue, so Globus stops a
+  task the agent gives up on even when the agent cannot reach Globus to cancel it, without cutting
+  short a task that waited its turn (the agent's own deadline counts from the task's start).
 - ``poll``: one ``task_list`` call filtered on all in-flight task ids; a succeeded task with skipped
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
   (a file inside a directory item is named by its own path; the agent files it under that item).
+  An ``ACTIVE`` task whose ``nice_status`` is ``Queued`` (Globus runs a few tasks of a user at once,
+  the others wait) is reported ``queued``: the agent's deadline counts from its start.
+- A ``FAILED`` task (a fatal error, its deadline, a cancel) that had delivered some files is
+  reported ``done`` with ``file_errors`` naming each file it did not deliver (with the task's
+  fatal error and last fault): the agent retries those alone. Which files arrived is read from
+  ``task_successful_transfers`` (one call per page, never one per file), against the files this
+  process submitted in the task; a directory item counts as not delivered (Globus lists the files
+  it copied, not whether the directory is complete), as does a file skipped because it was already
+  in sync (not listed either: its retry is a quick no-op). A task none of whose files arrived, or
+  submitted by an earlier agent process (its file list is not known), is ``failed`` as a whole.
+- A task cancelled outside balsam (by its owner, e.g. in the Globus web app: ``fatal_error``
+  ``CANCELED`` without balsam having asked for it; or by a collection's administrator:
+  ``canceled_by_admin``) is ``failed`` and not retryable (its jobs fail with who cancelled it and
+  the administrator's message): someone meant it to stop. A cancel the agent asked for
+  (``cancel_task``: its deadline, deleted jobs) is known by the task ids this process cancelled;
+  after a restart, by the task having ended at least ``task_timeout_sec`` after its submission
+  (the agent's deadline cannot fire earlier): those are retryable, as the agent's deadline is.
 - ``cancel``: the agent cancels a task none of whose items is left (their jobs were deleted); a
   task that had already finished (``TaskComplete``) is reported as such, not as cancelled.
 - Locations: ``globus://<collection-uuid>`` only; a path after it is refused when settings.yml is
@@ -26,6 +45,12 @@
   the access token) and network errors are retryable; so is a 404 for this site's own collection
   (``transfers.globus_endpoint_id`` is wrong: a settings error, the items wait for it to be fixed);
   other 4xx are not.
+- Retries: ``http_retries`` bounds the retries of a request that failed with 5xx/429 or a network
+  error; a 401 is always retried once with a refreshed access token (globus-sdk refreshes as a
+  retry, which ``http_retries: 0`` used to forbid: a revoked access token then read as a revoked
+  login for ever). globus-sdk's transport logs a WARNING of its own for every request that fails
+  ("request reached max retries, ...", naming nothing): the backend sets ``globus_sdk.transport``
+  to ERROR when it is built (unless configured otherwise), the agent logging each failure itself.
 - Logging in again while the agent runs: after a credentials or consent error the client is dropped,
   and the next call builds one from the tokens file; a tokens file whose refresh token changed (a
   new ``globus-login``) replaces the client at the next call too. Refreshed access tokens are written
@@ -33,7 +58,8 @@
   login in the file is never overwritten.
 - Task status: an ``ACTIVE`` task that Globus reports as not progressing (a fault it keeps retrying,
   e.g. ``PERMISSION_DENIED``) or paused (``is_paused``, e.g. by an administrator) carries that as its
-  ``reason`` (shown on its items, logged once by the agent).
+  ``reason`` (shown on its items, logged once by the agent: the reason holds no counter, the
+  number of faults is in ``info``).
 
 Task ids are Globus's own, so an agent restarted after a crash resumes polling them.
 """
@@ -42,6 +68,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import posixpath
 import re
@@ -53,7 +80,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import attrs
 import globus_sdk
 from globus_sdk import gare as globus_gare
-from globus_sdk.transport import RetryConfig
+from globus_sdk.transport import RetryCheckResult, RetryConfig, RetryContext
 
 from balsam.options import option
 from balsam.states import TransferDirection
@@ -68,10 +95,37 @@ logger = logging.getLogger(__name__)
 SYNC_LEVELS = ("exists", "size", "mtime", "checksum")
 #: The direction in the labels submit_batch gives its tasks ("<label> stage-in (3 files)").
 LABEL_DIRECTION = re.compile(r"\bstage-(in|out) \(\d+ files\)$")
-#: nice_status values of an ACTIVE task that is progressing.
-NICE_OK = ("Queued", "OK")
+#: nice_status of an ACTIVE task that is progressing.
+NICE_OK = ("OK",)
+#: nice_status of an ACTIVE task waiting for its turn: Globus runs at most
+#: GLOBUS_RUNNING_TASKS_PER_USER transfer tasks of a user at once, the others wait, ACTIVE and
+#: "Queued" (docs.globus.org/api/transfer/task_behavior). Not started: reported ``queued``.
+NICE_QUEUED = "Queued"
+GLOBUS_RUNNING_TASKS_PER_USER = 3
+#: Added to a task's Globus deadline so that the agent's own (checked once a cycle, then a cancel
+#: call) always comes first while the agent can reach Globus.
+DEADLINE_MARGIN_SEC = 600
 #: Globus task_list answers at most this many tasks per call.
 TASK_LIST_LIMIT = 1000
+#: The most ``http_retries``: globus-sdk sleeps between retries (exponential, up to 10 s each), all
+#: inside the agent's cycle; 10 retries already hold one request about a minute, and a cycle makes
+#: several. Past that, the next cycle trying again is the better retry.
+MAX_HTTP_RETRIES = 10
+#: fatal_error code of a cancelled task.
+CANCELED = "CANCELED"
+#: After an agent restart, a cancelled task that ran at least task_timeout_sec minus this after its
+#: submission may have been cancelled by the previous agent's deadline (whose clock starts at the
+#: cycle before the submission, on another host's clock): taken for balsam's cancel.
+CANCEL_SLACK_SEC = 300
+#: A task the backend remembers (its files, whether it cancelled it) is forgotten once this many
+#: successful polls in a row did not ask about it (it left the agent's in-flight items).
+FORGET_AFTER_POLLS = 3
+#: globus-sdk's transport logger: a WARNING per failed request, naming nothing (see the module doc).
+SDK_TRANSPORT_LOGGER = "globus_sdk.transport"
+#: Who cancelled a task, by its canceled_by_admin value.
+ADMIN_SIDES = {"SOURCE": "the source collection's administrator",
+               "DESTINATION": "the destination collection's administrator",
+               "BOTH": "the administrators of both collections"}
 
 
 def _sync_level(instance: Any, attribute: Any, value: str) -> None:
@@ -84,17 +138,52 @@ def _positive_or_none(instance: Any, attribute: Any, value: Optional[float]) -> 
         raise ValueError(f"must be more than 0, got {value!r}")
 
 
+def _collection_id(instance: Any, attribute: Any, value: Optional[str]) -> None:
+    # Also reached through transfers.globus_endpoint_id (section_keys), whose refusal may be
+    # reported under backend_options.globus: the message names both keys.
+    if value is not None and not _is_uuid(value):
+        raise ValueError(f"expected a Globus collection UUID (transfers.globus_endpoint_id or "
+                         f"backend_options.globus.endpoint_id), got {value!r}")
+
+
+def _client_id(instance: Any, attribute: Any, value: Optional[str]) -> None:
+    if value is not None and not _is_uuid(value):
+        raise ValueError(f"expected the UUID of a native app registered at app.globus.org, got {value!r}")
+
+
+def _endpoint_path(instance: Any, attribute: Any, value: Optional[str]) -> None:
+    # A collection path is absolute ("/..." or "/~/..." for the home directory; "~/..." too): a
+    # relative one would make every site path of every task a path Globus resolves elsewhere.
+    if value is not None and not (isinstance(value, str) and value.startswith(("/", "~/")) or value == "~"):
+        raise ValueError(f"expected an absolute path on the site's collection (e.g. /~/balsam-site or "
+                         f"/projects/me/site; transfers.globus_endpoint_site_path sets it too), got {value!r}")
+
+
+def _http_retries(instance: Any, attribute: Any, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_HTTP_RETRIES:
+        raise ValueError(f"expected 0 to {MAX_HTTP_RETRIES} (each retry waits up to 10 s inside the agent's "
+                         f"cycle; the next cycle tries again anyway), got {value!r}")
+
+
+def _at_least_one(instance: Any, attribute: Any, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be at least 1, got {value!r}")
+
+
 @attrs.frozen
 class GlobusOptions:
     endpoint_id: Optional[str] = option(
-        None, "Globus collection id of this site's file system (transfers.globus_endpoint_id sets it too)."
+        None, "Globus collection id of this site's file system (transfers.globus_endpoint_id sets it too).",
+        validator=_collection_id,
     )
     endpoint_site_path: Optional[str] = option(
-        None, "The site directory as that collection sees it, when it differs from the local path "
-        "(transfers.globus_endpoint_site_path sets it too).",
+        None, "The site directory as that collection sees it (an absolute collection path such as /~/balsam-site), "
+        "when it differs from the local path (transfers.globus_endpoint_site_path sets it too).",
+        validator=_endpoint_path,
     )
     client_id: Optional[str] = option(
-        None, "Native-app client id `balsam site globus-login` uses (the agent uses the one saved with the tokens)."
+        None, "Native-app client id (a UUID) `balsam site globus-login` uses (the agent uses the one saved with "
+        "the tokens).", validator=_client_id,
     )
     tokens_file: Optional[str] = option(None, "Tokens written by `balsam site globus-login` (default $BALSAM_HOME/globus-tokens.json; "
                                         "a relative path is relative to the site directory).")
@@ -104,11 +193,68 @@ class GlobusOptions:
     encrypt_data: bool = option(True, "Encrypt data on the wire.")
     preserve_timestamp: bool = option(False, "Keep source modification times.")
     label: str = option("balsam", "Prefix of the task labels shown in the Globus web app.")
+    fail_on_quota_errors: bool = option(
+        True, "A destination over its quota fails the task at once (its files then fail a try each) instead of "
+        "Globus retrying it until the deadline (task_timeout_sec, 6 h by default, for every try).")
     task_timeout_sec: Optional[float] = option(
-        None, "Seconds after submission at which Globus stops a task (its deadline); transfers.task_timeout_sec "
-        "sets it. null: no deadline.", validator=_positive_or_none)
-    http_retries: int = option(3, "Retries of a Globus request that failed with 5xx/429 or a network error, "
-                               "within one cycle (then the next cycle tries again).")
+        None, "The agent's deadline of a task from its start (transfers.task_timeout_sec sets it): the Globus "
+        "deadline of each task is this plus room for waiting in Globus's queue. null: no Globus deadline.",
+        validator=_positive_or_none)
+    max_concurrent_transfers: int = option(
+        5, "Tasks in flight at once (transfers.max_concurrent_transfers sets it): how long a task may wait in "
+        "Globus's queue, and so its Globus deadline.", validator=_at_least_one)
+    http_retries: int = option(3, f"Retries (0 to {MAX_HTTP_RETRIES}) of a Globus request that failed with 5xx/429 or a "
+                               "network error, within one cycle (then the next cycle tries again). A 401 is always "
+                               "retried once with a refreshed access token.", validator=_http_retries)
+
+
+def globus_deadline(submitted: dt.datetime, task_timeout_sec: float, max_concurrent_transfers: int) -> dt.datetime:
+    """The Globus ``deadline`` of a task submitted at ``submitted``.
+
+    The agent's deadline counts ``task_timeout_sec`` from the task's *start*, and a Globus task may
+    wait, ``Queued``, while the user's first GLOBUS_RUNNING_TASKS_PER_USER tasks run. A deadline of
+    submission + ``task_timeout_sec`` cut such a task short (Globus failed it after it had run for
+    only part of its time). Of the agent's own tasks (at most ``max_concurrent_transfers`` in
+    flight), the ones running when a task is submitted stop within ``task_timeout_sec`` (the agent
+    cancels them), freeing their 3 places, and so does each later round of them: a new task has
+    at most ``max_concurrent_transfers - 1`` ahead of it and starts within
+    ceil((max_concurrent_transfers - 3) / 3) rounds of ``task_timeout_sec``. The deadline leaves
+    that much room, one ``task_timeout_sec`` to run, and DEADLINE_MARGIN_SEC. Tasks of the same Globus user outside balsam can still make one wait
+    longer: Globus then fails it at this deadline, its delivered files done, the others retried.
+    """
+    waiting = max(0, max_concurrent_transfers - GLOBUS_RUNNING_TASKS_PER_USER)
+    rounds = math.ceil(waiting / GLOBUS_RUNNING_TASKS_PER_USER)
+    return submitted + dt.timedelta(seconds=task_timeout_sec * (1 + rounds) + DEADLINE_MARGIN_SEC)
+
+
+def _retry_config(http_retries: int) -> RetryConfig:
+    """A RetryConfig retrying 5xx/429 and network errors ``http_retries`` times, and a 401 once with
+    a refreshed access token whatever ``http_retries`` is (globus-sdk's refresh is a retry: with
+    max_retries 0 the token was dropped but never refreshed before the request failed). One per
+    client: the client adds its standard checks to it."""
+    config = RetryConfig(max_retries=http_retries + 1)
+
+    def within_http_retries(ctx: RetryContext) -> RetryCheckResult:
+        response = ctx.response
+        if response is not None and response.status_code in config.expired_authorization_status_codes:
+            ctx.backoff = 0.0  # a new token needs no wait; globus-sdk's own check decides, once
+            return RetryCheckResult.no_decision
+        if ctx.attempt >= http_retries:
+            return RetryCheckResult.do_not_retry
+        return RetryCheckResult.no_decision
+
+    config.checks.register_check(within_http_retries)
+    return config
+
+
+def _quiet_sdk_transport() -> None:
+    """globus-sdk's transport logs "request reached max retries, done (fail, response)" or "request
+    done (fail, error)" at WARNING for every failing request (~720 lines an hour of an outage at a
+    5 s cycle), naming neither the request nor the error: the agent logs each failure itself, once
+    per reason. Left alone when someone configured that logger."""
+    sdk_logger = logging.getLogger(SDK_TRANSPORT_LOGGER)
+    if sdk_logger.level == logging.NOTSET:
+        sdk_logger.setLevel(logging.ERROR)
 
 
 def globus_error(exc: BaseException, collections: Sequence[str], tokens_file: Optional[Path] = None,
@@ -216,12 +362,38 @@ class _Login:
     stamp: Optional[tuple[int, int, int]]
 
 
-def _is_uuid(text: str) -> bool:
+def _is_uuid(text: Any) -> bool:
     try:
-        uuid.UUID(text)
+        uuid.UUID(str(text))
     except ValueError:
         return False
     return True
+
+
+def _norm(path: str) -> str:
+    """A collection path without repeated or trailing slashes (how it is compared)."""
+    return re.sub("/+", "/", str(path)).rstrip("/") or "/"
+
+
+def _time(text: Any) -> Optional[dt.datetime]:
+    try:
+        when = dt.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+@attrs.define
+class _Task:
+    """What this process knows of a task it submitted or cancelled."""
+
+    #: (the destination as sent to Globus, normalized; the file's ``dest`` as the agent gave it,
+    #: which its file_errors must name; recursive). Empty: not submitted by this process.
+    files: list[tuple[str, str, bool]] = attrs.field(factory=list)
+    #: This process asked Globus to cancel it (the agent's deadline, or its items were deleted).
+    cancelled: bool = False
+    #: The poll (count) that last asked about it.
+    seen: int = 0
 
 
 class GlobusTransfer(TransferBackend):
@@ -229,7 +401,7 @@ class GlobusTransfer(TransferBackend):
 
     options_schema = GlobusOptions
     section_keys = {"globus_endpoint_id": "endpoint_id", "globus_endpoint_site_path": "endpoint_site_path",
-                    "task_timeout_sec": "task_timeout_sec"}
+                    "task_timeout_sec": "task_timeout_sec", "max_concurrent_transfers": "max_concurrent_transfers"}
     description = "Globus Transfer tasks between this site's collection and globus://<collection-id> locations"
 
     def __init__(self, options: object = None, *, site_path: Optional[str] = None,
@@ -246,6 +418,12 @@ class GlobusTransfer(TransferBackend):
         self._collections: list[str] = [self.options.endpoint_id] if self.options.endpoint_id else []
         #: The clock of submissions' deadlines (tests set their own).
         self.now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
+        #: The tasks this process submitted or cancelled, by Globus task id (see _Task).
+        self._tasks: dict[str, _Task] = {}
+        self._tasks_lock = threading.Lock()
+        #: Successful polls so far (a task unasked for FORGET_AFTER_POLLS of them is forgotten).
+        self._polls = 0
+        _quiet_sdk_transport()
 
     def use_locations(self, locations: Sequence[TransferLocation]) -> None:
         # Known before the first submission, whose "not logged in" error must name them all: a
@@ -313,14 +491,17 @@ class GlobusTransfer(TransferBackend):
             if fresh.get("access_token"):
                 self._save_refreshed(login, fresh)
 
+        retries = self.options.http_retries
+        # Globus Auth's refresh follows http_retries too (globus-sdk's default is 5 retries, up to
+        # 10 s apart, inside the cycle).
+        auth_client = globus_sdk.NativeAppAuthClient(tokens["client_id"], app_name="balsam",
+                                                     retry_config=_retry_config(retries))
         authorizer = globus_sdk.RefreshTokenAuthorizer(
-            login.refresh_token, globus_sdk.NativeAppAuthClient(tokens["client_id"], app_name="balsam"),
+            login.refresh_token, auth_client,
             access_token=tokens.get("access_token"), expires_at=tokens.get("expires_at_seconds"),
             on_refresh=on_refresh,
         )
-        client = globus_sdk.TransferClient(
-            authorizer=authorizer, app_name="balsam", retry_config=RetryConfig(max_retries=self.options.http_retries)
-        )
+        client = globus_sdk.TransferClient(authorizer=authorizer, app_name="balsam", retry_config=_retry_config(retries))
         return client, login
 
     def _save_refreshed(self, login: _Login, fresh: Mapping[str, Any]) -> None:
@@ -416,21 +597,25 @@ class GlobusTransfer(TransferBackend):
         src_ep, dest_ep = (remote_ep, site_ep) if stage_in else (site_ep, remote_ep)
         extra: dict[str, Any] = {"submission_id": token} if token else {}
         if self.options.task_timeout_sec:
-            # The agent cancels the task at this age too; the service stops it even if that cancel
-            # never reaches it (Globus unreachable, the agent down).
-            deadline = self.now() + dt.timedelta(seconds=self.options.task_timeout_sec)
+            # The agent cancels the task task_timeout_sec after it starts; the service stops it even
+            # if that cancel never reaches it (Globus unreachable, the agent down), leaving room for
+            # the time it may wait in Globus's queue first (see globus_deadline).
+            deadline = globus_deadline(self.now(), self.options.task_timeout_sec, self.options.max_concurrent_transfers)
             extra["deadline"] = deadline.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+00:00")
         data = globus_sdk.TransferData(
             src_ep, dest_ep, label=f"{self.options.label} stage-{'in' if stage_in else 'out'} ({len(files)} files)",
             sync_level=self.options.sync_level, verify_checksum=self.options.verify_checksum,
             encrypt_data=self.options.encrypt_data, preserve_timestamp=self.options.preserve_timestamp,
-            skip_source_errors=True, notify_on_succeeded=False, notify_on_failed=False, notify_on_inactive=False,
+            skip_source_errors=True, fail_on_quota_errors=self.options.fail_on_quota_errors,
+            notify_on_succeeded=False, notify_on_failed=False, notify_on_inactive=False,
             **extra,
         )
+        sent: list[tuple[str, str, bool]] = []
         for f in files:
             src = f.src if stage_in else self.to_endpoint(f.src)
             dest = self.to_endpoint(f.dest) if stage_in else f.dest
             data.add_item(src, dest, recursive=f.recursive)
+            sent.append((_norm(dest), f.dest, f.recursive))
         try:
             response = self.client().submit_transfer(data)
         except TransferError:
@@ -439,7 +624,11 @@ class GlobusTransfer(TransferBackend):
             if self._site_collection_missing(exc, remote_ep):
                 raise _site_collection_unknown(site_ep, str(getattr(exc, "code", "") or "")) from None
             raise self._error(exc) from None
-        return str(response["task_id"])
+        task_id = str(response["task_id"])
+        with self._tasks_lock:
+            # Also for a duplicate submission (a journaled token sent again): the same files.
+            self._tasks.setdefault(task_id, _Task(seen=self._polls)).files = sent
+        return task_id
 
     def _site_collection_missing(self, exc: BaseException, remote_ep: str) -> bool:
         """Whether a 404 of a submission is for this site's collection (settings.yml's
@@ -471,47 +660,170 @@ class GlobusTransfer(TransferBackend):
             raise
         except Exception as exc:
             raise self._error(exc) from None
+        self._forget_tasks_not_in(task_ids)
         return statuses
+
+    def _forget_tasks_not_in(self, task_ids: Sequence[str]) -> None:
+        """Forget the tasks no poll asked about for FORGET_AFTER_POLLS polls (their items were recorded
+        done or failed, or deleted). Kept until then, not dropped once reported finished: should the
+        agent's update of their items fail, the next poll reports them the same way."""
+        with self._tasks_lock:
+            self._polls += 1
+            for task_id in task_ids:
+                if task_id in self._tasks:
+                    self._tasks[task_id].seen = self._polls
+            for task_id in [t for t, task in self._tasks.items() if self._polls - task.seen >= FORGET_AFTER_POLLS]:
+                del self._tasks[task_id]
+
+    def _skipped_errors(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any], stage_in: bool) -> dict[str, str]:
+        """{the failed file's dest as the agent names it: error} of a task's skipped files (every page)."""
+        errors: dict[str, str] = {}
+        for skipped in client.paginated.task_skipped_errors(doc["task_id"]).items():
+            dest = str(skipped.get("destination_path") or "")
+            # A stage-out's destination is the location's path, even on the site's own collection
+            # (another directory of it): only a stage-in writes site paths.
+            key = self.from_endpoint(dest) if stage_in else dest
+            errors[key] = one_line(f"{skipped.get('error_code', 'error')}: "
+                                   f"{skipped.get('error_details') or skipped.get('source_path')}")
+        return errors
 
     def _status(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any]) -> TaskStatus:
         info = {k: doc.get(k) for k in ("files", "files_transferred", "files_skipped", "bytes_transferred",
                                         "effective_bytes_per_second", "faults") if doc.get(k) is not None}
         status = doc.get("status")
         if status == "SUCCEEDED":
-            errors: dict[str, str] = {}
             stage_in = self._direction(doc) == TransferDirection.stage_in
-            if doc.get("subtasks_skipped_errors"):
-                # Every page: an error left on a later one would leave its file's item done.
-                for skipped in client.paginated.task_skipped_errors(doc["task_id"]).items():
-                    dest = str(skipped.get("destination_path") or "")
-                    # A stage-out's destination is the location's path, even on the site's own
-                    # collection (another directory of it): only a stage-in writes site paths.
-                    key = self.from_endpoint(dest) if stage_in else dest
-                    errors[key] = one_line(f"{skipped.get('error_code', 'error')}: "
-                                           f"{skipped.get('error_details') or skipped.get('source_path')}")
+            # Every page: an error left on a later one would leave its file's item done.
+            errors = self._skipped_errors(client, doc, stage_in) if doc.get("subtasks_skipped_errors") else {}
             return TaskStatus(TaskState.done, info=info, file_errors=errors)
         if status == "FAILED":
-            fatal = doc.get("fatal_error") or {}
-            reason = fatal.get("description") or fatal.get("code") or doc.get("nice_status_short_description") or "failed"
-            return TaskStatus(TaskState.failed, one_line(f"Globus task {doc['task_id']} failed: {reason}"), info=info)
+            return self._failed(client, doc, info)
         if status == "INACTIVE":
             why = doc.get("nice_status_short_description") or doc.get("nice_status") or "paused"
             return TaskStatus(TaskState.inactive, one_line(f"{why}; if credentials expired run `{self._command()}`"), info=info)
         nice = doc.get("nice_status")
+        if nice == NICE_QUEUED and not doc.get("is_paused"):
+            # Not started (Globus runs a few tasks of a user at once): the agent's deadline waits.
+            return TaskStatus(TaskState.active, info=info, queued=True)
         reason = ""
         if nice and nice not in NICE_OK:
             info["nice_status"] = nice
         if doc.get("is_paused") or (nice and nice not in NICE_OK):
             # Globus retries a fault (a permission denied, an endpoint error) until the deadline, and
-            # an admin's pause holds the task: say so, or it reads as slow for hours.
+            # an admin's pause holds the task: say so, or it reads as slow for hours. No counter in
+            # the line (the faults are in info): the agent logs a reason again whenever it changes.
             what = doc.get("nice_status_short_description") or nice or "paused"
-            details = ", ".join(filter(None, (nice if nice and nice != what else "",
-                                              f"{doc['faults']} faults so far" if doc.get("faults") else "")))
+            detail = nice if nice and nice != what else ""
             state = "paused in Globus" if doc.get("is_paused") else "Globus keeps retrying"
-            reason = one_line(f"{state}: {what}{f' ({details})' if details else ''}")
+            reason = one_line(f"{state}: {what}{f' ({detail})' if detail else ''}")
         return TaskStatus(TaskState.active, info=info, reason=reason)
 
+    # -- a failed task -----------------------------------------------------------------------------
+
+    def _failed(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any], info: dict[str, Any]) -> TaskStatus:
+        """A FAILED task: cancelled outside balsam (not retried), else done for the files it
+        delivered with file_errors naming the others, or failed when it delivered none (or this
+        process does not know its files)."""
+        task_id = str(doc["task_id"])
+        fatal = doc.get("fatal_error") or {}
+        code = str(fatal.get("code") or "")
+        delivered = int(doc.get("files_transferred") or 0)
+        total = doc.get("files")
+        so_far = f" ({delivered} of {total} files had been delivered)" if delivered and total else ""
+        outside = self._cancelled_outside_balsam(doc)
+        if outside:
+            info["cancelled_by"] = outside
+            message = one_line(doc.get("canceled_by_admin_message") or "")
+            return TaskStatus(TaskState.failed, one_line(
+                f"Globus task {task_id} was cancelled by {outside}{f': {message}' if message else ''}; "
+                f"not retried{so_far}"), retryable=False, info=info)
+        if code == CANCELED:
+            # Not outside balsam: the agent's deadline (its other cancels are of tasks it no longer polls).
+            reason = "cancelled by the balsam agent (transfers.task_timeout_sec)"
+        else:
+            description = str(fatal.get("description") or "")
+            reason = (f"{code}: {description}" if code and description and code not in description
+                      else description or code or str(doc.get("nice_status_short_description") or "failed"))
+            fault = self._last_fault(client, doc)
+            if fault:
+                reason += f" (last fault: {fault})"
+        error = one_line(f"Globus task {task_id} failed: {reason}")
+        with self._tasks_lock:
+            sent = list(self._tasks[task_id].files) if task_id in self._tasks else []
+        if not delivered or not sent:
+            # Nothing arrived, or the files of the task are not known here (submitted before the
+            # agent restarted): each of its files fails a try.
+            why = "" if sent or not delivered else "; which files were delivered is not known after an agent restart"
+            return TaskStatus(TaskState.failed, one_line(error + so_far + why), info=info)
+        try:
+            arrived = {_norm(str(row.get("destination_path") or ""))
+                       for row in client.paginated.task_successful_transfers(task_id).items()}
+        except Exception as exc:
+            problem = self._error(exc)
+            if problem.retryable:
+                raise problem from None  # Globus down, a login to renew: the poll waits for the next cycle
+            # Refused for good: report the task as a whole rather than block every poll on it.
+            logger.debug("globus: cannot list the files task %s delivered", task_id, exc_info=True)
+            return TaskStatus(TaskState.failed, one_line(f"{error}{so_far}; which files were delivered cannot be read "
+                                                         f"({problem})"), info=info)
+        # A directory item counts as undelivered (its listed files say nothing of the ones missing).
+        errors = {key: one_line(f"not delivered: {error}") for dest, key, recursive in sent
+                  if recursive or dest not in arrived}
+        if len(errors) == len(sent):
+            return TaskStatus(TaskState.failed, one_line(error + so_far), info=info)
+        if doc.get("subtasks_skipped_errors"):
+            # A skipped file's own error says more than the task's (which it is not delivered anyway).
+            stage_in = self._direction(doc) == TransferDirection.stage_in
+            try:
+                errors.update(self._skipped_errors(client, doc, stage_in))
+            except Exception as exc:
+                problem = self._error(exc)
+                if problem.retryable:
+                    raise problem from None
+                logger.debug("globus: cannot read the skipped errors of task %s", task_id, exc_info=True)
+        info["task_error"] = error
+        return TaskStatus(TaskState.done, info=info, file_errors=errors)
+
+    def _cancelled_outside_balsam(self, doc: Mapping[str, Any]) -> str:
+        """Who cancelled a task, when it was not balsam ('' otherwise)."""
+        admin = str(doc.get("canceled_by_admin") or "").upper()
+        if admin:
+            return ADMIN_SIDES.get(admin, f"an administrator ({admin})")
+        if str((doc.get("fatal_error") or {}).get("code") or "") != CANCELED:
+            return ""
+        task_id = str(doc["task_id"])
+        with self._tasks_lock:
+            if task_id in self._tasks and self._tasks[task_id].cancelled:
+                return ""
+        limit = self.options.task_timeout_sec
+        requested, completed = _time(doc.get("request_time")), _time(doc.get("completion_time"))
+        if limit and requested and completed and (completed - requested).total_seconds() >= limit - CANCEL_SLACK_SEC:
+            # Ended at least task_timeout_sec after its submission: a previous agent process may have
+            # cancelled it at its deadline (it never cancels a task earlier): treated as balsam's.
+            return ""
+        return "its owner, outside balsam (e.g. in the Globus web app)"
+
+    def _last_fault(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any]) -> str:
+        """The task's last error event, in a few words ('' when none or it cannot be read: one call,
+        made only for a failed task that had faults)."""
+        if not doc.get("faults"):
+            return ""
+        try:
+            events = client.task_event_list(doc["task_id"], limit=1, query_params={"filter": "is_error:1"})
+            event = next(iter(events), None)
+        except Exception:  # noqa: BLE001 - the fatal error alone is still worth reporting
+            logger.debug("globus: cannot read the events of task %s", doc["task_id"], exc_info=True)
+            return ""
+        if not event:
+            return ""
+        details = one_line(event.get("details") or "", limit=200)
+        return one_line(" ".join(filter(None, (f"{event.get('code') or 'error'}:", str(event.get("description") or ""),
+                                               f"({details})" if details else ""))))
+
     def cancel_task(self, task_id: str) -> None:
+        with self._tasks_lock:
+            # Before the call: a cancel whose answer is lost may still have reached Globus.
+            self._tasks.setdefault(task_id, _Task(seen=self._polls)).cancelled = True
         try:
             response = self.client().cancel_task(task_id)
         except TransferError:

@@ -6,7 +6,7 @@ One cycle (every ``service_period`` seconds):
    ``num_items_query_limit``, in-flight ones first), and one (chunked) GET of the workdirs of jobs
    not seen before. When that page is full but holds fewer than ``num_items_query_limit`` items the
    cycle can act on (pending items waiting for their retry backoff, or for a location whose backend
-   refused the last submission for a reason retrying may fix, e.g. Globus not logged in), at most
+   refused the last submission, e.g. Globus not logged in), at most
    ``PENDING_PAGES_PER_CYCLE`` more GETs page on through the pending items by id, and the next
    cycle goes on from where that stopped: waiting items never starve the other locations' items.
 2. Tasks whose items are all gone from the server (their jobs were deleted) are cancelled, once
@@ -19,12 +19,21 @@ One cycle (every ``service_period`` seconds):
    to JOB_FINISHED); a failed item goes back to ``pending`` with ``transfer_info.retry_after``
    (``retry_backoff_sec``, doubling, at most ``retry_backoff_max_sec``) until it has failed
    ``max_attempts`` times or with an error retrying cannot fix; then it becomes ``error`` and the
-   server moves its job to FAILED with the error in the event's data.
+   server moves its job to FAILED with the error in the event's data. A failed task (or a batch)
+   is logged as one line with its count of failed files and a few of its items; each item's own
+   line is at DEBUG. A running task's progress figures (``transfer_info.task``) are written into
+   its items when its state or reason changes, else at most every ``PROGRESS_EVERY_SEC`` (60 s):
+   not every item every cycle.
 3. Pending items due for a try are grouped by (direction, location alias), largest groups first,
    cut into batches of ``transfer_batch_size``; at most ``max_concurrent_transfers`` tasks run at
-   once. Each batch is one backend task; its items become ``active`` with ``task_id =
-   "<backend>:<id>"``. Once a location's submission fails for a reason retrying may fix, its other
-   batches wait with that reason for this cycle, taking no slot.
+   once, and a cycle makes at most as many submissions as there are free slots, refused ones
+   included. Each batch is one backend task; its items become ``active`` with ``task_id =
+   "<backend>:<id>"``. Once a location's submission is refused, its other batches (journaled ones
+   included) wait with that reason for this cycle, taking no slot, and the next cycle tries it after
+   the locations that work. A refusal retrying may fix uses no try; one the backend says is for good
+   is taken for a refusal of the request (the contract cannot tell it from a refusal of the files):
+   the refused batch's files each fail a try (backoff, ``max_attempts``), so a location refusing
+   everything fails its jobs a batch per cycle as their tries run out, not all in one cycle.
 4. One bulk PATCH of every item that changed.
 
 A poll that fails (the service down, not logged in, or refusing the request) says nothing about the
@@ -34,14 +43,21 @@ reason on them, and only the deadline below ends them. A task its backend report
 the reason is shown on its items. Each such reason, and each "will retry" of a failed submission, is
 logged once per task (location) until it changes, not every cycle.
 
-A batch journaled with a submission token whose re-sending the service refuses for good (the
-location's collection is gone, the alias is no longer in settings.yml) fails a try of its items as a
-refused submission does, and leaves the journal; a refusal retrying may fix keeps it journaled, its
-items waiting with the reason.
+A batch journaled with a submission token is sent again with that token, never under a new one
+(one submission of the cycle, within its slots; one that finds no slot waits in the journal, and so
+do its location's new batches): a location refusing for a reason retrying may fix keeps one batch
+journaled, sent once per cycle, instead of one more per cycle. If the service refuses it for good
+(the location's collection is gone) or its alias left settings.yml, its items fail (their jobs
+too) and it leaves the journal; a refusal retrying may fix keeps it journaled, its items waiting
+with the reason.
 
 Deadline: a task polled ``active`` or ``inactive`` more than ``task_timeout_sec`` after it started
-is cancelled and its items fail a try with that reason (then retry with backoff, or their job goes
-to FAILED after ``max_attempts``); a warning is logged once when a task passes half of it. A task
+is cancelled and its items fail a try with that reason and the reason it was not moving, as last
+reported (a fault its service retries, a pause, a failing poll), then retry with backoff, or their
+job goes to FAILED after ``max_attempts``. The task is polled once right after its cancel: a
+backend that then reports it ``done`` (with ``file_errors`` for the files it did not deliver) is
+taken at its word, so the files it delivered are done and only the others fail a try. A warning is
+logged once when a task passes half of it. A task
 starts when its items are submitted (``transfer_info.submitted``), unless its backend polls it
 ``queued`` (``TaskStatus.queued``: the ``local`` and ``rsync`` backends run ``threads`` tasks at
 once and the others wait for a free thread): its items then carry ``transfer_info.queued`` and the
@@ -119,6 +135,12 @@ JOURNAL_NAME = ".transfer-tasks.jsonl"
 TASKS_NAME = ".transfer-tasks-in-flight.json"
 #: GETs of pending items past a full first page per cycle (see the module docstring).
 PENDING_PAGES_PER_CYCLE = 4
+#: Seconds between two writes of a running task's progress figures (``transfer_info.task``) into its
+#: items: a change of state or reason is written at once, progress alone at most this often (each
+#: write is one row per item in the cycle's bulk PATCH).
+PROGRESS_EVERY_SEC = 60.0
+#: Items named in one log line about many (a task's, a batch's); the others are logged at DEBUG.
+LOG_EXAMPLES = 3
 #: Job ids per GET /jobs/?id=... (keeps the URL short).
 JOB_ID_CHUNK = 500
 #: ``transfers:`` keys that ``balsam site sync`` also sends to the Site record
@@ -476,8 +498,9 @@ class TransfersModule(AgentModule):
         self.tasks_path = Path(site_config.site_path) / TASKS_NAME
         #: API calls of the last cycle (the benchmark reports them).
         self.last_cycle_calls = 0
-        #: Aliases whose last submission failed for a reason retrying may fix: {alias: reason}. Their
-        #: pending items do not count as work when deciding whether to page past a full first page.
+        #: Aliases whose last submission was refused: {alias: reason}. Their pending items do not
+        #: count as work when deciding whether to page past a full first page, and their batches are
+        #: tried after the other locations' (see :meth:`_submit`).
         self.blocked_aliases: dict[str, str] = {}
         #: Where the next cycle's extra pages of pending items start (0: right after the first page).
         self._pending_cursor = 0
@@ -501,6 +524,9 @@ class TransfersModule(AgentModule):
         #: may fail (API down) and the items then still say ``queued``. Tasks no longer in flight are
         #: dropped each poll.
         self._task_started: dict[str, dt.datetime] = {}
+        #: When each in-flight task's progress figures were last written into its items (see
+        #: PROGRESS_EVERY_SEC); tasks no longer in flight are dropped each poll.
+        self._progress_at: dict[str, dt.datetime] = {}
         #: The clock of the cycle (tests set their own: deadlines are checked without waiting).
         self.now: Callable[[], dt.datetime] = _now
 
@@ -622,7 +648,9 @@ class TransfersModule(AgentModule):
                 item["transfer_info"] = info
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": task_id,
                                        "transfer_info": info}
-        unsent = self._resubmit_with_tokens(token_batches, items, updates, now)
+        # Batches journaled with a token are sent again with it (never under a new token): their items
+        # are "held" out of this cycle's new batches, and sent with the submissions below.
+        resends = self._hold_journaled(token_batches, items)
         in_flight = [it for it in items if it["state"] in IN_FLIGHT]
         self._cancel_orphaned_tasks(in_flight)
         self._finished_tasks = set()
@@ -630,7 +658,8 @@ class TransfersModule(AgentModule):
 
         pending = [it for it in items if it["state"] == TransferItemState.pending.value and it["id"] not in updates]
         due = [it for it in pending if _due(it, now)]
-        submitted, unconfirmed = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now)
+        submitted, kept = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now,
+                                       resends=resends)
 
         if updates:
             self.last_cycle_calls += 1
@@ -640,7 +669,7 @@ class TransfersModule(AgentModule):
         # The PATCH recorded every task id journaled so far: only the batches whose submission with a
         # token may or may not have arrived stay. Keeping the task lines too would re-attach their
         # items to those tasks next cycle, after the tasks failed and the items went back to pending.
-        self._rewrite_journal(unsent + unconfirmed)
+        self._rewrite_journal(kept)
         self._track_tasks(in_flight, updates)
         # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
         live = {int(it["job_id"]) for it in items}
@@ -661,6 +690,7 @@ class TransfersModule(AgentModule):
         for item in in_flight:
             by_task[item.get("task_id") or ""].append(item)
         self._task_started = {tid: at for tid, at in self._task_started.items() if tid in by_task}
+        self._progress_at = {tid: at for tid, at in self._progress_at.items() if tid in by_task}
         by_backend: dict[str, list[str]] = defaultdict(list)
         for task_id in by_task:
             name, sep, _ = task_id.partition(":")
@@ -739,10 +769,49 @@ class TransfersModule(AgentModule):
                                     "failed (will retry): %s", task_id, limit, exc)
                 return status
             self.logger.warning("transfer task %s ran past transfers.task_timeout_sec; not cancelled (%s)", task_id, exc)
-        self.logger.error("transfer task %s did not finish within transfers.task_timeout_sec (%.0f s); cancelled, "
-                          "its %d files fail a try", task_id, limit, len(items))
-        return TaskStatus(TaskState.failed, f"transfer task {task_id} did not finish within {limit:.0f} s "
-                          "(transfers.task_timeout_sec); cancelled", retryable=True)
+        error = f"transfer task {task_id} did not finish within {limit:.0f} s (transfers.task_timeout_sec); cancelled"
+        why = self._stall_reason(status, items)
+        if why:
+            error += f" (last reported: {why})"
+        # What the task delivered before it stopped is kept: a backend that reports its files' outcomes
+        # after a cancel (done, with file_errors for those it did not deliver) is taken at its word.
+        after = self._poll_after_cancel(backend, task_id)
+        if after is not None and after.state == TaskState.done:
+            self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s) and was cancelled; its "
+                             "backend reports %d failed files, the others delivered", task_id, limit,
+                             len(after.file_errors))
+            return TaskStatus(TaskState.done, info=after.info,
+                              file_errors={key: f"{error}; this file: {why_file}"
+                                           for key, why_file in after.file_errors.items()})
+        self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s): cancelled, its %d files "
+                         "fail a try", task_id, limit, len(items))
+        return TaskStatus(TaskState.failed, error, retryable=True)
+
+    @staticmethod
+    def _stall_reason(status: TaskStatus, items: list[dict]) -> str:
+        """Why a task past its deadline was not moving, as far as the agent knows: its backend's reason
+        in this poll (a fault its service retries, a pause, a poll that failed), else the reason its
+        items carry from an earlier poll ('' when none, or when it only waited for a thread)."""
+        if status.state == TaskState.inactive:
+            return one_line(f"paused by its service: {status.error}" if status.error else "paused by its service")
+        if status.reason and status.reason != QUEUED_REASON:
+            return one_line(status.reason)
+        for item in items:
+            reason = str((item.get("transfer_info") or {}).get("reason") or "")
+            if reason and reason != QUEUED_REASON:
+                return one_line(reason)
+        return ""
+
+    def _poll_after_cancel(self, backend: Optional[TransferBackend], task_id: str) -> Optional[TaskStatus]:
+        """The task's status right after its cancel (None: no backend, or its poll failed)."""
+        if backend is None:
+            return None
+        raw_id = task_id.partition(":")[2]
+        try:
+            return backend.poll([raw_id]).get(raw_id)
+        except TransferError as exc:
+            self.logger.debug("transfer task %s: poll after its cancel failed: %s", task_id, exc)
+            return None
 
     @staticmethod
     def _clock_start(status: TaskStatus, items: list[dict], now: dt.datetime, reported: bool, *, task_id: str = "",
@@ -783,9 +852,14 @@ class TransfersModule(AgentModule):
             state = status.state.value
             reason = status.error if status.state == TaskState.inactive else status.reason
             queued = status.state == TaskState.active and status.queued
+            # Progress alone is written at most every PROGRESS_EVERY_SEC (else every poll rewrote every
+            # in-flight item); with a change of state or reason it goes along at once.
+            last = self._progress_at.get(task_id)
+            progress_due = bool(status.info) and (last is None or (now - last).total_seconds() >= PROGRESS_EVERY_SEC)
+            wrote_progress = False
             for item in items:
                 info = dict(item.get("transfer_info") or {})
-                new_info = {**info, "task": dict(status.info)} if status.info else dict(info)
+                new_info = dict(info)
                 if queued:
                     # Its deadline starts when it does (see _clock_start).
                     new_info["queued"] = True
@@ -797,8 +871,14 @@ class TransfersModule(AgentModule):
                     new_info["reason"] = QUEUED_REASON
                 elif status.state == TaskState.active:
                     new_info.pop("reason", None)  # resumed
+                changed = item["state"] != state or new_info != info
+                if status.info and (changed or progress_due or "task" not in info):
+                    new_info["task"] = dict(status.info)
                 if item["state"] != state or new_info != info:
+                    wrote_progress = wrote_progress or new_info.get("task") != info.get("task")
                     updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": state, "transfer_info": new_info}
+            if wrote_progress or progress_due:
+                self._progress_at[task_id] = now
             if status.state == TaskState.inactive:
                 self._warn_once(f"task:{task_id}", reason or "", "transfer task %s is paused by its service: %s",
                                 task_id, reason or "no reason given")
@@ -814,11 +894,15 @@ class TransfersModule(AgentModule):
             if unmatched:
                 self.logger.error("transfer task %s reported %d failed files matching none of its items, e.g. %s",
                                   task_id, len(unmatched), next(iter(unmatched)))
+            failures: list[tuple[dict, str, bool]] = []
+            unknown = 0
             for item in items:
                 if status.file_errors and not self._dest_of(item):
                     # Recovered from the journal without its destination: which file failed is
                     # unknown, so copy it again rather than call it done.
-                    self._back_to_pending(item, updates, f"task {task_id} had failed files and this item's is unknown")
+                    self._back_to_pending(item, updates, f"task {task_id} had failed files and this item's is unknown",
+                                          log=False)
+                    unknown += 1
                     continue
                 error = errors.get(item["id"])
                 if error is None and unmatched:
@@ -827,25 +911,35 @@ class TransfersModule(AgentModule):
                     key, why = next(iter(unmatched.items()))
                     error = f"task {task_id} reported failed files matching none of its items ({key}: {why})"
                 if error is not None:
-                    self._fail(item, error, True, updates, now)
+                    failures.append((item, error, True))
                 else:
                     info = _without(item.get("transfer_info"), ("retry_after", "reason", "error", "queued"))
                     if status.info:
                         info["task"] = dict(status.info)  # figures of the whole task (all its items)
                     info["completed"] = now.isoformat()
                     updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.done.value, "transfer_info": info}
+            if unknown:
+                self.logger.info("transfer task %s had failed files: its %d items recovered without their destination "
+                                 "will be submitted again", task_id, unknown)
+            self._fail_many(f"transfer task {task_id} (done, {len(items) - len(failures) - unknown} of its {len(items)} "
+                            "items delivered)", failures, updates, now)
         elif status.state == TaskState.failed:
-            for item in items:
-                self._fail(item, status.error or "transfer task failed", status.retryable, updates, now)
+            error = status.error or "transfer task failed"
+            self._fail_many(f"transfer task {task_id} failed", [(item, error, status.retryable) for item in items],
+                            updates, now)
         else:  # unknown: the task died with a previous agent process
             for item in items:
-                self._back_to_pending(item, updates, f"task {task_id} is unknown to its backend (agent restarted?)")
+                self._back_to_pending(item, updates, f"task {task_id} is unknown to its backend (agent restarted?)",
+                                      log=False)
+            self.logger.info("transfer task %s is unknown to its backend (agent restarted?): its %d items will be "
+                             "submitted again", task_id, len(items))
 
     def _dest_of(self, item: Mapping[str, Any]) -> str:
         return str((item.get("transfer_info") or {}).get("dest", ""))
 
-    def _back_to_pending(self, item: dict, updates: dict[int, dict[str, Any]], why: str) -> None:
-        self.logger.info("transfer item %s: %s; it will be submitted again", item["id"], why)
+    def _back_to_pending(self, item: dict, updates: dict[int, dict[str, Any]], why: str, *, log: bool = True) -> None:
+        self.logger.log(logging.INFO if log else logging.DEBUG, "transfer item %s: %s; it will be submitted again",
+                        item["id"], why)
         info = _without(item.get("transfer_info"), ("dest", *CLOCK_KEYS))
         updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": TransferItemState.pending.value, "task_id": "", "transfer_info": info}
 
@@ -857,7 +951,10 @@ class TransfersModule(AgentModule):
             info["reason"] = one_line(reason)
             updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "transfer_info": info}
 
-    def _fail(self, item: dict, error: str, retryable: bool, updates: dict[int, dict[str, Any]], now: dt.datetime) -> None:
+    def _fail(self, item: dict, error: str, retryable: bool, updates: dict[int, dict[str, Any]], now: dt.datetime) -> str:
+        """A failed try of ``item``: back to pending after its backoff, or ``error`` (its job fails) when
+        out of tries or not ``retryable``. Returns the new state; logged at DEBUG (the callers log one
+        line for a task's or a batch's items: :meth:`_fail_many`)."""
         opts = self.options
         info = dict(item.get("transfer_info") or {})
         attempts = int(info.get("attempts", 0) or 0) + 1
@@ -868,13 +965,42 @@ class TransfersModule(AgentModule):
             wait = min(opts.retry_backoff_max_sec, opts.retry_backoff_sec * 2 ** (attempts - 1))
             info["retry_after"] = (now + dt.timedelta(seconds=wait)).isoformat()
             state = TransferItemState.pending.value
-            self.logger.warning("transfer item %s (job %s) failed (try %d of %d; next in %.0f s): %s",
-                                item["id"], item["job_id"], attempts, opts.max_attempts, wait, info["error"])
+            self.logger.debug("transfer item %s (job %s) failed (try %d of %d; next in %.0f s): %s",
+                              item["id"], item["job_id"], attempts, opts.max_attempts, wait, info["error"])
         else:
             state = TransferItemState.error.value
             why = "cannot succeed" if not retryable else f"failed {attempts} times"
-            self.logger.error("transfer item %s (job %s) %s; its job fails: %s", item["id"], item["job_id"], why, info["error"])
+            self.logger.debug("transfer item %s (job %s) %s; its job fails: %s", item["id"], item["job_id"], why,
+                              info["error"])
         updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": state, "task_id": "", "transfer_info": info}
+        return state
+
+    def _fail_many(self, what: str, failures: list[tuple[dict, str, bool]], updates: dict[int, dict[str, Any]],
+                   now: dt.datetime, *, level: Optional[int] = None) -> None:
+        """A failed try of each ``(item, error, retryable)``, logged as one line about ``what`` (a task, a
+        batch): how many, how many go on to a retry and how many fail their jobs, the error, and a few
+        items (each item's own line is at DEBUG). ``level``: the line's, else WARNING, or ERROR when
+        some job fails."""
+        if not failures:
+            return
+        final = sum(self._fail(item, error, retryable, updates, now) == TransferItemState.error.value
+                    for item, error, retryable in failures)
+        count = len(failures)
+        fates = []
+        if count - final:
+            fates.append(f"{count - final} will be retried")
+        if final:
+            fates.append(f"{final} out of tries or unrecoverable: their jobs fail")
+        more = f" and {count - LOG_EXAMPLES} more" if count > LOG_EXAMPLES else ""
+        errors = list(dict.fromkeys(one_line(error) for _, error, _ in failures))
+        if len(errors) == 1:
+            names = ", ".join(f"{item['id']} (job {item['job_id']})" for item, _, _ in failures[:LOG_EXAMPLES])
+            detail = f"{errors[0]}; items {names}{more}"
+        else:
+            detail = "e.g. " + "; ".join(f"item {item['id']} (job {item['job_id']}): {one_line(error, 200)}"
+                                         for item, error, _ in failures[:LOG_EXAMPLES]) + more
+        self.logger.log(level if level is not None else logging.ERROR if final else logging.WARNING,
+                        "%s: %d files failed a try (%s): %s", what, count, ", ".join(fates), detail)
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -885,64 +1011,99 @@ class TransfersModule(AgentModule):
             for job in self._get("/jobs/", {"id": chunk}):
                 self.workdirs[int(job["id"])] = (str(job["workdir"]), str(job["state"]))
 
-    def _submit(self, due: list[dict], slots: int, updates: dict[int, dict[str, Any]],
-                now: dt.datetime) -> tuple[int, list[dict]]:
-        """Submit due items in batches: (tasks submitted, the journal records of batches sent with a
-        submission token that failed in a way that may hide a task the service started: they are
-        kept for the next cycle to send them again with that token)."""
-        if not due or slots <= 0:
+    def _submit(self, due: list[dict], slots: Optional[int], updates: dict[int, dict[str, Any]], now: dt.datetime, *,
+                resends: Iterable[tuple[dict, list[dict]]] = ()) -> tuple[int, list[dict]]:
+        """Submit due items in batches, and send the journaled batches ``resends`` (their records and
+        items, from :meth:`_hold_journaled`) again with their tokens. ``slots``: the most submissions
+        this cycle, refused ones included (None: no limit). Returns (tasks submitted, the journal
+        records to keep: batches sent with a token that failed in a way that may hide a task the
+        service started, and journaled batches not sent this cycle; the next cycle sends them with
+        their token).
+
+        One submission refused (retrying may fix it or not) stops the location's submissions for the
+        cycle: its other batches, journaled ones included, wait with the reason, using no try and no
+        slot. A location whose last submission was refused is tried after the others."""
+        resends = list(resends)
+        if not due and not resends:
             return 0, []
         opts = self.options
+        #: (alias, direction, the journal record of a batch sent again with its token or None, items)
+        units: list[tuple[str, str, Optional[dict], list[dict]]] = [
+            (record["alias"], record["direction"], record, members) for record, members in resends]
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for item in due:
             groups[(item["direction"], item["location_alias"])].append(item)
-        batches: list[tuple[str, str, list[dict]]] = []
         for (direction, alias), group in sorted(groups.items(), key=lambda kv: -len(kv[1])):
             group.sort(key=lambda it: it["id"])
             for start in range(0, len(group), opts.transfer_batch_size):
-                batches.append((direction, alias, group[start:start + opts.transfer_batch_size]))
+                units.append((alias, direction, None, group[start:start + opts.transfer_batch_size]))
+        # A refused submission takes a slot: locations refused last cycle go last (a stable sort), so
+        # that their one try per cycle never takes the slots of locations that work.
+        units.sort(key=lambda unit: unit[0] in self.blocked_aliases)
         data_path = Path(self.site_config.data_path)
-        submitted, unconfirmed = 0, []
-        #: Aliases whose submission failed this cycle for a reason retrying may fix: {alias: reason}.
+        submitted = calls = 0
+        kept: list[dict] = []
+        #: Aliases whose submission failed this cycle: {alias: the reason their items wait with}; ''
+        #: for a location whose journaled batch waits for a slot (its new batches wait behind it).
         blocked: dict[str, str] = {}
         asked: set[int] = set()
-        for index, (direction, alias, batch) in enumerate(batches):
-            if submitted >= slots:
-                break
+        for index, (alias, direction, record, batch) in enumerate(units):
+            full = slots is not None and calls >= slots
+            if record is not None:
+                if full or alias in blocked:
+                    # Sent in a later cycle, with its token. New batches of the location wait behind it
+                    # (a new token per cycle would grow the journal for as long as the location refuses).
+                    kept.append(record)
+                    if blocked.get(alias):
+                        for item in batch:
+                            self._wait(item, blocked[alias], updates)
+                    blocked.setdefault(alias, "")
+                    continue
+                outcome = self._resend(record, batch, updates, now, blocked, kept)
+                calls += outcome is not None
+                submitted += bool(outcome)
+                continue
+            if full:
+                continue  # (not break: journaled batches further on must stay in the journal)
             if alias in blocked:
                 # Trying its other batches would fail the same way: they wait with the reason,
                 # without taking the slots of other locations' batches.
-                for item in batch:
-                    self._wait(item, blocked[alias], updates)
+                if blocked[alias]:
+                    for item in batch:
+                        self._wait(item, blocked[alias], updates)
                 continue
             try:
                 location = self._location(alias)
                 backend = self.backend(location.backend_name)
             except TransferError as exc:
-                for item in batch:
-                    if exc.retryable:
-                        self._wait(item, str(exc), updates)
-                    else:
-                        self._fail(item, str(exc), False, updates, now)
                 if exc.retryable:
+                    for item in batch:
+                        self._wait(item, str(exc), updates)
                     blocked[alias] = str(exc)
+                else:
+                    self._fail_many(f"cannot submit {len(batch)} files to {alias!r}",
+                                    [(item, str(exc), False) for item in batch], updates, now)
                 continue
             if any(int(it["job_id"]) not in self.workdirs and int(it["job_id"]) not in asked for it in batch):
                 # One GET for the batches this cycle may still submit (not one per batch).
-                ahead = [b for _, a, b in batches[index:] if a not in blocked][: slots - submitted]
+                ahead = [b for a, _, r, b in units[index:] if r is None and a not in blocked]
+                if slots is not None:
+                    ahead = ahead[: slots - calls]
                 wanted = {int(it["job_id"]) for b in ahead for it in b} - asked
                 asked |= wanted
                 self._job_workdirs(wanted)
             files: list[TransferFile] = []
             members: list[dict] = []
+            unfit: list[tuple[dict, str, bool]] = []
+            missing: list[dict] = []
             for item in batch:
                 job = self.workdirs.get(int(item["job_id"]))
                 if job is None:
-                    self.logger.warning("transfer item %s: job %s not found; skipped", item["id"], item["job_id"])
+                    missing.append(item)
                     continue
                 workdir_rel, job_state = job
                 if JobState(job_state) in DONE_STATES:
-                    self._fail(item, f"not transferred: job {item['job_id']} is already {job_state}", False, updates, now)
+                    unfit.append((item, f"not transferred: job {item['job_id']} is already {job_state}", False))
                     continue
                 try:
                     local, spec = item_transfer_paths(item, data_path / workdir_rel)
@@ -951,15 +1112,21 @@ class TransfersModule(AgentModule):
                         (data_path / workdir_rel).mkdir(parents=True, exist_ok=True)
                         local.parent.mkdir(parents=True, exist_ok=True)
                 except TransferError as exc:
-                    self._fail(item, str(exc), exc.retryable, updates, now)
+                    unfit.append((item, str(exc), exc.retryable))
                     continue
                 except OSError as exc:
-                    self._fail(item, f"cannot create the job's workdir: {exc}", True, updates, now)
+                    unfit.append((item, f"cannot create the job's workdir: {exc}", True))
                     continue
                 files.append(spec)
                 members.append(item)
+            if missing:
+                self.logger.warning("%d transfer items to %r skipped: their jobs were not found (e.g. item %s, job %s)",
+                                    len(missing), alias, missing[0]["id"], missing[0]["job_id"])
+            self._fail_many(f"a batch of {len(batch)} files to {alias!r} (before its submission)",
+                            unfit, updates, now)
             if not files:
                 continue
+            calls += 1
             token, record = None, None
             try:
                 token = backend.submission_token()
@@ -967,6 +1134,7 @@ class TransfersModule(AgentModule):
                     record = self._journal_token(token, alias, direction, members, files)
                 task_id = backend.submit(location, TransferDirection(direction), files, token)
             except TransferError as exc:
+                blocked[alias] = str(exc)
                 if exc.retryable:
                     # The service, not the files: keep the items pending without using up their tries.
                     self._warn_once(f"submit:{alias}", str(exc), "transfer backend %s: submitting %d files to %s failed "
@@ -975,13 +1143,19 @@ class TransfersModule(AgentModule):
                         # It may have arrived (a timeout after the service took it): the journal keeps
                         # the token, so the next cycle sends the batch again with it, and the service
                         # answers with the task it has rather than starting a second one.
-                        unconfirmed.append(record)
+                        kept.append(record)
                     for item in members:
                         self._wait(item, str(exc), updates)
-                    blocked[alias] = str(exc)
                 else:
-                    for item in members:
-                        self._fail(item, str(exc), False, updates, now)
+                    # Refused, and the same request would be refused again: the contract cannot tell
+                    # a refusal of the whole request (an endpoint to activate, a permission to grant,
+                    # a limit of the service) from one of these files, so it is taken for the
+                    # request's. This batch's files each fail a try (their backoff, then max_attempts,
+                    # as a failed task's do); the location's other batches wait for the next cycle,
+                    # rather than every item of the location failing at once.
+                    self._fail_many(f"transfer backend {backend.name} refused the submission of {len(files)} files to "
+                                    f"{alias!r} (the location's other batches wait for the next cycle)",
+                                    [(item, str(exc), True) for item in members], updates, now, level=logging.ERROR)
                 continue
             full_id = f"{location.backend_name}:{task_id}"
             self._journal(full_id, [it["id"] for it in members])
@@ -994,8 +1168,60 @@ class TransfersModule(AgentModule):
             self.blocked_aliases.pop(alias, None)
             self._said.pop(f"submit:{alias}", None)
         # Aliases not tried this cycle keep what the last try said.
-        self.blocked_aliases.update(blocked)
-        return submitted, unconfirmed
+        self.blocked_aliases.update({alias: why for alias, why in blocked.items() if why})
+        return submitted, kept
+
+    def _resend(self, record: dict, members: list[dict], updates: dict[int, dict[str, Any]], now: dt.datetime,
+                blocked: dict[str, str], kept: list[dict]) -> Optional[bool]:
+        """Send a journaled batch again with its token (a dead agent's, or one whose submission failed):
+        the service answers with the task it already has, or starts it if it never got it. Returns
+        True (submitted), False (refused: kept in ``kept`` when retrying may work, else its items fail
+        and it leaves the journal), None (not sent: its location or backend is unavailable)."""
+        alias = record["alias"]
+        files = [TransferFile(src, dest, rec) for _, src, dest, rec in record["files"]]
+        try:
+            location = self._location(alias)
+            backend = self.backend(location.backend_name)
+        except TransferError as exc:
+            if exc.retryable:
+                kept.append(record)
+                blocked[alias] = str(exc)
+                for item in members:
+                    self._wait(item, str(exc), updates)
+            else:
+                # The alias left settings.yml (or no backend serves it): as a first submission would.
+                self._fail_many(f"a journaled batch of {len(files)} files to {alias!r} cannot be sent again",
+                                [(item, str(exc), False) for item in members], updates, now)
+            return None
+        try:
+            task_id = backend.submit(location, TransferDirection(record["direction"]), files, record["token"])
+        except TransferError as exc:
+            blocked[alias] = str(exc)
+            if not exc.retryable:
+                # Refused for good (the location's collection is gone): its items fail, and the record
+                # leaves the journal instead of being sent again every cycle forever.
+                self._fail_many(f"re-sending a journaled batch of {len(files)} files to {alias!r} was refused",
+                                [(item, str(exc), False) for item in members], updates, now)
+                return False
+            # Keyed by location as a first submission's "will retry" is: one warning per reason.
+            self._warn_once(f"submit:{alias}", str(exc), "re-sending a journaled batch of %d files to %s "
+                            "failed (will retry): %s", len(files), alias, exc)
+            kept.append(record)
+            for item in members:
+                self._wait(item, str(exc), updates)
+            return False
+        self._said.pop(f"submit:{alias}", None)
+        self.blocked_aliases.pop(alias, None)
+        full_id = f"{location.backend_name}:{task_id}"
+        self._journal(full_id, [m["id"] for m in members])
+        self.logger.info("journaled batch of %d files re-sent with its token: task %s", len(files), full_id)
+        for item, spec in zip(members, files):
+            info = _without(item.get("transfer_info"), ("retry_after", "reason", *CLOCK_KEYS))
+            info.update(dest=spec.dest, submitted=now.isoformat())
+            item["state"], item["task_id"] = TransferItemState.active.value, full_id
+            updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": full_id,
+                                   "transfer_info": info}
+        return True
 
     def _location(self, alias: str) -> TransferLocation:
         if alias in self.location_errors:
@@ -1157,48 +1383,27 @@ class TransfersModule(AgentModule):
         tokens = [b for b in tokens if not any(i in found for i, *_ in b["files"])]
         return found, tokens
 
-    def _resubmit_with_tokens(self, batches: list[dict], items: list[dict], updates: dict[int, dict[str, Any]],
-                              now: dt.datetime) -> list[dict]:
-        """Submit again, with the same token, batches a dead agent submitted without recording a task
-        id: the service answers with the task it already has (or starts it if it never got it).
-        Returns the batches that could not be sent (kept in the journal for the next cycle)."""
+    def _hold_journaled(self, batches: list[dict], items: list[dict]) -> list[tuple[dict, list[dict]]]:
+        """The batches journaled with a token (their submission unconfirmed) still to send, each with
+        its items, which are marked ``held``: this cycle puts them in no new batch under a new token.
+        A batch any of whose items is gone, no longer pending or recorded with a task is dropped."""
         by_id = {it["id"]: it for it in items}
-        failed: list[dict] = []
+        held: list[tuple[dict, list[dict]]] = []
         for batch in batches:
             members = [by_id.get(i) for i, *_ in batch["files"]]
             if any(m is None or m["state"] != TransferItemState.pending.value or m.get("task_id") for m in members):
                 continue  # already recorded, finished or gone
-            files = [TransferFile(src, dest, rec) for _, src, dest, rec in batch["files"]]
-            try:
-                location = self._location(batch["alias"])
-                backend = self.backend(location.backend_name)
-                task_id = backend.submit(location, TransferDirection(batch["direction"]), files, batch["token"])
-            except TransferError as exc:
-                if not exc.retryable:
-                    # Refused for good (the location's collection is gone, its alias left
-                    # settings.yml): as a first submission refused so, the items fail a try and the
-                    # record leaves the journal, instead of being sent again every cycle forever.
-                    self.logger.warning("re-sending a journaled batch of %d files to %s was refused: %s",
-                                        len(files), batch["alias"], exc)
-                    for item in members:
-                        self._fail(item, str(exc), False, updates, now)
-                    continue
-                self._warn_once(f"resend:{batch['token']}", str(exc), "re-sending a journaled batch of %d files to %s "
-                                "failed (will retry): %s", len(files), batch["alias"], exc)
-                failed.append(batch)
-                for item in members:
-                    self._wait(item, str(exc), updates)
-                    item["state"] = "held"  # not submitted under a new token this cycle
-                continue
-            self._said.pop(f"resend:{batch['token']}", None)
-            full_id = f"{location.backend_name}:{task_id}"
-            self._journal(full_id, [m["id"] for m in members])
-            self.logger.info("journaled batch of %d files re-sent with its token: task %s", len(files), full_id)
-            for item, spec in zip(members, files):
-                info = {**_without(item.get("transfer_info"), CLOCK_KEYS), "dest": spec.dest, "submitted": now.isoformat()}
-                item["state"], item["task_id"] = TransferItemState.active.value, full_id
-                updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": full_id, "transfer_info": info}
-        return failed
+            for item in members:
+                item["state"] = "held"
+            held.append((batch, members))  # type: ignore[arg-type]
+        return held
+
+    def _resubmit_with_tokens(self, batches: list[dict], items: list[dict], updates: dict[int, dict[str, Any]],
+                              now: dt.datetime) -> list[dict]:
+        """Submit again, with the same token, batches submitted without a recorded task id (no slot
+        limit; a cycle sends them with its other submissions, see :meth:`_submit`). Returns the
+        batches to keep in the journal for the next cycle."""
+        return self._submit([], None, updates, now, resends=self._hold_journaled(batches, items))[1]
 
     def _rewrite_journal(self, token_records: list[dict]) -> None:
         """Leave only ``token_records`` in the journal (none: remove it), replaced atomically."""
