@@ -48,14 +48,21 @@ def _gpu_cpu_pairs(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple((str(gpu), tuple(int(c) for c in cpus)) for gpu, cpus in items)
 
 
+def _to_tuple(value: Iterable[Any]) -> tuple:
+    # A Python function rather than ``tuple`` itself: attrs reads each converter's signature when
+    # the class is made, and a builtin's is parsed from its text signature (the tokenizer's
+    # patterns compiled on first use: ~2 ms of every launcher's start-up for these four fields).
+    return tuple(value)
+
+
 @attrs.frozen
 class NodeInfo:
     """One compute node of the allocation, as the platform discovered it."""
 
     node_id: str
     hostname: str
-    cpu_ids: tuple[int, ...] = attrs.field(converter=tuple)
-    gpu_ids: tuple[str, ...] = attrs.field(converter=tuple, factory=tuple)
+    cpu_ids: tuple[int, ...] = attrs.field(converter=_to_tuple)
+    gpu_ids: tuple[str, ...] = attrs.field(converter=_to_tuple, factory=tuple)
     #: GPU ids that are parts of one physical device (Aurora: the two tiles of one GPU,
     #: ``(("0.0", "0.1"), ("1.0", "1.1"), ...)``); empty when every GPU id is a whole device. The
     #: node manager gives a request of a multiple of a group's size whole groups when it can, and
@@ -94,7 +101,7 @@ class LaunchSpec:
     """What the launcher decided for one job run: where it goes and how it is laid out."""
 
     cmdline: str  #: the app's shell command line (already rendered and quoted)
-    hostnames: tuple[str, ...] = attrs.field(converter=tuple)
+    hostnames: tuple[str, ...] = attrs.field(converter=_to_tuple)
     ranks_per_node: int = 1
     threads_per_rank: int = 1
     threads_per_core: int = 1
@@ -107,7 +114,7 @@ class LaunchSpec:
     #: Environment variables set for this job beyond those the launcher inherited (its GPU ids,
     #: OMP_NUM_THREADS, the app's variables), for MPI launchers that forward only what they are
     #: told to (Open MPI's ``-x NAME``). The job's process already has them in its environment.
-    env_names: tuple[str, ...] = attrs.field(converter=tuple, factory=tuple)
+    env_names: tuple[str, ...] = attrs.field(converter=_to_tuple, factory=tuple)
     #: The job and its app, when the run is a job's (None for the serial-mode workers): named in the
     #: warnings about its launch params (:func:`launch_params_to_pass`), given once per app.
     job_id: Optional[int] = None
