@@ -24,8 +24,10 @@ so nothing else reaches the agent. A task that ran and failed is reported by :me
 (its process restarted) is ``unknown``, and the agent submits those items again. A :meth:`poll`
 that raises says nothing about the tasks: their items stay in flight whatever ``retryable`` says,
 until the tasks' deadline (``transfers.task_timeout_sec``). A task the backend has accepted but not
-started yet (it waits for one of a bounded number of workers) is ``active`` with ``queued`` set: the
-deadline counts from when it starts, not from its submission.
+started yet (it waits for one of a bounded number of workers, or in its service's queue) is
+``active`` with ``queued`` set: the deadline counts from when it starts, not from its submission. A
+task that delivered some files and not others is ``done`` with ``file_errors`` naming the others
+(``file_errors_retryable`` False when they must not be tried again: they fail their jobs at once).
 """
 
 from __future__ import annotations
@@ -162,8 +164,15 @@ class TaskStatus:
     #: and ``rsync`` backends run at most ``threads`` tasks at once, the others queue behind them).
     #: The agent's deadline (``transfers.task_timeout_sec``) does not run while a task is queued: it
     #: counts from the first poll that finds it started. A backend that cannot tell leaves it False,
-    #: and the deadline counts from the submission (Globus: its tasks start when submitted).
+    #: and the deadline counts from the submission. A queued task may carry its own one-line
+    #: ``reason`` (what it waits for, e.g. the service's limit of running tasks); the agent shows it
+    #: on the items and does not take it for a task that is not moving.
     queued: bool = False
+    #: Whether the files named in ``file_errors`` may be tried again (only meaningful when ``done``
+    #: with ``file_errors``). False: each fails for good and its job goes to FAILED with its error
+    #: (e.g. someone cancelled the task on purpose after some files were delivered); the task's other
+    #: files are still done. True (the default): each fails a try, as a failed task's files do.
+    file_errors_retryable: bool = True
 
 
 class TransferBackend(abc.ABC):

@@ -281,14 +281,18 @@ def _journaled(tmp_path: Path, item_id: int, alias: str = "aps") -> tuple[Transf
 @pytest.mark.parametrize("fault", ["collection gone", "alias removed"])
 def test_a_journaled_batch_refused_for_good_fails_its_items_once(tmp_path: Path, fault: str) -> None:
     """A batch whose submission timed out (token journaled, no task id) and that Globus then refused
-    for good was sent again every cycle forever, its items pending with no reason and no try used."""
+    for good was sent again every cycle forever, its items pending with no reason and no try used.
+    Refused by the service, each item fails a try (as a first submission refused for good: backoff,
+    then max_attempts); an alias gone from settings.yml fails them at once (as a first submission)."""
     responses.add(responses.POST, f"{TRANSFER}/transfer", status=404, content_type="application/json",
                   json={"code": "EndpointNotFound", "message": f"No such endpoint '{REMOTE_EP}'", "request_id": "r"})
     module, batch = _journaled(tmp_path, 5, alias="aps" if fault == "collection gone" else "gone")
     updates: dict = {}
     kept = module._resubmit_with_tokens([batch["record"]], [batch["item"]], updates, dt.datetime.now(dt.timezone.utc))
     assert kept == []  # out of the journal
-    assert updates[5]["state"] == "error" and updates[5]["transfer_info"]["attempts"] == 1
+    state = "pending" if fault == "collection gone" else "error"
+    assert updates[5]["state"] == state and updates[5]["transfer_info"]["attempts"] == 1
+    assert ("retry_after" in updates[5]["transfer_info"]) is (state == "pending")
     expected = "refused the request (HTTP 404" if fault == "collection gone" else "unknown transfer location 'gone'"
     assert expected in updates[5]["transfer_info"]["error"]
 
@@ -308,8 +312,9 @@ def test_a_journaled_batch_that_may_work_later_waits_with_the_reason(tmp_path: P
 
 
 def test_a_journaled_batch_refused_for_good_leaves_the_journal(balsam_env, tmp_path: Path) -> None:
-    """Through run_cycle with a real API: one POST, the item fails a try (its job fails), the journal
-    is gone (was: a POST every cycle, the item pending without an error, the journal kept)."""
+    """Through run_cycle with a real API: one POST, the item fails a try, the journal is gone (was: a
+    POST every cycle, the item pending without an error, the journal kept). With no backoff, the next
+    cycles send it again in new batches (new submission ids) until its tries run out: its job fails."""
     responses.add_passthru(balsam_env.url)
     client, site_path, site, job, item = stage_in_site(tmp_path, "tok")
     (site_path / JOURNAL_NAME).write_text(json.dumps(
@@ -318,13 +323,19 @@ def test_a_journaled_batch_refused_for_good_leaves_the_journal(balsam_env, tmp_p
     responses.add(responses.POST, f"{TRANSFER}/transfer", status=404, content_type="application/json",
                   json={"code": "EndpointNotFound", "message": f"No such endpoint '{REMOTE_EP}'", "request_id": "r"})
     module = TransfersModule(site, TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"},
-                                                    globus_endpoint_id=SITE_EP, max_attempts=3), client)
+                                                    globus_endpoint_id=SITE_EP, max_attempts=3, retry_backoff_sec=0),
+                             client)
     module.backends["globus"] = make_backend(tmp_path)
+    module.run_cycle()
+    posts = [c for c in responses.calls if c.request.method == "POST" and c.request.url.endswith("/v0.10/transfer")]
+    after = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
+    assert len(posts) == 1 and after["state"] == "pending" and after["transfer_info"]["attempts"] == 1
+    assert not (site_path / JOURNAL_NAME).exists()
     for _ in range(3):
         module.run_cycle()
     posts = [c for c in responses.calls if c.request.method == "POST" and c.request.url.endswith("/v0.10/transfer")]
     after = client.get("/transfers/", params={"job_id": [job.id]})["results"][0]
-    assert len(posts) == 1 and after["state"] == "error" and "HTTP 404" in after["transfer_info"]["error"]
+    assert len(posts) == 3 and after["state"] == "error" and "HTTP 404" in after["transfer_info"]["error"]
     assert client.get(f"/jobs/{job.id}")["state"] == "FAILED"
     assert not (site_path / JOURNAL_NAME).exists()
 

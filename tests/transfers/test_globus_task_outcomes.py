@@ -193,16 +193,17 @@ def test_a_failed_task_of_10000_files_costs_one_call_per_page(tmp_path: Path) ->
 
 
 def test_a_task_cancelled_in_the_globus_web_app_is_not_retried(tmp_path: Path) -> None:
+    """Nothing delivered: the task fails as a whole, for good (its jobs fail with who cancelled it)."""
     backend = make_backend(tmp_path)
     files = [TransferFile(f"/d/{n}", str(tmp_path / f"site/data/j{n}/f")) for n in range(4)]
     submit_stage_in(backend, files)
-    task_list(failed_doc(4, 2, fatal_error={"code": "CANCELED", "description": "canceled"},
+    task_list(failed_doc(4, 0, fatal_error={"code": "CANCELED", "description": "canceled"},
                          nice_status_short_description="Canceled"))
     responses.calls.reset()
     status = backend.poll([TASK_ID])[TASK_ID]
     assert status.state == TaskState.failed and not status.retryable
     assert status.error == (f"Globus task {TASK_ID} was cancelled by its owner, outside balsam (e.g. in the Globus web "
-                            "app); not retried (2 of 4 files had been delivered)")
+                            "app); not retried")
     assert len(responses.calls) == 1
     # The agent: each item fails for good (its job fails at once, with that error), no resubmission.
     module = module_for(tmp_path, backend)
@@ -211,6 +212,49 @@ def test_a_task_cancelled_in_the_globus_web_app_is_not_retried(tmp_path: Path) -
                          updates, dt.datetime.now(dt.timezone.utc))
     assert {u["state"] for u in updates.values()} == {"error"}
     assert all(u["transfer_info"]["attempts"] == 1 for u in updates.values())
+
+
+@pytest.mark.parametrize("admin, who", [(None, "its owner, outside balsam (e.g. in the Globus web app)"),
+                                        ("DESTINATION", "the destination collection's administrator: Scratch is purged")])
+def test_a_cancelled_task_that_delivered_some_files_keeps_them_and_fails_the_others_for_good(
+        tmp_path: Path, admin, who: str) -> None:
+    """Cancelled by its owner or an administrator after 2 of 4 files arrived: the whole task was
+    reported failed, and the jobs of the 2 delivered files failed too (the contract could not say
+    "done, but do not retry the others"). Now those 2 are done and the other 2 fail for good, their
+    jobs FAILED with who cancelled it."""
+    backend = make_backend(tmp_path)
+    files = [TransferFile(f"/d/{n}", str(tmp_path / f"site/data/j{n}/f")) for n in range(4)]
+    submit_stage_in(backend, files)
+    task_list(failed_doc(4, 2, fatal_error={"code": "CANCELED", "description": "canceled"}, canceled_by_admin=admin,
+                         canceled_by_admin_message="Scratch is purged" if admin else None,
+                         subtasks_skipped_errors=1))
+    successful(files[0].dest, files[2].dest)
+    responses.calls.reset()
+    status = backend.poll([TASK_ID])[TASK_ID]
+    assert status.state == TaskState.done and status.file_errors_retryable is False
+    error = f"not delivered: Globus task {TASK_ID} was cancelled by {who}; not retried"
+    assert status.file_errors == {files[1].dest: error, files[3].dest: error}
+    assert calls("/task_list") == 1 and calls("/successful_transfers") == 1 and len(responses.calls) == 2
+
+    module = module_for(tmp_path, backend)
+    updates: dict = {}
+    module._apply_status(f"globus:{TASK_ID}", status, items_of(files, TASK_ID, dt.datetime.now(dt.timezone.utc)),
+                         updates, dt.datetime.now(dt.timezone.utc))
+    assert [updates[i]["state"] for i in (1, 2, 3, 4)] == ["done", "error", "done", "error"]
+    assert updates[2]["transfer_info"] == {**updates[2]["transfer_info"], "attempts": 1, "error": error}
+    assert "retry_after" not in updates[2]["transfer_info"]
+
+
+def test_a_done_task_whose_failed_files_may_be_retried_is_unchanged(tmp_path: Path) -> None:
+    """The default (third-party backends): file_errors fail a try each, as before."""
+    from balsam.transfer import TaskStatus
+    module = module_for(tmp_path, make_backend(tmp_path))
+    files = [TransferFile(f"/d/{n}", str(tmp_path / f"site/data/j{n}/f")) for n in range(2)]
+    updates: dict = {}
+    module._apply_status("globus:t", TaskStatus(TaskState.done, file_errors={files[1].dest: "boom"}),
+                         items_of(files, "t", dt.datetime.now(dt.timezone.utc)), updates, dt.datetime.now(dt.timezone.utc))
+    assert [updates[i]["state"] for i in (1, 2)] == ["done", "pending"]
+    assert updates[2]["transfer_info"]["retry_after"]
 
 
 @pytest.mark.parametrize("side, who", [("DESTINATION", "the destination collection's administrator"),
@@ -261,23 +305,29 @@ def test_after_a_restart_a_cancel_at_the_agents_deadline_is_taken_for_balsams(tm
 # -- defect 4: a task Globus queues -----------------------------------------------------------------------------
 
 
-def test_a_task_globus_queues_is_queued_and_its_deadline_waits(tmp_path: Path) -> None:
+def test_a_task_globus_queues_is_queued_and_its_deadline_waits(tmp_path: Path, caplog) -> None:
     """Globus runs 3 transfer tasks of a user at once; the others are ACTIVE with nice_status
     "Queued". The agent counted the deadline from the submission and cancelled a task that had
-    waited its whole task_timeout_sec in Globus's queue."""
+    waited its whole task_timeout_sec in Globus's queue. Its items say it waits in Globus's queue (they
+    said "all its threads are busy", the local backend's case), and no "not moving" warning is logged."""
     backend = make_backend(tmp_path)
     task_list({**BASE, "task_id": "t-q", "status": "ACTIVE", "nice_status": "Queued", "is_paused": False, "faults": 0,
                "nice_status_short_description": "Queued", "files": 1, "files_transferred": 0})
     status = backend.poll(["t-q"])["t-q"]
-    assert status.state == TaskState.active and status.queued and status.reason == ""
+    assert status.state == TaskState.active and status.queued
+    assert status.reason == "queued by Globus: it runs at most 3 transfer tasks of a user at once, the others wait their turn"
 
     module = module_for(tmp_path, backend, task_timeout_sec=3600)
     submitted = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=5)
     items = items_of([TransferFile("/d/a", str(tmp_path / "site/data/j/a"))], "t-q", submitted)
     now = dt.datetime.now(dt.timezone.utc)
     updates: dict = {}
-    assert module._poll(items, updates, now) == 1
+    with caplog.at_level(logging.DEBUG, logger="balsam.site.modules.transfers"):
+        assert module._poll(items, updates, now) == 1
     assert updates[1]["state"] == "active" and updates[1]["transfer_info"]["queued"] is True
+    assert updates[1]["transfer_info"]["reason"] == status.reason
+    assert "threads" not in updates[1]["transfer_info"]["reason"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
     assert not [c for c in responses.calls if c.request.url.endswith("/cancel")]  # not cancelled while queued
 
 

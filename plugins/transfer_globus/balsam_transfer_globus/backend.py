@@ -15,7 +15,8 @@
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
   (a file inside a directory item is named by its own path; the agent files it under that item).
   An ``ACTIVE`` task whose ``nice_status`` is ``Queued`` (Globus runs a few tasks of a user at once,
-  the others wait) is reported ``queued``: the agent's deadline counts from its start.
+  the others wait) is reported ``queued``, with QUEUED_REASON as its ``reason`` (shown on its items;
+  the agent does not take it for a task that is not moving): the agent's deadline counts from its start.
 - A ``FAILED`` task (a fatal error, its deadline, a cancel) that had delivered some files is
   reported ``done`` with ``file_errors`` naming each file it did not deliver (with the task's
   fatal error and last fault): the agent retries those alone. Which files arrived is read from
@@ -26,8 +27,10 @@
   submitted by an earlier agent process (its file list is not known), is ``failed`` as a whole.
 - A task cancelled outside balsam (by its owner, e.g. in the Globus web app: ``fatal_error``
   ``CANCELED`` without balsam having asked for it; or by a collection's administrator:
-  ``canceled_by_admin``) is ``failed`` and not retryable (its jobs fail with who cancelled it and
-  the administrator's message): someone meant it to stop. A cancel the agent asked for
+  ``canceled_by_admin``) is not retried: someone meant it to stop. The files it delivered are done
+  (read as for a failed task: ``done`` with ``file_errors`` and ``file_errors_retryable`` False), the
+  others fail for good, their jobs FAILED with who cancelled it and the administrator's message; one
+  that delivered nothing (or whose files this process does not know) is ``failed``, not retryable. A cancel the agent asked for
   (``cancel_task``: its deadline, deleted jobs) is known by the task ids this process cancelled;
   after a restart, by the task having ended at least ``task_timeout_sec`` after its submission
   (the agent's deadline cannot fire earlier): those are retryable, as the agent's deadline is.
@@ -102,6 +105,9 @@ NICE_OK = ("OK",)
 #: "Queued" (docs.globus.org/api/transfer/task_behavior). Not started: reported ``queued``.
 NICE_QUEUED = "Queued"
 GLOBUS_RUNNING_TASKS_PER_USER = 3
+#: The reason a queued task's items show (``TaskStatus.reason`` of a ``queued`` task).
+QUEUED_REASON = (f"queued by Globus: it runs at most {GLOBUS_RUNNING_TASKS_PER_USER} transfer tasks of a user at "
+                 "once, the others wait their turn")
 #: Added to a task's Globus deadline so that the agent's own (checked once a cycle, then a cancel
 #: call) always comes first while the agent can reach Globus.
 DEADLINE_MARGIN_SEC = 600
@@ -704,7 +710,7 @@ class GlobusTransfer(TransferBackend):
         nice = doc.get("nice_status")
         if nice == NICE_QUEUED and not doc.get("is_paused"):
             # Not started (Globus runs a few tasks of a user at once): the agent's deadline waits.
-            return TaskStatus(TaskState.active, info=info, queued=True)
+            return TaskStatus(TaskState.active, info=info, queued=True, reason=QUEUED_REASON)
         reason = ""
         if nice and nice not in NICE_OK:
             info["nice_status"] = nice
@@ -732,11 +738,13 @@ class GlobusTransfer(TransferBackend):
         so_far = f" ({delivered} of {total} files had been delivered)" if delivered and total else ""
         outside = self._cancelled_outside_balsam(doc)
         if outside:
+            # Someone meant it to stop: its undelivered files are not tried again (retryable False,
+            # file_errors_retryable False), and the files it delivered are done.
             info["cancelled_by"] = outside
             message = one_line(doc.get("canceled_by_admin_message") or "")
-            return TaskStatus(TaskState.failed, one_line(
-                f"Globus task {task_id} was cancelled by {outside}{f': {message}' if message else ''}; "
-                f"not retried{so_far}"), retryable=False, info=info)
+            error = one_line(f"Globus task {task_id} was cancelled by {outside}{f': {message}' if message else ''}; "
+                             "not retried")
+            return self._partly_delivered(client, doc, info, error, so_far, retryable=False)
         if code == CANCELED:
             # Not outside balsam: the agent's deadline (its other cancels are of tasks it no longer polls).
             reason = "cancelled by the balsam agent (transfers.task_timeout_sec)"
@@ -748,13 +756,22 @@ class GlobusTransfer(TransferBackend):
             if fault:
                 reason += f" (last fault: {fault})"
         error = one_line(f"Globus task {task_id} failed: {reason}")
+        return self._partly_delivered(client, doc, info, error, so_far, retryable=True)
+
+    def _partly_delivered(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any], info: dict[str, Any],
+                          error: str, so_far: str, *, retryable: bool) -> TaskStatus:
+        """A FAILED task with ``error``: done for the files it delivered with file_errors naming the
+        others, or failed as a whole when it delivered none (or this process does not know its files).
+        ``retryable``: whether its undelivered files may be tried again."""
+        task_id = str(doc["task_id"])
+        delivered = int(doc.get("files_transferred") or 0)
         with self._tasks_lock:
             sent = list(self._tasks[task_id].files) if task_id in self._tasks else []
         if not delivered or not sent:
             # Nothing arrived, or the files of the task are not known here (submitted before the
             # agent restarted): each of its files fails a try.
             why = "" if sent or not delivered else "; which files were delivered is not known after an agent restart"
-            return TaskStatus(TaskState.failed, one_line(error + so_far + why), info=info)
+            return TaskStatus(TaskState.failed, one_line(error + so_far + why), retryable=retryable, info=info)
         try:
             arrived = {_norm(str(row.get("destination_path") or ""))
                        for row in client.paginated.task_successful_transfers(task_id).items()}
@@ -765,13 +782,13 @@ class GlobusTransfer(TransferBackend):
             # Refused for good: report the task as a whole rather than block every poll on it.
             logger.debug("globus: cannot list the files task %s delivered", task_id, exc_info=True)
             return TaskStatus(TaskState.failed, one_line(f"{error}{so_far}; which files were delivered cannot be read "
-                                                         f"({problem})"), info=info)
+                                                         f"({problem})"), retryable=retryable, info=info)
         # A directory item counts as undelivered (its listed files say nothing of the ones missing).
         errors = {key: one_line(f"not delivered: {error}") for dest, key, recursive in sent
                   if recursive or dest not in arrived}
         if len(errors) == len(sent):
-            return TaskStatus(TaskState.failed, one_line(error + so_far), info=info)
-        if doc.get("subtasks_skipped_errors"):
+            return TaskStatus(TaskState.failed, one_line(error + so_far), retryable=retryable, info=info)
+        if retryable and doc.get("subtasks_skipped_errors"):
             # A skipped file's own error says more than the task's (which it is not delivered anyway).
             stage_in = self._direction(doc) == TransferDirection.stage_in
             try:
@@ -782,7 +799,8 @@ class GlobusTransfer(TransferBackend):
                     raise problem from None
                 logger.debug("globus: cannot read the skipped errors of task %s", task_id, exc_info=True)
         info["task_error"] = error
-        return TaskStatus(TaskState.done, info=info, file_errors=errors)
+        # Not retryable (a cancel outside balsam): each undelivered file's error says who cancelled.
+        return TaskStatus(TaskState.done, info=info, file_errors=errors, file_errors_retryable=retryable)
 
     def _cancelled_outside_balsam(self, doc: Mapping[str, Any]) -> str:
         """Who cancelled a task, when it was not balsam ('' otherwise)."""

@@ -4,7 +4,10 @@ One cycle (every ``service_period`` seconds):
 
 1. One GET of this site's transfer items that are ``pending``, ``active`` or ``inactive`` (at most
    ``num_items_query_limit``, in-flight ones first), and one (chunked) GET of the workdirs of jobs
-   not seen before. When that page is full but holds fewer than ``num_items_query_limit`` items the
+   not seen before. When in-flight items fill that page (``max_concurrent_transfers`` x
+   ``transfer_batch_size`` may exceed it), one GET per page reads the rest of them (every task in
+   flight is polled and counted against the slots) and, when a slot is free, the pending items are
+   read by the pages below. When that page is full but holds fewer than ``num_items_query_limit`` items the
    cycle can act on (pending items waiting for their retry backoff, or for a location whose backend
    refused the last submission, e.g. Globus not logged in), at most
    ``PENDING_PAGES_PER_CYCLE`` more GETs page on through the pending items by id, and the next
@@ -47,9 +50,10 @@ A batch journaled with a submission token is sent again with that token, never u
 (one submission of the cycle, within its slots; one that finds no slot waits in the journal, and so
 do its location's new batches): a location refusing for a reason retrying may fix keeps one batch
 journaled, sent once per cycle, instead of one more per cycle. If the service refuses it for good
-(the location's collection is gone) or its alias left settings.yml, its items fail (their jobs
-too) and it leaves the journal; a refusal retrying may fix keeps it journaled, its items waiting
-with the reason.
+(the location's collection is gone, a permission to grant), it leaves the journal and its items each
+fail a try, as a first submission refused for good does (backoff, then ``max_attempts``); if its
+alias left settings.yml, its items fail (their jobs too), as a first submission's would; a refusal
+retrying may fix keeps it journaled, its items waiting with the reason.
 
 Deadline: a task polled ``active`` or ``inactive`` more than ``task_timeout_sec`` after it started
 is cancelled and its items fail a try with that reason and the reason it was not moving, as last
@@ -60,8 +64,9 @@ taken at its word, so the files it delivered are done and only the others fail a
 logged once when a task passes half of it. A task
 starts when its items are submitted (``transfer_info.submitted``), unless its backend polls it
 ``queued`` (``TaskStatus.queued``: the ``local`` and ``rsync`` backends run ``threads`` tasks at
-once and the others wait for a free thread): its items then carry ``transfer_info.queued`` and the
-reason they wait, no deadline runs, and the first poll that finds it started records that time as
+once and the others wait for a free thread; Globus runs 3 tasks of a user and queues the others):
+its items then carry ``transfer_info.queued`` and the reason they wait (the backend's own, else
+QUEUED_REASON; not logged as a task not moving), no deadline runs, and the first poll that finds it started records that time as
 ``transfer_info.started``, from which its deadline counts (so a task queued behind hung ones gets
 its whole ``task_timeout_sec`` once it runs; the hung ones ahead of it meet their own deadlines,
 and a cancelled one's thread is replaced). A task whose poll fails counts from its start if known,
@@ -72,7 +77,9 @@ Backends that take the deadline themselves (``section_keys`` mapping ``task_time
 plugin passes it to the service) stop the task on their side too.
 
 A done task whose ``file_errors`` name files is matched to its items by destination (a file inside
-a recursive item's destination is that item's); if some error matches no item, the items without
+a recursive item's destination is that item's); each item so named fails a try, or fails for good
+(its job FAILED with the error) when the backend sets ``file_errors_retryable`` False (Globus: a task
+cancelled by its owner or an administrator); if some error matches no item, the items without
 an error of their own are not called done either: each fails a try (it is copied again, and its
 job fails if that keeps happening), since the unmatched error may be theirs.
 
@@ -127,8 +134,10 @@ IN_FLIGHT = (TransferItemState.active.value, TransferItemState.inactive.value)
 #: ``transfer_info`` keys of one submission's clock (see the module docstring's "Deadline"): a new
 #: submission, or an item leaving its task, drops them.
 CLOCK_KEYS = ("queued", "started")
-#: The reason shown on the items of a task its backend reports ``queued``.
-QUEUED_REASON = "waiting for the transfer backend to start its task (all its threads are busy)"
+#: The reason shown on the items of a task its backend reports ``queued`` without a reason of its own
+#: (``TaskStatus.reason``: Globus names its queue). Backend-neutral: the ``local`` and ``rsync``
+#: backends queue behind their threads, a service behind its limit of running tasks.
+QUEUED_REASON = "waiting for the transfer backend to start its task (it runs a limited number of tasks at once)"
 JOURNAL_NAME = ".transfer-tasks.jsonl"
 #: The tasks in flight and their item ids, kept so that a task whose items were all deleted (with
 #: their jobs) is cancelled, even by an agent restarted after the deletion.
@@ -146,6 +155,9 @@ JOB_ID_CHUNK = 500
 #: ``transfers:`` keys that ``balsam site sync`` also sends to the Site record
 #: (:func:`balsam.site.site_ops.site_record_fields`).
 SITE_RECORD_KEYS = frozenset({"transfer_locations", "globus_endpoint_id"})
+#: ``transfers:`` keys that only backends read (through their ``section_keys``): one set makes
+#: settings.yml's check look at every installed backend taking it, used by a location or not.
+BACKEND_SECTION_KEYS = ("globus_endpoint_id", "globus_endpoint_site_path")
 #: What a location alias may be: it is written ``alias:/path`` in jobs, so no ':' (nor '/', spaces).
 ALIAS_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -208,11 +220,59 @@ class TransfersOptions:
             problem = _location_problem(location)
             if problem:
                 problems[f"transfer_locations.{alias}"] = problem
+        section = self._section_key_problems(problems)
+        problems.update(section)
         if self.backend_options:
-            problems.update(self._backend_options_problems())
+            problems.update(self._backend_options_problems(skip=section))
         return problems
 
-    def _backend_options_problems(self) -> dict[str, str]:
+    def _section_key_problems(self, found: Mapping[str, str]) -> dict[str, str]:
+        """``transfers:`` section keys a backend takes as one of its options (``section_keys``: Balsam
+        0.7's ``globus_endpoint_id``, ``globus_endpoint_site_path``), checked against that option's type
+        and validator when settings.yml is read, under the section key (so the loader names its line).
+        They were checked only with a ``backend_options`` entry of the backend, and otherwise refused
+        only when the agent built the backend (its items waiting with the reason). Checked for the
+        backends of ``backend_options`` and ``transfer_locations``, and for every installed one when a
+        key only backends read (BACKEND_SECTION_KEYS) is set; a key set under ``backend_options`` too
+        is that option's (checked there). ``found``: problems already found (not reported twice)."""
+        pm = get_plugin_manager()
+        available = set(pm.list_drivers("transfer", resolve=False))
+        wanted = {backend_name_for(name) for name in self.backend_options}
+        for alias, url in self.transfer_locations.items():
+            try:
+                wanted.add(TransferLocation.parse(alias, url).backend_name)
+            except TransferError:
+                pass
+        if any(getattr(self, key, None) is not None for key in BACKEND_SECTION_KEYS):
+            wanted |= available
+        problems: dict[str, str] = {}
+        for name in sorted(wanted & available):
+            try:
+                cls = pm.load_driver("transfer", name)
+            except PluginError:
+                continue  # reported with its backend_options, or when a location uses it
+            schema = getattr(cls, "options_schema", None)
+            if schema is None or not attrs.has(schema):
+                continue
+            fields = {f.name: f for f in attrs.fields(schema)}
+            own: dict[str, Any] = {}
+            for key in _option_keys(self, name):
+                values = self.backend_options.get(key)
+                if isinstance(values, Mapping):
+                    own.update({str(k): v for k, v in values.items()})
+            for section_key, option_name in dict(getattr(cls, "section_keys", {}) or {}).items():
+                value = getattr(self, section_key, None)
+                if (value is None or option_name in own or option_name not in fields or section_key in found
+                        or section_key in problems):
+                    continue
+                typed = options_problems(schema, {option_name: value}, (section_key,))
+                why = next(iter(typed.values()), "") or _raw_value_problems(schema, {option_name: value}, "").get(
+                    f".{option_name}", "")
+                if why:
+                    problems[section_key] = why if option_name in why else f"{why} (the {name} backend's {option_name})"
+        return problems
+
+    def _backend_options_problems(self, skip: Mapping[str, str] = {}) -> dict[str, str]:
         """A misspelt backend or option is refused here, when settings.yml is read, rather than when
         the backend is first used (its items would wait, and `balsam site check-settings` pass)."""
         problems: dict[str, str] = {}
@@ -257,6 +317,8 @@ class TransfersOptions:
                 if typed:
                     problems.update(typed)
                     continue
+            if any(section_key in skip for section_key in dict(getattr(cls, "section_keys", {}) or {})):
+                continue  # a section key's value is refused under its own key (its line)
             try:
                 backend_options(cls, canonical, self)
             except OptionsError as exc:
@@ -603,14 +665,26 @@ class TransfersModule(AgentModule):
             limit=limit,
         )
         usable = sum(1 for it in items if self._usable(it, now))
-        if len(items) < limit or usable >= limit:
+        pending_read = sum(1 for it in items if it["state"] == TransferItemState.pending.value)
+        full = len(items) >= limit
+        if full and not pending_read:
+            # In-flight items fill the page (transfer_batch_size x max_concurrent_transfers may be more
+            # than num_items_query_limit: 1,000 x 10 against 2,000): the tasks past it would be neither
+            # polled nor counted, and no pending item read, so no more than 2 of the 10 tasks ran. Read
+            # the rest of the in-flight items (bulk pages), then, when a slot is free, pending ones by
+            # id (the pages below, from where the last cycle's stopped).
+            items.extend(self._rest_in_flight(len(items)))
+            if len({it.get("task_id") for it in items if it.get("task_id")}) >= self.options.max_concurrent_transfers:
+                return items  # every slot taken: nothing could be submitted
+            pending_read, usable = 0, 0
+        if not full or usable >= limit:
             self._pending_cursor = 0
             return items
         # The page is full but items that wait without using a try (backoff, a blocked location)
         # fill it: the limit applied before that filter and newer items of other locations never
         # started. Page on through the pending items (the first page held the oldest ones).
         seen = {it["id"] for it in items}
-        offset = max(sum(1 for it in items if it["state"] == TransferItemState.pending.value), self._pending_cursor)
+        offset = max(pending_read, self._pending_cursor)
         size = min(limit, MAX_PAGE_SIZE)
         params = {"site_id": self.site_id, "state": [TransferItemState.pending.value], "ordering": "id"}
         for _ in range(PENDING_PAGES_PER_CYCLE):
@@ -629,6 +703,21 @@ class TransfersModule(AgentModule):
         # Otherwise the next cycle goes on from here, so every pending item is read in turn.
         self._pending_cursor = offset
         return items
+
+    def _rest_in_flight(self, offset: int) -> list[dict]:
+        """The in-flight items past the first ``offset`` (the first page's), in pages of MAX_PAGE_SIZE
+        (one call each: they are bounded by max_concurrent_transfers x transfer_batch_size)."""
+        params = {"site_id": self.site_id, "state": list(IN_FLIGHT), "ordering": "state"}
+        rest: list[dict] = []
+        while True:
+            self.last_cycle_calls += 1
+            payload = self.client.get("/transfers/", params={**params, "limit": MAX_PAGE_SIZE, "offset": offset})
+            page = results(payload)
+            rest.extend(page)
+            offset += len(page)
+            total = payload.get("count") if isinstance(payload, Mapping) else None
+            if not page or total is None or offset >= int(total):
+                return rest
 
     def run_cycle(self) -> Optional[float]:
         self.last_cycle_calls = 0
@@ -794,11 +883,13 @@ class TransfersModule(AgentModule):
         items carry from an earlier poll ('' when none, or when it only waited for a thread)."""
         if status.state == TaskState.inactive:
             return one_line(f"paused by its service: {status.error}" if status.error else "paused by its service")
-        if status.reason and status.reason != QUEUED_REASON:
+        if status.reason and status.reason != QUEUED_REASON and not (status.state == TaskState.active and status.queued):
             return one_line(status.reason)
         for item in items:
-            reason = str((item.get("transfer_info") or {}).get("reason") or "")
-            if reason and reason != QUEUED_REASON:
+            info = item.get("transfer_info") or {}
+            reason = str(info.get("reason") or "")
+            # A queued task's reason (what it waited for) is no reason it was not moving.
+            if reason and reason != QUEUED_REASON and not info.get("queued"):
                 return one_line(reason)
         return ""
 
@@ -822,7 +913,7 @@ class TransfersModule(AgentModule):
         deadline yet. Once it is polled started, the deadline counts from that poll
         (``transfer_info.started``, written by :meth:`_apply_status`; ``now`` at that first poll,
         while the items still carry the ``queued`` mark). A task never seen queued (a backend that
-        does not say, Globus, or a task a free thread took at once) counts from its submission. A
+        does not say, or a task its backend started at once) counts from its submission. A
         task whose poll failed counts from its start if known, else from its submission, whatever it
         was last seen as: a backend that can no longer be asked must not keep its items for ever.
 
@@ -865,10 +956,11 @@ class TransfersModule(AgentModule):
                     new_info["queued"] = True
                 elif new_info.pop("queued", None):
                     new_info.setdefault("started", self._task_started.get(task_id, now).isoformat())
-                if reason:
+                if queued:
+                    # What it waits for: the backend's own words (Globus: its queue), else QUEUED_REASON.
+                    new_info["reason"] = one_line(reason or QUEUED_REASON)
+                elif reason:
                     new_info["reason"] = one_line(reason)
-                elif queued:
-                    new_info["reason"] = QUEUED_REASON
                 elif status.state == TaskState.active:
                     new_info.pop("reason", None)  # resumed
                 changed = item["state"] != state or new_info != info
@@ -882,6 +974,12 @@ class TransfersModule(AgentModule):
             if status.state == TaskState.inactive:
                 self._warn_once(f"task:{task_id}", reason or "", "transfer task %s is paused by its service: %s",
                                 task_id, reason or "no reason given")
+            elif queued:
+                # Waiting for its turn (the backend's own reason, or QUEUED_REASON): not a task that
+                # is not moving, and no warning (its deadline has not started).
+                if self._said.get(f"task:{task_id}") != (reason or QUEUED_REASON):
+                    self.logger.debug("transfer task %s is queued: %s", task_id, reason or QUEUED_REASON)
+                self._said[f"task:{task_id}"] = reason or QUEUED_REASON
             elif reason:
                 # Running, but not moving (a fault its service retries until the deadline, an
                 # administrator's pause): said once, not taken for a slow task for hours.
@@ -911,7 +1009,10 @@ class TransfersModule(AgentModule):
                     key, why = next(iter(unmatched.items()))
                     error = f"task {task_id} reported failed files matching none of its items ({key}: {why})"
                 if error is not None:
-                    failures.append((item, error, True))
+                    # A backend may say its failed files must not be tried again (the task was
+                    # cancelled on purpose); an error matched to no item stays a try (a guess).
+                    own = item["id"] in errors
+                    failures.append((item, error, status.file_errors_retryable or not own))
                 else:
                     info = _without(item.get("transfer_info"), ("retry_after", "reason", "error", "queued"))
                     if status.info:
@@ -1198,10 +1299,13 @@ class TransfersModule(AgentModule):
         except TransferError as exc:
             blocked[alias] = str(exc)
             if not exc.retryable:
-                # Refused for good (the location's collection is gone): its items fail, and the record
-                # leaves the journal instead of being sent again every cycle forever.
-                self._fail_many(f"re-sending a journaled batch of {len(files)} files to {alias!r} was refused",
-                                [(item, str(exc), False) for item in members], updates, now)
+                # Refused for good: the record leaves the journal instead of being sent again every
+                # cycle forever, and its files each fail a try, as a first submission's refused for good
+                # do (the contract cannot tell a refusal of the request, e.g. a permission to grant, from
+                # one of the files): their backoff, then max_attempts, not their jobs failing at once.
+                self._fail_many(f"re-sending a journaled batch of {len(files)} files to {alias!r} was refused "
+                                "(the location's other batches wait for the next cycle)",
+                                [(item, str(exc), True) for item in members], updates, now, level=logging.ERROR)
                 return False
             # Keyed by location as a first submission's "will retry" is: one warning per reason.
             self._warn_once(f"submit:{alias}", str(exc), "re-sending a journaled batch of %d files to %s "
