@@ -439,3 +439,30 @@ def test_items_left_when_transfer_locations_are_emptied_are_polled_or_failed(sit
     assert rows == {flying: "STAGED_IN", waiting: "FAILED"}
     assert "unknown transfer location 'shared'" in events(client, job_id=waiting)[-1]["data"]["error"]
     before.close()
+
+
+def test_a_small_copy_is_seen_done_well_before_the_next_period(site, client, tmp_path) -> None:
+    """The cycle after a submission comes QUICK_POLL_SEC later, not a whole period (5 s by default):
+    a small local copy, over in milliseconds, had its job wait that period on each stage-in and
+    stage-out. The agent waits what run_cycle returns; so does this test."""
+    import time
+
+    from balsam.api import Job
+
+    app = transfer_app(site.site_id)
+    remote = tmp_path / "remote"
+    (remote / "in").mkdir(parents=True)
+    (remote / "in" / "0.txt").write_text("input 0\n")
+    [job] = Job.objects.bulk_create([Job("quick/0", app, transfers={"input": f"shared:{remote}/in/0.txt"})])
+    module = make_module(site, client, service_period=5)
+    delay = module.run_cycle()
+    assert delay is not None and delay < 1, delay  # submitted: look again soon (QUICK_POLL_SEC)
+    began = time.monotonic()
+    while state_counts(client, site_id=site.site_id).get("STAGED_IN", 0) < 1:
+        assert delay is not None and time.monotonic() - began < 5, "waited a whole period"
+        time.sleep(delay)
+        delay = module.run_cycle()
+    assert time.monotonic() - began < 3
+    assert (Path(site.data_path) / "quick/0/input.txt").read_text() == "input 0\n"
+    assert delay is None  # nothing in flight: the module's period again
+    module.close()

@@ -103,6 +103,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -148,6 +149,12 @@ PENDING_PAGES_PER_CYCLE = 4
 #: items: a change of state or reason is written at once, progress alone at most this often (each
 #: write is one row per item in the cycle's bulk PATCH).
 PROGRESS_EVERY_SEC = 60.0
+#: The first look at a new task comes this soon after its submission, the next ones after as long
+#: as it has run so far (0.5, 1, 2, 4 s ...) until that reaches the module's period: a small local
+#: or rsync copy is over in milliseconds, and its job waited a whole period (5 s by default) for
+#: the poll that sees it done, on each of its stage-in and stage-out. A few more polls per
+#: submission for a long task (each one bulk request to the service).
+QUICK_POLL_SEC = 0.5
 #: Items named in one log line about many (a task's, a batch's); the others are logged at DEBUG.
 LOG_EXAMPLES = 3
 #: Job ids per GET /jobs/?id=... (keeps the URL short).
@@ -589,6 +596,9 @@ class TransfersModule(AgentModule):
         #: When each in-flight task's progress figures were last written into its items (see
         #: PROGRESS_EVERY_SEC); tasks no longer in flight are dropped each poll.
         self._progress_at: dict[str, dt.datetime] = {}
+        #: When each tracked task was first seen in flight by this process (``time.monotonic``), for
+        #: the quick polls of young tasks (:data:`QUICK_POLL_SEC`).
+        self._first_seen: dict[str, float] = {}
         #: The clock of the cycle (tests set their own: deadlines are checked without waiting).
         self.now: Callable[[], dt.datetime] = _now
 
@@ -771,7 +781,17 @@ class TransfersModule(AgentModule):
                 "cycle: %d items read, %d tasks in flight, %d tasks submitted; updates %s",
                 len(items), still_running, submitted, dict(counts) or "none",
             )
-        return None
+        return self._next_poll()
+
+    def _next_poll(self) -> Optional[float]:
+        """Seconds until the next cycle while a task in flight is young (:data:`QUICK_POLL_SEC`: as
+        long as the youngest has run, at least that), else None (the module's period)."""
+        clock = time.monotonic()
+        self._first_seen = {tid: self._first_seen.get(tid, clock) for tid in self.tracked_tasks}
+        if not self._first_seen:
+            return None
+        youngest = clock - max(self._first_seen.values())
+        return max(QUICK_POLL_SEC, youngest) if youngest < self.period else None
 
     def _poll(self, in_flight: list[dict], updates: dict[int, dict[str, Any]], now: dt.datetime) -> int:
         """Poll every in-flight task; record item updates; return the number of tasks still running."""
