@@ -162,7 +162,7 @@ def test_site_rename_to_a_name_site_cannot_select_is_refused(site, bad):
     from balsam.api import Site
 
     out = balsam("site", "rename", str(site.path), bad)
-    assert out.exit_code == 1 and "422" in out.output and "name: must not" in out.output, out.output
+    assert out.exit_code == 1 and "site name refused: must not" in out.output and "HTTP 422" not in out.output, out.output
     assert len(out.output.strip().splitlines()) == 1
     assert Site.objects.get(id=site.id).name == "site-a"
 

@@ -157,6 +157,12 @@ def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, pl
     if not busy_t and not avail_t:
         click.echo(f"No job has run yet and no BatchJob has started ({_selection_text(site_selector, tags, filters)}).")
         return
+    if not busy_t:
+        # A table of zeros would not say that nothing was selected (a tag no job has, say).
+        held = (f"; its BatchJobs held up to {max(avail_y):g} nodes between {_fmt(avail_t[0])} and {_fmt(avail_t[-1])}"
+                if avail_y else "")
+        click.echo(f"No job has run yet ({_selection_text(site_selector, tags, filters)}){held}.")
+        return
 
     start = min(busy_t[:1] + avail_t[:1], key=_instant)
     end = max(busy_t[-1:] + avail_t[-1:], key=_instant)

@@ -542,7 +542,7 @@ def rm(ids: tuple, tags: tuple, state: Optional[str], exclude_state: Optional[st
         if delete_all and not click.confirm("THIS WILL DELETE ALL JOBS! CAUTION! Continue?"):
             click.echo("Nothing deleted.")
             return
-        if not click.confirm(f"Really delete {n} jobs?"):
+        if not click.confirm(f"Really delete {n} job{'' if n == 1 else 's'}?"):
             click.echo("Nothing deleted.")
             return
     deleted = query.delete()

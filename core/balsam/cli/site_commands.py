@@ -37,6 +37,23 @@ def _site_config(path: Optional[str]) -> Any:
     return SiteConfig(path)
 
 
+def _name_refusal(exc: Exception, hint: str) -> Optional[click.ClickException]:
+    """The server's refusal of a site name (HTTP 409: taken; 422 on ``name``), as its reason and
+    ``hint``, without the transport's ``POST unix:///... failed with HTTP 422:`` prefix; else None."""
+    from balsam.client.rest import APIError
+
+    if not isinstance(exc, APIError) or exc.status_code not in (409, 422):
+        return None
+    reason = str(exc).partition(f" failed with HTTP {exc.status_code}: ")[2] or str(exc.detail)
+    if exc.status_code == 422:
+        if not reason.startswith("name: "):
+            return None
+        reason = "site name refused: " + reason[len("name: "):]
+    elif "name" not in reason:
+        return None
+    return click.ClickException(f"{reason}. {hint}")
+
+
 @click.command("init")
 @click.argument("site_path", type=click.Path(file_okay=False, dir_okay=True, writable=True))
 @click.option("-n", "--name", help="Site name (unique among your sites; default: the directory name)")
@@ -79,8 +96,14 @@ def init(site_path: str, name: Optional[str], platform_name: Optional[str], sche
         answer = click.prompt("Projects (allocations) BatchJobs may charge, comma separated"
                               + ("" if suggested else " (empty: ask the scheduler)"), default=suggested)
         projects = tuple(p.strip() for p in answer.split(",") if p.strip())
-    site_id = init_site(path, name, platform_name, _client(), echo=click.echo, scheduler_name=scheduler_name,
-                        projects=list(projects) or None)
+    try:
+        site_id = init_site(path, name, platform_name, _client(), echo=click.echo, scheduler_name=scheduler_name,
+                            projects=list(projects) or None)
+    except Exception as exc:
+        refusal = _name_refusal(exc, "Choose another name with -n NAME (the default is the directory's name)")
+        if refusal is None:
+            raise
+        raise refusal from None
     click.echo(f"New Balsam site {name!r} (id {site_id}, platform {platform_name}) set up at {path}")
     click.echo(f"Next: cd {shlex.quote(str(path))} && balsam site start")  # a path with a space must paste as one
 
@@ -302,7 +325,13 @@ def rename(site_path: str, name: str) -> None:
     from balsam.site.site_ops import read_site_id
 
     site_id = read_site_id(Path(site_path).expanduser().absolute())
-    _client().put(f"/sites/{site_id}", json={"name": name})
+    try:
+        _client().put(f"/sites/{site_id}", json={"name": name})
+    except Exception as exc:
+        refusal = _name_refusal(exc, "Choose another name")
+        if refusal is None:
+            raise
+        raise refusal from None
     click.echo(f"Renamed site {site_id} to {name!r}")
 
 

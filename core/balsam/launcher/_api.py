@@ -35,6 +35,30 @@ def api_models() -> Any:
     return api
 
 
+class UnknownBatchJob(Exception):
+    """The server has no BatchJob of this id at the launcher's site (its Session is refused): a
+    start-up problem, ``str()`` the one line shown (``Error: ...``) with what to do."""
+
+    def __init__(self, batch_job_id: Optional[int], detail: str) -> None:
+        self.batch_job_id = batch_job_id
+        self.detail = detail
+        super().__init__(
+            f"BALSAM_BATCH_JOB_ID={batch_job_id}: the server refused this launcher's session: {detail}. Set "
+            "BALSAM_BATCH_JOB_ID to the id of one of this site's BatchJobs (balsam queue ls), or unset it to run "
+            "without a BatchJob"
+        )
+
+
+def unknown_batch_job(exc: BaseException, batch_job_id: Optional[int]) -> Optional[UnknownBatchJob]:
+    """``exc`` as :class:`UnknownBatchJob` when it is the server's 404 for the Session's BatchJob."""
+    if isinstance(exc, UnknownBatchJob):
+        return exc
+    detail = getattr(exc, "detail", None)
+    if batch_job_id is None or getattr(exc, "status_code", None) != 404 or "BatchJob" not in str(detail):
+        return None
+    return UnknownBatchJob(batch_job_id, str(detail))
+
+
 def open_lease(site_id: int, batch_job_id: Optional[int], filter_tags: Optional[dict[str, str]] = None,
                **options: Any) -> Any:
     """The launcher's lease on runnable jobs (``acquire()`` returns ``balsam.api.Job`` objects);
@@ -57,10 +81,16 @@ def open_raw_lease(
     alone, without importing the API models (``acquire()`` returns dicts until ``wrap`` is set)."""
     from balsam.client.lease import JobLease
 
-    return JobLease(
-        default_client(), site_id, batch_job_id, filter_tags=filter_tags, sort_by=sort_by, app_ids=app_ids,
-        tick_period=tick_period, acquire_retry_count=ACQUIRE_RETRY_COUNT,
-    )
+    try:
+        return JobLease(
+            default_client(), site_id, batch_job_id, filter_tags=filter_tags, sort_by=sort_by, app_ids=app_ids,
+            tick_period=tick_period, acquire_retry_count=ACQUIRE_RETRY_COUNT,
+        )
+    except Exception as exc:
+        unknown = unknown_batch_job(exc, batch_job_id)
+        if unknown is None:
+            raise
+        raise unknown from None
 
 
 class EarlyLease:
@@ -135,6 +165,13 @@ class EarlyLease:
         self._lease.filter_tags = dict(filter_tags)
         self._lease.sort_by = sort_by
         return self._lease
+
+    def refusal(self) -> Optional[UnknownBatchJob]:
+        """Why the server refused the Session, when it has no such BatchJob (after :meth:`take` or
+        :meth:`discard`, which wait for the opening); else None."""
+        if not self._ready.is_set() or self._error is None:
+            return None
+        return unknown_batch_job(self._error, self.batch_job_id)
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait for the thread (the app prefetch included)."""

@@ -321,7 +321,17 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
     try:
         logger.info("launcher %s: site %s, batch job %s, %d nodes", partition.job_mode, site_config.site_path, batch_job_id, len(context.nodes))
         resume_gc_after_start_up()  # start-up is over (see balsam.launcher.__main__)
-        return int(mode.run() or 0)
+        from ._api import UnknownBatchJob
+
+        try:
+            code = int(mode.run() or 0)
+        except UnknownBatchJob as exc:
+            raise LauncherError(str(exc)) from None
+        # The Session refused for its BatchJob in a thread of the mode (which stopped for it).
+        refusal = early_lease.refusal() if code and early_lease is not None else None
+        if refusal is not None:
+            raise LauncherError(str(refusal))
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

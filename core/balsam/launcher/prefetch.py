@@ -40,6 +40,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
+from ._api import UnknownBatchJob
 from .app_run import JobBuildError, PreparedJob, SiteFaults, WorkdirUnavailable
 from .gone import acquire_generation
 from .node_manager import Demand, UnsatisfiableJob
@@ -180,7 +181,11 @@ class Prefetcher:
         try:
             self.lease = self._open_lease()
         except BaseException as exc:
-            logger.exception("could not create the session")
+            if isinstance(exc, UnknownBatchJob):
+                # A start-up problem the launcher prints as one ``Error:`` line: no traceback here.
+                logger.info("could not create the session: %s", exc)
+            else:
+                logger.exception("could not create the session")
             self.error = exc
             self._on_ready()
             return

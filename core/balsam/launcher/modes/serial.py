@@ -19,6 +19,13 @@ ends the master's Session itself (the master records it: :class:`~.serial_worker
 so that its RUNNING jobs become RUN_TIMEOUT at once and are run again instead of waiting for the
 Session to expire; it logs at ERROR and records ``serial workers died (mpiexec exit N): <the end of
 the MPI launcher's output>`` in the BatchJob's ``status_info["error"]``.
+
+Serial mode runs only jobs of one rank on one node (``serial_only``): the server never leases it
+the others, which wait for an mpi-mode BatchJob. At its start the launcher reads the site's
+runnable jobs once (one listing request, at most :data:`MULTI_RANK_SCAN_LIMIT` jobs, 2 s after its
+start) and, if some
+need more than one rank or node, says so once: in its log and in the BatchJob's
+``status_info["launcher"]`` (``balsam queue ls -v``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -39,7 +47,7 @@ import attrs
 from balsam.platform import LaunchSpec
 from balsam.util import api_text, tail_file
 
-from .._api import default_client, report_batch_job_error
+from .._api import default_client, note_batch_job, report_batch_job_error
 from ..job_mode import JobMode, gpuless_acquire_filter
 from .serial_worker import (
     EXIT_START_FAILED, LocalTransport, StartError, build_master, master_exit_code, rank_for_node, read_session_record,
@@ -55,6 +63,32 @@ logger = logging.getLogger(__name__)
 EXIT_AFTER_CLOSE_SEC = 10.0
 #: How often the launcher reads the master's Session record while the ranks run.
 SESSION_RECORD_POLL_SEC = 2.0
+#: Runnable jobs read, in one request, to count those serial mode leaves to mpi mode ...
+MULTI_RANK_SCAN_LIMIT = 500
+#: ... that many seconds after the launcher's start, when its start-up is over.
+MULTI_RANK_NOTE_AFTER_SEC = 2.0
+
+
+def multi_rank_note(client: Any, site_id: int, filter_tags: Optional[dict[str, str]] = None) -> Optional[str]:
+    """Why some runnable jobs of the site (of the launcher's tags) are never run by serial mode:
+    they need more than one rank or node. None when there are none. One request: the first
+    :data:`MULTI_RANK_SCAN_LIMIT` runnable jobs (a count beyond them is "at least")."""
+    from balsam.states import RUNNABLE_STATES
+
+    params: dict[str, Any] = {"site_id": int(site_id), "state": sorted(str(getattr(s, "value", s)) for s in RUNNABLE_STATES),
+                              "limit": MULTI_RANK_SCAN_LIMIT}
+    if filter_tags:
+        params["tags"] = [f"{k}:{v}" for k, v in filter_tags.items()]
+    page = client.get("/jobs/", params=params)
+    rows = page.get("results", []) if isinstance(page, dict) else list(page or [])
+    total = int(page.get("count", len(rows))) if isinstance(page, dict) else len(rows)
+    wide = sum(1 for r in rows if int(r.get("num_nodes") or 1) > 1 or int(r.get("ranks_per_node") or 1) > 1)
+    if not wide:
+        return None
+    count = f"at least {wide}" if total > len(rows) else str(wide)
+    verbs = ("job needs", "is") if wide == 1 else ("jobs need", "are")
+    return (f"{count} runnable {verbs[0]} more than one rank or node and {verbs[1]} left for an mpi-mode BatchJob "
+            "(balsam queue submit -j mpi): serial mode runs single-rank, single-node jobs only")
 
 
 def _option_name(key: str) -> str:
@@ -163,14 +197,36 @@ class SerialMode(JobMode):
             except ProcessLookupError:
                 pass
 
+    def note_multi_rank_jobs(self) -> Optional[str]:
+        """Say once (log, BatchJob ``status_info["launcher"]``) that runnable jobs needing more than one
+        rank or node are left for mpi mode. Best effort: an API that does not answer only logs it."""
+        ctx = self.context
+        try:
+            message = multi_rank_note(default_client(), ctx.site_id, ctx.filter_tags)
+        except Exception as exc:
+            logger.debug("runnable jobs not counted for the multi-rank note: %s", exc)
+            return None
+        if message:
+            logger.warning(message)
+            note_batch_job(ctx.batch_job_id, "launcher", message)
+        return message
+
     def run(self) -> int:
         ctx = self.context
+        # Off the start-up path (a thread parsing 500 jobs then would hold the GIL from the first
+        # acquire and spawns): one listing request, once, a little later.
+        note = threading.Timer(MULTI_RANK_NOTE_AFTER_SEC, self.note_multi_rank_jobs)
+        note.name, note.daemon = "multi-rank-note", True
+        note.start()
         config = self.worker_config()
         if self.runs_in_process():
             return self._run_in_process(config)
         if ctx.early_lease is not None:  # the master (another process) opens its own
-            ctx.early_lease.discard()
-            ctx.early_lease = None
+            early, ctx.early_lease = ctx.early_lease, None
+            early.discard()
+            refusal = early.refusal()
+            if refusal is not None:  # no such BatchJob: the master's Session would be refused too
+                raise refusal
         config["session_path"] = str(self.session_path)
         config_path = ctx.log_file("serial.json")
         config_path.parent.mkdir(parents=True, exist_ok=True)
