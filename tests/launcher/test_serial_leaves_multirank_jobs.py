@@ -4,7 +4,8 @@ Before: a job created with ``-n 1 -rpn 2`` (docs/cli.md's example) and a BatchJo
 ``-j serial`` (docs/quickstart.md's): the server never leases the job to serial mode
 (``serial_only``), so it stayed PREPROCESSED for ever, and neither the launcher's log nor the
 BatchJob's ``status_info`` said why (the GPU jobs a GPU-less launcher leaves are logged). Now the
-launcher counts them once, with one listing request, logs it and writes it in
+launcher counts them once as it ends (a request while jobs ran slowed them), with one listing
+request, logs it and writes it in
 ``status_info["launcher"]`` (``balsam queue ls -v``).
 
 Real uvicorn server (SQLite), a real ``python -m balsam.launcher -j serial`` process; and the

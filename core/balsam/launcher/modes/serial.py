@@ -21,11 +21,10 @@ Session to expire; it logs at ERROR and records ``serial workers died (mpiexec e
 the MPI launcher's output>`` in the BatchJob's ``status_info["error"]``.
 
 Serial mode runs only jobs of one rank on one node (``serial_only``): the server never leases it
-the others, which wait for an mpi-mode BatchJob. At its start the launcher reads the site's
-runnable jobs once (one listing request, at most :data:`MULTI_RANK_SCAN_LIMIT` jobs, 2 s after its
-start) and, if some
-need more than one rank or node, says so once: in its log and in the BatchJob's
-``status_info["launcher"]`` (``balsam queue ls -v``).
+the others, which wait for an mpi-mode BatchJob. As it ends (idle, out of time, stopped), the
+launcher reads the site's runnable jobs once (one listing request, at most
+:data:`MULTI_RANK_SCAN_LIMIT` jobs) and, if some need more than one rank or node, says so once: in
+its log and in the BatchJob's ``status_info["launcher"]`` (``balsam queue ls -v``).
 """
 
 from __future__ import annotations
@@ -63,10 +62,10 @@ logger = logging.getLogger(__name__)
 EXIT_AFTER_CLOSE_SEC = 10.0
 #: How often the launcher reads the master's Session record while the ranks run.
 SESSION_RECORD_POLL_SEC = 2.0
-#: Runnable jobs read, in one request, to count those serial mode leaves to mpi mode ...
+#: Runnable jobs read, in one request as the launcher ends, to count those serial mode leaves to
+#: mpi mode; the launcher waits at most MULTI_RANK_NOTE_WAIT_SEC for it.
 MULTI_RANK_SCAN_LIMIT = 500
-#: ... that many seconds after the launcher's start, when its start-up is over.
-MULTI_RANK_NOTE_AFTER_SEC = 2.0
+MULTI_RANK_NOTE_WAIT_SEC = 5.0
 
 
 def multi_rank_note(client: Any, site_id: int, filter_tags: Optional[dict[str, str]] = None) -> Optional[str]:
@@ -212,12 +211,19 @@ class SerialMode(JobMode):
         return message
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            # When the work is over (a listing request while jobs run slowed them: the server
+            # counts and reads the runnable jobs; a launcher that goes idle, or out of time, with
+            # such jobs left is the case to explain). Bounded: an API that does not answer does not
+            # hold the launcher's exit.
+            note = threading.Thread(target=self.note_multi_rank_jobs, name="multi-rank-note", daemon=True)
+            note.start()
+            note.join(MULTI_RANK_NOTE_WAIT_SEC)
+
+    def _run(self) -> int:
         ctx = self.context
-        # Off the start-up path (a thread parsing 500 jobs then would hold the GIL from the first
-        # acquire and spawns): one listing request, once, a little later.
-        note = threading.Timer(MULTI_RANK_NOTE_AFTER_SEC, self.note_multi_rank_jobs)
-        note.name, note.daemon = "multi-rank-note", True
-        note.start()
         config = self.worker_config()
         if self.runs_in_process():
             return self._run_in_process(config)
