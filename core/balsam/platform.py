@@ -17,12 +17,13 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
 import attrs
 
 from .options import NoOptions, build_options
-from .util import first_warning
+from .util import first_warning, to_tuple
 
 __all__ = [
     "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "capped_threads_per_core", "cpu_bind_list",
@@ -31,7 +32,8 @@ __all__ = [
     "hosts_from_node_file", "is_mig_id", "launch_option", "launch_option_name", "launch_param_args",
     "launch_params_to_pass", "leading_job_number", "near_cpus_of",
     "nvidia_smi_list", "nvidia_smi_note", "parse_gpu_cpu_map", "parse_id_ranges", "parse_nvidia_smi_list", "pick_cpu_binding",
-    "read_fresh_gpu_list", "read_node_file", "split_launch_params",
+    "read_fresh_gpu_list", "read_node_file", "split_launch_params", "launch_param_value",
+    "PALS_RESERVED_OPTIONS", "HYDRA_RESERVED_OPTIONS", "OPENMPI_RESERVED_OPTIONS",
 ]
 
 logger = logging.getLogger("balsam.platform")
@@ -48,21 +50,14 @@ def _gpu_cpu_pairs(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple((str(gpu), tuple(int(c) for c in cpus)) for gpu, cpus in items)
 
 
-def _to_tuple(value: Iterable[Any]) -> tuple:
-    # A Python function rather than ``tuple`` itself: attrs reads each converter's signature when
-    # the class is made, and a builtin's is parsed from its text signature (the tokenizer's
-    # patterns compiled on first use: ~2 ms of every launcher's start-up for these four fields).
-    return tuple(value)
-
-
 @attrs.frozen
 class NodeInfo:
     """One compute node of the allocation, as the platform discovered it."""
 
     node_id: str
     hostname: str
-    cpu_ids: tuple[int, ...] = attrs.field(converter=_to_tuple)
-    gpu_ids: tuple[str, ...] = attrs.field(converter=_to_tuple, factory=tuple)
+    cpu_ids: tuple[int, ...] = attrs.field(converter=to_tuple)
+    gpu_ids: tuple[str, ...] = attrs.field(converter=to_tuple, factory=tuple)
     #: GPU ids that are parts of one physical device (Aurora: the two tiles of one GPU,
     #: ``(("0.0", "0.1"), ("1.0", "1.1"), ...)``); empty when every GPU id is a whole device. The
     #: node manager gives a request of a multiple of a group's size whole groups when it can, and
@@ -101,7 +96,7 @@ class LaunchSpec:
     """What the launcher decided for one job run: where it goes and how it is laid out."""
 
     cmdline: str  #: the app's shell command line (already rendered and quoted)
-    hostnames: tuple[str, ...] = attrs.field(converter=_to_tuple)
+    hostnames: tuple[str, ...] = attrs.field(converter=to_tuple)
     ranks_per_node: int = 1
     threads_per_rank: int = 1
     threads_per_core: int = 1
@@ -114,7 +109,7 @@ class LaunchSpec:
     #: Environment variables set for this job beyond those the launcher inherited (its GPU ids,
     #: OMP_NUM_THREADS, the app's variables), for MPI launchers that forward only what they are
     #: told to (Open MPI's ``-x NAME``). The job's process already has them in its environment.
-    env_names: tuple[str, ...] = attrs.field(converter=_to_tuple, factory=tuple)
+    env_names: tuple[str, ...] = attrs.field(converter=to_tuple, factory=tuple)
     #: The job and its app, when the run is a job's (None for the serial-mode workers): named in the
     #: warnings about its launch params (:func:`launch_params_to_pass`), given once per app.
     job_id: Optional[int] = None
@@ -421,8 +416,25 @@ def leading_job_number(value: Optional[str]) -> Optional[int]:
 
 
 def first_launch_param(params: Mapping[str, Any], keys: Sequence[str]) -> Any:
-    """The value of the first of ``keys`` set (non-empty) in ``params``, else ``None``."""
-    return next((params[k] for k in keys if params.get(k)), None)
+    """The value of the first of ``keys`` set (non-empty) in ``params``, else ``None``. Keys match in
+    any spelling of their option (:func:`launch_option_name`: ``{"--depth=8": ""}`` is ``depth`` 8,
+    see :func:`launch_param_value`), the rule :func:`launch_param_args` skips them by."""
+    for name in dict.fromkeys(map(launch_option_name, keys)):
+        for key, value in params.items():
+            if launch_option_name(key) == name:
+                value = launch_param_value(key, value)
+                if value:
+                    return value
+    return None
+
+
+def launch_param_value(key: str, value: Any) -> Any:
+    """The value a launch param gives its option: ``value``, or, when that is empty, the one written
+    into the key (``{"--depth=8": ""}`` and ``{"--depth 8": ""}`` give ``"8"``)."""
+    if value not in ("", None):
+        return value
+    parts = re.split(r"[=\s]", str(key).strip(), maxsplit=1)
+    return parts[1].strip() if len(parts) == 2 else value
 
 
 def launch_option(key: str, prefix: str = "--") -> str:
@@ -437,10 +449,13 @@ def launch_option(key: str, prefix: str = "--") -> str:
 def launch_param_args(params: Mapping[str, Any], *, skip: Sequence[str] = (), prefix: str = "--") -> list[str]:
     """``launch_params`` as command-line options: ``key`` -> ``--key value`` (see :func:`launch_option`
     for the option's name); an empty or ``None`` value gives the option alone (a flag, such as
-    ``{"exclusive": ""}`` -> ``--exclusive``), never an empty argument; ``skip`` keys left out."""
+    ``{"exclusive": ""}`` -> ``--exclusive``), never an empty argument; ``skip`` keys left out, in
+    any spelling of their option (:func:`launch_option_name`: ``skip=("depth",)`` leaves out
+    ``"--depth"`` and ``"--depth=8"`` too), the rule :func:`first_launch_param` finds them by."""
+    skipped = {launch_option_name(k) for k in skip}
     args: list[str] = []
     for key, value in params.items():
-        if key in skip:
+        if skipped and launch_option_name(key) in skipped:
             continue
         args.append(launch_option(key, prefix))
         if value not in ("", None):
@@ -466,16 +481,39 @@ def split_launch_params(params: Mapping[str, Any], reserved: Iterable[str]) -> t
     return passed, refused
 
 
+#: The options an MPI launcher's line sets from balsam's placement, for
+#: :func:`launch_params_to_pass`: the option names a launch param may spell them by (without dashes)
+#: -> the option, per launcher (not per machine: every platform driving that launcher uses its map).
+#: PALS ``mpiexec`` (HPE Cray PALS: Aurora, Sunspot, Polaris).
+PALS_RESERVED_OPTIONS: Mapping[str, str] = MappingProxyType({
+    "n": "-n", "np": "-n", "ppn": "--ppn", "hosts": "--hosts", "host": "--hosts", "hostfile": "--hosts",
+})
+#: MPICH's hydra ``mpiexec``.
+HYDRA_RESERVED_OPTIONS: Mapping[str, str] = MappingProxyType({
+    "n": "-n", "np": "-n", "ppn": "-ppn",
+    "hosts": "--hosts", "host": "--hosts", "f": "--hosts", "hostfile": "--hosts", "machinefile": "--hosts",
+})
+#: Open MPI's ``mpiexec``/``mpirun`` (the option is found on the line in any dash spelling:
+#: ``-npernode`` as well as ``--npernode``).
+OPENMPI_RESERVED_OPTIONS: Mapping[str, str] = MappingProxyType({
+    "n": "-n", "np": "-n", "c": "-n", "npernode": "--npernode", "N": "--npernode",
+    "host": "--host", "H": "--host", "hostfile": "--host", "machinefile": "--host", "default-hostfile": "--host",
+})
+
+
 def _option_value(args: Sequence[str], option: str) -> str:
-    """``option value`` as it stands in ``args`` (a flag alone, or ``--option=value``), clipped."""
-    for index, arg in enumerate(args):
-        if arg == option:
-            following = args[index + 1] if index + 1 < len(args) else ""
-            text = f"{option} {following}" if following and not following.startswith("-") else option
-            break
-        if arg.startswith(option + "="):
+    """``option value`` as it stands in ``args`` (a flag alone, or ``--option=value``; ``option`` in
+    any dash spelling, :func:`launch_option_name`), clipped."""
+    name = launch_option_name(option)
+    for index, arg in enumerate(args[1:], start=1):
+        if not arg.startswith("-") or launch_option_name(arg) != name:
+            continue
+        if "=" in arg:
             text = arg
-            break
+        else:
+            following = args[index + 1] if index + 1 < len(args) else ""
+            text = f"{arg} {following}" if following and not following.startswith("-") else arg
+        break
     else:
         return option
     return text if len(text) <= 120 else text[:117] + "..."

@@ -53,6 +53,7 @@ import attrs
 
 from .models import AllowedQueue, BackfillWindow, SchedulerJobStatus
 from .options import NoOptions, build_options
+from .util import to_tuple
 from .states import BatchJobState
 
 logger = logging.getLogger("balsam.scheduler")
@@ -122,13 +123,13 @@ class SchedulerError(Exception):
 class Command:
     """A command line to run, with extra environment variables (merged over ``os.environ``)."""
 
-    args: tuple[str, ...] = attrs.field(converter=tuple)
+    args: tuple[str, ...] = attrs.field(converter=to_tuple)
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: Optional[Path] = None
     timeout: float = 60.0
     #: Variables removed from the inherited environment (e.g. a user's SQUEUE_FORMAT or
     #: SQUEUE_PARTITION, which would change what the command prints).
-    unset_env: tuple[str, ...] = attrs.field(converter=tuple, default=())
+    unset_env: tuple[str, ...] = attrs.field(converter=to_tuple, default=())
 
 
 @attrs.frozen

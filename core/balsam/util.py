@@ -138,6 +138,15 @@ def first_warning(key: tuple) -> bool:
     return True
 
 
+def to_tuple(value: Any) -> tuple:
+    """``tuple(value)``, as an attrs converter (``attrs.field(converter=to_tuple)``): a Python function
+    rather than ``tuple`` itself, since attrs reads each converter's signature when the class is
+    made, and a builtin's is parsed from its text signature (the tokenizer's patterns compiled on
+    first use: ~2 ms of the start-up of every process that defines such a class: launcher, agent,
+    CLI). The one converter of the kind (balsam.platform, balsam.scheduler)."""
+    return tuple(value)
+
+
 def terminate_processes(procs: list, grace_sec: float = 3.0) -> list[int]:
     """SIGTERM ``procs`` (``psutil.Process`` objects), SIGKILL the ones left after ``grace_sec``;
     returns their pids. Processes already gone are skipped."""

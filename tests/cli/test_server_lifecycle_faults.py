@@ -240,3 +240,35 @@ def test_stop_leaves_alone_a_process_that_reused_the_pid(home_env):
             if other.poll() is None:
                 other.send_signal(signal.SIGKILL)
             other.wait()
+
+
+@pytest.mark.parametrize("server_json", [None, "other-pid", "no-start-time"])
+def test_stop_and_status_name_an_embedded_server_server_json_cannot_date(home_env, server_json):
+    """server.pid names a running embedded server, but server.json is missing (a `start` killed
+    between writing the two files), names another pid or dates nothing. Before: `stop` deleted
+    server.pid and said nothing was running, leaving the server up and forgotten. Now `stop` and
+    `status` name the pid and what to do, keep server.pid, and `stop --force` stops it."""
+    server_dir = Path(home_env["BALSAM_HOME"]) / "server"
+    server_dir.mkdir(parents=True)
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "balsam.server.embedded"])
+    try:
+        (server_dir / "server.pid").write_text(f"{fake.pid}\n")
+        if server_json == "other-pid":
+            (server_dir / "server.json").write_text(json.dumps({"pid": fake.pid + 100000, "create_time": time.time()}))
+        elif server_json == "no-start-time":
+            (server_dir / "server.json").write_text(json.dumps({"pid": fake.pid}))
+        stop = run(["server", "stop", "--timeout", "5"], home_env)
+        assert stop.returncode == 1 and "No Balsam server is running" not in stop.stdout, (stop.stdout, stop.stderr)
+        [message] = stop.stderr.strip().splitlines()
+        assert message.startswith("Error: server.pid names pid %d, a running embedded Balsam server" % fake.pid), message
+        assert "balsam server stop --force" in message
+        assert fake.poll() is None and (server_dir / "server.pid").exists()
+        status = run(["server", "status"], home_env)
+        assert status.returncode == 3 and f"Balsam server: unknown: server.pid names pid {fake.pid}" in status.stdout, status.stdout
+        forced = run(["server", "stop", "--timeout", "5", "--force"], home_env)
+        assert forced.returncode == 0 and f"Stopping Balsam server (pid {fake.pid})" in forced.stdout, forced
+        assert fake.wait(10) is not None and not (server_dir / "server.pid").exists()
+    finally:
+        if fake.poll() is None:
+            fake.kill()
+        fake.wait()

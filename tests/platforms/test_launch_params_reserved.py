@@ -150,3 +150,72 @@ def test_serial_workers_params_are_refused_the_same_way(caplog) -> None:
     assert args.count("--ppn") == 1 and args[args.index("--ppn") + 1] == "1"
     [warning] = refusals(caplog)
     assert warning.startswith("launch param 'ppn'='2' not passed to mpiexec")
+
+
+#: Per platform: the launch params whose value replaces one the line computes, as groups of the
+#: keys that name one option (the first is the option on the line), and the launcher's reserved map.
+#: Every key is tried in every spelling: bare, ``-key``, ``--key``, ``--key=value`` (value in the key).
+_PALS = [("d", "depth"), ("cpu-bind", "cpu_bind")]
+SPELLING_CASES = {
+    "aurora": _PALS, "sunspot": _PALS, "polaris": _PALS,
+    "perlmutter-gpu": [("gres",), ("gpus-per-task",), ("cpus-per-task", "c"), ("cpu-bind", "cpu_bind")],
+    "perlmutter-cpu": [("cpus-per-task", "c"), ("cpu-bind", "cpu_bind")],
+    "theta-knl": [("cc", "cpu_affinity"), ("d", "depth", "cpus-per-pe"), ("j", "cpus-per-cu")],
+    "thetagpu": [("bind-to",)],
+    "default-mpich": [], "default-openmpi": [],
+}
+
+
+def _reserved_map(name: str) -> dict:
+    from balsam.builtin import default_platform
+    from balsam.platform import launch_option_name
+
+    if name.startswith("default-"):
+        reserved = default_platform.RESERVED_OPTIONS[name.split("-", 1)[1]]
+    else:
+        module = __import__(type(platform(name)).__module__, fromlist=["_"])
+        reserved = next(getattr(module, attr) for attr in ("RESERVED_OPTIONS", "KNL_RESERVED_OPTIONS", "GPU_RESERVED_OPTIONS")
+                        if hasattr(module, attr) and (attr != "KNL_RESERVED_OPTIONS" or name == "theta-knl")
+                        and (attr != "GPU_RESERVED_OPTIONS" or name == "thetagpu"))
+    return {key: launch_option_name(option) for key, option in reserved.items()}
+
+
+def _spellings(key: str) -> list[tuple[str, str]]:
+    return [(key, "7"), (f"-{key}", "7"), (f"--{key}", "7"), (f"--{key}=7", ""), (f"-{key}=7", "")]
+
+
+@pytest.mark.parametrize("name", sorted(SPELLING_CASES))
+def test_no_option_twice_for_any_spelling(name: str) -> None:
+    """A key replacing a computed value (depth, binding, ...) or naming a reserved option, in any
+    spelling, never puts a second option on the line. Before: ``{"-bind-to": "core"}``,
+    ``{"--depth=8": ""}``, ``{"--cpu-bind=...": ""}`` were matched exactly and appended."""
+    canonical = _reserved_map(name)
+    for group in SPELLING_CASES[name]:
+        canonical.update({key: group[0] for key in group})
+    keys = [key for group in SPELLING_CASES[name] for key in group] + sorted(_reserved_map(name))
+    for key in keys:
+        for spelled, value in _spellings(key):
+            args = line(name, {spelled: value})
+            names = [canonical.get(option, option) for option in option_names(args)]
+            doubled = sorted({option for option in names if names.count(option) > 1})
+            assert not doubled, (spelled, value, args)
+            if any(key in group for group in SPELLING_CASES[name]):  # the job's value replaces the computed one
+                option = canonical[key]
+                at = next(i for i, a in enumerate(args[1:], 1) if a.startswith("-")
+                          and canonical.get(option_names(["", a])[0], option_names(["", a])[0]) == option)
+                shown = args[at].split("=", 1)[1] if "=" in args[at] else args[at + 1]
+                assert shown == "7", (spelled, value, args)
+
+
+def test_platforms_use_the_launchers_maps_of_core() -> None:
+    """One map per MPI launcher, in balsam.platform: PALS (Aurora, Polaris), Open MPI (the default
+    platform's, ThetaGPU's), MPICH hydra (the default platform's)."""
+    from balsam import platform as core
+    from balsam.builtin import default_platform
+    from balsam_platform_aurora import platform as aurora
+    from balsam_platform_polaris import platform as polaris
+    from balsam_platform_theta import platform as theta
+
+    assert aurora.RESERVED_OPTIONS is polaris.RESERVED_OPTIONS is core.PALS_RESERVED_OPTIONS
+    assert theta.GPU_RESERVED_OPTIONS is default_platform.RESERVED_OPTIONS["openmpi"] is core.OPENMPI_RESERVED_OPTIONS
+    assert default_platform.RESERVED_OPTIONS["mpich"] is core.HYDRA_RESERVED_OPTIONS

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, launch_option, launch_params_to_pass, nvidia_smi_list, parse_nvidia_smi_list,
+    HYDRA_RESERVED_OPTIONS, OPENMPI_RESERVED_OPTIONS, LaunchSpec, NodeInfo, Platform, launch_option,
+    launch_params_to_pass, nvidia_smi_list, parse_nvidia_smi_list,
 )
 
 __all__ = ["DefaultPlatform", "detect_mpi_flavor", "expand_hostlist"]
@@ -29,16 +30,10 @@ MPICH, OPENMPI = "mpich", "openmpi"
 FLAVOR_PARAM = "mpi_flavor"
 FLAVOR_ENV = "BALSAM_MPI_FLAVOR"
 
-#: mpiexec options the line sets from balsam's placement, per MPI flavour (names without dashes, any
-#: spelling of a launch_params key) -> the option of the line: a launch param naming one is not
-#: passed (warned once per app and key), since the ranks would not run where balsam placed them.
-RESERVED_OPTIONS = {
-    MPICH: {"n": "-n", "np": "-n", "ppn": "-ppn",
-            "hosts": "--hosts", "host": "--hosts", "f": "--hosts", "hostfile": "--hosts", "machinefile": "--hosts"},
-    OPENMPI: {"n": "-n", "np": "-n", "c": "-n", "npernode": "--npernode", "N": "--npernode",
-              "host": "--host", "H": "--host", "hostfile": "--host", "machinefile": "--host",
-              "default-hostfile": "--host"},
-}
+#: mpiexec options the line sets from balsam's placement, per MPI flavour (the launcher's map, kept
+#: in balsam.platform): a launch param naming one, in any spelling, is not passed (warned once per
+#: app and key), since the ranks would not run where balsam placed them.
+RESERVED_OPTIONS = {MPICH: HYDRA_RESERVED_OPTIONS, OPENMPI: OPENMPI_RESERVED_OPTIONS}
 
 _flavor_cache: dict[str, str] = {}
 #: PATH -> the mpiexec found on it (see find_mpiexec).

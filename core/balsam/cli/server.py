@@ -120,6 +120,46 @@ def _running_pid() -> Optional[int]:
     return pid if same_process(pid, recorded) else None
 
 
+def _undated_server() -> Optional[tuple[int, str]]:
+    """``(pid, why)`` when :func:`_running_pid` says None only for want of a date: server.pid names a
+    running embedded server (its command line names the module) that server.json cannot date
+    (missing, unreadable, naming another pid, or with no start time): a ``start`` killed between
+    writing the two files, or files edited by hand. Such a process may well be the server started
+    here, or one that got the pid since: ``stop`` and ``status`` say so and leave it running (and
+    server.pid in place) rather than signal it, or forget it while it runs. None otherwise."""
+    import psutil
+
+    paths = _paths()
+    try:
+        pid = int(paths["pid"].read_text().strip())
+    except (OSError, ValueError):
+        return None
+    info = _info()
+    if not paths["info"].exists():
+        why = "server.json is missing"
+    elif not info:
+        why = "server.json cannot be read"
+    elif info.get("pid") != pid:
+        why = f"server.json names pid {info.get('pid')}"
+    elif not isinstance(info.get("create_time"), (int, float)) and not isinstance(info.get("started"), str):
+        why = "server.json records no start time"
+    else:
+        return None  # dated: another process than the one server.json dates is not ours
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE or EMBEDDED_MODULE not in proc.cmdline():
+            return None
+    except psutil.Error:
+        return None
+    return pid, why
+
+
+def _undated_message(pid: int, why: str) -> str:
+    return (f"server.pid names pid {pid}, a running embedded Balsam server, but {why}: it cannot be told from "
+            f"a process that got the pid since, so it is left running. Check it (ps -o pid,lstart,args -p {pid}), "
+            f"then stop it with `balsam server stop --force` (or kill {pid})")
+
+
 def _info() -> dict[str, Any]:
     try:
         return json.loads(_paths()["info"].read_text())
@@ -614,12 +654,19 @@ def revoke(username: Optional[str], ids: tuple[int, ...], kinds: tuple[str, ...]
 
 @server_group.command("stop")
 @click.option("--timeout", default=30.0, show_default=True, type=float, help="Seconds to wait before SIGKILL.")
-def stop(timeout: float) -> None:
+@click.option("--force", is_flag=True,
+              help="Also stop an embedded server that server.pid names but server.json cannot date (check it first).")
+def stop(timeout: float, force: bool) -> None:
     """Stop the background server (SIGTERM, then SIGKILL after --timeout)."""
     import psutil
 
     pid = _running_pid()
     paths = _paths()
+    if pid is None:
+        undated = _undated_server()
+        if undated is not None and not force:
+            raise click.ClickException(_undated_message(*undated))  # server.pid kept: it may be ours
+        pid = undated[0] if undated is not None else None
     if pid is None:
         paths["pid"].unlink(missing_ok=True)
         paths["info"].unlink(missing_ok=True)
@@ -627,6 +674,8 @@ def stop(timeout: float) -> None:
         return
     try:
         proc = psutil.Process(pid)
+        if EMBEDDED_MODULE not in proc.cmdline():  # (--force: checked again on the process signalled)
+            raise psutil.NoSuchProcess(pid)
         proc.send_signal(signal.SIGTERM)
     except psutil.NoSuchProcess:  # exited since _running_pid
         paths["pid"].unlink(missing_ok=True)
@@ -682,7 +731,10 @@ def _status() -> bool:
     database_url = info.get("database_url") or _database_url()
     healthy = False
     started = process_start_time(pid) if pid is not None else None
-    if pid is None or started is None:  # (or it exited since _running_pid)
+    undated = _undated_server() if pid is None else None
+    if undated is not None:
+        click.echo(f"Balsam server: unknown: {_undated_message(*undated)}")
+    elif pid is None or started is None:  # (or it exited since _running_pid)
         click.echo("Balsam server: not running")
     else:
         uptime = dt.datetime.now() - dt.datetime.fromtimestamp(started)

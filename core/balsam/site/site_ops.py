@@ -399,9 +399,13 @@ def stop_agent(
     (:func:`end_orphan_rsyncs`).
     """
     site_path = Path(site_path).absolute()
-    pid = _stop_recorded_agent(site_path, timeout=timeout, force=force, progress=progress, client=client, echo=echo)
-    end_orphan_rsyncs(site_path, echo)
-    return pid
+    try:
+        return _stop_recorded_agent(site_path, timeout=timeout, force=force, progress=progress, client=client,
+                                    echo=echo)
+    finally:
+        # Also when the agent did not stop in time: the records of a live agent's own rsyncs are
+        # skipped (RunningRsyncs.end_orphans checks each record's owner), only dead agents' end.
+        end_orphan_rsyncs(site_path, echo)
 
 
 def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,

@@ -45,6 +45,7 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
+    PALS_RESERVED_OPTIONS,
     LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_domains_of, cpu_ids_errors, first_launch_param,
     gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
     leading_job_number, near_cpus_of, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
@@ -54,10 +55,10 @@ from balsam.platform import (
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
 #: launch_params keys that set the depth (``-d``; ``{"d": "8"}`` is ``-d 8`` too, see ``launch_option``).
 DEPTH_KEYS = ("depth", "d", "-d", "--depth")
-#: mpiexec options the line sets from balsam's placement (names without dashes, any spelling of a
-#: launch_params key) -> the option of the line: a launch param naming one is not passed (warned
-#: once per app and key), since the ranks would not run where balsam placed them.
-RESERVED_OPTIONS = {"n": "-n", "np": "-n", "ppn": "--ppn", "hosts": "--hosts", "host": "--hosts", "hostfile": "--hosts"}
+#: mpiexec options the line sets from balsam's placement (PALS's map, kept in balsam.platform: any
+#: spelling of a launch_params key) -> the option of the line: a launch param naming one is not
+#: passed (warned once per app and key), since the ranks would not run where balsam placed them.
+RESERVED_OPTIONS = PALS_RESERVED_OPTIONS
 #: Flags the line has already: a launch param naming one is dropped without a warning.
 DUPLICATE_FLAGS = ("envall",)
 #: Hardware threads per core of the Xeon Max 9470C (2 per core: 208 on 104 cores).

@@ -32,7 +32,7 @@ from balsam.builtin.default_platform import expand_hostlist
 from balsam.options import option
 from balsam.platform import (
     LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, hardware_thread_ids, launch_param_args,
-    launch_params_to_pass, leading_job_number, parse_id_ranges,
+    launch_option_name, launch_param_value, launch_params_to_pass, leading_job_number, parse_id_ranges,
 )
 
 #: srun options the platform computes -> the launch_params keys that replace the computed value
@@ -61,14 +61,15 @@ DEFAULT_CPU_BIND = "cores"
 
 
 def _override(params: dict[str, Any], option: str) -> tuple[bool, Any]:
-    """``(given, value)`` of the launch param that replaces srun's ``option``; every alias of it is
-    taken out of ``params`` (the first one set wins)."""
+    """``(given, value)`` of the launch param that replaces srun's ``option``; every alias of it, in
+    any spelling (:func:`balsam.platform.launch_option_name`: ``"--cpu-bind=cores"`` too, its value
+    read from the key), is taken out of ``params`` (the first one given wins)."""
+    names = {launch_option_name(k) for k in OVERRIDES[option]}
     given, value = False, None
-    for key in OVERRIDES[option]:
-        if key in params:
-            found = params.pop(key)
-            if not given:
-                given, value = True, found
+    for key in [k for k in params if launch_option_name(k) in names]:
+        found = launch_param_value(key, params.pop(key))
+        if not given:
+            given, value = True, found
     return given, value
 
 

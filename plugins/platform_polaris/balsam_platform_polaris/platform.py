@@ -32,6 +32,7 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
+    PALS_RESERVED_OPTIONS,
     LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, file_mtime, first_launch_param,
     gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
     leading_job_number, near_cpus_of, nvidia_smi_list, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list,
@@ -43,10 +44,10 @@ logger = logging.getLogger("balsam.platform.polaris")
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
 #: ``{"d": "8"}`` is ``-d 8`` too (see ``launch_option``): it replaces the computed depth, never a second ``-d``.
 DEPTH_KEYS = ("depth", "d", "-d", "--depth")
-#: mpiexec options the line sets from balsam's placement (names without dashes, any spelling of a
-#: launch_params key) -> the option of the line: a launch param naming one is not passed (warned
-#: once per app and key), since the ranks would not run where balsam placed them.
-RESERVED_OPTIONS = {"n": "-n", "np": "-n", "ppn": "--ppn", "hosts": "--hosts", "host": "--hosts", "hostfile": "--hosts"}
+#: mpiexec options the line sets from balsam's placement (PALS's map, kept in balsam.platform: any
+#: spelling of a launch_params key) -> the option of the line: a launch param naming one is not
+#: passed (warned once per app and key), since the ranks would not run where balsam placed them.
+RESERVED_OPTIONS = PALS_RESERVED_OPTIONS
 #: Hardware threads per core of the EPYC 7543P (SMT 2).
 HARDWARE_THREADS_PER_CORE = 2
 

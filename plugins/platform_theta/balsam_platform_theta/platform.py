@@ -27,6 +27,7 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
+    OPENMPI_RESERVED_OPTIONS,
     LaunchSpec, NodeInfo, Platform, cpu_ids_errors, file_mtime, first_launch_param, hardware_thread_ids,
     hosts_from_node_file, launch_param_args, launch_params_to_pass, leading_job_number, nvidia_smi_list, parse_id_ranges,
     parse_nvidia_smi_list, read_fresh_gpu_list,
@@ -48,12 +49,8 @@ KNL_RESERVED_OPTIONS = {
     "N": "-N", "pes-per-node": "-N",
     "L": "-L", "node-list": "-L", "l": "-L", "node-list-file": "-L",
 }
-#: The same for ThetaGPU's Open MPI mpirun.
-GPU_RESERVED_OPTIONS = {
-    "n": "-n", "np": "-n", "c": "-n",
-    "npernode": "-npernode", "N": "-npernode",
-    "host": "--host", "H": "--host", "hostfile": "--host", "machinefile": "--host", "default-hostfile": "--host",
-}
+#: The same for ThetaGPU's Open MPI mpirun (the launcher's map, kept in balsam.platform).
+GPU_RESERVED_OPTIONS = OPENMPI_RESERVED_OPTIONS
 #: launch_params keys naming mpirun's --bind-to: the job's value replaces ThetaGPU's ``none``.
 BIND_TO_KEYS = ("bind-to", "--bind-to")
 #: Flags ThetaGPU's line has already: a launch param naming one is dropped without a warning.
