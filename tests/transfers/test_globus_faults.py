@@ -29,10 +29,12 @@ from balsam.transfer import TaskState, TransferError, TransferFile, build_backen
 from balsam_transfer_globus.auth import login, save_tokens
 from balsam_transfer_globus.backend import GlobusTransfer
 from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses, stage_in_site  # noqa: F401
+from test_transfer_module_refusals import FakeAPI
 
 pytestmark = pytest.mark.usefixtures("mocked_responses")
 
 CLIENT_ID = "33333333-3333-3333-3333-333333333333"
+JOURNALED_TOKEN = "aaaaaaaa-0000-0000-0000-000000000042"
 TRANSFER = "https://transfer.api.globus.org/v0.10"
 TOKEN_URL = "https://auth.globus.org/v2/oauth2/token"
 LOGIN = f"balsam site globus-login -e {SITE_EP} -e {REMOTE_EP}"
@@ -267,15 +269,20 @@ def test_an_unknown_location_collection_still_fails_its_jobs(tmp_path: Path) -> 
 # -- F3: a journaled batch refused for good ------------------------------------------------------------------
 
 
-def _journaled(tmp_path: Path, item_id: int, alias: str = "aps") -> tuple[TransfersModule, dict]:
-    module = module_for(tmp_path)
-    module.backends["globus"] = make_backend(tmp_path)
-    Path(module.journal_path).parent.mkdir(parents=True, exist_ok=True)
-    record = {"token": "aaaaaaaa-0000-0000-0000-000000000042", "alias": alias, "direction": "in",
-              "files": [(item_id, "/data/raw.h5", "/s/raw.h5", False)]}
+def _journaled(tmp_path: Path, item_id: int, alias: str = "aps") -> tuple[TransfersModule, FakeAPI]:
+    """A module (its API an in-memory fake) whose journal holds one batch sent with a token whose
+    task id was never recorded: its next cycle sends it again with that token."""
     item = {"id": item_id, "job_id": 7, "direction": "in", "state": "pending", "recursive": False, "local_path": "raw.h5",
             "remote_path": "/data/raw.h5", "location_alias": alias, "task_id": "", "transfer_info": {}}
-    return module, {"record": record, "item": item}
+    api = FakeAPI([item], [{"id": 7, "workdir": "job7", "state": "READY"}])
+    module = module_for(tmp_path)
+    module.client = api
+    module.backends["globus"] = make_backend(tmp_path)
+    Path(module.journal_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(module.journal_path).write_text(json.dumps(
+        {"token": JOURNALED_TOKEN, "alias": alias, "direction": "in",
+         "files": [[item_id, "/data/raw.h5", "/s/raw.h5", False]]}) + "\n")
+    return module, api
 
 
 @pytest.mark.parametrize("fault", ["collection gone", "alias removed"])
@@ -286,28 +293,35 @@ def test_a_journaled_batch_refused_for_good_fails_its_items_once(tmp_path: Path,
     then max_attempts); an alias gone from settings.yml fails them at once (as a first submission)."""
     responses.add(responses.POST, f"{TRANSFER}/transfer", status=404, content_type="application/json",
                   json={"code": "EndpointNotFound", "message": f"No such endpoint '{REMOTE_EP}'", "request_id": "r"})
-    module, batch = _journaled(tmp_path, 5, alias="aps" if fault == "collection gone" else "gone")
-    updates: dict = {}
-    kept = module._resubmit_with_tokens([batch["record"]], [batch["item"]], updates, dt.datetime.now(dt.timezone.utc))
-    assert kept == []  # out of the journal
+    module, api = _journaled(tmp_path, 5, alias="aps" if fault == "collection gone" else "gone")
+    module.run_cycle()
+    assert not Path(module.journal_path).exists()  # out of the journal
+    after = api.items[5]
     state = "pending" if fault == "collection gone" else "error"
-    assert updates[5]["state"] == state and updates[5]["transfer_info"]["attempts"] == 1
-    assert ("retry_after" in updates[5]["transfer_info"]) is (state == "pending")
+    assert after["state"] == state and after["transfer_info"]["attempts"] == 1
+    assert ("retry_after" in after["transfer_info"]) is (state == "pending")
     expected = "refused the request (HTTP 404" if fault == "collection gone" else "unknown transfer location 'gone'"
-    assert expected in updates[5]["transfer_info"]["error"]
+    assert expected in after["transfer_info"]["error"]
+    posts = [c for c in responses.calls if c.request.method == "POST" and c.request.url.endswith("/v0.10/transfer")]
+    assert len(posts) == (1 if fault == "collection gone" else 0)
+    if posts:
+        assert json.loads(posts[0].request.body)["submission_id"] == JOURNALED_TOKEN  # sent with its token
 
 
 def test_a_journaled_batch_that_may_work_later_waits_with_the_reason(tmp_path: Path, caplog) -> None:
     responses.add(responses.POST, f"{TRANSFER}/transfer", status=503, content_type="application/json",
                   json={"code": "ServiceUnavailable", "message": "maintenance", "request_id": "r"})
-    module, batch = _journaled(tmp_path, 5)
+    module, api = _journaled(tmp_path, 5)
     with caplog.at_level(logging.WARNING, logger="balsam.site.modules.transfers"):
         for _ in range(2):
-            item = dict(batch["item"])
-            updates: dict = {}
-            kept = module._resubmit_with_tokens([batch["record"]], [item], updates, dt.datetime.now(dt.timezone.utc))
-            assert kept == [batch["record"]] and item["state"] == "held"
-            assert "state" not in updates[5] and "maintenance" in updates[5]["transfer_info"]["reason"]
+            module.run_cycle()
+            lines = Path(module.journal_path).read_text().splitlines()
+            assert [json.loads(line)["token"] for line in lines] == [JOURNALED_TOKEN]  # kept, no new token
+            after = api.items[5]
+            assert after["state"] == "pending" and not after["transfer_info"].get("attempts")
+            assert "maintenance" in after["transfer_info"]["reason"]
+    posts = [c for c in responses.calls if c.request.method == "POST" and c.request.url.endswith("/v0.10/transfer")]
+    assert len(posts) == 2 and {json.loads(c.request.body)["submission_id"] for c in posts} == {JOURNALED_TOKEN}
     assert len([r for r in caplog.records if "journaled batch" in r.message]) == 1
 
 

@@ -14,6 +14,10 @@
 - ``poll``: one ``task_list`` call filtered on all in-flight task ids; a succeeded task with skipped
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
   (a file inside a directory item is named by its own path; the agent files it under that item).
+  A task whose outcome needs such calls (also a failed task's delivered files and last event) and
+  whose calls fail is reported ``active`` with the reason that poll, read again at the next; the
+  poll's other tasks settle. A finished task's status, once read, is remembered (while its document
+  is the same) and not read again should the agent's update of its items fail.
   An ``ACTIVE`` task whose ``nice_status`` is ``Queued`` (Globus runs a few tasks of a user at once,
   the others wait) is reported ``queued``, with QUEUED_REASON as its ``reason`` (shown on its items;
   the agent does not take it for a task that is not moving): the agent's deadline counts from its start.
@@ -25,6 +29,10 @@
   it copied, not whether the directory is complete), as does a file skipped because it was already
   in sync (not listed either: its retry is a quick no-op). A task none of whose files arrived, or
   submitted by an earlier agent process (its file list is not known), is ``failed`` as a whole.
+  Both sides are compared normalized (``~/`` as ``/~/``; a ``/~/`` destination, as submitted or made
+  by ``endpoint_site_path``, also matches the path Globus reports once it resolved that home); a
+  task that delivered files none of which matches logs one warning. A task's files are remembered
+  until no poll has named it for FORGET_AFTER_POLLS polls and FORGET_AFTER_SEC.
 - A task cancelled outside balsam (by its owner, e.g. in the Globus web app: ``fatal_error``
   ``CANCELED`` without balsam having asked for it; or by a collection's administrator:
   ``canceled_by_admin``) is not retried: someone meant it to stop. The files it delivered are done
@@ -76,6 +84,7 @@ import os
 import posixpath
 import re
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -123,9 +132,15 @@ CANCELED = "CANCELED"
 #: submission may have been cancelled by the previous agent's deadline (whose clock starts at the
 #: cycle before the submission, on another host's clock): taken for balsam's cancel.
 CANCEL_SLACK_SEC = 300
-#: A task the backend remembers (its files, whether it cancelled it) is forgotten once this many
-#: successful polls in a row did not ask about it (it left the agent's in-flight items).
+#: A task the backend remembers (its files, whether it cancelled it, its final status) is forgotten
+#: once this many successful polls in a row did not ask about it (it left the agent's in-flight
+#: items) *and* FORGET_AFTER_SEC went by since one did. Polls alone were no clock: the agent polls a
+#: task once more after each deadline cancel (one call naming that task), so 3 cancels in one cycle
+#: made the backend forget the file lists of the other tasks in flight (their next partial failure
+#: then failed and resent every file, "not known after an agent restart"). A task in flight is named
+#: by every cycle's poll, so it is never that long unasked.
 FORGET_AFTER_POLLS = 3
+FORGET_AFTER_SEC = 900.0
 #: globus-sdk's transport logger: a WARNING per failed request, naming nothing (see the module doc).
 SDK_TRANSPORT_LOGGER = "globus_sdk.transport"
 #: Who cancelled a task, by its canceled_by_admin value.
@@ -166,9 +181,12 @@ def _endpoint_path(instance: Any, attribute: Any, value: Optional[str]) -> None:
 
 
 def _http_retries(instance: Any, attribute: Any, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_HTTP_RETRIES:
-        raise ValueError(f"expected 0 to {MAX_HTTP_RETRIES} (each retry waits up to 10 s inside the agent's "
-                         f"cycle; the next cycle tries again anyway), got {value!r}")
+    # More than MAX_HTTP_RETRIES is accepted (Balsam took any number before the bound came: an agent
+    # must not stop at its start after an upgrade) and used as MAX_HTTP_RETRIES, with one warning
+    # when the backend is built (see GlobusTransfer._build_client).
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a number of retries, 0 or more (more than {MAX_HTTP_RETRIES} is used as "
+                         f"{MAX_HTTP_RETRIES}), got {value!r}")
 
 
 def _at_least_one(instance: Any, attribute: Any, value: int) -> None:
@@ -209,7 +227,7 @@ class GlobusOptions:
     max_concurrent_transfers: int = option(
         5, "Tasks in flight at once (transfers.max_concurrent_transfers sets it): how long a task may wait in "
         "Globus's queue, and so its Globus deadline.", validator=_at_least_one)
-    http_retries: int = option(3, f"Retries (0 to {MAX_HTTP_RETRIES}) of a Globus request that failed with 5xx/429 or a "
+    http_retries: int = option(3, f"Retries (at most {MAX_HTTP_RETRIES} are made) of a Globus request that failed with 5xx/429 or a "
                                "network error, within one cycle (then the next cycle tries again). A 401 is always "
                                "retried once with a refreshed access token.", validator=_http_retries)
 
@@ -377,8 +395,45 @@ def _is_uuid(text: Any) -> bool:
 
 
 def _norm(path: str) -> str:
-    """A collection path without repeated or trailing slashes (how it is compared)."""
-    return re.sub("/+", "/", str(path)).rstrip("/") or "/"
+    """A collection path without repeated or trailing slashes, ``~/...`` written ``/~/...`` (how it
+    is compared: Globus takes both for the home directory)."""
+    text = str(path)
+    if text == "~" or text.startswith("~/"):
+        text = "/" + text
+    return re.sub("/+", "/", text).rstrip("/") or "/"
+
+
+def _home_part(path: str) -> Optional[str]:
+    """The part of a normalized path after ``/~/`` (its home directory), else None."""
+    return path[len("/~/"):] if path.startswith("/~/") and len(path) > len("/~/") else None
+
+
+def _delivered(sent: Sequence[tuple[str, str, bool]], arrived: set[str]) -> set[str]:
+    """The submitted destinations (normalized) among the delivered ones (``arrived``, normalized):
+    the same path, or for a path in the home directory (``/~/...``, as submitted or as
+    ``endpoint_site_path`` made it) the path Globus reports once it resolved that home
+    (``/home/me/...``): the one delivered path that ends with it, all under the same home."""
+    found = {dest for dest, _, _ in sent if dest in arrived}
+    homes: dict[str, set[str]] = {}
+    for dest, _, _ in sent:
+        rest = _home_part(dest)
+        if dest in found or rest is None:
+            continue
+        for path in arrived:
+            if path.endswith("/" + rest):
+                homes.setdefault(path[: -len(rest) - 1], set()).add(dest)
+    if homes:
+        # One home: the prefix most files agree on (a shorter file path may end another's).
+        found |= max(homes.values(), key=len)
+    return found
+
+
+def _final_key(doc: Mapping[str, Any]) -> tuple:
+    """What a finished task's status is read from, beyond its id (a finished task's document does not
+    change: a remembered status is used while this is the same)."""
+    fatal = doc.get("fatal_error") or {}
+    return tuple(str(doc.get(k)) for k in ("status", "completion_time", "files_transferred", "files_skipped",
+                                           "subtasks_skipped_errors", "canceled_by_admin")) + (str(fatal.get("code")),)
 
 
 def _time(text: Any) -> Optional[dt.datetime]:
@@ -400,6 +455,16 @@ class _Task:
     cancelled: bool = False
     #: The poll (count) that last asked about it.
     seen: int = 0
+    #: When a poll last asked about it (the backend's ``clock``; None: not yet).
+    seen_at: Optional[float] = None
+    #: Its final status once read (done or failed: Globus's answer no longer changes): later polls
+    #: return it without reading its events and files again (the agent's update of its items may
+    #: fail, and it is then polled again).
+    final: Optional[TaskStatus] = None
+    #: What of the task's document that status was read from (see _final_key).
+    final_key: tuple = ()
+    #: Whether the warning that none of its delivered files matched a submitted one was logged.
+    unmatched_warned: bool = False
 
 
 class GlobusTransfer(TransferBackend):
@@ -427,8 +492,15 @@ class GlobusTransfer(TransferBackend):
         #: The tasks this process submitted or cancelled, by Globus task id (see _Task).
         self._tasks: dict[str, _Task] = {}
         self._tasks_lock = threading.Lock()
-        #: Successful polls so far (a task unasked for FORGET_AFTER_POLLS of them is forgotten).
+        #: Successful polls so far (a task unasked for FORGET_AFTER_POLLS of them, and for
+        #: FORGET_AFTER_SEC, is forgotten).
         self._polls = 0
+        #: The clock of that age, in seconds (tests set their own).
+        self.clock: Callable[[], float] = time.monotonic
+        if self.options.http_retries > MAX_HTTP_RETRIES:
+            logger.warning("globus backend option http_retries (transfers.backend_options.globus.http_retries): %d is "
+                           "more than %d; %d are made (each waits up to 10 s inside the agent's cycle, and the next "
+                           "cycle tries again anyway)", self.options.http_retries, MAX_HTTP_RETRIES, MAX_HTTP_RETRIES)
         _quiet_sdk_transport()
 
     def use_locations(self, locations: Sequence[TransferLocation]) -> None:
@@ -497,7 +569,7 @@ class GlobusTransfer(TransferBackend):
             if fresh.get("access_token"):
                 self._save_refreshed(login, fresh)
 
-        retries = self.options.http_retries
+        retries = min(self.options.http_retries, MAX_HTTP_RETRIES)
         # Globus Auth's refresh follows http_retries too (globus-sdk's default is 5 retries, up to
         # 10 s apart, inside the cycle).
         auth_client = globus_sdk.NativeAppAuthClient(tokens["client_id"], app_name="balsam",
@@ -657,29 +729,62 @@ class GlobusTransfer(TransferBackend):
         statuses: dict[str, TaskStatus] = {}
         try:
             client = self.client()
+            docs: list[Mapping[str, Any]] = []
             for start in range(0, len(task_ids), TASK_LIST_LIMIT):
                 chunk = list(task_ids[start:start + TASK_LIST_LIMIT])
-                page = client.task_list(filter={"task_id": chunk}, limit=len(chunk))
-                for doc in page["DATA"]:
-                    statuses[str(doc["task_id"])] = self._status(client, doc)
+                docs.extend(client.task_list(filter={"task_id": chunk}, limit=len(chunk))["DATA"])
         except TransferError:
             raise
         except Exception as exc:
             raise self._error(exc) from None
+        for doc in docs:
+            statuses[str(doc["task_id"])] = self._settled_status(client, doc)
         self._forget_tasks_not_in(task_ids)
         return statuses
 
+    def _settled_status(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any]) -> TaskStatus:
+        """One task's status: its final one as read before, else read now. A task whose outcome needs
+        more calls (a failed task's delivered files and events, a succeeded one's skipped files) that
+        fail is reported active this poll, with the reason: the other tasks of the poll settle (one
+        unreadable task made every task "cannot poll its task"), and it is read again next cycle."""
+        task_id = str(doc["task_id"])
+        final = doc.get("status") in ("SUCCEEDED", "FAILED")
+        key = _final_key(doc)
+        with self._tasks_lock:
+            known = self._tasks.get(task_id)
+            if final and known is not None and known.final is not None and known.final_key == key:
+                return known.final
+        try:
+            status = self._status(client, doc)
+        except Exception as exc:  # noqa: BLE001 - this task's outcome only; the poll goes on
+            problem = exc if isinstance(exc, TransferError) else self._error(exc)
+            logger.debug("globus: cannot read the outcome of task %s", task_id, exc_info=True)
+            return TaskStatus(TaskState.active, info={"globus_status": doc.get("status")},
+                              reason=one_line(f"Globus task {task_id} ended ({doc.get('status')}) but its outcome "
+                                              f"cannot be read yet (will retry): {problem}"))
+        if final and status.state in (TaskState.done, TaskState.failed):
+            with self._tasks_lock:
+                task = self._tasks.setdefault(task_id, _Task(seen=self._polls, seen_at=self.clock()))
+                task.final, task.final_key = status, key
+        return status
+
     def _forget_tasks_not_in(self, task_ids: Sequence[str]) -> None:
-        """Forget the tasks no poll asked about for FORGET_AFTER_POLLS polls (their items were recorded
-        done or failed, or deleted). Kept until then, not dropped once reported finished: should the
-        agent's update of their items fail, the next poll reports them the same way."""
+        """Forget the tasks no poll asked about for FORGET_AFTER_POLLS polls and FORGET_AFTER_SEC
+        (their items were recorded done or failed, or deleted). Kept until then, not dropped once
+        reported finished: should the agent's update of their items fail, the next poll reports them
+        the same way. Both bounds: the agent polls one task again after each deadline cancel, several
+        times in a cycle, which is no time for the cycle's other tasks."""
         with self._tasks_lock:
             self._polls += 1
+            clock = self.clock()
             for task_id in task_ids:
                 if task_id in self._tasks:
-                    self._tasks[task_id].seen = self._polls
-            for task_id in [t for t, task in self._tasks.items() if self._polls - task.seen >= FORGET_AFTER_POLLS]:
-                del self._tasks[task_id]
+                    self._tasks[task_id].seen, self._tasks[task_id].seen_at = self._polls, clock
+            for task_id, task in list(self._tasks.items()):
+                if task.seen_at is None:
+                    task.seen_at = clock  # submitted or cancelled, not polled yet: its age starts now
+                if self._polls - task.seen >= FORGET_AFTER_POLLS and clock - task.seen_at >= FORGET_AFTER_SEC:
+                    del self._tasks[task_id]
 
     def _skipped_errors(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any], stage_in: bool) -> dict[str, str]:
         """{the failed file's dest as the agent names it: error} of a task's skipped files (every page)."""
@@ -775,6 +880,7 @@ class GlobusTransfer(TransferBackend):
         try:
             arrived = {_norm(str(row.get("destination_path") or ""))
                        for row in client.paginated.task_successful_transfers(task_id).items()}
+            matched = _delivered(sent, arrived)
         except Exception as exc:
             problem = self._error(exc)
             if problem.retryable:
@@ -785,7 +891,18 @@ class GlobusTransfer(TransferBackend):
                                                          f"({problem})"), retryable=retryable, info=info)
         # A directory item counts as undelivered (its listed files say nothing of the ones missing).
         errors = {key: one_line(f"not delivered: {error}") for dest, key, recursive in sent
-                  if recursive or dest not in arrived}
+                  if recursive or dest not in matched}
+        if not matched and any(not recursive for _, _, recursive in sent):
+            with self._tasks_lock:
+                task = self._tasks.get(task_id)
+                first = task is not None and not task.unmatched_warned
+                if task is not None:
+                    task.unmatched_warned = True
+            if first:
+                # Not silent: the whole task is failed and its delivered files are sent again.
+                logger.warning("globus: task %s delivered %d files but none matches a submitted destination (e.g. "
+                               "%s delivered, %s submitted): every file of it is tried again", task_id, delivered,
+                               min(arrived) if arrived else "none listed", sent[0][0])
         if len(errors) == len(sent):
             return TaskStatus(TaskState.failed, one_line(error + so_far), retryable=retryable, info=info)
         if retryable and doc.get("subtasks_skipped_errors"):

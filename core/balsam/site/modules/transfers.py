@@ -32,8 +32,8 @@ One cycle (every ``service_period`` seconds):
    once, and a cycle makes at most as many submissions as there are free slots, refused ones
    included. Each batch is one backend task; its items become ``active`` with ``task_id =
    "<backend>:<id>"``. Once a location's submission is refused, its other batches (journaled ones
-   included) wait with that reason for this cycle, taking no slot, and the next cycle tries it after
-   the locations that work. A refusal retrying may fix uses no try; one the backend says is for good
+   included) wait with that reason for this cycle, taking no slot; for ``retry_backoff_sec`` it is
+   tried after the locations that work, then its batches take their turn as any location's. A refusal retrying may fix uses no try; one the backend says is for good
    is taken for a refusal of the request (the contract cannot tell it from a refusal of the files):
    the refused batch's files each fail a try (backoff, ``max_attempts``), so a location refusing
    everything fails its jobs a batch per cycle as their tries run out, not all in one cycle.
@@ -60,7 +60,9 @@ is cancelled and its items fail a try with that reason and the reason it was not
 reported (a fault its service retries, a pause, a failing poll), then retry with backoff, or their
 job goes to FAILED after ``max_attempts``. The task is polled once right after its cancel: a
 backend that then reports it ``done`` (with ``file_errors`` for the files it did not deliver) is
-taken at its word, so the files it delivered are done and only the others fail a try. A warning is
+taken at its word, so the files it delivered are done and only the others fail a try; so is one
+that reports it ``failed`` with words of its own (its error and retryable flag; a bare "cancelled",
+the ``local`` and ``rsync`` backends' word for the agent's cancel, is the deadline's try). A warning is
 logged once when a task passes half of it. A task
 starts when its items are submitted (``transfer_info.submitted``), unless its backend polls it
 ``queued`` (``TaskStatus.queued``: the ``local`` and ``rsync`` backends run ``threads`` tasks at
@@ -502,6 +504,16 @@ def match_file_errors(items: Iterable[tuple[Any, str, bool]], file_errors: Mappi
             for item_id, errs in found.items()}, unmatched
 
 
+#: The words of the ``local`` and ``rsync`` backends for a task the agent cancelled (failed, not
+#: retryable): that is the agent's own deadline, a try of each file, not the backend's verdict.
+OWN_CANCEL_ERRORS = ("cancelled", "canceled")
+
+
+def _own_cancel(status: TaskStatus) -> bool:
+    """Whether a failed status polled right after the agent's cancel says only that it was cancelled."""
+    return not status.error.strip() or status.error.strip().lower() in OWN_CANCEL_ERRORS
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -567,10 +579,13 @@ class TransfersModule(AgentModule):
         self.tasks_path = Path(site_config.site_path) / TASKS_NAME
         #: API calls of the last cycle (the benchmark reports them).
         self.last_cycle_calls = 0
-        #: Aliases whose last submission was refused: {alias: reason}. Their pending items do not
-        #: count as work when deciding whether to page past a full first page, and their batches are
-        #: tried after the other locations' (see :meth:`_submit`).
+        #: Aliases whose last submission was refused: {alias: reason}. For ``retry_backoff_sec`` after
+        #: that refusal (``_blocked_at``) their pending items do not count as work when deciding
+        #: whether to page past a full first page, and their batches are tried after the other
+        #: locations' (see :meth:`_submit`); then they take their turn as any location's.
         self.blocked_aliases: dict[str, str] = {}
+        #: When each alias of ``blocked_aliases`` was last refused.
+        self._blocked_at: dict[str, dt.datetime] = {}
         #: Where the next cycle's extra pages of pending items start (0: right after the first page).
         self._pending_cursor = 0
         #: Tasks in flight: {"<backend>:<id>": item ids}; a task none of whose items is left in flight
@@ -659,7 +674,18 @@ class TransfersModule(AgentModule):
         known to be refusing submissions)."""
         if item["state"] in IN_FLIGHT:
             return True
-        return _due(item, now) and item.get("location_alias") not in self.blocked_aliases
+        return _due(item, now) and not self._held_back(str(item.get("location_alias") or ""), now)
+
+    def _held_back(self, alias: str, now: dt.datetime) -> bool:
+        """Whether ``alias`` was refused less than ``retry_backoff_sec`` ago (its batches go last).
+        Held back for longer, a location refused once never got a slot again while others kept
+        them all (400 items waited until 300 of another location were done, with the stale reason;
+        one refused for good neither went nor failed): after the backoff its batches take their
+        turn, so a location still refusing costs one slot per ``retry_backoff_sec``."""
+        if alias not in self.blocked_aliases:
+            return False
+        at = self._blocked_at.get(alias)
+        return at is not None and (now - at).total_seconds() < self.options.retry_backoff_sec
 
     def _read_items(self, now: dt.datetime) -> list[dict]:
         """In-flight and pending items: the first page, then (when it is full of items that wait)
@@ -885,13 +911,21 @@ class TransfersModule(AgentModule):
         # What the task delivered before it stopped is kept: a backend that reports its files' outcomes
         # after a cancel (done, with file_errors for those it did not deliver) is taken at its word.
         after = self._poll_after_cancel(backend, task_id)
+        if after is not None and after.state == TaskState.failed and not _own_cancel(after):
+            # Its backend's final word (e.g. a Globus administrator cancelled it at the same moment,
+            # not retryable): taken, with its message, rather than replaced by the deadline's.
+            self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s) and was cancelled; its "
+                             "backend reports it failed: %s", task_id, limit, after.error)
+            return TaskStatus(TaskState.failed, one_line(f"{error}; its backend reports: {after.error}"),
+                              retryable=after.retryable, info=after.info)
         if after is not None and after.state == TaskState.done:
             self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s) and was cancelled; its "
                              "backend reports %d failed files, the others delivered", task_id, limit,
                              len(after.file_errors))
             return TaskStatus(TaskState.done, info=after.info,
                               file_errors={key: f"{error}; this file: {why_file}"
-                                           for key, why_file in after.file_errors.items()})
+                                           for key, why_file in after.file_errors.items()},
+                              file_errors_retryable=after.file_errors_retryable)
         self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s): cancelled, its %d files "
                          "fail a try", task_id, limit, len(items))
         return TaskStatus(TaskState.failed, error, retryable=True)
@@ -1132,18 +1166,18 @@ class TransfersModule(AgentModule):
             for job in self._get("/jobs/", {"id": chunk}):
                 self.workdirs[int(job["id"])] = (str(job["workdir"]), str(job["state"]))
 
-    def _submit(self, due: list[dict], slots: Optional[int], updates: dict[int, dict[str, Any]], now: dt.datetime, *,
+    def _submit(self, due: list[dict], slots: int, updates: dict[int, dict[str, Any]], now: dt.datetime, *,
                 resends: Iterable[tuple[dict, list[dict]]] = ()) -> tuple[int, list[dict]]:
         """Submit due items in batches, and send the journaled batches ``resends`` (their records and
         items, from :meth:`_hold_journaled`) again with their tokens. ``slots``: the most submissions
-        this cycle, refused ones included (None: no limit). Returns (tasks submitted, the journal
+        this cycle, refused ones included. Returns (tasks submitted, the journal
         records to keep: batches sent with a token that failed in a way that may hide a task the
         service started, and journaled batches not sent this cycle; the next cycle sends them with
         their token).
 
         One submission refused (retrying may fix it or not) stops the location's submissions for the
         cycle: its other batches, journaled ones included, wait with the reason, using no try and no
-        slot. A location whose last submission was refused is tried after the others."""
+        slot. A location refused less than ``retry_backoff_sec`` ago is tried after the others."""
         resends = list(resends)
         if not due and not resends:
             return 0, []
@@ -1158,9 +1192,10 @@ class TransfersModule(AgentModule):
             group.sort(key=lambda it: it["id"])
             for start in range(0, len(group), opts.transfer_batch_size):
                 units.append((alias, direction, None, group[start:start + opts.transfer_batch_size]))
-        # A refused submission takes a slot: locations refused last cycle go last (a stable sort), so
-        # that their one try per cycle never takes the slots of locations that work.
-        units.sort(key=lambda unit: unit[0] in self.blocked_aliases)
+        # A refused submission takes a slot: locations refused within retry_backoff_sec go last (a
+        # stable sort), so that their try never takes the slots of locations that work; after that
+        # they take their turn (see _held_back).
+        units.sort(key=lambda unit: self._held_back(unit[0], now))
         data_path = Path(self.site_config.data_path)
         submitted = calls = 0
         kept: list[dict] = []
@@ -1169,7 +1204,7 @@ class TransfersModule(AgentModule):
         blocked: dict[str, str] = {}
         asked: set[int] = set()
         for index, (alias, direction, record, batch) in enumerate(units):
-            full = slots is not None and calls >= slots
+            full = calls >= slots
             if record is not None:
                 if full or alias in blocked:
                     # Sent in a later cycle, with its token. New batches of the location wait behind it
@@ -1208,8 +1243,7 @@ class TransfersModule(AgentModule):
             if any(int(it["job_id"]) not in self.workdirs and int(it["job_id"]) not in asked for it in batch):
                 # One GET for the batches this cycle may still submit (not one per batch).
                 ahead = [b for a, _, r, b in units[index:] if r is None and a not in blocked]
-                if slots is not None:
-                    ahead = ahead[: slots - calls]
+                ahead = ahead[: slots - calls]
                 wanted = {int(it["job_id"]) for b in ahead for it in b} - asked
                 asked |= wanted
                 self._job_workdirs(wanted)
@@ -1287,9 +1321,13 @@ class TransfersModule(AgentModule):
                                        "transfer_info": info}
             submitted += 1
             self.blocked_aliases.pop(alias, None)
+            self._blocked_at.pop(alias, None)
             self._said.pop(f"submit:{alias}", None)
-        # Aliases not tried this cycle keep what the last try said.
-        self.blocked_aliases.update({alias: why for alias, why in blocked.items() if why})
+        # Aliases not tried this cycle keep what the last try said (and when).
+        for alias, why in blocked.items():
+            if why:
+                self.blocked_aliases[alias] = why
+                self._blocked_at[alias] = now
         return submitted, kept
 
     def _resend(self, record: dict, members: list[dict], updates: dict[int, dict[str, Any]], now: dt.datetime,
@@ -1336,6 +1374,7 @@ class TransfersModule(AgentModule):
             return False
         self._said.pop(f"submit:{alias}", None)
         self.blocked_aliases.pop(alias, None)
+        self._blocked_at.pop(alias, None)
         full_id = f"{location.backend_name}:{task_id}"
         self._journal(full_id, [m["id"] for m in members])
         self.logger.info("journaled batch of %d files re-sent with its token: task %s", len(files), full_id)
@@ -1521,13 +1560,6 @@ class TransfersModule(AgentModule):
                 item["state"] = "held"
             held.append((batch, members))  # type: ignore[arg-type]
         return held
-
-    def _resubmit_with_tokens(self, batches: list[dict], items: list[dict], updates: dict[int, dict[str, Any]],
-                              now: dt.datetime) -> list[dict]:
-        """Submit again, with the same token, batches submitted without a recorded task id (no slot
-        limit; a cycle sends them with its other submissions, see :meth:`_submit`). Returns the
-        batches to keep in the journal for the next cycle."""
-        return self._submit([], None, updates, now, resends=self._hold_journaled(batches, items))[1]
 
     def _rewrite_journal(self, token_records: list[dict]) -> None:
         """Leave only ``token_records`` in the journal (none: remove it), replaced atomically."""
