@@ -102,6 +102,8 @@ def test_start_status_login_stop(home_env, tmp_path):
     setpw = subprocess.run(BALSAM + ["server", "set-password", "--password-stdin"], env=home_env,
                            input="hunter22 hunter22\n", capture_output=True, text=True, timeout=60)
     assert setpw.returncode == 0, setpw.stderr
+    # The local login (and so the site agents') stays: only --end-sessions revokes logins.
+    assert "Existing logins stay valid" in setpw.stdout and "--end-sessions" in setpw.stdout
     resp = httpx.post(f"http://127.0.0.1:{port}/auth/password/login",
                       data={"username": login["username"], "password": "hunter22 hunter22"})
     assert resp.status_code == 200 and resp.json()["access_token"]

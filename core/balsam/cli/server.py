@@ -539,7 +539,10 @@ def _min_password_length() -> int:
 @server_group.command("set-password")
 @click.option("--username", default=None, help="Default: the local user ($USER).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
-def set_password(username: Optional[str], password_stdin: bool) -> None:
+@click.option("--end-sessions", is_flag=True,
+              help="Also revoke the user's logins and refresh credentials (a leaked password): everything "
+                   "logged in with the old one, their site agents included, must log in again.")
+def set_password(username: Optional[str], password_stdin: bool, end_sessions: bool) -> None:
     """Set a password so that USERNAME can also log in with `balsam login` (e.g. from another machine)."""
     from balsam.server.admin import Admin, AdminError
 
@@ -547,10 +550,18 @@ def set_password(username: Optional[str], password_stdin: bool) -> None:
     password = _read_new_password(password_stdin)
     with Admin(_admin_database_url()) as admin:
         try:
-            admin.set_password(username, password, _min_password_length())
+            revoked = admin.set_password(username, password, _min_password_length(), end_sessions=end_sessions)
         except AdminError as exc:
             raise click.ClickException(str(exc)) from None
-    click.echo(f"Password set for {username}")
+    click.echo(f"Password set for {username}; {revoked.get('dashboard', 0)} dashboard session(s) ended")
+    if end_sessions:
+        click.echo(f"Revoked {revoked.get('login', 0)} login(s) and {revoked.get('refresh', 0)} refresh credential(s): "
+                   f"{username} logs in again (balsam login; the embedded server's own user: balsam server login). "
+                   f"{revoked.get('launcher_kept', 0)} launcher credential(s) of BatchJobs kept "
+                   f"(balsam server revoke --user {username} --kind launcher ends them).")
+    else:
+        click.echo("Existing logins stay valid. If the old password leaked, run this again with --end-sessions "
+                   f"(or balsam server revoke --user {username} --kind login / --kind refresh).")
 
 
 @server_group.group("user")

@@ -66,9 +66,23 @@ class Admin:
                 sa.insert(users).values(username=username, hashed_password=hashed, date_joined=utcnow()).returning(users.c.id)
             ).scalar_one()
 
-    def set_password(self, username: str, password: str, min_length: int) -> None:
-        """Set the password; the user's dashboard sessions end (their credentials are revoked: a
-        browser logged in with the old password, or a stolen cookie, must log in again)."""
+    #: What a new password revokes with ``end_sessions``: every credential that a password login
+    #: (or a session or refresh built on one) can have produced. ``launcher`` credentials are kept:
+    #: revoking them ends the sessions of running BatchJobs (their RUNNING jobs are timed out and
+    #: run again); ``balsam server revoke --user NAME --kind launcher`` does that when it is wanted.
+    PASSWORD_RESET_REVOKES = ("login", "refresh", "dashboard")
+
+    def set_password(self, username: str, password: str, min_length: int, *,
+                     end_sessions: bool = False) -> dict[str, int]:
+        """Set the password. The user's dashboard sessions end (a browser logged in with the old
+        password, or a stolen cookie, logs in again). With ``end_sessions`` (a password that leaked)
+        their ``login`` and ``refresh`` credentials are revoked too: tokens and refresh credentials
+        obtained with the old password stop working, the site agents' and the embedded server's
+        local login among them (the user logs in again). Not by default: the common use is giving
+        the local user of an embedded server a password for ``balsam login`` from elsewhere, and
+        ending their logins then would stop their running site agents. Launcher credentials of
+        BatchJobs are kept (see :attr:`PASSWORD_RESET_REVOKES`). Returns the number of credentials
+        revoked per kind, and ``launcher_kept``: how many live launcher credentials remain."""
         problem = password_problem(password, min_length)
         if problem:
             raise AdminError(f"password {problem}")
@@ -78,7 +92,16 @@ class Admin:
             if found is None:
                 raise AdminError(f"no user {username!r}")
             conn.execute(sa.update(users).where(users.c.id == found).values(hashed_password=hashed))
-            revoke_credentials(conn, sa.and_(credentials.c.user_id == found, credentials.c.kind == "dashboard"))
+            kinds = self.PASSWORD_RESET_REVOKES if end_sessions else ("dashboard",)
+            rows = revoke_credentials(conn, sa.and_(credentials.c.user_id == found, credentials.c.kind.in_(kinds)))
+            kept = conn.execute(
+                sa.select(sa.func.count()).select_from(credentials).where(
+                    credentials.c.user_id == found, credentials.c.kind == "launcher",
+                    credentials.c.revoked.is_(None), credentials.c.expires > utcnow())
+            ).scalar_one()
+        summary = {kind: sum(1 for r in rows if r.kind == kind) for kind in self.PASSWORD_RESET_REVOKES}
+        summary["launcher_kept"] = int(kept)
+        return summary
 
     def invite(self, username: str, ttl_sec: int) -> tuple[str, dt.datetime]:
         """Create ``username`` (no password yet) and an invitation code to set it with; the

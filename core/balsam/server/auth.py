@@ -19,8 +19,9 @@ and has not expired (checked through :class:`CredentialCache`, which trusts a ve
   session's maximum age, logging out revokes it, and so does setting the user's password.
 
 Password logins go through :func:`check_password_login`: one scrypt computation whether the user
-exists or not (same time for unknown users), and :class:`LoginThrottle` (failures per user name and
-per client address in a sliding window; 429 with ``Retry-After``). Other login front ends (the
+exists or not (same time for unknown users), and :class:`LoginThrottle` (failures per user name
+*from* a client address, per address and per user name over all addresses, in a sliding window;
+429 with ``Retry-After``; a third party at another address cannot lock a user out). Other login front ends (the
 dashboard's cookie login) call the same function with the app's throttle (``app.state.login_throttle``).
 """
 
@@ -280,20 +281,47 @@ def revoke_credentials(conn: sa.Connection, where: sa.ColumnElement[bool]) -> li
 
 
 class LoginThrottle:
-    """Failed password logins per user name and per client address in a sliding window.
+    """Failed password logins in a sliding window of ``window_sec``, counted three ways.
 
-    In memory, per server process: with N workers an attacker gets at most N times the limit. A
-    success clears the user name's failures (not the address's).
+    - per **user name and client address** (``max_per_user``): the pair that failed that often is
+      refused (429) until its failures age out. Nobody at another address can lock a user out
+      this way: only failures from the user's own address count against the user there.
+    - per **client address** over all user names (``max_per_address``): beyond it, the address is
+      *restricted*: each user name it has not logged in as recently gets one failed try per
+      window from it (a spray of guesses over many names gets one per name), while a user who
+      logged in successfully from this address before keeps the normal limit.
+    - per **user name** over all addresses: beyond ``account_soft`` failures (default
+      5 x ``max_per_user``) every address is restricted for that name as above (slowed, not
+      locked); beyond ``account_hard`` (default 20 x ``max_per_user``) only the addresses the user
+      logged in from successfully in the last ``known_address_sec`` may try it, so the guesses
+      at one account stay bounded whatever the number of addresses an attacker has.
+
+    In memory, per server process: with N workers an attacker gets at most N times the limits,
+    and the addresses a user logged in from are forgotten when the process restarts. A success
+    clears the failures of that user name from that address (not the address's, nor the account's).
     """
 
+    #: Failed tries per window of a user name from an address, once the address or the account is
+    #: over its limit and the user has not logged in from that address.
+    RESTRICTED_TRIES = 1
+
     def __init__(self, max_per_user: int, max_per_address: int, window_sec: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, account_soft: Optional[int] = None,
+                 account_hard: Optional[int] = None, known_address_sec: float = 30 * 24 * 3600) -> None:
         self.max_per_user = max_per_user
         self.max_per_address = max_per_address
         self.window_sec = window_sec
+        self.account_soft = 5 * max_per_user if account_soft is None else account_soft
+        self.account_hard = 20 * max_per_user if account_hard is None else account_hard
+        self.known_address_sec = known_address_sec
         self._clock = clock
         self._failures: "collections.OrderedDict[str, collections.deque[float]]" = collections.OrderedDict()
+        self._known: "collections.OrderedDict[str, float]" = collections.OrderedDict()
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _pair(username: str, address: str) -> str:
+        return f"p:{address}\x00{username}"
 
     def _recent(self, key: str, now: float) -> "collections.deque[float]":
         times = self._failures.get(key)
@@ -303,37 +331,69 @@ class LoginThrottle:
             times.popleft()
         return times
 
+    def _is_known(self, username: str, address: str, now: float) -> bool:
+        seen = self._known.get(self._pair(username, address))
+        return seen is not None and seen > now - self.known_address_sec
+
+    def _wait(self, times: "collections.deque[float]", limit: int, now: float) -> float:
+        """Seconds until fewer than ``limit`` of ``times`` are in the window (0 if already)."""
+        if limit <= 0 or len(times) < limit:
+            return 0.0
+        return times[len(times) - limit] + self.window_sec - now
+
     def retry_after(self, username: str, address: str) -> Optional[float]:
-        """Seconds until this user name and address may try again, or None if they may now."""
+        """Seconds until this user name may be tried from this address, or None if it may now."""
         now = self._clock()
-        wait = 0.0
         with self._lock:
-            for key, limit in ((f"u:{username}", self.max_per_user), (f"a:{address}", self.max_per_address)):
-                times = self._recent(key, now)
-                if limit > 0 and len(times) >= limit:
-                    wait = max(wait, times[len(times) - limit] + self.window_sec - now)
+            pair = self._recent(self._pair(username, address), now)
+            by_address = self._recent(f"a:{address}", now)
+            by_account = self._recent(f"u:{username}", now)
+            known = self._is_known(username, address, now)
+            allowed = self.max_per_user
+            restricted = ((self.max_per_address > 0 and len(by_address) >= self.max_per_address)
+                          or (self.account_soft > 0 and len(by_account) >= self.account_soft))
+            if restricted and not known and allowed > 0:
+                allowed = min(allowed, self.RESTRICTED_TRIES)
+            wait = self._wait(pair, allowed, now)
+            if not known and self.account_hard > 0:
+                wait = max(wait, self._wait(by_account, self.account_hard, now))
         return wait if wait > 0 else None
 
     def record_failure(self, username: str, address: str) -> None:
         now = self._clock()
         with self._lock:
-            for key in (f"u:{username}", f"a:{address}"):
-                times = self._failures.setdefault(key, collections.deque(maxlen=1000))
+            for key in (self._pair(username, address), f"a:{address}", f"u:{username}"):
+                times = self._failures.get(key)
+                if times is None:
+                    size = max(1000, self.max_per_user, self.max_per_address, self.account_soft, self.account_hard)
+                    times = self._failures[key] = collections.deque(maxlen=size)
                 times.append(now)
                 self._failures.move_to_end(key)
-            while len(self._failures) > 100_000:  # bound memory under a spray of user names
+            while len(self._failures) > 300_000:  # bound memory under a spray of user names
                 self._failures.popitem(last=False)
 
-    def record_success(self, username: str) -> None:
+    def record_success(self, username: str, address: Optional[str] = None) -> None:
+        """A correct password: forget this pair's failures and remember the address as one the
+        user logs in from (``address=None``: every pair of the user name is forgotten)."""
+        now = self._clock()
         with self._lock:
-            self._failures.pop(f"u:{username}", None)
+            if address is None:
+                for key in [k for k in self._failures if k.startswith("p:") and k.endswith(f"\x00{username}")]:
+                    del self._failures[key]
+                return
+            key = self._pair(username, address)
+            self._failures.pop(key, None)
+            self._known[key] = now
+            self._known.move_to_end(key)
+            while len(self._known) > 100_000:
+                self._known.popitem(last=False)
 
 
 def check_password_login(conn: sa.Connection, throttle: LoginThrottle, username: str, password: str,
                          address: str, *, only_user: Optional[str] = None) -> int:
     """The id of the user whose password this is; else 401 (wrong user name or password, said
-    the same way), or 429 with Retry-After once this user name or address failed too often.
-    One scrypt computation in every case."""
+    the same way), or 429 with Retry-After once :class:`LoginThrottle` says this user name may not
+    be tried from this address for now. One scrypt computation in every case (but a 429)."""
     wait = throttle.retry_after(username, address)
     if wait is not None:
         raise TooManyRequests(f"Too many failed logins; try again in {int(wait) + 1} s", wait)
@@ -345,7 +405,7 @@ def check_password_login(conn: sa.Connection, throttle: LoginThrottle, username:
     if not ok:
         throttle.record_failure(username, address)
         raise Unauthorized(LOGIN_FAILED)
-    throttle.record_success(username)
+    throttle.record_success(username, address)
     return row.id
 
 

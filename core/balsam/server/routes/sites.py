@@ -140,8 +140,13 @@ def update_site(ctx: Ctx) -> Response:
     with ctx.write() as conn:
         stored = get_owned_site(conn, ctx.user.id, site_id)
         if ctx.user.site_id is not None:
-            # Sent back unchanged (a whole record) is fine; a change is the user's to make.
-            changed = [f for f in IDENTITY_FIELDS if f in values and values[f] != getattr(stored, f)]
+            # Sent back unchanged (a whole record) is fine; a change is the user's to make. Besides
+            # the site's identity, that covers where its data goes: transfer_locations and the
+            # Globus endpoint decide the far end of every stage-in and stage-out, so a launcher
+            # credential (held by any process of the allocation) may not redirect them. Only the
+            # site agent (the user's own login) pushes them, from settings.yml.
+            locked = IDENTITY_FIELDS + ("transfer_locations", "globus_endpoint_id")
+            changed = [f for f in locked if f in values and values[f] != getattr(stored, f)]
             if changed:
                 raise Forbidden(f"This credential is limited to site {ctx.user.site_id} and cannot change "
                                 f"the site's {changed[0]}")
