@@ -13,7 +13,7 @@ import pytest
 from server_testlib import Api
 from test_jobs import _moves as moves  # (from, to, message) of a job's events, oldest first
 from test_jobs import run_to as run_to_finished  # to POSTPROCESSED, which finishes a job without stage-out
-from test_pg_races import blocked_by, call, pid, side, states, wait_until
+from test_pg_races import blocked_by, call, pid, race_delete_with_finish, side, states, wait_until
 
 
 def remaining(deleted: "list[int]") -> str:
@@ -143,30 +143,9 @@ def test_an_app_deleted_while_the_last_other_parent_finishes_releases_the_child(
     for state in ("PREPROCESSED", "RUNNING", "RUN_DONE"):
         api.patch_states([b], state)
     c = api.jobs(app_b["id"], 1, parent_ids=[a, b])[0]["id"]
-    finish_body = [{"id": b, "state": "POSTPROCESSED"}]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool, side(race_server) as (holder, watch):
-        held = {"delete": b, "finish": a, "both_at_the_child": c}[first]
-        with holder.cursor() as cur:
-            cur.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (held,))
-        if first == "delete":
-            finish = pool.submit(call, api, "PATCH", "/jobs/", json=finish_body)
-            wait_until(lambda: blocked_by(watch, {pid(holder)}), "the finish to wait for b's lock")
-            delete = pool.submit(call, api, "DELETE", f"/apps/{app_a['id']}")
-            wait_until(delete.done, "the app delete (it takes no lock of b)")
-            assert states(api, [c]) == {c: "AWAITING_PARENTS"}  # b has not finished yet
-        elif first == "finish":
-            delete = pool.submit(call, api, "DELETE", f"/apps/{app_a['id']}")
-            wait_until(lambda: blocked_by(watch, {pid(holder)}), "the app delete to wait for a's lock")
-            finish = pool.submit(call, api, "PATCH", "/jobs/", json=finish_body)
-            wait_until(finish.done, "the finish of b (it takes no lock of a)")
-            assert states(api, [b, c]) == {b: "JOB_FINISHED", c: "AWAITING_PARENTS"}  # a is there
-        else:
-            finish = pool.submit(call, api, "PATCH", "/jobs/", json=finish_body)
-            waiter = wait_until(lambda: blocked_by(watch, {pid(holder)}), "the finish to wait for c's lock")
-            delete = pool.submit(call, api, "DELETE", f"/apps/{app_a['id']}")
-            wait_until(lambda: blocked_by(watch, {pid(holder), waiter}, exclude={waiter}),
-                       "the app delete to wait for c's lock")
-        holder.rollback()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        delete, finish = race_delete_with_finish(api, race_server, pool, first, (a, b, c), f"/apps/{app_a['id']}",
+                                                 "the app delete")
         assert delete.result().status_code == 204, delete.result().text
         assert finish.result().status_code == 200, finish.result().text
     assert states(api, [b, c]) == {b: "JOB_FINISHED", c: "STAGED_IN"}

@@ -16,6 +16,7 @@ import contextlib
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -215,6 +216,46 @@ def _released_once(api: Api, a: int, b: int, c: int) -> None:
     ]
 
 
+def race_delete_with_finish(api: Api, server: Any, pool: concurrent.futures.Executor, first: str,
+                            jobs: "tuple[int, int, int]", delete_path: str, named: str,
+                            named_done: "str | None" = None) -> "tuple[Future[httpx.Response], Future[httpx.Response]]":
+    """Run ``DELETE delete_path`` (which deletes a) and the finish of b (RUN_DONE to POSTPROCESSED),
+    ``jobs`` being (a, b, c) with c waiting for a and b, in the order ``first`` forced with a row
+    lock held on a side connection of ``server``: "delete": the finish stops at b's lock while the
+    delete commits (c waits: b runs); "finish": the delete stops at a's lock while b finishes (c
+    waits: a is there); "both_at_the_child": both stop at c's lock, the finish first, and go on in
+    the order PostgreSQL grants it. ``named``: the delete as the messages of the waits for it call it
+    (``named_done``, if given, in the one for its response). Returns (delete, finish), the futures
+    of their responses, once the lock is released."""
+    a, b, c = jobs
+    finish_body = [{"id": b, "state": "POSTPROCESSED"}]
+    with side(server) as (holder, watch):
+        held = {"delete": b, "finish": a, "both_at_the_child": c}[first]
+        with holder.cursor() as cur:
+            cur.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (held,))
+        if first == "delete":
+            finish = pool.submit(call, api, "PATCH", "/jobs/", json=finish_body)
+            wait_until(lambda: blocked_by(watch, {pid(holder)}), "the finish to wait for b's lock")
+            delete = pool.submit(call, api, "DELETE", delete_path)
+            wait_until(delete.done, f"{named_done or named} (it takes no lock of b)")
+            assert states(api, [c]) == {c: "AWAITING_PARENTS"}  # b has not finished yet
+        elif first == "finish":
+            delete = pool.submit(call, api, "DELETE", delete_path)
+            wait_until(lambda: blocked_by(watch, {pid(holder)}), f"{named} to wait for a's lock")
+            finish = pool.submit(call, api, "PATCH", "/jobs/", json=finish_body)
+            wait_until(finish.done, "the finish of b (it takes no lock of a)")
+            assert states(api, [b, c]) == {b: "JOB_FINISHED", c: "AWAITING_PARENTS"}  # a is there
+        else:
+            finish = pool.submit(call, api, "PATCH", "/jobs/", json=finish_body)
+            waiter = wait_until(lambda: blocked_by(watch, {pid(holder)}), "the finish to wait for c's lock")
+            delete = pool.submit(call, api, "DELETE", delete_path)
+            # The second waiter for a row waits behind the first (its tuple lock), not the holder.
+            wait_until(lambda: blocked_by(watch, {pid(holder), waiter}, exclude={waiter}),
+                       f"{named} to wait for c's lock")
+        holder.rollback()
+    return delete, finish
+
+
 @pytest.mark.parametrize("first", ["delete", "finish", "both_at_the_child"])
 def test_a_parent_deleted_while_the_last_other_finishes_releases_the_child(api: Api, race_server: Any, pool: Any,
                                                                            first: str) -> None:
@@ -228,30 +269,8 @@ def test_a_parent_deleted_while_the_last_other_finishes_releases_the_child(api: 
     site = api.site()
     app = api.app(site["id"])
     a, b, c = _child_of_two(api, app)
-    finish_body = [{"id": b, "state": "POSTPROCESSED"}]
-    with side(race_server) as (holder, watch):
-        held = {"delete": b, "finish": a, "both_at_the_child": c}[first]
-        with holder.cursor() as cur:
-            cur.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (held,))
-        if first == "delete":
-            finish = pool.submit(call, api, "PATCH", "/jobs/", json=finish_body)
-            wait_until(lambda: blocked_by(watch, {pid(holder)}), "the finish to wait for b's lock")
-            delete = pool.submit(call, api, "DELETE", f"/jobs/{a}")
-            wait_until(delete.done, "the delete of a (it takes no lock of b)")
-            assert states(api, [c]) == {c: "AWAITING_PARENTS"}  # b has not finished yet
-        elif first == "finish":
-            delete = pool.submit(call, api, "DELETE", f"/jobs/{a}")
-            wait_until(lambda: blocked_by(watch, {pid(holder)}), "the delete to wait for a's lock")
-            finish = pool.submit(call, api, "PATCH", "/jobs/", json=finish_body)
-            wait_until(finish.done, "the finish of b (it takes no lock of a)")
-            assert states(api, [b, c]) == {b: "JOB_FINISHED", c: "AWAITING_PARENTS"}  # a is there
-        else:
-            finish = pool.submit(call, api, "PATCH", "/jobs/", json=finish_body)
-            waiter = wait_until(lambda: blocked_by(watch, {pid(holder)}), "the finish to wait for c's lock")
-            delete = pool.submit(call, api, "DELETE", f"/jobs/{a}")
-            # The second waiter for a row waits behind the first (its tuple lock), not the holder.
-            wait_until(lambda: blocked_by(watch, {pid(holder), waiter}, exclude={waiter}), "the delete to wait for c's lock")
-        holder.rollback()
+    delete, finish = race_delete_with_finish(api, race_server, pool, first, (a, b, c), f"/jobs/{a}", "the delete",
+                                             named_done="the delete of a")
     assert delete.result().status_code == 204, delete.result().text
     assert finish.result().status_code == 200, finish.result().text
     _released_once(api, a, b, c)

@@ -20,13 +20,14 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 
 from balsam.builtin.local_transfer import ThreadedTasks
 from balsam.site.modules.transfers import TransfersModule, TransfersOptions
 from balsam.transfer import TaskState, TaskStatus
+from transfer_test_utils import FakeAPI
 
 T0 = dt.datetime(2031, 3, 1, tzinfo=dt.timezone.utc)
 WAIT_SEC = 30.0
@@ -40,36 +41,6 @@ def wait_for(condition: Callable[[], Any], what: str) -> Any:
             return value
         time.sleep(0.01)
     raise AssertionError(f"not within {WAIT_SEC:.0f} s: {what}")
-
-
-class FakeAPI:
-    """The routes the transfers module uses: GET /transfers/, GET /jobs/, PATCH /transfers/."""
-
-    def __init__(self, items: list[dict], jobs: list[dict]) -> None:
-        self.items = {it["id"]: it for it in items}
-        self.jobs = {j["id"]: j for j in jobs}
-
-    def get(self, path: str, params: Optional[dict] = None) -> dict:
-        params = dict(params or {})
-        if path == "/jobs/":
-            rows = [dict(self.jobs[i]) for i in params.get("id", []) if i in self.jobs]
-        else:
-            assert path == "/transfers/", path
-            rows = [dict(it, transfer_info=dict(it["transfer_info"])) for it in self.items.values()]
-            if "state" in params:
-                rows = [r for r in rows if r["state"] in params["state"]]
-            if "id" in params:
-                rows = [r for r in rows if r["id"] in params["id"]]
-            rows.sort(key=lambda r: (r["state"], r["id"]) if params.get("ordering") == "state" else r["id"])
-        offset, limit = int(params.get("offset", 0)), params.get("limit")
-        page = rows[offset:] if limit is None else rows[offset:offset + int(limit)]
-        return {"count": len(rows), "results": page}
-
-    def patch(self, path: str, json: list[dict]) -> list[dict]:
-        assert path == "/transfers/", path
-        for update in json:
-            self.items[update["id"]].update({k: v for k, v in update.items() if k != "id"})
-        return json
 
 
 @pytest.fixture
