@@ -181,7 +181,10 @@ BATCH_JOB_TRANSITIONS: dict[BatchJobState, frozenset[BatchJobState]] = {
         {BatchJobState.queued, BatchJobState.submit_failed, BatchJobState.pending_deletion, BatchJobState.running, BatchJobState.finished}
     ),
     BatchJobState.queued: frozenset({BatchJobState.running, BatchJobState.finished, BatchJobState.pending_deletion, BatchJobState.submit_failed}),
-    BatchJobState.running: frozenset({BatchJobState.finished, BatchJobState.pending_deletion}),
+    # running -> queued: the scheduler requeued the job (Slurm's ``scontrol requeue``, a node
+    # failure, a preemption with requeue; PBS's ``qrerun``): it waits in the queue again and runs
+    # anew. The agent records each requeue in status_info (``requeue_count``, ``requeue_time``).
+    BatchJobState.running: frozenset({BatchJobState.queued, BatchJobState.finished, BatchJobState.pending_deletion}),
     BatchJobState.pending_deletion: frozenset({BatchJobState.finished}),
     BatchJobState.finished: frozenset(),
     BatchJobState.submit_failed: frozenset(),

@@ -31,6 +31,7 @@ import datetime as dt
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -170,10 +171,48 @@ def clean_record(value: Any) -> Any:
 
 def _read_marker(marker: Path) -> Optional[int]:
     """The scheduler id a ``.scheduler_id`` marker holds; None when there is none (or it is unreadable)."""
+    return _read_marker_token(marker)[0]
+
+
+def _read_marker_token(marker: Path) -> tuple[Optional[int], Optional[str]]:
+    """A ``.scheduler_id`` marker's scheduler id and submit token (``"<id> <token>"``); the token is
+    None in a marker written by an agent older than submit tokens. (None, None): no marker."""
     try:
-        return int(marker.read_text().split()[0])
+        words = marker.read_text().split()
+        return int(words[0]), (words[1] if len(words) > 1 else None)
     except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def _read_pending_token(pending: Path) -> Optional[str]:
+    """The submit token of a ``.submitting`` marker (``"<time> <token>"``); None without one."""
+    try:
+        words = pending.read_text().split()
+    except OSError:
         return None
+    return words[1] if len(words) > 1 else None
+
+
+#: status_info key of the token that ties a BatchJob's submit markers to it. BatchJob ids are not
+#: unique over a site directory's life (the server's database reset or restored, an id reused):
+#: a ``qlaunch<id>.sh.scheduler_id`` marker left by an earlier BatchJob of the same id must not make
+#: a new one "already submitted". The token is stored on the server (in the BatchJob's status_info)
+#: before the submit command runs and written into both markers, so a marker proves whose it is.
+SUBMIT_TOKEN = "submit_token"
+
+#: The start of the error written while the scheduler's status poll keeps failing.
+_STATUS_UNAVAILABLE = "scheduler status unavailable"
+
+#: The start of the error of a transient submit failure that will be retried.
+_SUBMIT_RETRY = "submit failed (attempt "
+
+#: Seconds between two log lines about an outage that lasts (status poll, lookups by name).
+OUTAGE_LOG_EVERY_S = 300.0
+
+
+def _aware(when: dt.datetime) -> dt.datetime:
+    """A datetime comparable with the API's (UTC-aware ones); a naive one is taken as UTC."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
 
 
 def _tags_match(batch_job_tags: dict, site_tags: dict) -> bool:
@@ -211,6 +250,12 @@ class SchedulerModule(AgentModule):
         threshold = getattr(self.scheduler, "status_error_threshold", None)
         self.threshold = max(1, int(threshold)) if threshold is not None else 3
         self.poll_failures = 0
+        #: When (time.monotonic(), and wall time) the current run of failed status polls began.
+        self._poll_failing_since: Optional[float] = None
+        self._poll_failing_since_iso = ""
+        self._poll_failure_logged = 0.0
+        #: This cycle's status poll (None: it failed), for the submit markers' ownership check.
+        self._statuses: Optional[dict] = None
         #: BatchJob id -> consecutive cycles it was missing from the queue with no history record.
         self.missing_counts: dict[int, int] = {}
         #: BatchJob id -> its "queue limit reached" refusals in a row while no job of the user was listed in any
@@ -258,12 +303,19 @@ class SchedulerModule(AgentModule):
         settings = getattr(self.site_config, "settings", None)
         return dict(getattr(settings, "filter_tags", None) or {})
 
-    def _error(self, update: dict, batch_job: dict, message: str) -> None:
+    def _error(self, update: dict, batch_job: dict, message: str, *, log: bool = True) -> None:
         info = dict(update.get("status_info") or batch_job.get("status_info") or {})
         message = clean_text(message)
         info.update(error=message, error_time=iso_now())
         update["status_info"] = info
-        self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+        if log:
+            self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+
+    def _clear_error(self, batch_job: dict, update: dict, prefix: str) -> None:
+        """Remove an error of the BatchJob that starts with ``prefix``: its condition ended."""
+        info = update.get("status_info") or batch_job.get("status_info") or {}
+        if str(info.get("error") or "").startswith(prefix):
+            update["status_info"] = {k: v for k, v in info.items() if k not in ("error", "error_time")}
 
     # -- one cycle ---------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
@@ -272,6 +324,7 @@ class SchedulerModule(AgentModule):
         )
         statuses, poll_error = self._poll()
         self._poll_answered = statuses is not None
+        self._statuses = statuses
         updates: dict[int, dict] = {}
         queued_counts: dict[str, int] = {}
         # A job of ours counts toward its BatchJob's queue, the one max_queued_jobs limits: the
@@ -342,20 +395,39 @@ class SchedulerModule(AgentModule):
         bulk_patch(self.client, "/batch-jobs/", notes)
 
     def _poll(self) -> tuple[Optional[dict], Optional[str]]:
+        """Poll the scheduler. An outage is logged once when it starts, at most once every
+        ``OUTAGE_LOG_EVERY_S`` while it lasts, and once when the scheduler answers again."""
+        now = time.monotonic()
         try:
             statuses = self.scheduler.get_statuses()
         except Exception as exc:
             self.poll_failures += 1
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
-            self.logger.warning("scheduler status poll failed (%d in a row): %s", self.poll_failures, message)
+            if self._poll_failing_since is None:
+                self._poll_failing_since, self._poll_failing_since_iso = now, iso_now()
+                self._poll_failure_logged = now
+                self.logger.warning("scheduler status poll failed: %s (queued and running BatchJobs are left as "
+                                    "they are until it answers; repeated at most every %.0f s)",
+                                    message, OUTAGE_LOG_EVERY_S)
+            elif now - self._poll_failure_logged >= OUTAGE_LOG_EVERY_S:
+                self._poll_failure_logged = now
+                self.logger.warning("scheduler status poll still failing (%d polls in a row, for %.0f s): %s",
+                                    self.poll_failures, now - self._poll_failing_since, message)
             return None, message
+        if self._poll_failing_since is not None:
+            self.logger.warning("scheduler status poll answers again after %d failed polls (%.0f s)",
+                                self.poll_failures, now - self._poll_failing_since)
         self.poll_failures = 0
+        self._poll_failing_since = None
+        self._poll_failing_since_iso = ""
         return statuses, None
 
     def _handle(self, batch_job: dict, statuses: Optional[dict], poll_error: Optional[str],
                 queued_counts: dict[str, int], update: dict) -> None:
         state = BatchJobState(batch_job["state"])
         scheduler_id = batch_job.get("scheduler_id")
+        if statuses is not None:  # the scheduler answers (again): an outage's error is outdated
+            self._clear_error(batch_job, update, _STATUS_UNAVAILABLE)
         if state == BatchJobState.pending_submission:
             job_tags, site_tags = batch_job.get("filter_tags") or {}, self._site_filter_tags()
             if _tags_match(job_tags, site_tags):
@@ -384,10 +456,16 @@ class SchedulerModule(AgentModule):
             return
         # queued or running
         if statuses is None:
+            # Written once when the outage reaches the threshold (the poll count and the driver's
+            # text change every poll and are left out of later cycles, so the BatchJobs are not
+            # PATCHed each cycle); the module logs the outage itself, not once per BatchJob.
+            # Removed once the scheduler answers again.
             if self.poll_failures >= self.threshold:
-                message = f"scheduler status unavailable ({self.poll_failures} polls in a row): {poll_error}"
-                if (batch_job.get("status_info") or {}).get("error") != message:
-                    self._error(update, batch_job, message)
+                current = str((batch_job.get("status_info") or {}).get("error") or "")
+                if not current.startswith(_STATUS_UNAVAILABLE):
+                    since = self._poll_failing_since_iso or iso_now()
+                    self._error(update, batch_job, f"{_STATUS_UNAVAILABLE} since {since} (the status poll failed "
+                                                   f"{self.poll_failures} times in a row): {poll_error}", log=False)
             return
         status = statuses.get(scheduler_id) if scheduler_id is not None else None
         if status is None or status.state in (BatchJobState.finished, BatchJobState.submit_failed):
@@ -397,12 +475,31 @@ class SchedulerModule(AgentModule):
         self.missed_since.pop(batch_job["id"], None)
         new_state = status.state
         if new_state in (BatchJobState.queued, BatchJobState.running) and new_state != state:
-            if not (state == BatchJobState.running and new_state == BatchJobState.queued):
-                update["state"] = new_state.value
-                if new_state == BatchJobState.running and not batch_job.get("start_time"):
-                    update["start_time"] = format_datetime(utcnow())
+            update["state"] = new_state.value
+            if new_state == BatchJobState.running and not batch_job.get("start_time"):
+                update["start_time"] = format_datetime(utcnow())
+            if state == BatchJobState.running and new_state == BatchJobState.queued:
+                self._record_requeue(batch_job, update)
+            else:
                 self.logger.info("BatchJob %s: %s -> %s", batch_job["id"], state.value, new_state.value)
         self._copy_reason(batch_job, getattr(status, "message", "") or "", update)
+
+    def _record_requeue(self, batch_job: dict, update: dict) -> None:
+        """The scheduler lists a running job as waiting again: it was requeued (Slurm's ``scontrol
+        requeue``, a node failure, a preemption that requeues). The BatchJob goes back to queued and
+        its status_info counts the requeues (``requeue_count``, ``requeue_time``: the last one seen).
+        ``start_time`` keeps the first start (when the allocation first held nodes); the last run's
+        start, from the scheduler's history, goes to status_info ``last_start_time`` when it ends."""
+        info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+        try:
+            count = int(info.get("requeue_count") or 0) + 1
+        except ValueError:
+            count = 1
+        info.update(requeue_count=str(count), requeue_time=iso_now())
+        update["status_info"] = info
+        self.logger.warning("BatchJob %s: scheduler job %s was requeued (running -> queued, requeue %d); its "
+                            "launcher's run ended, the scheduler starts it again", batch_job["id"],
+                            batch_job.get("scheduler_id"), count)
 
     def _copy_reason(self, batch_job: dict, reason: str, update: dict) -> None:
         """Keep ``status_info["scheduler_reason"]`` equal to the scheduler's current word on why the job
@@ -519,12 +616,21 @@ class SchedulerModule(AgentModule):
         if final == BatchJobState.submit_failed and BatchJobState(batch_job["state"]) == BatchJobState.running:
             final = BatchJobState.finished
         update["state"] = final.value
-        if history.start_time is not None:
-            update["start_time"] = format_datetime(history.start_time)
-        update["end_time"] = format_datetime(history.end_time or utcnow())
         info = dict(batch_job.get("status_info") or {})
+        # start_time is the allocation's first start: a requeued job's history gives its last
+        # run's start, which is kept in status_info (last_start_time) instead. The earlier of the
+        # stored and the history's start is kept (the stored one is the agent's first sighting of
+        # the job running, up to sync_period late; the history's is exact for a job never requeued).
+        stored = _aware(parse_datetime(batch_job["start_time"])) if batch_job.get("start_time") else None
+        if history.start_time is not None:
+            if stored is None or _aware(history.start_time) < stored:
+                update["start_time"] = format_datetime(history.start_time)
+            elif info.get("requeue_count") and _aware(history.start_time) > stored:
+                info["last_start_time"] = format_datetime(history.start_time)
+        update["end_time"] = format_datetime(history.end_time or utcnow())
         info.pop("scheduler_reason", None)  # why it waited: outdated once it ended
-        if _LOOKUP_FAILING in str(info.get("error") or ""):  # outdated now that the lookup answered
+        if (_LOOKUP_FAILING in str(info.get("error") or "")  # outdated now that the lookup answered
+                or str(info.get("error") or "").startswith(_STATUS_UNAVAILABLE)):  # and the poll
             info.pop("error", None)
             info.pop("error_time", None)
         if history.native_state:
@@ -595,6 +701,8 @@ class SchedulerModule(AgentModule):
             return
         script = self.script_path(batch_job["id"])
         marker = script.with_name(script.name + ".scheduler_id")
+        if not self._markers_checked(batch_job, script, update):
+            return
         # Submitted before, but the API never heard of it (outage, agent restart): never submit twice.
         scheduler_id = _read_marker(marker)
         if scheduler_id is not None:
@@ -615,6 +723,9 @@ class SchedulerModule(AgentModule):
                 update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": message}
             self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
             return
+        token = self._submit_token(batch_job, update)
+        if token is None:
+            return
         try:
             text = render_job_script(
                 read_template(self.template_path()),
@@ -632,7 +743,7 @@ class SchedulerModule(AgentModule):
             # Written before the submit command runs and removed once its outcome is known: found
             # on a later cycle (the agent stopped, or the command timed out), it says that a job
             # may be in the queue already, and the scheduler is asked before submitting again.
-            pending.write_text(f"{iso_now()}\n")
+            pending.write_text(f"{iso_now()} {token}\n")
         except (JobTemplateError, OSError) as exc:
             update["state"] = BatchJobState.submit_failed.value
             self._error(update, batch_job, f"job template: {exc}")
@@ -753,6 +864,89 @@ class SchedulerModule(AgentModule):
         if info.get("waiting") != message:
             update["status_info"] = {**info, "waiting": message}
 
+    def _waiting_lookup(self, batch_job: dict, update: dict, message: str) -> None:
+        """A lookup by name that failed: the BatchJob waits. Said (status_info, one log line) when the
+        wait starts or its text changes, not every cycle while the scheduler stays unreachable."""
+        message = clean_text(message)
+        if (batch_job.get("status_info") or {}).get("waiting") == message:
+            self.logger.debug("BatchJob %s: %s", batch_job["id"], message)
+            return
+        update["status_info"] = {**(update.get("status_info") or batch_job.get("status_info") or {}), "waiting": message}
+        self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+
+    def _submit_token(self, batch_job: dict, update: dict) -> Optional[str]:
+        """The BatchJob's submit token (:data:`SUBMIT_TOKEN`), stored on the server before the
+        first submit command runs, so that the markers written around it can prove whose they are
+        after the agent crashed between the submit command and the PATCH recording its outcome.
+        None (the BatchJob waits, noted in status_info) when the server cannot store it now."""
+        info = dict(batch_job.get("status_info") or {})
+        token = info.get(SUBMIT_TOKEN)
+        if token:
+            return str(token)
+        token = uuid.uuid4().hex
+        info[SUBMIT_TOKEN] = token
+        try:
+            refused = bulk_patch(self.client, "/batch-jobs/", [{"id": batch_job["id"], "status_info": info}])
+        except Exception as exc:
+            refused = [({}, exc)]
+        if refused:
+            message = clean_text(f"waiting: cannot store the submit token before submitting: {refused[0][1]}")
+            self._set_waiting(batch_job, update, message)
+            self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+            return None
+        batch_job["status_info"] = info  # this cycle's later updates keep it
+        return token
+
+    def _markers_checked(self, batch_job: dict, script: Path, update: dict) -> bool:
+        """Move aside the submit markers of ``script`` (``.scheduler_id``, ``.submitting``) that
+        belong to another BatchJob of the same id (the server's database was reset or restored
+        while the site directory was kept; an id was reused). A marker proves it is this
+        BatchJob's by holding the BatchJob's submit token. A marker without a token (written by an
+        older agent) is trusted only while the status poll lists its job (the BatchJob then has no
+        token either); a job that is no longer listed is not this BatchJob's to adopt. False:
+        cannot tell now (the status poll failed), the BatchJob waits."""
+        token = (batch_job.get("status_info") or {}).get(SUBMIT_TOKEN)
+        marker = script.with_name(script.name + ".scheduler_id")
+        pending = script.with_name(script.name + ".submitting")
+        scheduler_id, marked = _read_marker_token(marker)
+        if scheduler_id is not None:
+            if marked is not None:
+                stale = marked != token
+            elif token:
+                stale = True  # this BatchJob's own markers carry its token
+            elif self._statuses is None:
+                self._set_waiting(batch_job, update, f"waiting: {marker.name} (no submit token) names scheduler job "
+                                                     f"{scheduler_id}; the status poll must answer to tell whose it is")
+                return False
+            else:
+                stale = scheduler_id not in self._statuses
+            if stale:
+                if not self._move_aside(batch_job, marker, f"scheduler job {scheduler_id}"):
+                    return False
+                if marked is None:  # its .submitting, if any, is as old
+                    pending_token = _read_pending_token(pending)
+                    if pending.is_file() and pending_token is None:
+                        self._move_aside(batch_job, pending, "an unfinished submission")
+        if pending.is_file():
+            pending_token = _read_pending_token(pending)
+            if pending_token is not None and pending_token != token:
+                if not self._move_aside(batch_job, pending, "an unfinished submission"):
+                    return False
+        return True
+
+    def _move_aside(self, batch_job: dict, path: Path, what: str) -> bool:
+        aside = path.with_name(f"{path.name}.stale-{utcnow().strftime('%Y%m%dT%H%M%S%f')}")
+        try:
+            path.rename(aside)
+        except OSError as exc:
+            self.logger.warning("BatchJob %s: %s belongs to another BatchJob of id %s (%s) and cannot be moved "
+                                "aside: %s; not submitted until it is", batch_job["id"], path.name, batch_job["id"],
+                                what, exc)
+            return False
+        self.logger.warning("BatchJob %s: %s is another BatchJob's (%s; not this BatchJob's submit token): "
+                            "moved aside to %s", batch_job["id"], path.name, what, aside.name)
+        return True
+
     def _submit_request(self, batch_job: dict, script: Path) -> SubmitRequest:
         return SubmitRequest(
             script_path=script,
@@ -777,6 +971,8 @@ class SchedulerModule(AgentModule):
         script = self.script_path(batch_job["id"])
         marker = script.with_name(script.name + ".scheduler_id")
         pending = script.with_name(script.name + ".submitting")
+        if not self._markers_checked(batch_job, script, update):
+            return
         recorded = _read_marker(marker)
         found: Optional[list[int]]
         if recorded is not None:
@@ -787,9 +983,7 @@ class SchedulerModule(AgentModule):
             except Exception as exc:
                 message = (f"waiting: cannot tell whether the earlier submission of {script.stem} reached the "
                            f"scheduler, so the BatchJob is not deleted yet: {exc}")
-                if (batch_job.get("status_info") or {}).get("waiting") != clean_text(message):
-                    update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": clean_text(message)}
-                self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+                self._waiting_lookup(batch_job, update, message)
                 return
         else:
             found = []  # never submitted
@@ -834,9 +1028,7 @@ class SchedulerModule(AgentModule):
         except Exception as exc:
             message = (f"waiting: cannot tell whether the earlier submission of {request.job_name} reached the "
                        f"scheduler: {exc}")
-            if (batch_job.get("status_info") or {}).get("waiting") != message:
-                update["status_info"] = {**(batch_job.get("status_info") or {}), "waiting": message}
-            self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
+            self._waiting_lookup(batch_job, update, message)
             return True
         if found is None:
             self.logger.warning(
@@ -860,12 +1052,16 @@ class SchedulerModule(AgentModule):
                           marker: Optional[Path] = None, pending: Optional[Path] = None) -> None:
         if marker is not None:
             try:
-                marker.write_text(f"{scheduler_id}\n")
+                token = (batch_job.get("status_info") or {}).get(SUBMIT_TOKEN)
+                marker.write_text(f"{scheduler_id} {token}\n" if token else f"{scheduler_id}\n")
                 if pending is not None:
                     pending.unlink(missing_ok=True)
             except OSError as exc:  # the .submitting marker stays: a later cycle asks the scheduler
                 self.logger.warning("BatchJob %s: cannot record the submission in %s: %s", batch_job["id"], marker, exc)
         info = {k: v for k, v in (batch_job.get("status_info") or {}).items() if k not in ("waiting",)}
+        if str(info.get("error") or "").startswith(_SUBMIT_RETRY):  # the retry succeeded: outdated
+            info.pop("error", None)
+            info.pop("error_time", None)
         info.update(submit_script=str(script), submit_time=iso_now())
         update.update(state=BatchJobState.queued.value, scheduler_id=scheduler_id, status_info=info)
         self.logger.info("BatchJob %s: %s as scheduler job %s (%s)", batch_job["id"], how, scheduler_id, script.name)

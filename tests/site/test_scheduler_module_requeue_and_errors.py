@@ -1,0 +1,219 @@
+"""The scheduler module's submit markers, requeued jobs, and errors whose condition ended.
+
+Found with a real Slurm (an audit): a ``qlaunch<id>.sh.scheduler_id`` marker left by an earlier
+BatchJob of the same id (the server's database reset while the site directory was kept) made a new
+BatchJob "already submitted"; a requeued job stayed ``running`` while Slurm had it pending and got
+its last run's start_time; an outage's error stayed after the scheduler answered again, and every
+poll of the outage rewrote every BatchJob's status_info and logged a line per BatchJob.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import attrs
+import pytest
+
+from balsam.models import SchedulerJobStatus
+from balsam.scheduler import JobHistory, SchedulerError
+from balsam.site.modules.scheduler import SchedulerModule
+from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
+from site_test_utils import batch_job, create_batch_job
+from test_site_scheduler_module import CountingClient, ScriptedScheduler
+
+
+@pytest.fixture
+def setup(make_site, client):
+    site = make_site(overrides={"scheduler": {"allowed_queues": {"local": {"max_nodes": 4, "max_walltime": 60,
+                                                                           "max_queued_jobs": 5}}}})
+    fake = ScriptedScheduler()
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    return site, fake, module
+
+
+def _marker(module, bj_id: int):
+    script = module.script_path(bj_id)
+    return script.with_name(script.name + ".scheduler_id")
+
+
+def _stale_files(module, bj_id: int) -> list[str]:
+    script = module.script_path(bj_id)
+    return sorted(p.name for p in script.parent.glob(script.name + ".*.stale-*"))
+
+
+def _set(fake: ScriptedScheduler, scheduler_id: int, **changes) -> None:
+    fake.queue[scheduler_id] = attrs.evolve(fake.queue[scheduler_id], **changes)
+
+
+# -- 1. a submit marker must belong to the BatchJob ---------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["17 0123456789abcdef0123456789abcdef\n", "17\n"],
+                         ids=["another-batch-jobs-token", "no-token-job-not-listed"])
+def test_a_marker_of_an_earlier_batch_job_with_the_same_id_is_moved_aside(setup, client, content, caplog) -> None:
+    """The server's database was reset (or an id reused): the new BatchJob of that id finds the old
+    BatchJob's marker. It is not "already submitted as scheduler job 17": it is submitted."""
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    marker = _marker(module, bj["id"])
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="balsam.site.modules.scheduler"):
+        module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert len(fake.submitted) == 1
+    assert record["state"] == "queued" and record["scheduler_id"] == fake.next_id != 17
+    assert _stale_files(module, bj["id"]) and marker.read_text().split()[0] == str(fake.next_id)
+    assert sum("moved aside" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_marker_without_token_whose_job_is_still_listed_is_adopted(setup, client) -> None:
+    """An agent older than submit tokens crashed between sbatch and recording the id; the new agent
+    finds its token-less marker, and the job is in the queue: adopted, not submitted again."""
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    fake.queue[4242] = SchedulerJobStatus(scheduler_id=4242, state=BatchJobState.queued, queue="local", num_nodes=1,
+                                          wall_time_min=10, project="local", time_remaining_min=10, queued_time_min=0)
+    marker = _marker(module, bj["id"])
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("4242\n")
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued" and record["scheduler_id"] == 4242
+    assert not fake.submitted and not _stale_files(module, bj["id"])
+
+
+def test_the_crash_between_submit_and_recording_still_never_submits_twice(setup, client) -> None:
+    """The agent dies after sbatch, before the PATCH recording the scheduler id: the next agent
+    finds the marker, whose token is the BatchJob's (stored before sbatch), and records that job."""
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+
+    class DiesAfterSubmit:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def patch(self, path, *args, **kwargs):
+            if any("scheduler_id" in u for u in kwargs.get("json") or []):
+                raise ConnectionError("agent killed")
+            return self.inner.patch(path, *args, **kwargs)
+
+    module.client = DiesAfterSubmit(client)
+    with pytest.raises(ConnectionError):
+        module.run_cycle()
+    assert len(fake.submitted) == 1
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "pending_submission" and record["status_info"]["submit_token"]
+
+    restarted = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    restarted.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued" and record["scheduler_id"] == fake.next_id
+    assert len(fake.submitted) == 1 and not _stale_files(module, bj["id"])
+
+
+def test_a_stale_unfinished_submission_marker_is_not_looked_up(setup, client) -> None:
+    """A ``.submitting`` marker of an earlier BatchJob of the same id: the scheduler is not asked
+    for jobs of that name (an old job of the name would be adopted); the BatchJob is submitted."""
+    site, fake, module = setup
+    fake.names = {}
+    bj = create_batch_job(client, site.site_id)
+    script = module.script_path(bj["id"])
+    script.parent.mkdir(parents=True, exist_ok=True)
+    fake.names[555] = (script.stem, script)  # the old BatchJob's job, gone from the queue long ago
+    script.with_name(script.name + ".submitting").write_text("2024-01-01T00:00:00+00:00 feedfacefeedface\n")
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued" and record["scheduler_id"] == fake.next_id != 555
+    assert len(fake.submitted) == 1
+
+
+# -- 2. requeued jobs ---------------------------------------------------------------------------
+
+
+def test_running_to_queued_is_a_valid_batch_job_transition(setup, client) -> None:
+    assert BatchJobState.queued in BATCH_JOB_TRANSITIONS[BatchJobState.running]
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    client.patch("/batch-jobs/", json=[{"id": bj["id"], "state": "queued", "scheduler_id": 9}])
+    client.patch("/batch-jobs/", json=[{"id": bj["id"], "state": "running"}])
+    client.patch("/batch-jobs/", json=[{"id": bj["id"], "state": "queued"}])  # the server accepts it
+    assert batch_job(client, bj["id"])["state"] == "queued"
+
+
+def test_a_requeued_job_goes_back_to_queued_and_keeps_its_first_start(setup, client) -> None:
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    module.run_cycle()
+    sid = batch_job(client, bj["id"])["scheduler_id"]
+    _set(fake, sid, state=BatchJobState.running)
+    module.run_cycle()
+    first = batch_job(client, bj["id"])
+    assert first["state"] == "running" and first["start_time"]
+
+    _set(fake, sid, state=BatchJobState.queued, message="BeginTime")  # scontrol requeue
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued"
+    assert record["status_info"]["requeue_count"] == "1" and record["status_info"]["requeue_time"]
+    assert record["status_info"]["scheduler_reason"] == "BeginTime"
+
+    _set(fake, sid, state=BatchJobState.running, message="")
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "running" and "scheduler_reason" not in record["status_info"]
+    assert record["start_time"] == first["start_time"]
+
+    last_start = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=3)
+    fake.queue.pop(sid)
+    fake.history[sid] = JobHistory(scheduler_id=sid, state=BatchJobState.finished, start_time=last_start,
+                                   end_time=last_start + dt.timedelta(minutes=1), native_state="COMPLETED",
+                                   message="Slurm state COMPLETED")
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "finished"
+    assert record["start_time"] == first["start_time"]  # the allocation's first start
+    assert record["status_info"]["last_start_time"].startswith(last_start.strftime("%Y-%m-%dT%H:%M"))
+    assert record["status_info"]["requeue_count"] == "1"
+
+
+# -- 3. and 4. errors whose condition ended; an outage's noise ------------------------------------
+
+
+def test_a_retried_submit_error_is_cleared_once_submitted(setup, client) -> None:
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    fake.submit_errors.append(SchedulerError("sbatch: error: Socket timed out"))
+    module.run_cycle()
+    assert "will retry" in batch_job(client, bj["id"])["status_info"]["error"]
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "queued"
+    assert "error" not in record["status_info"] and "error_time" not in record["status_info"]
+
+
+def test_an_outage_is_written_once_logged_rarely_and_cleared_when_it_ends(setup, client, caplog) -> None:
+    site, fake, module = setup
+    ids = [create_batch_job(client, site.site_id)["id"] for _ in range(3)]
+    module.run_cycle()
+    counting = CountingClient(client)
+    module.client = counting
+    fake.status_errors.extend([SchedulerError("squeue: error: Socket timed out")] * 9)
+    with caplog.at_level(logging.INFO, logger="balsam.site.modules.scheduler"):
+        for _ in range(9):
+            module.run_cycle()
+        errors = [batch_job(client, i)["status_info"].get("error", "") for i in ids]
+        assert all("scheduler status unavailable" in e and "Socket timed out" in e for e in errors)
+        # Written when the outage reached the threshold (one bulk PATCH), not at every poll.
+        assert [c for c in counting.calls if c[0] == "patch"] == [("patch", "/batch-jobs/")]
+        module.run_cycle()  # the scheduler answers again
+    outage_lines = [r.getMessage() for r in caplog.records if "poll" in r.getMessage() or "unavailable" in r.getMessage()]
+    assert len(outage_lines) == 2, outage_lines  # it started; it ended
+    assert "answers again" in outage_lines[-1]
+    for i in ids:
+        info = batch_job(client, i)["status_info"]
+        assert "error" not in info and "error_time" not in info
