@@ -21,7 +21,7 @@ Session to expire; it logs at ERROR and records ``serial workers died (mpiexec e
 the MPI launcher's output>`` in the BatchJob's ``status_info["error"]``.
 
 Serial mode runs only jobs of one rank on one node (``serial_only``): the server never leases it
-the others, which wait for an mpi-mode BatchJob. As it ends (idle, out of time, stopped), the
+the others, which wait for an mpi-mode BatchJob. As it ends normally (idle, with time left), the
 launcher reads the site's runnable jobs once (one listing request, at most
 :data:`MULTI_RANK_SCAN_LIMIT` jobs) and, if some need more than one rank or node, says so once: in
 its log and in the BatchJob's ``status_info["launcher"]`` (``balsam queue ls -v``).
@@ -211,16 +211,17 @@ class SerialMode(JobMode):
         return message
 
     def run(self) -> int:
-        try:
-            return self._run()
-        finally:
-            # When the work is over (a listing request while jobs run slowed them: the server
-            # counts and reads the runnable jobs; a launcher that goes idle, or out of time, with
-            # such jobs left is the case to explain). Bounded: an API that does not answer does not
-            # hold the launcher's exit.
+        code = self._run()
+        # When the work is over (a listing request while jobs ran slowed them: the server counts
+        # and reads the runnable jobs), and only after a normal end with time left: a launcher
+        # that went idle with such jobs left is the case to explain; one stopped by a signal, a
+        # refused credential or its wall time must exit at once (the scheduler's kill follows).
+        # Bounded: an API that does not answer does not hold the launcher's exit.
+        if code == 0 and not self.stop.requested and self.countdown.remaining_sec() > 2 * MULTI_RANK_NOTE_WAIT_SEC:
             note = threading.Thread(target=self.note_multi_rank_jobs, name="multi-rank-note", daemon=True)
             note.start()
             note.join(MULTI_RANK_NOTE_WAIT_SEC)
+        return code
 
     def _run(self) -> int:
         ctx = self.context
