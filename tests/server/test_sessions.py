@@ -113,7 +113,8 @@ def test_delete_session_times_out_running_jobs(api, site_app):
     api.ok("DELETE", f"/sessions/{session}", 204)
     assert [api.job(i)["state"] for i in ids] == ["RUN_TIMEOUT", "RUN_TIMEOUT", "PREPROCESSED"]
     event = api.events(job_id=ids[0])[0]
-    assert event["to_state"] == "RUN_TIMEOUT" and "Session expired" in event["data"]["message"]
+    # Said as it is: the Session was deleted (it did not expire).
+    assert event["to_state"] == "RUN_TIMEOUT" and "Session was deleted" in event["data"]["message"]
     # All three are free again: the third one can be acquired by a new session.
     other = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"]})["id"]
     assert [j["id"] for j in acquire(api, other)] == [ids[2]]
@@ -198,3 +199,21 @@ def test_a_server_restart_expires_no_session_that_heartbeats_again(db_kind, live
         time.sleep(0.5)
     assert [api.job(i)["state"] for i in kept + lost] == ["RUNNING", "RUNNING", "RUN_TIMEOUT", "RUN_TIMEOUT"]
     api.close()
+
+
+def test_jobs_of_a_finished_batch_job_say_it_ended_not_that_a_session_expired(api, site_app):
+    """A BatchJob the scheduler reports finished (scancel, its wall time) ends its sessions at once:
+    the RUNNING jobs' events said "Session expired: job was stuck in RUNNING state" though nothing
+    expired; now they say the BatchJob ended. A session left without heartbeats still expires."""
+    site, app = site_app
+    ids = runnable(api, app["id"], 2)
+    bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site["id"], "project": "p", "queue": "q", "num_nodes": 1,
+                                                   "wall_time_min": 10, "job_mode": "mpi"})
+    session = api.ok("POST", "/sessions/", 201, json={"site_id": site["id"], "batch_job_id": bj["id"]})["id"]
+    acquire(api, session)
+    api.patch_states(ids, "RUNNING")
+    for state in ("queued", "running", "finished"):
+        api.ok("PUT", f"/batch-jobs/{bj['id']}", 200, json={"state": state})
+    assert [api.job(i)["state"] for i in ids] == ["RUN_TIMEOUT", "RUN_TIMEOUT"]
+    message = api.events(job_id=ids[0])[0]["data"]["message"]
+    assert "BatchJob ended" in message and "expired" not in message, message

@@ -70,6 +70,10 @@ JOB_FILTERS = {
     "workdir__contains", "state__ne", "state", "tags", "pending_file_cleanup", "ordering",
 }
 SESSION_EXPIRED_MSG = "Session expired: job was stuck in RUNNING state"
+#: The same release when the Session's BatchJob ended (the scheduler says its allocation is over)
+#: or when the Session was deleted: its launcher is gone, nothing expired.
+BATCH_JOB_ENDED_MSG = "Its BatchJob ended while the job was RUNNING (the launcher is gone): run again"
+SESSION_DELETED_MSG = "Its launcher's Session was deleted while the job was RUNNING: run again"
 
 
 def utcnow() -> dt.datetime:

@@ -148,7 +148,7 @@ from .db import id_in, ids_in_param, ids_param
 from .errors import NotFound, ValidationFailed
 from .http import INT64_MAX, INT64_MIN, check_int_fields, is_json_int, wire_datetime
 from .jobs_logic import (
-    JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, owned_sites_clause, owner_params, set_states, site_owned_by,
+    BATCH_JOB_ENDED_MSG, JOB_OUT_COLUMNS, SESSION_EXPIRED_MSG, job_dicts, json_contains, owned_sites_clause, owner_params, set_states, site_owned_by,
     utcnow,
 )
 from .tables import LEASABLE_PREDICATES, RUNNABLE_ORDERS, batch_jobs, jobs, sessions, sites
@@ -234,8 +234,9 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
         _swept_since_outage.add(database)
         if restarted:
             logger.info("Restarted the expiry clock of %d session(s) after a server start or outage", restarted)
+    ended = sa.func.coalesce(batch_jobs.c.state == BatchJobState.finished.value, False)
     stmt = (
-        sa.select(sessions.c.id)
+        sa.select(sessions.c.id, ended)
         .select_from(sessions.outerjoin(batch_jobs, batch_jobs.c.id == sessions.c.batch_job_id))
         .where(sa.or_(sessions.c.heartbeat < cutoff, batch_jobs.c.state == BatchJobState.finished.value))
     )
@@ -244,10 +245,15 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
     if conn.dialect.name == "postgresql":
         # Concurrent sweeps (several workers) must not time out the same jobs twice.
         stmt = stmt.with_for_update(skip_locked=True, of=sessions)
-    expired = list(conn.execute(stmt).scalars())
-    if not expired:
+    rows = conn.execute(stmt).all()
+    if not rows:
         return 0
-    release_session_jobs(conn, expired, now)
+    expired = [sid for sid, _ in rows]
+    # Said as it is: a session whose BatchJob ended did not expire, its launcher is gone.
+    for ended_with_batch_job, message in ((True, BATCH_JOB_ENDED_MSG), (False, SESSION_EXPIRED_MSG)):
+        group = [sid for sid, by_end in rows if bool(by_end) is ended_with_batch_job]
+        if group:
+            release_session_jobs(conn, group, now, message)
     conn.execute(sa.delete(sessions).where(sessions.c.id.in_(expired)))
     logger.info("Swept %d expired session(s): %s", len(expired), expired)
     return len(expired)
@@ -266,7 +272,10 @@ def maybe_sweep(conn: sa.Connection, settings: Any, user_id: int) -> int:
     return expired
 
 
-def release_session_jobs(conn: sa.Connection, session_ids: list[int], now: dt.datetime) -> None:
+def release_session_jobs(conn: sa.Connection, session_ids: list[int], now: dt.datetime,
+                         message: str = SESSION_EXPIRED_MSG) -> None:
+    """End the leases of ``session_ids``: their RUNNING jobs become RUN_TIMEOUT (run again) with
+    ``message`` in the event, the others leasable again."""
     stmt = sa.select(jobs.c.id).where(jobs.c.session_id.in_(session_ids), jobs.c.state == JobState.running.value)
     if conn.dialect.name == "postgresql":
         # A launcher reporting RUN_DONE at this very moment wins: the locked re-check drops that job.
@@ -275,7 +284,7 @@ def release_session_jobs(conn: sa.Connection, session_ids: list[int], now: dt.da
     if running:
         set_states(
             conn, {jid: (JobState.running.value, JobState.run_timeout) for jid in running}, now,
-            {"message": SESSION_EXPIRED_MSG},
+            {"message": message},
         )
     conn.execute(sa.update(jobs).where(jobs.c.session_id.in_(session_ids)).values(session_id=None))
     # The jobs users took from these sessions may be leased again: the sessions' runs are over or

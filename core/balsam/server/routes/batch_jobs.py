@@ -17,7 +17,7 @@ from ..errors import Conflict, NotFound, ValidationFailed, not_found_ids, parse_
 from ..http import (PAGINATION, QueryParams, check_int_fields, json_response, no_content, pagination,
                     parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
-from ..jobs_logic import json_contains, owned_site_ids, site_owned_by, utcnow
+from ..jobs_logic import BATCH_JOB_ENDED_MSG, json_contains, owned_site_ids, site_owned_by, utcnow
 from ..sessions_logic import release_session_jobs
 from ..routing import Ctx, route
 from ..tables import batch_jobs, credentials, sessions, sites
@@ -248,7 +248,7 @@ def end_batch_job_sessions(conn: sa.Connection, bj_ids: list[int]) -> None:
         stmt = stmt.order_by(sessions.c.id).with_for_update(of=sessions)
     session_ids = list(conn.execute(stmt).scalars())
     if session_ids:
-        release_session_jobs(conn, session_ids, utcnow())
+        release_session_jobs(conn, session_ids, utcnow(), BATCH_JOB_ENDED_MSG)
         conn.execute(sa.delete(sessions).where(sessions.c.id.in_(session_ids)))
 
 

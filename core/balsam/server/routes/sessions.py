@@ -11,7 +11,7 @@ from ..acquire_waits import WaitForJobs
 from ..db import count_and_page, where_in
 from ..errors import NotFound, ValidationFailed
 from ..http import PAGINATION, check_int_fields, is_json_int, json_response, no_content, pagination, wire_datetime
-from ..jobs_logic import owned_site_ids, site_owned_by, utcnow
+from ..jobs_logic import SESSION_DELETED_MSG, owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
@@ -124,7 +124,7 @@ def delete_session(ctx: Ctx) -> Response:
         # order"): the jobs first deadlocked with a sweep that held the session and waited for the
         # jobs. A session the sweep is deleting is waited for, then not found (404).
         get_owned_session(conn, ctx.user.id, session_id, lock=True)
-        release_session_jobs(conn, [session_id], utcnow())
+        release_session_jobs(conn, [session_id], utcnow(), SESSION_DELETED_MSG)
         conn.execute(sa.delete(sessions).where(sessions.c.id == session_id))
     ctx.wake_acquires()  # its RUNNING jobs are RUN_TIMEOUT, its other jobs leasable again
     return no_content()
