@@ -153,6 +153,9 @@ class StopConditions:
         self.event = threading.Event()
         self.reason = ""
         self._requested = False
+        #: When the first request came (``time.time()``), or None: the moment from which a job
+        #: mode counts an exit as the stop's doing (see :data:`~balsam.launcher.runner.STOP_WINDOW_SEC`).
+        self.requested_at: Optional[float] = None
 
     @classmethod
     def for_launcher(
@@ -164,6 +167,7 @@ class StopConditions:
         """Ask the loop to stop; the first reason given is kept."""
         if not self._requested:
             self.reason = reason
+            self.requested_at = time.time()
             self._requested = True
         threading.Thread(target=self._set_events, name="stop-request", daemon=True).start()
 

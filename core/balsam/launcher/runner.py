@@ -319,8 +319,47 @@ class ChildReaper:
 #: Exit statuses of a process ended by a signal a batch system sends when it ends an allocation
 #: (scancel, qdel, the wall time): defined beside the spawner, which acts on them too.
 STOP_SIGNAL_EXITS = spawner.STOP_SIGNAL_EXITS
-#: How long such an exit is held back before it is reported as the job's own error (see ProcessPool).
-STOP_SIGNAL_HOLD_SEC = 1.0
+#: The stop window. When a batch system ends an allocation (scancel, a requeue, a node set down,
+#: the time limit) it signals every process of the job at once, and a job may die of that signal
+#: before the launcher's own stop comes: on a Slurm test cluster the serial master's stop came up to
+#: 1.5 s after its tasks had died of Slurm's SIGTERM (the signal reaches the master through the MPI
+#: launcher). An exit by a stop signal (:data:`STOP_SIGNAL_EXITS`) that the launcher's stop follows
+#: within this many seconds is the stop's doing: RUN_TIMEOUT, and the job runs again. 3 s: twice the
+#: delay seen there; a longer window would delay by as much the report (and the reuse of the CPUs)
+#: of every job killed while no stop comes (its user's ``kill``, the OOM killer's SIGKILL).
+STOP_WINDOW_SEC = 3.0
+#: How long such an exit is held back before it is reported as the job's own error (see ProcessPool):
+#: the whole stop window, so that its RUN_ERROR is never even queued for the server while a stop
+#: may still claim it (the status updater sends what it is given within 0.1 s: a RUN_ERROR put
+#: there is as good as sent).
+STOP_SIGNAL_HOLD_SEC = STOP_WINDOW_SEC
+
+
+def ended_by_stop(returncode: int, ended: Optional[float], stop_time: Optional[float], *, reaped_after_stop: bool = False) -> bool:
+    """Whether an exit is the launcher's stop's doing (report RUN_TIMEOUT: the job runs again)
+    rather than the job's own result. ``stop_time``: when the stop was requested (``time.time()``;
+    None: no stop); ``ended``: when the task exited (same clock).
+
+    (a) an exit reaped after the stop (``reaped_after_stop``), or that happened after it, whatever
+    its code; (b) an exit by a stop signal (:data:`STOP_SIGNAL_EXITS`) at most
+    :data:`STOP_WINDOW_SEC` before the stop. An exit 0 before the stop is the job's: a wrapper that
+    went on after the batch system killed its payload and exited 0 cannot be told from a job that
+    finished."""
+    if stop_time is None:
+        return False
+    if reaped_after_stop or (ended is not None and ended >= stop_time):
+        return True
+    return ended is not None and returncode in STOP_SIGNAL_EXITS and stop_time - ended <= STOP_WINDOW_SEC
+
+
+def stopped_reason(reason: str, returncode: Optional[int] = None) -> str:
+    """The RUN_TIMEOUT reason of a job the launcher's stop ended (``reason``: the stop's), with
+    the exit it was seen to make, if any."""
+    if returncode is None:
+        return f"launcher stopped ({reason})"
+    killed = signal_note(returncode)
+    how = killed if killed else f"exit code {returncode}"
+    return f"launcher stopped ({reason}); the job ended ({how}) as the launcher stopped: it runs again"
 
 # Serial mode's quick-failure relaunch: Balsam 0.7's constants (its serial-mode ``Worker``:
 # ``RETRY_CODES = [-11, 1, 255, 12345]``, ``RETRY_WINDOW = 20``, ``MAX_RETRY = 3``), with 0.7's rule:

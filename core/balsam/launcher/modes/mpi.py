@@ -26,6 +26,13 @@ The lease's **heartbeat thread** asks the server which held jobs their user dele
 (:mod:`balsam.launcher.gone`): it copies the held ids and hands the answer over; the loop ends
 those runs. A job leased again while an older copy of it is held replaces that copy (same module).
 
+Exits at a stop (the serial mode's rule, :mod:`balsam.launcher.modes.serial_worker`, "Exits at a
+stop"): (a) an exit reaped after the launcher's stop was requested is RUN_TIMEOUT whatever its code
+(one the loop reaps after a signal came, every exit during the stop's grace); (b) an exit by a stop
+signal is held :data:`~balsam.launcher.runner.STOP_WINDOW_SEC` (3 s) before it is reported, and a
+stop within that time makes it RUN_TIMEOUT (also a quick failure :class:`NodeFaults` still holds);
+an exit 0 before the stop stays RUN_DONE, and a signal exit with no stop in the window RUN_ERROR.
+
 At a stop, and after an exception in the loop alike, the running jobs are ended and reported first;
 only then is an acquire still in flight waited for (its jobs never start; the Session's deletion,
 after it, frees them): a slow API must not keep the jobs running while the batch system's kill
@@ -59,7 +66,8 @@ from ..job_mode import JobMode, gpuless_acquire_filter
 from ..node_manager import Exit, NodeFaults, NodeManager, Placement, UnsatisfiableJob
 from ..placement import TooLateJobs, place_pending
 from ..runner import (
-    _launch_hook, launch_environment, local_pool, report_exit, report_failed, report_running, report_timeout, send_first_running,
+    _launch_hook, ended_by_stop, launch_environment, local_pool, report_exit, report_failed, report_running, report_timeout,
+    send_first_running, stopped_reason,
 )
 
 logger = logging.getLogger(__name__)
@@ -485,6 +493,8 @@ class MPIMode(JobMode):
         if done:
             self._try_start = True
         now = time.monotonic()
+        # A stop signal that came after this turn's stop check: what is reaped now is its doing.
+        stopping = self.stop.requested
         for job_id, rc, tail, when in done:
             placement = self.node_manager.placements.get(job_id)  # before release frees it
             started_at = self._started_at.pop(job_id, None)
@@ -495,6 +505,9 @@ class MPIMode(JobMode):
                 continue  # deleted or moved by its user: the server would refuse any update
             self.gone.forget(job_id)
             logger.info("job %s exited with %s", job_id, rc)
+            if stopping:
+                report_timeout(updater, job_id, stopped_reason(self.stop.reason or "signal", rc))
+                continue
             if placement is None or len(placement.node_indexes) != 1 or started_at is None or not when:
                 report_exit(updater, job_id, rc, tail, when, postprocess)  # a multi-node job's node is not known
                 continue
@@ -656,15 +669,22 @@ class MPIMode(JobMode):
         return 0
 
     def _shutdown(self, updater: Any, reason: str) -> None:
-        for e in self.faults.flush():  # quick failures whose node was not judged: as they are
-            report_exit(updater, e.job_id, e.returncode, e.tail, e.ended)
+        stop_time = self.stop.requested_at if self.stop.requested and self.stop.requested_at else time.time()
+        for e in self.faults.flush():  # quick failures whose node was not judged: as they are...
+            if ended_by_stop(e.returncode, e.ended, stop_time):  # ...unless killed by the stop's signal
+                report_timeout(updater, e.job_id, stopped_reason(reason, e.returncode))
+            else:
+                report_exit(updater, e.job_id, e.returncode, e.tail, e.ended)
         victims, finished = self.pool.terminate_all(self.countdown.grace_sec)
         if self.handover.queued:
             self._note_handovers(updater)  # RUNNING for queued jobs that started before the stop
         self.handover.forget_queued()  # what was still queued will not start
-        for job_id, rc, tail, when in finished:
+        # Reaped after the stop: the stop's doing whatever the exit code (rule (a), module docstring).
+        for job_id, rc, _tail, _when in finished:
+            self._pop_postprocess(job_id)
             if not (self.gone.ending and self.gone.settled(job_id)):
-                report_exit(updater, job_id, rc, tail, when, self._pop_postprocess(job_id))
+                report_timeout(updater, job_id, stopped_reason(reason, rc))
+                logger.info("job %s exited %s as the launcher stopped: RUN_TIMEOUT (%s)", job_id, rc, reason)
         for job_id in victims:
             if self.gone.ending and self.gone.settled(job_id):
                 continue

@@ -58,6 +58,30 @@ nor held jobs, and go back unstarted with the Session's deletion at the stop.
 Stop conditions (signal, wall time, idle timeout, refused credential) are one
 :class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
 master runs in the launcher process.
+**Exits at a stop** (:func:`~balsam.launcher.runner.ended_by_stop`; mpi mode follows the same rule).
+A batch system that ends the allocation (scancel, a requeue, a node set down, the time limit)
+signals every process of the job at once, so a task may die, or its wrapper exit, before the
+launcher's own stop has ended it. The rule:
+
+(a) every exit reaped after the launcher's stop was requested is the stop's: RUN_TIMEOUT (reason
+    ``launcher stopped (<the stop's reason>); the job ended (...) as the launcher stopped``), the job
+    runs again, whatever its code: a wrapper that traps SIGTERM and exits 0, a task that ended in the
+    grace. This master: what its pool reaps after the stop, and every exit during
+    :meth:`Master.shutdown`. A worker rank: what it reaps after a stop signal of its own, or after
+    the master's stop message, is reported ``killed`` (never ``done``); an exit a rank reports
+    ``done`` that happened after the master's stop (its end time) is the stop's too.
+(b) an exit by a stop signal (SIGTERM, SIGKILL, SIGINT, SIGHUP: ``-N``, a shell's ``128+N``, or
+    hydra's ``15``/``9``: :data:`~balsam.launcher.runner.STOP_SIGNAL_EXITS`) that the stop follows
+    within :data:`~balsam.launcher.runner.STOP_WINDOW_SEC` (3 s) is the stop's too. Its report is
+    held that long in the pool that reaped it (the master's or a rank's, with its resources), so no
+    RUN_ERROR of it has been queued, let alone sent, when the stop comes: the status updater sends
+    within 0.1 s what it is given, so "not sent yet" is only dependable for what was never put.
+    The master applies the same window to a rank's ``done`` report by the exit's end time.
+
+Limits: with no stop in the window, such an exit is the job's own (RUN_ERROR, reported 3 s late):
+a user's ``kill``, the OOM killer's SIGKILL. A stop later than 3 s after the exit finds its
+RUN_ERROR sent: it stays. An exit 0 reaped before the stop cannot be told from a job that finished
+(RUN_DONE).
 """
 
 from __future__ import annotations
@@ -90,7 +114,8 @@ from ..node_manager import NodeManager, Placement
 from ..placement import TooLateJobs, place_pending
 from ..prefetch import Prefetcher
 from ..runner import (
-    ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, env_difference, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+    ProcessPool, SpawnerPool, SpawnerShards, _launch_hook, ended_by_stop, env_difference, local_pool, spawner_count, launch_environment, report_exit, report_failed, report_running, report_timeout, send_first_running,
+    stopped_reason,
 )
 from ..wake import WakeEvent
 
@@ -435,6 +460,9 @@ class Master:
         #: Taken jobs set aside because they waited for a slot until the time left ran short (never
         #: started; the prefetcher's ``too_late`` holds those it never handed over).
         self.too_late = TooLateJobs("the master's stop (its Session's deletion)")
+        #: When the loop stopped (``time.time()``: the signal's time for a requested stop) and why.
+        self._stopped_at: Optional[float] = None
+        self._stop_reason = ""
 
     # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
     def _held_ids(self) -> list[int]:
@@ -556,8 +584,11 @@ class Master:
                 self._late_report(rank)  # its jobs were reported RUN_TIMEOUT: never report them again
                 continue
             done = msg.get("done", [])
-            self._finish(done)
-            progress += len(done)
+            self._finish(done, local=False)
+            killed = msg.get("killed")
+            if killed:  # the rank got a stop signal of its own: its exits since are the stop's
+                self._finish_stopped(killed, self._stop_reason_now() or f"serial worker rank {rank} got a stop signal")
+            progress += len(done) + len(killed or ())
         if heard and now >= self._next_rank_check:
             self._check_ranks(now)
         new = self.prefetcher.take()
@@ -669,20 +700,51 @@ class Master:
                 self.transport.send_tasks(rank, tasks)
         self.outbox.clear()
 
-    def _finish(self, results: Sequence[Sequence[Any]]) -> None:
+    def _stop_time(self) -> Optional[float]:
+        """When the launcher's stop came (``time.time()``), or None while none has."""
+        if self.stop.requested:
+            return self.stop.requested_at
+        return self._stopped_at
+
+    def _stop_reason_now(self) -> Optional[str]:
+        return self._stop_reason if self._stopped_at is not None else (self.stop.reason if self.stop.requested else None)
+
+    def _finish(self, results: Sequence[Sequence[Any]], *, local: bool = True) -> None:
+        """Report exits: the job's own result (RUN_DONE, RUN_ERROR), or RUN_TIMEOUT where the
+        launcher's stop ended it (:func:`~balsam.launcher.runner.ended_by_stop`: this node's exits
+        reaped after the stop; any exit after it; one by a stop signal within the stop window
+        before it). ``local``: reaped by this master's pool (else a worker rank's report)."""
         if results:
             self._try_start = True
         postprocess_on_exit = self.postprocess_on_exit
         gone = self.gone
         forget = gone.copies.pop
+        stop_time = self._stop_time()
         for job_id, rc, tail, when in results:
             self.handover.release(job_id)
             self.remote.pop(job_id, None)
             if not (gone.ending and gone.settled(job_id)):  # gone: the server would refuse any update
                 forget(job_id, None)
-                report_exit(self.updater, job_id, rc, tail, when, job_id in postprocess_on_exit)
+                if stop_time is not None and ended_by_stop(rc, when, stop_time, reaped_after_stop=local):
+                    reason = self._stop_reason_now() or "signal"
+                    logger.info("job %s exited %s as the launcher stopped (%s): RUN_TIMEOUT", job_id, rc, reason)
+                    report_timeout(self.updater, job_id, stopped_reason(reason, rc))
+                else:
+                    report_exit(self.updater, job_id, rc, tail, when, job_id in postprocess_on_exit)
             postprocess_on_exit.discard(job_id)
         self.finished += len(results)
+
+    def _finish_stopped(self, job_ids: Sequence[int], reason: str) -> None:
+        """Jobs a worker rank ended, or saw exit, after a stop (the master's, or a stop signal of
+        its own): RUN_TIMEOUT, their resources freed."""
+        gone = self.gone
+        for job_id in job_ids:
+            self.handover.release(job_id)
+            self.remote.pop(job_id, None)
+            self.postprocess_on_exit.discard(job_id)
+            if not (gone.ending and gone.settled(job_id)):
+                gone.copies.pop(job_id, None)
+                report_timeout(self.updater, job_id, stopped_reason(reason))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> str:
@@ -700,6 +762,8 @@ class Master:
                 stop = self.stop_reason()
                 if stop:
                     reason = stop
+                    self._stop_reason = reason
+                    self._stopped_at = self.stop.requested_at if self.stop.requested and self.stop.requested_at else time.time()
                     break
                 self.wake.clear()  # before looking: an event from now on makes the next wait return
                 if not self.step():
@@ -727,6 +791,10 @@ class Master:
             if hasattr(self.pool, "take_started"):
                 self._note_handovers()  # RUNNING for queued jobs that started before the stop
             self.handover.forget_queued()  # what was still queued will not start
+            if self._stopped_at is None:  # a loop that broke on an exception: its stop is now
+                self._stop_reason, self._stopped_at = reason, time.time()
+            # Reaped after the stop, so the stop's doing whatever the exit code: a wrapper that
+            # traps SIGTERM and exits 0, a task that ended in the grace (rule (a), module docstring).
             self._finish(finished)
             for job_id in victims:
                 self.handover.release(job_id)
@@ -783,11 +851,8 @@ class Master:
                 if rank in self.ranks_out:
                     self._late_report(rank)
                     continue
-                self._finish(msg.get("done", []))
-                for job_id in msg.get("killed", []):
-                    self.remote.pop(job_id, None)
-                    if not (self.gone.ending and self.gone.settled(job_id)):
-                        report_timeout(self.updater, job_id, f"launcher stopped ({reason})")
+                self._finish(msg.get("done", []), local=False)
+                self._finish_stopped(msg.get("killed", []), reason)
                 if msg.get("final"):
                     waiting.discard(rank)
             if not reports:
@@ -913,9 +978,13 @@ class Worker:
             if msg is not None:
                 if "stop" in msg:
                     victims, finished = self.pool.terminate_all(float(msg.get("grace", 5)))
-                    self.transport.report({"done": finished, "killed": victims, "final": True})
+                    # Every exit reaped from here on is the stop's (rule (a), module docstring),
+                    # whatever its code: all go back as ended by the stop (RUN_TIMEOUT).
+                    for job_id, rc, _tail, _when in finished:
+                        logger.info("job %s exited %s as the launcher stopped: reported ended by the stop", job_id, rc)
+                    self.transport.report({"done": [], "killed": victims + [r[0] for r in finished], "final": True})
                     self.transport.flush()
-                    logger.info("worker stopped (%s): %d tasks ended", msg["stop"], len(victims))
+                    logger.info("worker stopped (%s): %d tasks ended", msg["stop"], len(victims) + len(finished))
                     return 0
                 if "end" in msg:  # jobs their user deleted or moved: exits reported as usual, the master drops them
                     self.pool.end(msg["end"], float(msg.get("grace", 5)))
@@ -925,7 +994,14 @@ class Worker:
                 continue
             done = self.pool.reap()
             if done:
-                self.transport.report({"done": done})
+                if self.stop.requested:
+                    # A stop signal of this rank's own came first (the batch system signals every
+                    # process of the job): what exits now is the stop's doing, not the job's result.
+                    for job_id, rc, _tail, _when in done:
+                        logger.info("job %s exited %s after a stop signal: reported ended by the stop", job_id, rc)
+                    self.transport.report({"done": [], "killed": [r[0] for r in done]})
+                else:
+                    self.transport.report({"done": done})
                 last_sent = clock()
                 continue
             now = clock()
