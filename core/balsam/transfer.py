@@ -28,6 +28,14 @@ started yet (it waits for one of a bounded number of workers, or in its service'
 ``active`` with ``queued`` set: the deadline counts from when it starts, not from its submission. A
 task that delivered some files and not others is ``done`` with ``file_errors`` naming the others
 (``file_errors_retryable`` False when they must not be tried again: they fail their jobs at once).
+
+Cancels: the agent cancels a task that ran past ``transfers.task_timeout_sec`` and polls it once
+more. A ``failed`` answer to that poll is taken for the agent's own cancel whatever its message or
+``retryable`` says: the task's files each fail one try (retryable), the backend's message kept in
+their error. A backend that delivered some files before the cancel answers ``done`` with
+``file_errors`` for the others; only there does ``file_errors_retryable=False`` make them fail for
+good (a cancel by someone else, for a reason of its own). A backend's own report of a task the
+agent cancelled should say ``retryable=True`` (``local`` and ``rsync`` do).
 """
 
 from __future__ import annotations
@@ -190,6 +198,13 @@ class TransferBackend(abc.ABC):
     section_keys: ClassVar[Mapping[str, str]] = {}
     #: One line for ``balsam plugins ls``.
     description: ClassVar[str] = ""
+    #: Whether the agent polls this backend's young tasks soon after their submission (0.5 s, then
+    #: as long as the youngest has run, up to ``transfers.service_period``) rather than once a
+    #: period. For backends whose small tasks end in a second or so (``local``, ``rsync``): a job
+    #: then waits ~0.5 s for a small stage-in instead of a whole period. Off by default: a service
+    #: whose tasks take minutes (Globus) would be asked every second for nothing, and so would the
+    #: API; only tasks of backends that set it shorten the period.
+    quick_poll: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, *, site_path: Optional[str] = None) -> None:
         self.options = build_options(self.options_schema, options, where=f"transfers.backend_options.{self.name}")

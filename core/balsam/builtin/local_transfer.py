@@ -226,15 +226,15 @@ def _run_task(files: Sequence[tuple[str, TransferFile]], stop: Optional[threadin
     copied = 0
     for key, f in files:
         if stop is not None and stop.is_set():
-            return TaskStatus(TaskState.failed, "cancelled", retryable=False)
+            return TaskStatus(TaskState.failed, "cancelled", retryable=True)
         try:
             copied += copy_into_place(Path(f.src), Path(f.dest), f.recursive, stop=stop)
         except CopyCancelled:
-            return TaskStatus(TaskState.failed, "cancelled", retryable=False)
+            return TaskStatus(TaskState.failed, "cancelled", retryable=True)
         except shutil.Error as exc:
             # copytree gathers its files' errors, a cancelled copy among them.
             if stop is not None and stop.is_set():
-                return TaskStatus(TaskState.failed, "cancelled", retryable=False)
+                return TaskStatus(TaskState.failed, "cancelled", retryable=True)
             errors[key] = one_line(exc)
         except (OSError, ValueError) as exc:
             errors[key] = one_line(exc)
@@ -338,7 +338,7 @@ class ThreadedTasks:
                 del self._running[tid]
                 self._stops.pop(tid, None)
                 if future.cancelled():  # cancelled before it started (exception() would raise)
-                    status = TaskStatus(TaskState.failed, "cancelled", retryable=False)
+                    status = TaskStatus(TaskState.failed, "cancelled", retryable=True)
                 else:
                     exc = future.exception()
                     status = (TaskStatus(TaskState.failed, one_line(f"{type(exc).__name__}: {exc}"))
@@ -393,6 +393,8 @@ class LocalTransfer(TransferBackend):
 
     options_schema = LocalTransferOptions
     description = "copies on a shared file system (local:// and file:// locations), atomically"
+    #: Small copies end in about a second: polled soon after their submission (see TransferBackend).
+    quick_poll = True
 
     def __init__(self, options: object = None, *, site_path: Optional[str] = None) -> None:
         super().__init__(options, site_path=site_path)

@@ -424,6 +424,8 @@ class RsyncTransfer(TransferBackend):
 
     options_schema = RsyncOptions
     description = "the rsync binary over ssh (rsync://user@host locations)"
+    #: Small copies end in about a second: polled soon after their submission (see TransferBackend).
+    quick_poll = True
 
     def __init__(self, options: object = None, *, site_path: Optional[str] = None) -> None:
         super().__init__(options, site_path=site_path)
@@ -532,13 +534,13 @@ class RsyncTransfer(TransferBackend):
         give_up = ""
         for f in files:
             if stop is not None and stop.is_set():
-                return TaskStatus(TaskState.failed, "cancelled", retryable=False)
+                return TaskStatus(TaskState.failed, "cancelled", retryable=True)
             if give_up:
                 errors[f.dest] = give_up
                 continue
             error, host_down = self._run_one(location, direction, f, stop)
             if stop is not None and stop.is_set():
-                return TaskStatus(TaskState.failed, "cancelled", retryable=False)
+                return TaskStatus(TaskState.failed, "cancelled", retryable=True)
             if error:
                 errors[f.dest] = error
             if host_down:

@@ -86,6 +86,7 @@ import re
 import threading
 import time
 import uuid
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -412,19 +413,42 @@ def _delivered(sent: Sequence[tuple[str, str, bool]], arrived: set[str]) -> set[
     """The submitted destinations (normalized) among the delivered ones (``arrived``, normalized):
     the same path, or for a path in the home directory (``/~/...``, as submitted or as
     ``endpoint_site_path`` made it) the path Globus reports once it resolved that home
-    (``/home/me/...``): the one delivered path that ends with it, all under the same home."""
+    (``/home/me/...``): ``<home>/<the part after /~/>``, with one home for the whole task.
+
+    The home is the prefix that makes the most of the task's home paths match a delivered path
+    exactly (a suffix at a path boundary); it must be the only one that does: when two prefixes
+    match as many (``/~/a/x`` and ``/~/b/a/x`` sent, ``/home/me/b/a/x`` delivered: is the home
+    ``/home/me`` or ``/home/me/b``?) no home path counts as delivered (a try of each, not a job run
+    without its input). Linear in the sent and delivered paths (times a path's depth)."""
     found = {dest for dest, _, _ in sent if dest in arrived}
-    homes: dict[str, set[str]] = {}
+    #: {the part after /~/: its destinations}, of the destinations not found as they are.
+    by_rest: dict[str, list[str]] = defaultdict(list)
     for dest, _, _ in sent:
         rest = _home_part(dest)
-        if dest in found or rest is None:
-            continue
-        for path in arrived:
-            if path.endswith("/" + rest):
-                homes.setdefault(path[: -len(rest) - 1], set()).add(dest)
-    if homes:
-        # One home: the prefix most files agree on (a shorter file path may end another's).
-        found |= max(homes.values(), key=len)
+        if dest not in found and rest is not None:
+            by_rest[rest].append(dest)
+    if not by_rest:
+        return found
+    #: {home prefix: how many of the home paths it makes match a delivered path}
+    votes: dict[str, int] = defaultdict(int)
+    for path in arrived:
+        # Each suffix of the path starting after a "/": the home paths it may be.
+        cut = path.find("/")
+        while cut != -1:
+            rest = path[cut + 1:]
+            if rest in by_rest:
+                votes[path[:cut]] += len(by_rest[rest])
+            cut = path.find("/", cut + 1)
+    if not votes:
+        return found
+    best = max(votes.values())
+    homes = [home for home, count in votes.items() if count == best]
+    if len(homes) != 1:
+        logger.debug("globus: delivered paths fit %d home directories (%s): none counted delivered",
+                     len(homes), ", ".join(sorted(homes)[:3]))
+        return found
+    home = homes[0]
+    found.update(dest for rest, dests in by_rest.items() if f"{home}/{rest}" in arrived for dest in dests)
     return found
 
 

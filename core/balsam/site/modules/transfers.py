@@ -53,16 +53,23 @@ journaled, sent once per cycle, instead of one more per cycle. If the service re
 (the location's collection is gone, a permission to grant), it leaves the journal and its items each
 fail a try, as a first submission refused for good does (backoff, then ``max_attempts``); if its
 alias left settings.yml, its items fail (their jobs too), as a first submission's would; a refusal
-retrying may fix keeps it journaled, its items waiting with the reason.
+retrying may fix keeps it journaled, its items waiting with the reason. Its items that the cycle
+did not read (every slot taken: pending items are then not read) are read by id (one chunked GET);
+the record leaves the journal only when one of them is known gone (deleted, no longer pending, or
+recorded with a task).
+
+Quick polls: after a submission to a backend with ``quick_poll`` (local, rsync) the next cycle
+comes :data:`QUICK_POLL_SEC` later, then after as long as the youngest such task has run, up to
+``service_period``; tasks of other backends (Globus) never shorten the period.
 
 Deadline: a task polled ``active`` or ``inactive`` more than ``task_timeout_sec`` after it started
 is cancelled and its items fail a try with that reason and the reason it was not moving, as last
 reported (a fault its service retries, a pause, a failing poll), then retry with backoff, or their
 job goes to FAILED after ``max_attempts``. The task is polled once right after its cancel: a
 backend that then reports it ``done`` (with ``file_errors`` for the files it did not deliver) is
-taken at its word, so the files it delivered are done and only the others fail a try; so is one
-that reports it ``failed`` with words of its own (its error and retryable flag; a bare "cancelled",
-the ``local`` and ``rsync`` backends' word for the agent's cancel, is the deadline's try). A warning is
+taken at its word, so the files it delivered are done and only the others fail a try (for good
+only with ``file_errors_retryable=False``); one that reports it ``failed`` answers the agent's own
+cancel whatever its words or retryable flag: each file fails a try, its message kept in the error. A warning is
 logged once when a task passes half of it. A task
 starts when its items are submitted (``transfer_info.submitted``), unless its backend polls it
 ``queued`` (``TaskStatus.queued``: the ``local`` and ``rsync`` backends run ``threads`` tasks at
@@ -154,8 +161,9 @@ PROGRESS_EVERY_SEC = 60.0
 #: The first look at a new task comes this soon after its submission, the next ones after as long
 #: as it has run so far (0.5, 1, 2, 4 s ...) until that reaches the module's period: a small local
 #: or rsync copy is over in milliseconds, and its job waited a whole period (5 s by default) for
-#: the poll that sees it done, on each of its stage-in and stage-out. A few more polls per
-#: submission for a long task (each one bulk request to the service).
+#: the poll that sees it done, on each of its stage-in and stage-out. Only for tasks of backends
+#: that ask for it (:attr:`balsam.transfer.TransferBackend.quick_poll`: local, rsync); a Globus
+#: task never shortens the period.
 QUICK_POLL_SEC = 0.5
 #: Items named in one log line about many (a task's, a batch's); the others are logged at DEBUG.
 LOG_EXAMPLES = 3
@@ -504,16 +512,6 @@ def match_file_errors(items: Iterable[tuple[Any, str, bool]], file_errors: Mappi
             for item_id, errs in found.items()}, unmatched
 
 
-#: The words of the ``local`` and ``rsync`` backends for a task the agent cancelled (failed, not
-#: retryable): that is the agent's own deadline, a try of each file, not the backend's verdict.
-OWN_CANCEL_ERRORS = ("cancelled", "canceled")
-
-
-def _own_cancel(status: TaskStatus) -> bool:
-    """Whether a failed status polled right after the agent's cancel says only that it was cancelled."""
-    return not status.error.strip() or status.error.strip().lower() in OWN_CANCEL_ERRORS
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -810,14 +808,23 @@ class TransfersModule(AgentModule):
         return self._next_poll()
 
     def _next_poll(self) -> Optional[float]:
-        """Seconds until the next cycle while a task in flight is young (:data:`QUICK_POLL_SEC`: as
-        long as the youngest has run, at least that), else None (the module's period)."""
+        """Seconds until the next cycle while a young task of a quick-poll backend
+        (:attr:`TransferBackend.quick_poll`: local, rsync) is in flight (:data:`QUICK_POLL_SEC`, then
+        as long as the youngest has run), else None (the module's period). Tasks of other backends
+        (Globus: tasks of minutes) never shorten the period: each quick cycle reads the items, polls
+        every backend and writes the updates, for nothing while they run."""
         clock = time.monotonic()
         self._first_seen = {tid: self._first_seen.get(tid, clock) for tid in self.tracked_tasks}
-        if not self._first_seen:
+        quick = [at for tid, at in self._first_seen.items() if self._quick_polled(tid.partition(":")[0])]
+        if not quick:
             return None
-        youngest = clock - max(self._first_seen.values())
+        youngest = clock - max(quick)
         return max(QUICK_POLL_SEC, youngest) if youngest < self.period else None
+
+    def _quick_polled(self, name: str) -> bool:
+        """Whether backend ``name`` (built this process) asks for quick polls of its young tasks."""
+        backend = self.backends.get(name)
+        return backend is not None and bool(getattr(type(backend), "quick_poll", False))
 
     def _poll(self, in_flight: list[dict], updates: dict[int, dict[str, Any]], now: dt.datetime) -> int:
         """Poll every in-flight task; record item updates; return the number of tasks still running."""
@@ -911,13 +918,17 @@ class TransfersModule(AgentModule):
         # What the task delivered before it stopped is kept: a backend that reports its files' outcomes
         # after a cancel (done, with file_errors for those it did not deliver) is taken at its word.
         after = self._poll_after_cancel(backend, task_id)
-        if after is not None and after.state == TaskState.failed and not _own_cancel(after):
-            # Its backend's final word (e.g. a Globus administrator cancelled it at the same moment,
-            # not retryable): taken, with its message, rather than replaced by the deadline's.
+        if after is not None and after.state == TaskState.failed:
+            # The answer to the agent's own cancel, whatever its words or ``retryable`` say (a
+            # backend may call it "task cancelled on request", not retryable): the deadline's, a try
+            # of each file. The backend's message is kept. Only a ``done`` answer with
+            # ``file_errors_retryable=False`` makes files fail for good (see balsam.transfer).
+            if after.error.strip():
+                error = one_line(f"{error}; its backend reports: {after.error}")
             self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s) and was cancelled; its "
-                             "backend reports it failed: %s", task_id, limit, after.error)
-            return TaskStatus(TaskState.failed, one_line(f"{error}; its backend reports: {after.error}"),
-                              retryable=after.retryable, info=after.info)
+                             "%d files fail a try%s", task_id, limit, len(items),
+                             f" (its backend reports: {one_line(after.error)})" if after.error.strip() else "")
+            return TaskStatus(TaskState.failed, error, retryable=True, info=after.info)
         if after is not None and after.state == TaskState.done:
             self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s) and was cancelled; its "
                              "backend reports %d failed files, the others delivered", task_id, limit,
@@ -1549,13 +1560,25 @@ class TransfersModule(AgentModule):
     def _hold_journaled(self, batches: list[dict], items: list[dict]) -> list[tuple[dict, list[dict]]]:
         """The batches journaled with a token (their submission unconfirmed) still to send, each with
         its items, which are marked ``held``: this cycle puts them in no new batch under a new token.
-        A batch any of whose items is gone, no longer pending or recorded with a task is dropped."""
+
+        Members this cycle did not read (every slot taken, a full first page: pending items are then
+        not read at all) are read by id, in one (chunked) GET: an unread member is no gone member,
+        and dropping its record would send its files again under a new token, beside a task the
+        service may have started under the old one. A batch is dropped only when one of its items
+        is known gone: deleted (not returned by that GET), no longer pending, or recorded with a task.
+        A failing GET raises before anything is submitted; the journal is then left as it is."""
         by_id = {it["id"]: it for it in items}
+        unread = sorted({i for batch in batches for i, *_ in batch["files"]} - by_id.keys())
+        fetched: dict[int, dict] = {}
+        for start in range(0, len(unread), JOB_ID_CHUNK):
+            chunk = unread[start:start + JOB_ID_CHUNK]
+            for item in self._get("/transfers/", {"site_id": self.site_id, "id": chunk}):
+                fetched[int(item["id"])] = item
         held: list[tuple[dict, list[dict]]] = []
         for batch in batches:
-            members = [by_id.get(i) for i, *_ in batch["files"]]
+            members = [by_id.get(i) or fetched.get(i) for i, *_ in batch["files"]]
             if any(m is None or m["state"] != TransferItemState.pending.value or m.get("task_id") for m in members):
-                continue  # already recorded, finished or gone
+                continue  # already recorded, finished or deleted
             for item in members:
                 item["state"] = "held"
             held.append((batch, members))  # type: ignore[arg-type]
