@@ -923,11 +923,13 @@ class TransfersModule(AgentModule):
             # backend may call it "task cancelled on request", not retryable): the deadline's, a try
             # of each file. The backend's message is kept. Only a ``done`` answer with
             # ``file_errors_retryable=False`` makes files fail for good (see balsam.transfer).
-            if after.error.strip():
-                error = one_line(f"{error}; its backend reports: {after.error}")
+            # Words that add nothing to "cancelled" (the built-in backends' own) are not repeated.
+            said = after.error.strip() if after.error.strip().lower() not in ("cancelled", "canceled") else ""
+            if said:
+                error = one_line(f"{error}; its backend reports: {said}")
             self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s) and was cancelled; its "
                              "%d files fail a try%s", task_id, limit, len(items),
-                             f" (its backend reports: {one_line(after.error)})" if after.error.strip() else "")
+                             f" (its backend reports: {one_line(said)})" if said else "")
             return TaskStatus(TaskState.failed, error, retryable=True, info=after.info)
         if after is not None and after.state == TaskState.done:
             self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s) and was cancelled; its "
