@@ -9,6 +9,8 @@ import os
 def main(argv: "list[str] | None" = None) -> None:
     import uvicorn
 
+    from .settings import uvicorn_proxy_options
+
     parser = argparse.ArgumentParser(prog="python -m balsam.server", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
@@ -26,6 +28,7 @@ def main(argv: "list[str] | None" = None) -> None:
         workers=args.workers,
         log_level=args.log_level,
         timeout_keep_alive=30,
+        **uvicorn_proxy_options(),  # type: ignore[arg-type]
     )
 
 

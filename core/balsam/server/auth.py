@@ -18,21 +18,25 @@ and has not expired (checked through :class:`CredentialCache`, which trusts a ve
   cookie and checked on every page (balsam.server.dashboard.session); it expires with the
   session's maximum age, logging out revokes it, and so does setting the user's password.
 
-Password logins go through :func:`check_password_login`: one scrypt computation whether the user
-exists or not (same time for unknown users), and :class:`LoginThrottle` (failures per user name
-*from* a client address, per address and per user name over all addresses, in a sliding window;
-429 with ``Retry-After``; a third party at another address cannot lock a user out). Other login front ends (the
-dashboard's cookie login) call the same function with the app's throttle (``app.state.login_throttle``).
+Password logins go through :func:`check_password_login` (or :func:`password_login`): one scrypt
+computation whether the user exists or not (same time for unknown users), after
+:class:`LoginThrottle` (failures per user name *from* a client address, per address and per user
+name over all addresses, in a sliding window; 429 with ``Retry-After`` and no scrypt work). Other
+login front ends (the dashboard's cookie login) call the same function with the app's throttle
+(``app.state.login_throttle``). The client address is uvicorn's: ``X-Forwarded-For`` counts only
+from ``BALSAM_TRUSTED_PROXIES`` (:func:`client_address`).
 """
 
 from __future__ import annotations
 
+import array
 import base64
 import collections
 import contextvars
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import threading
@@ -284,120 +288,176 @@ class LoginThrottle:
     """Failed password logins in a sliding window of ``window_sec``, counted three ways.
 
     - per **user name and client address** (``max_per_user``): the pair that failed that often is
-      refused (429) until its failures age out. Nobody at another address can lock a user out
-      this way: only failures from the user's own address count against the user there.
-    - per **client address** over all user names (``max_per_address``): beyond it, the address is
-      *restricted*: each user name it has not logged in as recently gets one failed try per
-      window from it (a spray of guesses over many names gets one per name), while a user who
-      logged in successfully from this address before keeps the normal limit.
-    - per **user name** over all addresses: beyond ``account_soft`` failures (default
-      5 x ``max_per_user``) every address is restricted for that name as above (slowed, not
-      locked); beyond ``account_hard`` (default 20 x ``max_per_user``) only the addresses the user
-      logged in from successfully in the last ``known_address_sec`` may try it, so the guesses
-      at one account stay bounded whatever the number of addresses an attacker has.
+      refused (429) until its failures age out. Failures at another address never count here.
+    - per **client address** over all user names (``max_per_address``): beyond it the address is
+      *restricted*: a user name not known there (see below) gets one failed try per window from
+      it; beyond ``ADDRESS_HARD_FACTOR`` x ``max_per_address`` failures, every user name not
+      known there is refused outright, so one address never makes more than that many failing
+      password checks per window, whatever the number of user names it sprays.
+    - per **user name** over all addresses: beyond ``account_soft`` (default 5 x the per-user
+      limit) every address not known for the user is restricted for it as above; beyond
+      ``account_hard`` (default 20 x) only known addresses may try it.
 
-    In memory, per server process: with N workers an attacker gets at most N times the limits,
-    and the addresses a user logged in from are forgotten when the process restarts. A success
-    clears the failures of that user name from that address (not the address's, nor the account's).
+    An address is *known* for a user once the user logged in there with the right password (or
+    used a refresh credential there: :meth:`remember`) in the last ``known_address_sec``. Known
+    addresses keep the per-user limit whatever the address's or the account's failures; this is
+    the only guarantee against a third party: past ``account_hard`` failures (about 155 addresses
+    at the defaults), the user is refused at every address not known for them. IPv6 addresses
+    count per /64 prefix (one host usually has a whole /64).
+
+    A limit of 0 switches off that limit only (the account limits then derive from the default
+    per-user limit of 10). In memory, per server process: with N workers an attacker gets up to N
+    times the limits, and known addresses are forgotten when the process restarts. At most
+    ``MAX_KEYS`` counters (a few hundred bytes each) and ``MAX_KEYS`` known addresses are kept,
+    the least recently used forgotten first.
     """
 
-    #: Failed tries per window of a user name from an address, once the address or the account is
-    #: over its limit and the user has not logged in from that address.
+    #: Failed tries per window of a user name from an address not known for it, once the address
+    #: or the account is over its (soft) limit.
     RESTRICTED_TRIES = 1
+    #: An address refuses user names not known there beyond this many x ``max_per_address``.
+    ADDRESS_HARD_FACTOR = 4
+    #: The per-user limit the account limits derive from when ``max_per_user`` is 0.
+    DEFAULT_PER_USER = 10
+    #: Counters (and known addresses) kept at most.
+    MAX_KEYS = 100_000
+    #: The window is counted in this many slots: a failure is forgotten between ``window_sec``
+    #: and ``window_sec * (1 + 1/SLOTS)`` after it happened.
+    SLOTS = 10
 
     def __init__(self, max_per_user: int, max_per_address: int, window_sec: float,
                  clock: Callable[[], float] = time.monotonic, *, account_soft: Optional[int] = None,
                  account_hard: Optional[int] = None, known_address_sec: float = 30 * 24 * 3600) -> None:
-        self.max_per_user = max_per_user
-        self.max_per_address = max_per_address
+        self.max_per_user = max(0, max_per_user)
+        self.max_per_address = max(0, max_per_address)
         self.window_sec = window_sec
-        self.account_soft = 5 * max_per_user if account_soft is None else account_soft
-        self.account_hard = 20 * max_per_user if account_hard is None else account_hard
+        base = self.max_per_user or self.DEFAULT_PER_USER
+        self.account_soft = 5 * base if account_soft is None else max(0, account_soft)
+        self.account_hard = 20 * base if account_hard is None else max(0, account_hard)
+        self.address_hard = self.ADDRESS_HARD_FACTOR * self.max_per_address
         self.known_address_sec = known_address_sec
         self._clock = clock
-        self._failures: "collections.OrderedDict[str, collections.deque[float]]" = collections.OrderedDict()
+        self._slot_sec = max(window_sec, 1e-9) / self.SLOTS
+        # key -> array: [newest slot number, counts of slots newest-SLOTS .. newest in a ring].
+        self._failures: "collections.OrderedDict[str, array.array]" = collections.OrderedDict()
         self._known: "collections.OrderedDict[str, float]" = collections.OrderedDict()
         self._lock = threading.Lock()
+
+    @staticmethod
+    def address_key(address: str) -> str:
+        """The throttle's key of a client address: IPv6 by its /64, IPv4-mapped IPv6 as IPv4."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        return str(ip)
 
     @staticmethod
     def _pair(username: str, address: str) -> str:
         return f"p:{address}\x00{username}"
 
-    def _recent(self, key: str, now: float) -> "collections.deque[float]":
-        times = self._failures.get(key)
-        if times is None:
-            return collections.deque()
-        while times and times[0] <= now - self.window_sec:
-            times.popleft()
-        return times
+    def _slot(self, now: float) -> int:
+        return int(now // self._slot_sec)
+
+    def _count(self, key: str, now: float) -> "tuple[int, list[int]]":
+        """Failures of ``key`` still counted, and the counts per slot oldest first."""
+        counts = self._failures.get(key)
+        if counts is None:
+            return 0, []
+        slot, ring = self._slot(now), self.SLOTS + 1
+        newest = counts[0]
+        per_slot = [counts[1 + s % ring] if slot - self.SLOTS <= s <= newest else 0
+                    for s in range(slot - self.SLOTS, slot + 1)]
+        return sum(per_slot), per_slot
+
+    def _wait(self, key: str, limit: int, now: float) -> float:
+        """Seconds until fewer than ``limit`` failures of ``key`` are counted (0: already)."""
+        if limit <= 0:
+            return 0.0
+        total, per_slot = self._count(key, now)
+        if total < limit:
+            return 0.0
+        first = self._slot(now) - self.SLOTS
+        for i, n in enumerate(per_slot):
+            total -= n
+            if total < limit:  # once slot first + i is forgotten: at the start of slot first+i+SLOTS+1
+                return (first + i + self.SLOTS + 1) * self._slot_sec - now
+        return self.window_sec  # not reached
 
     def _is_known(self, username: str, address: str, now: float) -> bool:
         seen = self._known.get(self._pair(username, address))
         return seen is not None and seen > now - self.known_address_sec
 
-    def _wait(self, times: "collections.deque[float]", limit: int, now: float) -> float:
-        """Seconds until fewer than ``limit`` of ``times`` are in the window (0 if already)."""
-        if limit <= 0 or len(times) < limit:
-            return 0.0
-        return times[len(times) - limit] + self.window_sec - now
-
     def retry_after(self, username: str, address: str) -> Optional[float]:
         """Seconds until this user name may be tried from this address, or None if it may now."""
         now = self._clock()
+        address = self.address_key(address)
         with self._lock:
-            pair = self._recent(self._pair(username, address), now)
-            by_address = self._recent(f"a:{address}", now)
-            by_account = self._recent(f"u:{username}", now)
-            known = self._is_known(username, address, now)
-            allowed = self.max_per_user
-            restricted = ((self.max_per_address > 0 and len(by_address) >= self.max_per_address)
-                          or (self.account_soft > 0 and len(by_account) >= self.account_soft))
-            if restricted and not known and allowed > 0:
-                allowed = min(allowed, self.RESTRICTED_TRIES)
-            wait = self._wait(pair, allowed, now)
-            if not known and self.account_hard > 0:
-                wait = max(wait, self._wait(by_account, self.account_hard, now))
+            pair_key, address_key, account_key = self._pair(username, address), f"a:{address}", f"u:{username}"
+            if self._is_known(username, address, now):
+                wait = self._wait(pair_key, self.max_per_user, now)
+            else:
+                by_address, _ = self._count(address_key, now)
+                by_account, _ = self._count(account_key, now)
+                restricted = ((self.max_per_address > 0 and by_address >= self.max_per_address)
+                              or (self.account_soft > 0 and by_account >= self.account_soft))
+                limit = self.max_per_user
+                if restricted:
+                    limit = min(limit, self.RESTRICTED_TRIES) if limit > 0 else self.RESTRICTED_TRIES
+                wait = max(self._wait(pair_key, limit, now),
+                           self._wait(address_key, self.address_hard, now),
+                           self._wait(account_key, self.account_hard, now))
         return wait if wait > 0 else None
 
     def record_failure(self, username: str, address: str) -> None:
         now = self._clock()
+        address = self.address_key(address)
+        slot, ring = self._slot(now), self.SLOTS + 1
         with self._lock:
             for key in (self._pair(username, address), f"a:{address}", f"u:{username}"):
-                times = self._failures.get(key)
-                if times is None:
-                    size = max(1000, self.max_per_user, self.max_per_address, self.account_soft, self.account_hard)
-                    times = self._failures[key] = collections.deque(maxlen=size)
-                times.append(now)
+                counts = self._failures.get(key)
+                if counts is None:
+                    counts = self._failures[key] = array.array("q", [slot] + [0] * ring)
+                elif counts[0] < slot:  # clear the slots between the newest one and this one
+                    for s in range(max(counts[0] + 1, slot - self.SLOTS), slot + 1):
+                        counts[1 + s % ring] = 0
+                    counts[0] = slot
+                counts[1 + slot % ring] += 1
                 self._failures.move_to_end(key)
-            while len(self._failures) > 300_000:  # bound memory under a spray of user names
+            while len(self._failures) > self.MAX_KEYS:
                 self._failures.popitem(last=False)
 
-    def record_success(self, username: str, address: Optional[str] = None) -> None:
-        """A correct password: forget this pair's failures and remember the address as one the
-        user logs in from (``address=None``: every pair of the user name is forgotten)."""
+    def remember(self, username: str, address: str) -> None:
+        """Remember ``address`` as one ``username`` uses (a right password, a refresh credential)."""
         now = self._clock()
+        key = self._pair(username, self.address_key(address))
         with self._lock:
-            if address is None:
-                for key in [k for k in self._failures if k.startswith("p:") and k.endswith(f"\x00{username}")]:
-                    del self._failures[key]
-                return
-            key = self._pair(username, address)
-            self._failures.pop(key, None)
             self._known[key] = now
             self._known.move_to_end(key)
-            while len(self._known) > 100_000:
+            while len(self._known) > self.MAX_KEYS:
                 self._known.popitem(last=False)
 
+    def record_success(self, username: str, address: str) -> None:
+        """A right password: forget this user name's failures from this address, and remember it."""
+        with self._lock:
+            self._failures.pop(self._pair(username, self.address_key(address)), None)
+        self.remember(username, address)
 
-def check_password_login(conn: sa.Connection, throttle: LoginThrottle, username: str, password: str,
-                         address: str, *, only_user: Optional[str] = None) -> int:
-    """The id of the user whose password this is; else 401 (wrong user name or password, said
-    the same way), or 429 with Retry-After once :class:`LoginThrottle` says this user name may not
-    be tried from this address for now. One scrypt computation in every case (but a 429)."""
+
+def refuse_if_throttled(throttle: LoginThrottle, username: str, address: str) -> None:
+    """429 with Retry-After if :class:`LoginThrottle` says this user name may not be tried from
+    this address for now (before any password is checked or the database is asked)."""
     wait = throttle.retry_after(username, address)
     if wait is not None:
         raise TooManyRequests(f"Too many failed logins; try again in {int(wait) + 1} s", wait)
-    row = conn.execute(sa.select(users.c.id, users.c.hashed_password).where(users.c.username == username)).first()
+
+
+def _check_login_row(row: Any, throttle: LoginThrottle, username: str, password: str, address: str,
+                     only_user: Optional[str]) -> int:
     stored = row.hashed_password if row is not None and row.hashed_password else None
     ok = verify_password(password, stored or _hash_for_timing()) and stored is not None
     if ok and only_user is not None and username != only_user:
@@ -409,6 +469,31 @@ def check_password_login(conn: sa.Connection, throttle: LoginThrottle, username:
     return row.id
 
 
+def _login_row(conn: sa.Connection, username: str) -> Any:
+    return conn.execute(sa.select(users.c.id, users.c.hashed_password).where(users.c.username == username)).first()
+
+
+def check_password_login(conn: sa.Connection, throttle: LoginThrottle, username: str, password: str,
+                         address: str, *, only_user: Optional[str] = None) -> int:
+    """The id of the user whose password this is; else 401 (wrong user name or password, said
+    the same way), or 429 with Retry-After once :class:`LoginThrottle` says this user name may not
+    be tried from this address for now. One scrypt computation in every case (but a 429, which
+    costs none)."""
+    refuse_if_throttled(throttle, username, address)
+    return _check_login_row(_login_row(conn, username), throttle, username, password, address, only_user)
+
+
+def password_login(open_read: Callable[[], Any], throttle: LoginThrottle, username: str, password: str,
+                   address: str, *, only_user: Optional[str] = None) -> int:
+    """:func:`check_password_login` that holds a database connection (``open_read()``, a context
+    manager) only to read the user's hash, not during the ~40 ms scrypt check, and asks the
+    database nothing for a throttled attempt."""
+    refuse_if_throttled(throttle, username, address)
+    with open_read() as conn:
+        row = _login_row(conn, username)
+    return _check_login_row(row, throttle, username, password, address, only_user)
+
+
 def authenticate_password(conn: sa.Connection, username: str, password: str, *, throttle: LoginThrottle,
                           address: str, only_user: Optional[str] = None) -> AuthUser:
     """:func:`check_password_login` for login forms that want the user (the dashboard's)."""
@@ -416,8 +501,43 @@ def authenticate_password(conn: sa.Connection, username: str, password: str, *, 
                     username=username)
 
 
+#: :func:`client_address` of a request whose address uvicorn took from ``X-Forwarded-For`` while
+#: ``BALSAM_TRUSTED_PROXIES`` is unset: all such requests share this one address (and its limits).
+UNVERIFIED_FORWARDED = "forwarded-unverified"
+
+
+def _forwarded_hosts(values: "list[str]") -> "set[str]":
+    hosts = set()
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if item.startswith("["):
+                item = item[1:].partition("]")[0]
+            elif item.count(":") == 1:
+                item = item.partition(":")[0]
+            if item:
+                hosts.add(item)
+    return hosts
+
+
 def client_address(request: Any) -> str:
-    """The client's address as uvicorn reports it (behind a proxy run uvicorn with
-    ``--proxy-headers --forwarded-allow-ips``, so this is the real client)."""
+    """The client's address as uvicorn reports it.
+
+    ``python -m balsam.server`` and the embedded server run uvicorn without proxy headers unless
+    ``BALSAM_TRUSTED_PROXIES`` names the proxies (then uvicorn takes the client from their
+    ``X-Forwarded-For``). uvicorn started by hand trusts ``X-Forwarded-For`` from 127.0.0.1 by
+    default, which anybody on the host (or with an SSH tunnel) could forge: while
+    ``BALSAM_TRUSTED_PROXIES`` is unset, an address that uvicorn took from that header is
+    replaced by :data:`UNVERIFIED_FORWARDED`, one address for all such requests."""
     client = getattr(request, "client", None)
-    return getattr(client, "host", None) or "unknown"
+    host = getattr(client, "host", None) or "unknown"
+    try:
+        settings = request.app.state.settings
+    except (AttributeError, KeyError):
+        settings = None
+    if not getattr(settings, "trusted_proxies", None):
+        headers = getattr(request, "headers", None)
+        forwarded = headers.getlist("x-forwarded-for") if headers is not None else []
+        if forwarded and host in _forwarded_hosts(forwarded):
+            return UNVERIFIED_FORWARDED
+    return host

@@ -177,6 +177,8 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 def main(argv: "list[str] | None" = None) -> None:
     import uvicorn
 
+    from .settings import uvicorn_proxy_options
+
     parser = argparse.ArgumentParser(prog="python -m balsam.server.embedded", description=__doc__)
     parser.add_argument("--socket", required=True, help="Unix socket path (its directory is made private)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -208,7 +210,7 @@ def main(argv: "list[str] | None" = None) -> None:
 
     extra = {"log_config": log_config(args.log_file, args.log_level)} if args.log_file else {}
     config = uvicorn.Config("balsam.server.app:create_app_from_env", factory=True, log_level=args.log_level,
-                            timeout_keep_alive=30, **extra)
+                            timeout_keep_alive=30, **uvicorn_proxy_options(), **extra)  # type: ignore[arg-type]
     EmbeddedServer(config).run(sockets=sockets)
 
 

@@ -14,6 +14,7 @@
 | ``BALSAM_AUTH_MIN_PASSWORD_LENGTH`` | 12 |
 | ``BALSAM_AUTH_MAX_FAILURES_PER_USER`` / ``..._PER_ADDRESS`` | 10 / 50 failed logins per window |
 | ``BALSAM_AUTH_FAILURE_WINDOW_SEC`` | 900 (the sliding window of login throttling) |
+| ``BALSAM_TRUSTED_PROXIES`` | unset: ``X-Forwarded-For`` is ignored; else the proxies' addresses (uvicorn's ``forwarded_allow_ips``) |
 | ``BALSAM_AUTH_REVOCATION_CACHE_SEC`` | 5 (how long a worker trusts a credential it checked) |
 | ``BALSAM_MAX_BODY_BYTES`` | 67108864 (64 MiB; larger request bodies get 413) |
 | ``BALSAM_SESSION_EXPIRE_SEC`` | 300 |
@@ -90,6 +91,19 @@ def _choice_env(name: str, choices: "tuple[str, ...]", default: str) -> str:
     return raw
 
 
+def trusted_proxies_from_env() -> "str | None":
+    """``BALSAM_TRUSTED_PROXIES`` (e.g. ``127.0.0.1`` or ``10.0.0.5,10.0.1.0/24``), or None."""
+    raw = ",".join(part.strip() for part in os.environ.get("BALSAM_TRUSTED_PROXIES", "").split(",") if part.strip())
+    return raw or None
+
+
+def uvicorn_proxy_options() -> "dict[str, object]":
+    """uvicorn's proxy options: ``X-Forwarded-For`` honoured only from ``BALSAM_TRUSTED_PROXIES``
+    (uvicorn's own default trusts it from 127.0.0.1, where anybody on the host could forge it)."""
+    trusted = trusted_proxies_from_env()
+    return {"proxy_headers": trusted is not None, "forwarded_allow_ips": trusted or ""}
+
+
 @dataclass
 class ServerSettings:
     database_url: str
@@ -108,6 +122,9 @@ class ServerSettings:
     max_failures_per_user: int = 10
     max_failures_per_address: int = 50
     failure_window_sec: int = 900
+    #: Addresses or networks (comma-separated) of reverse proxies whose ``X-Forwarded-For`` names
+    #: the client; None: the header is ignored (anybody could forge it).
+    trusted_proxies: "str | None" = None
     revocation_cache_sec: float = 5.0
     max_body_bytes: int = 64 * 1024 * 1024
     session_expire_sec: int = 300
@@ -147,6 +164,7 @@ class ServerSettings:
             max_failures_per_user=_int_env("BALSAM_AUTH_MAX_FAILURES_PER_USER", 10),
             max_failures_per_address=_int_env("BALSAM_AUTH_MAX_FAILURES_PER_ADDRESS", 50),
             failure_window_sec=_int_env("BALSAM_AUTH_FAILURE_WINDOW_SEC", 900),
+            trusted_proxies=trusted_proxies_from_env(),
             revocation_cache_sec=float(_int_env("BALSAM_AUTH_REVOCATION_CACHE_SEC", 5)),
             max_body_bytes=_int_env("BALSAM_MAX_BODY_BYTES", 64 * 1024 * 1024),
             session_expire_sec=_int_env("BALSAM_SESSION_EXPIRE_SEC", 300),

@@ -15,11 +15,11 @@ from starlette.responses import Response
 
 from ..auth import (
     CREDENTIAL_KINDS,
-    check_password_login,
     client_address,
     create_token,
     hash_password,
     issue_credential,
+    password_login,
     password_problem,
     redeem_code,
     revoke_credentials,
@@ -90,11 +90,10 @@ def login(ctx: Ctx) -> Response:
     username, password = data["username"], data["password"]
     address = client_address(ctx.request)
     settings = ctx.settings
-    # The scrypt check runs in a read transaction: on SQLite a write transaction would hold the
-    # database's write lock for its ~70 ms.
-    with ctx.read() as conn:
-        user_id = check_password_login(conn, ctx.request.app.state.login_throttle, username, password, address,
-                                       only_user=settings.only_user)
+    # A read transaction only to fetch the hash: no connection is held during the scrypt check,
+    # nor for an attempt the throttle refuses.
+    user_id = password_login(ctx.read, ctx.request.app.state.login_throttle, username, password, address,
+                             only_user=settings.only_user)
     with ctx.write() as conn:
         label = (data.get("label") or f"password login from {address}")[:200]
         if "offline_access" in (data.get("scope") or "").split():
@@ -125,6 +124,8 @@ def refresh(ctx: Ctx) -> Response:
         now = utcnow()
         expires = max(row.expires, (now + dt.timedelta(seconds=settings.refresh_ttl_sec)).replace(microsecond=0))
         conn.execute(sa.update(credentials).where(credentials.c.id == row.id).values(expires=expires, last_used=now))
+    # The user works from this address: failed logins elsewhere do not lock them out of it.
+    ctx.request.app.state.login_throttle.remember(user.username, client_address(ctx.request))
     access_expires = min(expires, now + dt.timedelta(seconds=settings.access_ttl_sec))
     body = _token_response(ctx, row.user_id, user.username, row.id, access_expires)
     body["refresh_expiration"] = wire_datetime(expires)
