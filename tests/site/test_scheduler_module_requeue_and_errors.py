@@ -84,38 +84,6 @@ def test_a_marker_without_token_whose_job_is_still_listed_is_adopted(setup, clie
     assert not fake.submitted and not _stale_files(module, bj["id"])
 
 
-def test_the_crash_between_submit_and_recording_still_never_submits_twice(setup, client) -> None:
-    """The agent dies after sbatch, before the PATCH recording the scheduler id: the next agent
-    finds the marker, whose token is the BatchJob's (stored before sbatch), and records that job."""
-    site, fake, module = setup
-    bj = create_batch_job(client, site.site_id)
-
-    class DiesAfterSubmit:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def patch(self, path, *args, **kwargs):
-            if any("scheduler_id" in u for u in kwargs.get("json") or []):
-                raise ConnectionError("agent killed")
-            return self.inner.patch(path, *args, **kwargs)
-
-    module.client = DiesAfterSubmit(client)
-    with pytest.raises(ConnectionError):
-        module.run_cycle()
-    assert len(fake.submitted) == 1
-    record = batch_job(client, bj["id"])
-    assert record["state"] == "pending_submission" and record["status_info"]["submit_token"]
-
-    restarted = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
-    restarted.run_cycle()
-    record = batch_job(client, bj["id"])
-    assert record["state"] == "queued" and record["scheduler_id"] == fake.next_id
-    assert len(fake.submitted) == 1 and not _stale_files(module, bj["id"])
-
-
 def test_a_stale_unfinished_submission_marker_is_not_looked_up(setup, client) -> None:
     """A ``.submitting`` marker of an earlier BatchJob of the same id: the scheduler is not asked
     for jobs of that name (an old job of the name would be adopted); the BatchJob is submitted."""

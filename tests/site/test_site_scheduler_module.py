@@ -313,13 +313,17 @@ def test_a_submission_the_api_never_recorded_is_not_repeated(setup, client, make
     with pytest.raises(ConnectionError):
         module.run_cycle()
     assert len(fake.submitted) == 1
-    assert batch_job(client, bj["id"])["state"] == "pending_submission"
+    record = batch_job(client, bj["id"])
+    # The token the marker proves its BatchJob with was stored before the submit command.
+    assert record["state"] == "pending_submission" and record["status_info"]["submit_token"]
 
     restarted = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
     restarted.run_cycle()
     record = batch_job(client, bj["id"])
     assert record["state"] == "queued" and record["scheduler_id"] == fake.next_id
     assert len(fake.submitted) == 1
+    script = module.script_path(bj["id"])
+    assert not list(script.parent.glob(script.name + "*.stale-*"))  # the marker was its own: kept
 
 
 class CountingClient:

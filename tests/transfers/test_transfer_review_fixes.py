@@ -236,20 +236,4 @@ def test_a_location_refused_once_is_tried_again_while_others_keep_the_slots(tmp_
 # -- 3: the backend's own final answer after a deadline cancel ----------------------------------------------
 
 
-@pytest.mark.parametrize("answer, state, words", [
-    # The answer to the agent's own cancel: a try (its message kept), whatever its words or retryable
-    # say; only a done answer with file_errors_retryable=False fails files for good.
-    (TaskStatus(TaskState.failed, "cancelled by the destination collection's administrator: maintenance",
-                retryable=False), "pending", "its backend reports: cancelled by the destination"),
-    (TaskStatus(TaskState.failed, "cancelled", retryable=False), "pending", "did not finish within 600 s"),
-])
-def test_a_failed_answer_after_a_deadline_cancel_is_taken(tmp_path: Path, answer: TaskStatus, state: str,
-                                                           words: str) -> None:
-    api, module, backend, clock = setup(tmp_path, {"far": 1})
-    module.run_cycle()
-    backend.after_cancel = lambda tid: answer
-    clock[0] = T0 + dt.timedelta(seconds=700)
-    module.run_cycle()
-    item = api.items[1]
-    assert item["state"] == state and words in item["transfer_info"]["error"], item
-    assert "did not finish within 600 s" in item["transfer_info"]["error"]
+# (the cases: tests/transfers/test_transfer_review_s3.py, test_a_failed_answer_after_the_agents_cancel_costs_a_try)
