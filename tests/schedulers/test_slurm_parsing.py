@@ -310,3 +310,14 @@ def test_sacct_without_accounting_is_no_record_not_a_failed_lookup(slurm):
     down = result(stderr=recorded("slurm", "synthetic_sacct_db_down.stderr.txt"), returncode=1)
     with pytest.raises(SchedulerError, match="Problem talking to the database: Connection refused"):
         slurm.parse_histories(down, dict.fromkeys([777]), NO_POLL)
+
+
+def test_a_job_that_ran_is_not_given_the_reason_it_once_waited_for(slurm):
+    """sacct keeps a job's last pending reason: a requeued job that then completed read "Slurm state
+    COMPLETED, reason BeginTime" (real Slurm 22.05, scontrol requeue). A job that never started keeps
+    its reason: it says why."""
+    lines = ("12|COMPLETED|2026-12-05T05:16:10|2026-12-05T05:19:18|2026-12-05T05:21:19|0:0|BeginTime\n"
+             "13|CANCELLED by 0|2026-12-05T05:16:10|Unknown|2026-12-05T05:17:00|0:0|Resources\n")
+    histories = slurm.parse_histories(result(stdout=lines), dict.fromkeys([12, 13]), NO_POLL)
+    assert histories[12].message == "Slurm state COMPLETED"
+    assert histories[13].message == "Slurm state CANCELLED by 0, reason Resources"

@@ -296,7 +296,9 @@ def history_from_sacct(native: str, submit: Optional[dt.datetime], start: Option
     details = [f"Slurm state {native.strip()}"]
     if exit_code and exit_code not in ("0:0", ""):
         details.append(f"exit code {exit_code}")
-    if reason and reason.upper() not in ("NONE", ""):
+    # sacct's Reason is the last reason the job waited for: it explains a job that never started,
+    # not one that ran (a requeued job that completed said "COMPLETED, reason BeginTime").
+    if start is None and reason and reason.upper() not in ("NONE", ""):
         details.append(f"reason {reason}")
     never_ran = start is None and state != "CANCELLED"
     return JobHistory(
