@@ -185,3 +185,155 @@ def test_an_outage_is_written_once_logged_rarely_and_cleared_when_it_ends(setup,
     for i in ids:
         info = batch_job(client, i)["status_info"]
         assert "error" not in info and "error_time" not in info
+
+
+# -- 5. a requeued BatchJob ran; markers keep their token; one PATCH for a burst's tokens ----------
+
+
+def _run_then_requeue(module, fake, client, bj_id: int) -> tuple[int, dict]:
+    """Submit, run, requeue (running -> queued): the scheduler id and the record after the run."""
+    module.run_cycle()
+    sid = batch_job(client, bj_id)["scheduler_id"]
+    _set(fake, sid, state=BatchJobState.running)
+    module.run_cycle()
+    first = batch_job(client, bj_id)
+    _set(fake, sid, state=BatchJobState.queued, message="BeginTime")
+    module.run_cycle()
+    record = batch_job(client, bj_id)
+    assert record["state"] == "queued" and record["status_info"]["requeue_count"] == "1"
+    return sid, first
+
+
+@pytest.mark.parametrize("history", ["none", "record-without-start"])
+def test_a_requeued_job_cancelled_while_it_waits_again_is_finished_not_submit_failed(setup, client, history) -> None:
+    """It ran, was requeued (queued again in the API), then left the queue before it ran again:
+    with no history record (Slurm without accounting) or a record without a start (sacct of a job
+    cancelled while pending), it is finished; it is not "never ran" (submit_failed)."""
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    sid, first = _run_then_requeue(module, fake, client, bj["id"])
+    fake.queue.pop(sid)
+    if history == "record-without-start":
+        fake.history[sid] = JobHistory(scheduler_id=sid, state=BatchJobState.submit_failed, native_state="CANCELLED",
+                                       message="never started: Slurm state CANCELLED by 0, reason BeginTime")
+    for _ in range(fake.status_error_threshold):
+        module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "finished", record["status_info"]
+    assert record["start_time"] == first["start_time"] and record["end_time"]
+    if history == "record-without-start":
+        assert "error" not in record["status_info"]
+        assert record["status_info"]["scheduler_message"] == "Slurm state CANCELLED by 0, reason BeginTime"
+
+
+def test_a_requeued_job_seen_running_again_in_its_history_keeps_its_first_start(setup, client) -> None:
+    """The poll misses the requeued job, its history says it runs again: running, start_time the
+    first start, the new run's start in status_info last_start_time."""
+    site, fake, module = setup
+    bj = create_batch_job(client, site.site_id)
+    sid, first = _run_then_requeue(module, fake, client, bj["id"])
+    fake.queue.pop(sid)
+    again = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=2)
+    fake.history[sid] = JobHistory(scheduler_id=sid, state=BatchJobState.running, start_time=again)
+    module.run_cycle()
+    record = batch_job(client, bj["id"])
+    assert record["state"] == "running"
+    assert record["start_time"] == first["start_time"]
+    assert record["status_info"]["last_start_time"].startswith(again.strftime("%Y-%m-%dT%H:%M"))
+
+
+def test_a_cancelled_unrecorded_submission_keeps_its_marker_when_the_api_write_fails(setup, client) -> None:
+    """The submit command's answer was lost, then the BatchJob was cancelled: its job is found by
+    name and deleted, and the marker written. The API fails to record the scheduler id; next cycle
+    the marker (with the BatchJob's token) is its own: kept, the id recorded."""
+    site, fake, module = setup
+    fake.names = {}
+    bj = create_batch_job(client, site.site_id)
+    fake.errors_after_accept.append(SchedulerError("sbatch: error: Socket timed out"))
+    module.run_cycle()
+    sid = fake.next_id
+    assert batch_job(client, bj["id"])["state"] == "pending_submission"
+    client.patch("/batch-jobs/", json=[{"id": bj["id"], "state": "pending_deletion"}])
+
+    class FailingPatch:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def patch(self, path, *args, **kwargs):
+            if any("scheduler_id" in u for u in kwargs.get("json") or []):
+                raise ConnectionError("API went away")
+            return self.inner.patch(path, *args, **kwargs)
+
+    module.client = FailingPatch(client)
+    with pytest.raises(ConnectionError):
+        module.run_cycle()
+    assert fake.deleted == [sid]
+    token = batch_job(client, bj["id"])["status_info"]["submit_token"]
+    assert _marker(module, bj["id"]).read_text().split() == [str(sid), token]
+
+    module.client = client
+    module.run_cycle()
+    assert not _stale_files(module, bj["id"])
+    assert batch_job(client, bj["id"])["scheduler_id"] == sid
+
+
+def test_a_burst_of_submissions_stores_its_tokens_in_one_patch(setup, client) -> None:
+    """N BatchJobs to submit: their tokens go to the server in one bulk PATCH (not one each), each
+    before its submit command; the cycle's results in a second one."""
+    site, fake, module = setup
+    ids = [create_batch_job(client, site.site_id)["id"] for _ in range(4)]
+    submit = fake.submit
+    stored_before = []
+
+    def checked_submit(request):
+        bj_id = int(request.job_name.removeprefix("qlaunch"))
+        stored_before.append(bool(batch_job(client, bj_id)["status_info"].get("submit_token")))
+        return submit(request)
+
+    fake.submit = checked_submit
+    counting = CountingClient(client)
+    module.client = counting
+    module.run_cycle()
+    assert [c for c in counting.calls if c[0] == "patch"] == [("patch", "/batch-jobs/")] * 2
+    assert stored_before == [True] * 4
+    records = [batch_job(client, i) for i in ids]
+    assert all(r["state"] == "queued" for r in records)
+    for r in records:
+        script = module.script_path(r["id"])
+        words = _marker(module, r["id"]).read_text().split()
+        assert words == [str(r["scheduler_id"]), r["status_info"]["submit_token"]]
+        assert script.is_file()
+
+
+def test_a_failed_token_patch_leaves_the_burst_waiting(setup, client) -> None:
+    site, fake, module = setup
+    ids = [create_batch_job(client, site.site_id)["id"] for _ in range(3)]
+
+    class FirstPatchFails:
+        def __init__(self, inner):
+            self.inner, self.failed = inner, False
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def patch(self, path, *args, **kwargs):
+            if not self.failed:
+                self.failed = True
+                raise ConnectionError("API went away")
+            return self.inner.patch(path, *args, **kwargs)
+
+    module.client = FirstPatchFails(client)
+    module.run_cycle()
+    assert not fake.submitted
+    for i in ids:
+        record = batch_job(client, i)
+        assert record["state"] == "pending_submission"
+        assert "cannot store the submit token" in record["status_info"]["waiting"]
+        assert "submit_token" not in record["status_info"]
+    module.client = client
+    module.run_cycle()
+    assert len(fake.submitted) == 3
+    assert all("waiting" not in batch_job(client, i)["status_info"] for i in ids)

@@ -184,6 +184,13 @@ def _read_marker_token(marker: Path) -> tuple[Optional[int], Optional[str]]:
         return None, None
 
 
+def _marker_text(scheduler_id: int, batch_job: dict) -> str:
+    """A ``.scheduler_id`` marker's content: the scheduler id and the BatchJob's submit token (a
+    marker without the token would be taken for another BatchJob's and moved aside)."""
+    token = (batch_job.get("status_info") or {}).get(SUBMIT_TOKEN)
+    return f"{scheduler_id} {token}\n" if token else f"{scheduler_id}\n"
+
+
 def _read_pending_token(pending: Path) -> Optional[str]:
     """The submit token of a ``.submitting`` marker (``"<time> <token>"``); None without one."""
     try:
@@ -215,12 +222,28 @@ def _aware(when: dt.datetime) -> dt.datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
 
 
+def _has_run(batch_job: dict) -> bool:
+    """Whether the BatchJob's scheduler job ever ran: it has a start, or it was requeued (a requeued
+    BatchJob is ``queued`` again, yet it ran). Such a job that ends without a history record, or
+    with one that gives no start (sacct of a requeued job cancelled while pending again), is
+    ``finished``, never ``submit_failed``."""
+    if batch_job.get("start_time") or BatchJobState(batch_job["state"]) == BatchJobState.running:
+        return True
+    try:
+        return int((batch_job.get("status_info") or {}).get("requeue_count") or 0) > 0
+    except (TypeError, ValueError):
+        return True  # a requeue_count was written: the job ran
+
+
 def _tags_match(batch_job_tags: dict, site_tags: dict) -> bool:
     return all(batch_job_tags.get(k) == v for k, v in site_tags.items())
 
 
 #: In the error of a BatchJob whose job left the queue while the history lookup kept failing.
 _LOOKUP_FAILING = "left the queue; its history lookup keeps failing"
+
+#: How the scheduler drivers start the message of a history record without a start time.
+_NEVER_STARTED = "never started: "
 
 #: The start of the ``waiting`` note of a BatchJob whose filter_tags lack the site's.
 _TAGS_WAITING = "waiting: filter_tags mismatch"
@@ -256,6 +279,8 @@ class SchedulerModule(AgentModule):
         self._poll_failure_logged = 0.0
         #: This cycle's status poll (None: it failed), for the submit markers' ownership check.
         self._statuses: Optional[dict] = None
+        #: BatchJob id -> why this cycle's bulk PATCH of submit tokens did not store its token.
+        self._token_waiting: dict[int, str] = {}
         #: BatchJob id -> consecutive cycles it was missing from the queue with no history record.
         self.missing_counts: dict[int, int] = {}
         #: BatchJob id -> its "queue limit reached" refusals in a row while no job of the user was listed in any
@@ -342,6 +367,7 @@ class SchedulerModule(AgentModule):
                 if b["state"] in (BatchJobState.queued.value, BatchJobState.running.value):
                     queued_counts[b["queue"]] = queued_counts.get(b["queue"], 0) + 1
         self._histories, self._history_unknown = self._fetch_histories(batch_jobs, statuses)
+        self._store_submit_tokens(batch_jobs, queued_counts)
 
         for batch_job in sorted(batch_jobs, key=lambda b: b["id"]):
             update: dict = {}
@@ -603,7 +629,8 @@ class SchedulerModule(AgentModule):
             self.missing_counts.pop(batch_job["id"], None)
             self.missed_since.pop(batch_job["id"], None)
             state = BatchJobState(batch_job["state"])
-            final = BatchJobState.submit_failed if state == BatchJobState.queued and not deleting else BatchJobState.finished
+            never_ran = state == BatchJobState.queued and not deleting and not _has_run(batch_job)
+            final = BatchJobState.submit_failed if never_ran else BatchJobState.finished
             update.update(state=final.value, end_time=format_datetime(utcnow()))
             self._error(update, batch_job, f"scheduler job {scheduler_id} left the queue and has no history record")
             update["status_info"].pop("scheduler_reason", None)  # why it waited: outdated once it ended
@@ -613,7 +640,8 @@ class SchedulerModule(AgentModule):
         final = history.state
         if deleting or final not in (BatchJobState.finished, BatchJobState.submit_failed):
             final = BatchJobState.finished
-        if final == BatchJobState.submit_failed and BatchJobState(batch_job["state"]) == BatchJobState.running:
+        ran_anyway = final == BatchJobState.submit_failed and _has_run(batch_job)
+        if ran_anyway:  # a record without a start (a requeued job cancelled while it waited again)
             final = BatchJobState.finished
         update["state"] = final.value
         info = dict(batch_job.get("status_info") or {})
@@ -636,7 +664,10 @@ class SchedulerModule(AgentModule):
         if history.native_state:
             info["scheduler_state"] = clean_text(history.native_state)
         if history.message:
-            info["scheduler_message"] = clean_text(history.message)
+            message = history.message
+            if ran_anyway and message.startswith(_NEVER_STARTED):  # the driver's word for no start
+                message = message[len(_NEVER_STARTED):]
+            info["scheduler_message"] = clean_text(message)
         if final == BatchJobState.submit_failed:
             info.update(error=clean_text(history.message) or f"the scheduler never ran job {scheduler_id}", error_time=iso_now())
         if info != (batch_job.get("status_info") or {}):
@@ -677,7 +708,14 @@ class SchedulerModule(AgentModule):
         self.missing_counts.pop(batch_job["id"], None)
         if history.state == BatchJobState.running and batch_job["state"] == BatchJobState.queued.value:
             update["state"] = BatchJobState.running.value
-            update["start_time"] = format_datetime(started or utcnow())
+            if not batch_job.get("start_time"):
+                update["start_time"] = format_datetime(started or utcnow())
+            elif history.start_time is not None:
+                # A requeued BatchJob runs again: start_time keeps the first start (as in
+                # _record_requeue); this run's start is status_info's last_start_time.
+                info = dict(update.get("status_info") or batch_job.get("status_info") or {})
+                info["last_start_time"] = format_datetime(history.start_time)
+                update["status_info"] = info
             self.logger.info("BatchJob %s: queued -> running (from the scheduler's history)", batch_job["id"])
         self.logger.debug("BatchJob %s: scheduler job %s not in the status poll, but its history says %s",
                           batch_job["id"], batch_job["scheduler_id"], history.state.value)
@@ -874,15 +912,72 @@ class SchedulerModule(AgentModule):
         update["status_info"] = {**(update.get("status_info") or batch_job.get("status_info") or {}), "waiting": message}
         self.logger.warning("BatchJob %s: %s", batch_job["id"], message)
 
+    def _store_submit_tokens(self, batch_jobs: list[dict], queued_counts: dict[str, int]) -> None:
+        """Store the submit tokens of the BatchJobs this cycle may submit in one bulk PATCH, before
+        any submit command runs (an elastic burst of N BatchJobs costs one request, not N). The
+        candidates: pending_submission, the site's filter_tags, allowed by the site's settings,
+        within their queue's max_queued_jobs, and without submit markers (a BatchJob with markers
+        has them checked first, and stores its token alone if it is then submitted). A BatchJob
+        whose token the server did not store waits (``_submit_token`` notes why)."""
+        self._token_waiting = {}
+        site_tags = self._site_filter_tags()
+        room: dict[str, Optional[int]] = {}  # queue -> submissions left under max_queued_jobs (None: no limit)
+        candidates: list[dict] = []
+        for b in sorted(batch_jobs, key=lambda b: b["id"]):
+            if b["state"] != BatchJobState.pending_submission.value or (b.get("status_info") or {}).get(SUBMIT_TOKEN):
+                continue
+            if not _tags_match(b.get("filter_tags") or {}, site_tags):
+                continue
+            try:
+                validate_batch_job(b, self.config)
+            except Exception:  # refused (or unreadable): _submit says why
+                continue
+            script = self.script_path(b["id"])
+            if any(script.with_name(script.name + end).exists() for end in (".scheduler_id", ".submitting")):
+                continue
+            queue = b["queue"]
+            if queue not in room:
+                max_queued = int(_as_dict(self.options.allowed_queues.get(queue)).get("max_queued_jobs") or 0)
+                room[queue] = max_queued - queued_counts.get(queue, 0) if max_queued else None
+            left = room[queue]
+            if left is not None:
+                if left <= 0:
+                    continue
+                room[queue] = left - 1
+            candidates.append(b)
+        if not candidates:
+            return
+        infos = {b["id"]: {**(b.get("status_info") or {}), SUBMIT_TOKEN: uuid.uuid4().hex} for b in candidates}
+        try:
+            refused = bulk_patch(self.client, "/batch-jobs/", [{"id": i, "status_info": v} for i, v in infos.items()])
+        except Exception as exc:
+            refused = [({"id": i}, exc) for i in infos]
+        errors = {update["id"]: error for update, error in refused}
+        for b in candidates:
+            if b["id"] in errors:
+                self._token_waiting[b["id"]] = clean_text(
+                    f"waiting: cannot store the submit token before submitting: {errors[b['id']]}")
+            else:
+                b["status_info"] = infos[b["id"]]  # this cycle's later updates keep it
+        if errors:
+            self.logger.warning("cannot store the submit tokens of BatchJobs %s before submitting them (they wait "
+                                "a cycle): %s", ", ".join(map(str, sorted(errors))),
+                                clean_text(next(iter(errors.values())), 500))
+
     def _submit_token(self, batch_job: dict, update: dict) -> Optional[str]:
         """The BatchJob's submit token (:data:`SUBMIT_TOKEN`), stored on the server before the
-        first submit command runs, so that the markers written around it can prove whose they are
-        after the agent crashed between the submit command and the PATCH recording its outcome.
+        first submit command runs (usually by the cycle's :meth:`_store_submit_tokens`), so that
+        the markers written around it can prove whose they are after the agent crashed between the
+        submit command and the PATCH recording its outcome.
         None (the BatchJob waits, noted in status_info) when the server cannot store it now."""
         info = dict(batch_job.get("status_info") or {})
         token = info.get(SUBMIT_TOKEN)
         if token:
             return str(token)
+        waiting = self._token_waiting.get(batch_job["id"])
+        if waiting is not None:  # this cycle's bulk PATCH of tokens failed for it (logged there)
+            self._set_waiting(batch_job, update, waiting)
+            return None
         token = uuid.uuid4().hex
         info[SUBMIT_TOKEN] = token
         try:
@@ -1009,7 +1104,7 @@ class SchedulerModule(AgentModule):
             self.logger.info("BatchJob %s: deleted scheduler job %s (its submission was never recorded)",
                              batch_job["id"], scheduler_id)
         try:
-            marker.write_text(f"{found[0]}\n")
+            marker.write_text(_marker_text(found[0], batch_job))
             pending.unlink(missing_ok=True)
         except OSError as exc:  # the lookup runs again next cycle; deleting twice is harmless
             self.logger.warning("BatchJob %s: cannot record the submission in %s: %s", batch_job["id"], marker, exc)
@@ -1052,8 +1147,7 @@ class SchedulerModule(AgentModule):
                           marker: Optional[Path] = None, pending: Optional[Path] = None) -> None:
         if marker is not None:
             try:
-                token = (batch_job.get("status_info") or {}).get(SUBMIT_TOKEN)
-                marker.write_text(f"{scheduler_id} {token}\n" if token else f"{scheduler_id}\n")
+                marker.write_text(_marker_text(scheduler_id, batch_job))
                 if pending is not None:
                     pending.unlink(missing_ok=True)
             except OSError as exc:  # the .submitting marker stays: a later cycle asks the scheduler
