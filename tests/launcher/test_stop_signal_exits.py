@@ -189,3 +189,47 @@ def test_a_worker_reports_exits_after_its_own_stop_signal_and_the_stop_message_a
     killed = [j for msg in transport.reports for j in msg.get("killed", [])]
     assert done == [] and sorted(killed) == [1, 2], transport.reports
     assert transport.reports[-1].get("final")
+
+
+def _unreaped_until_the_stop(base: Any) -> Any:
+    """A pool whose loop turns do not reap (a slow turn): an exit waits for terminate_all's reap."""
+
+    class Pool(base):
+        hold = True
+
+        def reap(self) -> Any:
+            return [] if self.hold else super().reap()
+
+        def terminate_all(self, grace_sec: float) -> Any:
+            self.hold = False
+            return super().terminate_all(grace_sec)
+
+    return Pool
+
+
+@pytest.mark.parametrize("pool", [ProcessPool, SpawnerPool])
+def test_an_exit_0_before_a_wall_time_stop_not_yet_reaped_is_done(tmp_path: Path, pool: Any) -> None:
+    """A job that finished (exit 0) before the launcher's own wall-time stop, with no signal from
+    outside, but that the loop had not reaped yet: RUN_DONE, not RUN_TIMEOUT (it must not run
+    again, its postprocess not be skipped). One that exits 0 on the stop's SIGTERM stays a timeout."""
+    from balsam.launcher.job_mode import Countdown
+
+    class Expiring(Countdown):
+        now = False
+
+        @property
+        def expired(self) -> bool:  # type: ignore[override]
+            return self.now
+
+    jobs = [FakeJob(1, "touch finished"), FakeJob(2, EXITS_0_ON_TERM)]
+    master, _, updater, _ = make_master(tmp_path, jobs, idle_ttl=60, pool=_unreaped_until_the_stop(pool))
+    master.stop.countdown = countdown = Expiring(10, time.time())
+    thread, result = run_in_thread(master)
+    _wait_for(lambda: (tmp_path / "1" / "finished").exists() and (tmp_path / "2" / "running").exists(), what="the tasks")
+    time.sleep(0.5)  # job 1 has exited; nothing reaped it
+    countdown.now = True
+    master.wake.set()
+    thread.join(30)
+    assert result["reason"] == "wall time"
+    assert [s for s, _ in _data(updater, 1)] == ["RUNNING", "RUN_DONE"], _data(updater, 1)
+    assert [s for s, _ in _data(updater, 2)] == ["RUNNING", "RUN_TIMEOUT"], _data(updater, 2)

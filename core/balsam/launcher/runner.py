@@ -266,6 +266,7 @@ class ChildReaper:
         # Looked at right after the reap, while the leader's pid cannot name another group yet;
         # the owner's reap() ends what is left (see ProcessPool.reap).
         proc.group_left = spawner.group_exists(pid)
+        proc.end_time = time.time()  # the exit's time for finished_record (not the pool's later reap)
         proc.mark_exited(code)
         self._done(proc)
 
@@ -311,6 +312,7 @@ class ChildReaper:
                     with self._lock:
                         self._by_pid.pop(pid, None)
                     proc.group_left = spawner.group_exists(pid)
+                    proc.end_time = time.time()
                     proc.mark_exited(os.waitstatus_to_exitcode(status) if status >= 0 else -1)
                     self._done(proc)
             time.sleep(self.FALLBACK_POLL_SEC)
@@ -335,21 +337,36 @@ STOP_WINDOW_SEC = 3.0
 STOP_SIGNAL_HOLD_SEC = STOP_WINDOW_SEC
 
 
-def ended_by_stop(returncode: int, ended: Optional[float], stop_time: Optional[float], *, reaped_after_stop: bool = False) -> bool:
+def ended_by_stop(
+    returncode: int, ended: Optional[float], stop_time: Optional[float], *, reaped_after_stop: bool = False,
+    signal_stop: bool = True,
+) -> bool:
     """Whether an exit is the launcher's stop's doing (report RUN_TIMEOUT: the job runs again)
-    rather than the job's own result. ``stop_time``: when the stop was requested (``time.time()``;
-    None: no stop); ``ended``: when the task exited (same clock).
+    rather than the job's own result. ``stop_time``: when the stop came (``time.time()``; None: no
+    stop); ``ended``: when the task exited (same clock); ``signal_stop``: the stop was requested
+    (a signal, a refused credential: something outside the launcher, which may have reached the
+    jobs too), not the launcher's own wall-time or idle countdown.
 
-    (a) an exit reaped after the stop (``reaped_after_stop``), or that happened after it, whatever
-    its code; (b) an exit by a stop signal (:data:`STOP_SIGNAL_EXITS`) at most
-    :data:`STOP_WINDOW_SEC` before the stop. An exit 0 before the stop is the job's: a wrapper that
-    went on after the batch system killed its payload and exited 0 cannot be told from a job that
-    finished."""
+    (a) an exit at or after the stop time, whatever its code (a wrapper that traps the stop's
+    SIGTERM and exits 0). At a signal stop, also one reaped after it (``reaped_after_stop``) that
+    ended at most :data:`STOP_WINDOW_SEC` before it: the batch system signals the jobs and the
+    launcher at once, and its signal may reach a job (and its wrapper exit 0) up to 1.5 s before
+    the launcher's stop is recorded, so such an exit 0 cannot be told from the stop's doing.
+    (b) at a signal stop, an exit by a stop signal (:data:`STOP_SIGNAL_EXITS`) at most
+    :data:`STOP_WINDOW_SEC` before it.
+    Any other exit before the stop is the job's own result (RUN_DONE, RUN_ERROR): at a wall-time
+    or idle stop nothing outside signalled the jobs, so an exit 0 the loop had not reaped yet is a
+    finished computation, not to be run again. An exit with no end time: the stop's when reaped
+    after a signal stop (the committed rule), else the job's."""
     if stop_time is None:
         return False
-    if reaped_after_stop or (ended is not None and ended >= stop_time):
+    if not ended:
+        return reaped_after_stop and signal_stop
+    if ended >= stop_time:
         return True
-    return ended is not None and returncode in STOP_SIGNAL_EXITS and stop_time - ended <= STOP_WINDOW_SEC
+    if not signal_stop or stop_time - ended > STOP_WINDOW_SEC:
+        return False
+    return reaped_after_stop or returncode in STOP_SIGNAL_EXITS
 
 
 def stopped_reason(reason: str, returncode: Optional[int] = None) -> str:

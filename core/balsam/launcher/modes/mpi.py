@@ -27,11 +27,14 @@ The lease's **heartbeat thread** asks the server which held jobs their user dele
 those runs. A job leased again while an older copy of it is held replaces that copy (same module).
 
 Exits at a stop (the serial mode's rule, :mod:`balsam.launcher.modes.serial_worker`, "Exits at a
-stop"): (a) an exit reaped after the launcher's stop was requested is RUN_TIMEOUT whatever its code
-(one the loop reaps after a signal came, every exit during the stop's grace); (b) an exit by a stop
+stop"): (a) an exit at or after the launcher's stop is RUN_TIMEOUT whatever its code (every exit during
+the stop's grace), and at a signal stop one reaped after it that ended within the stop window
+before it; an exit before a wall-time or idle stop that the loop had not reaped yet is the job's
+own (RUN_DONE, RUN_ERROR: a finished computation is not run again); (b) an exit by a stop
 signal is held :data:`~balsam.launcher.runner.STOP_WINDOW_SEC` (3 s) before it is reported, and a
 stop within that time makes it RUN_TIMEOUT (also a quick failure :class:`NodeFaults` still holds);
-an exit 0 before the stop stays RUN_DONE, and a signal exit with no stop in the window RUN_ERROR.
+an exit 0 more than that window before a signal stop stays RUN_DONE, and a signal exit with no
+stop in the window RUN_ERROR.
 
 At a stop, and after an exception in the loop alike, the running jobs are ended and reported first;
 only then is an acquire still in flight waited for (its jobs never start; the Session's deletion,
@@ -212,6 +215,9 @@ class MPIMode(JobMode):
         self.delay_sec = float(context.setting("delay_sec"))
         self.started = 0
         self.finished = 0
+        #: When the loop saw a wall-time or idle stop (``time.time()``; a requested stop's time is
+        #: ``self.stop.requested_at``): exits before it are the jobs' own results.
+        self._stopped_at: Optional[float] = None
         self._hook: Any = None
         #: Resources were freed or jobs arrived since the last placement attempt ran out of room.
         self._try_start = True
@@ -493,8 +499,9 @@ class MPIMode(JobMode):
         if done:
             self._try_start = True
         now = time.monotonic()
-        # A stop signal that came after this turn's stop check: what is reaped now is its doing.
-        stopping = self.stop.requested
+        # A stop signal that came after this turn's stop check: what is reaped now may be its
+        # doing (ended_by_stop: an exit at most the stop window before it, or after it).
+        stop_time = self.stop.requested_at if self.stop.requested else None
         for job_id, rc, tail, when in done:
             placement = self.node_manager.placements.get(job_id)  # before release frees it
             started_at = self._started_at.pop(job_id, None)
@@ -505,7 +512,7 @@ class MPIMode(JobMode):
                 continue  # deleted or moved by its user: the server would refuse any update
             self.gone.forget(job_id)
             logger.info("job %s exited with %s", job_id, rc)
-            if stopping:
+            if stop_time is not None and ended_by_stop(rc, when, stop_time, reaped_after_stop=True):
                 report_timeout(updater, job_id, stopped_reason(self.stop.reason or "signal", rc))
                 continue
             if placement is None or len(placement.node_indexes) != 1 or started_at is None or not when:
@@ -577,6 +584,7 @@ class MPIMode(JobMode):
                     stop = self.should_stop()
                     if stop:
                         reason = stop
+                        self._stopped_at = time.time()  # a wall-time or idle stop's time (a request has its own)
                         break
                     if self._reap(updater):
                         next_acquire = 0.0  # freed resources: ask for more right away
@@ -669,9 +677,12 @@ class MPIMode(JobMode):
         return 0
 
     def _shutdown(self, updater: Any, reason: str) -> None:
-        stop_time = self.stop.requested_at if self.stop.requested and self.stop.requested_at else time.time()
+        # A requested stop (a signal) has its time; the launcher's own wall-time or idle stop the
+        # time its loop saw it (now, after an exception in the loop).
+        signal_stop = self.stop.requested and self.stop.requested_at is not None
+        stop_time = self.stop.requested_at if signal_stop else (self._stopped_at or time.time())
         for e in self.faults.flush():  # quick failures whose node was not judged: as they are...
-            if ended_by_stop(e.returncode, e.ended, stop_time):  # ...unless killed by the stop's signal
+            if ended_by_stop(e.returncode, e.ended, stop_time, signal_stop=signal_stop):  # ...unless the stop's
                 report_timeout(updater, e.job_id, stopped_reason(reason, e.returncode))
             else:
                 report_exit(updater, e.job_id, e.returncode, e.tail, e.ended)
@@ -679,12 +690,18 @@ class MPIMode(JobMode):
         if self.handover.queued:
             self._note_handovers(updater)  # RUNNING for queued jobs that started before the stop
         self.handover.forget_queued()  # what was still queued will not start
-        # Reaped after the stop: the stop's doing whatever the exit code (rule (a), module docstring).
-        for job_id, rc, _tail, _when in finished:
-            self._pop_postprocess(job_id)
-            if not (self.gone.ending and self.gone.settled(job_id)):
+        # Reaped after the stop: the stop's doing if it ended at or after the stop (or, at a signal
+        # stop, within its window before it); an exit before a wall-time or idle stop that the loop
+        # had not reaped yet is the job's own result (rule (a), module docstring).
+        for job_id, rc, tail, when in finished:
+            postprocess = self._pop_postprocess(job_id)
+            if self.gone.ending and self.gone.settled(job_id):
+                continue
+            if ended_by_stop(rc, when, stop_time, reaped_after_stop=True, signal_stop=signal_stop):
                 report_timeout(updater, job_id, stopped_reason(reason, rc))
                 logger.info("job %s exited %s as the launcher stopped: RUN_TIMEOUT (%s)", job_id, rc, reason)
+            else:
+                report_exit(updater, job_id, rc, tail, when, postprocess)
         for job_id in victims:
             if self.gone.ending and self.gone.settled(job_id):
                 continue

@@ -63,13 +63,21 @@ A batch system that ends the allocation (scancel, a requeue, a node set down, th
 signals every process of the job at once, so a task may die, or its wrapper exit, before the
 launcher's own stop has ended it. The rule:
 
-(a) every exit reaped after the launcher's stop was requested is the stop's: RUN_TIMEOUT (reason
-    ``launcher stopped (<the stop's reason>); the job ended (...) as the launcher stopped``), the job
-    runs again, whatever its code: a wrapper that traps SIGTERM and exits 0, a task that ended in the
-    grace. This master: what its pool reaps after the stop, and every exit during
-    :meth:`Master.shutdown`. A worker rank: what it reaps after a stop signal of its own, or after
-    the master's stop message, is reported ``killed`` (never ``done``); an exit a rank reports
-    ``done`` that happened after the master's stop (its end time) is the stop's too.
+(a) an exit at or after the stop's time (``time.time()``: a requested stop's
+    ``StopConditions.requested_at``, else when the loop saw the wall time or the idle timeout) is
+    the stop's: RUN_TIMEOUT (reason ``launcher stopped (<the stop's reason>); the job ended (...) as
+    the launcher stopped``), the job runs again, whatever its code: a wrapper that traps SIGTERM
+    and exits 0, a task that ended in the grace. At a signal (requested) stop, so is an exit reaped
+    after it that ended at most :data:`~balsam.launcher.runner.STOP_WINDOW_SEC` before it: the
+    batch system signals the jobs and the launcher at once, and a wrapper may trap its SIGTERM and
+    exit 0 before the launcher's stop is recorded (up to 1.5 s before, on a real Slurm cluster).
+    An exit before a wall-time or idle stop (nothing outside signalled the jobs) that the loop had
+    not reaped yet (up to one loop turn) is the job's own result: RUN_DONE with its postprocess, or
+    RUN_ERROR, never re-run. A worker rank: what it reaps after a stop signal of its own is
+    reported ``killed`` (never ``done``); at the master's stop message it reports what it ended as
+    ``killed`` and the exits its pool had not reaped yet, with their end times, as
+    ``reaped_at_stop``, which the master judges as its own pool's; an exit a rank reports ``done``
+    that happened after the master's stop (its end time) is the stop's too.
 (b) an exit by a stop signal (SIGTERM, SIGKILL, SIGINT, SIGHUP: ``-N``, a shell's ``128+N``, or
     hydra's ``15``/``9``: :data:`~balsam.launcher.runner.STOP_SIGNAL_EXITS`) that the stop follows
     within :data:`~balsam.launcher.runner.STOP_WINDOW_SEC` (3 s) is the stop's too. Its report is
@@ -80,8 +88,9 @@ launcher's own stop has ended it. The rule:
 
 Limits: with no stop in the window, such an exit is the job's own (RUN_ERROR, reported 3 s late):
 a user's ``kill``, the OOM killer's SIGKILL. A stop later than 3 s after the exit finds its
-RUN_ERROR sent: it stays. An exit 0 reaped before the stop cannot be told from a job that finished
-(RUN_DONE).
+RUN_ERROR sent: it stays. An exit 0 more than 3 s before a signal stop, or before a wall-time or
+idle stop, is taken as a finished job (RUN_DONE). A stop-signal exit still held in a pool when the
+stop comes (whatever stop) is ended with the pool's running tasks: RUN_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -711,21 +720,24 @@ class Master:
 
     def _finish(self, results: Sequence[Sequence[Any]], *, local: bool = True) -> None:
         """Report exits: the job's own result (RUN_DONE, RUN_ERROR), or RUN_TIMEOUT where the
-        launcher's stop ended it (:func:`~balsam.launcher.runner.ended_by_stop`: this node's exits
-        reaped after the stop; any exit after it; one by a stop signal within the stop window
-        before it). ``local``: reaped by this master's pool (else a worker rank's report)."""
+        launcher's stop ended it (:func:`~balsam.launcher.runner.ended_by_stop`: any exit at or
+        after the stop; at a signal stop, one reaped after it or by a stop signal within the stop
+        window before it; an exit before a wall-time or idle stop is the job's own). ``local``:
+        reaped after the stop, by this master's pool or a rank's at the stop message (else a
+        rank's report of an exit it reaped before any stop)."""
         if results:
             self._try_start = True
         postprocess_on_exit = self.postprocess_on_exit
         gone = self.gone
         forget = gone.copies.pop
         stop_time = self._stop_time()
+        signal_stop = self.stop.requested  # else the launcher's own wall-time or idle stop
         for job_id, rc, tail, when in results:
             self.handover.release(job_id)
             self.remote.pop(job_id, None)
             if not (gone.ending and gone.settled(job_id)):  # gone: the server would refuse any update
                 forget(job_id, None)
-                if stop_time is not None and ended_by_stop(rc, when, stop_time, reaped_after_stop=local):
+                if stop_time is not None and ended_by_stop(rc, when, stop_time, reaped_after_stop=local, signal_stop=signal_stop):
                     reason = self._stop_reason_now() or "signal"
                     logger.info("job %s exited %s as the launcher stopped (%s): RUN_TIMEOUT", job_id, rc, reason)
                     report_timeout(self.updater, job_id, stopped_reason(reason, rc))
@@ -736,7 +748,10 @@ class Master:
 
     def _finish_stopped(self, job_ids: Sequence[int], reason: str) -> None:
         """Jobs a worker rank ended, or saw exit, after a stop (the master's, or a stop signal of
-        its own): RUN_TIMEOUT, their resources freed."""
+        its own): RUN_TIMEOUT, their resources freed (counted as finished, like :meth:`_finish`;
+        the freed CPUs are looked at on the next turn)."""
+        if job_ids:
+            self._try_start = True
         gone = self.gone
         for job_id in job_ids:
             self.handover.release(job_id)
@@ -745,6 +760,7 @@ class Master:
             if not (gone.ending and gone.settled(job_id)):
                 gone.copies.pop(job_id, None)
                 report_timeout(self.updater, job_id, stopped_reason(reason))
+        self.finished += len(job_ids)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> str:
@@ -793,8 +809,9 @@ class Master:
             self.handover.forget_queued()  # what was still queued will not start
             if self._stopped_at is None:  # a loop that broke on an exception: its stop is now
                 self._stop_reason, self._stopped_at = reason, time.time()
-            # Reaped after the stop, so the stop's doing whatever the exit code: a wrapper that
-            # traps SIGTERM and exits 0, a task that ended in the grace (rule (a), module docstring).
+            # Reaped after the stop: the stop's doing if it ended at or after the stop (a wrapper
+            # that traps SIGTERM and exits 0), or at a signal stop within the window before it; an
+            # exit before a wall-time or idle stop is the job's own (rule (a), module docstring).
             self._finish(finished)
             for job_id in victims:
                 self.handover.release(job_id)
@@ -852,6 +869,7 @@ class Master:
                     self._late_report(rank)
                     continue
                 self._finish(msg.get("done", []), local=False)
+                self._finish(msg.get("reaped_at_stop", []), local=True)
                 self._finish_stopped(msg.get("killed", []), reason)
                 if msg.get("final"):
                     waiting.discard(rank)
@@ -978,11 +996,17 @@ class Worker:
             if msg is not None:
                 if "stop" in msg:
                     victims, finished = self.pool.terminate_all(float(msg.get("grace", 5)))
-                    # Every exit reaped from here on is the stop's (rule (a), module docstring),
-                    # whatever its code: all go back as ended by the stop (RUN_TIMEOUT).
-                    for job_id, rc, _tail, _when in finished:
-                        logger.info("job %s exited %s as the launcher stopped: reported ended by the stop", job_id, rc)
-                    self.transport.report({"done": [], "killed": victims + [r[0] for r in finished], "final": True})
+                    if self.stop.requested:
+                        # A stop signal of this rank's own came first: every exit reaped since is
+                        # the stop's (rule (a), module docstring), whatever its code.
+                        for job_id, rc, _tail, _when in finished:
+                            logger.info("job %s exited %s as the launcher stopped: reported ended by the stop", job_id, rc)
+                        self.transport.report({"done": [], "killed": victims + [r[0] for r in finished], "final": True})
+                    else:
+                        # Exits before this rank signalled anything (the pool reaps them first):
+                        # the master judges them by their end time against its stop (an exit 0
+                        # before a wall-time or idle stop is the job's RUN_DONE).
+                        self.transport.report({"done": [], "reaped_at_stop": finished, "killed": victims, "final": True})
                     self.transport.flush()
                     logger.info("worker stopped (%s): %d tasks ended", msg["stop"], len(victims) + len(finished))
                     return 0
