@@ -122,7 +122,8 @@ def test_batch_job_lifecycle():
     assert BATCH_JOB_TRANSITIONS[B.finished] == frozenset()
     assert BATCH_JOB_TRANSITIONS[B.submit_failed] == frozenset()
     assert BATCH_JOB_TRANSITIONS[B.pending_deletion] == frozenset({B.finished})
-    assert BATCH_JOB_TRANSITIONS[B.running] == frozenset({B.finished, B.pending_deletion})
+    # queued again: the scheduler requeued it (scontrol requeue, a node failure, preemption).
+    assert BATCH_JOB_TRANSITIONS[B.running] == frozenset({B.finished, B.pending_deletion, B.queued})
     assert B.queued in BATCH_JOB_TRANSITIONS[B.pending_submission]
     assert B.submit_failed in BATCH_JOB_TRANSITIONS[B.pending_submission]
     assert set(BATCH_JOB_TRANSITIONS) == set(BatchJobState)
