@@ -117,3 +117,19 @@ def input_stager(site_id: int) -> Any:
 
     InputStager.sync()
     return InputStager
+
+
+class SchedulerIdPatchFails:
+    """A client whose PATCH recording a ``scheduler_id`` fails (the API goes away, or the agent dies,
+    just after the scheduler accepted a job); every other call goes to ``inner``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def patch(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        if any("scheduler_id" in u for u in kwargs.get("json") or []):
+            raise ConnectionError("API went away")
+        return self.inner.patch(path, *args, **kwargs)

@@ -19,7 +19,7 @@ from balsam.models import SchedulerJobStatus
 from balsam.scheduler import JobHistory, SchedulerError
 from balsam.site.modules.scheduler import SchedulerModule
 from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
-from site_test_utils import batch_job, create_batch_job
+from site_test_utils import SchedulerIdPatchFails, batch_job, create_batch_job
 from test_site_scheduler_module import CountingClient, ScriptedScheduler
 
 
@@ -255,19 +255,7 @@ def test_a_cancelled_unrecorded_submission_keeps_its_marker_when_the_api_write_f
     assert batch_job(client, bj["id"])["state"] == "pending_submission"
     client.patch("/batch-jobs/", json=[{"id": bj["id"], "state": "pending_deletion"}])
 
-    class FailingPatch:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def patch(self, path, *args, **kwargs):
-            if any("scheduler_id" in u for u in kwargs.get("json") or []):
-                raise ConnectionError("API went away")
-            return self.inner.patch(path, *args, **kwargs)
-
-    module.client = FailingPatch(client)
+    module.client = SchedulerIdPatchFails(client)
     with pytest.raises(ConnectionError):
         module.run_cycle()
     assert fake.deleted == [sid]

@@ -17,7 +17,7 @@ from balsam.scheduler import Command, CommandResult, JobHistory, Scheduler, Sche
 from balsam.models import BackfillWindow, SchedulerJobStatus
 from balsam.site.modules.scheduler import SchedulerModule
 from balsam.states import BatchJobState
-from site_test_utils import batch_job, create_batch_job
+from site_test_utils import SchedulerIdPatchFails, batch_job, create_batch_job
 
 
 class ScriptedScheduler(Scheduler):
@@ -295,21 +295,7 @@ def test_a_submission_the_api_never_recorded_is_not_repeated(setup, client, make
     site, fake, module = setup
     bj = create_batch_job(client, site.site_id)
 
-    class FailingPatch:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def patch(self, path, *args, **kwargs):
-            # The submit token is stored before the submit command; the API fails after it,
-            # when the module records the scheduler's answer.
-            if any("scheduler_id" in u for u in kwargs.get("json") or []):
-                raise ConnectionError("API went away")
-            return self.inner.patch(path, *args, **kwargs)
-
-    module.client = FailingPatch(client)
+    module.client = SchedulerIdPatchFails(client)
     with pytest.raises(ConnectionError):
         module.run_cycle()
     assert len(fake.submitted) == 1
