@@ -24,7 +24,7 @@ from balsam.platform import (
     launch_params_to_pass, nvidia_smi_list, parse_nvidia_smi_list,
 )
 
-__all__ = ["DefaultPlatform", "detect_mpi_flavor", "expand_hostlist"]
+__all__ = ["DefaultPlatform", "detect_mpi_flavor", "expand_hostlist", "parse_mpi_flavor"]
 
 MPICH, OPENMPI = "mpich", "openmpi"
 FLAVOR_PARAM = "mpi_flavor"
@@ -34,6 +34,15 @@ FLAVOR_ENV = "BALSAM_MPI_FLAVOR"
 #: in balsam.platform): a launch param naming one, in any spelling, is not passed (warned once per
 #: app and key), since the ranks would not run where balsam placed them.
 RESERVED_OPTIONS = {MPICH: HYDRA_RESERVED_OPTIONS, OPENMPI: OPENMPI_RESERVED_OPTIONS}
+
+#: How users write each flavour (``mpi_flavor`` launch param, ``DefaultPlatform(mpi_flavor=...)``,
+#: ``BALSAM_MPI_FLAVOR``), compared after :func:`_flavor_key` (case, whitespace, ``-``, ``_``, ``.``
+#: dropped): MPICH's own launcher is hydra, and Intel MPI and MVAPICH use it too; Open MPI's runtime
+#: is OpenRTE (PRRTE since 5.0).
+FLAVOR_ALIASES: Mapping[str, str] = {
+    **dict.fromkeys(("mpich", "mpich2", "mpich3", "mpich4", "hydra", "intelmpi", "impi", "mvapich", "mvapich2"), MPICH),
+    **dict.fromkeys(("openmpi", "ompi", "openrte", "orte", "prrte"), OPENMPI),
+}
 
 _flavor_cache: dict[str, str] = {}
 #: PATH -> the mpiexec found on it (see find_mpiexec).
@@ -105,6 +114,25 @@ def detect_mpi_flavor(mpiexec: str) -> str:
     flavor = OPENMPI if ("open mpi" in text or "openrte" in text or "prrte" in text) else MPICH
     _flavor_cache[mpiexec] = flavor
     return flavor
+
+
+def _flavor_key(value: str) -> str:
+    return re.sub(r"[\s_.\-]+", "", value).lower()
+
+
+def parse_mpi_flavor(value: Any) -> str:
+    """``mpich`` or ``openmpi`` for a flavour as users write it (``"MPICH"``, ``" mpich\n"``,
+    ``"hydra"``, ``"Open MPI"``, ``"open-mpi"``, ``"ompi"``: :data:`FLAVOR_ALIASES`); a one-line
+    ValueError naming the value and the accepted ones otherwise."""
+    flavor = FLAVOR_ALIASES.get(_flavor_key(value)) if isinstance(value, str) else None
+    if flavor is not None:
+        return flavor
+    shown = value.strip() if isinstance(value, str) else value
+    # PALS (Cray's mpiexec) takes other options than hydra's: its machines have their own platforms.
+    pals = isinstance(value, str) and "pals" in _flavor_key(value)
+    where = " (Cray PALS mpiexec: use the polaris or aurora platform)" if pals else ""
+    raise ValueError(f"unknown MPI flavour {shown!r} for the default platform{where}: accepted mpich (or hydra, intel mpi, "
+                     f"mvapich) and openmpi (or open mpi, ompi), in any case")
 
 
 def _local_cpu_ids() -> list[int]:
@@ -181,15 +209,11 @@ class DefaultPlatform(Platform):
         return self._mpiexec or find_mpiexec()
 
     def mpi_flavor(self, spec: Optional[LaunchSpec] = None) -> str:
-        wanted = (spec.launch_params.get(FLAVOR_PARAM) if spec is not None else None) or self._mpi_flavor
-        wanted = wanted or os.environ.get(FLAVOR_ENV)
-        if wanted:
-            wanted = wanted.lower().replace(" ", "").replace("-", "").replace("_", "")
-            if wanted in ("openmpi", "ompi"):
-                return OPENMPI
-            if wanted in ("mpich", "hydra", "intelmpi", "mvapich", "mvapich2"):
-                return MPICH
-            raise ValueError(f"unknown MPI flavour {wanted!r} (expected mpich or openmpi)")
+        # The job's launch param, else the platform's, else the environment's; a blank one is unset.
+        for wanted in (spec.launch_params.get(FLAVOR_PARAM) if spec is not None else None, self._mpi_flavor,
+                       os.environ.get(FLAVOR_ENV)):
+            if wanted and not (isinstance(wanted, str) and not wanted.strip()):
+                return parse_mpi_flavor(wanted)
         return detect_mpi_flavor(self.mpiexec())
 
     @staticmethod

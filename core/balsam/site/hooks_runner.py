@@ -162,8 +162,29 @@ def read_run_markers(workdir: Path) -> tuple[str, str]:
     return scan.value or "", scan.exc or ""
 
 
-def default_update(job: dict, python_app: bool, data_path: Path, tail_num_lines: int = 10) -> dict:
-    """The update a job gets when its app keeps the default hook for its state."""
+#: Longest launcher reason quoted in the RESTART_READY message (the rest is in the RUN_TIMEOUT event).
+TIMEOUT_REASON_MAX_CHARS = 300
+
+
+def timeout_message(reason: Optional[str] = None) -> str:
+    """The one-line ``state_data`` message of the default handle_timeout's RESTART_READY.
+    RUN_TIMEOUT means the launcher's stop (or the allocation's end: scancel, a requeue, a node
+    failure, the scheduler's wall time) ended the run, not that the job ran out of time, so the
+    message does not say "timed out"; ``reason``: the launcher's, from the RUN_TIMEOUT's
+    ``state_data`` (e.g. ``launcher stopped (signal 15)``), where the caller has it."""
+    base = "re-queued by the default handle_timeout (RESTART_READY)"
+    text = " ".join(str(reason or "").split())  # one line, whatever the reason quotes
+    if not text:
+        return f"{base}: the run was ended by the launcher's stop or the allocation's end (the RUN_TIMEOUT event says which)"
+    if len(text) > TIMEOUT_REASON_MAX_CHARS:
+        text = text[: TIMEOUT_REASON_MAX_CHARS - 3] + "..."
+    return f"{base}: {text}"
+
+
+def default_update(job: dict, python_app: bool, data_path: Path, tail_num_lines: int = 10,
+                   timeout_reason: Optional[str] = None) -> dict:
+    """The update a job gets when its app keeps the default hook for its state. ``timeout_reason``:
+    for a RUN_TIMEOUT, the launcher's reason (its ``state_data``), quoted in the message."""
     state = JobState(job["state"])
     target = DEFAULT_TARGET[state]
     update: dict[str, Any] = {"id": job["id"], "state": target.value, "state_timestamp": now_iso()}
@@ -189,7 +210,7 @@ def default_update(job: dict, python_app: bool, data_path: Path, tail_num_lines:
                 "error": tail,
             }
     elif state == JobState.run_timeout:
-        update["state_data"] = {"message": "timed out: re-queued by the default handle_timeout (RESTART_READY)"}
+        update["state_data"] = {"message": timeout_message(timeout_reason)}
     return update
 
 

@@ -30,7 +30,14 @@ What the contract checks:
   in both directions, with decoys its pattern would match beside it (rsync over ssh fetched
   ``run1.h5`` for ``run[1].h5``: its remote side expands wildcards);
 - an id the backend never issued polls as ``unknown``; an empty batch or a relative path raises
-  :class:`~balsam.transfer.TransferError`, never anything else.
+  :class:`~balsam.transfer.TransferError`, never anything else;
+- a task its owner or an administrator cancelled outside balsam is not tried again: ``failed`` with
+  ``retryable`` False, or ``done`` with ``file_errors_retryable`` False for the files it did not
+  deliver (its jobs FAILED: someone meant it to stop). Only where the subclass says how to cancel a
+  task that way (override :meth:`TransferContract.cancel_outside_balsam`); skipped otherwise;
+- a task the agent cancels itself (``cancel_task``: its deadline) stays retryable: ``failed`` with
+  ``retryable`` True, or ``done`` with ``file_errors_retryable`` True (skipped for a backend that
+  cannot cancel).
 
 Backends that cannot run for real in a test (a cloud service) test against that service's own
 recorded responses instead (the Globus plugin uses globus-sdk's testing fixtures).
@@ -74,7 +81,22 @@ class TransferContract:
         """A location URL of this backend whose remote paths are paths of this machine."""
         raise NotImplementedError("set location_url() in your TransferContract subclass")
 
+    def cancel_outside_balsam(self, backend: TransferBackend, task_id: str) -> None:
+        """Cancel ``task_id`` as its owner or an administrator would, outside balsam (the service's
+        web app or API, not ``backend.cancel_task``), preferably before it delivered every file.
+        Override where your test can; the default skips the check that uses it."""
+        pytest.skip(f"{type(self).__name__} does not say how a task is cancelled outside balsam")
+
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _cancellable_task(self, backend: TransferBackend, location: TransferLocation, tmp_path: Path) -> str:
+        remote = tmp_path / "remote"
+        remote.mkdir(parents=True, exist_ok=True)
+        files = []
+        for i in range(4):
+            (remote / f"f{i}.bin").write_bytes(bytes(range(256)) * 4096)
+            files.append(TransferFile(str(remote / f"f{i}.bin"), str(tmp_path / "site" / f"f{i}.bin")))
+        return backend.submit(location, TransferDirection.stage_in, files)
 
     @pytest.fixture
     def backend(self) -> Any:
@@ -217,6 +239,41 @@ class TransferContract:
         with pytest.raises(TransferError) as relative:
             backend.submit(location, TransferDirection.stage_in, [TransferFile("relative/path", "/tmp/x")])
         assert "\n" not in str(relative.value)
+
+    def test_a_task_cancelled_outside_balsam_is_not_retried(self, backend: TransferBackend, location: TransferLocation,
+                                                            tmp_path: Path) -> None:
+        """The files of a task its owner or an administrator cancelled fail for good (the agent
+        reads ``retryable`` of a failed task and ``file_errors_retryable`` of a done one): retried,
+        they would be copied again against someone's will."""
+        task = self._cancellable_task(backend, location, tmp_path)
+        self.cancel_outside_balsam(backend, task)
+        status = wait_for_tasks(backend, [task])[task]
+        if status.state == TaskState.failed:
+            assert not status.retryable, f"a task cancelled outside balsam must not be retryable: {status}"
+            assert status.error and "\n" not in status.error
+        else:
+            assert status.state == TaskState.done, status
+            if status.file_errors:  # else every file had arrived before the cancel: nothing to retry
+                assert not status.file_errors_retryable, (
+                    f"the undelivered files of a task cancelled outside balsam must not be retried "
+                    f"(file_errors_retryable False): {status}")
+                assert all(e and "\n" not in e for e in status.file_errors.values()), status.file_errors
+
+    def test_a_task_the_agent_cancelled_stays_retryable(self, backend: TransferBackend, location: TransferLocation,
+                                                       tmp_path: Path) -> None:
+        """The agent's own cancel (its deadline) costs each undelivered file one try, never its job."""
+        task = self._cancellable_task(backend, location, tmp_path)
+        try:
+            backend.cancel_task(task)
+        except TransferError as exc:
+            pytest.skip(f"{backend.name} cannot cancel a task: {exc}")
+        status = wait_for_tasks(backend, [task])[task]
+        if status.state == TaskState.failed:
+            assert status.retryable, f"a task the agent cancelled must stay retryable: {status}"
+        else:
+            assert status.state == TaskState.done, status
+            assert status.file_errors_retryable or not status.file_errors, (
+                f"the undelivered files of a task the agent cancelled must stay retryable: {status}")
 
     def test_status_is_frozen(self) -> None:
         status = TaskStatus(TaskState.done)
