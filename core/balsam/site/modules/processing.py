@@ -114,6 +114,15 @@ HOOKS_STOP_LIMIT_SEC = 35.0
 #: and this long again to be gone: a hook may ignore SIGTERM, and a worker left running keeps its
 #: hook going beside the next agent's run of it, and the interpreter's exit waits for it.
 WORKER_END_GRACE_SEC = 2.0
+#: The launcher's reasons of the RUN_TIMEOUT jobs a cycle moves by the default handle_timeout are
+#: read from their events (the acquired jobs carry no ``state_data``), this many job ids per GET (a
+#: URL of a few kB)...
+TIMEOUT_REASON_IDS_PER_GET = 500
+#: ...newest RUN_TIMEOUT events first, up to this many pages per GET's ids (a job re-run many times
+#: has older RUN_TIMEOUT events; the jobs whose reason is still not found get the default message)...
+TIMEOUT_REASON_PAGES = 3
+#: ...with this many retries: the reason is worth one, not a cycle held through an API outage.
+TIMEOUT_REASON_RETRY_COUNT = 1
 
 
 #: The agent's end of the "agent alive" pipe, and the process it belongs to (see :func:`_agent_alive`).
@@ -673,9 +682,11 @@ class ProcessingModule(AgentModule):
     def _dispatch(self, jobs: list[dict], handed: set[int]) -> list[dict]:
         """Default hooks now (returned as updates), user hooks queued for the workers (their ids
         added to ``handed`` as they go; :meth:`_feed` hands them to a pool, and their results come
-        through :meth:`_harvest`). Apps are prefetched."""
+        through :meth:`_harvest`). Apps are prefetched. The RUN_TIMEOUT jobs that keep the default
+        handle_timeout get their launcher's reason in the message (:meth:`_timeout_reasons`)."""
         updates: list[dict] = []
         custom: dict[int, list[dict]] = {}
+        reasons = self._timeout_reasons(jobs)
         for job in jobs:
             state = JobState(job["state"])
             if state not in HOOK_FOR_STATE:
@@ -706,7 +717,8 @@ class ProcessingModule(AgentModule):
                 custom.setdefault(job["app_id"], []).append(job)
             else:
                 try:
-                    updates.append(default_update(job, info.python_app, self.data_path, self.tail_num_lines))
+                    updates.append(default_update(job, info.python_app, self.data_path, self.tail_num_lines,
+                                                  timeout_reason=reasons.get(job["id"])))
                 except Exception as exc:
                     self.logger.exception("job %s: default %s failed", job["id"], HOOK_FOR_STATE[state])
                     updates.append(
@@ -725,6 +737,48 @@ class ProcessingModule(AgentModule):
                     self.queued.setdefault(app_id, deque()).append(job)
                 handed.add(job["id"])
         return updates
+
+    def _timeout_reasons(self, jobs: list[dict]) -> dict[int, str]:
+        """The launcher's reason (``reason``, or the server's ``message`` for an expired session) of
+        the newest RUN_TIMEOUT event of each job of ``jobs`` in RUN_TIMEOUT whose app keeps the
+        default handle_timeout, for its RESTART_READY message. A few GETs per batch, never one per
+        job. Any failure: one warning and no reasons (the message has its default); the jobs are
+        never held for it."""
+        ids: list[int] = []
+        for job in jobs:
+            if job["state"] != JobState.run_timeout.value or workdir_problem(job.get("workdir")) is not None:
+                continue
+            info = self.apps.info(job["app_id"])  # prefetched: no request
+            if info.cls is not None and HOOK_FOR_STATE[JobState.run_timeout] not in info.hooks:
+                ids.append(job["id"])
+        reasons: dict[int, str] = {}
+        try:
+            for start in range(0, len(ids), TIMEOUT_REASON_IDS_PER_GET):
+                chunk = ids[start:start + TIMEOUT_REASON_IDS_PER_GET]
+                missing = set(chunk)
+                limit = 2 * len(chunk)
+                for page in range(TIMEOUT_REASON_PAGES):
+                    answer = self.client.get(
+                        "/events/",
+                        params={"job_id": ",".join(map(str, chunk)), "to_state": JobState.run_timeout.value,
+                                "ordering": "-timestamp", "limit": limit, "offset": page * limit},
+                        retry_count=TIMEOUT_REASON_RETRY_COUNT,
+                    )
+                    results = answer["results"]
+                    for event in results:
+                        if event["job_id"] in missing:
+                            missing.discard(event["job_id"])
+                            data = event.get("data")
+                            reason = (data.get("reason") or data.get("message")) if isinstance(data, dict) else None
+                            if reason:
+                                reasons[event["job_id"]] = str(reason)
+                    if not missing or len(results) < limit:
+                        break
+        except Exception as exc:
+            self.logger.warning("the launcher's reasons of %d RUN_TIMEOUT jobs could not be read (%s); their "
+                                "RESTART_READY message goes without them", len(ids), exc)
+            return {}
+        return reasons
 
     def close(self) -> None:
         began = time.monotonic()
