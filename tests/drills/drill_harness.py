@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
+import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "site"))
@@ -70,12 +71,25 @@ class DrillServer:
 
         def ready() -> bool:
             assert self.proc is not None and self.proc.poll() is None, f"server exited:\n{self.log_tail()}"
+            # Our process must hold the port: uvicorn fails to bind a moment after it starts, and
+            # another server on the port (the restart drills reuse it) would answer in its place.
+            if not self.listening():
+                return False
             try:
                 return httpx.get(f"{self.url}/auth/how", timeout=2).status_code == 200
             except httpx.HTTPError:
                 return False
 
         wait_for(ready, timeout=timeout, what="the server to answer", interval=0.2)
+
+    def listening(self) -> bool:
+        """Whether the server process itself listens on :attr:`port`."""
+        assert self.proc is not None
+        try:
+            connections = psutil.Process(self.proc.pid).net_connections(kind="inet")
+        except psutil.Error:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port for c in connections)
 
     def kill(self) -> None:
         """kill -9: no shutdown at all."""
