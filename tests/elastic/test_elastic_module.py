@@ -303,7 +303,7 @@ def test_requests_beyond_the_queue_limits_are_clamped_and_refused_ones_not_creat
     made = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
     assert [(b["num_nodes"], b["wall_time_min"], b["queue"]) for b in made] == [(1, 60, "local")]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "num_nodes 3 clamped to queue 'local''s max_nodes 1 (settings.yml scheduler.allowed_queues)" in warnings
+    assert "num_nodes 3 clamped to the max_nodes 1 of queue 'local' (settings.yml scheduler.allowed_queues)" in warnings
 
     caplog.clear()
     other = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, submit_queue="prod"), client)

@@ -276,7 +276,7 @@ def test_max_queued_jobs_is_capped_by_the_queue(make_site, client, caplog) -> No
                                                                            "max_queued_jobs": 2}}}})
     caplog.set_level(logging.INFO, logger=LOGGER)
     module = ElasticQueueModule(site, ElasticQueueOptions(use_backfill=False, max_queued_jobs=20), client)
-    assert "max_queued_jobs 20 capped to queue 'local''s max_queued_jobs 2" in caplog.text
+    assert "max_queued_jobs 20 capped to the max_queued_jobs 2 of queue 'local' (settings.yml scheduler.allowed_queues)" in caplog.text
     runnable_jobs(client, site, 5)
     for _ in range(4):
         module.run_cycle()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,25 @@ def test_a_named_cluster_is_asked_by_every_command(tmp_path):
     assert history.native_state.startswith("CANCELLED") and history.start_time is not None
     with pytest.raises(SchedulerError, match="cluster 'elsewhere'"):
         slurm.submit(_request(script, num_nodes=1, optional_params={"cluster": "elsewhere"}))
+
+
+def test_two_batch_jobs_get_disjoint_whole_nodes(slurm, tmp_path):
+    """On this cons_tres/CR_Core cluster, sbatch without --exclusive put two 2-node BatchJobs on
+    the same node[1-2] (each asks 1 CPU per node) while node3 and node4 stayed idle, and both
+    launchers ran whole-node jobs there. The driver asks for whole nodes by default."""
+    jobs = [slurm.submit(_request(_script(tmp_path, f"qlaunch0001{i}", "sleep 120"))) for i in (1, 2)]
+    try:
+        wait_for(lambda: all((s := slurm.get_statuses().get(j)) and s.state is BatchJobState.running for j in jobs),
+                 60, "both BatchJobs to run")
+        nodes = []
+        for jobid in jobs:
+            # --states: the fixture's SQUEUE_STATES=PD (a user's own filter) would hide running jobs
+            listed = subprocess.run(["squeue", "--noheader", "--states", "all", "--jobs", str(jobid), "--format", "%N"],
+                                    capture_output=True, text=True, check=True).stdout.strip()
+            names = subprocess.run(["scontrol", "show", "hostnames", listed], capture_output=True, text=True,
+                                   check=True).stdout.split()
+            nodes.append(set(names))
+        assert all(len(n) == 2 for n in nodes) and not nodes[0] & nodes[1], nodes
+    finally:
+        for jobid in jobs:
+            slurm.delete_job(jobid)

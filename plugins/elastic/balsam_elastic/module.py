@@ -72,6 +72,14 @@ LAUNCHED_STATES = (BatchJobState.queued.value, BatchJobState.running.value)
 #: status_info key stamped beside REQUEST_KIND: when the module created the BatchJob (ISO 8601, UTC),
 #: from which a request held back in pending_submission is timed.
 CREATED_AT = "elastic_created"
+#: What to do about a BatchJob the scheduler refused for good. A SchedulerError says only whether a
+#: refusal is for good (``permanent``), not why: a queue the scheduler does not have (Slurm's "Invalid
+#: partition name specified") and a size or time limit (QOSMaxNodePerJobLimit) look alike here, and
+#: this module does not read any scheduler's wording. The scheduler's words, quoted before, tell which.
+REFUSAL_ADVICE = ("If the scheduler does not know the queue, or the project may not use it: check elastic_queue."
+                  "submit_queue and submit_project (and the queues of settings.yml scheduler.allowed_queues). If the "
+                  "request exceeds a limit: make elastic_queue.max_num_nodes and max_wall_time_min (or the strategy's "
+                  "block) fit the scheduler's limits. Then restart the agent")
 #: How far back a refusal of the scheduler holds back requests as large (minutes): its own
 #: submit_failed BatchJobs refused since the module started and at most this long ago count.
 REFUSAL_MEMORY_MIN = 24 * 60
@@ -119,11 +127,11 @@ class ElasticQueueModule(AgentModule):
         #: Clamp and refusal messages already logged: each is logged once, not every cycle.
         self._reported: set[tuple[bool, str]] = set()
         queue_cap = self.queue_limit("max_queued_jobs") or 0  # 0: the queue sets no limit
-        if 0 < queue_cap < options.max_queued_jobs:
+        capped = options.queue_cap_warning(queue_cap)
+        if capped:
             # More would wait in pending_submission (the scheduler module holds them back), reserving
             # nodes that are not coming and never cancelled as stale.
-            self.logger.warning("max_queued_jobs %d capped to queue %r's max_queued_jobs %d (settings.yml "
-                                "scheduler.allowed_queues)", options.max_queued_jobs, options.submit_queue, queue_cap)
+            self.logger.warning("%s", capped)
             options = attrs.evolve(options, max_queued_jobs=queue_cap)
         self.strategy = load_strategy(options)
         for key, text in options.warnings().items():  # once, at load (keys the strategy does not read)
@@ -549,9 +557,7 @@ class ElasticQueueModule(AgentModule):
                 f"BatchJob {b.id} ({b.num_nodes} nodes x {b.wall_time_min} min in queue {queue!r}, project "
                 f"{b.project!r}) was refused by the scheduler: {b.never_starts}. No BatchJob at least as large is "
                 f"requested for this project and queue while the agent runs (for {REFUSAL_MEMORY_MIN // 60} h at "
-                f"most); smaller ones still are. Make elastic_queue.max_num_nodes and max_wall_time_min (or the "
-                f"strategy's block) fit the scheduler's limits, or check the project may use the queue, then "
-                f"restart the agent", error=True)
+                f"most); smaller ones still are. {REFUSAL_ADVICE}", error=True)
 
     def held_note(self, snapshot: Snapshot) -> str:
         """For the cycle's INFO line: the BatchJobs the scheduler module holds back in
@@ -583,7 +589,7 @@ class ElasticQueueModule(AgentModule):
             for field, limit_name in (("num_nodes", "max_nodes"), ("wall_time_min", "max_walltime")):
                 limit = int(limits[limit_name] if isinstance(limits, Mapping) else getattr(limits, limit_name))
                 if body[field] > limit:
-                    self._report_once(f"{field} {body[field]} clamped to queue {body['queue']!r}'s {limit_name} {limit} "
+                    self._report_once(f"{field} {body[field]} clamped to the {limit_name} {limit} of queue {body['queue']!r} "
                                       f"(settings.yml scheduler.allowed_queues)")
                     body[field] = limit
         try:

@@ -21,7 +21,9 @@ __all__ = ["ElasticQueueOptions", "check_option_types"]
 JOB_MODES = ("mpi", "serial")
 
 
-@attrs.frozen
+# Not slotted: validate_with keeps what it found in the other sections for warnings() (an attribute
+# that is no option: not a key of settings.yml, nor compared, nor written out).
+@attrs.frozen(slots=False)
 class ElasticQueueOptions:
     service_period: int = option(60, "Seconds between two elastic-queue cycles.")
     strategy: str = option(
@@ -107,6 +109,15 @@ class ElasticQueueOptions:
         requests fitted to backfill windows (``Strategy.window_only_keys``)."""
         return self._strategy_ignored() + self._window_only_ignored()
 
+    def queue_cap_warning(self, queue_max_queued_jobs: Any) -> str:
+        """What the module says at start (and caps) when ``max_queued_jobs`` exceeds the submit
+        queue's ``max_queued_jobs`` in ``scheduler.allowed_queues`` (None or 0: no limit), else ""."""
+        cap = int(queue_max_queued_jobs or 0)
+        if not 0 < cap < self.max_queued_jobs:
+            return ""
+        return (f"max_queued_jobs {self.max_queued_jobs} capped to the max_queued_jobs {cap} of queue "
+                f"{self.submit_queue!r} (settings.yml scheduler.allowed_queues)")
+
     def _changed(self, keys: Any) -> list[str]:
         defaults = {f.name: f.default for f in attrs.fields(type(self))}
         return [key for key in STRATEGY_SECTION_KEYS if key in keys and getattr(self, key) != defaults[key]]
@@ -134,7 +145,8 @@ class ElasticQueueOptions:
     def warnings(self) -> dict[str, str]:
         """Keys that pass every check but do nothing as set (the settings loader locates them and
         ``balsam site check-settings`` prints them; the module logs them once when it starts)."""
-        found: dict[str, str] = {}
+        # Found by validate_with in the scheduler section (warnings() is not given the other sections).
+        found: dict[str, str] = dict(getattr(self, "_cross_section_warnings", {}))
         ignored = self._strategy_ignored()
         if ignored:
             shown = ", ".join(f"{key}: {_yaml_value(getattr(self, key))}" for key in ignored)
@@ -168,20 +180,29 @@ class ElasticQueueOptions:
         if scheduler is None:
             return {}
         problems: dict[str, str] = {}
+        warnings: dict[str, str] = {}
+        object.__setattr__(self, "_cross_section_warnings", warnings)
         queues = dict(getattr(scheduler, "allowed_queues", None) or {})
         if self.submit_queue not in queues:
             problems["submit_queue"] = (f"queue {self.submit_queue!r} is not in the scheduler section's allowed_queues "
                                         f"({', '.join(sorted(queues)) or 'none'})")
         limits = queues.get(self.submit_queue)
+
+        def limit(name: str) -> Any:
+            return limits.get(name) if isinstance(limits, dict) else getattr(limits, name, None)
+
         if limits is not None:
+            # The module caps it and says so when it starts; check-settings says it too, as it says of
+            # other keys set away from their defaults that do not do what they say (left at its
+            # default, the key is not in the file: the queue's limit is simply the one in effect).
+            capped = self.queue_cap_warning(limit("max_queued_jobs"))
+            if capped and self.max_queued_jobs != attrs.fields(type(self)).max_queued_jobs.default:
+                warnings["max_queued_jobs"] = capped
             try:
                 strategy = load_strategy(self)
             except (StrategyError, TypeError, ValueError):
                 strategy = None  # validate() reports it
             if strategy is not None:
-                def limit(name: str) -> Any:
-                    return limits.get(name) if isinstance(limits, dict) else getattr(limits, name, None)
-
                 problem = strategy.queue_problem(self.submit_queue, limit("max_nodes"), limit("max_walltime"))
                 if problem:
                     # On strategy_options' line: the loader resolves a cross-section key one level deep.

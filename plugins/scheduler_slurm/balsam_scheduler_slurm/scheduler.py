@@ -86,6 +86,11 @@ PASS_THROUGH_FLAGS: dict[str, str] = {
 PASS_THROUGH_SWITCHES: dict[str, str] = {"exclusive": "--exclusive", "requeue": "--requeue", "no_requeue": "--no-requeue"}
 #: ``-x sbatch_flags="--foo=1 --bar"`` is split like a shell line and appended as is.
 RAW_FLAGS_PARAM = "sbatch_flags"
+#: The ``-x exclusive=...`` values that turn the ``exclusive`` option's --exclusive off for one BatchJob.
+_FALSE_WORDS = ("0", "no", "false", "off")
+#: sbatch flags by which a BatchJob's own flags choose how its nodes are shared: the driver then
+#: adds no --exclusive of its own (``--exclusive=user`` and ``--oversubscribe`` say something else).
+_SHARING_FLAG = re.compile(r"--exclusive(=.*)?|--oversubscribe|-s|--share")
 
 SQUEUE_FIELDS = ("jobid", "state", "partition", "nodes", "timelimit", "account", "timeleft", "submit", "start", "end", "reason")
 SQUEUE_FORMAT = "|".join(("%i", "%T", "%P", "%D", "%l", "%a", "%L", "%V", "%S", "%e", "%r"))
@@ -331,6 +336,13 @@ class SlurmOptions:
         "scancel and sacct then ask all of them.",
         factory=list,
     )
+    exclusive: bool = option(
+        True,
+        "Ask sbatch for whole nodes (--exclusive). A launcher places jobs on every core and GPU of its "
+        "allocation's nodes: on a partition that shares nodes between jobs (SelectType cons_tres, "
+        "OverSubscribe), two BatchJobs got the same nodes while others stayed idle. false: at a site that "
+        "sells parts of nodes (a shared QOS or partition); one BatchJob turns it off with -x exclusive=no.",
+    )
 
     def validate(self) -> dict[str, str]:
         """Checked by the settings loader (``settings.yml:LINE scheduler.options.clusters: ...``)
@@ -397,9 +409,17 @@ class SlurmScheduler(Scheduler):
         cluster = self.submit_cluster(request.optional_params)
         if cluster:
             args.append(f"--clusters={cluster}")
-        args += self.pass_through_args({k: v for k, v in request.optional_params.items() if k != CLUSTER_PARAM})
+        passed = self.pass_through_args({k: v for k, v in request.optional_params.items() if k != CLUSTER_PARAM})
+        if self.wants_whole_nodes(request.optional_params) and not any(_SHARING_FLAG.fullmatch(a) for a in passed):
+            args.append("--exclusive")
+        args += passed
         args.append(str(script))
         return Command(args, env=PLAIN_ENV, cwd=script.parent, unset_env=("SLURM_CLUSTERS",))
+
+    def wants_whole_nodes(self, optional_params: Mapping[str, str]) -> bool:
+        """The ``exclusive`` option, unless the BatchJob says ``-x exclusive=no`` (the BatchJob's
+        ``-x exclusive=yes`` or its own sharing flags are passed through as they are)."""
+        return self.options.exclusive and str(optional_params.get("exclusive", "")).strip().lower() not in _FALSE_WORDS
 
     def submit_cluster(self, optional_params: Mapping[str, str]) -> str:
         """The cluster a job goes to: the BatchJob's ``cluster`` param, else the first of the
