@@ -2,10 +2,106 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import re
+import socket
 import sys
+from typing import Optional
+from urllib.parse import urlsplit
 
 import click
+
+#: Where docs/server.md says what a cluster's compute nodes need instead of the embedded server.
+SHARED_SERVER_DOCS = "docs/server.md#shared-deployment-on-postgresql"
+
+
+def reachable_from_this_host_only(api_root: str) -> bool:
+    """Whether ``api_root`` names a server that only processes on its own host can reach: the
+    embedded server's unix:// socket, or a loopback address (an SSH tunnel's localhost)."""
+    from balsam.client.transport import is_loopback_host, is_unix
+
+    if is_unix(api_root):
+        return True
+    try:
+        return is_loopback_host(urlsplit(api_root).hostname or "")
+    except ValueError:
+        return False
+
+
+def _api_root() -> Optional[str]:
+    """The api root of the login this launcher uses ($BALSAM_CLIENT_PATH: its BatchJob's credential
+    where the agent wrote one), None if unreadable."""
+    from balsam.client import ClientSettings
+
+    try:
+        return ClientSettings.load().api_root
+    except Exception:
+        return None
+
+
+def _backoff() -> tuple[float, float]:
+    """The client's backoff base and cap (seconds)."""
+    from balsam.client import RESTClient
+
+    defaults = RESTClient.__init__.__kwdefaults__ or {}
+    return float(defaults.get("backoff_base", 0.5)), float(defaults.get("backoff_max", 30.0))
+
+
+class _RetryNotice(logging.Filter):
+    """The client logs one WARNING per retry of a request the server did not answer: a launcher
+    that cannot reach its server printed ten lines over minutes, none saying for how long it would
+    go on. The first failure of a call (its shortest backoff) now logs one WARNING naming the server
+    and the retry budget; the later retries of that call are logged at INFO (the log file)."""
+
+    def _budget(self) -> tuple[str, int, float]:
+        from balsam.client import ClientSettings
+
+        try:
+            settings = ClientSettings.load()
+            api_root, retries, timeout = settings.api_root, settings.retry_count, settings.connect_timeout
+        except Exception:
+            api_root, retries, timeout = "?", 10, 6.2
+        # Backoffs (with their jitter of up to a quarter) plus one connect timeout per attempt.
+        base, cap = _backoff()
+        waits = sum(min(cap, base * 2**i) * 1.25 for i in range(retries))
+        return api_root, retries, waits + (retries + 1) * timeout
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if "retrying in" not in str(record.msg) or len(args) != 4 or not isinstance(args[-1], (int, float)):
+            return True
+        if args[-1] > _backoff()[0] * 1.25:  # a later attempt of a call already announced
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            return True
+        said = (str(record.msg) % args).split("; retrying in", 1)[0]  # "POST /sessions/: LocalTransportError"
+        api_root, retries, seconds = self._budget()
+        record.msg = ("%s from the Balsam server at %s; retrying up to %d times over up to about %d min before "
+                      "giving up (further retries are logged at INFO)")
+        record.args = (said, api_root, retries, max(1, math.ceil(seconds / 60)))
+        return True
+
+
+def unreachable_server_line(exc: BaseException) -> str:
+    """One line for a launcher that gave up on its server: where it runs, the server, why, and for
+    an address only the server's own host can reach, what compute nodes need instead."""
+    from balsam.client.transport import is_unix, unix_socket_path
+
+    api_root = _api_root() or "?"
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # The client's message starts with the request ("POST unix:///.../sessions/: ...") and ends
+    # with a hint for a server on this machine ("is it running? `balsam server status`"), which
+    # misleads on a compute node.
+    cause = re.sub(r"^[A-Z]+ \S+: ", "", cause)
+    cause = re.sub(r"\s*\(is it running\? `balsam server status`\)$", "", cause)
+    if is_unix(api_root) and not unix_socket_path(api_root).parent.exists():
+        cause = f"{unix_socket_path(api_root).parent} does not exist on this host"
+    line = f"the launcher on {socket.gethostname()} cannot reach the Balsam server at {api_root}: {cause}"
+    if api_root != "?" and reachable_from_this_host_only(api_root):
+        line += (" (a unix:// socket or loopback address is reachable only on the server's own host; compute "
+                 f"nodes need a server they can reach: see {SHARED_SERVER_DOCS})")
+    return line
 
 
 @click.command("launcher")
@@ -19,12 +115,24 @@ def launcher_command(job_mode: str, wall_time_min: float, tags: tuple, parts: tu
     """Run the site's runnable jobs on this allocation's nodes until wall time or idle timeout."""
     from balsam.launcher.entry import LauncherError, run_launcher
 
+    rest_logger = logging.getLogger("balsam.client.rest")
+    if not any(isinstance(f, _RetryNotice) for f in rest_logger.filters):  # once per process
+        rest_logger.addFilter(_RetryNotice())
     try:
         code = run_launcher(job_mode, wall_time_min, tags, parts, site_path=site_path, partition_index=partition_index)
     except LauncherError as exc:
         if os.environ.get("BALSAM_CLI_TRACEBACK") == "1":
             raise
         click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        # Imported only now: run_launcher imports the client after taking the start time.
+        from balsam.client import ServerUnavailable, TransportRefused
+
+        # The retries are spent (a server restart is ridden out): one line, not a traceback.
+        if not isinstance(exc, (ServerUnavailable, TransportRefused)) or os.environ.get("BALSAM_CLI_TRACEBACK") == "1":
+            raise
+        click.echo(f"Error: {unreachable_server_line(exc)}", err=True)
         sys.exit(1)
     sys.exit(code)
 

@@ -81,7 +81,8 @@ def submit(num_nodes: int, wall_time_min: int, queue_name: str, project: str, jo
         raise click.ClickException(f"Refused by site {site.name}: {exc}{hint}") from None
     batch_job.save()
     click.echo(yaml.safe_dump(batch_job.display_dict(), sort_keys=False), nl=False)
-    for warning in authorization_warnings(site) + filter_tags_warnings(site, batch_job.filter_tags or {}):
+    warnings = authorization_warnings(site) + filter_tags_warnings(site, batch_job.filter_tags or {})
+    for warning in warnings + server_address_warnings(site):
         click.echo(f"Warning: {warning}", err=True)
 
 
@@ -106,6 +107,30 @@ def filter_tags_warnings(site: Any, batch_job_tags: dict) -> list[str]:
     flags = " ".join(f"--tag {k}={v}" for k, v in sorted(site_tags.items()))
     return [f"this BatchJob's filter_tags {show(batch_job_tags)} do not include site {site.name}'s filter_tags "
             f"{show(site_tags)}: its agent will not submit it (it stays pending_submission). Submit with {flags}"]
+
+
+def server_address_warnings(site: Any) -> list[str]:
+    """A launcher reaches the server at the api root of the agent's login (its BatchJob credential
+    copies it): a unix:// socket or loopback address works for the local scheduler's launchers,
+    which run on this host, but not from a batch scheduler's compute nodes, where the launcher
+    would retry for minutes and fail. Said when the site's settings.yml can be read here."""
+    from balsam.api import get_default_client
+    from balsam.config.settings import SettingsError, load_settings
+
+    from .launcher import SHARED_SERVER_DOCS, reachable_from_this_host_only
+
+    path = Path(str(site.path)) / "settings.yml"
+    try:
+        if not path.is_file():
+            return []
+        scheduler = load_settings(path, only=("scheduler",), log_warnings=False).scheduler.name
+    except (OSError, SettingsError, AttributeError):
+        return []
+    api_root = str(getattr(get_default_client(), "api_root", "") or "")
+    if scheduler == "local" or not api_root or not reachable_from_this_host_only(api_root):
+        return []
+    return [f"site {site.name}'s scheduler is {scheduler}, but its launchers will use the server at {api_root}, which "
+            f"only this host can reach: from a compute node the launcher cannot reach it (see {SHARED_SERVER_DOCS})"]
 
 
 #: A site whose agent has not refreshed its record for this long has no agent running (0.7's "active").

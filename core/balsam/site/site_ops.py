@@ -82,6 +82,27 @@ def scheduler_site_defaults(scheduler_cls: Any) -> dict[str, Any]:
     return values
 
 
+#: The queue limits where the scheduler's word and a platform's hard-coded defaults are both taken
+#: at their stricter value.
+QUEUE_LIMITS = ("max_nodes", "max_walltime", "max_queued_jobs")
+
+
+def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str, Any]) -> dict[str, Any]:
+    """A platform's ``allowed_queues`` where, for each queue the scheduler also reported, every
+    limit both give is the smaller one: the live server knows today's limits (a debug queue cut to
+    one queued job), the platform what the machine's documentation says, and a site set above either
+    has BatchJobs refused. A queue only the platform names stays (discovery may be partial)."""
+    merged = copy.deepcopy(dict(platform_queues))
+    for name, limits in merged.items():
+        seen = discovered.get(name)
+        if not isinstance(limits, dict) or not isinstance(seen, dict):
+            continue
+        for key in QUEUE_LIMITS:
+            if isinstance(limits.get(key), int) and isinstance(seen.get(key), int):
+                limits[key] = min(limits[key], seen[key])
+    return merged
+
+
 def platform_projects(platform_name: str) -> list[str]:
     """The projects a platform proposes for a new site (its ``settings_defaults()``), or none."""
     from ..plugins.manager import get_plugin_manager
@@ -188,6 +209,10 @@ def init_site(
     # says this user has win over it, and it is used only when they cannot be listed. (It used to
     # win, so a Theta user of another project had every BatchJob refused by the agent.)
     placeholder = list(platform_defaults.get("scheduler", {}).pop("allowed_projects", None) or [])
+    platform_queues = (platform_defaults.get("scheduler") or {}).get("allowed_queues")
+    if platform_queues:
+        platform_defaults["scheduler"]["allowed_queues"] = stricter_queue_limits(
+            (overrides.get("scheduler") or {}).get("allowed_queues") or {}, platform_queues)
     overrides = deep_merge(overrides, platform_defaults)
     if projects:
         overrides = deep_merge(overrides, {"scheduler": {"allowed_projects": list(projects)}})

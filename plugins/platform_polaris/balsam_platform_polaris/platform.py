@@ -33,17 +33,20 @@ import attrs
 from balsam.options import option
 from balsam.platform import (
     PALS_RESERVED_OPTIONS,
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, file_mtime, first_launch_param,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, file_mtime, first_launch_param, format_id_ranges,
     gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
     leading_job_number, near_cpus_of, nvidia_smi_list, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list,
     pick_cpu_binding, read_fresh_gpu_list,
 )
+from balsam.util import first_warning
 
 logger = logging.getLogger("balsam.platform.polaris")
 
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
 #: ``{"d": "8"}`` is ``-d 8`` too (see ``launch_option``): it replaces the computed depth, never a second ``-d``.
 DEPTH_KEYS = ("depth", "d", "-d", "--depth")
+#: PALS bindings that number a node's cores from core 0 whatever cores the launcher assigned the job.
+RELATIVE_BINDINGS = ("depth", "core")
 #: mpiexec options the line sets from balsam's placement (PALS's map, kept in balsam.platform: any
 #: spelling of a launch_params key) -> the option of the line: a launch param naming one is not
 #: passed (warned once per app and key), since the ranks would not run where balsam placed them.
@@ -158,6 +161,7 @@ class PolarisPlatform(Platform):
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
         bind = self.cpu_binding(spec)
+        self._warn_relative_binding_on_a_shared_node(spec, bind)
         depth = first_launch_param(params, DEPTH_KEYS)
         if depth is None:
             # 0.7: the depth is the threads per rank, or the cores per rank with --cpu-bind core.
@@ -172,6 +176,21 @@ class PolarisPlatform(Platform):
         ]
         passed = launch_params_to_pass(spec, args, RESERVED_OPTIONS, params=params)
         return args + launch_param_args(passed, skip=CPU_BIND_KEYS + DEPTH_KEYS)
+
+    def _warn_relative_binding_on_a_shared_node(self, spec: LaunchSpec, bind: str) -> None:
+        """A job given part of a node (node packing) is bound to the cores it was assigned only by
+        the computed ``list:...``: PALS lays ``depth`` and ``core`` out from core 0, so two jobs
+        packed on cores 0-15 and 16-31 with ``--cpu-bind depth -d 8`` both run on cores 0-15."""
+        assigned = set(spec.cpu_ids[0]) if spec.cpu_ids else set()
+        if bind.split(":", 1)[0].strip().lower() not in RELATIVE_BINDINGS or not assigned:
+            return
+        if assigned >= set(self.cpu_ids) or not first_warning((spec.app_id, "relative cpu-bind on a shared node")):
+            return
+        of = "" if spec.job_id is None else f" of job {spec.job_id}"
+        logger.warning("--cpu-bind %s%s (app %s) on a node it may share: PALS binds its ranks from core 0, not to "
+                       "the cores balsam assigned it (%s), so jobs packed on the node overlap; leave cpu-bind "
+                       "unset for a list:... of its own cores (warned once per app)",
+                       bind, of, spec.app_id, format_id_ranges(sorted(assigned)))
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         # The computed default binding (list:<every core>) would leave out the second hardware

@@ -79,8 +79,19 @@ MAX_REASON_CHARS = 300
 CLOCK_SLACK_SEC = 120
 USER_FORMAT_VARIABLES = ("PBS_QSTAT_HEADER", "QSTAT_HEADER", "PBS_QSTAT_NO_HEADER", "PBS_QSTAT_FMT")
 
-_CONNECTION_TROUBLE = ("cannot connect", "connection refused", "end of file", "timed out", "try again",
-                       "communication failure", "server not available", "pbs_server", "temporarily")
+#: What the server itself answers when it refuses a job (its hooks, queues, limits, permissions):
+#: a verdict, permanent whatever words it contains -- a hook's "Please try again with a valid
+#: project" or "temporarily unavailable" is not connection trouble, and resubmitting the same job
+#: gets the same answer.
+_SERVER_ANSWER = re.compile(
+    r"rejected by server hook|rejected by all possible destinations|unknown queue|violates queue"
+    r"|exceeds queue|would exceed .*limit|maximum number of jobs|unauthorized request|illegal attribute"
+    r"|unknown resource|queue is not enabled|not allowed|bad uid|invalid", re.IGNORECASE)
+#: A qsub that never got an answer from the server: it could not connect (no server, pbs_iff
+#: failing to authenticate, a PBS connection errno 150xx) or the connection broke or timed out.
+_CONNECTION_TROUBLE = re.compile(
+    r"cannot connect|connection refused|end of file|pbs_iff|errno\s*=?\s*150\d\d|timed out"
+    r"|communication failure|server not available", re.IGNORECASE)
 
 #: qsub's refusals by a queued-jobs limit (max_queued, queued_jobs_threshold and their _res forms, on a
 #: queue or the server, per user, group or project, or overall), as OpenPBS's entity-limit tests
@@ -312,6 +323,16 @@ def job_project(job: dict[str, Any]) -> str:
     return "" if project == DEFAULT_PBS_PROJECT else project
 
 
+def select_node_count(select: str) -> int:
+    """Nodes of a ``select`` spec without ``nodect``: the sum of each ``+`` chunk's leading count
+    (``1:ncpus=64+2:ncpus=32`` -> 3); a chunk without one asks for one node."""
+    total = 0
+    for chunk in select.split("+"):
+        match = re.match(r"\s*(\d+)\s*(:|$)", chunk)
+        total += int(match.group(1)) if match else 1
+    return total
+
+
 def _owner(job: dict[str, Any]) -> str:
     """The user name of a job's ``Job_Owner`` (``alice@login-host``)."""
     return str(job.get("Job_Owner", "")).split("@", 1)[0]
@@ -377,8 +398,8 @@ class PBSScheduler(Scheduler):
 
     def parse_submit(self, result: CommandResult) -> int:
         if result.returncode != 0:
-            said = (result.stderr + result.stdout).lower()
-            transient = any(t in said for t in _CONNECTION_TROUBLE)
+            said = result.stderr + result.stdout
+            transient = _SERVER_ANSWER.search(said) is None and _CONNECTION_TROUBLE.search(said) is not None
             raise SchedulerError(f"qsub refused the job: {_pbs_error(result)}", permanent=not transient,
                                  at_queue_limit=_QUEUED_LIMIT.search(result.stderr + result.stdout) is not None,
                                  per_user_limit=_is_per_user_limit(result.stderr + result.stdout))
@@ -449,7 +470,7 @@ class PBSScheduler(Scheduler):
         walltime = pbs_duration_min(resources_.get("walltime", "0"))
         nodes = resources_.get("nodect")
         if nodes is None:
-            nodes = str(resources_.get("select", "1")).split(":", 1)[0]
+            nodes = select_node_count(str(resources_.get("select", "1")))
         qtime, stime = parse_pbs_time(job.get("qtime") or job.get("ctime")), parse_pbs_time(job.get("stime"))
         if state is Q:
             remaining, queued = walltime, _minutes_between(qtime, now)

@@ -1,0 +1,68 @@
+"""A launcher whose server cannot be reached (the login node's unix socket seen from a compute node,
+a server that is down) says so in one line after its retries, not in a traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_launcher(tmp_path: Path, api_root: str) -> subprocess.CompletedProcess:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / ".balsam-site").write_text("7\n")
+    settings = {"launcher": {"platform": "default"}, "scheduler": {"name": "local"}}
+    (site / "settings.yml").write_text(yaml.safe_dump(settings))
+    client = tmp_path / "client.yml"
+    # One retry: the retry budget is the client file's, as a launcher credential's would be.
+    client.write_text(yaml.safe_dump({"api_root": api_root, "token": "t", "username": "u", "retry_count": 1}))
+    client.chmod(0o600)
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"], "BALSAM_HOME": str(tmp_path / "balsam-home"),
+           "BALSAM_CLIENT_PATH": str(client), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "balsam.launcher", "-j", "mpi", "-t", "1", "--site", str(site)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert line.startswith(f"Error: the launcher on {socket.gethostname()} cannot reach the Balsam server at ")
+    return line
+
+
+def test_socket_nobody_listens_on(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    api_root = f"unix://{run}/balsam.sock"
+    proc = _run_launcher(tmp_path, api_root)
+    line = _error_line(proc)
+    assert api_root in line and "compute nodes need a server they can reach" in line
+    assert "docs/server.md#shared-deployment-on-postgresql" in line
+    # The first failed attempt says what is retried and for how long, once.
+    (warning,) = [ln for ln in proc.stderr.splitlines() if "retrying" in ln]
+    assert warning.startswith("WARNING") and api_root in warning and "retrying up to 1 times" in warning
+
+
+def test_socket_directory_missing_on_this_host(tmp_path: Path) -> None:
+    line = _error_line(_run_launcher(tmp_path, f"unix://{tmp_path}/nonexistent/balsam.sock"))
+    assert f"{tmp_path}/nonexistent does not exist on this host" in line
+    assert "local Balsam server is not running" not in line
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_loopback_address_gets_the_hint(tmp_path: Path, host: str) -> None:
+    line = _error_line(_run_launcher(tmp_path, f"http://{host}:{_closed_port()}"))
+    assert "compute nodes need a server they can reach" in line
