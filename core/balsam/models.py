@@ -194,6 +194,12 @@ def workdir_problem(workdir: Any) -> Optional[str]:
     return None
 
 
+def site_path_problem(path: Any) -> Optional[str]:
+    """Why ``path`` cannot be a site's path, or None: the site's directory on its host, absolute
+    (the API checks it; the Python API checks it too when the field is set)."""
+    return None if str(path).startswith("/") else f"must be an absolute path, got {str(path)!r}"
+
+
 def job_workdir(data_path: "Path | str", workdir: Any) -> Path:
     """``data_path / workdir``, checked again where jobs run (the API refuses bad workdirs, but a
     launcher must not trust that): raises ValueError if it would leave ``data_path``."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import numbers
+import operator
 import reprlib
 import typing
 from pathlib import Path
@@ -113,7 +115,10 @@ def _strict(kind: type, name: str):
     def check(value: Any, _type: type) -> Any:
         if isinstance(_type, type) and issubclass(_type, enum.Enum):
             return _structure_enum(value, _type)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value) is not float:
+            # An int, or a number of another type (numpy's float32, int64: libEnsemble and
+            # DeepHyper take counts and fractions out of arrays; Balsam 0.7 took them): stored
+            # as a plain float, which JSON encodes.
             return float(value)
         if kind is int and isinstance(value, float) and value.is_integer():
             return _int64(int(value), value)
@@ -122,6 +127,13 @@ def _strict(kind: type, name: str):
             # on converted digits, whose own message would be the answer.
             digits = value.strip().lstrip("-").lstrip("0")
             return _int64(int(value) if len(digits) <= 20 else 2**63, value)
+        if kind is int and type(value) is not int and not isinstance(value, bool) and hasattr(type(value), "__index__"):
+            # An integer of another type (numpy's int64 ...), taken as Balsam 0.7 took it and
+            # stored as a plain int. numpy's bool has no __index__: it stays refused, as bool is.
+            try:
+                return _int64(operator.index(value), value)
+            except TypeError:
+                raise ValueError(f"expected {name}, got {show(value)}") from None
         if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
             raise ValueError(f"expected {name}, got {show(value)}")
         return value

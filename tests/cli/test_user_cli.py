@@ -128,7 +128,7 @@ def test_app_ls_and_rm(apps, site):
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
     assert lines[0].split() == ["ID", "Name", "Site", "Params"]
-    assert {l.split()[1] for l in lines[2:]} == {"Hello", "Adder"} and all(l.split()[2] == "site-a" for l in lines[2:])
+    assert {l.split()[1] for l in lines[1:]} == {"Hello", "Adder"} and all(l.split()[2] == "site-a" for l in lines[1:])
     verbose = balsam("app", "ls", "--site", str(site.id), "-v").output
     assert "source_code" in verbose and "chars)" in verbose and "----" in verbose
     assert balsam("app", "rm", "--all").exit_code != 0  # --all needs --site
@@ -190,10 +190,10 @@ def test_job_ls_modify_rm(apps, site):
     out = balsam("job", "ls", "--site", "all")
     lines = out.output.splitlines()
     assert lines[0].split() == ["ID", "Site", "App", "Workdir", "State", "Tags"]
-    assert len(lines) == 7 and "STAGED_IN" in lines[2] and "grp=a" in lines[2]
+    assert len(lines) == 6 and "STAGED_IN" in lines[1] and "grp=a" in lines[1]
     # inside the site directory, no --site is needed
     os.chdir(site.path)
-    assert len(balsam("job", "ls", "-t", "grp=b").output.splitlines()) == 4
+    assert len(balsam("job", "ls", "-t", "grp=b").output.splitlines()) == 3
     by_state = balsam("job", "ls", "--by-state").output
     assert "STAGED_IN" in by_state and "Total: 5" in by_state
     assert "FAILED" not in by_state
@@ -285,7 +285,7 @@ def test_a_wrong_site_path_is_an_error_not_the_active_sites(apps, site, tmp_path
     assert out.exit_code == 2 and "expected the site id (an integer), got 'not-an-id'" in out.output, out.output
     assert Job.objects.count() == 3
     os.chdir(tmp_path)  # neither set nor inside a site: the active sites, as before
-    assert len(balsam("job", "ls").output.splitlines()) == 5
+    assert len(balsam("job", "ls").output.splitlines()) == 4
 
 
 def test_job_ids_with_an_explicit_site_stay_at_that_site(apps, site, tmp_path):
@@ -304,7 +304,7 @@ def test_job_ids_with_an_explicit_site_stay_at_that_site(apps, site, tmp_path):
     ids = ["--id", str(here.id), "--id", str(there.id)]
     os.chdir(site.path)
     # Without --site, ids are looked up at every site (no default restriction to the site you are in).
-    assert len(balsam("job", "ls", "--id", str(there.id)).output.splitlines()) == 3
+    assert len(balsam("job", "ls", "--id", str(there.id)).output.splitlines()) == 2
     out = balsam("job", "rm", *ids, "--site", "site-b", "-y")  # it deleted both
     assert "Deleted 1 job(s)" in out.output, out.output
     assert [j.id for j in Job.objects.all()] == [here.id]
@@ -318,7 +318,7 @@ def test_job_ids_with_an_explicit_site_stay_at_that_site(apps, site, tmp_path):
 
 def test_app_ls_and_rm_take_0_7s_short_site_flag(apps, site):
     out = balsam("app", "ls", "-s", "all")
-    assert out.exit_code == 0 and {l.split()[1] for l in out.output.splitlines()[2:]} == {"Hello", "Adder"}
+    assert out.exit_code == 0 and {l.split()[1] for l in out.output.splitlines()[1:]} == {"Hello", "Adder"}
     out = balsam("app", "rm", "-n", "Adder", "-s", str(site.id), "-y")
     assert out.exit_code == 0 and "Deleted App Adder" in out.output, out.output
 
@@ -359,7 +359,7 @@ def test_queue_submit_validates_and_ls_term(site):
     assert BatchJob.objects.count() == 1
 
     table = balsam("queue", "ls").output.splitlines()
-    assert table[0].split()[:4] == ["id", "site", "scheduler_id", "state"] and "pending_submission" in table[2]
+    assert table[0].split()[:4] == ["id", "site", "scheduler_id", "state"] and "pending_submission" in table[1]
     bj.state = "queued"
     bj.scheduler_id = 777
     bj.save()
@@ -430,12 +430,12 @@ def test_queue_ls_shows_why_a_batch_job_waits(site):
                                 "wall_time_min", "job_mode", "reason"]
     row = next(line for line in table if "4242" in line)
     assert row.split()[3] == "queued" and row.endswith("PartitionNodeLimit")
-    quiet_row = next(line for line in table[2:] if line.split()[0] == str(quiet.id))
+    quiet_row = next(line for line in table[1:] if line.split()[0] == str(quiet.id))
     assert quiet_row.rstrip().endswith("mpi")  # no reason: empty cell
-    assert all(str(refused.id) != line.split()[0] for line in table[2:])  # finished ones only with --history
+    assert all(str(refused.id) != line.split()[0] for line in table[1:])  # finished ones only with --history
 
     history = balsam("queue", "ls", "--history").output.splitlines()
-    refused_row = next(line for line in history[2:] if line.split()[0] == str(refused.id))
+    refused_row = next(line for line in history[1:] if line.split()[0] == str(refused.id))
     assert "submit failed: sbatch refused the job: invalid" in refused_row and refused_row.endswith("...")
     verbose = balsam("queue", "ls", "-v", "--scheduler_id", "4242").output
     assert "scheduler_reason: PartitionNodeLimit" in verbose

@@ -257,12 +257,12 @@ def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path, monke
         return result.output
 
     listing = balsam("transfer", "ls", "--site", str(site.site_id))
-    lines = {(line.split()[1], line.split()[2]): line for line in listing.splitlines()[2:]}
+    lines = {(line.split()[1], line.split()[2]): line for line in listing.splitlines()[1:]}
     assert " done " in lines[(str(ok.id), "in")] and "task: 1/2 files" in lines[(str(ok.id), "in")]
     assert " awaiting_job " in lines[(str(ok.id), "out")]  # waits for its job to run
     assert " error " in lines[(str(bad.id), "in")] and "no such file or directory" in lines[(str(bad.id), "in")]
     counts = balsam("transfer", "ls", "--job", str(ok.id), "--by-state")
-    assert [line.split() for line in counts.splitlines()[2:]] == [["in", "done", "1"], ["out", "awaiting_job", "1"]]
+    assert [line.split() for line in counts.splitlines()[1:]] == [["in", "done", "1"], ["out", "awaiting_job", "1"]]
     # --job with an explicit --site of another site: narrowed to nothing (the --site was ignored).
     other = client.post("/sites/", json={"name": "cli-other", "path": str(tmp_path / "other")})
     assert balsam("transfer", "ls", "--job", str(ok.id), "--site", str(other["id"])).strip() == "No matching transfer items."
@@ -272,7 +272,7 @@ def test_cli_lists_items_and_job_ls_shows_progress(site, client, tmp_path, monke
         monkeypatch.setattr(transfer_cli, "MANY_JOBS", many)
         jobs = balsam("job", "ls", "--site", str(site.site_id))
         assert "Transfers" in jobs
-        rows = {line.split()[0]: line for line in jobs.splitlines()[2:]}
+        rows = {line.split()[0]: line for line in jobs.splitlines()[1:]}
         assert "in 1/1 out 0/1" in rows[str(ok.id)] and "in 0/1!" in rows[str(bad.id)]
 
 

@@ -18,7 +18,7 @@ import enum
 import json
 import typing
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional, TypeVar
 
 import attrs
 from cattrs.errors import ClassValidationError, IterableValidationError
@@ -351,6 +351,10 @@ class BalsamModel:
     _paginated: ClassVar[bool] = True
     #: the create route takes a list (bulk create), even for one record
     _create_as_list: ClassVar[bool] = False
+    #: field name -> the server's own check of a value, ``problem(value) -> str | None``: run when
+    #: the field is set, so a bad value raises ValueError there, as Balsam 0.7's pydantic models
+    #: did, rather than an APIError 422 at save() (or in the middle of a bulk_create)
+    _field_checks: ClassVar[dict[str, Callable[[Any], Optional[str]]]] = {}
     #: query-string filter names accepted by the list route (those of Balsam 0.7)
     _filters: ClassVar[frozenset[str]] = frozenset()
     _orderings: ClassVar[frozenset[str]] = frozenset()
@@ -494,7 +498,7 @@ class BalsamModel:
                 raise TypeError(f"{name}() got an unexpected field {key!r} (fields: {valid})")
             if value is None:
                 continue  # None means "the default" (Balsam 0.7 clients pass None for unset options)
-            values[key] = structure_value(name, key, value, fld.type)
+            values[key] = self._checked(key, structure_value(name, key, value, fld.type))
         try:
             self._record = self._record_cls(**values)
         except TypeError as exc:
@@ -565,7 +569,7 @@ class BalsamModel:
                 raise AttributeError(f"{name}.{key} cannot be changed after creation")
         elif key not in self._create_fields:
             raise AttributeError(f"{name}.{key} cannot be set before the {name} is created")
-        value = structure_value(name, key, value, fld.type)
+        value = self._checked(key, structure_value(name, key, value, fld.type))
         setattr(self._record, key, value)
         if self._dirty is _CLEAN:
             self._dirty = set()
@@ -584,8 +588,17 @@ class BalsamModel:
             if fld is None or key not in cls._update_fields:
                 valid = ", ".join(sorted(cls._update_fields))
                 raise AttributeError(f"{name}.{key} cannot be updated (updatable: {valid})")
-            payload[key] = converter.unstructure(structure_value(name, key, value, fld.type), fld.type)
+            payload[key] = converter.unstructure(cls._checked(key, structure_value(name, key, value, fld.type)), fld.type)
         return payload
+
+    @classmethod
+    def _checked(cls, key: str, value: Any) -> Any:
+        """``value``, if the field's check (``_field_checks``) passes it; else ValueError."""
+        check = cls._field_checks.get(key)
+        problem = check(value) if check is not None else None
+        if problem is not None:
+            raise ValueError(f"{cls.__name__}.{key}: {problem}")
+        return value
 
     def _adopt(self, other: "BalsamModel") -> None:
         """Take the stored state of ``other`` (a fresh copy of the same record)."""

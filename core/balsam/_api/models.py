@@ -10,6 +10,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import operator
 import threading
 import time
 import weakref
@@ -45,6 +46,7 @@ class Site(BalsamModel):
     _record_cls = records.Site
     _path = "/sites/"
     _manager_cls = SiteManager
+    _field_checks = {"path": records.site_path_problem}
     _filters = frozenset({"name", "path", "id", "last_refresh_after"})
     _positional = ("name", "path", "id", "last_refresh_after")
     objects: SiteManager  # type: ignore[assignment]
@@ -511,6 +513,7 @@ class Job(BalsamModel):
     _record_cls = records.Job
     _path = "/jobs/"
     _manager_cls = JobManager
+    _field_checks = {"workdir": records.workdir_problem}
     _filters = frozenset(
         {
             "id", "parent_id", "app_id", "site_id", "batch_job_id", "last_update_before", "last_update_after",
@@ -594,6 +597,8 @@ class Job(BalsamModel):
             raise TypeError("Job app_id must be an app id, app name or ApplicationDefinition")
         if isinstance(app_id, int):
             return app_id
+        if hasattr(type(app_id), "__index__") and not isinstance(app_id, type):
+            return operator.index(app_id)  # numpy's int64 ..., as Balsam 0.7 took it
         if isinstance(app_id, type) and issubclass(app_id, ApplicationDefinition):
             if codec.app_id_of(app_id) is None:
                 app_id.sync()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Set
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Generic, Iterator, Optional, TypeVar
 
 import orjson
@@ -44,6 +45,20 @@ def encode_filter_value(value: Any) -> Any:
     return value
 
 
+def _filter_items(value: Any) -> Optional[list[Any]]:
+    """The values of a list filter, or None for a single value. Any iterable is a list, as in
+    Balsam 0.7 (``filter(id=tasks.keys())``, a generator, ``range``, a numpy array), read once;
+    text, paths and enum members are single values."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    if isinstance(value, (str, bytes, bytearray, PurePath, enum.Enum, Mapping)) or not isinstance(value, Iterable):
+        return None
+    try:
+        return list(value)
+    except TypeError:  # iterable by its type only (a 0-d numpy array): one value
+        return None
+
+
 def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Validate filter names and encode values. Returns (params, matches_nothing)."""
     params: dict[str, Any] = {}
@@ -53,13 +68,14 @@ def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) ->
             raise TypeError(f"{model}.objects.filter() got an unknown filter {key!r} (filters: {', '.join(sorted(valid))})")
         if value is None:
             continue  # as in Balsam 0.7, a filter given as None is no filter
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             value = [f"{k}:{v}" for k, v in value.items()]
             if not value:
                 continue  # an empty tag dict matches everything
-        if isinstance(value, (list, tuple, set, frozenset)):
-            values = [encode_filter_value(v) for v in value]
-            if isinstance(value, (set, frozenset)):
+        items = _filter_items(value)
+        if items is not None:
+            values = [encode_filter_value(v) for v in items]
+            if isinstance(value, Set):  # set, frozenset, dict.keys(): one query string for one set
                 values = sorted(values, key=str)
             if not values:
                 empty = True

@@ -217,11 +217,13 @@ def format_rows(rows: list[list[Any]], widths: list[int], right: "set[int] | Non
 
 def format_table(headers: list[str], rows: list[list[Any]], right: "set[int] | None" = None,
                  widths: "list[int] | None" = None) -> str:
-    """Columns padded to their widest cell (+2), header underlined; ``right`` = right-aligned columns.
-    ``widths`` (from :func:`table_widths`) lays the table out in given columns instead."""
+    """Columns padded to their widest cell (+2), a header line then one line per row, as Balsam
+    0.7 printed them (scripts skip the header with ``awk 'NR>1'``: an underline would read as a
+    row); ``right`` = right-aligned columns. ``widths`` (from :func:`table_widths`) lays the table
+    out in given columns instead."""
     widths = widths or table_widths(headers, rows)
     header = format_rows([[str(h) for h in headers]], widths, right)
-    lines = [header, "  ".join("-" * w for w in widths)]
+    lines = [header]
     if rows:
         lines.append(format_rows(rows, widths, right))
     return "\n".join(lines)

@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from starlette.responses import Response
 
-from balsam.models import AllowedQueue, Site, site_name_problem, writable_fields
+from balsam.models import AllowedQueue, Site, site_name_problem, site_path_problem, writable_fields
 from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import JobState
 
@@ -51,8 +51,8 @@ def _stored(values: dict[str, Any]) -> dict[str, Any]:
 
 def _validate(values: dict[str, Any]) -> None:
     errors = []
-    if "path" in values and not str(values["path"]).startswith("/"):
-        errors.append((["body", "path"], f"must be an absolute path, got {str(values['path'])!r}"))
+    if "path" in values and site_path_problem(values["path"]):
+        errors.append((["body", "path"], site_path_problem(values["path"])))
     if "name" in values and not str(values["name"]).strip():
         errors.append((["body", "name"], "must not be empty"))
     elif "name" in values and site_name_problem(str(values["name"])):
