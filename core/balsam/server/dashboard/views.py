@@ -31,7 +31,7 @@ from .. import job_counts, jobs_logic
 from ..auth import (AuthUser, authenticate_password, client_address, issue_credential, require_unscoped,
                     revoke_credentials)
 from ..db import count_and_page, read_tx, write_tx
-from ..errors import APIError, NotFound, Unauthorized
+from ..errors import APIError, NotFound, Unauthorized, ValidationFailed
 from ..http import QueryParams, json_response
 from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
 from ..routes.events import EV_FIELDS, events_select
@@ -128,15 +128,27 @@ class View:
 
     def params(self, names: Iterable[str]) -> StarletteQueryParams:
         """The page's query string limited to ``names``, without empty values (HTML forms send
-        ``state=`` for "any"), tag fields split on spaces and commas (``a:1, b:2``)."""
+        ``state=`` for "any"), tag fields split on spaces and commas outside quotes (``a:1, b:2``,
+        ``"exp:a b" c:1``: see :func:`split_tags`). A tags value with an unbalanced quote is refused."""
         wanted = set(names)
         items: list[tuple[str, str]] = []
         for key, value in self.request.query_params.multi_items():
             if key not in wanted:
                 continue
-            parts = [p for p in re.split(r"[\s,]+", value) if p] if key == "tags" else [value.strip()]
+            parts = split_tags(value) if key == "tags" else [value.strip()]
             items.extend((key, p) for p in parts if p)
         return StarletteQueryParams(items)
+
+    def filters(self, names: Iterable[str]) -> tuple[StarletteQueryParams, str, str]:
+        """The page's filters (:meth:`params`), the text of its Tags field and an error: with a tags
+        value that cannot be split, the other filters, the tags as typed (to correct them) and why."""
+        names = tuple(names)
+        try:
+            raw = self.params(names)
+        except APIError as exc:
+            typed = " ".join(self.request.query_params.getlist("tags"))
+            return self.params(n for n in names if n != "tags"), typed, error_text(exc.detail)
+        return raw, " ".join(quote_tag(t) for t in raw.getlist("tags")), ""
 
     def query(self, params: StarletteQueryParams) -> QueryParams:
         return QueryParams(params)
@@ -149,7 +161,8 @@ class View:
             items = [(k, v) for k, v in items if k != key]
             if value is not None:
                 items.append((key, value))
-        query = urlencode([(k, v) for k, v in items if v is not None and v != ""])
+        # A tag is quoted where it must be to come back as one tag (a value with a space or a comma).
+        query = urlencode([(k, quote_tag(str(v)) if k == "tags" else v) for k, v in items if v is not None and v != ""])
         return f"{self.base}/{path}" + (f"?{query}" if query else "")
 
     def render(self, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -161,6 +174,47 @@ class View:
             version=balsam.__version__, url=self.url, path=self.request.url.path, **context,
         )
         return HTMLResponse(html, status_code=status_code)
+
+
+_TAG_SEPARATORS = re.compile(r"[\s,]")
+
+
+def split_tags(text: str) -> list[str]:
+    """A Tags field (``a:1, b:2``) as its tags: whitespace and commas separate them, except inside
+    quotes, so a value with a space or a comma can be asked for (``"exp:a b"`` or ``exp:"a b"``,
+    as ``balsam job ls -t 'exp=a b'`` does). Inside double quotes a backslash escapes ``"`` and
+    ``\\``; single quotes take everything literally; elsewhere a backslash is an ordinary character
+    (values like ``dir:C:\\runs`` need no quoting)."""
+    tags: list[str] = []
+    current: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "\"'":
+            end = i + 1
+            while end < n and text[end] != ch:
+                if ch == '"' and text[end] == "\\" and end + 1 < n and text[end + 1] in '"\\':
+                    end += 1
+                current.append(text[end])
+                end += 1
+            if end >= n:
+                raise ValidationFailed.field(["query", "tags"], f"unbalanced quote ({ch}) in {text!r}")
+            i = end + 1
+        elif _TAG_SEPARATORS.match(ch):
+            tags.append("".join(current))
+            current, i = [], i + 1
+        else:
+            current.append(ch)
+            i += 1
+    tags.append("".join(current))
+    return [t for t in tags if t]
+
+
+def quote_tag(tag: str) -> str:
+    """``tag`` as :func:`split_tags` reads it back as one tag (quoted only where it must be)."""
+    if not tag or not re.search(r"[\s,\"']", tag):
+        return tag
+    return '"' + tag.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _app_root(request: Request) -> str:
@@ -358,10 +412,9 @@ JOB_FILTER_NAMES = ("state", "tags", "site_id", "app_id", "batch_job_id", "workd
 
 
 def jobs_page(view: View) -> Response:
-    raw = view.params(JOB_FILTER_NAMES)
+    raw, tags_text, error = view.filters(JOB_FILTER_NAMES)
     paging = view.params(("before", "after", "limit", "count"))
     pq = view.query(paging)
-    error = ""
     rows: list[dict] = []
     counts: dict[str, int] = {}
     exact = True
@@ -371,23 +424,24 @@ def jobs_page(view: View) -> Response:
     with view.read() as conn:
         site_rows = _site_rows(conn, view.user.id)
         app_names = _app_names(conn, view.user.id)
-        try:
-            limit = pq.int("limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=max(PAGE_SIZES)) or DEFAULT_PAGE_SIZE
-            before, after = pq.int("before", minimum=0), pq.int("after", minimum=0)
-            q = view.query(raw)
-            # Checked here, as the API checks it: when the counts say nothing matches, the page is
-            # not read, and an unknown state would otherwise read as "0 matching jobs".
-            q.enum_list("state", JobState)
-            count_all = pq.choice("count", ["all"]) == "all"
-            counts, exact = jobs_logic.count_jobs_by_state(
-                conn, view.user.id, q, window=None if count_all else jobs_logic.COUNT_SCAN_WINDOW)
-            states_wanted = raw.getlist("state")
-            if sum(n for s, n in counts.items() if not states_wanted or s in states_wanted) == 0 and exact:
-                rows, more = [], False  # nothing matches: no need to look for a page of it
-            else:
-                rows, more = jobs_logic.keyset_page_jobs(conn, view.user.id, q, limit, before_id=before, after_id=after)
-        except APIError as exc:
-            error = error_text(exc.detail)
+        if not error:  # else tags that cannot be split: nothing to count or list
+            try:
+                limit = pq.int("limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=max(PAGE_SIZES)) or DEFAULT_PAGE_SIZE
+                before, after = pq.int("before", minimum=0), pq.int("after", minimum=0)
+                q = view.query(raw)
+                # Checked here, as the API checks it: when the counts say nothing matches, the page is
+                # not read, and an unknown state would otherwise read as "0 matching jobs".
+                q.enum_list("state", JobState)
+                count_all = pq.choice("count", ["all"]) == "all"
+                counts, exact = jobs_logic.count_jobs_by_state(
+                    conn, view.user.id, q, window=None if count_all else jobs_logic.COUNT_SCAN_WINDOW)
+                states_wanted = raw.getlist("state")
+                if sum(n for s, n in counts.items() if not states_wanted or s in states_wanted) == 0 and exact:
+                    rows, more = [], False  # nothing matches: no need to look for a page of it
+                else:
+                    rows, more = jobs_logic.keyset_page_jobs(conn, view.user.id, q, limit, before_id=before, after_id=after)
+            except APIError as exc:
+                error = error_text(exc.detail)
     states = raw.getlist("state")
     matching = sum(n for s, n in counts.items() if not states or s in states)
     # A count over the newest jobs only may miss older matches that this very page lists: the
@@ -403,7 +457,7 @@ def jobs_page(view: View) -> Response:
         counts=_state_table(counts), count_total=sum(counts.values()), matching=matching, at_least=at_least, more=more,
         exact=exact, filters=raw,
         window=jobs_logic.COUNT_SCAN_WINDOW, count_all_url=view.url("jobs", raw, count="all") if not exact else "",
-        selected_states=states, tags_text=" ".join(raw.getlist("tags")), sites=site_rows, site_names=site_names,
+        selected_states=states, tags_text=tags_text, sites=site_rows, site_names=site_names,
         apps=app_names, states=LISTED_STATES, limit=limit, page_sizes=PAGE_SIZES,
         newer_url=view.url("jobs", raw, after=rows[0]["id"], limit=limit if limit != DEFAULT_PAGE_SIZE else None) if has_newer else "",
         older_url=view.url("jobs", raw, before=rows[-1]["id"], limit=limit if limit != DEFAULT_PAGE_SIZE else None) if has_older else "",
@@ -420,7 +474,8 @@ def _error_tail(events: list[dict]) -> Optional[dict]:
     with_error = [e for e in events if data(e).get("error")]
     if with_error:
         return with_error[-1]
-    explained = [e for e in events if e["to_state"] in ERROR_STATES and data(e).get("message")]
+    # "message": the server's own words; "reason": the launcher's (a RUN_TIMEOUT it reported).
+    explained = [e for e in events if e["to_state"] in ERROR_STATES and (data(e).get("message") or data(e).get("reason"))]
     return explained[-1] if explained else None
 
 
@@ -515,21 +570,21 @@ PLOT_FILTER_NAMES = ("site_id", "tags")
 
 
 def plots_page(view: View) -> Response:
-    raw = view.params(PLOT_FILTER_NAMES)
-    error = ""
-    data: dict[str, Any] = {"summary": {}, "throughput": {"t": []}, "utilization": {"t": []}}
+    """The page without its figures: plots.js fetches them (``plots/data``) and fills the summary
+    table and the charts from that one answer, so a view (and each refresh) computes them once."""
+    raw, tags_text, error = view.filters(PLOT_FILTER_NAMES)
     with view.read() as conn:
         site_rows = _site_rows(conn, view.user.id)
-        try:
-            data = plot_data(conn, view.user.id, view.query(raw))
-        except APIError as exc:
-            error = error_text(exc.detail)
+        if not error:
+            try:  # the filters checked as plot_data checks them (the statements are built, not run)
+                q = view.query(raw)
+                events_select(view.user.id, q, conn.dialect.name)
+                batch_jobs_select(view.user.id, q, conn.dialect.name)
+            except APIError as exc:
+                error = error_text(exc.detail)
     return view.render(
         "plots.html", 422 if error else 200, title="Throughput and utilization", active_page="plots", error=error,
-        summary=data["summary"], sites=site_rows, filters=raw, tags_text=" ".join(raw.getlist("tags")),
-        data_url=view.url("plots/data", raw), has_throughput=bool(data["throughput"]["t"]),
-        has_utilization=bool(data["utilization"]["t"]),
-        from_epoch=lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc) if t is not None else None,
+        sites=site_rows, filters=raw, tags_text=tags_text, data_url="" if error else view.url("plots/data", raw),
     )
 
 

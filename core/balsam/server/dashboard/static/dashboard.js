@@ -26,16 +26,44 @@
     return box && box.checked && !document.hidden;
   }
 
+  // While refreshes fail, the page says since when what it shows is stale (the page itself looks
+  // as fresh as ever); the next answer clears it. Shared with plots.js (window.balsamLive).
+  var lastUpdated = new Date();
+
+  function updated() {
+    lastUpdated = new Date();
+    var note = document.getElementById("live-stale");
+    if (note) { note.hidden = true; note.textContent = ""; }
+  }
+
+  function notUpdated(why) {
+    var note = document.getElementById("live-stale");
+    if (!note) return;
+    note.textContent = "not updated since " + lastUpdated.toLocaleTimeString(undefined, { hour12: false }) + " (" + why + ")";
+    note.hidden = false;
+  }
+
+  // A refresh that got no answer (the server is down or unreachable) or a server error.
+  function failed(err) {
+    notUpdated(err && err.status ? "the server answered " + err.status : "server not answering");
+  }
+
+  window.balsamLive = { updated: updated, failed: failed };
+
   function refresh() {
     var regions = document.querySelectorAll("[data-live]");
     if (!regions.length || !liveEnabled()) return Promise.resolve();
     return fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (resp) {
         if (resp.redirected || resp.status === 401) { window.location.reload(); return null; }
+        // A server error (or a proxy's "bad gateway") leaves the page stale; another refusal (a
+        // page whose filters are refused) changes nothing live.
+        if (resp.status >= 500) throw { status: resp.status };
         return resp.ok ? resp.text() : null;
       })
       .then(function (html) {
         if (!html) return;
+        updated();
         var doc = new DOMParser().parseFromString(html, "text/html");
         regions.forEach(function (region) {
           var fresh = doc.querySelector('[data-live="' + region.getAttribute("data-live") + '"]');
@@ -46,7 +74,7 @@
         });
         document.dispatchEvent(new CustomEvent("balsam:refreshed"));
       })
-      .catch(function () { /* server briefly away: try again next period */ });
+      .catch(failed);  // tried again next period
   }
 
   function loop() {

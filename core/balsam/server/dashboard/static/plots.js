@@ -1,8 +1,12 @@
-// Throughput and utilization charts (uPlot, vendored). Data: the page's data-url (JSON from the
-// server's analytics), refetched while "live updates" is on; a slow answer slows the refresh.
+// Throughput and utilization charts (uPlot, vendored) and the summary table above them. Data: the
+// page's data-url (JSON from the server's analytics), the page's one refresh loop while "live
+// updates" is on (the page has no data-live region for dashboard.js to refresh as well). As in
+// dashboard.js, the next refresh waits at least MIN_PERIOD_MS and SLOWDOWN times as long as the
+// last data request took: an open tab keeps the server busy at most about a tenth of the time.
 (function () {
   "use strict";
   var MIN_PERIOD_MS = 5000;
+  var SLOWDOWN = 10;
   var charts = {};
 
   function size(el) {
@@ -33,7 +37,34 @@
     return new uPlot(opts, data, el);
   }
 
+  function num(n) {
+    return Number(n || 0).toLocaleString("en-US");
+  }
+
+  // A time as the server's pages write one, shown by dashboard.js's rule: local, zone named, UTC on hover.
+  function timeElement(epoch) {
+    var d = new Date(epoch * 1000), el = document.createElement("time");
+    el.setAttribute("datetime", d.toISOString());
+    el.title = d.toISOString().replace(/\.\d{3}Z$/, "Z");
+    el.textContent = d.toLocaleString(undefined, { timeZoneName: "short" });
+    return el;
+  }
+
+  function fillSummary(summary) {
+    document.getElementById("summary-finished").textContent = num(summary.finished);
+    var firstLast = document.getElementById("summary-first-last");
+    firstLast.textContent = "";
+    if (summary.first_finished === null || summary.first_finished === undefined) {
+      firstLast.textContent = "—";
+    } else {
+      firstLast.append(timeElement(summary.first_finished), " / ", timeElement(summary.last_finished));
+    }
+    document.getElementById("summary-busy").textContent = num(summary.busy_now) + " (" + num(summary.peak_busy) + ")";
+    document.getElementById("summary-available").textContent = num(summary.available_now);
+  }
+
   function draw(payload) {
+    fillSummary(payload.summary);
     windowRange = sharedRange(payload);
     // The cumulative count starts from 0 at the window's start (the step line needs a first point).
     var thrT = payload.throughput.t.slice(), thrY = payload.throughput.finished.slice();
@@ -68,17 +99,31 @@
       " nodes busy of " + payload.summary.available_now + " held (updated " + when + ")";
   }
 
+  // dashboard.js's stale-page note (that script runs after this one: looked up when needed).
+  function live() {
+    return window.balsamLive || { updated: function () {}, failed: function () {} };
+  }
+
+  // Resolves to how long the data request took (answer or failure), for the back-off.
   function load(section) {
     var started = Date.now();
     return fetch(section.getAttribute("data-url"), { credentials: "same-origin", headers: { "Accept": "application/json" } })
       .then(function (resp) {
-        if (!resp.ok) throw new Error("the server answered " + resp.status);
+        if (resp.status === 401) { window.location.reload(); return null; }
+        if (!resp.ok) throw { status: resp.status, message: "the server answered " + resp.status };
         return resp.json();
       })
-      .then(function (payload) { draw(payload); return Date.now() - started; })
+      .then(function (payload) {
+        var took = Date.now() - started;
+        if (payload) { live().updated(); draw(payload); }
+        return took;
+      })
       .catch(function (err) {
-        document.getElementById("plot-status").textContent = "Could not load the plot data: " + err.message;
-        return 0;
+        var took = Date.now() - started;
+        if (!err || !err.status || err.status >= 500) live().failed(err);
+        document.getElementById("plot-status").textContent = "Could not load the plot data: " +
+          (err && err.message ? err.message : "the server is not answering");
+        return took;
       });
   }
 
@@ -91,7 +136,7 @@
     var section = document.getElementById("plots");
     if (!section || typeof uPlot === "undefined") return;
     function loop(took) {
-      var period = Math.max(MIN_PERIOD_MS, 10 * (took || 0));
+      var period = Math.max(MIN_PERIOD_MS, SLOWDOWN * (took || 0));
       window.setTimeout(function () {
         if (liveEnabled()) load(section).then(loop); else loop(0);
       }, period);
