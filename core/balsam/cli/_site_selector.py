@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
+import unicodedata
 from typing import Any, Optional
 
 import click
@@ -195,22 +196,64 @@ def parse_key_values(pairs: tuple[str, ...], what: str) -> dict[str, str]:
     return result
 
 
+def escape_cell(text: str) -> str:
+    """``text`` with its control characters written out (``\\n``, ``\\t``, ``\\xNN``; U+2028/U+2029
+    as ``\\uNNNN``): a tag value or workdir holding a newline split its row over two lines (``awk``
+    and ``wc -l`` read two jobs), and an ESC or a tab printed raw moved the terminal's cursor."""
+    if text.isprintable():
+        return text  # the common case (U+2028/U+2029 are not printable either), one C-level pass
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif code < 0x20 or 0x7F <= code <= 0x9F:
+            out.append(f"\\x{code:02x}")
+        elif ch in "\u2028\u2029":
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns of ``text`` (escaped: no control characters): East Asian wide and full-width
+    characters take two, combining marks and zero-width format characters none. Padding by code
+    points misaligned the columns after a CJK workdir or tag."""
+    if text.isascii():
+        return len(text)
+    width = 0
+    for ch in text:
+        if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return width
+
+
 def _cells(row: list[Any]) -> list[str]:
-    return ["" if c is None else str(c) for c in row]
+    return [escape_cell("" if c is None else str(c)) for c in row]
+
+
+def _pad(cell: str, width: int, right: bool) -> str:
+    fill = " " * max(0, width - display_width(cell))
+    return fill + cell if right else cell + fill
 
 
 def table_widths(headers: list[str], rows: list[list[Any]]) -> list[int]:
-    """The column widths of :func:`format_table` for these rows (its header counts too)."""
-    cells = [[str(h) for h in headers]] + [_cells(row) for row in rows]
-    return [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    """The column widths (terminal columns) of :func:`format_table` for these rows (its header counts too)."""
+    cells = [_cells(headers)] + [_cells(row) for row in rows]
+    return [max(display_width(r[i]) for r in cells) for i in range(len(headers))]
 
 
 def format_rows(rows: list[list[Any]], widths: list[int], right: "set[int] | None" = None) -> str:
-    """Rows laid out in columns of ``widths`` (a longer cell overflows its column), no header."""
+    """Rows laid out in columns of ``widths`` (a longer cell overflows its column), no header; each
+    row on one line (control characters escaped, see :func:`escape_cell`)."""
     right = right or set()
     lines = []
     for row in rows:
-        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(_cells(row))]
+        parts = [_pad(c, widths[i], i in right) for i, c in enumerate(_cells(row))]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
 
@@ -222,7 +265,7 @@ def format_table(headers: list[str], rows: list[list[Any]], right: "set[int] | N
     row); ``right`` = right-aligned columns. ``widths`` (from :func:`table_widths`) lays the table
     out in given columns instead."""
     widths = widths or table_widths(headers, rows)
-    header = format_rows([[str(h) for h in headers]], widths, right)
+    header = format_rows([list(headers)], widths, right)
     lines = [header]
     if rows:
         lines.append(format_rows(rows, widths, right))

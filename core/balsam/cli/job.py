@@ -41,7 +41,24 @@ def _resolve_app(app_ref: str, site_selector: str) -> Any:
     return apps[0]
 
 
-def _job_filters(ids: tuple[int, ...], tags: tuple[str, ...], state: Optional[str], exclude_state: Optional[str],
+def _state_filter(states: tuple[str, ...], excluded: tuple[str, ...]) -> dict[str, Any]:
+    """The ``state`` / ``state__ne`` filter of ``-s STATE...`` and ``-ns STATE...``.
+
+    The API takes a list of ``state`` values but one ``state__ne``: several excluded states are sent
+    as the states left over, which is exact because the set of states is closed (JobState) and a
+    job's state is never empty. A list left empty (``-s A -ns A``) matches no job."""
+    wanted = list(dict.fromkeys(s.upper() for s in states))
+    left_out = set(s.upper() for s in excluded)
+    if wanted:
+        return {"state": [s for s in wanted if s not in left_out]}
+    if len(left_out) == 1:
+        return {"state__ne": left_out.pop()}
+    if left_out:
+        return {"state": [s for s in _states() if s not in left_out]}
+    return {}
+
+
+def _job_filters(ids: tuple[int, ...], tags: tuple[str, ...], states: tuple[str, ...], excluded: tuple[str, ...],
                  site_selector: str, workdir: Optional[str] = None, app_ref: Optional[str] = None) -> dict[str, Any]:
     filters: dict[str, Any] = {}
     # Jobs named by id need no default site restriction (an id is unique across sites), but an
@@ -52,10 +69,7 @@ def _job_filters(ids: tuple[int, ...], tags: tuple[str, ...], state: Optional[st
         filters["id"] = list(ids)
     if tags:
         filters["tags"] = parse_key_values(tags, "--tag")
-    if state:
-        filters["state"] = state.upper()
-    if exclude_state:
-        filters["state__ne"] = exclude_state.upper()
+    filters.update(_state_filter(states, excluded))
     if workdir:
         filters["workdir__contains"] = workdir
     if app_ref:
@@ -135,8 +149,10 @@ def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: in
 
 @job.command("ls")
 @click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
-@click.option("-s", "--state", default=None, type=_state_type(), help="Only jobs in this state")
-@click.option("-ns", "--exclude-state", default=None, type=_state_type(), help="Leave out jobs in this state")
+@click.option("-s", "--state", "states", multiple=True, type=_state_type(),
+              help="Only jobs in this state (repeatable: in any of them)")
+@click.option("-ns", "--exclude-state", "excluded", multiple=True, type=_state_type(),
+              help="Leave out jobs in this state (repeatable)")
 @click.option("--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
 @click.option("--by-state", is_flag=True, help="Count jobs per state")
 @click.option("-w", "--workdir", default=None, help="Only workdirs containing this text")
@@ -148,33 +164,32 @@ def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: in
               "else the newest 20 jobs)")
 @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between redraws (--watch)")
 @click.option("--rounds", default=None, type=click.IntRange(min=1), hidden=True, help="Stop --watch after N redraws (tests)")
-def ls(tags: tuple, state: Optional[str], exclude_state: Optional[str], ids: tuple, by_state: bool,
+def ls(tags: tuple, states: tuple, excluded: tuple, ids: tuple, by_state: bool,
        workdir: Optional[str], app_ref: Optional[str], limit: Optional[int], site_selector: str, verbose: bool,
        watch: bool, interval: float, rounds: Optional[int]) -> None:
     """List jobs."""
     if by_state and limit is not None:
         raise click.UsageError("--by-state and -n/--num do not go together: the counts per state have no row limit")
-    filters = _job_filters(ids, tags, state, exclude_state, site_selector, workdir, app_ref)
+    filters = _job_filters(ids, tags, states, excluded, site_selector, workdir, app_ref)
     if not watch:
-        _list_jobs(filters, state, exclude_state, by_state, limit, verbose)
+        _list_jobs(filters, by_state, limit, verbose)
         return
     if verbose:
         raise click.UsageError("--watch and -v do not go together")
-    watch_output(lambda: _list_jobs(filters, state, exclude_state, by_state, limit or (None if by_state else 20), False),
+    watch_output(lambda: _list_jobs(filters, by_state, limit or (None if by_state else 20), False),
                  interval, title="balsam job ls", iterations=rounds)
 
 
-def _list_jobs(filters: dict[str, Any], state: Optional[str], exclude_state: Optional[str], by_state: bool,
-               limit: Optional[int], verbose: bool) -> None:
+def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], verbose: bool) -> None:
     from balsam.api import Job
 
     query = Job.objects.filter(**filters)
     if by_state:
         # one count request per state (limit=0): cheap even with millions of jobs
-        wanted = [state.upper()] if state else _states()
+        wanted = filters.get("state", _states())
         counts = {}
         for s in wanted:
-            if exclude_state and s == exclude_state.upper():
+            if s == filters.get("state__ne"):
                 continue
             if s in ("CREATED", "STAGED_OUT"):
                 continue  # never stored
@@ -464,22 +479,22 @@ def _state_name(value: Any) -> str:
 @click.option("-i", "--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
 @click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
 @click.option("-s", "--state", required=True, type=_state_type(), help="New state (e.g. RESTART_READY to re-run)")
-@click.option("-f", "--from-state", default=None, type=_state_type(),
-              help="Only jobs now in this state (e.g. FAILED: re-run the failed ones)")
+@click.option("-f", "--from-state", "from_states", multiple=True, type=_state_type(),
+              help="Only jobs now in this state (e.g. FAILED: re-run the failed ones; repeatable: in any of them)")
 @site_option
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
-def modify(ids: tuple, tags: tuple, state: str, from_state: Optional[str], site_selector: str, yes: bool) -> None:
+def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selector: str, yes: bool) -> None:
     """Change the state of jobs: RESTART_READY re-runs them, FAILED gives up on them."""
     from balsam.api import Job
     from balsam.states import InvalidTransition, JobState, is_valid_transition
 
     if not ids and not tags:
         raise click.UsageError("select jobs with --id and/or --tag")
-    filters = _job_filters(ids, tags, from_state, None, site_selector)
+    filters = _job_filters(ids, tags, from_states, (), site_selector)
     query = Job.objects.filter(**filters)
     jobs = [j for j in query if j.state is None or j.state.value != state.upper()]
     waiting = []
-    if state.upper() == "RESTART_READY" and not ids and (from_state or "").upper() != "AWAITING_PARENTS":
+    if state.upper() == "RESTART_READY" and not ids and "AWAITING_PARENTS" not in {s.upper() for s in from_states}:
         # A tag selects a workflow's children too: re-running them would run them before their
         # parents (a failed parent keeps them waiting). Named by --id or --from-state, they move.
         waiting = [j for j in jobs if _state_name(j.state) == "AWAITING_PARENTS"]
@@ -517,22 +532,24 @@ def modify(ids: tuple, tags: tuple, state: str, from_state: Optional[str], site_
 @job.command("rm")
 @click.option("-i", "--id", "ids", multiple=True, type=int, help="Job id (repeatable)")
 @click.option("-t", "--tag", "tags", multiple=True, help="KEY=VALUE tag filter (repeatable)")
-@click.option("-s", "--state", default=None, type=_state_type(), help="Only jobs in this state")
-@click.option("-ns", "--exclude-state", default=None, type=_state_type(), help="Leave out jobs in this state")
+@click.option("-s", "--state", "states", multiple=True, type=_state_type(),
+              help="Only jobs in this state (repeatable: in any of them)")
+@click.option("-ns", "--exclude-state", "excluded", multiple=True, type=_state_type(),
+              help="Leave out jobs in this state (repeatable)")
 @click.option("--all", "delete_all", is_flag=True,
               help="Delete every job of the selected sites (no --site: the site you are in, elsewhere the active sites)")
 @site_option
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
-def rm(ids: tuple, tags: tuple, state: Optional[str], exclude_state: Optional[str], delete_all: bool,
+def rm(ids: tuple, tags: tuple, states: tuple, excluded: tuple, delete_all: bool,
        site_selector: str, yes: bool) -> None:
     """Delete jobs. Refused as a whole when any of them is leased by a running launcher."""
     from balsam.api import Job
 
-    if not (ids or tags or state or exclude_state or delete_all or site_selector):
+    if not (ids or tags or states or excluded or delete_all or site_selector):
         raise click.UsageError("select jobs with --id, --tag, --state/--exclude-state, --site or --all")
     # --all alone takes the usual default selection (this site, else the active sites), as every job
     # command does: it used to mean every site, against this help and docs/cli.md.
-    filters = _job_filters(ids, tags, state, exclude_state, site_selector)
+    filters = _job_filters(ids, tags, states, excluded, site_selector)
     query = Job.objects.filter(**filters)
     n = query.count()
     if n == 0:
