@@ -74,7 +74,10 @@ class LauncherSettings:
         None, "Whether several MPI runs may share a node; null uses the platform's default."
     )
     serial_mode_prefetch_per_rank: int = setting(
-        64, "Jobs a serial-mode launcher leases ahead per CPU of its partition (in all at least 64, at most 2,048)."
+        64, "Bound of one lease of free room by a serial-mode launcher, per CPU of its partition (in all at least 64, "
+        "at most 2,048). A launcher leases only what its free slots can start now, in chunks of at most this, plus "
+        "a short lookahead (a quarter second of work at its start rate, at least 8 jobs); with its partition full it "
+        "holds only the lookahead, so the rest stays visible to the elastic queue and to other BatchJobs."
     )
     sort_by: Optional[str] = setting(
         None, "mpi mode only: the order in which its launcher leases runnable jobs (and packs them onto free nodes). "

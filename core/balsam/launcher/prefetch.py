@@ -1,8 +1,9 @@
 """Jobs leased ahead of the free slots, from a background thread (the serial mode's job source).
 
 The serial master starts thousands of short tasks a second; asking the API for each batch on the
-loop thread would stall starts for a round trip every time. A :class:`Prefetcher` keeps up to
-``depth`` jobs leased and prepared (work directory, command line, environment) ahead of the loop.
+loop thread would stall starts for a round trip every time. A :class:`Prefetcher` keeps jobs leased
+and prepared (work directory, command line, environment) ahead of the loop: what the partition can
+start now (in chunks of at most ``depth``) plus a short lookahead of work, never a fixed number.
 
 Thread contract (two threads, nothing else shared):
 
@@ -13,14 +14,25 @@ Thread contract (two threads, nothing else shared):
 * The **loop thread** calls :meth:`take`, :meth:`note_held`, :meth:`stop`, :meth:`join` and
   :meth:`close_lease`.
 * Hand-over: prepared jobs go through ``_ready``, a deque guarded by ``_lock``. The loop reports how
-  many taken jobs it still holds unstarted (:meth:`note_held`, an int store); the prefetch thread
-  tops up to :attr:`depth_now` counting both, and sleeps on ``_want`` until the loop has used half.
-* Depth: at least ``depth``; with ``lookahead_sec``, as many jobs as the loop uses in that time at
-  the rate it has been using them (at most ``max_depth``). The prefetch thread alone measures the
-  rate (from the loop's int stores: jobs taken, jobs held) and writes ``depth_now``. Why: every
-  acquire costs the server a fixed ~3 ms of CPU besides its jobs (a request, a write transaction,
-  an idempotency record), so short tasks run at 1,000 a second leased 64 at a time spent a tenth
-  of the server's CPU on acquires; a quarter second of work ahead makes them a few hundred each.
+  many taken jobs it still holds unstarted and, when that is none, the room left in the partition
+  (:meth:`note_held`, int stores; :meth:`take` adds what it hands over to the held count at once,
+  so that the prefetch thread never sees jobs in neither place); the prefetch thread tops up to
+  :attr:`depth_now` counting held and ready jobs, and sleeps on ``_want`` until the loop has used
+  half.
+* Depth (the prefetch thread alone computes it, from the loop's int stores, and writes
+  ``depth_now``): the lookahead, ``floor`` jobs or, with ``lookahead_sec``, as many as the loop
+  starts in that time at the rate it has been starting them (at most ``max_depth``); and, only
+  while the loop placed every job it took (it holds none unstarted: the partition has room), the
+  room it reported, in chunks of at most ``depth``. A loop that holds jobs it could not place has
+  a full partition: the lease stops at the lookahead, so with long jobs a launcher holds a handful
+  beyond what runs. Why: a runnable job a launcher has leased is invisible to everyone else (the
+  elastic queue counts only jobs no launcher holds as backlog, a second BatchJob's launcher cannot
+  lease them), so jobs leased long before they can start kept nodes idle while the first launcher
+  held the whole campaign. Why the rate: every acquire costs the server a fixed ~3 ms of CPU
+  besides its jobs (a request, a write transaction, an idempotency record), so short tasks run at
+  1,000 a second leased 64 at a time spent a tenth of the server's CPU on acquires; a quarter
+  second of work ahead makes them a few hundred each. Without ``floor`` (the default) the floor is
+  ``depth`` and the room is not used: ``depth`` ahead at all times, raised by the rate.
 * Copies: each acquire's jobs carry the lease's number for it (``lease.generation``, read by the
   prefetch thread right after the acquire, stored with the ready jobs under ``_lock``); :meth:`take`
   sets :attr:`taken_generation` to the newest number among the jobs it returns (for the loop,
@@ -69,15 +81,21 @@ class Prefetcher:
         acquire_kwargs: Optional[dict[str, Any]] = None,
         lookahead_sec: float = 0.0,
         max_depth: Optional[int] = None,
+        floor: Optional[int] = None,
+        room: Optional[int] = None,
     ) -> None:
+        #: The most jobs one fill of free room leases (the whole depth without ``floor``).
         self.depth = max(1, int(depth))
-        #: The depth in force: ``depth``, raised to ``lookahead_sec`` of work at the loop's rate.
-        self.depth_now = self.depth
-        self.depth_peak = self.depth
+        #: The fewest jobs kept leased ahead (the lookahead's floor): ``depth`` unless given.
+        self.floor = min(self.depth, max(1, int(floor))) if floor is not None else self.depth
+        #: The depth in force (:meth:`_target`).
+        self.depth_now = self.depth if floor is None else max(self.floor, min(self.depth, room if room is not None else self.depth))
+        self.depth_peak = self.depth_now
         self.lookahead_sec = max(0.0, float(lookahead_sec))
         self.max_depth = max(self.depth, int(max_depth)) if max_depth is not None else self.depth
-        #: Jobs per second the loop has been taking off the prefetched ones (None: not measured yet).
+        #: Jobs per second the loop has been starting (taken and no longer held; None: not measured yet).
         self.rate: Optional[float] = None
+        self._ahead = self.floor  # the lookahead in jobs (_measure_rate)
         self._taken = 0
         self._rate_since = time.monotonic()
         self._rate_used = 0
@@ -95,6 +113,9 @@ class Prefetcher:
         #: The acquire number of the newest job the last :meth:`take` returned (loop thread).
         self.taken_generation = 0
         self._held = 0
+        #: The room the loop reported with no job held (jobs it could start now; the partition's
+        #: at first: the owner's ``room``, else ``depth``).
+        self._room = self.depth if room is None else max(0, int(room))
         self._want = WakeEvent()  # set by the loop thread on every turn that finds the backlog low
         self._stopping = threading.Event()
         #: The lease (set by the prefetch thread once the Session exists).
@@ -125,10 +146,16 @@ class Prefetcher:
             if not self._ready:
                 return []
             jobs = list(self._ready)
+            # Held until the loop's note_held says otherwise, counted before they leave _ready: the
+            # prefetch thread (which reads _ready, then _held) must never see them in neither place,
+            # an empty partition, and lease again.
+            self._held += len(jobs)
             self._ready.clear()
             self.taken_generation = self._ready_generation
-        self._taken += len(jobs)
-        return self._hold_back_too_late(jobs)
+        may_start = self._hold_back_too_late(jobs)
+        self._held -= len(jobs) - len(may_start)  # those held back never start: neither held nor used
+        self._taken += len(may_start)
+        return may_start
 
     def _hold_back_too_late(self, jobs: list[PreparedJob]) -> list[PreparedJob]:
         """Jobs that can no longer finish before the wall time are not handed to the loop
@@ -147,8 +174,11 @@ class Prefetcher:
             log_too_late(split, "the lease's close (its Session's deletion)")
         return split.may_start
 
-    def note_held(self, count: int) -> None:
-        """The loop holds ``count`` taken jobs that have not started: top up when they run low."""
+    def note_held(self, count: int, room: Optional[int] = None) -> None:
+        """The loop holds ``count`` taken jobs that have not started: top up when they run low.
+        ``room``: with none held, the jobs the partition could start now (None: unchanged)."""
+        if room is not None:
+            self._room = max(0, int(room))
         self._held = count
         if count + len(self._ready) <= self.depth_now // 2:
             self._want.set()
@@ -195,13 +225,14 @@ class Prefetcher:
                 self._stopping.wait(self.retry_sec)
                 continue
             self._measure_rate()
-            unstarted = self._held + len(self._ready)
-            if unstarted > self.depth_now // 2:
+            target = self._target()
+            unstarted = len(self._ready) + self._held  # in this order: see take
+            if unstarted > target // 2:
                 self._want.wait(0.05)
                 self._want.clear()
                 continue
             try:
-                jobs = self.lease.acquire(self.depth_now - unstarted, max_wall_time_min=self._remaining_min(), **self._acquire_kwargs)
+                jobs = self.lease.acquire(target - unstarted, max_wall_time_min=self._remaining_min(), **self._acquire_kwargs)
                 self.acquire_error = None
             except Exception as exc:
                 self.acquire_error = str(exc)
@@ -230,9 +261,20 @@ class Prefetcher:
             if not jobs:
                 self._stopping.wait(self.retry_sec)
 
+    def _target(self) -> int:
+        """The jobs to keep leased ahead now (held and ready): the lookahead and, while the loop
+        holds none unstarted (it placed all it took: the partition has room), the room it reported,
+        at most ``depth``. Without ``floor``: :attr:`depth_now` as :meth:`_measure_rate` set it."""
+        if self.floor >= self.depth:
+            return self.depth_now
+        chunk = min(self.depth, self._room) if self._held == 0 else 0  # two int stores: may lag, never torn
+        self.depth_now = max(self._ahead, chunk)
+        self.depth_peak = max(self.depth_peak, self.depth_now)
+        return self.depth_now
+
     def _measure_rate(self) -> None:
-        """Update :attr:`rate` (the jobs the loop used, taken and no longer held, per second; the
-        mean of the last window and the estimate before it) and :attr:`depth_now`."""
+        """Update :attr:`rate` (the jobs the loop started, taken and no longer held, per second; the
+        mean of the last window and the estimate before it), the lookahead and :attr:`depth_now`."""
         if not self.lookahead_sec:
             return
         now = time.monotonic()
@@ -243,7 +285,8 @@ class Prefetcher:
         window = max(0.0, (used - self._rate_used) / elapsed)
         self._rate_since, self._rate_used = now, used
         self.rate = window if self.rate is None else (self.rate + window) / 2
-        self.depth_now = max(self.depth, min(self.max_depth, int(self.rate * self.lookahead_sec)))
+        self._ahead = max(self.floor, min(self.max_depth, int(self.rate * self.lookahead_sec)))
+        self.depth_now = self._ahead
         self.depth_peak = max(self.depth_peak, self.depth_now)
 
     def _prepare_one(self, job: Any) -> Optional[PreparedJob]:

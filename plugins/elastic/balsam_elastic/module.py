@@ -275,6 +275,8 @@ class ElasticQueueModule(AgentModule):
         two when some do not (and under job_mode serial), three in one case (see :meth:`unfit_reason`)."""
         # leased=false: a runnable job a launcher already holds (prefetched, not started) will run in
         # that launcher's BatchJob; counting it would submit BatchJobs that find nothing to lease.
+        # Launchers lease only what they can start soon (a serial one: its free slots plus a short
+        # lookahead), so what they cannot start yet stays here, as backlog.
         params: dict[str, Any] = {"state": list(RUNNABLE), "leased": "false"}
         if self.filter_tags():
             params["tags"] = self._tag_params()

@@ -142,11 +142,18 @@ IDLE_WAIT_SEC = 0.05
 MAX_PLACEMENT_MISSES = 8
 #: Exit code of a serial-mode start that failed its start check.
 EXIT_START_FAILED = 3
-#: Prefetch depth bounds (Balsam 0.7: ``serial_mode_prefetch_per_rank`` per slot).
+#: Bounds of one prefetch chunk, the most jobs one fill of free room leases (Balsam 0.7:
+#: ``serial_mode_prefetch_per_rank`` per slot; here never more than the partition can start).
 MIN_PREFETCH, MAX_PREFETCH = 64, 2048
 #: The prefetcher keeps at least this much work leased ahead, at the rate jobs are being started
 #: (short tasks: fewer, larger acquires; see :class:`~balsam.launcher.prefetch.Prefetcher`).
 PREFETCH_LOOKAHEAD_SEC = 0.25
+#: ... and at least this many jobs, whatever the size of the partition: enough that a slot that
+#: frees starts a held job at once while the top-up (at half of it) is leased, few enough that a
+#: full launcher with long jobs holds only a handful beyond what runs (the rest stays visible to
+#: the elastic queue and to other BatchJobs' launchers). Not per node: a large partition that
+#: starts many jobs has a high start rate, and the lookahead above grows with it.
+PREFETCH_FLOOR = 8
 #: Hand-over: tasks queued in the spawner behind each running local task (same demand, same CPUs).
 HANDOVER_DEPTH = 4
 #: ... only behind a task younger than this: a long task gives its queue back (cancelled) so that
@@ -401,9 +408,31 @@ def master_exit_code(reason: str) -> int:
 
 
 def prefetch_depth(nodes: Sequence[NodeInfo], per_slot: int) -> int:
-    """Jobs kept leased ahead of the free slots: ``per_slot`` per CPU of the partition, bounded."""
+    """The most jobs one fill of free room leases (the prefetch chunk): ``per_slot`` per CPU of the
+    partition, bounded (what is leased also stays within the room: :func:`free_room`)."""
     slots = sum(max(1, len(n.cpu_ids)) for n in nodes)
     return max(MIN_PREFETCH, min(MAX_PREFETCH, int(per_slot) * slots))
+
+
+def free_room(node_manager: NodeManager) -> int:
+    """Jobs the partition could start now, as the prefetcher sizes a fill of free room by: on each
+    node, as many as its free occupancy and idle CPUs hold of jobs the size of the running ones'
+    mean; with none running, one a node (the jobs' size is not known yet: the next fill, with those
+    placed, sizes the rest). GPUs are not counted: an estimate too high leases jobs the loop cannot
+    place, and then it holds them and leases no more room until it has placed them."""
+    nodes = [n for n in node_manager.nodes if not n.disabled]
+    jobs = sum(n.num_jobs for n in nodes)
+    if not jobs:
+        return len(nodes)
+    occupancy = sum(n.occupancy for n in nodes) / jobs  # of one job
+    cpus = sum(len(n.info.cpu_ids) - len(n.idle_cpus) for n in nodes) / jobs
+    room = 0
+    for node in nodes:
+        fits = int((1.0 - node.occupancy) / occupancy + 1e-6) if occupancy > 0 else len(node.idle_cpus)
+        if cpus > 0:
+            fits = min(fits, int(len(node.idle_cpus) / cpus + 1e-6))
+        room += max(0, fits)
+    return room
 
 
 class Master:
@@ -625,7 +654,10 @@ class Master:
             self._send_outbox()
         progress += self.handover.queue_behind(self.pending, self._launch_command, self._fail)
         self.handover.cancel_behind_old()
-        self.prefetcher.note_held(len(self.pending) + len(self.handover.queued))
+        held = len(self.pending) + len(self.handover.queued)
+        # With none held the loop placed every job it took: the partition may have room, which the
+        # prefetcher leases (in chunks); with some held it is full, and it leases only a lookahead.
+        self.prefetcher.note_held(held, free_room(self.node_manager) if not held else None)
         busy = bool(self.pool.running or self.remote or self.pending or self.handover.queued or self.prefetcher.backlog)
         self.stop.note_activity(busy or not self.prefetcher.exhausted)
         if not busy and self.prefetcher.exhausted:
@@ -915,6 +947,8 @@ def build_master(
         acquire_kwargs={"max_nodes_per_job": 1, "serial_only": True, **config.get("acquire_filter", {})},
         lookahead_sec=PREFETCH_LOOKAHEAD_SEC,
         max_depth=MAX_PREFETCH,
+        floor=PREFETCH_FLOOR,
+        room=len(nodes),  # an empty partition: one job per node (free_room)
     ).start()
     # The prefetcher opens the lease: the updates are sent under its Session (the one holding the
     # job now: a lost one is replaced), and the server refuses those of a job it no longer holds.
