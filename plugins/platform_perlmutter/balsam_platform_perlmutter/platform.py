@@ -6,7 +6,9 @@
 
 Nodes come from ``$SLURM_JOB_NODELIST`` (``nid[001234-001236,001240]``); when the launcher's
 environment sets ``CUDA_VISIBLE_DEVICES`` (the shared QOS, ``--gpus=1|2``), jobs get only the GPU
-ids it lists. NERSC's queues are Slurm QOS names (regular, debug, ...), so the site's Slurm
+ids it lists, and when ``$SLURM_JOB_CPUS_PER_NODE`` gives a node fewer logical CPUs than the whole
+node (an allocation without ``--exclusive``: the shared QOS), only that many cores
+(:func:`allocated_cores`). NERSC's queues are Slurm QOS names (regular, debug, ...), so the site's Slurm
 scheduler is set to pass the queue as ``--qos`` (``scheduler.options.queue_flag``). Runs are
 Slurm job steps, Balsam 0.7's ``PerlmutterRun`` line::
 
@@ -22,6 +24,9 @@ unless the job's launch_params bind otherwise.
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import shlex
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence
@@ -31,9 +36,12 @@ import attrs
 from balsam.builtin.default_platform import expand_hostlist
 from balsam.options import option
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, hardware_thread_ids, launch_param_args,
-    launch_option_name, launch_param_value, launch_params_to_pass, leading_job_number, parse_id_ranges,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, format_id_ranges, hardware_thread_ids,
+    launch_param_args, launch_option_name, launch_param_value, launch_params_to_pass, leading_job_number,
+    parse_id_ranges,
 )
+
+logger = logging.getLogger("balsam.platform.perlmutter")
 
 #: srun options the platform computes -> the launch_params keys that replace the computed value
 #: (as written in settings and jobs: bare, with dashes, or the short letter). An empty value
@@ -60,6 +68,63 @@ DUPLICATE_FLAGS = ("overlap",)
 DEFAULT_CPU_BIND = "cores"
 
 
+def parse_cpus_per_node(text: str) -> list[int]:
+    """Slurm's ``SLURM_JOB_CPUS_PER_NODE`` (``"32(x2),16"``) as one count per node, in node list
+    order (``[32, 32, 16]``); ValueError for another form."""
+    counts: list[int] = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if not match:
+            raise ValueError(f"not a count of CPUs per node: {item!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def allocated_cores(nodes: Sequence[NodeInfo], env: Mapping[str, str], hardware_threads_per_core: int,
+                    cores_per_node: int, own_cpus: Optional[set[int]] = None) -> list[NodeInfo]:
+    """``nodes`` with only as many cores as the allocation has on each (``SLURM_JOB_CPUS_PER_NODE``,
+    logical CPUs: divided by ``hardware_threads_per_core``; at least one). Slurm without
+    ``--exclusive`` (``-x exclusive=no``, the shared QOS) gives a job part of a node: one with all of
+    the node's cores packed steps whose ``srun --cpus-per-task`` Slurm refused ("More processors
+    requested than permitted"). Unset, a whole node, or a list that does not fit the nodes: ``nodes``
+    as they are. The core ids kept are the allocation's own on the launcher's node
+    (``SLURMD_NODENAME``; ``own_cpus``: its CPU affinity, logical CPU ``c`` is core
+    ``c % cores_per_node``) when they are among the node's, else the node's first ones. Logged in
+    one line when it narrows anything."""
+    text = env.get("SLURM_JOB_CPUS_PER_NODE")
+    if not text or not nodes:
+        return list(nodes)
+    try:
+        counts = parse_cpus_per_node(text)
+    except ValueError as exc:
+        logger.warning("SLURM_JOB_CPUS_PER_NODE=%s: %s; jobs get every core of the nodes", text, exc)
+        return list(nodes)
+    if len(counts) != len(nodes):
+        logger.warning("SLURM_JOB_CPUS_PER_NODE=%s gives %d nodes' counts for %d nodes; jobs get every core of the nodes",
+                       text, len(counts), len(nodes))
+        return list(nodes)
+    own = env.get("SLURMD_NODENAME", "")
+    narrowed: list[NodeInfo] = []
+    for node, logical in zip(nodes, counts):
+        cores = max(1, logical // max(1, hardware_threads_per_core))
+        if cores >= len(node.cpu_ids):
+            narrowed.append(node)
+            continue
+        kept = tuple(node.cpu_ids[:cores])
+        if own_cpus and node.hostname == own:
+            mine = sorted({c % cores_per_node for c in own_cpus} & set(node.cpu_ids))
+            if len(mine) == cores:
+                kept = tuple(mine)
+        narrowed.append(attrs.evolve(node, cpu_ids=kept))
+    changed = [(old, new) for old, new in zip(nodes, narrowed) if new is not old]
+    if changed:
+        old, new = changed[0]
+        logger.info("SLURM_JOB_CPUS_PER_NODE=%s: the allocation has part of the nodes' CPUs; jobs get only its cores "
+                    "(%s: %d of %d cores, %s)%s", text, new.hostname, len(new.cpu_ids), len(old.cpu_ids),
+                    format_id_ranges(new.cpu_ids), f"; {len(changed)} nodes narrowed" if len(changed) > 1 else "")
+    return narrowed
+
+
 def _override(params: dict[str, Any], option: str) -> tuple[bool, Any]:
     """``(given, value)`` of the launch param that replaces srun's ``option``; every alias of it, in
     any spelling (:func:`balsam.platform.launch_option_name`: ``"--cpu-bind=cores"`` too, its value
@@ -71,6 +136,13 @@ def _override(params: dict[str, Any], option: str) -> tuple[bool, Any]:
         if not given:
             given, value = True, found
     return given, value
+
+
+def _own_cpus() -> Optional[set[int]]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity support on this OS
+        return None
 
 
 @attrs.frozen
@@ -107,6 +179,9 @@ class PerlmutterGPUPlatform(Platform):
         self.cpu_ids = parse_id_ranges(self.options.cpu_ids or self.node_cpu_ids, where="launcher.platform_options.cpu_ids")
         gpus = self.options.gpu_ids or self.node_gpu_ids
         self.gpu_ids = tuple(g.strip() for g in gpus.split(",") if g.strip())
+        #: Logical CPUs of the allocation on its smallest node, once discover_nodes has read them
+        #: (0: not known, the whole node).
+        self.allocated_logical_cpus = 0
 
     # -- inside an allocation -------------------------------------------------------------------
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
@@ -115,7 +190,11 @@ class PerlmutterGPUPlatform(Platform):
             raise RuntimeError("$SLURM_JOB_NODELIST is not set: not inside a Slurm job")
         nodes = [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=self.gpu_ids)
                  for host in expand_hostlist(nodelist)]
-        # The shared QOS (--gpus=1|2) and partial-node allocations: Slurm names the job's GPUs there.
+        # The shared QOS (--gpus=1|2) and partial-node allocations: Slurm names the job's GPUs there,
+        # and counts the job's CPUs on each node.
+        cores_per_node = self.logical_cpus // self.hardware_threads_per_core
+        nodes = allocated_cores(nodes, env, self.hardware_threads_per_core, cores_per_node, _own_cpus())
+        self.allocated_logical_cpus = min(len(n.cpu_ids) for n in nodes) * self.hardware_threads_per_core if nodes else 0
         return cuda_visible_only(nodes, env)
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
@@ -150,6 +229,10 @@ class PerlmutterGPUPlatform(Platform):
         given, cpus = _override(params, "cpus-per-task")
         if not given:
             cpus = self.cpus_per_task(spec)
+        elif str(cpus) == str(self.logical_cpus) and 0 < self.allocated_logical_cpus < self.logical_cpus:
+            # The whole node (serial mode's workers: serial_mode_startup_params) is, in an allocation
+            # of part of the nodes, what the allocation has there: srun refuses more.
+            cpus = self.allocated_logical_cpus
         if cpus not in (None, ""):
             args += ["--cpus-per-task", str(cpus)]
         given, bind = _override(params, "cpu-bind")
@@ -162,7 +245,8 @@ class PerlmutterGPUPlatform(Platform):
 
     # -- serial mode ----------------------------------------------------------------------------
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
-        # srun binds a task to its --cpus-per-task logical CPUs: the worker gets them all.
+        # srun binds a task to its --cpus-per-task logical CPUs: the worker gets them all (those
+        # of the allocation when it has part of the node: mpi_launch_args).
         return {"cpus-per-task": str(self.logical_cpus)}
 
     #: CPU ids are cores: a job at threads_per_core N needs 1/N of its threads in ids (task_cpu_ids and

@@ -17,8 +17,17 @@ If the workers die (a rank killed, a node lost: the MPI launcher then ends every
 too, and exits non-zero; or it could not start them on a node that is down), the launcher process
 ends the master's Session itself (the master records it: :class:`~.serial_worker.SessionRecord`),
 so that its RUNNING jobs become RUN_TIMEOUT at once and are run again instead of waiting for the
-Session to expire; it logs at ERROR and records ``serial workers died (mpiexec exit N): <the end of
-the MPI launcher's output>`` in the BatchJob's ``status_info["error"]``.
+Session to expire; it logs at ERROR and records ``serial workers died (<launcher> exit N): <the end
+of the MPI launcher's output>`` in the BatchJob's ``status_info["error"]`` (``<launcher>``: the
+platform's MPI launcher as it was run, ``mpiexec``, ``srun``, ``aprun``).
+
+Not so when the launcher itself is stopping (the batch system's SIGTERM to the whole job: ``balsam
+queue term``, scancel, the time limit): the MPI launcher then exits by the signal too (``srun`` at
+once, -15) while the master, which Slurm signals separately, still ends its tasks and reports them
+RUN_TIMEOUT. The launcher waits for the master to close its Session (at most
+:meth:`SerialMode.stop_report_wait_sec`), records no error, and deletes the Session only if the
+master never closed it: deleting it under a live master had the server refuse the master's
+RUN_TIMEOUT reports (HTTP 409) and the jobs' reason said the Session was deleted.
 
 Serial mode runs only jobs of one rank on one node (``serial_only``): the server never leases it
 the others, which wait for an mpi-mode BatchJob. As it ends normally (idle, with time left), the
@@ -49,7 +58,7 @@ from balsam.util import api_text, tail_file
 from .._api import default_client, note_batch_job, report_batch_job_error
 from ..job_mode import JobMode, gpuless_acquire_filter
 from .serial_worker import (
-    EXIT_START_FAILED, LocalTransport, StartError, build_master, master_exit_code, rank_for_node, read_session_record,
+    EXIT_START_FAILED, FINAL_COLLECT_EXTRA_SEC, LocalTransport, StartError, build_master, master_exit_code, rank_for_node, read_session_record,
     record_start_error,
 )
 
@@ -66,6 +75,11 @@ SESSION_RECORD_POLL_SEC = 2.0
 #: mpi mode; the launcher waits at most MULTI_RANK_NOTE_WAIT_SEC for it.
 MULTI_RANK_SCAN_LIMIT = 500
 MULTI_RANK_NOTE_WAIT_SEC = 5.0
+#: An MPI launcher that exits by one of these while the launcher's own stop is not yet seen: the
+#: launcher waits this long for the same signal to reach it (the batch system signals every
+#: process of the job, in no set order) before it judges the exit as the workers' death.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNAL_SETTLE_SEC = 1.0
 
 
 def multi_rank_note(client: Any, site_id: int, filter_tags: Optional[dict[str, str]] = None) -> Optional[str]:
@@ -101,6 +115,8 @@ class SerialMode(JobMode):
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self._proc: "subprocess.Popen | None" = None
+        #: The MPI launcher as the workers' command line names it (``srun``, ``mpiexec``): its messages say it.
+        self._launcher_name = "mpiexec"
 
     def worker_config(self) -> dict[str, Any]:
         ctx = self.context
@@ -241,6 +257,9 @@ class SerialMode(JobMode):
         with open(config_path, "x") as fh:
             fh.write(json.dumps(config))
         cmd = self.command(str(config_path))
+        words = shlex.split(cmd)
+        if words:
+            self._launcher_name = Path(words[0]).name
         out_path = ctx.log_file("out")
         logger.info("serial mode: %d nodes; starting %s", len(ctx.nodes), cmd)
         with open(out_path, "ab") as out:
@@ -284,8 +303,53 @@ class SerialMode(JobMode):
             self._fail_start(failure)
             return 1
         if rc != 0:
+            if self._stopping(rc):
+                return self._workers_stopped(rc, hard_deadline)
             self._workers_exited(rc, out_path)
         return 0 if rc == 0 else 1
+
+    def _stopping(self, rc: int) -> bool:
+        """Whether the launcher itself is stopping (a signal, its wall time): the workers' exit
+        ``rc`` is then the stop's doing. An MPI launcher killed by a stop signal a moment before the
+        same signal reached this process (Slurm signals the job's processes in no set order) counts
+        too, once that signal arrives."""
+        if self.stop.requested:
+            return True
+        if (rc < 0 and -rc in STOP_SIGNALS) or (rc > 128 and rc - 128 in STOP_SIGNALS):
+            self.stop.event.wait(STOP_SIGNAL_SETTLE_SEC)
+        return self.stop.requested
+
+    def stop_report_wait_sec(self) -> float:
+        """How long a stopping launcher waits for the master to close its Session: the master's own
+        stop (its tasks' grace, the workers' last reports, :data:`FINAL_COLLECT_EXTRA_SEC`) and the
+        time to send its reports (:data:`EXIT_AFTER_CLOSE_SEC`)."""
+        return self.countdown.grace_sec + FINAL_COLLECT_EXTRA_SEC + EXIT_AFTER_CLOSE_SEC
+
+    def _workers_stopped(self, rc: int, hard_deadline: float) -> int:
+        """The MPI launcher exited ``rc`` while the launcher stops: the master (signalled by the
+        batch system, or by the MPI launcher before it went) may still be ending its tasks and
+        reporting them RUN_TIMEOUT under its Session. Wait for it to close that Session, bounded
+        (never past the allocation's end), as the normal end waits; no BatchJob error, which the
+        stop is not. A master that never closes it (dead with the workers) gets it deleted then,
+        so that its RUNNING jobs are RUN_TIMEOUT without waiting for the expiry."""
+        deadline = min(time.monotonic() + self.stop_report_wait_sec(),
+                       time.monotonic() + max(0.0, hard_deadline - time.time()))
+        while True:
+            record = read_session_record(self.session_path)
+            closed = record.get("closed") if record else None
+            if closed:
+                logger.info("serial workers (%s) exited with %s at the launcher's stop (%s); the master closed its "
+                            "session (%s)", self._launcher_name, rc, self.stop_reason, closed)
+                return master_exit_code(str(closed))
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        if record is not None:
+            logger.warning("serial workers (%s) exited with %s at the launcher's stop (%s) and the master did not "
+                           "close its session in %.0f s: ending it", self._launcher_name, rc, self.stop_reason,
+                           self.stop_report_wait_sec())
+            self._end_session(record)
+        return 1
 
     def _run_in_process(self, config: dict[str, Any]) -> int:
         """The master alone, in this process: no MPI launcher, no second Python start-up."""
@@ -330,7 +394,7 @@ class SerialMode(JobMode):
             return
         if record is not None:
             self._end_session(record)
-        reason = f"serial workers died (mpiexec exit {rc})"
+        reason = f"serial workers died ({self._launcher_name} exit {rc})"
         tail = _tail(out_path, int(self.context.setting("error_tail_num_lines")))
         logger.error("%s: %s", reason, tail or "no output")
         self._record_error(f"{reason}: {tail}" if tail else reason, "the workers' failure")
