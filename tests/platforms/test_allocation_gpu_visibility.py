@@ -126,6 +126,10 @@ def test_jobs_on_a_faked_perlmutter_shared_allocation(balsam_env, fake_machine, 
     assert str(done["mn"].state) == "FAILED"  # 4 one-GPU ranks per node, 2 GPUs: refused, not run on 2
     srun_lines = machine.records("srun")
     assert len(srun_lines) == 6 and all(r["env"]["CUDA_VISIBLE_DEVICES"] in ("0", "1") for r in srun_lines)
+    # The narrowing is logged while the nodes are discovered, before the log file is opened: it
+    # must still reach the launcher's log (docs/platforms/perlmutter.md says it is there).
+    (log_file,) = (site[1] / "log").glob("mpi_mode_*.log")
+    assert "CUDA_VISIBLE_DEVICES=0,1 in the launcher's environment" in log_file.read_text()
 
 
 @pytest.mark.slow

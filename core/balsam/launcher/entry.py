@@ -98,6 +98,44 @@ class ConsoleHandler(logging.StreamHandler):
         return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
+class HeldRecords(logging.Handler):
+    """Holds the ``balsam`` loggers' records of the node discovery, which runs before the launcher's
+    log file is opened (:func:`configure_logging` needs the partition): the platforms log there what
+    they narrowed (``CUDA_VISIBLE_DEVICES``, a shared allocation's cores), and that went nowhere.
+    :meth:`replay` hands them to the configured handlers; without any (an error before), only
+    those of WARNING and above, to stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger("balsam")
+        self._level = self._logger.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "HeldRecords":
+        self._logger.addHandler(self)
+        if self._logger.getEffectiveLevel() > logging.INFO:
+            self._logger.setLevel(logging.INFO)  # an INFO line must exist to be replayed
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+    def replay(self) -> None:
+        records, self.records = self.records, []
+        configured = any(getattr(h, "_balsam_launcher", False) for h in self._logger.handlers)
+        for record in records:
+            if configured:
+                target = logging.getLogger(record.name)
+                if target.isEnabledFor(record.levelno):
+                    target.handle(record)
+            elif record.levelno >= logging.WARNING and logging.lastResort is not None:
+                logging.lastResort.handle(record)
+
+
 def configure_logging(path: Path, settings: Any = None) -> None:
     """Log to ``path`` with the site's logging settings (and warnings to stderr)."""
     from balsam.config.schema import LoggingSettings
@@ -259,12 +297,16 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
     platform = _platform(settings)
     env = dict(os.environ)
     nodes = _nodes_from_env(env)
+    held = HeldRecords()
     if nodes is None:
-        try:
-            nodes = platform.discover_nodes(env)
-        except Exception as exc:
-            raise LauncherError(f"platform {platform.name!r} could not discover the nodes: {exc}") from None
+        with held:
+            try:
+                nodes = platform.discover_nodes(env)
+            except Exception as exc:
+                held.replay()
+                raise LauncherError(f"platform {platform.name!r} could not discover the nodes: {exc}") from None
     if not nodes:
+        held.replay()
         raise LauncherError(f"platform {platform.name!r} found no nodes in this allocation")
     if len(partitions) == 1 and partitions[0].num_nodes == 0:  # no --part: one partition of every node
         partitions = [Partition(partitions[0].job_mode, len(nodes), partitions[0].filter_tags)]
@@ -277,6 +319,7 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
 
     batch_job_id = find_batch_job_id(site_config.site_id, env, platform)
     if len(partitions) > 1:
+        held.replay()
         return _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_config, batch_job_id, start_time)
 
     partition = partitions[0]
@@ -300,6 +343,7 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
     os.environ["BALSAM_LAUNCHER_NODES"] = str(len(context.nodes))
     os.environ["BALSAM_JOB_MODE"] = partition.job_mode
     configure_logging(context.log_file("log"), settings)
+    held.replay()
     for line in ignored_settings_warnings(partition.job_mode, settings, getattr(site_config, "settings_path", "settings.yml")):
         logger.warning("%s", line)
     if credential is not None:
