@@ -57,10 +57,17 @@ class LocalQueue:
         try:
             with open(self.db_path) as fp:
                 return json.load(fp)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:
             # Writes are atomic (os.replace), so this is damage from outside: stop rather than
-            # reuse job ids the API already knows.
-            raise QueueError(f"{self.db_path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or move it") from None
+            # reuse job ids the API already knows. ValueError: JSONDecodeError, and the
+            # UnicodeDecodeError of bytes that are not UTF-8 (which named no file).
+            if isinstance(exc, json.JSONDecodeError):
+                detail = f"{exc.msg} at line {exc.lineno}"
+            elif isinstance(exc, UnicodeDecodeError):
+                detail = f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+            else:
+                detail = str(exc)
+            raise QueueError(f"{self.db_path} is not valid JSON ({detail}); fix or move it") from None
 
     def _write(self, db: dict[str, Any]) -> None:
         tmp = self.db_path.with_suffix(".json.tmp")

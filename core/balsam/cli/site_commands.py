@@ -126,12 +126,18 @@ def start(site_path: Optional[str], force: bool) -> None:
     click.echo(f"Started Balsam site agent [pid {pid}] on {socket.gethostname()} (logs in {path / 'log'})")
 
 
-def _stop(path: Path, timeout: float, force: bool) -> Optional[int]:
+def _stop(path: Path, timeout: float, force: bool, outcome: Optional[dict] = None) -> Optional[int]:
+    """Stop the agent; ``outcome["killed"]`` says whether --force had to kill it (SIGKILL after the timeout)."""
     from balsam.site.site_ops import stop_agent
 
     shown = {"last": -1}
+    outcome = outcome if outcome is not None else {}
+    outcome["killed"] = False
 
     def progress(elapsed: float, total: float) -> None:
+        # stop_agent kills the agent right after reporting a wait past the timeout (with --force).
+        if force and elapsed > total:
+            outcome["killed"] = True
         second = int(elapsed)
         if second >= 1 and second != shown["last"]:
             shown["last"] = second
@@ -151,9 +157,13 @@ def _stop(path: Path, timeout: float, force: bool) -> Optional[int]:
 def stop(site_path: Optional[str], timeout: float, force: bool) -> None:
     """Stop the site agent cleanly (SIGTERM, then wait)."""
     path = _site_path(site_path)
-    pid = _stop(path, timeout, force)
+    outcome: dict = {}
+    pid = _stop(path, timeout, force, outcome)
     if pid is None:
         click.echo("The site agent is not running.")
+    elif outcome.get("killed"):
+        # Not "shutdown OK": the agent skipped its clean stop (modules' close(), log buffer, session).
+        click.echo(f"Site agent [pid {pid}] did not stop within {timeout:.0f} s: killed (SIGKILL; no clean shutdown)")
     else:
         click.echo(f"Site agent [pid {pid}] shutdown OK")
 

@@ -12,6 +12,8 @@ Field types are plain Python annotations (``int``, ``str``, ``Optional[bool]``,
 An optional ``validate(self)`` method returns ``{field: problem}`` for checks across fields.
 """
 
+import logging
+import time
 from typing import Any, Optional
 
 import attrs
@@ -50,11 +52,32 @@ class LoggingSettings:
         problems = {}
         if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             problems["level"] = f"expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {self.level!r}"
+        # A format naming an unknown field ('%(nosuch)s') was accepted, then every record failed to
+        # format: an empty log and "--- Logging error ---" for each record on the agent's stderr.
+        problem = _log_format_problem(self.format, self.datefmt)
+        if problem:
+            problems[problem[0]] = problem[1]
         # 0 is accepted as well as 1 for unbuffered: a buffer of 0 or 1 record holds nothing back.
         for name in ("buffer_num_records", "flush_period"):
             if getattr(self, name) < 0:
                 problems[name] = f"must not be negative, got {getattr(self, name)!r}"
         return problems
+
+
+def _log_format_problem(fmt: str, datefmt: str) -> Optional[tuple[str, str]]:
+    """(key, problem) when a log record cannot be written with this format and date format."""
+    record = logging.makeLogRecord({"name": "balsam.check", "levelname": "INFO", "levelno": logging.INFO,
+                                    "msg": "settings check", "lineno": 1})
+    try:
+        time.strftime(datefmt)
+    except (ValueError, TypeError) as exc:
+        return "datefmt", f"not a strftime format ({exc}): {datefmt!r}"
+    try:
+        logging.Formatter(fmt, datefmt).format(record)
+    except (ValueError, TypeError, KeyError) as exc:
+        detail = f"unknown field {exc}" if isinstance(exc, KeyError) else str(exc)
+        return "format", f"cannot format a log record ({detail}): {fmt!r}"
+    return None
 
 
 @attrs.define

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import math
 import os
 import types
 import typing
@@ -67,6 +68,23 @@ _RETIRED_KEYS = {
 #: What a launcher reads of settings.yml (``only=``): core sections, no agent-module schema needed.
 LAUNCHER_SECTIONS: tuple[str, ...] = ("logging", "filter_tags", "launcher")
 
+#: The most seconds a duration key (an agent module's period, a ``*_sec`` or ``*period`` key) may
+#: hold: a year. Longer waits overflowed the platform's time_t in the agent's module loop
+#: ("OverflowError: timestamp out of range", the module's thread died); a year stays far below
+#: threading.TIMEOUT_MAX.
+MAX_DURATION_SEC = 365 * 86400
+
+
+def _is_duration_key(name: str) -> bool:
+    return name.endswith(("_sec", "_seconds", "period"))
+
+
+def _duration_problem(value: Any) -> Optional[str]:
+    """Why ``value`` cannot be a duration in seconds (None when it can)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_DURATION_SEC:
+        return f"must be at most {MAX_DURATION_SEC} seconds (a year), got {_show(value)}"
+    return None
+
 
 def _validator_message(exc: Exception) -> str:
     """One line from an attrs validator's error: its own message (attrs' ``in_`` and ``ge`` say
@@ -106,13 +124,16 @@ class _RecursiveYAML(ValueError):
         super().__init__(f"{_dotted(path)} is an alias of a node that contains it (data that contains itself)")
 
 
-def _line_map(text: str) -> dict[tuple, int]:
+def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = None) -> dict[tuple, int]:
     """Key path -> 1-based line of that key (or list item) in the YAML text.
 
     Walked with an explicit stack, each node once: a node reached again through an alias keeps
     the lines of its first place (a document of nested aliases would otherwise take exponential
     time), and an alias inside the node it names raises :class:`_RecursiveYAML` (it recursed until
-    "maximum recursion depth exceeded")."""
+    "maximum recursion depth exceeded").
+
+    ``duplicates``: gets (key path, line, line of the key's first place) for each key written twice
+    in one mapping, which YAML loaders accept silently (the last one wins)."""
     lines: dict[tuple, int] = {}
     try:
         root = yaml.compose(text, Loader=_FAST_YAML_LOADER)
@@ -141,6 +162,15 @@ def _line_map(text: str) -> dict[tuple, int]:
             children = [(index, item.start_mark.line + 1, item) for index, item in enumerate(node.value)]
         else:
             continue
+        if duplicates is not None and isinstance(node, yaml.MappingNode):
+            first_lines: dict[Any, int] = {}
+            for key, line, _child in children:
+                if key == "<<":  # YAML merge keys may repeat
+                    continue
+                if key in first_lines:
+                    duplicates.append((path + (key,), line, first_lines[key]))
+                else:
+                    first_lines[key] = line
         for key, line, child in reversed(children):
             lines.setdefault(path + (key,), line)
             if id(child) in open_nodes:
@@ -225,6 +255,10 @@ class _Checker:
             return self.fail(path, f"expected an integer, got {_show(data)}")
         if tp is float:
             if isinstance(data, (int, float)) and not isinstance(data, bool):
+                # .nan and .inf are YAML floats; no option means them (a NaN period made the agent's
+                # module loop spin, an infinite one ended its thread).
+                if isinstance(data, float) and not math.isfinite(data):
+                    return self.fail(path, f"expected a finite number, got {_show(data)}")
                 return float(data)
             return self.fail(path, f"expected a number, got {_show(data)}")
         if tp is str:
@@ -275,6 +309,10 @@ class _Checker:
                 ok = False
                 continue
             converted = self.value(item, hints.get(key, Any), path + (key,))
+            problem = _duration_problem(converted) if _is_duration_key(key) else None
+            if problem:
+                self.fail(path + (key,), problem)
+                converted = self.INVALID
             if converted is self.INVALID:
                 ok = False
             else:
@@ -496,6 +534,8 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
         converted = checker.value(value, spec.schema, (key,))
         if converted is not checker.INVALID:
             sections[key] = converted
+            if spec.disableable:
+                _check_module_periods(key, converted, checker)
     for key, spec in specs.items():
         if key not in data:
             sections[key] = None if spec.disableable else spec.default()
@@ -514,6 +554,22 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
     settings = Settings(ordered, source=source, only=only)
     object.__setattr__(settings, "warnings", _section_warnings(ordered, checker))
     return settings
+
+
+def _check_module_periods(key: str, section: Any, checker: _Checker) -> None:
+    """An agent module's period fields (its class's ``period_fields``, whatever their names) hold
+    at most :data:`MAX_DURATION_SEC`: the agent waits that long between two cycles."""
+    from balsam.plugins.manager import get_plugin_manager
+
+    record = get_plugin_manager().list_drivers("agent_module").get(key)
+    cls = record.obj if record is not None and record.status == "ok" else None
+    for name in getattr(cls, "period_fields", ()) or ():
+        if _is_duration_key(name):
+            continue  # checked with the section's keys
+        value = section.get(name) if isinstance(section, dict) else getattr(section, name, None)
+        problem = _duration_problem(value)
+        if problem:
+            checker.fail((key, name), problem)
 
 
 def _section_warnings(sections: dict[str, Any], checker: "_Checker") -> tuple[str, ...]:
@@ -661,10 +717,15 @@ def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Co
         data = yaml.load(text, Loader=_FAST_YAML_LOADER)
     except yaml.YAMLError:
         data = _load_yaml_for_its_error(text, source)
+    duplicates: list[tuple[tuple, int, int]] = []
     try:
-        lines = _line_map(text)
+        lines = _line_map(text, duplicates)
     except _RecursiveYAML as exc:
         raise SettingsError([f"{source}:{exc.line}: invalid YAML: {exc}"]) from None
+    if duplicates:
+        # The loaders keep the last value silently: a section written twice lost its first half.
+        raise SettingsError([f"{source}:{line} {_dotted(path)}: duplicate key (first at line {first})"
+                             for path, line, first in sorted(duplicates, key=lambda item: item[1])])
     return parse_settings(data, source=source, lines=lines, only=only)
 
 

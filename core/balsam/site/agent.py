@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import signal
 import socket
@@ -61,6 +62,8 @@ ALIVE_NOTE_SEC = 600.0
 #: A module cycle failing again with an error it failed with since it last succeeded (same exception
 #: type and message) is logged in full once, then at most once per this many seconds, with a count.
 REPEATED_ERROR_LOG_SEC = 300.0
+#: The longest wait between two cycles of a module (a year; settings.yml refuses longer periods).
+MAX_CYCLE_DELAY_SEC = 365 * 86400.0
 
 
 class AgentError(RuntimeError):
@@ -328,6 +331,9 @@ class Agent:
         self._modules_given = modules is not None
         self.stop_event = threading.Event()
         self.stop_reason = "signal"
+        #: The last SIGTERM/SIGINT/SIGHUP received (set by the signal handler, which takes no lock).
+        self.signal_received: Optional[int] = None
+        self._signal_pipe: Optional[tuple[int, int]] = None
         self.threads: list[threading.Thread] = []
         self._dead_threads: set[str] = set()
         self.cycles: dict[str, int] = {}
@@ -386,6 +392,7 @@ class Agent:
         name = module.name
         backoff = 0.0
         repeated = _RepeatedErrors(self.clock)
+        bad_delay_warned: set[str] = set()
         while not self.stop_event.is_set():
             delay: Optional[float]
             self._cycle_started[name] = time.monotonic()
@@ -422,20 +429,56 @@ class Agent:
                 self._cycle_started.pop(name, None)
             if delay is None:
                 delay = module.period
+            if not math.isfinite(delay) or delay > MAX_CYCLE_DELAY_SEC:
+                # A NaN wait returns at once (a busy loop); one past the platform's time_t raises
+                # OverflowError and ends the module's thread. A plugin module could compute either.
+                usable = MAX_CYCLE_DELAY_SEC if delay > MAX_CYCLE_DELAY_SEC else float(AgentModule.default_period)
+                if name not in bad_delay_warned:
+                    bad_delay_warned.add(name)
+                    logger.warning("%s: cannot wait %r s before the next cycle (not a finite number of seconds "
+                                   "up to %.0f); waiting %.0f s instead", name, delay, MAX_CYCLE_DELAY_SEC, usable)
+                delay = usable
             logger.debug("%s: cycle %d done; next in %.2f s", name, self.cycles.get(name, 0), delay)
             if delay > 0:
                 self.stop_event.wait(delay)
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            logger.info("received %s: stopping", signal.Signals(signum).name)
-            self.request_stop("signal")
+        # The handler runs on the main thread between two bytecodes, possibly while that thread
+        # holds stop_event's Condition lock (inside stop_event.wait() in wait()) or the logging
+        # module's lock: stop_event.set() or a log call there waits for ever on a lock its own
+        # thread holds (`balsam site stop` then gave up after 45 s). So it takes no lock: it
+        # records the signal and writes one byte to a pipe; a helper thread logs and stops.
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)  # a burst of signals must never block the handler
+        self._signal_pipe = (read_fd, write_fd)
 
+        def handler(signum: int, _frame: Any) -> None:
+            self.signal_received = signum
+            try:
+                os.write(write_fd, b"\0")
+            except OSError:  # pipe full (a byte already waits) or closed: the stop is on its way
+                pass
+
+        threading.Thread(target=self._serve_signals, args=(read_fd,), name="agent-signals", daemon=True).start()
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
         # A foreground agent's terminal or ssh session closing: without a handler SIGHUP killed it with
         # no shutdown (log buffer lost, modules not closed, processing session held, pid file left).
         signal.signal(signal.SIGHUP, handler)
+
+    def _serve_signals(self, read_fd: int) -> None:
+        """The signal handler's other half (a thread of its own, free to take locks): log the
+        signal and stop the agent."""
+        while True:
+            try:
+                if not os.read(read_fd, 1):
+                    return
+            except OSError:
+                return
+            signum = self.signal_received
+            name = signal.Signals(signum).name if signum is not None else "a signal"
+            logger.info("received %s: stopping", name)
+            self.request_stop("signal")
 
     def request_stop(self, reason: str = "signal") -> None:
         if not self.stop_event.is_set():

@@ -19,6 +19,11 @@ Each cycle (``scheduler.sync_period`` seconds):
    gets a site-scoped credential minted before its submission; see
    :mod:`balsam.site.launcher_credentials`).
 
+A BatchJob that ended whose launcher wrote its one-line ``Error: ...`` last (a settings.yml broken
+since the agent started: every launcher exits 1 at once, which the scheduler reports only as "exit
+status 1") gets that line in ``status_info["launcher_error"]``, read from the tail of the job's
+output file (``qsubmit/qlaunch<id:05d>.sh.output`` or ``.output``).
+
 Every refusal or failure is written to the BatchJob's ``status_info`` (``error``, ``error_time``), where
 ``balsam queue ls -v`` and the API show it; so is the scheduler's reason for keeping a queued job
 waiting (``scheduler_reason``, e.g. Slurm's ``PartitionNodeLimit``), updated when it changes and removed
@@ -38,6 +43,7 @@ from typing import Any, Optional
 import attrs
 
 from ...batch_job_rules import BatchJobRefused, check_batch_job
+from ...config import LAUNCHER_SECTIONS, load_settings
 from ...models import AllowedQueue
 from ...options import option
 from ...scheduler import (
@@ -240,6 +246,39 @@ def _tags_match(batch_job_tags: dict, site_tags: dict) -> bool:
 
 
 #: In the error of a BatchJob whose job left the queue while the history lookup kept failing.
+#: Bytes read from the end of a finished BatchJob's output file for the launcher's error line.
+LAUNCHER_OUTPUT_TAIL_BYTES = 8192
+
+
+def launcher_error_line(script: Path) -> Optional[str]:
+    """The launcher's last one-line error (``Error: ...``, its convention for a launcher that cannot
+    start) at the end of the job's output file, else None. The drivers name that file
+    ``<script>.output`` (local) or ``<script stem>.output`` (PBS, Slurm); the newer one is read,
+    its last ``LAUNCHER_OUTPUT_TAIL_BYTES`` only (a job's output can be large)."""
+    found = []
+    for candidate in (script.with_name(script.name + ".output"), script.with_suffix(".output")):
+        try:
+            found.append((candidate.stat().st_mtime, candidate))
+        except OSError:
+            continue
+    if not found:
+        return None
+    path = max(found)[1]
+    try:
+        with open(path, "rb") as fp:
+            fp.seek(0, os.SEEK_END)
+            fp.seek(max(0, fp.tell() - LAUNCHER_OUTPUT_TAIL_BYTES))
+            tail = fp.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    # Only when the error is the output's last word: an earlier one the launcher survived tells
+    # nothing about how the job ended.
+    if lines and lines[-1].startswith("Error:"):
+        return lines[-1]
+    return None
+
+
 _LOOKUP_FAILING = "left the queue; its history lookup keeps failing"
 
 #: How the scheduler drivers start the message of a history record without a start time.
@@ -303,6 +342,10 @@ class SchedulerModule(AgentModule):
         self._poll_answered = False
         #: The last backfill query's failure ("" after one answered): warned once, not every cycle.
         self._backfill_error = ""
+        #: Why settings.yml does not load as a launcher reads it ("" when it does), looked at once per
+        #: cycle with a submission to make (None: not yet this cycle), and the last one logged.
+        self._settings_problem: Optional[str] = None
+        self._settings_problem_logged = ""
         self.credentials = LauncherCredentials(client, self.site_path, self.site_id)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -368,6 +411,7 @@ class SchedulerModule(AgentModule):
                     queued_counts[b["queue"]] = queued_counts.get(b["queue"], 0) + 1
         self._histories, self._history_unknown = self._fetch_histories(batch_jobs, statuses)
         self._store_submit_tokens(batch_jobs, queued_counts)
+        self._settings_problem = None  # read again if this cycle submits
 
         for batch_job in sorted(batch_jobs, key=lambda b: b["id"]):
             update: dict = {}
@@ -634,6 +678,7 @@ class SchedulerModule(AgentModule):
             update.update(state=final.value, end_time=format_datetime(utcnow()))
             self._error(update, batch_job, f"scheduler job {scheduler_id} left the queue and has no history record")
             update["status_info"].pop("scheduler_reason", None)  # why it waited: outdated once it ended
+            self._note_launcher_error(batch_job, update["status_info"])
             return
         self.missing_counts.pop(batch_job["id"], None)
         self.missed_since.pop(batch_job["id"], None)
@@ -670,9 +715,43 @@ class SchedulerModule(AgentModule):
             info["scheduler_message"] = clean_text(message)
         if final == BatchJobState.submit_failed:
             info.update(error=clean_text(history.message) or f"the scheduler never ran job {scheduler_id}", error_time=iso_now())
+        self._note_launcher_error(batch_job, info)
         if info != (batch_job.get("status_info") or {}):
             update["status_info"] = info
         self.logger.info("BatchJob %s: scheduler job %s %s", batch_job["id"], scheduler_id, final.value)
+
+    def _launcher_settings_problem(self) -> str:
+        """Why the site's settings.yml does not load as a launcher reads it ("" when it does, or
+        when there is no such file to read). Read once per cycle that has a submission to make;
+        logged once when the problem appears or changes, and once when it is gone."""
+        if self._settings_problem is not None:
+            return self._settings_problem
+        path = self.site_path / "settings.yml"
+        problem = ""
+        if path.exists():
+            try:
+                load_settings(path, only=LAUNCHER_SECTIONS, log_warnings=False)
+            except Exception as exc:  # SettingsError, or a reading problem: either stops the launcher
+                problem = clean_text(str(exc))
+        if problem and problem != self._settings_problem_logged:
+            self.logger.error("submissions held: settings.yml does not load, so launchers could not start: %s", problem)
+        elif not problem and self._settings_problem_logged:
+            self.logger.info("settings.yml loads again: submissions resume")
+        self._settings_problem = self._settings_problem_logged = problem
+        return problem
+
+    def _note_launcher_error(self, batch_job: dict, info: dict) -> None:
+        """Put the launcher's last ``Error:`` line (see :func:`launcher_error_line`) into the ended
+        BatchJob's ``info``: the scheduler says only "exit status 1", and the reason was in the
+        output file alone. Sent with the cycle's other updates (one bulk PATCH)."""
+        try:
+            line = launcher_error_line(self.script_path(batch_job["id"]))
+        except Exception:  # a reading problem must not keep the BatchJob from ending
+            self.logger.exception("BatchJob %s: cannot read its output file", batch_job["id"])
+            return
+        if line:
+            info["launcher_error"] = clean_text(line)
+            self.logger.warning("BatchJob %s: its launcher failed: %s", batch_job["id"], clean_text(line))
 
     def _delete_never_running(self, batch_job: dict, status: SchedulerJobStatus, update: dict) -> None:
         """The scheduler still lists the job but says it will never run (Cobalt's dep_fail): it
@@ -747,6 +826,13 @@ class SchedulerModule(AgentModule):
             self._record_submitted(batch_job, script, scheduler_id, update, "already submitted")
             return
         if self._held_back(batch_job, queued_counts, update):
+            return
+        problem = self._launcher_settings_problem()
+        if problem:
+            # Its launcher would exit at once reading the file (the agent read it at its start):
+            # the allocation wasted, and the BatchJob "finished" with the scheduler's "exit status 1".
+            self._set_waiting(batch_job, update, f"waiting: settings.yml does not load, so its launcher could "
+                                                 f"not start (fix the file): {problem}")
             return
         request = self._submit_request(batch_job, script)
         pending = script.with_name(script.name + ".submitting")
