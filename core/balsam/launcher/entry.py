@@ -298,52 +298,54 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
     env = dict(os.environ)
     nodes = _nodes_from_env(env)
     held = HeldRecords()
-    if nodes is None:
-        with held:
-            try:
-                nodes = platform.discover_nodes(env)
-            except Exception as exc:
-                held.replay()
-                raise LauncherError(f"platform {platform.name!r} could not discover the nodes: {exc}") from None
-    if not nodes:
+    # Every way out replays what the discovery logged (an error before the log file opens
+    # included: a warning there may be what explains it).
+    try:
+        if nodes is None:
+            with held:
+                try:
+                    nodes = platform.discover_nodes(env)
+                except Exception as exc:
+                    raise LauncherError(f"platform {platform.name!r} could not discover the nodes: {exc}") from None
+        if not nodes:
+            raise LauncherError(f"platform {platform.name!r} found no nodes in this allocation")
+        if len(partitions) == 1 and partitions[0].num_nodes == 0:  # no --part: one partition of every node
+            partitions = [Partition(partitions[0].job_mode, len(nodes), partitions[0].filter_tags)]
+        for p in partitions:
+            _job_mode_class(p.job_mode)  # fail fast on a misspelt mode, before anything starts
+        node_groups = split_nodes(nodes, partitions)
+
+        from ._api import find_batch_job_id
+        from .job_mode import LauncherContext
+
+        batch_job_id = find_batch_job_id(site_config.site_id, env, platform)
+        if len(partitions) > 1:
+            held.replay()  # now, not after the partitions' run
+            return _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_config, batch_job_id, start_time)
+
+        partition = partitions[0]
+        context = LauncherContext(
+            site_config=site_config,
+            settings=settings,
+            site_id=site_config.site_id,
+            data_path=site_config.data_path,
+            log_path=site_config.log_path,
+            platform=platform,
+            nodes=node_groups[0],
+            wall_time_min=wall_time_min,
+            filter_tags={**base_tags, **partition.filter_tags},
+            batch_job_id=batch_job_id,
+            job_mode=partition.job_mode,
+            partition_index=partition_index,
+            start_time=start_time,
+            early_lease=early_lease if early_lease is not None and early_lease.batch_job_id == batch_job_id else None,
+        )
+        # Jobs (and serial workers) see which mode and how many nodes run them, as in Balsam 0.7.
+        os.environ["BALSAM_LAUNCHER_NODES"] = str(len(context.nodes))
+        os.environ["BALSAM_JOB_MODE"] = partition.job_mode
+        configure_logging(context.log_file("log"), settings)
+    finally:
         held.replay()
-        raise LauncherError(f"platform {platform.name!r} found no nodes in this allocation")
-    if len(partitions) == 1 and partitions[0].num_nodes == 0:  # no --part: one partition of every node
-        partitions = [Partition(partitions[0].job_mode, len(nodes), partitions[0].filter_tags)]
-    for p in partitions:
-        _job_mode_class(p.job_mode)  # fail fast on a misspelt mode, before anything starts
-    node_groups = split_nodes(nodes, partitions)
-
-    from ._api import find_batch_job_id
-    from .job_mode import LauncherContext
-
-    batch_job_id = find_batch_job_id(site_config.site_id, env, platform)
-    if len(partitions) > 1:
-        held.replay()
-        return _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_config, batch_job_id, start_time)
-
-    partition = partitions[0]
-    context = LauncherContext(
-        site_config=site_config,
-        settings=settings,
-        site_id=site_config.site_id,
-        data_path=site_config.data_path,
-        log_path=site_config.log_path,
-        platform=platform,
-        nodes=node_groups[0],
-        wall_time_min=wall_time_min,
-        filter_tags={**base_tags, **partition.filter_tags},
-        batch_job_id=batch_job_id,
-        job_mode=partition.job_mode,
-        partition_index=partition_index,
-        start_time=start_time,
-        early_lease=early_lease if early_lease is not None and early_lease.batch_job_id == batch_job_id else None,
-    )
-    # Jobs (and serial workers) see which mode and how many nodes run them, as in Balsam 0.7.
-    os.environ["BALSAM_LAUNCHER_NODES"] = str(len(context.nodes))
-    os.environ["BALSAM_JOB_MODE"] = partition.job_mode
-    configure_logging(context.log_file("log"), settings)
-    held.replay()
     for line in ignored_settings_warnings(partition.job_mode, settings, getattr(site_config, "settings_path", "settings.yml")):
         logger.warning("%s", line)
     if credential is not None:
