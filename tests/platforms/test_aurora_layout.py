@@ -97,7 +97,10 @@ def test_launch_lines_as_balsam_07_builds_them() -> None:
     assert line[:8] == ["mpiexec", "-n", "24", "--ppn", "12", "--hosts", ",".join(hosts), "--cpu-bind"]
     assert line[8] == "list:" + ":".join([f"{1 + 8 * r}-{8 + 8 * r}" for r in range(6)]
                                          + [f"{53 + 8 * r}-{60 + 8 * r}" for r in range(6)])
-    assert line[9:] == ["-d", "1", "--envall"]
+    assert line[9:12] == ["-d", "1", "--envall"]
+    # A multi-node GPU job: every node's tiles, the same on every node (the ranks' wrapper picks one each)
+    assert line[12:] == ["--env", "ZE_ENABLE_PCI_ID_DEVICE_ORDER=1", "--env", "ZE_FLAT_DEVICE_HIERARCHY=FLAT",
+                         "--env", "ZE_AFFINITY_MASK=0,1,2,3,4,5,6,7,8,9,10,11"]
     # A packed single-node job: the assigned cores, 2 per rank; hyperthreads with threads_per_core=2.
     spec = LaunchSpec(cmdline="app", hostnames=hosts[:1], ranks_per_node=2, threads_per_rank=4, threads_per_core=2,
                       cpu_ids=[[10, 11, 12, 13]], gpu_ids=[["1.0"]])

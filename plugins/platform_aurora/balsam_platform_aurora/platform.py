@@ -16,8 +16,10 @@ hierarchy (``ZE_FLAT_DEVICE_HIERARCHY``): in FLAT mode (Level Zero's default, an
 ``g * 2 + t``, two tiles to a GPU in hardware whatever the option ``tiles_per_gpu``, 1 or 2); only in COMPOSITE mode does the mask take ``GPU.tile`` ids. The mode is
 the launcher's own (option ``device_hierarchy: inherit``; unset means FLAT) or the option's, and is
 always set next to the mask, so the two cannot disagree; the option's mode is set for jobs without
-a mask too (multi-node, CPU-only: ``job_environment``), and the launcher sets these variables again
-after a job's shell preamble. ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` makes the ids follow the PCI
+a mask too (CPU-only: ``job_environment``), and the launcher sets these variables again
+after a job's shell preamble. A multi-node GPU job (whole nodes, no tiles assigned) gets the mask of
+all of a node's tiles, the same on every node, as ``--env`` on its ``mpiexec`` line
+(``whole_node_environment``), so per-rank wrappers that narrow the mask work there too. ``ZE_ENABLE_PCI_ID_DEVICE_ORDER=1`` makes the ids follow the PCI
 order; CUDA variables mean nothing to Level Zero and are never set. ``threads_per_core`` above the
 2 hardware threads of a core counts as 2 (``hardware_threads_per_core``).
 
@@ -35,6 +37,7 @@ acquiring when it is reached.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -48,8 +51,11 @@ from balsam.platform import (
     PALS_RESERVED_OPTIONS,
     LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_domains_of, cpu_ids_errors, first_launch_param,
     gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
-    leading_job_number, near_cpus_of, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
+    format_id_ranges, leading_job_number, near_cpus_of, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
 )
+from balsam.util import first_warning
+
+logger = logging.getLogger("balsam.platform.aurora")
 
 #: launch_params keys that name the CPU binding (``--cpu-bind`` itself, or as users write it in 0.7).
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
@@ -61,6 +67,8 @@ DEPTH_KEYS = ("depth", "d", "-d", "--depth")
 RESERVED_OPTIONS = PALS_RESERVED_OPTIONS
 #: Flags the line has already: a launch param naming one is dropped without a warning.
 DUPLICATE_FLAGS = ("envall",)
+#: Bindings PALS lays out from core 0 of each node, whatever cores balsam assigned the job.
+RELATIVE_BINDINGS = ("depth", "core")
 #: Hardware threads per core of the Xeon Max 9470C (2 per core: 208 on 104 cores).
 HARDWARE_THREADS_PER_CORE = 2
 #: Tiles of one Intel Data Center GPU Max 1550: the flat devices one whole GPU is in FLAT mode.
@@ -188,12 +196,25 @@ class AuroraOptions:
     )
 
     def validate(self) -> dict[str, str]:
-        errors = cpu_ids_errors(self.cpu_ids)
+        errors = cpu_ids_errors(self.cpu_ids) or cpu_ids_thread_errors(self.cpu_ids, self.hyperthread_offset)
         errors.update(tiles_per_gpu_errors(self.tiles_per_gpu))
         errors.update(gpu_cpu_map_errors("gpu_cpus", self.gpu_cpus))
         if self.device_hierarchy.strip().lower() not in HIERARCHY_CHOICES:
             errors["device_hierarchy"] = f"{self.device_hierarchy!r} is not one of {', '.join(HIERARCHY_CHOICES)}"
         return errors
+
+
+def cpu_ids_thread_errors(text: str, hyperthread_offset: int) -> dict[str, str]:
+    """``{"cpu_ids": why}`` when ``cpu_ids`` names hardware threads (ids from ``hyperthread_offset``
+    on): the ids are cores, whose second threads the binding adds at threads_per_core=2, so core 105
+    would be bound to thread 209, which does not exist (``0-207``, the node's 208 CPUs, is the easy
+    mistake)."""
+    threads = [i for i in parse_id_ranges(text) if i >= hyperthread_offset > 0]
+    if not threads:
+        return {}
+    return {"cpu_ids": f"{format_id_ranges(threads)} are hardware threads, not cores: the ids are cores "
+                       f"0-{hyperthread_offset - 1} (the default 1-51,53-103 leaves cores 0 and 52 to the system "
+                       "services ALCF's guide reserves them for)"}
 
 
 def tiles_per_gpu_errors(value: int) -> dict[str, str]:
@@ -221,6 +242,8 @@ class AuroraPlatform(Platform):
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
         self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
+        for name, problem in cpu_ids_thread_errors(self.options.cpu_ids, self.options.hyperthread_offset).items():
+            raise ValueError(f"launcher.platform_options.{name}: {problem}")
         for name, problem in tiles_per_gpu_errors(self.options.tiles_per_gpu).items():
             raise ValueError(f"launcher.platform_options.{name}: {problem}")
         self.gpu_ids = tile_ids(self.options.gpus_per_node, self.options.tiles_per_gpu)
@@ -261,17 +284,54 @@ class AuroraPlatform(Platform):
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
         depth = first_launch_param(params, DEPTH_KEYS) or spec.threads_per_rank
+        bind = self.cpu_binding(spec)
+        self._warn_relative_binding_on_a_shared_node(spec, bind)
         args = [
             *shlex.split(self.options.mpiexec),
             "-n", str(spec.num_ranks),
             "--ppn", str(max(1, spec.ranks_per_node)),
             "--hosts", ",".join(spec.hostnames),
-            "--cpu-bind", self.cpu_binding(spec),
+            "--cpu-bind", bind,
             "-d", str(depth),
             "--envall",
         ]
+        for name, value in self.whole_node_environment(spec).items():
+            args += ["--env", f"{name}={value}"]
         passed = launch_params_to_pass(spec, args, RESERVED_OPTIONS, params=params, duplicates=DUPLICATE_FLAGS)
         return args + launch_param_args(passed, skip=CPU_BIND_KEYS + DEPTH_KEYS)
+
+    def whole_node_environment(self, spec: LaunchSpec) -> dict[str, str]:
+        """The mask of all of a node's tiles (and its hierarchy) for a multi-node GPU job, which the
+        launcher gives no GPU ids (it owns whole nodes): without a mask, a wrapper that narrows
+        Balsam's mask per rank (tile_per_rank.sh, docs/platforms/aurora.md) leaves every rank on all
+        12 tiles. It is the same on every node, so it goes on the line as PALS ``--env``, which the
+        ranks get over ``--envall`` and whatever the job's preamble exported. Nodes are not narrowed
+        per allocation here (``discover_nodes`` gives every node all tiles), so it is all of them."""
+        if len(spec.hostnames) < 2 or spec.gpus_per_rank <= 0 or any(spec.gpu_ids):
+            return {}
+        return self.gpu_environment(self.gpu_ids)
+
+    def _warn_relative_binding_on_a_shared_node(self, spec: LaunchSpec, bind: str) -> None:
+        """A job given part of a node (node packing) is bound to the cores it was assigned only by
+        the computed ``list:...``: PALS lays ``depth`` and ``core`` out from core 0 of each node, so
+        packed jobs with ``--cpu-bind depth -d 3`` (ALCF's usual line) all run on the same cores,
+        reserved core 0 included. A job assigned exactly the node's first cores (on every node) is
+        where PALS puts it: no warning. Once per app and binding (:func:`balsam.util.first_warning`)."""
+        assigned = set(spec.cpu_ids[0]) if spec.cpu_ids else set()
+        kind = bind.split(":", 1)[0].strip().lower()
+        if kind not in RELATIVE_BINDINGS or not assigned:
+            return
+        # From the node's core 0, not the first of cpu_ids: PALS does not know the reserved cores.
+        from_first_core = all(sorted(cores) == list(range(len(cores))) for cores in spec.cpu_ids)
+        if assigned >= set(self.cpu_ids) or from_first_core:
+            return
+        if not first_warning((spec.app_id, "relative cpu-bind on a shared node", kind)):
+            return
+        of = "" if spec.job_id is None else f" of job {spec.job_id}"
+        logger.warning("--cpu-bind %s%s (app %s) on a node it may share: PALS binds its ranks from core 0 of the node "
+                       "(core 0 is reserved for the system), not to the cores balsam assigned it (%s), so jobs "
+                       "packed on the node overlap; leave cpu-bind unset for a list:... of its own cores (warned "
+                       "once per app)", bind, of, spec.app_id, format_id_ranges(sorted(assigned)))
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         # The computed default binding (list:<every core>) would leave out the second hardware
@@ -309,8 +369,10 @@ class AuroraPlatform(Platform):
 
     def job_environment(self, gpu_ids: Sequence[str]) -> dict[str, str]:
         """The mask and its hierarchy for a job given tiles; for every other job (CPU-only, or
-        multi-node: whole nodes, no mask) the hierarchy the option ``device_hierarchy`` names, when
-        it names one: "set it for every job". With ``inherit`` such a job keeps the launcher's."""
+        multi-node: whole nodes, no tiles assigned) the hierarchy the option ``device_hierarchy``
+        names, when it names one: "set it for every job". With ``inherit`` such a job keeps the
+        launcher's. A multi-node GPU job's mask (every tile of a node) is on its mpiexec line
+        (:meth:`whole_node_environment`): only the line knows the job's node count and GPUs."""
         if gpu_ids:
             return self.gpu_environment(gpu_ids)
         if self.options.device_hierarchy.strip().lower() == "inherit":
