@@ -32,7 +32,8 @@ The render/parse pairs:
 ``never_starts``                    a queued job's status -> whether its scheduler reason says it
                                     can never start as submitted (exceeds a limit)
 ``render_discover_queues``/         the queues and their limits -> ``{name: AllowedQueue}``
-``parse_discover_queues``           (used by :meth:`Scheduler.site_defaults`)
+``parse_discover_queues``           (used by :meth:`Scheduler.site_defaults`); ``max_queued_jobs``
+                                    None where the scheduler reports no per-user limit (unknown)
 ``render_discover_projects``/       the user's projects (allocations) -> names
 ``parse_discover_projects``
 =================================  =====================================================================
@@ -88,6 +89,12 @@ ANY_QUEUE = "*"
 #: command kept failing (a daemon down for a few cycles): a request as large would be refused again,
 #: which the elastic queue reads.
 REFUSED_FOR_GOOD = "refused_for_good"
+
+#: The ``max_queued_jobs`` written into settings.yml for a discovered queue whose per-user limit the
+#: scheduler does not report (``parse_discover_queues`` gave None: sinfo shows no QOS limits, a PBS
+#: queue may state no max_queued) when no platform default states one either. It is a guess, so
+#: ``balsam site init`` never takes it as the scheduler's word over a platform's documented limit.
+UNREPORTED_MAX_QUEUED_JOBS = 20
 
 
 class SchedulerError(Exception):
@@ -438,11 +445,15 @@ class Scheduler(abc.ABC):
             return self.parse_discover_projects(self.run(command))
 
     # -- on the login node (site init) ----------------------------------------------------------
-    def site_defaults(self) -> dict[str, Any]:
+    def site_defaults(self, unreported_max_queued_jobs: Optional[int] = UNREPORTED_MAX_QUEUED_JOBS) -> dict[str, Any]:
         """What this scheduler contributes to a new site's settings.yml (``balsam site init``), in
         settings.yml shape: its name, and the queues (with their limits) and projects it can
         discover on this machine. A discovery that fails is left out (logged): site init must work
         off the machine too, and a platform plugin's defaults are applied over these.
+
+        A queue's ``max_queued_jobs`` that the scheduler does not report is
+        ``unreported_max_queued_jobs``; site init passes None (left None) so that it can tell a
+        reported limit from a guess when it merges the platform's limits.
         """
         section: dict[str, Any] = {"name": self.name}
         try:
@@ -452,6 +463,9 @@ class Scheduler(abc.ABC):
             queues = {}
         if queues:
             section["allowed_queues"] = {name: attrs.asdict(limits) for name, limits in queues.items()}
+            for limits in section["allowed_queues"].values():
+                if limits.get("max_queued_jobs") is None:
+                    limits["max_queued_jobs"] = unreported_max_queued_jobs
         try:
             projects = self.discover_projects()
         except SchedulerError as exc:

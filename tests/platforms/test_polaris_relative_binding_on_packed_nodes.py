@@ -24,13 +24,26 @@ def _warnings(caplog) -> list[str]:
 def test_relative_binding_of_packed_jobs_is_warned_once_per_app(caplog) -> None:
     platform = PolarisPlatform()
     caplog.set_level(logging.WARNING)
-    first = platform.mpi_command_line(_spec(range(0, 16), 901, **{"cpu-bind": "depth"}))
-    second = platform.mpi_command_line(_spec(range(16, 32), 901, **{"cpu-bind": "depth"}))
+    first = platform.mpi_command_line(_spec(range(16, 32), 901, **{"cpu-bind": "depth"}))
+    second = platform.mpi_command_line(_spec(range(8, 24), 901, **{"cpu-bind": "depth"}))
     assert "--cpu-bind depth" in first and "--cpu-bind depth" in second  # passed as asked
     (warning,) = _warnings(caplog)
-    assert "job 9010 (app 901)" in warning and "0-15" in warning
-    platform.mpi_command_line(_spec(range(0, 16), 902, **{"cpu_bind": "core"}))
+    assert "job 9010 (app 901)" in warning and "16-31" in warning
+    platform.mpi_command_line(_spec(range(16, 32), 902, **{"cpu_bind": "core"}))
     assert len(_warnings(caplog)) == 2  # another app: its own warning
+
+
+def test_no_warning_for_a_job_on_the_first_cores_of_its_node(caplog) -> None:
+    """PALS binds from core 0: a job assigned exactly cores 0-15 (2 ranks x 8 threads, e.g. alone on
+    its node with node_packing_count=1) is bound where balsam put it."""
+    platform = PolarisPlatform()
+    caplog.set_level(logging.WARNING)
+    line = platform.mpi_command_line(_spec(range(0, 16), 905, **{"cpu-bind": "depth"}))
+    assert "--cpu-bind depth" in line
+    assert _warnings(caplog) == []
+    platform.mpi_command_line(_spec(range(16, 32), 905, **{"cpu-bind": "depth"}))
+    (warning,) = _warnings(caplog)  # the same app placed on cores 16-31 still is
+    assert "16-31" in warning
 
 
 def test_no_warning_for_list_bindings_or_whole_nodes(caplog) -> None:

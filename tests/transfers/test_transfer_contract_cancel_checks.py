@@ -113,3 +113,18 @@ def test_without_a_way_to_cancel_outside_balsam_the_check_is_skipped(tmp_path: P
     backend = build_backend(CancellableBackend, "cancellable")
     with pytest.raises(pytest.skip.Exception):
         Plain().test_a_task_cancelled_outside_balsam_is_not_retried(backend, TransferLocation.parse("c", "local://"), tmp_path)
+
+
+class FinishesFirst(CancellableBackend):
+    """Every task delivers all its files before a cancel reaches it."""
+
+    def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
+        self.cancelled.clear()
+        return super().poll_tasks(task_ids)
+
+
+@pytest.mark.parametrize("check", [OWNER, AGENT])
+def test_a_task_done_before_the_cancel_is_a_skip_not_a_pass(tmp_path: Path, check: str) -> None:
+    backend = build_backend(FinishesFirst, "finishes-first")
+    with pytest.raises(pytest.skip.Exception, match="delivered every file before the cancel"):
+        getattr(Kit(), check)(backend, TransferLocation.parse("contract", "local://"), tmp_path)

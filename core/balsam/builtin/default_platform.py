@@ -130,7 +130,8 @@ def parse_mpi_flavor(value: Any) -> str:
     shown = value.strip() if isinstance(value, str) else value
     # PALS (Cray's mpiexec) takes other options than hydra's: its machines have their own platforms.
     pals = isinstance(value, str) and "pals" in _flavor_key(value)
-    where = " (Cray PALS mpiexec: use the polaris or aurora platform)" if pals else ""
+    # A core module names no plugin: which are installed is `balsam plugins ls`'s to say.
+    where = " (Cray PALS mpiexec needs a platform plugin whose MPI launcher is PALS: see `balsam plugins ls`)" if pals else ""
     raise ValueError(f"unknown MPI flavour {shown!r} for the default platform{where}: accepted mpich (or hydra, intel mpi, "
                      f"mvapich) and openmpi (or open mpi, ompi), in any case")
 

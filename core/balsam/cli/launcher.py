@@ -52,8 +52,10 @@ def _backoff() -> tuple[float, float]:
 class _RetryNotice(logging.Filter):
     """The client logs one WARNING per retry of a request the server did not answer: a launcher
     that cannot reach its server printed ten lines over minutes, none saying for how long it would
-    go on. The first failure of a call (its shortest backoff) now logs one WARNING naming the server
-    and the retry budget; the later retries of that call are logged at INFO (the log file)."""
+    go on. The first failure of a call (the client's ``attempt`` 1 on the record, else its shortest
+    backoff) now logs one WARNING naming the server and the retry budget; the later retries of that
+    call are logged at INFO (the log file). Not by the delay alone: a first retry that waits for the
+    server's Retry-After (429, 503) is longer than the first backoff, and no WARNING was printed."""
 
     def _budget(self) -> tuple[str, int, float]:
         from balsam.client import ClientSettings
@@ -72,7 +74,12 @@ class _RetryNotice(logging.Filter):
         args = record.args if isinstance(record.args, tuple) else ()
         if "retrying in" not in str(record.msg) or len(args) != 4 or not isinstance(args[-1], (int, float)):
             return True
-        if args[-1] > _backoff()[0] * 1.25:  # a later attempt of a call already announced
+        attempt = getattr(record, "attempt", None)  # the client's number of the failed attempt (1: first)
+        if isinstance(attempt, int):
+            later = attempt > 1
+        else:  # a record without it: by its delay (a Retry-After longer than the first backoff misreads)
+            later = args[-1] > _backoff()[0] * 1.25
+        if later:  # a later attempt of a call already announced
             record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
             return True
         said = (str(record.msg) % args).split("; retrying in", 1)[0]  # "POST /sessions/: LocalTransportError"

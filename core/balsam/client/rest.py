@@ -492,7 +492,8 @@ class RESTClient:
                         + (" (is it running? `balsam server status`)" if _is_connect_error(exc) else "")
                     ) from None
                 delay = self._backoff(attempt)
-                logger.warning("%s %s: %s; retrying in %.1f s", method, url, type(exc).__name__, delay)
+                logger.warning("%s %s: %s; retrying in %.1f s", method, url, type(exc).__name__, delay,
+                               extra={"attempt": attempt + 1})  # 1: the call's first failure
                 time.sleep(delay)
                 attempt += 1
                 continue
@@ -503,7 +504,8 @@ class RESTClient:
                 if attempt >= retries or _retry_after(resp) > self.backoff_max:
                     raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
                 delay = self._backoff(attempt, resp)
-                logger.warning("%s %s: HTTP %d; retrying in %.1f s", method, url, status, delay)
+                logger.warning("%s %s: HTTP %d; retrying in %.1f s", method, url, status, delay,
+                               extra={"attempt": attempt + 1})  # 1: the call's first failure
                 time.sleep(delay)
                 attempt += 1
                 continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import inspect
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from typing import Any, Callable, Optional
 from .agent import (
     START_TIME_TOLERANCE_SEC, agent_running, pid_alive, pid_file_path, read_pid_file, read_pid_record, recorded_agent_alive,
 )
+from ..scheduler import UNREPORTED_MAX_QUEUED_JOBS
 from ..util import process_start_time, same_process, terminate_processes
 from .job_template import default_template_for
 
@@ -76,7 +78,15 @@ def scheduler_site_defaults(scheduler_cls: Any) -> dict[str, Any]:
     site_defaults = getattr(scheduler_cls, "site_defaults", None)  # drivers written before the method
     if site_defaults is None:
         return {}
-    values = copy.deepcopy(dict(scheduler_cls().site_defaults() or {}))
+    scheduler = scheduler_cls()
+    # None: a limit the scheduler does not report stays unknown until merged with the platform's
+    # (init_site fills what neither gives), so a guess never undercuts a documented limit. A driver
+    # whose own site_defaults() takes no such argument writes what it writes.
+    if "unreported_max_queued_jobs" in inspect.signature(scheduler.site_defaults).parameters:
+        values = scheduler.site_defaults(unreported_max_queued_jobs=None)
+    else:
+        values = scheduler.site_defaults()
+    values = copy.deepcopy(dict(values or {}))
     if isinstance(values.get("scheduler"), dict):
         values["scheduler"].pop("name", None)
     return values
@@ -91,7 +101,8 @@ def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str,
     """A platform's ``allowed_queues`` where, for each queue the scheduler also reported, every
     limit both give is the smaller one: the live server knows today's limits (a debug queue cut to
     one queued job), the platform what the machine's documentation says, and a site set above either
-    has BatchJobs refused. A queue only the platform names stays (discovery may be partial)."""
+    has BatchJobs refused. A limit the scheduler does not report (None: unknown) leaves the
+    platform's. A queue only the platform names stays (discovery may be partial)."""
     merged = copy.deepcopy(dict(platform_queues))
     for name, limits in merged.items():
         seen = discovered.get(name)
@@ -101,6 +112,16 @@ def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str,
             if isinstance(limits.get(key), int) and isinstance(seen.get(key), int):
                 limits[key] = min(limits[key], seen[key])
     return merged
+
+
+def fill_unreported_queue_limits(settings: dict[str, Any]) -> None:
+    """Give each queue in ``settings`` (settings.yml shape) whose ``max_queued_jobs`` neither the
+    scheduler reported nor a platform or the user set (None) the placeholder
+    ``UNREPORTED_MAX_QUEUED_JOBS``: settings.yml needs a number."""
+    queues = (settings.get("scheduler") or {}).get("allowed_queues") or {}
+    for limits in queues.values():
+        if isinstance(limits, dict) and "max_queued_jobs" in limits and limits["max_queued_jobs"] is None:
+            limits["max_queued_jobs"] = UNREPORTED_MAX_QUEUED_JOBS
 
 
 def platform_projects(platform_name: str) -> list[str]:
@@ -225,6 +246,7 @@ def init_site(
         if projects or placeholder:
             overrides = deep_merge(overrides, {"scheduler": {"allowed_projects": projects or placeholder}})
     overrides = deep_merge(overrides, settings_overrides or {})
+    fill_unreported_queue_limits(overrides)
 
     created_dir = not path.exists()
     site_id: Optional[int] = None

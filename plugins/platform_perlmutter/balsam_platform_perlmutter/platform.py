@@ -283,7 +283,9 @@ class PerlmutterGPUPlatform(Platform):
                 "name": "slurm",
                 "options": {"queue_flag": "--qos"},
                 "allowed_queues": self.queues(),
-                "optional_batch_job_params": {"constraint": self.constraint, "reservation": ""},
+                # exclusive "": the Slurm driver's --exclusive stays, and a BatchJob of the shared
+                # QOS (part of a node) turns it off with -x exclusive=no, accepted out of the box.
+                "optional_batch_job_params": {"constraint": self.constraint, "reservation": "", "exclusive": ""},
             },
         }
 

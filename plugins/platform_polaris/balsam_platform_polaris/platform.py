@@ -180,11 +180,17 @@ class PolarisPlatform(Platform):
     def _warn_relative_binding_on_a_shared_node(self, spec: LaunchSpec, bind: str) -> None:
         """A job given part of a node (node packing) is bound to the cores it was assigned only by
         the computed ``list:...``: PALS lays ``depth`` and ``core`` out from core 0, so two jobs
-        packed on cores 0-15 and 16-31 with ``--cpu-bind depth -d 8`` both run on cores 0-15."""
+        packed on cores 0-15 and 16-31 with ``--cpu-bind depth -d 8`` both run on cores 0-15. A job
+        assigned exactly the node's first cores (on every node) is where PALS puts it: no warning
+        (the job packed beside it, on other cores, gets one)."""
         assigned = set(spec.cpu_ids[0]) if spec.cpu_ids else set()
         if bind.split(":", 1)[0].strip().lower() not in RELATIVE_BINDINGS or not assigned:
             return
-        if assigned >= set(self.cpu_ids) or not first_warning((spec.app_id, "relative cpu-bind on a shared node")):
+        node_cores = sorted(self.cpu_ids)
+        from_first_core = all(sorted(cores) == node_cores[:len(cores)] for cores in spec.cpu_ids)
+        if assigned >= set(self.cpu_ids) or from_first_core:
+            return
+        if not first_warning((spec.app_id, "relative cpu-bind on a shared node")):
             return
         of = "" if spec.job_id is None else f" of job {spec.job_id}"
         logger.warning("--cpu-bind %s%s (app %s) on a node it may share: PALS binds its ranks from core 0, not to "

@@ -66,8 +66,6 @@ PLAIN_ENV = {"TZ": "UTC"}
 UNLIMITED_WALLTIME_MIN = 7 * 1440
 #: Seconds a discovery command (site init, on a login node) may take before it is given up.
 DISCOVERY_TIMEOUT_SEC = 20.0
-#: max_queued_jobs written by site init for a queue without a per-user max_queued.
-DISCOVERED_MAX_QUEUED_JOBS = 20
 #: Longest scheduler comment kept as a status message.
 MAX_REASON_CHARS = 300
 #: Seconds a job's ``ctime`` may lie before its script's mtime and still be taken as this
@@ -281,16 +279,18 @@ def keep_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _RESTRICTION = re.compile(r"\[\s*([ougp]):([^=\]\s]+)\s*=\s*(\d+)\s*\]")
 
 
-def max_queued_for(value: Any, user: str, default: int) -> int:
+def max_queued_for(value: Any, user: str, default: Optional[int]) -> Optional[int]:
     """The number of jobs ``user`` may queue under a queue's ``max_queued`` (one or several
     ``[o:PBS_ALL=N]``, ``[u:PBS_GENERIC=N]``, ``[u:NAME=N]`` entries): ``u:<user>`` if given, else
-    ``u:PBS_GENERIC``, else ``default``; no more than ``o:PBS_ALL`` (all users' jobs together).
-    Group (``g:``) and project (``p:``) limits may not apply to the user's jobs and are left out."""
+    ``u:PBS_GENERIC``, else ``default`` (None: unknown); no more than ``o:PBS_ALL`` (all users' jobs
+    together). Group (``g:``) and project (``p:``) limits may not apply to the user's jobs and are left out."""
     texts = value if isinstance(value, list) else [value]
     limits = {(kind, name): int(n) for text in texts for kind, name, n in _RESTRICTION.findall(str(text or ""))}
     own = limits.get(("u", user), limits.get(("u", "PBS_GENERIC"), default))
     overall = limits.get(("o", "PBS_ALL"))
-    return own if overall is None else min(own, overall)
+    if own is None or overall is None:
+        return overall if own is None else own
+    return min(own, overall)
 
 
 #: The start (lower case) of the comment PBS Pro gives a job that can never run as submitted.
@@ -663,7 +663,7 @@ class PBSScheduler(Scheduler):
         """The queues users may submit to (enabled, not route-only) with a node limit
         (``resources_max.nodect``); wall time from ``resources_max.walltime`` (none: a week) and
         queued jobs from ``max_queued`` as it applies to the user (``max_queued_for``; none stated:
-        ``DISCOVERED_MAX_QUEUED_JOBS``). PBS prints ``max_queued`` once per restriction (openpbs
+        None, unknown: site init keeps the platform's limit or writes a placeholder). PBS prints ``max_queued`` once per restriction (openpbs
         #2677): every one is kept. A queue where the user may queue no job is left out."""
         if result.returncode != 0 and not result.stdout.strip():
             raise SchedulerError(f"qstat -Q failed: {_pbs_error(result)}")
@@ -681,8 +681,8 @@ class PBSScheduler(Scheduler):
                 logger.info("qstat -Q: queue %s has no node limit (resources_max.nodect): left out", name)
                 continue
             walltime = pbs_duration_min(limits["walltime"]) if limits.get("walltime") else UNLIMITED_WALLTIME_MIN
-            max_queued = max_queued_for(queue.get("max_queued"), self.user, DISCOVERED_MAX_QUEUED_JOBS)
-            if max_queued < 1:  # 0 would read as "no limit" in settings.yml
+            max_queued = max_queued_for(queue.get("max_queued"), self.user, None)
+            if max_queued is not None and max_queued < 1:  # 0 would read as "no limit" in settings.yml
                 logger.info("qstat -Q: queue %s lets %s queue no job (max_queued): left out", name, self.user)
                 continue
             found[name] = AllowedQueue(max_nodes=int(nodes), max_walltime=walltime or UNLIMITED_WALLTIME_MIN,

@@ -117,8 +117,6 @@ PLAIN_ENV = {"TZ": "UTC", "SLURM_TIME_FORMAT": "standard"}
 UNLIMITED_WALLTIME_MIN = 7 * 1440
 #: Seconds a discovery command (site init, on a login node) may take before it is given up.
 DISCOVERY_TIMEOUT_SEC = 20.0
-#: max_queued_jobs written by site init for a discovered partition (sinfo does not show QOS limits).
-DISCOVERED_MAX_QUEUED_JOBS = 20
 
 _NO_TIME = {"", "N/A", "UNKNOWN", "NONE", "INVALID", "NOT_SET"}
 #: What sacct says (lower case) at a site with no accounting storage (AccountingStorageType=none).
@@ -653,7 +651,8 @@ class SlurmScheduler(Scheduler):
 
     def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
         """Each partition with its node count and time limit (no limit: a week). Slurm's per-user
-        job limits live in QOS records sinfo does not show: ``DISCOVERED_MAX_QUEUED_JOBS``."""
+        job limits live in QOS records sinfo does not show: ``max_queued_jobs`` None (unknown), so site
+        init keeps the platform's limit or writes a placeholder."""
         if result.returncode != 0:
             raise SchedulerError(f"sinfo failed: {_slurm_error(result)}")
         queues: dict[str, AllowedQueue] = {}
@@ -672,7 +671,7 @@ class SlurmScheduler(Scheduler):
             queues[partition] = AllowedQueue(
                 max_nodes=int(count) + (known.max_nodes if known else 0),
                 max_walltime=max(walltime, known.max_walltime if known else 0),
-                max_queued_jobs=DISCOVERED_MAX_QUEUED_JOBS,
+                max_queued_jobs=None,  # unknown: Scheduler.site_defaults, site init
             )
         return queues
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import signal
 import socket
@@ -53,7 +54,7 @@ from typing import Any, Optional
 import attrs
 
 from balsam.platform import LaunchSpec
-from balsam.util import api_text, tail_file
+from balsam.util import api_text, same_process, tail_file
 
 from .._api import default_client, note_batch_job, report_batch_job_error
 from ..job_mode import JobMode, gpuless_acquire_filter
@@ -80,6 +81,14 @@ MULTI_RANK_NOTE_WAIT_SEC = 5.0
 #: process of the job, in no set order) before it judges the exit as the workers' death.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNAL_SETTLE_SEC = 1.0
+#: The longest a stopping launcher waits for the master to close its Session after the workers' MPI
+#: launcher exited (:meth:`SerialMode._workers_stopped`). Slurm SIGKILLs the job's processes its
+#: KillWait (30 s by default) after the stop signal: the wait of the master's own stop (grace +
+#: FINAL_COLLECT_EXTRA_SEC + EXIT_AFTER_CLOSE_SEC, up to 30 s) would leave no time to end a dead
+#: master's Session, whose RUNNING jobs then wait for its expiry.
+STOP_REPORT_WAIT_MAX_SEC = 15.0
+#: ``env`` options that take the next word as their value (``env -u NAME srun ...``).
+_ENV_OPTIONS_WITH_VALUE = ("-u", "--unset", "-C", "--chdir", "-S", "--split-string")
 
 
 def multi_rank_note(client: Any, site_id: int, filter_tags: Optional[dict[str, str]] = None) -> Optional[str]:
@@ -102,6 +111,33 @@ def multi_rank_note(client: Any, site_id: int, filter_tags: Optional[dict[str, s
     verbs = ("job needs", "is") if wide == 1 else ("jobs need", "are")
     return (f"{count} runnable {verbs[0]} more than one rank or node and {verbs[1]} left for an mpi-mode BatchJob "
             "(balsam queue submit -j mpi): serial mode runs single-rank, single-node jobs only")
+
+
+def launcher_name(cmd: str) -> str:
+    """The program a workers' command line starts (``srun``, ``mpiexec``), for messages: its first
+    word past an ``env`` and its ``VAR=value`` words and options. Never an error: a line shlex
+    cannot split (a startup param quoted oddly) is bash's to run or refuse; its first plain word
+    names it then."""
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        words = cmd.split()
+    after_env = False
+    skip_next = False
+    for word in words:
+        if skip_next:
+            skip_next = False
+            continue
+        if Path(word).name == "env" and not after_env:
+            after_env = True
+            continue
+        if after_env and word.startswith("-"):
+            skip_next = word in _ENV_OPTIONS_WITH_VALUE
+            continue
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", word, flags=re.DOTALL):
+            continue
+        return Path(word).name
+    return "mpiexec"
 
 
 def _option_name(key: str) -> str:
@@ -257,9 +293,7 @@ class SerialMode(JobMode):
         with open(config_path, "x") as fh:
             fh.write(json.dumps(config))
         cmd = self.command(str(config_path))
-        words = shlex.split(cmd)
-        if words:
-            self._launcher_name = Path(words[0]).name
+        self._launcher_name = launcher_name(cmd)
         out_path = ctx.log_file("out")
         logger.info("serial mode: %d nodes; starting %s", len(ctx.nodes), cmd)
         with open(out_path, "ab") as out:
@@ -322,8 +356,9 @@ class SerialMode(JobMode):
     def stop_report_wait_sec(self) -> float:
         """How long a stopping launcher waits for the master to close its Session: the master's own
         stop (its tasks' grace, the workers' last reports, :data:`FINAL_COLLECT_EXTRA_SEC`) and the
-        time to send its reports (:data:`EXIT_AFTER_CLOSE_SEC`)."""
-        return self.countdown.grace_sec + FINAL_COLLECT_EXTRA_SEC + EXIT_AFTER_CLOSE_SEC
+        time to send its reports (:data:`EXIT_AFTER_CLOSE_SEC`), at most
+        :data:`STOP_REPORT_WAIT_MAX_SEC` (the batch system's kill follows the stop signal)."""
+        return min(STOP_REPORT_WAIT_MAX_SEC, self.countdown.grace_sec + FINAL_COLLECT_EXTRA_SEC + EXIT_AFTER_CLOSE_SEC)
 
     def _workers_stopped(self, rc: int, hard_deadline: float) -> int:
         """The MPI launcher exited ``rc`` while the launcher stops: the master (signalled by the
@@ -341,6 +376,13 @@ class SerialMode(JobMode):
                 logger.info("serial workers (%s) exited with %s at the launcher's stop (%s); the master closed its "
                             "session (%s)", self._launcher_name, rc, self.stop_reason, closed)
                 return master_exit_code(str(closed))
+            if _master_gone(record) and not (read_session_record(self.session_path) or {}).get("closed"):
+                # (read again: a master may write its close and exit between the read and the look)
+                logger.warning("serial workers (%s) exited with %s at the launcher's stop (%s) and the master "
+                               "(pid %s on this host) is gone without closing its session: ending it",
+                               self._launcher_name, rc, self.stop_reason, record.get("pid") if record else "?")
+                self._end_session(record)
+                return 1
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
@@ -436,6 +478,18 @@ class SerialMode(JobMode):
             report_batch_job_error(batch_job_id, api_text(message))
         except Exception as exc:  # the log still says why
             logger.warning("could not record %s on BatchJob %s: %s", what, batch_job_id, exc)
+
+
+def _master_gone(record: Optional[dict[str, Any]]) -> bool:
+    """Whether the master that wrote ``record`` (its Session record) is known to have exited: it
+    ran on this host and its pid runs no more. A master on another node cannot be looked at: only
+    its close, or the wait's end, says."""
+    if not record or record.get("host") != socket.gethostname():
+        return False
+    try:
+        return not same_process(int(record["pid"]))
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _tail(path: Path, num_lines: int, max_bytes: int = 16384) -> str:
