@@ -31,6 +31,23 @@ as gone, as of the number of acquires answered so far (all of them under the los
 lease ended with the old Session and another launcher may run them now. The running copies are
 ended and the ones leased ahead are not started; later copies (the new Session may lease the same
 jobs again) are numbered higher and untouched.
+
+Known alive (:meth:`JobLease.fresh`): the lease notes when its last heartbeat or acquire that
+succeeded was *sent* (monotonic clock); the server stamped the Session's heartbeat at or after that
+moment, so the Session lives at least until that moment plus the server's expiry. A process frozen
+longer than that (SIGSTOP, a file-system hang, a node hiccup) resumes with its jobs leased ahead and
+its Session maybe expired, their jobs run by another launcher meanwhile; nothing on the wire tells it
+until its next heartbeat, and its loop used to start them first. So the modes start a leased job
+only while the lease is fresh; otherwise they ask for a heartbeat at once (:meth:`JobLease.check_fresh`)
+and start nothing until its answer: a success makes the lease fresh again, a 404 hands the held
+jobs over as gone (above) before the lease is fresh again. The server does not say its expiry (its
+create answer is fixed by the API schema), so the lease assumes the shortest one it can rely on:
+:data:`FRESH_TICKS` heartbeat periods (the period must be well under the expiry, or a healthy
+launcher would lose its Session to one slow heartbeat), or ``$BALSAM_SESSION_EXPIRE_SEC`` when that
+is set here and shorter (set it in the launcher's environment where a server's expiry is under
+:data:`FRESH_TICKS` periods). The cost: a launcher cut off from the API for that long starts no new
+job until a heartbeat gets through (its running jobs go on); it cannot tell an API outage, under
+which its Session survives, from its own isolation, under which the Session expires.
 """
 
 from __future__ import annotations
@@ -54,6 +71,10 @@ SHUTDOWN_RETRY_COUNT = 3
 DEFAULT_TICK_SEC = 60.0
 #: Retries inside one heartbeat call.
 TICK_RETRY_COUNT = 2
+#: Heartbeat periods a Session is assumed to outlive its last heartbeat (see "Known alive" above).
+FRESH_TICKS = 4.0
+#: Shortest pause between heartbeats asked for by :meth:`JobLease.check_fresh` while they fail.
+MIN_ASKED_TICK_GAP_SEC = 5.0
 
 
 def tick_period_from_env() -> float:
@@ -65,6 +86,18 @@ def tick_period_from_env() -> float:
         logger.warning("ignoring BALSAM_LAUNCHER_TICK_SEC=%r (not a number)", raw)
         value = DEFAULT_TICK_SEC
     return max(0.1, value)
+
+
+def assumed_expiry_sec(tick_period: float) -> float:
+    """How long a Session is assumed to outlive a heartbeat (see "Known alive" in the module's docstring)."""
+    window = FRESH_TICKS * tick_period
+    raw = os.environ.get("BALSAM_SESSION_EXPIRE_SEC", "")
+    if raw:
+        try:
+            window = min(window, float(raw))
+        except ValueError:
+            logger.warning("ignoring BALSAM_SESSION_EXPIRE_SEC=%r (not a number)", raw)
+    return max(0.1, window)
 
 
 def _status(exc: BaseException) -> Optional[int]:
@@ -164,10 +197,25 @@ class JobLease:
         self._window = 0  # where the next heartbeat's window of held ids starts (more than the limit)
         #: Acquires answered with jobs so far (see :attr:`generation`).
         self._generation = 0
+        #: The generation as of the last lost Session: copies numbered up to it are void.
+        self.lost_generation = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        #: Set to have the heartbeat thread tick now (:meth:`check_fresh`).
+        self._tick_now = threading.Event()
+        #: Events to set once an asked-for heartbeat is answered (the owners' loop wake-ups), and
+        #: their own lock (the lease's is held over the creation of a replacing Session).
+        self._tick_waiters: list[threading.Event] = []
+        self._waiters_lock = threading.Lock()
         self._last_tick = time.monotonic()
+        #: See :meth:`fresh`: the assumed expiry, and when the last request that succeeded was sent
+        #: (-inf while a lost Session's jobs are not handed over yet).
+        self.expiry_sec = assumed_expiry_sec(self.tick_period)
+        self._confirmed = float("-inf")
+        self._replacing = False
+        sent = time.monotonic()
         self._session_id = self._create_session()
+        self._confirmed = sent
         self._thread: Optional[threading.Thread] = None
         if heartbeat_thread:
             self._thread = threading.Thread(target=self._heartbeat, name=f"{name}-heartbeat", daemon=True)
@@ -192,6 +240,41 @@ class JobLease:
         has one acquiring thread). A heartbeat's ``gone`` answer holds for copies numbered up to
         the number it noted before its request, not for later ones (see :meth:`watch`)."""
         return self._generation
+
+    # -- known alive ---------------------------------------------------------------------------
+    def fresh(self, margin: Optional[float] = None) -> bool:
+        """Whether the Session is known alive for ``margin`` seconds more (default: a heartbeat
+        period, at most a quarter of the assumed expiry): the last request that succeeded was
+        sent less than the assumed expiry minus ``margin`` ago. A monotonic comparison: cheap."""
+        return time.monotonic() < self.fresh_until(margin)
+
+    def fresh_until(self, margin: Optional[float] = None) -> float:
+        """The monotonic time until which :meth:`fresh` holds (-inf while a lost Session's jobs
+        are being handed over, see :meth:`_replace_lost_session`)."""
+        if margin is None:
+            margin = min(self.tick_period, self.expiry_sec / 4)
+        return self._confirmed + self.expiry_sec - margin
+
+    def check_fresh(self, wake: Optional[threading.Event] = None) -> bool:
+        """:meth:`fresh`; if not, ask the heartbeat thread for a heartbeat now (``wake`` is set
+        when it is answered: a success makes the lease fresh, a 404 hands the held jobs over as
+        gone first) and return False. Called by a mode's loop once a turn, before it starts jobs.
+        A lease without its heartbeat thread is ticked by its owner (:meth:`tick_if_due`)."""
+        if self.fresh() or self.closed:
+            return True
+        if self._thread is not None:
+            if wake is not None:
+                with self._waiters_lock:
+                    if wake not in self._tick_waiters:
+                        self._tick_waiters.append(wake)
+            self._tick_now.set()
+        return False
+
+    def _confirm(self, sent: float, session_id: int) -> None:
+        """A request of ``session_id`` sent at ``sent`` succeeded: the Session lived then."""
+        with self._lock:
+            if session_id == self._session_id and not self._replacing and sent > self._confirmed:
+                self._confirmed = sent
 
     def _create_session(self) -> int:
         body: dict[str, Any] = {"site_id": self.site_id}
@@ -228,8 +311,24 @@ class JobLease:
             logger.warning("%s %s is gone on the server (%s); creating a new one", self.name, lost_id, exc)
             self.pending = None
             as_of = self._generation
-            self._session_id = self._create_session()
-        return self._report_lost(lost_id, as_of)
+            # Not fresh until the lost jobs are handed over (the owner's loop reads the lease fresh
+            # before it looks at the jobs handed over: a copy of the lost Session never starts).
+            self._replacing = True
+            self._confirmed = float("-inf")
+            # Copies acquired up to this number were the lost Session's (see GoneJobs.arrive).
+            self.lost_generation = as_of
+            sent = time.monotonic()
+            try:
+                self._session_id = self._create_session()
+            except BaseException:
+                self._replacing = False  # still the lost one: the next request finds it gone again
+                raise
+        try:
+            return self._report_lost(lost_id, as_of)
+        finally:
+            with self._lock:
+                self._replacing = False
+                self._confirmed = max(self._confirmed, sent)
 
     def _report_lost(self, lost_id: int, as_of: int) -> list[int]:
         """Hand every held job to ``on_gone`` as of generation ``as_of`` (see :meth:`_replace_lost_session`);
@@ -314,11 +413,13 @@ class JobLease:
         # later ones).
         as_of = self._generation
         body = self._tick_body()
+        sent = time.monotonic()
         try:
             # A missed tick is retried at the next period (the server waits several periods), so one
             # tick never sits in minutes of backoff that would also hold up close().
             answer = self.client.put(f"/sessions/{session_id}", json=body, retry_count=TICK_RETRY_COUNT)
             self.tick_errors = 0
+            self._confirm(sent, session_id)
         except Exception as exc:
             lost = self._replace_lost_session(exc, session_id)
             if lost is None:
@@ -341,11 +442,27 @@ class JobLease:
             self.tick()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.tick_period):
+        paused = 0.0
+        while True:
+            self._tick_now.wait(self.tick_period - paused)  # the period, or a heartbeat asked for now
+            if self._stop.is_set():
+                return
+            self._tick_now.clear()
+            with self._waiters_lock:  # those asking from now on are answered by the next heartbeat
+                waiters, self._tick_waiters = self._tick_waiters, []
+            failed = False
             try:
                 self.tick()
             except Exception as exc:
+                failed = True
                 logger.warning("%s %s heartbeat failed (%d in a row): %s", self.name, self._session_id, self.tick_errors, exc)
+            for wake in waiters:  # the asking loops look at the lease again
+                wake.set()
+            # Asked again at once while the API does not answer: not in a tight loop (the pause
+            # counts towards the period, whose cadence stays as it was).
+            paused = min(self.tick_period, MIN_ASKED_TICK_GAP_SEC) if failed else 0.0
+            if paused and self._stop.wait(paused):
+                return
 
     # -- acquire ---------------------------------------------------------------------------------
     def acquire(
@@ -390,6 +507,7 @@ class JobLease:
                 logger.info("%s %s: resending the acquire whose answer was lost", self.name, self._session_id)
             key, body = self.pending
         t0 = time.perf_counter()
+        sent = time.monotonic()
         try:
             extra = {"headers": headers} if headers is not None else {}
             rows = _rows(self.client.post(f"/sessions/{session_id}", json=body, idempotency_key=key,
@@ -418,6 +536,7 @@ class JobLease:
                 max_aggregate_nodes=max_aggregate_nodes, serial_only=serial_only, wait_sec=wait_sec,
                 max_gpus_per_node=max_gpus_per_node,
             )
+        self._confirm(sent, session_id)  # every acquire heartbeats its Session on the server
         with self._lock:
             if self.pending is not None and self.pending[0] == key:
                 self.pending = None
@@ -446,6 +565,7 @@ class JobLease:
             return
         self.closed = True
         self._stop.set()
+        self._tick_now.set()
         if self._thread is not None:
             self._thread.join(5)
         client = self.client

@@ -39,7 +39,9 @@ the mode's loop thread, which alone owns the pool, the pending deque, the hand-o
 
 A lease that lost its Session and opened a new one asks the new one too: the old Session's jobs
 were given back by the server (RUNNING ones are RUN_TIMEOUT, to run again), so they are ended the
-same way rather than run twice.
+same way rather than run twice. Copies of the lost Session that were not held yet when it was
+found gone (acquired, still on their way to the loop: the lease's ``lost_generation``) are dropped
+as they arrive (:meth:`GoneJobs.arrive`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ class Acquired(list):
     def __init__(self, jobs: Iterable[Any] = (), generation: int = 0) -> None:
         super().__init__(jobs)
         self.generation = generation
+
+
+def lease_is_fresh(lease: Any, wake: Optional[threading.Event] = None) -> bool:
+    """Whether the mode may start leased jobs now: ``lease.check_fresh(wake)``
+    (:meth:`balsam.client.lease.JobLease.check_fresh`: the Session is known alive, else a heartbeat
+    is asked for, which sets ``wake`` when answered); True for a job source without it."""
+    check = getattr(lease, "check_fresh", None)
+    return True if check is None else bool(check(wake))
 
 
 def acquire_generation(source: Any) -> int:
@@ -85,11 +95,14 @@ class GoneJobs:
         #: Job id -> its new copy, whose stale copy has exited: queued once the id is no longer placed.
         self.ready: dict[int, PreparedJob] = {}
         self._inbox: deque[tuple[list[int], Optional[int]]] = deque()
+        #: The lease attached (its ``lost_generation`` is read by the loop thread in :meth:`arrive`).
+        self._lease: Any = None
 
     # -- heartbeat thread ----------------------------------------------------------------------
     def attach(self, lease: Any) -> Any:
         """Have ``lease`` ask about the held jobs with each heartbeat (a job source without
         ``watch`` is left as it is); returns ``lease``."""
+        self._lease = lease
         watch = getattr(lease, "watch", None)
         if watch is not None:
             try:
@@ -123,6 +136,13 @@ class GoneJobs:
         then; ``placed``: the NodeManager's placements (a job id still placed, e.g. kept for a
         hand-over, cannot be placed again yet).
         """
+        lost = int(getattr(self._lease, "lost_generation", 0) or 0)
+        if lost and jobs and generation <= lost:
+            # Acquired under a Session found gone before they reached the loop: the server gave
+            # them back, another launcher may run them now.
+            logger.warning("%d jobs acquired under a lost session are not started: %s",
+                           len(jobs), [p.id for p in jobs][:20])
+            return [], [], [], {}
         copies = self.copies
         ids = [p.id for p in jobs]
         placed = placed if placed is not None else {}

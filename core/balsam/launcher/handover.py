@@ -18,6 +18,10 @@ Rules, and why:
 - No hand-over after an exit by a termination signal (the spawner's rule: the allocation is ending).
 - A queued job is not RUNNING until it starts, so a stop simply forgets it (the Session's release
   gives it back).
+- Jobs are queued only while the lease is known alive (the modes call :meth:`HandOver.queue_behind`
+  only then; :mod:`balsam.client.lease`, "Known alive"). Once queued, the spawner starts them
+  without the loop, also while the launcher's main process is frozen: a hand-over deadline needs
+  the spawner (:mod:`balsam.launcher.spawner`) to check one, which it does not yet.
 - A queue request can reach the spawner just after the job ahead ended; the spawner then starts it at
   once on that job's resources. So the placement of an ended job with a job queued behind it is kept
   (``deferred``) until the spawner says whether that job started (passed on) or came back (freed).

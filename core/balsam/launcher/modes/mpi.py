@@ -25,6 +25,10 @@ and wakes the loop when it is done; the loop checks them against the NodeManager
 The lease's **heartbeat thread** asks the server which held jobs their user deleted or moved
 (:mod:`balsam.launcher.gone`): it copies the held ids and hands the answer over; the loop ends
 those runs. A job leased again while an older copy of it is held replaces that copy (same module).
+The loop starts (or queues behind another) a leased job only while the lease is known alive
+(:func:`balsam.launcher.gone.lease_is_fresh`, read at the top of each turn, before the jobs handed
+over as gone are looked at); otherwise the heartbeat thread is asked for a heartbeat at once and
+wakes the loop with its answer (:meth:`balsam.client.lease.JobLease.check_fresh`).
 
 Exits at a stop (the serial mode's rule, :mod:`balsam.launcher.modes.serial_worker`, "Exits at a
 stop"): (a) an exit at or after the launcher's stop is RUN_TIMEOUT whatever its code (every exit during
@@ -60,7 +64,7 @@ from balsam.util import clip, format_threads_cpu, threads_cpu_seconds
 
 from .._api import largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
-from ..gone import Acquired, GoneJobs, acquire_generation
+from ..gone import Acquired, GoneJobs, acquire_generation, lease_is_fresh
 from ..app_run import (
     JobBuildError, JobPreparer, PreparedJob, SiteFaults, WorkdirUnavailable, inherited_environment, shell_line,
 )
@@ -586,6 +590,9 @@ class MPIMode(JobMode):
                         reason = stop
                         self._stopped_at = time.time()  # a wall-time or idle stop's time (a request has its own)
                         break
+                    # Read before the jobs handed over as gone are looked at (balsam.client.lease,
+                    # "Known alive"): a lease found fresh here has handed over what a lost Session held.
+                    fresh = lease_is_fresh(source, self.wake)
                     if self._reap(updater):
                         next_acquire = 0.0  # freed resources: ask for more right away
                         freed_in_flight = inflight is not None
@@ -614,8 +621,9 @@ class MPIMode(JobMode):
                         self.too_late.set_aside(self.pending, self.countdown.remaining_min, self.handover.queued.values(),
                                                 self.gone.successors.values(), self.gone.ready.values(),
                                                 forget=self.gone.forget)
-                        self._start_pending(updater)
-                        self._queue_behind(updater)
+                        if fresh:  # else a heartbeat is asked for: its answer wakes the loop
+                            self._start_pending(updater)
+                            self._queue_behind(updater)
                     # Also with nothing pending: jobs queued behind a long job go back to run on
                     # whatever frees up first (without this they waited for that job's end).
                     self.handover.cancel_behind_old()
@@ -633,7 +641,7 @@ class MPIMode(JobMode):
                         # after the batch window (between waves of short jobs the pool empties
                         # for a moment too, and there the window keeps the PATCHes few).
                         updater.send_soon()
-                    if self.pending and self._try_start:
+                    if self.pending and self._try_start and fresh:
                         continue  # jobs arrived while placing: start them before sleeping
                     # Exits, acquire answers and stop requests set `wake`; the timeout paces the
                     # next acquire.

@@ -42,7 +42,12 @@ does not (0.7's did not either).
 Jobs their user deleted or moved while leased (:mod:`balsam.launcher.gone`): the master learns
 them through its lease's heartbeat, ends its own node's runs, tells the rank running each other one
 to end it (``{"end": [...], "grace": sec}``, the worker ends it and reports its exit as usual), and
-reports nothing for them; their resources are freed when the exit comes back.
+reports nothing for them; their resources are freed when the exit comes back. A leased job is
+placed (or queued behind another) only while the lease is known alive: the loop reads
+:func:`~balsam.launcher.gone.lease_is_fresh` at the top of each turn, before it looks at the jobs
+handed over as gone; otherwise the lease's heartbeat thread is asked for a heartbeat at once and
+sets ``wake`` with its answer (a Session found gone hands its jobs over first: they are dropped,
+not started; :mod:`balsam.client.lease`, "Known alive").
 **Hung workers** (SIGSTOP, a node wedged in D state, a hung file system): a worker sends a report
 at least every :data:`HEARTBEAT_SEC` (an empty one when it has nothing else to say); a rank silent
 for :data:`RANK_SILENCE_SEC` is taken out: its jobs are reported RUN_TIMEOUT (``serial worker rank
@@ -115,7 +120,7 @@ from balsam.util import format_threads_cpu, threads_cpu_seconds
 
 from .._api import note_batch_job, open_lease, open_updater
 from ..entry import _platform, configure_logging
-from ..gone import GoneJobs
+from ..gone import GoneJobs, lease_is_fresh
 from ..app_run import JobPreparer, PreparedJob, shell_line
 from ..handover import HandOver
 from ..job_mode import StopConditions
@@ -607,6 +612,9 @@ class Master:
         """Reap, collect reports, take new jobs, start what fits; returns how much happened."""
         progress = 0
         self.session_record.note(self.prefetcher.lease)  # before any job of a new Session starts
+        # Read before the jobs handed over as gone are looked at (balsam.client.lease, "Known
+        # alive"): a lease found fresh here has handed over what a lost Session held.
+        fresh = lease_is_fresh(self.prefetcher.lease, self.wake)
         done = self.pool.reap()
         if self.handover.queued:
             progress += self._note_handovers()
@@ -644,7 +652,7 @@ class Master:
         if self.pending:  # before anything takes jobs from pending to start them
             self.too_late.set_aside(self.pending, self.stop.countdown.remaining_min, self.handover.queued.values(),
                                     self.gone.successors.values(), self.gone.ready.values(), forget=self.gone.forget)
-        if self.pending and self._try_start:
+        if self.pending and self._try_start and fresh:
             self._try_start = False
             started = place_pending(self.pending, self.node_manager, self._start, self._fail, max_misses=MAX_PLACEMENT_MISSES)
             if started and not self.started:
@@ -652,7 +660,8 @@ class Master:
             self.started += started
             progress += started
             self._send_outbox()
-        progress += self.handover.queue_behind(self.pending, self._launch_command, self._fail)
+        if fresh:
+            progress += self.handover.queue_behind(self.pending, self._launch_command, self._fail)
         self.handover.cancel_behind_old()
         held = len(self.pending) + len(self.handover.queued)
         # With none held the loop placed every job it took: the partition may have room, which the
