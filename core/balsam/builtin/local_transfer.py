@@ -6,8 +6,10 @@ destinations the agent passed.
 Each task runs in a worker thread. A file or directory is copied next to its destination under a
 hidden temporary name and renamed into place, so a destination is either absent, the old version
 or the complete new one, never half-written (a directory copied onto an existing one is merged
-into it, each file renamed into place) (an agent killed mid-copy leaves only a
-``.NAME.balsam-partial-*`` file, which the next copy of that destination removes). Task ids live
+into it, each file renamed into place, a symlink there replaced by a directory, never followed)
+(an agent killed mid-copy leaves only a ``.NAME.balsam-partial-HOST-PID-START-*`` file, which the
+next copy of that destination removes once that process no longer runs: a copy in progress to the
+same destination is left alone). Task ids live
 in this process: after an agent restart they are ``unknown`` and the agent copies those items
 again, which is harmless because copies are atomic and idempotent.
 
@@ -26,11 +28,13 @@ so nothing is lost, marked done, or charged a failed try.
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
 import queue
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -43,6 +47,7 @@ import attrs
 from ..options import option
 from ..states import TransferDirection
 from ..transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
+from ..util import process_start_time, same_process
 
 __all__ = ["CopyCancelled", "LocalTransfer", "LocalTransferOptions", "StopFlag", "ThreadedTasks", "copy_into_place"]
 
@@ -144,16 +149,32 @@ def _copy_file(src: Path, dst: Path, stop: Optional[threading.Event]) -> None:
     shutil.copymode(src, dst)
 
 
+def _resolve(path: Path) -> Optional[Path]:
+    """``path`` with its links followed, or None for a link loop (A -> B -> A): Python 3.11 raises
+    RuntimeError for one, later versions OSError ELOOP."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+
+
 def _copy_tree(src: Path, dst: Path, stop: Optional[threading.Event]) -> None:
     """Copy a directory, as rsync --copy-unsafe-links does: a symlink pointing inside the tree stays
     a link; one pointing out of it (absolute, or ``../``) is replaced by what it points to, which
-    would otherwise dangle at the destination (a dangling link stays as it is)."""
+    would otherwise dangle at the destination (a dangling link stays as it is, and so does a link
+    loop, which rsync too copies as links)."""
     shutil.copytree(src, dst, symlinks=True, copy_function=lambda a, b: _copy_file(Path(a), Path(b), stop))
     root = src.resolve()
     for link in sorted(p for p in dst.rglob("*") if p.is_symlink()):
         original = src / link.relative_to(dst)
         target = os.readlink(original)
-        resolved = original.resolve()
+        resolved = _resolve(original)
+        if resolved is None:
+            continue  # a loop: there is nothing to copy in its place
         if not os.path.isabs(target) and (resolved == root or root in resolved.parents):
             continue  # inside the tree: the copy's link points into the copy
         if not resolved.exists():
@@ -163,6 +184,42 @@ def _copy_tree(src: Path, dst: Path, stop: Optional[threading.Event]) -> None:
             shutil.copytree(resolved, link, symlinks=True, copy_function=lambda a, b: _copy_file(Path(a), Path(b), stop))
         else:
             _copy_file(resolved, link, stop)
+
+
+#: :func:`_partial_owner` by pid (a forked child is another owner).
+_owners: dict[int, str] = {}
+
+
+def _partial_owner() -> str:
+    """This process as a temporary's name carries it: ``<host>-<pid>-<start in ms>``."""
+    pid = os.getpid()
+    if pid not in _owners:
+        started = process_start_time(pid) or 0.0
+        _owners[pid] = f"{socket.gethostname()}-{pid}-{int(started * 1000)}"
+    return _owners[pid]
+
+
+def _is_stale(name: str, prefix: str) -> bool:
+    """Whether the temporary ``name`` (``<prefix><host>-<pid>-<ms>-<token>``) is a leftover: its
+    process, of this host, no longer runs. A copy in progress (another thread of this agent, another
+    agent of this host) is not touched; one of another host cannot be told from a leftover and is
+    left (its own host's next copy removes it). A name without an owner (an earlier version's) is a
+    leftover."""
+    parts = name[len(prefix):].rsplit("-", 3)
+    if len(parts) != 4 or not (parts[1].isdigit() and parts[2].isdigit()):
+        return True
+    host, pid, started_ms = parts[0], int(parts[1]), int(parts[2])
+    if host != socket.gethostname():
+        return False
+    return not same_process(pid, started_ms / 1000)
+
+
+def _replace_with_directory(target: Path) -> None:
+    """Make ``target`` a real directory: a symlink (to a directory too) or a file there is removed
+    first, as rsync does; a link is never followed, so nothing is written outside the destination."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        target.unlink()
+    target.mkdir(exist_ok=True)
 
 
 def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[threading.Event] = None) -> int:
@@ -176,8 +233,10 @@ def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[th
     if dest.is_dir() and not src.is_dir():
         raise IsADirectoryError(f"destination {dest} is a directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
-    tmp = dest.parent / f".{dest.name}{PARTIAL_MARK}{token}"
+    # Named with this process, so that the clean-up below tells another copy in progress to the same
+    # destination (its process runs) from the leftover of a killed agent.
+    prefix = f".{dest.name}{PARTIAL_MARK}"
+    tmp = dest.parent / f"{prefix}{_partial_owner()}-{uuid.uuid4().hex[:12]}"
     try:
         if src.is_dir():
             _copy_tree(src, tmp, stop)
@@ -195,7 +254,9 @@ def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[th
             for path in sorted(tmp.rglob("*")):
                 target = dest / path.relative_to(tmp)
                 if path.is_dir() and not path.is_symlink():
-                    target.mkdir(exist_ok=True)
+                    # mkdir(exist_ok) would take a symlink to a directory, and the files below
+                    # would be renamed into the link's target, outside the destination.
+                    _replace_with_directory(target)
                 else:
                     os.replace(path, target)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -210,8 +271,10 @@ def copy_into_place(src: Path, dest: Path, recursive: bool, *, stop: Optional[th
     # Leftovers of copies interrupted by a killed agent. Escaped: a name holding glob characters
     # ("run[1].h5") would otherwise match other names (another copy's partial in progress) and
     # miss its own.
-    for stale in dest.parent.glob(glob.escape(f".{dest.name}{PARTIAL_MARK}") + "*"):
-        if stale.is_dir():
+    for stale in dest.parent.glob(glob.escape(prefix) + "*"):
+        if not _is_stale(stale.name, prefix):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
@@ -236,8 +299,14 @@ def _run_task(files: Sequence[tuple[str, TransferFile]], stop: Optional[threadin
             if stop is not None and stop.is_set():
                 return TaskStatus(TaskState.failed, "cancelled", retryable=True)
             errors[key] = one_line(exc)
-        except (OSError, ValueError) as exc:
-            errors[key] = one_line(exc)
+        except Exception as exc:
+            # Whatever goes wrong with one item (a RuntimeError from a link loop was one) fails that
+            # item only: failing the task would charge a try to every file batched with it.
+            if not isinstance(exc, (OSError, ValueError)):
+                logger.warning("local copy of %s to %s: %s", f.src, f.dest, exc, exc_info=True)
+                errors[key] = one_line(f"{type(exc).__name__}: {exc}")
+            else:
+                errors[key] = one_line(exc)
     info = {"files": len(files), "files_done": len(files) - len(errors), "bytes": copied}
     return TaskStatus(TaskState.done, info=info, file_errors=errors)
 

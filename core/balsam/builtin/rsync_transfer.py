@@ -5,7 +5,9 @@ A task runs in a worker thread: one ``rsync`` per file or directory, through
 ``options.ssh_command`` (``ssh -o BatchMode=yes`` by default: keys or an agent must already let the
 site log in, nothing prompts). ``rsync://`` with no host (``rsync:///`` or ``rsync://localhost``
 with ``local_mode_for_localhost``) copies locally with rsync's own local mode. rsync writes each
-file under a temporary name and renames it into place, so a destination is never half-written;
+file under a temporary name and renames it into place, so a destination is never half-written
+(the temporary ``.NAME.XXXXXX`` of an rsync killed by SIGKILL stays: a later successful copy to a
+destination on this machine removes it, see :func:`remove_stale_temporaries`);
 a directory slot (``recursive``) is synchronised into the destination directory; a directory in a
 slot that is not recursive is a file error (rsync itself only says "skipping directory", exit 0).
 ``rsync://user@host:PORT`` reaches ssh as ``-p PORT``; ``rsync://user@host/prefix`` puts the
@@ -38,10 +40,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -234,6 +238,68 @@ def _last_error_line(text: str) -> str:
 
 def _not_recursive(f: TransferFile) -> str:
     return f"{f.src} is a directory (the transfer slot is not recursive)"
+
+
+#: rsync's temporary file for ``NAME``: ``.NAME.`` and six characters of mkstemp's (``.big.bin.VV5L5J``).
+RSYNC_TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9]{6}")
+
+
+def _reference_ctime(directory: str) -> Optional[float]:
+    """The file system's clock in ``directory`` now: the change time of a file created there (and
+    removed at once), or None where there is no such directory (nothing stale can be in it)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=".balsam-rsync-ref-", dir=directory)
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd).st_ctime
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def remove_stale_temporaries(dest: str, recursive: bool, before: float) -> list[str]:
+    """Remove the temporary files an rsync killed by SIGKILL left at a local destination (rsync
+    removes its own on SIGTERM, but a SIGKILL, the OOM killer's or the backend's own after
+    TERM_GRACE_SEC, leaves ``.NAME.XXXXXX`` for good). Called after a successful copy of ``dest``
+    (a file, or with ``recursive`` the directory synchronised into); only files named as rsync names
+    them, next to a ``NAME`` this copy wrote, and not changed since ``before`` (the file system's
+    time when this copy started, read in the destination's own directory so that a file server's
+    clock is compared with itself: another rsync still writing to the same destination changes its
+    file after that, and is left alone). Returns the paths removed."""
+    if recursive:
+        walk = [(top, files) for top, _, files in os.walk(dest)]
+    else:
+        parent = os.path.dirname(dest)
+        walk = [(parent, _listdir(parent))]
+    wanted = None if recursive else os.path.basename(dest)
+    removed = []
+    for top, names in walk:
+        for n in names:
+            m = RSYNC_TEMP.fullmatch(n)
+            if m is None or (wanted is not None and m["name"] != wanted):
+                continue
+            path = os.path.join(top, n)
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or st.st_ctime >= before:
+                    continue
+                # Only next to a file this copy wrote (renamed into place since ``before``): a user's
+                # own file that merely looks like a temporary, in a tree synchronised into, stays.
+                if os.lstat(os.path.join(top, m["name"])).st_ctime < before:
+                    continue
+                os.unlink(path)
+            except OSError:
+                continue
+            removed.append(path)
+    return removed
+
+
+def _listdir(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -477,6 +543,16 @@ class RsyncTransfer(TransferBackend):
             args = rsync_command(self.options, location, direction, f, link)
         except RemoteNameError as exc:
             return one_line(exc), False
+        # A destination on this machine: rsync temporaries a SIGKILLed rsync left there are removed
+        # once this copy succeeds (those of a remote host are out of reach).
+        local_dest = None
+        if direction == TransferDirection.stage_in:
+            local_dest = f.dest
+        elif _local_mode(self.options, location):
+            local_dest = location.remote_path(f.dest)
+        before = None
+        if local_dest is not None:
+            before = _reference_ctime(local_dest.rstrip("/") if f.recursive else os.path.dirname(local_dest))
         env = {k: v for k, v in os.environ.items() if not k.startswith("RSYNC_")}
         try:
             # A session of its own: killing its process group kills the ssh it starts too (killing
@@ -489,10 +565,15 @@ class RsyncTransfer(TransferBackend):
             # Recorded until it is over: the next agent ends it if this process dies first.
             self._running.add(proc.pid)
         try:
-            return self._wait_rsync(proc, f, stop)
+            result = self._wait_rsync(proc, f, stop)
         finally:
             if self._running is not None:
                 self._running.remove(proc.pid)
+        if not result[0] and local_dest is not None and before is not None:
+            removed = remove_stale_temporaries(local_dest.rstrip("/") if f.recursive else local_dest, f.recursive, before)
+            if removed:
+                logger.info("rsync: removed %d temporary file(s) a killed rsync left (%s)", len(removed), ", ".join(removed[:3]))
+        return result
 
     def _wait_rsync(self, proc: subprocess.Popen, f: TransferFile, stop: Optional[StopFlag]) -> tuple[str, bool]:
         killed = threading.Event()
