@@ -28,6 +28,15 @@ def test_the_last_error_line_of_either_output_name_is_read(tmp_path):
     assert scheduler_module.launcher_error_line(script) == "Error: boom"
 
 
+def test_the_error_line_in_the_stderr_file_of_pbs_and_slurm_is_read(tmp_path):
+    """PBS (-o/-e) and Slurm (--output/--error) keep stderr apart: the launcher's Error line (printed
+    to stderr) is in ``<stem>.error``, its stdout's last line in ``<stem>.output`` says something else."""
+    script = tmp_path / "qlaunch00009.sh"
+    (tmp_path / "qlaunch00009.output").write_text("launcher starting\n")
+    (tmp_path / "qlaunch00009.error").write_text("Error: settings.yml:4 file_cleaner: duplicate key (first at line 1)\n")
+    assert scheduler_module.launcher_error_line(script) == "Error: settings.yml:4 file_cleaner: duplicate key (first at line 1)"
+
+
 def test_an_error_the_launcher_went_on_after_is_not_taken(tmp_path):
     script = tmp_path / "qlaunch00008.sh"
     Path(f"{script}.output").write_text("Error: transient\nlauncher done\n")

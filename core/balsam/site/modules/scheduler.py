@@ -252,18 +252,24 @@ LAUNCHER_OUTPUT_TAIL_BYTES = 8192
 
 def launcher_error_line(script: Path) -> Optional[str]:
     """The launcher's last one-line error (``Error: ...``, its convention for a launcher that cannot
-    start) at the end of the job's output file, else None. The drivers name that file
-    ``<script>.output`` (local) or ``<script stem>.output`` (PBS, Slurm); the newer one is read,
-    its last ``LAUNCHER_OUTPUT_TAIL_BYTES`` only (a job's output can be large)."""
+    start, printed to stderr) at the end of the job's output files, else None. The drivers name them
+    ``<script>.output`` (local: stdout and stderr together) or ``<script stem>.output`` and
+    ``<script stem>.error`` (PBS, Slurm: stderr apart, where the line lands); of the files whose
+    last line is such an error, the newest one's, each read in its last ``LAUNCHER_OUTPUT_TAIL_BYTES``
+    only (a job's output can be large)."""
     found = []
-    for candidate in (script.with_name(script.name + ".output"), script.with_suffix(".output")):
-        try:
-            found.append((candidate.stat().st_mtime, candidate))
-        except OSError:
-            continue
-    if not found:
-        return None
-    path = max(found)[1]
+    for candidate in (script.with_name(script.name + ".output"), script.with_suffix(".output"),
+                      script.with_name(script.name + ".error"), script.with_suffix(".error")):
+        line = _last_error_line(candidate)
+        if line is not None:
+            try:
+                found.append((candidate.stat().st_mtime, line))
+            except OSError:
+                continue
+    return max(found)[1] if found else None
+
+
+def _last_error_line(path: Path) -> Optional[str]:
     try:
         with open(path, "rb") as fp:
             fp.seek(0, os.SEEK_END)
@@ -272,7 +278,7 @@ def launcher_error_line(script: Path) -> Optional[str]:
     except OSError:
         return None
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    # Only when the error is the output's last word: an earlier one the launcher survived tells
+    # Only when the error is the file's last word: an earlier one the launcher survived tells
     # nothing about how the job ended.
     if lines and lines[-1].startswith("Error:"):
         return lines[-1]
