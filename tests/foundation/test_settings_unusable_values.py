@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from balsam.config import SettingsError, load_settings, render_settings_yaml
+from balsam.config import settings as settings_module
 
 
 def _settings_with(tmp_path: Path, old: str, new: str) -> Path:
@@ -93,3 +94,14 @@ def test_a_section_written_twice_is_refused(tmp_path):
     with pytest.raises(SettingsError) as info:
         load_settings(path)
     assert str(info.value) == f"{path}:4 file_cleaner: duplicate key (first at line 1)"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("m: {1: a, '1': b}\n", []),  # an int key and a str key: two keys to the loader
+    ("m:\n  true: a\n  True: b\n", [(("m", "True"), 3, 2)]),  # one bool key written two ways
+    ("b: &x {k: 1}\nc:\n  <<: *x\n  <<: *x\n  k: 2\n", []),  # merge keys may repeat
+])
+def test_duplicate_keys_are_keys_as_the_loader_builds_them(text, expected) -> None:
+    found: list = []
+    settings_module._line_map(text, found)
+    assert found == expected

@@ -124,6 +124,20 @@ class _RecursiveYAML(ValueError):
         super().__init__(f"{_dotted(path)} is an alias of a node that contains it (data that contains itself)")
 
 
+def _key_identity(key_node: Any, text: Any) -> Any:
+    """A mapping key as the loader keys the dict it builds: ``1`` and ``'1'`` are two keys, ``true``
+    and ``True`` (and ``1`` and ``true``: Python's dict equates them) one; the text where the key
+    cannot be built or hashed."""
+    if isinstance(key_node, yaml.ScalarNode):
+        try:
+            value = yaml.constructor.SafeConstructor().construct_object(key_node)
+            hash(value)
+            return ("value", value)
+        except Exception:
+            pass
+    return ("text", text)
+
+
 def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = None) -> dict[tuple, int]:
     """Key path -> 1-based line of that key (or list item) in the YAML text.
 
@@ -164,13 +178,14 @@ def _line_map(text: str, duplicates: Optional[list[tuple[tuple, int, int]]] = No
             continue
         if duplicates is not None and isinstance(node, yaml.MappingNode):
             first_lines: dict[Any, int] = {}
-            for key, line, _child in children:
+            for (key, line, _child), (key_node, _value) in zip(children, node.value):
                 if key == "<<":  # YAML merge keys may repeat
                     continue
-                if key in first_lines:
-                    duplicates.append((path + (key,), line, first_lines[key]))
+                identity = _key_identity(key_node, key)
+                if identity in first_lines:
+                    duplicates.append((path + (key,), line, first_lines[identity]))
                 else:
-                    first_lines[key] = line
+                    first_lines[identity] = line
         for key, line, child in reversed(children):
             lines.setdefault(path + (key,), line)
             if id(child) in open_nodes:
