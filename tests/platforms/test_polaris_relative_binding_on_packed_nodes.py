@@ -46,6 +46,16 @@ def test_no_warning_for_a_job_on_the_first_cores_of_its_node(caplog) -> None:
     assert "16-31" in warning
 
 
+def test_a_site_leaving_core_0_out_still_gets_the_warning(caplog) -> None:
+    """cpu_ids 1-31: a job on cores 1-16 holds the first of cpu_ids, but PALS counts from core 0 (it
+    does not know the site left core 0 out): depth puts it on cores 0-15."""
+    platform = PolarisPlatform({"cpu_ids": "1-31"})
+    caplog.set_level(logging.WARNING)
+    platform.mpi_command_line(_spec(range(1, 17), 906, **{"cpu-bind": "depth"}))
+    (warning,) = _warnings(caplog)
+    assert "1-16" in warning
+
+
 def test_no_warning_for_list_bindings_or_whole_nodes(caplog) -> None:
     platform = PolarisPlatform()
     caplog.set_level(logging.WARNING)

@@ -181,13 +181,13 @@ class PolarisPlatform(Platform):
         """A job given part of a node (node packing) is bound to the cores it was assigned only by
         the computed ``list:...``: PALS lays ``depth`` and ``core`` out from core 0, so two jobs
         packed on cores 0-15 and 16-31 with ``--cpu-bind depth -d 8`` both run on cores 0-15. A job
-        assigned exactly the node's first cores (on every node) is where PALS puts it: no warning
-        (the job packed beside it, on other cores, gets one)."""
+        assigned exactly the node's first cores, counted from core 0 (on every node), is where PALS
+        puts it: no warning (the job packed beside it, on other cores, gets one). From core 0, not
+        from the first of ``cpu_ids``: PALS does not know which cores a site left out."""
         assigned = set(spec.cpu_ids[0]) if spec.cpu_ids else set()
         if bind.split(":", 1)[0].strip().lower() not in RELATIVE_BINDINGS or not assigned:
             return
-        node_cores = sorted(self.cpu_ids)
-        from_first_core = all(sorted(cores) == node_cores[:len(cores)] for cores in spec.cpu_ids)
+        from_first_core = all(sorted(cores) == list(range(len(cores))) for cores in spec.cpu_ids)
         if assigned >= set(self.cpu_ids) or from_first_core:
             return
         if not first_warning((spec.app_id, "relative cpu-bind on a shared node")):
