@@ -219,3 +219,20 @@ def test_free_room_counts_what_the_partition_can_start_now() -> None:
     manager = NodeManager(nodes)
     manager.assign(1, Demand(node_packing_count=8, threads_per_rank=2))  # 2 CPUs, an eighth of a node
     assert serial_worker.free_room(manager) == 3 + 4  # 6 idle CPUs hold 3 more, the empty node's 8 hold 4
+
+
+def test_free_room_counts_free_gpus() -> None:
+    """The review's case: 4 nodes of 64 CPUs and 4 GPUs running 1-GPU jobs. With every GPU busy the
+    CPUs alone said 240 more (60 idle CPUs a node): the prefetcher leased jobs that could not start."""
+    nodes = [NodeInfo(str(i), f"node{i}", list(range(64)), [str(g) for g in range(4)]) for i in range(4)]
+    manager = NodeManager(nodes, cpu_ids_are_cores=False)
+    for job_id in range(1, 17):
+        manager.assign(job_id, Demand(node_packing_count=64, gpus_per_rank=1))
+    assert serial_worker.free_room(manager) == 0
+    for job_id in (1, 2, 16):
+        manager.free(job_id)
+    assert serial_worker.free_room(manager) == 3  # the three GPUs freed, not their nodes' idle CPUs
+    assert serial_worker.free_room(manager, cap=2) == 2  # the prefetcher leases at most its depth of room
+    half = NodeManager(nodes, cpu_ids_are_cores=False)
+    half.assign(1, Demand(node_packing_count=64, gpus_per_rank=0.5))  # two such jobs share a GPU
+    assert serial_worker.free_room(half) == 7 + 3 * 8

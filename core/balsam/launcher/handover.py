@@ -20,8 +20,11 @@ Rules, and why:
   gives it back).
 - Jobs are queued only while the lease is known alive (the modes call :meth:`HandOver.queue_behind`
   only then; :mod:`balsam.client.lease`, "Known alive"). Once queued, the spawner starts them
-  without the loop, also while the launcher's main process is frozen: a hand-over deadline needs
-  the spawner (:mod:`balsam.launcher.spawner`) to check one, which it does not yet.
+  without the loop, also while the launcher's main process is frozen: so each is queued with the
+  lease's ``fresh_until()`` (``queue_behind``'s ``fresh_until``, a monotonic time: one clock for
+  every process of the node) as its deadline, after which the spawner does not start it but gives
+  it back unstarted (:mod:`balsam.launcher.spawner`, ``"Q"``); the loop places it again after its
+  own freshness check.
 - A queue request can reach the spawner just after the job ahead ended; the spawner then starts it at
   once on that job's resources. So the placement of an ended job with a job queued behind it is kept
   (``deferred``) until the spawner says whether that job started (passed on) or came back (freed).
@@ -48,6 +51,12 @@ CommandFn = Callable[[PreparedJob, Placement], "tuple[str, dict[str, str]]"]
 FailFn = Callable[[int, str], None]
 #: ``on_start(prepared, when)``: a queued job started (``when``: epoch seconds, by the spawner).
 StartedFn = Callable[[PreparedJob, float], None]
+
+
+def lease_fresh_until(lease: Any) -> Optional[float]:
+    """``lease.fresh_until()`` (monotonic), or None for a job source that does not say (no deadline)."""
+    fresh_until = getattr(lease, "fresh_until", None)
+    return None if fresh_until is None else float(fresh_until())
 
 
 class HandOver:
@@ -84,9 +93,11 @@ class HandOver:
         """``prepared`` was started on this node on ``placement``: jobs may queue behind it."""
         self.local[prepared.id] = (prepared, placement, time.monotonic())
 
-    def queue_behind(self, pending: "deque[PreparedJob]", command: CommandFn, fail: FailFn) -> int:
+    def queue_behind(self, pending: "deque[PreparedJob]", command: CommandFn, fail: FailFn,
+                     fresh_until: Optional[float] = None) -> int:
         """Queue the head of ``pending`` behind young local jobs of the same demand, up to
-        ``depth`` each; returns how many were queued."""
+        ``depth`` each; returns how many were queued. ``fresh_until``: the lease's
+        :meth:`~balsam.client.lease.JobLease.fresh_until` (monotonic), the spawner's deadline to start them."""
         if not (pending and self.local and self.available) or self.pool.events:
             return 0
         queued = 0
@@ -109,7 +120,9 @@ class HandOver:
                     logger.error("job %s FAILED: %s", prepared.id, reason)
                     fail(prepared.id, reason)
                     continue
-                if not self.pool.queue_after(tail, prepared.id, cmd, prepared.workdir, env):
+                queued_ok = (self.pool.queue_after(tail, prepared.id, cmd, prepared.workdir, env) if fresh_until is None
+                             else self.pool.queue_after(tail, prepared.id, cmd, prepared.workdir, env, fresh_until))
+                if not queued_ok:
                     pending.appendleft(prepared)
                     return queued
                 self.queued[prepared.id] = prepared

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import attrs
 
@@ -104,6 +104,17 @@ class Demand:
 
 
 @attrs.frozen
+class Usage:
+    """What the running jobs take of the enabled nodes, summed (:meth:`NodeManager.usage`): ``jobs``
+    counts a multi-node job once per node, as :attr:`ComputeNode.num_jobs` does."""
+
+    jobs: int = 0
+    occupancy: float = 0.0
+    busy_cpus: int = 0
+    busy_gpus: float = 0.0
+
+
+@attrs.frozen
 class Placement:
     """Where a job was put: node indexes and, per node, the CPU and GPU ids it may use."""
 
@@ -156,6 +167,8 @@ class ComputeNode:
         self.mig_ids = frozenset(g for g in info.gpu_ids if is_mig_id(g))
         self.whole_gpu_count = len(info.gpu_ids) - len(self.mig_ids)
         self.num_jobs = 0
+        #: GPU capacity taken (the sum of the shares held: 1.0 = one whole GPU).
+        self.gpu_busy = 0.0
         #: Taken out of the partition (NodeManager.disable_node): no new job is placed here.
         self.disabled = False
 
@@ -259,6 +272,7 @@ class ComputeNode:
     def take(self, cpus: int, gpu_shares: Sequence[tuple[str, float]], occupancy: float) -> tuple[int, ...]:
         for gpu, share in gpu_shares:
             self.gpu_free[gpu] -= share
+            self.gpu_busy += share
         if self.near:
             cpu_ids = self._pick_cpus(cpus, [g for g, _ in gpu_shares])
             taken = set(cpu_ids)
@@ -280,6 +294,7 @@ class ComputeNode:
         for gpu, share in gpu_shares:
             self.gpu_free[gpu] = min(1.0, self.gpu_free[gpu] + share)
         self.num_jobs -= 1
+        self.gpu_busy = 0.0 if self.num_jobs == 0 else max(0.0, self.gpu_busy - sum(s for _, s in gpu_shares))
         self.occupancy = 0.0 if self.num_jobs == 0 else max(0.0, self.occupancy - occupancy)
 
 
@@ -302,9 +317,61 @@ class NodeManager:
             raise ValueError(f"hardware_threads_per_core must be 0 or more, got {hardware_threads_per_core}")
         self.max_threads_per_core = int(hardware_threads_per_core or 0)
         self.placements: dict[int, Placement] = {}
+        # Running totals over the enabled nodes and the nodes that may hold another job, kept where
+        # a node changes (_recount): the serial master sizes the prefetcher's room on every turn of
+        # its loop (serial_worker.free_room), and summing 10^4 nodes there cost milliseconds a turn.
+        # jobs, occupancy, busy CPUs, busy GPUs (plain numbers: a frozen value per change cost more
+        # than the placement itself)
+        self._jobs, self._occupancy, self._busy_cpus, self._busy_gpus = 0, 0.0, 0, 0.0
+        self._disabled = 0
+        #: Enabled nodes with free occupancy and an idle CPU; enabled nodes with free GPU capacity.
+        self._cpu_open: set[int] = set(range(len(self.nodes)))
+        self._gpu_open: set[int] = {i for i, n in enumerate(self.nodes) if n.info.gpu_ids}
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    # -- running totals ------------------------------------------------------------------------
+    def _share(self, index: int) -> tuple[int, float, int, float]:
+        """What node ``index`` adds to the totals: (jobs, occupancy, busy CPUs, busy GPUs)."""
+        node = self.nodes[index]
+        if node.disabled:
+            return (0, 0.0, 0, 0.0)
+        return (node.num_jobs, node.occupancy, len(node.info.cpu_ids) - len(node.idle_cpus), node.gpu_busy)
+
+    def _recount(self, index: int, before: tuple[int, float, int, float]) -> None:
+        """Node ``index`` changed from ``before`` (its :meth:`_share` then): update the totals and sets."""
+        node = self.nodes[index]
+        jobs, occupancy, busy_cpus, busy_gpus = self._share(index)
+        self._jobs += jobs - before[0]
+        self._busy_cpus += busy_cpus - before[2]
+        if self._jobs:
+            self._occupancy += occupancy - before[1]
+            self._busy_gpus += busy_gpus - before[3]
+        else:  # sums of floats drift: exact zeros once no job runs
+            self._occupancy = self._busy_gpus = 0.0
+        if not node.disabled and node.occupancy < 1.0 - _EPS and node.idle_cpus:
+            self._cpu_open.add(index)
+        else:
+            self._cpu_open.discard(index)
+        if not node.disabled and node.info.gpu_ids and node.gpu_busy < len(node.info.gpu_ids) - _EPS:
+            self._gpu_open.add(index)
+        else:
+            self._gpu_open.discard(index)
+
+    def usage(self) -> Usage:
+        """What the running jobs take of the enabled nodes (O(1): kept as jobs are placed and freed)."""
+        return Usage(self._jobs, self._occupancy, self._busy_cpus, self._busy_gpus)
+
+    def open_nodes(self, gpus: bool = False) -> Iterator[int]:
+        """Indexes of the enabled nodes with free occupancy and an idle CPU (``gpus``: that also have
+        free GPU capacity), in no set order; O(the nodes yielded). Place or free no job meanwhile."""
+        # An empty set is skipped without iterating it: a set keeps its table as it empties, and
+        # iterating it scans every slot (10^4 nodes that all filled: 15 us a call for nothing).
+        small, large = (self._cpu_open, self._cpu_open) if not gpus else sorted((self._cpu_open, self._gpu_open), key=len)
+        if not small:
+            return iter(())
+        return iter(small) if small is large else (i for i in small if i in large)
 
     # -- queries used to size the next acquire -------------------------------------------------
     def count_empty_nodes(self) -> int:
@@ -320,11 +387,14 @@ class NodeManager:
         node = self.nodes[index]
         if node.disabled or self.enabled_count() <= 1:
             return False
+        before = self._share(index)
         node.disabled = True
+        self._disabled += 1
+        self._recount(index, before)
         return True
 
     def enabled_count(self) -> int:
-        return sum(1 for n in self.nodes if not n.disabled)
+        return len(self.nodes) - self._disabled
 
     def max_cpus_per_node(self) -> int:
         return max(len(n.info.cpu_ids) for n in self.nodes)
@@ -376,7 +446,9 @@ class NodeManager:
                 raise InsufficientResources(f"{demand.num_nodes} empty nodes needed, {len(empty)} free")
             chosen = empty[: demand.num_nodes]
             for i in chosen:
+                before = self._share(i)
                 self.nodes[i].take_whole()
+                self._recount(i, before)
             placement = Placement(
                 job_id=job_id,
                 node_indexes=tuple(chosen),
@@ -392,7 +464,9 @@ class NodeManager:
                 shares = node.check_fit(cpus, gpus, occupancy, demand.whole_gpus_only)
                 if shares is None:
                     continue
+                before = self._share(i)
                 cpu_ids = node.take(cpus, shares, occupancy)
+                self._recount(i, before)
                 placement = Placement(
                     job_id=job_id,
                     node_indexes=(i,),
@@ -427,7 +501,9 @@ class NodeManager:
             return
         shares = placement.gpu_shares or tuple(() for _ in placement.node_indexes)
         for index, cpu_ids, gpu_shares in zip(placement.node_indexes, placement.cpu_ids, shares):
+            before = self._share(index)
             self.nodes[index].release(cpu_ids, gpu_shares, placement.occupancy)
+            self._recount(index, before)
 
 
 #: What an MPI launcher or its remote shell prints when it could not start the ranks on a node

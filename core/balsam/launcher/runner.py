@@ -766,14 +766,18 @@ class SpawnerPool:
             del self.running[job_id]
         return self._fallback_pool().start(job_id, shell_cmd, workdir, env, cpu_ids)
 
-    def queue_after(self, after_id: int, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str]) -> bool:
+    def queue_after(self, after_id: int, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str],
+                    deadline: Optional[float] = None) -> bool:
         """Queue ``job_id`` to start on ``after_id``'s CPUs when that one ends; False if not sent
-        (then the job was not taken: place it again)."""
+        (then the job was not taken: place it again). ``deadline``: a ``time.monotonic()`` value
+        (the lease's ``fresh_until()``) after which the spawner no longer starts it but gives it back
+        unstarted (a :meth:`take_dropped` entry), as for a job ahead that died of a stop signal."""
         if self._gone is not None:
             return False
         task, request = self._request(job_id, shell_cmd, workdir, env)
         self.queued[job_id] = task
-        if self._send(("q", after_id, job_id, *request)):
+        command = ("q", after_id, job_id, *request) if deadline is None else ("Q", float(deadline), after_id, job_id, *request)
+        if self._send(command):
             return True
         del self.queued[job_id]
         return False
@@ -1016,11 +1020,12 @@ class SpawnerShards:
         self._route[index] = shard
         return shard
 
-    def queue_after(self, after_id: int, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str]) -> bool:
+    def queue_after(self, after_id: int, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str],
+                    deadline: Optional[float] = None) -> bool:
         shard = self._shard_of.get(after_id)
         if shard is None:
             shard = self._ended_shard.get(after_id)
-        if shard is None or not shard.queue_after(after_id, job_id, shell_cmd, workdir, env):
+        if shard is None or not shard.queue_after(after_id, job_id, shell_cmd, workdir, env, deadline):
             return False
         self._shard_of[job_id] = shard
         return True

@@ -24,7 +24,13 @@ types cross, and both ends are the same interpreter):
   env_unset)`` queues a task behind a running (or queued) one: it starts on the same CPUs the
   moment that one exits, without waiting for the launcher (a **hand-over**), unless that one died
   of a termination signal (the allocation is ending: the queued task is dropped); a request that
-  arrives just after that one ended normally starts at once on its CPUs. ``("c",
+  arrives just after that one ended normally starts at once on its CPUs. ``("Q", deadline,
+  after_id, job_id, argv, ...)`` is ``"q"`` with a deadline: a ``time.monotonic()`` value
+  (CLOCK_MONOTONIC is one clock for every process of a node) after which the task is not started
+  but dropped (``"d"``, with what is queued behind it), the launcher's Session being no longer
+  known alive then (:meth:`balsam.client.lease.JobLease.fresh_until`): a launcher frozen past its
+  Session's expiry must not have its queued jobs started, the server may have given them to
+  another launcher. ``("c",
   job_id)`` drops a queued task (and what is queued behind it) that has not started.
   ``("t", grace)`` drops what is queued, ends every task (SIGTERM to its process group, SIGKILL
   to the group after ``grace`` seconds unless the whole group is gone by then, its leader or not),
@@ -196,6 +202,7 @@ class Spawner:
         self.cpus_of: dict[int, list] = {}  # job id -> CPU ids, of the running tasks
         self.after: dict[int, tuple] = {}  # job id -> the task queued behind it (a "q" command's tail)
         self.queued: set[int] = set()  # job ids of queued tasks not started
+        self.deadline_of: dict[int, float] = {}  # queued job id -> monotonic time it may start until ("Q")
         #: job id -> CPU ids of a task that ended normally with nothing queued behind it: a request
         #: to queue behind it that comes late still starts there (the launcher keeps those CPUs
         #: for it until it hears whether the queued task started).
@@ -257,11 +264,23 @@ class Spawner:
         if after_id in self.cpus_of or after_id in self.queued:
             self.after[after_id] = (job_id, *request)
             self.queued.add(job_id)
-        elif after_id in self.freed:  # it ended just before the request came: start on its CPUs now
+        elif after_id in self.freed and not self._past_deadline(job_id):
+            # It ended just before the request came: start on its CPUs now.
+            self.deadline_of.pop(job_id, None)
             self.events.append(("h", after_id, job_id, time.time()))
             self.start(job_id, self.freed.pop(after_id), *request)
-        else:  # it ended by a termination signal, or long ago: the launcher places this one again
+        else:  # it ended by a termination signal, or long ago, or too late: the launcher places this one again
+            self.deadline_of.pop(job_id, None)
             self.events.append(("d", job_id))
+
+    def queue_until(self, deadline: float, after_id: int, job_id: int, *request: object) -> None:
+        """``"Q"``: :meth:`queue`, started only until ``deadline`` (monotonic)."""
+        self.deadline_of[job_id] = float(deadline)
+        self.queue(after_id, job_id, *request)
+
+    def _past_deadline(self, job_id: int) -> bool:
+        deadline = self.deadline_of.get(job_id)
+        return deadline is not None and time.monotonic() >= deadline
 
     def cancel(self, job_id: int) -> None:
         if job_id in self.queued:
@@ -281,6 +300,7 @@ class Spawner:
     def _drop(self, task: tuple) -> None:
         job_id = task[0]
         self.queued.discard(job_id)
+        self.deadline_of.pop(job_id, None)
         self.events.append(("d", job_id))
         behind = self.after.pop(job_id, None)
         if behind is not None:
@@ -354,6 +374,13 @@ class Spawner:
         if returncode in STOP_SIGNAL_EXITS:
             self._drop(task)
             return
+        if self._past_deadline(task[0]):
+            # The launcher's Session is no longer known alive: the job comes back unstarted (with
+            # what is queued behind it), the launcher frees the CPUs and places it again after its
+            # own freshness check.
+            self._drop(task)
+            return
+        self.deadline_of.pop(task[0], None)
         self.events.append(("h", job_id, task[0], now))
         self.start(task[0], cpu_ids, *task[1:])
 
@@ -408,6 +435,7 @@ class Spawner:
         longer signalled once it was seen empty (its number may then be a new process's)."""
         self.after.clear()
         self.queued.clear()
+        self.deadline_of.clear()
         self.freed.clear()
         self.relaunch = None  # from here on every exit is final
         self.reap()
@@ -488,6 +516,8 @@ class Spawner:
                             self.start(*command[1:])
                         elif kind == "q":
                             self.queue(*command[1:])
+                        elif kind == "Q":
+                            self.queue_until(*command[1:])
                         elif kind == "c":
                             self.cancel(command[1])
                         elif kind == "k":

@@ -122,7 +122,7 @@ from .._api import note_batch_job, open_lease, open_updater
 from ..entry import _platform, configure_logging
 from ..gone import GoneJobs, lease_is_fresh
 from ..app_run import JobPreparer, PreparedJob, shell_line
-from ..handover import HandOver
+from ..handover import HandOver, lease_fresh_until
 from ..job_mode import StopConditions
 from ..node_manager import NodeManager, Placement
 from ..placement import TooLateJobs, place_pending
@@ -419,24 +419,36 @@ def prefetch_depth(nodes: Sequence[NodeInfo], per_slot: int) -> int:
     return max(MIN_PREFETCH, min(MAX_PREFETCH, int(per_slot) * slots))
 
 
-def free_room(node_manager: NodeManager) -> int:
+def free_room(node_manager: NodeManager, cap: Optional[int] = None) -> int:
     """Jobs the partition could start now, as the prefetcher sizes a fill of free room by: on each
-    node, as many as its free occupancy and idle CPUs hold of jobs the size of the running ones'
-    mean; with none running, one a node (the jobs' size is not known yet: the next fill, with those
-    placed, sizes the rest). GPUs are not counted: an estimate too high leases jobs the loop cannot
-    place, and then it holds them and leases no more room until it has placed them."""
-    nodes = [n for n in node_manager.nodes if not n.disabled]
-    jobs = sum(n.num_jobs for n in nodes)
-    if not jobs:
-        return len(nodes)
-    occupancy = sum(n.occupancy for n in nodes) / jobs  # of one job
-    cpus = sum(len(n.info.cpu_ids) - len(n.idle_cpus) for n in nodes) / jobs
+    node, as many as its free occupancy, idle CPUs and free GPU capacity hold of jobs the size of
+    the running ones' mean; with none running, one a node (the jobs' size is not known yet: the next
+    fill, with those placed, sizes the rest). GPUs count: 1-GPU jobs on nodes whose GPUs all run
+    one left the CPUs' room (60 a 64-CPU node), and the prefetcher leased jobs that could not start,
+    held unseen by the elastic queue and other BatchJobs. An estimate too high (GPU capacity split
+    across GPUs) leases jobs the loop cannot place; then it holds them and leases no more room
+    until it has placed them.
+
+    Called on every turn of the loop: the means come from the NodeManager's running totals, only
+    the nodes with room are looked at, and counting stops at ``cap`` (the prefetcher leases at most
+    its ``depth`` of room at a time)."""
+    usage = node_manager.usage()
+    if not usage.jobs:
+        return node_manager.enabled_count() if cap is None else min(cap, node_manager.enabled_count())
+    occupancy = usage.occupancy / usage.jobs  # of one job
+    cpus = usage.busy_cpus / usage.jobs
+    gpus = usage.busy_gpus / usage.jobs
     room = 0
-    for node in nodes:
+    for index in node_manager.open_nodes(gpus=gpus > 0):
+        node = node_manager.nodes[index]
         fits = int((1.0 - node.occupancy) / occupancy + 1e-6) if occupancy > 0 else len(node.idle_cpus)
         if cpus > 0:
             fits = min(fits, int(len(node.idle_cpus) / cpus + 1e-6))
+        if gpus > 0:
+            fits = min(fits, int((len(node.info.gpu_ids) - node.gpu_busy) / gpus + 1e-6))
         room += max(0, fits)
+        if cap is not None and room >= cap:
+            return cap
     return room
 
 
@@ -661,12 +673,14 @@ class Master:
             progress += started
             self._send_outbox()
         if fresh:
-            progress += self.handover.queue_behind(self.pending, self._launch_command, self._fail)
+            # Started by the spawner only while the Session is still known alive (the lease's deadline).
+            progress += self.handover.queue_behind(self.pending, self._launch_command, self._fail,
+                                                   lease_fresh_until(self.prefetcher.lease))
         self.handover.cancel_behind_old()
         held = len(self.pending) + len(self.handover.queued)
         # With none held the loop placed every job it took: the partition may have room, which the
         # prefetcher leases (in chunks); with some held it is full, and it leases only a lookahead.
-        self.prefetcher.note_held(held, free_room(self.node_manager) if not held else None)
+        self.prefetcher.note_held(held, free_room(self.node_manager, self.prefetcher.depth) if not held else None)
         busy = bool(self.pool.running or self.remote or self.pending or self.handover.queued or self.prefetcher.backlog)
         self.stop.note_activity(busy or not self.prefetcher.exhausted)
         if not busy and self.prefetcher.exhausted:
