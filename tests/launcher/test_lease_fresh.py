@@ -82,6 +82,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
     monkeypatch.setattr(lease_module, "time", types.SimpleNamespace(monotonic=clock.monotonic,
                                                                     perf_counter=time.perf_counter))
+    monkeypatch.setattr(lease_module, "session_clock", clock.monotonic)  # the lease's clock (CLOCK_BOOTTIME)
     monkeypatch.delenv("BALSAM_SESSION_EXPIRE_SEC", raising=False)
     return clock
 

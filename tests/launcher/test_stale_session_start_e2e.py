@@ -9,7 +9,9 @@ Session was gone: jobs the other launcher had run already ran again.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import signal
 import time
 from collections import defaultdict
@@ -40,10 +42,34 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def site_sessions(site_id: int) -> dict[int, dt.datetime]:
+    """The site's Sessions on the server: id -> last heartbeat (the server's clock)."""
+    from balsam.api import get_default_client
+
+    listed = get_default_client().get("/sessions/")
+    rows = listed if isinstance(listed, list) else listed.get("results", [])
+    return {int(r["id"]): dt.datetime.fromisoformat(str(r["heartbeat"])) for r in rows if r["site_id"] == site_id}
+
+
+def serial_log(site_path: Path) -> str:
+    return "".join(p.read_text() for p in (site_path / "log").glob("serial_mode_*.log"))
+
+
+def replacing_session(site_path: Path) -> int | None:
+    """The id of the Session the serial launcher created after finding its own gone, once logged."""
+    text = serial_log(site_path)
+    at = text.find("is gone on the server")
+    found = re.search(r"session (\d+) created", text[at:]) if at >= 0 else None
+    return int(found.group(1)) if found else None
+
+
 def test_a_resumed_launcher_starts_no_job_of_its_expired_session(new_site, tmp_path: Path) -> None:
     from balsam.api import ApplicationDefinition, Job
 
+    from balsam.api import Site
+
     name, path = new_site(idle_ttl_sec=60)
+    site_id = Site.objects.get(name=name).id
     trace = tmp_path / "runs"
     trace.touch()
 
@@ -62,13 +88,27 @@ def test_a_resumed_launcher_starts_no_job_of_its_expired_session(new_site, tmp_p
         wait_until(lambda: sum(1 for r in runs(trace).values() for who, _ in r if who == "A") >= 3, 90,
                    "the serial launcher started no jobs")
         os.kill(first.pid, signal.SIGSTOP)  # its main process: loop, heartbeat and prefetch threads
-        time.sleep(SESSION_EXPIRE_SEC + 2)  # expired and swept
+        frozen = set(site_sessions(site_id))  # the serial launcher's: the only launcher so far
+        assert frozen, "the serial launcher has no Session on the server"
+        # Expired and swept (the server's background sweep, about every SESSION_EXPIRE_SEC / 2).
+        wait_until(lambda: not frozen & set(site_sessions(site_id)), 60 + SESSION_EXPIRE_SEC,
+                   f"the frozen launcher's Session {frozen} did not expire")
         second = start_launcher(path, "mpi", 3, env={"RUN_BY": "B"})
         wait_until(lambda: sum(1 for r in runs(trace).values() for who, _ in r if who == "B") >= 4, 90,
                    "the mpi launcher ran none of the freed jobs")
         resumed_at = time.time()
         os.kill(first.pid, signal.SIGCONT)
-        time.sleep(8)  # the resumed launcher's loop, heartbeat and new Session
+        # Proof that the resumed launcher learned of the loss: it logged it and created a new
+        # Session, which the server lists. Then until that Session's heartbeats (the server's clock)
+        # cover more than the 2 s the checks below leave out at the end: a job of the lost Session
+        # started at the resume would have written its start line well inside the window checked.
+        wait_until(lambda: replacing_session(path) is not None, 90,
+                   f"the resumed launcher did not replace its lost Session:\n{serial_log(path)[-3000:]}")
+        new_id = replacing_session(path)
+        wait_until(lambda: new_id in site_sessions(site_id), 30, f"Session {new_id} is not on the server")
+        first_beat = site_sessions(site_id)[new_id]
+        wait_until(lambda: (site_sessions(site_id).get(new_id, first_beat) - first_beat).total_seconds() > 3, 60,
+                   f"the resumed launcher's Session {new_id} got no heartbeat for long")
     finally:
         ended_at = time.time()
         if resumed_at is None:
@@ -80,8 +120,8 @@ def test_a_resumed_launcher_starts_no_job_of_its_expired_session(new_site, tmp_p
             if proc is not None:
                 finish(proc, 60)
     done = runs(trace)
-    text = "".join(p.read_text() for p in (path / "log").glob("serial_mode_*.log"))
-    assert "was lost with" in text or "is gone on the server" in text, f"the Session did not expire:\n{text[-3000:]}"
+    text = serial_log(path)
+    assert "is gone on the server" in text, f"the Session did not expire:\n{text[-3000:]}"
     # A run of the lost Session's jobs started after the resume was ended as gone once the launcher
     # learned that its Session was gone: it never wrote its end line (its 1 s were not over).
     ends = runs(trace, "end")

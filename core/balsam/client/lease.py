@@ -33,7 +33,9 @@ ended and the ones leased ahead are not started; later copies (the new Session m
 jobs again) are numbered higher and untouched.
 
 Known alive (:meth:`JobLease.fresh`): the lease notes when its last heartbeat or acquire that
-succeeded was *sent* (monotonic clock); the server stamped the Session's heartbeat at or after that
+succeeded was *sent* (on :func:`session_clock`, which counts the time the machine was suspended:
+``CLOCK_MONOTONIC`` stands still during a suspend and some VM pauses, and a node resumed from one
+kept a fresh lease while its Session had expired); the server stamped the Session's heartbeat at or after that
 moment, so the Session lives at least until that moment plus the server's expiry. A process frozen
 longer than that (SIGSTOP, a file-system hang, a node hiccup) resumes with its jobs leased ahead and
 its Session maybe expired, their jobs run by another launcher meanwhile; nothing on the wire tells it
@@ -98,6 +100,17 @@ def assumed_expiry_sec(tick_period: float) -> float:
         except ValueError:
             logger.warning("ignoring BALSAM_SESSION_EXPIRE_SEC=%r (not a number)", raw)
     return max(0.1, window)
+
+
+if hasattr(time, "CLOCK_BOOTTIME"):
+    def session_clock() -> float:
+        """Seconds on ``CLOCK_BOOTTIME`` (Linux): monotonic, and it goes on while the machine is
+        suspended, as the server's expiry clock does (``time.monotonic`` stands still then)."""
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+else:
+    def session_clock() -> float:
+        """``time.monotonic()`` where there is no ``CLOCK_BOOTTIME`` (it may miss a suspend)."""
+        return time.monotonic()
 
 
 def _status(exc: BaseException) -> Optional[int]:
@@ -168,6 +181,7 @@ class JobLease:
         wrap: Optional[Callable[[dict], Any]] = None,
         name: str = "session",
         acquire_retry_count: Optional[int] = None,
+        clock: Optional[Callable[[], float]] = None,
     ) -> None:
         self._client_or_factory = client
         self.site_id = site_id
@@ -183,10 +197,14 @@ class JobLease:
         #: loop keeps this short: the pending request is resent on its next turn anyway, and a
         #: SIGTERM is not kept waiting behind minutes of backoff.
         self.acquire_retry_count = acquire_retry_count
+        #: The clock of freshness and heartbeat periods (:func:`session_clock` unless given).
+        self._clock = clock if clock is not None else session_clock
         self.closed = False
         self.tick_errors = 0
-        #: (idempotency key, body) of an acquire whose answer never came: resent before anything new.
+        #: (idempotency key, body) of an acquire whose answer never came: resent before anything new,
+        #: and only to the Session it was sent to (:attr:`_pending_session`; a replacement drops it).
         self.pending: Optional[tuple[str, dict]] = None
+        self._pending_session: Optional[int] = None
         #: The server refused ``max_gpus_per_node`` as an unknown field (it is older than this
         #: client): the filter is not sent again.
         self._no_gpu_filter = False
@@ -207,13 +225,13 @@ class JobLease:
         #: their own lock (the lease's is held over the creation of a replacing Session).
         self._tick_waiters: list[threading.Event] = []
         self._waiters_lock = threading.Lock()
-        self._last_tick = time.monotonic()
+        self._last_tick = self._clock()
         #: See :meth:`fresh`: the assumed expiry, and when the last request that succeeded was sent
         #: (-inf while a lost Session's jobs are not handed over yet).
         self.expiry_sec = assumed_expiry_sec(self.tick_period)
         self._confirmed = float("-inf")
         self._replacing = False
-        sent = time.monotonic()
+        sent = self._clock()
         self._session_id = self._create_session()
         self._confirmed = sent
         self._thread: Optional[threading.Thread] = None
@@ -245,12 +263,18 @@ class JobLease:
     def fresh(self, margin: Optional[float] = None) -> bool:
         """Whether the Session is known alive for ``margin`` seconds more (default: a heartbeat
         period, at most a quarter of the assumed expiry): the last request that succeeded was
-        sent less than the assumed expiry minus ``margin`` ago. A monotonic comparison: cheap."""
-        return time.monotonic() < self.fresh_until(margin)
+        sent less than the assumed expiry minus ``margin`` ago. One clock read: cheap."""
+        return self._clock() < self._fresh_deadline(margin)
 
     def fresh_until(self, margin: Optional[float] = None) -> float:
-        """The monotonic time until which :meth:`fresh` holds (-inf while a lost Session's jobs
-        are being handed over, see :meth:`_replace_lost_session`)."""
+        """The ``time.monotonic()`` time until which :meth:`fresh` holds (-inf while a lost
+        Session's jobs are being handed over, see :meth:`_replace_lost_session`): a deadline for
+        other processes of the node (the spawner), so on their clock; the lease itself compares
+        on :func:`session_clock`."""
+        left = self._fresh_deadline(margin) - self._clock()
+        return time.monotonic() + left
+
+    def _fresh_deadline(self, margin: Optional[float]) -> float:
         if margin is None:
             margin = min(self.tick_period, self.expiry_sec / 4)
         return self._confirmed + self.expiry_sec - margin
@@ -282,7 +306,7 @@ class JobLease:
             body["batch_job_id"] = self.batch_job_id
         created = self.client.post("/sessions/", json=body)
         session_id = int(created["id"])
-        self._last_tick = time.monotonic()
+        self._last_tick = self._clock()
         logger.info("%s %s created (site %s, batch job %s)", self.name, session_id, self.site_id, self.batch_job_id)
         return session_id
 
@@ -309,7 +333,7 @@ class JobLease:
             if self._session_id != lost_id:
                 return []  # replaced already, and reported by whoever did
             logger.warning("%s %s is gone on the server (%s); creating a new one", self.name, lost_id, exc)
-            self.pending = None
+            self.pending = None  # the lost Session's key: never resent to the new one
             as_of = self._generation
             # Not fresh until the lost jobs are handed over (the owner's loop reads the lease fresh
             # before it looks at the jobs handed over: a copy of the lost Session never starts).
@@ -317,7 +341,7 @@ class JobLease:
             self._confirmed = float("-inf")
             # Copies acquired up to this number were the lost Session's (see GoneJobs.arrive).
             self.lost_generation = as_of
-            sent = time.monotonic()
+            sent = self._clock()
             try:
                 self._session_id = self._create_session()
             except BaseException:
@@ -413,7 +437,7 @@ class JobLease:
         # later ones).
         as_of = self._generation
         body = self._tick_body()
-        sent = time.monotonic()
+        sent = self._clock()
         try:
             # A missed tick is retried at the next period (the server waits several periods), so one
             # tick never sits in minutes of backoff that would also hold up close().
@@ -427,7 +451,7 @@ class JobLease:
                 raise
             return lost
         finally:
-            self._last_tick = time.monotonic()
+            self._last_tick = self._clock()
         # A server that does not know job_ids (Balsam 0.7's) answers without "gone".
         gone = answer.get("gone") if isinstance(answer, dict) and body else None
         if not gone:
@@ -438,7 +462,7 @@ class JobLease:
         return ids
 
     def tick_if_due(self) -> None:
-        if not self.closed and time.monotonic() - self._last_tick >= self.tick_period:
+        if not self.closed and self._clock() - self._last_tick >= self.tick_period:
             self.tick()
 
     def _heartbeat(self) -> None:
@@ -493,6 +517,12 @@ class JobLease:
         headers = None
         with self._lock:  # one acquirer thread per lease; the lock orders it with session replacement
             session_id = self._session_id
+            if self.pending is not None and self._pending_session != session_id:
+                # Sent to a Session replaced since (the replacement drops it; this holds it to that):
+                # its key means nothing to the new Session, whose answer could only be another lease.
+                logger.info("%s %s: the unanswered acquire of %s is not resent", self.name, session_id,
+                            self._pending_session)
+                self.pending = None
             if self.pending is None:
                 if wait_sec is not None and wait_sec > 0:
                     headers = {"Prefer": f"wait={wait_sec:g}"}
@@ -503,11 +533,12 @@ class JobLease:
                     app_ids=self.app_ids, max_gpus_per_node=None if self._no_gpu_filter else max_gpus_per_node,
                 )
                 self.pending = (new_idempotency_key(), body)
+                self._pending_session = session_id
             else:
                 logger.info("%s %s: resending the acquire whose answer was lost", self.name, self._session_id)
             key, body = self.pending
         t0 = time.perf_counter()
-        sent = time.monotonic()
+        sent = self._clock()
         try:
             extra = {"headers": headers} if headers is not None else {}
             rows = _rows(self.client.post(f"/sessions/{session_id}", json=body, idempotency_key=key,
@@ -540,6 +571,16 @@ class JobLease:
         with self._lock:
             if self.pending is not None and self.pending[0] == key:
                 self.pending = None
+            if rows and session_id != self._session_id:
+                # Answered after the heartbeat thread found this Session gone and replaced it (the
+                # server committed the lease before the expiry, the answer came late): the expiry
+                # gave these jobs back, another launcher may run them, and the replacement's report
+                # of held jobs could not include them. Numbered, they would count as copies of the
+                # new Session (above lost_generation), start, and run twice.
+                logger.warning("%s %s was replaced while its acquire was answered: its %d jobs are not this "
+                               "launcher's (the server released them with the expiry): %s", self.name, session_id,
+                               len(rows), [row.get("id") if isinstance(row, dict) else row for row in rows][:20])
+                rows = []
             if rows:
                 # Counted once the answer is here (the server committed the lease before it): a
                 # heartbeat that notes this number or a later one was computed after this lease.

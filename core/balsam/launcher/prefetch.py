@@ -34,8 +34,13 @@ Thread contract (two threads, nothing else shared):
   second of work ahead makes them a few hundred each. Without ``floor`` (the default) the floor is
   ``depth`` and the room is not used: ``depth`` ahead at all times, raised by the rate.
 * Copies: each acquire's jobs carry the lease's number for it (``lease.generation``, read by the
-  prefetch thread right after the acquire, stored with the ready jobs under ``_lock``); :meth:`take`
-  sets :attr:`taken_generation` to the newest number among the jobs it returns (for the loop,
+  prefetch thread right after the acquire, stored per job in ``_ready_generations``, in step with
+  ``_ready`` under ``_lock``). :meth:`take` drops the jobs numbered up to the lease's
+  ``lost_generation`` (an int store of the heartbeat thread, read once per take): they were acquired
+  under a Session found gone since, whose held-jobs report (the master's held ids) does not see
+  ``_ready``, and ``_ready`` mixes several acquires, so the loop's check of one number per batch
+  (:meth:`balsam.launcher.gone.GoneJobs.arrive`) would keep them when newer jobs came with them.
+  It sets :attr:`taken_generation` to the newest number among the jobs it returns (for the loop,
   :mod:`balsam.launcher.gone`: a heartbeat answer older than a copy is not applied to it, and a
   number too high only defers an answer to the next heartbeat).
 * ``check_satisfiable`` is passed in by the owner and must only read state fixed at start (the
@@ -109,7 +114,9 @@ class Prefetcher:
         self._acquire_kwargs = dict(acquire_kwargs or {})
         self._lock = threading.Lock()
         self._ready: deque[PreparedJob] = deque()
-        self._ready_generation = 0  # the acquire number of the newest job in _ready (under _lock)
+        #: The acquire number of each job in ``_ready``, in the same order (under ``_lock``; a job
+        #: without one counts as 0, not numbered).
+        self._ready_generations: deque[int] = deque()
         #: The acquire number of the newest job the last :meth:`take` returned (loop thread).
         self.taken_generation = 0
         self._held = 0
@@ -140,18 +147,33 @@ class Prefetcher:
         return self
 
     def take(self) -> list[PreparedJob]:
-        """Every prepared job ready now (oldest first), less those that can no longer finish in time
+        """Every prepared job ready now (oldest first), less those acquired under a Session the
+        lease lost since (see "Copies" above) and those that can no longer finish in time
         (:meth:`_hold_back_too_late`)."""
         with self._lock:
             if not self._ready:
                 return []
             jobs = list(self._ready)
+            generations = list(self._ready_generations)
             # Held until the loop's note_held says otherwise, counted before they leave _ready: the
             # prefetch thread (which reads _ready, then _held) must never see them in neither place,
             # an empty partition, and lease again.
             self._held += len(jobs)
             self._ready.clear()
-            self.taken_generation = self._ready_generation
+            self._ready_generations.clear()
+        generations = [0] * (len(jobs) - len(generations)) + generations
+        lost = int(getattr(self.lease, "lost_generation", 0) or 0)
+        if lost and generations[0] <= lost:  # in acquire order: the oldest first
+            void = [p.id for p, g in zip(jobs, generations) if g <= lost]
+            logger.warning("%d jobs acquired under a lost session are not started (the server released them "
+                           "with it): %s", len(void), void[:20])
+            kept = [(p, g) for p, g in zip(jobs, generations) if g > lost]
+            self._held -= len(jobs) - len(kept)  # never started: neither held nor used
+            jobs = [p for p, _ in kept]
+            generations = [g for _, g in kept]
+            if not jobs:
+                return []
+        self.taken_generation = max(generations)
         may_start = self._hold_back_too_late(jobs)
         self._held -= len(jobs) - len(may_start)  # those held back never start: neither held nor used
         self._taken += len(may_start)
@@ -250,12 +272,12 @@ class Prefetcher:
                         # The loop may be idle: hand the first job over at once (start-up latency).
                         with self._lock:
                             self._ready.append(batch.pop())
-                            self._ready_generation = generation
+                            self._ready_generations.append(generation)
                         self._on_ready()
             if batch:
                 with self._lock:
                     self._ready.extend(batch)
-                    self._ready_generation = generation
+                    self._ready_generations.extend([generation] * len(batch))
                 self._on_ready()
             self.exhausted = not jobs
             if not jobs:
