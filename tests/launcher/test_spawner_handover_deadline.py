@@ -1,4 +1,4 @@
-"""A task queued in the spawner with a deadline (the lease's ``fresh_until()``, monotonic) is not
+"""A task queued in the spawner with a deadline (the lease's ``fresh_until()``, on the spawner's node_clock) is not
 started after it: a launcher frozen past its Session's expiry must not have its queued jobs started
 (the server may have given them to another launcher). It comes back unstarted (``take_dropped``),
 with what is queued behind it, and the loop places it again after its own freshness check. Real
@@ -19,6 +19,7 @@ from balsam.launcher.app_run import PreparedJob
 from balsam.launcher.handover import HandOver
 from balsam.launcher.node_manager import Demand, NodeManager
 from balsam.launcher.runner import SpawnerPool, SpawnerShards
+from balsam.launcher.spawner import node_clock
 from balsam.platform import NodeInfo
 
 from test_serial_master import FakeJob, FakeLease, make_master
@@ -58,8 +59,8 @@ def test_a_queued_task_whose_deadline_passed_is_not_started_but_reported_back(po
     env = dict(os.environ)
     pool.start(1, "sleep 0.3", _workdir(tmp_path, "1"), env)
     # The Session was known alive until a moment ago: by the time 1 exits, 2 may no longer start.
-    assert pool.queue_after(1, 2, "touch started", _workdir(tmp_path, "2"), env, time.monotonic())
-    assert pool.queue_after(2, 3, "touch started", _workdir(tmp_path, "3"), env, time.monotonic() + 3600)
+    assert pool.queue_after(1, 2, "touch started", _workdir(tmp_path, "2"), env, node_clock())
+    assert pool.queue_after(2, 3, "touch started", _workdir(tmp_path, "3"), env, node_clock() + 3600)
     done, back = _settle(pool, 1, 2)
     assert done == [(1, 0)]
     assert sorted(back) == [2, 3]  # with what is queued behind it (it starts on 2's CPUs, which never came)
@@ -70,7 +71,7 @@ def test_a_queued_task_whose_deadline_passed_is_not_started_but_reported_back(po
 def test_a_queued_task_within_its_deadline_is_handed_over(pool: Any, tmp_path: Path) -> None:
     env = dict(os.environ)
     pool.start(1, "sleep 0.2", _workdir(tmp_path, "1"), env)
-    assert pool.queue_after(1, 2, "touch started", _workdir(tmp_path, "2"), env, time.monotonic() + 3600)
+    assert pool.queue_after(1, 2, "touch started", _workdir(tmp_path, "2"), env, node_clock() + 3600)
     done, back = _settle(pool, 2, 0)
     assert done == [(1, 0), (2, 0)] and not back
     assert [(a, j) for a, j, _ in pool.take_started()] == [(1, 2)]
@@ -83,7 +84,7 @@ def test_a_late_queue_request_past_its_deadline_comes_back(pool: Any, tmp_path: 
     env = dict(os.environ)
     pool.start(1, "true", _workdir(tmp_path, "1"), env)
     assert _settle(pool, 1, 0)[0] == [(1, 0)]
-    assert pool.queue_after(1, 2, "touch started", _workdir(tmp_path, "2"), env, time.monotonic())
+    assert pool.queue_after(1, 2, "touch started", _workdir(tmp_path, "2"), env, node_clock())
     done, back = _settle(pool, 0, 1)
     assert back == [2] and not done and not pool.take_started()
     assert not (tmp_path / "2" / "started").exists()
@@ -97,7 +98,7 @@ class ExpiringLease(FakeLease):
         return True
 
     def fresh_until(self, margin: Any = None) -> float:
-        return time.monotonic() - 1.0
+        return node_clock() - 1.0
 
 
 def test_the_serial_master_queues_with_the_leases_deadline_and_places_what_comes_back(tmp_path: Path) -> None:

@@ -267,12 +267,12 @@ class JobLease:
         return self._clock() < self._fresh_deadline(margin)
 
     def fresh_until(self, margin: Optional[float] = None) -> float:
-        """The ``time.monotonic()`` time until which :meth:`fresh` holds (-inf while a lost
+        """The :func:`session_clock` time until which :meth:`fresh` holds (-inf while a lost
         Session's jobs are being handed over, see :meth:`_replace_lost_session`): a deadline for
-        other processes of the node (the spawner), so on their clock; the lease itself compares
-        on :func:`session_clock`."""
+        other processes of the node (the spawner compares it on the same clock, its
+        ``node_clock``), computed from the lease's own (injected) clock."""
         left = self._fresh_deadline(margin) - self._clock()
-        return time.monotonic() + left
+        return session_clock() + left
 
     def _fresh_deadline(self, margin: Optional[float]) -> float:
         if margin is None:

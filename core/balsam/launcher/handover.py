@@ -21,7 +21,7 @@ Rules, and why:
 - Jobs are queued only while the lease is known alive (the modes call :meth:`HandOver.queue_behind`
   only then; :mod:`balsam.client.lease`, "Known alive"). Once queued, the spawner starts them
   without the loop, also while the launcher's main process is frozen: so each is queued with the
-  lease's ``fresh_until()`` (``queue_behind``'s ``fresh_until``, a monotonic time: one clock for
+  lease's ``fresh_until()`` (``queue_behind``'s ``fresh_until``, a CLOCK_BOOTTIME time: one clock for
   every process of the node) as its deadline, after which the spawner does not start it but gives
   it back unstarted (:mod:`balsam.launcher.spawner`, ``"Q"``); the loop places it again after its
   own freshness check.
@@ -54,7 +54,7 @@ StartedFn = Callable[[PreparedJob, float], None]
 
 
 def lease_fresh_until(lease: Any) -> Optional[float]:
-    """``lease.fresh_until()`` (monotonic), or None for a job source that does not say (no deadline)."""
+    """``lease.fresh_until()`` (CLOCK_BOOTTIME, the spawner's ``node_clock``), or None for a job source that does not say (no deadline)."""
     fresh_until = getattr(lease, "fresh_until", None)
     return None if fresh_until is None else float(fresh_until())
 
@@ -97,7 +97,7 @@ class HandOver:
                      fresh_until: Optional[float] = None) -> int:
         """Queue the head of ``pending`` behind young local jobs of the same demand, up to
         ``depth`` each; returns how many were queued. ``fresh_until``: the lease's
-        :meth:`~balsam.client.lease.JobLease.fresh_until` (monotonic), the spawner's deadline to start them."""
+        :meth:`~balsam.client.lease.JobLease.fresh_until` (the spawner's node_clock), the spawner's deadline to start them."""
         if not (pending and self.local and self.available) or self.pool.events:
             return 0
         queued = 0

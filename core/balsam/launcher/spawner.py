@@ -76,6 +76,19 @@ import struct
 import sys
 import time
 
+
+if hasattr(time, "CLOCK_BOOTTIME"):
+    def node_clock() -> float:
+        """The clock of the ``"Q"`` deadlines, the lease's ``session_clock`` (CLOCK_BOOTTIME, one for
+        every process of the node): it goes on while the machine is suspended, which
+        ``time.monotonic`` does not, so a suspend cannot stretch a deadline past the Session's expiry."""
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+else:
+    def node_clock() -> float:
+        """``time.monotonic()`` where there is no ``CLOCK_BOOTTIME``."""
+        return time.monotonic()
+
+
 #: The shell a line that cannot be exec'd directly runs under (as the launcher's ``/bin/bash -c``).
 SHELL = "/bin/bash"
 #: The returncode of a task that could not be started (as :class:`~balsam.launcher.app_run.AppProcess`).
@@ -202,7 +215,7 @@ class Spawner:
         self.cpus_of: dict[int, list] = {}  # job id -> CPU ids, of the running tasks
         self.after: dict[int, tuple] = {}  # job id -> the task queued behind it (a "q" command's tail)
         self.queued: set[int] = set()  # job ids of queued tasks not started
-        self.deadline_of: dict[int, float] = {}  # queued job id -> monotonic time it may start until ("Q")
+        self.deadline_of: dict[int, float] = {}  # queued job id -> node_clock() time it may start until ("Q")
         #: job id -> CPU ids of a task that ended normally with nothing queued behind it: a request
         #: to queue behind it that comes late still starts there (the launcher keeps those CPUs
         #: for it until it hears whether the queued task started).
@@ -274,13 +287,13 @@ class Spawner:
             self.events.append(("d", job_id))
 
     def queue_until(self, deadline: float, after_id: int, job_id: int, *request: object) -> None:
-        """``"Q"``: :meth:`queue`, started only until ``deadline`` (monotonic)."""
+        """``"Q"``: :meth:`queue`, started only until ``deadline`` (:func:`node_clock`)."""
         self.deadline_of[job_id] = float(deadline)
         self.queue(after_id, job_id, *request)
 
     def _past_deadline(self, job_id: int) -> bool:
         deadline = self.deadline_of.get(job_id)
-        return deadline is not None and time.monotonic() >= deadline
+        return deadline is not None and node_clock() >= deadline
 
     def cancel(self, job_id: int) -> None:
         if job_id in self.queued:
