@@ -236,3 +236,17 @@ def test_free_room_counts_free_gpus() -> None:
     half = NodeManager(nodes, cpu_ids_are_cores=False)
     half.assign(1, Demand(node_packing_count=64, gpus_per_rank=0.5))  # two such jobs share a GPU
     assert serial_worker.free_room(half) == 7 + 3 * 8
+
+
+def test_float_residue_of_freed_gpu_shares_is_no_gpu_work() -> None:
+    """Freeing 0.1 + 0.2 of a GPU left 2.8e-17 busy while a CPU job stayed on the node: the running
+    jobs then counted as GPU work and the room of a node without GPUs was left out."""
+    nodes = [NodeInfo("0", "g0", list(range(64)), ["0"]), NodeInfo("1", "c1", list(range(64)))]
+    manager = NodeManager(nodes, cpu_ids_are_cores=False)
+    manager.assign(1, Demand(node_packing_count=64))  # a CPU job keeps the GPU node busy
+    manager.assign(2, Demand(node_packing_count=64, gpus_per_rank=0.1))
+    manager.assign(3, Demand(node_packing_count=64, gpus_per_rank=0.2))
+    manager.free(2)
+    manager.free(3)
+    assert manager.nodes[0].gpu_busy == 0.0
+    assert serial_worker.free_room(manager) == 127  # 63 beside the CPU job, 64 on the node without GPUs

@@ -326,7 +326,7 @@ class JobLease:
         launcher that leased them after the expiry), in the same workdir. A copy acquired after the
         replacement is numbered higher and is not touched (the owner's generation check). An
         acquire of the old session answered only after the replacement (it was committed before the
-        expiry) is numbered higher too: the next heartbeat, of the new Session, reports it gone."""
+        expiry, which gave its jobs back) returns no job (:meth:`acquire`)."""
         if _status(exc) != 404 or self.closed:
             return None
         with self._lock:

@@ -294,7 +294,10 @@ class ComputeNode:
         for gpu, share in gpu_shares:
             self.gpu_free[gpu] = min(1.0, self.gpu_free[gpu] + share)
         self.num_jobs -= 1
-        self.gpu_busy = 0.0 if self.num_jobs == 0 else max(0.0, self.gpu_busy - sum(s for _, s in gpu_shares))
+        busy = self.gpu_busy - sum(s for _, s in gpu_shares)
+        # Fractional shares leave float residue (2.8e-17 after freeing 0.1 + 0.2): below _EPS is none,
+        # or the node would count as running GPU work (free_room would skip GPU-less nodes for it).
+        self.gpu_busy = 0.0 if self.num_jobs == 0 or busy < _EPS else busy
         self.occupancy = 0.0 if self.num_jobs == 0 else max(0.0, self.occupancy - occupancy)
 
 

@@ -769,7 +769,7 @@ class SpawnerPool:
     def queue_after(self, after_id: int, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str],
                     deadline: Optional[float] = None) -> bool:
         """Queue ``job_id`` to start on ``after_id``'s CPUs when that one ends; False if not sent
-        (then the job was not taken: place it again). ``deadline``: a ``time.monotonic()`` value
+        (then the job was not taken: place it again). ``deadline``: a ``spawner.node_clock()`` value
         (the lease's ``fresh_until()``) after which the spawner no longer starts it but gives it back
         unstarted (a :meth:`take_dropped` entry), as for a job ahead that died of a stop signal."""
         if self._gone is not None:

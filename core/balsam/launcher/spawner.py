@@ -25,8 +25,8 @@ types cross, and both ends are the same interpreter):
   moment that one exits, without waiting for the launcher (a **hand-over**), unless that one died
   of a termination signal (the allocation is ending: the queued task is dropped); a request that
   arrives just after that one ended normally starts at once on its CPUs. ``("Q", deadline,
-  after_id, job_id, argv, ...)`` is ``"q"`` with a deadline: a ``time.monotonic()`` value
-  (CLOCK_MONOTONIC is one clock for every process of a node) after which the task is not started
+  after_id, job_id, argv, ...)`` is ``"q"`` with a deadline: a :func:`node_clock` value
+  (CLOCK_BOOTTIME, one clock for every process of a node) after which the task is not started
   but dropped (``"d"``, with what is queued behind it), the launcher's Session being no longer
   known alive then (:meth:`balsam.client.lease.JobLease.fresh_until`): a launcher frozen past its
   Session's expiry must not have its queued jobs started, the server may have given them to

@@ -438,6 +438,8 @@ def free_room(node_manager: NodeManager, cap: Optional[int] = None) -> int:
     occupancy = usage.occupancy / usage.jobs  # of one job
     cpus = usage.busy_cpus / usage.jobs
     gpus = usage.busy_gpus / usage.jobs
+    if gpus < 1e-6:  # float residue of freed fractional shares is no GPU work
+        gpus = 0.0
     room = 0
     for index in node_manager.open_nodes(gpus=gpus > 0):
         node = node_manager.nodes[index]
