@@ -27,6 +27,7 @@ from .util import first_warning, to_tuple
 
 __all__ = [
     "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "capped_threads_per_core", "cpu_bind_list",
+    "deliver_signal",
     "cpu_domains_of",
     "cpu_ids_errors", "cuda_visible_only", "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
     "hosts_from_node_file", "is_mig_id", "launch_option", "launch_option_name", "launch_param_args",
@@ -250,6 +251,40 @@ class Platform(abc.ABC):
         ones finish and says why in its log and in the BatchJob's ``status_info``.
         """
         return None
+
+    # -- ending runs ------------------------------------------------------------------------------
+    def signal_runs(self, job_ids: Sequence[int], sig: int) -> set[int]:
+        """Deliver ``sig`` to the apps of these running mpi-mode jobs through the batch system, where
+        signalling the MPI launcher's process group would not reach them as ``sig``; returns the job
+        ids it was delivered to (the others are signalled as usual).
+
+        At the launcher's own stop (wall time, idle, a stop request) mpi mode sends SIGTERM to each
+        launch's process group, then SIGKILL after the grace. Slurm's ``srun`` does not forward that
+        SIGTERM: it kills its step's tasks with SIGKILL at once, so an app never gets the SIGTERM
+        that lets it save a checkpoint. A platform whose launcher behaves so delivers the signal here
+        (Perlmutter: ``scancel --signal``); mpi mode then waits up to the grace for those runs to end
+        before it signals the process groups of what is left. The default: delivered to none.
+
+        Called on the launcher's loop thread at its stop: it must return within seconds (a timeout
+        on any command it runs) and should not raise (mpi mode logs what it raises as a warning and
+        signals the process groups as before)."""
+        return set()
+
+
+def deliver_signal(platform: Any, job_ids: Sequence[int], sig: int) -> set[int]:
+    """``platform.signal_runs(job_ids, sig)`` as the launcher calls it: the job ids of ``job_ids`` it
+    says it delivered ``sig`` to; none, with a warning, when it raised (a platform object without
+    the hook: none)."""
+    hook = getattr(platform, "signal_runs", None)
+    if hook is None or not job_ids:
+        return set()
+    try:
+        delivered = hook(list(job_ids), sig)
+    except Exception as exc:
+        logger.warning("platform %s could not signal the runs (%s: %s); their process groups are signalled instead",
+                       getattr(platform, "name", type(platform).__name__), type(exc).__name__, exc)
+        return set()
+    return set(delivered or ()) & set(job_ids)
 
 
 @attrs.frozen

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from balsam_scheduler_slurm import SlurmScheduler
 
@@ -156,3 +157,49 @@ def test_a_job_slurm_can_never_start_shows_the_reason_and_can_be_deleted(balsam_
         assert deleted["status_info"]["scheduler_state"].startswith("CANCELLED"), deleted["status_info"]
         wait_for(lambda: str(scheduler_id) not in client.get(f"/sites/{site_id}")["queued_jobs"], 30,
                  f"Slurm job {scheduler_id} to leave Site.queued_jobs")
+
+
+#: An app that saves a checkpoint when it gets SIGTERM (a marker file in its workdir), as the
+#: launcher's stop promises it may (docs/launcher.md, "Timeouts and shutdown").
+CHECKPOINTING_APP = '''
+import pathlib, signal, sys, time
+def checkpoint(signum, frame):
+    time.sleep(0.5)  # a checkpoint takes a moment: a SIGKILL right behind the SIGTERM would cut it
+    pathlib.Path("checkpoint.txt").write_text(f"saved at signal {signum}\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, checkpoint)
+pathlib.Path("started.txt").write_text("running\\n")
+time.sleep(600)
+'''
+
+
+def test_perlmutter_apps_get_the_launchers_sigterm_through_slurm_at_its_wall_time(slurm_site):
+    """mpi mode on the Perlmutter platform (srun steps) on the real Slurm: at the launcher's wall-time
+    stop the app must get SIGTERM and have the grace to save its checkpoint. srun does not forward a
+    SIGTERM sent to its process group: it SIGKILLed the step's tasks at once (sacct 0:9), so the app's
+    handler never ran; the platform now sends it with ``scancel --signal=TERM`` to the job's step."""
+    from balsam.api import ApplicationDefinition, EventLog
+
+    name, path, site_id, client = slurm_site
+    settings = yaml.safe_load((path / "settings.yml").read_text())
+    # This cluster's nodes: 2 logical CPUs, no GPUs, no craynetwork gres.
+    settings["launcher"]["platform"] = "perlmutter-gpu"
+    settings["launcher"]["platform_options"] = {"cpu_ids": "0", "gpu_ids": "", "srun": "srun", "single_rank_gres": ""}
+    (path / "settings.yml").write_text(yaml.safe_dump(settings))
+    program = path / "checkpointing_app.py"
+    program.write_text(CHECKPOINTING_APP)
+
+    class Checkpointing(ApplicationDefinition):
+        site = name
+        command_template = f"{sys.executable} {program}"
+
+    Checkpointing.sync()
+    job = Checkpointing.submit(workdir="ckpt/0", num_nodes=1, ranks_per_node=1)
+    batch = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=1, job_mode="mpi")
+    workdir = path / "data" / "ckpt" / "0"
+    wait_for(lambda: (workdir / "started.txt").exists(), 120, "the app to start", interval=0.5)
+    done = wait_batch_job(client, batch["id"], {"finished"}, 150)
+    states = [e.to_state for e in EventLog.objects.filter(job_id=[job.id])]
+    assert "RUN_TIMEOUT" in states, (states, agent_log(path))
+    assert (workdir / "checkpoint.txt").exists(), (done["status_info"], agent_log(path))
+    assert (workdir / "checkpoint.txt").read_text() == "saved at signal 15\n"

@@ -51,6 +51,8 @@ What the contract checks:
   (``unbound_serial_worker_line`` checks it exactly when set);
 - ``task_cpu_ids(ids, threads_per_core)`` (what a serial-mode task is pinned to) keeps the assigned
   ids first, is exactly them for one thread per core, and gives each case of ``task_cpu_cases``.
+- ``signal_runs(job_ids, sig)`` (the launcher's stop signal, delivered by the platform) returns a
+  set of job ids and delivers nothing when no job runs.
 
 Override a ``test_*`` method (or set it to ``None``) only for a check that cannot apply to your
 machine, and say why in a comment.
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -275,3 +278,8 @@ class PlatformContract:
                     "cpu_ids_are_cores is True but task_cpu_ids adds no sibling thread at 2 threads per core"
         for cpu_ids, threads_per_core, expected in self.task_cpu_cases:
             assert platform.task_cpu_ids(tuple(cpu_ids), threads_per_core) == tuple(expected)
+
+    def test_signal_runs_without_runs_delivers_nothing(self, platform):
+        # The base class and every driver: an empty list (no run left to signal) is no error.
+        delivered = platform.signal_runs([], signal.SIGTERM)
+        assert isinstance(delivered, set) and not delivered, "signal_runs([]) returns an empty set"

@@ -20,6 +20,14 @@ Slurm job steps, Balsam 0.7's ``PerlmutterRun`` line::
 ``ceil(threads_per_rank / threads_per_core)``, times the node's 2 hardware threads per core; 0.7 passed
 ``threads_per_rank``, which gave a rank of 8 threads 4 cores. ``--cpu-bind=cores`` (NERSC's advice)
 unless the job's launch_params bind otherwise.
+
+At the launcher's stop (:meth:`PerlmutterGPUPlatform.signal_runs`): srun does not forward a SIGTERM
+to its step's tasks ("forcing job termination": they get SIGKILL, exit 0:9 in sacct), so the SIGTERM
+that lets an app save a checkpoint goes through Slurm instead: one ``scontrol --oneliner show step``
+call lists the allocation's steps with the pid of each step's srun (``SrunHost:Pid``), the job each
+srun runs is read from its environment (``BALSAM_JOB_ID``, which the launcher sets for every job),
+and one ``scancel --signal=TERM <job>.<step> ...`` signals those steps (not the batch step, where the
+launcher runs, nor the steps of another launcher).
 """
 
 from __future__ import annotations
@@ -28,7 +36,12 @@ import logging
 import os
 import re
 import shlex
+import shutil
+import signal
+import socket
+import subprocess
 from importlib import resources
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import attrs
@@ -62,6 +75,8 @@ RESERVED_OPTIONS = {
     "N": "--nodes", "nodes": "--nodes",
     "w": "--nodelist", "nodelist": "--nodelist", "F": "--nodelist", "nodefile": "--nodelist",
 }
+#: Seconds one scontrol or scancel call may take at the launcher's stop (the grace is short).
+SLURM_CALL_TIMEOUT_SEC = 5.0
 #: Flags the line has already: a launch param naming one is dropped without a warning.
 DUPLICATE_FLAGS = ("overlap",)
 #: The binding of a step whose launch_params name none (NERSC's recommended ``--cpu-bind=cores``).
@@ -143,6 +158,54 @@ def _own_cpus() -> Optional[set[int]]:
         return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # no affinity support on this OS
         return None
+
+
+def parse_steps(text: str) -> list[tuple[str, str, int]]:
+    """``scontrol --oneliner show step`` as ``(step id, srun host, srun pid)`` per step (the batch
+    step's ``SrunHost:Pid=(null):0`` too); lines without both fields are skipped."""
+    steps: list[tuple[str, str, int]] = []
+    for line in text.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        step_id, srun = fields.get("StepId"), fields.get("SrunHost:Pid")
+        host, _, pid = (srun or "").rpartition(":")
+        if step_id and host and pid.isdigit():
+            steps.append((step_id, host, int(pid)))
+    return steps
+
+
+def _balsam_job_of(pid: int) -> Optional[int]:
+    """The ``BALSAM_JOB_ID`` in the environment of process ``pid`` (an srun the launcher started for
+    a job), or None (no such variable, or the process is gone or not ours)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for item in environ.split(b"\0"):
+        if item.startswith(b"BALSAM_JOB_ID="):
+            value = item.partition(b"=")[2]
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _slurm_call(args: list[str]) -> Optional[str]:
+    """Run a Slurm command (``scontrol``, ``scancel``; found on PATH); its output, or None with a warning
+    when it is missing, fails or takes more than :data:`SLURM_CALL_TIMEOUT_SEC`."""
+    program = shutil.which(args[0])
+    if program is None:
+        logger.warning("%s is not on PATH: the runs get the launcher's stop signal through srun (a SIGKILL)", args[0])
+        return None
+    try:
+        done = subprocess.run([program, *args[1:]], capture_output=True, text=True, timeout=SLURM_CALL_TIMEOUT_SEC,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("%s failed (%s): the runs get the launcher's stop signal through srun (a SIGKILL)",
+                       shlex.join(args), exc)
+        return None
+    if done.returncode != 0:
+        logger.warning("%s exited %s (%s): the runs get the launcher's stop signal through srun (a SIGKILL)",
+                       shlex.join(args), done.returncode, (done.stderr or done.stdout or "").strip()[:300])
+        return None
+    return done.stdout
 
 
 @attrs.frozen
@@ -242,6 +305,39 @@ class PerlmutterGPUPlatform(Platform):
             args.append(f"--cpu-bind={bind}")
         passed = launch_params_to_pass(spec, args, RESERVED_OPTIONS, params=params, duplicates=DUPLICATE_FLAGS)
         return args + launch_param_args(passed) + ["--overlap"]
+
+    # -- ending runs ----------------------------------------------------------------------------
+    def signal_runs(self, job_ids: Sequence[int], sig: int) -> set[int]:
+        """Send ``sig`` to the steps of these jobs' runs with ``scancel --signal`` (srun would turn
+        a SIGTERM to its process group into a SIGKILL of the step's tasks). The steps of this
+        allocation (``$SLURM_JOB_ID``) come from one ``scontrol --oneliner show step`` call, each with
+        its srun's host and pid; a step whose srun runs here and carries ``BALSAM_JOB_ID`` of one
+        of ``job_ids`` in its environment is that job's. Returns the jobs whose steps were
+        signalled; none, with a warning, when scontrol or scancel fails or takes longer than
+        :data:`SLURM_CALL_TIMEOUT_SEC` (the launcher then signals srun's group, as before)."""
+        allocation = (os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID") or "").strip()
+        if not allocation or not job_ids:
+            return set()
+        out = _slurm_call(["scontrol", "--oneliner", "show", "step", allocation])
+        if out is None:
+            return set()
+        wanted = {int(j) for j in job_ids}
+        here = socket.gethostname().split(".")[0]
+        steps: list[str] = []
+        found: set[int] = set()
+        for step_id, host, pid in parse_steps(out):
+            if not step_id.startswith(f"{allocation}.") or host.split(".")[0] != here or pid <= 0:
+                continue
+            job_id = _balsam_job_of(pid)
+            if job_id in wanted:
+                steps.append(step_id)
+                found.add(job_id)
+        if not steps:
+            return set()
+        name = signal.Signals(sig).name.removeprefix("SIG")
+        if _slurm_call(["scancel", f"--signal={name}", *steps]) is None:
+            return set()
+        return found
 
     # -- serial mode ----------------------------------------------------------------------------
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:

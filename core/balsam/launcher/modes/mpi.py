@@ -40,6 +40,11 @@ stop within that time makes it RUN_TIMEOUT (also a quick failure :class:`NodeFau
 an exit 0 more than that window before a signal stop stays RUN_DONE, and a signal exit with no
 stop in the window RUN_ERROR.
 
+A stop's SIGTERM goes first through the platform where it can deliver it (``Platform.signal_runs``:
+on Slurm ``srun`` turns a SIGTERM to its process group into a SIGKILL of its step's tasks, so an
+app could never save a checkpoint); those runs get the grace to end before the process groups are
+signalled (:meth:`MPIMode._signal_through_platform`).
+
 At a stop, and after an exception in the loop alike, the running jobs are ended and reported first;
 only then is an acquire still in flight waited for (its jobs never start; the Session's deletion,
 after it, frees them): a slow API must not keep the jobs running while the batch system's kill
@@ -53,13 +58,14 @@ import logging
 import math
 import os
 import resource
+import signal
 import time
 from collections import deque
 from typing import Any, Optional
 
 import attrs
 
-from balsam.platform import LaunchLimit, LaunchSpec
+from balsam.platform import LaunchLimit, LaunchSpec, deliver_signal
 from balsam.util import clip, format_threads_cpu, threads_cpu_seconds
 
 from .._api import largest_active_batch_job, note_batch_job
@@ -684,6 +690,42 @@ class MPIMode(JobMode):
                     usage.ru_stime, format_threads_cpu(threads_cpu))
         return 0
 
+    def _signal_through_platform(self) -> tuple[list[tuple[int, int, str, float]], float]:
+        """SIGTERM the running apps through the platform where it can (``Platform.signal_runs``:
+        Perlmutter's ``srun`` turns a SIGTERM to its group into a SIGKILL of its step's tasks) and
+        wait up to the grace for those runs to end, before the process groups are signalled.
+
+        Returns the exits reaped meanwhile and the grace left for ``terminate_all``: what remains of
+        it when every running job got the signal here, the whole grace otherwise (the others get
+        their SIGTERM only then). Jobs queued behind running ones are dropped first: an exit in
+        this wait would start them."""
+        grace = self.countdown.grace_sec
+        # The grace counts from here: the platform's own calls (scancel...) are part of it, the
+        # batch system's kill does not wait for them.
+        deadline = time.monotonic() + grace
+        delivered = deliver_signal(self.context.platform, self.pool.job_ids(), signal.SIGTERM)
+        if not delivered:
+            return [], grace
+        cancel = getattr(self.pool, "cancel", None)
+        if cancel is not None:
+            for job_id in list(self.handover.queued):
+                cancel(job_id)
+        logger.info("SIGTERM delivered to %d runs by the platform; waiting up to %.1f s for them to end",
+                    len(delivered), max(0.0, deadline - time.monotonic()))
+        early: list[tuple[int, int, str, float]] = []
+        while True:
+            early += self.pool.reap()
+            # An exit by a signal is held in the pool a moment (pool.held): it has ended all the same.
+            left = [j for j in delivered if j in self.pool.running and j not in self.pool.held]
+            remaining = deadline - time.monotonic()
+            if not left or remaining <= 0:
+                break
+            self.wake.wait(min(POLL_SEC * 4, remaining))
+            self.wake.clear()
+        if set(self.pool.job_ids()) - delivered:
+            return early, grace
+        return early, max(0.0, deadline - time.monotonic())
+
     def _shutdown(self, updater: Any, reason: str) -> None:
         # A requested stop (a signal) has its time; the launcher's own wall-time or idle stop the
         # time its loop saw it (now, after an exception in the loop).
@@ -694,7 +736,9 @@ class MPIMode(JobMode):
                 report_timeout(updater, e.job_id, stopped_reason(reason, e.returncode))
             else:
                 report_exit(updater, e.job_id, e.returncode, e.tail, e.ended)
-        victims, finished = self.pool.terminate_all(self.countdown.grace_sec)
+        early, grace = self._signal_through_platform()
+        victims, finished = self.pool.terminate_all(grace)
+        finished = early + finished
         if self.handover.queued:
             self._note_handovers(updater)  # RUNNING for queued jobs that started before the stop
         self.handover.forget_queued()  # what was still queued will not start
