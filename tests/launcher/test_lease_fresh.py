@@ -345,3 +345,31 @@ def test_a_hand_over_the_spawner_started_before_its_cancel_as_gone_is_ended_at_o
     assert not mode.pool.running and not mode.gone.ending and not mode.node_manager.placements
     assert [state for job_id, state in updater.puts if job_id == 1] == ["RUNNING"]  # nothing after the gone answer
     assert [state for job_id, state in updater.puts if job_id == 2] == []
+
+
+class DeadlinePool(HandOverPool):
+    def __init__(self, wake: Any) -> None:
+        super().__init__(wake)
+        self.deadlines: dict[int, Optional[float]] = {}
+
+    def queue_after(self, after_id: int, job_id: int, cmd: str, workdir: Any, env: dict,
+                    deadline: Optional[float] = None) -> bool:
+        self.deadlines[job_id] = deadline
+        return super().queue_after(after_id, job_id, cmd, workdir, env)
+
+
+def test_mpi_mode_queues_a_hand_over_with_the_leases_deadline(tmp_path: Path) -> None:
+    """As serial mode: the spawner starts a queued job only while the Session is known alive."""
+    from balsam.launcher.app_run import PreparedJob
+    from balsam.launcher.node_manager import Demand
+
+    mode = make_mode(tmp_path)
+    mode.pool = DeadlinePool(mode.wake)
+    mode.handover.pool = mode.pool
+    updater = FakeUpdater()
+    mode._take([PreparedJob(job=None, id=i, workdir=Path("."), cmdline="true", env={}, demand=Demand()) for i in (1, 2)],
+               updater)
+    mode._start_pending(updater)
+    source = types.SimpleNamespace(fresh_until=lambda: 1234.5)
+    assert mode._queue_behind(updater, source) == 1
+    assert mode.pool.deadlines == {2: 1234.5}

@@ -74,7 +74,7 @@ from ..gone import Acquired, GoneJobs, acquire_generation, lease_is_fresh
 from ..app_run import (
     JobBuildError, JobPreparer, PreparedJob, SiteFaults, WorkdirUnavailable, inherited_environment, shell_line,
 )
-from ..handover import HandOver
+from ..handover import HandOver, lease_fresh_until
 from ..job_mode import JobMode, gpuless_acquire_filter
 from ..node_manager import Exit, NodeFaults, NodeManager, Placement, UnsatisfiableJob
 from ..placement import TooLateJobs, place_pending
@@ -479,9 +479,12 @@ class MPIMode(JobMode):
         report_running(updater, prepared, when)
 
     # -- hand-over (balsam.launcher.handover) --------------------------------------------------
-    def _queue_behind(self, updater: Any) -> int:
+    def _queue_behind(self, updater: Any, source: Any = None) -> int:
+        # With the lease's known-alive deadline, as serial mode: the spawner starts a queued job
+        # only until then (a launcher frozen past its Session's expiry must not have it started).
         return self.handover.queue_behind(self.pending, self._launch_command,
-                                          lambda job_id, reason: self._fail(updater, job_id, reason))
+                                          lambda job_id, reason: self._fail(updater, job_id, reason),
+                                          lease_fresh_until(source))
 
     def _note_handovers(self, updater: Any) -> None:
         """Queued jobs that started (RUNNING at the time they started) or came back unstarted."""
@@ -629,7 +632,7 @@ class MPIMode(JobMode):
                                                 forget=self.gone.forget)
                         if fresh:  # else a heartbeat is asked for: its answer wakes the loop
                             self._start_pending(updater)
-                            self._queue_behind(updater)
+                            self._queue_behind(updater, source)
                     # Also with nothing pending: jobs queued behind a long job go back to run on
                     # whatever frees up first (without this they waited for that job's end).
                     self.handover.cancel_behind_old()
