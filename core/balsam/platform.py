@@ -253,7 +253,7 @@ class Platform(abc.ABC):
         return None
 
     # -- ending runs ------------------------------------------------------------------------------
-    def signal_runs(self, job_ids: Sequence[int], sig: int) -> set[int]:
+    def signal_runs(self, job_ids: Sequence[int], sig: int, timeout: Optional[float] = None) -> set[int]:
         """Deliver ``sig`` to the apps of these running mpi-mode jobs through the batch system, where
         signalling the MPI launcher's process group would not reach them as ``sig``; returns the job
         ids it was delivered to (the others are signalled as usual).
@@ -265,26 +265,29 @@ class Platform(abc.ABC):
         (Perlmutter: ``scancel --signal``); mpi mode then waits up to the grace for those runs to end
         before it signals the process groups of what is left. The default: delivered to none.
 
-        Called on the launcher's loop thread at its stop: it must return within seconds (a timeout
-        on any command it runs) and should not raise (mpi mode logs what it raises as a warning and
-        signals the process groups as before)."""
+        Called on the launcher's loop thread at its stop: it must return within ``timeout`` seconds
+        (the grace left: the batch system's kill does not wait; None: a few seconds), so every
+        command it runs gets at most what is left of it, and should not raise (mpi mode logs what it
+        raises as a warning and signals the process groups as before). Where runs outlive the grace,
+        mpi mode calls it again with SIGKILL for those before it signals their groups."""
         return set()
 
 
-def deliver_signal(platform: Any, job_ids: Sequence[int], sig: int) -> set[int]:
-    """``platform.signal_runs(job_ids, sig)`` as the launcher calls it: the job ids of ``job_ids`` it
-    says it delivered ``sig`` to; none, with a warning, when it raised (a platform object without
-    the hook: none)."""
+def deliver_signal(platform: Any, job_ids: Sequence[int], sig: int, timeout: Optional[float] = None) -> set[int]:
+    """``platform.signal_runs(job_ids, sig, timeout=timeout)`` as the launcher calls it: the job ids of
+    ``job_ids`` it says it delivered ``sig`` to; none, with a warning, when it raised or returned
+    something that is not a collection of ids (a platform object without the hook: none)."""
     hook = getattr(platform, "signal_runs", None)
     if hook is None or not job_ids:
         return set()
     try:
-        delivered = hook(list(job_ids), sig)
+        delivered = hook(list(job_ids), sig, timeout=timeout)
+        # Inside the try: a plugin returning True (not a set) must not raise into the launcher's stop.
+        return set(delivered or ()) & set(job_ids)
     except Exception as exc:
         logger.warning("platform %s could not signal the runs (%s: %s); their process groups are signalled instead",
                        getattr(platform, "name", type(platform).__name__), type(exc).__name__, exc)
         return set()
-    return set(delivered or ()) & set(job_ids)
 
 
 @attrs.frozen

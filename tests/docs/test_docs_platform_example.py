@@ -44,4 +44,4 @@ def test_the_example_platform_passes_the_conformance_kit(tmp_path: Path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
     # every check ran but the job-template ones (Brook uses Slurm's template)
-    assert re.search(r"\b11 passed, 2 skipped\b", summary), proc.stdout[-3000:]
+    assert re.search(r"\b12 passed, 2 skipped\b", summary), proc.stdout[-3000:]

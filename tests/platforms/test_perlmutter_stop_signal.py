@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,10 +96,61 @@ def test_signal_runs_outside_an_allocation_runs_nothing(slurm_bin, monkeypatch):
 
 
 def test_a_failed_scancel_delivers_nothing_with_a_warning(slurm_bin, caplog):
-    _fake(slurm_bin, "scancel", "echo 'scancel: error: Kill job error on job id 4242.0: Access denied' >&2; exit 1")
+    # an error that names no step (the controller, the credentials): no step was signalled
+    _fake(slurm_bin, "scancel", "echo 'scancel: error: Access denied' >&2; exit 1")
     with caplog.at_level(logging.WARNING):
         assert PerlmutterGPUPlatform().signal_runs([7, 9], signal.SIGTERM) == set()
     assert "Access denied" in caplog.text
+
+
+def test_a_step_that_ended_does_not_undo_the_delivery_to_the_others(slurm_bin, sruns):
+    # scancel signals each step on its own and exits with the worst error: a step that ended between
+    # scontrol and scancel (its srun gone) makes it exit 1 with nothing on stderr (Slurm prints the
+    # "already done" error only with -v), while the other steps got the signal.
+    env = {**os.environ, "BALSAM_JOB_ID": "13"}
+    third = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    try:
+        steps = (slurm_bin / "steps.out").read_text() + (
+            f"StepId={ALLOCATION}.4 UserId=0 State=RUNNING Name=python SrunHost:Pid={socket.gethostname()}:{third.pid}\n")
+        (slurm_bin / "steps.out").write_text(steps)
+        _fake(slurm_bin, "scancel", f"kill -9 {sruns['9'].pid}; exit 1")
+        delivered = PerlmutterGPUPlatform().signal_runs([7, 9, 13], signal.SIGTERM)
+    finally:
+        third.kill()
+        third.wait()
+    assert delivered == {7, 13}  # job 9's run ended: the launcher's wait copes with it
+    assert _calls(slurm_bin)[-1] == f"--signal=TERM {ALLOCATION}.0 {ALLOCATION}.1 {ALLOCATION}.4"
+
+
+def test_the_steps_scancel_names_in_its_errors_were_not_signalled(slurm_bin):
+    _fake(slurm_bin, "scancel",
+          f"echo 'scancel: error: Kill job error on job step id {ALLOCATION}.1: Access/permission denied' >&2; exit 1")
+    assert PerlmutterGPUPlatform().signal_runs([7, 9], signal.SIGTERM) == {7}
+
+
+def test_a_pending_step_is_not_a_step_to_signal():
+    text = "\n".join([
+        "StepId=4242.TBD UserId=0 State=PENDING Name=python SrunHost:Pid=nid001234:321",
+        "StepId=4242.extern UserId=0 State=RUNNING SrunHost:Pid=nid001234:5",
+        "StepId=4242.3 UserId=0 State=RUNNING Name=python SrunHost:Pid=nid001234:654",
+    ])
+    assert pm_platform.parse_steps(text) == [("4242.3", "nid001234", 654)]
+
+
+def test_the_launchers_deadline_bounds_the_slurm_calls(slurm_bin, caplog):
+    # no grace left: no call at all (the batch system's kill does not wait)
+    with caplog.at_level(logging.WARNING):
+        assert PerlmutterGPUPlatform().signal_runs([7], signal.SIGTERM, timeout=0) == set()
+    assert _calls(slurm_bin) == []
+    assert "grace is spent" in caplog.text
+
+
+def test_a_hung_scontrol_is_given_up_on_at_the_launchers_deadline(slurm_bin, caplog):
+    # SLURM_CALL_TIMEOUT_SEC (5 s) unchanged: the launcher's shorter deadline is what ends the call
+    _fake(slurm_bin, "scontrol", "exec sleep 30")
+    with caplog.at_level(logging.WARNING):
+        assert PerlmutterGPUPlatform().signal_runs([7], signal.SIGTERM, timeout=0.5) == set()
+    assert re.search(r"timed out after 0\.\d+ seconds", caplog.text)  # not SLURM_CALL_TIMEOUT_SEC's 5
 
 
 def test_a_missing_scontrol_delivers_nothing(tmp_path, monkeypatch, caplog):
@@ -128,9 +180,21 @@ def test_deliver_signal_never_raises_into_the_launcher(caplog):
     from balsam.platform import deliver_signal  # here: the launcher's wrapper of the hook is new
 
     class Broken(PerlmutterGPUPlatform):
-        def signal_runs(self, job_ids, sig):
+        def signal_runs(self, job_ids, sig, timeout=None):
             raise RuntimeError("boom")
 
     with caplog.at_level(logging.WARNING):
         assert deliver_signal(Broken(), [1, 2], signal.SIGTERM) == set()
     assert "boom" in caplog.text
+
+
+def test_deliver_signal_ignores_an_answer_that_is_not_ids(caplog):
+    from balsam.platform import deliver_signal
+
+    class Sloppy(PerlmutterGPUPlatform):
+        def signal_runs(self, job_ids, sig, timeout=None):
+            return True  # not a set of job ids
+
+    with caplog.at_level(logging.WARNING):
+        assert deliver_signal(Sloppy(), [1, 2], signal.SIGTERM) == set()
+    assert "could not signal the runs" in caplog.text

@@ -40,6 +40,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -161,14 +162,16 @@ def _own_cpus() -> Optional[set[int]]:
 
 
 def parse_steps(text: str) -> list[tuple[str, str, int]]:
-    """``scontrol --oneliner show step`` as ``(step id, srun host, srun pid)`` per step (the batch
-    step's ``SrunHost:Pid=(null):0`` too); lines without both fields are skipped."""
+    """``scontrol --oneliner show step`` as ``(step id, srun host, srun pid)`` per numbered step; lines
+    without both fields, or whose step is not a number (``.batch``, ``.extern``, a pending ``.TBD``),
+    are skipped."""
     steps: list[tuple[str, str, int]] = []
     for line in text.splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         step_id, srun = fields.get("StepId"), fields.get("SrunHost:Pid")
         host, _, pid = (srun or "").rpartition(":")
-        if step_id and host and pid.isdigit():
+        # A step not started yet (``<job>.TBD``) has no number scancel takes.
+        if step_id and step_id.rpartition(".")[2].isdigit() and host and pid.isdigit():
             steps.append((step_id, host, int(pid)))
     return steps
 
@@ -187,25 +190,56 @@ def _balsam_job_of(pid: int) -> Optional[int]:
     return None
 
 
-def _slurm_call(args: list[str]) -> Optional[str]:
-    """Run a Slurm command (``scontrol``, ``scancel``; found on PATH); its output, or None with a warning
-    when it is missing, fails or takes more than :data:`SLURM_CALL_TIMEOUT_SEC`."""
+def _slurm_run(args: list[str], timeout: float) -> Optional[subprocess.CompletedProcess]:
+    """Run a Slurm command (``scontrol``, ``scancel``; found on PATH) for at most ``timeout`` seconds;
+    None with a warning when it is missing, cannot run or takes longer (its exit status unread)."""
     program = shutil.which(args[0])
     if program is None:
         logger.warning("%s is not on PATH: the runs get the launcher's stop signal through srun (a SIGKILL)", args[0])
         return None
+    if timeout <= 0:
+        logger.warning("%s not run: the stop's grace is spent; the runs get the launcher's stop signal through srun "
+                       "(a SIGKILL)", shlex.join(args))
+        return None
     try:
-        done = subprocess.run([program, *args[1:]], capture_output=True, text=True, timeout=SLURM_CALL_TIMEOUT_SEC,
+        return subprocess.run([program, *args[1:]], capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("%s failed (%s): the runs get the launcher's stop signal through srun (a SIGKILL)",
                        shlex.join(args), exc)
+        return None
+
+
+def _slurm_call(args: list[str], timeout: float = SLURM_CALL_TIMEOUT_SEC) -> Optional[str]:
+    """:func:`_slurm_run`'s output, or None with a warning when it did not exit 0 either."""
+    done = _slurm_run(args, timeout)
+    if done is None:
         return None
     if done.returncode != 0:
         logger.warning("%s exited %s (%s): the runs get the launcher's stop signal through srun (a SIGKILL)",
                        shlex.join(args), done.returncode, (done.stderr or done.stdout or "").strip()[:300])
         return None
     return done.stdout
+
+
+def _delivered_despite(done: subprocess.CompletedProcess, steps: Mapping[str, tuple[int, int]]) -> set[int]:
+    """The jobs of ``steps`` (step id -> ``(job id, srun pid)``) that a ``scancel --signal`` exiting
+    non-zero signalled all the same. scancel signals each step on its own and exits with the worst
+    error of them; a step that ended meanwhile is an error too, printed only with ``-v`` (Slurm's
+    scancel.c: "already done" is forgiven only for SIGKILL), so one ended run made it exit 1 while
+    the others got the signal. The steps its error lines name were not signalled, nor a step whose
+    srun is gone (ended); the others were. An error naming no step (a bad option, no controller):
+    none."""
+    errors = [line for line in (done.stderr or "").splitlines() if line.strip()]
+    failed = {step for step in steps if any(re.search(rf"\b{re.escape(step)}\b", line) for line in errors)}
+    if any(not any(re.search(rf"\b{re.escape(step)}\b", line) for step in steps) for line in errors):
+        logger.warning("scancel exited %s (%s): the runs get the launcher's stop signal through srun (a SIGKILL)",
+                       done.returncode, "; ".join(errors)[:300])
+        return set()
+    delivered = {job_id for step, (job_id, pid) in steps.items() if step not in failed and _balsam_job_of(pid) == job_id}
+    logger.info("scancel exited %s (%s): %d of %d runs' steps signalled (the others ended or failed)",
+                done.returncode, "; ".join(errors)[:300] or "a step had ended", len(delivered), len(steps))
+    return delivered
 
 
 @attrs.frozen
@@ -307,37 +341,45 @@ class PerlmutterGPUPlatform(Platform):
         return args + launch_param_args(passed) + ["--overlap"]
 
     # -- ending runs ----------------------------------------------------------------------------
-    def signal_runs(self, job_ids: Sequence[int], sig: int) -> set[int]:
+    def signal_runs(self, job_ids: Sequence[int], sig: int, timeout: Optional[float] = None) -> set[int]:
         """Send ``sig`` to the steps of these jobs' runs with ``scancel --signal`` (srun would turn
         a SIGTERM to its process group into a SIGKILL of the step's tasks). The steps of this
         allocation (``$SLURM_JOB_ID``) come from one ``scontrol --oneliner show step`` call, each with
         its srun's host and pid; a step whose srun runs here and carries ``BALSAM_JOB_ID`` of one
         of ``job_ids`` in its environment is that job's. Returns the jobs whose steps were
-        signalled; none, with a warning, when scontrol or scancel fails or takes longer than
-        :data:`SLURM_CALL_TIMEOUT_SEC` (the launcher then signals srun's group, as before)."""
+        signalled: those scancel did not name in an error when it exited non-zero, their srun
+        still there (:func:`_delivered_despite`); none, with a warning, when scontrol or scancel
+        fails or does not answer in time. Each call gets at most :data:`SLURM_CALL_TIMEOUT_SEC`,
+        both together at most ``timeout`` (the launcher's grace)."""
         allocation = (os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID") or "").strip()
         if not allocation or not job_ids:
             return set()
-        out = _slurm_call(["scontrol", "--oneliner", "show", "step", allocation])
+        deadline = time.monotonic() + (2 * SLURM_CALL_TIMEOUT_SEC if timeout is None else timeout)
+
+        def time_left() -> float:
+            return min(SLURM_CALL_TIMEOUT_SEC, deadline - time.monotonic())
+
+        out = _slurm_call(["scontrol", "--oneliner", "show", "step", allocation], time_left())
         if out is None:
             return set()
         wanted = {int(j) for j in job_ids}
         here = socket.gethostname().split(".")[0]
-        steps: list[str] = []
-        found: set[int] = set()
+        steps: dict[str, tuple[int, int]] = {}
         for step_id, host, pid in parse_steps(out):
             if not step_id.startswith(f"{allocation}.") or host.split(".")[0] != here or pid <= 0:
                 continue
             job_id = _balsam_job_of(pid)
             if job_id in wanted:
-                steps.append(step_id)
-                found.add(job_id)
+                steps[step_id] = (job_id, pid)
         if not steps:
             return set()
         name = signal.Signals(sig).name.removeprefix("SIG")
-        if _slurm_call(["scancel", f"--signal={name}", *steps]) is None:
+        done = _slurm_run(["scancel", f"--signal={name}", *steps], time_left())
+        if done is None:
             return set()
-        return found
+        if done.returncode != 0:
+            return _delivered_despite(done, steps)
+        return {job_id for job_id, _pid in steps.values()}
 
     # -- serial mode ----------------------------------------------------------------------------
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:

@@ -42,8 +42,9 @@ stop in the window RUN_ERROR.
 
 A stop's SIGTERM goes first through the platform where it can deliver it (``Platform.signal_runs``:
 on Slurm ``srun`` turns a SIGTERM to its process group into a SIGKILL of its step's tasks, so an
-app could never save a checkpoint); those runs get the grace to end before the process groups are
-signalled (:meth:`MPIMode._signal_through_platform`).
+app could never save a checkpoint); those runs get what is left of the grace to end (the others
+their SIGTERM at once) before the process groups are signalled, after a SIGKILL through the
+platform to those still there (:meth:`MPIMode._signal_through_platform`).
 
 At a stop, and after an exception in the loop alike, the running jobs are ended and reported first;
 only then is an acquire still in flight waited for (its jobs never start; the Session's deletion,
@@ -109,6 +110,9 @@ INITIAL_ROUND_TRIP_SEC = 0.1
 HANDOVER_DEPTH = 2
 #: ... only behind a job younger than this (an older one gives its queue back to be placed anew).
 HANDOVER_MAX_AGE_SEC = 1.0
+#: The least ``terminate_all`` gets at a stop whose grace the platform's delivery spent (see
+#: ``_signal_through_platform``): srun, SIGTERMed, needs a moment to end its step before its SIGKILL.
+STOP_MIN_GRACE_SEC = 1.0
 
 
 def mpi_partitions(env: Any) -> int:
@@ -696,38 +700,60 @@ class MPIMode(JobMode):
     def _signal_through_platform(self) -> tuple[list[tuple[int, int, str, float]], float]:
         """SIGTERM the running apps through the platform where it can (``Platform.signal_runs``:
         Perlmutter's ``srun`` turns a SIGTERM to its group into a SIGKILL of its step's tasks) and
-        wait up to the grace for those runs to end, before the process groups are signalled.
+        wait up to the grace for the runs to end, before the process groups are signalled.
 
-        Returns the exits reaped meanwhile and the grace left for ``terminate_all``: what remains of
-        it when every running job got the signal here, the whole grace otherwise (the others get
-        their SIGTERM only then). Jobs queued behind running ones are dropped first: an exit in
-        this wait would start them."""
+        The grace counts from here, once: the platform's calls (scancel...) spend it, the runs it
+        did not reach get their SIGTERM (to their groups) as soon as it has answered, and what is
+        left of it is what ``terminate_all`` gets (at least :data:`STOP_MIN_GRACE_SEC`: srun needs
+        a moment to end its step, a SIGKILLed srun may leave its app running; no more than the
+        grace). Runs the platform signalled
+        that are still there at the deadline get SIGKILL from it too (before srun's group is signalled).
+        Returns the exits reaped meanwhile and that last grace. Jobs queued behind running ones are
+        dropped first: they must not start during the platform's calls or the wait."""
         grace = self.countdown.grace_sec
-        # The grace counts from here: the platform's own calls (scancel...) are part of it, the
-        # batch system's kill does not wait for them.
         deadline = time.monotonic() + grace
-        delivered = deliver_signal(self.context.platform, self.pool.job_ids(), signal.SIGTERM)
-        if not delivered:
-            return [], grace
         cancel = getattr(self.pool, "cancel", None)
         if cancel is not None:
             for job_id in list(self.handover.queued):
                 cancel(job_id)
-        logger.info("SIGTERM delivered to %d runs by the platform; waiting up to %.1f s for them to end",
-                    len(delivered), max(0.0, deadline - time.monotonic()))
+        platform = self.context.platform
+        delivered = deliver_signal(platform, self.pool.job_ids(), signal.SIGTERM, timeout=grace)
+        if not delivered:
+            return [], self._grace_left(deadline, grace)
+        undelivered = [j for j in self.pool.job_ids() if j not in delivered]
+        if undelivered:
+            self.pool.end(undelivered, max(0.0, deadline - time.monotonic()))
+        logger.info("SIGTERM delivered to %d runs by the platform (%d others to their process groups); waiting up to "
+                    "%.1f s for them to end", len(delivered), len(undelivered), max(0.0, deadline - time.monotonic()))
         early: list[tuple[int, int, str, float]] = []
         while True:
             early += self.pool.reap()
             # An exit by a signal is held in the pool a moment (pool.held): it has ended all the same.
-            left = [j for j in delivered if j in self.pool.running and j not in self.pool.held]
+            left = [j for j in self.pool.running if j not in self.pool.held]
             remaining = deadline - time.monotonic()
             if not left or remaining <= 0:
                 break
             self.wake.wait(min(POLL_SEC * 4, remaining))
             self.wake.clear()
-        if set(self.pool.job_ids()) - delivered:
-            return early, grace
-        return early, max(0.0, deadline - time.monotonic())
+        stuck = [j for j in delivered if j in self.pool.running and j not in self.pool.held]
+        if stuck:
+            # Their srun would SIGKILL its step when signalled, but a SIGKILLed srun (terminate_all's
+            # next step) may leave the app running: the platform kills the steps first, within
+            # srun's moment (half of it at most: the rest is terminate_all's).
+            moment = time.monotonic() + STOP_MIN_GRACE_SEC
+            deliver_signal(platform, stuck, signal.SIGKILL, timeout=STOP_MIN_GRACE_SEC / 2)
+            return early, self._grace_left(deadline, grace, moment)
+        return early, self._grace_left(deadline, grace)
+
+    @staticmethod
+    def _grace_left(deadline: float, grace: float, moment: Optional[float] = None) -> float:
+        """What ``terminate_all`` gets of the stop's grace: what is left of it by ``deadline``, but at
+        least srun's moment (until ``moment``; default: :data:`STOP_MIN_GRACE_SEC` from now: srun needs
+        it to end its step between its SIGTERM and its SIGKILL) and never more than ``grace``: the
+        whole stop takes the grace, and at most that moment more."""
+        now = time.monotonic()
+        floor = now + STOP_MIN_GRACE_SEC if moment is None else moment
+        return min(grace, max(0.0, floor - now, deadline - now))
 
     def _shutdown(self, updater: Any, reason: str) -> None:
         # A requested stop (a signal) has its time; the launcher's own wall-time or idle stop the
