@@ -29,7 +29,7 @@ def test_cpus_per_node_are_read_in_node_list_order() -> None:
 
 
 def test_a_partial_allocation_gives_each_node_only_its_cores(caplog) -> None:
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="balsam.platform"):  # by name: a test before may have set "balsam" to WARNING
         assert _cores(PerlmutterGPUPlatform(), SLURM_JOB_CPUS_PER_NODE="32(x2)") == [tuple(range(16))] * 2
     assert "SLURM_JOB_CPUS_PER_NODE=32(x2)" in caplog.text and "16 of 64 cores" in caplog.text
     assert _cores(PerlmutterGPUPlatform(), SLURM_JOB_CPUS_PER_NODE="64,32") == [tuple(range(32)), tuple(range(16))]
@@ -40,13 +40,13 @@ def test_a_partial_allocation_gives_each_node_only_its_cores(caplog) -> None:
 
 def test_whole_nodes_and_no_count_leave_every_core(caplog) -> None:
     whole = [tuple(range(64))] * 2
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="balsam.platform"):  # by name: a test before may have set "balsam" to WARNING
         assert _cores(PerlmutterGPUPlatform()) == whole
         assert _cores(PerlmutterGPUPlatform(), SLURM_JOB_CPUS_PER_NODE="128(x2)") == whole
     assert "SLURM_JOB_CPUS_PER_NODE" not in caplog.text
     assert _cores(PerlmutterCPUPlatform(), SLURM_JOB_CPUS_PER_NODE="256(x2)") == [tuple(range(128))] * 2
     # A count for another number of nodes, or another form: said, and nothing narrowed.
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="balsam.platform"):
         assert _cores(PerlmutterGPUPlatform(), SLURM_JOB_CPUS_PER_NODE="32") == whole
         assert _cores(PerlmutterGPUPlatform(), SLURM_JOB_CPUS_PER_NODE="lots") == whole
     assert "for 2 nodes" in caplog.text and "'lots'" in caplog.text

@@ -21,7 +21,8 @@ Thread contract (two threads, nothing else shared):
   half.
 * Depth (the prefetch thread alone computes it, from the loop's int stores, and writes
   ``depth_now``): the lookahead, ``floor`` jobs or, with ``lookahead_sec``, as many as the loop
-  starts in that time at the rate it has been starting them (at most ``max_depth``); and, only
+  starts in that time at the rate jobs have been ending (each a slot it fills again; a loop that
+  does not report its running jobs: the rate of starts) (at most ``max_depth``); and, only
   while the loop placed every job it took (it holds none unstarted: the partition has room), the
   room it reported, in chunks of at most ``depth``. A loop that holds jobs it could not place has
   a full partition: the lease stops at the lookahead, so with long jobs a launcher holds a handful
@@ -101,6 +102,7 @@ class Prefetcher:
         #: Jobs per second the loop has been starting (taken and no longer held; None: not measured yet).
         self.rate: Optional[float] = None
         self._ahead = self.floor  # the lookahead in jobs (_measure_rate)
+        self._running = 0  # jobs the loop placed that have not ended (note_held; 0 when not told)
         self._taken = 0
         self._rate_since = time.monotonic()
         self._rate_used = 0
@@ -196,11 +198,14 @@ class Prefetcher:
             log_too_late(split, "the lease's close (its Session's deletion)")
         return split.may_start
 
-    def note_held(self, count: int, room: Optional[int] = None) -> None:
+    def note_held(self, count: int, room: Optional[int] = None, running: Optional[int] = None) -> None:
         """The loop holds ``count`` taken jobs that have not started: top up when they run low.
-        ``room``: with none held, the jobs the partition could start now (None: unchanged)."""
+        ``room``: with none held, the jobs the partition could start now (None: unchanged).
+        ``running``: the jobs placed and not ended (the rate is then that of jobs ending)."""
         if room is not None:
             self._room = max(0, int(room))
+        if running is not None:
+            self._running = max(0, int(running))
         self._held = count
         if count + len(self._ready) <= self.depth_now // 2:
             self._want.set()
@@ -303,7 +308,11 @@ class Prefetcher:
         elapsed = now - self._rate_since
         if elapsed < RATE_WINDOW_SEC:
             return
-        used = self._taken - self._held  # two int stores of the loop thread: may lag, never torn
+        # Jobs started (taken and no longer held) less those still running: the jobs that ended,
+        # each a slot the loop fills again; with long jobs a partition's first fill starts
+        # thousands a second and ends none, and counted as starts it leased a quarter second of
+        # that ahead: hundreds of jobs held for hours. Int stores of the loop thread: may lag.
+        used = self._taken - self._held - self._running
         window = max(0.0, (used - self._rate_used) / elapsed)
         self._rate_since, self._rate_used = now, used
         self.rate = window if self.rate is None else (self.rate + window) / 2

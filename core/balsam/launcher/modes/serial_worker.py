@@ -682,7 +682,8 @@ class Master:
         held = len(self.pending) + len(self.handover.queued)
         # With none held the loop placed every job it took: the partition may have room, which the
         # prefetcher leases (in chunks); with some held it is full, and it leases only a lookahead.
-        self.prefetcher.note_held(held, free_room(self.node_manager, self.prefetcher.depth) if not held else None)
+        self.prefetcher.note_held(held, free_room(self.node_manager, self.prefetcher.depth) if not held else None,
+                                  self.node_manager.usage().jobs)
         busy = bool(self.pool.running or self.remote or self.pending or self.handover.queued or self.prefetcher.backlog)
         self.stop.note_activity(busy or not self.prefetcher.exhausted)
         if not busy and self.prefetcher.exhausted:
