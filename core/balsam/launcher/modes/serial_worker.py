@@ -157,7 +157,7 @@ PREFETCH_LOOKAHEAD_SEC = 0.25
 #: frees starts a held job at once while the top-up (at half of it) is leased, few enough that a
 #: full launcher with long jobs holds only a handful beyond what runs (the rest stays visible to
 #: the elastic queue and to other BatchJobs' launchers). Not per node: a large partition that
-#: starts many jobs has a high start rate, and the lookahead above grows with it.
+#: turns many jobs over has a high rate of jobs ending, and the lookahead above grows with it.
 PREFETCH_FLOOR = 8
 #: Hand-over: tasks queued in the spawner behind each running local task (same demand, same CPUs).
 HANDOVER_DEPTH = 4
