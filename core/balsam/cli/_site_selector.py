@@ -317,7 +317,7 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self.enabled:
-            self._bar = click.progressbar(length=self.total, label=self.label, file=click.get_text_stream("stderr"))
+            self._bar = click.progressbar(length=self.total, label=self.label, file=sys.stderr)  # click 8.2 deprecates get_text_stream
             self._bar.__enter__()
         return self
 
