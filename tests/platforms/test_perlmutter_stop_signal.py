@@ -113,7 +113,10 @@ def test_a_step_that_ended_does_not_undo_the_delivery_to_the_others(slurm_bin, s
         steps = (slurm_bin / "steps.out").read_text() + (
             f"StepId={ALLOCATION}.4 UserId=0 State=RUNNING Name=python SrunHost:Pid={socket.gethostname()}:{third.pid}\n")
         (slurm_bin / "steps.out").write_text(steps)
-        _fake(slurm_bin, "scancel", f"kill -9 {sruns['9'].pid}; exit 1")
+        # kill -9 is asynchronous: wait (bounded) until the srun is gone, as a step that ended is
+        pid = sruns["9"].pid
+        _fake(slurm_bin, "scancel", f"kill -9 {pid}; n=0; while grep -qs BALSAM_JOB_ID= /proc/{pid}/environ "
+                                    f"&& [ $n -lt 1000 ]; do sleep 0.01; n=$((n+1)); done; exit 1")
         delivered = PerlmutterGPUPlatform().signal_runs([7, 9, 13], signal.SIGTERM)
     finally:
         third.kill()

@@ -139,7 +139,10 @@ def test_close_stops_a_local_copy_between_chunks_and_renames_nothing(tmp_path: P
         closer = threading.Thread(target=backend.close, daemon=True)
         closer.start()
         wait_until(lambda: all(flag.is_set() for flag in stop_flags), "close() to set the stop flag")
-        os.write(writer, b"y" * 4096)  # the copy wakes up, finds the flag set, and stops
+        try:
+            os.write(writer, b"y" * 4096)  # the copy wakes up, finds the flag set, and stops
+        except BrokenPipeError:
+            pass  # it stopped already and closed the FIFO (a loaded host): the same outcome
     finally:
         os.close(writer)
     closer.join(BOUND)
