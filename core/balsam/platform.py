@@ -523,6 +523,22 @@ def split_launch_params(params: Mapping[str, Any], reserved: Iterable[str]) -> t
 #: :func:`launch_params_to_pass`: the option names a launch param may spell them by (without dashes)
 #: -> the option, per launcher (not per machine: every platform driving that launcher uses its map).
 #: PALS ``mpiexec`` (HPE Cray PALS: Aurora, Sunspot, Polaris).
+#: PALS ``--cpu-bind`` kinds laid out from core 0 of each node, whatever cores a job was assigned.
+PALS_RELATIVE_BINDINGS = ("depth", "core")
+
+
+def pals_binding_overlaps(spec: "LaunchSpec", bind: str, node_cpu_ids: Sequence[int]) -> bool:
+    """Whether a job bound with PALS ``--cpu-bind`` ``bind`` runs elsewhere than on the cores it was
+    assigned: a relative binding (depth, core) of a job given part of a node (node packing) that
+    are not the node's first cores counted from core 0 (PALS does not know the cores a site left
+    out of ``cpu_ids``): jobs packed on the node then overlap. Shared by the PALS platforms' warning."""
+    assigned = set(spec.cpu_ids[0]) if spec.cpu_ids else set()
+    if bind.split(":", 1)[0].strip().lower() not in PALS_RELATIVE_BINDINGS or not assigned:
+        return False
+    from_first_core = all(sorted(cores) == list(range(len(cores))) for cores in spec.cpu_ids)
+    return not (assigned >= set(node_cpu_ids) or from_first_core)
+
+
 PALS_RESERVED_OPTIONS: Mapping[str, str] = MappingProxyType({
     "n": "-n", "np": "-n", "ppn": "--ppn", "hosts": "--hosts", "host": "--hosts", "hostfile": "--hosts",
 })

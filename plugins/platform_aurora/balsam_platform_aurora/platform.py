@@ -48,7 +48,7 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    PALS_RESERVED_OPTIONS,
+    PALS_RESERVED_OPTIONS, pals_binding_overlaps,
     LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_domains_of, cpu_ids_errors, first_launch_param,
     gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
     format_id_ranges, leading_job_number, near_cpus_of, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
@@ -67,8 +67,6 @@ DEPTH_KEYS = ("depth", "d", "-d", "--depth")
 RESERVED_OPTIONS = PALS_RESERVED_OPTIONS
 #: Flags the line has already: a launch param naming one is dropped without a warning.
 DUPLICATE_FLAGS = ("envall",)
-#: Bindings PALS lays out from core 0 of each node, whatever cores balsam assigned the job.
-RELATIVE_BINDINGS = ("depth", "core")
 #: Hardware threads per core of the Xeon Max 9470C (2 per core: 208 on 104 cores).
 HARDWARE_THREADS_PER_CORE = 2
 #: Tiles of one Intel Data Center GPU Max 1550: the flat devices one whole GPU is in FLAT mode.
@@ -317,14 +315,10 @@ class AuroraPlatform(Platform):
         packed jobs with ``--cpu-bind depth -d 3`` (ALCF's usual line) all run on the same cores,
         reserved core 0 included. A job assigned exactly the node's first cores (on every node) is
         where PALS puts it: no warning. Once per app and binding (:func:`balsam.util.first_warning`)."""
-        assigned = set(spec.cpu_ids[0]) if spec.cpu_ids else set()
+        if not pals_binding_overlaps(spec, bind, self.cpu_ids):
+            return
         kind = bind.split(":", 1)[0].strip().lower()
-        if kind not in RELATIVE_BINDINGS or not assigned:
-            return
-        # From the node's core 0, not the first of cpu_ids: PALS does not know the reserved cores.
-        from_first_core = all(sorted(cores) == list(range(len(cores))) for cores in spec.cpu_ids)
-        if assigned >= set(self.cpu_ids) or from_first_core:
-            return
+        assigned = set(spec.cpu_ids[0])
         if not first_warning((spec.app_id, "relative cpu-bind on a shared node", kind)):
             return
         of = "" if spec.job_id is None else f" of job {spec.job_id}"

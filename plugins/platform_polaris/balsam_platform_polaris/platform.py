@@ -32,7 +32,7 @@ import attrs
 
 from balsam.options import option
 from balsam.platform import (
-    PALS_RESERVED_OPTIONS,
+    PALS_RESERVED_OPTIONS, pals_binding_overlaps,
     LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, file_mtime, first_launch_param, format_id_ranges,
     gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
     leading_job_number, near_cpus_of, nvidia_smi_list, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list,
@@ -45,8 +45,6 @@ logger = logging.getLogger("balsam.platform.polaris")
 CPU_BIND_KEYS = ("cpu_bind", "cpu-bind", "--cpu-bind")
 #: ``{"d": "8"}`` is ``-d 8`` too (see ``launch_option``): it replaces the computed depth, never a second ``-d``.
 DEPTH_KEYS = ("depth", "d", "-d", "--depth")
-#: PALS bindings that number a node's cores from core 0 whatever cores the launcher assigned the job.
-RELATIVE_BINDINGS = ("depth", "core")
 #: mpiexec options the line sets from balsam's placement (PALS's map, kept in balsam.platform: any
 #: spelling of a launch_params key) -> the option of the line: a launch param naming one is not
 #: passed (warned once per app and key), since the ranks would not run where balsam placed them.
@@ -184,12 +182,9 @@ class PolarisPlatform(Platform):
         assigned exactly the node's first cores, counted from core 0 (on every node), is where PALS
         puts it: no warning (the job packed beside it, on other cores, gets one). From core 0, not
         from the first of ``cpu_ids``: PALS does not know which cores a site left out."""
-        assigned = set(spec.cpu_ids[0]) if spec.cpu_ids else set()
-        if bind.split(":", 1)[0].strip().lower() not in RELATIVE_BINDINGS or not assigned:
+        if not pals_binding_overlaps(spec, bind, self.cpu_ids):
             return
-        from_first_core = all(sorted(cores) == list(range(len(cores))) for cores in spec.cpu_ids)
-        if assigned >= set(self.cpu_ids) or from_first_core:
-            return
+        assigned = set(spec.cpu_ids[0])
         if not first_warning((spec.app_id, "relative cpu-bind on a shared node")):
             return
         of = "" if spec.job_id is None else f" of job {spec.job_id}"
