@@ -102,3 +102,56 @@ def test_huge_delay_waits_at_most_a_year(caplog: Any) -> None:
     module, waits = _run_loop(1e20, caplog)
     assert waits == [agent_module.MAX_CYCLE_DELAY_SEC]
     assert [r for r in caplog.records if "cannot wait 1e+20 s" in r.getMessage()]
+
+
+#: Three agents run one after the other in one process (an embedding program, or tests): each
+#: run() left its signal thread and two pipe descriptors behind, and its handlers installed.
+_RUNS_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, tempfile, threading
+    from types import SimpleNamespace
+    from balsam.site.agent import Agent
+    from balsam.site.module import AgentModule
+
+    class StopAtOnce(AgentModule):
+        section = "stop_at_once"
+        def __init__(self, ref):
+            super().__init__(None, None, None)
+            self.ref = ref
+        def run_cycle(self):
+            self.ref[0].request_stop("test")
+            return 0.01
+
+    def own(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, own)
+    site = tempfile.mkdtemp()
+    fds = []
+    for _ in range(3):
+        ref = []
+        agent = Agent(SimpleNamespace(site_path=site, site_id=1), client=object(), modules=[StopAtOnce(ref)])
+        ref.append(agent)
+        assert agent.run() == 0
+        fds.append(len(os.listdir("/proc/self/fd")))
+    for _ in range(100):
+        if not [t for t in threading.enumerate() if t.name == "agent-signals"]:
+            break
+        threading.Event().wait(0.05)
+    print("threads:", len([t for t in threading.enumerate() if t.name == "agent-signals"]))
+    print("fds:", fds)
+    print("sigterm is ours:", signal.getsignal(signal.SIGTERM) is own)
+    print("sighup default:", signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)
+    """
+)
+
+
+def test_run_puts_its_signal_handlers_back_and_closes_its_pipe() -> None:
+    proc = subprocess.run([sys.executable, "-c", _RUNS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    assert lines["threads"] == "0"
+    fds = eval(lines["fds"])  # noqa: S307 - our own script's list of three numbers
+    assert fds[0] == fds[1] == fds[2], fds
+    assert lines["sigterm is ours"] == "True"
+    assert lines["sighup default"] == "True"

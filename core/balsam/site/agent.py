@@ -334,6 +334,9 @@ class Agent:
         #: The last SIGTERM/SIGINT/SIGHUP received (set by the signal handler, which takes no lock).
         self.signal_received: Optional[int] = None
         self._signal_pipe: Optional[tuple[int, int]] = None
+        #: The handlers run() replaced, put back when it returns.
+        self._previous_handlers: dict[int, Any] = {}
+        self._signal_thread: Optional[threading.Thread] = None
         self.threads: list[threading.Thread] = []
         self._dead_threads: set[str] = set()
         self.cycles: dict[str, int] = {}
@@ -459,12 +462,30 @@ class Agent:
             except OSError:  # pipe full (a byte already waits) or closed: the stop is on its way
                 pass
 
-        threading.Thread(target=self._serve_signals, args=(read_fd,), name="agent-signals", daemon=True).start()
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-        # A foreground agent's terminal or ssh session closing: without a handler SIGHUP killed it with
-        # no shutdown (log buffer lost, modules not closed, processing session held, pid file left).
-        signal.signal(signal.SIGHUP, handler)
+        self._signal_thread = threading.Thread(target=self._serve_signals, args=(read_fd,), name="agent-signals",
+                                               daemon=True)
+        self._signal_thread.start()
+        # SIGHUP: a foreground agent's terminal or ssh session closing; without a handler it killed
+        # the agent with no shutdown (log buffer lost, modules not closed, pid file left).
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._previous_handlers[signum] = signal.signal(signum, handler)
+
+    def _remove_signal_handlers(self) -> None:
+        """Put back the handlers run() replaced, then close the pipe (its thread sees the end and
+        returns): an embedding program, or a test running several agents in one process, keeps no
+        thread or descriptors per run."""
+        # Handlers first: a signal after the close must not reach a handler writing to a descriptor
+        # number the process may already have reused for another file.
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+        if self._signal_pipe is not None:
+            read_fd, write_fd = self._signal_pipe
+            self._signal_pipe = None
+            os.close(write_fd)  # the reader's os.read() returns b"": it closes read_fd and ends
+        if self._signal_thread is not None:
+            self._signal_thread.join(5)
+            self._signal_thread = None
 
     def _serve_signals(self, read_fd: int) -> None:
         """The signal handler's other half (a thread of its own, free to take locks): log the
@@ -472,6 +493,7 @@ class Agent:
         while True:
             try:
                 if not os.read(read_fd, 1):
+                    os.close(read_fd)
                     return
             except OSError:
                 return
@@ -693,6 +715,7 @@ class Agent:
             self.shutdown("error")
             raise
         finally:
+            self._remove_signal_handlers()
             remove_pid_file(self.site_path)
         return 0
 
