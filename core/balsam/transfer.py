@@ -21,9 +21,12 @@ Errors: a backend raises only :class:`TransferError` (one line, ``retryable`` sa
 the same thing again may work); the public methods of the base class turn anything else into one,
 so nothing else reaches the agent. A task that ran and failed is reported by :meth:`poll` as a
 :class:`TaskStatus` in state ``failed`` with the error; a task id the backend no longer knows
-(its process restarted) is ``unknown``, and the agent submits those items again. A :meth:`poll`
+(its process restarted) is ``unknown``, and the agent submits those items again: a backend says
+``unknown`` only when it knows the task is gone, never because one listing left it out (its files
+would be sent a second time while the first task still runs). A :meth:`poll`
 that raises says nothing about the tasks: their items stay in flight whatever ``retryable`` says,
-until the tasks' deadline (``transfers.task_timeout_sec``). A task the backend has accepted but not
+until the tasks' deadline (``transfers.task_timeout_sec``). An error with ``retry_after_sec`` (the
+service's rate limit) holds the agent's polls and submissions to that backend off for that long. A task the backend has accepted but not
 started yet (it waits for one of a bounded number of workers, or in its service's queue) is
 ``active`` with ``queued`` set: the deadline counts from when it starts, not from its submission. A
 task that delivered some files and not others is ``done`` with ``file_errors`` naming the others
@@ -59,11 +62,16 @@ __all__ = [
     "TransferError",
     "TransferFile",
     "TransferLocation",
+    "UNKNOWN_TASK",
     "backend_name_for",
     "one_line",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The error of an ``unknown`` status :meth:`TransferBackend.poll` fills in for an id the backend left
+#: out (a backend that knows why says so in its own ``unknown`` status).
+UNKNOWN_TASK = "the backend does not know this task"
 
 #: Protocols that are other names of a backend.
 PROTOCOL_ALIASES: Mapping[str, str] = {"file": "local"}
@@ -72,11 +80,14 @@ PROTOCOL_ALIASES: Mapping[str, str] = {"file": "local"}
 class TransferError(Exception):
     """A transfer could not be started, polled or cancelled. The message is one line for users
     (it ends up in the item's ``transfer_info.error`` and the job's FAILED event); ``retryable``
-    says whether the same request may work later (a network blip) or never will (a bad URL)."""
+    says whether the same request may work later (a network blip) or never will (a bad URL);
+    ``retry_after_sec``, when set, is how long the service asked not to be called again (an HTTP 429's
+    ``Retry-After``): the agent then neither polls nor submits to the backend until it has passed."""
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, retry_after_sec: Optional[float] = None) -> None:
         super().__init__(one_line(message))
         self.retryable = retryable
+        self.retry_after_sec = retry_after_sec
 
 
 def one_line(text: Any, limit: int = 500) -> str:
@@ -283,7 +294,7 @@ class TransferBackend(abc.ABC):
         except Exception as exc:
             logger.debug("%s: poll failed", self.name, exc_info=True)
             raise TransferError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from exc
-        return {tid: found.get(tid) or TaskStatus(TaskState.unknown, "the backend does not know this task") for tid in ids}
+        return {tid: found.get(tid) or TaskStatus(TaskState.unknown, UNKNOWN_TASK) for tid in ids}
 
     def submission_token(self) -> Optional[str]:
         """:meth:`new_submission_token`, guarded like the other calls."""

@@ -87,16 +87,21 @@ def test_poll_many_tasks_in_one_call(tmp_path: Path) -> None:
     ]
     responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task_list",
                   json={"DATA": docs, "DATA_TYPE": "task_list", "length": 4, "limit": 5, "offset": 0, "total": 4})
+    # The one task the list leaves out is asked for by id: Globus no longer has it.
+    responses.add(responses.GET, "https://transfer.api.globus.org/v0.10/task/t-gone", status=404,
+                  json={"code": "ClientError.NotFound", "message": "Task t-gone not found", "request_id": "r"})
     backend = make_backend(tmp_path)
     statuses = backend.poll(["t-ok", "t-run", "t-paused", "t-bad", "t-gone"])
-    assert len(responses.calls) == 1
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(get_last_request().url).query)
+    assert [urllib.parse.urlsplit(c.request.url).path for c in responses.calls] == [
+        "/v0.10/task_list", "/v0.10/task/t-gone"]  # one list for all, one call for the missing one only
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(responses.calls[0].request.url).query)
     assert query["filter"] == ["task_id:t-ok,t-run,t-paused,t-bad,t-gone"]
     assert statuses["t-ok"].state == TaskState.done and statuses["t-ok"].info["files_transferred"] == 2
     assert statuses["t-run"].state == TaskState.active
     assert statuses["t-paused"].state == TaskState.inactive and "globus-login" in statuses["t-paused"].error
     assert statuses["t-bad"].state == TaskState.failed and "permission denied on /data/x" in statuses["t-bad"].error
     assert statuses["t-gone"].state == TaskState.unknown
+    assert statuses["t-gone"].error == "Globus does not know task t-gone (HTTP 404 ClientError.NotFound)"
 
 
 def test_skipped_source_errors_fail_only_those_files(tmp_path: Path) -> None:

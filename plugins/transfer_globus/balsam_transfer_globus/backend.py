@@ -18,6 +18,11 @@
   whose calls fail is reported ``active`` with the reason that poll, read again at the next; the
   poll's other tasks settle. A finished task's status, once read, is remembered (while its document
   is the same) and not read again should the agent's update of its items fail.
+  A task the list leaves out is not taken for gone (the agent would submit its files a second time
+  while it runs): it costs one ``get_task`` call (rare: a task is listed only to the identity that
+  submitted it, so a login with another identity, or a linked one, hides it). A 404 makes it
+  ``unknown``; found, its own status; a 403 (not the logged-in identity's) or any other error keeps
+  it ``active`` with the reason (the agent's deadline ends it if it stays so).
   An ``ACTIVE`` task whose ``nice_status`` is ``Queued`` (Globus runs a few tasks of a user at once,
   the others wait) is reported ``queued``, with QUEUED_REASON as its ``reason`` (shown on its items;
   the agent does not take it for a task that is not moving): the agent's deadline counts from its start.
@@ -53,7 +58,9 @@
   naming the exact ``balsam site globus-login -e ...`` command (with ``--tokens-file PATH`` when
   ``tokens_file`` is not the default, ``--session-domain`` when a domain is required), retryable
   (the items wait, their jobs do not fail); 5xx, 429 (Globus Transfer's or Globus Auth's, refreshing
-  the access token) and network errors are retryable; so is a 404 for this site's own collection
+  the access token) and network errors are retryable (a 429's or 503's ``Retry-After``, at most
+  MAX_RETRY_AFTER_SEC, goes with the error as ``retry_after_sec``: globus-sdk's own retries wait at
+  most 10 s, and the agent then holds its calls off for the rest); so is a 404 for this site's own collection
   (``transfers.globus_endpoint_id`` is wrong: a settings error, the items wait for it to be fixed);
   other 4xx are not.
 - Retries: ``http_retries`` bounds the retries of a request that failed with 5xx/429 or a network
@@ -78,6 +85,7 @@ Task ids are Globus's own, so an agent restarted after a crash resumes polling t
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import logging
 import math
 import os
@@ -106,8 +114,9 @@ __all__ = ["GlobusOptions", "GlobusTransfer", "globus_error"]
 logger = logging.getLogger(__name__)
 
 SYNC_LEVELS = ("exists", "size", "mtime", "checksum")
-#: The direction in the labels submit_batch gives its tasks ("<label> stage-in (3 files)").
-LABEL_DIRECTION = re.compile(r"\bstage-(in|out) \(\d+ files\)$")
+#: The direction in the labels submit_batch gives its tasks ("<label> stage-in (3 files)", "... (2 files,
+#: 1 directory)", "... (3 directories)"; "(N files)" for every item of tasks of earlier versions).
+LABEL_DIRECTION = re.compile(r"\bstage-(in|out) \(\d+ (?:files?|director(?:y|ies))(?:, \d+ director(?:y|ies))?\)$")
 #: nice_status of an ACTIVE task that is progressing.
 NICE_OK = ("OK",)
 #: nice_status of an ACTIVE task waiting for its turn: Globus runs at most
@@ -121,6 +130,9 @@ QUEUED_REASON = (f"queued by Globus: it runs at most {GLOBUS_RUNNING_TASKS_PER_U
 #: Added to a task's Globus deadline so that the agent's own (checked once a cycle, then a cancel
 #: call) always comes first while the agent can reach Globus.
 DEADLINE_MARGIN_SEC = 600
+#: The longest hold-off a ``Retry-After`` header is taken for (a bogus one must not stop transfers
+#: for a day): the agent asks again after that.
+MAX_RETRY_AFTER_SEC = 3600.0
 #: Globus task_list answers at most this many tasks per call.
 TASK_LIST_LIMIT = 1000
 #: The most ``http_retries``: globus-sdk sleeps between retries (exponential, up to 10 s each), all
@@ -333,8 +345,10 @@ def _classify(exc: BaseException, collections: Sequence[str], tokens_file: Optio
             # Before the credential checks: Globus Auth down while the access token is refreshed
             # says nothing about the login (it is an AuthAPIError too).
             service = "Globus Auth" if isinstance(exc, globus_sdk.AuthAPIError) else "Globus Transfer"
+            # globus-sdk's own retries waited at most 10 s of a longer Retry-After: the agent waits
+            # the rest rather than ask again next cycle.
             return TransferError(f"{service} unavailable (HTTP {' '.join(map(str, filter(None, (status, code))))}): "
-                                 f"{message}", retryable=True), False
+                                 f"{message}", retryable=True, retry_after_sec=_retry_after(exc)), False
         command = login_command(collections, tokens_file)
         params = _authorization_parameters(exc)
         session = params if params is not None and _wants_session(params) else None
@@ -358,6 +372,28 @@ def _classify(exc: BaseException, collections: Sequence[str], tokens_file: Optio
     if isinstance(exc, (globus_sdk.NetworkError, globus_sdk.GlobusConnectionError)):
         return TransferError(f"cannot reach Globus: {type(exc).__name__}", retryable=True), False
     return TransferError(f"globus: {type(exc).__name__}: {one_line(exc)}", retryable=True), False
+
+
+def _retry_after(exc: BaseException, now: Optional[dt.datetime] = None) -> Optional[float]:
+    """The seconds a response's ``Retry-After`` header asks to wait (seconds or an HTTP date), at
+    most MAX_RETRY_AFTER_SEC; None when there is none, or it is unreadable or past."""
+    headers = getattr(exc, "headers", None)
+    value = headers.get("Retry-After") if headers is not None and hasattr(headers, "get") else None
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        when = when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+        seconds = (when - (now or dt.datetime.now(dt.timezone.utc))).total_seconds()
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER_SEC)
 
 
 def _site_collection_unknown(site_endpoint: str, code: str) -> TransferError:
@@ -450,6 +486,17 @@ def _delivered(sent: Sequence[tuple[str, str, bool]], arrived: set[str]) -> set[
     home = homes[0]
     found.update(dest for rest, dests in by_rest.items() if f"{home}/{rest}" in arrived for dest in dests)
     return found
+
+
+def _counted(files: Sequence[TransferFile]) -> str:
+    """A task's items in its label: "3 files", "2 files, 1 directory", "3 directories" (a directory
+    item is no file: "3 files" for 3 directories read as 3 files in the Globus web app)."""
+    dirs = sum(1 for f in files if f.recursive)
+    plain = len(files) - dirs
+    parts = [f"{plain} file{'' if plain == 1 else 's'}"] if plain or not dirs else []
+    if dirs:
+        parts.append(f"{dirs} director{'y' if dirs == 1 else 'ies'}")
+    return ", ".join(parts)
 
 
 def _final_key(doc: Mapping[str, Any]) -> tuple:
@@ -705,7 +752,7 @@ class GlobusTransfer(TransferBackend):
             deadline = globus_deadline(self.now(), self.options.task_timeout_sec, self.options.max_concurrent_transfers)
             extra["deadline"] = deadline.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+00:00")
         data = globus_sdk.TransferData(
-            src_ep, dest_ep, label=f"{self.options.label} stage-{'in' if stage_in else 'out'} ({len(files)} files)",
+            src_ep, dest_ep, label=f"{self.options.label} stage-{'in' if stage_in else 'out'} ({_counted(files)})",
             sync_level=self.options.sync_level, verify_checksum=self.options.verify_checksum,
             encrypt_data=self.options.encrypt_data, preserve_timestamp=self.options.preserve_timestamp,
             skip_source_errors=True, fail_on_quota_errors=self.options.fail_on_quota_errors,
@@ -763,8 +810,41 @@ class GlobusTransfer(TransferBackend):
             raise self._error(exc) from None
         for doc in docs:
             statuses[str(doc["task_id"])] = self._settled_status(client, doc)
+        for task_id in task_ids:
+            if task_id not in statuses:
+                # One call per task the list left out (rare: see the module doc), never "unknown" on
+                # the list's word: the agent would submit its files again beside the running task.
+                statuses[task_id] = self._unlisted_status(client, task_id)
         self._forget_tasks_not_in(task_ids)
         return statuses
+
+    def _unlisted_status(self, client: globus_sdk.TransferClient, task_id: str) -> TaskStatus:
+        """The status of a task ``task_list`` did not answer: ``get_task``'s. A task list shows only
+        the tasks of the identity that submitted them, so a login with another identity (or a linked
+        one, a new session) hides a task that still runs. Gone for Globus (404): ``unknown``. Not
+        readable (403: another identity's; an error): ``active`` with the reason, the agent's
+        deadline ending it if it stays so."""
+        try:
+            doc = client.get_task(task_id)
+        except globus_sdk.GlobusAPIError as exc:
+            if exc.http_status == 404:
+                said = " ".join(filter(None, ("HTTP 404", str(exc.code or ""))))
+                return TaskStatus(TaskState.unknown, f"Globus does not know task {task_id} ({said})")
+            logger.debug("globus: cannot read task %s left out of the task list", task_id, exc_info=True)
+            if exc.http_status == 403:
+                return TaskStatus(TaskState.active, reason=one_line(
+                    f"Globus task {task_id} is not visible to the logged-in identity (logged in as another "
+                    f"identity?): run `{self._command()}` with the identity that submitted it"))
+            return self._unreadable(task_id, self._error(exc))
+        except Exception as exc:  # noqa: BLE001 - network: this task only, read again next cycle
+            logger.debug("globus: cannot read task %s left out of the task list", task_id, exc_info=True)
+            return self._unreadable(task_id, exc if isinstance(exc, TransferError) else self._error(exc))
+        return self._settled_status(client, doc.data if hasattr(doc, "data") else doc)
+
+    @staticmethod
+    def _unreadable(task_id: str, problem: TransferError) -> TaskStatus:
+        return TaskStatus(TaskState.active, reason=one_line(f"Globus task {task_id} is missing from the task list and "
+                                                            f"cannot be read (will retry): {problem}"))
 
     def _settled_status(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any]) -> TaskStatus:
         """One task's status: its final one as read before, else read now. A task whose outcome needs
@@ -834,8 +914,10 @@ class GlobusTransfer(TransferBackend):
         if status == "FAILED":
             return self._failed(client, doc, info)
         if status == "INACTIVE":
-            why = doc.get("nice_status_short_description") or doc.get("nice_status") or "paused"
-            return TaskStatus(TaskState.inactive, one_line(f"{why}; if credentials expired run `{self._command()}`"), info=info)
+            why = str(doc.get("nice_status_short_description") or doc.get("nice_status") or "paused")
+            # Said once: "credentials expired; if credentials expired run ..." read as a stutter.
+            hint = "run" if "credential" in why.lower() else "if credentials expired run"
+            return TaskStatus(TaskState.inactive, one_line(f"{why}; {hint} `{self._command()}`"), info=info)
         nice = doc.get("nice_status")
         if nice == NICE_QUEUED and not doc.get("is_paused"):
             # Not started (Globus runs a few tasks of a user at once): the agent's deadline waits.

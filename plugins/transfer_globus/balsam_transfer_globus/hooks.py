@@ -58,6 +58,19 @@ def _site_settings() -> SiteGlobusSettings:
     )
 
 
+def _refusal(exc: Any) -> str:
+    """One line for a Globus Auth error of the login. OAuth errors (the code exchange) carry their
+    name in the body's ``error`` ("invalid_grant"), not in ``code``, which globus-sdk leaves None."""
+    body = exc.raw_json if isinstance(getattr(exc, "raw_json", None), dict) else {}
+    code = str(exc.code or body.get("error") or "").strip()
+    said = " ".join(filter(None, (f"HTTP {exc.http_status}", code)))
+    if code == "invalid_grant":
+        return (f"Globus Auth refused the login ({said}): the authorization code was wrong or has expired "
+                "(it is good for one use, within minutes): run the command again and paste the new code")
+    detail = " ".join(str(body.get("error_description") or getattr(exc, "message", None) or "").split())
+    return f"Globus Auth refused the login ({said}){f': {detail}' if detail else ''}"
+
+
 @click.command("globus-login")
 # --endpoint_id: Balsam 0.7's spelling, kept so its command lines still work.
 @click.option("-e", "--endpoint-id", "--endpoint_id", "endpoints", multiple=True, metavar="COLLECTION_ID",
@@ -102,7 +115,7 @@ def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_fi
         login(client_id, collections, path, prompt=lambda text: click.prompt(text, hide_input=True),
               echo=click.echo, session_domains=session_domains)
     except globus_sdk.GlobusAPIError as exc:
-        raise click.ClickException(f"Globus Auth refused the login (HTTP {exc.http_status} {exc.code})") from None
+        raise click.ClickException(_refusal(exc)) from None
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     shown = ", ".join(collections) or "none"

@@ -44,7 +44,11 @@ tasks: their items stay in flight (Globus may still be writing into the jobs' wo
 reason on them, and only the deadline below ends them. A task its backend reports not progressing
 (``TaskStatus.reason``: a fault the service keeps retrying, a pause by an administrator) keeps running;
 the reason is shown on its items. Each such reason, and each "will retry" of a failed submission, is
-logged once per task (location) until it changes, not every cycle.
+logged once per task (location) until it changes, not every cycle. A failure whose error carries
+``retry_after_sec`` (the service's rate limit: an HTTP 429's Retry-After) holds that backend off:
+until then its tasks are not polled (they stay in flight) and its batches wait (no try used), said
+in the failure's one log line. The cycle's summary line is at INFO when an item changed state or a
+task was submitted, else at DEBUG (a cycle that only polled running tasks).
 
 A batch journaled with a submission token is sent again with that token, never under a new one
 (one submission of the cycle, within its slots; one that finds no slot waits in the journal, and so
@@ -130,6 +134,7 @@ from ...transfer import (
     TransferError,
     TransferFile,
     TransferLocation,
+    UNKNOWN_TASK,
     backend_name_for,
     build_backend,
     one_line,
@@ -612,6 +617,10 @@ class TransfersModule(AgentModule):
         #: When each tracked task was first seen in flight by this process (``time.monotonic``), for
         #: the quick polls of young tasks (:data:`QUICK_POLL_SEC`).
         self._first_seen: dict[str, float] = {}
+        #: Backends whose service asked not to be called before a time (``TransferError.retry_after_sec``:
+        #: an HTTP 429's Retry-After): {backend name: until}. Their tasks are not polled (they stay in
+        #: flight) nor their batches submitted (they wait, no try used) until then.
+        self._hold_until: dict[str, dt.datetime] = {}
         #: The clock of the cycle (tests set their own: deadlines are checked without waiting).
         self.now: Callable[[], dt.datetime] = _now
 
@@ -647,6 +656,26 @@ class TransfersModule(AgentModule):
         self.backend_errors[name] = error
         self.logger.error("transfer backend %s: %s", name, error)
         raise error
+
+    def _hold(self, name: str, exc: TransferError, now: dt.datetime) -> str:
+        """Hold backend ``name`` off for the ``retry_after_sec`` of ``exc`` (its service's rate limit);
+        returns the words its failure's log line adds ('' when the error asks no wait)."""
+        wait = getattr(exc, "retry_after_sec", None)
+        if not wait or wait <= 0:
+            return ""
+        self._hold_until[name] = now + dt.timedelta(seconds=float(wait))
+        return f"; its service asked for {float(wait):.0f} s without requests: none until then"
+
+    def _held(self, name: str, now: dt.datetime) -> Optional[str]:
+        """The reason backend ``name`` is not called this cycle (its Retry-After), else None."""
+        until = self._hold_until.get(name)
+        if until is None:
+            return None
+        if now >= until:
+            del self._hold_until[name]
+            return None
+        return (f"transfer backend {name} is rate limited by its service: no requests until "
+                f"{until.astimezone(dt.timezone.utc).strftime('%H:%M:%S')} UTC (its Retry-After)")
 
     def _warn_once(self, key: str, reason: str, message: str, *args: Any) -> None:
         """Log ``message`` as a warning the first time ``key`` has this ``reason``, else at DEBUG."""
@@ -758,6 +787,8 @@ class TransfersModule(AgentModule):
         now = self.now()
         opts = self.options
         items = self._read_items(now)
+        #: Each item's state as read (the cycle changes some in place): the log line says whether any moved.
+        read_states = {it["id"]: it["state"] for it in items}
         updates: dict[int, dict[str, Any]] = {}
         journal, token_batches = self._read_journal()
         for item in items:
@@ -800,8 +831,13 @@ class TransfersModule(AgentModule):
         counts = defaultdict(int)
         for update in updates.values():
             counts[update.get("state", "?")] += 1
+        moved = any("state" in u and u["state"] != read_states.get(u["id"]) for u in updates.values())
         if updates or in_flight:
-            self.logger.info(
+            # INFO only when an item changed state or a task was submitted: a cycle that only polled
+            # running tasks (or wrote their progress, a reason) is DEBUG, else a 6 h Globus task
+            # wrote ~4,300 "updates none" lines.
+            self.logger.log(
+                logging.INFO if moved or submitted else logging.DEBUG,
                 "cycle: %d items read, %d tasks in flight, %d tasks submitted; updates %s",
                 len(items), still_running, submitted, dict(counts) or "none",
             )
@@ -843,6 +879,13 @@ class TransfersModule(AgentModule):
             by_backend[name].append(task_id)
         running = 0
         for name, task_ids in by_backend.items():
+            held = self._held(name, now)
+            if held:
+                # Its service asked for a pause (a 429's Retry-After, longer than the retries inside the
+                # backend's call): the tasks stay in flight as they were; the next poll after it says more.
+                self.logger.debug("%s: not polling its %d tasks this cycle", held, len(task_ids))
+                running += len(task_ids)
+                continue
             backend: Optional[TransferBackend] = None
             try:
                 backend = self.backend(name)
@@ -851,8 +894,9 @@ class TransfersModule(AgentModule):
                 # Whatever the refusal (a 400 of the service, a login it wants), it says nothing about
                 # the tasks, which may still be writing into the jobs' workdirs: their items stay in
                 # flight, and the deadline is the one thing that ends them.
-                self._warn_once(f"poll:{name}", str(exc), "transfer backend %s: polling %d tasks failed (will retry "
-                                "every cycle): %s", name, len(task_ids), exc)
+                pause = self._hold(name, exc, now)
+                self._warn_once(f"poll:{name}", str(exc), "transfer backend %s: polling %d tasks failed (will retry%s): "
+                                "%s", name, len(task_ids), pause or " every cycle", exc)
                 reason = one_line(f"cannot poll its task: {exc}")
                 for tid in task_ids:
                     # Also without a backend (its plugin uninstalled or unloadable): the deadline
@@ -1095,12 +1139,14 @@ class TransfersModule(AgentModule):
             error = status.error or "transfer task failed"
             self._fail_many(f"transfer task {task_id} failed", [(item, error, status.retryable) for item in items],
                             updates, now)
-        else:  # unknown: the task died with a previous agent process
+        else:  # unknown: the task died with a previous agent process, or its service no longer has it
+            # The backend's own words when it has some ("Globus does not know task ..."): "agent
+            # restarted?" was logged when it had not.
+            why = one_line(status.error) if status.error and status.error != UNKNOWN_TASK else "agent restarted?"
             for item in items:
-                self._back_to_pending(item, updates, f"task {task_id} is unknown to its backend (agent restarted?)",
-                                      log=False)
-            self.logger.info("transfer task %s is unknown to its backend (agent restarted?): its %d items will be "
-                             "submitted again", task_id, len(items))
+                self._back_to_pending(item, updates, f"task {task_id} is unknown to its backend ({why})", log=False)
+            self.logger.info("transfer task %s is unknown to its backend (%s): its %d items will be submitted again",
+                             task_id, why, len(items))
 
     def _dest_of(self, item: Mapping[str, Any]) -> str:
         return str((item.get("transfer_info") or {}).get("dest", ""))
@@ -1253,6 +1299,13 @@ class TransfersModule(AgentModule):
                     self._fail_many(f"cannot submit {len(batch)} files to {alias!r}",
                                     [(item, str(exc), False) for item in batch], updates, now)
                 continue
+            held = self._held(location.backend_name, now)
+            if held:
+                # Rate limited: the batch waits (no try, no slot) for the next cycle after the pause.
+                for item in batch:
+                    self._wait(item, held, updates)
+                blocked[alias] = held
+                continue
             if any(int(it["job_id"]) not in self.workdirs and int(it["job_id"]) not in asked for it in batch):
                 # One GET for the batches this cycle may still submit (not one per batch).
                 ahead = [b for a, _, r, b in units[index:] if r is None and a not in blocked]
@@ -1305,8 +1358,9 @@ class TransfersModule(AgentModule):
                 blocked[alias] = str(exc)
                 if exc.retryable:
                     # The service, not the files: keep the items pending without using up their tries.
+                    pause = self._hold(location.backend_name, exc, now)
                     self._warn_once(f"submit:{alias}", str(exc), "transfer backend %s: submitting %d files to %s failed "
-                                    "(will retry): %s", backend.name, len(files), alias, exc)
+                                    "(will retry%s): %s", backend.name, len(files), alias, pause, exc)
                     if record:
                         # It may have arrived (a timeout after the service took it): the journal keeps
                         # the token, so the next cycle sends the batch again with it, and the service
@@ -1365,6 +1419,14 @@ class TransfersModule(AgentModule):
                 self._fail_many(f"a journaled batch of {len(files)} files to {alias!r} cannot be sent again",
                                 [(item, str(exc), False) for item in members], updates, now)
             return None
+        held = self._held(location.backend_name, now)
+        if held:
+            # Rate limited: sent with its token after the pause.
+            kept.append(record)
+            blocked[alias] = held
+            for item in members:
+                self._wait(item, held, updates)
+            return None
         try:
             task_id = backend.submit(location, TransferDirection(record["direction"]), files, record["token"])
         except TransferError as exc:
@@ -1379,8 +1441,9 @@ class TransfersModule(AgentModule):
                                 [(item, str(exc), True) for item in members], updates, now, level=logging.ERROR)
                 return False
             # Keyed by location as a first submission's "will retry" is: one warning per reason.
+            pause = self._hold(location.backend_name, exc, now)
             self._warn_once(f"submit:{alias}", str(exc), "re-sending a journaled batch of %d files to %s "
-                            "failed (will retry): %s", len(files), alias, exc)
+                            "failed (will retry%s): %s", len(files), alias, pause, exc)
             kept.append(record)
             for item in members:
                 self._wait(item, str(exc), updates)
