@@ -28,9 +28,9 @@ import attrs
 from balsam.options import option
 from balsam.platform import (
     OPENMPI_RESERVED_OPTIONS,
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, file_mtime, first_launch_param, hardware_thread_ids,
-    hosts_from_node_file, launch_param_args, launch_params_to_pass, leading_job_number, nvidia_smi_list, parse_id_ranges,
-    parse_nvidia_smi_list, read_fresh_gpu_list,
+    LaunchSpec, NodeInfo, Platform, capped_threads_per_core, cpu_ids_errors, file_mtime, first_launch_param,
+    hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass, leading_job_number,
+    nvidia_smi_list, parse_id_ranges, parse_nvidia_smi_list, read_fresh_gpu_list,
 )
 
 logger = logging.getLogger("balsam.platform.theta")
@@ -57,6 +57,9 @@ BIND_TO_KEYS = ("bind-to", "--bind-to")
 GPU_DUPLICATE_FLAGS = ("oversubscribe",)
 #: Xeon Phi 7230: 64 cores of 4 hardware threads; core c's threads are c, c+64, c+128, c+192.
 KNL_CORES, KNL_THREADS_PER_CORE = 64, 4
+#: ALPS allows about 980 concurrent aprun per batch job on Theta (Balsam 0.7's Theta slides: "Max
+#: ~980 concurrent aprun"); one past it fails to launch. mpi mode starts one aprun per job.
+KNL_MAX_CONCURRENT_APRUNS = 980
 #: DGX A100: 2 x 64 cores of 2 hardware threads; core c's second thread is c+128.
 DGX_CORES, DGX_THREADS_PER_CORE = 128, 2
 
@@ -70,6 +73,9 @@ def expand_nid_ranges(text: str) -> list[int]:
         low, sep, high = part.partition("-")
         if not low.isdigit() or (sep and not high.isdigit()):
             raise ValueError(f"$COBALT_PARTNAME: {part!r} is not a nid or a nid range")
+        if sep and int(high) < int(low):
+            # range() of it is empty: the allocation's nodes would be dropped without a word
+            raise ValueError(f"$COBALT_PARTNAME: nid range {part!r} runs backwards")
         nids.extend(range(int(low), int(high) + 1) if sep else [int(low)])
     return nids
 
@@ -102,6 +108,10 @@ class ThetaKNLPlatform(Platform):
     # ALPS gives each aprun whole nodes: two runs never share one.
     mpirun_allows_node_packing = False
     options_schema = ThetaKNLOptions
+    #: A job's threads_per_core above 4 counts as 4, in its cores, its aprun -j and its serial
+    #: pinning alike, with the launcher's warning (aprun refuses -j above 4: the run failed at
+    #: launch, while serial mode capped the pinning without a word and counted too few cores).
+    hardware_threads_per_core = KNL_THREADS_PER_CORE
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -129,7 +139,8 @@ class ThetaKNLPlatform(Platform):
             "-L", ",".join(nids),
             "-cc", str(affinity),
             "-d", str(first_launch_param(params, DEPTH_KEYS) or spec.threads_per_rank),
-            "-j", str(first_launch_param(params, THREADS_PER_CORE_KEYS) or spec.threads_per_core),
+            "-j", str(first_launch_param(params, THREADS_PER_CORE_KEYS)
+                      or capped_threads_per_core(spec.threads_per_core, KNL_THREADS_PER_CORE)),
         ]
         passed = launch_params_to_pass(spec, args, KNL_RESERVED_OPTIONS, params=params)
         # aprun's options are single-dash
@@ -158,7 +169,9 @@ class ThetaKNLPlatform(Platform):
         return {
             "launcher": {"platform": self.name, "mpirun_allows_node_packing": False,
                          # one worker per node, unbound: it pins its own tasks
-                         "serial_mode_startup_params": {"cc": "none"}},
+                         "serial_mode_startup_params": {"cc": "none"},
+                         # the generic 1000 is above what ALPS lets one batch job run at once
+                         "max_concurrent_mpiruns": KNL_MAX_CONCURRENT_APRUNS},
             "scheduler": {
                 "name": "cobalt",
                 "allowed_queues": {
@@ -167,8 +180,9 @@ class ThetaKNLPlatform(Platform):
                     "default": {"max_nodes": 4010, "max_walltime": 1440, "max_queued_jobs": 20},
                 },
                 "allowed_projects": ["datascience"],
-                # attrs: `#COBALT --attrs <value>` when not empty (e.g. -x attrs=mcdram=cache:numa=quad)
-                "optional_batch_job_params": {"singularity_prime_cache": "no", "attrs": ""},
+                # attrs: `#COBALT --attrs <value>` when not empty (e.g. -x attrs=mcdram=cache:numa=quad);
+                # qsub_flags: split and appended to qsub by the Cobalt driver (-x qsub_flags="--dependencies 6")
+                "optional_batch_job_params": {"singularity_prime_cache": "no", "attrs": "", "qsub_flags": ""},
             },
         }
 
@@ -204,6 +218,8 @@ class ThetaGPUPlatform(Platform):
     default_scheduler = "cobalt"
     mpirun_allows_node_packing = True
     options_schema = ThetaGPUOptions
+    #: A job's threads_per_core above 2 counts as 2 (cores, serial pinning), with the launcher's warning.
+    hardware_threads_per_core = DGX_THREADS_PER_CORE
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -275,7 +291,8 @@ class ThetaGPUPlatform(Platform):
                     "full-node": {"max_nodes": 21, "max_walltime": 1440, "max_queued_jobs": 3},
                 },
                 "allowed_projects": ["datascience"],
-                "optional_batch_job_params": {"mig_count": "0"},
+                # qsub_flags: split and appended to qsub by the Cobalt driver
+                "optional_batch_job_params": {"mig_count": "0", "qsub_flags": ""},
             },
         }
 

@@ -55,8 +55,13 @@ ATTRS_PARAM = "attrs"
 RAW_FLAGS_PARAM = "qsub_flags"
 
 _UTC_LINE = re.compile(r"^(?P<stamp>\w{3} \w{3}\s+\d+ \d\d:\d\d:\d\d \d{4}) (?P<offset>[+-]\d{4}) \(UTC\)(?P<rest>.*)$")
+#: Cobalt's words for a job's end. "removing job from the queue" is what cqm writes when a queued or
+#: held job is deleted ("user delete requested; removing job from the queue"): without it such a
+#: log would read as still queued.
 _END_WORDS = ("task completed", "initiating job cleanup", "job cleanup", "terminated", "killed", "deleted",
-              "exit code", "exited", "dep_fail", "failed")
+              "removing job from the queue", "exit code", "exited", "dep_fail", "failed")
+#: qsub's own line as it accepts the job: "<date> +0000 (UTC) submitted with cwd set to: <dir>".
+_SUBMITTED = re.compile(r"^submitted with cwd set to\b", re.I)
 
 
 def cobalt_duration_min(text: str) -> int:
@@ -75,9 +80,13 @@ def cobalt_duration_min(text: str) -> int:
 
 def parse_cobaltlog(text: str, scheduler_id: int) -> Optional[JobHistory]:
     """Start and end of a job from its .cobaltlog; a running JobHistory while it has started and
-    not ended (an empty qstat must not end a running allocation); None before it starts."""
+    not ended, a queued one while qsub's dated "submitted" line is there and nothing started or
+    ended it (an empty or cut qstat must end neither a running allocation nor a waiting job: a
+    waiting one marked submit_failed would still start, with nobody tracking it); None when the
+    log says neither (no dated line yet)."""
     start: Optional[dt.datetime] = None
     end: Optional[dt.datetime] = None
+    submitted = False
     last_words = ""
     failed = False
     for line in text.splitlines():
@@ -92,6 +101,10 @@ def parse_cobaltlog(text: str, scheduler_id: int) -> Optional[JobHistory]:
             logger.warning("cobaltlog of job %d: unreadable time in %r", scheduler_id, line[:200])
             continue
         rest = match["rest"].strip()
+        if _SUBMITTED.match(rest):
+            # Checked first: the directory it names may hold any end word ("/runs/failed").
+            submitted = True
+            continue
         if "COBALT_STARTTIME" in rest or re.search(r"\bstarting job\b", rest, re.I):
             start = start or stamp
         elif any(word in rest.lower() for word in _END_WORDS):
@@ -99,7 +112,10 @@ def parse_cobaltlog(text: str, scheduler_id: int) -> Optional[JobHistory]:
             failed = failed or bool(re.search(r"dep_fail|failed to start|could not start", rest, re.I))
     if end is None:
         if start is None:
-            return None
+            if not submitted:
+                return None
+            return JobHistory(scheduler_id=scheduler_id, state=BatchJobState.queued,
+                              native_state="queued", message="submitted, not started (.cobaltlog)")
         return JobHistory(scheduler_id=scheduler_id, state=BatchJobState.running, start_time=start,
                           native_state="running", message="started, not ended (.cobaltlog)")
     never_ran = start is None and failed
@@ -254,7 +270,14 @@ class CobaltScheduler(Scheduler):
     # -- history: the .cobaltlog next to the script ------------------------------------------
     def parse_histories(self, result: Optional[CommandResult], jobs: Mapping[int, Optional[Path]],
                         last_poll: StatusPoll) -> dict[int, Optional[JobHistory]]:
-        return {scheduler_id: read_cobaltlog(scheduler_id, script_path) for scheduler_id, script_path in jobs.items()}
+        histories = {scheduler_id: read_cobaltlog(scheduler_id, path) for scheduler_id, path in jobs.items()}
+        for scheduler_id, history in histories.items():
+            # qstat still lists it, in a final state (dep_fail): a log that says only "submitted"
+            # adds nothing, and read as "still queued" it would keep the agent from deleting a job
+            # that will never run.
+            if history is not None and history.state is Q and scheduler_id in last_poll.statuses:
+                histories[scheduler_id] = None
+        return histories
 
     # -- backfill ---------------------------------------------------------------------------
     def render_backfill(self) -> Optional[Command]:
