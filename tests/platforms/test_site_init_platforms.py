@@ -69,7 +69,7 @@ def test_aurora_site_runs_the_guides_commands_unedited(balsam_env, client, tmp_p
     assert scheduler["allowed_queues"]["debug-scaling"] == {"max_nodes": 31, "max_walltime": 60, "max_queued_jobs": 1}
     assert set(scheduler["allowed_queues"]) == {"debug", "debug-scaling", "prod"}
     assert scheduler["allowed_projects"] == ["Aurora_deployment"]
-    assert scheduler["optional_batch_job_params"] == {"filesystems": "home:flare", "place": "scatter"}
+    assert scheduler["optional_batch_job_params"] == {"filesystems": "home:flare", "place": "scatter", "qsub_flags": ""}
     assert settings["launcher"]["serial_mode_startup_params"] == {"cpu-bind": "none"}
 
     # The guide's command, as written (project: the machine's default).
@@ -105,7 +105,8 @@ def test_project_option_and_scheduler_defaults_order(balsam_env, client, tmp_pat
     settings = yaml.safe_load((tmp_path / "a" / "settings.yml").read_text())["scheduler"]
     assert settings["allowed_projects"] == ["MyAllocation"]
     assert set(settings["allowed_queues"]) == {"workq", "debug", "debug-scaling", "prod"}
-    assert settings["optional_batch_job_params"] == {"select": "", "filesystems": "home:flare", "place": "scatter"}
+    assert settings["optional_batch_job_params"] == {"select": "", "filesystems": "home:flare", "place": "scatter",
+                                                      "qsub_flags": ""}
     # With the default platform the scheduler's defaults are what the site gets.
     init_site(tmp_path / "b", "site-b", "default", client, scheduler_name="pbs")
     settings = yaml.safe_load((tmp_path / "b" / "settings.yml").read_text())["scheduler"]

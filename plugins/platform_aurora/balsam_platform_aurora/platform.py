@@ -408,7 +408,8 @@ class AuroraPlatform(Platform):
                 "name": "pbs",
                 "allowed_queues": self.queues(),
                 "allowed_projects": ["Aurora_deployment"],
-                "optional_batch_job_params": {"filesystems": "home:flare", "place": "scatter"},
+                # qsub_flags: split and appended to qsub by the PBS driver (-x qsub_flags="-W depend=afterok:123")
+                "optional_batch_job_params": {"filesystems": "home:flare", "place": "scatter", "qsub_flags": ""},
             },
         }
 
@@ -428,6 +429,6 @@ class SunspotPlatform(AuroraPlatform):
 
     def settings_defaults(self) -> dict[str, Any]:
         defaults = super().settings_defaults()
-        defaults["scheduler"]["optional_batch_job_params"] = {"filesystems": "home", "place": "scatter"}
+        defaults["scheduler"]["optional_batch_job_params"] = {"filesystems": "home", "place": "scatter", "qsub_flags": ""}
         return defaults
 

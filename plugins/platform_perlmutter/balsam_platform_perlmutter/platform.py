@@ -423,7 +423,9 @@ class PerlmutterGPUPlatform(Platform):
                 "allowed_queues": self.queues(),
                 # exclusive "": the Slurm driver's --exclusive stays, and a BatchJob of the shared
                 # QOS (part of a node) turns it off with -x exclusive=no, accepted out of the box.
-                "optional_batch_job_params": {"constraint": self.constraint, "reservation": "", "exclusive": ""},
+                # sbatch_flags: split and appended to sbatch by the Slurm driver (-x sbatch_flags="--mail-type=END").
+                "optional_batch_job_params": {"constraint": self.constraint, "reservation": "", "exclusive": "",
+                                              "sbatch_flags": ""},
             },
         }
 

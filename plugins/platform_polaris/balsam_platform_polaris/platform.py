@@ -231,7 +231,8 @@ class PolarisPlatform(Platform):
                     "preemptable": {"max_nodes": 10, "max_walltime": 4320, "max_queued_jobs": 20},
                 },
                 "allowed_projects": ["datascience"],
-                "optional_batch_job_params": {"filesystems": "home:eagle", "place": "scatter"},
+                # qsub_flags: split and appended to qsub by the PBS driver (-x qsub_flags="-W depend=afterok:123")
+                "optional_batch_job_params": {"filesystems": "home:eagle", "place": "scatter", "qsub_flags": ""},
             },
         }
 
