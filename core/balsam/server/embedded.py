@@ -12,7 +12,13 @@ One uvicorn server listening on:
 With ``--log-file`` the server logs there (uvicorn's error and access logs and balsam's), rotated
 at ``$BALSAM_SERVER_LOG_MAX_BYTES`` (10 MiB; 3 old files kept), every line capped at
 :data:`MAX_LOG_LINE_CHARS`: an access line carries the whole query string, 50 KB for a request
-naming 5,000 job ids.
+naming 5,000 job ids. The query of the dashboard's one-time login link is not logged
+(:class:`AccessLogRedaction`, installed by every app: see ``create_app``).
+
+When the TCP port is on a loopback address (the default), the app answers only requests whose
+``Host`` is ``localhost`` or a loopback address (``loopback_hosts_only`` in app.py): a web
+page of another site that has its name resolve to 127.0.0.1 (DNS rebinding) cannot reach the
+login routes. The Unix socket is not concerned.
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ import argparse
 import errno
 import fcntl
 import hashlib
+import ipaddress
 import logging
 import os
+import re
 import socket
 import stat
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote
 
 from ..util import try_exclusive_flock
 
@@ -61,6 +70,55 @@ class CappedFormatter(logging.Formatter):
         if len(text) <= self.max_chars:
             return text
         return f"{text[: self.max_chars]}... [{len(text) - self.max_chars} more characters]"
+
+
+#: A request target with a query string, as uvicorn's access line writes it (raw path, ``"`` as %22).
+_TARGET_WITH_QUERY = re.compile(r'(/[^\s?"]*)\?([^\s"]*)')
+#: The last path segment of the dashboard's one-time login link (``/dashboard/ticket?t=<ticket>``).
+_SECRET_QUERY_SEGMENT = "ticket"
+
+
+def redact_request_targets(text: str) -> str:
+    """``text`` with the query values of one-time login links replaced by ``[redacted]``: whoever
+    reads the log within the ticket's two minutes could log in with one not yet redeemed. The
+    path is compared decoded (``/dashboard/%74icket`` is routed as ``/dashboard/ticket``), and
+    every value goes, whatever its (possibly encoded) name."""
+
+    def redact(match: "re.Match[str]") -> str:
+        path, query = match.group(1), match.group(2)
+        if unquote(path).rstrip("/").rsplit("/", 1)[-1] != _SECRET_QUERY_SEGMENT:
+            return match.group(0)
+        parts = (part.split("=", 1)[0] + "=[redacted]" if "=" in part else "[redacted]" if part else part
+                 for part in query.split("&"))
+        return f"{path}?{'&'.join(parts)}"
+
+    return _TARGET_WITH_QUERY.sub(redact, text) if "?" in text else text
+
+
+class AccessLogRedaction(logging.Filter):
+    """Keeps secrets of request targets out of uvicorn's access log (``redact_request_targets``);
+    the record's arguments keep their number and order (uvicorn's access formatter unpacks them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_request_targets(a) if isinstance(a, str) else a for a in record.args)
+        elif not record.args and isinstance(record.msg, str):
+            record.msg = redact_request_targets(record.msg)
+        return True
+
+
+#: The one instance (``Logger.addFilter`` adds an instance once, however many apps are created).
+ACCESS_LOG_REDACTION = AccessLogRedaction()
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listening address (``--host``) is a loopback one: 127.0.0.0/8, ::1, localhost."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def log_max_bytes_from_env() -> int:
@@ -177,6 +235,7 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 def main(argv: "list[str] | None" = None) -> None:
     import uvicorn
 
+    from .app import create_app_from_env, loopback_hosts_only
     from .settings import uvicorn_proxy_options
 
     parser = argparse.ArgumentParser(prog="python -m balsam.server.embedded", description=__doc__)
@@ -208,8 +267,19 @@ def main(argv: "list[str] | None" = None) -> None:
             # Here, not after run(): uvicorn re-raises SIGTERM once serving ends.
             socket_path.unlink(missing_ok=True)
 
+    guard_hosts = bool(args.port) and is_loopback_host(args.host)
+
+    def app_factory() -> object:
+        # Called by uvicorn once its logging is configured (factory=True), as the string
+        # "balsam.server.app:create_app_from_env" was.
+        app = create_app_from_env()
+        # A loopback port is for this machine's browsers and clients: other Host names are refused
+        # (DNS rebinding). A port on a public address (--host 0.0.0.0) is meant to be reached by
+        # other names, and is left alone.
+        return loopback_hosts_only(app) if guard_hosts else app
+
     extra = {"log_config": log_config(args.log_file, args.log_level)} if args.log_file else {}
-    config = uvicorn.Config("balsam.server.app:create_app_from_env", factory=True, log_level=args.log_level,
+    config = uvicorn.Config(app_factory, factory=True, log_level=args.log_level,
                             timeout_keep_alive=30, **uvicorn_proxy_options(), **extra)  # type: ignore[arg-type]
     EmbeddedServer(config).run(sockets=sockets)
 

@@ -2,11 +2,11 @@
 
 Order of every request (so that nobody learns anything without a valid token):
 
-1. authenticate: the bearer token's signature and expiry (on the event loop, before the body is
-   read), then its credential row (revoked? expired? - in the thread pool, cached per process);
+1. authenticate: the bearer token's signature and expiry (on the event loop), then its credential
+   row (revoked? expired? - in the thread pool, cached per process), both before the body is read;
    public routes (login, the login methods, the OpenAPI document) skip this;
-2. read the body, at most ``BALSAM_MAX_BODY_BYTES`` (413 beyond, before reading it when the
-   client announces its length);
+2. read the body, at most ``BALSAM_MAX_BODY_BYTES`` (a public route's: :data:`PUBLIC_BODY_LIMIT_BYTES`;
+   413 beyond, before reading it when the client announces its length);
 3. the handler, which validates its input and answers. An acquire that asked to wait for jobs
    (``Prefer: wait=N``) may instead say "nothing yet": the request then waits on the event loop
    for a wake-up, and the handler runs again (see acquire_waits.py). An update or delete with an
@@ -35,6 +35,15 @@ from .errors import PayloadTooLarge, Unauthorized, ValidationFailed
 from .http import QueryParams, path_int, preferences, reject_nul
 from .idempotency import HEADER as IDEMPOTENCY_HEADER, NOT_REPLAYED, REPLAYED_METHODS, IdempotentRequest, Replay
 from .limits import MAX_JSON_DEPTH, check_depth, check_field_sizes
+
+
+#: The body limit of the public routes (password login, registration, token refresh): a few short
+#: fields, read from anybody before any credential is checked, so bounded far below the API's
+#: bulk-sized ``BALSAM_MAX_BODY_BYTES`` (anonymous 60 MB logins each cost the worker a gigabyte
+#: of memory to decode and parse). The dashboard's forms share it.
+PUBLIC_BODY_LIMIT_BYTES = 64 * 1024
+#: Methods whose request body is read (and handed to the handler as ``Ctx.body``).
+BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 class Ctx:
@@ -199,15 +208,25 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _check_credential(request: Request, user: AuthUser) -> None:
+    """Runs in the thread pool: the token's credential is live (not revoked, not expired; cached
+    per process) and its user is one this server serves; 401 otherwise."""
+    state = request.app.state
+    state.credential_cache.check(lambda: read_tx(state.engine), user)
+    only_user = state.settings.only_user
+    if only_user is not None and user.username != only_user:
+        raise Unauthorized(f"This server serves only its local user {only_user!r}")
+
+
 def _authenticated_call(handler: Handler, ctx: Ctx) -> "Response | WaitForJobs":
     """Runs in the thread pool: the credential check, then the handler with the site scope set."""
     user = ctx._user
     if user is None:
         return handler(ctx)
     state = ctx.request.app.state
-    state.credential_cache.check(lambda: read_tx(ctx.engine), user)
-    if ctx.settings.only_user is not None and user.username != ctx.settings.only_user:
-        raise Unauthorized(f"This server serves only its local user {ctx.settings.only_user!r}")
+    # Checked again for a request with a body (checked before reading it): from the cache, unless
+    # reading the body outlasted it; and an acquire's retries after a wait are checked again.
+    _check_credential(ctx.request, user)
     token = SITE_SCOPE.set(user.site_id)
     try:
         response = handler(ctx)
@@ -240,8 +259,16 @@ def route(path: str, methods: dict[str, Handler], *, public: bool = False,
             if request.method in not_for_site_scoped:
                 require_unscoped(user, f"use {request.method} {path}")
         body = None
-        if request.method in ("POST", "PUT", "PATCH"):
-            body = await read_body(request, request.app.state.settings.max_body_bytes)
+        if request.method in BODY_METHODS:
+            settings = request.app.state.settings
+            if user is not None:
+                # A revoked or expired credential is refused before its body (up to
+                # BALSAM_MAX_BODY_BYTES) is read: its signature alone does not entitle it to that.
+                await run_in_threadpool(_check_credential, request, user)
+                limit = settings.max_body_bytes
+            else:
+                limit = min(PUBLIC_BODY_LIMIT_BYTES, settings.max_body_bytes)
+            body = await read_body(request, limit)
         while True:
             ctx = Ctx(request, body, user, replayed=request.method in replayed)
             response = await run_in_threadpool(_authenticated_call, handler, ctx)

@@ -35,7 +35,7 @@ from ..errors import APIError, NotFound, Unauthorized, ValidationFailed
 from ..http import QueryParams, json_response
 from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
 from ..routes.events import EV_FIELDS, events_select
-from ..routing import Ctx, read_body, route
+from ..routing import PUBLIC_BODY_LIMIT_BYTES, Ctx, read_body, route
 from ..tables import apps, credentials, job_parents, jobs, sites, users
 from . import session as sessions
 from .plots import plot_data
@@ -307,7 +307,8 @@ Handler = Callable[[View], Response]
 
 
 #: Dashboard forms are a few short fields; the API's own (bulk-sized) body limit is far too generous.
-FORM_BODY_LIMIT_BYTES = 64 * 1024
+#: The same bound as the API's public routes (login, registration), which are read before any login too.
+FORM_BODY_LIMIT_BYTES = PUBLIC_BODY_LIMIT_BYTES
 
 
 def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, login: bool = True,

@@ -14,7 +14,7 @@ from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 from ..auth import revoke_credentials
 from ..db import count_and_page, update_rows_by_id, where_eq, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, not_found_ids, parse_partial
-from ..http import (PAGINATION, QueryParams, check_int_fields, json_response, no_content, pagination,
+from ..http import (PAGINATION, QueryParams, check_int_fields, is_json_int, json_response, no_content, pagination,
                     parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
 from ..jobs_logic import BATCH_JOB_ENDED_MSG, json_contains, owned_site_ids, site_owned_by, utcnow
@@ -255,10 +255,19 @@ def end_batch_job_sessions(conn: sa.Connection, bj_ids: list[int]) -> None:
 def update_batch_job(ctx: Ctx) -> Response:
     bj_id = ctx.path_int("batch_job_id")
     data = ctx.json()
+    site_id = None
     if isinstance(data, dict):
+        site_id = data.get("site_id")
         data = {k: v for k, v in data.items() if k not in ("id", "site_id")}
     patch = _parse_patch(data, ["body"])
     with ctx.write() as conn:
+        # A BatchJob stays at its site: another site_id is refused as the bulk PATCH refuses it (it
+        # was dropped silently, answering 200); the same one is accepted, sent by a client that
+        # re-sends the object it read.
+        if site_id is not None:
+            stored = _get_owned(conn, ctx.user.id, bj_id).site_id
+            if not (is_json_int(site_id) and site_id == stored):
+                raise ValidationFailed.field(["body", "site_id"], "cannot be changed")
         (row,), revoked = _update_many(conn, ctx.user.id, {bj_id: patch})
     # This process stops trusting them now, not when its cache would check again.
     ctx.forget_credentials(revoked)
