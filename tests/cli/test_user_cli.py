@@ -330,7 +330,7 @@ def test_queue_term_of_a_batch_job_never_submitted_says_so(site):
     bj = BatchJob(site_id=site.id, num_nodes=1, wall_time_min=30, queue="debug", project="proj", job_mode="mpi")
     bj.save()
     out = balsam("queue", "term", "--id", str(bj.id))
-    assert out.exit_code == 0 and f"Marked BatchJob {bj.id} (not submitted yet) for deletion" in out.output, out.output
+    assert out.exit_code == 0 and f"Marked BatchJob {bj.id} (not submitted yet) of site site-a for deletion" in out.output, out.output
     assert "None" not in out.output
 
 

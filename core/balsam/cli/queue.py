@@ -219,8 +219,8 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
 @queue.command("term")
 @click.argument("scheduler_id", type=int, required=False)
 @click.option("--id", "batch_job_id", type=int, default=None, help="BatchJob id (instead of the scheduler id)")
-@site_option_with("Sites to look for SCHEDULER_ID in: all, active, this, or comma-separated ids / names / path "
-                  "fragments (default: every site)")
+@site_option_with("Sites to look for SCHEDULER_ID (or the --id) in: all, active, this, or comma-separated ids / "
+                  "names / path fragments (default: every site)")
 def term(scheduler_id: Optional[int], batch_job_id: Optional[int], site_selector: str) -> None:
     """Cancel a batch job (by scheduler id, or --id): the site agent deletes it from the queue."""
     from balsam.api import BatchJob
@@ -230,6 +230,12 @@ def term(scheduler_id: Optional[int], batch_job_id: Optional[int], site_selector
     if batch_job_id is not None:
         matches = list(BatchJob.objects.filter(id=batch_job_id))
         what = f"id {batch_job_id}"
+        selected = site_filter(site_selector).get("site_id") if site_selector else None
+        if matches and selected is not None and matches[0].site_id not in selected:
+            # --site restricts --id as it does for jobs (it used to be ignored: another site's BatchJob was ended).
+            site_id = matches[0].site_id
+            raise click.ClickException(f"BatchJob {batch_job_id} is at site {site_names([site_id]).get(site_id, site_id)} "
+                                       f"(id {site_id}), not at --site {site_selector}")
     else:
         matches = list(BatchJob.objects.filter(scheduler_id=scheduler_id, **site_filter(site_selector or "all")))
         what = f"scheduler id {scheduler_id}"
@@ -246,7 +252,9 @@ def term(scheduler_id: Optional[int], batch_job_id: Optional[int], site_selector
                  else "not submitted yet")
     batch_job.state = "pending_deletion"
     batch_job.save()
-    click.echo(f"Marked BatchJob {batch_job.id} ({submitted}) for deletion")
+    # Scheduler ids of different clusters overlap: say which site's BatchJob it was.
+    site_name = site_names([batch_job.site_id]).get(batch_job.site_id, batch_job.site_id)
+    click.echo(f"Marked BatchJob {batch_job.id} ({submitted}) of site {site_name} for deletion")
 
 
 commands = [queue]

@@ -249,6 +249,13 @@ def _active_batch_jobs(client: Any, site_id: int) -> int:
     return count(client, "/batch-jobs/", {"site_id": site_id, "state": ACTIVE_BATCH_JOB_STATES})
 
 
+def _batch_jobs_refusal(site: dict, active: int) -> str:
+    """Why ``site rm``/``site mv`` refuse while ``active`` BatchJobs of ``site`` are in the scheduler's queue."""
+    return (f"site {site['name']} has {active} BatchJob(s) queued or running: cancel them first with "
+            f"`balsam queue term SCHEDULER_ID --site {site['id']}` (see `balsam queue ls --site {site['id']}`) and "
+            "let the site agent remove them from the scheduler")
+
+
 @click.command("rm")
 @click.argument("site_path")
 @click.option("-f", "--force", is_flag=True,
@@ -258,7 +265,7 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     """Delete a site: its API record (with all its apps, jobs and BatchJobs) and its directory."""
     from balsam.site.agent import agent_running
     from balsam.site.api_util import count
-    from balsam.site.site_ops import check_other_host_agent, read_site_id
+    from balsam.site.site_ops import check_other_host_agent, read_site_id, site_below, site_label
 
     client = _client()
     path = Path(site_path).expanduser().absolute()
@@ -274,6 +281,12 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     if not path.is_dir():
         raise click.ClickException(f"{path} does not exist (use --force to delete the API record by path)")
     site_id = read_site_id(path)
+    inner = site_below(path)
+    if inner is not None:
+        # rmtree would delete that site's directory under its record (and under its running agent).
+        raise click.ClickException(
+            f"{path} holds another Balsam site, {site_label(inner)}: move it out "
+            f"(`balsam site mv {shlex.quote(str(inner))} NEW_PATH`) or delete it (`balsam site rm`) first")
     check_other_host_agent(path, client, force=False, command="stop")  # a pid file of another host
     running = agent_running(path)
     if running is not None:
@@ -283,9 +296,7 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
     if active:
         # Deleting the record deletes its BatchJobs: nothing would then cancel them in the scheduler.
         raise click.ClickException(
-            f"site {site['name']} has {active} BatchJob(s) queued or running: cancel them first with "
-            f"`balsam queue term SCHEDULER_ID --site {site_id}` (see `balsam queue ls --site {site_id}`) and let "
-            "the site agent remove them from the scheduler, or use --force (deletes the API record only)")
+            _batch_jobs_refusal(site, active) + ", or use --force (deletes the API record only)")
     num_jobs = count(client, "/jobs/", {"site_id": site_id})
     if not yes:
         click.confirm(
@@ -302,7 +313,7 @@ def rm(site_path: str, force: bool, yes: bool) -> None:
 def mv(src: str, dest: str) -> None:
     """Move a site directory and update its path in the API."""
     from balsam.site.agent import agent_running
-    from balsam.site.site_ops import check_other_host_agent, read_site_id
+    from balsam.site.site_ops import check_other_host_agent, enclosing_site, read_site_id, site_label
 
     src_path = Path(src).expanduser().absolute()
     dest_path = Path(dest).expanduser().absolute()
@@ -317,7 +328,17 @@ def mv(src: str, dest: str) -> None:
         dest_path = dest_path / src_path.name
         if dest_path.exists():
             raise click.ClickException(f"{dest_path} already exists")
-    client.get(f"/sites/{site_id}")  # fails early if the record is not ours
+    outer = enclosing_site(dest_path.resolve())  # through symbolic links, as the directory will be found
+    if outer is not None:
+        # `site rm` of the outer site would delete this one with it.
+        raise click.ClickException(f"{dest_path} is inside the Balsam site {site_label(outer)}: "
+                                   "choose a directory outside any site")
+    site = client.get(f"/sites/{site_id}")  # fails early if the record is not ours
+    active = _active_batch_jobs(client, site_id)
+    if active:
+        # Their launchers (and the scripts still waiting in the scheduler's queue) use the old path:
+        # credentials and spool there, jobs failed for a missing login file.
+        raise click.ClickException(_batch_jobs_refusal(site, active))
     shutil.move(str(src_path), str(dest_path))
     try:
         client.put(f"/sites/{site_id}", json={"path": str(dest_path)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,11 +28,26 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+#: The URL each engine was created from, as its user wrote it: ``engine.url`` names the driver
+#: balsam picked (``postgresql+psycopg2://``), which is not what the user gave or will look for.
+_GIVEN_URLS: "weakref.WeakKeyDictionary[sa.Engine, str]" = weakref.WeakKeyDictionary()
+
+
+def display_url(engine: sa.Engine) -> str:
+    """The engine's database URL for messages: as the user gave it, the password masked."""
+    given = _GIVEN_URLS.get(engine)
+    url = sa.engine.make_url(given) if given is not None else engine.url
+    return url.render_as_string(hide_password=True)
+
+
 def create_db_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> sa.Engine:
+    given = url
     url = normalize_database_url(url)
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
-    return sa.create_engine(
+        engine = _sqlite_engine(url)
+        _GIVEN_URLS[engine] = given
+        return engine
+    engine = sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
@@ -41,6 +57,8 @@ def create_db_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -
         json_deserializer=orjson.loads,
         connect_args={"options": "-c timezone=utc"} if url.startswith("postgresql") else {},
     )
+    _GIVEN_URLS[engine] = given
+    return engine
 
 
 def _sqlite_engine(url: str) -> sa.Engine:

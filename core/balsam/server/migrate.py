@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import sqlalchemy as sa
 from alembic import command
@@ -13,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
-from .db import create_db_engine, normalize_database_url
+from .db import create_db_engine, display_url, normalize_database_url
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 #: The PostgreSQL advisory lock the embedded migration takes (any constant of balsam's own).
@@ -50,21 +51,55 @@ class SchemaMismatch(RuntimeError):
     """The database's schema is not the one this balsam's code reads and writes."""
 
 
-def schema_mismatch(engine: sa.Engine) -> "str | None":
-    """Why this balsam must not serve ``engine``'s database (one line), or None when its schema is
-    at head. A server on an older schema starts and answers until a route reads a column it lacks
-    (500s, also from the background sweep), so the server checks at startup rather than later."""
+def _drop_indexes(*names: str) -> Callable[[sa.Connection], None]:
+    def repair(conn: sa.Connection) -> None:
+        for name in names:
+            conn.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))
+
+    return repair
+
+
+#: Revisions that development builds wrote and no release has, each with the revision its branch
+#: left this history at and what undoes its changes. A database at one of them is repaired, stamped
+#: with that revision, then upgraded as usual (by `balsam server migrate`, and by the servers that
+#: migrate their own database); without this, such a database could only be thrown away.
+RETIRED_REVISIONS: dict[str, tuple[str, Callable[[sa.Connection], None]]] = {
+    # 04dc147's two partial indexes of runnable jobs; 3d0f55d's 0010_acquire_indexes replaced that
+    # migration and creates indexes of the same names (and more) after 0009.
+    "0010_runnable_order_indexes": (
+        "0009_job_create_defaults", _drop_indexes("ix_jobs_runnable_small_first", "ix_jobs_runnable_long_large_first")),
+}
+
+
+def unknown_revision_problem(revision: str, head: str) -> str:
+    """The end of the one line about a database at a revision this balsam has no migration for."""
+    return (f"at revision {revision}, unknown to this balsam (written by a newer balsam, or a development revision "
+            f"no release has; this balsam's schema is {head}): run the balsam that wrote it, or upgrade balsam here")
+
+
+def schema_problem(engine: sa.Engine) -> "str | None":
+    """What keeps this balsam from serving ``engine``'s database, without naming the database
+    (``has no balsam schema ...``, ``is at revision ...``), or None when its schema is at head."""
     head = head_revision()
     current = current_revision(engine)
     if current == head:
         return None
-    where = f"database {engine.url.render_as_string(hide_password=True)}"
     if current is None:
-        return f"{where} has no balsam schema, this balsam needs {head}: run `balsam server migrate`"
+        return f"has no balsam schema, this balsam needs {head}: run `balsam server migrate`"
+    if current in RETIRED_REVISIONS:
+        return (f"is at revision {current}, a development revision no release has, this balsam needs {head}: "
+                "run `balsam server migrate` (it repairs it)")
     if not _known_revision(current):
-        return (f"{where} is at revision {current}, which this balsam (schema {head}) does not know: "
-                "a newer balsam wrote it; run that version (or upgrade balsam here)")
-    return f"{where} is at revision {current}, this balsam needs {head}: run `balsam server migrate`"
+        return "is " + unknown_revision_problem(current, head)
+    return f"is at revision {current}, this balsam needs {head}: run `balsam server migrate`"
+
+
+def schema_mismatch(engine: sa.Engine) -> "str | None":
+    """Why this balsam must not serve ``engine``'s database (one line), or None when its schema is
+    at head. A server on an older schema starts and answers until a route reads a column it lacks
+    (500s, also from the background sweep), so the server checks at startup rather than later."""
+    problem = schema_problem(engine)
+    return None if problem is None else f"database {display_url(engine)} {problem}"
 
 
 def check_schema(engine: sa.Engine) -> None:
@@ -81,21 +116,41 @@ def _known_revision(revision: str) -> bool:
         return False
 
 
+def repair_retired_revision(conn: sa.Connection) -> "str | None":
+    """Bring a database at a retired development revision (RETIRED_REVISIONS) back onto this
+    balsam's history, in ``conn``'s transaction; returns the retired revision, or None if it was not at one."""
+    current = MigrationContext.configure(conn).get_current_revision()
+    if current not in RETIRED_REVISIONS:
+        return None
+    base, repair = RETIRED_REVISIONS[current]
+    repair(conn)
+    conn.execute(sa.text("UPDATE alembic_version SET version_num = :base WHERE version_num = :current"),
+                 {"base": base, "current": current})
+    return current
+
+
 def upgrade(database_url: str, revision: str = "head") -> str:
-    """Upgrade the schema to ``revision``; returns the revision now stored."""
-    command.upgrade(alembic_config(database_url), revision)
+    """Upgrade the schema to ``revision`` (repairing a retired development revision first); returns
+    the revision now stored."""
     engine = create_db_engine(database_url)
     try:
+        with engine.connect().execution_options(balsam_write=True) as conn:
+            # Its own transaction, committed: if the upgrade then fails, the database is at a
+            # revision of this history, which a later upgrade continues from.
+            if repair_retired_revision(conn) is not None:
+                conn.commit()
+        command.upgrade(alembic_config(database_url), revision)
         return current_revision(engine) or ""
     finally:
         engine.dispose()
 
 
 def upgrade_engine(engine: sa.Engine) -> None:
-    """Bring an engine's database to head inside one write transaction (embedded servers).
-    Refuses (SchemaMismatch) a database a newer balsam wrote: it cannot be brought to this head."""
+    """Bring an engine's database to head inside one write transaction (embedded servers), a
+    retired development revision repaired first. Refuses (SchemaMismatch) a database at a revision
+    it does not know (a newer balsam wrote it, or a development build): it cannot be brought to this head."""
     current = current_revision(engine)
-    if current is not None and not _known_revision(current):
+    if current is not None and current not in RETIRED_REVISIONS and not _known_revision(current):
         raise SchemaMismatch(schema_mismatch(engine) or f"unknown schema revision {current}")
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.connect().execution_options(balsam_write=True) as conn:
@@ -104,6 +159,7 @@ def upgrade_engine(engine: sa.Engine) -> None:
             # they all create alembic_version and the tables, and all but one die of a
             # UniqueViolation. The lock is the transaction's: the others wait, then find head.
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        repair_retired_revision(conn)  # under the lock: the first worker repairs, the others find head
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
         conn.commit()

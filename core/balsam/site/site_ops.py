@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -186,6 +187,76 @@ def read_site_id(site_path: Path) -> int:
         raise SiteError(f"{site_path} is not a Balsam site (no readable {SITE_ID_FILE})") from None
 
 
+def site_label(site_dir: Path) -> str:
+    """``DIR (site id N)`` for a directory holding ``.balsam-site`` (just DIR when the id is unreadable)."""
+    try:
+        return f"{site_dir} (site id {read_site_id(site_dir)})"
+    except SiteError:
+        return str(site_dir)
+
+
+def _holds_site_marker(directory: Path) -> bool:
+    try:
+        return (directory / SITE_ID_FILE).is_file()
+    except OSError:  # an unreadable parent: nothing we can see there
+        return False
+
+
+def enclosing_site(path: "Path | str") -> Optional[Path]:
+    """The nearest directory above ``path`` (``path`` itself excluded) that is a Balsam site, else None."""
+    for parent in Path(path).parents:
+        if _holds_site_marker(parent):
+            return parent
+    return None
+
+
+def site_below(path: "Path | str", max_dirs: Optional[int] = None) -> Optional[Path]:
+    """A Balsam site inside the tree of ``path`` (``path`` itself excluded; the shallowest first),
+    else None. Symbolic links are not followed (``shutil.rmtree`` does not follow them either) and
+    unreadable directories are skipped; with ``max_dirs``, only that many directories are read."""
+    root = Path(path)
+    pending: deque[Path] = deque([root])
+    read = 0
+    while pending and (max_dirs is None or read < max_dirs):
+        current = pending.popleft()
+        read += 1
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.name == SITE_ID_FILE and current != root:
+                        return current
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append(Path(entry.path))
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return None
+
+
+#: Directories ``site init`` reads to name a site inside the (non-empty, refused anyway) directory
+#: it was given: enough for a project directory, without reading all of a home directory first.
+INIT_SEARCH_DIRS = 1000
+
+
+def check_not_nested(path: "Path | str", max_dirs: Optional[int] = INIT_SEARCH_DIRS) -> None:
+    """SiteError (one line naming the other site) when ``path`` is inside a Balsam site or holds one
+    (among its first ``max_dirs`` directories).
+
+    A site inside another's tree is deleted with it by ``balsam site rm`` (its agent left running,
+    which ``balsam site stop`` can no longer find), and the site lookup from a working directory
+    (the nearest ``.balsam-site`` above it) picks whichever is nearer."""
+    path = Path(path)
+    outer = enclosing_site(path)
+    if outer is not None:
+        raise SiteError(f"{path} is inside the Balsam site {site_label(outer)}: choose a directory outside any site")
+    if path.is_dir():
+        inner = site_below(path, max_dirs)
+        if inner is not None:
+            raise SiteError(f"{path} holds the Balsam site {site_label(inner)}: choose a directory holding no site")
+
+
 def init_site(
     site_path: "Path | str",
     name: str,
@@ -209,6 +280,7 @@ def init_site(
     from ..plugins.manager import get_plugin_manager
 
     path = Path(site_path).expanduser().resolve()
+    check_not_nested(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise SiteError(f"{path} already exists: choose a new directory for the site")
     pm = get_plugin_manager()
