@@ -356,8 +356,9 @@ class BulkStatusUpdater:
         state_timestamp: Optional[dt.datetime] = None,
         state_data: Optional[dict[str, Any]] = None,
         **fields: Any,
-    ) -> None:
-        """Queue one job update; ``state_timestamp`` defaults to now (the time of the change)."""
+    ) -> int:
+        """Queue one job update; ``state_timestamp`` defaults to now (the time of the change).
+        Returns its sequence number (see :meth:`done_through`)."""
         update: dict[str, Any] = {"id": int(job_id)}
         if state is not None:
             update["state"] = state.value if isinstance(state, JobState) else str(state)
@@ -367,7 +368,7 @@ class BulkStatusUpdater:
                 update["state_data"] = state_data
         if fields:
             update.update(fields)
-        self.put_update(update)
+        return self.put_update(update)
 
     def put_update(self, update: dict[str, Any], *, stamp_session: bool = True) -> int:
         """Queue an update already in wire form (``{"id": ..., "state": ...}``); returns its sequence

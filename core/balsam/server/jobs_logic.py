@@ -1749,8 +1749,8 @@ def delete_jobs(conn: sa.Connection, ids: list[int], *, refuse_leased: bool = Tr
     if locked:
         shown = ", ".join(str(i) for i in locked[:50]) + (f" (+{len(locked) - 50} more)" if len(locked) > 50 else "")
         raise Conflict(
-            f"{len(locked)} job(s) are leased by a running launcher session and were not deleted; nothing was "
-            f"deleted. Locked job ids: {shown}"
+            f"{len(locked)} job(s) are leased by a running session (a launcher or the site agent's processing) and "
+            f"were not deleted; nothing was deleted. Locked job ids: {shown}"
         )
     # Their waiting children (locked in id order on PostgreSQL), read before the cascade takes the
     # links; those deleted too are left out of the check.

@@ -44,6 +44,12 @@ a hook kills its worker (``os._exit``, a crash) or is ended at stop, the chunk's
 lost, but the jobs whose hooks completed keep their results; only the others run again (each
 alone, after a death), so no completed hook runs twice. Each cycle reads those files of the tasks
 still running: a completed hook's result is sent without waiting for the rest of its chunk.
+The files are in the site (``spool/hook-results/<agent>/``, one folder per agent, locked while it
+lives), and a file is deleted only once the server has its results: when the agent itself dies (a
+``kill -9``, a crash, the node lost), the next agent sends the results its hooks had recorded before
+it acquires a job (:meth:`ProcessingModule._recover_results`), under the dead agent's session, so
+those hooks do not run again either. A hook running at the agent's death has no result: it runs
+again under the next agent once the dead session expires (at least once, not exactly once).
 The worker (:func:`~balsam.site.hooks_runner.run_hooks`, one call per chunk, the file's one writer)
 also writes a line there as each hook starts, so the module knows which hook runs, in which worker,
 since when: a hook running longer than ``hook_timeout_sec`` has its worker killed and
@@ -57,13 +63,15 @@ tracker then exit by themselves (see :func:`_end_with_agent`).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import fcntl
 import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
-import tempfile
+import socket
 import threading
 import time
 from collections import deque
@@ -123,6 +131,14 @@ TIMEOUT_REASON_IDS_PER_GET = 500
 TIMEOUT_REASON_PAGES = 3
 #: ...with this many retries: the reason is worth one, not a cycle held through an API outage.
 TIMEOUT_REASON_RETRY_COUNT = 1
+#: The hook workers' results files go in ``<site spool>/HOOK_RESULTS_DIR/<agent>/``, beside
+#: ``<agent>.lock``, which the agent holds locked (``flock``) for its life: the kernel releases it
+#: when the agent dies, however it dies, and the next agent then sends what is left there.
+#: A sub-folder: the launchers' spool files are the ``*.jsonl`` at the top of the spool folder.
+HOOK_RESULTS_DIR = "hook-results"
+#: A results file's name: ``<task number>-s<session id>.jsonl``, the session that held its jobs.
+_RESULTS_NAME = re.compile(r"^\d+-s(\d+)\.jsonl$")
+_LOCK_SUFFIX = ".lock"
 
 
 #: The agent's end of the "agent alive" pipe, and the process it belongs to (see :func:`_agent_alive`).
@@ -264,7 +280,19 @@ class ProcessingModule(AgentModule):
         #: whose hooks completed keep their results; only the others run again.
         self.results_files: dict[cf.Future, Path] = {}
         self._results_dir: Optional[Path] = None
+        #: The lock of ``_results_dir`` (held while this module lives: see HOOK_RESULTS_DIR).
+        self._results_lock: Optional[int] = None
         self._results_count = itertools.count()
+        #: Results files whose results are all handed to the status updater, and (with the sequence
+        #: of the last of them) those waiting for the updater to have sent them: a file deleted
+        #: sooner loses its results if the agent dies first, and the next agent runs its hooks again.
+        self._spent_files: list[Path] = []
+        self._retiring: deque[tuple[int, Path]] = deque()
+        self._last_sequence = 0
+        #: The results folders of dead agents being replayed: (sequence of the last result, the
+        #: folder, its lock file, the lock's fd); deleted once the updater is through them.
+        self._recovering: list[tuple[int, Path, Path, int]] = []
+        self._recovered = False
         self.processed = 0
         #: When a cycle last acquired jobs (monotonic seconds; None: never).
         self._last_arrival: Optional[float] = None
@@ -383,7 +411,7 @@ class ProcessingModule(AgentModule):
                 # The server refuses a NUL or a lone surrogate (an exception's text, a job's output):
                 # a refused result leaves its job leased to this session, never processed again.
                 state_data = api_json(state_data)
-            updater.put(job_id, state, timestamp, state_data, **fields)
+            self._last_sequence = updater.put(job_id, state, timestamp, state_data, **fields)
         updater.send_soon()  # a cycle's results come together: nothing to wait for
         self.processed += len(updates)
 
@@ -441,7 +469,8 @@ class ProcessingModule(AgentModule):
                     self.logger.error("hook worker failed for jobs %s: %s", [j["id"] for j in jobs], exc)
                 updates.extend(_failed(j, f"the hook worker process died: {exc}") for j in jobs)
             finally:
-                _remove(results_file)
+                if results_file is not None:
+                    self._spent_files.append(results_file)  # deleted once its results are sent (_retire)
                 for job_id in chunk_ids:
                     self.timed_out.pop(job_id, None)
             self.alone.difference_update(j["id"] for j in jobs)  # settled: they have their update
@@ -516,10 +545,10 @@ class ProcessingModule(AgentModule):
         """Hand ``jobs`` (of one app) to a hook worker (``alone``: the isolation pool's), with a
         results file of their own."""
         if self._results_dir is None:
-            # Local to the agent's node (its workers run there): one small file per task, removed
-            # once the task's results are in.
-            self._results_dir = Path(tempfile.mkdtemp(prefix="balsam-hook-results-"))
-        results_file = self._results_dir / f"{next(self._results_count)}.jsonl"
+            self._results_dir = self._make_results_dir()
+        # The session that holds the jobs now, the one their results are sent under, also by the
+        # next agent when this one dies before sending them (_recover_results).
+        results_file = self._results_dir / f"{next(self._results_count)}-s{self.session_id}.jsonl"
         args = (run_hooks, info.record, jobs, info.python_app, str(self.data_path), self.tail_num_lines, str(results_file))
         pool = self._isolation_pool if alone else self._pool
         try:
@@ -542,7 +571,115 @@ class ProcessingModule(AgentModule):
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every result handed to the status updater has been sent."""
-        return self.updater.flush(timeout) if self.updater is not None else True
+        done = self.updater.flush(timeout) if self.updater is not None else True
+        self._retire()
+        return done
+
+    # -- results files across agents ---------------------------------------------------------------
+    @property
+    def hook_results_path(self) -> Path:
+        return self.spool_path / HOOK_RESULTS_DIR
+
+    def _make_results_dir(self) -> Path:
+        """This agent's results folder, its lock taken first (so that no other agent takes the
+        folder for a dead one's). In the site, not in /tmp: the next agent must find it (it may
+        run on another login node), and a dead agent's folder no longer stays behind in /tmp."""
+        parent = self.hook_results_path
+        parent.mkdir(parents=True, exist_ok=True)
+        path = parent / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        lock = os.open(_lock_of(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.mkdir()
+        except OSError:
+            os.close(lock)
+            raise
+        self._results_lock = lock
+        return path
+
+    def _retire(self) -> None:
+        """Delete the results files whose results the status updater has sent (or dropped)."""
+        if self.updater is None:
+            return
+        for path in self._spent_files:
+            self._retiring.append((self._last_sequence, path))
+        self._spent_files = []
+        while self._retiring and self.updater.done_through(self._retiring[0][0]):
+            _remove(self._retiring.popleft()[1])
+        for entry in [e for e in self._recovering if self.updater.done_through(e[0])]:
+            self._recovering.remove(entry)
+            _drop_results_dir(*entry[1:])
+
+    def _recover_results(self) -> None:
+        """Send the hook results that dead agents of this site recorded and did not send (their
+        results folders whose lock nobody holds), before this module acquires any job.
+
+        Each result goes under the session its file names, the dead agent's session that held the
+        job when its hook ran (the server takes it only from the job's holder). Why this is never
+        applied twice, nor over another session's work: the server checks ``jobs.session_id`` under
+        the job's row lock, in the same transaction that applies the update; a session's expiry
+        (which clears the holder of all its jobs), an acquire, a user's move (which ends the lease)
+        and any applied state change all change that column under the same lock; and session ids
+        are never reused (server/tables.py).
+        - The dead session still holds the job: nobody else moved it since (a move by anyone else
+          would have cleared the holder), so it is still in the state its hook ran for, and the
+          result is applied, once: its state change clears the holder, so any second copy (the
+          same folder sent again after this agent too dies before deleting it, the updater's
+          spool of it) is refused (409) and dropped.
+        - The dead session expired first (the next agent started late): the job was released and
+          maybe acquired by another session, ours included (this runs before our first acquire,
+          but the updater sends asynchronously): the holder is not the dead session, so the result
+          is refused and dropped, and the job's hook runs again under whoever holds it. That is the
+          at-least-once case, with the hook that was running at the death; nothing is applied on a
+          job another session holds.
+        A folder is deleted once the updater is through its results (:meth:`_retire`), keeping its
+        lock meanwhile: if this agent dies first, the next one sends them again (refused if applied).
+        One bulk PATCH per batch, as for every result."""
+        parent = self.hook_results_path
+        try:
+            locks = sorted(parent.glob(f"*{_LOCK_SUFFIX}"))
+        except OSError:
+            return
+        updater = self._updater()
+        for lock_path in locks:
+            folder = lock_path.parent / lock_path.name[: -len(_LOCK_SUFFIX)]
+            if folder == self._results_dir:
+                continue
+            try:
+                lock = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:  # deleted meanwhile
+                continue
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its agent lives (another agent of the site): its results are its own
+                os.close(lock)
+                continue
+            sequence, sessions = 0, set()
+            try:
+                paths = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+            except OSError as exc:  # left for the next agent; never a reason to hold this one's cycles
+                self.logger.warning("cannot read the hook results of a stopped agent in %s: %s", folder, exc)
+                os.close(lock)
+                continue
+            for path in paths:
+                match = _RESULTS_NAME.match(path.name)
+                if match is None:  # not a results file of a session: nothing to send it under
+                    self.logger.warning("%s: not a hook results file; ignored", path)
+                    continue
+                session_id = int(match.group(1))
+                # The completed hooks' updates (a start line has no "id"; a torn last line is skipped).
+                for record in _new_lines(path, _HookTask(None)):
+                    if type(record.get("id")) is int:
+                        update = api_json({**record, SESSION_KEY: session_id})
+                        sequence = updater.put_update(update, stamp_session=False)
+                        sessions.add(session_id)
+            if sequence:
+                self.logger.info("sending the results of hooks that completed under a stopped agent (%s, session %s)",
+                                 folder.name, ", ".join(map(str, sorted(sessions))))
+                updater.send_soon()
+                self._recovering.append((sequence, folder, lock_path, lock))
+            else:
+                _drop_results_dir(folder, lock_path, lock)
 
     def in_flight(self) -> int:
         """Jobs handed to the hook workers (in both pools), still without a result."""
@@ -592,6 +729,7 @@ class ProcessingModule(AgentModule):
             harvested = self._harvest()
             if harvested:
                 self._send(harvested)
+            self._retire()
             self._feed()
         return max(0.0, deadline - time.monotonic())
 
@@ -601,9 +739,14 @@ class ProcessingModule(AgentModule):
         assert self.spool is not None
         if self.spool.poll():
             self.logger.info("sending job updates that launchers spooled in %s", self.spool_path)
+        if not self._recovered:
+            # Before the first acquire: see _recover_results for why the order matters little.
+            self._recover_results()
+            self._recovered = True
         harvested = self._harvest()
         if harvested:
             self._send(harvested)
+        self._retire()
         # Workers freed since the last cycle. A feed that fails (an app record that cannot be
         # fetched, a pool that cannot start) holds back no other job: raised once the cycle is done.
         feed_error = self._feed_safely()
@@ -818,7 +961,6 @@ class ProcessingModule(AgentModule):
                 results_file = self.results_files.pop(future, None)
                 self.tasks.pop(future, None)
                 updates.extend(read_results(results_file, jobs).values())
-                _remove(results_file)
         updates += self._harvest()
         # Jobs of a dead worker to be run again alone, and the hook jobs still queued for a worker
         # (their hooks never started): released with the session below, run by the next agent.
@@ -830,13 +972,10 @@ class ProcessingModule(AgentModule):
         self.alone_queue = deque()
         if updates:
             self._send(updates)
-        if self._results_dir is not None:
-            shutil.rmtree(self._results_dir, ignore_errors=True)
-            self._results_dir = None
         # The results are sent before the session is released: a job released first could be taken
         # by another processing session and its hook run again.
         if self.updater is not None:
-            self.updater.close()  # sends what is queued (retrying for up to 30 s)
+            self.updater.close()  # sends what is queued (retrying for up to 30 s); spools the rest
             if self.updater.dropped_count:
                 # Mostly refusals, each logged when it came: a job a user moved while its hook ran
                 # (no longer held by our session), or a value the server does not take. ``dropped``
@@ -844,6 +983,16 @@ class ProcessingModule(AgentModule):
                 self.logger.warning("%d job updates were not applied (refused by the server, or never sent); the "
                                     "most recent: %s", self.updater.dropped_count, self.updater.dropped[-3:])
             self.updater = None
+        # Every result read from the results files is sent now, or in the site's spool (which the
+        # next agent sends): the files can go. (The results of a hook still running when its worker
+        # was ended are not in them: its job is released below and its hook runs again.)
+        if self._results_dir is not None:
+            _drop_results_dir(self._results_dir, _lock_of(self._results_dir), self._results_lock)
+            self._results_dir = self._results_lock = None
+        self._spent_files, self._retiring = [], deque()
+        for _, folder, lock_path, lock in self._recovering:
+            _drop_results_dir(folder, lock_path, lock)
+        self._recovering = []
         if self.lease is not None:
             self.lease.close()
             self.lease = None
@@ -867,6 +1016,26 @@ def _remove(path: Optional[Path]) -> None:
         try:
             path.unlink()
         except OSError:  # never written (no hook ran), or already gone
+            pass
+
+
+def _lock_of(results_dir: Path) -> Path:
+    """The lock file of an agent's results folder (beside it: a host name may hold dots)."""
+    return results_dir.parent / f"{results_dir.name}{_LOCK_SUFFIX}"
+
+
+def _drop_results_dir(folder: Path, lock_path: Path, lock: Optional[int]) -> None:
+    """Delete a results folder, then its lock file, then let go of the lock: unlinked while still
+    held, no other agent can open it and take the lock of a folder that is gone."""
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        lock_path.unlink(missing_ok=True)
+    except OSError:
+        pass
+    if lock is not None:
+        try:
+            os.close(lock)
+        except OSError:
             pass
 
 
