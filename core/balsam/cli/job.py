@@ -542,7 +542,8 @@ def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selecto
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
 def rm(ids: tuple, tags: tuple, states: tuple, excluded: tuple, delete_all: bool,
        site_selector: str, yes: bool) -> None:
-    """Delete jobs. Refused as a whole when any of them is leased by a running launcher."""
+    """Delete jobs. Refused as a whole when any of them is leased by a running session (a launcher or
+    the site agent's processing)."""
     from balsam.api import Job
 
     if not (ids or tags or states or excluded or delete_all or site_selector):
