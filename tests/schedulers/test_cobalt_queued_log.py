@@ -195,3 +195,18 @@ def test_a_queued_log_is_bounded_by_the_wall_time(make_site, client, monkeypatch
     record = batch_job(client, bj)
     assert record["state"] == "submit_failed"
     assert record["status_info"]["error"] == "scheduler job 498112 left the queue and has no history record"
+
+
+def test_a_queued_job_we_deleted_ends_before_its_log_says_so(make_site, client) -> None:
+    """qdel answered and qstat no longer lists the job, but its .cobaltlog holds only qsub's
+    "submitted" line (cqm's delete line not written or not visible yet: file-system lag). Before:
+    the queued record kept the pending_deletion BatchJob for its wall time + ACTIVE_RECORD_GRACE_MIN.
+    Now a job we deleted ourselves with a waiting, never-started record ends at once."""
+    site, module = make_module(make_site, client, ReplayRunner({"qstat": EMPTY, "nodelist": EMPTY}))
+    bj = queued_batch_job(client, site.site_id, 498113, wall_time_min=60)
+    module.script_path(bj).with_suffix(".cobaltlog").write_text(queued_log(498113))
+    client.patch("/batch-jobs/", json=[{"id": bj, "state": "pending_deletion"}])
+    module.run_cycle()
+    record = batch_job(client, bj)
+    assert record["state"] == "finished", record
+    assert "error" not in record["status_info"], record

@@ -69,7 +69,7 @@ def embedded() -> Iterator[Embedded]:
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io:{port}", "LOCALHOST.evil",
-                                  "0.0.0.0:{port}", "[::2]:{port}"])
+                                  "0.0.0.0:{port}", "[::2]:{port}", "localhost..:{port}", "localhost.localdomain.evil"])
 def test_the_loopback_port_refuses_another_host(embedded, host):
     host = host.format(port=embedded.port)
     for method, path, kwargs in [("GET", "/", {}), ("POST", "/auth/password/login", {"data": {"username": "u",
@@ -81,7 +81,10 @@ def test_the_loopback_port_refuses_another_host(embedded, host):
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LocalHost", "[::1]:{port}",
-                                  "127.0.0.1", "localhost:9999", "127.0.0.2:{port}"])
+                                  "127.0.0.1", "localhost:9999", "127.0.0.2:{port}",
+                                  # The client's loopback names too, and a fully qualified name's dot.
+                                  "localhost.:{port}", "localhost.", "localhost.localdomain:{port}",
+                                  "ip6-localhost:{port}", "LOCALHOST.LOCALDOMAIN."])
 def test_the_loopback_port_answers_its_own_names_with_any_port(embedded, host):
     host = host.format(port=embedded.port)
     resp = httpx.get(embedded.url + "/", headers={"Host": host}, timeout=10)

@@ -265,3 +265,80 @@ def test_the_task_label_counts_files_and_directories(tmp_path: Path, recursive: 
     # The direction is still read back from the label (and from the labels of earlier versions).
     assert LABEL_DIRECTION.search(sent).group(1) == "in"
     assert LABEL_DIRECTION.search("balsam stage-out (7 files)").group(1) == "out"
+
+
+def test_a_429_on_the_lookup_of_an_unlisted_task_holds_the_backend_off(tmp_path: Path) -> None:
+    """GET /task/<id> of a task the list left out answers 429 Retry-After: 120. Before: the task
+    read "active" (will retry) and the next ids were asked at once; the agent never held the
+    backend off. Now the poll raises the TransferError with its retry_after_sec; the other
+    unlisted task is not asked."""
+    task_list()
+    limited = responses.add(responses.GET, f"{TRANSFER}/task/t-1", status=429, headers={"Retry-After": "120"},
+                            json={"code": "RateLimited", "message": "slow down", "request_id": "r"})
+    other = responses.add(responses.GET, f"{TRANSFER}/task/t-2", json={**BASE, "task_id": "t-2", "status": "ACTIVE"})
+    with pytest.raises(TransferError) as err:
+        make_backend(tmp_path).poll(["t-1", "t-2"])
+    assert err.value.retryable and err.value.retry_after_sec == 120
+    assert limited.call_count >= 1 and other.call_count == 0
+    # A 429 without Retry-After also stops the poll (no hold: asked again next cycle).
+    responses.replace(responses.GET, f"{TRANSFER}/task/t-1", status=429, json={"code": "RateLimited", "request_id": "r"})
+    with pytest.raises(TransferError) as err:
+        make_backend(tmp_path).poll(["t-1", "t-2"])
+    assert err.value.retry_after_sec is None and other.call_count == 0
+
+
+def test_the_module_holds_off_a_backend_rate_limited_on_an_unlisted_task(tmp_path: Path) -> None:
+    api, module, clock = globus_site(tmp_path)
+    responses.add(responses.POST, f"{TRANSFER}/transfer", json=OK_SUBMIT)
+    module.run_cycle()
+    assert api.items[1]["state"] == "active"
+    responses.calls.reset()
+    task_list()
+    responses.add(responses.GET, f"{TRANSFER}/task/{TASK_ID}", status=429, headers={"Retry-After": "120"},
+                  json={"code": "RateLimited", "message": "slow down", "request_id": "r"})
+    for cycle in range(1, 20):  # 95 s of 5 s cycles: one poll, then nothing until the 120 s pass
+        clock[0] = T0 + dt.timedelta(seconds=5 * cycle)
+        module.run_cycle()
+    assert paths().count(f"/v0.10/task/{TASK_ID}") == 1, paths()
+    assert paths().count("/v0.10/task_list") == 1
+    assert api.items[1]["state"] == "active" and api.items[1]["task_id"] == f"globus:{TASK_ID}"
+
+
+def test_a_task_past_its_deadline_during_a_hold_says_so_and_is_cancelled_once_it_lifts(tmp_path: Path, caplog) -> None:
+    """task_timeout_sec 60; a 429 Retry-After: 120 at 5 s holds the backend until 125 s. Past 60 s
+    the task is not ended during the hold (its cancel is a request the service asked not to get;
+    uncancelled, its files would go a second time beside it): a warning says once that it is
+    cancelled when the hold lifts. Before: nothing said so. At 126 s it is
+    cancelled and its file fails a try."""
+    api, module, clock = globus_site(tmp_path, task_timeout_sec=60)
+    responses.add(responses.POST, f"{TRANSFER}/transfer", json=OK_SUBMIT)
+    module.run_cycle()
+    assert api.items[1]["state"] == "active"
+    responses.calls.reset()
+    responses.add(responses.GET, f"{TRANSFER}/task_list", status=429, headers={"Retry-After": "120"},
+                  json={"code": "RateLimited", "message": "slow down", "request_id": "r"})
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        for cycle in range(1, 25):  # 5 s cycles to 120 s
+            clock[0] = T0 + dt.timedelta(seconds=5 * cycle)
+            module.run_cycle()
+    assert paths() == ["/v0.10/task_list"]  # no cancel during the hold
+    item = api.items[1]
+    assert (item["state"], item["task_id"]) == ("active", f"globus:{TASK_ID}")
+    assert "attempts" not in item["transfer_info"]
+    assert "HTTP 429" in item["transfer_info"]["reason"], item  # the failed poll's reason stays
+    said = [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and "ran past transfers.task_timeout_sec" in r.getMessage()]
+    assert len(said) == 1 and "it is cancelled once its backend may be called again" in said[0], said
+
+    running = {"DATA": [{**BASE, "task_id": TASK_ID, "status": "ACTIVE", "nice_status": "OK"}], "DATA_TYPE": "task_list",
+               "length": 1, "limit": 1000, "offset": 0, "total": 1}
+    responses.replace(responses.GET, f"{TRANSFER}/task_list", json=running)
+    responses.add(responses.POST, f"{TRANSFER}/task/{TASK_ID}/cancel",
+                  json={"DATA_TYPE": "result", "code": "Canceled", "message": "The task has been cancelled.",
+                        "request_id": "r", "resource": f"/task/{TASK_ID}/cancel"})
+    clock[0] = T0 + dt.timedelta(seconds=126)
+    module.run_cycle()
+    assert f"/v0.10/task/{TASK_ID}/cancel" in paths()
+    item = api.items[1]
+    assert item["state"] == "pending" and item["transfer_info"]["attempts"] == 1, item
+    assert "did not finish within 60 s (transfers.task_timeout_sec); cancelled" in item["transfer_info"]["error"]

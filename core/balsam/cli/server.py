@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import click
 
+from balsam.netnames import url_host
+
 DEFAULT_PORT = 8765
 DEFAULT_HOST = "127.0.0.1"
 
@@ -374,8 +376,10 @@ def _start_locked(paths: dict[str, Path], host: str, port: int, timeout: float, 
     previous = _info().get("api_root")
     tcp_url = None
     if port:
-        connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        tcp_url = f"http://{connect_host}:{port}"
+        # A wildcard address is reached on its family's loopback; an IPv6 literal is bracketed
+        # (http://::1:8765 is no URL: httpx.InvalidURL escaped as a traceback).
+        connect_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        tcp_url = f"http://{url_host(connect_host)}:{port}"
         if _answers(tcp_url):
             raise click.ClickException(f"something else already answers at {tcp_url}; choose another --port (or --port 0)")
 
@@ -458,15 +462,14 @@ def _database_problem(url: str, exc: BaseException, verb: str = "upgrade") -> st
     import sqlalchemy as sa
     from alembic.util import CommandError
 
-    from balsam.server.migrate import head_revision
+    from balsam.server.migrate import head_revision, unknown_revision_problem
 
     parsed = sa.engine.make_url(url)
     where = parsed.database if parsed.get_backend_name() == "sqlite" and parsed.database else _safe_url(url)
     if isinstance(exc, CommandError):
-        newer = _unknown_revision(url)
-        if newer is not None:
-            return (f"cannot {verb} {where}: it was written by a newer balsam (revision {newer}; this one knows up "
-                    f"to {head_revision()}): upgrade balsam")
+        unknown = _unknown_revision(url)
+        if unknown is not None:
+            return f"cannot {verb} {where}: it is {unknown_revision_problem(unknown, head_revision())}"
         cause = str(exc)
     elif isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
         cause = str(exc.orig)
@@ -734,6 +737,7 @@ def _status() -> bool:
     import sqlalchemy as sa
 
     from balsam.server.db import create_db_engine
+    from balsam.server.migrate import schema_problem
     from balsam.server.tables import jobs, sites, users
     from balsam.util import process_start_time
 
@@ -763,6 +767,14 @@ def _status() -> bool:
         click.echo("  (no database yet)")
         return healthy
     engine = create_db_engine(database_url)
+    try:
+        # A server refuses a database at another revision (its start says why, once): say it here too,
+        # or the counts below look like a database it could serve.
+        problem = schema_problem(engine)
+    except sa.exc.SQLAlchemyError:
+        problem = None  # the counts below say why the database cannot be read
+    if problem is not None:
+        click.echo(f"  schema:   the database {problem}")
     try:
         with engine.connect() as conn:
             n_users = conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one()

@@ -21,7 +21,6 @@ none: a Python ``run()`` job) never uses them.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import stat
@@ -29,13 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlparse
 
+from balsam.netnames import LOOPBACK_NAMES, is_loopback_host  # noqa: F401 - this module's names too
+
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
 
 UNIX_SCHEME = "unix://"
 #: The Host header sent over the Unix socket.
 UNIX_BASE_URL = "http://balsam.local"
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
 class TransportRefused(RuntimeError):
@@ -48,16 +48,6 @@ def is_unix(api_root: str) -> bool:
 
 def unix_socket_path(api_root: str) -> Path:
     return Path(api_root[len(UNIX_SCHEME):])
-
-
-def is_loopback_host(host: str) -> bool:
-    host = (host or "").strip("[]").lower()
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_private_socket(path: Path) -> None:

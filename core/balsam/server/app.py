@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any, AsyncIterator
 
 import sqlalchemy as sa
 from starlette.applications import Starlette
@@ -23,11 +23,11 @@ from starlette.responses import Response
 
 import balsam
 
+from .access_guard import ACCESS_LOG_REDACTION
 from .acquire_notify import WakeBridge, supports_notify
 from .acquire_waits import AcquireWaits
 from .auth import CredentialCache, LoginThrottle
 from .db import create_db_engine, write_tx
-from .embedded import ACCESS_LOG_REDACTION, is_loopback_host
 from .errors import APIError, Conflict
 from .http import JSONResponse, error_response
 from .routes import apps, auth, batch_jobs, events, jobs, sessions, sites, transfers
@@ -268,49 +268,6 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
     app.state.login_throttle = LoginThrottle(settings.max_failures_per_user, settings.max_failures_per_address,
                                              settings.failure_window_sec)
     return app
-
-
-ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-                   Awaitable[None]]
-
-
-def _host_name(host: str) -> str:
-    """The name of a ``Host`` header, without its port, lower-cased (``[::1]:8765`` -> ``[::1]``)."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host.partition("]")[0] + "]"
-    return host.partition(":")[0]
-
-
-def loopback_hosts_only(app: ASGIApp) -> ASGIApp:
-    """``app``, answering a request that reached a TCP port with a ``Host`` other than
-    ``localhost`` or a loopback address (``127.0.0.1``, ``[::1]``, any of 127.0.0.0/8; with any
-    port) 421 (Misdirected Request), in one line. For a server whose TCP port listens on a loopback
-    address only (the embedded server's default): those are the names a browser of this machine
-    (or at the end of an SSH tunnel) uses for it. Any other name is a web page whose domain was
-    made to resolve to 127.0.0.1 (DNS rebinding), which would otherwise reach the unauthenticated
-    login routes from the user's browser. Requests on the Unix socket (the ASGI ``server`` has no
-    port there) and those without a ``Host`` (HTTP/1.0 clients; browsers always send one) are let
-    through."""
-
-    async def guarded(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
-                      send: Callable[[Any], Awaitable[None]]) -> None:
-        server = scope.get("server")
-        if scope["type"] == "http" and server is not None and server[1] is not None:
-            raw = next((value for name, value in scope["headers"] if name == b"host"), None)
-            host = raw.decode("latin-1") if raw is not None else None
-            if host is not None and not is_loopback_host(_host_name(host)):
-                response = JSONResponse({"detail": (
-                    f"Host {host!r} is not a name of this server: its port listens on the loopback "
-                    f"address only and answers requests for localhost or a loopback address such as "
-                    f"127.0.0.1 or [::1] (e.g. http://127.0.0.1:{server[1]}/), not for another site's name "
-                    f"(DNS rebinding)")},
-                    status_code=421)
-                await response(scope, receive, send)
-                return
-        await app(scope, receive, send)
-
-    return guarded
 
 
 #: uvicorn's exit status for an app that cannot start (uvicorn.config.STARTUP_FAILURE).

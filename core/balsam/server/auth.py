@@ -241,6 +241,13 @@ class CredentialCache:
         self._valid_until: dict[int, float] = {}
         self._lock = threading.Lock()
 
+    def fresh(self, user: AuthUser) -> bool:
+        """Whether :meth:`check` would pass from memory alone (no database read): one dict lookup,
+        safe on the event loop. A revocation by this process has already removed the entry
+        (:meth:`forget`); one by another process is seen within ``ttl_sec``, as by :meth:`check`."""
+        cid = user.credential_id
+        return cid is not None and self._valid_until.get(cid, 0.0) > self._clock()
+
     def check(self, conn_factory: Callable[[], Any], user: AuthUser) -> None:
         cid = user.credential_id
         if cid is None:

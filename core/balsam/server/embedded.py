@@ -13,10 +13,10 @@ With ``--log-file`` the server logs there (uvicorn's error and access logs and b
 at ``$BALSAM_SERVER_LOG_MAX_BYTES`` (10 MiB; 3 old files kept), every line capped at
 :data:`MAX_LOG_LINE_CHARS`: an access line carries the whole query string, 50 KB for a request
 naming 5,000 job ids. The query of the dashboard's one-time login link is not logged
-(:class:`AccessLogRedaction`, installed by every app: see ``create_app``).
+(``AccessLogRedaction`` in access_guard.py, installed by every app: see ``create_app``).
 
 When the TCP port is on a loopback address (the default), the app answers only requests whose
-``Host`` is ``localhost`` or a loopback address (``loopback_hosts_only`` in app.py): a web
+``Host`` is a loopback name or address (``loopback_hosts_only`` in access_guard.py): a web
 page of another site that has its name resolve to 127.0.0.1 (DNS rebinding) cannot reach the
 login routes. The Unix socket is not concerned.
 """
@@ -27,18 +27,17 @@ import argparse
 import errno
 import fcntl
 import hashlib
-import ipaddress
 import logging
 import os
-import re
 import socket
 import stat
 import sys
 import tempfile
 from pathlib import Path
-from urllib.parse import unquote
 
+from ..netnames import is_loopback_host
 from ..util import try_exclusive_flock
+from .access_guard import loopback_hosts_only
 
 #: sockaddr_un.sun_path holds 108 bytes on Linux.
 MAX_SOCKET_PATH = 100
@@ -70,55 +69,6 @@ class CappedFormatter(logging.Formatter):
         if len(text) <= self.max_chars:
             return text
         return f"{text[: self.max_chars]}... [{len(text) - self.max_chars} more characters]"
-
-
-#: A request target with a query string, as uvicorn's access line writes it (raw path, ``"`` as %22).
-_TARGET_WITH_QUERY = re.compile(r'(/[^\s?"]*)\?([^\s"]*)')
-#: The last path segment of the dashboard's one-time login link (``/dashboard/ticket?t=<ticket>``).
-_SECRET_QUERY_SEGMENT = "ticket"
-
-
-def redact_request_targets(text: str) -> str:
-    """``text`` with the query values of one-time login links replaced by ``[redacted]``: whoever
-    reads the log within the ticket's two minutes could log in with one not yet redeemed. The
-    path is compared decoded (``/dashboard/%74icket`` is routed as ``/dashboard/ticket``), and
-    every value goes, whatever its (possibly encoded) name."""
-
-    def redact(match: "re.Match[str]") -> str:
-        path, query = match.group(1), match.group(2)
-        if unquote(path).rstrip("/").rsplit("/", 1)[-1] != _SECRET_QUERY_SEGMENT:
-            return match.group(0)
-        parts = (part.split("=", 1)[0] + "=[redacted]" if "=" in part else "[redacted]" if part else part
-                 for part in query.split("&"))
-        return f"{path}?{'&'.join(parts)}"
-
-    return _TARGET_WITH_QUERY.sub(redact, text) if "?" in text else text
-
-
-class AccessLogRedaction(logging.Filter):
-    """Keeps secrets of request targets out of uvicorn's access log (``redact_request_targets``);
-    the record's arguments keep their number and order (uvicorn's access formatter unpacks them)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact_request_targets(a) if isinstance(a, str) else a for a in record.args)
-        elif not record.args and isinstance(record.msg, str):
-            record.msg = redact_request_targets(record.msg)
-        return True
-
-
-#: The one instance (``Logger.addFilter`` adds an instance once, however many apps are created).
-ACCESS_LOG_REDACTION = AccessLogRedaction()
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether a listening address (``--host``) is a loopback one: 127.0.0.0/8, ::1, localhost."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def log_max_bytes_from_env() -> int:
@@ -235,7 +185,8 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 def main(argv: "list[str] | None" = None) -> None:
     import uvicorn
 
-    from .app import create_app_from_env, loopback_hosts_only
+    # Here: the CLI imports this module for its helpers, and the app loads starlette and sqlalchemy.
+    from .app import create_app_from_env
     from .settings import uvicorn_proxy_options
 
     parser = argparse.ArgumentParser(prog="python -m balsam.server.embedded", description=__doc__)

@@ -25,7 +25,9 @@ section is enabled (entry-point group ``balsam.agent_modules``), and runs each m
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import logging
 import math
 import os
@@ -495,7 +497,12 @@ class Agent:
                 if not os.read(read_fd, 1):
                     os.close(read_fd)
                     return
-            except OSError:
+            except OSError as exc:
+                # Ours to close, but for EBADF: closed already, and its number may be another
+                # file's by now.
+                if exc.errno != errno.EBADF:
+                    with contextlib.suppress(OSError):
+                        os.close(read_fd)
                 return
             signum = self.signal_received
             name = signal.Signals(signum).name if signum is not None else "a signal"
@@ -715,8 +722,11 @@ class Agent:
             self.shutdown("error")
             raise
         finally:
-            self._remove_signal_handlers()
+            # The pid file first: a SIGTERM between the two still reaches our handler (a stop
+            # already under way), not the default one, which would end the process and leave
+            # the pid file behind.
             remove_pid_file(self.site_path)
+            self._remove_signal_handlers()
         return 0
 
 

@@ -823,7 +823,8 @@ class GlobusTransfer(TransferBackend):
         the tasks of the identity that submitted them, so a login with another identity (or a linked
         one, a new session) hides a task that still runs. Gone for Globus (404): ``unknown``. Not
         readable (403: another identity's; an error): ``active`` with the reason, the agent's
-        deadline ending it if it stays so."""
+        deadline ending it if it stays so. Rate limited (429, or an error with a Retry-After): the
+        TransferError is raised, with its ``retry_after_sec``, so the agent holds the backend off."""
         try:
             doc = client.get_task(task_id)
         except globus_sdk.GlobusAPIError as exc:
@@ -835,10 +836,18 @@ class GlobusTransfer(TransferBackend):
                 return TaskStatus(TaskState.active, reason=one_line(
                     f"Globus task {task_id} is not visible to the logged-in identity (logged in as another "
                     f"identity?): run `{self._command()}` with the identity that submitted it"))
-            return self._unreadable(task_id, self._error(exc))
+            problem = self._error(exc)
+            if exc.http_status == 429 or problem.retry_after_sec:
+                # The whole poll fails with it: the agent holds the backend off for its Retry-After
+                # instead of this task reading "active" while the next ids are asked at once.
+                raise problem from None
+            return self._unreadable(task_id, problem)
         except Exception as exc:  # noqa: BLE001 - network: this task only, read again next cycle
             logger.debug("globus: cannot read task %s left out of the task list", task_id, exc_info=True)
-            return self._unreadable(task_id, exc if isinstance(exc, TransferError) else self._error(exc))
+            problem = exc if isinstance(exc, TransferError) else self._error(exc)
+            if problem.retry_after_sec:
+                raise problem from None  # as above: the agent's hold, not "active"
+            return self._unreadable(task_id, problem)
         return self._settled_status(client, doc.data if hasattr(doc, "data") else doc)
 
     @staticmethod
@@ -862,6 +871,10 @@ class GlobusTransfer(TransferBackend):
             status = self._status(client, doc)
         except Exception as exc:  # noqa: BLE001 - this task's outcome only; the poll goes on
             problem = exc if isinstance(exc, TransferError) else self._error(exc)
+            if problem.retry_after_sec or getattr(exc, "http_status", None) == 429:
+                # Rate limited: the poll fails with it so the agent holds the backend off (see
+                # _unlisted_status); the task is read again once the hold lifts.
+                raise problem from None
             logger.debug("globus: cannot read the outcome of task %s", task_id, exc_info=True)
             return TaskStatus(TaskState.active, info={"globus_status": doc.get("status")},
                               reason=one_line(f"Globus task {task_id} ended ({doc.get('status')}) but its outcome "

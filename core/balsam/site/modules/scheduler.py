@@ -661,6 +661,12 @@ class SchedulerModule(AgentModule):
             self._history_unknown_note(batch_job, update)
             return
         history: Optional[JobHistory] = self._histories.get(scheduler_id)
+        if (deleting and history is not None and history.state == BatchJobState.queued
+                and history.start_time is None):
+            # A waiting record of a job we deleted ourselves (a log whose delete line is not
+            # written or not visible yet: file-system lag) says nothing the deletion did not: it
+            # is read as no record, so the job ends now instead of after its wall time + grace.
+            history = None
         if history is not None and history.state in STILL_ACTIVE:
             if self._still_active(batch_job, history, update):
                 return

@@ -885,6 +885,7 @@ class TransfersModule(AgentModule):
                 # backend's call): the tasks stay in flight as they were; the next poll after it says more.
                 self.logger.debug("%s: not polling its %d tasks this cycle", held, len(task_ids))
                 running += len(task_ids)
+                self._note_deadline_in_hold(task_ids, by_task, held, updates, now)
                 continue
             backend: Optional[TransferBackend] = None
             try:
@@ -926,6 +927,28 @@ class TransfersModule(AgentModule):
                     self._said.pop(f"task:{tid}", None)
                 self._apply_status(tid, status, by_task[tid], updates, now)
         return running
+
+    def _note_deadline_in_hold(self, task_ids: list[str], by_task: dict[str, list[dict]], held: str,
+                               updates: dict[int, dict[str, Any]], now: dt.datetime) -> None:
+        """The tasks of a held backend past ``task_timeout_sec`` say so on their items; they are not
+        ended. Ending one needs its cancel, a request the service asked not to get yet, and its
+        items must not go back to pending uncancelled: the task may still be writing into the jobs'
+        workdirs, and their files would then be sent a second time beside it. The first poll after
+        the hold (a hold lasts at most its Retry-After) cancels them (:meth:`_check_deadline`)."""
+        limit = self.options.task_timeout_sec
+        for tid in task_ids:
+            start = self._clock_start(TaskStatus(TaskState.active), by_task[tid], now, False, task_id=tid,
+                                      remembered=self._task_started)
+            if start is None or (now - start).total_seconds() <= limit:
+                continue
+            self._warn_once(f"task:{tid}", f"deadline in hold: {held}", "transfer task %s ran past "
+                            "transfers.task_timeout_sec (%.0f s); it is cancelled once its backend may be called "
+                            "again: %s", tid, limit, held)
+            for item in by_task[tid]:
+                # The hold is why it is not ended yet, shown where no reason is (a reason the
+                # backend gave stays: its cancel's error names it as why it was not moving).
+                if not (item.get("transfer_info") or {}).get("reason"):
+                    self._wait(item, held, updates)
 
     def _check_deadline(self, backend: Optional[TransferBackend], task_id: str, status: TaskStatus, items: list[dict],
                         now: dt.datetime, *, reported: bool = True) -> TaskStatus:

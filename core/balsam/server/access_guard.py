@@ -1,0 +1,98 @@
+"""What guards the server's doors before the app: the access log's redaction of one-time login
+links (installed by every app, see ``create_app``) and the embedded server's loopback-only
+``Host`` check (against DNS rebinding). Standard library only, so that app.py and embedded.py
+import it at once (the CLI imports embedded.py for its helpers; it need not load starlette)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any, Awaitable, Callable, MutableMapping
+from urllib.parse import unquote
+
+from balsam.netnames import is_loopback_host
+
+#: A request target with a query string, as uvicorn's access line writes it (raw path, ``"`` as %22).
+_TARGET_WITH_QUERY = re.compile(r'(/[^\s?"]*)\?([^\s"]*)')
+#: The last path segment of the dashboard's one-time login link (``/dashboard/ticket?t=<ticket>``).
+_SECRET_QUERY_SEGMENT = "ticket"
+
+
+def redact_request_targets(text: str) -> str:
+    """``text`` with the query values of one-time login links replaced by ``[redacted]``: whoever
+    reads the log within the ticket's two minutes could log in with one not yet redeemed. The
+    path is compared decoded (``/dashboard/%74icket`` is routed as ``/dashboard/ticket``), and
+    every value goes, whatever its (possibly encoded) name."""
+
+    def redact(match: "re.Match[str]") -> str:
+        path, query = match.group(1), match.group(2)
+        if unquote(path).rstrip("/").rsplit("/", 1)[-1] != _SECRET_QUERY_SEGMENT:
+            return match.group(0)
+        parts = (part.split("=", 1)[0] + "=[redacted]" if "=" in part else "[redacted]" if part else part
+                 for part in query.split("&"))
+        return f"{path}?{'&'.join(parts)}"
+
+    return _TARGET_WITH_QUERY.sub(redact, text) if "?" in text else text
+
+
+class AccessLogRedaction(logging.Filter):
+    """Keeps secrets of request targets out of uvicorn's access log (``redact_request_targets``);
+    the record's arguments keep their number and order (uvicorn's access formatter unpacks them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_request_targets(a) if isinstance(a, str) else a for a in record.args)
+        elif not record.args and isinstance(record.msg, str):
+            record.msg = redact_request_targets(record.msg)
+        return True
+
+
+#: The one instance (``Logger.addFilter`` adds an instance once, however many apps are created).
+ACCESS_LOG_REDACTION = AccessLogRedaction()
+
+
+ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+                   Awaitable[None]]
+
+
+def _host_name(host: str) -> str:
+    """The name of a ``Host`` header, without its port, lower-cased (``[::1]:8765`` -> ``[::1]``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0]
+
+
+def loopback_hosts_only(app: ASGIApp) -> ASGIApp:
+    """``app``, answering a request that reached a TCP port with a ``Host`` other than a loopback
+    name (``localhost``, ``localhost.localdomain``, ``ip6-localhost``; with or without a trailing
+    dot) or a loopback address (``127.0.0.1``, ``[::1]``, any of 127.0.0.0/8; with any port) 421
+    (Misdirected Request), in one line. For a server whose TCP port listens on a loopback address
+    only (the embedded server's default): those are the names a browser of this machine (or at the
+    end of an SSH tunnel) uses for it. Any other name is a web page whose domain was made to
+    resolve to 127.0.0.1 (DNS rebinding), which would otherwise reach the unauthenticated login
+    routes from the user's browser. Requests on the Unix socket (the ASGI ``server`` has no port
+    there) and those without a ``Host`` (HTTP/1.0 clients; browsers always send one) are let
+    through."""
+
+    async def guarded(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
+                      send: Callable[[Any], Awaitable[None]]) -> None:
+        server = scope.get("server")
+        if scope["type"] == "http" and server is not None and server[1] is not None:
+            raw = next((value for name, value in scope["headers"] if name == b"host"), None)
+            host = raw.decode("latin-1") if raw is not None else None
+            if host is not None and not is_loopback_host(_host_name(host)):
+                body = json.dumps({"detail": (
+                    f"Host {host!r} is not a name of this server: its port listens on the loopback "
+                    f"address only and answers requests for localhost or a loopback address such as "
+                    f"127.0.0.1 or [::1] (e.g. http://127.0.0.1:{server[1]}/), not for another site's name "
+                    f"(DNS rebinding)")}, separators=(",", ":"), ensure_ascii=False).encode()
+                await send({"type": "http.response.start", "status": 421,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return guarded
