@@ -135,6 +135,20 @@ def is_refusal(exc: BaseException) -> bool:
     return status is not None and 400 <= status < 500 and status not in _TRANSIENT_4XX
 
 
+def refuses_session_key(exc: BaseException) -> bool:
+    """A 422 saying ``session_id`` is an unknown field: a server older than leases (before
+    December 2026) refuses every update that carries it, whatever else the update says."""
+    if http_status(exc) != 422:
+        return False
+    detail = getattr(exc, "detail", None)
+    if isinstance(detail, list) and detail:
+        return any(isinstance(entry, dict) and isinstance(entry.get("loc"), list) and entry["loc"]
+                   and entry["loc"][-1] == SESSION_KEY and "unknown field" in str(entry.get("msg", ""))
+                   for entry in detail)
+    said = str(exc)
+    return f"{SESSION_KEY}: unknown field" in said
+
+
 def _record_id(item: Any) -> Any:
     return item.get("id") if isinstance(item, dict) else None
 
@@ -292,6 +306,9 @@ class BulkStatusUpdater:
         self._client = client
         self._on_refused = on_refused
         self._session: "int | Callable[[], Optional[int]] | None" = session_id
+        #: False once the server refused ``session_id`` as an unknown field (it is older than
+        #: leases): updates then go without it, as they did before (no stale-result check there).
+        self.sends_session = True
         self._send_fn = send
         self.max_batch = max_batch
         self.max_wait_sec = max_wait_sec
@@ -344,7 +361,7 @@ class BulkStatusUpdater:
 
     def _stamped(self, update: dict[str, Any]) -> dict[str, Any]:
         """``update`` with this updater's session (a copy), unless it has one or there is none."""
-        if self._session is None or SESSION_KEY in update:
+        if self._session is None or SESSION_KEY in update or not self.sends_session:
             return update
         session_id = self.session_id
         return update if session_id is None else {**update, SESSION_KEY: session_id}
@@ -557,6 +574,15 @@ class BulkStatusUpdater:
                 self._failing_since = None
                 return
             except Exception as exc:
+                if self.sends_session and refuses_session_key(exc) and any(SESSION_KEY in u for u in chunk):
+                    # Every update would be refused for ever (jobs left leased, hook results lost):
+                    # send them as an older client did. A new key: the body is not the same.
+                    self.sends_session = False
+                    logger.warning("%s: the server is older than this client and does not know job leases (%s): "
+                                   "sending updates without session_id, so it cannot refuse a stale one "
+                                   "(upgrade the server)", self.name, excerpt(str(exc)))
+                    key = uuid.uuid4().hex
+                    continue
                 if is_refusal(exc):
                     raise
                 if getattr(exc, "credential_refused", False):
@@ -575,6 +601,8 @@ class BulkStatusUpdater:
 
     def _patch(self, chunk: list[dict[str, Any]], key: Optional[str] = None) -> None:
         self.calls += 1
+        if not self.sends_session:
+            chunk = [{k: v for k, v in u.items() if k != SESSION_KEY} if SESSION_KEY in u else u for u in chunk]
         if self._send_fn is not None:
             self._send_fn(chunk)
             return
