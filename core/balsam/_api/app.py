@@ -11,6 +11,7 @@ Loading apps serialized by Balsam 0.7 clients needs the names ``ApplicationDefin
 
 from __future__ import annotations
 
+import base64
 import enum
 import functools
 import inspect
@@ -641,14 +642,18 @@ def python_runner_command(app_cls: type[ApplicationDefinition], job: "Job") -> s
 
     ``<python_exe> -m balsam._api.python_runner <app_id> <n_app_chunks> <app chunks...> <job chunks...>``
     (chunks of 128,000 characters, shell-quoted) so no file needs to be shared with the node.
+    The job chunks are the base64 of its JSON: plain words, which the launchers exec as they are
+    (:func:`balsam.launcher.app_run.direct_argv`). The JSON's braces and quotes made the line go
+    through ``bash -c`` as ONE argument, which Linux caps at 128 KiB (MAX_ARG_STRLEN): a job with
+    a parameter of ~100,000 characters never started ("Argument list too long").
     """
     app_id = codec.app_id_of(app_cls)
     if app_id is None:
         raise ValueError(f"{app_cls.__name__} has no app id: load it from the API or sync() it")
     payload = app_cls._serialized_class or _serialize_class(app_cls)
     app_chunks = _chunk(payload, app_cls.ARG_CHUNK_SIZE)
-    job_json = json.dumps(_job_json(job))
-    job_chunks = _chunk(job_json, app_cls.ARG_CHUNK_SIZE)
+    job_text = base64.b64encode(json.dumps(_job_json(job)).encode("ascii")).decode("ascii")
+    job_chunks = _chunk(job_text, app_cls.ARG_CHUNK_SIZE)
     args = [str(app_id), str(len(app_chunks)), *app_chunks, *job_chunks]
     return f"{shlex.quote(app_cls.python_exe)} -m {RUNNER_MODULE} " + " ".join(shlex.quote(a) for a in args)
 
@@ -656,7 +661,12 @@ def python_runner_command(app_cls: type[ApplicationDefinition], job: "Job") -> s
 def _job_json(job: "Job") -> dict[str, Any]:
     from balsam.serialization import converter
 
-    return converter.unstructure(job._record, type(job._record))
+    data = converter.unstructure(job._record, type(job._record))
+    # The runner never reads an earlier run's result: shipped, a re-run (RESTART_READY) of a job
+    # whose first run returned ~100 KB put that on its command line too, and could fail to start.
+    data.pop("serialized_return_value", None)
+    data.pop("serialized_exception", None)
+    return data
 
 
 def parse_run_markers(job_out_text: str) -> tuple[Optional[str], Optional[str]]:

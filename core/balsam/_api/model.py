@@ -366,6 +366,9 @@ class BalsamModel:
     #: the list route's order when none is asked for (list filters split over several requests
     #: are merged back in this order)
     _default_order: ClassVar[str] = "id"
+    #: how the list route breaks ties of a descending ordering (``-field``): by id descending
+    #: (jobs, events) or ascending (BatchJob's ``-start_time``); merged split filters follow it
+    _desc_ties_by_id_desc: ClassVar[bool] = True
     #: set by delete(): save() then never creates the record again (see save())
     _deleted: bool = False
 

@@ -757,7 +757,8 @@ class BatchJob(BalsamModel):
             "end_time_before", "end_time_after", "filter_tags",
         }
     )
-    _orderings = frozenset({"start_time"})
+    _orderings = frozenset({"start_time", "id"})
+    _desc_ties_by_id_desc = False  # the server's -start_time: start_time descending, then id ascending
     _positional = ("id", "site_id", "state", "scheduler_id", "queue", "start_time_before", "start_time_after",
                    "end_time_before", "end_time_after", "filter_tags")
     objects: BatchJobManager  # type: ignore[assignment]

@@ -5,18 +5,21 @@ rebuilds the app class and the job, calls ``run(**parameters)`` and prints on st
 ``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` (rank 0 only under MPI); an exception
 is re-raised so the process exits non-zero (RUN_ERROR). A ``SystemExit`` (or another
 ``BaseException`` that is not an ``Exception``) prints no marker: the exit status tells. A return
-value that cannot be serialized is reported as a raising run() (``SerializeError`` naming its type). The
+value that cannot be serialized, or that serializes to more than the server takes
+(``MAX_SERIALIZED_PAYLOAD_CHARS``), is reported as a raising run() (``SerializeError`` saying why). The
 processing module reads the markers from job.out with :func:`balsam.site.hooks_runner.read_run_markers`
 (the scanner of :mod:`balsam._api.run_markers`; :func:`balsam._api.app.parse_run_markers` runs it over a text).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
 from typing import Any
 
+from ..models import MAX_SERIALIZED_PAYLOAD_CHARS
 from . import codec
 from .app import EXCEPTION_MARKER, RETURN_MARKER, ApplicationDefinition
 
@@ -46,7 +49,9 @@ def load(argv: list[str]) -> tuple[type[ApplicationDefinition], Any]:
     app_id = int(argv[0])
     n_app = int(argv[1])
     app_payload = "".join(argv[2 : 2 + n_app])
-    job_data = json.loads("".join(argv[2 + n_app :]))
+    job_text = "".join(argv[2 + n_app :])
+    # The base64 of the JSON (python_runner_command), or the JSON itself (a line built before).
+    job_data = json.loads(job_text if job_text.startswith("{") else base64.b64decode(job_text, validate=True))
     cls = codec.deserialize_app_class(app_payload, app_id=app_id, name=str(job_data.get("app_id", "?")))
     if not (isinstance(cls, type) and issubclass(cls, ApplicationDefinition)):
         raise SystemExit(f"app {app_id} does not hold an ApplicationDefinition")
@@ -78,6 +83,14 @@ def main(argv: "list[str] | None" = None) -> int:
         error = codec.SerializeError(f"the return value of run() cannot be serialized: {exc}")
         _emit(EXCEPTION_MARKER, codec.serialize_exception(error))
         raise error from None
+    if len(payload) > MAX_SERIALIZED_PAYLOAD_CHARS:
+        # The server refuses a result this long: the job ended FAILED and result() said only "has
+        # no result". Reported like a raising run(), the reason reaches result().
+        error = codec.SerializeError(
+            f"the return value of run() serializes to {len(payload):,} characters; the limit is "
+            f"{MAX_SERIALIZED_PAYLOAD_CHARS:,}")
+        _emit(EXCEPTION_MARKER, codec.serialize_exception(error))
+        raise error
     _emit(RETURN_MARKER, payload)
     return 0
 

@@ -222,7 +222,9 @@ class Query(Generic[T]):
         # Rows inserted ahead of the read position while the pages are read (a live campaign's
         # events, listed newest first) shift the later pages: their first rows are the last of the
         # page before. Offsets count the rows fetched and a row seen already is skipped, so none is
-        # returned twice (a row deleted meanwhile may still be missed: offsets cannot tell).
+        # returned twice. Rows that leave the result meanwhile (deleted, or no longer matching the
+        # filters) shift the later pages back: as many unchanged rows are skipped (offsets cannot
+        # tell; the server has no id-range filter for keyset paging).
         fetched = 0
         seen: set[Any] = set()
         while True:
@@ -295,8 +297,12 @@ class Query(Generic[T]):
             value = row.get(key)
             if value is not None and as_value is not None:
                 value = as_value(value)
-            return (value is None, value if value is not None else 0, row.get("id") or 0)
+            return (value is None, value if value is not None else 0)
 
+        # Ties broken by id as the server breaks them (ascending, or descending for a descending
+        # order where the model says so): ids first, then a stable sort by the field.
+        ids_descending = reverse and self._model._desc_ties_by_id_desc
+        rows.sort(key=lambda row: row.get("id") or 0, reverse=ids_descending)
         return sorted(rows, key=sort_key, reverse=reverse)
 
     def __iter__(self) -> Iterator[T]:
@@ -327,10 +333,21 @@ class Query(Generic[T]):
         if self._count_cache is not None:
             return self._count_cache  # the matches of the filters, from the request that filled the cache
         param_sets = self._chunked_params()
-        if len(param_sets) == 1 and self._model._paginated:
-            data = self._model._get_client().get(self._model._path, params=dict(param_sets[0], limit=0, offset=0))
-            return _unpack_list(data)[0]
+        if self._model._paginated and (len(param_sets) == 1 or self._disjoint_chunks(param_sets)):
+            # One limit=0 request per chunk: a record matches one id at most, so the counts of
+            # chunks of distinct ids add up (reading the records cost a download of every one).
+            client = self._model._get_client()
+            return sum(_unpack_list(client.get(self._model._path, params=dict(params, limit=0, offset=0)))[0]
+                       for params in param_sets)
         return len(self._unsliced()._evaluate())
+
+    def _disjoint_chunks(self, param_sets: list[dict[str, Any]]) -> bool:
+        """Whether no record can match two of the chunks: the split list is ``id``'s, of distinct ids."""
+        split = [k for k, v in param_sets[0].items() if v != self._params.get(k)]
+        if split != ["id"]:
+            return False
+        ids = self._params["id"]
+        return len({str(i) for i in ids}) == len(ids)  # as sent: 1 and "1" are the same id
 
     def _unsliced(self) -> "Query[T]":
         """A new query of the same filters and order, without this one's slice or cache."""

@@ -353,7 +353,7 @@ class AppProcess:
             fd = os.open(self.outfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 self._proc = _spawn_with_affinity(
-                    ["/bin/bash", "-c", shell_cmd], cwd=str(self.workdir), stdout=fd, env=env, cpu_ids=cpu_ids,
+                    shell_cmd, cwd=str(self.workdir), stdout=fd, env=env, cpu_ids=cpu_ids,
                     sigpipe_ignored=sigpipe_ignored,
                 )
             finally:
@@ -487,6 +487,28 @@ def direct_argv(cmdline: str, env: Mapping[str, str]) -> Optional[list[str]]:
     return [program, *words[1:]]
 
 
+#: Linux's cap on one exec argument (MAX_ARG_STRLEN, 32 pages); bash -c takes the line as one.
+MAX_ARG_BYTES = 131_072
+#: Where a shell line too long for one argument goes (in the job's workdir), run as ``bash FILE``.
+LONG_LINE_SCRIPT = ".balsam_command.sh"
+
+
+def shell_argv(shell_cmd: str, workdir: str, env_prefix_text: str = "") -> list[str]:
+    """``/bin/bash -c <line>``; a line over :data:`MAX_ARG_BYTES` (a run() job's 128,000-character
+    chunks under a shell preamble) is written to ``<workdir>/.balsam_command.sh`` and run as
+    ``/bin/bash <file>`` instead: exec refused it ("Argument list too long") and the job never ran."""
+    line = f"{env_prefix_text} {shell_cmd}" if env_prefix_text else shell_cmd
+    if len(line) * 4 < MAX_ARG_BYTES or len(line.encode("utf-8", "surrogateescape")) < MAX_ARG_BYTES:
+        return ["/bin/bash", "-c", line]
+    script = os.path.join(workdir, LONG_LINE_SCRIPT)
+    try:
+        with open(script, "w", encoding="utf-8", errors="surrogateescape") as out:
+            out.write(line + "\n")
+    except OSError:  # the start then fails with the kernel's reason, in job.out as any other
+        return ["/bin/bash", "-c", line]
+    return ["/bin/bash", script]
+
+
 def env_prefix(env: Mapping[str, str]) -> Optional[str]:
     """``export K=V ...; unset ...;`` turning the inherited environment into ``env``, or None when
     a variable name is not a shell identifier (then the whole environment is passed instead).
@@ -507,7 +529,7 @@ def env_prefix(env: Mapping[str, str]) -> Optional[str]:
     return " ".join(parts)
 
 
-def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping[str, str], cpu_ids: Sequence[int],
+def _spawn_with_affinity(shell_cmd: str, *, cwd: str, stdout: Any, env: Mapping[str, str], cpu_ids: Sequence[int],
                          sigpipe_ignored: bool = False) -> subprocess.Popen:
     """Popen in a new session, with the child pinned to ``cpu_ids`` from its first instruction.
     ``sigpipe_ignored``: the child keeps this interpreter's ignored SIGPIPE (and SIGXFSZ: Popen
@@ -519,12 +541,11 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping
     process it forked in between. Measured here, the pin/unpin pair costs under 0.05 ms a spawn,
     less than setting the affinity of the new process after the fact.
     """
-    shell_argv = argv
-    direct = direct_argv(argv[-1], env)
+    direct = direct_argv(shell_cmd, env)
     if direct is not None:
         argv, child_env = direct, env  # the modes pass str -> str mappings (launch_environment)
     else:
-        argv, child_env = _through_shell(shell_argv, env)
+        argv, child_env = _through_shell(shell_cmd, cwd, env)
     own_mask = None
     if cpu_ids and _affinity_supported:
         own_mask = _thread_mask()
@@ -542,22 +563,20 @@ def _spawn_with_affinity(argv: list[str], *, cwd: str, stdout: Any, env: Mapping
             # An executable script without a '#!' line: the kernel refuses to exec it, where bash
             # (what the line would have gone through without the direct exec) runs it as a shell
             # script. Only this error path pays for the second spawn (still pinned: inside the try).
-            argv, child_env = _through_shell(shell_argv, env)
+            argv, child_env = _through_shell(shell_cmd, cwd, env)
             return _popen(argv, cwd, stdout, child_env, sigpipe_ignored)
     finally:
         if own_mask is not None:
             os.sched_setaffinity(0, own_mask)
 
 
-def _through_shell(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], Optional[Mapping[str, str]]]:
-    """``(argv, env for Popen)`` running ``/bin/bash -c <line>`` with ``env``: the inherited
-    environment plus an ``export`` prefix when it can be written as one (None: inherit it)."""
+def _through_shell(shell_cmd: str, cwd: str, env: Mapping[str, str]) -> tuple[list[str], Optional[Mapping[str, str]]]:
+    """``(argv, env for Popen)`` running ``/bin/bash -c <line>`` (:func:`shell_argv`) with ``env``:
+    the inherited environment plus an ``export`` prefix when it can be written as one (None: inherit it)."""
     prefix = env_prefix(env)
     if prefix is None:
-        return argv, env
-    if prefix:
-        return [*argv[:-1], f"{prefix} {argv[-1]}"], None
-    return argv, None
+        return shell_argv(shell_cmd, cwd), env
+    return shell_argv(shell_cmd, cwd, prefix), None
 
 
 def _popen(argv: list[str], cwd: str, stdout: Any, env: Optional[Mapping[str, str]], sigpipe_ignored: bool) -> subprocess.Popen:

@@ -21,7 +21,8 @@ from balsam.states import JobState
 
 from ..util import api_text, first_warning, tail_file
 from . import spawner
-from .app_run import JOB_OUTPUT_NAME, PLATFORM_VARIABLES, AppProcess, PreparedJob, direct_argv, inherited_environment
+from .app_run import (JOB_OUTPUT_NAME, PLATFORM_VARIABLES, AppProcess, PreparedJob, direct_argv, inherited_environment,
+                      shell_argv)
 from .node_manager import Placement
 
 logger = logging.getLogger(__name__)
@@ -745,7 +746,7 @@ class SpawnerPool:
         if not os.path.isabs(path):
             path = os.path.abspath(path)
         task = SpawnedTask(job_id, path, os.path.join(path, JOB_OUTPUT_NAME))
-        argv = direct_argv(shell_cmd, env) or ["/bin/bash", "-c", shell_cmd]
+        argv = direct_argv(shell_cmd, env) or shell_argv(shell_cmd, path)
         env_set, env_unset = env_difference(self.base_env, env)
         return task, (argv, path, task.outfile, env_set, env_unset)
 
