@@ -124,6 +124,23 @@ def test_a_task_that_cannot_start_is_relaunched_like_0_7s(make_pool, tmp_path: P
         assert "could not start the job" in tail
 
 
+def test_a_command_line_over_the_kernels_limit_is_reported_at_once(make_pool, tmp_path: Path) -> None:
+    """E2BIG (arguments over the kernel's ARG_MAX): starting the same line again fails the same way; it was
+    started four times (three relaunches) before its failure was reported."""
+    pool = make_pool()
+    workdir = tmp_path / "1"
+    workdir.mkdir()
+    pool.start(1, "/bin/echo " + " ".join(["x" * 100_000] * 40), workdir, dict(os.environ))  # 4 MB of arguments
+    deadline, done = time.monotonic() + 20, []
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+        done = pool.reap()
+    (job_id, rc, tail, _), = done
+    assert (job_id, rc) == (1, SPAWN_FAILED)
+    assert "relaunched" not in tail
+    assert "Argument list too long" in (workdir / "job.out").read_text()
+
+
 def test_an_exit_code_not_in_the_list_is_reported_at_once(make_pool, tmp_path: Path) -> None:
     done = _run(make_pool(), {1: COUNT + "exit 2", 2: COUNT + "exit 3"}, tmp_path)
     assert done == {1: (2, ""), 2: (3, "")}

@@ -346,6 +346,7 @@ class AppProcess:
         self.start_time = time.time()
         self.returncode: Optional[int] = None
         self.spawn_error = ""
+        self.spawn_errno: Optional[int] = None
         self._proc: Optional[subprocess.Popen] = None
         self._term_sent_at: Optional[float] = None
         try:
@@ -362,6 +363,7 @@ class AppProcess:
             # Keep the launcher going: the job ends RUN_ERROR with the reason in its tail (a workdir
             # removed since the job was prepared lands here too).
             self.spawn_error = f"could not start the job: {exc}"
+            self.spawn_errno = exc.errno
             self.returncode = _SPAWN_FAILED
             try:
                 with open(self.outfile, "ab") as out:

@@ -555,6 +555,8 @@ class ProcessPool:
         rc = proc.returncode
         if rc is None or rc not in codes or proc.job_id not in self._requests:
             return False
+        if getattr(proc, "spawn_errno", None) in spawner.UNRETRYABLE_SPAWN_ERRNOS:
+            return False  # the same command line would fail the same way
         seconds = time.time() - proc.start_time
         count = self._relaunched.get(proc.job_id, 0)
         if seconds >= window or count >= most:

@@ -93,6 +93,10 @@ else:
 SHELL = "/bin/bash"
 #: The returncode of a task that could not be started (as :class:`~balsam.launcher.app_run.AppProcess`).
 SPAWN_FAILED = 12345
+#: Start failures that starting the same command again cannot cure (a command line or an argument
+#: over the kernel's limits): reported at once, not relaunched as a quick failure (12345 is one of
+#: RETRY_CODES, for the passing kinds: EAGAIN, ENOMEM, a file system hiccup).
+UNRETRYABLE_SPAWN_ERRNOS = frozenset({errno.E2BIG, errno.ENAMETOOLONG})
 #: Ended tasks whose CPUs are remembered for a late queue request (the oldest are forgotten first).
 MAX_FREED = 4096
 #: Grace of the stop after the launcher vanished (end of file on the request pipe).
@@ -358,6 +362,8 @@ class Spawner:
                 out.write((reason + "\n").encode())
         except OSError:
             pass
+        if getattr(exc, "errno", None) in UNRETRYABLE_SPAWN_ERRNOS:
+            self.started.pop(job_id, None)  # no start record: _ended reports it, never relaunches
         self._ended(job_id, SPAWN_FAILED, reason)
 
     def _ended(self, job_id: int, returncode: int, error: str = "") -> None:
