@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -120,3 +121,48 @@ def test_rm_refuses_a_tree_holding_another_site(balsam_env, client, tmp_path) ->
     out = balsam("site", "rm", str(outer), "-y")
     assert out.exit_code == 0 and not outer.exists(), out.output
     assert (inner / ".balsam-site").exists() and client.get(f"/sites/{inner_id}")["path"] == str(inner)
+
+
+def _count_tree_reads(monkeypatch, root: Path) -> list:
+    """The directories of ``root``'s tree read by path (the nested-site search; rmtree reads by fd)."""
+    reads: list = []
+    real_scandir = os.scandir
+
+    def scandir(target=".", *args, **kwargs):
+        if isinstance(target, (str, Path)) and str(target).startswith(str(root)):
+            reads.append(str(target))
+        return real_scandir(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return reads
+
+
+def test_rm_searches_the_tree_only_after_the_cheap_refusals_and_bounded(balsam_env, client, tmp_path,
+                                                                        monkeypatch) -> None:
+    """Before: the unbounded search for a nested site ran first, before the refusal for a queued
+    BatchJob (and the agent checks, and the prompt): 10-20 minutes on Lustre for a million workdirs."""
+    from balsam.api import BatchJob
+    from balsam.cli import site_commands
+
+    path = tmp_path / "big"
+    site_id = init(path)
+    for i in range(30):
+        (path / "data" / f"w{i}").mkdir()
+    bj = BatchJob(site_id=site_id, num_nodes=1, wall_time_min=5, queue="local", project="local", job_mode="mpi")
+    bj.save()
+    bj.state = "queued"
+    bj.scheduler_id = 4243
+    bj.save()
+    reads = _count_tree_reads(monkeypatch, path)
+    line = error_line(balsam("site", "rm", str(path), "-y"))
+    assert "has 1 BatchJob(s) queued or running" in line
+    assert reads == []  # refused without reading the tree
+
+    bj.state = "finished"
+    bj.save()
+    monkeypatch.setattr(site_commands, "RM_SEARCH_DIRS", 5, raising=False)
+    out = balsam("site", "rm", str(path), "-y")
+    assert out.exit_code == 0 and not path.exists(), out.output
+    assert len(reads) == 5, reads
+    assert (f"Note: looked for other Balsam sites in the first 5 directories of {path} only (none there); "
+            "the rest is deleted unsearched") in out.output

@@ -40,6 +40,9 @@ _TEMPLATE_VAR = re.compile(r"{{(.*?)}}")
 #: argv chunk size when a run() app and its job are passed on the command line
 ARG_CHUNK_SIZE = 128_000
 RUNNER_MODULE = "balsam._api.python_runner"
+#: Linux's cap on one exec argument (MAX_ARG_STRLEN): a runner line with the job's raw JSON goes
+#: through ``bash -c`` as one argument, so the JSON goes raw only in a line under this.
+RAW_JOB_LINE_MAX_BYTES = 131_072
 
 
 class AppType(str, enum.Enum):
@@ -642,20 +645,32 @@ def python_runner_command(app_cls: type[ApplicationDefinition], job: "Job") -> s
 
     ``<python_exe> -m balsam._api.python_runner <app_id> <n_app_chunks> <app chunks...> <job chunks...>``
     (chunks of 128,000 characters, shell-quoted) so no file needs to be shared with the node.
-    The job chunks are the base64 of its JSON: plain words, which the launchers exec as they are
-    (:func:`balsam.launcher.app_run.direct_argv`). The JSON's braces and quotes made the line go
-    through ``bash -c`` as ONE argument, which Linux caps at 128 KiB (MAX_ARG_STRLEN): a job with
-    a parameter of ~100,000 characters never started ("Argument list too long").
+    The job chunks are its JSON, as runners of every version read it, when the line stays under
+    :data:`RAW_JOB_LINE_MAX_BYTES`: the JSON's braces and quotes make the line go through
+    ``bash -c`` as ONE argument, which Linux caps at 128 KiB (MAX_ARG_STRLEN). A longer line
+    carries the base64 of the JSON instead (a job with a parameter of ~100,000 characters never
+    started: "Argument list too long"): plain words, which the launchers exec as they are
+    (:func:`balsam.launcher.app_run.direct_argv`), each chunk one argument. Only a runner that
+    reads base64 (``python_exe``'s Balsam from this one on) runs such a job; raw for every job,
+    an older runner under ``python_exe`` failed them all.
     """
     app_id = codec.app_id_of(app_cls)
     if app_id is None:
         raise ValueError(f"{app_cls.__name__} has no app id: load it from the API or sync() it")
     payload = app_cls._serialized_class or _serialize_class(app_cls)
     app_chunks = _chunk(payload, app_cls.ARG_CHUNK_SIZE)
-    job_text = base64.b64encode(json.dumps(_job_json(job)).encode("ascii")).decode("ascii")
-    job_chunks = _chunk(job_text, app_cls.ARG_CHUNK_SIZE)
+    head = f"{shlex.quote(app_cls.python_exe)} -m {RUNNER_MODULE} "
+    job_json = json.dumps(_job_json(job))
+    line = _runner_line(head, app_id, app_chunks, _chunk(job_json, app_cls.ARG_CHUNK_SIZE))
+    if len(line) * 4 < RAW_JOB_LINE_MAX_BYTES or len(line.encode("utf-8", "surrogateescape")) < RAW_JOB_LINE_MAX_BYTES:
+        return line
+    job_text = base64.b64encode(job_json.encode("ascii")).decode("ascii")
+    return _runner_line(head, app_id, app_chunks, _chunk(job_text, app_cls.ARG_CHUNK_SIZE))
+
+
+def _runner_line(head: str, app_id: int, app_chunks: list[str], job_chunks: list[str]) -> str:
     args = [str(app_id), str(len(app_chunks)), *app_chunks, *job_chunks]
-    return f"{shlex.quote(app_cls.python_exe)} -m {RUNNER_MODULE} " + " ".join(shlex.quote(a) for a in args)
+    return head + " ".join(shlex.quote(a) for a in args)
 
 
 def _job_json(job: "Job") -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import re
@@ -31,6 +32,7 @@ import attrs
 from ..models import job_workdir
 from ..site.apps import is_python_app, overridden_hooks
 from ..util import JOB_OUTPUT_NAME, create_job_output, tail_file
+from . import spawner
 from .node_manager import Demand
 
 logger = logging.getLogger(__name__)
@@ -491,24 +493,50 @@ def direct_argv(cmdline: str, env: Mapping[str, str]) -> Optional[list[str]]:
 
 #: Linux's cap on one exec argument (MAX_ARG_STRLEN, 32 pages); bash -c takes the line as one.
 MAX_ARG_BYTES = 131_072
-#: Where a shell line too long for one argument goes (in the job's workdir), run as ``bash FILE``.
-LONG_LINE_SCRIPT = ".balsam_command.sh"
+#: How the script of a shell line too long for one argument is named (in the job's workdir, with
+#: a unique ``<job id>.<pid>.<ns>.<n>.sh`` after it), run as ``/bin/bash FILE``.
+LONG_LINE_SCRIPT = spawner.COMMAND_SCRIPT_PREFIX
+_script_seq = itertools.count()
 
 
-def shell_argv(shell_cmd: str, workdir: str, env_prefix_text: str = "") -> list[str]:
+def shell_argv(shell_cmd: str, workdir: str, env_prefix_text: str = "", job_id: Optional[int] = None) -> list[str]:
     """``/bin/bash -c <line>``; a line over :data:`MAX_ARG_BYTES` (a run() job's 128,000-character
-    chunks under a shell preamble) is written to ``<workdir>/.balsam_command.sh`` and run as
-    ``/bin/bash <file>`` instead: exec refused it ("Argument list too long") and the job never ran."""
+    chunks under a shell preamble) is written to ``<workdir>/.balsam_command.<job id>.<pid>.<ns>.<n>.sh``
+    and run as ``/bin/bash <file>`` instead: exec refused it ("Argument list too long") and the job
+    never ran. One name per start, so jobs (or two runs of one job) sharing a workdir never run each
+    other's line; mode 0600, since the line may carry the job's environment (``export K=V``); the
+    script's first command removes it (bash keeps reading the open file), which also holds when the
+    launcher is killed. One that never runs is removed by whoever drops it
+    (:func:`balsam.launcher.spawner.remove_command_script`)."""
     line = f"{env_prefix_text} {shell_cmd}" if env_prefix_text else shell_cmd
     if len(line) * 4 < MAX_ARG_BYTES or len(line.encode("utf-8", "surrogateescape")) < MAX_ARG_BYTES:
         return ["/bin/bash", "-c", line]
-    script = os.path.join(workdir, LONG_LINE_SCRIPT)
     try:
-        with open(script, "w", encoding="utf-8", errors="surrogateescape") as out:
-            out.write(line + "\n")
+        script = _write_command_script(workdir, line, job_id)
     except OSError:  # the start then fails with the kernel's reason, in job.out as any other
         return ["/bin/bash", "-c", line]
-    return ["/bin/bash", script]
+    return [spawner.SHELL, script]
+
+
+def _write_command_script(workdir: str, line: str, job_id: Optional[int]) -> str:
+    tag = f"{job_id}." if job_id is not None else ""
+    name = f"{LONG_LINE_SCRIPT}{tag}{os.getpid()}.{time.time_ns()}.{next(_script_seq)}.sh"
+    script = os.path.join(os.path.abspath(workdir), name)
+    partial = script + ".part"
+    # PATH set for rm alone: the job's own PATH (exported on the next line) may lack /bin.
+    text = 'PATH=/usr/bin:/bin:$PATH rm -f -- "$0"\n' + line + "\n"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as out:
+            out.write(text)
+        os.replace(partial, script)  # never seen half written under its name
+    except BaseException:
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
+        raise
+    return script
 
 
 def env_prefix(env: Mapping[str, str]) -> Optional[str]:
@@ -567,6 +595,9 @@ def _spawn_with_affinity(shell_cmd: str, *, cwd: str, stdout: Any, env: Mapping[
             # script. Only this error path pays for the second spawn (still pinned: inside the try).
             argv, child_env = _through_shell(shell_cmd, cwd, env)
             return _popen(argv, cwd, stdout, child_env, sigpipe_ignored)
+    except BaseException:
+        spawner.remove_command_script(argv)  # bash never ran it (it removes it itself when it runs)
+        raise
     finally:
         if own_mask is not None:
             os.sched_setaffinity(0, own_mask)

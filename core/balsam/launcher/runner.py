@@ -748,7 +748,7 @@ class SpawnerPool:
         if not os.path.isabs(path):
             path = os.path.abspath(path)
         task = SpawnedTask(job_id, path, os.path.join(path, JOB_OUTPUT_NAME))
-        argv = direct_argv(shell_cmd, env) or shell_argv(shell_cmd, path)
+        argv = direct_argv(shell_cmd, env) or shell_argv(shell_cmd, path, job_id=job_id)
         env_set, env_unset = env_difference(self.base_env, env)
         return task, (argv, path, task.outfile, env_set, env_unset)
 
@@ -767,6 +767,7 @@ class SpawnerPool:
             if self._send(("s", job_id, list(cpu_ids), *request)):
                 return task
             del self.running[job_id]
+            spawner.remove_command_script(request[0])  # never sent: the fallback writes its own
         return self._fallback_pool().start(job_id, shell_cmd, workdir, env, cpu_ids)
 
     def queue_after(self, after_id: int, job_id: int, shell_cmd: str, workdir: Any, env: dict[str, str],
@@ -783,6 +784,7 @@ class SpawnerPool:
         if self._send(command):
             return True
         del self.queued[job_id]
+        spawner.remove_command_script(request[0])
         return False
 
     def cancel(self, job_id: int) -> None:

@@ -120,6 +120,28 @@ _RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", No
 SIGPIPE_IGNORED_ARG = "sigpipe-ignored"
 #: The optional argument that turns the quick-failure relaunch on: ``relaunch=CODES;WINDOW;MAX``.
 RELAUNCH_ARG = "relaunch"
+#: How the name of a command line's script starts (a line too long for one exec argument, written
+#: to the task's workdir by :func:`balsam.launcher.app_run.shell_argv` and run as ``[SHELL, FILE]``):
+#: the script removes itself as its first command, so one that never ran (dropped, failed to
+#: start) is removed here, and one relaunched is written again (the relaunch reuses the argv).
+COMMAND_SCRIPT_PREFIX = ".balsam_command."
+
+
+def command_script(argv: list) -> "str | None":
+    """The script file of an argv ``[SHELL, <workdir>/.balsam_command.*.sh]``, or None."""
+    if len(argv) == 2 and argv[0] == SHELL and os.path.basename(argv[1]).startswith(COMMAND_SCRIPT_PREFIX):
+        return argv[1]
+    return None
+
+
+def remove_command_script(argv: list) -> None:
+    """Remove the command-line script of ``argv`` (a task that will not run it), if any."""
+    script = command_script(argv)
+    if script is not None:
+        try:
+            os.unlink(script)
+        except OSError:
+            pass
 
 
 def relaunch_arg(codes: "list[int] | tuple[int, ...] | frozenset[int]", window_sec: float, max_relaunches: int) -> str:
@@ -236,12 +258,21 @@ class Spawner:
         #: Tasks ended on request ("k"): never relaunched; their groups, SIGKILLed after the grace.
         self.ending = Ending()
         self.ending_jobs: set[int] = set()
+        #: With the relaunch rule: job id -> (path, text) of the command-line script it runs.
+        self.scripts: dict = {}
 
     # -- starting ------------------------------------------------------------------------------
     def start(self, job_id: int, cpu_ids: list, argv: list, cwd: str, outfile: str, env_set: dict, env_unset: list) -> None:
         self.cpus_of[job_id] = cpu_ids  # also when the start fails: a task queued behind gets them
         if self.relaunch is not None:  # before the spawn: a start that fails may be relaunched too
             self.started[job_id] = (time.monotonic(), argv, cwd, outfile, env_set, env_unset)
+            script = command_script(argv)
+            if script is not None and job_id not in self.scripts:
+                try:  # the script removes itself when it runs: kept to write it again for a relaunch
+                    with open(script, "rb") as text:
+                        self.scripts[job_id] = (script, text.read())
+                except OSError:
+                    pass
         try:
             env = self.base_env
             if env_set or env_unset:
@@ -251,6 +282,7 @@ class Spawner:
                 env.update({os.fsencode(k): os.fsencode(v) for k, v in env_set.items()})
             fd = os.open(outfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except (OSError, ValueError) as exc:  # ValueError: a lone surrogate fsencode cannot encode
+            remove_command_script(argv)
             self._failed(job_id, outfile, exc)
             return
         try:
@@ -271,6 +303,7 @@ class Spawner:
             # ValueError: a NUL in an argv word or an environment variable ("embedded null byte";
             # the launcher refuses those jobs before they get here). Uncaught, it ended this
             # process and with it every other task's report.
+            remove_command_script(argv)
             self._failed(job_id, outfile, exc)
             return
         finally:
@@ -316,6 +349,7 @@ class Spawner:
 
     def _drop(self, task: tuple) -> None:
         job_id = task[0]
+        remove_command_script(task[1])
         self.queued.discard(job_id)
         self.deadline_of.pop(job_id, None)
         self.events.append(("d", job_id))
@@ -379,6 +413,8 @@ class Spawner:
                 return
             if self.relaunched:
                 self.relaunched.pop(job_id, None)
+        if self.scripts:
+            self.scripts.pop(job_id, None)
         now = time.time()
         self.events.append(("e", job_id, returncode, now, error))
         cpu_ids = self.cpus_of.pop(job_id, [])
@@ -413,6 +449,8 @@ class Spawner:
             return False
         self.relaunched[job_id] = count + 1
         self.events.append(("r", job_id, returncode, seconds))
+        if job_id in self.scripts:
+            _write_script(*self.scripts[job_id])
         self.start(job_id, self.cpus_of[job_id], *started[1:])
         return True
 
@@ -452,11 +490,14 @@ class Spawner:
         in the background). The wait ends early only when every group is empty, and the SIGKILL
         goes to every group still there, whether or not its leader has been reaped; a group is no
         longer signalled once it was seen empty (its number may then be a new process's)."""
+        for task in self.after.values():
+            remove_command_script(task[1])
         self.after.clear()
         self.queued.clear()
         self.deadline_of.clear()
         self.freed.clear()
         self.relaunch = None  # from here on every exit is final
+        self.scripts.clear()
         self.reap()
         before, self.events = [e for e in self.events if e[0] == "e"], []
         victims = list(self.running.values())
@@ -548,6 +589,20 @@ class Spawner:
             self.reap()
             self.send_events()
             self.unpin()
+
+
+def _write_script(path: str, text: bytes) -> None:
+    """Write a command-line script again for a relaunch (owner-only, as the launcher wrote it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError:  # the relaunch then fails with bash's reason in the output file
+        return
+    try:
+        write_all(fd, text)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -214,6 +214,12 @@ def site_below(path: "Path | str", max_dirs: Optional[int] = None) -> Optional[P
     """A Balsam site inside the tree of ``path`` (``path`` itself excluded; the shallowest first),
     else None. Symbolic links are not followed (``shutil.rmtree`` does not follow them either) and
     unreadable directories are skipped; with ``max_dirs``, only that many directories are read."""
+    return search_below(path, max_dirs)[0]
+
+
+def search_below(path: "Path | str", max_dirs: Optional[int] = None) -> tuple[Optional[Path], bool]:
+    """:func:`site_below` and whether the search saw the whole tree (False: ``max_dirs`` directories
+    were read and some were left unread)."""
     root = Path(path)
     pending: deque[Path] = deque([root])
     read = 0
@@ -224,7 +230,7 @@ def site_below(path: "Path | str", max_dirs: Optional[int] = None) -> Optional[P
             with os.scandir(current) as entries:
                 for entry in entries:
                     if entry.name == SITE_ID_FILE and current != root:
-                        return current
+                        return current, True
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             pending.append(Path(entry.path))
@@ -232,7 +238,7 @@ def site_below(path: "Path | str", max_dirs: Optional[int] = None) -> Optional[P
                         continue
         except OSError:
             continue
-    return None
+    return None, not pending
 
 
 #: Directories ``site init`` reads to name a site inside the (non-empty, refused anyway) directory
