@@ -50,6 +50,9 @@ lives), and a file is deleted only once the server has its results: when the age
 it acquires a job (:meth:`ProcessingModule._recover_results`), under the dead agent's session, so
 those hooks do not run again either. A hook running at the agent's death has no result: it runs
 again under the next agent once the dead session expires (at least once, not exactly once).
+(An unlocked folder is taken for a dead agent's only once its pid is gone, or, from another host,
+once its lock file is silent: :func:`_owner_gone`. Where the site's file system refuses ``flock``
+or is full, the folder is in /tmp, without that replay: :meth:`ProcessingModule._make_results_dir`.)
 The worker (:func:`~balsam.site.hooks_runner.run_hooks`, one call per chunk, the file's one writer)
 also writes a line there as each hook starts, so the module knows which hook runs, in which worker,
 since when: a hook running longer than ``hook_timeout_sec`` has its worker killed and
@@ -72,6 +75,7 @@ import re
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections import deque
@@ -86,9 +90,11 @@ from ...client.status_updater import SESSION_KEY, BulkStatusUpdater, SpoolReplay
 from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
 from ...options import option
 from ...states import PROCESSABLE_STATES, JobState
+from ...util import START_TIME_TOLERANCE_SEC, process_start_time
 from ..apps import AppCache
 from ..hooks_runner import HOOK_FOR_STATE, api_json, default_update, now_iso, read_results, run_hooks
 from ..module import AgentModule
+from ..site_ops import agent_silence_limit
 
 #: Jobs handed to one worker task (amortizes the IPC and app deserialization).
 WORKER_CHUNK = 16
@@ -139,6 +145,13 @@ HOOK_RESULTS_DIR = "hook-results"
 #: A results file's name: ``<task number>-s<session id>.jsonl``, the session that held its jobs.
 _RESULTS_NAME = re.compile(r"^\d+-s(\d+)\.jsonl$")
 _LOCK_SUFFIX = ".lock"
+#: A lock file is made and locked under this name, then renamed to ``<agent>.lock``: a starting
+#: agent's recovery never finds it unlocked in between (and took it for a dead agent's).
+_NEW_LOCK_SUFFIX = ".lock.new"
+#: The agent touches its lock file this often (mtime): where a lock is seen only on its own node
+#: (Lustre ``localflock``, NFS ``local_lock=flock``), an agent on another host takes the folder for
+#: a dead agent's only once the lock has not been touched for the agent silence limit.
+LOCK_TOUCH_SEC = 10.0
 
 
 #: The agent's end of the "agent alive" pipe, and the process it belongs to (see :func:`_agent_alive`).
@@ -278,10 +291,15 @@ class ProcessingModule(AgentModule):
         self._task_done = threading.Event()
         #: Each hook task's results file (see run_hooks): after a worker death, the jobs of its chunk
         #: whose hooks completed keep their results; only the others run again.
-        self.results_files: dict[cf.Future, Path] = {}
+        self.results_files: dict[cf.Future, Optional[Path]] = {}
+        #: The results folder: the site's (see HOOK_RESULTS_DIR), or one in /tmp where the site's
+        #: cannot be made or locked, or None where neither can (then no results files at all).
         self._results_dir: Optional[Path] = None
-        #: The lock of ``_results_dir`` (held while this module lives: see HOOK_RESULTS_DIR).
+        self._results_dir_made = False
+        #: The lock of ``_results_dir`` (held while this module lives: see HOOK_RESULTS_DIR); None
+        #: for a folder in /tmp. Touched every LOCK_TOUCH_SEC (``_touched``: when, monotonic).
         self._results_lock: Optional[int] = None
+        self._touched = 0.0
         self._results_count = itertools.count()
         #: Results files whose results are all handed to the status updater, and (with the sequence
         #: of the last of them) those waiting for the updater to have sent them: a file deleted
@@ -293,6 +311,8 @@ class ProcessingModule(AgentModule):
         #: folder, its lock file, the lock's fd); deleted once the updater is through them.
         self._recovering: list[tuple[int, Path, Path, int]] = []
         self._recovered = False
+        #: Sends those results (see _replay_updater).
+        self.replay_updater: Optional[BulkStatusUpdater] = None
         self.processed = 0
         #: When a cycle last acquired jobs (monotonic seconds; None: never).
         self._last_arrival: Optional[float] = None
@@ -544,12 +564,15 @@ class ProcessingModule(AgentModule):
     def _submit(self, info: Any, jobs: list[dict], *, alone: bool = False) -> cf.Future:
         """Hand ``jobs`` (of one app) to a hook worker (``alone``: the isolation pool's), with a
         results file of their own."""
-        if self._results_dir is None:
+        if not self._results_dir_made:
+            self._results_dir_made = True
             self._results_dir = self._make_results_dir()
         # The session that holds the jobs now, the one their results are sent under, also by the
         # next agent when this one dies before sending them (_recover_results).
-        results_file = self._results_dir / f"{next(self._results_count)}-s{self.session_id}.jsonl"
-        args = (run_hooks, info.record, jobs, info.python_app, str(self.data_path), self.tail_num_lines, str(results_file))
+        results_file = (None if self._results_dir is None
+                        else self._results_dir / f"{next(self._results_count)}-s{self.session_id}.jsonl")
+        args = (run_hooks, info.record, jobs, info.python_app, str(self.data_path), self.tail_num_lines,
+                None if results_file is None else str(results_file))
         pool = self._isolation_pool if alone else self._pool
         try:
             future = pool().submit(*args)
@@ -562,7 +585,7 @@ class ProcessingModule(AgentModule):
         self._track(future, jobs, results_file, self.isolation_pool if alone else self.pool)
         return future
 
-    def _track(self, future: cf.Future, jobs: list[dict], results_file: Path,
+    def _track(self, future: cf.Future, jobs: list[dict], results_file: Optional[Path],
                pool: Optional[cf.ProcessPoolExecutor]) -> None:
         self.pending[future] = list(jobs)
         self.results_files[future] = results_file
@@ -580,22 +603,61 @@ class ProcessingModule(AgentModule):
     def hook_results_path(self) -> Path:
         return self.spool_path / HOOK_RESULTS_DIR
 
-    def _make_results_dir(self) -> Path:
-        """This agent's results folder, its lock taken first (so that no other agent takes the
-        folder for a dead one's). In the site, not in /tmp: the next agent must find it (it may
-        run on another login node), and a dead agent's folder no longer stays behind in /tmp."""
+    def _make_results_dir(self) -> Optional[Path]:
+        """This agent's results folder (:meth:`_make_site_results_dir`). Where the site's cannot be
+        made (a full disk or quota) or locked (``flock`` refused: Lustre ``noflock``, some FUSE or
+        DVS mounts), one WARNING, and a folder in /tmp for the agent's life, as before results were
+        kept in the site: the hooks are still timed and a worker's death keeps its completed
+        hooks' results, but a killed agent's results are not sent by the next one. Where /tmp
+        fails too: no results files (None). Never raises: hook jobs are processed regardless."""
+        try:
+            return self._make_site_results_dir()
+        except OSError as exc:
+            problem = exc
+        try:
+            fallback: Optional[Path] = Path(tempfile.mkdtemp(prefix="balsam-hook-results-"))
+        except OSError as exc:
+            fallback = None
+            problem = OSError(f"{problem}; and in {tempfile.gettempdir()}: {exc}")
+        self.logger.warning("cannot keep the hook results in %s (%s): they go to %s for this agent's life; the "
+                            "results of hooks completed when it is killed are not sent by the next agent (those "
+                            "hooks run again)", self.hook_results_path, problem, fallback or "no file")
+        return fallback
+
+    def _make_site_results_dir(self) -> Path:
+        """This agent's results folder in the site, its lock taken first (so that no other agent
+        takes the folder for a dead one's). In the site, not in /tmp: the next agent must find it
+        (it may run on another login node), and a dead agent's folder no longer stays behind in
+        /tmp. The lock file is made and locked under a name recovery does not look at, then
+        renamed: ``<agent>.lock`` is locked from the moment it exists."""
         parent = self.hook_results_path
         parent.mkdir(parents=True, exist_ok=True)
         path = parent / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-        lock = os.open(_lock_of(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        new = parent / f"{path.name}{_NEW_LOCK_SUFFIX}"
+        lock = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(new, _lock_of(path))
             path.mkdir()
         except OSError:
+            for leftover in (new, _lock_of(path)):
+                _remove(leftover)
             os.close(lock)
             raise
         self._results_lock = lock
+        self._touched = time.monotonic()
         return path
+
+    def _touch_lock(self) -> None:
+        """Every LOCK_TOUCH_SEC, this agent's lock file's mtime is set to now: it lives (for the
+        agents of other hosts, see :meth:`_owner_gone`)."""
+        if self._results_lock is None or time.monotonic() - self._touched < LOCK_TOUCH_SEC:
+            return
+        self._touched = time.monotonic()
+        try:
+            os.utime(self._results_lock)
+        except OSError:  # a touch missed: tried again LOCK_TOUCH_SEC later
+            pass
 
     def _retire(self) -> None:
         """Delete the results files whose results the status updater has sent (or dropped)."""
@@ -606,7 +668,10 @@ class ProcessingModule(AgentModule):
         self._spent_files = []
         while self._retiring and self.updater.done_through(self._retiring[0][0]):
             _remove(self._retiring.popleft()[1])
-        for entry in [e for e in self._recovering if self.updater.done_through(e[0])]:
+        replay = self.replay_updater
+        if replay is None or replay.gave_up:  # not sent (a revoked credential): kept for the next agent
+            return
+        for entry in [e for e in self._recovering if replay.done_through(e[0])]:
             self._recovering.remove(entry)
             _drop_results_dir(*entry[1:])
 
@@ -634,13 +699,16 @@ class ProcessingModule(AgentModule):
           job another session holds.
         A folder is deleted once the updater is through its results (:meth:`_retire`), keeping its
         lock meanwhile: if this agent dies first, the next one sends them again (refused if applied).
-        One bulk PATCH per batch, as for every result."""
+        One bulk PATCH per batch, as for every result; they go through an updater of their own,
+        which drops them rather than send them without their session (:meth:`_send_replayed`).
+        An unlocked folder is taken for a dead agent's only if :meth:`_owner_gone` agrees."""
         parent = self.hook_results_path
         try:
             locks = sorted(parent.glob(f"*{_LOCK_SUFFIX}"))
         except OSError:
             return
-        updater = self._updater()
+        updater: Optional[BulkStatusUpdater] = None
+        silence_limit: Optional[float] = None
         for lock_path in locks:
             folder = lock_path.parent / lock_path.name[: -len(_LOCK_SUFFIX)]
             if folder == self._results_dir:
@@ -653,6 +721,11 @@ class ProcessingModule(AgentModule):
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # its agent lives (another agent of the site): its results are its own
                 os.close(lock)
+                continue
+            if not _is_local_owner(folder.name) and silence_limit is None:
+                silence_limit = agent_silence_limit(Path(getattr(self.site_config, "site_path", parent)))
+            if not _owner_gone(folder.name, lock, silence_limit):
+                os.close(lock)  # the lock was seen free on this node only: its agent may live
                 continue
             sequence, sessions = 0, set()
             try:
@@ -671,15 +744,36 @@ class ProcessingModule(AgentModule):
                 for record in _new_lines(path, _HookTask(None)):
                     if type(record.get("id")) is int:
                         update = api_json({**record, SESSION_KEY: session_id})
+                        updater = updater or self._replay_updater()
                         sequence = updater.put_update(update, stamp_session=False)
                         sessions.add(session_id)
-            if sequence:
+            if sequence and updater is not None:
                 self.logger.info("sending the results of hooks that completed under a stopped agent (%s, session %s)",
                                  folder.name, ", ".join(map(str, sorted(sessions))))
                 updater.send_soon()
                 self._recovering.append((sequence, folder, lock_path, lock))
             else:
                 _drop_results_dir(folder, lock_path, lock)
+
+    def _replay_updater(self) -> BulkStatusUpdater:
+        """The updater of a dead agent's results (:meth:`_recover_results`): each goes under the
+        session its file names, never this module's. No spool, and a short give-up at stop: what
+        it could not send stays in the dead agent's folder, which the next agent sends."""
+        if self.replay_updater is None:
+            self.replay_updater = BulkStatusUpdater(
+                self.client, max_wait_sec=0.05, close_timeout=5.0, name="processing-replay",
+                send=self._send_replayed, on_refused=self._fail_refused_result,
+            )
+        return self.replay_updater
+
+    def _send_replayed(self, chunk: list[dict]) -> None:
+        """A dead agent's results are applied only under their session's check (see
+        :meth:`_recover_results`). Once the server turns out older than leases (the updater then
+        sends without ``session_id``), they are refused here: applied unchecked, a result could
+        overwrite the next run of its job. Dropped (one ERROR line per batch): their hooks run again."""
+        if any(SESSION_KEY not in update for update in chunk):
+            raise _UncheckedReplay([update.get("id") for update in chunk])
+        self.client.patch("/jobs/", json=chunk)
 
     def in_flight(self) -> int:
         """Jobs handed to the hook workers (in both pools), still without a result."""
@@ -736,6 +830,7 @@ class ProcessingModule(AgentModule):
     # -- cycle -------------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
         self._updater()
+        self._touch_lock()
         assert self.spool is not None
         if self.spool.poll():
             self.logger.info("sending job updates that launchers spooled in %s", self.spool_path)
@@ -987,11 +1082,24 @@ class ProcessingModule(AgentModule):
         # next agent sends): the files can go. (The results of a hook still running when its worker
         # was ended are not in them: its job is released below and its hook runs again.)
         if self._results_dir is not None:
-            _drop_results_dir(self._results_dir, _lock_of(self._results_dir), self._results_lock)
-            self._results_dir = self._results_lock = None
+            lock_path = _lock_of(self._results_dir) if self._results_lock is not None else None
+            _drop_results_dir(self._results_dir, lock_path, self._results_lock)
+        self._results_dir = self._results_lock = None
+        self._results_dir_made = False
         self._spent_files, self._retiring = [], deque()
+        kept = False
+        if self.replay_updater is not None:
+            self.replay_updater.close()
+            kept = self.replay_updater.gave_up
+            self.replay_updater = None
         for _, folder, lock_path, lock in self._recovering:
-            _drop_results_dir(folder, lock_path, lock)
+            if kept:  # not all sent (the API is gone): the next agent sends them
+                os.close(lock)
+            else:
+                _drop_results_dir(folder, lock_path, lock)
+        if kept and self._recovering:
+            self.logger.warning("stopping: the results of a stopped agent in %s could not all be sent; the next "
+                                "agent sends them", ", ".join(str(entry[1]) for entry in self._recovering))
         self._recovering = []
         if self.lease is not None:
             self.lease.close()
@@ -1024,12 +1132,60 @@ def _lock_of(results_dir: Path) -> Path:
     return results_dir.parent / f"{results_dir.name}{_LOCK_SUFFIX}"
 
 
-def _drop_results_dir(folder: Path, lock_path: Path, lock: Optional[int]) -> None:
+class _UncheckedReplay(Exception):
+    """A dead agent's results that would go without their session (see ``_send_replayed``): a
+    refusal (409) of them all, as the server refuses a result of a job no longer held."""
+
+    status_code = 409
+
+    def __init__(self, ids: list[Any]) -> None:
+        super().__init__("a stopped agent's hook result is not sent: the server is older than job leases and "
+                         "would apply it without checking that the job is still held for it (its hook runs again)")
+        self.refused_ids = ids
+
+
+def _owner_of(name: str) -> tuple[Optional[str], Optional[int], float]:
+    """(host, pid, creation time in seconds) from a results folder's name
+    (``<host>-<pid>-<ns>``, the host may hold dashes); (None, None, 0.0) for another name."""
+    host, _, rest = name.rpartition("-")
+    host, _, pid = host.rpartition("-")
+    if host and pid.isdigit() and rest.isdigit():
+        return host, int(pid), int(rest) / 1e9
+    return None, None, 0.0
+
+
+def _is_local_owner(name: str) -> bool:
+    return _owner_of(name)[0] == socket.gethostname()
+
+
+def _owner_gone(name: str, lock: int, silence_limit: Optional[float]) -> bool:
+    """Whether the agent of the results folder ``name``, whose lock ``lock`` (an fd) this agent
+    could take, is dead. The lock alone is not enough where it is seen on its node only (Lustre
+    ``localflock``, NFS ``local_lock=flock``, a file system that ignores ``flock``): a live agent
+    would have its folder replayed and deleted under it (its workers then record nothing). So
+    also: on this host, its pid no longer runs, or runs a process started after the folder was
+    made (the pid reused); on another host (whose processes cannot be seen from here), its lock
+    file has not been touched (every LOCK_TOUCH_SEC while it lives) for ``silence_limit`` seconds,
+    the limit after which ``balsam site start`` takes such an agent for dead."""
+    host, pid, made = _owner_of(name)
+    if host == socket.gethostname() and pid is not None:
+        started = process_start_time(pid, running=True)
+        return started is None or started > made + START_TIME_TOLERANCE_SEC
+    try:
+        touched = os.fstat(lock).st_mtime
+    except OSError:
+        return False
+    return time.time() - touched > (silence_limit or 0.0)
+
+
+def _drop_results_dir(folder: Path, lock_path: Optional[Path], lock: Optional[int]) -> None:
     """Delete a results folder, then its lock file, then let go of the lock: unlinked while still
-    held, no other agent can open it and take the lock of a folder that is gone."""
+    held, no other agent can open it and take the lock of a folder that is gone. No lock file: a
+    folder in /tmp (see ``_make_results_dir``)."""
     shutil.rmtree(folder, ignore_errors=True)
     try:
-        lock_path.unlink(missing_ok=True)
+        if lock_path is not None:
+            lock_path.unlink(missing_ok=True)
     except OSError:
         pass
     if lock is not None:
