@@ -10,7 +10,8 @@ The rule, over the site's ``allowed_queues``, ``allowed_projects`` and ``optiona
 
 - the queue must be one of ``allowed_queues``; a site with no allowed queues accepts no BatchJob
   (nothing says what its scheduler would take);
-- ``1 <= num_nodes <= max_nodes`` and ``1 <= wall_time_min <= max_walltime`` of that queue;
+- ``min_nodes <= num_nodes <= max_nodes`` (``min_nodes``: optional, 1 when the queue sets none) and
+  ``1 <= wall_time_min <= max_walltime`` of that queue;
 - the project must be one of ``allowed_projects``, unless that list is empty (schedulers without
   project accounting);
 - every optional param must be a key of ``optional_batch_job_params``;
@@ -49,8 +50,10 @@ def check_batch_job(
     if limits is None:
         raise BatchJobRefused(f"queue {queue!r} is not in the site's allowed_queues ({', '.join(sorted(allowed_queues))})")
     max_nodes, max_walltime = int(_field(limits, "max_nodes")), int(_field(limits, "max_walltime"))
-    if not 1 <= num_nodes <= max_nodes:
-        raise BatchJobRefused(f"num_nodes {num_nodes} is outside 1..{max_nodes} allowed in queue {queue!r}")
+    # An optional minimum (Polaris prod refuses fewer than 10 nodes); limits without one allow 1.
+    min_nodes = int(_field(limits, "min_nodes") or 1)
+    if not min_nodes <= num_nodes <= max_nodes:
+        raise BatchJobRefused(f"num_nodes {num_nodes} is outside {min_nodes}..{max_nodes} allowed in queue {queue!r}")
     if not 1 <= wall_time_min <= max_walltime:
         raise BatchJobRefused(f"wall_time_min {wall_time_min} is outside 1..{max_walltime} allowed in queue {queue!r}")
     if allowed_projects and project not in allowed_projects:

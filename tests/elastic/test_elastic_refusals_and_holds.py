@@ -126,7 +126,8 @@ def test_only_its_own_recent_refusals_hold_requests_back(make_site, client) -> N
     _failed(client, site, error_time=now.isoformat(), scheduler_id=4242)  # reached the queue
     _failed(client, site, error_time=now.isoformat(), project="other")  # another project
     _failed(client, site, error_time=now.isoformat(), nodes=3)  # larger than the request
-    _failed(client, site, error_time=now.isoformat(), for_good=False)  # the scheduler was down: not refused
+    # The scheduler was down: not refused (an hour ago: its submission backoff is over).
+    _failed(client, site, error_time=(now - dt.timedelta(hours=1)).isoformat(), for_good=False)
     runnable_jobs(client, site, 2)
     module.run_cycle()
     assert [(s.num_nodes, s.wall_time_min) for s in module.last_decision.submit] == [(2, 55)], module.last_decision
@@ -188,29 +189,29 @@ WINDOW = (W(num_nodes=8, wall_time_min=60),)
 HELD_CASES = [
     ("the backlog is gone: its requests held back are cancelled",
      lambda: Snapshot(batch_jobs=(bj(1, held=HELD), bj(2, held=HELD)), windows=WINDOW), (), (2, 1),
-     "2 BatchJob(s) not submitted yet that no runnable job needs; no runnable jobs"),
-    ("the backlog is gone: one waiting for its submission without a hold is not cancelled (the scheduler "
-     "module may be submitting it)",
-     lambda: Snapshot(batch_jobs=(bj(1, held=HELD), bj(2)), windows=WINDOW), (), (1,),
-     "1 BatchJob(s) not submitted yet that no runnable job needs; no runnable jobs"),
-    ("the backlog is gone: none held, none cancelled",
-     lambda: Snapshot(batch_jobs=(bj(1), bj(2, age=30)), windows=WINDOW), (), (), "no runnable jobs"),
-    ("a regular-queue one and one it did not create are kept",
-     lambda: Snapshot(batch_jobs=(bj(1, held=HELD, regular=True), bj(2, owned=False, age=None)), windows=WINDOW), (), (),
-     "no runnable jobs"),
-    ("queued and running ones are not this rule's (stale queued ones are)",
-     lambda: Snapshot(batch_jobs=(bj(1, Q, queued=3), bj(2, R)), windows=WINDOW), (), (), "no runnable jobs"),
+     "2 BatchJob(s) not started yet that no runnable job needs; no runnable jobs"),
+    ("the backlog is gone: one waiting for its submission without a hold is cancelled too (read again before "
+     "the PATCH, as simple's blocks)",
+     lambda: Snapshot(batch_jobs=(bj(1, held=HELD), bj(2)), windows=WINDOW), (), (2, 1),
+     "2 BatchJob(s) not started yet that no runnable job needs; no runnable jobs"),
+    ("the backlog is gone: none held, all not started cancelled",
+     lambda: Snapshot(batch_jobs=(bj(1), bj(2, age=30)), windows=WINDOW), (), (2, 1), "no runnable jobs"),
+    ("a regular-queue one is cancelled, one it did not create is kept",
+     lambda: Snapshot(batch_jobs=(bj(1, held=HELD, regular=True), bj(2, owned=False, age=None)), windows=WINDOW), (), (1,),
+     "1 BatchJob(s) not started yet that no runnable job needs; no runnable jobs"),
+    ("queued per the poll: cancelled; running: kept",
+     lambda: Snapshot(batch_jobs=(bj(1, Q, queued=3), bj(2, R)), windows=WINDOW), (), (1,), "no runnable jobs"),
     ("jobs that fit none of its BatchJobs need none of them",
      lambda: Snapshot(backlog=Backlog(unfit_count=2, unfit_reason="too wide"), batch_jobs=(bj(1, held=HELD),), windows=WINDOW),
      (), (1,), "no runnable job fits its BatchJobs"),
     ("idle nodes cover the backlog: the newest requests the others can spare are cancelled",
      lambda: Snapshot(backlog=attrs.evolve(backlog(3, 3.0), running_footprint=2.0),
               batch_jobs=(bj(1, R, nodes=4), bj(2, nodes=2, held=HELD), bj(3, nodes=1, held=HELD)),
-              windows=WINDOW), (), (3,), "1 BatchJob(s) not submitted yet that no runnable job needs; idle nodes cover"),
-    ("idle nodes cover the backlog: one not held back is not cancelled, a held one older is",
+              windows=WINDOW), (), (3,), "1 BatchJob(s) not started yet that no runnable job needs; idle nodes cover"),
+    ("idle nodes cover the backlog: the newest, held back or not",
      lambda: Snapshot(backlog=attrs.evolve(backlog(3, 3.0), running_footprint=2.0),
               batch_jobs=(bj(1, R, nodes=4), bj(2, nodes=1, held=HELD), bj(3, nodes=1)),
-              windows=WINDOW), (), (2,), "1 BatchJob(s) not submitted yet that no runnable job needs; idle nodes cover"),
+              windows=WINDOW), (), (3,), "1 BatchJob(s) not started yet that no runnable job needs; idle nodes cover"),
     ("the backlog needs them all: none cancelled",
      lambda: Snapshot(backlog=backlog(3, 3.0), batch_jobs=(bj(2, nodes=2, held=HELD), bj(3, nodes=1)), windows=WINDOW),
      (), (), "idle nodes cover the backlog (3 idle >= 3 needed)"),
@@ -335,9 +336,10 @@ def test_a_stale_held_request_submitted_after_the_snapshot_is_not_cancelled(make
     client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "pending_deletion"}])
 
 
-def test_a_pending_request_without_a_hold_is_never_cancelled_by_backfill(make_site, client) -> None:
-    """Not held back, a request waiting for its submission is the scheduler module's to submit at its
-    next cycle: the backlog gone, backfill leaves it (cancelling it raced that submission)."""
+def test_a_pending_request_without_a_hold_is_cancelled_once_nothing_needs_it(make_site, client) -> None:
+    """Not held back, a request waiting for its submission is cancelled once the backlog is gone (it
+    was kept, and started later for nothing); the module reads it again just before the PATCH and
+    keeps it if the scheduler module submitted it meanwhile (see the test above)."""
     site = make_site(overrides={"scheduler": {"allowed_queues": DEBUG, "allowed_projects": ["proj"]}})
     module = ElasticQueueModule(site, {"submit_queue": "debug", "submit_project": "proj", "max_num_nodes": 1,
                                        "max_wall_time_min": 60, "min_wall_time_min": 35}, client,
@@ -346,11 +348,9 @@ def test_a_pending_request_without_a_hold_is_never_cancelled_by_backfill(make_si
     module.run_cycle()
     [made] = batch_jobs_of(client, site)
     client.delete("/jobs/", params={"site_id": site.site_id})
-    for _ in range(2):
-        module.run_cycle()
-        assert [b["state"] for b in batch_jobs_of(client, site)] == ["pending_submission"]
-        assert module.last_decision.cancel == () and module.last_cancelled == (), module.last_decision
-    client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "pending_deletion"}])
+    module.run_cycle()
+    assert [b["state"] for b in batch_jobs_of(client, site)] == ["pending_deletion"]
+    assert module.last_decision.cancel == (made["id"],) and module.last_cancelled == (made["id"],), module.last_decision
 
 
 def test_a_request_held_past_max_queue_wait_time_min_is_stale(make_site, client) -> None:

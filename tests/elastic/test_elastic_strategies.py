@@ -100,7 +100,7 @@ BACKFILL_CASES = [
     ("stale cancelled even with nothing to run",
      {}, Snapshot(batch_jobs=(bj(7, Q, 4, queued=30), bj(9, R, 2)), windows=()), (), (7,), "no runnable jobs"),
     ("queued exactly at the limit is not stale",
-     {}, Snapshot(batch_jobs=(bj(7, Q, 4, queued=10),)), (), (), "no runnable jobs"),
+     {}, Snapshot(backlog=backlog(4, 4.0), batch_jobs=(bj(7, Q, 4, queued=10),)), (), (), "idle nodes cover the backlog"),
     ("unknown queued time (poll failed) never cancels",
      {}, Snapshot(batch_jobs=(bj(7, Q, 4, queued=None),)), (), (), "no runnable jobs"),
     ("regular_queue_after_min off (0.7): no window, nothing however long",

@@ -6,18 +6,18 @@ Per cycle (inventory §9):
    they were sized for: they are cancelled (``pending_deletion``) and no longer count below; so
    are those the scheduler module holds back in pending_submission (a queue at a scheduler limit,
    ``BatchJobView.held``) more than ``max_queue_wait_time_min`` after their creation.
-   BatchJobs it did not create (by hand, queue_maintainer's) and regular-queue ones are never
-   cancelled (0.7 cancelled a hand-made BatchJob after 10 minutes).
+   BatchJobs it did not create (by hand, queue_maintainer's) are never cancelled (0.7 cancelled a
+   hand-made BatchJob after 10 minutes), nor are regular-queue ones as stale (see 3).
 2. ``reserved`` = nodes of the module's BatchJobs that wait or run, less those the scheduler says can
    never start (``BatchJobView.never_starts``: they hold a place in the queue, no nodes); at
    ``max_queued_jobs`` of them (those included), nothing more is submitted, nor, while one that can
    never start waits, a request at least as large as it (the same limit would hold it back).
-3. Nothing runnable: nothing to submit, and its own window-fitted BatchJobs that the scheduler
-   module holds back in pending_submission (``BatchJobView.held``: a queue at a scheduler limit)
-   are cancelled (they would be submitted once it lifted, for a backlog long gone); when the idle
-   nodes cover the runnable footprint, the newest such ones the others can spare are. One waiting
-   for its submission without a hold is left alone: the scheduler module submits it at its next
-   cycle, and a cancel racing that submission could delete a BatchJob already queued or running.
+3. Nothing runnable: nothing to submit, and its own BatchJobs that certainly have not started
+   (waiting for their submission, held back or not, or queued per this cycle's status poll;
+   regular-queue ones too) are cancelled: they would start later, for a backlog long gone, and
+   run nothing. When the idle nodes cover the runnable footprint, the newest such ones the others
+   can spare are. The module reads each again just before the PATCH and keeps one submitted or
+   started since the snapshot (``still_cancellable``), as for ``simple``'s surplus blocks.
 4. The window: with ``use_backfill`` the scheduler's windows for the submit queue, less the nodes
    its own window-fitted BatchJobs requested and have not taken yet (the scheduler shows them idle
    until those start; a queued one keeps its claim until a status poll shows it running), at least ``min_wall_time_min`` long, longer than the shortest runnable job
@@ -46,7 +46,7 @@ from balsam.models import BackfillWindow
 from balsam.states import BatchJobState
 
 from .strategy import (STRATEGY_SECTION_KEYS, BatchJobView, Decision, Snapshot, Strategy, Submission, never_starts_reason,
-                       nodes_for)
+                       nodes_for, not_started_newest_first)
 
 
 class BackfillStrategy(Strategy):
@@ -83,9 +83,9 @@ class BackfillStrategy(Strategy):
             numbers.append(("stale_held", f"pending>{s.max_queue_wait_time_min}min"))
         if never:
             numbers.append(("never_starts", len(never)))
-        # Its window-fitted requests held back by the scheduler module (a queue limit) that the
-        # runnable jobs no longer need (the backlog is gone, or the other nodes cover it): they
-        # would be submitted once the hold lifted, for jobs long gone.
+        # Its requests not started yet (waiting for submission, held back at a queue limit, or
+        # queued per the poll; regular-queue ones too) that the runnable jobs no longer need (the
+        # backlog is gone, or the other nodes cover it): they would start later and run nothing.
         unneeded = self.unneeded_requests(live, idle, backlog)
         if unneeded:
             numbers.append(("unneeded", len(unneeded)))
@@ -95,13 +95,15 @@ class BackfillStrategy(Strategy):
             if stale_held:
                 why.append(f"{len(stale_held)} BatchJob(s) held in pending_submission past max_queue_wait_time_min")
             if unneeded:
-                why.append(f"{len(unneeded)} BatchJob(s) not submitted yet that no runnable job needs")
+                why.append(f"{len(unneeded)} BatchJob(s) not started yet that no runnable job needs")
             return Decision(cancel=stale + unneeded, reason="; ".join(why + [reason]), numbers=tuple(numbers))
 
-        if len(live) >= s.max_queued_jobs:
-            return nothing(f"max_queued_jobs reached ({len(live)} of {s.max_queued_jobs} BatchJobs wait or run)")
+        # Nothing runnable first: at max_queued_jobs with an empty backlog, the line said
+        # "max_queued_jobs reached", as if work were waiting for room.
         if backlog.runnable_count <= 0:
             return nothing(backlog.nothing_runnable())
+        if len(live) >= s.max_queued_jobs:
+            return nothing(f"max_queued_jobs reached ({len(live)} of {s.max_queued_jobs} BatchJobs wait or run)")
         if backlog.runnable_footprint <= idle + 1e-9:
             return nothing(f"idle nodes cover the backlog ({max(idle, 0.0):.6g} idle >= {backlog.runnable_footprint:.6g} needed)")
         smallest = max(1, backlog.min_runnable_nodes)
@@ -141,18 +143,17 @@ class BackfillStrategy(Strategy):
                 and b.age_min is not None and b.age_min > self.settings.max_queue_wait_time_min)
 
     def unneeded_requests(self, live: list[BatchJobView], idle: float, backlog: Any) -> tuple[int, ...]:
-        """Its own window-fitted BatchJobs that the scheduler module holds back in pending_submission
-        (``held``: a queue at a scheduler limit) and that nothing runnable needs: all of them without
-        a runnable job; else the newest ones whose nodes the idle nodes can spare while still
-        covering the runnable footprint. Regular-queue ones are kept (they wait their turn and are
-        never cancelled), and so are BatchJobs it did not create and those not held back: the
-        scheduler module submits one of those at its next cycle, maybe while this cycle reads the
-        scheduler, and cancelling it then deleted a BatchJob that was queued, or running."""
+        """Its own BatchJobs that certainly have not started (waiting for their submission, or
+        queued per this cycle's status poll: ``not_started_newest_first``, as ``simple`` sheds its
+        surplus blocks) and that nothing runnable needs: all of them without a runnable job; else
+        the newest ones whose nodes the idle nodes can spare while still covering the runnable
+        footprint. Regular-queue ones included: kept, one started hours later, for a backlog long
+        gone, and ran nothing (audit: "BJ 4 kind=regular_queue ran=16.0s jobs=0"). BatchJobs it did
+        not create are never candidates; the module reads each candidate again before its PATCH
+        (``still_cancellable``) and keeps one submitted or started since the snapshot."""
         if backlog.runnable_count > 0 and backlog.runnable_footprint > idle + 1e-9:
             return ()
-        waiting = sorted((b for b in live if b.owned and not b.regular_queue
-                          and b.state == BatchJobState.pending_submission and b.held),
-                         key=lambda b: b.id, reverse=True)
+        waiting = not_started_newest_first(live)
         if backlog.runnable_count <= 0:
             return tuple(b.id for b in waiting)
         spare = idle - backlog.runnable_footprint

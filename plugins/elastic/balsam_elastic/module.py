@@ -20,7 +20,11 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
   not tied to a queue);
 - only in a cycle whose decision submits: its BatchJobs the scheduler refused lately (the newest
   submit_failed ones of ``submit_queue``, one GET, see :meth:`ElasticQueueModule.read_refused`); the
-  strategy then decides again, and requests nothing at least as large as one of them.
+  strategy then decides again, and requests nothing at least as large as one of them. The same
+  rows give a backoff: after submissions of its own that failed without a refusal (the scheduler
+  unreachable), nothing is submitted for a while (:meth:`ElasticQueueModule.submit_backoff`); nor
+  while the scheduler module holds a BatchJob of the queue and project back at a queue limit
+  (:meth:`ElasticQueueModule.held_in_queue`).
 
 The strategy (:mod:`balsam_elastic.strategy`) turns that snapshot into a decision; the module creates
 the BatchJobs it asks for (carrying the site's ``filter_tags``, so the launchers run only this site's
@@ -85,6 +89,9 @@ REFUSAL_ADVICE = ("If the scheduler does not know the queue, or the project may 
 REFUSAL_MEMORY_MIN = 24 * 60
 #: Most recent submit_failed BatchJobs of submit_queue read (one request, newest first).
 REFUSED_READ_LIMIT = 20
+#: Longest wait (seconds) after submissions that failed without a refusal (the scheduler unreachable):
+#: the wait starts at service_period and doubles with each such failure in a row, up to this.
+SUBMIT_BACKOFF_MAX_S = 30 * 60
 
 
 def as_options(config: Any) -> ElasticQueueOptions:
@@ -124,6 +131,9 @@ class ElasticQueueModule(AgentModule):
         self.started_at = utcnow()
         #: When it first saw each of its BatchJobs that carry no CREATED_AT stamp (made by an earlier version).
         self._first_seen: dict[int, Any] = {}
+        #: The newest of its BatchJobs seen with a scheduler id (a submission that succeeded): the
+        #: submit failures older than it no longer lengthen the backoff (:meth:`submit_backoff`).
+        self._newest_submitted = 0
         #: Clamp and refusal messages already logged: each is logged once, not every cycle.
         self._reported: set[tuple[bool, str]] = set()
         queue_cap = self.queue_limit("max_queued_jobs") or 0  # 0: the queue sets no limit
@@ -379,18 +389,72 @@ class ElasticQueueModule(AgentModule):
             created = self._first_seen.setdefault(int(row["id"]), utcnow())
         return int(_minutes_since(created))
 
-    def read_refused(self) -> tuple[BatchJobView, ...]:
-        """Its own BatchJobs of submit_queue that the scheduler refused for good (submit_failed
-        without a scheduler id, marked ``status_info[REFUSED_FOR_GOOD]`` by the scheduler module:
-        nothing reached the queue, and the scheduler's words are in ``status_info.error``), refused since the module started and within
-        :data:`REFUSAL_MEMORY_MIN`: one request, the :data:`REFUSED_READ_LIMIT` newest submit_failed
-        BatchJobs of the queue. Read only in a cycle whose decision submits."""
+    def read_submit_failed(self) -> list[dict]:
+        """The :data:`REFUSED_READ_LIMIT` newest submit_failed BatchJobs of submit_queue (one GET)."""
         params: dict[str, Any] = {"site_id": self.site_id, "queue": self.options.submit_queue,
                                   "state": BatchJobState.submit_failed.value, "ordering": "-id",
                                   "limit": REFUSED_READ_LIMIT}
         if self.filter_tags():
             params["filter_tags"] = self._tag_params()
-        rows = (self.client.get("/batch-jobs/", params=params) or {}).get("results") or []
+        return (self.client.get("/batch-jobs/", params=params) or {}).get("results") or []
+
+    def submit_backoff(self, failed: list[dict]) -> Optional[str]:
+        """Why no BatchJob is submitted this cycle, or None: its newest BatchJobs failed their
+        submission without a refusal (the scheduler module tried 3 times and the command kept
+        failing: the server unreachable, ``qsub: cannot connect to server``), newer than its last
+        submission that succeeded. Without this a new submit_failed BatchJob was created every
+        cycle of an outage (about 60 BatchJobs and 180 qsub calls an hour). The wait after the
+        newest failure (its ``end_time``, else ``status_info.error_time``) is service_period,
+        doubled for each such failure in a row, at most :data:`SUBMIT_BACKOFF_MAX_S`; a submission
+        that succeeds (a BatchJob of its own seen with a scheduler id) ends the run."""
+        streak, newest = 0, None
+        for row in sorted(failed, key=lambda r: -int(r["id"])):
+            info = row.get("status_info") or {}
+            if REQUEST_KIND not in info:
+                continue  # not its own
+            if (int(row["id"]) <= self._newest_submitted or row.get("scheduler_id") is not None
+                    or info.get(REFUSED_FOR_GOOD) == "true"):
+                break  # a submission that reached the queue, or a refusal (read_refused's): the run ends
+            if newest is None:
+                newest = row
+            streak += 1
+        if newest is None:
+            return None
+        info = newest.get("status_info") or {}
+        when = newest.get("end_time") or info.get("error_time")
+        try:
+            failed_at = parse_datetime(when) if when else None
+        except (TypeError, ValueError):
+            failed_at = None
+        if failed_at is None:
+            return None
+        wait = min(self.period * 2 ** min(streak - 1, 30), SUBMIT_BACKOFF_MAX_S)
+        until = failed_at + dt.timedelta(seconds=wait)
+        if utcnow() >= until:
+            return None
+        return (f"backing off after {streak} failed submission(s) in a row (BatchJob {newest['id']}: "
+                f"{info.get('error') or 'no reason given'}): nothing submitted until {until:%Y-%m-%d %H:%M:%S} UTC "
+                f"({wait:.0f} s after the last failure)")
+
+    def held_in_queue(self, snapshot: Snapshot, decision: Decision) -> Optional[str]:
+        """Why nothing is submitted this cycle, or None: a BatchJob of the submit queue and project
+        is held back by the scheduler module (the queue at a scheduler limit, e.g. PBS's "would
+        exceed queue prod's per-user limit"). Another one would wait behind it, and the limit
+        counted only against max_queued_jobs let the module add one each cycle up to it."""
+        held = [b for b in snapshot.batch_jobs if b.held and b.project == snapshot.project and b.id not in decision.cancel]
+        if not held:
+            return None
+        return (f"BatchJob {held[0].id} of queue {self.options.submit_queue!r} (project {snapshot.project!r}) is held "
+                f"back ({held[0].held}): nothing more is submitted to the queue until it is")
+
+    def read_refused(self, rows: Optional[list[dict]] = None) -> tuple[BatchJobView, ...]:
+        """Its own BatchJobs of submit_queue that the scheduler refused for good (submit_failed
+        without a scheduler id, marked ``status_info[REFUSED_FOR_GOOD]`` by the scheduler module:
+        nothing reached the queue, and the scheduler's words are in ``status_info.error``), refused since the module started and within
+        :data:`REFUSAL_MEMORY_MIN`: one request, the :data:`REFUSED_READ_LIMIT` newest submit_failed
+        BatchJobs of the queue (``rows``, when read already). Read only in a cycle whose decision submits."""
+        if rows is None:
+            rows = self.read_submit_failed()
         since = max(self.started_at, utcnow() - dt.timedelta(minutes=REFUSAL_MEMORY_MIN))
         refused = []
         for row in rows:
@@ -445,12 +509,15 @@ class ElasticQueueModule(AgentModule):
         backlog = attrs.evolve(self.read_backlog(), running_count=running_count, running_footprint=running_footprint)
         poll = self.read_poll() if any(r["state"] == BatchJobState.queued.value for r in rows) else None
         windows, error = self.read_windows()
+        submitted = [int(r["id"]) for r in rows if r.get("scheduler_id") is not None
+                     and REQUEST_KIND in (r.get("status_info") or {})]
+        self._newest_submitted = max([self._newest_submitted, *submitted])
         views = tuple(self.view(r, poll) for r in sorted(rows, key=lambda r: r["id"]))
         seen = {v.id for v in views}
         for gone in [i for i in self._first_seen if i not in seen]:
             del self._first_seen[gone]
         return Snapshot(batch_jobs=views, backlog=backlog, windows=windows, windows_error=error,
-                        project=self.options.submit_project)
+                        project=self.options.submit_project, min_nodes=max(1, self.queue_limit("min_nodes") or 1))
 
     # -- one cycle ---------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
@@ -459,11 +526,16 @@ class ElasticQueueModule(AgentModule):
         if decision.submit:
             # Requests the scheduler refused for good (a QOS's per-job node limit) would be refused
             # again: a new submit_failed BatchJob and a scheduler call every cycle. Read only now.
-            refused = self.read_refused()
+            failed = self.read_submit_failed()
+            refused = self.read_refused(failed)
             if refused:
                 snapshot = attrs.evolve(snapshot, refused=refused)
                 decision = self.strategy.decide(snapshot)
                 self.report_refused(snapshot)
+            if decision.submit:
+                why = self.held_in_queue(snapshot, decision) or self.submit_backoff(failed)
+                if why:
+                    decision = attrs.evolve(decision, submit=(), reason=f"{decision.reason}; {why}")
         self.last_decision = decision
         self.logger.info("%s%s", decision.log_line(self.strategy.name), self.held_note(snapshot))
         backlog = snapshot.backlog
@@ -578,7 +650,8 @@ class ElasticQueueModule(AgentModule):
 
     def fit_to_site_rules(self, body: dict) -> Optional[str]:
         """Clamp ``body`` to the submit queue's ``max_nodes`` / ``max_walltime`` (the most the site
-        allows, which a user who set larger elastic limits would take), then check it with the
+        allows, which a user who set larger elastic limits would take), raise it to the queue's
+        ``min_nodes`` where one is set (optional: read when the queue's limits carry it), then check it with the
         scheduler module's rules; the reason it would be refused, or None. A refused BatchJob is
         not created: the scheduler module would mark it submit_failed, and the next cycle would
         create another."""
@@ -594,6 +667,13 @@ class ElasticQueueModule(AgentModule):
                     self._report_once(f"{field} {body[field]} clamped to the {limit_name} {limit} of queue {body['queue']!r} "
                                       f"(settings.yml scheduler.allowed_queues)")
                     body[field] = limit
+            # A queue's minimum (Polaris prod: 10 nodes; optional, 1 when not set): the scheduler
+            # refuses a smaller job, so the request is raised to it.
+            low = limits.get("min_nodes") if isinstance(limits, Mapping) else getattr(limits, "min_nodes", None)
+            if low is not None and body["num_nodes"] < int(low):
+                self._report_once(f"num_nodes {body['num_nodes']} raised to the min_nodes {int(low)} of queue "
+                                  f"{body['queue']!r} (settings.yml scheduler.allowed_queues)")
+                body["num_nodes"] = int(low)
         try:
             check_batch_job(body, allowed_queues, getattr(rules, "allowed_projects", None) or [],
                             getattr(rules, "optional_batch_job_params", None) or {})

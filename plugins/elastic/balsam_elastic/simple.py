@@ -22,7 +22,8 @@ import attrs
 
 from balsam.options import option
 
-from .strategy import Decision, Snapshot, Strategy, StrategyError, Submission, never_starts_reason
+from .strategy import (Decision, Snapshot, Strategy, StrategyError, Submission, never_starts_reason,
+                       not_started_newest_first)
 
 
 @attrs.frozen
@@ -87,7 +88,7 @@ class SimpleStrategy(Strategy):
         if queued > len(blocks):
             numbers += (("never_starts", queued - len(blocks)),)
         if len(blocks) > wanted:
-            waiting = sorted((b for b in blocks if b.cancellable), key=lambda b: b.id, reverse=True)
+            waiting = not_started_newest_first(blocks)
             surplus = tuple(b.id for b in waiting[: len(blocks) - wanted])
             if surplus:
                 return Decision(cancel=surplus, numbers=numbers,

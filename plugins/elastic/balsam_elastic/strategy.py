@@ -38,6 +38,7 @@ __all__ = [
     "load_strategy",
     "never_starts_reason",
     "nodes_for",
+    "not_started_newest_first",
 ]
 
 STRATEGY_GROUP = "balsam.elastic_strategies"
@@ -169,6 +170,10 @@ class Snapshot:
     #: as large (:meth:`never_starting_as_large`); none counts as capacity or holds a place in the queue.
     #: The module reads them only in a cycle whose decision submits, then decides again with them.
     refused: tuple[BatchJobView, ...] = ()
+    #: The submit queue's ``min_nodes`` (settings.yml ``scheduler.allowed_queues``; 1 when it sets
+    #: none): the module raises every request to it (``fit_to_site_rules``), as Polaris's prod
+    #: queue refuses jobs of fewer than 10 nodes.
+    min_nodes: int = 1
 
     @property
     def reserving(self) -> tuple[BatchJobView, ...]:
@@ -195,10 +200,30 @@ class Snapshot:
 
         A BatchJob of :attr:`refused` (the scheduler refused it at submission, for good) holds back
         the requests at least as large the same way: submitted, each would be refused in turn, a
-        new BatchJob and a scheduler call every cycle."""
+        new BatchJob and a scheduler call every cycle. A request is compared at the size it is
+        submitted, raised to :attr:`min_nodes`; a refusal of a request below ``min_nodes`` (made
+        before the queue's minimum was known: Polaris prod refuses 1 node, "Job violates queue
+        and/or server resource limits") says nothing of larger ones and holds back only its own
+        size (it held back every request for 24 h)."""
+        size = max(num_nodes, self.min_nodes)
+
+        def holds_back(b: BatchJobView, refusal: bool) -> bool:
+            if b.project != self.project or b.wall_time_min > wall_time_min:
+                return False
+            return b.num_nodes == size if refusal and b.num_nodes < self.min_nodes else b.num_nodes <= size
+
         waiting = [b for b in self.batch_jobs if b.reserving and b.never_starts]
-        return next((b for b in waiting + list(self.refused) if b.project == self.project
-                     and b.num_nodes <= num_nodes and b.wall_time_min <= wall_time_min), None)
+        return next((b for b in waiting if holds_back(b, False)), None) or \
+            next((b for b in self.refused if holds_back(b, True)), None)
+
+
+def not_started_newest_first(views: Any) -> list[BatchJobView]:
+    """The BatchJobs of ``views`` a strategy may cancel (:attr:`BatchJobView.cancellable`: its own,
+    certainly not started), newest first, less those the scheduler says can never start (they hold
+    no nodes, and the module leaves them for a user to remove). The one mechanism by which the
+    strategies shed requests nothing needs; the module reads each again just before its PATCH
+    (``still_cancellable``) and keeps one whose state changed meanwhile."""
+    return sorted((b for b in views if b.cancellable and not b.never_starts), key=lambda b: b.id, reverse=True)
 
 
 def never_starts_reason(b: BatchJobView) -> str:
