@@ -7,7 +7,9 @@ spawner when it never runs (dropped) or must run again (a relaunch writes it bac
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from balsam.launcher import spawner
 from balsam.launcher.app_run import shell_argv
 from balsam.launcher.runner import ProcessPool, SpawnerPool
 
@@ -121,5 +124,75 @@ def test_a_dropped_queued_long_line_leaves_no_script(tmp_path: Path) -> None:
         assert pool.queue_after(1, 3, _long_line(), behind, env)
         pool.terminate_all(1.0)
         assert _scripts(behind) == []
+    finally:
+        _close(pool)
+
+
+def test_a_queued_long_line_given_back_at_once_leaves_no_script(tmp_path: Path) -> None:
+    """A request to queue behind a task the spawner does not know (ended long ago, or by a stop
+    signal, or the deadline passed) is given back ("d"): its script must go with it."""
+    [shell, script] = shell_argv(_long_line(), str(tmp_path), job_id=5)
+    read_fd, write_fd = os.pipe()
+    try:
+        sp = spawner.Spawner(read_fd, write_fd)
+        sp.queue(999, 5, [shell, script], str(tmp_path), str(tmp_path / "job.out"), {}, [])
+        assert sp.events == [("d", 5)]
+        assert _scripts(tmp_path) == []
+        os.close(sp.devnull)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_the_scripts_of_tasks_queued_when_the_spawner_dies_are_removed(tmp_path: Path) -> None:
+    pool = _pool("spawner (serial mode)")
+    ahead, behind = tmp_path / "ahead", tmp_path / "behind"
+    ahead.mkdir()
+    behind.mkdir()
+    try:
+        env = dict(os.environ)
+        pool.start(1, "sleep 3", ahead, env)  # outlives the spawner (its own session) for 3 s at most
+        assert pool.queue_after(1, 2, _long_line(), behind, env)
+        assert len(_scripts(behind)) == 1
+        os.kill(pool.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        dropped: list[int] = []
+        while not dropped and time.monotonic() < deadline:
+            pool.wake.wait(0.1)
+            pool.wake.clear()
+            pool.reap()
+            dropped += pool.take_dropped()
+        assert dropped == [2]
+        assert _scripts(behind) == []
+    finally:
+        _close(pool)
+
+
+def test_a_long_line_start_sweeps_the_scripts_its_dead_launchers_left(tmp_path: Path) -> None:
+    """A launcher SIGKILLed between writing a script and bash starting left it (or its .part): the
+    job's next long-line start removes those of dead pids, never a live launcher's or another job's."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    own = f".{os.getpid()}."
+    first = Path(shell_argv(f"echo one {FILLER}", str(tmp_path), job_id=7)[1]).name
+    assert first.startswith(".balsam_command.7.") and own in first
+    left = first.replace(own, f".{dead.pid}.")
+    alive = first.replace(own, f".{os.getppid()}.")  # a live launcher's
+    other_job = Path(shell_argv(f"echo two {FILLER}", str(tmp_path), job_id=8)[1]).name.replace(own, f".{dead.pid}.")
+    for name in (left, left + ".part", alive, other_job):
+        (tmp_path / name).write_text("x")
+    shell_argv(f"echo three {FILLER}", str(tmp_path), job_id=7)
+    names = _scripts(tmp_path)
+    assert left not in names and left + ".part" not in names
+    assert first in names and alive in names and other_job in names
+
+
+def test_an_in_process_long_line_script_is_named_after_its_job(tmp_path: Path) -> None:
+    pool = _pool("in-process")
+    try:
+        pool.start(42, f'printf "%s" "$0" > name.txt; : {FILLER}', tmp_path, dict(os.environ))
+        [(job_id, rc, tail, _)] = _wait(pool, 1)
+        assert (job_id, rc) == (42, 0), tail
+        assert os.path.basename((tmp_path / "name.txt").read_text()).startswith(".balsam_command.42.")
     finally:
         _close(pool)

@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -357,7 +358,7 @@ class AppProcess:
             try:
                 self._proc = _spawn_with_affinity(
                     shell_cmd, cwd=str(self.workdir), stdout=fd, env=env, cpu_ids=cpu_ids,
-                    sigpipe_ignored=sigpipe_ignored,
+                    sigpipe_ignored=sigpipe_ignored, job_id=job_id,
                 )
             finally:
                 os.close(fd)
@@ -497,17 +498,24 @@ MAX_ARG_BYTES = 131_072
 #: a unique ``<job id>.<pid>.<ns>.<n>.sh`` after it), run as ``/bin/bash FILE``.
 LONG_LINE_SCRIPT = spawner.COMMAND_SCRIPT_PREFIX
 _script_seq = itertools.count()
+#: This host's name in a script's name (dots out: the name's fields are dot-separated), so that the
+#: sweep of dead launchers' scripts (:func:`_sweep_dead_scripts`) never takes the script of a live
+#: launcher on another node sharing the workdir (its pid means nothing here).
+_HOST_TAG = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 
 
 def shell_argv(shell_cmd: str, workdir: str, env_prefix_text: str = "", job_id: Optional[int] = None) -> list[str]:
     """``/bin/bash -c <line>``; a line over :data:`MAX_ARG_BYTES` (a run() job's 128,000-character
-    chunks under a shell preamble) is written to ``<workdir>/.balsam_command.<job id>.<pid>.<ns>.<n>.sh``
-    and run as ``/bin/bash <file>`` instead: exec refused it ("Argument list too long") and the job
-    never ran. One name per start, so jobs (or two runs of one job) sharing a workdir never run each
-    other's line; mode 0600, since the line may carry the job's environment (``export K=V``); the
-    script's first command removes it (bash keeps reading the open file), which also holds when the
-    launcher is killed. One that never runs is removed by whoever drops it
-    (:func:`balsam.launcher.spawner.remove_command_script`)."""
+    chunks under a shell preamble) is written to
+    ``<workdir>/.balsam_command.<job id>.<host>.<pid>.<ns>.<n>.sh`` and run as ``/bin/bash <file>``
+    instead: exec refused it ("Argument list too long") and the job never ran. One name per start, so
+    jobs (or two runs of one job) sharing a workdir never run each other's line; mode 0600, since the
+    line may carry the job's environment (``export K=V``). The script's first command removes it (bash
+    keeps reading the open file), so once bash runs it, a launcher killed later leaves nothing. One
+    that never runs is removed by whoever drops it (:func:`balsam.launcher.spawner.remove_command_script`;
+    the launcher when its spawner dies first). A launcher killed (SIGKILL) between writing it and bash
+    starting leaves it (or its ``.part``): the next long-line start of that job on this host removes
+    those of the job's launchers no longer alive (:func:`_sweep_dead_scripts`)."""
     line = f"{env_prefix_text} {shell_cmd}" if env_prefix_text else shell_cmd
     if len(line) * 4 < MAX_ARG_BYTES or len(line.encode("utf-8", "surrogateescape")) < MAX_ARG_BYTES:
         return ["/bin/bash", "-c", line]
@@ -519,9 +527,12 @@ def shell_argv(shell_cmd: str, workdir: str, env_prefix_text: str = "", job_id: 
 
 
 def _write_command_script(workdir: str, line: str, job_id: Optional[int]) -> str:
-    tag = f"{job_id}." if job_id is not None else ""
+    workdir = os.path.abspath(workdir)
+    tag = f"{job_id}.{_HOST_TAG}." if job_id is not None else f"{_HOST_TAG}."
+    if job_id is not None:
+        _sweep_dead_scripts(workdir, f"{LONG_LINE_SCRIPT}{tag}")
     name = f"{LONG_LINE_SCRIPT}{tag}{os.getpid()}.{time.time_ns()}.{next(_script_seq)}.sh"
-    script = os.path.join(os.path.abspath(workdir), name)
+    script = os.path.join(workdir, name)
     partial = script + ".part"
     # PATH set for rm alone: the job's own PATH (exported on the next line) may lack /bin.
     text = 'PATH=/usr/bin:/bin:$PATH rm -f -- "$0"\n' + line + "\n"
@@ -537,6 +548,37 @@ def _write_command_script(workdir: str, line: str, job_id: Optional[int]) -> str
             pass
         raise
     return script
+
+
+def _sweep_dead_scripts(workdir: str, head: str) -> None:
+    """Remove ``<workdir>/<head><pid>.*`` scripts (and ``.part`` files) whose launcher (``pid``, on
+    this host) is gone: a launcher SIGKILLed between writing one and bash starting left it. A live
+    pid (or one reused since) keeps its file. One listdir, only for a long-line start."""
+    try:
+        names = os.listdir(workdir)
+    except OSError:
+        return
+    own = os.getpid()
+    for name in names:
+        if not name.startswith(head):
+            continue
+        pid_text = name[len(head):].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == own or _pid_alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(workdir, name))
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # PermissionError: another user's process, alive
+        return True
+    return True
 
 
 def env_prefix(env: Mapping[str, str]) -> Optional[str]:
@@ -560,7 +602,7 @@ def env_prefix(env: Mapping[str, str]) -> Optional[str]:
 
 
 def _spawn_with_affinity(shell_cmd: str, *, cwd: str, stdout: Any, env: Mapping[str, str], cpu_ids: Sequence[int],
-                         sigpipe_ignored: bool = False) -> subprocess.Popen:
+                         sigpipe_ignored: bool = False, job_id: Optional[int] = None) -> subprocess.Popen:
     """Popen in a new session, with the child pinned to ``cpu_ids`` from its first instruction.
     ``sigpipe_ignored``: the child keeps this interpreter's ignored SIGPIPE (and SIGXFSZ: Popen
     restores both or neither) instead of the default (MPI launchers: see
@@ -575,7 +617,7 @@ def _spawn_with_affinity(shell_cmd: str, *, cwd: str, stdout: Any, env: Mapping[
     if direct is not None:
         argv, child_env = direct, env  # the modes pass str -> str mappings (launch_environment)
     else:
-        argv, child_env = _through_shell(shell_cmd, cwd, env)
+        argv, child_env = _through_shell(shell_cmd, cwd, env, job_id)
     own_mask = None
     if cpu_ids and _affinity_supported:
         own_mask = _thread_mask()
@@ -593,7 +635,7 @@ def _spawn_with_affinity(shell_cmd: str, *, cwd: str, stdout: Any, env: Mapping[
             # An executable script without a '#!' line: the kernel refuses to exec it, where bash
             # (what the line would have gone through without the direct exec) runs it as a shell
             # script. Only this error path pays for the second spawn (still pinned: inside the try).
-            argv, child_env = _through_shell(shell_cmd, cwd, env)
+            argv, child_env = _through_shell(shell_cmd, cwd, env, job_id)
             return _popen(argv, cwd, stdout, child_env, sigpipe_ignored)
     except BaseException:
         spawner.remove_command_script(argv)  # bash never ran it (it removes it itself when it runs)
@@ -603,13 +645,14 @@ def _spawn_with_affinity(shell_cmd: str, *, cwd: str, stdout: Any, env: Mapping[
             os.sched_setaffinity(0, own_mask)
 
 
-def _through_shell(shell_cmd: str, cwd: str, env: Mapping[str, str]) -> tuple[list[str], Optional[Mapping[str, str]]]:
+def _through_shell(shell_cmd: str, cwd: str, env: Mapping[str, str],
+                   job_id: Optional[int] = None) -> tuple[list[str], Optional[Mapping[str, str]]]:
     """``(argv, env for Popen)`` running ``/bin/bash -c <line>`` (:func:`shell_argv`) with ``env``:
     the inherited environment plus an ``export`` prefix when it can be written as one (None: inherit it)."""
     prefix = env_prefix(env)
     if prefix is None:
-        return shell_argv(shell_cmd, cwd), env
-    return shell_argv(shell_cmd, cwd, prefix), None
+        return shell_argv(shell_cmd, cwd, job_id=job_id), env
+    return shell_argv(shell_cmd, cwd, prefix, job_id=job_id), None
 
 
 def _popen(argv: list[str], cwd: str, stdout: Any, env: Optional[Mapping[str, str]], sigpipe_ignored: bool) -> subprocess.Popen:

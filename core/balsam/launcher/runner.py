@@ -647,12 +647,15 @@ def _signal_group(pgid: int, sig: int) -> None:
 class SpawnedTask:
     """A task run by the spawner process: what the pool needs to report its exit."""
 
-    __slots__ = ("job_id", "workdir", "outfile", "returncode", "end_time", "spawn_error")
+    __slots__ = ("job_id", "workdir", "outfile", "returncode", "end_time", "spawn_error", "script")
 
     def __init__(self, job_id: int, workdir: str, outfile: str) -> None:
         self.job_id = job_id
         self.workdir = workdir
         self.outfile = outfile
+        #: The command-line script of a long line (``spawner.command_script``), else None: removed
+        #: here if the spawner dies before it runs it.
+        self.script: Optional[str] = None
         self.returncode: Optional[int] = None
         self.end_time: Optional[float] = None
         self.spawn_error = ""
@@ -748,7 +751,10 @@ class SpawnerPool:
         if not os.path.isabs(path):
             path = os.path.abspath(path)
         task = SpawnedTask(job_id, path, os.path.join(path, JOB_OUTPUT_NAME))
-        argv = direct_argv(shell_cmd, env) or shell_argv(shell_cmd, path, job_id=job_id)
+        argv = direct_argv(shell_cmd, env)
+        if argv is None:
+            argv = shell_argv(shell_cmd, path, job_id=job_id)
+            task.script = spawner.command_script(argv)
         env_set, env_unset = env_difference(self.base_env, env)
         return task, (argv, path, task.outfile, env_set, env_unset)
 
@@ -942,6 +948,15 @@ class SpawnerPool:
             now = time.time()
             self.events.extend(("e", job_id, -1, now, self._gone) for job_id in list(self.running))
             self.events.extend(("d", job_id) for job_id in list(self.queued))
+            # The scripts of long lines it never started (queued, or a start it never read) would
+            # stay in their workdirs: one it started has removed itself already (its first command).
+            for task in [*self.queued.values(), *self.running.values()]:
+                script = getattr(task, "script", None)
+                if script is not None:
+                    try:
+                        os.unlink(script)
+                    except OSError:
+                        pass
             self._answered.set()
             self.wake.set()
 

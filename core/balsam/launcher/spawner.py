@@ -320,6 +320,7 @@ class Spawner:
             self.events.append(("h", after_id, job_id, time.time()))
             self.start(job_id, self.freed.pop(after_id), *request)
         else:  # it ended by a termination signal, or long ago, or too late: the launcher places this one again
+            remove_command_script(request[0])  # never run: the launcher writes a new one when it places it again
             self.deadline_of.pop(job_id, None)
             self.events.append(("d", job_id))
 
