@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from balsam.client.rest import RESTClient
 from balsam.site.modules import processing
 from balsam.site.modules.processing import ProcessingModule
 from site_test_utils import job_rows
@@ -295,3 +297,117 @@ def test_replayed_results_are_not_sent_without_their_session_to_an_older_server(
         assert [u["id"] for u in module.client.applied] == [9]
     finally:
         module.close()
+
+
+# -- review of 4bea6b2: re-checks, the toucher thread, the replay updater, clock skew, .lock.new -------
+
+def test_a_folder_skipped_as_fresh_is_replayed_once_its_agent_falls_silent(module, monkeypatch) -> None:
+    """Recovery ran in the first cycle only: another host's folder seen "fresh" then (a prompt
+    ``site start`` elsewhere) was never looked at again, and its hooks ran again."""
+    monkeypatch.setattr(processing, "LOCK_TOUCH_SEC", 0.0)
+    folder, lock_path = _dead_folder(module, f"other-login-2.example-{os.getpid()}-{time.time_ns()}")
+    assert _recover(module) == []
+    silent = time.time() - 3600
+    os.utime(lock_path, (silent, silent))
+    getattr(module, "_recheck_skipped", lambda: None)()  # what each cycle does after the first
+    assert _recover_flushed(module) == [5]
+    assert not folder.exists() and not lock_path.exists()
+
+
+def _recover_flushed(module: ProcessingModule) -> list[int]:
+    if module.replay_updater is not None:
+        assert module.replay_updater.flush(10)
+    module._retire()
+    return [u["id"] for u in module.client.applied]
+
+
+def test_the_lock_is_touched_by_a_thread_while_no_cycle_runs(module, monkeypatch) -> None:
+    """Touched from run_cycle only, a cycle blocked for minutes (API outage retries) made the agent
+    look dead to the agents of other hosts."""
+    monkeypatch.setattr(processing, "LOCK_TOUCH_SEC", 0.05)
+    path = module._make_results_dir()
+    lock_path = path.parent / f"{path.name}.lock"
+    old = time.time() - 3600
+    os.utime(lock_path, (old, old))
+    deadline = time.monotonic() + 5
+    while time.time() - lock_path.stat().st_mtime > 60 and time.monotonic() < deadline:
+        time.sleep(0.05)  # this thread is "the blocked cycle": it never calls the module
+    assert time.time() - lock_path.stat().st_mtime < 60
+    module.close()
+    assert not [t for t in threading.enumerate() if t.name == "processing-lock-touch"]
+
+
+class _Rest(RESTClient):
+    """A RESTClient that records the keyword arguments of its PATCHes (the updater's own call)."""
+
+    def __init__(self) -> None:  # no connection
+        self.calls: list[dict] = []
+        self.applied: list[dict] = []
+
+    def __repr__(self) -> str:
+        return f"_Rest(calls={self.calls})"
+
+    def patch(self, path: str, json: Any = None, params: Any = None, **kw: Any) -> Any:
+        self.calls.append(kw)
+        self.applied.extend(json)
+        return len(json)
+
+
+def test_replayed_results_go_through_the_updaters_own_patch(tmp_path: Path) -> None:
+    """The replay updater's send= hook bypassed its PATCH: no Idempotency-Key, and full client
+    retries while stopping (a 5 s give-up that took 35 s, sends after the locks were let go)."""
+    module = _module(tmp_path, _Rest())
+    try:
+        _dead_folder(module, f"{socket.gethostname()}-{_dead_pid()}-{time.time_ns()}")
+        assert [u["id"] for u in _recover(module)] == [5]
+        assert module.client.calls and module.client.calls[0].get("idempotency_key")
+        assert module.replay_updater is None, "closed once nothing is left to recover"
+        replay = module._replay_updater()
+        replay._stopping = True
+        replay._patch([{"id": 6, "state": "POSTPROCESSED", "session_id": 7}], "key")
+        assert module.client.calls[-1] == {"idempotency_key": "key", "retry_count": 0}
+        with pytest.raises(processing._UncheckedReplay):
+            replay._patch([{"id": 6, "state": "POSTPROCESSED"}], "key")
+    finally:
+        module.close()
+
+
+def _skewed(monkeypatch: pytest.MonkeyPatch, offset: float) -> None:
+    """This host's clock ``offset`` seconds off the file system's (the module's view only)."""
+    real = time.time
+    monkeypatch.setattr(processing, "time", types.SimpleNamespace(
+        time=lambda: real() + offset, monotonic=time.monotonic, time_ns=time.time_ns, sleep=time.sleep))
+
+
+def test_a_live_agents_folder_is_not_replayed_by_a_host_whose_clock_is_ahead(module, monkeypatch) -> None:
+    module._results_dir = module._make_results_dir()
+    _skewed(monkeypatch, 36000.0)
+    folder, lock_path = _dead_folder(module, f"other-login-2.example-{os.getpid()}-{time.time_ns()}")
+    assert _recover(module) == []
+    assert folder.is_dir() and lock_path.exists()
+
+
+def test_a_silent_folder_is_replayed_by_a_host_whose_clock_is_behind(module, monkeypatch) -> None:
+    module._results_dir = module._make_results_dir()
+    _skewed(monkeypatch, -36000.0)
+    folder, lock_path = _dead_folder(module, f"other-login-2.example-{os.getpid()}-{time.time_ns()}")
+    silent = time.time() - 3600
+    os.utime(lock_path, (silent, silent))
+    assert [u["id"] for u in _recover(module)] == [5]
+    assert not folder.exists()
+
+
+def test_a_new_lock_file_left_by_a_dead_agent_is_deleted(module) -> None:
+    """An agent that died between the O_EXCL create of ``<agent>.lock.new`` and its rename."""
+    parent = module.hook_results_path
+    parent.mkdir(parents=True)
+    dead_here = parent / f"{socket.gethostname()}-{_dead_pid()}-{time.time_ns()}.lock.new"
+    silent_there = parent / f"other-login-2.example-{os.getpid()}-{time.time_ns()}.lock.new"
+    fresh_there = parent / f"other-login-3.example-{os.getpid()}-{time.time_ns()}.lock.new"
+    live_here = parent / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.lock.new"
+    for path in (dead_here, silent_there, fresh_there, live_here):
+        path.touch()
+    silent = time.time() - 3600
+    os.utime(silent_there, (silent, silent))
+    assert _recover(module) == []
+    assert sorted(p.name for p in parent.iterdir()) == sorted([fresh_there.name, live_here.name])

@@ -297,9 +297,13 @@ class ProcessingModule(AgentModule):
         self._results_dir: Optional[Path] = None
         self._results_dir_made = False
         #: The lock of ``_results_dir`` (held while this module lives: see HOOK_RESULTS_DIR); None
-        #: for a folder in /tmp. Touched every LOCK_TOUCH_SEC (``_touched``: when, monotonic).
+        #: for a folder in /tmp. Touched every LOCK_TOUCH_SEC (``_touched``: when, monotonic) by a
+        #: thread of its own: a cycle blocked for minutes (API outage retries) must not make this
+        #: agent look dead to the agents of other hosts (see _owner_gone).
         self._results_lock: Optional[int] = None
         self._touched = 0.0
+        self._toucher: Optional[threading.Thread] = None
+        self._stop_touching = threading.Event()
         self._results_count = itertools.count()
         #: Results files whose results are all handed to the status updater, and (with the sequence
         #: of the last of them) those waiting for the updater to have sent them: a file deleted
@@ -311,6 +315,12 @@ class ProcessingModule(AgentModule):
         #: folder, its lock file, the lock's fd); deleted once the updater is through them.
         self._recovering: list[tuple[int, Path, Path, int]] = []
         self._recovered = False
+        #: Lock files (``.lock`` and ``.lock.new``) of folders seen unlocked whose agent may live
+        #: (_owner_gone said no: a lock touched lately on another host, a pid still running): looked
+        #: at again every LOCK_TOUCH_SEC (``_rechecked``: when, monotonic) until their agent is
+        #: gone, so that a folder seen "fresh" at this agent's start is still replayed once silent.
+        self._skipped: set[Path] = set()
+        self._rechecked = 0.0
         #: Sends those results (see _replay_updater).
         self.replay_updater: Optional[BulkStatusUpdater] = None
         self.processed = 0
@@ -646,18 +656,45 @@ class ProcessingModule(AgentModule):
             raise
         self._results_lock = lock
         self._touched = time.monotonic()
+        self._stop_touching.clear()
+        self._toucher = threading.Thread(target=self._keep_touching, name="processing-lock-touch", daemon=True)
+        self._toucher.start()
         return path
+
+    def _keep_touching(self) -> None:
+        """The toucher thread: :meth:`_touch_lock` every LOCK_TOUCH_SEC until close()."""
+        while not self._stop_touching.wait(LOCK_TOUCH_SEC):
+            self._touch_lock()
 
     def _touch_lock(self) -> None:
         """Every LOCK_TOUCH_SEC, this agent's lock file's mtime is set to now: it lives (for the
         agents of other hosts, see :meth:`_owner_gone`)."""
-        if self._results_lock is None or time.monotonic() - self._touched < LOCK_TOUCH_SEC:
+        lock = self._results_lock
+        if lock is None or time.monotonic() - self._touched < LOCK_TOUCH_SEC:
             return
         self._touched = time.monotonic()
         try:
-            os.utime(self._results_lock)
+            os.utime(lock)
         except OSError:  # a touch missed: tried again LOCK_TOUCH_SEC later
             pass
+
+    def _stop_toucher(self) -> None:
+        """Stopped before the lock's fd is closed (a touch of a reused fd number would be another file's)."""
+        self._stop_touching.set()
+        if self._toucher is not None:
+            self._toucher.join(5.0)
+            self._toucher = None
+
+    def _fs_now(self) -> float:
+        """Now, by the clock of the site's file system (which sets the mtimes _owner_gone compares
+        with): this agent's own lock file, touched now. The local clock where there is none."""
+        if self._results_lock is not None:
+            try:
+                os.utime(self._results_lock)
+                return os.fstat(self._results_lock).st_mtime
+            except OSError:
+                pass
+        return time.time()
 
     def _retire(self) -> None:
         """Delete the results files whose results the status updater has sent (or dropped)."""
@@ -674,8 +711,19 @@ class ProcessingModule(AgentModule):
         for entry in [e for e in self._recovering if replay.done_through(e[0])]:
             self._recovering.remove(entry)
             _drop_results_dir(*entry[1:])
+        if not self._recovering and not self._skipped and replay.pending == 0:
+            # Nothing left to recover: its thread goes (a later re-check makes a new one if needed).
+            replay.close()
+            self.replay_updater = None
 
-    def _recover_results(self) -> None:
+    def _recheck_skipped(self) -> None:
+        """Every LOCK_TOUCH_SEC, the folders skipped because their agent may live are looked at
+        again (an open, an flock and an fstat each): replayed once their agent is gone."""
+        if self._skipped and time.monotonic() - self._rechecked >= LOCK_TOUCH_SEC:
+            self._rechecked = time.monotonic()
+            self._recover_results(only=list(self._skipped))
+
+    def _recover_results(self, only: Optional[list[Path]] = None) -> None:
         """Send the hook results that dead agents of this site recorded and did not send (their
         results folders whose lock nobody holds), before this module acquires any job.
 
@@ -700,32 +748,52 @@ class ProcessingModule(AgentModule):
         A folder is deleted once the updater is through its results (:meth:`_retire`), keeping its
         lock meanwhile: if this agent dies first, the next one sends them again (refused if applied).
         One bulk PATCH per batch, as for every result; they go through an updater of their own,
-        which drops them rather than send them without their session (:meth:`_send_replayed`).
-        An unlocked folder is taken for a dead agent's only if :meth:`_owner_gone` agrees."""
+        which drops them rather than send them without their session (:class:`_ReplayUpdater`).
+        An unlocked folder is taken for a dead agent's only if :meth:`_owner_gone` agrees; one it
+        does not is looked at again later (``only``: those lock files, see :meth:`_recheck_skipped`).
+        A ``.lock.new`` left by an agent that died between its creation and its rename (no folder
+        yet) is deleted once its agent is gone too."""
         parent = self.hook_results_path
         try:
-            locks = sorted(parent.glob(f"*{_LOCK_SUFFIX}"))
+            if only is None:
+                locks = sorted(parent.glob(f"*{_LOCK_SUFFIX}")) + sorted(parent.glob(f"*{_NEW_LOCK_SUFFIX}"))
+            else:
+                locks = sorted(only)
         except OSError:
             return
         updater: Optional[BulkStatusUpdater] = None
         silence_limit: Optional[float] = None
+        now: Optional[float] = None
         for lock_path in locks:
-            folder = lock_path.parent / lock_path.name[: -len(_LOCK_SUFFIX)]
+            self._skipped.discard(lock_path)
+            new = lock_path.name.endswith(_NEW_LOCK_SUFFIX)
+            folder = lock_path.parent / lock_path.name[: -len(_NEW_LOCK_SUFFIX if new else _LOCK_SUFFIX)]
             if folder == self._results_dir:
                 continue
             try:
                 lock = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
             except OSError:  # deleted meanwhile
                 continue
+            if not _is_local_owner(folder.name) and silence_limit is None:
+                silence_limit = agent_silence_limit(Path(getattr(self.site_config, "site_path", parent)))
+            now = now or self._fs_now()
+            # Asked before the flock, for a .lock.new: a starting agent's flock of it must not fail on ours.
+            if new and not _owner_gone(folder.name, lock, silence_limit, now):
+                os.close(lock)
+                self._skipped.add(lock_path)
+                continue
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # its agent lives (another agent of the site): its results are its own
                 os.close(lock)
                 continue
-            if not _is_local_owner(folder.name) and silence_limit is None:
-                silence_limit = agent_silence_limit(Path(getattr(self.site_config, "site_path", parent)))
-            if not _owner_gone(folder.name, lock, silence_limit):
+            if new:  # its agent died before renaming it, so before making its folder: nothing to send
+                _remove(lock_path)  # unlinked while held: see _drop_results_dir
+                os.close(lock)
+                continue
+            if not _owner_gone(folder.name, lock, silence_limit, now):
                 os.close(lock)  # the lock was seen free on this node only: its agent may live
+                self._skipped.add(lock_path)
                 continue
             sequence, sessions = 0, set()
             try:
@@ -760,20 +828,11 @@ class ProcessingModule(AgentModule):
         session its file names, never this module's. No spool, and a short give-up at stop: what
         it could not send stays in the dead agent's folder, which the next agent sends."""
         if self.replay_updater is None:
-            self.replay_updater = BulkStatusUpdater(
+            self.replay_updater = _ReplayUpdater(
                 self.client, max_wait_sec=0.05, close_timeout=5.0, name="processing-replay",
-                send=self._send_replayed, on_refused=self._fail_refused_result,
+                on_refused=self._fail_refused_result,
             )
         return self.replay_updater
-
-    def _send_replayed(self, chunk: list[dict]) -> None:
-        """A dead agent's results are applied only under their session's check (see
-        :meth:`_recover_results`). Once the server turns out older than leases (the updater then
-        sends without ``session_id``), they are refused here: applied unchecked, a result could
-        overwrite the next run of its job. Dropped (one ERROR line per batch): their hooks run again."""
-        if any(SESSION_KEY not in update for update in chunk):
-            raise _UncheckedReplay([update.get("id") for update in chunk])
-        self.client.patch("/jobs/", json=chunk)
 
     def in_flight(self) -> int:
         """Jobs handed to the hook workers (in both pools), still without a result."""
@@ -830,7 +889,7 @@ class ProcessingModule(AgentModule):
     # -- cycle -------------------------------------------------------------------------------------
     def run_cycle(self) -> Optional[float]:
         self._updater()
-        self._touch_lock()
+        self._touch_lock()  # also the toucher thread's job; here too in case that thread died
         assert self.spool is not None
         if self.spool.poll():
             self.logger.info("sending job updates that launchers spooled in %s", self.spool_path)
@@ -838,6 +897,7 @@ class ProcessingModule(AgentModule):
             # Before the first acquire: see _recover_results for why the order matters little.
             self._recover_results()
             self._recovered = True
+        self._recheck_skipped()
         harvested = self._harvest()
         if harvested:
             self._send(harvested)
@@ -1081,6 +1141,7 @@ class ProcessingModule(AgentModule):
         # Every result read from the results files is sent now, or in the site's spool (which the
         # next agent sends): the files can go. (The results of a hook still running when its worker
         # was ended are not in them: its job is released below and its hook runs again.)
+        self._stop_toucher()
         if self._results_dir is not None:
             lock_path = _lock_of(self._results_dir) if self._results_lock is not None else None
             _drop_results_dir(self._results_dir, lock_path, self._results_lock)
@@ -1101,6 +1162,7 @@ class ProcessingModule(AgentModule):
             self.logger.warning("stopping: the results of a stopped agent in %s could not all be sent; the next "
                                 "agent sends them", ", ".join(str(entry[1]) for entry in self._recovering))
         self._recovering = []
+        self._skipped = set()
         if self.lease is not None:
             self.lease.close()
             self.lease = None
@@ -1133,7 +1195,7 @@ def _lock_of(results_dir: Path) -> Path:
 
 
 class _UncheckedReplay(Exception):
-    """A dead agent's results that would go without their session (see ``_send_replayed``): a
+    """A dead agent's results that would go without their session (see ``_ReplayUpdater``): a
     refusal (409) of them all, as the server refuses a result of a job no longer held."""
 
     status_code = 409
@@ -1142,6 +1204,19 @@ class _UncheckedReplay(Exception):
         super().__init__("a stopped agent's hook result is not sent: the server is older than job leases and "
                          "would apply it without checking that the job is still held for it (its hook runs again)")
         self.refused_ids = ids
+
+
+class _ReplayUpdater(BulkStatusUpdater):
+    """The updater of a dead agent's results (see ``ProcessingModule._recover_results``): they are
+    applied only under their session's check. Once the server turns out older than leases (the
+    updater then sends without ``session_id``), they are refused here: applied unchecked, a result
+    could overwrite the next run of its job. Dropped (one ERROR line per batch): their hooks run
+    again. The rest is the updater's own PATCH (its Idempotency-Key, one try per call at stop)."""
+
+    def _patch(self, chunk: list[dict[str, Any]], key: Optional[str] = None) -> None:
+        if not self.sends_session or any(SESSION_KEY not in update for update in chunk):
+            raise _UncheckedReplay([update.get("id") for update in chunk])
+        super()._patch(chunk, key)
 
 
 def _owner_of(name: str) -> tuple[Optional[str], Optional[int], float]:
@@ -1158,7 +1233,7 @@ def _is_local_owner(name: str) -> bool:
     return _owner_of(name)[0] == socket.gethostname()
 
 
-def _owner_gone(name: str, lock: int, silence_limit: Optional[float]) -> bool:
+def _owner_gone(name: str, lock: int, silence_limit: Optional[float], now: Optional[float] = None) -> bool:
     """Whether the agent of the results folder ``name``, whose lock ``lock`` (an fd) this agent
     could take, is dead. The lock alone is not enough where it is seen on its node only (Lustre
     ``localflock``, NFS ``local_lock=flock``, a file system that ignores ``flock``): a live agent
@@ -1166,7 +1241,9 @@ def _owner_gone(name: str, lock: int, silence_limit: Optional[float]) -> bool:
     also: on this host, its pid no longer runs, or runs a process started after the folder was
     made (the pid reused); on another host (whose processes cannot be seen from here), its lock
     file has not been touched (every LOCK_TOUCH_SEC while it lives) for ``silence_limit`` seconds,
-    the limit after which ``balsam site start`` takes such an agent for dead."""
+    the limit after which ``balsam site start`` takes such an agent for dead. ``now``: by the file
+    system's clock (the mtime of a lock file this agent just touched), not this host's, which may
+    be skewed; the local clock where None."""
     host, pid, made = _owner_of(name)
     if host == socket.gethostname() and pid is not None:
         started = process_start_time(pid, running=True)
@@ -1175,7 +1252,8 @@ def _owner_gone(name: str, lock: int, silence_limit: Optional[float]) -> bool:
         touched = os.fstat(lock).st_mtime
     except OSError:
         return False
-    return time.time() - touched > (silence_limit or 0.0)
+    return (time.time() if now is None else now) - touched > (silence_limit or 0.0)
+
 
 
 def _drop_results_dir(folder: Path, lock_path: Optional[Path], lock: Optional[int]) -> None:
