@@ -20,7 +20,7 @@ T1 = "2026-01-02T04:05:06.250000+00:00"
 # One payload per model with every field set to a non-default value (wire format).
 PAYLOADS: dict[type, dict] = {
     models.User: {"id": 3, "username": "alice"},
-    models.AllowedQueue: {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 2},
+    models.AllowedQueue: {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 2, "min_nodes": 2},
     models.BackfillWindow: {"num_nodes": 4, "wall_time_min": 30},
     models.SchedulerJobStatus: {
         "scheduler_id": 123, "state": "queued", "queue": "debug", "num_nodes": 2, "wall_time_min": 30,

@@ -489,7 +489,10 @@ class Settings:
 
 def _plain(value: Any) -> Any:
     if attrs.has(type(value)):
-        return {f.name: _plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
+        # A field newer than settings.yml's usual shape (omit_if_default, as on the wire) is written
+        # only when set: every other queue keeps its three keys.
+        return {f.name: _plain(getattr(value, f.name)) for f in attrs.fields(type(value))
+                if not (f.metadata.get("omit_if_default") and getattr(value, f.name) == f.default)}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

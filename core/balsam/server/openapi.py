@@ -232,7 +232,8 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
     "TransferUpdate": obj(TRANSFER_FIELDS),
     "TransferPatch": obj({"id": int64(), **TRANSFER_FIELDS}, ["id"]),
     # The server refuses limits that refuse every BatchJob (balsam.models.AllowedQueue.validate).
-    "AllowedQueue": obj({"max_nodes": int32(1), "max_walltime": int32(1), "max_queued_jobs": int32(0)},
+    "AllowedQueue": obj({"max_nodes": int32(1), "max_walltime": int32(1), "max_queued_jobs": int32(0),
+                         "min_nodes": int32(1)},
                         ["max_nodes", "max_walltime", "max_queued_jobs"]),
     "BackfillWindow": obj({"num_nodes": int32(), "wall_time_min": int32()}, ["num_nodes", "wall_time_min"]),
     "SchedulerJobStatus": obj({

@@ -227,7 +227,8 @@ class PolarisPlatform(Platform):
                 "allowed_queues": {
                     "debug": {"max_nodes": 2, "max_walltime": 60, "max_queued_jobs": 100},
                     "debug-scaling": {"max_nodes": 10, "max_walltime": 60, "max_queued_jobs": 1},
-                    "prod": {"max_nodes": 496, "max_walltime": 1440, "max_queued_jobs": 100},
+                    # prod routes 10-496 nodes (fewer: "Job violates queue and/or server resource limits").
+                    "prod": {"max_nodes": 496, "max_walltime": 1440, "max_queued_jobs": 100, "min_nodes": 10},
                     "preemptable": {"max_nodes": 10, "max_walltime": 4320, "max_queued_jobs": 20},
                 },
                 "allowed_projects": ["datascience"],

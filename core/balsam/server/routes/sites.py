@@ -59,7 +59,7 @@ def _validate(values: dict[str, Any]) -> None:
         errors.append((["body", "name"], site_name_problem(str(values["name"]))))
     for queue, limits in (values.get("allowed_queues") or {}).items():
         # The rule settings.yml is checked with: a queue of max_nodes 0 refuses every BatchJob.
-        for field, problem in AllowedQueue(**limits).validate().items():
+        for field, problem in AllowedQueue(**limits).validate(cross_field=False).items():
             errors.append((["body", "allowed_queues", queue, field], problem))
     for alias, url in (values.get("transfer_locations") or {}).items():
         if "://" not in url:
