@@ -47,6 +47,27 @@ def test_the_pid_file_is_removed_before_the_handlers_are_put_back(tmp_path, monk
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_the_pid_file_is_written_once_the_handlers_are_in_place(tmp_path, monkeypatch) -> None:
+    """`balsam site stop` signals the pid it reads in the pid file at once: a SIGTERM before the
+    handlers met the default action (the agent ended with no shutdown, its pid file left), a SIGHUP
+    under nohup was ignored (CI: the agent ran on and its test timed out)."""
+    before = signal.getsignal(signal.SIGTERM)
+    seen: list[bool] = []
+    real = agent_module.write_pid_file
+
+    def recording(site_path):
+        seen.append(signal.getsignal(signal.SIGTERM) is not before)
+        real(site_path)
+
+    monkeypatch.setattr(agent_module, "write_pid_file", recording)
+    ref: list = []
+    agent = Agent(SimpleNamespace(site_path=str(tmp_path), site_id=1), client=object(), modules=[StopAtOnce(ref)])
+    ref.append(agent)
+    assert agent.run() == 0
+    assert seen == [True]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.parametrize("code, closed", [(errno.EIO, True), (errno.EBADF, False)])
 def test_a_failed_read_of_the_signal_pipe_closes_it(tmp_path, monkeypatch, code: int, closed: bool) -> None:
     read_fd, write_fd = os.pipe()

@@ -710,10 +710,17 @@ class Agent:
         logger.info("agent stopped")
 
     def run(self) -> int:
-        """Main entry: pid file, signals, modules until SIGTERM; returns the exit code."""
-        write_pid_file(self.site_path)
+        """Main entry: signals, pid file, modules until SIGTERM; returns the exit code."""
+        # The handlers before the pid file: `balsam site stop` (or a test) signals the pid it reads
+        # there at once, and a signal before them met the default action (SIGTERM ended the agent
+        # with no shutdown, its pid file left; SIGHUP under nohup was ignored, the agent ran on).
+        self._install_signal_handlers()
         try:
-            self._install_signal_handlers()
+            write_pid_file(self.site_path)
+        except BaseException:
+            self._remove_signal_handlers()
+            raise
+        try:
             self.start()
             self.wait()
             self.shutdown()
