@@ -223,6 +223,11 @@ def with_poll_record(history: Optional[JobHistory], ended: Optional[JobHistory])
     return ended if ended is not None and (history is None or history.state in STILL_ACTIVE) else history
 
 
+def _set_or_usual(field: "attrs.Attribute", value: Any) -> bool:
+    """attrs.asdict filter: a field marked ``omit_if_default`` only when it is not its default."""
+    return not (field.metadata.get("omit_if_default") and value == field.default)
+
+
 def _frozen_mapping(value: Optional[Mapping]) -> Mapping:
     return MappingProxyType(dict(value or {}))
 
@@ -462,7 +467,8 @@ class Scheduler(abc.ABC):
             logger.info("site defaults: no queues discovered (%s)", exc)
             queues = {}
         if queues:
-            section["allowed_queues"] = {name: attrs.asdict(limits) for name, limits in queues.items()}
+            # A limit newer than settings.yml's usual shape (min_nodes) only where one was discovered.
+            section["allowed_queues"] = {name: attrs.asdict(limits, filter=_set_or_usual) for name, limits in queues.items()}
             for limits in section["allowed_queues"].values():
                 if limits.get("max_queued_jobs") is None:
                     limits["max_queued_jobs"] = unreported_max_queued_jobs

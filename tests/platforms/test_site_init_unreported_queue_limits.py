@@ -54,7 +54,7 @@ def test_site_init_keeps_the_platform_limit_the_server_does_not_report(balsam_en
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     queues = yaml.safe_load((path / "settings.yml").read_text())["scheduler"]["allowed_queues"]
-    assert queues["prod"] == {"max_nodes": 496, "max_walltime": 1440, "max_queued_jobs": 100}  # not 20
+    assert queues["prod"] == {"max_nodes": 496, "max_walltime": 1440, "max_queued_jobs": 100, "min_nodes": 10}  # not 20
     assert queues["debug"]["max_queued_jobs"] == 1  # reported by the server and stricter
     # Named by neither with a limit: the placeholder, so that settings.yml loads.
     assert queues["site-extra"] == {"max_nodes": 4, "max_walltime": 120, "max_queued_jobs": 20}

@@ -18,6 +18,11 @@ from balsam.server.embedded import (
 
 def test_long_lines_are_capped_and_the_file_rotates(tmp_path: Path) -> None:
     log_file = tmp_path / "server.log"
+    # dictConfig sets these loggers for the whole process (the "balsam" logger stops propagating):
+    # put them back, or later tests of this worker lose balsam's records (caplog saw nothing).
+    names = ("uvicorn", "uvicorn.error", "uvicorn.access", "balsam")
+    saved = {name: (logging.getLogger(name).level, logging.getLogger(name).propagate,
+                    list(logging.getLogger(name).handlers), logging.getLogger(name).disabled) for name in names}
     logging.config.dictConfig(log_config(log_file, "info", max_bytes=20_000))
     access = logging.getLogger("uvicorn.access")
     try:
@@ -28,6 +33,12 @@ def test_long_lines_are_capped_and_the_file_rotates(tmp_path: Path) -> None:
     finally:
         for handler in access.handlers + logging.getLogger("balsam").handlers:
             handler.close()
+        for name, (level, propagate, handlers, disabled) in saved.items():
+            logger = logging.getLogger(name)
+            logger.setLevel(level)
+            logger.propagate = propagate
+            logger.handlers[:] = handlers
+            logger.disabled = disabled
     files = sorted(tmp_path.glob("server.log*"))
     assert [f.name for f in files] == ["server.log", *(f"server.log.{i}" for i in range(1, LOG_BACKUP_COUNT + 1))]
     assert all(f.stat().st_size <= 20_000 + MAX_LOG_LINE_CHARS + 200 for f in files)
