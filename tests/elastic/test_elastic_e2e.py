@@ -172,9 +172,9 @@ def test_a_batch_job_queued_past_the_limit_is_cancelled(kind, elastic_site) -> N
         blocker = subprocess.run(blocker_command(kind, nodes, script), capture_output=True, text=True, check=True,
                                  cwd=path).stdout.strip().splitlines()[-1]
         wanted = 1
-        # A job for it to run: with an empty backlog a request not started yet is cancelled as
-        # unneeded before it is stale. The blocker leaves no window, so no other is submitted.
-        runnable_jobs(client, SimpleNamespace(site_id=site_id), 1, tags=tags)
+    # A job for it to run: with an empty backlog a request not started yet is cancelled as unneeded
+    # before it is stale. Its reserved nodes cover the job, so no other request is submitted.
+    runnable_jobs(client, SimpleNamespace(site_id=site_id), 1, tags=tags)
     try:
         # stamped as the module's own request: it never cancels a BatchJob it did not create
         stuck = client.post("/batch-jobs/", json={"site_id": site_id, "project": SCHEDULERS[kind]["project"],
