@@ -53,7 +53,7 @@ def test_socket_nobody_listens_on(tmp_path: Path) -> None:
     assert "docs/server.md#shared-deployment-on-postgresql" in line
     # The first failed attempt says what is retried and for how long, once.
     (warning,) = [ln for ln in proc.stderr.splitlines() if "retrying" in ln]
-    assert warning.startswith("WARNING") and api_root in warning and "retrying up to 1 times" in warning
+    assert warning.startswith("WARNING") and api_root in warning and "retrying up to 1 time over" in warning
 
 
 def test_socket_directory_missing_on_this_host(tmp_path: Path) -> None:

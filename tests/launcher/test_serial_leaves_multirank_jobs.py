@@ -60,8 +60,9 @@ class RecordingClient:
     def __init__(self, rows: list[dict[str, Any]], count: int) -> None:
         self.rows, self.count, self.calls = rows, count, []
 
-    def get(self, url: str, params: Any = None) -> Any:
+    def get(self, url: str, params: Any = None, retry_count: Any = None) -> Any:
         self.calls.append((url, params))
+        self.retry_count = retry_count
         return {"count": self.count, "results": self.rows}
 
 

@@ -57,7 +57,10 @@ class _RetryNotice(logging.Filter):
     call are logged at INFO (the log file). Not by the delay alone: a first retry that waits for the
     server's Retry-After (429, 503) is longer than the first backoff, and no WARNING was printed."""
 
-    def _budget(self) -> tuple[str, int, float]:
+    def _budget(self, call_retries: Optional[int] = None) -> tuple[str, int, float]:
+        """The server, the call's retries and their longest time. ``call_retries`` is what the client
+        put on the record: the call's own budget (a session's close retries 3 times, not the
+        client's 10), else the client's setting."""
         from balsam.client import ClientSettings
 
         try:
@@ -65,6 +68,8 @@ class _RetryNotice(logging.Filter):
             api_root, retries, timeout = settings.api_root, settings.retry_count, settings.connect_timeout
         except Exception:
             api_root, retries, timeout = "?", 10, 6.2
+        if isinstance(call_retries, int) and call_retries >= 0:
+            retries = call_retries
         # Backoffs (with their jitter of up to a quarter) plus one connect timeout per attempt.
         base, cap = _backoff()
         waits = sum(min(cap, base * 2**i) * 1.25 for i in range(retries))
@@ -83,10 +88,11 @@ class _RetryNotice(logging.Filter):
             record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
             return True
         said = (str(record.msg) % args).split("; retrying in", 1)[0]  # "POST /sessions/: LocalTransportError"
-        api_root, retries, seconds = self._budget()
-        record.msg = ("%s from the Balsam server at %s; retrying up to %d times over up to about %d min before "
+        api_root, retries, seconds = self._budget(getattr(record, "retries", None))
+        span = f"{math.ceil(seconds)} s" if seconds < 90 else f"{math.ceil(seconds / 60)} min"
+        record.msg = ("%s from the Balsam server at %s; retrying up to %d %s over up to about %s before "
                       "giving up (further retries are logged at INFO)")
-        record.args = (said, api_root, retries, max(1, math.ceil(seconds / 60)))
+        record.args = (said, api_root, retries, "time" if retries == 1 else "times", span)
         return True
 
 

@@ -493,7 +493,7 @@ class RESTClient:
                     ) from None
                 delay = self._backoff(attempt)
                 logger.warning("%s %s: %s; retrying in %.1f s", method, url, type(exc).__name__, delay,
-                               extra={"attempt": attempt + 1})  # 1: the call's first failure
+                               extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
                 time.sleep(delay)
                 attempt += 1
                 continue
@@ -505,7 +505,7 @@ class RESTClient:
                     raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
                 delay = self._backoff(attempt, resp)
                 logger.warning("%s %s: HTTP %d; retrying in %.1f s", method, url, status, delay,
-                               extra={"attempt": attempt + 1})  # 1: the call's first failure
+                               extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
                 time.sleep(delay)
                 attempt += 1
                 continue

@@ -101,7 +101,9 @@ def multi_rank_note(client: Any, site_id: int, filter_tags: Optional[dict[str, s
                               "limit": MULTI_RANK_SCAN_LIMIT}
     if filter_tags:
         params["tags"] = [f"{k}:{v}" for k, v in filter_tags.items()]
-    page = client.get("/jobs/", params=params)
+    # No retries: a best-effort note as the launcher ends, which waits for it a few seconds only; a
+    # server gone by then must not print a retry budget of minutes the launcher will not wait out.
+    page = client.get("/jobs/", params=params, retry_count=0)
     rows = page.get("results", []) if isinstance(page, dict) else list(page or [])
     total = int(page.get("count", len(rows))) if isinstance(page, dict) else len(rows)
     wide = sum(1 for r in rows if int(r.get("num_nodes") or 1) > 1 or int(r.get("ranks_per_node") or 1) > 1)
