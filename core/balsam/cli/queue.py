@@ -15,6 +15,26 @@ from ._site_selector import (format_table, parse_key_values, resolve_one_site, s
 ACTIVE_STATES = ("pending_submission", "queued", "running", "pending_deletion")
 #: Widest reason shown in the table (``-v`` prints status_info whole).
 REASON_CHARS = 60
+#: The ``status_info`` key that marks a BatchJob created by a program rather than by its user: the
+#: creator's name (an agent module's, e.g. ``elastic_queue``), shown in ``queue ls``'s ``submitted_by``
+#: column and matched by ``--submitted-by``. A documented key (docs/cli.md) rather than any module's
+#: own stamp, so that the CLI needs to know no particular module or plugin.
+SUBMITTED_BY_KEY = "submitted_by"
+#: How ``queue ls`` shows (and ``--submitted-by`` names) a BatchJob without that mark: one its user
+#: submitted (``balsam queue submit``, the API), or one of a program that does not set it.
+NOT_MARKED = "-"
+#: Widest submitted_by shown in the table.
+SUBMITTED_BY_CHARS = 24
+
+
+def submitted_by(status_info: dict[str, Any]) -> str:
+    """The BatchJob's ``status_info["submitted_by"]`` as one word (a table cell that whitespace-split
+    parsing keeps whole), :data:`NOT_MARKED` without one. Whole: ``--submitted-by`` matches it."""
+    return "_".join(str(status_info.get(SUBMITTED_BY_KEY) or "").split()) or NOT_MARKED
+
+
+def submitted_by_cell(name: str) -> str:
+    return name if len(name) <= SUBMITTED_BY_CHARS else name[: SUBMITTED_BY_CHARS - 3] + "..."
 
 
 def waiting_reason(state: str, status_info: dict[str, Any]) -> str:
@@ -169,13 +189,18 @@ def authorization_warnings(site: Any) -> list[str]:
 @click.option("--scheduler-id", "scheduler_id", default=None, type=int, help="Only the batch job with this scheduler id")
 @click.option("--scheduler_id", "scheduler_id_07", default=None, type=int, hidden=True,
               help="Balsam 0.7 spelling of --scheduler-id")
+@click.option("--submitted-by", "submitted_by_names", multiple=True, metavar="NAME",
+              help=f"Only batch jobs whose status_info.{SUBMITTED_BY_KEY} is NAME (e.g. an agent module's); "
+                   f"'{NOT_MARKED}': only those without one, e.g. your own (repeatable)")
 @site_option
 def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], scheduler_id_07: Optional[int],
-       site_selector: str) -> None:
+       submitted_by_names: tuple, site_selector: str) -> None:
     """List batch jobs (active ones unless --history / -h).
 
-    A "reason" column appears when a job waits for a reason the scheduler gave (e.g. Slurm's
-    PartitionNodeLimit), was refused, or failed to submit; -v shows the whole status_info.
+    A "submitted_by" column appears when a batch job was created by a program that marks its own
+    (status_info.submitted_by, e.g. an agent module); "-" for the others. A "reason" column appears
+    when a job waits for a reason the scheduler gave (e.g. Slurm's PartitionNodeLimit), was refused,
+    or failed to submit; -v shows the whole status_info.
     """
     from balsam.api import BatchJob
 
@@ -188,10 +213,15 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
     if scheduler_id is not None:
         filters["scheduler_id"] = scheduler_id
     batch_jobs = sorted(BatchJob.objects.filter(**filters), key=lambda b: b.id)
+    if submitted_by_names:  # the server filters no status_info key: read from the one listing
+        batch_jobs = [b for b in batch_jobs if submitted_by(b.status_info or {}) in submitted_by_names]
     if num:
         batch_jobs = batch_jobs[-num:]
     if not batch_jobs:
-        if history:
+        if submitted_by_names:
+            which = "batch jobs" if history else "active batch jobs"
+            click.echo(f"No {which} submitted by {' or '.join(submitted_by_names)}.")
+        elif history:
             click.echo("No batch jobs.")
         else:
             click.echo("No active batch jobs.  Use --history option to list completed batch jobs.")
@@ -208,8 +238,15 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
          b.wall_time_min, b.job_mode.value]
         for b in batch_jobs
     ]
+    # The 0.7 columns stay as they were (0.7 scripts parse them); the columns after them only when
+    # there is something to show: submitted_by, then the reason (free text, last).
+    origins = [submitted_by(b.status_info or {}) for b in batch_jobs]
+    if any(origin != NOT_MARKED for origin in origins):
+        headers.append("submitted_by")
+        for row, origin in zip(rows, origins):
+            row.append(submitted_by_cell(origin))
     reasons = [waiting_reason(b.state.value, b.status_info or {}) for b in batch_jobs]
-    if any(reasons):  # the 0.7 columns stay as they were; a reason column only when there is one to show
+    if any(reasons):
         headers.append("reason")
         for row, reason in zip(rows, reasons):
             row.append(reason)
