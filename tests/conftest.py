@@ -101,7 +101,7 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001
 #: marked ``slurm`` must be in one of the group's files (checked at collection).
 XDIST_GROUPS: dict[str, tuple[str, ...]] = {
     "slurm": ("tests/schedulers/test_slurm_real.py", "tests/schedulers/test_e2e_slurm.py",
-              "tests/elastic/test_elastic_e2e.py"),
+              "tests/elastic/test_elastic_e2e.py", "tests/schedulers/test_slurm_min_nodes_discovery.py"),
 }
 _XDIST_GROUP_OF_FILE = {path: group for group, paths in XDIST_GROUPS.items() for path in paths}
 

@@ -103,7 +103,11 @@ def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str,
     limit both give is the smaller one: the live server knows today's limits (a debug queue cut to
     one queued job), the platform what the machine's documentation says, and a site set above either
     has BatchJobs refused. A limit the scheduler does not report (None: unknown) leaves the
-    platform's. A queue only the platform names stays (discovery may be partial)."""
+    platform's. A queue only the platform names stays (discovery may be partial).
+
+    ``min_nodes`` is stricter the larger it is (a BatchJob below the scheduler's minimum is refused
+    by qsub/sbatch), unless that leaves no size between it and ``max_nodes``: then the platform's
+    stays. A discovered ``min_nodes`` the platform does not state is kept by the merge itself."""
     merged = copy.deepcopy(dict(platform_queues))
     for name, limits in merged.items():
         seen = discovered.get(name)
@@ -112,6 +116,10 @@ def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str,
         for key in QUEUE_LIMITS:
             if isinstance(limits.get(key), int) and isinstance(seen.get(key), int):
                 limits[key] = min(limits[key], seen[key])
+        if isinstance(limits.get("min_nodes"), int) and isinstance(seen.get("min_nodes"), int):
+            least = max(limits["min_nodes"], seen["min_nodes"])
+            if not isinstance(limits.get("max_nodes"), int) or least <= limits["max_nodes"]:
+                limits["min_nodes"] = least
     return merged
 
 

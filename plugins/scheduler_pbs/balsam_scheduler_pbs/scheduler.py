@@ -661,10 +661,13 @@ class PBSScheduler(Scheduler):
 
     def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
         """The queues users may submit to (enabled, not route-only) with a node limit
-        (``resources_max.nodect``); wall time from ``resources_max.walltime`` (none: a week) and
-        queued jobs from ``max_queued`` as it applies to the user (``max_queued_for``; none stated:
-        None, unknown: site init keeps the platform's limit or writes a placeholder). PBS prints ``max_queued`` once per restriction (openpbs
-        #2677): every one is kept. A queue where the user may queue no job is left out."""
+        (``resources_max.nodect``); wall time from ``resources_max.walltime`` (none: a week), the
+        fewest nodes from ``resources_min.nodect`` (Polaris' prod: 10; none: 1, left out of
+        settings.yml) and queued jobs from ``max_queued`` as it applies to the user
+        (``max_queued_for``; none stated: None, unknown: site init keeps the platform's limit or
+        writes a placeholder). PBS prints ``max_queued`` once per restriction (openpbs #2677): every
+        one is kept. A queue where the user may queue no job is left out, and so is one whose
+        minimum exceeds its maximum (no job fits)."""
         if result.returncode != 0 and not result.stdout.strip():
             raise SchedulerError(f"qstat -Q failed: {_pbs_error(result)}")
         doc = load_pbs_json(result.stdout, "qstat -Q -f -F json", object_pairs_hook=keep_repeated_keys)
@@ -685,8 +688,18 @@ class PBSScheduler(Scheduler):
             if max_queued is not None and max_queued < 1:  # 0 would read as "no limit" in settings.yml
                 logger.info("qstat -Q: queue %s lets %s queue no job (max_queued): left out", name, self.user)
                 continue
+            least = (queue.get("resources_min") or {}).get("nodect")
+            if least is not None and not str(least).isdigit():
+                logger.warning("qstat -Q: queue %s has an unreadable resources_min.nodect %r: taken as none",
+                               name, least)
+                least = None
+            min_nodes = max(int(least), 1) if least is not None else 1
+            if min_nodes > int(nodes):
+                logger.warning("qstat -Q: queue %s takes jobs of %d nodes or more but at most %s: left out",
+                               name, min_nodes, nodes)
+                continue
             found[name] = AllowedQueue(max_nodes=int(nodes), max_walltime=walltime or UNLIMITED_WALLTIME_MIN,
-                                       max_queued_jobs=max_queued)
+                                       max_queued_jobs=max_queued, min_nodes=min_nodes)
         return found
 
     # -- backfill ---------------------------------------------------------------------------

@@ -186,6 +186,19 @@ def _minutes(text: str) -> int:
         return 0
 
 
+def _job_size(text: str) -> Optional[tuple[int, Optional[int]]]:
+    """sinfo's job size (``%s``: the partition's MinNodes-MaxNodes) -> ``(min_nodes, max_nodes)``,
+    max None when unlimited; None when unreadable. sinfo prints ``1-infinite`` (no limits), ``2-3``,
+    ``4`` (min = max), MinNodes 0 as 1."""
+    match = re.fullmatch(r"(\d+)(?:-(\d+|infinite|unlimited))?", text.strip(), re.IGNORECASE)
+    if match is None:
+        return None
+    low, high = int(match.group(1)), match.group(2)
+    if high is None:
+        return max(low, 1), low
+    return max(low, 1), int(high) if high.isdigit() else None
+
+
 def _minutes_between(start: Optional[dt.datetime], end: Optional[dt.datetime]) -> int:
     if start is None or end is None:
         return 0
@@ -646,32 +659,56 @@ class SlurmScheduler(Scheduler):
 
     # -- queues and projects (site init) ---------------------------------------------------------
     def render_discover_queues(self) -> Optional[Command]:
-        return Command(["sinfo", "--noheader", "--format", "%R|%D|%l"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES,
-                       timeout=DISCOVERY_TIMEOUT_SEC)
+        # --noconvert: sinfo prints the job size (%s) with unit suffixes otherwise (MaxNodes=2048: "2K").
+        return Command(["sinfo", "--noheader", "--noconvert", "--format", "%R|%D|%l|%s"], env=PLAIN_ENV,
+                       unset_env=USER_FORMAT_VARIABLES, timeout=DISCOVERY_TIMEOUT_SEC)
 
     def parse_discover_queues(self, result: CommandResult) -> dict[str, AllowedQueue]:
-        """Each partition with its node count and time limit (no limit: a week). Slurm's per-user
-        job limits live in QOS records sinfo does not show: ``max_queued_jobs`` None (unknown), so site
-        init keeps the platform's limit or writes a placeholder."""
+        """Each partition with its node count and time limit (no limit: a week), and its job size
+        limits (``%s``, ``MinNodes-MaxNodes``): ``max_nodes`` is the node count, or the partition's
+        MaxNodes where smaller; ``min_nodes`` its MinNodes (left at 1, out of settings.yml, where
+        Slurm says 1 or none). Slurm's per-user job limits live in QOS records sinfo does not show:
+        ``max_queued_jobs`` None (unknown), so site init keeps the platform's limit or writes a
+        placeholder. A partition whose MinNodes exceeds what it can give is left out (logged)."""
         if result.returncode != 0:
             raise SchedulerError(f"sinfo failed: {_slurm_error(result)}")
-        queues: dict[str, AllowedQueue] = {}
+        nodes: dict[str, int] = {}
+        walltimes: dict[str, int] = {}
+        sizes: dict[str, tuple[int, Optional[int]]] = {}
         for line in result.stdout.splitlines():
             fields = [f.strip() for f in line.split("|")]
-            if len(fields) != 3 or not fields[1].isdigit() or not re.fullmatch(r"[\w.\-]+", fields[0]):
+            # Three columns: a line without the job size (%s), as recorded before the column was
+            # asked for; its partition then has no size limits.
+            size = _job_size(fields[3]) if len(fields) == 4 else (1, None) if len(fields) == 3 else None
+            if size is None or not fields[1].isdigit() or not re.fullmatch(r"[\w.\-]+", fields[0]):
                 if line.strip():
                     logger.warning("sinfo: skipped unreadable line %r", line[:200])
                 continue
-            partition, count, limit = fields
+            partition, count, limit = fields[:3]
             unlimited = limit.lower() in ("infinite", "unlimited")
             walltime = UNLIMITED_WALLTIME_MIN if unlimited else _minutes(limit)
             if walltime <= 0:
                 continue
-            known = queues.get(partition)
+            # sinfo prints a partition once per node state: its nodes add up; its limits are the
+            # same on every line (the strictest is kept should they differ).
+            nodes[partition] = nodes.get(partition, 0) + int(count)
+            walltimes[partition] = max(walltime, walltimes.get(partition, 0))
+            known_min, known_max = sizes.get(partition, (1, None))
+            maxes = [m for m in (known_max, size[1]) if m is not None]
+            sizes[partition] = (max(known_min, size[0]), min(maxes) if maxes else None)
+        queues: dict[str, AllowedQueue] = {}
+        for partition, count in nodes.items():
+            min_nodes, max_size = sizes[partition]
+            max_nodes = count if max_size is None else min(count, max_size)
+            if min_nodes > max_nodes:
+                logger.warning("sinfo: partition %s takes jobs of %d nodes or more but has %d: left out",
+                               partition, min_nodes, max_nodes)
+                continue
             queues[partition] = AllowedQueue(
-                max_nodes=int(count) + (known.max_nodes if known else 0),
-                max_walltime=max(walltime, known.max_walltime if known else 0),
+                max_nodes=max_nodes,
+                max_walltime=walltimes[partition],
                 max_queued_jobs=None,  # unknown: Scheduler.site_defaults, site init
+                min_nodes=min_nodes,
             )
         return queues
 
