@@ -211,7 +211,15 @@ class Query(Generic[T]):
         return out
 
     def _get_pages(self, params: dict[str, Any], offset: int, limit: Optional[int]) -> tuple[int, list[Any]]:
-        """(count, records): dicts, or Row objects where the server sent the page as columns."""
+        """(count, records): dicts, or Row objects where the server sent the page as columns.
+
+        A listing in id order (the default of Job, BatchJob and TransferItem, or ``order_by("id")``)
+        reads its pages after the first by id (keyset paging): each asks for the records whose id is
+        greater than the last one read (``id__gt``). Records that leave the result meanwhile
+        (deleted, or no longer matching the filters: jobs leaving ``state="RUN_DONE"``) then move no
+        other record, so none that stays is skipped or read twice, at any depth. The first page
+        starts at the query's offset (a slice's start), so a slice is read the same way. Other
+        orderings page by offset (see below)."""
         client = self._model._get_client()
         if not self._model._paginated:
             count, rows = _unpack_list(client.get(self._model._path, params=params))
@@ -219,40 +227,67 @@ class Query(Generic[T]):
             return count, rows[offset:end]
         results: list[Any] = []
         total = 0
-        # Rows inserted ahead of the read position while the pages are read (a live campaign's
-        # events, listed newest first) shift the later pages: their first rows are the last of the
-        # page before. Offsets count the rows fetched and a row seen already is skipped, so none is
-        # returned twice. Rows that leave the result meanwhile (deleted, or no longer matching the
-        # filters) shift the later pages back: as many unchanged rows are skipped (offsets cannot
-        # tell; the server has no id-range filter for keyset paging).
+        # Offset pages: rows inserted ahead of the read position while the pages are read (a live
+        # campaign's events, listed newest first) shift the later pages: their first rows are the
+        # last of the page before. Offsets count the rows fetched and a row seen already is skipped,
+        # so none is returned twice. Rows that leave the result meanwhile shift the later pages
+        # back: as many unchanged rows are skipped. Keyset pages (id order) have neither fault.
+        by_id = self._model._path in KEYSET_PATHS and (self._order or self._model._default_order) == "id"
+        cursor: Optional[int] = None  # the last id read, once the pages go by id
         fetched = 0
         seen: set[Any] = set()
         while True:
             want = self.page_size if limit is None else min(self.page_size, limit - len(results))
             if limit is not None and want <= 0:
                 break
-            page_params = dict(params, limit=want, offset=offset + fetched)
+            page_params = dict(params, limit=want)
+            if cursor is None:
+                page_params["offset"] = offset + fetched
+            else:
+                page_params[ID_AFTER] = cursor
             if self._order:
                 page_params["ordering"] = self._order
             # Job pages come as columns (the server's COLUMNS_MEDIA_TYPE); other lists, and servers
             # that do not have it, answer with objects.
-            data, headers = client.request_with_headers("GET", self._model._path, params=page_params,
-                                                        headers={"Accept": f"{COLUMNS_MEDIA_TYPE}, application/json"})
+            try:
+                data, headers = client.request_with_headers("GET", self._model._path, params=page_params,
+                                                            headers={"Accept": f"{COLUMNS_MEDIA_TYPE}, application/json"})
+            except Exception as exc:
+                if cursor is not None and _refuses_id_after(exc):
+                    # A server of ours older than id__gt refuses it as an unknown filter (422):
+                    # the rest of this read goes by offset, as before.
+                    by_id, cursor = False, None
+                    continue
+                raise
             if headers.get("content-type", "").startswith(COLUMNS_MEDIA_TYPE):
                 count, page = _unpack_columns(data)
             else:
                 count, page = _unpack_list(data)
-            total = count
+            if cursor is not None and not _ids_ascending_after(page, cursor):
+                # A server that ignores unknown parameters (Balsam 0.7's) answered the listing's
+                # first page again: drop it, and read the rest by offset, as before.
+                by_id, cursor = False, None
+                continue
+            if cursor is None:
+                # An offset page counts every match; a keyset page only those past its cursor: the
+                # query's count is the first page's (the matches when the read began).
+                total = count
             fetched += len(page)
             for row in page:
-                row_id = row.get("id") if isinstance(row, dict) else getattr(row, "id", None)
+                row_id = row.get("id")  # a dict, or a Row of a page sent as columns
                 if row_id is None:
                     results.append(row)
                 elif row_id not in seen:
                     seen.add(row_id)
                     results.append(row)
-            if not page or fetched + offset >= count or len(page) < want:
+            if not page or len(page) < want:
                 break
+            if cursor is None and fetched + offset >= count:
+                break
+            if cursor is not None and len(page) >= count:  # the page held every match past the cursor
+                break
+            if by_id:
+                cursor = page[-1].get("id")
         return total, results
 
     def _evaluate(self) -> list[T]:
@@ -423,6 +458,37 @@ class Query(Generic[T]):
             return self._manager._delete_query(self)
         finally:
             self._forget()
+
+
+#: The lists whose server takes ``id__gt`` (keyset paging, see Query._get_pages); the others
+#: (sites, apps: a few records) page by offset, and sessions come whole.
+KEYSET_PATHS = frozenset({"/jobs/", "/batch-jobs/", "/transfers/"})
+#: The server's keyset filter: the records whose id is greater than its value.
+ID_AFTER = "id__gt"
+
+
+def _refuses_id_after(exc: BaseException) -> bool:
+    """A 422 naming ``id__gt``: a server older than keyset paging refuses it as an unknown filter."""
+    if getattr(exc, "status_code", None) != 422:
+        return False
+    detail = getattr(exc, "detail", None)
+    if isinstance(detail, list):
+        return any(isinstance(entry, dict) and isinstance(entry.get("loc"), list) and entry["loc"][-1:] == [ID_AFTER]
+                   for entry in detail)
+    return ID_AFTER in str(exc)
+
+
+def _ids_ascending_after(page: list[Any], cursor: int) -> bool:
+    """The page's ids are increasing and greater than ``cursor``: the server applied ``id__gt``
+    (one that ignored it answered from the listing's start again, ids up to the cursor first).
+    Where no record up to the cursor matches any more, an ignored ``id__gt`` gives the same page."""
+    previous = cursor
+    for row in page:
+        row_id = row.get("id")
+        if not isinstance(row_id, int) or row_id <= previous:
+            return False
+        previous = row_id
+    return True
 
 
 #: A page as ``{"count", "fields", "columns"}`` (see balsam.server.jobs_logic.COLUMNS_MEDIA_TYPE).

@@ -177,6 +177,13 @@ def where_eq(stmt: sa.Select, column: sa.ColumnElement, value: Any) -> sa.Select
     return stmt if value is None else stmt.where(column == value)
 
 
+def where_gt(stmt: sa.Select, column: sa.ColumnElement, value: Any) -> sa.Select:
+    """``stmt`` limited to rows whose ``column`` is greater than ``value``; unchanged when ``value`` is None
+    (no filter). On a primary key (``id__gt``, keyset paging) both databases start an id-ordered page
+    at the bound in the key's index, whatever the page's depth (an offset walks every row before it)."""
+    return stmt if value is None else stmt.where(column > value)
+
+
 def where_in(stmt: sa.Select, column: sa.ColumnElement, values: "list[Any] | None") -> sa.Select:
     """``stmt`` limited to rows whose ``column`` is one of ``values``; unchanged when ``values`` is None (no filter)."""
     return stmt if values is None else stmt.where(column.in_(values))

@@ -262,6 +262,11 @@ class QueryParams:
 
 
 PAGINATION = {"limit", "offset"}
+#: The keyset-paging filter of the big lists (jobs, batch-jobs, transfers, events): ``id__gt=N``
+#: keeps the records whose id is greater than N (strictly: the last id of the page before). Not a
+#: Balsam 0.7 parameter; named like the other lookups (``state__ne``, ``workdir__contains``), since
+#: the ``_after`` filters (``last_update_after``...) include their bound.
+ID_AFTER = "id__gt"
 
 
 def pagination(q: QueryParams) -> tuple[int, int]:

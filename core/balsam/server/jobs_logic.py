@@ -27,10 +27,11 @@ from balsam.states import (
 )
 
 from .auth import SITE_SCOPE
-from .db import bulk_insert, id_in, ids_in_param, ids_param, raw_cursor, update_rows_by_id, where_eq, where_in
+from .db import bulk_insert, id_in, ids_in_param, ids_param, raw_cursor, update_rows_by_id, where_eq, where_gt, where_in
 from .errors import null_field_errors, payload_errors, split_path, Conflict, ValidationFailed, not_found_ids
 from .idempotency import require_all_replayed
-from .http import INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int, wire_datetime
+from .http import (ID_AFTER, INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int,
+                   wire_datetime)
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
                      json_value_size_errors, list_item_size_errors)
 from .pg_copy import NULL, allocate_ids, column_fields, copy_body, copy_rows, field_writer, text_field
@@ -67,7 +68,7 @@ UPDATE_FIELDS = {
 JOB_ORDERINGS = ["last_update", "-last_update", "id", "-id", "state", "-state", "workdir", "-workdir"]
 JOB_FILTERS = {
     "id", "parent_id", "app_id", "site_id", "batch_job_id", "last_update_before", "last_update_after",
-    "workdir__contains", "state__ne", "state", "tags", "pending_file_cleanup", "ordering",
+    "workdir__contains", "state__ne", "state", "tags", "pending_file_cleanup", "ordering", ID_AFTER,
 }
 SESSION_EXPIRED_MSG = "Session expired: job was stuck in RUNNING state"
 #: The same release when the Session's BatchJob ended (the scheduler says its allocation is over)
@@ -231,6 +232,7 @@ def plain_job_dicts(rows: Iterable[sa.Row]) -> list[dict[str, Any]]:
 
 def apply_job_filters(stmt: sa.Select, q: QueryParams, dialect: str) -> sa.Select:
     stmt = where_in(stmt, jobs.c.id, q.int_list("id", bits=64))
+    stmt = where_gt(stmt, jobs.c.id, q.int(ID_AFTER, bits=64))
     parent_ids = q.int_list("parent_id", bits=64)
     if parent_ids is not None:
         stmt = stmt.where(

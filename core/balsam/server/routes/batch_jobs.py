@@ -12,9 +12,9 @@ from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import BATCH_JOB_TRANSITIONS, BatchJobState
 
 from ..auth import revoke_credentials
-from ..db import count_and_page, update_rows_by_id, where_eq, where_in
+from ..db import count_and_page, update_rows_by_id, where_eq, where_gt, where_in
 from ..errors import Conflict, NotFound, ValidationFailed, not_found_ids, parse_partial
-from ..http import (PAGINATION, QueryParams, check_int_fields, is_json_int, json_response, no_content, pagination,
+from ..http import (ID_AFTER, PAGINATION, QueryParams, check_int_fields, is_json_int, json_response, no_content, pagination,
                     parse_bulk_patches, require_list, wire_datetime)
 from ..idempotency import replay_one
 from ..jobs_logic import BATCH_JOB_ENDED_MSG, json_contains, owned_site_ids, site_owned_by, utcnow
@@ -28,7 +28,7 @@ BJ_COLUMNS = [batch_jobs.c[f] for f in BJ_FIELDS]
 UPDATABLE = {"scheduler_id", "state", "status_info", "start_time", "end_time", "project", "queue", "optional_params",
              "num_nodes", "wall_time_min", "job_mode", "partitions", "filter_tags"}
 FILTERS = {"id", "site_id", "state", "scheduler_id", "queue", "ordering", "start_time_before", "start_time_after",
-           "end_time_before", "end_time_after", "filter_tags"}
+           "end_time_before", "end_time_after", "filter_tags", ID_AFTER}
 BJ = BatchJobState
 #: What the scheduler took when the BatchJob was submitted. Once it has left pending_submission,
 #: nothing applies a change of these to the scheduler (no resubmission, no scontrol/qalter): the
@@ -72,6 +72,7 @@ def batch_jobs_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Se
     """The user's BatchJobs matching the query's filters, and their ordering (API and dashboard)."""
     stmt = sa.select(*BJ_COLUMNS).where(batch_jobs.c.site_id.in_(owned_site_ids(user_id)))
     stmt = where_in(stmt, batch_jobs.c.id, q.int_list("id"))
+    stmt = where_gt(stmt, batch_jobs.c.id, q.int(ID_AFTER))  # 32-bit ids, as the id filter's
     stmt = where_in(stmt, batch_jobs.c.site_id, q.int_list("site_id"))
     stmt = where_in(stmt, batch_jobs.c.state, q.enum_list("state", BatchJobState))
     stmt = where_eq(stmt, batch_jobs.c.scheduler_id, q.int("scheduler_id", bits=64))

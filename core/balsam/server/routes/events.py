@@ -7,8 +7,8 @@ from starlette.responses import Response
 
 from balsam.states import JobState
 
-from ..db import count_and_page, where_eq, where_in
-from ..http import PAGINATION, QueryParams, json_response, pagination, wire_datetime
+from ..db import count_and_page, where_eq, where_gt, where_in
+from ..http import ID_AFTER, PAGINATION, QueryParams, json_response, pagination, wire_datetime
 from ..jobs_logic import json_contains, owned_site_ids
 from ..routing import Ctx, route
 from ..tables import batch_jobs, jobs, log_events
@@ -16,7 +16,7 @@ from ..tables import batch_jobs, jobs, log_events
 EV_FIELDS = ["id", "job_id", "timestamp", "from_state", "to_state", "data"]
 EV_COLUMNS = [log_events.c[f] for f in EV_FIELDS]
 FILTERS = {"id", "job_id", "site_id", "batch_job_id", "scheduler_id", "tags", "data", "timestamp_before", "timestamp_after",
-           "from_state", "to_state", "ordering"}
+           "from_state", "to_state", "ordering", ID_AFTER}
 
 
 def events_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Select, list[sa.ColumnElement]]:
@@ -25,6 +25,7 @@ def events_select(user_id: int, q: QueryParams, dialect: str) -> tuple[sa.Select
         jobs.c.site_id.in_(owned_site_ids(user_id))
     )
     stmt = where_in(stmt, log_events.c.id, q.int_list("id", bits=64))
+    stmt = where_gt(stmt, log_events.c.id, q.int(ID_AFTER, bits=64))
     stmt = where_in(stmt, log_events.c.job_id, q.int_list("job_id", bits=64))
     stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
     stmt = where_eq(stmt, jobs.c.batch_job_id, q.int("batch_job_id"))

@@ -10,9 +10,9 @@ from starlette.responses import Response
 from balsam.models import MAX_ITEMS_PER_BULK_OP, TransferItem
 from balsam.states import DONE_STATES, JobState, TransferDirection, TransferItemState
 
-from ..db import count_and_page, update_rows_by_id, where_eq, where_in
+from ..db import count_and_page, update_rows_by_id, where_eq, where_gt, where_in
 from ..errors import NotFound, not_found_ids, parse_partial
-from ..http import PAGINATION, json_response, pagination, parse_bulk_patches, require_list
+from ..http import ID_AFTER, PAGINATION, json_response, pagination, parse_bulk_patches, require_list
 from ..jobs_logic import EventBuffer, json_contains, owned_site_ids, set_states, utcnow
 from ..routing import Ctx, route
 from ..tables import jobs, transfer_items
@@ -21,7 +21,7 @@ TI_FIELDS = ["id", "job_id", "direction", "local_path", "remote_path", "location
              "task_id", "transfer_info"]
 TI_COLUMNS = [transfer_items.c[f] for f in TI_FIELDS]
 UPDATABLE = {"state", "task_id", "transfer_info"}
-FILTERS = {"id", "site_id", "job_id", "state", "direction", "job_state", "tags", "ordering"}
+FILTERS = {"id", "site_id", "job_id", "state", "direction", "job_state", "tags", "ordering", ID_AFTER}
 #: ``state`` lists in-flight items (active, inactive) before pending ones, so a site agent reading a
 #: limited page always sees the transfers it must poll.
 ORDERINGS = {"id": [transfer_items.c.id], "-id": [transfer_items.c.id.desc()],
@@ -44,6 +44,7 @@ def list_transfers(ctx: Ctx) -> Response:
     with ctx.read() as conn:
         stmt = stmt.where(jobs.c.site_id.in_(owned_site_ids(ctx.user.id)))
         stmt = where_in(stmt, transfer_items.c.id, q.int_list("id", bits=64))
+        stmt = where_gt(stmt, transfer_items.c.id, q.int(ID_AFTER, bits=64))
         stmt = where_in(stmt, jobs.c.site_id, q.int_list("site_id"))
         stmt = where_in(stmt, transfer_items.c.job_id, q.int_list("job_id", bits=64))
         stmt = where_in(stmt, transfer_items.c.state, q.enum_list("state", TransferItemState))
