@@ -36,6 +36,10 @@ MAX_JOB_IDS_PER_SESSION_TICK = 100_000
 MAX_CHUNKS_PER_RESERVATION = 100
 MAX_SERIALIZED_CLASS_CHARS = 262_144
 MAX_SERIALIZED_PAYLOAD_CHARS = 512_000
+#: The BatchJob ``status_info`` key naming the program that created it (an agent module:
+#: ``queue_maintainer``, ``elastic_queue``); none for a user's own. ``balsam queue ls`` shows it in
+#: its ``submitted_by`` column and filters on it (``--submitted-by``), knowing no module by name.
+SUBMITTED_BY_KEY = "submitted_by"
 
 
 def field_role(cls: type, name: str) -> Optional[str]:

@@ -167,6 +167,8 @@ def test_batch_job_without_the_site_filter_tags_is_noted_and_not_counted(make_si
     assert len(rows) == 2 and rows[foreign["id"]]["state"] == "pending_submission"
     own = [b for i, b in rows.items() if i != foreign["id"]][0]
     assert own["filter_tags"] == {"workflow": "w1"} and own["state"] == "queued" and len(fake.submitted) == 1
+    # Marked as the module's (queue ls's submitted_by column), the mark kept through the submission.
+    assert own["status_info"]["submitted_by"] == "queue_maintainer"
 
 
 def test_queue_submit_warns_when_filter_tags_lack_the_site_ones(make_site, client) -> None:

@@ -9,17 +9,13 @@ from typing import Any, Optional
 import click
 import yaml
 
+from ..models import SUBMITTED_BY_KEY
 from ._site_selector import (format_table, parse_key_values, resolve_one_site, site_filter, site_names, site_option,
                              site_option_with)
 
 ACTIVE_STATES = ("pending_submission", "queued", "running", "pending_deletion")
 #: Widest reason shown in the table (``-v`` prints status_info whole).
 REASON_CHARS = 60
-#: The ``status_info`` key that marks a BatchJob created by a program rather than by its user: the
-#: creator's name (an agent module's, e.g. ``elastic_queue``), shown in ``queue ls``'s ``submitted_by``
-#: column and matched by ``--submitted-by``. A documented key (docs/cli.md) rather than any module's
-#: own stamp, so that the CLI needs to know no particular module or plugin.
-SUBMITTED_BY_KEY = "submitted_by"
 #: How ``queue ls`` shows (and ``--submitted-by`` names) a BatchJob without that mark: one its user
 #: submitted (``balsam queue submit``, the API), or one of a program that does not set it.
 NOT_MARKED = "-"

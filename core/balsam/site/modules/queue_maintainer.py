@@ -22,6 +22,7 @@ from typing import Any, Optional
 import attrs
 
 from ...batch_job_rules import BatchJobRefused, check_batch_job
+from ...models import SUBMITTED_BY_KEY
 from ...options import option
 from ...states import ACTIVE_BATCH_JOB_STATES
 from ..api_util import count
@@ -69,6 +70,8 @@ class QueueMaintainerSettings:
         return {}
 
 
+#: This module's name in the BatchJobs it creates (status_info.submitted_by: ``queue ls``).
+SUBMITTED_BY = "queue_maintainer"
 #: Which of the section's keys a refusal of check_batch_job is about (by the start of its message).
 _REFUSED_FIELD = (("num_nodes", "num_nodes"), ("wall_time_min", "wall_time_min"), ("project", "submit_project"))
 
@@ -134,7 +137,8 @@ class QueueMaintainerModule(AgentModule):
                 )
             return None
         self._refusal = None
-        created = self.client.post("/batch-jobs/", json=body)
+        # Marked as a program's (queue ls shows who submitted it: status_info.submitted_by, docs/cli.md).
+        created = self.client.post("/batch-jobs/", json={**body, "status_info": {SUBMITTED_BY_KEY: SUBMITTED_BY}})
         self.logger.info(
             "queue has %d of %d BatchJobs: created BatchJob %s", active, wanted, (created or {}).get("id")
         )
