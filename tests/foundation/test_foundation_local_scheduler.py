@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from balsam.builtin.local_queue import FIRST_ID_MAX, FIRST_ID_MIN
 from balsam.builtin.local_scheduler import LocalScheduler
 from balsam.scheduler import CommandResult, SchedulerError, SubmitRequest, subprocess_runner
 from balsam.states import BatchJobState
@@ -50,21 +51,22 @@ def test_submit_runs_the_script_and_it_finishes(scheduler, tmp_path):
         f'echo "job $BALSAM_LOCAL_JOB_ID in $PWD"\necho oops >&2\nwhile [ ! -e {go} ]; do sleep 0.05; done\nexit 3\n',
     )
     job_id = scheduler.submit(request(path))
-    assert job_id == 1
+    # a new directory's ids start at a drawn point, not at 1 (tests/site/test_local_scheduler_ids.py)
+    assert FIRST_ID_MIN <= job_id < FIRST_ID_MAX
     statuses = scheduler.get_statuses()
-    assert list(statuses) == [1]
-    status = statuses[1]
+    assert list(statuses) == [job_id]
+    status = statuses[job_id]
     assert status.state == BatchJobState.running
     assert (status.queue, status.project, status.num_nodes, status.wall_time_min) == ("local", "local", 1, 5)
-    assert scheduler.get_history(1) is None  # still running: no history yet
+    assert scheduler.get_history(job_id) is None  # still running: no history yet
     go.touch()
-    wait_for(lambda: 1 not in scheduler.get_statuses())
-    history = scheduler.get_history(1)
+    wait_for(lambda: job_id not in scheduler.get_statuses())
+    history = scheduler.get_history(job_id)
     assert history.state == BatchJobState.finished
     assert history.native_state == "FAILED" and history.message == "exit status 3"
     assert history.start_time <= history.end_time <= dt.datetime.now(dt.timezone.utc)
     output = Path(f"{path}.output").read_text()
-    assert output == f"job 1 in {tmp_path}\noops\n"
+    assert output == f"job {job_id} in {tmp_path}\noops\n"
 
 
 def test_ids_increase_and_only_own_jobs_are_listed(scheduler, tmp_path):
@@ -72,10 +74,10 @@ def test_ids_increase_and_only_own_jobs_are_listed(scheduler, tmp_path):
     try:
         path = script(tmp_path, "quick.sh", "exit 0\n")
         ids = [scheduler.submit(request(path)) for _ in range(3)]
-        assert ids == [1, 2, 3]
+        assert ids == [ids[0], ids[0] + 1, ids[0] + 2]
         wait_for(lambda: not scheduler.get_statuses())
         assert all(scheduler.get_history(i).native_state == "COMPLETED" for i in ids)
-        assert scheduler.get_history(99) is None
+        assert scheduler.get_history(ids[0] - 1) is None
     finally:
         stranger.kill()
         stranger.wait()

@@ -9,14 +9,20 @@ are ever reported.
 Each job runs ``<script>`` (or ``bash <script>`` when the script is not executable) in a new
 session, with ``BALSAM_LOCAL_JOB_ID`` in its environment and stdout+stderr in ``<script>.output``.
 A small ``sh`` wrapper records the exit status in ``DIR/jobs/<id>.exit`` when the script ends.
+
+Job ids count up from a start drawn once per state directory (:func:`first_job_id`), not from 1,
+so that sites on other hosts or with other directories, sharing one API server, get other ids.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,12 +40,42 @@ KEEP_FINISHED_SEC = 7 * 24 * 3600
 WALLTIME_GRACE_SEC = 120
 TERM_GRACE_SEC = 5.0
 
+# A BatchJob's scheduler_id is a 32-bit signed integer in the API (openapi int32), so ids stay
+# below 2**31. A new directory's first id lies in [2**20, 2**30): above every id of a directory
+# from before ids were drawn (those counted from 1), and with 2**30 ids of room above it.
+FIRST_ID_MIN = 1 << 20
+FIRST_ID_MAX = 1 << 30
+MAX_JOB_ID = (1 << 31) - 1
+
 # The wrapper runs the script, then writes "<exit status> <epoch seconds>" next to the records.
 _WRAPPER = '"$@"; rc=$?; echo "$rc $(date +%s.%N)" > "$BALSAM_LOCAL_EXIT_FILE"; exit $rc'
 
 
 class QueueError(Exception):
     """A request the queue refuses (unknown job id, missing script)."""
+
+
+def first_job_id(host: str, state_dir: Path, nonce: bytes) -> int:
+    """The first job id of a new state directory, in [FIRST_ID_MIN, FIRST_ID_MAX).
+
+    Why a drawn start and a counter, not the launcher's pid as Balsam 0.7 did: the id is in the
+    job's environment (BALSAM_LOCAL_JOB_ID), its wrapper's name and its exit file before the
+    process exists, and pids are reused on one host, while records (keyed by id) are kept for
+    days. Counting from one start keeps ids unique and increasing within the directory; a restarted
+    agent continues from the stored counter. Why hash the host and the directory with a random
+    nonce: the nonce alone separates a directory wiped and made again at the same path, and hosts
+    (containers) with the same name; the host and path separate two directories even where the
+    nonce does not differ (tests pin it), so their first ids differ by construction, not by luck.
+    Two directories' ranges overlap only if their starts lie within the jobs submitted of each
+    other: about 2 * n / 2**30 for n jobs each.
+    """
+    material = b"\0".join((host.encode("utf-8", "surrogateescape"), os.fsencode(str(state_dir)), nonce))
+    digest = hashlib.sha256(material).digest()
+    return FIRST_ID_MIN + int.from_bytes(digest[:8], "big") % (FIRST_ID_MAX - FIRST_ID_MIN)
+
+
+def _nonce() -> bytes:
+    return secrets.token_bytes(16)
 
 
 class LocalQueue:
@@ -53,7 +89,7 @@ class LocalQueue:
     # -- records --------------------------------------------------------------------------------
     def _read(self) -> dict[str, Any]:
         if not self.db_path.exists():
-            return {"next_id": 1, "jobs": {}}
+            return {"jobs": {}}  # no "next_id": submit draws the directory's first id
         try:
             with open(self.db_path) as fp:
                 return json.load(fp)
@@ -152,7 +188,15 @@ class LocalQueue:
             raise QueueError(f"batch script {script} does not exist")
         with self.lock:
             db = self._read()
-            job_id = int(db["next_id"])
+            # A directory from before ids were drawn keeps counting from its own next_id: no id
+            # it gave out is given again.
+            next_id = db.get("next_id")
+            if next_id is None:
+                next_id = first_job_id(socket.gethostname(), self.state_dir.resolve(), _nonce())
+            job_id = int(next_id)
+            if job_id > MAX_JOB_ID:
+                raise QueueError(f"{self.db_path}: job ids used up (next {job_id} > {MAX_JOB_ID}); "
+                                 "move the directory aside to start a new range")
             db["next_id"] = job_id + 1
             now = time.time()
             db["jobs"] = {
