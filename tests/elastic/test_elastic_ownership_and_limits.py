@@ -49,7 +49,8 @@ def test_without_backfill_requests_wait_in_the_regular_queue_and_are_not_cancell
     runnable_jobs(client, site, 1)
     module.run_cycle()
     [made] = batch_jobs_of(client, site)
-    assert made["status_info"].keys() == {"elastic_request", "elastic_created"}  # the stamp, and when it was made
+    assert made["status_info"].keys() == {"elastic_request", "elastic_created", "submitted_by"}  # the stamp, when, and who (queue ls)
+    assert made["status_info"]["submitted_by"] == "elastic_queue"
     assert made["status_info"]["elastic_request"] == "regular_queue"
     client.patch("/batch-jobs/", json=[{"id": made["id"], "state": "queued", "scheduler_id": 4242}])
     scheduler.ids = [4242]

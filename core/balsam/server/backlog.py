@@ -13,12 +13,21 @@ not started yet) is work some BatchJob will run, not demand for a new one. A job
 ``num_nodes / node_packing_count`` nodes: a job that packs 4 to a node occupies a quarter of one;
 ``unpacked_footprint`` (Σ ``num_nodes``) is what the jobs occupy where MPI runs may not share a node
 (``launcher.mpirun_allows_node_packing: false``).
+
+Given the shape of the nodes (:class:`NodeShape`: GPU and CPU ids per node, and how the launcher
+counts CPU ids), the footprint charges what the launcher's node manager takes when it places a job
+(:mod:`balsam.launcher.node_manager`): a single-node job takes the largest of its packing share
+``1 / node_packing_count``, its GPUs per node over the node's GPUs and its CPU ids per node over the
+node's CPU ids (at most the whole node), and a multi-node job takes its ``num_nodes`` whole nodes.
+Jobs packed 4 to a node that each need 2 of a node's 4 GPUs then count half a node each, not a
+quarter. ``unpacked_footprint`` keeps its meaning: every job holding its ``num_nodes`` whole nodes.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import attrs
 import sqlalchemy as sa
 
 from balsam.states import JobState
@@ -35,13 +44,79 @@ MAX_BACKLOG_TAGS = 8
 MAX_BACKLOG_TAG_CHARS = 128
 #: States asked for when the request names none: what a launcher can start now, and what runs.
 DEFAULT_BACKLOG_STATES = (JobState.preprocessed.value, JobState.restart_ready.value, JobState.running.value)
+#: The node manager's float tolerance (``node_manager._EPS``): a job asking 1.0005 GPUs takes one whole GPU there.
+_GPU_EPS = 1e-3
+
+
+@attrs.frozen
+class NodeShape:
+    """One compute node as the launcher's node manager counts it: ``gpus`` GPU ids and ``cpus`` CPU
+    ids (None: that resource is not charged), and the platform's ``cpu_ids_are_cores`` and
+    ``hardware_threads_per_core`` (0: no cap), which turn a job's threads into CPU ids
+    (``Demand.cpu_ids_per_node``)."""
+
+    gpus: Optional[int] = None
+    cpus: Optional[int] = None
+    cpu_ids_are_cores: bool = False
+    hardware_threads_per_core: int = 0
+
+
+def _greatest(dialect: str, *terms: Any) -> Any:
+    # GREATEST on PostgreSQL; SQLite's max() with several arguments is the same scalar function.
+    # (A nested CASE repeated each term once per comparison: the statement grew 8-fold.)
+    return sa.func.greatest(*terms) if dialect == "postgresql" else sa.func.max(*terms)
+
+
+def _least(dialect: str, *terms: Any) -> Any:
+    return sa.func.least(*terms) if dialect == "postgresql" else sa.func.min(*terms)
+
+
+def _ceil(x: Any) -> Any:
+    """ceil(x) of a non-negative float on SQLite and PostgreSQL alike, without their math functions
+    (SQLite's are a compile-time option): CAST truncates on SQLite and rounds on PostgreSQL, and
+    either way the integer found is ceil(x) when it is not below x, floor(x) (one less) when it is."""
+    whole = sa.cast(x, sa.Integer)
+    return sa.case((x > whole, whole + 1), else_=whole)
+
+
+def job_footprint(shape: Optional[NodeShape] = None, dialect: str = "sqlite") -> Any:
+    """The SQL expression of one job's footprint in nodes: ``num_nodes / node_packing_count``
+    without ``shape`` (0.7's figure); with it, what the launcher's node manager takes (see the
+    module doc), term by term as ``NodeManager.assign`` checks the job's fit. ``dialect``: the
+    database's (``conn.dialect.name``)."""
+    if shape is None:
+        return sa.cast(jobs.c.num_nodes, sa.Float) / jobs.c.node_packing_count  # the server keeps it >= 1
+    terms: list[Any] = [1.0 / sa.cast(jobs.c.node_packing_count, sa.Float)]
+    if shape.gpus:
+        gpus = jobs.c.ranks_per_node * jobs.c.gpus_per_rank
+        # Below one GPU the job takes that share of one; from one on, whole GPUs (1.5 takes 2).
+        taken = sa.case((gpus < 1.0, gpus), else_=_ceil(gpus - _GPU_EPS))
+        terms.append(sa.cast(taken, sa.Float) / float(shape.gpus))
+    if shape.cpus:
+        threads = jobs.c.ranks_per_node * jobs.c.threads_per_rank
+        if shape.cpu_ids_are_cores:
+            # Cores: threads_per_core threads share one id (capped at the core's hardware threads),
+            # rounded up in integers: (a + b - 1) // b (integer division on both databases).
+            per_core: Any = jobs.c.threads_per_core
+            if shape.hardware_threads_per_core:
+                per_core = _least(dialect, jobs.c.threads_per_core, shape.hardware_threads_per_core)
+            ids = (threads + per_core - 1) // per_core
+        else:
+            ids = threads  # hardware threads: one id each
+        terms.append(sa.cast(ids, sa.Float) / float(shape.cpus))
+    # A job asking more than a node has never runs here (the launcher refuses it): a whole node at
+    # most, so the footprint stays within unpacked_footprint.
+    single = _least(dialect, _greatest(dialect, *terms), 1.0) if len(terms) > 1 else terms[0]
+    # A multi-node job takes whole empty nodes (NodeManager.assign), whatever its packing count.
+    return sa.case((jobs.c.num_nodes > 1, sa.cast(jobs.c.num_nodes, sa.Float)), else_=single)
 
 
 def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[str]] = None,
                      tags: Optional[dict[str, str]] = None, *, max_nodes_per_job: Optional[int] = None,
                      serial_only: bool = False, max_wall_time_min: Optional[int] = None,
                      batch_job_ids: Optional[list[int]] = None,
-                     leased: Optional[bool] = None) -> dict[str, dict[str, Any]]:
+                     leased: Optional[bool] = None,
+                     node_shape: Optional[NodeShape] = None) -> dict[str, dict[str, Any]]:
     """``{state: {count, footprint, unpacked_footprint, min_num_nodes, max_num_nodes,
     min_wall_time_min, max_wall_time_min, oldest_last_update}}`` of the site's jobs in ``states``
     (default :data:`DEFAULT_BACKLOG_STATES`) whose tags contain ``tags``. ``oldest_last_update`` is the earliest state change among them (how
@@ -53,9 +128,11 @@ def backlog_by_state(conn: sa.Connection, site_id: int, states: Optional[list[st
     the default, fits any); with ``batch_job_ids`` (None: no filter), only jobs of those BatchJobs;
     with ``leased`` (None: no filter), only jobs a session holds (True) or none does and an acquire could lease (False).
     ``min_wall_time_min`` is the shortest ``wall_time_min`` (0 when some job has none: it fits any
-    BatchJob), what an auto-scaler needs to tell a window too short for every job."""
+    BatchJob), what an auto-scaler needs to tell a window too short for every job. With
+    ``node_shape``, ``footprint`` charges each job's GPUs and CPUs as the launcher does
+    (:func:`job_footprint`), in the same single query."""
     wanted = list(states or DEFAULT_BACKLOG_STATES)
-    footprint = sa.cast(jobs.c.num_nodes, sa.Float) / jobs.c.node_packing_count  # the server keeps it >= 1
+    footprint = job_footprint(node_shape, conn.dialect.name)
     stmt = (
         sa.select(jobs.c.state, sa.func.count(), sa.func.sum(footprint), sa.func.sum(jobs.c.num_nodes),
                   sa.func.min(jobs.c.num_nodes), sa.func.max(jobs.c.num_nodes), sa.func.min(jobs.c.wall_time_min),

@@ -385,7 +385,10 @@ QUERIES: dict[str, dict[str, Any]] = {
                 "max_nodes_per_job": int32(1), "serial_only": {"type": "boolean"}, "max_wall_time_min": int32(0),
                 "batch_job_id": Q_INT_LIST,
                 # Only jobs a launcher session holds (true) or none holds (false: still unmet demand).
-                "leased": {"type": "boolean"}},
+                "leased": {"type": "boolean"},
+                # The nodes' shape: each job's footprint counts its GPUs and CPU ids (docs/elastic.md).
+                "node_gpus": int32(1), "node_cpus": int32(1), "cpu_ids_are_cores": {"type": "boolean"},
+                "hardware_threads_per_core": int32(0)},
     "sessions": {"id": Q_ID64_LIST},
     "transfers": {"id": Q_ID64_LIST, "site_id": Q_INT_LIST, "job_id": Q_ID64_LIST,
                   "state": array(_ref("TransferItemState"), len(TransferItemState)),

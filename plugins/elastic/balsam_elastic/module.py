@@ -13,6 +13,10 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
   conditions) counts those that are, and rarely a third says why the others are not;
 - the jobs running in those BatchJobs: one more backlog request, ``state=RUNNING&batch_job_id=…``
   with the ids of its queued and running BatchJobs (:data:`MAX_IDS_PER_REQUEST` a request);
+- every backlog request carries the shape of the site's nodes (:meth:`ElasticQueueModule.node_shape`:
+  GPU and CPU ids per node from the launcher's platform), so that the footprint charges each job's
+  GPUs and CPUs as the launcher places it (Polaris jobs packed 4 to a node that need 2 of its 4
+  GPUs each take half a node, not a quarter);
 - from the site's scheduler driver (``settings.yml`` ``scheduler:`` name and options): one status poll
   (how long each queued BatchJob has waited, whether it already runs, whether the scheduler says it
   can never start as submitted) and, for strategies that use them, the backfill windows
@@ -49,7 +53,7 @@ import attrs
 from balsam.batch_job_rules import BatchJobRefused, check_batch_job
 from balsam.config.drivers import site_platform
 from balsam.launcher.job_mode import allows_node_packing
-from balsam.models import BackfillWindow
+from balsam.models import SUBMITTED_BY_KEY, BackfillWindow
 from balsam.options import build_options
 from balsam.scheduler import ANY_QUEUE, REFUSED_FOR_GOOD
 from balsam.serialization import parse_datetime
@@ -76,6 +80,8 @@ LAUNCHED_STATES = (BatchJobState.queued.value, BatchJobState.running.value)
 #: status_info key stamped beside REQUEST_KIND: when the module created the BatchJob (ISO 8601, UTC),
 #: from which a request held back in pending_submission is timed.
 CREATED_AT = "elastic_created"
+#: Its name in the BatchJobs it creates, under the core's status_info.submitted_by (``queue ls``).
+SUBMITTED_BY = "elastic_queue"
 #: What to do about a BatchJob the scheduler refused for good. A SchedulerError says only whether a
 #: refusal is for good (``permanent``), not why: a queue the scheduler does not have (Slurm's "Invalid
 #: partition name specified") and a size or time limit (QOSMaxNodePerJobLimit) look alike here, and
@@ -89,6 +95,8 @@ REFUSAL_ADVICE = ("If the scheduler does not know the queue, or the project may 
 REFUSAL_MEMORY_MIN = 24 * 60
 #: Most recent submit_failed BatchJobs of submit_queue read (one request, newest first).
 REFUSED_READ_LIMIT = 20
+#: The backlog route's node shape parameters (:meth:`ElasticQueueModule.node_shape`).
+NODE_SHAPE_PARAMS = ("node_gpus", "node_cpus", "cpu_ids_are_cores", "hardware_threads_per_core")
 #: Longest wait (seconds) after submissions that failed without a refusal (the scheduler unreachable):
 #: the wait starts at service_period and doubles with each such failure in a row, up to this.
 SUBMIT_BACKOFF_MAX_S = 30 * 60
@@ -147,8 +155,14 @@ class ElasticQueueModule(AgentModule):
         for key, text in options.warnings().items():  # once, at load (keys the strategy does not read)
             self.logger.warning("%s elastic_queue.%s: %s", getattr(site_config, "settings_path", "settings.yml"), key, text)
         self._scheduler = scheduler
+        #: The launcher's platform driver, loaded once when first needed (see :meth:`platform`).
+        self._platform: Any = None
+        self._platform_loaded = False
         #: The backlog answer's footprint field it reads (see :meth:`footprint_key`).
         self.footprint_field = self.footprint_key()
+        #: The nodes' shape sent with every backlog request ({} when unknown, or the server is
+        #: older and refused the parameters: the footprint is then num_nodes / node_packing_count).
+        self.node_shape_params = self.node_shape()
         self.warn_about_queue_maintainer()
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -168,13 +182,47 @@ class ElasticQueueModule(AgentModule):
         settings = getattr(self.site_config, "settings", None)
 
         def platform() -> Any:
-            try:
-                return site_platform(settings)
-            except Exception as exc:  # an unloadable platform fails the launcher, not this module
-                self.logger.warning("launcher platform not loaded (%s): assuming MPI runs may share a node", exc)
-                return None
+            driver = self.platform()
+            if driver is None:
+                self.logger.warning("launcher platform not loaded: assuming MPI runs may share a node")
+            return driver
 
         return "footprint" if allows_node_packing(settings, platform) else "unpacked_footprint"
+
+    def platform(self) -> Any:
+        """The launcher's platform driver (settings.yml ``launcher.platform``), None when it does not
+        load (logged once: an unloadable platform fails the launcher, not this module)."""
+        if not self._platform_loaded:
+            self._platform_loaded = True
+            try:
+                self._platform = site_platform(getattr(self.site_config, "settings", None))
+            except Exception as exc:
+                self.logger.warning("launcher platform not loaded (%s)", exc)
+        return self._platform
+
+    def node_shape(self) -> dict[str, Any]:
+        """The backlog route's node shape parameters for this site's compute nodes, as the launcher's
+        node manager counts them: ``node_gpus`` and ``node_cpus``, the GPU and CPU ids of one node
+        that the platform driver hands the launcher (its ``gpu_ids`` and ``cpu_ids``, from
+        ``launcher.platform_options``), and its ``cpu_ids_are_cores`` and
+        ``hardware_threads_per_core``. Empty where the driver names no such ids (the default
+        platform finds them only inside an allocation): the footprint is then 0.7's. The nominal
+        node: GPUs split into MIG instances at run time are counted as the whole GPUs named."""
+        driver = self.platform()
+        if driver is None:
+            return {}
+        params: dict[str, Any] = {}
+        gpu_ids = getattr(driver, "gpu_ids", None)
+        if isinstance(gpu_ids, (tuple, list)) and gpu_ids:
+            params["node_gpus"] = len(gpu_ids)
+        cpu_ids = getattr(driver, "cpu_ids", None)
+        if isinstance(cpu_ids, (tuple, list)) and cpu_ids:
+            params["node_cpus"] = len(cpu_ids)
+            params["cpu_ids_are_cores"] = "true" if getattr(driver, "cpu_ids_are_cores", False) else "false"
+            params["hardware_threads_per_core"] = int(getattr(driver, "hardware_threads_per_core", 0) or 0)
+        if params:
+            self.logger.info("sizing the backlog for nodes of %s", ", ".join(f"{k}={v}" for k, v in params.items()))
+        return params
 
     def filter_tags(self) -> dict[str, str]:
         return dict(getattr(getattr(self.site_config, "settings", None), "filter_tags", None) or {})
@@ -272,8 +320,22 @@ class ElasticQueueModule(AgentModule):
         return "; ".join(why)
 
     def _read_backlog(self, params: dict[str, Any]) -> dict[str, dict]:
-        """``GET /sites/{id}/backlog`` with ``params``: ``{state: numbers}`` (one aggregate query)."""
-        return (self.client.get(f"/sites/{self.site_id}/backlog", params=params) or {}).get("states") or {}
+        """``GET /sites/{id}/backlog`` with ``params`` and the nodes' shape: ``{state: numbers}`` (one
+        aggregate query). A server older than the shape parameters refuses them as unknown (422):
+        they are dropped for good, with one warning, and the request is sent again without them."""
+        path = f"/sites/{self.site_id}/backlog"
+        if not self.node_shape_params:
+            return (self.client.get(path, params=params) or {}).get("states") or {}
+        try:
+            answer = self.client.get(path, params={**params, **self.node_shape_params})
+        except Exception as exc:
+            if not _refused_node_shape(exc):
+                raise
+            self.logger.warning("the server does not know the backlog's node shape parameters (%s): sizing "
+                                "BatchJobs by num_nodes / node_packing_count, GPUs and CPUs not counted", exc)
+            self.node_shape_params = {}
+            answer = self.client.get(path, params=params)
+        return (answer or {}).get("states") or {}
 
     def _read_backlog_rows(self, params: dict[str, Any]) -> list[dict]:
         states = self._read_backlog(params)
@@ -583,7 +645,7 @@ class ElasticQueueModule(AgentModule):
                 "job_mode": self.options.job_mode,
                 "filter_tags": self.filter_tags(),
                 "status_info": {REQUEST_KIND: REGULAR_QUEUE if request.regular_queue else self.strategy.name,
-                                CREATED_AT: utcnow().isoformat()},
+                                CREATED_AT: utcnow().isoformat(), SUBMITTED_BY_KEY: SUBMITTED_BY},
             }
             refused = self.fit_to_site_rules(body)
             if refused:
@@ -692,6 +754,19 @@ def _polled_state(status: Any) -> Optional[BatchJobState]:
         return BatchJobState(getattr(state, "value", state)) if state is not None else None
     except ValueError:
         return None
+
+
+def _refused_node_shape(exc: BaseException) -> bool:
+    """Whether ``exc`` is a 422 refusing one of :data:`NODE_SHAPE_PARAMS` as an unknown parameter
+    (an older server); a bad value of a known one is not that (it is raised as it is)."""
+    if getattr(exc, "status_code", None) != 422:
+        return False
+    detail = getattr(exc, "detail", None)
+    # By the entry's loc, not its words: the message lists the valid parameters, which on a current
+    # server include these names.
+    return any(isinstance(entry, Mapping) and "unknown" in str(entry.get("msg", ""))
+               and bool({str(x) for x in entry.get("loc") or []} & set(NODE_SHAPE_PARAMS))
+               for entry in (detail if isinstance(detail, list) else []))
 
 
 def _count(rows: list[Mapping]) -> int:

@@ -11,7 +11,7 @@ from balsam.models import AllowedQueue, Site, site_name_problem, site_path_probl
 from balsam.serialization import PayloadError, from_dict, to_dict
 from balsam.states import JobState
 
-from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, backlog_by_state
+from ..backlog import MAX_BACKLOG_TAG_CHARS, MAX_BACKLOG_TAGS, NodeShape, backlog_by_state
 from ..db import count_and_page, where_in
 from ..errors import Conflict, Forbidden, NotFound, ValidationFailed, parse_partial
 from ..http import PAGINATION, json_response, no_content, pagination, wire_datetime
@@ -183,13 +183,38 @@ def delete_site(ctx: Ctx) -> Response:
     return no_content()
 
 
+#: The backlog route's node shape parameters (all optional; without them the footprint is 0.7's).
+NODE_SHAPE_PARAMS = ("node_gpus", "node_cpus", "cpu_ids_are_cores", "hardware_threads_per_core")
+
+
+def _node_shape(q: Any) -> "NodeShape | None":
+    """The nodes' shape from the query: ``node_gpus`` (GPU ids per node, >= 1) and ``node_cpus`` (CPU
+    ids per node, >= 1), either or both; ``cpu_ids_are_cores`` and ``hardware_threads_per_core``
+    (>= 0, 0: no cap) say how a job's threads become CPU ids, so they need ``node_cpus``. None when
+    no node size is given (the footprint of older clients)."""
+    gpus = q.int("node_gpus", minimum=1)
+    cpus = q.int("node_cpus", minimum=1)
+    are_cores = q.bool("cpu_ids_are_cores")
+    threads_per_core = q.int("hardware_threads_per_core", minimum=0)
+    # cpu_ids_are_cores and hardware_threads_per_core qualify node_cpus: alone they count nothing.
+    # Accepted all the same (not a 422): the API document cannot state a dependency between query
+    # parameters, and a request it allows is never refused (docs/rest-api.md, the fuzz test).
+    if gpus is None and cpus is None:
+        return None
+    return NodeShape(gpus=gpus, cpus=cpus, cpu_ids_are_cores=bool(are_cores),
+                     hardware_threads_per_core=threads_per_core or 0)
+
+
 def site_backlog(ctx: Ctx) -> Response:
     """The site's jobs in numbers per state (see balsam.server.backlog): what auto-scalers read.
     ``max_nodes_per_job``, ``serial_only`` and ``max_wall_time_min`` keep the jobs a launcher
     acquiring with them could lease; ``batch_job_id`` (repeated) those of the given BatchJobs;
-    ``leased`` (true/false) only jobs a launcher session holds / none holds."""
+    ``leased`` (true/false) only jobs a launcher session holds / none holds. ``node_gpus``,
+    ``node_cpus``, ``cpu_ids_are_cores`` and ``hardware_threads_per_core`` describe the nodes (see
+    :func:`_node_shape`): the footprint then charges each job's GPUs and CPUs as the launcher does."""
     site_id = ctx.path_int("site_id")
-    q = ctx.query({"state", "tags", "max_nodes_per_job", "serial_only", "max_wall_time_min", "batch_job_id", "leased"})
+    q = ctx.query({"state", "tags", "max_nodes_per_job", "serial_only", "max_wall_time_min", "batch_job_id", "leased",
+                   *NODE_SHAPE_PARAMS})
     states = q.enum_list("state", JobState)
     raw_tags = q.params.getlist("tags")
     if len(raw_tags) > MAX_BACKLOG_TAGS:
@@ -202,11 +227,12 @@ def site_backlog(ctx: Ctx) -> Response:
     max_wall_time_min = q.int("max_wall_time_min", minimum=0)
     batch_job_ids = q.int_list("batch_job_id")
     leased = q.bool("leased")
+    node_shape = _node_shape(q)
     with ctx.read() as conn:
         get_owned_site(conn, ctx.user.id, site_id)
         by_state = backlog_by_state(conn, site_id, states, tags, max_nodes_per_job=max_nodes_per_job,
                                     serial_only=serial_only, max_wall_time_min=max_wall_time_min,
-                                    batch_job_ids=batch_job_ids, leased=leased)
+                                    batch_job_ids=batch_job_ids, leased=leased, node_shape=node_shape)
     return json_response({"site_id": site_id, "states": by_state})
 
 
