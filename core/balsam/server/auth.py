@@ -215,12 +215,19 @@ def redeem_code(conn: sa.Connection, code: Any, kind: str) -> sa.Row:
     return row
 
 
-def credential_problem(conn: sa.Connection, user: AuthUser) -> Optional[str]:
-    """Why the credential behind a token no longer authorizes anything, or None."""
-    row = conn.execute(
-        sa.select(credentials.c.user_id, credentials.c.site_id, credentials.c.expires, credentials.c.revoked)
-        .where(credentials.c.id == user.credential_id)
-    ).first()
+#: The columns :func:`credential_problem` judges, of the credential ``b_cid``.
+_CREDENTIAL_STATE = (sa.select(credentials.c.user_id, credentials.c.site_id, credentials.c.expires, credentials.c.revoked)
+                     .where(credentials.c.id == sa.bindparam("b_cid")))
+#: The same, held ``FOR SHARE`` (PostgreSQL) until the reading transaction ends: a revoke's UPDATE
+#: of the row waits for it (see :func:`launcher_credential_problem`).
+_CREDENTIAL_STATE_SHARED = _CREDENTIAL_STATE.with_for_update(read=True, of=credentials)
+
+
+def credential_problem(conn: sa.Connection, user: AuthUser, *, share_lock: bool = False) -> Optional[str]:
+    """Why the credential behind a token no longer authorizes anything, or None. ``share_lock``:
+    the row is held ``FOR SHARE`` on PostgreSQL until ``conn``'s transaction ends."""
+    stmt = _CREDENTIAL_STATE_SHARED if share_lock and conn.dialect.name == "postgresql" else _CREDENTIAL_STATE
+    row = conn.execute(stmt, {"b_cid": user.credential_id}).first()
     if row is None or row.user_id != user.id or row.site_id != user.site_id:
         return "This credential no longer exists: log in again (`balsam login`)"
     if row.revoked is not None:
@@ -228,6 +235,42 @@ def credential_problem(conn: sa.Connection, user: AuthUser) -> Optional[str]:
     if row.expires <= utcnow():
         return "This credential expired: log in again (`balsam login`)"
     return None
+
+
+def launcher_credential_problem(conn: sa.Connection, user: AuthUser, *, share_lock: bool = False) -> Optional[str]:
+    """:func:`credential_problem` read inside the caller's write transaction, for a request of a
+    launcher (site-scoped) credential that makes or keeps a lease: ``POST /sessions/``, the acquire
+    and the tick. None without reading anything for other tokens (user tokens are never
+    site-scoped: only ``launcher`` credentials carry a site).
+
+    Why: :class:`CredentialCache` lets another process's revocation take effect only within
+    ``ttl_sec``. For most requests that delay is harmless, but a revoked launcher would create
+    sessions and lease jobs in it, after :func:`revoke_credentials` had ended its sessions: those
+    jobs stayed leased to a launcher that can no longer report until the sessions expired (their
+    RUNNING reports then became RUN_TIMEOUT and re-runs). One primary-key read per request, not
+    per job; the cache still spares every other request of the launcher.
+
+    Why it holds against a concurrent revoke (which UPDATEs the credential row, then ends the
+    sessions of its BatchJob in a later statement, :func:`revoke_credentials`): SQLite runs one
+    write transaction at a time, so the request either commits before the revoke starts (whose
+    session-ending read then sees its session and leases) or reads the revocation. On PostgreSQL
+    (READ COMMITTED, each statement sees what committed before it started):
+
+    - a create (``share_lock``) holds the row ``FOR SHARE``, which the revoke's UPDATE waits for:
+      either the create read the row first, and the revoke's session-ending statement starts
+      after the create committed and so sees (and ends) the new session; or the revoke updated
+      first, and the create's locking read waits for its commit and then reads the revoked row;
+    - an acquire or a tick reads the row without a lock, but only after its heartbeat UPDATE
+      locked its session (sessions_logic.acquire): if the revoke's ``FOR UPDATE`` of the sessions
+      came first, the heartbeat waits for it and finds the session deleted (404); otherwise that
+      read waits for the acquire's commit and the revoke then ends the session with the jobs just
+      leased. A ``FOR SHARE`` read there would deadlock: a revoke holds the credential then waits
+      for the sessions, while a finishing or deleted BatchJob's update holds its sessions, then
+      revokes the credential (routes/batch_jobs.py); an acquire holds its session.
+    """
+    if user.site_id is None:
+        return None
+    return credential_problem(conn, user, share_lock=share_lock)
 
 
 class CredentialCache:
@@ -274,7 +317,10 @@ class CredentialCache:
 def revoke_credentials(conn: sa.Connection, where: sa.ColumnElement[bool]) -> list[sa.Row]:
     """Revoke the live credentials matching ``where``; launcher ones also end the sessions of
     their BatchJob (its RUNNING jobs become RUN_TIMEOUT and are run again): nothing stays leased
-    to a launcher that can no longer report. Returns the revoked rows."""
+    to a launcher that can no longer report. The credentials first, their sessions in a later
+    statement: a request of the launcher that another process's cache still trusts either
+    commits before that statement (which then ends what it made) or reads the revocation
+    (:func:`launcher_credential_problem`). Returns the revoked rows."""
     rows = list(conn.execute(
         sa.update(credentials).where(where, credentials.c.revoked.is_(None)).values(revoked=utcnow())
         .returning(credentials.c.id, credentials.c.kind, credentials.c.batch_job_id)

@@ -45,6 +45,9 @@ BatchJobs, then sessions, then jobs, then a job's transfer items (and other rows
   without a lock, so the heartbeat may find it deleted by the sweep it waited for: that is 404
   (:func:`heartbeat`), the answer a launcher replaces its session on (leasing jobs to the deleted
   session was a foreign-key violation, 409);
+- a launcher credential's session create reads its credential ``FOR SHARE`` first (a revoke's
+  UPDATE of it waits, then ends the new session); its acquire and tick read it without a lock,
+  after the heartbeat locked the session (auth.launcher_credential_problem says why);
 - job updates lock their jobs (id order) before anything of theirs; a transfer update locks its
   items' jobs before writing the items (a job's delete locks the job, then its cascade the items);
   a job create reads its parents ``FOR SHARE`` (a parent finishing meanwhile waits for the links,
@@ -137,7 +140,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import sqlalchemy as sa
 
@@ -451,12 +454,18 @@ def candidates(site_id: int, spec: SessionAcquire, dialect: str, *, lock: bool =
     return stmt
 
 
-def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire) -> list[dict[str, Any]]:
+def acquire(conn: sa.Connection, session: sa.Row, spec: SessionAcquire,
+            check: "Callable[[], None] | None" = None) -> list[dict[str, Any]]:
+    """Lease jobs to ``session``. ``check`` (raises to refuse) runs once the session is locked,
+    before the lease: the route's launcher-credential check, which relies on that lock against a
+    concurrent revoke (auth.launcher_credential_problem)."""
     stmt = candidates(session.site_id, spec, conn.dialect.name)
     now = utcnow()
     # First: it locks the session's row (before its jobs, see "Lock order"), and a session the
     # sweep deleted meanwhile is 404 here, not a lease to a session that no longer exists.
     heartbeat(conn, session.id, now)
+    if check is not None:
+        check()
     values: dict[str, Any] = {"session_id": session.id}
     if session.batch_job_id is not None:
         values["batch_job_id"] = session.batch_job_id

@@ -8,8 +8,9 @@ import sqlalchemy as sa
 from starlette.responses import Response
 
 from ..acquire_waits import WaitForJobs
+from ..auth import launcher_credential_problem
 from ..db import count_and_page, where_in
-from ..errors import NotFound, ValidationFailed
+from ..errors import NotFound, Unauthorized, ValidationFailed
 from ..http import PAGINATION, check_int_fields, is_json_int, json_response, no_content, pagination, wire_datetime
 from ..jobs_logic import SESSION_DELETED_MSG, owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
@@ -31,6 +32,17 @@ def list_sessions(ctx: Ctx) -> Response:
     return json_response({"count": count, "results": [session_dict(r) for r in rows]})
 
 
+def _refuse_dead_launcher(ctx: Ctx, conn: sa.Connection, *, share_lock: bool = False) -> None:
+    """401 if the request's launcher credential was revoked or expired, read in this write
+    transaction: another process's revocation may not have reached this process's credential
+    cache yet, and a lease made meanwhile outlived the revoke (see
+    auth.launcher_credential_problem for why this read is enough against a concurrent revoke)."""
+    problem = launcher_credential_problem(conn, ctx.user, share_lock=share_lock)
+    if problem is not None:
+        ctx.forget_credentials([ctx.user.credential_id])  # the next request is refused before its body
+        raise Unauthorized(problem)
+
+
 def create_session(ctx: Ctx) -> Response:
     data = ctx.json()
     if not isinstance(data, dict):
@@ -49,6 +61,9 @@ def create_session(ctx: Ctx) -> Response:
     data = {**data, "site_id": site_id, "batch_job_id": batch_job_id}
     check_int_fields(data, ["site_id", "batch_job_id"], ["body"])
     with ctx.write() as conn:
+        # First, holding the credential (FOR SHARE) before anything else: a revoke waits for this
+        # create and then ends its session, or this create reads the revocation.
+        _refuse_dead_launcher(ctx, conn, share_lock=True)
         owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(ctx.user.id))).first()
         if owned is None:
             raise NotFound(f"Site {site_id} not found")
@@ -90,8 +105,10 @@ def acquire_jobs(ctx: Ctx) -> "Response | WaitForJobs":
         session = get_owned_session(conn, ctx.user.id, session_id)
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:  # the answer was lost: the same jobs again (see sessions_logic)
+            _refuse_dead_launcher(ctx, conn)
             return json_response(reacquire(conn, session, earlier.ids))
-        result = acquire(conn, session, spec)
+        # Checked by acquire once its heartbeat holds the session, before the lease.
+        result = acquire(conn, session, spec, check=lambda: _refuse_dead_launcher(ctx, conn))
         ctx.idempotency.record(conn, 200, "acquire", [job["id"] for job in result])
     return json_response(result)
 
@@ -106,6 +123,9 @@ def tick(ctx: Ctx) -> Response:
         get_owned_session(conn, ctx.user.id, session_id)
         now = utcnow()
         heartbeat(conn, session_id, now)  # 404 if the sweep deleted the session meanwhile
+        # After the heartbeat, as the acquire (the session locked first): a revoked launcher no
+        # longer keeps its session alive, nor frees its jobs for leases (note_held).
+        _refuse_dead_launcher(ctx, conn)
         gone = gone_jobs(conn, session_id, job_ids) if job_ids is not None else None
         # Jobs its user re-queued while this session ran them: leasable again once it no longer does.
         leasable_again = note_held(conn, session_id, job_ids)
