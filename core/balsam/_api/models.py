@@ -455,8 +455,8 @@ class JobManager(Manager["Job"]):
             time.sleep(sleep)
 
     def _delete_query(self, query: Any) -> Optional[int]:
-        # One bulk DELETE with the filters. All-or-nothing: the server refuses (409, naming them)
-        # when any matching job is leased by a live launcher session.
+        # One bulk DELETE with the filters. The server skips the matching jobs RUNNING in a launcher
+        # (named in its Balsam-Skipped-Running header: Query.delete warns) and deletes the others.
         if query._empty:
             return 0
         client = self._client

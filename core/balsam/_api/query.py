@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import logging
 from collections.abc import Iterable, Mapping, Set
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Generic, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, NamedTuple, Optional, TypeVar
 
 import orjson
 
+from balsam.client.rest import collect_skipped_running, skipped_running_message
 from balsam.util import paused_gc
 from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
 
@@ -26,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import BalsamModel
 
 T = TypeVar("T", bound="BalsamModel")
+
+logger = logging.getLogger(__name__)
 
 
 def encode_filter_value(value: Any) -> Any:
@@ -211,84 +215,57 @@ class Query(Generic[T]):
         return out
 
     def _get_pages(self, params: dict[str, Any], offset: int, limit: Optional[int]) -> tuple[int, list[Any]]:
-        """(count, records): dicts, or Row objects where the server sent the page as columns.
+        """(count, records): dicts, or Row objects where the server sent the page as columns."""
+        total, records = 0, []
+        for page in self._iter_pages(params, offset, limit):
+            total = page.count
+            records.extend(page.rows)
+        return total, records
 
-        A listing in id order (the default of Job, BatchJob and TransferItem, or ``order_by("id")``)
-        reads its pages after the first by id (keyset paging): each asks for the records whose id is
-        greater than the last one read (``id__gt``). Records that leave the result meanwhile
-        (deleted, or no longer matching the filters: jobs leaving ``state="RUN_DONE"``) then move no
-        other record, so none that stays is skipped or read twice, at any depth. The first page
-        starts at the query's offset (a slice's start), so a slice is read the same way. Other
-        orderings page by offset (see below)."""
+    def _iter_pages(self, params: dict[str, Any], offset: int, limit: Optional[int],
+                    size: Optional[int] = None) -> Iterator["Page"]:
+        """The pages of one request each (``size`` records, by default ``page_size``), as
+        :func:`read_pages` reads them: a listing in id order (the default of Job, BatchJob and
+        TransferItem, or ``order_by("id")``) reads its pages after the first by id (keyset
+        paging), so no record that stays is skipped when others leave the result. The first page
+        starts at the query's offset (a slice's start), so a slice is read the same way."""
         client = self._model._get_client()
         if not self._model._paginated:
             count, rows = _unpack_list(client.get(self._model._path, params=params))
             end = None if limit is None else offset + limit
-            return count, rows[offset:end]
-        results: list[Any] = []
-        total = 0
-        # Offset pages: rows inserted ahead of the read position while the pages are read (a live
-        # campaign's events, listed newest first) shift the later pages: their first rows are the
-        # last of the page before. Offsets count the rows fetched and a row seen already is skipped,
-        # so none is returned twice. Rows that leave the result meanwhile shift the later pages
-        # back: as many unchanged rows are skipped. Keyset pages (id order) have neither fault.
-        by_id = self._model._path in KEYSET_PATHS and (self._order or self._model._default_order) == "id"
-        cursor: Optional[int] = None  # the last id read, once the pages go by id
-        fetched = 0
-        seen: set[Any] = set()
-        while True:
-            want = self.page_size if limit is None else min(self.page_size, limit - len(results))
-            if limit is not None and want <= 0:
-                break
-            page_params = dict(params, limit=want)
-            if cursor is None:
-                page_params["offset"] = offset + fetched
-            else:
-                page_params[ID_AFTER] = cursor
+            yield Page(count, rows[offset:end], False, len(rows), None)
+            return
+
+        def fetch(page_params: dict[str, Any]) -> tuple[int, list[Any]]:
             if self._order:
                 page_params["ordering"] = self._order
             # Job pages come as columns (the server's COLUMNS_MEDIA_TYPE); other lists, and servers
             # that do not have it, answer with objects.
-            try:
-                data, headers = client.request_with_headers("GET", self._model._path, params=page_params,
-                                                            headers={"Accept": f"{COLUMNS_MEDIA_TYPE}, application/json"})
-            except Exception as exc:
-                if cursor is not None and _refuses_id_after(exc):
-                    # A server of ours older than id__gt refuses it as an unknown filter (422):
-                    # the rest of this read goes by offset, as before.
-                    by_id, cursor = False, None
-                    continue
-                raise
+            data, headers = client.request_with_headers("GET", self._model._path, params=page_params,
+                                                        headers={"Accept": f"{COLUMNS_MEDIA_TYPE}, application/json"})
             if headers.get("content-type", "").startswith(COLUMNS_MEDIA_TYPE):
-                count, page = _unpack_columns(data)
-            else:
-                count, page = _unpack_list(data)
-            if cursor is not None and not _ids_ascending_after(page, cursor):
-                # A server that ignores unknown parameters (Balsam 0.7's) answered the listing's
-                # first page again: drop it, and read the rest by offset, as before.
-                by_id, cursor = False, None
-                continue
-            if cursor is None:
-                # An offset page counts every match; a keyset page only those past its cursor: the
-                # query's count is the first page's (the matches when the read began).
-                total = count
-            fetched += len(page)
-            for row in page:
-                row_id = row.get("id")  # a dict, or a Row of a page sent as columns
-                if row_id is None:
-                    results.append(row)
-                elif row_id not in seen:
-                    seen.add(row_id)
-                    results.append(row)
-            if not page or len(page) < want:
-                break
-            if cursor is None and fetched + offset >= count:
-                break
-            if cursor is not None and len(page) >= count:  # the page held every match past the cursor
-                break
-            if by_id:
-                cursor = page[-1].get("id")
-        return total, results
+                return _unpack_columns(data)
+            return _unpack_list(data)
+
+        by_id = self._model._path in KEYSET_PATHS and (self._order or self._model._default_order) == "id"
+        yield from read_pages(fetch, params, page_size=size or self.page_size, by_id=by_id, offset=offset,
+                              limit=limit, client=client)
+
+    def pages(self, size: Optional[int] = None) -> Iterator[tuple[list[T], bool]]:
+        """The query's records a request at a time (``size`` records, by default ``page_size``), as
+        model objects, each page with whether more may follow: for listings too long to hold
+        whole (``balsam job ls``). Read as iterating the query reads them (by id in id order). A
+        list filter that is split over several requests (longer than ``filter_chunk_size``
+        values) is read whole first, as one page."""
+        if self._cache is not None or self._empty or self._limit == 0 or len(self._chunked_params()) > 1:
+            records = self._evaluate()
+            if records:
+                yield records, False
+            return
+        for page in self._iter_pages(self._chunked_params()[0], self._offset, self._limit, size):
+            with paused_gc():
+                records = self._model._from_api_many(page.rows)
+            yield records, page.more
 
     def _evaluate(self) -> list[T]:
         if self._cache is not None:
@@ -452,19 +429,138 @@ class Query(Generic[T]):
         finally:
             self._forget()
 
-    def delete(self) -> Optional[int]:
-        """Delete every record the query matches now (Job: one bulk ``DELETE /jobs/?filters``)."""
+    def delete(self, *, warn: bool = True) -> Optional[int]:
+        """Delete every record the query matches now (Job: one bulk ``DELETE /jobs/?filters``);
+        returns how many were deleted.
+
+        The server leaves out the matching jobs RUNNING in a launcher (the user may not have meant
+        to end those runs; other leased jobs are deleted): ``skipped_running`` is then set to
+        ``(count, first ids)`` and, with ``warn``, one WARNING names them (``balsam job rm``
+        prints it instead)."""
+        self.skipped_running: Optional[tuple[int, list[int]]] = None
         try:
-            return self._manager._delete_query(self)
+            with collect_skipped_running() as skipped:
+                deleted = self._manager._delete_query(self)
         finally:
             self._forget()
+        if skipped:
+            self.skipped_running = (sum(n for n, _ in skipped), [i for _, ids in skipped for i in ids][:50])
+            if warn:
+                logger.warning("%s", skipped_running_message(*self.skipped_running))
+        return deleted
 
 
-#: The lists whose server takes ``id__gt`` (keyset paging, see Query._get_pages); the others
+#: The lists whose server takes ``id__gt`` (keyset paging, see read_pages); the others
 #: (sites, apps: a few records) page by offset, and sessions come whole.
 KEYSET_PATHS = frozenset({"/jobs/", "/batch-jobs/", "/transfers/"})
 #: The server's keyset filter: the records whose id is greater than its value.
 ID_AFTER = "id__gt"
+
+
+#: The client attribute that remembers that its server lacks ``id__gt`` (see read_pages).
+LACKS_ID_AFTER = "lacks_id_after"
+
+
+class Page(NamedTuple):
+    """One request's page of :func:`read_pages`."""
+
+    #: The listing's count: the last offset page's, or the first page's (a keyset page counts only
+    #: the records past its cursor).
+    count: int
+    #: The page's records that no earlier page returned.
+    rows: list[Any]
+    #: Whether another request may find more records.
+    more: bool
+    #: Where an offset page would go on: the start offset plus the records fetched.
+    offset: int
+    #: The last id read, while the pages go by id (the next page's ``id__gt``); else None.
+    after: Optional[int]
+
+
+def read_pages(fetch: Callable[[dict[str, Any]], tuple[int, list[Any]]], params: Mapping[str, Any], *,
+               page_size: int, by_id: bool, offset: int = 0, limit: Optional[int] = None,
+               after: Optional[int] = None, client: Any = None) -> Iterator[Page]:
+    """The pages of a listing, one ``fetch(page_params) -> (count, records)`` call (one request)
+    each, ``page_size`` records (fewer to end at ``limit``); records are dicts or Rows.
+
+    ``by_id`` (a list of KEYSET_PATHS ordered by id) reads the pages after the first by id (keyset
+    paging): each asks for the records whose id is greater than the last one read (``id__gt``).
+    Records that leave the result meanwhile (deleted, or no longer matching the filters: jobs
+    leaving ``state="RUN_DONE"``) then move no other record, so none that stays is skipped or
+    read twice, at any depth. The first page starts at ``offset``, or past the id ``after`` where
+    it is given (a reader that goes on from an earlier listing's last id; ``offset`` is then where
+    the same read goes on by offset).
+
+    Other orderings page by offset: rows inserted ahead of the read position while the pages are
+    read (a live campaign's events, listed newest first) shift the later pages: their first rows
+    are the last of the page before. Offsets count the rows fetched and a row seen already is
+    dropped, so none is returned twice. Rows that leave the result meanwhile shift the later pages
+    back: as many unchanged rows are skipped.
+
+    A server without ``id__gt`` is read by offset, as before: ours of an older release refuses it
+    (422 naming it), Balsam 0.7's ignores it (its page is not past the cursor). Either is
+    remembered on ``client`` (its ``lacks_id_after``), so that its later listings page by offset
+    from the start instead of spending a request each to find out again."""
+    if by_id and getattr(client, LACKS_ID_AFTER, False) is True:
+        by_id = False
+    cursor = after if by_id else None
+    total = 0
+    fetched = 0  # records fetched by offset pages and keyset pages alike: where an offset page goes on
+    returned = 0
+    seen: set[Any] = set()
+    while True:
+        want = page_size if limit is None else min(page_size, limit - returned)
+        if want <= 0:
+            return
+        page_params = dict(params, limit=want)
+        if cursor is None:
+            page_params["offset"] = offset + fetched
+        else:
+            page_params[ID_AFTER] = cursor
+        try:
+            count, page = fetch(page_params)
+        except Exception as exc:
+            if cursor is not None and _refuses_id_after(exc):
+                # A server of ours older than id__gt refuses it as an unknown filter (422).
+                _note_lacks_id_after(client)
+                by_id, cursor = False, None
+                continue
+            raise
+        if cursor is not None and not _ids_ascending_after(page, cursor):
+            # A server that ignores unknown parameters (Balsam 0.7's) answered the listing's start
+            # again: drop the page, and read on by offset.
+            _note_lacks_id_after(client)
+            by_id, cursor = False, None
+            continue
+        if cursor is None or not fetched:
+            total = count
+        fetched += len(page)
+        fresh = []
+        for row in page:
+            row_id = row.get("id")  # a dict, or a Row of a page sent as columns
+            if row_id is None:
+                fresh.append(row)
+            elif row_id not in seen:
+                seen.add(row_id)
+                fresh.append(row)
+        returned += len(fresh)
+        done = (not page or len(page) < want or (limit is not None and returned >= limit)
+                or (cursor is None and fetched + offset >= count)
+                or (cursor is not None and len(page) >= count))  # the page held every match past the cursor
+        if by_id and page:
+            cursor = page[-1].get("id")
+        yield Page(total, fresh, not done, offset + fetched, cursor)
+        if done:
+            return
+
+
+def _note_lacks_id_after(client: Any) -> None:
+    """Remember on ``client`` that its server lacks ``id__gt`` (a client that takes no attribute
+    just asks again at its next listing)."""
+    try:
+        setattr(client, LACKS_ID_AFTER, True)
+    except (AttributeError, TypeError):
+        pass
 
 
 def _refuses_id_after(exc: BaseException) -> bool:

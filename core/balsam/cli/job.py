@@ -219,11 +219,10 @@ def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], ve
 
 
 #: Jobs per request of ``job ls`` without ``-n``: each page is printed as it arrives (the first
-#: line comes after one page, not after every job was read, and memory holds one page). Offset
-#: pages cost more the further they go and each comes with a count: at 100,000 jobs (SQLite),
-#: pages of 1,000 took 2.5x the time of one request (3.5x with a filter the counters cannot
-#: answer), pages of 5,000 1.1x (1.3x), the first line after 0.3 s instead of 3 s, and a fifth of
-#: the memory.
+#: line comes after one page, not after every job was read, and memory holds one page). Each page
+#: comes with a count: at 100,000 jobs (SQLite, offset pages), pages of 1,000 took 2.5x the time
+#: of one request (3.5x with a filter the counters cannot answer), pages of 5,000 1.1x (1.3x), the
+#: first line after 0.3 s instead of 3 s, and a fifth of the memory.
 LIST_PAGE_SIZE = 5000
 
 
@@ -231,10 +230,10 @@ def _job_pages(filters: dict[str, Any]) -> Iterator[tuple[list[Any], bool]]:
     """Every job matching ``filters``, in id order, a page (``LIST_PAGE_SIZE`` jobs, one request) at
     a time, each with whether more pages may follow.
 
-    The REST API has no ``id > N`` filter: pages are ``ordering=id`` with an offset, and the count
-    that comes with each page says when to stop. A job listed already is not listed again (jobs
-    created or deleted meanwhile shift the offsets: a page read after jobs left the filter is read
-    again from as many rows earlier, see below)."""
+    The pages after the first are read by id (``id__gt``, as any id-ordered query of the Python
+    API): jobs that leave the filter while it lists (deleted, or a state change under
+    ``--state RUNNING`` on a live campaign) move no other job, so none that still matches is
+    missed or listed twice. A server without ``id__gt`` is read by offset."""
     from balsam.api import Job
 
     size = LIST_PAGE_SIZE
@@ -250,37 +249,9 @@ def _job_pages(filters: dict[str, Any]) -> Iterator[tuple[list[Any], bool]]:
             if page:
                 yield page, start + size < len(wanted)
         return
-    query = Job.objects.filter(**filters).order_by("id")
-    offset = 0
-    last_id: Optional[int] = None
-    last_count: Optional[int] = None
-    while True:
-        sliced = query[offset:offset + size]
-        page = list(sliced)
-        count = sliced.count()  # the count comes with the page (no request of its own)
-        if last_count is not None and count < last_count and offset > 0:
-            # Jobs left the filter since the previous page (deleted, or a state change under
-            # --state RUNNING on a live campaign). Each one that left below the read position moved
-            # every later job back by one: this page was read that many rows too far, and the jobs
-            # now just before it would never be listed. Read it again from that many rows earlier;
-            # the jobs listed already come back in the overlap and are dropped (ids ascend; the
-            # last_id check), as are the extra rows when the jobs left above the read position.
-            # Each retry follows a lower count, so it ends. What a count cannot tell: a job that
-            # left and one that arrived (created, or entering the filter) in the same interval
-            # cancel out in the count, and the job that moved back is still missed; an arrival
-            # alone only moves jobs forward, read twice and dropped here.
-            offset = max(0, offset - (last_count - count))
-            last_count = count
-            continue
-        last_count = count
-        offset += len(page)
-        fresh = [j for j in page if last_id is None or j.id > last_id]
-        more = len(page) == size and offset < count
-        if fresh:
-            last_id = fresh[-1].id
-            yield fresh, more
-        if not more:
-            return
+    for page, more in Job.objects.filter(**filters).order_by("id").pages(size):
+        if page:  # an offset page of jobs listed already (an older server) adds nothing
+            yield page, more
 
 
 def _job_yaml(j: Any) -> str:
@@ -542,9 +513,10 @@ def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selecto
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation")
 def rm(ids: tuple, tags: tuple, states: tuple, excluded: tuple, delete_all: bool,
        site_selector: str, yes: bool) -> None:
-    """Delete jobs. Refused as a whole when any of them is leased by a running session (a launcher or
-    the site agent's processing)."""
+    """Delete jobs. Those RUNNING in a launcher are left (named in a warning): delete them after
+    they end (or from Python, job.delete(), which ends the run)."""
     from balsam.api import Job
+    from balsam.client.rest import skipped_running_message
 
     if not (ids or tags or states or excluded or delete_all or site_selector):
         raise click.UsageError("select jobs with --id, --tag, --state/--exclude-state, --site or --all")
@@ -563,8 +535,13 @@ def rm(ids: tuple, tags: tuple, states: tuple, excluded: tuple, delete_all: bool
         if not click.confirm(f"Really delete {n} job{'' if n == 1 else 's'}?"):
             click.echo("Nothing deleted.")
             return
-    deleted = query.delete()
+    deleted = query.delete(warn=False)  # the skipped ones are printed here, once
     click.echo(f"Deleted {deleted if deleted is not None else n} job(s)")
+    if query.skipped_running:
+        # `rm -i` is a query delete too: it leaves them as well. Only a delete of the job itself
+        # (Python's job.delete()) takes a running job, and ends its run.
+        advice = "delete them after they end, or from Python with Job.objects.get(id=N).delete(), which ends the run"
+        click.echo("Warning: " + skipped_running_message(*query.skipped_running, advice=advice), err=True)
 
 
 commands = [job]

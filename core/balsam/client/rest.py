@@ -24,6 +24,8 @@ After ``fork()`` the child gets a fresh connection pool on its first request.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -201,6 +203,47 @@ def _notify_credential_refused(error: AuthenticationError) -> None:
 LARGE_BODY_BYTES = 256 * 1024
 
 
+#: The header of a query delete's answer that left out matching jobs RUNNING in a launcher,
+#: ``count=N; ids=I,J,...`` (balsam.server.routes.jobs, which names it alike).
+SKIPPED_RUNNING_HEADER = "Balsam-Skipped-Running"
+#: The skipped jobs of the DELETEs sent under :func:`collect_skipped_running` (a query delete may
+#: take several requests, and its manager returns counts only).
+_skipped_running: "contextvars.ContextVar[Optional[list[tuple[int, list[int]]]]]" = contextvars.ContextVar(
+    "balsam_skipped_running", default=None)
+
+
+@contextlib.contextmanager
+def collect_skipped_running() -> Iterator[list[tuple[int, list[int]]]]:
+    """Collect, for each DELETE sent meanwhile (this thread or task) that left jobs out, ``(count,
+    first ids)`` from its :data:`SKIPPED_RUNNING_HEADER`."""
+    collected: list[tuple[int, list[int]]] = []
+    token = _skipped_running.set(collected)
+    try:
+        yield collected
+    finally:
+        _skipped_running.reset(token)
+
+
+def skipped_running_message(count: int, ids: list[int], advice: str = "delete them by id or after they end") -> str:
+    """What a query delete that left out ``count`` jobs RUNNING in a launcher (``ids``: the first
+    ones) tells its user, ending with ``advice``."""
+    shown = ", ".join(str(i) for i in ids) + (", ..." if count > len(ids) else "")
+    return (f"{count} matching job{'' if count == 1 else 's'} {'was' if count == 1 else 'were'} not deleted: "
+            f"RUNNING in a launcher (ids {shown}); {advice}")
+
+
+def _note_skipped_running(resp: "Response") -> None:
+    collected = _skipped_running.get()
+    value = resp.headers.get(SKIPPED_RUNNING_HEADER) if collected is not None else None
+    if not value:
+        return
+    fields = dict(part.strip().partition("=")[::2] for part in value.split(";"))
+    try:
+        collected.append((int(fields.get("count", "0")), [int(i) for i in fields.get("ids", "").split(",") if i]))
+    except ValueError:  # a malformed header must not fail a delete that happened: logged, not raised
+        logger.warning("unreadable %s header: %r", SKIPPED_RUNNING_HEADER, value)
+
+
 def _parse(resp: "Response") -> Any:
     if resp.status_code == 204 or not resp.content:
         return None
@@ -273,6 +316,10 @@ class RESTClient:
         self._bound_models: dict[str, type] = {}
         #: requests sent, by ``"METHOD /path"`` (retries included): for tests and benchmarks
         self.request_counts: collections.Counter[str] = collections.Counter()
+        #: Set when the server turned out to lack the ``id__gt`` filter (an older release): later
+        #: listings page by offset from their start, without a request to find out again (see
+        #: balsam._api.query.read_pages).
+        self.lacks_id_after = False
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -554,7 +601,9 @@ class RESTClient:
         return self.request("PATCH", path, params=params, json=json, **kw)
 
     def delete(self, path: str, params: "Mapping[str, Any] | None" = None, **kw: Any) -> Any:
-        return self.request("DELETE", path, params=params, **kw)
+        resp = self._send("DELETE", path, params=params, **kw)
+        _note_skipped_running(resp)  # a query delete's jobs left out (collect_skipped_running)
+        return _parse(resp)
 
     # ----------------------------------------------------------------- auth helpers
     def auth_methods(self) -> list[str]:

@@ -1388,7 +1388,9 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
                 # A re-run of a finished job (the file_cleaner cleared the flag): its new files
                 # are cleaned again when it finishes, as a new job's are (created with True).
                 values["pending_file_cleanup"] = True
-        key = orjson.dumps({k: v for k, v in values.items() if k != "last_update"}, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        # Keys not sorted: two jobs whose data differ only in key order get their own order (json
+        # column, migration 0021), not the first one's.
+        key = orjson.dumps({k: v for k, v in values.items() if k != "last_update"}, option=orjson.OPT_NON_STR_KEYS)
         groups.setdefault(key, (values, []))[1].append(job_id)
     for job_id, from_state, to_state, data in extra_events:
         events.add(job_id, from_state.value, to_state.value, now, data)
@@ -1705,10 +1707,31 @@ def set_states(conn: sa.Connection, moves: dict[int, tuple[str, JobState]], now:
 # Delete
 # ---------------------------------------------------------------------------------------------
 
-def delete_jobs(conn: sa.Connection, ids: list[int], *, refuse_leased: bool = True,
-                released: "list[int] | None" = None) -> int:
-    """All-or-nothing: refuse (409) if any job is leased by a live session (``refuse_leased``: a
-    query delete, which may select more than the user thinks; a delete of one job by id names it).
+def delete_jobs(conn: sa.Connection, ids: list[int], *, skip_running: bool = True,
+                released: "list[int] | None" = None, skipped: "list[int] | None" = None) -> int:
+    """Delete the jobs ``ids``; returns how many were deleted.
+
+    ``skip_running`` (a query delete, which may select more than the user meant): the jobs RUNNING
+    under a live session (a launcher runs them) are left, their ids appended to ``skipped`` (id
+    order), as 0.7 skipped the jobs a session had locked (``FOR UPDATE SKIP LOCKED``); every other
+    matching job is deleted, leased or not: the jobs the site agent's processing holds for their
+    hooks (leased 1,000 at a time right after their creation) and those a launcher prefetched but
+    has not started. Their holders learn it as the delete of one job by id (``skip_running=False``:
+    it names the job, RUNNING or not) tells them: a launcher at its next heartbeat (it drops a job
+    not started, ends a run), the processing module when the server refuses its hook result (404),
+    which is dropped; nothing re-creates the job. (Refusing the whole delete when any job was
+    leased, as this did, failed 0.7 scripts that delete their jobs by tag right after creating
+    them, or while a slow preprocess hook ran.)
+
+    Against a job moving to RUNNING at the same time (a launcher's RUNNING update, which locks the
+    job's row and keeps the lease's session): on PostgreSQL the delete reads the jobs with their
+    state and session ``FOR UPDATE`` and decides from what that read returns, so one of the two
+    waits for the other's commit. The update first: the delete's lock wait re-reads the row (READ
+    COMMITTED), sees it RUNNING under its session and skips it; the run goes on. The delete first:
+    the update then finds no row, and the launcher learns at its next heartbeat that the job is
+    gone and ends the run it had started (deleted before it started, as far as the server knows).
+    Never both, never a deleted job left running unnoticed. SQLite runs one write transaction at a
+    time: the read and the delete see the same rows.
 
     A deleted parent no longer blocks its children (:func:`_releasable_stmt`), so the delete
     releases, in its own transaction, the AWAITING_PARENTS children (not deleted themselves) whose
@@ -1717,43 +1740,50 @@ def delete_jobs(conn: sa.Connection, ids: list[int], *, refuse_leased: bool = Tr
 
     Race-free (PostgreSQL; SQLite runs one write transaction at a time), in the lock order of
     sessions_logic ("Lock order": a job's parents, then its children, each in id order): the delete
-    locks the jobs it deletes (FOR UPDATE, id order), then their waiting children (FOR UPDATE, id
-    order, :data:`_RELEASE_CANDIDATES`, as the finish of a parent does), deletes, and then checks
-    the children with a new statement. Against the last other parent finishing at once (its
-    transaction locks that parent, then the same children): whichever takes a child's lock second
-    waits until the first commits and then, in its next statement's snapshot (READ COMMITTED), sees
-    the first's change (the parent gone, or the other one finished) besides its own, and releases
-    the child; the first saw the other's change not yet committed and left the child waiting. (A
-    lock wait re-reads the child's row: released meanwhile, it is no candidate any more.) Either
+    locks the jobs it selected (FOR UPDATE, id order; the skipped ones too, until the commit), then
+    the waiting children of those it deletes (FOR UPDATE, id order, :data:`_RELEASE_CANDIDATES`,
+    as the finish of a parent does), deletes, and then checks the children with a new statement.
+    Against the last other parent finishing at once (its transaction locks that parent, then the
+    same children): whichever takes a child's lock second waits until the first commits and then,
+    in its next statement's snapshot (READ COMMITTED), sees the first's change (the parent gone,
+    or the other one finished) besides its own, and releases the child; the first saw the other's
+    change not yet committed and left the child waiting. (A lock wait re-reads the child's row:
+    released meanwhile, it is no candidate any more.) Either
     order ends released, once. A child created at the same time reads its parents FOR SHARE: the
     delete's lock of the parent waits for that create's commit, so the next statement (the
     candidates) sees the new child's links; a create that waits for the delete finds no parent.
     (Checking at the finish only, and counting a deleted parent as finished because its links were
     gone, released the child or left it waiting for ever depending on the order; counting it as
-    unfinished for ever kept children of routinely cleaned-up finished parents waiting.)"""
+    unfinished for ever kept children of routinely cleaned-up finished parents waiting.)
+
+    Bulk: one statement per chunk of ids (one on PostgreSQL) for each step, whatever the number of
+    jobs."""
     if not ids:
         return 0
     dialect = conn.dialect.name
     chunks = _id_chunks(ids, dialect)
-    locked: list[int] = []
+    running = sa.and_(jobs.c.state == S.running.value, jobs.c.session_id.is_not(None))
+    left: list[int] = []
     if dialect == "postgresql":
-        # The deleted jobs first (a parent's row before its children's), with their leases.
+        # The selected jobs first (a parent's row before its children's), with their state and
+        # lease as they are once locked: a concurrent RUNNING update has committed or waits.
         rows = conn.execute(
-            sa.select(jobs.c.id, jobs.c.session_id).where(chunks[0]).order_by(jobs.c.id).with_for_update()
+            sa.select(jobs.c.id, jobs.c.state, jobs.c.session_id).where(chunks[0]).order_by(jobs.c.id).with_for_update()
         ).all()
-        if refuse_leased:
-            locked = [jid for jid, session_id in rows if session_id is not None]
-    else:
-        for matching in (chunks if refuse_leased else []):
-            locked.extend(
-                conn.execute(sa.select(jobs.c.id).where(matching, jobs.c.session_id.is_not(None)).order_by(jobs.c.id)).scalars()
-            )
-    if locked:
-        shown = ", ".join(str(i) for i in locked[:50]) + (f" (+{len(locked) - 50} more)" if len(locked) > 50 else "")
-        raise Conflict(
-            f"{len(locked)} job(s) are leased by a running session (a launcher or the site agent's processing) and "
-            f"were not deleted; nothing was deleted. Locked job ids: {shown}"
-        )
+        if skip_running:
+            left = [jid for jid, state, session_id in rows if state == S.running.value and session_id is not None]
+    elif skip_running:
+        for matching in chunks:
+            left.extend(conn.execute(sa.select(jobs.c.id).where(matching, running)).scalars())
+        left.sort()
+    if skipped is not None:
+        skipped.extend(left)
+    if left:
+        kept = set(left)
+        ids = [jid for jid in ids if jid not in kept]
+        if not ids:
+            return 0
+        chunks = _id_chunks(ids, dialect)
     # Their waiting children (locked in id order on PostgreSQL), read before the cascade takes the
     # links; those deleted too are left out of the check.
     candidates = _RELEASE_CANDIDATES["postgresql" if dialect == "postgresql" else "sqlite"]

@@ -1,7 +1,7 @@
 """Small helpers the agent and its modules share for talking to the REST API.
 
 Everything goes through the ``balsam.client.RESTClient`` of the site owner (``get/post/put/patch/delete``
-returning parsed JSON). Lists are paged with ``limit``/``offset``; bulk writes are chunked at
+returning parsed JSON). Lists are paged with ``limit`` and ``id__gt`` or ``offset``; bulk writes are chunked at
 ``MAX_ITEMS_PER_BULK_OP`` so one call never carries more than the server accepts.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
+from .._api.query import KEYSET_PATHS, read_pages
 from ..models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -60,22 +61,32 @@ def results(payload: Any) -> list[dict]:
 
 
 def list_all(client: Any, path: str, params: Optional[Mapping[str, Any]] = None, *, limit: Optional[int] = None) -> list[dict]:
-    """GET every row of a list route, following pagination."""
+    """GET every row of a list route, following pagination (one request per page).
+
+    The jobs, batch-jobs and transfers lists in id order (their default) read the pages after the
+    first by id (``id__gt``, balsam._api.query.read_pages): a record that leaves the filter while
+    they are read (a job leaving ``state``, a transfer submitted) hides no other one, as an offset
+    would. Other lists and orderings, and servers without ``id__gt``, page by offset."""
     params = dict(params or {})
+    by_id = path in KEYSET_PATHS and params.get("ordering", "id") == "id"
     rows: list[dict] = []
-    offset = 0
-    page = MAX_PAGE_SIZE if limit is None else min(limit, MAX_PAGE_SIZE)
-    while True:
-        payload = client.get(path, params={**params, "limit": page, "offset": offset})
-        batch = results(payload)
-        rows.extend(batch)
-        count = payload.get("count") if isinstance(payload, Mapping) else None
-        offset += len(batch)
-        if not batch or (limit is not None and len(rows) >= limit):
-            break
-        if count is None or offset >= count:
-            break
-    return rows if limit is None else rows[:limit]
+    for page in read_pages(page_fetcher(client, path), params, page_size=MAX_PAGE_SIZE, by_id=by_id, limit=limit,
+                           client=client):
+        rows.extend(page.rows)
+    return rows
+
+
+def page_fetcher(client: Any, path: str) -> Callable[[dict[str, Any]], tuple[int, list[dict]]]:
+    """The ``fetch`` of balsam._api.query.read_pages for ``path``: one GET, its (count, rows)."""
+
+    def fetch(page_params: dict[str, Any]) -> tuple[int, list[dict]]:
+        payload = client.get(path, params=page_params)
+        rows = results(payload)
+        total = payload.get("count") if isinstance(payload, Mapping) else None
+        # Without a count (a bare list) the page is the whole listing.
+        return (len(rows) if total is None else int(total)), rows
+
+    return fetch
 
 
 def count(client: Any, path: str, params: Optional[Mapping[str, Any]] = None) -> int:

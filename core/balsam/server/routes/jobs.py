@@ -169,22 +169,36 @@ def delete_one(ctx: Ctx) -> Response:
         # Leased or not, as in 0.7: libEnsemble's BalsamTask.kill() deletes its job by id. The
         # holding launcher learns at its next heartbeat that the job is gone and ends its run.
         released: list[int] = []
-        logic.delete_jobs(conn, [job_id], refuse_leased=False, released=released)
+        logic.delete_jobs(conn, [job_id], skip_running=False, released=released)
     if released:
         ctx.wake_acquires()  # children whose remaining parents had finished: READY / STAGED_IN
     return no_content()
 
 
+#: The header of a query delete's answer that left out matching jobs RUNNING in a launcher:
+#: ``count=N; ids=I,J,...`` (the first :data:`SKIPPED_IDS_SHOWN` ids, in id order). The body stays
+#: 0.7's, the count of deleted jobs; balsam.client.rest reads the header under the same name.
+SKIPPED_RUNNING_HEADER = "Balsam-Skipped-Running"
+SKIPPED_IDS_SHOWN = 50
+
+
 def query_delete(ctx: Ctx) -> Response:
+    """Every matching job but those RUNNING in a launcher (skipped, named in
+    :data:`SKIPPED_RUNNING_HEADER`): see :func:`jobs_logic.delete_jobs`."""
     q = ctx.query(logic.JOB_FILTERS)
     with ctx.write() as conn:
         sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
         ids = logic.matching_job_ids(conn, ctx.user.id, q)
         released: list[int] = []
-        count = logic.delete_jobs(conn, ids, released=released)
+        skipped: list[int] = []
+        count = logic.delete_jobs(conn, ids, released=released, skipped=skipped)
     if released:
         ctx.wake_acquires()  # children whose remaining parents had finished: READY / STAGED_IN
-    return json_response(count)
+    headers = None
+    if skipped:
+        shown = ",".join(str(i) for i in skipped[:SKIPPED_IDS_SHOWN])
+        headers = {SKIPPED_RUNNING_HEADER: f"count={len(skipped)}; ids={shown}"}
+    return json_response(count, headers=headers)
 
 
 routes = [

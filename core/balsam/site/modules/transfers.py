@@ -112,6 +112,7 @@ doubled (a destination is written by rename).
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -139,8 +140,9 @@ from ...transfer import (
     build_backend,
     one_line,
 )
+from ..._api.query import read_pages
 from ...models import MAX_PAGE_SIZE
-from ..api_util import bulk_patch, list_all, results
+from ..api_util import bulk_patch, list_all, page_fetcher, results
 from ..module import AgentModule
 
 __all__ = ["TransfersModule", "TransfersOptions", "item_transfer_paths"]
@@ -747,24 +749,40 @@ class TransfersModule(AgentModule):
         # fill it: the limit applied before that filter and newer items of other locations never
         # started. Page on through the pending items (the first page held the oldest ones).
         seen = {it["id"] for it in items}
-        offset = max(pending_read, self._pending_cursor)
+        # The next pages go on by id (id__gt) from the last pending item read: past the first page's
+        # pending items (the oldest: ``state`` orders by id within a state), or where the last
+        # cycle's pages stopped. Items that left "pending" meanwhile (submitted by the last cycle)
+        # then move no other: by offset as many items as left were skipped, until the pages came
+        # round again. ``_pending_cursor`` is 0 (right after the first page) or (offset, last id):
+        # the offset is where a server without id__gt goes on (read_pages falls back to it).
+        offset, after = self._pending_cursor or (0, None)
+        first_ids = [it["id"] for it in items if it["state"] == TransferItemState.pending.value]
+        offset = max(pending_read, offset)
+        after = max([*first_ids, *([after] if after is not None else [])], default=None)
         size = min(limit, MAX_PAGE_SIZE)
         params = {"site_id": self.site_id, "state": [TransferItemState.pending.value], "ordering": "id"}
-        for _ in range(PENDING_PAGES_PER_CYCLE):
+
+        get_page = page_fetcher(self.client, "/transfers/")
+
+        def fetch(page_params: dict[str, Any]) -> tuple[int, list[dict]]:
             self.last_cycle_calls += 1
-            page = results(self.client.get("/transfers/", params={**params, "limit": size, "offset": offset}))
-            offset += len(page)
-            for item in page:
+            return get_page(page_params)
+
+        position: Any = 0
+        pages = read_pages(fetch, params, page_size=size, by_id=True, offset=offset, after=after, client=self.client)
+        for page in itertools.islice(pages, PENDING_PAGES_PER_CYCLE):
+            position = (page.offset, page.after)
+            for item in page.rows:
                 if item["id"] not in seen:
                     seen.add(item["id"])
                     items.append(item)
                     usable += self._usable(item, now)
-            if len(page) < size or usable >= limit:
+            if not page.more or usable >= limit:
                 # The end, or enough work: the next cycle starts again from the oldest items.
-                offset = 0
+                position = 0
                 break
         # Otherwise the next cycle goes on from here, so every pending item is read in turn.
-        self._pending_cursor = offset
+        self._pending_cursor = position
         return items
 
     def _rest_in_flight(self, offset: int) -> list[dict]:
