@@ -267,12 +267,15 @@ def _pg_update_from_json(conn: sa.Connection, table: sa.Table, names: tuple[str,
     # Each value goes through its column's own bind processor first, so that it is stored exactly
     # as SQLAlchemy stores it: a JSON column's value becomes its JSON text (Python None -> 'null',
     # as SQLAlchemy's JSON type stores it; jsonb_to_recordset would read a JSON null in a jsonb
-    # field as SQL NULL), cast back to jsonb in the SET; a datetime becomes an aware UTC one.
+    # field as SQL NULL), cast back to the column's type in the SET (json for jobs.data: a cast of
+    # the text through jsonb would sort its keys); a datetime becomes an aware UTC one.
     processors = [table.c[name].type.dialect_impl(conn.dialect).bind_processor(conn.dialect) for name in names]
     is_json = [isinstance(table.c[name].type, sa.JSON) for name in names]
     record = ", ".join(['"id" bigint', *(f'"{name}" {"text" if json else pg_record_type(table.c[name].type)}'
                                         for name, json in zip(names, is_json))])
-    assignments = ", ".join(f'"{name}" = x."{name}"' + ("::jsonb" if json else "") for name, json in zip(names, is_json))
+    casts = ["::jsonb" if isinstance(table.c[name].type.dialect_impl(conn.dialect), postgresql.JSONB) else "::json"
+             for name in names]
+    assignments = ", ".join(f'"{name}" = x."{name}"' + (cast if json else "") for name, json, cast in zip(names, is_json, casts))
     converters = list(zip(names, processors, is_json))
     payload = []
     for row_id, values in rows:

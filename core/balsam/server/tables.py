@@ -161,7 +161,9 @@ jobs = sa.Table(
     sa.Column("workdir", sa.Text, nullable=False),
     sa.Column("tags", JSONType, nullable=False),
     sa.Column("serialized_parameters", sa.Text, nullable=False),
-    sa.Column("data", JSONType, nullable=False),
+    # json, not jsonb, on PostgreSQL (migration 0021): jsonb sorts an object's keys, and a job's data
+    # comes back as it was sent (as on SQLite and in Balsam 0.7); nothing queries it with jsonb operators.
+    sa.Column("data", sa.JSON, nullable=False),
     sa.Column("return_code", sa.Integer, nullable=True),
     sa.Column("num_nodes", sa.Integer, nullable=False),
     sa.Column("ranks_per_node", sa.Integer, nullable=False),
