@@ -42,8 +42,10 @@ class TestPerlmutterGPU(PlatformContract):
         (LaunchSpec(cmdline="./app", hostnames=HOSTS[:1], ranks_per_node=2, gpus_per_rank=0.5),
          "srun -n 2 --ntasks-per-node 2 --nodelist nid001234 --nodes 1 --cpus-per-task 2 --cpu-bind=cores --overlap ./app"),
     ]
+    # a worker owns its node: NERSC's -c 2 * floor(64 cores / 1 task) (it had -c 2, one core, for
+    # every task it pins)
     serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
-                          f"--cpus-per-task 2 --cpu-bind=cores --overlap {SERIAL_WORKER_CMDLINE}")
+                          f"--cpus-per-task 128 --cpu-bind=cores --overlap {SERIAL_WORKER_CMDLINE}")
     # cpu_affinity: none (the settings default): the worker gets every logical CPU of its node
     unbound_serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
                                   f"--cpus-per-task 128 --cpu-bind=cores --overlap {SERIAL_WORKER_CMDLINE}")
@@ -61,6 +63,8 @@ class TestPerlmutterCPU(TestPerlmutterGPU):
          "srun -n 256 --ntasks-per-node 128 --nodelist nid001234,nid001235 --nodes 2 --cpus-per-task 2 "
          "--cpu-bind=cores --overlap ./app"),
     ]
+    serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
+                          f"--cpus-per-task 256 --cpu-bind=cores --overlap {SERIAL_WORKER_CMDLINE}")
     unbound_serial_worker_line = (f"srun -n 2 --ntasks-per-node 1 --nodelist nid001234,nid001235 --nodes 2 "
                                   f"--cpus-per-task 256 --cpu-bind=cores --overlap {SERIAL_WORKER_CMDLINE}")
     task_cpu_cases = [((3,), 2, (3, 131))]

@@ -9,7 +9,8 @@ gets whole free devices when there are any, and a smaller request goes to a half
 
 CPUs are taken first-fit in id order, unless the platform says which CPUs sit near which GPU
 (``NodeInfo.gpu_cpus``: Polaris' NUMA domains, Aurora's sockets). Then a GPU job gets CPUs near its
-GPUs (an equal share near each, in the GPUs' order, so rank i's CPUs sit near its GPU i), a free
+GPUs (an equal share per rank, in rank order, near the first GPU of that rank: rank r's CPUs sit
+near its GPU, also when a rank has several GPUs and one core), a free
 GPU whose near CPUs are idle is chosen before one whose CPUs are taken, and the CPUs of a CPU-only
 job (or those a GPU job needs beyond its GPUs' share) come first from near busy GPUs, keeping CPUs
 near idle GPUs for the GPU jobs to come. Long campaigns free CPUs and GPUs in any order, so first-fit
@@ -143,6 +144,27 @@ def _cpu_domains(
     return domain_of_cpu, tuple(domains)
 
 
+def _rank_segments(count: int, gpu_count: int, ranks: int) -> list[tuple[int, int, int]]:
+    """How ``count`` CPUs of a job of ``ranks`` ranks over ``gpu_count`` GPU ids (rank ``r`` using
+    those from ``r * gpu_count // ranks``) are grouped, in the order ``cpu_bind_list`` hands them
+    to the ranks: (CPUs, first GPU index, end GPU index) per group. With at least one CPU per rank,
+    rank ``r`` takes ``count // ranks`` (the last one the remainder, which the binding leaves
+    unused); with fewer CPUs than ranks (ranks sharing a core's hardware threads), CPU ``k`` goes
+    to the first rank bound to it, ``ceil(k * ranks / count)``. Shares per GPU id instead put all
+    of a one-core-per-rank job's cores near its first GPUs (6 ranks of 2 Aurora tiles: every rank
+    on socket 0, ranks 3-5 with their tiles on socket 1)."""
+    ranks = max(1, ranks)
+
+    def gpus_of(rank: int) -> tuple[int, int]:
+        first = min(rank * gpu_count // ranks, gpu_count - 1)
+        return first, max(first + 1, (rank + 1) * gpu_count // ranks)
+
+    if count >= ranks:
+        per = count // ranks
+        return [(per + (count - per * ranks if r == ranks - 1 else 0), *gpus_of(r)) for r in range(ranks)]
+    return [(1, *gpus_of(min(ranks - 1, -(-k * ranks // count)))) for k in range(count)]
+
+
 class ComputeNode:
     """Occupancy, idle CPUs and GPU capacity of one node."""
 
@@ -228,23 +250,32 @@ class ComputeNode:
         chosen.extend(rest[: whole - len(chosen)])
         return [(g, 1.0) for g in chosen]
 
-    def _pick_cpus(self, count: int, gpus: Sequence[str]) -> tuple[int, ...]:
-        """``count`` idle CPUs: an equal share near each of ``gpus`` (in their order), the rest near
-        the busiest GPUs first (keeping CPUs near idle GPUs free), then by id. Needs ``self.near``."""
+    def _pick_cpus(self, count: int, gpus: Sequence[str], ranks: int = 0) -> tuple[int, ...]:
+        """``count`` idle CPUs, grouped by rank in rank order (``cpu_bind_list`` cuts them so): each
+        rank's share near its first GPU, then near its other GPUs, the rest of it near the busiest
+        GPUs first (keeping CPUs near idle GPUs free), then by id. ``ranks``: the job's ranks per
+        node (0: one per GPU id). Needs ``self.near``."""
         idle = set(self.idle_cpus)
-        picked: list[int] = []
-        if gpus:
-            per_gpu = -(-count // len(gpus))
-            for gpu in gpus:
-                want = min(per_gpu, count - len(picked))
-                for cpu in self.near.get(gpu, ()):
-                    if want <= 0:
-                        break
-                    if cpu in idle:
-                        idle.discard(cpu)
-                        picked.append(cpu)
-                        want -= 1
-        if len(picked) < count:
+        segments = _rank_segments(count, len(gpus), ranks or len(gpus)) if gpus else []
+        groups: list[list[int]] = [[] for _ in segments]
+
+        def fill(group: list[int], size: int, gpu: str) -> None:
+            for cpu in self.near.get(gpu, ()):
+                if len(group) >= size:
+                    return
+                if cpu in idle:
+                    idle.discard(cpu)
+                    group.append(cpu)
+
+        # Every rank's first GPU before any rank's other GPUs: a rank of several GPUs taking CPUs
+        # near its second one must not leave the next rank, whose first GPU that is, short.
+        for group, (size, first, _last) in zip(groups, segments):
+            fill(group, size, gpus[first])
+        for group, (size, first, last) in zip(groups, segments):
+            for gpu in gpus[first + 1 : last]:
+                fill(group, size, gpu)
+        short = count - sum(len(group) for group in groups)
+        if short > 0:
             domain_free = [sum(self.gpu_free[g] for g in group) for group in self.domain_gpus]
 
             def key(cpu: int) -> tuple[float, int]:
@@ -252,8 +283,13 @@ class ComputeNode:
                 domain = self.domain_of_cpu.get(cpu)
                 return (-1.0 if domain is None else domain_free[domain], cpu)
 
-            picked.extend(sorted(idle, key=key)[: count - len(picked)])
-        return tuple(picked)
+            rest = iter(sorted(idle, key=key)[:short])
+            # Into the ranks' own groups, not after them: appended at the end, they moved every
+            # later rank's cut (cpu_bind_list) onto the CPUs picked for the rank before it.
+            for group, (size, _first, _last) in zip(groups, segments):
+                group.extend(cpu for _, cpu in zip(range(size - len(group)), rest))
+            groups.append(list(rest))
+        return tuple(cpu for group in groups for cpu in group)
 
     def could_hold(self, cpus: int, gpus: float, whole_only: bool = False) -> bool:
         """Whether the node, idle, has ``cpus`` CPUs and ``gpus`` GPUs (whole GPUs, no MIG instance,
@@ -269,12 +305,13 @@ class ComputeNode:
             return None
         return self._pick_gpus(gpus, cpus, whole_only)
 
-    def take(self, cpus: int, gpu_shares: Sequence[tuple[str, float]], occupancy: float) -> tuple[int, ...]:
+    def take(self, cpus: int, gpu_shares: Sequence[tuple[str, float]], occupancy: float,
+             ranks: int = 0) -> tuple[int, ...]:
         for gpu, share in gpu_shares:
             self.gpu_free[gpu] -= share
             self.gpu_busy += share
         if self.near:
-            cpu_ids = self._pick_cpus(cpus, [g for g, _ in gpu_shares])
+            cpu_ids = self._pick_cpus(cpus, [g for g, _ in gpu_shares], ranks)
             taken = set(cpu_ids)
             self.idle_cpus = [c for c in self.idle_cpus if c not in taken]
         else:
@@ -468,7 +505,7 @@ class NodeManager:
                 if shares is None:
                     continue
                 before = self._share(i)
-                cpu_ids = node.take(cpus, shares, occupancy)
+                cpu_ids = node.take(cpus, shares, occupancy, demand.ranks_per_node)
                 self._recount(i, before)
                 placement = Placement(
                     job_id=job_id,

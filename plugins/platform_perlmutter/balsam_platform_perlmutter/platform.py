@@ -303,10 +303,23 @@ class PerlmutterGPUPlatform(Platform):
         (``threads_per_rank / threads_per_core``) times the hardware threads of a core, rounded up
         only once: ranks that share a core (one thread each at 2 threads per core) get one logical
         CPU each, as the node manager counts them; rounding the cores up first asked srun for twice
-        the node's CPUs."""
+        the node's CPUs.
+
+        A job that owns whole nodes (several nodes, or every core of its node) gets at least NERSC's
+        ``2 * floor(cores / tasks_per_node)``: srun lays the tasks out from core 0, ``-c`` CPUs
+        each, so 4 one-thread GPU ranks at ``-c 2`` all sat in the first NUMA domain, far from 3 of
+        their 4 GPUs. Packed steps on part of a node keep the computed count."""
         threads_per_core = min(max(1, spec.threads_per_core), self.hardware_threads_per_core)
         logical = max(1, spec.threads_per_rank) * self.hardware_threads_per_core
-        return max(1, -(-logical // threads_per_core))
+        computed = max(1, -(-logical // threads_per_core))
+        cores = len(self.cpu_ids)
+        if 0 < self.allocated_logical_cpus < self.logical_cpus:
+            # An allocation of part of each node: srun refuses more CPUs than it has there.
+            cores = min(cores, self.allocated_logical_cpus // self.hardware_threads_per_core)
+        assigned = spec.cpu_ids[0] if spec.cpu_ids else ()
+        if spec.num_nodes > 1 or len(set(assigned)) >= cores:
+            return max(computed, self.hardware_threads_per_core * (cores // max(1, spec.ranks_per_node)))
+        return computed
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
