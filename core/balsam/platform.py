@@ -519,6 +519,89 @@ def split_launch_params(params: Mapping[str, Any], reserved: Iterable[str]) -> t
     return passed, refused
 
 
+#: PALS ``mpiexec --cpu-bind`` kinds taking no list (HPE's mpiexec(1)); ``list:`` and ``mask:`` take
+#: one CPU set per rank, colon-separated. ``verbose,`` may lead any of them (PALS reports the binding).
+PALS_CPU_BIND_KINDS = ("none", "core", "depth", "numa", "socket")
+_CPU_RANGES = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+_CPU_MASK = re.compile(r"(0x)?[0-9a-fA-F]+")
+
+
+def pals_cpu_bind_problem(value: str) -> Optional[str]:
+    """Why ``value`` is not a PALS ``--cpu-bind`` (None when it is one): ``none``, ``core``, ``depth``,
+    ``numa``, ``socket``, ``list:<CPUs>:<CPUs>...`` (each rank's CPUs as comma-separated ids and
+    ranges: ``list:1-8:9-16``, ``list:0-1,32-33:2-3,34-35``, what :func:`cpu_bind_list` builds) or
+    ``mask:<hex>:<hex>...``. Checked when settings.yml is read: mpiexec refuses any other value,
+    so every job of the launcher failed at its start."""
+    text = str(value).strip()
+    body = text[len("verbose,"):] if text.startswith("verbose,") else text
+    kind, sep, sets = body.partition(":")
+    forms = f"expected one of {', '.join(PALS_CPU_BIND_KINDS)}, list:<CPUs>[:<CPUs>...] or mask:<hex>[:<hex>...]"
+    if not sep:
+        return None if kind in PALS_CPU_BIND_KINDS else f"{forms}, got {value!r}"
+    if kind not in ("list", "mask"):
+        return f"{forms}, got {value!r}"
+    pattern, what = (_CPU_RANGES, "CPU ids and ranges like 0-7,32-39") if kind == "list" else (_CPU_MASK, "hex masks")
+    for index, part in enumerate(sets.split(":")):
+        if not pattern.fullmatch(part):
+            return f"rank {index}'s CPUs {part!r} in {value!r} are not {what} (ranks separated by ':')"
+        for low, _, high in (r.partition("-") for r in part.split(",") if kind == "list"):
+            if high and int(high) < int(low):
+                return f"range {low}-{high} in {value!r} runs backwards"
+    return None
+
+
+def pals_cpu_bind_errors(name: str, value: str, *, empty_ok: bool = True) -> dict[str, str]:
+    """An options ``validate()`` result for a PALS ``--cpu-bind`` option (empty: the computed
+    ``list:...``, when ``empty_ok``)."""
+    if empty_ok and not str(value).strip():
+        return {}
+    problem = pals_cpu_bind_problem(value)
+    return {name: problem} if problem else {}
+
+
+def non_negative_errors(options: Any, *names: str) -> dict[str, str]:
+    """An options ``validate()`` result: ``{name: why}`` for each of ``names`` below 0 (an id
+    offset or a count that mpiexec or the binding would get as it is)."""
+    return {name: f"must be 0 or more, got {getattr(options, name)!r}"
+            for name in names if getattr(options, name) < 0}
+
+
+def serial_startup_param_warnings(platform: Any, params: Mapping[str, Any]) -> dict[str, str]:
+    """``{key: why}`` for ``launcher.serial_mode_startup_params`` the serial workers' MPI launcher
+    may not take (they go on its line as they are, ``cpu_affinity: none`` aside): the platform
+    driver's own ``serial_startup_param_problems(params)`` where it has one, else a ``cpu_affinity``
+    other than ``none``, which balsam passes on as ``--cpu_affinity``, an option the platform does
+    not say its launcher has. For ``balsam site check-settings`` warnings: what a launcher takes is
+    the machine's to say, so the file still loads."""
+    own = getattr(platform, "serial_startup_param_problems", None)
+    if callable(own):
+        return dict(own(params) or {})
+    value = params.get("cpu_affinity")
+    if value is None or str(value).strip().lower() == "none":
+        return {}
+    return {"cpu_affinity": f"{value!r} goes to the serial workers' MPI launcher as --cpu_affinity {value}, an option "
+                            f"platform {getattr(platform, 'name', '?')!r} does not document; none (the workers start "
+                            "unbound and pin their own tasks) is the value balsam itself reads"}
+
+
+def pals_serial_startup_param_problems(params: Mapping[str, Any], cpu_bind_keys: Sequence[str]) -> dict[str, str]:
+    """:func:`serial_startup_param_warnings` for a PALS platform: its ``mpiexec`` has no
+    ``--cpu_affinity`` (``none`` becomes its ``--cpu-bind none``), and a ``cpu-bind`` (any of
+    ``cpu_bind_keys``) must be a PALS binding (:func:`pals_cpu_bind_problem`)."""
+    found: dict[str, str] = {}
+    affinity = params.get("cpu_affinity")
+    if affinity is not None and str(affinity).strip().lower() != "none":
+        found["cpu_affinity"] = (f"{affinity!r}: PALS mpiexec has no --cpu_affinity; none starts the workers "
+                                 "unbound (--cpu-bind none), another binding is cpu-bind: <binding>")
+    names = {launch_option_name(k) for k in cpu_bind_keys}
+    for key, value in params.items():
+        if launch_option_name(str(key)) in names:
+            problem = pals_cpu_bind_problem(str(launch_param_value(str(key), value)))
+            if problem:
+                found[str(key)] = f"not a PALS --cpu-bind: {problem}"
+    return found
+
+
 #: The options an MPI launcher's line sets from balsam's placement, for
 #: :func:`launch_params_to_pass`: the option names a launch param may spell them by (without dashes)
 #: -> the option, per launcher (not per machine: every platform driving that launcher uses its map).

@@ -51,7 +51,8 @@ from balsam.platform import (
     PALS_RESERVED_OPTIONS, pals_binding_overlaps,
     LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_domains_of, cpu_ids_errors, first_launch_param,
     gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
-    format_id_ranges, leading_job_number, near_cpus_of, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
+    format_id_ranges, leading_job_number, near_cpus_of, non_negative_errors, pals_cpu_bind_errors,
+    pals_serial_startup_param_problems, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
 )
 from balsam.util import first_warning
 
@@ -196,10 +197,26 @@ class AuroraOptions:
     def validate(self) -> dict[str, str]:
         errors = cpu_ids_errors(self.cpu_ids) or cpu_ids_thread_errors(self.cpu_ids, self.hyperthread_offset)
         errors.update(tiles_per_gpu_errors(self.tiles_per_gpu))
-        errors.update(gpu_cpu_map_errors("gpu_cpus", self.gpu_cpus))
+        errors.update(gpu_cpu_map_errors("gpu_cpus", self.gpu_cpus) or self._gpu_cpus_errors())
+        # cpu_bind and hyperthread_offset go to mpiexec as they are: a value PALS refuses (or a
+        # sibling thread below its core) failed every job at its start, not the settings check.
+        errors.update(pals_cpu_bind_errors("cpu_bind", self.cpu_bind))
+        errors.update(non_negative_errors(self, "hyperthread_offset"))
         if self.device_hierarchy.strip().lower() not in HIERARCHY_CHOICES:
             errors["device_hierarchy"] = f"{self.device_hierarchy!r} is not one of {', '.join(HIERARCHY_CHOICES)}"
         return errors
+
+    def _gpu_cpus_errors(self) -> dict[str, str]:
+        # An entry for a GPU (or tile) the node does not have places nothing: its cores were never
+        # preferred for any job, without a word.
+        known = {str(gpu) for gpu in range(self.gpus_per_node)}
+        if self.tiles_per_gpu in (1, HARDWARE_TILES_PER_GPU):
+            known.update(tile_ids(self.gpus_per_node, self.tiles_per_gpu))
+        unknown = [g for gpus, _ in parse_gpu_cpu_map(self.gpu_cpus) for g in gpus if g not in known]
+        if not unknown:
+            return {}
+        return {"gpu_cpus": f"GPU {', '.join(unknown)} is not one of the node's GPUs "
+                            f"(0 ... {self.gpus_per_node - 1}: gpus_per_node is {self.gpus_per_node})"}
 
 
 def cpu_ids_thread_errors(text: str, hyperthread_offset: int) -> dict[str, str]:
@@ -326,6 +343,11 @@ class AuroraPlatform(Platform):
                        "(core 0 is reserved for the system), not to the cores balsam assigned it (%s), so jobs "
                        "packed on the node overlap; leave cpu-bind unset for a list:... of its own cores (warned "
                        "once per app)", bind, of, spec.app_id, format_id_ranges(sorted(assigned)))
+
+    @staticmethod
+    def serial_startup_param_problems(params: Mapping[str, Any]) -> dict[str, str]:
+        # launcher.serial_mode_startup_params as check-settings warns of them (PALS mpiexec's options).
+        return pals_serial_startup_param_problems(params, CPU_BIND_KEYS)
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         # The computed default binding (list:<every core>) would leave out the second hardware

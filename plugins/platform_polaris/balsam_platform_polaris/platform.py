@@ -35,8 +35,9 @@ from balsam.platform import (
     PALS_RESERVED_OPTIONS, pals_binding_overlaps,
     LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, file_mtime, first_launch_param, format_id_ranges,
     gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
-    leading_job_number, near_cpus_of, nvidia_smi_list, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list,
-    pick_cpu_binding, read_fresh_gpu_list,
+    leading_job_number, near_cpus_of, non_negative_errors, nvidia_smi_list, pals_cpu_bind_errors,
+    pals_serial_startup_param_problems, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list, pick_cpu_binding,
+    read_fresh_gpu_list,
 )
 from balsam.util import first_warning
 
@@ -84,7 +85,21 @@ class PolarisOptions:
     )
 
     def validate(self) -> dict[str, str]:
-        return {**cpu_ids_errors(self.cpu_ids), **gpu_cpu_map_errors("gpu_cpus", self.gpu_cpus)}
+        # cpu_bind and hyperthread_offset go to mpiexec as they are: a value PALS refuses (or a
+        # sibling thread below its core) failed every job at its start, not the settings check.
+        errors = {**cpu_ids_errors(self.cpu_ids), **pals_cpu_bind_errors("cpu_bind", self.cpu_bind),
+                  **non_negative_errors(self, "hyperthread_offset")}
+        errors.update(gpu_cpu_map_errors("gpu_cpus", self.gpu_cpus) or self._gpu_cpus_errors())
+        return errors
+
+    def _gpu_cpus_errors(self) -> dict[str, str]:
+        # An entry for a GPU that gpu_ids does not name places nothing: its cores were never
+        # preferred for any job, without a word.
+        gpu_ids = [g.strip() for g in self.gpu_ids.split(",") if g.strip()]
+        unknown = [g for gpus, _ in parse_gpu_cpu_map(self.gpu_cpus) for g in gpus if g not in gpu_ids]
+        if not unknown:
+            return {}
+        return {"gpu_cpus": f"GPU {', '.join(unknown)} is not in gpu_ids ({', '.join(gpu_ids) or 'none'})"}
 
 
 def _short(host: str) -> str:
@@ -192,6 +207,11 @@ class PolarisPlatform(Platform):
                        "the cores balsam assigned it (%s), so jobs packed on the node overlap; leave cpu-bind "
                        "unset for a list:... of its own cores (warned once per app)",
                        bind, of, spec.app_id, format_id_ranges(sorted(assigned)))
+
+    @staticmethod
+    def serial_startup_param_problems(params: Mapping[str, Any]) -> dict[str, str]:
+        # launcher.serial_mode_startup_params as check-settings warns of them (PALS mpiexec's options).
+        return pals_serial_startup_param_problems(params, CPU_BIND_KEYS)
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         # The computed default binding (list:<every core>) would leave out the second hardware

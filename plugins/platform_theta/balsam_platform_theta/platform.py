@@ -29,8 +29,8 @@ from balsam.options import option
 from balsam.platform import (
     OPENMPI_RESERVED_OPTIONS,
     LaunchSpec, NodeInfo, Platform, capped_threads_per_core, cpu_ids_errors, file_mtime, first_launch_param,
-    hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass, leading_job_number,
-    nvidia_smi_list, parse_id_ranges, parse_nvidia_smi_list, read_fresh_gpu_list,
+    hardware_thread_ids, hosts_from_node_file, launch_option_name, launch_param_args, launch_params_to_pass,
+    leading_job_number, nvidia_smi_list, parse_id_ranges, parse_nvidia_smi_list, read_fresh_gpu_list,
 )
 
 logger = logging.getLogger("balsam.platform.theta")
@@ -98,7 +98,24 @@ class ThetaKNLOptions:
     aprun: str = option("aprun", "The ALPS aprun command.")
 
     def validate(self) -> dict[str, str]:
-        return cpu_ids_errors(self.cpu_ids)
+        # cpu_affinity goes to aprun -cc as it is: a value ALPS refuses failed every job at its start.
+        problem = aprun_cc_problem(self.cpu_affinity)
+        return {**cpu_ids_errors(self.cpu_ids), **({"cpu_affinity": problem} if problem else {})}
+
+
+#: aprun -cc keywords (aprun(1)); otherwise a CPU list: ids, ranges and x (no binding), ',' between
+#: a PE's CPUs and ':' between the PEs' lists.
+APRUN_CC_KEYWORDS = ("cpu", "depth", "numa_node", "none")
+_CC_ITEM = r"(\d+(-\d+)?|x)"
+APRUN_CC_LIST = re.compile(rf"{_CC_ITEM}(,{_CC_ITEM})*(:{_CC_ITEM}(,{_CC_ITEM})*)*")
+
+
+def aprun_cc_problem(value: str) -> Optional[str]:
+    """Why ``value`` is not an aprun ``-cc`` binding (None when it is one)."""
+    text = str(value).strip()
+    if text in APRUN_CC_KEYWORDS or APRUN_CC_LIST.fullmatch(text):
+        return None
+    return f"expected {', '.join(APRUN_CC_KEYWORDS)} or a CPU list like 0-3,8 (aprun -cc), got {value!r}"
 
 
 class ThetaKNLPlatform(Platform):
@@ -148,6 +165,19 @@ class ThetaKNLPlatform(Platform):
 
     def gpu_environment(self, gpu_ids: Any) -> dict[str, str]:
         return {}
+
+    @staticmethod
+    def serial_startup_param_problems(params: Mapping[str, Any]) -> dict[str, str]:
+        # launcher.serial_mode_startup_params as check-settings warns of them: cpu_affinity is aprun -cc.
+        names = {launch_option_name(k) for k in AFFINITY_KEYS}
+        found = {}
+        for key, value in params.items():
+            if launch_option_name(str(key)) not in names or (key == "cpu_affinity" and str(value).lower() == "none"):
+                continue  # cpu_affinity: none (any case) is balsam's own: the workers get -cc none
+            problem = aprun_cc_problem(str(value))
+            if problem:
+                found[str(key)] = problem
+        return found
 
     def unbound_serial_worker_params(self) -> Optional[dict[str, str]]:
         # aprun binds every rank with -cc depth unless told: the worker would be confined to one core.
