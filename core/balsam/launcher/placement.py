@@ -43,23 +43,50 @@ def place_pending(
     *,
     max_misses: Optional[int] = None,
     room: Optional[int] = None,
+    drain_for: Optional[int] = None,
+    unfit: Optional[Callable[[PreparedJob], None]] = None,
+    queued: Iterable[PreparedJob] = (),
 ) -> int:
     """Start as many of ``pending`` as fit (at most ``room``); returns how many started.
 
     ``max_misses``: stop after this many jobs in a row did not fit (None: one full pass).
+    ``drain_for``: the id of a pending job the nodes drain for (:class:`DrainForLarge`): it is tried
+    first, and while it does not fit nothing else starts; once it starts, the others fill what is left.
+    ``unfit``: called at the end of the pass with each job that did not fit while a smaller job (of
+    a smaller node footprint) was pending in it: that one, or the next like it, takes what frees up
+    first. A job that waits only for a slot like the others is not reported: it starts in its turn.
+    ``queued``: jobs waiting elsewhere for the nodes (mpi mode: behind running jobs, in the spawner),
+    counted with the pending ones for ``unfit``.
     """
     started = 0
+    if drain_for is not None and (room is None or room > 0):
+        index = next((i for i, p in enumerate(pending) if p.id == drain_for), None)
+        if index is not None:
+            target = pending[index]
+            try:
+                placement = node_manager.assign(target.id, target.demand)
+            except InsufficientResources:
+                return 0  # the nodes freed so far stay free for it
+            del pending[index]
+            started += _start_one(target, placement, node_manager, start, fail)
     misses = 0
     full_for: set[Any] = set()  # demands that did not fit in this pass: they will not fit again in it
+    skipped: list[PreparedJob] = []  # did not fit (for ``unfit``)
+    # the smallest footprint waiting (for ``unfit``)
+    smallest = min((p.footprint for p in queued), default=float("inf")) if unfit is not None else float("inf")
     for _ in range(len(pending)):
         if room is not None and started >= room:
             break
         if max_misses is not None and misses >= max_misses:
             break
         prepared = pending.popleft()
+        if unfit is not None and prepared.footprint < smallest:
+            smallest = prepared.footprint
         if prepared.demand in full_for:
             pending.append(prepared)
             misses += 1
+            if unfit is not None:
+                skipped.append(prepared)
             continue
         try:
             placement = node_manager.assign(prepared.id, prepared.demand)
@@ -67,18 +94,114 @@ def place_pending(
             pending.append(prepared)
             full_for.add(prepared.demand)
             misses += 1
+            if unfit is not None:
+                skipped.append(prepared)
             continue
         misses = 0
-        try:
-            start(prepared, placement)
-        except Exception as exc:
-            node_manager.free(prepared.id)
-            reason = f"An exception occurred while preparing the launch: {type(exc).__name__}: {exc}"
-            logger.error("job %s FAILED: %s", prepared.id, reason)
-            fail(prepared.id, reason)
-            continue
-        started += 1
+        started += _start_one(prepared, placement, node_manager, start, fail)
+    if unfit is not None:
+        for waiting in skipped:
+            if waiting.footprint > smallest + 1e-9:  # smaller jobs would take its nodes as they free up
+                unfit(waiting)
     return started
+
+
+def _start_one(prepared: PreparedJob, placement: Placement, node_manager: NodeManager, start: StartFn, fail: FailFn) -> int:
+    """``start`` a placed job: 1, or 0 when it raised (the job is FAILED, its placement freed)."""
+    try:
+        start(prepared, placement)
+    except Exception as exc:
+        node_manager.free(prepared.id)
+        reason = f"An exception occurred while preparing the launch: {type(exc).__name__}: {exc}"
+        logger.error("job %s FAILED: %s", prepared.id, reason)
+        fail(prepared.id, reason)
+        return 0
+    return 1
+
+
+# -- jobs larger than the idle nodes (mpi mode) ----------------------------------------------------
+def acquire_size_limits(empty: int, in_service: int, waiting_nodes: Iterable[int], room_nodes: float) -> tuple[int, float]:
+    """``(max_nodes_per_job, max_aggregate_nodes)`` of an mpi-mode acquire. Pure.
+
+    ``empty``: the idle nodes now; ``in_service``: the nodes the partition has (not taken out);
+    ``waiting_nodes``: ``num_nodes`` of each job leased and not started; ``room_nodes``: the
+    footprint the acquire may lease (free nodes plus the lookahead, less what waits).
+
+    Normally only jobs that fit the idle nodes: a job larger than them would wait, and while short
+    jobs keep ending and being replaced, several nodes are rarely idle together, so a multi-node job
+    was leased only once no smaller job was left. So while no job larger than the idle nodes waits
+    leased, the acquire may lease jobs up to the whole partition, and offers room for at least one
+    such job (``max_aggregate_nodes`` of at least ``in_service``): the head of the line, for which
+    :class:`DrainForLarge` then drains nodes (the price: with no such job in the backlog, small
+    jobs fill that room, up to a partition's worth beyond the lookahead). Once one waits, the cap is
+    the idle nodes again, so a launcher holds few jobs it cannot start (several launchers may share
+    the site's backlog).
+    """
+    cap = max(1, empty)
+    if in_service <= cap or any(n > cap for n in waiting_nodes):
+        return cap, room_nodes
+    return in_service, max(room_nodes, float(in_service))
+
+
+class DrainForLarge:
+    """Which leased job the partition stops starting other jobs for, so that nodes drain to it
+    (mpi mode; pure accounting on the loop thread, with the times passed in).
+
+    A job that does not fit the free nodes while smaller jobs are pending (mostly a multi-node job
+    while smaller ones keep the nodes busy) is noted by the placement pass that finds it so
+    (:meth:`note_unfit`; ``place_pending(unfit=...)``). Placing greedily,
+    as soon as one job ends another takes its node, and several nodes are never free together:
+    the large job would wait until no smaller job is left. So once the oldest of them has waited
+    ``after_sec`` (the ``mpi_drain_for_large_jobs_sec`` setting), :meth:`choose` names it, and the
+    placement starts nothing else until it fits (``place_pending(drain_for=...)``). Before that,
+    smaller jobs fill the free nodes as before (backfill). ``after_sec`` None or negative: never
+    drain (the old greedy placement); 0: drain at once. A job larger than the nodes in service
+    (nodes were taken out) is never drained for: it could not start anyway.
+    """
+
+    def __init__(self, after_sec: Optional[float]) -> None:
+        self.after_sec = None if after_sec is None or after_sec < 0 else float(after_sec)
+        #: job id -> when it was first found not to fit (insertion order: oldest first)
+        self.unfit_since: dict[int, float] = {}
+        #: the job the nodes drain for now (None: jobs start greedily)
+        self.target: Optional[int] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.after_sec is not None
+
+    def note_unfit(self, prepared: PreparedJob, now: float) -> None:
+        if self.after_sec is not None and prepared.id not in self.unfit_since:
+            self.unfit_since[prepared.id] = now
+
+    def choose(self, pending: Iterable[PreparedJob], now: float, in_service: int) -> Optional[int]:
+        """The job to drain for now (None: start greedily); logs once when a drain begins."""
+        if not self.unfit_since:
+            self.target = None
+            return None
+        waiting = {p.id: p for p in pending}
+        for job_id in [j for j in self.unfit_since if j not in waiting]:  # started, failed, set aside, gone
+            del self.unfit_since[job_id]
+        target = None
+        for job_id, since in self.unfit_since.items():
+            if waiting[job_id].demand.num_nodes > in_service:
+                continue
+            if now - since >= self.after_sec:  # type: ignore[operator]
+                target = job_id
+            break  # only the oldest that could ever start: a younger one has waited less
+        if target is not None and target != self.target:
+            logger.info("draining nodes for job %s (%d nodes; it has waited %.1f s without fitting): no other job "
+                        "starts until it does", target, waiting[target].demand.num_nodes, now - self.unfit_since[target])
+        self.target = target
+        return target
+
+    def started(self, job_id: int, now: float) -> None:
+        """``job_id`` started: the drain for it, if any, is over."""
+        since = self.unfit_since.pop(job_id, None)
+        if job_id == self.target:
+            self.target = None
+            logger.info("job %s started on the drained nodes after waiting %.1f s", job_id,
+                        now - since if since is not None else 0.0)
 
 
 # -- jobs that can no longer finish before the wall time ----------------------------------------

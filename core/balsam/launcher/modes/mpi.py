@@ -6,6 +6,13 @@ footprint already leased and waiting, ``max_nodes_per_job`` = idle nodes, ``max_
 time left), places them with the NodeManager (node packing, CPUs, GPUs), starts
 ``platform.mpi_command_line(...)`` for each, and reports RUNNING / RUN_DONE / RUN_ERROR in bulk.
 
+Jobs larger than the idle nodes: while none waits leased, the acquire may lease one up to the whole
+partition (:func:`~balsam.launcher.placement.acquire_size_limits`), and once the oldest job that does
+not fit has waited ``mpi_drain_for_large_jobs_sec``, no other job starts (nor is queued behind a
+running one) until enough nodes have drained for it (:class:`~balsam.launcher.placement.DrainForLarge`).
+Without this, each node freed by a short job was taken at once by another, and a multi-node job
+waited until no smaller job was left.
+
 Why a wave ahead, and why the acquire runs in a thread: an acquire is a round trip to the API,
 often as long as a short job. Leasing only what fits now, on the loop thread, left a slot idle for
 a round trip after every exit (measured: about one job running at a time of two possible). Now a
@@ -78,7 +85,7 @@ from ..app_run import (
 from ..handover import HandOver, lease_fresh_until
 from ..job_mode import JobMode, gpuless_acquire_filter
 from ..node_manager import Exit, NodeFaults, NodeManager, Placement, UnsatisfiableJob
-from ..placement import TooLateJobs, place_pending
+from ..placement import DrainForLarge, TooLateJobs, acquire_size_limits, place_pending
 from ..runner import (
     _launch_hook, ended_by_stop, launch_environment, local_pool, report_exit, report_failed, report_running, report_timeout,
     send_first_running, stopped_reason,
@@ -257,6 +264,8 @@ class MPIMode(JobMode):
         self._nodes_out: list[str] = []
         #: Leased jobs set aside because they can no longer finish before the wall time (never started).
         self.too_late = TooLateJobs("the launcher's end (its Session's deletion)")
+        #: Which leased job that does not fit the nodes drain for (the ``mpi_drain_for_large_jobs_sec`` setting).
+        self.drain = DrainForLarge(context.setting("mpi_drain_for_large_jobs_sec"))
         #: Every acquire's (and the probe's) extra filter: no job needing a GPU when the nodes have none.
         self._acquire_filter = gpuless_acquire_filter(context.nodes)
         #: Jobs given back because the site's file system failed their workdirs; once tripped, no
@@ -300,9 +309,15 @@ class MPIMode(JobMode):
         if room_nodes < self.lease_ahead.min_request(ahead) or room <= 0:
             return None
         empty = nm.count_empty_nodes()
+        if self.drain.enabled:
+            # Also a job larger than the idle nodes while none waits: the head of the line the nodes drain for.
+            max_nodes, room_nodes = acquire_size_limits(empty, nm.enabled_count(), (p.demand.num_nodes for p in self.pending),
+                                                        room_nodes)
+        else:  # never drained for, such a job would only wait here, held from other launchers
+            max_nodes = max(1, empty)
         return {
             "count": room,
-            "max_nodes_per_job": max(1, empty),
+            "max_nodes_per_job": max_nodes,
             "max_aggregate_nodes": room_nodes,
             # Jobs larger than the partition are looked for only while it is idle and nothing waits.
             "probe": empty == len(nm) and not self.pending and not self.pool.running and self._probe_oversized,
@@ -453,6 +468,12 @@ class MPIMode(JobMode):
             return 0
         self._try_start = False
         room = self.max_concurrent - len(self.pool)
+        drain = self.drain
+        now = time.monotonic()
+        before = drain.target
+        target = drain.choose(self.pending, now, self.node_manager.enabled_count()) if drain.unfit_since else None
+        if target is not None and target != before:
+            self._cancel_handovers()  # jobs queued behind running ones would take the nodes it waits for
 
         def start(prepared: PreparedJob, placement: Placement) -> None:
             cmd, env = self._launch_command(prepared, placement)
@@ -462,10 +483,14 @@ class MPIMode(JobMode):
             self.pool.start(prepared.id, cmd, prepared.workdir, env)
             self.handover.started_local(prepared, placement)
             self._note_running(updater, prepared, asked)
+            if drain.unfit_since:
+                drain.started(prepared.id, now)
             # Clipped: a job's arguments can be any size (a 200 KB one made a 200 KB log line).
             logger.info("started job %s on %s: %s", prepared.id, ",".join(placement.hostnames), clip(cmd))
 
-        started = place_pending(self.pending, self.node_manager, start, lambda job_id, reason: self._fail(updater, job_id, reason), room=room)
+        unfit = (lambda prepared: drain.note_unfit(prepared, now)) if drain.enabled else None
+        started = place_pending(self.pending, self.node_manager, start, lambda job_id, reason: self._fail(updater, job_id, reason),
+                                room=room, drain_for=target, unfit=unfit, queued=self.handover.queued.values())
         if started and not self.started:
             send_first_running(updater)
         self.started += started
@@ -484,11 +509,20 @@ class MPIMode(JobMode):
 
     # -- hand-over (balsam.launcher.handover) --------------------------------------------------
     def _queue_behind(self, updater: Any, source: Any = None) -> int:
+        if self.drain.target is not None:
+            return 0  # the nodes drain for a larger job: nothing more is queued onto them
         # With the lease's known-alive deadline, as serial mode: the spawner starts a queued job
         # only until then (a launcher frozen past its Session's expiry must not have it started).
         return self.handover.queue_behind(self.pending, self._launch_command,
                                           lambda job_id, reason: self._fail(updater, job_id, reason),
                                           lease_fresh_until(source))
+
+    def _cancel_handovers(self) -> None:
+        """Give back the jobs queued behind running ones (each chain from its first: the spawner drops
+        what is queued behind a cancelled job too); they come back to ``pending`` unstarted."""
+        for head_id, first in list(self.handover.behind.items()):
+            if head_id in self.handover.local and first in self.handover.queued:
+                self.pool.cancel(first)
 
     def _note_handovers(self, updater: Any) -> None:
         """Queued jobs that started (RUNNING at the time they started) or came back unstarted."""
