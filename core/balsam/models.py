@@ -78,6 +78,10 @@ class AllowedQueue:
         ``max_queued_jobs`` 0 means no limit to the scheduler module, a negative one holds every
         BatchJob back forever."""
         problems = {}
+        # The API's schema of a queue holds 32-bit integers (openapi AllowedQueue), as do the BatchJob
+        # num_nodes and wall_time_min the limits are compared with: a larger limit means nothing,
+        # and one past 64 bits passed check-settings, then the server refused every settings push.
+        most = 2**31 - 1
         for name in ("max_nodes", "max_walltime"):
             if getattr(self, name) < 1:
                 problems[name] = f"must be at least 1, got {getattr(self, name)!r}"
@@ -85,6 +89,9 @@ class AllowedQueue:
             problems["min_nodes"] = f"must be between 1 and max_nodes {self.max_nodes}, got {self.min_nodes!r}"
         if self.max_queued_jobs < 0:
             problems["max_queued_jobs"] = f"must not be negative (0: no limit), got {self.max_queued_jobs!r}"
+        for name in ("max_nodes", "max_walltime", "max_queued_jobs", "min_nodes"):
+            if name not in problems and getattr(self, name) > most:
+                problems[name] = f"must be at most {most}, got {getattr(self, name)!r}"
         return problems
 
 

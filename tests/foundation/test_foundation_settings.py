@@ -86,7 +86,7 @@ def test_a_driver_options_attrs_validator_is_a_settings_error_on_its_line():
           name: slurm
           options:
             unlimited_window_min: 0
-        """) == "settings.yml:4 scheduler.options.unlimited_window_min: 'unlimited_window_min' must be >= 1: 0"
+        """) == "settings.yml:4 scheduler.options.unlimited_window_min: must be at least 1, got 0"
 
 
 def test_bad_settings_file_gives_one_error_line_on_the_cli(tmp_path):
@@ -105,7 +105,8 @@ def test_bad_settings_file_gives_one_error_line_on_the_cli(tmp_path):
          "settings.yml:1 schedular: no installed agent module consumes this section (did you mean 'scheduler'? If "
          "not, install the distribution that provides the 'schedular' agent module, or set it to null)"),
         ("launcher:\n  zzz: 1\n", "settings.yml:2 launcher.zzz: unknown key (known keys: platform, platform_options, "
-         "idle_ttl_sec, delay_sec, error_tail_num_lines, max_concurrent_mpiruns, mpirun_allows_node_packing, "
+         "idle_ttl_sec, delay_sec, error_tail_num_lines, max_concurrent_mpiruns, mpi_drain_for_large_jobs_sec, "
+         "mpirun_allows_node_packing, "
          "serial_mode_prefetch_per_rank, sort_by, serial_mode_startup_params, default_postprocess_in_launcher)"),
         ("globus_extra: {}\n",
          "settings.yml:1 globus_extra: no installed agent module consumes this section (install the distribution "
@@ -322,7 +323,7 @@ def test_settings_keyword_overrides():
 INVENTORY_KEYS = {
     "logging": ["level", "format", "datefmt", "buffer_num_records", "flush_period"],
     "launcher": ["platform_options", "idle_ttl_sec", "delay_sec", "error_tail_num_lines", "max_concurrent_mpiruns",
-                 "mpirun_allows_node_packing", "serial_mode_prefetch_per_rank", "sort_by",
+                 "mpi_drain_for_large_jobs_sec", "mpirun_allows_node_packing", "serial_mode_prefetch_per_rank", "sort_by",
                  "serial_mode_startup_params", "platform", "default_postprocess_in_launcher"],
     "scheduler": ["name", "options", "sync_period", "allowed_queues", "allowed_projects", "optional_batch_job_params",
                   "job_template_path", "queue_limit_retry_sec"],

@@ -172,10 +172,25 @@ def stop(site_path: Optional[str], timeout: float, force: bool) -> None:
 @click.argument("site_path", required=False)
 def sync(site_path: Optional[str]) -> None:
     """Push settings.yml (queues, projects, params, transfer locations) to the API; restart a running agent."""
+    from balsam.config import SettingsError
     from balsam.site.agent import agent_running
     from balsam.site.site_ops import push_site_settings, start_agent
 
     config = _site_config(site_path)
+    try:
+        config.settings  # checked before anything is pushed or restarted
+    except SettingsError as exc:
+        for problem in exc.errors[:-1]:
+            click.echo(f"Error: {problem}", err=True)
+        # Say what the refusal leaves in place: an agent already running goes on as it was.
+        running = agent_running(Path(config.site_path))
+        if running is None:
+            kept = "nothing was pushed; no site agent is running"
+        else:
+            where = "" if running[0] == socket.gethostname() else f" on {running[0]}"
+            kept = f"nothing was pushed; the running site agent [pid {running[1]}{where}] keeps its current settings"
+        last = exc.errors[-1] if exc.errors else str(exc)
+        raise click.ClickException(f"{last} ({kept})") from None
     push_site_settings(_client(), config)
     click.echo(f"Updated site {config.site_id} from {config.settings_path}.")
     running = agent_running(Path(config.site_path))

@@ -20,6 +20,7 @@ import attrs
 
 # The API's record of a queue's limits is also the settings.yml schema of one allowed queue.
 from balsam.models import AllowedQueue
+from balsam.serialization import show
 
 __all__ = ["AllowedQueue", "LauncherSettings", "LoggingSettings", "setting"]
 
@@ -51,7 +52,7 @@ class LoggingSettings:
     def validate(self) -> dict[str, str]:
         problems = {}
         if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            problems["level"] = f"expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {self.level!r}"
+            problems["level"] = f"expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {show(self.level)}"
         # A format naming an unknown field ('%(nosuch)s') was accepted, then every record failed to
         # format: an empty log and "--- Logging error ---" for each record on the agent's stderr.
         problem = _log_format_problem(self.format, self.datefmt)
@@ -93,6 +94,13 @@ class LauncherSettings:
     delay_sec: int = setting(1, "Seconds between two launcher cycles (at least 1).")
     error_tail_num_lines: int = setting(10, "Lines of a failed job's output kept in its error event (0 or more).")
     max_concurrent_mpiruns: int = setting(1000, "Most MPI runs one mpi-mode launcher starts at the same time.")
+    mpi_drain_for_large_jobs_sec: Optional[float] = setting(
+        30.0, "mpi mode only: once the oldest leased job that does not fit the free nodes (a multi-node job while "
+        "smaller ones keep the nodes busy) has waited this many seconds, the launcher starts no other job until "
+        "enough nodes have drained for it; before that, smaller jobs fill the free nodes. 0: drain at once; null "
+        "or a negative number: never drain (smaller jobs always start first, and a large job may wait for the "
+        "whole allocation)."
+    )
     mpirun_allows_node_packing: Optional[bool] = setting(
         None, "Whether several MPI runs may share a node; null uses the platform's default."
     )
@@ -122,6 +130,12 @@ class LauncherSettings:
             problems["sort_by"] = f"expected null or 'long_large_first', got {self.sort_by!r}"
         if self.max_concurrent_mpiruns < 1:
             problems["max_concurrent_mpiruns"] = "must be at least 1"
+        elif self.max_concurrent_mpiruns > 2**31 - 1:  # a 32-bit count, as the API's; 1e22 passed
+            problems["max_concurrent_mpiruns"] = f"must be at most {2**31 - 1}, got {self.max_concurrent_mpiruns!r}"
+        # Below 1 it was silently raised to the floor (the launcher's lease bound is at least 64).
+        if self.serial_mode_prefetch_per_rank < 1:
+            problems["serial_mode_prefetch_per_rank"] = (
+                f"must be at least 1, got {self.serial_mode_prefetch_per_rank!r}")
         # A negative delay reaches a wait timeout (ValueError in the mpi-mode loop); 0 makes an idle
         # launcher ask the API for jobs without pause.
         if self.delay_sec < 1:
@@ -130,3 +144,19 @@ class LauncherSettings:
             if getattr(self, name) < 0:
                 problems[name] = f"must not be negative, got {getattr(self, name)!r}"
         return problems
+
+    def warnings(self) -> dict[str, str]:
+        # serial_mode_startup_params go to the serial workers' MPI launcher as they are: a value it
+        # does not take failed every serial-mode start. A warning, not an error: what a launcher
+        # takes is the platform's to say (balsam.platform.serial_startup_param_warnings).
+        # Imported here, as settings.py imports the plugin manager: loading it (stevedore, the plugins'
+        # hook modules) is for a file being checked, not for every import of the schema.
+        from balsam.platform import serial_startup_param_warnings
+        from balsam.plugins.manager import get_plugin_manager
+
+        try:
+            platform = get_plugin_manager().load_driver("platform", self.platform)
+        except Exception:  # an unknown platform is already the loader's error
+            return {}
+        found = serial_startup_param_warnings(platform, self.serial_mode_startup_params or {})
+        return {f"serial_mode_startup_params.{key}": text for key, text in found.items()}

@@ -37,6 +37,7 @@ import attrs
 import yaml
 
 from ..options import NoOptions, option_help
+from ..serialization import show
 from .drivers import DRIVER_OPTION_FIELDS
 from .schema import LauncherSettings, LoggingSettings
 from .sections import CORE_SECTIONS, SectionSpec, core_section_keys, orphan_message, section_specs
@@ -205,6 +206,15 @@ def _dotted(path: tuple) -> str:
     return text or "(top level)"
 
 
+#: The most characters of one problem's message: a validator echoing a 100,000-character value
+#: whole made a 100,000-character "one-line" error (values the loader shows are cut by ``show``).
+MAX_MESSAGE_CHARS = 500
+
+
+def _shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "null"
@@ -214,7 +224,12 @@ def _show(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    return show(value)  # repr cut to about 60 characters
+
+
+#: What YAML 1.1 (PyYAML) reads as true/false, even as a key: ``on:`` is the key True.
+_YAML_BOOL_WORDS = {True: ("yes", "on", "true"), False: ("no", "off", "false")}
+_YAML_BOOL_KEY_HINT = "YAML reads on/yes/no/off as true/false: quote the key"
 
 
 class _Checker:
@@ -243,7 +258,7 @@ class _Checker:
         return line, f"{where} {_dotted(path)}: {message}"
 
     def fail(self, path: tuple, message: str) -> Any:
-        self.errors.append(self.locate(path, message))
+        self.errors.append(self.locate(path, _shorten(message)))
         return self.INVALID
 
     def value(self, data: Any, tp: Any, path: tuple) -> Any:
@@ -291,6 +306,9 @@ class _Checker:
                 if isinstance(key, (dict, list)) or key is None:
                     self.fail(path, f"keys must be names, got {_show(key)}")
                     continue
+                if isinstance(key, bool):  # `on: x` would become the name "True"
+                    self.fail(self.bool_key_path(path, key), f"a key read as {_show(key)} ({_YAML_BOOL_KEY_HINT})")
+                    continue
                 converted = self.value(item, value_type, path + (key,))
                 if converted is not self.INVALID:
                     result[str(key)] = converted
@@ -318,9 +336,21 @@ class _Checker:
         ok = True
         suggested: set[str] = set()
         for key, item in data.items():
+            if isinstance(key, bool):
+                # `on: 1` is the key True to YAML 1.1: "logging.True: unknown key" named no key written.
+                self.fail(self.bool_key_path(path, key), f"unknown key ({_YAML_BOOL_KEY_HINT})")
+                ok = False
+                continue
             key = str(key)
             if key not in fields:
                 suggested.add(self.unknown(path + (key,), list(fields)))
+                ok = False
+                continue
+            if (key.endswith("_path") and item is not None and not isinstance(item, str)
+                    and hints.get(key) in (str, Optional[str])):
+                # A path is text: `job_template_path: 5` is no file name anyone meant (the loader
+                # otherwise turns numbers into strings, for project names like 12345).
+                self.fail(path + (key,), f"expected a string (a file path), got {_show(item)}")
                 ok = False
                 continue
             converted = self.value(item, hints.get(key, Any), path + (key,))
@@ -379,6 +409,15 @@ class _Checker:
                 self.fail(path + tuple(name.split(".")), problem)
                 ok = False
         return obj if ok else self.INVALID
+
+    def bool_key_path(self, path: tuple, key: bool) -> tuple:
+        """The path of a key YAML read as a boolean, with the key as written (``yes``, ``on``...)
+        where the file has it, so that the error names it and its line."""
+        for word in _YAML_BOOL_WORDS[key]:
+            for spelling in (word, word.capitalize(), word.upper()):
+                if path + (spelling,) in self.lines:
+                    return path + (spelling,)
+        return path + (str(key).lower(),)
 
     def unknown(self, path: tuple, known: Iterable[str]) -> str:
         """Report an unknown key; return the suggested key ("" when none)."""
@@ -517,10 +556,13 @@ def _wanted_specs(only: Optional[Collection[str]]) -> dict[str, SectionSpec]:
 
 
 def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[dict[tuple, int]] = None,
-                   only: Optional[Collection[str]] = None) -> Settings:
+                   only: Optional[Collection[str]] = None, base_dir: Optional[Path] = None) -> Settings:
     """Check plain data (as loaded from YAML) against the schema; raise SettingsError on problems.
 
-    ``only``: read just these sections (the others are neither checked nor kept)."""
+    ``only``: read just these sections (the others are neither checked nor kept). ``base_dir``: the
+    directory of the settings file (the site's, for a site's settings.yml), against which each
+    section's optional ``validate_files(base_dir) -> {field: problem}`` checks the files it names;
+    None: files are not checked."""
     checker = _Checker(source, lines or {})
     if data is None:
         data = {}
@@ -530,6 +572,9 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
     specs = _wanted_specs(only)
     sections: dict[str, Any] = {}
     for key, value in data.items():
+        if isinstance(key, bool) and value is not None:
+            checker.fail(checker.bool_key_path((), key), f"unknown section ({_YAML_BOOL_KEY_HINT})")
+            continue
         key = str(key)
         spec = specs.get(key)
         if spec is None:
@@ -566,12 +611,30 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
             if section is not None and callable(cross):
                 for name, problem in cross(sections).items():
                     checker.fail((key, name), problem)
+    if not checker.errors and base_dir is not None:
+        _check_files(sections, Path(base_dir), checker)
     if checker.errors:
         raise SettingsError(checker.sorted_errors())
     ordered = {key: sections[key] for key in specs}
     settings = Settings(ordered, source=source, only=only)
-    object.__setattr__(settings, "warnings", _section_warnings(ordered, checker))
+    warnings = _section_warnings(ordered, checker)
+    modules = [key for key, spec in specs.items() if spec.disableable]
+    if only is None and modules and all(ordered[key] is None for key in modules):
+        # Valid, but an agent started on it runs on and does nothing, saying nothing about why.
+        warnings = (checker.locate((), "no agent module is enabled: the agent will do nothing (enable one of "
+                                   f"{', '.join(modules)})")[1],) + warnings
+    object.__setattr__(settings, "warnings", warnings)
     return settings
+
+
+def _check_files(sections: dict[str, Any], base_dir: Path, checker: _Checker) -> None:
+    """Each section's ``validate_files``: a file it names that is missing (a job template) was
+    accepted, then every BatchJob failed at submission."""
+    for key, section in sections.items():
+        method = getattr(section, "validate_files", None) if section is not None else None
+        if callable(method):
+            for name, problem in (method(base_dir) or {}).items():
+                checker.fail((key, name), problem)
 
 
 def _check_module_periods(key: str, section: Any, checker: _Checker) -> None:
@@ -723,14 +786,15 @@ def load_settings(path: Union[str, os.PathLike], *, only: Optional[Collection[st
         # Not an OSError: it escaped as "'utf-8' codec can't decode byte 0xff ..." naming no file.
         line = raw.count(b"\n", 0, exc.start) + 1
         raise SettingsError([f"{source}:{line}: not UTF-8 text (byte {exc.start + 1}: 0x{raw[exc.start]:02x})"]) from None
-    settings = loads_settings(text, source=source, only=only)
+    settings = loads_settings(text, source=source, only=only, base_dir=path.absolute().parent)
     if log_warnings:
         _log_warnings(settings)
     return settings
 
 
-def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Collection[str]] = None) -> Settings:
-    """Like :func:`load_settings` for YAML text."""
+def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Collection[str]] = None,
+                   base_dir: Optional[Path] = None) -> Settings:
+    """Like :func:`load_settings` for YAML text (``base_dir``: see :func:`parse_settings`)."""
     try:
         data = yaml.load(text, Loader=_FAST_YAML_LOADER)
     except yaml.YAMLError:
@@ -744,7 +808,7 @@ def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Co
         # The loaders keep the last value silently: a section written twice lost its first half.
         raise SettingsError([f"{source}:{line} {_dotted(path)}: duplicate key (first at line {first})"
                              for path, line, first in sorted(duplicates, key=lambda item: item[1])])
-    return parse_settings(data, source=source, lines=lines, only=only)
+    return parse_settings(data, source=source, lines=lines, only=only, base_dir=base_dir)
 
 
 def _load_yaml_for_its_error(text: str, source: str) -> Any:

@@ -67,6 +67,17 @@ REPEATED_ERROR_LOG_SEC = 300.0
 #: The longest wait between two cycles of a module (a year; settings.yml refuses longer periods).
 MAX_CYCLE_DELAY_SEC = 365 * 86400.0
 
+#: Refusals of a request that are no settings error: the credential (401, 403), the site record
+#: gone (404, seen by the site check), a timeout, a conflict or a rate limit (408, 409, 429: a
+#: later try may pass).
+_NOT_SETTINGS_ERRORS = frozenset({401, 403, 404, 408, 409, 429})
+
+
+def _settings_refused(exc: BaseException) -> bool:
+    """True when the server refused a settings push for its values (any other 4xx answer)."""
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in _NOT_SETTINGS_ERRORS
+
 
 class AgentError(RuntimeError):
     """The agent cannot start (message is one line for the user)."""
@@ -434,14 +445,21 @@ class Agent:
                 self._cycle_started.pop(name, None)
             if delay is None:
                 delay = module.period
-            if not math.isfinite(delay) or delay > MAX_CYCLE_DELAY_SEC:
+                # A period of 0 or less (a settings dict that skipped the loader's checks, a plugin's
+                # computed one) cycles without pause, as a NaN does; a cycle may still return 0 itself
+                # ("more work waiting").
+                bad_period = delay <= 0
+            else:
+                bad_period = False
+            if bad_period or not math.isfinite(delay) or delay > MAX_CYCLE_DELAY_SEC:
                 # A NaN wait returns at once (a busy loop); one past the platform's time_t raises
                 # OverflowError and ends the module's thread. A plugin module could compute either.
                 usable = MAX_CYCLE_DELAY_SEC if delay > MAX_CYCLE_DELAY_SEC else float(AgentModule.default_period)
                 if name not in bad_delay_warned:
                     bad_delay_warned.add(name)
-                    logger.warning("%s: cannot wait %r s before the next cycle (not a finite number of seconds "
-                                   "up to %.0f); waiting %.0f s instead", name, delay, MAX_CYCLE_DELAY_SEC, usable)
+                    what = "a period of more than 0" if bad_period else "a finite number of seconds"
+                    logger.warning("%s: cannot wait %r s before the next cycle (not %s up to %.0f); waiting "
+                                   "%.0f s instead", name, delay, what, MAX_CYCLE_DELAY_SEC, usable)
                 delay = usable
             logger.debug("%s: cycle %d done; next in %.2f s", name, self.cycles.get(name, 0), delay)
             if delay > 0:
@@ -541,6 +559,10 @@ class Agent:
 
         if not self._modules_given:
             self.modules = self.build_modules()
+            if not self.modules:
+                # It would run on, doing nothing, with nothing in its log to say so.
+                logger.warning("no agent module is enabled: the agent will do nothing (enable a section such as "
+                               "scheduler:, processing: or transfers: in settings.yml)")
         names = ", ".join(m.describe() for m in self.modules) or "none"
         logger.info("site %s at %s: modules %s", getattr(self.site_config, "site_id", "?"), self.site_path, names)
         try:
@@ -626,6 +648,14 @@ class Agent:
         try:
             push_site_settings(self.client, self.site_config)
         except Exception as exc:
+            if _settings_refused(exc):
+                # The server refused the values themselves (a 422 naming the key): sending them again
+                # cannot succeed, and "retried once the API answers" misled into waiting for it.
+                logger.error("settings.yml error: the server refused its values for the site record (%s); the agent "
+                             "runs on with the site record's previous settings: fix settings.yml (`balsam site "
+                             "check-settings`), then run `balsam site sync`", exc)
+                self.settings_push_pending = False
+                return False
             if not self.settings_push_pending:
                 logger.warning("could not push settings.yml to the API site record (retried once the API "
                                "answers): %s", exc)

@@ -327,6 +327,14 @@ def history_from_sacct(native: str, submit: Optional[dt.datetime], start: Option
     )
 
 
+def _at_least_one(field: attrs.Attribute, value: int) -> None:
+    # Worded as settings.yml's other checks ("must be at least 1, got -1"), not as attrs' ge
+    # ("'unlimited_window_min' must be >= 1: -1"); the field goes along, as attrs' own validators
+    # pass it, so the loader puts the line on this key.
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value!r}", field)
+
+
 @attrs.frozen
 class SlurmOptions:
     """``scheduler.options`` of the Slurm driver."""
@@ -339,7 +347,7 @@ class SlurmOptions:
     )
     unlimited_window_min: int = option(
         1440, "Length (minutes) of a backfill window on a partition with no time limit.",
-        validator=attrs.validators.ge(1),
+        validator=lambda _self, field, value: _at_least_one(field, value),
     )
     clusters: list[str] = option(
         help="Slurm clusters (multi-cluster -M names) this site's jobs may go to; [] (default): the login node's "

@@ -227,6 +227,12 @@ def _count_states(jobs: list[dict]) -> dict[str, int]:
     return counts
 
 
+#: The most hook worker processes: each is a Python process of its own (tens of MB), fed by the
+#: agent's one processing thread at TASKS_PER_WORKER tasks each; a thousand already outruns what one
+#: thread feeds, and a huge number (1e20 passed the check) could never be started.
+MAX_NUM_WORKERS = 1024
+
+
 @attrs.frozen
 class ProcessingSettings:
     """The ``processing:`` section of settings.yml."""
@@ -241,6 +247,8 @@ class ProcessingSettings:
         problems = {}
         if self.num_workers < 1:
             problems["num_workers"] = "must be at least 1"
+        elif self.num_workers > MAX_NUM_WORKERS:
+            problems["num_workers"] = f"must be at most {MAX_NUM_WORKERS}, got {self.num_workers!r}"
         if self.prefetch_depth < 1:
             problems["prefetch_depth"] = "must be at least 1"
         if not self.hook_timeout_sec > 0:

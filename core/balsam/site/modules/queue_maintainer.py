@@ -29,6 +29,11 @@ from ..api_util import count
 from ..module import AgentModule
 
 
+#: The most BatchJobs kept queued: the API counts them in 32-bit integers (a queue's
+#: max_queued_jobs has the same bound); 1e20 passed the check, and no scheduler queues that many.
+MAX_NUM_QUEUED_JOBS = 2**31 - 1
+
+
 @attrs.frozen
 class QueueMaintainerSettings:
     """The ``queue_maintainer:`` section of settings.yml."""
@@ -50,6 +55,8 @@ class QueueMaintainerSettings:
                 problems[name] = "must be at least 1"
         if self.num_queued_jobs < 0:  # 0: keep the module configured but submit nothing
             problems["num_queued_jobs"] = "must be at least 0"
+        elif self.num_queued_jobs > MAX_NUM_QUEUED_JOBS:
+            problems["num_queued_jobs"] = f"must be at most {MAX_NUM_QUEUED_JOBS}, got {self.num_queued_jobs!r}"
         return problems
 
     def validate_with(self, sections: dict[str, Any]) -> dict[str, str]:

@@ -106,6 +106,22 @@ class SchedulerSettings:
             problems["queue_limit_retry_sec"] = f"must be at least 1, got {self.queue_limit_retry_sec}"
         return problems
 
+    def validate_files(self, base_dir: Path) -> dict[str, str]:
+        """A job template named in settings.yml, resolved against the site directory (``base_dir``,
+        the settings file's) as the module resolves it: a missing one was accepted, then every
+        BatchJob went submit_failed. The default name is left alone: `balsam site init` writes
+        that file, and a settings file is often read away from its site (checked before it is
+        copied in, or built by a program); a BatchJob then names it missing."""
+        if self.job_template_path == attrs.fields(SchedulerSettings).job_template_path.default:
+            return {}
+        path = Path(self.job_template_path)
+        full = path if path.is_absolute() else base_dir / path
+        if not full.exists():
+            return {"job_template_path": f"file not found: {full}"}
+        if not full.is_file():
+            return {"job_template_path": f"not a file: {full}"}
+        return {}
+
 
 @attrs.frozen
 class QueueLimitHold:

@@ -204,7 +204,7 @@ class TransfersOptions:
     num_items_query_limit: int = option(
         2000, "Transfer items a cycle reads and acts on (its first page; pages on through pending items when "
         "that page is full of items that wait).")
-    service_period: float = option(5, "Seconds between two transfer cycles.")
+    service_period: float = option(5, "Seconds between two transfer cycles (at least 1).")
     max_attempts: int = option(3, "Tries of a failing file before its job goes to FAILED with the error.")
     retry_backoff_sec: float = option(30, "Wait before the first retry of a failed file; doubles on each retry.")
     retry_backoff_max_sec: float = option(600, "Longest wait between two retries.")
@@ -225,7 +225,12 @@ class TransfersOptions:
         for name in ("max_concurrent_transfers", "transfer_batch_size", "num_items_query_limit", "max_attempts"):
             if getattr(self, name) < 1:
                 problems[name] = f"must be at least 1, got {getattr(self, name)!r}"
-        for name in ("service_period", "retry_backoff_sec", "retry_backoff_max_sec"):
+        # At least a second, as sync_period and the file cleaner's and elastic queue's periods: 0
+        # made the module cycle without pause (~490 GETs a second). Quick polls (QUICK_POLL_SEC
+        # after a local or rsync submission) come sooner on their own.
+        if self.service_period < 1:
+            problems["service_period"] = f"must be at least 1 (seconds), got {self.service_period!r}"
+        for name in ("retry_backoff_sec", "retry_backoff_max_sec"):
             if getattr(self, name) < 0:
                 problems[name] = f"must not be negative, got {getattr(self, name)!r}"
         if self.task_timeout_sec <= 0:
@@ -249,6 +254,28 @@ class TransfersOptions:
         if self.backend_options:
             problems.update(self._backend_options_problems(skip=section))
         return problems
+
+    def warnings(self) -> dict[str, str]:
+        """Keys that pass every check but do not act as written (the settings loader locates them,
+        ``balsam site check-settings`` prints them; the file still loads)."""
+        found: dict[str, str] = {}
+        if self.retry_backoff_max_sec < self.retry_backoff_sec:
+            # Each wait is min(retry_backoff_sec * 2**n, retry_backoff_max_sec): the cap wins from the first.
+            found["retry_backoff_max_sec"] = (
+                f"{self.retry_backoff_max_sec!r} is below retry_backoff_sec ({self.retry_backoff_sec!r}): every retry "
+                f"waits {self.retry_backoff_max_sec!r} s and retry_backoff_sec has no effect")
+        installed = set(get_plugin_manager().list_drivers("transfer", resolve=False))
+        for alias, url in self.transfer_locations.items():
+            try:
+                backend = TransferLocation.parse(alias, url).backend_name
+            except TransferError:
+                continue  # refused by validate()
+            if backend not in installed:
+                # Accepted (a plugin may be installed later), but every transfer of it fails until then.
+                found[f"transfer_locations.{alias}"] = (
+                    f"no installed transfer backend serves {str(url).split('://', 1)[0]}:// (installed: "
+                    f"{', '.join(sorted(installed)) or 'none'}): its jobs' transfers fail until one is installed")
+        return found
 
     def _section_key_problems(self, found: Mapping[str, str]) -> dict[str, str]:
         """``transfers:`` section keys a backend takes as one of its options (``section_keys``: Balsam
