@@ -90,12 +90,14 @@ def elastic_site(balsam_env, tmp_path, monkeypatch) -> Iterator[Any]:
 
     yield start
     for path, site_id in started:
-        active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
-        if active["results"]:
-            client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
-            wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
-                     60, "teardown deletions")
-        stop_agent(path, timeout=30, force=True)
+        try:
+            active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
+            if active["results"]:
+                client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
+                wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
+                         60, "teardown deletions")
+        finally:
+            stop_agent(path, timeout=30, force=True)  # also when the deletions time out: no agent outlives the run
 
 
 @pytest.mark.parametrize("kind", _kinds("pbs", "cobalt"))

@@ -43,12 +43,16 @@ def running_slurm_site(tmp_path: Path, settings: dict):
     try:
         yield name, path, site_id, client
     finally:
-        active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
-        if active["results"]:
-            client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
-            wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
-                     60, "teardown deletions")
-        stop_agent(path, timeout=30, force=True)
+        try:
+            active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
+            if active["results"]:
+                client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
+                wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion"]})["results"],
+                         60, "teardown deletions")
+        finally:
+            # Also when the deletions time out (Slurm unreachable): an agent left running outlived
+            # the test run and kept polling its server.
+            stop_agent(path, timeout=30, force=True)
 
 
 @pytest.fixture
