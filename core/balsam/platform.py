@@ -115,6 +115,9 @@ class LaunchSpec:
     #: warnings about its launch params (:func:`launch_params_to_pass`), given once per app.
     job_id: Optional[int] = None
     app_id: Any = None
+    #: The job has its nodes to itself (several nodes, or one it occupies whole: node_packing_count
+    #: 1), whatever CPU ids it was given: a platform may spread its ranks over the whole node.
+    whole_nodes: bool = False
 
     @property
     def num_nodes(self) -> int:

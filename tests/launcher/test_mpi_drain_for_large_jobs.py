@@ -26,9 +26,9 @@ from launcher_harness import finish, start_launcher
 from launcher_helpers import events_of, make_runnable, wait_for_states
 
 
-def _job(job_id: int, num_nodes: int = 1) -> PreparedJob:
+def _job(job_id: int, num_nodes: int = 1, node_packing_count: int = 1) -> PreparedJob:
     return PreparedJob(job=None, id=job_id, workdir=Path(f"w/{job_id}"), cmdline="true", env={},
-                       demand=Demand(num_nodes=num_nodes))
+                       demand=Demand(num_nodes=num_nodes, node_packing_count=node_packing_count))
 
 
 def _nodes(n: int) -> NodeManager:
@@ -123,6 +123,38 @@ def test_while_draining_nothing_else_starts_until_the_job_fits_then_the_rest_bac
     assert len(nm.placements[1].node_indexes) == 3 and len(running) == 3
 
 
+def test_while_draining_only_the_targets_nodes_are_held_the_others_keep_taking_jobs() -> None:
+    """A whole-node job among packed ones: the least occupied node is held for it, and the other
+    nodes still take packed jobs (stopping every start left all four nodes partly idle)."""
+    nm = NodeManager([NodeInfo(node_id=str(i), hostname=f"n{i}", cpu_ids=range(8)) for i in range(4)])
+    for i in range(16):  # 4 nodes x 4 packed jobs: full
+        nm.assign(100 + i, Demand(node_packing_count=4))
+    for done in (100, 101, 104, 108, 112):  # node 0 drains most: 2 left on it, 3 on the others
+        nm.free(done)
+    pending = deque([_job(1), *(_job(10 + i, node_packing_count=4) for i in range(6))])
+    started, start = _placer(nm)
+    assert place_pending(pending, nm, start, lambda *_: None, drain_for=1) == 3
+    assert 1 not in started and all(nm.placements[j].node_indexes != (0,) for j in started)
+    for done in (102, 103):  # node 0 empties: the whole-node job starts there
+        nm.free(done)
+    assert place_pending(pending, nm, start, lambda *_: None, drain_for=1) == 1
+    assert started[-1] == 1 and nm.placements[1].node_indexes == (0,)
+
+
+def test_a_multi_node_job_counts_its_whole_nodes_whatever_its_packing() -> None:
+    """A 2-node job packing 2 reads as 1.0 by footprint (num_nodes / node_packing_count), the same
+    as a whole 1-node job, and was never noted while 1-node jobs took every node that freed."""
+    nm = _nodes(4)
+    for i in range(4):
+        nm.assign(100 + i, Demand())
+    nm.free(100)
+    pending = deque([_job(1, 2, node_packing_count=2), *(_job(10 + i) for i in range(5))])
+    started, start = _placer(nm)
+    unfit: list[int] = []
+    assert place_pending(pending, nm, start, lambda *_: None, unfit=lambda p: unfit.append(p.id)) == 1
+    assert started == [10] and unfit == [1]
+
+
 def test_jobs_waiting_for_the_same_resources_as_the_rest_are_not_noted() -> None:
     nm = _nodes(1)
     nm.assign(100, Demand())
@@ -203,14 +235,16 @@ def _run_big_among_small(new_site, *, big_after_start: bool, **settings) -> None
     later = [j for j in small if began[j] > began[big]]
     assert later, sorted(began.items(), key=lambda item: item[1])
     assert began[big] < max(ended[j] for j in small)
-    log = "".join(p.read_text() for p in (path / "log").glob("mpi_mode_*.log"))
-    assert f"draining nodes for job {big}" in log and f"job {big} started on the drained nodes" in log, log[-3000:]
+    if big_after_start:  # created first, it is leased and started first (all nodes idle): no drain
+        log = "".join(p.read_text() for p in (path / "log").glob("mpi_mode_*.log"))
+        assert f"draining nodes for job {big}" in log and f"job {big} started on the drained nodes" in log, log[-3000:]
 
 
 def test_mpi_mode_starts_a_large_job_created_first_before_the_small_jobs_all_start(new_site) -> None:
-    # sort_by null leases fewest nodes first: the 3-node job comes after the small jobs of the
-    # backlog, then the drain starts it ahead of the small jobs already leased.
-    _run_big_among_small(new_site, big_after_start=False)
+    # long_large_first, as docs/launcher.md advises for mixed sizes: the 3-node job is leased first
+    # and drained for (in the default order, fewest nodes first as in 0.7, it comes after the
+    # small jobs of the backlog).
+    _run_big_among_small(new_site, big_after_start=False, sort_by="long_large_first")
 
 
 def test_mpi_mode_leases_and_starts_a_large_job_that_arrives_while_small_jobs_run(new_site) -> None:

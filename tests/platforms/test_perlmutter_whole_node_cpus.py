@@ -94,7 +94,20 @@ def test_packed_steps_on_part_of_a_node_are_unchanged() -> None:
                           cpu_ids=p.cpu_ids, gpu_ids=p.gpu_ids)
         line = platform.mpi_command_line(spec)
         assert "--cpus-per-task 16 " in line and line.endswith("--overlap ./app")
-    # one node, 4 one-thread ranks on 4 of its cores: the step does not own the node's cores
+    # one node, 4 one-thread ranks on 4 of its cores, packed with others: the step does not own the node
     spec = LaunchSpec(cmdline="./app", hostnames=["nid001000"], ranks_per_node=4, gpus_per_rank=1,
                       cpu_ids=[(0, 1, 2, 3)])
     assert _c(platform, spec) == 2
+
+
+def test_a_one_node_job_that_occupies_its_node_whole_spreads_its_ranks() -> None:
+    """node_packing_count 1 (the default): the job has the node to itself although the node
+    manager gave it 4 CPU ids; mpi mode says so (whole_nodes) and the ranks get NERSC's -c 32."""
+    platform = PerlmutterGPUPlatform()
+    nodes = platform.discover_nodes({"SLURM_JOB_NODELIST": "nid001000"})
+    nm = NodeManager(nodes, cpu_ids_are_cores=True, hardware_threads_per_core=2)
+    p = nm.assign(1, Demand(ranks_per_node=4, gpus_per_rank=1))
+    assert p.occupancy == 1.0 and len(p.cpu_ids[0]) == 4
+    spec = LaunchSpec(cmdline="./app", hostnames=p.hostnames, ranks_per_node=4, gpus_per_rank=1,
+                      cpu_ids=p.cpu_ids, gpu_ids=p.gpu_ids, whole_nodes=True)
+    assert _c(platform, spec) == 32

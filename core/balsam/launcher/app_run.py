@@ -121,6 +121,10 @@ class PreparedJob:
     def footprint(self) -> float:
         return self.demand.footprint
 
+    @property
+    def occupied_nodes(self) -> float:
+        return self.demand.occupied_nodes
+
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import AbstractSet, Iterable, Iterator, Optional, Sequence
 
 import attrs
 
@@ -102,6 +102,12 @@ class Demand:
     def footprint(self) -> float:
         """Nodes this job occupies (``num_nodes / node_packing_count``), as the server's acquire counts it."""
         return self.num_nodes / self.node_packing_count
+
+    @property
+    def occupied_nodes(self) -> float:
+        """Nodes the placement really takes: a multi-node job whole nodes, whatever its
+        ``node_packing_count`` (the footprint reads a 2-node job packing 4 as half a node)."""
+        return float(self.num_nodes) if self.num_nodes > 1 else 1.0 / self.node_packing_count
 
 
 @attrs.frozen
@@ -473,15 +479,16 @@ class NodeManager:
         )
 
     # -- assignment ----------------------------------------------------------------------------
-    def assign(self, job_id: int, demand: Demand) -> Placement:
-        """Place a job or raise :class:`InsufficientResources`."""
+    def assign(self, job_id: int, demand: Demand, exclude: AbstractSet[int] = frozenset()) -> Placement:
+        """Place a job or raise :class:`InsufficientResources`. ``exclude``: indexes of nodes it may
+        not go to (nodes held to drain for a larger job, :meth:`nodes_to_drain`)."""
         if job_id in self.placements:
             raise ValueError(f"job {job_id} is already placed")
         if demand.num_nodes > 1:
             # Only nodes that hold the per-node CPUs and GPUs (nodes may differ: MIG on some).
             cpus, gpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores, self.max_threads_per_core), demand.gpus_per_node
             empty = [i for i, n in enumerate(self.nodes)
-                     if n.is_empty and n.could_hold(cpus, gpus, demand.whole_gpus_only)]
+                     if n.is_empty and i not in exclude and n.could_hold(cpus, gpus, demand.whole_gpus_only)]
             if len(empty) < demand.num_nodes:
                 raise InsufficientResources(f"{demand.num_nodes} empty nodes needed, {len(empty)} free")
             chosen = empty[: demand.num_nodes]
@@ -501,6 +508,8 @@ class NodeManager:
             occupancy = 1.0 / demand.node_packing_count if self.allow_node_packing else 1.0
             cpus, gpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores, self.max_threads_per_core), demand.gpus_per_node
             for i, node in enumerate(self.nodes):
+                if exclude and i in exclude:
+                    continue
                 shares = node.check_fit(cpus, gpus, occupancy, demand.whole_gpus_only)
                 if shares is None:
                     continue
@@ -521,6 +530,16 @@ class NodeManager:
                 raise InsufficientResources(f"no node has {cpus} idle CPUs, {gpus:g} GPUs and {occupancy:.3f} free occupancy")
         self.placements[job_id] = placement
         return placement
+
+    def nodes_to_drain(self, demand: Demand) -> frozenset[int]:
+        """The nodes a job that does not fit now is to get once they empty: the ``num_nodes`` enabled
+        nodes that could hold it, least occupied first (soonest empty). New jobs go elsewhere
+        meanwhile (``assign(exclude=...)``), so the other nodes keep working while these drain."""
+        cpus, gpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores, self.max_threads_per_core), demand.gpus_per_node
+        fitting = [i for i, n in enumerate(self.nodes)
+                   if not n.disabled and n.could_hold(cpus, gpus, demand.whole_gpus_only)]
+        fitting.sort(key=lambda i: (self.nodes[i].occupancy, i))
+        return frozenset(fitting[: demand.num_nodes])
 
     def hand_over(self, job_id: int, new_job_id: int) -> Optional[Placement]:
         """``new_job_id`` takes over ``job_id``'s resources as they are (it was started on them

@@ -51,14 +51,17 @@ def place_pending(
 
     ``max_misses``: stop after this many jobs in a row did not fit (None: one full pass).
     ``drain_for``: the id of a pending job the nodes drain for (:class:`DrainForLarge`): it is tried
-    first, and while it does not fit nothing else starts; once it starts, the others fill what is left.
+    first, and while it does not fit, the nodes it is to get (``NodeManager.nodes_to_drain``: the
+    least occupied that could hold it) take no other job, and the others go on filling the rest of
+    the partition; once it starts, the others fill what is left.
     ``unfit``: called at the end of the pass with each job that did not fit while a smaller job (of
-    a smaller node footprint) was pending in it: that one, or the next like it, takes what frees up
+    fewer occupied nodes, ``Demand.occupied_nodes``) was pending in it: that one, or the next like it, takes what frees up
     first. A job that waits only for a slot like the others is not reported: it starts in its turn.
     ``queued``: jobs waiting elsewhere for the nodes (mpi mode: behind running jobs, in the spawner),
     counted with the pending ones for ``unfit``.
     """
     started = 0
+    held: "frozenset[int]" = frozenset()  # nodes kept for the drain target: no other job goes there
     if drain_for is not None and (room is None or room > 0):
         index = next((i for i, p in enumerate(pending) if p.id == drain_for), None)
         if index is not None:
@@ -66,30 +69,36 @@ def place_pending(
             try:
                 placement = node_manager.assign(target.id, target.demand)
             except InsufficientResources:
-                return 0  # the nodes freed so far stay free for it
-            del pending[index]
-            started += _start_one(target, placement, node_manager, start, fail)
+                # The nodes it will get stay as they empty; the rest of the partition keeps working
+                # (stopping every start idled all nodes until one of them was empty).
+                held = node_manager.nodes_to_drain(target.demand)
+            else:
+                del pending[index]
+                started += _start_one(target, placement, node_manager, start, fail)
     misses = 0
     full_for: set[Any] = set()  # demands that did not fit in this pass: they will not fit again in it
     skipped: list[PreparedJob] = []  # did not fit (for ``unfit``)
     # the smallest footprint waiting (for ``unfit``)
-    smallest = min((p.footprint for p in queued), default=float("inf")) if unfit is not None else float("inf")
+    smallest = min((p.occupied_nodes for p in queued), default=float("inf")) if unfit is not None else float("inf")
     for _ in range(len(pending)):
         if room is not None and started >= room:
             break
         if max_misses is not None and misses >= max_misses:
             break
         prepared = pending.popleft()
-        if unfit is not None and prepared.footprint < smallest:
-            smallest = prepared.footprint
+        if unfit is not None and prepared.occupied_nodes < smallest:
+            smallest = prepared.occupied_nodes
         if prepared.demand in full_for:
             pending.append(prepared)
             misses += 1
             if unfit is not None:
                 skipped.append(prepared)
             continue
+        if prepared.id == drain_for:  # still waiting for its nodes
+            pending.append(prepared)
+            continue
         try:
-            placement = node_manager.assign(prepared.id, prepared.demand)
+            placement = node_manager.assign(prepared.id, prepared.demand, held)
         except InsufficientResources:
             pending.append(prepared)
             full_for.add(prepared.demand)
@@ -101,7 +110,7 @@ def place_pending(
         started += _start_one(prepared, placement, node_manager, start, fail)
     if unfit is not None:
         for waiting in skipped:
-            if waiting.footprint > smallest + 1e-9:  # smaller jobs would take its nodes as they free up
+            if waiting.occupied_nodes > smallest + 1e-9:  # smaller jobs would take its nodes as they free up
                 unfit(waiting)
     return started
 
@@ -153,7 +162,8 @@ class DrainForLarge:
     as soon as one job ends another takes its node, and several nodes are never free together:
     the large job would wait until no smaller job is left. So once the oldest of them has waited
     ``after_sec`` (the ``mpi_drain_for_large_jobs_sec`` setting), :meth:`choose` names it, and the
-    placement starts nothing else until it fits (``place_pending(drain_for=...)``). Before that,
+    placement keeps the nodes it is to get free of new jobs until it fits there, the other nodes
+    still taking smaller ones (``place_pending(drain_for=...)``). Before that,
     smaller jobs fill the free nodes as before (backfill). ``after_sec`` None or negative: never
     drain (the old greedy placement); 0: drain at once. A job larger than the nodes in service
     (nodes were taken out) is never drained for: it could not start anyway.
@@ -190,8 +200,8 @@ class DrainForLarge:
                 target = job_id
             break  # only the oldest that could ever start: a younger one has waited less
         if target is not None and target != self.target:
-            logger.info("draining nodes for job %s (%d nodes; it has waited %.1f s without fitting): no other job "
-                        "starts until it does", target, waiting[target].demand.num_nodes, now - self.unfit_since[target])
+            logger.info("draining nodes for job %s (%d nodes; it has waited %.1f s without fitting): the nodes it "
+                        "will get take no other job until it starts", target, waiting[target].demand.num_nodes, now - self.unfit_since[target])
         self.target = target
         return target
 

@@ -305,7 +305,8 @@ class PerlmutterGPUPlatform(Platform):
         CPU each, as the node manager counts them; rounding the cores up first asked srun for twice
         the node's CPUs.
 
-        A job that owns whole nodes (several nodes, or every core of its node) gets at least NERSC's
+        A job that owns whole nodes (several nodes, a node it occupies whole, ``LaunchSpec.whole_nodes``,
+        or every core of its node) gets at least NERSC's
         ``2 * floor(cores / tasks_per_node)``: srun lays the tasks out from core 0, ``-c`` CPUs
         each, so 4 one-thread GPU ranks at ``-c 2`` all sat in the first NUMA domain, far from 3 of
         their 4 GPUs. Packed steps on part of a node keep the computed count."""
@@ -317,7 +318,7 @@ class PerlmutterGPUPlatform(Platform):
             # An allocation of part of each node: srun refuses more CPUs than it has there.
             cores = min(cores, self.allocated_logical_cpus // self.hardware_threads_per_core)
         assigned = spec.cpu_ids[0] if spec.cpu_ids else ()
-        if spec.num_nodes > 1 or len(set(assigned)) >= cores:
+        if spec.num_nodes > 1 or spec.whole_nodes or len(set(assigned)) >= cores:
             return max(computed, self.hardware_threads_per_core * (cores // max(1, spec.ranks_per_node)))
         return computed
 

@@ -6,10 +6,10 @@ footprint already leased and waiting, ``max_nodes_per_job`` = idle nodes, ``max_
 time left), places them with the NodeManager (node packing, CPUs, GPUs), starts
 ``platform.mpi_command_line(...)`` for each, and reports RUNNING / RUN_DONE / RUN_ERROR in bulk.
 
-Jobs larger than the idle nodes: while none waits leased, the acquire may lease one up to the whole
-partition (:func:`~balsam.launcher.placement.acquire_size_limits`), and once the oldest job that does
-not fit has waited ``mpi_drain_for_large_jobs_sec``, no other job starts (nor is queued behind a
-running one) until enough nodes have drained for it (:class:`~balsam.launcher.placement.DrainForLarge`).
+Jobs larger than the idle nodes: with ``sort_by: long_large_first``, while none waits leased, the
+acquire may lease one up to the whole partition (:func:`~balsam.launcher.placement.acquire_size_limits`), and once the oldest job that does
+not fit has waited ``mpi_drain_for_large_jobs_sec``, the nodes it is to get take no other job
+(and none is queued behind a running one) until they have drained for it (:class:`~balsam.launcher.placement.DrainForLarge`).
 Without this, each node freed by a short job was taken at once by another, and a multi-node job
 waited until no smaller job was left.
 
@@ -266,6 +266,8 @@ class MPIMode(JobMode):
         self.too_late = TooLateJobs("the launcher's end (its Session's deletion)")
         #: Which leased job that does not fit the nodes drain for (the ``mpi_drain_for_large_jobs_sec`` setting).
         self.drain = DrainForLarge(context.setting("mpi_drain_for_large_jobs_sec"))
+        #: The acquire's order leases the largest (and longest) jobs first (``sort_by: long_large_first``).
+        self.leases_large_first = context.setting("sort_by") == "long_large_first"
         #: Every acquire's (and the probe's) extra filter: no job needing a GPU when the nodes have none.
         self._acquire_filter = gpuless_acquire_filter(context.nodes)
         #: Jobs given back because the site's file system failed their workdirs; once tripped, no
@@ -309,11 +311,14 @@ class MPIMode(JobMode):
         if room_nodes < self.lease_ahead.min_request(ahead) or room <= 0:
             return None
         empty = nm.count_empty_nodes()
-        if self.drain.enabled:
-            # Also a job larger than the idle nodes while none waits: the head of the line the nodes drain for.
+        if self.drain.enabled and self.leases_large_first:
+            # Also a job larger than the idle nodes while none waits: the head of the line the nodes
+            # drain for. Only where the server's order puts large jobs first: in its default order
+            # (fewest nodes first) the room would be filled with small jobs, up to a partition's
+            # worth held from the site's other launchers, and the large job leased after them anyway.
             max_nodes, room_nodes = acquire_size_limits(empty, nm.enabled_count(), (p.demand.num_nodes for p in self.pending),
                                                         room_nodes)
-        else:  # never drained for, such a job would only wait here, held from other launchers
+        else:  # such a job would only wait here, held from other launchers
             max_nodes = max(1, empty)
         return {
             "count": room,
@@ -459,6 +464,7 @@ class MPIMode(JobMode):
             env_names=sorted(k for k, v in env.items() if inherited.get(k) != v),
             job_id=prepared.id,
             app_id=getattr(prepared.job, "app_id", None),
+            whole_nodes=placement.occupancy >= 1.0 - 1e-9,
         )
         mpi_line = self.context.platform.mpi_command_line(spec)
         return shell_line(mpi_line, prepared.preamble, prepared.workdir), env
