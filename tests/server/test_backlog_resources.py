@@ -124,3 +124,14 @@ def test_the_cpu_qualifiers_alone_count_nothing_and_are_not_refused(api, site_ap
     plain = _backlog(api, site["id"], tags="shape:qualifiers")
     for query in ({"cpu_ids_are_cores": "true"}, {"hardware_threads_per_core": 2}):
         assert _backlog(api, site["id"], tags="shape:qualifiers", **query) == plain
+
+
+def test_huge_rank_and_thread_counts_do_not_overflow_on_postgresql(api, site_app) -> None:
+    """ranks_per_node x threads_per_rank passes 2^31 (each field may be up to 2^31 - 1): PostgreSQL's
+    32-bit integer product raised (HTTP 500 on every elastic cycle), SQLite's 64-bit one did not.
+    Such a job asks more than a node has: it counts one node."""
+    site, app = site_app
+    runnable(api, app["id"], 1, tags={"shape": "huge"}, ranks_per_node=65536, threads_per_rank=65536,
+             gpus_per_rank=65536.0)
+    row = _backlog(api, site["id"], tags="shape:huge", **POLARIS)["PREPROCESSED"]
+    assert (row["count"], row["footprint"]) == (1, pytest.approx(1.0))

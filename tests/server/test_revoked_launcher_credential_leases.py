@@ -204,3 +204,51 @@ def test_pg_revoke_ends_a_session_an_acquire_leased_to_meanwhile(database_url):
         finally:
             engine.dispose()
     app.state.engine.dispose()
+
+
+def test_a_launcher_credential_opens_sessions_of_its_own_batch_job_only(database_url):
+    """A revoke ends the sessions of the credential's BatchJob: one opened for no BatchJob (or
+    another) kept its leases until it expired. Without one, the session gets the credential's;
+    another BatchJob's is 403."""
+    with logged_in_test_client(database_url, "s" * 40) as (client, app):
+        launcher, site_id, bj_id, cred_id = _setup(client)
+        bare = client.post("/sessions/", headers=launcher, json={"site_id": site_id})
+        assert bare.status_code == 201 and bare.json()["batch_job_id"] == bj_id, bare.text
+        other = client.post("/batch-jobs/", json={"site_id": site_id, "num_nodes": 1, "wall_time_min": 10,
+                                                  "job_mode": "serial", "queue": "q", "project": "p"}).json()["id"]
+        refused = client.post("/sessions/", headers=launcher, json={"site_id": site_id, "batch_job_id": other})
+        assert refused.status_code == 403 and f"BatchJob {bj_id}" in refused.text, refused.text
+        # The user's token opens any (a launcher started by hand, the agent's processing).
+        assert client.post("/sessions/", json={"site_id": site_id, "batch_job_id": other}).status_code == 201
+        _revoke_elsewhere(database_url, cred_id)
+        with app.state.engine.connect() as conn:  # the revoke ended the session opened without a BatchJob
+            assert conn.execute(sa.select(sessions.c.id).where(sessions.c.id == bare.json()["id"])).first() is None
+    app.state.engine.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_pg_site_delete_waits_for_a_session_create_without_a_deadlock(database_url):
+    """A create holds its credential FOR SHARE, then its session insert checks the site (FOR KEY
+    SHARE). The site delete deleted the site row first and its cascade then waited for the
+    credential: the two locks in opposite orders, a deadlock (one aborted, 503). It now locks the
+    credentials first: it waits for the create, which commits; then it deletes everything."""
+    with logged_in_test_client(database_url, "s" * 40) as (client, app):
+        _, site_id, bj_id, cred_id = _setup(client)
+        engine = create_db_engine(database_url)
+        answers: list[int] = []
+        try:
+            with write_tx(engine) as conn:  # the create, between its credential read and its insert
+                user_id = conn.execute(sa.select(credentials.c.user_id).where(credentials.c.id == cred_id)).scalar_one()
+                user = AuthUser(id=user_id, username="", credential_id=cred_id, site_id=site_id)
+                assert auth.launcher_credential_problem(conn, user, share_lock=True) is None
+                thread = threading.Thread(target=lambda: answers.append(client.delete(f"/sites/{site_id}").status_code))
+                thread.start()
+                assert _blocked_on_a_lock(engine), "the delete did not wait for the create's lock"
+                conn.execute(sa.insert(sessions).values(site_id=site_id, batch_job_id=bj_id, heartbeat=utcnow()))
+            thread.join(60)
+            assert answers == [204]
+            with engine.connect() as conn:  # the site went with the session the create committed
+                assert conn.execute(sa.select(sa.func.count()).select_from(sessions)).scalar_one() == 0
+        finally:
+            engine.dispose()
+    app.state.engine.dispose()

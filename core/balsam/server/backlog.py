@@ -75,7 +75,7 @@ def _ceil(x: Any) -> Any:
     """ceil(x) of a non-negative float on SQLite and PostgreSQL alike, without their math functions
     (SQLite's are a compile-time option): CAST truncates on SQLite and rounds on PostgreSQL, and
     either way the integer found is ceil(x) when it is not below x, floor(x) (one less) when it is."""
-    whole = sa.cast(x, sa.Integer)
+    whole = sa.cast(x, sa.BigInteger)  # 64-bit: x may pass 2^31 (2^30 ranks x 4 GPUs); PostgreSQL's integer overflows
     return sa.case((x > whole, whole + 1), else_=whole)
 
 
@@ -93,7 +93,9 @@ def job_footprint(shape: Optional[NodeShape] = None, dialect: str = "sqlite") ->
         taken = sa.case((gpus < 1.0, gpus), else_=_ceil(gpus - _GPU_EPS))
         terms.append(sa.cast(taken, sa.Float) / float(shape.gpus))
     if shape.cpus:
-        threads = jobs.c.ranks_per_node * jobs.c.threads_per_rank
+        # In 64 bits: two 32-bit columns' product overflows PostgreSQL's integer (an error, a 500 on
+        # every elastic cycle) where SQLite's integers are 64-bit anyway.
+        threads = sa.cast(jobs.c.ranks_per_node, sa.BigInteger) * jobs.c.threads_per_rank
         if shape.cpu_ids_are_cores:
             # Cores: threads_per_core threads share one id (capped at the core's hardware threads),
             # rounded up in integers: (a + b - 1) // b (integer division on both databases).

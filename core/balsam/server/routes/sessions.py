@@ -10,7 +10,7 @@ from starlette.responses import Response
 from ..acquire_waits import WaitForJobs
 from ..auth import launcher_credential_problem
 from ..db import count_and_page, where_in
-from ..errors import NotFound, Unauthorized, ValidationFailed
+from ..errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from ..http import PAGINATION, check_int_fields, is_json_int, json_response, no_content, pagination, wire_datetime
 from ..jobs_logic import SESSION_DELETED_MSG, owned_site_ids, site_owned_by, utcnow
 from ..routing import Ctx, route
@@ -19,7 +19,7 @@ from ..sessions_logic import (
     acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, note_held, parse_acquire, parse_tick,
     reacquire, release_session_jobs, session_dict,
 )
-from ..tables import batch_jobs, sessions, sites
+from ..tables import batch_jobs, credentials, sessions, sites
 
 
 def list_sessions(ctx: Ctx) -> Response:
@@ -64,6 +64,18 @@ def create_session(ctx: Ctx) -> Response:
         # First, holding the credential (FOR SHARE) before anything else: a revoke waits for this
         # create and then ends its session, or this create reads the revocation.
         _refuse_dead_launcher(ctx, conn, share_lock=True)
+        if ctx.user.site_id is not None and ctx.user.credential_id is not None:
+            # A launcher credential opens sessions of its own BatchJob only: a revoke ends the
+            # sessions of that BatchJob (auth.revoke_credentials), and one opened for none or
+            # another would keep its leases until it expired.
+            own = conn.execute(sa.select(credentials.c.batch_job_id)
+                               .where(credentials.c.id == ctx.user.credential_id)).scalar()
+            if own is not None:
+                if batch_job_id is None:
+                    batch_job_id = int(own)
+                elif batch_job_id != own:
+                    raise Forbidden(f"this launcher credential is BatchJob {own}'s: it cannot open a session "
+                                    f"for BatchJob {batch_job_id}")
         owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(ctx.user.id))).first()
         if owned is None:
             raise NotFound(f"Site {site_id} not found")

@@ -171,7 +171,11 @@ def delete_site(ctx: Ctx) -> Response:
         get_owned_site(conn, ctx.user.id, site_id)
         # The site's launcher credentials go with it: read their ids first, so that this process
         # stops trusting them now rather than when its credential cache would check again.
-        cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.site_id == site_id)).scalars())
+        # Locked first (PostgreSQL): a launcher's session create holds its credential FOR SHARE and
+        # then checks its site (FOR KEY SHARE): deleting the site row first, whose cascade then waited
+        # for that credential, took the two locks in the other order (a deadlock, 503).
+        cred_ids = list(conn.execute(sa.select(credentials.c.id).where(credentials.c.site_id == site_id)
+                                     .with_for_update()).scalars())
         # Its jobs first, as a job delete does: their waiting children on the user's other sites
         # are re-checked (the cascade alone left them waiting for ever).
         released: list[int] = []
