@@ -69,7 +69,8 @@ def run(label: str, site: Any, raw_client: Any, app: Any, remote: Path, n: int, 
             for i in range(start, min(n, start + 5000))
         ])
     client = CountingClient(raw_client)
-    options = TransfersOptions(transfer_locations={"shared": "local://"}, service_period=0, **overrides)
+    # The loop below runs the cycles itself; service_period (at least 1 s) paces only the agent's.
+    options = TransfersOptions(transfer_locations={"shared": "local://"}, service_period=1, **overrides)
     module = TransfersModule(site, options, client)
     per_cycle: list[int] = []
     t0 = time.perf_counter()
