@@ -98,7 +98,8 @@ def place_pending(
             pending.append(prepared)
             continue
         try:
-            placement = node_manager.assign(prepared.id, prepared.demand, held)
+            placement = (node_manager.assign(prepared.id, prepared.demand, exclude=held) if held
+                         else node_manager.assign(prepared.id, prepared.demand))
         except InsufficientResources:
             pending.append(prepared)
             full_for.add(prepared.demand)
