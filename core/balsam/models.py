@@ -40,6 +40,11 @@ MAX_SERIALIZED_PAYLOAD_CHARS = 512_000
 #: ``queue_maintainer``, ``elastic_queue``); none for a user's own. ``balsam queue ls`` shows it in
 #: its ``submitted_by`` column and filters on it (``--submitted-by``), knowing no module by name.
 SUBMITTED_BY_KEY = "submitted_by"
+#: The keyset-paging filter of the big lists (jobs, batch-jobs, transfers, events): ``id__gt=N``
+#: keeps the records whose id is greater than N (strictly: the last id of the page before). Not a
+#: Balsam 0.7 parameter; named like the other lookups (``state__ne``, ``workdir__contains``), since
+#: the ``_after`` filters (``last_update_after``...) include their bound.
+ID_AFTER = "id__gt"
 
 
 def field_role(cls: type, name: str) -> Optional[str]:

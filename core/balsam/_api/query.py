@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, NamedTuple, 
 import orjson
 
 from balsam.client.rest import collect_skipped_running, skipped_running_message
+from balsam.client.status_updater import refused_as_unknown
 from balsam.util import paused_gc
-from balsam.models import MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
+from balsam.models import ID_AFTER, MAX_ITEMS_PER_BULK_OP, MAX_PAGE_SIZE
 
 from . import codec
 from .model import Row, to_aware_utc
@@ -453,8 +454,6 @@ class Query(Generic[T]):
 #: The lists whose server takes ``id__gt`` (keyset paging, see read_pages); the others
 #: (sites, apps: a few records) page by offset, and sessions come whole.
 KEYSET_PATHS = frozenset({"/jobs/", "/batch-jobs/", "/transfers/"})
-#: The server's keyset filter: the records whose id is greater than its value.
-ID_AFTER = "id__gt"
 
 
 #: The client attribute that remembers that its server lacks ``id__gt`` (see read_pages).
@@ -520,7 +519,7 @@ def read_pages(fetch: Callable[[dict[str, Any]], tuple[int, list[Any]]], params:
         try:
             count, page = fetch(page_params)
         except Exception as exc:
-            if cursor is not None and _refuses_id_after(exc):
+            if cursor is not None and refused_as_unknown(exc, [ID_AFTER]):
                 # A server of ours older than id__gt refuses it as an unknown filter (422).
                 _note_lacks_id_after(client)
                 by_id, cursor = False, None
@@ -561,17 +560,6 @@ def _note_lacks_id_after(client: Any) -> None:
         setattr(client, LACKS_ID_AFTER, True)
     except (AttributeError, TypeError):
         pass
-
-
-def _refuses_id_after(exc: BaseException) -> bool:
-    """A 422 naming ``id__gt``: a server older than keyset paging refuses it as an unknown filter."""
-    if getattr(exc, "status_code", None) != 422:
-        return False
-    detail = getattr(exc, "detail", None)
-    if isinstance(detail, list):
-        return any(isinstance(entry, dict) and isinstance(entry.get("loc"), list) and entry["loc"][-1:] == [ID_AFTER]
-                   for entry in detail)
-    return ID_AFTER in str(exc)
 
 
 def _ids_ascending_after(page: list[Any], cursor: int) -> bool:

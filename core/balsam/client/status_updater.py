@@ -135,18 +135,27 @@ def is_refusal(exc: BaseException) -> bool:
     return status is not None and 400 <= status < 500 and status not in _TRANSIENT_4XX
 
 
+def refused_as_unknown(exc: BaseException, names: Iterable[str]) -> bool:
+    """A 422 refusing one of ``names`` (a field or a query parameter) as unknown: a server older
+    than it. Read by each detail entry's place (``loc``, its last element), not by its words alone:
+    a current server's message for an unknown parameter lists the valid ones, these names among
+    them; a detail that is no list is read as text (``name: unknown ...``)."""
+    if http_status(exc) != 422:
+        return False
+    wanted = set(names)
+    detail = getattr(exc, "detail", None)
+    if isinstance(detail, list) and detail:
+        return any(isinstance(entry, dict) and isinstance(entry.get("loc"), (list, tuple)) and entry["loc"]
+                   and str(entry["loc"][-1]) in wanted and "unknown" in str(entry.get("msg", ""))
+                   for entry in detail)
+    said = str(exc)
+    return any(f"{name}: unknown" in said for name in wanted)
+
+
 def refuses_session_key(exc: BaseException) -> bool:
     """A 422 saying ``session_id`` is an unknown field: a server older than leases (before
     December 2026) refuses every update that carries it, whatever else the update says."""
-    if http_status(exc) != 422:
-        return False
-    detail = getattr(exc, "detail", None)
-    if isinstance(detail, list) and detail:
-        return any(isinstance(entry, dict) and isinstance(entry.get("loc"), list) and entry["loc"]
-                   and entry["loc"][-1] == SESSION_KEY and "unknown field" in str(entry.get("msg", ""))
-                   for entry in detail)
-    said = str(exc)
-    return f"{SESSION_KEY}: unknown field" in said
+    return refused_as_unknown(exc, [SESSION_KEY])
 
 
 def _record_id(item: Any) -> Any:

@@ -12,6 +12,7 @@ from starlette.datastructures import QueryParams as StarletteQueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
+from balsam.models import ID_AFTER  # noqa: F401 (the keyset filter, shared with the client; routes import it here)
 from balsam.serialization import parse_datetime
 
 from .errors import APIError, BadRequest, ValidationFailed
@@ -262,11 +263,6 @@ class QueryParams:
 
 
 PAGINATION = {"limit", "offset"}
-#: The keyset-paging filter of the big lists (jobs, batch-jobs, transfers, events): ``id__gt=N``
-#: keeps the records whose id is greater than N (strictly: the last id of the page before). Not a
-#: Balsam 0.7 parameter; named like the other lookups (``state__ne``, ``workdir__contains``), since
-#: the ``_after`` filters (``last_update_after``...) include their bound.
-ID_AFTER = "id__gt"
 
 
 def pagination(q: QueryParams) -> tuple[int, int]:

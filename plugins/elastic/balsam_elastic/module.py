@@ -51,6 +51,7 @@ from typing import Any, Optional
 import attrs
 
 from balsam.batch_job_rules import BatchJobRefused, check_batch_job
+from balsam.client.status_updater import refused_as_unknown
 from balsam.config.drivers import site_platform
 from balsam.launcher.job_mode import allows_node_packing
 from balsam.models import SUBMITTED_BY_KEY, BackfillWindow
@@ -329,7 +330,7 @@ class ElasticQueueModule(AgentModule):
         try:
             answer = self.client.get(path, params={**params, **self.node_shape_params})
         except Exception as exc:
-            if not _refused_node_shape(exc):
+            if not refused_as_unknown(exc, NODE_SHAPE_PARAMS):  # a bad value of a known one is raised as it is
                 raise
             self.logger.warning("the server does not know the backlog's node shape parameters (%s): sizing "
                                 "BatchJobs by num_nodes / node_packing_count, GPUs and CPUs not counted", exc)
@@ -754,19 +755,6 @@ def _polled_state(status: Any) -> Optional[BatchJobState]:
         return BatchJobState(getattr(state, "value", state)) if state is not None else None
     except ValueError:
         return None
-
-
-def _refused_node_shape(exc: BaseException) -> bool:
-    """Whether ``exc`` is a 422 refusing one of :data:`NODE_SHAPE_PARAMS` as an unknown parameter
-    (an older server); a bad value of a known one is not that (it is raised as it is)."""
-    if getattr(exc, "status_code", None) != 422:
-        return False
-    detail = getattr(exc, "detail", None)
-    # By the entry's loc, not its words: the message lists the valid parameters, which on a current
-    # server include these names.
-    return any(isinstance(entry, Mapping) and "unknown" in str(entry.get("msg", ""))
-               and bool({str(x) for x in entry.get("loc") or []} & set(NODE_SHAPE_PARAMS))
-               for entry in (detail if isinstance(detail, list) else []))
 
 
 def _count(rows: list[Mapping]) -> int:
