@@ -42,7 +42,7 @@ def test_partition_min_and_max_nodes_are_read():
 
 def test_a_partition_on_several_lines_keeps_its_limits(caplog):
     """sinfo prints a partition once per node state (mixed, idle...): its nodes add up, its size
-    limits are read once; an unreadable size skips its line (logged); a minimum above what the
+    limits are read once; an unreadable size skips that column (logged); a minimum above what the
     partition can give leaves it out (logged)."""
     stdout = ("big|1200|2-00:00:00|16-1024\nbig|300|2-00:00:00|16-1024\nexact|8|30:00|8\n"
               "garbled|4|30:00|2K-infinite\nsmall|4|30:00|8-infinite\n")
@@ -50,7 +50,8 @@ def test_a_partition_on_several_lines_keeps_its_limits(caplog):
         queues = SlurmScheduler(user="me").parse_discover_queues(result(stdout=stdout))
     assert queues["big"] == AllowedQueue(max_nodes=1024, max_walltime=2880, max_queued_jobs=None, min_nodes=16)
     assert queues["exact"] == AllowedQueue(max_nodes=8, max_walltime=30, max_queued_jobs=None, min_nodes=8)
-    assert set(queues) == {"big", "exact"}
+    assert queues["garbled"] == AllowedQueue(max_nodes=4, max_walltime=30, max_queued_jobs=None)
+    assert set(queues) == {"big", "exact", "garbled"}
     messages = [r.getMessage() for r in caplog.records]
     assert any("2K-infinite" in m for m in messages) and any("small" in m for m in messages)
 

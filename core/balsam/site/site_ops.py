@@ -98,7 +98,16 @@ def scheduler_site_defaults(scheduler_cls: Any) -> dict[str, Any]:
 QUEUE_LIMITS = ("max_nodes", "max_walltime", "max_queued_jobs")
 
 
-def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str, Any]) -> dict[str, Any]:
+def _node_range(limits: dict[str, Any]) -> str:
+    """``min..max`` nodes of a queue's limits (``1`` where no minimum is stated, ``?`` no maximum)."""
+    least = limits.get("min_nodes") if isinstance(limits.get("min_nodes"), int) else 1
+    most = limits.get("max_nodes") if isinstance(limits.get("max_nodes"), int) else "?"
+    return f"{least}..{most}"
+
+
+def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str, Any],
+                          warn: Optional[Callable[[str], None]] = None,
+                          scheduler_name: str = "scheduler", platform_name: str = "platform") -> dict[str, Any]:
     """A platform's ``allowed_queues`` where, for each queue the scheduler also reported, every
     limit both give is the smaller one: the live server knows today's limits (a debug queue cut to
     one queued job), the platform what the machine's documentation says, and a site set above either
@@ -106,20 +115,37 @@ def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str,
     platform's. A queue only the platform names stays (discovery may be partial).
 
     ``min_nodes`` is stricter the larger it is (a BatchJob below the scheduler's minimum is refused
-    by qsub/sbatch), unless that leaves no size between it and ``max_nodes``: then the platform's
-    stays. A discovered ``min_nodes`` the platform does not state is kept by the merge itself."""
+    by qsub/sbatch); a platform that states none allows 1. A discovered ``min_nodes`` the platform
+    does not state is kept by the merge itself (init_site's deep_merge), and so must fit here.
+    When the two node ranges have no size in common (the server's minimum above the platform's
+    maximum, or its maximum below the platform's minimum), no merged range is usable: the
+    platform's own ``min_nodes`` (written as 1 when it states none, so that the discovered one is
+    not merged back in) and ``max_nodes`` stay, and ``warn`` is told in one line naming the queue
+    and both ranges."""
     merged = copy.deepcopy(dict(platform_queues))
     for name, limits in merged.items():
         seen = discovered.get(name)
         if not isinstance(limits, dict) or not isinstance(seen, dict):
             continue
+        stated = dict(limits)  # the platform's own, before the merge
         for key in QUEUE_LIMITS:
             if isinstance(limits.get(key), int) and isinstance(seen.get(key), int):
                 limits[key] = min(limits[key], seen[key])
-        if isinstance(limits.get("min_nodes"), int) and isinstance(seen.get("min_nodes"), int):
-            least = max(limits["min_nodes"], seen["min_nodes"])
-            if not isinstance(limits.get("max_nodes"), int) or least <= limits["max_nodes"]:
+        platform_min = stated["min_nodes"] if isinstance(stated.get("min_nodes"), int) else 1
+        seen_min = seen["min_nodes"] if isinstance(seen.get("min_nodes"), int) else 1
+        least = max(platform_min, seen_min)
+        if not isinstance(limits.get("max_nodes"), int) or least <= limits["max_nodes"]:
+            if "min_nodes" in stated:
                 limits["min_nodes"] = least
+            continue
+        # No size fits both: the platform's range, which is consistent on its own.
+        limits["min_nodes"] = platform_min
+        if "max_nodes" in stated:
+            limits["max_nodes"] = stated["max_nodes"]
+        if warn is not None:
+            warn(f"queue {name}: the {scheduler_name} scheduler reports {_node_range(seen)} nodes, the {platform_name} "
+                 f"platform {_node_range(stated)}; no size fits both, so the platform's {_node_range(limits)} is "
+                 f"written (check settings.yml)")
     return merged
 
 
@@ -319,7 +345,9 @@ def init_site(
     platform_queues = (platform_defaults.get("scheduler") or {}).get("allowed_queues")
     if platform_queues:
         platform_defaults["scheduler"]["allowed_queues"] = stricter_queue_limits(
-            (overrides.get("scheduler") or {}).get("allowed_queues") or {}, platform_queues)
+            (overrides.get("scheduler") or {}).get("allowed_queues") or {}, platform_queues,
+            warn=lambda message: echo(f"Warning: {message}"), scheduler_name=scheduler_name,
+            platform_name=platform_name)
     overrides = deep_merge(overrides, platform_defaults)
     if projects:
         overrides = deep_merge(overrides, {"scheduler": {"allowed_projects": list(projects)}})

@@ -170,7 +170,7 @@ class CobaltScheduler(Scheduler):
         said = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
         if result.returncode == 0:
             for line in result.stdout.splitlines():
-                if line.strip().isdigit():
+                if line.strip().isdecimal():
                     return int(line.strip())
             # qsub said yes without printing the id (a wrapper's message, a routing notice): the job
             # may be in the queue, so this is not a refusal. Transient: the agent keeps the
@@ -226,7 +226,7 @@ class CobaltScheduler(Scheduler):
             if set(line.strip()) <= {"=", "-"}:
                 continue
             fields = line.split()
-            if len(fields) != len(QSTAT_COLUMNS) or not fields[0].isdigit() or not fields[4].isdigit():
+            if len(fields) != len(QSTAT_COLUMNS) or not fields[0].isdecimal() or not fields[4].isdecimal():
                 bad.append(line)
                 logger.warning("qstat: skipped unreadable line %r", line[:200])
                 continue
@@ -297,13 +297,17 @@ class CobaltScheduler(Scheduler):
         except ValueError:
             raise SchedulerError(f"nodelist header lacks Queues/Status/Backfill: {lines[0][:120]!r}") from None
         by_queue: dict[str, dict[int, int]] = {}
+        bad: list[str] = []
+        read = 0
         for line in lines[1:]:
             if set(line.strip()) <= {"=", "-"}:
                 continue
             fields = line.split()
             if len(fields) != len(header):
+                bad.append(line)
                 logger.warning("nodelist: skipped unreadable line %r", line[:200])
                 continue
+            read += 1
             if fields[i_status].lower() != "idle":
                 continue
             minutes = cobalt_duration_min(fields[i_backfill]) if fields[i_backfill] not in ("-", "N/A") else 0
@@ -312,6 +316,9 @@ class CobaltScheduler(Scheduler):
             for queue in fields[i_queues].split(":"):
                 counts = by_queue.setdefault(queue, {})
                 counts[minutes] = counts.get(minutes, 0) + 1
+        if bad and not read:
+            # Not "no idle node": the elastic queue tells an unknown answer from an empty one.
+            raise SchedulerError(f"nodelist printed nothing readable (first line: {bad[0].strip()[:120]!r})")
         windows: dict[str, list[BackfillWindow]] = {}
         for queue, counts in sorted(by_queue.items()):
             total = 0

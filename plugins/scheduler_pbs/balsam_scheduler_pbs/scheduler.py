@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import re
 import shlex
 from importlib import resources
@@ -118,24 +119,41 @@ def parse_pbs_time(text: Any) -> Optional[dt.datetime]:
         return dt.datetime.fromtimestamp(text, dt.timezone.utc)
     words = str(text).split()
     try:
-        if len(words) == 1 and words[0].isdigit():
+        if len(words) == 1 and words[0].isdecimal():
             return dt.datetime.fromtimestamp(int(words[0]), dt.timezone.utc)
         return dt.datetime.strptime(" ".join(words), "%a %b %d %H:%M:%S %Y").replace(tzinfo=dt.timezone.utc)
     except (ValueError, OverflowError):
         return None
 
 
+def pbs_duration_sec(text: Any) -> Optional[float]:
+    """A PBS duration, ``[[HH:]MM:]SS[.fff]`` (PBS's own syntax: ``3600`` is an hour; minutes and
+    seconds may exceed 59), or a JSON number of seconds -> seconds; None when unreadable."""
+    if isinstance(text, bool):
+        return None
+    if isinstance(text, (int, float)):
+        return float(text) if math.isfinite(text) and text >= 0 else None  # JSON 1e999 reads as inf
+    parts = str(text).strip().split(":")
+    if not 1 <= len(parts) <= 3 or not all(p.isdecimal() for p in parts[:-1]):
+        return None
+    seconds_text = parts[-1]
+    whole, _, fraction = seconds_text.partition(".")
+    if not whole.isdecimal() or (fraction and not fraction.isdecimal()):
+        return None
+    seconds = float(seconds_text)
+    if not math.isfinite(seconds):
+        return None
+    for part, scale in zip(reversed(parts[:-1]), (60, 3600)):
+        seconds += int(part) * scale
+    return seconds
+
+
 def pbs_duration_min(text: Any) -> int:
     """PBS walltime ``[[HH:]MM:]SS`` -> whole minutes (30 s and more round up); unreadable -> 0."""
-    try:
-        parts = [int(p) for p in str(text).strip().split(":")]
-    except ValueError:
+    seconds = pbs_duration_sec(text)
+    if seconds is None:
         return 0
-    parts = [0] * (3 - len(parts)) + parts if len(parts) <= 3 else []
-    if not parts:
-        return 0
-    hours, minutes, seconds = parts
-    return hours * 60 + minutes + (1 if seconds >= 30 else 0)
+    return int(seconds // 60) + (1 if seconds % 60 >= 30 else 0)
 
 
 def _minutes_between(start: Optional[dt.datetime], end: Optional[dt.datetime]) -> int:
@@ -147,7 +165,7 @@ def _minutes_between(start: Optional[dt.datetime], end: Optional[dt.datetime]) -
 def job_number(pbs_job_id: str) -> Optional[int]:
     """``123.server`` -> 123; ``123[].server`` (array) and anything else -> None."""
     head = str(pbs_job_id).split(".", 1)[0].strip()
-    return int(head) if head.isdigit() else None
+    return int(head) if head.isdecimal() else None
 
 
 #: One JSON string, escapes included (matched whole, so that what it holds is never read as JSON).
@@ -526,7 +544,7 @@ class PBSScheduler(Scheduler):
         found = []
         for line in result.stdout.splitlines():
             number = line.strip().split(".", 1)[0]
-            if number.isdigit():
+            if number.isdecimal():
                 found.append(int(number))
             elif line.strip():
                 logger.warning("qselect: skipped unreadable line %r", line[:200])
@@ -679,17 +697,38 @@ class PBSScheduler(Scheduler):
             if not isinstance(queue, dict) or str(queue.get("enabled")) != "True" or str(queue.get("from_route_only")) == "True":
                 continue
             limits = queue.get("resources_max") or {}
+            if not isinstance(limits, dict):  # garbled: this queue's limits unreadable, not every queue's
+                logger.warning("qstat -Q: queue %s has an unreadable resources_max %r", name, str(limits)[:60])
+                limits = {}
             nodes = limits.get("nodect")
-            if not str(nodes).isdigit():
+            if not str(nodes).isdecimal():
                 logger.info("qstat -Q: queue %s has no node limit (resources_max.nodect): left out", name)
                 continue
-            walltime = pbs_duration_min(limits["walltime"]) if limits.get("walltime") else UNLIMITED_WALLTIME_MIN
+            raw_walltime = limits.get("walltime")
+            if raw_walltime in (None, ""):
+                walltime = UNLIMITED_WALLTIME_MIN
+            elif pbs_duration_sec(raw_walltime) is None:
+                # Not silently a week: the server states a limit this driver cannot read.
+                logger.warning("qstat -Q: queue %s has an unreadable resources_max.walltime %r: written as %d "
+                               "minutes, as for no limit (check settings.yml)", name, raw_walltime, UNLIMITED_WALLTIME_MIN)
+                walltime = UNLIMITED_WALLTIME_MIN
+            else:
+                walltime = pbs_duration_min(raw_walltime)
+                if walltime < 1:
+                    logger.warning("qstat -Q: queue %s takes jobs of at most %r (resources_max.walltime): no job "
+                                   "of a whole minute fits, left out", name, raw_walltime)
+                    continue
             max_queued = max_queued_for(queue.get("max_queued"), self.user, None)
             if max_queued is not None and max_queued < 1:  # 0 would read as "no limit" in settings.yml
                 logger.info("qstat -Q: queue %s lets %s queue no job (max_queued): left out", name, self.user)
                 continue
-            least = (queue.get("resources_min") or {}).get("nodect")
-            if least is not None and not str(least).isdigit():
+            smallest = queue.get("resources_min") or {}
+            if not isinstance(smallest, dict):
+                logger.warning("qstat -Q: queue %s has an unreadable resources_min %r: taken as none", name,
+                               str(smallest)[:60])
+                smallest = {}
+            least = smallest.get("nodect")
+            if least is not None and not str(least).isdecimal():
                 logger.warning("qstat -Q: queue %s has an unreadable resources_min.nodect %r: taken as none",
                                name, least)
                 least = None
@@ -698,7 +737,7 @@ class PBSScheduler(Scheduler):
                 logger.warning("qstat -Q: queue %s takes jobs of %d nodes or more but at most %s: left out",
                                name, min_nodes, nodes)
                 continue
-            found[name] = AllowedQueue(max_nodes=int(nodes), max_walltime=walltime or UNLIMITED_WALLTIME_MIN,
+            found[name] = AllowedQueue(max_nodes=int(nodes), max_walltime=walltime,
                                        max_queued_jobs=max_queued, min_nodes=min_nodes)
         return found
 

@@ -196,7 +196,7 @@ def _job_size(text: str) -> Optional[tuple[int, Optional[int]]]:
     low, high = int(match.group(1)), match.group(2)
     if high is None:
         return max(low, 1), low
-    return max(low, 1), int(high) if high.isdigit() else None
+    return max(low, 1), int(high) if high.isdecimal() else None
 
 
 def _minutes_between(start: Optional[dt.datetime], end: Optional[dt.datetime]) -> int:
@@ -244,9 +244,9 @@ def parse_squeue_line(line: str) -> SqueueRow:
     if len(fields) != len(SQUEUE_FIELDS):
         raise ValueError(f"expected {len(SQUEUE_FIELDS)} '|'-separated fields, got {len(fields)}")
     jobid, state, partition, nodes, limit, account, left, submit, start, end, reason = (f.strip() for f in fields)
-    if not jobid.isdigit():
+    if not jobid.isdecimal():
         raise ValueError(f"job id {jobid!r} is not a plain job number (array or heterogeneous job?)")
-    if not nodes.isdigit():
+    if not nodes.isdecimal():
         raise ValueError(f"node count {nodes!r} is not a number")
     if not re.fullmatch(r"[A-Z_]+", state):
         raise ValueError(f"state {state!r} is not a Slurm state name")
@@ -564,7 +564,7 @@ class SlurmScheduler(Scheduler):
         found = []
         for line in result.stdout.splitlines():
             jobid, sep, command = line.strip().partition("|")
-            if not sep or not jobid.isdigit():
+            if not sep or not jobid.isdecimal():
                 if line.strip() and not _CLUSTER_LINE.fullmatch(line.strip()):
                     logger.warning("squeue: skipped unreadable line %r", line[:200])
                 continue
@@ -611,7 +611,7 @@ class SlurmScheduler(Scheduler):
         histories: dict[int, Optional[JobHistory]] = {i: None for i in jobs}
         for line in result.stdout.splitlines():
             fields = line.split("|")
-            if len(fields) < len(SACCT_FIELDS) or not fields[0].strip().isdigit():
+            if len(fields) < len(SACCT_FIELDS) or not fields[0].strip().isdecimal():
                 if line.strip():
                     logger.warning("sacct: skipped unreadable line %r", line[:200])
                 continue
@@ -643,19 +643,34 @@ class SlurmScheduler(Scheduler):
             raise SchedulerError(f"sinfo failed: {_slurm_error(result)}")
         idle: dict[str, int] = {}
         limits: dict[str, int] = {}
+        bad: list[str] = []
+        read = 0
         for line in result.stdout.splitlines():
             fields = [f.strip() for f in line.split("|")]
-            if len(fields) != 5 or not fields[3].isdigit():
+            # isdecimal, not isdigit: "²" is a digit that int() cannot read (in every driver).
+            if len(fields) != 5 or not fields[3].isdecimal():
                 if line.strip():
+                    bad.append(line)
                     logger.warning("sinfo: skipped unreadable line %r", line[:200])
                 continue
+            read += 1
             partition, avail, state, count, limit = fields
             if avail.lower() != "up" or state.lower() != "idle":
                 continue
+            if limit.lower() in ("infinite", "unlimited"):
+                minutes = self.options.unlimited_window_min
+            else:
+                try:
+                    minutes = slurm_duration_min(limit)
+                except ValueError:
+                    minutes = 0
+                if minutes <= 0:  # a window of unknown length is no window
+                    logger.warning("sinfo: partition %s: unreadable time limit %r: its idle nodes are no backfill "
+                                   "window", partition, limit[:60])
             idle[partition] = idle.get(partition, 0) + int(count)
-            limits[partition] = (
-                self.options.unlimited_window_min if limit.lower() in ("infinite", "unlimited") else _minutes(limit)
-            )
+            limits[partition] = minutes
+        if bad and not read:
+            raise SchedulerError(f"sinfo printed nothing readable (first line: {bad[0][:120]!r})")
         windows = {
             partition: [BackfillWindow(num_nodes=count, wall_time_min=limits[partition])]
             for partition, count in sorted(idle.items())
@@ -677,33 +692,57 @@ class SlurmScheduler(Scheduler):
         MaxNodes where smaller; ``min_nodes`` its MinNodes (left at 1, out of settings.yml, where
         Slurm says 1 or none). Slurm's per-user job limits live in QOS records sinfo does not show:
         ``max_queued_jobs`` None (unknown), so site init keeps the platform's limit or writes a
-        placeholder. A partition whose MinNodes exceeds what it can give is left out (logged)."""
+        placeholder. A partition whose MinNodes exceeds what it can give is left out (logged).
+
+        A line without a readable partition name or node count (``%D``) is skipped (logged). An
+        unreadable job size or time limit is that column skipped (logged): the partition keeps
+        its other limits, as if sinfo had stated none (no size limits; a week), unless another of
+        its lines states it. Output of which no line is readable raises SchedulerError."""
         if result.returncode != 0:
             raise SchedulerError(f"sinfo failed: {_slurm_error(result)}")
         nodes: dict[str, int] = {}
         walltimes: dict[str, int] = {}
         sizes: dict[str, tuple[int, Optional[int]]] = {}
+        bad: list[str] = []
         for line in result.stdout.splitlines():
             fields = [f.strip() for f in line.split("|")]
             # Three columns: a line without the job size (%s), as recorded before the column was
             # asked for; its partition then has no size limits.
-            size = _job_size(fields[3]) if len(fields) == 4 else (1, None) if len(fields) == 3 else None
-            if size is None or not fields[1].isdigit() or not re.fullmatch(r"[\w.\-]+", fields[0]):
+            if len(fields) not in (3, 4) or not fields[1].isdecimal() or not re.fullmatch(r"[\w.\-]+", fields[0]):
                 if line.strip():
+                    bad.append(line)
                     logger.warning("sinfo: skipped unreadable line %r", line[:200])
                 continue
             partition, count, limit = fields[:3]
-            unlimited = limit.lower() in ("infinite", "unlimited")
-            walltime = UNLIMITED_WALLTIME_MIN if unlimited else _minutes(limit)
-            if walltime <= 0:
+            size = _job_size(fields[3]) if len(fields) == 4 else None
+            if size is None and len(fields) == 4:
+                logger.warning("sinfo: partition %s: unreadable job size %r (MinNodes-MaxNodes) skipped",
+                               partition, fields[3][:60])
+            if limit.lower() in ("infinite", "unlimited"):
+                walltime: Optional[int] = UNLIMITED_WALLTIME_MIN
+            else:
+                try:
+                    walltime = slurm_duration_min(limit)
+                except ValueError:
+                    walltime = None
+                if walltime is None or (walltime == 0 and limit.upper() in ("", "N/A", "INVALID", "NOT_SET")):
+                    logger.warning("sinfo: partition %s: unreadable time limit %r skipped", partition, limit[:60])
+                    walltime = None
+            if walltime == 0:
+                logger.warning("sinfo: partition %s has a time limit of %r: no job fits, left out", partition, limit)
                 continue
             # sinfo prints a partition once per node state: its nodes add up; its limits are the
             # same on every line (the strictest is kept should they differ).
             nodes[partition] = nodes.get(partition, 0) + int(count)
-            walltimes[partition] = max(walltime, walltimes.get(partition, 0))
+            if walltime is not None:
+                walltimes[partition] = max(walltime, walltimes.get(partition, 0))
             known_min, known_max = sizes.get(partition, (1, None))
-            maxes = [m for m in (known_max, size[1]) if m is not None]
-            sizes[partition] = (max(known_min, size[0]), min(maxes) if maxes else None)
+            if size is not None:
+                maxes = [m for m in (known_max, size[1]) if m is not None]
+                known_min, known_max = max(known_min, size[0]), (min(maxes) if maxes else None)
+            sizes[partition] = (known_min, known_max)
+        if bad and not nodes:
+            raise SchedulerError(f"sinfo printed nothing readable (first line: {bad[0][:120]!r})")
         queues: dict[str, AllowedQueue] = {}
         for partition, count in nodes.items():
             min_nodes, max_size = sizes[partition]
@@ -712,9 +751,12 @@ class SlurmScheduler(Scheduler):
                 logger.warning("sinfo: partition %s takes jobs of %d nodes or more but has %d: left out",
                                partition, min_nodes, max_nodes)
                 continue
+            if partition not in walltimes:
+                logger.warning("sinfo: partition %s states no readable time limit: max_walltime written as %d "
+                               "minutes (check settings.yml)", partition, UNLIMITED_WALLTIME_MIN)
             queues[partition] = AllowedQueue(
                 max_nodes=max_nodes,
-                max_walltime=walltimes[partition],
+                max_walltime=walltimes.get(partition, UNLIMITED_WALLTIME_MIN),
                 max_queued_jobs=None,  # unknown: Scheduler.site_defaults, site init
                 min_nodes=min_nodes,
             )
