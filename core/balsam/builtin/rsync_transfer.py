@@ -49,6 +49,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import unicodedata
 from pathlib import Path, PurePosixPath
 from typing import Mapping, Optional, Sequence
 
@@ -230,10 +231,30 @@ def rsync_command(options: RsyncOptions, location: TransferLocation, direction: 
     return [*args, "--", src, dest]
 
 
+#: How rsync writes a byte it will not print (outside a UTF-8 locale: every byte of a non-ASCII
+#: name): a backslash, '#' and its three octal digits (``résult`` as ``r\#303\#251sult``).
+RSYNC_ESCAPES = re.compile(r"(?:\\#[0-7]{3})+")
+
+
+def _unescape_names(text: str) -> str:
+    r"""rsync's ``\#ooo`` escapes of a name's bytes back to the name where they are UTF-8 and hold
+    no control character (a newline in a name stays escaped: the error stays one line)."""
+
+    def name(match: re.Match) -> str:
+        raw = bytes(int(match.group(0)[i + 2:i + 5], 8) for i in range(0, len(match.group(0)), 5))
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return match.group(0)
+        return match.group(0) if any(unicodedata.category(c) == "Cc" for c in decoded) else decoded
+
+    return RSYNC_ESCAPES.sub(name, text)
+
+
 def _last_error_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     meaningful = [ln for ln in lines if not ln.startswith("rsync error:")] or lines
-    return meaningful[0] if meaningful else "no output"
+    return _unescape_names(meaningful[0]) if meaningful else "no output"
 
 
 def _not_recursive(f: TransferFile) -> str:

@@ -110,9 +110,16 @@ _CC_ITEM = r"(\d+(-\d+)?|x)"
 APRUN_CC_LIST = re.compile(rf"{_CC_ITEM}(,{_CC_ITEM})*(:{_CC_ITEM}(,{_CC_ITEM})*)*")
 
 
+def aprun_cc_value(value: Any) -> str:
+    """``value`` as aprun ``-cc`` takes it: without surrounding blanks (which the settings check
+    allowed, then aprun refused ``' depth '``), a keyword in lower case (``None``, ``Depth``)."""
+    text = str(value).strip()
+    return text.lower() if text.lower() in APRUN_CC_KEYWORDS else text
+
+
 def aprun_cc_problem(value: str) -> Optional[str]:
     """Why ``value`` is not an aprun ``-cc`` binding (None when it is one)."""
-    text = str(value).strip()
+    text = aprun_cc_value(value)
     if text in APRUN_CC_KEYWORDS or APRUN_CC_LIST.fullmatch(text):
         return None
     return f"expected {', '.join(APRUN_CC_KEYWORDS)} or a CPU list like 0-3,8 (aprun -cc), got {value!r}"
@@ -146,7 +153,7 @@ class ThetaKNLPlatform(Platform):
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
-        affinity = first_launch_param(params, AFFINITY_KEYS) or self.options.cpu_affinity
+        affinity = aprun_cc_value(first_launch_param(params, AFFINITY_KEYS) or self.options.cpu_affinity)
         # aprun -L takes node ids; the launcher knows hosts nid01001 ...: back to the numbers.
         nids = [str(int(h[3:])) if re.fullmatch(r"nid\d+", h) else h for h in spec.hostnames]
         args = [

@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import hashlib
 import logging
 import math
 import os
@@ -423,6 +424,11 @@ class _Login:
     stamp: Optional[tuple[int, int, int]]
 
 
+def _login_digest(login: Optional[_Login]) -> Optional[str]:
+    """Which login a client uses, without keeping its refresh token (None: an injected client)."""
+    return None if login is None else hashlib.sha256(login.refresh_token.encode()).hexdigest()
+
+
 def _is_uuid(text: Any) -> bool:
     try:
         uuid.UUID(str(text))
@@ -536,6 +542,9 @@ class _Task:
     final_key: tuple = ()
     #: Whether the warning that none of its delivered files matched a submitted one was logged.
     unmatched_warned: bool = False
+    #: Which login this process submitted it with (a digest of the refresh token; None: an injected
+    #: client, or not submitted here). A 404 for it after a login with another identity is not "gone".
+    login: Optional[str] = None
 
 
 class GlobusTransfer(TransferBackend):
@@ -766,7 +775,9 @@ class GlobusTransfer(TransferBackend):
             data.add_item(src, dest, recursive=f.recursive)
             sent.append((_norm(dest), f.dest, f.recursive))
         try:
-            response = self.client().submit_transfer(data)
+            client = self.client()
+            login = _login_digest(self._login)
+            response = client.submit_transfer(data)
         except TransferError:
             raise
         except Exception as exc:
@@ -776,7 +787,8 @@ class GlobusTransfer(TransferBackend):
         task_id = str(response["task_id"])
         with self._tasks_lock:
             # Also for a duplicate submission (a journaled token sent again): the same files.
-            self._tasks.setdefault(task_id, _Task(seen=self._polls)).files = sent
+            task = self._tasks.setdefault(task_id, _Task(seen=self._polls))
+            task.files, task.login = sent, login
         return task_id
 
     def _site_collection_missing(self, exc: BaseException, remote_ep: str) -> bool:
@@ -830,7 +842,17 @@ class GlobusTransfer(TransferBackend):
         except globus_sdk.GlobusAPIError as exc:
             if exc.http_status == 404:
                 said = " ".join(filter(None, ("HTTP 404", str(exc.code or ""))))
-                return TaskStatus(TaskState.unknown, f"Globus does not know task {task_id} ({said})")
+                if not self._submitted_with_another_login(task_id):
+                    return TaskStatus(TaskState.unknown, f"Globus does not know task {task_id} ({said})")
+                # Globus answers 404, not only 403, for a task of another identity: one this process
+                # submitted before a new `globus-login` (picked up live) may still run. Taken for
+                # gone, its files went a second time beside it. It stays in flight; the agent's
+                # deadline ends it if it stays so.
+                logger.debug("globus: task %s, submitted with an earlier login, is not found (%s)", task_id, said)
+                return TaskStatus(TaskState.active, reason=one_line(
+                    f"Globus does not show task {task_id} to the logged-in identity ({said}; it was submitted "
+                    f"with an earlier login, perhaps of another identity): run `{self._command()}` with the "
+                    f"identity that submitted it; else it is ended at transfers.task_timeout_sec"))
             logger.debug("globus: cannot read task %s left out of the task list", task_id, exc_info=True)
             if exc.http_status == 403:
                 return TaskStatus(TaskState.active, reason=one_line(
@@ -849,6 +871,15 @@ class GlobusTransfer(TransferBackend):
                 raise problem from None  # as above: the agent's hold, not "active"
             return self._unreadable(task_id, problem)
         return self._settled_status(client, doc.data if hasattr(doc, "data") else doc)
+
+    def _submitted_with_another_login(self, task_id: str) -> bool:
+        """Whether this process submitted ``task_id`` with another login than the one it uses now (a
+        `globus-login` since, perhaps with another identity, to whom Globus answers 404 for it)."""
+        with self._tasks_lock:
+            known = self._tasks.get(task_id)
+        with self._lock:
+            current = _login_digest(self._login)
+        return known is not None and known.login is not None and known.login != current
 
     @staticmethod
     def _unreadable(task_id: str, problem: TransferError) -> TaskStatus:
