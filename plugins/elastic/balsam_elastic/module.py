@@ -206,12 +206,11 @@ class ElasticQueueModule(AgentModule):
         node manager counts them: ``node_gpus`` and ``node_cpus``, the GPU and CPU ids of one node
         that the platform driver hands the launcher (its ``gpu_ids`` and ``cpu_ids``, from
         ``launcher.platform_options``), and its ``cpu_ids_are_cores`` and
-        ``hardware_threads_per_core``. Empty where the driver names no such ids (the default
-        platform finds them only inside an allocation): the footprint is then 0.7's. The nominal
+        ``hardware_threads_per_core``; ``elastic_queue.node_gpus`` and ``node_cpus``, where set, instead
+        of the driver's ids. Empty where neither names them (the default platform finds its ids only
+        inside an allocation): the footprint is then 0.7's. The nominal
         node: GPUs split into MIG instances at run time are counted as the whole GPUs named."""
         driver = self.platform()
-        if driver is None:
-            return {}
         params: dict[str, Any] = {}
         gpu_ids = getattr(driver, "gpu_ids", None)
         if isinstance(gpu_ids, (tuple, list)) and gpu_ids:
@@ -219,6 +218,14 @@ class ElasticQueueModule(AgentModule):
         cpu_ids = getattr(driver, "cpu_ids", None)
         if isinstance(cpu_ids, (tuple, list)) and cpu_ids:
             params["node_cpus"] = len(cpu_ids)
+        # elastic_queue.node_gpus / node_cpus, where set, say it for a platform that cannot (the
+        # default platform's GPUs and CPUs are known only inside an allocation: its GPU jobs were
+        # charged no GPUs, and 8 jobs packed 4 to a 4-GPU node needing 2 GPUs each got 2 nodes, not 4).
+        for key in ("node_gpus", "node_cpus"):
+            value = getattr(self.options, key, None)
+            if value is not None:
+                params[key] = int(value)
+        if "node_cpus" in params:
             params["cpu_ids_are_cores"] = "true" if getattr(driver, "cpu_ids_are_cores", False) else "false"
             params["hardware_threads_per_core"] = int(getattr(driver, "hardware_threads_per_core", 0) or 0)
         if params:

@@ -8,7 +8,7 @@ The keys of Balsam 0.7's section keep their names and meaning (a 0.7 settings.ym
 from __future__ import annotations
 
 import typing
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 
@@ -19,6 +19,8 @@ from .strategy import STRATEGY_SECTION_KEYS, StrategyError, load_strategy, strat
 __all__ = ["ElasticQueueOptions", "check_option_types"]
 
 JOB_MODES = ("mpi", "serial")
+#: Most GPU or CPU ids of one node that node_gpus / node_cpus may say (the backlog route's bound is 32 bits).
+MAX_NODE_IDS = 65536
 
 
 # Not slotted: validate_with keeps what it found in the other sections for warnings() (an attribute
@@ -58,6 +60,14 @@ class ElasticQueueOptions:
     use_backfill: bool = option(
         True, "backfill: fit BatchJobs to the scheduler's backfill windows (false: max_num_nodes x max_wall_time_min)."
     )
+    node_gpus: Optional[int] = option(
+        None, "GPUs of one compute node, for the backlog's footprint (a job's GPUs over the node's); null: those the "
+              "launcher's platform names (the default platform names none: it finds them only inside an allocation).",
+    )
+    node_cpus: Optional[int] = option(
+        None, "CPU ids of one compute node as the launcher counts them (hardware threads on the default platform), for "
+              "the backlog's footprint; null: those the launcher's platform names (the default platform names none).",
+    )
 
     def validate(self) -> dict[str, str]:
         problems: dict[str, str] = {}
@@ -80,6 +90,10 @@ class ElasticQueueOptions:
             problems["max_queue_wait_time_min"] = "must not be negative"
         if self.max_queued_jobs < 1:
             problems["max_queued_jobs"] = "must be at least 1"
+        for key in ("node_gpus", "node_cpus"):
+            value = getattr(self, key)
+            if value is not None and not 1 <= value <= MAX_NODE_IDS:
+                problems[key] = f"must be between 1 and {MAX_NODE_IDS} (null: the platform's), got {value}"
         if self.service_period < 1:
             problems["service_period"] = "must be at least 1 second"
         if self.job_mode not in JOB_MODES:

@@ -54,6 +54,8 @@ class SimpleStrategy(Strategy):
             raise StrategyError(f"must be between 0 and max_blocks ({o.max_blocks})", key="min_blocks")
         if not o.parallelism > 0:
             raise StrategyError("must be greater than 0", key="parallelism")
+        if not math.isfinite(o.parallelism):  # .inf: every cycle with demand failed (ceil of infinity)
+            raise StrategyError("must be a finite number", key="parallelism")
 
     def queue_problem(self, queue: str, max_nodes: Any, max_walltime: Any) -> Any:
         # simple counts full blocks of nodes_per_block x wall_time_min: a block clamped to the
@@ -79,7 +81,9 @@ class SimpleStrategy(Strategy):
         queued = len(snapshot.reserving)
         demand = backlog.runnable_footprint + backlog.running_footprint
         if demand > 1e-9:
-            wanted = math.ceil(round(demand * o.parallelism / o.nodes_per_block, 9))
+            blocks_needed = demand * o.parallelism / o.nodes_per_block
+            # Capped before rounding: a huge parallelism (1e308) made it infinite, and ceil() raised.
+            wanted = o.max_blocks if not blocks_needed < o.max_blocks else math.ceil(round(blocks_needed, 9))
             wanted = min(max(wanted, o.min_blocks, 1), o.max_blocks)
         else:
             wanted = o.min_blocks

@@ -13,10 +13,20 @@ Before posting it checks the BatchJob against the site's ``scheduler`` settings
 the scheduler module applies before submitting). A BatchJob the site would refuse is not posted (it
 would only fail, every cycle); the reason is logged once at ERROR level, and again only when it
 changes.
+
+The scheduler's own refusals are read back, in a cycle that would submit only (one GET of the
+queue's newest BatchJobs): when its newest BatchJob was refused for good by the scheduler
+(``status_info.refused_for_good``, set by the scheduler module: a partition the scheduler does not
+have, a QOS limit) since this agent started, nothing more is posted until the agent restarts (one
+ERROR line); it made a new BatchJob and an sbatch call every cycle, each refused alike. Its newest
+BatchJobs that failed without a refusal (the scheduler unreachable through the scheduler module's
+tries) make it wait ``submit_period``, doubled per such failure in a row, at most
+:data:`SUBMIT_BACKOFF_MAX_S`, after the newest.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Optional
 
 import attrs
@@ -24,8 +34,10 @@ import attrs
 from ...batch_job_rules import BatchJobRefused, check_batch_job
 from ...models import SUBMITTED_BY_KEY
 from ...options import option
-from ...states import ACTIVE_BATCH_JOB_STATES
-from ..api_util import count
+from ...scheduler import REFUSED_FOR_GOOD
+from ...serialization import parse_datetime
+from ...states import ACTIVE_BATCH_JOB_STATES, BatchJobState
+from ..api_util import count, utcnow
 from ..module import AgentModule
 
 
@@ -79,6 +91,10 @@ class QueueMaintainerSettings:
 
 #: This module's name in the BatchJobs it creates (status_info.submitted_by: ``queue ls``).
 SUBMITTED_BY = "queue_maintainer"
+#: Longest wait (seconds) after its submissions failed without a refusal (the scheduler unreachable).
+SUBMIT_BACKOFF_MAX_S = 30 * 60
+#: Its newest BatchJobs of the queue read for refusals and failures (one request).
+RECENT_READ_LIMIT = 20
 #: Which of the section's keys a refusal of check_batch_job is about (by the start of its message).
 _REFUSED_FIELD = (("num_nodes", "num_nodes"), ("wall_time_min", "wall_time_min"), ("project", "submit_project"))
 
@@ -94,6 +110,9 @@ class QueueMaintainerModule(AgentModule):
     def __init__(self, site_config: Any, config: Any, client: Any) -> None:
         super().__init__(site_config, config, client)
         self._refusal: Optional[str] = None  # the reason last logged, so each is logged once
+        #: Refusals of the scheduler from before this start are not held against it (settings.yml may
+        #: have been fixed: a restart is how a change takes effect).
+        self.started_at = utcnow()
 
     def _refused(self, body: dict) -> Optional[str]:
         """Why the site's scheduler settings refuse ``body``, or None (None too when the site's
@@ -143,6 +162,15 @@ class QueueMaintainerModule(AgentModule):
                     "until one of them changes: %s", refusal,
                 )
             return None
+        held = self._held_by_failures(params)
+        if held is not None:
+            if held.startswith("BatchJob"):
+                if held != self._refusal:
+                    self._refusal = held
+                    self.logger.error("%s", held)
+            else:
+                self.logger.info("cycle: queue %r has %d of %d BatchJobs: %s", queue, active, wanted, held)
+            return None
         self._refusal = None
         # Marked as a program's (queue ls shows who submitted it: status_info.submitted_by, docs/cli.md).
         created = self.client.post("/batch-jobs/", json={**body, "status_info": {SUBMITTED_BY_KEY: SUBMITTED_BY}})
@@ -150,3 +178,50 @@ class QueueMaintainerModule(AgentModule):
             "queue has %d of %d BatchJobs: created BatchJob %s", active, wanted, (created or {}).get("id")
         )
         return None
+
+
+    def _held_by_failures(self, params: dict[str, Any]) -> Optional[str]:
+        """Why no BatchJob is posted this cycle, or None, from its newest BatchJobs of the queue (one
+        GET): its newest refused for good by the scheduler since this agent started (the same request
+        would be refused again), or a run of its newest failing without a refusal (a backoff)."""
+        query = {k: v for k, v in params.items() if k != "state"}
+        query.update(ordering="-id", limit=RECENT_READ_LIMIT)
+        rows = (self.client.get("/batch-jobs/", params=query) or {}).get("results") or []
+        streak, newest = 0, None
+        for row in rows:
+            info = row.get("status_info") or {}
+            if info.get(SUBMITTED_BY_KEY) != SUBMITTED_BY:
+                continue  # not its own
+            if row.get("state") != BatchJobState.submit_failed.value or row.get("scheduler_id") is not None:
+                break  # a submission that reached the queue (or one not failed): the run ends
+            failed_at = _when(info.get("error_time") or row.get("end_time"))
+            if info.get(REFUSED_FOR_GOOD) == "true":
+                if streak == 0 and failed_at is not None and failed_at >= self.started_at:
+                    return (f"BatchJob {row['id']} ({row['num_nodes']} nodes x {row['wall_time_min']} min in queue "
+                            f"{row['queue']!r}, project {row.get('project')!r}) was refused by the scheduler: "
+                            f"{info.get('error') or 'no reason given'}. queue_maintainer posts no more BatchJobs: fix "
+                            f"settings.yml queue_maintainer: (submit_queue, submit_project, num_nodes, wall_time_min) "
+                            f"to fit the scheduler, then restart the agent")
+                break
+            if newest is None:
+                newest = (row, failed_at)
+            streak += 1
+        if newest is None or newest[1] is None:
+            return None
+        wait = min(self.period * 2 ** min(streak - 1, 30), SUBMIT_BACKOFF_MAX_S)
+        until = newest[1] + dt.timedelta(seconds=wait)
+        if utcnow() >= until:
+            return None
+        error = (newest[0].get("status_info") or {}).get("error") or "no reason given"
+        return (f"backing off after {streak} failed submission(s) in a row (BatchJob {newest[0]['id']}: {error}): "
+                f"nothing posted until {until:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _when(value: Any) -> Optional[dt.datetime]:
+    try:
+        when = parse_datetime(value) if value else None
+    except (TypeError, ValueError):
+        return None
+    if when is not None and when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when

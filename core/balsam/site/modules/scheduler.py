@@ -914,6 +914,11 @@ class SchedulerModule(AgentModule):
                 pending.unlink(missing_ok=True)
             failures = self.submit_failures.get(batch_job["id"], 0) + 1
             self.submit_failures[batch_job["id"]] = failures
+            if not permanent and failures >= self.threshold and self._last_try_reached_queue(
+                    batch_job, request, pending, marker, update, message):
+                if update.get("state") == BatchJobState.queued.value:  # found: it counts toward max_queued_jobs
+                    queued_counts[queue] = queued_counts.get(queue, 0) + 1
+                return
             if permanent or failures >= self.threshold:
                 self.submit_failures.pop(batch_job["id"], None)
                 update["state"] = BatchJobState.submit_failed.value
@@ -930,6 +935,39 @@ class SchedulerModule(AgentModule):
             self.logger.info("queue %r accepts submissions of project %r again (held back %.0f s by its limit)",
                              queue, batch_job["project"], time.monotonic() - held.since)
         self._record_submitted(batch_job, script, scheduler_id, update, "submitted", marker=marker, pending=pending)
+
+    def _last_try_reached_queue(self, batch_job: dict, request: SubmitRequest, pending: Path, marker: Path,
+                                update: dict, message: str) -> bool:
+        """The last try of a submission failed without a refusal (a timeout: the scheduler may have
+        queued the job without answering). Before the BatchJob is given up as submit_failed, the
+        scheduler is asked for the job, as the next try would have asked: a job it holds is tracked
+        (marking the BatchJob submit_failed left that job in the queue, unknown to balsam, to start
+        and burn the allocation, while the elastic queue requested another). True when it was found
+        (recorded as submitted) or the scheduler cannot be asked now (the BatchJob waits and the
+        next cycle asks again, its ``.submitting`` marker kept); False: nothing is queued, or the
+        scheduler cannot look jobs up by name: submit_failed as before."""
+        if not pending.is_file():
+            return False
+        try:
+            found = self.scheduler.find_submitted(request)
+        except Exception as exc:
+            self.submit_failures[batch_job["id"]] = self.threshold - 1  # the next cycle's lookup decides
+            self._waiting_lookup(batch_job, update, (
+                f"waiting: the last submission of {request.job_name} failed ({message}) and the scheduler cannot "
+                f"say now whether it queued the job: {exc}"))
+            return True
+        if not found:
+            if found is not None:  # nothing queued: no lookup is left to do
+                pending.unlink(missing_ok=True)
+            return False
+        self.submit_failures.pop(batch_job["id"], None)
+        if len(found) > 1:
+            self.logger.warning("BatchJob %s: the scheduler has %d jobs named %s (%s); tracking %s",
+                                batch_job["id"], len(found), request.job_name, ", ".join(map(str, found)), found[0])
+        self._record_submitted(batch_job, Path(request.script_path), found[0], update,
+                               f"found in the scheduler after its submit command failed ({message})",
+                               marker=marker, pending=pending)
+        return True
 
     def _held_back(self, batch_job: dict, queued_counts: dict[str, int], update: dict) -> bool:
         """Whether the BatchJob's queue and project are held by an earlier "queue limit reached"
