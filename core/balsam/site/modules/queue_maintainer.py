@@ -179,7 +179,6 @@ class QueueMaintainerModule(AgentModule):
         )
         return None
 
-
     def _held_by_failures(self, params: dict[str, Any]) -> Optional[str]:
         """Why no BatchJob is posted this cycle, or None, from its newest BatchJobs of the queue (one
         GET): its newest refused for good by the scheduler since this agent started (the same request
