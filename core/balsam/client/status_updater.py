@@ -540,11 +540,16 @@ class BulkStatusUpdater:
                 self._drop(unsent, str(exc.cause))
                 self._spool(unsent)
                 return
-            log_refused(self.name, refused, len(chunk))
+            self._log_refused(refused, len(chunk))
             for update, error in refused:
                 self._drop([update], str(error))
                 self._replace_refused(update, error)
             self.sent += len(chunk) - len(refused)
+
+    def _log_refused(self, refused: Sequence[tuple[Any, BaseException]], total: int) -> None:
+        """Log the updates the server refused in one call (:func:`log_refused`; a subclass whose
+        refusals are expected says so instead)."""
+        log_refused(self.name, refused, total)
 
     def _drop(self, updates: Sequence[dict[str, Any]], reason: str) -> None:
         """Keep a bounded record of dropped updates (sender thread only)."""

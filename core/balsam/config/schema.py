@@ -32,6 +32,13 @@ def setting(default: Any = attrs.NOTHING, help: str = "", *, factory: Any = None
     return attrs.field(default=default, metadata={"help": help})
 
 
+#: The most log records ``logging.buffer_num_records`` may hold in memory: each process that logs to a
+#: file (the agent, each launcher, each serial-mode rank) holds that many rendered records, ~1-2 KB
+#: each (about 150 MB at this bound). Unbounded, a count the buffer never reached (1e23 passed) left
+#: only ``flush_period`` (up to a year) to write the records: a process's log stayed in its memory,
+#: and a SIGKILL lost all of it.
+MAX_LOG_BUFFER_RECORDS = 100_000
+
 DEFAULT_LOG_FORMAT = "%(asctime)s.%(msecs)03d | %(process)d | %(levelname)s | %(name)s:%(lineno)s] %(message)s"
 
 
@@ -42,7 +49,7 @@ class LoggingSettings:
     datefmt: str = setting("%Y-%m-%d %H:%M:%S", "strftime format of the time stamp in log lines.")
     buffer_num_records: int = setting(
         1024, "Log records held in memory before they are written; a WARNING or worse is written at once with "
-        "those before it. 0 or 1: every record is written at once."
+        "those before it. 0 or 1: every record is written at once; at most 100000."
     )
     flush_period: int = setting(
         30, "Held log records are written at least this often (seconds); 0: every record is written at once. "
@@ -62,6 +69,9 @@ class LoggingSettings:
         for name in ("buffer_num_records", "flush_period"):
             if getattr(self, name) < 0:
                 problems[name] = f"must not be negative, got {getattr(self, name)!r}"
+        if self.buffer_num_records > MAX_LOG_BUFFER_RECORDS:
+            problems["buffer_num_records"] = (f"must be at most {MAX_LOG_BUFFER_RECORDS} (records held in memory by "
+                                              f"each process), got {show(self.buffer_num_records)}")
         return problems
 
 

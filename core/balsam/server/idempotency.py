@@ -9,9 +9,12 @@ are now) instead of being applied again.
 Updates and deletes (``PUT``, ``PATCH``, ``DELETE``) get the same from the routing layer, with no
 code in their routes (routing.py, ``Ctx.write``): the request's first write transaction claims the
 key as its first statement, and is kept open after the route's ``with ctx.write()`` block until
-the route has answered; then its answer (status, body, media type) is recorded in the same
-transaction, which commits. A replay gets that answer again, byte for byte: the count of a bulk
-PATCH, the 204 of a DELETE, the record a PUT answered (as it was then). Without the record, a
+the route has answered; then its answer (status, body, media type and the route's own headers) is
+recorded in the same transaction, which commits. A replay gets that answer again, byte for byte: the
+count of a bulk PATCH, the 204 of a DELETE, the record a PUT answered (as it was then), a query
+delete's ``Balsam-Skipped-Running`` (without it the client that resent the delete, its first answer
+lost, no longer warned about the jobs left RUNNING; records written before migration 0022 have no
+headers and are replayed without). Without the record, a
 retried state change answered 409 (the job had moved on: ``POSTPROCESSED`` -> ``JOB_FINISHED``)
 and a retried delete 404 or a count of 0, for changes that had been applied. The session heartbeat
 (``PUT /sessions/{id}``, naturally idempotent and the most frequent write) ignores the header.
@@ -106,6 +109,8 @@ class Recorded:
     ids: list[int]
     answer: "bytes | None" = None
     answer_type: "str | None" = None
+    #: The answer's other headers, ``[[name, value], ...]`` (:func:`answer_headers`), or None.
+    answer_headers: "list[list[str]] | None" = None
 
 
 class Replay(Exception):
@@ -120,7 +125,20 @@ class Replay(Exception):
         recorded = self.recorded
         if recorded.resource != ANSWER or not recorded.status_code:
             raise Conflict(f"the request with this {HEADER} left no answer to replay; send a new key for a new request")
-        return Response(recorded.answer or b"", status_code=recorded.status_code, media_type=recorded.answer_type)
+        response = Response(recorded.answer or b"", status_code=recorded.status_code, media_type=recorded.answer_type)
+        for name, value in recorded.answer_headers or ():
+            response.headers.append(name, value)
+        return response
+
+
+#: Headers of an answer that are not recorded with it: the replay's own body sets them again.
+_UNRECORDED_HEADERS = frozenset({"content-length", "content-type"})
+
+
+def answer_headers(response: Response) -> "list[list[str]] | None":
+    """The headers a route set on its answer (not its content type and length), in order, or None."""
+    pairs = [[name, value] for name, value in response.headers.items() if name.lower() not in _UNRECORDED_HEADERS]
+    return pairs or None
 
 
 def _utcnow() -> dt.datetime:
@@ -159,7 +177,8 @@ _RECORD_ANSWER = (
     sa.update(idempotency_keys)
     .where(idempotency_keys.c.user_id == sa.bindparam("b_user"), idempotency_keys.c.key == sa.bindparam("b_key"))
     .values(status_code=sa.bindparam("b_status"), resource=ANSWER, answer=sa.bindparam("b_answer"),
-            answer_type=sa.bindparam("b_type"))
+            answer_type=sa.bindparam("b_type"),
+            answer_headers=sa.bindparam("b_headers", type_=idempotency_keys.c.answer_headers.type))
 )
 
 
@@ -240,7 +259,8 @@ class IdempotentRequest:
                 f"send a new key for a new request",
             )
         return Recorded(int(row.status_code), str(row.resource), [int(i) for i in row.resource_ids],
-                        None if row.answer is None else bytes(row.answer), row.answer_type)
+                        None if row.answer is None else bytes(row.answer), row.answer_type,
+                        row.answer_headers or None)
 
     def record(self, conn: sa.Connection, status_code: int, resource: str, ids: "list[int]") -> None:
         """Store what this request made (same transaction as the records themselves)."""
@@ -254,7 +274,8 @@ class IdempotentRequest:
         if not self._claimed:
             return
         conn.execute(_RECORD_ANSWER, {"b_user": self.ctx.user.id, "b_key": self.key, "b_status": response.status_code,
-                                      "b_answer": bytes(response.body) or None, "b_type": response.media_type})
+                                      "b_answer": bytes(response.body) or None, "b_type": response.media_type,
+                                      "b_headers": answer_headers(response)})
 
 
 #: Renew an expired key for a new request, only while it is still expired (see ``claim``).
@@ -264,7 +285,8 @@ _RENEW = (
            idempotency_keys.c.expires <= sa.bindparam("b_now", type_=idempotency_keys.c.expires.type))
     .values(request_hash=sa.bindparam("b_hash"), status_code=0, resource="", resource_ids=[],
             created=sa.bindparam("b_now", type_=idempotency_keys.c.created.type),
-            expires=sa.bindparam("b_expires", type_=idempotency_keys.c.expires.type), answer=None, answer_type=None)
+            expires=sa.bindparam("b_expires", type_=idempotency_keys.c.expires.type), answer=None, answer_type=None,
+            answer_headers=sa.null())
 )
 
 _TAKE_RESERVED = (

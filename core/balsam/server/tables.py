@@ -326,6 +326,11 @@ idempotency_keys = sa.Table(
     #: and media type (NULL for a body-less 204, and for creates, whose answer is rebuilt from the ids).
     sa.Column("answer", sa.LargeBinary, nullable=True),
     sa.Column("answer_type", sa.String(128), nullable=True),
+    #: The headers of that answer other than its content type and length, as ``[[name, value], ...]``
+    #: (a query delete's ``Balsam-Skipped-Running``), replayed with it; NULL when it had none, and
+    #: in records written before migration 0022 (replayed without headers, as they were then).
+    sa.Column("answer_headers", sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql"),
+              nullable=True),
     # A user's reserved keys not taken yet (``POST /jobs/reservations``, whose budget counts them:
     # idempotency.reserved_budget_use; migration 0017), without reading the user's other keys.
     sa.Index("ix_idempotency_keys_reserved", "user_id", "expires",

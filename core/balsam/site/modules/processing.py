@@ -41,9 +41,11 @@ At stop, the results of the hooks that finish within ``HOOKS_STOP_LIMIT_SEC`` ar
 session is released (see :meth:`ProcessingModule.close`).
 A worker writes each job's result to a results file of its task as the job's hook completes: when
 a hook kills its worker (``os._exit``, a crash) or is ended at stop, the chunk's return value is
-lost, but the jobs whose hooks completed keep their results; only the others run again (each
-alone, after a death), so no completed hook runs twice. Each cycle reads those files of the tasks
-still running: a completed hook's result is sent without waiting for the rest of its chunk.
+lost, but the jobs whose hooks completed keep their results; only the others run again, so no
+completed hook runs twice: those whose hooks were running at a death each alone (one of them killed
+the worker), the others (not started, or ended by a hook timeout's kill) queued as before. Each
+cycle reads those files of the tasks still running: a completed hook's result is sent without
+waiting for the rest of its chunk.
 The files are in the site (``spool/hook-results/<agent>/``, one folder per agent, locked while it
 lives), and a file is deleted only once the server has its results: when the agent itself dies (a
 ``kill -9``, a crash, the node lost), the next agent sends the results its hooks had recorded before
@@ -69,6 +71,7 @@ import concurrent.futures as cf
 import fcntl
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -95,6 +98,9 @@ from ..apps import AppCache
 from ..hooks_runner import HOOK_FOR_STATE, api_json, default_update, now_iso, read_results, run_hooks
 from ..module import AgentModule
 from ..site_ops import agent_silence_limit
+
+#: The module's own logger, for what runs outside a module instance (the replay updater's thread).
+_logger = logging.getLogger("balsam.site.modules.processing")
 
 #: Jobs handed to one worker task (amortizes the IPC and app deserialization).
 WORKER_CHUNK = 16
@@ -292,6 +298,11 @@ class ProcessingModule(AgentModule):
         self.alone: set[int] = set()
         #: Those waiting for the one running alone.
         self.alone_queue: deque[dict] = deque()
+        #: Ids of jobs queued again after a worker death as not suspects (their hooks had not started,
+        #: or a hook timeout's kill ended them), until they have a result: a second death in their
+        #: chunk runs them alone after all (a results file that could not be written has no start
+        #: lines, and a job that kills its worker must not be queued again and again).
+        self.requeued: set[int] = set()
         self.isolation_pool: Optional[cf.ProcessPoolExecutor] = None
         self.isolated: Optional[cf.Future] = None
         #: Set as a hook task ends (from the pool's thread): a cycle that has hook jobs queued
@@ -452,15 +463,20 @@ class ProcessingModule(AgentModule):
             self._last_sequence = updater.put(job_id, state, timestamp, state_data, **fields)
         updater.send_soon()  # a cycle's results come together: nothing to wait for
         self.processed += len(updates)
+        if self.requeued:
+            self.requeued.difference_update(update["id"] for update in updates)
 
     def _harvest(self) -> list[dict]:
         updates = self._read_progress()
-        shared_pool, isolation_pool = self.pool, self.isolation_pool  # as they were when these chunks ran
+        shared_pool, isolation_pool = self.pool, self.isolation_pool  # as they are now
         stopped: set[int] = set()
+        # The pools that this module broke itself, killing the worker of a hook that timed out: the
+        # job that ended the worker is known there, the others are not suspects (see below).
+        timed_out_pools = {id(t.pool) for t in self.tasks.values() if t.running is not None and t.running in self.timed_out}
         for future in [f for f in self.pending if f.done()]:
             jobs = self.pending.pop(future)
             results_file = self.results_files.pop(future, None)
-            self.tasks.pop(future, None)
+            task = self.tasks.pop(future, None)
             chunk_ids = [j["id"] for j in jobs]
             try:
                 # Only the jobs still without a result: the others' came from the results file.
@@ -468,8 +484,11 @@ class ProcessingModule(AgentModule):
             except Exception as exc:  # the worker process itself died (e.g. a hook called os._exit)
                 # A broken pool fails its chunks' futures before it ends their workers: a worker
                 # whose hook ignores SIGTERM could still be running hooks of this chunk. Its results
-                # are final only once every worker of that pool is gone.
-                pool = isolation_pool if future is self.isolated else shared_pool
+                # are final only once every worker of that pool is gone. The pool the chunk ran in
+                # (its task's), not the module's pool now: the pool fails its futures one by one,
+                # each waking the module, and a chunk harvested after a new pool was started for the
+                # others killed the new pool's workers (and their hooks ran again, each alone).
+                pool = task.pool if task is not None else isolation_pool if future is self.isolated else shared_pool
                 if isinstance(exc, cf.process.BrokenProcessPool) and pool is not None and id(pool) not in stopped:
                     stopped.add(id(pool))
                     _kill_workers(pool)
@@ -492,10 +511,28 @@ class ProcessingModule(AgentModule):
                 if future is self.isolated:
                     self.isolation_pool = None  # the job alone killed it: it fails below
                 elif isinstance(exc, cf.process.BrokenProcessPool):
-                    self.pool = None
-                    # One worker's death breaks the pool and fails every chunk in it, of any app:
-                    # each job not yet run alone is run again alone, so only the job whose hook
-                    # kills its worker fails (with the reason), not its neighbours.
+                    if task is None or task.pool is self.pool:
+                        self.pool = None
+                    # One worker's death breaks the pool and fails every chunk in it, of any app.
+                    # Not suspects, queued again as any hook job (in chunks, all workers): the jobs
+                    # whose hooks had not started (no start line: the chunks waiting in the pool,
+                    # the rest of each running chunk), and, in a pool broken by a hook timeout,
+                    # those whose hooks it ended (the timed-out job is the one). Each went to the
+                    # isolation worker, one at a time: one hung hook in 4 workers sent ~128 jobs
+                    # there, for minutes with slow hooks.
+                    started = _started_ids(results_file)
+                    by_timeout = task is not None and id(task.pool) in timed_out_pools
+                    innocent = [j for j in jobs if j["id"] not in self.alone and started is not None and (
+                        by_timeout or (j["id"] not in started and j["id"] not in self.requeued))]
+                    if innocent:
+                        self.requeued.update(j["id"] for j in innocent)
+                        self.backlog.extend(innocent)
+                        self.logger.warning("hook worker died (%s): jobs %s, whose hooks had not started or were ended "
+                                            "by a hook timeout's kill, are queued again", exc, [j["id"] for j in innocent])
+                        jobs = [j for j in jobs if j not in innocent]
+                    # The hooks that were running at the death (one killed the worker): each job
+                    # not yet run alone is run again alone, so only the job whose hook kills its
+                    # worker fails (with the reason), not its neighbours.
                     again = [j for j in jobs if j["id"] not in self.alone]
                     if again:
                         self.alone.update(j["id"] for j in again)
@@ -560,7 +597,7 @@ class ProcessingModule(AgentModule):
                 reason = f"{hook} hook timed out after {timeout:g} s"
                 self.timed_out[job_id] = reason
                 self.logger.error("job %s: %s (processing.hook_timeout_sec): its worker (pid %s) is killed, the job "
-                                  "FAILED; the hooks not yet completed in that pool run again, each alone",
+                                  "FAILED; the hooks not yet completed in that pool run again",
                                   job_id, reason, task.pid)
                 _kill_worker(task.pool, task.pid)
             elif ran >= timeout / 2 and not task.warned:
@@ -1226,6 +1263,26 @@ class _ReplayUpdater(BulkStatusUpdater):
             raise _UncheckedReplay([update.get("id") for update in chunk])
         super()._patch(chunk, key)
 
+    def _log_refused(self, refused: Any, total: int) -> None:
+        """Results the server refused because the dead session no longer holds their jobs (409) or
+        the jobs are gone (404) are expected, one INFO line for them: a dead agent's folder holds
+        the results it had sent already from the chunks still running at its death (a file is
+        deleted once its whole chunk is sent), and they are refused, as designed. Logged as an
+        ERROR ("server refused updates: 36 of the 39"), a kill -9 and a prompt restart read as a
+        failure though every result was applied once. The other refusals keep their ERROR."""
+        moved_on, other = [], []
+        for item in refused:
+            error = item[1]
+            expected = http_status(error) in (404, 409) and not isinstance(error, _UncheckedReplay)
+            (moved_on if expected else other).append(item)
+        if moved_on:
+            ids = [u.get("id") for u, _ in moved_on]
+            shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+            _logger.info("%s: %d of the %d results of a stopped agent not applied: their jobs are no longer held by its "
+                         "session (results it had sent already; or the session expired first, and those hooks run "
+                         "again) (jobs %s)", self.name, len(moved_on), total, shown)
+        super()._log_refused(other, total)
+
 
 def _owner_of(name: str) -> tuple[Optional[str], Optional[int], float]:
     """(host, pid, creation time in seconds) from a results folder's name
@@ -1368,6 +1425,18 @@ def _new_lines(path: Path, task: _HookTask) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def _started_ids(path: Optional[Path]) -> Optional[set[int]]:
+    """The ids of the jobs whose hooks a task's worker started (its results file's start lines),
+    None without a results file (then any of its jobs may have been running)."""
+    if path is None:
+        return None
+    started: set[int] = set()
+    for record in _new_lines(path, _HookTask(None)):
+        if "id" not in record and type(record.get("start")) is int:
+            started.add(record["start"])
+    return started
 
 
 def _failed(job: dict, message: str) -> dict:
