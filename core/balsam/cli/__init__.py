@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import click
 
 from balsam import __version__
 
-__all__ = ["BalsamGroup", "main", "error_line"]
+__all__ = ["BalsamGroup", "Interrupted", "main", "error_line"]
 
 TRACEBACK_ENV = "BALSAM_CLI_TRACEBACK"
 
@@ -34,6 +34,24 @@ def error_line(exc: BaseException) -> str:
     if type(exc).__module__ == "builtins" and not isinstance(exc, (ValueError, RuntimeError)):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text or type(exc).__name__
+
+
+#: The exit status of a command stopped by Ctrl-C (SIGINT): 128 + 2, as a shell reports it.
+INTERRUPTED_EXIT_CODE = 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that a command caught to say what it leaves behind (``Interrupted: 5000 of 12000
+    jobs were updated ...``): printed instead of the plain "Interrupted."."""
+
+
+def _interrupted(exc: "BaseException | None" = None) -> NoReturn:
+    """End a command stopped by Ctrl-C: one line on stderr, exit status 130 (click's own answer is
+    "Aborted!" and status 1, which a script cannot tell from a failure)."""
+    message = str(exc) if isinstance(exc, Interrupted) and str(exc) else "Interrupted."
+    click.echo("", err=True)  # ends the terminal's "^C" line
+    click.echo(message, err=True)
+    raise click.exceptions.Exit(INTERRUPTED_EXIT_CODE)
 
 
 class BalsamGroup(click.Group):
@@ -103,6 +121,29 @@ class BalsamGroup(click.Group):
             if hint:
                 raise click.UsageError(hint, ctx)
         return super().parse_args(ctx, args)
+
+    def make_context(self, info_name: Optional[str], args: list[str], parent: Optional[click.Context] = None,
+                     **extra: Any) -> click.Context:
+        if parent is not None:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        try:  # the plugins' commands are imported while the arguments are parsed
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except KeyboardInterrupt:
+            _interrupted()
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if ctx.parent is not None:
+            return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            _interrupted(exc)
+        except click.Abort as exc:
+            # click turns Ctrl-C at a prompt into Abort (``from None``: the KeyboardInterrupt is
+            # its __context__); end of input (EOFError) stays "Aborted!", status 1.
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                _interrupted()
+            raise
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -15,6 +15,7 @@ a site name -> that site; else the one site whose path contains the fragment.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import os
 import sys
 import unicodedata
@@ -41,6 +42,21 @@ def site_option_short(func: Any) -> Any:
 def site_option_with(help_text: str) -> Any:
     """``--site`` with its own help, for commands whose default or arity differs (``queue submit/term``)."""
     return click.option("--site", "site_selector", default="", help=help_text)
+
+
+class UpperChoice(click.Choice):
+    """A choice of upper-case names (job states) taken in any case and shown as they are written
+    (``RESTART_READY``): click 8.2's case-insensitive Choice showed them casefolded in ``--help``
+    and its errors (``'bogus' is not one of 'created', ...``), unlike every listing and Balsam 0.7."""
+
+    def __init__(self, choices: Any) -> None:
+        super().__init__(choices, case_sensitive=False)
+
+    def normalize_choice(self, choice: Any, ctx: Optional[click.Context]) -> str:
+        normed = choice.name if isinstance(choice, enum.Enum) else str(choice)
+        if ctx is not None and ctx.token_normalize_func is not None:
+            normed = ctx.token_normalize_func(normed)
+        return normed.upper()
 
 
 def current_site_id() -> Optional[int]:
@@ -110,11 +126,14 @@ def resolve_site_ids(selector: str) -> Optional[list[int]]:
         if here is None:
             raise click.UsageError("--site=this: not inside a Balsam site (cd into one or set BALSAM_SITE_PATH)")
         return [here]
+    parts = [p.strip() for p in selector.split(",") if p.strip()]
+    if not parts:
+        # "--site ," (say "--site $A,$B" with both empty) selected no site: an empty listing, exit 0.
+        raise click.UsageError(f"--site {selector!r} names no site (give ids, names or path fragments, "
+                               "or all, active, this)")
     ids: set[int] = set()
     given_ids: set[int] = set()
-    for part in (p.strip() for p in selector.split(",")):
-        if not part:
-            continue
+    for part in parts:
         if part.isdigit():
             given_ids.add(int(part))
             continue
@@ -320,6 +339,11 @@ class Progress:
             self._bar = click.progressbar(length=self.total, label=self.label, file=sys.stderr)  # click 8.2 deprecates get_text_stream
             self._bar.__enter__()
         return self
+
+    @property
+    def done(self) -> int:
+        """The count of the last ``progress(done, total)`` call (0 before the first)."""
+        return self._done
 
     def __call__(self, done: int, total: int) -> None:
         if self._bar is not None:

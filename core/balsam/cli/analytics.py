@@ -14,7 +14,7 @@ import click
 
 from balsam.analytics import _instant, _seconds, from_instant  # standard library only: no start-up cost
 
-from ._site_selector import current_site_id, format_table, parse_key_values, site_filter, site_names, site_option
+from ._site_selector import UpperChoice, current_site_id, format_table, parse_key_values, site_filter, site_names, site_option
 
 
 def _state_type() -> click.Choice:
@@ -22,7 +22,7 @@ def _state_type() -> click.Choice:
     not the server's HTTP 422."""
     from balsam.states import JobState
 
-    return click.Choice([s.value for s in JobState], case_sensitive=False)
+    return UpperChoice([s.value for s in JobState])
 
 
 def _event_filters(site_selector: str, tags: tuple[str, ...]) -> dict[str, Any]:

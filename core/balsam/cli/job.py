@@ -10,8 +10,9 @@ from typing import Any, Iterator, Optional
 import click
 import yaml
 
-from ._site_selector import (Progress, format_rows, format_table, parse_key_values, site_filter, site_names, site_option,
-                             table_widths, watch_output)
+from . import Interrupted
+from ._site_selector import (Progress, UpperChoice, format_rows, format_table, parse_key_values, site_filter, site_names,
+                             site_option, table_widths, watch_output)
 from .transfer import job_transfer_summary
 
 def _states() -> list[str]:
@@ -21,7 +22,7 @@ def _states() -> list[str]:
 
 
 def _state_type() -> click.Choice:
-    return click.Choice(_states(), case_sensitive=False)
+    return UpperChoice(_states())
 
 
 def _resolve_app(app_ref: str, site_selector: str) -> Any:
@@ -495,8 +496,16 @@ def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selecto
         return
     for j in jobs:
         j.state = state.upper()
-    with Progress("Updating jobs", len(jobs), enabled=len(jobs) > Job.objects.bulk_chunk_size) as progress:
-        n = Job.objects.bulk_update(jobs, progress=progress)
+    progress = Progress("Updating jobs", len(jobs), enabled=len(jobs) > Job.objects.bulk_chunk_size)
+    try:
+        with progress:
+            n = Job.objects.bulk_update(jobs, progress=progress)
+    except KeyboardInterrupt:
+        # One request per 5,000 jobs, each applied whole: say how far it got (running the command
+        # again changes the rest: the jobs already in the new state are left out).
+        raise Interrupted(f"Interrupted: {progress.done} of {len(jobs)} job(s) were set to {state.upper()} (the "
+                          "request in flight, if any, may have been applied too); run the command again to change "
+                          "the rest.") from None
     click.echo(f"Set {n} job(s) to {state.upper()}")
 
 
@@ -535,7 +544,14 @@ def rm(ids: tuple, tags: tuple, states: tuple, excluded: tuple, delete_all: bool
         if not click.confirm(f"Really delete {n} job{'' if n == 1 else 's'}?"):
             click.echo("Nothing deleted.")
             return
-    deleted = query.delete(warn=False)  # the skipped ones are printed here, once
+    try:
+        deleted = query.delete(warn=False)  # the skipped ones are printed here, once
+    except KeyboardInterrupt:
+        # A request already sent is carried out by the server (one bulk delete, several past 500
+        # --id): "Interrupted." alone read as "nothing was deleted".
+        raise Interrupted(f"Interrupted while deleting {n} job(s): the server may have deleted some or all of them "
+                          "(a request already sent is carried out); `balsam job ls` with the same options shows "
+                          "what is left.") from None
     click.echo(f"Deleted {deleted if deleted is not None else n} job(s)")
     if query.skipped_running:
         # `rm -i` is a query delete too: it leaves them as well. Only a delete of the job itself

@@ -417,8 +417,27 @@ def _start_locked(paths: dict[str, Path], host: str, port: int, timeout: float, 
                                          "database_url": database_url, "create_time": create_time,
                                          "started": dt.datetime.now(dt.timezone.utc).isoformat()}))
     paths["pid"].write_text(f"{proc.pid}\n")
-    click.echo(f"Starting Balsam server at {api_root}" + (f" and {tcp_url}" if tcp_url else "")
-               + f" (pid {proc.pid}, log {paths['log']}) ", nl=False)
+    try:
+        click.echo(f"Starting Balsam server at {api_root}" + (f" and {tcp_url}" if tcp_url else "")
+                   + f" (pid {proc.pid}, log {paths['log']}) ", nl=False)
+        _wait_until_up(proc, paths, since, api_root, timeout)
+    except KeyboardInterrupt:
+        # The server runs in its own session (Ctrl-C does not reach it) and goes on starting: say
+        # so, with what to do (it was left without a word, and without the local login).
+        from . import Interrupted
+
+        raise Interrupted(f"Interrupted: the server (pid {proc.pid}) goes on starting in the background; "
+                          "`balsam server status` shows whether it answers, `balsam server start` then logs you in, "
+                          "`balsam server stop` stops it.") from None
+    click.echo(" ready")
+    # Logins for this server's earlier addresses (another socket, or its TCP url before sockets) are replaced.
+    replaceable = ({previous} if previous else set()) | _local_tcp_roots()
+    click.echo(_issue_local_login(api_root, database_url, force=False, replaceable=replaceable))
+
+
+def _wait_until_up(proc: Any, paths: dict[str, Path], since: dict[str, int], api_root: str, timeout: float) -> None:
+    """Wait (a dot per half second) until the server started as ``proc`` answers at ``api_root``;
+    a ClickException if it exits or does not answer within ``timeout`` seconds (then stopped)."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -441,10 +460,6 @@ def _start_locked(paths: dict[str, Path], host: str, port: int, timeout: float, 
                                        f"{paths['log'].name} and {paths['out'].name} in {paths['dir']}:\n{_log_tail(since)}")
         click.echo(".", nl=False)
         time.sleep(0.5)
-    click.echo(" ready")
-    # Logins for this server's earlier addresses (another socket, or its TCP url before sockets) are replaced.
-    replaceable = ({previous} if previous else set()) | _local_tcp_roots()
-    click.echo(_issue_local_login(api_root, database_url, force=False, replaceable=replaceable))
 
 
 #: SQLite's words for what stops an upgrade, as the user would say them.
