@@ -8,6 +8,7 @@ token: another user's site, job or BatchJob is "not found" here too.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 import balsam
 from balsam.dependencies import DELETED, parent_wait
+from balsam.models import SUBMITTED_BY_KEY
 from balsam.states import BatchJobState, JobState
 
 from .. import job_counts, jobs_logic
@@ -32,11 +34,11 @@ from ..auth import (AuthUser, authenticate_password, client_address, issue_crede
                     revoke_credentials)
 from ..db import count_and_page, read_tx, write_tx
 from ..errors import APIError, NotFound, Unauthorized, ValidationFailed
-from ..http import QueryParams, json_response
+from ..http import ID_AFTER, QueryParams, json_response
 from ..routes.batch_jobs import BJ_FIELDS, batch_jobs_select
 from ..routes.events import EV_FIELDS, events_select
 from ..routing import PUBLIC_BODY_LIMIT_BYTES, Ctx, read_body, route
-from ..tables import apps, credentials, job_parents, jobs, sites, users
+from ..tables import apps, credentials, job_parents, jobs, log_events, sites, users
 from . import session as sessions
 from .plots import plot_data
 
@@ -99,7 +101,29 @@ def _num(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-_env.filters.update(time=_fmt_time, iso=_iso, ago=_ago, num=_num)
+def _json_text(value: Any) -> str:
+    """A stored JSON value (a job's ``data``, an event's, a BatchJob's ``status_info``) as JSON
+    text, as inserted (key order kept): a string as itself, anything else as JSON (``{"a": [1,
+    true, null]}``, never Python's ``{'a': [1, True, None]}``)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+#: How the dashboard names a BatchJob without ``status_info.submitted_by`` (one its user submitted
+#: with ``balsam queue submit`` or the API; ``balsam queue ls`` shows "-").
+SUBMITTED_BY_USER = "user"
+
+
+def submitted_by(status_info: Any) -> str:
+    """Who submitted a BatchJob: its ``status_info["submitted_by"]`` (an agent module, e.g.
+    ``queue_maintainer``, ``elastic_queue``), else :data:`SUBMITTED_BY_USER`."""
+    name = status_info.get(SUBMITTED_BY_KEY) if isinstance(status_info, dict) else None
+    return " ".join(str(name).split()) if name not in (None, "") else SUBMITTED_BY_USER
+
+
+_env.filters.update(time=_fmt_time, iso=_iso, ago=_ago, num=_num, json=_json_text, submitted_by=submitted_by)
+_env.globals.update(SUBMITTED_BY_KEY=SUBMITTED_BY_KEY)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -305,6 +329,39 @@ def _safe_next(view_base: str, target: Optional[str]) -> str:
 
 Handler = Callable[[View], Response]
 
+#: What the login page (and a refused request) says when the browser's session cookie no longer
+#: opens a session.
+SESSION_ENDED = "Your dashboard session has ended (it expired, was revoked or was logged out): log in again."
+
+
+async def _database_error_page(request: Request, exc: Exception) -> Response:
+    """A database error on a dashboard page, answered by the app's own handler (an outage: 503 and
+    Retry-After, noted as an outage; a conflict; a fault of ours: 500, logged), as a page in place
+    of the API's JSON: what happened in the handler's words, never the database's message."""
+    handler = None
+    for cls in type(exc).__mro__:
+        handler = request.app.exception_handlers.get(cls) if hasattr(request.app, "exception_handlers") else None
+        if handler is not None:
+            break
+    if handler is None:
+        raise exc
+    answer = await handler(request, exc)
+    if not answer.headers.get("content-type", "").startswith("application/json"):
+        return answer
+    try:
+        detail = json.loads(bytes(answer.body)).get("detail", "")
+    except (ValueError, AttributeError):
+        detail = ""
+    status = answer.status_code
+    title = "Database unavailable" if status == 503 else "Server error" if status >= 500 else "Error"
+    page = View(request, None, {}).render(
+        "error.html", status, title=title, show_login=False,
+        message=(error_text(detail) or "The server could not answer.") + (" Reload the page to try again." if status == 503 else ""))
+    for name in ("Retry-After", "Connection"):
+        if name in answer.headers:
+            page.headers[name] = answer.headers[name]
+    return page
+
 
 #: Dashboard forms are a few short fields; the API's own (bulk-sized) body limit is far too generous.
 #: The same bound as the API's public routes (login, registration), which are read before any login too.
@@ -322,20 +379,29 @@ def _page(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, l
             # Read before any login check, so bounded: a form is a few fields (413 beyond the bound).
             body = await read_body(request, FORM_BODY_LIMIT_BYTES)
             form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-        return _security_headers(await run_in_threadpool(_dispatch, request, form))
+        try:
+            response = await run_in_threadpool(_dispatch, request, form)
+        except sa.exc.SQLAlchemyError as exc:
+            response = await _database_error_page(request, exc)
+        return _security_headers(response)
 
     def _dispatch(request: Request, form: dict[str, str]) -> Response:
         settings = request.app.state.settings
-        session = sessions.read_session(request.cookies.get(sessions.SESSION_COOKIE), settings.secret_key)
+        cookie = request.cookies.get(sessions.SESSION_COOKIE)
+        session = sessions.read_session(cookie, settings.secret_key)
         if session is not None and not _session_valid(request, session):
             session = None
         view = View(request, session, form)
         if login and session is None:
+            # A cookie that no longer opens a session (expired, revoked, logged out elsewhere): the
+            # login page says so (``ended``). The cookie stays until a login replaces it, so that
+            # every open tab (their live refreshes, the plots' data requests) is told the same.
+            ended = bool(cookie)
             if request.method == "GET" and not path.startswith("/plots/data"):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                return RedirectResponse(view.url("login", next=target), status_code=303)
+                return RedirectResponse(view.url("login", next=target, ended="1" if ended else None), status_code=303)
             return view.render("error.html", 401, title="Not logged in",
-                               message="Your dashboard session has ended: log in again.")
+                               message=SESSION_ENDED if ended else "You are not logged in: log in first.")
         if request.method == "POST" and login:
             assert session is not None
             if not _same_origin(request) or not sessions.check_csrf(session, settings.secret_key, form.get("csrf_token")):
@@ -534,8 +600,12 @@ def _parents_context(job: dict, family: dict[int, Any]) -> dict[str, Any]:
     }
 
 
+#: ``id``: one BatchJob (the link from a job's page), as the API's ``GET /batch-jobs/?id=``.
+BATCH_JOB_FILTER_NAMES = ("state", "site_id", "id")
+
+
 def batch_jobs_page(view: View) -> Response:
-    raw = view.params(("state", "site_id"))
+    raw = view.params(BATCH_JOB_FILTER_NAMES)
     error = ""
     page, count = 1, 0
     bjs: list[dict] = []
@@ -562,8 +632,51 @@ def batch_jobs_page(view: View) -> Response:
         batch_jobs=bjs, count=count, page=page,
         pages=pages, filters=raw, selected_states=raw.getlist("state"), states=[s.value for s in BatchJobState],
         sites=site_rows, site_names={s.id: s.name for s in site_rows}, ran=ran,
-        prev_url=view.url("batch-jobs", raw, page=page - 1) if page > 1 else "",
+        # past the last page (an old link, a typed number): "Newer" leads to the last page, not the one before
+        prev_url=view.url("batch-jobs", raw, page=min(page - 1, pages)) if page > 1 else "",
         next_url=view.url("batch-jobs", raw, page=page + 1) if page < pages else "",
+    )
+
+
+#: The Events page's filters: the API's own (``GET /events/``), so the page lists what it lists.
+EVENT_FILTER_NAMES = ("job_id", "batch_job_id", "site_id", "from_state", "to_state", "tags", "timestamp_after",
+                      "timestamp_before")
+EVENT_PAGE_SIZE = 100
+
+
+def events_page(view: View) -> Response:
+    """The EventLog (state changes of the user's jobs), newest first, paged by the event id as the
+    Jobs page is by the job id ("Older": ``before``; "Newer": the API's ``id__gt``), never by an
+    offset, so that a page deep in a long campaign's log costs what the first does."""
+    raw, tags_text, error = view.filters(EVENT_FILTER_NAMES)
+    events: list[dict] = []
+    more = False
+    before = after = None
+    with view.read() as conn:
+        site_rows = _site_rows(conn, view.user.id)
+        if not error:
+            try:
+                paging = view.query(view.params(("before", "after")))
+                before, after = paging.int("before", minimum=0, bits=64), paging.int("after", minimum=0, bits=64)
+                params = list(raw.multi_items()) + ([(ID_AFTER, str(after))] if after is not None else [])
+                stmt, _order = events_select(view.user.id, view.query(StarletteQueryParams(params)), conn.dialect.name)
+                if before is not None:
+                    stmt = stmt.where(log_events.c.id < before)
+                order = log_events.c.id.asc() if after is not None else log_events.c.id.desc()
+                found = [dict(zip(EV_FIELDS, r)) for r in conn.execute(stmt.order_by(order).limit(EVENT_PAGE_SIZE + 1))]
+                more = len(found) > EVENT_PAGE_SIZE
+                events = found[:EVENT_PAGE_SIZE]
+                if after is not None:
+                    events.reverse()
+            except APIError as exc:
+                error = error_text(exc.detail)
+    newest_page = before is None and after is None
+    return view.render(
+        "events.html", 422 if error else 200, title="Events", active_page="events", error=error, events=events,
+        filters=raw, tags_text=tags_text, sites=site_rows, states=LISTED_STATES, error_states=ERROR_STATES,
+        newer_url=view.url("events", raw, after=events[0]["id"]) if events and not newest_page and (after is None or more) else "",
+        older_url=view.url("events", raw, before=events[-1]["id"]) if events and (more if after is None else True) else "",
+        first_url=view.url("events", raw) if not newest_page else "",
     )
 
 
@@ -609,6 +722,8 @@ def login_page(view: View) -> Response:
     username = view.form.get("username", "")
     if view.request.method == "POST":
         if not sessions.check_login_nonce(secret, view.request.cookies.get(sessions.LOGIN_COOKIE), view.form.get("login_token")):
+            if view.session is not None:  # logged in meanwhile from another tab's form: on to the page
+                return RedirectResponse(_safe_next(view.base, next_url), status_code=303)
             error, status = "The login form expired: please try again.", 403
         elif "password" not in view.settings.login_methods:
             error, status = "Password login is not enabled on this server.", 400
@@ -630,9 +745,16 @@ def login_page(view: View) -> Response:
                 _set_session_cookie(response, view.request, cookie)
                 response.delete_cookie(sessions.LOGIN_COOKIE, path=_cookie_path(view.request))
                 return response
-    nonce = sessions.new_login_nonce(secret)
-    response = view.render("login.html", status, title="Log in", error=error, username=username, next_url=next_url,
-                           login_token=nonce)
+    # Every tab's form carries the browser's one nonce: a new nonce for each form replaced the cookie
+    # of the forms already open, and logging in from one of those (two tabs sent to log in when
+    # their session ended) answered "The login form expired".
+    current = view.request.cookies.get(sessions.LOGIN_COOKIE)
+    nonce = current if current and sessions.check_login_nonce(secret, current, current) else sessions.new_login_nonce(secret)
+    # Why this form is shown (a page asked for a login): a session that ended says so.
+    notice = "" if error else SESSION_ENDED if view.request.query_params.get("ended") else \
+        "Log in to see that page." if next_url else ""
+    response = view.render("login.html", status, title="Log in", error=error, notice=notice, username=username,
+                           next_url=next_url, login_token=nonce)
     response.set_cookie(sessions.LOGIN_COOKIE, nonce, max_age=3600, path=_cookie_path(view.request), httponly=True,
                         samesite="strict", secure=_secure(view.request, view.settings))
     return response
@@ -705,6 +827,7 @@ def dashboard_routes() -> list[BaseRoute]:
         _page("/jobs", jobs_page),
         _page("/jobs/{job_id:int}", job_page),
         _page("/batch-jobs", batch_jobs_page),
+        _page("/events", events_page),
         _page("/plots", plots_page),
         _page("/plots/data", plots_data),
         _page("/login", login_page, ("GET", "POST"), login=False),
