@@ -35,6 +35,7 @@ from ..site.apps import is_python_app, overridden_hooks
 from ..util import JOB_OUTPUT_NAME, create_job_output, tail_file
 from . import spawner
 from .node_manager import Demand
+from .stale_run import end_stale_run
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,12 @@ class JobPreparer:
             if self._site_fault(exc):
                 raise WorkdirUnavailable(message, exc.filename or str(workdir), exc) from exc
             raise JobBuildError(message) from exc
+        try:
+            # An earlier run still alive on this host with nobody to end it (its launcher and spawner
+            # killed) is ended first (balsam.launcher.stale_run). The job's first run: one getxattr.
+            end_stale_run(job_id, workdir)
+        except Exception as exc:  # never a reason not to run the job
+            logger.warning("job %s: its earlier run could not be checked: %s", job_id, _one_line(exc))
         demand = Demand.of(job)
         # Always exported, as Balsam 0.7 did: an unset OMP_NUM_THREADS lets OpenMP take every core.
         env.setdefault("OMP_NUM_THREADS", str(demand.threads_per_rank))
@@ -333,6 +340,17 @@ def shell_line(cmdline: str, preamble: str, workdir: Path) -> str:
 _SPAWN_FAILED = 12345
 
 
+_records: "Optional[tuple[int, spawner.RunRecords]]" = None
+
+
+def _run_records() -> "spawner.RunRecords":
+    """The writer of this process's run records (made again in a forked child: its owner is the child)."""
+    global _records
+    if _records is None or _records[0] != os.getpid():
+        _records = (os.getpid(), spawner.RunRecords())
+    return _records[1]
+
+
 class AppProcess:
     """One running command: spawned in its own session, output to ``job.out``."""
 
@@ -360,10 +378,13 @@ class AppProcess:
             # O_TRUNC on the job.out the preparer created: re-opening is much cheaper than creating.
             fd = os.open(self.outfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
+                started = spawner.node_clock()
                 self._proc = _spawn_with_affinity(
                     shell_cmd, cwd=str(self.workdir), stdout=fd, env=env, cpu_ids=cpu_ids,
                     sigpipe_ignored=sigpipe_ignored, job_id=job_id,
                 )
+                # The run's record, as the spawner writes it (balsam.launcher.stale_run).
+                _run_records().write(fd, str(self.workdir), self._proc.pid, started)
             finally:
                 os.close(fd)
         except OSError as exc:

@@ -445,36 +445,43 @@ class NodeManager:
     def max_cpus_per_node(self) -> int:
         return max(len(n.info.cpu_ids) for n in self.nodes)
 
-    def check_satisfiable(self, demand: Demand) -> None:
+    def check_satisfiable(self, demand: Demand, in_service: bool = False) -> None:
         """Raise :class:`UnsatisfiableJob` if ``demand`` could never run here, even on idle nodes.
 
         Every node of a multi-node job runs ``ranks_per_node`` ranks: it needs ``num_nodes`` nodes
         that each hold the per-node CPUs and GPUs (a 2-node job of 8 one-GPU ranks per node does
-        not fit 4-GPU nodes any better than a 1-node one)."""
-        if demand.num_nodes > len(self.nodes):
-            raise UnsatisfiableJob(f"job asks for {demand.num_nodes} nodes; this launcher has {len(self.nodes)}")
+        not fit 4-GPU nodes any better than a 1-node one).
+
+        ``in_service``: count only the nodes not taken out (:meth:`disable_node`): whether the job
+        could still start in this partition, all its running jobs gone (a drain for it could end)."""
+        nodes = [n for n in self.nodes if not n.disabled] if in_service and self._disabled else self.nodes
+        out = f" ({len(self.nodes) - len(nodes)} taken out)" if len(nodes) < len(self.nodes) else ""
+        if demand.num_nodes > len(nodes):
+            raise UnsatisfiableJob(f"job asks for {demand.num_nodes} nodes; this launcher has {len(nodes)}"
+                                   + (f" in service{out}" if out else ""))
         cpus = demand.cpu_ids_per_node(self.cpu_ids_are_cores, self.max_threads_per_core)
         gpus, whole_only = demand.gpus_per_node, demand.whole_gpus_only
         fitting = 0
-        for node in self.nodes:  # stops at the first nodes that do: called per job, over up to 10^4 nodes
+        for node in nodes:  # stops at the first nodes that do: called per job, over up to 10^4 nodes
             if node.could_hold(cpus, gpus, whole_only):
                 fitting += 1
                 if fitting >= demand.num_nodes:
                     return
         where = "one node" if demand.num_nodes == 1 else f"each of {demand.num_nodes} nodes"
-        if (whole_only and any(n.mig_ids for n in self.nodes)
-                and sum(1 for n in self.nodes if n.could_hold(cpus, gpus)) >= demand.num_nodes):
+        the_nodes = f"the nodes in service{out}" if out else "the nodes"
+        if (whole_only and any(n.mig_ids for n in nodes)
+                and sum(1 for n in nodes if n.could_hold(cpus, gpus)) >= demand.num_nodes):
             # It would fit if MIG instances counted: say why they do not.
             raise UnsatisfiableJob(
                 f"job asks for {demand.gpus_per_rank:g} GPUs per rank ({gpus:g} on {where}): a rank needing more "
-                f"than one GPU gets whole GPUs only, as CUDA shows a process one MIG instance at most; the nodes "
-                f"have at most {max(n.whole_gpu_count for n in self.nodes)} GPUs not split by MIG"
+                f"than one GPU gets whole GPUs only, as CUDA shows a process one MIG instance at most; {the_nodes} "
+                f"have at most {max(n.whole_gpu_count for n in nodes)} GPUs not split by MIG"
                 + (f" ({fitting} of them hold that much)" if demand.num_nodes > 1 and fitting else "")
             )
         raise UnsatisfiableJob(
             f"job asks for {cpus} CPUs and {gpus:g} GPUs on {where}; "
-            f"the nodes have at most {self.max_cpus_per_node()} CPUs and "
-            f"{max(len(n.info.gpu_ids) for n in self.nodes)} GPUs"
+            f"{the_nodes} have at most {max(len(n.info.cpu_ids) for n in nodes)} CPUs and "
+            f"{max(len(n.info.gpu_ids) for n in nodes)} GPUs"
             + (f" ({fitting} of them hold that much)" if demand.num_nodes > 1 and fitting else "")
         )
 

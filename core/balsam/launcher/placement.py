@@ -166,8 +166,12 @@ class DrainForLarge:
     placement keeps the nodes it is to get free of new jobs until it fits there, the other nodes
     still taking smaller ones (``place_pending(drain_for=...)``). Before that,
     smaller jobs fill the free nodes as before (backfill). ``after_sec`` None or negative: never
-    drain (the old greedy placement); 0: drain at once. A job larger than the nodes in service
-    (nodes were taken out) is never drained for: it could not start anyway.
+    drain (the old greedy placement); 0: drain at once. A job that could not start even on the
+    empty nodes in service (nodes were taken out: too many nodes, or GPUs per node that only a node
+    taken out had) is never drained for: it could not start anyway, and the nodes held for it stayed
+    idle to the wall time while the jobs behind it waited. ``choose(cannot_fit=...)`` says which
+    (``NodeManager.check_satisfiable(in_service=True)``'s reason); each such job is logged once with
+    it, and stays leased, unstarted, until the Session returns it to another launcher.
     """
 
     def __init__(self, after_sec: Optional[float]) -> None:
@@ -176,6 +180,8 @@ class DrainForLarge:
         self.unfit_since: dict[int, float] = {}
         #: the job the nodes drain for now (None: jobs start greedily)
         self.target: Optional[int] = None
+        #: job id -> why it cannot start on the nodes in service (logged once; never drained for)
+        self.cannot_fit: dict[int, str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -185,17 +191,30 @@ class DrainForLarge:
         if self.after_sec is not None and prepared.id not in self.unfit_since:
             self.unfit_since[prepared.id] = now
 
-    def choose(self, pending: Iterable[PreparedJob], now: float, in_service: int) -> Optional[int]:
-        """The job to drain for now (None: start greedily); logs once when a drain begins."""
+    def choose(self, pending: Iterable[PreparedJob], now: float, in_service: int,
+               cannot_fit: Optional[Callable[[Any], Optional[str]]] = None) -> Optional[int]:
+        """The job to drain for now (None: start greedily); logs once when a drain begins.
+
+        ``cannot_fit(demand)``: why a job could not start even on the empty nodes in service (None:
+        it could); such a job is skipped, and logged once with the reason."""
         if not self.unfit_since:
             self.target = None
             return None
         waiting = {p.id: p for p in pending}
         for job_id in [j for j in self.unfit_since if j not in waiting]:  # started, failed, set aside, gone
             del self.unfit_since[job_id]
+            self.cannot_fit.pop(job_id, None)
         target = None
         for job_id, since in self.unfit_since.items():
-            if waiting[job_id].demand.num_nodes > in_service:
+            if job_id in self.cannot_fit:
+                continue
+            demand = waiting[job_id].demand
+            reason = (f"job asks for {demand.num_nodes} nodes; this launcher has {in_service} in service"
+                      if demand.num_nodes > in_service else cannot_fit(demand) if cannot_fit is not None else None)
+            if reason is not None:
+                self.cannot_fit[job_id] = reason
+                logger.warning("job %s cannot start on the nodes still in service, so no nodes are drained for it: %s; "
+                               "it stays leased, unstarted, until the launcher's Session returns it", job_id, reason)
                 continue
             if now - since >= self.after_sec:  # type: ignore[operator]
                 target = job_id

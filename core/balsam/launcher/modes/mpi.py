@@ -266,6 +266,8 @@ class MPIMode(JobMode):
         self.too_late = TooLateJobs("the launcher's end (its Session's deletion)")
         #: Which leased job that does not fit the nodes drain for (the ``mpi_drain_for_large_jobs_sec`` setting).
         self.drain = DrainForLarge(context.setting("mpi_drain_for_large_jobs_sec"))
+        #: (demand, nodes in service) -> why such a job cannot start on them (None: it can); see _cannot_fit
+        self._fit_answers: dict[Any, Optional[str]] = {}
         #: The acquire's order leases the largest (and longest) jobs first (``sort_by: long_large_first``).
         self.leases_large_first = context.setting("sort_by") == "long_large_first"
         #: Every acquire's (and the probe's) extra filter: no job needing a GPU when the nodes have none.
@@ -469,6 +471,24 @@ class MPIMode(JobMode):
         mpi_line = self.context.platform.mpi_command_line(spec)
         return shell_line(mpi_line, prepared.preamble, prepared.workdir), env
 
+    def _cannot_fit(self, demand: Any) -> Optional[str]:
+        """Why a job could not start even on the empty nodes in service (None: it could). Kept per
+        demand until a node is taken out (the answer changes only then): asked on every placement
+        pass while a job waits to be drained for."""
+        key = (demand, self.node_manager.enabled_count())
+        cached = self._fit_answers.get(key, False)
+        if cached is not False:
+            return cached
+        try:
+            self.node_manager.check_satisfiable(demand, in_service=True)
+            reason: Optional[str] = None
+        except UnsatisfiableJob as exc:
+            reason = str(exc)
+        if len(self._fit_answers) > 256:
+            self._fit_answers.clear()
+        self._fit_answers[key] = reason
+        return reason
+
     def _start_pending(self, updater: Any) -> int:
         if not self._try_start:
             return 0
@@ -477,7 +497,8 @@ class MPIMode(JobMode):
         drain = self.drain
         now = time.monotonic()
         before = drain.target
-        target = drain.choose(self.pending, now, self.node_manager.enabled_count()) if drain.unfit_since else None
+        target = (drain.choose(self.pending, now, self.node_manager.enabled_count(), self._cannot_fit)
+                  if drain.unfit_since else None)
         if target is not None and target != before:
             self._cancel_handovers()  # jobs queued behind running ones would take the nodes it waits for
 
