@@ -71,3 +71,36 @@ def test_submissions_that_keep_failing_back_off(make_site, client) -> None:
     maintainer.run_cycle()
     scheduler.run_cycle()
     assert [r["state"] for r in _rows(client, site)] == ["submit_failed", "queued"]
+
+
+def test_a_refusal_of_the_previous_agents_request_does_not_hold_the_fixed_one(make_site, client, caplog) -> None:
+    """Held only by a refusal of a BatchJob this agent posted: the previous agent (settings.yml
+    asking for 4 nodes) posted one and stopped; the restarted agent (settings.yml fixed: 2 nodes)
+    submitted that old request, refused for good after the restart. It was compared by time
+    (refused after this start), so the fixed request was never posted until the next restart."""
+    site = make_site(overrides=QUEUES)
+    fake = ScriptedScheduler()
+    scheduler = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    old = QueueMaintainerModule(site, QueueMaintainerSettings(submit_period=60, num_queued_jobs=1, num_nodes=4,
+                                                              wall_time_min=5), client)
+    old.run_cycle()  # posts a 4-node BatchJob; the agent stops before its scheduler module submits it
+    new = QueueMaintainerModule(site, QueueMaintainerSettings(submit_period=60, num_queued_jobs=1, num_nodes=2,
+                                                              wall_time_min=5), client)
+    fake.submit_errors.append(SchedulerError("sbatch: error: QOSMaxNodePerJobLimit", permanent=True))
+    scheduler.run_cycle()  # the new agent's scheduler module submits the old request: refused for good
+    with caplog.at_level(logging.ERROR, logger="balsam.site.modules.queue_maintainer"):
+        new.run_cycle()
+        scheduler.run_cycle()
+    assert [(r["num_nodes"], r["state"]) for r in _rows(client, site)] == [(4, "submit_failed"), (2, "queued")]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # Its own request refused for good still holds it (one ERROR line, no new BatchJob).
+    fake.submit_errors.append(SchedulerError("sbatch: error: QOSMaxNodePerJobLimit", permanent=True))
+    [queued] = [r for r in _rows(client, site) if r["state"] == "queued"]
+    client.patch("/batch-jobs/", json=[{"id": queued["id"], "state": "finished"}])
+    with caplog.at_level(logging.ERROR, logger="balsam.site.modules.queue_maintainer"):
+        for _ in range(3):
+            new.run_cycle()
+            scheduler.run_cycle()
+    assert [(r["num_nodes"], r["state"]) for r in _rows(client, site)][2:] == [(2, "submit_failed")]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "QOSMaxNodePerJobLimit" in errors[0], errors

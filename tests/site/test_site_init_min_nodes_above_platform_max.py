@@ -84,3 +84,27 @@ def test_polaris_site_init_writes_a_consistent_debug_queue(balsam_env, client, t
     assert len(warnings) == 1 and "pbs" in warnings[0] and "polaris" in warnings[0], said
     # prod's minimum (server and platform agree on 10) is untouched.
     assert queues["prod"]["min_nodes"] == 10
+
+
+def test_a_platform_minimum_without_a_maximum_is_checked_against_the_discovered_maximum() -> None:
+    """A platform stating ``min_nodes`` but no ``max_nodes``: init_site's merge takes the scheduler's
+    ``max_nodes``, so that is the maximum the platform's minimum must fit. The range check was
+    skipped (no platform maximum) and ``min_nodes: 10, max_nodes: 4`` was written (the loader
+    refuses it: ``must be between 1 and max_nodes 4``). The platform has no range to write: the
+    scheduler's is written, with the warning."""
+    from balsam.models import AllowedQueue
+    from balsam.site.site_ops import deep_merge
+
+    discovered = {"prod": {"max_nodes": 4, "max_walltime": 60, "max_queued_jobs": None}}
+    platform = {"prod": {"min_nodes": 10, "max_walltime": 1440, "max_queued_jobs": 100}}
+    warnings: list[str] = []
+    merged = stricter_queue_limits(discovered, platform, warn=warnings.append)
+    written = deep_merge({"allowed_queues": discovered}, {"allowed_queues": merged})["allowed_queues"]["prod"]
+    assert (written["min_nodes"], written["max_nodes"]) == (1, 4), written
+    assert AllowedQueue(**written).validate() == {}
+    assert len(warnings) == 1 and "prod" in warnings[0] and "1..4" in warnings[0] and "10..?" in warnings[0], warnings
+    assert "the scheduler's 1..4" in warnings[0]
+    # One that fits the discovered maximum is kept, silently.
+    warnings.clear()
+    merged = stricter_queue_limits({"prod": {**discovered["prod"], "max_nodes": 40}}, platform, warn=warnings.append)
+    assert merged["prod"]["min_nodes"] == 10 and "max_nodes" not in merged["prod"] and warnings == []

@@ -129,3 +129,43 @@ def test_a_404_of_a_task_submitted_with_the_login_in_use_is_still_gone(tmp_path:
         module.run_cycle()
     assert api.items[1]["state"] == "pending"  # gone for Globus: copied again, as before
     assert f"is unknown to its backend (Globus does not know task {TASK_ID} (HTTP 404 ClientError.NotFound))" in caplog.text
+
+
+def test_a_refresh_that_rotates_the_refresh_token_is_the_same_login(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Globus Auth may answer an access-token refresh with a new refresh token (the backend writes
+    it to the tokens file). The login was told by a digest of the refresh token, so the task
+    submitted before the refresh looked "submitted with an earlier login": a 404 for it, genuine,
+    kept it in flight until task_timeout_sec with a reason naming another identity. Logins are told
+    apart by an id of each client's login now, kept across a rotation."""
+    monkeypatch.setenv("BALSAM_HOME", str(tmp_path / "home"))
+    tokens = tmp_path / "home" / "globus-tokens.json"
+    write_login(tokens, "r-alice", "alice-access")
+    backend = file_backend()
+    api, module, clock = site(tmp_path, backend, task_timeout_sec=600)
+    responses.add(responses.POST, f"{TRANSFER}/transfer", json=OK_SUBMIT, status=202)
+    module.run_cycle()
+    assert api.items[1]["state"] == "active"
+    client = backend.client()
+    responses.add(responses.POST, "https://auth.globus.org/v2/oauth2/token", json={
+        "access_token": "alice-access-2", "refresh_token": "r-alice-2", "expires_in": 172800,
+        "resource_server": "transfer.api.globus.org", "token_type": "Bearer",
+        "scope": "urn:globus:auth:scope:transfer.api.globus.org:all", "other_tokens": []})
+    client.authorizer.handle_missing_authorization()  # as on a 401: refreshed at the next call
+    empty_task_list()
+    responses.add(responses.GET, f"{TRANSFER}/task/{TASK_ID}", status=404, json=NOT_FOUND)
+    clock[0] = T0 + dt.timedelta(seconds=5)
+    with caplog.at_level(logging.INFO, logger="balsam.site.modules.transfers"):
+        module.run_cycle()
+    assert backend._login is not None and backend._login.refresh_token == "r-alice-2"
+    assert '"r-alice-2"' in tokens.read_text()  # the rotated token saved
+    assert backend.client() is client  # not rebuilt: the same login
+    assert api.items[1]["state"] == "pending", api.items[1]  # gone for Globus: copied again
+    assert f"(Globus does not know task {TASK_ID} (HTTP 404 ClientError.NotFound))" in caplog.text
+    # A client built again from the same (rotated) login keeps its id; a new login gets another.
+    login = backend._login
+    backend._client, backend._login = None, None
+    backend.client()
+    assert backend._login is not login and backend._login.serial == login.serial
+    write_login(tokens, "r-bob", "bob-access")
+    backend.client()
+    assert backend._login.serial != login.serial

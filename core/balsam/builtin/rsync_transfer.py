@@ -119,7 +119,7 @@ def split_address(netloc: str) -> tuple[str, Optional[int]]:
     host, colon, port = hostport.rpartition(":")
     if not colon or (hostport.startswith("[") and not host.endswith("]")):
         return netloc, None  # no port (an IPv6 address in brackets has colons of its own)
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdecimal() or not 0 < int(port) < 65536:
         raise ValueError(f"bad port {port!r}")
     return f"{user}{at}{host}", int(port)
 
@@ -232,21 +232,30 @@ def rsync_command(options: RsyncOptions, location: TransferLocation, direction: 
 
 
 #: How rsync writes a byte it will not print (outside a UTF-8 locale: every byte of a non-ASCII
-#: name): a backslash, '#' and its three octal digits (``résult`` as ``r\#303\#251sult``).
-RSYNC_ESCAPES = re.compile(r"(?:\\#[0-7]{3})+")
+#: name): a backslash, '#' and its three octal digits (``résult`` as ``r\#303\#251sult``). A byte
+#: is at most \#377: ``\#400`` to ``\#777`` are not rsync's (a shell's or a name's own text) and stay.
+RSYNC_ESCAPES = re.compile(r"(?:\\#[0-3][0-7]{2})+")
+
+#: Characters a read-back name must not hold, so they stay escaped: controls (a newline would
+#: split the error), format characters (U+202E RIGHT-TO-LEFT OVERRIDE shows ``a\u202egpj.exe`` as
+#: ``aexe.jpg``; zero-width characters hide), line and paragraph separators, surrogates, private
+#: use and unassigned code points.
+_KEPT_ESCAPED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
 
 def _unescape_names(text: str) -> str:
     r"""rsync's ``\#ooo`` escapes of a name's bytes back to the name where they are UTF-8 and hold
-    no control character (a newline in a name stays escaped: the error stays one line)."""
+    no control, format or separator character (a newline in a name stays escaped: the error
+    stays one line; a bidi override stays escaped: the name reads as it is)."""
 
     def name(match: re.Match) -> str:
-        raw = bytes(int(match.group(0)[i + 2:i + 5], 8) for i in range(0, len(match.group(0)), 5))
+        escaped = match.group(0)
         try:
+            raw = bytes(int(escaped[i + 2:i + 5], 8) for i in range(0, len(escaped), 5))
             decoded = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return match.group(0)
-        return match.group(0) if any(unicodedata.category(c) == "Cc" for c in decoded) else decoded
+        except ValueError:  # not UTF-8 (UnicodeDecodeError), or not a byte: the text as rsync wrote it
+            return escaped
+        return escaped if any(unicodedata.category(c) in _KEPT_ESCAPED for c in decoded) else decoded
 
     return RSYNC_ESCAPES.sub(name, text)
 
@@ -478,7 +487,7 @@ class RunningRsyncs:
         for name in names:
             stem, _, suffix = name.rpartition(".")  # <host>-<pid>-<ms>.json (or .tmp: being written)
             parts = stem.rsplit("-", 2)
-            if suffix not in ("json", "tmp") or len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+            if suffix not in ("json", "tmp") or len(parts) != 3 or not (parts[1].isdecimal() and parts[2].isdecimal()):
                 continue
             host, owner, owner_ms = parts[0], int(parts[1]), int(parts[2])
             if host != self.host:

@@ -134,7 +134,7 @@ def resolve_site_ids(selector: str) -> Optional[list[int]]:
     ids: set[int] = set()
     given_ids: set[int] = set()
     for part in parts:
-        if part.isdigit():
+        if part.isdecimal():  # (isdigit() is true of '²', which int() refuses)
             given_ids.add(int(part))
             continue
         ids.update(s.id for s in _sites_named_or_containing(Site, part))
@@ -171,7 +171,7 @@ def resolve_one_site(selector: str) -> Any:
         if here is None:
             raise click.UsageError("not inside a Balsam site: cd into one, set BALSAM_SITE_PATH or pass --site ID|PATH")
         return Site.objects.get(id=here)
-    if selector.isdigit():
+    if selector.isdecimal():  # (not isdigit(): '²' is a digit int() refuses)
         try:
             return Site.objects.get(id=int(selector))
         except Site.DoesNotExist:

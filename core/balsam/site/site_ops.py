@@ -121,7 +121,10 @@ def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str,
     maximum, or its maximum below the platform's minimum), no merged range is usable: the
     platform's own ``min_nodes`` (written as 1 when it states none, so that the discovered one is
     not merged back in) and ``max_nodes`` stay, and ``warn`` is told in one line naming the queue
-    and both ranges."""
+    and both ranges. A platform that states no ``max_nodes`` gets the discovered one from the merge,
+    so that is its maximum here; when its ``min_nodes`` is above it, the platform has no range to
+    write (settings.yml needs a maximum, and none is made up): the scheduler's range is written,
+    and ``warn`` says so."""
     merged = copy.deepcopy(dict(platform_queues))
     for name, limits in merged.items():
         seen = discovered.get(name)
@@ -134,18 +137,24 @@ def stricter_queue_limits(discovered: dict[str, Any], platform_queues: dict[str,
         platform_min = stated["min_nodes"] if isinstance(stated.get("min_nodes"), int) else 1
         seen_min = seen["min_nodes"] if isinstance(seen.get("min_nodes"), int) else 1
         least = max(platform_min, seen_min)
-        if not isinstance(limits.get("max_nodes"), int) or least <= limits["max_nodes"]:
+        # The maximum written: the platform's (made stricter above), else the discovered one, which
+        # the merge (init_site's deep_merge) brings in.
+        most = limits.get("max_nodes") if isinstance(limits.get("max_nodes"), int) else seen.get("max_nodes")
+        if not isinstance(most, int) or least <= most:
             if "min_nodes" in stated:
                 limits["min_nodes"] = least
             continue
-        # No size fits both: the platform's range, which is consistent on its own.
-        limits["min_nodes"] = platform_min
-        if "max_nodes" in stated:
-            limits["max_nodes"] = stated["max_nodes"]
+        if isinstance(stated.get("max_nodes"), int):
+            # No size fits both: the platform's range, which is consistent on its own.
+            limits["min_nodes"], limits["max_nodes"] = platform_min, stated["max_nodes"]
+            written = f"the platform's {_node_range(limits)}"
+        else:
+            # The platform states no maximum: its range cannot be written; the scheduler's can.
+            limits["min_nodes"], limits["max_nodes"] = seen_min, most
+            written = f"the scheduler's {_node_range(limits)} (the platform states no max_nodes)"
         if warn is not None:
             warn(f"queue {name}: the {scheduler_name} scheduler reports {_node_range(seen)} nodes, the {platform_name} "
-                 f"platform {_node_range(stated)}; no size fits both, so the platform's {_node_range(limits)} is "
-                 f"written (check settings.yml)")
+                 f"platform {_node_range(stated)}; no size fits both, so {written} is written (check settings.yml)")
     return merged
 
 

@@ -86,7 +86,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import hashlib
+import itertools
 import logging
 import math
 import os
@@ -422,11 +422,19 @@ class _Login:
     refresh_token: str
     #: The file as it was when last read or written by this backend.
     stamp: Optional[tuple[int, int, int]]
+    #: Which login this is, in this process (see _login_id): not derived from the refresh token,
+    #: which Globus may rotate on any access-token refresh (the same login all the same).
+    serial: int = 0
 
 
-def _login_digest(login: Optional[_Login]) -> Optional[str]:
-    """Which login a client uses, without keeping its refresh token (None: an injected client)."""
-    return None if login is None else hashlib.sha256(login.refresh_token.encode()).hexdigest()
+#: Serials of the logins of this process's clients.
+_LOGIN_SERIALS = itertools.count(1)
+
+
+def _login_id(login: Optional[_Login]) -> Optional[int]:
+    """Which login a client uses (None: an injected client). A client built anew from the login it
+    replaces (the same refresh token, as rotated) keeps its id; a `globus-login` since gets a new one."""
+    return None if login is None else login.serial
 
 
 def _is_uuid(text: Any) -> bool:
@@ -542,9 +550,9 @@ class _Task:
     final_key: tuple = ()
     #: Whether the warning that none of its delivered files matched a submitted one was logged.
     unmatched_warned: bool = False
-    #: Which login this process submitted it with (a digest of the refresh token; None: an injected
-    #: client, or not submitted here). A 404 for it after a login with another identity is not "gone".
-    login: Optional[str] = None
+    #: Which login this process submitted it with (_login_id; None: an injected client, or not
+    #: submitted here). A 404 for it after a login with another identity is not "gone".
+    login: Optional[int] = None
 
 
 class GlobusTransfer(TransferBackend):
@@ -561,6 +569,9 @@ class GlobusTransfer(TransferBackend):
         self._client = transfer_client
         #: The login of a client built from the tokens file (None: none built, or one handed in).
         self._login: Optional[_Login] = None
+        #: The login of the last client built (kept when the client is dropped: one built again
+        #: from the same login is the same login).
+        self._last_login: Optional[_Login] = None
         self._lock = threading.Lock()
         #: Serializes writes of refreshed tokens (a refresh may run in any thread using the client).
         self._save_lock = threading.Lock()
@@ -642,7 +653,14 @@ class GlobusTransfer(TransferBackend):
             raise TransferError(f"{exc}: run `{self._command()}`", retryable=True) from None
         if tokens is None:
             raise TransferError(f"not logged in to Globus ({path} missing): run `{self._command()}`", retryable=True)
-        login = _Login(path=path, refresh_token=str(tokens["refresh_token"]), stamp=stamp)
+        refresh_token = str(tokens["refresh_token"])
+        last = self._last_login  # (under self._lock, as the client)
+        if last is not None and last.path == path and last.refresh_token == refresh_token:
+            serial = last.serial  # the same login (its token as last rotated), built again
+        else:
+            serial = next(_LOGIN_SERIALS)
+        login = _Login(path=path, refresh_token=refresh_token, stamp=stamp, serial=serial)
+        self._last_login = login
 
         def on_refresh(response: globus_sdk.OAuthRefreshTokenResponse) -> None:
             fresh = response.by_resource_server.get(TRANSFER_RESOURCE_SERVER) or {}
@@ -776,7 +794,7 @@ class GlobusTransfer(TransferBackend):
             sent.append((_norm(dest), f.dest, f.recursive))
         try:
             client = self.client()
-            login = _login_digest(self._login)
+            login = _login_id(self._login)
             response = client.submit_transfer(data)
         except TransferError:
             raise
@@ -878,7 +896,7 @@ class GlobusTransfer(TransferBackend):
         with self._tasks_lock:
             known = self._tasks.get(task_id)
         with self._lock:
-            current = _login_digest(self._login)
+            current = _login_id(self._login)
         return known is not None and known.login is not None and known.login != current
 
     @staticmethod

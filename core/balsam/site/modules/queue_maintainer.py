@@ -17,15 +17,18 @@ changes.
 The scheduler's own refusals are read back, in a cycle that would submit only (one GET of the
 queue's newest BatchJobs): when its newest BatchJob was refused for good by the scheduler
 (``status_info.refused_for_good``, set by the scheduler module: a partition the scheduler does not
-have, a QOS limit) since this agent started, nothing more is posted until the agent restarts (one
-ERROR line); it made a new BatchJob and an sbatch call every cycle, each refused alike. Its newest
-BatchJobs that failed without a refusal (the scheduler unreachable through the scheduler module's
-tries) make it wait ``submit_period``, doubled per such failure in a row, at most
-:data:`SUBMIT_BACKOFF_MAX_S`, after the newest.
+have, a QOS limit) and is one this module posted since the agent started (with the settings it
+still has: a request of the previous agent's settings, refused after the restart that fixed them,
+does not hold the fixed one), nothing more is posted until the agent restarts (one ERROR line); it
+made a new BatchJob and an sbatch call every cycle, each refused alike. Its newest BatchJobs that
+failed without a refusal (the scheduler unreachable through the scheduler module's tries) make it
+wait ``submit_period``, doubled per such failure in a row, at most :data:`SUBMIT_BACKOFF_MAX_S`,
+after the newest.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 from typing import Any, Optional
 
@@ -110,9 +113,11 @@ class QueueMaintainerModule(AgentModule):
     def __init__(self, site_config: Any, config: Any, client: Any) -> None:
         super().__init__(site_config, config, client)
         self._refusal: Optional[str] = None  # the reason last logged, so each is logged once
-        #: Refusals of the scheduler from before this start are not held against it (settings.yml may
-        #: have been fixed: a restart is how a change takes effect).
-        self.started_at = utcnow()
+        #: The BatchJobs this instance posted (its newest: the rows read back are the queue's newest
+        #: RECENT_READ_LIMIT). Only a refusal of one of them holds it: a refusal of a request made
+        #: before this start (settings.yml may have been fixed: a restart is how a change takes
+        #: effect), even one the scheduler answers after it, is not held against the new settings.
+        self._posted: collections.deque[int] = collections.deque(maxlen=RECENT_READ_LIMIT)
 
     def _refused(self, body: dict) -> Optional[str]:
         """Why the site's scheduler settings refuse ``body``, or None (None too when the site's
@@ -174,6 +179,8 @@ class QueueMaintainerModule(AgentModule):
         self._refusal = None
         # Marked as a program's (queue ls shows who submitted it: status_info.submitted_by, docs/cli.md).
         created = self.client.post("/batch-jobs/", json={**body, "status_info": {SUBMITTED_BY_KEY: SUBMITTED_BY}})
+        if isinstance((created or {}).get("id"), int):
+            self._posted.append(created["id"])
         self.logger.info(
             "queue has %d of %d BatchJobs: created BatchJob %s", active, wanted, (created or {}).get("id")
         )
@@ -181,8 +188,8 @@ class QueueMaintainerModule(AgentModule):
 
     def _held_by_failures(self, params: dict[str, Any]) -> Optional[str]:
         """Why no BatchJob is posted this cycle, or None, from its newest BatchJobs of the queue (one
-        GET): its newest refused for good by the scheduler since this agent started (the same request
-        would be refused again), or a run of its newest failing without a refusal (a backoff)."""
+        GET): its newest refused for good by the scheduler, when this instance posted it (the same
+        request would be refused again), or a run of its newest failing without a refusal (a backoff)."""
         query = {k: v for k, v in params.items() if k != "state"}
         query.update(ordering="-id", limit=RECENT_READ_LIMIT)
         rows = (self.client.get("/batch-jobs/", params=query) or {}).get("results") or []
@@ -195,7 +202,7 @@ class QueueMaintainerModule(AgentModule):
                 break  # a submission that reached the queue (or one not failed): the run ends
             failed_at = _when(info.get("error_time") or row.get("end_time"))
             if info.get(REFUSED_FOR_GOOD) == "true":
-                if streak == 0 and failed_at is not None and failed_at >= self.started_at:
+                if streak == 0 and row.get("id") in self._posted:
                     return (f"BatchJob {row['id']} ({row['num_nodes']} nodes x {row['wall_time_min']} min in queue "
                             f"{row['queue']!r}, project {row.get('project')!r}) was refused by the scheduler: "
                             f"{info.get('error') or 'no reason given'}. queue_maintainer posts no more BatchJobs: fix "
