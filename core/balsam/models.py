@@ -136,7 +136,7 @@ def site_name_problem(name: str) -> str:
     as a site id, a comma separates several selectors, all/active/this are selectors of their own.
     The server refuses such a name on create and rename (balsam.server.routes.sites)."""
     word = name.strip()
-    if word.isdigit():
+    if word.isdecimal():
         return f"must not be all digits ({name!r}): `--site {word}` means the site with id {word}"
     if "," in name:
         return f"must not contain a comma ({name!r}): `--site a,b` means the sites a and b"

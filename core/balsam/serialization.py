@@ -122,7 +122,7 @@ def _strict(kind: type, name: str):
             return float(value)
         if kind is int and isinstance(value, float) and value.is_integer():
             return _int64(int(value), value)
-        if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdecimal():
             # 20 digits hold any 64-bit integer; int() of a longer text may exceed Python's limit
             # on converted digits, whose own message would be the answer.
             digits = value.strip().lstrip("-").lstrip("0")

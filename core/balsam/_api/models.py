@@ -82,7 +82,7 @@ class App(BalsamModel):
     def _first_positional(cls, value: Any) -> Optional[str]:
         # ``App.objects.get("Name")`` looks up by name (0.7 read it as a site_id); a number is a
         # site_id, as in 0.7
-        return "name" if isinstance(value, str) and not value.isdigit() else None
+        return "name" if isinstance(value, str) and not value.isdecimal() else None
 
     if TYPE_CHECKING:  # pragma: no cover
         id: Optional[int]
@@ -566,7 +566,7 @@ class Job(BalsamModel):
             raise TypeError("Job() missing required field: app_id (an app id, app name or ApplicationDefinition)")
         kwargs["workdir"] = workdir
         kwargs["app_id"] = self._resolve_app_id(app_id, site_name)
-        by_name = isinstance(app_id, str) and not app_id.isdigit()
+        by_name = isinstance(app_id, str) and not app_id.isdecimal()
         if transfers:
             kwargs["transfers"] = {slot: _parse_transfer(slot, item) for slot, item in transfers.items()}
         if parameters is not None:
@@ -610,7 +610,7 @@ class Job(BalsamModel):
                 raise ValueError("the App has no id: save it first")
             return app_id.id
         if isinstance(app_id, str):
-            if app_id.isdigit():
+            if app_id.isdecimal():
                 return int(app_id)
             return cls._app_id_by_name(app_id, site_name)
         raise TypeError(f"Job app_id must be an app id, app name or ApplicationDefinition, got {type(app_id).__name__}")

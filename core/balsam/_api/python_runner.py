@@ -32,7 +32,7 @@ def mpi_rank() -> int:
             return 0
     for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "ALPS_APP_PE"):
         value = os.environ.get(var)
-        if value is not None and value.strip().isdigit():
+        if value is not None and value.strip().isdecimal():
             return int(value)
     return 0
 

@@ -185,7 +185,7 @@ class DefaultPlatform(Platform):
                 if hosts:
                     return hosts
         cobalt_partition = env.get("COBALT_PARTNAME")
-        if cobalt_partition and not cobalt_partition.isdigit():
+        if cobalt_partition and not cobalt_partition.isdecimal():
             return expand_hostlist(cobalt_partition)
         return [socket.gethostname()]
 

@@ -106,7 +106,7 @@ class LocalScheduler(Scheduler):
     def parse_submit(self, result: CommandResult) -> int:
         self._check(result, "submit the batch script")
         text = result.stdout.strip()
-        if not text.isdigit():
+        if not text.isdecimal():
             raise SchedulerError(f"local scheduler printed no job id after submitting (got {text[:80]!r})")
         return int(text)
 

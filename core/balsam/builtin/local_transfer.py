@@ -273,7 +273,7 @@ def _is_stale(name: str, prefix: str) -> bool:
     left (its own host's next copy removes it). A name without an owner (an earlier version's) is a
     leftover."""
     parts = name[len(prefix):].rsplit("-", 3)
-    if len(parts) != 4 or not (parts[1].isdigit() and parts[2].isdigit()):
+    if len(parts) != 4 or not (parts[1].isdecimal() and parts[2].isdecimal()):
         return True
     host, pid, started_ms = parts[0], int(parts[1]), int(parts[2])
     if host != socket.gethostname():

@@ -28,7 +28,7 @@ def _state_type() -> click.Choice:
 def _resolve_app(app_ref: str, site_selector: str) -> Any:
     from balsam.api import App
 
-    if app_ref.isdigit():
+    if app_ref.isdecimal():
         try:
             return App.objects.get(id=int(app_ref))
         except App.DoesNotExist:

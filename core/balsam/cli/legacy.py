@@ -137,7 +137,7 @@ def _app_message(args: list[str]) -> str:
     values = _option_values(args)
     name = values.get("--name") or "MyApp"
     name = "".join(ch for ch in name if ch.isalnum() or ch == "_") or "MyApp"
-    if name[0].isdigit():
+    if name[0].isdecimal():
         name = "App" + name
     command = values.get("--executable") or "my-program {{ arg }}"
     if "{{" not in command:

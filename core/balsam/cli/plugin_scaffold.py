@@ -252,7 +252,7 @@ def qsub(argv):
 def qstat(argv):
     jobs = fakebatch.read_state()["jobs"]
     if "-x" in argv:  # qstat -x -F id|state|exit|start|end ID...
-        for text in (a for a in argv if a.isdigit()):
+        for text in (a for a in argv if a.isdecimal()):
             job = jobs.get(text)
             if job is not None:
                 letter = {"queued": "Q", "running": "R", "finished": "F"}[job["status"]]
@@ -406,7 +406,7 @@ class $klass(Scheduler):
             fields = line.strip().split("|")
             if not line.strip():
                 continue
-            if len(fields) != len(STATUS_FIELDS) or not all(fields[i].isdigit() for i in (0, 3, 4, 6)):
+            if len(fields) != len(STATUS_FIELDS) or not all(fields[i].isdecimal() for i in (0, 3, 4, 6)):
                 bad.append(line)
                 logger.warning("qstat: skipped unreadable line %r", line[:200])
                 continue
@@ -444,7 +444,7 @@ class $klass(Scheduler):
         histories: dict[int, Optional[JobHistory]] = dict.fromkeys(jobs)
         for line in result.stdout.splitlines():
             fields = line.strip().split("|")
-            if len(fields) != len(HISTORY_FIELDS) or not fields[0].isdigit() or int(fields[0]) not in histories:
+            if len(fields) != len(HISTORY_FIELDS) or not fields[0].isdecimal() or int(fields[0]) not in histories:
                 if line.strip():
                     logger.warning("qstat -x: skipped unreadable line %r", line[:200])
                 continue

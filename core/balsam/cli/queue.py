@@ -57,7 +57,7 @@ def parse_partition(text: str) -> dict[str, Any]:
     mode, nodes, *tags = parts
     if mode not in ("mpi", "serial"):
         raise click.UsageError(f"--part {text!r}: job mode must be mpi or serial, not {mode!r}")
-    if not nodes.isdigit() or int(nodes) < 1:
+    if not nodes.isdecimal() or int(nodes) < 1:
         raise click.UsageError(f"--part {text!r}: node count must be a positive integer, not {nodes!r}")
     return {"job_mode": mode, "num_nodes": int(nodes), "filter_tags": parse_key_values(tuple(tags), f"--part {text}")}
 

@@ -121,13 +121,13 @@ class SiteConfig:
         text = marker.read_text().strip()
         if not text:
             return None
-        if text.isdigit():
+        if text.isdecimal():
             return int(text)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError:
             data = None
-        if isinstance(data, dict) and str(data.get("site_id", "")).isdigit():
+        if isinstance(data, dict) and str(data.get("site_id", "")).isdecimal():
             return int(data["site_id"])
         raise SiteNotFoundError(f"{marker}: expected the site id (an integer), got {text.splitlines()[0]!r}")
 

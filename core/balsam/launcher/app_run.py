@@ -588,7 +588,7 @@ def _sweep_dead_scripts(workdir: str, head: str) -> None:
         if not name.startswith(head):
             continue
         pid_text = name[len(head):].split(".", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == own or _pid_alive(int(pid_text)):
+        if not pid_text.isdecimal() or int(pid_text) == own or _pid_alive(int(pid_text)):
             continue
         try:
             os.unlink(os.path.join(workdir, name))

@@ -284,7 +284,7 @@ def _start_early_lease(site_id: int, partitions: Sequence[Partition]) -> Any:
     known from the environment (what the job template exports); None otherwise. Its acquire filters
     (tags, sort order: they come from the settings) are given when the job mode takes it."""
     raw = os.environ.get("BALSAM_BATCH_JOB_ID", "").strip()
-    if len(partitions) != 1 or not raw.isdigit():
+    if len(partitions) != 1 or not raw.isdecimal():
         return None
     from ._api import EarlyLease
 

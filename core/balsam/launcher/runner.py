@@ -1113,9 +1113,9 @@ def spawner_count(node_cpus: int) -> int:
     to a number >= 1 (0 means none: see :func:`local_pool`), else one per CPU up to
     :data:`MAX_AUTO_SPAWNERS`."""
     value = os.environ.get(SPAWNER_ENV, "").strip()
-    if value.isdigit() and int(value) >= 1:
+    if value.isdecimal() and int(value) >= 1:
         return int(value)
-    if value and not value.isdigit():
+    if value and not value.isdecimal():
         logger.warning("%s=%r is not a number: using the default number of spawner processes", SPAWNER_ENV, value)
     return max(1, min(MAX_AUTO_SPAWNERS, node_cpus))
 

@@ -137,7 +137,7 @@ def _group_live(pgid: int) -> bool:
     except OSError:
         return True
     for entry in entries:
-        if entry.isdigit():
+        if entry.isdecimal():
             stat = proc_stat(int(entry))
             if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
                 return True

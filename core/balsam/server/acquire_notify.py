@@ -63,7 +63,7 @@ def parse_payload(payload: str) -> Optional[tuple[str, Optional[int]]]:
     token, who = parts
     if who == _ALL_USERS:
         return token, None
-    if not who.isdigit():
+    if not who.isdecimal():
         return None
     return token, int(who)
 

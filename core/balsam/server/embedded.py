@@ -80,7 +80,7 @@ def log_max_bytes_from_env() -> int:
     raw = os.environ.get("BALSAM_SERVER_LOG_MAX_BYTES", "").strip()
     if not raw:
         return DEFAULT_LOG_MAX_BYTES
-    if raw.isdigit():
+    if raw.isdecimal():
         return int(raw)
     print(f"balsam server: BALSAM_SERVER_LOG_MAX_BYTES={raw!r} is not a whole number of bytes; "
           f"rotating server.log at the default {DEFAULT_LOG_MAX_BYTES} bytes", file=sys.stderr, flush=True)

@@ -197,7 +197,7 @@ Handler = Callable[[Ctx], Union[Response, WaitForJobs]]
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) one larger than ``limit`` bytes without buffering it all."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdecimal() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():

@@ -42,7 +42,7 @@ def use_launcher_credential(site_path: Path, env: "dict[str, str]") -> Optional[
     """Point ``BALSAM_CLIENT_PATH`` (in ``env``) at this BatchJob's credential if the agent wrote
     one; returns its path (None: the launcher uses the user's login, as before)."""
     raw = env.get("BALSAM_BATCH_JOB_ID", "").strip()
-    if not raw.isdigit():
+    if not raw.isdecimal():
         return None
     path = credential_path(site_path, int(raw))
     if not path.is_file():
@@ -146,7 +146,7 @@ class LauncherCredentials:
             return removed
         for path in self.directory.glob("batch-job-*.yml"):
             raw = path.stem.removeprefix("batch-job-")
-            if raw.isdigit() and int(raw) not in active_ids:
+            if raw.isdecimal() and int(raw) not in active_ids:
                 path.unlink(missing_ok=True)
                 removed.append(int(raw))
         return sorted(removed)

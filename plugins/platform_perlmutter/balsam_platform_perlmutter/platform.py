@@ -171,7 +171,7 @@ def parse_steps(text: str) -> list[tuple[str, str, int]]:
         step_id, srun = fields.get("StepId"), fields.get("SrunHost:Pid")
         host, _, pid = (srun or "").rpartition(":")
         # A step not started yet (``<job>.TBD``) has no number scancel takes.
-        if step_id and step_id.rpartition(".")[2].isdigit() and host and pid.isdigit():
+        if step_id and step_id.rpartition(".")[2].isdecimal() and host and pid.isdecimal():
             steps.append((step_id, host, int(pid)))
     return steps
 
@@ -186,7 +186,7 @@ def _balsam_job_of(pid: int) -> Optional[int]:
     for item in environ.split(b"\0"):
         if item.startswith(b"BALSAM_JOB_ID="):
             value = item.partition(b"=")[2]
-            return int(value) if value.isdigit() else None
+            return int(value) if value.isdecimal() else None
     return None
 
 

@@ -71,7 +71,7 @@ def expand_nid_ranges(text: str) -> list[int]:
         if not part:
             continue
         low, sep, high = part.partition("-")
-        if not low.isdigit() or (sep and not high.isdigit()):
+        if not low.isdecimal() or (sep and not high.isdecimal()):
             raise ValueError(f"$COBALT_PARTNAME: {part!r} is not a nid or a nid range")
         if sep and int(high) < int(low):
             # range() of it is empty: the allocation's nodes would be dropped without a word

@@ -199,7 +199,7 @@ def _short(host: str) -> str:
     name = host.strip().lower()
     if name in _LOOPBACK_NAMES or name.startswith("127."):
         name = socket.gethostname().lower()
-    elif name.replace(".", "").isdigit() or ":" in name:
+    elif name.replace(".", "").isdecimal() or ":" in name:
         return name
     return name.split(".")[0]
 
