@@ -79,6 +79,23 @@ def count_matching(conn: sa.Connection, owned: sa.Select, *, site_ids: Optional[
     return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(union.c.n), 0))).scalar_one())
 
 
+def jobs_with_each_tag(conn: sa.Connection, tags: dict[str, str]) -> dict[tuple[str, str], int]:
+    """``{(key, value): n}``: how many jobs carry each tag, in every site (the per-tag counters of
+    migration 0005 and their deltas; a tag no job carries is absent). What a read of the tag index
+    costs (it returns every such job, whoever owns it), not a count to show anyone."""
+    if not tags:
+        return {}
+    wanted = sa.tuple_(job_tag_counts.c.tag_key, job_tag_counts.c.tag_value).in_(list(tags.items()))
+    wanted_deltas = sa.tuple_(job_tag_count_deltas.c.tag_key, job_tag_count_deltas.c.tag_value).in_(list(tags.items()))
+    union = sa.union_all(
+        sa.select(job_tag_counts.c.tag_key, job_tag_counts.c.tag_value, job_tag_counts.c.n.label("n")).where(wanted),
+        sa.select(job_tag_count_deltas.c.tag_key, job_tag_count_deltas.c.tag_value,
+                  job_tag_count_deltas.c.delta.label("n")).where(wanted_deltas),
+    ).subquery()
+    totals = sa.select(union.c.tag_key, union.c.tag_value, sa.func.sum(union.c.n)).group_by(union.c.tag_key, union.c.tag_value)
+    return {(key, value): int(n) for key, value, n in conn.execute(totals) if n}
+
+
 def counts_by_site_app_state(conn: sa.Connection, user_id: int, *, site_ids: Optional[list[int]] = None,
                              app_ids: Optional[list[int]] = None,
                              tag: Optional[tuple[str, str]] = None) -> dict[tuple[int, int, str], int]:
