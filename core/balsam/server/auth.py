@@ -174,18 +174,34 @@ def _secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+#: The longest label of a credential.
+MAX_LABEL_CHARS = 200
+
+
+def printable_label(label: str) -> str:
+    """``label`` with every character that is not printable written out as its Python escape
+    (``\\x1b``, ``\\r``, ``\\u202e``), at most :data:`MAX_LABEL_CHARS` characters. Labels come from
+    any user (a login's ``label``, ``POST /auth/credentials``) and ``balsam server credentials``
+    prints them to the administrator's terminal: an escape sequence there could clear the screen,
+    rewrite the lines above (hide a credential), set the terminal's title or clipboard."""
+    if not label.isprintable():
+        label = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in label)
+    return label[:MAX_LABEL_CHARS]
+
+
 def issue_credential(conn: sa.Connection, user_id: int, kind: str, label: str, ttl_sec: float, *,
                      site_id: Optional[int] = None, batch_job_id: Optional[int] = None,
                      with_secret: bool = False) -> tuple[int, dt.datetime, Optional[str]]:
     """Insert a credential row; returns ``(id, expires, code)`` where ``code`` (refresh and
     invitation kinds) is the only copy of the secret, to hand to the client once."""
     assert kind in CREDENTIAL_KINDS
+    label = printable_label(label)
     now = utcnow()
     expires = (now + dt.timedelta(seconds=ttl_sec)).replace(microsecond=0)
     secret = secrets.token_urlsafe(32) if with_secret else None
     cred_id = conn.execute(
         sa.insert(credentials).values(
-            user_id=user_id, kind=kind, site_id=site_id, batch_job_id=batch_job_id, label=label[:200],
+            user_id=user_id, kind=kind, site_id=site_id, batch_job_id=batch_job_id, label=label,
             secret_hash=_secret_hash(secret) if secret else None, created=now, expires=expires,
         ).returning(credentials.c.id)
     ).scalar_one()
@@ -560,16 +576,20 @@ UNVERIFIED_FORWARDED = "forwarded-unverified"
 
 
 def _forwarded_hosts(values: "list[str]") -> "set[str]":
+    """Every client address uvicorn may have taken from these ``X-Forwarded-For`` values: each
+    item as it is (uvicorn keeps a value it cannot split into host and port whole, e.g.
+    ``198.51.100.7:x1`` or ``[198.51.100.7]x1``), and its host without brackets or port."""
     hosts = set()
     for value in values:
         for item in value.split(","):
             item = item.strip()
+            if not item:
+                continue
+            hosts.add(item)
             if item.startswith("["):
-                item = item[1:].partition("]")[0]
+                hosts.add(item[1:].partition("]")[0])
             elif item.count(":") == 1:
-                item = item.partition(":")[0]
-            if item:
-                hosts.add(item)
+                hosts.add(item.partition(":")[0])
     return hosts
 
 

@@ -96,7 +96,11 @@ def update_items(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
         # is skipped, so its items are not found (404, all or nothing) rather than an item that
         # vanished between this check and the answer (a 500 for PUT, an item silently left out
         # of a bulk PATCH's answer). Items go only with their job, so they stay while it is locked.
-        items = items.order_by(jobs.c.id).with_for_update(of=jobs)
+        # Only the user's own jobs are locked (the site condition in the locking statement): naming
+        # another user's item ids used to lock that user's jobs FOR UPDATE before the ownership
+        # check, and to wait for their writers, so that a 404 for a busy foreign item came late
+        # (telling its owner's activity) while another user's writes waited for this request.
+        items = items.where(jobs.c.site_id.in_(sorted(my_sites))).order_by(jobs.c.id).with_for_update(of=jobs)
     owned = {item_id for item_id, site_id in conn.execute(items) if site_id in my_sites}
     if set(ids) - owned:
         raise not_found_ids("TransferItem", set(ids) - owned, of_request=True)
