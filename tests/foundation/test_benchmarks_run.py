@@ -77,6 +77,8 @@ RUNS = [
           r"(?s)uvicorn \+ postgresql.*fitted over these runs: [-\d.]+ ms of server CPU", postgres,
           id="server_request_mix-postgresql"),
     bench("transfers_throughput.py", "--items 10", r"large +10 items -> 10 jobs STAGED_IN in +[\d.]+ s"),
+    bench("windowed_count.py", f"--jobs 60 --repeat 1 --pg-url {PG}",
+          r"(?s)\[postgresql\] 60 jobs.*after VACUUM ANALYZE jobs.*workdir__contains runs/99 \(1%\) +[\d.]+/", postgres),
     bench("compare_balsam07.py", f"--jobs 10 --rounds 1 --sqlite --venv07 {VENV07} --database-prefix {PG_NAME}",
           r"(?s)our client -> our server on SQLite.*our Python-API listing / our raw-HTTP listing: [\d.]+×", postgres),
 ]
