@@ -27,6 +27,8 @@ import click
 
 from balsam.netnames import url_host
 
+from ._site_selector import escape_cell
+
 DEFAULT_PORT = 8765
 DEFAULT_HOST = "127.0.0.1"
 
@@ -644,7 +646,7 @@ def _format_credential(row: Any) -> str:
     if row.batch_job_id:
         scope += f", BatchJob {row.batch_job_id}"
     return (f"{row.id:>5}  {row.username:<16} {row.kind:<10} {status:<8} {row.expires:%Y-%m-%d %H:%M}  "
-            f"{scope:<24} {row.label}")
+            f"{scope:<24} {escape_cell(row.label or '')}")  # labels stored before 0.8's escaping
 
 
 @server_group.command("credentials")
