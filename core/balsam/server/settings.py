@@ -74,6 +74,10 @@ def load_or_create_secret(path: Path) -> str:
     raise RuntimeError(f"cannot create or read the signing key {path}")
 
 
+#: Shortest token signing key accepted (bytes; HMAC-SHA256's own output size).
+MIN_SECRET_KEY_BYTES = 32
+
+
 def _int_env(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -141,6 +145,11 @@ class ServerSettings:
     def from_env(cls, database_url: "str | None" = None, secret_key: "str | None" = None) -> "ServerSettings":
         url = database_url or os.environ.get("BALSAM_DATABASE_URL") or default_database_url()
         key = secret_key or os.environ.get("BALSAM_AUTH_SECRET_KEY")
+        if key and len(key.encode()) < MIN_SECRET_KEY_BYTES:
+            # Tokens are HMAC-SHA256: a short key is found offline from any one token (a login's
+            # answer, a launcher's environment), and with it every user's token can be forged.
+            raise ValueError(f"BALSAM_AUTH_SECRET_KEY is {len(key.encode())} bytes: at least {MIN_SECRET_KEY_BYTES} "
+                             f"are needed (python -c 'import secrets; print(secrets.token_urlsafe(48))')")
         if not key:
             if url.startswith("sqlite"):
                 db_path = url.split("///", 1)[-1]
