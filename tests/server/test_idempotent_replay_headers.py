@@ -192,3 +192,29 @@ def test_migration_0022_keeps_the_records_stored_before(database_url: str, tmp_p
                 assert conn.execute(sa.text("SELECT count(*) FROM idempotency_keys WHERE key = 'k'")).scalar() == 1
         finally:
             engine.dispose()
+
+
+def test_only_balsam_headers_are_recorded_and_replayed() -> None:
+    """Before: every header of the answer was recorded and replayed (but its content type and
+    length): a route's ``Set-Cookie`` or ``Retry-After`` would have been sent again to a retry long
+    after, setting an old cookie again or asking it to wait for a moment past. Only ``Balsam-*``
+    headers are now (the query delete's ``Balsam-Skipped-Running`` among them), also from a record
+    written before."""
+    from starlette.responses import Response
+
+    from balsam.server.idempotency import ANSWER, Recorded, Replay, answer_headers
+
+    answer = Response(b"0", media_type="application/json")
+    answer.headers.append("Set-Cookie", "balsam_dashboard=old; Path=/dashboard")
+    answer.headers.append("Retry-After", "5")
+    answer.headers.append(SKIPPED_RUNNING_HEADER, "count=1; ids=7")
+    answer.headers.append("X-Other", "1")
+    recorded = answer_headers(answer)
+    assert recorded == [[SKIPPED_RUNNING_HEADER.lower(), "count=1; ids=7"]], recorded
+    assert answer_headers(Response(b"3", media_type="application/json")) is None
+    # a record that holds other headers (written before the filter) replays only Balsam's own
+    replay = Replay(Recorded(200, ANSWER, [], b"0", "application/json",
+                             [["set-cookie", "balsam_dashboard=old"], ["retry-after", "5"],
+                              [SKIPPED_RUNNING_HEADER, "count=1; ids=7"]])).response()
+    assert replay.headers[SKIPPED_RUNNING_HEADER] == "count=1; ids=7"
+    assert "set-cookie" not in replay.headers and "retry-after" not in replay.headers, dict(replay.headers)

@@ -9,7 +9,7 @@ are now) instead of being applied again.
 Updates and deletes (``PUT``, ``PATCH``, ``DELETE``) get the same from the routing layer, with no
 code in their routes (routing.py, ``Ctx.write``): the request's first write transaction claims the
 key as its first statement, and is kept open after the route's ``with ctx.write()`` block until
-the route has answered; then its answer (status, body, media type and the route's own headers) is
+the route has answered; then its answer (status, body, media type and the route's own ``Balsam-*`` headers) is
 recorded in the same transaction, which commits. A replay gets that answer again, byte for byte: the
 count of a bulk PATCH, the 204 of a DELETE, the record a PUT answered (as it was then), a query
 delete's ``Balsam-Skipped-Running`` (without it the client that resent the delete, its first answer
@@ -127,17 +127,26 @@ class Replay(Exception):
             raise Conflict(f"the request with this {HEADER} left no answer to replay; send a new key for a new request")
         response = Response(recorded.answer or b"", status_code=recorded.status_code, media_type=recorded.answer_type)
         for name, value in recorded.answer_headers or ():
-            response.headers.append(name, value)
+            if _replayable(name):  # a record from before the filter below could hold others
+                response.headers.append(name, value)
         return response
 
 
-#: Headers of an answer that are not recorded with it: the replay's own body sets them again.
-_UNRECORDED_HEADERS = frozenset({"content-length", "content-type"})
+#: The prefix of the only headers of an answer that are recorded and replayed: Balsam's own (a
+#: query delete's ``Balsam-Skipped-Running``). Others are not the answer's content: a route's (or a
+#: middleware's) ``Set-Cookie`` or ``Retry-After`` replayed to a later retry would set an old
+#: cookie again or ask it to wait for a moment long past; the content type and length are set again
+#: by the replay's own body.
+_RECORDED_PREFIX = "balsam-"
+
+
+def _replayable(name: str) -> bool:
+    return name.lower().startswith(_RECORDED_PREFIX)
 
 
 def answer_headers(response: Response) -> "list[list[str]] | None":
-    """The headers a route set on its answer (not its content type and length), in order, or None."""
-    pairs = [[name, value] for name, value in response.headers.items() if name.lower() not in _UNRECORDED_HEADERS]
+    """The ``Balsam-*`` headers a route set on its answer, in order, or None."""
+    pairs = [[name, value] for name, value in response.headers.items() if _replayable(name)]
     return pairs or None
 
 

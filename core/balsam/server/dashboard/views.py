@@ -334,6 +334,13 @@ Handler = Callable[[View], Response]
 SESSION_ENDED = "Your dashboard session has ended (it expired, was revoked or was logged out): log in again."
 
 
+#: Database errors whose API answer quotes the database (app.py's handlers): what the page says instead.
+_DATABASE_ERROR_KINDS: tuple[tuple[type, str], ...] = (
+    (sa.exc.IntegrityError, "The change conflicts with existing data"),
+    (sa.exc.DataError, "A value cannot be stored"),
+)
+
+
 async def _database_error_page(request: Request, exc: Exception) -> Response:
     """A database error on a dashboard page, answered by the app's own handler (an outage: 503 and
     Retry-After, noted as an outage; a conflict; a fault of ours: 500, logged), as a page in place
@@ -353,6 +360,13 @@ async def _database_error_page(request: Request, exc: Exception) -> Response:
     except (ValueError, AttributeError):
         detail = ""
     status = answer.status_code
+    # The API's answers to a conflict and to a value the database cannot store end with the
+    # database's own first line (a constraint's or a column's name, the value): the page names only
+    # the kind of error, the server log has the rest (its handlers log it).
+    for kind, said in _DATABASE_ERROR_KINDS:
+        if isinstance(exc, kind):
+            detail = f"{said} ({type(exc).__name__}); the server log has the details."
+            break
     title = "Database unavailable" if status == 503 else "Server error" if status >= 500 else "Error"
     page = View(request, None, {}).render(
         "error.html", status, title=title, show_login=False,
@@ -713,6 +727,11 @@ def plots_data(view: View) -> Response:
 # Login, logout, one-time links
 # -------------------------------------------------------------------------------------------------
 
+def _logged_in_as(user: AuthUser) -> str:
+    return (f"You are logged in as {user.username} in this browser (from another tab or window): "
+            f"log out first to log in as another user.")
+
+
 def login_page(view: View) -> Response:
     if view.session is not None and view.request.method == "GET":
         return RedirectResponse(_safe_next(view.base, view.request.query_params.get("next")), status_code=303)
@@ -721,10 +740,20 @@ def login_page(view: View) -> Response:
     next_url = view.form.get("next") or view.request.query_params.get("next") or ""
     username = view.form.get("username", "")
     if view.request.method == "POST":
-        if not sessions.check_login_nonce(secret, view.request.cookies.get(sessions.LOGIN_COOKIE), view.form.get("login_token")):
-            if view.session is not None:  # logged in meanwhile from another tab's form: on to the page
-                return RedirectResponse(_safe_next(view.base, next_url), status_code=303)
+        nonce_ok = sessions.check_login_nonce(secret, view.request.cookies.get(sessions.LOGIN_COOKIE),
+                                              view.form.get("login_token"))
+        # A form whose nonce is not this browser's current one, from a browser with a session: a
+        # form opened before another tab logged in (the nonce cookie went with that login). On to
+        # the page only for that session's own user, the password checked: a redirect on any form
+        # took another account's username and password (or a wrong password) to the session's
+        # user's pages without a word.
+        session_user = view.session.user if view.session is not None and not nonce_ok else None
+        if not _same_origin(view.request):  # a login form posted from another site (login CSRF)
+            error, status = "This login form was sent from another site and is refused: log in from this page.", 403
+        elif not nonce_ok and session_user is None:
             error, status = "The login form expired: please try again.", 403
+        elif session_user is not None and username != session_user.username:
+            error, status = _logged_in_as(session_user), 409
         elif "password" not in view.settings.login_methods:
             error, status = "Password login is not enabled on this server.", 400
         else:
@@ -739,12 +768,17 @@ def login_page(view: View) -> Response:
             except APIError as exc:  # e.g. a rate limit (429) decided by the server's login check
                 error, status = str(exc.detail), exc.status_code
             else:
-                with write_tx(view.engine) as conn:
-                    cookie = _start_session(view, conn, user, "password login")
-                response = RedirectResponse(_safe_next(view.base, next_url), status_code=303)
-                _set_session_cookie(response, view.request, cookie)
-                response.delete_cookie(sessions.LOGIN_COOKIE, path=_cookie_path(view.request))
-                return response
+                if session_user is not None and user.id == session_user.id:  # logged in meanwhile: on to the page
+                    return RedirectResponse(_safe_next(view.base, next_url), status_code=303)
+                if session_user is not None:
+                    error, status = _logged_in_as(session_user), 409
+                else:
+                    with write_tx(view.engine) as conn:
+                        cookie = _start_session(view, conn, user, "password login")
+                    response = RedirectResponse(_safe_next(view.base, next_url), status_code=303)
+                    _set_session_cookie(response, view.request, cookie)
+                    response.delete_cookie(sessions.LOGIN_COOKIE, path=_cookie_path(view.request))
+                    return response
     # Every tab's form carries the browser's one nonce: a new nonce for each form replaced the cookie
     # of the forms already open, and logging in from one of those (two tabs sent to log in when
     # their session ended) answered "The login form expired".

@@ -89,7 +89,7 @@ from typing import Any, Callable, Optional
 import attrs
 
 from ...client.lease import JobLease, tick_period_from_env
-from ...client.status_updater import SESSION_KEY, BulkStatusUpdater, SpoolReplayer, http_status
+from ...client.status_updater import SESSION_KEY, BulkStatusUpdater, SpoolReplayer, excerpt, http_status
 from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
 from ...options import option
 from ...states import PROCESSABLE_STATES, JobState
@@ -281,6 +281,11 @@ class ProcessingModule(AgentModule):
         self.tasks: dict[cf.Future, _HookTask] = {}
         #: Ids of jobs whose hook timed out (their worker is being killed) -> the reason they fail with.
         self.timed_out: dict[int, str] = {}
+        #: The pools this module broke itself, killing the worker of a hook that timed out (id ->
+        #: pool, held so that its id is not another's), kept until their last task is harvested:
+        #: the pool fails its futures one by one, so the hung job's chunk may be harvested a cycle
+        #: before the others (and the hung hook's result may come as its worker is killed).
+        self.timeout_pools: dict[int, cf.ProcessPoolExecutor] = {}
         #: Times the hooks (monotonic seconds); tests put a clock of their own.
         self.clock: Callable[[], float] = time.monotonic
         self.updater: Optional[BulkStatusUpdater] = None
@@ -472,7 +477,13 @@ class ProcessingModule(AgentModule):
         stopped: set[int] = set()
         # The pools that this module broke itself, killing the worker of a hook that timed out: the
         # job that ended the worker is known there, the others are not suspects (see below).
-        timed_out_pools = {id(t.pool) for t in self.tasks.values() if t.running is not None and t.running in self.timed_out}
+        # Recorded at the kill (_watch_hooks), kept until the pool's last chunk is harvested: found
+        # from the tasks running now only, it was lost once the hung job's chunk had been harvested
+        # (or its result read), and the others' hooks ended by the kill ran again, each alone.
+        for t in self.tasks.values():
+            if t.running is not None and t.running in self.timed_out and t.pool is not None:
+                self.timeout_pools[id(t.pool)] = t.pool
+        timed_out_pools = set(self.timeout_pools)
         for future in [f for f in self.pending if f.done()]:
             jobs = self.pending.pop(future)
             results_file = self.results_files.pop(future, None)
@@ -551,6 +562,9 @@ class ProcessingModule(AgentModule):
             self.alone.difference_update(j["id"] for j in jobs)  # settled: they have their update
             if future is self.isolated:
                 self.isolated = None
+        if self.timeout_pools:  # forgotten with their last task
+            live = {id(t.pool) for t in self.tasks.values()}
+            self.timeout_pools = {key: pool for key, pool in self.timeout_pools.items() if key in live}
         self._watch_hooks()
         return updates
 
@@ -599,6 +613,8 @@ class ProcessingModule(AgentModule):
                 self.logger.error("job %s: %s (processing.hook_timeout_sec): its worker (pid %s) is killed, the job "
                                   "FAILED; the hooks not yet completed in that pool run again",
                                   job_id, reason, task.pid)
+                if task.pool is not None:
+                    self.timeout_pools[id(task.pool)] = task.pool
                 _kill_worker(task.pool, task.pid)
             elif ran >= timeout / 2 and not task.warned:
                 task.warned = True
@@ -1269,19 +1285,59 @@ class _ReplayUpdater(BulkStatusUpdater):
         the results it had sent already from the chunks still running at its death (a file is
         deleted once its whole chunk is sent), and they are refused, as designed. Logged as an
         ERROR ("server refused updates: 36 of the 39"), a kill -9 and a prompt restart read as a
-        failure though every result was applied once. The other refusals keep their ERROR."""
+        failure though every result was applied once. Only a refusal whose reason says so is
+        expected (:func:`_moved_on`): another 409 (a move the server does not allow) or a 404 that
+        names no job (a proxy's) keeps its ERROR; both lines give the server's reasons."""
         moved_on, other = [], []
         for item in refused:
-            error = item[1]
-            expected = http_status(error) in (404, 409) and not isinstance(error, _UncheckedReplay)
-            (moved_on if expected else other).append(item)
+            (moved_on if _moved_on(item[0], item[1]) else other).append(item)
         if moved_on:
             ids = [u.get("id") for u, _ in moved_on]
             shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+            reasons = list(dict.fromkeys(excerpt(str(error), _REASON_CHARS) for _, error in moved_on))
+            text = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else "")
             _logger.info("%s: %d of the %d results of a stopped agent not applied: their jobs are no longer held by its "
-                         "session (results it had sent already; or the session expired first, and those hooks run "
-                         "again) (jobs %s)", self.name, len(moved_on), total, shown)
+                         "session or are gone (results it had sent already; or the session expired first, and those "
+                         "hooks run again) (jobs %s): %s", self.name, len(moved_on), total, shown, text)
         super()._log_refused(other, total)
+
+
+#: The most characters of each reason the replay's INFO line gives (as the ERROR line's).
+_REASON_CHARS = 500
+#: The server's words for a result refused because its session no longer holds the job
+#: (``jobs_logic.update_jobs``: "job 5 is no longer held by session 9 (now: ...)"), for a job that
+#: no longer exists ("Job not found: 5, 6"), and for the other refusals of one job
+#: ("job 5: RUN_DONE -> PREPROCESSED is not allowed").
+_NOT_HELD = re.compile(r"\bjob (\d+) is no longer held by session\b")
+_JOB_NAMED = re.compile(r"\bjob (\d+)\b")
+_JOBS_NOT_FOUND = re.compile(r"\bJob not found: ([\d, ]+)")
+
+
+def _moved_on(update: dict, error: BaseException) -> bool:
+    """Whether the server refused ``update`` because its job is no longer held by the update's
+    session (409) or no longer exists (404), as its reason says. A 409 naming the job with another
+    reason, or a 404 that names no job (a reverse proxy's "no route"), is not. A refusal of many
+    jobs names the first few: a job it does not name counts as moved on when every job it names
+    was (the refused ids it lists beside, ``refused_ids``, name them all)."""
+    if isinstance(error, _UncheckedReplay):
+        return False
+    job_id, status, text = update.get("id"), http_status(error), str(error)
+    if status == 409:
+        held = {int(i) for i in _NOT_HELD.findall(text)}
+        named = {int(i) for i in _JOB_NAMED.findall(text)}
+        if job_id in named:
+            return job_id in held and not re.search(rf"\bjob {job_id}:", text)
+        refused_ids = getattr(error, "refused_ids", None)
+        return bool(held) and named == held and (refused_ids is None or job_id in refused_ids)
+    if status == 404:
+        missing = _JOBS_NOT_FOUND.search(text)
+        if missing is None:
+            return False
+        refused_ids = getattr(error, "refused_ids", None)
+        if refused_ids:
+            return job_id in refused_ids
+        return str(job_id) in {part.strip() for part in missing.group(1).split(",")}
+    return False
 
 
 def _owner_of(name: str) -> tuple[Optional[str], Optional[int], float]:
