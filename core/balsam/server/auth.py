@@ -218,7 +218,7 @@ def redeem_code(conn: sa.Connection, code: Any, kind: str) -> sa.Row:
     prefix = INVITATION_PREFIX if kind == "invitation" else REFRESH_PREFIX
     what = "invitation" if kind == "invitation" else "refresh credential"
     parts = code.split(".", 2) if isinstance(code, str) else []
-    if len(parts) != 3 or parts[0] != prefix or not parts[1].isdigit() or len(parts[1]) > 12:
+    if len(parts) != 3 or parts[0] != prefix or not parts[1].isdecimal() or len(parts[1]) > 12:
         raise Unauthorized(f"Invalid {what}: log in again (`balsam login`)")
     row = conn.execute(sa.select(credentials).where(credentials.c.id == int(parts[1]))).first()
     expected = row.secret_hash if row is not None and row.secret_hash else _secret_hash("")

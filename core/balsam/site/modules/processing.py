@@ -1345,7 +1345,7 @@ def _owner_of(name: str) -> tuple[Optional[str], Optional[int], float]:
     (``<host>-<pid>-<ns>``, the host may hold dashes); (None, None, 0.0) for another name."""
     host, _, rest = name.rpartition("-")
     host, _, pid = host.rpartition("-")
-    if host and pid.isdigit() and rest.isdigit():
+    if host and pid.isdecimal() and rest.isdecimal():
         return host, int(pid), int(rest) / 1e9
     return None, None, 0.0
 
