@@ -145,7 +145,7 @@ class ServerSettings:
     def from_env(cls, database_url: "str | None" = None, secret_key: "str | None" = None) -> "ServerSettings":
         url = database_url or os.environ.get("BALSAM_DATABASE_URL") or default_database_url()
         key = secret_key or os.environ.get("BALSAM_AUTH_SECRET_KEY")
-        if key and len(key.encode()) < MIN_SECRET_KEY_BYTES:
+        if not secret_key and key and len(key.encode()) < MIN_SECRET_KEY_BYTES:  # as configured, not as passed in
             # Tokens are HMAC-SHA256: a short key is found offline from any one token (a login's
             # answer, a launcher's environment), and with it every user's token can be forged.
             raise ValueError(f"BALSAM_AUTH_SECRET_KEY is {len(key.encode())} bytes: at least {MIN_SECRET_KEY_BYTES} "
