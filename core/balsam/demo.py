@@ -46,6 +46,62 @@ class DemoError(click.ClickException):
     pass
 
 
+class _Left:
+    """What this demo run has started, for the one line a Ctrl-C leaves (:func:`interrupted_line`)."""
+
+    def __init__(self) -> None:
+        self.step = ""
+        self.server_started = False
+        self.site_path: Optional[Path] = None
+        self.agent_pid: Optional[int] = None
+        self.agent_started = False
+        self.run_id: Optional[str] = None
+        self.batch_job_ids: list[int] = []
+
+
+def interrupted_line(left: _Left) -> str:
+    """One line: what a demo stopped by Ctrl-C leaves running, and the commands that stop it."""
+    parts = []
+    where = f" {left.site_path}" if left.site_path else ""
+    if left.batch_job_ids:
+        ids = ", ".join(str(i) for i in left.batch_job_ids)
+        parts.append(f"BatchJobs {ids} go on running the jobs tagged demo_run={left.run_id} "
+                     f"(`balsam job ls --tag demo_run={left.run_id} --by-state`; `balsam queue term --id ID` ends one)")
+    elif left.step == "batch":
+        parts.append(f"a BatchJob for the jobs tagged demo_run={left.run_id} may have been submitted "
+                     "(`balsam queue ls`; `balsam queue term --id ID` ends one)")
+    elif left.run_id and left.step == "jobs":
+        parts.append(f"some jobs tagged demo_run={left.run_id} may have been created and wait for a launcher "
+                     f"(`balsam job ls --tag demo_run={left.run_id}`)")
+    if left.agent_pid is not None:
+        started = "started by the demo" if left.agent_started else "already running before"
+        parts.append(f"the site agent [pid {left.agent_pid}] ({started}; `balsam site stop{where}` stops it)")
+    elif left.step == "agent":
+        parts.append(f"the site agent may be starting (`balsam site stop{where}`)")
+    if left.server_started:
+        parts.append("the Balsam server the demo started (`balsam server stop`)")
+    elif left.step == "server":
+        parts.append("the Balsam server may be starting (`balsam server status`; `balsam server stop`)")
+    if not parts:
+        return "Interrupted: the demo started nothing that runs on"
+    return "Interrupted: still running: " + "; ".join(parts)
+
+
+class _DemoCommand(click.Command):
+    """``python -m balsam.demo`` (no ``balsam`` group above it) ends a Ctrl-C as ``balsam demo``
+    does: its one line and exit status 130, not click's "Aborted!" and 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if ctx.parent is not None:  # under `balsam`: its group reports the interrupt
+            return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            from balsam.cli import _interrupted
+
+            _interrupted(exc)
+
+
 def _step(message: str) -> None:
     click.secho(f"==> {message}", bold=True)
 
@@ -84,8 +140,9 @@ def _free_port() -> int:
 
 
 
-def ensure_server() -> Any:
-    """A logged-in client; starts the embedded server first when no server answers."""
+def ensure_server(left: Optional[_Left] = None) -> Any:
+    """A logged-in client; starts the embedded server first when no server answers (noted in
+    ``left``)."""
     from balsam.client import load_client
 
     try:
@@ -102,6 +159,8 @@ def ensure_server() -> Any:
         # Another server (someone else's, or another BALSAM_HOME's) holds the default port.
         command += ["--port", str(_free_port())]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if left is not None and proc.returncode == 0:
+        left.server_started = not any("already running" in line for line in proc.stdout.splitlines())
     if proc.returncode != 0:
         said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         raise DemoError(f"`balsam server start` failed: {said[-1] if said else f'exit code {proc.returncode}'}")
@@ -143,15 +202,19 @@ def ensure_site(client: Any, site_path: Path) -> int:
     return site_id
 
 
-def ensure_agent(site_path: Path) -> int:
+def ensure_agent(site_path: Path, left: Optional[_Left] = None) -> int:
     from balsam.site.agent import agent_running
     from balsam.site.site_ops import start_agent
 
     running = agent_running(site_path)
     if running is not None:
         click.echo(f"    site agent already running [pid {running[1]}]")
+        if left is not None:
+            left.agent_pid = running[1]
         return running[1]
     pid = start_agent(site_path)
+    if left is not None:
+        left.agent_pid, left.agent_started = pid, True
     click.echo(f"    started the site agent [pid {pid}] (logs in {site_path / 'log'})")
     return pid
 
@@ -343,30 +406,48 @@ def summary(client: Any, site_path: Path, run_id: str, states: Counter, elapsed:
     return 0 if states["FAILED"] == 0 and sum(states[s] for s in DONE) == sum(states.values()) else 1
 
 
-@click.command("demo")
+@click.command("demo", cls=_DemoCommand)
 @click.option("--site-path", type=click.Path(file_okay=False), help="Site directory (default: $BALSAM_HOME/demo-site)")
 @click.option("-n", "--num-jobs", default=DEFAULT_NUM_JOBS, show_default=True, help="Jobs in the campaign")
 @click.option("--timeout", default=300.0, show_default=True, help="Give up waiting after this many seconds")
 @click.option("--stop-agent", is_flag=True, help="Stop the site agent at the end (default: leave it running)")
 def demo(site_path: Optional[str], num_jobs: int, timeout: float, stop_agent: bool) -> None:
-    """Run a real Balsam campaign on this machine: server, site, apps, ~1,000 jobs, two BatchJobs."""
+    """Run a real Balsam campaign on this machine: server, site, apps, ~1,000 jobs, two BatchJobs.
+
+    Ctrl-C ends it with exit status 130 and one line saying what goes on running (the BatchJobs, the
+    site agent, the server it started) and the commands that stop each."""
+    from balsam.cli import Interrupted
+
+    left = _Left()
+    try:
+        _campaign(site_path, num_jobs, timeout, stop_agent, left)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_line(left)) from None
+
+
+def _campaign(site_path: Optional[str], num_jobs: int, timeout: float, stop_agent: bool, left: _Left) -> None:
     from balsam.config import balsam_home
 
     t0 = time.monotonic()
     path = Path(site_path).expanduser().resolve() if site_path else balsam_home() / "demo-site"
     _step("Starting the Balsam API server")
-    client = ensure_server()
+    left.step = "server"
+    client = ensure_server(left)
     from balsam._api.model import reset_default_client
 
     reset_default_client()
     _step("Setting up the site")
+    left.step, left.site_path = "site", path
     site_id = ensure_site(client, path)
     os.environ["BALSAM_SITE_PATH"] = str(path)
-    ensure_agent(path)
+    left.step = "agent"
+    ensure_agent(path, left)
     _step("Registering apps: DemoHello (shell), DemoSum (shell), DemoPower (Python run()), DemoMPI (mpi4py)")
+    left.step = "apps"
     apps = register_apps(site_id)
     run_id = f"run-{dt.datetime.now():%Y%m%d-%H%M%S}"
     _step(f"Creating jobs (tag demo_run={run_id})")
+    left.step, left.run_id = "jobs", run_id
     t_jobs = time.monotonic()
     counts = create_jobs(apps, run_id, num_jobs)
     total = sum(counts.values())
@@ -375,16 +456,13 @@ def demo(site_path: Optional[str], num_jobs: int, timeout: float, stop_agent: bo
         f"and a DAG of {counts['dag']} (4 squares -> sum -> report)"
     )
     _step("Submitting a serial-mode and an mpi-mode BatchJob (1 node each, local scheduler)")
+    left.step = "batch"
     batch_jobs = submit_batch_jobs(site_id, run_id, wall_time_min=10)
+    left.batch_job_ids = [b.id for b in batch_jobs]
     click.echo("    BatchJobs " + ", ".join(f"{b.id} ({b.job_mode})" for b in batch_jobs))
     _step("Running")
-    try:
-        states, _ = watch(client, run_id, total, timeout)
-    except KeyboardInterrupt:
-        raise DemoError(
-            f"interrupted: the campaign goes on in the background (`balsam job ls --tag demo_run={run_id} --by-state`"
-            f" in {path}; `balsam site stop {path}` stops the agent)"
-        ) from None
+    left.step = "running"
+    states, _ = watch(client, run_id, total, timeout)
     elapsed = time.monotonic() - t_jobs
     code = summary(client, path, run_id, states, elapsed, apps)
     if stop_agent:

@@ -107,7 +107,7 @@ def unreachable_server_line(exc: BaseException) -> str:
     # with a hint for a server on this machine ("is it running? `balsam server status`"), which
     # misleads on a compute node.
     cause = re.sub(r"^[A-Z]+ \S+: ", "", cause)
-    cause = re.sub(r"\s*\(is it running\? `balsam server status`\)$", "", cause)
+    cause = re.sub(r"\s*\(is it running\? `balsam server status`[^)]*\)$", "", cause)
     if is_unix(api_root) and not unix_socket_path(api_root).parent.exists():
         cause = f"{unix_socket_path(api_root).parent} does not exist on this host"
     line = f"the launcher on {socket.gethostname()} cannot reach the Balsam server at {api_root}: {cause}"

@@ -158,11 +158,12 @@ class LocalHTTPPool:
         return f"LocalHTTPPool({where})"
 
     # -- connections ---------------------------------------------------------------------------
-    def _new_connection(self) -> http.client.HTTPConnection:
+    def _new_connection(self, timeout: Optional[float] = None) -> http.client.HTTPConnection:
+        connect_timeout = self.connect_timeout if timeout is None else min(self.connect_timeout, timeout)
         if self.unix_path:
-            conn: http.client.HTTPConnection = _unix_connection_class()(self.unix_path, self.host, self.connect_timeout)
+            conn: http.client.HTTPConnection = _unix_connection_class()(self.unix_path, self.host, connect_timeout)
         else:
-            conn = _http_client().HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+            conn = _http_client().HTTPConnection(self.host, self.port, timeout=connect_timeout)
         try:
             conn.connect()
         except socket.timeout as exc:
@@ -192,12 +193,12 @@ class LocalHTTPPool:
         except (OSError, ValueError):
             return True
 
-    def _take(self) -> http.client.HTTPConnection:
+    def _take(self, timeout: Optional[float] = None) -> http.client.HTTPConnection:
         while True:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                return self._new_connection()
+                return self._new_connection(timeout)
             if not self._closed_by_server(conn):
                 return conn
             conn.close()
@@ -219,8 +220,10 @@ class LocalHTTPPool:
     # -- requests ------------------------------------------------------------------------------
     def request(self, method: str, url: str, *, params: "Mapping[str, Any] | None" = None,
                 content: Optional[bytes] = None, data: "Mapping[str, Any] | None" = None,
-                headers: "Mapping[str, str] | None" = None) -> LocalResponse:
-        """One request; the whole answer is read before this returns. ``data``: a form body."""
+                headers: "Mapping[str, str] | None" = None, timeout: Optional[float] = None) -> LocalResponse:
+        """One request; the whole answer is read before this returns. ``data``: a form body;
+        ``timeout``: this request's connect and read timeout, when shorter than the pool's (the
+        rest of an interactive call's wait)."""
         target = self.base_path + url
         query = encode_query(params)
         if query:
@@ -230,14 +233,18 @@ class LocalHTTPPool:
         if data is not None:
             body = encode_query(data).encode()
             all_headers["Content-Type"] = "application/x-www-form-urlencoded"
-        conn = self._take()
+        conn = self._take(timeout)
+        read_timeout = self.read_timeout
         try:
+            if timeout is not None and timeout < read_timeout:
+                read_timeout = timeout
+                conn.sock.settimeout(timeout)
             conn.request(method, target, body=body, headers=all_headers)
             resp = conn.getresponse()
             payload = resp.read()
         except socket.timeout as exc:
             conn.close()
-            raise LocalTransportError(f"{method} {url}: no answer from {self._where()} within {self.read_timeout:g} s",
+            raise LocalTransportError(f"{method} {url}: no answer from {self._where()} within {read_timeout:.3g} s",
                                       timed_out=True) from exc
         except (OSError, _http_client().HTTPException) as exc:
             conn.close()
@@ -251,5 +258,7 @@ class LocalHTTPPool:
         if resp.will_close:
             conn.close()
         else:
+            if read_timeout != self.read_timeout:
+                conn.sock.settimeout(self.read_timeout)
             self._give_back(conn)
         return answer

@@ -16,7 +16,10 @@ Retry policy (a fault of the original was retrying every 4xx for half an hour):
   refuses even then raises :class:`AuthenticationError` with ``credential_refused`` set and calls the
   :func:`on_credential_refused` listeners (a launcher stops acquiring work);
 - with a refresh credential, an access token about to expire is renewed before the request;
-- any other 4xx raises :class:`APIError` at once, carrying the status and the server's detail.
+- any other 4xx raises :class:`APIError` at once, carrying the status and the server's detail;
+- a client made for interactive use (the CLI's short commands: :func:`cap_retries_for_interactive_use`)
+  retries less, says on stderr when a call has waited 10 s, 20 s, 40 s ... ("still waiting for <URL>
+  after 10 s (Ctrl-C to stop)") and gives up after 120 s in all; launchers and agents only log.
 
 After ``fork()`` the child gets a fresh connection pool on its first request.
 """
@@ -27,6 +30,7 @@ import collections
 import contextlib
 import contextvars
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -44,7 +48,7 @@ from balsam.util import paused_gc
 
 from .local_http import LocalHTTPPool, LocalTransportError
 from .settings import NOT_LOGGED_IN, ClientSettings, NotLoggedIn, store_refreshed_token
-from .transport import UNIX_SCHEME, httpx_client_args, local_pool_args
+from .transport import UNIX_SCHEME, httpx_client_args, is_loopback_host, is_unix, local_pool_args
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -70,6 +74,132 @@ def _is_connect_error(exc: BaseException) -> bool:
         return exc.connect_failed
     httpx = sys.modules.get("httpx")
     return httpx is not None and isinstance(exc, httpx.ConnectError)
+
+
+#: The embedded server's TCP port unless ``balsam server start --port`` chose another (see
+#: :func:`_embedded_server_urls`).
+EMBEDDED_DEFAULT_PORT = 8765
+#: The hint for the embedded server that does not answer (``balsam.cli.launcher`` removes it from a
+#: launcher's line, where it misleads on a compute node: keep the two alike).
+EMBEDDED_SERVER_HINT = " (is it running? `balsam server status`)"
+
+
+def _embedded_server_urls() -> "set[str]":
+    """The http addresses of the embedded server of this ``$BALSAM_HOME`` (what ``balsam server
+    start`` wrote in ``server/server.json``; the default port when it wrote nothing)."""
+    from urllib.parse import urlparse
+
+    from .settings import balsam_home
+
+    ports = {EMBEDDED_DEFAULT_PORT}
+    try:
+        info = json.loads((balsam_home() / "server" / "server.json").read_text())
+        port = urlparse(str(info.get("url") or "")).port if isinstance(info, dict) else None
+        if port:
+            ports.add(port)
+    except (OSError, ValueError):
+        pass
+    return {f"{host}:{port}" for port in ports for host in ("127.0.0.1", "localhost", "[::1]")}
+
+
+def unreachable_hint(api_root: str, exc: BaseException) -> str:
+    """What to check when a request to ``api_root`` failed with ``exc`` (" (...)", or "" when the
+    request reached the server). ``balsam server status`` sees only the embedded server of this
+    machine: it is the hint for that server's addresses (its Unix socket, its TCP port), not for a
+    remote server (an unknown host name, a network down), where it sent users to the wrong place."""
+    from urllib.parse import urlparse
+
+    if not _is_connect_error(exc):
+        return ""
+    if is_unix(api_root):
+        return EMBEDDED_SERVER_HINT
+    parsed = urlparse(api_root)
+    if parsed.scheme == "http" and is_loopback_host(parsed.hostname or ""):
+        if parsed.netloc in _embedded_server_urls():
+            return EMBEDDED_SERVER_HINT
+        return (" (is it running? `balsam server status` checks the embedded server; for an SSH tunnel or "
+                f"another server at {parsed.netloc}, check that it is up)")
+    return " (check the server URL and this machine's network: DNS, proxy, VPN; another server: `balsam login -u URL`)"
+
+
+#: Interactive use (the CLI's short commands, see :func:`cap_retries_for_interactive_use`): a call
+#: that has waited this long without an answer is reported on stderr, then at twice, four times ...
+#: that wait.
+WAIT_REPORT_FIRST_S = 10.0
+#: Interactive use: the most a call waits, retries and their backoff included (at least the
+#: client's read timeout: one full wait for a slow server, no second one after it timed out).
+INTERACTIVE_MAX_WAIT_S = 120.0
+
+
+class _WaitReporter:
+    """Tells the user of an interactive command which call is still waiting ("still waiting for
+    <URL> after 10 s (Ctrl-C to stop)"), at growing intervals, on stderr.
+
+    One daemon thread per process, started by the first interactive call; a call costs a lock and
+    a notify at its start and its end. Clients of launchers and agents never get here (they log
+    their retries instead): :meth:`RESTClient._send` calls it only for a client with
+    ``report_waits_after`` set. Calls of several threads to the same URL are reported once (the
+    oldest).
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        #: key -> [url, started (monotonic), next report (monotonic)]
+        self._waits: dict[int, list[Any]] = {}
+        self._keys = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+
+    def begin(self, url: str, first_after: float) -> int:
+        now = time.monotonic()
+        with self._cond:
+            key = next(self._keys)
+            self._waits[key] = [url, now, now + first_after]
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="balsam-wait-reporter", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return key
+
+    def end(self, key: int) -> None:
+        with self._cond:
+            self._waits.pop(key, None)
+
+    def _due_lines(self, now: float) -> list[str]:
+        lines, said = [], set()
+        for wait in sorted(self._waits.values(), key=lambda w: w[1]):  # the oldest call of a URL speaks
+            url, started, due = wait
+            if due > now:
+                continue
+            wait[2] = started + 2 * (due - started)
+            if url not in said:
+                said.add(url)
+                lines.append(f"still waiting for {url} after {round(due - started, 1):g} s (Ctrl-C to stop)")
+        return lines
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                lines = self._due_lines(now)
+                if not lines:
+                    nearest = min((w[2] for w in self._waits.values()), default=None)
+                    self._cond.wait(None if nearest is None else max(nearest - now, 0.0))
+                    continue
+            stream = sys.stderr  # looked up now: the CLI's tests replace it
+            try:
+                for line in lines:
+                    stream.write(line + "\n")
+                stream.flush()
+            except (OSError, ValueError, AttributeError):  # stderr closed or gone: nothing to tell
+                pass
+
+
+_wait_reporter = _WaitReporter()
+if hasattr(os, "register_at_fork"):  # a forked child has no reporter thread, and maybe a held lock
+    os.register_at_fork(after_in_child=_wait_reporter._reset)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -187,7 +317,7 @@ def _refused_ids(resp: "Response") -> "frozenset[int] | None":
 
 def _retry_after(resp: "Response") -> float:
     raw = resp.headers.get("Retry-After", "")
-    return float(raw) if raw.replace(".", "", 1).isdigit() else 0.0
+    return float(raw) if raw.replace(".", "", 1).isdecimal() else 0.0
 
 
 def _notify_credential_refused(error: AuthenticationError) -> None:
@@ -320,6 +450,16 @@ class RESTClient:
         #: listings page by offset from their start, without a request to find out again (see
         #: balsam._api.query.read_pages).
         self.lacks_id_after = False
+        #: Interactive use (a client made while :func:`cap_retries_for_interactive_use` is in force):
+        #: a call that has waited this many seconds is reported on stderr (None: never, as in a
+        #: launcher or an agent, which log their retries), and a call gives up after
+        #: ``max_call_wait`` seconds in all, retries included (None: after its retries alone).
+        self.report_waits_after: Optional[float] = None
+        self.max_call_wait: Optional[float] = None
+        if _interactive_retry_cap is not None:
+            self.retry_count = min(self.retry_count, _interactive_retry_cap)
+            self.report_waits_after = WAIT_REPORT_FIRST_S
+            self.max_call_wait = max(INTERACTIVE_MAX_WAIT_S, self.read_timeout)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -455,10 +595,31 @@ class RESTClient:
             expiry = expiry.replace(tzinfo=dt.timezone.utc)
         return expiry <= dt.datetime.now(dt.timezone.utc)
 
+    def _send_interactive(self, method: str, path: str, **kwargs: Any) -> "Response":
+        """:meth:`_send` for interactive use: the user hears of a long wait (:class:`_WaitReporter`),
+        and the call's whole wait is capped at ``max_call_wait``."""
+        deadline = time.monotonic() + (self.max_call_wait if self.max_call_wait is not None else float("inf"))
+        key = None if self.report_waits_after is None else _wait_reporter.begin(
+            f"{self.api_root}{path if path.startswith('/') else '/' + path}", self.report_waits_after)
+        try:
+            return self._send(method, path, deadline=deadline, **kwargs)
+        finally:
+            if key is not None:
+                _wait_reporter.end(key)
+
+    def _attempt_timeout(self, pool: Any, left: float) -> Any:
+        """The timeout argument of an attempt that may wait ``left`` seconds at most."""
+        read = max(min(self.read_timeout, left), 0.001)
+        if isinstance(pool, LocalHTTPPool):
+            return read
+        import httpx
+
+        return httpx.Timeout(read, connect=min(self.connect_timeout, read))
+
     def _backoff(self, attempt: int, resp: "Optional[Response]" = None) -> float:
         if resp is not None:
             retry_after = resp.headers.get("Retry-After", "")
-            if retry_after.replace(".", "", 1).isdigit():
+            if retry_after.replace(".", "", 1).isdecimal():
                 return min(float(retry_after), self.backoff_max)
         delay = min(self.backoff_max, self.backoff_base * (2**attempt))
         return delay + random.uniform(0, delay / 4)
@@ -512,33 +673,49 @@ class RESTClient:
         authenticated: bool = True,
         idempotency_key: Optional[str] = None,
         retry_count: Optional[int] = None,
+        deadline: Optional[float] = None,
     ) -> "Response":
+        """One call, its retries included; ``deadline`` (``time.monotonic()``): no retry and no wait
+        beyond it (set by :meth:`_send_interactive`)."""
+        if deadline is None and (self.report_waits_after is not None or self.max_call_wait is not None):
+            return self._send_interactive(method, path, params=params, json=json, data=data, headers=headers,
+                                          authenticated=authenticated, idempotency_key=idempotency_key,
+                                          retry_count=retry_count)
         method = method.upper()
         url = path if path.startswith("/") else "/" + path
-        reauthed = False
-        attempt = 0
         retries = self.retry_count if retry_count is None else min(int(retry_count), self.retry_count)
         retry_safe_headers = idempotency_headers(method, idempotency_key)
         if authenticated:
             self._ensure_fresh_token()
         content = None if json is None else _encode_json(json)  # encoded once, resent as is on a retry
         body_headers = {"Content-Type": "application/json"} if content is not None else {}
+        reauthed = False
+        attempt = 0
         while True:
             self.request_counts[f"{method} {url}"] += 1
             pool = self._http()
             try:
-                resp = pool.request(
-                    method, url, params=params, content=content, data=data,
-                    headers={**self._headers(authenticated), **retry_safe_headers, **body_headers, **(headers or {})},
-                )
+                if deadline is None:
+                    resp = pool.request(
+                        method, url, params=params, content=content, data=data,
+                        headers={**self._headers(authenticated), **retry_safe_headers, **body_headers, **(headers or {})},
+                    )
+                else:  # this attempt waits no longer than the call has left
+                    resp = pool.request(
+                        method, url, params=params, content=content, data=data,
+                        headers={**self._headers(authenticated), **retry_safe_headers, **body_headers, **(headers or {})},
+                        timeout=self._attempt_timeout(pool, deadline - time.monotonic()),
+                    )
             except self._retry_errors as exc:
-                if attempt >= retries:
-                    raise ServerUnavailable(
-                        f"{method} {self.api_root}{url}: server unreachable after {attempt + 1} attempts: "
-                        f"{type(exc).__name__}: {exc}"
-                        + (" (is it running? `balsam server status`)" if _is_connect_error(exc) else "")
-                    ) from None
                 delay = self._backoff(attempt)
+                if attempt >= retries or (deadline is not None and time.monotonic() + delay >= deadline):
+                    waited = "" if deadline is None or attempt >= retries else (
+                        f" (gave up after {self.max_call_wait:g} s, the wait of an interactive command)")
+                    raise ServerUnavailable(
+                        f"{method} {self.api_root}{url}: server unreachable after {attempt + 1} "
+                        f"attempt{'' if attempt == 0 else 's'}{waited}: {type(exc).__name__}: {exc}"
+                        + unreachable_hint(self.api_root, exc)
+                    ) from None
                 logger.warning("%s %s: %s; retrying in %.1f s", method, url, type(exc).__name__, delay,
                                extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
                 time.sleep(delay)
@@ -548,9 +725,10 @@ class RESTClient:
             if status == 429 or status >= 500:
                 # A server that asks for more patience than our backoff cap (a throttled login:
                 # minutes) gets its answer reported now, not a blocked caller.
-                if attempt >= retries or _retry_after(resp) > self.backoff_max:
-                    raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
                 delay = self._backoff(attempt, resp)
+                if (attempt >= retries or _retry_after(resp) > self.backoff_max
+                        or (deadline is not None and time.monotonic() + delay >= deadline)):
+                    raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
                 logger.warning("%s %s: HTTP %d; retrying in %.1f s", method, url, status, delay,
                                extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
                 time.sleep(delay)
@@ -685,7 +863,12 @@ _interactive_retry_cap: Optional[int] = None
 
 
 def cap_retries_for_interactive_use(retry_count: Optional[int]) -> None:
-    """Cap the retries of clients created from now on in this process (None lifts the cap)."""
+    """Cap the retries of clients created from now on in this process (None lifts the cap), and make
+    them interactive: a call that waits :data:`WAIT_REPORT_FIRST_S` says so on stderr ("still waiting
+    for <URL> after 10 s (Ctrl-C to stop)", again at 20, 40, 80 s), and gives up after
+    :data:`INTERACTIVE_MAX_WAIT_S` (or the client's read timeout, if longer) in all, where a server
+    that accepts connections and never answers held `balsam job ls` for 4 read timeouts (8 minutes)
+    without a word. See ``report_waits_after`` and ``max_call_wait`` of :class:`RESTClient`."""
     global _interactive_retry_cap
     _interactive_retry_cap = retry_count
 
@@ -698,7 +881,4 @@ def load_client(path: "Path | str | None" = None) -> RESTClient:
     settings = ClientSettings.load(path)
     if not settings.token and not settings.refresh_token:
         raise NotLoggedIn("the stored login has no token")
-    client = RESTClient.from_settings(settings, settings_path=path)
-    if _interactive_retry_cap is not None:
-        client.retry_count = min(client.retry_count, _interactive_retry_cap)
-    return client
+    return RESTClient.from_settings(settings, settings_path=path)  # capped for interactive use, if in force
