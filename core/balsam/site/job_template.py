@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_JOB_TEMPLATE",
     "JobTemplateError",
     "build_context",
+    "check_script_values",
     "launcher_command",
     "render_job_script",
     "default_template_for",
@@ -163,7 +164,72 @@ def build_context(
         from ..plugins.manager import get_plugin_manager
 
         get_plugin_manager().hook.balsam_job_template_context(batch_job=batch_job, context=context)
+    check_script_values(batch_job, context)
     return context
+
+
+def _control_char(text: str) -> Optional[str]:
+    for char in text:
+        if char == "\n":
+            return "a newline"
+        if char == "\r":
+            return "a carriage return"
+        if ord(char) < 32 or ord(char) == 127:
+            return f"the control character {char!r}"
+    return None
+
+
+def _shown(value: str) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_script_values(batch_job: Any, context: Mapping[str, Any]) -> None:
+    """Refuse (:class:`JobTemplateError`, one line naming the BatchJob and the value) a value that a
+    batch script cannot carry as meant. Templates put these values into ``#SBATCH``/``#PBS``
+    directives and comments unquoted, so a newline in any of them (a BatchJob's ``-x`` value, its
+    project, a tag) started a line of its own in the script: a command that bash ran, or a directive
+    the scheduler obeyed. Tags go to the launcher as ``--tag K=V`` and ``--part MODE:N:K=V``, which it
+    splits at the first ``=`` (and at every ``:`` in a partition) and strips: a key with ``=`` or
+    ``:``, a partition tag value with ``:``, or a value with spaces at either end would make it run
+    other jobs than the BatchJob's. ``queue``, ``project`` and ``job_mode`` go into directives as
+    one word: no white space or quotes there.
+    """
+    who = f"BatchJob {_field(batch_job, 'id')}"
+
+    def refuse(what: str, value: Any, why: str) -> None:
+        raise JobTemplateError(f"{who}: {what} {_shown(str(value))} {why}: its batch script is not rendered")
+
+    def plain(what: str, value: Any) -> str:
+        text = "" if value is None else str(value)
+        problem = _control_char(text)
+        if problem:
+            refuse(what, text, f"contains {problem}")
+        return text
+
+    for name in ("queue", "project", "job_mode"):
+        text = plain(name, context.get(name))
+        if any(char.isspace() or char in "'\"`$\\;&|<>" for char in text):
+            refuse(name, text, "contains white space, a quote or a shell character")
+
+    def check_tags(where: str, tags: Mapping[Any, Any], partition: bool) -> None:
+        for key, value in tags.items():
+            key_text, value_text = plain(f"{where} key", key), plain(f"{where} {key!r} value", value)
+            if not key_text or key_text.strip() != key_text or "=" in key_text or ":" in key_text:
+                refuse(f"{where} key", key_text, "is empty, has spaces at an end, or contains '=' or ':'")
+            if value_text.strip() != value_text:
+                refuse(f"{where} {key_text!r} value", value_text, "has white space at an end (the launcher strips it)")
+            if partition and ":" in value_text:
+                refuse(f"{where} {key_text!r} value", value_text, "contains ':' (the launcher's --part separator)")
+
+    check_tags("filter_tags", dict(context.get("filter_tags") or {}), False)
+    for index, part in enumerate(_field(batch_job, "partitions") or []):
+        plain(f"partition {index} job_mode", _enum_value(_field(part, "job_mode")))
+        check_tags(f"partition {index} filter_tags", dict(_field(part, "filter_tags") or {}), True)
+    for key, value in dict(context.get("optional_params") or {}).items():
+        plain("optional param", key)
+        plain(f"optional param {key!r} value", value)
+    plain("site path", context.get("balsam_site_path"))
 
 
 def _environment() -> jinja2.Environment:

@@ -3,8 +3,9 @@
 Each cycle (``service_period`` seconds) it fetches up to ``cleanup_batch_size`` JOB_FINISHED jobs of
 this site with ``pending_file_cleanup`` set, groups them by app, deletes the files matching the app's
 ``cleanup_files`` glob patterns inside each workdir (never through a symlink to somewhere else: a
-matched symlink is removed as a link, its target is kept), and clears
-``pending_file_cleanup`` on all of them with one bulk PATCH.
+matched symlink is removed as a link, its target is kept; a workdir that is, or lies below, a
+symlink is not cleaned), and clears ``pending_file_cleanup`` on all of them with one bulk PATCH. A
+job with children not yet JOB_FINISHED or FAILED keeps its files and its flag until they are.
 
 A job re-run by its user meanwhile (its files are the new run's): the jobs are asked about once
 more, in one request, right before any file is deleted, and those no longer JOB_FINISHED are left
@@ -15,7 +16,7 @@ re-check keeps its flag, and its files are cleaned when it finishes again).
 from __future__ import annotations
 
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 import attrs
@@ -43,12 +44,36 @@ class FileCleanerSettings:
 
 
 def glob_pattern_error(pattern: str) -> Optional[str]:
-    """Why ``Path.glob`` refuses ``pattern`` (e.g. ``'**x'`` on Python 3.11), or None."""
+    """Why ``pattern`` is not used (``Path.glob`` refuses it, e.g. ``'**x'`` on Python 3.11; it is
+    absolute, or climbs out of the workdir with ``..``), or None. An absolute pattern made
+    ``Path.glob`` raise NotImplementedError, which ended every cycle: no job was cleaned again."""
+    if pattern.startswith("/") or Path(pattern).is_absolute():
+        return "an absolute path: patterns are relative to the job's workdir"
+    if ".." in Path(pattern).parts:
+        return "'..' would leave the job's workdir"
     try:
         # A directory that does not exist: the pattern is parsed, nothing is listed.
         list(Path("/nonexistent-balsam-glob-check").glob(pattern))
-    except ValueError as exc:
-        return str(exc)
+    except (ValueError, NotImplementedError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def workdir_link(workdir: Path, data_path: Path) -> Optional[str]:
+    """Why ``workdir`` (``data_path / job.workdir``) is not cleaned, or None: it must be the very
+    directory its path names below ``data/``. A workdir that is itself a symlink, or lies below
+    one (``data/a -> data/b``), is another directory's name: its patterns would delete the files of
+    the job that works there (or of anything the link reaches)."""
+    try:
+        data_root = data_path.resolve()
+        root = workdir.resolve()
+        relative = PurePosixPath(workdir.relative_to(data_path).as_posix())
+    except (OSError, RuntimeError, ValueError) as exc:
+        return f"cannot resolve it ({exc})"
+    if not relative.parts or ".." in relative.parts or relative.is_absolute():
+        return "it is not a directory below data/"
+    if root != data_root.joinpath(*relative.parts):
+        return f"it is (or lies below) a symlink to {root}"
     return None
 
 
@@ -59,16 +84,13 @@ def cleanup_workdir(workdir: Path, data_path: Path, patterns: list[str]) -> list
     Symlinks are never followed to delete something else: a match counts only if its parent
     directory, resolved, is the workdir (resolved once) or below it, so a pattern cannot reach
     another job's files through a directory symlink; a match that is itself a symlink is removed
-    as a link (its target is left alone); otherwise only regular files are removed.
+    as a link (its target is left alone); otherwise only regular files are removed. A workdir
+    that is (or lies below) a symlink is not cleaned at all (:func:`workdir_link`).
     """
     removed: list[Path] = []
-    try:
-        data_root = data_path.resolve()
-        root = workdir.resolve()
-    except (OSError, RuntimeError):
+    if workdir_link(workdir, data_path) is not None:
         return removed
-    if data_root not in root.parents:
-        return removed
+    root = workdir.resolve()
     for pattern in patterns:
         if not pattern or ".." in Path(pattern).parts or Path(pattern).is_absolute():
             continue
@@ -99,22 +121,40 @@ class FileCleanerModule(AgentModule):
         super().__init__(site_config, config, client)
         self.apps = AppCache(client)
         self._reported: set[tuple[int, str]] = set()
+        self._after = 0  # the next cycle lists the jobs after this id (0: from the start)
+
+    def _without_busy_children(self, jobs: list[dict], patterns_of: dict[int, list[str]]) -> tuple[list[dict], int]:
+        """``jobs`` less those with a child not yet JOB_FINISHED or FAILED (one request), and how
+        many were kept back: the children of a DAG read their parents' files (``input.h5`` links,
+        ``parent.workdir``); a parent's files are deleted once all its children are done. A job
+        kept back keeps its flag."""
+        ids = {job["id"] for job in jobs if patterns_of.get(job["app_id"])}
+        if not ids:
+            return jobs, 0
+        busy_states = [state.value for state in JobState if state not in (JobState.finished, JobState.failed)]
+        children = list_all(self.client, "/jobs/", {"parent_id": sorted(ids), "state": busy_states})
+        busy = {pid for child in children for pid in (child.get("parent_ids") or []) if pid in ids}
+        if busy:
+            self.logger.info("%d finished jobs have children still to finish: their files are kept for now", len(busy))
+        return [job for job in jobs if job["id"] not in busy], len(busy)
 
     def run_cycle(self) -> Optional[float]:
         batch = self.options.cleanup_batch_size
-        jobs = list_all(
-            self.client,
-            "/jobs/",
-            {"site_id": self.site_id, "state": JobState.finished.value, "pending_file_cleanup": "true"},
-            limit=batch,
-        )
+        params: dict[str, Any] = {"site_id": self.site_id, "state": JobState.finished.value, "pending_file_cleanup": "true"}
+        if self._after:
+            params["id__gt"] = self._after
+        jobs = list_all(self.client, "/jobs/", params, limit=batch)
+        if not jobs and self._after:
+            self._after = 0
+            return 0.0  # past the end: from the start again
         if not jobs:
             self.logger.debug("cycle: no finished job waits for cleanup")
             return None
-        listed = len(jobs)
+        listed, listed_rows = len(jobs), list(jobs)
         data_path = Path(self.site_config.data_path)
         removed = 0
         patterns_of: dict[int, list[str]] = {}
+        kept = 0
         for app_id in sorted({job["app_id"] for job in jobs}):
             try:
                 app_cls = self.apps.app_class(app_id)
@@ -150,10 +190,19 @@ class FileCleanerModule(AgentModule):
             if len(still) < len(jobs):
                 self.logger.info("%d jobs were re-run since they were listed: not cleaned", len(jobs) - len(still))
             jobs = [job for job in jobs if job["id"] in still]
+            jobs, kept = self._without_busy_children(jobs, patterns_of)
+        # Jobs kept back stay pending and would be listed first again: the next cycle reads on
+        # past this batch (then from the start again), so that they cannot hold back the others.
+        self._after = max(row["id"] for row in listed_rows) if kept and listed >= batch else 0
         for job in jobs:
             patterns = patterns_of.get(job["app_id"])
             if patterns:
-                removed += len(cleanup_workdir(data_path / job["workdir"], data_path, patterns))
+                workdir = data_path / job["workdir"]
+                why = workdir_link(workdir, data_path)
+                if why is not None:
+                    self.logger.warning("job %s: workdir %s not cleaned: %s", job["id"], job["workdir"], why)
+                    continue
+                removed += len(cleanup_workdir(workdir, data_path, patterns))
         if jobs:
             bulk_patch(self.client, "/jobs/", [{"id": job["id"], "pending_file_cleanup": False} for job in jobs])
         self.logger.info("cleaned %d finished jobs (%d files removed)", len(jobs), removed)
