@@ -267,6 +267,11 @@ def test_mpi_mode_acquire_returns_prepared_jobs_and_the_unbuildable_end_failed(t
     mode = mpi_mode(tmp_path)
 
     class Preparer:
+        batches: list = []
+
+        def end_stale_runs(self, jobs):  # the acquired batch's earlier runs, ended together before preparing
+            self.batches.append([job.id for job in jobs])
+
         def prepare(self, job):
             if job.id == 2:
                 from balsam.launcher.app_run import JobBuildError
@@ -288,6 +293,7 @@ def test_mpi_mode_acquire_returns_prepared_jobs_and_the_unbuildable_end_failed(t
     mode.preparer = Preparer()
     got = mode._fetch(Source(), mode._acquire_request())
     assert [type(j) for j in got] == [PreparedJob, Unbuildable, PreparedJob] and got[1].reason == "no such app"
+    assert mode.preparer.batches == [[1, 2, 3]]
     updater = Updater()
     mode._take(got, updater)
     assert [p.id for p in mode.pending] == [1, 3]

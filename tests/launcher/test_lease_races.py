@@ -137,6 +137,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 # -- an MPIMode over a fake pool --------------------------------------------------------------------
 class Prep:
+    def end_stale_runs(self, jobs: Any) -> None:
+        pass
+
     def prepare(self, job: Any) -> PreparedJob:
         job_id = job["id"] if isinstance(job, dict) else job.id
         return PreparedJob(job=None, id=job_id, workdir=Path("."), cmdline="true", env={},

@@ -83,6 +83,9 @@ class Updater:
 class Prep:
     """Jobs given as (id, wall_time_min), each taking a whole node."""
 
+    def end_stale_runs(self, jobs: Any) -> None:
+        pass
+
     def prepare(self, job: Any) -> PreparedJob:
         return PreparedJob(job=job, id=job.id, workdir=Path("."), cmdline="true", env={}, demand=Demand())
 

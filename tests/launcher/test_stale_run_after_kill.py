@@ -66,6 +66,18 @@ def _spawner_pids(launcher_pid: int) -> list[int]:
     return pids
 
 
+def _print_logs(site_path: Path, lines: int = 300) -> None:
+    """The last ``lines`` lines of each log of the site (launchers, spawners), to pytest's captured output."""
+    for log in sorted((site_path / "log").glob("*.log")):
+        try:
+            text = log.read_text(errors="replace").splitlines()
+        except OSError as exc:
+            print(f"===== {log.name}: {exc}")
+            continue
+        print(f"===== {log.name} (last {min(lines, len(text))} of {len(text)} lines)")
+        print("\n".join(text[-lines:]))
+
+
 def _sleeper(site_name: str) -> Any:
     from balsam.api import ApplicationDefinition
 
@@ -114,6 +126,9 @@ def test_a_run_left_by_a_launcher_killed_with_its_spawners_is_ended_before_the_j
         log = "\n".join(p.read_text(errors="replace") for p in (path / "log").glob("*.log"))
         assert "ending its process group before the job runs again" in log
         assert "job %d: its earlier run (pid " % ids[0] in log and ") has ended" in log
+    except BaseException:
+        _print_logs(path)  # a failure (one flake of the mpi case in 27 runs) shows what the launchers did
+        raise
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
@@ -156,10 +171,10 @@ def _task(workdir: Path) -> tuple[subprocess.Popen, float]:
         return proc, started
 
 
-def _record(workdir: Path, proc: subprocess.Popen, started: float, owner: str) -> None:
+def _record(workdir: Path, proc: subprocess.Popen, started: float, owner: str, job_id: int = 1) -> None:
     fd = os.open(workdir / "job.out", os.O_WRONLY)
     try:
-        RunRecords(owner=owner).write(fd, str(workdir), proc.pid, started)
+        RunRecords(owner=owner).write(fd, str(workdir), proc.pid, started, job_id)
     finally:
         os.close(fd)
 
@@ -228,8 +243,8 @@ def test_a_file_system_without_extended_attributes_gets_the_record_as_a_link(tmp
         records = RunRecords(owner=_dead_owner())
         records.xattr = False  # as after the first ENOTSUP
         fd = os.open(tmp_path / "job.out", os.O_WRONLY)
-        records.write(fd, str(tmp_path), proc.pid, started)
-        records.write(fd, str(tmp_path), proc.pid, started)  # a relaunch replaces the link
+        records.write(fd, str(tmp_path), proc.pid, started, 1)
+        records.write(fd, str(tmp_path), proc.pid, started, 1)  # a relaunch replaces the link
         os.close(fd)
         assert os.readlink(tmp_path / spawner.RUN_RECORD_LINK).split()[2] == str(proc.pid)
         monkeypatch.delattr(os, "getxattr")

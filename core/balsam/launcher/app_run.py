@@ -35,7 +35,7 @@ from ..site.apps import is_python_app, overridden_hooks
 from ..util import JOB_OUTPUT_NAME, create_job_output, tail_file
 from . import spawner
 from .node_manager import Demand
-from .stale_run import end_stale_run
+from .stale_run import end_stale_run, end_stale_runs
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,8 @@ class JobPreparer:
         self._postprocess_on_exit: dict[int, bool] = {}
         self._app_errors: dict[int, str] = {}
         self._lock = threading.Lock()
+        #: Jobs whose earlier run :meth:`end_stale_runs` checked with their batch (prepare skips it once).
+        self._checked: set[int] = set()
 
     def _load_app(self, app_id: int) -> Any:
         app_cls = self._apps.get(app_id)  # the usual case, without the lock (a dict read is atomic)
@@ -219,12 +221,16 @@ class JobPreparer:
             if self._site_fault(exc):
                 raise WorkdirUnavailable(message, exc.filename or str(workdir), exc) from exc
             raise JobBuildError(message) from exc
-        try:
-            # An earlier run still alive on this host with nobody to end it (its launcher and spawner
-            # killed) is ended first (balsam.launcher.stale_run). The job's first run: one getxattr.
-            end_stale_run(job_id, workdir)
-        except Exception as exc:  # never a reason not to run the job
-            logger.warning("job %s: its earlier run could not be checked: %s", job_id, _one_line(exc))
+        if self._checked and int(job_id) in self._checked:
+            self._checked.discard(int(job_id))  # its batch was checked (end_stale_runs)
+        else:
+            try:
+                # An earlier run still alive on this host with nobody to end it (its launcher and
+                # spawner killed) is ended first (balsam.launcher.stale_run). The job's first run:
+                # one getxattr.
+                end_stale_run(job_id, workdir)
+            except Exception as exc:  # never a reason not to run the job
+                logger.warning("job %s: its earlier run could not be checked: %s", job_id, _one_line(exc))
         demand = Demand.of(job)
         # Always exported, as Balsam 0.7 did: an unset OMP_NUM_THREADS lets OpenMP take every core.
         env.setdefault("OMP_NUM_THREADS", str(demand.threads_per_rank))
@@ -240,6 +246,28 @@ class JobPreparer:
             postprocess_on_exit=self._postprocess_on_exit.get(app_id, False),
         )
 
+
+    def end_stale_runs(self, jobs: Sequence[Any]) -> None:
+        """Before preparing an acquired batch (same thread): end the stale runs of all its jobs
+        together (:func:`balsam.launcher.stale_run.end_stale_runs`: SIGTERM to every one, one
+        grace for them all), so that a batch holding k runs that trap SIGTERM waits one grace,
+        not k. :meth:`prepare` then skips the check of these jobs (once each)."""
+        items = []
+        for job in jobs:
+            try:
+                items.append((int(job.id), job_workdir(self.data_path, job.workdir)))
+            except Exception:
+                continue  # prepare reports it
+        self._checked = set()
+        if not items:
+            return
+        try:
+            end_stale_runs(items)
+        except Exception as exc:  # never a reason not to run the jobs: prepare checks each again
+            logger.warning("the earlier runs of %d jobs could not be checked: %s", len(items), _one_line(exc))
+            return
+        # Replaces the last batch's: a job of it never prepared (given back) is checked again.
+        self._checked = {job_id for job_id, _ in items}
 
     def _site_fault(self, exc: OSError) -> bool:
         """Whether a workdir that cannot be made is the file system's fault rather than the job's:
@@ -383,8 +411,9 @@ class AppProcess:
                     shell_cmd, cwd=str(self.workdir), stdout=fd, env=env, cpu_ids=cpu_ids,
                     sigpipe_ignored=sigpipe_ignored, job_id=job_id,
                 )
-                # The run's record, as the spawner writes it (balsam.launcher.stale_run).
-                _run_records().write(fd, str(self.workdir), self._proc.pid, started)
+                # The run's record, as the spawner writes it (balsam.launcher.stale_run); removed
+                # when the run is reaped (_forget_record).
+                _run_records().write(fd, str(self.workdir), self._proc.pid, started, job_id, path=str(self.outfile))
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -407,17 +436,28 @@ class AppProcess:
     reaped_externally = False
     #: Set by the reaper: the process group still had members when the leader was reaped.
     group_left = False
+    _forgotten = False
 
     def mark_exited(self, returncode: int) -> None:
         """Record the exit status collected by a reaper thread."""
         self.returncode = returncode
         if self._proc is not None:
             self._proc.returncode = returncode  # keeps Popen from waiting on a pid already reaped
+            self._forget_record()
+
+    def _forget_record(self) -> None:
+        """The run was reaped: its record goes (:meth:`balsam.launcher.spawner.RunRecords.forget`)."""
+        records = _records[1] if _records is not None and _records[0] == os.getpid() else None
+        if records is not None and self._proc is not None and records.written and not self._forgotten:
+            self._forgotten = True  # once: the pid may be a later run's by a second wait()
+            records.forget(self._proc.pid)
 
     def poll(self) -> Optional[int]:
         if self.returncode is not None or self._proc is None or self.reaped_externally:
             return self.returncode
         self.returncode = self._proc.poll()
+        if self.returncode is not None:
+            self._forget_record()
         return self.returncode
 
     def _signal_group(self, sig: int) -> None:
@@ -447,6 +487,7 @@ class AppProcess:
             self.returncode = self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+        self._forget_record()
         return self.returncode
 
     def tail(self, num_lines: int) -> str:

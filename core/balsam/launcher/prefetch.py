@@ -56,7 +56,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from ._api import UnknownBatchJob
 from .app_run import JobBuildError, PreparedJob, SiteFaults, WorkdirUnavailable
@@ -89,6 +89,7 @@ class Prefetcher:
         max_depth: Optional[int] = None,
         floor: Optional[int] = None,
         room: Optional[int] = None,
+        before_prepare: Optional[Callable[[Sequence[Any]], None]] = None,
     ) -> None:
         #: The most jobs one fill of free room leases (the whole depth without ``floor``).
         self.depth = max(1, int(depth))
@@ -109,6 +110,9 @@ class Prefetcher:
         self.retry_sec = float(retry_sec)
         self._open_lease = open_lease
         self._prepare = prepare
+        #: Called with each acquired batch before its jobs are prepared (this thread): the stale runs
+        #: of a batch are ended together, one grace for all (JobPreparer.end_stale_runs).
+        self._before_prepare = before_prepare
         self._check = check_satisfiable
         self._updater = updater
         self._remaining_min = remaining_min
@@ -268,6 +272,8 @@ class Prefetcher:
                 continue
             self.acquired += len(jobs)
             generation = acquire_generation(self.lease)  # this thread is the lease's only acquirer
+            if jobs and self._before_prepare is not None:
+                self._before_prepare(jobs)
             batch = []
             for job in jobs:
                 prepared = self._prepare_one(job)

@@ -57,10 +57,12 @@ SIGINT are ignored here: the launcher gets them too and decides (it sends ``"t"`
 
 **Run records.** Each task still running :data:`RECORD_AFTER_SEC` after its start gets a record of
 its run on its ``job.out`` (:func:`run_record`: this host, the task's pid, which is its process
-group, its start on :func:`node_clock`, and this process's pid and start), as the extended
-attribute :data:`RUN_RECORD_XATTR` (one ``setxattr``, about 4 us; a file system without user
-extended attributes gets a symbolic link :data:`RUN_RECORD_LINK` in the workdir instead, whose
-target is the record: one ``symlink``, about 70 us). Shorter tasks get none: they cannot outlive a
+group, its start on :func:`node_clock`, this process's pid and start, the job, this pid namespace
+and boot), as the extended attribute :data:`RUN_RECORD_XATTR` (one ``setxattr``, about 4 us; a
+file system without user extended attributes gets a symbolic link :data:`RUN_RECORD_LINK` in the
+workdir instead, whose target is the record: one ``symlink``, about 70 us; tried per record, not
+latched per process). The record is removed when the task is reaped (:meth:`RunRecords.forget`).
+Shorter tasks get none: they cannot outlive a
 Session's expiry, and the write cost a tenth of this process's work per task with the shortest
 ones (:class:`RunRecords`). When every balsam process of a launcher is killed
 (``kill -9``, the OOM killer), nothing ends its tasks: the next launcher that prepares the job
@@ -144,8 +146,9 @@ RUN_RECORD_XATTR = "user.balsam.run"
 #: Where the record is kept on a file system without user extended attributes: a symbolic link in
 #: the task's workdir whose target is the record (one ``symlink`` call, no file to write).
 RUN_RECORD_LINK = ".balsam_run"
-#: The version of the record's format (its first word).
-RUN_RECORD_VERSION = "1"
+#: The version of the record's format (its first word). Version 1 (``1 HOST PID STARTED OWNER``,
+#: without the job, the pid namespace or the boot) is read, but never acted on.
+RUN_RECORD_VERSION = "2"
 #: A task's run is recorded this long after its start, if it still runs then (:meth:`RunRecords.defer`).
 #: Why not at once: setting the attribute cost the spawner about 10 us a task (measured with 3,000
 #: ``true`` tasks: 70-83 us of spawner CPU a task before, 90-95 us with the record written at the
@@ -177,13 +180,55 @@ def process_identity(pid: int) -> str:
     return f"{int(pid)}:{stat[2] if stat is not None else '?'}"
 
 
-def run_record(host: str, pid: int, started: float, owner: str) -> str:
-    """The record of one run: ``1 HOST PID STARTED OWNER``. ``pid`` is the task's first process and
-    its process group (tasks start in a session of their own); ``started``: :func:`node_clock` read
-    just before the spawn (``/proc/<pid>/stat``'s start is on the same clock, so a pid reused since
-    is told apart); ``owner``: :func:`process_identity` of the process that started it and reaps it
-    (this spawner, or the launcher process without one): while it lives, the run is looked after."""
-    return f"{RUN_RECORD_VERSION} {host} {int(pid)} {started:.3f} {owner}"
+def run_record(host: str, pid: int, started: float, owner: str, job_id: int = 0,
+               namespace: "str | None" = None, boot: "str | None" = None) -> str:
+    """The record of one run: ``2 HOST PID STARTED OWNER JOB PIDNS BOOT``. ``pid`` is the task's
+    first process and its process group (tasks start in a session of their own); ``started``:
+    :func:`node_clock` read just before the spawn (``/proc/<pid>/stat``'s start is on the same
+    clock, so a pid reused since is told apart); ``owner``: :func:`process_identity` of the process
+    that started it and reaps it (this spawner, or the launcher process without one): while it
+    lives, the run is looked after; ``job_id``: the job it runs (a workdir two jobs share holds
+    the later one's); ``namespace`` and ``boot``: :func:`pid_namespace` and :func:`boot_id` of the
+    writer (default: this process's): a pid, a start and an owner mean something only in the same
+    pid namespace (a container on the same host, with the same hostname, numbers its own
+    processes from 1) and boot."""
+    return (f"{RUN_RECORD_VERSION} {host} {int(pid)} {started:.3f} {owner} {int(job_id)} "
+            f"{namespace or pid_namespace()} {boot or boot_id()}")
+
+
+_identity: "dict[str, str]" = {}
+
+
+def pid_namespace() -> str:
+    """``DEV:INO`` of this process's pid namespace (``/proc/self/ns/pid``), ``:TIMENS`` added where
+    there is a time namespace (its clocks may be offset: starts read in another one differ);
+    ``-`` where unknown (never equal to a known one). Read once a process."""
+    value = _identity.get("ns")
+    if value is None:
+        try:
+            st = os.stat("/proc/self/ns/pid")
+            value = f"{st.st_dev}:{st.st_ino}"
+            try:
+                value += f":{os.stat('/proc/self/ns/time').st_ino}"
+            except OSError:
+                pass
+        except OSError:
+            value = "-"
+        _identity["ns"] = value
+    return value
+
+
+def boot_id() -> str:
+    """This boot of the host (``/proc/sys/kernel/random/boot_id``; ``-`` where unknown). Read once a process."""
+    value = _identity.get("boot")
+    if value is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+                value = fh.read().decode(errors="replace").strip() or "-"
+        except OSError:
+            value = "-"
+        _identity["boot"] = value
+    return value
 
 
 def this_host() -> str:
@@ -192,73 +237,102 @@ def this_host() -> str:
 
 
 class RunRecords:
-    """Writes the record of each run this process starts (see the module's docstring)."""
+    """Writes the record of each run this process starts (see the module's docstring), and removes
+    it when the run is reaped (:meth:`forget`): a record still there names a run nobody reaped."""
 
     def __init__(self, owner: "str | None" = None) -> None:
         self.host = this_host()
         self.owner = owner or process_identity(os.getpid())
         self._prefix = f"{RUN_RECORD_VERSION} {self.host} "
-        self._suffix = f" {self.owner}"
+        self._owner = f" {self.owner} "
+        self._suffix = f" {pid_namespace()} {boot_id()}"
+        #: Whether to try the extended attribute first. Tried for every record: a file system
+        #: without user extended attributes (ENOTSUP: NFS, ramfs) gets the link, and the next
+        #: record, on another file system, the attribute again (one failed ``setxattr`` of a few
+        #: us per record there, for runs that lasted RECORD_AFTER_SEC: never the short tasks).
         self.xattr = hasattr(os, "setxattr")
-        #: Runs whose record is due (:meth:`defer`): ``(due, pid, outfile, cwd, started)``, oldest
-        #: first, from index ``_head`` on.
+        #: Runs whose record is due (:meth:`defer`): ``(due, pid, outfile, cwd, started, job_id)``,
+        #: oldest first, from index ``_head`` on.
         self.pending: list = []
         self._head = 0
         #: When :meth:`flush` is next due (:func:`node_clock`; infinite: nothing pending).
         self.next_flush = float("inf")
+        #: pid -> ``(path, is_link, record)`` of each run recorded and not reaped yet (:meth:`forget`).
+        self.written: dict = {}
 
-    def text(self, pid: int, started: float) -> str:
+    def text(self, pid: int, started: float, job_id: int = 0) -> str:
         """:func:`run_record` of this host and owner."""
-        return f"{self._prefix}{int(pid)} {started:.3f}{self._suffix}"
+        return f"{self._prefix}{int(pid)} {started:.3f}{self._owner}{int(job_id)}{self._suffix}"
 
-    def write(self, target: "int | str", cwd: str, pid: int, started: float) -> None:
-        """Record the run ``pid`` whose output file is ``target`` (an open descriptor, or its path),
-        in workdir ``cwd``. Never raises: a run without a record is only unprotected against a
-        second run."""
-        data = self.text(pid, started).encode()
+    def write(self, target: "int | str", cwd: str, pid: int, started: float, job_id: int = 0,
+              path: "str | None" = None) -> None:
+        """Record the run ``pid`` of job ``job_id`` whose output file is ``target`` (an open
+        descriptor, or its path: ``path`` names it for :meth:`forget`), in workdir ``cwd``. Never
+        raises: a run without a record is only unprotected against a second run."""
+        text = self.text(pid, started, job_id)
+        data = text.encode()
         if self.xattr:
             try:
                 os.setxattr(target, RUN_RECORD_XATTR, data)
+                self.written[pid] = (path or target, False, data)
                 return
             except OSError as exc:
                 if exc.errno not in _XATTR_UNSUPPORTED:
                     return  # ENOENT: the workdir was removed meanwhile
-                self.xattr = False  # this file system has none: the link from now on
-        link = os.path.join(cwd, RUN_RECORD_LINK)
+        link = os.path.join(cwd, RUN_RECORD_LINK)  # this file system has none: the link
         try:
             try:
                 os.symlink(data, link)
             except FileExistsError:  # an earlier run's
                 os.unlink(link)
                 os.symlink(data, link)
+            self.written[pid] = (link, True, data)
         except OSError:
             pass
 
-    def defer(self, pid: int, outfile: str, cwd: str, started: float) -> None:
+    def forget(self, pid: int) -> None:
+        """The run ``pid`` was reaped: its record, if it got one and it is still its own (a workdir
+        two jobs share holds the later one's), is removed. Costs nothing for a run never recorded."""
+        entry = self.written.pop(pid, None)
+        if entry is None or isinstance(entry[0], int):
+            return  # never recorded; or recorded through a descriptor closed since (the launcher's own)
+        path, is_link, data = entry
+        try:
+            if is_link:
+                if os.fsencode(os.readlink(path)) == data:
+                    os.unlink(path)
+            elif os.getxattr(path, RUN_RECORD_XATTR) == data:
+                os.removexattr(path, RUN_RECORD_XATTR)
+        except OSError:
+            pass
+
+    def defer(self, pid: int, outfile: str, cwd: str, started: float, job_id: int = 0) -> None:
         """Record the run :data:`RECORD_AFTER_SEC` after its start, if it still runs then
         (:meth:`flush`): a task that ends sooner (the thousands of short tasks a second of serial
         mode) costs no write, and only a run that outlives a Session's expiry can meet its rerun."""
         due = started + RECORD_AFTER_SEC
-        self.pending.append((due, pid, outfile, cwd, started))
+        self.pending.append((due, pid, outfile, cwd, started, job_id))
         if due < self.next_flush:
             self.next_flush = due
 
     def flush(self, running: "dict | set", now: float) -> "float | None":
         """Write the records that are due at ``now`` (:func:`node_clock`), of the runs still in
-        ``running`` (pids); seconds until the next call is due (None: none pending). Calls are at
-        least :data:`RECORD_FLUSH_SEC` apart, so that with thousands of short tasks a second the
-        records that fall due (of tasks long gone) are dropped in bulk rather than one per turn of
-        the spawner's loop (a turn then costs one clock read, :attr:`next_flush`)."""
+        ``running`` (pid -> job id; a pid a later task got since is not that run); seconds until
+        the next call is due (None: none pending). Calls are at least :data:`RECORD_FLUSH_SEC`
+        apart, so that with thousands of short tasks a second the records that fall due (of tasks
+        long gone) are dropped in bulk rather than one per turn of the spawner's loop (a turn then
+        costs one clock read, :attr:`next_flush`)."""
         pending = self.pending
         head = self._head
         size = len(pending)
+        by_job = isinstance(running, dict)
         while head < size:
             entry = pending[head]
             if entry[0] > now:
                 break
             head += 1
-            if entry[1] in running:
-                self.write(entry[2], entry[3], entry[1], entry[4])
+            if entry[1] in running and (not by_job or running[entry[1]] == entry[5]):
+                self.write(entry[2], entry[3], entry[1], entry[4], entry[5])
         if head >= size:
             pending.clear()
             self._head = 0
@@ -447,7 +521,7 @@ class Spawner:
                 # direct_argv): the kernel refuses it, where bash (the line's other path) runs it
                 # as a shell script, as `bash script args` does. Only this error path pays for it.
                 pid = self._spawn([SHELL, *argv], env, fd)
-            self.records.defer(pid, outfile, cwd, started)
+            self.records.defer(pid, outfile, cwd, started, job_id)
         except (OSError, ValueError) as exc:
             # ValueError: a NUL in an argv word or an environment variable ("embedded null byte";
             # the launcher refuses those jobs before they get here). Uncaught, it ended this
@@ -615,6 +689,8 @@ class Spawner:
                 break
             job_id = self.running.pop(pid, None)
             if job_id is not None:
+                if self.records.written:  # only while runs that lasted RECORD_AFTER_SEC are recorded
+                    self.records.forget(pid)
                 # Children the task left in its process group (``cmd &``, ``nohup cmd &``) would
                 # outlive it unseen, on CPUs the launcher gives to the next task: the group is
                 # ended as a "k" request ends it. One killpg(0) per exit, which finds nothing for
@@ -671,6 +747,7 @@ class Spawner:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+            self.records.forget(pid)
         self.running.clear()
         self.events.clear()
         return victims, before

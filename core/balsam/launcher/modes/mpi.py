@@ -347,6 +347,8 @@ class MPIMode(JobMode):
         if not jobs and request["probe"]:
             jobs = self._probe_too_large(source)
         generation = acquire_generation(source)  # this thread is the lease's only acquirer
+        if jobs:
+            self.preparer.end_stale_runs(jobs)  # the batch's stale runs ended together: one grace for all
         # Prepared here rather than on the loop thread (app, command line, environment, workdir:
         # ~1 ms a job), so that the loop answers job exits while a batch is being prepared.
         return Acquired((self._prepare(job) for job in jobs), generation)

@@ -975,6 +975,7 @@ def build_master(
         max_depth=MAX_PREFETCH,
         floor=PREFETCH_FLOOR,
         room=len(nodes),  # an empty partition: one job per node (free_room)
+        before_prepare=preparer.end_stale_runs,
     ).start()
     # The prefetcher opens the lease: the updates are sent under its Session (the one holding the
     # job now: a lost one is replaced), and the server refuses those of a job it no longer holds.
