@@ -142,3 +142,65 @@ def test_the_embedded_server_keeps_its_hint_and_another_local_port_gets_its_own(
     with pytest.raises(ServerUnavailable) as err:  # the embedded server's socket, not listening
         RESTClient(f"unix://{run / 'balsam.sock'}", "token", retry_count=0).get("/sites/")
     assert str(err.value).endswith("(is it running? `balsam server status`)"), str(err.value)
+
+
+class SlowWriteServer:
+    """An HTTP server whose first DELETE takes its time (a query delete of many jobs): it answers
+    once ``release`` is set; later requests (a replay with the same Idempotency-Key) at once."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        self.release = threading.Event()
+        self.keys: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_DELETE(self) -> None:
+                outer.keys.append(self.headers.get("Idempotency-Key"))
+                if len(outer.keys) == 1:
+                    outer.release.wait(30)
+                body = b'{"deleted": 1000000}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_interactive_write_without_an_answer_says_the_server_may_still_carry_it_out(interactive):
+    """A query delete the server needs longer than the interactive wait for: the CLI said "server
+    unreachable" while the server went on and deleted the jobs. The request reached it: the
+    message says so, and what to check before running the command again."""
+    slow = SlowWriteServer()
+    try:
+        client = RESTClient(slow.url, "token", read_timeout=1.0, retry_count=3)
+        with pytest.raises(ServerUnavailable) as err:
+            client.delete("/jobs/", params={"tags": "exp:big"})
+    finally:
+        slow.close()
+    message = str(err.value)
+    assert "unreachable" not in message, message
+    assert message.startswith(f"DELETE {slow.url}/jobs/: no answer within "), message
+    assert "the request reached the server, which may still be carrying it out" in message, message
+    assert "check with `balsam job ls` whether it took effect before running the command again" in message, message
+    assert "balsam server status" not in message, message
+
+
+def test_a_write_that_never_reached_the_server_is_still_unreachable(interactive):
+    with pytest.raises(ServerUnavailable) as err:
+        RESTClient(f"http://127.0.0.1:{_closed_port()}", "token", retry_count=0).delete("/jobs/", params={"tags": "x:y"})
+    assert "server unreachable after 1 attempt" in str(err.value), str(err.value)

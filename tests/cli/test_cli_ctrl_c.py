@@ -40,11 +40,19 @@ def _jobs(hello, n):
     Job.objects.bulk_create([hello.submit(workdir=f"w/{i}", name=str(i), tags={"g": "a"}, save=False) for i in range(n)])
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A command started from a terminal gets SIGINT's default disposition; one started under a
+    background job of a non-interactive shell (``nohup ... &``, some CI runners) inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler: the signal would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_a_streamed_listing_exits_130_with_one_line(hello):
     """A real SIGINT while ``job ls -v`` writes (blocked on a full pipe). Before: "Aborted!", status 1."""
     _jobs(hello, 400)  # about 250 kB of YAML: more than a pipe holds
     proc = subprocess.Popen([BALSAM, "job", "ls", "--site", "all", "-v"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=dict(os.environ))
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=dict(os.environ),
+                            preexec_fn=_sigint_as_in_a_terminal)
     try:
         assert proc.stdout.readline().startswith(b"id: ")  # listing under way; the pipe fills up behind
         proc.send_signal(signal.SIGINT)
@@ -132,7 +140,8 @@ def home_env(tmp_path):
 
 def test_ctrl_c_while_server_start_waits_says_the_server_goes_on_starting(home_env):
     """Before: "Aborted!", status 1, and not a word about the server left starting in the background."""
-    proc = subprocess.Popen([BALSAM, "server", "start", "--port", "0"], env=home_env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([BALSAM, "server", "start", "--port", "0"], env=home_env, preexec_fn=_sigint_as_in_a_terminal,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         seen = b""

@@ -142,3 +142,112 @@ def test_patterns_and_links_never_reach_outside_the_workdir(make_site, client, t
     assert (outside / "keep.tmp").exists() and (neighbour / "keep.tmp").exists()
     assert not (work / "mine.tmp").exists() and not os.path.lexists(work / "ln.tmp")  # the link, not its target
     assert (work / "out-dir").is_symlink() and (work / "n-dir").is_symlink()
+
+
+class _StopAfterFirstWait:
+    """The agent's stop_event, for driving Agent._module_loop: it records each wait and stops the
+    loop at the first wait (or after ``max_cycles`` cycles that never waited: a busy loop)."""
+
+    def __init__(self, agent, max_cycles: int) -> None:
+        self.agent, self.max_cycles, self.waits = agent, max_cycles, []
+
+    def is_set(self) -> bool:
+        return bool(self.waits) or sum(self.agent.cycles.values()) >= self.max_cycles
+
+    def wait(self, delay: float) -> bool:
+        self.waits.append(delay)
+        return True
+
+
+def _cycles_until_the_agent_waits(site, client, module, max_cycles: int = 20) -> tuple[int, list[float]]:
+    """Run the module through the agent's own loop (``None`` -> wait the period, ``0`` -> at once
+    again) until it first waits: (cycles run, waits)."""
+    from balsam.site.agent import Agent
+
+    agent = Agent(site, client=client, modules=[module])
+    agent.stop_event = _StopAfterFirstWait(agent, max_cycles)
+    agent._module_loop(module)
+    return agent.cycles.get(module.name, 0), agent.stop_event.waits
+
+
+def test_parents_kept_back_a_full_batch_at_a_time_let_the_agent_wait(make_site, client) -> None:
+    """Every pending job a parent kept back for its children, their number a multiple of
+    cleanup_batch_size: each cycle returned 0.0 (a full batch read on past it, then "past the end:
+    from the start again"), and the agent cycled without ever waiting (tens of thousands of
+    requests a second). It reads on past the kept batches once, then waits its period."""
+    from balsam.api import Job
+
+    site = make_site()
+    app = _app(site, ["*.tmp"])
+    parents = [Job.objects.create(workdir=f"p{i}", app_id=app) for i in range(2)]
+    for parent in parents:
+        Job.objects.create(workdir=f"{parent.workdir}-child", app_id=parent.app_id, parent_ids={parent.id})
+        (Path(site.data_path) / parent.workdir).mkdir()
+        (Path(site.data_path) / parent.workdir / "a.tmp").write_text("the child's input")
+    finish_jobs(client, site.site_id, [p.id for p in parents])
+    for batch in (1, 2):
+        cleaner = _cleaner(site, client, batch=batch)
+        cycles, waits = _cycles_until_the_agent_waits(site, client, cleaner)
+        assert waits == [cleaner.period], f"batch {batch}: {cycles} cycles and the agent never waited"
+        assert cycles <= len(parents) + 1, f"batch {batch}: {cycles} cycles before the first wait"
+        # And again from the start: the next round waits as soon.
+        cycles, waits = _cycles_until_the_agent_waits(site, client, cleaner)
+        assert waits == [cleaner.period] and cycles <= len(parents) + 1, (batch, cycles, waits)
+    assert all((Path(site.data_path) / p.workdir / "a.tmp").exists() for p in parents)
+
+
+def test_a_full_batch_cleaned_runs_again_at_once_until_none_is_left(make_site, client) -> None:
+    from balsam.api import Job
+
+    site = make_site()
+    app = _app(site, ["*.tmp"])
+    jobs = Job.objects.bulk_create([Job(f"j{i}", app) for i in range(3)])
+    finish_jobs(client, site.site_id, [j.id for j in jobs])
+    cleaner = _cleaner(site, client, batch=2)
+    cycles, waits = _cycles_until_the_agent_waits(site, client, cleaner)
+    assert waits == [cleaner.period] and cycles == 2, (cycles, waits)  # 2 at once, then 1 and the wait
+    assert set(_pending(client, site).values()) == {False}
+
+
+class _CountingClient:
+    def __init__(self, client) -> None:
+        self.client, self.rows_read, self.children_gets = client, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def get(self, path, params=None, **kwargs):
+        payload = self.client.get(path, params=params, **kwargs)
+        rows = payload.get("results", []) if isinstance(payload, dict) else payload
+        self.rows_read += len(rows)
+        if params and "parent_id" in params:
+            self.children_gets += 1
+        return payload
+
+
+def test_the_children_check_reads_a_page_per_busy_parent_not_every_child(make_site, client) -> None:
+    """The children check paged through every busy child of the batch's parents, every cycle (a
+    finished parent with 10^5 running children: 50,002 job rows read each cycle). It only needs to
+    know which parents have one: a small page per request, the parents it names are left out of
+    the next one."""
+    from balsam.api import Job
+
+    site = make_site()
+    app = _app(site, ["*.tmp"])
+    fanout, calm = Job.objects.create(workdir="fan", app_id=app), Job.objects.create(workdir="calm", app_id=app)
+    other = Job.objects.create(workdir="other", app_id=fanout.app_id)
+    page = 50  # FileCleanerModule.children_page
+    n_children = 3 * page + 10
+    Job.objects.bulk_create([Job(f"fan-c{i}", app, parent_ids={fanout.id}) for i in range(n_children)])
+    Job.objects.bulk_create([Job(f"other-c{i}", app, parent_ids={other.id}) for i in range(3)])
+    finish_jobs(client, site.site_id, [fanout.id, calm.id, other.id])
+    counting = _CountingClient(client)
+    cleaner = _cleaner(site, counting)
+    cleaner.run_cycle()
+    pending = _pending(client, site)
+    assert pending[fanout.id] is True and pending[other.id] is True and pending[calm.id] is False
+    # Two busy parents: at most one request each, and one that finds no more.
+    assert counting.children_gets <= 3, counting.children_gets
+    # The listing and the re-check read the 3 parents; the children check a page or two.
+    assert counting.rows_read <= 6 + 2 * page, counting.rows_read
+    assert counting.rows_read < n_children

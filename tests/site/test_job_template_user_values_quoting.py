@@ -117,3 +117,35 @@ def test_the_scheduler_module_marks_such_a_batch_job_submit_failed_and_submits_n
     assert len(fake.submitted) == 1
     scripts = list(Path(site.job_path).glob("*"))
     assert not any("--uid" in p.read_text() for p in scripts if p.is_file()), "a script with the directive was written"
+
+
+def test_a_colon_in_a_plain_filter_tag_key_reaches_the_launcher_as_written(tmp_path: Path) -> None:
+    """``--tag deephyper:search=1``: the launcher splits a plain --tag at its first '=' only, and
+    reads the key 'deephyper:search' as written; only a --part tag splits at ':'. Such a key was
+    refused in plain filter_tags too."""
+    out = run_script(tmp_path, tmp_path / "site", make_batch_job(filter_tags={"deephyper:search": "1"}))
+    assert out.splitlines()[0] == "[-m][balsam.launcher][-j][mpi][-t][28][--tag][deephyper:search=1]", out
+
+
+def test_a_batch_job_the_template_check_refuses_is_refused_for_good(make_site, client) -> None:
+    """A BatchJob refused by the template check was submit_failed without ``refused_for_good``:
+    queue_maintainer read it as a failed try and went on posting the same doomed request (with
+    backoff) for ever. Its own values are refused at every try: refused for good, as a scheduler's
+    permanent refusal is."""
+    from balsam.scheduler import REFUSED_FOR_GOOD
+    from balsam.site.modules.scheduler import SchedulerModule
+    from site_test_utils import create_batch_job
+    from test_site_scheduler_module import ScriptedScheduler
+
+    site = make_site(overrides={"scheduler": {
+        "allowed_queues": {"local": {"max_nodes": 4, "max_walltime": 60, "max_queued_jobs": 10}},
+    }})
+    fake = ScriptedScheduler()
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    bad = create_batch_job(client, site.site_id, filter_tags={"a=b": "c"})
+    module.run_cycle()
+    row = client.get(f"/batch-jobs/{bad['id']}")
+    assert row["state"] == "submit_failed", row
+    assert "filter_tags key 'a=b'" in row["status_info"].get("error", ""), row["status_info"]
+    assert row["status_info"].get(REFUSED_FOR_GOOD) == "true", row["status_info"]
+    assert fake.submitted == []

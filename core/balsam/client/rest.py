@@ -84,6 +84,31 @@ EMBEDDED_DEFAULT_PORT = 8765
 EMBEDDED_SERVER_HINT = " (is it running? `balsam server status`)"
 
 
+def _answer_timed_out(exc: BaseException) -> bool:
+    """The request was sent and its answer did not come in time (a read timeout): the server got it
+    and may be carrying it out still, unlike a connection that failed."""
+    if isinstance(exc, LocalTransportError):
+        return exc.timed_out and not exc.connect_failed
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(exc, httpx.ReadTimeout)
+
+
+#: What to look at when a write's answer did not come: the CLI listing of what the route changes.
+_CHECK_COMMANDS = (("/batch-jobs", "balsam queue ls"), ("/jobs", "balsam job ls"), ("/sites", "balsam site ls"),
+                   ("/apps", "balsam app ls"))
+
+
+def _no_answer_message(method: str, where: str, path: str, attempts: int, waited: float) -> str:
+    """The error of a write (it carries an Idempotency-Key) whose answer did not come: it reached
+    the server, which may still carry it out (a slow query delete commits after the client gave
+    up); "server unreachable" said the opposite."""
+    check = next((command for prefix, command in _CHECK_COMMANDS if path.startswith(prefix)), None)
+    how = f"check with `{check}`" if check else "check"
+    return (f"{method} {where}: no answer within {waited:.0f} s ({attempts} attempt{'' if attempts == 1 else 's'}): "
+            f"the request reached the server, which may still be carrying it out; {how} whether it took effect "
+            "before running the command again")
+
+
 def _embedded_server_urls() -> "set[str]":
     """The http addresses of the embedded server of this ``$BALSAM_HOME`` (what ``balsam server
     start`` wrote in ``server/server.json``; the default port when it wrote nothing)."""
@@ -602,7 +627,7 @@ class RESTClient:
         key = None if self.report_waits_after is None else _wait_reporter.begin(
             f"{self.api_root}{path if path.startswith('/') else '/' + path}", self.report_waits_after)
         try:
-            return self._send(method, path, deadline=deadline, **kwargs)
+            return self._send_until(method, path, deadline=deadline, **kwargs)
         finally:
             if key is not None:
                 _wait_reporter.end(key)
@@ -673,14 +698,30 @@ class RESTClient:
         authenticated: bool = True,
         idempotency_key: Optional[str] = None,
         retry_count: Optional[int] = None,
-        deadline: Optional[float] = None,
     ) -> "Response":
-        """One call, its retries included; ``deadline`` (``time.monotonic()``): no retry and no wait
-        beyond it (set by :meth:`_send_interactive`)."""
-        if deadline is None and (self.report_waits_after is not None or self.max_call_wait is not None):
-            return self._send_interactive(method, path, params=params, json=json, data=data, headers=headers,
-                                          authenticated=authenticated, idempotency_key=idempotency_key,
-                                          retry_count=retry_count)
+        """One call, its retries included (an interactive client's through :meth:`_send_interactive`)."""
+        kwargs = dict(params=params, json=json, data=data, headers=headers, authenticated=authenticated,
+                      idempotency_key=idempotency_key, retry_count=retry_count)
+        if self.report_waits_after is not None or self.max_call_wait is not None:
+            return self._send_interactive(method, path, **kwargs)
+        return self._send_until(method, path, deadline=None, **kwargs)
+
+    def _send_until(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: "Mapping[str, Any] | None" = None,
+        json: Any = None,
+        data: "Mapping[str, Any] | None" = None,
+        headers: "Mapping[str, str] | None" = None,
+        authenticated: bool = True,
+        idempotency_key: Optional[str] = None,
+        retry_count: Optional[int] = None,
+        deadline: Optional[float],
+    ) -> "Response":
+        """:meth:`_send`'s work; ``deadline`` (``time.monotonic()``): no retry and no wait beyond it
+        (set by :meth:`_send_interactive`; None: the retries alone bound the call)."""
         method = method.upper()
         url = path if path.startswith("/") else "/" + path
         retries = self.retry_count if retry_count is None else min(int(retry_count), self.retry_count)
@@ -691,6 +732,8 @@ class RESTClient:
         body_headers = {"Content-Type": "application/json"} if content is not None else {}
         reauthed = False
         attempt = 0
+        started = time.monotonic()
+        reached = False  # an attempt of this write was sent and its answer timed out
         while True:
             self.request_counts[f"{method} {url}"] += 1
             pool = self._http()
@@ -708,7 +751,11 @@ class RESTClient:
                     )
             except self._retry_errors as exc:
                 delay = self._backoff(attempt)
+                reached = reached or (bool(retry_safe_headers) and _answer_timed_out(exc))
                 if attempt >= retries or (deadline is not None and time.monotonic() + delay >= deadline):
+                    if reached:
+                        raise ServerUnavailable(_no_answer_message(method, f"{self.api_root}{url}", url, attempt + 1,
+                                                                   time.monotonic() - started)) from None
                     waited = "" if deadline is None or attempt >= retries else (
                         f" (gave up after {self.max_call_wait:g} s, the wait of an interactive command)")
                     raise ServerUnavailable(

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, NoReturn
 
 import sqlalchemy as sa
 from starlette.applications import Starlette
@@ -274,14 +274,25 @@ def create_app(database_url: "str | None" = None, *, settings: "ServerSettings |
 STARTUP_FAILURE = 3
 
 
+def _refuse_to_start(exc: BaseException) -> "NoReturn":
+    # One line, no traceback. Exit status 3 is uvicorn's STARTUP_FAILURE: with --workers N its
+    # supervisor then stops instead of restarting workers that would fail the same way.
+    print(f"balsam server: {exc}", file=sys.stderr, flush=True)
+    sys.exit(STARTUP_FAILURE)
+
+
 def create_app_from_env() -> Starlette:
     try:
-        return create_app()
+        # The settings are read here, apart: their ValueErrors (a BALSAM_AUTH_SECRET_KEY shorter
+        # than 32 bytes, an environment number or choice that is not one) say what to fix; one
+        # raised while the app is built is not the configuration's and keeps its traceback.
+        settings = ServerSettings.from_env()
+    except ValueError as exc:
+        _refuse_to_start(exc)
+    try:
+        return create_app(settings=settings)
     except SchemaMismatch as exc:
-        # One line, no traceback. Exit status 3 is uvicorn's STARTUP_FAILURE: with --workers N its
-        # supervisor then stops instead of restarting workers that would fail the same way.
-        print(f"balsam server: {exc}", file=sys.stderr, flush=True)
-        sys.exit(STARTUP_FAILURE)
+        _refuse_to_start(exc)
 
 
 def __getattr__(name: str) -> Any:

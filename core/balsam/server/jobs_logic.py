@@ -519,14 +519,19 @@ def _in_index_order(conn: sa.Connection, stmt: sa.Select) -> list[sa.Row]:
     fail), and JIT compilation too (a switched-off node that is still used, say in a filter's
     subquery, adds 10^10 to the plan's cost estimate, past JIT's threshold: 128 ms of compiling
     were seen for this 7 ms statement with sorting switched off), for this statement only: the
-    previous values are put back after it (an error rolls the transaction back, and them with it)."""
-    names = ", ".join(f"current_setting('{name}')" for name in _INDEX_ORDER_OFF)
-    previous = conn.exec_driver_sql(f"SELECT {names}").one()
-    offs = ", ".join(f"set_config('{name}', 'off', true)" for name in _INDEX_ORDER_OFF)
+    previous values are put back after it (an error rolls the transaction back, and them with it).
+    A setting the server lacks (``jit`` before PostgreSQL 11) is left alone: ``current_setting``
+    raised "unrecognized configuration parameter" there, failing every windowed count."""
+    names = ", ".join(f"current_setting('{name}', true)" for name in _INDEX_ORDER_OFF)
+    found = conn.exec_driver_sql(f"SELECT {names}").one()
+    previous = [(name, value) for name, value in zip(_INDEX_ORDER_OFF, found) if value is not None]
+    if not previous:
+        return conn.execute(stmt).all()
+    offs = ", ".join(f"set_config('{name}', 'off', true)" for name, _value in previous)
     conn.exec_driver_sql(f"SELECT {offs}")
     rows = conn.execute(stmt).all()
-    restore = ", ".join(f"set_config('{name}', %s, true)" for name in _INDEX_ORDER_OFF)
-    conn.exec_driver_sql(f"SELECT {restore}", tuple(previous))
+    restore = ", ".join(f"set_config('{name}', %s, true)" for name, _value in previous)
+    conn.exec_driver_sql(f"SELECT {restore}", tuple(value for _name, value in previous))
     return rows
 
 

@@ -41,6 +41,7 @@ import jinja2
 __all__ = [
     "DEFAULT_JOB_TEMPLATE",
     "JobTemplateError",
+    "ScriptValueRefused",
     "build_context",
     "check_script_values",
     "launcher_command",
@@ -51,6 +52,11 @@ __all__ = [
 
 class JobTemplateError(ValueError):
     """The job template cannot be read or rendered (message names the file and the problem)."""
+
+
+class ScriptValueRefused(JobTemplateError):
+    """A BatchJob value its batch script cannot carry as meant (:func:`check_script_values`): the
+    same BatchJob is refused again at every try, unlike a template file being edited."""
 
 
 #: Used when neither the platform nor the scheduler driver ships a template of its own.
@@ -190,15 +196,19 @@ def check_script_values(batch_job: Any, context: Mapping[str, Any]) -> None:
     directives and comments unquoted, so a newline in any of them (a BatchJob's ``-x`` value, its
     project, a tag) started a line of its own in the script: a command that bash ran, or a directive
     the scheduler obeyed. Tags go to the launcher as ``--tag K=V`` and ``--part MODE:N:K=V``, which it
-    splits at the first ``=`` (and at every ``:`` in a partition) and strips: a key with ``=`` or
-    ``:``, a partition tag value with ``:``, or a value with spaces at either end would make it run
-    other jobs than the BatchJob's. ``queue``, ``project`` and ``job_mode`` go into directives as
-    one word: no white space or quotes there.
+    splits at the first ``=`` (and at every ``:`` in a partition) and strips: a key with ``=`` (or
+    ``:`` in a partition), a partition tag value with ``:``, or a value with spaces at either end
+    would make it run other jobs than the BatchJob's. A ``:`` in a plain ``--tag`` key is read as
+    written (``--tag deephyper:search=1``). ``queue``, ``project`` and ``job_mode`` go into
+    directives as one word: no white space or quotes there.
+
+    A refusal is :class:`ScriptValueRefused`: the BatchJob's own values, refused again however often
+    it is tried (the scheduler module marks it refused for good).
     """
     who = f"BatchJob {_field(batch_job, 'id')}"
 
     def refuse(what: str, value: Any, why: str) -> None:
-        raise JobTemplateError(f"{who}: {what} {_shown(str(value))} {why}: its batch script is not rendered")
+        raise ScriptValueRefused(f"{who}: {what} {_shown(str(value))} {why}: its batch script is not rendered")
 
     def plain(what: str, value: Any) -> str:
         text = "" if value is None else str(value)
@@ -215,8 +225,9 @@ def check_script_values(batch_job: Any, context: Mapping[str, Any]) -> None:
     def check_tags(where: str, tags: Mapping[Any, Any], partition: bool) -> None:
         for key, value in tags.items():
             key_text, value_text = plain(f"{where} key", key), plain(f"{where} {key!r} value", value)
-            if not key_text or key_text.strip() != key_text or "=" in key_text or ":" in key_text:
-                refuse(f"{where} key", key_text, "is empty, has spaces at an end, or contains '=' or ':'")
+            if not key_text or key_text.strip() != key_text or "=" in key_text or (partition and ":" in key_text):
+                refuse(f"{where} key", key_text, "is empty, has spaces at an end, or contains '=' or ':'" if partition
+                       else "is empty, has spaces at an end, or contains '='")
             if value_text.strip() != value_text:
                 refuse(f"{where} {key_text!r} value", value_text, "has white space at an end (the launcher strips it)")
             if partition and ":" in value_text:

@@ -123,17 +123,34 @@ class FileCleanerModule(AgentModule):
         self._reported: set[tuple[int, str]] = set()
         self._after = 0  # the next cycle lists the jobs after this id (0: from the start)
 
+    #: Busy children read per request by the children check: each page names at least one busy
+    #: parent, which leaves the next request's parent_id filter.
+    children_page = 50
+
     def _without_busy_children(self, jobs: list[dict], patterns_of: dict[int, list[str]]) -> tuple[list[dict], int]:
-        """``jobs`` less those with a child not yet JOB_FINISHED or FAILED (one request), and how
-        many were kept back: the children of a DAG read their parents' files (``input.h5`` links,
+        """``jobs`` less those with a child not yet JOB_FINISHED or FAILED, and how many were kept
+        back: the children of a DAG read their parents' files (``input.h5`` links,
         ``parent.workdir``); a parent's files are deleted once all its children are done. A job
-        kept back keeps its flag."""
+        kept back keeps its flag.
+
+        Only whether a parent has a busy child matters, not how many: each request asks for a few
+        busy children of the parents not yet known busy, and the parents they name are dropped
+        from the next one, until none is left. Requests: at most one per busy parent, plus one;
+        a parent with 10^5 running children costs one small page, not every child's row."""
         ids = {job["id"] for job in jobs if patterns_of.get(job["app_id"])}
         if not ids:
             return jobs, 0
         busy_states = [state.value for state in JobState if state not in (JobState.finished, JobState.failed)]
-        children = list_all(self.client, "/jobs/", {"parent_id": sorted(ids), "state": busy_states})
-        busy = {pid for child in children for pid in (child.get("parent_ids") or []) if pid in ids}
+        busy: set[int] = set()
+        remaining = set(ids)
+        while remaining:
+            children = list_all(self.client, "/jobs/", {"parent_id": sorted(remaining), "state": busy_states},
+                                limit=self.children_page)
+            found = {pid for child in children for pid in (child.get("parent_ids") or []) if pid in remaining}
+            if not found:
+                break  # no busy child left (or rows naming no parent asked about: nothing more to learn)
+            busy |= found
+            remaining -= found
         if busy:
             self.logger.info("%d finished jobs have children still to finish: their files are kept for now", len(busy))
         return [job for job in jobs if job["id"] not in busy], len(busy)
@@ -145,8 +162,11 @@ class FileCleanerModule(AgentModule):
             params["id__gt"] = self._after
         jobs = list_all(self.client, "/jobs/", params, limit=batch)
         if not jobs and self._after:
+            # Past the end: the next cycle lists from the start again, after the period: the jobs
+            # there were kept back (or cleaned) a moment ago; running again at once would list the
+            # same kept-back parents for ever without the agent ever waiting.
             self._after = 0
-            return 0.0  # past the end: from the start again
+            return None
         if not jobs:
             self.logger.debug("cycle: no finished job waits for cleanup")
             return None
@@ -203,7 +223,12 @@ class FileCleanerModule(AgentModule):
                     self.logger.warning("job %s: workdir %s not cleaned: %s", job["id"], job["workdir"], why)
                     continue
                 removed += len(cleanup_workdir(workdir, data_path, patterns))
+        cleared = 0
         if jobs:
-            bulk_patch(self.client, "/jobs/", [{"id": job["id"], "pending_file_cleanup": False} for job in jobs])
+            refused = bulk_patch(self.client, "/jobs/", [{"id": job["id"], "pending_file_cleanup": False} for job in jobs])
+            cleared = len(jobs) - len(refused or [])
         self.logger.info("cleaned %d finished jobs (%d files removed)", len(jobs), removed)
-        return 0.0 if listed >= batch else None
+        # At once again only with more to do: a full batch of which some flags were cleared (more
+        # may wait), or one all kept back, read on past it (``_after``). A full batch of which
+        # nothing changed would be listed the same again: wait the period.
+        return 0.0 if listed >= batch and (cleared or self._after) else None

@@ -53,7 +53,8 @@ from ...scheduler import (
 from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
 from ..api_util import bulk_patch, iso_now, list_all, utcnow
-from ..job_template import JobTemplateError, build_context, read_template, render_job_script, template_platform_options
+from ..job_template import (JobTemplateError, ScriptValueRefused, build_context, read_template, render_job_script,
+                            template_platform_options)
 from ..launcher_credentials import LauncherCredentials
 from ..module import AgentModule
 
@@ -899,6 +900,10 @@ class SchedulerModule(AgentModule):
         except (JobTemplateError, OSError) as exc:
             update["state"] = BatchJobState.submit_failed.value
             self._error(update, batch_job, f"job template: {exc}")
+            if isinstance(exc, ScriptValueRefused):
+                # The BatchJob's own values: the same request is refused again at every try
+                # (queue_maintainer stops posting it rather than backing off for ever).
+                update["status_info"][REFUSED_FOR_GOOD] = "true"
             return
         try:
             scheduler_id = int(self.scheduler.submit(request))
