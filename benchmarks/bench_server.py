@@ -66,3 +66,17 @@ def start_server(workdir: Path, database_url: str, *, home: Path, workers: int =
     proc.kill()
     proc.wait(timeout=30)
     raise SystemExit(f"the server did not start within 60 s; see {log_path}")
+
+
+def open_user_site(url: str, name: str) -> tuple[httpx.Client, dict, dict, str, str]:
+    """Register user ``name-<pid>`` on the server at ``url`` (open registration: :func:`start_server`),
+    log in, and create a site and an app ``Sim`` for the benchmark's jobs: (client, site, app,
+    username, password)."""
+    username, password = f"{name}-{os.getpid()}", f"{name}-bench-password"
+    httpx.post(f"{url}/auth/password/register", json={"username": username, "password": password}).raise_for_status()
+    token = httpx.post(f"{url}/auth/password/login", data={"username": username, "password": password}).json()["access_token"]
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
+    site = api.post("/sites/", json={"name": name, "path": f"/sites/{name}"}).json()
+    app = api.post("/apps/", json={"site_id": site["id"], "name": "Sim", "serialized_class": "", "source_code": "",
+                                   "parameters": {}, "transfers": {}, "description": ""}).json()
+    return api, site, app, username, password

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import httpx
 import psutil
 
-from bench_server import prepare_pg, start_server
+from bench_server import open_user_site, prepare_pg, start_server
 from dashboard_jobs_page import fill
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/balsam_bench_scale"
@@ -139,13 +139,7 @@ def run_backend(name: str, database_url: str, small: int, large: int, repeat: in
     upgrade_engine(engine)
     proc, url = start_server(workdir, database_url, home=workdir / "home", create_tables=False)
     try:
-        username, password = f"scale-{os.getpid()}", "scale-bench-password"
-        httpx.post(f"{url}/auth/password/register", json={"username": username, "password": password}).raise_for_status()
-        token = httpx.post(f"{url}/auth/password/login", data={"username": username, "password": password}).json()["access_token"]
-        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
-        site = api.post("/sites/", json={"name": "scale", "path": "/sites/scale"}).json()
-        app = api.post("/apps/", json={"site_id": site["id"], "name": "Sim", "serialized_class": "", "source_code": "",
-                                       "parameters": {}, "transfers": {}, "description": ""}).json()
+        api, site, app, *_ = open_user_site(url, "scale")
         results = {}
         filled = 0
         for size in (small, large):

@@ -32,7 +32,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from bench_server import prepare_pg, start_server
+from bench_server import open_user_site, prepare_pg, start_server
 from dashboard_jobs_page import login
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/balsam_bench_windowed"
@@ -90,13 +90,7 @@ def run_backend(name: str, database_url: str, n_jobs: int, repeat: int, workdir:
     upgrade_engine(engine)
     proc, url = start_server(workdir, database_url, home=workdir / "home", create_tables=False)
     try:
-        username, password = f"windowed-{os.getpid()}", "windowed-bench-password"
-        httpx.post(f"{url}/auth/password/register", json={"username": username, "password": password}).raise_for_status()
-        token = httpx.post(f"{url}/auth/password/login", data={"username": username, "password": password}).json()["access_token"]
-        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
-        site = api.post("/sites/", json={"name": "windowed", "path": "/sites/windowed"}).json()
-        app = api.post("/apps/", json={"site_id": site["id"], "name": "Sim", "serialized_class": "", "source_code": "",
-                                       "parameters": {}, "transfers": {}, "description": ""}).json()
+        api, site, app, username, password = open_user_site(url, "windowed")
         started = time.perf_counter()
         for start in range(0, n_jobs, 5000):
             rows = [{"app_id": app["id"], "workdir": f"runs/{i}", "tags": {"grp": str(i % 10), "exp": "scale"}}
