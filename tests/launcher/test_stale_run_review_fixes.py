@@ -300,6 +300,42 @@ def test_a_reaped_run_leaves_no_record(tmp_path: Path) -> None:
     assert stale_run.read_run_record(other) is None  # ended and reaped at the stop: removed too
 
 
+def test_a_run_whose_children_outlive_it_keeps_its_record_until_they_are_gone(tmp_path: Path) -> None:
+    """The record went as soon as the first process was reaped, while the children it left (given
+    LEFTOVER_GRACE_SEC) still ran: a spawner killed in that window (with its launcher) left them
+    running with no record, out of the next launcher's reach. It goes once the group is empty."""
+    from balsam.launcher.runner import SpawnerPool
+
+    (tmp_path / "job.out").write_bytes(b"")
+    pool = SpawnerPool(5, threading.Event())
+    leftovers: list[int] = []
+    try:
+        pool.start(1, "trap '' TERM; sleep 60 & sleep 0.6", tmp_path, {"BALSAM_JOB_ID": "1"})
+        time.sleep(spawner.RECORD_AFTER_SEC + 0.2)
+        record = stale_run.read_run_record(tmp_path)
+        assert record is not None
+        time.sleep(0.8)  # the first process ended and was reaped; the child ignores SIGTERM
+        leftovers = [int(e) for e in os.listdir("/proc")
+                     if e.isdecimal() and (spawner.proc_stat(int(e)) or ("X", 0, 0))[1] == record.pid]
+        assert leftovers, "the task's child should still run in its group"
+        os.kill(pool.proc.pid, signal.SIGKILL)  # the spawner dies with its launcher
+        time.sleep(0.2)
+        assert stale_run.read_run_record(tmp_path) is not None, "the record went while the run's children ran"
+        found = stale_run.end_stale_run(1, tmp_path, grace=0.5)
+        assert found is not None and found.kind == "ended", found
+        assert all((spawner.proc_stat(p) or ("X",))[0] in "ZX" for p in leftovers)
+    finally:
+        for pid in leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            pool.close()
+        except Exception:
+            pass
+
+
 def test_a_run_the_launcher_reaps_itself_leaves_no_record(tmp_path: Path) -> None:
     from balsam.launcher.app_run import AppProcess
 

@@ -236,13 +236,14 @@ def test_the_children_check_reads_a_page_per_busy_parent_not_every_child(make_si
     app = _app(site, ["*.tmp"])
     fanout, calm = Job.objects.create(workdir="fan", app_id=app), Job.objects.create(workdir="calm", app_id=app)
     other = Job.objects.create(workdir="other", app_id=fanout.app_id)
-    page = 50  # FileCleanerModule.children_page
+    page = 50  # FileCleanerModule.children_page, made small here (the rule is the same at 1,000)
     n_children = 3 * page + 10
     Job.objects.bulk_create([Job(f"fan-c{i}", app, parent_ids={fanout.id}) for i in range(n_children)])
     Job.objects.bulk_create([Job(f"other-c{i}", app, parent_ids={other.id}) for i in range(3)])
     finish_jobs(client, site.site_id, [fanout.id, calm.id, other.id])
     counting = _CountingClient(client)
     cleaner = _cleaner(site, counting)
+    cleaner.children_page = page
     cleaner.run_cycle()
     pending = _pending(client, site)
     assert pending[fanout.id] is True and pending[other.id] is True and pending[calm.id] is False

@@ -149,3 +149,22 @@ def test_a_batch_job_the_template_check_refuses_is_refused_for_good(make_site, c
     assert "filter_tags key 'a=b'" in row["status_info"].get("error", ""), row["status_info"]
     assert row["status_info"].get(REFUSED_FOR_GOOD) == "true", row["status_info"]
     assert fake.submitted == []
+
+
+def test_a_bad_value_of_the_site_is_not_the_batch_jobs_refusal_for_good(tmp_path: Path) -> None:
+    """A newline in a site default (settings.yml ``optional_batch_job_params``) or the site path is
+    refused too, but as the site's (a plain JobTemplateError: fixed in settings.yml, the next try
+    renders), not as the BatchJob's own value refused for good (queue_maintainer would then stop
+    posting and point at its own keys)."""
+    from balsam.site.job_template import ScriptValueRefused
+
+    with pytest.raises(JobTemplateError) as caught:
+        build_context(make_batch_job(), tmp_path, default_optional_params={"constraint": "cpu\n#SBATCH --x"},
+                      call_hook=False)
+    assert not isinstance(caught.value, ScriptValueRefused) and "optional param 'constraint'" in str(caught.value)
+    with pytest.raises(ScriptValueRefused):  # the BatchJob's own value, whatever the site's default
+        build_context(make_batch_job(optional_params={"constraint": "gpu\n#SBATCH --x"}), tmp_path,
+                      default_optional_params={"constraint": "cpu"}, call_hook=False)
+    with pytest.raises(JobTemplateError) as caught:
+        build_context(make_batch_job(), tmp_path / "a\nb", call_hook=False)
+    assert not isinstance(caught.value, ScriptValueRefused)

@@ -753,7 +753,7 @@ class RESTClient:
                 delay = self._backoff(attempt)
                 reached = reached or (bool(retry_safe_headers) and _answer_timed_out(exc))
                 if attempt >= retries or (deadline is not None and time.monotonic() + delay >= deadline):
-                    if reached:
+                    if reached and deadline is not None:  # a CLI command's advice (a launcher says it cannot reach)
                         raise ServerUnavailable(_no_answer_message(method, f"{self.api_root}{url}", url, attempt + 1,
                                                                    time.monotonic() - started)) from None
                     waited = "" if deadline is None or attempt >= retries else (

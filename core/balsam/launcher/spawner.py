@@ -89,6 +89,7 @@ import signal
 import struct
 import sys
 import time
+from typing import Callable
 
 
 if hasattr(time, "CLOCK_BOOTTIME"):
@@ -415,8 +416,10 @@ class Ending:
     (its number may be reused), so :meth:`check` must be called every :data:`ENDING_POLL_SEC` or so
     while :attr:`groups` is not empty."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_ended: "Callable[[int], None] | None" = None) -> None:
         self.groups: dict[int, float] = {}  # process group id -> when its SIGKILL is due (monotonic)
+        #: Called with a group's id once it is empty or SIGKILLed (its run's record goes then).
+        self.on_ended = on_ended
 
     def add(self, pgid: int, grace: float) -> None:
         if pgid not in self.groups:
@@ -433,6 +436,10 @@ class Ending:
             elif now >= due:
                 _kill_group(pgid, signal.SIGKILL)
                 del self.groups[pgid]
+            else:
+                continue
+            if self.on_ended is not None:
+                self.on_ended(pgid)
         if not self.groups:
             return None
         return max(0.0, min(ENDING_POLL_SEC, min(self.groups.values()) - now))
@@ -475,7 +482,7 @@ class Spawner:
         self.started: dict[int, tuple] = {}
         self.relaunched: dict[int, int] = {}
         #: Tasks ended on request ("k"): never relaunched; their groups, SIGKILLed after the grace.
-        self.ending = Ending()
+        self.ending = Ending(on_ended=self._group_ended)
         self.ending_jobs: set[int] = set()
         #: With the relaunch rule: job id -> (path, text) of the command-line script it runs.
         self.scripts: dict = {}
@@ -679,6 +686,11 @@ class Spawner:
         return True
 
     # -- reaping -------------------------------------------------------------------------------
+    def _group_ended(self, pgid: int) -> None:
+        """The children a task left in its group are gone (or SIGKILLed): its record goes now."""
+        if self.records.written:
+            self.records.forget(pgid)
+
     def reap(self) -> None:
         while self.running:
             try:
@@ -689,7 +701,10 @@ class Spawner:
                 break
             job_id = self.running.pop(pid, None)
             if job_id is not None:
-                if self.records.written:  # only while runs that lasted RECORD_AFTER_SEC are recorded
+                leftovers = group_exists(pid)
+                # The record goes with the run: now, or once the children it left are gone (a
+                # spawner killed meanwhile leaves it for the next launcher's check to find them).
+                if self.records.written and not leftovers:  # only runs that lasted RECORD_AFTER_SEC have one
                     self.records.forget(pid)
                 # Children the task left in its process group (``cmd &``, ``nohup cmd &``) would
                 # outlive it unseen, on CPUs the launcher gives to the next task: the group is
@@ -697,7 +712,7 @@ class Spawner:
                 # a task that leaves nothing behind (the serial hot path: ~1 us). Grandchildren
                 # that called setsid() are in groups of their own and escape (only a cgroup
                 # catches them).
-                if group_exists(pid):
+                if leftovers:
                     self.ending.add(pid, LEFTOVER_GRACE_SEC)
                 self._ended(job_id, os.waitstatus_to_exitcode(status))
 
@@ -729,6 +744,7 @@ class Spawner:
         victims = list(self.running.values())
         # With the groups of tasks ended on request whose leader is gone but not every process.
         groups = set(self.running) | set(self.ending.groups)
+        left_children = set(self.ending.groups)  # their records go once they are SIGKILLed below
         self.ending.groups.clear()
         for pgid in groups:
             _kill_group(pgid, signal.SIGTERM)
@@ -739,9 +755,12 @@ class Spawner:
             if groups:
                 time.sleep(0.02)
         # With the groups reaped leaders left behind during the wait (already sent SIGTERM).
+        left_children |= set(self.ending.groups)
         for pgid in groups | set(self.ending.groups):
             _kill_group(pgid, signal.SIGKILL)
         self.ending.groups.clear()
+        for pgid in left_children if self.records.written else ():
+            self.records.forget(pgid)
         for pid in list(self.running):
             try:
                 os.waitpid(pid, 0)

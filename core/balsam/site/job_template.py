@@ -202,19 +202,23 @@ def check_script_values(batch_job: Any, context: Mapping[str, Any]) -> None:
     written (``--tag deephyper:search=1``). ``queue``, ``project`` and ``job_mode`` go into
     directives as one word: no white space or quotes there.
 
-    A refusal is :class:`ScriptValueRefused`: the BatchJob's own values, refused again however often
-    it is tried (the scheduler module marks it refused for good).
+    A refusal of the BatchJob's own value is :class:`ScriptValueRefused`, refused again however
+    often it is tried (the scheduler module marks it refused for good); one of the site's (a default
+    of ``optional_batch_job_params``, the site path, a plugin hook's value) is a plain
+    :class:`JobTemplateError`: fixed in settings.yml, the next try renders.
     """
     who = f"BatchJob {_field(batch_job, 'id')}"
+    own_params = dict(_field(batch_job, "optional_params") or {})
 
-    def refuse(what: str, value: Any, why: str) -> None:
-        raise ScriptValueRefused(f"{who}: {what} {_shown(str(value))} {why}: its batch script is not rendered")
+    def refuse(what: str, value: Any, why: str, own: bool = True) -> None:
+        kind = ScriptValueRefused if own else JobTemplateError
+        raise kind(f"{who}: {what} {_shown(str(value))} {why}: its batch script is not rendered")
 
-    def plain(what: str, value: Any) -> str:
+    def plain(what: str, value: Any, own: bool = True) -> str:
         text = "" if value is None else str(value)
         problem = _control_char(text)
         if problem:
-            refuse(what, text, f"contains {problem}")
+            refuse(what, text, f"contains {problem}", own)
         return text
 
     for name in ("queue", "project", "job_mode"):
@@ -238,9 +242,10 @@ def check_script_values(batch_job: Any, context: Mapping[str, Any]) -> None:
         plain(f"partition {index} job_mode", _enum_value(_field(part, "job_mode")))
         check_tags(f"partition {index} filter_tags", dict(_field(part, "filter_tags") or {}), True)
     for key, value in dict(context.get("optional_params") or {}).items():
-        plain("optional param", key)
-        plain(f"optional param {key!r} value", value)
-    plain("site path", context.get("balsam_site_path"))
+        own = key in own_params and str(own_params[key]) == str(value)  # else the site's default or a hook's
+        plain("optional param", key, own)
+        plain(f"optional param {key!r} value", value, own)
+    plain("site path", context.get("balsam_site_path"), False)
 
 
 def _environment() -> jinja2.Environment:

@@ -186,7 +186,7 @@ def _balsam_job_of(pid: int) -> Optional[int]:
     for item in environ.split(b"\0"):
         if item.startswith(b"BALSAM_JOB_ID="):
             value = item.partition(b"=")[2]
-            return int(value) if value.decode(errors="replace").isdecimal() else None  # bytes have no isdecimal
+            return int(value) if value.decode("ascii", "replace").isdecimal() else None  # bytes have no isdecimal
     return None
 
 

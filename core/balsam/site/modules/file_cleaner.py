@@ -125,7 +125,7 @@ class FileCleanerModule(AgentModule):
 
     #: Busy children read per request by the children check: each page names at least one busy
     #: parent, which leaves the next request's parent_id filter.
-    children_page = 50
+    children_page = 1000
 
     def _without_busy_children(self, jobs: list[dict], patterns_of: dict[int, list[str]]) -> tuple[list[dict], int]:
         """``jobs`` less those with a child not yet JOB_FINISHED or FAILED, and how many were kept
