@@ -145,12 +145,26 @@ def ensure_pg_database(url: str) -> None:
     parsed = sa.engine.make_url(normalize_database_url(url))
     admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
-        with admin.connect() as conn:
-            exists = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": parsed.database}).first()
-            if not exists:
-                conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
+        for attempt in range(PG_BUSY_RETRIES + 1):
+            try:
+                with admin.connect() as conn:
+                    exists = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                          {"n": parsed.database}).first()
+                    if not exists:
+                        conn.exec_driver_sql(f'CREATE DATABASE "{parsed.database}"')
+                return
+            except sa.exc.OperationalError as exc:
+                # Both xdist workers' servers at their busiest can hold PostgreSQL's 100 connections
+                # for a moment (seen once in a full run: a module's fixture then errored 3 tests).
+                if "too many clients" not in str(exc) or attempt == PG_BUSY_RETRIES:
+                    raise
+                time.sleep(1.0)
     finally:
         admin.dispose()
+
+
+#: Seconds (one try a second) ensure_pg_database waits out PostgreSQL's connection limit.
+PG_BUSY_RETRIES = 60
 
 
 def reset_pg_schema(url: str) -> None:
