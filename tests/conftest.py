@@ -263,6 +263,10 @@ class LiveServer:
             "BALSAM_SERVER_CREATE_TABLES": "1",
             # Test servers are open deployments: every test registers its own users.
             "BALSAM_AUTH_REGISTRATION": "open",
+            # The factory's servers live until the session ends: each keeps at most 2 idle
+            # PostgreSQL connections (bursts still open up to max_overflow more, closed after use);
+            # at the default 10, some 25 servers held PostgreSQL's 100 by the end of a full run.
+            "BALSAM_DB_POOL_SIZE": "2",
             **self.extra_env,
         })
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "balsam.server.app:create_app_from_env",
