@@ -614,6 +614,7 @@ class ProcessPool:
         victims = list(self.running)
         groups = {proc.pid for proc in self.running.values() if proc.pid is not None} | set(self.ending.groups)
         self.ending.groups.clear()
+        signalled_at = time.time()
         for pgid in groups:
             _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_sec
@@ -627,6 +628,18 @@ class ProcessPool:
             _signal_group(pgid, signal.SIGKILL)
         for proc in self.running.values():
             proc.wait(2.0)
+        if self.reaper is not None:
+            # The reaper thread reaps a pid, then records and hands the exit over (removing the
+            # run's record is file I/O): an exit it reaped before our SIGTERM but had not handed
+            # over when reap() ran above is the task's own, not the stop's (an exit 0 before a
+            # wall-time stop is RUN_DONE, not a rerun). Exits by a stop signal stay ours.
+            early = [proc for job_id, proc in self.running.items()
+                     if job_id in victims and job_id not in self.held and proc.returncode is not None
+                     and proc.returncode not in STOP_SIGNAL_EXITS
+                     and getattr(proc, "end_time", None) is not None and proc.end_time < signalled_at]
+            for proc in early:
+                victims.remove(proc.job_id)
+                finished.append(self._finished(proc))
         self.running.clear()
         self.held.clear()
         self._requests.clear()
