@@ -29,6 +29,7 @@ __all__ = [
     "LaunchLimit", "LaunchSpec", "NodeInfo", "NvidiaDevices", "Platform", "capped_threads_per_core", "cpu_bind_list",
     "deliver_signal",
     "cpu_domains_of",
+    "cpu_ids_beyond_cores_errors",
     "cpu_ids_errors", "cuda_visible_only", "file_mtime", "first_launch_param", "format_id_ranges", "gpu_cpu_map_errors", "hardware_thread_ids",
     "hosts_from_node_file", "is_mig_id", "launch_option", "launch_option_name", "launch_param_args",
     "launch_params_to_pass", "leading_job_number", "near_cpus_of",
@@ -430,6 +431,23 @@ def cpu_ids_errors(text: str) -> dict[str, str]:
     except ValueError as exc:
         return {"cpu_ids": str(exc)}
     return {}
+
+
+def cpu_ids_beyond_cores_errors(text: str, cores: int) -> dict[str, str]:
+    """``{"cpu_ids": why}`` when a ``cpu_ids`` option of core ids (``Platform.cpu_ids_are_cores``)
+    names ids from ``cores`` on: those are the second hardware threads of cores ``0 ...`` (the
+    node's logical CPUs, as ``lscpu`` lists them, are the easy mistake). Counted as cores, each
+    physical core was handed to two jobs, and the binding at ``threads_per_core=2`` named CPUs the
+    node does not have. ``{}`` when ``cores`` is not known (0) or the text does not parse (see
+    :func:`cpu_ids_errors`)."""
+    try:
+        threads = [i for i in parse_id_ranges(text) if i >= cores > 0]
+    except ValueError:
+        return {}
+    if not threads:
+        return {}
+    return {"cpu_ids": f"{format_id_ranges(threads)} are hardware threads, not cores: the ids are cores 0-{cores - 1} "
+                       f"(balsam adds core c's second hardware thread, c + {cores}, itself at threads_per_core=2)"}
 
 
 def hosts_from_node_file(env: Mapping[str, str], variable: str, *, inside: str) -> list[str]:

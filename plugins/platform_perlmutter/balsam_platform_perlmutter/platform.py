@@ -48,9 +48,10 @@ from typing import Any, Mapping, Optional, Sequence
 import attrs
 
 from balsam.builtin.default_platform import expand_hostlist
-from balsam.options import option
+from balsam.options import OptionsError, option
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, format_id_ranges, hardware_thread_ids,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_beyond_cores_errors, cpu_ids_errors, cuda_visible_only, format_id_ranges,
+    hardware_thread_ids,
     launch_param_args, launch_option_name, launch_param_value, launch_params_to_pass, leading_job_number,
     parse_id_ranges,
 )
@@ -254,7 +255,9 @@ class PerlmutterOptions:
     )
 
     def validate(self) -> dict[str, str]:
-        return cpu_ids_errors(self.cpu_ids or "0")
+        # Beyond 127 is a hardware thread on either node type (a GPU node's 64-127 are checked
+        # when the platform starts: the options do not say which node type they are for).
+        return cpu_ids_errors(self.cpu_ids or "0") or cpu_ids_beyond_cores_errors(self.cpu_ids or "0", 128)
 
 
 class PerlmutterGPUPlatform(Platform):
@@ -274,6 +277,12 @@ class PerlmutterGPUPlatform(Platform):
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
         self.cpu_ids = parse_id_ranges(self.options.cpu_ids or self.node_cpu_ids, where="launcher.platform_options.cpu_ids")
+        # The node's logical CPUs (0-127 on a GPU node, as lscpu lists them) counted every core
+        # twice: steps packed on a core and its second thread, serial tasks pinned to CPUs 128-191.
+        cores = self.logical_cpus // self.hardware_threads_per_core
+        for name, problem in cpu_ids_beyond_cores_errors(self.options.cpu_ids, cores).items():
+            # OptionsError: the launcher reports it in one line (it is a ValueError too).
+            raise OptionsError(f"launcher.platform_options.{name} on {self.name} nodes: {problem}")
         gpus = self.options.gpu_ids or self.node_gpu_ids
         self.gpu_ids = tuple(g.strip() for g in gpus.split(",") if g.strip())
         #: Logical CPUs of the allocation on its smallest node, once discover_nodes has read them

@@ -30,11 +30,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import attrs
 
-from balsam.options import option
+from balsam.options import OptionsError, option
 from balsam.platform import (
     PALS_RESERVED_OPTIONS, pals_binding_overlaps,
-    LaunchSpec, NodeInfo, Platform, cpu_ids_errors, cuda_visible_only, file_mtime, first_launch_param, format_id_ranges,
-    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
+    LaunchSpec, NodeInfo, Platform, cpu_ids_beyond_cores_errors, cpu_ids_errors, cuda_visible_only, file_mtime,
+    first_launch_param, format_id_ranges,
+    gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, is_mig_id, launch_param_args, launch_params_to_pass,
     leading_job_number, near_cpus_of, non_negative_errors, nvidia_smi_list, pals_cpu_bind_errors,
     pals_serial_startup_param_problems, parse_gpu_cpu_map, parse_id_ranges, parse_nvidia_smi_list, pick_cpu_binding,
     read_fresh_gpu_list,
@@ -87,8 +88,9 @@ class PolarisOptions:
     def validate(self) -> dict[str, str]:
         # cpu_bind and hyperthread_offset go to mpiexec as they are: a value PALS refuses (or a
         # sibling thread below its core) failed every job at its start, not the settings check.
-        errors = {**cpu_ids_errors(self.cpu_ids), **pals_cpu_bind_errors("cpu_bind", self.cpu_bind),
-                  **non_negative_errors(self, "hyperthread_offset")}
+        errors = {**(cpu_ids_errors(self.cpu_ids)
+                     or cpu_ids_beyond_cores_errors(self.cpu_ids, self.hyperthread_offset)),
+                  **pals_cpu_bind_errors("cpu_bind", self.cpu_bind), **non_negative_errors(self, "hyperthread_offset")}
         errors.update(gpu_cpu_map_errors("gpu_cpus", self.gpu_cpus) or self._gpu_cpus_errors())
         return errors
 
@@ -118,6 +120,10 @@ class PolarisPlatform(Platform):
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
         self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
+        # 0-63 (the node's 64 logical CPUs) counted every core twice: jobs packed on a core and its
+        # second thread, and bindings naming CPUs 64-95 the node does not have.
+        for name, problem in cpu_ids_beyond_cores_errors(self.options.cpu_ids, self.options.hyperthread_offset).items():
+            raise OptionsError(f"launcher.platform_options.{name}: {problem}")
         self.gpu_ids = tuple(g.strip() for g in self.options.gpu_ids.split(",") if g.strip())
         self.gpu_cpu_map = parse_gpu_cpu_map(self.options.gpu_cpus, where="launcher.platform_options.gpu_cpus")
 
@@ -137,9 +143,17 @@ class PolarisPlatform(Platform):
         The launcher's own node (``local``) is asked live first: a record there may be an earlier
         job's. A record (this node's when ``nvidia-smi`` cannot run, the others') counts only if
         written at or after ``not_before`` (the allocation's start)."""
+        return self._gpus_of(host, self._gpu_list(host, local, not_before))
+
+    def _gpu_list(self, host: str, local: bool, not_before: Optional[float]) -> Optional[str]:
+        """The node's ``nvidia-smi -L``: live on the launcher's own node (``local``), else its fresh
+        record; None when neither is there (its layout is not known)."""
         text = self._local_list() if local else None
         if text is None:
             text = read_fresh_gpu_list(self.options.gpu_list_dir, (host, _short(host)), not_before)
+        return text
+
+    def _gpus_of(self, host: str, text: Optional[str]) -> tuple[tuple[str, ...], dict[str, str]]:
         if text:
             devices = parse_nvidia_smi_list(text)
             migs = devices.mig_ids(self.gpu_ids)
@@ -153,12 +167,27 @@ class PolarisPlatform(Platform):
         here = _short(socket.gethostname())
         hosts = self.hostnames(env)
         started = file_mtime(env.get("PBS_NODEFILE"))  # PBS writes it when the allocation starts
-        nodes, parents = [], {}
+        nodes, parents, unknown = [], {}, []
         for host in hosts:
-            gpu_ids, parent = self.node_gpus(host, local=_short(host) == here or len(hosts) == 1, not_before=started)
+            text = self._gpu_list(host, _short(host) == here or len(hosts) == 1, started)
+            if text is None:
+                unknown.append(host)
+            gpu_ids, parent = self._gpus_of(host, text)
             parents.update(parent)
             nodes.append(NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=gpu_ids,
                                   gpu_cpus=near_cpus_of(gpu_ids, self.gpu_cpu_map, self.cpu_ids, parent)))
+        split = [node.hostname for node in nodes if any(is_mig_id(g) for g in node.gpu_ids)]
+        if split and unknown:
+            # A MIG layout is usually the whole allocation's (one mig_config), yet a node whose list
+            # was not found (the default /var/tmp is each node's own) keeps whole-GPU ids: its jobs
+            # got the index of a split GPU, not an instance of their own, and no line said so.
+            logger.warning(
+                "MIG instances on %s but no nvidia-smi -L of %d other nodes (%s%s) in gpu_list_dir %s written "
+                "since the allocation started: their GPUs are taken as whole GPUs %s; if they are split too, "
+                "record every node's list in a shared launcher.platform_options.gpu_list_dir "
+                "(docs/platforms/polaris.md, MIG)",
+                split[0], len(unknown), ", ".join(unknown[:3]), ", ..." if len(unknown) > 3 else "",
+                self.options.gpu_list_dir or "(none)", ",".join(self.gpu_ids))
         # A partial-node allocation names its GPUs there (MIG instances go with their GPU's index).
         return cuda_visible_only(nodes, env, parents)
 
