@@ -507,6 +507,15 @@ def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selecto
                           "request in flight, if any, may have been applied too); run the command again to change "
                           "the rest.") from None
     click.echo(f"Set {n} job(s) to {state.upper()}")
+    if state.upper() == "RESTART_READY":
+        # The server holds back a re-run whose parent has not finished (AWAITING_PARENTS until it
+        # does): say so, or "Set N to RESTART_READY" reads as N runs about to start. One count of
+        # the selection now waiting (those left waiting above are among them).
+        now_waiting = Job.objects.filter(**_job_filters(ids, tags, ("AWAITING_PARENTS",), (), site_selector)).count()
+        held = (now_waiting or 0) - len(waiting)
+        if held > 0:
+            click.echo(f"{held} of them wait for their parents first (AWAITING_PARENTS: a parent has not finished); "
+                       "they run once those finish (`balsam job show ID` lists them)")
 
 
 @job.command("rm")
