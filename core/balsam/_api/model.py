@@ -604,8 +604,22 @@ class BalsamModel:
         return value
 
     def _adopt(self, other: "BalsamModel") -> None:
-        """Take the stored state of ``other`` (a fresh copy of the same record)."""
-        self._record = other._record
+        """Take the stored state of ``other`` (a fresh copy of the same record) as it is: a listed
+        record stays unstructured until a field of it is read (see ``_record``). ``wait()`` re-reads
+        every pending job at each poll and looks at its state only: structuring each whole record
+        took 60% of a poll's time (2.3 s of 4 s for 10,000 pending jobs)."""
+        # Stored in an order in which a thread reading a field meanwhile (DeepHyper polls from
+        # several) always finds a record it can read: the old or the new one.
+        rec = other._rec
+        if rec is not None:
+            self._record = rec  # the record first, then the lazy state cleared
+        elif self._rec is not None:
+            self._lazy = other._lazy
+            self._raw = other._raw
+            self._rec = None  # from here on read from the new JSON
+        else:
+            self._raw = other._raw
+            self._lazy = other._lazy
         self._stored = other._stored
         self._dirty = set()
         self._snapshots = {}

@@ -397,13 +397,28 @@ class JobManager(Manager["Job"]):
 
     def bulk_refresh(self, jobs: Sequence["Job"]) -> None:
         """Re-read many jobs with one request per 500 ids (jobs deleted meanwhile are left as they were)."""
+        self._refresh_many(jobs)
+
+    def _refresh_many(self, jobs: Sequence["Job"]) -> list["Job"]:
+        """:meth:`bulk_refresh`, returning the jobs that no longer exist."""
         ids = [job.id for job in jobs if job.id is not None]
         if not ids:
-            return
+            return []
         fresh = {j.id: j for j in self.filter(id=ids)}
+        gone = []
         for job in jobs:
             if job.id in fresh:
                 job._adopt(fresh[job.id])
+            elif job.id is not None:
+                gone.append(job)
+        return gone
+
+    def _poll(self, pending: Sequence["Job"]) -> None:
+        """Refresh the pending jobs; those deleted meanwhile are marked so (see :func:`_completed`)."""
+        for job in self._refresh_many(pending):
+            # Like a cancelled future: completed, with no result (``result()`` says it was deleted).
+            # Left pending, it kept wait() and result() without a timeout polling for ever.
+            job._deleted = True
 
     def wait(
         self,
@@ -415,16 +430,17 @@ class JobManager(Manager["Job"]):
         """Block until the jobs are done (JOB_FINISHED or FAILED), like ``concurrent.futures.wait``.
 
         ``return_when`` is ``"ALL_COMPLETED"`` or ``"FIRST_COMPLETED"``. Returns ``(done, not_done)``;
-        on timeout the jobs still pending are in ``not_done`` (no exception).
+        on timeout the jobs still pending are in ``not_done`` (no exception). A job deleted
+        meanwhile is done, as a cancelled future is: its ``result()`` raises ``Job.NoResult``.
         """
         if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED"):
             raise ValueError("return_when must be 'ALL_COMPLETED' or 'FIRST_COMPLETED'")
         jobs = list(jobs)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self.bulk_refresh([j for j in jobs if j.state not in DONE_STATES])
-            done = [j for j in jobs if j.state in DONE_STATES]
-            not_done = [j for j in jobs if j.state not in DONE_STATES]
+            self._poll([j for j in jobs if not _completed(j)])
+            done = [j for j in jobs if _completed(j)]
+            not_done = [j for j in jobs if not _completed(j)]
             if not not_done or (return_when == "FIRST_COMPLETED" and done):
                 return JobWaitResult(done, not_done)
             if deadline is not None and time.monotonic() >= deadline:
@@ -435,14 +451,15 @@ class JobManager(Manager["Job"]):
     def as_completed(
         self, jobs: Sequence["Job"], timeout: Optional[float] = None, poll_interval: float = 1.0
     ) -> Iterator["Job"]:
-        """Yield each job as it completes; ``concurrent.futures.TimeoutError`` if some are left at the timeout."""
+        """Yield each job as it completes (or is deleted, see :meth:`wait`);
+        ``concurrent.futures.TimeoutError`` if some are left at the timeout."""
         pending = list(jobs)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
-            self.bulk_refresh(pending)
+            self._poll(pending)
             still = []
             for job in pending:
-                if job.state in DONE_STATES:
+                if _completed(job):
                     yield job
                 else:
                     still.append(job)
@@ -469,6 +486,11 @@ class JobManager(Manager["Job"]):
             return deleted
         result = client.delete(Job._path, params=query._params)
         return result if isinstance(result, int) else None
+
+
+def _completed(job: "Job") -> bool:
+    """Done (JOB_FINISHED or FAILED), or deleted: what wait() and as_completed() wait for."""
+    return job.state in DONE_STATES or job._deleted
 
 
 _app_id_cache_lock = threading.Lock()
@@ -649,7 +671,11 @@ class Job(BalsamModel):
         cached = self.__dict__.get("_params_cache")
         if cached is not None and cached[0] == payload:
             return cached[1]
-        params = codec.deserialize(payload)
+        try:
+            params = codec.deserialize(payload)
+        except codec.DeserializeError as exc:
+            raise codec.DeserializeError(f"Job(id={self.id}, workdir={str(self.workdir)!r}): cannot read its "
+                                         f"parameters here: {exc}") from None
         self.__dict__["_params_cache"] = (payload, params)
         return params
 
@@ -705,24 +731,70 @@ class Job(BalsamModel):
         return self.state in DONE_STATES
 
     def result_nowait(self) -> Any:
-        """The run() return value, re-raising the run() exception; ``Job.NoResult`` if neither exists."""
+        """The run() return value, re-raising the run() exception; ``Job.NoResult`` if neither exists.
+
+        A re-raised exception carries a note naming this job (shown under its traceback): in a
+        driver that reads hundreds of results, the exception alone does not say which job raised."""
         if self.serialized_exception:
             exc = codec.deserialize_exception(self.serialized_exception)
             if not isinstance(exc, Exception):
                 # A SystemExit stored by an earlier runner (it serialized any BaseException):
                 # raised here it would slip past the caller's ``except Exception`` and end the
                 # driver script. The runner now stores only Exceptions.
-                raise codec.RemoteException(f"{type(exc).__name__}: {exc}").with_traceback(exc.__traceback__)
+                exc = codec.RemoteException(f"{type(exc).__name__}: {exc}").with_traceback(exc.__traceback__)
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"raised by run() of Job(id={self.id}, workdir={str(self.workdir)!r}); its output "
+                             f"is job.out in that workdir (`balsam job show {self.id}`)")
             raise exc
         if self.serialized_return_value:
-            return codec.deserialize(self.serialized_return_value)
-        raise self.NoResult(f"Job(id={self.id}) in state {self.state} has no result")
+            try:
+                return codec.deserialize(self.serialized_return_value)
+            except codec.DeserializeError as exc:
+                # Typically a class of a module the compute node has and this Python lacks (a
+                # torch tensor, a pandas frame): say which job, and what to do.
+                raise codec.DeserializeError(
+                    f"Job(id={self.id}, workdir={str(self.workdir)!r}): cannot read the return value of run() "
+                    f"here: {exc} (install what it needs in this Python, or return plain data)") from None
+        raise self.NoResult(self._no_result_message())
+
+    def _no_result_message(self, reason: Optional[str] = None) -> str:
+        state = getattr(self.state, "value", self.state)
+        if self._deleted:
+            return f"Job(id={self.id}, workdir={str(self.workdir)!r}) was deleted in state {state}: it has no result"
+        head = f"Job(id={self.id}, workdir={str(self.workdir)!r}) in state {state} has no result"
+        if self.state not in DONE_STATES:
+            return f"{head} yet"
+        if self.state == JobState.job_finished:
+            return f"{head}: it is not a run() app, or its run() ended with sys.exit()"
+        # FAILED without a result: run() never reported (the app did not load on the site, the
+        # process was killed or ended with sys.exit(), a hook failed): say where the reason is.
+        where = f"see `balsam job show {self.id}`, job.history() and job.out in its workdir"
+        if reason:
+            return f"{head}: run() did not report one; the failure: {reason} ({where})"
+        return f"{head}: run() did not report one ({where})"
+
+    def _failure_reason(self) -> Optional[str]:
+        """The reason the newest events of this job give for its failure (one request), shortened."""
+        for event in self.history()[:5]:
+            data = event.data or {}
+            text = str(data.get("error") or data.get("message") or "").strip()
+            if text:
+                lines = text.splitlines()[-5:]
+                text = " | ".join(line.strip() for line in lines if line.strip())
+                return text if len(text) <= 1000 else "..." + text[-997:]
+        return None
 
     def result(self, timeout: Optional[float] = None) -> Any:
-        """Wait until the job is done, then ``result_nowait()``; ``concurrent.futures.TimeoutError`` on timeout."""
+        """Wait until the job is done, then ``result_nowait()``; ``concurrent.futures.TimeoutError`` on timeout.
+
+        A job FAILED without a result raises ``Job.NoResult`` with the reason its events give
+        (one more request, only then)."""
         waited = type(self).objects.wait([self], timeout=timeout)
         if waited.not_done:
             raise concurrent.futures.TimeoutError(f"Job(id={self.id}) not done after {timeout} s (state {self.state})")
+        if (self.state == JobState.failed and not self._deleted and not self.serialized_exception
+                and not self.serialized_return_value):
+            raise self.NoResult(self._no_result_message(self._failure_reason()))
         return self.result_nowait()
 
 

@@ -72,7 +72,7 @@ def main(argv: "list[str] | None" = None) -> int:
         # sys.exit), KeyboardInterrupt ... end the process with their exit status and no marker:
         # re-raised by job.result() in the user's driver, a SystemExit slipped past its
         # ``except Exception`` and ended it. With no marker, result() raises Job.NoResult.
-        _emit(EXCEPTION_MARKER, codec.serialize_exception(exc))
+        _emit(EXCEPTION_MARKER, codec.serialize_exception(exc, MAX_SERIALIZED_PAYLOAD_CHARS))
         raise
     try:
         payload = codec.serialize(result)
@@ -81,7 +81,7 @@ def main(argv: "list[str] | None" = None) -> int:
         # raising run(), so job.result() raises an error that names the type (without this the
         # runner died outside the try above with no marker, and result() said only "has no result").
         error = codec.SerializeError(f"the return value of run() cannot be serialized: {exc}")
-        _emit(EXCEPTION_MARKER, codec.serialize_exception(error))
+        _emit(EXCEPTION_MARKER, codec.serialize_exception(error, MAX_SERIALIZED_PAYLOAD_CHARS))
         raise error from None
     if len(payload) > MAX_SERIALIZED_PAYLOAD_CHARS:
         # The server refuses a result this long: the job ended FAILED and result() said only "has
@@ -89,7 +89,7 @@ def main(argv: "list[str] | None" = None) -> int:
         error = codec.SerializeError(
             f"the return value of run() serializes to {len(payload):,} characters; the limit is "
             f"{MAX_SERIALIZED_PAYLOAD_CHARS:,}")
-        _emit(EXCEPTION_MARKER, codec.serialize_exception(error))
+        _emit(EXCEPTION_MARKER, codec.serialize_exception(error, MAX_SERIALIZED_PAYLOAD_CHARS))
         raise error
     _emit(RETURN_MARKER, payload)
     return 0
