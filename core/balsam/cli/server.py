@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
+import logging
 import os
 import signal
 import socket
@@ -822,11 +823,33 @@ def migrate(database_url: Optional[str]) -> None:
     url = database_url or _database_url()
     safe_url = sa.engine.make_url(url).render_as_string(hide_password=True)
     click.echo(f"Migrating {safe_url} to {head_revision()} ...")
+    # A line as each revision starts: a revision that rewrites a large table takes minutes, in
+    # which the command said nothing (nor which revision it was at, if it was stopped).
+    steps = logging.getLogger("alembic.runtime.migration")
+    progress = _MigrationProgress()
+    level = steps.level
+    steps.addHandler(progress)
+    steps.setLevel(logging.INFO)
     try:
-        revision = upgrade(url)
+        revision = upgrade(url, on_wait=lambda: click.echo(
+            "  waiting for another migration of this database to end (another `balsam server migrate`, "
+            "or a server migrating it) ..."))
     except (sa.exc.SQLAlchemyError, CommandError, OSError) as exc:
         raise click.ClickException(_database_problem(url, exc, verb="migrate")) from None
+    finally:
+        steps.removeHandler(progress)
+        steps.setLevel(level)
     click.echo(f"Database schema at revision {revision}")
+
+
+class _MigrationProgress(logging.Handler):
+    """Echoes alembic's ``Running upgrade A -> B, <message>`` as ``  HH:MM:SS A -> B ...``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Running upgrade "):
+            step = message.removeprefix("Running upgrade ").partition(",")[0]
+            click.echo(f"  {dt.datetime.now():%H:%M:%S} {step} ...")
 
 
 commands = [server_group]

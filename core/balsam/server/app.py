@@ -293,6 +293,30 @@ def create_app_from_env() -> Starlette:
         return create_app(settings=settings)
     except SchemaMismatch as exc:
         _refuse_to_start(exc)
+    except (sa.exc.DBAPIError, OSError) as exc:
+        # A database that cannot be reached or opened at start (PostgreSQL down, a wrong host or
+        # password; an SQLite file that is no database or cannot be created): one line naming it,
+        # and uvicorn's startup failure. It was a 150-line traceback, exit status 1, and with
+        # --workers N the supervisor started the workers again and again (a traceback a second).
+        _refuse_to_start(f"cannot use the database {_masked_url(settings.database_url)}: {_first_line(exc)}")
+
+
+def _masked_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:  # not a URL: shown as given (it holds no password SQLAlchemy could find)
+        return url
+
+
+def _first_line(exc: BaseException) -> str:
+    """The database's own words (the DBAPI error's first line, not SQLAlchemy's wrapping of it)."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+        text = str(exc.orig)
+    elif isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
 def __getattr__(name: str) -> Any:

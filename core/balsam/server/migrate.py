@@ -91,7 +91,24 @@ def schema_problem(engine: sa.Engine) -> "str | None":
                 "run `balsam server migrate` (it repairs it)")
     if not _known_revision(current):
         return "is " + unknown_revision_problem(current, head)
+    if _migration_under_way(engine):
+        # Said apart: "run `balsam server migrate`" to whoever just started it (a deployment that
+        # starts the servers while the migration runs) sent them to run a second one.
+        return (f"is at revision {current} and being migrated now (`balsam server migrate`, or a server "
+                f"migrating it), this balsam needs {head}: start it once the migration has ended")
     return f"is at revision {current}, this balsam needs {head}: run `balsam server migrate`"
+
+
+def _migration_under_way(engine: sa.Engine) -> bool:
+    """True if another session holds the migration lock of this PostgreSQL database (:func:`lock_migrations`)."""
+    if engine.dialect.name != "postgresql":
+        return False
+    # pg_locks shows an advisory lock on a bigint key as classid (its high 32 bits) and objid (its low ones).
+    with engine.connect() as conn:
+        return bool(conn.execute(sa.text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = :high "
+            "AND objid = :low AND objsubid = 1 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
+            {"high": MIGRATION_LOCK_KEY >> 32, "low": MIGRATION_LOCK_KEY & 0xFFFFFFFF}).scalar_one())
 
 
 def schema_mismatch(engine: sa.Engine) -> "str | None":
@@ -129,17 +146,42 @@ def repair_retired_revision(conn: sa.Connection) -> "str | None":
     return current
 
 
-def upgrade(database_url: str, revision: str = "head") -> str:
-    """Upgrade the schema to ``revision`` (repairing a retired development revision first); returns
-    the revision now stored."""
+def lock_migrations(conn: sa.Connection, on_wait: "Callable[[], None] | None" = None) -> None:
+    """On PostgreSQL, take the migration lock for ``conn``'s transaction (waiting for whoever holds it).
+
+    Several workers of one server start at once (uvicorn --workers N), or two operators run
+    `balsam server migrate`: without a lock they all read the same revision and run the same DDL,
+    and all but one die of an error about the schema (``duplicate key value violates unique
+    constraint "pg_type_typname_nsp_index"``, ``trigger ... does not exist``). The lock is the
+    transaction's: the others wait, then find head. SQLite needs none: the migration's transaction
+    is a writer's (BEGIN IMMEDIATE), and writers take turns. ``on_wait`` is called before waiting,
+    if another holds the lock (to say why nothing happens)."""
+    if conn.dialect.name != "postgresql":
+        return
+    params = {"key": MIGRATION_LOCK_KEY}
+    if on_wait is not None and conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:key)"), params).scalar_one():
+        return
+    if on_wait is not None:
+        on_wait()
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), params)
+
+
+def upgrade(database_url: str, revision: str = "head", on_wait: "Callable[[], None] | None" = None) -> str:
+    """Upgrade the schema to ``revision`` (repairing a retired development revision first), under
+    the migration lock (:func:`lock_migrations`, ``on_wait`` as there); returns the revision now stored."""
     engine = create_db_engine(database_url)
     try:
         with engine.connect().execution_options(balsam_write=True) as conn:
+            lock_migrations(conn, on_wait)
             # Its own transaction, committed: if the upgrade then fails, the database is at a
             # revision of this history, which a later upgrade continues from.
             if repair_retired_revision(conn) is not None:
                 conn.commit()
-        command.upgrade(alembic_config(database_url), revision)
+                lock_migrations(conn, on_wait)  # the upgrade's transaction
+            cfg = alembic_config(database_url)
+            cfg.attributes["connection"] = conn  # migrations/env.py runs them in conn's transaction
+            command.upgrade(cfg, revision)
+            conn.commit()
         return current_revision(engine) or ""
     finally:
         engine.dispose()
@@ -154,11 +196,7 @@ def upgrade_engine(engine: sa.Engine) -> None:
         raise SchemaMismatch(schema_mismatch(engine) or f"unknown schema revision {current}")
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.connect().execution_options(balsam_write=True) as conn:
-        if conn.dialect.name == "postgresql":
-            # Several workers of one server start at once (uvicorn --workers N): without a lock
-            # they all create alembic_version and the tables, and all but one die of a
-            # UniqueViolation. The lock is the transaction's: the others wait, then find head.
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        lock_migrations(conn)
         repair_retired_revision(conn)  # under the lock: the first worker repairs, the others find head
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
