@@ -1,4 +1,4 @@
-"""``balsam site init|start|stop|sync|ls|rm|mv|rename`` (attached to the ``site`` group of cli/site.py)."""
+"""``balsam site init|start|stop|status|sync|ls|rm|mv|rename`` (attached to the ``site`` group of cli/site.py)."""
 
 from __future__ import annotations
 
@@ -166,6 +166,42 @@ def stop(site_path: Optional[str], timeout: float, force: bool) -> None:
         click.echo(f"Site agent [pid {pid}] did not stop within {timeout:.0f} s: killed (SIGKILL; no clean shutdown)")
     else:
         click.echo(f"Site agent [pid {pid}] shutdown OK")
+
+
+@click.command("status")
+@click.argument("site_path", required=False)
+def status(site_path: Optional[str]) -> None:
+    """Say whether the site agent runs (pid, since when, log); exit status 0 running, 1 not, 2 unknown."""
+    from balsam.site.agent import pid_file_path, read_pid_record, recorded_agent_alive
+
+    path = _site_path(site_path)
+    record = read_pid_record(path)
+    if record is None:
+        click.echo("The site agent is not running.")
+        sys.exit(1)
+    host, pid, started = record
+    if host != socket.gethostname():
+        # Its processes cannot be looked at from here; the server's last refresh tells (site ls).
+        click.echo(f"The pid file {pid_file_path(path)} names a site agent on {host} [pid {pid}]: it cannot be checked "
+                   f"from {socket.gethostname()} (`balsam site ls` says whether the site is Active)")
+        sys.exit(2)
+    if not recorded_agent_alive(record):
+        click.echo(f"The site agent is not running (the pid file of pid {pid}, left by an agent that did not stop "
+                   "cleanly, is replaced at the next `balsam site start`).")
+        sys.exit(1)
+    logs = sorted((path / "log").glob("agent_*.log"))
+    since = ""
+    if started is not None:
+        up = dt.timedelta(seconds=int(dt.datetime.now().timestamp() - started))
+        since = f" since {dt.datetime.fromtimestamp(started):%Y-%m-%d %H:%M:%S} (up {up})"
+    click.echo(f"Site agent running on {host} [pid {pid}]{since}; log {logs[-1] if logs else path / 'log'}")
+    try:
+        edited = (path / "settings.yml").stat().st_mtime
+    except OSError:
+        edited = None
+    if started is not None and edited is not None and edited > started:
+        click.echo("settings.yml was changed since the agent started: it keeps the settings it started with until "
+                   "`balsam site sync` (or a restart)")
 
 
 @click.command("sync")
@@ -392,7 +428,7 @@ def rename(site_path: str, name: str) -> None:
     click.echo(f"Renamed site {site_id} to {name!r}")
 
 
-SITE_COMMANDS = [init, start, stop, sync, ls, rm, mv, rename]
+SITE_COMMANDS = [init, start, stop, status, sync, ls, rm, mv, rename]
 
 
 def attach(group: click.Group) -> None:

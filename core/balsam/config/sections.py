@@ -116,6 +116,18 @@ def section_specs() -> list[SectionSpec]:
 
 def orphan_message(key: str, suggestion: Optional[str] = None) -> str:
     """The one-line reason an enabled section that no installed agent module consumes is refused."""
+    # Here, as in section_specs: balsam.plugins imports pluggy and stevedore, which a launcher
+    # reading its settings (balsam.config) does not need.
+    from balsam.plugins.manager import get_plugin_manager
+    from balsam.plugins.report import DISABLED
+
+    # An installed module that BALSAM_PLUGINS (or BALSAM_DISABLE_PLUGIN_AUTOLOAD) leaves out: "install
+    # the distribution" sent the user after one that is installed.
+    left_out = [r for r in get_plugin_manager().records(resolve=False)
+                if r.kind == "agent_module" and r.name == key and r.status == DISABLED]
+    if left_out:
+        return (f"the agent module '{key}' of {left_out[0].distribution} is installed but not enabled "
+                f"({left_out[0].error}): enable that distribution, or set this section to null")
     hint = f"did you mean '{suggestion}'? If not, install" if suggestion else "install"
     return (
         f"no installed agent module consumes this section ({hint} the distribution that provides the "

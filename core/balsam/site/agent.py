@@ -10,7 +10,12 @@ section is enabled (entry-point group ``balsam.agent_modules``), and runs each m
   and one line says when the module's cycles succeed again (a persistent failure at a 1 s period
   wrote ~86,000 tracebacks a day);
 - errors that mean "the API is unreachable" (connection refused, timeouts, 5xx) are retried with an
-  exponential backoff (1 s doubling up to 60 s) instead of every period;
+  exponential backoff (1 s doubling up to 60 s) instead of every period, logged at each try while
+  the wait grows, then once per ``REPEATED_ERROR_LOG_SEC`` (the client's retry warnings left out);
+- each plugin's ``balsam_agent_started`` / ``balsam_agent_stopping`` hook is called on its own (one
+  that raises is one line, the others still run); hook plugins that failed to load and agent
+  module names two distributions claim are named in the log at the start;
+- an edit of settings.yml while the agent runs is logged once (it applies at the next start);
 - the agent stops with one error line when the server no longer has its site (deleted with
   ``balsam site rm``, a reset database): every module would otherwise log HTTP 404 every cycle;
 - SIGTERM / SIGINT / SIGHUP (a closed terminal or ssh session of a foreground agent) stop the agent cleanly: the ``balsam_agent_stopping`` hook, the modules' ``close()``,
@@ -40,6 +45,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..config.settings import load_settings
+from ..plugins.discovery import HOOK_KIND
+from ..plugins.manager import get_plugin_manager
+from ..plugins.report import CONFLICT, FAILED
+from ..serialization import show
 from ..util import START_TIME_TOLERANCE_SEC, log_file_handler, same_process, terminate_processes, try_exclusive_flock
 from .api_util import is_api_outage, load_site_client
 from .module import AgentModule
@@ -52,6 +62,9 @@ MAX_BACKOFF_SEC = 60.0
 TOKEN_EXPIRY_MARGIN_SEC = 120.0
 #: How often the agent re-reads the login file for its deadline (a fresh `balsam login` moves it).
 LOGIN_CHECK_SEC = 30.0
+#: How often the agent looks whether settings.yml was changed since it started (it applies the file
+#: only at its start: an edit otherwise did nothing, with nothing in the log to say so).
+SETTINGS_CHECK_SEC = 30.0
 #: How often the agent checks that the server still has its site record (at once after any HTTP 404).
 SITE_CHECK_SEC = 60.0
 #: A module cycle running longer than max(HUNG_CYCLE_PERIODS x its period, HUNG_CYCLE_MIN_SEC) is
@@ -77,6 +90,29 @@ def _settings_refused(exc: BaseException) -> bool:
     """True when the server refused a settings push for its values (any other 4xx answer)."""
     status = getattr(exc, "status_code", None)
     return isinstance(status, int) and 400 <= status < 500 and status not in _NOT_SETTINGS_ERRORS
+
+
+#: The REST client's logger: one WARNING per retried request ("GET /jobs/: ...; retrying in 0.5 s").
+CLIENT_LOGGER = "balsam.client.rest"
+
+
+class _ClientRetryFilter(logging.Filter):
+    """Leaves out the client's retry warnings logged on the thread of a module in an API outage
+    (two per try, next to the agent's own line on the outage, which is rate-limited), and on the
+    agent's own thread (its site check) while any module is in one."""
+
+    def __init__(self, agent: "Agent") -> None:
+        super().__init__()
+        self.agent = agent
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        in_outage = self.agent._in_outage
+        if not in_outage or not hasattr(record, "attempt"):
+            return True
+        thread = record.threadName or ""
+        if thread.startswith("agent-") and thread[len("agent-"):] in in_outage:
+            return False
+        return thread != self.agent._wait_thread_name
 
 
 class AgentError(RuntimeError):
@@ -327,6 +363,62 @@ def setup_logging(site_config: Any, *, stream: bool = False) -> Path:
     return path
 
 
+def _raised_at(exc: BaseException) -> str:
+    """``file.py:LINE`` of the frame that raised ``exc`` ("" without a traceback)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+
+
+#: The longest the agent waits for one plugin's balsam_agent_started / balsam_agent_stopping hook.
+#: One that hung (a network mount, a lock) kept the agent from ever starting its modules, or from
+#: stopping: `balsam site stop` gave up after 45 s, with nothing in the log.
+AGENT_HOOK_TIMEOUT_SEC = 20.0
+
+
+def _call_bounded(name: str, plugin: str, call: Callable[[], Any]) -> None:
+    """Run one hook call in a thread of its own and wait for it at most ``AGENT_HOOK_TIMEOUT_SEC``;
+    a failure or a hang is one ERROR line naming the plugin (a hung call's thread is left running)."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            call()
+        except Exception as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name=f"agent-hook-{plugin}", daemon=True)
+    thread.start()
+    thread.join(AGENT_HOOK_TIMEOUT_SEC)
+    if thread.is_alive():
+        logger.error("plugin %s: its %s hook has not returned after %.0f s (hung?): the agent goes on without "
+                     "waiting for it", plugin, name, AGENT_HOOK_TIMEOUT_SEC)
+    elif failure:
+        exc = failure[0]
+        logger.error("plugin %s: its %s hook failed (ignored; the agent carries on): %s: %s%s", plugin, name,
+                     type(exc).__name__, exc, _raised_at(exc))
+
+
+def call_agent_hook(name: str, **kwargs: Any) -> None:
+    """Call every plugin's implementation of the agent hook ``name`` (``balsam_agent_started``,
+    ``balsam_agent_stopping``), each on its own: pluggy stops at the first implementation that
+    raises, so one broken plugin kept every plugin called after it from seeing the agent start (or
+    stop: resources held for ever). A failure, or a call not returned within
+    ``AGENT_HOOK_TIMEOUT_SEC``, is one ERROR line naming the plugin; the agent carries on."""
+    try:
+        caller = getattr(get_plugin_manager().hook, name)
+        implementations = caller.get_hookimpls()
+    except Exception as exc:  # the plugins could not be loaded: the agent runs on without the hook
+        logger.error("cannot call the %s hooks (ignored): %s: %s", name, type(exc).__name__, exc)
+        return
+    if any(impl.hookwrapper or impl.wrapper for impl in implementations):
+        # A wrapper must wrap the others: only pluggy's own call can do that.
+        _call_bounded(name, ", ".join(impl.plugin_name for impl in implementations), lambda: caller(**kwargs))
+        return
+    for impl in reversed(implementations):  # pluggy's order: the last registered first
+        arguments = {arg: kwargs[arg] for arg in impl.argnames}
+        _call_bounded(name, impl.plugin_name, lambda impl=impl, arguments=arguments: impl.function(**arguments))
+
+
 # -- the agent ------------------------------------------------------------------------------------
 
 
@@ -367,6 +459,17 @@ class Agent:
         #: settings.yml still to be copied to the site record (the server was down at start-up).
         self.settings_push_pending = False
         self._cycles_at_push = -1
+        #: Modules whose cycles fail for an API outage (in backoff): the client's own retry warnings
+        #: on their threads are left out of the log (:class:`_ClientRetryFilter`).
+        self._in_outage: set[str] = set()
+        self._retry_filter = _ClientRetryFilter(self)
+        #: The thread running :meth:`wait` (its site check's requests), once it runs.
+        self._wait_thread_name: Optional[str] = None
+        #: settings.yml's (mtime, size, inode) as last seen (None: unreadable): taken here, before
+        #: build_modules() reads the file if main() has not, so that no edit goes unreported.
+        self._settings_stamp = self._settings_file_stamp()
+        #: settings.yml's text as the agent started with it (an edit undone, a `touch`: no change).
+        self._settings_text = self._settings_file_text()
         #: Times the repeats of a module's error (monotonic seconds); tests put a clock of their own.
         self.clock: Callable[[], float] = time.monotonic
 
@@ -382,16 +485,27 @@ class Agent:
 
     # -- building --------------------------------------------------------------------------------
     def build_modules(self) -> list[AgentModule]:
-        from ..plugins.manager import get_plugin_manager
-
         pm = get_plugin_manager()
         settings = self.site_config.settings
         modules: list[AgentModule] = []
-        for name in sorted(pm.list_drivers("agent_module")):
+        drivers = pm.list_drivers("agent_module")
+        # Names a second distribution also claims: which one a section runs follows the order of the
+        # metadata scan, and only `balsam plugins ls` showed the other.
+        losers: dict[str, list[Any]] = {}
+        for record in pm.records(resolve=False):
+            if record.kind == "agent_module" and record.status == CONFLICT:
+                losers.setdefault(record.name, []).append(record)
+        for name in sorted(drivers):
             section = settings_section(settings, name)
             if section is None:
                 logger.info("agent module %s: disabled (no `%s:` section in settings.yml)", name, name)
                 continue
+            if name in losers:
+                winner = drivers[name]
+                others = "; ".join(f"{r.distribution or r.source} ({r.target})" for r in losers[name])
+                logger.warning("agent module %s: the `%s:` section runs %s's (%s); also installed under that name, "
+                               "not used: %s (uninstall one; `balsam plugins ls`)", name, name,
+                               winner.distribution or winner.source, winner.target, others)
             try:
                 cls = pm.load_driver("agent_module", name)
                 module = cls(self.site_config, section, self.client)
@@ -407,6 +521,7 @@ class Agent:
     def _module_loop(self, module: AgentModule) -> None:
         name = module.name
         backoff = 0.0
+        outage_tries, outage_since, outage_logged_at = 0, 0.0, 0.0
         repeated = _RepeatedErrors(self.clock)
         bad_delay_warned: set[str] = set()
         while not self.stop_event.is_set():
@@ -416,8 +531,10 @@ class Agent:
                 delay = module.run_cycle()
                 self.cycles[name] = self.cycles.get(name, 0) + 1
                 if backoff:
-                    logger.info("%s: API reachable again", name)
-                backoff = 0.0
+                    logger.info("%s: API reachable again after %d failed tr%s over %.0f min", name, outage_tries,
+                                "y" if outage_tries == 1 else "ies", (self.clock() - outage_since) / 60)
+                    self._in_outage.discard(name)
+                backoff, outage_tries = 0.0, 0
                 recovered = repeated.succeeded()
                 if recovered is not None:
                     logger.info("%s: cycle succeeded again after %s", name, recovered)
@@ -426,8 +543,20 @@ class Agent:
             except BaseException as exc:  # a plugin or driver calling sys.exit must not end the module
                 self.errors[name] = self.errors.get(name, 0) + 1
                 if isinstance(exc, Exception) and is_api_outage(exc):
+                    ramping = backoff < MAX_BACKOFF_SEC
                     backoff = min(MAX_BACKOFF_SEC, max(1.0, backoff * 2))
-                    logger.warning("%s: API unavailable (%s); next try in %.0f s", name, exc, backoff)
+                    now = self.clock()
+                    outage_tries += 1
+                    if outage_tries == 1:
+                        outage_since = now
+                        self._in_outage.add(name)
+                    # Each try while the wait grows (1, 2, 4 ... 60 s), then once per
+                    # REPEATED_ERROR_LOG_SEC: a server down for a day wrote a line a minute per module.
+                    if ramping or now - outage_logged_at >= REPEATED_ERROR_LOG_SEC:
+                        outage_logged_at = now
+                        still = "" if ramping else (f"; still unavailable after {outage_tries} tries over "
+                                                    f"{(now - outage_since) / 60:.0f} min")
+                        logger.warning("%s: API unavailable (%s); next try in %.0f s%s", name, exc, backoff, still)
                     delay = backoff
                 else:
                     if getattr(exc, "status_code", None) == 404:
@@ -443,8 +572,14 @@ class Agent:
                     delay = None
             finally:
                 self._cycle_started.pop(name, None)
-            if delay is None:
-                delay = module.period
+            returned = delay
+            try:
+                delay = float(module.period if delay is None else delay)
+            except Exception:
+                # A cycle returning what is no number (a dict, a word): the comparisons below raised
+                # outside the cycle's own handler and ended the module's thread for good.
+                delay = math.nan
+            if returned is None:
                 # A period of 0 or less (a settings dict that skipped the loader's checks, a plugin's
                 # computed one) cycles without pause, as a NaN does; a cycle may still return 0 itself
                 # ("more work waiting").
@@ -458,8 +593,9 @@ class Agent:
                 if name not in bad_delay_warned:
                     bad_delay_warned.add(name)
                     what = "a period of more than 0" if bad_period else "a finite number of seconds"
-                    logger.warning("%s: cannot wait %r s before the next cycle (not %s up to %.0f); waiting "
-                                   "%.0f s instead", name, delay, what, MAX_CYCLE_DELAY_SEC, usable)
+                    logger.warning("%s: cannot wait %s s before the next cycle (not %s up to %.0f); waiting "
+                                   "%.0f s instead", name, show(delay if returned is None else returned), what,
+                                   MAX_CYCLE_DELAY_SEC, usable)
                 delay = usable
             logger.debug("%s: cycle %d done; next in %.2f s", name, self.cycles.get(name, 0), delay)
             if delay > 0:
@@ -555,8 +691,6 @@ class Agent:
 
     def start(self) -> None:
         """Build the modules (unless given), call the started hook and start one thread per module."""
-        from ..plugins.manager import get_plugin_manager
-
         if not self._modules_given:
             self.modules = self.build_modules()
             if not self.modules:
@@ -565,10 +699,9 @@ class Agent:
                                "scheduler:, processing: or transfers: in settings.yml)")
         names = ", ".join(m.describe() for m in self.modules) or "none"
         logger.info("site %s at %s: modules %s", getattr(self.site_config, "site_id", "?"), self.site_path, names)
-        try:
-            get_plugin_manager().hook.balsam_agent_started(site_config=self.site_config, modules=list(self.modules))
-        except Exception:
-            logger.exception("a balsam_agent_started hook failed (ignored)")
+        self._log_broken_hook_plugins()
+        logging.getLogger(CLIENT_LOGGER).addFilter(self._retry_filter)
+        call_agent_hook("balsam_agent_started", site_config=self.site_config, modules=list(self.modules))
         from ..client import on_credential_refused
 
         self._forget_listener = on_credential_refused(self._on_credential_refused)
@@ -576,6 +709,63 @@ class Agent:
             thread = threading.Thread(target=self._module_loop, args=(module,), name=f"agent-{module.name}", daemon=True)
             self.threads.append(thread)
             thread.start()
+
+    def _log_broken_hook_plugins(self) -> None:
+        """One WARNING per installed hook plugin that could not be loaded (an import error, a name
+        taken): its hooks do not run in this agent (nor in what it renders: the job template's
+        context), which only `balsam plugins ls` showed."""
+        try:
+            records = get_plugin_manager().records(resolve=False)
+        except Exception as exc:
+            logger.error("cannot list the installed plugins: %s: %s", type(exc).__name__, exc)
+            return
+        for record in records:
+            if record.kind == HOOK_KIND and record.status in (FAILED, CONFLICT):
+                where = f"{record.distribution} {record.version}".strip() or record.source
+                logger.warning("plugin %s (%s, %s): not loaded (%s): %s; its hooks do not run in this agent "
+                               "(`balsam plugins ls`)", record.name, where, record.target, record.status, record.error)
+
+    def _settings_file(self) -> Path:
+        return Path(getattr(self.site_config, "settings_path", self.site_path / "settings.yml"))
+
+    def _settings_file_stamp(self) -> Optional[tuple[int, int, int]]:
+        try:
+            stat = os.stat(self._settings_file())
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def _settings_file_text(self) -> Optional[bytes]:
+        try:
+            return self._settings_file().read_bytes()
+        except OSError:
+            return None
+
+    def check_settings_file(self) -> Optional[str]:
+        """Log (and return) one WARNING when settings.yml changed since it was last looked at and
+        differs from the text the agent started with: the running agent keeps the settings it
+        started with, and a file that no longer loads would stop its next start (after a reboot,
+        weeks later). Each change is reported once; the file is read only when its stamp moved."""
+        stamp = self._settings_file_stamp()
+        if stamp == self._settings_stamp:
+            return None
+        self._settings_stamp = stamp
+        text = self._settings_file_text()
+        if text is not None and text == self._settings_text:
+            return None  # touched, or an edit undone: what the agent runs with
+        path = self._settings_file()
+        if text is None:
+            state = "it cannot be read now: the agent would not start again"
+        else:
+            try:
+                load_settings(path, log_warnings=False)
+                state = "`balsam site sync` checks it, pushes it to the site record and restarts the agent"
+            except Exception as exc:
+                state = f"as it is now the agent would not start again: {exc} (`balsam site check-settings`)"
+        message = (f"{path} changed since the agent started; the running agent keeps the settings it started "
+                   f"with; {state}")
+        logger.warning("%s", message)
+        return message
 
     def _on_credential_refused(self, error: Any) -> None:
         if getattr(error, "url", "").startswith(str(getattr(self.client, "api_root", "\0"))):
@@ -601,8 +791,9 @@ class Agent:
         return False
 
     def wait(self, timeout: Optional[float] = None) -> None:
+        self._wait_thread_name = threading.current_thread().name
         deadline_token = self._token_deadline()
-        checked = site_checked = time.monotonic()
+        checked = site_checked = settings_checked = time.monotonic()
         deadline = None if timeout is None else time.monotonic() + timeout
         last_note = time.monotonic()
         while not self.stop_event.is_set():
@@ -610,6 +801,9 @@ class Agent:
                 break
             if time.monotonic() - checked >= LOGIN_CHECK_SEC:
                 deadline_token, checked = self._token_deadline(), time.monotonic()
+            if time.monotonic() - settings_checked >= SETTINGS_CHECK_SEC:
+                settings_checked = time.monotonic()
+                self.check_settings_file()
             if deadline_token is not None and time.time() >= deadline_token:
                 deadline_token = self._token_deadline()  # one last look: a new login since?
                 if deadline_token is not None and time.time() >= deadline_token:
@@ -714,21 +908,17 @@ class Agent:
                          name, seconds, limit, stack.rstrip())
 
     def shutdown(self, reason: Optional[str] = None, join_timeout: float = 15.0) -> None:
-        from ..plugins.manager import get_plugin_manager
-
         self.request_stop(reason or self.stop_reason)
         reason = self.stop_reason
         logger.info("stopping (%s)", reason)
-        try:
-            get_plugin_manager().hook.balsam_agent_stopping(site_config=self.site_config, reason=reason)
-        except Exception:
-            logger.exception("a balsam_agent_stopping hook failed (ignored)")
+        call_agent_hook("balsam_agent_stopping", site_config=self.site_config, reason=reason)
         deadline = time.monotonic() + join_timeout
         for thread in self.threads:
             thread.join(max(0.1, deadline - time.monotonic()))
             if thread.is_alive():
                 logger.warning("%s did not finish its cycle in time", thread.name)
         self._forget_listener()
+        logging.getLogger(CLIENT_LOGGER).removeFilter(self._retry_filter)
         for module in self.modules:
             try:
                 module.close()
