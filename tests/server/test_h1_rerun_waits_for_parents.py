@@ -52,16 +52,17 @@ def test_a_child_failed_by_its_stage_in_while_waiting_waits_again_when_re_run(ap
     assert states(api, [parent, child]) == {parent: "READY", child: "AWAITING_PARENTS"}  # was READY: ran first
     assert moves(api, child)[-2:] == [("FAILED", "RESTART_READY", None),
                                       ("RESTART_READY", "AWAITING_PARENTS", f"{WAIT_MESSAGE}{parent} (READY)")]
-    # its failed stage-in starts over (as a re-run's does), but its end moves nothing while it waits
-    assert api.ok("GET", f"/transfers/{item}")["state"] == "pending"
-    api.ok("PATCH", "/transfers/", json=[{"id": item, "state": "done"}])
-    assert api.job(child)["state"] == "AWAITING_PARENTS"
+    # its failed stage-in is held again (awaiting_job, fresh tries) until its parent finishes
+    assert api.ok("GET", f"/transfers/{item}")["state"] == "awaiting_job"
 
     parent_item = api.ok("GET", "/transfers/", params={"job_id": [parent]})["results"][0]["id"]
     api.ok("PATCH", "/transfers/", json=[{"id": parent_item, "state": "done"}])
     finish(api, [parent])
-    assert states(api, [parent, child]) == {parent: "JOB_FINISHED", child: "STAGED_IN"}
-    assert moves(api, child)[-1] == ("AWAITING_PARENTS", "STAGED_IN", "All parents finished")
+    assert states(api, [parent, child]) == {parent: "JOB_FINISHED", child: "READY"}
+    assert moves(api, child)[-1] == ("AWAITING_PARENTS", "READY", "All parents finished")
+    assert api.ok("GET", f"/transfers/{item}")["state"] == "pending"
+    api.ok("PATCH", "/transfers/", json=[{"id": item, "state": "done"}])
+    assert api.job(child)["state"] == "STAGED_IN"
 
 
 def test_a_parent_and_its_child_re_run_at_once_run_in_order(api: Api, site_app: tuple) -> None:

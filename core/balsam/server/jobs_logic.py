@@ -1063,21 +1063,26 @@ def _states_and_transfers(specs: list[dict[str, Any]], app_info: dict[int, Any],
                 errors.append((["body", index, "transfers", slot_name, "location_alias"],
                                f"unknown location alias {alias!r} on the site (valid: {valid})"))
                 continue
-            stage_in = slot["direction"] == TransferDirection.stage_in.value
             items.append({
                 "direction": slot["direction"],
                 "local_path": slot["local_path"],
                 "remote_path": path,
                 "location_alias": alias,
                 "recursive": bool(slot.get("recursive", False)),
-                "state": TransferItemState.pending.value if stage_in else TransferItemState.awaiting_job.value,
+                "state": TransferItemState.awaiting_job.value,
                 "task_id": "",
                 "transfer_info": {},
             })
         if any(parent_states[p] != S.finished.value for p in spec.get("parent_ids") or ()):
+            # Its stage-in waits too (awaiting_job), started when the job leaves AWAITING_PARENTS
+            # (_start_stage_ins): the inputs of a DAG's child are often its parents' stage-out, and
+            # a stage-in started at once copied the stale file there, or failed on a missing one.
             state = S.awaiting_parents
         elif any(it["direction"] == TransferDirection.stage_in.value for it in items):
             state = S.ready
+            for item in items:
+                if item["direction"] == TransferDirection.stage_in.value:
+                    item["state"] = TransferItemState.pending.value
         else:
             state = S.staged_in
         states.append(state.value)
@@ -1479,12 +1484,15 @@ def _resolve_automatic_moves(
     RESTART_READY with a stage-in not done (a re-run of a job its stage-in failed) -> READY, its
     failed items pending again: a launcher would run it without its inputs. ``rerun``: jobs among
     the RESTART_READY ones that go back to AWAITING_PARENTS when a parent has not finished
-    (:func:`_rewait_for_parents`, with ``unfinishing``; their failed stage-in items are made
-    pending again too)."""
+    (:func:`_rewait_for_parents`, with ``unfinishing``; their stage-in is held again,
+    :func:`_hold_stage_ins`). Every job left READY has its held stage-in started
+    (:func:`_start_stage_ins`)."""
     restart = [jid for jid, st in final_state.items() if st == S.restart_ready]
     if restart:
-        restaged = _restage_inputs(conn, restart)
         waits = _rewait_for_parents(conn, rerun, final_state, unfinishing or []) if rerun else {}
+        if waits:
+            _hold_stage_ins(conn, list(waits))
+        restaged = _restage_inputs(conn, [jid for jid in restart if jid not in waits])
         for jid, unfinished in waits.items():
             final_state[jid] = S.awaiting_parents
             shown = ", ".join(f"{pid} ({state})" for pid, state in unfinished[:10])
@@ -1498,7 +1506,10 @@ def _resolve_automatic_moves(
                                      {"message": "Stage-in not complete: staging in again before the re-run"}))
     ready = [jid for jid, st in final_state.items() if st == S.ready]
     if ready:
-        pending_in = _with_unfinished_transfers(conn, ready, TransferDirection.stage_in)
+        # Every way into READY starts the job's held stage-in: a user's move out of
+        # AWAITING_PARENTS, a re-run (RESTART_READY) straight out of it or of a FAILED job that had
+        # never left it. A READY job with an ``awaiting_job`` stage-in would wait for ever.
+        pending_in = _start_stage_ins(conn, ready)
         for jid in ready:
             if jid not in pending_in:
                 final_state[jid] = S.staged_in
@@ -1544,7 +1555,9 @@ def _start_stage_outs(conn: sa.Connection, job_ids: list[int]) -> set[int]:
 
 def _restage_inputs(conn: sa.Connection, job_ids: list[int]) -> set[int]:
     """The jobs among ``job_ids`` (just RESTART_READY) with a stage-in item not done. Their items in
-    ``error`` become ``pending`` with fresh tries; ``pending``/``active`` ones are left to finish."""
+    ``error`` become ``pending`` with fresh tries; ``pending``/``active`` ones are left to finish;
+    ``awaiting_job`` ones (a job re-run straight out of AWAITING_PARENTS, or failed there) start
+    with the job's move to READY (:func:`_start_stage_ins`)."""
     dialect = conn.dialect.name
     stmt = _STAGE_IN_UNFINISHED["postgresql" if dialect == "postgresql" else "sqlite"]
     rows = conn.execute(stmt, {"b_ids": ids_param(job_ids, dialect)}).all()
@@ -1556,6 +1569,45 @@ def _restage_inputs(conn: sa.Connection, job_ids: list[int]) -> set[int]:
     if again:
         update_rows_by_id(conn, transfer_items, again)
     return {r.job_id for r in rows}
+
+
+def _start_stage_ins(conn: sa.Connection, job_ids: list[int]) -> set[int]:
+    """Start the held stage-in of ``job_ids`` (jobs leaving AWAITING_PARENTS for READY, or moved to
+    READY otherwise): their ``awaiting_job`` stage-in items become ``pending``, which the site
+    agent's transfers module reads. Returns the jobs among them with a stage-in item not done (the
+    others have nothing to stage in: STAGED_IN). Every move into READY goes through here (the
+    release by the parents, :func:`_release_checked`, and :func:`_resolve_automatic_moves`), so
+    no exit from the wait leaves a job READY with its inputs held. Two statements for any number
+    of jobs; the jobs are locked by the caller (PostgreSQL) or the write lock is held (SQLite)."""
+    dialect = conn.dialect.name
+    conn.execute(
+        sa.update(transfer_items).where(
+            id_in(transfer_items.c.job_id, job_ids, dialect),
+            transfer_items.c.direction == TransferDirection.stage_in.value,
+            transfer_items.c.state == TransferItemState.awaiting_job.value,
+        ).values(state=TransferItemState.pending.value)
+    )
+    return _with_unfinished_transfers(conn, job_ids, TransferDirection.stage_in)
+
+
+def _hold_stage_ins(conn: sa.Connection, job_ids: list[int]) -> None:
+    """Hold the stage-in of ``job_ids`` (re-runs sent back to AWAITING_PARENTS by
+    :func:`_rewait_for_parents`) until their parents finish again, as a new child's is held: items
+    ``pending``, ``error`` or ``done`` become ``awaiting_job`` with fresh tries. A done one too: its
+    file came from before the parent's new run (whose output it often is), so it is copied again.
+    Items in flight (``active``/``inactive``: a task the site agent follows) are left to end."""
+    not_in_flight = [TransferItemState.pending.value, TransferItemState.error.value, TransferItemState.done.value]
+    rows = conn.execute(
+        sa.select(transfer_items.c.id, transfer_items.c.transfer_info).where(
+            id_in(transfer_items.c.job_id, job_ids, conn.dialect.name),
+            transfer_items.c.direction == TransferDirection.stage_in.value,
+            transfer_items.c.state.in_(not_in_flight),
+        )
+    ).all()
+    held = {r.id: {"state": TransferItemState.awaiting_job.value, "task_id": "",
+                   "transfer_info": _fresh_transfer_info(r.transfer_info)} for r in rows}
+    if held:
+        update_rows_by_id(conn, transfer_items, held)
 
 
 def _rewait_for_parents(conn: sa.Connection, job_ids: list[int], final_state: dict[int, JobState],
@@ -1767,15 +1819,7 @@ def _release_checked(conn: sa.Connection, candidate_ids: list[int], now: dt.date
     released = list(deleted_of)
     if not released:
         return []
-    pending_in = set(
-        conn.execute(
-            sa.select(transfer_items.c.job_id).where(
-                id_in(transfer_items.c.job_id, released, dialect),
-                transfer_items.c.direction == TransferDirection.stage_in.value,
-                transfer_items.c.state != TransferItemState.done.value,
-            ).distinct()
-        ).scalars()
-    )
+    pending_in = _start_stage_ins(conn, released)
     to_ready = [jid for jid in released if jid in pending_in]
     to_staged = [jid for jid in released if jid not in pending_in]
     events = EventBuffer()

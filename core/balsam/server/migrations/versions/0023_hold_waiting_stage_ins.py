@@ -1,0 +1,44 @@
+"""The stage-in of a job waiting for its parents (AWAITING_PARENTS) is held (``awaiting_job``) until
+the job leaves the wait (jobs_logic._start_stage_ins); it was ``pending`` from the job's creation,
+so the site agent copied a DAG child's inputs before its parents had made them (the stale file an
+earlier run had left at the location, or none: the child failed while it waited).
+
+The jobs waiting when this runs are made to look as if created after the change: their stage-in
+items ``pending`` and not in flight (no ``task_id``), or ``done`` (copied before the parents ran, so
+possibly stale: copied again once they finish), become ``awaiting_job`` with the tries of the earlier
+copies removed from ``transfer_info`` (the keys the server removes for a re-run:
+``attempts``, ``error``, ``retry_after``, ``reason``, ``dest``). Items in flight (``active``,
+``inactive``, or ``pending`` with a task) are left to end, as the server leaves them. One UPDATE.
+
+The downgrade makes every ``awaiting_job`` stage-in item ``pending`` again: the code before this
+revision never starts a held stage-in, so a job released with one would stay READY for ever.
+
+Revision ID: 0023_hold_waiting_stage_ins
+Revises: 0022_idempotent_answer_headers
+Create Date: 2026-12-05
+"""
+
+from alembic import op
+
+revision = '0023_hold_waiting_stage_ins'
+down_revision = '0022_idempotent_answer_headers'
+branch_labels = None
+depends_on = None
+
+_TRY_KEYS = ("attempts", "error", "retry_after", "reason", "dest")
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        fresh = "transfer_info - ARRAY[" + ", ".join(f"'{k}'" for k in _TRY_KEYS) + "]"
+    else:
+        fresh = "json_remove(transfer_info, " + ", ".join(f"'$.{k}'" for k in _TRY_KEYS) + ")"
+    op.execute(
+        f"UPDATE transfer_items SET state = 'awaiting_job', task_id = '', transfer_info = {fresh} "
+        "WHERE direction = 'in' AND (state = 'done' OR (state = 'pending' AND task_id = '')) "
+        "AND job_id IN (SELECT id FROM jobs WHERE state = 'AWAITING_PARENTS')"
+    )
+
+
+def downgrade() -> None:
+    op.execute("UPDATE transfer_items SET state = 'pending' WHERE direction = 'in' AND state = 'awaiting_job'")
