@@ -55,6 +55,7 @@ which its Session survives, from its own isolation, under which the Session expi
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -86,6 +87,11 @@ def tick_period_from_env() -> float:
         value = float(raw) if raw else DEFAULT_TICK_SEC
     except ValueError:
         logger.warning("ignoring BALSAM_LAUNCHER_TICK_SEC=%r (not a number)", raw)
+        value = DEFAULT_TICK_SEC
+    # float() takes "nan" and "inf": nan became a heartbeat every 0.1 s (max(0.1, nan) is 0.1), and
+    # inf none at all, so the server expired the Session of a launcher still running its jobs.
+    if not math.isfinite(value):
+        logger.warning("ignoring BALSAM_LAUNCHER_TICK_SEC=%r (not a finite number): %g s", raw, DEFAULT_TICK_SEC)
         value = DEFAULT_TICK_SEC
     return max(0.1, value)
 

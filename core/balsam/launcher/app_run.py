@@ -206,6 +206,13 @@ class JobPreparer:
         if "\x00" in cmdline or "\x00" in preamble or (own_vars and _has_nul(own_vars)) or (
                 launch_params and _has_nul(launch_params)):
             raise JobBuildError(_nul_reason(job, cmdline, preamble, own_vars, launch_params or {}))
+        # Nor can exec pass one variable over MAX_ARG_BYTES: the job failed at its start with
+        # "[Errno 7] Argument list too long: '/usr/bin/true'" (mpi mode: '.../mpiexec'), which named
+        # the program, not the variable. A length per variable, as the NUL scan.
+        if own_vars and any((len(str(k)) + len(str(v)) + 2) * 4 > MAX_ARG_BYTES for k, v in own_vars.items()):
+            oversized = _oversized_variables(own_vars)
+            if oversized:
+                raise JobBuildError(_oversized_reason(oversized))
         env.setdefault("BALSAM_JOB_ID", str(job_id))
         try:
             workdir = job_workdir(self.data_path, job.workdir)
@@ -280,6 +287,24 @@ class JobPreparer:
 
 def _has_nul(mapping: Mapping[Any, Any]) -> bool:
     return any("\x00" in str(k) or "\x00" in str(v) for k, v in mapping.items())
+
+
+def _oversized_variables(variables: Mapping[Any, Any]) -> list[tuple[str, int]]:
+    """The variables whose ``NAME=value`` (with its terminating NUL) is over :data:`MAX_ARG_BYTES`,
+    Linux's cap on one string exec passes (MAX_ARG_STRLEN), with their sizes in bytes."""
+    oversized = []
+    for key, value in variables.items():
+        size = len(f"{key}={value}".encode("utf-8", "surrogateescape")) + 1
+        if size > MAX_ARG_BYTES:
+            oversized.append((str(key), size - 1))
+    return oversized
+
+
+def _oversized_reason(oversized: Sequence[tuple[str, int]]) -> str:
+    names = ", ".join(f"{name!r} ({size:,} bytes)" for name, size in oversized)
+    what = f"environment variable {names} is" if len(oversized) == 1 else f"environment variables {names} are"
+    return (f"{what} too long: Linux passes at most {MAX_ARG_BYTES - 1:,} bytes in one variable (NAME=value; "
+            "MAX_ARG_STRLEN), so no program can be started with it")
 
 
 def _nul_reason(job: Any, cmdline: str, preamble: str, variables: Mapping[Any, Any], launch_params: Mapping[Any, Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -31,6 +32,10 @@ START_TIME_ENV = "BALSAM_LAUNCHER_START_TIME"
 NODES_ENV = "BALSAM_LAUNCHER_NODELIST"
 #: How many mpi-mode partitions share the batch job (they split the platform's launch limit).
 MPI_PARTITIONS_ENV = "BALSAM_LAUNCHER_MPI_PARTITIONS"
+#: The longest ``-t`` taken (ten years): no allocation lasts longer, and beyond about 292 years the
+#: launcher's waits overflow (``threading.TIMEOUT_MAX``) and its acquire's whole minutes left leave
+#: the API's 64-bit integers.
+MAX_WALL_TIME_MIN = 10 * 366 * 24 * 60
 
 
 class LauncherError(Exception):
@@ -252,8 +257,12 @@ def run_launcher(
     partition_index: int = 0,
 ) -> int:
     start_time = float(os.environ.get(START_TIME_ENV) or time.time())
-    if wall_time_min <= 0:
-        raise LauncherError(f"wall time must be positive, got {wall_time_min}")
+    # Not only "> 0": -t nan passed that test and the launcher stopped at once, exit 0, "done (wall
+    # time)"; -t inf (or 1e300) made every acquire fail ("cannot convert float NaN to integer", HTTP
+    # 422) once a second, and a serial launcher then never went idle: it ran until killed.
+    if not (math.isfinite(wall_time_min) and 0 < wall_time_min <= MAX_WALL_TIME_MIN):
+        raise LauncherError(f"wall time must be positive and finite, in minutes (at most {MAX_WALL_TIME_MIN}: ten "
+                            f"years), got -t {wall_time_min}")
     # Imported here, after the start time is taken (the client and its HTTP stack: tens of ms).
     from balsam.client import on_credential_refused
     from balsam.site.launcher_credentials import use_launcher_credential

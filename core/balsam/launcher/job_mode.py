@@ -20,6 +20,7 @@ import abc
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import threading
 import time
@@ -30,6 +31,7 @@ import attrs
 
 from balsam.config.schema import LauncherSettings
 from balsam.platform import NodeInfo, Platform, nvidia_smi_note
+from balsam.states import RUNNABLE_STATES
 
 from .wake import WakeEvent
 
@@ -80,12 +82,22 @@ def gpuless_acquire_filter(nodes: Sequence[NodeInfo], env: Optional[Mapping[str,
 
 
 def env_float(name: str, default: float) -> float:
+    """``$name`` as a number of 0 or more, else ``default`` (with a warning when it is set). float()
+    takes "nan", "inf" and negatives: a margin of nan made every acquire fail ("cannot convert float
+    NaN to integer") and the stop's grace nan; a negative one ran the jobs past the allocation's end,
+    where the batch system kills them unreported."""
     raw = os.environ.get(name, "")
+    if not raw:
+        return default
     try:
-        return float(raw) if raw else default
+        value = float(raw)
     except ValueError:
         logger.warning("ignoring %s=%r (not a number)", name, raw)
         return default
+    if not (math.isfinite(value) and value >= 0):
+        logger.warning("ignoring %s=%r (not a finite number of 0 or more)", name, raw)
+        return default
+    return value
 
 
 class Countdown:
@@ -114,6 +126,51 @@ class Countdown:
     @property
     def expired(self) -> bool:
         return self.remaining_sec() <= 0
+
+
+#: Runnable jobs an idle launcher reads as it ends, in one request, to say which of them it could
+#: never run (serial mode: those of several ranks or nodes; every mode: those longer than its time).
+RUNNABLE_SCAN_LIMIT = 500
+#: How long the launcher waits for that request (an API that does not answer must not hold its exit).
+RUNNABLE_NOTE_WAIT_SEC = 5.0
+
+
+def runnable_jobs_page(client: Any, site_id: int, filter_tags: Optional[Mapping[str, str]] = None) -> tuple[list[dict], int]:
+    """The site's first :data:`RUNNABLE_SCAN_LIMIT` runnable jobs (of ``filter_tags``) and how many
+    there are in all: one request, not retried (a best-effort note as the launcher ends)."""
+    params: dict[str, Any] = {"site_id": int(site_id), "state": sorted(str(getattr(s, "value", s)) for s in RUNNABLE_STATES),
+                              "limit": RUNNABLE_SCAN_LIMIT}
+    if filter_tags:
+        params["tags"] = [f"{k}:{v}" for k, v in filter_tags.items()]
+    # No retries: the launcher waits for it a few seconds only; a server gone by then must not print
+    # a retry budget of minutes the launcher will not wait out.
+    page = client.get("/jobs/", params=params, retry_count=0)
+    rows = page.get("results", []) if isinstance(page, dict) else list(page or [])
+    total = int(page.get("count", len(rows))) if isinstance(page, dict) else len(rows)
+    return rows, total
+
+
+def longest_offered_min(countdown: "Countdown") -> int:
+    """The ``max_wall_time_min`` of the launcher's first acquire: the most wall time it ever offers."""
+    return max(0, int((countdown.wall_time_sec - countdown.margin_sec) // 60))
+
+
+def too_long_note(rows: Sequence[Mapping[str, Any]], truncated: bool, offered_min: int, wall_time_min: float) -> Optional[str]:
+    """Why some of ``rows`` (runnable jobs; ``truncated``: a first page of them) were never leased
+    here: their ``wall_time_min`` is more than this launcher ever offered. None when there are none.
+    A launcher that went idle with them left said only "0 started", and they waited, PREPROCESSED,
+    for an allocation long enough."""
+    asks = [int(r.get("wall_time_min") or 0) for r in rows]
+    longer = [m for m in asks if m > offered_min]
+    if not longer:
+        return None
+    count = f"at least {len(longer)}" if truncated else str(len(longer))
+    one = len(longer) == 1
+    asked = f"{longer[0]} min" if one else f"up to {max(longer)} min"
+    return (f"{count} runnable {'job asks' if one else 'jobs ask'} for more wall time ({asked}) than this launcher offered "
+            f"({offered_min} min: -t {wall_time_min:g} less its safety margin) and {'was' if one else 'were'} never "
+            f"leased here: {'it needs' if one else 'they need'} a longer BatchJob (balsam queue submit -t) or a smaller "
+            "wall_time_min")
 
 
 class IdleTimer:

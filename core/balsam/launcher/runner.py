@@ -161,11 +161,31 @@ def send_first_running(updater: Any) -> None:
     updater.flush(timeout=0)
 
 
+#: The start of the reason :class:`SpawnerPool` gives (with returncode -1) for each task of a
+#: spawner process that died: the task's own exit was never seen.
+SPAWNER_GONE = "the spawner process exited unexpectedly"
+
+
+def lost_with_spawner(returncode: int, tail: str) -> bool:
+    """Whether an exit is the one :class:`SpawnerPool` made up for a task of a spawner that died."""
+    return returncode == -1 and tail.startswith(SPAWNER_GONE)
+
+
 def report_exit(updater: Any, job_id: int, returncode: int, tail: str, when: Optional[float] = None,
                 postprocess: bool = False) -> None:
     """RUN_DONE or RUN_ERROR. ``postprocess`` (the job's app keeps the default postprocess, see
     :attr:`~balsam.launcher.app_run.PreparedJob.postprocess_on_exit`): a RUN_DONE is followed by
-    POSTPROCESSED in the same call, which is all the processing module would have done."""
+    POSTPROCESSED in the same call, which is all the processing module would have done.
+
+    A task lost with its spawner process is RUN_TIMEOUT (run again), as any run the launcher lost
+    (a worker rank, a node taken out, its own crash): its exit was never seen. It was RUN_ERROR -1,
+    which the default ``handle_error`` made FAILED, also for a task that went on running (its
+    spawner killed by a signal) and succeeded; a job's rerun on this host ends such a run first
+    (``stale_run``). Decided here, where every mode's exits end (a serial worker rank's too)."""
+    if lost_with_spawner(returncode, tail):
+        report_timeout(updater, job_id, f"{tail}; the job runs again (its task may still run until then: a later "
+                                        "run of it on this host ends that first)")
+        return
     ts = dt.datetime.fromtimestamp(when, dt.timezone.utc) if when else None
     if returncode == 0 and postprocess:
         stamp = (ts or dt.datetime.now(dt.timezone.utc)).isoformat()
@@ -950,13 +970,14 @@ class SpawnerPool:
             os.close(self._reply_r)
         if not self._answered.is_set():
             rc = self.proc.wait()
-            self._gone = f"the spawner process exited unexpectedly (status {rc})"
+            self._gone = f"{SPAWNER_GONE} (status {rc})"
             if not self._closing:
                 # It ends its tasks before it exits on an error of its own (Spawner.run); killed
                 # by a signal, it could not.
                 fate = "its tasks may still run" if rc < 0 else "its tasks were ended"
                 logger.error("%s; %s", self._gone, fate)
-            # What it ran has been ended with it (or never reported): report each as an error.
+            # What it ran has been ended with it (or never reported): an exit each, which
+            # report_exit (lost_with_spawner) makes RUN_TIMEOUT.
             # (list() of a dict is one C call: no change by the owner's thread can interleave.)
             now = time.time()
             self.events.extend(("e", job_id, -1, now, self._gone) for job_id in list(self.running))

@@ -67,6 +67,7 @@ import math
 import os
 import resource
 import signal
+import threading
 import time
 from collections import deque
 from typing import Any, Optional
@@ -76,14 +77,16 @@ import attrs
 from balsam.platform import LaunchLimit, LaunchSpec, deliver_signal
 from balsam.util import clip, format_threads_cpu, threads_cpu_seconds
 
-from .._api import largest_active_batch_job, note_batch_job
+from .._api import default_client, largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
 from ..gone import Acquired, GoneJobs, acquire_generation, lease_is_fresh
 from ..app_run import (
     JobBuildError, JobPreparer, PreparedJob, SiteFaults, WorkdirUnavailable, inherited_environment, shell_line,
 )
 from ..handover import HandOver, lease_fresh_until
-from ..job_mode import JobMode, gpuless_acquire_filter
+from ..job_mode import (
+    RUNNABLE_NOTE_WAIT_SEC, JobMode, gpuless_acquire_filter, longest_offered_min, runnable_jobs_page, too_long_note,
+)
 from ..node_manager import Exit, NodeFaults, NodeManager, Placement, UnsatisfiableJob
 from ..placement import DrainForLarge, TooLateJobs, acquire_size_limits, place_pending
 from ..runner import (
@@ -758,7 +761,29 @@ class MPIMode(JobMode):
                     "%.2f s user + %.2f s system (by thread, until the stop: %s)", reason, self.started,
                     self.handover.handed_over, self.handover.given_back, self.finished, usage.ru_utime,
                     usage.ru_stime, format_threads_cpu(threads_cpu))
+        # Only after an idle end with time left, as serial mode's note (SerialMode.run): a launcher
+        # that went idle while jobs it could never lease wait is the case to explain. Bounded.
+        if reason == "idle" and self.countdown.remaining_sec() > 2 * RUNNABLE_NOTE_WAIT_SEC:
+            note = threading.Thread(target=self.note_too_long_jobs, name="too-long-note", daemon=True)
+            note.start()
+            note.join(RUNNABLE_NOTE_WAIT_SEC)
         return 0
+
+    def note_too_long_jobs(self) -> Optional[str]:
+        """Say once (log, BatchJob ``status_info["launcher"]``) that runnable jobs ask for more wall
+        time than this launcher offered (:func:`~balsam.launcher.job_mode.too_long_note`). Best
+        effort: an API that does not answer only logs it."""
+        ctx = self.context
+        try:
+            rows, total = runnable_jobs_page(default_client(), ctx.site_id, ctx.filter_tags)
+        except Exception as exc:
+            logger.debug("runnable jobs not read for the wall-time note: %s", exc)
+            return None
+        message = too_long_note(rows, total > len(rows), longest_offered_min(self.countdown), ctx.wall_time_min)
+        if message:
+            logger.warning(message)
+            note_batch_job(ctx.batch_job_id, "launcher", message)
+        return message
 
     def _signal_through_platform(self) -> tuple[list[tuple[int, int, str, float]], float]:
         """SIGTERM the running apps through the platform where it can (``Platform.signal_runs``:

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 
@@ -57,7 +57,10 @@ from balsam.platform import LaunchSpec
 from balsam.util import api_text, same_process, tail_file
 
 from .._api import default_client, note_batch_job, report_batch_job_error
-from ..job_mode import JobMode, gpuless_acquire_filter
+from ..job_mode import (
+    RUNNABLE_NOTE_WAIT_SEC, RUNNABLE_SCAN_LIMIT, JobMode, gpuless_acquire_filter, longest_offered_min, runnable_jobs_page,
+    too_long_note,
+)
 from .serial_worker import (
     EXIT_START_FAILED, FINAL_COLLECT_EXTRA_SEC, LocalTransport, StartError, build_master, master_exit_code, rank_for_node, read_session_record,
     record_start_error,
@@ -74,8 +77,8 @@ EXIT_AFTER_CLOSE_SEC = 10.0
 SESSION_RECORD_POLL_SEC = 2.0
 #: Runnable jobs read, in one request as the launcher ends, to count those serial mode leaves to
 #: mpi mode; the launcher waits at most MULTI_RANK_NOTE_WAIT_SEC for it.
-MULTI_RANK_SCAN_LIMIT = 500
-MULTI_RANK_NOTE_WAIT_SEC = 5.0
+MULTI_RANK_SCAN_LIMIT = RUNNABLE_SCAN_LIMIT
+MULTI_RANK_NOTE_WAIT_SEC = RUNNABLE_NOTE_WAIT_SEC
 #: An MPI launcher that exits by one of these while the launcher's own stop is not yet seen: the
 #: launcher waits this long for the same signal to reach it (the batch system signals every
 #: process of the job, in no set order) before it judges the exit as the workers' death.
@@ -91,28 +94,28 @@ STOP_REPORT_WAIT_MAX_SEC = 15.0
 _ENV_OPTIONS_WITH_VALUE = ("-u", "--unset", "-C", "--chdir", "-S", "--split-string")
 
 
-def multi_rank_note(client: Any, site_id: int, filter_tags: Optional[dict[str, str]] = None) -> Optional[str]:
+def multi_rank_note(client: Any, site_id: int, filter_tags: Optional[dict[str, str]] = None,
+                    offered: Optional[Callable[[], tuple[int, float]]] = None) -> Optional[str]:
     """Why some runnable jobs of the site (of the launcher's tags) are never run by serial mode:
-    they need more than one rank or node. None when there are none. One request: the first
-    :data:`MULTI_RANK_SCAN_LIMIT` runnable jobs (a count beyond them is "at least")."""
-    from balsam.states import RUNNABLE_STATES
-
-    params: dict[str, Any] = {"site_id": int(site_id), "state": sorted(str(getattr(s, "value", s)) for s in RUNNABLE_STATES),
-                              "limit": MULTI_RANK_SCAN_LIMIT}
-    if filter_tags:
-        params["tags"] = [f"{k}:{v}" for k, v in filter_tags.items()]
-    # No retries: a best-effort note as the launcher ends, which waits for it a few seconds only; a
-    # server gone by then must not print a retry budget of minutes the launcher will not wait out.
-    page = client.get("/jobs/", params=params, retry_count=0)
-    rows = page.get("results", []) if isinstance(page, dict) else list(page or [])
-    total = int(page.get("count", len(rows))) if isinstance(page, dict) else len(rows)
+    they need more than one rank or node; with ``offered`` (called after the request: the most wall
+    time the launcher offered, :func:`~balsam.launcher.job_mode.longest_offered_min`, and its
+    ``-t``), also those that ask for more (:func:`~balsam.launcher.job_mode.too_long_note`). None
+    when there are none. One request: the first :data:`MULTI_RANK_SCAN_LIMIT` runnable jobs (a
+    count beyond them is "at least")."""
+    rows, total = runnable_jobs_page(client, site_id, filter_tags)
+    notes = []
     wide = sum(1 for r in rows if int(r.get("num_nodes") or 1) > 1 or int(r.get("ranks_per_node") or 1) > 1)
-    if not wide:
-        return None
-    count = f"at least {wide}" if total > len(rows) else str(wide)
-    verbs = ("job needs", "is") if wide == 1 else ("jobs need", "are")
-    return (f"{count} runnable {verbs[0]} more than one rank or node and {verbs[1]} left for an mpi-mode BatchJob "
-            "(balsam queue submit -j mpi): serial mode runs single-rank, single-node jobs only")
+    if wide:
+        count = f"at least {wide}" if total > len(rows) else str(wide)
+        verbs = ("job needs", "is") if wide == 1 else ("jobs need", "are")
+        notes.append(f"{count} runnable {verbs[0]} more than one rank or node and {verbs[1]} left for an mpi-mode BatchJob "
+                     "(balsam queue submit -j mpi): serial mode runs single-rank, single-node jobs only")
+    if offered is not None:
+        single = [r for r in rows if not (int(r.get("num_nodes") or 1) > 1 or int(r.get("ranks_per_node") or 1) > 1)]
+        long_note = too_long_note(single, total > len(rows), *offered())
+        if long_note:
+            notes.append(long_note)
+    return "; ".join(notes) or None
 
 
 def launcher_name(cmd: str) -> str:
@@ -255,7 +258,8 @@ class SerialMode(JobMode):
         rank or node are left for mpi mode. Best effort: an API that does not answer only logs it."""
         ctx = self.context
         try:
-            message = multi_rank_note(default_client(), ctx.site_id, ctx.filter_tags)
+            message = multi_rank_note(default_client(), ctx.site_id, ctx.filter_tags,
+                                      lambda: (longest_offered_min(self.countdown), ctx.wall_time_min))
         except Exception as exc:
             logger.debug("runnable jobs not counted for the multi-rank note: %s", exc)
             return None
