@@ -14,7 +14,7 @@ import io
 import pickle
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from tblib import Traceback
 
@@ -237,6 +237,66 @@ def serialize_exception(exc: BaseException, limit: Optional[int] = None) -> str:
                 "message": _shorten(_message(exc), min(_SHORT_MESSAGE_CHARS, max(0, limit // 4))), "value": None,
                 "traceback": None}
     return _b64(pickle.dumps(envelope))
+
+
+def _builtin_base(cls: type) -> type:
+    """The nearest base of the exception class ``cls`` that every Python can load (``Exception``
+    at worst)."""
+    return next(base for base in cls.__mro__ if base.__module__ == "builtins" and issubclass(base, BaseException))
+
+
+def _dill_exception_07(exc: BaseException, frames: Optional[int]) -> Optional[str]:
+    """``base64(dill((exc, tblib.Traceback or None)))`` if dill pickles ``exc``; the traceback at
+    most ``frames`` frames (None: left out)."""
+    tb: Optional[Traceback] = None
+    if frames is not None:
+        tb_dict = _traceback_dict(exc.__traceback__, frames)
+        try:
+            tb = Traceback.from_dict(tb_dict) if tb_dict else None
+        except Exception:  # noqa: BLE001 - the exception is still reported, without its traceback
+            tb = None
+    try:
+        return _b64(_dill().dumps((exc, tb), recurse=True))
+    except Exception:  # noqa: BLE001 - dill raises many kinds: the caller tries a simpler exception
+        return None
+
+
+def serialize_exception_07(exc: BaseException, limit: Optional[int] = None) -> str:
+    """The exception of a run() app in Balsam 0.7's format, ``(exception, tblib.Traceback)`` dill
+    pickled, for the apps a 0.7 client synced: its ``job.result()`` unpacks that tuple (our envelope
+    made it raise "too many values to unpack (expected 2)"). :func:`deserialize_exception` reads it
+    too. 0.7 pickles no ``__cause__`` chain (nor does this).
+
+    The exception is replaced by a simpler one the 0.7 client can load where needed: one of our
+    own modules' (``SerializeError``; the 0.7 client's ``balsam`` package has no such module) by its
+    nearest builtin base with the same message; one dill cannot pickle (an attribute holding a
+    generator, a socket...) by its own type with its message, else by its builtin base with the type
+    name in the message (0.7's own runner printed no marker then: result() raised NoResult). Over
+    ``limit`` characters: the message shortened and the innermost frames, then no traceback."""
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    message = _message(exc)
+    if type(exc).__module__.split(".")[0] == __name__.split(".")[0]:
+        exc = _builtin_base(type(exc))(message).with_traceback(exc.__traceback__)
+    cls, base = type(exc), _builtin_base(type(exc))
+    short = _shorten(message, _SHORT_MESSAGE_CHARS)
+    for frames, text in ((TRACEBACK_MAX_FRAMES, message), (_SHORT_TRACEBACK_FRAMES, short), (None, short)):
+        # The exception itself (whole message only), else the same type, else its builtin base.
+        makers: list[Callable[[], BaseException]] = [lambda: exc] if text is message else []
+        makers += [lambda: cls(text), lambda: base(f"{type_name}: {text}")]
+        for make in makers:
+            try:
+                candidate = make().with_traceback(exc.__traceback__)
+            except Exception:  # noqa: BLE001 - a type that takes other arguments: its builtin base
+                continue
+            payload = _dill_exception_07(candidate, frames)
+            if payload is None:
+                continue  # dill cannot pickle it: a simpler one
+            if limit is None or len(payload) <= limit:
+                return payload
+            break  # too long: a shorter message and traceback
+    keep = _SHORT_MESSAGE_CHARS if limit is None else min(_SHORT_MESSAGE_CHARS, max(2, limit // 4))
+    fallback = base(_shorten(f"{type_name}: {message}", keep))
+    return _b64(_dill().dumps((fallback, None), recurse=True))
 
 
 class RemoteException(Exception):

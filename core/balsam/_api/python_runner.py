@@ -2,7 +2,8 @@
 
 The launcher builds this command with :func:`balsam._api.app.python_runner_command`. The runner
 rebuilds the app class and the job, calls ``run(**parameters)`` and prints on stdout (``job.out``)
-``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` (rank 0 only under MPI); an exception
+``BALSAM-RETURN-VALUE <b64>`` or ``BALSAM-EXCEPTION <b64>`` (rank 0 only under MPI; the exception
+in Balsam 0.7's format for an app a 0.7 client synced: see :func:`serialize_exception`); an exception
 is re-raised so the process exits non-zero (RUN_ERROR). A ``SystemExit`` (or another
 ``BaseException`` that is not an ``Exception``) prints no marker: the exit status tells. A return
 value that cannot be serialized, or that serializes to more than the server takes
@@ -43,6 +44,16 @@ def _emit(marker: str, payload: str) -> None:
         sys.stdout.flush()
 
 
+def serialize_exception(cls: type, exc: BaseException) -> str:
+    """The exception marker's payload: in Balsam 0.7's format for an app a 0.7 client synced (its
+    class payload is not our envelope), whose ``job.result()`` reads nothing else (our envelope made
+    it raise "too many values to unpack"); in ours, which keeps the exception chain, for our apps
+    (which a 0.7 client cannot load anyway). Our client reads both."""
+    if codec.app_payload_python_version(getattr(cls, "_serialized_class", "") or "") is None:
+        return codec.serialize_exception_07(exc, MAX_SERIALIZED_PAYLOAD_CHARS)
+    return codec.serialize_exception(exc, MAX_SERIALIZED_PAYLOAD_CHARS)
+
+
 def load(argv: list[str]) -> tuple[type[ApplicationDefinition], Any]:
     if len(argv) < 4:
         raise SystemExit("usage: python -m balsam._api.python_runner APP_ID N_APP_CHUNKS APP_CHUNK... JOB_CHUNK...")
@@ -72,7 +83,7 @@ def main(argv: "list[str] | None" = None) -> int:
         # sys.exit), KeyboardInterrupt ... end the process with their exit status and no marker:
         # re-raised by job.result() in the user's driver, a SystemExit slipped past its
         # ``except Exception`` and ended it. With no marker, result() raises Job.NoResult.
-        _emit(EXCEPTION_MARKER, codec.serialize_exception(exc, MAX_SERIALIZED_PAYLOAD_CHARS))
+        _emit(EXCEPTION_MARKER, serialize_exception(cls, exc))
         raise
     try:
         payload = codec.serialize(result)
@@ -81,7 +92,7 @@ def main(argv: "list[str] | None" = None) -> int:
         # raising run(), so job.result() raises an error that names the type (without this the
         # runner died outside the try above with no marker, and result() said only "has no result").
         error = codec.SerializeError(f"the return value of run() cannot be serialized: {exc}")
-        _emit(EXCEPTION_MARKER, codec.serialize_exception(error, MAX_SERIALIZED_PAYLOAD_CHARS))
+        _emit(EXCEPTION_MARKER, serialize_exception(cls, error))
         raise error from None
     if len(payload) > MAX_SERIALIZED_PAYLOAD_CHARS:
         # The server refuses a result this long: the job ended FAILED and result() said only "has
@@ -89,7 +100,7 @@ def main(argv: "list[str] | None" = None) -> int:
         error = codec.SerializeError(
             f"the return value of run() serializes to {len(payload):,} characters; the limit is "
             f"{MAX_SERIALIZED_PAYLOAD_CHARS:,}")
-        _emit(EXCEPTION_MARKER, codec.serialize_exception(error, MAX_SERIALIZED_PAYLOAD_CHARS))
+        _emit(EXCEPTION_MARKER, serialize_exception(cls, error))
         raise error
     _emit(RETURN_MARKER, payload)
     return 0
