@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from balsam.launcher import runner
 from balsam.launcher.runner import STOP_SIGNAL_EXITS, ChildReaper, ProcessPool
 
 #: Generous: only keeps a broken test from hanging (the task exits at once).
@@ -75,3 +76,70 @@ def test_an_exit_by_a_stop_signal_before_the_stop_is_still_a_victim(tmp_path: Pa
     assert pool.reap() == []  # held
     victims, finished = pool.terminate_all(0.5)
     assert victims == [3] and finished == []
+
+
+@pytest.mark.parametrize("handed_over", [True, False])
+def test_a_quick_failure_at_the_stop_has_one_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handed_over: bool
+) -> None:
+    """Serial mode's relaunch rule: a quick exit 1 handed over in time is relaunched by the stop's
+    reap() and the stop ends that relaunch (a victim: it runs again); the same exit not handed
+    over yet was reported as finished, RUN_ERROR (a review's finding). One outcome either way."""
+    release = threading.Event()
+    hand_over = ChildReaper._done
+
+    def late(self: ChildReaper, proc: object) -> None:
+        if not handed_over:
+            release.wait(WAIT_SEC)
+        hand_over(self, proc)
+
+    monkeypatch.setattr(ChildReaper, "_done", late)
+    pool = ProcessPool(5, threading.Event(), relaunch_quick_failures=True)
+    proc = pool.start(1, "exit 1", tmp_path, dict(os.environ))
+    deadline = time.monotonic() + WAIT_SEC
+    while not (_reaped(proc.pid) and proc.returncode is not None and (not handed_over or pool.reaper.exited)):
+        assert time.monotonic() < deadline, "the task was not reaped"
+        time.sleep(0.01)
+    try:
+        victims, finished = pool.terminate_all(0.5)
+    finally:
+        release.set()
+    assert (victims, [r[:2] for r in finished]) == ([1], [])
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_an_exit_0_before_the_stop_reaped_after_its_signal_is_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load the reaper thread may reap (and date) an exit only after the stop's signal went
+    out: the task exited 0 before it (a zombie at the stop), so the exit is its own, not a victim
+    run again (a review found the first version judged it by the reap's time)."""
+    go = threading.Event()
+    real_reap = ChildReaper._reap
+
+    def delayed_reap(self: ChildReaper, pid: int, proc: object) -> None:
+        go.wait(WAIT_SEC)  # the thread's turn comes late
+        real_reap(self, pid, proc)
+
+    real_signal = runner._signal_group
+
+    def signal_then_let_the_reaper_run(pgid: int, sig: int) -> None:
+        real_signal(pgid, sig)
+        go.set()
+
+    monkeypatch.setattr(ChildReaper, "_reap", delayed_reap)
+    monkeypatch.setattr(runner, "_signal_group", signal_then_let_the_reaper_run)
+    pool = ProcessPool(5, threading.Event())
+    proc = pool.start(1, "exit 0", tmp_path, dict(os.environ))
+    deadline = time.monotonic() + WAIT_SEC
+    while _state(proc.pid) != "Z":  # exited before the stop, not reaped yet
+        assert time.monotonic() < deadline, "the task did not exit"
+        time.sleep(0.01)
+    try:
+        victims, finished = pool.terminate_all(0.5)
+    finally:
+        go.set()
+    assert (victims, [r[:2] for r in finished]) == ([], [(1, 0)])

@@ -568,19 +568,24 @@ class ProcessPool:
             self.reaper.watch(proc)
         return proc
 
-    def _relaunched_now(self, proc: AppProcess, rule: tuple[frozenset[int], float, int]) -> bool:
-        """Start ``proc``'s task again if the relaunch ``rule`` says so (it keeps its place in
-        ``running`` and its resources); False to report the exit."""
+    def _relaunch_due(self, proc: AppProcess, rule: tuple[frozenset[int], float, int]) -> bool:
+        """Whether the relaunch ``rule`` starts ``proc``'s task again after its exit."""
         codes, window, most = rule
         rc = proc.returncode
         if rc is None or rc not in codes or proc.job_id not in self._requests:
             return False
         if getattr(proc, "spawn_errno", None) in spawner.UNRETRYABLE_SPAWN_ERRNOS:
             return False  # the same command line would fail the same way
+        return time.time() - proc.start_time < window and self._relaunched.get(proc.job_id, 0) < most
+
+    def _relaunched_now(self, proc: AppProcess, rule: tuple[frozenset[int], float, int]) -> bool:
+        """Start ``proc``'s task again if the relaunch ``rule`` says so (it keeps its place in
+        ``running`` and its resources); False to report the exit."""
+        if not self._relaunch_due(proc, rule):
+            return False
+        rc, most = proc.returncode, rule[2]
         seconds = time.time() - proc.start_time
         count = self._relaunched.get(proc.job_id, 0)
-        if seconds >= window or count >= most:
-            return False
         self._relaunched[proc.job_id] = count + 1
         log_relaunch(proc.job_id, rc, seconds, count + 1, most)
         self.start(proc.job_id, *self._requests[proc.job_id])
@@ -588,6 +593,44 @@ class ProcessPool:
 
     def _finished(self, proc: AppProcess) -> tuple[int, int, str, float]:
         return finished_record(proc, self.error_tail_num_lines)
+
+    def _exited_leaders(self) -> list[int]:
+        """The running tasks (not held) whose leader has exited: a zombie (``waitid`` with
+        ``WNOWAIT`` sees it and leaves it to the reaper thread), or already reaped by that thread."""
+        exited = []
+        for job_id, proc in self.running.items():
+            if job_id in self.held or proc.pid is None:
+                continue
+            if proc.returncode is not None:
+                exited.append(job_id)
+                continue
+            try:
+                if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    exited.append(job_id)
+            except ChildProcessError:  # reaped by the reaper thread, not handed over yet
+                exited.append(job_id)
+        return exited
+
+    def _exited_before_the_stop(self, job_ids: list[int], victims: list[int]) -> list[tuple[int, int, str, float]]:
+        """The finished records of the tasks in ``job_ids`` (:meth:`_exited_leaders`, looked at
+        before the stop's signal; their exits are collected by now), taken out of ``victims``,
+        as :meth:`reap` would have reported them: an exit by a stop signal, and a quick failure
+        the relaunch rule would have started again (the stop then ends that relaunch), stay
+        victims, so an exit has one outcome whenever the reaper thread got to it."""
+        rule = self.relaunch
+        records = []
+        for job_id in job_ids:
+            proc = self.running.get(job_id)
+            if proc is None or proc.returncode is None or proc.returncode in STOP_SIGNAL_EXITS:
+                continue
+            if rule is not None and self._relaunch_due(proc, rule):
+                continue
+            victims.remove(job_id)
+            self._requests.pop(job_id, None)
+            records.append(self._finished(proc))
+        if records and self._relaunched and rule is not None:
+            records = _note_relaunches(records, self._relaunched, rule)
+        return records
 
     def reap(self) -> list[tuple[int, int, str, float]]:
         """Finished processes as ``(job_id, returncode, error_tail, end_time)`` (exits by a
@@ -632,9 +675,14 @@ class ProcessPool:
         """
         finished = self.reap()
         victims = list(self.running)
+        # Tasks whose leader had exited before the stop's signal but whose exit reap() did not
+        # take: the reaper thread had not reaped it yet (under load its turn comes late) or had
+        # not handed it over (recording the exit, removing the run's record). Those exits are the
+        # tasks' own (an exit 0 before a wall-time stop is RUN_DONE, not a rerun). Looked at
+        # before any signal, without reaping, so the reaper thread is never raced.
+        exited_before = self._exited_leaders() if self.reaper is not None else []
         groups = {proc.pid for proc in self.running.values() if proc.pid is not None} | set(self.ending.groups)
         self.ending.groups.clear()
-        signalled_at = time.time()
         for pgid in groups:
             _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_sec
@@ -648,18 +696,8 @@ class ProcessPool:
             _signal_group(pgid, signal.SIGKILL)
         for proc in self.running.values():
             proc.wait(2.0)
-        if self.reaper is not None:
-            # The reaper thread reaps a pid, then records and hands the exit over (removing the
-            # run's record is file I/O): an exit it reaped before our SIGTERM but had not handed
-            # over when reap() ran above is the task's own, not the stop's (an exit 0 before a
-            # wall-time stop is RUN_DONE, not a rerun). Exits by a stop signal stay ours.
-            early = [proc for job_id, proc in self.running.items()
-                     if job_id in victims and job_id not in self.held and proc.returncode is not None
-                     and proc.returncode not in STOP_SIGNAL_EXITS
-                     and getattr(proc, "end_time", None) is not None and proc.end_time < signalled_at]
-            for proc in early:
-                victims.remove(proc.job_id)
-                finished.append(self._finished(proc))
+        if exited_before:
+            finished += self._exited_before_the_stop(exited_before, victims)
         self.running.clear()
         self.held.clear()
         self._requests.clear()
