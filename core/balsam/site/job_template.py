@@ -32,6 +32,7 @@ import os
 import shlex
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -41,6 +42,7 @@ import jinja2
 __all__ = [
     "DEFAULT_JOB_TEMPLATE",
     "JobTemplateError",
+    "PluginHookFailed",
     "ScriptValueRefused",
     "build_context",
     "check_script_values",
@@ -52,6 +54,16 @@ __all__ = [
 
 class JobTemplateError(ValueError):
     """The job template cannot be read or rendered (message names the file and the problem)."""
+
+
+class PluginHookFailed(JobTemplateError):
+    """A plugin's ``balsam_job_template_context`` hook raised: the site's code, not the BatchJob's
+    values nor the template (one line naming the plugin, the hook, the error and where it was
+    raised; ``plugin``: the plugin's name, or the names of all of them when a hook wrapper runs)."""
+
+    def __init__(self, message: str, plugin: str) -> None:
+        super().__init__(message)
+        self.plugin = plugin
 
 
 class ScriptValueRefused(JobTemplateError):
@@ -167,11 +179,41 @@ def build_context(
         "launcher_cmd": launcher_command(),
     }
     if call_hook:
-        from ..plugins.manager import get_plugin_manager
-
-        get_plugin_manager().hook.balsam_job_template_context(batch_job=batch_job, context=context)
+        call_context_hooks(batch_job, context)
     check_script_values(batch_job, context)
     return context
+
+
+CONTEXT_HOOK = "balsam_job_template_context"
+
+
+def _raised_at(exc: BaseException) -> str:
+    """`` (at file.py:LINE)`` of the frame that raised ``exc`` ("" without a traceback)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+
+
+def call_context_hooks(batch_job: Any, context: dict[str, Any]) -> None:
+    """Call each plugin's ``balsam_job_template_context`` on its own, in pluggy's order, so that a
+    failure names its plugin (:class:`PluginHookFailed`): raised through pluggy's one call it was a
+    bare ``KeyError`` whose traceback named pluggy's frames, and the agent logged it every cycle."""
+    from ..plugins.manager import get_plugin_manager
+
+    caller = getattr(get_plugin_manager().hook, CONTEXT_HOOK)
+    implementations = caller.get_hookimpls()
+    kwargs = {"batch_job": batch_job, "context": context}
+    if any(impl.hookwrapper or impl.wrapper for impl in implementations):
+        # A wrapper must wrap the others: only pluggy's own call can do that.
+        calls = [(", ".join(impl.plugin_name for impl in implementations), lambda: caller(**kwargs))]
+    else:
+        calls = [(impl.plugin_name, lambda impl=impl: impl.function(**{a: kwargs[a] for a in impl.argnames}))
+                 for impl in reversed(implementations)]  # pluggy's order: the last registered first
+    for plugin, call in calls:
+        try:
+            call()
+        except Exception as exc:
+            raise PluginHookFailed(f"plugin {plugin}: its {CONTEXT_HOOK} hook failed: {type(exc).__name__}: "
+                                   f"{exc}{_raised_at(exc)}", plugin) from exc
 
 
 def _control_char(text: str) -> Optional[str]:

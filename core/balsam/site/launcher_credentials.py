@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..client.settings import ClientSettings, ClientSettingsError
+from .api_util import list_all
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +91,19 @@ class LauncherCredentials:
 
     def mint(self, batch_job: dict) -> Optional[Path]:
         """A credential for this BatchJob's launcher (before its submission). API errors propagate:
-        the caller submits later rather than start a launcher with no way to report."""
+        the caller submits later rather than start a launcher with no way to report.
+
+        A try that failed before its launcher was queued (the scheduler refused it, the submit
+        command timed out) leaves the credential stored: the next try reuses it (renewed, so it
+        also covers the new queue wait) rather than mint another. A new one was minted at every
+        try and none was revoked: a retried submission left a live credential per cycle (seven in
+        a minute). Nothing is revoked here: a timed-out try may have queued a launcher, which reads
+        the BatchJob's one credential file when it starts, whichever try wrote it."""
         if not self.supported:
             return None
+        reused = self._reuse(batch_job)
+        if reused is not None:
+            return reused
         body = {"kind": "launcher", "site_id": self.site_id, "batch_job_id": int(batch_job["id"]),
                 "ttl_sec": _ttl_for(batch_job), "label": f"launcher of BatchJob {batch_job['id']}"}
         try:
@@ -105,6 +116,32 @@ class LauncherCredentials:
             raise
         path = self._write(int(batch_job["id"]), answer)
         logger.info("BatchJob %s: launcher credential %s valid until %s", batch_job["id"], answer["id"], answer["expiration"])
+        return path
+
+    def _reuse(self, batch_job: dict) -> Optional[Path]:
+        """Renew the BatchJob's stored credential for another try (None: there is none to reuse,
+        or the server no longer has it live: revoked, expired, or the file is of another BatchJob
+        of the same id after the server's database was reset). API outages propagate."""
+        bj_id = int(batch_job["id"])
+        stored = self.stored(bj_id)
+        if stored is None or stored.credential_id is None:
+            return None
+        try:
+            answer = self.client.post(f"/auth/credentials/{stored.credential_id}/renew",
+                                      json={"ttl_sec": _ttl_for(batch_job)})
+        except Exception as exc:
+            if getattr(exc, "status_code", None) in (404, 409):  # gone, revoked, or not a launcher's
+                logger.info("BatchJob %s: its stored launcher credential %s cannot be reused (%s): minting another",
+                            bj_id, stored.credential_id, exc)
+                return None
+            raise
+        if answer.get("batch_job_id") not in (None, bj_id) or answer.get("site_id") not in (None, self.site_id):
+            logger.info("BatchJob %s: the stored launcher credential %s is another BatchJob's: minting another",
+                        bj_id, stored.credential_id)
+            return None
+        path = self._write(bj_id, answer)
+        logger.info("BatchJob %s: launcher credential %s reused for this try, valid until %s", bj_id, answer["id"],
+                    answer["expiration"])
         return path
 
     def stored(self, batch_job_id: int) -> Optional[ClientSettings]:
@@ -138,6 +175,43 @@ class LauncherCredentials:
             logger.info("BatchJob %s: launcher credential %s renewed until %s", batch_job["id"], stored.credential_id,
                         answer["expiration"])
         return renewed
+
+    def revoke_unused(self, batch_job_ids: Iterable[int]) -> list[int]:
+        """Revoke the live launcher credentials of BatchJobs whose submission failed for good with
+        no launcher that may have been queued (the caller checks), and delete their files: the
+        server revokes a BatchJob's credentials when it finishes, not when its submission fails,
+        so they lived out their 3 days. The site's live launcher credentials are listed first (one
+        request): only those the server ties to these BatchJobs are revoked (a stored file's id
+        may name another credential after the server's database was reset), one call each (the
+        API revokes one per call; a BatchJob's submission fails once). A failure is logged and the
+        credential expires on its own. Returns the ids of the credentials revoked."""
+        wanted = {int(i) for i in batch_job_ids}
+        if not wanted or not self.supported:
+            return []
+        try:
+            live = list_all(self.client, "/auth/credentials",
+                            {"kind": "launcher", "site_id": self.site_id, "active": "true"})
+        except Exception as exc:
+            logger.warning("cannot list the launcher credentials of BatchJobs %s to revoke them (they expire on their "
+                           "own): %s", ", ".join(map(str, sorted(wanted))), exc)
+            return []
+        revoked = []
+        for row in live:
+            if row.get("batch_job_id") not in wanted:
+                continue
+            try:
+                self.client.delete(f"/auth/credentials/{row['id']}")
+            except Exception as exc:
+                if getattr(exc, "status_code", None) != 404:  # 404: gone already
+                    logger.warning("BatchJob %s: could not revoke the unused launcher credential %s (it expires on "
+                                   "its own): %s", row["batch_job_id"], row["id"], exc)
+                    continue
+            revoked.append(int(row["id"]))
+            logger.info("BatchJob %s: launcher credential %s revoked (its submission failed; no launcher uses it)",
+                        row["batch_job_id"], row["id"])
+        for bj_id in wanted:
+            credential_path(self.site_path, bj_id).unlink(missing_ok=True)
+        return revoked
 
     def remove_stale(self, active_ids: "set[int]") -> list[int]:
         """Delete the files of BatchJobs that are no longer active (the server revoked them)."""

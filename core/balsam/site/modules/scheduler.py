@@ -53,8 +53,8 @@ from ...scheduler import (
 from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
 from ..api_util import bulk_patch, iso_now, list_all, utcnow
-from ..job_template import (JobTemplateError, ScriptValueRefused, build_context, read_template, render_job_script,
-                            template_platform_options)
+from ..job_template import (JobTemplateError, PluginHookFailed, ScriptValueRefused, build_context, read_template,
+                            render_job_script, template_platform_options)
 from ..launcher_credentials import LauncherCredentials
 from ..module import AgentModule
 
@@ -236,8 +236,47 @@ _STATUS_UNAVAILABLE = "scheduler status unavailable"
 #: The start of the error of a transient submit failure that will be retried.
 _SUBMIT_RETRY = "submit failed (attempt "
 
-#: Seconds between two log lines about an outage that lasts (status poll, lookups by name).
+#: Seconds between two log lines about an outage that lasts (status poll, lookups by name), and
+#: between two summaries of an error that repeats (a broken plugin hook, an unexpected error).
 OUTAGE_LOG_EVERY_S = 300.0
+
+#: The longest wait between two renderings of a BatchJob whose plugin hook failed (the wait
+#: doubles from ``sync_period`` at each failure).
+HOOK_RETRY_MAX_SEC = 300.0
+
+
+class _RepeatLog:
+    """Says whether an error that may repeat every cycle is logged in full (the first time), not
+    at all, or summed up (once per ``OUTAGE_LOG_EVERY_S``, with the BatchJobs it struck): a broken
+    plugin hook logged a traceback per pending BatchJob every cycle, 8,640 a day for each.
+    The ``MAX_KEPT`` most recent distinct errors are remembered."""
+
+    MAX_KEPT = 64
+
+    def __init__(self) -> None:
+        #: key -> [when last logged (time.monotonic()), times since, BatchJob ids since]
+        self.seen: dict[Any, list] = {}
+
+    def note(self, key: Any, batch_job_id: int) -> Optional[str]:
+        """None: log it in full; "": log nothing; else the summary to log."""
+        now = time.monotonic()
+        entry = self.seen.pop(key, None)
+        if entry is None:
+            self.seen[key] = [now, 0, set()]
+            while len(self.seen) > self.MAX_KEPT:
+                del self.seen[next(iter(self.seen))]  # the one seen least recently
+            return None
+        self.seen[key] = entry  # the most recently seen last
+        entry[1] += 1
+        entry[2].add(batch_job_id)
+        if now - entry[0] < OUTAGE_LOG_EVERY_S:
+            return ""
+        ids = sorted(entry[2])
+        shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        note = (f"repeated {entry[1]} times in the last {(now - entry[0]) / 60:.0f} min "
+                f"(BatchJob{'s' if len(ids) != 1 else ''} {shown})")
+        self.seen[key] = [now, 0, set()]
+        return note
 
 
 def _aware(when: dt.datetime) -> dt.datetime:
@@ -369,6 +408,12 @@ class SchedulerModule(AgentModule):
         #: cycle with a submission to make (None: not yet this cycle), and the last one logged.
         self._settings_problem: Optional[str] = None
         self._settings_problem_logged = ""
+        #: Errors that repeat every cycle (a broken plugin hook, an unexpected error), logged once
+        #: in full and then summed up.
+        self._repeats = _RepeatLog()
+        #: BatchJob id -> (failed renderings in a row because a plugin hook failed, when
+        #: (time.monotonic()) it is rendered again).
+        self._hook_retry: dict[int, tuple[int, float]] = {}
         self.credentials = LauncherCredentials(client, self.site_path, self.site_id)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -413,6 +458,8 @@ class SchedulerModule(AgentModule):
         batch_jobs = list_all(
             self.client, "/batch-jobs/", {"site_id": self.site_id, "state": [s.value for s in ACTIVE]}
         )
+        active_ids = {b["id"] for b in batch_jobs}
+        self._hook_retry = {k: v for k, v in self._hook_retry.items() if k in active_ids}
         statuses, poll_error = self._poll()
         self._poll_answered = statuses is not None
         self._statuses = statuses
@@ -441,8 +488,17 @@ class SchedulerModule(AgentModule):
             try:
                 self._handle(batch_job, statuses, poll_error, queued_counts, update)
             except Exception as exc:  # a driver bug must not stop the other BatchJobs
-                self.logger.exception("BatchJob %s: unexpected error", batch_job["id"])
-                self._error(update, batch_job, f"{type(exc).__name__}: {exc}")
+                # In full the first time; the same error again (every cycle for every BatchJob
+                # it strikes) is summed up every OUTAGE_LOG_EVERY_S.
+                note = self._repeats.note(("unexpected", type(exc).__name__, str(exc)), batch_job["id"])
+                if note is None:
+                    self.logger.exception("BatchJob %s: unexpected error (the same error again is summed up every "
+                                          "%.0f s)", batch_job["id"], OUTAGE_LOG_EVERY_S)
+                elif note:
+                    self.logger.error("unexpected error again: %s: %s; %s", type(exc).__name__, exc, note)
+                message = clean_text(f"{type(exc).__name__}: {exc}")
+                if (batch_job.get("status_info") or {}).get("error") != message:  # not PATCHed every cycle
+                    self._error(update, batch_job, message, log=False)
             if update.get("state") == BatchJobState.submit_failed.value:
                 self._drop_waiting(batch_job, update)
             if update:
@@ -453,6 +509,7 @@ class SchedulerModule(AgentModule):
                 refused = bulk_patch(self.client, "/batch-jobs/", list(updates.values()))
                 if refused:
                     self._record_refusals(refused, {b["id"]: b for b in batch_jobs})
+                self._revoke_unused_credentials(updates, {update["id"] for update, _ in refused})
             if self.logger.isEnabledFor(logging.DEBUG):
                 self.logger.debug(
                     "cycle: %d active BatchJobs %s; scheduler lists %s; queued per queue %s; updates %s",
@@ -466,6 +523,23 @@ class SchedulerModule(AgentModule):
             # ends a running launcher's work (its renewal call has its own error handling).
             self._keep_launcher_credentials(batch_jobs, updates)
         return None
+
+    def _revoke_unused_credentials(self, updates: dict[int, dict], refused: "set[int]") -> None:
+        """The credentials of BatchJobs that went submit_failed this cycle are revoked, unless a
+        submit command of theirs ended without a known outcome (its ``.submitting`` marker is
+        kept): its job may be queued, and its launcher would need the credential."""
+        failed = []
+        for bj_id, update in updates.items():
+            if update.get("state") != BatchJobState.submit_failed.value or bj_id in refused:
+                continue
+            script = self.script_path(bj_id)
+            if not script.with_name(script.name + ".submitting").exists():
+                failed.append(bj_id)
+        if failed:
+            try:
+                self.credentials.revoke_unused(failed)
+            except Exception:  # never let credential housekeeping stop the scheduler cycle
+                self.logger.exception("revoking unused launcher credentials failed")
 
     def _keep_launcher_credentials(self, batch_jobs: list[dict], updates: dict[int, dict]) -> None:
         live = [b for b in batch_jobs if updates.get(b["id"], {}).get("state", b["state"])
@@ -867,6 +941,11 @@ class SchedulerModule(AgentModule):
         pending = script.with_name(script.name + ".submitting")
         if pending.is_file() and self._adopt_earlier_submission(batch_job, request, pending, marker, update):
             return
+        # Rendered before the launcher credential is minted: a BatchJob whose script cannot be
+        # rendered (a broken template or plugin hook) costs no credential at each try.
+        text = self._render_script(batch_job, update)
+        if text is None:
+            return
         try:
             self.credentials.mint(batch_job)
         except Exception as exc:
@@ -880,16 +959,6 @@ class SchedulerModule(AgentModule):
         if token is None:
             return
         try:
-            text = render_job_script(
-                read_template(self.template_path()),
-                build_context(
-                    batch_job,
-                    self.site_path,
-                    default_optional_params=self.options.optional_batch_job_params,
-                    platform_options=template_platform_options(getattr(self.site_config, "settings", None)),
-                ),
-                source=str(self.template_path()),
-            )
             script.parent.mkdir(parents=True, exist_ok=True)
             script.write_text(text)
             os.chmod(script, 0o755)
@@ -897,13 +966,9 @@ class SchedulerModule(AgentModule):
             # on a later cycle (the agent stopped, or the command timed out), it says that a job
             # may be in the queue already, and the scheduler is asked before submitting again.
             pending.write_text(f"{iso_now()} {token}\n")
-        except (JobTemplateError, OSError) as exc:
+        except OSError as exc:
             update["state"] = BatchJobState.submit_failed.value
             self._error(update, batch_job, f"job template: {exc}")
-            if isinstance(exc, ScriptValueRefused):
-                # The BatchJob's own values: the same request is refused again at every try
-                # (queue_maintainer stops posting it rather than backing off for ever).
-                update["status_info"][REFUSED_FOR_GOOD] = "true"
             return
         try:
             scheduler_id = int(self.scheduler.submit(request))
@@ -940,6 +1005,60 @@ class SchedulerModule(AgentModule):
             self.logger.info("queue %r accepts submissions of project %r again (held back %.0f s by its limit)",
                              queue, batch_job["project"], time.monotonic() - held.since)
         self._record_submitted(batch_job, script, scheduler_id, update, "submitted", marker=marker, pending=pending)
+
+    def _render_script(self, batch_job: dict, update: dict) -> Optional[str]:
+        """The BatchJob's batch script, or None: not rendered. A template the file or the
+        BatchJob's values break makes the BatchJob submit_failed with the reason. A plugin's
+        ``balsam_job_template_context`` hook that raises (:class:`PluginHookFailed`) is the
+        site's code: the BatchJob stays pending_submission with the reason in status_info
+        (``waiting``), rendered again after a wait that doubles from ``sync_period`` up to
+        ``HOOK_RETRY_MAX_SEC`` (a hook may depend on a file or a service that comes back; a fixed
+        plugin is loaded when the agent restarts, and submits it). Logged once in full, then summed up."""
+        bj_id = batch_job["id"]
+        retry = self._hook_retry.get(bj_id)
+        now = time.monotonic()
+        if retry is not None and now < retry[1]:
+            return None  # its waiting note says why
+        try:
+            text = render_job_script(
+                read_template(self.template_path()),
+                build_context(
+                    batch_job,
+                    self.site_path,
+                    default_optional_params=self.options.optional_batch_job_params,
+                    platform_options=template_platform_options(getattr(self.site_config, "settings", None)),
+                ),
+                source=str(self.template_path()),
+            )
+        except PluginHookFailed as exc:
+            failures = (retry[0] if retry is not None else 0) + 1
+            wait = min(HOOK_RETRY_MAX_SEC, max(1.0, self.period) * 2 ** min(failures - 1, 20))
+            self._hook_retry[bj_id] = (failures, now + wait)
+            # Constant while the error is: not PATCHed again at every try.
+            self._set_waiting(batch_job, update, (
+                f"waiting: its batch script cannot be rendered: {exc}; it stays pending_submission and is "
+                f"tried again (at least every {HOOK_RETRY_MAX_SEC:.0f} s): fix the plugin and restart the agent"))
+            note = self._repeats.note(("hook", str(exc)), bj_id)
+            if note is None:
+                self.logger.error("BatchJob %s not submitted: %s; it stays pending_submission and is rendered again "
+                                  "after a wait that doubles up to %.0f s (fix the plugin and restart the agent; the "
+                                  "same error again is summed up every %.0f s)", bj_id, exc, HOOK_RETRY_MAX_SEC,
+                                  OUTAGE_LOG_EVERY_S)
+            elif note:
+                self.logger.error("not submitted again: %s; %s", exc, note)
+            return None
+        except JobTemplateError as exc:
+            self._hook_retry.pop(bj_id, None)
+            update["state"] = BatchJobState.submit_failed.value
+            self._error(update, batch_job, f"job template: {exc}")
+            if isinstance(exc, ScriptValueRefused):
+                # The BatchJob's own values: the same request is refused again at every try
+                # (queue_maintainer stops posting it rather than backing off for ever).
+                update["status_info"][REFUSED_FOR_GOOD] = "true"
+            return None
+        if self._hook_retry.pop(bj_id, None) is not None:
+            self.logger.info("BatchJob %s: its batch script renders again (the plugin hook answered)", bj_id)
+        return text
 
     def _last_try_reached_queue(self, batch_job: dict, request: SubmitRequest, pending: Path, marker: Path,
                                 update: dict, message: str) -> bool:
