@@ -527,7 +527,19 @@ class ApplicationDefinition(metaclass=ApplicationDefinitionMeta):
 
     @classmethod
     def load_by_id(cls, app_id: int) -> type["ApplicationDefinition"]:
+        """The class of App ``app_id``, read once per process and then kept: a re-sync of the app
+        elsewhere is seen after :meth:`reload` or :meth:`clear_cache` (launchers re-read theirs)."""
         return cls._load_by_id_with(cls._models().App, app_id)
+
+    @classmethod
+    def reload(cls, app: "App | dict[str, Any]") -> type["ApplicationDefinition"]:
+        """The class stored in an App record just read, which :meth:`load_by_id` of its id returns
+        from then on in this process (a running launcher's copy of a re-synced app is replaced so)."""
+        loaded = ApplicationDefinition.from_serialized(app)
+        key = (_server_key(cls._models().App), loaded.__app_id__)
+        ApplicationDefinition._app_record_cache.pop(key, None)
+        ApplicationDefinition._app_id_cache[key] = loaded
+        return loaded
 
     @staticmethod
     def _load_by_id_with(AppModel: Any, app_id: int) -> type["ApplicationDefinition"]:

@@ -1,7 +1,8 @@
 """Turning an acquired Job into a process: command line, environment, job.out, CPU affinity.
 
-:class:`JobPreparer` loads the job's ApplicationDefinition (cached by app id) and asks it for the
-command line (``get_arg_str()``; ``run()`` apps get the client's python runner line), the environment
+:class:`JobPreparer` loads the job's ApplicationDefinition (cached by app id, read again when older
+than :data:`APP_REFRESH_SEC`: :meth:`JobPreparer.refresh_apps`) and asks it for the command line
+(``get_arg_str()``; ``run()`` apps get the client's python runner line), the environment
 (``get_environ_vars()``) and the shell preamble. A job whose app cannot load or whose command line
 cannot be built raises :class:`JobBuildError` with the reason; the job modes mark it FAILED.
 
@@ -34,6 +35,7 @@ from ..models import job_workdir
 from ..site.apps import is_python_app, overridden_hooks
 from ..util import JOB_OUTPUT_NAME, create_job_output, tail_file
 from . import spawner
+from .job_mode import env_float
 from .node_manager import Demand
 from .stale_run import end_stale_run, end_stale_runs
 
@@ -132,13 +134,68 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+#: Seconds a launcher trusts its copy of an app before it reads the App record again: a user who
+#: re-syncs a changed app (same name, same id: new command template, run() body, preamble...) gets
+#: it in the jobs a running launcher prepares from then on within this time, not after the launcher
+#: ends. Jobs prepared before (waiting for a node, or leased ahead) keep the copy they were built
+#: with. 10 s: about the time a user takes to submit after a re-sync, while a launcher (which
+#: acquires every few seconds anyway) sends at most one extra GET per 10 s, for the apps of the batch
+#: at hand only. ``$BALSAM_LAUNCHER_APP_REFRESH_SEC`` overrides it (0: every batch).
+APP_REFRESH_SEC = 10.0
+APP_REFRESH_ENV = "BALSAM_LAUNCHER_APP_REFRESH_SEC"
+
+
+#: Retries of the re-read: the batch at hand waits for it, and a server that does not answer keeps
+#: the copies loaded earlier (the client's default retries back off for minutes).
+APP_REFRESH_RETRY_COUNT = 1
+
+
+def fetch_app_records(app_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """The App records of ``app_ids`` (those that exist) in one request (GET /apps/?id=..: one page
+    holds them all, a batch's apps)."""
+    from balsam.api import ApplicationDefinition
+
+    client = ApplicationDefinition._models().App._get_client()
+    ids = [int(a) for a in app_ids]
+    page = client.get("/apps/", params={"id": ids, "limit": len(ids)}, retry_count=APP_REFRESH_RETRY_COUNT)
+    return list(page["results"])
+
+
+def load_app_record(record: Any) -> Any:
+    """The class of an App record, loaded from it (never from the client's cache by id)."""
+    from balsam.api import ApplicationDefinition
+
+    return ApplicationDefinition.reload(record)
+
+
 class JobPreparer:
-    """Builds :class:`PreparedJob` records from API jobs (apps loaded once per app id)."""
+    """Builds :class:`PreparedJob` records from API jobs (apps loaded once per app id, re-read in
+    bulk when older than ``app_refresh_sec``: :meth:`refresh_apps`)."""
 
     def __init__(self, data_path: Path, load_app: Optional[Callable[[int], Any]] = None, *,
-                 default_postprocess: bool = False) -> None:
+                 default_postprocess: bool = False,
+                 fetch_apps: Optional[Callable[[Sequence[int]], Sequence[Any]]] = None,
+                 load_record: Optional[Callable[[Any], Any]] = None,
+                 app_refresh_sec: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.data_path = Path(data_path)
         self._load_app_fn = load_app
+        # A caller's own load_app owns its apps: they are re-read only with its own fetch_apps.
+        self._fetch_apps = fetch_apps or (fetch_app_records if load_app is None else None)
+        self._load_record = load_record or load_app_record
+        self.app_refresh_sec = (env_float(APP_REFRESH_ENV, APP_REFRESH_SEC) if app_refresh_sec is None
+                                else max(0.0, float(app_refresh_sec)))
+        self.clock = clock
+        #: When the app records prefetched at the launcher's start (ApplicationDefinition.prefetch_site)
+        #: were read, at the latest: apps first loaded later than app_refresh_sec after are read afresh.
+        self._created = self.clock()
+        #: app id -> when its record was last read (loaded, or found unchanged or failing)
+        self._app_read: dict[int, float] = {}
+        #: app id -> the serialized class it was loaded from (a record that differs is reloaded)
+        self._app_payload: dict[int, Optional[str]] = {}
+        #: The last re-read failed (said once per outage).
+        self._refresh_failing = False
+        #: Bulk re-reads sent (one per refresh_apps that found a stale app).
+        self.app_refreshes = 0
         #: Postprocess here the jobs of apps that keep the default hook (see PreparedJob).
         self.default_postprocess = default_postprocess
         self._apps: dict[int, Any] = {}
@@ -168,10 +225,89 @@ class JobPreparer:
             except Exception as exc:
                 reason = f"An exception occurred while loading the app (id {app_id}): {_one_line(exc)}"
                 self._app_errors[app_id] = reason
+                self._app_read.setdefault(app_id, self.clock())
                 raise JobBuildError(reason) from exc
-            self._postprocess_on_exit[app_id] = self.default_postprocess and _keeps_default_postprocess(app_cls)
-            self._apps[app_id] = app_cls  # last: the lock-free read above must find both
+            now = self.clock()
+            # A first load may come from the records prefetched at the launcher's start: as old as this.
+            first_read = self._created if now - self._created <= self.app_refresh_sec else now
+            self._set_app(app_id, app_cls, self._app_read.get(app_id, first_read))
             return app_cls
+
+    def _set_app(self, app_id: int, app_cls: Any, read_at: float) -> None:
+        """Caller holds the lock."""
+        self._app_read[app_id] = read_at
+        self._app_payload[app_id] = getattr(app_cls, "_serialized_class", None)
+        self._app_errors.pop(app_id, None)
+        self._postprocess_on_exit[app_id] = self.default_postprocess and _keeps_default_postprocess(app_cls)
+        self._apps[app_id] = app_cls  # last: the lock-free read in _load_app must find both
+
+    def refresh_apps(self, jobs: Sequence[Any]) -> None:
+        """Before preparing an acquired batch (both modes, via :meth:`end_stale_runs`): the apps of
+        its jobs whose copy here is older than ``app_refresh_sec`` are read again, all in ONE request
+        (GET /apps/?id=...), and reloaded only where the record's serialized class changed (a user
+        re-synced the app under the same id: its jobs must run the new code). An app seen for the
+        first time once the launcher's prefetched records are that old is read in the same request.
+        Nothing is sent while every copy is fresh: no request per job. An app deleted meanwhile (its
+        jobs are deleted with it) is dropped. When the server cannot be reached the copies are kept
+        (one warning per outage) and tried again ``app_refresh_sec`` later."""
+        if self._fetch_apps is None:
+            return
+        now = self.clock()
+        limit = self.app_refresh_sec
+        wanted = set()
+        for job in jobs:
+            try:
+                wanted.add(int(job.app_id))
+            except (AttributeError, TypeError, ValueError):
+                continue  # prepare reports it
+        prefetch_stale = now - self._created > limit
+        stale = sorted(a for a in wanted
+                       if (now - self._app_read[a] > limit if a in self._app_read else prefetch_stale))
+        if not stale:
+            return
+        self.app_refreshes += 1
+        try:
+            records = {int(r.id if not isinstance(r, dict) else r["id"]): r for r in self._fetch_apps(stale)}
+        except Exception as exc:
+            with self._lock:
+                for app_id in stale:
+                    if app_id in self._app_read:
+                        self._app_read[app_id] = now  # tried again after the limit, not per batch
+            if not self._refresh_failing:
+                logger.warning("could not re-read apps %s (the copies loaded earlier are used): %s", stale,
+                               _one_line(exc))
+            self._refresh_failing = True
+            return
+        if self._refresh_failing:
+            logger.info("apps re-read again")
+        self._refresh_failing = False
+        with self._lock:
+            for app_id in stale:
+                record = records.get(app_id)
+                if record is None:
+                    if app_id in self._app_read:
+                        self._apps.pop(app_id, None)
+                        self._app_payload.pop(app_id, None)
+                        self._app_errors[app_id] = (f"app {app_id} no longer exists (deleted since this launcher "
+                                                    f"loaded it)")
+                        self._app_read[app_id] = now
+                    continue  # never loaded here: prepare loads it by id (and says why it fails)
+                payload = record["serialized_class"] if isinstance(record, dict) else record.serialized_class
+                if app_id in self._apps and payload == self._app_payload.get(app_id):
+                    self._app_read[app_id] = now
+                    continue
+                try:
+                    app_cls = self._load_record(record)
+                except Exception as exc:
+                    self._apps.pop(app_id, None)
+                    self._app_errors[app_id] = (f"An exception occurred while loading the app (id {app_id}): "
+                                                f"{_one_line(exc)}")
+                    self._app_read[app_id] = now
+                    continue
+                if app_id in self._app_payload:
+                    logger.info("app %s (id %s) changed: its jobs prepared from now on run the new version",
+                                getattr(app_cls, "__name__", "?"), app_id)
+                self._set_app(app_id, app_cls, now)
 
     def prepare(self, job: Any) -> PreparedJob:
         # Runs for every job a launcher starts (thousands a second in serial mode): each model
@@ -258,7 +394,10 @@ class JobPreparer:
         """Before preparing an acquired batch (same thread): end the stale runs of all its jobs
         together (:func:`balsam.launcher.stale_run.end_stale_runs`: SIGTERM to every one, one
         grace for them all), so that a batch holding k runs that trap SIGTERM waits one grace,
-        not k. :meth:`prepare` then skips the check of these jobs (once each)."""
+        not k. :meth:`prepare` then skips the check of these jobs (once each). The batch's apps are
+        re-read first when their copies are old (:meth:`refresh_apps`): both modes call this with
+        every acquired batch before preparing it."""
+        self.refresh_apps(jobs)
         items = []
         for job in jobs:
             try:
