@@ -16,6 +16,8 @@ import copy
 import datetime as dt
 import enum
 import json
+import os
+import threading
 import typing
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional, TypeVar
@@ -250,6 +252,21 @@ _CLEAN: frozenset = frozenset()
 _NO_DEFAULT = object()
 #: A field not (yet) in a lazily loaded record's JSON or structured values.
 _ABSENT = object()
+#: Taken to build a lazily loaded record, structure one of its fields the first time, or swap in
+#: a fresh copy (see ``BalsamModel._materialize``): one lock for all records, as each hold is short
+#: and under the GIL anyway; a per-record lock would cost one object per listed record. Reentrant:
+#: a field's first read may build the whole record.
+_LAZY_LOCK = threading.RLock()
+
+
+def _new_lazy_lock() -> None:
+    # A child forked while another thread held the lock would otherwise find it held for ever.
+    global _LAZY_LOCK
+    _LAZY_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lazy_lock)
 
 
 def _default_of(field: "attrs.Attribute") -> Any:
@@ -397,37 +414,57 @@ class BalsamModel:
         self._lazy = None
 
     def _materialize(self) -> Any:
-        raw = self._raw
-        if raw is None:
-            raise AttributeError(f"{type(self).__name__} has no record")
-        known = {k: v for k, v in raw.items() if k in self._fields}
-        try:
-            rec = converter.structure(known, self._record_cls)
-        except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
-            problems = "; ".join(f"{p}: {m}" if p else m for p, m in _flatten(exc)) or str(exc)
-            raise ValueError(f"{type(self).__name__}: unexpected server response ({problems})") from None
-        for key, value in (self._lazy or {}).items():
-            setattr(rec, key, value)
-        self._rec = rec
-        self._raw = None
-        self._lazy = None
-        return rec
+        # Under the lock: another thread may be structuring a field of this record (_lazy_value's
+        # slow path), building it too, or adopting a fresh copy (wait() polls from one thread while
+        # others read the same jobs, as DeepHyper does). Without it a field read meanwhile could
+        # find _raw/_lazy gone, or hand out a tags/data dict that is not the record's (an in-place
+        # change then lost at save()).
+        with _LAZY_LOCK:
+            rec = self._rec
+            if rec is not None:  # built by another thread meanwhile: theirs is the record
+                return rec
+            raw = self._raw
+            if raw is None:
+                raise AttributeError(f"{type(self).__name__} has no record")
+            known = {k: v for k, v in raw.items() if k in self._fields}
+            try:
+                rec = converter.structure(known, self._record_cls)
+            except (ClassValidationError, IterableValidationError, ValueError, TypeError, KeyError) as exc:
+                problems = "; ".join(f"{p}: {m}" if p else m for p, m in _flatten(exc)) or str(exc)
+                raise ValueError(f"{type(self).__name__}: unexpected server response ({problems})") from None
+            for key, value in (self._lazy or {}).items():
+                setattr(rec, key, value)  # values already handed out stay the record's
+            # The record first: a thread that finds _rec unset still finds _raw/_lazy set.
+            self._rec = rec
+            self._raw = None
+            self._lazy = None
+            return rec
 
     def _lazy_value(self, fld: Field) -> Any:
         # Every field of a listed record is read here once: lookups by get() with a sentinel,
         # as a missed key's KeyError cost more than the rest of a first read.
+        # Fast path, no lock: a value already structured is the one the record gets (a dict is
+        # read and written whole under the GIL). The caller's check that the record is unbuilt
+        # may be stale by now (another thread built it): then read the built record.
         lazy = self._lazy
-        raw = self._raw
-        assert lazy is not None and raw is not None
         name = fld.name
-        value = lazy.get(name, _ABSENT)
-        if value is not _ABSENT:
+        if lazy is not None:
+            value = lazy.get(name, _ABSENT)
+            if value is not _ABSENT:
+                return value
+        with _LAZY_LOCK:  # see _materialize
+            lazy = self._lazy
+            raw = self._raw
+            if lazy is None or raw is None:
+                return getattr(self._record, name)
+            value = lazy.get(name, _ABSENT)
+            if value is not _ABSENT:
+                return value
+            wire = raw.get(name, _ABSENT)
+            if wire is _ABSENT:  # the default: build the whole record once
+                return getattr(self._materialize(), name)
+            value = lazy[name] = fld.structure(type(self).__name__, wire)
             return value
-        wire = raw.get(name, _ABSENT)
-        if wire is _ABSENT:  # the default: build the whole record once
-            return getattr(self._materialize(), name)
-        value = lazy[name] = fld.structure(type(self).__name__, wire)
-        return value
 
     class DoesNotExist(Exception):
         pass
@@ -552,9 +589,12 @@ class BalsamModel:
         if not isinstance(data, (dict, Row)):
             raise ValueError(f"{name}: expected a JSON object from the server, got {type(data).__name__}")
         # Structured lazily (see ``_record``); a malformed field is reported when it is read.
-        self._rec = None
-        self._raw = data
-        self._lazy = {}
+        # Under the lock and in this order (see _adopt): a thread reading a field meanwhile (save()
+        # in one thread, reads in another) finds the old record or the new JSON, never neither.
+        with _LAZY_LOCK:
+            self._lazy = {}
+            self._raw = data
+            self._rec = None
         self._stored = True
         self._dirty = set()
         self._snapshots = {}
@@ -608,18 +648,17 @@ class BalsamModel:
         record stays unstructured until a field of it is read (see ``_record``). ``wait()`` re-reads
         every pending job at each poll and looks at its state only: structuring each whole record
         took 60% of a poll's time (2.3 s of 4 s for 10,000 pending jobs)."""
-        # Stored in an order in which a thread reading a field meanwhile (DeepHyper polls from
-        # several) always finds a record it can read: the old or the new one.
+        # Under the lock (see _materialize): a thread structuring a field or building the record
+        # meanwhile works from one copy, the old or the new one, never half of each. Set in an
+        # order in which a lock-free read (Field.__get__, _lazy_value's fast path) finds either.
         rec = other._rec
-        if rec is not None:
-            self._record = rec  # the record first, then the lazy state cleared
-        elif self._rec is not None:
-            self._lazy = other._lazy
-            self._raw = other._raw
-            self._rec = None  # from here on read from the new JSON
-        else:
-            self._raw = other._raw
-            self._lazy = other._lazy
+        with _LAZY_LOCK:
+            if rec is not None:
+                self._record = rec  # the record first, then the lazy state cleared
+            else:
+                self._lazy = other._lazy
+                self._raw = other._raw
+                self._rec = None  # from here on read from the new JSON
         self._stored = other._stored
         self._dirty = set()
         self._snapshots = {}

@@ -172,17 +172,35 @@ def stop(site_path: Optional[str], timeout: float, force: bool) -> None:
 @click.argument("site_path", required=False)
 def status(site_path: Optional[str]) -> None:
     """Say whether the site agent runs (pid, since when, log); exit status 0 running, 1 not, 2 unknown."""
-    from balsam.site.agent import pid_file_path, read_pid_record, recorded_agent_alive
+    from balsam.config import SiteNotFoundError
+    from balsam.site.agent import pid_file_path, read_pid_record, recorded_agent_alive, settings_changed_since_start
 
-    path = _site_path(site_path)
+    try:
+        path = _site_path(site_path)
+    except SiteNotFoundError as exc:
+        # Not "not running" (1): a script restarting the agent on 1 would start one somewhere wrong.
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    pid_file = pid_file_path(path)
     record = read_pid_record(path)
     if record is None:
-        click.echo("The site agent is not running.")
-        sys.exit(1)
+        try:
+            pid_file.read_text()
+        except FileNotFoundError:
+            click.echo("The site agent is not running.")
+            sys.exit(1)
+        except OSError as exc:
+            click.echo(f"Cannot read the pid file {pid_file} ({exc.strerror or exc}): whether the site agent runs "
+                       "is unknown", err=True)
+            sys.exit(2)
+        # There, readable, but not hostname/pid/start time: not an agent's (they write it whole).
+        click.echo(f"The pid file {pid_file} is not one a site agent wrote (not host, pid, start time): whether "
+                   "the site agent runs is unknown", err=True)
+        sys.exit(2)
     host, pid, started = record
     if host != socket.gethostname():
         # Its processes cannot be looked at from here; the server's last refresh tells (site ls).
-        click.echo(f"The pid file {pid_file_path(path)} names a site agent on {host} [pid {pid}]: it cannot be checked "
+        click.echo(f"The pid file {pid_file} names a site agent on {host} [pid {pid}]: it cannot be checked "
                    f"from {socket.gethostname()} (`balsam site ls` says whether the site is Active)")
         sys.exit(2)
     if not recorded_agent_alive(record):
@@ -195,11 +213,16 @@ def status(site_path: Optional[str]) -> None:
         up = dt.timedelta(seconds=int(dt.datetime.now().timestamp() - started))
         since = f" since {dt.datetime.fromtimestamp(started):%Y-%m-%d %H:%M:%S} (up {up})"
     click.echo(f"Site agent running on {host} [pid {pid}]{since}; log {logs[-1] if logs else path / 'log'}")
-    try:
-        edited = (path / "settings.yml").stat().st_mtime
-    except OSError:
-        edited = None
-    if started is not None and edited is not None and edited > started:
+    # The agent's own test (its content, not its mtime: a `touch` or an edit undone is no change).
+    changed = settings_changed_since_start(path, path / "settings.yml")
+    if changed is None and started is not None:
+        # A pid file with no digest of the text (an agent started by an older version): the mtime
+        # is all there is to go by.
+        try:
+            changed = (path / "settings.yml").stat().st_mtime > started
+        except OSError:
+            changed = False
+    if changed:
         click.echo("settings.yml was changed since the agent started: it keeps the settings it started with until "
                    "`balsam site sync` (or a restart)")
 

@@ -84,7 +84,11 @@ def balsam_agent_started(site_config: "SiteConfig", modules: "list[AgentModule]"
     """The site agent has built its enabled modules and is about to run their first cycle.
 
     ``site_config`` is the ``SiteConfig`` of the site; ``modules`` the list of agent module instances
-    (read-only). Called in the agent process. An exception is logged, never fatal.
+    (read-only). Called in the agent process, in a worker thread (``agent-hook-<plugin>``), not
+    the main thread: a call not returned within 20 s is logged and the agent goes on without it.
+    Do what only the main thread may (``signal.signal``) when the plugin module is imported, and
+    keep state for ``balsam_agent_stopping`` on the plugin, not in thread-locals (another thread
+    runs it). An exception is logged, never fatal.
     Return value: ignored.
     """
 
@@ -93,7 +97,9 @@ def balsam_agent_started(site_config: "SiteConfig", modules: "list[AgentModule]"
 def balsam_agent_stopping(site_config: "SiteConfig", reason: str) -> None:
     """The site agent is shutting down (``reason``: ``"signal"``, ``"token-expiry"``, ``"credential-refused"``, ``"error"``).
 
-    Called once, before the modules' clean-up. An exception is logged, never fatal.
+    Called once, before the modules' clean-up, in a worker thread as ``balsam_agent_started`` is
+    (not the one that ran ``balsam_agent_started``; bounded to 20 s the same way). An exception is
+    logged, never fatal.
     Return value: ignored.
     """
 

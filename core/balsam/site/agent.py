@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import hashlib
 import logging
 import math
 import os
@@ -204,6 +205,31 @@ def read_pid_record(site_path: Path) -> Optional[tuple[str, int, Optional[float]
         return None
 
 
+def settings_digest(text: Optional[bytes]) -> Optional[str]:
+    """The fingerprint of settings.yml's text (None: unreadable) that the pid file records: what
+    the agent started with, which `balsam site status` compares with the file as it is now."""
+    return None if text is None else "sha256:" + hashlib.sha256(text).hexdigest()
+
+
+def settings_changed_since_start(site_path: Path, settings_path: Path) -> Optional[bool]:
+    """Whether settings.yml differs now from the text the agent recorded in its pid file at start,
+    the agent's own test (:meth:`Agent.check_settings_file`): its content, not its mtime (a
+    `touch`, an edit undone: unchanged); now unreadable: changed. None when the pid file records
+    no text (an agent of an older version, or one that could not read the file at start)."""
+    try:
+        fields = pid_file_path(site_path).read_text().split()
+    except OSError:
+        return None
+    started = fields[3] if len(fields) > 3 and fields[3].startswith("sha256:") else None
+    if started is None:
+        return None
+    try:
+        now = settings_path.read_bytes()
+    except OSError:
+        return True
+    return settings_digest(now) != started
+
+
 def read_pid_file(site_path: Path) -> Optional[tuple[str, int]]:
     """(hostname, pid) from the site's pid file, or None when there is none (or it is unreadable)."""
     record = read_pid_record(site_path)
@@ -312,6 +338,20 @@ def write_pid_file(site_path: Path) -> Path:
     return path
 
 
+def record_started_settings(site_path: Path, settings_text: Optional[bytes]) -> None:
+    """Add the digest of settings.yml as this agent started with it to its pid file (a fourth line,
+    which older readers ignore), for `balsam site status` (:func:`settings_changed_since_start`).
+    Replaced whole (a temp file, then a rename): a reader never finds half a file."""
+    digest = settings_digest(settings_text)
+    path = pid_file_path(site_path)
+    lines = path.read_text().split()
+    if digest is None or lines[:2] != [socket.gethostname(), str(os.getpid())]:
+        return  # unreadable at start (status then goes by its mtime), or not our pid file
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines[:3] + [digest]))
+    os.replace(tmp, path)
+
+
 def kill_descendants(grace_sec: float = 3.0) -> list[int]:
     """SIGTERM this process's remaining child processes (a scheduler command hung past the stop, a
     pool's server process...), SIGKILL those still there after ``grace_sec``; returns their pids.
@@ -377,7 +417,14 @@ AGENT_HOOK_TIMEOUT_SEC = 20.0
 
 def _call_bounded(name: str, plugin: str, call: Callable[[], Any]) -> None:
     """Run one hook call in a thread of its own and wait for it at most ``AGENT_HOOK_TIMEOUT_SEC``;
-    a failure or a hang is one ERROR line naming the plugin (a hung call's thread is left running)."""
+    a failure or a hang is one ERROR line naming the plugin (a hung call's thread is left running).
+
+    A worker thread, not the agent's main thread, by choice: only a thread can bound every hang,
+    a network file system's uninterruptible I/O included (a timer signal on the main thread would
+    not), and a hung hook silently froze the agent. The cost, documented in the hookspecs and
+    docs/plugins/hooks.md: a hook cannot do what only the main thread may (``signal.signal``: do it
+    when the plugin module is imported), and the started and stopping hooks run in different
+    threads (state kept in thread-locals is not shared between them: keep it on the plugin)."""
     failure: list[BaseException] = []
 
     def target() -> None:
@@ -394,8 +441,14 @@ def _call_bounded(name: str, plugin: str, call: Callable[[], Any]) -> None:
                      "waiting for it", plugin, name, AGENT_HOOK_TIMEOUT_SEC)
     elif failure:
         exc = failure[0]
-        logger.error("plugin %s: its %s hook failed (ignored; the agent carries on): %s: %s%s", plugin, name,
-                     type(exc).__name__, exc, _raised_at(exc))
+        hint = ""
+        if isinstance(exc, ValueError) and "main thread" in str(exc):
+            # signal.signal() and the like: say why, or the plugin's author sees a call that worked
+            # when tried from a script fail in the agent with no reason given
+            hint = (f" (agent hooks run in a worker thread, here {thread.name!r}, not the main thread: "
+                    "install signal handlers when the plugin module is imported)")
+        logger.error("plugin %s: its %s hook failed (ignored; the agent carries on): %s: %s%s%s", plugin, name,
+                     type(exc).__name__, exc, _raised_at(exc), hint)
 
 
 def call_agent_hook(name: str, **kwargs: Any) -> None:
@@ -940,6 +993,11 @@ class Agent:
         except BaseException:
             self._remove_signal_handlers()
             raise
+        try:
+            record_started_settings(self.site_path, self._settings_text)
+        except OSError as exc:  # only `balsam site status` misses it: it then goes by settings.yml's mtime
+            logger.warning("cannot record settings.yml's digest in the pid file %s: %s",
+                           pid_file_path(self.site_path), exc)
         try:
             self.start()
             self.wait()
