@@ -75,8 +75,10 @@ class AppInfo:
 class AppCache:
     """App id -> :class:`AppInfo`, fetched with one GET per batch of unknown ids."""
 
-    #: Seconds an app class is trusted before it is fetched again (users re-sync changed apps).
-    ttl_sec = 60.0
+    #: Seconds an app class is trusted before it is fetched again (users re-sync changed apps): the
+    #: launchers' limit too (``balsam.launcher.app_run.APP_REFRESH_SEC``), so that a re-synced app's
+    #: hooks and runs change together. One small request per 10 s while hooks run.
+    ttl_sec = 10.0
 
     def __init__(self, client: Any) -> None:
         self.client = client
