@@ -1,7 +1,9 @@
 """Operating a server's database: ``balsam server migrate`` run twice at once on PostgreSQL (two
 operators, a deployment script beside a hand-run one) takes turns instead of running the same DDL
-twice; a server whose database cannot be reached or opened at start says so in one line and exits
-with uvicorn's startup failure. Real PostgreSQL and SQLite, real ``python -m balsam.server``."""
+twice; a server whose database it cannot use at start (no waiting mends: an unknown user, a file
+that is no database) says so in one line and exits with uvicorn's startup failure (one that cannot
+be reached is waited for: test_f2_worker_start_during_db_outage.py). Real PostgreSQL and SQLite,
+real ``python -m balsam.server``."""
 
 from __future__ import annotations
 
@@ -136,14 +138,23 @@ def _refusals(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith(REFUSAL)]
 
 
-def test_an_unreachable_postgresql_database_is_one_line_and_startup_failure(tmp_path: Path) -> None:
-    url = f"postgresql://balsam:hunter2-secret@127.0.0.1:{_closed_port()}/balsam"
-    result = _serve(url, tmp_path)
+def _unknown_role_url(password: str = "") -> str:
+    """The test PostgreSQL server, as a user it does not know (a fault no waiting mends). An
+    unreachable one (a closed port) is waited for instead: tests/server/test_f2_worker_start_during_db_outage.py."""
+    url = sa.engine.make_url(os.environ.get("BALSAM_TEST_DATABASE_URL", DEFAULT_PG_URL))
+    return url.set(username="balsam_h2_nobody", password=password or None).render_as_string(hide_password=False)
+
+
+@pytest.mark.postgres
+def test_an_unusable_postgresql_database_is_one_line_and_startup_failure(tmp_path: Path) -> None:
+    result = _serve(_unknown_role_url("hunter2-secret"), tmp_path)
     assert result.returncode == STARTUP_FAILURE, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     (line,) = _refusals(result)
-    assert "postgresql://balsam:***@127.0.0.1:" in line and "hunter2-secret" not in result.stderr
-    assert "Connection refused" in line
+    assert "://balsam_h2_nobody:***@" in line and "hunter2-secret" not in result.stderr
+    # 'role "balsam_h2_nobody" does not exist', or with password authentication configured
+    # 'password authentication failed for user "balsam_h2_nobody"'.
+    assert '"balsam_h2_nobody"' in line.partition(": ")[2], line
 
 
 def test_an_sqlite_file_that_is_no_database_is_one_line_and_startup_failure(tmp_path: Path) -> None:
@@ -155,10 +166,11 @@ def test_an_sqlite_file_that_is_no_database_is_one_line_and_startup_failure(tmp_
     assert _refusals(result) == [f"{REFUSAL}sqlite:///{path}: file is not a database"]
 
 
-def test_workers_stop_on_an_unreachable_database(tmp_path: Path) -> None:
+@pytest.mark.postgres
+def test_workers_stop_on_an_unusable_database(tmp_path: Path) -> None:
     """uvicorn's supervisor stops on a worker's startup failure; on another exit status it started
-    the workers again for as long as the database was down (a traceback each)."""
-    result = _serve(f"postgresql://balsam@127.0.0.1:{_closed_port()}/balsam", tmp_path, "--workers", "2")
+    the workers again and again (a traceback each)."""
+    result = _serve(_unknown_role_url(), tmp_path, "--workers", "2")
     assert "Traceback" not in result.stderr, result.stderr
     assert 1 <= len(_refusals(result)) <= 2, result.stderr
 

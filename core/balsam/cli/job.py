@@ -509,13 +509,33 @@ def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selecto
     click.echo(f"Set {n} job(s) to {state.upper()}")
     if state.upper() == "RESTART_READY":
         # The server holds back a re-run whose parent has not finished (AWAITING_PARENTS until it
-        # does): say so, or "Set N to RESTART_READY" reads as N runs about to start. One count of
-        # the selection now waiting (those left waiting above are among them).
-        now_waiting = Job.objects.filter(**_job_filters(ids, tags, ("AWAITING_PARENTS",), (), site_selector)).count()
-        held = (now_waiting or 0) - len(waiting)
-        if held > 0:
-            click.echo(f"{held} of them wait for their parents first (AWAITING_PARENTS: a parent has not finished); "
-                       "they run once those finish (`balsam job show ID` lists them)")
+        # does): say so, or "Set N to RESTART_READY" reads as N runs about to start.
+        _say_held_reruns([j.id for j in jobs])
+
+
+def _say_held_reruns(updated: list[int]) -> None:
+    """How many of the jobs just set to RESTART_READY (``updated``) the server sent back to
+    AWAITING_PARENTS, and what they wait for. Only those ids are read (the query splits a long id
+    list into requests of its filter_chunk_size): the selection's other waiting jobs, left out by
+    --from-state or by the tag rule above, were counted as "of them" before. Then their
+    unfinished parents' states, in one more read: a FAILED parent ends no wait by itself."""
+    from balsam.api import Job
+
+    held = list(Job.objects.filter(id=sorted(updated), state="AWAITING_PARENTS"))
+    if not held:
+        return
+    wanted = sorted({p for j in held for p in (j.parent_ids or ())})
+    failed = sorted({p.id for p in Job.objects.filter(id=wanted, state="FAILED")}) if wanted else []
+    blocked = sum(1 for j in held if set(failed).intersection(j.parent_ids or ()))
+    what = "they run once those finish"
+    if blocked:
+        rerun = " ".join(f"-i {p}" for p in failed[:10]) + (" ..." if len(failed) > 10 else "")
+        what = (f"{'all' if blocked == len(held) else blocked} wait for a FAILED parent, which must be re-run first "
+                f"(`balsam job modify {rerun} -s RESTART_READY`; or move them on without it, -s READY)")
+        if blocked < len(held):
+            what += f", the other {len(held) - blocked} run once their parents finish"
+    click.echo(f"{len(held)} of them wait for their parents first (AWAITING_PARENTS: a parent has not finished); "
+               f"{what} (`balsam job show ID` lists them)")
 
 
 @job.command("rm")

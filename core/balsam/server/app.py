@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sys
+import time
+import traceback
 from typing import Any, AsyncIterator, NoReturn
 
 import sqlalchemy as sa
@@ -281,6 +284,42 @@ def _refuse_to_start(exc: BaseException) -> "NoReturn":
     sys.exit(STARTUP_FAILURE)
 
 
+#: The exit status of a server that gave up waiting for an unreachable database: not uvicorn's
+#: STARTUP_FAILURE, so that a --workers supervisor starts the worker again (and again) until the
+#: database is back, as it would for a worker that died of anything else.
+DATABASE_UNREACHABLE = 4
+#: How long a starting server waits for an unreachable database (seconds), and its longest pause.
+DATABASE_WAIT_SEC = 60.0
+DATABASE_WAIT_MAX_PAUSE_SEC = 30.0
+#: What a database says of a fault that no waiting mends (a wrong password, user or database
+#: name, missing rights, a file that is no database): refused at once, exit status 3.
+_PERMANENT_DATABASE_PROBLEMS = re.compile(
+    r"authentication failed|no pg_hba\.conf entry|no password supplied|(role|database) \"[^\"]*\" does not exist"
+    r"|permission denied|read-only|readonly|file is not a database|unable to open database file"
+    r"|database disk image is malformed|must be owner", re.IGNORECASE)
+#: SQLSTATE classes of a PostgreSQL that is there but cannot serve now: connection exception,
+#: insufficient resources (too many clients), operator intervention (shutting down, starting up),
+#: transaction rollback.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+
+
+def _database_problem(exc: BaseException) -> str:
+    """``permanent``, ``transient`` (PostgreSQL down, restarting, failing over, out of connection
+    slots: worth waiting for), or ``fault`` (an SQL error of ours, a failing migration)."""
+    if isinstance(exc, OSError):  # SQLite: the file's directory cannot be made
+        return "permanent"
+    if _PERMANENT_DATABASE_PROBLEMS.search(str(exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc)):
+        return "permanent"
+    if not isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or "sqlite" in type(exc.orig).__module__:
+        return "fault"
+    code = getattr(exc.orig, "pgcode", None)
+    # libpq's errors while connecting (refused, reset, "the database system is starting up", "sorry,
+    # too many clients already", a host name that does not resolve) carry no SQLSTATE.
+    if exc.connection_invalidated or not code or code[:2] in _TRANSIENT_SQLSTATE_CLASSES:
+        return "transient"
+    return "fault"
+
+
 def create_app_from_env() -> Starlette:
     try:
         # The settings are read here, apart: their ValueErrors (a BALSAM_AUTH_SECRET_KEY shorter
@@ -289,16 +328,38 @@ def create_app_from_env() -> Starlette:
         settings = ServerSettings.from_env()
     except ValueError as exc:
         _refuse_to_start(exc)
-    try:
-        return create_app(settings=settings)
-    except SchemaMismatch as exc:
-        _refuse_to_start(exc)
-    except (sa.exc.DBAPIError, OSError) as exc:
-        # A database that cannot be reached or opened at start (PostgreSQL down, a wrong host or
-        # password; an SQLite file that is no database or cannot be created): one line naming it,
-        # and uvicorn's startup failure. It was a 150-line traceback, exit status 1, and with
-        # --workers N the supervisor started the workers again and again (a traceback a second).
-        _refuse_to_start(f"cannot use the database {_masked_url(settings.database_url)}: {_first_line(exc)}")
+    database = _masked_url(settings.database_url)
+    deadline = time.monotonic() + DATABASE_WAIT_SEC
+    pause = 1.0
+    while True:
+        try:
+            return create_app(settings=settings)
+        except SchemaMismatch as exc:
+            _refuse_to_start(exc)
+        except (sa.exc.DBAPIError, OSError) as exc:
+            problem = _database_problem(exc)
+            if problem == "permanent":
+                # One line and uvicorn's startup failure: a --workers supervisor stops rather than
+                # starting workers again and again that would fail the same way.
+                _refuse_to_start(f"cannot use the database {database}: {_first_line(exc)}")
+            if problem == "fault":
+                # A failing embedded migration or an SQL error of ours: its traceback is the evidence.
+                traceback.print_exc(file=sys.stderr)
+                _refuse_to_start(f"cannot use the database {database}: {_first_line(exc)}")
+            # PostgreSQL restarting, failing over or out of connection slots: a worker that starts
+            # meanwhile (one restarted after an OOM kill or a crash) waits for it, as the running
+            # workers do (they answer 503 with Retry-After). Exit status 3 here made uvicorn's
+            # supervisor stop the whole service for good during a brief outage.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                print(f"balsam server: cannot reach the database {database} for {DATABASE_WAIT_SEC:g} s: "
+                      f"{_first_line(exc)}", file=sys.stderr, flush=True)
+                sys.exit(DATABASE_UNREACHABLE)
+            wait = min(pause, left)
+            logger.warning("balsam server: cannot reach the database %s (%s); trying again in %g s",
+                           database, _first_line(exc), round(wait, 1))
+            time.sleep(wait)
+            pause = min(pause * 2, DATABASE_WAIT_MAX_PAUSE_SEC)
 
 
 def _masked_url(url: str) -> str:

@@ -1360,6 +1360,8 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     ids = list(steps)
     dialect = conn.dialect.name
     scoped, params = owner_params(user_id)
+    # Before the request's own rows: the unfinished parents of its re-runs (see _lock_rerun_parents).
+    parent_states = _lock_rerun_parents(conn, steps, scoped, params) if dialect == "postgresql" else {}
     stmt = _CURRENT_STATES[("postgresql" if dialect == "postgresql" else "sqlite", scoped)]
     current = {row.id: row for row in conn.execute(stmt, {"b_ids": ids_param(ids, dialect), **params})}
     missing = set(ids) - current.keys()
@@ -1428,7 +1430,8 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     # The parents among the jobs of this request that it moves out of JOB_FINISHED (a parent re-run
     # with its child): stored finished, they hold the child back all the same.
     unfinishing = [jid for jid in final_state if current[jid].state == S.finished.value] if rerun else []
-    _resolve_automatic_moves(conn, final_state, extra_events, rerun=rerun, unfinishing=unfinishing)
+    _resolve_automatic_moves(conn, final_state, extra_events, rerun=rerun, unfinishing=unfinishing,
+                             parent_states=parent_states)
 
     # Build the stored values per job, then group identical ones into a single UPDATE.
     groups: dict[bytes, tuple[dict[str, Any], list[int]]] = {}
@@ -1478,18 +1481,19 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
 def _resolve_automatic_moves(
     conn: sa.Connection, final_state: dict[int, JobState], extra_events: list[tuple[int, JobState, JobState, dict]],
     *, rerun: "list[int] | None" = None, unfinishing: "list[int] | None" = None,
+    parent_states: "dict[int, str] | None" = None,
 ) -> None:
     """Server moves that follow a state change: READY with no pending stage-in -> STAGED_IN,
     POSTPROCESSED with no outstanding stage-out -> JOB_FINISHED (else its stage-outs start),
     RESTART_READY with a stage-in not done (a re-run of a job its stage-in failed) -> READY, its
     failed items pending again: a launcher would run it without its inputs. ``rerun``: jobs among
     the RESTART_READY ones that go back to AWAITING_PARENTS when a parent has not finished
-    (:func:`_rewait_for_parents`, with ``unfinishing``; their stage-in is held again,
+    (:func:`_rewait_for_parents`, with ``unfinishing`` and ``parent_states``; their stage-in is held again,
     :func:`_hold_stage_ins`). Every job left READY has its held stage-in started
     (:func:`_start_stage_ins`)."""
     restart = [jid for jid, st in final_state.items() if st == S.restart_ready]
     if restart:
-        waits = _rewait_for_parents(conn, rerun, final_state, unfinishing or []) if rerun else {}
+        waits = _rewait_for_parents(conn, rerun, final_state, unfinishing or [], parent_states or {}) if rerun else {}
         if waits:
             _hold_stage_ins(conn, list(waits))
         restaged = _restage_inputs(conn, [jid for jid in restart if jid not in waits])
@@ -1611,12 +1615,13 @@ def _hold_stage_ins(conn: sa.Connection, job_ids: list[int]) -> None:
 
 
 def _rewait_for_parents(conn: sa.Connection, job_ids: list[int], final_state: dict[int, JobState],
-                        unfinishing: list[int]) -> dict[int, list[tuple[int, str]]]:
+                        unfinishing: list[int], parent_states: dict[int, str]) -> dict[int, list[tuple[int, str]]]:
     """The jobs among ``job_ids`` (re-run: RESTART_READY) with a parent that still exists and is
     not JOB_FINISHED, each with those parents ``(id, state)`` in id order; the states are those
-    this request leaves (``final_state``), else the stored ones. ``unfinishing``: the jobs of the
-    request stored JOB_FINISHED that it moves on (the only ones the stored state calls finished
-    wrongly). A 5,000-job re-run, 2 parents each: one more statement, 16 ms on PostgreSQL.
+    this request leaves (``final_state``), else those read under the lock update_jobs took first
+    (``parent_states``, :func:`_lock_rerun_parents`), else the stored ones. ``unfinishing``: the
+    jobs of the request stored JOB_FINISHED that it moves on (the only ones the stored state calls
+    finished wrongly). A 5,000-job re-run, 2 parents each: one more statement, 16 ms on PostgreSQL.
 
     Only the finish of a parent releases a waiting child: a child re-run while a parent is not
     finished ran before it, with its inputs missing or half written. It was reached by re-running
@@ -1625,12 +1630,13 @@ def _rewait_for_parents(conn: sa.Connection, job_ids: list[int], final_state: di
     being made again); such a child now waits again, as a new one would, and the finish of its
     last parent releases it (READY / STAGED_IN, then preprocessed and run as after its creation).
 
-    Race-free with the finish of a parent (PostgreSQL): a parent read unfinished is locked FOR
-    SHARE (id order) and read again, so a finish in flight is waited for and then seen; a finish
-    that comes later finds the child AWAITING_PARENTS once this commits (it waits for the lock of
-    the child, held since the update read it) and releases it. A finish never waits for the child
-    here: its search for children skips a child whose state as committed is not AWAITING_PARENTS.
-    Only the unfinished parents are locked (a fan-in of thousands of finished parents is not)."""
+    Race-free with the finish of a parent (PostgreSQL): the unfinished parents were locked before
+    the request's own jobs, with them, in id order (:func:`_lock_rerun_parents`), so a finish in
+    flight was waited for and then seen; a finish that comes later waits for the parent's lock
+    until this commits, then finds the child AWAITING_PARENTS and releases it. A parent that was
+    finished when update_jobs looked and is not now (re-run by a request that committed since) is
+    locked here, FOR SHARE, and read again. Only the unfinished parents are locked (a fan-in of
+    thousands of finished parents is not)."""
     dialect = conn.dialect.name
     parent = _PARENT
     rows = conn.execute(
@@ -1639,21 +1645,78 @@ def _rewait_for_parents(conn: sa.Connection, job_ids: list[int], final_state: di
         .where(id_in(job_parents.c.child_id, job_ids, dialect),
                sa.or_(parent.c.state != S.finished.value, id_in(parent.c.id, unfinishing, dialect)))
     ).all()
-    state_of = {pid: final_state[pid].value if pid in final_state else state for _child, pid, state in rows}
-    outside = sorted(pid for pid in state_of if pid not in final_state)
-    if outside and dialect == "postgresql":
+    state_of = {pid: final_state[pid].value if pid in final_state else parent_states.get(pid, state)
+                for _child, pid, state in rows}
+    late = sorted(pid for pid in state_of if pid not in final_state and pid not in parent_states)
+    if late and dialect == "postgresql":
         locked = dict(conn.execute(
-            sa.select(jobs.c.id, jobs.c.state).where(id_in(jobs.c.id, outside, dialect))
+            sa.select(jobs.c.id, jobs.c.state).where(id_in(jobs.c.id, late, dialect))
             .order_by(jobs.c.id).with_for_update(read=True)
         ).all())
         # A parent deleted meanwhile is not returned: it no longer blocks (None).
-        state_of.update({pid: locked.get(pid) for pid in outside})
+        state_of.update({pid: locked.get(pid) for pid in late})
     waits: dict[int, list[tuple[int, str]]] = {}
     for child, pid, _state in sorted(rows, key=itemgetter(0, 1)):
         state = state_of[pid]
         if state is not None and state != S.finished.value:
             waits.setdefault(child, []).append((pid, state))
     return waits
+
+
+def _unfinished_parents_stmt(scoped: bool) -> sa.Select:
+    """The parents not JOB_FINISHED of those of the jobs ``:b_ids`` that are the user's (the
+    owner parameters of :func:`owned_sites_clause`), read without a lock (:func:`_lock_rerun_parents`)."""
+    child, parent = jobs.alias("rerun_child"), jobs.alias("rerun_parent")
+    return (
+        sa.select(job_parents.c.parent_id)
+        .join(child, child.c.id == job_parents.c.child_id)
+        .join(parent, parent.c.id == job_parents.c.parent_id)
+        .where(ids_in_param(job_parents.c.child_id, "postgresql"), parent.c.state != S.finished.value,
+               child.c.site_id.in_(sa.select(sites.c.id).where(owned_sites_clause(scoped))))
+        .distinct()
+    )
+
+
+_UNFINISHED_PARENTS = {scoped: _unfinished_parents_stmt(scoped) for scoped in (False, True)}
+
+
+def _lock_with_parents_stmt(scoped: bool) -> sa.Select:
+    """(id, state) of the request's jobs ``:b_ids`` (the user's own, as :data:`_CURRENT_STATES`) and
+    of the jobs ``:b_parents``, locked FOR UPDATE in id order."""
+    own = sa.and_(ids_in_param(jobs.c.id, "postgresql"),
+                  jobs.c.site_id.in_(sa.select(sites.c.id).where(owned_sites_clause(scoped))))
+    parents = jobs.c.id == sa.any_(sa.bindparam("b_parents", type_=postgresql.ARRAY(sa.BigInteger)))
+    return sa.select(jobs.c.id, jobs.c.state).where(sa.or_(own, parents)).order_by(jobs.c.id).with_for_update(of=jobs)
+
+
+_LOCK_WITH_PARENTS = {scoped: _lock_with_parents_stmt(scoped) for scoped in (False, True)}
+
+
+def _lock_rerun_parents(conn: sa.Connection, steps: dict[int, list[dict[str, Any]]], scoped: bool,
+                        params: dict[str, int]) -> dict[int, str]:
+    """PostgreSQL: lock the unfinished parents of the jobs the request re-runs (RESTART_READY)
+    together with the request's jobs, in one statement, in id order, before update_jobs reads
+    them (that read then waits for nothing); returns those parents' states, read under the lock
+    (:func:`_rewait_for_parents`). Two statements for any number of jobs, none without a re-run.
+
+    Locking the parents after the request's jobs (FOR SHARE, as it was) made a cycle with the
+    finish of such a parent, which locks the parent and then its AWAITING_PARENTS children
+    (:func:`release_children`): a re-run request holding one of those children (a sibling re-run
+    straight out of the wait, ``balsam job modify -f FAILED -f AWAITING_PARENTS``) waited for the
+    parent while the finish waited for the child, and PostgreSQL ended one of them (40P01, 503).
+    Here both lock the parent first. Parents have lower ids than their children, so the order is
+    parent before child, as in release_children. The parents are locked FOR UPDATE, as the rows
+    they are locked with (one statement, one lock mode): a child created meanwhile (which reads
+    its parents FOR SHARE) waits for this short transaction, as it waits for a parent's update."""
+    rerun = [jid for jid, job_steps in steps.items() if any(p.get("state") == S.restart_ready.value for p in job_steps)]
+    if not rerun:
+        return {}
+    parents = list(conn.execute(_UNFINISHED_PARENTS[scoped], {"b_ids": rerun, **params}).scalars())
+    if not parents:
+        return {}
+    rows = conn.execute(_LOCK_WITH_PARENTS[scoped], {"b_ids": list(steps), "b_parents": parents, **params})
+    wanted = set(parents)
+    return {row.id: row.state for row in rows if row.id in wanted}
 
 
 def _fresh_transfer_info(info: Any) -> dict[str, Any]:
