@@ -52,3 +52,18 @@ def short_expiry_server(db_kind: str, live_server_factory: Any, _short_expiry_se
                                                   "BALSAM_SESSION_SWEEP_SEC": "1"})
         _short_expiry_servers[db_kind] = server.url
     return _short_expiry_servers[db_kind]
+
+
+@pytest.fixture(scope="module")
+def race_server(live_server_factory: Any) -> Any:
+    """PostgreSQL behind 2 workers, one per module: the race tests force interleavings of two
+    requests with row locks held by a side connection (test_pg_races.py has its own, with a fast
+    expiry sweep)."""
+    return live_server_factory("postgresql", workers=2)
+
+
+@pytest.fixture
+def race_api(race_server: Any, register: Any) -> Iterator[Api]:
+    client = Api(race_server.url, register)
+    yield client
+    client.close()

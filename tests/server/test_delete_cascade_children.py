@@ -7,7 +7,7 @@ without looking at the children, which then waited in AWAITING_PARENTS for ever.
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from server_testlib import Api
@@ -113,18 +113,6 @@ def test_site_delete_with_leased_jobs_and_sessions(api: Api) -> None:
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL: an app delete racing the finish of the child's last other parent
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def race_server(live_server_factory: Any) -> Any:
-    return live_server_factory("postgresql", workers=2)
-
-
-@pytest.fixture
-def race_api(race_server: Any, register: Any) -> Iterator[Api]:
-    client = Api(race_server.url, register)
-    yield client
-    client.close()
-
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("first", ["delete", "finish", "both_at_the_child"])

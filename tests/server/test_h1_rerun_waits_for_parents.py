@@ -11,7 +11,7 @@ every remaining parent finished (a deleted one does not block), still goes to RE
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from server_testlib import Api
@@ -134,18 +134,6 @@ def test_many_re_runs_behind_many_parents_in_one_request(api: Api, site_app: tup
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL: a re-run while its last unfinished parent finishes
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def race_server(live_server_factory: Any) -> Any:
-    return live_server_factory("postgresql", workers=2)
-
-
-@pytest.fixture
-def race_api(race_server: Any, register: Any) -> Iterator[Api]:
-    client = Api(race_server.url, register)
-    yield client
-    client.close()
-
 
 @pytest.mark.postgres
 def test_a_re_run_while_its_parent_finishes_is_never_left_waiting(race_api: Api, race_server: Any) -> None:

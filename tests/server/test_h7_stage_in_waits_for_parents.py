@@ -13,7 +13,7 @@ A user's move to FAILED or STAGED_IN (skipping the stage-in) leaves them held.""
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from server_testlib import Api
@@ -185,18 +185,6 @@ def test_a_re_run_waiting_again_stages_in_again_after_its_parent(api: Api, xfer:
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL: a child created while its parent finishes
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def race_server(live_server_factory: Any) -> Any:
-    return live_server_factory("postgresql", workers=2)
-
-
-@pytest.fixture
-def race_api(race_server: Any, register: Any) -> Iterator[Api]:
-    client = Api(race_server.url, register)
-    yield client
-    client.close()
-
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("first", ["create", "finish"])
