@@ -250,8 +250,8 @@ def _builtin_base(cls: type) -> type:
 
 
 def _dill_exception_07(exc: BaseException, frames: Optional[int]) -> Optional[str]:
-    """``base64(dill((exc, tblib.Traceback or None)))`` if dill pickles ``exc``; the traceback at
-    most ``frames`` frames (None: left out)."""
+    """``base64(dill((exc, tblib.Traceback or None)))`` if dill pickles ``exc`` and loads it back;
+    the traceback at most ``frames`` frames (None: left out)."""
     tb: Optional[Traceback] = None
     if frames is not None:
         tb_dict = _traceback_dict(exc.__traceback__, frames)
@@ -260,9 +260,14 @@ def _dill_exception_07(exc: BaseException, frames: Optional[int]) -> Optional[st
         except Exception:  # noqa: BLE001 - the exception is still reported, without its traceback
             tb = None
     try:
-        return _b64(_dill().dumps((exc, tb), recurse=True))
+        data = _dill().dumps((exc, tb), recurse=True)
+        # Loaded back too: an exception whose __init__ takes other arguments than its args
+        # (``def __init__(self, a, b): super().__init__(f"{a}-{b}")``) pickles, but unpickling
+        # calls ``cls(*args)`` and fails, in either client's job.result(): a simpler one is tried.
+        _dill().loads(data)
     except Exception:  # noqa: BLE001 - dill raises many kinds: the caller tries a simpler exception
         return None
+    return _b64(data)
 
 
 def serialize_exception_07(exc: BaseException, limit: Optional[int] = None) -> str:
@@ -274,7 +279,8 @@ def serialize_exception_07(exc: BaseException, limit: Optional[int] = None) -> s
     The exception is replaced by a simpler one the 0.7 client can load where needed: one of our
     own modules' (``SerializeError``; the 0.7 client's ``balsam`` package has no such module) by its
     nearest builtin base with the same message; one dill cannot pickle (an attribute holding a
-    generator, a socket...) by its own type with its message, else by its builtin base with the type
+    generator, a socket...) or load back (an ``__init__`` taking other arguments than its args) by
+    its own type with its message, else by its builtin base with the type
     name in the message (0.7's own runner printed no marker then: result() raised NoResult). Over
     ``limit`` characters: the message shortened and the innermost frames, then no traceback."""
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"

@@ -115,13 +115,20 @@ class Countdown:
         self.margin_sec = margin_sec if margin_sec is not None else env_float("BALSAM_LAUNCHER_MARGIN_SEC", default_margin)
         self.deadline = self.start_time + self.wall_time_sec - self.margin_sec
         self.grace_sec = min(10.0, max(0.5, self.margin_sec / 2))
+        #: The largest :meth:`remaining_min` answered (None: never asked in this process): the
+        #: ``max_wall_time_min`` of this process's first acquire, the most it ever offered (an
+        #: acquire asks for it first; later readings, a too-late check's, are smaller).
+        self.offered_min: Optional[int] = None
 
     def remaining_sec(self) -> float:
         return self.deadline - time.time()
 
     def remaining_min(self) -> int:
         """Whole minutes left (the ``max_wall_time_min`` of an acquire)."""
-        return max(0, int(self.remaining_sec() // 60))
+        minutes = max(0, int(self.remaining_sec() // 60))
+        if self.offered_min is None or minutes > self.offered_min:
+            self.offered_min = minutes
+        return minutes
 
     @property
     def expired(self) -> bool:
@@ -151,8 +158,16 @@ def runnable_jobs_page(client: Any, site_id: int, filter_tags: Optional[Mapping[
 
 
 def longest_offered_min(countdown: "Countdown") -> int:
-    """The ``max_wall_time_min`` of the launcher's first acquire: the most wall time it ever offers."""
-    return max(0, int((countdown.wall_time_sec - countdown.margin_sec) // 60))
+    """The ``max_wall_time_min`` of the launcher's first acquire: the most wall time it ever offers.
+
+    The largest one this process's acquires sent (:attr:`Countdown.offered_min`). A process that
+    sent none (serial mode's launcher: its master process acquires) takes the most an acquire made
+    any time after the launcher started can have sent: the whole minutes strictly below the wall
+    time less the margin (``(wall - margin) // 60`` claimed one minute more at whole minutes, every
+    whole ``-t`` of 20 or more: a job asking that minute was never leased, and the note said it fit)."""
+    if countdown.offered_min is not None:
+        return countdown.offered_min
+    return max(0, math.ceil((countdown.wall_time_sec - countdown.margin_sec) / 60) - 1)
 
 
 def too_long_note(rows: Sequence[Mapping[str, Any]], truncated: bool, offered_min: int, wall_time_min: float) -> Optional[str]:

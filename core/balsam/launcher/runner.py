@@ -906,6 +906,12 @@ class SpawnerPool:
             if kind == "e":
                 task = self.running.get(job_id)
                 if isinstance(task, SpawnedTask):
+                    if task.returncode is not None and lost_with_spawner(event[2], event[4] or ""):
+                        # The reader thread reports every task still in ``running`` lost when the
+                        # spawner dies, this one too if its real exit was read first and is not
+                        # reaped yet (in this batch, or held): the real exit stands (a made-up -1
+                        # made a finished job RUN_TIMEOUT, to run again).
+                        continue
                     task.returncode, task.end_time, task.spawn_error = event[2], event[3], event[4]
                     exited.append(task)
                     if self._relaunched:

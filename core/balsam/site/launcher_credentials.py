@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from ..client.settings import ClientSettings, ClientSettingsError
 from .api_util import list_all
@@ -213,14 +213,25 @@ class LauncherCredentials:
             credential_path(self.site_path, bj_id).unlink(missing_ok=True)
         return revoked
 
-    def remove_stale(self, active_ids: "set[int]") -> list[int]:
-        """Delete the files of BatchJobs that are no longer active (the server revoked them)."""
+    def remove_stale(self, active_ids: "set[int]", may_be_queued: Optional[Callable[[int], bool]] = None,
+                     now: Optional[dt.datetime] = None) -> list[int]:
+        """Delete the files of BatchJobs that are no longer active (the server revoked them). The
+        file of one that ``may_be_queued`` (a submit command of its ended without an answer, and
+        it went submit_failed: a job of that try may still start) is kept until it expires: its
+        launcher reads it when it starts."""
         removed = []
         if not self.directory.is_dir():
             return removed
+        now = now or dt.datetime.now(dt.timezone.utc)
         for path in self.directory.glob("batch-job-*.yml"):
             raw = path.stem.removeprefix("batch-job-")
-            if raw.isdecimal() and int(raw) not in active_ids:
-                path.unlink(missing_ok=True)
-                removed.append(int(raw))
+            if not raw.isdecimal() or int(raw) in active_ids:
+                continue
+            if may_be_queued is not None and may_be_queued(int(raw)):
+                stored = self.stored(int(raw))
+                expiry = stored.token_expiry if stored is not None else None
+                if expiry is not None and (expiry if expiry.tzinfo else expiry.replace(tzinfo=dt.timezone.utc)) > now:
+                    continue
+            path.unlink(missing_ok=True)
+            removed.append(int(raw))
         return sorted(removed)

@@ -36,6 +36,7 @@ import datetime as dt
 import logging
 import os
 import time
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -220,7 +221,24 @@ def _read_pending_token(pending: Path) -> Optional[str]:
         words = pending.read_text().split()
     except OSError:
         return None
-    return words[1] if len(words) > 1 else None
+    return words[1] if len(words) > 1 and words[1] != _EARLIER_UNKNOWN else None
+
+
+#: The third word of a ``.submitting`` marker whose BatchJob had an earlier submit command end
+#: without an answer that no lookup by name could settle (the scheduler cannot look jobs up by
+#: name: Cobalt before its .cobaltlog exists): a job of that try may be queued, so a later try's
+#: refusal must not delete the marker, nor revoke the credential its launcher will read. Kept in
+#: the marker (not in memory) so that an agent restart between the tries keeps it; a lookup that
+#: answers "none queued" for sure clears it.
+_EARLIER_UNKNOWN = "earlier-try-unknown"
+
+
+def _pending_earlier_unknown(pending: Path) -> bool:
+    """Whether a ``.submitting`` marker says an earlier try's outcome is unknown (:data:`_EARLIER_UNKNOWN`)."""
+    try:
+        return _EARLIER_UNKNOWN in pending.read_text().split()[1:]
+    except OSError:
+        return False
 
 
 #: status_info key of the token that ties a BatchJob's submit markers to it. BatchJob ids are not
@@ -277,6 +295,20 @@ class _RepeatLog:
                 f"(BatchJob{'s' if len(ids) != 1 else ''} {shown})")
         self.seen[key] = [now, 0, set()]
         return note
+
+
+def _raised_where(exc: BaseException) -> tuple[Any, str]:
+    """What an unexpected error is remembered by (:class:`_RepeatLog`): its type and the frames it
+    was raised through (file, line), not its message, which often names its BatchJob (a script's
+    path, an id): keyed by message, a bug striking more pending BatchJobs than ``MAX_KEPT`` was
+    forgotten before it came round, and logged a full traceback per BatchJob every cycle. Also the
+    innermost frame, ``file:line``, for the summary."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:  # never raised (no traceback): its message is all there is
+        return ("unexpected", type(exc).__name__, str(exc)), "?"
+    last = frames[-1]
+    return (("unexpected", type(exc).__name__, tuple((f.filename, f.lineno) for f in frames)),
+            f"{os.path.basename(last.filename)}:{last.lineno}")
 
 
 def _aware(when: dt.datetime) -> dt.datetime:
@@ -490,12 +522,15 @@ class SchedulerModule(AgentModule):
             except Exception as exc:  # a driver bug must not stop the other BatchJobs
                 # In full the first time; the same error again (every cycle for every BatchJob
                 # it strikes) is summed up every OUTAGE_LOG_EVERY_S.
-                note = self._repeats.note(("unexpected", type(exc).__name__, str(exc)), batch_job["id"])
+                key, where = _raised_where(exc)
+                note = self._repeats.note(key, batch_job["id"])
                 if note is None:
-                    self.logger.exception("BatchJob %s: unexpected error (the same error again is summed up every "
-                                          "%.0f s)", batch_job["id"], OUTAGE_LOG_EVERY_S)
+                    self.logger.exception("BatchJob %s: unexpected error (the same error again, %s raised at %s, is "
+                                          "summed up every %.0f s)", batch_job["id"], type(exc).__name__, where,
+                                          OUTAGE_LOG_EVERY_S)
                 elif note:
-                    self.logger.error("unexpected error again: %s: %s; %s", type(exc).__name__, exc, note)
+                    self.logger.error("unexpected error again: %s raised at %s (the last: %s); %s",
+                                      type(exc).__name__, where, clean_text(exc, 500), note)
                 message = clean_text(f"{type(exc).__name__}: {exc}")
                 if (batch_job.get("status_info") or {}).get("error") != message:  # not PATCHed every cycle
                     self._error(update, batch_job, message, log=False)
@@ -532,8 +567,7 @@ class SchedulerModule(AgentModule):
         for bj_id, update in updates.items():
             if update.get("state") != BatchJobState.submit_failed.value or bj_id in refused:
                 continue
-            script = self.script_path(bj_id)
-            if not script.with_name(script.name + ".submitting").exists():
+            if not self._submission_unknown(bj_id):
                 failed.append(bj_id)
         if failed:
             try:
@@ -546,9 +580,17 @@ class SchedulerModule(AgentModule):
                 in (BatchJobState.queued.value, BatchJobState.running.value)]
         try:
             self.credentials.renew_due(live)
-            self.credentials.remove_stale({b["id"] for b in batch_jobs})
+            # A submit_failed BatchJob whose .submitting marker was kept may still have a job queued
+            # (a try that ended without an answer): its launcher reads the file when it starts.
+            self.credentials.remove_stale({b["id"] for b in batch_jobs}, may_be_queued=self._submission_unknown)
         except Exception:  # never let credential housekeeping stop the scheduler cycle
             self.logger.exception("launcher credential housekeeping failed")
+
+    def _submission_unknown(self, batch_job_id: int) -> bool:
+        """Whether a submit command of the BatchJob ended without a known outcome (its ``.submitting``
+        marker is kept): a job of it may be in the scheduler's queue."""
+        script = self.script_path(batch_job_id)
+        return script.with_name(script.name + ".submitting").exists()
 
     def _record_refusals(self, refused: list, by_id: dict[int, dict]) -> None:
         """Say in each refused BatchJob's status_info why its update did not go through (the other
@@ -941,6 +983,8 @@ class SchedulerModule(AgentModule):
         pending = script.with_name(script.name + ".submitting")
         if pending.is_file() and self._adopt_earlier_submission(batch_job, request, pending, marker, update):
             return
+        # Set by the lookup above when it could not tell (it then wrote it into the marker).
+        earlier_unknown = pending.is_file() and _pending_earlier_unknown(pending)
         # Rendered before the launcher credential is minted: a BatchJob whose script cannot be
         # rendered (a broken template or plugin hook) costs no credential at each try.
         text = self._render_script(batch_job, update)
@@ -965,7 +1009,7 @@ class SchedulerModule(AgentModule):
             # Written before the submit command runs and removed once its outcome is known: found
             # on a later cycle (the agent stopped, or the command timed out), it says that a job
             # may be in the queue already, and the scheduler is asked before submitting again.
-            pending.write_text(f"{iso_now()} {token}\n")
+            pending.write_text(f"{iso_now()} {token}{' ' + _EARLIER_UNKNOWN if earlier_unknown else ''}\n")
         except OSError as exc:
             update["state"] = BatchJobState.submit_failed.value
             self._error(update, batch_job, f"job template: {exc}")
@@ -976,11 +1020,12 @@ class SchedulerModule(AgentModule):
             permanent = getattr(exc, "permanent", not isinstance(exc, SchedulerError))
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
             if getattr(exc, "at_queue_limit", False):  # nothing reached the queue; no try charged
-                pending.unlink(missing_ok=True)
+                if not earlier_unknown:  # else kept: an earlier try's job may be queued
+                    pending.unlink(missing_ok=True)
                 self._hold_queue(batch_job, queued_counts, message, update,
                                  per_user=bool(getattr(exc, "per_user_limit", False)))
                 return
-            if permanent:  # the scheduler refused the request: nothing reached its queue
+            if permanent and not earlier_unknown:  # the scheduler refused the request: nothing reached its queue
                 pending.unlink(missing_ok=True)
             failures = self.submit_failures.get(batch_job["id"], 0) + 1
             self.submit_failures[batch_job["id"]] = failures
@@ -992,6 +1037,11 @@ class SchedulerModule(AgentModule):
             if permanent or failures >= self.threshold:
                 self.submit_failures.pop(batch_job["id"], None)
                 update["state"] = BatchJobState.submit_failed.value
+                if pending.is_file():  # kept: a try's outcome is unknown (see _revoke_unused_credentials)
+                    message += (f"; a submit command of {request.job_name} ended without an answer and the "
+                                f"{self.scheduler.name or type(self.scheduler).__name__} scheduler cannot look jobs up "
+                                f"by name: a job {request.job_name} may be in its queue (its launcher credential is "
+                                f"kept for it; delete the job by hand if it is not wanted)")
                 self._error(update, batch_job, f"submit failed: {message}")
                 if permanent:
                     update["status_info"][REFUSED_FOR_GOOD] = "true"
@@ -1407,6 +1457,12 @@ class SchedulerModule(AgentModule):
                 "cannot look jobs up by name: submitting again (a second job is possible)",
                 batch_job["id"], request.job_name, self.scheduler.name or type(self.scheduler).__name__,
             )
+            try:  # remembered across tries and agent restarts: the next try's marker keeps it
+                if not _pending_earlier_unknown(pending):
+                    with open(pending, "a") as fp:
+                        fp.write(f" {_EARLIER_UNKNOWN}\n")
+            except OSError as exc:
+                self.logger.warning("BatchJob %s: cannot note the unknown outcome in %s: %s", batch_job["id"], pending, exc)
             return False
         if not found:
             self.logger.info("BatchJob %s: the earlier submission of %s did not reach the scheduler: submitting",
