@@ -143,3 +143,33 @@ def test_an_exit_0_before_the_stop_reaped_after_its_signal_is_finished(
     finally:
         go.set()
     assert (victims, [r[:2] for r in finished]) == ([], [(1, 0)])
+
+
+def test_a_quick_failure_is_judged_at_its_exit_not_when_the_stop_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry-code exit inside the relaunch window, looked at by the stop only after the window
+    has passed (the reaper's hand-over late, a grace): due for a relaunch when it exited, so a
+    victim that runs again, as reap() would have made it (a review found it reported RUN_ERROR)."""
+    monkeypatch.setattr(runner, "RETRY_WINDOW", 1.0)
+    release = threading.Event()
+    hand_over = ChildReaper._done
+
+    def late(self: ChildReaper, proc: object) -> None:
+        release.wait(WAIT_SEC)
+        hand_over(self, proc)
+
+    monkeypatch.setattr(ChildReaper, "_done", late)
+    pool = ProcessPool(5, threading.Event(), relaunch_quick_failures=True)
+    proc = pool.start(1, "exit 1", tmp_path, dict(os.environ))
+    deadline = time.monotonic() + WAIT_SEC
+    while proc.returncode is None:  # reaped at once, not handed over
+        assert time.monotonic() < deadline, "the task was not reaped"
+        time.sleep(0.01)
+    while time.time() - proc.start_time < 1.5:  # the window has passed by the time the stop looks
+        time.sleep(0.05)
+    try:
+        victims, finished = pool.terminate_all(0.5)
+    finally:
+        release.set()
+    assert (victims, [r[:2] for r in finished]) == ([1], [])

@@ -576,7 +576,10 @@ class ProcessPool:
             return False
         if getattr(proc, "spawn_errno", None) in spawner.UNRETRYABLE_SPAWN_ERRNOS:
             return False  # the same command line would fail the same way
-        return time.time() - proc.start_time < window and self._relaunched.get(proc.job_id, 0) < most
+        # Judged at the exit (the reaper dates it), not when it is looked at: a stop's grace or a
+        # loaded machine must not turn a relaunch into a reported failure.
+        ended = getattr(proc, "end_time", None) or time.time()
+        return ended - proc.start_time < window and self._relaunched.get(proc.job_id, 0) < most
 
     def _relaunched_now(self, proc: AppProcess, rule: tuple[frozenset[int], float, int]) -> bool:
         """Start ``proc``'s task again if the relaunch ``rule`` says so (it keeps its place in
