@@ -12,9 +12,12 @@ import asyncio
 import contextlib
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
+from types import FrameType
 from typing import Any, AsyncIterator, NoReturn
 
 import sqlalchemy as sa
@@ -301,6 +304,18 @@ _PERMANENT_DATABASE_PROBLEMS = re.compile(
 #: insufficient resources (too many clients), operator intervention (shutting down, starting up),
 #: transaction rollback.
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+#: libpq's words, while connecting (no SQLSTATE), for a PostgreSQL that is down, restarting, failing
+#: over, out of connection slots or closed to connections for now, or a network that is: worth
+#: waiting for. Any other connect failure (SSL required or a root certificate missing, an unknown
+#: server option, a host name that does not exist) is a configuration that no waiting mends.
+_TRANSIENT_CONNECT_PROBLEMS = re.compile(
+    r"connection refused|timeout expired|timed out|connection reset|closed the connection unexpectedly"
+    r"|connection has been closed unexpectedly|terminating connection"
+    r"|could not (receive|send) data (from|to) server"
+    r"|the database system is (starting up|shutting down|in recovery mode|not yet accepting connections"
+    r"|not accepting connections)|is not currently accepting connections"
+    r"|too many (clients|connections)|remaining connection slots"
+    r"|no route to host|network is unreachable|temporary failure in name resolution", re.IGNORECASE)
 
 
 def _database_problem(exc: BaseException) -> str:
@@ -310,14 +325,73 @@ def _database_problem(exc: BaseException) -> str:
         return "permanent"
     if _PERMANENT_DATABASE_PROBLEMS.search(str(exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc)):
         return "permanent"
+    if isinstance(exc, sa.exc.OperationalError) and "sqlite" in type(exc.orig).__module__ \
+            and "locked" in str(exc.orig):
+        return "transient"  # another process writes (a migration, a long transaction) for longer than our busy timeout
     if not isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or "sqlite" in type(exc.orig).__module__:
         return "fault"
     code = getattr(exc.orig, "pgcode", None)
-    # libpq's errors while connecting (refused, reset, "the database system is starting up", "sorry,
-    # too many clients already", a host name that does not resolve) carry no SQLSTATE.
-    if exc.connection_invalidated or not code or code[:2] in _TRANSIENT_SQLSTATE_CLASSES:
+    if exc.connection_invalidated or (code and code[:2] in _TRANSIENT_SQLSTATE_CLASSES):
         return "transient"
+    if not code:
+        # libpq's errors while connecting carry no SQLSTATE: only the known words of an outage are
+        # waited for. All of them were: a misconfiguration waited 60 s, exited 4, and a --workers
+        # supervisor started the worker again for ever.
+        return "transient" if _TRANSIENT_CONNECT_PROBLEMS.search(str(exc.orig)) else "permanent"
     return "fault"
+
+
+class _Stopped(BaseException):
+    """A SIGTERM or SIGINT came while a starting server waited for its database."""
+
+
+class _HeedStopWhileWaiting:
+    """While a starting server waits for its database, SIGTERM and SIGINT end the wait at once
+    (:meth:`sleep` raises :class:`_Stopped`). uvicorn's own handlers (the factory runs under them)
+    only note a signal for after the start: a stop or a Ctrl-C of a server whose database was down
+    went unheeded until the wait ended (up to 60 s). The handlers are set at the first wait (a start
+    that needs none is left as it was); on exit the ones before are back and get the signals
+    received, so that uvicorn still does what it does with them (ends the process by SIGTERM, takes
+    a Ctrl-C as its own). A signal during a try (not a wait) is only noted: raised there, it would
+    end SQLAlchemy's or a migration's work half done. Only in the main thread, where uvicorn calls
+    the factory (a --workers worker too): no other thread may set handlers."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._asleep = False
+        self._previous: dict[int, Any] = {}
+        self._installed = False
+
+    def _note(self, signum: int, _frame: "FrameType | None") -> None:
+        self.received.append(signum)
+        if self._asleep:
+            raise _Stopped
+
+    def listen(self) -> None:
+        """Sets the handlers (once): before the wait is announced, so that a stop sent on seeing it is heeded."""
+        if not self._installed and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # a signal ignored (nohup, `&`) stays so
+                    self._previous[sig] = signal.signal(sig, self._note)
+        self._installed = True
+
+    def sleep(self, seconds: float) -> None:
+        self.listen()
+        self._asleep = True
+        if self.received:  # came during the try just failed
+            raise _Stopped
+        time.sleep(seconds)
+        self._asleep = False
+
+    def __enter__(self) -> "_HeedStopWhileWaiting":
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self._asleep = False
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for signum in self.received:
+            signal.raise_signal(signum)
 
 
 def create_app_from_env() -> Starlette:
@@ -329,6 +403,17 @@ def create_app_from_env() -> Starlette:
     except ValueError as exc:
         _refuse_to_start(exc)
     database = _masked_url(settings.database_url)
+    with _HeedStopWhileWaiting() as heed:
+        try:
+            return _create_app_waiting(settings, database, heed)
+        except _Stopped:
+            print(f"balsam server: stopped ({signal.Signals(heed.received[0]).name}) while waiting for the "
+                  f"database {database}", file=sys.stderr, flush=True)
+            sys.exit(128 + heed.received[0])
+
+
+def _create_app_waiting(settings: ServerSettings, database: str, heed: _HeedStopWhileWaiting) -> Starlette:
+    """create_app_from_env's tries, and its waits between them (``heed``) for a database out of reach."""
     deadline = time.monotonic() + DATABASE_WAIT_SEC
     pause = 1.0
     while True:
@@ -356,9 +441,10 @@ def create_app_from_env() -> Starlette:
                       f"{_first_line(exc)}", file=sys.stderr, flush=True)
                 sys.exit(DATABASE_UNREACHABLE)
             wait = min(pause, left)
+            heed.listen()
             logger.warning("balsam server: cannot reach the database %s (%s); trying again in %g s",
                            database, _first_line(exc), round(wait, 1))
-            time.sleep(wait)
+            heed.sleep(wait)
             pause = min(pause * 2, DATABASE_WAIT_MAX_PAUSE_SEC)
 
 

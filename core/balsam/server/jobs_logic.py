@@ -1360,10 +1360,13 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     ids = list(steps)
     dialect = conn.dialect.name
     scoped, params = owner_params(user_id)
-    # Before the request's own rows: the unfinished parents of its re-runs (see _lock_rerun_parents).
-    parent_states = _lock_rerun_parents(conn, steps, scoped, params) if dialect == "postgresql" else {}
-    stmt = _CURRENT_STATES[("postgresql" if dialect == "postgresql" else "sqlite", scoped)]
-    current = {row.id: row for row in conn.execute(stmt, {"b_ids": ids_param(ids, dialect), **params})}
+    if dialect == "postgresql":
+        # Before the request's own rows: the unfinished parents of its re-runs (see _lock_rerun_parents).
+        parent_states, current = _lock_request_rows(conn, steps, scoped, params)
+    else:
+        parent_states = {}
+        current = {row.id: row for row in conn.execute(_CURRENT_STATES[("sqlite", scoped)],
+                                                       {"b_ids": ids_param(ids, dialect), **params})}
     missing = set(ids) - current.keys()
     if missing:
         raise not_found_ids("Job", missing, of_request=True)
@@ -1633,10 +1636,14 @@ def _rewait_for_parents(conn: sa.Connection, job_ids: list[int], final_state: di
     Race-free with the finish of a parent (PostgreSQL): the unfinished parents were locked before
     the request's own jobs, with them, in id order (:func:`_lock_rerun_parents`), so a finish in
     flight was waited for and then seen; a finish that comes later waits for the parent's lock
-    until this commits, then finds the child AWAITING_PARENTS and releases it. A parent that was
-    finished when update_jobs looked and is not now (re-run by a request that committed since) is
-    locked here, FOR SHARE, and read again. Only the unfinished parents are locked (a fan-in of
-    thousands of finished parents is not)."""
+    until this commits, then finds the child AWAITING_PARENTS and releases it. A parent re-run by a
+    request that committed before the request's jobs were locked was found when they were, and the
+    locks were taken again, parent first (:func:`_lock_request_rows`): no lock on a parent is waited
+    for while the request's jobs are held, which met a re-run of the same child that locked the
+    parent first (40P01). Only a parent re-run after that last read (or after the last round) is
+    locked here, late, FOR SHARE, and read again: not skipped, or a finish in flight would leave the
+    child waiting for ever. Only the unfinished parents are locked (a fan-in of thousands of
+    finished parents is not)."""
     dialect = conn.dialect.name
     parent = _PARENT
     rows = conn.execute(
@@ -1692,12 +1699,52 @@ def _lock_with_parents_stmt(scoped: bool) -> sa.Select:
 _LOCK_WITH_PARENTS = {scoped: _lock_with_parents_stmt(scoped) for scoped in (False, True)}
 
 
-def _lock_rerun_parents(conn: sa.Connection, steps: dict[int, list[dict[str, Any]]], scoped: bool,
+#: Rounds of :func:`_lock_request_rows` before it keeps the rows it holds (then a parent re-run
+#: meanwhile is locked late, :func:`_rewait_for_parents`).
+_RELOCK_ROUNDS = 3
+
+
+def _lock_request_rows(conn: sa.Connection, steps: dict[int, list[dict[str, Any]]], scoped: bool,
+                       params: dict[str, int]) -> "tuple[dict[int, str], dict[int, Any]]":
+    """PostgreSQL: lock the request's jobs, after the unfinished parents of its re-runs
+    (:func:`_lock_rerun_parents`); returns those parents' states and the jobs' rows (id, state,
+    session_id), read under the lock.
+
+    A parent finished when it was read and re-run by a request that committed before the request's
+    jobs were locked is unfinished, and not locked first: locked then (after the children) it met
+    a re-run of the same child that locked it first and waited for the child (40P01, 503). So the
+    re-runs' unfinished parents are read again once the jobs are locked; when new ones appear, the
+    locks taken since a savepoint are released (ROLLBACK TO SAVEPOINT) and taken again, parents
+    first. A few rounds at most: one more statement each (two savepoint commands) for any number of
+    jobs; then a parent re-run after the last read is locked late, as before."""
+    stmt = _CURRENT_STATES[("postgresql", scoped)]
+    b_ids = {"b_ids": list(steps), **params}
+    rerun = [jid for jid, job_steps in steps.items() if any(p.get("state") == S.restart_ready.value for p in job_steps)]
+    if not rerun:
+        return {}, {row.id: row for row in conn.execute(stmt, b_ids)}
+    known: set[int] = set()
+    for round_ in range(_RELOCK_ROUNDS):
+        savepoint = conn.begin_nested()
+        parent_states = _lock_rerun_parents(conn, rerun, list(steps), known, scoped, params)
+        current = {row.id: row for row in conn.execute(stmt, b_ids)}
+        unfinished = set(conn.execute(_UNFINISHED_PARENTS[scoped], {"b_ids": rerun, **params}).scalars())
+        if unfinished <= parent_states.keys() or round_ == _RELOCK_ROUNDS - 1:
+            savepoint.commit()
+            return parent_states, current
+        # Nothing is written yet: the locks taken since the savepoint go, the parents are locked first.
+        savepoint.rollback()
+        known |= unfinished
+    raise AssertionError("unreachable")
+
+
+def _lock_rerun_parents(conn: sa.Connection, rerun: list[int], ids: list[int], known: set[int], scoped: bool,
                         params: dict[str, int]) -> dict[int, str]:
     """PostgreSQL: lock the unfinished parents of the jobs the request re-runs (RESTART_READY)
     together with the request's jobs, in one statement, in id order, before update_jobs reads
     them (that read then waits for nothing); returns those parents' states, read under the lock
-    (:func:`_rewait_for_parents`). Two statements for any number of jobs, none without a re-run.
+    (:func:`_rewait_for_parents`). Two statements for any number of jobs. ``rerun``: the jobs
+    the request re-runs; ``ids``: all its jobs; ``known``: parents found unfinished by an earlier
+    round of :func:`_lock_request_rows`, locked too.
 
     Locking the parents after the request's jobs (FOR SHARE, as it was) made a cycle with the
     finish of such a parent, which locks the parent and then its AWAITING_PARENTS children
@@ -1708,14 +1755,10 @@ def _lock_rerun_parents(conn: sa.Connection, steps: dict[int, list[dict[str, Any
     parent before child, as in release_children. The parents are locked FOR UPDATE, as the rows
     they are locked with (one statement, one lock mode): a child created meanwhile (which reads
     its parents FOR SHARE) waits for this short transaction, as it waits for a parent's update."""
-    rerun = [jid for jid, job_steps in steps.items() if any(p.get("state") == S.restart_ready.value for p in job_steps)]
-    if not rerun:
+    wanted = known.union(conn.execute(_UNFINISHED_PARENTS[scoped], {"b_ids": rerun, **params}).scalars())
+    if not wanted:
         return {}
-    parents = list(conn.execute(_UNFINISHED_PARENTS[scoped], {"b_ids": rerun, **params}).scalars())
-    if not parents:
-        return {}
-    rows = conn.execute(_LOCK_WITH_PARENTS[scoped], {"b_ids": list(steps), "b_parents": parents, **params})
-    wanted = set(parents)
+    rows = conn.execute(_LOCK_WITH_PARENTS[scoped], {"b_ids": ids, "b_parents": sorted(wanted), **params})
     return {row.id: row.state for row in rows if row.id in wanted}
 
 
