@@ -315,7 +315,10 @@ _TRANSIENT_CONNECT_PROBLEMS = re.compile(
     r"|the database system is (starting up|shutting down|in recovery mode|not yet accepting connections"
     r"|not accepting connections)|is not currently accepting connections"
     r"|too many (clients|connections)|remaining connection slots"
-    r"|no route to host|network is unreachable|temporary failure in name resolution", re.IGNORECASE)
+    r"|no route to host|network is unreachable|temporary failure in name resolution"
+    # A local server reached by its Unix socket, stopped or restarting: the socket file is gone
+    # (anchored to the socket: a missing sslcert file says "no such file" too, and stays permanent).
+    r'|socket "[^"]*" failed: no such file or directory|connections on unix domain socket', re.IGNORECASE)
 
 
 def _database_problem(exc: BaseException) -> str:
@@ -349,9 +352,8 @@ class _HeedStopWhileWaiting:
     """While a starting server waits for its database, SIGTERM and SIGINT end the wait at once
     (:meth:`sleep` raises :class:`_Stopped`). uvicorn's own handlers (the factory runs under them)
     only note a signal for after the start: a stop or a Ctrl-C of a server whose database was down
-    went unheeded until the wait ended (up to 60 s). The handlers are set at the first wait (a start
-    that needs none is left as it was); on exit the ones before are back and get the signals
-    received, so that uvicorn still does what it does with them (ends the process by SIGTERM, takes
+    went unheeded until the wait ended (up to 60 s). The handlers are set before the first try; on
+    exit the ones before are back and get the signals received, so that uvicorn still does what it does with them (ends the process by SIGTERM, takes
     a Ctrl-C as its own). A signal during a try (not a wait) is only noted: raised there, it would
     end SQLAlchemy's or a migration's work half done. Only in the main thread, where uvicorn calls
     the factory (a --workers worker too): no other thread may set handlers."""
@@ -365,6 +367,7 @@ class _HeedStopWhileWaiting:
     def _note(self, signum: int, _frame: "FrameType | None") -> None:
         self.received.append(signum)
         if self._asleep:
+            self._asleep = False  # once: a second signal while the stop is reported is only noted
             raise _Stopped
 
     def listen(self) -> None:
@@ -377,11 +380,13 @@ class _HeedStopWhileWaiting:
 
     def sleep(self, seconds: float) -> None:
         self.listen()
-        self._asleep = True
         if self.received:  # came during the try just failed
             raise _Stopped
-        time.sleep(seconds)
-        self._asleep = False
+        self._asleep = True
+        try:
+            time.sleep(seconds)
+        finally:
+            self._asleep = False
 
     def __enter__(self) -> "_HeedStopWhileWaiting":
         return self
@@ -416,6 +421,10 @@ def _create_app_waiting(settings: ServerSettings, database: str, heed: _HeedStop
     """create_app_from_env's tries, and its waits between them (``heed``) for a database out of reach."""
     deadline = time.monotonic() + DATABASE_WAIT_SEC
     pause = 1.0
+    # Before the first try: a stop during it is noted by us, not only by uvicorn (whose note would
+    # be read after the start: the waits after a failed first try went on unheeded). A start that
+    # succeeds gives the signal back to uvicorn's handler on exit.
+    heed.listen()
     while True:
         try:
             return create_app(settings=settings)
