@@ -64,6 +64,21 @@ if ! pg_ok; then
     fi
     pg_ok || { echo "test.sh: cannot connect to PostgreSQL at 127.0.0.1:5432 as postgres" >&2; exit 1; }
 fi
+# The suite keeps its live test servers (uvicorn, several workers each) until the session ends, and
+# both xdist workers' servers plus the PostgreSQL race tests' two-worker servers held PostgreSQL's
+# default 100 connections late in a full run ("sorry, too many clients already"). A cluster this
+# script manages gets room for them (a restart: max_connections is read at start only).
+pg_max="$(psql "postgresql://postgres@127.0.0.1:5432/postgres" -tAc "show max_connections")"
+if [ "${pg_max:-0}" -lt 300 ] && [ -d "/etc/postgresql/$pg_version/main" ]; then
+    echo "test.sh: max_connections $pg_max -> 300 (restarting PostgreSQL $pg_version)"
+    psql "postgresql://postgres@127.0.0.1:5432/postgres" -qc "ALTER SYSTEM SET max_connections = 300" >/dev/null
+    if as_root pg_ctlcluster --skip-systemctl-redirect "$pg_version" main restart; then
+        for _ in $(seq 1 30); do pg_ok && break; sleep 1; done
+    else
+        echo "test.sh: could not restart PostgreSQL; max_connections stays $pg_max" >&2
+    fi
+    pg_ok || { echo "test.sh: cannot connect to PostgreSQL at 127.0.0.1:5432 as postgres" >&2; exit 1; }
+fi
 db="${BALSAM_TEST_DATABASE_URL##*/}"
 if [ "$(psql "postgresql://postgres@127.0.0.1:5432/postgres" -tAc "select 1 from pg_database where datname='$db'")" != 1 ]; then
     psql "postgresql://postgres@127.0.0.1:5432/postgres" -qc "create database \"$db\"" >/dev/null
