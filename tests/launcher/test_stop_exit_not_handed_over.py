@@ -80,20 +80,13 @@ def test_an_exit_by_a_stop_signal_before_the_stop_is_still_a_victim(tmp_path: Pa
 
 @pytest.mark.parametrize("handed_over", [True, False])
 def test_a_quick_failure_at_the_stop_has_one_outcome(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handed_over: bool
+    tmp_path: Path, slow_hand_over: threading.Event, handed_over: bool
 ) -> None:
     """Serial mode's relaunch rule: a quick exit 1 handed over in time is relaunched by the stop's
     reap() and the stop ends that relaunch (a victim: it runs again); the same exit not handed
     over yet was reported as finished, RUN_ERROR (a review's finding). One outcome either way."""
-    release = threading.Event()
-    hand_over = ChildReaper._done
-
-    def late(self: ChildReaper, proc: object) -> None:
-        if not handed_over:
-            release.wait(WAIT_SEC)
-        hand_over(self, proc)
-
-    monkeypatch.setattr(ChildReaper, "_done", late)
+    if handed_over:
+        slow_hand_over.set()
     pool = ProcessPool(5, threading.Event(), relaunch_quick_failures=True)
     proc = pool.start(1, "exit 1", tmp_path, dict(os.environ))
     deadline = time.monotonic() + WAIT_SEC
@@ -103,7 +96,7 @@ def test_a_quick_failure_at_the_stop_has_one_outcome(
     try:
         victims, finished = pool.terminate_all(0.5)
     finally:
-        release.set()
+        slow_hand_over.set()
     assert (victims, [r[:2] for r in finished]) == ([1], [])
 
 
@@ -146,20 +139,12 @@ def test_an_exit_0_before_the_stop_reaped_after_its_signal_is_finished(
 
 
 def test_a_quick_failure_is_judged_at_its_exit_not_when_the_stop_looks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow_hand_over: threading.Event
 ) -> None:
     """A retry-code exit inside the relaunch window, looked at by the stop only after the window
     has passed (the reaper's hand-over late, a grace): due for a relaunch when it exited, so a
     victim that runs again, as reap() would have made it (a review found it reported RUN_ERROR)."""
     monkeypatch.setattr(runner, "RETRY_WINDOW", 1.0)
-    release = threading.Event()
-    hand_over = ChildReaper._done
-
-    def late(self: ChildReaper, proc: object) -> None:
-        release.wait(WAIT_SEC)
-        hand_over(self, proc)
-
-    monkeypatch.setattr(ChildReaper, "_done", late)
     pool = ProcessPool(5, threading.Event(), relaunch_quick_failures=True)
     proc = pool.start(1, "exit 1", tmp_path, dict(os.environ))
     deadline = time.monotonic() + WAIT_SEC
@@ -171,5 +156,5 @@ def test_a_quick_failure_is_judged_at_its_exit_not_when_the_stop_looks(
     try:
         victims, finished = pool.terminate_all(0.5)
     finally:
-        release.set()
+        slow_hand_over.set()
     assert (victims, [r[:2] for r in finished]) == ([1], [])
