@@ -21,6 +21,7 @@ The log tail of a live server is attached to the report of every failing test th
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import socket
 import subprocess
@@ -467,6 +468,26 @@ def _no_interactive_retry_cap_leak() -> Iterator[None]:
     from balsam.client.rest import cap_retries_for_interactive_use
 
     cap_retries_for_interactive_use(None)
+
+
+@pytest.fixture(autouse=True)
+def _logger_levels_restored() -> Iterator[None]:
+    """Code under test sets logger levels for the whole process (the CLI's and the agent's logging
+    set-up: ``balsam`` at WARNING, the root logger at the site's level); undo that after each test,
+    so a later test's ``caplog.set_level(INFO)`` on the root logger still sees balsam's INFO lines
+    (a full run lost two tests' INFO records to an earlier test's WARNING on ``balsam``)."""
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+                                       if name == "balsam" or name.startswith("balsam.")]
+    saved = [(logger, logger.level, logger.disabled) for logger in loggers]
+    yield
+    for logger, level, disabled in saved:
+        logger.setLevel(level)
+        logger.disabled = disabled
+    for name in list(logging.Logger.manager.loggerDict):  # balsam loggers made during the test
+        if name == "balsam" or name.startswith("balsam."):
+            logger = logging.getLogger(name)
+            if all(logger is not kept for kept, _, _ in saved):
+                logger.setLevel(logging.NOTSET)
 
 
 @pytest.fixture

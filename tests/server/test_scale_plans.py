@@ -8,6 +8,12 @@ both databases, in the style of test_acquire_plans.py: the statements are those 
   index of every job carrying the tag, finished ones included (PostgreSQL);
 - events of one ``to_state`` come from ``ix_log_events_to_state_timestamp`` (migration 0015);
 - a listing that ends on its page is not counted by a second query (its count is exact anyway).
+
+Each database kind gets a server and database of its own for this file: the planner's statistics
+are then those of the rows these tests make, not of whatever the session's shared database holds
+(in a full run the shared PostgreSQL database held other tests' finished jobs still waiting for
+their cleaner, the planner estimated 3,202 of this site's rows waiting instead of 20, and walked
+the primary key instead of ``ix_jobs_cleanup``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import sqlalchemy as sa
 from starlette.datastructures import QueryParams as StarletteQueryParams
 
 from balsam.server.backlog import backlog_by_state
-from balsam.server.db import count_and_page
+from balsam.server.db import count_and_page, create_db_engine
 from balsam.server.http import QueryParams
 from balsam.server.jobs_logic import list_job_columns, list_jobs, list_jobs_json
 from balsam.server.routes.events import events_select
@@ -29,11 +35,40 @@ from balsam.server.tables import jobs, sites
 from balsam.states import PROCESSABLE_STATES
 
 from server_testlib import runnable
-from test_acquire_plans import _spec, engine  # noqa: F401 - engine: the live server's database (a fixture)
+from test_acquire_plans import _spec
 
 #: Finished jobs a site has done (copies of one of its jobs, in 10 campaigns), to give the planners a
 #: table in which reading every finished job, or every job of a campaign, costs what it costs at scale.
 FINISHED = 10_000
+
+
+@pytest.fixture(scope="module")
+def _own_servers() -> dict:
+    """This file's servers, one per database kind, started by the first test that needs one."""
+    return {}
+
+
+@pytest.fixture
+def _own_server(db_kind: str, live_server_factory: Any, _own_servers: dict, request: pytest.FixtureRequest) -> Any:
+    if db_kind not in _own_servers:
+        _own_servers[db_kind] = live_server_factory(db_kind)
+    server = _own_servers[db_kind]
+    request.node._balsam_live_server = server  # its log is attached to a failure's report
+    return server
+
+
+@pytest.fixture
+def server_url(_own_server: Any) -> str:
+    """Overrides tests/server/conftest.py's: ``api`` talks to this file's own server."""
+    return _own_server.url
+
+
+@pytest.fixture
+def engine(_own_server: Any) -> Iterator[sa.Engine]:
+    """This file's own server's database."""
+    engine = create_db_engine(_own_server.database_url)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture
