@@ -25,12 +25,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import attrs
 
-from balsam.options import option
+from balsam.options import OptionsError, option
 from balsam.platform import (
     OPENMPI_RESERVED_OPTIONS,
-    LaunchSpec, NodeInfo, Platform, capped_threads_per_core, cpu_ids_errors, file_mtime, first_launch_param,
-    hardware_thread_ids, hosts_from_node_file, launch_option_name, launch_param_args, launch_params_to_pass,
-    leading_job_number, nvidia_smi_list, parse_id_ranges, parse_nvidia_smi_list, read_fresh_gpu_list,
+    LaunchSpec, NodeInfo, Platform, capped_threads_per_core, cpu_ids_errors, cuda_visible_only, file_mtime,
+    first_launch_param, format_id_ranges, hardware_thread_ids, hosts_from_node_file, launch_option_name,
+    launch_param_args, launch_params_to_pass, leading_job_number, nvidia_smi_list, parse_id_ranges,
+    parse_nvidia_smi_list, read_fresh_gpu_list,
 )
 
 logger = logging.getLogger("balsam.platform.theta")
@@ -67,10 +68,13 @@ DGX_CORES, DGX_THREADS_PER_CORE = 128, 2
 def expand_nid_ranges(text: str) -> list[int]:
     """``"1001-1003,1030"`` -> ``[1001, 1002, 1003, 1030]`` (``$COBALT_PARTNAME`` on Theta)."""
     nids: list[int] = []
-    for part in text.replace(" ", "").split(","):
+    # Blanks around a part or a range end (a trailing newline of a value read from a file, a tab,
+    # ", ") are no part of a nid; blanks inside one are: "3824\n3826" is two nids without their
+    # comma, and joined up it read as nid 38243826, a node the allocation does not have.
+    for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        low, sep, high = part.partition("-")
+        low, sep, high = (s.strip() for s in part.partition("-"))
         if not low.isdecimal() or (sep and not high.isdecimal()):
             raise ValueError(f"$COBALT_PARTNAME: {part!r} is not a nid or a nid range")
         if sep and int(high) < int(low):
@@ -78,6 +82,30 @@ def expand_nid_ranges(text: str) -> list[int]:
             raise ValueError(f"$COBALT_PARTNAME: nid range {part!r} runs backwards")
         nids.extend(range(int(low), int(high) + 1) if sep else [int(low)])
     return nids
+
+
+def core_ids_errors(text: str, cores: int, threads_per_core: int) -> dict[str, str]:
+    """``{"cpu_ids": why}`` when a ``cpu_ids`` option (core ids) names ids from ``cores`` on, which are
+    hardware threads of cores ``0 ...``: the node's logical CPUs as ``lscpu`` lists them (KNL
+    ``0-255``, DGX A100 ``0-255``) are the easy mistake. Counted as cores, every core was handed to
+    several jobs at once and the pinning of a job at threads_per_core 2 or more named CPUs the node
+    does not have (core "69" -> 69, 133, 197, 261 on a KNL). ``{}`` when none (or the text does not
+    parse: :func:`cpu_ids_errors` says why)."""
+    try:
+        threads = [i for i in parse_id_ranges(text) if i >= cores]
+    except ValueError:
+        return {}
+    if not threads:
+        return {}
+    siblings = ", ".join(f"c + {cores * t}" for t in range(1, threads_per_core))
+    return {"cpu_ids": f"{format_id_ranges(threads)} are hardware threads, not cores: the ids are cores 0-{cores - 1} "
+                       f"(balsam adds core c's other hardware threads, {siblings}, itself by the job's "
+                       f"threads_per_core)"}
+
+
+def _check_core_ids(text: str, cores: int, threads_per_core: int) -> None:
+    for name, problem in core_ids_errors(text, cores, threads_per_core).items():
+        raise OptionsError(f"launcher.platform_options.{name}: {problem}")
 
 
 def _template(name: str) -> str:
@@ -100,7 +128,8 @@ class ThetaKNLOptions:
     def validate(self) -> dict[str, str]:
         # cpu_affinity goes to aprun -cc as it is: a value ALPS refuses failed every job at its start.
         problem = aprun_cc_problem(self.cpu_affinity)
-        return {**cpu_ids_errors(self.cpu_ids), **({"cpu_affinity": problem} if problem else {})}
+        return {**(cpu_ids_errors(self.cpu_ids) or core_ids_errors(self.cpu_ids, KNL_CORES, KNL_THREADS_PER_CORE)),
+                **({"cpu_affinity": problem} if problem else {})}
 
 
 #: aprun -cc keywords (aprun(1)); otherwise a CPU list: ids, ranges and x (no binding), ',' between
@@ -140,6 +169,7 @@ class ThetaKNLPlatform(Platform):
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
         self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
+        _check_core_ids(self.options.cpu_ids, KNL_CORES, KNL_THREADS_PER_CORE)
 
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
         partition = env.get("COBALT_PARTNAME", "")
@@ -246,7 +276,7 @@ class ThetaGPUOptions:
     mpirun: str = option("mpirun", "The Open MPI mpirun command.")
 
     def validate(self) -> dict[str, str]:
-        return cpu_ids_errors(self.cpu_ids)
+        return cpu_ids_errors(self.cpu_ids) or core_ids_errors(self.cpu_ids, DGX_CORES, DGX_THREADS_PER_CORE)
 
 
 class ThetaGPUPlatform(Platform):
@@ -261,30 +291,38 @@ class ThetaGPUPlatform(Platform):
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
         self.cpu_ids = parse_id_ranges(self.options.cpu_ids, where="launcher.platform_options.cpu_ids")
+        _check_core_ids(self.options.cpu_ids, DGX_CORES, DGX_THREADS_PER_CORE)
         self.gpu_ids = tuple(g.strip() for g in self.options.gpu_ids.split(",") if g.strip())
 
-    def _gpu_ids(self, host: str, local: bool = False, not_before: Optional[float] = None) -> tuple[str, ...]:
+    def _gpu_ids(self, host: str, local: bool = False,
+                 not_before: Optional[float] = None) -> tuple[tuple[str, ...], dict[str, str]]:
         """MIG UUIDs (and whole GPUs beside them) when the node's GPUs are split, else ``gpu_ids``:
         from ``nvidia-smi -L`` on the launcher's own node (``local``), else from the node's record
         if written at or after ``not_before`` (the allocation's start; an older one is an earlier
-        job's, its instances perhaps destroyed)."""
+        job's, its instances perhaps destroyed). With them, MIG UUID -> the index of its GPU."""
         text = nvidia_smi_list() if local and self.options.discover_mig else None
         if text is None:
             text = read_fresh_gpu_list(self.options.gpu_list_dir, (host,), not_before)
         if text:
-            migs = parse_nvidia_smi_list(text).mig_ids(self.gpu_ids)
+            devices = parse_nvidia_smi_list(text)
+            migs = devices.mig_ids(self.gpu_ids)
             if migs:
                 logger.info("%s: %d GPU ids, MIG instances and whole GPUs", host, len(migs))
-                return tuple(migs)
-        return self.gpu_ids
+                return tuple(migs), {uuid: gpu for gpu, uuids in devices.migs.items() for uuid in uuids}
+        return self.gpu_ids, {}
 
     def discover_nodes(self, env: Mapping[str, str]) -> list[NodeInfo]:
         hosts = hosts_from_node_file(env, "COBALT_NODEFILE", inside="a Cobalt job on ThetaGPU")
         here = socket.gethostname().split(".")[0]
         started = file_mtime(env.get("COBALT_NODEFILE"))  # Cobalt writes it when the allocation starts
-        return [NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids,
-                         gpu_ids=self._gpu_ids(host, local=host.split(".")[0] == here, not_before=started))
-                for host in hosts]
+        nodes, parents = [], {}
+        for host in hosts:
+            gpu_ids, parent = self._gpu_ids(host, local=host.split(".")[0] == here, not_before=started)
+            parents.update(parent)
+            nodes.append(NodeInfo(node_id=host, hostname=host, cpu_ids=self.cpu_ids, gpu_ids=gpu_ids))
+        # An allocation of part of a node (the single-gpu queue: Cobalt sets CUDA_VISIBLE_DEVICES to
+        # the job's GPU) names its GPUs there: the other seven are not this job's to hand out.
+        return cuda_visible_only(nodes, env, parents)
 
     def scheduler_id(self, env: Mapping[str, str]) -> Optional[int]:
         return leading_job_number(env.get("COBALT_JOBID", ""))

@@ -1,9 +1,9 @@
 #!/bin/bash -l
 #COBALT -n {{ num_nodes }}
 #COBALT -t {{ wall_time_min }}
-#COBALT -A {{ project }}
-#COBALT -q {{ queue }}
-{% if optional_params.get("attrs") %}#COBALT --attrs {{ optional_params["attrs"] }}
+{% if project %}#COBALT -A {{ project }}
+{% endif %}{% if queue %}#COBALT -q {{ queue }}
+{% endif %}{% if optional_params.get("attrs") %}#COBALT --attrs {{ optional_params["attrs"] }}
 {% endif %}# Rendered by balsam for BatchJob {{ batch_job_id }} on Theta KNL (job-template.sh in the site directory).
 
 # The allocation started now: the launcher counts its wall time from here, not from its own

@@ -1,11 +1,14 @@
 #!/bin/bash -l
 #COBALT -n {{ num_nodes }}
 #COBALT -t {{ wall_time_min }}
-#COBALT -A {{ project }}
-#COBALT -q {{ queue }}
-{% set mig_count = optional_params.get("mig_count", "0") | string %}
+{% if project %}#COBALT -A {{ project }}
+{% endif %}{% if queue %}#COBALT -q {{ queue }}
+{% endif %}{#- The directives stay one block after the shebang (no blank line between them): Cobalt's qsub reads
+    #COBALT lines from the top of the script, and the --attrs one is the only place mig-mode=true and
+    the filesystems are asked for (the driver's qsub line has no --attrs on ThetaGPU). -#}
+{% set mig_count = optional_params.get("mig_count", "0") | string -%}
 {#- launcher.platform_options.mpirun, unquoted: bash splits it into the words the launcher gets from shlex.split -#}
-{% set mpirun = platform_options.get("mpirun") or "mpirun" %}
+{% set mpirun = platform_options.get("mpirun") or "mpirun" -%}
 #COBALT --attrs pubnet=true:enable_ssh=1:filesystems=home,grand,eagle,theta-fs0{% if mig_count in ("2", "3", "7") %}:mig-mode=true{% endif %}
 
 # Rendered by balsam for BatchJob {{ batch_job_id }} on ThetaGPU (job-template.sh in the site directory).

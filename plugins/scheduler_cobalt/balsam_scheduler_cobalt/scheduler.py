@@ -9,7 +9,7 @@ import re
 import shlex
 from importlib import resources
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from balsam.scheduler import (
     BackfillWindow,
@@ -62,6 +62,29 @@ _END_WORDS = ("task completed", "initiating job cleanup", "job cleanup", "termin
               "removing job from the queue", "exit code", "exited", "dep_fail", "failed")
 #: qsub's own line as it accepts the job: "<date> +0000 (UTC) submitted with cwd set to: <dir>".
 _SUBMITTED = re.compile(r"^submitted with cwd set to\b", re.I)
+
+
+#: qsub's usage text, which its option parser (optparse) prints before "qsub.py: error: ..." for a
+#: bad option or a missing value (e.g. in -x qsub_flags): it says nothing about the refusal, and as
+#: the first lines it filled the reason `balsam queue ls` shows (60 characters) with "Usage: ...".
+_USAGE_LINE = re.compile(r"^(usage:|refer to man pages\b|\S*qsub(\.py)?\s+\[options\])", re.I)
+_ERROR_LINE = re.compile(r"\berror\b\s*:", re.I)
+_PROG_ERROR = re.compile(r"^\S*qsub(\.py)?:\s*error:\s*", re.I)
+#: A refusal that may pass on a retry: the queue manager unreachable or busy.
+_TRANSIENT = re.compile(r"connection|timed out|try again|unavailable", re.I)
+#: Cobalt's maxqueued restriction: "The limit of 20 jobs per user in the 'default' queue has been
+#: reached" (cqm's Restriction.maxqueuedjobs); it clears as the user's jobs leave.
+_AT_LIMIT = re.compile(r"limit of \d+ jobs per user .* has been reached", re.I)
+
+
+def qsub_refusal_reason(said: Sequence[str], lead: Sequence[str] = ()) -> str:
+    """The words of a refusing qsub worth one line: ``lead`` (the lines its refusal was classed by)
+    first, then its ``error:`` lines when it has some (without optparse's ``qsub.py: error:``
+    prefix), else its first lines without the usage text, else (only usage text) its first lines."""
+    lines = [ln for ln in said if not _USAGE_LINE.match(ln)]
+    errors = [_PROG_ERROR.sub("", ln) for ln in lines if _ERROR_LINE.search(ln)]
+    picked = list(lead) + [ln for ln in (errors or lines or said) if ln not in lead]
+    return " ".join(picked[:3])
 
 
 def cobalt_duration_min(text: str) -> int:
@@ -176,11 +199,13 @@ class CobaltScheduler(Scheduler):
             # may be in the queue, so this is not a refusal. Transient: the agent keeps the
             # submission's marker, retries, and finally gives up without claiming nothing was queued.
             raise SchedulerError(f"qsub printed no job id: {' '.join(said[:3]) if said else 'no output'}")
-        reason = " ".join(said[:3]) if said else f"exit code {result.returncode} and no output"
-        transient = re.search(r"connection|timed out|try again|unavailable", reason, re.I) is not None
-        # Cobalt's maxqueued restriction: "The limit of 20 jobs per user in the 'default' queue has
-        # been reached" (cqm's Restriction.maxqueuedjobs); it clears as the user's jobs leave.
-        at_limit = re.search(r"limit of \d+ jobs per user .* has been reached", reason, re.I) is not None
+        # Classed by every line it printed: the lines the reason shows are picked for a reader, and
+        # a warning's "error:" line beside the maxqueued line made that refusal a permanent one.
+        limit_lines = [ln for ln in said if _AT_LIMIT.search(ln)]
+        transient_lines = [ln for ln in said if _TRANSIENT.search(ln)]
+        at_limit, transient = bool(limit_lines), bool(transient_lines)
+        reason = (qsub_refusal_reason(said, lead=(limit_lines or transient_lines)[:1])
+                  or f"exit code {result.returncode} and no output")
         # That limit counts the user's own jobs only.
         raise SchedulerError(f"qsub refused the job: {reason}", permanent=not transient, at_queue_limit=at_limit,
                              per_user_limit=at_limit)
@@ -221,40 +246,64 @@ class CobaltScheduler(Scheduler):
         if [h.lower() for h in header] != [c.lower() for c in QSTAT_COLUMNS]:
             raise SchedulerError(f"qstat did not print the requested columns (header: {lines[0][:120]!r})")
         statuses: dict[int, SchedulerJobStatus] = {}
-        bad: list[str] = []
+        untied: list[str] = []
+        read = 0
         for line in lines[1:]:
             if set(line.strip()) <= {"=", "-"}:
                 continue
             fields = line.split()
-            if len(fields) != len(QSTAT_COLUMNS) or not fields[0].isdecimal() or not fields[4].isdecimal():
-                bad.append(line)
+            if len(fields) == len(QSTAT_COLUMNS) and fields[0].isdecimal() and fields[4].isdecimal():
+                read += 1
+                status = self._status(fields)
+            elif len(fields) >= 2 and fields[0].isdecimal() and fields[1].lower() in COBALT_STATES:
+                # A line that names its job and a Cobalt state (a column left empty or cut, a
+                # garbled count) is that job's: skipped, its job read as gone from the queue, and
+                # the agent ended a BatchJob whose job was still waiting.
+                logger.warning("qstat: skipped unreadable line %r but for its job id and state", line[:200])
+                status = self._status(fields, partial=True)
+            else:
+                untied.append(line)
                 logger.warning("qstat: skipped unreadable line %r", line[:200])
                 continue
-            jobid, state_text, wall, queue, nodes, project, remaining, queued = fields
-            state = COBALT_STATES.get(state_text.lower())
-            if state is None:
-                logger.warning("qstat: unknown Cobalt state %r of job %s", state_text, jobid)
-                state = R if cobalt_duration_min(remaining) else Q
-            if state is F:
-                continue
-            statuses[int(jobid)] = SchedulerJobStatus(
-                scheduler_id=int(jobid),
-                state=state,
-                queue=queue,
-                num_nodes=int(nodes),
-                wall_time_min=cobalt_duration_min(wall),
-                project=project,
-                time_remaining_min=cobalt_duration_min(remaining) if state is R else cobalt_duration_min(wall),
-                queued_time_min=cobalt_duration_min(queued),
-                # qstat prints no reason or comment column; its hold states are the only "why",
-                # and dep_fail/failed the only word on a job that will never run
-                message=(state_text.lower() if (state is Q and state_text.lower() != "queued")
-                         or state is BatchJobState.submit_failed else ""),
-            )
-        if bad and not statuses:
-            # Not an empty queue: read as one, every queued BatchJob would be declared gone.
-            raise SchedulerError(f"qstat printed nothing readable (first line: {bad[0].strip()[:120]!r})")
+            if status.state is not F:
+                statuses[status.scheduler_id] = status
+        if untied and not read:
+            # No whole line beside an unreadable one (qstat's traceback, cut output): not a queue.
+            raise SchedulerError(f"qstat printed nothing readable (first line: {untied[0].strip()[:120]!r})")
+        # Otherwise a line tied to no job (a stray warning, a traceback's line) is skipped and logged,
+        # as the other drivers do: failing the poll for it would stop every BatchJob's updates for
+        # as long as qstat prints it. A job's own line, however garbled, was read above by its id.
         return statuses
+
+    @staticmethod
+    def _status(fields: list[str], partial: bool = False) -> SchedulerJobStatus:
+        """The status of one qstat line's fields. ``partial``: a line of which only the job id and
+        state are sure. With fewer fields than columns (the last ones left empty or cut off) the
+        others are read where a whole line has them, a count or duration that does not read as one
+        as 0; with more, none can be placed: 0 and ""."""
+        def column(i: int) -> str:
+            return fields[i] if not partial or len(fields) <= len(QSTAT_COLUMNS) and i < len(fields) else ""
+
+        jobid, state_text = fields[0], fields[1]
+        wall, queue, nodes, project, remaining, queued = (column(i) for i in range(2, len(QSTAT_COLUMNS)))
+        state = COBALT_STATES.get(state_text.lower())
+        if state is None:
+            logger.warning("qstat: unknown Cobalt state %r of job %s", state_text, jobid)
+            state = R if cobalt_duration_min(remaining) else Q
+        return SchedulerJobStatus(
+            scheduler_id=int(jobid),
+            state=state,
+            queue=queue,
+            num_nodes=int(nodes) if nodes.isdecimal() else 0,
+            wall_time_min=cobalt_duration_min(wall),
+            project=project,
+            time_remaining_min=cobalt_duration_min(remaining) if state is R else cobalt_duration_min(wall),
+            queued_time_min=cobalt_duration_min(queued),
+            # qstat prints no reason or comment column; its hold states are the only "why",
+            # and dep_fail/failed the only word on a job that will never run
+            message=(state_text.lower() if (state is Q and state_text.lower() != "queued")
+                     or state is BatchJobState.submit_failed else ""),
+        )
 
     # -- delete -----------------------------------------------------------------------------
     def render_delete(self, scheduler_id: int) -> Command:
