@@ -45,6 +45,9 @@ def test_a_child_failed_by_its_stage_in_while_waiting_waits_again_when_re_run(ap
     parent = api.jobs(transfer_app["id"], transfers={"input": "aps:/p"})[0]["id"]
     child = api.jobs(transfer_app["id"], parent_ids=[parent], transfers={"input": "aps:/c"})[0]["id"]
     item = api.ok("GET", "/transfers/", params={"job_id": [child]})["results"][0]["id"]
+    # A waiting job's stage-in is held (awaiting_job) and no agent may move it: the user's move to
+    # READY starts it (`balsam job modify -s READY`), and then it can give up.
+    api.patch_states([child], "READY")
     api.ok("PATCH", "/transfers/", json=[{"id": item, "state": "error", "transfer_info": {"error": "endpoint down"}}])
     assert api.job(child)["state"] == "FAILED"  # the server fails a job whose stage-in gave up
 

@@ -1533,6 +1533,9 @@ def _resolve_automatic_moves(
 #: What a failed try leaves in an item's ``transfer_info`` (the transfers module's ``_fail``): a
 #: re-run's stage-out starts over without it.
 _TRY_INFO_KEYS = ("attempts", "error", "retry_after", "reason", "dest")
+#: What a task in flight leaves in its items' ``transfer_info`` (its clock, its progress): an item held
+#: again mid-task (:func:`_hold_stage_ins`) drops them with its task id.
+_TASK_INFO_KEYS = ("submitted", "queued", "started", "task")
 
 
 def _start_stage_outs(conn: sa.Connection, job_ids: list[int]) -> set[int]:
@@ -1599,22 +1602,49 @@ def _start_stage_ins(conn: sa.Connection, job_ids: list[int]) -> set[int]:
 
 def _hold_stage_ins(conn: sa.Connection, job_ids: list[int]) -> None:
     """Hold the stage-in of ``job_ids`` (re-runs sent back to AWAITING_PARENTS by
-    :func:`_rewait_for_parents`) until their parents finish again, as a new child's is held: items
-    ``pending``, ``error`` or ``done`` become ``awaiting_job`` with fresh tries. A done one too: its
-    file came from before the parent's new run (whose output it often is), so it is copied again.
-    Items in flight (``active``/``inactive``: a task the site agent follows) are left to end."""
-    not_in_flight = [TransferItemState.pending.value, TransferItemState.error.value, TransferItemState.done.value]
+    :func:`_rewait_for_parents`) until their parents finish again, as a new child's is held: every
+    item not ``awaiting_job`` becomes ``awaiting_job``, task id cleared, with fresh tries (one
+    pending or in flight counts the hold: :func:`_held_transfer_info`). A done
+    one too: its file came from before the parent's new run (whose output it often is), so it is
+    copied again. One in flight (``active``/``inactive``) too: its task copies the same stale file,
+    and left in flight it was recorded ``done`` when it ended, the job then released straight to
+    STAGED_IN on that file. The site agent no longer finds it in flight and cancels its task once
+    no item is left on it (as for a deleted job's); its report of the task, or a submission made
+    from a read of the item before this hold, is refused (routes/transfers.py, ``_held_conflict``)."""
     rows = conn.execute(
-        sa.select(transfer_items.c.id, transfer_items.c.transfer_info).where(
+        sa.select(transfer_items.c.id, transfer_items.c.state, transfer_items.c.transfer_info).where(
             id_in(transfer_items.c.job_id, job_ids, conn.dialect.name),
             transfer_items.c.direction == TransferDirection.stage_in.value,
-            transfer_items.c.state.in_(not_in_flight),
+            transfer_items.c.state != TransferItemState.awaiting_job.value,
         )
     ).all()
     held = {r.id: {"state": TransferItemState.awaiting_job.value, "task_id": "",
-                   "transfer_info": _fresh_transfer_info(r.transfer_info)} for r in rows}
+                   "transfer_info": _held_transfer_info(r.transfer_info, counted=r.state in _SUBMITTABLE)}
+            for r in rows}
     if held:
         update_rows_by_id(conn, transfer_items, held)
+
+
+#: States of a stage-in item the site agent may have submitted without its record (the agent died
+#: between its submission and its PATCH, the journal keeping the task): its hold is counted.
+_SUBMITTABLE = (TransferItemState.pending.value, TransferItemState.active.value, TransferItemState.inactive.value)
+
+
+def _held_transfer_info(info: Any, *, counted: bool) -> dict[str, Any]:
+    """``transfer_info`` of an item held again: fresh tries, no task clock, and, ``counted``, ``holds``
+    (how many times it was held while pending or in flight) one up. The site agent journals an
+    item's ``holds`` with the task it submits it to: an agent restarted after a hold and a release
+    finds the item's count ahead of its journal line, and submits it again rather than re-attach it
+    to that task (a copy from before the parents' new run)."""
+    fresh = {k: v for k, v in _fresh_transfer_info(info).items() if k not in _TASK_INFO_KEYS}
+    if not counted:
+        return fresh
+    try:
+        count = int(fresh.get("holds") or 0)
+    except (TypeError, ValueError):
+        count = 0
+    fresh["holds"] = count + 1
+    return fresh
 
 
 def _rewait_for_parents(conn: sa.Connection, job_ids: list[int], final_state: dict[int, JobState],

@@ -11,7 +11,7 @@ from balsam.models import MAX_ITEMS_PER_BULK_OP, TransferItem
 from balsam.states import DONE_STATES, JobState, TransferDirection, TransferItemState
 
 from ..db import count_and_page, update_rows_by_id, where_eq, where_gt, where_in
-from ..errors import NotFound, not_found_ids, parse_partial
+from ..errors import Conflict, NotFound, not_found_ids, parse_partial
 from ..http import ID_AFTER, PAGINATION, json_response, pagination, parse_bulk_patches, require_list
 from ..jobs_logic import EventBuffer, json_contains, owned_site_ids, set_states, utcnow
 from ..routing import Ctx, route
@@ -104,10 +104,36 @@ def update_items(conn: sa.Connection, user_id: int, patches: dict[int, dict[str,
     owned = {item_id for item_id, site_id in conn.execute(items) if site_id in my_sites}
     if set(ids) - owned:
         raise not_found_ids("TransferItem", set(ids) - owned, of_request=True)
+    # A statement of its own, after the lock: a hold that committed while the lock was waited for
+    # is seen (PostgreSQL re-checks only the locked rows, the jobs, in their new version; the items
+    # joined to them would be read as they were before the hold).
+    held = sorted(conn.execute(sa.select(transfer_items.c.id).where(
+        transfer_items.c.id.in_(ids), transfer_items.c.direction == TransferDirection.stage_in.value,
+        transfer_items.c.state == TransferItemState.awaiting_job.value)).scalars())
+    if held:
+        raise _held_conflict(held)
     update_rows_by_id(conn, transfer_items, patches)
     advance_jobs_after_transfers(conn, ids)
     rows = conn.execute(sa.select(*TI_COLUMNS).where(transfer_items.c.id.in_(ids)).order_by(transfer_items.c.id))
     return [ti_dict(r) for r in rows]
+
+
+def _held_conflict(held: list[int]) -> Conflict:
+    """The refusal of updates of stage-in items ``awaiting_job``: only the server starts such an item,
+    when its job leaves AWAITING_PARENTS. An agent that read the item ``pending`` (or ``active``)
+    before its job was re-run and sent back to wait for its parents (jobs_logic._hold_stage_ins)
+    would otherwise record a copy made before the parents' new run (``active``, then ``done``: the
+    job released straight to STAGED_IN on the stale file), put it back to ``pending`` (copied while
+    the parents run), or fail the waiting job (``error``). Read under the jobs' locks (PostgreSQL)
+    or the write lock (SQLite), as the hold writes it, so an update and a hold never cross. The
+    transfers module takes this 409 for "held again": it cancels the task it submitted for such
+    items, and they start with the job's release. (A stage-out never goes back to ``awaiting_job``
+    once started, and the agent reads none that is: no update of one can be stale that way.)"""
+    shown = ", ".join(str(i) for i in held[:10]) + (f" (+{len(held) - 10} more)" if len(held) > 10 else "")
+    # Not "until its job leaves AWAITING_PARENTS": a job moved on from the wait by its user (FAILED,
+    # STAGED_IN) keeps its items held until a re-run moves it to READY.
+    return Conflict(f"TransferItem {shown}: stage-in held (awaiting_job): the server starts it when its job goes "
+                    "to READY (release or re-run). Nothing was updated", refused_ids=held)
 
 
 def advance_jobs_after_transfers(conn: sa.Connection, item_ids: list[int]) -> None:

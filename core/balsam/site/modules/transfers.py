@@ -12,11 +12,11 @@ One cycle (every ``service_period`` seconds):
    refused the last submission, e.g. Globus not logged in), at most
    ``PENDING_PAGES_PER_CYCLE`` more GETs page on through the pending items by id, and the next
    cycle goes on from where that stopped: waiting items never starve the other locations' items.
-2. Tasks whose items are all gone from the server (their jobs were deleted) are cancelled, once
-   each (:meth:`~balsam.transfer.TransferBackend.cancel`). The module keeps the ids of the tasks in
-   flight, in memory and in ``<site>/.transfer-tasks-in-flight.json`` (so an agent restarted after
-   the deletion still cancels them); a tracked task absent from this cycle's in-flight items costs
-   one (chunked) GET of its items by id.
+2. Tasks whose items are all gone from the server (their jobs were deleted, or the items held
+   again) are cancelled, once each (:meth:`~balsam.transfer.TransferBackend.cancel`). The module
+   keeps the ids of the tasks in flight, in memory and in ``<site>/.transfer-tasks-in-flight.json``
+   (so an agent restarted after the deletion still cancels them); a tracked task absent from this
+   cycle's in-flight items costs one (chunked) GET of its items by id.
    One :meth:`~balsam.transfer.TransferBackend.poll` per backend for all its in-flight tasks.
    Done items become ``done`` (the server then moves READY jobs to STAGED_IN and POSTPROCESSED jobs
    to JOB_FINISHED); a failed item goes back to ``pending`` with ``transfer_info.retry_after``
@@ -37,7 +37,15 @@ One cycle (every ``service_period`` seconds):
    is taken for a refusal of the request (the contract cannot tell it from a refusal of the files):
    the refused batch's files each fail a try (backoff, ``max_attempts``), so a location refusing
    everything fails its jobs a batch per cycle as their tries run out, not all in one cycle.
-4. One bulk PATCH of every item that changed.
+4. One bulk PATCH of every item that changed. The server refuses (409) the update of an item
+   held again (``awaiting_job``: its job was re-run and sent back to wait for its parents after
+   this cycle read the item): the others are sent, nothing is failed, one INFO line says so, and a
+   task submitted (or polled) for such items only is cancelled; the items are copied again when
+   their jobs are released. A task whose items were held between two cycles is cancelled as in 2.
+   A task that runs on for other jobs' items keeps the destinations of the items that left it: a
+   failed file of theirs is dropped (DEBUG), not charged to the others, and a released item whose
+   destination it still writes waits for it to end (``waiting for task T, which still writes its
+   destination``) rather than have the old copy land over the new one.
 
 A poll that fails (the service down, not logged in, or refusing the request) says nothing about the
 tasks: their items stay in flight (Globus may still be writing into the jobs' workdirs) with the
@@ -100,7 +108,10 @@ Restart safety: a task id is appended (fsync'd) to ``<site>/.transfer-tasks.json
 task is submitted and its line is dropped once the PATCH recording it has been answered (only the
 token records of batches whose submission is still unconfirmed stay). Items that
 are still ``pending`` but listed there (the agent died between the two) are polled under that task
-id instead of being submitted again. Backends with submission tokens (Globus submission ids) get
+id instead of being submitted again, unless held again since (``transfer_info.holds``, counted by
+the server, is ahead of the count the line kept): that task copied files from before the parents'
+new run, and is cancelled as one its items left. So is the task answering a journaled token whose
+items were held again since the token was journaled; they go in a new batch. Backends with submission tokens (Globus submission ids) get
 the token journaled *before* the submission, so a batch whose task id never reached the journal
 (the agent died, or the submission failed in a way that may hide a task the service started: a
 timeout) is sent again with the same token and the service answers with the task it already has; backends whose task ids die with the process (``local``,
@@ -111,6 +122,7 @@ doubled (a destination is written by rename).
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import itertools
 import json
@@ -141,8 +153,9 @@ from ...transfer import (
     one_line,
 )
 from ..._api.query import read_pages
+from ...client.status_updater import http_status, isolate_refused
 from ...models import MAX_PAGE_SIZE
-from ..api_util import bulk_patch, list_all, page_fetcher, results
+from ..api_util import chunks, list_all, page_fetcher, results
 from ..module import AgentModule
 
 __all__ = ["TransfersModule", "TransfersOptions", "item_transfer_paths"]
@@ -546,6 +559,53 @@ def match_file_errors(items: Iterable[tuple[Any, str, bool]], file_errors: Mappi
             for item_id, errs in found.items()}, unmatched
 
 
+def _held_refusal(exc: BaseException, item_id: int) -> bool:
+    """Whether ``exc`` refuses the update of ``item_id`` because the item is held again (the 409 of
+    routes/transfers.py ``_held_conflict``, naming it in ``refused_ids``); not another 409 (an
+    Idempotency-Key's, a job's state change: ``refused_ids`` then names jobs, or nothing)."""
+    if http_status(exc) != 409 or item_id not in (getattr(exc, "refused_ids", None) or ()):
+        return False
+    return "(awaiting_job)" in str(getattr(exc, "detail", None) or exc)
+
+
+def _holds(item: Mapping[str, Any]) -> int:
+    """How many times the server held ``item`` again (``transfer_info.holds``, jobs_logic._hold_stage_ins)."""
+    try:
+        return int((item.get("transfer_info") or {}).get("holds") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+@attrs.frozen
+class _BusyDests:
+    """The destinations tasks still in flight write (:meth:`TransfersModule._busy_dests`), normalized:
+    {dest: task id}, and the sorted dests (a recursive item's own dest is a directory: what lies
+    inside it is found by bisection, not by a scan per item)."""
+
+    tasks: dict[str, str]
+    recursive: frozenset[str]
+    ordered: list[str]
+
+    def writer_of(self, spec: TransferFile) -> str:
+        """The task that writes ``spec``'s destination, a directory holding it (a recursive item's),
+        or (``spec`` recursive) a path inside it; '' when none."""
+        if not self.tasks:
+            return ""
+        dest = _norm_path(spec.dest)
+        if dest in self.tasks:
+            return self.tasks[dest]
+        parent = PurePosixPath(dest).parent
+        for directory in (parent, *parent.parents):
+            if str(directory) in self.recursive:
+                return self.tasks[str(directory)]
+        if spec.recursive:
+            prefix = dest.rstrip("/") + "/"
+            at = bisect.bisect_left(self.ordered, prefix)
+            if at < len(self.ordered) and self.ordered[at].startswith(prefix):
+                return self.tasks[self.ordered[at]]
+        return ""
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -630,6 +690,13 @@ class TransfersModule(AgentModule):
         self._finished_tasks: set[str] = set()
         #: Tasks whose cancel failed for a reason retrying may fix (tried again each cycle).
         self._cancel_retries: set[str] = set()
+        #: What each task this process submitted or polled writes: {task id: {item id: (dest,
+        #: recursive)}}, kept while the task is tracked, also for items that left it (held again, or
+        #: deleted) while it runs on for others. A failed file of such an item is theirs, not one
+        #: of the task's other items' (see :meth:`_apply_status`), and a due item whose destination
+        #: such a task still writes waits for it (see :meth:`_busy_dests`). In memory only: an agent
+        #: restarted meanwhile knows the destinations of the items it reads in flight.
+        self._task_dests: dict[str, dict[int, tuple[str, bool]]] = {}
         #: Tasks already warned about for passing half of task_timeout_sec (each is warned once).
         self._half_warned: set[str] = set()
         #: The last reason logged as a warning, by what it is about (a task, a backend's poll, a
@@ -835,9 +902,17 @@ class TransfersModule(AgentModule):
         #: Each item's state as read (the cycle changes some in place): the log line says whether any moved.
         read_states = {it["id"]: it["state"] for it in items}
         updates: dict[int, dict[str, Any]] = {}
-        journal, token_batches = self._read_journal()
+        journal, token_batches, journal_holds = self._read_journal()
         for item in items:
             task_id = journal.get(item["id"])
+            if (task_id and item["state"] == TransferItemState.pending.value and not item.get("task_id")
+                    and _holds(item) > journal_holds.get(item["id"], _holds(item))):
+                # Held again (and released) since that submission: its task copied from before the
+                # parents' new run. Submitted again; the task, tracked from the journal, is
+                # cancelled as one whose items left it (_cancel_orphaned_tasks).
+                self.logger.info("transfer item %s: not re-attached to task %s of the journal (the item was held "
+                                 "again since); it will be submitted again", item["id"], task_id)
+                continue
             if task_id and item["state"] == TransferItemState.pending.value and not item.get("task_id"):
                 # Submitted by a previous cycle (or agent) that died before recording it: poll, don't resubmit.
                 item["state"], item["task_id"] = TransferItemState.active.value, task_id
@@ -860,16 +935,18 @@ class TransfersModule(AgentModule):
         submitted, kept = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now,
                                        resends=resends)
 
+        held: dict[int, dict[str, Any]] = {}
         if updates:
             self.last_cycle_calls += 1
-            refused = bulk_patch(self.client, "/transfers/", list(updates.values()))
-            if refused:
-                self.logger.error("%d transfer item updates were refused by the server", len(refused))
+            held = self._send_updates(updates)
         # The PATCH recorded every task id journaled so far: only the batches whose submission with a
         # token may or may not have arrived stay. Keeping the task lines too would re-attach their
         # items to those tasks next cycle, after the tasks failed and the items went back to pending.
         self._rewrite_journal(kept)
         self._track_tasks(in_flight, updates)
+        if held:
+            self._let_go_of_held(held, in_flight)
+        self._task_dests = {tid: dests for tid, dests in self._task_dests.items() if tid in self.tracked_tasks}
         # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
         live = {int(it["job_id"]) for it in items}
         self.workdirs = {job_id: w for job_id, w in self.workdirs.items() if job_id in live}
@@ -887,6 +964,65 @@ class TransfersModule(AgentModule):
                 len(items), still_running, submitted, dict(counts) or "none",
             )
         return self._next_poll()
+
+    def _send_updates(self, updates: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """PATCH the cycle's ``updates`` (chunks of MAX_ITEMS_PER_BULK_OP; a refused chunk is sent again
+        without the items the refusal names). Returns the updates refused because their item is held
+        again (409: ``awaiting_job``, its job sent back to wait for its parents after this cycle read
+        it), by item id; in ``updates`` each becomes ``awaiting_job`` (the item leaves its task, and
+        the cycle's line counts it). Other refusals are logged at ERROR, as before."""
+        sent = list(updates.values())
+        refused: list[tuple[Mapping[str, Any], BaseException]] = []
+        for chunk in chunks(sent):
+            refused.extend(isolate_refused(lambda part: self.client.patch("/transfers/", json=list(part)), list(chunk)))
+        held: dict[int, dict[str, Any]] = {}
+        other = 0
+        for update, exc in refused:
+            item_id = int(update["id"])
+            if _held_refusal(exc, item_id):
+                held[item_id] = dict(update)
+                updates[item_id] = {"id": item_id, "state": TransferItemState.awaiting_job.value}
+            else:
+                other += 1
+                self.logger.error("PATCH /transfers/: the server refused the update of item %s: %s", item_id, exc)
+        if other:
+            self.logger.error("%d transfer item updates were refused by the server", other)
+        return held
+
+    def _let_go_of_held(self, held: Mapping[int, Mapping[str, Any]], in_flight: list[dict]) -> None:
+        """The items whose update the server refused as held again (:meth:`_send_updates`): nothing of
+        them is failed, and they start again when their jobs are released. A task that this cycle
+        submitted or polled for them and that no other item uses is cancelled (the backend's cancel):
+        it copies files from before the parents' new run. One INFO line per task."""
+        read_task = {int(it["id"]): str(it.get("task_id") or "") for it in in_flight}
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for item_id, update in held.items():
+            by_task[str(update.get("task_id") or read_task.get(item_id, ""))].append(item_id)
+        for task_id, ids in by_task.items():
+            shown = ", ".join(str(i) for i in sorted(ids)[:LOG_EXAMPLES]) + (" ..." if len(ids) > LOG_EXAMPLES else "")
+            what = (f"{len(ids)} transfer {'item' if len(ids) == 1 else 'items'} held again ({shown}): their jobs wait "
+                    "for their parents again; not recorded, copied again when their jobs are released")
+            if not task_id or task_id in self._finished_tasks:
+                self.logger.info("%s", what)
+                continue
+            if task_id in self.tracked_tasks:
+                # Other jobs' items are on it (a task is one unit for its service): it runs on for them.
+                self.logger.info("%s; task %s runs on for its other items", what, task_id)
+                continue
+            name, _, raw_id = task_id.partition(":")
+            try:
+                self.backend(name).cancel(raw_id)
+            except TransferError as exc:
+                if exc.retryable:
+                    # Tracked with the held items: _cancel_orphaned_tasks tries again every cycle.
+                    self.tracked_tasks[task_id] = set(ids)
+                    self._cancel_retries.add(task_id)
+                    self._write_tracked()
+                    self.logger.info("%s; cancelling task %s failed (will retry every cycle): %s", what, task_id, exc)
+                else:
+                    self.logger.info("%s; task %s was not cancelled (%s)", what, task_id, exc)
+            else:
+                self.logger.info("%s; task %s cancelled", what, task_id)
 
     def _next_poll(self) -> Optional[float]:
         """Seconds until the next cycle while a young task of a quick-poll backend
@@ -912,6 +1048,9 @@ class TransfersModule(AgentModule):
         by_task: dict[str, list[dict]] = defaultdict(list)
         for item in in_flight:
             by_task[item.get("task_id") or ""].append(item)
+            if item.get("task_id") and self._dest_of(item):
+                self._task_dests.setdefault(str(item["task_id"]), {})[int(item["id"])] = (
+                    self._dest_of(item), bool(item.get("recursive")))
         self._task_started = {tid: at for tid, at in self._task_started.items() if tid in by_task}
         self._progress_at = {tid: at for tid, at in self._progress_at.items() if tid in by_task}
         by_backend: dict[str, list[str]] = defaultdict(list)
@@ -1166,8 +1305,19 @@ class TransfersModule(AgentModule):
             else:
                 self._said.pop(f"task:{task_id}", None)
         elif status.state == TaskState.done:
+            # Items that left the task while it ran on for these (held again, deleted): their files'
+            # errors are theirs. Unmatched, they failed a try of every item here (FAILED at
+            # max_attempts=1), each of whose own files was delivered.
+            polled = {item["id"] for item in items}
+            left = [(item_id, dest, recursive) for item_id, (dest, recursive) in self._task_dests.get(task_id, {}).items()
+                    if item_id not in polled]
             errors, unmatched = match_file_errors(
-                [(item["id"], self._dest_of(item), bool(item.get("recursive"))) for item in items], status.file_errors)
+                [(item["id"], self._dest_of(item), bool(item.get("recursive"))) for item in items] + left,
+                status.file_errors)
+            for item_id, _, _ in left:
+                if item_id in errors:
+                    self.logger.debug("transfer task %s: a failed file of item %s, which left the task (held again, "
+                                      "or deleted): dropped: %s", task_id, item_id, errors.pop(item_id))
             if unmatched:
                 self.logger.error("transfer task %s reported %d failed files matching none of its items, e.g. %s",
                                   task_id, len(unmatched), next(iter(unmatched)))
@@ -1324,6 +1474,7 @@ class TransfersModule(AgentModule):
         # they take their turn (see _held_back).
         units.sort(key=lambda unit: self._held_back(unit[0], now))
         data_path = Path(self.site_config.data_path)
+        busy = self._busy_dests()
         submitted = calls = 0
         kept: list[dict] = []
         #: Aliases whose submission failed this cycle: {alias: the reason their items wait with}; ''
@@ -1406,6 +1557,13 @@ class TransfersModule(AgentModule):
                 except OSError as exc:
                     unfit.append((item, f"cannot create the job's workdir: {exc}", True))
                     continue
+                writer = busy.writer_of(spec)
+                if writer:
+                    # A task the item left (held again, then released) that runs on for other items
+                    # still writes its old copy there: submitted now, the new copy could land first
+                    # and the stale one over it, after the job went on. It waits (no try used).
+                    self._wait(item, f"waiting for task {writer}, which still writes its destination", updates)
+                    continue
                 files.append(spec)
                 members.append(item)
             if missing:
@@ -1448,7 +1606,8 @@ class TransfersModule(AgentModule):
                                     [(item, str(exc), True) for item in members], updates, now, level=logging.ERROR)
                 continue
             full_id = f"{location.backend_name}:{task_id}"
-            self._journal(full_id, [it["id"] for it in members])
+            self._journal(full_id, members)
+            self._task_dests[full_id] = {int(it["id"]): (spec.dest, spec.recursive) for it, spec in zip(members, files)}
             for item, spec in zip(members, files):
                 info = _without(item.get("transfer_info"), ("retry_after", "reason", *CLOCK_KEYS))
                 info.update(dest=spec.dest, submitted=now.isoformat())
@@ -1464,6 +1623,20 @@ class TransfersModule(AgentModule):
                 self.blocked_aliases[alias] = why
                 self._blocked_at[alias] = now
         return submitted, kept
+
+    def _busy_dests(self) -> _BusyDests:
+        """The destinations of the tasks still in flight (tracked, not found over this cycle: one
+        that ended or was cancelled is not), as far as this process knows them (``_task_dests``)."""
+        tasks: dict[str, str] = {}
+        recursive: set[str] = set()
+        for task_id in self.tracked_tasks:
+            if task_id in self._finished_tasks:
+                continue
+            for dest, is_dir in self._task_dests.get(task_id, {}).values():
+                tasks[_norm_path(dest)] = task_id
+                if is_dir:
+                    recursive.add(_norm_path(dest))
+        return _BusyDests(tasks, frozenset(recursive), sorted(tasks))
 
     def _resend(self, record: dict, members: list[dict], updates: dict[int, dict[str, Any]], now: dt.datetime,
                 blocked: dict[str, str], kept: list[dict]) -> Optional[bool]:
@@ -1520,7 +1693,16 @@ class TransfersModule(AgentModule):
         self.blocked_aliases.pop(alias, None)
         self._blocked_at.pop(alias, None)
         full_id = f"{location.backend_name}:{task_id}"
-        self._journal(full_id, [m["id"] for m in members])
+        dests = {int(m["id"]): (spec.dest, spec.recursive) for m, spec in zip(members, files)}
+        if any(_holds(m) > n for m, n in zip(members, record.get("holds") or ())):
+            # An item was held again (and released) since the token was journaled: the task that
+            # answers it may be the one the service started then, copying files from before the
+            # parents' new run. Cancelled; the items stay pending and go in a new batch.
+            self._cancel_stale(full_id, dests, f"journaled batch of {len(files)} files re-sent with its token: task "
+                               f"{full_id}; some of its items were held again since (their jobs re-run)")
+            return True
+        self._journal(full_id, members)
+        self._task_dests[full_id] = dests
         self.logger.info("journaled batch of %d files re-sent with its token: task %s", len(files), full_id)
         for item, spec in zip(members, files):
             info = _without(item.get("transfer_info"), ("retry_after", "reason", *CLOCK_KEYS))
@@ -1529,6 +1711,25 @@ class TransfersModule(AgentModule):
             updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": full_id,
                                    "transfer_info": info}
         return True
+
+    def _cancel_stale(self, task_id: str, dests: dict[int, tuple[str, bool]], what: str) -> None:
+        """Cancel ``task_id``, a copy of files from before a re-run's parents ran again; on a cancel
+        that failed for a reason retrying may fix, it is tracked (with ``dests``, which wait for it)
+        and tried again every cycle (_cancel_orphaned_tasks). One INFO line, ``what`` first."""
+        name, _, raw_id = task_id.partition(":")
+        try:
+            self.backend(name).cancel(raw_id)
+        except TransferError as exc:
+            if exc.retryable:
+                self.tracked_tasks[task_id] = set(dests)
+                self._task_dests[task_id] = dests
+                self._cancel_retries.add(task_id)
+                self._write_tracked()
+                self.logger.info("%s; cancelling it failed (will retry every cycle): %s", what, exc)
+            else:
+                self.logger.info("%s; not cancelled (%s)", what, exc)
+        else:
+            self.logger.info("%s; cancelled", what)
 
     def _location(self, alias: str) -> TransferLocation:
         if alias in self.location_errors:
@@ -1556,7 +1757,7 @@ class TransfersModule(AgentModule):
             pass
         except (OSError, ValueError, TypeError) as exc:
             self.logger.warning("cannot read %s (tasks of deleted jobs may not be cancelled): %s", self.tasks_path, exc)
-        journal, _ = self._read_journal()
+        journal, _, _ = self._read_journal()
         for item_id, task_id in journal.items():
             tracked[task_id].add(item_id)
         return dict(tracked)
@@ -1571,17 +1772,35 @@ class TransfersModule(AgentModule):
         # Not in this cycle's page is not gone (the page may be full): ask for those items by id.
         ids = sorted(set().union(*missing.values()))
         alive: set[str] = set()
+        returned: set[int] = set()
+        held: set[int] = set()
         for start in range(0, len(ids), JOB_ID_CHUNK):
-            params = {"site_id": self.site_id, "id": ids[start:start + JOB_ID_CHUNK], "state": list(IN_FLIGHT)}
-            alive.update(str(it.get("task_id") or "") for it in self._get("/transfers/", params))
-        for task_id in missing:
+            params = {"site_id": self.site_id, "id": ids[start:start + JOB_ID_CHUNK]}
+            for item in self._get("/transfers/", params):
+                returned.add(int(item["id"]))
+                if item["state"] in IN_FLIGHT:
+                    alive.add(str(item.get("task_id") or ""))
+                elif item["state"] == TransferItemState.awaiting_job.value:
+                    held.add(int(item["id"]))
+        for task_id, item_ids in missing.items():
             if task_id in alive:
                 continue
             name, _, raw_id = task_id.partition(":")
             # Said once per task, not on every retry of a cancel that failed.
             first = task_id not in self._cancel_retries
             if first:
-                self.logger.info("transfer task %s: its items were deleted (with their jobs); cancelling it", task_id)
+                # "Deleted" only for the items the GET did not return. The others are there, off the
+                # task: held again mid-task (jobs_logic._hold_stage_ins: its copy is of files from
+                # before the parents' new run), or since released or restarted by a re-run.
+                fates = {"were deleted (with their jobs)": set(item_ids) - returned,
+                         "are held again (their jobs wait for their parents again)": set(item_ids) & held,
+                         "left the task (held again or restarted)": set(item_ids) & returned - held}
+                named = [(why, len(some)) for why, some in fates.items() if some]
+                if len(named) == 1:
+                    why = f"its items {named[0][0]}"
+                else:
+                    why = "of its items, " + ", ".join(f"{n} {what}" for what, n in named)
+                self.logger.info("transfer task %s: %s; cancelling it", task_id, why)
             try:
                 self.backend(name).cancel(raw_id)
             except TransferError as exc:
@@ -1647,8 +1866,12 @@ class TransfersModule(AgentModule):
 
     # -- journal of submitted tasks not yet recorded in the API -----------------------------------
 
-    def _journal(self, task_id: str, item_ids: list[int]) -> None:
-        line = json.dumps({"task_id": task_id, "item_ids": item_ids}) + "\n"
+    def _journal(self, task_id: str, members: list[dict]) -> None:
+        # With each item's count of holds as read (``transfer_info.holds``, raised by the server each
+        # time it holds the item again): a line whose count is behind the item's is of a submission
+        # made before a hold, and is not re-attached (see run_cycle).
+        line = json.dumps({"task_id": task_id, "item_ids": [m["id"] for m in members],
+                           "holds": [_holds(m) for m in members]}) + "\n"
         with open(self.journal_path, "a", encoding="utf-8") as fh:
             fh.write(line)
             fh.flush()
@@ -1656,23 +1879,26 @@ class TransfersModule(AgentModule):
 
     def _journal_token(self, token: str, alias: str, direction: str, members: list[dict], files: list[TransferFile]) -> dict:
         record = {"token": token, "alias": alias, "direction": direction,
-                  "files": [[it["id"], f.src, f.dest, f.recursive] for it, f in zip(members, files)]}
+                  "files": [[it["id"], f.src, f.dest, f.recursive] for it, f in zip(members, files)],
+                  "holds": [_holds(it) for it in members]}
         with open(self.journal_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         return record
 
-    def _read_journal(self) -> tuple[dict[int, str], list[dict]]:
-        """(task id by item id, batches journaled with a submission token but no task id yet)."""
+    def _read_journal(self) -> tuple[dict[int, str], list[dict], dict[int, int]]:
+        """(task id by item id, batches journaled with a submission token but no task id yet, each
+        item's count of holds when its task line was written: lines of older agents have none)."""
         try:
             text = self.journal_path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return {}, []
+            return {}, [], {}
         except OSError as exc:
             self.logger.warning("cannot read %s: %s", self.journal_path, exc)
-            return {}, []
+            return {}, [], {}
         found: dict[int, str] = {}
+        holds: dict[int, int] = {}
         tokens: list[dict] = []
         for number, line in enumerate(text.splitlines(), 1):
             try:
@@ -1680,15 +1906,17 @@ class TransfersModule(AgentModule):
                 if "token" in record:
                     tokens.append({"token": str(record["token"]), "alias": str(record["alias"]),
                                    "direction": str(record["direction"]),
-                                   "files": [(int(i), str(a), str(b), bool(r)) for i, a, b, r in record["files"]]})
+                                   "files": [(int(i), str(a), str(b), bool(r)) for i, a, b, r in record["files"]],
+                                   "holds": [int(n) for n in record.get("holds") or ()]})
                     continue
                 for item_id in record["item_ids"]:
                     found[int(item_id)] = str(record["task_id"])
+                holds.update(zip((int(i) for i in record["item_ids"]), (int(n) for n in record.get("holds") or ())))
             except (ValueError, KeyError, TypeError):
                 # The last line of an agent killed while writing it; that task's items are resubmitted.
                 self.logger.warning("%s:%d: unreadable line skipped", self.journal_path, number)
         tokens = [b for b in tokens if not any(i in found for i, *_ in b["files"])]
-        return found, tokens
+        return found, tokens, holds
 
     def _hold_journaled(self, batches: list[dict], items: list[dict]) -> list[tuple[dict, list[dict]]]:
         """The batches journaled with a token (their submission unconfirmed) still to send, each with
@@ -1726,7 +1954,8 @@ class TransfersModule(AgentModule):
             tmp = self.journal_path.with_name(self.journal_path.name + ".tmp")
             with open(tmp, "w", encoding="utf-8") as fh:
                 for record in token_records:
-                    fh.write(json.dumps({k: record[k] for k in ("token", "alias", "direction", "files")}) + "\n")
+                    fh.write(json.dumps({k: record[k] for k in ("token", "alias", "direction", "files", "holds")
+                                         if k in record}) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.journal_path)

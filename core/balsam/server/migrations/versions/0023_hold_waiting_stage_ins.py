@@ -4,11 +4,13 @@ so the site agent copied a DAG child's inputs before its parents had made them (
 earlier run had left at the location, or none: the child failed while it waited).
 
 The jobs waiting when this runs are made to look as if created after the change: their stage-in
-items ``pending`` and not in flight (no ``task_id``), or ``done`` (copied before the parents ran, so
-possibly stale: copied again once they finish), become ``awaiting_job`` with the tries of the earlier
-copies removed from ``transfer_info`` (the keys the server removes for a re-run:
-``attempts``, ``error``, ``retry_after``, ``reason``, ``dest``). Items in flight (``active``,
-``inactive``, or ``pending`` with a task) are left to end, as the server leaves them. One UPDATE.
+items not ``awaiting_job`` become ``awaiting_job``, task id cleared, as the server holds a re-run's
+(jobs_logic._hold_stage_ins): ``pending`` ones, ``done`` ones (copied before the parents ran, so
+possibly stale: copied again once they finish) and those in flight (``active``, ``inactive``:
+their task copies the same stale file; the site agent cancels a task no item is left on). The tries
+of the earlier copies and the task's clock are removed from ``transfer_info`` (the keys the server
+removes: ``attempts``, ``error``, ``retry_after``, ``reason``, ``dest``, ``submitted``, ``queued``,
+``started``, ``task``). One UPDATE.
 
 The downgrade makes every ``awaiting_job`` stage-in item ``pending`` again: the code before this
 revision never starts a held stage-in, so a job released with one would stay READY for ever.
@@ -25,7 +27,8 @@ down_revision = '0022_idempotent_answer_headers'
 branch_labels = None
 depends_on = None
 
-_TRY_KEYS = ("attempts", "error", "retry_after", "reason", "dest")
+#: jobs_logic._TRY_INFO_KEYS and _TASK_INFO_KEYS (copied: a migration keeps what it did when written).
+_TRY_KEYS = ("attempts", "error", "retry_after", "reason", "dest", "submitted", "queued", "started", "task")
 
 
 def upgrade() -> None:
@@ -35,7 +38,7 @@ def upgrade() -> None:
         fresh = "json_remove(transfer_info, " + ", ".join(f"'$.{k}'" for k in _TRY_KEYS) + ")"
     op.execute(
         f"UPDATE transfer_items SET state = 'awaiting_job', task_id = '', transfer_info = {fresh} "
-        "WHERE direction = 'in' AND (state = 'done' OR (state = 'pending' AND task_id = '')) "
+        "WHERE direction = 'in' AND state != 'awaiting_job' "
         "AND job_id IN (SELECT id FROM jobs WHERE state = 'AWAITING_PARENTS')"
     )
 
