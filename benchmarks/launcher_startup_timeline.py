@@ -13,6 +13,12 @@ counts from). Several rounds per mode; the median per event is printed, with the
 
     .venv/bin/python benchmarks/launcher_startup_timeline.py [--rounds 5] [--serial-jobs 500] [--mpi-jobs 100]
         [--importtime]   # also print the launcher's slowest imports (python -X importtime), one round
+        [--end-to-end]   # through the real site agent and local scheduler, as launcher_throughput's
+                         # --end-to-end: times from the batch script's process start
+
+End to end on the 2-CPU VM shared with other work (5 December 2026, 23:1x UTC, 3 rounds, mpi): first
+RUNNING 0.398 s after the batch script started, the launcher's CPU 0.198 s by then; its imports up to
+``run_launcher`` 0.165 s of wall for 0.083 s of CPU (the rest waiting for a CPU).
 """
 
 from __future__ import annotations
@@ -191,6 +197,66 @@ def one_round(site: Path, mode: str, tag: str, tracer: Path, out: Path, importti
     return [(w, t - t0, th, cpu) for w, t, th, cpu in events], first - t0, getattr(launcher, "console_path", "")
 
 
+def one_round_end_to_end(root: Path, mode: str, count: int, round_index: int, tracer: Path) -> tuple[list, float]:
+    """One round through the real site agent (``launcher_throughput.py --end-to-end``'s set-up: a
+    site made by ``init_site``, the agent with the local scheduler, a BatchJob created through the
+    API), its job template's launcher line replaced by the tracer. Times are from the batch
+    script's process start (the launcher execs from it), as ``launcher_throughput`` counts them."""
+    import threading
+
+    from launcher_throughput import _launcher_start, noop_app
+
+    from balsam.api import BatchJob, EventLog, Job
+    from balsam.client import load_client
+    from balsam.site.site_ops import init_site, start_agent, stop_agent
+
+    client = load_client()
+    name = f"e2e-{mode}-{round_index}"
+    site_path = root / name
+    site_id = init_site(site_path, name, "default", client, settings_overrides={
+        "scheduler": {"sync_period": 1}, "launcher": {"idle_ttl_sec": 2, "delay_sec": 1},
+        "processing": {"num_workers": 1}})
+    out = root / f"timeline-{name}.jsonl"
+    template = site_path / "job-template.sh"
+    text = template.read_text()
+    if "exec {{ launcher_cmd }}" not in text:
+        raise SystemExit(f"{template}: no 'exec {{{{ launcher_cmd }}}}' line to trace")
+    template.write_text(text.replace("exec {{ launcher_cmd }}",
+                                     f"export BALSAM_TIMELINE_OUT={out}\nexec {sys.executable} {tracer}"))
+    tag = f"e2e-{mode}-{round_index}"
+    make_jobs(noop_app(name, "true"), count, tag, site_path / "data", node_packing_count=len(os.sched_getaffinity(0)))
+    start_agent(site_path)
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_launcher_start, args=(site_path / "log", mode, seen, stop), daemon=True)
+    watcher.start()
+    try:
+        batch_job = BatchJob.objects.create(site_id=site_id, project="local", queue="local", num_nodes=1,
+                                            wall_time_min=10, job_mode=mode, filter_tags={"bench": tag})
+        deadline = time.time() + 120
+        first = float("nan")
+        while time.time() < deadline:
+            running = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING"))
+            if running and "start" in seen:
+                first = min(_ts(e.timestamp) for e in running)
+                break
+            time.sleep(0.1)
+        while time.time() < deadline and Job.objects.filter(tags={"bench": tag}, state={"JOB_FINISHED", "FAILED"}).count() < count:
+            time.sleep(0.25)
+        client.put(f"/batch-jobs/{batch_job.id}", json={"state": "pending_deletion"})
+    finally:
+        stop.set()
+        stop_agent(site_path, timeout=30, force=True)
+    start = seen.get("start", float("nan"))
+    nan = float("nan")
+    events = [("batch script process start", start, "bench", nan)]
+    for line in out.read_text().splitlines() if out.exists() else []:
+        what, when, thread, cpu = json.loads(line)
+        events.append((what, when, thread, cpu))
+    events.append(("first RUNNING (event timestamp)", first, "server", nan))
+    return [(w, t - start, th, cpu) for w, t, th, cpu in events], first - start
+
+
 def start_launcher_traced(site: Path, mode: str, tracer: Path, tag: str, env: dict, importtime: bool):
     import subprocess
 
@@ -234,6 +300,8 @@ def main() -> int:
     parser.add_argument("--mpi-jobs", type=int, default=100)
     parser.add_argument("--importtime", action="store_true")
     parser.add_argument("--modes", default="serial,mpi")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="through the real site agent and local scheduler (times from the batch script's start)")
     args = parser.parse_args()
 
     compiled = compile_bytecode()  # as installed: a launcher is not timed compiling its sources
@@ -247,13 +315,19 @@ def main() -> int:
         tracer.write_text(TRACER)
         ncpu = len(os.sched_getaffinity(0))
         print(f"launcher start-up timeline ({ncpu} CPUs, load average {os.getloadavg()[0]:.1f}); "
-              f"wall: seconds from just before BatchJob create; launcher CPU: the process's CPU seconds (all threads) so far; median of {args.rounds} rounds")
+              f"wall: seconds from {'the batch script process start (end to end)' if args.end_to_end else 'just before BatchJob create'}; launcher CPU: the process's CPU seconds (all threads) so far; median of {args.rounds} rounds")
         for mode in args.modes.split(","):
             count = args.serial_jobs if mode == "serial" else args.mpi_jobs
             per_event: dict[tuple[str, str], list[tuple[float, float]]] = {}
             firsts = []
             console = ""
-            for i in range(args.rounds + (1 if args.importtime else 0)):
+            for i in range(args.rounds + (1 if args.importtime and not args.end_to_end else 0)):
+                if args.end_to_end:
+                    events, first = one_round_end_to_end(root, mode, count, i, tracer)
+                    firsts.append(first)
+                    for what, t, thread, cpu in events:
+                        per_event.setdefault((what, thread), []).append((t, cpu))
+                    continue
                 tag = f"{mode}-{i}"
                 make_jobs(Noop, count, tag, site / "data", node_packing_count=ncpu)
                 extra = i == args.rounds  # the -X importtime round: slower, not in the medians

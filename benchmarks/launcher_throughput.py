@@ -187,6 +187,43 @@ def launcher_cpu_split(pid: int) -> Optional[dict[str, float]]:
             "tasks": sum(t.children_user + t.children_system for t in spawners)}
 
 
+def launcher_start_up(log_dir: Path, mode: str) -> str:
+    """The launcher's own account of its start-up, from its newest log of this mode: "0.392 s after
+    this process started, with 0.198 s of CPU spent by this process, 51 % of that time (by thread:
+    ...)" (logged at its first job start), or ''."""
+    marker = "first job started "
+    for path in sorted(log_dir.glob(f"{mode}_mode_*.log"), key=lambda p: p.stat().st_mtime, reverse=True):
+        for line in path.read_text(errors="replace").splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].rstrip()
+    return ""
+
+
+def steady_state(runs: dict[int, float], exits: dict[int, float], slots: int, limit: float, limit_threads: int) -> str:
+    """Where the time after the first start went: from the first RUNNING to the last exit, the share
+    of it with every slot busy (``slots``: the jobs one node runs at a time) and a job's mean run
+    (RUNNING -> RUN_DONE, both the task's own times) beside a process of the limit's
+    (``limit_threads / limit``). Idle slots are the launcher's doing (nothing started when a slot
+    freed); runs longer than the limit's are the node's (the tasks share the CPUs with the launcher,
+    the server and whatever else runs)."""
+    both = [job for job in runs if job in exits]
+    if not both or not limit:
+        return "steady state: no job seen both RUNNING and ended"
+    events = sorted([(runs[j], 1) for j in both] + [(exits[j], -1) for j in both])
+    first, last = events[0][0], events[-1][0]
+    busy, running, prev = 0.0, 0, first
+    for when, step in events:
+        if running >= slots:
+            busy += when - prev
+        running += step
+        prev = when
+    span = last - first
+    mean_run = sum(exits[j] - runs[j] for j in both) / len(both)
+    return (f"steady state: first RUNNING -> last RUN_DONE {span:.2f} s, every one of the {slots} slots busy "
+            f"{100 * busy / span if span > 0 else 0:.0f} % of it; a job's run (RUNNING -> RUN_DONE) {1e3 * mean_run:.1f} ms "
+            f"on average, a process of the limit {1e3 * limit_threads / limit:.1f} ms ({limit_threads} at a time)")
+
+
 def launcher_threads_cpu(log_dir: Path, mode: str) -> str:
     """The launcher's own account of its CPU by thread, from the last line of its newest log of
     this mode ("MainThread 0.67 s, prefetch 0.22 s, ..."), or ''."""
@@ -255,9 +292,11 @@ def run_mode(site: Path, mode: str, tag: str, ids: list[int], processing: bool, 
     result_errors = [f"job {e.job_id}: {e.data}" for e in failed[:3]]
     running = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING"))
     first_running = min(_ts(e.timestamp) for e in running) - t0 if running else float("nan")
+    run_done = list(EventLog.objects.filter(tags={"bench": tag}, to_state="RUN_DONE"))
     result = {"mode": mode, "jobs": len(ids), "first_running_s": first_running, "processing_error": getattr(proc, "error", ""),
               "figures": [], "cpu": [b - a for a, b in zip(cpu0, cpu1)], "cpu_split": split, "threads": threads,
-              "errors": (len(failed), result_errors),
+              "errors": (len(failed), result_errors), "start_up": launcher_start_up(site / "log", mode),
+              "runs": {e.job_id: _ts(e.timestamp) for e in running}, "exits": {e.job_id: _ts(e.timestamp) for e in run_done},
               "idle": (ticks1[1] - ticks0[1]) / (ticks1[0] - ticks0[0]) if ticks1[0] > ticks0[0] else float("nan")}
     for state in ("RUN_DONE", "JOB_FINISHED") if end_state == "JOB_FINISHED" else ("RUN_DONE",):
         ended = list(EventLog.objects.filter(tags={"bench": tag}, to_state=state))
@@ -348,9 +387,11 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
         # The server's and the agent's CPU from the BatchJob's creation to the last job seen done
         # (the agent: its modules' polling, the scheduler module's submit, the processing module).
         result["cpu"] = (_cpu(server_pid) - cpu_before[0], _cpu(agent_pid) - cpu_before[1])
-        running = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING")]
+        runs = {e.job_id: _ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING")}
+        exits = {e.job_id: _ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUN_DONE")}
+        running = list(runs.values())
         finished = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="JOB_FINISHED")]
-        run_done = [_ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUN_DONE")]
+        run_done = list(exits.values())
         start = seen.get("start", float("nan"))
         result.update(
             polling_delay=start - created,
@@ -360,7 +401,14 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
             run_done=len(run_done),
             to_last_run_done=(max(run_done) - start) if run_done else float("nan"),
             total=(max(finished) - created) if finished else float("nan"),
+            runs=runs, exits=exits,
         )
+        # The launcher's log is buffered (logging.buffer_num_records) until it exits: idle_ttl_sec
+        # after its last job.
+        note_deadline = time.time() + 15
+        while not result.get("start_up") and time.time() < note_deadline:
+            result["start_up"] = launcher_start_up(site_path / "log", mode)
+            time.sleep(0.25)
         client.put(f"/batch-jobs/{batch_job.id}", json={"state": "pending_deletion"})
     finally:
         stop.set()
@@ -414,11 +462,36 @@ def bench_site(dep: LocalDeployment, command: str, postprocess_in_launcher: bool
     return site, noop_app("bench", command)
 
 
+def plugin_package_dirs() -> list[str]:
+    """The directories of the installed plugins' top-level packages (those of every entry point
+    in a ``balsam*`` group): a launcher imports some of them as it starts (the plugins' hook
+    modules, with the plugin manager)."""
+    import importlib.metadata
+    import importlib.util
+
+    dirs = set()
+    for ep in (ep for dist in importlib.metadata.distributions() for ep in dist.entry_points):
+        if not ep.group.startswith("balsam"):
+            continue
+        top = ep.value.split(":", 1)[0].split(".", 1)[0].strip()
+        if top == "balsam" or not top:
+            continue
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            continue
+        for location in (spec.submodule_search_locations or []) if spec is not None else []:
+            dirs.add(location)
+    return sorted(dirs)
+
+
 def compile_bytecode() -> int:
-    """Write the balsam package's bytecode ahead, as an installed package has it (``pip install``
-    compiles it), so that a launcher's start is not measured compiling its own sources: a source
-    checkout under ``PYTHONDONTWRITEBYTECODE=1`` (set on some machines) never caches them, and each
-    launcher then spends 0.05-0.1 s compiling. Returns how many source files were (re)compiled."""
+    """Write the bytecode of the balsam package and of the installed plugins' packages ahead, as
+    an installed package has it (``pip install`` compiles it), so that a launcher's start is not
+    measured compiling its own sources: a source checkout under ``PYTHONDONTWRITEBYTECODE=1`` (set
+    on some machines, this VM included) never caches them, and each launcher then spends 0.05-0.1 s
+    compiling (a few ms for the plugins' hook modules, which the plugin manager imports at every
+    start). Returns how many source files were (re)compiled."""
     import compileall
     import io
     from contextlib import redirect_stdout
@@ -426,7 +499,7 @@ def compile_bytecode() -> int:
     import balsam
 
     with redirect_stdout(io.StringIO()) as out:
-        for path in balsam.__path__:
+        for path in [*balsam.__path__, *plugin_package_dirs()]:
             compileall.compile_dir(path, quiet=0)
     compiled = sum(1 for line in out.getvalue().splitlines() if line.startswith("Compiling "))
     return compiled
@@ -532,6 +605,9 @@ def main() -> int:
                       f"{r['polling_delay']:.2f} s")
                 print(f"  {r['mode']:6s} launcher start -> first RUNNING {r['first_running']:.3f} s; "
                       + start_up_bound(r["jobs"], r["first_running"], limit))
+                print(f"  {r['mode']:6s} the launcher's log: first job started {r.get('start_up') or '(line not found)'}")
+                print(f"  {r['mode']:6s} " + steady_state(r["runs"], r["exits"], ncpu, limit,
+                                                         4 if r["mode"] == "serial" else ncpu))
                 print(f"  {r['mode']:6s} {r['finished']:5d}/{r['jobs']} jobs, launcher start -> last JOB_FINISHED "
                       f"{r['to_last']:.2f} s: {rate:8.1f} jobs/s = {rate / limit:.0%} of the limit "
                       f"(BatchJob created -> last JOB_FINISHED {r['total']:.2f} s)")
@@ -577,6 +653,9 @@ def main() -> int:
                       f"({elapsed:.2f} s from launcher start to the last {state}) = {rate / limit:.0%} of the limit")
             print(f"  {r['mode']:6s} first RUNNING {r['first_running_s']:.3f} s after launcher start; "
                   + start_up_bound(r["jobs"], r["first_running_s"], limit))
+            if r["start_up"]:
+                print(f"  {r['mode']:6s} the launcher's log: first job started {r['start_up']}")
+            print(f"  {r['mode']:6s} " + steady_state(r["runs"], r["exits"], ncpu, limit, 4 if r["mode"] == "serial" else ncpu))
             print(f"  {r['mode']:6s} CPUs idle {100 * r['idle']:.0f} % of the time from launcher start until this "
                   "script saw the last job done (/proc/stat; it looks every 0.25 s)")
             server, launcher, here = r["cpu"]
