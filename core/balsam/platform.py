@@ -433,21 +433,27 @@ def cpu_ids_errors(text: str) -> dict[str, str]:
     return {}
 
 
-def cpu_ids_beyond_cores_errors(text: str, cores: int) -> dict[str, str]:
+def cpu_ids_beyond_cores_errors(text: str, cores: int, threads_per_core: int = 2) -> dict[str, str]:
     """``{"cpu_ids": why}`` when a ``cpu_ids`` option of core ids (``Platform.cpu_ids_are_cores``)
-    names ids from ``cores`` on: those are the second hardware threads of cores ``0 ...`` (the
+    names ids from ``cores`` on: those are the other hardware threads of cores ``0 ...`` (the
     node's logical CPUs, as ``lscpu`` lists them, are the easy mistake). Counted as cores, each
-    physical core was handed to two jobs, and the binding at ``threads_per_core=2`` named CPUs the
-    node does not have. ``{}`` when ``cores`` is not known (0) or the text does not parse (see
-    :func:`cpu_ids_errors`)."""
+    physical core was handed to several jobs, and the binding at ``threads_per_core`` 2 or more
+    named CPUs the node does not have. ``threads_per_core``: the node's hardware threads per core
+    (2 on most nodes, 4 on a Xeon Phi). ``{}`` when ``cores`` is not known (0) or the text does not
+    parse (see :func:`cpu_ids_errors`)."""
     try:
         threads = [i for i in parse_id_ranges(text) if i >= cores > 0]
     except ValueError:
         return {}
     if not threads:
         return {}
-    return {"cpu_ids": f"{format_id_ranges(threads)} are hardware threads, not cores: the ids are cores 0-{cores - 1} "
-                       f"(balsam adds core c's second hardware thread, c + {cores}, itself at threads_per_core=2)"}
+    if threads_per_core <= 2:
+        added = f"core c's second hardware thread, c + {cores}, itself at threads_per_core=2"
+    else:
+        siblings = ", ".join(f"c + {cores * t}" for t in range(1, threads_per_core))
+        added = f"core c's other hardware threads, {siblings}, itself by the job's threads_per_core"
+    return {"cpu_ids": f"{format_id_ranges(threads)} are hardware threads, not cores: the ids are cores "
+                       f"0-{cores - 1} (balsam adds {added})"}
 
 
 def hosts_from_node_file(env: Mapping[str, str], variable: str, *, inside: str) -> list[str]:

@@ -92,8 +92,8 @@ def test_no_directive_without_its_value(name: str, tmp_path: Path) -> None:
      "64-255 are hardware threads, not cores: the ids are cores 0-63 (balsam adds core c's other hardware "
      "threads, c + 64, c + 128, c + 192, itself by the job's threads_per_core)"),
     (ThetaGPUOptions, ThetaGPUPlatform, "0-255",
-     "128-255 are hardware threads, not cores: the ids are cores 0-127 (balsam adds core c's other hardware "
-     "threads, c + 128, itself by the job's threads_per_core)"),
+     "128-255 are hardware threads, not cores: the ids are cores 0-127 (balsam adds core c's second hardware "
+     "thread, c + 128, itself at threads_per_core=2)"),  # Polaris' and Perlmutter's words: one helper
 ])
 def test_logical_cpus_as_cpu_ids_are_refused(options_class, platform_class, logical: str, message: str) -> None:
     assert options_class(cpu_ids=logical).validate() == {"cpu_ids": message}

@@ -28,8 +28,8 @@ import attrs
 from balsam.options import OptionsError, option
 from balsam.platform import (
     OPENMPI_RESERVED_OPTIONS,
-    LaunchSpec, NodeInfo, Platform, capped_threads_per_core, cpu_ids_errors, cuda_visible_only, file_mtime,
-    first_launch_param, format_id_ranges, hardware_thread_ids, hosts_from_node_file, launch_option_name,
+    LaunchSpec, NodeInfo, Platform, capped_threads_per_core, cpu_ids_beyond_cores_errors, cpu_ids_errors,
+    cuda_visible_only, file_mtime, first_launch_param, hardware_thread_ids, hosts_from_node_file, launch_option_name,
     launch_param_args, launch_params_to_pass, leading_job_number, nvidia_smi_list, parse_id_ranges,
     parse_nvidia_smi_list, read_fresh_gpu_list,
 )
@@ -91,16 +91,7 @@ def core_ids_errors(text: str, cores: int, threads_per_core: int) -> dict[str, s
     several jobs at once and the pinning of a job at threads_per_core 2 or more named CPUs the node
     does not have (core "69" -> 69, 133, 197, 261 on a KNL). ``{}`` when none (or the text does not
     parse: :func:`cpu_ids_errors` says why)."""
-    try:
-        threads = [i for i in parse_id_ranges(text) if i >= cores]
-    except ValueError:
-        return {}
-    if not threads:
-        return {}
-    siblings = ", ".join(f"c + {cores * t}" for t in range(1, threads_per_core))
-    return {"cpu_ids": f"{format_id_ranges(threads)} are hardware threads, not cores: the ids are cores 0-{cores - 1} "
-                       f"(balsam adds core c's other hardware threads, {siblings}, itself by the job's "
-                       f"threads_per_core)"}
+    return cpu_ids_beyond_cores_errors(text, cores, threads_per_core)
 
 
 def _check_core_ids(text: str, cores: int, threads_per_core: int) -> None:
