@@ -84,6 +84,10 @@ class FakeGlobus:
             raise fault
         return [{"code": "PERMISSION_DENIED", "description": "denied", "details": ""}]
 
+    def operation_ls(self, collection: str, path: str, **kwargs: Any) -> dict:
+        self.calls.append(("ls", collection))
+        return {"DATA_TYPE": "file_list", "path": path, "absolute_path": "/home/me/", "DATA": []}
+
     def cancel_task(self, task_id: str) -> dict:
         self.calls.append(("cancel", task_id))
         self.docs[task_id].update(status="FAILED", fatal_error={"code": "CANCELED", "description": "canceled"})

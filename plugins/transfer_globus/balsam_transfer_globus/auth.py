@@ -61,8 +61,14 @@ def login_command(collections: Iterable[str] = (), tokens_file: Optional[str | o
 
 
 def transfer_scope(collections: Iterable[str]) -> Scope:
-    """Transfer's scope with a data_access dependency for each collection."""
-    deps = tuple(GCSCollectionScopes(c).data_access for c in dict.fromkeys(collections))
+    """Transfer's scope with an optional data_access dependency for each collection
+    (``all[*https://auth.globus.org/scopes/<id>/data_access]``): the form Globus Transfer's
+    ConsentRequired asks for. Optional, as only a GCS v5 mapped collection (not high-assurance)
+    uses data_access: a guest collection, Globus Connect Personal or a GCS v4 endpoint named with
+    ``-e`` (or in settings.yml) has none to consent to, and should not then fail the login (not
+    tried against such collections: no offline test can show what Globus Auth answers)."""
+    deps = tuple(Scope(GCSCollectionScopes(c).data_access.scope_string, optional=True)
+                 for c in dict.fromkeys(collections))
     return Scope(TransferScopes.all.scope_string, dependencies=deps)
 
 

@@ -13,7 +13,10 @@
   short a task that waited its turn (the agent's own deadline counts from the task's start).
 - ``poll``: one ``task_list`` call filtered on all in-flight task ids; a succeeded task with skipped
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
-  (a file inside a directory item is named by its own path; the agent files it under that item).
+  (a file inside a directory item is named by its own path; the agent files it under that item;
+  a home-directory path Globus reports resolved is named as submitted, see :func:`_skipped_keys`,
+  the home read as for a failed task's delivered files; a path several items write names each; one
+  that may be a home item's while that home cannot be read fails a try of every item of the task).
   A task whose outcome needs such calls (also a failed task's delivered files and last event) and
   whose calls fail is reported ``active`` with the reason that poll, read again at the next; the
   poll's other tasks settle. A finished task's status, once read, is remembered (while its document
@@ -34,10 +37,13 @@
   it copied, not whether the directory is complete), as does a file skipped because it was already
   in sync (not listed either: its retry is a quick no-op). A task none of whose files arrived, or
   submitted by an earlier agent process (its file list is not known), is ``failed`` as a whole.
-  Both sides are compared normalized (``~/`` as ``/~/``; a ``/~/`` destination, as submitted or made
-  by ``endpoint_site_path``, also matches the path Globus reports once it resolved that home); a
-  task that delivered files none of which matches logs one warning. A task's files are remembered
-  until no poll has named it for FORGET_AFTER_POLLS polls and FORGET_AFTER_SEC.
+  Both sides are compared normalized (``~/`` as ``/~/``, ``.`` and ``..`` collapsed as Globus reports
+  them; a ``/~/`` destination, as submitted or made by ``endpoint_site_path``, also matches the
+  path Globus reports once it resolved that home: the collection's home directory is read from
+  Globus, one ``operation_ls`` of ``/~/`` per collection for the backend's life (see
+  GlobusTransfer._home), never guessed from the reported paths; a path two items write delivers
+  neither); a task that delivered files none of which matches logs one warning. A task's files are remembered until no poll has named it
+  for FORGET_AFTER_POLLS polls and FORGET_AFTER_SEC.
 - A task cancelled outside balsam (by its owner, e.g. in the Globus web app: ``fatal_error``
   ``CANCELED`` without balsam having asked for it; or by a collection's administrator:
   ``canceled_by_admin``) is not retried: someone meant it to stop. The files it delivered are done
@@ -72,8 +78,16 @@
 - Logging in again while the agent runs: after a credentials or consent error the client is dropped,
   and the next call builds one from the tokens file; a tokens file whose refresh token changed (a
   new ``globus-login``) replaces the client at the next call too. Refreshed access tokens are written
-  back (0600, one rename) only while the file still holds the refresh token the agent uses: a newer
-  login in the file is never overwritten.
+  back (0600, one rename) only while the file still holds the refresh token the agent last wrote or
+  read there: a newer login in the file is never overwritten; one that cannot be written (a full or
+  read-only file system) is used from memory, with a warning, rather than failing the request it was
+  for, and written (a rotated refresh token with it) at the next refresh that can be. A refresh
+  token Globus Auth refused (HTTP 400/401 ``invalid_grant``, ``invalid_client`` or
+  ``unauthorized_client``: revoked, expired) is not sent again while the tokens file is unchanged,
+  for at most LOGIN_REFUSED_RECHECK_SEC: the same error is answered without a call (it was a
+  refused refresh per call, all night). Another 4xx (a proxy's page) is not remembered. A refusal is
+  that of the login whose request it was: one of a login replaced meanwhile (a request that took its
+  client before a new ``globus-login`` was picked up) neither locks out nor drops the new one.
 - Task status: an ``ACTIVE`` task that Globus reports as not progressing (a fault it keeps retrying,
   e.g. ``PERMISSION_DENIED``) or paused (``is_paused``, e.g. by an administrator) carries that as its
   ``reason`` (shown on its items, logged once by the agent: the reason holds no counter, the
@@ -95,9 +109,8 @@ import re
 import threading
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attrs
 import globus_sdk
@@ -140,6 +153,17 @@ TASK_LIST_LIMIT = 1000
 #: inside the agent's cycle; 10 retries already hold one request about a minute, and a cycle makes
 #: several. Past that, the next cycle trying again is the better retry.
 MAX_HTTP_RETRIES = 10
+#: The OAuth errors (RFC 6749 5.2) of Globus Auth's answer to a refresh that refuse the login itself:
+#: the refresh token is revoked or expired, or the client is unknown or may not use it.
+LOGIN_REFUSED_ERRORS = ("invalid_grant", "invalid_client", "unauthorized_client")
+#: A refused login is answered without a call for at most this long while the tokens file is
+#: unchanged (a new login replaces the file at once): Globus Auth is then asked again, in case it
+#: refused by mistake (an outage answering 400) or the login was restored.
+LOGIN_REFUSED_RECHECK_SEC = 900.0
+#: The most collections whose home directory (one ``operation_ls`` each) the backend remembers.
+HOME_CACHE_SIZE = 256
+#: A home directory that could not be read is asked again after this long, not once per task per poll.
+HOME_RECHECK_SEC = 300.0
 #: fatal_error code of a cancelled task.
 CANCELED = "CANCELED"
 #: After an agent restart, a cancelled task that ran at least task_timeout_sec minus this after its
@@ -375,6 +399,20 @@ def _classify(exc: BaseException, collections: Sequence[str], tokens_file: Optio
     return TransferError(f"globus: {type(exc).__name__}: {one_line(exc)}", retryable=True), False
 
 
+def _login_refused(exc: BaseException) -> bool:
+    """Whether Globus Auth refused the login itself: a 400 or 401 answer to the refresh of the access
+    token whose OAuth ``error`` is LOGIN_REFUSED_ERRORS (a revoked or expired refresh token, an
+    unknown client). Any other 4xx (a proxy's 403 or 407 page, a 408, a 404 during maintenance) says
+    nothing of the login: taken for a refusal, it locked the agent out of Globus until the tokens
+    file changed, though the next call would have worked. Nor an outage (5xx, 429) or a Transfer
+    refusal (a consent, a session: other collections may work)."""
+    if not isinstance(exc, globus_sdk.AuthAPIError) or exc.http_status not in (400, 401):
+        return False
+    body = exc.raw_json if isinstance(exc.raw_json, dict) else {}
+    # OAuth errors carry their name in the body's "error" (globus-sdk leaves ``code`` None for them).
+    return str(body.get("error") or exc.code or "") in LOGIN_REFUSED_ERRORS and _authorization_parameters(exc) is None
+
+
 def _retry_after(exc: BaseException, now: Optional[dt.datetime] = None) -> Optional[float]:
     """The seconds a response's ``Retry-After`` header asks to wait (seconds or an HTTP date), at
     most MAX_RETRY_AFTER_SEC; None when there is none, or it is unreadable or past."""
@@ -422,9 +460,31 @@ class _Login:
     refresh_token: str
     #: The file as it was when last read or written by this backend.
     stamp: Optional[tuple[int, int, int]]
+    #: The refresh token last known to be in the file (read, or written by this backend): it differs
+    #: from ``refresh_token`` while a rotated one could not be saved (a full file system). Whether
+    #: the file still holds this login is judged by it: by ``refresh_token``, the file read as a
+    #: newer login after one failed save, and the rotated token was never saved afterwards.
+    saved_refresh_token: str = ""
     #: Which login this is, in this process (see _login_id): not derived from the refresh token,
     #: which Globus may rotate on any access-token refresh (the same login all the same).
     serial: int = 0
+
+
+class _LoginAuthorizer(globus_sdk.RefreshTokenAuthorizer):
+    """A RefreshTokenAuthorizer whose failed refresh names its login (``balsam_login`` on the error):
+    a request may fail after another thread built a client from a newer login, and the refusal is
+    the request's login's, not the current one's (see GlobusTransfer._error)."""
+
+    def __init__(self, login: "_Login", *args: Any, **kwargs: Any) -> None:
+        self.balsam_login = login
+        super().__init__(*args, **kwargs)
+
+    def _get_token_response(self) -> globus_sdk.OAuthRefreshTokenResponse:
+        try:
+            return super()._get_token_response()
+        except globus_sdk.GlobusAPIError as exc:
+            exc.balsam_login = self.balsam_login  # type: ignore[attr-defined]
+            raise
 
 
 #: Serials of the logins of this process's clients.
@@ -446,60 +506,144 @@ def _is_uuid(text: Any) -> bool:
 
 
 def _norm(path: str) -> str:
-    """A collection path without repeated or trailing slashes, ``~/...`` written ``/~/...`` (how it
-    is compared: Globus takes both for the home directory)."""
+    """A collection path without repeated or trailing slashes, ``.`` or ``..`` (Globus reports
+    ``/proj/run/../x`` as ``/proj/x``: compared as written, it matched no item), ``~/...`` written
+    ``/~/...`` (how it is compared: Globus takes both for the home directory). A home path is
+    normalized after ``/~`` only: ``/~/../group/x`` climbs out of the home (``/home/group/x`` for
+    a home of ``/home/me``), which normpath of the whole path made ``/group/x``, another path."""
     text = str(path)
     if text == "~" or text.startswith("~/"):
         text = "/" + text
-    return re.sub("/+", "/", text).rstrip("/") or "/"
+    if not text:
+        return "/"
+    if _is_home(text):
+        rest = posixpath.normpath(text[len("/~/"):] or ".").lstrip("/")
+        return "/~" if rest in ("", ".") else f"/~/{rest}"
+    # normpath also drops repeated and trailing slashes, but keeps a leading "//" (POSIX).
+    text = posixpath.normpath(text)
+    return "/" + text.lstrip("/") if text.startswith("//") else text
 
 
-def _home_part(path: str) -> Optional[str]:
-    """The part of a normalized path after ``/~/`` (its home directory), else None."""
-    return path[len("/~/"):] if path.startswith("/~/") and len(path) > len("/~/") else None
+def _is_home(path: str) -> bool:
+    """Whether a collection path (``~/`` written ``/~/``) is in the home directory (``/~`` itself too)."""
+    return path == "/~" or path.startswith("/~/")
 
 
-def _delivered(sent: Sequence[tuple[str, str, bool]], arrived: set[str]) -> set[str]:
-    """The submitted destinations (normalized) among the delivered ones (``arrived``, normalized):
-    the same path, or for a path in the home directory (``/~/...``, as submitted or as
-    ``endpoint_site_path`` made it) the path Globus reports once it resolved that home
-    (``/home/me/...``): ``<home>/<the part after /~/>``, with one home for the whole task.
+def _resolved(dest: str, home: str) -> str:
+    """A normalized home path (``/~/...``) as Globus reports it once it resolved the home directory
+    to ``home`` (absolute): ``home`` joined with the part after ``/~``, the whole normalized (a
+    ``..`` climbing out of the home climbs out of ``home``); ``/~`` itself is ``home``."""
+    return _norm(f"{home.rstrip('/')}/{dest[len('/~/'):]}")
 
-    The home is the prefix that makes the most of the task's home paths match a delivered path
-    exactly (a suffix at a path boundary); it must be the only one that does: when two prefixes
-    match as many (``/~/a/x`` and ``/~/b/a/x`` sent, ``/home/me/b/a/x`` delivered: is the home
-    ``/home/me`` or ``/home/me/b``?) no home path counts as delivered (a try of each, not a job run
-    without its input). Linear in the sent and delivered paths (times a path's depth)."""
-    found = {dest for dest, _, _ in sent if dest in arrived}
-    #: {the part after /~/: its destinations}, of the destinations not found as they are.
-    by_rest: dict[str, list[str]] = defaultdict(list)
-    for dest, _, _ in sent:
-        rest = _home_part(dest)
-        if dest not in found and rest is not None:
-            by_rest[rest].append(dest)
-    if not by_rest:
+
+def _parts(path: str) -> list[str]:
+    """A normalized path's components, ``/`` being a prefix of every absolute path's ([""])."""
+    return [""] if path == "/" else path.split("/")
+
+
+class _Items:
+    """A task's submitted items by every path Globus may report them at (the one helper of
+    _delivered and _skipped_keys): the destination as submitted (normalized) and, for a home path
+    (``/~/...``), the same resolved with ``home`` (the collection's home directory, read from
+    Globus: see GlobusTransfer._home; None when it could not be). A directory item holds every path
+    under it too (by whole components: ``/a/bc`` is not under ``/a/b``; everything absolute is under
+    ``/``). Built in the items' components, each reported path then costs its own depth."""
+
+    def __init__(self, sent: Sequence[tuple[str, str, bool]], home: Optional[str]) -> None:
+        self.sent = sent
+        #: Whether a reported path can be told from a home item's resolved one: not while the task
+        #: has home items whose home is unknown (any absolute path may be one of them).
+        self.certain = home is not None or not any(_is_home(dest) for dest, _, _ in sent)
+        #: {component: node}; a node's None: [(item index, the spelling ending there)].
+        self.trie: dict = {}
+        for i, (dest, _, _) in enumerate(sent):
+            spellings = [dest]
+            if home is not None and _is_home(dest):
+                spellings.append(_resolved(dest, home))
+            for spelling in dict.fromkeys(spellings):
+                node = self.trie
+                for part in _parts(spelling):
+                    node = node.setdefault(part, {})
+                node.setdefault(None, []).append((i, spelling))
+
+    def holders(self, path: str) -> dict[int, str]:
+        """{item index: its spelling} of each item a reported (normalized) path is, or is under (a
+        directory item): several when several items write that path (none is told apart)."""
+        found: dict[int, str] = {}
+        parts = _parts(path)
+        node = self.trie
+        for depth, part in enumerate(parts, 1):
+            node = node.get(part)
+            if node is None:
+                break
+            for i, spelling in node.get(None, ()):
+                if depth == len(parts) or self.sent[i][2]:
+                    found.setdefault(i, spelling)
         return found
-    #: {home prefix: how many of the home paths it makes match a delivered path}
-    votes: dict[str, int] = defaultdict(int)
+
+    def certain_of(self, path: str) -> bool:
+        """Whether the items holding ``path`` are all of them (see ``certain``): a path reported
+        in home form (``/~/...``) is no other item's."""
+        return self.certain or _is_home(path)
+
+
+def _needs_home(sent: Sequence[tuple[str, str, bool]], paths: Iterable[str]) -> bool:
+    """Whether telling the items of reported (normalized) paths needs the collection's home: the
+    task has home items and Globus reported a path otherwise than in home form."""
+    return any(_is_home(dest) for dest, _, _ in sent) and any(not _is_home(path) for path in paths)
+
+
+def _delivered(sent: Sequence[tuple[str, str, bool]], arrived: Iterable[str], home: Optional[str] = None) -> set[str]:
+    """The submitted destinations (normalized) among the delivered ones (``arrived``, normalized),
+    each read by the one item it can be (see _Items): the same path, or for a home path
+    (``/~/...``) ``home`` + the rest. A path two items write (two spellings of one destination, a
+    file inside a directory item) delivers neither; a directory item counts as not delivered (its
+    listed files say nothing of the ones missing). ``home`` None (not resolved): a home item counts
+    only when Globus reported it in home form; nothing is guessed."""
+    items = _Items(sent, home)
+    found: set[str] = set()
     for path in arrived:
-        # Each suffix of the path starting after a "/": the home paths it may be.
-        cut = path.find("/")
-        while cut != -1:
-            rest = path[cut + 1:]
-            if rest in by_rest:
-                votes[path[:cut]] += len(by_rest[rest])
-            cut = path.find("/", cut + 1)
-    if not votes:
-        return found
-    best = max(votes.values())
-    homes = [home for home, count in votes.items() if count == best]
-    if len(homes) != 1:
-        logger.debug("globus: delivered paths fit %d home directories (%s): none counted delivered",
-                     len(homes), ", ".join(sorted(homes)[:3]))
-        return found
-    home = homes[0]
-    found.update(dest for rest, dests in by_rest.items() if f"{home}/{rest}" in arrived for dest in dests)
+        held = items.holders(path)
+        if len(held) == 1:
+            (i,) = held
+            if not sent[i][2]:
+                found.add(sent[i][0])
     return found
+
+
+def _skipped_keys(sent: Sequence[tuple[str, str, bool]], paths: Sequence[str],
+                  home: Optional[str] = None) -> dict[str, list[str]]:
+    """{a skipped file's destination as Globus reports it: the names the agent files its error
+    under} for the paths that are a submitted destination or inside a submitted directory (see
+    _Items; ``home``: the collection's home, resolved, or None): the item's ``dest``, or for a file
+    inside a directory item its own path under the item's ``dest``. A path several items write names
+    each of them. A path left out matches no item for sure: none, or one a home item whose home is
+    not known may be (the caller then fails a try of every item of the task: nothing is recorded
+    done on a guess)."""
+    items = _Items(sent, home)
+    found: dict[str, list[str]] = {}
+    for path in paths:
+        norm = _norm(path)
+        if not items.certain_of(norm):
+            continue
+        keys = []
+        for i, spelling in items.holders(norm).items():
+            key = sent[i][1]
+            keys.append(key if norm == spelling else key.rstrip("/") + norm[len(spelling.rstrip("/")):])
+        if keys:
+            found[path] = keys
+    return found
+
+
+def _absolute_home(absolute_path: Any, path: Any) -> Optional[str]:
+    """The home directory from a listing of ``/~/`` (normalized): its ``absolute_path`` (Globus
+    Transfer's file_list: the listed directory with ``~`` expanded), else its ``path`` when that is
+    absolute and not in home form; None when neither says (nothing is guessed)."""
+    for value in (absolute_path, path):
+        if (isinstance(value, str) and value.startswith("/")
+                and not any(part.startswith("~") for part in value.split("/"))):
+            return _norm(value)
+    return None
 
 
 def _counted(files: Sequence[TransferFile]) -> str:
@@ -553,6 +697,8 @@ class _Task:
     #: Which login this process submitted it with (_login_id; None: an injected client, or not
     #: submitted here). A 404 for it after a login with another identity is not "gone".
     login: Optional[int] = None
+    #: The collection it writes to (whose home directory its ``/~/`` destinations are in).
+    collection: Optional[str] = None
 
 
 class GlobusTransfer(TransferBackend):
@@ -573,6 +719,10 @@ class GlobusTransfer(TransferBackend):
         #: from the same login is the same login).
         self._last_login: Optional[_Login] = None
         self._lock = threading.Lock()
+        #: (the tokens file, its stamp, the error, when: self.clock()) of a login Globus Auth refused
+        #: (a revoked or expired refresh token): answered without a call until that file changes (a
+        #: new login), or for LOGIN_REFUSED_RECHECK_SEC.
+        self._refused: Optional[tuple[Path, Optional[tuple[int, int, int]], str, float]] = None
         #: Serializes writes of refreshed tokens (a refresh may run in any thread using the client).
         self._save_lock = threading.Lock()
         #: Collections of this site and its locations: the login command names them all (the agent
@@ -588,6 +738,9 @@ class GlobusTransfer(TransferBackend):
         self._polls = 0
         #: The clock of that age, in seconds (tests set their own).
         self.clock: Callable[[], float] = time.monotonic
+        #: {collection: (its home directory as Globus resolves /~/, or None: not readable; when read)}
+        #: (see _home): one operation_ls per collection for the backend's life, at most HOME_CACHE_SIZE.
+        self._homes: dict[str, tuple[Optional[str], float]] = {}
         if self.options.http_retries > MAX_HTTP_RETRIES:
             logger.warning("globus backend option http_retries (transfers.backend_options.globus.http_retries): %d is "
                            "more than %d; %d are made (each waits up to 10 s inside the agent's cycle, and the next "
@@ -617,7 +770,17 @@ class GlobusTransfer(TransferBackend):
             # The user is told to log in again: the next call must use what that login writes, not
             # this client's tokens (it would fail the same way until the agent restarts).
             with self._lock:
+                failed = getattr(exc, "balsam_login", None)
+                if failed is not None and self._login is not None and failed.serial != self._login.serial:
+                    # The refresh of an earlier login failed (a request that took its client before a
+                    # new `globus-login` was picked up): filed under the current login, it locked the
+                    # new one out, and dropped its client.
+                    return error
                 if self._login is not None:
+                    if _login_refused(exc):
+                        # Globus Auth refused the refresh token itself: asking again with the same
+                        # file is refused again (a poll and a submission per cycle, all night).
+                        self._refused = (self._login.path, self._login.stamp, str(error), self.clock())
                     self._client, self._login = None, None
         return error
 
@@ -626,6 +789,14 @@ class GlobusTransfer(TransferBackend):
             if self._client is not None and self._login is not None and self._relogged_in(self._login):
                 self._client, self._login = None, None
             if self._client is None:
+                refused = self._refused
+                if refused is not None:
+                    path, stamp, message, since = refused
+                    if (path == self.tokens_path() and _stamp(path) == stamp
+                            and self.clock() - since < LOGIN_REFUSED_RECHECK_SEC):
+                        # The file Globus Auth refused, unchanged: no new login yet.
+                        raise TransferError(message, retryable=True)
+                    self._refused = None
                 self._client, self._login = self._build_client()
             return self._client
 
@@ -639,7 +810,7 @@ class GlobusTransfer(TransferBackend):
             tokens = load_tokens(login.path)
         except ValueError:
             return False
-        if tokens is None or tokens.get("refresh_token") == login.refresh_token:
+        if tokens is None or tokens.get("refresh_token") in (login.refresh_token, login.saved_refresh_token):
             return False
         logger.info("globus: a new login in %s: using it", login.path)
         return True
@@ -653,13 +824,15 @@ class GlobusTransfer(TransferBackend):
             raise TransferError(f"{exc}: run `{self._command()}`", retryable=True) from None
         if tokens is None:
             raise TransferError(f"not logged in to Globus ({path} missing): run `{self._command()}`", retryable=True)
-        refresh_token = str(tokens["refresh_token"])
+        refresh_token = saved = str(tokens["refresh_token"])
         last = self._last_login  # (under self._lock, as the client)
-        if last is not None and last.path == path and last.refresh_token == refresh_token:
-            serial = last.serial  # the same login (its token as last rotated), built again
+        if last is not None and last.path == path and refresh_token in (last.refresh_token, last.saved_refresh_token):
+            # The same login built again: with its token as last rotated, which the file may not hold
+            # yet (its save failed): the file's would be the superseded one.
+            serial, refresh_token = last.serial, last.refresh_token
         else:
             serial = next(_LOGIN_SERIALS)
-        login = _Login(path=path, refresh_token=refresh_token, stamp=stamp, serial=serial)
+        login = _Login(path=path, refresh_token=refresh_token, stamp=stamp, serial=serial, saved_refresh_token=saved)
         self._last_login = login
 
         def on_refresh(response: globus_sdk.OAuthRefreshTokenResponse) -> None:
@@ -672,8 +845,8 @@ class GlobusTransfer(TransferBackend):
         # 10 s apart, inside the cycle).
         auth_client = globus_sdk.NativeAppAuthClient(tokens["client_id"], app_name="balsam",
                                                      retry_config=_retry_config(retries))
-        authorizer = globus_sdk.RefreshTokenAuthorizer(
-            login.refresh_token, auth_client,
+        authorizer = _LoginAuthorizer(
+            login, login.refresh_token, auth_client,
             access_token=tokens.get("access_token"), expires_at=tokens.get("expires_at_seconds"),
             on_refresh=on_refresh,
         )
@@ -685,17 +858,33 @@ class GlobusTransfer(TransferBackend):
         only while it holds the login this client uses: a `globus-login` run since wins (the next
         call builds a client from it)."""
         with self._save_lock:
-            used = login.refresh_token
-            login.refresh_token = str(fresh.get("refresh_token") or used)
+            login.refresh_token = str(fresh.get("refresh_token") or login.refresh_token)
             try:
                 current = load_tokens(login.path)
             except ValueError:
                 current = None
-            if current is None or current.get("refresh_token") != used:
+            # The file's refresh token against the one last saved there, not the one in use: after a
+            # save that failed they differ, and a rotated token would then never be saved again.
+            if current is None or current.get("refresh_token") != login.saved_refresh_token:
                 return  # a newer login, or none (removed: logged out): not the agent's to rewrite
-            save_tokens(login.path, {**current, "access_token": fresh["access_token"],
-                                     "refresh_token": login.refresh_token,
-                                     "expires_at_seconds": fresh.get("expires_at_seconds")})
+            try:
+                save_tokens(login.path, {**current, "access_token": fresh["access_token"],
+                                         "refresh_token": login.refresh_token,
+                                         "expires_at_seconds": fresh.get("expires_at_seconds")})
+            except OSError as exc:
+                # Raised here, it failed the request the refresh was for (a full or read-only file
+                # system, a quota), though the new token works: used from memory, and written with
+                # the next refresh that can be (the file is untouched: save_tokens replaces it in one
+                # rename). Until then the file holds the refresh token before any rotation, which
+                # Globus Auth may refuse: an agent restarted meanwhile may need a new login.
+                rotated = login.refresh_token != login.saved_refresh_token
+                logger.warning("globus: cannot write the refreshed access token%s to %s (%s: %s); using it from "
+                               "memory%s", " and its new refresh token" if rotated else "", login.path,
+                               type(exc).__name__, one_line(exc.strerror or exc),
+                               " (written at the next refresh that can be; an agent restarted before may need "
+                               "a new globus-login)" if rotated else "")
+                return
+            login.saved_refresh_token = login.refresh_token
             login.stamp = _stamp(login.path)
 
     # -- paths -------------------------------------------------------------------------------------
@@ -806,7 +995,7 @@ class GlobusTransfer(TransferBackend):
         with self._tasks_lock:
             # Also for a duplicate submission (a journaled token sent again): the same files.
             task = self._tasks.setdefault(task_id, _Task(seen=self._polls))
-            task.files, task.login = sent, login
+            task.files, task.login, task.collection = sent, login, dest_ep
         return task_id
 
     def _site_collection_missing(self, exc: BaseException, remote_ep: str) -> bool:
@@ -954,15 +1143,77 @@ class GlobusTransfer(TransferBackend):
 
     def _skipped_errors(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any], stage_in: bool) -> dict[str, str]:
         """{the failed file's dest as the agent names it: error} of a task's skipped files (every page)."""
+        skipped_list = [(str(skipped.get("destination_path") or ""),
+                         one_line(f"{skipped.get('error_code', 'error')}: "
+                                  f"{skipped.get('error_details') or skipped.get('source_path')}"))
+                        for skipped in client.paginated.task_skipped_errors(doc["task_id"]).items()]
+        sent, collection = self._files_of(doc)
+        # Named by the submitted file when this process knows the task's files: Globus may report a
+        # home-directory path (/~/...) resolved (/home/me/...), as it does its delivered files,
+        # which named no item, and the agent then failed a try of every item of the task.
+        paths = [dest for dest, _ in skipped_list]
+        home = self._home(client, collection) if _needs_home(sent, map(_norm, paths)) else None
+        keys = _skipped_keys(sent, paths, home)
+        #: Whether a path may be a home item's whose home is not known (then no item is sure of it).
+        unsure = home is None and any(_is_home(dest) for dest, _, _ in sent)
         errors: dict[str, str] = {}
-        for skipped in client.paginated.task_skipped_errors(doc["task_id"]).items():
-            dest = str(skipped.get("destination_path") or "")
-            # A stage-out's destination is the location's path, even on the site's own collection
-            # (another directory of it): only a stage-in writes site paths.
-            key = self.from_endpoint(dest) if stage_in else dest
-            errors[key] = one_line(f"{skipped.get('error_code', 'error')}: "
-                                   f"{skipped.get('error_details') or skipped.get('source_path')}")
+        for dest, error in skipped_list:
+            if dest in keys:
+                for key in keys[dest]:
+                    errors.setdefault(key, error)
+            elif unsure and not _is_home(_norm(dest)):
+                # Perhaps a home item's (its home could not be read): under a name no item has, so
+                # that every item of the task fails a try, not one recorded done on a guess.
+                errors[f"unattributed:{dest}"] = one_line(f"{error} (which item it is cannot be told: the home "
+                                                          f"directory of collection {collection} could not be read)")
+            else:
+                # A stage-out's destination is the location's path, even on the site's own collection
+                # (another directory of it): only a stage-in writes site paths.
+                errors[self.from_endpoint(dest) if stage_in else dest] = error
         return errors
+
+    def _files_of(self, doc: Mapping[str, Any]) -> tuple[list[tuple[str, str, bool]], str]:
+        """(the files this process submitted in a task (see _Task.files; empty: not known), the
+        collection it writes to)."""
+        with self._tasks_lock:
+            task = self._tasks.get(str(doc["task_id"]))
+            sent = list(task.files) if task is not None else []
+            collection = task.collection if task is not None and task.collection else None
+        return sent, str(collection or doc.get("destination_endpoint_id") or "")
+
+    def _home(self, client: globus_sdk.TransferClient, collection: str) -> Optional[str]:
+        """The home directory of ``collection`` as Globus resolves ``/~/`` (where the files of a
+        ``/~/...`` destination are reported), read with one ``operation_ls`` of ``/~/`` (its
+        ``absolute_path``) and remembered for the backend's life (the home of a collection does not
+        move under a running agent). None when it cannot be read (no permission, a consent, the
+        collection down): the caller then counts nothing on a home path as delivered but what
+        Globus reported in home form, and fails a try of every item for a skipped file it cannot
+        tell; asked again after HOME_RECHECK_SEC (not once per task per poll). The ls needs the
+        same login and consent as the transfer."""
+        now = self.clock()
+        with self._tasks_lock:
+            known = self._homes.get(collection)
+        if known is not None and (known[0] is not None or now - known[1] < HOME_RECHECK_SEC):
+            return known[0]
+        home: Optional[str] = None
+        try:
+            listing = client.operation_ls(collection, path="/~/", limit=1)
+            home = _absolute_home(listing.get("absolute_path"), listing.get("path"))
+            if home is None:
+                logger.warning("globus: the home directory of collection %s cannot be told from its listing of /~/ "
+                               "(absolute_path %r, path %r): a task's files in it are not matched to what Globus "
+                               "reports", collection, listing.get("absolute_path"), listing.get("path"))
+        except Exception as exc:  # noqa: BLE001 - the safe reading follows, and it is asked again later
+            # Not self._error: a refused ls must not drop the client (the transfers themselves work).
+            problem, _ = _classify(exc, self._collections, self.tokens_path(), self.options.endpoint_id)
+            logger.warning("globus: cannot read the home directory of collection %s (ls /~/: %s): its tasks' files in "
+                           "it are not matched to the paths Globus reports (delivered: not counted; skipped: every "
+                           "item fails a try)", collection, problem)
+        with self._tasks_lock:
+            if collection not in self._homes and len(self._homes) >= HOME_CACHE_SIZE:
+                del self._homes[next(iter(self._homes))]  # the oldest
+            self._homes[collection] = (home, now)
+        return home
 
     def _status(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any]) -> TaskStatus:
         info = {k: doc.get(k) for k in ("files", "files_transferred", "files_skipped", "bytes_transferred",
@@ -1048,7 +1299,8 @@ class GlobusTransfer(TransferBackend):
         try:
             arrived = {_norm(str(row.get("destination_path") or ""))
                        for row in client.paginated.task_successful_transfers(task_id).items()}
-            matched = _delivered(sent, arrived)
+            home = self._home(client, self._files_of(doc)[1]) if _needs_home(sent, arrived) else None
+            matched = _delivered(sent, arrived, home)
         except Exception as exc:
             problem = self._error(exc)
             if problem.retryable:

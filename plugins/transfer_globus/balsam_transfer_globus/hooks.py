@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import click
+from click.core import ParameterSource
 
 from balsam.plugins.hookspecs import hookimpl
 
@@ -71,11 +73,43 @@ def _refusal(exc: Any) -> str:
     return f"Globus Auth refused the login ({said}){f': {detail}' if detail else ''}"
 
 
+def _canonical(text: str) -> str:
+    """A UUID as Globus writes it (lowercase, hyphenated), else ``text`` as it is."""
+    try:
+        return str(uuid.UUID(str(text)))
+    except ValueError:
+        return text
+
+
+def _uuids(ctx: Any, param: Any, value: Any) -> Any:
+    """Refuse what is no UUID before it goes into the login link (an alias such as ``aps`` for
+    ``-e`` made Globus Auth show an error page about a scope the user never wrote); a UUID is
+    returned as Globus writes it: ``uuid.UUID`` also takes ``{...}``, ``urn:uuid:...``, capitals and
+    no hyphens, which went into the scope as typed (a scope no collection has)."""
+    if value is None:
+        return None
+    canonical = []
+    for text in (value if isinstance(value, tuple) else (value,)):
+        try:
+            canonical.append(str(uuid.UUID(str(text))))
+        except ValueError:
+            what = ("a collection UUID (the id of a globus://<collection-id> location, not its alias)"
+                    if param.name == "endpoints" else "the UUID of a native app registered at app.globus.org")
+            hint = None
+            if ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT and param.envvar:
+                # Not typed on the command line: "Invalid value for '--client-id'" sent the user
+                # looking for an option they never gave.
+                hint = f"${param.envvar} (environment)"
+            raise click.BadParameter(f"{text!r} is not {what}", ctx=ctx, param=param, param_hint=hint) from None
+    return tuple(canonical) if isinstance(value, tuple) else canonical[0]
+
+
 @click.command("globus-login")
 # --endpoint_id: Balsam 0.7's spelling, kept so its command lines still work.
 @click.option("-e", "--endpoint-id", "--endpoint_id", "endpoints", multiple=True, metavar="COLLECTION_ID",
+              callback=_uuids,
               help="Collection needing data_access consent (repeat); those in the site's settings.yml are added.")
-@click.option("--client-id", envvar=CLIENT_ID_ENV, default=None, metavar="UUID",
+@click.option("--client-id", envvar=CLIENT_ID_ENV, default=None, metavar="UUID", callback=_uuids,
               help=f"Native-app client id registered at app.globus.org (or ${CLIENT_ID_ENV}; "
                    "default: the site's transfers.backend_options.globus.client_id).")
 @click.option("--tokens-file", type=click.Path(dir_okay=False), default=None,
@@ -109,7 +143,8 @@ def globus_login(endpoints: tuple[str, ...], client_id: Optional[str], tokens_fi
             f"no Globus client id: register a native app at https://app.globus.org/settings/developers and pass "
             f"--client-id (or set ${CLIENT_ID_ENV})"
         )
-    collections = list(dict.fromkeys([*endpoints, *site.collections]))
+    # One consent per collection however settings.yml spells its id (the command line's are canonical).
+    collections = list(dict.fromkeys([*endpoints, *map(_canonical, site.collections)]))
     try:
         # The code is a credential until exchanged: not echoed, nor left in a terminal's scrollback.
         login(client_id, collections, path, prompt=lambda text: click.prompt(text, hide_input=True),
