@@ -31,6 +31,8 @@ The render/parse pairs:
 ``parse_backfill``
 ``never_starts``                    a queued job's status -> whether its scheduler reason says it
                                     can never start as submitted (exceeds a limit)
+``waits_for_other_than_nodes``      a queued job's status -> whether it waits for a hold, a
+                                    dependency or a begin time (or its wait is unknown)
 ``render_discover_queues``/         the queues and their limits -> ``{name: AllowedQueue}``
 ``parse_discover_queues``           (used by :meth:`Scheduler.site_defaults`); ``max_queued_jobs``
                                     None where the scheduler reports no per-user limit (unknown)
@@ -333,6 +335,14 @@ class Scheduler(abc.ABC):
         why it waits (``status.message``): it asks for more than its queue, partition, account or QOS
         allows, so it waits for ever instead of for its turn. Pure; each driver knows its own words.
         The default, for a scheduler that does not say: False (it may start)."""
+        return False
+
+    def waits_for_other_than_nodes(self, status: SchedulerJobStatus) -> bool:
+        """Whether a queued job waits for something other than free nodes and its turn: a hold, a
+        dependency, a begin time, or a submit time the scheduler did not give (its
+        ``queued_time_min`` 0 means unknown, not just submitted). Such a job does not take nodes
+        that come free now: the elastic queue does not count it as claiming a backfill window.
+        Each driver knows its own words. The default, for a scheduler that does not say: False."""
         return False
 
     def render_backfill(self) -> Optional[Command]:

@@ -217,14 +217,18 @@ def test_a_window_is_requested_once_while_its_batch_job_waits_to_start(make_site
         "debug": {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 10}}}})
     _runnable_jobs(client, site, 20, {})
     submitted = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    # squeue lists job 501 once it is submitted (below): listed before the BatchJob that owns it
+    # exists, it is another's job waiting for the window (another site's request), which claims it.
+    squeue = {"out": ""}
     runner = ReplayRunner({"sinfo": result(stdout="debug|up|idle|4|2:00:00\ndebug|up|allocated|60|2:00:00\n"),
-                           "squeue": result(stdout=f"501|PENDING|debug|4|1:55:00|local|1:55:00|{submitted}|N/A|N/A|Priority\n")})
+                           "squeue": lambda command: result(stdout=squeue["out"])})
     module = ElasticQueueModule(site, ElasticQueueOptions(submit_queue="debug", max_wall_time_min=120), client,
                                 scheduler=SlurmScheduler(runner, user="u"))
     module.run_cycle()  # one 4-node BatchJob for the 4-node window, waiting for submission ...
     module.run_cycle()
     (mine,) = client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]
     client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 501}])
+    squeue["out"] = f"501|PENDING|debug|4|1:55:00|local|1:55:00|{submitted}|N/A|N/A|Priority\n"
     for _ in range(2):  # ... then queued 1 minute: the window is still its own
         module.run_cycle()
     assert [b["id"] for b in client.get("/batch-jobs/", params={"site_id": site.site_id})["results"]] == [mine["id"]]

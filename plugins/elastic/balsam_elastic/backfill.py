@@ -22,7 +22,7 @@ Per cycle (inventory §9):
    its own window-fitted BatchJobs requested and have not taken yet (the scheduler shows them idle
    until those start; a queued one keeps its claim until a status poll shows it running), at least ``min_wall_time_min`` long, longer than the shortest runnable job
    plus ``wall_time_pad_min`` (a launcher leases only jobs shorter than its BatchJob), and as wide
-   as the smallest runnable job, the largest by nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``, in the regular queue
+   as the smallest runnable job and the submit queue's ``min_nodes``, the largest by nodes x minutes; without it, ``max_num_nodes`` x ``max_wall_time_min``, in the regular queue
    (never cancelled as stale).
 5. ``idle = reserved - running footprint``; when the runnable footprint exceeds it, one BatchJob of
    ``min(max(min_num_nodes, shortfall), window nodes, max_num_nodes)`` nodes for the window's
@@ -114,7 +114,10 @@ class BackfillStrategy(Strategy):
         shortfall = nodes_for(backlog.runnable_footprint - max(idle, 0.0))
         if window is None:
             return self.regular_queue_fallback(snapshot, live, shortfall, smallest, why_none, stale, numbers) or nothing(why_none)
-        num_nodes = min(max(s.min_num_nodes, shortfall, smallest), window.num_nodes, s.max_num_nodes)
+        # Raised to the queue's min_nodes here (a window narrower than it fits nothing, see
+        # choose_window), so that the decision and its log line say the size that is submitted.
+        num_nodes = max(min(max(s.min_num_nodes, shortfall, smallest), window.num_nodes, s.max_num_nodes),
+                        snapshot.min_nodes)
         wall_time = min(window.wall_time_min - s.wall_time_pad_min, s.max_wall_time_min)
         numbers.append(("shortfall", shortfall))
         blocked = snapshot.never_starting_as_large(num_nodes, wall_time)
@@ -132,7 +135,7 @@ class BackfillStrategy(Strategy):
     def stale_queued(self, b: BatchJobView) -> bool:
         """Its own window-fitted BatchJob queued past ``max_queue_wait_time_min``: it missed the window."""
         return (b.owned and b.state == BatchJobState.queued and not b.regular_queue and b.queued_time_min is not None
-                and b.queued_time_min > self.settings.max_queue_wait_time_min)
+                and b.queued_time_min > self.settings.max_queue_wait_time_min and not b.withdrawn)
 
     def stale_held(self, b: BatchJobView) -> bool:
         """Its own window-fitted BatchJob that the scheduler module holds back in pending_submission
@@ -186,7 +189,8 @@ class BackfillStrategy(Strategy):
             return Decision(cancel=stale, numbers=tuple(numbers),
                             reason=f"{why_none}; a regular-queue BatchJob already waits")
         numbers.append(("shortfall", shortfall))
-        request = Submission(num_nodes=min(max(s.min_num_nodes, shortfall, smallest), s.max_num_nodes),
+        request = Submission(num_nodes=max(min(max(s.min_num_nodes, shortfall, smallest), s.max_num_nodes),
+                                           snapshot.min_nodes),
                              wall_time_min=s.max_wall_time_min, regular_queue=True)
         blocked = snapshot.never_starting_as_large(request.num_nodes, request.wall_time_min)
         if blocked is not None:
@@ -203,13 +207,18 @@ class BackfillStrategy(Strategy):
             return None, f"backfill windows unavailable ({snapshot.windows_error or 'scheduler error'})"
         if not snapshot.windows:
             return None, f"no backfill window in queue {s.submit_queue!r}"
-        windows, requested = self.unclaimed_windows(snapshot)
+        windows, requested, elsewhere = self.unclaimed_windows(snapshot)
         # A launcher leases only jobs of wall_time_min <= its whole minutes left, fewer than its
         # BatchJob's wall time: a window whose request is not longer than the shortest runnable job
         # (0: a job without one fits any) gives a BatchJob that runs nothing and leaves, every cycle.
         shortest = snapshot.backlog.min_runnable_wall_time_min
         need_min = max(s.min_wall_time_min, shortest + 1 + s.wall_time_pad_min if shortest else 0)
-        fitting = [w for w in windows if w.wall_time_min >= need_min and w.num_nodes >= smallest]
+        # Nor narrower than the queue's min_nodes (Polaris prod: 10): the module raises every request
+        # to it, and a 10-node request for a 4-node window does not fit it. It waited in the regular
+        # queue, claimed no window (unclaimed_windows), so the next cycle requested another, one
+        # each cycle up to max_queued_jobs, each cancelled as stale and requested again.
+        need_nodes = max(smallest, snapshot.min_nodes)
+        fitting = [w for w in windows if w.wall_time_min >= need_min and w.num_nodes >= need_nodes]
         if not fitting:
             shown = ", ".join(f"{w.num_nodes}x{w.wall_time_min}min" for w in snapshot.windows)
             claimed = f", {requested} nodes of them already requested by its BatchJobs not started yet" if requested else ""
@@ -217,13 +226,18 @@ class BackfillStrategy(Strategy):
             if requested and held:
                 # Not coming soon: the scheduler module holds them back (a queue at a scheduler limit).
                 claimed += f" ({len(held)} of them held back, BatchJob {held[0].id}: {held[0].held})"
+            if elsewhere:
+                claimed += (f", {elsewhere} nodes by the user's other jobs that wait in the queue (another site's "
+                            f"requests, jobs submitted by hand)")
             why = (f"; the shortest runnable job needs {shortest} min, plus wall_time_pad_min {s.wall_time_pad_min}"
                    if need_min > s.min_wall_time_min else "")
-            return None, (f"no backfill window fits (need >= {smallest} nodes x >= {need_min} min{why}; "
+            if need_nodes > smallest:
+                why += f"; queue {s.submit_queue!r} takes no job of fewer than {need_nodes} nodes (min_nodes)"
+            return None, (f"no backfill window fits (need >= {need_nodes} nodes x >= {need_min} min{why}; "
                           f"windows {shown}{claimed})")
         return max(fitting, key=lambda w: (w.num_nodes * w.wall_time_min, w.num_nodes)), ""
 
-    def unclaimed_windows(self, snapshot: Snapshot) -> tuple[list[BackfillWindow], int]:
+    def unclaimed_windows(self, snapshot: Snapshot) -> tuple[list[BackfillWindow], int, int]:
         """The windows less the nodes its own window-fitted BatchJobs have asked for and not taken
         yet (waiting for submission, or queued and neither seen running by this cycle's status poll
         nor queued past ``max_queue_wait_time_min``), and how many
@@ -233,23 +247,44 @@ class BackfillStrategy(Strategy):
         window it was fitted to: among those that still hold it, one whose length less
         ``wall_time_pad_min`` is the request's wall time, else the largest by nodes x minutes (as
         it was chosen). One that no window holds claims none (the nodes it was sized for are gone:
-        it will be stale)."""
+        it will be stale). Then the user's other jobs waiting in the queue
+        (:attr:`Snapshot.others_waiting`) take theirs the same way: another site of the user on the
+        same machine sees the same windows, and both sites requested each one (one request then
+        waited past max_queue_wait_time_min, cancelled). The third number: the nodes they took."""
         s = self.settings
         left = [[w.num_nodes, w.wall_time_min] for w in snapshot.windows or ()]
         requested = 0
         # A queued one keeps its claim until a poll shows it running (its nodes then left the
         # windows). A failed poll, or one that does not list it yet (just submitted), says
         # nothing: releasing the claim then requested the same window again, every such cycle.
-        # One queued past max_queue_wait_time_min is stale; one that can never start takes no nodes.
-        waiting = (b for b in snapshot.batch_jobs
-                   if b.owned and not b.regular_queue and not b.never_starts
-                   and ((b.state == BatchJobState.pending_submission and not self.stale_held(b))
-                        or (b.state == BatchJobState.queued and b.polled_state != BatchJobState.running
-                            and (b.queued_time_min is None or b.queued_time_min <= s.max_queue_wait_time_min))))
+        # One queued past max_queue_wait_time_min is stale; one that can never start takes no nodes,
+        # nor does one withdrawn (deleted if it still waits; if it started, its nodes left the windows),
+        # nor one held, waiting for a dependency or a begin time.
+        # The site's BatchJobs made by hand that run the backlog (in the snapshot, not its own) claim
+        # too, if queued per this cycle's poll within max_queue_wait_time_min: left out (their
+        # scheduler ids are the site's, so not among others_waiting either), their window was
+        # requested again. (One waiting for its submission is not sized to any window.)
+        def claims(b: BatchJobView) -> bool:
+            if b.never_starts or b.withdrawn or b.waits_for_other:
+                return False
+            if not b.owned:
+                return (b.state == BatchJobState.queued and b.polled_state == BatchJobState.queued
+                        and b.queued_time_min is not None and b.queued_time_min <= s.max_queue_wait_time_min)
+            return not b.regular_queue and (
+                (b.state == BatchJobState.pending_submission and not self.stale_held(b))
+                or (b.state == BatchJobState.queued and b.polled_state != BatchJobState.running
+                    and (b.queued_time_min is None or b.queued_time_min <= s.max_queue_wait_time_min)))
+
+        waiting = (b for b in snapshot.batch_jobs if claims(b))
+        def claim(num_nodes: int, wall_time_min: int) -> int:
+            holders = [w for w in left if w[0] >= num_nodes and w[1] >= wall_time_min]
+            if not holders:
+                return 0
+            window = max(holders, key=lambda w: (w[1] - s.wall_time_pad_min == wall_time_min, w[0] * w[1], w[0]))
+            window[0] -= num_nodes
+            return num_nodes
+
         for b in sorted(waiting, key=lambda b: b.id):
-            holders = [w for w in left if w[0] >= b.num_nodes and w[1] >= b.wall_time_min]
-            if holders:
-                window = max(holders, key=lambda w: (w[1] - s.wall_time_pad_min == b.wall_time_min, w[0] * w[1], w[0]))
-                window[0] -= b.num_nodes
-                requested += b.num_nodes
-        return [BackfillWindow(num_nodes=n, wall_time_min=m) for n, m in left if n > 0], requested
+            requested += claim(b.num_nodes, b.wall_time_min)
+        elsewhere = sum(claim(o.num_nodes, o.wall_time_min) for o in snapshot.others_waiting)
+        return [BackfillWindow(num_nodes=n, wall_time_min=m) for n, m in left if n > 0], requested, elsewhere

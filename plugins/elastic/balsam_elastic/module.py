@@ -2,8 +2,9 @@
 
 Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
 
-- this site's BatchJobs in ``submit_queue`` whose ``filter_tags`` contain the site's (one GET), of
-  which it keeps its own and those others that can run its backlog (:meth:`runs_the_backlog`);
+- this site's BatchJobs whose ``filter_tags`` contain the site's (one GET), of which it keeps those
+  of ``submit_queue`` that are its own or can run its backlog (:meth:`runs_the_backlog`), and its
+  own left in another queue by an earlier ``submit_queue``, withdrawn unless started (:meth:`left_over`);
 - the backlog in numbers, ``GET /sites/{id}/backlog`` with the site's ``filter_tags`` and
   ``leased=false`` (one aggregate query on the server, whatever the number of jobs): a job a running
   launcher already holds is not unmet demand. Only jobs its BatchJobs could lease count as
@@ -28,15 +29,21 @@ Each cycle (``elastic_queue.service_period`` seconds) it reads, in bulk:
   rows give a backoff: after submissions of its own that failed without a refusal (the scheduler
   unreachable), nothing is submitted for a while (:meth:`ElasticQueueModule.submit_backoff`); nor
   while the scheduler module holds a BatchJob of the queue and project back at a queue limit
-  (:meth:`ElasticQueueModule.held_in_queue`).
+  (:meth:`ElasticQueueModule.held_in_queue`);
+- only in a cycle whose decision submits for a backfill window: the user's other jobs waiting in
+  ``submit_queue`` (another site's requests, jobs by hand), from the status poll, which claim the
+  windows as its own requests do (:meth:`ElasticQueueModule.read_others_waiting`); the strategy then
+  decides again.
 
 The strategy (:mod:`balsam_elastic.strategy`) turns that snapshot into a decision; the module creates
 the BatchJobs it asks for (carrying the site's ``filter_tags``, so the launchers run only this site's
 matching jobs, ``status_info.elastic_request``, the stamp that makes them its own, and
-``status_info.elastic_created``, when, from which one held back in pending_submission is timed) and marks the
-cancelled ones ``pending_deletion`` in one bulk PATCH (the scheduler module then deletes them from
-the scheduler), after reading them again in one GET: one whose state changed since the snapshot
-read it (submitted, or started, meanwhile) is left alone. It never cancels a BatchJob without its stamp, whatever a strategy asks. Every
+``status_info.elastic_created``, when, from which one held back in pending_submission is timed) and
+withdraws the cancelled ones in one bulk PATCH, after reading them again in one GET (one whose state
+changed since the snapshot read it, submitted or started meanwhile, is left alone): one waiting for
+its submission goes ``pending_deletion``; a queued one is marked ``status_info.withdraw_if_queued``,
+and the scheduler module deletes it only if its own poll shows it still waiting (a request that
+started since this cycle's poll keeps its launcher running). It never cancels a BatchJob without its stamp, whatever a strategy asks. Every
 cycle logs one INFO line: the action or "nothing", the reason, and the numbers it was based on (and
 the BatchJobs the scheduler module holds back at a queue limit, in its words).
 Launchers release their nodes themselves after ``launcher.idle_ttl_sec`` without work.
@@ -45,6 +52,7 @@ Launchers release their nodes themselves after ``launcher.idle_ttl_sec`` without
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -60,6 +68,7 @@ from balsam.scheduler import ANY_QUEUE, REFUSED_FOR_GOOD
 from balsam.serialization import parse_datetime
 from balsam.site.api_util import bulk_patch, list_all, utcnow
 from balsam.site.module import AgentModule
+from balsam.site.modules.scheduler import WITHDRAW_IF_QUEUED
 from balsam.states import BatchJobState, JobState
 
 from .options import ElasticQueueOptions
@@ -136,6 +145,20 @@ class ElasticQueueModule(AgentModule):
         #: The BatchJobs its last cycle marked pending_deletion (the decision's, less those not its own
         #: and those whose state changed since the snapshot read them: see :meth:`still_cancellable`).
         self.last_cancelled: tuple[int, ...] = ()
+        #: Its own BatchJobs of other queues that have not started, read by the last snapshot
+        #: ({id: state}; see :meth:`left_over`): withdrawn by the cycle.
+        self.left_over_ids: dict[int, BatchJobState] = {}
+        #: The rows :meth:`still_cancellable` read again last (their status_info for :meth:`withdrawal`).
+        self._reread: dict[int, dict] = {}
+        #: The last snapshot's status poll (None: not read, or it failed; see _polled), and the
+        #: scheduler ids of the site's BatchJobs it read (for :meth:`read_others_waiting`).
+        self._poll: Optional[dict[int, Any]] = None
+        self._polled = False
+        self._site_scheduler_ids: set[int] = set()
+        #: The scheduler ids of the last snapshot's BatchJobs of submit_queue (see read_others_waiting).
+        self._queue_ids: set[int] = set()
+        #: Whether the last windows read include nodes usable from any queue (see read_windows).
+        self._windows_of_any_queue = False
         #: Refusals of the scheduler older than this are forgotten (a restart lifts them all).
         self.started_at = utcnow()
         #: When it first saw each of its BatchJobs that carry no CREATED_AT stamp (made by an earlier version).
@@ -391,14 +414,40 @@ class ElasticQueueModule(AgentModule):
                 footprint += float(running[RUNNING][self.footprint_field])
         return count, footprint
 
-    def read_batch_jobs(self) -> list[dict]:
+    def read_batch_jobs(self) -> tuple[list[dict], list[dict]]:
         """Its BatchJobs in submit_queue, and those made by others that can run its backlog (see
-        :meth:`runs_the_backlog`): the capacity the strategy counts."""
-        params: dict[str, Any] = {"site_id": self.site_id, "queue": self.options.submit_queue, "state": READ_STATES}
+        :meth:`runs_the_backlog`): the capacity the strategy counts; and, from the same request (the
+        site's BatchJobs of every queue), its own in other queues (:meth:`left_over`)."""
+        params: dict[str, Any] = {"site_id": self.site_id, "state": READ_STATES}
         if self.filter_tags():
             params["filter_tags"] = self._tag_params()
-        return [r for r in list_all(self.client, "/batch-jobs/", params)
-                if REQUEST_KIND in (r.get("status_info") or {}) or self.runs_the_backlog(r)]
+        rows = list_all(self.client, "/batch-jobs/", params)
+        queue = self.options.submit_queue
+        return ([r for r in rows if r.get("queue") == queue and (self.own(r) or self.runs_the_backlog(r))],
+                [r for r in rows if r.get("queue") != queue and REQUEST_KIND in (r.get("status_info") or {})])
+
+    def left_over(self, row: Mapping, poll: Optional[dict[int, Any]]) -> bool:
+        """Whether ``row``, one of its own BatchJobs in a queue other than submit_queue (requested
+        before settings.yml's ``elastic_queue.submit_queue`` was changed and the agent restarted),
+        is withdrawn: it has the site's filter_tags exactly and has certainly not started (waiting
+        for its submission, or queued per this cycle's status poll). Read only per submit_queue,
+        such a request was neither counted nor ever cancelled: it doubled the new queue's requests
+        for the same backlog, and started hours later for a backlog long gone. One that runs is left
+        to drain (``launcher.idle_ttl_sec``); one with other filter_tags may be another agent's."""
+        if dict(row.get("filter_tags") or {}) != self.filter_tags() or _withdrawn(row):
+            return False
+        if row["state"] == BatchJobState.pending_submission.value:
+            return True
+        status = (poll or {}).get(int(row["scheduler_id"])) if row.get("scheduler_id") is not None else None
+        return row["state"] == BatchJobState.queued.value and _polled_state(status) is BatchJobState.queued
+
+    def own(self, row: Mapping) -> bool:
+        """Whether ``row`` is one of its own requests: stamped ``status_info.elastic_request``, with
+        the site's filter_tags exactly. The server's filter keeps the BatchJobs whose tags contain the
+        site's (all of them for an agent with none): another agent's request in the same queue was
+        read as its own, and withdrawn as unneeded."""
+        return (REQUEST_KIND in (row.get("status_info") or {})
+                and dict(row.get("filter_tags") or {}) == self.filter_tags())
 
     def runs_the_backlog(self, row: Mapping) -> bool:
         """Whether a BatchJob it did not create (by hand, queue_maintainer's) could run any of the
@@ -408,8 +457,8 @@ class ElasticQueueModule(AgentModule):
         job_mode whose launcher leases the backlog: the module's own, or mpi (whose launcher runs
         any job; a serial launcher leases only single-node single-rank jobs). Other BatchJobs hold
         nodes that run none of these jobs: counting them withheld the BatchJobs the backlog needed."""
-        if row.get("partitions"):
-            return False
+        if row.get("partitions") or REQUEST_KIND in (row.get("status_info") or {}):
+            return False  # another agent's request (see own) runs that agent's backlog
         if dict(row.get("filter_tags") or {}) != self.filter_tags():
             return False
         return row.get("job_mode") in (self.options.job_mode, "mpi")
@@ -438,11 +487,13 @@ class ElasticQueueModule(AgentModule):
             wall_time_min=int(row["wall_time_min"]),
             queued_time_min=int(getattr(status, "queued_time_min", 0) or 0) if queued else None,
             regular_queue=info.get(REQUEST_KIND) == REGULAR_QUEUE,
-            owned=REQUEST_KIND in info,
+            owned=self.own(row),
             polled_state=polled, never_starts=self.never_starts(status) if queued else "",
+            waits_for_other=self.waits_for_other(status) if queued else False,
             project=str(row.get("project") or ""),
             held=str(info.get("waiting") or "") if pending else "",
-            age_min=self.age_min(row) if REQUEST_KIND in info else None,
+            age_min=self.age_min(row) if self.own(row) else None,
+            withdrawn=_withdrawn(row),
         )
 
     def age_min(self, row: Mapping) -> Optional[int]:
@@ -547,6 +598,75 @@ class ElasticQueueModule(AgentModule):
             ))
         return tuple(sorted(refused, key=lambda b: b.id))
 
+    def read_others_waiting(self, snapshot: Snapshot) -> tuple[BackfillWindow, ...]:
+        """The user's jobs waiting in submit_queue that are not this site's BatchJobs, submitted
+        within ``max_queue_wait_time_min`` (:attr:`Snapshot.others_waiting`), from this cycle's
+        status poll (polled now when the snapshot had no queued BatchJob to poll for: one more
+        scheduler command, only in a cycle that would submit for a window). The drivers poll all of
+        the user's jobs, another site's too. A job waiting longer waits for reasons of its own (its
+        size, a limit) and is left out, as is one held, waiting for a dependency or a begin time, or
+        of unknown wait (the driver's ``waits_for_other_than_nodes``), one that never starts, and
+        one of another queue (by the names this poll shows for the site's jobs of submit_queue;
+        any queue when the windows include nodes usable from any queue); a failed poll gives none.
+
+        One of its own requests that the snapshot read waiting for its submission claims its window
+        already (``unclaimed_windows``); the scheduler module may have submitted it since, and the
+        poll then lists a job whose id no BatchJob the snapshot read carries. A job of that size,
+        submitted a minute ago at most, is taken for it (one per such request): counted again, it
+        made the window look taken twice, and the cycle requested nothing."""
+        poll = self._poll
+        if not self._polled:
+            try:
+                poll = {int(sid): st for sid, st in (self.scheduler.get_statuses() or {}).items()}
+            except Exception as exc:  # the windows are then shared as before: never let a cycle die of it
+                self.logger.debug("status poll for the user's other waiting jobs failed: %s", exc)
+                return ()
+            self._poll, self._polled = poll, True
+        unsubmitted = Counter((b.num_nodes, b.wall_time_min) for b in snapshot.batch_jobs
+                              if b.owned and not b.regular_queue and b.state == BatchJobState.pending_submission)
+        # The names the scheduler shows for jobs of submit_queue: its own, and those the site's
+        # BatchJobs of submit_queue show in this poll (a PBS routing queue's jobs show the execution
+        # queue they were routed to, Polaris prod's small/medium/large; with queue_flag --qos squeue
+        # shows the partition, whose idle nodes are the window). Compared by submit_queue alone, the
+        # user's other jobs were never counted there.
+        names = {self.options.submit_queue} | {str(getattr(poll[sid], "queue", "") or "")
+                                               for sid in self._queue_ids if sid in (poll or {})}
+        names.discard("")
+        # Nodes usable from any queue (PBS nodes tied to no queue; Slurm with queue_flag --qos,
+        # whose windows are every partition's idle nodes): a waiting job of any queue takes them.
+        any_queue = self._windows_of_any_queue
+        found = []
+        for sid, status in sorted((poll or {}).items()):
+            if sid in self._site_scheduler_ids or _polled_state(status) is not BatchJobState.queued:
+                continue
+            if not any_queue and str(getattr(status, "queue", "") or "") not in names:
+                continue
+            if self.never_starts(status) or self.waits_for_other(status):
+                continue  # takes no nodes that come free now (a hold, a dependency, a limit)
+            try:
+                waited = int(getattr(status, "queued_time_min", 0) or 0)
+                size = (int(status.num_nodes), int(status.wall_time_min))
+            except (AttributeError, TypeError, ValueError):
+                continue  # a record without a size claims nothing
+            if waited <= 1 and unsubmitted[size] > 0:
+                unsubmitted[size] -= 1  # its own request, submitted since the snapshot read it
+                continue
+            if waited <= self.options.max_queue_wait_time_min:
+                found.append(BackfillWindow(num_nodes=size[0], wall_time_min=size[1]))
+        return tuple(found)
+
+    def waits_for_other(self, status: Any) -> bool:
+        """Whether its driver says this queued job waits for something other than free nodes (a
+        hold, a dependency, a begin time, an unknown wait: ``Scheduler.waits_for_other_than_nodes``)."""
+        hook = getattr(self.scheduler, "waits_for_other_than_nodes", None)
+        if hook is None:  # a scheduler object not derived from balsam.scheduler.Scheduler
+            return False
+        try:
+            return bool(hook(status))
+        except Exception as exc:  # a driver's fault must not stop the cycle: the job then may take nodes
+            self._report_once(f"scheduler driver's waits_for_other_than_nodes failed: {type(exc).__name__}: {exc}")
+            return False
+
     def never_starts(self, status: Any) -> str:
         """The scheduler's reason when its driver says this queued job can never start as
         submitted (``Scheduler.never_starts``), else ""."""
@@ -567,20 +687,27 @@ class ElasticQueueModule(AgentModule):
         found: list[BackfillWindow] = []
         # A driver may name its "usable from any queue" key (PBS's any_queue_key option).
         any_queue = str(getattr(getattr(self.scheduler, "options", None), "any_queue_key", ANY_QUEUE) or ANY_QUEUE)
+        self._windows_of_any_queue = False
         for key in dict.fromkeys((self.options.submit_queue, any_queue, ANY_QUEUE)):
+            if key != self.options.submit_queue and windows.get(key):
+                self._windows_of_any_queue = True  # nodes a job of any queue may take
             for w in windows.get(key, ()):
                 found.append(w if isinstance(w, BackfillWindow) else
                              BackfillWindow(num_nodes=int(w["num_nodes"]), wall_time_min=int(w["wall_time_min"])))
         return tuple(found), ""
 
     def snapshot(self) -> Snapshot:
-        rows = self.read_batch_jobs()
+        rows, others = self.read_batch_jobs()
         running_count, running_footprint = self.read_running(rows)
         backlog = attrs.evolve(self.read_backlog(), running_count=running_count, running_footprint=running_footprint)
-        poll = self.read_poll() if any(r["state"] == BatchJobState.queued.value for r in rows) else None
+        queued = BatchJobState.queued.value
+        self._polled = any(r["state"] == queued for r in rows + others)
+        poll = self._poll = self.read_poll() if self._polled else None
+        self._site_scheduler_ids = {int(r["scheduler_id"]) for r in rows + others if r.get("scheduler_id") is not None}
+        self.left_over_ids = {int(r["id"]): BatchJobState(r["state"]) for r in others if self.left_over(r, poll)}
         windows, error = self.read_windows()
-        submitted = [int(r["id"]) for r in rows if r.get("scheduler_id") is not None
-                     and REQUEST_KIND in (r.get("status_info") or {})]
+        submitted = [int(r["id"]) for r in rows if r.get("scheduler_id") is not None and self.own(r)]
+        self._queue_ids = {int(r["scheduler_id"]) for r in rows if r.get("scheduler_id") is not None}
         self._newest_submitted = max([self._newest_submitted, *submitted])
         views = tuple(self.view(r, poll) for r in sorted(rows, key=lambda r: r["id"]))
         seen = {v.id for v in views}
@@ -593,6 +720,12 @@ class ElasticQueueModule(AgentModule):
     def run_cycle(self) -> Optional[float]:
         snapshot = self.snapshot()
         decision = self.strategy.decide(snapshot)
+        if any(not request.regular_queue for request in decision.submit) and self.strategy.uses_backfill_windows:
+            # Another site of the user (or a job by hand) may wait for the same window: read only now.
+            others = self.read_others_waiting(snapshot)
+            if others:
+                snapshot = attrs.evolve(snapshot, others_waiting=others)
+                decision = self.strategy.decide(snapshot)
         if decision.submit:
             # Requests the scheduler refused for good (a QOS's per-job node limit) would be refused
             # again: a new submit_failed BatchJob and a scheduler call every cycle. Read only now.
@@ -633,11 +766,19 @@ class ElasticQueueModule(AgentModule):
         if foreign:
             self._report_once(f"strategy {self.strategy.name!r} asked to cancel BatchJob(s) the elastic queue did not "
                               f"create ({', '.join(map(str, foreign))}): left alone")
-        cancel = self.still_cancellable(snapshot, [i for i in decision.cancel if i in owned])
+        # Its requests left in a former submit_queue go in the same read-again and PATCH.
+        was = {**{b.id: b.state for b in snapshot.batch_jobs}, **self.left_over_ids}
+        # One withdrawn by an earlier cycle is the scheduler module's to delete now: not withdrawn again.
+        withdrawn = {b.id for b in snapshot.batch_jobs if b.withdrawn}
+        cancel = self.still_cancellable(snapshot, [i for i in decision.cancel if i in owned and i not in withdrawn]
+                                        + list(self.left_over_ids), was=was)
+        for i in (i for i in cancel if i in self.left_over_ids):
+            self.logger.warning("BatchJob %s, requested by the elastic queue in another queue than submit_queue %r "
+                                "(settings.yml elastic_queue.submit_queue changed since), had not started: "
+                                "withdrawn", i, self.options.submit_queue)
         self.last_cancelled = tuple(cancel)
         if cancel:
-            bulk_patch(self.client, "/batch-jobs/",
-                       [{"id": i, "state": BatchJobState.pending_deletion.value} for i in cancel])
+            bulk_patch(self.client, "/batch-jobs/", [self.withdrawal(i) for i in cancel])
         for request in decision.submit:
             blocked = snapshot.never_starting_as_large(request.num_nodes, request.wall_time_min)
             if blocked is not None:  # a strategy that does not check it (the built-in ones do)
@@ -665,22 +806,41 @@ class ElasticQueueModule(AgentModule):
                              ", regular queue" if request.regular_queue else "")
         return None
 
-    def still_cancellable(self, snapshot: Snapshot, cancel: list[int]) -> list[int]:
+    def withdrawal(self, batch_job_id: int) -> dict[str, Any]:
+        """The PATCH that withdraws one of :meth:`still_cancellable`'s BatchJobs. One waiting for its
+        submission goes pending_deletion (no job of it is in the scheduler). A queued one only gets
+        ``status_info[WITHDRAW_IF_QUEUED]`` (added to the status_info just read again): the
+        scheduler module deletes it only if its own status poll, in its next cycle, shows it still
+        waiting. Marked pending_deletion from this cycle's poll, a request that started before then
+        (up to sync_period later) was deleted with its launcher and the jobs it had leased: a
+        BatchJob once pending_deletion can only finish."""
+        row = self._reread.get(batch_job_id) or {}
+        if row.get("state") != BatchJobState.queued.value:
+            return {"id": batch_job_id, "state": BatchJobState.pending_deletion.value}
+        info = dict(row.get("status_info") or {})
+        info[WITHDRAW_IF_QUEUED] = f"{utcnow().isoformat()} by {SUBMITTED_BY}"
+        return {"id": batch_job_id, "status_info": info}
+
+    def still_cancellable(self, snapshot: Snapshot, cancel: list[int],
+                          was: Optional[Mapping[int, BatchJobState]] = None) -> list[int]:
         """Of ``cancel``, those still in the state the snapshot read them in, read again just before
         the PATCH (one ``GET /batch-jobs/?id=…`` per :data:`MAX_IDS_PER_REQUEST`, one in practice).
         The snapshot's BatchJobs were read before the status poll and the backfill windows (seconds
         of scheduler commands): meanwhile the scheduler module may have submitted one that waited in
         pending_submission (a hold lifted, or its normal submission), or a launcher started one that
         was queued. The server lets such a BatchJob move to pending_deletion, and the scheduler
-        module then deleted an allocation that was queued, or running. Those are kept, and said so."""
+        module then deleted an allocation that was queued, or running. Those are kept, and said so.
+        ``was``: the states the snapshot read (default: its BatchJobs')."""
         if not cancel:
             return []
-        was = {b.id: b.state for b in snapshot.batch_jobs}
+        was = dict(was) if was is not None else {b.id: b.state for b in snapshot.batch_jobs}
         now: dict[int, str] = {}
+        self._reread = {}
         for start in range(0, len(cancel), MAX_IDS_PER_REQUEST):
             ids = cancel[start:start + MAX_IDS_PER_REQUEST]
             rows = (self.client.get("/batch-jobs/", params={"id": ids, "limit": len(ids)}) or {}).get("results") or []
             now.update({int(r["id"]): r["state"] for r in rows})
+            self._reread.update({int(r["id"]): r for r in rows})
         kept = []
         for i in cancel:
             before = was[i].value
@@ -762,6 +922,12 @@ def _polled_state(status: Any) -> Optional[BatchJobState]:
         return BatchJobState(getattr(state, "value", state)) if state is not None else None
     except ValueError:
         return None
+
+
+def _withdrawn(row: Mapping) -> bool:
+    """A queued BatchJob withdrawn by an earlier cycle, not yet deleted nor seen started by the
+    scheduler module (see :meth:`ElasticQueueModule.withdrawal`)."""
+    return row.get("state") == BatchJobState.queued.value and WITHDRAW_IF_QUEUED in (row.get("status_info") or {})
 
 
 def _count(rows: list[Mapping]) -> int:

@@ -41,7 +41,8 @@ class ElasticQueueOptions:
     submit_project: str = option("local", "Project charged by the BatchJobs it submits.")
     submit_queue: str = option("local", "Queue it submits to.")
     job_mode: str = option("mpi", "Launcher job mode of the BatchJobs it submits: mpi or serial.")
-    min_wall_time_min: int = option(35, "backfill: shortest BatchJob it submits; shorter windows are ignored (minutes).")
+    min_wall_time_min: int = option(35, "backfill: shortest backfill window it uses (minutes); shorter ones are ignored. Its "
+                                    "BatchJob is wall_time_pad_min shorter.")
     max_wall_time_min: int = option(360, "backfill: longest BatchJob it submits (minutes).")
     wall_time_pad_min: int = option(5, "backfill: minutes subtracted from a backfill window's length.")
     min_num_nodes: int = option(1, "backfill: smallest BatchJob it submits, unless the window is smaller (nodes).")

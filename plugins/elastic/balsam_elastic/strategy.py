@@ -91,6 +91,10 @@ class BatchJobView:
     #: ``never_starts``); "" when it may start. Such a BatchJob holds a place in the queue
     #: (``max_queued_jobs``) but no capacity: it is not counted as nodes coming.
     never_starts: str = ""
+    #: Queued, and this cycle's poll says it waits for something other than free nodes (a hold, a
+    #: dependency, a begin time, or its wait unknown: the driver's ``waits_for_other_than_nodes``):
+    #: it takes no nodes that come free now, so it claims no backfill window.
+    waits_for_other: bool = False
     #: The project it charges (the module's own all charge ``elastic_queue.submit_project``; one
     #: made by hand may charge another).
     project: str = ""
@@ -100,19 +104,24 @@ class BatchJobView:
     #: Whole minutes since the elastic module created it (its ``status_info.elastic_created`` stamp;
     #: for one without the stamp, since the module first saw it); None: not known, or not its own.
     age_min: Optional[int] = None
+    #: Queued and withdrawn by an earlier cycle, waiting for the scheduler module to delete it if it
+    #: still waits (``status_info.withdraw_if_queued``): like a pending_deletion one, it reserves
+    #: nothing and is not cancelled again. One that started instead loses the mark and counts again.
+    withdrawn: bool = False
 
     @property
     def cancellable(self) -> bool:
         """Ours and certainly not started: waiting for its submission, or queued per this cycle's
         status poll (the API state lags the scheduler: a BatchJob the poll did not report queued,
         or a cycle whose poll failed, may already run)."""
-        return self.owned and (self.state == BatchJobState.pending_submission
-                               or (self.state == BatchJobState.queued and self.queued_time_min is not None))
+        return self.owned and not self.withdrawn and (
+            self.state == BatchJobState.pending_submission
+            or (self.state == BatchJobState.queued and self.queued_time_min is not None))
 
     @property
     def reserving(self) -> bool:
         """Waits or runs: holds a place among ``max_queued_jobs``."""
-        return self.state in RESERVING_STATES
+        return self.state in RESERVING_STATES and not self.withdrawn
 
     @property
     def capacity(self) -> bool:
@@ -174,6 +183,12 @@ class Snapshot:
     #: none): the module raises every request to it (``fit_to_site_rules``), as Polaris's prod
     #: queue refuses jobs of fewer than 10 nodes.
     min_nodes: int = 1
+    #: The user's other jobs waiting in the submit queue, submitted within ``max_queue_wait_time_min``
+    #: (num_nodes x wall_time_min each): another site's (or agent's) elastic requests, jobs submitted
+    #: by hand. The scheduler shows the window their nodes would take as idle until they start, as it
+    #: does for the module's own requests. The module reads them only in a cycle whose decision
+    #: submits a request fitted to a window, then decides again with them.
+    others_waiting: tuple[BackfillWindow, ...] = ()
 
     @property
     def reserving(self) -> tuple[BatchJobView, ...]:

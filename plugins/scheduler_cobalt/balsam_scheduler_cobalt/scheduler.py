@@ -49,6 +49,10 @@ COBALT_STATES: dict[str, BatchJobState] = {
     "done": F,
 }
 
+#: Cobalt states of a job that waits for something other than free nodes (a hold, a dependency,
+#: the user's limit on running jobs): it does not take nodes that come free now.
+HOLD_STATES = frozenset({"user_hold", "admin_hold", "dep_hold", "maxrun_hold", "hold"})
+
 QSTAT_COLUMNS = ("JobID", "State", "WallTime", "Queue", "Nodes", "Project", "TimeRemaining", "QueuedTime")
 #: ``-x attrs=mcdram=cache:numa=quad`` becomes ``--attrs ...``; ``-x qsub_flags="..."`` is appended.
 ATTRS_PARAM = "attrs"
@@ -232,6 +236,10 @@ class CobaltScheduler(Scheduler):
             return [int(match.group(1))] if match else None
 
     # -- status -----------------------------------------------------------------------------
+    def waits_for_other_than_nodes(self, status: SchedulerJobStatus) -> bool:
+        # The message of a waiting job is its Cobalt state when not plain "queued" (see _status).
+        return status.state is BatchJobState.queued and status.message in HOLD_STATES
+
     def render_status(self, user: str) -> Command:
         return Command(["qstat", "-u", user], env={"QSTAT_HEADER": ":".join(QSTAT_COLUMNS)},
                        unset_env=("QSTAT_FORMAT",))

@@ -12,6 +12,8 @@ import logging
 import math
 import re
 import shlex
+import threading
+from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -36,6 +38,26 @@ from balsam.scheduler import (
 from balsam.states import BatchJobState
 
 logger = logging.getLogger("balsam.scheduler.pbs")
+
+#: How many distinct unreadable pbsnodes records are remembered as warned about (see :func:`_warn_once`).
+WARNED_LINES_MAX = 256
+_warned_lines: OrderedDict[tuple[str, str], None] = OrderedDict()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: tuple[str, str], message: str, *args: object) -> None:
+    """A WARNING the first time this process meets ``key`` (the warning's kind and the text at
+    fault), DEBUG after that. The elastic module and the scheduler module both read the backfill
+    windows every cycle: one bad pbsnodes record was warned about twice a minute for hours. The
+    :data:`WARNED_LINES_MAX` most recently met keys are kept (least recently met dropped first),
+    so output that is bad in a new way each time holds bounded memory."""
+    with _warned_lock:
+        first = key not in _warned_lines
+        _warned_lines[key] = None
+        _warned_lines.move_to_end(key)
+        while len(_warned_lines) > WARNED_LINES_MAX:
+            _warned_lines.popitem(last=False)
+    (logger.warning if first else logger.debug)(message, *args)
 
 Q, R, F = BatchJobState.queued, BatchJobState.running, BatchJobState.finished
 
@@ -196,9 +218,11 @@ def repair_pbs_json(body: str) -> str:
     return _STRING_OR_BARE_VALUE.sub(_quote_bad_number, body)
 
 
-def load_pbs_json(text: str, what: str, object_pairs_hook: Optional[Callable[[list], Any]] = None) -> dict[str, Any]:
+def load_pbs_json(text: str, what: str, object_pairs_hook: Optional[Callable[[list], Any]] = None,
+                  warn: Optional[Callable[..., None]] = None) -> dict[str, Any]:
     """qstat/pbsnodes JSON, tolerating the known PBS slips (see ``repair_pbs_json``). Empty output
-    is an empty document; anything else that is not a JSON object raises SchedulerError."""
+    is an empty document; anything else that is not a JSON object raises SchedulerError. ``warn``
+    logs the repair (default: a WARNING each time)."""
     if not text.strip():
         return {}
     start = text.find("{")
@@ -213,7 +237,7 @@ def load_pbs_json(text: str, what: str, object_pairs_hook: Optional[Callable[[li
         data = json.loads(repair_pbs_json(body), strict=False, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
         raise SchedulerError(f"{what} printed invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    logger.warning("%s printed slightly malformed JSON; read it after repair", what)
+    (warn or logger.warning)("%s printed slightly malformed JSON; read it after repair", what)
     return data if isinstance(data, dict) else {}
 
 
@@ -393,6 +417,13 @@ class PBSScheduler(Scheduler):
         # PBS Pro's scheduler comments a job that exceeds a queue or server limit (or asks for
         # resources no node has) "Can Never Run: ..."; "Not Running: ..." waits its turn.
         return status.state is BatchJobState.queued and status.message.lower().startswith(NEVER_RUNS_COMMENT)
+
+    def waits_for_other_than_nodes(self, status: SchedulerJobStatus) -> bool:
+        # A held job (qhold, or a dependency: a system hold) without a scheduler comment reads
+        # "held (Hold_Types ...)" (waiting_reason); PBS comments one "Job held by ...". The letters
+        # H and W themselves are not in the status: a held job whose comment says otherwise counts.
+        message = status.message.lower()
+        return status.state is BatchJobState.queued and (message.startswith("held (") or "job held" in message)
 
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:
@@ -750,11 +781,16 @@ class PBSScheduler(Scheduler):
         (``*`` for nodes not tied to a queue), each window ``options.backfill_window_min`` long."""
         if result.returncode != 0 and not result.stdout.strip():
             raise SchedulerError(f"pbsnodes failed: {_pbs_error(result)}")
-        nodes = load_pbs_json(result.stdout, "pbsnodes -a -F json").get("nodes") or {}
+        # Each warning once per distinct fault and process (DEBUG on later calls): the elastic
+        # module and the scheduler module read the windows every cycle. The repair's warning names
+        # no line (the document carries a timestamp, so its text differs each call): once.
+        what = "pbsnodes -a -F json"
+        nodes = load_pbs_json(result.stdout, what, warn=lambda message, *args: _warn_once(("repair", what), message, *args)
+                              ).get("nodes") or {}
         free: dict[str, int] = {}
         for name, node in nodes.items():
             if not isinstance(node, dict):
-                logger.warning("pbsnodes: skipped unreadable node record %r", name)
+                _warn_once(("node", f"{name}|{node!r:.200}"), "pbsnodes: skipped unreadable node record %r", name)
                 continue
             states = {s.strip() for s in str(node.get("state", "")).split(",")}
             if states != {"free"} or node.get("jobs") or node.get("resv"):

@@ -12,6 +12,8 @@ import datetime as dt
 import logging
 import re
 import shlex
+import threading
+from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
 from typing import Mapping, Optional
@@ -35,6 +37,26 @@ from balsam.scheduler import (
 from balsam.states import BatchJobState
 
 logger = logging.getLogger("balsam.scheduler.slurm")
+
+#: How many distinct unreadable sinfo lines are remembered as warned about (see :func:`_warn_once`).
+WARNED_LINES_MAX = 256
+_warned_lines: OrderedDict[tuple[str, str], None] = OrderedDict()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: tuple[str, str], message: str, *args: object) -> None:
+    """A WARNING the first time this process meets ``key`` (the warning's kind and the line at
+    fault), DEBUG after that. The elastic module and the scheduler module both read the backfill
+    windows every cycle: one bad sinfo line was warned about twice a minute for hours. The
+    :data:`WARNED_LINES_MAX` most recently met keys are kept (least recently met dropped first),
+    so scheduler output that is bad in a new way each time holds bounded memory."""
+    with _warned_lock:
+        first = key not in _warned_lines
+        _warned_lines[key] = None
+        _warned_lines.move_to_end(key)
+        while len(_warned_lines) > WARNED_LINES_MAX:
+            _warned_lines.popitem(last=False)
+    (logger.warning if first else logger.debug)(message, *args)
 
 Q, R, F = BatchJobState.queued, BatchJobState.running, BatchJobState.finished
 
@@ -135,6 +157,13 @@ NEVER_STARTS_REASONS = frozenset({
     "InvalidAccount", "InvalidQOS", "BadConstraints",
     "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit", "QOSMaxCpuPerJobLimit", "QOSMinNode",
     "AssocMaxNodesPerJobLimit", "AssocMaxWallDurationPerJobLimit", "AssocMaxCpuPerJobLimit",
+})
+
+#: squeue pending reasons (%r) of a job that waits for something other than free nodes and its
+#: turn: a hold (user's or administrator's), a dependency, a begin time. It does not take nodes
+#: that come free now (``SlurmScheduler.waits_for_other_than_nodes``).
+WAITS_FOR_OTHER_REASONS = frozenset({
+    "Dependency", "DependencyNeverSatisfied", "JobHeldUser", "JobHeldAdmin", "BeginTime",
 })
 
 
@@ -375,6 +404,9 @@ class SlurmPoll(StatusPoll):
     """A squeue poll, with the cluster each job was listed under (polls of named clusters)."""
 
     clusters: Mapping[int, str] = attrs.field(factory=dict)
+    #: Its waiting jobs whose submit time squeue did not give (%V N/A): their queued_time_min 0
+    #: means unknown, not just submitted.
+    unknown_submit: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
 
 
 def _cluster_flag_values(tokens: list[str]) -> list[str]:
@@ -409,6 +441,12 @@ class SlurmScheduler(Scheduler):
         # The message is squeue's %r: one reason word (a few are followed by ", details").
         word = status.message.split(",", 1)[0].strip()
         return status.state is BatchJobState.queued and word in NEVER_STARTS_REASONS
+
+    def waits_for_other_than_nodes(self, status: SchedulerJobStatus) -> bool:
+        word = status.message.split(",", 1)[0].strip()
+        unknown = getattr(self.last_poll, "unknown_submit", frozenset())
+        return status.state is BatchJobState.queued and (word in WAITS_FOR_OTHER_REASONS
+                                                         or status.scheduler_id in unknown)
 
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:
@@ -517,7 +555,9 @@ class SlurmScheduler(Scheduler):
             and (history := history_from_sacct(row.native_state, row.submit_time, row.start_time, row.end_time,
                                                "", row.reason, row.scheduler_id)) is not None
         }
-        return SlurmPoll(time=now, statuses=self.statuses_from_rows(rows, now), ended=ended, clusters=clusters)
+        unknown = {row.scheduler_id for row in rows if row.state is Q and row.submit_time is None}
+        return SlurmPoll(time=now, statuses=self.statuses_from_rows(rows, now), ended=ended, clusters=clusters,
+                         unknown_submit=unknown)
 
     @staticmethod
     def statuses_from_rows(rows: list[SqueueRow], now: dt.datetime) -> dict[int, SchedulerJobStatus]:
@@ -651,7 +691,8 @@ class SlurmScheduler(Scheduler):
             if len(fields) != 5 or not fields[3].isdecimal():
                 if line.strip():
                     bad.append(line)
-                    logger.warning("sinfo: skipped unreadable line %r", line[:200])
+                    # Once per distinct line (DEBUG on later calls): parse_backfill runs every cycle.
+                    _warn_once(("line", line[:200]), "sinfo: skipped unreadable line %r", line[:200])
                 continue
             read += 1
             partition, avail, state, count, limit = fields
@@ -665,8 +706,8 @@ class SlurmScheduler(Scheduler):
                 except ValueError:
                     minutes = 0
                 if minutes <= 0:  # a window of unknown length is no window
-                    logger.warning("sinfo: partition %s: unreadable time limit %r: its idle nodes are no backfill "
-                                   "window", partition, limit[:60])
+                    _warn_once(("limit", f"{partition}|{limit[:60]}"), "sinfo: partition %s: unreadable time limit "
+                               "%r: its idle nodes are no backfill window", partition, limit[:60])
             idle[partition] = idle.get(partition, 0) + int(count)
             limits[partition] = minutes
         if bad and not read:

@@ -9,7 +9,11 @@ Each cycle (``scheduler.sync_period`` seconds):
    BatchJob's queue, whatever queue name the scheduler shows); the rendered script is
    ``qsubmit/qlaunch<id:05d>.sh``;
 3. deletes ``pending_deletion`` BatchJobs from the scheduler (one whose submission's outcome was
-   never recorded is first looked up, so that no job of it is left in the queue);
+   never recorded is first looked up, so that no job of it is left in the queue), and withdraws
+   a queued BatchJob marked ``status_info[WITHDRAW_IF_QUEUED]`` only while this cycle's poll shows
+   it still waiting (deleted, then pending_deletion); one that started keeps running, its marker
+   dropped (see :meth:`SchedulerModule._withdraw_if_queued`; a marker written while the cycle
+   ran is kept by its PATCH, :meth:`SchedulerModule._keep_withdrawals`);
 4. copies queued/running from the scheduler; a BatchJob that left the queue is looked up in the
    scheduler's history (start/end times, final native state) before it is declared finished (a
    lookup that fails leaves it as it is until one answers);
@@ -247,6 +251,17 @@ def _pending_earlier_unknown(pending: Path) -> bool:
 #: a new one "already submitted". The token is stored on the server (in the BatchJob's status_info)
 #: before the submit command runs and written into both markers, so a marker proves whose it is.
 SUBMIT_TOKEN = "submit_token"
+
+#: status_info key of a conditional withdrawal (its value: when it was asked, and by whom): the
+#: BatchJob is deleted from the scheduler only if it has not started, as this module's own status
+#: poll shows it in the cycle that acts on it. The elastic queue withdraws its requests no backlog
+#: needs this way: marked pending_deletion from its own poll, a request that started before this
+#: module's next cycle (up to sync_period later) was deleted, killing a launcher that had leased
+#: jobs. ``balsam queue term`` (state pending_deletion) still deletes unconditionally.
+WITHDRAW_IF_QUEUED = "withdraw_if_queued"
+
+#: Most BatchJob ids in one ``GET /batch-jobs/?id=...`` (see SchedulerModule._keep_withdrawals).
+MAX_IDS_PER_GET = 32
 
 #: The start of the error written while the scheduler's status poll keeps failing.
 _STATUS_UNAVAILABLE = "scheduler status unavailable"
@@ -541,6 +556,7 @@ class SchedulerModule(AgentModule):
 
         try:
             if updates:
+                self._keep_withdrawals(batch_jobs, updates)
                 refused = bulk_patch(self.client, "/batch-jobs/", list(updates.values()))
                 if refused:
                     self._record_refusals(refused, {b["id"]: b for b in batch_jobs})
@@ -558,6 +574,31 @@ class SchedulerModule(AgentModule):
             # ends a running launcher's work (its renewal call has its own error handling).
             self._keep_launcher_credentials(batch_jobs, updates)
         return None
+
+    def _keep_withdrawals(self, batch_jobs: list[dict], updates: dict[int, dict]) -> None:
+        """Carry a ``status_info[WITHDRAW_IF_QUEUED]`` written since this cycle read its BatchJobs
+        into the updates that replace their status_info. The elastic queue marks its requests
+        between this module's read and its PATCH (seconds of scheduler commands): the status_info
+        written from the copy read before replaced the marker, and the withdrawal was lost until the
+        elastic queue asked again. One bulk GET of those BatchJobs (:data:`MAX_IDS_PER_GET` ids a
+        request), only in a cycle that rewrites a status_info without the marker."""
+        read = {b["id"]: b for b in batch_jobs}
+        ids = [i for i, u in updates.items() if "status_info" in u
+               and WITHDRAW_IF_QUEUED not in (read.get(i, {}).get("status_info") or {})
+               and WITHDRAW_IF_QUEUED not in u["status_info"]]
+        for start in range(0, len(ids), MAX_IDS_PER_GET):
+            chunk = ids[start:start + MAX_IDS_PER_GET]
+            try:
+                rows = (self.client.get("/batch-jobs/", params={"id": chunk, "limit": len(chunk)}) or {}).get("results")
+            except Exception as exc:  # the PATCH goes on as before: the elastic queue asks again
+                self.logger.warning("reading BatchJobs %s again for withdrawals failed: %s", chunk,
+                                    clean_text(exc, 300))
+                return
+            for row in rows or ():
+                marker = (row.get("status_info") or {}).get(WITHDRAW_IF_QUEUED)
+                if marker is not None and int(row["id"]) in updates:
+                    updates[int(row["id"])]["status_info"] = {**updates[int(row["id"])]["status_info"],
+                                                              WITHDRAW_IF_QUEUED: marker}
 
     def _revoke_unused_credentials(self, updates: dict[int, dict], refused: "set[int]") -> None:
         """The credentials of BatchJobs that went submit_failed this cycle are revoked, unless a
@@ -683,6 +724,9 @@ class SchedulerModule(AgentModule):
         self.missing_counts.pop(batch_job["id"], None)
         self.missed_since.pop(batch_job["id"], None)
         new_state = status.state
+        if WITHDRAW_IF_QUEUED in (batch_job.get("status_info") or {}):
+            if self._withdraw_if_queued(batch_job, state, new_state, update):
+                return
         if new_state in (BatchJobState.queued, BatchJobState.running) and new_state != state:
             update["state"] = new_state.value
             if new_state == BatchJobState.running and not batch_job.get("start_time"):
@@ -692,6 +736,31 @@ class SchedulerModule(AgentModule):
             else:
                 self.logger.info("BatchJob %s: %s -> %s", batch_job["id"], state.value, new_state.value)
         self._copy_reason(batch_job, getattr(status, "message", "") or "", update)
+
+    def _withdraw_if_queued(self, batch_job: dict, state: BatchJobState, polled: BatchJobState,
+                            update: dict) -> bool:
+        """A BatchJob marked ``status_info[WITHDRAW_IF_QUEUED]``: deleted from the scheduler now, and
+        pending_deletion, when both its state and this cycle's poll say it still waits (True: done
+        with it this cycle). Once it started (running in the API or in the poll) the withdrawal is
+        dropped, the marker removed, one INFO line, and the BatchJob goes on as any other (False).
+        A delete that fails keeps the marker: tried again next cycle, if the job still waits."""
+        scheduler_id = batch_job["scheduler_id"]
+        info = batch_job.get("status_info") or {}
+        if state == BatchJobState.queued and polled == BatchJobState.queued:
+            try:
+                self.scheduler.delete_job(scheduler_id)
+            except Exception as exc:
+                self._error(update, batch_job, f"withdrawal: delete failed: {exc}")
+                return True
+            update["state"] = BatchJobState.pending_deletion.value
+            self.logger.info("BatchJob %s: withdrawn while still queued (%s %s): deleted scheduler job %s",
+                             batch_job["id"], WITHDRAW_IF_QUEUED, info.get(WITHDRAW_IF_QUEUED), scheduler_id)
+            return True
+        update["status_info"] = {k: v for k, v in (update.get("status_info") or info).items() if k != WITHDRAW_IF_QUEUED}
+        self.logger.info("BatchJob %s: withdrawal dropped (%s %s): it started (it was %s, scheduler job %s is %s), "
+                         "so it goes on running", batch_job["id"], WITHDRAW_IF_QUEUED, info.get(WITHDRAW_IF_QUEUED),
+                         state.value, scheduler_id, polled.value)
+        return False
 
     def _record_requeue(self, batch_job: dict, update: dict) -> None:
         """The scheduler lists a running job as waiting again: it was requeued (Slurm's ``scontrol
