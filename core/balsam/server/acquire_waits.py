@@ -15,7 +15,8 @@ that commits after the look moved it; one that committed before the look was see
 What wakes a wait: a committed write that can put jobs in a state an acquire leases (the jobs
 routes' creates and updates, finished transfers, a deleted session or BatchJob whose jobs are
 freed, the expiry sweep), flagged by its handler with ``Ctx.wake_acquires()``. A wake-up may find
-nothing (the write moved other jobs): the acquire waits again until its deadline. No state is held
+nothing (the write moved other jobs), or jobs that the other waits it woke lease first (its lease
+then finds nothing, and rolls back): the acquire waits again until its deadline. No state is held
 across the wait: the acquire's transaction starts after it, so nothing is locked meanwhile, and the
 request's ``Idempotency-Key`` is claimed only by the look that leases jobs (or by the last one).
 

@@ -21,7 +21,10 @@ exactly once, with no window for a race:
   ``session_id = this session`` runs inside the retry's write transaction, so it cannot both be
   freed (and perhaps leased elsewhere) and replayed here;
 - a retry running while the original is still in flight waits for it on the key's unique index
-  (PostgreSQL) or on the write lock (SQLite), as every idempotent create does.
+  (PostgreSQL) or on the write lock (SQLite), as every idempotent create does;
+- the replay heartbeats the session as every acquire does: the launcher counts its answer as a
+  heartbeat sent when it sent the retry (balsam.client.lease), and the session must not expire
+  earlier than it reckons while it starts the replayed jobs.
 
 Releasing at once instead (free the lease when the answer is lost) was rejected: the server cannot
 know an answer was lost, and a launcher that did get it would then run jobs it no longer holds.
@@ -66,6 +69,16 @@ run them a second time elsewhere while the first run goes on. So the first sweep
 (per database) and the first sweep after a database outage (:func:`note_outage`) first restart the
 clock of every stale session (heartbeat = now): a launcher that survived has ``expire_sec`` to
 heartbeat again; one that died meanwhile expires ``expire_sec`` later than it would have.
+
+A server process that stood still is such an outage too: stopped (SIGSTOP, a frozen container, a
+paused VM, a suspended host) or its wall clock stepped forward (an NTP step). The launchers'
+heartbeats wait in its socket backlog meanwhile, and its sweeper, which resumes with them, found
+every session older than ``expire_sec`` and expired live launchers (reproduced: a server stopped 5 s
+with a 2 s expiry sent the RUNNING jobs of a launcher that heartbeat every 0.4 s to RUN_TIMEOUT). So
+a thread of the process notes the wall time twice a second (:class:`_ProcessWatch`), and a sweep
+that finds a gap between two notes longer than :func:`stall_limit` restarts the clocks first, as
+after an outage. A shorter stand-still cannot expire a live launcher (its tick period is well under
+``expire_sec``); a wall clock stepped back only lets sessions live longer.
 
 Clock restarts: at most one per session between two of its heartbeats. "First sweep of a process"
 is per process, and a server runs several worker processes, which a process manager may recycle
@@ -139,6 +152,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -217,11 +232,90 @@ def note_outage(engine: sa.Engine) -> None:
     _swept_since_outage.discard(str(engine.url))
 
 
+#: How often the process watch notes the wall time (seconds).
+WATCH_PERIOD_SEC = 0.5
+
+
+def stall_limit(expire_sec: float) -> float:
+    """The longest stand-still of a server process (or step of its wall clock) that is not taken for
+    an outage: a quarter of the expiry (a launcher heartbeats well within the rest), at least 2 s
+    (thread scheduling on a loaded host, and the tests' short expiries)."""
+    return max(2.0, expire_sec / 4)
+
+
+class _ProcessWatch:
+    """Whether this process stood still or its wall clock jumped forward (see the module's docstring):
+    a daemon thread notes ``time.time()`` every :data:`WATCH_PERIOD_SEC`; a longer gap between two
+    notes is time in which the process could not hear heartbeats. Started by the process's first
+    sweep (a forked process starts its own)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid: "int | None" = None
+        self._last = 0.0  # the latest note
+        self._gap = 0.0  # the longest gap between notes since :meth:`take_gap`
+        self._stalls = 0  # stand-stills taken for an outage (see :meth:`mark_swept`)
+        # A child forked while another thread held the lock would never get it.
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCH_PERIOD_SEC)
+            now = time.time()
+            with self._lock:
+                self._gap = max(self._gap, now - self._last)
+                self._last = now
+
+    def take_gap(self, limit: float) -> "tuple[float, int]":
+        """The longest gap since the previous call, the time since the latest note included (the
+        sweep may run before the thread, both resuming from a stop), 0 at the first call; and the
+        stand-stills counted so far (for :meth:`mark_swept`). A gap longer than ``limit`` is an
+        outage of every database this process serves, and they are counted unswept here, under the
+        lock: once the gap is taken, a concurrent sweep finds no gap; had it found the databases
+        still swept, it skipped the clock restart and expired every session with the cutoff of
+        after the stand-still, live launchers' too."""
+        with self._lock:
+            now = time.time()
+            if self._pid != os.getpid():
+                self._pid, self._last, self._gap = os.getpid(), now, 0.0
+                threading.Thread(target=self._run, name="balsam-session-watch", daemon=True).start()
+                return 0.0, self._stalls
+            gap = max(self._gap, now - self._last)
+            self._gap = 0.0
+            if gap > limit:
+                _swept_since_outage.clear()
+                self._stalls += 1
+            return gap, self._stalls
+
+    def mark_swept(self, database: str, stalls: int) -> None:
+        """The clock restart of a sweep that took its gap when ``stalls`` stand-stills were counted
+        has committed. Not done if the process stood still since: the restart may have written the
+        time of before it (the sweep stopped between its take_gap and its commit)."""
+        with self._lock:
+            if self._stalls == stalls:
+                _swept_since_outage.add(database)
+
+
+_process_watch = _ProcessWatch()
+
+
 def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = None) -> int:
     """Delete sessions with a stale heartbeat or a finished BatchJob; RUNNING jobs -> RUN_TIMEOUT."""
+    database = str(conn.engine.url)
+    limit = stall_limit(expire_sec)
+    stood_still, stalls = _process_watch.take_gap(limit)
+    # Read after take_gap: a stop between the two would have restarted the clocks at the time of
+    # before it.
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=expire_sec)
-    database = str(conn.engine.url)
+    if stood_still > limit:
+        # Heartbeats could not be heard meanwhile (see the module's docstring): take_gap counted it
+        # an outage of every database this process serves. Logged only now: the write may block.
+        logger.warning("This server process stood still (or its clock jumped) for %.0f s: restarting the "
+                       "sessions' expiry clocks", stood_still)
     if database not in _swept_since_outage:
         # The server could not hear heartbeats until now (see the module's docstring): all sessions,
         # but each at most once until it heartbeats again (see "Clock restarts" there).
@@ -234,7 +328,16 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
         ids = list(conn.execute(stale).scalars())
         restarted = conn.execute(sa.update(sessions).where(id_in(sessions.c.id, ids, conn.dialect.name))
                                  .values(heartbeat=now, clock_restarted=True)).rowcount if ids else 0
-        _swept_since_outage.add(database)
+        # Done once it has committed: a request's sweep (maybe_sweep) runs in the request's own
+        # transaction, which a 404 (a tick of a session deleted meanwhile), 401 or 409 rolls back.
+        # Counted done at once, the restart rolled back was never done again, and the next sweep
+        # expired every session the downtime had made stale, live launchers' too.
+        # (A later transaction of the same connection, after a rollback, does not count.)
+        # SQLAlchemy fires "commit" just before it sends the COMMIT: a COMMIT that then fails is a
+        # database outage, whose note_outage undoes the mark.
+        rolled_back: list[bool] = []
+        sa.event.listen(conn, "rollback", lambda _conn: rolled_back.append(True), once=True)
+        sa.event.listen(conn, "commit", lambda _conn: rolled_back or _process_watch.mark_swept(database, stalls), once=True)
         if restarted:
             logger.info("Restarted the expiry clock of %d session(s) after a server start or outage", restarted)
     ended = sa.func.coalesce(batch_jobs.c.state == BatchJobState.finished.value, False)

@@ -7,6 +7,8 @@ import time
 import sqlalchemy as sa
 from starlette.responses import Response
 
+from balsam.models import SessionAcquire
+
 from ..acquire_waits import WaitForJobs
 from ..auth import launcher_credential_problem
 from ..db import count_and_page, where_in
@@ -102,7 +104,8 @@ def acquire_jobs(ctx: Ctx) -> "Response | WaitForJobs":
     session_id = ctx.path_int("session_id")
     spec = parse_acquire(ctx.json())
     deadline = ctx.acquire_deadline()
-    if deadline is not None and time.monotonic() < deadline:
+    waiting = deadline is not None and time.monotonic() < deadline
+    if waiting:
         # Asked to wait (Prefer: wait=N): look first, without a write transaction or the key's
         # claim; if there is nothing, wait for a wake-up (see acquire_waits.py). The generation is
         # read before the look, so a write committing after the look is never missed.
@@ -111,16 +114,40 @@ def acquire_jobs(ctx: Ctx) -> "Response | WaitForJobs":
             session = get_owned_session(conn, ctx.user.id, session_id)
             if not any_candidates(conn, session.site_id, spec):
                 return WaitForJobs(generation, deadline)
+    try:
+        return _lease(ctx, session_id, spec, deadline if waiting else None)
+    except _TakenFirst:
+        # The look saw jobs that other acquires leased first (the waits a write wakes all look at
+        # once): wait again, as when the look finds nothing. Answered at once, this request said
+        # "nothing" seconds before its deadline, and its client asked again at once: one wake-up
+        # of N waits made N - 1 such round trips (80 of 600 acquires with 200 waits). Nothing of
+        # this look was kept (its key's claim and its heartbeat rolled back with it).
+        return WaitForJobs(generation, deadline)
+
+
+class _TakenFirst(Exception):
+    """A waiting acquire's lease found nothing after its look found jobs (rolls its transaction back)."""
+
+
+def _lease(ctx: Ctx, session_id: int, spec: SessionAcquire, deadline: "float | None") -> Response:
+    """The write of an acquire; ``deadline``: of a wait not over yet (:class:`_TakenFirst`)."""
     with ctx.write() as conn:
-        if maybe_sweep(conn, ctx.settings, ctx.user.id):
+        swept = maybe_sweep(conn, ctx.settings, ctx.user.id)
+        if swept:
             ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         session = get_owned_session(conn, ctx.user.id, session_id)
         earlier = ctx.idempotency.claim(conn)
         if earlier is not None:  # the answer was lost: the same jobs again (see sessions_logic)
+            # A heartbeat, as every acquire: the launcher counts this answer as one sent when it
+            # sent the request (lease._confirm); without it the session expired that much earlier
+            # than the launcher reckoned, while it started the replayed jobs.
+            heartbeat(conn, session.id, utcnow())
             _refuse_dead_launcher(ctx, conn)
             return json_response(reacquire(conn, session, earlier.ids))
         # Checked by acquire once its heartbeat holds the session, before the lease.
         result = acquire(conn, session, spec, check=lambda: _refuse_dead_launcher(ctx, conn))
+        if not result and not swept and deadline is not None and time.monotonic() < deadline:
+            raise _TakenFirst  # (a sweep's expiries are kept: they commit with an empty answer)
         ctx.idempotency.record(conn, 200, "acquire", [job["id"] for job in result])
     return json_response(result)
 
