@@ -12,8 +12,6 @@ import logging
 import math
 import re
 import shlex
-import threading
-from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -36,28 +34,16 @@ from balsam.scheduler import (
     format_walltime,
 )
 from balsam.states import BatchJobState
+from balsam.util import first_warning
 
 logger = logging.getLogger("balsam.scheduler.pbs")
 
-#: How many distinct unreadable pbsnodes records are remembered as warned about (see :func:`_warn_once`).
-WARNED_LINES_MAX = 256
-_warned_lines: OrderedDict[tuple[str, str], None] = OrderedDict()
-_warned_lock = threading.Lock()
-
-
 def _warn_once(key: tuple[str, str], message: str, *args: object) -> None:
     """A WARNING the first time this process meets ``key`` (the warning's kind and the text at
-    fault), DEBUG after that. The elastic module and the scheduler module both read the backfill
-    windows every cycle: one bad pbsnodes record was warned about twice a minute for hours. The
-    :data:`WARNED_LINES_MAX` most recently met keys are kept (least recently met dropped first),
-    so output that is bad in a new way each time holds bounded memory."""
-    with _warned_lock:
-        first = key not in _warned_lines
-        _warned_lines[key] = None
-        _warned_lines.move_to_end(key)
-        while len(_warned_lines) > WARNED_LINES_MAX:
-            _warned_lines.popitem(last=False)
-    (logger.warning if first else logger.debug)(message, *args)
+    fault), DEBUG after that (:func:`balsam.util.first_warning`, bounded): the elastic module and the
+    scheduler module both read the backfill windows every cycle, and one bad pbsnodes record was warned
+    about twice a minute for hours."""
+    (logger.warning if first_warning(("pbsnodes",) + key) else logger.debug)(message, *args)
 
 Q, R, F = BatchJobState.queued, BatchJobState.running, BatchJobState.finished
 
