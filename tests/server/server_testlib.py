@@ -11,6 +11,8 @@ import httpx
 
 #: Sessions of the ``short_expiry_server`` expire after this many seconds without a heartbeat.
 SHORT_EXPIRY_SEC = 2
+#: Sessions of the ``hand_swept_server`` expire after this many seconds without a heartbeat.
+HAND_SWEPT_EXPIRY_SEC = 60
 
 
 class Api:

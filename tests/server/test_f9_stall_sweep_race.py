@@ -14,39 +14,20 @@ import datetime as dt
 import logging
 import os
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from server_testlib import HAND_SWEPT_EXPIRY_SEC
 
 from balsam.server import sessions_logic
 from balsam.server.db import write_tx
 from balsam.server.tables import sessions
 
-EXPIRE_SEC = 60
+EXPIRE_SEC = HAND_SWEPT_EXPIRY_SEC  # the hand_swept_server's
 STOOD_STILL_SEC = 70  # longer than the expiry
 #: Guards the test against a hang only (a failed wait is reported, nothing is timed).
 HANG_SEC = 30
-
-
-@pytest.fixture
-def server(database_url: str) -> Iterator[Any]:
-    from starlette.testclient import TestClient
-
-    from balsam.server.app import create_app
-    from balsam.server.settings import ServerSettings
-
-    # The background sweep and the requests' sweeps run at most every hour: the test sweeps itself.
-    settings = ServerSettings(database_url=database_url, secret_key="x" * 40, registration="open",
-                              session_expire_sec=EXPIRE_SEC, session_sweep_sec=3600)
-    app = create_app(settings=settings, create_tables_now=True)
-    with TestClient(app) as tc:
-        password = "a long enough password"
-        tc.post("/auth/password/register", json={"username": "u", "password": password}).raise_for_status()
-        token = tc.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
-        tc.headers["Authorization"] = f"Bearer {token}"
-        tc.site = tc.post("/sites/", json={"name": "s", "path": "/tmp/s"}).json()
-        yield tc
 
 
 def _sweep(engine: sa.Engine) -> int:
@@ -76,10 +57,10 @@ class _HoldTheWarning(logging.Handler):
 
 # Concurrent sweeps run together on PostgreSQL only (SQLite's BEGIN IMMEDIATE serializes them).
 @pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
-def test_a_sweep_beside_the_one_that_found_the_stand_still_restarts_the_clocks(server: Any) -> None:
-    engine = server.app.state.engine
+def test_a_sweep_beside_the_one_that_found_the_stand_still_restarts_the_clocks(hand_swept_server: Any) -> None:
+    engine = hand_swept_server.app.state.engine
     _sweep(engine)  # this process has swept (and watches its clock)
-    live = server.post("/sessions/", json={"site_id": server.site["id"]}).json()["id"]
+    live = hand_swept_server.post("/sessions/", json={"site_id": hand_swept_server.site["id"]}).json()["id"]
     # The process stood still: the launcher's last heartbeat heard is older than the expiry, its
     # later ones wait in the socket backlog; the watch thread noted the gap at the resume.
     with write_tx(engine) as conn:
@@ -112,14 +93,14 @@ def test_a_sweep_beside_the_one_that_found_the_stand_still_restarts_the_clocks(s
     assert swept == {"X": 0, "Y": 0}
     row = _session_row(engine, live)
     assert row is not None and row.clock_restarted
-    assert server.put(f"/sessions/{live}", json={}).status_code == 200  # the launcher heartbeats again
+    assert hand_swept_server.put(f"/sessions/{live}", json={}).status_code == 200  # the launcher heartbeats again
 
 
 def test_a_stop_inside_the_sweep_does_not_restart_the_clocks_at_the_time_before_it(
-        server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = server.app.state.engine
+        hand_swept_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = hand_swept_server.app.state.engine
     _sweep(engine)  # this process has swept (and watches its clock)
-    live = server.post("/sessions/", json={"site_id": server.site["id"]}).json()["id"]
+    live = hand_swept_server.post("/sessions/", json={"site_id": hand_swept_server.site["id"]}).json()["id"]
     # The process is stopped in the sweep just as it takes the watch's gap (the sweep may take it
     # before the watch thread, both resuming): the wall clock moved on meanwhile.
     stopped = dt.timedelta()
@@ -141,7 +122,7 @@ def test_a_stop_inside_the_sweep_does_not_restart_the_clocks_at_the_time_before_
     # The next sweep, before the launcher's heartbeats waiting in the backlog are served.
     assert _sweep(engine) == 0
     assert _session_row(engine, live) is not None
-    assert server.put(f"/sessions/{live}", json={}).status_code == 200
+    assert hand_swept_server.put(f"/sessions/{live}", json={}).status_code == 200
 
 
 def test_a_process_forked_while_the_watch_was_locked_still_sweeps() -> None:

@@ -15,12 +15,12 @@ import signal
 import threading
 import time
 import types
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from server_testlib import SHORT_EXPIRY_SEC, Api, runnable
+from server_testlib import HAND_SWEPT_EXPIRY_SEC, SHORT_EXPIRY_SEC, Api, runnable
 
 from balsam.server import sessions_logic
 from balsam.server.db import write_tx
@@ -79,34 +79,15 @@ def test_a_stopped_server_keeps_the_sessions_that_heartbeat_meanwhile(db_kind: s
     api.close()
 
 
-EXPIRE_SEC = 60
+EXPIRE_SEC = HAND_SWEPT_EXPIRY_SEC  # the hand_swept_server's
 
 
-@pytest.fixture
-def server(database_url: str) -> Iterator[Any]:
-    from starlette.testclient import TestClient
-
-    from balsam.server.app import create_app
-    from balsam.server.settings import ServerSettings
-
-    # The background sweep and the requests' sweeps run at most every 30 s: the test sweeps itself.
-    settings = ServerSettings(database_url=database_url, secret_key="x" * 40, registration="open",
-                              session_expire_sec=EXPIRE_SEC, session_sweep_sec=3600)
-    app = create_app(settings=settings, create_tables_now=True)
-    with TestClient(app) as tc:
-        password = "a long enough password"
-        tc.post("/auth/password/register", json={"username": "u", "password": password}).raise_for_status()
-        token = tc.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
-        tc.headers["Authorization"] = f"Bearer {token}"
-        tc.site = tc.post("/sites/", json={"name": "s", "path": "/tmp/s"}).json()
-        yield tc
-
-
-def test_a_forward_step_of_the_servers_clock_expires_no_live_session(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = server.app.state.engine
+def test_a_forward_step_of_the_servers_clock_expires_no_live_session(
+        hand_swept_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = hand_swept_server.app.state.engine
     with write_tx(engine) as conn:
         sessions_logic.sweep_expired(conn, EXPIRE_SEC)  # this process has swept (and watches its clock)
-    session = server.post("/sessions/", json={"site_id": server.site["id"]}).json()["id"]
+    session = hand_swept_server.post("/sessions/", json={"site_id": hand_swept_server.site["id"]}).json()["id"]
     # The wall clock steps forward by more than the expiry (an NTP step), between two sweeps.
     step = EXPIRE_SEC * 2
     real_time, real_utcnow = time.time, sessions_logic.utcnow
@@ -119,39 +100,40 @@ def test_a_forward_step_of_the_servers_clock_expires_no_live_session(server: Any
         assert conn.execute(sa.select(sa.func.count()).select_from(sessions).where(sessions.c.id == session)).scalar() == 1
 
 
-def test_a_clock_restart_rolled_back_with_its_request_is_done_again(server: Any) -> None:
+def test_a_clock_restart_rolled_back_with_its_request_is_done_again(hand_swept_server: Any) -> None:
     """The first sweep of a process restarts the stale sessions' clocks. It may run inside a request
     (the user's sweep before an acquire, tick or session create) whose transaction then fails (a
     404 for a session deleted meanwhile): the restart was rolled back with it, but the process
     counted it as done, and its next sweep expired every session the downtime had made stale."""
-    engine = server.app.state.engine
-    live = server.post("/sessions/", json={"site_id": server.site["id"]}).json()["id"]
+    engine = hand_swept_server.app.state.engine
+    live = hand_swept_server.post("/sessions/", json={"site_id": hand_swept_server.site["id"]}).json()["id"]
     with write_tx(engine) as conn:  # the server was down longer than the expiry (a new process)
         conn.execute(sa.update(sessions).values(heartbeat=sessions_logic.utcnow() - dt.timedelta(seconds=EXPIRE_SEC + 5)))
     sessions_logic._swept_since_outage.clear()
     sessions_logic._last_user_sweep.clear()
     # The first request after the start: a tick of a session that is no more (its sweep, then 404).
-    assert server.put("/sessions/999999", json={}).status_code == 404
+    assert hand_swept_server.put("/sessions/999999", json={}).status_code == 404
     with write_tx(engine) as conn:  # the background sweep
         assert sessions_logic.sweep_expired(conn, EXPIRE_SEC) == 0
-    assert server.put(f"/sessions/{live}", json={}).status_code == 200  # the launcher heartbeats again
+    assert hand_swept_server.put(f"/sessions/{live}", json={}).status_code == 200  # the launcher heartbeats again
 
 
-def test_a_replayed_acquire_heartbeats_its_session(server: Any) -> None:
+def test_a_replayed_acquire_heartbeats_its_session(hand_swept_server: Any) -> None:
     """A launcher counts every answered acquire as a heartbeat sent when it sent the request
     (balsam.client.lease, ``_confirm``), the resent one whose first answer was lost included. The
     replay (the same jobs again) did not heartbeat: the server's clock of the session still ran from
     the lost original, and it expired the session while the launcher counted it fresh and started
     the jobs, which then ran a second time elsewhere."""
-    engine = server.app.state.engine
-    server.post("/jobs/", json=[{"workdir": "w/1", "app_id": server.post("/apps/", json={
-        "site_id": server.site["id"], "name": "A", "serialized_class": "", "source_code": "", "parameters": {},
-        "transfers": {}, "description": ""}).json()["id"]}])
-    [job] = server.get("/jobs/").json()["results"]
-    server.patch("/jobs/", json=[{"id": job["id"], "state": "PREPROCESSED"}]).raise_for_status()
-    session = server.post("/sessions/", json={"site_id": server.site["id"]}).json()["id"]
+    engine = hand_swept_server.app.state.engine
+    hand_swept_server.post("/jobs/", json=[{"workdir": "w/1", "app_id": hand_swept_server.post("/apps/", json={
+        "site_id": hand_swept_server.site["id"], "name": "A", "serialized_class": "", "source_code": "",
+        "parameters": {}, "transfers": {}, "description": ""}).json()["id"]}])
+    [job] = hand_swept_server.get("/jobs/").json()["results"]
+    hand_swept_server.patch("/jobs/", json=[{"id": job["id"], "state": "PREPROCESSED"}]).raise_for_status()
+    session = hand_swept_server.post("/sessions/", json={"site_id": hand_swept_server.site["id"]}).json()["id"]
     key = {"Idempotency-Key": "acquire-1"}
-    assert [j["id"] for j in server.post(f"/sessions/{session}", json={"max_num_jobs": 5}, headers=key).json()] == [job["id"]]
+    assert [j["id"] for j in hand_swept_server.post(f"/sessions/{session}", json={"max_num_jobs": 5},
+                                                    headers=key).json()] == [job["id"]]
 
     def age(seconds: int) -> None:
         with write_tx(engine) as conn:
@@ -160,8 +142,9 @@ def test_a_replayed_acquire_heartbeats_its_session(server: Any) -> None:
                              .values(heartbeat=beat - dt.timedelta(seconds=seconds)))
 
     age(EXPIRE_SEC - 10)  # the answer was lost; the launcher resends the request for a while
-    assert [j["id"] for j in server.post(f"/sessions/{session}", json={"max_num_jobs": 5}, headers=key).json()] == [job["id"]]
+    assert [j["id"] for j in hand_swept_server.post(f"/sessions/{session}", json={"max_num_jobs": 5},
+                                                    headers=key).json()] == [job["id"]]
     age(20)  # well within the expiry, for the launcher, since its resent acquire was answered
     with write_tx(engine) as conn:
         assert sessions_logic.sweep_expired(conn, EXPIRE_SEC) == 0
-    assert server.get(f"/jobs/{job['id']}").json()["state"] == "PREPROCESSED"
+    assert hand_swept_server.get(f"/jobs/{job['id']}").json()["state"] == "PREPROCESSED"

@@ -12,37 +12,18 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import types
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from server_testlib import HAND_SWEPT_EXPIRY_SEC
 
 from balsam.server import app as server_app
 from balsam.server import sessions_logic
 from balsam.server.db import write_tx
 from balsam.server.tables import sessions
 
-EXPIRE_SEC = 60
-
-
-@pytest.fixture
-def server(database_url: str) -> Iterator[Any]:
-    from starlette.testclient import TestClient
-
-    from balsam.server.app import create_app
-    from balsam.server.settings import ServerSettings
-
-    # The background sweep and the requests' sweeps run at most every 30 s: the test sweeps itself.
-    settings = ServerSettings(database_url=database_url, secret_key="x" * 40, registration="open",
-                              session_expire_sec=EXPIRE_SEC, session_sweep_sec=3600)
-    app = create_app(settings=settings, create_tables_now=True)
-    with TestClient(app) as tc:
-        password = "a long enough password"
-        tc.post("/auth/password/register", json={"username": "u", "password": password}).raise_for_status()
-        token = tc.post("/auth/password/login", data={"username": "u", "password": password}).json()["access_token"]
-        tc.headers["Authorization"] = f"Bearer {token}"
-        tc.site = tc.post("/sites/", json={"name": "s", "path": "/tmp/s"}).json()
-        yield tc
+EXPIRE_SEC = HAND_SWEPT_EXPIRY_SEC  # the hand_swept_server's
 
 
 def _heartbeats(engine: sa.Engine) -> dict[int, dt.datetime]:
@@ -67,15 +48,15 @@ def _sweep(engine: sa.Engine, *, new_worker: bool) -> None:
         sessions_logic.sweep_expired(conn, EXPIRE_SEC)
 
 
-def test_new_workers_do_not_keep_a_dead_launchers_session_alive(server: Any) -> None:
-    engine = server.app.state.engine
-    dead = server.post("/sessions/", json={"site_id": server.site["id"]}).json()["id"]
-    live = server.post("/sessions/", json={"site_id": server.site["id"]}).json()["id"]
+def test_new_workers_do_not_keep_a_dead_launchers_session_alive(hand_swept_server: Any) -> None:
+    engine = hand_swept_server.app.state.engine
+    dead = hand_swept_server.post("/sessions/", json={"site_id": hand_swept_server.site["id"]}).json()["id"]
+    live = hand_swept_server.post("/sessions/", json={"site_id": hand_swept_server.site["id"]}).json()["id"]
     _age(engine, [dead, live], 30)
     before = _heartbeats(engine)
     _sweep(engine, new_worker=True)  # the server (re)starts: both clocks restarted
     assert all(beat > before[i] + dt.timedelta(seconds=20) for i, beat in _heartbeats(engine).items())
-    assert server.put(f"/sessions/{live}", json={}).status_code == 200  # the live launcher heartbeats
+    assert hand_swept_server.put(f"/sessions/{live}", json={}).status_code == 200  # the live launcher heartbeats
     _age(engine, [dead, live], 50)
     _sweep(engine, new_worker=True)  # a worker recycled while the others served
     _age(engine, [dead, live], 20)  # 70 s since the dead launcher's clock restart, 20 s since the new worker
