@@ -15,7 +15,9 @@
   files costs ``task_skipped_errors`` calls (one per page of errors), which name the failed files
   (a file inside a directory item is named by its own path; the agent files it under that item;
   a home-directory path Globus reports resolved is named as submitted, see :func:`_skipped_keys`,
-  the home read as for a failed task's delivered files; a path several items write names each; one
+  the home read as for a failed task's delivered files; a path several items write, nested items
+  too, is the item's whose source Globus reports, else each holder's, filed under a name the agent
+  gives that item: an outer directory item's own dest for its file inside an inner item; one
   that may be a home item's while that home cannot be read fails a try of every item of the task).
   A task whose outcome needs such calls (also a failed task's delivered files and last event) and
   whose calls fail is reported ``active`` with the reason that poll, read again at the next; the
@@ -40,9 +42,12 @@
   Both sides are compared normalized (``~/`` as ``/~/``, ``.`` and ``..`` collapsed as Globus reports
   them; a ``/~/`` destination, as submitted or made by ``endpoint_site_path``, also matches the
   path Globus reports once it resolved that home: the collection's home directory is read from
-  Globus, one ``operation_ls`` of ``/~/`` per collection for the backend's life (see
-  GlobusTransfer._home), never guessed from the reported paths; a path two items write delivers
-  neither); a task that delivered files none of which matches logs one warning. A task's files are remembered until no poll has named it
+  Globus, one ``operation_ls`` of ``/~/`` per collection and login for the backend's life (see
+  GlobusTransfer._home; an ls that fails for a moment, 5xx, 429 or the network, keeps the task
+  active until the next cycle), never guessed from the reported paths; a path two items write
+  delivers neither, nor, while that home cannot be read, a path reported otherwise than in home
+  form that may be a home item's); a task that delivered files none of which matches logs one
+  warning. A task's files are remembered until no poll has named it
   for FORGET_AFTER_POLLS polls and FORGET_AFTER_SEC.
 - A task cancelled outside balsam (by its owner, e.g. in the Globus web app: ``fatal_error``
   ``CANCELED`` without balsam having asked for it; or by a collection's administrator:
@@ -497,6 +502,22 @@ def _login_id(login: Optional[_Login]) -> Optional[int]:
     return None if login is None else login.serial
 
 
+def _client_owner(client: Any) -> Any:
+    """Whose home a client's ``ls /~/`` reads: its login's id (see _login_id), else (a client handed
+    in) the client itself."""
+    login = getattr(getattr(client, "authorizer", None), "balsam_login", None)
+    return ("login", login.serial) if isinstance(login, _Login) else ("client", id(client))
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed request may work at the next cycle as it is: Globus down (5xx), rate limited
+    (429, or any answer with a Retry-After), the network. Not a refusal (403, 404), a consent, a
+    session or credentials to renew (a new login), an unreadable answer."""
+    if isinstance(exc, globus_sdk.GlobusAPIError):
+        return exc.http_status >= 500 or exc.http_status == 429 or _retry_after(exc) is not None
+    return isinstance(exc, (globus_sdk.NetworkError, globus_sdk.GlobusConnectionError))
+
+
 def _is_uuid(text: Any) -> bool:
     try:
         uuid.UUID(str(text))
@@ -599,10 +620,14 @@ def _delivered(sent: Sequence[tuple[str, str, bool]], arrived: Iterable[str], ho
     (``/~/...``) ``home`` + the rest. A path two items write (two spellings of one destination, a
     file inside a directory item) delivers neither; a directory item counts as not delivered (its
     listed files say nothing of the ones missing). ``home`` None (not resolved): a home item counts
-    only when Globus reported it in home form; nothing is guessed."""
+    only when Globus reported it in home form, and a path reported otherwise counts for no item (it
+    may be a home item's: as _skipped_keys, only what cannot collide); nothing is guessed."""
     items = _Items(sent, home)
     found: set[str] = set()
     for path in arrived:
+        if not items.certain_of(path):
+            # Perhaps a home item's too (its home unknown): as _skipped_keys, no item is sure of it.
+            continue
         held = items.holders(path)
         if len(held) == 1:
             (i,) = held
@@ -611,28 +636,83 @@ def _delivered(sent: Sequence[tuple[str, str, bool]], arrived: Iterable[str], ho
     return found
 
 
-def _skipped_keys(sent: Sequence[tuple[str, str, bool]], paths: Sequence[str],
-                  home: Optional[str] = None) -> dict[str, list[str]]:
+def _skipped_keys(sent: Sequence[tuple[str, str, bool]], paths: Sequence[str], home: Optional[str] = None,
+                  sources: Optional[Sequence[str]] = None, origins: Optional[Sequence[str]] = None
+                  ) -> dict[str, list[str]]:
     """{a skipped file's destination as Globus reports it: the names the agent files its error
     under} for the paths that are a submitted destination or inside a submitted directory (see
     _Items; ``home``: the collection's home, resolved, or None): the item's ``dest``, or for a file
-    inside a directory item its own path under the item's ``dest``. A path several items write names
-    each of them. A path left out matches no item for sure: none, or one a home item whose home is
-    not known may be (the caller then fails a try of every item of the task: nothing is recorded
-    done on a guess)."""
-    items = _Items(sent, home)
+    inside a directory item its own path under the item's ``dest``. A path several items write (two
+    spellings of one destination, nested items) is the item's whose source it came from when
+    ``sources`` (the reported source of each path) and ``origins`` (each item's source as submitted,
+    normalized) tell it, else each holder's. Each name is one the agent's matcher
+    (match_file_errors: an item's own ``dest``, else the deepest directory item holding the path)
+    gives to that item: a file of an outer directory item that lies inside an inner item is named by
+    the outer item's ``dest`` (its own path was the inner item's alone, and the outer one was recorded
+    done without it); see _attributed. A path left out matches no item for sure: none, or one a home
+    item whose home is not known may be (the caller then fails a try of every item of the task:
+    nothing is recorded done on a guess)."""
     found: dict[str, list[str]] = {}
-    for path in paths:
+    for path, names in zip(paths, _skipped_names(sent, paths, home, sources, origins)):
+        if names:
+            found.setdefault(path, [key for key, _ in names])
+    return found
+
+
+def _skipped_names(sent: Sequence[tuple[str, str, bool]], paths: Sequence[str], home: Optional[str] = None,
+                   sources: Optional[Sequence[str]] = None, origins: Optional[Sequence[str]] = None
+                   ) -> list[list[tuple[str, str]]]:
+    """For each of ``paths``, as _skipped_keys: [(the name its error is filed under, the file's own
+    path under that item's dest)] ([] when left out); the two differ where the item's dest names a
+    file inside it (its error then says which file)."""
+    items = _Items(sent, home)
+    found: list[list[tuple[str, str]]] = []
+    for n, path in enumerate(paths):
         norm = _norm(path)
+        found.append([])
         if not items.certain_of(norm):
             continue
-        keys = []
-        for i, spelling in items.holders(norm).items():
-            key = sent[i][1]
-            keys.append(key if norm == spelling else key.rstrip("/") + norm[len(spelling.rstrip("/")):])
-        if keys:
-            found[path] = keys
+        held = {i: norm[len(spelling.rstrip("/")):] for i, spelling in items.holders(norm).items()}
+        source = sources[n] if sources is not None and n < len(sources) and sources[n] else None
+        if source is not None and origins is not None and len(held) > 1:
+            # The source says whose file it is: the item that reads it at the same place under its
+            # own source (a nested source too: the relative parts must agree).
+            reported = _norm(source)
+            own = [i for i, rel in held.items() if i < len(origins) and origins[i]
+                   and reported == _norm(origins[i].rstrip("/") + rel if rel else origins[i])]
+            if own:
+                held = {i: held[i] for i in own}
+        for i, rel in held.items():
+            own = sent[i][1]
+            name = (_attributed(sent, i, rel, held), own.rstrip("/") + rel if rel else own)
+            if name not in found[-1]:
+                found[-1].append(name)
     return found
+
+
+def _agent_path(path: str) -> str:
+    """A dest as the agent's matcher compares it (match_file_errors: repeated and trailing slashes dropped)."""
+    return re.sub("/+", "/", path).rstrip("/") or "/"
+
+
+def _attributed(sent: Sequence[tuple[str, str, bool]], i: int, rel: str, held: Iterable[int]) -> str:
+    """The name of item ``i``'s skipped file ``rel`` (under its dest; '' the dest itself) that the
+    agent's matcher gives to item ``i`` and to no item outside ``held`` (the items charged with it):
+    the file's own path when the matcher gives it to them (its exact dest, else the deepest directory
+    item it is in), else item ``i``'s own dest (matched exactly: a file of an outer directory item
+    inside an inner item's dest went to the inner item only)."""
+    own = sent[i][1]
+    key = own.rstrip("/") + rel if rel else own
+    path = _agent_path(key)
+    dests = [(_agent_path(d), recursive) for _, d, recursive in sent]
+    exact = {j for j, (d, _) in enumerate(dests) if d == path}
+    if exact:
+        return key if i in exact and exact <= set(held) else own
+    inside = [(len(d), j) for j, (d, recursive) in enumerate(dests)
+              if recursive and path.startswith(d.rstrip("/") + "/")]
+    deepest = max((n for n, _ in inside), default=-1)
+    # The matcher gives it to one of the deepest: to item i for sure only when no other is as deep.
+    return key if {j for n, j in inside if n == deepest} == {i} else own
 
 
 def _absolute_home(absolute_path: Any, path: Any) -> Optional[str]:
@@ -694,6 +774,9 @@ class _Task:
     final_key: tuple = ()
     #: Whether the warning that none of its delivered files matched a submitted one was logged.
     unmatched_warned: bool = False
+    #: The source of each of ``files`` as sent to Globus, normalized: a skipped file's reported
+    #: source tells which item it is where nested items write the same path (see _skipped_keys).
+    sources: list[str] = attrs.field(factory=list)
     #: Which login this process submitted it with (_login_id; None: an injected client, or not
     #: submitted here). A 404 for it after a login with another identity is not "gone".
     login: Optional[int] = None
@@ -738,9 +821,10 @@ class GlobusTransfer(TransferBackend):
         self._polls = 0
         #: The clock of that age, in seconds (tests set their own).
         self.clock: Callable[[], float] = time.monotonic
-        #: {collection: (its home directory as Globus resolves /~/, or None: not readable; when read)}
-        #: (see _home): one operation_ls per collection for the backend's life, at most HOME_CACHE_SIZE.
-        self._homes: dict[str, tuple[Optional[str], float]] = {}
+        #: {(the login (see _client_owner), collection): (its home directory as Globus resolves /~/,
+        #: or None: not readable; when read)} (see _home): one operation_ls per collection and login
+        #: for the backend's life, at most HOME_CACHE_SIZE.
+        self._homes: dict[tuple[Any, str], tuple[Optional[str], float]] = {}
         if self.options.http_retries > MAX_HTTP_RETRIES:
             logger.warning("globus backend option http_retries (transfers.backend_options.globus.http_retries): %d is "
                            "more than %d; %d are made (each waits up to 10 s inside the agent's cycle, and the next "
@@ -976,11 +1060,13 @@ class GlobusTransfer(TransferBackend):
             **extra,
         )
         sent: list[tuple[str, str, bool]] = []
+        sources: list[str] = []
         for f in files:
             src = f.src if stage_in else self.to_endpoint(f.src)
             dest = self.to_endpoint(f.dest) if stage_in else f.dest
             data.add_item(src, dest, recursive=f.recursive)
             sent.append((_norm(dest), f.dest, f.recursive))
+            sources.append(_norm(src))
         try:
             client = self.client()
             login = _login_id(self._login)
@@ -995,7 +1081,7 @@ class GlobusTransfer(TransferBackend):
         with self._tasks_lock:
             # Also for a duplicate submission (a journaled token sent again): the same files.
             task = self._tasks.setdefault(task_id, _Task(seen=self._polls))
-            task.files, task.login, task.collection = sent, login, dest_ep
+            task.files, task.sources, task.login, task.collection = sent, sources, login, dest_ep
         return task_id
 
     def _site_collection_missing(self, exc: BaseException, remote_ep: str) -> bool:
@@ -1145,22 +1231,29 @@ class GlobusTransfer(TransferBackend):
         """{the failed file's dest as the agent names it: error} of a task's skipped files (every page)."""
         skipped_list = [(str(skipped.get("destination_path") or ""),
                          one_line(f"{skipped.get('error_code', 'error')}: "
-                                  f"{skipped.get('error_details') or skipped.get('source_path')}"))
+                                  f"{skipped.get('error_details') or skipped.get('source_path')}"),
+                         str(skipped.get("source_path") or ""))
                         for skipped in client.paginated.task_skipped_errors(doc["task_id"]).items()]
-        sent, collection = self._files_of(doc)
+        sent, collection, origins = self._files_of(doc)
         # Named by the submitted file when this process knows the task's files: Globus may report a
         # home-directory path (/~/...) resolved (/home/me/...), as it does its delivered files,
         # which named no item, and the agent then failed a try of every item of the task.
-        paths = [dest for dest, _ in skipped_list]
+        paths = [dest for dest, _, _ in skipped_list]
         home = self._home(client, collection) if _needs_home(sent, map(_norm, paths)) else None
-        keys = _skipped_keys(sent, paths, home)
+        names = _skipped_names(sent, paths, home, [source for _, _, source in skipped_list], origins)
         #: Whether a path may be a home item's whose home is not known (then no item is sure of it).
         unsure = home is None and any(_is_home(dest) for dest, _, _ in sent)
         errors: dict[str, str] = {}
-        for dest, error in skipped_list:
-            if dest in keys:
-                for key in keys[dest]:
-                    errors.setdefault(key, error)
+        more: dict[str, int] = {}
+        for (dest, error, _), named in zip(skipped_list, names):
+            if named:
+                for key, file in named:
+                    # An item's own dest naming a file inside it: the error says which file.
+                    text = error if key == file else one_line(f"{file}: {error}")
+                    if key in errors:
+                        more[key] = more.get(key, 0) + 1
+                    else:
+                        errors[key] = text
             elif unsure and not _is_home(_norm(dest)):
                 # Perhaps a home item's (its home could not be read): under a name no item has, so
                 # that every item of the task fails a try, not one recorded done on a guess.
@@ -1170,29 +1263,38 @@ class GlobusTransfer(TransferBackend):
                 # A stage-out's destination is the location's path, even on the site's own collection
                 # (another directory of it): only a stage-in writes site paths.
                 errors[self.from_endpoint(dest) if stage_in else dest] = error
+        for key, count in more.items():
+            errors[key] = one_line(f"{errors[key]} (and {count} more failed file{'s' if count > 1 else ''})")
         return errors
 
-    def _files_of(self, doc: Mapping[str, Any]) -> tuple[list[tuple[str, str, bool]], str]:
+    def _files_of(self, doc: Mapping[str, Any]) -> tuple[list[tuple[str, str, bool]], str, list[str]]:
         """(the files this process submitted in a task (see _Task.files; empty: not known), the
-        collection it writes to)."""
+        collection it writes to, their sources (see _Task.sources))."""
         with self._tasks_lock:
             task = self._tasks.get(str(doc["task_id"]))
             sent = list(task.files) if task is not None else []
+            sources = list(task.sources) if task is not None else []
             collection = task.collection if task is not None and task.collection else None
-        return sent, str(collection or doc.get("destination_endpoint_id") or "")
+        return sent, str(collection or doc.get("destination_endpoint_id") or ""), sources
 
     def _home(self, client: globus_sdk.TransferClient, collection: str) -> Optional[str]:
         """The home directory of ``collection`` as Globus resolves ``/~/`` (where the files of a
         ``/~/...`` destination are reported), read with one ``operation_ls`` of ``/~/`` (its
-        ``absolute_path``) and remembered for the backend's life (the home of a collection does not
-        move under a running agent). None when it cannot be read (no permission, a consent, the
-        collection down): the caller then counts nothing on a home path as delivered but what
+        ``absolute_path``) and remembered for the backend's life and the client's login (the home
+        of a collection does not move under a running agent; another identity's may differ). None
+        when it cannot be read (no permission, a consent or session, the collection unknown, an
+        unreadable answer): the caller then counts nothing on a home path as delivered but what
         Globus reported in home form, and fails a try of every item for a skipped file it cannot
-        tell; asked again after HOME_RECHECK_SEC (not once per task per poll). The ls needs the
-        same login and consent as the transfer."""
+        tell; asked again after HOME_RECHECK_SEC (not once per task per poll). A failure that may
+        pass (5xx, 429, a Retry-After, the network) is raised, not remembered: the task is then
+        reported active and read again (see _settled_status). The ls needs the same login and
+        consent as the transfer."""
         now = self.clock()
+        # By login too: another identity (a `globus-login` since) may have another home on a
+        # mapped collection, where the old one's matched none of its paths.
+        cache_key = (_client_owner(client), collection)
         with self._tasks_lock:
-            known = self._homes.get(collection)
+            known = self._homes.get(cache_key)
         if known is not None and (known[0] is not None or now - known[1] < HOME_RECHECK_SEC):
             return known[0]
         home: Optional[str] = None
@@ -1204,15 +1306,20 @@ class GlobusTransfer(TransferBackend):
                                "(absolute_path %r, path %r): a task's files in it are not matched to what Globus "
                                "reports", collection, listing.get("absolute_path"), listing.get("path"))
         except Exception as exc:  # noqa: BLE001 - the safe reading follows, and it is asked again later
+            if _transient(exc):
+                # Globus down or rate limited for a moment: not "home unknown" (every item of the task
+                # failed a try on it, for good): the caller reports the task active (held off on a
+                # 429) and it is read again next cycle. Nothing cached.
+                raise
             # Not self._error: a refused ls must not drop the client (the transfers themselves work).
             problem, _ = _classify(exc, self._collections, self.tokens_path(), self.options.endpoint_id)
             logger.warning("globus: cannot read the home directory of collection %s (ls /~/: %s): its tasks' files in "
                            "it are not matched to the paths Globus reports (delivered: not counted; skipped: every "
                            "item fails a try)", collection, problem)
         with self._tasks_lock:
-            if collection not in self._homes and len(self._homes) >= HOME_CACHE_SIZE:
+            if cache_key not in self._homes and len(self._homes) >= HOME_CACHE_SIZE:
                 del self._homes[next(iter(self._homes))]  # the oldest
-            self._homes[collection] = (home, now)
+            self._homes[cache_key] = (home, now)
         return home
 
     def _status(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any]) -> TaskStatus:
@@ -1318,11 +1425,15 @@ class GlobusTransfer(TransferBackend):
                 first = task is not None and not task.unmatched_warned
                 if task is not None:
                     task.unmatched_warned = True
+            # The home unknown: a path may match and still not be told from a home item's (see _delivered).
+            untold = (home is None and any(_is_home(dest) for dest, _, _ in sent)
+                      and any(not _is_home(path) for path in arrived))
             if first:
                 # Not silent: the whole task is failed and its delivered files are sent again.
-                logger.warning("globus: task %s delivered %d files but none matches a submitted destination (e.g. "
+                logger.warning("globus: task %s delivered %d files but none matches a submitted destination%s (e.g. "
                                "%s delivered, %s submitted): every file of it is tried again", task_id, delivered,
-                               min(arrived) if arrived else "none listed", sent[0][0])
+                               " that cannot be a home item's (the collection's home could not be read)" if untold
+                               else "", min(arrived) if arrived else "none listed", sent[0][0])
         if len(errors) == len(sent):
             return TaskStatus(TaskState.failed, one_line(error + so_far), retryable=retryable, info=info)
         if retryable and doc.get("subtasks_skipped_errors"):
