@@ -1,5 +1,5 @@
 """Migration 0023_hold_waiting_stage_ins: the stage-in items of the jobs waiting for their parents
-when it runs are held (``awaiting_job``) as the server now creates them, so that the site agent does
+when it runs are held (``awaiting_job``, the holds of pending and in-flight ones counted) as the server now creates them, so that the site agent does
 not copy their inputs before the parents made them; the downgrade makes every held stage-in
 ``pending`` again (the code before it never starts one). On SQLite and PostgreSQL, from the revision
 before it with rows written as the server wrote them."""
@@ -54,7 +54,8 @@ def _seed(conn: sa.Connection) -> dict[str, int]:
 
     return {
         "untried": item(child, "in", "pending"),
-        "retrying": item(child, "in", "pending", info={"attempts": 1, "error": "no such file", "retry_after": "x", "bytes": 3}),
+        "retrying": item(child, "in", "pending", info={"attempts": 1, "error": "no such file", "retry_after": "x", "bytes": 3,
+                                                       "holds": 2}),
         "copied": item(child, "in", "done", "local:t1", {"bytes": 3, "dest": "/w/in.dat"}),
         "submitted": item(child, "in", "pending", "local:t2"),
         "active": item(child, "in", "active", "local:t3", {"dest": "/w/in.dat", "submitted": "x", "queued": True,
@@ -82,13 +83,16 @@ def test_migration_holds_the_stage_in_of_waiting_jobs(database_url: str, tmp_pat
             with engine.begin() as conn:
                 after = _items(conn)
             assert {name: after[i] for name, i in ids.items()} == {
-                "untried": ("awaiting_job", "", {}),
-                "retrying": ("awaiting_job", "", {"bytes": 3}),
+                # Pending or in flight: the hold is counted (transfer_info.holds one up), as the
+                # server counts a re-run's, so that an agent's journal line of a task from before it
+                # is not re-attached; a done item's is not (the server's does not either).
+                "untried": ("awaiting_job", "", {"holds": 1}),
+                "retrying": ("awaiting_job", "", {"bytes": 3, "holds": 3}),
                 "copied": ("awaiting_job", "", {"bytes": 3}),
                 # In flight: held too, as the server holds a re-run's (its task copies the same
                 # stale file), without its task id or the task's clock.
-                "submitted": ("awaiting_job", "", {}),
-                "active": ("awaiting_job", "", {"bytes": 3}),
+                "submitted": ("awaiting_job", "", {"holds": 1}),
+                "active": ("awaiting_job", "", {"bytes": 3, "holds": 1}),
                 "stage_out": before[ids["stage_out"]],
                 "ready_in": before[ids["ready_in"]],  # not waiting
             }

@@ -42,10 +42,12 @@ One cycle (every ``service_period`` seconds):
    this cycle read the item): the others are sent, nothing is failed, one INFO line says so, and a
    task submitted (or polled) for such items only is cancelled; the items are copied again when
    their jobs are released. A task whose items were held between two cycles is cancelled as in 2.
-   A task that runs on for other jobs' items keeps the destinations of the items that left it: a
-   failed file of theirs is dropped (DEBUG), not charged to the others, and a released item whose
-   destination it still writes waits for it to end (``waiting for task T, which still writes its
-   destination``) rather than have the old copy land over the new one.
+   A task that runs on for other jobs' items keeps the destinations of the items that left it (in
+   memory and in ``.transfer-tasks-in-flight.json``, so across a restart too): a failed file of
+   theirs is dropped (DEBUG), not charged to the others, and a released item that left it waits
+   for it to end (``waiting for task T, which still writes its destination``) rather than have the
+   old copy land over the new one. Only such items wait (looked up by item id): another job's item
+   whose destination lies near the task's (a directory stage-out into a shared folder) does not.
 
 A poll that fails (the service down, not logged in, or refusing the request) says nothing about the
 tasks: their items stay in flight (Globus may still be writing into the jobs' workdirs) with the
@@ -110,8 +112,12 @@ token records of batches whose submission is still unconfirmed stay). Items that
 are still ``pending`` but listed there (the agent died between the two) are polled under that task
 id instead of being submitted again, unless held again since (``transfer_info.holds``, counted by
 the server, is ahead of the count the line kept): that task copied files from before the parents'
-new run, and is cancelled as one its items left. So is the task answering a journaled token whose
-items were held again since the token was journaled; they go in a new batch. Backends with submission tokens (Globus submission ids) get
+new run, and is cancelled as one its items left (a line without counts, an older agent's, counts
+0). A task line left by a cycle whose PATCH failed (the API down) is tracked by the next cycle as
+by a restart, so its task is cancelled if its item is held meanwhile. So is the task answering a
+journaled token whose items were held again since the token was journaled (still held, or
+released): the batch is sent again with its token, the task that answers is cancelled, and the
+pending items go in a new batch. Backends with submission tokens (Globus submission ids) get
 the token journaled *before* the submission, so a batch whose task id never reached the journal
 (the agent died, or the submission failed in a way that may hide a task the service started: a
 timeout) is sent again with the same token and the service answers with the task it already has; backends whose task ids die with the process (``local``,
@@ -122,7 +128,6 @@ doubled (a destination is written by rename).
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import itertools
 import json
@@ -576,36 +581,6 @@ def _holds(item: Mapping[str, Any]) -> int:
         return 0
 
 
-@attrs.frozen
-class _BusyDests:
-    """The destinations tasks still in flight write (:meth:`TransfersModule._busy_dests`), normalized:
-    {dest: task id}, and the sorted dests (a recursive item's own dest is a directory: what lies
-    inside it is found by bisection, not by a scan per item)."""
-
-    tasks: dict[str, str]
-    recursive: frozenset[str]
-    ordered: list[str]
-
-    def writer_of(self, spec: TransferFile) -> str:
-        """The task that writes ``spec``'s destination, a directory holding it (a recursive item's),
-        or (``spec`` recursive) a path inside it; '' when none."""
-        if not self.tasks:
-            return ""
-        dest = _norm_path(spec.dest)
-        if dest in self.tasks:
-            return self.tasks[dest]
-        parent = PurePosixPath(dest).parent
-        for directory in (parent, *parent.parents):
-            if str(directory) in self.recursive:
-                return self.tasks[str(directory)]
-        if spec.recursive:
-            prefix = dest.rstrip("/") + "/"
-            at = bisect.bisect_left(self.ordered, prefix)
-            if at < len(self.ordered) and self.ordered[at].startswith(prefix):
-                return self.tasks[self.ordered[at]]
-        return ""
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -680,23 +655,23 @@ class TransfersModule(AgentModule):
         self._blocked_at: dict[str, dt.datetime] = {}
         #: Where the next cycle's extra pages of pending items start (0: right after the first page).
         self._pending_cursor = 0
+        #: What each tracked task writes: {task id: {item id: (dest, recursive)}}, kept while the task
+        #: is tracked, also for items that left it (held again, or deleted) while it runs on for
+        #: others. A failed file of such an item is theirs, not one of the task's other items' (see
+        #: :meth:`_apply_status`), and such an item, released, waits for the task (see
+        #: :meth:`_left_items`). Kept in TASKS_NAME with the tasks: a task that runs on across an
+        #: agent restart (Globus keeps its tasks) still knows what the items that left it wrote.
+        self._task_dests: dict[str, dict[int, tuple[str, bool]]] = {}
         #: Tasks in flight: {"<backend>:<id>": item ids}; a task none of whose items is left in flight
         #: on the server is cancelled.
         self.tracked_tasks: dict[str, set[int]] = self._load_tracked()
         #: What the file holds (it is written when that changes, not every cycle).
-        self._tracked_saved = {tid: set(ids) for tid, ids in self.tracked_tasks.items()}
+        self._tracked_saved = self._tracked_record()
         #: Tasks this cycle's poll found over (done, failed, unknown): no longer tracked, even if
         #: some of their items were deleted meanwhile (nothing left to cancel).
         self._finished_tasks: set[str] = set()
         #: Tasks whose cancel failed for a reason retrying may fix (tried again each cycle).
         self._cancel_retries: set[str] = set()
-        #: What each task this process submitted or polled writes: {task id: {item id: (dest,
-        #: recursive)}}, kept while the task is tracked, also for items that left it (held again, or
-        #: deleted) while it runs on for others. A failed file of such an item is theirs, not one
-        #: of the task's other items' (see :meth:`_apply_status`), and a due item whose destination
-        #: such a task still writes waits for it (see :meth:`_busy_dests`). In memory only: an agent
-        #: restarted meanwhile knows the destinations of the items it reads in flight.
-        self._task_dests: dict[str, dict[int, tuple[str, bool]]] = {}
         #: Tasks already warned about for passing half of task_timeout_sec (each is warned once).
         self._half_warned: set[str] = set()
         #: The last reason logged as a warning, by what it is about (a task, a backend's poll, a
@@ -903,10 +878,17 @@ class TransfersModule(AgentModule):
         read_states = {it["id"]: it["state"] for it in items}
         updates: dict[int, dict[str, Any]] = {}
         journal, token_batches, journal_holds = self._read_journal()
+        # A task line left by a cycle whose PATCH failed (the API down) is tracked as the start-up
+        # tracks those of a dead agent (_load_tracked): when its item is held meanwhile (not read,
+        # not re-attached) the line is dropped below, and _cancel_orphaned_tasks still cancels it.
+        for item_id, task_id in journal.items():
+            self.tracked_tasks.setdefault(task_id, set()).add(item_id)
         for item in items:
             task_id = journal.get(item["id"])
+            # A line without counts (an agent from before they were journaled) is of an item never
+            # counted then: 0, so that a hold since (counted by the server, or migration 0023) shows.
             if (task_id and item["state"] == TransferItemState.pending.value and not item.get("task_id")
-                    and _holds(item) > journal_holds.get(item["id"], _holds(item))):
+                    and _holds(item) > journal_holds.get(item["id"], 0)):
                 # Held again (and released) since that submission: its task copied from before the
                 # parents' new run. Submitted again; the task, tracked from the journal, is
                 # cancelled as one whose items left it (_cancel_orphaned_tasks).
@@ -1474,7 +1456,7 @@ class TransfersModule(AgentModule):
         # they take their turn (see _held_back).
         units.sort(key=lambda unit: self._held_back(unit[0], now))
         data_path = Path(self.site_config.data_path)
-        busy = self._busy_dests()
+        left_tasks = self._left_items()
         submitted = calls = 0
         kept: list[dict] = []
         #: Aliases whose submission failed this cycle: {alias: the reason their items wait with}; ''
@@ -1490,7 +1472,8 @@ class TransfersModule(AgentModule):
                     kept.append(record)
                     if blocked.get(alias):
                         for item in batch:
-                            self._wait(item, blocked[alias], updates)
+                            if item["state"] == "held":  # not an item held again (the server refuses it)
+                                self._wait(item, blocked[alias], updates)
                     blocked.setdefault(alias, "")
                     continue
                 outcome = self._resend(record, batch, updates, now, blocked, kept)
@@ -1557,7 +1540,7 @@ class TransfersModule(AgentModule):
                 except OSError as exc:
                     unfit.append((item, f"cannot create the job's workdir: {exc}", True))
                     continue
-                writer = busy.writer_of(spec)
+                writer = left_tasks.get(int(item["id"]))
                 if writer:
                     # A task the item left (held again, then released) that runs on for other items
                     # still writes its old copy there: submitted now, the new copy could land first
@@ -1624,28 +1607,41 @@ class TransfersModule(AgentModule):
                 self._blocked_at[alias] = now
         return submitted, kept
 
-    def _busy_dests(self) -> _BusyDests:
-        """The destinations of the tasks still in flight (tracked, not found over this cycle: one
-        that ended or was cancelled is not), as far as this process knows them (``_task_dests``)."""
-        tasks: dict[str, str] = {}
-        recursive: set[str] = set()
-        for task_id in self.tracked_tasks:
+    def _left_items(self) -> dict[int, str]:
+        """{item id: the task still in flight (tracked, not found over this cycle: one that ended or
+        was cancelled is not) that it was submitted to}: for a due (pending) item, a task it left
+        (held again and released, or re-pended by a re-run) that still runs, for other items or for
+        a cancel that failed, and may still write the old copy into its destination. By item id,
+        not by path: a task writing a folder that holds other items' destinations (a recursive
+        stage-out into a location's root) holds back no one else's item."""
+        left: dict[int, str] = {}
+        for task_id, ids in self.tracked_tasks.items():
             if task_id in self._finished_tasks:
                 continue
-            for dest, is_dir in self._task_dests.get(task_id, {}).values():
-                tasks[_norm_path(dest)] = task_id
-                if is_dir:
-                    recursive.add(_norm_path(dest))
-        return _BusyDests(tasks, frozenset(recursive), sorted(tasks))
+            for item_id in itertools.chain(ids, self._task_dests.get(task_id, ())):
+                left[item_id] = task_id
+        return left
 
     def _resend(self, record: dict, members: list[dict], updates: dict[int, dict[str, Any]], now: dt.datetime,
                 blocked: dict[str, str], kept: list[dict]) -> Optional[bool]:
         """Send a journaled batch again with its token (a dead agent's, or one whose submission failed):
         the service answers with the task it already has, or starts it if it never got it. Returns
         True (submitted), False (refused: kept in ``kept`` when retrying may work, else its items fail
-        and it leaves the journal), None (not sent: its location or backend is unavailable)."""
+        and it leaves the journal), None (not sent: its location or backend is unavailable).
+
+        A stale batch (an item held again since the token was journaled: ``awaiting_job`` now, or
+        released since, its count of holds ahead of the record's) is sent only for the task that
+        answers, which is cancelled (:meth:`_cancel_stale`); its pending items go in a new batch, and
+        a refusal for good fails none of them (the service has no task of that token to cancel)."""
         alias = record["alias"]
         files = [TransferFile(src, dest, rec) for _, src, dest, rec in record["files"]]
+        # The items this cycle may update: ``members`` also holds those held again, which the server
+        # refuses to update (and those finished meanwhile: a stale batch is sent with any of them).
+        live = [m for m in members if m["state"] == "held"]
+        journaled = record.get("holds") or [0] * len(files)
+        count = {int(i): n for (i, *_), n in zip(record["files"], journaled)}
+        stale = any(m["state"] == TransferItemState.awaiting_job.value or _holds(m) > count.get(int(m["id"]), 0)
+                    for m in members)
         try:
             location = self._location(alias)
             backend = self.backend(location.backend_name)
@@ -1653,25 +1649,35 @@ class TransfersModule(AgentModule):
             if exc.retryable:
                 kept.append(record)
                 blocked[alias] = str(exc)
-                for item in members:
+                for item in live:
                     self._wait(item, str(exc), updates)
+            elif stale:
+                # No backend to ask: nothing to cancel through it either.
+                self.logger.info("a stale journaled batch of %d files to %r (items held again since) cannot be "
+                                 "sent again to cancel its task: %s", len(files), alias, exc)
             else:
                 # The alias left settings.yml (or no backend serves it): as a first submission would.
                 self._fail_many(f"a journaled batch of {len(files)} files to {alias!r} cannot be sent again",
-                                [(item, str(exc), False) for item in members], updates, now)
+                                [(item, str(exc), False) for item in live], updates, now)
             return None
         held = self._held(location.backend_name, now)
         if held:
             # Rate limited: sent with its token after the pause.
             kept.append(record)
             blocked[alias] = held
-            for item in members:
+            for item in live:
                 self._wait(item, held, updates)
             return None
         try:
             task_id = backend.submit(location, TransferDirection(record["direction"]), files, record["token"])
         except TransferError as exc:
             blocked[alias] = str(exc)
+            if not exc.retryable and stale:
+                # Refused for good: the service holds no task of that token, so nothing copies the old
+                # files; the record leaves the journal and its pending items go in a new batch.
+                self.logger.info("a stale journaled batch of %d files to %r (items held again since) was refused "
+                                 "when sent again to cancel its task; nothing to cancel: %s", len(files), alias, exc)
+                return False
             if not exc.retryable:
                 # Refused for good: the record leaves the journal instead of being sent again every
                 # cycle forever, and its files each fail a try, as a first submission's refused for good
@@ -1679,25 +1685,25 @@ class TransfersModule(AgentModule):
                 # one of the files): their backoff, then max_attempts, not their jobs failing at once.
                 self._fail_many(f"re-sending a journaled batch of {len(files)} files to {alias!r} was refused "
                                 "(the location's other batches wait for the next cycle)",
-                                [(item, str(exc), True) for item in members], updates, now, level=logging.ERROR)
+                                [(item, str(exc), True) for item in live], updates, now, level=logging.ERROR)
                 return False
             # Keyed by location as a first submission's "will retry" is: one warning per reason.
             pause = self._hold(location.backend_name, exc, now)
             self._warn_once(f"submit:{alias}", str(exc), "re-sending a journaled batch of %d files to %s "
                             "failed (will retry%s): %s", len(files), alias, pause, exc)
             kept.append(record)
-            for item in members:
+            for item in live:
                 self._wait(item, str(exc), updates)
             return False
         self._said.pop(f"submit:{alias}", None)
         self.blocked_aliases.pop(alias, None)
         self._blocked_at.pop(alias, None)
         full_id = f"{location.backend_name}:{task_id}"
-        dests = {int(m["id"]): (spec.dest, spec.recursive) for m, spec in zip(members, files)}
-        if any(_holds(m) > n for m, n in zip(members, record.get("holds") or ())):
-            # An item was held again (and released) since the token was journaled: the task that
-            # answers it may be the one the service started then, copying files from before the
-            # parents' new run. Cancelled; the items stay pending and go in a new batch.
+        dests = {int(i): (dest, rec) for i, _, dest, rec in record["files"]}
+        if stale:
+            # An item was held again since the token was journaled (still held, or released): the
+            # task that answers it may be the one the service started then, copying files from
+            # before the parents' new run. Cancelled; the pending items go in a new batch.
             self._cancel_stale(full_id, dests, f"journaled batch of {len(files)} files re-sent with its token: task "
                                f"{full_id}; some of its items were held again since (their jobs re-run)")
             return True
@@ -1746,16 +1752,23 @@ class TransfersModule(AgentModule):
     # -- tasks whose items were deleted ----------------------------------------------------------
 
     def _load_tracked(self) -> dict[str, set[int]]:
-        """The tasks in flight when the last agent stopped, and those of journal lines it left (a
-        task submitted by an agent that died before recording it: its jobs may be deleted since)."""
+        """The tasks in flight when the last agent stopped (what their items write goes into
+        ``_task_dests``), and those of journal lines it left (a task submitted by an agent that died
+        before recording it: its jobs may be deleted since)."""
         tracked: dict[str, set[int]] = defaultdict(set)
         try:
             data = json.loads(self.tasks_path.read_text(encoding="utf-8"))
-            for task_id, item_ids in dict(data).items():
+            for task_id, entry in dict(data).items():
+                # {"item_ids": [...], "dests": {item id: [dest, recursive]}}; a file of an agent
+                # before the dests were kept has the item ids alone.
+                item_ids = entry["item_ids"] if isinstance(entry, dict) else entry
                 tracked[str(task_id)].update(int(i) for i in item_ids)
+                if isinstance(entry, dict) and entry.get("dests"):
+                    self._task_dests[str(task_id)] = {int(i): (str(dest), bool(recursive))
+                                                      for i, (dest, recursive) in dict(entry["dests"]).items()}
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             self.logger.warning("cannot read %s (tasks of deleted jobs may not be cancelled): %s", self.tasks_path, exc)
         journal, _, _ = self._read_journal()
         for item_id, task_id in journal.items():
@@ -1845,24 +1858,32 @@ class TransfersModule(AgentModule):
             else:
                 assign(int(item_id), "")
         self.tracked_tasks = {tid: ids for tid, ids in tracked.items() if ids and tid not in self._finished_tasks}
-        if self.tracked_tasks != self._tracked_saved:
+        if self._tracked_record() != self._tracked_saved:
             self._write_tracked()
 
+    def _tracked_record(self) -> dict[str, dict[str, Any]]:
+        """What TASKS_NAME keeps: {task id: {"item_ids": [...], "dests": {item id: [dest, recursive]}}}."""
+        return {tid: {"item_ids": sorted(ids),
+                      "dests": {str(i): [dest, recursive] for i, (dest, recursive)
+                                in sorted(self._task_dests.get(tid, {}).items())}}
+                for tid, ids in self.tracked_tasks.items()}
+
     def _write_tracked(self) -> None:
+        record = self._tracked_record()
         try:
-            if not self.tracked_tasks:
+            if not record:
                 self.tasks_path.unlink(missing_ok=True)
             else:
                 tmp = self.tasks_path.with_name(self.tasks_path.name + ".tmp")
                 with open(tmp, "w", encoding="utf-8") as fh:
-                    json.dump({tid: sorted(ids) for tid, ids in self.tracked_tasks.items()}, fh)
+                    json.dump(record, fh)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, self.tasks_path)
         except OSError as exc:
             self.logger.warning("cannot write %s: %s", self.tasks_path, exc)
             return
-        self._tracked_saved = {tid: set(ids) for tid, ids in self.tracked_tasks.items()}
+        self._tracked_saved = record
 
     # -- journal of submitted tasks not yet recorded in the API -----------------------------------
 
@@ -1927,6 +1948,10 @@ class TransfersModule(AgentModule):
         and dropping its record would send its files again under a new token, beside a task the
         service may have started under the old one. A batch is dropped only when one of its items
         is known gone: deleted (not returned by that GET), no longer pending, or recorded with a task.
+        A batch with an item held again (``awaiting_job``: its job re-run, waiting for its parents) is
+        sent again all the same, and the task answering its token cancelled (:meth:`_resend`): the
+        service may have started it before the hold, copying files from before the parents' new
+        run; dropped, it would run untracked and its copy land over the fresh one after the release.
         A failing GET raises before anything is submitted; the journal is then left as it is."""
         by_id = {it["id"]: it for it in items}
         unread = sorted({i for batch in batches for i, *_ in batch["files"]} - by_id.keys())
@@ -1938,11 +1963,17 @@ class TransfersModule(AgentModule):
         held: list[tuple[dict, list[dict]]] = []
         for batch in batches:
             members = [by_id.get(i) or fetched.get(i) for i, *_ in batch["files"]]
-            if any(m is None or m["state"] != TransferItemState.pending.value or m.get("task_id") for m in members):
-                continue  # already recorded, finished or deleted
-            for item in members:
-                item["state"] = "held"
-            held.append((batch, members))  # type: ignore[arg-type]
+            present = [m for m in members if m is not None]
+            if any(m.get("task_id") for m in present):
+                continue  # already recorded
+            held_again = any(m["state"] == TransferItemState.awaiting_job.value for m in present)
+            if not held_again and (len(present) < len(members)
+                                   or any(m["state"] != TransferItemState.pending.value for m in present)):
+                continue  # finished or deleted
+            for item in present:
+                if item["state"] == TransferItemState.pending.value:
+                    item["state"] = "held"
+            held.append((batch, present))
         return held
 
     def _rewrite_journal(self, token_records: list[dict]) -> None:

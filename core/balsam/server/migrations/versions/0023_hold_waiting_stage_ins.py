@@ -10,7 +10,11 @@ possibly stale: copied again once they finish) and those in flight (``active``, 
 their task copies the same stale file; the site agent cancels a task no item is left on). The tries
 of the earlier copies and the task's clock are removed from ``transfer_info`` (the keys the server
 removes: ``attempts``, ``error``, ``retry_after``, ``reason``, ``dest``, ``submitted``, ``queued``,
-``started``, ``task``). One UPDATE.
+``started``, ``task``). Those it finds ``pending``, ``active`` or ``inactive`` (what the site agent
+may have submitted without its record: a task id in its journal) get ``transfer_info.holds`` one up,
+as the server counts a re-run's hold (jobs_logic._held_transfer_info): an agent restarted after the
+upgrade then submits them again rather than re-attach them to a journaled task from before the
+hold. One UPDATE.
 
 The downgrade makes every ``awaiting_job`` stage-in item ``pending`` again: the code before this
 revision never starts a held stage-in, so a job released with one would stay READY for ever.
@@ -31,13 +35,21 @@ depends_on = None
 _TRY_KEYS = ("attempts", "error", "retry_after", "reason", "dest", "submitted", "queued", "started", "task")
 
 
+#: jobs_logic._SUBMITTABLE: the states whose hold is counted.
+_COUNTED = ("pending", "active", "inactive")
+
+
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         fresh = "transfer_info - ARRAY[" + ", ".join(f"'{k}'" for k in _TRY_KEYS) + "]"
+        counted = f"jsonb_set({fresh}, '{{holds}}', to_jsonb(COALESCE((transfer_info->>'holds')::int, 0) + 1))"
     else:
         fresh = "json_remove(transfer_info, " + ", ".join(f"'$.{k}'" for k in _TRY_KEYS) + ")"
+        counted = f"json_set({fresh}, '$.holds', COALESCE(json_extract(transfer_info, '$.holds'), 0) + 1)"
+    states = ", ".join(f"'{s}'" for s in _COUNTED)
     op.execute(
-        f"UPDATE transfer_items SET state = 'awaiting_job', task_id = '', transfer_info = {fresh} "
+        "UPDATE transfer_items SET state = 'awaiting_job', task_id = '', "
+        f"transfer_info = CASE WHEN state IN ({states}) THEN {counted} ELSE {fresh} END "
         "WHERE direction = 'in' AND state != 'awaiting_job' "
         "AND job_id IN (SELECT id FROM jobs WHERE state = 'AWAITING_PARENTS')"
     )
