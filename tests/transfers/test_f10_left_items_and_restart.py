@@ -19,26 +19,15 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from balsam.site.modules.transfers import TASKS_NAME, TransfersModule, TransfersOptions
-from test_f5_runs_on_tasks import finish_as_a_launcher, make_site, run_cycles, site_errors
+from balsam.site.modules.transfers import TASKS_NAME, TransfersModule
+from transfer_test_utils import (finish_as_a_launcher, hold_copies, init_transfer_site, make_shared_task_dag, make_site,
+                                 rerun, run_cycles, site_errors, stage_in_item, step_app, transfers_module)
 
-
-@pytest.fixture(autouse=True)
-def _fresh_plugin_manager() -> Iterator[None]:
-    from balsam.plugins.manager import reset_plugin_manager
-
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def env(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 
 @pytest.mark.parametrize("out_remote", ["/", "/proj/results"])
@@ -48,20 +37,12 @@ def test_a_long_directory_stage_out_holds_back_no_other_jobs_transfers(
     runs long (a big directory: its copy is held). Meanwhile another job's stage-in from another
     location and its stage-out of one file into the same location (folder) go through."""
     import balsam.builtin.local_transfer as lt
-    from balsam._api.model import reset_default_client
     from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.site_ops import init_site
 
     results = tmp_path / "results"
     results.mkdir()
     locations = {"shared": "local://", "results": f"local://{results}"}
-    reset_default_client()
-    client = load_client()
-    init_site(tmp_path / "site", "f10-site", "default", client,
-              settings_overrides={"transfers": {"transfer_locations": locations}})
-    site = SiteConfig(tmp_path / "site")
+    client, site = init_transfer_site(tmp_path, "f10-site", locations)
     site_id = site.site_id
 
     class Producer(ApplicationDefinition):
@@ -69,16 +50,9 @@ def test_a_long_directory_stage_out_holds_back_no_other_jobs_transfers(
         command_template = "true"
         transfers = {"out": {"required": False, "direction": "out", "local_path": "out", "recursive": True}}
 
-    class Consumer(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"input": {"required": False, "direction": "in", "local_path": "input.txt"},
-                     "result": {"required": False, "direction": "out", "local_path": "result.txt"}}
-
     Producer.sync()
-    Consumer.sync()
-    module = TransfersModule(site, TransfersOptions(transfer_locations=locations, service_period=1,
-                                                    retry_backoff_sec=0, max_attempts=2), client)
+    Consumer = step_app(site_id, command="true", name="Consumer")
+    module = transfers_module(site, client, locations)
     data = Path(site.data_path)
     producer = Job("prod", Producer, transfers={"out": f"results:{out_remote}"})
     producer.save()
@@ -95,7 +69,7 @@ def test_a_long_directory_stage_out_holds_back_no_other_jobs_transfers(
 
     monkeypatch.setattr(lt, "copy_into_place", slow)
     try:
-        finish_as_a_launcher(client, site_id, producer.id)
+        finish_as_a_launcher(client, site_id, producer.id, check_acquired=False)
         module.run_cycle()
         (producer_task,) = module.tracked_tasks
         (tmp_path / "in.txt").write_text("input\n")
@@ -105,7 +79,7 @@ def test_a_long_directory_stage_out_holds_back_no_other_jobs_transfers(
         run_cycles(module, lambda: client.get(f"/jobs/{consumer.id}")["state"] == "STAGED_IN", "the consumer's stage-in")
         assert (data / "cons/input.txt").read_text() == "input\n"
         (data / "cons/result.txt").write_text("r\n")
-        finish_as_a_launcher(client, site_id, consumer.id)
+        finish_as_a_launcher(client, site_id, consumer.id, check_acquired=False)
         run_cycles(module, lambda: client.get(f"/jobs/{consumer.id}")["state"] == "JOB_FINISHED",
                    "the consumer's stage-out")
         assert (results / out_remote.strip("/") / "cons.txt").read_text() == "r\n"
@@ -128,41 +102,16 @@ def test_a_task_running_on_across_an_agent_restart_does_not_charge_the_held_item
     task waits (its copy not started: a queued file), its input removed with the re-run. The agent
     restarts (a new module; the service, here the same local backend, keeps the task), and the task
     ends with the child's file failed: the lone job is STAGED_IN, its item done without a failed try."""
-    import balsam.builtin.local_transfer as lt
-    from balsam.api import Job
-
-    client, site, site_id, Step, NoOut, module = make_site(tmp_path, max_attempts=1)
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    handoff = shared / "step1.txt"
-    handoff.write_text("first\n")
-    (shared / "lone.txt").write_text("lone input\n")
-    parent = Job("dag/parent", NoOut)
-    parent.save()
-    child = Job("dag/child", Step, parent_ids=[parent.id], transfers={"input": f"shared:{handoff}"})
-    child.save()
-    lone = Job("lone", Step, transfers={"input": f"shared:{shared / 'lone.txt'}"})
-    lone.save()
-    for state in ("PREPROCESSED", "RUNNING", "RUN_DONE", "POSTPROCESSED"):
-        client.patch("/jobs/", json=[{"id": parent.id, "state": state}])
-    (child_in,) = client.get("/transfers/", params={"job_id": child.id, "direction": "in"})["results"]
-    (lone_in,) = client.get("/transfers/", params={"job_id": lone.id, "direction": "in"})["results"]
-    real_copy = lt.copy_into_place
-    gate = threading.Event()
-
-    def queued_copy(src: Any, dest: Any, *a: Any, **k: Any) -> Any:
-        if str(dest).endswith("dag/child/input.txt"):
-            gate.wait(60)
-        return real_copy(src, dest, *a, **k)
-
-    monkeypatch.setattr(lt, "copy_into_place", queued_copy)
+    client, site, site_id, Step, NoOut, module = make_site(tmp_path, "f5-site", max_attempts=1)
+    parent, child, lone, handoff = make_shared_task_dag(tmp_path, Step, NoOut, client)
+    child_in, lone_in = stage_in_item(client, child.id), stage_in_item(client, lone.id)
+    gate = hold_copies(monkeypatch, "dag/child/input.txt")
     again: TransfersModule | None = None
     try:
         module.run_cycle()  # one task for both items
         (task_id,) = module.tracked_tasks
         saved = json.loads((Path(site.site_path) / TASKS_NAME).read_text())
-        client.patch("/jobs/", json=[{"id": parent.id, "state": "RESTART_READY"},
-                                     {"id": child.id, "state": "RESTART_READY"}])
+        rerun(client, parent.id, child.id)
         handoff.unlink()  # the first run's output removed with the re-run
         again = TransfersModule(site, module.options, client)  # the agent restarted
         again.backends = module.backends  # the service still runs the task
@@ -191,7 +140,7 @@ def test_a_task_running_on_across_an_agent_restart_does_not_charge_the_held_item
 def test_a_tasks_file_of_an_earlier_agent_still_loads(env: Any, tmp_path: Path) -> None:
     """Item ids alone (no destinations): the tasks are tracked, and a task none of whose items is
     left (deleted) is cancelled, as before."""
-    client, site, _, _, _, module = make_site(tmp_path)
+    client, site, _, _, _, module = make_site(tmp_path, "f5-site")
     module.close()
     (Path(site.site_path) / TASKS_NAME).write_text(json.dumps({"local:gone-task": [987654]}))
     agent = TransfersModule(site, module.options, client)

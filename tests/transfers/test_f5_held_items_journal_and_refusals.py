@@ -18,104 +18,22 @@ module: the real server (SQLite and PostgreSQL), the module run cycle by cycle w
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
 from balsam.client.rest import APIError
-from balsam.site.modules.transfers import TransfersModule, TransfersOptions
+from transfer_test_utils import (answer_tokens_with_their_tasks, make_released_dag, rerun_and_release, run_cycles,
+                                 transfers_module)
 
-LOCATIONS = {"shared": "local://"}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_plugin_manager() -> Iterator[None]:
-    from balsam.plugins.manager import reset_plugin_manager
-
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def env(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
-
-
-def run_cycles(module: TransfersModule, predicate: Callable[[], bool], what: str, cycles: int = 100) -> None:
-    """Agent cycles until ``predicate()`` holds (the count only keeps a broken test from hanging)."""
-    for _ in range(cycles):
-        module.run_cycle()
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"transfers never reached {what}")
-
-
-def options() -> TransfersOptions:
-    return TransfersOptions(transfer_locations=LOCATIONS, service_period=1, retry_backoff_sec=0, max_attempts=2)
-
-
-def make_dag(tmp_path: Path) -> tuple[Any, Any, int, Any, Any, Path, TransfersModule]:
-    """A finished parent (no stage-out) and its READY child staging in the parent's output, ``shared:
-    step1.txt`` (first run: "first"). (client, site, site id, parent, child, handoff file, module)."""
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.site_ops import init_site
-
-    reset_default_client()
-    client = load_client()
-    init_site(tmp_path / "site", "f5-journal", "default", client,
-              settings_overrides={"transfers": {"transfer_locations": LOCATIONS}})
-    site = SiteConfig(tmp_path / "site")
-    site_id = site.site_id
-
-    class Step(ApplicationDefinition):
-        site = site_id
-        command_template = "cat input.txt"
-        transfers = {"input": {"required": False, "direction": "in", "local_path": "input.txt"}}
-
-    class NoOut(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-
-    Step.sync()
-    NoOut.sync()
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    handoff = shared / "step1.txt"
-    handoff.write_text("first\n")
-    parent = Job("dag/parent", NoOut)
-    parent.save()
-    child = Job("dag/child", Step, parent_ids=[parent.id], transfers={"input": f"shared:{handoff}"})
-    child.save()
-    for state in ("PREPROCESSED", "RUNNING", "RUN_DONE", "POSTPROCESSED"):
-        client.patch("/jobs/", json=[{"id": parent.id, "state": state}])
-    assert client.get(f"/jobs/{child.id}")["state"] == "READY"
-    return client, site, site_id, parent, child, handoff, TransfersModule(site, options(), client)
-
-
-def rerun_and_release(client: Any, parent: Any, child: Any, handoff: Path) -> None:
-    """The parent and the child re-run (the child waits again: its stage-in held), the parent's new
-    output, its finish (the child released: its stage-in pending again)."""
-    client.patch("/jobs/", json=[{"id": parent.id, "state": "RESTART_READY"}, {"id": child.id, "state": "RESTART_READY"}])
-    assert client.get(f"/jobs/{child.id}")["state"] == "AWAITING_PARENTS"
-    assert client.get("/transfers/", params={"job_id": child.id})["results"][0]["state"] == "awaiting_job"
-    handoff.write_text("second\n")
-    for state in ("RUNNING", "RUN_DONE", "POSTPROCESSED"):
-        client.patch("/jobs/", json=[{"id": parent.id, "state": state}])
-    assert client.get(f"/jobs/{child.id}")["state"] == "READY"
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 
 def test_a_journaled_task_is_not_re_attached_after_a_hold_and_a_release(
         env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    client, site, _, parent, child, handoff, module = make_dag(tmp_path)
+    client, site, _, parent, child, handoff, module = make_released_dag(tmp_path, "f5-journal")
 
     def killed(*a: Any, **k: Any) -> Any:
         raise KeyboardInterrupt("agent killed before its PATCH")
@@ -128,7 +46,7 @@ def test_a_journaled_task_is_not_re_attached_after_a_hold_and_a_release(
     assert (item["state"], item["task_id"]) == ("pending", "")  # the submission was never recorded
     rerun_and_release(client, parent, child, handoff)
 
-    restarted = TransfersModule(site, options(), client)
+    restarted = transfers_module(site, client)
     restarted.backends = module.backends  # the service (its tasks) outlived the agent, as Globus does
     try:
         with caplog.at_level(logging.INFO, logger="balsam"):
@@ -140,24 +58,9 @@ def test_a_journaled_task_is_not_re_attached_after_a_hold_and_a_release(
 
 
 def test_a_task_whose_item_was_held_and_released_between_two_cycles_is_not_said_deleted(
-        env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    import balsam.builtin.local_transfer as lt
-
-    client, site, _, parent, child, handoff, module = make_dag(tmp_path)
-    real_copy = lt.copy_into_place
-    gate = threading.Event()
-    calls: list[str] = []
-
-    def slow_copy(src: Any, dest: Any, *a: Any, **k: Any) -> Any:
-        calls.append(str(dest))
-        if len(calls) == 1:  # the first task's copy opened the first output; it ends late
-            snapshot = tmp_path / "old-inode"
-            shutil.copyfile(src, snapshot)
-            gate.wait(60)
-            return real_copy(snapshot, dest, *a, **k)
-        return real_copy(src, dest, *a, **k)
-
-    monkeypatch.setattr(lt, "copy_into_place", slow_copy)
+        env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, stale_first_copy: threading.Event) -> None:
+    client, site, _, parent, child, handoff, module = make_released_dag(tmp_path, "f5-journal")
+    gate = stale_first_copy  # the first task's copy opened the first output; it ends late
     try:
         with caplog.at_level(logging.INFO, logger="balsam"):
             module.run_cycle()
@@ -197,7 +100,7 @@ class _RefusingClient:
 @pytest.mark.parametrize("kind", ["idempotency", "job_state"])
 def test_a_409_that_is_not_a_held_items_is_a_refusal(
         balsam_env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
-    client, site, _, _, child, _, module = make_dag(tmp_path)
+    client, site, _, _, child, _, module = make_released_dag(tmp_path, "f5-journal")
     (item,) = client.get("/transfers/", params={"job_id": child.id})["results"]
 
     def refusal(updates: list) -> APIError:
@@ -228,25 +131,8 @@ def test_a_journaled_token_batch_answered_by_a_task_from_before_a_hold_is_cancel
     held and released before it is sent again; the service answers the token with the task it
     started then (a copy of the first output). That task is cancelled and the item submitted again
     in a new batch: the child reads the parent's second output."""
-    from balsam.transfer import TransferError
-
-    client, site, _, parent, child, handoff, module = make_dag(tmp_path)
-    backend = module.backend("local")
-    real_submit = backend.submit
-    by_token: dict[str, str] = {}
-    tokens = iter(f"token-{n}" for n in range(100))
-
-    def submit(location: Any, direction: Any, files: Any, token: Any = None) -> str:
-        if token in by_token:
-            return by_token[token]  # the service answers a token it knows with its task
-        task_id = real_submit(location, direction, files, None)
-        by_token[token] = task_id
-        if len(by_token) == 1:
-            raise TransferError("timed out waiting for the service's answer", retryable=True)
-        return task_id
-
-    backend.new_submission_token = lambda: next(tokens)  # type: ignore[method-assign]
-    backend.submit = submit  # type: ignore[method-assign]
+    client, site, _, parent, child, handoff, module = make_released_dag(tmp_path, "f5-journal")
+    answer_tokens_with_their_tasks(module)
     try:
         with caplog.at_level(logging.INFO, logger="balsam"):
             module.run_cycle()

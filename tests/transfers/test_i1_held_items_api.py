@@ -12,53 +12,24 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-LOCATIONS = {"shared": "local://"}
+from transfer_test_utils import init_transfer_site, step_app
 
-
-@pytest.fixture(autouse=True)
-def _fresh_plugin_manager() -> Iterator[None]:
-    from balsam.plugins.manager import reset_plugin_manager
-
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def env(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 
 def make_dag(tmp_path: Path) -> tuple[Any, dict[str, int]]:
     """A site with a ``shared`` location; a parent (stage-out, not given: none), its child staging in
     from ``shared``, and a job of its own staging in (READY, its item pending). Returns the client
     and {name: id} of the jobs and of the items ``child_in``, ``lone_in``, ``parent_out``."""
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.site_ops import init_site
+    from balsam.api import Job
 
-    reset_default_client()
-    client = load_client()
-    init_site(tmp_path / "site", "i1-api-site", "default", client,
-              settings_overrides={"transfers": {"transfer_locations": LOCATIONS}})
-    site_id = SiteConfig(tmp_path / "site").site_id
-
-    class Step(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {
-            "input": {"required": False, "direction": "in", "local_path": "input.txt"},
-            "result": {"required": False, "direction": "out", "local_path": "result.txt"},
-        }
-
-    Step.sync()
+    client, site = init_transfer_site(tmp_path, "i1-api-site")
+    Step = step_app(site.site_id, command="true")
     parent = Job("dag/parent", Step, transfers={"result": "shared:/tmp/i1-out.txt"})
     parent.save()
     child = Job("dag/child", Step, parent_ids=[parent.id], transfers={"input": "shared:/tmp/i1-in.txt"})

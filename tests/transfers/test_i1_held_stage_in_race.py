@@ -22,109 +22,34 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from balsam.site.modules.transfers import TransfersModule, TransfersOptions
+from transfer_test_utils import make_handoff_dag, move_job, run_cycles, stage_in_item
 
-LOCATIONS = {"shared": "local://"}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_plugin_manager() -> Iterator[None]:
-    from balsam.plugins.manager import reset_plugin_manager
-
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def env(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
-
-
-def run_cycles(module: TransfersModule, predicate: Callable[[], bool], what: str, cycles: int = 100) -> None:
-    """Agent cycles until ``predicate()`` holds (the count only keeps a broken test from hanging)."""
-    for _ in range(cycles):
-        module.run_cycle()
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"transfers never reached {what}")
-
-
-def finish_as_a_launcher(client: Any, site_id: int, job_id: int) -> None:
-    """STAGED_IN -> POSTPROCESSED through the API, as the processing module and a launcher would."""
-    client.patch("/jobs/", json=[{"id": job_id, "state": "PREPROCESSED"}])
-    session = client.post("/sessions/", json={"site_id": site_id})["id"]
-    got = client.post(f"/sessions/{session}", json={"max_num_jobs": 10, "filter_tags": {}})
-    assert job_id in {j["id"] for j in (got if isinstance(got, list) else got["results"])}
-    for state in ("RUNNING", "RUN_DONE", "POSTPROCESSED"):
-        client.patch("/jobs/", json=[{"id": job_id, "state": state}])
-    client.delete(f"/sessions/{session}")
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 
 @pytest.mark.parametrize("when", ["before_submit", "in_flight", "before_report"])
 def test_a_child_sent_back_to_wait_mid_stage_in_reads_the_parents_new_output(
         env: Any, tmp_path: Path, when: str, caplog: pytest.LogCaptureFixture) -> None:
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.site_ops import init_site
-
-    reset_default_client()
-    client = load_client()
-    init_site(tmp_path / "site", "i1-site", "default", client,
-              settings_overrides={"transfers": {"transfer_locations": LOCATIONS}})
-    site = SiteConfig(tmp_path / "site")
-    site_id = site.site_id
-
-    class Step(ApplicationDefinition):
-        site = site_id
-        command_template = "cat input.txt > result.txt"
-        transfers = {
-            "input": {"required": False, "direction": "in", "local_path": "input.txt"},
-            "result": {"required": False, "direction": "out", "local_path": "result.txt"},
-        }
-
-    Step.sync()
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    handoff = shared / "step1.txt"
-    parent = Job("dag/parent", Step, transfers={"result": f"shared:{handoff}"})
-    parent.save()
-    child = Job("dag/child", Step, parent_ids=[parent.id], transfers={"input": f"shared:{handoff}"})
-    child.save()
-    module = TransfersModule(site, TransfersOptions(transfer_locations=LOCATIONS, service_period=1,
-                                                    retry_backoff_sec=0, max_attempts=2), client)
-    (item,) = client.get("/transfers/", params={"job_id": child.id, "direction": "in"})["results"]
-
-    def job_state(job_id: int) -> str:
-        return client.get(f"/jobs/{job_id}")["state"]
+    dag = make_handoff_dag(tmp_path, "i1-site")
+    client, parent, child, handoff, module, data = dag.client, dag.parent, dag.child, dag.handoff, dag.module, dag.data
+    job_state, settled = dag.state, dag.settled
+    item = stage_in_item(client, child.id)
 
     def item_now() -> dict:
         return client.get(f"/transfers/{item['id']}")
 
-    def settled() -> bool:  # nothing left for the agent to do: no item pending or in flight
-        rows = client.get("/transfers/", params={"site_id": site_id, "state": ["pending", "active", "inactive"]})
-        return rows["count"] == 0
-
     # The parent's first run: its output goes out to the location, the child is released (READY, its
     # stage-in pending) by the PATCH that records the stage-out done, at the end of that cycle.
-    data = Path(site.data_path)
-    (data / "dag/parent").mkdir(parents=True, exist_ok=True)
-    (data / "dag/parent/result.txt").write_text("the parent's first output\n")
-    finish_as_a_launcher(client, site_id, parent.id)
-    run_cycles(module, lambda: job_state(parent.id) == "JOB_FINISHED", "the parent's first finish")
+    dag.finish_parent("the parent's first output\n", "the parent's first finish")
     assert (handoff.read_text(), job_state(child.id), item_now()["state"]) == (
         "the parent's first output\n", "READY", "pending")
 
     def rerun() -> None:  # `balsam job modify --id P --id C -s RESTART_READY`: the parent's output was wrong
-        client.patch("/jobs/", json=[{"id": parent.id, "state": "RESTART_READY"},
-                                     {"id": child.id, "state": "RESTART_READY"}])
+        dag.rerun()
         assert (job_state(parent.id), job_state(child.id)) == ("RESTART_READY", "AWAITING_PARENTS")
 
     def once_after(name: str, before: bool) -> None:
@@ -178,15 +103,13 @@ def test_a_child_sent_back_to_wait_mid_stage_in_reads_the_parents_new_output(
 
     # The parent's new run: its new output goes out, the child is released and stages it in.
     (data / "dag/parent/result.txt").write_text("the parent's second output\n")
-    for state in ("RUNNING", "RUN_DONE", "POSTPROCESSED"):
-        client.patch("/jobs/", json=[{"id": parent.id, "state": state}])
+    move_job(client, parent.id, "RUNNING", "RUN_DONE", "POSTPROCESSED")
     run_cycles(module, lambda: job_state(child.id) != "AWAITING_PARENTS" and settled(),
                "the child's release and the end of its stage-in")
     assert handoff.read_text() == "the parent's second output\n"
     assert (job_state(parent.id), job_state(child.id)) == ("JOB_FINISHED", "STAGED_IN")
     assert (data / "dag/child/input.txt").read_text() == "the parent's second output\n"
-    moves = [(e["from_state"], e["to_state"]) for e in
-             sorted(client.get("/events/", params={"job_id": child.id})["results"], key=lambda e: (e["timestamp"], e["id"]))]
+    moves = dag.child_moves()
     assert moves[-3:] == [("RESTART_READY", "AWAITING_PARENTS"), ("AWAITING_PARENTS", "READY"), ("READY", "STAGED_IN")]
     assert "FAILED" not in {s for m in moves for s in m}
     module.close()
@@ -197,54 +120,15 @@ def test_a_task_shared_with_another_jobs_item_runs_on(env: Any, tmp_path: Path, 
     location, same direction). The child's item is refused as held; the other's is recorded, so the
     task is not cancelled (a task is one unit for its service): it ends ``done`` for the other job,
     the child's item stays held, and is copied after the parent's new run."""
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.site_ops import init_site
+    from balsam.api import Job
 
-    reset_default_client()
-    client = load_client()
-    init_site(tmp_path / "site", "i1-shared-site", "default", client,
-              settings_overrides={"transfers": {"transfer_locations": LOCATIONS}})
-    site = SiteConfig(tmp_path / "site")
-    site_id = site.site_id
-
-    class Step(ApplicationDefinition):
-        site = site_id
-        command_template = "cat input.txt > result.txt"
-        transfers = {
-            "input": {"required": False, "direction": "in", "local_path": "input.txt"},
-            "result": {"required": False, "direction": "out", "local_path": "result.txt"},
-        }
-
-    Step.sync()
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    handoff = shared / "step1.txt"
-    parent = Job("dag/parent", Step, transfers={"result": f"shared:{handoff}"})
-    parent.save()
-    child = Job("dag/child", Step, parent_ids=[parent.id], transfers={"input": f"shared:{handoff}"})
-    child.save()
-    module = TransfersModule(site, TransfersOptions(transfer_locations=LOCATIONS, service_period=1,
-                                                    retry_backoff_sec=0, max_attempts=2), client)
-
-    def job_state(job_id: int) -> str:
-        return client.get(f"/jobs/{job_id}")["state"]
-
-    def settled() -> bool:
-        rows = client.get("/transfers/", params={"site_id": site_id, "state": ["pending", "active", "inactive"]})
-        return rows["count"] == 0
-
-    data = Path(site.data_path)
-    (data / "dag/parent").mkdir(parents=True, exist_ok=True)
-    (data / "dag/parent/result.txt").write_text("the parent's first output\n")
-    finish_as_a_launcher(client, site_id, parent.id)
-    run_cycles(module, lambda: job_state(parent.id) == "JOB_FINISHED", "the parent's first finish")
+    dag = make_handoff_dag(tmp_path, "i1-shared-site")
+    client, parent, child, handoff, module, data = dag.client, dag.parent, dag.child, dag.handoff, dag.module, dag.data
+    job_state, settled, Step = dag.state, dag.settled, dag.app
+    dag.finish_parent("the parent's first output\n", "the parent's first finish")
     lone = Job("lone", Step, transfers={"input": f"shared:{handoff}"})  # reads the same file, no parent
     lone.save()
-    (child_in,) = client.get("/transfers/", params={"job_id": child.id, "direction": "in"})["results"]
-    (lone_in,) = client.get("/transfers/", params={"job_id": lone.id, "direction": "in"})["results"]
+    child_in, lone_in = stage_in_item(client, child.id), stage_in_item(client, lone.id)
     assert {child_in["state"], lone_in["state"]} == {"pending"}
 
     original = module._submit
@@ -253,8 +137,7 @@ def test_a_task_shared_with_another_jobs_item_runs_on(env: Any, tmp_path: Path, 
     def rerun_then_submit(due: list[dict], *args: Any, **kwargs: Any) -> Any:
         if not submitted:
             submitted.append(sorted(it["id"] for it in due))
-            client.patch("/jobs/", json=[{"id": parent.id, "state": "RESTART_READY"},
-                                         {"id": child.id, "state": "RESTART_READY"}])
+            dag.rerun()
         return original(due, *args, **kwargs)
 
     module._submit = rerun_then_submit  # type: ignore[method-assign]
@@ -274,8 +157,7 @@ def test_a_task_shared_with_another_jobs_item_runs_on(env: Any, tmp_path: Path, 
     assert not module.tracked_tasks
 
     (data / "dag/parent/result.txt").write_text("the parent's second output\n")
-    for state in ("RUNNING", "RUN_DONE", "POSTPROCESSED"):
-        client.patch("/jobs/", json=[{"id": parent.id, "state": state}])
+    move_job(client, parent.id, "RUNNING", "RUN_DONE", "POSTPROCESSED")
     run_cycles(module, lambda: job_state(child.id) != "AWAITING_PARENTS" and settled(),
                "the child's release and the end of its stage-in")
     assert job_state(child.id) == "STAGED_IN"
