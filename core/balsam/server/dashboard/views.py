@@ -598,15 +598,26 @@ def job_page(view: View) -> Response:
     )
 
 
+#: The most parents (and children) a job page lists.
+PARENTS_SHOWN = 200
+
+
 def _parents_context(job: dict, family: dict[int, Any]) -> dict[str, Any]:
     """Every parent of ``job`` (``None`` in place of one deleted) and, for a job in
     AWAITING_PARENTS, what it waits for and what to do: the rule and its words are
     :func:`balsam.dependencies.parent_wait`'s, shared with ``balsam job show``."""
     wait = parent_wait(job["id"], job["state"], job["parent_ids"],
                        {p: family[p].state for p in job["parent_ids"] or () if p in family})
+    # A campaign's reduction step can have 100,000 parents: the page lists the first PARENTS_SHOWN
+    # (the list and the "Waiting for" line) and says how many more, as the Children list does.
+    waits_for_text = wait.waits_for_text
+    if len(wait.waits_for) > PARENTS_SHOWN:
+        waits_for_text = (", ".join(f"{p} ({s})" for p, s in wait.waits_for[:PARENTS_SHOWN])
+                          + f" and {len(wait.waits_for) - PARENTS_SHOWN:,} more")
     return {
-        "parents": [(p, family.get(p)) for p, _ in wait.parents], "deleted_label": DELETED, "waiting": wait.waiting,
-        "waits_for_text": wait.waits_for_text,
+        "parents": [(p, family.get(p)) for p, _ in wait.parents[:PARENTS_SHOWN]],
+        "more_parents": max(0, len(wait.parents) - PARENTS_SHOWN),
+        "deleted_label": DELETED, "waiting": wait.waiting, "waits_for_text": waits_for_text,
         # each advice line as (text, is_code) pieces: its commands (between backticks) shown as code
         # (the CLI's lowercase sentence starts with a capital here)
         "parent_advice": [[(piece, n % 2 == 1) for n, piece in enumerate((line[:1].upper() + line[1:]).split("`")) if piece]

@@ -6,6 +6,11 @@
   // page that is slow to build (?count=all scans every matching job) is not rebuilt back to back.
   var MIN_PERIOD_MS = 5000;
   var SLOWDOWN = 10;
+  // While refreshes fail (the server is down, overloaded or answering errors), each failure after
+  // the first (a blip is retried at the usual pace) doubles the wait, up to MAX_BACKOFF_MS: every
+  // open tab asking every 5 s would add to an overload. The first answer goes back to MIN_PERIOD_MS.
+  var MAX_BACKOFF_MS = 60000;
+  var failures = 0;
 
   // The server writes UTC; shown here in the browser's zone, named ("5/1/2024, 5:00:00 AM CDT"),
   // with the UTC time on hover. Relative times ("3 s ago") keep their words.
@@ -32,6 +37,7 @@
 
   function updated() {
     lastUpdated = new Date();
+    failures = 0;
     var note = document.getElementById("live-stale");
     if (note) { note.hidden = true; note.textContent = ""; }
   }
@@ -45,10 +51,16 @@
 
   // A refresh that got no answer (the server is down or unreachable) or a server error.
   function failed(err) {
+    failures += 1;
     notUpdated(err && err.status ? "the server answered " + err.status : "server not answering");
   }
 
-  window.balsamLive = { updated: updated, failed: failed };
+  // How long to wait before the next refresh, after one that took ``took`` ms.
+  function period(took) {
+    return Math.max(Math.min(MIN_PERIOD_MS * Math.pow(2, Math.max(0, failures - 1)), MAX_BACKOFF_MS), SLOWDOWN * (took || 0));
+  }
+
+  window.balsamLive = { updated: updated, failed: failed, period: period };
 
   function refresh() {
     var regions = document.querySelectorAll("[data-live]");
@@ -80,7 +92,7 @@
   function loop() {
     var started = Date.now();
     refresh().then(function () {
-      window.setTimeout(loop, Math.max(MIN_PERIOD_MS, SLOWDOWN * (Date.now() - started)));
+      window.setTimeout(loop, period(Date.now() - started));
     });
   }
 

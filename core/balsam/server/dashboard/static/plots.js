@@ -101,7 +101,8 @@
 
   // dashboard.js's stale-page note (that script runs after this one: looked up when needed).
   function live() {
-    return window.balsamLive || { updated: function () {}, failed: function () {} };
+    return window.balsamLive || { updated: function () {}, failed: function () {},
+      period: function (took) { return Math.max(MIN_PERIOD_MS, SLOWDOWN * (took || 0)); } };
   }
 
   // Resolves to how long the data request took (answer or failure), for the back-off.
@@ -136,7 +137,7 @@
     var section = document.getElementById("plots");
     if (!section || typeof uPlot === "undefined") return;
     function loop(took) {
-      var period = Math.max(MIN_PERIOD_MS, SLOWDOWN * (took || 0));
+      var period = live().period(took);  // dashboard.js's, which backs off while requests fail
       window.setTimeout(function () {
         if (liveEnabled()) load(section).then(loop); else loop(0);
       }, period);
