@@ -225,7 +225,9 @@ class ApplicationDefinitionMeta(type):
         """The class's source: read from its file, or for a class loaded from the API (whose file
         is elsewhere: ``load_by_site()``, ``from_serialized()``) the source stored with it."""
         loaded = cls.__dict__.get("_source_code")
-        if loaded:
+        if loaded is not None:
+            # Stored empty (synced from ``python -c``, a REPL): looking it up by name would find
+            # a local class of the same name and give its source (and sync() would store it).
             return loaded
         return codec.get_source(cls)
 

@@ -124,6 +124,9 @@ def structure_value(model: str, name: str, value: Any, tp: Any) -> Any:
     if _strip_optional(tp) is dt.datetime:
         value = to_aware_utc(value)
     value = _plain(value)
+    if value is not None and not isinstance(value, typing.Mapping) and typing.get_origin(_strip_optional(tp)) is dict:
+        # cattrs would fail on ``value.items()``: an AttributeError that named no field.
+        raise ValueError(f"{model}.{name}: expected a dict, got {type(value).__name__} {value!r:.80}")
     if _is_str_dict(tp) and isinstance(value, dict):
         # Balsam 0.7 (pydantic) turned numbers in tags/launch_params/... into strings: keep doing so.
         value = _str_map_wire(value)

@@ -686,6 +686,50 @@ class Job(BalsamModel):
 
     parameters = property(get_parameters, set_parameters, doc="The app parameters (stored dill+base64).")
 
+    def _store_parameters_changed_in_place(self) -> None:
+        """``job.parameters["n"] = 2`` changes the dict ``get_parameters`` keeps: serialize it again
+        into ``serialized_parameters`` where it differs (as in-place changes of ``data`` are sent),
+        so that save(), bulk_update() and bulk_create() send it; they sent the old value before."""
+        cached = self.__dict__.get("_params_cache")
+        if cached is None:
+            return
+        payload, params = cached
+        if payload != self.serialized_parameters:
+            return  # replaced since: the kept dict is no longer the job's
+        try:
+            new = codec.serialize(params)
+        except codec.SerializeError as exc:
+            raise codec.SerializeError(f"Job(id={self.id}, workdir={str(self.workdir)!r}): cannot store its "
+                                       f"parameters: {exc}") from None
+        # An unchanged dict may serialize to other bytes than a payload another client wrote (0.7's
+        # dill): compared with the stored payload read and written again before calling it changed.
+        if new == payload or new == codec.serialize(codec.deserialize(payload)):
+            return
+        self.serialized_parameters = new
+        self.__dict__["_params_cache"] = (new, params)
+
+    def _changed_fields(self) -> set[str]:
+        self._store_parameters_changed_in_place()
+        return super()._changed_fields()
+
+    def _create_payload(self, *, omit_defaults: bool = False) -> dict[str, Any]:
+        self._store_parameters_changed_in_place()
+        return super()._create_payload(omit_defaults=omit_defaults)
+
+    def __reduce__(self) -> tuple:
+        self._store_parameters_changed_in_place()  # an unsaved job's too: the copy has no decoded dict
+        return super().__reduce__()
+
+    def _load(self, data: Any) -> None:
+        # The record read again (refresh_from_db, a save's answer): parameters changed in place
+        # and not saved are dropped with the other unsaved changes, not kept in the decoded copy.
+        self.__dict__.pop("_params_cache", None)
+        super()._load(data)
+
+    def _adopt(self, other: "BalsamModel") -> None:
+        self.__dict__.pop("_params_cache", None)
+        super()._adopt(other)
+
     # ------------------------------------------------------------------ relations
     @property
     def app(self) -> "type[ApplicationDefinition]":

@@ -90,6 +90,31 @@ def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) ->
     return params, empty
 
 
+#: Filters matching the records that hold every ``K:V`` given (tags): given again in a chain
+#: (``filter(tags=a).filter(tags=b)``), both sets apply.
+CONTAINMENT_FILTERS = frozenset({"tags", "data", "filter_tags"})
+
+
+def _and_filter(model: str, key: str, old: Any, new: Any) -> tuple[Any, bool]:
+    """A filter given again in a chain (``filter(id=a).filter(id=b)``), as both together (a query's
+    filters all apply, as in Django): (the value, whether it matches nothing). Balsam 0.7 kept the
+    last one only, so ``mine.filter(tags={"step": "3"}).delete()`` reached jobs outside ``mine``."""
+    old_items = old if isinstance(old, list) else [old]
+    new_items = new if isinstance(new, list) else [new]
+    if not old_items or not new_items:
+        return [], True  # an empty list filter matches nothing, whatever else applies
+    if sorted(map(str, old_items)) == sorted(map(str, new_items)):
+        return new, False
+    if key in CONTAINMENT_FILTERS:
+        return list(dict.fromkeys(old_items + new_items)), False
+    if key == "id":  # ids: those in both lists (1 and "1" are one id, as the server reads them)
+        wanted = {str(v) for v in new_items}
+        both = [v for v in old_items if str(v) in wanted]
+        return both, not both
+    raise ValueError(f"{model}.objects.filter(): filter {key!r} given again ({new!r:.80}; the query has {old!r:.80}): "
+                     f"a query's filters all apply (Balsam 0.7 silently kept the last one): give each filter once")
+
+
 def positional_filters(model: Any, method: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with the positional ``args`` of ``get()``/``filter()`` added under their names: the
     order of the model's filters in Balsam 0.7 (``Job.objects.get(5)`` is ``get(id=5)``; App's first
@@ -150,13 +175,20 @@ class Query(Generic[T]):
         kwargs = positional_filters(self._model, "filter", args, kwargs)
         params, empty = encode_filters(self._model.__name__, self._model._filters, kwargs)
         q = self._clone()
-        q._params.update(params)
+        for key, value in params.items():
+            if key in q._params:
+                value, none_left = _and_filter(self._model.__name__, key, q._params[key], value)
+                empty = empty or none_left
+            q._params[key] = value
         q._empty = q._empty or empty
         return q
 
     def order_by(self, field: Optional[str]) -> "Query[T]":
         if self._sliced:
             raise AttributeError("cannot re-order a query after slicing it")
+        if field is not None and not isinstance(field, str):
+            raise TypeError(f"{self._model.__name__}.objects.order_by() takes one field name (a str, '-' for "
+                            f"descending), got {type(field).__name__} {field!r:.80}")
         if field is not None and field.lstrip("-") not in self._model._orderings:
             allowed = ", ".join(sorted(self._model._orderings)) or "none"
             raise ValueError(f"{self._model.__name__} cannot be ordered by {field!r} (orderings: {allowed}, '-' for descending)")
