@@ -32,7 +32,8 @@ The render/parse pairs:
 ``never_starts``                    a queued job's status -> whether its scheduler reason says it
                                     can never start as submitted (exceeds a limit)
 ``waits_for_other_than_nodes``      a queued job's status -> whether it waits for a hold, a
-                                    dependency or a begin time (or its wait is unknown)
+                                    dependency, a begin time or a limit
+``submit_time_unknown``             a queued job's status -> whether its queued_time_min 0 is unknown
 ``render_discover_queues``/         the queues and their limits -> ``{name: AllowedQueue}``
 ``parse_discover_queues``           (used by :meth:`Scheduler.site_defaults`); ``max_queued_jobs``
                                     None where the scheduler reports no per-user limit (unknown)
@@ -339,10 +340,17 @@ class Scheduler(abc.ABC):
 
     def waits_for_other_than_nodes(self, status: SchedulerJobStatus) -> bool:
         """Whether a queued job waits for something other than free nodes and its turn: a hold, a
-        dependency, a begin time, or a submit time the scheduler did not give (its
-        ``queued_time_min`` 0 means unknown, not just submitted). Such a job does not take nodes
-        that come free now: the elastic queue does not count it as claiming a backfill window.
-        Each driver knows its own words. The default, for a scheduler that does not say: False."""
+        dependency, a begin time, a per-user/account/QOS limit, a reservation or a partition that
+        is down. Such a job does not take nodes that come free now: the elastic queue does not
+        count it as claiming a backfill window. Each driver knows its own words. The default, for
+        a scheduler that does not say: False."""
+        return False
+
+    def submit_time_unknown(self, status: SchedulerJobStatus) -> bool:
+        """Whether the scheduler did not give this queued job's submit time: its
+        ``queued_time_min`` 0 means unknown, not just submitted. Apart from
+        ``waits_for_other_than_nodes``: the elastic queue counts a job of unknown wait that it did
+        not make as claiming no window, but knows the age of its own requests. Default: False."""
         return False
 
     def render_backfill(self) -> Optional[Command]:

@@ -28,8 +28,11 @@ def test_slurm_reasons_and_an_unknown_submit_time():
         61: True,   # Dependency
         62: True,   # BeginTime
         63: False,  # Resources: waits for nodes
-        64: True,   # no submit time: its queued_time_min 0 is unknown, not "just submitted"
+        64: False,  # Priority: waits its turn ...
     }
+    # ... but squeue gave no submit time: its queued_time_min 0 is unknown, not "just submitted"
+    # (a hook of its own since r11: the elastic queue knows the age of its own requests).
+    assert {i for i, s in poll.statuses.items() if slurm.submit_time_unknown(s)} == {64}
     assert poll.statuses[64].queued_time_min == 0
 
 

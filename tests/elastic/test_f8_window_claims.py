@@ -111,15 +111,22 @@ def test_a_held_batch_job_made_by_hand_claims_no_window(make_site, client) -> No
 
 def test_with_queue_flag_qos_the_users_job_in_the_partition_claims_the_window(make_site, client) -> None:
     """sbatch --qos debug: squeue shows the job's partition (compute), never the QOS, and the
-    windows are every partition's idle nodes: the other job was never counted."""
+    windows are every partition's idle nodes: the other job was never counted. It is counted in
+    the partition the site's own job of the QOS shows (review r11: not in any partition, whose
+    nodes it may never take; test_f13_window_claims_by_queue.py)."""
     site = make_site(overrides=RULES)
     runnable_jobs(client, site, 20)
-    runner = ReplayRunner({"sinfo": result(stdout=SINFO),
-                           "squeue": result(stdout=_line(901, 3, nodes=8, part="compute"))})
+    mine = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "debug",
+                                             "num_nodes": 2, "wall_time_min": 115, "job_mode": "mpi",
+                                             "status_info": {"elastic_request": "backfill"}})
+    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 700}])
+    squeue = _line(700, 2, nodes=2, part="compute") + _line(901, 3, nodes=4, part="compute")
+    runner = ReplayRunner({"sinfo": result(stdout=SINFO), "squeue": result(stdout=squeue)})
     module = _module(site, client, runner, queue_flag="--qos")
     module.run_cycle()
     line = module.last_decision.log_line("backfill")
-    assert _requests(client, site) == [] and "8 nodes by the user's other jobs" in line, line
+    # 8 idle: 2 claimed by its own request, 4 by the other job: 2 requested.
+    assert sorted(_requests(client, site)) == [(2, 115), (2, 115)], line
 
 
 @pytest.mark.parametrize("other_queue, claims", [("small", True), ("medium", False)])

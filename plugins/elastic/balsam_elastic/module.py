@@ -157,8 +157,6 @@ class ElasticQueueModule(AgentModule):
         self._site_scheduler_ids: set[int] = set()
         #: The scheduler ids of the last snapshot's BatchJobs of submit_queue (see read_others_waiting).
         self._queue_ids: set[int] = set()
-        #: Whether the last windows read include nodes usable from any queue (see read_windows).
-        self._windows_of_any_queue = False
         #: Refusals of the scheduler older than this are forgotten (a restart lifts them all).
         self.started_at = utcnow()
         #: When it first saw each of its BatchJobs that carry no CREATED_AT stamp (made by an earlier version).
@@ -489,7 +487,8 @@ class ElasticQueueModule(AgentModule):
             regular_queue=info.get(REQUEST_KIND) == REGULAR_QUEUE,
             owned=self.own(row),
             polled_state=polled, never_starts=self.never_starts(status) if queued else "",
-            waits_for_other=self.waits_for_other(status) if queued else False,
+            waits_for_other=queued and (self.waits_for_other(status)
+                                        or (not self.own(row) and self.submit_time_unknown(status))),
             project=str(row.get("project") or ""),
             held=str(info.get("waiting") or "") if pending else "",
             age_min=self.age_min(row) if self.own(row) else None,
@@ -606,8 +605,10 @@ class ElasticQueueModule(AgentModule):
         the user's jobs, another site's too. A job waiting longer waits for reasons of its own (its
         size, a limit) and is left out, as is one held, waiting for a dependency or a begin time, or
         of unknown wait (the driver's ``waits_for_other_than_nodes``), one that never starts, and
-        one of another queue (by the names this poll shows for the site's jobs of submit_queue;
-        any queue when the windows include nodes usable from any queue); a failed poll gives none.
+        one of another queue (by the names this poll shows for the site's jobs of submit_queue,
+        also where the windows include nodes usable from any queue: a window does not say which
+        queues may use it, and a job of another queue or partition, counted there, claimed nodes it
+        can never take: the window stayed claimed, never requested); a failed poll gives none.
 
         One of its own requests that the snapshot read waiting for its submission claims its window
         already (``unclaimed_windows``); the scheduler module may have submitted it since, and the
@@ -632,17 +633,14 @@ class ElasticQueueModule(AgentModule):
         names = {self.options.submit_queue} | {str(getattr(poll[sid], "queue", "") or "")
                                                for sid in self._queue_ids if sid in (poll or {})}
         names.discard("")
-        # Nodes usable from any queue (PBS nodes tied to no queue; Slurm with queue_flag --qos,
-        # whose windows are every partition's idle nodes): a waiting job of any queue takes them.
-        any_queue = self._windows_of_any_queue
         found = []
         for sid, status in sorted((poll or {}).items()):
             if sid in self._site_scheduler_ids or _polled_state(status) is not BatchJobState.queued:
                 continue
-            if not any_queue and str(getattr(status, "queue", "") or "") not in names:
+            if str(getattr(status, "queue", "") or "") not in names:
                 continue
-            if self.never_starts(status) or self.waits_for_other(status):
-                continue  # takes no nodes that come free now (a hold, a dependency, a limit)
+            if self.never_starts(status) or self.waits_for_other(status) or self.submit_time_unknown(status):
+                continue  # takes no nodes that come free now (a hold, a dependency, a limit), or unknown
             try:
                 waited = int(getattr(status, "queued_time_min", 0) or 0)
                 size = (int(status.num_nodes), int(status.wall_time_min))
@@ -667,6 +665,20 @@ class ElasticQueueModule(AgentModule):
             self._report_once(f"scheduler driver's waits_for_other_than_nodes failed: {type(exc).__name__}: {exc}")
             return False
 
+    def submit_time_unknown(self, status: Any) -> bool:
+        """Whether its driver says the scheduler did not give this queued job's submit time
+        (``Scheduler.submit_time_unknown``): its queued_time_min 0 means unknown. Asked of jobs it
+        did not make only: it knows the age of its own requests (``age_min``); one of them taken
+        for unknown claimed no window, and the same window was requested again."""
+        hook = getattr(self.scheduler, "submit_time_unknown", None)
+        if hook is None:  # a scheduler object not derived from balsam.scheduler.Scheduler
+            return False
+        try:
+            return bool(hook(status))
+        except Exception as exc:  # a driver's fault must not stop the cycle
+            self._report_once(f"scheduler driver's submit_time_unknown failed: {type(exc).__name__}: {exc}")
+            return False
+
     def never_starts(self, status: Any) -> str:
         """The scheduler's reason when its driver says this queued job can never start as
         submitted (``Scheduler.never_starts``), else ""."""
@@ -687,10 +699,7 @@ class ElasticQueueModule(AgentModule):
         found: list[BackfillWindow] = []
         # A driver may name its "usable from any queue" key (PBS's any_queue_key option).
         any_queue = str(getattr(getattr(self.scheduler, "options", None), "any_queue_key", ANY_QUEUE) or ANY_QUEUE)
-        self._windows_of_any_queue = False
         for key in dict.fromkeys((self.options.submit_queue, any_queue, ANY_QUEUE)):
-            if key != self.options.submit_queue and windows.get(key):
-                self._windows_of_any_queue = True  # nodes a job of any queue may take
             for w in windows.get(key, ()):
                 found.append(w if isinstance(w, BackfillWindow) else
                              BackfillWindow(num_nodes=int(w["num_nodes"]), wall_time_min=int(w["wall_time_min"])))

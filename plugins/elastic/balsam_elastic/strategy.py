@@ -92,8 +92,9 @@ class BatchJobView:
     #: (``max_queued_jobs``) but no capacity: it is not counted as nodes coming.
     never_starts: str = ""
     #: Queued, and this cycle's poll says it waits for something other than free nodes (a hold, a
-    #: dependency, a begin time, or its wait unknown: the driver's ``waits_for_other_than_nodes``):
-    #: it takes no nodes that come free now, so it claims no backfill window.
+    #: dependency, a begin time, a limit: the driver's ``waits_for_other_than_nodes``; or, for one
+    #: it did not make, its wait unknown: ``submit_time_unknown``): it takes no nodes that come
+    #: free now, so it claims no backfill window.
     waits_for_other: bool = False
     #: The project it charges (the module's own all charge ``elastic_queue.submit_project``; one
     #: made by hand may charge another).

@@ -325,16 +325,32 @@ def max_queued_for(value: Any, user: str, default: Optional[int]) -> Optional[in
 NEVER_RUNS_COMMENT = "can never run"
 
 
+#: The start of the reason of a job in state W (``qsub -a``: waiting for its start time).
+BEGIN_TIME_REASON = "waiting for its start time"
+
+
 def waiting_reason(job: dict[str, Any]) -> str:
     """Why a job that has not started waits: the scheduler's ``comment`` ("Not Running: ...",
-    "Can Never Run: ..."), else its holds. (A running job's comment only says where it started.)"""
+    "Can Never Run: ..."), else its holds. (A running job's comment only says where it started.)
+    A job in state H or W says so first, whatever its comment ("held (...)", "waiting for its
+    start time"): with a comment of the scheduler's own ("Not Running: ..."), such a job read as
+    one waiting for nodes and claimed a backfill window (``waits_for_other_than_nodes``). One that
+    can never run keeps that comment first (``never_starts``)."""
     comment = " ".join(str(job.get("comment") or "").split())
-    if comment:
-        return comment[:MAX_REASON_CHARS]
+    letter = str(job.get("job_state", "")).strip().upper()
     holds = str(job.get("Hold_Types") or "").strip()
-    if holds and holds != "n":
-        return f"held (Hold_Types {holds})"
-    return ""
+    held = f"held (Hold_Types {holds})" if holds and holds != "n" else ""
+    first = ""
+    if letter == "H":
+        first = held or "held (job_state H)"
+    elif letter == "W":
+        start = " ".join(str(job.get("Execution_Time") or "").split())
+        first = f"{BEGIN_TIME_REASON} ({start})" if start else BEGIN_TIME_REASON
+    if not comment:
+        return (first or held)[:MAX_REASON_CHARS]
+    if not first or comment.lower().startswith((NEVER_RUNS_COMMENT, "job held")):
+        return comment[:MAX_REASON_CHARS]
+    return f"{first}: {comment}"[:MAX_REASON_CHARS]
 
 
 #: What PBS Pro shows as ``project`` of a job submitted without ``-P`` (unrelated to ``-A``).
@@ -405,11 +421,12 @@ class PBSScheduler(Scheduler):
         return status.state is BatchJobState.queued and status.message.lower().startswith(NEVER_RUNS_COMMENT)
 
     def waits_for_other_than_nodes(self, status: SchedulerJobStatus) -> bool:
-        # A held job (qhold, or a dependency: a system hold) without a scheduler comment reads
-        # "held (Hold_Types ...)" (waiting_reason); PBS comments one "Job held by ...". The letters
-        # H and W themselves are not in the status: a held job whose comment says otherwise counts.
+        # A job in state H (qhold, or a dependency: a system hold) or W (qsub -a) reads "held (...)"
+        # or "waiting for its start time" first, whatever its comment (waiting_reason); PBS
+        # comments a held one "Job held by ...".
         message = status.message.lower()
-        return status.state is BatchJobState.queued and (message.startswith("held (") or "job held" in message)
+        return status.state is BatchJobState.queued and (
+            message.startswith(("held (", BEGIN_TIME_REASON)) or "job held" in message)
 
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:

@@ -146,11 +146,19 @@ NEVER_STARTS_REASONS = frozenset({
 })
 
 #: squeue pending reasons (%r) of a job that waits for something other than free nodes and its
-#: turn: a hold (user's or administrator's), a dependency, a begin time. It does not take nodes
-#: that come free now (``SlurmScheduler.waits_for_other_than_nodes``).
+#: turn: a hold (user's or administrator's), a dependency, a begin time, a reservation, nodes or a
+#: partition that are down, an array's task limit. It does not take nodes that come free now
+#: (``SlurmScheduler.waits_for_other_than_nodes``).
 WAITS_FOR_OTHER_REASONS = frozenset({
     "Dependency", "DependencyNeverSatisfied", "JobHeldUser", "JobHeldAdmin", "BeginTime",
+    "ReqNodeNotAvail", "Reservation", "PartitionDown", "PartitionInactive", "JobArrayTaskLimit",
 })
+
+#: The starts of squeue's open-ended family of limit reasons (QOSMaxJobsPerUserLimit,
+#: QOSGrpNodeLimit, AssocGrpNodeLimit, AssocMaxJobsLimit...): the job waits for the user's, the
+#: account's or the QOS's other jobs to end, not for idle nodes. (Those in NEVER_STARTS_REASONS
+#: never start at all.)
+WAITS_FOR_LIMIT_PREFIXES = ("QOS", "Assoc")
 
 
 def pending_reason(reason: str) -> str:
@@ -430,9 +438,13 @@ class SlurmScheduler(Scheduler):
 
     def waits_for_other_than_nodes(self, status: SchedulerJobStatus) -> bool:
         word = status.message.split(",", 1)[0].strip()
+        return status.state is BatchJobState.queued and (
+            word in WAITS_FOR_OTHER_REASONS or (word.startswith(WAITS_FOR_LIMIT_PREFIXES)
+                                                and word not in NEVER_STARTS_REASONS))
+
+    def submit_time_unknown(self, status: SchedulerJobStatus) -> bool:
         unknown = getattr(self.last_poll, "unknown_submit", frozenset())
-        return status.state is BatchJobState.queued and (word in WAITS_FOR_OTHER_REASONS
-                                                         or status.scheduler_id in unknown)
+        return status.state is BatchJobState.queued and status.scheduler_id in unknown
 
     # -- submit -----------------------------------------------------------------------------
     def render_submit(self, request: SubmitRequest) -> Command:
