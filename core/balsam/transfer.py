@@ -192,6 +192,14 @@ class TaskStatus:
     #: (e.g. someone cancelled the task on purpose after some files were delivered); the task's other
     #: files are still done. True (the default): each fails a try, as a failed task's files do.
     file_errors_retryable: bool = True
+    #: Whether each key of ``file_errors`` names the item it is charged to as the agent matches them
+    #: (an item's own ``dest``, else the deepest directory item holding the path). True (the default:
+    #: ``local`` and ``rsync`` file each error under its own item's ``dest``). False when the backend
+    #: only knows the path of the failed file (Globus after an agent restart: the task's items are
+    #: not known to it): the agent then charges a key to every item that may hold it (an item whose
+    #: ``dest`` it is and every directory item it is inside), so that no outer directory item is
+    #: recorded done while a file of it may be missing.
+    file_errors_attributed: bool = True
 
 
 class TransferBackend(abc.ABC):

@@ -18,7 +18,10 @@
   the home read as for a failed task's delivered files; a path several items write, nested items
   too, is the item's whose source Globus reports, else each holder's, filed under a name the agent
   gives that item: an outer directory item's own dest for its file inside an inner item; one
-  that may be a home item's while that home cannot be read fails a try of every item of the task).
+  that may be a home item's while that home cannot be read fails a try of every item of the task;
+  after an agent restart the task's items are not known here: each file is named by the path Globus
+  reports and the status says ``file_errors_attributed`` False, so that the agent charges it to
+  every item that may hold it, nested ones included).
   A task whose outcome needs such calls (also a failed task's delivered files and last event) and
   whose calls fail is reported ``active`` with the reason that poll, read again at the next; the
   poll's other tasks settle. A finished task's status, once read, is remembered (while its document
@@ -44,7 +47,9 @@
   path Globus reports once it resolved that home: the collection's home directory is read from
   Globus, one ``operation_ls`` of ``/~/`` per collection and login for the backend's life (see
   GlobusTransfer._home; an ls that fails for a moment, 5xx, 429 or the network, keeps the task
-  active until the next cycle), never guessed from the reported paths; a path two items write
+  active until the next cycle, and is not asked again in the same poll; a 5xx ``ExternalError`` or
+  ``EndpointError``, the collection's own trouble, is a home unknown for HOME_RECHECK_SEC), never
+  guessed from the reported paths; a path two items write
   delivers neither, nor, while that home cannot be read, a path reported otherwise than in home
   form that may be a home item's); a task that delivered files none of which matches logs one
   warning. A task's files are remembered until no poll has named it
@@ -509,11 +514,20 @@ def _client_owner(client: Any) -> Any:
     return ("login", login.serial) if isinstance(login, _Login) else ("client", id(client))
 
 
+#: Codes of Globus Transfer's 5xx answers that are no outage of Globus but the collection's own
+#: trouble (its endpoint disconnected or refusing: "Unable to scan endpoint"): globus-sdk does not
+#: retry them ("unlikely to actually be transient"), and neither does the home's ls every cycle.
+NOT_TRANSIENT_CODES = ("ExternalError", "EndpointError")
+
+
 def _transient(exc: BaseException) -> bool:
     """Whether a failed request may work at the next cycle as it is: Globus down (5xx), rate limited
     (429, or any answer with a Retry-After), the network. Not a refusal (403, 404), a consent, a
-    session or credentials to renew (a new login), an unreadable answer."""
+    session or credentials to renew (a new login), an unreadable answer, nor a 5xx that is the
+    collection's own error (NOT_TRANSIENT_CODES: its endpoint may stay unreachable for hours)."""
     if isinstance(exc, globus_sdk.GlobusAPIError):
+        if exc.http_status != 429 and any(code in str(exc.code or "") for code in NOT_TRANSIENT_CODES):
+            return False
         return exc.http_status >= 500 or exc.http_status == 429 or _retry_after(exc) is not None
     return isinstance(exc, (globus_sdk.NetworkError, globus_sdk.GlobusConnectionError))
 
@@ -674,10 +688,13 @@ def _skipped_names(sent: Sequence[tuple[str, str, bool]], paths: Sequence[str], 
             continue
         held = {i: norm[len(spelling.rstrip("/")):] for i, spelling in items.holders(norm).items()}
         source = sources[n] if sources is not None and n < len(sources) and sources[n] else None
-        if source is not None and origins is not None and len(held) > 1:
+        reported = _norm(source) if source is not None else ""
+        if (source is not None and origins is not None and len(held) > 1
+                and all(i < len(origins) and _is_home(origins[i]) == _is_home(reported) for i in held)):
             # The source says whose file it is: the item that reads it at the same place under its
-            # own source (a nested source too: the relative parts must agree).
-            reported = _norm(source)
+            # own source (a nested source too: the relative parts must agree). Not when a holder's
+            # source is in home form (/~/...) and the reported one is not, or the other way round:
+            # one file, spelled ~/src by one item, resolved by the other, named the latter alone.
             own = [i for i, rel in held.items() if i < len(origins) and origins[i]
                    and reported == _norm(origins[i].rstrip("/") + rel if rel else origins[i])]
             if own:
@@ -825,6 +842,10 @@ class GlobusTransfer(TransferBackend):
         #: or None: not readable; when read)} (see _home): one operation_ls per collection and login
         #: for the backend's life, at most HOME_CACHE_SIZE.
         self._homes: dict[tuple[Any, str], tuple[Optional[str], float]] = {}
+        #: {(login, collection): the error} of an ls of its home that failed for a moment during the
+        #: current poll: raised again for the rest of that poll without a call (each of its tasks
+        #: asked again); emptied when a poll starts.
+        self._home_failures: dict[tuple[Any, str], BaseException] = {}
         if self.options.http_retries > MAX_HTTP_RETRIES:
             logger.warning("globus backend option http_retries (transfers.backend_options.globus.http_retries): %d is "
                            "more than %d; %d are made (each waits up to 10 s inside the agent's cycle, and the next "
@@ -1103,6 +1124,8 @@ class GlobusTransfer(TransferBackend):
 
     def poll_tasks(self, task_ids: Sequence[str]) -> Mapping[str, TaskStatus]:
         statuses: dict[str, TaskStatus] = {}
+        with self._tasks_lock:
+            self._home_failures.clear()  # a home that failed in an earlier poll is asked again
         try:
             client = self.client()
             docs: list[Mapping[str, Any]] = []
@@ -1227,8 +1250,12 @@ class GlobusTransfer(TransferBackend):
                 if self._polls - task.seen >= FORGET_AFTER_POLLS and clock - task.seen_at >= FORGET_AFTER_SEC:
                     del self._tasks[task_id]
 
-    def _skipped_errors(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any], stage_in: bool) -> dict[str, str]:
-        """{the failed file's dest as the agent names it: error} of a task's skipped files (every page)."""
+    def _skipped_errors(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any], stage_in: bool
+                        ) -> tuple[dict[str, str], bool]:
+        """({the failed file's dest as the agent names it: error} of a task's skipped files (every
+        page), whether those names are the items' (``TaskStatus.file_errors_attributed``: False when
+        this process does not know the task's files, after an agent restart: each error is then filed
+        under the path Globus reports, which the agent charges to every item that may hold it)."""
         skipped_list = [(str(skipped.get("destination_path") or ""),
                          one_line(f"{skipped.get('error_code', 'error')}: "
                                   f"{skipped.get('error_details') or skipped.get('source_path')}"),
@@ -1265,7 +1292,9 @@ class GlobusTransfer(TransferBackend):
                 errors[self.from_endpoint(dest) if stage_in else dest] = error
         for key, count in more.items():
             errors[key] = one_line(f"{errors[key]} (and {count} more failed file{'s' if count > 1 else ''})")
-        return errors
+        # Not known here (submitted before the agent restarted): a path inside nested items cannot
+        # be told whose (its deepest holder alone was failed, and an outer item recorded done).
+        return errors, bool(sent)
 
     def _files_of(self, doc: Mapping[str, Any]) -> tuple[list[tuple[str, str, bool]], str, list[str]]:
         """(the files this process submitted in a task (see _Task.files; empty: not known), the
@@ -1285,9 +1314,10 @@ class GlobusTransfer(TransferBackend):
         when it cannot be read (no permission, a consent or session, the collection unknown, an
         unreadable answer): the caller then counts nothing on a home path as delivered but what
         Globus reported in home form, and fails a try of every item for a skipped file it cannot
-        tell; asked again after HOME_RECHECK_SEC (not once per task per poll). A failure that may
-        pass (5xx, 429, a Retry-After, the network) is raised, not remembered: the task is then
-        reported active and read again (see _settled_status). The ls needs the same login and
+        tell; asked again after HOME_RECHECK_SEC (not once per task per poll); so is a 5xx that is
+        the collection's own error (see _transient). A failure that may pass (5xx, 429, a
+        Retry-After, the network) is raised, and raised again without a call for the rest of the
+        poll only: the task is then reported active and read again (see _settled_status). The ls needs the same login and
         consent as the transfer."""
         now = self.clock()
         # By login too: another identity (a `globus-login` since) may have another home on a
@@ -1295,8 +1325,11 @@ class GlobusTransfer(TransferBackend):
         cache_key = (_client_owner(client), collection)
         with self._tasks_lock:
             known = self._homes.get(cache_key)
+            failed = self._home_failures.get(cache_key)
         if known is not None and (known[0] is not None or now - known[1] < HOME_RECHECK_SEC):
             return known[0]
+        if failed is not None:
+            raise failed
         home: Optional[str] = None
         try:
             listing = client.operation_ls(collection, path="/~/", limit=1)
@@ -1309,7 +1342,10 @@ class GlobusTransfer(TransferBackend):
             if _transient(exc):
                 # Globus down or rate limited for a moment: not "home unknown" (every item of the task
                 # failed a try on it, for good): the caller reports the task active (held off on a
-                # 429) and it is read again next cycle. Nothing cached.
+                # 429) and it is read again next cycle. Remembered for the rest of this poll only:
+                # its other tasks are not each one more call to a service that just failed.
+                with self._tasks_lock:
+                    self._home_failures[cache_key] = exc
                 raise
             # Not self._error: a refused ls must not drop the client (the transfers themselves work).
             problem, _ = _classify(exc, self._collections, self.tokens_path(), self.options.endpoint_id)
@@ -1329,8 +1365,9 @@ class GlobusTransfer(TransferBackend):
         if status == "SUCCEEDED":
             stage_in = self._direction(doc) == TransferDirection.stage_in
             # Every page: an error left on a later one would leave its file's item done.
-            errors = self._skipped_errors(client, doc, stage_in) if doc.get("subtasks_skipped_errors") else {}
-            return TaskStatus(TaskState.done, info=info, file_errors=errors)
+            errors, attributed = (self._skipped_errors(client, doc, stage_in) if doc.get("subtasks_skipped_errors")
+                                  else ({}, True))
+            return TaskStatus(TaskState.done, info=info, file_errors=errors, file_errors_attributed=attributed)
         if status == "FAILED":
             return self._failed(client, doc, info)
         if status == "INACTIVE":
@@ -1409,6 +1446,10 @@ class GlobusTransfer(TransferBackend):
             home = self._home(client, self._files_of(doc)[1]) if _needs_home(sent, arrived) else None
             matched = _delivered(sent, arrived, home)
         except Exception as exc:
+            if _transient(exc):
+                # Raised as it is: wrapped, a 429 without Retry-After lost its http_status, and the
+                # poll reported the task active instead of holding the backend off (_settled_status).
+                raise
             problem = self._error(exc)
             if problem.retryable:
                 raise problem from None  # Globus down, a login to renew: the poll waits for the next cycle
@@ -1440,8 +1481,10 @@ class GlobusTransfer(TransferBackend):
             # A skipped file's own error says more than the task's (which it is not delivered anyway).
             stage_in = self._direction(doc) == TransferDirection.stage_in
             try:
-                errors.update(self._skipped_errors(client, doc, stage_in))
+                errors.update(self._skipped_errors(client, doc, stage_in)[0])
             except Exception as exc:
+                if _transient(exc):
+                    raise  # as below: its http_status tells the poll to hold off on a 429
                 problem = self._error(exc)
                 if problem.retryable:
                     raise problem from None

@@ -100,7 +100,9 @@ Backends that take the deadline themselves (``section_keys`` mapping ``task_time
 plugin passes it to the service) stop the task on their side too.
 
 A done task whose ``file_errors`` name files is matched to its items by destination (a file inside
-a recursive item's destination is that item's); each item so named fails a try, or fails for good
+a recursive item's destination is the deepest such item's; when the backend sets
+``file_errors_attributed`` False, as Globus does for a task whose files it no longer knows after a
+restart, every item that may hold the file: nested ones too); each item so named fails a try, or fails for good
 (its job FAILED with the error) when the backend sets ``file_errors_retryable`` False (Globus: a task
 cancelled by its owner or an administrator); if some error matches no item, the items without
 an error of their own are not called done either: each fails a try (it is copied again, and its
@@ -535,11 +537,35 @@ def _norm_path(path: str) -> str:
     return re.sub("/+", "/", path).rstrip("/") or "/"
 
 
-def match_file_errors(items: Iterable[tuple[Any, str, bool]], file_errors: Mapping[str, str]
-                      ) -> tuple[dict[Any, str], dict[str, str]]:
+#: The count a backend adds to a file error that stands for several files (the Globus backend's
+#: "(and 2 more failed files)"): combined errors add their counts instead of stacking suffixes.
+MORE_FAILED = re.compile(r"\s*\(and (\d+) more failed files?\)$")
+
+
+def _combined(errors: list[str]) -> str:
+    """One item's errors as one: the first (its file named), and how many more files failed, counting
+    those each error already stands for."""
+    first = errors[0]
+    if len(errors) == 1:
+        return first
+    more = len(errors) - 1
+    for n, error in enumerate(errors):
+        counted = MORE_FAILED.search(error)
+        if counted:
+            more += int(counted.group(1))
+            if n == 0:
+                first = error[:counted.start()]
+    return f"{first} (and {more} more failed files)"
+
+
+def match_file_errors(items: Iterable[tuple[Any, str, bool]], file_errors: Mapping[str, str],
+                      attributed: bool = True) -> tuple[dict[Any, str], dict[str, str]]:
     """Attribute a done task's ``file_errors`` to its items, given as (id, dest, recursive): an error
     filed under an item's dest is that item's; one under a path inside a recursive item's dest (a
-    file of a directory) is that item's (the deepest such item's). Returns ({item id: error},
+    file of a directory) is that item's (the deepest such item's). ``attributed`` False (see
+    ``TaskStatus.file_errors_attributed``: the backend could not say whose file it is): an error is
+    every holder's, the items whose dest it is and every recursive item it is inside (the deepest
+    one alone left an outer directory item done without its file). Returns ({item id: error},
     {key: error} of the errors matching no item)."""
     items = [(item_id, _norm_path(dest), recursive) for item_id, dest, recursive in items if dest]
     exact: dict[str, list[Any]] = defaultdict(list)
@@ -549,19 +575,21 @@ def match_file_errors(items: Iterable[tuple[Any, str, bool]], file_errors: Mappi
     unmatched: dict[str, str] = {}
     for key, error in file_errors.items():
         path = _norm_path(str(key))
+        inside = [(len(dest), item_id) for item_id, dest, recursive in items
+                  if recursive and path.startswith(dest.rstrip("/") + "/")]
         if path in exact:
             for item_id in exact[path]:
                 found[item_id].append(error)
-            continue
-        inside = [(len(dest), item_id) for item_id, dest, recursive in items
-                  if recursive and path.startswith(dest.rstrip("/") + "/")]
-        if inside:
+            if attributed:
+                continue
+        elif inside and attributed:
             # A file of a directory item: its own path says which one.
-            found[max(inside, key=lambda pair: pair[0])[1]].append(f"{key}: {error}")
-        else:
+            inside = [max(inside, key=lambda pair: pair[0])]
+        for _, item_id in inside:
+            found[item_id].append(f"{key}: {error}")
+        if path not in exact and not inside:
             unmatched[str(key)] = error
-    return {item_id: errs[0] if len(errs) == 1 else f"{errs[0]} (and {len(errs) - 1} more failed files)"
-            for item_id, errs in found.items()}, unmatched
+    return {item_id: _combined(errs) for item_id, errs in found.items()}, unmatched
 
 
 def _held_refusal(exc: BaseException, item_id: int) -> bool:
@@ -1171,7 +1199,8 @@ class TransfersModule(AgentModule):
             return TaskStatus(TaskState.done, info=after.info,
                               file_errors={key: f"{error}; this file: {why_file}"
                                            for key, why_file in after.file_errors.items()},
-                              file_errors_retryable=after.file_errors_retryable)
+                              file_errors_retryable=after.file_errors_retryable,
+                              file_errors_attributed=after.file_errors_attributed)
         self.logger.info("transfer task %s ran past transfers.task_timeout_sec (%.0f s): cancelled, its %d files "
                          "fail a try", task_id, limit, len(items))
         return TaskStatus(TaskState.failed, error, retryable=True)
@@ -1295,7 +1324,7 @@ class TransfersModule(AgentModule):
                     if item_id not in polled]
             errors, unmatched = match_file_errors(
                 [(item["id"], self._dest_of(item), bool(item.get("recursive"))) for item in items] + left,
-                status.file_errors)
+                status.file_errors, attributed=status.file_errors_attributed)
             for item_id, _, _ in left:
                 if item_id in errors:
                     self.logger.debug("transfer task %s: a failed file of item %s, which left the task (held again, "
