@@ -671,13 +671,29 @@ class Job(BalsamModel):
         cached = self.__dict__.get("_params_cache")
         if cached is not None and cached[0] == payload:
             return cached[1]
+        params = self._decode_parameters()
         try:
-            params = codec.deserialize(payload)
+            # The decoded objects written again now, before any change: what an unchanged dict
+            # serializes to here. A second decode is no baseline: a set of objects hashed by id
+            # iterates in another order there, and a job only read was reported changed.
+            baseline: Optional[str] = codec.serialize(params)
+        except codec.SerializeError:
+            baseline = None
+        self.__dict__["_params_cache"] = (payload, params, baseline)
+        return params
+
+    def _decode_parameters(self) -> dict[str, Any]:
+        """The parameters decoded afresh, not kept: the python runner's ``run(**params)`` gets
+        these, so that a run() consuming its arguments and saving ``self.job`` (progress in
+        ``data``) leaves the stored parameters as they were (a re-run starts from them)."""
+        payload = self.serialized_parameters
+        if not payload:
+            return {}
+        try:
+            return codec.deserialize(payload)
         except codec.DeserializeError as exc:
             raise codec.DeserializeError(f"Job(id={self.id}, workdir={str(self.workdir)!r}): cannot read its "
                                          f"parameters here: {exc}") from None
-        self.__dict__["_params_cache"] = (payload, params)
-        return params
 
     def set_parameters(self, parameters: dict[str, Any]) -> None:
         if not isinstance(parameters, dict):
@@ -693,7 +709,7 @@ class Job(BalsamModel):
         cached = self.__dict__.get("_params_cache")
         if cached is None:
             return
-        payload, params = cached
+        payload, params, baseline = cached
         if payload != self.serialized_parameters:
             return  # replaced since: the kept dict is no longer the job's
         try:
@@ -702,11 +718,11 @@ class Job(BalsamModel):
             raise codec.SerializeError(f"Job(id={self.id}, workdir={str(self.workdir)!r}): cannot store its "
                                        f"parameters: {exc}") from None
         # An unchanged dict may serialize to other bytes than a payload another client wrote (0.7's
-        # dill): compared with the stored payload read and written again before calling it changed.
-        if new == payload or new == codec.serialize(codec.deserialize(payload)):
+        # dill): compared with the same objects written when decoded before calling it changed.
+        if new == payload or new == baseline:
             return
         self.serialized_parameters = new
-        self.__dict__["_params_cache"] = (new, params)
+        self.__dict__["_params_cache"] = (new, params, new)
 
     def _changed_fields(self) -> set[str]:
         self._store_parameters_changed_in_place()

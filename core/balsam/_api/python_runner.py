@@ -77,7 +77,10 @@ def main(argv: "list[str] | None" = None) -> int:
     cls, job = load(list(sys.argv[1:] if argv is None else argv))
     app = cls(job)
     try:
-        result = app.run(**job.get_parameters())  # type: ignore[misc]
+        # A decode of its own, not the dict the job keeps: a run() that consumes its arguments and
+        # saves self.job (progress in data) would store the consumed ones (a re-run after a
+        # time-out started from them), or fail the save on something unpicklable it put there.
+        result = app.run(**job._decode_parameters())  # type: ignore[misc]
     except Exception as exc:
         # Only an Exception is the job's result, as in Balsam 0.7. SystemExit (a ported script's
         # sys.exit), KeyboardInterrupt ... end the process with their exit status and no marker:

@@ -95,7 +95,7 @@ def encode_filters(model: str, valid: frozenset[str], kwargs: dict[str, Any]) ->
 CONTAINMENT_FILTERS = frozenset({"tags", "data", "filter_tags"})
 
 
-def _and_filter(model: str, key: str, old: Any, new: Any) -> tuple[Any, bool]:
+def _and_filter(model: str, method: str, key: str, old: Any, new: Any) -> tuple[Any, bool]:
     """A filter given again in a chain (``filter(id=a).filter(id=b)``), as both together (a query's
     filters all apply, as in Django): (the value, whether it matches nothing). Balsam 0.7 kept the
     last one only, so ``mine.filter(tags={"step": "3"}).delete()`` reached jobs outside ``mine``."""
@@ -107,11 +107,17 @@ def _and_filter(model: str, key: str, old: Any, new: Any) -> tuple[Any, bool]:
         return new, False
     if key in CONTAINMENT_FILTERS:
         return list(dict.fromkeys(old_items + new_items)), False
-    if key == "id":  # ids: those in both lists (1 and "1" are one id, as the server reads them)
+    if key == "id" or isinstance(old, list) or isinstance(new, list):
+        # A list matches any of its values: narrowed (``filter(state=[A, B, C]).filter(state=C)``),
+        # the values in both, compared encoded (1 and "1" are one id, as the server reads them).
         wanted = {str(v) for v in new_items}
         both = [v for v in old_items if str(v) in wanted]
+        if both and not isinstance(new, list):
+            return new, False  # one value: kept as given (a one-value filter, not a list)
+        if both and not isinstance(old, list):
+            return old, False
         return both, not both
-    raise ValueError(f"{model}.objects.filter(): filter {key!r} given again ({new!r:.80}; the query has {old!r:.80}): "
+    raise ValueError(f"{model}.objects.{method}(): filter {key!r} given again ({new!r:.80}; the query has {old!r:.80}): "
                      f"a query's filters all apply (Balsam 0.7 silently kept the last one): give each filter once")
 
 
@@ -170,14 +176,18 @@ class Query(Generic[T]):
 
     # ------------------------------------------------------------------ building
     def filter(self, *args: Any, **kwargs: Any) -> "Query[T]":
+        return self._narrowed("filter", args, kwargs)
+
+    def _narrowed(self, method: str, args: tuple, kwargs: dict[str, Any]) -> "Query[T]":
+        """This query with ``method``'s filters (``filter()``, ``get()``) added: errors name it."""
         if self._sliced:
             raise AttributeError("cannot filter a query after slicing it")
-        kwargs = positional_filters(self._model, "filter", args, kwargs)
+        kwargs = positional_filters(self._model, method, args, kwargs)
         params, empty = encode_filters(self._model.__name__, self._model._filters, kwargs)
         q = self._clone()
         for key, value in params.items():
             if key in q._params:
-                value, none_left = _and_filter(self._model.__name__, key, q._params[key], value)
+                value, none_left = _and_filter(self._model.__name__, method, key, q._params[key], value)
                 empty = empty or none_left
             q._params[key] = value
         q._empty = q._empty or empty
@@ -408,7 +418,7 @@ class Query(Generic[T]):
 
     def get(self, *args: Any, **kwargs: Any) -> T:
         kwargs = positional_filters(self._model, "get", args, kwargs)
-        q = self.filter(**kwargs) if kwargs else self
+        q = self._narrowed("get", (), kwargs) if kwargs else self
         results = q[0:2]._evaluate() if q._cache is None else q._cache
         if not results:
             raise self._model.DoesNotExist(f"no {self._model.__name__} matches {_describe(kwargs or q._params)}")

@@ -330,6 +330,10 @@ def run_hook_on_job(app_cls: Optional[type], job: dict, python_app: bool, data_p
             os.chdir(workdir)
             app = app_cls(job_obj)
             getattr(app, hook)()
+            # job.parameters["n"] = 2 changes the dict the job keeps, not serialized_parameters,
+            # which the snapshot reads: written back first (as save() does), or the change was
+            # dropped. One that cannot be serialized fails the job here, naming the hook.
+            job_obj._store_parameters_changed_in_place()
             after = _snapshot(job_obj)
         except BaseException as exc:  # a hook may raise anything, even SystemExit
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

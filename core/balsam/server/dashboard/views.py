@@ -608,21 +608,47 @@ def _parents_context(job: dict, family: dict[int, Any]) -> dict[str, Any]:
     :func:`balsam.dependencies.parent_wait`'s, shared with ``balsam job show``."""
     wait = parent_wait(job["id"], job["state"], job["parent_ids"],
                        {p: family[p].state for p in job["parent_ids"] or () if p in family})
-    # A campaign's reduction step can have 100,000 parents: the page lists the first PARENTS_SHOWN
-    # (the list and the "Waiting for" line) and says how many more, as the Children list does.
+    # A campaign's reduction step can have 100,000 parents: the page lists PARENTS_SHOWN (the list
+    # and the "Waiting for" line) and says how many more, as the Children list does. FAILED ones
+    # first (they keep the job waiting until re-run), then the other unfinished ones, then the
+    # rest, each by id: in id order a blocking FAILED parent past the first 200 was named nowhere.
+    parents = sorted(wait.parents, key=_blocking_first)
+    waits_for = sorted(wait.waits_for, key=_blocking_first)
     waits_for_text = wait.waits_for_text
-    if len(wait.waits_for) > PARENTS_SHOWN:
-        waits_for_text = (", ".join(f"{p} ({s})" for p, s in wait.waits_for[:PARENTS_SHOWN])
-                          + f" and {len(wait.waits_for) - PARENTS_SHOWN:,} more")
+    if waits_for:
+        waits_for_text = ", ".join(f"{p} ({s})" for p, s in waits_for[:PARENTS_SHOWN])
+        if len(waits_for) > PARENTS_SHOWN:
+            waits_for_text += f" and {len(waits_for) - PARENTS_SHOWN:,} more"
     return {
-        "parents": [(p, family.get(p)) for p, _ in wait.parents[:PARENTS_SHOWN]],
-        "more_parents": max(0, len(wait.parents) - PARENTS_SHOWN),
+        "parents": [(p, family.get(p)) for p, _ in parents[:PARENTS_SHOWN]],
+        "more_parents": max(0, len(parents) - PARENTS_SHOWN),
         "deleted_label": DELETED, "waiting": wait.waiting, "waits_for_text": waits_for_text,
         # each advice line as (text, is_code) pieces: its commands (between backticks) shown as code
         # (the CLI's lowercase sentence starts with a capital here)
         "parent_advice": [[(piece, n % 2 == 1) for n, piece in enumerate((line[:1].upper() + line[1:]).split("`")) if piece]
-                          for line in wait.advice],
+                          for line in _capped_advice(wait.advice, waits_for)],
     }
+
+
+def _blocking_first(parent: tuple[int, Optional[str]]) -> tuple[int, int]:
+    pid, state = parent
+    if state == JobState.failed.value:
+        return 0, pid
+    return (1 if state not in (None, JobState.finished.value) else 2), pid
+
+
+def _capped_advice(advice: list[str], waits_for: list[tuple[int, str]]) -> list[str]:
+    """``advice`` with its re-run command naming at most PARENTS_SHOWN FAILED parents: it named
+    every one (5,000 FAILED parents: 68 KB of ``-i`` on the page). Capped here, not in
+    :func:`parent_wait`: ``balsam job show`` prints the whole command, which can be run as it is."""
+    failed = sorted(p for p, s in waits_for if s == JobState.failed.value)
+    if len(failed) <= PARENTS_SHOWN:
+        return advice
+    every = " ".join(f"-i {p}" for p in failed)
+    shown = " ".join(f"-i {p}" for p in failed[:PARENTS_SHOWN])
+    command = "`balsam job modify {} -s RESTART_READY`"
+    return [line.replace(command.format(every),
+                         f"{command.format(shown)} and {len(failed) - PARENTS_SHOWN:,} more", 1) for line in advice]
 
 
 #: ``id``: one BatchJob (the link from a job's page), as the API's ``GET /batch-jobs/?id=``.
