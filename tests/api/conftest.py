@@ -39,6 +39,22 @@ def site(balsam_env: Any, tmp_path: Path) -> Any:
     )
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def env(request: pytest.FixtureRequest) -> Any:
+    """The live server on SQLite, then on PostgreSQL (a module may define its own ``env``)."""
+    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
+
+
+@pytest.fixture
+def bare_site(env: Any, tmp_path: Path) -> Any:
+    """A Site of the test user on ``env``'s server with a name and a path only."""
+    from balsam.api import Site
+
+    name = f"site-{uuid.uuid4().hex[:8]}"
+    (tmp_path / name).mkdir()
+    return Site.objects.create(name=name, path=str(tmp_path / name))
+
+
 @pytest.fixture
 def run_jobs() -> Any:
     """``run_jobs(site, jobs, fail=(), execute=False)``: see :func:`drive_jobs`."""

@@ -5,26 +5,17 @@ the live server (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def env(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
-
-
 @pytest.fixture
-def jobs(env: Any, tmp_path: Any) -> list[Any]:
+def jobs(bare_site: Any) -> list[Any]:
     """Three jobs: two STAGED_IN, one FAILED."""
-    from balsam.api import ApplicationDefinition, Job, Site
+    from balsam.api import ApplicationDefinition, Job
 
-    name = f"site-{uuid.uuid4().hex[:8]}"
-    (tmp_path / name).mkdir()
-    site = Site.objects.create(name=name, path=str(tmp_path / name))
-    app = type("Narrow", (ApplicationDefinition,), {"site": site.name, "command_template": "echo hi"})
+    app = type("Narrow", (ApplicationDefinition,), {"site": bare_site.name, "command_template": "echo hi"})
     app.sync()
     made = Job.objects.bulk_create([app.submit(workdir=f"w/{i}", save=False) for i in range(3)])
     Job.objects.filter(id=made[2].id).update(state="FAILED")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import uuid
 from typing import Any
 
 import pytest
@@ -29,18 +28,9 @@ class Token:
         self.v = v
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def env(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
-
-
 @pytest.fixture
-def site_name(env: Any, tmp_path: Any) -> str:
-    from balsam.api import Site
-
-    name = f"site-{uuid.uuid4().hex[:8]}"
-    (tmp_path / name).mkdir()
-    return Site.objects.create(name=name, path=str(tmp_path / name)).name
+def site_name(bare_site: Any) -> str:
+    return bare_site.name
 
 
 def _run_runner(cls: type, job_id: int, cwd: Any) -> subprocess.CompletedProcess:

@@ -6,26 +6,17 @@ different value is a one-line ValueError naming it. Against the live server (SQL
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def env(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
-
-
 @pytest.fixture
-def jobs(env: Any, tmp_path: Any) -> list[Any]:
+def jobs(bare_site: Any) -> list[Any]:
     """Six STAGED_IN jobs: experiments x1/x2 by step 0-2."""
-    from balsam.api import ApplicationDefinition, Job, Site
+    from balsam.api import ApplicationDefinition, Job
 
-    name = f"site-{uuid.uuid4().hex[:8]}"
-    (tmp_path / name).mkdir()
-    site = Site.objects.create(name=name, path=str(tmp_path / name))
-    app = type("Chained", (ApplicationDefinition,), {"site": site.name, "command_template": "echo hi"})
+    app = type("Chained", (ApplicationDefinition,), {"site": bare_site.name, "command_template": "echo hi"})
     app.sync()
     return Job.objects.bulk_create([app.submit(workdir=f"{x}/{s}", tags={"experiment": x, "step": str(s)}, save=False)
                                     for x in ("x1", "x2") for s in range(3)])

@@ -11,21 +11,11 @@ from typing import Any
 import pytest
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def env(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
-
-
 @pytest.fixture
-def app(env: Any, tmp_path: Any) -> Any:
-    import uuid
+def app(bare_site: Any) -> Any:
+    from balsam.api import ApplicationDefinition
 
-    from balsam.api import ApplicationDefinition, Site
-
-    name = f"site-{uuid.uuid4().hex[:8]}"
-    (tmp_path / name).mkdir()
-    site = Site.objects.create(name=name, path=str(tmp_path / name))
-    cls = type("InPlace", (ApplicationDefinition,), {"site": site.name, "command_template": "echo {{ n }}"})
+    cls = type("InPlace", (ApplicationDefinition,), {"site": bare_site.name, "command_template": "echo {{ n }}"})
     cls.sync()
     return cls
 

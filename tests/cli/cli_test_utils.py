@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import httpx
 import pytest
 from click.testing import CliRunner, Result
 
@@ -32,3 +33,30 @@ def balsam(*args: str, input: Optional[str] = None) -> Result:
     from balsam.cli import main
 
     return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def wait_on_parents(env: Any, campaign: dict, staged: list[int]) -> None:
+    """Add AWAITING_PARENTS children to a ``make_campaign`` campaign on ``env``'s server: two of its
+    FAILED job (``kid/f0``, ``kid/f1``) and one of each job id in ``staged`` (``kid/s<n>``)."""
+    api = httpx.Client(base_url=env.url, headers=env.headers(), timeout=60)
+    app_id, failed = campaign["app"]["id"], campaign["failed"]
+    kids = ([{"app_id": app_id, "workdir": f"kid/f{i}", "parent_ids": [failed]} for i in range(2)]
+            + [{"app_id": app_id, "workdir": f"kid/s{i}", "parent_ids": [p]} for i, p in enumerate(staged)])
+    resp = api.post("/jobs/", json=kids)
+    assert resp.status_code == 201, resp.text
+    assert {j["state"] for j in resp.json()} == {"AWAITING_PARENTS"}
+
+
+def record_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every request the API client sends from now on, as (method, path), appended to the list returned."""
+    from balsam.client import RESTClient
+
+    sent: list[tuple[str, str]] = []
+    real = RESTClient._send
+
+    def counting(self: Any, method: str, path: str, **kwargs: Any) -> Any:
+        sent.append((method, path))
+        return real(self, method, path, **kwargs)
+
+    monkeypatch.setattr(RESTClient, "_send", counting)
+    return sent

@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "dashboard"))
 
 from dashboard_helpers import make_campaign  # noqa: E402
-from cli_test_utils import balsam, fresh_api_state  # noqa: F401, E402 (fresh_api_state: autouse)
+from cli_test_utils import balsam, fresh_api_state, record_requests, wait_on_parents  # noqa: F401, E402 (fresh_api_state: autouse)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -28,26 +27,10 @@ def env(request: pytest.FixtureRequest) -> Any:
 
 def test_note_reads_only_the_parents_the_table_did_not_list(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from balsam.cli import job as job_cli
-    from balsam.client import RESTClient
-
     campaign = make_campaign(env.url, env.token, n_jobs=4)
-    site, app_id = campaign["site"]["name"], campaign["app"]["id"]
-    failed, staged = campaign["failed"], [j["id"] for j in campaign["jobs"][1:3]]
-    api = httpx.Client(base_url=env.url, headers=env.headers(), timeout=60)
-    kids = ([{"app_id": app_id, "workdir": f"kid/f{i}", "parent_ids": [failed]} for i in range(2)]
-            + [{"app_id": app_id, "workdir": f"kid/s{i}", "parent_ids": [p]} for i, p in enumerate(staged)])
-    resp = api.post("/jobs/", json=kids)
-    assert resp.status_code == 201, resp.text
-    assert {j["state"] for j in resp.json()} == {"AWAITING_PARENTS"}
-
-    sent: list[tuple[str, str]] = []
-    real = RESTClient._send
-
-    def counting(self: Any, method: str, path: str, **kwargs: Any) -> Any:
-        sent.append((method, path))
-        return real(self, method, path, **kwargs)
-
-    monkeypatch.setattr(RESTClient, "_send", counting)
+    site, failed = campaign["site"]["name"], campaign["failed"]
+    wait_on_parents(env, campaign, [j["id"] for j in campaign["jobs"][1:3]])
+    sent = record_requests(monkeypatch)
 
     def job_lists(*args: str) -> tuple[Any, int]:
         sent.clear()

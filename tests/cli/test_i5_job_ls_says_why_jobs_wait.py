@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "dashboard"))
 
 from dashboard_helpers import make_campaign  # noqa: E402
-from cli_test_utils import balsam, fresh_api_state  # noqa: F401, E402 (fresh_api_state: autouse)
+from cli_test_utils import balsam, fresh_api_state, record_requests, wait_on_parents  # noqa: F401, E402 (fresh_api_state: autouse)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -26,26 +25,10 @@ def env(request: pytest.FixtureRequest) -> Any:
 
 
 def test_job_ls_says_what_waiting_jobs_wait_for_without_a_request_per_job(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from balsam.client import RESTClient
-
     campaign = make_campaign(env.url, env.token, n_jobs=8, finished=True)
-    site, app_id = campaign["site"]["name"], campaign["app"]["id"]
-    failed, staged = campaign["failed"], [j["id"] for j in campaign["jobs"][2:]]
-    api = httpx.Client(base_url=env.url, headers=env.headers(), timeout=60)
-    children = [{"app_id": app_id, "workdir": f"kid/f{i}", "parent_ids": [failed]} for i in range(2)]
-    children += [{"app_id": app_id, "workdir": f"kid/s{i}", "parent_ids": [p]} for i, p in enumerate(staged)]
-    resp = api.post("/jobs/", json=children)
-    assert resp.status_code == 201, resp.text
-    assert {j["state"] for j in resp.json()} == {"AWAITING_PARENTS"}
-
-    sent: list[tuple[str, str]] = []
-    real = RESTClient._send
-
-    def counting(self: Any, method: str, path: str, **kwargs: Any) -> Any:
-        sent.append((method, path))
-        return real(self, method, path, **kwargs)
-
-    monkeypatch.setattr(RESTClient, "_send", counting)
+    site, failed = campaign["site"]["name"], campaign["failed"]
+    wait_on_parents(env, campaign, [j["id"] for j in campaign["jobs"][2:]])
+    sent = record_requests(monkeypatch)
     out = balsam("job", "ls", "--site", site, "-ns", "AWAITING_PARENTS")
     assert out.exit_code == 0 and "AWAITING_PARENTS" not in out.output, out.output
     without_waiting = [s for s in sent if s == ("GET", "/jobs/")]

@@ -22,7 +22,8 @@ from balsam.states import TransferDirection
 from balsam.transfer import TaskState, TransferFile, build_backend
 from balsam_transfer_globus.auth import save_tokens
 from balsam_transfer_globus.backend import GlobusTransfer, _delivered, _skipped_keys
-from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses  # noqa: F401
+from globus_test_utils import (LOCATION, REMOTE_EP, SITE_EP, globus_module, globus_site, make_backend,  # noqa: F401
+                               mocked_responses, stage_in_app, succeeded_with)
 from test_i2_globus_skipped_home_paths import TASK_ID, apply, home_listing, succeeded_with_skipped
 
 pytestmark = pytest.mark.usefixtures("mocked_responses")
@@ -40,34 +41,12 @@ def ls_calls() -> int:
 @pytest.mark.parametrize("failure", ["503", "429", "network"])
 def test_live_a_failed_ls_of_the_home_keeps_the_task_for_the_next_cycle(balsam_env, tmp_path: Path, failure) -> None:
     responses.add_passthru(balsam_env.url)
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.modules.transfers import TransfersModule, TransfersOptions
-    from balsam.site.site_ops import init_site
+    from balsam.api import Job
 
-    reset_default_client()
-    client = load_client()
-    site_path = tmp_path / "gsite"
-    init_site(site_path, "gsite", "default", client, settings_overrides={"transfers": {
-        "transfer_locations": {"aps": f"globus://{REMOTE_EP}"}, "globus_endpoint_id": SITE_EP,
-        "globus_endpoint_site_path": "/~/gsite"}})
-    site = SiteConfig(site_path)
-    site_id = site.site_id
-
-    class Fetch(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"raw": {"required": True, "direction": "in", "local_path": "in.h5"}}
-
-    Fetch.sync()
+    client, site_path, site = globus_site(tmp_path, "/~/gsite")
+    Fetch = stage_in_app(site, "Fetch", "in.h5")
     jobs = Job.objects.bulk_create([Job(f"run{n}", Fetch, transfers={"raw": f"aps:/data/{n}.h5"}) for n in range(2)])
-    options = TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"}, globus_endpoint_id=SITE_EP,
-                               globus_endpoint_site_path="/~/gsite", max_attempts=1)
-    module = TransfersModule(site, options, client)
-    module.backends["globus"] = make_backend(tmp_path, endpoint_site_path="/~/gsite")
-    module.backends["globus"].site_path = str(site_path)
+    module = globus_module(tmp_path, site, client, "/~/gsite")
     clock = [dt.datetime.now(dt.timezone.utc)]
     module.now = lambda: clock[0]
     load_response(globus_sdk.TransferClient.submit_transfer)
@@ -83,16 +62,8 @@ def test_live_a_failed_ls_of_the_home_keeps_the_task_for_the_next_cycle(balsam_e
     else:
         responses.add(responses.GET, ls_url, body=requests.exceptions.ConnectionError("connection reset"))
     home_listing(SITE_EP, "/home/me/")  # the next ls works
-    responses.add(responses.GET, f"{TRANSFER}/task_list", json={
-        "DATA": [{**BASE, "task_id": TASK_ID, "status": "SUCCEEDED", "label": "balsam stage-in (2 files)",
-                  "files": 2, "files_transferred": 1, "subtasks_skipped_errors": 1,
-                  "source_endpoint_id": REMOTE_EP, "destination_endpoint_id": SITE_EP}],
-        "DATA_TYPE": "task_list", "length": 1, "limit": 1000, "offset": 0, "total": 1})
-    responses.add(responses.GET, f"{TRANSFER}/task/{TASK_ID}/skipped_errors", json={
-        "DATA_TYPE": "skipped_errors_list", "next_marker": None,
-        "DATA": [{"DATA_TYPE": "skipped_error", "error_code": "FILE_NOT_FOUND", "error_details": "No such file",
-                  "source_path": "/data/1.h5", "destination_path": "/home/me/gsite/data/run1/in.h5",
-                  "is_directory": False, "is_symlink": False, "error_time": "2026-11-30T18:00:00+00:00"}]})
+    succeeded_with("balsam stage-in (2 files)", [("/data/1.h5", "/home/me/gsite/data/run1/in.h5")], SITE_EP,
+                   files=2, files_transferred=1)
     clock[0] += dt.timedelta(seconds=5)
     module.run_cycle()
     # The failed ls decided nothing: both items still in flight on their task.

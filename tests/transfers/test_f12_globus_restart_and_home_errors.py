@@ -17,8 +17,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import globus_sdk
 import pytest
@@ -29,9 +29,10 @@ from balsam.site.modules.transfers import match_file_errors
 from balsam.states import TransferDirection
 from balsam.transfer import TransferError, TransferFile
 from balsam_transfer_globus.backend import _skipped_keys
-from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses  # noqa: F401
-from test_f11_globus_nested_items import BASE, TRANSFER, succeeded_with
-from test_i2_globus_skipped_home_paths import TASK_ID, apply
+from globus_test_utils import (BASE, LOCATION, REMOTE_EP, SITE_EP, TASK_ID, TRANSFER, globus_module,  # noqa: F401
+                               globus_site, make_backend, mocked_responses, outer_and_inner_jobs, submitted,
+                               succeeded_with)
+from test_i2_globus_skipped_home_paths import apply
 
 pytestmark = pytest.mark.usefixtures("mocked_responses")
 
@@ -58,51 +59,15 @@ def test_live_after_a_restart_an_outer_item_is_not_done_without_its_file(balsam_
     """Job 2's workdir lies inside job 1's recursive stage-in directory; Globus skips a file of job 1's
     tree there. The agent restarts (a fresh module and backend) before the task is read."""
     responses.add_passthru(balsam_env.url)
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.modules.transfers import TransfersModule, TransfersOptions
-    from balsam.site.site_ops import init_site
+    client, site_path, site = globus_site(tmp_path, "/proj/gsite")
+    j1, j2 = outer_and_inner_jobs(site)
 
-    reset_default_client()
-    client = load_client()
-    site_path = tmp_path / "gsite"
-    init_site(site_path, "gsite", "default", client, settings_overrides={"transfers": {
-        "transfer_locations": {"aps": f"globus://{REMOTE_EP}"}, "globus_endpoint_id": SITE_EP,
-        "globus_endpoint_site_path": "/proj/gsite"}})
-    site = SiteConfig(site_path)
-    site_id = site.site_id
-
-    class Tree(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"raw": {"required": True, "direction": "in", "local_path": "inputs", "recursive": True}}
-
-    class One(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"raw": {"required": True, "direction": "in", "local_path": "x.h5"}}
-
-    Tree.sync()
-    One.sync()
-    j1 = Job("camp", Tree, transfers={"raw": "aps:/data/tree"})
-    j1.save()
-    j2 = Job("camp/inputs/sub", One, transfers={"raw": "aps:/data/other/x.h5"})
-    j2.save()
-    options = TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"}, globus_endpoint_id=SITE_EP,
-                               globus_endpoint_site_path="/proj/gsite", max_attempts=1)
-
-    def new_module() -> TransfersModule:
-        module = TransfersModule(site, options, client)
-        module.backends["globus"] = make_backend(tmp_path, endpoint_site_path="/proj/gsite")
-        module.backends["globus"].site_path = str(site_path)
-        return module
+    def new_module() -> Any:
+        return globus_module(tmp_path, site, client, "/proj/gsite")
 
     load_response(globus_sdk.TransferClient.submit_transfer)
     new_module().run_cycle()
-    (submit,) = [c for c in responses.calls if c.request.url.endswith("/v0.10/transfer")]
-    sent = sorted((d["source_path"], d["destination_path"]) for d in json.loads(submit.request.body)["DATA"])
+    sent = sorted((d["source_path"], d["destination_path"]) for d in submitted())
     assert sent == [("/data/other/x.h5", "/proj/gsite/data/camp/inputs/sub/x.h5"),
                     ("/data/tree", "/proj/gsite/data/camp/inputs")]
     succeeded_with("balsam stage-in (1 file, 1 directory)",

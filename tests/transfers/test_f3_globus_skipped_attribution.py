@@ -10,24 +10,22 @@ path that may be a home item's fails a try of every item of the task (nothing re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import globus_sdk
 import pytest
 import responses
-from globus_sdk.testing import get_response_set, load_response
+from globus_sdk.testing import load_response
 
 from balsam.states import TransferDirection
 from balsam.transfer import TransferFile
 from balsam_transfer_globus.backend import _norm, _skipped_keys
-from globus_test_utils import LOCATION, REMOTE_EP, SITE_EP, make_backend, mocked_responses  # noqa: F401
-from test_i2_globus_skipped_home_paths import TASK_ID, apply, home_listing, succeeded_with_skipped
+from globus_test_utils import (LOCATION, REMOTE_EP, SITE_EP, globus_module, globus_site, make_backend,  # noqa: F401
+                               mocked_responses, stage_in_app, submitted, succeeded_with)
+from test_i2_globus_skipped_home_paths import apply, home_listing, succeeded_with_skipped
 
 pytestmark = pytest.mark.usefixtures("mocked_responses")
 
-TRANSFER = "https://transfer.api.globus.org/v0.10"
-BASE = get_response_set(globus_sdk.TransferClient.task_list).lookup("default").json["DATA"][0]
 NAME = "scan 17 – µ.h5"
 
 
@@ -92,54 +90,23 @@ def live_states(tmp_path: Path, workdirs: list[str], skipped: int, reported: str
     workdir staging a file in, all in one Globus task; Globus skips job ``skipped``'s file,
     reporting it as ``reported`` (under ``/~/`` resolved to ``home``, which an ls of the site's
     collection answers; "" for a refused ls). The jobs' states after the next cycle."""
-    from balsam._api.model import reset_default_client
-    from balsam.api import ApplicationDefinition, Job
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.modules.transfers import TransfersModule, TransfersOptions
-    from balsam.site.site_ops import init_site
+    from balsam.api import Job
 
-    reset_default_client()
-    client = load_client()
-    site_path = tmp_path / "gsite"
-    init_site(site_path, "gsite", "default", client, settings_overrides={"transfers": {
-        "transfer_locations": {"aps": f"globus://{REMOTE_EP}"}, "globus_endpoint_id": SITE_EP,
-        "globus_endpoint_site_path": "/~/"}})
-    site = SiteConfig(site_path)
-    site_id = site.site_id
-
-    class Fetch(ApplicationDefinition):
-        site = site_id
-        command_template = "true"
-        transfers = {"raw": {"required": True, "direction": "in", "local_path": NAME}}
-
-    Fetch.sync()
+    client, site_path, site = globus_site(tmp_path, "/~/")
+    Fetch = stage_in_app(site, "Fetch", NAME)
     jobs = Job.objects.bulk_create([Job(wd, Fetch, transfers={"raw": f"aps:/data/run {n}/{NAME}"})
                                     for n, wd in enumerate(workdirs)])
-    options = TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"}, globus_endpoint_id=SITE_EP,
-                               globus_endpoint_site_path="/~/", max_attempts=1)
-    module = TransfersModule(site, options, client)
-    module.backends["globus"] = make_backend(tmp_path, endpoint_site_path="/~/")
-    module.backends["globus"].site_path = str(site_path)
+    module = globus_module(tmp_path, site, client, "/~/")
 
     load_response(globus_sdk.TransferClient.submit_transfer)
     module.run_cycle()
-    (submit,) = [c for c in responses.calls if c.request.url.endswith("/v0.10/transfer")]
-    sent = [d["destination_path"] for d in json.loads(submit.request.body)["DATA"]]
+    sent = [d["destination_path"] for d in submitted()]
     assert sorted(sent) == sorted(f"/~/data/{wd}/{NAME}" for wd in workdirs)
 
     home_listing(SITE_EP, home) if home else home_listing(SITE_EP, status=403)
-    responses.add(responses.GET, f"{TRANSFER}/task_list", json={
-        "DATA": [{**BASE, "task_id": TASK_ID, "status": "SUCCEEDED", "label": f"balsam stage-in ({len(jobs)} files)",
-                  "files": len(jobs), "files_transferred": len(jobs) - 1, "subtasks_skipped_errors": 1,
-                  "source_endpoint_id": REMOTE_EP, "destination_endpoint_id": SITE_EP}],
-        "DATA_TYPE": "task_list", "length": 1, "limit": 1000, "offset": 0, "total": 1})
-    responses.add(responses.GET, f"{TRANSFER}/task/{TASK_ID}/skipped_errors", json={
-        "DATA_TYPE": "skipped_errors_list", "next_marker": None,
-        "DATA": [{"DATA_TYPE": "skipped_error", "error_code": "FILE_NOT_FOUND",
-                  "error_details": "globus_xio: System error in open: No such file or directory",
-                  "source_path": f"/data/run {skipped}/{NAME}", "destination_path": reported,
-                  "is_directory": False, "is_symlink": False, "error_time": "2026-11-30T18:00:00+00:00"}]})
+    succeeded_with(f"balsam stage-in ({len(jobs)} files)", [(f"/data/run {skipped}/{NAME}", reported)], SITE_EP,
+                   "globus_xio: System error in open: No such file or directory",
+                   files=len(jobs), files_transferred=len(jobs) - 1)
     module.run_cycle()
     return [client.get(f"/jobs/{j.id}")["state"] for j in jobs]
 
