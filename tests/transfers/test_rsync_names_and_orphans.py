@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -272,7 +273,13 @@ def group_left_behind(program: str, user: "int | None" = None) -> tuple[int, flo
     child = int(leader.stdout.readline())
     leader.stdout.close()
     leader.wait()
+    # `$!` is printed as soon as the subshell is forked, maybe before it has exec'd the named sleep:
+    # until then it runs bash, not `program` (a loaded CI host once let the backend look that early).
+    deadline = time.monotonic() + BOUND
+    while (psutil.Process(child).cmdline() or [""])[0] != program and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert running([child]) == [child] and os.getpgid(child) == leader.pid
+    assert psutil.Process(child).cmdline()[0] == program
     return leader.pid, leader_started, child
 
 
