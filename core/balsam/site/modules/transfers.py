@@ -1019,20 +1019,7 @@ class TransfersModule(AgentModule):
                 # Other jobs' items are on it (a task is one unit for its service): it runs on for them.
                 self.logger.info("%s; task %s runs on for its other items", what, task_id)
                 continue
-            name, _, raw_id = task_id.partition(":")
-            try:
-                self.backend(name).cancel(raw_id)
-            except TransferError as exc:
-                if exc.retryable:
-                    # Tracked with the held items: _cancel_orphaned_tasks tries again every cycle.
-                    self.tracked_tasks[task_id] = set(ids)
-                    self._cancel_retries.add(task_id)
-                    self._write_tracked()
-                    self.logger.info("%s; cancelling task %s failed (will retry every cycle): %s", what, task_id, exc)
-                else:
-                    self.logger.info("%s; task %s was not cancelled (%s)", what, task_id, exc)
-            else:
-                self.logger.info("%s; task %s cancelled", what, task_id)
+            self._cancel_stale(task_id, ids, f"{what}; task {task_id}")
 
     def _next_poll(self) -> Optional[float]:
         """Seconds until the next cycle while a young task of a quick-poll backend
@@ -1747,17 +1734,19 @@ class TransfersModule(AgentModule):
                                    "transfer_info": info}
         return True
 
-    def _cancel_stale(self, task_id: str, dests: dict[int, tuple[str, bool]], what: str) -> None:
+    def _cancel_stale(self, task_id: str, items: "Iterable[int] | dict[int, tuple[str, bool]]", what: str) -> None:
         """Cancel ``task_id``, a copy of files from before a re-run's parents ran again; on a cancel
-        that failed for a reason retrying may fix, it is tracked (with ``dests``, which wait for it)
-        and tried again every cycle (_cancel_orphaned_tasks). One INFO line, ``what`` first."""
+        that failed for a reason retrying may fix, it is tracked with ``items`` (the held items, or
+        their destinations where known: those wait for it) and tried again every cycle
+        (_cancel_orphaned_tasks). One INFO line, ``what`` first."""
         name, _, raw_id = task_id.partition(":")
         try:
             self.backend(name).cancel(raw_id)
         except TransferError as exc:
             if exc.retryable:
-                self.tracked_tasks[task_id] = set(dests)
-                self._task_dests[task_id] = dests
+                self.tracked_tasks[task_id] = set(items)
+                if isinstance(items, dict):
+                    self._task_dests[task_id] = items
                 self._cancel_retries.add(task_id)
                 self._write_tracked()
                 self.logger.info("%s; cancelling it failed (will retry every cycle): %s", what, exc)
