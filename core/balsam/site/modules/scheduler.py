@@ -57,7 +57,7 @@ from ...scheduler import (
 )
 from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
-from ..api_util import bulk_patch, iso_now, list_all, utcnow
+from ..api_util import bulk_patch, chunks, iso_now, list_all, results, utcnow
 from ..job_template import (JobTemplateError, PluginHookFailed, ScriptValueRefused, build_context, read_template,
                             render_job_script, template_platform_options)
 from ..launcher_credentials import LauncherCredentials
@@ -586,15 +586,14 @@ class SchedulerModule(AgentModule):
         ids = [i for i, u in updates.items() if "status_info" in u
                and WITHDRAW_IF_QUEUED not in (read.get(i, {}).get("status_info") or {})
                and WITHDRAW_IF_QUEUED not in u["status_info"]]
-        for start in range(0, len(ids), MAX_IDS_PER_GET):
-            chunk = ids[start:start + MAX_IDS_PER_GET]
+        for chunk in chunks(ids, MAX_IDS_PER_GET):
             try:
-                rows = (self.client.get("/batch-jobs/", params={"id": chunk, "limit": len(chunk)}) or {}).get("results")
+                rows = results(self.client.get("/batch-jobs/", params={"id": list(chunk), "limit": len(chunk)}))
             except Exception as exc:  # the PATCH goes on as before: the elastic queue asks again
-                self.logger.warning("reading BatchJobs %s again for withdrawals failed: %s", chunk,
+                self.logger.warning("reading BatchJobs %s again for withdrawals failed: %s", list(chunk),
                                     clean_text(exc, 300))
                 return
-            for row in rows or ():
+            for row in rows:
                 marker = (row.get("status_info") or {}).get(WITHDRAW_IF_QUEUED)
                 if marker is not None and int(row["id"]) in updates:
                     updates[int(row["id"])]["status_info"] = {**updates[int(row["id"])]["status_info"],
