@@ -9,7 +9,8 @@ interleaved rounds, the same client code on both sides.
   server on SQLite (the embedded default; Balsam 0.7 has no SQLite server, so its PostgreSQL row
   is the peer).
 - **Raw HTTP** (httpx from this process, the same requests to both servers): ``POST /jobs/`` in
-  chunks of 5,000, ``GET /jobs/?tags=...`` in pages of 5,000.
+  chunks of 5,000, ``GET /jobs/?tags=...`` in pages of 5,000; with ``--sqlite``, the same against
+  our SQLite server too.
 
 Balsam 0.7 runs from a venv of its own (``pip install balsam==0.7.0a24`` plus its server's
 dependencies, pinned to what that release ran with; ``--setup-07`` makes it). Its wheel ships no
@@ -116,7 +117,9 @@ def start_07_server(venv: Path, url: str, workdir: Path) -> tuple[subprocess.Pop
 
 
 def env_07(venv: Path, url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_")}
+    # Without PYTHONPATH too: a run of another checkout of ours (PYTHONPATH first) must not put
+    # its balsam in front of 0.7's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALSAM_") and k != "PYTHONPATH"}
     env.update(BALSAM_DATABASE_URL=url, PYTHONNOUSERSITE="1", PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     return env
 
@@ -221,7 +224,7 @@ def main() -> None:
             lite, lite_base = start_server(workdir / "sqlite", f"sqlite:///{workdir / 'sqlite' / 'balsam.db'}",
                                            home=workdir / "sqlite" / "home")
             procs.append(lite)
-            login(lite_base, "bench-sqlite", workdir / "client-sqlite.yml")
+            token_lite = login(lite_base, "bench-sqlite", workdir / "client-sqlite.yml")
         env_ours = {**os.environ, "BALSAM_CLIENT_PATH": str(workdir / "client-ours.yml")}
         env_07_client = {**env_07(args.venv07, url07), "BALSAM_CLIENT_PATH": str(workdir / "client-07.yml"),
                          "HOME": str(workdir)}
@@ -236,14 +239,16 @@ def main() -> None:
             sides["balsam client -> balsam server (SQLite)"] = (
                 sys.executable, {**os.environ, "BALSAM_CLIENT_PATH": str(workdir / "client-sqlite.yml")})
         app07, app_ours = make_app(base07, token07, workdir), make_app(ours_base, token_ours, workdir)
-        results: dict[str, list[dict[str, float]]] = {k: [] for k in [*sides, "raw 0.7", "raw balsam"]}
+        raw = [("raw 0.7", base07, token07, app07), ("raw balsam", ours_base, token_ours, app_ours)]
+        if args.sqlite:
+            raw.append(("raw balsam (SQLite)", lite_base, token_lite, make_app(lite_base, token_lite, workdir)))
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in [*sides, *(r[0] for r in raw)]}
         print(f"{args.jobs} jobs, {args.rounds} interleaved rounds, PostgreSQL; {fork_exec_note()}")
         for r in range(args.rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for label in order:
                 python, env = sides[label]
                 results[label].append(run_driver(python, env, args.jobs, workdir))
-            raw = [("raw 0.7", base07, token07, app07), ("raw balsam", ours_base, token_ours, app_ours)]
             for label, base, token, app_id in (raw if r % 2 == 0 else list(reversed(raw))):
                 results[label].append(raw_round(base, token, app_id, args.jobs))
             print(f"round {r + 1}/{args.rounds} done ({fork_exec_note()})", flush=True)
@@ -281,6 +286,9 @@ def report(results: dict[str, list[dict[str, float]]], n_jobs: int) -> None:
                       ("list_read", "the same listing, reading each job's id, state, workdir, tags, data, get_parameters()"),
                           ("delete", "`Job.objects.filter(tags=...).delete()`")):
             a, b = med("0.7 client -> 0.7 server", key), med(lite, key)
+            print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× |")
+        for key, what in (("raw_create", "raw HTTP create"), ("raw_list", "raw HTTP list")):
+            a, b = med("raw 0.7", key), med("raw balsam (SQLite)", key)
             print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× |")
     api_list, raw_list = med("balsam client -> balsam server", "list"), med("raw balsam", "raw_list")
     print(f"\nour Python-API listing / our raw-HTTP listing: {api_list / raw_list:.2f}× (target ≤ 1.5×)")
