@@ -817,7 +817,9 @@ def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_
     The CPUs are those the launcher assigned to the job on its node (single-node jobs), else all of
     ``node_cpu_ids`` (whole-node jobs). With ``threads_per_core > 1`` each rank also gets the sibling
     hardware threads (``cpu + hyperthread_offset``), as Balsam 0.7 built it for Polaris; with fewer
-    cores than ranks, each rank gets ``threads_per_rank`` hardware threads of them instead.
+    cores than ranks, or a rank's threads not filling whole cores (odd ``threads_per_rank`` at 2 per
+    core) where no rank's threads then leave the ``cpu_domains`` of its cores in the core cut, each
+    rank gets ``threads_per_rank`` hardware threads of them instead.
 
     ``cpu_domains`` are the platform's sockets or NUMA domains (see :func:`cpu_domains_of`). Where
     the cut in id order would give a rank cores of two of them (12 ranks of 8 cores over Aurora's
@@ -833,13 +835,6 @@ def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_
     assigned = list(spec.cpu_ids[0]) if spec.cpu_ids and spec.cpu_ids[0] else list(node_cpu_ids)
     ranks = max(1, spec.ranks_per_node)
     per_core = capped_threads_per_core(spec.threads_per_core, max_threads_per_core)
-    threads = [t for core in assigned for t in hardware_thread_ids([core], per_core, hyperthread_offset)]
-    per_thread_rank = max(1, spec.threads_per_rank)
-    if ranks > len(assigned) and ranks * per_thread_rank <= len(threads):
-        # Fewer cores than ranks (3 one-thread ranks at 2 threads per core got 2 cores): each rank
-        # gets its own hardware threads, core by core, rather than ranks wrapping onto one core.
-        return "list:" + ":".join(
-            format_id_ranges(threads[r * per_thread_rank : (r + 1) * per_thread_rank]) for r in range(ranks))
     per_rank = max(1, len(assigned) // ranks)
     cut = []
     for rank in range(ranks):
@@ -847,8 +842,33 @@ def cpu_bind_list(spec: LaunchSpec, node_cpu_ids: Sequence[int], *, hyperthread_
         cut.append(assigned[start : start + per_rank])
     if cpu_domains and _spans_domains(cut, cpu_domains):
         cut = _cut_by_domain(assigned, ranks, spec.threads_per_rank // per_core, cpu_domains) or cut
+    per_thread_rank = max(1, spec.threads_per_rank)
+    by_core = [(core, t) for core in assigned for t in hardware_thread_ids([core], per_core, hyperthread_offset)]
+    if ranks * per_thread_rank <= len(by_core):
+        by_thread = [by_core[r * per_thread_rank : (r + 1) * per_thread_rank] for r in range(ranks)]
+        # Fewer cores than ranks (3 one-thread ranks at 2 threads per core got 2 cores): each rank
+        # gets its own hardware threads, core by core, rather than ranks wrapping onto one core.
+        # Whole cores too few for a rank's threads (2 ranks of 3 threads at 2 per core are given 3
+        # cores: the core cut gave each rank 1 core, 2 threads, and left the third core idle): the
+        # same, but only where no rank's threads leave the domains of its share of the core cut.
+        # The launcher lists a GPU job's cores near each rank's GPU in rank order, so the thread
+        # cut's drift along that list put ranks 4 and 5 of a 12-tile job of 3 threads (cores 1-6
+        # for tiles on socket 0, 53-64 for socket 1) on cores 53-55, the socket away from their
+        # tiles; there the core cut, short a thread per rank but near the tiles, stands.
+        if ranks > len(assigned) or (per_rank * per_core < per_thread_rank
+                                     and not _leaves_domains(by_thread, cut, cpu_domains)):
+            return "list:" + ":".join(format_id_ranges([t for _, t in part]) for part in by_thread)
     return "list:" + ":".join(
         format_id_ranges(hardware_thread_ids(cores, per_core, hyperthread_offset)) for cores in cut)
+
+
+def _leaves_domains(by_thread: Sequence[Sequence[tuple[int, int]]], cut: Sequence[Sequence[int]],
+                    domains: Sequence[Sequence[int]]) -> bool:
+    """Whether a rank's hardware threads (``(core, thread)`` pairs, ``by_thread[r]``) lie on a core
+    of a domain that none of its cores in ``cut[r]`` is in (cores of no domain count as one more)."""
+    domain_of = {cpu: index for index, domain in enumerate(domains) for cpu in domain}
+    return any({domain_of.get(core) for core, _ in mine} - {domain_of.get(core) for core in own}
+               for mine, own in zip(by_thread, cut))
 
 
 def format_id_ranges(ids: Sequence[int]) -> str:

@@ -26,7 +26,9 @@ order; CUDA variables mean nothing to Level Zero and are never set. ``threads_pe
 The launch line is the one Balsam 0.7 built (``mpiexec -n N --ppn R --hosts h1,h2 --cpu-bind B -d D
 --envall CMD``), except that without a ``cpu_bind`` launch parameter the binding is computed from the
 CPUs the launcher assigned (``list:1:2:...``) instead of ``none``, so packed jobs do not share cores,
-and a whole-node job's ranks are spread over both sockets with none spanning the two. Launch params
+and a whole-node job's ranks are spread over both sockets with none spanning the two (a multi-node
+GPU job's: each local rank on the socket of the tiles it takes from the whole-node mask,
+``tile_rank_binding``). Launch params
 naming ``-n``, ``--ppn`` or ``--hosts`` again are not passed (one warning per app and key), and
 ``envall`` is dropped: the line has it (``RESERVED_OPTIONS``, ``DUPLICATE_FLAGS``).
 
@@ -41,6 +43,7 @@ import logging
 import os
 import re
 import shlex
+from collections import Counter
 from importlib import resources
 from typing import Any, Mapping, Optional, Sequence
 
@@ -51,7 +54,8 @@ from balsam.platform import (
     PALS_RESERVED_OPTIONS, pals_binding_overlaps,
     LaunchLimit, LaunchSpec, NodeInfo, Platform, cpu_domains_of, cpu_ids_errors, first_launch_param,
     gpu_cpu_map_errors, hardware_thread_ids, hosts_from_node_file, launch_param_args, launch_params_to_pass,
-    format_id_ranges, leading_job_number, near_cpus_of, non_negative_errors, pals_cpu_bind_errors,
+    capped_threads_per_core, format_id_ranges, leading_job_number, near_cpus_of, non_negative_errors,
+    pals_cpu_bind_errors,
     pals_serial_startup_param_problems, parse_gpu_cpu_map, parse_id_ranges, pick_cpu_binding,
 )
 from balsam.util import first_warning
@@ -172,7 +176,8 @@ class AuroraOptions:
         "0,1,2:1-51 3,4,5:53-103",
         "The cores nearest each GPU (its socket), as GPU:ranges entries (a tile goes with its GPU; only "
         "cores of cpu_ids count): a GPU job gets cores near its tiles, and a whole-node job's ranks are "
-        "spread over the sockets. Empty: cores first-fit in id order, cut in id order.",
+        "spread over the sockets (a multi-node GPU job's: rank r near the tiles it takes from the mask). "
+        "Empty: cores first-fit in id order, cut in id order.",
     )
     device_hierarchy: str = option(
         "inherit",
@@ -292,9 +297,57 @@ class AuroraPlatform(Platform):
 
     # -- MPI ------------------------------------------------------------------------------------
     def cpu_binding(self, spec: LaunchSpec) -> str:
+        if (first_launch_param(spec.launch_params, CPU_BIND_KEYS) is None and not self.options.cpu_bind
+                and self.whole_node_environment(spec)):
+            near_tiles = self.tile_rank_binding(spec)
+            if near_tiles:
+                return near_tiles
         return pick_cpu_binding(spec, CPU_BIND_KEYS, self.options.cpu_bind, self.cpu_ids,
                                 hyperthread_offset=self.options.hyperthread_offset, cpu_domains=self.cpu_domains,
                                 max_threads_per_core=self.hardware_threads_per_core)
+
+    def tile_rank_binding(self, spec: LaunchSpec) -> Optional[str]:
+        """``list:...`` for a multi-node GPU job (whole nodes, the mask of all tiles): each local rank
+        on cores of the socket of the tiles it takes from that mask as ``tile_per_rank.sh`` (and ALCF's
+        ``gpu_tile_compact.sh``) take them: rank ``r`` from mask entry ``r * k`` on, ``k`` the entries of
+        ``gpus_per_rank`` ids, modulo the mask. The ranks spread evenly over both sockets put a
+        2-node ``ranks_per_node=4, gpus_per_rank=1`` job's local ranks 2 and 3 on the second socket
+        while their tiles 2 and 3 (GPU 1) sit on the first. Each socket's cores are cut among its
+        ranks, the same count to every rank (12 ranks of one tile: ALCF's ``list:1-8:...:93-100``,
+        as before). None (the even spread stands) for a fractional or non-integer ``gpus_per_rank``
+        (several ranks to a tile), a rank whose tiles are not all near one socket (``gpus_per_rank=12``;
+        2 ranks of 4 tiles, tiles 4-7 being GPUs 2 and 3), or too few cores for the threads."""
+        per_rank_gpus = float(spec.gpus_per_rank)
+        if per_rank_gpus < 1 or not per_rank_gpus.is_integer() or not self.cpu_domains or not self.gpu_ids:
+            return None
+        mask = affinity_mask(self.gpu_ids, self.device_hierarchy()).split(",")
+        entries_per_id = max(1, len(mask) // len(self.gpu_ids))  # 2: whole GPUs (tiles_per_gpu=1) in FLAT ids
+        step = int(per_rank_gpus) * entries_per_id
+        domain_of = {cpu: index for index, domain in enumerate(self.cpu_domains) for cpu in domain}
+        near = dict(self.gpu_cpus)
+        rank_domains = []
+        for rank in range(max(1, spec.ranks_per_node)):
+            # All the rank's tiles, not its first: a rank of 12 tiles (or of tiles 4-7, GPUs 2 and 3)
+            # is near both sockets and keeps the even spread (1-51,53-103), not half the cores.
+            first = rank * step
+            rank_gpus = {self.gpu_ids[((first + e) % len(mask)) // entries_per_id] for e in range(step)}
+            domains = {domain_of[cpu] for gpu_id in rank_gpus for cpu in near.get(gpu_id, ()) if cpu in domain_of}
+            if len(domains) != 1:
+                return None
+            rank_domains.append(domains.pop())
+        per_core = capped_threads_per_core(spec.threads_per_core, self.hardware_threads_per_core)
+        cores_needed = max(1, -(-max(1, spec.threads_per_rank) // per_core))
+        counts = Counter(rank_domains)
+        per_rank = min(len(self.cpu_domains[d]) // n for d, n in counts.items())
+        if per_rank < cores_needed:
+            return None
+        taken: Counter = Counter()
+        parts = []
+        for d in rank_domains:
+            cores = self.cpu_domains[d][taken[d] * per_rank : (taken[d] + 1) * per_rank]
+            taken[d] += 1
+            parts.append(format_id_ranges(hardware_thread_ids(cores, per_core, self.options.hyperthread_offset)))
+        return "list:" + ":".join(parts)
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
