@@ -192,7 +192,8 @@ def resolve_one_site(selector: str) -> Any:
     if not selector or selector == SITE_SELECTOR_THIS:
         here = current_site_id()
         if here is None:
-            raise click.UsageError("not inside a Balsam site: cd into one, set BALSAM_SITE_PATH or pass --site ID|PATH")
+            raise click.UsageError("not inside a Balsam site: cd into one, set BALSAM_SITE_PATH or pass "
+                                   "--site ID|NAME|PATH")
         return Site.objects.get(id=here)
     if selector.isdecimal():  # (not isdigit(): '²' is a digit int() refuses)
         try:
