@@ -77,7 +77,14 @@ def describe(obj: Any) -> str:
     desc = getattr(obj, "description", "")
     if isinstance(desc, str) and desc:
         return desc.strip().splitlines()[0]
-    doc = inspect.getdoc(obj) or ""
+    if inspect.isclass(obj):
+        # The class's own docstring, else its module's: inspect.getdoc falls back to a base class's,
+        # and an agent module without one was described by AgentModule's ("One periodic task of the
+        # site agent."), which says nothing of it.
+        module = inspect.getmodule(obj)
+        doc = inspect.cleandoc(obj.__dict__.get("__doc__") or (module.__doc__ if module is not None else None) or "")
+    else:
+        doc = inspect.getdoc(obj) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
