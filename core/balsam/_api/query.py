@@ -200,7 +200,10 @@ class Query(Generic[T]):
             raise TypeError(f"{self._model.__name__}.objects.order_by() takes one field name (a str, '-' for "
                             f"descending), got {type(field).__name__} {field!r:.80}")
         if field is not None and field.lstrip("-") not in self._model._orderings:
-            allowed = ", ".join(sorted(self._model._orderings)) or "none"
+            if not self._model._orderings:  # Site, App...: the server lists them in id order only
+                raise ValueError(f"{self._model.__name__} cannot be ordered by {field!r}: {self._model.__name__} "
+                                 "queries take no ordering (they come in id order)")
+            allowed = ", ".join(sorted(self._model._orderings))
             raise ValueError(f"{self._model.__name__} cannot be ordered by {field!r} (orderings: {allowed}, '-' for descending)")
         q = self._clone()
         q._order = field
