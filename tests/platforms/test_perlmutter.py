@@ -154,8 +154,12 @@ def test_jobs_on_a_faked_perlmutter_gpu(mode: str, balsam_env, fake_machine, tmp
         assert len(records) == 8
         for r in records:
             opts = dict(r["options"])
-            # 8 threads, one per core: 8 cores of 2 hardware threads
-            assert opts["--gpus-per-task"] == "1" and opts["--cpus-per-task"] == "16" and "--overlap" in opts
+            # 8 threads, one per core: 8 cores of 2 hardware threads. Packed on a node: no GPU asked
+            # of Slurm (it would pick GPU 0 for every --overlap step: test_perlmutter_slurm_gres_*);
+            # the program runs under the GPU balsam gave the job.
+            assert "--gpus-per-task" not in opts and opts["--cpus-per-task"] == "16" and "--overlap" in opts
+            assert r["program"][:1] == ["env"] and r["program"][1].startswith("CUDA_VISIBLE_DEVICES=")
+            assert r["program"][1].split("=", 1)[1] in {"0", "1", "2", "3"}
             assert opts["--cpu-bind"] == "cores"
             assert opts["--nodelist"] in HOSTS and opts["--gres"] == "craynetwork:0"
     else:

@@ -93,7 +93,9 @@ def test_packed_steps_on_part_of_a_node_are_unchanged() -> None:
         spec = LaunchSpec(cmdline="./app", hostnames=p.hostnames, threads_per_rank=8, gpus_per_rank=1,
                           cpu_ids=p.cpu_ids, gpu_ids=p.gpu_ids)
         line = platform.mpi_command_line(spec)
-        assert "--cpus-per-task 16 " in line and line.endswith("--overlap ./app")
+        # The job's GPU is balsam's, given to the program (Slurm would pick GPU 0 for every step).
+        assert "--cpus-per-task 16 " in line and line.endswith(f"--overlap env CUDA_VISIBLE_DEVICES={','.join(p.gpu_ids[0])} ./app")
+        assert "--gpus-per-task" not in line
     # one node, 4 one-thread ranks on 4 of its cores, packed with others: the step does not own the node
     spec = LaunchSpec(cmdline="./app", hostnames=["nid001000"], ranks_per_node=4, gpus_per_rank=1,
                       cpu_ids=[(0, 1, 2, 3)])

@@ -49,8 +49,10 @@ CASES = [
     ("polaris", {"gpu_list_dir": "", "discover_mig": False}, 4, "mpiexec -n 1 --ppn 1 --hosts n0 --cpu-bind list:0 -d 1 ./app"),
     ("perlmutter-gpu", None, 4,
      # 0.7 passed --cpus-per-task 1 (threads_per_rank); srun counts hardware threads: one core is 2
-     "srun --gres=craynetwork:0 -n 1 --ntasks-per-node 1 --gpus-per-task 1 --nodelist n0 --nodes 1 --cpus-per-task 2 "
-     "--cpu-bind=cores --overlap ./app"),
+     # a step packed on part of a node asks Slurm for no GPU and runs under balsam's (Slurm gives GPU 0
+     # to every --overlap step: test_perlmutter_slurm_gres_recorded.py)
+     "srun --gres=craynetwork:0 -n 1 --ntasks-per-node 1 --nodelist n0 --nodes 1 --cpus-per-task 2 "
+     "--cpu-bind=cores --overlap env CUDA_VISIBLE_DEVICES=0 ./app"),
     ("thetagpu", {"gpu_list_dir": ""}, 8,
      "mpirun --oversubscribe --bind-to none -n 1 -npernode 1 --host n0 ./app"),
 ]

@@ -15,7 +15,9 @@ Slurm job steps, Balsam 0.7's ``PerlmutterRun`` line::
     srun [--gres=craynetwork:0] -n N --ntasks-per-node R [--gpus-per-task G] --nodelist h1,h2 --nodes n
          --cpus-per-task C --cpu-bind=cores [--key value ...] --overlap CMD
 
-(``--overlap`` so that packed steps may share the allocation's nodes). ``C`` counts logical CPUs
+(``--overlap`` so that packed steps may share the allocation's nodes; a packed GPU job asks for no
+GPU and runs ``env CUDA_VISIBLE_DEVICES=<its ids> CMD``: real Slurm gave every ``--overlap`` step
+the first GPUs, see ``PerlmutterGPUPlatform._balsam_gpus``). ``C`` counts logical CPUs
 (hardware threads), as srun does (NERSC: ``-c`` is 2 x the cores a task needs): the cores of one rank,
 ``ceil(threads_per_rank / threads_per_core)``, times the node's 2 hardware threads per core; 0.7 passed
 ``threads_per_rank``, which gave a rank of 8 threads 4 cores. ``--cpu-bind=cores`` (NERSC's advice)
@@ -81,6 +83,9 @@ RESERVED_OPTIONS = {
 SLURM_CALL_TIMEOUT_SEC = 5.0
 #: Flags the line has already: a launch param naming one is dropped without a warning.
 DUPLICATE_FLAGS = ("overlap",)
+#: Launch params (any spelling) that ask Slurm for GPUs or bind them: a job giving one keeps
+#: Slurm's GPU placement (:meth:`PerlmutterGPUPlatform._balsam_gpus`).
+GPU_REQUEST_PARAMS = ("gpus", "G", "gpus-per-node", "gpus-per-socket", "gpu-bind", "gpus-per-task")
 #: The binding of a step whose launch_params name none (NERSC's recommended ``--cpu-bind=cores``).
 DEFAULT_CPU_BIND = "cores"
 
@@ -341,8 +346,10 @@ class PerlmutterGPUPlatform(Platform):
             args.append(f"--gres={gres}")
         args += ["-n", str(spec.num_ranks), "--ntasks-per-node", str(max(1, spec.ranks_per_node))]
         given, gpus = _override(params, "gpus-per-task")
-        if not given and spec.gpus_per_rank >= 1 and float(spec.gpus_per_rank).is_integer():
-            gpus = int(spec.gpus_per_rank)  # a fraction of a GPU: no srun GPU request, CUDA_VISIBLE_DEVICES only
+        visible = self._balsam_gpus(spec, given or "gpu" in str(gres or ""), params)
+        if not given and not visible and spec.gpus_per_rank >= 1 and float(spec.gpus_per_rank).is_integer():
+            # A fraction of a GPU, or a packed job (balsam's ids set in the task): no srun GPU request.
+            gpus = int(spec.gpus_per_rank)
         if gpus not in (None, ""):
             args += ["--gpus-per-task", str(gpus)]
         args += ["--nodelist", ",".join(spec.hostnames), "--nodes", str(spec.num_nodes)]
@@ -361,7 +368,35 @@ class PerlmutterGPUPlatform(Platform):
         if bind not in (None, ""):
             args.append(f"--cpu-bind={bind}")
         passed = launch_params_to_pass(spec, args, RESERVED_OPTIONS, params=params, duplicates=DUPLICATE_FLAGS)
-        return args + launch_param_args(passed) + ["--overlap"]
+        # slurmstepd writes the step's CUDA_VISIBLE_DEVICES over the one srun was started with, so
+        # the GPUs balsam gave a packed job are set again in the task, after Slurm (env runs the app).
+        wrapper = ["env", f"CUDA_VISIBLE_DEVICES={visible}"] if visible else []
+        return args + launch_param_args(passed) + ["--overlap"] + wrapper
+
+    @staticmethod
+    def _balsam_gpus(spec: LaunchSpec, slurm_gpus: bool, params: Mapping[str, Any]) -> str:
+        """The ``CUDA_VISIBLE_DEVICES`` a packed job's step runs its app with (the GPU ids balsam
+        gave it, those of its first node as the launcher's job environment has them), or ``""``:
+        Slurm's GPUs are kept.
+
+        Slurm (22.05, real GRES) places a step's GPUs itself and sets the task's
+        ``CUDA_VISIBLE_DEVICES`` over the one srun inherits: ``--overlap`` steps share GRES, so
+        every ``--gpus-per-task 1`` step of a packed node got GPU 0 while 1-3 sat idle (and more
+        steps than GPUs all started there), and a fractional job's step (no GPU request) got all
+        the allocation's GPUs. A packed job's step therefore asks srun for no GPU (it has the
+        allocation's GPUs, visible under a device cgroup too) and sets balsam's ids again. A job
+        that has its nodes to itself (several nodes, or one whole) keeps ``--gpus-per-task``:
+        Slurm's GPUs are free there, and it binds each rank to its own. A GPU request in the
+        job's launch params (``gpus-per-task``, ``gpus``, ``gpus-per-node``, ``gpu-bind``, a
+        ``gres`` naming gpu: ``slurm_gpus``) leaves the GPUs to Slurm as asked."""
+        ids = spec.gpu_ids[0] if spec.gpu_ids else ()
+        if not ids or slurm_gpus or spec.num_nodes > 1 or spec.whole_nodes:
+            return ""
+        for key, value in params.items():
+            name = launch_option_name(key)
+            if name in GPU_REQUEST_PARAMS or (name == "tres-per-task" and "gpu" in str(value)):
+                return ""
+        return ",".join(map(str, ids))
 
     # -- ending runs ----------------------------------------------------------------------------
     def signal_runs(self, job_ids: Sequence[int], sig: int, timeout: Optional[float] = None) -> set[int]:
