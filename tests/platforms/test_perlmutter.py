@@ -157,10 +157,14 @@ def test_jobs_on_a_faked_perlmutter_gpu(mode: str, balsam_env, fake_machine, tmp
             # 8 threads, one per core: 8 cores of 2 hardware threads. Packed on a node: no GPU asked
             # of Slurm (it would pick GPU 0 for every --overlap step: test_perlmutter_slurm_gres_*);
             # the program runs under the GPU balsam gave the job.
-            assert "--gpus-per-task" not in opts and opts["--cpus-per-task"] == "16" and "--overlap" in opts
-            assert r["program"][:1] == ["env"] and r["program"][1].startswith("CUDA_VISIBLE_DEVICES=")
-            assert r["program"][1].split("=", 1)[1] in {"0", "1", "2", "3"}
-            assert opts["--cpu-bind"] == "cores"
+            # Its CPUs likewise: the step spans the node's 128 and is bound by mask to balsam's 8 cores
+            # (Slurm bound every --overlap step to the first cores: test_perlmutter_packed_cpus_recorded);
+            # the app sees the job's own 16.
+            assert "--gpus-per-task" not in opts and opts["--cpus-per-task"] == "128" and "--overlap" in opts
+            env = dict(a.split("=", 1) for a in r["program"][1:] if "=" in a)
+            assert r["program"][:1] == ["env"] and env["SLURM_CPUS_PER_TASK"] == "16"
+            assert env["CUDA_VISIBLE_DEVICES"] in {"0", "1", "2", "3"}
+            assert opts["--cpu-bind"].startswith("mask_cpu:") and bin(int(opts["--cpu-bind"][9:], 16)).count("1") == 16
             assert opts["--nodelist"] in HOSTS and opts["--gres"] == "craynetwork:0"
     else:
         (workers,) = records

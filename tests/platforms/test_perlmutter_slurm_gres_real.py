@@ -4,10 +4,13 @@ The CI cluster (shared/ci/start-slurm.sh) has no GRES, so this runs only when gi
 
 - ``BALSAM_TEST_GRES_SLURM_CONF=/path/slurm.conf``: a running Slurm whose node ``BALSAM_TEST_GRES_NODE``
   (default ``g1``) has ``Gres=gpu:4`` (and ``craynetwork``, which single-rank steps ask for); or
+  The CPU checks use ``BALSAM_TEST_GRES_CPU_NODE`` (skipped unset): a node whose Slurm CPUs are the
+  machine's own (one thread per core), as Cpus_allowed_list shows only CPUs that exist;
 - ``BALSAM_TEST_GRES_SLURM=start``, as root with slurmctld/slurmd installed and munged running: the
   test starts a private one-node cluster of its own (4 GPUs on char devices it creates, a
   64-core x 2-thread node, ``SlurmctldPort`` 6917 and node port 17101, or
-  ``BALSAM_TEST_GRES_PORTS=ctld,node``) under a temporary directory, and stops it by its pid files.
+  ``BALSAM_TEST_GRES_PORTS=ctld,node``) and a node ``c1`` of this machine's own CPUs (port node + 1)
+  under a temporary directory, and stops them by their pid files.
 
 Inside one ``salloc --exclusive --gpus=4`` it runs the platform's lines for packed jobs concurrently,
 each srun with balsam's ``CUDA_VISIBLE_DEVICES`` for its job (as the launcher starts it), and checks
@@ -89,38 +92,48 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 PlugStackConfig={root}/plugstack.conf
 NodeName=g1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={node_port} Sockets=1 CoresPerSocket=64 ThreadsPerCore=2 CPUs=128 RealMemory=2000 Gres=gpu:4,craynetwork:4 State=UNKNOWN
-PartitionName=gpu Nodes=g1 Default=YES MaxTime=INFINITE State=UP
+NodeName=c1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={int(node_port) + 1} Sockets=1 CoresPerSocket={_real_cpus()} ThreadsPerCore=1 CPUs={_real_cpus()} RealMemory=2000 Gres=gpu:4,craynetwork:4 State=UNKNOWN
+PartitionName=gpu Nodes=g1,c1 Default=YES MaxTime=INFINITE State=UP
 """)
-    (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName=g1 Name=gpu File={root}/dev/nvidia[0-3]\n")
+    (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName=g1 Name=gpu File={root}/dev/nvidia[0-3]\n"
+                                    f"NodeName=c1 Name=gpu File={root}/dev/nvidia[0-3]\n")
     (root / "plugstack.conf").write_text("")
     subprocess.run(["slurmctld", "-f", str(conf)], check=True)
     time.sleep(2)
     subprocess.run(["slurmd", "-f", str(conf), "-N", "g1"], check=True)
-    return conf, "g1", [root / "run" / "slurmd-g1.pid", root / "run" / "slurmctld.pid"]
+    subprocess.run(["slurmd", "-f", str(conf), "-N", "c1"], check=True)
+    return conf, "g1", [root / "run" / "slurmd-g1.pid", root / "run" / "slurmd-c1.pid", root / "run" / "slurmctld.pid"]
+
+
+def _real_cpus() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 @pytest.fixture(scope="module")
 def gres_slurm(tmp_path_factory):
-    """``(slurm.conf, node)`` of a Slurm with a 4-GPU node, or a skip."""
+    """``(env, node, cpu node or None)`` of a Slurm with a 4-GPU node, or a skip."""
     pid_files: list[Path] = []
+    cpu_node = os.environ.get("BALSAM_TEST_GRES_CPU_NODE")
     if os.environ.get("BALSAM_TEST_GRES_SLURM_CONF"):
         conf = Path(os.environ["BALSAM_TEST_GRES_SLURM_CONF"])
         node = os.environ.get("BALSAM_TEST_GRES_NODE", "g1")
     elif os.environ.get("BALSAM_TEST_GRES_SLURM") == "start":
         conf, node, pid_files = _start_private_cluster(tmp_path_factory.mktemp("gres"))
+        cpu_node = "c1"
     else:
         pytest.skip("no Slurm with GPU GRES (BALSAM_TEST_GRES_SLURM_CONF or BALSAM_TEST_GRES_SLURM=start)")
     env = {**os.environ, "SLURM_CONF": str(conf)}
     try:
-        for _ in range(60):  # the node registers with its GRES
-            out = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t %G"], env=env, capture_output=True,
-                                 text=True)
-            if out.returncode == 0 and "gpu:4" in out.stdout and out.stdout.split()[0] in ("idle", "mix"):
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(f"node {node} of {conf} is not idle with gpu:4: {out.stdout.strip()} {out.stderr.strip()}")
-        yield env, node
+        for name in filter(None, (node, cpu_node)):
+            for _ in range(60):  # the node registers with its GRES
+                out = subprocess.run(["sinfo", "-h", "-N", "-n", name, "-o", "%t %G"], env=env, capture_output=True,
+                                     text=True)
+                if out.returncode == 0 and "gpu:4" in out.stdout and out.stdout.split()[0] in ("idle", "mix"):
+                    break
+                time.sleep(1)
+            else:
+                pytest.fail(f"node {name} of {conf} is not idle with gpu:4: {out.stdout.strip()} {out.stderr.strip()}")
+        yield env, node, cpu_node
     finally:
         for pid_file in pid_files:  # only the daemons this fixture started
             if pid_file.exists():
@@ -130,12 +143,19 @@ def gres_slurm(tmp_path_factory):
                     pass
 
 
+# The GPU node's 64 cores x 2 threads are, on a test machine, mostly CPUs it does not have: slurmd
+# refuses a --cpu-bind=mask_cpu naming them ("Unable to satisfy cpu bind request"), so the GPU checks
+# keep --cpu-bind=cores (a binding in launch params: the old CPU line, the GPU part unchanged); CPU
+# placement is checked on the CPU node below.
+GPU_CHECK_PARAMS = {"cpu-bind": "cores"}
+
+
 def _packed_lines(node: str, probe: Path, jobs: list[tuple[str, float, tuple[str, ...]]]) -> str:
     platform = PerlmutterGPUPlatform()
     rows = []
     for n, (tag, gpr, ids) in enumerate(jobs):
         spec = LaunchSpec(cmdline=str(probe), hostnames=(node,), ranks_per_node=1, gpus_per_rank=gpr, threads_per_rank=8,
-                          cpu_ids=[tuple(range(8 * n, 8 * n + 8))], gpu_ids=[ids])
+                          cpu_ids=[tuple(range(8 * n, 8 * n + 8))], gpu_ids=[ids], launch_params=GPU_CHECK_PARAMS)
         rows.append(f"{tag}\t{','.join(ids)}\t{platform.mpi_command_line(spec)}\n")
     return "".join(rows)
 
@@ -146,7 +166,7 @@ def _packed_lines(node: str, probe: Path, jobs: list[tuple[str, float, tuple[str
     [("halfA", 0.5, ("0",)), ("halfB", 0.5, ("0",)), ("one1", 1, ("1",)), ("one2", 1, ("2",)), ("one3", 1, ("3",))],
 ], ids=["one-gpu-x4", "two-gpu-x2", "half-and-whole"])
 def test_packed_steps_on_real_gres_slurm(gres_slurm, jobs, tmp_path: Path) -> None:
-    env, node = gres_slurm
+    env, node, _cpu_node = gres_slurm
     probe, driver, lines = tmp_path / "probe.sh", tmp_path / "driver.sh", tmp_path / "jobs.tsv"
     probe.write_text(PROBE)
     driver.write_text(DRIVER)
@@ -181,7 +201,7 @@ def test_real_launcher_packed_gpu_jobs_on_real_gres_slurm(gres_slurm, balsam_env
     from machine_jobs import make_runnable, site_for, wait_for_states
     from platform_harness import finish
 
-    env, node = gres_slurm
+    env, node, _cpu_node = gres_slurm
     probe = tmp_path / "app.sh"
     probe.write_text(APP_PROBE)
     probe.chmod(0o755)
@@ -190,8 +210,8 @@ def test_real_launcher_packed_gpu_jobs_on_real_gres_slurm(gres_slurm, balsam_env
              "shell_preamble": lambda self: 'echo "balsam CVD=$CUDA_VISIBLE_DEVICES"'}
     Probe = type("GresProbe", (ApplicationDefinition,), attrs)
     Probe.sync()
-    jobs = [Probe.submit(workdir=f"g/{n}", n=n, gpus_per_rank=gpr, threads_per_rank=8, node_packing_count=8, save=False)
-            for n, gpr in enumerate([1, 1, 1, 0.5, 0.5])]
+    jobs = [Probe.submit(workdir=f"g/{n}", n=n, gpus_per_rank=gpr, threads_per_rank=8, node_packing_count=8, save=False,
+                         launch_params=GPU_CHECK_PARAMS) for n, gpr in enumerate([1, 1, 1, 0.5, 0.5])]
     ids = make_runnable(jobs)
     console = open(path / "log" / "launcher-salloc.console", "wb")
     proc = subprocess.Popen(["salloc", "-w", node, "-N1", "--exclusive", "--gpus=4", "-t", "5",
@@ -215,3 +235,136 @@ def test_real_launcher_packed_gpu_jobs_on_real_gres_slurm(gres_slurm, balsam_env
     # The node manager's accounting: each whole GPU to one job, the two halves on one other GPU.
     wholes = {seen[0], seen[1], seen[2]}
     assert len(wholes) == 3 and seen[3] == seen[4] and seen[3] not in wholes, seen
+
+
+# -- CPU placement of packed steps ------------------------------------------------------------------
+# Cpus_allowed_list shows only CPUs the machine has, so these run on the CPU node (its Slurm CPUs are
+# this machine's, one thread per core) with the platform told that node's shape: the plugin's own
+# line code and (below) the real launcher and node manager, on a node of N one-thread cores.
+CPU_PROBE = """#!/bin/bash
+echo "task tag=${TAG-$1} t0=$(date +%s.%N) step=$SLURM_STEP_ID rank=$SLURM_LOCALID \
+cpus=$(grep Cpus_allowed_list /proc/self/status | cut -f2) CPT=${SLURM_CPUS_PER_TASK-unset} \
+OMP=${OMP_NUM_THREADS-unset} CVD=${CUDA_VISIBLE_DEVICES-unset} ON_NODE=${SLURM_CPUS_ON_NODE-unset}"
+sleep 3
+echo "end tag=${TAG-$1} t1=$(date +%s.%N)"
+"""
+SHAPE = """import balsam_platform_perlmutter.platform as p
+n = int(__import__("os").environ["BALSAM_TEST_NODE_CPUS"])
+p.PerlmutterGPUPlatform.logical_cpus, p.PerlmutterGPUPlatform.hardware_threads_per_core = n, 1
+p.PerlmutterGPUPlatform.node_cpu_ids = f"0-{n - 1}"
+"""
+
+
+# The jobs file's GPU field is "-" for a CPU-only job (an empty field between tabs would vanish: read
+# takes a tab run as one separator): its srun starts without CUDA_VISIBLE_DEVICES.
+CPU_DRIVER = DRIVER.replace("export TAG=$tag CUDA_VISIBLE_DEVICES=$cvd CUDA_DEVICE_ORDER=PCI_BUS_ID",
+                            'export TAG=$tag; [ "$cvd" = - ] || export CUDA_VISIBLE_DEVICES=$cvd')
+
+
+def _shaped_platform(cpus: int) -> PerlmutterGPUPlatform:
+    shaped = type("Shaped", (PerlmutterGPUPlatform,), {"logical_cpus": cpus, "hardware_threads_per_core": 1,
+                                                       "node_cpu_ids": f"0-{cpus - 1}"})
+    return shaped()
+
+
+def _ids(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out |= set(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def test_packed_steps_bound_to_balsams_cores_on_real_slurm(gres_slurm, tmp_path: Path) -> None:
+    """Packed 1-rank steps (CPU-only and GPU) on balsam's cores N-1, N-2, ..., 0 (the reverse of
+    Slurm's own order) and, where the node has 3 cores or more, a 2-rank step on the last two in
+    reverse: every task runs on the cores its rank was given, at once with the others."""
+    env, _node, cpu_node = gres_slurm
+    if not cpu_node:
+        pytest.skip("no CPU node of this machine's CPUs (BALSAM_TEST_GRES_CPU_NODE)")
+    n = _real_cpus()
+    platform = _shaped_platform(n)
+    probe, driver, lines = tmp_path / "probe.sh", tmp_path / "driver.sh", tmp_path / "jobs.tsv"
+    probe.write_text(CPU_PROBE)
+    driver.write_text(CPU_DRIVER)
+    probe.chmod(0o755)
+    driver.chmod(0o755)
+    assert CPU_DRIVER != DRIVER
+    jobs = {}  # tag -> (ranks, cores, gpu ids)
+    for k, core in enumerate(reversed(range(n))):
+        jobs[f"one{core}"] = (1, (core,), ((str(k % 4),),) if k % 2 else ())
+    if n >= 3:
+        jobs["two"] = (2, (n - 1, n - 2), ())
+    rows = []
+    for tag, (ranks, cores, gpus) in jobs.items():
+        spec = LaunchSpec(cmdline=str(probe), hostnames=(cpu_node,), ranks_per_node=ranks, threads_per_rank=1,
+                          gpus_per_rank=1 if gpus else 0, cpu_ids=[cores], gpu_ids=list(gpus))
+        rows.append(f"{tag}\t{','.join(gpus[0]) if gpus else '-'}\t{platform.mpi_command_line(spec)}\n")
+    lines.write_text("".join(rows))
+    done = subprocess.run(["salloc", "-w", cpu_node, "-N1", "--exclusive", "-t", "5", str(driver), str(lines)],
+                          env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    out = done.stdout + done.stderr
+    print(lines.read_text(), out)  # the evidence, with -s
+    for tag, (ranks, cores, gpus) in jobs.items():
+        assert f"RC[{tag}]=0" in out, out
+        for rank in range(ranks):
+            seen = re.search(rf"task tag={tag} .* rank={rank} cpus=(\S+) CPT=(\S+) .*CVD=(\S+) ON_NODE=(\S+)", out)
+            assert seen and _ids(seen.group(1)) == {cores[rank]}, (tag, rank, out)
+            # The job's own -c and CPUs on the node, not the step's (the node's CPUs).
+            assert seen.group(2) == "1" and seen.group(4) == str(ranks), (tag, out)
+            if gpus:
+                assert seen.group(3) == ",".join(gpus[0]), (tag, out)
+
+
+@pytest.mark.mpi
+def test_real_launcher_packed_jobs_bound_to_their_cores_on_real_slurm(gres_slurm, balsam_env, tmp_path: Path) -> None:
+    """The real launcher in mpi mode on the CPU node (perlmutter-gpu told its shape: N one-thread
+    cores): 2N one-core jobs, CPU-only and GPU, N at a time. Jobs that ran at the same time ran on
+    different CPUs (before: all on CPU 0), each on one, with the job's SLURM_CPUS_PER_TASK."""
+    import sys
+
+    from balsam.api import ApplicationDefinition
+    from machine_jobs import make_runnable, site_for, wait_for_states
+    from platform_harness import finish
+
+    env, _node, cpu_node = gres_slurm
+    if not cpu_node:
+        pytest.skip("no CPU node of this machine's CPUs (BALSAM_TEST_GRES_CPU_NODE)")
+    n = _real_cpus()
+    probe = tmp_path / "app.sh"
+    probe.write_text(CPU_PROBE)
+    probe.chmod(0o755)
+    name, path = site_for(tmp_path, "perlmutter-gpu")
+    attrs = {"site": name, "command_template": f"{probe} job{{{{ n }}}}"}
+    Probe = type("CpuProbe", (ApplicationDefinition,), attrs)
+    Probe.sync()
+    jobs = [Probe.submit(workdir=f"c/{k}", n=k, gpus_per_rank=k % 2, threads_per_rank=1, node_packing_count=2 * n,
+                         save=False) for k in range(2 * n)]
+    ids = make_runnable(jobs)
+    launcher = SHAPE + ("import runpy, sys\nsys.argv[0] = 'balsam.launcher'\n"
+                        "runpy.run_module('balsam.launcher', run_name='__main__')\n")
+    console = open(path / "log" / "launcher-salloc.console", "wb")
+    proc = subprocess.Popen(["salloc", "-w", cpu_node, "-N1", "--exclusive", "-t", "5",
+                             sys.executable, "-c", launcher, "-j", "mpi", "-t", "3"],
+                            env={**os.environ, **env, "BALSAM_SITE_PATH": str(path), "BALSAM_TEST_NODE_CPUS": str(n)},
+                            cwd=path, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    proc.console_path = console.name  # type: ignore[attr-defined]
+    console.close()
+    try:
+        wait_for_states(ids, {"RUN_DONE"}, timeout=150)
+    finally:
+        finish(proc, timeout=120)
+    runs = []
+    for k in range(2 * n):
+        out = (path / "data" / f"c/{k}" / "job.out").read_text()
+        print(k, out)
+        seen = re.search(r"t0=(\S+) .*cpus=(\S+) CPT=(\S+) OMP=(\S+) CVD=(\S+)", out)
+        t1 = re.search(r"t1=(\S+)", out)
+        assert seen and t1, (k, out)
+        runs.append((float(seen.group(1)), float(t1.group(1)), _ids(seen.group(2))))
+        assert len(runs[-1][2]) == 1 and seen.group(3) == "1" and seen.group(4) == "1", (k, out)
+    for a in range(len(runs)):
+        for b in range(a + 1, len(runs)):
+            if runs[a][0] < runs[b][1] and runs[b][0] < runs[a][1]:  # ran at the same time
+                assert not runs[a][2] & runs[b][2], (a, b, runs)

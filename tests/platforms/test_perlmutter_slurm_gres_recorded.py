@@ -87,7 +87,10 @@ def test_jobs_with_their_nodes_and_slurm_gpu_requests_keep_slurms_gpus() -> None
     # The job's own GPU request: Slurm places its GPUs, as asked.
     for params in ({"gpus-per-task": "1"}, {"--gpu-bind": "none"}, {"gres": "gpu:1"}, {"gpus": "1"}):
         args = platform.mpi_launch_args(packed(1, ("2",), 16, launch_params=params))
-        assert args[-1] == "--overlap", (params, args)
+        # Changed deliberately: the packed step's wrapper now sets the job's SLURM_CPUS_* (its -c
+        # is the node's, for the core mask: test_perlmutter_packed_cpus_recorded.py), but no GPU ids.
+        tail = args[args.index("--overlap") + 1:]
+        assert not any(a.startswith("CUDA_VISIBLE_DEVICES=") for a in tail), (params, args)
     # A serial-mode worker (no GPU ids: its tasks set their own) keeps its GPU request.
     worker = LaunchSpec(cmdline="w", hostnames=("nid001234",), ranks_per_node=1, gpus_per_rank=4.0)
     assert platform.mpi_launch_args(worker)[-1] == "--overlap"

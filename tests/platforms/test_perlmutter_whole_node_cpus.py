@@ -94,12 +94,23 @@ def test_packed_steps_on_part_of_a_node_are_unchanged() -> None:
                           cpu_ids=p.cpu_ids, gpu_ids=p.gpu_ids)
         line = platform.mpi_command_line(spec)
         # The job's GPU is balsam's, given to the program (Slurm would pick GPU 0 for every step).
-        assert "--cpus-per-task 16 " in line and line.endswith(f"--overlap env CUDA_VISIBLE_DEVICES={','.join(p.gpu_ids[0])} ./app")
+        # Changed deliberately: the step was -c 16 --cpu-bind=cores, which real Slurm bound to the
+        # node's first cores for every packed step; it is now bound to balsam's 8 cores (and their
+        # second threads) by mask, its -c the node's CPUs so the mask lies in the step, and the app
+        # gets the job's 16 back (test_perlmutter_packed_cpus_recorded.py).
+        cores = sum(1 << c | 1 << (c + 64) for c in p.cpu_ids[0])
+        assert f"--cpus-per-task 128 --cpu-bind=mask_cpu:{hex(cores)} " in line, line
+        assert line.endswith("--overlap env SLURM_CPUS_PER_TASK=16 SLURM_CPUS_ON_NODE=16 "
+                             f"CUDA_VISIBLE_DEVICES={','.join(p.gpu_ids[0])} ./app"), line
         assert "--gpus-per-task" not in line
-    # one node, 4 one-thread ranks on 4 of its cores, packed with others: the step does not own the node
+    # one node, 4 one-thread ranks on 4 of its cores, packed with others: the step does not own the
+    # node, so its ranks count 2 CPUs each (the SLURM_CPUS_PER_TASK its app sees; the step's -c is the
+    # node's 128 / 4, one mask per rank)
     spec = LaunchSpec(cmdline="./app", hostnames=["nid001000"], ranks_per_node=4, gpus_per_rank=1,
                       cpu_ids=[(0, 1, 2, 3)])
-    assert _c(platform, spec) == 2
+    assert platform.cpus_per_task(spec) == 2 and _c(platform, spec) == 32
+    assert "mask_cpu:0x10000000000000001,0x20000000000000002,0x40000000000000004,0x80000000000000008 " in \
+        platform.mpi_command_line(spec)
 
 
 def test_a_one_node_job_that_occupies_its_node_whole_spreads_its_ranks() -> None:

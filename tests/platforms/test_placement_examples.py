@@ -50,9 +50,13 @@ CASES = [
     ("perlmutter-gpu", None, 4,
      # 0.7 passed --cpus-per-task 1 (threads_per_rank); srun counts hardware threads: one core is 2
      # a step packed on part of a node asks Slurm for no GPU and runs under balsam's (Slurm gives GPU 0
-     # to every --overlap step: test_perlmutter_slurm_gres_recorded.py)
-     "srun --gres=craynetwork:0 -n 1 --ntasks-per-node 1 --nodelist n0 --nodes 1 --cpus-per-task 2 "
-     "--cpu-bind=cores --overlap env CUDA_VISIBLE_DEVICES=0 ./app"),
+     # to every --overlap step: test_perlmutter_slurm_gres_recorded.py); changed deliberately: it was
+     # -c 2 --cpu-bind=cores, which Slurm binds to the node's first core for every packed step; the
+     # step now spans the node (-c 128) bound by mask to balsam's core 0 and its second thread 64,
+     # and the app sees the job's -c 2 (test_perlmutter_packed_cpus_recorded.py)
+     "srun --gres=craynetwork:0 -n 1 --ntasks-per-node 1 --nodelist n0 --nodes 1 --cpus-per-task 128 "
+     "--cpu-bind=mask_cpu:0x10000000000000001 --overlap env SLURM_CPUS_PER_TASK=2 SLURM_CPUS_ON_NODE=2 "
+     "CUDA_VISIBLE_DEVICES=0 ./app"),
     ("thetagpu", {"gpu_list_dir": ""}, 8,
      "mpirun --oversubscribe --bind-to none -n 1 -npernode 1 --host n0 ./app"),
 ]

@@ -21,7 +21,13 @@ the first GPUs, see ``PerlmutterGPUPlatform._balsam_gpus``). ``C`` counts logica
 (hardware threads), as srun does (NERSC: ``-c`` is 2 x the cores a task needs): the cores of one rank,
 ``ceil(threads_per_rank / threads_per_core)``, times the node's 2 hardware threads per core; 0.7 passed
 ``threads_per_rank``, which gave a rank of 8 threads 4 cores. ``--cpu-bind=cores`` (NERSC's advice)
-unless the job's launch_params bind otherwise.
+unless the job's launch_params bind otherwise. A job packed on part of a node is bound to the cores
+balsam gave it instead (real Slurm bound every packed step to the node's first cores)::
+
+    srun ... --nodes 1 [--overcommit] --cpus-per-task <allocation's CPUs on the node / R>
+         --cpu-bind=mask_cpu:<one mask per rank> --overlap env SLURM_CPUS_PER_TASK=C SLURM_CPUS_ON_NODE=<C x R> CMD
+
+(see ``PerlmutterGPUPlatform._packed_cpu_masks``).
 
 At the launcher's stop (:meth:`PerlmutterGPUPlatform.signal_runs`): srun does not forward a SIGTERM
 to its step's tasks ("forcing job termination": they get SIGKILL, exit 0:9 in sacct), so the SIGTERM
@@ -52,8 +58,8 @@ import attrs
 from balsam.builtin.default_platform import expand_hostlist
 from balsam.options import OptionsError, option
 from balsam.platform import (
-    LaunchSpec, NodeInfo, Platform, cpu_ids_beyond_cores_errors, cpu_ids_errors, cuda_visible_only, format_id_ranges,
-    hardware_thread_ids,
+    LaunchSpec, NodeInfo, Platform, cpu_bind_list, cpu_ids_beyond_cores_errors, cpu_ids_errors, cuda_visible_only,
+    format_id_ranges, hardware_thread_ids,
     launch_param_args, launch_option_name, launch_param_value, launch_params_to_pass, leading_job_number,
     parse_id_ranges,
 )
@@ -353,25 +359,84 @@ class PerlmutterGPUPlatform(Platform):
         if gpus not in (None, ""):
             args += ["--gpus-per-task", str(gpus)]
         args += ["--nodelist", ",".join(spec.hostnames), "--nodes", str(spec.num_nodes)]
-        given, cpus = _override(params, "cpus-per-task")
-        if not given:
+        given_cpus, cpus = _override(params, "cpus-per-task")
+        given_bind, bind = _override(params, "cpu-bind")
+        if not given_cpus:
             cpus = self.cpus_per_task(spec)
         elif str(cpus) == str(self.logical_cpus) and 0 < self.allocated_logical_cpus < self.logical_cpus:
             # The whole node (serial mode's workers: serial_mode_startup_params) is, in an allocation
             # of part of the nodes, what the allocation has there: srun refuses more.
             cpus = self.allocated_logical_cpus
+        if not given_bind:
+            bind = DEFAULT_CPU_BIND
+        wrapper: list[str] = []
+        masks = "" if given_cpus or given_bind else self._packed_cpu_masks(spec)
+        if masks:
+            # A packed step is bound to balsam's cores (see _packed_cpu_masks); its tasks' -c spans
+            # the allocation's CPUs on the node so that the masks lie in the step's CPUs, and the app
+            # sees the job's own counts again, as the old line's step had them (OMP_* are balsam's).
+            ranks = max(1, spec.ranks_per_node)
+            wrapper += ["env", f"SLURM_CPUS_PER_TASK={cpus}", f"SLURM_CPUS_ON_NODE={int(cpus) * ranks}"]
+            node_cpus = self._node_logical_cpus()
+            cpus = node_cpus // ranks
+            if node_cpus % ranks:
+                # -c node/ranks left the node's last CPUs out of the step (3 ranks of -c 42 got 126
+                # of 128; -c 43 was refused): a mask there fell outside. --overcommit lets every
+                # task's -c be the node's CPUs (real Slurm 22.05: 3 tasks of -c 128 -O started).
+                cpus = node_cpus
+                args.append("--overcommit")
+            bind = f"mask_cpu:{masks}"
         if cpus not in (None, ""):
             args += ["--cpus-per-task", str(cpus)]
-        given, bind = _override(params, "cpu-bind")
-        if not given:
-            bind = DEFAULT_CPU_BIND
         if bind not in (None, ""):
             args.append(f"--cpu-bind={bind}")
         passed = launch_params_to_pass(spec, args, RESERVED_OPTIONS, params=params, duplicates=DUPLICATE_FLAGS)
         # slurmstepd writes the step's CUDA_VISIBLE_DEVICES over the one srun was started with, so
         # the GPUs balsam gave a packed job are set again in the task, after Slurm (env runs the app).
-        wrapper = ["env", f"CUDA_VISIBLE_DEVICES={visible}"] if visible else []
+        if visible:
+            wrapper = (wrapper or ["env"]) + [f"CUDA_VISIBLE_DEVICES={visible}"]
         return args + launch_param_args(passed) + ["--overlap"] + wrapper
+
+    def _node_logical_cpus(self) -> int:
+        """Logical CPUs the allocation has on a node: the whole node's, or fewer in an allocation of
+        part of it (the shared QOS: ``SLURM_JOB_CPUS_PER_NODE``, read by discover_nodes)."""
+        if 0 < self.allocated_logical_cpus < self.logical_cpus:
+            return self.allocated_logical_cpus
+        return self.logical_cpus
+
+    def _packed_cpu_masks(self, spec: LaunchSpec) -> str:
+        """``--cpu-bind=mask_cpu``'s masks (one per task, in local task order: ``0xff000000ff,...``)
+        binding a packed job's ranks to the cores balsam's node manager gave it, or ``""``: the job
+        has its node to itself (several nodes, a whole node, every core) and keeps
+        ``--cpu-bind=cores``.
+
+        Slurm (22.05, real) lays an ``--overlap`` step's tasks out from the node's first cores
+        whatever other steps hold: two packed ``-c 1 --cpu-bind=cores`` steps (balsam: cores 0 and
+        1) were both bound to CPU 0, and ``--cpu-bind=map_cpu:1`` failed ("CPU binding outside of
+        job step allocation, allocated CPUs are: 0x1"). A step whose tasks' ``-c`` covers the
+        allocation's CPUs on the node may be bound anywhere there, and ``--overlap`` lets it share
+        them with the other steps: two such steps with ``mask_cpu:0x1`` and ``0x2`` ran at once on
+        CPUs 0 and 1. Each rank gets its share of the job's cores as :func:`cpu_bind_list` cuts them,
+        with both hardware threads of each core (what ``--cpu-bind=cores`` gave a task)."""
+        assigned = spec.cpu_ids[0] if spec.cpu_ids else ()
+        ranks = max(1, spec.ranks_per_node)
+        cores = len(self.cpu_ids)
+        if 0 < self.allocated_logical_cpus < self.logical_cpus:
+            # Part of a node (the shared QOS): srun(1) honours explicit masks only for a step given
+            # every CPU of the node, and balsam's ids there (0..n-1, from SLURM_JOB_CPUS_PER_NODE)
+            # are not the node's CPUs the allocation holds: Slurm's --cpu-bind=cores binds.
+            return ""
+        if (not assigned or spec.num_nodes != 1 or spec.whole_nodes or len(set(assigned)) >= cores
+                or ranks > self._node_logical_cpus()):
+            return ""
+        offset = self.logical_cpus // self.hardware_threads_per_core
+        whole_cores = attrs.evolve(spec, threads_per_core=self.hardware_threads_per_core)
+        per_rank = cpu_bind_list(whole_cores, assigned, hyperthread_offset=offset,
+                                 max_threads_per_core=self.hardware_threads_per_core)
+        masks = []
+        for part in per_rank.removeprefix("list:").split(":"):
+            masks.append(hex(sum(1 << cpu for cpu in set(parse_id_ranges(part, where="cpu_bind_list")))))
+        return ",".join(masks)
 
     @staticmethod
     def _balsam_gpus(spec: LaunchSpec, slurm_gpus: bool, params: Mapping[str, Any]) -> str:
