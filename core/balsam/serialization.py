@@ -191,6 +191,8 @@ def _refuse_text_as_collection(conv: cattrs.Converter) -> None:
     from cattrs.cols import list_structure_factory
 
     def refuse(value: Any, what: str) -> None:
+        if value is None:  # cattrs' own answer named neither the field's type nor the null
+            raise ValueError(f"expected {what}, got null")
         if isinstance(value, (str, bytes, Mapping)):
             raise ValueError(f"expected {what}, got {show(value)}")
 

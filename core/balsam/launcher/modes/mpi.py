@@ -19,7 +19,12 @@ a round trip after every exit (measured: about one job running at a time of two 
 job that ends is replaced at once from the jobs leased ahead, and the next acquire is in flight
 while jobs run. The lookahead is one wave (the partition's node footprint, at most
 ``max_concurrent_mpiruns`` jobs) unless jobs end faster than acquires come back: then it is what
-ends in a few round trips (:class:`LeaseAhead`). The Session's deletion at exit (or its expiry after
+ends in a few round trips (:class:`LeaseAhead`). Once an answer says the backlog is empty, exits
+no longer send an acquire each (:class:`EmptyBacklog`), and while nothing waits leased and the
+request offers room for any job the nodes could run, the acquire asks the server to wait for jobs
+(``Prefer: wait``, :class:`AcquireWait`; not one the oversized-job probe is due after, so that
+the probe comes as the partition goes idle): a job created then (a workflow that adds one as another
+ends) is leased when it is created, not ``delay_sec`` later. The Session's deletion at exit (or its expiry after
 a crash) frees what never started. When the partition is full, jobs also wait in the spawner behind
 running jobs of the same demand and start on their resources as they exit (hand-over, shared with
 serial mode: :mod:`balsam.launcher.handover`), which saves the loop's round trip per exit.
@@ -56,7 +61,9 @@ platform to those still there (:meth:`MPIMode._signal_through_platform`).
 At a stop, and after an exception in the loop alike, the running jobs are ended and reported first;
 only then is an acquire still in flight waited for (its jobs never start; the Session's deletion,
 after it, frees them): a slow API must not keep the jobs running while the batch system's kill
-comes closer.
+comes closer. An acquire answered from the loop's end on prepares nothing (no workdir is made
+for a job that never starts), and a waiting acquire in flight is not waited for at all: the Session's deletion ends
+its wait on the server (the deletion wakes it, and it finds no Session), and frees whatever it leased.
 """
 
 from __future__ import annotations
@@ -114,6 +121,16 @@ LEASE_AHEAD_MAX_SEC = 2.0
 LEASE_AHEAD_MIN_SEC = 0.25
 #: The acquire round trip assumed before one has been measured.
 INITIAL_ROUND_TRIP_SEC = 0.1
+#: After an acquire that found no job although it offered room for any job the nodes could take
+#: (:class:`EmptyBacklog`), job exits bring the next acquire forward to this long after that answer,
+#: no sooner (else ``delay_sec`` after it). Measured with 100 no-op jobs: asking again at every exit
+#: sent one empty acquire per 2-3 exits once the backlog was leased (16 of the run's 26 acquires),
+#: each a request the server handled on the CPUs the jobs needed.
+EMPTY_BACKLOG_REASK_SEC = 0.25
+#: How long a waiting acquire (:class:`AcquireWait`) asks the server to hold its answer for a job to
+#: come (the server's cap is 10 s): an idle launcher sends one acquire per this long (was one per
+#: ``delay_sec``), and a stop never waits for it (the Session's deletion ends the wait).
+ACQUIRE_WAIT_SEC = 5.0
 #: Hand-over (:mod:`balsam.launcher.handover`): jobs queued in the spawner behind each running job
 #: of the same demand, started on its nodes the moment it exits. Two cover the loop's round trip
 #: after an exit even for jobs of a few milliseconds; more would only hold jobs another slot could take.
@@ -204,6 +221,100 @@ class LeaseAhead:
         return max(0.01, (ahead_nodes - self.wave_nodes) / 2)
 
 
+class EmptyBacklog:
+    """When to ask again after an acquire that found no job (pure accounting).
+
+    An empty answer to a request that offered room for any job the nodes could run (its
+    ``max_aggregate_nodes`` at least its ``max_nodes_per_job``: a job of up to that many nodes takes
+    at most that much of the aggregate, a packed one less) means the backlog holds no job for this
+    launcher now; more room freed by exits changes nothing, so asking again at each exit only costs
+    the server a request (and the node the CPU the jobs need). New jobs still arrive (created by a
+    workflow, or made runnable as their parents finish): exits then bring the next acquire forward to
+    :data:`EMPTY_BACKLOG_REASK_SEC` after the empty answer. An answer to a request that offered less
+    (``max_aggregate_nodes`` below ``max_nodes_per_job``), or a request that could now lease a larger
+    job (more idle nodes), or the first that would look for oversized jobs (the partition went idle),
+    is asked at once, as before: the room freed since may hold a job that did not fit.
+    """
+
+    def __init__(self, reask_sec: float = EMPTY_BACKLOG_REASK_SEC) -> None:
+        self.reask_sec = reask_sec
+        #: The request answered with no job (None: the last answer had jobs, or none came yet).
+        self.request: Optional[dict[str, Any]] = None
+        self.answered_at = 0.0
+
+    def answered(self, request: dict[str, Any], got: int, now: float) -> None:
+        """The acquire of ``request`` came back with ``got`` jobs at ``now`` (monotonic)."""
+        self.request = None if got else request
+        self.answered_at = now
+
+    def clear(self) -> None:
+        """An acquire failed: nothing is known of the backlog (exits ask at once, as after jobs came)."""
+        self.request = None
+
+    @staticmethod
+    def may_differ(empty: dict[str, Any], request: dict[str, Any]) -> bool:
+        """Whether ``request`` could lease a job that ``empty``, answered with none, could not."""
+        if request["max_nodes_per_job"] > empty["max_nodes_per_job"]:
+            return True
+        if request.get("probe") and not empty.get("probe"):
+            return True
+        return (empty["max_aggregate_nodes"] < empty["max_nodes_per_job"]
+                and request["max_aggregate_nodes"] > empty["max_aggregate_nodes"])
+
+    def after_exit(self, request: Optional[dict[str, Any]], now: float) -> float:
+        """When (monotonic) to send the next acquire, now that jobs ended; ``request`` is what it
+        would ask (None: no room to ask for any job)."""
+        empty = self.request
+        if empty is None or request is None or self.may_differ(empty, request):
+            return now
+        return self.answered_at + self.reask_sec
+
+
+class AcquireWait:
+    """Whether an acquire asks the server to wait for jobs (``Prefer: wait=N``), and when to ask
+    again after its empty answer (pure accounting).
+
+    With the backlog empty, a job created by a workflow waited up to ``delay_sec`` (1 s) for the
+    next acquire (measured: 978 ms median from creation to RUNNING with one job at a time). A
+    waiting acquire is answered as soon as a job can be leased. It is asked for only when no exit
+    during the wait could change the answer: the last answer (to a known body: not the one after a
+    failed acquire, which may be the resent old body) found no job, nothing waits leased or queued
+    (jobs ending only free room), and the request offers room for any job the nodes could run
+    (``max_nodes_per_job`` at least the nodes in service, ``max_aggregate_nodes`` at least that): a
+    partition with some nodes busy under multi-node jobs asks without waiting, as before
+    (:class:`EmptyBacklog`), since a node that frees may let a larger job in.
+
+    After an empty answer: at once again if the server held it at least half the wait (the wait was
+    the pause between acquires); ``delay_sec`` after it if it came back sooner (a server that does
+    not wait, an older one, answers at once: one acquire per ``delay_sec``, as before, and the next
+    empty answers are not brought forward). After an empty answer to an acquire that did not wait,
+    the first waiting one goes :data:`EMPTY_BACKLOG_REASK_SEC` after it (the exits' rule), not
+    ``delay_sec``.
+    """
+
+    def __init__(self, wait_sec: float = ACQUIRE_WAIT_SEC) -> None:
+        self.wait_sec = wait_sec
+        #: False once a waiting acquire came back empty without waiting (until one waits again).
+        self.server_waits = True
+
+    def wait_for(self, request: dict[str, Any], empty: Optional[dict[str, Any]], in_service: int, holding: bool) -> float:
+        """Seconds the acquire of ``request`` may wait (0: it does not); ``empty``: the request last
+        answered with no job (:attr:`EmptyBacklog.request`); ``holding``: jobs wait leased or queued."""
+        if empty is None or holding or self.wait_sec <= 0:
+            return 0.0
+        if request["max_nodes_per_job"] < in_service or request["max_aggregate_nodes"] < request["max_nodes_per_job"]:
+            return 0.0
+        return self.wait_sec
+
+    def waited(self, wait_sec: float, took: float) -> bool:
+        """Whether the empty answer of an acquire that asked to wait ``wait_sec`` and took ``took``
+        seconds was held by the server (then the next acquire goes at once)."""
+        if not wait_sec:
+            return False
+        self.server_waits = took >= wait_sec / 2
+        return self.server_waits
+
+
 @attrs.frozen
 class Unbuildable:
     """An acquired job the preparer could not build (it ends FAILED with the reason)."""
@@ -254,6 +365,11 @@ class MPIMode(JobMode):
         #: With several mpi partitions a job too large for this one may fit another: never probe.
         self._probe_oversized = shares == 1
         self.lease_ahead = LeaseAhead(len(self.node_manager))
+        self.empty_backlog = EmptyBacklog()
+        self.acquire_wait = AcquireWait()
+        #: Set as the loop ends, before the running jobs are ended: an acquire answered after it
+        #: prepares nothing (its jobs never start).
+        self._acquire_closed = threading.Event()
         self._footprints: dict[int, float] = {}  # running job id -> its footprint (for lease_ahead)
         #: Jobs queued in the spawner behind running ones (counted with ``pending`` wherever the
         #: leased-but-not-started jobs are: they are not RUNNING until they start).
@@ -333,21 +449,43 @@ class MPIMode(JobMode):
             "probe": empty == len(nm) and not self.pending and not self.pool.running and self._probe_oversized,
         }
 
+    def _acquire_wait_sec(self, request: Optional[dict[str, Any]]) -> float:
+        """How long the acquire of ``request`` may ask the server to wait for jobs (:class:`AcquireWait`)."""
+        if request is None:
+            return 0.0
+        if request["probe"] and time.monotonic() >= self._next_probe:
+            # The oversized-job probe runs after this acquire's empty answer: not after a wait the
+            # idle timeout may end first (then a job larger than the partition was never failed).
+            return 0.0
+        return self.acquire_wait.wait_for(request, self.empty_backlog.request, self.node_manager.enabled_count(),
+                                          bool(self.pending or self.handover.queued))
+
     def _fetch(self, source: Any, request: dict[str, Any]) -> Acquired:
         """The acquire itself (acquirer thread); the jobs carry the acquire's number (see
         :mod:`balsam.launcher.gone`: a heartbeat answer older than them is not applied to them)."""
         began = time.monotonic()
+        wait_sec = request.get("wait_sec", 0.0)
         jobs = source.acquire(
             request["count"],
             max_wall_time_min=self.countdown.remaining_min(),
             max_nodes_per_job=request["max_nodes_per_job"],
             max_aggregate_nodes=request["max_aggregate_nodes"],
+            **({"wait_sec": wait_sec} if wait_sec else {}),  # (a source without waits need not know the word)
             **self._acquire_filter,
         )
-        self.lease_ahead.acquire_took(time.monotonic() - began)
-        logger.debug("acquired %d jobs for up to %.2f nodes in %.3f s", len(jobs), request["max_aggregate_nodes"],
-                     time.monotonic() - began)
-        if not jobs and request["probe"]:
+        took = time.monotonic() - began
+        # Read by the loop once this call is done (the future orders it).
+        request["took"] = took
+        if not wait_sec:  # a waiting acquire's time is the server's wait, not a round trip
+            self.lease_ahead.acquire_took(took)
+        logger.debug("acquired %d jobs for up to %.2f nodes in %.3f s%s", len(jobs), request["max_aggregate_nodes"],
+                     took, f" (asked to wait up to {wait_sec:g} s)" if wait_sec else "")
+        if jobs and self._acquire_closed.is_set():
+            # Answered after the loop ended (a waiting acquire it did not wait for): never started,
+            # so not prepared either; the Session's deletion gives them back.
+            logger.info("%d jobs acquired as the launcher stopped; the session release returns them", len(jobs))
+            return Acquired((), acquire_generation(source))
+        if not jobs and request["probe"] and not self._acquire_closed.is_set():
             jobs = self._probe_too_large(source)
         generation = acquire_generation(source)  # this thread is the lease's only acquirer
         if jobs:
@@ -659,10 +797,15 @@ class MPIMode(JobMode):
         failed: Optional[BaseException] = None
         with self.lease() as (source, updater):
             self.gone.attach(source)
+            sent_request: dict[str, Any] = {}  # the request of the acquire in flight (or the last one)
             try:
                 next_acquire = 0.0
                 freed_in_flight = False  # jobs ended while the acquire in flight was out
                 backlog_empty = False  # the last acquire found no job for us
+                # The last acquire failed: its request may be resent as it was (JobLease keeps the
+                # body of an unanswered acquire and sends it again, unchanged, before a new one), so
+                # the next answer may be to that body, not to the request the loop computed.
+                after_failure = False
                 while True:
                     stop = self.should_stop()
                     if stop:
@@ -673,28 +816,53 @@ class MPIMode(JobMode):
                     # "Known alive"): a lease found fresh here has handed over what a lost Session held.
                     fresh = lease_is_fresh(source, self.wake)
                     if self._reap(updater):
-                        next_acquire = 0.0  # freed resources: ask for more right away
-                        freed_in_flight = inflight is not None
+                        if inflight is not None:
+                            freed_in_flight = True  # settled with the answer
+                        else:  # freed resources: ask for more right away, unless the backlog is empty
+                            next_acquire = min(next_acquire, self.empty_backlog.after_exit(
+                                self._acquire_request() if self.empty_backlog.request is not None else None,
+                                time.monotonic()))
                     if self.faults.held:
                         self._report_expired_held(updater)
                     if self.gone.news:
                         self._end_gone()
                     if inflight is not None and inflight.done():
+                        failed_acquire = False
                         try:
                             got: Optional[int] = len(inflight.result())
                             self._take(inflight.result(), updater)
                         except Exception as exc:
                             logger.warning("acquire failed (will retry in %.1f s): %s", self.delay_sec, exc)
                             got = 0
+                            failed_acquire = True
                         inflight = None
                         # Ask again right away while jobs keep coming; back off to delay_sec when
                         # the server has none for us. An empty answer to a request sized before
                         # jobs ended may only mean that nothing fitted the room it offered then:
                         # ask again with the room freed since (backing off here left the partition
-                        # idle for delay_sec under short jobs).
-                        again = got or freed_in_flight
+                        # idle for delay_sec under short jobs) unless that room changes nothing
+                        # (EmptyBacklog: the request offered room for any job the nodes could run).
+                        now_mono = time.monotonic()
                         backlog_empty = not got
-                        next_acquire = time.monotonic() if again else time.monotonic() + self.delay_sec
+                        next_acquire = now_mono if got else now_mono + self.delay_sec
+                        if failed_acquire or after_failure:
+                            # No answer, or one to a body maybe resent from before (a smaller one's
+                            # empty answer says nothing of the room asked now): no word on the
+                            # backlog, exits ask at once.
+                            self.empty_backlog.clear()
+                        else:
+                            self.empty_backlog.answered(sent_request, int(got or 0), now_mono)
+                        if not got and not failed_acquire:
+                            wait_sec = sent_request.get("wait_sec", 0.0)
+                            if self.acquire_wait.waited(wait_sec, sent_request.get("took", 0.0)):
+                                next_acquire = now_mono  # the server's wait was the pause: wait again
+                            elif not wait_sec and self.acquire_wait.server_waits and self._acquire_wait_sec(
+                                    self._acquire_request()):
+                                # The first waiting acquire: when an exit would have asked (EmptyBacklog).
+                                next_acquire = min(next_acquire, now_mono + self.empty_backlog.reask_sec)
+                        if not got and freed_in_flight:
+                            next_acquire = min(next_acquire, self.empty_backlog.after_exit(self._acquire_request(), now_mono))
+                        after_failure = failed_acquire
                         freed_in_flight = False
                     if self.pending:
                         self.too_late.set_aside(self.pending, self.countdown.remaining_min, self.handover.queued.values(),
@@ -709,6 +877,9 @@ class MPIMode(JobMode):
                     if inflight is None and time.monotonic() >= next_acquire:
                         request = self._acquire_request()
                         if request is not None:  # no room: wait for a job to end instead
+                            # Not after a failure: JobLease resends the old body first, never waiting.
+                            request["wait_sec"] = 0.0 if after_failure else self._acquire_wait_sec(request)
+                            sent_request = request
                             inflight = acquirer.submit(self._fetch, source, request)
                             inflight.add_done_callback(lambda _f: self.wake.set())
                     # An acquire in flight is not activity (one goes out every delay_sec while idle);
@@ -724,7 +895,10 @@ class MPIMode(JobMode):
                         continue  # jobs arrived while placing: start them before sleeping
                     # Exits, acquire answers and stop requests set `wake`; the timeout paces the
                     # next acquire.
-                    timeout = POLL_SEC if self.pool.running or self.pending or inflight is not None else min(self.delay_sec, 0.2)
+                    # A waiting acquire's answer wakes the loop as any other (and the server holds
+                    # it up to ACQUIRE_WAIT_SEC): no quick turns for it.
+                    short = inflight is not None and not sent_request.get("wait_sec")
+                    timeout = POLL_SEC if self.pool.running or self.pending or short else min(self.delay_sec, 0.2)
                     until_acquire = next_acquire - time.monotonic()
                     if inflight is None and until_acquire > 0:
                         timeout = min(timeout, until_acquire)
@@ -739,6 +913,9 @@ class MPIMode(JobMode):
                 raise
             finally:
                 threads_cpu = threads_cpu_seconds()  # before the threads it names stop
+                # Closed before the running jobs are ended (their grace may last seconds): a job a
+                # waiting acquire leases meanwhile would never start, so it is not prepared either.
+                self._acquire_closed.set()
                 try:
                     # The running jobs are ended first, without waiting for an acquire in flight:
                     # the API may be slow to answer it, and the batch system would not wait.
@@ -751,7 +928,11 @@ class MPIMode(JobMode):
                     # Then the acquire in flight is waited for, before the Session is deleted
                     # (leaving the lease below): the deletion frees the jobs it leased, which never
                     # started, rather than a Session that is gone while the acquire still runs.
-                    acquirer.shutdown(wait=True, cancel_futures=True)
+                    # Not a waiting one (up to ACQUIRE_WAIT_SEC on the server): the deletion ends its
+                    # wait (it wakes the waits, which then find no Session: 404, and the closed lease
+                    # opens no other), or frees what it leased first; its thread ends with the answer.
+                    waiting = inflight is not None and not inflight.done() and bool(sent_request.get("wait_sec"))
+                    acquirer.shutdown(wait=not waiting, cancel_futures=True)
                     if inflight is not None and inflight.done() and not inflight.cancelled() and inflight.exception() is None:
                         late = len(inflight.result())
                         if late:
