@@ -292,11 +292,14 @@ class TooLateJobs:
     time (:func:`split_too_late`), never started, and the bound that keeps checking them cheap.
     One per loop (mpi mode's, the serial master's).
 
-    They stay leased until the loop ends: the API gives back a Session's jobs only with the Session,
-    whose deletion returns them unstarted (to a launcher with time left), as every leased job that
-    never started. The loop counts them neither as work (its idle timeout ends a launcher that holds
-    only these) nor as room taken for the next acquire, nor lists them in its heartbeats (a user's
-    move of one of them needs no answer). A job queued behind a running one starts within about
+    The serial master gives them back at once (``POST /sessions/{id}/release``: its prefetcher's
+    "Giving back", which takes them out of :attr:`jobs`), so that the elastic queue sees them and a
+    launcher with time left leases them. Otherwise (mpi mode, or a server without that route) they
+    stay leased until the loop ends, and the Session's deletion returns them unstarted (to a
+    launcher with time left), as every leased job that never started. The loop counts them neither
+    as work (its idle timeout ends a launcher that holds only these) nor as room taken for the next
+    acquire, nor lists them in its heartbeats (a user's move of one of them needs no answer). A job
+    queued behind a running one starts within about
     ``HANDOVER_MAX_AGE_SEC`` of a check, or comes back to ``pending`` and is checked again."""
 
     def __init__(self, released_by: str) -> None:

@@ -44,6 +44,40 @@ Thread contract (two threads, nothing else shared):
   It sets :attr:`taken_generation` to the newest number among the jobs it returns (for the loop,
   :mod:`balsam.launcher.gone`: a heartbeat answer older than a copy is not applied to it, and a
   number too high only defers an answer to the next heartbeat).
+* Giving back (``release_after_sec``): the loop hands the jobs it has held unstarted too long while
+  the partition had no free room (every slot busy) to :meth:`give_back` (it took them out of its
+  start queue first: it never starts them), and so are the jobs set aside as too long for the time
+  left, the loop's (``give_back(..., too_late=True)``) and those :meth:`take` holds back (on the
+  loop thread too, before they reach it). The prefetch thread sends them (``POST
+  /sessions/{id}/release``, at most :data:`MAX_RELEASE_IDS` a request, :meth:`_send_release`),
+  before any further acquire: each request resent with the same Idempotency-Key until answered,
+  so that no acquire of this launcher can lease one of them again before the server has given them
+  back (the race-freedom argument is :mod:`balsam.server.sessions_logic`'s "giving back jobs"; the
+  acquire's ``max_wall_time_min`` never leases a too-late job to it again). Jobs acquired under a
+  Session the lease lost since are not sent (the server released them with it), and a new Session
+  gets a new key. A server without the route (an older one: 405, or a 404 that names no Session)
+  refuses it: the jobs held for a slot return to ``_ready`` with their acquire numbers and are
+  started as before, the too-late ones stay leased until the lease's close, the prefetcher is no
+  longer lean, and nothing is given back again. Any other refusal (the Session gone, bad input)
+  returns them the same way and gives back again at the next stall, except where an earlier try
+  of that request went unanswered: it may have been applied, so those jobs are never started here
+  (:attr:`release_unknown`; an acquire that leases one again does not hand it over). A resend names
+  exactly the first try's jobs (``_release_size``: jobs given back meanwhile wait for the next
+  request). A release that keeps failing (5xx, 429, no answer) is given up after
+  :data:`MAX_RELEASE_TRIES` tries or :data:`RELEASE_GIVE_UP_SEC`: acquires go on (one that fails for
+  good held them back for the whole allocation), its jobs go to :attr:`release_unknown` where a try
+  may have been applied (else back to ``_ready``), those never sent back to ``_ready``, and nothing
+  is given back again (:attr:`release_given_up`). Acquires then may run while a try is still in
+  flight; exactly-once still holds because its jobs are never started here: a late try frees only
+  jobs this Session holds and never starts (one key applies at most once, and the acquire leases
+  only free jobs). After giving back stalled jobs the prefetcher is *lean*: no lookahead;
+  it leases only the room the loop reports (one acquire round trip after a slot frees), also beside
+  held jobs that cannot be placed now (at most ``floor`` of them counted), until jobs end fast
+  enough that the floor's jobs would start within ``release_after_sec`` (at least ``floor`` jobs
+  ended over one such bound, :meth:`_measure_rate`): with long jobs, leasing ahead only hid jobs
+  from the elastic queue and from other BatchJobs' launchers for a slot's whole run. The lean
+  state and its window are int and float stores of the loop thread (:meth:`give_back`) read by this
+  thread: one window may be judged on a stale count.
 * ``check_satisfiable`` is passed in by the owner and must only read state fixed at start (the
   NodeManager's node list, never its occupancy).
 * :meth:`stop` sets an Event the thread checks between calls; :meth:`join` waits for the thread;
@@ -58,6 +92,9 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional, Sequence
 
+from balsam.client.rest import new_idempotency_key
+from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
+
 from ._api import UnknownBatchJob
 from .app_run import JobBuildError, PreparedJob, SiteFaults, WorkdirUnavailable
 from .gone import acquire_generation
@@ -70,6 +107,27 @@ logger = logging.getLogger(__name__)
 
 #: The rate the loop uses jobs at is measured over windows of at least this long.
 RATE_WINDOW_SEC = 0.2
+#: The most job ids one release request names (the server's bound: MAX_JOBS_PER_SESSION_ACQUIRE).
+MAX_RELEASE_IDS = MAX_JOBS_PER_SESSION_ACQUIRE
+#: A release that failed this many times (each try a client call with its own retries), or for this
+#: long since its first try, is given up (see "Giving back"): a route that fails for good (5xx, 429)
+#: held every acquire back for the whole allocation.
+MAX_RELEASE_TRIES = 5
+RELEASE_GIVE_UP_SEC = 60.0
+
+
+class _NoRelease(Exception):
+    pass
+
+
+def _no_route(exc: BaseException) -> bool:
+    """Whether a refused release says the server has no such route (an older server): 405, or a 404
+    that names no Session (a missing Session is "Session N not found ...", balsam.server.sessions_logic)."""
+    status = getattr(exc, "status_code", None)
+    if status == 405:
+        return True
+    detail = getattr(exc, "detail", None)
+    return status == 404 and not (isinstance(detail, str) and detail.startswith("Session "))
 
 
 class Prefetcher:
@@ -90,6 +148,7 @@ class Prefetcher:
         floor: Optional[int] = None,
         room: Optional[int] = None,
         before_prepare: Optional[Callable[[Sequence[Any]], None]] = None,
+        release_after_sec: Optional[float] = None,
     ) -> None:
         #: The most jobs one fill of free room leases (the whole depth without ``floor``).
         self.depth = max(1, int(depth))
@@ -140,11 +199,45 @@ class Prefetcher:
         #: The last acquire failed with this message (it is retried every ``retry_sec``).
         self.acquire_error: Optional[str] = None
         self.acquired = 0
-        #: Jobs :meth:`take` held back: their ``wall_time_min`` exceeded the time left (never started).
+        #: Jobs set aside as too late (their ``wall_time_min`` exceeded the time left; never started)
+        #: that stay leased until the lease's close: no release bound, or a server without the release
+        #: route, or a release it refused (see "Giving back").
         self.too_late: list[PreparedJob] = []
         #: Jobs given back unstarted because the site's file system failed their workdirs; once
         #: tripped, no more acquires (:attr:`exhausted` stays set: the launcher ends when idle).
         self.site_faults = SiteFaults()
+        #: The bound of a lean prefetcher (see "Giving back"; None: the loop never gives back).
+        self.release_after_sec = release_after_sec
+        #: No lookahead (see "Giving back"): set by :meth:`give_back`, cleared by :meth:`_measure_rate`.
+        self.lean = False
+        self._lean_since, self._lean_used = 0.0, 0  # the lean count's window (loop thread, then this one)
+        #: Jobs to release, not released yet (under ``_lock``): each with its acquire number and
+        #: whether it was set aside as too late (else held unstarted while the partition was full).
+        self._releasing: list[tuple[PreparedJob, int, bool]] = []
+        #: The key of the release in flight and the Session it was sent to (kept until answered; a
+        #: new Session gets a new key: the server refuses a key reused on another path).
+        self._release_key: Optional[str] = None
+        self._release_session: Any = None
+        #: How many of ``_releasing`` (its first) the request in flight names: a resend under its key
+        #: names exactly those (jobs given back meanwhile made its body differ: the server refuses a
+        #: key reused for a different request, 422); its failed tries and when the first went out.
+        self._release_size = 0
+        self._release_tries = 0
+        self._release_first_try = 0.0
+        #: The release in flight went out and got no answer at least once: the server may have
+        #: applied it, so its jobs are never handed back to the loop (see :meth:`_send_release`).
+        self._release_unanswered = False
+        self._given_back = 0  # taken jobs the loop gave back (loop thread: the rate does not count them as ended)
+        #: Jobs the server gave back for us; and whether it has no release route (no more giving back).
+        self.released = 0
+        self.release_refused = False
+        #: A release failed MAX_RELEASE_TRIES times or for RELEASE_GIVE_UP_SEC: nothing is given back again.
+        self.release_given_up = False
+        #: Jobs of a release that may have been applied when the server then refused it, or when it
+        #: was given up (never started here, not even when an acquire leases them again: the Session's
+        #: deletion returns those it still holds). The set mirrors the list (this thread's reads).
+        self.release_unknown: list[int] = []
+        self._release_unknown_ids: set[int] = set()
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
     # -- loop thread ---------------------------------------------------------------------------
@@ -190,16 +283,24 @@ class Prefetcher:
         (:func:`~balsam.launcher.placement.split_too_late`, the rule every mode applies, against the
         same ``remaining_min`` the acquire passes as ``max_wall_time_min``): the acquire asked only
         for jobs that fit the time left then, but these were leased ahead and would start later, to
-        be ended at the wall time (RUN_TIMEOUT) after running for nothing. They stay leased (the API
-        gives back a Session's jobs only with the Session) and go back unstarted when the lease is
-        closed, to a launcher with time left, as every leased job that never started; they are
-        neither work for the idle timeout nor held jobs that take the next acquire's room. Jobs with
+        be ended at the wall time (RUN_TIMEOUT) after running for nothing. They are given back at
+        once (``POST /sessions/{id}/release``, see "Giving back"), to a launcher with time left, and
+        visible to the elastic queue again; with a server without that route, or without a release
+        bound, they stay leased in :attr:`too_late` and go back unstarted when the lease is closed,
+        as every leased job that never started. They are neither work for the idle timeout nor held
+        jobs that take the next acquire's room. Jobs with
         no wall time (0, the default) are never held back, and without any the time left is not
         read. The serial master checks again the jobs that wait for a slot (Master.step)."""
         split = split_too_late(jobs, self._remaining_min)
         if split.too_late:
-            self.too_late.extend(split.too_late)
-            log_too_late(split, "the lease's close (its Session's deletion)")
+            if self.may_release:  # given back now, so that the elastic queue sees them (see "Giving back")
+                log_too_late(split, "a release request (POST /sessions/{id}/release)")
+                with self._lock:
+                    self._releasing.extend((p, self.taken_generation, True) for p in split.too_late)
+                self._want.set()
+            else:
+                self.too_late.extend(split.too_late)
+                log_too_late(split, "the lease's close (its Session's deletion)")
         return split.may_start
 
     def note_held(self, count: int, room: Optional[int] = None, running: Optional[int] = None) -> None:
@@ -213,6 +314,40 @@ class Prefetcher:
         self._held = count
         if count + len(self._ready) <= self.depth_now // 2:
             self._want.set()
+
+    def give_back(self, jobs: Sequence[tuple[PreparedJob, int]], *, too_late: bool = False) -> None:
+        """Release ``jobs`` (each with its acquire number), which the loop took and will never start:
+        it took them out of its start queue and no longer counts them held (see "Giving back").
+        Held unstarted with every slot busy (the prefetcher turns lean), or ``too_late``: set aside
+        as too long for the time left (:class:`~balsam.launcher.placement.TooLateJobs`)."""
+        if not jobs:
+            return
+        with self._lock:
+            self._releasing.extend((p, generation, too_late) for p, generation in jobs)
+        self._given_back += len(jobs)
+        self._held = max(0, self._held - len(jobs))
+        if not too_late:
+            # The jobs ended from now on are counted over the bound (_measure_rate).
+            self._lean_since, self._lean_used = time.monotonic(), self._taken - self._held - self._running - self._given_back
+            self.lean = True
+            self._ahead = 0
+        self._want.set()
+
+    @property
+    def may_release(self) -> bool:
+        """Whether jobs may be given back at all (a bound is set and the server has the route)."""
+        return self.release_after_sec is not None and not self.release_refused and not self.release_given_up
+
+    @property
+    def may_give_back(self) -> bool:
+        """Whether the loop should give stalled jobs back (:attr:`may_release`, and no release is
+        still in flight)."""
+        return self.may_release and not self._releasing
+
+    @property
+    def releasing(self) -> int:
+        """Jobs given back and not released yet (the Session's deletion returns them at the end)."""
+        return len(self._releasing)
 
     @property
     def backlog(self) -> int:
@@ -255,10 +390,15 @@ class Prefetcher:
                 self.exhausted = True
                 self._stopping.wait(self.retry_sec)
                 continue
+            if self._releasing:
+                # Before any acquire: none may lease a job of an unanswered release again.
+                self._send_release()
+                continue
             self._measure_rate()
             target = self._target()
             unstarted = len(self._ready) + self._held  # in this order: see take
-            if unstarted > target // 2:
+            # Lean: the free room beside the held jobs, at once (see "Giving back"); 0: lean and full.
+            if target <= 0 or unstarted > (target - 1 if self.lean else target // 2):
                 self._want.wait(0.05)
                 self._want.clear()
                 continue
@@ -272,6 +412,8 @@ class Prefetcher:
                 continue
             self.acquired += len(jobs)
             generation = acquire_generation(self.lease)  # this thread is the lease's only acquirer
+            if self._release_unknown_ids and jobs:
+                jobs = self._drop_release_unknown(jobs)
             if jobs and self._before_prepare is not None:
                 self._before_prepare(jobs)
             batch = []
@@ -294,13 +436,145 @@ class Prefetcher:
             if not jobs:
                 self._stopping.wait(self.retry_sec)
 
+    def _send_release(self) -> None:
+        """Release the jobs given back, at most MAX_RELEASE_IDS a request (see "Giving back")."""
+        lease = self.lease
+        client, session_id = getattr(lease, "client", None), getattr(lease, "session_id", None)
+        # After the Session's id: a replacement numbers the lost copies before it changes the id.
+        lost = int(getattr(lease, "lost_generation", 0) or 0)
+        with self._lock:
+            void = [entry for entry in self._releasing if lost and entry[1] <= lost]
+            if void:  # the lost Session's: the server released them with it, and they are not ours
+                self._releasing = [entry for entry in self._releasing if not (lost and entry[1] <= lost)]
+            # A resend under the key in flight names exactly its first try's jobs: jobs are only
+            # appended meanwhile (give_back), and a void entry comes with a new Session (a new key).
+            held = self._release_key is not None and self._release_session == session_id and not void
+            batch = self._releasing[:self._release_size if held else MAX_RELEASE_IDS]
+        if void:
+            logger.info("%d jobs to give back were leased by a lost session, which the server ended with "
+                        "them: nothing to give back", len(void))
+            self._forget_release()
+        if not batch:
+            return
+        ids = sorted({entry[0].id for entry in batch})
+        if self._release_key is None or self._release_session != session_id:
+            self._release_key, self._release_session = new_idempotency_key(), session_id
+            self._release_unanswered = False
+            self._release_size, self._release_tries, self._release_first_try = len(batch), 0, time.monotonic()
+        try:
+            if client is None or session_id is None:
+                raise _NoRelease("this job source cannot give jobs back")
+            answer = client.post(f"/sessions/{session_id}/release", json={"job_ids": ids},
+                                 idempotency_key=self._release_key)
+        except Exception as exc:
+            status = getattr(exc, "status_code", None)
+            if not isinstance(exc, _NoRelease) and (not isinstance(status, int) or status >= 500 or status == 429):
+                # No answer (or the server could not answer now): resent under the same key,
+                # before any acquire (it may have been applied), up to the bound.
+                self._release_unanswered = True
+                self._release_tries += 1
+                if (self._release_tries >= MAX_RELEASE_TRIES
+                        or time.monotonic() - self._release_first_try >= RELEASE_GIVE_UP_SEC):
+                    self._refused(batch, exc, no_route=False, gave_up=True)
+                    return
+                logger.warning("giving %d leased jobs back failed (retrying in %.1f s, before any acquire): %s",
+                               len(ids), self.retry_sec, exc)
+                self._stopping.wait(self.retry_sec)
+                return
+            self._refused(batch, exc, no_route=isinstance(exc, _NoRelease) or _no_route(exc))
+            return
+        released = answer.get("released", []) if isinstance(answer, dict) else []
+        with self._lock:
+            self._releasing = self._releasing[len(batch):]
+        self._forget_release()
+        self.released += len(released)
+        late = sum(1 for entry in batch if entry[2])
+        logger.info("gave back %d leased jobs never started (%d of them released, the others had left this session; "
+                    "%d set aside as too long for the time left, %d held while every slot was busy): %s",
+                    len(ids), len(released), late, len(batch) - late, ids[:20])
+
+    def _forget_release(self) -> None:
+        self._release_key, self._release_session, self._release_unanswered = None, None, False
+        self._release_size = self._release_tries = 0
+
+    def _drop_release_unknown(self, jobs: list[Any]) -> list[Any]:
+        """An acquire leased again jobs of a release that may have been applied (:attr:`release_unknown`):
+        a try of it may still be in flight and free them while they run here, so they are never started
+        here; they stay leased (the Session's deletion returns them)."""
+        again = [job for job in jobs if int(job.id) in self._release_unknown_ids]
+        if not again:
+            return jobs
+        logger.warning("%d jobs leased again after a release that may have been applied are not started here "
+                       "(the session's deletion returns them): %s", len(again), [job.id for job in again][:20])
+        return [job for job in jobs if int(job.id) not in self._release_unknown_ids]
+
+    def _refused(self, batch: list[tuple[PreparedJob, int, bool]], exc: BaseException, no_route: bool,
+                 gave_up: bool = False) -> None:
+        """The server answered the release with a refusal (nothing of that answer was applied), or
+        ``gave_up``: it failed MAX_RELEASE_TRIES times or for RELEASE_GIVE_UP_SEC (5xx, 429, no answer).
+
+        ``no_route``: a server without the route (an older one: 405, or a 404 that names no
+        Session): nothing is given back again, and the prefetcher is no longer lean (its jobs
+        stay, and a lean one left slots idle for good). Else (the Session is gone, 404; or bad
+        input): the next stall gives back again. The jobs held for a slot go back to the loop as
+        they were, with their acquire numbers (those of a lost Session are then dropped by
+        :meth:`take` once the lease has replaced it, as every job leased ahead under it), unless an
+        earlier try of this request went unanswered: it may have been applied, and another launcher
+        may run them now; such jobs are never started here. Those too late stay leased until the
+        lease's close, as before the release route. Given up: as with ``no_route``, nothing is given
+        back again (acquires go on), and the jobs of a try that may have been applied are never
+        started here."""
+        maybe_applied = self._release_unanswered and not no_route
+        if no_route:
+            self.release_refused = True
+        if gave_up:
+            self.release_given_up = True
+        if no_route or gave_up:
+            self.lean = False
+        tries = f" after {self._release_tries} tries in {time.monotonic() - self._release_first_try:.0f} s" if gave_up else ""
+        stalled = [(p, g) for p, g, late in batch if not late]
+        late = [p for p, _g, is_late in batch if is_late]
+        with self._lock:
+            self._releasing = self._releasing[len(batch):]
+            never_sent: list[tuple[PreparedJob, int]] = []
+            if gave_up:  # nothing is given back again: those never sent are kept as if refused at once
+                never_sent = [(p, g) for p, g, is_late in self._releasing if not is_late]
+                late += [p for p, _g, is_late in self._releasing if is_late]
+                self._releasing = []
+            if maybe_applied:
+                self.release_unknown.extend(p.id for p, _g in stalled)
+                self._release_unknown_ids.update(p.id for p, _g in stalled)
+                stalled = never_sent
+            else:
+                stalled += never_sent
+            for prepared, generation in reversed(stalled):
+                self._ready.appendleft(prepared)
+                self._ready_generations.appendleft(generation)
+        self.too_late.extend(late)
+        self._forget_release()
+        if maybe_applied:
+            what = "never started here (an earlier try may have given them back; the session's deletion returns them otherwise)"
+        else:
+            what = "they stay with this launcher"
+        if no_route or gave_up:
+            what += ", which gives back none from now on"
+        logger.warning("could not give %d leased jobs back%s (%s): %s", len(batch), tries, exc, what)
+        if stalled:
+            self._on_ready()
+
     def _target(self) -> int:
         """The jobs to keep leased ahead now (held and ready): the lookahead and, while the loop
         holds none unstarted (it placed all it took: the partition has room), the room it reported,
         at most ``depth``. Without ``floor``: :attr:`depth_now` as :meth:`_measure_rate` set it."""
         if self.floor >= self.depth:
             return self.depth_now
-        chunk = min(self.depth, self._room) if self._held == 0 else 0  # two int stores: may lag, never torn
+        if self.lean:
+            # Held jobs that do not fit now (a whole-node job beside a running one) take no slot:
+            # the room beside them is leased (at most the floor of them counted, so that a queue of
+            # such jobs is not leased whole), and a slot that frees is not left idle behind them.
+            chunk = min(self.depth, min(self._held, self.floor) + self._room)
+        else:
+            chunk = min(self.depth, self._room) if self._held == 0 else 0  # two int stores: may lag, never torn
         self.depth_now = max(self._ahead, chunk)
         self.depth_peak = max(self.depth_peak, self.depth_now)
         return self.depth_now
@@ -318,11 +592,18 @@ class Prefetcher:
         # each a slot the loop fills again; with long jobs a partition's first fill starts
         # thousands a second and ends none, and counted as starts it leased a quarter second of
         # that ahead: hundreds of jobs held for hours. Int stores of the loop thread: may lag.
-        used = self._taken - self._held - self._running
+        used = self._taken - self._held - self._running - self._given_back
         window = max(0.0, (used - self._rate_used) / elapsed)
         self._rate_since, self._rate_used = now, used
         self.rate = window if self.rate is None else (self.rate + window) / 2
-        self._ahead = max(self.floor, min(self.max_depth, int(self.rate * self.lookahead_sec)))
+        if self.lean and self.release_after_sec is not None and now - self._lean_since >= self.release_after_sec:
+            # Counted over the whole bound, not from the rate: two long jobs ending together make
+            # one window's rate high, and the floor leased again was held for another run.
+            if used - self._lean_used >= self.floor:
+                self.lean = False  # the floor's jobs would have started within the bound
+            else:
+                self._lean_since, self._lean_used = now, used
+        self._ahead = 0 if self.lean else max(self.floor, min(self.max_depth, int(self.rate * self.lookahead_sec)))
         self.depth_now = self._ahead
         self.depth_peak = max(self.depth_peak, self.depth_now)
 

@@ -229,6 +229,8 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
     # The jobs a launcher runs or has prefetched: the answer names those the session no longer holds.
     "SessionTick": obj({"job_ids": array(int64(),
                                          MAX_JOB_IDS_PER_SESSION_TICK)}),
+    # Leased jobs a launcher gives back unstarted (balsam.server.sessions_logic, "giving back jobs").
+    "SessionRelease": obj({"job_ids": array(int64(), MAX_JOBS_PER_SESSION_ACQUIRE)}, ["job_ids"]),
     "TransferUpdate": obj(TRANSFER_FIELDS),
     "TransferPatch": obj({"id": int64(), **TRANSFER_FIELDS}, ["id"]),
     # The server refuses limits that refuse every BatchJob (balsam.models.AllowedQueue.validate).
@@ -302,6 +304,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "Session": obj({"id": ANY_INT, "site_id": ANY_INT, "batch_job_id": nullable(ANY_INT), "heartbeat": WIRE_DATETIME},
                    required=["id", "site_id", "batch_job_id", "heartbeat"]),
     "Heartbeat": obj({"id": ANY_INT, "heartbeat": WIRE_DATETIME, "gone": array(ANY_INT)}, ["id", "heartbeat"]),
+    "Released": obj({"id": ANY_INT, "released": array(ANY_INT)}, ["id", "released"]),
     "TransferItem": obj({"id": ANY_INT, "job_id": ANY_INT, "direction": _ref("TransferDirection"),
                          "local_path": {"type": "string"}, "remote_path": {"type": "string"},
                          "location_alias": {"type": "string"}, "recursive": {"type": "boolean"},
@@ -549,6 +552,10 @@ def build_openapi(settings: Any = None) -> dict[str, Any]:
             "put": _op("Heartbeat; with job_ids, answers in gone those of them the session no longer holds",
                        body="SessionTick", response="Heartbeat", params=[_path_id("session_id")]),
             "delete": _op("End a session (RUNNING jobs become RUN_TIMEOUT)", status=204, params=[_path_id("session_id")])},
+        "/sessions/{session_id}/release": {
+            "post": _op("Give back leased jobs not started (those the session holds in a runnable state are "
+                        "leasable again at once); answers the ids given back", body="SessionRelease",
+                        response="Released", params=[_path_id("session_id")])},
         "/transfers/": {
             "get": _op("List transfer items", response=_page("TransferItem"), params=_params(q["transfers"], True)),
             "patch": _op("Bulk-update transfer items", body=array(_ref("TransferPatch"), MAX_ITEMS_PER_BULK_OP),

@@ -607,3 +607,74 @@ def reacquire(conn: sa.Connection, session: sa.Row, job_ids: list[int]) -> list[
     rows = conn.execute(sa.select(*JOB_OUT_COLUMNS).where(jobs.c.id.in_(job_ids), jobs.c.session_id == session.id))
     by_id = {job["id"]: job for job in job_dicts(rows)}
     return [by_id[jid] for jid in job_ids if jid in by_id]
+
+
+# -- giving back jobs a launcher leased and has not started ------------------------------------
+#
+# A launcher leases a few jobs ahead of its free slots (the serial mode's prefetch). With long jobs
+# its slots may stay busy for hours while those jobs wait leased: invisible to the elastic queue
+# (it counts only jobs no launcher holds) and to other BatchJobs' launchers. So a launcher may give
+# such jobs back (``POST /sessions/{id}/release``, the ids in one request, balsam.launcher.prefetch)
+# without ending its session. Why this is exactly-once (a job given back is never run twice):
+#
+# - the launcher gives back only jobs it never started and never will: its loop thread, the only
+#   one that starts jobs, takes them out of its start queue before the request is sent (they are in
+#   no hand-over queue, and its heartbeats no longer list them), or holds them back before they
+#   reach that queue (too long for the time left; its acquires, bounded by that time, never lease
+#   them to it again);
+# - the server clears the holder only where it is still this session and the job still runnable
+#   (PREPROCESSED, RESTART_READY): read with the rows locked in id order after the session's
+#   heartbeat locked the session (the lock order above), on PostgreSQL ``FOR UPDATE``, which re-reads
+#   a row's latest version: a job a user moved or deleted meanwhile, or that a sweep freed, is left
+#   as it is. No mark (``released_from_session_id``): no run of it exists, so it is leasable at once;
+#   another launcher's acquire then leases it in its own transaction (``session_id IS NULL``);
+# - a release whose answer was lost is resent with its Idempotency-Key and replayed (the ids it
+#   released; the replay heartbeats the session, as a replayed acquire does), never applied again;
+#   and the launcher sends no acquire while a release of it is unanswered, up to a bound
+#   (balsam.launcher.prefetch: 5 tries or 60 s), so a job it gives back cannot be leased to it
+#   again before the release is done; past that bound the jobs of that release are never started by
+#   it, even if leased again, so a try applied late frees only jobs it never runs. If the server then refuses that
+#   request (a 4xx: nothing of that answer applied, but an earlier try may have been), the launcher
+#   never starts its jobs: it starts them again only where no try can have been applied (refused at
+#   its first try, or by a server without the route);
+# - a release names only jobs the launcher's current session leased: jobs of a session it lost
+#   (expired; the server freed them with it) are not sent, and a new session gets a new key, so a
+#   release never frees a copy another session, or a later lease of this launcher, holds.
+
+
+def parse_release(payload: Any) -> list[int]:
+    """The ``job_ids`` of a release body (at most MAX_JOBS_PER_SESSION_ACQUIRE, 64-bit ids)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("job_ids"), list):
+        raise ValidationFailed.field(["body", "job_ids"], "expected a JSON object with job_ids, a list of job ids")
+    unknown = sorted(set(payload) - {"job_ids"})
+    if unknown:
+        raise ValidationFailed([(["body", k], "unknown field") for k in unknown])
+    ids = payload["job_ids"]
+    if len(ids) > MAX_JOBS_PER_SESSION_ACQUIRE:
+        raise ValidationFailed.field(["body", "job_ids"], f"at most {MAX_JOBS_PER_SESSION_ACQUIRE} job ids per "
+                                     f"release, got {len(ids)}")
+    errors = [(["body", "job_ids", i], f"expected a 64-bit integer job id, got {value!r}"[:200])
+              for i, value in enumerate(ids) if not (is_json_int(value) and INT64_MIN <= value <= INT64_MAX)]
+    if errors:
+        raise ValidationFailed(errors[:20])
+    return sorted({int(value) for value in ids})
+
+
+_RUNNABLE = sorted(s.value for s in (JobState.preprocessed, JobState.restart_ready))
+
+
+def release_jobs(conn: sa.Connection, session_id: int, job_ids: list[int]) -> list[int]:
+    """Give back those of ``job_ids`` that ``session_id`` holds in a runnable state (leasable again
+    at once); the ids given back, sorted. One locked read and one bulk update; called after
+    :func:`heartbeat`, which locked the session (see the race-freedom argument above)."""
+    if not job_ids:
+        return []
+    dialect = conn.dialect.name
+    stmt = sa.select(jobs.c.id).where(id_in(jobs.c.id, job_ids, dialect), jobs.c.session_id == session_id,
+                                      jobs.c.state.in_(_RUNNABLE))
+    if dialect == "postgresql":
+        stmt = stmt.order_by(jobs.c.id).with_for_update(of=jobs)
+    ids = sorted(conn.execute(stmt).scalars())
+    if ids:
+        conn.execute(sa.update(jobs).where(id_in(jobs.c.id, ids, dialect)).values(session_id=None))
+    return ids

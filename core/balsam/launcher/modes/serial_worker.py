@@ -159,6 +159,13 @@ PREFETCH_LOOKAHEAD_SEC = 0.25
 #: the elastic queue and to other BatchJobs' launchers). Not per node: a large partition that
 #: turns many jobs over has a high rate of jobs ending, and the lookahead above grows with it.
 PREFETCH_FLOOR = 8
+#: Jobs that waited leased this long with no start (every slot busy) are given back to the server
+#: in one request, and the prefetcher leases no lookahead until jobs end fast enough again
+#: (:meth:`Master._give_back_stalled`, :class:`~balsam.launcher.prefetch.Prefetcher`, "Giving back"):
+#: with hour-long jobs, the floor's jobs were hidden from the elastic queue and from other BatchJobs'
+#: launchers for an hour while a new allocation could have run them. A few seconds: a partition
+#: whose jobs end every few seconds starts a job from the floor well within it and gives nothing back.
+PREFETCH_RELEASE_SEC = 5.0
 #: Hand-over: tasks queued in the spawner behind each running local task (same demand, same CPUs).
 HANDOVER_DEPTH = 4
 #: ... only behind a task younger than this: a long task gives its queue back (cancelled) so that
@@ -515,8 +522,15 @@ class Master:
         self._recorders: list[threading.Thread] = []
         self._record_lock = threading.Lock()
         #: Taken jobs set aside because they waited for a slot until the time left ran short (never
-        #: started; the prefetcher's ``too_late`` holds those it never handed over).
-        self.too_late = TooLateJobs("the master's stop (its Session's deletion)")
+        #: started; given back at once where the server has the release route, _release_too_late;
+        #: the prefetcher holds back those it never handed over).
+        self.too_late = TooLateJobs("a release request (POST /sessions/{id}/release) or, where the server has no "
+                                    "such route, the master's stop (its Session's deletion)")
+        #: Since when jobs have waited in ``pending`` with none started (None: none wait, or one started
+        #: this turn), on ``clock``; past PREFETCH_RELEASE_SEC they are given back (_give_back_stalled).
+        self._stalled_since: Optional[float] = None
+        #: The acquire numbers of the jobs set aside this turn (_forget_set_aside, _release_too_late).
+        self._set_aside_generations: dict[int, int] = {}
         #: When the loop stopped (``time.time()``: the signal's time for a requested stop) and why.
         self._stopped_at: Optional[float] = None
         self._stop_reason = ""
@@ -625,6 +639,7 @@ class Master:
     def step(self) -> int:
         """Reap, collect reports, take new jobs, start what fits; returns how much happened."""
         progress = 0
+        started_before = self.started
         self.session_record.note(self.prefetcher.lease)  # before any job of a new Session starts
         # Read before the jobs handed over as gone are looked at (balsam.client.lease, "Known
         # alive"): a lease found fresh here has handed over what a lost Session held.
@@ -664,8 +679,13 @@ class Master:
             self._end_gone()
             progress += 1
         if self.pending:  # before anything takes jobs from pending to start them
-            self.too_late.set_aside(self.pending, self.stop.countdown.remaining_min, self.handover.queued.values(),
-                                    self.gone.successors.values(), self.gone.ready.values(), forget=self.gone.forget)
+            before = len(self.too_late)
+            if self.too_late.set_aside(self.pending, self.stop.countdown.remaining_min, self.handover.queued.values(),
+                                       self.gone.successors.values(), self.gone.ready.values(),
+                                       forget=self._forget_set_aside):
+                if self.prefetcher.may_release:
+                    self._release_too_late(before)
+                self._set_aside_generations.clear()
         if self.pending and self._try_start and fresh:
             self._try_start = False
             started = place_pending(self.pending, self.node_manager, self._start, self._fail, max_misses=MAX_PLACEMENT_MISSES)
@@ -679,10 +699,31 @@ class Master:
             progress += self.handover.queue_behind(self.pending, self._launch_command, self._fail,
                                                    lease_fresh_until(self.prefetcher.lease))
         self.handover.cancel_behind_old()
+        stalled = bool(self.pending) and fresh and self.started == started_before
+        # Read only where used (below): with jobs held and none stalled, as before, no count.
+        room_now = (free_room(self.node_manager, self.prefetcher.depth)
+                    if stalled or self.prefetcher.lean or not (self.pending or self.handover.queued) else None)
+        # Given back only with no free room (every slot busy): a job that waits beside a free slot
+        # (a whole-node job beside a running one) is not stalled by a full partition, and giving it
+        # back churned (leased again at once, and given back 5 s later) while the slot stood idle.
+        if stalled and room_now == 0:
+            self._give_back_stalled()
+        else:
+            self._stalled_since = None
+        if (room_now == 0 and self.prefetcher.lean
+                and next(iter(self.node_manager.open_nodes()), None) is not None):
+            # free_room counts slots of the running jobs' mean size: a freed quarter node is no room
+            # beside half-node jobs (mean 0.375), and a lean prefetcher, with no lookahead, leased
+            # nothing while small runnable jobs waited on the server and the slot stood idle. A
+            # node with a free slot: the floor is leased (one job would be the head job again, the
+            # one that does not fit); what does not fit is given back after the bound.
+            room_now = self.prefetcher.floor
         held = len(self.pending) + len(self.handover.queued)
         # With none held the loop placed every job it took: the partition may have room, which the
         # prefetcher leases (in chunks); with some held it is full, and it leases only a lookahead.
-        self.prefetcher.note_held(held, free_room(self.node_manager, self.prefetcher.depth) if not held else None,
+        # A lean prefetcher also leases the room beside held jobs that do not fit now (prefetch,
+        # "Giving back"): with no lookahead, nothing else fills that room.
+        self.prefetcher.note_held(held, room_now if not held or self.prefetcher.lean else None,
                                   self.node_manager.usage().jobs)
         busy = bool(self.pool.running or self.remote or self.pending or self.handover.queued or self.prefetcher.backlog)
         self.stop.note_activity(busy or not self.prefetcher.exhausted)
@@ -692,6 +733,52 @@ class Master:
             # keeps the PATCHes few).
             self.updater.send_soon()
         return progress
+
+    def _give_back_stalled(self) -> None:
+        """Jobs wait in ``pending`` and none started this turn: once that has lasted
+        PREFETCH_RELEASE_SEC (every slot busy all along), hand the waiting jobs to the prefetcher to
+        be released (:meth:`Prefetcher.give_back`). Taken out of ``pending`` here, on the loop thread,
+        the only one that starts jobs: they are never started by this launcher (the race-freedom
+        argument is sessions_logic's "giving back jobs"). Copies waiting on a stale run's end, and
+        jobs being ended as gone, are not in ``pending`` and stay."""
+        now = self.clock()
+        if self._stalled_since is None:
+            self._stalled_since = now
+            return
+        waited = now - self._stalled_since
+        if waited < PREFETCH_RELEASE_SEC or not self.prefetcher.may_give_back:
+            return
+        self._stalled_since = None
+        copies = self.gone.copies
+        back = [(p, copies.get(p.id, 0)) for p in self.pending if p.id not in self.gone.ending]
+        if not back:
+            return
+        kept = [p for p in self.pending if p.id in self.gone.ending]
+        self.pending.clear()
+        self.pending.extend(kept)
+        for prepared, _generation in back:
+            self.gone.forget(prepared.id)
+        logger.info("%d leased jobs waited %.1f s with every slot busy: given back to the server (the elastic queue "
+                    "and other launchers see them again); leasing again as slots free", len(back), waited)
+        self.prefetcher.give_back(back)
+
+    def _release_too_late(self, before: int) -> None:
+        """Give back the jobs :meth:`TooLateJobs.set_aside` has just set aside (the last ones of its
+        dict, which keeps insertion order) instead of keeping them leased until the stop: the elastic
+        queue then sees them, and a launcher with time left can lease them (this one's acquires ask
+        only for jobs that fit its time left). Never started: taken out of ``pending`` on this thread."""
+        jobs = self.too_late.jobs
+        ids = list(jobs)[before:]
+        generations = self._set_aside_generations
+        back = [(jobs.pop(job_id), generations.get(job_id, self.prefetcher.taken_generation)) for job_id in ids]
+        self.prefetcher.give_back(back, too_late=True)
+
+    def _forget_set_aside(self, job_id: int) -> None:
+        """TooLateJobs.set_aside's ``forget``: the job's acquire number is read before the gone-jobs
+        bookkeeping drops it (read after, every one was 0, "not numbered", and once the lease had
+        replaced a lost Session the release dropped them as that Session's: kept leased, hidden)."""
+        self._set_aside_generations[job_id] = self.gone.copies.get(job_id, 0)
+        self.gone.forget(job_id)
 
     def _start(self, prepared: PreparedJob, placement: Placement) -> None:
         rank = self.rank_of_node[placement.node_indexes[0]]
@@ -848,10 +935,11 @@ class Master:
             self.shutdown(reason)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         logger.info("serial master done (%s): %d started (%d by hand-over; %d queued ones given back), %d finished; "
-                    "%d acquired, prefetch depth up to %d; CPU %.2f s user + %.2f s system (by thread, until the "
-                    "stop: %s)", reason, self.started, self.handover.handed_over, self.handover.given_back, self.finished,
-                    self.prefetcher.acquired, self.prefetcher.depth_peak, usage.ru_utime, usage.ru_stime,
-                    format_threads_cpu(threads_cpu))
+                    "%d acquired, %d released unstarted to the server, prefetch depth up to %d; CPU %.2f s user + "
+                    "%.2f s system (by thread, until the stop: %s)", reason, self.started, self.handover.handed_over,
+                    self.handover.given_back, self.finished, self.prefetcher.acquired,
+                    getattr(self.prefetcher, "released", 0), self.prefetcher.depth_peak, usage.ru_utime,
+                    usage.ru_stime, format_threads_cpu(threads_cpu))
         return reason
 
     def shutdown(self, reason: str) -> None:
@@ -896,10 +984,14 @@ class Master:
         too_late = len(self.too_late) + len(self.prefetcher.too_late)
         faults = getattr(self.prefetcher, "site_faults", None)
         given_back = len(faults.given_back) if faults is not None else 0
+        # Given back to the server but not released yet (the stop came first), or whose release may
+        # have been applied before the server refused it (prefetch, "Giving back").
+        releasing = getattr(self.prefetcher, "releasing", 0) + len(getattr(self.prefetcher, "release_unknown", ()))
         unstarted = (len(self.pending) + len(self.gone.successors) + len(self.gone.ready) + self.prefetcher.backlog
-                     + too_late + given_back)
+                     + too_late + given_back + releasing)
         if unstarted:
             back = f", {given_back} given back as the file system failed their workdirs" if given_back else ""
+            back += f", {releasing} given back with no release answered" if releasing else ""
             logger.info("%d acquired jobs never started (%d of them too long for the time that was left%s); the "
                         "session release returns them", unstarted, too_late, back)
 
@@ -976,6 +1068,7 @@ def build_master(
         floor=PREFETCH_FLOOR,
         room=len(nodes),  # an empty partition: one job per node (free_room)
         before_prepare=preparer.end_stale_runs,
+        release_after_sec=PREFETCH_RELEASE_SEC,
     ).start()
     # The prefetcher opens the lease: the updates are sent under its Session (the one holding the
     # job now: a lost one is replaced), and the server refuses those of a job it no longer holds.

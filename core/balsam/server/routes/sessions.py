@@ -1,4 +1,4 @@
-"""/sessions/: launcher leases (create, acquire, tick, delete)."""
+"""/sessions/: launcher leases (create, acquire, tick, release of unstarted jobs, delete)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from ..jobs_logic import SESSION_DELETED_MSG, owned_site_ids, site_owned_by, utc
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
-    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, note_held, parse_acquire, parse_tick,
-    reacquire, release_session_jobs, session_dict,
+    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, note_held, parse_acquire, parse_release,
+    parse_tick, reacquire, release_jobs, release_session_jobs, session_dict,
 )
-from ..tables import batch_jobs, credentials, sessions, sites
+from ..tables import batch_jobs, credentials, idempotency_keys, sessions, sites
 
 
 def list_sessions(ctx: Ctx) -> Response:
@@ -107,12 +107,13 @@ def acquire_jobs(ctx: Ctx) -> "Response | WaitForJobs":
     waiting = deadline is not None and time.monotonic() < deadline
     if waiting:
         # Asked to wait (Prefer: wait=N): look first, without a write transaction or the key's
-        # claim; if there is nothing, wait for a wake-up (see acquire_waits.py). The generation is
+        # claim; if there is nothing (and its key is not recorded: a retry is replayed at once),
+        # wait for a wake-up (see acquire_waits.py). The generation is
         # read before the look, so a write committing after the look is never missed.
         generation = ctx.acquire_waits().generation(ctx.user.id)
         with ctx.read() as conn:
             session = get_owned_session(conn, ctx.user.id, session_id)
-            if not any_candidates(conn, session.site_id, spec):
+            if not _key_recorded(ctx, conn) and not any_candidates(conn, session.site_id, spec):
                 return WaitForJobs(generation, deadline)
     try:
         return _lease(ctx, session_id, spec, deadline if waiting else None)
@@ -123,6 +124,18 @@ def acquire_jobs(ctx: Ctx) -> "Response | WaitForJobs":
         # of N waits made N - 1 such round trips (80 of 600 acquires with 200 waits). Nothing of
         # this look was kept (its key's claim and its heartbeat rolled back with it).
         return WaitForJobs(generation, deadline)
+
+
+def _key_recorded(ctx: Ctx, conn: sa.Connection) -> bool:
+    """Whether this request's Idempotency-Key is recorded (unexpired): a retry whose answer was
+    lost, answered from the record by the lease at once. Its jobs are held by its Session, so the
+    look finds none for it: waiting first held the replay (and the jobs, idle) for the whole wait."""
+    key = ctx.idempotency.key
+    if key is None:
+        return False
+    return conn.execute(sa.select(idempotency_keys.c.key).where(
+        idempotency_keys.c.user_id == ctx.user.id, idempotency_keys.c.key == key,
+        idempotency_keys.c.expires > utcnow())).first() is not None
 
 
 class _TakenFirst(Exception):
@@ -189,7 +202,27 @@ def delete_session(ctx: Ctx) -> Response:
     return no_content()
 
 
+def release(ctx: Ctx) -> Response:
+    """Give back leased jobs the launcher has not started (sessions_logic, "giving back jobs")."""
+    session_id = ctx.path_int("session_id")
+    job_ids = parse_release(ctx.json())
+    with ctx.write() as conn:
+        get_owned_session(conn, ctx.user.id, session_id)
+        earlier = ctx.idempotency.claim(conn)
+        # Locks the session before its jobs; 404 if swept meanwhile. A replay heartbeats too, as a
+        # replayed acquire does: the resend is a request of a live launcher, as the first one was.
+        heartbeat(conn, session_id, utcnow())
+        if earlier is not None:  # the answer was lost: what that request released, not applied again
+            return json_response({"id": session_id, "released": list(earlier.ids)})
+        released = release_jobs(conn, session_id, job_ids)
+        ctx.idempotency.record(conn, 200, "release", released)
+    if released:
+        ctx.wake_acquires()
+    return json_response({"id": session_id, "released": released})
+
+
 routes = [
     route("/sessions/", {"GET": list_sessions, "POST": create_session}),
     route("/sessions/{session_id}", {"POST": acquire_jobs, "PUT": tick, "DELETE": delete_session}),
+    route("/sessions/{session_id}/release", {"POST": release}),
 ]
