@@ -531,6 +531,11 @@ class Master:
         self._stalled_since: Optional[float] = None
         #: The acquire numbers of the jobs set aside this turn (_forget_set_aside, _release_too_late).
         self._set_aside_generations: dict[int, int] = {}
+        #: ``finished`` when the lean floor was last leased, or jobs last taken or given back: the
+        #: floor is leased again only after a job ends (else the jobs that do not fit the open slot
+        #: were leased and given back every 5 s for as long as the long jobs ran, hidden from the
+        #: elastic queue nearly all the time).
+        self._floor_mark = 0
         #: When the loop stopped (``time.time()``: the signal's time for a requested stop) and why.
         self._stopped_at: Optional[float] = None
         self._stop_reason = ""
@@ -669,6 +674,7 @@ class Master:
         new = self.prefetcher.take()
         if new:
             self._take(new, self.prefetcher.taken_generation)
+            self._floor_mark = self.finished
             progress += len(new)
         if self.gone.ready:  # after the exits and hand-overs that free the stale copies' placements
             ready = self.gone.release_ready(self.node_manager.placements)
@@ -710,7 +716,7 @@ class Master:
             self._give_back_stalled()
         else:
             self._stalled_since = None
-        if (room_now == 0 and self.prefetcher.lean
+        if (room_now == 0 and self.prefetcher.lean and self.finished > self._floor_mark
                 and next(iter(self.node_manager.open_nodes()), None) is not None):
             # free_room counts slots of the running jobs' mean size: a freed quarter node is no room
             # beside half-node jobs (mean 0.375), and a lean prefetcher, with no lookahead, leased
@@ -749,6 +755,7 @@ class Master:
         if waited < PREFETCH_RELEASE_SEC or not self.prefetcher.may_give_back:
             return
         self._stalled_since = None
+        self._floor_mark = self.finished  # the floor is leased again only after a job ends
         copies = self.gone.copies
         back = [(p, copies.get(p.id, 0)) for p in self.pending if p.id not in self.gone.ending]
         if not back:
@@ -758,7 +765,7 @@ class Master:
         self.pending.extend(kept)
         for prepared, _generation in back:
             self.gone.forget(prepared.id)
-        logger.info("%d leased jobs waited %.1f s with every slot busy: given back to the server (the elastic queue "
+        logger.info("%d leased jobs waited %.1f s with no room for them: given back to the server (the elastic queue "
                     "and other launchers see them again); leasing again as slots free", len(back), waited)
         self.prefetcher.give_back(back)
 
