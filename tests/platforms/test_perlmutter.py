@@ -161,8 +161,10 @@ def test_jobs_on_a_faked_perlmutter_gpu(mode: str, balsam_env, fake_machine, tmp
             # (Slurm bound every --overlap step to the first cores: test_perlmutter_packed_cpus_recorded);
             # the app sees the job's own 16.
             assert "--gpus-per-task" not in opts and opts["--cpus-per-task"] == "128" and "--overlap" in opts
-            env = dict(a.split("=", 1) for a in r["program"][1:] if "=" in a)
-            assert r["program"][:1] == ["env"] and env["SLURM_CPUS_PER_TASK"] == "16"
+            # The task is a /bin/sh wrapper exporting them, then running the command (srun's lookup).
+            assert r["program"][:2] == ["/bin/sh", "-c"] and r["program"][3] == "sh"
+            env = dict(a.split("=", 1) for a in r["program"][4:r["program"].index("--")])
+            assert env["SLURM_CPUS_PER_TASK"] == "16"
             assert env["CUDA_VISIBLE_DEVICES"] in {"0", "1", "2", "3"}
             assert opts["--cpu-bind"].startswith("mask_cpu:") and bin(int(opts["--cpu-bind"][9:], 16)).count("1") == 16
             assert opts["--nodelist"] in HOSTS and opts["--gres"] == "craynetwork:0"

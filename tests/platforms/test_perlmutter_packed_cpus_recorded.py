@@ -19,7 +19,13 @@ printed its ``Cpus_allowed_list`` and ``SLURM_CPUS_PER_TASK`` / ``SLURM_CPUS_ON_
   requested than permitted" at once (no wait); srun(1): explicit masks are honoured only for a step
   given every CPU of the node, so a shared allocation keeps Slurm's binding;
 - a task's ``SLURM_CPUS_PER_TASK`` is the step's ``-c``, ``SLURM_CPUS_ON_NODE`` the step's CPUs on the
-  node (``-n x -c``; the node's with ``--overcommit``).
+  node (``-n x -c``; the node's with ``--overcommit``, which sets ``SLURM_OVERCOMMIT=1`` too); a
+  ``--cpu-bind=cores`` step's are whole cores (a node of 2 threads per core, ``-n x -c y: CPUS_ON_NODE``):
+  ``1x1: 2``, ``2x1: 2`` (one-CPU tasks share a core), ``1x2: 2``, ``2x2: 4``, ``1x3: 4``, ``2x3: 8``,
+  ``2x16: 32`` (:data:`OLD_CPUS_ON_NODE`);
+- with ``SelectTypeParameters=CR_Core_Memory``, ``--mem-per-cpu=20`` on a step of ``-c 128`` (the node's
+  CPUs): "Memory required by task is not available" (``-c 16``: ran); ``--threads-per-core`` and
+  ``--ntasks-per-core`` apply to the step's ``-c`` CPUs too.
 
 The test applies those rules to the platform's lines on a Perlmutter GPU node (64 cores; core c's
 second hardware thread is CPU c + 64, and Slurm gives a ``--cpu-bind=cores`` task whole cores, both
@@ -30,8 +36,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +47,8 @@ from balsam.platform import LaunchSpec
 from balsam_platform_perlmutter.platform import PerlmutterGPUPlatform
 
 CORES, THREADS = 64, 2
+#: ``(-n, -c) -> SLURM_CPUS_ON_NODE`` of a ``--cpu-bind=cores`` step, real Slurm 22.05, 2 threads per core.
+OLD_CPUS_ON_NODE = {(1, 1): 2, (2, 1): 2, (1, 2): 2, (2, 2): 4, (1, 3): 4, (2, 3): 8, (2, 16): 32}
 
 
 def slurm_order(cores: range) -> list[int]:
@@ -85,6 +95,8 @@ def task_env(args: list[str], name: str) -> str:
     per_task = int(options[options.index("--cpus-per-task") + 1])
     env = {**os.environ, "SLURM_CPUS_PER_TASK": str(per_task),
            "SLURM_CPUS_ON_NODE": str(len(step_cpus(args, range(CORES))))}
+    if "--overcommit" in options:
+        env["SLURM_OVERCOMMIT"] = "1"
     printer = [sys.executable, "-c", f"import os; print(os.environ.get({name!r}, 'unset'))"]
     done = subprocess.run(args[args.index("--overlap") + 1:] + printer, env=env, capture_output=True, text=True,
                           check=True)
@@ -118,7 +130,8 @@ def test_packed_ranks_run_on_balsams_cores(ranks, threads, gpr, cores, gpus) -> 
     # The app sees its job's own CPU counts (the old line's step), not the step's (the node's).
     job_cpus = platform.cpus_per_task(spec)
     assert task_env(args, "SLURM_CPUS_PER_TASK") == str(job_cpus), shlex.join(args)
-    assert task_env(args, "SLURM_CPUS_ON_NODE") == str(job_cpus * ranks), shlex.join(args)
+    assert task_env(args, "SLURM_CPUS_ON_NODE") == str(OLD_CPUS_ON_NODE.get((ranks, job_cpus), job_cpus * ranks))
+    assert task_env(args, "SLURM_OVERCOMMIT") == "unset", shlex.join(args)
     if gpus:
         assert task_env(args, "CUDA_VISIBLE_DEVICES") == ",".join(gpus), shlex.join(args)
 
@@ -165,4 +178,103 @@ def test_jobs_with_their_nodes_or_their_own_binding_keep_the_line() -> None:
     for params in ({"cpu-bind": "cores"}, {"--cpu-bind": "threads"}, {"c": "8"}):
         spec = LaunchSpec(cmdline="./app", hostnames=("nid001234",), threads_per_rank=4, cpu_ids=[(4, 5, 6, 7)],
                           launch_params=params)
-        assert "mask_cpu" not in platform.mpi_command_line(spec) and "env" not in platform.mpi_launch_args(spec), params
+        assert "mask_cpu" not in platform.mpi_command_line(spec) and platform.mpi_launch_args(spec)[-1] == "--overlap"
+
+
+@pytest.mark.parametrize("params", [
+    {"mem-per-cpu": "2G"}, {"--mem-per-cpu": "2G"}, {"--mem-per-cpu=2G": ""}, {"threads-per-core": "1"},
+    {"--ntasks-per-core": "1"}])
+def test_params_scaling_with_cpus_per_task_keep_the_jobs_own_c(params) -> None:
+    """On the widened step (-c of the node's CPUs) real Slurm refused --mem-per-cpu (CR_Core_Memory:
+    "Memory required by task is not available"), and --threads-per-core / --ntasks-per-core count
+    the step's -c: such a job keeps the line before masks, as one giving cpus-per-task does."""
+    platform = PerlmutterGPUPlatform()
+    spec = LaunchSpec(cmdline="./app", hostnames=("nid001234",), ranks_per_node=2, threads_per_rank=4,
+                      cpu_ids=[tuple(range(8, 16))], launch_params=params)
+    args = platform.mpi_launch_args(spec)
+    assert "--cpu-bind=cores" in args and "--overcommit" not in args and args[-1] == "--overlap", shlex.join(args)
+    assert args[args.index("--cpus-per-task") + 1] == str(platform.cpus_per_task(spec)) == "8", shlex.join(args)
+    name = next(iter(params)).lstrip("-").split("=")[0]
+    assert any(a.lstrip("-").startswith(name) for a in args), shlex.join(args)  # still passed to srun
+
+
+@pytest.mark.parametrize("ranks,threads,tpc", [(1, 1, 2), (2, 1, 2), (1, 1, 1), (2, 1, 1), (1, 3, 2), (2, 3, 2),
+                                               (2, 8, 1)])
+def test_packed_app_sees_the_old_steps_cpus_on_node(ranks, threads, tpc) -> None:
+    """The old line's step had whole cores (recorded: -n1 -c1 gave 2, -n1 -c3 4, -n2 -c1 2)."""
+    platform = PerlmutterGPUPlatform()
+    spec = LaunchSpec(cmdline="./app", hostnames=("nid001234",), ranks_per_node=ranks, threads_per_rank=threads,
+                      threads_per_core=tpc, cpu_ids=[tuple(range(20, 20 + -(-ranks * threads // tpc)))])
+    args = platform.mpi_launch_args(spec)
+    c = platform.cpus_per_task(spec)
+    assert any(a.startswith("--cpu-bind=mask_cpu:") for a in args), shlex.join(args)
+    assert task_env(args, "SLURM_CPUS_PER_TASK") == str(c)
+    assert task_env(args, "SLURM_CPUS_ON_NODE") == str(OLD_CPUS_ON_NODE[(ranks, c)]), shlex.join(args)
+
+
+APP = """#!/usr/bin/env python3
+import os, signal, sys, time
+print("APP", sys.argv[0], sys.argv[1:], os.environ.get("FOO", "unset"), os.environ.get("X", "unset"),
+      os.environ.get("SLURM_CPUS_PER_TASK"), os.getpid(), flush=True)
+if os.environ.get("APP_WAIT"):
+    signal.signal(signal.SIGTERM, lambda *a: (print("TERM", flush=True), sys.exit(0)))
+    time.sleep(60)
+"""
+
+
+def packed_task(cmdline: str) -> str:
+    """What the launcher's ``/bin/bash -c <line>`` runs on the node for a packed job: the line's
+    words after ``--overlap`` (srun's program and its arguments) and the job's command line."""
+    spec = LaunchSpec(cmdline=cmdline, hostnames=("nid001234",), threads_per_rank=4, gpus_per_rank=1,
+                      cpu_ids=[(4, 5, 6, 7)], gpu_ids=[("2",)])
+    line = PerlmutterGPUPlatform().mpi_command_line(spec)
+    assert " --overlap /bin/sh -c " in line, line
+    return line.split(" --overlap ", 1)[1]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    for path in (tmp_path / "app", tmp_path / "run=3" / "app", tmp_path / ".hidden"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(APP)
+        path.chmod(0o755)
+    return tmp_path
+
+
+@pytest.mark.parametrize("cmdline,expected", [
+    # srun(1) "EXECUTABLE PATH RESOLUTION": not on PATH, then the working directory (env: rc 127)
+    ("app x", "APP ./app ['x'] unset 1 8"),
+    ("./run=3/app y", "APP ./run=3/app ['y'] unset 1 8"),  # env took run=3/app as an assignment
+    ("./app 'a b' \"c'd\"", "APP ./app ['a b', \"c'd\"] unset 1 8"),
+    ("X=1 ./app", None),                       # srun's program is X=1 (not an assignment): not found
+    ("env -u X FOO=2 ./app", "APP ./app [] 2 unset 8"),
+    (".hidden", "APP ./.hidden [] unset 1 8"),  # starts with '.': the working directory, not PATH
+])
+def test_packed_task_runs_the_command_as_srun_resolves_it(workdir, cmdline, expected) -> None:
+    env = {**os.environ, "X": "1", "SLURM_CPUS_PER_TASK": "128"}
+    done = subprocess.run(["/bin/bash", "-c", packed_task(cmdline)], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=60)
+    if expected is None:
+        assert done.returncode == 127 and "APP" not in done.stdout, (done.returncode, done.stdout, done.stderr)
+        return
+    assert done.returncode == 0, done.stderr
+    # The app's argv[0], arguments, FOO, X, SLURM_CPUS_PER_TASK (the job's, not the step's 128); its pid left out.
+    assert done.stdout.strip().rsplit(" ", 1)[0] == expected, (done.stdout, done.stderr)
+
+
+def test_packed_task_is_the_app_itself(workdir) -> None:
+    """The wrapper execs the app: a signal to the task's process (Slurm's scancel --signal) reaches
+    it, and no shell stays behind."""
+    env = {**os.environ, "APP_WAIT": "1"}
+    proc = subprocess.Popen(["/bin/bash", "-c", packed_task("app")], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        first = proc.stdout.readline().split()
+        assert first[:2] == ["APP", "./app"] and int(first[-1]) == proc.pid, first
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children == [], children
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline().strip() == "TERM" and proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()

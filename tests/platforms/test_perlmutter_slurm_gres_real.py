@@ -368,3 +368,31 @@ def test_real_launcher_packed_jobs_bound_to_their_cores_on_real_slurm(gres_slurm
         for b in range(a + 1, len(runs)):
             if runs[a][0] < runs[b][1] and runs[b][0] < runs[a][1]:  # ran at the same time
                 assert not runs[a][2] & runs[b][2], (a, b, runs)
+
+
+def test_packed_step_runs_the_command_as_srun_resolves_it_on_real_slurm(gres_slurm, tmp_path: Path) -> None:
+    """A packed step's wrapper (the job's SLURM_CPUS_* set, then the command) in real srun: ``app`` in
+    the working directory without ``./`` and ``./run=3/app`` run, as srun runs them itself (an
+    ``env`` wrapper: rc 127, and ``run=3/app`` read as an assignment)."""
+    env, _node, cpu_node = gres_slurm
+    n = _real_cpus()
+    if not cpu_node or n < 2:
+        pytest.skip("no CPU node of this machine's CPUs with 2 cores or more (BALSAM_TEST_GRES_CPU_NODE)")
+    platform = _shaped_platform(n)
+    app = '#!/bin/sh\necho "APP $0 [$*] CPT=$SLURM_CPUS_PER_TASK OVC=${SLURM_OVERCOMMIT-unset}"\n'
+    for path in (tmp_path / "app", tmp_path / "run=3" / "app"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(app)
+        path.chmod(0o755)
+    script = []
+    for k, cmdline in enumerate(("app x", "./run=3/app y")):
+        spec = LaunchSpec(cmdline=cmdline, hostnames=(cpu_node,), threads_per_rank=1, cpu_ids=[(n - 1,)])
+        line = platform.mpi_command_line(spec)
+        assert "--cpu-bind=mask_cpu:" in line, line  # a packed step, with the job's SLURM_CPUS_* set
+        script.append(f"{line}; echo RC{k}=$?")
+    done = subprocess.run(["salloc", "-w", cpu_node, "-N1", "--exclusive", "-t", "5", "/bin/bash", "-c",
+                           "; ".join(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          stdin=subprocess.DEVNULL)
+    out = done.stdout + done.stderr
+    assert "APP ./app [x] CPT=1 OVC=unset" in out and "RC0=0" in out, out
+    assert "APP ./run=3/app [y] CPT=1 OVC=unset" in out and "RC1=0" in out, out

@@ -94,3 +94,21 @@ def test_jobs_with_their_nodes_and_slurm_gpu_requests_keep_slurms_gpus() -> None
     # A serial-mode worker (no GPU ids: its tasks set their own) keeps its GPU request.
     worker = LaunchSpec(cmdline="w", hostnames=("nid001234",), ranks_per_node=1, gpus_per_rank=4.0)
     assert platform.mpi_launch_args(worker)[-1] == "--overlap"
+
+
+@pytest.mark.parametrize("ranks,threads,cores", [(4, 16, range(64)), (4, 8, range(0, 32))],
+                         ids=["every-core-and-gpu", "every-gpu-half-the-cores"])
+def test_packed_job_holding_every_gpu_keeps_slurms_one_gpu_per_rank(ranks, threads, cores) -> None:
+    """A packed job (node_packing_count 2: not whole_nodes) holding all the node's GPUs, or all its
+    cores: no other step holds a GPU, so --gpus-per-task 1 gives each rank its own (recorded:
+    -n 4 --gpus-per-task 1 gave tasks 0-3 GPUs 0-3); balsam's ids set in the task gave every rank
+    all four."""
+    platform = PerlmutterGPUPlatform()
+    spec = LaunchSpec(cmdline="./app", hostnames=("nid001234",), ranks_per_node=ranks, gpus_per_rank=1,
+                      threads_per_rank=threads, cpu_ids=[tuple(cores)], gpu_ids=[NODE_GPUS])
+    args = platform.mpi_launch_args(spec)
+    assert args[args.index("--gpus-per-task") + 1] == "1", shlex.join(args)
+    assert "CUDA_VISIBLE_DEVICES" not in " ".join(args[args.index("--overlap"):]), shlex.join(args)
+    # Every core: the job has its node (no masks, Slurm's --cpu-bind=cores), as a whole-node job.
+    if len(cores) == 64:
+        assert args[-1] == "--overlap" and "--cpu-bind=cores" in args, shlex.join(args)

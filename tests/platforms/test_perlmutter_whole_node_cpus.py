@@ -100,8 +100,10 @@ def test_packed_steps_on_part_of_a_node_are_unchanged() -> None:
         # gets the job's 16 back (test_perlmutter_packed_cpus_recorded.py).
         cores = sum(1 << c | 1 << (c + 64) for c in p.cpu_ids[0])
         assert f"--cpus-per-task 128 --cpu-bind=mask_cpu:{hex(cores)} " in line, line
-        assert line.endswith("--overlap env SLURM_CPUS_PER_TASK=16 SLURM_CPUS_ON_NODE=16 "
-                             f"CUDA_VISIBLE_DEVICES={','.join(p.gpu_ids[0])} ./app"), line
+        # (set by a /bin/sh wrapper that then runs the command as srun resolves it: env searched PATH only)
+        assert line.endswith(" sh SLURM_CPUS_PER_TASK=16 SLURM_CPUS_ON_NODE=16 "
+                             f"CUDA_VISIBLE_DEVICES={','.join(p.gpu_ids[0])} -- ./app"), line
+        assert " --overlap /bin/sh -c " in line, line
         assert "--gpus-per-task" not in line
     # one node, 4 one-thread ranks on 4 of its cores, packed with others: the step does not own the
     # node, so its ranks count 2 CPUs each (the SLURM_CPUS_PER_TASK its app sees; the step's -c is the

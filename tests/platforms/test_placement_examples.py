@@ -53,10 +53,14 @@ CASES = [
      # to every --overlap step: test_perlmutter_slurm_gres_recorded.py); changed deliberately: it was
      # -c 2 --cpu-bind=cores, which Slurm binds to the node's first core for every packed step; the
      # step now spans the node (-c 128) bound by mask to balsam's core 0 and its second thread 64,
-     # and the app sees the job's -c 2 (test_perlmutter_packed_cpus_recorded.py)
+     # and the app sees the job's -c 2 (test_perlmutter_packed_cpus_recorded.py), set by a /bin/sh
+     # wrapper that runs the command as srun resolves it (env searched PATH only)
      "srun --gres=craynetwork:0 -n 1 --ntasks-per-node 1 --nodelist n0 --nodes 1 --cpus-per-task 128 "
-     "--cpu-bind=mask_cpu:0x10000000000000001 --overlap env SLURM_CPUS_PER_TASK=2 SLURM_CPUS_ON_NODE=2 "
-     "CUDA_VISIBLE_DEVICES=0 ./app"),
+     "--cpu-bind=mask_cpu:0x10000000000000001 --overlap /bin/sh -c 'while [ \"$1\" != -- ]; do case $1 in *=*) "
+     "export \"$1\" ;; *) unset \"$1\" ;; esac; shift; done; shift; p=$1; shift; case $p in /*|*/*) ;; .*) "
+     "p=./$p ;; *) f=; set -f; IFS=:; for d in $PATH; do [ -f \"${d:-.}/$p\" ] && [ -x \"${d:-.}/$p\" ] && f=1 "
+     "&& break; done; unset IFS; set +f; [ -n \"$f\" ] || [ ! -e \"$p\" ] || p=./$p ;; esac; exec \"$p\" \"$@\"' "
+     "sh SLURM_CPUS_PER_TASK=2 SLURM_CPUS_ON_NODE=2 CUDA_VISIBLE_DEVICES=0 -- ./app"),
     ("thetagpu", {"gpu_list_dir": ""}, 8,
      "mpirun --oversubscribe --bind-to none -n 1 -npernode 1 --host n0 ./app"),
 ]

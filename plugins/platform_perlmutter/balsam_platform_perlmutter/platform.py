@@ -16,16 +16,19 @@ Slurm job steps, Balsam 0.7's ``PerlmutterRun`` line::
          --cpus-per-task C --cpu-bind=cores [--key value ...] --overlap CMD
 
 (``--overlap`` so that packed steps may share the allocation's nodes; a packed GPU job asks for no
-GPU and runs ``env CUDA_VISIBLE_DEVICES=<its ids> CMD``: real Slurm gave every ``--overlap`` step
-the first GPUs, see ``PerlmutterGPUPlatform._balsam_gpus``). ``C`` counts logical CPUs
+GPU and runs ``/bin/sh -c TASK_SCRIPT sh CUDA_VISIBLE_DEVICES=<its ids> -- CMD``: real Slurm gave
+every ``--overlap`` step the first GPUs, see ``PerlmutterGPUPlatform._balsam_gpus``; the wrapper,
+:data:`TASK_SCRIPT`, runs CMD as srun would). ``C`` counts logical CPUs
 (hardware threads), as srun does (NERSC: ``-c`` is 2 x the cores a task needs): the cores of one rank,
 ``ceil(threads_per_rank / threads_per_core)``, times the node's 2 hardware threads per core; 0.7 passed
 ``threads_per_rank``, which gave a rank of 8 threads 4 cores. ``--cpu-bind=cores`` (NERSC's advice)
 unless the job's launch_params bind otherwise. A job packed on part of a node is bound to the cores
-balsam gave it instead (real Slurm bound every packed step to the node's first cores)::
+balsam gave it instead (real Slurm bound every packed step to the node's first cores), unless its
+launch params set ``-c`` or scale with it (:data:`CPU_SCALED_PARAMS`)::
 
     srun ... --nodes 1 [--overcommit] --cpus-per-task <allocation's CPUs on the node / R>
-         --cpu-bind=mask_cpu:<one mask per rank> --overlap env SLURM_CPUS_PER_TASK=C SLURM_CPUS_ON_NODE=<C x R> CMD
+         --cpu-bind=mask_cpu:<one mask per rank> --overlap /bin/sh -c TASK_SCRIPT sh
+         SLURM_CPUS_PER_TASK=C SLURM_CPUS_ON_NODE=<the old step's> [SLURM_OVERCOMMIT] -- CMD
 
 (see ``PerlmutterGPUPlatform._packed_cpu_masks``).
 
@@ -94,6 +97,32 @@ DUPLICATE_FLAGS = ("overlap",)
 GPU_REQUEST_PARAMS = ("gpus", "G", "gpus-per-node", "gpus-per-socket", "gpu-bind", "gpus-per-task")
 #: The binding of a step whose launch_params name none (NERSC's recommended ``--cpu-bind=cores``).
 DEFAULT_CPU_BIND = "cores"
+#: Launch params (any spelling) whose effect scales with the step's ``-c`` or lays tasks out by
+#: core: a job giving one keeps the line before masks (its own ``-c``, like a ``cpus-per-task``
+#: param). On the widened packed step (``-c`` of the node's CPUs) real Slurm refused
+#: ``--mem-per-cpu`` ("Memory required by task is not available", ``CR_Core_Memory``), and
+#: ``--threads-per-core`` / ``--ntasks-per-core`` apply to the node's CPUs, not the job's.
+CPU_SCALED_PARAMS = ("mem-per-cpu", "threads-per-core", "ntasks-per-core")
+#: The packed step's task: ``/bin/sh -c TASK_SCRIPT sh VAR=value... [NAME...] -- CMD...`` exports
+#: each ``VAR=value`` and unsets each bare ``NAME``, then runs the command's words as srun(1)
+#: resolves an executable ("EXECUTABLE PATH RESOLUTION": a name starting with ``.`` relative to the
+#: working directory, ``/`` absolute, else through ``PATH``, else in the working directory);
+#: ``env VAR=.. CMD`` searched ``PATH`` only (``app`` in the workdir: rc 127) and took a first word
+#: holding ``=`` (``./run=3/app``) as an assignment. ``exec``: the app is the task's process (Slurm's
+#: signals reach it, no shell is left behind). The same script for every job; its words are
+#: positional parameters, so the launcher's ``/bin/bash -c "<line>"`` passes them as written.
+TASK_SCRIPT = ('while [ "$1" != -- ]; do case $1 in *=*) export "$1" ;; *) unset "$1" ;; esac; shift; done; '
+               'shift; p=$1; shift; case $p in /*|*/*) ;; .*) p=./$p ;; *) f=; set -f; IFS=:; '
+               'for d in $PATH; do [ -f "${d:-.}/$p" ] && [ -x "${d:-.}/$p" ] && f=1 && break; done; '
+               'unset IFS; set +f; [ -n "$f" ] || [ ! -e "$p" ] || p=./$p ;; esac; exec "$p" "$@"')
+
+
+def task_wrapper(variables: Mapping[str, str], unset: Sequence[str] = ()) -> list[str]:
+    """The words before a packed step's command (:data:`TASK_SCRIPT`) that export ``variables`` and
+    unset ``unset`` in the task, or ``[]`` when there is neither."""
+    if not variables and not unset:
+        return []
+    return ["/bin/sh", "-c", TASK_SCRIPT, "sh", *(f"{k}={v}" for k, v in variables.items()), *unset, "--"]
 
 
 def parse_cpus_per_node(text: str) -> list[int]:
@@ -337,10 +366,30 @@ class PerlmutterGPUPlatform(Platform):
         if 0 < self.allocated_logical_cpus < self.logical_cpus:
             # An allocation of part of each node: srun refuses more CPUs than it has there.
             cores = min(cores, self.allocated_logical_cpus // self.hardware_threads_per_core)
-        assigned = spec.cpu_ids[0] if spec.cpu_ids else ()
-        if spec.num_nodes > 1 or spec.whole_nodes or len(set(assigned)) >= cores:
+        if self._holds_its_nodes(spec):
             return max(computed, self.hardware_threads_per_core * (cores // max(1, spec.ranks_per_node)))
         return computed
+
+    def _holds_its_nodes(self, spec: LaunchSpec) -> bool:
+        """The job has its nodes to itself: several nodes, a node it occupies whole
+        (``LaunchSpec.whole_nodes``), or every core the allocation has on its node."""
+        cores = len(self.cpu_ids)
+        if 0 < self.allocated_logical_cpus < self.logical_cpus:
+            cores = min(cores, self.allocated_logical_cpus // self.hardware_threads_per_core)
+        assigned = spec.cpu_ids[0] if spec.cpu_ids else ()
+        return spec.num_nodes > 1 or spec.whole_nodes or len(set(assigned)) >= cores
+
+    def _old_step_cpus_on_node(self, cpus: int, ranks: int) -> int:
+        """``SLURM_CPUS_ON_NODE`` of the line before masks (``-n ranks -c cpus --cpu-bind=cores``):
+        Slurm gives a step whole cores. Real Slurm 22.05 (2 threads per core): -n1 -c1 2, -n2 -c1 2
+        (one-CPU tasks share a core), -n1 -c2 2, -n1 -c3 4, -n2 -c3 8, -n2 -c16 32."""
+        per_core = self.hardware_threads_per_core
+        cpus, ranks = max(1, cpus), max(1, ranks)
+        if cpus < per_core:
+            cores = -(-ranks // (per_core // cpus))
+        else:
+            cores = ranks * -(-cpus // per_core)
+        return cores * per_core
 
     def mpi_launch_args(self, spec: LaunchSpec) -> list[str]:
         params = dict(spec.launch_params)
@@ -369,22 +418,27 @@ class PerlmutterGPUPlatform(Platform):
             cpus = self.allocated_logical_cpus
         if not given_bind:
             bind = DEFAULT_CPU_BIND
-        wrapper: list[str] = []
-        masks = "" if given_cpus or given_bind else self._packed_cpu_masks(spec)
+        variables: dict[str, str] = {}
+        unset: list[str] = []
+        scaled = any(launch_option_name(k) in CPU_SCALED_PARAMS for k in params)
+        masks = "" if given_cpus or given_bind or scaled else self._packed_cpu_masks(spec)
         if masks:
             # A packed step is bound to balsam's cores (see _packed_cpu_masks); its tasks' -c spans
             # the allocation's CPUs on the node so that the masks lie in the step's CPUs, and the app
             # sees the job's own counts again, as the old line's step had them (OMP_* are balsam's).
             ranks = max(1, spec.ranks_per_node)
-            wrapper += ["env", f"SLURM_CPUS_PER_TASK={cpus}", f"SLURM_CPUS_ON_NODE={int(cpus) * ranks}"]
+            variables["SLURM_CPUS_PER_TASK"] = str(cpus)
+            variables["SLURM_CPUS_ON_NODE"] = str(self._old_step_cpus_on_node(int(cpus), ranks))
             node_cpus = self._node_logical_cpus()
             cpus = node_cpus // ranks
             if node_cpus % ranks:
                 # -c node/ranks left the node's last CPUs out of the step (3 ranks of -c 42 got 126
                 # of 128; -c 43 was refused): a mask there fell outside. --overcommit lets every
-                # task's -c be the node's CPUs (real Slurm 22.05: 3 tasks of -c 128 -O started).
+                # task's -c be the node's CPUs (real Slurm 22.05: 3 tasks of -c 128 -O started);
+                # the task's SLURM_OVERCOMMIT=1 is the step's, not the job's: unset.
                 cpus = node_cpus
                 args.append("--overcommit")
+                unset.append("SLURM_OVERCOMMIT")
             bind = f"mask_cpu:{masks}"
         if cpus not in (None, ""):
             args += ["--cpus-per-task", str(cpus)]
@@ -392,10 +446,11 @@ class PerlmutterGPUPlatform(Platform):
             args.append(f"--cpu-bind={bind}")
         passed = launch_params_to_pass(spec, args, RESERVED_OPTIONS, params=params, duplicates=DUPLICATE_FLAGS)
         # slurmstepd writes the step's CUDA_VISIBLE_DEVICES over the one srun was started with, so
-        # the GPUs balsam gave a packed job are set again in the task, after Slurm (env runs the app).
+        # the GPUs balsam gave a packed job are set again in the task, after Slurm (the wrapper's
+        # sh exports them and execs the app).
         if visible:
-            wrapper = (wrapper or ["env"]) + [f"CUDA_VISIBLE_DEVICES={visible}"]
-        return args + launch_param_args(passed) + ["--overlap"] + wrapper
+            variables["CUDA_VISIBLE_DEVICES"] = visible
+        return args + launch_param_args(passed) + ["--overlap"] + task_wrapper(variables, unset)
 
     def _node_logical_cpus(self) -> int:
         """Logical CPUs the allocation has on a node: the whole node's, or fewer in an allocation of
@@ -438,8 +493,7 @@ class PerlmutterGPUPlatform(Platform):
             masks.append(hex(sum(1 << cpu for cpu in set(parse_id_ranges(part, where="cpu_bind_list")))))
         return ",".join(masks)
 
-    @staticmethod
-    def _balsam_gpus(spec: LaunchSpec, slurm_gpus: bool, params: Mapping[str, Any]) -> str:
+    def _balsam_gpus(self, spec: LaunchSpec, slurm_gpus: bool, params: Mapping[str, Any]) -> str:
         """The ``CUDA_VISIBLE_DEVICES`` a packed job's step runs its app with (the GPU ids balsam
         gave it, those of its first node as the launcher's job environment has them), or ``""``:
         Slurm's GPUs are kept.
@@ -450,12 +504,14 @@ class PerlmutterGPUPlatform(Platform):
         steps than GPUs all started there), and a fractional job's step (no GPU request) got all
         the allocation's GPUs. A packed job's step therefore asks srun for no GPU (it has the
         allocation's GPUs, visible under a device cgroup too) and sets balsam's ids again. A job
-        that has its nodes to itself (several nodes, or one whole) keeps ``--gpus-per-task``:
-        Slurm's GPUs are free there, and it binds each rank to its own. A GPU request in the
+        that has its nodes to itself (several nodes, one whole, every core of it) or every GPU of
+        its node keeps ``--gpus-per-task``: Slurm's GPUs are free there (no other step holds one),
+        and it binds each rank to its own (4 ranks of a packed job holding the node's 4 GPUs all saw
+        ``0,1,2,3`` under balsam's ids). A GPU request in the
         job's launch params (``gpus-per-task``, ``gpus``, ``gpus-per-node``, ``gpu-bind``, a
         ``gres`` naming gpu: ``slurm_gpus``) leaves the GPUs to Slurm as asked."""
         ids = spec.gpu_ids[0] if spec.gpu_ids else ()
-        if not ids or slurm_gpus or spec.num_nodes > 1 or spec.whole_nodes:
+        if not ids or slurm_gpus or self._holds_its_nodes(spec) or set(map(str, ids)) >= set(self.gpu_ids):
             return ""
         for key, value in params.items():
             name = launch_option_name(key)
