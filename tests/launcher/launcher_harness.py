@@ -8,7 +8,9 @@ expiry so lease loss can be tested), registers a user, writes its login file, an
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import os
 import secrets
 import signal
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import httpx
 import yaml
@@ -155,3 +157,23 @@ def start_launcher(site_path: Path, job_mode: str, wall_time_min: float, *args: 
     proc.console_path = out.name  # type: ignore[attr-defined]
     out.close()
     return proc
+
+
+@contextlib.contextmanager
+def serial_launcher_on_cpus(site_path: Path, cpu_ids: list[int], wall_time_min: float) -> Iterator[subprocess.Popen]:
+    """Runs a serial launcher on one node of this host with CPUs ``cpu_ids`` for the ``with`` block;
+    kills its process group if it is still running after."""
+    nodes = [{"node_id": "0", "hostname": socket.gethostname(), "cpu_ids": cpu_ids, "gpu_ids": []}]
+    proc = start_launcher(site_path, "serial", wall_time_min, env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def end_allocation(proc: subprocess.Popen, timeout: float = 90) -> int:
+    """Sends SIGTERM to the launcher's process group, as an allocation's end does; returns its exit status."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    return finish(proc, timeout=timeout)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 #: Sessions of the launcher tests' server expire after this many seconds without a heartbeat.
 SESSION_EXPIRE_SEC = 4
@@ -162,3 +163,95 @@ class FakePool:
         self.terminated.append(victims)
         self.running.clear()
         return victims, []
+
+
+class RecordingUpdater:
+    """The updater interface MPIMode uses; it records every ``(job id, state)`` put in ``puts``
+    (under the ``changed`` condition, notified on each put)."""
+
+    gave_up = False
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[int, str]] = []
+        self.changed = threading.Condition()
+
+    def put(self, job_id: int, state: Any, **kw: Any) -> None:
+        with self.changed:
+            self.puts.append((job_id, str(getattr(state, "value", state))))
+            self.changed.notify_all()
+
+    def put_updates(self, updates: list[dict]) -> None:
+        for u in updates:
+            self.put(u["id"], u["state"])
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        return True
+
+    def send_soon(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class WholeNodePrep:
+    """The preparer interface MPIMode uses: every job runs ``true`` and asks for the default demand."""
+
+    def end_stale_runs(self, jobs: Any) -> None:
+        pass
+
+    def prepare(self, job: Any) -> Any:
+        from balsam.launcher.app_run import PreparedJob
+        from balsam.launcher.node_manager import Demand
+
+        return PreparedJob(job=job, id=job.id, workdir=Path("."), cmdline="true", env={}, demand=Demand())
+
+
+def fake_mpi_leases(mode: Any, pool: Any, preparer: Any, source: Any, updater: Any) -> None:
+    """Gives ``mode`` (an MPIMode) ``pool`` and ``preparer``, no oversized probe, and leases that yield
+    ``source`` and ``updater``: its loop then runs with no server."""
+    mode.pool = pool
+    mode.handover.pool = pool
+    mode.preparer = preparer
+    mode._probe_oversized = False
+
+    @contextlib.contextmanager
+    def lease() -> Iterator[tuple[Any, Any]]:
+        yield source, updater
+
+    mode.lease = lease
+
+
+@contextlib.contextmanager
+def mode_running(mode: Any, wait_sec: float = 30.0) -> Iterator[None]:
+    """Runs ``mode``'s loop in a thread for the ``with`` block; then stops the mode and asserts the
+    thread ended within ``wait_sec``."""
+    thread = threading.Thread(target=mode.run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        mode.request_stop("test over")
+        thread.join(wait_sec)
+        assert not thread.is_alive()
+
+
+def synced_app(site_name: str, name: str, command_template: str) -> Any:
+    """Syncs to site ``site_name`` an app named ``name`` running ``command_template``; returns its class."""
+    from balsam.api import ApplicationDefinition
+
+    app = type(name, (ApplicationDefinition,), {"site": site_name, "command_template": command_template})
+    app.sync()
+    return app
+
+
+def run_counts(ids: list[int]) -> dict[int, int]:
+    """How many times each job of ``ids`` (with events) went RUNNING, from its events."""
+    return {job_id: sum(str(e.to_state) == "RUNNING" for e in rows) for job_id, rows in events_of(ids).items()}
+
+
+def site_logs(site_path: Path) -> str:
+    """The text of every file in the site's log folder, one after another."""
+    import glob
+
+    return "".join(open(f, errors="replace").read() for f in glob.glob(str(site_path / "log" / "*")))

@@ -18,16 +18,10 @@ import contextlib
 import threading
 import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from balsam.builtin.default_platform import DefaultPlatform
-from balsam.config.schema import LauncherSettings
-from balsam.launcher.app_run import PreparedJob
-from balsam.launcher.job_mode import LauncherContext
 from balsam.launcher.modes.mpi import EMPTY_BACKLOG_REASK_SEC, EmptyBacklog, MPIMode
-from balsam.launcher.node_manager import Demand
-from balsam.platform import NodeInfo
-from launcher_helpers import FakePool
+from launcher_helpers import FakePool, RecordingUpdater, WholeNodePrep, fake_mpi_leases, mode_running, mpi_mode
 
 WAIT_SEC = 30.0
 
@@ -87,12 +81,7 @@ def test_no_room_to_ask_leaves_it_to_the_loop() -> None:
 
 
 # -- the loop ---------------------------------------------------------------------------------------
-class Prep:
-    def end_stale_runs(self, jobs: Any) -> None:
-        pass
-
-    def prepare(self, job: Any) -> PreparedJob:
-        return PreparedJob(job=job, id=job.id, workdir=Path("."), cmdline="true", env={}, demand=Demand())
+Prep = WholeNodePrep
 
 
 class Source:
@@ -115,71 +104,27 @@ class Source:
             assert self.lock.wait_for(lambda: len(self.answers) >= n, WAIT_SEC), self.answers
 
 
-class Updater:
-    gave_up = False
-
-    def __init__(self) -> None:
-        self.puts: list[tuple[int, str]] = []
-        self.changed = threading.Condition()
-
-    def put(self, job_id: int, state: Any, **kw: Any) -> None:
-        with self.changed:
-            self.puts.append((job_id, str(getattr(state, "value", state))))
-            self.changed.notify_all()
-
-    def put_updates(self, updates: list[dict]) -> None:
-        for u in updates:
-            self.put(u["id"], u["state"])
-
+class Updater(RecordingUpdater):
     def wait_for(self, item: tuple[int, str]) -> None:
         with self.changed:
             assert self.changed.wait_for(lambda: item in self.puts, WAIT_SEC), f"no {item}: {self.puts}"
-
-    def flush(self, timeout: Any = None) -> bool:
-        return True
-
-    def send_soon(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def make_mode(tmp_path: Path, batches: list[list[Any]], reask_sec: float) -> tuple[MPIMode, Source, Updater, FakePool]:
     """An MPIMode on one one-CPU node (one whole-node job at a time), jobs running until the test ends
     them; ``delay_sec`` far longer than the test, so every acquire after an empty answer is one an
     exit asked for."""
-    context = LauncherContext(site_config=None, settings=types.SimpleNamespace(launcher=LauncherSettings(delay_sec=1)),
-                              site_id=1, data_path=tmp_path, log_path=tmp_path, platform=DefaultPlatform(),
-                              nodes=[NodeInfo("0", "h0", [0])], wall_time_min=10)
-    mode = MPIMode(context)
-    pool = FakePool(mode.wake)
-    mode.pool = pool
-    mode.handover.pool = pool
-    mode.preparer = Prep()
-    mode._probe_oversized = False
+    mode = mpi_mode(tmp_path, cpus=1, delay_sec=1)
+    pool, source, updater = FakePool(mode.wake), Source(batches), Updater()
+    fake_mpi_leases(mode, pool, Prep(), source, updater)
     mode.delay_sec = 3600.0
     mode.empty_backlog.reask_sec = reask_sec
-    source, updater = Source(batches), Updater()
-
-    @contextlib.contextmanager
-    def lease() -> Iterator[tuple[Any, Any]]:
-        yield source, updater
-
-    mode.lease = lease  # type: ignore[method-assign]
     return mode, source, updater, pool
 
 
-@contextlib.contextmanager
-def running(mode: MPIMode) -> Iterator[None]:
-    thread = threading.Thread(target=mode.run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        mode.request_stop("test over")
-        thread.join(WAIT_SEC)
-        assert not thread.is_alive()
+def running(mode: MPIMode) -> contextlib.AbstractContextManager[None]:
+    """Runs ``mode``'s loop for the ``with`` block (the other MPI loop tests import it from here)."""
+    return mode_running(mode, WAIT_SEC)
 
 
 def _job(job_id: int) -> Any:

@@ -19,16 +19,14 @@ import threading
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from balsam.builtin.default_platform import DefaultPlatform
 from balsam.config.schema import LauncherSettings
-from balsam.launcher.app_run import PreparedJob
 from balsam.launcher.job_mode import LauncherContext
 from balsam.launcher.modes.mpi import MPIMode
-from balsam.launcher.node_manager import Demand
 from balsam.platform import NodeInfo
-from launcher_helpers import FakePool
+from launcher_helpers import FakePool, RecordingUpdater, WholeNodePrep, fake_mpi_leases, mode_running
 
 #: Deadline of every wait (against hangs only).
 WAIT_SEC = 30.0
@@ -50,44 +48,10 @@ class Pool(FakePool):
             self.finish(job_id, *ends)
 
 
-class Updater:
-    gave_up = False
-
-    def __init__(self) -> None:
-        self.puts: list[tuple[int, str]] = []
-        self.changed = threading.Condition()
-
-    def put(self, job_id: int, state: Any, **kw: Any) -> None:
-        with self.changed:
-            self.puts.append((job_id, str(getattr(state, "value", state))))
-            self.changed.notify_all()
-
-    def put_updates(self, updates: list[dict]) -> None:
-        for u in updates:
-            self.put(u["id"], u["state"])
-
+class Updater(RecordingUpdater):
     def wait_for(self, predicate: Any, what: str) -> None:
         with self.changed:
             assert self.changed.wait_for(lambda: predicate(self.puts), WAIT_SEC), f"{what}: {self.puts}"
-
-    def flush(self, timeout: Optional[float] = None) -> bool:
-        return True
-
-    def send_soon(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class Prep:
-    """Jobs given as (id, wall_time_min), each taking a whole node."""
-
-    def end_stale_runs(self, jobs: Any) -> None:
-        pass
-
-    def prepare(self, job: Any) -> PreparedJob:
-        return PreparedJob(job=job, id=job.id, workdir=Path("."), cmdline="true", env={}, demand=Demand())
 
 
 def make_mode(tmp_path: Path, nodes: int, outcome: Any, batches: list[list[Any]]) -> tuple[MPIMode, Updater]:
@@ -96,35 +60,20 @@ def make_mode(tmp_path: Path, nodes: int, outcome: Any, batches: list[list[Any]]
                               site_id=1, data_path=tmp_path, log_path=tmp_path, platform=DefaultPlatform(),
                               nodes=[NodeInfo(str(i), f"h{i}", [0]) for i in range(nodes)], wall_time_min=10)
     mode = MPIMode(context)
-    mode.pool = Pool(mode.wake, outcome)
-    mode.handover.pool = mode.pool
-    mode.preparer = Prep()
-    mode._probe_oversized = False
 
     class Source:
         def acquire(self, count: int, **kw: Any) -> list[Any]:
             return batches.pop(0) if batches else []
 
     updater = Updater()
-
-    @contextlib.contextmanager
-    def lease() -> Iterator[tuple[Any, Any]]:
-        yield Source(), updater
-
-    mode.lease = lease  # type: ignore[method-assign]
+    # Each job (given as (id, wall_time_min)) takes a whole node.
+    fake_mpi_leases(mode, Pool(mode.wake, outcome), WholeNodePrep(), Source(), updater)
     return mode, updater
 
 
-@contextlib.contextmanager
-def running(mode: MPIMode) -> Iterator[None]:
-    thread = threading.Thread(target=mode.run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        mode.request_stop("test over")
-        thread.join(WAIT_SEC)
-        assert not thread.is_alive()
+def running(mode: MPIMode) -> contextlib.AbstractContextManager[None]:
+    """Runs ``mode``'s loop for the ``with`` block."""
+    return mode_running(mode, WAIT_SEC)
 
 
 def _job(job_id: int, wall_time_min: int = 0) -> Any:

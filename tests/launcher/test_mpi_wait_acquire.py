@@ -14,19 +14,14 @@ the waits are against hangs only.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import types
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from balsam.builtin.default_platform import DefaultPlatform
-from balsam.config.schema import LauncherSettings
 from balsam.launcher.app_run import PreparedJob
-from balsam.launcher.job_mode import LauncherContext
 from balsam.launcher.modes.mpi import ACQUIRE_WAIT_SEC, AcquireWait, MPIMode
-from balsam.platform import NodeInfo
-from launcher_helpers import FakePool
+from launcher_helpers import FakePool, fake_mpi_leases, mpi_mode
 from test_mpi_cycle_empty_backlog import WAIT_SEC, Prep, Updater, running
 
 
@@ -114,26 +109,21 @@ def _job(job_id: int) -> Any:
 def make_mode(tmp_path: Path, source: Any) -> tuple[MPIMode, Updater, FakePool]:
     """An MPIMode on one one-CPU node; ``delay_sec`` far longer than the test, ``reask_sec`` 0 (the
     first waiting acquire follows the empty answer at once); the server's wait as long as the test."""
-    context = LauncherContext(site_config=None, settings=types.SimpleNamespace(launcher=LauncherSettings(delay_sec=1)),
-                              site_id=1, data_path=tmp_path, log_path=tmp_path, platform=DefaultPlatform(),
-                              nodes=[NodeInfo("0", "h0", [0])], wall_time_min=10)
-    mode = MPIMode(context)
-    pool = FakePool(mode.wake)
-    mode.pool = pool
-    mode.handover.pool = pool
-    mode.preparer = RecordingPrep()
-    mode._probe_oversized = False
+    mode = mpi_mode(tmp_path, cpus=1, delay_sec=1)
+    pool, updater = FakePool(mode.wake), Updater()
+    fake_mpi_leases(mode, pool, RecordingPrep(), source, updater)
     mode.delay_sec = 3600.0
     mode.empty_backlog.reask_sec = 0.0
     mode.acquire_wait.wait_sec = 3600.0
-    updater = Updater()
-
-    @contextlib.contextmanager
-    def lease() -> Iterator[tuple[Any, Any]]:
-        yield source, updater
-
-    mode.lease = lease  # type: ignore[method-assign]
     return mode, updater, pool
+
+
+def run_job_1_until_an_acquire_waits(source: Any, updater: Updater, pool: FakePool) -> None:
+    """Job 1 (already leased) runs and ends; returns once an acquire is blocked in ``source``'s wait."""
+    updater.wait_for((1, "RUNNING"))
+    pool.finish(1)
+    updater.wait_for((1, "RUN_DONE"))
+    source.wait_until(lambda: source.blocked)
 
 
 def test_a_job_created_while_the_partition_is_idle_is_leased_by_the_waiting_acquire(tmp_path: Path) -> None:
@@ -143,10 +133,7 @@ def test_a_job_created_while_the_partition_is_idle_is_leased_by_the_waiting_acqu
     mode, updater, pool = make_mode(tmp_path, source)
     try:
         with running(mode):
-            updater.wait_for((1, "RUNNING"))
-            pool.finish(1)
-            updater.wait_for((1, "RUN_DONE"))
-            source.wait_until(lambda: source.blocked)  # the waiting acquire is in flight
+            run_job_1_until_an_acquire_waits(source, updater, pool)  # the waiting acquire is in flight
             source.add([_job(2)])
             updater.wait_for((2, "RUNNING"))
             pool.finish(2)
@@ -163,10 +150,7 @@ def test_a_stop_does_not_wait_for_the_waiting_acquire_and_what_it_gets_later_is_
     mode, updater, pool = make_mode(tmp_path, source)
     try:
         with running(mode):  # its exit asserts that run() returned
-            updater.wait_for((1, "RUNNING"))
-            pool.finish(1)
-            updater.wait_for((1, "RUN_DONE"))
-            source.wait_until(lambda: source.blocked)
+            run_job_1_until_an_acquire_waits(source, updater, pool)
         assert source.blocked == 1  # run() returned with the acquire still waiting
         source.add([_job(7)])  # answered after the stop (as the Session's deletion would free it)
         source.wait_until(lambda: (3600.0, 1) in source.calls)
@@ -285,10 +269,7 @@ def test_the_partition_going_idle_looks_for_oversized_jobs_before_any_waiting_ac
     mode._probe_oversized = True
     try:
         with running(mode):
-            updater.wait_for((1, "RUNNING"))
-            pool.finish(1)
-            updater.wait_for((1, "RUN_DONE"))
-            source.wait_until(lambda: source.blocked)  # then a waiting acquire is out
+            run_job_1_until_an_acquire_waits(source, updater, pool)  # then a waiting acquire is out
     finally:
         source.release()
     assert source.probes == 1 and source.waits_before_probe == 0, (source.probes, source.calls)

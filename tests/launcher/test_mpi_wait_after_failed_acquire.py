@@ -10,22 +10,16 @@ JobLease does (as test_mpi_cycle_empty_backlog.py); the waits are against hangs 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import types
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import pytest
 
-from balsam.builtin.default_platform import DefaultPlatform
-from balsam.config.schema import LauncherSettings
 from balsam.launcher.app_run import PreparedJob
-from balsam.launcher.job_mode import LauncherContext
-from balsam.launcher.modes.mpi import MPIMode
 from balsam.launcher.node_manager import Demand
-from balsam.platform import NodeInfo
-from launcher_helpers import FakePool
+from launcher_helpers import FakePool, fake_mpi_leases, mpi_mode
 from test_mpi_cycle_empty_backlog import WAIT_SEC, Prep, Updater, running
 
 
@@ -71,26 +65,13 @@ def test_an_empty_answer_after_a_failed_acquire_does_not_say_the_backlog_is_empt
     0.5: job 9 does not fit) fails and its body is resent after job 1's exit, answered empty. That
     answer is to room 0.5, not to the room asked then: job 2's exit, which frees the node for job
     9, must still ask (it was taken as "backlog empty", and job 9 waited ``delay_sec``)."""
-    context = LauncherContext(site_config=None, settings=types.SimpleNamespace(launcher=LauncherSettings(delay_sec=1)),
-                              site_id=1, data_path=tmp_path, log_path=tmp_path, platform=DefaultPlatform(),
-                              nodes=[NodeInfo("0", "h0", [0, 1])], wall_time_min=10)
-    mode = MPIMode(context)
-    pool = FakePool(mode.wake)
-    mode.pool = pool
-    mode.handover.pool = pool
-    mode.preparer = SizedPrep()
-    mode._probe_oversized = False
-    mode.delay_sec = 3600.0
-    mode.empty_backlog.reask_sec = 3600.0
+    mode = mpi_mode(tmp_path, cpus=2, delay_sec=1)
     jobs = [types.SimpleNamespace(id=i, wall_time_min=0, num_nodes=1, packing=packing)
             for i, packing in ((1, 2), (2, 2), (3, 2), (9, 1))]
-    source, updater = ResendingSource(jobs, fail_at), Updater()
-
-    @contextlib.contextmanager
-    def lease() -> Iterator[tuple[Any, Any]]:
-        yield source, updater
-
-    mode.lease = lease  # type: ignore[method-assign]
+    pool, source, updater = FakePool(mode.wake), ResendingSource(jobs, fail_at), Updater()
+    fake_mpi_leases(mode, pool, SizedPrep(), source, updater)
+    mode.delay_sec = 3600.0
+    mode.empty_backlog.reask_sec = 3600.0
     with running(mode):
         updater.wait_for((1, "RUNNING"))
         updater.wait_for((2, "RUNNING"))

@@ -10,49 +10,29 @@ test waits for states (the bound, PREFETCH_RELEASE_SEC, is 5 s)."""
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import signal
-import socket
-
 import pytest
 
-from launcher_harness import finish, start_launcher
-from launcher_helpers import events_of, make_runnable, wait_for_states
+from launcher_harness import end_allocation, serial_launcher_on_cpus
+from launcher_helpers import make_runnable, run_counts, site_logs, synced_app, wait_for_states
 
 DONE = {"RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"}
 
 
 @pytest.mark.slow
 def test_a_lean_launcher_fills_the_slot_beside_a_job_that_needs_the_whole_node(new_site) -> None:
-    from balsam.api import ApplicationDefinition
-
     name, path = new_site(idle_ttl_sec=600)
-
-    class Sleeper(ApplicationDefinition):
-        site = name
-        command_template = "sleep {{ secs }}"
-
-    Sleeper.sync()
+    Sleeper = synced_app(name, "Sleeper", "sleep {{ secs }}")
     # Leased in id order: J0 (8 s) and J1 (300 s) fill the 2 slots; B needs the whole node; then small jobs.
     specs = [(2, 8), (2, 300), (1, 1)] + [(2, 1)] * 8
     ids = make_runnable(Sleeper.submit(workdir=f"s/{i}", node_packing_count=packing, secs=secs, save=False)
                         for i, (packing, secs) in enumerate(specs))
-    nodes = [{"node_id": "0", "hostname": socket.gethostname(), "cpu_ids": [0, 1], "gpu_ids": []}]
-    proc = start_launcher(path, "serial", 10, env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
-    try:
+    with serial_launcher_on_cpus(path, [0, 1], 10) as proc:
         wait_for_states(ids[:1], DONE, timeout=90)
         # The slot J0 freed runs the small jobs while J1 runs and B waits for the whole node.
         wait_for_states(ids[3:], DONE, timeout=90)
-        os.killpg(proc.pid, signal.SIGTERM)
-        assert finish(proc, timeout=90) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    runs = {job_id: sum(str(e.to_state) == "RUNNING" for e in rows) for job_id, rows in events_of(ids).items()}
+        assert end_allocation(proc) == 0
+    runs = run_counts(ids)
     assert runs.get(ids[2], 0) == 0 and all(runs.get(i, 0) == 1 for i in ids[:2] + ids[3:]), runs
-    logs = "".join(open(f, errors="replace").read() for f in glob.glob(str(path / "log" / "*")))
+    logs = site_logs(path)
     # Given back while both slots were busy (at the start), not every 5 s while a slot was free.
     assert logs.count("given back to the server") <= 2, logs.count("given back to the server")

@@ -10,16 +10,12 @@ is asserted: the test waits for states (the bound, PREFETCH_RELEASE_SEC, is 5 s)
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
 import time
 
 import pytest
 
-from launcher_harness import finish, start_launcher
-from launcher_helpers import events_of, make_runnable, wait_for_states
+from launcher_harness import end_allocation, serial_launcher_on_cpus
+from launcher_helpers import make_runnable, run_counts, synced_app, wait_for_states
 
 RUNNABLE = ["PREPROCESSED", "RESTART_READY"]
 
@@ -43,22 +39,15 @@ def _wait_for(what: str, check, timeout: float = 60.0) -> None:
 
 @pytest.mark.slow
 def test_a_full_launcher_gives_back_what_it_leased_ahead_and_leases_again_as_slots_free(new_site) -> None:
-    from balsam.api import ApplicationDefinition, Job
+    from balsam.api import Job
 
     name, path = new_site(idle_ttl_sec=600)
     site_id = int((path / ".balsam-site").read_text())
-
-    class Sleeper(ApplicationDefinition):
-        site = name
-        command_template = "sleep {{ secs }}"
-
-    Sleeper.sync()
+    Sleeper = synced_app(name, "Sleeper", "sleep {{ secs }}")
     # Leased in id order: the first two end soon (their slots free once), the others run for long.
     ids = make_runnable(Sleeper.submit(workdir=f"s/{i}", node_packing_count=2, secs=8 if i < 2 else 600, save=False)
                         for i in range(12))
-    nodes = [{"node_id": "0", "hostname": socket.gethostname(), "cpu_ids": [0, 1], "gpu_ids": []}]
-    proc = start_launcher(path, "serial", 5, env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
-    try:
+    with serial_launcher_on_cpus(path, [0, 1], 5) as proc:
         wait_for_states(ids[:2], {"RUN_DONE"}, timeout=90)
 
         def settled() -> bool:
@@ -70,14 +59,9 @@ def test_a_full_launcher_gives_back_what_it_leased_ahead_and_leases_again_as_slo
         _wait_for(f"leased jobs not started stay hidden from the elastic queue: leased={_backlog(site_id, True)}, "
                   f"backlog={_backlog(site_id, False)}", settled)
         assert _backlog(site_id, leased=False) == 8  # every job not running is demand for a new allocation
-        os.killpg(proc.pid, signal.SIGTERM)  # the allocation's end
-        assert finish(proc, timeout=90) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        assert end_allocation(proc) == 0
     # Slots that freed were filled again (two more jobs ran), and nothing ran twice.
-    runs = {job_id: sum(str(e.to_state) == "RUNNING" for e in rows) for job_id, rows in events_of(ids).items()}
+    runs = run_counts(ids)
     assert sorted(runs.values()) == [0] * 8 + [1] * 4, runs
     assert _backlog(site_id, leased=True) == 0
     # The two running at the stop are re-run (RUN_TIMEOUT); the others are runnable again, unheld.

@@ -21,11 +21,7 @@ timed assertion: the clocks are the tests', and the launcher test waits for stat
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import signal
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,10 +29,10 @@ from typing import Any
 import pytest
 
 from balsam.launcher import prefetch
-from launcher_harness import finish, start_launcher
-from launcher_helpers import events_of, make_runnable, wait_for_states
+from launcher_harness import end_allocation, serial_launcher_on_cpus
+from launcher_helpers import make_runnable, run_counts, site_logs, synced_app, wait_for_states
 from test_prefetch_release_review import ReleasingLease
-from test_prefetch_release_units import Job, Lease, Refused, clock, fetcher, prepared  # noqa: F401
+from test_prefetch_release_units import Job, Lease, Refused, busy_fetcher, clock, fetcher, prepared  # noqa: F401
 from test_serial_too_late import _exit, _prepared, make_master
 
 DONE = {"RUN_DONE", "POSTPROCESSED", "JOB_FINISHED"}
@@ -126,8 +122,7 @@ class Unavailable(Refused):
 @pytest.mark.parametrize("failure", [503, 429, None], ids=["503", "429", "no-answer"])
 def test_a_release_that_keeps_failing_is_given_up_and_acquires_go_on(clock: list[float], failure: "int | None") -> None:
     lease = Lease()
-    f = fetcher(lease)
-    f._taken, f._running = 10, 2
+    f = busy_fetcher(lease)
     lease.client.fail = [Unavailable(failure) for _ in range(1000)]
     f.give_back([(prepared(5), 1), (prepared(6), 1)])
     f.give_back([(prepared(8), 1)], too_late=True)
@@ -148,8 +143,7 @@ def test_a_release_that_keeps_failing_is_given_up_and_acquires_go_on(clock: list
 
 def test_a_release_given_up_by_time_keeps_the_jobs_never_sent(clock: list[float]) -> None:
     lease = Lease()
-    f = fetcher(lease)
-    f._taken, f._running = 10, 2
+    f = busy_fetcher(lease)
     lease.client.fail = [Unavailable(None), Unavailable(None)]
     f.give_back([(prepared(5), 1)])
     f._send_release()  # no answer: may have been applied
@@ -162,35 +156,21 @@ def test_a_release_given_up_by_time_keeps_the_jobs_never_sent(clock: list[float]
 
 @pytest.mark.slow
 def test_a_lean_launcher_fills_a_slot_smaller_than_the_mean_job(new_site: Any) -> None:
-    from balsam.api import ApplicationDefinition
-
     name, path = new_site(idle_ttl_sec=600)
-
-    class Sleeper(ApplicationDefinition):
-        site = name
-        command_template = "sleep {{ secs }}"
-
-    Sleeper.sync()
+    Sleeper = synced_app(name, "Sleeper", "sleep {{ secs }}")
     # One node of 4 CPUs. Leased in id order: H1 (half) and Q1 (quarter), 300 s; Q0 (quarter, 8 s);
     # H2..H4 (half) cannot fit and are given back (lean); then quarter jobs of 1 s. When Q0 ends,
     # the free quarter is no room by the running jobs' mean (0.375 of the node).
     specs = [(2, 300), (4, 300), (4, 8), (2, 300), (2, 300), (2, 300)] + [(4, 1)] * 6
     ids = make_runnable(Sleeper.submit(workdir=f"s/{i}", node_packing_count=packing, secs=secs, save=False)
                         for i, (packing, secs) in enumerate(specs))
-    nodes = [{"node_id": "0", "hostname": socket.gethostname(), "cpu_ids": [0, 1, 2, 3], "gpu_ids": []}]
-    proc = start_launcher(path, "serial", 10, env={"BALSAM_LAUNCHER_NODELIST": json.dumps(nodes)})
-    try:
+    with serial_launcher_on_cpus(path, [0, 1, 2, 3], 10) as proc:
         wait_for_states(ids[2:3], DONE, timeout=90)
         wait_for_states(ids[6:], DONE, timeout=90)  # the quarter slot runs the small jobs
-        os.killpg(proc.pid, signal.SIGTERM)
-        assert finish(proc, timeout=90) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    runs = {job_id: sum(str(e.to_state) == "RUNNING" for e in rows) for job_id, rows in events_of(ids).items()}
+        assert end_allocation(proc) == 0
+    runs = run_counts(ids)
     assert all(runs.get(i, 0) == 1 for i in ids[:3] + ids[6:]) and not any(runs.get(i, 0) for i in ids[3:6]), runs
-    logs = "".join(open(f, errors="replace").read() for f in glob.glob(str(path / "log" / "*")))
+    logs = site_logs(path)
     # The half-node jobs given back while every slot was busy; the jobs leased for the quarter slot
     # that do not fit are given back after the bound, not leased and given back on every turn.
     assert logs.count("given back to the server") <= 2, logs.count("given back to the server")

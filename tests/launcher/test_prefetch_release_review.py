@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE as MAX_RELEASE_IDS  # the server's bound
-from test_prefetch_release_units import Lease, Refused, clock, fetcher, prepared  # noqa: F401
+from test_prefetch_release_units import Lease, Refused, busy_fetcher, clock, fetcher, prepared  # noqa: F401
 from test_serial_too_late import _exit, _prepared, _sent, make_master
 
 
@@ -39,8 +39,7 @@ OTHER = [Answered(404, "Session 7 not found (it may have expired: no heartbeat f
 @pytest.mark.parametrize("refusal", NO_ROUTE, ids=["405", "no-route-404", "plain-404"])
 def test_a_server_without_the_route_stops_the_giving_back_and_the_lean_state(clock: list[float], refusal: Exception) -> None:
     lease = Lease()
-    f = fetcher(lease)
-    f._taken, f._running = 10, 2
+    f = busy_fetcher(lease)
     lease.client.fail = [refusal]
     f.give_back([(prepared(5), 1), (prepared(6), 1)])
     assert f.lean
@@ -72,9 +71,7 @@ def test_other_refusals_return_the_jobs_and_the_next_stall_gives_back_again(cloc
 
 def test_a_lean_prefetcher_leases_the_room_beside_jobs_that_do_not_fit(clock: list[float]) -> None:
     lease = Lease()
-    f = fetcher(lease)
-    f._taken, f._running = 10, 2
-    f.give_back([(prepared(i), 1) for i in range(3, 11)])
+    f = busy_fetcher(lease, given_back=range(3, 11))
     f._send_release()
     assert f.lean
     # A slot frees; the loop holds one job that needs the whole node (it cannot be placed now).

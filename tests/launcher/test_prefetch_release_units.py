@@ -6,7 +6,7 @@ room until the floor's jobs would start within the bound. The clock is the test'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pytest
 
@@ -70,6 +70,16 @@ def fetcher(lease: Lease) -> Prefetcher:
     return f
 
 
+def busy_fetcher(lease: Lease, given_back: Iterable[int] = ()) -> Prefetcher:
+    """A fetcher of ``lease`` that took 10 jobs, 2 running (both slots busy), and gave back the jobs
+    ``given_back`` (one slot each)."""
+    f = fetcher(lease)
+    f._taken, f._running = 10, 2
+    if given_back:
+        f.give_back([(prepared(i), 1) for i in given_back])
+    return f
+
+
 def test_given_back_jobs_go_in_one_request_and_the_prefetcher_turns_lean(clock: list[float]) -> None:
     lease = Lease()
     f = fetcher(lease)
@@ -128,9 +138,7 @@ def test_a_refused_release_returns_the_jobs_to_the_loop_and_gives_back_none_agai
 
 def test_lean_until_the_floor_would_start_within_the_bound(clock: list[float]) -> None:
     lease = Lease()
-    f = fetcher(lease)
-    f._taken, f._running = 10, 2
-    f.give_back([(prepared(i), 1) for i in range(3, 11)])
+    f = busy_fetcher(lease, given_back=range(3, 11))
     f._measure_rate()
     # Two long jobs end together (a high rate for one window) and their slots are filled again.
     clock[0] += 1.0

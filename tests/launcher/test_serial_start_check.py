@@ -20,7 +20,7 @@ from balsam.config import SiteConfig
 from balsam.launcher.job_mode import LauncherContext
 from balsam.launcher.modes.serial import SerialMode
 from balsam.platform import LaunchSpec, NodeInfo
-from launcher_helpers import make_runnable, wait_for_states
+from launcher_helpers import make_runnable, synced_app, wait_for_states
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -45,15 +45,10 @@ def _context(path: Path, platform: Any, nodes: list[NodeInfo], batch_job_id: Any
 
 
 def test_two_lone_masters_fail_the_launch_and_say_why_on_the_batch_job(new_site: Any) -> None:
-    from balsam.api import ApplicationDefinition, BatchJob, Job
+    from balsam.api import BatchJob, Job
 
     name, path = new_site(idle_ttl_sec=2)
-
-    class Echo(ApplicationDefinition):
-        site = name
-        command_template = "echo hi"
-
-    Echo.sync()
+    Echo = synced_app(name, "Echo", "echo hi")
     ids = make_runnable([Echo.submit(workdir="e0", save=False)])
     batch_job = BatchJob.objects.create(site_id=Echo.resolve_site_id(), project="local", queue="local", num_nodes=2,
                                         wall_time_min=2, job_mode="serial")
@@ -67,15 +62,8 @@ def test_two_lone_masters_fail_the_launch_and_say_why_on_the_batch_job(new_site:
 
 
 def test_a_one_node_partition_runs_its_master_in_the_launcher_process(new_site: Any, monkeypatch: Any) -> None:
-    from balsam.api import ApplicationDefinition
-
     name, path = new_site(idle_ttl_sec=1)
-
-    class Echo(ApplicationDefinition):
-        site = name
-        command_template = "echo hi"
-
-    Echo.sync()
+    Echo = synced_app(name, "Echo", "echo hi")
     ids = make_runnable([Echo.submit(workdir=f"e{i}", node_packing_count=4, save=False) for i in range(6)])
     mode = SerialMode(_context(path, DefaultPlatform(), [NodeInfo("0", socket.gethostname(), [0, 1])]))
     assert mode.runs_in_process()
@@ -86,15 +74,8 @@ def test_a_one_node_partition_runs_its_master_in_the_launcher_process(new_site: 
 
 
 def test_sigterm_stops_an_in_process_master(new_site: Any) -> None:
-    from balsam.api import ApplicationDefinition
-
     name, path = new_site(idle_ttl_sec=60)
-
-    class Long(ApplicationDefinition):
-        site = name
-        command_template = "sleep 300"
-
-    Long.sync()
+    Long = synced_app(name, "Long", "sleep 300")
     ids = make_runnable([Long.submit(workdir="long", save=False)])
     mode = SerialMode(_context(path, DefaultPlatform(), [NodeInfo("0", socket.gethostname(), [0])]))
     runner = threading.Thread(target=mode.run)

@@ -110,3 +110,54 @@ def max_sharing(spans: dict[str, tuple[int, float, float]], slots: dict[str, obj
             level += step
             worst = max(worst, level)
     return worst
+
+
+#: Fake PALS ``mpiexec``: it gives the ranks each ``--env NAME=value`` over what ``--envall`` passes.
+PALS_ENV = ('for ((i = 1; i < $#; i++)); do [ "${!i}" = --env ] && { j=$((i + 1)); export "${!j}"; }; done\n'
+            f'exec {PYTHON} {FAKES / "recording_launcher.py"} mpiexec "$@"')
+AURORA_ENDED = {"RUN_DONE", "FAILED", "RUN_ERROR"}
+
+
+def docs_tile_wrapper(docs: Path, tmp_path: Path) -> Path:
+    """Writes the ``tile_per_rank.sh`` script of the Aurora docs page ``docs`` as an executable under ``tmp_path``."""
+    import re
+
+    (script,) = [s for s in re.findall(r"```bash\n(.*?)```", docs.read_text(), re.S) if "tile_per_rank.sh" in s]
+    wrapper = tmp_path / "tile_per_rank.sh"
+    wrapper.write_text(script)
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def run_aurora_mpi_job(machine: Any, site_path: Path, ids: list[int]) -> dict[str, Any]:
+    """Runs an mpi-mode launcher on ``machine``'s fake Aurora allocation until jobs ``ids`` end; asserts they
+    all end RUN_DONE and returns the one mpiexec record."""
+    from launcher_helpers import wait_for_states
+
+    env = machine.env(PBS_NODEFILE=str(machine.node_file), PBS_JOBID="123.aurora-pbs-0001")
+    proc = start_launcher(site_path, "mpi", 2, env)
+    try:
+        done = wait_for_states(ids, AURORA_ENDED, timeout=120)
+    finally:
+        finish(proc, 60)
+    assert [str(j.state) for j in done.values()] == ["RUN_DONE"] * len(ids)
+    (record,) = machine.records("mpiexec")
+    return record
+
+
+def flat_aurora_app(fake_machine: Any, hosts: list[str], tmp_path: Path, monkeypatch: Any, name: str,
+                    command_template: str, mpiexec: Optional[str] = None) -> tuple[Any, tuple[str, Path], Any]:
+    """Sets FLAT tiles, fakes the machine of ``hosts`` (``mpiexec``, if given, the script of its
+    mpiexec), makes an aurora site under ``tmp_path`` and syncs there an app ``name`` running
+    ``command_template``; returns ``(machine, (site name, site path), the app class)``."""
+    from balsam.api import ApplicationDefinition
+    from machine_jobs import site_for
+
+    monkeypatch.setenv("ZE_FLAT_DEVICE_HIERARCHY", "FLAT")
+    machine = fake_machine(hosts)
+    if mpiexec is not None:
+        machine._wrapper("mpiexec", mpiexec)
+    site = site_for(tmp_path, "aurora")
+    app = type(name, (ApplicationDefinition,), {"site": site[0], "command_template": command_template})
+    app.sync()
+    return machine, site, app

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from machine_jobs import job_out, make_runnable, site_for, wait_for_states
-from platform_harness import finish, start_launcher
+from machine_jobs import job_out, make_runnable
+from platform_harness import flat_aurora_app, run_aurora_mpi_job
 
 HOSTS = ["x4102c5s0b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov", "x4102c5s1b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov"]
-ENDED = {"RUN_DONE", "FAILED", "RUN_ERROR"}
 
 
 def ids_of(entry: str) -> list[int]:
@@ -32,27 +31,11 @@ def ids_of(entry: str) -> list[int]:
 
 def test_packed_job_of_odd_threads_gets_all_its_threads(balsam_env, fake_machine, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from balsam.api import ApplicationDefinition
-
-    monkeypatch.setenv("ZE_FLAT_DEVICE_HIERARCHY", "FLAT")
-    machine = fake_machine(HOSTS)
-    site_name, site_path = site_for(tmp_path, "aurora")
-
-    class Threads(ApplicationDefinition):
-        site = site_name
-        command_template = "echo threads=$OMP_NUM_THREADS"
-
-    Threads.sync()
+    machine, site, Threads = flat_aurora_app(fake_machine, HOSTS, tmp_path, monkeypatch, "Threads",
+                                             "echo threads=$OMP_NUM_THREADS")
     ids = make_runnable([Threads.submit(workdir="odd", node_packing_count=4, ranks_per_node=2, threads_per_rank=3,
                                         threads_per_core=2, save=False)])
-    env = machine.env(PBS_NODEFILE=str(machine.node_file), PBS_JOBID="123.aurora-pbs-0001")
-    proc = start_launcher(site_path, "mpi", 2, env)
-    try:
-        done = wait_for_states(ids, ENDED, timeout=120)
-    finally:
-        finish(proc, 60)
-    assert [str(j.state) for j in done.values()] == ["RUN_DONE"]
-    (record,) = machine.records("mpiexec")
+    record = run_aurora_mpi_job(machine, site[1], ids)
     options = dict(record["options"])
     assert options["-d"] == "3"
     ranks = [ids_of(entry) for entry in options["--cpu-bind"][len("list:"):].split(":")]
@@ -86,31 +69,15 @@ def test_odd_threads_of_tile_ranks_stay_on_their_tiles_socket(balsam_env, fake_m
     0) and 53-64 (tiles 6-11, socket 1), in rank order: cutting those cores' hardware threads 3 by
     3 put ranks 4 and 5 (tiles 4 and 5, GPU 2, socket 0) on cores 53-55. Each rank's CPUs must be
     on its tile's socket (the cut of one core per rank, as before the thread cut, is)."""
-    from balsam.api import ApplicationDefinition
-
-    monkeypatch.setenv("ZE_FLAT_DEVICE_HIERARCHY", "FLAT")
-    machine = fake_machine(HOSTS)
-    site_name, site_path = site_for(tmp_path, "aurora")
-
-    class Tiles(ApplicationDefinition):
-        site = site_name
-        command_template = "echo mask=$ZE_AFFINITY_MASK"
-
-    Tiles.sync()
+    machine, site, Tiles = flat_aurora_app(fake_machine, HOSTS, tmp_path, monkeypatch, "Tiles",
+                                           "echo mask=$ZE_AFFINITY_MASK")
     ids = make_runnable([Tiles.submit(workdir="tiles", ranks_per_node=12, gpus_per_rank=1, threads_per_rank=3,
                                       threads_per_core=2, save=False)])
-    env = machine.env(PBS_NODEFILE=str(machine.node_file), PBS_JOBID="123.aurora-pbs-0001")
-    proc = start_launcher(site_path, "mpi", 2, env)
-    try:
-        done = wait_for_states(ids, ENDED, timeout=120)
-    finally:
-        finish(proc, 60)
-    assert [str(j.state) for j in done.values()] == ["RUN_DONE"]
-    (record,) = machine.records("mpiexec")
+    record = run_aurora_mpi_job(machine, site[1], ids)
     bind = dict(record["options"])["--cpu-bind"]
     ranks = [ids_of(entry) for entry in bind[len("list:"):].split(":")]
     assert len(ranks) == 12, bind
-    (mask,) = set(re.findall(r"mask=(\S+)", job_out((site_name, site_path), "tiles")))
+    (mask,) = set(re.findall(r"mask=(\S+)", job_out(site, "tiles")))
     tiles = mask.split(",")
     assert len(tiles) == 12
     for rank, cpus in enumerate(ranks):

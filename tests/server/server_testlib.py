@@ -101,3 +101,13 @@ def create_jobs_at_once(api: Api, body: list, key: str, times: int = 6) -> list[
 
     with concurrent.futures.ThreadPoolExecutor(times) as pool:
         return list(pool.map(lambda _: post(), range(times)))
+
+
+@contextlib.contextmanager
+def client_with_session(database_url: str, secret: str) -> Iterator[dict[str, Any]]:
+    """A logged-in test client with a site, an app and a Session of that site: yields
+    ``{"client", "app", "app_id", "site_id", "session"}``."""
+    with logged_in_test_client(database_url, secret) as (client, app):
+        site_id, app_id = create_site_and_app(client)
+        session = client.post("/sessions/", json={"site_id": site_id}).json()["id"]
+        yield {"client": client, "app": app, "app_id": app_id, "site_id": site_id, "session": session}

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 from balsam.server import acquire_waits
-from server_testlib import create_site_and_app, logged_in_test_client
+from server_testlib import client_with_session
 
 SECRET = "acquire-wait-replay-test-secret-0123456789-abcdefg"
 BODY = {"max_num_jobs": 10, "filter_tags": {}, "states": ["STAGED_IN"]}
@@ -25,10 +25,8 @@ BODY = {"max_num_jobs": 10, "filter_tags": {}, "states": ["STAGED_IN"]}
 @pytest.fixture
 def server(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     monkeypatch.setattr(acquire_waits, "MAX_WAIT_SEC", 3600.0)
-    with logged_in_test_client(database_url, SECRET) as (client, app):
-        site_id, app_id = create_site_and_app(client)
-        session = client.post("/sessions/", json={"site_id": site_id}).json()["id"]
-        yield {"client": client, "app": app, "app_id": app_id, "session": session}
+    with client_with_session(database_url, SECRET) as server:
+        yield server
 
 
 def _acquire(server: dict[str, Any], key: str, out: list) -> None:

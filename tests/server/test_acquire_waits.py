@@ -24,7 +24,7 @@ from balsam.server.acquire_notify import CHANNEL, WakeBridge, parse_payload
 from balsam.server.acquire_waits import MAX_WAIT_SEC, AcquireWaits, requested_wait
 from balsam.server.app import create_app
 from balsam.server.settings import ServerSettings
-from server_testlib import create_site_and_app, logged_in_test_client
+from server_testlib import client_with_session, create_site_and_app
 
 
 SECRET = "acquire-waits-test-secret-0123456789-abcdefghijklm"
@@ -138,10 +138,8 @@ def _closed_port() -> int:
 @pytest.fixture
 def server(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     monkeypatch.setattr(acquire_waits, "MAX_WAIT_SEC", 3600.0)
-    with logged_in_test_client(database_url, SECRET) as (client, app):
-        site_id, app_id = create_site_and_app(client)
-        session = client.post("/sessions/", json={"site_id": site_id}).json()["id"]
-        yield {"client": client, "app": app, "app_id": app_id, "site_id": site_id, "session": session}
+    with client_with_session(database_url, SECRET) as server:
+        yield server
 
 
 def _acquire(server: dict[str, Any], wait: "str | None", out: list) -> None:
