@@ -150,6 +150,25 @@ def gres_slurm(tmp_path_factory):
 GPU_CHECK_PARAMS = {"cpu-bind": "cores"}
 
 
+def run_launcher_in_salloc(path: Path, ids: list, salloc_args: list[str], launcher: list[str],
+                           env: dict[str, str]) -> None:
+    """Run ``launcher`` (the site's launcher command line) inside ``salloc salloc_args`` until the
+    jobs ``ids`` are RUN_DONE, its console in the site's log folder; end it whatever happens."""
+    from machine_jobs import wait_for_states
+    from platform_harness import finish
+
+    console = open(path / "log" / "launcher-salloc.console", "wb")
+    proc = subprocess.Popen(["salloc", *salloc_args, *launcher],
+                            env={**os.environ, **env, "BALSAM_SITE_PATH": str(path)}, cwd=path, stdout=console,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc.console_path = console.name  # type: ignore[attr-defined]
+    console.close()
+    try:
+        wait_for_states(ids, {"RUN_DONE"}, timeout=150)
+    finally:
+        finish(proc, timeout=120)
+
+
 def _packed_lines(node: str, probe: Path, jobs: list[tuple[str, float, tuple[str, ...]]]) -> str:
     platform = PerlmutterGPUPlatform()
     rows = []
@@ -198,8 +217,7 @@ def test_real_launcher_packed_gpu_jobs_on_real_gres_slurm(gres_slurm, balsam_env
     import sys
 
     from balsam.api import ApplicationDefinition
-    from machine_jobs import make_runnable, site_for, wait_for_states
-    from platform_harness import finish
+    from machine_jobs import make_runnable, site_for
 
     env, node, _cpu_node = gres_slurm
     probe = tmp_path / "app.sh"
@@ -213,17 +231,8 @@ def test_real_launcher_packed_gpu_jobs_on_real_gres_slurm(gres_slurm, balsam_env
     jobs = [Probe.submit(workdir=f"g/{n}", n=n, gpus_per_rank=gpr, threads_per_rank=8, node_packing_count=8, save=False,
                          launch_params=GPU_CHECK_PARAMS) for n, gpr in enumerate([1, 1, 1, 0.5, 0.5])]
     ids = make_runnable(jobs)
-    console = open(path / "log" / "launcher-salloc.console", "wb")
-    proc = subprocess.Popen(["salloc", "-w", node, "-N1", "--exclusive", "--gpus=4", "-t", "5",
-                             sys.executable, "-m", "balsam.launcher", "-j", "mpi", "-t", "3"],
-                            env={**os.environ, **env, "BALSAM_SITE_PATH": str(path)}, cwd=path, stdout=console,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    proc.console_path = console.name  # type: ignore[attr-defined]
-    console.close()
-    try:
-        wait_for_states(ids, {"RUN_DONE"}, timeout=150)
-    finally:
-        finish(proc, timeout=120)
+    run_launcher_in_salloc(path, ids, ["-w", node, "-N1", "--exclusive", "--gpus=4", "-t", "5"],
+                           [sys.executable, "-m", "balsam.launcher", "-j", "mpi", "-t", "3"], env)
     seen = {}
     for n in range(5):
         out = (path / "data" / f"g/{n}" / "job.out").read_text()
@@ -324,8 +333,7 @@ def test_real_launcher_packed_jobs_bound_to_their_cores_on_real_slurm(gres_slurm
     import sys
 
     from balsam.api import ApplicationDefinition
-    from machine_jobs import make_runnable, site_for, wait_for_states
-    from platform_harness import finish
+    from machine_jobs import make_runnable, site_for
 
     env, _node, cpu_node = gres_slurm
     if not cpu_node:
@@ -343,18 +351,9 @@ def test_real_launcher_packed_jobs_bound_to_their_cores_on_real_slurm(gres_slurm
     ids = make_runnable(jobs)
     launcher = SHAPE + ("import runpy, sys\nsys.argv[0] = 'balsam.launcher'\n"
                         "runpy.run_module('balsam.launcher', run_name='__main__')\n")
-    console = open(path / "log" / "launcher-salloc.console", "wb")
-    proc = subprocess.Popen(["salloc", "-w", cpu_node, "-N1", "--exclusive", "-t", "5",
-                             sys.executable, "-c", launcher, "-j", "mpi", "-t", "3"],
-                            env={**os.environ, **env, "BALSAM_SITE_PATH": str(path), "BALSAM_TEST_NODE_CPUS": str(n)},
-                            cwd=path, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    proc.console_path = console.name  # type: ignore[attr-defined]
-    console.close()
-    try:
-        wait_for_states(ids, {"RUN_DONE"}, timeout=150)
-    finally:
-        finish(proc, timeout=120)
+    run_launcher_in_salloc(path, ids, ["-w", cpu_node, "-N1", "--exclusive", "-t", "5"],
+                           [sys.executable, "-c", launcher, "-j", "mpi", "-t", "3"],
+                           {**env, "BALSAM_TEST_NODE_CPUS": str(n)})
     runs = []
     for k in range(2 * n):
         out = (path / "data" / f"c/{k}" / "job.out").read_text()
