@@ -89,6 +89,12 @@ slurm_script="$repo/../shared/ci/start-slurm.sh"
 if [ -f "$slurm_script" ] && [ "$(id -u)" = 0 ]; then
     bash "$slurm_script" >/tmp/balsam-start-slurm.log 2>&1 || {
         echo "test.sh: start-slurm.sh failed; its output:" >&2; tail -40 /tmp/balsam-start-slurm.log >&2; exit 1; }
+    # The CI cluster has no GPU GRES; the Perlmutter GRES tests start a private one-node cluster of
+    # their own beside it (4 GPUs on char devices, its own ports 6917/17101-17102, munge auth), so
+    # they run here rather than skip (tests/platforms/test_perlmutter_slurm_gres_real.py, ~35 s).
+    if pgrep -x munged >/dev/null 2>&1; then
+        export BALSAM_TEST_GRES_SLURM="${BALSAM_TEST_GRES_SLURM:-start}"
+    fi
 fi
 
 # -- pytest, on 2 pytest-xdist workers for the whole suite (about half the wall time on 2 cores) ----

@@ -103,6 +103,8 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001
 XDIST_GROUPS: dict[str, tuple[str, ...]] = {
     "slurm": ("tests/schedulers/test_slurm_real.py", "tests/schedulers/test_e2e_slurm.py",
               "tests/elastic/test_elastic_e2e.py", "tests/schedulers/test_slurm_min_nodes_discovery.py"),
+    # One private GRES cluster on fixed ports per run: its module-scoped fixture on one worker.
+    "gres": ("tests/platforms/test_perlmutter_slurm_gres_real.py",),
 }
 _XDIST_GROUP_OF_FILE = {path: group for group, paths in XDIST_GROUPS.items() for path in paths}
 

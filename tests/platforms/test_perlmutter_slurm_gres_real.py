@@ -1,6 +1,7 @@
 """The Perlmutter plugin's packed GPU steps on a real Slurm with GPU GRES (slow; skipped without one).
 
-The CI cluster (shared/ci/start-slurm.sh) has no GRES, so this runs only when given one:
+The CI cluster (shared/ci/start-slurm.sh) has no GRES, so this runs only when given one (scripts/test.sh
+sets ``BALSAM_TEST_GRES_SLURM=start`` when it started that cluster as root and munged runs):
 
 - ``BALSAM_TEST_GRES_SLURM_CONF=/path/slurm.conf``: a running Slurm whose node ``BALSAM_TEST_GRES_NODE``
   (default ``g1``) has ``Gres=gpu:4`` (and ``craynetwork``, which single-rank steps ask for); or
