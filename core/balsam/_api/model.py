@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import difflib
 import enum
 import json
 import os
+import sys
 import threading
 import typing
+import warnings
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional, TypeVar
 
@@ -272,6 +275,32 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lazy_lock)
 
 
+class UnsavedAttributeWarning(UserWarning):
+    """A model object sent to the server (``save()``, ``bulk_update()``, ``bulk_create()``) has an
+    attribute of its own whose name is close to a field's (``job.num_node = 3``): a plain
+    attribute, which is not sent. Once per model class and name per process."""
+
+
+#: model class name -> the attribute names already looked at by ``_warn_unsaved_attributes``: each
+#: is compared with the fields once per process, and warned about at most once.
+_UNSAVED_CHECKED: dict[str, set[str]] = {}
+#: The instance attributes the API itself keeps on model objects (others, of the user's or not,
+#: are looked at one by one: only a shortcut).
+_INTERNAL_ATTRIBUTES = frozenset({"_raw", "_lazy", "_rec", "_stored", "_dirty", "_snapshots", "_deleted",
+                                  "_params_cache", "_app_name"})
+#: This package's folder: a warning names the first caller outside it (the user's save() line).
+_API_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_api_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in this function's caller) of the first frame
+    outside balsam._api: save() and bulk_update() reach the check through different depths."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_API_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _default_of(field: "attrs.Attribute") -> Any:
     default = field.default
     if default is attrs.NOTHING:
@@ -360,6 +389,8 @@ class BalsamModel:
     _manager_cls: ClassVar[type]
     _client: ClassVar[Optional[RESTClient]] = None
     _fields: ClassVar[dict[str, Field]]
+    #: lower-cased name -> name of what a user sets (see _warn_unsaved_attribute), built on first use
+    _settable_names: ClassVar[dict[str, str]]
     _create_fields: ClassVar[frozenset[str]]
     #: (name, default, wire encoder or None for plain values) of each create field, in record order
     _create_plan: ClassVar[tuple[tuple[str, Any, Any], ...]]
@@ -685,6 +716,7 @@ class BalsamModel:
         """The create body of this record: its fields in wire form, None left out (the server's
         default), and with ``omit_defaults`` every field equal to its default too (the server
         applies the same defaults: a bulk create of 10,000 jobs then sends a quarter of the bytes)."""
+        self._warn_unsaved_attributes()
         payload = {}
         rec = self._record
         for key, default, encode in self._create_plan:
@@ -695,7 +727,45 @@ class BalsamModel:
         return payload
 
     def _update_payload(self) -> dict[str, Any]:
+        self._warn_unsaved_attributes()
         return {key: self._field_json(key) for key in sorted(self._changed_fields())}
+
+    def _warn_unsaved_attributes(self) -> None:
+        """Warn (:class:`UnsavedAttributeWarning`) about an attribute of the object's own whose name
+        is close to a field's: ``job.num_node = 3`` is a plain attribute (as in Balsam 0.7, whose
+        models took any attribute) that is never sent. Checked here, when the object's changes are
+        sent, not when an attribute is set: a check there cost every listed record and every
+        attribute set (listing 10,000 jobs +50%), and refused names 0.7 code uses (``job.idx``)."""
+        state = self.__dict__
+        if state.keys() <= _INTERNAL_ATTRIBUTES:
+            return  # the common case, in one C-level check (bulk_update of 10,000 jobs)
+        checked = _UNSAVED_CHECKED.setdefault(type(self).__name__, set())
+        new = state.keys() - _INTERNAL_ATTRIBUTES - checked  # set operations: no loop per object
+        if new:
+            checked |= new
+            for name in sorted(new):
+                if name[:1] != "_":
+                    self._warn_unsaved_attribute(name)
+
+    def _warn_unsaved_attribute(self, name: str) -> None:
+        cls = type(self)
+        if hasattr(cls, name):
+            return  # the class's own (a method shadowed on the instance): not a misspelt field
+        names = cls.__dict__.get("_settable_names")
+        if names is None:
+            # What a user sets: the fields that can be created or changed, and the properties with
+            # a setter (Job.parameters); by lower case, so "Num_Nodes" is close to "num_nodes".
+            names = {f.lower(): f for f in cls._create_fields | cls._update_fields}
+            for klass in reversed(cls.__mro__):
+                for key, attr in vars(klass).items():
+                    if isinstance(attr, property) and attr.fset is not None and not key.startswith("_"):
+                        names[key.lower()] = key
+            cls._settable_names = names
+        close = difflib.get_close_matches(name.lower(), list(names), n=1, cutoff=0.8)
+        if close:
+            warnings.warn(UnsavedAttributeWarning(
+                f"{cls.__name__} has no field {name!r} (did you mean {names[close[0]]!r}?): the attribute is not "
+                f"saved"), stacklevel=_outside_api_stacklevel())
 
     def _mark_clean(self) -> None:
         for key in self._reset_after_save:

@@ -144,6 +144,11 @@ def positional_filters(model: Any, method: str, args: tuple, kwargs: dict[str, A
     return out
 
 
+class NegativeIndexError(ValueError, AssertionError):
+    """A negative index or slice bound on a query: not supported (the query's length is not known
+    before it is read). A ValueError, and an AssertionError, which Balsam 0.7's check raised."""
+
+
 class Query(Generic[T]):
     #: page size of list requests (the server's maximum)
     page_size: int = MAX_PAGE_SIZE
@@ -212,7 +217,7 @@ class Query(Generic[T]):
     def __getitem__(self, k: "int | slice") -> Any:
         if isinstance(k, slice):
             if (k.start is not None and k.start < 0) or (k.stop is not None and k.stop < 0):
-                raise ValueError("negative indexing is not supported on queries")
+                raise NegativeIndexError("negative indexing is not supported on queries")
             if k.step not in (None, 1):
                 # Balsam 0.7 gave a list: the rows of start:stop, every step-th (a negative step
                 # walks them backwards, as a list does).
@@ -236,7 +241,7 @@ class Query(Generic[T]):
         if not isinstance(k, int):
             raise TypeError("query indices must be integers or slices")
         if k < 0:
-            raise ValueError("negative indexing is not supported on queries")
+            raise NegativeIndexError("negative indexing is not supported on queries")
         if self._cache is not None:
             return self._cache[k]
         results = self[k : k + 1]._evaluate()
@@ -293,6 +298,16 @@ class Query(Generic[T]):
                 return _unpack_columns(data)
             return _unpack_list(data)
 
+        if offset > MAX_OFFSET:
+            # Past what the list routes take (a 32-bit offset: 422), and past the end of any
+            # listing a server holds: empty, as a list sliced past its end, once a count (one
+            # limit=0 request) says so.
+            count, _ = _unpack_list(client.get(self._model._path, params=dict(params, limit=0, offset=0)))
+            if count > offset:
+                raise ValueError(f"{self._model.__name__} query offset {offset} is beyond what the server pages "
+                                 f"(at most {MAX_OFFSET}) and within its {count} records")
+            yield Page(count, [], False, offset, None)
+            return
         by_id = self._model._path in KEYSET_PATHS and (self._order or self._model._default_order) == "id"
         yield from read_pages(fetch, params, page_size=size or self.page_size, by_id=by_id, offset=offset,
                               limit=limit, client=client)
@@ -494,6 +509,11 @@ class Query(Generic[T]):
             if warn:
                 logger.warning("%s", skipped_running_message(*self.skipped_running))
         return deleted
+
+
+#: The largest ``offset`` the list routes take (a 32-bit integer, as in balsam.server.openapi's
+#: PAGE_PARAMS); a slice that starts beyond it is past the end of any listing (see _iter_pages).
+MAX_OFFSET = 2**31 - 1
 
 
 #: The lists whose server takes ``id__gt`` (keyset paging, see read_pages); the others

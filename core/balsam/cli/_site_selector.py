@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
+import math
+import operator
 import os
 import sys
 import unicodedata
@@ -50,6 +53,112 @@ def dump_yaml(data: Any, **options: Any) -> str:
         # decoded with surrogateescape, kept in a job's parameters): it raised part-way through a
         # `job ls -v`. The pure-Python emitter escapes it ("caf\\uDCE9"), as before libyaml.
         return yaml.dump(data, Dumper=yaml.SafeDumper, **options)
+
+
+JSON_OPTION_HELP = ("Print one JSON array of objects (every field of -v, datetimes ISO 8601 with their UTC "
+                    "offset) instead of a table")
+
+
+def json_option(func: Any) -> Any:
+    """``--json``, as ``balsam plugins ls`` spells it: the listing as one JSON array, for scripts."""
+    return click.option("--json", "as_json", is_flag=True, help=JSON_OPTION_HELP)(func)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON values: a job's decoded parameters may hold any Python object (a set, a
+    numpy array or number, a Path, NaN), which ``json.dumps`` refuses or writes as invalid JSON
+    (``NaN``). Containers become objects and arrays (keys: see :func:`_json_keys`), an object with
+    ``tolist()`` (numpy arrays and numbers) what that gives, integers (``__index__``) numbers, a
+    float that is not finite and any other object its ``str()``. Never raises for one value: the
+    others are still written."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value)
+    if isinstance(value, dict):
+        return _json_keys(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    # Before __index__: a numpy array has one that raises ("only integer scalar arrays can be
+    # converted to a scalar index"), and np.float32 / np.bool_ have no other way to a number / a
+    # bool than their str(). tolist() gives Python values (a list for an array, a scalar for a
+    # numpy number).
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        try:
+            plain = tolist()
+        except Exception:  # noqa: BLE001 - another object's tolist(): its str() below
+            pass
+        else:
+            if type(plain) is not type(value):  # one that gives itself back would recurse for ever
+                return jsonable(plain)
+    if hasattr(type(value), "__index__"):
+        try:
+            return operator.index(value)
+        except Exception:  # noqa: BLE001 - an __index__ that refuses: its str() below
+            pass
+    return _text(value)
+
+
+def _text(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001 - a __str__ that fails: the object's type and id, as repr() has
+        return object.__repr__(value)
+
+
+def _json_keys(value: dict) -> dict[str, Any]:
+    """A dict as a JSON object: a key that is not a string is written as its text (``1`` as
+    ``"1"``), or, where a string key or an earlier key already has that text (``{1: "a", "1":
+    "b"}``), as the text and its type (``"1 (int)"``): both values kept, never one in silence."""
+    taken = {k for k in value if isinstance(k, str)}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            text = base = _text(key)
+            n = 1
+            while text in taken:
+                text = f"{base} ({type(key).__name__}{'' if n == 1 else f' {n}'})"
+                n += 1
+            key = text
+            taken.add(key)
+        out[key] = jsonable(item)
+    return out
+
+
+def json_record(obj: Any) -> dict[str, Any]:
+    """A model object (Job, BatchJob, App...) as the JSON object of ``--json``: the fields of its
+    ``-v`` YAML (``display_dict()``), datetimes as ISO 8601 with their UTC offset (the YAML has
+    local time to the second, with no offset)."""
+    data = obj.display_dict()
+    for key, fld in type(obj)._fields.items():
+        if fld.is_datetime:
+            value = getattr(obj, key)  # naive local time, fold set in the repeated hour
+            if value is not None:
+                data[key] = value.astimezone().isoformat()
+    return data
+
+
+class JsonArray:
+    """The output of ``--json``: one JSON array, one object a line, each written as it comes (a
+    listing of many pages is written page by page, never held whole); ``[]`` when empty."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        # ASCII only: a lone surrogate (a byte of a file name that is not UTF-8) is written as
+        # \udce9 instead of failing to encode; allow_nan=False: NaN is not JSON.
+        text = json.dumps(record, allow_nan=False)
+        click.echo(("[\n" if not self.written else ",\n") + text, nl=False)
+        self.written += 1
+
+    def close(self) -> None:
+        click.echo("\n]" if self.written else "[]")
 
 
 def site_option(func: Any) -> Any:

@@ -7,7 +7,8 @@ from typing import Optional
 
 import click
 
-from ._site_selector import dump_yaml, format_table, site_filter, site_names, site_option_short
+from ._site_selector import (JsonArray, dump_yaml, format_table, json_option, json_record, site_filter, site_names,
+                             site_option_short)
 
 
 @click.group("app")
@@ -18,11 +19,19 @@ def app() -> None:
 @app.command("ls")
 @site_option_short
 @click.option("-v", "--verbose", is_flag=True, help="Show every field (parameters, transfers, source code)")
-def ls(site_selector: str, verbose: bool) -> None:
+@json_option
+def ls(site_selector: str, verbose: bool, as_json: bool) -> None:
     """List apps."""
     from balsam.api import App
 
     apps = sorted(App.objects.filter(**site_filter(site_selector)), key=lambda a: (a.site_id, a.id))
+    if as_json:
+        # serialized_class whole (-v shortens it): a value cut short is no value for a script.
+        out = JsonArray()
+        for a in apps:
+            out.write(json_record(a))
+        out.close()
+        return
     if not apps:
         click.echo("No apps found. Define an ApplicationDefinition and call its sync() to add one.")
         return
@@ -60,6 +69,9 @@ def rm(name: Optional[str], remove_all: bool, site_selector: str, yes: bool) -> 
     apps = list(App.objects.filter(**filters))
     if not apps:
         raise click.ClickException(f"no app{' named ' + repr(name) if name else ''} at the selected site(s)")
+    if remove_all:
+        _remove_all(apps, filters, site_selector, yes)
+        return
     if name and len(apps) > 1 and not yes:
         click.echo(f"{len(apps)} sites have an app named {name!r}: " + ", ".join(f"id {a.id} (site {a.site_id})" for a in apps))
     for a in apps:
@@ -71,6 +83,27 @@ def rm(name: Optional[str], remove_all: bool, site_selector: str, yes: bool) -> 
                 continue
         a.delete()
         click.echo(f"Deleted App {a.name} ({n_jobs} jobs removed)")
+
+
+def _remove_all(apps: list, filters: dict, site_selector: str, yes: bool) -> None:
+    """``app rm --all``: one count of the jobs (every job of the selected sites belongs to one of
+    their apps), one confirmation for them all, as Balsam 0.7 asked, then one DELETE per app: the
+    API deletes apps one at a time (``DELETE /apps/{id}``, 0.7's route; there is no bulk one), and
+    the server deletes each app's jobs with it. It was a count and a confirmation per app."""
+    from balsam.api import Job
+
+    n_jobs = Job.objects.filter(**filters).count()
+    if not yes:
+        names = ", ".join(a.name for a in apps[:10]) + (", ..." if len(apps) > 10 else "")
+        if not click.confirm(f"Really delete {len(apps)} app(s) ({names}) of --site {site_selector}? There are "
+                             f"{n_jobs} Jobs that will be ERASED!"):
+            click.echo("Nothing deleted.")
+            return
+    for a in apps:
+        app_id = a.id  # delete() clears it
+        a.delete()
+        click.echo(f"Deleted App {a.name} (id {app_id}, site {a.site_id})")
+    click.echo(f"Deleted {len(apps)} app(s) and their {n_jobs} job(s)")
 
 
 commands = [app]

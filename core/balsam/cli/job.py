@@ -9,11 +9,13 @@ import itertools
 from typing import Any, Iterator, Optional
 
 import click
+import yaml
 
 from ..models import workdir_problem
 from . import Interrupted
-from ._site_selector import (Progress, UpperChoice, dump_yaml, format_rows, format_table, parse_key_values, site_filter,
-                             site_names, site_option, table_widths, watch_output)
+from ._site_selector import (JsonArray, Progress, UpperChoice, dump_yaml, format_rows, format_table, json_option,
+                             json_record, jsonable, parse_key_values, site_filter, site_names, site_option, table_widths,
+                             watch_output)
 from .transfer import job_transfer_summary
 
 def _states() -> list[str]:
@@ -169,15 +171,18 @@ def create(workdir: str, app_ref: str, tags: tuple, params: tuple, num_nodes: in
               "else the newest 20 jobs)")
 @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between redraws (--watch)")
 @click.option("--rounds", default=None, type=click.IntRange(min=1), hidden=True, help="Stop --watch after N redraws (tests)")
+@json_option
 def ls(tags: tuple, states: tuple, excluded: tuple, ids: tuple, by_state: bool,
        workdir: Optional[str], app_ref: Optional[str], limit: Optional[int], site_selector: str, verbose: bool,
-       watch: bool, interval: float, rounds: Optional[int]) -> None:
+       watch: bool, interval: float, rounds: Optional[int], as_json: bool) -> None:
     """List jobs."""
     if by_state and limit is not None:
         raise click.UsageError("--by-state and -n/--num do not go together: the counts per state have no row limit")
+    if watch and as_json:
+        raise click.UsageError("--watch and --json do not go together")
     filters = _job_filters(ids, tags, states, excluded, site_selector, workdir, app_ref)
     if not watch:
-        _list_jobs(filters, by_state, limit, verbose)
+        _list_jobs(filters, by_state, limit, verbose, as_json)
         return
     if verbose:
         raise click.UsageError("--watch and -v do not go together")
@@ -185,7 +190,8 @@ def ls(tags: tuple, states: tuple, excluded: tuple, ids: tuple, by_state: bool,
                  interval, title="balsam job ls", iterations=rounds)
 
 
-def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], verbose: bool) -> None:
+def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], verbose: bool,
+               as_json: bool = False) -> None:
     from balsam.api import Job
 
     query = Job.objects.filter(**filters)
@@ -200,6 +206,12 @@ def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], ve
                 continue  # never stored
             counts[s] = Job.objects.filter(**{**filters, "state": s}).count()
         rows = [[s, counts.get(s, 0)] for s in _states() if verbose or counts.get(s)]
+        if as_json:
+            out = JsonArray()
+            for state, count in rows:
+                out.write({"state": state, "count": count})
+            out.close()
+            return
         click.echo(format_table(["State", "Count"], rows, right={1}))
         click.echo(f"Total: {sum(counts.values())}")
         return
@@ -209,6 +221,14 @@ def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], ve
         pages: Iterator[tuple[list[Any], bool]] = iter([(newest, False)])
     else:
         pages = _job_pages(filters)
+    if as_json:
+        # The pages of the table (one request per 5,000 jobs), each written as it arrives.
+        out = JsonArray()
+        for page, _ in pages:
+            for j in page:
+                out.write(_job_json(j))
+        out.close()
+        return
     first, more = next(pages, ([], False))
     if not first:
         click.echo("No matching jobs.")
@@ -265,7 +285,27 @@ def _job_yaml(j: Any) -> str:
         data["parameters"] = j.get_parameters()
     except Exception as exc:  # noqa: BLE001 - a broken payload must not stop the listing
         data["parameters"] = f"<cannot deserialize: {exc}>"
-    return dump_yaml(data, default_flow_style=None)
+    try:
+        return dump_yaml(data, default_flow_style=None)
+    except yaml.YAMLError:
+        # A parameter YAML cannot represent (a Path, a numpy number): it ended the whole listing
+        # with "Error: cannot represent an object". Written as --json writes it instead.
+        data["parameters"] = jsonable(data["parameters"])
+        return dump_yaml(data, default_flow_style=None)
+
+
+def _job_json(j: Any) -> dict[str, Any]:
+    """One job as ``job ls --json`` writes it: the fields of ``-v``, its parameters decoded (here, as
+    ``-v`` does) into JSON values, or ``null`` and ``parameters_error`` where they cannot be."""
+    data = json_record(j)
+    try:
+        params = j.get_parameters()
+    except Exception as exc:  # noqa: BLE001 - a broken payload must not stop the listing
+        data["parameters"] = None
+        data["parameters_error"] = f"cannot deserialize: {exc}"
+        return data
+    data["parameters"] = jsonable(params)  # each value as it can be: never null for one of them
+    return data
 
 
 def _print_job_table(first: list[Any], more: bool, pages: Iterator[list[Any]], filters: dict[str, Any]) -> None:
@@ -644,10 +684,17 @@ def modify(ids: tuple, tags: tuple, state: str, from_states: tuple, site_selecto
             n = Job.objects.bulk_update(jobs, progress=progress)
     except KeyboardInterrupt:
         # One request per 5,000 jobs, each applied whole: say how far it got (running the command
-        # again changes the rest: the jobs already in the new state are left out).
-        raise Interrupted(f"Interrupted: {progress.done} of {len(jobs)} job(s) were set to {state.upper()} (the "
-                          "request in flight, if any, may have been applied too); run the command again to change "
-                          "the rest.") from None
+        # again changes the rest: the jobs already in the new state are left out). The count is
+        # of the answered requests; the one in flight is carried out by the server once it has
+        # it (5,000 set where 10,000 were, Ctrl-C during the second of three): say by how many. A
+        # manager without bulk PATCH sends one PUT per job: one job in flight at most.
+        done = progress.done
+        per_request = Job.objects.bulk_chunk_size if Job.objects.has_bulk_patch else 1
+        in_flight = min(per_request, len(jobs) - done)
+        more = (f", and up to {in_flight} more by the request in flight (the server carries out a request it "
+                f"has received): {done} to {done + in_flight} in all") if in_flight else ""
+        raise Interrupted(f"Interrupted: {done} of {len(jobs)} job(s) were set to {state.upper()}{more}; run the "
+                          "command again to change the rest.") from None
     click.echo(f"Set {n} job(s) to {state.upper()}")
     if state.upper() == "RESTART_READY":
         # The server holds back a re-run whose parent has not finished (AWAITING_PARENTS until it

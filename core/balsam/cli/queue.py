@@ -9,8 +9,8 @@ from typing import Any, Optional
 import click
 
 from ..models import SUBMITTED_BY_KEY
-from ._site_selector import (dump_yaml, format_table, parse_key_values, resolve_one_site, site_filter, site_names,
-                             site_option, site_option_with)
+from ._site_selector import (JsonArray, dump_yaml, format_table, json_option, json_record, parse_key_values,
+                             resolve_one_site, site_filter, site_names, site_option, site_option_with)
 
 ACTIVE_STATES = ("pending_submission", "queued", "running", "pending_deletion")
 #: Widest reason shown in the table (``-v`` prints status_info whole).
@@ -188,8 +188,9 @@ def authorization_warnings(site: Any) -> list[str]:
               help=f"Only batch jobs whose status_info.{SUBMITTED_BY_KEY} is NAME (e.g. an agent module's); "
                    f"'{NOT_MARKED}': only those without one, e.g. your own (repeatable)")
 @site_option
+@json_option
 def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], scheduler_id_07: Optional[int],
-       submitted_by_names: tuple, site_selector: str) -> None:
+       submitted_by_names: tuple, site_selector: str, as_json: bool) -> None:
     """List batch jobs (active ones unless --history / -h).
 
     A "submitted_by" column appears when a batch job was created by a program that marks its own
@@ -212,6 +213,12 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
         batch_jobs = [b for b in batch_jobs if submitted_by(b.status_info or {}) in submitted_by_names]
     if num:
         batch_jobs = batch_jobs[-num:]
+    if as_json:
+        out = JsonArray()
+        for b in batch_jobs:
+            out.write(json_record(b))
+        out.close()
+        return
     if not batch_jobs:
         if submitted_by_names:
             which = "batch jobs" if history else "active batch jobs"

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import click
 
+from ._site_selector import JsonArray, json_option
+
 ACTIVE_WINDOW = dt.timedelta(minutes=2)
 
 
@@ -279,7 +281,8 @@ def _is_active(site: dict) -> bool:
 
 @click.command("ls")
 @click.option("-v", "--verbose", is_flag=True, help="Show every field of each site as YAML")
-def ls(verbose: bool) -> None:
+@json_option
+def ls(verbose: bool, as_json: bool) -> None:
     """List your sites (Active = the site record was refreshed within the last 2 minutes: by its agent, or by
     `balsam site init/sync/mv/rename`)."""
     from balsam.site.api_util import list_all
@@ -287,6 +290,9 @@ def ls(verbose: bool) -> None:
     from ._site_selector import dump_yaml
 
     sites = sorted(list_all(_client(), "/sites/"), key=lambda s: s["id"])
+    if as_json:
+        _print_sites_json(sites)
+        return
     if not sites:
         click.echo("No sites yet: create one with `balsam site init PATH`.")
         return
@@ -302,6 +308,27 @@ def ls(verbose: bool) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _print_sites_json(sites: list[dict]) -> None:
+    """``site ls --json``: each site's record as the server sent it (what ``-v`` shows), datetimes
+    with their UTC offset (ISO 8601, as the other ``--json`` listings), and ``active`` (the table's
+    column)."""
+    from balsam.api import Site
+    from balsam.serialization import parse_datetime
+
+    out = JsonArray()
+    for site in sites:
+        record = dict(site)
+        for key, fld in Site._fields.items():
+            if fld.is_datetime and record.get(key):
+                try:
+                    record[key] = parse_datetime(record[key]).astimezone().isoformat()
+                except ValueError:
+                    pass  # kept as the server wrote it
+        record["active"] = _is_active(site)
+        out.write(record)
+    out.close()
 
 
 def _find_site_by_path(client: Any, path: Path) -> dict:
