@@ -60,7 +60,7 @@ Thread contract (two threads, nothing else shared):
   started as before, the too-late ones stay leased until the lease's close, the prefetcher is no
   longer lean, and nothing is given back again. Any other refusal (the Session gone, bad input)
   returns them the same way and gives back again at the next stall, except where an earlier try
-  of that request went unanswered: it may have been applied, so those jobs are never started here
+  of that request went unanswered: it may have been applied, so those jobs are not started here
   (:attr:`release_unknown`; an acquire that leases one again does not hand it over). A resend names
   exactly the first try's jobs (``_release_size``: jobs given back meanwhile wait for the next
   request). A release that keeps failing (5xx, 429, no answer) is given up after
@@ -68,11 +68,22 @@ Thread contract (two threads, nothing else shared):
   good held them back for the whole allocation), its jobs go to :attr:`release_unknown` where a try
   may have been applied (else back to ``_ready``), those never sent back to ``_ready``, and nothing
   is given back again (:attr:`release_given_up`). Acquires then may run while a try is still in
-  flight; exactly-once still holds because its jobs are never started here: a late try frees only
-  jobs this Session holds and never starts (one key applies at most once, and the acquire leases
-  only free jobs). After giving back stalled jobs the prefetcher is *lean*: no lookahead;
-  it leases only the room the loop reports (one acquire round trip after a slot frees), also beside
-  held jobs that cannot be placed now (at most ``floor`` of them counted), until jobs end fast
+  flight; exactly-once still holds because its jobs are not started here: a late try frees only
+  jobs this Session holds and does not start (one key applies at most once, and the acquire leases
+  only free jobs). Such a release (and one refused after an unanswered try with a status a later
+  answer may differ from: 408, 409, 425; a 429 counts as no answer) is *unsettled*
+  (:attr:`_unsettled`): resent in the background, same key and ids, :data:`RELEASE_RESEND_FIRST_SEC`
+  after, then at doubling waits up to :data:`RELEASE_RESEND_MAX_SEC`, until answered (or its
+  Session is gone: the server freed its jobs); before, its jobs were held, hidden from everyone, until the Session's end. Answered, its jobs are
+  no longer this launcher's, and one a later acquire leases is started as usual; those an acquire
+  leased again while it was unsettled (:attr:`_parked`) are given back in a new release
+  (:meth:`_settle`), sent at once, before any acquire. A refusal that would be refused for ever
+  (any status below 500 but a 404 naming the Session, 408, 409, 425, 429) stops the resends: its
+  jobs stay leased, not started here, until the Session's deletion. A resend past the key's
+  lifetime on the server (24 h by default) is applied anew, which is safe: see
+  :meth:`_resend_unsettled`. After giving back stalled jobs the prefetcher
+  is *lean*: no lookahead; it leases only the room the loop reports (one acquire round trip after a
+  slot frees), also beside held jobs that cannot be placed now (at most ``floor`` of them counted), until jobs end fast
   enough that the floor's jobs would start within ``release_after_sec`` (at least ``floor`` jobs
   ended over one such bound, :meth:`_measure_rate`): with long jobs, leasing ahead only hid jobs
   from the elastic queue and from other BatchJobs' launchers for a slot's whole run. The lean
@@ -91,6 +102,8 @@ import threading
 import time
 from collections import deque
 from typing import Any, Callable, Optional, Sequence
+
+import attrs
 
 from balsam.client.rest import new_idempotency_key
 from balsam.models import MAX_JOBS_PER_SESSION_ACQUIRE
@@ -114,10 +127,36 @@ MAX_RELEASE_IDS = MAX_JOBS_PER_SESSION_ACQUIRE
 #: held every acquire back for the whole allocation.
 MAX_RELEASE_TRIES = 5
 RELEASE_GIVE_UP_SEC = 60.0
+#: An unsettled release (see "Giving back") is resent this long after it was given up, then at
+#: twice the last wait, at most RELEASE_RESEND_MAX_SEC: its jobs are hidden from everyone until it is
+#: answered, and one request every two minutes costs the server nothing.
+RELEASE_RESEND_FIRST_SEC = 5.0
+RELEASE_RESEND_MAX_SEC = 120.0
+#: Statuses of a resend that may be answered otherwise later (besides 5xx and no answer): resent again.
+_RESEND_AGAIN = frozenset({408, 409, 425, 429})
 
 
 class _NoRelease(Exception):
     pass
+
+
+@attrs.define
+class _Unsettled:
+    """A release that may have been applied and is not answered yet: resent with the same key and
+    the same ids (the same body) until answered (prefetch thread only)."""
+
+    key: str
+    session_id: Any
+    ids: list[int]  # sorted: the body of every try
+    due: float  # time.monotonic() of the next try
+    wait: float  # the wait before it
+    tries: int = 0  # resends that failed
+
+
+def _session_gone(exc: BaseException) -> bool:
+    """A 404 that names the Session: the server no longer knows it (balsam.server.sessions_logic)."""
+    detail = getattr(exc, "detail", None)
+    return getattr(exc, "status_code", None) == 404 and isinstance(detail, str) and detail.startswith("Session ")
 
 
 def _no_route(exc: BaseException) -> bool:
@@ -234,10 +273,15 @@ class Prefetcher:
         #: A release failed MAX_RELEASE_TRIES times or for RELEASE_GIVE_UP_SEC: nothing is given back again.
         self.release_given_up = False
         #: Jobs of a release that may have been applied when the server then refused it, or when it
-        #: was given up (never started here, not even when an acquire leases them again: the Session's
-        #: deletion returns those it still holds). The set mirrors the list (this thread's reads).
+        #: was given up, until it is answered (:meth:`_resend_unsettled`): never started here, not
+        #: even when an acquire leases them again. The set mirrors the list (this thread's reads).
         self.release_unknown: list[int] = []
         self._release_unknown_ids: set[int] = set()
+        #: Those releases, resent until answered (this thread).
+        self._unsettled: list[_Unsettled] = []
+        #: Jobs of :attr:`release_unknown` that an acquire leased again, with the Session that leased
+        #: them (this thread): released again once their release is answered (:meth:`_settle`).
+        self._parked: dict[int, Any] = {}
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
     # -- loop thread ---------------------------------------------------------------------------
@@ -299,7 +343,8 @@ class Prefetcher:
                     self._releasing.extend((p, self.taken_generation, True) for p in split.too_late)
                 self._want.set()
             else:
-                self.too_late.extend(split.too_late)
+                with self._lock:  # the prefetch thread drops those of an answered release (_settle)
+                    self.too_late.extend(split.too_late)
                 log_too_late(split, "the lease's close (its Session's deletion)")
         return split.may_start
 
@@ -386,6 +431,8 @@ class Prefetcher:
             self._on_ready()
             return
         while not self._stopping.is_set():
+            if self._unsettled:
+                self._resend_unsettled()  # those due only: acquires do not wait for them
             if self.site_faults.tripped:
                 self.exhausted = True
                 self._stopping.wait(self.retry_sec)
@@ -499,14 +546,118 @@ class Prefetcher:
 
     def _drop_release_unknown(self, jobs: list[Any]) -> list[Any]:
         """An acquire leased again jobs of a release that may have been applied (:attr:`release_unknown`):
-        a try of it may still be in flight and free them while they run here, so they are never started
-        here; they stay leased (the Session's deletion returns them)."""
+        a try of it may still be in flight and free them while they run here, so they are not started
+        here; they stay leased, parked (:attr:`_parked`) until that release is answered, then given
+        back (:meth:`_settle`)."""
         again = [job for job in jobs if int(job.id) in self._release_unknown_ids]
         if not again:
             return jobs
+        session_id = getattr(self.lease, "session_id", None)
+        for job in again:
+            self._parked[int(job.id)] = session_id
         logger.warning("%d jobs leased again after a release that may have been applied are not started here "
-                       "(the session's deletion returns them): %s", len(again), [job.id for job in again][:20])
+                       "(given back once that release is answered): %s", len(again), [job.id for job in again][:20])
         return [job for job in jobs if int(job.id) not in self._release_unknown_ids]
+
+    def _resend_unsettled(self) -> None:
+        """Resend each release of :attr:`_unsettled` that is due, one request each, under its key and
+        with its first try's ids (the same body): a try the server applied is answered from its
+        record (replayed, never applied twice), one it never got is applied now. One attempt (no
+        client retries): the acquires go on between resends, and the next one comes after twice
+        the wait. Until answered its jobs stay out of the loop's reach (:attr:`release_unknown`). The
+        new release :meth:`_settle` makes of an answered one's jobs leased again meanwhile goes out
+        in the same call, before any acquire. Resends stop at an answer, a 404 naming the Session
+        (gone: settled), or a refusal that would be refused for ever: every other status below 500
+        (422: the key reused for another body); 408, 409, 425 and 429 may be answered otherwise
+        later, and 5xx or no answer at all, so those are resent.
+
+        The key's record lives ``BALSAM_IDEMPOTENCY_TTL_SEC`` on the server (24 h by default),
+        maybe less than an allocation; a resend after that is applied anew. Safe: it frees only jobs
+        this Session holds in a runnable state, and of its ids this Session holds only those it
+        never starts (the release's own, and those leased again meanwhile, parked); the answer then
+        says what it freed."""
+        lease = self.lease
+        client, session_id = getattr(lease, "client", None), getattr(lease, "session_id", None)
+        pending = list(self._unsettled)
+        while pending:
+            entry = pending.pop(0)
+            if entry.session_id != session_id:
+                # The lease replaced that Session, which the server no longer knew: it released its
+                # jobs with it, and no try naming it can be applied any more (404).
+                pending.extend(self._settle(entry, None))
+                continue
+            if time.monotonic() < entry.due or client is None:
+                continue
+            try:
+                answer = client.post(f"/sessions/{entry.session_id}/release", json={"job_ids": entry.ids},
+                                     idempotency_key=entry.key, retry_count=0)
+            except Exception as exc:
+                status = getattr(exc, "status_code", None)
+                if _session_gone(exc):
+                    pending.extend(self._settle(entry, None))
+                elif isinstance(status, int) and status < 500 and status not in _RESEND_AGAIN:
+                    # Refused as it is (it would be refused for ever): kept leased, never started here.
+                    self._unsettled.remove(entry)
+                    logger.warning("could not give %d leased jobs back (%s): never started here (a try may have "
+                                   "given them back; the session's deletion returns them otherwise)", len(entry.ids), exc)
+                else:
+                    entry.tries += 1
+                    entry.wait = min(RELEASE_RESEND_MAX_SEC, max(entry.wait * 2, RELEASE_RESEND_FIRST_SEC))
+                    entry.due = time.monotonic() + entry.wait
+                    (logger.warning if entry.tries == 1 else logger.info)(
+                        "resending the release of %d leased jobs failed %d times (next in %.0f s; they are not "
+                        "started here meanwhile): %s", len(entry.ids), entry.tries, entry.wait, exc)
+                continue
+            # Its "again" release goes out now, in this step: see _settle.
+            pending.extend(self._settle(entry, answer.get("released", []) if isinstance(answer, dict) else []))
+
+    def _settle(self, entry: _Unsettled, released: Optional[list[int]]) -> list[_Unsettled]:
+        """``entry`` was answered (``released``: the ids the server gave back for it), or is void
+        (None: its Session is gone, and the server released its jobs with it). Its jobs are no
+        longer this launcher's: those not released had left the Session or were no longer runnable,
+        as with any answered release, and one that a later acquire leases is started as usual. Those
+        an acquire leased again meanwhile (:attr:`_parked`, under the Session in force) are given
+        back in a new release (returned, due now): the answer may be the replay of a try applied
+        before that acquire (they are still held here) or a try applied now (then they are not);
+        either way none of them was started here, and a release frees only what the Session holds.
+
+        The caller sends that release in the same step, before any acquire (as :meth:`_send_release`
+        goes before acquires): where the answer was a try applied now (a key expired on the server)
+        the jobs are free already, and an acquire sent first leased them again, parked them again,
+        and the new release freed them again, for ever (one acquire and one release a retry_sec,
+        the jobs never started anywhere). Sent first, it finds them free or frees them; its own
+        answer then has nothing parked (no acquire came between), so nothing follows it, and an
+        acquire that leases them later starts them (no unsettled release names them). Only a lost
+        answer of it leaves it unsettled, resent as any other."""
+        self._unsettled.remove(entry)
+        ids = set(entry.ids)
+        self.release_unknown = [i for i in self.release_unknown if i not in ids]
+        self._release_unknown_ids -= ids
+        with self._lock:  # its too-late jobs were kept for the lease's close: no longer held
+            self.too_late = [p for p in self.too_late if p.id not in ids]
+        session_id = getattr(self.lease, "session_id", None)
+        parked = {i: self._parked.pop(i) for i in entry.ids if i in self._parked}
+        # Leased again by a Session since lost, or by the gone one (the lease may not know yet): freed with it.
+        gone = entry.session_id if released is None else None
+        again = sorted(i for i, leased_by in parked.items()
+                       if leased_by == session_id and session_id is not None and leased_by != gone)
+        if released is None:
+            logger.info("the release of %d leased jobs whose answer was lost went to session %s, which is gone: the "
+                        "server released its jobs with it", len(entry.ids), entry.session_id)
+        else:
+            self.released += len(released)
+            logger.info("the release of %d leased jobs whose answer was lost is answered after %d resends: %d released, "
+                        "the others had left this session: %s", len(entry.ids), entry.tries + 1, len(released),
+                        entry.ids[:20])
+        if not again:
+            return []
+        fresh = _Unsettled(new_idempotency_key(), session_id, again, due=time.monotonic(), wait=RELEASE_RESEND_FIRST_SEC)
+        self._unsettled.append(fresh)
+        self.release_unknown.extend(again)
+        self._release_unknown_ids.update(again)
+        logger.info("%d of them were leased again meanwhile (not started): given back in a new release: %s",
+                    len(again), again[:20])
+        return [fresh]
 
     def _refused(self, batch: list[tuple[PreparedJob, int, bool]], exc: BaseException, no_route: bool,
                  gave_up: bool = False) -> None:
@@ -522,9 +673,17 @@ class Prefetcher:
         earlier try of this request went unanswered: it may have been applied, and another launcher
         may run them now; such jobs are never started here. Those too late stay leased until the
         lease's close, as before the release route. Given up: as with ``no_route``, nothing is given
-        back again (acquires go on), and the jobs of a try that may have been applied are never
-        started here."""
+        back again (acquires go on), and the jobs of a try that may have been applied are not
+        started here: the request is resent later (:meth:`_resend_unsettled`) until answered, as
+        after a refusal that a later answer may differ from (408, 409, 425; a 429 never gets here
+        but by giving up: it counts as no answer); every other refusal below 500 but a 404 naming
+        the Session (it would be refused for ever, as 422) leaves them leased, not started here,
+        until the Session's deletion; resends stop the same way (:meth:`_resend_unsettled`). A
+        refusal that says the Session is gone (404): the server released its jobs with it, and no try can apply any more."""
         maybe_applied = self._release_unanswered and not no_route
+        gone = maybe_applied and _session_gone(exc)
+        status = getattr(exc, "status_code", None)
+        resend = maybe_applied and not gone and (gave_up or status in _RESEND_AGAIN)
         if no_route:
             self.release_refused = True
         if gave_up:
@@ -542,17 +701,27 @@ class Prefetcher:
                 late += [p for p, _g, is_late in self._releasing if is_late]
                 self._releasing = []
             if maybe_applied:
-                self.release_unknown.extend(p.id for p, _g in stalled)
-                self._release_unknown_ids.update(p.id for p, _g in stalled)
+                if not gone:  # a gone Session's jobs are not ours: neither started nor held
+                    self.release_unknown.extend(p.id for p, _g in stalled)
+                    self._release_unknown_ids.update(p.id for p, _g in stalled)
                 stalled = never_sent
             else:
                 stalled += never_sent
             for prepared, generation in reversed(stalled):
                 self._ready.appendleft(prepared)
                 self._ready_generations.appendleft(generation)
-        self.too_late.extend(late)
+            self.too_late.extend(late)
+        if resend and self._release_key is not None:  # the same key and ids: an applied try is replayed, never applied twice
+            self._unsettled.append(_Unsettled(
+                self._release_key, self._release_session, sorted({p.id for p, _g, _l in batch}),
+                due=time.monotonic() + RELEASE_RESEND_FIRST_SEC, wait=RELEASE_RESEND_FIRST_SEC))
         self._forget_release()
-        if maybe_applied:
+        if gone:
+            what = "the session is gone: the server released them with it"
+        elif resend:
+            what = (f"not started here until the request is answered (an earlier try may have given them back): "
+                    f"resent in {RELEASE_RESEND_FIRST_SEC:.0f} s, then less often")
+        elif maybe_applied:
             what = "never started here (an earlier try may have given them back; the session's deletion returns them otherwise)"
         else:
             what = "they stay with this launcher"

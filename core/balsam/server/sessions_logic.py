@@ -80,6 +80,19 @@ that finds a gap between two notes longer than :func:`stall_limit` restarts the 
 after an outage. A shorter stand-still cannot expire a live launcher (its tick period is well under
 ``expire_sec``); a wall clock stepped back only lets sessions live longer.
 
+Clocks: a heartbeat is written by one server process and compared by the sweep of another (a
+server's several workers, or hosts behind one PostgreSQL). Each used its own host's clock: a
+sweeping host whose clock ran ``expire_sec`` ahead of the one that wrote a live launcher's heartbeat
+expired its session (its RUNNING jobs to RUN_TIMEOUT, run again), and a heartbeat written by a host
+whose clock ran ahead kept a dead launcher's session that much longer (reproduced with a second
+server whose clock ran 120 s ahead: tests/server/test_srvaudit_session_clocks.py). So on PostgreSQL
+every time of the expiry clock is the database's: the heartbeat ``UPDATE`` (:func:`heartbeat`) and
+a session's ``INSERT`` write ``clock_timestamp()`` in the statement, and a sweep reads it once
+(:func:`clock_now`, after its stand-still check as before) for its cutoff and its clock restarts.
+One clock whatever the hosts' skew; a step of the database host's clock acts as a step of a server's
+did. The stand-still watch (:class:`_ProcessWatch`) still reads its process's clock: it measures gaps in it.
+SQLite is one file on one host, served by processes of that host: they share its clock (``utcnow()``).
+
 Clock restarts: at most one per session between two of its heartbeats. "First sweep of a process"
 is per process, and a server runs several worker processes, which a process manager may recycle
 (``--max-requests``, a crashed worker) while the others serve: each new one restarted every clock,
@@ -190,9 +203,28 @@ _OWNED_SESSION = {
 }
 #: The same, locked for a change that ends the session (PostgreSQL; see "Lock order" above).
 _OWNED_SESSION_LOCKED = {scoped: stmt.with_for_update(of=sessions) for scoped, stmt in _OWNED_SESSION.items()}
-#: A session's heartbeat (every acquire and tick).
-HEARTBEAT = (sa.update(sessions).where(sessions.c.id == sa.bindparam("b_session"))
-             .values(heartbeat=sa.bindparam("b_now", type_=sessions.c.heartbeat.type), clock_restarted=False))
+#: A session's heartbeat (every acquire and tick), per dialect: on PostgreSQL the database's clock,
+#: read in the statement (see "Clocks" above), which returns it; on SQLite the server's.
+HEARTBEAT = {
+    "postgresql": sa.update(sessions).where(sessions.c.id == sa.bindparam("b_session"))
+    .values(heartbeat=sa.func.clock_timestamp(), clock_restarted=False).returning(sessions.c.heartbeat),
+    "sqlite": sa.update(sessions).where(sessions.c.id == sa.bindparam("b_session"))
+    .values(heartbeat=sa.bindparam("b_now", type_=sessions.c.heartbeat.type), clock_restarted=False),
+}
+
+
+def session_clock(dialect: str, now: dt.datetime) -> Any:
+    """The value a session's heartbeat is written with: on PostgreSQL the database's clock at the
+    statement (``clock_timestamp()``), else ``now`` (see "Clocks" above)."""
+    return sa.func.clock_timestamp() if dialect == "postgresql" else now
+
+
+def clock_now(conn: sa.Connection) -> dt.datetime:
+    """The time a sweep compares heartbeats with: on PostgreSQL the database's clock (one round
+    trip), else this host's (see "Clocks" above)."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one().astimezone(dt.timezone.utc)
+    return utcnow()
 
 
 #: Which of the ids ``b_ids`` the session ``b_session`` holds (:func:`gone_jobs`), per dialect.
@@ -217,14 +249,21 @@ def get_owned_session(conn: sa.Connection, user_id: int, session_id: int, *, loc
     return row
 
 
-def heartbeat(conn: sa.Connection, session_id: int, now: dt.datetime) -> None:
-    """Record a heartbeat; 404 if the session is gone. The session was read just before, without a
+def heartbeat(conn: sa.Connection, session_id: int, now: dt.datetime) -> dt.datetime:
+    """Record a heartbeat; the time written (``now``, or on PostgreSQL the database's clock: see
+    "Clocks" above); 404 if the session is gone. The session was read just before, without a
     lock: the expiry sweep may hold its row then (on PostgreSQL this UPDATE waits for it) and delete
     it. The UPDATE then changes no row, and the request must stop here: an acquire went on to lease
     jobs to the deleted session (409, a foreign key violation, where the launcher replaces its
     session only on 404) and a tick answered 200 for a session that no longer existed."""
-    if not conn.execute(HEARTBEAT, {"b_session": session_id, "b_now": now}).rowcount:
+    if conn.dialect.name == "postgresql":
+        written = conn.execute(HEARTBEAT["postgresql"], {"b_session": session_id}).scalar()
+        if written is None:
+            raise _session_not_found(session_id)
+        return written
+    if not conn.execute(HEARTBEAT["sqlite"], {"b_session": session_id, "b_now": now}).rowcount:
         raise _session_not_found(session_id)
+    return now
 
 
 def note_outage(engine: sa.Engine) -> None:
@@ -308,8 +347,8 @@ def sweep_expired(conn: sa.Connection, expire_sec: int, user_id: "int | None" = 
     limit = stall_limit(expire_sec)
     stood_still, stalls = _process_watch.take_gap(limit)
     # Read after take_gap: a stop between the two would have restarted the clocks at the time of
-    # before it.
-    now = utcnow()
+    # before it. The database's clock on PostgreSQL, which wrote the heartbeats ("Clocks" above).
+    now = clock_now(conn)
     cutoff = now - dt.timedelta(seconds=expire_sec)
     if stood_still > limit:
         # Heartbeats could not be heard meanwhile (see the module's docstring): take_gap counted it
@@ -632,11 +671,22 @@ def reacquire(conn: sa.Connection, session: sa.Row, job_ids: list[int]) -> list[
 #   released; the replay heartbeats the session, as a replayed acquire does), never applied again;
 #   and the launcher sends no acquire while a release of it is unanswered, up to a bound
 #   (balsam.launcher.prefetch: 5 tries or 60 s), so a job it gives back cannot be leased to it
-#   again before the release is done; past that bound the jobs of that release are never started by
-#   it, even if leased again, so a try applied late frees only jobs it never runs. If the server then refuses that
-#   request (a 4xx: nothing of that answer applied, but an earlier try may have been), the launcher
-#   never starts its jobs: it starts them again only where no try can have been applied (refused at
-#   its first try, or by a server without the route);
+#   again before the release is done. Past that bound the release is unsettled: acquires go on, the
+#   launcher resends it (same key and ids) in the background until answered, and does not start its
+#   jobs meanwhile, even if an acquire leases one again (parked), so a try applied late frees only
+#   jobs it never runs. Once answered (or its session gone) they are no longer the launcher's: one
+#   a later acquire leases is started as usual, and the parked ones go back in a new release (new
+#   key) sent at once, before any acquire. A resend past the key's lifetime
+#   (BALSAM_IDEMPOTENCY_TTL_SEC, 24 h by default) is applied anew, not replayed: still exactly-once,
+#   since of its ids the session holds only jobs the launcher never starts (its own, and the parked
+#   ones, which it frees); the new release then finds the parked ones free or frees them, and no
+#   acquire comes between to lease them again under a release still unsettled. If the server
+#   refuses such a request (a 4xx: nothing of that answer applied, but an earlier try may have
+#   been), the launcher does not start its jobs: 408, 409, 425 (a later answer may differ; 429
+#   counts as no answer) leave it unsettled, resent as above; any other status below 500 but a 404
+#   naming the session (gone: its jobs were freed with it) stops the resends, and the jobs stay
+#   leased, never started, until the session's deletion. It starts them again only where no try can
+#   have been applied (refused at its first try, or by a server without the route);
 # - a release names only jobs the launcher's current session leased: jobs of a session it lost
 #   (expired; the server freed them with it) are not sent, and a new session gets a new key, so a
 #   release never frees a copy another session, or a later lease of this launcher, holds.

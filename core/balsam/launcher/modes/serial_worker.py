@@ -992,7 +992,7 @@ class Master:
         faults = getattr(self.prefetcher, "site_faults", None)
         given_back = len(faults.given_back) if faults is not None else 0
         # Given back to the server but not released yet (the stop came first), or whose release may
-        # have been applied before the server refused it (prefetch, "Giving back").
+        # have been applied and was still unanswered at the stop (resent until then; prefetch, "Giving back").
         releasing = getattr(self.prefetcher, "releasing", 0) + len(getattr(self.prefetcher, "release_unknown", ()))
         unstarted = (len(self.pending) + len(self.gone.successors) + len(self.gone.ready) + self.prefetcher.backlog
                      + too_late + given_back + releasing)

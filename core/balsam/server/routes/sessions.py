@@ -19,7 +19,7 @@ from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
     acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, note_held, parse_acquire, parse_release,
-    parse_tick, reacquire, release_jobs, release_session_jobs, session_dict,
+    parse_tick, reacquire, release_jobs, release_session_jobs, session_clock, session_dict,
 )
 from ..tables import batch_jobs, credentials, idempotency_keys, sessions, sites
 
@@ -94,7 +94,8 @@ def create_session(ctx: Ctx) -> Response:
             row = replay_one(earlier, "Session", lambda sid: get_owned_session(conn, ctx.user.id, sid))
             return json_response(session_dict(row), earlier.status_code)
         row = conn.execute(
-            sa.insert(sessions).values(site_id=site_id, batch_job_id=batch_job_id, heartbeat=utcnow()).returning(*sessions.c)
+            sa.insert(sessions).values(site_id=site_id, batch_job_id=batch_job_id,
+                                       heartbeat=session_clock(conn.dialect.name, utcnow())).returning(*sessions.c)
         ).one()
         ctx.idempotency.record(conn, 201, "Session", [row.id])
     return json_response(session_dict(row), 201)
@@ -173,8 +174,7 @@ def tick(ctx: Ctx) -> Response:
         if maybe_sweep(conn, ctx.settings, ctx.user.id):
             ctx.wake_acquires()  # expired sessions' jobs: RUN_TIMEOUT or leasable again
         get_owned_session(conn, ctx.user.id, session_id)
-        now = utcnow()
-        heartbeat(conn, session_id, now)  # 404 if the sweep deleted the session meanwhile
+        now = heartbeat(conn, session_id, utcnow())  # 404 if the sweep deleted the session meanwhile
         # After the heartbeat, as the acquire (the session locked first): a revoked launcher no
         # longer keeps its session alive, nor frees its jobs for leases (note_held).
         _refuse_dead_launcher(ctx, conn)
