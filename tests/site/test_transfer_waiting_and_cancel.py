@@ -201,10 +201,12 @@ def test_an_agent_restarted_after_the_deletion_still_cancels_the_task(site, clie
     first.run_cycle()
     (item,) = client.get("/transfers/", params={"job_id": [job.id]})["results"]
     task_id = item["task_id"]
-    # With what each item writes ([dest, recursive]): a task that runs on across a restart for
-    # other items still knows the files of the items that left it.
+    # With what each item writes ([dest, recursive]) and where (direction, location): a task that
+    # runs on across a restart for other items still knows the files of the items that left it,
+    # and holds back items writing them.
     assert json.loads((Path(site.site_path) / TASKS_NAME).read_text()) == {
-        task_id: {"item_ids": [item["id"]], "dests": {str(item["id"]): [item["transfer_info"]["dest"], False]}}}
+        task_id: {"item_ids": [item["id"]], "dests": {str(item["id"]): [item["transfer_info"]["dest"], False]},
+                  "where": ["in", "shared"]}}
     assert started.wait(30)
     Job.objects.filter(id=[job.id]).delete()  # while no agent runs
 

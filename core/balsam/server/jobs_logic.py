@@ -1038,6 +1038,31 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[dict[str, An
     return out
 
 
+def _same_destination_errors(index: int, slot_names: list[str],
+                             items: list[dict[str, Any]]) -> list[tuple[list[Any], str]]:
+    """A job's transfer slots that write one destination (a stage-in's path in the workdir, ``.``
+    naming the remote file's; a stage-out's path on its location): one copy would overwrite the
+    other, which one is left depending on the order they land, and the agent could not tell their
+    failures apart. Two directories (``recursive``) may merge into one: allowed."""
+    errors: list[tuple[list[Any], str]] = []
+    seen: dict[tuple[str, str, str], tuple[str, bool]] = {}
+    for slot_name, item in zip(slot_names, items):
+        stage_in = item["direction"] == TransferDirection.stage_in.value
+        path = str(item["local_path"] if stage_in else item["remote_path"])
+        parts = [part for part in path.split("/") if part not in ("", ".")]
+        if stage_in and not parts and not item["recursive"]:
+            parts = [part for part in str(item["remote_path"]).split("/") if part not in ("", ".")][-1:]
+        key = (item["direction"], "" if stage_in else item["location_alias"], "/".join(parts))
+        where = "the workdir" if stage_in else f"location {item['location_alias']!r}"
+        if key in seen and not (item["recursive"] and seen[key][1]):
+            errors.append((["body", index, "transfers", slot_name],
+                           f"writes {'/'.join(parts) or '.'} in {where}, as slot {seen[key][0]!r} does: one would "
+                           "overwrite the other (give each slot its own destination)"))
+            continue
+        seen.setdefault(key, (slot_name, bool(item["recursive"])))
+    return errors
+
+
 def _states_and_transfers(specs: list[dict[str, Any]], app_info: dict[int, Any],
                           parent_states: dict[int, str]) -> tuple[list[str], list[list[dict[str, Any]]]]:
     """Each job's first state and its transfer items (checked against its app's slots)."""
@@ -1050,6 +1075,7 @@ def _states_and_transfers(specs: list[dict[str, Any]], app_info: dict[int, Any],
         locations = app.transfer_locations or {}
         given = spec.get("transfers") or {}
         items: list[dict[str, Any]] = []
+        item_slots: list[str] = []
         for slot_name, slot in slots.items():
             if slot.get("required") and slot_name not in given:
                 errors.append((["body", index, "transfers", slot_name], "required transfer slot is missing"))
@@ -1074,6 +1100,8 @@ def _states_and_transfers(specs: list[dict[str, Any]], app_info: dict[int, Any],
                 "task_id": "",
                 "transfer_info": {},
             })
+            item_slots.append(slot_name)
+        errors.extend(_same_destination_errors(index, item_slots, items))
         if any(parent_states[p] != S.finished.value for p in spec.get("parent_ids") or ()):
             # Its stage-in waits too (awaiting_job), started when the job leaves AWAITING_PARENTS
             # (_start_stage_ins): the inputs of a DAG's child are often its parents' stage-out, and

@@ -842,6 +842,10 @@ class GlobusTransfer(TransferBackend):
         #: or None: not readable; when read)} (see _home): one operation_ls per collection and login
         #: for the backend's life, at most HOME_CACHE_SIZE.
         self._homes: dict[tuple[Any, str], tuple[Optional[str], float]] = {}
+        #: {(login, collection): why its home was last said unknown}: the same reason on a later ask
+        #: (every HOME_RECHECK_SEC) is logged at DEBUG, another one (a 403 after a null listing) at
+        #: WARNING again; kept beside ``_homes`` (dropped with it, and when the home is read).
+        self._home_said: dict[tuple[Any, str], str] = {}
         #: {(login, collection): the error} of an ls of its home that failed for a moment during the
         #: current poll: raised again for the rest of that poll without a call (each of its tasks
         #: asked again); emptied when a poll starts.
@@ -1335,9 +1339,10 @@ class GlobusTransfer(TransferBackend):
             listing = client.operation_ls(collection, path="/~/", limit=1)
             home = _absolute_home(listing.get("absolute_path"), listing.get("path"))
             if home is None:
-                logger.warning("globus: the home directory of collection %s cannot be told from its listing of /~/ "
-                               "(absolute_path %r, path %r): a task's files in it are not matched to what Globus "
-                               "reports", collection, listing.get("absolute_path"), listing.get("path"))
+                why = f"absolute_path {listing.get('absolute_path')!r}, path {listing.get('path')!r}"
+                logger.log(self._home_level(cache_key, why), "globus: the home directory of collection %s cannot be "
+                           "told from its listing of /~/ (%s): a task's files in it are not matched to what Globus "
+                           "reports", collection, why)
         except Exception as exc:  # noqa: BLE001 - the safe reading follows, and it is asked again later
             if _transient(exc):
                 # Globus down or rate limited for a moment: not "home unknown" (every item of the task
@@ -1349,14 +1354,29 @@ class GlobusTransfer(TransferBackend):
                 raise
             # Not self._error: a refused ls must not drop the client (the transfers themselves work).
             problem, _ = _classify(exc, self._collections, self.tokens_path(), self.options.endpoint_id)
-            logger.warning("globus: cannot read the home directory of collection %s (ls /~/: %s): its tasks' files in "
-                           "it are not matched to the paths Globus reports (delivered: not counted; skipped: every "
-                           "item fails a try)", collection, problem)
+            logger.log(self._home_level(cache_key, f"ls /~/: {problem}"), "globus: cannot read the home directory "
+                       "of collection %s (ls /~/: %s): its tasks' files in it are not matched to the paths Globus "
+                       "reports (delivered: not counted; skipped: every item fails a try)", collection, problem)
         with self._tasks_lock:
             if cache_key not in self._homes and len(self._homes) >= HOME_CACHE_SIZE:
-                del self._homes[next(iter(self._homes))]  # the oldest
+                oldest = next(iter(self._homes))
+                del self._homes[oldest]
+                self._home_said.pop(oldest, None)
             self._homes[cache_key] = (home, now)
+            if home is not None:
+                self._home_said.pop(cache_key, None)  # a later problem is news again
         return home
+
+    def _home_level(self, cache_key: tuple[Any, str], why: str) -> int:
+        """WARNING the first time a collection's home is unknown for reason ``why``, DEBUG when the
+        last ask said the same: asked again every HOME_RECHECK_SEC, a collection whose listing never
+        names its home (Globus answers ``absolute_path: null`` for ``/~/`` on some collections)
+        logged the same warning 12 times an hour, while a new reason (a 403: a permission to grant)
+        is news for the operator."""
+        with self._tasks_lock:
+            same = self._home_said.get(cache_key) == why
+            self._home_said[cache_key] = why
+        return logging.DEBUG if same else logging.WARNING
 
     def _status(self, client: globus_sdk.TransferClient, doc: Mapping[str, Any]) -> TaskStatus:
         info = {k: doc.get(k) for k in ("files", "files_transferred", "files_skipped", "bytes_transferred",

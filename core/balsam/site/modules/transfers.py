@@ -37,6 +37,16 @@ One cycle (every ``service_period`` seconds):
    is taken for a refusal of the request (the contract cannot tell it from a refusal of the files):
    the refused batch's files each fail a try (backoff, ``max_attempts``), so a location refusing
    everything fails its jobs a batch per cycle as their tries run out, not all in one cycle.
+   File items (not ``recursive``) writing the same file (two jobs staging out to one path of a
+   location, or of two aliases of one address; in to one path of a shared workdir) never share a
+   task, nor run beside a task still writing it (an item in flight, or any file of a tracked task,
+   also of its items deleted or held again since): a backend names a task's failed files by
+   destination, and one missing file failed a try of both (the delivered one too). The one after
+   waits, no try used, with the stable reason SAME_FILE_WAIT (PATCHed once; such items are no work
+   in hand when deciding to page past a full first page); they go one at a time, by id. Directory
+   items merge (many jobs' results into one directory): they wait for nothing and hold back
+   nothing, nor does a file inside another item's directory wait for it. (Job creation refuses two
+   slots of one job writing one destination, two directories merging excepted.)
 4. One bulk PATCH of every item that changed. The server refuses (409) the update of an item
    held again (``awaiting_job``: its job was re-run and sent back to wait for its parents after
    this cycle read the item): the others are sent, nothing is failed, one INFO line says so, and a
@@ -69,8 +79,16 @@ fail a try, as a first submission refused for good does (backoff, then ``max_att
 alias left settings.yml, its items fail (their jobs too), as a first submission's would; a refusal
 retrying may fix keeps it journaled, its items waiting with the reason. Its items that the cycle
 did not read (every slot taken: pending items are then not read) are read by id (one chunked GET);
-the record leaves the journal only when one of them is known gone (deleted, no longer pending, or
-recorded with a task).
+the record leaves the journal once one of them is recorded with a task. One whose items were
+deleted meanwhile (with their jobs), or are no longer pending, is sent again with its token all the
+same: the task that answers is recorded for the items still pending and runs on, tracked, keeping
+the gone items' destinations (their failed files are dropped from its outcome); none pending, it is
+cancelled (a cancel refused for good is logged). Dropped, the task the service may have started
+ran on untracked, into the deleted jobs' workdirs, and the other items went under a new token
+beside it. One none of whose items is left is still sent (the token is the only handle on a task
+the service may have started), but a send or cancel failing for a reason retrying may fix is
+tried again after a backoff (``retry_backoff_sec`` doubling), MAX_CANCEL_TRIES times at most: then
+the task is left to its service, with one WARNING naming it (or the token).
 
 Quick polls: after a submission to a backend with ``quick_poll`` (local, rsync) the next cycle
 comes :data:`QUICK_POLL_SEC` later, then after as long as the youngest such task has run, up to
@@ -194,6 +212,15 @@ PROGRESS_EVERY_SEC = 60.0
 QUICK_POLL_SEC = 0.5
 #: Items named in one log line about many (a task's, a batch's); the others are logged at DEBUG.
 LOG_EXAMPLES = 3
+#: The start of the reason of an item that waits for an earlier transfer writing the same file (see
+#: :meth:`TransfersModule._file_key`). Stable (it names the path, not the task waited for): a waiting
+#: row is PATCHed once, not every cycle; and such an item is no work in hand for :meth:`_read_items`.
+SAME_FILE_WAIT = "waiting for an earlier transfer that writes the same file"
+#: Tries of a cancel that fails for a reason retrying may fix (a task of deleted jobs, or of items
+#: held again), ``retry_backoff_sec`` apart and doubling (up to ``retry_backoff_max_sec``); then
+#: the task is left to its service, untracked, with one WARNING naming it. So are the tries of a
+#: journaled batch none of whose items is left, sent again with its token only to find that task.
+MAX_CANCEL_TRIES = 10
 #: Job ids per GET /jobs/?id=... (keeps the URL short).
 JOB_ID_CHUNK = 500
 #: ``transfers:`` keys that ``balsam site sync`` also sends to the Site record
@@ -537,6 +564,50 @@ def _norm_path(path: str) -> str:
     return re.sub("/+", "/", path).rstrip("/") or "/"
 
 
+#: The direction of the files of a task whose location is unknown (:meth:`TransfersModule._writers`):
+#: a task of an in-flight file written before its location was kept. An item writing one of its
+#: destination paths waits for it, whatever its own direction and location (see :func:`_dest_key`).
+ANYWHERE = "?"
+
+
+def _location_address(location: TransferLocation, home: bool = False) -> str:
+    """Where a stage-out to ``location`` writes, one spelling per place as its backend reaches it:
+    ``local://`` and ``local://localhost`` are this machine (LocalTransfer.check_location takes no
+    other host), as is ``rsync://`` with no host (rsync's local mode) or with ``localhost`` and no
+    port but ssh's own (22): the same files. An rsync host is lower-cased (ssh lower-cases the
+    host it is given) and ssh's default port 22 dropped. The ssh user name is part of the address
+    only for a path in a home directory (``home``: ``~/...``, each user's own; kept as written, a
+    user's name is case-sensitive): an absolute path is one file on its host whoever writes it
+    (``rsync://alice@host/d`` and ``rsync://bob@host/d`` ran at once). Other backends' addresses (a
+    Globus collection id) compare as written."""
+    backend = location.backend_name
+    if backend == "local":
+        return "local://"
+    if backend == "rsync":
+        user, at, hostport = location.netloc.rpartition("@")
+        host, colon, port = hostport.rpartition(":")
+        if not colon or (hostport.startswith("[") and not host.endswith("]")):
+            host, port = hostport, ""  # no port (an IPv6 address in brackets has colons of its own)
+        host = host.lower()
+        port = "" if port == "22" else port
+        user = f"{user}{at}" if home else ""
+        if not host or (host == "localhost" and not port and not user):
+            return "local://"
+        return f"rsync://{user}{host}" + (f":{port}" if port else "")
+    return f"{backend}://{location.netloc}"
+
+
+def _dest_key(direction: str, where: str, dest: str) -> tuple[str, str, str]:
+    """What a transfer writes, as compared between items: ``dest`` on ``where`` (the site for a
+    stage-in: '', whichever location it comes from; a stage-out's location address, see
+    :meth:`TransfersModule._file_key`), spelt one way (``~/x`` as ``/~/x``, ``.`` and ``..``
+    collapsed as Globus reports them): two spellings of one path are one destination."""
+    text = str(dest)
+    if text == "~" or text.startswith("~/"):
+        text = "/" + text
+    return (str(direction), str(where), _norm_path(os.path.normpath(text)))
+
+
 #: The count a backend adds to a file error that stands for several files (the Globus backend's
 #: "(and 2 more failed files)"): combined errors add their counts instead of stacking suffixes.
 MORE_FAILED = re.compile(r"\s*\(and (\d+) more failed files?\)$")
@@ -690,6 +761,9 @@ class TransfersModule(AgentModule):
         #: :meth:`_left_items`). Kept in TASKS_NAME with the tasks: a task that runs on across an
         #: agent restart (Globus keeps its tasks) still knows what the items that left it wrote.
         self._task_dests: dict[str, dict[int, tuple[str, bool]]] = {}
+        #: Where each tracked task writes: {task id: (direction, location alias)} (a batch is one of
+        #: each), for the files of ``_task_dests`` (see :meth:`_writers`); kept in TASKS_NAME too.
+        self._task_where: dict[str, tuple[str, str]] = {}
         #: Tasks in flight: {"<backend>:<id>": item ids}; a task none of whose items is left in flight
         #: on the server is cancelled.
         self.tracked_tasks: dict[str, set[int]] = self._load_tracked()
@@ -698,8 +772,16 @@ class TransfersModule(AgentModule):
         #: Tasks this cycle's poll found over (done, failed, unknown): no longer tracked, even if
         #: some of their items were deleted meanwhile (nothing left to cancel).
         self._finished_tasks: set[str] = set()
-        #: Tasks whose cancel failed for a reason retrying may fix (tried again each cycle).
-        self._cancel_retries: set[str] = set()
+        #: Tasks whose cancel failed for a reason retrying may fix: {task id: (failed tries, when to
+        #: try again)}; MAX_CANCEL_TRIES at most (see :meth:`_cancel_failed`).
+        self._cancel_retries: dict[str, tuple[int, dt.datetime]] = {}
+        #: The same for journaled batches none of whose items is left, sent again with their token
+        #: only to find (and cancel) the task the service may have started: {token: (failed sends,
+        #: when to send again)} (see :meth:`_resend`).
+        self._resend_tries: dict[str, tuple[int, dt.datetime]] = {}
+        #: The items whose SAME_FILE_WAIT reason :meth:`_end_stale_waits` cleared, by their file,
+        #: while they stay pending and ready: the first of each file; those behind it keep waiting.
+        self._ready_files: dict[tuple[str, str, str], int] = {}
         #: Tasks already warned about for passing half of task_timeout_sec (each is warned once).
         self._half_warned: set[str] = set()
         #: The last reason logged as a warning, by what it is about (a task, a backend's poll, a
@@ -800,6 +882,11 @@ class TransfersModule(AgentModule):
         known to be refusing submissions)."""
         if item["state"] in IN_FLIGHT:
             return True
+        if str((item.get("transfer_info") or {}).get("reason") or "").startswith(SAME_FILE_WAIT):
+            # It waits for an earlier transfer of the same file (one at a time): a page full of them
+            # is no work in hand, and the pages after it are read (their items used to start 20
+            # cycles late behind 30 stage-outs to one path).
+            return False
         return _due(item, now) and not self._held_back(str(item.get("location_alias") or ""), now)
 
     def _held_back(self, alias: str, now: dt.datetime) -> bool:
@@ -911,6 +998,7 @@ class TransfersModule(AgentModule):
         # not re-attached) the line is dropped below, and _cancel_orphaned_tasks still cancels it.
         for item_id, task_id in journal.items():
             self.tracked_tasks.setdefault(task_id, set()).add(item_id)
+        reattached: list[dict] = []
         for item in items:
             task_id = journal.get(item["id"])
             # A line without counts (an agent from before they were journaled) is of an item never
@@ -932,18 +1020,25 @@ class TransfersModule(AgentModule):
                 item["transfer_info"] = info
                 updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": task_id,
                                        "transfer_info": info}
+                reattached.append(item)
+        if reattached:
+            self._recover_dests(reattached)
         # Batches journaled with a token are sent again with it (never under a new token): their items
         # are "held" out of this cycle's new batches, and sent with the submissions below.
         resends = self._hold_journaled(token_batches, items)
         in_flight = [it for it in items if it["state"] in IN_FLIGHT]
-        self._cancel_orphaned_tasks(in_flight)
+        for item in in_flight:
+            if item.get("task_id"):
+                self._task_where.setdefault(str(item["task_id"]), (str(item["direction"]),
+                                                                   str(item.get("location_alias") or "")))
+        self._cancel_orphaned_tasks(in_flight, now)
         self._finished_tasks = set()
         still_running = self._poll(in_flight, updates, now)
 
         pending = [it for it in items if it["state"] == TransferItemState.pending.value and it["id"] not in updates]
         due = [it for it in pending if _due(it, now)]
         submitted, kept = self._submit(due, max(0, opts.max_concurrent_transfers - still_running), updates, now,
-                                       resends=resends)
+                                       resends=resends, writers=self._writers(in_flight))
 
         held: dict[int, dict[str, Any]] = {}
         if updates:
@@ -953,10 +1048,13 @@ class TransfersModule(AgentModule):
         # token may or may not have arrived stay. Keeping the task lines too would re-attach their
         # items to those tasks next cycle, after the tasks failed and the items went back to pending.
         self._rewrite_journal(kept)
+        self._resend_tries = {tok: at for tok, at in self._resend_tries.items() if any(r["token"] == tok for r in kept)}
         self._track_tasks(in_flight, updates)
         if held:
             self._let_go_of_held(held, in_flight)
         self._task_dests = {tid: dests for tid, dests in self._task_dests.items() if tid in self.tracked_tasks}
+        self._task_where = {tid: where for tid, where in self._task_where.items() if tid in self.tracked_tasks}
+        self._cancel_retries = {tid: at for tid, at in self._cancel_retries.items() if tid in self.tracked_tasks}
         # Forget the workdirs of jobs with nothing left to move (the cache stays as big as the work).
         live = {int(it["job_id"]) for it in items}
         self.workdirs = {job_id: w for job_id, w in self.workdirs.items() if job_id in live}
@@ -974,6 +1072,25 @@ class TransfersModule(AgentModule):
                 len(items), still_running, submitted, dict(counts) or "none",
             )
         return self._next_poll()
+
+    def _recover_dests(self, items: list[dict]) -> None:
+        """The destinations of ``items``, re-attached to their journaled task (the agent died after
+        submitting, before its PATCH recorded them), computed from each item and its job's workdir
+        as :meth:`_submit` did (one chunked GET of the workdirs not cached), into their
+        ``transfer_info.dest`` (sent with their update): without it such an item wrote nothing in
+        :meth:`_writers`, and a job re-created with its workdir went beside its task. One whose job
+        or paths cannot be had stays without (its task's failed files then send it again)."""
+        self._job_workdirs(int(it["job_id"]) for it in items)
+        data_path = Path(self.site_config.data_path)
+        for item in items:
+            job = self.workdirs.get(int(item["job_id"]))
+            if job is None:
+                continue
+            try:
+                _, spec = item_transfer_paths(item, data_path / job[0])
+            except TransferError:
+                continue
+            item["transfer_info"]["dest"] = spec.dest  # the dict of its update, too
 
     def _send_updates(self, updates: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         """PATCH the cycle's ``updates`` (chunks of MAX_ITEMS_PER_BULK_OP; a refused chunk is sent again
@@ -1364,6 +1481,56 @@ class TransfersModule(AgentModule):
             self.logger.info("transfer task %s is unknown to its backend (%s): its %d items will be submitted again",
                              task_id, why, len(items))
 
+    def _file_key(self, direction: str, alias: Any, dest: str, recursive: Any) -> Optional[tuple[str, str, str]]:
+        """The file an item writes, as compared between items (see :meth:`_submit`), or None for a
+        directory (``recursive``): directories of many jobs merge into one (a results directory,
+        as local, rsync and Globus merge them), so they never wait for each other nor for a file.
+        A stage-out's location is compared by its address (backend, endpoint or host), with the
+        location's path prefix applied: two aliases of one collection write one file."""
+        if recursive or not dest:
+            return None
+        if direction == TransferDirection.stage_in.value:
+            return _dest_key(direction, "", dest)
+        location = self.locations.get(str(alias or ""))
+        if location is None:
+            return _dest_key(direction, f"alias {alias}", dest)
+        kind, _, path = _dest_key(direction, "", location.remote_path(dest))
+        home = path == "/~" or path.startswith("/~/")
+        return kind, _location_address(location, home), path
+
+    def _writers(self, in_flight: list[dict]) -> set[tuple[str, str, str]]:
+        """The files (:meth:`_file_key`) that tasks still running write: the items read in flight,
+        and every file of each tracked task not found over this cycle (``_task_dests``), also of
+        items that left it (deleted with their jobs, held again) while it runs on for others or
+        for a cancel that failed: a job re-created with the same workdir writes such a path."""
+        writers: set[tuple[str, str, str]] = set()
+        for task_id, dests in self._task_dests.items():
+            where = self._task_where.get(task_id)
+            if task_id in self._finished_tasks or task_id not in self.tracked_tasks:
+                continue
+            for dest, recursive in dests.values():
+                if where is None:
+                    # Its location unknown (see _load_tracked): its paths, whatever the location
+                    # (_written); skipped, a re-created job's file went beside it.
+                    key = None if recursive or not dest else _dest_key(ANYWHERE, "", dest)
+                else:
+                    key = self._file_key(where[0], where[1], dest, recursive)
+                if key is not None:
+                    writers.add(key)
+        for item in in_flight:
+            if item.get("task_id") and str(item["task_id"]) not in self._finished_tasks:
+                key = self._file_key(item["direction"], item.get("location_alias"), self._dest_of(item),
+                                     item.get("recursive"))
+                if key is not None:
+                    writers.add(key)
+        return writers
+
+    @staticmethod
+    def _written(key: Optional[tuple[str, str, str]], dest: str, writers: set[tuple[str, str, str]]) -> bool:
+        """Whether file ``key`` (:meth:`_file_key`; ``dest`` as the item names it) is in ``writers``:
+        its own key, or its path written by a task of unknown location (:data:`ANYWHERE`)."""
+        return key is not None and (key in writers or _dest_key(ANYWHERE, "", dest) in writers)
+
     def _dest_of(self, item: Mapping[str, Any]) -> str:
         return str((item.get("transfer_info") or {}).get("dest", ""))
 
@@ -1442,7 +1609,8 @@ class TransfersModule(AgentModule):
                 self.workdirs[int(job["id"])] = (str(job["workdir"]), str(job["state"]))
 
     def _submit(self, due: list[dict], slots: int, updates: dict[int, dict[str, Any]], now: dt.datetime, *,
-                resends: Iterable[tuple[dict, list[dict]]] = ()) -> tuple[int, list[dict]]:
+                resends: Iterable[tuple[dict, list[dict]]] = (),
+                writers: Optional[set[tuple[str, str, str]]] = None) -> tuple[int, list[dict]]:
         """Submit due items in batches, and send the journaled batches ``resends`` (their records and
         items, from :meth:`_hold_journaled`) again with their tokens. ``slots``: the most submissions
         this cycle, refused ones included. Returns (tasks submitted, the journal
@@ -1452,8 +1620,24 @@ class TransfersModule(AgentModule):
 
         One submission refused (retrying may fix it or not) stops the location's submissions for the
         cycle: its other batches, journaled ones included, wait with the reason, using no try and no
-        slot. A location refused less than ``retry_backoff_sec`` ago is tried after the others."""
+        slot. A location refused less than ``retry_backoff_sec`` ago is tried after the others.
+
+        ``writers``: the files (:meth:`_file_key`) tasks still running write. A file item whose file
+        a task still running or an earlier item of this cycle writes waits (no try used, reason
+        SAME_FILE_WAIT): a backend names a task's failed files by destination, so two items of one
+        task writing the same file could not be told apart (a missing file failed a try of both, the
+        delivered one too), and two tasks writing it at once left either copy last. They go one at
+        a time, by id. Directory items (``recursive``) merge: they wait for nothing, and nothing
+        waits for them (a file inside another item's directory neither: see docs/transfers.md)."""
         resends = list(resends)
+        writers = set(writers or ())
+        for record, _ in resends:
+            # A task of its token may be running (its answer was lost), sent again this cycle or not:
+            # it writes these files.
+            for _, _, dest, recursive in record["files"]:
+                key = self._file_key(record["direction"], record["alias"], dest, recursive)
+                if key is not None:
+                    writers.add(key)
         if not due and not resends:
             return 0, []
         opts = self.options
@@ -1479,6 +1663,9 @@ class TransfersModule(AgentModule):
         #: for a location whose journaled batch waits for a slot (its new batches wait behind it).
         blocked: dict[str, str] = {}
         asked: set[int] = set()
+        #: The files of every batch built this cycle, submitted or not: an item waiting behind one of
+        #: them keeps its reason (see _end_stale_waits).
+        planned: set[tuple[str, str, str]] = set()
         for index, (alias, direction, record, batch) in enumerate(units):
             full = calls >= slots
             if record is not None:
@@ -1533,6 +1720,8 @@ class TransfersModule(AgentModule):
                 self._job_workdirs(wanted)
             files: list[TransferFile] = []
             members: list[dict] = []
+            #: The files (_file_key) the batch's file items write.
+            batch_dests: set[tuple[str, str, str]] = set()
             unfit: list[tuple[dict, str, bool]] = []
             missing: list[dict] = []
             for item in batch:
@@ -1563,8 +1752,17 @@ class TransfersModule(AgentModule):
                     # and the stale one over it, after the job went on. It waits (no try used).
                     self._wait(item, f"waiting for task {writer}, which still writes its destination", updates)
                     continue
+                key = self._file_key(direction, alias, spec.dest, spec.recursive)
+                if key is not None:
+                    if key in batch_dests or self._written(key, spec.dest, writers):
+                        # Not the task's id (a new one each time the one before ends): a stable
+                        # reason is PATCHed once, not for every waiting row every cycle.
+                        self._wait(item, f"{SAME_FILE_WAIT}: {spec.dest} (one at a time, by id)", updates)
+                        continue
+                    batch_dests.add(key)
                 files.append(spec)
                 members.append(item)
+            planned |= batch_dests
             if missing:
                 self.logger.warning("%d transfer items to %r skipped: their jobs were not found (e.g. item %s, job %s)",
                                     len(missing), alias, missing[0]["id"], missing[0]["job_id"])
@@ -1591,6 +1789,7 @@ class TransfersModule(AgentModule):
                         # the token, so the next cycle sends the batch again with it, and the service
                         # answers with the task it has rather than starting a second one.
                         kept.append(record)
+                        writers |= batch_dests  # its task may be writing them
                     for item in members:
                         self._wait(item, str(exc), updates)
                 else:
@@ -1605,8 +1804,10 @@ class TransfersModule(AgentModule):
                                     [(item, str(exc), True) for item in members], updates, now, level=logging.ERROR)
                 continue
             full_id = f"{location.backend_name}:{task_id}"
+            writers |= batch_dests
             self._journal(full_id, members)
             self._task_dests[full_id] = {int(it["id"]): (spec.dest, spec.recursive) for it, spec in zip(members, files)}
+            self._task_where[full_id] = (direction, alias)
             for item, spec in zip(members, files):
                 info = _without(item.get("transfer_info"), ("retry_after", "reason", *CLOCK_KEYS))
                 info.update(dest=spec.dest, submitted=now.isoformat())
@@ -1621,7 +1822,66 @@ class TransfersModule(AgentModule):
             if why:
                 self.blocked_aliases[alias] = why
                 self._blocked_at[alias] = now
+        self._end_stale_waits(due, writers | planned, updates)
         return submitted, kept
+
+    def _end_stale_waits(self, due: list[dict], writers: set[tuple[str, str, str]],
+                         updates: dict[int, dict[str, Any]]) -> None:
+        """Clear the SAME_FILE_WAIT reason of the due items still pending whose file no task writes
+        now (``writers``: also this cycle's submissions), the first by id of each file: the task it
+        waited for ended while no slot was free for it. It kept the reason, which said it waited
+        for a transfer no longer running, and counted as no work in hand (:meth:`_usable`). It now
+        goes at the next free slot. The others of that file wait on behind it, their row unchanged.
+        Computed each cycle (the workdirs are cached; one chunked GET of those that are not)."""
+        waiting = []
+        #: Files whose item made ready by an earlier cycle is still pending and ready: the items
+        #: behind it keep waiting.
+        first: set[tuple[str, str, str]] = set()
+        ready = {item_id: key for key, item_id in self._ready_files.items()}
+        self._ready_files = {}
+        for item in due:
+            update = updates.get(item["id"], {})
+            info = update.get("transfer_info", item.get("transfer_info")) or {}
+            if "state" in update:
+                continue
+            if str(info.get("reason") or "").startswith(SAME_FILE_WAIT):
+                waiting.append((item, info))
+            elif item["id"] in ready and not info.get("reason"):
+                first.add(ready[item["id"]])
+                self._ready_files[ready[item["id"]]] = item["id"]
+        if not waiting:
+            return
+        stage_in = TransferDirection.stage_in.value
+        self._job_workdirs(int(it["job_id"]) for it, _ in waiting
+                           if it["direction"] == stage_in and int(it["job_id"]) not in self.workdirs)
+        data_path = PurePosixPath(self.site_config.data_path)
+        #: {(direction, alias, dest, recursive): its file, or None when written or a directory}
+        keys: dict[tuple[Any, Any, str, bool], Optional[tuple[str, str, str]]] = {}
+        for item, info in sorted(waiting, key=lambda pair: pair[0]["id"]):
+            # Its destination as item_transfer_paths gave it when it was made to wait (its paths were
+            # checked then), without that function's resolving of the workdir on the file system:
+            # thousands of waiting rows are read each cycle.
+            if item["direction"] == stage_in:
+                job = self.workdirs.get(int(item["job_id"]))
+                if job is None:
+                    continue
+                rel = str(item.get("local_path") or ".")
+                if PurePosixPath(rel).parts in ((), (".",)) and not item.get("recursive"):
+                    rel = str(item["remote_path"]).rstrip("/").rpartition("/")[2]
+                dest = f"{data_path}/{job[0]}/{rel}"  # (spelt one way by _dest_key)
+            else:
+                dest = str(item["remote_path"])
+            spelt = (item["direction"], item.get("location_alias"), dest, bool(item.get("recursive")))
+            if spelt not in keys:  # (most rows waiting are behind a few files: each is keyed once)
+                key = self._file_key(*spelt)
+                keys[spelt] = None if key is None or self._written(key, dest, writers) else key
+            key = keys[spelt]
+            if key is None or key in first:
+                continue
+            first.add(key)
+            self._ready_files[key] = int(item["id"])
+            updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"],
+                                   "transfer_info": _without(info, ("reason",))}
 
     def _left_items(self) -> dict[int, str]:
         """{item id: the task still in flight (tracked, not found over this cycle: one that ended or
@@ -1656,21 +1916,40 @@ class TransfersModule(AgentModule):
         live = [m for m in members if m["state"] == "held"]
         journaled = record.get("holds") or [0] * len(files)
         count = {int(i): n for (i, *_), n in zip(record["files"], journaled)}
-        stale = any(m["state"] == TransferItemState.awaiting_job.value or _holds(m) > count.get(int(m["id"]), 0)
-                    for m in members)
+        # Items gone since the token was journaled: deleted with their jobs (not among ``members``),
+        # or no longer pending. The task that answers still writes their files.
+        kept_ids = {int(m["id"]) for m in members
+                    if m["state"] in ("held", TransferItemState.awaiting_job.value)}
+        gone = [int(i) for i, *_ in record["files"] if int(i) not in kept_ids]
+        held_again = any(m["state"] == TransferItemState.awaiting_job.value or _holds(m) > count.get(int(m["id"]), 0)
+                         for m in members)
+        # Also with nothing pending left to record the task on (every item gone): sent only to cancel it.
+        # Sent all the same, not dropped: its submission's answer was lost, so the service may have
+        # started the task, and this token is the one handle on it; dropped, it ran on untracked
+        # into the deleted jobs' workdirs (which a re-created job may use again).
+        stale = held_again or not live
+        why = ("some of its items were held again since (their jobs re-run)" if held_again
+               else "none of its items is left (deleted with their jobs, or finished)")
+        token = str(record["token"])
+        if not live:
+            if now < self._resend_tries.get(token, (0, now))[1]:
+                kept.append(record)  # in its backoff: sent later with its token
+                return None
         try:
             location = self._location(alias)
             backend = self.backend(location.backend_name)
         except TransferError as exc:
             if exc.retryable:
-                kept.append(record)
+                if live or self._resend_failed(record, exc, now):
+                    kept.append(record)
                 blocked[alias] = str(exc)
                 for item in live:
                     self._wait(item, str(exc), updates)
             elif stale:
                 # No backend to ask: nothing to cancel through it either.
-                self.logger.info("a stale journaled batch of %d files to %r (items held again since) cannot be "
-                                 "sent again to cancel its task: %s", len(files), alias, exc)
+                self._resend_tries.pop(token, None)
+                self.logger.info("a stale journaled batch of %d files to %r (%s) cannot be sent again to cancel its "
+                                 "task: %s", len(files), alias, why, exc)
             else:
                 # The alias left settings.yml (or no backend serves it): as a first submission would.
                 self._fail_many(f"a journaled batch of {len(files)} files to {alias!r} cannot be sent again",
@@ -1691,8 +1970,9 @@ class TransfersModule(AgentModule):
             if not exc.retryable and stale:
                 # Refused for good: the service holds no task of that token, so nothing copies the old
                 # files; the record leaves the journal and its pending items go in a new batch.
-                self.logger.info("a stale journaled batch of %d files to %r (items held again since) was refused "
-                                 "when sent again to cancel its task; nothing to cancel: %s", len(files), alias, exc)
+                self._resend_tries.pop(token, None)
+                self.logger.info("a stale journaled batch of %d files to %r (%s) was refused when sent again to "
+                                 "cancel its task; nothing to cancel: %s", len(files), alias, why, exc)
                 return False
             if not exc.retryable:
                 # Refused for good: the record leaves the journal instead of being sent again every
@@ -1707,7 +1987,8 @@ class TransfersModule(AgentModule):
             pause = self._hold(location.backend_name, exc, now)
             self._warn_once(f"submit:{alias}", str(exc), "re-sending a journaled batch of %d files to %s "
                             "failed (will retry%s): %s", len(files), alias, pause, exc)
-            kept.append(record)
+            if live or self._resend_failed(record, exc, now):
+                kept.append(record)
             for item in live:
                 self._wait(item, str(exc), updates)
             return False
@@ -1715,41 +1996,100 @@ class TransfersModule(AgentModule):
         self.blocked_aliases.pop(alias, None)
         self._blocked_at.pop(alias, None)
         full_id = f"{location.backend_name}:{task_id}"
+        self._resend_tries.pop(token, None)
         dests = {int(i): (dest, rec) for i, _, dest, rec in record["files"]}
+        self._task_where[full_id] = (str(record["direction"]), alias)
         if stale:
             # An item was held again since the token was journaled (still held, or released): the
             # task that answers it may be the one the service started then, copying files from
-            # before the parents' new run. Cancelled; the pending items go in a new batch.
+            # before the parents' new run. Cancelled; the pending items go in a new batch. So is a
+            # task none of whose items is left (deleted with their jobs): nothing would look at it.
             self._cancel_stale(full_id, dests, f"journaled batch of {len(files)} files re-sent with its token: task "
-                               f"{full_id}; some of its items were held again since (their jobs re-run)")
+                               f"{full_id}; {why}")
             return True
-        self._journal(full_id, members)
+        self._journal(full_id, live)
+        # Also the destinations of the items gone: the task writes them still (items that left it).
         self._task_dests[full_id] = dests
         self.logger.info("journaled batch of %d files re-sent with its token: task %s", len(files), full_id)
-        for item, spec in zip(members, files):
+        if gone:
+            # Part of one task for the service: not cancelled for them (its other items would be
+            # copied again beside it); tracked, it runs on for the others and their files are
+            # dropped from its outcome (_apply_status).
+            shown = ", ".join(str(i) for i in gone[:LOG_EXAMPLES]) + (" ..." if len(gone) > LOG_EXAMPLES else "")
+            self.logger.info("transfer task %s also copies the files of %d items deleted (with their jobs) or finished "
+                             "since its batch was journaled (%s): it runs on, tracked, for its other %d items",
+                             full_id, len(gone), shown, len(live))
+        for item in live:
+            dest, _ = dests[int(item["id"])]
             info = _without(item.get("transfer_info"), ("retry_after", "reason", *CLOCK_KEYS))
-            info.update(dest=spec.dest, submitted=now.isoformat())
+            info.update(dest=dest, submitted=now.isoformat())
             item["state"], item["task_id"] = TransferItemState.active.value, full_id
             updates[item["id"]] = {**updates.get(item["id"], {}), "id": item["id"], "state": item["state"], "task_id": full_id,
                                    "transfer_info": info}
         return True
 
+    def _backoff(self, tries: int) -> float:
+        """Seconds before the next of ``tries`` failed tries: as a failed file's (retry_backoff_sec,
+        doubling, up to retry_backoff_max_sec)."""
+        opts = self.options
+        return min(opts.retry_backoff_max_sec, opts.retry_backoff_sec * 2 ** max(0, tries - 1))
+
+    def _resend_failed(self, record: dict, exc: TransferError, now: dt.datetime) -> bool:
+        """A journaled batch none of whose items is left failed to be sent again (only to find the
+        task its token may name, and cancel it) for a reason retrying may fix: sent again after a
+        backoff, MAX_CANCEL_TRIES times at most (it was sent every cycle forever while its location
+        refused); then dropped, with one WARNING naming the token. Returns whether it is kept."""
+        token = str(record["token"])
+        tries = self._resend_tries.get(token, (0, now))[0] + 1
+        if tries < MAX_CANCEL_TRIES:
+            self._resend_tries[token] = (tries, now + dt.timedelta(seconds=self._backoff(tries)))
+            return True
+        self._resend_tries.pop(token, None)
+        self.logger.warning("a journaled batch of %d files to %r, none of whose items is left (deleted with their "
+                            "jobs, or finished), could not be sent again with its submission token %s to cancel the "
+                            "task it may have started (%d tries; last: %s): dropped; a task of that token is left to "
+                            "the service", len(record["files"]), record["alias"], token, tries, one_line(exc))
+        return False
+
+    def _cancel_failed(self, task_id: str, exc: TransferError, what: str = "") -> bool:
+        """The cancel of tracked task ``task_id`` failed for a reason retrying may fix: tried again
+        after a backoff (:meth:`_backoff`), MAX_CANCEL_TRIES times at most: it was tried every cycle
+        forever (a cancel the service keeps refusing, a 503 for hours). Then the task is left to its
+        service (untracked: what it writes no longer holds back other items), with one WARNING
+        naming it. Returns whether it is still tracked (the caller drops it otherwise). ``what``:
+        why it was cancelled, said first in the line of the first failure (that line is the only
+        one about this cancel: an INFO line before it said the same event twice)."""
+        now = self.now()
+        tries = self._cancel_retries.get(task_id, (0, now))[0] + 1
+        if tries < MAX_CANCEL_TRIES:
+            wait = self._backoff(tries)
+            self._cancel_retries[task_id] = (tries, now + dt.timedelta(seconds=wait))
+            self.logger.log(logging.WARNING if tries == 1 else logging.DEBUG,
+                            "%s failed (try %d of %d; next in %.0f s): %s",
+                            f"{what}; cancelling it" if what else f"transfer task {task_id}: cancelling",
+                            tries, MAX_CANCEL_TRIES, wait, exc)
+            return True
+        self._cancel_retries.pop(task_id, None)
+        self.logger.warning("transfer task %s: cancelling failed %d times (last: %s): left to its service, no longer "
+                            "tracked (it may still run and write its files)", task_id, tries, one_line(exc))
+        return False
+
     def _cancel_stale(self, task_id: str, items: "Iterable[int] | dict[int, tuple[str, bool]]", what: str) -> None:
         """Cancel ``task_id``, a copy of files from before a re-run's parents ran again; on a cancel
         that failed for a reason retrying may fix, it is tracked with ``items`` (the held items, or
-        their destinations where known: those wait for it) and tried again every cycle
-        (_cancel_orphaned_tasks). One INFO line, ``what`` first."""
+        their destinations where known: those wait for it) and tried again after a backoff
+        (:meth:`_cancel_failed`, _cancel_orphaned_tasks). One line, ``what`` first: INFO, or the
+        WARNING of the first failed try."""
         name, _, raw_id = task_id.partition(":")
         try:
             self.backend(name).cancel(raw_id)
         except TransferError as exc:
             if exc.retryable:
-                self.tracked_tasks[task_id] = set(items)
-                if isinstance(items, dict):
-                    self._task_dests[task_id] = items
-                self._cancel_retries.add(task_id)
-                self._write_tracked()
-                self.logger.info("%s; cancelling it failed (will retry every cycle): %s", what, exc)
+                if self._cancel_failed(task_id, exc, what):
+                    self.tracked_tasks[task_id] = set(items)
+                    if isinstance(items, dict):
+                        self._task_dests[task_id] = items
+                    self._write_tracked()
             else:
                 self.logger.info("%s; not cancelled (%s)", what, exc)
         else:
@@ -1784,20 +2124,34 @@ class TransfersModule(AgentModule):
                 if isinstance(entry, dict) and entry.get("dests"):
                     self._task_dests[str(task_id)] = {int(i): (str(dest), bool(recursive))
                                                       for i, (dest, recursive) in dict(entry["dests"]).items()}
+                if isinstance(entry, dict) and entry.get("where"):
+                    direction, alias = entry["where"]
+                    self._task_where[str(task_id)] = (str(direction), str(alias))
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError, KeyError) as exc:
             self.logger.warning("cannot read %s (tasks of deleted jobs may not be cancelled): %s", self.tasks_path, exc)
+        unknown = sum(1 for task_id, dests in self._task_dests.items() if task_id not in self._task_where and dests)
+        if unknown:
+            # Not guessed from its paths (a stage-out may write inside the data path as a stage-in
+            # does): :meth:`_writers` holds back every item writing one of its destination paths,
+            # whatever its location, until it ends. Said once.
+            self.logger.info("%s: %d tasks recorded without their location (by an earlier agent): until they end, "
+                             "an item writing one of their destination paths waits for them, whatever its location",
+                             self.tasks_path, unknown)
         journal, _, _ = self._read_journal()
         for item_id, task_id in journal.items():
             tracked[task_id].add(item_id)
         return dict(tracked)
 
-    def _cancel_orphaned_tasks(self, in_flight: list[dict]) -> None:
+    def _cancel_orphaned_tasks(self, in_flight: list[dict], now: Optional[dt.datetime] = None) -> None:
         """Cancel the tracked tasks none of whose items is still in flight on the server: their
-        items were deleted with their jobs, and nothing would ever look at what they copy."""
+        items were deleted with their jobs, and nothing would ever look at what they copy. One whose
+        cancel failed is asked about (and cancelled) again after its backoff (:meth:`_cancel_failed`)."""
+        now = now or self.now()
         seen = {str(it.get("task_id") or "") for it in in_flight}
-        missing = {tid: ids for tid, ids in self.tracked_tasks.items() if tid not in seen}
+        missing = {tid: ids for tid, ids in self.tracked_tasks.items() if tid not in seen
+                   and not (tid in self._cancel_retries and now < self._cancel_retries[tid][1])}
         if not missing:
             return
         # Not in this cycle's page is not gone (the page may be full): ask for those items by id.
@@ -1819,6 +2173,7 @@ class TransfersModule(AgentModule):
             name, _, raw_id = task_id.partition(":")
             # Said once per task, not on every retry of a cancel that failed.
             first = task_id not in self._cancel_retries
+            said = ""
             if first:
                 # "Deleted" only for the items the GET did not return. The others are there, off the
                 # task: held again mid-task (jobs_logic._hold_stage_ins: its copy is of files from
@@ -1831,20 +2186,26 @@ class TransfersModule(AgentModule):
                     why = f"its items {named[0][0]}"
                 else:
                     why = "of its items, " + ", ".join(f"{n} {what}" for what, n in named)
-                self.logger.info("transfer task %s: %s; cancelling it", task_id, why)
+                said = f"transfer task {task_id}: {why}"
             try:
                 self.backend(name).cancel(raw_id)
             except TransferError as exc:
                 if exc.retryable:
-                    self.logger.log(logging.WARNING if first else logging.DEBUG,
-                                    "transfer task %s: cancelling failed (will retry every cycle): %s", task_id, exc)
-                    self._cancel_retries.add(task_id)
-                    continue
-                # Already finished, or a service that cannot cancel: nothing more to do.
-                self.logger.info("transfer task %s was not cancelled (%s); forgotten", task_id, exc)
+                    # One line about this failed cancel, why first (_cancel_failed), not an INFO
+                    # "cancelling it" and then a WARNING about the same cancel.
+                    if self._cancel_failed(task_id, exc, said):
+                        continue
+                    said = ""  # (MAX_CANCEL_TRIES 1: its WARNING said it all)
+                elif said:
+                    self.logger.info("%s; cancelling it", said)
+                if not exc.retryable:
+                    # Already finished, or a service that cannot cancel: nothing more to do.
+                    self.logger.info("transfer task %s was not cancelled (%s); forgotten", task_id, exc)
             else:
+                if said:
+                    self.logger.info("%s; cancelling it", said)
                 self.logger.info("transfer task %s cancelled", task_id)
-            self._cancel_retries.discard(task_id)
+            self._cancel_retries.pop(task_id, None)
             del self.tracked_tasks[task_id]
 
     def _track_tasks(self, in_flight: list[dict], updates: Mapping[int, Mapping[str, Any]]) -> None:
@@ -1880,10 +2241,12 @@ class TransfersModule(AgentModule):
             self._write_tracked()
 
     def _tracked_record(self) -> dict[str, dict[str, Any]]:
-        """What TASKS_NAME keeps: {task id: {"item_ids": [...], "dests": {item id: [dest, recursive]}}}."""
+        """What TASKS_NAME keeps: {task id: {"item_ids": [...], "dests": {item id: [dest, recursive]},
+        "where": [direction, alias] (when known)}}."""
         return {tid: {"item_ids": sorted(ids),
                       "dests": {str(i): [dest, recursive] for i, (dest, recursive)
-                                in sorted(self._task_dests.get(tid, {}).items())}}
+                                in sorted(self._task_dests.get(tid, {}).items())},
+                      **({"where": list(self._task_where[tid])} if tid in self._task_where else {})}
                 for tid, ids in self.tracked_tasks.items()}
 
     def _write_tracked(self) -> None:
@@ -1965,11 +2328,16 @@ class TransfersModule(AgentModule):
         not read at all) are read by id, in one (chunked) GET: an unread member is no gone member,
         and dropping its record would send its files again under a new token, beside a task the
         service may have started under the old one. A batch is dropped only when one of its items
-        is known gone: deleted (not returned by that GET), no longer pending, or recorded with a task.
-        A batch with an item held again (``awaiting_job``: its job re-run, waiting for its parents) is
-        sent again all the same, and the task answering its token cancelled (:meth:`_resend`): the
-        service may have started it before the hold, copying files from before the parents' new
-        run; dropped, it would run untracked and its copy land over the fresh one after the release.
+        is recorded with a task (the PATCH recording it went through). One with an item gone (deleted
+        with its job: not returned by that GET; or no longer pending) is sent again with its token all
+        the same (:meth:`_resend`): the task that answers is recorded for the items still pending and
+        keeps the gone ones' destinations (as items that left it), or is cancelled when none is
+        pending; dropped, a task the service had started ran on untracked, and the other items went
+        again under a new token beside it. A batch with an item held again (``awaiting_job``: its
+        job re-run, waiting for its parents) is sent again all the same, and the task answering its
+        token cancelled (:meth:`_resend`): the service may have started it before the hold, copying
+        files from before the parents' new run; dropped, it would run untracked and its copy land
+        over the fresh one after the release.
         A failing GET raises before anything is submitted; the journal is then left as it is."""
         by_id = {it["id"]: it for it in items}
         unread = sorted({i for batch in batches for i, *_ in batch["files"]} - by_id.keys())
@@ -1984,10 +2352,10 @@ class TransfersModule(AgentModule):
             present = [m for m in members if m is not None]
             if any(m.get("task_id") for m in present):
                 continue  # already recorded
-            held_again = any(m["state"] == TransferItemState.awaiting_job.value for m in present)
-            if not held_again and (len(present) < len(members)
-                                   or any(m["state"] != TransferItemState.pending.value for m in present)):
-                continue  # finished or deleted
+            # A member deleted (with its job) or no longer pending does not drop the batch: the
+            # service may have started its task, which then ran on untracked (into the deleted
+            # job's workdir) while the other members went again under a new token, a second copy
+            # beside it. It is sent again with its token (:meth:`_resend`).
             for item in present:
                 if item["state"] == TransferItemState.pending.value:
                     item["state"] = "held"
