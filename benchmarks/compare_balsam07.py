@@ -10,7 +10,12 @@ interleaved rounds, the same client code on both sides.
   is the peer).
 - **Raw HTTP** (httpx from this process, the same requests to both servers): ``POST /jobs/`` in
   chunks of 5,000, ``GET /jobs/?tags=...`` in pages of 5,000; with ``--sqlite``, the same against
-  our SQLite server too.
+  our SQLite server too. Two client variants, each run against every server with the same code:
+  *stdlib* (httpx's ``json=``, i.e. ``json.dumps``, and ``response.json()``, i.e. ``json.loads``;
+  what Balsam 0.7's requests-based client does) and *orjson* (bodies encoded with ``orjson.dumps``
+  and answers parsed with ``orjson.loads``, as our client, ``balsam/client/rest.py``, does). The
+  client's JSON work is inside the timed figures, so each variant compares the servers under that
+  client.
 
 Balsam 0.7 runs from a venv of its own (``pip install balsam==0.7.0a24`` plus its server's
 dependencies, pinned to what that release ran with; ``--setup-07`` makes it). Its wheel ships no
@@ -41,6 +46,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import orjson
 import sqlalchemy as sa
 import yaml
 
@@ -145,7 +151,21 @@ def run_driver(python: str, env: dict[str, str], n_jobs: int, workdir: Path) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def raw_round(base: str, token: str, app_id: int, n_jobs: int) -> dict[str, float]:
+#: The raw round's client variants: how a create chunk becomes a body and how an answer is parsed.
+#: The keys a round reports get the variant's suffix ("" for stdlib: the rows reported before).
+RAW_VARIANTS = {
+    # httpx's json= (json.dumps, compact) and Response.json() (json.loads of the decoded text).
+    "stdlib": ("", lambda http, chunk: http.post("/jobs/", json=chunk), lambda resp: resp.json()),
+    # What our client does (balsam/client/rest.py): orjson both ways, on bytes.
+    "orjson": ("_orjson",
+               lambda http, chunk: http.post("/jobs/", content=orjson.dumps(chunk),
+                                             headers={"Content-Type": "application/json"}),
+               lambda resp: orjson.loads(resp.content)),
+}
+
+
+def raw_round(base: str, token: str, app_id: int, n_jobs: int, variant: str = "stdlib") -> dict[str, float]:
+    suffix, post_chunk, parse = RAW_VARIANTS[variant]
     headers = {"Authorization": f"Bearer {token}"}
     tag = uuid.uuid4().hex[:8]
     rows = [{"workdir": f"raw/{tag}/{i}", "app_id": app_id, "tags": {"raw": tag}, "serialized_parameters": "",
@@ -154,21 +174,30 @@ def raw_round(base: str, token: str, app_id: int, n_jobs: int) -> dict[str, floa
     with httpx.Client(base_url=base, headers=headers, timeout=600) as http:
         start = time.perf_counter()
         for i in range(0, n_jobs, 5000):
-            http.post("/jobs/", json=rows[i : i + 5000]).raise_for_status()
-        times["raw_create"] = time.perf_counter() - start
+            post_chunk(http, rows[i : i + 5000]).raise_for_status()
+        times[f"raw_create{suffix}"] = time.perf_counter() - start
         start = time.perf_counter()
         got, offset = 0, 0
         while True:
             page = http.get("/jobs/", params={"tags": f"raw:{tag}", "limit": 5000, "offset": offset})
             page.raise_for_status()
-            results = page.json()["results"]
+            results = parse(page)["results"]
             got += len(results)
             offset += len(results)
             if len(results) < 5000:
                 break
-        times["raw_list"] = time.perf_counter() - start
+        times[f"raw_list{suffix}"] = time.perf_counter() - start
         assert got == n_jobs, got
         http.request("DELETE", "/jobs/", params={"tags": f"raw:{tag}"}).raise_for_status()
+    return times
+
+
+def raw_rounds(base: str, token: str, app_id: int, n_jobs: int, r: int) -> dict[str, float]:
+    """Both client variants against one server, their order alternating with the round."""
+    variants = list(RAW_VARIANTS) if r % 2 == 0 else list(reversed(RAW_VARIANTS))
+    times: dict[str, float] = {}
+    for variant in variants:
+        times.update(raw_round(base, token, app_id, n_jobs, variant))
     return times
 
 
@@ -250,7 +279,7 @@ def main() -> None:
                 python, env = sides[label]
                 results[label].append(run_driver(python, env, args.jobs, workdir))
             for label, base, token, app_id in (raw if r % 2 == 0 else list(reversed(raw))):
-                results[label].append(raw_round(base, token, app_id, args.jobs))
+                results[label].append(raw_rounds(base, token, app_id, args.jobs, r))
             print(f"round {r + 1}/{args.rounds} done ({fork_exec_note()})", flush=True)
         report(results, args.jobs)
     finally:
@@ -276,7 +305,7 @@ def report(results: dict[str, list[dict[str, float]]], n_jobs: int) -> None:
         a, b, c = med("0.7 client -> 0.7 server", key), med("balsam client -> balsam server", key), med("0.7 client -> balsam server", key)
         print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× "
               f"| {n_jobs / c:,.0f}/s ({c:.2f} s) |")
-    for key, what in (("raw_create", "raw HTTP create"), ("raw_list", "raw HTTP list")):
+    for key, what in RAW_ROWS:
         a, b = med("raw 0.7", key), med("raw balsam", key)
         print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× | |")
     lite = "balsam client -> balsam server (SQLite)"
@@ -287,11 +316,17 @@ def report(results: dict[str, list[dict[str, float]]], n_jobs: int) -> None:
                           ("delete", "`Job.objects.filter(tags=...).delete()`")):
             a, b = med("0.7 client -> 0.7 server", key), med(lite, key)
             print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× |")
-        for key, what in (("raw_create", "raw HTTP create"), ("raw_list", "raw HTTP list")):
+        for key, what in RAW_ROWS:
             a, b = med("raw 0.7", key), med("raw balsam (SQLite)", key)
             print(f"| {what} {n_jobs:,} | {n_jobs / a:,.0f}/s ({a:.2f} s) | {n_jobs / b:,.0f}/s ({b:.2f} s) | {a / b:.1f}× |")
     api_list, raw_list = med("balsam client -> balsam server", "list"), med("raw balsam", "raw_list")
-    print(f"\nour Python-API listing / our raw-HTTP listing: {api_list / raw_list:.2f}× (target ≤ 1.5×)")
+    print(f"\nour Python-API listing / our raw-HTTP listing: {api_list / raw_list:.2f}× (target ≤ 1.5×; "
+          f"{api_list / med('raw balsam', 'raw_list_orjson'):.2f}× the orjson raw client's)")
+
+
+#: The raw rows, each variant's (the stdlib rows first, as before the orjson variant was added).
+RAW_ROWS = (("raw_create", "raw HTTP create, stdlib json client"), ("raw_list", "raw HTTP list, stdlib json client"),
+            ("raw_create_orjson", "raw HTTP create, orjson client"), ("raw_list_orjson", "raw HTTP list, orjson client"))
 
 
 if __name__ == "__main__":
