@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
+from array import array
+from bisect import bisect_left
 from collections import defaultdict
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import attrs
 import orjson
@@ -2082,7 +2084,8 @@ def set_states(conn: sa.Connection, moves: dict[int, tuple[str, JobState]], now:
 # ---------------------------------------------------------------------------------------------
 
 def delete_jobs(conn: sa.Connection, ids: list[int], *, skip_running: bool = True,
-                released: "list[int] | None" = None, skipped: "list[int] | None" = None) -> int:
+                released: "list[int] | None" = None, skipped: "list[int] | None" = None,
+                deleted_later: "Sequence[int] | None" = None) -> int:
     """Delete the jobs ``ids``; returns how many were deleted.
 
     ``skip_running`` (a query delete, which may select more than the user meant): the jobs RUNNING
@@ -2130,10 +2133,31 @@ def delete_jobs(conn: sa.Connection, ids: list[int], *, skip_running: bool = Tru
     gone, released the child or left it waiting for ever depending on the order; counting it as
     unfinished for ever kept children of routinely cleaned-up finished parents waiting.)
 
+    ``deleted_later`` (a query delete in batches: every id it matched, sorted): waiting children
+    among them that a later batch would delete are deleted here instead, with their own waiting
+    children in the match (they are locked already, so the lock order holds). Released, a launcher
+    could take and run them before that batch came (then skipped as RUNNING, left running); left
+    waiting, a delete cut off before that batch left them waiting for ever on a deleted parent.
+    The batches go in descending id order (routes.jobs.query_delete), and a child is created after
+    its parents (they must exist then; ``parent_ids`` cannot be changed later), so this happens
+    only for a child made with ids reserved before its parents' (``POST /jobs/reservations``).
+
     Bulk: one statement per chunk of ids (one on PostgreSQL) for each step, whatever the number of
-    jobs."""
-    if not ids:
-        return 0
+    jobs (a chain of such reserved-id children: the steps again for each link, in a loop: it
+    recursed, and a chain of ~600 links failed every try with a RecursionError)."""
+    total = 0
+    while ids:
+        pulled: list[int] = []
+        total += _delete_once(conn, ids, skip_running, released, skipped, deleted_later, pulled)
+        # The waiting children pulled in (deleted_later), with theirs next: never RUNNING.
+        ids, skip_running = pulled, False
+    return total
+
+
+def _delete_once(conn: sa.Connection, ids: list[int], skip_running: bool, released: "list[int] | None",
+                 skipped: "list[int] | None", deleted_later: "Sequence[int] | None", pulled: list[int]) -> int:
+    """One step of :func:`delete_jobs`: ``ids`` locked, deleted and their children checked; the
+    waiting children it leaves to the next step appended to ``pulled``."""
     dialect = conn.dialect.name
     chunks = _id_chunks(ids, dialect)
     running = sa.and_(jobs.c.state == S.running.value, jobs.c.session_id.is_not(None))
@@ -2162,7 +2186,44 @@ def delete_jobs(conn: sa.Connection, ids: list[int], *, skip_running: bool = Tru
     # links; those deleted too are left out of the check.
     candidates = _RELEASE_CANDIDATES["postgresql" if dialect == "postgresql" else "sqlite"]
     return _delete_and_release(conn, candidates, {"b_ids": ids_param(ids, dialect)}, chunks, released,
-                               exclude=set(ids))
+                               exclude=set(ids), sorted_exclude=deleted_later, pulled_out=pulled)
+
+
+#: Jobs a query delete (``DELETE /jobs/?filters``) deletes per transaction. One transaction for
+#: every matching job held the SQLite write lock, or on PostgreSQL the matching jobs' row locks
+#: (skipped RUNNING ones included), for the whole delete: with 10^6 jobs a launcher's acquire and
+#: heartbeat waited 10.9 s on SQLite, its update of a skipped RUNNING job 22 s there and 29 s on
+#: PostgreSQL, and the server peaked at 0.5 GB. 5,000 (the bulk routes' cap): ~50-100 ms per batch.
+QUERY_DELETE_BATCH = 5_000
+#: The pause between two batches on SQLite, longer than its busy handler's longest sleep (100 ms):
+#: every writer that waits for the lock gets it before the next batch (routes.jobs.query_delete).
+SQLITE_WRITERS_TURN_SEC = 0.11
+#: ... once the delete has run this long: a shorter one (up to a few tens of thousands of jobs)
+#: makes writers wait at most this, and pausing it doubled a 10,000-job delete (0.12 -> 0.23 s).
+SQLITE_PAUSES_AFTER_SEC = 1.0
+
+
+def sqlite_writers_turn(started: float, now: float) -> float:
+    """The pause before a query delete's next batch on SQLite (seconds), the delete having started
+    at ``started`` (``time.monotonic()``) and ``now`` being now: none in its first
+    :data:`SQLITE_PAUSES_AFTER_SEC`, then :data:`SQLITE_WRITERS_TURN_SEC` before each batch."""
+    return SQLITE_WRITERS_TURN_SEC if now - started >= SQLITE_PAUSES_AFTER_SEC else 0.0
+
+
+def matching_ids(conn: sa.Connection, user_id: int, q: QueryParams) -> "array[int]":
+    """The ids of the user's jobs matching ``q``, in id order, as a compact array (8 bytes an id:
+    10^6 ids take 8 MB, a list of ints ~36 MB): read at once, in a transaction that ends before the
+    delete's batches (routes.jobs.query_delete), so that no connection is held beside theirs (a pool
+    of one deadlocked: 503 after 30 s), no PostgreSQL snapshot stays open and SQLite's WAL can be
+    checkpointed meanwhile. Streamed (a server-side cursor on PostgreSQL): no list of rows beside
+    the array. One statement: paging with ``id > last`` ran the filter again per page (on
+    PostgreSQL the tags' GIN bitmap read every remaining match each time)."""
+    stmt = sa.select(jobs.c.id).where(jobs.c.site_id.in_(owned_site_ids(user_id)))
+    stmt = apply_job_filters(stmt, q, conn.dialect.name).order_by(jobs.c.id)
+    out = array("q")
+    for part in conn.execution_options(yield_per=QUERY_DELETE_BATCH).execute(stmt).scalars().partitions():
+        out.extend(part)
+    return out
 
 
 def delete_jobs_of(conn: sa.Connection, *, app_id: "int | None" = None, site_id: "int | None" = None,
@@ -2205,6 +2266,11 @@ def delete_jobs_of(conn: sa.Connection, *, app_id: "int | None" = None, site_id:
     return _delete_and_release(conn, candidates, {"b_of": owner_id}, [of_jobs], released)
 
 
+def _sorted_has(values: Sequence[int], value: int) -> bool:
+    at = bisect_left(values, value)
+    return at < len(values) and values[at] == value
+
+
 def _id_chunks(ids: list[int], dialect: str) -> list[sa.ColumnElement[bool]]:
     """``jobs.id`` among ``ids``: PostgreSQL takes them as one array parameter (SQLAlchemy
     expanding a 5,000-value IN list cost a fifth of a 10,000-job delete's server time); SQLite, in
@@ -2216,19 +2282,33 @@ def _id_chunks(ids: list[int], dialect: str) -> list[sa.ColumnElement[bool]]:
 
 def _delete_and_release(conn: sa.Connection, candidates: sa.Select, params: dict[str, Any],
                         deletes: list[sa.ColumnElement[bool]], released: "list[int] | None",
-                        exclude: "set[int] | None" = None) -> int:
+                        exclude: "set[int] | None" = None, sorted_exclude: "Sequence[int] | None" = None,
+                        pulled_out: "list[int] | None" = None) -> int:
     """The delete shared by :func:`delete_jobs` and :func:`delete_jobs_of`, once the jobs to delete
     are locked (PostgreSQL, id order): lock and read their waiting children (``candidates`` with
     ``params``: :func:`_release_candidates_stmt`) before the delete cascades the links, delete the
     jobs (``deletes``: conditions on ``jobs``, one statement each), then check those children not
-    deleted too (``exclude``: the deleted ids, where the candidates may hold some) with a new
-    statement and release those whose remaining parents have all finished."""
+    deleted too (``exclude``: the deleted ids, where the candidates may hold some; ``sorted_exclude``:
+    ids a later batch would delete, sorted, looked up by bisection: appended to ``pulled_out``,
+    which :func:`delete_jobs` deletes next, see its ``deleted_later``) with a new statement and
+    release those whose remaining parents have all finished."""
     children = conn.execute(candidates, params).scalars().all()
     count = sum(conn.execute(sa.delete(jobs).where(condition)).rowcount for condition in deletes)
     if exclude:
         children = [jid for jid in children if jid not in exclude]
+    pulled: list[int] = []
+    if sorted_exclude and children:
+        pulled = [jid for jid in children if _sorted_has(sorted_exclude, jid)]
+        if pulled:
+            taken = set(pulled)
+            children = [jid for jid in children if jid not in taken]
     if children:
         newly = _release_checked(conn, children, utcnow())
         if released is not None:
             released.extend(newly)
+    if pulled and pulled_out is not None:
+        # Deleted after the release check above: a child waiting on one of them too stays waiting
+        # there, and is checked once, by the delete of its last unfinished parent. Waiting
+        # children, never RUNNING: none is skipped. Their later batch finds them gone (counts 0).
+        pulled_out.extend(pulled)
     return count

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import math
+import time
 from typing import Iterable
 
 import orjson
@@ -13,13 +17,16 @@ from balsam.states import JobState
 from balsam.util import paused_gc
 
 from .. import jobs_logic as logic
-from ..errors import BadRequest, NotFound, ValidationFailed
+from ..db import read_tx, write_tx
+from ..errors import APIError, BadRequest, NotFound, ValidationFailed
 from ..http import MINIMAL_APPLIED, PAGINATION, dumps, is_json_int, json_response, no_content, pagination, require_list
-from ..idempotency import HEADER as IDEMPOTENCY_HEADER, check_reservation_budget, reserve_job_keys
+from ..idempotency import HEADER as IDEMPOTENCY_HEADER, Replay, check_reservation_budget, reserve_job_keys
 from ..limits import check_field_sizes
 from ..routing import Ctx, route
 from ..sessions_logic import sweep_expired
-from ..tables import jobs
+from ..tables import idempotency_keys, jobs
+
+logger = logging.getLogger(__name__)
 
 
 def list_jobs(ctx: Ctx) -> Response:
@@ -182,18 +189,159 @@ SKIPPED_RUNNING_HEADER = "Balsam-Skipped-Running"
 SKIPPED_IDS_SHOWN = 50
 
 
+#: How long a query delete's claim of its ``Idempotency-Key`` stands for it while it runs, renewed
+#: before each batch (a batch takes well under a second): a request with the key meanwhile is
+#: answered :func:`_in_progress`; a delete cut off midway (the server stopped) leaves the claim to
+#: lapse, after which a retry with the key takes it and deletes the rest. Short, so that our
+#: client's retries (10, each waiting the Retry-After up to its 30 s backoff cap) outlast a claim
+#: left by a crash: with 60 s and a Retry-After of 1 s, they gave up after 10 s ("still deleting").
+QUERY_DELETE_KEY_LEASE_SEC = 15.0
+
+_DELETE_KEY = sa.and_(idempotency_keys.c.user_id == sa.bindparam("b_user"),
+                      idempotency_keys.c.key == sa.bindparam("b_key"), idempotency_keys.c.status_code == 0)
+#: The claim's expiry (status 0: not answered yet).
+_DELETE_KEY_EXPIRES = sa.select(idempotency_keys.c.expires).where(_DELETE_KEY)
+#: The claim, only while it is still ours: its expiry is the one this request wrote last
+#: (``b_mine``). A claim that lapsed while a batch waited (a lock held longer than the lease) may
+#: have been taken by a retry with the key, which wrote its own expiry: then nothing changes.
+_OURS = sa.and_(_DELETE_KEY, idempotency_keys.c.expires == sa.bindparam("b_mine", type_=idempotency_keys.c.expires.type))
+_RENEW_DELETE_KEY = sa.update(idempotency_keys).where(_OURS).values(
+    expires=sa.bindparam("b_expires", type_=idempotency_keys.c.expires.type))
+#: A delete that failed gives its key up: a resend is applied afresh, as after any refused request.
+_DROP_DELETE_KEY = sa.delete(idempotency_keys).where(_OURS)
+
+
+def _in_progress(conn: sa.Connection, ctx: Ctx) -> APIError:
+    """503 with a Retry-After of the seconds left on the running delete's claim (at least 1): our
+    client retries then, when the delete has answered (a replay) or its claim has lapsed."""
+    expires = conn.execute(_DELETE_KEY_EXPIRES, {"b_user": ctx.user.id, "b_key": ctx.idempotency.key}).scalar()
+    left = 1 if expires is None else math.ceil((expires - dt.datetime.now(dt.timezone.utc)).total_seconds())
+    error = APIError(f"a DELETE with this {IDEMPOTENCY_HEADER} is still deleting; retry to get its answer", 503)
+    error.headers = {"Retry-After": str(max(1, left))}
+    return error
+
+
+class _Claim:
+    """This request's claim of its key while the delete runs: the expiry it wrote last, renewed
+    only while the row still holds it (:data:`_OURS`); ``lost`` once another request took it."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.mine: "dt.datetime | None" = None
+        self.lost = False
+
+    def params(self, expires_in: float) -> dict:
+        return {"b_user": self.ctx.user.id, "b_key": self.ctx.idempotency.key, "b_mine": self.mine,
+                "b_expires": dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=expires_in)}
+
+    def take(self, conn: sa.Connection) -> None:
+        """Right after ``ctx.idempotency.claim`` took the key (same transaction): the lease."""
+        row = self.params(QUERY_DELETE_KEY_LEASE_SEC)
+        conn.execute(sa.update(idempotency_keys).where(_DELETE_KEY).values(expires=row["b_expires"]), row)
+        self.mine = row["b_expires"]
+
+    def renew(self, conn: sa.Connection, expires_in: float) -> bool:
+        """Extend the claim by ``expires_in`` seconds from now; False (and a warning, once) when it
+        is no longer ours."""
+        if self.lost:
+            return False
+        row = self.params(expires_in)
+        if conn.execute(_RENEW_DELETE_KEY, row).rowcount:
+            self.mine = row["b_expires"]
+            return True
+        self.lost = True
+        logger.warning("DELETE /jobs/: the claim of %s %r lapsed and another request took it; this one "
+                       "records nothing and answers its own count", IDEMPOTENCY_HEADER, self.ctx.idempotency.key)
+        return False
+
+    def drop(self, conn: sa.Connection) -> None:
+        if not self.lost:
+            conn.execute(_DROP_DELETE_KEY, self.params(0))
+
+
 def query_delete(ctx: Ctx) -> Response:
     """Every matching job but those RUNNING in a launcher (skipped, named in
-    :data:`SKIPPED_RUNNING_HEADER`): see :func:`jobs_logic.delete_jobs`."""
+    :data:`SKIPPED_RUNNING_HEADER`): see :func:`jobs_logic.delete_jobs`.
+
+    In batches of :data:`jobs_logic.QUERY_DELETE_BATCH` jobs (descending ids: see below), each in its own short transaction, so
+    that launchers' acquires, heartbeats and updates are not held up for the whole delete (see
+    docs/rest-api.md); the answer is the same: every batch's count, every skipped job. The ids
+    come first, from one short read (:func:`jobs_logic.matching_ids`: jobs made meanwhile are left),
+    and no connection is held beside a batch's. A child is created after its parents, so going down
+    the ids deletes matched children before (or with) their parents: a delete cut off midway leaves
+    no matched child waiting on a deleted parent, and none is released before its own batch (a
+    child made with ids reserved before its parents' goes with them: ``deleted_later``).
+
+    The ``Idempotency-Key`` is claimed first, in its own transaction that commits (the routing
+    layer's claim holds its transaction until the answer: that would hold SQLite's write lock, or a
+    second connection, across the batches): a request with the key while the delete runs is
+    answered 503 with a Retry-After (:func:`_in_progress`), never deleting beside it; once the
+    answer is recorded (with the key's full expiry), a retry replays it and deletes nothing (a job
+    made since that matches stays). The claim lapses after :data:`QUERY_DELETE_KEY_LEASE_SEC`
+    without a batch (the server stopped midway: the committed batches stay, a retry with the key
+    deletes and counts the rest); a delete that fails gives its key up. One whose claim was taken
+    over meanwhile (a batch waited longer than the lease) records nothing and answers its own count
+    (:class:`_Claim`)."""
     q = ctx.query(logic.JOB_FILTERS)
-    with ctx.write() as conn:
+    started = time.monotonic()
+    keyed = ctx.idempotency.key is not None
+    sqlite = ctx.engine.dialect.name == "sqlite"
+    released: list[int] = []
+    skipped: list[int] = []
+    count = 0
+    claim = _Claim(ctx)
+    with write_tx(ctx.engine) as conn:
+        if keyed:
+            earlier = ctx.idempotency.claim(conn)
+            if earlier is not None:
+                if earlier.status_code == 0:  # claimed by a delete that has not answered yet
+                    raise _in_progress(conn, ctx)
+                raise Replay(earlier)
+            claim.take(conn)
         sweep_expired(conn, ctx.settings.session_expire_sec, ctx.user.id)
-        ids = logic.matching_job_ids(conn, ctx.user.id, q)
-        released: list[int] = []
-        skipped: list[int] = []
-        count = logic.delete_jobs(conn, ids, released=released, skipped=skipped)
+    try:
+        with read_tx(ctx.engine) as reader:
+            ids = logic.matching_ids(reader, ctx.user.id, q)
+        # Descending: the last batch of ids first (see above).
+        ends = range(len(ids), 0, -logic.QUERY_DELETE_BATCH)
+        for end in ends:
+            if end != len(ids) and sqlite:
+                # SQLite queues no writer: one waiting for the lock retries every 100 ms (its busy
+                # handler, once it has waited ~0.3 s), and the next batch's BEGIN IMMEDIATE, sent at
+                # once, took it first every time (a launcher waited out the whole delete anyway).
+                pause = logic.sqlite_writers_turn(started, time.monotonic())
+                if pause:
+                    time.sleep(pause)
+            if keyed and not claim.lost:
+                # In its own transaction: renewed in the batch's, the key's row stayed locked
+                # (PostgreSQL) while the batch waited, and a request with the key waited with it.
+                with write_tx(ctx.engine) as conn:
+                    claim.renew(conn, QUERY_DELETE_KEY_LEASE_SEC)
+            with write_tx(ctx.engine) as conn:
+                batch = ids[max(0, end - logic.QUERY_DELETE_BATCH):end].tolist()
+                count += logic.delete_jobs(conn, batch, released=released, skipped=skipped, deleted_later=ids)
+        skipped.sort()  # the header names the first ids
+        response = _query_delete_answer(count, skipped)
+        if keyed:
+            with write_tx(ctx.engine) as conn:
+                # The key's full life from now (its answer replayed for that long), then the answer;
+                # neither if another request took the claim (its answer is the one replayed).
+                if claim.renew(conn, ctx.idempotency.ttl.total_seconds()):
+                    ctx.idempotency.record_answer(conn, response)
+    except BaseException:
+        if keyed:
+            try:
+                with write_tx(ctx.engine) as conn:
+                    claim.drop(conn)
+            except Exception:  # the database is gone: the claim lapses (QUERY_DELETE_KEY_LEASE_SEC)
+                pass
+        raise
     if released:
         ctx.wake_acquires()  # children whose remaining parents had finished: READY / STAGED_IN
+    return response
+
+
+def _query_delete_answer(count: int, skipped: list[int]) -> Response:
     headers = None
     if skipped:
         shown = ",".join(str(i) for i in skipped[:SKIPPED_IDS_SHOWN])
