@@ -60,3 +60,27 @@ def record_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
     monkeypatch.setattr(RESTClient, "_send", counting)
     return sent
+
+
+def make_marked_site(tmp_path: Path, name: str) -> Any:
+    """A Site ``name`` of the test user at ``tmp_path/name`` (with its data folder), its folder marked
+    with the site's id (``.balsam-site``) as ``balsam site init`` marks it."""
+    from balsam.api import Site
+
+    path = tmp_path / name
+    (path / "data").mkdir(parents=True)
+    site = Site.objects.create(name=name, path=str(path))
+    (path / ".balsam-site").write_text(f"{site.id}\n")
+    return site
+
+
+def sync_hello(site_name: str, template: str) -> Any:
+    """The app ``Hello`` of site ``site_name`` running ``template``, synced to the server."""
+    from balsam.api import ApplicationDefinition
+
+    class Hello(ApplicationDefinition):
+        site = site_name
+        command_template = template
+
+    Hello.sync()
+    return Hello

@@ -12,30 +12,18 @@ from typing import Any
 
 import pytest
 import yaml
-from cli_test_utils import balsam, fresh_api_state, record_requests  # noqa: F401 (fresh_api_state: autouse)
+from cli_test_utils import (balsam, fresh_api_state, make_marked_site, record_requests,  # noqa: F401 (fresh_api_state: autouse)
+                            sync_hello)
 
 
 @pytest.fixture
 def site(balsam_env: Any, tmp_path: Path) -> Any:
-    from balsam.api import Site
-
-    path = tmp_path / "site-json"
-    (path / "data").mkdir(parents=True)
-    s = Site.objects.create(name="site-json", path=str(path))
-    (path / ".balsam-site").write_text(f"{s.id}\n")
-    return s
+    return make_marked_site(tmp_path, "site-json")
 
 
 @pytest.fixture
 def hello(site: Any) -> Any:
-    from balsam.api import ApplicationDefinition
-
-    class Hello(ApplicationDefinition):
-        site = "site-json"
-        command_template = "echo {{ name }}"
-
-    Hello.sync()
-    return Hello
+    return sync_hello("site-json", "echo {{ name }}")
 
 
 @pytest.fixture

@@ -13,30 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_test_utils import balsam, fresh_api_state  # noqa: F401, E402 (fresh_api_state: autouse)
+from cli_test_utils import (balsam, fresh_api_state, make_marked_site,  # noqa: F401, E402 (fresh_api_state: autouse)
+                            sync_hello)
 
 
 @pytest.fixture
 def site(balsam_env: Any, tmp_path: Path) -> Any:
-    from balsam.api import Site
-
-    path = tmp_path / "site-ls"
-    (path / "data").mkdir(parents=True)
-    s = Site.objects.create(name="site-ls", path=str(path))
-    (path / ".balsam-site").write_text(f"{s.id}\n")
-    return s
+    return make_marked_site(tmp_path, "site-ls")
 
 
 @pytest.fixture
 def hello(site: Any) -> Any:
-    from balsam.api import ApplicationDefinition
-
-    class Hello(ApplicationDefinition):
-        site = "site-ls"
-        command_template = "echo hi"
-
-    Hello.sync()
-    return Hello
+    return sync_hello("site-ls", "echo hi")
 
 
 @pytest.fixture

@@ -29,15 +29,23 @@ def live_server(_short_key_server: Any, request: pytest.FixtureRequest) -> str:
     return _short_key_server.url
 
 
+def _leased_again_behind_an_unanswered_release(launcher: Launcher) -> None:
+    """The launcher takes its jobs and gives them back: the first try frees them but its answers
+    are lost, and its resends do not reach the server (until the key expired) while its slots are
+    free, so it leases them again."""
+    f = launcher.f
+    taken = launcher.start_and_take_all()
+    launcher.give_back_and_lose_the_answers(taken, APPLIED)  # the first try freed them
+    launcher.lossy.lose = UNREACHED  # the resends do not reach the server until the key expired
+    f.note_held(0, 3)  # slots free: this launcher leases them again (not handed over)
+    wait_until("the jobs were leased again", lambda: f.acquired == 6)
+
+
 def test_a_resend_after_the_key_expired_is_applied_anew_and_loses_nothing(balsam_env: Any, quick_resend: None) -> None:
     launcher = Launcher(3)
     f = launcher.f
     try:
-        taken = launcher.start_and_take_all()
-        launcher.give_back_and_lose_the_answers(taken, APPLIED)  # the first try freed them
-        launcher.lossy.lose = UNREACHED  # the resends do not reach the server until the key expired
-        f.note_held(0, 3)  # slots free: this launcher leases them again (not handed over)
-        wait_until("the jobs were leased again", lambda: f.acquired == 6)
+        _leased_again_behind_an_unanswered_release(launcher)
         f.note_held(0, 0)
         time.sleep(KEY_TTL_SEC + 0.5)  # the key expires: the resend is applied anew
         launcher.lossy.lose = None
@@ -62,11 +70,7 @@ def test_jobs_leased_again_are_started_once_an_expired_resend_freed_them(balsam_
     launcher = Launcher(3)
     f = launcher.f
     try:
-        taken = launcher.start_and_take_all()
-        launcher.give_back_and_lose_the_answers(taken, APPLIED)  # the first try freed them
-        launcher.lossy.lose = UNREACHED  # the resends do not reach the server until the key expired
-        f.note_held(0, 3)  # slots free: this launcher leases them again (not handed over)
-        wait_until("the jobs were leased again", lambda: f.acquired == 6)
+        _leased_again_behind_an_unanswered_release(launcher)
         time.sleep(KEY_TTL_SEC + 0.5)  # the key expires: the resend is applied anew
         launcher.lossy.lose = None
         handed: list[int] = []

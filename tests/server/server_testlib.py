@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import time
 import uuid
 from typing import Any, Iterator
 
 import httpx
+import sqlalchemy as sa
 
 #: Sessions of the ``short_expiry_server`` expire after this many seconds without a heartbeat.
 SHORT_EXPIRY_SEC = 2
@@ -111,3 +113,23 @@ def client_with_session(database_url: str, secret: str) -> Iterator[dict[str, An
         site_id, app_id = create_site_and_app(client)
         session = client.post("/sessions/", json={"site_id": site_id}).json()["id"]
         yield {"client": client, "app": app, "app_id": app_id, "site_id": site_id, "session": session}
+
+
+def lock_job_row(engine: sa.Engine, job_id: int) -> tuple[sa.Connection, sa.RootTransaction, int]:
+    """On PostgreSQL, the row of ``job_id`` locked FOR UPDATE by a connection of its own (a
+    launcher's update in flight): (the connection, its open transaction, its backend pid)."""
+    conn = engine.connect()
+    tx = conn.begin()
+    conn.execute(sa.text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": job_id})
+    return conn, tx, conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+
+
+def wait_blocked_by(look: sa.Connection, pid: int, timeout: float, what: str) -> None:
+    """Wait, reading on ``look``, until some PostgreSQL backend waits for a lock ``pid`` holds;
+    ``what`` is the assertion's message if none does within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not look.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                           {"pid": pid}).scalar():
+        assert time.monotonic() < deadline, what
+        look.rollback()  # pg_stat_activity is read once per transaction
+        time.sleep(0.05)

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from server_testlib import Api
+from server_testlib import Api, lock_job_row, wait_blocked_by
 
 #: Spelled out: the tests also run against older code.
 SKIPPED_RUNNING_HEADER = "Balsam-Skipped-Running"
@@ -110,20 +110,11 @@ def test_postgresql_batches_commit_before_a_locked_job_is_reached(_live_server_p
         app = api.app(site["id"])
         tag = uuid.uuid4().hex[:8]
         ids = _create(api, app["id"], 2 * BATCH, {"del": tag})
-        blocker = engine.connect()
-        tx = blocker.begin()
-        blocker.execute(sa.text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": ids[100]})
-        blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        blocker, tx, blocker_pid = lock_job_row(engine, ids[100])
         thread, answer = _delete_in_thread(api, tag)
         try:
-            deadline = time.monotonic() + WAIT_SEC
             with engine.connect() as look:
-                while not look.execute(sa.text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE :blocker = ANY(pg_blocking_pids(pid))"),
-                        {"blocker": blocker_pid}).scalar():
-                    assert time.monotonic() < deadline, "the delete never waited for the locked job"
-                    look.rollback()  # pg_stat_activity is read once per transaction
-                    time.sleep(0.05)
+                wait_blocked_by(look, blocker_pid, WAIT_SEC, "the delete never waited for the locked job")
                 left = look.execute(sa.text("SELECT count(*) FROM jobs WHERE id = ANY(:ids)"), {"ids": ids}).scalar()
             assert left == BATCH, "the first batch was not committed before the delete reached the locked job"
         finally:

@@ -16,16 +16,18 @@ Real uvicorn servers on SQLite and PostgreSQL; the waits are for conditions, nev
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 import threading
 import time
 import uuid
+from typing import Any, Iterator
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from server_testlib import Api
+from server_testlib import Api, lock_job_row, wait_blocked_by
 
 #: The server's batch (jobs_logic.QUERY_DELETE_BATCH), spelled out: the tests also run against older code.
 BATCH = 5_000
@@ -67,6 +69,31 @@ def _drop_trigger(engine: sa.Engine) -> None:
         conn.exec_driver_sql("DROP TRIGGER qdel_boom" + ("" if engine.dialect.name == "sqlite" else " ON jobs"))
 
 
+def _delete_failing_at(api: Api, engine: sa.Engine, tag: str, job_id: int) -> None:
+    """Delete the jobs tagged ``del:tag`` while deleting ``job_id`` fails: the delete is refused."""
+    _fail_deleting(engine, job_id)
+    try:
+        resp = api.http.delete("/jobs/", params={"tags": f"del:{tag}"})
+    finally:
+        _drop_trigger(engine)
+    assert resp.status_code >= 400, resp.text
+
+
+@contextlib.contextmanager
+def _server_app_and_tag(live_server_factory: Any, register: Any,
+                        database: str) -> Iterator[tuple[Any, Api, sa.Engine, dict, str]]:
+    """A server of its own on ``database``, a user's API client, an engine on its database, an app
+    of a new site and a fresh tag: (server, api, engine, app, tag); the engine and client closed after."""
+    srv = live_server_factory(database=database)
+    api = Api(srv.url, register)
+    engine = _engine(srv.database_url)
+    try:
+        yield srv, api, engine, api.app(api.site()["id"]), uuid.uuid4().hex[:8]
+    finally:
+        engine.dispose()
+        api.close()
+
+
 def _waiting_on_deleted(api: Api, job_ids: list[int]) -> list[int]:
     """Those of ``job_ids`` still AWAITING_PARENTS with a parent that no longer exists."""
     stuck = []
@@ -85,26 +112,13 @@ def _waiting_on_deleted(api: Api, job_ids: list[int]) -> list[int]:
 def test_a_failed_batch_leaves_no_child_waiting_on_a_deleted_parent(database, live_server_factory, register) -> None:
     """Parents (the lower 5,000 ids), then their children and 10 more jobs above them; deleting one
     of the 10 fails. Whatever batches committed, no child waits on a parent that is gone."""
-    srv = live_server_factory(database=database)
-    api = Api(srv.url, register)
-    engine = _engine(srv.database_url)
-    try:
-        app = api.app(api.site()["id"])
-        tag = uuid.uuid4().hex[:8]
+    with _server_app_and_tag(live_server_factory, register, database) as (srv, api, engine, app, tag):
         parents = _create(api, _tagged(app["id"], tag, BATCH, "p"))
         children = _create(api, [{"workdir": f"c/{i}", "app_id": app["id"], "tags": {"del": tag},
                                   "parent_ids": [parents[i]]} for i in range(3)])
         more = _create(api, _tagged(app["id"], tag, 10, "m"))
-        _fail_deleting(engine, more[0])
-        try:
-            resp = api.http.delete("/jobs/", params={"tags": f"del:{tag}"})
-        finally:
-            _drop_trigger(engine)
-        assert resp.status_code >= 400, resp.text
+        _delete_failing_at(api, engine, tag, more[0])
         assert _waiting_on_deleted(api, children) == []
-    finally:
-        engine.dispose()
-        api.close()
 
 
 @pytest.mark.postgres
@@ -114,12 +128,7 @@ def test_a_long_chain_of_children_below_their_parents_ids_goes_with_its_top_pare
     make them; the reservations' budget is 200 at once, so the links are written with SQL), below
     5,000 others and their top parent: all pulled into the top parent's batch, link after link (the
     pull recursed: from ~600 links every try failed, 500 RecursionError, review r8)."""
-    srv = live_server_factory(database="postgresql")
-    api = Api(srv.url, register)
-    engine = _engine(srv.database_url)
-    try:
-        app = api.app(api.site()["id"])
-        tag = uuid.uuid4().hex[:8]
+    with _server_app_and_tag(live_server_factory, register, "postgresql") as (srv, api, engine, app, tag):
         chain = _create(api, _tagged(app["id"], tag, 1_000, "c"))
         _create(api, _tagged(app["id"], tag, BATCH, "f"))
         top = _create(api, _tagged(app["id"], tag, 1, "top"))[0]
@@ -131,9 +140,6 @@ def test_a_long_chain_of_children_below_their_parents_ids_goes_with_its_top_pare
         resp = api.http.delete("/jobs/", params={"tags": f"del:{tag}"})
         assert (resp.status_code, resp.text) == (200, str(1_000 + BATCH + 1))
         assert api.ok("GET", "/jobs/", params={"tags": f"del:{tag}", "limit": 1})["count"] == 0
-    finally:
-        engine.dispose()
-        api.close()
 
 
 @pytest.mark.postgres
@@ -141,12 +147,7 @@ def test_a_child_with_ids_reserved_before_its_parents_goes_with_them(live_server
     """A child made with an id reserved before its parent's (and 5,000 jobs') lies in a lower
     batch than its parent: it is deleted with its parent's batch, so a later batch failing leaves
     it neither waiting on the deleted parent nor released before its own batch."""
-    srv = live_server_factory(database="postgresql")
-    api = Api(srv.url, register)
-    engine = _engine(srv.database_url)
-    try:
-        app = api.app(api.site()["id"])
-        tag = uuid.uuid4().hex[:8]
+    with _server_app_and_tag(live_server_factory, register, "postgresql") as (srv, api, engine, app, tag):
         low = _create(api, _tagged(app["id"], tag, 1, "low"))  # fails in the last batch
         reservation = api.ok("POST", "/jobs/reservations", json={"sizes": [1]})["reservations"][0]
         fillers = _create(api, _tagged(app["id"], tag, BATCH, "f"))
@@ -154,20 +155,12 @@ def test_a_child_with_ids_reserved_before_its_parents_goes_with_them(live_server
         child = _create(api, [{"workdir": "child", "app_id": app["id"], "tags": {"del": tag}, "parent_ids": [parent]}],
                         headers={"Idempotency-Key": reservation["idempotency_key"]})[0]
         assert child < fillers[0] < parent
-        _fail_deleting(engine, low[0])
-        try:
-            resp = api.http.delete("/jobs/", params={"tags": f"del:{tag}"})
-        finally:
-            _drop_trigger(engine)
-        assert resp.status_code >= 400, resp.text
+        _delete_failing_at(api, engine, tag, low[0])
         assert api.http.get(f"/jobs/{parent}").status_code == 404  # the first batch committed
         assert api.http.get(f"/jobs/{child}").status_code == 404
         resp = api.http.delete("/jobs/", params={"tags": f"del:{tag}"})
         assert resp.status_code == 200 and int(resp.text) >= 1
         assert api.ok("GET", "/jobs/", params={"tags": f"del:{tag}", "limit": 1})["count"] == 0
-    finally:
-        engine.dispose()
-        api.close()
 
 
 def test_our_client_outlasts_the_claim_of_a_delete_cut_off_by_a_crash(live_server_factory, register) -> None:
@@ -254,18 +247,10 @@ def test_a_delete_whose_claim_was_taken_over_records_nothing(live_server_factory
     the delete finishes, answers its own count, records nothing and logs a warning naming the key,
     leaving the other's claim as it was. (It renewed the claim over the other's and recorded its
     answer: the other's was lost, or overwrote it, whichever came last.)"""
-    srv = live_server_factory(database="postgresql")
-    api = Api(srv.url, register)
-    engine = _engine(srv.database_url)
-    try:
-        app = api.app(api.site()["id"])
-        tag = uuid.uuid4().hex[:8]
+    with _server_app_and_tag(live_server_factory, register, "postgresql") as (srv, api, engine, app, tag):
         ids = _create(api, _tagged(app["id"], tag, 2 * BATCH, "d"))
         key = uuid.uuid4().hex
-        job_blocker = engine.connect()
-        job_tx = job_blocker.begin()
-        job_blocker.execute(sa.text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": ids[BATCH + 100]})
-        job_pid = job_blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        job_blocker, job_tx, job_pid = lock_job_row(engine, ids[BATCH + 100])
         answer: dict = {}
 
         def delete() -> None:
@@ -274,20 +259,15 @@ def test_a_delete_whose_claim_was_taken_over_records_nothing(live_server_factory
                 resp = http.delete("/jobs/", params={"tags": f"del:{tag}"})
                 answer["status"], answer["body"] = resp.status_code, resp.text
 
-        def wait_blocked_by(pid: int) -> None:
-            deadline = time.monotonic() + WAIT_SEC
+        def wait_blocked_by_pid(pid: int) -> None:
             with engine.connect() as look:
-                while not look.execute(sa.text("SELECT count(*) FROM pg_stat_activity "
-                                               "WHERE :pid = ANY(pg_blocking_pids(pid))"), {"pid": pid}).scalar():
-                    assert time.monotonic() < deadline, "the delete never waited"
-                    look.rollback()  # pg_stat_activity is read once per transaction
-                    time.sleep(0.05)
+                wait_blocked_by(look, pid, WAIT_SEC, "the delete never waited")
 
         thread = threading.Thread(target=delete)
         thread.start()
         key_blocker = engine.connect()
         try:
-            wait_blocked_by(job_pid)  # in its first batch, the claim taken and renewed
+            wait_blocked_by_pid(job_pid)  # in its first batch, the claim taken and renewed
             key_tx = key_blocker.begin()
             theirs = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=600)
             taken = key_blocker.execute(sa.text("UPDATE idempotency_keys SET expires = :e WHERE key = :k "
@@ -295,7 +275,7 @@ def test_a_delete_whose_claim_was_taken_over_records_nothing(live_server_factory
             assert taken == 1
             key_pid = key_blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar()
             job_tx.rollback()
-            wait_blocked_by(key_pid)  # its next renewal waits for the other's claim to commit
+            wait_blocked_by_pid(key_pid)  # its next renewal waits for the other's claim to commit
             key_tx.commit()
         finally:
             job_blocker.close()
@@ -307,6 +287,3 @@ def test_a_delete_whose_claim_was_taken_over_records_nothing(live_server_factory
                                {"k": key}).one()
         assert row.status_code == 0 and row.expires == theirs
         assert key in srv.log_tail(200)
-    finally:
-        engine.dispose()
-        api.close()

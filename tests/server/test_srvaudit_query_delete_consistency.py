@@ -25,7 +25,7 @@ from typing import Any, Callable
 import httpx
 import pytest
 import sqlalchemy as sa
-from server_testlib import Api
+from server_testlib import Api, lock_job_row, wait_blocked_by
 
 #: The server's batch (jobs_logic.QUERY_DELETE_BATCH), spelled out: the tests also run against older code.
 BATCH = 5_000
@@ -151,20 +151,11 @@ def test_postgresql_a_duplicate_key_waits_for_the_delete(_live_server_pg_obj, li
         tag = uuid.uuid4().hex[:8]
         ids = _create(api, [{"workdir": f"d/{i}", "app_id": app["id"], "tags": {"del": tag}} for i in range(2 * BATCH)])
         key = {"Idempotency-Key": uuid.uuid4().hex}
-        blocker = engine.connect()
-        tx = blocker.begin()
-        blocker.execute(sa.text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": ids[100]})
-        blocker_pid = blocker.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        blocker, tx, blocker_pid = lock_job_row(engine, ids[100])
         first, first_answer = _delete_in_thread(api, tag, key)
         try:
-            deadline = time.monotonic() + WAIT_SEC
             with engine.connect() as look:
-                while not look.execute(sa.text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE :blocker = ANY(pg_blocking_pids(pid))"),
-                        {"blocker": blocker_pid}).scalar():
-                    assert time.monotonic() < deadline, "the delete never waited for the locked job"
-                    look.rollback()  # pg_stat_activity is read once per transaction
-                    time.sleep(0.05)
+                wait_blocked_by(look, blocker_pid, WAIT_SEC, "the delete never waited for the locked job")
             second, second_answer = _delete_in_thread(api, tag, key)
             second.join(5.0)  # answered at once, or (older code) waits for the same lock
         finally:

@@ -37,3 +37,19 @@ def stale_first_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     gate = slow_first_copy(monkeypatch, tmp_path / "old-inode")
     yield gate
     gate.set()
+
+
+@pytest.fixture
+def cancels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every LocalTransfer.cancel_task call (the real one still runs)."""
+    import balsam.builtin.local_transfer as lt
+
+    calls: list[str] = []
+    real = lt.LocalTransfer.cancel_task
+
+    def cancel_task(self: Any, task_id: str) -> Any:
+        calls.append(task_id)
+        return real(self, task_id)
+
+    monkeypatch.setattr(lt.LocalTransfer, "cancel_task", cancel_task)
+    return calls

@@ -33,22 +33,6 @@ from transfer_test_utils import (answer_tokens_with_their_tasks, fail_the_first_
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 
-@pytest.fixture
-def cancels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every LocalTransfer.cancel_task call (the real one still runs)."""
-    import balsam.builtin.local_transfer as lt
-
-    calls: list[str] = []
-    real = lt.LocalTransfer.cancel_task
-
-    def cancel_task(self: Any, task_id: str) -> Any:
-        calls.append(task_id)
-        return real(self, task_id)
-
-    monkeypatch.setattr(lt.LocalTransfer, "cancel_task", cancel_task)
-    return calls
-
-
 def wait_for_local_tasks(module: TransfersModule) -> None:
     """Let every copy thread of the local backend end (a cancelled one writes nothing more)."""
     for future in list(module.backend("local")._tasks._running.values()):

@@ -22,6 +22,7 @@ import datetime as dt
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,10 +63,11 @@ def test_a_journaled_batch_whose_items_are_not_read_is_kept_and_sent_with_its_to
     assert journal_tokens(module) == []
 
 
-def test_a_journaled_batch_whose_items_are_deleted_stays_in_the_journal_until_sent_with_its_token(
-        tmp_path: Path) -> None:
-    """A deleted item no longer drops the record (the service may have started its task): it waits
-    for a slot with its token (test_xfer_token_batch_deleted.py follows it until it is sent)."""
+def far_batch_journaled_with_a_deleted_item(tmp_path: Path) -> tuple[Any, Any, Any, list, list[int]]:
+    """``setup``'s scripted backend (a token names its task), 2 slots: far's first batch of 5 is
+    journaled with its token (its submission timed out), the near tasks take every slot, then one
+    of the batch's items is deleted (with its job) and a cycle runs: the record stays. Returns
+    ``setup``'s (api, module, backend, clock) and the batch's item ids (the first one deleted)."""
     api, module, backend, clock = setup(tmp_path, {"far": 20, "near": 10}, max_concurrent_transfers=2,
                                         transfer_batch_size=5, num_items_query_limit=10)
     backend.with_tokens = True
@@ -78,7 +80,15 @@ def test_a_journaled_batch_whose_items_are_deleted_stays_in_the_journal_until_se
     del api.items[journaled[0]]  # its job was deleted
     clock[0] = T0 + dt.timedelta(seconds=10)
     module.run_cycle()
-    assert journal_tokens(module) == ["tok-1"]
+    assert journal_tokens(module) == ["tok-1"]  # no slot: it waits with its token
+    return api, module, backend, clock, journaled
+
+
+def test_a_journaled_batch_whose_items_are_deleted_stays_in_the_journal_until_sent_with_its_token(
+        tmp_path: Path) -> None:
+    """A deleted item no longer drops the record (the service may have started its task): it waits
+    for a slot with its token (test_xfer_token_batch_deleted.py follows it until it is sent)."""
+    far_batch_journaled_with_a_deleted_item(tmp_path)
 
 
 # -- 2: quick polls only for backends that ask for them --------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import responses
@@ -29,13 +30,19 @@ def null_home_listing(collection: str) -> None:
         "rename_supported": True, "symlink_supported": False, "length": 0, "total": 0, "DATA": []})
 
 
-def test_a_listing_without_absolute_path_leaves_the_home_unknown_and_warns_once(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def null_home_backend(tmp_path: Path) -> tuple[Any, Any, list[float]]:
+    """A backend whose listing of ``/~/`` on REMOTE_EP answers ``absolute_path`` null, on a clock the
+    test moves: (backend, its transfer client, the clock's one-element list of seconds)."""
     null_home_listing(REMOTE_EP)
     backend = make_backend(tmp_path)
     clock = [1000.0]
     backend.clock = lambda: clock[0]
-    client = backend.client()
+    return backend, backend.client(), clock
+
+
+def test_a_listing_without_absolute_path_leaves_the_home_unknown_and_warns_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    backend, client, clock = null_home_backend(tmp_path)
     with caplog.at_level(logging.DEBUG, logger="balsam_transfer_globus"):
         assert backend._home(client, REMOTE_EP) is None
         assert backend._home(client, REMOTE_EP) is None  # remembered: no second call yet
@@ -51,11 +58,7 @@ def test_a_listing_without_absolute_path_leaves_the_home_unknown_and_warns_once(
 def test_a_new_reason_after_a_null_listing_is_warned_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The first ls of /~/ answers absolute_path null (WARNING); HOME_RECHECK_SEC later it is refused
     (403 PermissionDenied): that was logged at DEBUG only, as a repeat. Now WARNING; its repeat DEBUG."""
-    null_home_listing(REMOTE_EP)
-    backend = make_backend(tmp_path)
-    clock = [1000.0]
-    backend.clock = lambda: clock[0]
-    client = backend.client()
+    backend, client, clock = null_home_backend(tmp_path)
     with caplog.at_level(logging.DEBUG, logger="balsam_transfer_globus"):
         assert backend._home(client, REMOTE_EP) is None
         responses.replace(responses.GET, f"{TRANSFER}/operation/endpoint/{REMOTE_EP}/ls", status=403,

@@ -22,27 +22,12 @@ import pytest
 
 from balsam.api import Job
 from balsam.site.modules.transfers import JOURNAL_NAME, TASKS_NAME
-from balsam.transfer import TaskState, TaskStatus, TransferError
-from test_transfer_module_refusals import T0, journal_tokens, setup
+from balsam.transfer import TaskState, TaskStatus
+from test_transfer_module_refusals import T0, journal_tokens
+from test_transfer_review_s3 import far_batch_journaled_with_a_deleted_item
 from transfer_test_utils import answer_tokens_with_their_tasks, make_site, run_cycles, stage_in_item
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
-
-
-@pytest.fixture
-def cancels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every LocalTransfer.cancel_task call (the real one still runs)."""
-    import balsam.builtin.local_transfer as lt
-
-    calls: list[str] = []
-    real = lt.LocalTransfer.cancel_task
-
-    def cancel_task(self: Any, task_id: str) -> Any:
-        calls.append(task_id)
-        return real(self, task_id)
-
-    monkeypatch.setattr(lt.LocalTransfer, "cancel_task", cancel_task)
-    return calls
 
 
 def two_jobs_staging_in(tmp_path: Path, name: str) -> tuple[Any, Any, Any, Any, Any]:
@@ -115,19 +100,7 @@ def test_a_journaled_batch_with_a_deleted_item_waits_for_a_slot_and_goes_with_it
     taken when the item is deleted: the record stays (it used to leave the journal at once, and the
     batch's other files went later under a new token), and once a slot is free the batch is sent
     with its token, its task recorded for the 4 items left."""
-    api, module, backend, clock = setup(tmp_path, {"far": 20, "near": 10}, max_concurrent_transfers=2,
-                                        transfer_batch_size=5, num_items_query_limit=10)
-    backend.with_tokens = True
-    backend.refusals["far"] = TransferError("submit timed out (may have arrived)", retryable=True)
-    module.run_cycle()
-    assert journal_tokens(module) == ["tok-1"]
-    clock[0] = T0 + dt.timedelta(seconds=5)
-    module.run_cycle()  # the near tasks take every slot
-    journaled = [i for i, it in api.items.items() if it["location_alias"] == "far"][:5]
-    del api.items[journaled[0]]  # its job was deleted
-    clock[0] = T0 + dt.timedelta(seconds=10)
-    module.run_cycle()
-    assert journal_tokens(module) == ["tok-1"]  # no slot: it waits with its token
+    api, module, backend, clock, journaled = far_batch_journaled_with_a_deleted_item(tmp_path)
     del backend.refusals["far"]
     for tid in list(backend.tasks):
         backend.tasks[tid] = TaskStatus(TaskState.done)

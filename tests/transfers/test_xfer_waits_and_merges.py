@@ -23,6 +23,7 @@ from pathlib import Path
 
 from balsam.transfer import TaskState, TaskStatus, TransferError, TransferLocation
 from test_transfer_module_refusals import LOGGER, T0, journal_tokens, setup, stage_in
+from transfer_test_utils import journal_a_far_batch_then_delete_its_jobs
 
 #: balsam.site.modules.transfers.MAX_CANCEL_TRIES (written out: the tests fail, not error, before it).
 MAX_TRIES = 10
@@ -126,12 +127,7 @@ def test_a_cancel_that_keeps_failing_is_tried_with_a_backoff_then_left_to_the_se
     failing (503): it was tried every cycle forever (200 cycles: 200 cancels, 400 GETs)."""
     api, module, backend, clock = setup(tmp_path, {"far": 2}, max_concurrent_transfers=5, retry_backoff_sec=60,
                                         retry_backoff_max_sec=600)
-    backend.with_tokens = True
-    backend.refusals["far"] = TransferError("submit timed out (may have arrived)", retryable=True)
-    module.run_cycle()
-    del backend.refusals["far"]
-    api.items.clear()
-    api.jobs.clear()
+    journal_a_far_batch_then_delete_its_jobs(api, module, backend)
     calls = []
 
     def cancel_task(task_id: str) -> None:

@@ -27,6 +27,7 @@ import pytest
 from balsam.site.modules.transfers import TransfersModule
 from balsam.transfer import TaskState, TaskStatus, TransferError, TransferLocation
 from test_transfer_module_refusals import LOGGER, T0, setup, stage_in
+from transfer_test_utils import journal_a_far_batch_then_delete_its_jobs
 
 #: balsam.site.modules.transfers.SAME_FILE_WAIT (written out: the tests fail, not error, before it).
 SAME_FILE = "waiting for an earlier transfer that writes the same file"
@@ -234,12 +235,7 @@ def test_an_item_reattached_from_a_journal_line_writes_its_file(tmp_path: Path) 
 
 def test_one_failed_cancel_is_one_line(tmp_path: Path, caplog) -> None:
     api, module, backend, clock = setup(tmp_path, {"far": 2}, max_concurrent_transfers=5, retry_backoff_sec=60)
-    backend.with_tokens = True
-    backend.refusals["far"] = TransferError("submit timed out (may have arrived)", retryable=True)
-    module.run_cycle()
-    del backend.refusals["far"]
-    api.items.clear()
-    api.jobs.clear()
+    journal_a_far_batch_then_delete_its_jobs(api, module, backend)
     failing_cancels(backend)
     with caplog.at_level(logging.INFO, logger=LOGGER):
         clock[0] = T0 + dt.timedelta(minutes=5)

@@ -307,6 +307,19 @@ def answer_tokens_with_their_tasks(module: TransfersModule) -> dict[str, str]:
     return by_token
 
 
+def journal_a_far_batch_then_delete_its_jobs(api: FakeAPI, module: TransfersModule, backend: Any) -> None:
+    """On ``setup``'s scripted backend (test_transfer_module_refusals: a token names its task), a
+    cycle journals the batch of location ``far`` with its token, its submission's answer lost (the
+    service may have started its task); then submissions go through again, and every job is
+    deleted with its items."""
+    backend.with_tokens = True
+    backend.refusals["far"] = TransferError("submit timed out (may have arrived)", retryable=True)
+    module.run_cycle()
+    del backend.refusals["far"]
+    api.items.clear()
+    api.jobs.clear()
+
+
 def fail_the_first_transfers_patch(monkeypatch: pytest.MonkeyPatch, module: TransfersModule, why: str) -> None:
     """The module's first PATCH /transfers/ raises ConnectionError(``why``); the others go through."""
     real_patch = module.client.patch
