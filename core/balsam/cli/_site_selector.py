@@ -22,7 +22,7 @@ import operator
 import os
 import sys
 import unicodedata
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import click
 import yaml
@@ -159,6 +159,15 @@ class JsonArray:
 
     def close(self) -> None:
         click.echo("\n]" if self.written else "[]")
+
+
+def write_json_array(records: Iterable[dict[str, Any]]) -> None:
+    """Write ``records`` (an iterable: a generator over pages is written as it goes) as ``--json``'s
+    one JSON array (:class:`JsonArray`)."""
+    out = JsonArray()
+    for record in records:
+        out.write(record)
+    out.close()
 
 
 def site_option(func: Any) -> Any:

@@ -7,8 +7,8 @@ from typing import Optional
 
 import click
 
-from ._site_selector import (JsonArray, dump_yaml, format_table, json_option, json_record, site_filter, site_names,
-                             site_option_short)
+from ._site_selector import (dump_yaml, format_table, json_option, json_record, site_filter, site_names,
+                             site_option_short, write_json_array)
 
 
 @click.group("app")
@@ -27,10 +27,7 @@ def ls(site_selector: str, verbose: bool, as_json: bool) -> None:
     apps = sorted(App.objects.filter(**site_filter(site_selector)), key=lambda a: (a.site_id, a.id))
     if as_json:
         # serialized_class whole (-v shortens it): a value cut short is no value for a script.
-        out = JsonArray()
-        for a in apps:
-            out.write(json_record(a))
-        out.close()
+        write_json_array(json_record(a) for a in apps)
         return
     if not apps:
         click.echo("No apps found. Define an ApplicationDefinition and call its sync() to add one.")

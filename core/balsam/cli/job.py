@@ -13,9 +13,9 @@ import yaml
 
 from ..models import workdir_problem
 from . import Interrupted
-from ._site_selector import (JsonArray, Progress, UpperChoice, dump_yaml, format_rows, format_table, json_option,
+from ._site_selector import (Progress, UpperChoice, dump_yaml, format_rows, format_table, json_option,
                              json_record, jsonable, parse_key_values, site_filter, site_names, site_option, table_widths,
-                             watch_output)
+                             watch_output, write_json_array)
 from .transfer import job_transfer_summary
 
 def _states() -> list[str]:
@@ -207,10 +207,7 @@ def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], ve
             counts[s] = Job.objects.filter(**{**filters, "state": s}).count()
         rows = [[s, counts.get(s, 0)] for s in _states() if verbose or counts.get(s)]
         if as_json:
-            out = JsonArray()
-            for state, count in rows:
-                out.write({"state": state, "count": count})
-            out.close()
+            write_json_array({"state": state, "count": count} for state, count in rows)
             return
         click.echo(format_table(["State", "Count"], rows, right={1}))
         click.echo(f"Total: {sum(counts.values())}")
@@ -223,11 +220,7 @@ def _list_jobs(filters: dict[str, Any], by_state: bool, limit: Optional[int], ve
         pages = _job_pages(filters)
     if as_json:
         # The pages of the table (one request per 5,000 jobs), each written as it arrives.
-        out = JsonArray()
-        for page, _ in pages:
-            for j in page:
-                out.write(_job_json(j))
-        out.close()
+        write_json_array(_job_json(j) for page, _ in pages for j in page)
         return
     first, more = next(pages, ([], False))
     if not first:

@@ -9,8 +9,8 @@ from typing import Any, Optional
 import click
 
 from ..models import SUBMITTED_BY_KEY
-from ._site_selector import (JsonArray, dump_yaml, format_table, json_option, json_record, parse_key_values,
-                             resolve_one_site, site_filter, site_names, site_option, site_option_with)
+from ._site_selector import (dump_yaml, format_table, json_option, json_record, parse_key_values, resolve_one_site,
+                             site_filter, site_names, site_option, site_option_with, write_json_array)
 
 ACTIVE_STATES = ("pending_submission", "queued", "running", "pending_deletion")
 #: Widest reason shown in the table (``-v`` prints status_info whole).
@@ -214,10 +214,7 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
     if num:
         batch_jobs = batch_jobs[-num:]
     if as_json:
-        out = JsonArray()
-        for b in batch_jobs:
-            out.write(json_record(b))
-        out.close()
+        write_json_array(json_record(b) for b in batch_jobs)
         return
     if not batch_jobs:
         if submitted_by_names:

@@ -8,11 +8,11 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import click
 
-from ._site_selector import JsonArray, json_option
+from ._site_selector import json_option, write_json_array
 
 ACTIVE_WINDOW = dt.timedelta(minutes=2)
 
@@ -317,18 +317,19 @@ def _print_sites_json(sites: list[dict]) -> None:
     from balsam.api import Site
     from balsam.serialization import parse_datetime
 
-    out = JsonArray()
-    for site in sites:
-        record = dict(site)
-        for key, fld in Site._fields.items():
-            if fld.is_datetime and record.get(key):
-                try:
-                    record[key] = parse_datetime(record[key]).astimezone().isoformat()
-                except ValueError:
-                    pass  # kept as the server wrote it
-        record["active"] = _is_active(site)
-        out.write(record)
-    out.close()
+    def records() -> Iterator[dict]:
+        for site in sites:
+            record = dict(site)
+            for key, fld in Site._fields.items():
+                if fld.is_datetime and record.get(key):
+                    try:
+                        record[key] = parse_datetime(record[key]).astimezone().isoformat()
+                    except ValueError:
+                        pass  # kept as the server wrote it
+            record["active"] = _is_active(site)
+            yield record
+
+    write_json_array(records())
 
 
 def _find_site_by_path(client: Any, path: Path) -> dict:
