@@ -1559,7 +1559,7 @@ class TransfersModule(AgentModule):
         for key in ("dest", "retry_after", *CLOCK_KEYS):
             info.pop(key, None)
         if retryable and attempts < opts.max_attempts:
-            wait = min(opts.retry_backoff_max_sec, opts.retry_backoff_sec * 2 ** (attempts - 1))
+            wait = self._backoff(attempts)
             info["retry_after"] = (now + dt.timedelta(seconds=wait)).isoformat()
             state = TransferItemState.pending.value
             self.logger.debug("transfer item %s (job %s) failed (try %d of %d; next in %.0f s): %s",
