@@ -281,9 +281,9 @@ class UnsavedAttributeWarning(UserWarning):
     attribute, which is not sent. Once per model class and name per process."""
 
 
-#: model class name -> the attribute names already looked at by ``_warn_unsaved_attributes``: each
+#: model class -> the attribute names already looked at by ``_warn_unsaved_attributes``: each
 #: is compared with the fields once per process, and warned about at most once.
-_UNSAVED_CHECKED: dict[str, set[str]] = {}
+_UNSAVED_CHECKED: dict[type, set[str]] = {}
 #: The instance attributes the API itself keeps on model objects (others, of the user's or not,
 #: are looked at one by one: only a shortcut).
 _INTERNAL_ATTRIBUTES = frozenset({"_raw", "_lazy", "_rec", "_stored", "_dirty", "_snapshots", "_deleted",
@@ -739,7 +739,7 @@ class BalsamModel:
         state = self.__dict__
         if state.keys() <= _INTERNAL_ATTRIBUTES:
             return  # the common case, in one C-level check (bulk_update of 10,000 jobs)
-        checked = _UNSAVED_CHECKED.setdefault(type(self).__name__, set())
+        checked = _UNSAVED_CHECKED.setdefault(type(self), set())
         new = state.keys() - _INTERNAL_ATTRIBUTES - checked  # set operations: no loop per object
         if new:
             checked |= new
