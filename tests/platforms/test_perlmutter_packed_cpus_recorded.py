@@ -214,10 +214,11 @@ def test_packed_app_sees_the_old_steps_cpus_on_node(ranks, threads, tpc) -> None
 
 APP = """#!/usr/bin/env python3
 import os, signal, sys, time
+if os.environ.get("APP_WAIT"):  # before the line below: the test signals as soon as it reads it
+    signal.signal(signal.SIGTERM, lambda *a: (print("TERM", flush=True), sys.exit(0)))
 print("APP", sys.argv[0], sys.argv[1:], os.environ.get("FOO", "unset"), os.environ.get("X", "unset"),
       os.environ.get("SLURM_CPUS_PER_TASK"), os.getpid(), flush=True)
 if os.environ.get("APP_WAIT"):
-    signal.signal(signal.SIGTERM, lambda *a: (print("TERM", flush=True), sys.exit(0)))
     time.sleep(60)
 """
 
