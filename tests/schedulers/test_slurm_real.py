@@ -129,8 +129,11 @@ def test_site_defaults_discover_the_partition_and_the_account(slurm):
 def test_queue_flag_qos_submits_the_queue_as_a_qos(tmp_path):
     """NERSC-style sites: the BatchJob's queue is a QOS name (settings.yml scheduler.options)."""
     qos = SlurmScheduler(user=getpass.getuser(), options={"queue_flag": "--qos"})
-    script = _script(tmp_path, "qlaunch00004", "true")
+    script = _script(tmp_path, "qlaunch00004", "sleep 2")
     jobid = qos.submit(_request(script, queue="normal", num_nodes=1))
+    # squeue's %q: the job is listed under its QOS, the name the BatchJob's queue has (not the partition)
+    status = wait_for(lambda: qos.get_statuses().get(jobid), 20, "the job in squeue")
+    assert status.queue == "normal", status
     history = wait_for(lambda: ended(qos.get_history(jobid, script)), 60, "the job's record")
     assert history.native_state == "COMPLETED"
     # (this Slurm does not enforce QOS names: AccountingStorageEnforce=none, so no refusal case here)

@@ -605,10 +605,12 @@ class ElasticQueueModule(AgentModule):
         the user's jobs, another site's too. A job waiting longer waits for reasons of its own (its
         size, a limit) and is left out, as is one held, waiting for a dependency or a begin time, or
         of unknown wait (the driver's ``waits_for_other_than_nodes``), one that never starts, and
-        one of another queue (by the names this poll shows for the site's jobs of submit_queue,
-        also where the windows include nodes usable from any queue: a window does not say which
-        queues may use it, and a job of another queue or partition, counted there, claimed nodes it
-        can never take: the window stayed claimed, never requested); a failed poll gives none.
+        one of another queue (by its status's ``queue``, which the driver gives in the names a
+        BatchJob's queue has, Slurm's QOS under ``queue_flag: --qos``, and by the names this poll
+        shows for the site's jobs of submit_queue; also where the windows include nodes usable
+        from any queue: a window does not say which queues may use it, and a job of another queue
+        or partition, counted there, claimed nodes it can never take: the window stayed claimed,
+        never requested); a failed poll gives none.
 
         One of its own requests that the snapshot read waiting for its submission claims its window
         already (``unclaimed_windows``); the scheduler module may have submitted it since, and the
@@ -627,9 +629,11 @@ class ElasticQueueModule(AgentModule):
                               if b.owned and not b.regular_queue and b.state == BatchJobState.pending_submission)
         # The names the scheduler shows for jobs of submit_queue: its own, and those the site's
         # BatchJobs of submit_queue show in this poll (a PBS routing queue's jobs show the execution
-        # queue they were routed to, Polaris prod's small/medium/large; with queue_flag --qos squeue
-        # shows the partition, whose idle nodes are the window). Compared by submit_queue alone, the
-        # user's other jobs were never counted there.
+        # queue they were routed to, Polaris prod's small/medium/large; a Slurm site's job_submit
+        # plugin may set another QOS than the one asked for). Compared by submit_queue alone, the
+        # user's other jobs were never counted there. The driver reports a job's queue in the names
+        # a BatchJob's queue has (Slurm's QOS, not its partition, under queue_flag --qos), so that
+        # another site's request is counted before any of this site's jobs is listed.
         names = {self.options.submit_queue} | {str(getattr(poll[sid], "queue", "") or "")
                                                for sid in self._queue_ids if sid in (poll or {})}
         names.discard("")

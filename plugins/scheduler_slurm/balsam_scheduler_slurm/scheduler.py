@@ -100,11 +100,19 @@ _FALSE_WORDS = ("0", "no", "false", "off")
 #: adds no --exclusive of its own (``--exclusive=user`` and ``--oversubscribe`` say something else).
 _SHARING_FLAG = re.compile(r"--exclusive(=.*)?|--oversubscribe|-s|--share")
 
-SQUEUE_FIELDS = ("jobid", "state", "partition", "nodes", "timelimit", "account", "timeleft", "submit", "start", "end", "reason")
-SQUEUE_FORMAT = "|".join(("%i", "%T", "%P", "%D", "%l", "%a", "%L", "%V", "%S", "%e", "%r"))
+#: The status poll's columns. The QOS (%q) is a BatchJob's queue under ``queue_flag: --qos``; it
+#: comes before the reason, which stays last: a reason is free text that may hold a '|'.
+SQUEUE_FIELDS = ("jobid", "state", "partition", "nodes", "timelimit", "account", "timeleft", "submit", "start", "end",
+                 "qos", "reason")
+SQUEUE_FORMAT = "|".join(("%i", "%T", "%P", "%D", "%l", "%a", "%L", "%V", "%S", "%e", "%q", "%r"))
 #: The header squeue prints above SQUEUE_FORMAT's columns (status polls of named clusters keep it).
 SQUEUE_HEADER = ("JOBID", "STATE", "PARTITION", "NODES", "TIME_LIMIT", "ACCOUNT", "TIME_LEFT", "SUBMIT_TIME",
-                 "START_TIME", "END_TIME", "REASON")
+                 "START_TIME", "END_TIME", "QOS", "REASON")
+#: The columns of the format before the QOS was asked for (outputs recorded then, and a wrapper
+#: that still prints them): read with no QOS.
+_SQUEUE_FIELDS_WITHOUT_QOS = len(SQUEUE_FIELDS) - 1
+#: What squeue prints for a job without a QOS (a site without accounting storage gives none).
+_NO_QOS = {"", "(NULL)", "N/A"}
 #: The line squeue (-M/--clusters) prints before each cluster's jobs.
 _CLUSTER_LINE = re.compile(r"CLUSTER:\s*(\S+)\s*")
 #: The optional param naming the cluster a BatchJob goes to (sbatch --clusters).
@@ -251,6 +259,8 @@ class SqueueRow:
     reason: str
     #: The cluster squeue listed the job under (a poll with --clusters), else "".
     cluster: str = ""
+    #: The job's QOS (%q); "" when squeue gave none or the line has no QOS column.
+    qos: str = ""
 
     @property
     def state(self) -> BatchJobState:
@@ -262,11 +272,15 @@ class SqueueRow:
 
 
 def parse_squeue_line(line: str) -> SqueueRow:
-    """Parse one line of ``squeue -o SQUEUE_FORMAT``; ValueError says what is wrong with it."""
-    fields = line.split("|", len(SQUEUE_FIELDS) - 1)
+    """Parse one line of ``squeue -o SQUEUE_FORMAT``, or of the format before it had the QOS
+    column (one field fewer: its qos is ""); ValueError says what is wrong with it."""
+    fields = [f.strip() for f in line.split("|", len(SQUEUE_FIELDS) - 1)]
+    if len(fields) == _SQUEUE_FIELDS_WITHOUT_QOS:
+        fields.insert(SQUEUE_FIELDS.index("qos"), "")
     if len(fields) != len(SQUEUE_FIELDS):
-        raise ValueError(f"expected {len(SQUEUE_FIELDS)} '|'-separated fields, got {len(fields)}")
-    jobid, state, partition, nodes, limit, account, left, submit, start, end, reason = (f.strip() for f in fields)
+        raise ValueError(f"expected {len(SQUEUE_FIELDS)} '|'-separated fields (or {_SQUEUE_FIELDS_WITHOUT_QOS} "
+                         f"without the QOS), got {len(fields)}")
+    jobid, state, partition, nodes, limit, account, left, submit, start, end, qos, reason = fields
     if not jobid.isdecimal():
         raise ValueError(f"job id {jobid!r} is not a plain job number (array or heterogeneous job?)")
     if not nodes.isdecimal():
@@ -285,6 +299,7 @@ def parse_squeue_line(line: str) -> SqueueRow:
         start_time=_parse_time(start),
         end_time=_parse_time(end),
         reason=reason,
+        qos="" if qos.upper() in _NO_QOS else qos,
     )
 
 
@@ -554,11 +569,16 @@ class SlurmScheduler(Scheduler):
                                                "", row.reason, row.scheduler_id)) is not None
         }
         unknown = {row.scheduler_id for row in rows if row.state is Q and row.submit_time is None}
-        return SlurmPoll(time=now, statuses=self.statuses_from_rows(rows, now), ended=ended, clusters=clusters,
-                         unknown_submit=unknown)
+        statuses = self.statuses_from_rows(rows, now, by_qos=self.options.queue_flag == "--qos")
+        return SlurmPoll(time=now, statuses=statuses, ended=ended, clusters=clusters, unknown_submit=unknown)
 
     @staticmethod
-    def statuses_from_rows(rows: list[SqueueRow], now: dt.datetime) -> dict[int, SchedulerJobStatus]:
+    def statuses_from_rows(rows: list[SqueueRow], now: dt.datetime, *,
+                           by_qos: bool = False) -> dict[int, SchedulerJobStatus]:
+        """The statuses of the rows still in the queue. A job's queue is its partition, or with
+        ``by_qos`` (``queue_flag: --qos``) its QOS, the name a BatchJob's queue has there (the
+        partition where squeue gave no QOS): the agent counts the user's other jobs of a queue
+        by this name (max_queued_jobs, the elastic queue's backfill windows)."""
         statuses = {}
         for row in rows:
             state = row.state
@@ -573,7 +593,7 @@ class SlurmScheduler(Scheduler):
             statuses[row.scheduler_id] = SchedulerJobStatus(
                 scheduler_id=row.scheduler_id,
                 state=state,
-                queue=row.partition,
+                queue=(row.qos or row.partition) if by_qos else row.partition,
                 num_nodes=row.num_nodes,
                 wall_time_min=row.wall_time_min,
                 project=row.account,

@@ -514,7 +514,7 @@ class SchedulerModule(AgentModule):
         queued_counts: dict[str, int] = {}
         # A job of ours counts toward its BatchJob's queue, the one max_queued_jobs limits: the
         # scheduler may list it under another name (a PBS routing queue's job shows the execution
-        # queue it was routed to; a Slurm `--qos debug` job shows its partition), and counted by that
+        # queue it was routed to; a Slurm `--qos` job the QOS a job_submit plugin may have set), and counted by that
         # name it would never fill the limit. The user's other jobs count by the scheduler's name.
         owner_queues = {b["scheduler_id"]: b["queue"] for b in batch_jobs if b.get("scheduler_id") is not None}
         for scheduler_id, status in (statuses or {}).items():
