@@ -67,11 +67,18 @@ Thread contract (two threads, nothing else shared):
   :data:`MAX_RELEASE_TRIES` tries or :data:`RELEASE_GIVE_UP_SEC`: acquires go on (one that fails for
   good held them back for the whole allocation), its jobs go to :attr:`release_unknown` where a try
   may have been applied (else back to ``_ready``), those never sent back to ``_ready``, and nothing
-  is given back again (:attr:`release_given_up`). Acquires then may run while a try is still in
-  flight; exactly-once still holds because its jobs are not started here: a late try frees only
-  jobs this Session holds and does not start (one key applies at most once, and the acquire leases
-  only free jobs). Such a release (and one refused after an unanswered try with a status a later
-  answer may differ from: 408, 409, 425; a 429 counts as no answer) is *unsettled*
+  is given back (:attr:`release_given_up`) until the server answers again (an acquire, or a resend of
+  an unsettled release, answered after the give-up) and :data:`RELEASE_RESUME_SEC` have passed since
+  it, doubled at each give-up in a row up to :data:`RELEASE_RESUME_MAX_SEC` (:meth:`_resume_release`;
+  an answered release starts the count again): before, one minute without the server held the
+  lookahead hidden at every stall for the rest of the run. A release given back after that is a new
+  request (a new key), sent before any acquire as every release; it names only jobs the loop held,
+  never one of an unsettled release (those never reach the loop). Acquires then may run while a try
+  of the given-up release is still in flight; exactly-once still holds because its jobs are not
+  started here: a late try frees only jobs this Session holds and does not start (one key applies
+  at most once, and the acquire leases only free jobs). Such a release (and one refused after an
+  unanswered try with a status a later answer may differ from: 408, 409, 425; a 429 counts as no
+  answer) is *unsettled*
   (:attr:`_unsettled`): resent in the background, same key and ids, :data:`RELEASE_RESEND_FIRST_SEC`
   after, then at doubling waits up to :data:`RELEASE_RESEND_MAX_SEC`, until answered (or its
   Session is gone: the server freed its jobs); before, its jobs were held, hidden from everyone, until the Session's end. Answered, its jobs are
@@ -127,6 +134,12 @@ MAX_RELEASE_IDS = MAX_JOBS_PER_SESSION_ACQUIRE
 #: held every acquire back for the whole allocation.
 MAX_RELEASE_TRIES = 5
 RELEASE_GIVE_UP_SEC = 60.0
+#: After a release was given up, giving back resumes once the server answered again and this long has
+#: passed (see "Giving back"); doubled at each give-up in a row, at most RELEASE_RESUME_MAX_SEC: a
+#: release route that fails for good (5xx) while acquires are answered holds acquires back for up to
+#: RELEASE_GIVE_UP_SEC each time giving back resumes, a share of the run that halves each time.
+RELEASE_RESUME_SEC = 60.0
+RELEASE_RESUME_MAX_SEC = 3600.0
 #: An unsettled release (see "Giving back") is resent this long after it was given up, then at
 #: twice the last wait, at most RELEASE_RESEND_MAX_SEC: its jobs are hidden from everyone until it is
 #: answered, and one request every two minutes costs the server nothing.
@@ -270,8 +283,14 @@ class Prefetcher:
         #: Jobs the server gave back for us; and whether it has no release route (no more giving back).
         self.released = 0
         self.release_refused = False
-        #: A release failed MAX_RELEASE_TRIES times or for RELEASE_GIVE_UP_SEC: nothing is given back again.
+        #: A release failed MAX_RELEASE_TRIES times or for RELEASE_GIVE_UP_SEC: nothing is given back
+        #: until the server answers again and the back-off passed (:meth:`_resume_release`).
         self.release_given_up = False
+        #: Give-ups so far; the time.monotonic() of the last, of the server's last answer (an acquire,
+        #: a release or a resend answered), and from when giving back may resume; the next back-off.
+        self.release_give_ups = 0
+        self._given_up_at = self._answered_at = self._resume_at = 0.0
+        self._resume_wait = RELEASE_RESUME_SEC
         #: Jobs of a release that may have been applied when the server then refused it, or when it
         #: was given up, until it is answered (:meth:`_resend_unsettled`): never started here, not
         #: even when an acquire leases them again. The set mirrors the list (this thread's reads).
@@ -433,6 +452,8 @@ class Prefetcher:
         while not self._stopping.is_set():
             if self._unsettled:
                 self._resend_unsettled()  # those due only: acquires do not wait for them
+            if self.release_given_up:
+                self._resume_release()
             if self.site_faults.tripped:
                 self.exhausted = True
                 self._stopping.wait(self.retry_sec)
@@ -452,6 +473,7 @@ class Prefetcher:
             try:
                 jobs = self.lease.acquire(target - unstarted, max_wall_time_min=self._remaining_min(), **self._acquire_kwargs)
                 self.acquire_error = None
+                self._answered_at = time.monotonic()
             except Exception as exc:
                 self.acquire_error = str(exc)
                 logger.warning("acquire failed (retrying in %.1f s): %s", self.retry_sec, exc)
@@ -534,6 +556,7 @@ class Prefetcher:
         with self._lock:
             self._releasing = self._releasing[len(batch):]
         self._forget_release()
+        self._answered_at, self._resume_wait = time.monotonic(), RELEASE_RESUME_SEC  # the route works again
         self.released += len(released)
         late = sum(1 for entry in batch if entry[2])
         logger.info("gave back %d leased jobs never started (%d of them released, the others had left this session; "
@@ -593,6 +616,8 @@ class Prefetcher:
                                      idempotency_key=entry.key, retry_count=0)
             except Exception as exc:
                 status = getattr(exc, "status_code", None)
+                if isinstance(status, int) and status < 500 and status != 429:
+                    self._answered_at = time.monotonic()  # refused, but the server answers
                 if _session_gone(exc):
                     pending.extend(self._settle(entry, None))
                 elif isinstance(status, int) and status < 500 and status not in _RESEND_AGAIN:
@@ -608,6 +633,7 @@ class Prefetcher:
                         "resending the release of %d leased jobs failed %d times (next in %.0f s; they are not "
                         "started here meanwhile): %s", len(entry.ids), entry.tries, entry.wait, exc)
                 continue
+            self._answered_at = time.monotonic()
             # Its "again" release goes out now, in this step: see _settle.
             pending.extend(self._settle(entry, answer.get("released", []) if isinstance(answer, dict) else []))
 
@@ -673,7 +699,8 @@ class Prefetcher:
         earlier try of this request went unanswered: it may have been applied, and another launcher
         may run them now; such jobs are never started here. Those too late stay leased until the
         lease's close, as before the release route. Given up: as with ``no_route``, nothing is given
-        back again (acquires go on), and the jobs of a try that may have been applied are not
+        back (acquires go on), but only until the server answers again and the back-off has passed
+        (:meth:`_resume_release`), and the jobs of a try that may have been applied are not
         started here: the request is resent later (:meth:`_resend_unsettled`) until answered, as
         after a refusal that a later answer may differ from (408, 409, 425; a 429 never gets here
         but by giving up: it counts as no answer); every other refusal below 500 but a 404 naming
@@ -688,6 +715,10 @@ class Prefetcher:
             self.release_refused = True
         if gave_up:
             self.release_given_up = True
+            self.release_give_ups += 1
+            self._given_up_at = time.monotonic()
+            self._resume_at = self._given_up_at + self._resume_wait
+            self._resume_wait = min(RELEASE_RESUME_MAX_SEC, self._resume_wait * 2)
         if no_route or gave_up:
             self.lean = False
         tries = f" after {self._release_tries} tries in {time.monotonic() - self._release_first_try:.0f} s" if gave_up else ""
@@ -696,7 +727,7 @@ class Prefetcher:
         with self._lock:
             self._releasing = self._releasing[len(batch):]
             never_sent: list[tuple[PreparedJob, int]] = []
-            if gave_up:  # nothing is given back again: those never sent are kept as if refused at once
+            if gave_up:  # nothing is given back for a while: those never sent are kept as if refused at once
                 never_sent = [(p, g) for p, g, is_late in self._releasing if not is_late]
                 late += [p for p, _g, is_late in self._releasing if is_late]
                 self._releasing = []
@@ -725,11 +756,31 @@ class Prefetcher:
             what = "never started here (an earlier try may have given them back; the session's deletion returns them otherwise)"
         else:
             what = "they stay with this launcher"
-        if no_route or gave_up:
+        if no_route:
             what += ", which gives back none from now on"
+        elif gave_up:
+            what += (f"; nothing is given back until the server answers again, "
+                     f"{self._resume_at - self._given_up_at:.0f} s from now at the earliest")
         logger.warning("could not give %d leased jobs back%s (%s): %s", len(batch), tries, exc, what)
         if stalled:
             self._on_ready()
+
+    def _resume_release(self) -> None:
+        """Give back again after a give-up (never after a server without the route): once the server
+        answered after it (an acquire, or a resend of an unsettled release) and RELEASE_RESUME_SEC
+        (doubled at each give-up in a row) have passed. Before, one give-up stopped giving back for
+        the rest of the run: a launcher whose server was out of reach for a minute held its
+        lookahead, hidden from the elastic queue and other BatchJobs, at every stall for hours.
+
+        Exactly-once holds as before the give-up: the next release is a new request (a new key,
+        :meth:`_send_release`), sent before any acquire; it names only jobs the loop gave back, and
+        the jobs of an unsettled release (:attr:`release_unknown`) never reach the loop (an acquire
+        that leases one parks it), so no two requests in flight name one job the loop may start."""
+        if self.release_refused or time.monotonic() < self._resume_at or self._answered_at <= self._given_up_at:
+            return
+        self.release_given_up = False  # an int-like store the loop thread reads (may_release)
+        logger.info("the server answers again: giving back leased jobs resumes (%d give-ups so far; the next one "
+                    "waits %.0f s)", self.release_give_ups, self._resume_wait)
 
     def _target(self) -> int:
         """The jobs to keep leased ahead now (held and ready): the lookahead and, while the loop
