@@ -254,6 +254,16 @@ class TransferBackend(abc.ABC):
         address, a port or path prefix it would ignore): raise :class:`TransferError` with one line
         saying what is wrong. Called when settings.yml is read, before any job uses the location."""
 
+    @classmethod
+    def location_address(cls, location: TransferLocation) -> str:
+        """The place ``location`` names (its netloc: an endpoint, a collection id), spelt one way for
+        this backend's service. The agent compares stage-outs' destinations by it (two jobs' items
+        writing one file take turns, see balsam.site.modules.transfers), so two spellings the service
+        takes for one place must give one address (Globus: a collection id in either case). Called on
+        the class (no credentials, no connection), once per location; what it raises is taken as
+        "the netloc as written". Default: the netloc as written."""
+        return location.netloc
+
     def new_submission_token(self) -> Optional[str]:
         """A token that makes a repeated submission of the same batch return the same task instead of
         starting a second one (Globus: a submission id), or None when the service has no such thing.

@@ -540,6 +540,15 @@ def _is_uuid(text: Any) -> bool:
     return True
 
 
+def _canonical_id(text: Any) -> str:
+    """A collection id as Globus writes it (lowercase, hyphenated: ``ABCD...`` and ``abcd...`` are one
+    collection), else ``text`` as it is (check_location refuses it)."""
+    try:
+        return str(uuid.UUID(str(text)))
+    except ValueError:
+        return str(text)
+
+
 def _norm(path: str) -> str:
     """A collection path without repeated or trailing slashes, ``.`` or ``..`` (Globus reports
     ``/proj/run/../x`` as ``/proj/x``: compared as written, it matched no item), ``~/...`` written
@@ -827,7 +836,7 @@ class GlobusTransfer(TransferBackend):
         self._save_lock = threading.Lock()
         #: Collections of this site and its locations: the login command names them all (the agent
         #: adds those of transfer_locations through use_locations, before any submission).
-        self._collections: list[str] = [self.options.endpoint_id] if self.options.endpoint_id else []
+        self._collections: list[str] = [_canonical_id(self.options.endpoint_id)] if self.options.endpoint_id else []
         #: The clock of submissions' deadlines (tests set their own).
         self.now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
         #: The tasks this process submitted or cancelled, by Globus task id (see _Task).
@@ -860,8 +869,9 @@ class GlobusTransfer(TransferBackend):
         # Known before the first submission, whose "not logged in" error must name them all: a
         # login consenting to the site's collection only would fail again on the remote one.
         for location in locations:
-            if location.netloc and location.netloc not in self._collections:
-                self._collections.append(location.netloc)
+            collection = _canonical_id(location.netloc)  # listed once in the login command, however written
+            if location.netloc and collection not in self._collections:
+                self._collections.append(collection)
 
     # -- credentials -------------------------------------------------------------------------------
 
@@ -1029,7 +1039,7 @@ class GlobusTransfer(TransferBackend):
         match = LABEL_DIRECTION.search(str(doc.get("label") or ""))
         if match:
             return TransferDirection.stage_in if match.group(1) == "in" else TransferDirection.stage_out
-        to_site = str(doc.get("destination_endpoint_id")) == str(self.options.endpoint_id)
+        to_site = _canonical_id(doc.get("destination_endpoint_id")) == _canonical_id(self.options.endpoint_id)
         return TransferDirection.stage_in if to_site else TransferDirection.stage_out
 
     # -- the contract ------------------------------------------------------------------------------
@@ -1042,6 +1052,13 @@ class GlobusTransfer(TransferBackend):
             raise
         except Exception as exc:
             raise self._error(exc) from None
+
+    @classmethod
+    def location_address(cls, location: TransferLocation) -> str:
+        """The collection id as Globus writes it: the agent compares stage-outs' destinations by it,
+        and a collection id written in capitals in one alias and in lower case in another named
+        two places, so two jobs' items writing one file ran at once."""
+        return _canonical_id(location.netloc)
 
     @classmethod
     def check_location(cls, location: TransferLocation) -> None:
@@ -1064,7 +1081,7 @@ class GlobusTransfer(TransferBackend):
             raise TransferError("globus: transfers.globus_endpoint_id (this site's collection id) is not set in settings.yml",
                                 retryable=False)
         self.check_location(location)
-        remote_ep = location.netloc
+        remote_ep = _canonical_id(location.netloc)
         if remote_ep not in self._collections:
             self._collections.append(remote_ep)
         stage_in = direction == TransferDirection.stage_in

@@ -570,7 +570,7 @@ def _norm_path(path: str) -> str:
 ANYWHERE = "?"
 
 
-def _location_address(location: TransferLocation, home: bool = False) -> str:
+def _location_address(location: TransferLocation, home: bool = False, address: Optional[str] = None) -> str:
     """Where a stage-out to ``location`` writes, one spelling per place as its backend reaches it:
     ``local://`` and ``local://localhost`` are this machine (LocalTransfer.check_location takes no
     other host), as is ``rsync://`` with no host (rsync's local mode) or with ``localhost`` and no
@@ -578,8 +578,9 @@ def _location_address(location: TransferLocation, home: bool = False) -> str:
     host it is given) and ssh's default port 22 dropped. The ssh user name is part of the address
     only for a path in a home directory (``home``: ``~/...``, each user's own; kept as written, a
     user's name is case-sensitive): an absolute path is one file on its host whoever writes it
-    (``rsync://alice@host/d`` and ``rsync://bob@host/d`` ran at once). Other backends' addresses (a
-    Globus collection id) compare as written."""
+    (``rsync://alice@host/d`` and ``rsync://bob@host/d`` ran at once). Other backends' addresses are
+    ``address``, the netloc as the backend spells it (:meth:`TransferBackend.location_address`: a
+    Globus collection id in either case is one collection), else as written."""
     backend = location.backend_name
     if backend == "local":
         return "local://"
@@ -594,7 +595,7 @@ def _location_address(location: TransferLocation, home: bool = False) -> str:
         if not host or (host == "localhost" and not port and not user):
             return "local://"
         return f"rsync://{user}{host}" + (f":{port}" if port else "")
-    return f"{backend}://{location.netloc}"
+    return f"{backend}://{location.netloc if address is None else address}"
 
 
 def _dest_key(direction: str, where: str, dest: str) -> tuple[str, str, str]:
@@ -734,6 +735,8 @@ class TransfersModule(AgentModule):
         self.backend_errors: dict[str, TransferError] = {}
         self.locations: dict[str, TransferLocation] = {}
         self.location_errors: dict[str, TransferError] = {}
+        #: Each location's netloc as its backend spells it (:meth:`_address`).
+        self._addresses: dict[TransferLocation, str] = {}
         for alias, url in self.options.transfer_locations.items():
             try:
                 self.locations[alias] = TransferLocation.parse(alias, url)
@@ -1496,7 +1499,30 @@ class TransfersModule(AgentModule):
             return _dest_key(direction, f"alias {alias}", dest)
         kind, _, path = _dest_key(direction, "", location.remote_path(dest))
         home = path == "/~" or path.startswith("/~/")
-        return kind, _location_address(location, home), path
+        return kind, _location_address(location, home, self._address(location)), path
+
+    def _address(self, location: TransferLocation) -> str:
+        """The location's netloc as its backend spells it (:meth:`TransferBackend.location_address`),
+        asked once per location (cached: _file_key runs for every item of a cycle) and of the class, so
+        that a backend not built yet (no credentials) still answers. A backend that is not installed,
+        or whose answer fails, leaves it as written (one warning)."""
+        if location in self._addresses:
+            return self._addresses[location]
+        alias, name, address = location.alias, location.backend_name, location.netloc
+        try:
+            built = self.backends.get(name)
+            cls = type(built) if built is not None else get_plugin_manager().load_driver("transfer", name)
+        except PluginError:
+            cls = None
+        spell = getattr(cls, "location_address", None)
+        if callable(spell):
+            try:
+                address = str(spell(location))
+            except Exception as exc:  # a plugin's bug: compared as written, as before the hook
+                self.logger.warning("transfer backend %s: location_address(%r) failed (its address is compared as "
+                                    "written): %s", name, alias, one_line(exc))
+        self._addresses[location] = address
+        return address
 
     def _writers(self, in_flight: list[dict]) -> set[tuple[str, str, str]]:
         """The files (:meth:`_file_key`) that tasks still running write: the items read in flight,
