@@ -118,7 +118,6 @@ import posixpath
 import re
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -132,6 +131,7 @@ from balsam.states import TransferDirection
 from balsam.transfer import TaskState, TaskStatus, TransferBackend, TransferError, TransferFile, TransferLocation, one_line
 
 from .auth import TRANSFER_RESOURCE_SERVER, load_tokens, login_command, save_tokens, tokens_path
+from .ids import canonical_id, is_uuid
 
 __all__ = ["GlobusOptions", "GlobusTransfer", "globus_error"]
 
@@ -532,21 +532,11 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (globus_sdk.NetworkError, globus_sdk.GlobusConnectionError))
 
 
-def _is_uuid(text: Any) -> bool:
-    try:
-        uuid.UUID(str(text))
-    except ValueError:
-        return False
-    return True
-
-
-def _canonical_id(text: Any) -> str:
-    """A collection id as Globus writes it (lowercase, hyphenated: ``ABCD...`` and ``abcd...`` are one
-    collection), else ``text`` as it is (check_location refuses it)."""
-    try:
-        return str(uuid.UUID(str(text)))
-    except ValueError:
-        return str(text)
+#: Strict (ids.UUID_TEXT, not uuid.UUID: a mistyped id is refused, not read as another one); shared
+#: with ``balsam site globus-login``.
+_is_uuid = is_uuid
+#: A collection id as Globus writes it (lowercase, hyphenated), else as written (check_location refuses it).
+_canonical_id = canonical_id
 
 
 def _norm(path: str) -> str:
@@ -822,6 +812,10 @@ class GlobusTransfer(TransferBackend):
                  transfer_client: Optional[globus_sdk.TransferClient] = None) -> None:
         super().__init__(options, site_path=site_path)
         self._client = transfer_client
+        #: This site's collection (transfers.globus_endpoint_id) as Globus writes it: sent, compared
+        #: with the ids Globus reports and names in its errors, and a key of the home cache, so that
+        #: an id written in capitals in settings.yml behaves as the lowercase one (None: not set).
+        self._site_ep: Optional[str] = canonical_id(self.options.endpoint_id) if self.options.endpoint_id else None
         #: The login of a client built from the tokens file (None: none built, or one handed in).
         self._login: Optional[_Login] = None
         #: The login of the last client built (kept when the client is dropped: one built again
@@ -836,7 +830,7 @@ class GlobusTransfer(TransferBackend):
         self._save_lock = threading.Lock()
         #: Collections of this site and its locations: the login command names them all (the agent
         #: adds those of transfer_locations through use_locations, before any submission).
-        self._collections: list[str] = [_canonical_id(self.options.endpoint_id)] if self.options.endpoint_id else []
+        self._collections: list[str] = [self._site_ep] if self._site_ep else []
         #: The clock of submissions' deadlines (tests set their own).
         self.now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
         #: The tasks this process submitted or cancelled, by Globus task id (see _Task).
@@ -884,7 +878,7 @@ class GlobusTransfer(TransferBackend):
         return login_command(self._collections, self.tokens_path())
 
     def _error(self, exc: BaseException) -> TransferError:
-        error, relogin = _classify(exc, self._collections, self.tokens_path(), self.options.endpoint_id)
+        error, relogin = _classify(exc, self._collections, self.tokens_path(), self._site_ep)
         if relogin:
             # The user is told to log in again: the next call must use what that login writes, not
             # this client's tokens (it would fail the same way until the agent restarts).
@@ -1039,7 +1033,7 @@ class GlobusTransfer(TransferBackend):
         match = LABEL_DIRECTION.search(str(doc.get("label") or ""))
         if match:
             return TransferDirection.stage_in if match.group(1) == "in" else TransferDirection.stage_out
-        to_site = _canonical_id(doc.get("destination_endpoint_id")) == _canonical_id(self.options.endpoint_id)
+        to_site = _canonical_id(doc.get("destination_endpoint_id")) == self._site_ep
         return TransferDirection.stage_in if to_site else TransferDirection.stage_out
 
     # -- the contract ------------------------------------------------------------------------------
@@ -1076,7 +1070,7 @@ class GlobusTransfer(TransferBackend):
 
     def submit_batch(self, location: TransferLocation, direction: TransferDirection, files: Sequence[TransferFile],
                      token: Optional[str] = None) -> str:
-        site_ep = self.options.endpoint_id
+        site_ep = self._site_ep
         if not site_ep:
             raise TransferError("globus: transfers.globus_endpoint_id (this site's collection id) is not set in settings.yml",
                                 retryable=False)
@@ -1131,7 +1125,7 @@ class GlobusTransfer(TransferBackend):
         globus_endpoint_id), not the location's: by the id the error names, else by asking Globus."""
         if not isinstance(exc, globus_sdk.TransferAPIError) or exc.http_status != 404:
             return False
-        site_ep = str(self.options.endpoint_id)
+        site_ep = str(self._site_ep)
         text = f"{getattr(exc, 'message', '') or ''} {exc.text or ''}"
         if site_ep in text or remote_ep in text:
             return site_ep in text
@@ -1343,7 +1337,7 @@ class GlobusTransfer(TransferBackend):
         now = self.clock()
         # By login too: another identity (a `globus-login` since) may have another home on a
         # mapped collection, where the old one's matched none of its paths.
-        cache_key = (_client_owner(client), collection)
+        cache_key = (_client_owner(client), _canonical_id(collection))
         with self._tasks_lock:
             known = self._homes.get(cache_key)
             failed = self._home_failures.get(cache_key)
@@ -1370,7 +1364,7 @@ class GlobusTransfer(TransferBackend):
                     self._home_failures[cache_key] = exc
                 raise
             # Not self._error: a refused ls must not drop the client (the transfers themselves work).
-            problem, _ = _classify(exc, self._collections, self.tokens_path(), self.options.endpoint_id)
+            problem, _ = _classify(exc, self._collections, self.tokens_path(), self._site_ep)
             logger.log(self._home_level(cache_key, f"ls /~/: {problem}"), "globus: cannot read the home directory "
                        "of collection %s (ls /~/: %s): its tasks' files in it are not matched to the paths Globus "
                        "reports (delivered: not counted; skipped: every item fails a try)", collection, problem)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -11,6 +10,8 @@ import click
 from click.core import ParameterSource
 
 from balsam.plugins.hookspecs import hookimpl
+
+from .ids import canonical_id, is_uuid
 
 CLIENT_ID_ENV = "BALSAM_GLOBUS_CLIENT_ID"
 
@@ -74,25 +75,24 @@ def _refusal(exc: Any) -> str:
 
 
 def _canonical(text: str) -> str:
-    """A UUID as Globus writes it (lowercase, hyphenated), else ``text`` as it is."""
-    try:
-        return str(uuid.UUID(str(text)))
-    except ValueError:
-        return text
+    """A UUID as Globus writes it (lowercase, hyphenated), else ``text`` as it is (the check the
+    agent's settings get: :func:`ids.canonical_id`)."""
+    return canonical_id(text)
 
 
 def _uuids(ctx: Any, param: Any, value: Any) -> Any:
     """Refuse what is no UUID before it goes into the login link (an alias such as ``aps`` for
     ``-e`` made Globus Auth show an error page about a scope the user never wrote); a UUID is
-    returned as Globus writes it: ``uuid.UUID`` also takes ``{...}``, ``urn:uuid:...``, capitals and
-    no hyphens, which went into the scope as typed (a scope no collection has)."""
+    returned as Globus writes it: ``{...}``, ``urn:uuid:...``, capitals and no hyphens went into the
+    scope as typed (a scope no collection has). Checked as settings.yml's ids are (:mod:`.ids`, not
+    ``uuid.UUID``, which read a mistyped id such as ``+bcdef01...`` as another collection's)."""
     if value is None:
         return None
     canonical = []
     for text in (value if isinstance(value, tuple) else (value,)):
-        try:
-            canonical.append(str(uuid.UUID(str(text))))
-        except ValueError:
+        if is_uuid(text):
+            canonical.append(canonical_id(text))
+        else:
             what = ("a collection UUID (the id of a globus://<collection-id> location, not its alias)"
                     if param.name == "endpoints" else "the UUID of a native app registered at app.globus.org")
             hint = None

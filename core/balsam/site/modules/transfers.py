@@ -1504,8 +1504,10 @@ class TransfersModule(AgentModule):
     def _address(self, location: TransferLocation) -> str:
         """The location's netloc as its backend spells it (:meth:`TransferBackend.location_address`),
         asked once per location (cached: _file_key runs for every item of a cycle) and of the class, so
-        that a backend not built yet (no credentials) still answers. A backend that is not installed,
-        or whose answer fails, leaves it as written (one warning)."""
+        that a backend not built yet (no credentials) still answers. A backend that is not installed
+        leaves it as written, with no warning here (its items fail with "no transfer backend for
+        protocol ...", see :meth:`backend`); one whose answer fails leaves it as written too, with one
+        warning per location."""
         if location in self._addresses:
             return self._addresses[location]
         alias, name, address = location.alias, location.backend_name, location.netloc
