@@ -467,7 +467,7 @@ class JobManager(Manager["Job"]):
             if not pending:
                 return
             if deadline is not None and time.monotonic() >= deadline:
-                raise concurrent.futures.TimeoutError(f"{len(pending)} of {len(jobs)} jobs not completed in {timeout} s")
+                raise concurrent.futures.TimeoutError(_not_completed_message(pending, len(jobs), timeout))
             sleep = poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic()))
             time.sleep(sleep)
 
@@ -491,6 +491,33 @@ class JobManager(Manager["Job"]):
 def _completed(job: "Job") -> bool:
     """Done (JOB_FINISHED or FAILED), or deleted: what wait() and as_completed() wait for."""
     return job.state in DONE_STATES or job._deleted
+
+
+#: What a job in these states waits for, named in as_completed()'s timeout. "3 of 3 jobs not
+#: completed in 600 s" alone left a user whose BatchJob the site had refused (a queue not in
+#: allowed_queues) waiting out the whole timeout with nothing to say which part was missing.
+_WAITS_FOR = (
+    (("PREPROCESSED", "RESTART_READY"),
+     "wait for a launcher: a BatchJob of their site, queued or running (`balsam queue ls --history` "
+     "says why one ended or was refused)"),
+    (("STAGED_IN", "RUN_DONE", "RUN_ERROR", "RUN_TIMEOUT"),
+     "wait for the site agent (`balsam site status` in the site directory)"),
+    (("AWAITING_PARENTS",), "wait for their parents (`balsam job show ID`)"),
+)
+
+
+def _not_completed_message(pending: Sequence["Job"], total: int, timeout: Optional[float]) -> str:
+    """One line: how many jobs are left, their states (as last read: no request) and what they wait for."""
+    counts = collections.Counter(getattr(job.state, "value", job.state) for job in pending)
+    states = ", ".join(f"{n} {state}" for state, n in counts.most_common())
+    return f"{len(pending)} of {total} jobs not completed in {timeout} s: {'; '.join([states] + _waits_for(counts))}"
+
+
+def _waits_for(states: Iterable[str]) -> list[str]:
+    """What jobs in these states wait for, one phrase per kind (none for RUNNING and the like)."""
+    present = set(states)
+    return ["/".join(s for s in group if s in present) + " " + hint
+            for group, hint in _WAITS_FOR if present.intersection(group)]
 
 
 _app_id_cache_lock = threading.Lock()
@@ -851,7 +878,10 @@ class Job(BalsamModel):
         (one more request, only then)."""
         waited = type(self).objects.wait([self], timeout=timeout)
         if waited.not_done:
-            raise concurrent.futures.TimeoutError(f"Job(id={self.id}) not done after {timeout} s (state {self.state})")
+            state = getattr(self.state, "value", self.state)
+            waits = "".join(f"; {hint}" for hint in _waits_for([state]))
+            raise concurrent.futures.TimeoutError(
+                f"Job(id={self.id}) not done after {timeout} s (state {state}{waits})")
         if (self.state == JobState.failed and not self._deleted and not self.serialized_exception
                 and not self.serialized_return_value):
             raise self.NoResult(self._no_result_message(self._failure_reason()))

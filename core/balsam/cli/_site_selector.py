@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import logging
 import math
 import operator
 import os
@@ -433,6 +434,13 @@ def format_table(headers: list[str], rows: list[list[Any]], right: "set[int] | N
     return "\n".join(lines)
 
 
+class _NoRetryLines(logging.Filter):
+    """Drops the REST client's ``... retrying in N s`` lines (the records that carry ``retries``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not hasattr(record, "retries")
+
+
 def watch_output(draw: Any, interval: float, *, title: str, iterations: Optional[int] = None) -> None:
     """Call ``draw()`` every ``interval`` seconds, clearing the terminal first, until Ctrl-C
     (or ``iterations`` rounds). Off a terminal each round is separated by a header line instead.
@@ -445,6 +453,11 @@ def watch_output(draw: Any, interval: float, *, title: str, iterations: Optional
 
     tty = sys.stdout.isatty()
     done = 0
+    # The watch retries every round itself: the client's retry lines (three a round while the
+    # server was down) came on top of the round's one line, which says the same.
+    rest_logger = logging.getLogger("balsam.client.rest")
+    quiet = _NoRetryLines()
+    rest_logger.addFilter(quiet)
     try:
         while True:
             if tty:
@@ -464,6 +477,8 @@ def watch_output(draw: Any, interval: float, *, title: str, iterations: Optional
             time.sleep(interval)
     except KeyboardInterrupt:
         click.echo("")
+    finally:
+        rest_logger.removeFilter(quiet)
 
 
 class Progress:
