@@ -64,16 +64,23 @@ Thread contract (two threads, nothing else shared):
   (:attr:`release_unknown`; an acquire that leases one again does not hand it over). A resend names
   exactly the first try's jobs (``_release_size``: jobs given back meanwhile wait for the next
   request). A release that keeps failing (5xx, 429, no answer) is given up after
-  :data:`MAX_RELEASE_TRIES` tries or :data:`RELEASE_GIVE_UP_SEC`: acquires go on (one that fails for
+  :data:`MAX_RELEASE_TRIES` tries (one request each: :data:`RELEASE_RETRY_COUNT`, ``retry_sec``
+  apart) or once :data:`RELEASE_GIVE_UP_SEC` have passed since its first try (checked after each
+  try, which waits at most the client's read timeout: 120 s by default; so a server that accepts
+  and never answers holds acquires back one read timeout): acquires go on (one that fails for
   good held them back for the whole allocation), its jobs go to :attr:`release_unknown` where a try
   may have been applied (else back to ``_ready``), those never sent back to ``_ready``, and nothing
-  is given back (:attr:`release_given_up`) until the server answers again (an acquire, or a resend of
-  an unsettled release, answered after the give-up) and :data:`RELEASE_RESUME_SEC` have passed since
-  it, doubled at each give-up in a row up to :data:`RELEASE_RESUME_MAX_SEC` (:meth:`_resume_release`;
-  an answered release starts the count again): before, one minute without the server held the
-  lookahead hidden at every stall for the rest of the run. A release given back after that is a new
-  request (a new key), sent before any acquire as every release; it names only jobs the loop held,
-  never one of an unsettled release (those never reach the loop). Acquires then may run while a try
+  is given back (:attr:`release_given_up`) until that release has *settled* (below: answered, its
+  Session gone, or refused for good; no release is unsettled) and :data:`RELEASE_RESUME_SEC` have
+  passed since the give-up, doubled at each give-up in a row up to :data:`RELEASE_RESUME_MAX_SEC`
+  (:meth:`_resume_release`; an answered new release starts over at RELEASE_RESUME_SEC): before, one
+  minute without the server held the lookahead hidden at every stall for the rest of the run. Not
+  on any answer (an acquire): a release route failing for good while acquires were answered
+  stranded one more batch of stalled jobs in :attr:`release_unknown` at each resumption; now at
+  most the given-up release's. The too-late jobs set aside meanwhile (:attr:`too_late`) are queued
+  first when it resumes. A release given back after that is a new request (a new key), sent before
+  any acquire as every release; it names only jobs the loop held and too-late ones, never one of
+  an unsettled release (those never reach the loop). Acquires then may run while a try
   of the given-up release is still in flight; exactly-once still holds because its jobs are not
   started here: a late try frees only jobs this Session holds and does not start (one key applies
   at most once, and the acquire leases only free jobs). Such a release (and one refused after an
@@ -129,15 +136,24 @@ logger = logging.getLogger(__name__)
 RATE_WINDOW_SEC = 0.2
 #: The most job ids one release request names (the server's bound: MAX_JOBS_PER_SESSION_ACQUIRE).
 MAX_RELEASE_IDS = MAX_JOBS_PER_SESSION_ACQUIRE
-#: A release that failed this many times (each try a client call with its own retries), or for this
-#: long since its first try, is given up (see "Giving back"): a route that fails for good (5xx, 429)
-#: held every acquire back for the whole allocation.
+#: A release that failed this many times, or for this long since its first try (checked after each
+#: try), is given up (see "Giving back"): a route that fails for good (5xx, 429) held every acquire
+#: back for the whole allocation.
 MAX_RELEASE_TRIES = 5
 RELEASE_GIVE_UP_SEC = 60.0
-#: After a release was given up, giving back resumes once the server answered again and this long has
-#: passed (see "Giving back"); doubled at each give-up in a row, at most RELEASE_RESUME_MAX_SEC: a
-#: release route that fails for good (5xx) while acquires are answered holds acquires back for up to
-#: RELEASE_GIVE_UP_SEC each time giving back resumes, a share of the run that halves each time.
+#: The client's retries inside one try (the prefetcher's own tries, retry_sec apart under the same
+#: key, are the retries): with the client's default (10, backoff up to 30 s) one try against a route
+#: answering 503 blocked this thread, and so every acquire, for ~3 minutes, and one against a
+#: server that accepts and never answers for 11 read timeouts (~25 minutes with 120 s): "given up
+#: after 5 tries or 60 s" held nothing. Now a try is one request, and a give-up comes after
+#: RELEASE_GIVE_UP_SEC plus at most one read timeout of the client (120 s by default).
+RELEASE_RETRY_COUNT = 0
+#: After a release was given up, giving back resumes once that release has settled (answered, its
+#: Session gone, or refused for good: no release is unsettled) and this long has passed since the
+#: give-up (see "Giving back"); doubled at each give-up in a row, at most RELEASE_RESUME_MAX_SEC, and
+#: back to this once a new release is answered. Settled first: resumed on any answer (an acquire), a
+#: release route failing for good (5xx) while acquires were answered stranded one more batch of
+#: stalled jobs at each resumption (leased, never started here, never freed) until the Session's end.
 RELEASE_RESUME_SEC = 60.0
 RELEASE_RESUME_MAX_SEC = 3600.0
 #: An unsettled release (see "Giving back") is resent this long after it was given up, then at
@@ -253,8 +269,11 @@ class Prefetcher:
         self.acquired = 0
         #: Jobs set aside as too late (their ``wall_time_min`` exceeded the time left; never started)
         #: that stay leased until the lease's close: no release bound, or a server without the release
-        #: route, or a release it refused (see "Giving back").
+        #: route, or a release it refused (see "Giving back"); those kept while giving back was given
+        #: up go back to the release queue when it resumes (:meth:`_resume_release`). Under ``_lock``,
+        #: with each one's acquire number (a lost Session's are not sent: the server freed them).
         self.too_late: list[PreparedJob] = []
+        self._too_late_generations: dict[int, int] = {}
         #: Jobs given back unstarted because the site's file system failed their workdirs; once
         #: tripped, no more acquires (:attr:`exhausted` stays set: the launcher ends when idle).
         self.site_faults = SiteFaults()
@@ -284,12 +303,12 @@ class Prefetcher:
         self.released = 0
         self.release_refused = False
         #: A release failed MAX_RELEASE_TRIES times or for RELEASE_GIVE_UP_SEC: nothing is given back
-        #: until the server answers again and the back-off passed (:meth:`_resume_release`).
+        #: until it has settled and the back-off passed (:meth:`_resume_release`).
         self.release_given_up = False
-        #: Give-ups so far; the time.monotonic() of the last, of the server's last answer (an acquire,
-        #: a release or a resend answered), and from when giving back may resume; the next back-off.
+        #: Give-ups so far; the time.monotonic() of the last, and from when giving back may resume
+        #: (once no release is unsettled); the next back-off.
         self.release_give_ups = 0
-        self._given_up_at = self._answered_at = self._resume_at = 0.0
+        self._given_up_at = self._resume_at = 0.0
         self._resume_wait = RELEASE_RESUME_SEC
         #: Jobs of a release that may have been applied when the server then refused it, or when it
         #: was given up, until it is answered (:meth:`_resend_unsettled`): never started here, not
@@ -336,12 +355,12 @@ class Prefetcher:
             if not jobs:
                 return []
         self.taken_generation = max(generations)
-        may_start = self._hold_back_too_late(jobs)
+        may_start = self._hold_back_too_late(jobs, generations)
         self._held -= len(jobs) - len(may_start)  # those held back never start: neither held nor used
         self._taken += len(may_start)
         return may_start
 
-    def _hold_back_too_late(self, jobs: list[PreparedJob]) -> list[PreparedJob]:
+    def _hold_back_too_late(self, jobs: list[PreparedJob], generations: list[int]) -> list[PreparedJob]:
         """Jobs that can no longer finish before the wall time are not handed to the loop
         (:func:`~balsam.launcher.placement.split_too_late`, the rule every mode applies, against the
         same ``remaining_min`` the acquire passes as ``max_wall_time_min``): the acquire asked only
@@ -353,17 +372,21 @@ class Prefetcher:
         as every leased job that never started. They are neither work for the idle timeout nor held
         jobs that take the next acquire's room. Jobs with
         no wall time (0, the default) are never held back, and without any the time left is not
-        read. The serial master checks again the jobs that wait for a slot (Master.step)."""
+        read. The serial master checks again the jobs that wait for a slot (Master.step). Each keeps
+        its own acquire number (``generations``, in step with ``jobs``): one of a Session lost since
+        is not sent (:meth:`_send_release`), whatever newer jobs came in the same take."""
         split = split_too_late(jobs, self._remaining_min)
         if split.too_late:
+            numbers = {p.id: g for p, g in zip(jobs, generations)}
             if self.may_release:  # given back now, so that the elastic queue sees them (see "Giving back")
                 log_too_late(split, "a release request (POST /sessions/{id}/release)")
                 with self._lock:
-                    self._releasing.extend((p, self.taken_generation, True) for p in split.too_late)
+                    self._releasing.extend((p, numbers[p.id], True) for p in split.too_late)
                 self._want.set()
             else:
                 with self._lock:  # the prefetch thread drops those of an answered release (_settle)
                     self.too_late.extend(split.too_late)
+                    self._too_late_generations.update((p.id, numbers[p.id]) for p in split.too_late)
                 log_too_late(split, "the lease's close (its Session's deletion)")
         return split.may_start
 
@@ -473,7 +496,6 @@ class Prefetcher:
             try:
                 jobs = self.lease.acquire(target - unstarted, max_wall_time_min=self._remaining_min(), **self._acquire_kwargs)
                 self.acquire_error = None
-                self._answered_at = time.monotonic()
             except Exception as exc:
                 self.acquire_error = str(exc)
                 logger.warning("acquire failed (retrying in %.1f s): %s", self.retry_sec, exc)
@@ -534,7 +556,7 @@ class Prefetcher:
             if client is None or session_id is None:
                 raise _NoRelease("this job source cannot give jobs back")
             answer = client.post(f"/sessions/{session_id}/release", json={"job_ids": ids},
-                                 idempotency_key=self._release_key)
+                                 idempotency_key=self._release_key, retry_count=RELEASE_RETRY_COUNT)
         except Exception as exc:
             status = getattr(exc, "status_code", None)
             if not isinstance(exc, _NoRelease) and (not isinstance(status, int) or status >= 500 or status == 429):
@@ -556,7 +578,7 @@ class Prefetcher:
         with self._lock:
             self._releasing = self._releasing[len(batch):]
         self._forget_release()
-        self._answered_at, self._resume_wait = time.monotonic(), RELEASE_RESUME_SEC  # the route works again
+        self._resume_wait = RELEASE_RESUME_SEC  # the route works again: the next give-up waits the first wait
         self.released += len(released)
         late = sum(1 for entry in batch if entry[2])
         logger.info("gave back %d leased jobs never started (%d of them released, the others had left this session; "
@@ -616,8 +638,6 @@ class Prefetcher:
                                      idempotency_key=entry.key, retry_count=0)
             except Exception as exc:
                 status = getattr(exc, "status_code", None)
-                if isinstance(status, int) and status < 500 and status != 429:
-                    self._answered_at = time.monotonic()  # refused, but the server answers
                 if _session_gone(exc):
                     pending.extend(self._settle(entry, None))
                 elif isinstance(status, int) and status < 500 and status not in _RESEND_AGAIN:
@@ -633,7 +653,6 @@ class Prefetcher:
                         "resending the release of %d leased jobs failed %d times (next in %.0f s; they are not "
                         "started here meanwhile): %s", len(entry.ids), entry.tries, entry.wait, exc)
                 continue
-            self._answered_at = time.monotonic()
             # Its "again" release goes out now, in this step: see _settle.
             pending.extend(self._settle(entry, answer.get("released", []) if isinstance(answer, dict) else []))
 
@@ -661,6 +680,8 @@ class Prefetcher:
         self._release_unknown_ids -= ids
         with self._lock:  # its too-late jobs were kept for the lease's close: no longer held
             self.too_late = [p for p in self.too_late if p.id not in ids]
+            for i in ids:
+                self._too_late_generations.pop(i, None)
         session_id = getattr(self.lease, "session_id", None)
         parked = {i: self._parked.pop(i) for i in entry.ids if i in self._parked}
         # Leased again by a Session since lost, or by the gone one (the lease may not know yet): freed with it.
@@ -698,8 +719,9 @@ class Prefetcher:
         :meth:`take` once the lease has replaced it, as every job leased ahead under it), unless an
         earlier try of this request went unanswered: it may have been applied, and another launcher
         may run them now; such jobs are never started here. Those too late stay leased until the
-        lease's close, as before the release route. Given up: as with ``no_route``, nothing is given
-        back (acquires go on), but only until the server answers again and the back-off has passed
+        lease's close, as before the release route (after a give-up: until giving back resumes, which
+        queues them again). Given up: as with ``no_route``, nothing is given back (acquires go on),
+        but only until this release has settled and the back-off has passed
         (:meth:`_resume_release`), and the jobs of a try that may have been applied are not
         started here: the request is resent later (:meth:`_resend_unsettled`) until answered, as
         after a refusal that a later answer may differ from (408, 409, 425; a 429 never gets here
@@ -723,13 +745,13 @@ class Prefetcher:
             self.lean = False
         tries = f" after {self._release_tries} tries in {time.monotonic() - self._release_first_try:.0f} s" if gave_up else ""
         stalled = [(p, g) for p, g, late in batch if not late]
-        late = [p for p, _g, is_late in batch if is_late]
+        late = [(p, g) for p, g, is_late in batch if is_late]
         with self._lock:
             self._releasing = self._releasing[len(batch):]
             never_sent: list[tuple[PreparedJob, int]] = []
             if gave_up:  # nothing is given back for a while: those never sent are kept as if refused at once
                 never_sent = [(p, g) for p, g, is_late in self._releasing if not is_late]
-                late += [p for p, _g, is_late in self._releasing if is_late]
+                late += [(p, g) for p, g, is_late in self._releasing if is_late]
                 self._releasing = []
             if maybe_applied:
                 if not gone:  # a gone Session's jobs are not ours: neither started nor held
@@ -741,7 +763,8 @@ class Prefetcher:
             for prepared, generation in reversed(stalled):
                 self._ready.appendleft(prepared)
                 self._ready_generations.appendleft(generation)
-            self.too_late.extend(late)
+            self.too_late.extend(p for p, _g in late)
+            self._too_late_generations.update((p.id, g) for p, g in late)
         if resend and self._release_key is not None:  # the same key and ids: an applied try is replayed, never applied twice
             self._unsettled.append(_Unsettled(
                 self._release_key, self._release_session, sorted({p.id for p, _g, _l in batch}),
@@ -759,28 +782,43 @@ class Prefetcher:
         if no_route:
             what += ", which gives back none from now on"
         elif gave_up:
-            what += (f"; nothing is given back until the server answers again, "
+            what += (f"; nothing is given back until that release is settled (answered), "
                      f"{self._resume_at - self._given_up_at:.0f} s from now at the earliest")
         logger.warning("could not give %d leased jobs back%s (%s): %s", len(batch), tries, exc, what)
         if stalled:
             self._on_ready()
 
     def _resume_release(self) -> None:
-        """Give back again after a give-up (never after a server without the route): once the server
-        answered after it (an acquire, or a resend of an unsettled release) and RELEASE_RESUME_SEC
-        (doubled at each give-up in a row) have passed. Before, one give-up stopped giving back for
-        the rest of the run: a launcher whose server was out of reach for a minute held its
-        lookahead, hidden from the elastic queue and other BatchJobs, at every stall for hours.
+        """Give back again after a give-up (never after a server without the route): once no release
+        is unsettled (the given-up one answered, its Session gone, or refused for good:
+        :meth:`_resend_unsettled`) and RELEASE_RESUME_SEC (doubled at each give-up in a row) have
+        passed since the give-up. Before, one give-up stopped giving back for the rest of the run: a
+        launcher whose server was out of reach for a minute held its lookahead, hidden from the
+        elastic queue and other BatchJobs, at every stall for hours. Not on any answer (an acquire):
+        a release route failing for good while acquires were answered then gave up each resumed
+        release in turn, each batch of stalled jobs stranded (leased by this Session, never started
+        here, never freed) until the Session's end; now at most the one given-up release's are.
 
         Exactly-once holds as before the give-up: the next release is a new request (a new key,
-        :meth:`_send_release`), sent before any acquire; it names only jobs the loop gave back, and
-        the jobs of an unsettled release (:attr:`release_unknown`) never reach the loop (an acquire
-        that leases one parks it), so no two requests in flight name one job the loop may start."""
-        if self.release_refused or time.monotonic() < self._resume_at or self._answered_at <= self._given_up_at:
+        :meth:`_send_release`), sent before any acquire; it names only jobs the loop gave back and
+        too-late ones never started here, and the jobs of an unsettled release
+        (:attr:`release_unknown`) never reach the loop (an acquire that leases one parks it).
+
+        The jobs set aside as too late while it was off (:attr:`too_late`: by :meth:`take`, and those
+        of a release refused for good) are queued first: before, they stayed leased, hidden from the
+        elastic queue and from launchers with time left, until the Session's end. None of them is
+        named by an unsettled release (there is none here; an answered one dropped its own,
+        :meth:`_settle`), and a lost Session's are not sent (:meth:`_send_release`, by their acquire
+        numbers)."""
+        if self.release_refused or self._unsettled or time.monotonic() < self._resume_at:
             return
+        with self._lock:
+            back, self.too_late = self.too_late, []
+            self._releasing.extend((p, self._too_late_generations.pop(p.id, 0), True) for p in back)
         self.release_given_up = False  # an int-like store the loop thread reads (may_release)
-        logger.info("the server answers again: giving back leased jobs resumes (%d give-ups so far; the next one "
-                    "waits %.0f s)", self.release_give_ups, self._resume_wait)
+        logger.info("the release given up is settled: giving back leased jobs resumes (%d give-ups so far; the next "
+                    "one waits %.0f s)%s", self.release_give_ups, self._resume_wait,
+                    f"; {len(back)} jobs set aside as too long for the time left meanwhile go first" if back else "")
 
     def _target(self) -> int:
         """The jobs to keep leased ahead now (held and ready): the lookahead and, while the loop
