@@ -43,7 +43,10 @@ types cross, and both ends are the same interpreter):
   to its output file); ``("h", after_id, job_id, start_time)`` a queued task started on the CPUs of
   the one that ended just before; ``("d", job_id)`` a queued task was dropped unstarted; ``("r",
   job_id, returncode, seconds_run)`` a task failed quickly and was started again (below). The
-  answer to ``"t"``: ``("T", ended_by_signal, [("e", ...) events before the signal...])``.
+  answer to ``"t"``: ``("T", ended_by_signal, [("e", ...) events before the signal...])``. Events
+  that only say that tasks exited 0 and handed their CPUs over (``"e"`` with its ``"h"``) wait up
+  to :data:`EVENT_HOLD_SEC` while every running task has :data:`EVENT_HOLD_DEPTH` tasks queued
+  behind it, and go with the next message (:meth:`Spawner.send_events`).
 
 End of file on the request pipe means the launcher is gone: every task is ended as by ``"t"`` with
 a 5 s grace, and the process exits (tasks do not outlive their launcher unnoticed); so does any
@@ -445,6 +448,13 @@ class Ending:
         return max(0.0, min(ENDING_POLL_SEC, min(self.groups.values()) - now))
 
 
+#: Events that only say that tasks ended (exit 0) and handed their CPUs to the task queued behind
+#: them, and those starts, are held this long at most while every running task still has
+#: EVENT_HOLD_DEPTH tasks queued behind it (:meth:`Spawner.send_events`): each message wakes the
+#: launcher's reader thread and its loop, and the loop has nothing to do for them but report them
+#: and queue more. Serial mode's short tasks: ~1 message per task, 0.2-0.5 ms apart.
+EVENT_HOLD_SEC = 0.002
+EVENT_HOLD_DEPTH = 2
 #: How often groups being ended are looked at (an empty group tells nobody).
 ENDING_POLL_SEC = 0.1
 
@@ -488,6 +498,8 @@ class Spawner:
         self.scripts: dict = {}
         #: The record of each run, on its job.out (see the module's docstring).
         self.records = RunRecords()
+        #: Since when (monotonic) the events not sent yet have been held (:meth:`send_events`).
+        self._held_since: "float | None" = None
 
     # -- starting ------------------------------------------------------------------------------
     def start(self, job_id: int, cpu_ids: list, argv: list, cwd: str, outfile: str, env_set: dict, env_unset: list) -> None:
@@ -716,10 +728,49 @@ class Spawner:
                     self.ending.add(pid, LEFTOVER_GRACE_SEC)
                 self._ended(job_id, os.waitstatus_to_exitcode(status))
 
-    def send_events(self) -> None:
-        if self.events:
-            events, self.events = self.events, []
-            write_all(self.reply_fd, encode(("x", events)))
+    def send_events(self, *, hold: bool = True) -> "float | None":
+        """Send what happened; or hold it, while the launcher has no use for it yet (:meth:`_holdable`),
+        at most :data:`EVENT_HOLD_SEC`: returns the seconds left until it is sent (None: sent, or nothing)."""
+        events = self.events
+        if not events:
+            return None
+        if hold and self._holdable(events):
+            now = time.monotonic()
+            if self._held_since is None:
+                self._held_since = now
+            left = self._held_since + EVENT_HOLD_SEC - now
+            if left > 0:
+                return left
+        self.events = []
+        self._held_since = None
+        write_all(self.reply_fd, encode(("x", events)))
+        return None
+
+    def _holdable(self, events: list) -> bool:
+        """Whether ``events`` are only exits 0 whose CPUs went to the task queued behind them, and
+        those starts, while every running task still has :data:`EVENT_HOLD_DEPTH` tasks queued
+        behind it: the launcher would only report them and queue more, and each task has work
+        queued behind it for longer than the hold."""
+        handed = {e[1] for e in events if e[0] == "h"}
+        for event in events:
+            if event[0] != "h" and (event[0] != "e" or event[2] != 0 or event[1] not in handed):
+                return False
+        after = self.after
+        for job_id in self.running.values():
+            for _ in range(EVENT_HOLD_DEPTH):
+                task = after.get(job_id)
+                if task is None:
+                    return False
+                job_id = task[0]
+        return True
+
+    def answer_stop(self, grace: float) -> None:
+        """``"t"``: the events held go first (a queued task whose start is held there is one of the
+        running tasks the answer names as ended: the launcher must know it started), then the stop
+        and its answer."""
+        self.send_events(hold=False)
+        victims, before = self.stop_all(grace)
+        write_all(self.reply_fd, encode(("T", victims, before)))
 
     def stop_all(self, grace: float) -> tuple[list, list]:
         """Drop what is queued; SIGTERM every task's process group, SIGKILL every group still there
@@ -802,8 +853,11 @@ class Spawner:
         poller.register(wake_r, select.POLLIN)
         frames = FrameReader()
         records = self.records
+        hold: "float | None" = None  # seconds until the events held are sent (send_events)
         while True:
             due = self.ending.check() if self.ending.groups else None
+            if hold is not None:
+                due = hold if due is None else min(due, hold)
             if records.pending:
                 now = node_clock()
                 record_due = records.flush(self.running, now) if now >= records.next_flush else records.next_flush - now
@@ -835,11 +889,10 @@ class Spawner:
                         elif kind == "k":
                             self.end(command[1], float(command[2]))
                         elif kind == "t":
-                            victims, before = self.stop_all(float(command[1]))
-                            write_all(self.reply_fd, encode(("T", victims, before)))
+                            self.answer_stop(float(command[1]))
                             return 0
             self.reap()
-            self.send_events()
+            hold = self.send_events()
             self.unpin()
 
 

@@ -426,6 +426,17 @@ def prefetch_depth(nodes: Sequence[NodeInfo], per_slot: int) -> int:
     return max(MIN_PREFETCH, min(MAX_PREFETCH, int(per_slot) * slots))
 
 
+def no_idle_cpu(node_manager: NodeManager) -> bool:
+    """Whether no node in service has an idle CPU: then no job can be placed, since every job
+    needs one at least (:meth:`~balsam.launcher.node_manager.Demand.cpu_ids_per_node`), a job of
+    several nodes on empty nodes. The nodes open to a placement are looked at first (none in a full
+    partition), then, only if there are none, the others' idle CPUs (a node whose occupancy is full
+    may still hold a job of a tiny share, ``node_packing_count`` in the hundreds)."""
+    if next(iter(node_manager.open_nodes()), None) is not None:
+        return False
+    return not any(node.idle_cpus for node in node_manager.nodes if not node.disabled)
+
+
 def free_room(node_manager: NodeManager, cap: Optional[int] = None) -> int:
     """Jobs the partition could start now, as the prefetcher sizes a fill of free room by: on each
     node, as many as its free occupancy, idle CPUs and free GPU capacity hold of jobs the size of
@@ -694,12 +705,20 @@ class Master:
                 self._set_aside_generations.clear()
         if self.pending and self._try_start and fresh:
             self._try_start = False
-            started = place_pending(self.pending, self.node_manager, self._start, self._fail, max_misses=MAX_PLACEMENT_MISSES)
-            if started and not self.started:
-                send_first_running(self.updater)
-            self.started += started
-            progress += started
-            self._send_outbox()
+            if no_idle_cpu(self.node_manager):
+                # Every exit sets _try_start, also one whose CPUs passed to the job queued behind it
+                # (hand-over): with every CPU busy, the pass placed nothing and only moved the first
+                # MAX_PLACEMENT_MISSES pending jobs to the back (each a miss), at 20 us a turn (a
+                # refused assign per job): the same move, without the pass.
+                self.pending.rotate(-min(len(self.pending), MAX_PLACEMENT_MISSES))
+            else:
+                started = place_pending(self.pending, self.node_manager, self._start, self._fail,
+                                        max_misses=MAX_PLACEMENT_MISSES)
+                if started and not self.started:
+                    send_first_running(self.updater)
+                self.started += started
+                progress += started
+                self._send_outbox()
         if fresh:
             # Started by the spawner only while the Session is still known alive (the lease's deadline).
             progress += self.handover.queue_behind(self.pending, self._launch_command, self._fail,
@@ -934,7 +953,13 @@ class Master:
                     self._stopped_at = self.stop.requested_at if self.stop.requested and self.stop.requested_at else time.time()
                     break
                 self.wake.clear()  # before looking: an event from now on makes the next wait return
-                if not self.step():
+                if not self.step() or not self.remote:
+                    # Also after a turn that did something: one turn takes every chain of work to its
+                    # end (exits free slots that are filled, new jobs are placed, hand-overs queued),
+                    # and whatever arrived since the clear has set ``wake``, so the wait returns at
+                    # once. Turning again at once found nothing in half of the turns (4,092 of 8,230,
+                    # 24 us each, for 5,000 short jobs). Other ranks' reports are polled, not
+                    # signalled: with tasks on them, the next turn comes at once, as before.
                     self.wake.wait(POLL_SEC if self.remote else IDLE_WAIT_SEC)
         finally:
             threads_cpu = threads_cpu_seconds()  # before the threads it names stop
