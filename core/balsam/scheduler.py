@@ -248,6 +248,11 @@ class StatusPoll:
     time: dt.datetime
     statuses: Mapping[int, SchedulerJobStatus] = attrs.field(factory=dict, converter=_frozen_mapping)
     ended: Mapping[int, JobHistory] = attrs.field(factory=dict, converter=_frozen_mapping)
+    #: Optional: for a driver whose job's queue does not say which nodes it may take (Slurm under
+    #: ``queue_flag: --qos``: the queue is a QOS, the nodes are its partition's), the node pools
+    #: each listed job waits for or runs on, by scheduler id (several where it may start in any
+    #: of them). Empty where the queue says it: the elastic queue then matches by queue alone.
+    node_pools: Mapping[int, tuple[str, ...]] = attrs.field(factory=dict, converter=_frozen_mapping)
 
 
 #: The poll before the first poll: nothing known.

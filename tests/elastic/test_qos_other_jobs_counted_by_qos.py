@@ -62,6 +62,9 @@ def test_another_sites_request_of_the_qos_claims_its_window_before_any_own_job_i
 
 @pytest.mark.parametrize("qos", ["premium", "shared"])
 def test_a_job_of_another_qos_in_the_same_partition_claims_nothing(make_site, client, qos) -> None:
+    """Before any of the site's own jobs is listed the site does not know which partitions its
+    QOS reaches (the windows are every partition's idle nodes): a job claims only if it is of its
+    QOS (and waits in a partition the windows came from)."""
     site = make_site(overrides=RULES)
     runnable_jobs(client, site, 20)
     runner = ReplayRunner({"sinfo": result(stdout=SINFO), "squeue": result(stdout=_line(901, 3, qos=qos))})
@@ -72,21 +75,52 @@ def test_a_job_of_another_qos_in_the_same_partition_claims_nothing(make_site, cl
     assert "by the user's other jobs" not in line, line
 
 
-def test_a_job_of_another_qos_claims_nothing_where_the_sites_own_job_shares_its_partition(make_site, client) -> None:
-    """Counted by the partition its own request showed, the user's premium job claimed 4 nodes of
-    the regular request's window (a job of another queue claims nothing, docs/elastic.md)."""
-    site = make_site(overrides=RULES)
-    runnable_jobs(client, site, 20)
+def _own_request(client, site, scheduler_id: int = 700) -> None:
+    """The site's own backfill request of 2 nodes, queued as job ``scheduler_id``."""
     mine = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "regular",
                                              "num_nodes": 2, "wall_time_min": 115, "job_mode": "mpi",
                                              "status_info": {"elastic_request": "backfill"}})
-    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 700}])
+    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": scheduler_id}])
+
+
+def test_a_job_of_another_qos_in_the_partition_of_the_sites_own_job_claims_its_nodes(make_site, client) -> None:
+    """For a window the partition is the key: the user's premium job waiting in the partition
+    the site's own request is listed in takes those idle nodes (a QOS says which limits and
+    priority a job has, not which nodes it may take). Left out, as when claims were by QOS alone,
+    the 4 nodes were requested too, and that request waited until cancelled."""
+    site = make_site(overrides=RULES)
+    runnable_jobs(client, site, 20)
+    _own_request(client, site)
     squeue = _line(700, 2, nodes=2) + _line(901, 3, nodes=4, qos="premium")
     runner = ReplayRunner({"sinfo": result(stdout=SINFO), "squeue": result(stdout=squeue)})
     module = _module(site, client, runner)
     module.run_cycle()
-    # 8 idle: 2 claimed by its own request; the premium job's 4 are not of its queue: 6 requested.
-    assert _requests(client, site) == [(2, 115), (6, 115)], module.last_decision.log_line("backfill")
+    # 8 idle: 2 claimed by its own request, 4 by the premium job: 2 requested.
+    assert _requests(client, site) == [(2, 115), (2, 115)], module.last_decision.log_line("backfill")
+
+
+#: Perlmutter's shape: one QOS (regular) in the CPU and the GPU partitions; only CPU nodes idle.
+SINFO_TWO_PARTITIONS = "regular_milan_ss11|up|idle|8|2:00:00\ngpu_ss11|up|allocated|16|2:00:00\n"
+
+
+@pytest.mark.parametrize("own_job_listed", [False, True], ids=["before_an_own_job_is_listed", "own_job_listed"])
+def test_a_job_of_the_qos_in_another_partition_claims_nothing(make_site, client, own_job_listed) -> None:
+    """The user's GPU job of QOS regular (``--qos regular -C gpu``: partition gpu_ss11) can never
+    take the idle CPU nodes; claimed by QOS alone, it held the CPU window (nothing or too little
+    was requested for it), as before review r11 (commit 2e57d7a) when every queue claimed there."""
+    site = make_site(overrides=RULES)
+    runnable_jobs(client, site, 20)
+    squeue = _line(901, 3, nodes=4, reason="Resources", part="gpu_ss11")
+    if own_job_listed:
+        _own_request(client, site)
+        squeue = _line(700, 2, nodes=2) + squeue
+    runner = ReplayRunner({"sinfo": result(stdout=SINFO_TWO_PARTITIONS), "squeue": result(stdout=squeue)})
+    module = _module(site, client, runner)
+    module.run_cycle()
+    line = module.last_decision.log_line("backfill")
+    # 8 idle CPU nodes (less the own request's 2): all requested, none claimed by the GPU job.
+    assert _requests(client, site) == ([(2, 115), (6, 115)] if own_job_listed else [(8, 115)]), line
+    assert "by the user's other jobs" not in line, line
 
 
 def test_a_qos_the_site_renames_is_counted_under_the_name_its_own_jobs_show(make_site, client) -> None:

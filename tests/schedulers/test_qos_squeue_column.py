@@ -13,6 +13,7 @@ import logging
 
 import pytest
 
+from balsam.scheduler import BackfillWindow
 from balsam.states import BatchJobState
 from balsam_scheduler_slurm import SlurmScheduler
 from balsam_scheduler_slurm.scheduler import SQUEUE_FORMAT, parse_squeue_line
@@ -95,3 +96,63 @@ def test_a_pipe_in_the_reason_stays_in_the_reason():
 
 def test_the_format_and_the_parser_agree_on_the_columns():
     assert len(SQUEUE_FORMAT.split("|")) == len(SQUEUE_QOS.splitlines()[0].split("|"))
+
+
+#: The format before %q (11 columns), as recorded in tests/schedulers/data/slurm: job 8's reason
+#: holds a '|' (free text: an admin's hold comment), which made its line as long as one with a QOS.
+SQUEUE_OLD_PIPE_REASON = """\
+4|PENDING|debug|2|5:00|root|5:00|2026-12-06T09:01:59|N/A|N/A|JobHeldUser
+8|PENDING|debug|1|5:00|root|5:00|2026-12-06T09:01:59|N/A|N/A|JobHeldAdmin|by admin
+3|RUNNING|debug|1|2:00|root|1:57|2026-12-06T09:01:59|2026-12-06T09:01:59|2026-12-06T09:03:59|None
+"""
+
+
+@pytest.mark.parametrize("options", [{}, {"queue_flag": "--qos"}], ids=["partition", "qos"])
+def test_an_old_format_line_with_a_pipe_in_its_reason_is_read_in_the_old_format(options):
+    """The format is decided once per poll: a line of exactly 11 fields says the old one. Read
+    alone, job 8's line had 12 fields: its QOS was 'JobHeldAdmin' (its queue under --qos, so the
+    user's job counted toward no queue) and its reason 'by admin'."""
+    statuses = SlurmScheduler(user="root", options=options).parse_status(
+        result(stdout=SQUEUE_OLD_PIPE_REASON), NOW).statuses
+    assert {i: s.queue for i, s in statuses.items()} == {3: "debug", 4: "debug", 8: "debug"}
+    assert statuses[8].message == "JobHeldAdmin|by admin"
+
+
+def test_an_old_format_header_says_the_format_of_a_poll_of_named_clusters():
+    """With --clusters squeue prints the header: 11 titles, the old format, whatever a line's length."""
+    lines = SQUEUE_OLD_PIPE_REASON.splitlines()
+    stdout = "CLUSTER: ci\n" + recorded("slurm", "squeue_clusters.txt").splitlines()[1] + "\n" + lines[1] + "\n"
+    statuses = _qos(clusters=["ci"]).parse_status(result(stdout=stdout), NOW).statuses
+    assert statuses[8].queue == "debug" and statuses[8].message == "JobHeldAdmin|by admin"
+
+
+def test_a_poll_with_the_qos_column_keeps_a_pipe_in_a_reason():
+    """A line of the QOS format whose reason holds a '|' among others: read with its QOS."""
+    line = SQUEUE_QOS.splitlines()[2].replace("|JobHeldUser", "|JobHeldAdmin|by admin").replace("4|", "8|", 1)
+    statuses = _qos().parse_status(result(stdout=SQUEUE_QOS + line + "\n"), NOW).statuses
+    assert statuses[8].queue == "normal" and statuses[8].message == "JobHeldAdmin|by admin"
+
+
+def test_with_queue_flag_qos_the_poll_gives_each_jobs_partition_as_its_node_pool():
+    """Under --qos a job's queue is its QOS; its partition says whose idle nodes it may take
+    (StatusPoll.node_pools, read by the elastic queue). A pending job asked for two lists both."""
+    two = SQUEUE_QOS.splitlines()[2].replace("|debug|", "|debug,gpu|").replace("4|", "9|", 1)
+    poll = _qos().parse_status(result(stdout=SQUEUE_QOS + two + "\n"), NOW)
+    assert dict(poll.node_pools) == {3: ("debug",), 4: ("debug",), 9: ("debug", "gpu")}
+    assert dict(SlurmScheduler(user="root").parse_status(result(stdout=SQUEUE_QOS), NOW).node_pools) == {}
+
+
+def test_with_queue_flag_qos_the_windows_say_their_partitions():
+    sinfo = "regular_milan_ss11|up|idle|8|2:00:00\ngpu_ss11|up|allocated|16|2:00:00\ndebug|up|idle|2|30:00\n"
+    windows = _qos().parse_backfill(result(stdout=sinfo))
+    assert windows == {"*": [BackfillWindow(num_nodes=2, wall_time_min=30),
+                             BackfillWindow(num_nodes=8, wall_time_min=120)]}
+    assert set(windows.node_pools) == {"debug", "regular_milan_ss11"}
+
+
+def test_a_line_cut_short_in_its_qos_does_not_make_the_poll_old_format():
+    """The last line of an output cut in its QOS column has the old count of fields: the other
+    lines still say the format (read as the old one, every job's QOS went into its reason)."""
+    cut = SQUEUE_QOS.splitlines()[3].rsplit("|", 1)[0][:-2]  # 3|RUNNING|...|2026-12-06T09:03:59|norm
+    statuses = _qos().parse_status(result(stdout=SQUEUE_QOS.replace(SQUEUE_QOS.splitlines()[3], cut)), NOW).statuses
+    assert statuses[4].queue == "normal" and statuses[4].message == "JobHeldUser"

@@ -154,6 +154,10 @@ class ElasticQueueModule(AgentModule):
         #: scheduler ids of the site's BatchJobs it read (for :meth:`read_others_waiting`).
         self._poll: Optional[dict[int, Any]] = None
         self._polled = False
+        #: The node pools the driver gave with that poll (``StatusPoll.node_pools``), and those the
+        #: last windows read are in (None: the driver does not say): see read_others_waiting.
+        self._poll_pools: Mapping[int, tuple[str, ...]] = {}
+        self._window_pools: Optional[frozenset[str]] = None
         self._site_scheduler_ids: set[int] = set()
         #: The scheduler ids of the last snapshot's BatchJobs of submit_queue (see read_others_waiting).
         self._queue_ids: set[int] = set()
@@ -470,7 +474,17 @@ class ElasticQueueModule(AgentModule):
         except Exception as exc:  # the drivers raise SchedulerError only; never let a cycle die of it
             self.logger.warning("scheduler status poll failed: %s (no stale BatchJob is cancelled this cycle)", exc)
             return None
+        self._poll_pools = self.node_pools_of_poll()
         return {int(sid): st for sid, st in (statuses or {}).items()}
+
+    def node_pools_of_poll(self) -> Mapping[int, tuple[str, ...]]:
+        """The node pools of each job of the poll just read (``StatusPoll.node_pools`` of the
+        driver's last poll; empty where the driver gives none)."""
+        pools = getattr(getattr(self.scheduler, "last_poll", None), "node_pools", None) or {}
+        try:
+            return {int(sid): tuple(str(p) for p in names) for sid, names in pools.items()}
+        except (AttributeError, TypeError, ValueError):  # a driver's odd value: matched by queue alone
+            return {}
 
     def view(self, row: Mapping, poll: Optional[dict[int, Any]]) -> BatchJobView:
         """One BatchJob as the strategy sees it: the API's record, and what this cycle's poll said
@@ -610,7 +624,10 @@ class ElasticQueueModule(AgentModule):
         shows for the site's jobs of submit_queue; also where the windows include nodes usable
         from any queue: a window does not say which queues may use it, and a job of another queue
         or partition, counted there, claimed nodes it can never take: the window stayed claimed,
-        never requested); a failed poll gives none.
+        never requested). Where the driver gives each job's node pools (``StatusPoll.node_pools``,
+        Slurm's partition under ``--qos``) the pool decides instead: a job in a pool the site's own
+        jobs of submit_queue are listed in, whatever its queue; before one is listed, a job of those
+        names in a pool the windows came from. A failed poll gives none.
 
         One of its own requests that the snapshot read waiting for its submission claims its window
         already (``unclaimed_windows``); the scheduler module may have submitted it since, and the
@@ -625,6 +642,7 @@ class ElasticQueueModule(AgentModule):
                 self.logger.debug("status poll for the user's other waiting jobs failed: %s", exc)
                 return ()
             self._poll, self._polled = poll, True
+            self._poll_pools = self.node_pools_of_poll()
         unsubmitted = Counter((b.num_nodes, b.wall_time_min) for b in snapshot.batch_jobs
                               if b.owned and not b.regular_queue and b.state == BatchJobState.pending_submission)
         # The names the scheduler shows for jobs of submit_queue: its own, and those the site's
@@ -637,11 +655,26 @@ class ElasticQueueModule(AgentModule):
         names = {self.options.submit_queue} | {str(getattr(poll[sid], "queue", "") or "")
                                                for sid in self._queue_ids if sid in (poll or {})}
         names.discard("")
+        # Where the driver says which node pools a job takes nodes from (StatusPoll.node_pools:
+        # Slurm's partition under queue_flag --qos, where one QOS reaches several partitions and
+        # the windows of every partition are one list), the pool decides: a job waiting in a
+        # partition the site's own jobs of submit_queue are listed in takes those idle nodes,
+        # whatever its QOS; one of the same QOS waiting in another partition never does (counted,
+        # it claimed windows of nodes it can never take, and they were never requested). Until an
+        # own job is listed, a job of those names claims if it waits in a partition the windows
+        # came from. A driver that gives no pools: by the names alone.
+        own_pools = {p for sid in self._queue_ids for p in self._poll_pools.get(sid, ())}
         found = []
         for sid, status in sorted((poll or {}).items()):
             if sid in self._site_scheduler_ids or _polled_state(status) is not BatchJobState.queued:
                 continue
-            if str(getattr(status, "queue", "") or "") not in names:
+            pools = self._poll_pools.get(sid)
+            if own_pools and pools is not None:
+                if own_pools.isdisjoint(pools):
+                    continue
+            elif str(getattr(status, "queue", "") or "") not in names:
+                continue
+            elif self._window_pools is not None and pools is not None and self._window_pools.isdisjoint(pools):
                 continue
             if self.never_starts(status) or self.waits_for_other(status) or self.submit_time_unknown(status):
                 continue  # takes no nodes that come free now (a hold, a dependency, a limit), or unknown
@@ -694,12 +727,18 @@ class ElasticQueueModule(AgentModule):
         return (str(getattr(status, "message", "") or "") or "no reason given") if never else ""
 
     def read_windows(self) -> tuple[Optional[tuple[BackfillWindow, ...]], str]:
+        self._window_pools = None
         if not self.options.use_backfill or not self.strategy.uses_backfill_windows:
             return (), ""
         try:
             windows = self.scheduler.get_backfill_windows() or {}
         except Exception as exc:
             return None, str(exc)
+        # A driver may say which node pools the windows' nodes are in (a ``node_pools`` attribute
+        # of the mapping: Slurm's partitions under queue_flag --qos), for read_others_waiting.
+        pools = getattr(windows, "node_pools", None)
+        if isinstance(pools, (tuple, list, set, frozenset)):
+            self._window_pools = frozenset(str(p) for p in pools)
         found: list[BackfillWindow] = []
         # A driver may name its "usable from any queue" key (PBS's any_queue_key option).
         any_queue = str(getattr(getattr(self.scheduler, "options", None), "any_queue_key", ANY_QUEUE) or ANY_QUEUE)

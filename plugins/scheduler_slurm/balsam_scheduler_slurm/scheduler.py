@@ -271,15 +271,19 @@ class SqueueRow:
         return mapped
 
 
-def parse_squeue_line(line: str) -> SqueueRow:
-    """Parse one line of ``squeue -o SQUEUE_FORMAT``, or of the format before it had the QOS
-    column (one field fewer: its qos is ""); ValueError says what is wrong with it."""
-    fields = [f.strip() for f in line.split("|", len(SQUEUE_FIELDS) - 1)]
-    if len(fields) == _SQUEUE_FIELDS_WITHOUT_QOS:
+def parse_squeue_line(line: str, with_qos: Optional[bool] = None) -> SqueueRow:
+    """Parse one line of ``squeue -o SQUEUE_FORMAT`` (``with_qos``), or of the format before it
+    had the QOS column (one field fewer: its qos is ""); None: the line's own field count says
+    which, as for a line read alone. ValueError says what is wrong with it."""
+    if with_qos is None:
+        with_qos = len(line.split("|", len(SQUEUE_FIELDS) - 1)) != _SQUEUE_FIELDS_WITHOUT_QOS
+    want = len(SQUEUE_FIELDS) if with_qos else _SQUEUE_FIELDS_WITHOUT_QOS
+    fields = [f.strip() for f in line.split("|", want - 1)]
+    if len(fields) != want:
+        raise ValueError(f"expected {want} '|'-separated fields"
+                         f"{'' if with_qos else ' (the format without the QOS column)'}, got {len(fields)}")
+    if not with_qos:
         fields.insert(SQUEUE_FIELDS.index("qos"), "")
-    if len(fields) != len(SQUEUE_FIELDS):
-        raise ValueError(f"expected {len(SQUEUE_FIELDS)} '|'-separated fields (or {_SQUEUE_FIELDS_WITHOUT_QOS} "
-                         f"without the QOS), got {len(fields)}")
     jobid, state, partition, nodes, limit, account, left, submit, start, end, qos, reason = fields
     if not jobid.isdecimal():
         raise ValueError(f"job id {jobid!r} is not a plain job number (array or heterogeneous job?)")
@@ -303,6 +307,28 @@ def parse_squeue_line(line: str) -> SqueueRow:
     )
 
 
+def _is_header(line: str) -> bool:
+    return line.split("|", 1)[0].strip().upper() == SQUEUE_HEADER[0]
+
+
+def _has_qos_column(stdout: str) -> bool:
+    """Whether a poll's output is in SQUEUE_FORMAT or in the format before it had the QOS column,
+    decided once for the whole output: a reason is free text, and an old line whose reason holds
+    a '|' has as many fields as a line with the QOS (its reason's first part was read as the QOS,
+    the rest as the reason). The header says it where squeue prints one (polls of named clusters:
+    its titles hold no '|'). Else the lines vote: a line of exactly the old count is of the old
+    format (none with the QOS column has so few), one of more fields most likely of the new; the
+    old wins only with more lines than the new, so that neither an old line whose reason holds a
+    '|' nor a new line cut short (output cut in its QOS) sways the whole poll."""
+    lines = [line for line in stdout.splitlines() if line.strip() and not _CLUSTER_LINE.fullmatch(line.strip())]
+    headers = [line for line in lines if _is_header(line)]
+    if headers:
+        return any(len(line.split("|")) >= len(SQUEUE_FIELDS) for line in headers)
+    counts = [len(line.split("|")) for line in lines]
+    old = sum(1 for n in counts if n == _SQUEUE_FIELDS_WITHOUT_QOS)
+    return old <= sum(1 for n in counts if n >= len(SQUEUE_FIELDS))
+
+
 def parse_squeue_rows(result: CommandResult) -> list[SqueueRow]:
     """All readable lines of a squeue poll. Unreadable lines are logged and skipped; a failed
     command, or output of which no line is readable, raises SchedulerError. A poll of named
@@ -313,6 +339,7 @@ def parse_squeue_rows(result: CommandResult) -> list[SqueueRow]:
     rows: list[SqueueRow] = []
     bad: list[str] = []
     cluster = ""
+    with_qos = _has_qos_column(result.stdout)
     for line in result.stdout.splitlines():
         if not line.strip():
             continue
@@ -320,10 +347,10 @@ def parse_squeue_rows(result: CommandResult) -> list[SqueueRow]:
         if marker:
             cluster = marker.group(1)
             continue
-        if line.split("|", 1)[0].strip().upper() == SQUEUE_HEADER[0]:
+        if _is_header(line):
             continue  # the column header (its other titles vary between Slurm versions)
         try:
-            rows.append(attrs.evolve(parse_squeue_line(line), cluster=cluster))
+            rows.append(attrs.evolve(parse_squeue_line(line, with_qos), cluster=cluster))
         except ValueError as exc:
             bad.append(line)
             logger.warning("squeue: skipped unreadable line %r: %s", line[:200], exc)
@@ -407,6 +434,16 @@ class SlurmOptions:
         bad = [name for name in self.clusters if not re.fullmatch(r"[A-Za-z0-9_.\-]+", str(name))]
         return {"clusters": f"{bad[0]!r} is not a Slurm cluster name (letters, digits, '_', '.', '-')"} if bad else {}
 
+    def queue_name_problem(self, name: str) -> str:
+        """Why ``name`` cannot be a queue of settings.yml's allowed_queues ("" when it can; read by
+        the scheduler section's check). Under --qos it is a QOS name, which Slurm keeps in lower
+        case (``sbatch --qos Normal`` is listed as ``normal``): a queue with capitals matched none
+        of the user's other jobs, whose count max_queued_jobs and the elastic queue need."""
+        if self.queue_flag == "--qos" and name != name.lower():
+            return (f"{name!r} is a QOS name (queue_flag: --qos), which Slurm lists in lower case: "
+                    f"write {name.lower()!r}")
+        return ""
+
 
 @attrs.frozen
 class SlurmPoll(StatusPoll):
@@ -416,6 +453,17 @@ class SlurmPoll(StatusPoll):
     #: Its waiting jobs whose submit time squeue did not give (%V N/A): their queued_time_min 0
     #: means unknown, not just submitted.
     unknown_submit: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
+
+
+class WindowsOfPools(dict):
+    """Backfill windows ({queue: [BackfillWindow]}, a plain dict to every reader) that also say
+    which node pools (partitions) their nodes are in: under ``queue_flag: --qos`` every
+    partition's idle nodes are one list under ``*``, and the elastic queue counts the user's other
+    jobs waiting in those partitions only (``node_pools``, as in :attr:`StatusPoll.node_pools`)."""
+
+    def __init__(self, windows: Mapping[str, list[BackfillWindow]], *, node_pools: tuple[str, ...]) -> None:
+        super().__init__(windows)
+        self.node_pools = tuple(node_pools)
 
 
 def _cluster_flag_values(tokens: list[str]) -> list[str]:
@@ -569,8 +617,16 @@ class SlurmScheduler(Scheduler):
                                                "", row.reason, row.scheduler_id)) is not None
         }
         unknown = {row.scheduler_id for row in rows if row.state is Q and row.submit_time is None}
-        statuses = self.statuses_from_rows(rows, now, by_qos=self.options.queue_flag == "--qos")
-        return SlurmPoll(time=now, statuses=statuses, ended=ended, clusters=clusters, unknown_submit=unknown)
+        by_qos = self.options.queue_flag == "--qos"
+        statuses = self.statuses_from_rows(rows, now, by_qos=by_qos)
+        # Under --qos a job's queue is its QOS, and one QOS may reach several partitions
+        # (Perlmutter's regular: regular_milan_ss11 and gpu_ss11): the partition says whose idle
+        # nodes it takes (the elastic queue's window claims). A pending job asked for several
+        # lists them all (%P "a,b"). Where the queue is the partition it says so already.
+        pools = {sid: tuple(p for p in (part.strip() for part in row.partition.split(",")) if p)
+                 for row in rows if (sid := row.scheduler_id) in statuses} if by_qos else {}
+        return SlurmPoll(time=now, statuses=statuses, ended=ended, clusters=clusters, unknown_submit=unknown,
+                         node_pools=pools)
 
     @staticmethod
     def statuses_from_rows(rows: list[SqueueRow], now: dt.datetime, *,
@@ -696,6 +752,7 @@ class SlurmScheduler(Scheduler):
         Keyed by partition; with ``queue_flag: --qos`` under ``*`` (usable from any queue) instead:
         a BatchJob's queue is then a QOS name, which sinfo never shows and whose partitions Slurm
         picks at submission, so partition keys would match no queue and no window would ever be used.
+        The mapping then also says which partitions they came from (:class:`WindowsOfPools`).
         """
         if result.returncode != 0:
             raise SchedulerError(f"sinfo failed: {_slurm_error(result)}")
@@ -736,7 +793,9 @@ class SlurmScheduler(Scheduler):
             if count > 0 and limits[partition] > 0
         }
         if self.options.queue_flag == "--qos":
-            return {ANY_QUEUE: [w for ws in windows.values() for w in ws]} if windows else {}
+            if not windows:
+                return {}
+            return WindowsOfPools({ANY_QUEUE: [w for ws in windows.values() for w in ws]}, node_pools=tuple(windows))
         return windows
 
     # -- queues and projects (site init) ---------------------------------------------------------

@@ -112,6 +112,20 @@ class SchedulerSettings:
             problems["queue_limit_retry_sec"] = f"must be at least 1, got {self.queue_limit_retry_sec}"
         return problems
 
+    def validate_with(self, sections: dict[str, Any]) -> dict[str, str]:
+        """Once ``options`` is the driver's options object: a queue name the driver refuses
+        (its options' ``queue_name_problem(name) -> str``; Slurm under ``queue_flag: --qos``, a
+        QOS name with capitals, which the scheduler lists in lower case and the agent never
+        matched to the user's other jobs of that QOS)."""
+        check = getattr(self.options, "queue_name_problem", None)
+        if not callable(check):
+            return {}
+        for name in self.allowed_queues:
+            problem = check(str(name))
+            if problem:
+                return {"allowed_queues": problem}
+        return {}
+
     def validate_files(self, base_dir: Path) -> dict[str, str]:
         """A job template named in settings.yml, resolved against the site directory (``base_dir``,
         the settings file's) as the module resolves it: a missing one was accepted, then every
@@ -515,11 +529,20 @@ class SchedulerModule(AgentModule):
         # A job of ours counts toward its BatchJob's queue, the one max_queued_jobs limits: the
         # scheduler may list it under another name (a PBS routing queue's job shows the execution
         # queue it was routed to; a Slurm `--qos` job the QOS a job_submit plugin may have set), and counted by that
-        # name it would never fill the limit. The user's other jobs count by the scheduler's name.
+        # name it would never fill the limit. The user's other jobs count by the scheduler's name,
+        # and also toward each queue whose BatchJobs this poll lists under that name (the elastic
+        # queue's window claims learn the same names): counted by `gpu_regular` alone, the user's
+        # other jobs of a `regular` request kept as `gpu_regular` never counted toward `regular`.
         owner_queues = {b["scheduler_id"]: b["queue"] for b in batch_jobs if b.get("scheduler_id") is not None}
+        aliases: dict[str, set[str]] = {}
         for scheduler_id, status in (statuses or {}).items():
-            queue = owner_queues.get(scheduler_id, status.queue)
-            queued_counts[queue] = queued_counts.get(queue, 0) + 1
+            owner = owner_queues.get(scheduler_id)
+            if owner is not None and status.queue and status.queue != owner:
+                aliases.setdefault(status.queue, set()).add(owner)
+        for scheduler_id, status in (statuses or {}).items():
+            owner = owner_queues.get(scheduler_id)
+            for queue in {owner} if owner is not None else {status.queue, *aliases.get(status.queue, ())}:
+                queued_counts[queue] = queued_counts.get(queue, 0) + 1
         if statuses is None:
             # No count from the scheduler (whose count also has the user's other jobs): this
             # site's own queued and running BatchJobs keep max_queued_jobs enforced meanwhile.
