@@ -58,8 +58,9 @@ and the BatchJob's ``status_info["nodes_out"]`` says so. The master's own node s
 **Jobs that can no longer finish before the wall time** (``wall_time_min`` over the whole minutes
 left, the acquire's own rule: :func:`~balsam.launcher.placement.split_too_late`) are never started:
 the prefetcher holds them back when the master takes them, and the master checks again the jobs
-that wait for a slot (:class:`~balsam.launcher.placement.TooLateJobs`). They stay leased, count as neither work
-nor held jobs, and go back unstarted with the Session's deletion at the stop.
+that wait for a slot (:class:`~balsam.launcher.placement.TooLateJobs`). They count as neither work
+nor held jobs, and are given back (a release request; set aside while giving back was given up: once
+it resumes), or, with a server without that route, stay leased until the Session's deletion at the stop.
 Stop conditions (signal, wall time, idle timeout, refused credential) are one
 :class:`~balsam.launcher.job_mode.StopConditions`, the same object as the job mode's when the
 master runs in the launcher process.
@@ -540,7 +541,8 @@ class Master:
         #: Since when jobs have waited in ``pending`` with none started (None: none wait, or one started
         #: this turn), on ``clock``; past PREFETCH_RELEASE_SEC they are given back (_give_back_stalled).
         self._stalled_since: Optional[float] = None
-        #: The acquire numbers of the jobs set aside this turn (_forget_set_aside, _release_too_late).
+        #: The acquire numbers of the set-aside jobs not given back yet (_forget_set_aside; given back
+        #: by _release_too_late once the prefetcher may release, dropped by _take when leased again).
         self._set_aside_generations: dict[int, int] = {}
         #: ``finished`` when the lean floor was last leased, or jobs last taken or given back: the
         #: floor is leased again only after a job ends (else the jobs that do not fit the open slot
@@ -696,13 +698,14 @@ class Master:
             self._end_gone()
             progress += 1
         if self.pending:  # before anything takes jobs from pending to start them
-            before = len(self.too_late)
-            if self.too_late.set_aside(self.pending, self.stop.countdown.remaining_min, self.handover.queued.values(),
-                                       self.gone.successors.values(), self.gone.ready.values(),
-                                       forget=self._forget_set_aside):
-                if self.prefetcher.may_release:
-                    self._release_too_late(before)
-                self._set_aside_generations.clear()
+            self.too_late.set_aside(self.pending, self.stop.countdown.remaining_min, self.handover.queued.values(),
+                                    self.gone.successors.values(), self.gone.ready.values(),
+                                    forget=self._forget_set_aside)
+        # Also those set aside while giving back was off (given up): once it resumes (before, they
+        # stayed leased, hidden from the elastic queue and from launchers with time left, until the
+        # Session's deletion). One dict check a turn while none waits.
+        if self._set_aside_generations and self.prefetcher.may_release:
+            self._release_too_late()
         if self.pending and self._try_start and fresh:
             self._try_start = False
             if no_idle_cpu(self.node_manager):
@@ -788,16 +791,29 @@ class Master:
                     "and other launchers see them again); leasing again as slots free", len(back), waited)
         self.prefetcher.give_back(back)
 
-    def _release_too_late(self, before: int) -> None:
-        """Give back the jobs :meth:`TooLateJobs.set_aside` has just set aside (the last ones of its
-        dict, which keeps insertion order) instead of keeping them leased until the stop: the elastic
-        queue then sees them, and a launcher with time left can lease them (this one's acquires ask
-        only for jobs that fit its time left). Never started: taken out of ``pending`` on this thread."""
-        jobs = self.too_late.jobs
-        ids = list(jobs)[before:]
-        generations = self._set_aside_generations
-        back = [(jobs.pop(job_id), generations.get(job_id, self.prefetcher.taken_generation)) for job_id in ids]
-        self.prefetcher.give_back(back, too_late=True)
+    def _release_too_late(self) -> None:
+        """Give back the jobs :meth:`TooLateJobs.set_aside` set aside and not given back yet (this
+        turn's, and those set aside while giving back was given up) instead of keeping them leased
+        until the stop: the elastic queue then sees them, and a launcher with time left can lease
+        them (this one's acquires ask only for jobs that fit its time left). Never started: taken out
+        of ``pending`` on this thread, and each given back once (popped here). Each with its own
+        acquire number: one of a Session lost since is not sent (the prefetcher's ``_send_release``;
+        the server freed it with that Session)."""
+        jobs, generations = self.too_late.jobs, self._set_aside_generations
+        back = [(jobs.pop(job_id), generations.pop(job_id)) for job_id in list(generations) if job_id in jobs]
+        generations.clear()  # none is left (set aside and dropped together): the turn's check stays one look
+        if back:
+            self.prefetcher.give_back(back, too_late=True)
+
+    def _drop_set_aside(self, jobs: list[PreparedJob]) -> None:
+        """A job set aside and not given back yet (giving back off) that is leased again (its user
+        re-queued it, lowering its wall time, or a lost Session's, leased by the new one) is no longer
+        held by that copy: given back later under this Session, its id freed the new copy, which
+        this loop may start meanwhile (run twice). Dropped; the new copy is checked as any job."""
+        generations, set_aside = self._set_aside_generations, self.too_late.jobs
+        for prepared in jobs:
+            if generations.pop(prepared.id, None) is not None:
+                set_aside.pop(prepared.id, None)
 
     def _forget_set_aside(self, job_id: int) -> None:
         """TooLateJobs.set_aside's ``forget``: the job's acquire number is read before the gone-jobs
@@ -836,6 +852,8 @@ class Master:
         would be placed twice (the NodeManager refuses: the loop crashed) or run twice."""
         # Also those that wait for a stale copy to end (gone.successors): they reach pending later.
         self.too_late.note_leased(jobs)
+        if self._set_aside_generations:
+            self._drop_set_aside(jobs)
         now, local, cancel, by_rank = self.gone.arrive(jobs, generation, self.pool.job_ids, self.pending,
                                                        self.handover.queued, self.remote, placed=self.node_manager.placements)
         self._end_runs(local, cancel, by_rank)
