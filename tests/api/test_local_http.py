@@ -55,6 +55,7 @@ class KeepAliveServer:
         self.hang = hang
         self.count = 0
         self.connections = 0
+        self.closed = 0  # connections this server has closed
         self._lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -73,6 +74,13 @@ class KeepAliveServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._answer(conn)
+        finally:
+            with self._lock:
+                self.closed += 1
+
+    def _answer(self, conn: socket.socket) -> None:
         buf = b""
         conn.settimeout(self.close_after)
         with conn:
@@ -112,7 +120,12 @@ def test_an_idle_connection_the_server_closed_is_replaced_without_an_error():
     try:
         pool = LocalHTTPPool(host="127.0.0.1", port=server.port)
         assert pool.request("GET", "/a").json() == {"n": 1}
-        time.sleep(1.0)  # the server closes the idle connection after 0.2 s
+        # The server closes the idle connection after 0.2 s: waited for (a fixed 1 s sleep stood
+        # in, and on a loaded host the server's thread could close it later, or as the request left).
+        deadline = time.monotonic() + 60
+        while server.closed < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.closed == 1
         assert pool.request("GET", "/b").json() == {"n": 2}  # no error: a new connection
         assert server.connections == 2
         pool.close()

@@ -57,14 +57,20 @@ def test_countdown_keeps_a_safety_margin() -> None:
     assert Countdown(1, start_time=start - 61).expired
 
 
-def test_idle_timer() -> None:
+def test_idle_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The timer's clock, stepped by the test: with real 60 ms sleeps, the "not expired just after
+    # idle()" check failed whenever a loaded host paused the test 50 ms between the two lines.
+    from balsam.launcher import job_mode
+
+    now = [1000.0]
+    monkeypatch.setattr(job_mode, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
     timer = IdleTimer(0.05)
     timer.busy()
-    time.sleep(0.06)
+    now[0] += 0.06
     assert not timer.expired
     timer.idle()
     assert not timer.expired
-    time.sleep(0.06)
+    now[0] += 0.06
     assert timer.expired
 
 

@@ -48,6 +48,15 @@ def _alive(pid: int) -> bool:
     return stat is not None and stat[0] not in ("Z", "X")
 
 
+def _until(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    """Waits for ``predicate()`` (a run the spawner records 0.2 s after it starts, a process a
+    SIGKILL ends): a fixed sleep stood in for it, and a loaded CI host let the moment pass later."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.02)
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -160,11 +169,21 @@ _MIXED = textwrap.dedent("""
     nox, ext = Path(sys.argv[1]), Path(sys.argv[2])
     for d in (nox, ext):
         d.mkdir(parents=True, exist_ok=True); (d / "job.out").write_bytes(b"")
+    def recorded(d):  # a link or the attribute, whichever this implementation wrote (its reader may miss one)
+        try:
+            os.getxattr(d / "job.out", spawner.RUN_RECORD_XATTR)
+            return True
+        except OSError:
+            return os.path.lexists(d / spawner.RUN_RECORD_LINK)
+    def wait_recorded(d):  # written RECORD_AFTER_SEC into the run: later on a loaded host
+        deadline = time.monotonic() + 60
+        while not recorded(d) and time.monotonic() < deadline:
+            time.sleep(0.02)
     pool = SpawnerPool(5, threading.Event())
     pool.start(1, "sleep 60", nox, {})
-    time.sleep(spawner.RECORD_AFTER_SEC + 0.4)  # recorded as a link: no xattrs on ramfs
+    wait_recorded(nox)  # recorded as a link: no xattrs on ramfs
     pool.start(2, "sleep 60", ext, {})
-    time.sleep(spawner.RECORD_AFTER_SEC + 0.4)
+    wait_recorded(ext)
     os.kill(pool.proc.pid, signal.SIGKILL)  # launcher and spawner killed
     pool.proc.wait()
     time.sleep(0.2)
@@ -230,7 +249,11 @@ def test_a_run_whose_leader_was_killed_but_whose_group_lives_is_ended(tmp_path: 
         leader.wait()
         assert _alive(app)
         found = stale_run.end_stale_run(7, tmp_path, grace=1.0)
-        time.sleep(0.1)
+        # A SIGKILL takes effect when the process next runs: at once on a quiet host, not always
+        # within the 0.1 s this slept on a loaded one. A run left alone stays alive for 60 s.
+        deadline = time.monotonic() + 30
+        while _alive(app) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert not _alive(app), f"the app (pid {app}) still runs: end_stale_run said {found and found.kind}"
         assert found.kind == "ended"
     finally:
@@ -242,7 +265,9 @@ def test_a_leader_gone_group_of_another_job_is_left(tmp_path: Path) -> None:
     script.write_text("sleep 60\necho done\n")
     leader, started = _task(tmp_path, ["/bin/bash", str(script)], env=dict(os.environ, BALSAM_JOB_ID="9"))
     try:
-        time.sleep(0.3)
+        # The script's sleep must be in the group before its leader goes (0.3 s of sleep stood in).
+        _until(lambda: any(e.isdigit() and int(e) != leader.pid and (spawner.proc_stat(int(e)) or ("X", 0))[1] == leader.pid
+                           for e in os.listdir("/proc")), "the script's sleep")
         _write(spawner.RunRecords(owner=_dead_owner()), str(tmp_path / "job.out"), str(tmp_path), leader.pid, started, 8)
         leader.kill()
         leader.wait()
@@ -285,11 +310,14 @@ def test_a_reaped_run_leaves_no_record(tmp_path: Path) -> None:
         (workdir / "job.out").write_bytes(b"")
     pool = SpawnerPool(5, threading.Event())
     try:
-        pool.start(1, "sleep 0.8", done, {})
+        # Runs until the test has seen its record (a 0.8 s sleep, 0.5 s after the start request,
+        # was over or not yet recorded when the spawner started it late on a loaded host).
+        pool.start(1, f"while [ ! -e {tmp_path / 'go'} ]; do sleep 0.02; done", done, {})
         pool.start(2, "sleep 30", other, {})
-        time.sleep(spawner.RECORD_AFTER_SEC + 0.3)
-        assert stale_run.read_run_record(done) is not None  # recorded while it ran
-        deadline = time.monotonic() + 10
+        _until(lambda: stale_run.read_run_record(done) is not None, "the run's record")  # recorded while it ran
+        _until(lambda: stale_run.read_run_record(other) is not None, "the other run's record")
+        (tmp_path / "go").touch()
+        deadline = time.monotonic() + 30
         while stale_run.read_run_record(done) is not None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert stale_run.read_run_record(done) is None, "the reaped run's record is still there"
@@ -310,11 +338,16 @@ def test_a_run_whose_children_outlive_it_keeps_its_record_until_they_are_gone(tm
     pool = SpawnerPool(5, threading.Event())
     leftovers: list[int] = []
     try:
-        pool.start(1, "trap '' TERM; sleep 60 & sleep 0.6", tmp_path, {"BALSAM_JOB_ID": "1"})
-        time.sleep(spawner.RECORD_AFTER_SEC + 0.2)
+        # The first process ends when the test says (a 0.6 s sleep was over, or not yet recorded,
+        # at the fixed sleeps below when the spawner started it late on a loaded host).
+        go = tmp_path / "go"
+        pool.start(1, f"trap '' TERM; sleep 60 & while [ ! -e {go} ]; do sleep 0.02; done", tmp_path,
+                   {"BALSAM_JOB_ID": "1"})
+        _until(lambda: stale_run.read_run_record(tmp_path) is not None, "the run's record")
         record = stale_run.read_run_record(tmp_path)
-        assert record is not None
-        time.sleep(0.8)  # the first process ended and was reaped; the child ignores SIGTERM
+        go.touch()
+        # The first process ended and was reaped (gone from /proc); the child ignores SIGTERM.
+        _until(lambda: spawner.proc_stat(record.pid) is None, f"the reap of the first process {record.pid}")
         leftovers = [int(e) for e in os.listdir("/proc")
                      if e.isdecimal() and (spawner.proc_stat(int(e)) or ("X", 0, 0))[1] == record.pid]
         assert leftovers, "the task's child should still run in its group"

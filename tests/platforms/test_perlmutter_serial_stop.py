@@ -35,12 +35,16 @@ program = args[args.index("--overlap") + 1:]
 with open(os.environ["FAKE_SRUN_LOG"], "a") as log:
     log.write(" ".join(args) + "\\n")
 env = {**os.environ, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
-task = subprocess.Popen(program, env=env, start_new_session=True)
+task = None
 def stop(signum, frame):
-    os.killpg(task.pid, signal.SIGTERM)
+    if task is not None:
+        os.killpg(task.pid, signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+# The handler before the task: the task's pid file is what the test waits for before its SIGTERM,
+# and a SIGTERM between the two met the default action (srun gone, its task never signalled).
 signal.signal(signal.SIGTERM, stop)
+task = subprocess.Popen(program, env=env, start_new_session=True)
 sys.exit(task.wait())
 '''
 

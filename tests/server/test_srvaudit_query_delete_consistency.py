@@ -157,7 +157,9 @@ def test_postgresql_a_duplicate_key_waits_for_the_delete(_live_server_pg_obj, li
             with engine.connect() as look:
                 wait_blocked_by(look, blocker_pid, WAIT_SEC, "the delete never waited for the locked job")
             second, second_answer = _delete_in_thread(api, tag, key)
-            second.join(5.0)  # answered at once, or (older code) waits for the same lock
+            # Answered at once, or (older code) waits for the same lock: 60 s, not 5, so that a
+            # loaded host's slow round trip is not taken for the wait (the lock is released below).
+            second.join(60.0)
         finally:
             tx.rollback()
             blocker.close()
