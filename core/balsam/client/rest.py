@@ -620,10 +620,11 @@ class RESTClient:
             expiry = expiry.replace(tzinfo=dt.timezone.utc)
         return expiry <= dt.datetime.now(dt.timezone.utc)
 
-    def _send_interactive(self, method: str, path: str, **kwargs: Any) -> "Response":
+    def _send_interactive(self, method: str, path: str, deadline: Optional[float] = None, **kwargs: Any) -> "Response":
         """:meth:`_send` for interactive use: the user hears of a long wait (:class:`_WaitReporter`),
-        and the call's whole wait is capped at ``max_call_wait``."""
-        deadline = time.monotonic() + (self.max_call_wait if self.max_call_wait is not None else float("inf"))
+        and the call's whole wait is capped at ``max_call_wait`` (or the caller's earlier ``deadline``)."""
+        capped = time.monotonic() + (self.max_call_wait if self.max_call_wait is not None else float("inf"))
+        deadline = capped if deadline is None else min(deadline, capped)
         key = None if self.report_waits_after is None else _wait_reporter.begin(
             f"{self.api_root}{path if path.startswith('/') else '/' + path}", self.report_waits_after)
         try:
@@ -662,13 +663,19 @@ class RESTClient:
         idempotency_key: Optional[str] = None,
         retry_count: Optional[int] = None,
         headers: "Mapping[str, str] | None" = None,
+        deadline: Optional[float] = None,
     ) -> Any:
         """One API call, retried as the module docstring says. ``idempotency_key`` (POST, PUT, PATCH,
         DELETE) names the logical request (by default each call gets a new one); ``retry_count`` overrides the
         client's retry budget for this call (callers that loop on their own keep it short);
-        ``headers`` are added to the request's (``Prefer``)."""
+        ``headers`` are added to the request's (``Prefer``). ``deadline`` (a ``time.monotonic()``
+        time; None: the client's timeouts and retries alone bound the call): no attempt waits past
+        it and none starts or is retried after it (:class:`ServerUnavailable`, or the last answer's
+        :class:`APIError`), for callers whose own give-up bound is shorter than one read timeout
+        (a launcher's release: the server may accept and never answer)."""
         resp = self._send(method, path, params=params, json=json, data=data, headers=headers,
-                          authenticated=authenticated, idempotency_key=idempotency_key, retry_count=retry_count)
+                          authenticated=authenticated, idempotency_key=idempotency_key, retry_count=retry_count,
+                          deadline=deadline)
         return _parse(resp)
 
     def request_with_headers(
@@ -698,13 +705,15 @@ class RESTClient:
         authenticated: bool = True,
         idempotency_key: Optional[str] = None,
         retry_count: Optional[int] = None,
+        deadline: Optional[float] = None,
     ) -> "Response":
-        """One call, its retries included (an interactive client's through :meth:`_send_interactive`)."""
+        """One call, its retries included (an interactive client's through :meth:`_send_interactive`);
+        ``deadline``: see :meth:`request`."""
         kwargs = dict(params=params, json=json, data=data, headers=headers, authenticated=authenticated,
                       idempotency_key=idempotency_key, retry_count=retry_count)
         if self.report_waits_after is not None or self.max_call_wait is not None:
-            return self._send_interactive(method, path, **kwargs)
-        return self._send_until(method, path, deadline=None, **kwargs)
+            return self._send_interactive(method, path, deadline=deadline, **kwargs)
+        return self._send_until(method, path, deadline=deadline, caller_deadline=deadline is not None, **kwargs)
 
     def _send_until(
         self,
@@ -719,9 +728,12 @@ class RESTClient:
         idempotency_key: Optional[str] = None,
         retry_count: Optional[int] = None,
         deadline: Optional[float],
+        caller_deadline: bool = False,
     ) -> "Response":
         """:meth:`_send`'s work; ``deadline`` (``time.monotonic()``): no retry and no wait beyond it
-        (set by :meth:`_send_interactive`; None: the retries alone bound the call)."""
+        (set by :meth:`_send_interactive` or the caller; None: the retries alone bound the call).
+        ``caller_deadline``: the caller's own bound, not an interactive command's (whose
+        messages give a user advice)."""
         method = method.upper()
         url = path if path.startswith("/") else "/" + path
         retries = self.retry_count if retry_count is None else min(int(retry_count), self.retry_count)
@@ -753,6 +765,11 @@ class RESTClient:
                 delay = self._backoff(attempt)
                 reached = reached or (bool(retry_safe_headers) and _answer_timed_out(exc))
                 if attempt >= retries or (deadline is not None and time.monotonic() + delay >= deadline):
+                    if caller_deadline:  # a program's own bound: it words what follows (no CLI advice)
+                        raise ServerUnavailable(
+                            f"{method} {self.api_root}{url}: no answer within the call's deadline after {attempt + 1} "
+                            f"attempt{'' if attempt == 0 else 's'} ({time.monotonic() - started:.0f} s): "
+                            f"{type(exc).__name__}: {exc}") from None
                     if reached and deadline is not None:  # a CLI command's advice (a launcher says it cannot reach)
                         raise ServerUnavailable(_no_answer_message(method, f"{self.api_root}{url}", url, attempt + 1,
                                                                    time.monotonic() - started)) from None

@@ -66,8 +66,9 @@ Thread contract (two threads, nothing else shared):
   request). A release that keeps failing (5xx, 429, no answer) is given up after
   :data:`MAX_RELEASE_TRIES` tries (one request each: :data:`RELEASE_RETRY_COUNT`, ``retry_sec``
   apart) or once :data:`RELEASE_GIVE_UP_SEC` have passed since its first try (checked after each
-  try, which waits at most the client's read timeout: 120 s by default; so a server that accepts
-  and never answers holds acquires back one read timeout): acquires go on (one that fails for
+  try; a try waits no longer than that bound from the first try: the client call's ``deadline``,
+  so a server that accepts and never answers holds acquires back at most RELEASE_GIVE_UP_SEC, not
+  one client read timeout, 120 s by default): acquires go on (one that fails for
   good held them back for the whole allocation), its jobs go to :attr:`release_unknown` where a try
   may have been applied (else back to ``_ready``), those never sent back to ``_ready``, and nothing
   is given back (:attr:`release_given_up`) until that release has *settled* (below: answered, its
@@ -145,8 +146,9 @@ RELEASE_GIVE_UP_SEC = 60.0
 #: key, are the retries): with the client's default (10, backoff up to 30 s) one try against a route
 #: answering 503 blocked this thread, and so every acquire, for ~3 minutes, and one against a
 #: server that accepts and never answers for 11 read timeouts (~25 minutes with 120 s): "given up
-#: after 5 tries or 60 s" held nothing. Now a try is one request, and a give-up comes after
-#: RELEASE_GIVE_UP_SEC plus at most one read timeout of the client (120 s by default).
+#: after 5 tries or 60 s" held nothing. Now a try is one request, which waits no longer than
+#: RELEASE_GIVE_UP_SEC from the release's first try (the call's ``deadline``; one read timeout of
+#: the client, 120 s by default, held acquires back twice the bound): the give-up comes by then.
 RELEASE_RETRY_COUNT = 0
 #: After a release was given up, giving back resumes once that release has settled (answered, its
 #: Session gone, or refused for good: no release is unsettled) and this long has passed since the
@@ -342,6 +344,13 @@ class Prefetcher:
             self._held += len(jobs)
             self._ready.clear()
             self._ready_generations.clear()
+            if self.too_late:
+                # Newer copies of jobs held back (leased again after the prefetch thread's check,
+                # _drop_leased_again, and before they reached _ready): the old copies are not given back.
+                dropped = self._prune_too_late({p.id for p in jobs})
+                if dropped:
+                    logger.info("%d jobs held back unstarted were leased again: the old copies are not given "
+                                "back, the new ones go on: %s", len(dropped), dropped[:20])
         generations = [0] * (len(jobs) - len(generations)) + generations
         lost = int(getattr(self.lease, "lost_generation", 0) or 0)
         if lost and generations[0] <= lost:  # in acquire order: the oldest first
@@ -377,6 +386,15 @@ class Prefetcher:
         is not sent (:meth:`_send_release`), whatever newer jobs came in the same take."""
         split = split_too_late(jobs, self._remaining_min)
         if split.too_late:
+            last = {p.id: i for i, p in enumerate(jobs)}
+            if len(last) < len(jobs):
+                # One id twice (leased again while its old copy waited in _ready): only the newest
+                # copy counts; an older one held back and given back would free the new copy, and
+                # an older one started beside a newer held back one would run while it is freed.
+                order = {id(p): i for i, p in enumerate(jobs)}
+                split.may_start[:] = [p for p in split.may_start if last[p.id] == order[id(p)]]
+                split.too_late[:] = [p for p in split.too_late if last[p.id] == order[id(p)]]
+        if split.too_late:
             numbers = {p.id: g for p, g in zip(jobs, generations)}
             if self.may_release:  # given back now, so that the elastic queue sees them (see "Giving back")
                 log_too_late(split, "a release request (POST /sessions/{id}/release)")
@@ -385,8 +403,7 @@ class Prefetcher:
                 self._want.set()
             else:
                 with self._lock:  # the prefetch thread drops those of an answered release (_settle)
-                    self.too_late.extend(split.too_late)
-                    self._too_late_generations.update((p.id, numbers[p.id]) for p in split.too_late)
+                    self._set_too_late([(p, numbers[p.id]) for p in split.too_late])
                 log_too_late(split, "the lease's close (its Session's deletion)")
         return split.may_start
 
@@ -503,6 +520,8 @@ class Prefetcher:
                 continue
             self.acquired += len(jobs)
             generation = acquire_generation(self.lease)  # this thread is the lease's only acquirer
+            if jobs and (self.too_late or self._releasing):
+                self._drop_leased_again(jobs)
             if self._release_unknown_ids and jobs:
                 jobs = self._drop_release_unknown(jobs)
             if jobs and self._before_prepare is not None:
@@ -555,8 +574,11 @@ class Prefetcher:
         try:
             if client is None or session_id is None:
                 raise _NoRelease("this job source cannot give jobs back")
+            # The give-up's bound holds for a server that accepts and never answers: no try waits past
+            # it (the client's read timeout alone, 120 s, held every acquire back twice as long).
             answer = client.post(f"/sessions/{session_id}/release", json={"job_ids": ids},
-                                 idempotency_key=self._release_key, retry_count=RELEASE_RETRY_COUNT)
+                                 idempotency_key=self._release_key, retry_count=RELEASE_RETRY_COUNT,
+                                 deadline=self._release_first_try + RELEASE_GIVE_UP_SEC)
         except Exception as exc:
             status = getattr(exc, "status_code", None)
             if not isinstance(exc, _NoRelease) and (not isinstance(status, int) or status >= 500 or status == 429):
@@ -588,6 +610,47 @@ class Prefetcher:
     def _forget_release(self) -> None:
         self._release_key, self._release_session, self._release_unanswered = None, None, False
         self._release_size = self._release_tries = 0
+
+    def _drop_leased_again(self, jobs: list[Any]) -> None:
+        """An acquire leased again jobs held back here unreleased (:attr:`too_late`, or queued in
+        ``_releasing`` and never sent: no acquire goes out while a try is in flight): the server
+        freed the old copy since (its user re-queued it, which ends the lease, and the mark that
+        keeps it from acquires is cleared by heartbeats that do not list it: the held-jobs report
+        does not see these; or the Session was lost and replaced). Released later under its id, it
+        freed the new copy, which the loop may start meanwhile, to another launcher too (run twice).
+        The old copies are dropped; the new one is checked as any job (:meth:`take`)."""
+        ids = {int(job.id) for job in jobs}
+        with self._lock:
+            old = self._prune_too_late(ids)
+            if self._release_key is None:  # never sent (a resend must name its first try's jobs)
+                queued = [entry[0].id for entry in self._releasing if entry[0].id in ids]
+                if queued:
+                    self._releasing = [entry for entry in self._releasing if entry[0].id not in ids]
+                    old += queued
+        if old:
+            logger.info("%d jobs held back unstarted were leased again (re-queued by their user, or their lost "
+                        "session replaced): the old copies are not given back, the new ones go on: %s",
+                        len(old), sorted(set(old))[:20])
+
+    def _prune_too_late(self, ids: "set[int]") -> list[int]:
+        """Drop the copies of ``ids`` from :attr:`too_late` (under ``_lock``); the ids dropped."""
+        held = self._too_late_generations  # the ids of too_late: one look per id of ``ids``
+        old = [i for i in ids if i in held]
+        if old:
+            self.too_late = [p for p in self.too_late if p.id not in ids]
+            for job_id in old:
+                self._too_late_generations.pop(job_id, None)
+        return old
+
+    def _set_too_late(self, late: Sequence[tuple[PreparedJob, int]]) -> None:
+        """Keep ``late`` (each with its acquire number) in :attr:`too_late` (under ``_lock``): a job
+        already there under the same id is an older copy (one id twice gave the second one acquire
+        number 0 at the resumption): the newer copy replaces it."""
+        latest = {p.id: (p, g) for p, g in late}  # in acquire order: the last copy is the newest
+        if self.too_late and not latest.keys().isdisjoint(self._too_late_generations):
+            self.too_late = [p for p in self.too_late if p.id not in latest]
+        self.too_late.extend(p for p, _g in latest.values())
+        self._too_late_generations.update((job_id, g) for job_id, (_p, g) in latest.items())
 
     def _drop_release_unknown(self, jobs: list[Any]) -> list[Any]:
         """An acquire leased again jobs of a release that may have been applied (:attr:`release_unknown`):
@@ -635,7 +698,9 @@ class Prefetcher:
                 continue
             try:
                 answer = client.post(f"/sessions/{entry.session_id}/release", json={"job_ids": entry.ids},
-                                     idempotency_key=entry.key, retry_count=0)
+                                     idempotency_key=entry.key, retry_count=0,
+                                     # on the prefetch thread: a silent server must not hold acquires longer
+                                     deadline=time.monotonic() + RELEASE_GIVE_UP_SEC)
             except Exception as exc:
                 status = getattr(exc, "status_code", None)
                 if _session_gone(exc):
@@ -763,8 +828,7 @@ class Prefetcher:
             for prepared, generation in reversed(stalled):
                 self._ready.appendleft(prepared)
                 self._ready_generations.appendleft(generation)
-            self.too_late.extend(p for p, _g in late)
-            self._too_late_generations.update((p.id, g) for p, g in late)
+            self._set_too_late(late)
         if resend and self._release_key is not None:  # the same key and ids: an applied try is replayed, never applied twice
             self._unsettled.append(_Unsettled(
                 self._release_key, self._release_session, sorted({p.id for p, _g, _l in batch}),
@@ -808,12 +872,14 @@ class Prefetcher:
         of a release refused for good) are queued first: before, they stayed leased, hidden from the
         elastic queue and from launchers with time left, until the Session's end. None of them is
         named by an unsettled release (there is none here; an answered one dropped its own,
-        :meth:`_settle`), and a lost Session's are not sent (:meth:`_send_release`, by their acquire
-        numbers)."""
+        :meth:`_settle`), a lost Session's are not sent (:meth:`_send_release`, by their acquire
+        numbers), and those this Session leased again meanwhile are no longer there (their old copies
+        dropped by :meth:`_drop_leased_again` and :meth:`take`: the id's release would free the new copy)."""
         if self.release_refused or self._unsettled or time.monotonic() < self._resume_at:
             return
         with self._lock:
             back, self.too_late = self.too_late, []
+            # One copy per id (_set_too_late, _drop_leased_again): each goes with its own acquire number.
             self._releasing.extend((p, self._too_late_generations.pop(p.id, 0), True) for p in back)
         self.release_given_up = False  # an int-like store the loop thread reads (may_release)
         logger.info("the release given up is settled: giving back leased jobs resumes (%d give-ups so far; the next "
