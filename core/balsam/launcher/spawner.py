@@ -836,6 +836,10 @@ class Spawner:
             import traceback  # here only: importing it costs every spawner ~10 ms at start-up
 
             traceback.print_exc()
+            try:  # what is held (exits 0 and the starts behind them) is true: the launcher must hear it
+                self.send_events(hold=False)
+            except BaseException:
+                traceback.print_exc()
             try:
                 self.stop_all(ORPHAN_GRACE_SEC)
             except BaseException:
