@@ -121,7 +121,9 @@ def test_with_queue_flag_qos_the_users_job_in_the_partition_claims_the_window(ma
                                              "status_info": {"elastic_request": "backfill"}})
     client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 700}])
     squeue = _line(700, 2, nodes=2, part="compute") + _line(901, 3, nodes=4, part="compute")
-    runner = ReplayRunner({"sinfo": result(stdout=SINFO), "squeue": result(stdout=squeue)})
+    # The 8 idle nodes are compute's, the partition both jobs wait in (a window only the jobs of
+    # its partition claim: test_qos_other_jobs_counted_by_qos.py).
+    runner = ReplayRunner({"sinfo": result(stdout=SINFO.replace("debug", "compute")), "squeue": result(stdout=squeue)})
     module = _module(site, client, runner, queue_flag="--qos")
     module.run_cycle()
     line = module.last_decision.log_line("backfill")

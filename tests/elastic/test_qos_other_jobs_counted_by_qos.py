@@ -123,6 +123,41 @@ def test_a_job_of_the_qos_in_another_partition_claims_nothing(make_site, client,
     assert "by the user's other jobs" not in line, line
 
 
+def test_a_job_sharing_only_a_partition_without_idle_nodes_with_the_sites_own_job_claims_nothing(
+        make_site, client) -> None:
+    """The site's own request waits in both partitions (``-p regular_milan_ss11,gpu_ss11``, or a
+    job_submit plugin that adds every partition the QOS reaches); only the CPU nodes are idle. The
+    user's premium job waits in gpu_ss11 alone: it shares a partition with the own request, but
+    not one the windows came from, and can never take the idle CPU nodes. Counted by the shared
+    partition alone (review of 9642518, F1), it claimed 4 of them and only 2 were requested."""
+    site = make_site(overrides=RULES)
+    runnable_jobs(client, site, 20)
+    _own_request(client, site)
+    squeue = (_line(700, 2, nodes=2, part="regular_milan_ss11,gpu_ss11")
+              + _line(901, 3, nodes=4, qos="premium", part="gpu_ss11"))
+    runner = ReplayRunner({"sinfo": result(stdout=SINFO_TWO_PARTITIONS), "squeue": result(stdout=squeue)})
+    module = _module(site, client, runner)
+    module.run_cycle()
+    line = module.last_decision.log_line("backfill")
+    # 8 idle CPU nodes, 2 claimed by its own request: the other 6 requested.
+    assert _requests(client, site) == [(2, 115), (6, 115)], line
+    assert "by the user's other jobs" not in line, line
+
+
+def test_a_job_sharing_the_partition_with_idle_nodes_with_the_sites_own_job_claims_them(make_site, client) -> None:
+    """The same own request (both partitions); the user's job waits in the CPU partition, the one
+    with idle nodes: it claims its 4 of them, so 2 are requested."""
+    site = make_site(overrides=RULES)
+    runnable_jobs(client, site, 20)
+    _own_request(client, site)
+    squeue = (_line(700, 2, nodes=2, part="regular_milan_ss11,gpu_ss11")
+              + _line(901, 3, nodes=4, qos="premium", part="regular_milan_ss11"))
+    runner = ReplayRunner({"sinfo": result(stdout=SINFO_TWO_PARTITIONS), "squeue": result(stdout=squeue)})
+    module = _module(site, client, runner)
+    module.run_cycle()
+    assert _requests(client, site) == [(2, 115), (2, 115)], module.last_decision.log_line("backfill")
+
+
 def test_a_qos_the_site_renames_is_counted_under_the_name_its_own_jobs_show(make_site, client) -> None:
     """A site's job_submit plugin may set another QOS than the one asked for (``--qos regular``
     kept as ``gpu_regular``): the user's other job of the name the site's own request shows claims

@@ -19,21 +19,28 @@ its recorded 12-column shape (tests/schedulers/test_qos_squeue_column.py)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
 
 from balsam.config import SettingsError, loads_settings
 from balsam.site.modules.scheduler import SchedulerModule
+from balsam.scheduler import Command, CommandResult
 from balsam.testing import ReplayRunner, result
+from balsam.testing.replay import load_recorded
+from balsam_scheduler_pbs import PBSScheduler
 from balsam_scheduler_slurm import SlurmScheduler
 from site_test_utils import batch_job, create_batch_job
 
+#: Recorded scheduler output (tests/schedulers/data, see the READMEs there).
+DATA = Path(__file__).resolve().parents[1] / "schedulers" / "data"
 
-def _line(job: int, qos: str) -> str:
+
+def _line(job: int, qos: str, part: str = "debug") -> str:
     """One squeue line (``...|%e|%q|%r``) of the user's job pending for 3 minutes."""
     since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=3)).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{job}|PENDING|debug|1|1:55:00|local|1:55:00|{since}|N/A|N/A|{qos}|Priority\n"
+    return f"{job}|PENDING|{part}|1|1:55:00|local|1:55:00|{since}|N/A|N/A|{qos}|Priority\n"
 
 
 def _settings(flag: str, queue: str) -> str:
@@ -46,8 +53,71 @@ def test_a_qos_queue_with_capitals_is_refused_in_one_line() -> None:
         loads_settings(_settings("--qos", "Normal"))
     assert len(info.value.errors) == 1, info.value.errors
     line = info.value.errors[0]
-    assert "\n" not in line and line.startswith("settings.yml:5 scheduler.allowed_queues: 'Normal' is a QOS name"), line
+    assert "\n" not in line, line
+    assert line.startswith("settings.yml:6 scheduler.allowed_queues.Normal: 'Normal' is a QOS name"), line
     assert "write 'normal'" in line
+
+
+#: Three queues, two of them with capitals (on lines 7 and 11).
+THREE_QUEUES = """scheduler:
+  name: slurm
+  options:
+    queue_flag: --qos
+  allowed_queues:
+    regular: {max_nodes: 64, max_walltime: 120, max_queued_jobs: 2}
+    Normal:
+      max_nodes: 64
+      max_walltime: 120
+      max_queued_jobs: 2
+    Premium: {max_nodes: 8, max_walltime: 60, max_queued_jobs: 1}
+"""
+
+
+def test_each_qos_queue_with_capitals_is_refused_on_its_own_line() -> None:
+    """Each bad queue is named at its own line, as a queue's bad max_nodes is
+    (``settings.yml:15 scheduler.allowed_queues.Premium.max_nodes: ...``). Review of 9642518 (F3):
+    one error, for the first queue only, on the line of ``allowed_queues:``
+    (``settings.yml:5 scheduler.allowed_queues: 'Normal' ...``): a user fixed it, and the next
+    check found the next one."""
+    with pytest.raises(SettingsError) as info:
+        loads_settings(THREE_QUEUES)
+    assert info.value.errors == [
+        "settings.yml:7 scheduler.allowed_queues.Normal: 'Normal' is a QOS name (queue_flag: --qos), which Slurm "
+        "lists in lower case: write 'normal'",
+        "settings.yml:11 scheduler.allowed_queues.Premium: 'Premium' is a QOS name (queue_flag: --qos), which "
+        "Slurm lists in lower case: write 'premium'",
+    ], info.value.errors
+
+
+def test_after_the_rename_a_pending_batch_job_of_the_old_name_is_refused(make_site, client) -> None:
+    """The upgrade path docs/schedulers/slurm.md gives: the queue renamed in settings.yml
+    (``Normal`` -> ``normal``), a BatchJob still waiting for submission under the old name is
+    refused as not in allowed_queues (submit_failed, its error says why), never submitted; it is
+    to be submitted again under the new name. One already queued under the old name is followed
+    as before (the queue is checked at submission only)."""
+    site = make_site(overrides={"scheduler": {"name": "slurm", "options": {"queue_flag": "--qos"},
+                                              "allowed_projects": ["local"], "allowed_queues": {
+        "normal": {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 2}}}})
+    Path(site.job_template_path).write_text("#!/bin/bash\nsleep 1\n")
+    old = create_batch_job(client, site.site_id, queue="Normal")["id"]
+    queued = create_batch_job(client, site.site_id, queue="Normal")["id"]
+    client.patch("/batch-jobs/", json=[{"id": queued, "state": "queued", "scheduler_id": 700}])
+    sbatch: list[tuple] = []
+
+    def run_sbatch(command):
+        sbatch.append(command.args)
+        return result(stdout="555\n")
+
+    runner = ReplayRunner({"squeue": result(stdout=_line(700, "normal")), "sbatch": run_sbatch,
+                           "sinfo": result(stdout="debug|up|idle|8|2:00:00\n")})
+    module = SchedulerModule(site, site.settings.scheduler, client,
+                             scheduler=SlurmScheduler(runner, user="u", options={"queue_flag": "--qos"}))
+    module.run_cycle()
+    record = batch_job(client, old)
+    assert sbatch == [] and record["state"] == "submit_failed", record
+    assert record["status_info"]["error"] == "refused: queue 'Normal' is not in the site's allowed_queues (normal)"
+    still = batch_job(client, queued)
+    assert still["state"] == "queued" and "error" not in (still["status_info"] or {}), still
 
 
 @pytest.mark.parametrize("flag, queue", [("--qos", "normal"), ("--partition", "Normal")])
@@ -105,3 +175,74 @@ def test_a_job_of_another_qos_is_not_counted_toward_the_queue(make_site, client)
     waiting = create_batch_job(client, site.site_id, queue="regular")["id"]
     module.run_cycle()
     assert len(sbatch) == 1 and batch_job(client, waiting)["state"] == "queued"
+
+
+# -- every driver and mode: the name the site's own jobs are listed under -------------------------
+# (docs/settings.md: max_queued_jobs counts the scheduler's jobs of a queue, whatever name the
+# scheduler lists them under. Kept general by decision after the review of 9642518, F2: these
+# tests state it for the two other cases the review named.)
+
+
+@pytest.mark.parametrize("listed_as, submitted", [("regular", 1), ("regular_milan_ss11", 0)])
+def test_partition_mode_counts_the_users_jobs_of_the_partition_its_own_jobs_are_listed_in(
+        make_site, client, listed_as, submitted) -> None:
+    """Partition mode (``queue_flag: --partition``): the site's ``regular`` job is listed in
+    partition ``regular_milan_ss11`` (a job_submit plugin's rewrite), where the user's other job
+    901 waits too: 901 counts toward ``regular`` (2 of 2: the new BatchJob waits). Where the own job
+    is listed as ``regular``, 901 is another partition's and the new BatchJob is submitted."""
+    site = make_site(overrides={"scheduler": {"name": "slurm", "allowed_projects": ["local"], "allowed_queues": {
+        "regular": {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 2}}}})
+    Path(site.job_template_path).write_text("#!/bin/bash\nsleep 1\n")
+    mine = create_batch_job(client, site.site_id, queue="regular")["id"]
+    client.patch("/batch-jobs/", json=[{"id": mine, "state": "queued", "scheduler_id": 700}])
+    sbatch: list[tuple] = []
+
+    def run_sbatch(command):
+        sbatch.append(command.args)
+        return result(stdout="555\n")
+
+    squeue = _line(700, "normal", part=listed_as) + _line(901, "normal", part="regular_milan_ss11")
+    runner = ReplayRunner({"squeue": result(stdout=squeue), "sbatch": run_sbatch,
+                           "sinfo": result(stdout="regular|up|idle|8|2:00:00\n")})
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=SlurmScheduler(runner, user="u"))
+    waiting = create_batch_job(client, site.site_id, queue="regular")["id"]
+    module.run_cycle()
+    record = batch_job(client, waiting)
+    assert len(sbatch) == submitted, record
+    if not submitted:
+        assert record["status_info"]["waiting"] == "waiting: 2 jobs already in queue 'regular' (max_queued_jobs 2)"
+
+
+def test_a_pbs_routing_queue_counts_the_users_jobs_of_the_execution_queue_its_own_jobs_are_listed_in(
+        make_site, client) -> None:
+    """Polaris: ``-q prod`` is a routing queue; qstat lists the site's job in the execution queue it
+    was routed to (``small``), where the user's other job (another site's, by hand) is listed too:
+    it counts toward ``prod`` (2 of 2: the next BatchJob waits). Before any of the site's jobs is
+    listed it counts toward ``small`` only (the first BatchJob is submitted)."""
+    doc = json.loads(load_recorded(DATA / "pbs", "qstat_f_json_routed.txt").stdout)
+    own_id, other_id = list(doc["Jobs"])
+    in_queue = {other_id: doc["Jobs"][other_id]}  # the user's other job, queued in small
+    submitted: list[str] = []
+
+    def qsub(command: Command) -> CommandResult:
+        submitted.append(own_id)
+        in_queue[own_id] = doc["Jobs"][own_id]
+        return CommandResult(tuple(command.args), 0, own_id + "\n", "")
+
+    def qstat(command: Command) -> CommandResult:
+        return CommandResult(tuple(command.args), 0, json.dumps({**doc, "Jobs": in_queue}), "")
+
+    pbs = PBSScheduler(ReplayRunner({"qsub": qsub, "qstat": qstat,
+                                     "pbsnodes": load_recorded(DATA / "pbs", "pbsnodes_a_json")}), user="alice")
+    site = make_site(overrides={"scheduler": {"allowed_projects": ["datascience"], "allowed_queues": {
+        "prod": {"max_nodes": 10, "max_walltime": 60, "max_queued_jobs": 2}}}})
+    Path(site.job_template_path).write_text("#!/bin/bash\nsleep 1\n")
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=pbs)
+    first = create_batch_job(client, site.site_id, project="datascience", queue="prod")["id"]
+    module.run_cycle()
+    assert submitted == [own_id] and batch_job(client, first)["state"] == "queued"
+    second = create_batch_job(client, site.site_id, project="datascience", queue="prod")["id"]
+    module.run_cycle()
+    record = batch_job(client, second)
+    assert submitted == [own_id] and record["state"] == "pending_submission", record
+    assert record["status_info"]["waiting"] == "waiting: 2 jobs already in queue 'prod' (max_queued_jobs 2)"

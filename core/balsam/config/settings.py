@@ -610,7 +610,8 @@ def parse_settings(data: Any, *, source: str = "settings.yml", lines: Optional[d
             cross = getattr(section, "validate_with", None)
             if section is not None and callable(cross):
                 for name, problem in cross(sections).items():
-                    checker.fail((key, name), problem)
+                    # A dotted name ("allowed_queues.Normal") is a path, as from validate(): its own line.
+                    checker.fail((key, *name.split(".")), problem)
     if not checker.errors and base_dir is not None:
         _check_files(sections, Path(base_dir), checker)
     if checker.errors:

@@ -626,8 +626,8 @@ class ElasticQueueModule(AgentModule):
         or partition, counted there, claimed nodes it can never take: the window stayed claimed,
         never requested). Where the driver gives each job's node pools (``StatusPoll.node_pools``,
         Slurm's partition under ``--qos``) the pool decides instead: a job in a pool the site's own
-        jobs of submit_queue are listed in, whatever its queue; before one is listed, a job of those
-        names in a pool the windows came from. A failed poll gives none.
+        jobs of submit_queue are listed in and the windows came from, whatever its queue; before one
+        is listed, a job of those names in a pool the windows came from. A failed poll gives none.
 
         One of its own requests that the snapshot read waiting for its submission claims its window
         already (``unclaimed_windows``); the scheduler module may have submitted it since, and the
@@ -659,10 +659,11 @@ class ElasticQueueModule(AgentModule):
         # Slurm's partition under queue_flag --qos, where one QOS reaches several partitions and
         # the windows of every partition are one list), the pool decides: a job waiting in a
         # partition the site's own jobs of submit_queue are listed in takes those idle nodes,
-        # whatever its QOS; one of the same QOS waiting in another partition never does (counted,
-        # it claimed windows of nodes it can never take, and they were never requested). Until an
-        # own job is listed, a job of those names claims if it waits in a partition the windows
-        # came from. A driver that gives no pools: by the names alone.
+        # whatever its QOS, if one of those shared partitions is one the windows came from; one of
+        # the same QOS waiting in another partition never does (counted, it claimed windows of
+        # nodes it can never take, and they were never requested). Until an own job is listed, a
+        # job of those names claims if it waits in a partition the windows came from. A driver
+        # that gives no pools: by the names alone.
         own_pools = {p for sid in self._queue_ids for p in self._poll_pools.get(sid, ())}
         found = []
         for sid, status in sorted((poll or {}).items()):
@@ -670,7 +671,11 @@ class ElasticQueueModule(AgentModule):
                 continue
             pools = self._poll_pools.get(sid)
             if own_pools and pools is not None:
-                if own_pools.isdisjoint(pools):
+                # Shared pools only count where a window lies: a job the site's own request shares
+                # gpu with (`-p cpu,gpu`) never takes the idle cpu nodes, counted there it claimed
+                # them, and they were never requested.
+                shared = own_pools.intersection(pools)
+                if not shared or (self._window_pools is not None and self._window_pools.isdisjoint(shared)):
                     continue
             elif str(getattr(status, "queue", "") or "") not in names:
                 continue

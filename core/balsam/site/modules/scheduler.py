@@ -116,15 +116,19 @@ class SchedulerSettings:
         """Once ``options`` is the driver's options object: a queue name the driver refuses
         (its options' ``queue_name_problem(name) -> str``; Slurm under ``queue_flag: --qos``, a
         QOS name with capitals, which the scheduler lists in lower case and the agent never
-        matched to the user's other jobs of that QOS)."""
+        matched to the user's other jobs of that QOS). Each such queue under its own key
+        (``allowed_queues.<name>``, a dotted path as ``validate()`` gives one), so that each is
+        reported on its own line, as a queue's bad ``max_nodes`` is; under ``allowed_queues``
+        alone only the first was, on the line of ``allowed_queues:``."""
         check = getattr(self.options, "queue_name_problem", None)
         if not callable(check):
             return {}
+        problems = {}
         for name in self.allowed_queues:
             problem = check(str(name))
             if problem:
-                return {"allowed_queues": problem}
-        return {}
+                problems[f"allowed_queues.{name}"] = problem
+        return problems
 
     def validate_files(self, base_dir: Path) -> dict[str, str]:
         """A job template named in settings.yml, resolved against the site directory (``base_dir``,
@@ -530,9 +534,12 @@ class SchedulerModule(AgentModule):
         # scheduler may list it under another name (a PBS routing queue's job shows the execution
         # queue it was routed to; a Slurm `--qos` job the QOS a job_submit plugin may have set), and counted by that
         # name it would never fill the limit. The user's other jobs count by the scheduler's name,
-        # and also toward each queue whose BatchJobs this poll lists under that name (the elastic
-        # queue's window claims learn the same names): counted by `gpu_regular` alone, the user's
-        # other jobs of a `regular` request kept as `gpu_regular` never counted toward `regular`.
+        # and also toward each queue whose BatchJobs this poll lists under that name, by name only
+        # (the elastic queue's window claims go by partition under --qos once its own job is
+        # listed; a count of queued jobs has no nodes to match): counted by `gpu_regular` alone,
+        # the user's other jobs of a `regular` request kept as `gpu_regular` never counted toward
+        # `regular`. Any driver and mode: a Slurm partition a job_submit plugin rewrote, a PBS
+        # routing queue's execution queue (docs/settings.md), the scheduler's jobs of that queue.
         owner_queues = {b["scheduler_id"]: b["queue"] for b in batch_jobs if b.get("scheduler_id") is not None}
         aliases: dict[str, set[str]] = {}
         for scheduler_id, status in (statuses or {}).items():
