@@ -22,8 +22,8 @@ while jobs run. The lookahead is one wave (the partition's node footprint, at mo
 ends in a few round trips (:class:`LeaseAhead`). Once an answer says the backlog is empty, exits
 no longer send an acquire each (:class:`EmptyBacklog`), and while nothing waits leased and the
 request offers room for any job the nodes could run, the acquire asks the server to wait for jobs
-(``Prefer: wait``, :class:`AcquireWait`; not one the oversized-job probe is due after, so that
-the probe comes as the partition goes idle): a job created then (a workflow that adds one as another
+(``Prefer: wait``, :class:`AcquireWait`; none while the oversized-job probe is due, not even while
+a job runs, so that the probe comes as the partition goes idle): a job created then (a workflow that adds one as another
 ends) is leased when it is created, not ``delay_sec`` later. The Session's deletion at exit (or its expiry after
 a crash) frees what never started. When the partition is full, jobs also wait in the spawner behind
 running jobs of the same demand and start on their resources as they exit (hand-over, shared with
@@ -453,9 +453,13 @@ class MPIMode(JobMode):
         """How long the acquire of ``request`` may ask the server to wait for jobs (:class:`AcquireWait`)."""
         if request is None:
             return 0.0
-        if request["probe"] and time.monotonic() >= self._next_probe:
-            # The oversized-job probe runs after this acquire's empty answer: not after a wait the
-            # idle timeout may end first (then a job larger than the partition was never failed).
+        if self._probe_oversized and time.monotonic() >= self._next_probe:
+            # The oversized-job probe is due: it runs after the empty answer of an acquire sent with
+            # the partition idle, not after a wait the idle timeout may end first (then a job larger
+            # than the partition was never failed). Nor does one wait while jobs still run (a
+            # one-node partition offers room for any job then): the lease has one acquire out at a
+            # time, so that wait would still be in flight as the partition goes idle, and the probe
+            # put off past it (measured under CPU load: an idle stop then came with no probe).
             return 0.0
         return self.acquire_wait.wait_for(request, self.empty_backlog.request, self.node_manager.enabled_count(),
                                           bool(self.pending or self.handover.queued))
