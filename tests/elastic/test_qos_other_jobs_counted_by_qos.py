@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,15 +47,32 @@ def _requests(client, site) -> list[tuple[int, int]]:
                   if "elastic_request" in (b["status_info"] or {}))
 
 
+def _own_request(client, site, scheduler_id: int = 700) -> None:
+    """The site's own backfill request of 2 nodes, queued as job ``scheduler_id``."""
+    mine = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "regular",
+                                             "num_nodes": 2, "wall_time_min": 115, "job_mode": "mpi",
+                                             "status_info": {"elastic_request": "backfill"}})
+    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": scheduler_id}])
+
+
+def _cycle(make_site, client, squeue: str, sinfo: str = SINFO,
+           own_request: bool = False) -> tuple[ElasticQueueModule, Any]:
+    """A site of RULES with 20 runnable jobs (and its own backfill request queued as job 700 if
+    ``own_request``) after one elastic cycle on replayed ``squeue`` / ``sinfo``: ``(module, site)``."""
+    site = make_site(overrides=RULES)
+    runnable_jobs(client, site, 20)
+    if own_request:
+        _own_request(client, site)
+    module = _module(site, client, ReplayRunner({"sinfo": result(stdout=sinfo), "squeue": result(stdout=squeue)}))
+    module.run_cycle()
+    return module, site
+
+
 def test_another_sites_request_of_the_qos_claims_its_window_before_any_own_job_is_listed(make_site, client) -> None:
     """The user's other site asked for the 8 idle nodes 3 minutes ago (QOS regular); this site has
     no BatchJob in the queue. It was taken for a job of partition regular_milan_ss11, not of QOS
     regular: the same window was requested again, and one of the two waited until cancelled."""
-    site = make_site(overrides=RULES)
-    runnable_jobs(client, site, 20)
-    runner = ReplayRunner({"sinfo": result(stdout=SINFO), "squeue": result(stdout=_line(901, 3))})
-    module = _module(site, client, runner)
-    module.run_cycle()
+    module, site = _cycle(make_site, client, _line(901, 3))
     line = module.last_decision.log_line("backfill")
     assert _requests(client, site) == [], line
     assert "8 nodes by the user's other jobs" in line, line
@@ -65,22 +83,10 @@ def test_a_job_of_another_qos_in_the_same_partition_claims_nothing(make_site, cl
     """Before any of the site's own jobs is listed the site does not know which partitions its
     QOS reaches (the windows are every partition's idle nodes): a job claims only if it is of its
     QOS (and waits in a partition the windows came from)."""
-    site = make_site(overrides=RULES)
-    runnable_jobs(client, site, 20)
-    runner = ReplayRunner({"sinfo": result(stdout=SINFO), "squeue": result(stdout=_line(901, 3, qos=qos))})
-    module = _module(site, client, runner)
-    module.run_cycle()
+    module, site = _cycle(make_site, client, _line(901, 3, qos=qos))
     line = module.last_decision.log_line("backfill")
     assert _requests(client, site) == [(8, 115)], line
     assert "by the user's other jobs" not in line, line
-
-
-def _own_request(client, site, scheduler_id: int = 700) -> None:
-    """The site's own backfill request of 2 nodes, queued as job ``scheduler_id``."""
-    mine = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "regular",
-                                             "num_nodes": 2, "wall_time_min": 115, "job_mode": "mpi",
-                                             "status_info": {"elastic_request": "backfill"}})
-    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": scheduler_id}])
 
 
 def test_a_job_of_another_qos_in_the_partition_of_the_sites_own_job_claims_its_nodes(make_site, client) -> None:
@@ -88,13 +94,8 @@ def test_a_job_of_another_qos_in_the_partition_of_the_sites_own_job_claims_its_n
     the site's own request is listed in takes those idle nodes (a QOS says which limits and
     priority a job has, not which nodes it may take). Left out, as when claims were by QOS alone,
     the 4 nodes were requested too, and that request waited until cancelled."""
-    site = make_site(overrides=RULES)
-    runnable_jobs(client, site, 20)
-    _own_request(client, site)
     squeue = _line(700, 2, nodes=2) + _line(901, 3, nodes=4, qos="premium")
-    runner = ReplayRunner({"sinfo": result(stdout=SINFO), "squeue": result(stdout=squeue)})
-    module = _module(site, client, runner)
-    module.run_cycle()
+    module, site = _cycle(make_site, client, squeue, own_request=True)
     # 8 idle: 2 claimed by its own request, 4 by the premium job: 2 requested.
     assert _requests(client, site) == [(2, 115), (2, 115)], module.last_decision.log_line("backfill")
 
@@ -108,15 +109,10 @@ def test_a_job_of_the_qos_in_another_partition_claims_nothing(make_site, client,
     """The user's GPU job of QOS regular (``--qos regular -C gpu``: partition gpu_ss11) can never
     take the idle CPU nodes; claimed by QOS alone, it held the CPU window (nothing or too little
     was requested for it), as before review r11 (commit 2e57d7a) when every queue claimed there."""
-    site = make_site(overrides=RULES)
-    runnable_jobs(client, site, 20)
     squeue = _line(901, 3, nodes=4, reason="Resources", part="gpu_ss11")
     if own_job_listed:
-        _own_request(client, site)
         squeue = _line(700, 2, nodes=2) + squeue
-    runner = ReplayRunner({"sinfo": result(stdout=SINFO_TWO_PARTITIONS), "squeue": result(stdout=squeue)})
-    module = _module(site, client, runner)
-    module.run_cycle()
+    module, site = _cycle(make_site, client, squeue, SINFO_TWO_PARTITIONS, own_request=own_job_listed)
     line = module.last_decision.log_line("backfill")
     # 8 idle CPU nodes (less the own request's 2): all requested, none claimed by the GPU job.
     assert _requests(client, site) == ([(2, 115), (6, 115)] if own_job_listed else [(8, 115)]), line
@@ -130,14 +126,9 @@ def test_a_job_sharing_only_a_partition_without_idle_nodes_with_the_sites_own_jo
     user's premium job waits in gpu_ss11 alone: it shares a partition with the own request, but
     not one the windows came from, and can never take the idle CPU nodes. Counted by the shared
     partition alone (review of 9642518, F1), it claimed 4 of them and only 2 were requested."""
-    site = make_site(overrides=RULES)
-    runnable_jobs(client, site, 20)
-    _own_request(client, site)
     squeue = (_line(700, 2, nodes=2, part="regular_milan_ss11,gpu_ss11")
               + _line(901, 3, nodes=4, qos="premium", part="gpu_ss11"))
-    runner = ReplayRunner({"sinfo": result(stdout=SINFO_TWO_PARTITIONS), "squeue": result(stdout=squeue)})
-    module = _module(site, client, runner)
-    module.run_cycle()
+    module, site = _cycle(make_site, client, squeue, SINFO_TWO_PARTITIONS, own_request=True)
     line = module.last_decision.log_line("backfill")
     # 8 idle CPU nodes, 2 claimed by its own request: the other 6 requested.
     assert _requests(client, site) == [(2, 115), (6, 115)], line
@@ -147,14 +138,9 @@ def test_a_job_sharing_only_a_partition_without_idle_nodes_with_the_sites_own_jo
 def test_a_job_sharing_the_partition_with_idle_nodes_with_the_sites_own_job_claims_them(make_site, client) -> None:
     """The same own request (both partitions); the user's job waits in the CPU partition, the one
     with idle nodes: it claims its 4 of them, so 2 are requested."""
-    site = make_site(overrides=RULES)
-    runnable_jobs(client, site, 20)
-    _own_request(client, site)
     squeue = (_line(700, 2, nodes=2, part="regular_milan_ss11,gpu_ss11")
               + _line(901, 3, nodes=4, qos="premium", part="regular_milan_ss11"))
-    runner = ReplayRunner({"sinfo": result(stdout=SINFO_TWO_PARTITIONS), "squeue": result(stdout=squeue)})
-    module = _module(site, client, runner)
-    module.run_cycle()
+    module, site = _cycle(make_site, client, squeue, SINFO_TWO_PARTITIONS, own_request=True)
     assert _requests(client, site) == [(2, 115), (2, 115)], module.last_decision.log_line("backfill")
 
 
@@ -162,16 +148,8 @@ def test_a_qos_the_site_renames_is_counted_under_the_name_its_own_jobs_show(make
     """A site's job_submit plugin may set another QOS than the one asked for (``--qos regular``
     kept as ``gpu_regular``): the user's other job of the name the site's own request shows claims
     its 4 nodes, as a PBS routing queue's execution queue does."""
-    site = make_site(overrides=RULES)
-    runnable_jobs(client, site, 20)
-    mine = client.post("/batch-jobs/", json={"site_id": site.site_id, "project": "local", "queue": "regular",
-                                             "num_nodes": 2, "wall_time_min": 115, "job_mode": "mpi",
-                                             "status_info": {"elastic_request": "backfill"}})
-    client.patch("/batch-jobs/", json=[{"id": mine["id"], "state": "queued", "scheduler_id": 700}])
     squeue = _line(700, 2, nodes=2, qos="gpu_regular") + _line(901, 3, nodes=4, qos="gpu_regular")
-    runner = ReplayRunner({"sinfo": result(stdout=SINFO), "squeue": result(stdout=squeue)})
-    module = _module(site, client, runner)
-    module.run_cycle()
+    module, site = _cycle(make_site, client, squeue, own_request=True)
     # 8 idle: 2 claimed by its own request, 4 by the other job: 2 requested.
     assert _requests(client, site) == [(2, 115), (2, 115)], module.last_decision.log_line("backfill")
 

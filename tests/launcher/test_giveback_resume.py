@@ -26,10 +26,11 @@ resends), and the 503 test's client backoff moves the test's clock.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -88,6 +89,17 @@ def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(test_release_resend, "LossyClient", PickyClient)
 
 
+@contextlib.contextmanager
+def _started(count: int) -> Iterator[tuple[Launcher, list[PreparedJob]]]:
+    """A :class:`Launcher` of ``count`` jobs, every one taken by the loop (every slot busy):
+    ``(launcher, taken)``; closed on the way out, failed or not."""
+    launcher = Launcher(count)
+    try:
+        yield launcher, launcher.start_and_take_all()
+    finally:
+        launcher.close()
+
+
 def _give_up(launcher: Launcher, jobs: list[PreparedJob], how: str,
              only: Optional[Callable[[list[int]], bool]] = None) -> None:
     launcher.lossy.lose = how
@@ -116,10 +128,8 @@ def _leased_elsewhere(launcher: Launcher, ids: list[int]) -> list[int]:
 def test_giving_back_resumes_once_the_server_answers_again(
         env: str, request: pytest.FixtureRequest, quick: None) -> None:
     request.getfixturevalue(env)
-    launcher = Launcher(6)
-    f = launcher.f
-    try:
-        taken = launcher.start_and_take_all()
+    with _started(6) as (launcher, taken):
+        f = launcher.f
         first, rest = taken[:3], taken[3:]
         _give_up(launcher, first, UNREACHED)  # the server out of reach: no try reached it
         launcher.lossy.lose = None  # back: the resend of the given-up release is answered
@@ -134,8 +144,6 @@ def test_giving_back_resumes_once_the_server_answers_again(
         first_key = launcher.lossy.releases[0][1]
         last_ids, last_key = launcher.lossy.releases[-1]
         assert last_key != first_key and last_ids == sorted(p.id for p in rest)
-    finally:
-        launcher.close()
 
 
 def _resends_after(launcher: Launcher, count: int) -> None:
@@ -153,10 +161,8 @@ def test_no_resumption_while_the_given_up_release_is_unsettled_and_one_once_it_s
     unsettled, so the next stall's jobs went into a new release that could be given up in turn
     (see test_a_release_route_failing_for_good_strands_one_batch_only)."""
     request.getfixturevalue(env)
-    launcher = Launcher(6)
-    f = launcher.f
-    try:
-        taken = launcher.start_and_take_all()
+    with _started(6) as (launcher, taken):
+        f = launcher.f
         first, running = taken[:3], taken[3:]
         first_ids = sorted(p.id for p in first)
         # The first try freed them; every answer to that request is lost from now on (its resends too).
@@ -192,8 +198,6 @@ def test_no_resumption_while_the_given_up_release_is_unsettled_and_one_once_it_s
         assert len(resumed) == 1 and first_key not in resumed
         # The given-up one (its resends), the one giving back the parked jobs, and the resumed one.
         assert len({key for _ids, key in launcher.lossy.releases}) == 3
-    finally:
-        launcher.close()
 
 
 class RouteDown(Exception):
@@ -224,11 +228,9 @@ def test_a_release_route_failing_for_good_strands_one_batch_only(balsam_env: Any
     release_unknown (never started here, never freed) until its end. Now giving back stays off
     while the given-up release is unsettled: the stalled jobs stay with the loop (it starts them
     when slots free), and only the first batch waits for the route."""
-    launcher = Launcher(3)
-    f = launcher.f
-    lossy = launcher.lossy
-    try:
-        taken = launcher.start_and_take_all()
+    with _started(3) as (launcher, taken):
+        f = launcher.f
+        lossy = launcher.lossy
         first_ids = sorted(p.id for p in taken)
         _give_up(launcher, taken, UNREACHED)
         lossy.lose = None
@@ -249,15 +251,11 @@ def test_a_release_route_failing_for_good_strands_one_batch_only(balsam_env: Any
         f.give_back([(p, f.taken_generation) for p in stalled])
         got = _leased_elsewhere(launcher, first_ids + sorted(p.id for p in stalled))
         assert f.release_unknown == [] and len(got) == 6
-    finally:
-        launcher.close()
 
 
 def test_a_server_without_the_route_stops_giving_back_for_good(balsam_env: Any, quick: None) -> None:
-    launcher = Launcher(4)
-    f = launcher.f
-    try:
-        taken = launcher.start_and_take_all()
+    with _started(4) as (launcher, taken):
+        f = launcher.f
         launcher.lossy.no_route = True
         f.give_back([(taken[0], f.taken_generation)])
         wait_until("the release was refused", lambda: f.release_refused)
@@ -270,8 +268,6 @@ def test_a_server_without_the_route_stops_giving_back_for_good(balsam_env: Any, 
         time.sleep(5 * prefetch.RELEASE_RESUME_SEC)  # past any back-off: still no giving back
         assert not f.may_release and not f.may_give_back and f.release_refused
         assert len(launcher.lossy.releases) == 1
-    finally:
-        launcher.close()
 
 
 def _fail_until_given_up(f: Any, lease: Any, ids: list[int]) -> None:

@@ -48,6 +48,45 @@ def _settings(flag: str, queue: str) -> str:
             f"    {queue}:\n      max_nodes: 64\n      max_walltime: 120\n      max_queued_jobs: 2\n")
 
 
+#: ``sinfo`` of an idle partition ``debug``: nodes for any queue the tests submit to.
+SINFO_DEBUG = "debug|up|idle|8|2:00:00\n"
+
+
+def _slurm_site(make_site, queue: str = "regular", queue_flag: str | None = "--qos"):
+    """A site on Slurm (``queue_flag`` as given, none: partition mode) whose one allowed queue
+    ``queue`` takes 2 queued jobs at most, with a job template."""
+    scheduler = {"name": "slurm", "allowed_projects": ["local"], "allowed_queues": {
+        queue: {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 2}}}
+    if queue_flag:
+        scheduler["options"] = {"queue_flag": queue_flag}
+    site = make_site(overrides={"scheduler": scheduler})
+    Path(site.job_template_path).write_text("#!/bin/bash\nsleep 1\n")
+    return site
+
+
+def _queued(client, site, queue: str = "regular", scheduler_id: int = 700) -> int:
+    """A BatchJob of ``queue`` already queued as Slurm job ``scheduler_id``: its id."""
+    job = create_batch_job(client, site.site_id, queue=queue)["id"]
+    client.patch("/batch-jobs/", json=[{"id": job, "state": "queued", "scheduler_id": scheduler_id}])
+    return job
+
+
+def _scheduler_module(site, client, squeue: str, sinfo: str = SINFO_DEBUG,
+                      queue_flag: str | None = "--qos") -> tuple[SchedulerModule, list[tuple]]:
+    """The site's scheduler module on the real Slurm driver, squeue / sinfo replayed; sbatch
+    answers job 555: ``(module, sbatch)``, the arguments of each sbatch run."""
+    sbatch: list[tuple] = []
+
+    def run_sbatch(command):
+        sbatch.append(command.args)
+        return result(stdout="555\n")
+
+    runner = ReplayRunner({"squeue": result(stdout=squeue), "sbatch": run_sbatch, "sinfo": result(stdout=sinfo)})
+    options = {"queue_flag": queue_flag} if queue_flag else None
+    return SchedulerModule(site, site.settings.scheduler, client,
+                           scheduler=SlurmScheduler(runner, user="u", options=options)), sbatch
+
+
 def test_a_qos_queue_with_capitals_is_refused_in_one_line() -> None:
     with pytest.raises(SettingsError) as info:
         loads_settings(_settings("--qos", "Normal"))
@@ -95,23 +134,10 @@ def test_after_the_rename_a_pending_batch_job_of_the_old_name_is_refused(make_si
     refused as not in allowed_queues (submit_failed, its error says why), never submitted; it is
     to be submitted again under the new name. One already queued under the old name is followed
     as before (the queue is checked at submission only)."""
-    site = make_site(overrides={"scheduler": {"name": "slurm", "options": {"queue_flag": "--qos"},
-                                              "allowed_projects": ["local"], "allowed_queues": {
-        "normal": {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 2}}}})
-    Path(site.job_template_path).write_text("#!/bin/bash\nsleep 1\n")
+    site = _slurm_site(make_site, "normal")
     old = create_batch_job(client, site.site_id, queue="Normal")["id"]
-    queued = create_batch_job(client, site.site_id, queue="Normal")["id"]
-    client.patch("/batch-jobs/", json=[{"id": queued, "state": "queued", "scheduler_id": 700}])
-    sbatch: list[tuple] = []
-
-    def run_sbatch(command):
-        sbatch.append(command.args)
-        return result(stdout="555\n")
-
-    runner = ReplayRunner({"squeue": result(stdout=_line(700, "normal")), "sbatch": run_sbatch,
-                           "sinfo": result(stdout="debug|up|idle|8|2:00:00\n")})
-    module = SchedulerModule(site, site.settings.scheduler, client,
-                             scheduler=SlurmScheduler(runner, user="u", options={"queue_flag": "--qos"}))
+    queued = _queued(client, site, "Normal")
+    module, sbatch = _scheduler_module(site, client, _line(700, "normal"))
     module.run_cycle()
     record = batch_job(client, old)
     assert sbatch == [] and record["state"] == "submit_failed", record
@@ -130,22 +156,9 @@ def test_max_queued_jobs_counts_the_users_other_jobs_under_the_qos_its_own_jobs_
     """The site's own job 700 (a ``regular`` BatchJob, listed as ``gpu_regular``) and the user's
     other job 901 of that QOS: 2 jobs toward ``regular``'s limit of 2, so the third waits. Counted
     under ``gpu_regular`` alone, 901 counted toward no limit and the third went to sbatch."""
-    site = make_site(overrides={"scheduler": {"name": "slurm", "options": {"queue_flag": "--qos"},
-                                              "allowed_projects": ["local"], "allowed_queues": {
-        "regular": {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 2}}}})
-    Path(site.job_template_path).write_text("#!/bin/bash\nsleep 1\n")
-    mine = create_batch_job(client, site.site_id, queue="regular")["id"]
-    client.patch("/batch-jobs/", json=[{"id": mine, "state": "queued", "scheduler_id": 700}])
-    sbatch: list[tuple] = []
-
-    def run_sbatch(command):
-        sbatch.append(command.args)
-        return result(stdout="555\n")
-
-    runner = ReplayRunner({"squeue": result(stdout=_line(700, "gpu_regular") + _line(901, "gpu_regular")),
-                           "sbatch": run_sbatch, "sinfo": result(stdout="debug|up|idle|8|2:00:00\n")})
-    module = SchedulerModule(site, site.settings.scheduler, client,
-                             scheduler=SlurmScheduler(runner, user="u", options={"queue_flag": "--qos"}))
+    site = _slurm_site(make_site)
+    _queued(client, site)
+    module, sbatch = _scheduler_module(site, client, _line(700, "gpu_regular") + _line(901, "gpu_regular"))
     waiting = create_batch_job(client, site.site_id, queue="regular")["id"]
     module.run_cycle()
     record = batch_job(client, waiting)
@@ -156,22 +169,9 @@ def test_max_queued_jobs_counts_the_users_other_jobs_under_the_qos_its_own_jobs_
 def test_a_job_of_another_qos_is_not_counted_toward_the_queue(make_site, client) -> None:
     """Only the name the site's own jobs show joins: the user's job of QOS premium does not count
     toward ``regular`` (one job there: the new BatchJob is submitted)."""
-    site = make_site(overrides={"scheduler": {"name": "slurm", "options": {"queue_flag": "--qos"},
-                                              "allowed_projects": ["local"], "allowed_queues": {
-        "regular": {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 2}}}})
-    Path(site.job_template_path).write_text("#!/bin/bash\nsleep 1\n")
-    mine = create_batch_job(client, site.site_id, queue="regular")["id"]
-    client.patch("/batch-jobs/", json=[{"id": mine, "state": "queued", "scheduler_id": 700}])
-    sbatch: list[tuple] = []
-
-    def run_sbatch(command):
-        sbatch.append(command.args)
-        return result(stdout="555\n")
-
-    runner = ReplayRunner({"squeue": result(stdout=_line(700, "gpu_regular") + _line(901, "premium")),
-                           "sbatch": run_sbatch, "sinfo": result(stdout="debug|up|idle|8|2:00:00\n")})
-    module = SchedulerModule(site, site.settings.scheduler, client,
-                             scheduler=SlurmScheduler(runner, user="u", options={"queue_flag": "--qos"}))
+    site = _slurm_site(make_site)
+    _queued(client, site)
+    module, sbatch = _scheduler_module(site, client, _line(700, "gpu_regular") + _line(901, "premium"))
     waiting = create_batch_job(client, site.site_id, queue="regular")["id"]
     module.run_cycle()
     assert len(sbatch) == 1 and batch_job(client, waiting)["state"] == "queued"
@@ -190,21 +190,10 @@ def test_partition_mode_counts_the_users_jobs_of_the_partition_its_own_jobs_are_
     partition ``regular_milan_ss11`` (a job_submit plugin's rewrite), where the user's other job
     901 waits too: 901 counts toward ``regular`` (2 of 2: the new BatchJob waits). Where the own job
     is listed as ``regular``, 901 is another partition's and the new BatchJob is submitted."""
-    site = make_site(overrides={"scheduler": {"name": "slurm", "allowed_projects": ["local"], "allowed_queues": {
-        "regular": {"max_nodes": 64, "max_walltime": 120, "max_queued_jobs": 2}}}})
-    Path(site.job_template_path).write_text("#!/bin/bash\nsleep 1\n")
-    mine = create_batch_job(client, site.site_id, queue="regular")["id"]
-    client.patch("/batch-jobs/", json=[{"id": mine, "state": "queued", "scheduler_id": 700}])
-    sbatch: list[tuple] = []
-
-    def run_sbatch(command):
-        sbatch.append(command.args)
-        return result(stdout="555\n")
-
+    site = _slurm_site(make_site, queue_flag=None)
+    _queued(client, site)
     squeue = _line(700, "normal", part=listed_as) + _line(901, "normal", part="regular_milan_ss11")
-    runner = ReplayRunner({"squeue": result(stdout=squeue), "sbatch": run_sbatch,
-                           "sinfo": result(stdout="regular|up|idle|8|2:00:00\n")})
-    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=SlurmScheduler(runner, user="u"))
+    module, sbatch = _scheduler_module(site, client, squeue, sinfo="regular|up|idle|8|2:00:00\n", queue_flag=None)
     waiting = create_batch_job(client, site.site_id, queue="regular")["id"]
     module.run_cycle()
     record = batch_job(client, waiting)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import globus_sdk
 import pytest
@@ -74,10 +74,12 @@ def stage_in_site(tmp_path: Path, name: str, workdir: str = "t/0", **transfers):
     return client, site_path, site, job, item
 
 
-def globus_site(tmp_path: Path, endpoint_site_path: str) -> tuple[Any, Path, Any]:
+def globus_site(tmp_path: Path, endpoint_site_path: str,
+                locations: Optional[dict[str, str]] = None) -> tuple[Any, Path, Any]:
     """A real site ``gsite`` on the live API (the caller's ``balsam_env``, let through with
     ``responses.add_passthru``) whose collection SITE_EP sees it at ``endpoint_site_path``, with the
-    Globus location ``aps`` on REMOTE_EP: ``(client, site_path, site)``."""
+    Globus location ``aps`` on REMOTE_EP (or the transfer_locations ``locations``):
+    ``(client, site_path, site)``."""
     from balsam._api.model import reset_default_client
     from balsam.client import load_client
     from balsam.config import SiteConfig
@@ -87,7 +89,7 @@ def globus_site(tmp_path: Path, endpoint_site_path: str) -> tuple[Any, Path, Any
     client = load_client()
     site_path = tmp_path / "gsite"
     init_site(site_path, "gsite", "default", client, settings_overrides={"transfers": {
-        "transfer_locations": {"aps": f"globus://{REMOTE_EP}"}, "globus_endpoint_id": SITE_EP,
+        "transfer_locations": locations or {"aps": f"globus://{REMOTE_EP}"}, "globus_endpoint_id": SITE_EP,
         "globus_endpoint_site_path": endpoint_site_path}})
     return client, site_path, SiteConfig(site_path)
 
@@ -118,12 +120,15 @@ def outer_and_inner_jobs(site: Any) -> tuple[Any, Any]:
     return j1, j2
 
 
-def globus_module(tmp_path: Path, site: Any, client: Any, endpoint_site_path: str) -> Any:
-    """The agent's transfers module for ``globus_site``'s site, one try per item, its Globus backend
-    on globus-sdk's test client (what it asks Globus goes to the registered responses)."""
+def globus_module(tmp_path: Path, site: Any, client: Any, endpoint_site_path: str,
+                  locations: Optional[dict[str, str]] = None) -> Any:
+    """The agent's transfers module for ``globus_site``'s site (given the same ``locations``), one
+    try per item, its Globus backend on globus-sdk's test client (what it asks Globus goes to the
+    registered responses)."""
     from balsam.site.modules.transfers import TransfersModule, TransfersOptions
 
-    options = TransfersOptions(transfer_locations={"aps": f"globus://{REMOTE_EP}"}, globus_endpoint_id=SITE_EP,
+    options = TransfersOptions(transfer_locations=locations or {"aps": f"globus://{REMOTE_EP}"},
+                               globus_endpoint_id=SITE_EP,
                                globus_endpoint_site_path=endpoint_site_path, max_attempts=1)
     module = TransfersModule(site, options, client)
     module.backends["globus"] = make_backend(tmp_path, endpoint_site_path=endpoint_site_path)

@@ -25,7 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import globus_sdk
 import pytest
@@ -38,7 +37,8 @@ from balsam.states import TransferDirection
 from balsam.transfer import TransferError, TransferFile, TransferLocation
 from balsam_transfer_globus.backend import GlobusTransfer
 from balsam_transfer_globus.hooks import _canonical, globus_login
-from globus_test_utils import SITE_EP, TASK_ID, TRANSFER, make_backend, mocked_responses  # noqa: F401
+from globus_test_utils import (SITE_EP, TASK_ID, TRANSFER, globus_module, globus_site, make_backend,  # noqa: F401
+                               mocked_responses)
 from test_transfer_module_refusals import FakeAPI
 from transfer_test_utils import finish_as_a_launcher
 
@@ -46,28 +46,6 @@ LOWER = "abcdef01-2345-6789-abcd-ef0123456789"
 OTHER = "abcdef01-2345-6789-abcd-ef0123456780"
 LOCATIONS = {"lower": f"globus://{LOWER}", "upper": f"globus://{LOWER.upper()}"}
 SECOND_TASK = "00000000-0000-0000-0000-00000000b0b2"
-
-
-def _module(site: Any, client: Any, tmp_path: Path) -> Any:
-    from balsam.site.modules.transfers import TransfersModule, TransfersOptions
-
-    options = TransfersOptions(transfer_locations=LOCATIONS, globus_endpoint_id=SITE_EP,
-                               globus_endpoint_site_path="/~/", max_attempts=1)
-    return TransfersModule(site, options, client)
-
-
-def _site(tmp_path: Path) -> tuple[Any, Any]:
-    from balsam._api.model import reset_default_client
-    from balsam.client import load_client
-    from balsam.config import SiteConfig
-    from balsam.site.site_ops import init_site
-
-    reset_default_client()
-    client = load_client()
-    site_path = tmp_path / "gsite"
-    init_site(site_path, "gsite", "default", client, settings_overrides={"transfers": {
-        "transfer_locations": LOCATIONS, "globus_endpoint_id": SITE_EP, "globus_endpoint_site_path": "/~/"}})
-    return client, SiteConfig(site_path)
 
 
 def _submissions() -> list[dict]:
@@ -81,7 +59,7 @@ def test_live_stage_outs_to_one_path_of_a_collection_written_in_two_cases_take_t
     from balsam.site.modules.transfers import SAME_FILE_WAIT
 
     responses.add_passthru(balsam_env.url)
-    client, site = _site(tmp_path)
+    client, _site_path, site = globus_site(tmp_path, "/~/", locations=LOCATIONS)
     site_id = site.site_id
 
     class Publish(ApplicationDefinition):
@@ -96,9 +74,7 @@ def test_live_stage_outs_to_one_path_of_a_collection_written_in_two_cases_take_t
         (Path(site.data_path) / job.workdir).mkdir(parents=True, exist_ok=True)
         (Path(site.data_path) / job.workdir / "out.dat").write_text(str(job.workdir))
         finish_as_a_launcher(client, site_id, job.id)
-    module = _module(site, client, tmp_path)
-    module.backends["globus"] = make_backend(tmp_path, endpoint_site_path="/~/")
-    module.backends["globus"].site_path = str(site.site_path)
+    module = globus_module(tmp_path, site, client, "/~/", locations=LOCATIONS)
     body = get_response_set(globus_sdk.TransferClient.submit_transfer).lookup("default").json
     for task_id in (TASK_ID, SECOND_TASK):
         responses.add(responses.POST, f"{TRANSFER}/transfer", json={**body, "task_id": task_id})
