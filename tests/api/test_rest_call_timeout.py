@@ -16,6 +16,8 @@ one (LocalHTTPPool, a server on this machine) and httpx's (any other server).
 
 from __future__ import annotations
 
+import datetime as dt
+import http.server
 import socket
 import threading
 import types
@@ -112,13 +114,79 @@ def test_a_call_with_a_deadline_waits_no_longer_than_the_time_left_and_is_not_re
     assert "deadline" in str(raised.value) and "1 attempt" in str(raised.value)
 
 
-def test_a_deadline_past_already_gets_one_attempt_of_the_least_wait(
-        silent_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_deadline_past_already_sends_nothing(silent_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, one attempt went out with a 1 ms timeout: a write the server applied, its answer lost."""
     client = RESTClient(silent_server, read_timeout=120.0, retry_count=0)
     waits = Waits(client, monkeypatch, now=1000.0)
-    with pytest.raises(ServerUnavailable):
-        client.get("/sessions", deadline=999.0)
-    assert waits.timeouts == [(0.001, 0.001)]
+    with pytest.raises(ServerUnavailable) as raised:
+        client.post("/sessions/1/release", json={"job_ids": [1]}, idempotency_key="k", deadline=1000.0)
+    assert waits.timeouts == [] and client.request_counts["POST /sessions/1/release"] == 0
+    assert "not sent" in str(raised.value)
+
+
+def test_a_token_renewal_made_for_a_call_waits_no_longer_than_its_deadline(
+        silent_server: str, pool_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The access token is about to expire: the renewal (POST /auth/token) made inside the call is
+    bounded by the call's deadline too (before, it waited the client's read timeout, 120 s), and
+    the call itself is not sent once the deadline has passed."""
+    client = RESTClient(silent_server, token="old", token_expiry=dt.datetime.now(dt.timezone.utc),
+                        refresh_token="refresh", read_timeout=120.0, connect_timeout=6.2, retry_count=0)
+    client.settings_path = None
+    waits = Waits(client, monkeypatch, now=1000.0)
+    with pytest.raises(ServerUnavailable) as raised:
+        client.post("/sessions/1/release", json={"job_ids": [1]}, idempotency_key="k", deadline=1007.5)
+    assert waits.timeouts == [(7.5, 6.2 if pool_kind == "httpx" else 7.5)]
+    assert client.request_counts["POST /auth/token"] == 1 and client.request_counts["POST /sessions/1/release"] == 0
+    assert "deadline" in str(raised.value)
+
+
+def test_a_call_is_not_sent_again_after_a_renewal_that_ended_past_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 401, then a new access token answered once the deadline has passed: the call is not sent
+    again (its attempt would have a 1 ms timeout: applied by the server, its answer lost)."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            hits.append(self.path)
+            status, body = (200, b'{"access_token": "new", "expiration": null}') if self.path == "/auth/token" \
+                else (401, b'{"detail": "expired"}')
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = RESTClient(f"http://127.0.0.1:{server.server_port}", token="old", refresh_token="refresh",
+                            retry_count=0)
+        client.settings_path = None
+        now = [1000.0]
+        monkeypatch.setattr(rest, "time", types.SimpleNamespace(monotonic=lambda: now[0], sleep=lambda s: None))
+        pool = client._http()
+        real = pool.request
+
+        def request(method: str, url: str, **kw: Any) -> Any:
+            answer = real(method, url, **kw)
+            if url == "/auth/token":
+                now[0] = 1010.0  # the renewal's answer came after the call's deadline
+            return answer
+
+        monkeypatch.setattr(pool, "request", request)
+        with pytest.raises(ServerUnavailable) as raised:
+            client.post("/sessions/1/release", json={"job_ids": [1]}, idempotency_key="k", deadline=1005.0)
+        assert hits == ["/sessions/1/release", "/auth/token"] and "not sent" in str(raised.value)
+        assert client.token == "new"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def test_a_call_without_a_deadline_is_sent_as_before(silent_server: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -569,16 +569,17 @@ class RESTClient:
             expiry = expiry.replace(tzinfo=dt.timezone.utc)
         return expiry <= dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
 
-    def refresh_access_token(self) -> None:
+    def refresh_access_token(self, deadline: Optional[float] = None) -> None:
         """Exchange the refresh credential for a new access token (and store it in the login file
-        if that still holds this refresh credential, so other processes reuse it)."""
+        if that still holds this refresh credential, so other processes reuse it). ``deadline``:
+        that of the call that renews it (:meth:`request`), which bounds the exchange too."""
         from balsam.serialization import parse_datetime
 
         if not self.refresh_token:
             raise AuthenticationError("POST", f"{self.api_root}/auth/token", 401, "no refresh credential stored")
         result = self.request("POST", "/auth/token", data={"grant_type": "refresh_token",
                                                             "refresh_token": self.refresh_token},
-                              authenticated=False)
+                              authenticated=False, deadline=deadline)
         if not isinstance(result, dict) or "access_token" not in result:
             raise APIError("POST", f"{self.api_root}/auth/token", 200, f"unexpected refresh response {result!r}")
         self.token = result["access_token"]
@@ -586,31 +587,47 @@ class RESTClient:
         refresh_expiry = parse_datetime(result["refresh_expiration"]) if result.get("refresh_expiration") else None
         store_refreshed_token(self.settings_path, self.refresh_token, self.token, self.token_expiry, refresh_expiry)
 
-    def _ensure_fresh_token(self) -> None:
-        """With a refresh credential, renew an access token that is missing or about to expire."""
+    def _refresh_locked(self, deadline: Optional[float]) -> None:
+        """Take ``_refresh_lock``, waiting no longer than ``deadline`` (the caller's: a call with a
+        deadline is not held past it by another thread's renewal either)."""
+        if deadline is None:
+            self._refresh_lock.acquire()
+        elif not self._refresh_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ServerUnavailable(f"{self.api_root}/auth/token: no new access token within the call's deadline "
+                                    f"(another call is renewing it)")
+
+    def _ensure_fresh_token(self, deadline: Optional[float] = None) -> None:
+        """With a refresh credential, renew an access token that is missing or about to expire
+        (``deadline``: the caller's, which bounds the renewal: see :meth:`request`)."""
         if not self.refresh_token or (self.token and not self._expires_within(REFRESH_MARGIN_SEC)):
             return
-        with self._refresh_lock:
+        self._refresh_locked(deadline)
+        try:
             if self.token and not self._expires_within(REFRESH_MARGIN_SEC):
                 return
             self._reload_token()
             if self.token and not self._expires_within(REFRESH_MARGIN_SEC):
                 return
-            self.refresh_access_token()
+            self.refresh_access_token(deadline)
+        finally:
+            self._refresh_lock.release()
 
-    def _renew_after_401(self) -> bool:
+    def _renew_after_401(self, deadline: Optional[float] = None) -> bool:
         """After a 401: a newer login on disk, else a new access token from the refresh credential.
-        True if there is something new to retry with."""
-        with self._refresh_lock:
+        True if there is something new to retry with (``deadline``: as :meth:`_ensure_fresh_token`)."""
+        self._refresh_locked(deadline)
+        try:
             if self._reload_token():
                 return True
             if not self.refresh_token:
                 return False
             try:
-                self.refresh_access_token()
+                self.refresh_access_token(deadline)
             except AuthenticationError:
                 return False
             return True
+        finally:
+            self._refresh_lock.release()
 
     def _expired(self) -> bool:
         expiry = self.token_expiry
@@ -624,6 +641,7 @@ class RESTClient:
         """:meth:`_send` for interactive use: the user hears of a long wait (:class:`_WaitReporter`),
         and the call's whole wait is capped at ``max_call_wait`` (or the caller's earlier ``deadline``)."""
         capped = time.monotonic() + (self.max_call_wait if self.max_call_wait is not None else float("inf"))
+        kwargs["own_deadline"] = deadline  # the caller's (None: the interactive cap alone, as before)
         deadline = capped if deadline is None else min(deadline, capped)
         key = None if self.report_waits_after is None else _wait_reporter.begin(
             f"{self.api_root}{path if path.startswith('/') else '/' + path}", self.report_waits_after)
@@ -671,7 +689,8 @@ class RESTClient:
         ``headers`` are added to the request's (``Prefer``). ``deadline`` (a ``time.monotonic()``
         time; None: the client's timeouts and retries alone bound the call): no attempt waits past
         it and none starts or is retried after it (:class:`ServerUnavailable`, or the last answer's
-        :class:`APIError`), for callers whose own give-up bound is shorter than one read timeout
+        :class:`APIError`; nothing is sent once it has passed), a token renewal made for the call
+        included, for callers whose own give-up bound is shorter than one read timeout
         (a launcher's release: the server may accept and never answer)."""
         resp = self._send(method, path, params=params, json=json, data=data, headers=headers,
                           authenticated=authenticated, idempotency_key=idempotency_key, retry_count=retry_count,
@@ -713,7 +732,8 @@ class RESTClient:
                       idempotency_key=idempotency_key, retry_count=retry_count)
         if self.report_waits_after is not None or self.max_call_wait is not None:
             return self._send_interactive(method, path, deadline=deadline, **kwargs)
-        return self._send_until(method, path, deadline=deadline, caller_deadline=deadline is not None, **kwargs)
+        return self._send_until(method, path, deadline=deadline, caller_deadline=deadline is not None,
+                                own_deadline=deadline, **kwargs)
 
     def _send_until(
         self,
@@ -729,17 +749,21 @@ class RESTClient:
         retry_count: Optional[int] = None,
         deadline: Optional[float],
         caller_deadline: bool = False,
+        own_deadline: Optional[float] = None,
     ) -> "Response":
         """:meth:`_send`'s work; ``deadline`` (``time.monotonic()``): no retry and no wait beyond it
         (set by :meth:`_send_interactive` or the caller; None: the retries alone bound the call).
         ``caller_deadline``: the caller's own bound, not an interactive command's (whose
-        messages give a user advice)."""
+        messages give a user advice). ``own_deadline``: the caller's deadline, if it set one: it also
+        bounds a token renewal made for this call, and once it has passed no attempt is sent (an
+        attempt of a write sent with no time left to read its answer may still be applied, its
+        answer lost). Without one, both are as before (an interactive command's cap included)."""
         method = method.upper()
         url = path if path.startswith("/") else "/" + path
         retries = self.retry_count if retry_count is None else min(int(retry_count), self.retry_count)
         retry_safe_headers = idempotency_headers(method, idempotency_key)
         if authenticated:
-            self._ensure_fresh_token()
+            self._ensure_fresh_token(own_deadline)
         content = None if json is None else _encode_json(json)  # encoded once, resent as is on a retry
         body_headers = {"Content-Type": "application/json"} if content is not None else {}
         reauthed = False
@@ -747,6 +771,12 @@ class RESTClient:
         started = time.monotonic()
         reached = False  # an attempt of this write was sent and its answer timed out
         while True:
+            if own_deadline is not None and deadline is not None and deadline - time.monotonic() <= 0:
+                # Past it before the first attempt, or after a token renewal (a retry's backoff never
+                # ends past it): nothing is sent.
+                raise ServerUnavailable(
+                    f"{method} {self.api_root}{url}: the call's deadline passed before attempt {attempt + 1} "
+                    f"({time.monotonic() - started:.0f} s): not sent")
             self.request_counts[f"{method} {url}"] += 1
             pool = self._http()
             try:
@@ -799,7 +829,7 @@ class RESTClient:
                 attempt += 1
                 continue
             if status == 401:
-                if authenticated and not reauthed and self._renew_after_401():
+                if authenticated and not reauthed and self._renew_after_401(own_deadline):
                     reauthed = True
                     continue
                 detail = _response_detail(resp)

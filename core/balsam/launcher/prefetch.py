@@ -55,7 +55,11 @@ Thread contract (two threads, nothing else shared):
   back (the race-freedom argument is :mod:`balsam.server.sessions_logic`'s "giving back jobs"; the
   acquire's ``max_wall_time_min`` never leases a too-late job to it again). Jobs acquired under a
   Session the lease lost since are not sent (the server released them with it), and a new Session
-  gets a new key. A server without the route (an older one: 405, or a 404 that names no Session)
+  gets a new key. Nor is an old copy whose id this Session leased again (its user re-queued it): its
+  release would free the new copy, which the loop may start (run twice); dropped by
+  :meth:`_drop_leased_again` at the acquire, and, for one the loop gave back after that check, by
+  :meth:`take` (the new copy handed over) or :meth:`_send_release` (the new copy in ``_ready``).
+  A server without the route (an older one: 405, or a 404 that names no Session)
   refuses it: the jobs held for a slot return to ``_ready`` with their acquire numbers and are
   started as before, the too-late ones stay leased until the lease's close, the prefetcher is no
   longer lean, and nothing is given back again. Any other refusal (the Session gone, bad input)
@@ -70,7 +74,9 @@ Thread contract (two threads, nothing else shared):
   so a server that accepts and never answers holds acquires back at most RELEASE_GIVE_UP_SEC, not
   one client read timeout, 120 s by default): acquires go on (one that fails for
   good held them back for the whole allocation), its jobs go to :attr:`release_unknown` where a try
-  may have been applied (else back to ``_ready``), those never sent back to ``_ready``, and nothing
+  may have been applied (else back to ``_ready``), those never sent back to ``_ready`` (as are those
+  the loop gives back after its check of :attr:`may_release` and before the give-up:
+  :meth:`_keep_unsent`; the flag is set and read by :meth:`take` under ``_lock``), and nothing
   is given back (:attr:`release_given_up`) until that release has *settled* (below: answered, its
   Session gone, or refused for good; no release is unsettled) and :data:`RELEASE_RESUME_SEC` have
   passed since the give-up, doubled at each give-up in a row up to :data:`RELEASE_RESUME_MAX_SEC`
@@ -344,6 +350,19 @@ class Prefetcher:
             self._held += len(jobs)
             self._ready.clear()
             self._ready_generations.clear()
+            if self._releasing:
+                # Old copies of these ids given back by the loop (give_back) after the prefetch
+                # thread's check (_drop_leased_again) and before the new copies reached _ready: the
+                # release of such an id would free the new copy the loop starts now (run twice).
+                # Those of the try in flight stay (a resend names exactly its first try's jobs; no
+                # acquire goes out while one is in flight, so none of them was leased again).
+                sent = self._release_size if self._release_key is not None else 0
+                ids = {p.id for p in jobs}
+                unsent = [e for e in self._releasing[sent:] if e[0].id not in ids]
+                if len(unsent) < len(self._releasing) - sent:
+                    logger.info("%d jobs given back were leased again: the old copies are not given back, the "
+                                "new ones go on", len(self._releasing) - sent - len(unsent))
+                    self._releasing = self._releasing[:sent] + unsent
             if self.too_late:
                 # Newer copies of jobs held back (leased again after the prefetch thread's check,
                 # _drop_leased_again, and before they reached _ready): the old copies are not given back.
@@ -396,14 +415,20 @@ class Prefetcher:
                 split.too_late[:] = [p for p in split.too_late if last[p.id] == order[id(p)]]
         if split.too_late:
             numbers = {p.id: g for p, g in zip(jobs, generations)}
-            if self.may_release:  # given back now, so that the elastic queue sees them (see "Giving back")
-                log_too_late(split, "a release request (POST /sessions/{id}/release)")
-                with self._lock:
+            # Read and stored in one locked block: the prefetch thread gives up (_refused) and resumes
+            # (_resume_release, which empties too_late) under _lock. Read before it and stored after,
+            # a job stored in too_late once giving back was on again stayed leased, unstarted and
+            # hidden until the Session's end; one queued once it was given up went out meanwhile.
+            with self._lock:
+                now = self.may_release  # given back now, so that the elastic queue sees them (see "Giving back")
+                if now:
                     self._releasing.extend((p, numbers[p.id], True) for p in split.too_late)
+                else:  # the prefetch thread drops those of an answered release (_settle)
+                    self._set_too_late([(p, numbers[p.id]) for p in split.too_late])
+            if now:
+                log_too_late(split, "a release request (POST /sessions/{id}/release)")
                 self._want.set()
             else:
-                with self._lock:  # the prefetch thread drops those of an answered release (_settle)
-                    self._set_too_late([(p, numbers[p.id]) for p in split.too_late])
                 log_too_late(split, "the lease's close (its Session's deletion)")
         return split.may_start
 
@@ -499,6 +524,12 @@ class Prefetcher:
                 self._stopping.wait(self.retry_sec)
                 continue
             if self._releasing:
+                if self.release_given_up and self._release_key is None:
+                    # Given back after the loop's check of may_give_back and before the give-up:
+                    # not sent while given up (the release would be a new request while the given-up
+                    # one is unsettled); kept as _refused keeps those never sent.
+                    self._keep_unsent()
+                    continue
                 # Before any acquire: none may lease a job of an unanswered release again.
                 self._send_release()
                 continue
@@ -559,6 +590,12 @@ class Prefetcher:
             # A resend under the key in flight names exactly its first try's jobs: jobs are only
             # appended meanwhile (give_back), and a void entry comes with a new Session (a new key).
             held = self._release_key is not None and self._release_session == session_id and not void
+            if not held and self._ready:
+                # A new request: an old copy given back (give_back) after _drop_leased_again's check,
+                # whose id was leased again and is now in _ready, is not named: its release would
+                # free the new copy the loop may start (take drops those it hands over as well).
+                newer = {p.id for p in self._ready}
+                self._releasing = [e for e in self._releasing if e[0].id not in newer]
             batch = self._releasing[:self._release_size if held else MAX_RELEASE_IDS]
         if void:
             logger.info("%d jobs to give back were leased by a lost session, which the server ended with "
@@ -607,6 +644,21 @@ class Prefetcher:
                     "%d set aside as too long for the time left, %d held while every slot was busy): %s",
                     len(ids), len(released), late, len(batch) - late, ids[:20])
 
+    def _keep_unsent(self) -> None:
+        """While giving back is given up, the jobs queued and never sent go back as :meth:`_refused`
+        returns them after a give-up: those held for a slot to ``_ready`` (with their acquire
+        numbers), the too-late ones to :attr:`too_late` (queued again at the resumption)."""
+        with self._lock:
+            stalled = [(p, g) for p, g, late in self._releasing if not late]
+            self._set_too_late([(p, g) for p, g, late in self._releasing if late])
+            self._releasing = []
+            for prepared, generation in reversed(stalled):
+                self._ready.appendleft(prepared)
+                self._ready_generations.appendleft(generation)
+        logger.info("giving back is given up: %d jobs given back meanwhile are kept (not sent)", len(stalled))
+        if stalled:
+            self._on_ready()
+
     def _forget_release(self) -> None:
         self._release_key, self._release_session, self._release_unanswered = None, None, False
         self._release_size = self._release_tries = 0
@@ -618,7 +670,8 @@ class Prefetcher:
         keeps it from acquires is cleared by heartbeats that do not list it: the held-jobs report
         does not see these; or the Session was lost and replaced). Released later under its id, it
         freed the new copy, which the loop may start meanwhile, to another launcher too (run twice).
-        The old copies are dropped; the new one is checked as any job (:meth:`take`)."""
+        The old copies are dropped; the new one is checked as any job (:meth:`take`). An old copy the
+        loop gives back after this check is dropped by :meth:`take` or :meth:`_send_release`."""
         ids = {int(job.id) for job in jobs}
         with self._lock:
             old = self._prune_too_late(ids)
@@ -801,7 +854,8 @@ class Prefetcher:
         if no_route:
             self.release_refused = True
         if gave_up:
-            self.release_given_up = True
+            with self._lock:  # one step with take's read of may_release (_hold_back_too_late)
+                self.release_given_up = True
             self.release_give_ups += 1
             self._given_up_at = time.monotonic()
             self._resume_at = self._given_up_at + self._resume_wait
@@ -881,7 +935,10 @@ class Prefetcher:
             back, self.too_late = self.too_late, []
             # One copy per id (_set_too_late, _drop_leased_again): each goes with its own acquire number.
             self._releasing.extend((p, self._too_late_generations.pop(p.id, 0), True) for p in back)
-        self.release_given_up = False  # an int-like store the loop thread reads (may_release)
+            # In the block that empties too_late: take (_hold_back_too_late) reads may_release and
+            # stores under _lock, so a job it holds back lands either in too_late before this block
+            # (queued here) or in _releasing after it, never in too_late once giving back is on.
+            self.release_given_up = False
         logger.info("the release given up is settled: giving back leased jobs resumes (%d give-ups so far; the next "
                     "one waits %.0f s)%s", self.release_give_ups, self._resume_wait,
                     f"; {len(back)} jobs set aside as too long for the time left meanwhile go first" if back else "")
