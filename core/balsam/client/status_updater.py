@@ -581,6 +581,7 @@ class BulkStatusUpdater:
         seen failures for ``close_timeout`` seconds. Every try carries the same Idempotency-Key: a
         try the server applied whose answer was lost is answered from its record, not applied again."""
         delay = 0.5
+        failures = 0
         key = uuid.uuid4().hex  # as rest.new_idempotency_key (rest, and httpx, load only when first sent)
         while True:
             try:
@@ -609,7 +610,11 @@ class BulkStatusUpdater:
                     if now - self._failing_since >= self.close_timeout:
                         raise _GaveUp(exc) from exc
                     delay = min(delay, 1.0)
-                logger.warning("%s: PATCH /jobs/ failed (%s); retrying in %.1f s", self.name, exc, delay)
+                # The first failure of a run of them is a warning; the rest (one every 10 s at most
+                # through an outage) are logged as the client logs its retries.
+                log = logger.warning if failures == 0 else logger.info
+                log("%s: PATCH /jobs/ failed (%s); retrying in %.1f s", self.name, exc, delay)
+                failures += 1
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -628,8 +633,11 @@ class BulkStatusUpdater:
         from .rest import RESTClient
 
         if isinstance(client, RESTClient):
-            # This loop does the retrying: while closing, one attempt per call keeps the give-up prompt.
-            client.patch("/jobs/", json=chunk, idempotency_key=key, retry_count=0 if self._stopping else None)
+            # One attempt per call: _send_retrying does the retrying, and checks between tries whether
+            # close() has begun. A call given the client's own budget (10 tries, backoff to 30 s) that
+            # went out just before close() held the launcher's exit 35 s when the API was gone
+            # (close() cannot cut a call short; it joined the thread for close_timeout + 30 s).
+            client.patch("/jobs/", json=chunk, idempotency_key=key, retry_count=0)
         else:
             client.patch("/jobs/", json=chunk)
 
