@@ -175,11 +175,6 @@ def subprocess_runner(command: Command) -> CommandResult:
             errors="replace",  # one stray byte in a job name must not make the whole output unreadable
             timeout=command.timeout,
             stdin=subprocess.DEVNULL,
-            # Out of the agent's process group: a Ctrl-C at a foreground agent's terminal killed the
-            # command too (a submit cut between starting the job and printing its id leaves a job
-            # nobody knows of) and its last word, "KeyboardInterrupt", was logged as the scheduler's
-            # failure. Now the command finishes and the agent, whose handler got the signal, stops.
-            start_new_session=True,
         )
     except FileNotFoundError:
         raise SchedulerError(f"`{command.args[0]}` was not found on PATH", permanent=True) from None
