@@ -48,6 +48,7 @@ import abc
 import datetime as dt
 import logging
 import os
+import signal
 import subprocess
 from pathlib import Path
 from types import MappingProxyType
@@ -160,27 +161,54 @@ class CommandRunner(Protocol):
     def __call__(self, command: Command) -> CommandResult: ...
 
 
+def _start_without_sigint(args: list[str], **options: Any) -> subprocess.Popen:
+    """Start a scheduler command with SIGINT blocked in it (the mask, inherited across exec).
+
+    Ctrl-C at a foreground agent's terminal signals its whole process group: the command died of
+    it (a submit cut between starting the job and printing its id leaves a job nobody knows of),
+    and its last word, ``KeyboardInterrupt``, was logged as the scheduler's failure. The command
+    stays in the agent's process group, so that ``balsam site stop --force`` (which ends that
+    group with SIGTERM, then SIGKILL) still ends a hung one: a session of its own left it behind.
+    Only this thread's mask changes, and only while it forks: the agent's handler runs as before.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no terminal process groups to share
+        return subprocess.Popen(args, **options)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return subprocess.Popen(args, **options)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def subprocess_runner(command: Command) -> CommandResult:
     """Run a command for real. A missing executable or a timeout comes back as a SchedulerError."""
     env = {**os.environ, **command.env}
     for name in command.unset_env:
         env.pop(name, None)
     try:
-        proc = subprocess.run(
+        proc = _start_without_sigint(
             list(command.args),
             env=env,
             cwd=command.cwd,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             encoding="utf-8",
             errors="replace",  # one stray byte in a job name must not make the whole output unreadable
-            timeout=command.timeout,
             stdin=subprocess.DEVNULL,
         )
     except FileNotFoundError:
         raise SchedulerError(f"`{command.args[0]}` was not found on PATH", permanent=True) from None
-    except subprocess.TimeoutExpired:
-        raise SchedulerError(f"`{command.args[0]}` did not answer within {command.timeout:.0f} s") from None
-    return CommandResult(tuple(command.args), proc.returncode, proc.stdout, proc.stderr)
+    with proc:  # as subprocess.run: killed on a timeout or on any exception while waiting
+        try:
+            stdout, stderr = proc.communicate(timeout=command.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise SchedulerError(f"`{command.args[0]}` did not answer within {command.timeout:.0f} s") from None
+        except BaseException:
+            proc.kill()
+            raise
+    return CommandResult(tuple(command.args), proc.returncode, stdout, stderr)
 
 
 @attrs.frozen
