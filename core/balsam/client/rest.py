@@ -253,12 +253,15 @@ class APIError(Exception):
     of them, where ``detail`` shows the first few), or None when the server did not name them."""
 
     def __init__(self, method: str, url: str, status_code: int, detail: Any,
-                 refused_ids: "frozenset[int] | None" = None) -> None:
+                 refused_ids: "frozenset[int] | None" = None, retry_after: Optional[float] = None) -> None:
         self.method = method
         self.url = url
         self.status_code = status_code
         self.detail = detail
         self.refused_ids = refused_ids
+        #: The seconds the answer's ``Retry-After`` asked to wait (429, 503), None without one: read
+        #: once here for callers that retry on their own (the status updater).
+        self.retry_after = retry_after
         super().__init__(f"{method} {url} failed with HTTP {status_code}: {_detail_text(detail)}")
 
 
@@ -340,9 +343,28 @@ def _refused_ids(resp: "Response") -> "frozenset[int] | None":
     return None
 
 
+def retry_after_seconds(value: Optional[str], now: Optional[dt.datetime] = None) -> Optional[float]:
+    """The wait a ``Retry-After`` header value asks for, in seconds (never negative): its
+    delay-seconds or its HTTP-date (RFC 9110 10.2.3; a proxy or load balancer may send the date
+    form), measured from ``now``. None when there is none or it cannot be read."""
+    raw = (value or "").strip()
+    if not raw:
+        return None
+    if raw.replace(".", "", 1).isdecimal():
+        return float(raw)
+    import email.utils
+
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" or an obsolete form: HTTP-dates are UTC
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (when - (now or dt.datetime.now(dt.timezone.utc))).total_seconds())
+
+
 def _retry_after(resp: "Response") -> float:
-    raw = resp.headers.get("Retry-After", "")
-    return float(raw) if raw.replace(".", "", 1).isdecimal() else 0.0
+    return retry_after_seconds(resp.headers.get("Retry-After")) or 0.0
 
 
 def _notify_credential_refused(error: AuthenticationError) -> None:
@@ -662,9 +684,9 @@ class RESTClient:
 
     def _backoff(self, attempt: int, resp: "Optional[Response]" = None) -> float:
         if resp is not None:
-            retry_after = resp.headers.get("Retry-After", "")
-            if retry_after.replace(".", "", 1).isdecimal():
-                return min(float(retry_after), self.backoff_max)
+            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+            if retry_after is not None:
+                return min(retry_after, self.backoff_max)
         delay = min(self.backoff_max, self.backoff_base * (2**attempt))
         return delay + random.uniform(0, delay / 4)
 
@@ -822,7 +844,8 @@ class RESTClient:
                 delay = self._backoff(attempt, resp)
                 if (attempt >= retries or _retry_after(resp) > self.backoff_max
                         or (deadline is not None and time.monotonic() + delay >= deadline)):
-                    raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp))
+                    raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp),
+                                   retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
                 logger.warning("%s %s: HTTP %d; retrying in %.1f s", method, url, status, delay,
                                extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
                 time.sleep(delay)

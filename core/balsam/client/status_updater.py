@@ -10,7 +10,13 @@ split in halves until the refused updates are isolated (:func:`isolate_refused`;
 logged (one ERROR line per call, however many it refused: :func:`log_refused`) and dropped, the
 others are sent.
 Connection failures and 5xx are retried for as long as the updater runs; once ``close()`` is
-called, calls that keep failing for ``close_timeout`` seconds are given up.
+called, calls that keep failing for ``close_timeout`` seconds are given up. An answer with a
+``Retry-After`` (429, 503) is retried no sooner than it asks (at most :data:`MAX_SERVER_WAIT_SEC`,
+plus a little jitter so that many launchers do not come back in the same instant), and never past
+``close()``'s give-up: a wait that would end after it ends there, for one last try. The updates put meanwhile
+go out with the refused ones in one call after a 429 (nothing of a call answered 429 was applied);
+after a 503 the same call is resent with its Idempotency-Key (its commit may have been cut) and
+they follow in the next call.
 
 Leases: an updater given a ``session_id`` (a launcher's Session; an int, or a callable that tells
 the current one) adds ``"session_id"`` to every update put without one. The server applies such an
@@ -36,6 +42,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -53,6 +60,14 @@ logger = logging.getLogger(__name__)
 SESSION_KEY = "session_id"
 #: Statuses that mean "retry later", not "this request is wrong".
 _TRANSIENT_4XX = (401, 408, 429)
+#: The longest wait a server's ``Retry-After`` gets (a longer one is cut to this: the call is tried
+#: again then, and a server still busy answers with a new Retry-After).
+MAX_SERVER_WAIT_SEC = 60.0
+#: Jitter added to a server's wait, as a fraction of it (and at most ``_MAX_JITTER_SEC``): the
+#: launchers of one busy server all answered ``Retry-After: N`` at once would otherwise all come
+#: back at once, the load the 429 was sent to spread.
+_JITTER_FRACTION = 0.1
+_MAX_JITTER_SEC = 5.0
 #: ``BulkStatusUpdater.dropped`` keeps the most recent this many dropped updates (``dropped_count``
 #: counts them all): a long-lived updater (the site agent's processing module) must not grow without bound.
 MAX_DROPPED_KEPT = 1000
@@ -279,6 +294,18 @@ class _GaveUp(Exception):
         self.cause = cause
 
 
+class _WaitedUnapplied(Exception):
+    """Raised by ``_send_retrying`` after it waited out a server's 429: no try of the call was
+    applied, so the caller may send it again with the updates put meanwhile, under a new key."""
+
+
+def server_wait(exc: BaseException) -> Optional[float]:
+    """The seconds a failed call's answer asked to wait (its ``Retry-After``, as the client read
+    it: :attr:`balsam.client.rest.APIError.retry_after`), None when it did not say."""
+    wait = getattr(exc, "retry_after", None)
+    return float(wait) if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait >= 0 else None
+
+
 class _Replacement(dict):
     """An update ``on_refused`` gave in place of a refused one (sent as any dict)."""
 
@@ -332,11 +359,15 @@ class BulkStatusUpdater:
         self._last_put = 0
         self._done = 0
         self._wake = threading.Event()
+        #: Set by close() (never cleared): cuts a wait between two tries short.
+        self._closing = threading.Event()
         self._done_cond = threading.Condition()
         self._closed = False
         self._stopping = False
         #: When the calls started failing while closing (None: the last call went through).
         self._failing_since: Optional[float] = None
+        #: Failed tries since the last call that went through (the first is logged as a WARNING).
+        self._failures = 0
         self._inflight: list[dict[str, Any]] = []
         self.sent = 0
         #: (update, reason) of the most recent :data:`MAX_DROPPED_KEPT` updates dropped (refused, or
@@ -460,6 +491,7 @@ class BulkStatusUpdater:
             return
         self._closed = True
         self._stopping = True
+        self._closing.set()
         self._wake.set()
         # A call in flight can take a connect timeout (~6 s) before the give-up clock is checked.
         self._thread.join(self.close_timeout + 30)
@@ -480,16 +512,18 @@ class BulkStatusUpdater:
         self.close()
 
     # -- background thread ---------------------------------------------------------------------
-    def _drain(self) -> list[dict[str, Any]]:
+    def _drain(self, room: Optional[int] = None) -> list[dict[str, Any]]:
         # At most one call's worth (MAX_ITEMS_PER_BULK_OP), so that no group is split between two
-        # calls; a group larger than that alone goes whole to the chunking of _send_batch.
+        # calls; a group larger than that alone goes whole to the chunking of _send_batch. With
+        # ``room`` (what a call being sent has left), only what fits in it, groups whole.
         batch: list[dict[str, Any]] = []
         items = self._items
-        room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP)
+        whole = room is None
+        room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP) if room is None else room
         while items and len(batch) < room:
             item = items[0]  # this thread alone takes items: what it peeks at is what it pops
             if type(item) is tuple:
-                if batch and len(batch) + len(item) > room:
+                if (batch or not whole) and len(batch) + len(item) > room:
                     break
                 batch.extend(item)
             else:
@@ -529,13 +563,29 @@ class BulkStatusUpdater:
                     self._done_cond.notify_all()
 
     def _send_batch(self, batch: list[dict[str, Any]]) -> None:
-        chunks = [batch[start : start + MAX_ITEMS_PER_BULK_OP] for start in range(0, len(batch), MAX_ITEMS_PER_BULK_OP)]
-        for index, chunk in enumerate(chunks):
+        """Send ``batch`` (the list ``_run`` counts as done afterwards: updates taken into it here
+        are counted with it) in calls of MAX_ITEMS_PER_BULK_OP at most."""
+        start = 0
+        while start < len(batch):
+            chunk = batch[start : start + MAX_ITEMS_PER_BULK_OP]
+
+            def send(items: list, chunk: list = chunk) -> None:
+                # Only the whole chunk may take in more updates after a 429: a part of it sent while
+                # isolating refused updates follows others of the chunk that were applied.
+                self._send_retrying(items, merge=items is chunk)
+
             try:
-                refused = isolate_refused(self._send_retrying, chunk)
+                refused = isolate_refused(send, chunk)
+            except _WaitedUnapplied:
+                # Nothing of it was applied: the updates put during the server's wait go with it,
+                # after it (their order), in the one call it is sent again as, where it has room.
+                room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP) - len(chunk)
+                if start + len(chunk) == len(batch) and room > 0:
+                    batch.extend(self._drain(room))
+                continue
             except _GaveUp as exc:
                 self.gave_up = True
-                unsent = [u for later in chunks[index:] for u in later]
+                unsent = batch[start:]
                 logger.error("%s: giving up on %d updates: %s", self.name, len(unsent), exc.cause)
                 self._drop(unsent, str(exc.cause))
                 self._spool(unsent)
@@ -545,6 +595,7 @@ class BulkStatusUpdater:
                 self._drop([update], str(error))
                 self._replace_refused(update, error)
             self.sent += len(chunk) - len(refused)
+            start += len(chunk)
 
     def _log_refused(self, refused: Sequence[tuple[Any, BaseException]], total: int) -> None:
         """Log the updates the server refused in one call (:func:`log_refused`; a subclass whose
@@ -576,17 +627,24 @@ class BulkStatusUpdater:
         self._items.append(_Replacement(replacement))
         self._last_put = next(self._put_count)
 
-    def _send_retrying(self, chunk: list[dict[str, Any]]) -> None:
+    def _send_retrying(self, chunk: list[dict[str, Any]], merge: bool = False) -> None:
         """One PATCH, retried through outages; raises refusals, and :class:`_GaveUp` once closing has
         seen failures for ``close_timeout`` seconds. Every try carries the same Idempotency-Key: a
-        try the server applied whose answer was lost is answered from its record, not applied again."""
+        try the server applied whose answer was lost is answered from its record, not applied again.
+        ``merge``: after waiting out a 429 when no try of the call can have been applied, raise
+        :class:`_WaitedUnapplied` instead of resending it as it is (the caller adds the updates put
+        meanwhile; the new body gets a new key)."""
         delay = 0.5
-        failures = 0
         key = uuid.uuid4().hex  # as rest.new_idempotency_key (rest, and httpx, load only when first sent)
+        # Every failed try so far was answered 429: refused before anything was applied (a rate
+        # limit's answer, the server's or a proxy's). A timeout or a 5xx may follow an applied
+        # commit: then only this body under this key is safe to send again.
+        unapplied = True
         while True:
             try:
                 self._patch(chunk, key)
                 self._failing_since = None
+                self._failures = 0
                 return
             except Exception as exc:
                 if self.sends_session and refuses_session_key(exc) and any(SESSION_KEY in u for u in chunk):
@@ -604,19 +662,54 @@ class BulkStatusUpdater:
                     # Revoked: nothing more gets through with this credential; the spool hands the
                     # updates to the site agent (the server already ended our sessions).
                     raise _GaveUp(exc) from exc
-                if self._stopping:
-                    now = time.monotonic()
-                    self._failing_since = self._failing_since or now
-                    if now - self._failing_since >= self.close_timeout:
-                        raise _GaveUp(exc) from exc
-                    delay = min(delay, 1.0)
+                unapplied = unapplied and http_status(exc) == 429
+                asked = server_wait(exc)
+                if asked is not None:
+                    # The server (or a proxy) said when to come back: sooner would be the load it
+                    # refused (every launcher of a busy server retrying on its own schedule).
+                    wait = min(asked, MAX_SERVER_WAIT_SEC)
+                    wait += random.uniform(0, min(wait * _JITTER_FRACTION, _MAX_JITTER_SEC))
+                else:
+                    wait = delay
+                    delay = min(delay * 2, 10.0)
+                now = time.monotonic()
+                retry_at = self._retry_at(now + wait, asked is not None, exc)
                 # The first failure of a run of them is a warning; the rest (one every 10 s at most
                 # through an outage) are logged as the client logs its retries.
-                log = logger.warning if failures == 0 else logger.info
-                log("%s: PATCH /jobs/ failed (%s); retrying in %.1f s", self.name, exc, delay)
-                failures += 1
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                log = logger.warning if self._failures == 0 else logger.info
+                log("%s: PATCH /jobs/ failed (%s); retrying in %.1f s%s", self.name, exc, retry_at - now,
+                    " (as the server's Retry-After asks)" if asked is not None else "")
+                self._failures += 1
+                if not self._stopping and self._closing.wait(max(0.0, retry_at - now)):
+                    # close() began during the wait: what is left of it is planned as closing.
+                    retry_at = self._retry_at(retry_at, asked is not None, exc)
+                time.sleep(max(0.0, retry_at - time.monotonic()))
+                if merge and unapplied and asked is not None:
+                    raise _WaitedUnapplied() from exc
+
+    def _retry_at(self, end: float, asked: bool, exc: BaseException) -> float:
+        """When to try again, a wait due to end at ``end`` (``time.monotonic()``; ``asked``: the
+        server's Retry-After), or :class:`_GaveUp`. Once close() has begun, calls that keep failing
+        for ``close_timeout`` seconds are given up (the updates go to the spool); a wait the server
+        asked for ends at that give-up at the latest, for one last try; our own backoff is then
+        one second at most."""
+        if not self._stopping:
+            return end
+        now = time.monotonic()
+        self._failing_since = self._failing_since or now
+        give_up_at = self._failing_since + self.close_timeout
+        if now >= give_up_at:
+            raise _GaveUp(exc)
+        if not asked:
+            return min(end, now + 1.0)
+        if end > give_up_at:
+            # Its wait is cut at the give-up, for one last try: close() ends by then, and one call
+            # a little early (not one a second) may still find a server back from a short outage
+            # (503 with Retry-After 5 against a launcher's close_timeout of 5 s).
+            logger.warning("%s: closing, and the server asks to wait %.1f s more, past the %.1f s left to "
+                           "send the updates: one last try then", self.name, end - now, give_up_at - now)
+            return give_up_at
+        return end
 
     def _patch(self, chunk: list[dict[str, Any]], key: Optional[str] = None) -> None:
         self.calls += 1

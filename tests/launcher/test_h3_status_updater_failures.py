@@ -1,0 +1,358 @@
+"""The status updater's failures against a real server: a ``Retry-After`` (429, 503) of the server
+or of a proxy before it is honoured; an answer lost after the server applied the call; a call
+the server refuses for one of its jobs.
+
+Before, every PATCH was one try and the updater's own loop retried it after 0.5 s, 1 s, 2 s ...
+whatever the answer asked: a server (or a rate-limiting proxy) that answered ``429 Retry-After: 2``
+had the same PATCH again after 0.5 s, from every launcher at once, and the updates put meanwhile
+went in a PATCH of their own beside the retry.
+
+Real components: a uvicorn server (SQLite) behind a small HTTP proxy that answers the first
+``PATCH /jobs/`` with 429 (nothing forwarded) or forwards it and answers 503 (applied, its answer
+lost: a cut commit); the real RESTClient and BulkStatusUpdater.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.server
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import httpx
+import pytest
+
+from balsam.client.rest import RESTClient
+from balsam.client.status_updater import BulkStatusUpdater
+
+LOGGER = "balsam.client.status_updater"
+
+
+class ThrottlingProxy:
+    """A proxy to ``upstream``. Each ``PATCH /jobs/`` takes the next of ``plan``: ``("429", header)``
+    answers 429 with that ``Retry-After`` without forwarding; ``("503", header)`` forwards (the
+    server applies it) and answers 503 with that ``Retry-After`` instead of the server's answer;
+    once ``plan`` is empty (or ``always`` is set, which is answered every time) it forwards.
+    ``("drop", ...)`` forwards and then closes the connection without an answer (applied, the
+    answer lost). ``patches`` records (wall time of arrival, or of a held answer; ids in the body;
+    Idempotency-Key; status answered, 0 for none; Retry-After answered or None)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.plan: list[tuple[str, Callable[[], str]]] = []
+        self.always: Optional[tuple[str, Callable[[], str]]] = None
+        self.patches: list[tuple[float, list[int], Optional[str], int, Optional[str]]] = []
+        #: While set, a planned answer waits for ``release`` after setting ``holding``: the test
+        #: queues more updates while the updater waits for that answer, not racing the retry.
+        self.hold = False
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.upstream = httpx.Client(base_url=upstream, timeout=60)
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                arrived = time.time()
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+                step = None
+                if self.command == "PATCH" and re.fullmatch(r"/jobs/?", self.path):
+                    with outer.lock:
+                        step = outer.always or (outer.plan.pop(0) if outer.plan else None)
+                answer_headers: dict[str, str] = {}
+                if step is not None and step[0] == "drop":
+                    outer.upstream.request(self.command, self.path, content=body, headers=headers)
+                    with outer.lock:
+                        outer.patches.append((arrived, [u["id"] for u in json.loads(body or b"[]")],
+                                              self.headers.get("Idempotency-Key"), 0, None))
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if step is not None and step[0] == "429":
+                    status, content = 429, b'{"detail": "Too many requests"}'
+                else:
+                    answer = outer.upstream.request(self.command, self.path, content=body, headers=headers)
+                    status, content = answer.status_code, answer.content
+                    if step is not None:  # applied upstream; its answer replaced
+                        status, content = 503, b'{"detail": "The database is unavailable; retry shortly"}'
+                if step is not None and outer.hold:
+                    outer.holding.set()
+                    outer.release.wait(60)
+                    arrived = time.time()  # the answer's time: the client's wait starts after it
+                if step is not None:
+                    answer_headers["Retry-After"] = step[1]()
+                if self.command == "PATCH" and re.fullmatch(r"/jobs/?", self.path):
+                    ids = [u["id"] for u in json.loads(body or b"[]")]
+                    with outer.lock:
+                        outer.patches.append((arrived, ids, self.headers.get("Idempotency-Key"), status,
+                                               answer_headers.get("Retry-After")))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                for name, value in answer_headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.upstream.close()
+
+
+def seconds(value: str) -> Callable[[], str]:
+    return lambda: value
+
+
+def date_in(sec: int) -> Callable[[], str]:
+    """An HTTP-date ``sec`` whole seconds after the second the answer is made in."""
+    return lambda: email.utils.formatdate(int(time.time()) + sec, usegmt=True)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def env(request: pytest.FixtureRequest) -> Any:
+    """The test's user on a real server, on SQLite and on PostgreSQL (the idempotent replay of a
+    resent call differs between them: docs in balsam.server.idempotency)."""
+    return request.getfixturevalue("balsam_env" if request.param == "sqlite" else "balsam_env_pg")
+
+
+@pytest.fixture
+def proxy(env: Any) -> Iterator[ThrottlingProxy]:
+    throttling = ThrottlingProxy(env.url)
+    yield throttling
+    throttling.close()
+
+
+@pytest.fixture
+def jobs(env: Any, tmp_path: Path) -> Callable[[int], list[int]]:
+    """``jobs(n)``: ids of ``n`` new PREPROCESSED jobs of the test user (made directly, not through
+    the proxy)."""
+    from balsam.api import ApplicationDefinition, Site
+
+    name = f"h3-{uuid.uuid4().hex[:8]}"
+    site = Site.objects.create(name=name, path=str(tmp_path / name))
+    app = type("H3RetryAfter", (ApplicationDefinition,), {"site": site.name, "command_template": "echo hi"})
+    app.sync()
+    client = RESTClient(env.url, env.token)
+
+    def make(n: int) -> list[int]:
+        ids = []
+        for _ in range(n):
+            job = client.Job(workdir=f"h3/{uuid.uuid4().hex[:8]}", app_id=app.__app_id__)
+            job.save()
+            job.state = "PREPROCESSED"
+            job.save()
+            ids.append(job.id)
+        return ids
+
+    return make
+
+
+def _moves(env: Any, job_id: int) -> list[tuple[str, str]]:
+    client = RESTClient(env.url, env.token)
+    return [(str(e.from_state).rsplit(".", 1)[-1], str(e.to_state).rsplit(".", 1)[-1])
+            for e in client.EventLog.objects.filter(job_id=job_id)]
+
+
+def _states(env: Any, ids: list[int]) -> list[str]:
+    client = RESTClient(env.url, env.token)
+    by_id = {job.id: job.state.value for job in client.Job.objects.filter(id=ids)}
+    return [by_id[i] for i in ids]
+
+
+@pytest.mark.parametrize("retry_after", [seconds("2"), date_in(3)], ids=["delay-seconds", "http-date"])
+def test_a_429_is_retried_no_sooner_than_it_asks_with_the_updates_put_meanwhile(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], retry_after: Callable[[], str]) -> None:
+    first, later = jobs(2)
+    proxy.plan = [("429", retry_after)]
+    proxy.hold = True
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
+    try:
+        updater.put(first, "RUNNING")
+        assert proxy.holding.wait(30)
+        updater.put(later, "RUNNING")  # after the call went out, before the server's wait ends
+        proxy.release.set()
+        assert updater.flush(60)
+    finally:
+        updater.close()
+    arrivals = [(at, ids, status, asked) for at, ids, _key, status, asked in proxy.patches]
+    assert len(arrivals) == 2, arrivals  # was 3: the same PATCH after 0.5 s, the later update apart
+    (at429, ids429, status429, asked), (at_retry, ids_retry, status_retry, _) = arrivals
+    assert (ids429, status429) == ([first], 429)
+    # The retry carries the update put during the wait, after the refused one: one PATCH.
+    assert (ids_retry, status_retry) == ([first, later], 200)
+    # Not before the time asked (a lower bound: the retry may come later, never sooner).
+    assert asked is not None
+    not_before = (at429 + float(asked)) if asked.isdecimal() else email.utils.parsedate_to_datetime(asked).timestamp()
+    assert at_retry >= not_before, arrivals
+    assert updater.dropped_count == 0 and updater.sent == 2
+    assert _states(env, [first, later]) == ["RUNNING", "RUNNING"]
+    for job_id in (first, later):
+        assert _moves(env, job_id).count(("PREPROCESSED", "RUNNING")) == 1
+
+
+def test_a_503_after_the_server_applied_the_call_is_resent_as_it_was_after_its_wait(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+    # A 503 may follow a commit that went through (its answer was cut): only the same body under
+    # the same Idempotency-Key is safe to send again; the updates put meanwhile follow it.
+    first, later = jobs(2)
+    proxy.plan = [("503", seconds("2"))]
+    proxy.hold = True
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
+    try:
+        updater.put_updates([{"id": first, "state": "RUNNING"}, {"id": first, "state": "RUN_DONE", "return_code": 0}])
+        assert proxy.holding.wait(30)
+        updater.put(later, "RUNNING")
+        proxy.release.set()
+        assert updater.flush(60)
+    finally:
+        updater.close()
+    patches = proxy.patches
+    assert [(ids, status) for _at, ids, _key, status, _asked in patches] == [
+        ([first, first], 503), ([first, first], 200), ([later], 200)], patches
+    assert patches[0][2] and patches[0][2] == patches[1][2]  # the same request, answered from its record
+    assert patches[1][0] - patches[0][0] >= 2.0, patches  # was 0.5 s
+    assert updater.dropped_count == 0, updater.dropped  # nothing applied twice, nothing refused
+    assert _states(env, [first, later]) == ["RUN_DONE", "RUNNING"]
+    moves = _moves(env, first)
+    assert moves.count(("PREPROCESSED", "RUNNING")) == 1 and moves.count(("RUNNING", "RUN_DONE")) == 1, moves
+
+
+def test_close_cuts_a_retry_after_longer_than_its_give_up_for_one_last_try(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    (job_id,) = jobs(1)
+    proxy.always = ("429", seconds("30"))
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=2,
+                                spool_dir=tmp_path / "spool")
+    updater.put(job_id, "RUNNING")
+    assert wait_until(lambda: len(proxy.patches) >= 1)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        updater.close()
+    # close() cut the 30 s wait at its give-up, for one last try (before: one try a second until
+    # close_timeout), and its join did not run out.
+    assert len(proxy.patches) == 2, proxy.patches
+    assert not any("did not finish within" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("past the" in r.getMessage() and "one last try" in r.getMessage() for r in caplog.records), caplog.text
+    assert updater.gave_up and updater.spooled == 1
+    (spooled,) = (tmp_path / "spool").glob("*.jsonl")
+    assert [json.loads(line)["id"] for line in spooled.read_text().splitlines()] == [job_id]
+
+
+def test_close_during_a_short_retry_after_waits_it_out_and_sends(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
+    (job_id,) = jobs(1)
+    proxy.plan = [("429", seconds("2"))]
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=20,
+                                spool_dir=tmp_path / "spool")
+    updater.put(job_id, "RUNNING")
+    assert wait_until(lambda: len(proxy.patches) >= 1)
+    updater.close()  # during the wait: the wait ends within close_timeout, so it is kept, then sent
+    assert [(ids, status) for _at, ids, _key, status, _asked in proxy.patches] == [([job_id], 429), ([job_id], 200)]
+    assert proxy.patches[1][0] - proxy.patches[0][0] >= 2.0, proxy.patches
+    assert not updater.gave_up and updater.spooled == 0 and updater.sent == 1
+    assert _states(env, [job_id]) == ["RUNNING"]
+
+
+def test_retry_after_values() -> None:
+    import datetime as dt
+
+    from balsam.client.rest import retry_after_seconds
+
+    now = dt.datetime(2026, 12, 6, 12, 0, 0, tzinfo=dt.timezone.utc)
+    assert retry_after_seconds("7", now) == 7.0
+    assert retry_after_seconds("1.5", now) == 1.5
+    assert retry_after_seconds("Sun, 06 Dec 2026 12:00:30 GMT", now) == 30.0
+    assert retry_after_seconds("Sun, 06 Dec 2026 11:59:00 GMT", now) == 0.0  # past: no wait
+    assert retry_after_seconds("Sunday, 06-Dec-26 12:00:05 GMT", now) == 5.0  # RFC 850, still allowed
+    for unreadable in ("", None, "-3", "soon", "Sun, 99 Foo 2026"):
+        assert retry_after_seconds(unreadable, now) is None
+
+
+# -- the rest of the failure handling (each verified against the real server) ---------------------
+
+
+def test_a_call_whose_answer_is_lost_after_it_was_applied_is_resent_as_the_same_request(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+    # RUNNING and RUN_DONE of one job in one call: applied twice, the resent RUNNING would be
+    # refused (409: RUN_DONE cannot go back to RUNNING) and dropped.
+    (job_id,) = jobs(1)
+    proxy.plan = [("drop", seconds(""))]
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
+    try:
+        updater.put_updates([{"id": job_id, "state": "RUNNING"}, {"id": job_id, "state": "RUN_DONE", "return_code": 0}])
+        assert updater.flush(60)
+    finally:
+        updater.close()
+    patches = proxy.patches
+    assert [(ids, status) for _at, ids, _key, status, _asked in patches] == [([job_id, job_id], 0),
+                                                                             ([job_id, job_id], 200)]
+    assert patches[0][2] and patches[0][2] == patches[1][2]
+    assert updater.dropped_count == 0 and updater.sent == 2, updater.dropped
+    assert _states(env, [job_id]) == ["RUN_DONE"]
+    moves = _moves(env, job_id)
+    assert moves.count(("PREPROCESSED", "RUNNING")) == 1 and moves.count(("RUNNING", "RUN_DONE")) == 1, moves
+
+
+def test_a_job_refused_for_good_is_reported_and_dropped_and_the_others_of_its_call_applied_once(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    before, bad, after = jobs(3)
+    client = RESTClient(env.url, env.token)
+    deleted = client.Job.objects.get(id=jobs(1)[0])
+    deleted_id = deleted.id
+    deleted.delete()
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.5)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        try:
+            # One call: a job that cannot go to JOB_FINISHED from PREPROCESSED (409), one deleted
+            # (404), two good ones.
+            updater.put_updates([{"id": before, "state": "RUNNING"}, {"id": bad, "state": "JOB_FINISHED"},
+                                 {"id": deleted_id, "state": "RUNNING"}, {"id": after, "state": "RUNNING"}])
+            assert updater.flush(60)
+            updater.put(bad, "RUNNING")  # the updater goes on: a later update of the same job is sent
+            assert updater.flush(60)
+        finally:
+            updater.close()
+    assert _states(env, [before, bad, after]) == ["RUNNING", "RUNNING", "RUNNING"]
+    for job_id in (before, bad, after):
+        assert _moves(env, job_id).count(("PREPROCESSED", "RUNNING")) == 1
+    assert sorted(u["id"] for u, _reason in updater.dropped) == sorted([bad, deleted_id])
+    assert updater.dropped_count == 2 and updater.sent == 3
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors and all("refused" in e for e in errors), errors
+    # Isolated in a few calls, not retried: every call but the last has a 4xx answer.
+    statuses = [status for _at, _ids, _key, status, _asked in proxy.patches]
+    assert all(400 <= s < 500 or s == 200 for s in statuses) and len(statuses) <= 8, proxy.patches
