@@ -168,6 +168,15 @@ def _cpu(pid: int) -> float:
     return times.user + times.system
 
 
+def _children_cpu(pid: int) -> float:
+    """CPU seconds of the children ``pid`` has reaped so far (the site agent's: its scheduler
+    commands, a Python process per status poll of the local scheduler)."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.children_user + times.children_system
+
+
 def launcher_cpu_split(pid: int) -> Optional[dict[str, float]]:
     """CPU seconds so far of a live launcher: its own process (all threads), its spawner processes
     (serial mode runs one per CPU, up to 4), and the tasks they have reaped (their whole process
@@ -240,6 +249,12 @@ def _rusage(who: int) -> float:
 
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
+
+
+def _rusage_self() -> float:
+    import resource
+
+    return _rusage(resource.RUSAGE_SELF)
 
 
 def _cpu_ticks() -> tuple[int, int]:
@@ -342,6 +357,7 @@ def _launcher_start(log_dir: Path, mode: str, seen: dict[str, float], stop: thre
             try:
                 pid = int(path.name.rsplit(".", 2)[0].rsplit("_", 1)[1])
                 seen["start"] = process_start_time(pid)
+                seen["pid"] = pid
             except (ValueError, IndexError, OSError):
                 continue
             break
@@ -373,7 +389,7 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
     watcher.start()
     result: dict = {"mode": mode, "jobs": count, "error": ""}
     try:
-        cpu_before = _cpu(server_pid), _cpu(agent_pid)
+        cpu_before = _cpu(server_pid), _cpu(agent_pid), _children_cpu(agent_pid), _rusage_self()
         created = time.time()
         batch_job = BatchJob.objects.create(site_id=site_id, project="local", queue="local", num_nodes=1,
                                             wall_time_min=10, job_mode=mode, filter_tags={"bench": tag})
@@ -387,6 +403,12 @@ def run_end_to_end(root: Path, mode: str, count: int, command: str, ncpu: int, t
         # The server's and the agent's CPU from the BatchJob's creation to the last job seen done
         # (the agent: its modules' polling, the scheduler module's submit, the processing module).
         result["cpu"] = (_cpu(server_pid) - cpu_before[0], _cpu(agent_pid) - cpu_before[1])
+        # The agent's scheduler commands (reaped by it) and this script (its API polls), apart; the
+        # launcher, its spawners and their tasks (read while the launcher lives: it waits
+        # idle_ttl_sec after its last job): every process the run involves, by CPU per job.
+        result["cpu_more"] = {"agent's commands": _children_cpu(agent_pid) - cpu_before[2],
+                              "this script": _rusage_self() - cpu_before[3]}
+        result["cpu_split"] = launcher_cpu_split(seen["pid"]) if "pid" in seen else None
         runs = {e.job_id: _ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUNNING")}
         exits = {e.job_id: _ts(e.timestamp) for e in EventLog.objects.filter(tags={"bench": tag}, to_state="RUN_DONE")}
         running = list(runs.values())
@@ -617,8 +639,20 @@ def main() -> int:
                       + ("(the launcher's update carries POSTPROCESSED too)" if in_launcher else
                          "(the launcher alone; JOB_FINISHED waits for the agent's processing module)"))
                 server_cpu, agent_cpu = r["cpu"]
+                more = r.get("cpu_more", {})
                 print(f"  {r['mode']:6s} CPU per job from BatchJob created to the last job seen done (ms; this script looks "
-                      f"every 0.25 s): server {1e3 * server_cpu / r['jobs']:.2f}, site agent {1e3 * agent_cpu / r['jobs']:.2f}")
+                      f"every 0.25 s): server {1e3 * server_cpu / r['jobs']:.2f}, site agent {1e3 * agent_cpu / r['jobs']:.2f}"
+                      + "".join(f", {name} {1e3 * value / r['jobs']:.2f}" for name, value in more.items()))
+                split = r.get("cpu_split")
+                if split:
+                    # The launcher's from its start (its start-up included), not from the BatchJob's creation.
+                    budget = 1e3 * ncpu / (0.6 * limit)
+                    ours = sum(v for k, v in split.items() if k != "tasks") + server_cpu + agent_cpu + sum(more.values())
+                    print(f"  {r['mode']:6s} CPU per job (ms): tasks {1e3 * split['tasks'] / r['jobs']:.2f}, launcher "
+                          f"{1e3 * split['launcher'] / r['jobs']:.2f} (start-up included), spawner "
+                          f"{1e3 * split['spawner'] / r['jobs']:.2f}; balsam's share with the above {1e3 * ours / r['jobs']:.2f}, "
+                          f"all {1e3 * (ours + split['tasks']) / r['jobs']:.2f}; 60 % of the limit on {ncpu} CPUs leaves "
+                          f"{budget:.2f} per job for all of it")
                 if r["error"]:
                     print(f"         {r['error']}")
             return 0

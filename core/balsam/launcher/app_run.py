@@ -205,6 +205,10 @@ class JobPreparer:
         self._lock = threading.Lock()
         #: Jobs whose earlier run :meth:`end_stale_runs` checked with their batch (prepare skips it once).
         self._checked: set[int] = set()
+        #: Job id -> (its ``workdir`` value, the path job_workdir made of it) for the batch
+        #: :meth:`end_stale_runs` checked: prepare takes the path from here instead of making it
+        #: again (a second Path parse per job otherwise, 2 us), if the value is still the same.
+        self._workdirs: dict[int, tuple[Any, Path]] = {}
 
     def _load_app(self, app_id: int) -> Any:
         app_cls = self._apps.get(app_id)  # the usual case, without the lock (a dict read is atomic)
@@ -350,10 +354,15 @@ class JobPreparer:
             if oversized:
                 raise JobBuildError(_oversized_reason(oversized))
         env.setdefault("BALSAM_JOB_ID", str(job_id))
-        try:
-            workdir = job_workdir(self.data_path, job.workdir)
-        except ValueError as exc:
-            raise JobBuildError(str(exc)) from None
+        raw_workdir = job.workdir
+        made = self._workdirs.pop(job_id, None) if self._workdirs else None
+        if made is not None and made[0] == raw_workdir:
+            workdir = made[1]
+        else:
+            try:
+                workdir = job_workdir(self.data_path, raw_workdir)
+            except ValueError as exc:
+                raise JobBuildError(str(exc)) from None
         try:
             # Done here (both modes prepare in their acquire threads) to keep the spawn loop short.
             # The preprocess made both ahead: this is one open of an existing file, unless the job
@@ -399,11 +408,16 @@ class JobPreparer:
         every acquired batch before preparing it."""
         self.refresh_apps(jobs)
         items = []
+        workdirs: dict[int, tuple[Any, Path]] = {}
         for job in jobs:
             try:
-                items.append((int(job.id), job_workdir(self.data_path, job.workdir)))
+                job_id, raw_workdir = int(job.id), job.workdir
+                workdir = job_workdir(self.data_path, raw_workdir)
             except Exception:
                 continue  # prepare reports it
+            items.append((job_id, workdir))
+            workdirs[job_id] = (raw_workdir, workdir)
+        self._workdirs = workdirs  # replaces the last batch's, as _checked below
         self._checked = set()
         if not items:
             return

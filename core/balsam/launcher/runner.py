@@ -79,10 +79,18 @@ def launch_environment(prepared: PreparedJob, placement: Placement, platform: An
     if implementations is not None and not implementations():
         return env  # no plugin implements the hook: nothing can have put in a non-string
     hook(job=prepared.job, env=env, node_hostnames=list(placement.hostnames))
-    # Hooks may put in non-strings; the common case (none did) costs no second copy.
-    if all(type(k) is str and type(v) is str for k, v in env.items()):
+    # Hooks may put in non-strings; the common case (none did) costs no second copy. The check
+    # runs over the whole environment for every job while any plugin implements the hook: at C
+    # level (map over the types) rather than a generator of ``type(k) is str and ...`` (2.0 us
+    # against 2.8 for 44 variables; the gap grows with the environment, hundreds of variables on
+    # a login node with modules loaded).
+    if _STR_ONLY.issuperset(map(type, env)) and _STR_ONLY.issuperset(map(type, env.values())):
         return env
     return {str(k): str(v) for k, v in env.items()}
+
+
+#: ``{str}``: a set of types holds only str (exactly, not a subclass) iff this is a superset of it.
+_STR_ONLY = frozenset({str})
 
 
 
@@ -125,7 +133,8 @@ def _warn_replaced(prepared: PreparedJob, env: dict[str, str], platform_env: dic
 def env_difference(base: dict[str, str], env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """``env`` as changes to ``base``: (the variables to set, the names to unset). What a spawner or
     a worker rank, which start from ``base``, needs to build ``env`` (runs for every task)."""
-    env_set = {k: v for k, v in env.items() if base.get(k) != v}
+    get = base.get  # bound once: this runs over the whole environment for every task
+    env_set = {k: v for k, v in env.items() if get(k) != v}
     env_unset = [] if base.keys() <= env.keys() else [k for k in base if k not in env]  # a C-level check first
     return env_set, env_unset
 
