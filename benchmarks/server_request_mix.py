@@ -19,6 +19,14 @@ writes, the counters' triggers, events); what grows as batches shrink is the cos
 write transaction, its statements, an idempotency record).
 
     .venv/bin/python benchmarks/server_request_mix.py [--jobs 2000] [--batches 4,40,128] [--database sqlite|postgresql]
+
+``--patch-batches 1000,5000`` (``--batches ""`` to skip the mix): the bulk state updates alone, as a
+launcher's status updater and the processing module send them for thousands of jobs: per batch
+size, N fresh jobs leased (acquires of 2,048), then ``PATCH /jobs/`` RUNNING, RUN_DONE (each under
+the session, with its own timestamp, as the updater sends them) and POSTPROCESSED, B updates per
+call. Printed: the server's CPU per job-update of those PATCHes, beside the peer of the same run
+and server: the CPU per job of the acquires that leased the same jobs (a path this measure does
+not involve), and their ratio, so a busy machine shows in both.
 """
 
 from __future__ import annotations
@@ -66,11 +74,13 @@ class Replay:
 
     def runnable(self, tag: str, count: int) -> int:
         """``count`` jobs tagged ``tag`` made PREPROCESSED; returns a new session's id."""
-        specs = [{"workdir": f"{tag}/{i}", "app_id": self.app, "tags": {"bench": tag}, "node_packing_count": 64}
-                 for i in range(count)]
+        # A "part" tag per 5,000 (the most one PUT updates).
+        specs = [{"workdir": f"{tag}/{i}", "app_id": self.app, "tags": {"bench": tag, "part": str(i // 5000)},
+                  "node_packing_count": 64} for i in range(count)]
         for start in range(0, count, 5000):
             self.send("POST", "/jobs/", specs[start:start + 5000], key=uuid.uuid4().hex)
-        self._ok(self.http.put("/jobs/", params={"tags": f"bench:{tag}"}, json={"state": "PREPROCESSED"}))
+            self._ok(self.http.put("/jobs/", params=[("tags", f"bench:{tag}"), ("tags", f"part:{start // 5000}")],
+                                   json={"state": "PREPROCESSED"}))
         return orjson.loads(self.send("POST", "/sessions/", {"site_id": self.site}, key=uuid.uuid4().hex))["id"]
 
     def run(self, tag: str, session: int, batch: int, one_call: bool) -> int:
@@ -93,14 +103,53 @@ class Replay:
             self.send("PATCH", "/jobs/", [{"id": i, "state": "POSTPROCESSED"} for i in ids], key=uuid.uuid4().hex)
             done += len(ids)
 
+    def bulk_patches(self, server: psutil.Process, tag: str, count: int, batch: int) -> tuple[float, float, int]:
+        """``count`` jobs leased then moved RUNNING, RUN_DONE, POSTPROCESSED in PATCHes of ``batch``:
+        (server CPU seconds of the acquires, of the PATCHes, job-updates sent)."""
+        session = self.runnable(tag, count)
+        acquire = {"max_num_jobs": 2048, "filter_tags": {"bench": tag}, "serial_only": True, "max_nodes_per_job": 1,
+                   "max_wall_time_min": 30}
+        before = _cpu(server)
+        ids: list[int] = []
+        while True:
+            got = orjson.loads(self.send("POST", f"/sessions/{session}", acquire, key=uuid.uuid4().hex))
+            if not got:
+                break
+            ids += [job["id"] for job in got]
+        acquire_cpu = _cpu(server) - before
+        start = dt.datetime.now(dt.timezone.utc)
+
+        def stamp(k: int) -> str:  # each update its own time, as the updater stamps them
+            return (start + dt.timedelta(microseconds=37 * k)).isoformat()
+
+        waves = [
+            [{"id": i, "state": "RUNNING", "state_timestamp": stamp(k), "session_id": session} for k, i in enumerate(ids)],
+            [{"id": i, "state": "RUN_DONE", "state_timestamp": stamp(k), "return_code": 0, "session_id": session}
+             for k, i in enumerate(ids)],
+            [{"id": i, "state": "POSTPROCESSED", "state_timestamp": stamp(k), "state_data": {"message": "done"}}
+             for k, i in enumerate(ids)],
+        ]
+        bodies = [wave[at:at + batch] for wave in waves for at in range(0, len(wave), batch)]
+        before = _cpu(server)
+        for body in bodies:
+            self.send("PATCH", "/jobs/", body, key=uuid.uuid4().hex)
+        return acquire_cpu, _cpu(server) - before, sum(len(body) for body in bodies)
+
+
+def _cpu(server: psutil.Process) -> float:
+    times = server.cpu_times()
+    return times.user + times.system
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per batch size and way (default 2000)")
     parser.add_argument("--batches", default="4,40,128", help="batch sizes (default 4,40,128)")
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--patch-batches", default="", help="bulk PATCH batch sizes (e.g. 1000,5000; default: none)")
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    patch_batches = [int(b) for b in args.patch_batches.split(",") if b]
     workdir = Path(tempfile.mkdtemp(prefix="balsam-bench-mix-"))
     if args.database == "postgresql":
         prepare_pg(PG_URL)
@@ -111,6 +160,19 @@ def main() -> None:
     try:
         replay = Replay(base)
         server = psutil.Process(proc.pid)
+        for batch in patch_batches:
+            acquire_cpu, patch_cpu, updates = replay.bulk_patches(server, f"p{batch}", args.jobs, batch)
+            jobs = updates // 3
+            if not acquire_cpu or not patch_cpu:
+                print(f"  bulk PATCH of {batch}: too short a run to read the CPU (10 ms ticks); use more --jobs")
+                continue
+            print(f"bulk PATCH /jobs/, {batch} updates per call ({os.cpu_count()} CPUs, load average "
+                  f"{os.getloadavg()[0]:.1f}, real uvicorn + {args.database}, {jobs} jobs x RUNNING, RUN_DONE, POSTPROCESSED): "
+                  f"server CPU {1e6 * patch_cpu / updates:.1f} us per job-update ({1000 * patch_cpu / jobs:.3f} ms per job); "
+                  f"peer, acquiring the same jobs: {1e6 * acquire_cpu / jobs:.1f} us per job; "
+                  f"PATCH/acquire {patch_cpu / updates / (acquire_cpu / jobs):.2f}")
+        if not batches:
+            return
         print(f"server CPU per job for a serial launcher's requests ({os.cpu_count()} CPUs, real uvicorn + "
               f"{args.database}, {args.jobs} jobs per batch size and way; acquire, RUNNING + RUN_DONE, POSTPROCESSED)")
         points: list[tuple[float, float]] = []  # (requests per job, CPU ms per job) of each run

@@ -36,7 +36,7 @@ from .idempotency import require_all_replayed
 from .http import (ID_AFTER, INT64_MAX, INT64_MIN, INT_MAX, INT_MIN, QueryParams, dumps, int_range_errors, is_json_int,
                    wire_datetime)
 from .limits import (FIELD_CHARS, MAX_KEY_CHARS, MAX_PATH_CHARS, MAX_TAG_VALUE_CHARS, MAX_TEXT_CHARS,
-                     json_value_size_errors, list_item_size_errors)
+                     json_value_size_errors, list_item_size_errors, list_size_errors_of_unchecked)
 from .pg_copy import NULL, allocate_ids, column_fields, copy_body, copy_rows, field_writer, text_field
 from .tables import CLEANUP_PREDICATES, apps, batch_jobs, job_parents, jobs, log_events, sites, transfer_items
 
@@ -662,6 +662,14 @@ class EventBuffer:
         self.rows.append(
             {"job_id": job_id, "timestamp": timestamp, "from_state": from_state, "to_state": to_state, "data": data or {}}
         )
+
+    def add_moves(self, job_id: int, moves: "list[tuple[str, str, dt.datetime, dict | None]]") -> None:
+        """The events of one job's state changes ``(from, to, timestamp, data)``, in order (a bulk
+        update's: one call per job rather than per event)."""
+        append = self.rows.append
+        for from_state, to_state, timestamp, data in moves:
+            append({"job_id": job_id, "timestamp": timestamp, "from_state": from_state, "to_state": to_state,
+                    "data": data or {}})
 
     def flush(self, conn: sa.Connection) -> None:
         if self.rows:
@@ -1292,6 +1300,7 @@ def _check_batch_jobs(conn: sa.Connection, user_id: int, batch_ids: set[int]) ->
 # ---------------------------------------------------------------------------------------------
 
 _STATE_BY_VALUE = {state.value: state for state in JobState}
+_RESTART_READY_VALUE = S.restart_ready.value
 
 
 def _fast_state_patch(data: Any) -> "dict[str, Any] | None":
@@ -1317,7 +1326,8 @@ def _fast_state_patch(data: Any) -> "dict[str, Any] | None":
                 return None
             patch[key] = state
         elif key == "state_timestamp":
-            if type(value) is not str:
+            # Its length too (parse_datetime strips blanks): over the limit, the size check names it.
+            if type(value) is not str or len(value) > MAX_TEXT_CHARS:
                 return None
             try:
                 patch[key] = parse_datetime(value)
@@ -1341,6 +1351,30 @@ def _fast_state_patch(data: Any) -> "dict[str, Any] | None":
 #: :func:`update_jobs`. Not a job field: it is checked, never stored.
 SESSION_KEY = "session_id"
 _NO_SESSION = object()
+
+
+def parse_job_patches(payload: list[Any]) -> "tuple[dict[int, list[dict[str, Any]]], list[dict[str, Any]]]":
+    """A bulk update's body (a list, its length checked) -> ``({job_id: [patch, ...]}, patches in
+    order)``: several updates of one job are applied in the order they come (a short task's RUNNING
+    and RUN_DONE in one call: one row write, an event each).
+
+    The size limits first, as ``Ctx.json`` checks them (the same 422, before any other error of the
+    items): an item of the launchers' shape (:func:`_fast_state_patch`) has its fields checked as it
+    is parsed, and only its ``state_data`` (free-form JSON) is walked for them; any other item whole."""
+    fast = [_fast_state_patch(item) for item in payload]
+    unchecked = [None if patch is None else ({"state_data": item["state_data"]} if "state_data" in item else {})
+                 for item, patch in zip(payload, fast)]
+    size_errors = list_size_errors_of_unchecked(payload, unchecked)
+    if size_errors:
+        raise ValidationFailed(size_errors)
+    patches: dict[int, list[dict[str, Any]]] = {}
+    items: list[dict[str, Any]] = []
+    for index, (item, patch) in enumerate(zip(payload, fast)):
+        if patch is None:
+            patch = parse_job_patch(item, ["body", index], allow_id=True)
+        patches.setdefault(patch.pop("id"), []).append(patch)
+        items.append(patch)
+    return patches, items
 
 
 def parse_job_patch(data: Any, loc: list[Any], *, allow_id: bool) -> dict[str, Any]:
@@ -1460,9 +1494,10 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     moves: dict[int, list[tuple[str, str, Any, Any]]] = {}  # job id -> [(from, to, timestamp, data)]
     lease_ended: set[int] = set()
     run_released: set[int] = set()  # of those, jobs the holder may be running (a launcher's lease)
+    left_finished: set[int] = set()  # jobs moved out of JOB_FINISHED (re-runs of finished jobs)
     for job_id, job_steps in steps.items():
         row = current[job_id]
-        state = JobState(row.state)
+        state = _STATE_BY_VALUE.get(row.state) or JobState(row.state)
         holder = row.session_id
         for patch in job_steps:
             sender = patch.get(SESSION_KEY)
@@ -1482,8 +1517,12 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
                 invalid_ids.append(job_id)
                 break
             if new != state:
+                # ``_value_``: the state's text, as ``.value`` gives it (a property in Python code,
+                # several times the cost of the attribute on a path that runs per job).
                 moves.setdefault(job_id, []).append(
-                    (state.value, new.value, patch.get("state_timestamp") or now, patch.get("state_data")))
+                    (state._value_, new._value_, patch.get("state_timestamp") or now, patch.get("state_data")))
+                if state is S.finished:
+                    left_finished.add(job_id)
                 before, state = state, new
                 if sender is None and new != S.running and holder is not None:
                     # A user moved a leased job: the lease ends here, so the holder's later
@@ -1518,7 +1557,6 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     for job_id, job_steps in steps.items():
         values = {name: _stored_value(name, v) for patch in job_steps for name, v in patch.items()
                   if name not in ("state", "state_timestamp", "state_data", SESSION_KEY)}
-        values["last_update"] = now
         if values.get("pending_file_cleanup") is False and final_state.get(job_id, JobState(current[job_id].state)) != S.finished:
             # "Cleaned" is said of a finished job's files: the file_cleaner lists JOB_FINISHED jobs,
             # deletes their files, then clears the flag. A job re-run in between (RESTART_READY, and
@@ -1526,19 +1564,20 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
             # be cleaned. The state is the one read under the row lock above (or left by this
             # request), so the check cannot race with the re-run: ignored for a job not finished.
             del values["pending_file_cleanup"]
-        if job_id in final_state:
-            values["state"] = final_state[job_id].value
-            if final_state[job_id] != S.running or job_id in lease_ended:
+        final = final_state.get(job_id)
+        if final is not None:
+            values["state"] = final._value_
+            if final != S.running or job_id in lease_ended:
                 values["session_id"] = None
-            for from_state, to_state, ts, data in moves[job_id]:
-                events.add(job_id, from_state, to_state, ts, data)
-            if "pending_file_cleanup" not in values and any(m[0] == S.finished.value for m in moves[job_id]):
+            events.add_moves(job_id, moves[job_id])
+            if "pending_file_cleanup" not in values and job_id in left_finished:
                 # A re-run of a finished job (the file_cleaner cleared the flag): its new files
                 # are cleaned again when it finishes, as a new job's are (created with True).
                 values["pending_file_cleanup"] = True
         # Keys not sorted: two jobs whose data differ only in key order get their own order (json
-        # column, migration 0021), not the first one's.
-        key = orjson.dumps({k: v for k, v in values.items() if k != "last_update"}, option=orjson.OPT_NON_STR_KEYS)
+        # column, migration 0021), not the first one's. The key without last_update (the same for all).
+        key = orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS)
+        values["last_update"] = now
         groups.setdefault(key, (values, []))[1].append(job_id)
     for job_id, from_state, to_state, data in extra_events:
         events.add(job_id, from_state.value, to_state.value, now, data)
@@ -1826,7 +1865,7 @@ def _lock_request_rows(conn: sa.Connection, steps: dict[int, list[dict[str, Any]
     jobs; then a parent re-run after the last read is locked late, as before."""
     stmt = _CURRENT_STATES[("postgresql", scoped)]
     b_ids = {"b_ids": list(steps), **params}
-    rerun = [jid for jid, job_steps in steps.items() if any(p.get("state") == S.restart_ready.value for p in job_steps)]
+    rerun = [jid for jid, job_steps in steps.items() if any(p.get("state") == _RESTART_READY_VALUE for p in job_steps)]
     if not rerun:
         return {}, {row.id: row for row in conn.execute(stmt, b_ids)}
     known: set[int] = set()

@@ -118,15 +118,21 @@ def reserve(ctx: Ctx) -> Response:
 
 
 def bulk_update(ctx: Ctx) -> Response:
-    payload = require_list(ctx.json(), "job updates", MAX_ITEMS_PER_BULK_OP)
-    # Several updates of one job are applied in the order they come (a short task's RUNNING and
-    # RUN_DONE in one call: one row write, an event each).
-    patches: dict[int, list[dict]] = {}
-    items: list[dict] = []
-    for index, item in enumerate(payload):
-        patch = logic.parse_job_patch(item, ["body", index], allow_id=True)
-        patches.setdefault(patch.pop("id"), []).append(patch)
-        items.append(patch)
+    # Thousands of updates, their patches and event rows become dicts here: as for a bulk create,
+    # the collector would walk the server's whole heap for them (a full collection every few
+    # requests). Back on once they are freed.
+    with paused_gc():
+        return _bulk_update(ctx)
+
+
+def _bulk_update(ctx: Ctx) -> Response:
+    # The size limits of a list's items are checked with them (parse_job_patches); of any other
+    # body here, as ctx.json() checks them, before the list is required.
+    payload = ctx.json(check_sizes=False)
+    if not isinstance(payload, list) or len(payload) > MAX_ITEMS_PER_BULK_OP:
+        check_field_sizes(payload, len(ctx.body or b""))
+        require_list(payload, "job updates", MAX_ITEMS_PER_BULK_OP)
+    patches, items = logic.parse_job_patches(payload)
     with ctx.write() as conn:
         count = logic.update_jobs(conn, ctx.user.id, patches)
     _wake_if_states_moved(ctx, items)
