@@ -50,6 +50,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Optional, Protocol, Union
@@ -161,32 +162,40 @@ class CommandRunner(Protocol):
     def __call__(self, command: Command) -> CommandResult: ...
 
 
-def _start_without_sigint(args: list[str], **options: Any) -> subprocess.Popen:
-    """Start a scheduler command with SIGINT blocked in it (the mask, inherited across exec).
+#: Popen options that start a scheduler command as the leader of a process group of its own,
+#: still in the agent's session. A terminal signals its foreground process group (Ctrl-C: SIGINT),
+#: and a shell whose terminal or ssh session closes sends SIGHUP to its jobs (their groups): with
+#: the agent's group, the command died of either (a submit cut between queueing the job and
+#: printing its id leaves a job nobody knows of). Out of that group, no terminal-generated signal
+#: reaches it, whatever the command does with its signal mask (dash, the /bin/sh of Debian and
+#: Ubuntu, clears the mask, so blocking SIGINT did not protect a ``#!/bin/sh`` site wrapper around
+#: qsub). A session of its own is avoided: ``balsam site stop --force`` ends the agent's
+#: descendants of its session (:func:`balsam.site.site_ops.stop_agent`), and a local batch job is
+#: told apart from a command by the session of its own the local scheduler gives it.
+if sys.version_info >= (3, 11):
+    _OWN_GROUP: dict[str, Any] = {"process_group": 0}
+else:  # pragma: no cover - Python 3.10: setpgid(0, 0) in the child before its exec
+    _OWN_GROUP = {"preexec_fn": os.setpgrp}
 
-    Ctrl-C at a foreground agent's terminal signals its whole process group: the command died of
-    it (a submit cut between starting the job and printing its id leaves a job nobody knows of),
-    and its last word, ``KeyboardInterrupt``, was logged as the scheduler's failure. The command
-    stays in the agent's process group, so that ``balsam site stop --force`` (which ends that
-    group with SIGTERM, then SIGKILL) still ends a hung one: a session of its own left it behind.
-    Only this thread's mask changes, and only while it forks: the agent's handler runs as before.
-    """
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no terminal process groups to share
-        return subprocess.Popen(args, **options)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the command and what it started in its group (a wrapper's qsub, which would hold
+    the output pipes open and run on). Its group id stays taken while a member lives, so the
+    signal reaches no process of anyone else's."""
     try:
-        return subprocess.Popen(args, **options)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:  # all gone already
+        proc.kill()
 
 
 def subprocess_runner(command: Command) -> CommandResult:
-    """Run a command for real. A missing executable or a timeout comes back as a SchedulerError."""
+    """Run a command for real, in a process group of its own (see ``_OWN_GROUP``). A missing
+    executable or a timeout comes back as a SchedulerError."""
     env = {**os.environ, **command.env}
     for name in command.unset_env:
         env.pop(name, None)
     try:
-        proc = _start_without_sigint(
+        proc = subprocess.Popen(
             list(command.args),
             env=env,
             cwd=command.cwd,
@@ -195,20 +204,28 @@ def subprocess_runner(command: Command) -> CommandResult:
             encoding="utf-8",
             errors="replace",  # one stray byte in a job name must not make the whole output unreadable
             stdin=subprocess.DEVNULL,
+            **_OWN_GROUP,
         )
     except FileNotFoundError:
         raise SchedulerError(f"`{command.args[0]}` was not found on PATH", permanent=True) from None
-    with proc:  # as subprocess.run: killed on a timeout or on any exception while waiting
+    with proc:  # as subprocess.run, but the whole group is killed on a timeout or any exception while waiting
         try:
             stdout, stderr = proc.communicate(timeout=command.timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _kill_group(proc)
             proc.wait()
             raise SchedulerError(f"`{command.args[0]}` did not answer within {command.timeout:.0f} s") from None
         except BaseException:
-            proc.kill()
+            _kill_group(proc)
             raise
     return CommandResult(tuple(command.args), proc.returncode, stdout, stderr)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} ({number})"
+    except ValueError:
+        return str(number)
 
 
 @attrs.frozen
@@ -415,7 +432,20 @@ class Scheduler(abc.ABC):
         return SchedulerGuard(self, what)
 
     def run(self, command: Command) -> CommandResult:
-        return self.runner(command)
+        """Run ``command`` through the runner. A command that a signal ended (a negative
+        returncode: the OOM killer, a site's watchdog, a kill by hand) raises a SchedulerError that
+        is not permanent, for every driver: it had no say, so what it did is unknown (a qsub or
+        sbatch may have queued the job without printing its id). Read as a refusal, the submission
+        lost its ``.submitting`` marker and its launcher credential and the BatchJob became
+        submit_failed while its job could be queued; not permanent, the marker is kept and the
+        scheduler is asked for the job (``find_submitted``) before anything is submitted again.
+        (An exit status above 128, a shell's word for a child a signal ended, is left to the
+        drivers: it is also a scheduler's own exit code for a refusal.)"""
+        result = self.runner(command)
+        if result.returncode < 0:
+            raise SchedulerError(f"`{' '.join(command.args[:1])}` was ended by signal "
+                                 f"{_signal_name(-result.returncode)} before it answered: its outcome is unknown")
+        return result
 
     def submit(self, request: SubmitRequest) -> int:
         with self.guard("submit"):

@@ -1,18 +1,23 @@
-"""Ctrl-C at the terminal of a foreground site agent (``python -m balsam.site --log-to-stderr``) on
-the local scheduler.
+"""Ctrl-C (SIGINT) or a hangup (SIGHUP) at the terminal of a foreground site agent
+(``python -m balsam.site --log-to-stderr``).
 
-The terminal sends SIGINT to its whole foreground process group. The agent's own handler stops it
-cleanly, but the local scheduler's queue command (``python -m balsam.builtin.local_queue status``)
-ran in that group too: it died of the SIGINT and the agent logged ``WARNING scheduler status poll
-failed: local scheduler could not list its jobs: KeyboardInterrupt``. The queue command now runs
-with SIGINT blocked (still in the agent's process group, so that ``site stop --force`` ends a hung
-one): it finishes, and the agent stops after it with one line saying why. The batch job it started
-(its own session already) runs on, with no signal blocked, as a batch job outlives a Ctrl-C in the
-login shell on a real cluster.
+The terminal sends SIGINT to its whole foreground process group, and a shell whose terminal or ssh
+session closes sends SIGHUP to its jobs' groups. The agent's own handler stops it cleanly, but the
+scheduler commands it ran were in that group too: the local scheduler's queue command died of the
+SIGINT (``WARNING scheduler status poll failed: local scheduler could not list its jobs:
+KeyboardInterrupt``), and a ``#!/bin/sh`` site wrapper around qsub died between submitting and
+printing the job's id (a job in the queue, the BatchJob submit_failed). Blocking SIGINT in the
+commands did not hold: dash (/bin/sh on Debian and Ubuntu) clears its signal mask, and SIGHUP was
+not blocked at all. Each command now leads a process group of its own (still in the agent's
+session: ``site stop --force`` ends it, tests/site/test_site_reliability.py): no signal the
+terminal or the shell sends reaches it. The batch job the local scheduler starts (its own session)
+runs on, with no signal blocked, as a batch job outlives a Ctrl-C in the login shell on a real
+cluster.
 
 The agent is a real process in a process group of its own (as a terminal's foreground job), the
-scheduler the real local one. The test holds the queue's file lock so that the status poll is
-sure to be in flight when the SIGINT comes.
+schedulers the real local one and the fake PBS of tests/fixtures behind a real ``#!/bin/sh``
+wrapper. Each test holds the command (the queue's file lock, the wrapper's release file) so that
+it is sure to be in flight when the signal comes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import pytest
 from filelock import FileLock
 
 from balsam.builtin.local_scheduler import LocalScheduler
+from balsam.testing.fakebatch import fake_batch_env
 from balsam.states import BatchJobState
 from site_test_utils import batch_job, create_batch_job, wait_for
 
@@ -93,7 +99,7 @@ def test_ctrl_c_stops_the_agent_cleanly_and_leaves_the_batch_job_running(make_si
         job = psutil.Process(job_pid)
         assert job.is_running() and job.status() != psutil.STATUS_ZOMBIE
         assert os.getpgid(job_pid) != agent_proc.pid and os.getsid(job_pid) != agent_proc.pid
-        # It starts as a real scheduler starts a job: the queue command's blocked SIGINT not inherited.
+        # It starts as a real scheduler starts a job: no signal blocked.
         assert _blocked_signals(job_pid) == 0, Path(f"/proc/{job_pid}/status").read_text()
         assert scheduler.get_statuses()[scheduler_id].state is BatchJobState.running
     finally:
@@ -115,3 +121,57 @@ def test_a_keyboard_interrupt_in_a_drivers_command_is_not_made_a_scheduler_error
     scheduler = LocalScheduler(interrupted, state_dir=tmp_path / "local-queue")
     with pytest.raises(KeyboardInterrupt):
         scheduler.get_statuses()
+
+
+FAKE_PBS = Path(__file__).resolve().parents[1] / "fixtures" / "fake_pbs"
+PBS_QUEUES = {"debug": {"max_nodes": 1, "max_walltime": 30, "max_queued_jobs": 5}}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_a_signal_at_the_terminal_does_not_cut_a_submit_through_a_sh_wrapper(make_site, client, tmp_path, signum):
+    """A site's ``#!/bin/sh`` wrapper in front of qsub (dash here, as on Debian and Ubuntu login
+    nodes) has queued the job and not yet printed its id when Ctrl-C or a hangup reaches the agent's
+    process group. The wrapper was in that group: it died, the agent read the dead qsub as a refusal
+    and made the BatchJob submit_failed while its job was in the queue. Now the wrapper is out of
+    the group: it prints the id, the agent records the job, then stops."""
+    wrap = tmp_path / "wrap"
+    wrap.mkdir()
+    started, release = tmp_path / "qsub-started", tmp_path / "qsub-release"
+    # It submits, then waits for the test (at most 60 s) before printing the id: the signal comes meanwhile.
+    (wrap / "qsub").write_text(
+        f'#!/bin/sh\nout=$("{FAKE_PBS}/qsub" "$@") || exit $?\n: > "{started}"\n'
+        f'i=0; while [ ! -e "{release}" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done\necho "$out"\n')
+    (wrap / "qsub").chmod(0o755)
+    env = {**os.environ, **fake_batch_env(FAKE_PBS, tmp_path / "server")}
+    env["PATH"] = f"{wrap}{os.pathsep}{env['PATH']}"
+    site = make_site(overrides={"scheduler": {"name": "pbs", "allowed_queues": PBS_QUEUES,
+                                              "allowed_projects": ["proj"]}})
+    Path(site.job_template_path).write_text("#!/bin/bash\nexec sleep 300\n")
+    log_path = tmp_path / "agent-stderr.log"
+    with open(log_path, "wb") as log:
+        agent_proc = subprocess.Popen([sys.executable, "-m", "balsam.site", "--log-to-stderr"], cwd=site.site_path,
+                                      env={**env, "BALSAM_SITE_PATH": str(site.site_path)}, stdin=subprocess.DEVNULL,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        bj = create_batch_job(client, site.site_id, project="proj", queue="debug")["id"]
+        wait_for(started.exists, what="the wrapper's qsub done, its id not yet printed")
+        os.killpg(agent_proc.pid, signum)
+        name = signal.Signals(signum).name
+        wait_for(lambda: f"received {name}".encode() in log_path.read_bytes(), what=f"the agent's word on the {name}")
+        release.touch()
+        assert agent_proc.wait(timeout=90) == 0, log_path.read_text()
+        text = log_path.read_text()
+        assert "submit failed" not in text, text
+        assert text.count(f"received {name}: stopping") == 1, text
+        fake_jobs = json.loads((tmp_path / "server" / "state.json").read_text())["jobs"]
+        assert len(fake_jobs) == 1, fake_jobs
+        record = batch_job(client, bj)
+        assert record["state"] in ("queued", "running"), (record, text)
+        assert str(record["scheduler_id"]) in fake_jobs, (record, fake_jobs)
+    finally:
+        release.touch()
+        if agent_proc.poll() is None:
+            agent_proc.kill()
+            agent_proc.wait(10)
+        subprocess.run(f'for j in $(qselect); do qdel "$j"; done', shell=True, env=env, capture_output=True, timeout=60)
+

@@ -51,14 +51,6 @@ MAX_JOB_ID = (1 << 31) - 1
 _WRAPPER = '"$@"; rc=$?; echo "$rc $(date +%s.%N)" > "$BALSAM_LOCAL_EXIT_FILE"; exit $rc'
 
 
-def _default_signal_mask() -> None:
-    """In the batch job's child, before its exec: no signal blocked, as a real scheduler starts a
-    job. The agent runs this command with SIGINT blocked (``balsam.scheduler.subprocess_runner``:
-    a Ctrl-C at its terminal must not cut a submit), and a mask is inherited across exec: the
-    launcher and every application it runs would have had SIGINT blocked for their whole run."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-
-
 class QueueError(Exception):
     """A request the queue refuses (unknown job id, missing script)."""
 
@@ -228,7 +220,6 @@ class LocalQueue:
                     stdout=output,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_default_signal_mask,
                 )
             finally:
                 output.close()

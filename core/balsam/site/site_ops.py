@@ -562,7 +562,8 @@ def stop_agent(
 
     Only the process the pid file names *and* dates is signalled (a pid reused by another process
     since is left alone). Processes the agent left behind in its process group (it is the group
-    leader) are ended too; with ``force`` the whole group is SIGKILLed after ``timeout``. A pid file
+    leader) are ended too; with ``force`` the agent is SIGKILLed after ``timeout``, and then its
+    group and the groups of its scheduler commands (:func:`agent_command_groups`) are ended. A pid file
     of another host is checked against the site record (:func:`check_other_host_agent`); with
     ``force`` it is removed when that agent looks dead. Whatever the agent's state, once no agent
     of this host runs, the rsyncs that dead agents of this host left running are ended
@@ -601,6 +602,7 @@ def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass  # exited since the check: its leftovers are still ended below
+    commands: Optional[tuple[int, set[int]]] = None
     begin = time.monotonic()
     while pid_alive(pid, started):
         elapsed = time.monotonic() - begin
@@ -609,6 +611,8 @@ def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,
         if elapsed > timeout:
             if not force:
                 raise SiteError(f"the site agent [pid {pid}] did not stop within {timeout:.0f} s (use --force to kill it)")
+            # Read before the kill: once the agent is gone, its scheduler commands are no one's descendants.
+            commands = agent_command_groups(pid)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -617,7 +621,7 @@ def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,
             pid_file_path(site_path).unlink(missing_ok=True)
             break
         time.sleep(0.2)
-    end_group_leftovers(pid, started)
+    end_group_leftovers(pid, started, commands=commands)
     return pid
 
 
@@ -641,24 +645,55 @@ def end_orphan_rsyncs(site_path: Path, echo: Callable[[str], None] = lambda _msg
     return ended
 
 
-def end_group_leftovers(leader_pid: int, leader_start: Optional[float], grace_sec: float = 3.0) -> list[int]:
+def agent_command_groups(agent_pid: int) -> Optional[tuple[int, set[int]]]:
+    """The live agent's session id and the process groups, other than its own, of its descendants
+    in that session: the scheduler commands it runs, each the leader of a group of its own so that
+    a Ctrl-C or SIGHUP at its terminal does not cut them (``balsam.scheduler.subprocess_runner``),
+    with what they started. Read before the agent is killed: then they are no one's descendants.
+    A batch job of the local scheduler, in a session of its own, is not counted, not even while
+    the submit command that starts it is still its parent: a batch job outlives the agent. None
+    when the agent cannot be read (gone)."""
+    import psutil
+
+    try:
+        session, own_group = os.getsid(agent_pid), os.getpgid(agent_pid)
+        descendants = psutil.Process(agent_pid).children(recursive=True)
+    except (OSError, psutil.Error):
+        return None
+    groups = set()
+    for proc in descendants:
+        try:
+            if os.getsid(proc.pid) == session and os.getpgid(proc.pid) != own_group:
+                groups.add(os.getpgid(proc.pid))
+        except OSError:  # exited meanwhile
+            continue
+    return session, groups
+
+
+def end_group_leftovers(leader_pid: int, leader_start: Optional[float], grace_sec: float = 3.0,
+                        commands: Optional[tuple[int, set[int]]] = None) -> list[int]:
     """End processes still in the process group of the exited agent ``leader_pid`` (e.g. a scheduler
-    command that hung when the agent was killed). Only processes started after the agent are
-    touched: while such a process lives, the kernel cannot give the group's id to anyone else.
-    Once the agent is gone its pid may be given again: a process that holds ``leader_pid`` now and
-    is not the agent (another start time, :func:`balsam.util.same_process`) may lead a group of
-    that id, which is not the agent's: nothing is touched then."""
+    command that hung when the agent was killed), and in the groups of its scheduler commands
+    (``commands``: :func:`agent_command_groups`, read just before the agent was killed; only the
+    processes still in its session). Only processes started after the agent are touched: while
+    such a process lives, the kernel cannot give the group's id to anyone else. Once the agent is
+    gone its pid may be given again: a process that holds ``leader_pid`` now and is not the agent
+    (another start time, :func:`balsam.util.same_process`) may lead a group of that id, which is
+    not the agent's: nothing is touched then."""
     import psutil
 
     if leader_start is None:
         return []
     if not same_process(leader_pid, leader_start, running=False) and process_start_time(leader_pid) is not None:
         return []  # the pid was given to another process since: a group of that id is not the agent's
+    session, command_groups = commands if commands is not None else (None, set())
     leftovers = []
     for proc in psutil.process_iter(["pid", "create_time"]):
         try:
-            if proc.pid != leader_pid and os.getpgid(proc.pid) == leader_pid \
-                    and proc.info["create_time"] >= leader_start - START_TIME_TOLERANCE_SEC:
+            if proc.pid == leader_pid or proc.info["create_time"] < leader_start - START_TIME_TOLERANCE_SEC:
+                continue
+            group = os.getpgid(proc.pid)
+            if group == leader_pid or (group in command_groups and os.getsid(proc.pid) == session):
                 leftovers.append(proc)
         except (OSError, psutil.Error):
             continue
