@@ -20,6 +20,10 @@ import signal
 import threading
 from typing import Any, Iterator, Optional, Union
 
+# Process identity lives in its own light module (the local scheduler's queue command, run every
+# sync_period, imports it without this module's logging set-up); these names stay importable here.
+from .process_identity import START_TIME_TOLERANCE_SEC, process_start_time, same_process, terminate_processes  # noqa: E402,F401
+
 LOG_FORMAT = "%(asctime)s.%(msecs)03d | %(process)d | %(levelname)s | %(name)s:%(lineno)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _HANDLER_NAME = "balsam-console"
@@ -85,40 +89,6 @@ def resume_gc_after_start_up() -> None:
         gc.enable()
 
 
-#: Two readings of one process's start time differ by clock-tick rounding only (psutil reads it
-#: from ``/proc/<pid>/stat`` in clock ticks since boot, and the boot time is itself rounded).
-START_TIME_TOLERANCE_SEC = 0.5
-
-
-def process_start_time(pid: int, running: bool = False) -> Optional[float]:
-    """When process ``pid`` started (seconds since the epoch, psutil's ``create_time``), or None if
-    there is no such process (or, with ``running``, it is a zombie: it has exited). With the pid it
-    names one process: a recycled pid started later."""
-    try:
-        import psutil
-
-        proc = psutil.Process(pid)
-        if running and proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc.create_time()
-    except Exception:  # psutil.Error (gone, not ours to read), or no psutil at all
-        return None
-
-
-def same_process(pid: int, start_time: Optional[float] = None, running: bool = True) -> bool:
-    """Whether ``pid`` is (still) the process that started at ``start_time``: it exists (with
-    ``running``, the default, and is not a zombie) and its start time is within
-    :data:`START_TIME_TOLERANCE_SEC` of ``start_time`` (a later process given the same pid is not
-    it). Without ``start_time``, whether ``pid`` exists at all. The one rule for every record of a
-    pid: the site agent's pid file (``site stop``, and the agent's process group it ends), the rsync
-    backend's records of its running rsyncs, the embedded server's server.pid (dated by
-    server.json) and the local scheduler's records of its batch jobs."""
-    started = process_start_time(pid, running)
-    if started is None:
-        return False
-    return start_time is None or abs(started - start_time) <= START_TIME_TOLERANCE_SEC
-
-
 #: Warnings given once per process (:func:`first_warning`), by key: the launcher's about a job's
 #: environment, threads per core or launch params, which it gives for the first job of an app they
 #: apply to and says apply to every such job (one per job was ~10^4 lines on a campaign). Bounded:
@@ -145,26 +115,6 @@ def to_tuple(value: Any) -> tuple:
     first use: ~2 ms of the start-up of every process that defines such a class: launcher, agent,
     CLI). The one converter of the kind (balsam.platform, balsam.scheduler)."""
     return tuple(value)
-
-
-def terminate_processes(procs: list, grace_sec: float = 3.0) -> list[int]:
-    """SIGTERM ``procs`` (``psutil.Process`` objects), SIGKILL the ones left after ``grace_sec``;
-    returns their pids. Processes already gone are skipped."""
-    import psutil
-
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _gone, alive = psutil.wait_procs(procs, timeout=grace_sec)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace_sec)
-    return [proc.pid for proc in procs]
 
 
 def config_root_logger(level: Union[str, int, None] = None, format: str = LOG_FORMAT) -> logging.Logger:
