@@ -653,6 +653,9 @@ def main() -> int:
                           f"{1e3 * split['spawner'] / r['jobs']:.2f}; balsam's share with the above {1e3 * ours / r['jobs']:.2f}, "
                           f"all {1e3 * (ours + split['tasks']) / r['jobs']:.2f}; 60 % of the limit on {ncpu} CPUs leaves "
                           f"{budget:.2f} per job for all of it")
+                else:  # read after the last JOB_FINISHED: a launcher idle past its idle_ttl has exited
+                    print(f"  {r['mode']:6s} CPU per job by launcher process: not read (the launcher had exited "
+                          "before the last job was seen done)")
                 if r["error"]:
                     print(f"         {r['error']}")
             return 0

@@ -24,7 +24,11 @@ def test_hand_over_gives_the_placement_evolve_gave_with_every_field() -> None:
     assert first.gpu_shares and first.gpu_ids[0] and first.cpu_ids[0]
     moved = manager.hand_over(7, 8)
     assert moved == attrs.evolve(first, job_id=8)
-    # Field by field too (a field added to Placement later and left out would differ here).
+    # hand_over builds the Placement field by field: a field added to Placement later, with a
+    # default, would silently be reset there. This list makes whoever adds one look at hand_over.
+    assert [f.name for f in attrs.fields(Placement)] == [
+        "job_id", "node_indexes", "hostnames", "cpu_ids", "gpu_ids", "occupancy", "gpu_shares"]
+    # Field by field too.
     for field in attrs.fields(Placement):
         expected = 8 if field.name == "job_id" else getattr(first, field.name)
         assert getattr(moved, field.name) == expected, field.name
