@@ -54,6 +54,12 @@ class ThrottlingProxy:
         self.holding = threading.Event()
         self.release = threading.Event()
         self.lock = threading.Lock()
+        #: A ``PATCH /jobs/`` naming one of these jobs is answered 500 (no Retry-After: a server
+        #: fault of that job's data), ``fail_left`` times; forwarded first (applied, its answer a
+        #: 500: a commit then a failure) when ``fail_forward``, else not (rolled back).
+        self.fail_ids: set[int] = set()
+        self.fail_left = 0
+        self.fail_forward = False
         self.upstream = httpx.Client(base_url=upstream, timeout=60)
         outer = self
 
@@ -67,8 +73,28 @@ class ThrottlingProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
                 step = None
                 if self.command == "PATCH" and re.fullmatch(r"/jobs/?", self.path):
+                    ids = [u["id"] for u in json.loads(body or b"[]")]
                     with outer.lock:
-                        step = outer.always or (outer.plan.pop(0) if outer.plan else None)
+                        failing = outer.fail_left > 0 and bool(outer.fail_ids & set(ids))
+                        if failing:
+                            outer.fail_left -= 1
+                        else:
+                            step = outer.always or (outer.plan.pop(0) if outer.plan else None)
+                    if failing:
+                        if outer.fail_forward:
+                            outer.upstream.request(self.command, self.path, content=body, headers=headers)
+                        content = b'{"detail": "Internal server error (ArgumentError); see the server log"}'
+                        if outer.hold:
+                            outer.holding.set()
+                            outer.release.wait(60)
+                        with outer.lock:
+                            outer.patches.append((arrived, ids, self.headers.get("Idempotency-Key"), 500, None))
+                        self.send_response(500)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(content)))
+                        self.end_headers()
+                        self.wfile.write(content)
+                        return
                 answer_headers: dict[str, str] = {}
                 if step is not None and step[0] == "drop":
                     outer.upstream.request(self.command, self.path, content=body, headers=headers)
@@ -295,10 +321,159 @@ def test_retry_after_values() -> None:
     assert retry_after_seconds("7", now) == 7.0
     assert retry_after_seconds("1.5", now) == 1.5
     assert retry_after_seconds("Sun, 06 Dec 2026 12:00:30 GMT", now) == 30.0
-    assert retry_after_seconds("Sun, 06 Dec 2026 11:59:00 GMT", now) == 0.0  # past: no wait
     assert retry_after_seconds("Sunday, 06-Dec-26 12:00:05 GMT", now) == 5.0  # RFC 850, still allowed
+    assert retry_after_seconds("0", now) == 0.0  # said as seconds: the caller decides (the updater: its own backoff)
+    # A date not in the future (a proxy's clock behind ours) says nothing of when to come back: as
+    # unsaid, the caller's own backoff (read as 0 it was every retry at once).
+    for past in ("Sun, 06 Dec 2026 11:59:00 GMT", "Sun, 06 Dec 2026 12:00:00 GMT"):
+        assert retry_after_seconds(past, now) is None
     for unreadable in ("", None, "-3", "soon", "Sun, 99 Foo 2026"):
         assert retry_after_seconds(unreadable, now) is None
+
+
+def _planned_waits(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The waits the updater's "retrying in N s" lines planned, in order."""
+    return [float(m.group(1)) for r in caplog.records if r.name == LOGGER
+            for m in [re.search(r"retrying in ([0-9.]+) s", r.getMessage())] if m]
+
+
+@pytest.mark.parametrize("retry_after", [seconds("0"), date_in(-5), date_in(0)], ids=["zero", "past-date", "now-date"])
+def test_a_retry_after_of_now_or_the_past_gets_the_updaters_own_backoff_not_a_tight_loop(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], retry_after: Callable[[], str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A proxy answering "Retry-After: 0" (or a date its clock says is now, ours already past):
+    # honoured as a wait of 0, the same PATCH went out again at once, 67 of them in 3 s of 429s,
+    # an INFO line each. It asks nothing: the updater's own backoff (0.5 s, 1 s, ...) applies.
+    (job_id,) = jobs(1)
+    proxy.plan = [("429", retry_after), ("429", retry_after)]
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        try:
+            updater.put(job_id, "RUNNING")
+            assert updater.flush(60)
+        finally:
+            updater.close()
+    arrivals = [(at, status) for at, _ids, _key, status, _asked in proxy.patches]
+    assert [status for _at, status in arrivals] == [429, 429, 200], arrivals
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    # Lower bounds of the own backoff (0.5 s, then 1 s): a tight loop's gaps are milliseconds.
+    assert gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps
+    assert _planned_waits(caplog) == [0.5, 1.0], caplog.text
+    assert "as the server's Retry-After asks" not in caplog.text
+    assert updater.sent == 1 and updater.dropped_count == 0
+    assert _states(env, [job_id]) == ["RUNNING"]
+
+
+def test_a_server_wait_is_capped_at_a_minute_and_closing_cuts_it(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # An hour asked (a misconfigured proxy): waited a minute at most (plus its jitter, 5 s at
+    # most), then asked again; close() cuts even that to its give-up.
+    from balsam.client.status_updater import MAX_SERVER_WAIT_SEC, _MAX_JITTER_SEC
+
+    (job_id,) = jobs(1)
+    proxy.always = ("429", seconds("3600"))
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=1,
+                                spool_dir=tmp_path / "spool")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        updater.put(job_id, "RUNNING")
+        assert wait_until(lambda: _planned_waits(caplog))
+        updater.close()
+    (planned,) = _planned_waits(caplog)
+    assert MAX_SERVER_WAIT_SEC <= planned <= MAX_SERVER_WAIT_SEC + _MAX_JITTER_SEC, caplog.text
+    assert len(proxy.patches) == 2, proxy.patches  # the first try and close()'s last one
+    assert updater.gave_up and updater.spooled == 1
+
+
+def test_the_jitter_never_makes_a_wait_shorter_than_asked(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], caplog: pytest.LogCaptureFixture) -> None:
+    # Jitter spreads the launchers of one busy server over a little more than the wait it asked,
+    # never less (sooner would be the load the 429 refused).
+    (job_id,) = jobs(1)
+    proxy.plan = [("429", seconds("1"))] * 3
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        try:
+            updater.put(job_id, "RUNNING")
+            assert updater.flush(60)
+        finally:
+            updater.close()
+    arrivals = [(at, status) for at, _ids, _key, status, _asked in proxy.patches]
+    assert [status for _at, status in arrivals] == [429, 429, 429, 200], arrivals
+    assert all(b[0] - a[0] >= 1.0 for a, b in zip(arrivals, arrivals[1:])), arrivals
+    planned = _planned_waits(caplog)
+    assert len(planned) == 3 and all(1.0 <= wait <= 1.1 for wait in planned), planned  # jitter: 10 % at most
+
+
+def test_close_while_the_thread_plans_its_wait_still_cuts_the_wait(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
+    # close() called between the planning of a 30 s wait (as not closing) and the wait itself,
+    # here while the thread writes its "retrying in" line (a slow log file on a shared file
+    # system): the thread slept the whole 30 s, close() ran out its join (close_timeout + 30 s)
+    # and spooled the update while the thread still held it, which then spooled it again.
+    (job_id,) = jobs(1)
+    proxy.always = ("429", seconds("30"))
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=1,
+                                spool_dir=tmp_path / "spool")
+    closed = threading.Event()
+    alive_when_closed: list[bool] = []
+
+    def close() -> None:
+        updater.close()
+        alive_when_closed.append(updater._thread.is_alive())
+        closed.set()
+
+    class CloseWhileLogging(logging.Handler):
+        fired = False
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying in" in record.getMessage() and not self.fired:
+                self.fired = True
+                threading.Thread(target=close, daemon=True).start()
+                assert wait_until(lambda: updater._stopping, 30)  # close() has begun
+
+    handler = CloseWhileLogging()
+    log = logging.getLogger(LOGGER)
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        updater.put(job_id, "RUNNING")
+        assert closed.wait(90)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    assert handler.fired
+    assert alive_when_closed == [False]  # close() joined the thread: it did not run out its join
+    assert len(proxy.patches) == 2, proxy.patches  # the first try and close()'s last one
+    assert updater.gave_up and updater.spooled == 1
+    (spooled,) = (tmp_path / "spool").glob("*.jsonl")  # once
+    assert [json.loads(line)["id"] for line in spooled.read_text().splitlines()] == [job_id]
+
+
+def test_the_clients_own_retries_wait_for_a_future_date_and_back_off_on_a_past_one(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+    # RESTClient's retries (the CLI, the site agent, the Python API), not the updater's.
+    (job_id,) = jobs(1)
+    client = RESTClient(proxy.url, env.token)
+    proxy.plan = [("429", date_in(2))]
+    client.patch("/jobs/", json=[{"id": job_id, "state": "RUNNING"}], retry_count=1)
+    (at429, _ids, key, status, asked), (at_retry, _ids2, key2, status2, _a) = proxy.patches
+    assert (status, status2) == (429, 200) and key == key2
+    assert asked is not None and at_retry >= email.utils.parsedate_to_datetime(asked).timestamp(), proxy.patches
+    assert _states(env, [job_id]) == ["RUNNING"]
+    # A date already past (the proxy's clock behind ours): read as 0, the whole budget of tries
+    # went out in 0.2 s; now the client's own backoff (0.5 s, then 1 s, each at least).
+    proxy.patches.clear()
+    proxy.always = ("429", date_in(-5))
+    with pytest.raises(Exception) as info:
+        client.patch("/jobs/", json=[{"id": job_id, "state": "RUN_DONE", "return_code": 0}], retry_count=2)
+    assert getattr(info.value, "status_code", None) == 429
+    arrivals = [at for at, *_rest in proxy.patches]
+    assert len(arrivals) == 3, proxy.patches
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert gaps[0] >= client.backoff_base and gaps[1] >= 2 * client.backoff_base, gaps
+    assert _states(env, [job_id]) == ["RUNNING"]
 
 
 # -- the rest of the failure handling (each verified against the real server) ---------------------
@@ -356,3 +531,77 @@ def test_a_job_refused_for_good_is_reported_and_dropped_and_the_others_of_its_ca
     # Isolated in a few calls, not retried: every call but the last has a 4xx answer.
     statuses = [status for _at, _ids, _key, status, _asked in proxy.patches]
     assert all(400 <= s < 500 or s == 200 for s in statuses) and len(statuses) <= 8, proxy.patches
+
+
+def test_a_call_the_server_fails_for_one_job_does_not_hold_the_updates_of_other_jobs(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+    # One job's data trips a server fault (500, no Retry-After) on every call that carries it.
+    # Before, that call was retried alone and every later update of every job waited behind it
+    # until close() gave up. Now after a few failures the other jobs' updates go out in calls of
+    # their own meanwhile; the failing call is still resent unchanged under its Idempotency-Key
+    # (a 500 may follow a commit: here each try is applied, then answered 500), and its job's
+    # later updates wait behind it, in order.
+    bad, other = jobs(2)
+    proxy.fail_ids, proxy.fail_left, proxy.fail_forward = {bad}, 5, True
+    proxy.hold = True  # the first answer waits until the later updates are queued
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
+    try:
+        updater.put_updates([{"id": bad, "state": "RUNNING"}, {"id": bad, "state": "RUN_DONE", "return_code": 0}])
+        assert proxy.holding.wait(30)
+        updater.put(other, "RUNNING")
+        updater.put(bad, "POSTPROCESSED")  # after the failing call, whenever it goes through
+        updater.put(other, "RUN_DONE", return_code=0)
+        proxy.release.set()
+        assert updater.flush(120)
+    finally:
+        updater.close()
+    patches = [(ids, key, status) for _at, ids, key, status, _asked in proxy.patches]
+    bad_call = [p for p in patches if p[0] == [bad, bad]]
+    assert [status for _ids, _key, status in bad_call] == [500] * 5 + [200], patches
+    assert len({key for _ids, key, _status in bad_call}) == 1, patches  # one request, resent unchanged
+    through = patches.index(bad_call[-1])
+    other_calls = [i for i, p in enumerate(patches) if other in p[0]]
+    # The other job's updates went out while the bad call still failed (before: only after it).
+    assert other_calls and all(i < through for i in other_calls), patches
+    # The bad job's later update after its call went through, never beside it or before.
+    assert [i for i, p in enumerate(patches) if p[0] and bad in p[0] and p[0] != [bad, bad]] == [through + 1], patches
+    assert updater.dropped_count == 0, updater.dropped
+    assert _states(env, [bad, other]) == ["JOB_FINISHED", "RUN_DONE"]  # POSTPROCESSED goes on to JOB_FINISHED
+    for job_id, moves in ((bad, [("PREPROCESSED", "RUNNING"), ("RUNNING", "RUN_DONE"), ("RUN_DONE", "POSTPROCESSED")]),
+                          (other, [("PREPROCESSED", "RUNNING"), ("RUNNING", "RUN_DONE")])):
+        made = _moves(env, job_id)
+        assert all(made.count(move) == 1 for move in moves), made  # each once: nothing applied twice
+
+
+def test_a_call_that_always_fails_is_spooled_in_order_at_close_and_the_other_jobs_updates_were_sent(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
+    from balsam.client.status_updater import SpoolReplayer
+
+    bad, other = jobs(2)
+    proxy.fail_ids, proxy.fail_left, proxy.fail_forward = {bad}, 10**6, False  # rolled back each time
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=1,
+                                spool_dir=tmp_path / "spool")
+    try:
+        updater.put(bad, "RUNNING")
+        assert wait_until(lambda: len(proxy.patches) >= 1)
+        updater.put(other, "RUNNING")
+        updater.put(bad, "RUN_DONE", return_code=0)
+        updater.put(other, "RUN_DONE", return_code=0)
+        assert wait_until(lambda: _states(env, [other]) == ["RUN_DONE"], 60)  # not waiting for close()
+    finally:
+        updater.close()
+    assert updater.gave_up and updater.spooled == 2
+    spooled = [json.loads(line) for f in sorted((tmp_path / "spool").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert [(u["id"], u["state"]) for u in spooled] == [(bad, "RUNNING"), (bad, "RUN_DONE")]
+    # The site agent replays them once the server is fixed: applied once, in order.
+    proxy.fail_left = 0
+    replay = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
+    try:
+        assert SpoolReplayer(tmp_path / "spool", replay).poll() == 2
+        assert replay.flush(60)
+    finally:
+        replay.close()
+    assert replay.dropped_count == 0, replay.dropped
+    assert _states(env, [bad, other]) == ["RUN_DONE", "RUN_DONE"]
+    made = _moves(env, bad)
+    assert made.count(("PREPROCESSED", "RUNNING")) == 1 and made.count(("RUNNING", "RUN_DONE")) == 1, made

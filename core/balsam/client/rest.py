@@ -346,7 +346,8 @@ def _refused_ids(resp: "Response") -> "frozenset[int] | None":
 def retry_after_seconds(value: Optional[str], now: Optional[dt.datetime] = None) -> Optional[float]:
     """The wait a ``Retry-After`` header value asks for, in seconds (never negative): its
     delay-seconds or its HTTP-date (RFC 9110 10.2.3; a proxy or load balancer may send the date
-    form), measured from ``now``. None when there is none or it cannot be read."""
+    form), measured from ``now``. None when there is none, it cannot be read, or it is a date not
+    in the future (see the end)."""
     raw = (value or "").strip()
     if not raw:
         return None
@@ -360,7 +361,12 @@ def retry_after_seconds(value: Optional[str], now: Optional[dt.datetime] = None)
         return None
     if when.tzinfo is None:  # "-0000" or an obsolete form: HTTP-dates are UTC
         when = when.replace(tzinfo=dt.timezone.utc)
-    return max(0.0, (when - (now or dt.datetime.now(dt.timezone.utc))).total_seconds())
+    left = (when - (now or dt.datetime.now(dt.timezone.utc))).total_seconds()
+    # A date already past says nothing of when to come back (the proxy's clock behind ours, or the
+    # answer slow to arrive): read as a wait of 0 it made every retry immediate, a client's whole
+    # budget (5 tries) spent in 0.2 s and the status updater's retries a tight loop. Unsaid instead:
+    # the caller's own backoff.
+    return left if left > 0 else None
 
 
 def _retry_after(resp: "Response") -> float:

@@ -10,7 +10,11 @@ split in halves until the refused updates are isolated (:func:`isolate_refused`;
 logged (one ERROR line per call, however many it refused: :func:`log_refused`) and dropped, the
 others are sent.
 Connection failures and 5xx are retried for as long as the updater runs; once ``close()`` is
-called, calls that keep failing for ``close_timeout`` seconds are given up. An answer with a
+called, calls that keep failing for ``close_timeout`` seconds are given up. A call answered 5xx
+without a ``Retry-After`` :data:`SIDE_LANE_AFTER_FAILURES` times (the server is up and fails this
+call: one job's data tripping a server fault) is still resent unchanged under its Idempotency-Key,
+its jobs' later updates waiting behind it in order, but the updates of other jobs go out meanwhile
+in calls of their own (:class:`_SideLane`): they used to wait until close() gave up. An answer with a
 ``Retry-After`` (429, 503) is retried no sooner than it asks (at most :data:`MAX_SERVER_WAIT_SEC`,
 plus a little jitter so that many launchers do not come back in the same instant), and never past
 ``close()``'s give-up: a wait that would end after it ends there, for one last try. The updates put meanwhile
@@ -68,6 +72,14 @@ MAX_SERVER_WAIT_SEC = 60.0
 #: back at once, the load the 429 was sent to spread.
 _JITTER_FRACTION = 0.1
 _MAX_JITTER_SEC = 5.0
+#: After this many failed tries of one call answered 5xx without a ``Retry-After`` (the server is up
+#: and fails this call: a data-dependent fault of one of its jobs), the updates of other jobs go out
+#: in calls of their own while it is retried (see :class:`_SideLane`).
+SIDE_LANE_AFTER_FAILURES = 3
+#: A side call failing in turn may open side calls of its own, this many levels deep at most: a
+#: proxy answering 502 to everything (no Retry-After) would otherwise open one more level every few
+#: seconds (a recursion, and a new backoff at each) for as long as updates keep coming.
+SIDE_LANE_MAX_DEPTH = 3
 #: ``BulkStatusUpdater.dropped`` keeps the most recent this many dropped updates (``dropped_count``
 #: counts them all): a long-lived updater (the site agent's processing module) must not grow without bound.
 MAX_DROPPED_KEPT = 1000
@@ -306,6 +318,30 @@ def server_wait(exc: BaseException) -> Optional[float]:
     return float(wait) if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait >= 0 else None
 
 
+class _SideLane:
+    """The updates that cannot pass a call being retried (``blocked``: its jobs', the rest of its
+    batch's): while it fails, :meth:`BulkStatusUpdater._send_other_jobs` sends the updates of other
+    jobs in calls of their own and keeps those of blocked jobs in ``held``, in their order, each
+    job's later updates too; ``held`` goes back to the front of the queue once the call ends. A
+    call answered 500 every time (one job's data tripping a server fault) held every later update
+    of every job until close() gave up, and the spooled call then held the agent's replay the same
+    way."""
+
+    def __init__(self, blocked: Iterable[Any]) -> None:
+        self.blocked = set(blocked)
+        self.held: list[Any] = []
+        #: The job ids of the side calls being sent (a side call may itself be stuck and have its own
+        #: side calls): blocked while they are, not once they went through.
+        self.sending: list[set[Any]] = []
+        #: Updates sent (or dropped) by side calls: counted done once the held ones are.
+        self.done = 0
+        #: The side calls' batches being sent (for close() to spool if it gives up on the thread).
+        self.batches: list[list[dict[str, Any]]] = []
+
+    def blocks(self, ids: set[Any]) -> bool:
+        return bool(ids & self.blocked) or any(ids & sending for sending in self.sending)
+
+
 class _Replacement(dict):
     """An update ``on_refused`` gave in place of a refused one (sent as any dict)."""
 
@@ -369,6 +405,13 @@ class BulkStatusUpdater:
         #: Failed tries since the last call that went through (the first is logged as a WARNING).
         self._failures = 0
         self._inflight: list[dict[str, Any]] = []
+        #: The side lane of the call being retried (None: none), for close() to spool what it holds.
+        self._lane: Optional[_SideLane] = None
+        #: Updates put back at the front of the queue by a side lane and not taken again yet; while
+        #: there are, the count of updates done waits in ``_deferred_done`` (done_through() tells
+        #: that every update up to a number is done: a later one sent first is not counted yet).
+        self._held_outstanding = 0
+        self._deferred_done = 0
         self.sent = 0
         #: (update, reason) of the most recent :data:`MAX_DROPPED_KEPT` updates dropped (refused, or
         #: never sent), long values cut (:func:`bounded_update`); ``dropped_count`` counts them all.
@@ -497,7 +540,9 @@ class BulkStatusUpdater:
         self._thread.join(self.close_timeout + 30)
         if self._thread.is_alive():
             self.gave_up = True
-            left = list(self._inflight) + _flatten(self._items)
+            lane = self._lane
+            left = list(self._inflight) + ([u for b in lane.batches for u in b] + _flatten(lane.held) if lane is not None
+                                           else []) + _flatten(self._items)
             logger.error("%s did not finish within %.0f s; %d updates unsent", self.name, self.close_timeout + 30, len(left))
             self._spool(left)
 
@@ -529,7 +574,13 @@ class BulkStatusUpdater:
             else:
                 batch.append(item)
             items.popleft()
+            self._took(item)
         return batch
+
+    def _took(self, item: Any) -> None:
+        """``item`` left the queue: one less held one outstanding if it was one (they are in front)."""
+        if self._held_outstanding:
+            self._held_outstanding -= min(self._held_outstanding, len(item) if type(item) is tuple else 1)
 
     def _run(self) -> None:
         while True:
@@ -559,20 +610,33 @@ class BulkStatusUpdater:
             finally:
                 self._inflight = []
                 with self._done_cond:
-                    self._done += len(batch)
+                    counted = len(batch) + self._deferred_done
+                    if self._held_outstanding:
+                        self._deferred_done = counted  # earlier updates held back are not done yet
+                    else:
+                        self._done += counted
+                        self._deferred_done = 0
                     self._done_cond.notify_all()
 
-    def _send_batch(self, batch: list[dict[str, Any]]) -> None:
+    def _send_batch(self, batch: list[dict[str, Any]], outer: Optional[_SideLane] = None) -> None:
         """Send ``batch`` (the list ``_run`` counts as done afterwards: updates taken into it here
-        are counted with it) in calls of MAX_ITEMS_PER_BULK_OP at most."""
+        are counted with it) in calls of MAX_ITEMS_PER_BULK_OP at most. ``outer``: the side lane
+        ``batch`` is sent in (a side call: it takes in nothing after a 429, and its own side calls
+        share that lane)."""
         start = 0
         while start < len(batch):
             chunk = batch[start : start + MAX_ITEMS_PER_BULK_OP]
+            rest_ids = {_record_id(u) for u in batch[start:]}
+            if outer is None:
+                lane = self._lane = _SideLane(rest_ids)
+            else:
+                lane = outer
+                lane.sending.append(rest_ids)
 
             def send(items: list, chunk: list = chunk) -> None:
                 # Only the whole chunk may take in more updates after a 429: a part of it sent while
                 # isolating refused updates follows others of the chunk that were applied.
-                self._send_retrying(items, merge=items is chunk)
+                self._send_retrying(items, merge=outer is None and items is chunk, lane=lane)
 
             try:
                 refused = isolate_refused(send, chunk)
@@ -580,7 +644,7 @@ class BulkStatusUpdater:
                 # Nothing of it was applied: the updates put during the server's wait go with it,
                 # after it (their order), in the one call it is sent again as, where it has room.
                 room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP) - len(chunk)
-                if start + len(chunk) == len(batch) and room > 0:
+                if start + len(chunk) == len(batch) and room > 0 and not lane.held:
                     batch.extend(self._drain(room))
                 continue
             except _GaveUp as exc:
@@ -590,12 +654,60 @@ class BulkStatusUpdater:
                 self._drop(unsent, str(exc.cause))
                 self._spool(unsent)
                 return
+            finally:
+                if outer is None:
+                    self._release(lane)
+                else:
+                    lane.sending.pop()
             self._log_refused(refused, len(chunk))
             for update, error in refused:
                 self._drop([update], str(error))
                 self._replace_refused(update, error)
             self.sent += len(chunk) - len(refused)
             start += len(chunk)
+
+    def _release(self, lane: _SideLane) -> None:
+        """The call ``lane`` was opened for ended: the updates it held go back to the front of the
+        queue, in their order (before anything put since: each job's updates stay in order)."""
+        self._lane = None
+        if lane.held:
+            self._items.extendleft(reversed(lane.held))
+            self._held_outstanding += len(_flatten(lane.held))
+            lane.held = []
+        self._deferred_done += lane.done
+
+    def _send_other_jobs(self, lane: _SideLane, until: float) -> None:
+        """Until ``until`` (``time.monotonic()``) or the queue is empty: send the queued updates of
+        jobs ``lane`` does not block in calls of their own (each retried, and isolated when refused,
+        as any); keep the others in ``lane.held``. Not while closing: the queue is spooled in order then."""
+        room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP)
+        while not self._stopping and time.monotonic() < until and self._items:
+            batch: list[dict[str, Any]] = []
+            while self._items and len(batch) < room:
+                item = self._items[0]  # this thread alone takes items
+                updates = item if type(item) is tuple else (item,)
+                if batch and len(batch) + len(updates) > room:
+                    break
+                self._items.popleft()
+                self._took(item)
+                ids = {_record_id(u) for u in updates}
+                if lane.blocks(ids):
+                    lane.held.append(item)
+                    lane.blocked |= ids  # its later updates wait behind it
+                else:
+                    batch.extend(updates)
+            if not batch:
+                continue
+            logger.info("%s: sending %d updates of other jobs meanwhile", self.name, len(batch))
+            lane.batches.append(batch)
+            try:
+                self._send_batch(batch, outer=lane)
+            except Exception:  # as _run: never lose count of an update
+                logger.exception("%s: unexpected error; %d updates dropped", self.name, len(batch))
+                self._drop(batch, "unexpected error")
+            finally:
+                lane.batches.pop()
+                lane.done += len(batch)
 
     def _log_refused(self, refused: Sequence[tuple[Any, BaseException]], total: int) -> None:
         """Log the updates the server refused in one call (:func:`log_refused`; a subclass whose
@@ -627,7 +739,8 @@ class BulkStatusUpdater:
         self._items.append(_Replacement(replacement))
         self._last_put = next(self._put_count)
 
-    def _send_retrying(self, chunk: list[dict[str, Any]], merge: bool = False) -> None:
+    def _send_retrying(self, chunk: list[dict[str, Any]], merge: bool = False,
+                       lane: Optional[_SideLane] = None) -> None:
         """One PATCH, retried through outages; raises refusals, and :class:`_GaveUp` once closing has
         seen failures for ``close_timeout`` seconds. Every try carries the same Idempotency-Key: a
         try the server applied whose answer was lost is answered from its record, not applied again.
@@ -640,6 +753,7 @@ class BulkStatusUpdater:
         # limit's answer, the server's or a proxy's). A timeout or a 5xx may follow an applied
         # commit: then only this body under this key is safe to send again.
         unapplied = True
+        failed = 0  # tries of this call that failed (self._failures: of any call since one went through)
         while True:
             try:
                 self._patch(chunk, key)
@@ -664,6 +778,11 @@ class BulkStatusUpdater:
                     raise _GaveUp(exc) from exc
                 unapplied = unapplied and http_status(exc) == 429
                 asked = server_wait(exc)
+                if asked is not None and asked <= 0:
+                    # "Retry-After: 0" asks nothing of us: honoured as a wait, every retry went out
+                    # at once (67 PATCHes in 3 s of a proxy's 429s), an INFO line each. Our own
+                    # backoff (0.5 s up to 10 s) instead.
+                    asked = None
                 if asked is not None:
                     # The server (or a proxy) said when to come back: sooner would be the load it
                     # refused (every launcher of a busy server retrying on its own schedule).
@@ -680,8 +799,25 @@ class BulkStatusUpdater:
                 log("%s: PATCH /jobs/ failed (%s); retrying in %.1f s%s", self.name, exc, retry_at - now,
                     " (as the server's Retry-After asks)" if asked is not None else "")
                 self._failures += 1
-                if not self._stopping and self._closing.wait(max(0.0, retry_at - now)):
-                    # close() began during the wait: what is left of it is planned as closing.
+                failed += 1
+                status = http_status(exc)
+                if (lane is not None and asked is None and status is not None and status >= 500
+                        and failed >= SIDE_LANE_AFTER_FAILURES and len(lane.sending) < SIDE_LANE_MAX_DEPTH):
+                    # The server answers, and fails this call (not a busy server: no Retry-After):
+                    # the other jobs' updates need not wait for it. This call is still resent
+                    # unchanged, under its key (a 500 may follow a commit), when the wait is over.
+                    failures, failing_since = self._failures, self._failing_since
+                    self._send_other_jobs(lane, retry_at)
+                    # A side call that went through says nothing of this one: still failing.
+                    self._failures = max(self._failures, failures)
+                    self._failing_since = failing_since if failing_since is not None else self._failing_since
+                # Always on the event, never a plain sleep: close() may have begun since retry_at
+                # was planned (while the line above was written), and then the wait returns at once
+                # and is planned again as closing (cut to the give-up). Checking _stopping first
+                # left that race a plain sleep of up to 65 s: close() ran out its join and spooled
+                # the update the thread then sent (applied and spooled).
+                if self._closing.wait(max(0.0, retry_at - time.monotonic())):  # side calls took some of it
+                    # close() began before or during the wait: what is left of it is planned as closing.
                     retry_at = self._retry_at(retry_at, asked is not None, exc)
                 time.sleep(max(0.0, retry_at - time.monotonic()))
                 if merge and unapplied and asked is not None:
