@@ -215,7 +215,9 @@ def test_kill_9_of_launcher_agent_and_server_loses_nothing(live_server_factory: 
     server = live_server_factory("postgresql", env=server_env())
     try:
         act_as(server.url, tmp_path / "home")
-        total = 1200
+        # Enough for three kills well inside the campaign (at 15, 35 and 55 %: dozens of jobs in
+        # flight at each, over several acquires); 1,200 took twice as long for the same three kills.
+        total = 600
         site, runs, ids, launchers = agent_campaign(tmp_path, "sitek", total, seconds=0.05)
 
         def finished_at_least(fraction: float) -> bool:
@@ -274,7 +276,9 @@ def test_a_postgresql_restart_mid_campaign_loses_nothing_and_doubles_nothing(pri
     server.start()
     try:
         act_as(server.url, tmp_path / "home")
-        total = 1500
+        # The restart comes at 30 %: over 500 jobs are still to run, through it (1,500 took twice as
+        # long for the same one restart).
+        total = 750
         site, runs, ids, launchers = agent_campaign(tmp_path, "sitepg", total, seconds=0.02)
         wait_for(lambda: state_count("sitepg", "JOB_FINISHED") >= 0.3 * total, timeout=120, what="30 % of the campaign")
         private_postgres.restart()

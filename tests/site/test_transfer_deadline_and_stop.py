@@ -32,8 +32,11 @@ def site(make_site):
 
 
 @pytest.fixture
-def hung_source(tmp_path: Path):
-    """A FIFO whose open() blocks until the test ends (then it is released: EOF)."""
+def hung_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A FIFO whose open() blocks until the test ends (then it is released: EOF). A copy blocked on
+    it holds the module's close() for CLOSE_WAIT_SEC (10 s) before it leaves that copy behind: a
+    short wait leaves it behind the same way, without 10 s of every test that closes over one."""
+    monkeypatch.setattr(local_transfer, "CLOSE_WAIT_SEC", 0.2, raising=False)
     fifo = tmp_path / "hung.dat"
     os.mkfifo(fifo)
     yield fifo

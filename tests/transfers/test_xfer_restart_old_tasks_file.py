@@ -22,7 +22,15 @@ from balsam.site.modules.transfers import TASKS_NAME
 from balsam.transfer import TransferError
 from transfer_test_utils import finish_as_a_launcher, hold_copies, make_site, stage_in_item, transfers_module
 
-pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager", "short_close_wait")
+
+
+@pytest.fixture
+def short_close_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first agent stops while its task's copy is held (the orphan these tests need): its close
+    waited the full CLOSE_WAIT_SEC (10 s) for a copy that cannot end before the gate opens, in every
+    test. A short wait leaves the same task running behind the stopped agent."""
+    monkeypatch.setattr(lt, "CLOSE_WAIT_SEC", 0.2)
 
 #: balsam.site.modules.transfers.SAME_FILE_WAIT
 SAME_FILE = "waiting for an earlier transfer that writes the same file"
