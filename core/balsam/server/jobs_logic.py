@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql
 
 from balsam.models import Job, workdir_problem
 from balsam.serialization import parse_datetime
+from balsam.util import paused_gc
 from balsam.states import (
     RUNNABLE_STATES, USER_FORCEABLE_TARGETS, InvalidTransition, JobState, TransferDirection, TransferItemState,
     validate_transition,
@@ -1053,6 +1054,15 @@ def bulk_create_jobs(conn: sa.Connection, user_id: int, specs: list[dict[str, An
         items_rows = [dict(item, job_id=job_id) for job_id, items in zip(new_ids, transfer_specs) for item in items]
         bulk_insert(conn, transfer_items, items_rows)
 
+    # Pure Python, a dict per job: the collector paused (as while the body was parsed: routes/jobs.py);
+    # not across the statements above, which may wait for locks (the parents', the app's).
+    with paused_gc():
+        return _created_answer(new_ids, specs, states, now, minimal)
+
+
+def _created_answer(new_ids: list[int], specs: list[dict[str, Any]], states: "list[str] | None", now: dt.datetime,
+                    minimal: bool) -> list[dict[str, Any]]:
+    """The created jobs as the create answers them (``minimal``: id, state, last_update)."""
     wire_now = wire_datetime(now)
     staged = S.staged_in.value
     if minimal:
@@ -1488,55 +1498,58 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
     # Validate every transition before writing anything; each job's steps from the state the
     # previous step left. The rows are locked (PostgreSQL) or the write lock held (SQLite) since
     # they were read: the lease checked here is the one the update changes.
-    invalid: list[str] = []
-    invalid_ids: list[int] = []
-    targets: dict[int, JobState] = {}
-    moves: dict[int, list[tuple[str, str, Any, Any]]] = {}  # job id -> [(from, to, timestamp, data)]
-    lease_ended: set[int] = set()
-    run_released: set[int] = set()  # of those, jobs the holder may be running (a launcher's lease)
-    left_finished: set[int] = set()  # jobs moved out of JOB_FINISHED (re-runs of finished jobs)
-    for job_id, job_steps in steps.items():
-        row = current[job_id]
-        state = _STATE_BY_VALUE.get(row.state) or JobState(row.state)
-        holder = row.session_id
-        for patch in job_steps:
-            sender = patch.get(SESSION_KEY)
-            if sender is not None and sender != holder:
-                invalid.append(f"job {job_id} is no longer held by session {sender} (now: "
-                               f"{'no session' if holder is None else f'session {holder}'})")
-                invalid_ids.append(job_id)
-                break
-            if "state" not in patch:
-                continue
-            try:
-                # Sent under the job's lease: the holder's own moves, checked strictly. Without a
-                # session: a user (or a Balsam 0.7 client), who may force a re-run or a failure.
-                new = validate_transition(state, patch["state"], forced=sender is None)
-            except InvalidTransition as exc:
-                invalid.append(f"job {job_id}: {exc}")
-                invalid_ids.append(job_id)
-                break
-            if new != state:
-                # ``_value_``: the state's text, as ``.value`` gives it (a property in Python code,
-                # several times the cost of the attribute on a path that runs per job).
-                moves.setdefault(job_id, []).append(
-                    (state._value_, new._value_, patch.get("state_timestamp") or now, patch.get("state_data")))
-                if state is S.finished:
-                    left_finished.add(job_id)
-                before, state = state, new
-                if sender is None and new != S.running and holder is not None:
-                    # A user moved a leased job: the lease ends here, so the holder's later
-                    # updates (in this request or after it) are refused. (RUNNING without a
-                    # session is a Balsam 0.7 launcher's report: its lease stays.)
-                    holder = None
-                    lease_ended.add(job_id)
-                    if before in _LAUNCHER_HELD_STATES and new in USER_FORCEABLE_TARGETS:
-                        run_released.add(job_id)
-        if job_id in moves:
-            targets[job_id] = state
-    if invalid:
-        shown = "; ".join(invalid[:10]) + (f"; (+{len(invalid) - 10} more)" if len(invalid) > 10 else "")
-        raise Conflict(f"Invalid state change, nothing was updated: {shown}", refused_ids=invalid_ids)
+    # The rows are locked (or the write lock held) from here: this check is CPU only, its moves
+    # thousands of tuples, with the collector paused (see the loop that builds the values below).
+    with paused_gc():
+        invalid: list[str] = []
+        invalid_ids: list[int] = []
+        targets: dict[int, JobState] = {}
+        moves: dict[int, list[tuple[str, str, Any, Any]]] = {}  # job id -> [(from, to, timestamp, data)]
+        lease_ended: set[int] = set()
+        run_released: set[int] = set()  # of those, jobs the holder may be running (a launcher's lease)
+        left_finished: set[int] = set()  # jobs moved out of JOB_FINISHED (re-runs of finished jobs)
+        for job_id, job_steps in steps.items():
+            row = current[job_id]
+            state = _STATE_BY_VALUE.get(row.state) or JobState(row.state)
+            holder = row.session_id
+            for patch in job_steps:
+                sender = patch.get(SESSION_KEY)
+                if sender is not None and sender != holder:
+                    invalid.append(f"job {job_id} is no longer held by session {sender} (now: "
+                                   f"{'no session' if holder is None else f'session {holder}'})")
+                    invalid_ids.append(job_id)
+                    break
+                if "state" not in patch:
+                    continue
+                try:
+                    # Sent under the job's lease: the holder's own moves, checked strictly. Without a
+                    # session: a user (or a Balsam 0.7 client), who may force a re-run or a failure.
+                    new = validate_transition(state, patch["state"], forced=sender is None)
+                except InvalidTransition as exc:
+                    invalid.append(f"job {job_id}: {exc}")
+                    invalid_ids.append(job_id)
+                    break
+                if new != state:
+                    # ``_value_``: the state's text, as ``.value`` gives it (a property in Python code,
+                    # several times the cost of the attribute on a path that runs per job).
+                    moves.setdefault(job_id, []).append(
+                        (state._value_, new._value_, patch.get("state_timestamp") or now, patch.get("state_data")))
+                    if state is S.finished:
+                        left_finished.add(job_id)
+                    before, state = state, new
+                    if sender is None and new != S.running and holder is not None:
+                        # A user moved a leased job: the lease ends here, so the holder's later
+                        # updates (in this request or after it) are refused. (RUNNING without a
+                        # session is a Balsam 0.7 launcher's report: its lease stays.)
+                        holder = None
+                        lease_ended.add(job_id)
+                        if before in _LAUNCHER_HELD_STATES and new in USER_FORCEABLE_TARGETS:
+                            run_released.add(job_id)
+            if job_id in moves:
+                targets[job_id] = state
+        if invalid:
+            shown = "; ".join(invalid[:10]) + (f"; (+{len(invalid) - 10} more)" if len(invalid) > 10 else "")
+            raise Conflict(f"Invalid state change, nothing was updated: {shown}", refused_ids=invalid_ids)
 
     events = EventBuffer()
     final_state: dict[int, JobState] = dict(targets)
@@ -1553,34 +1566,38 @@ def update_jobs(conn: sa.Connection, user_id: int, patches: "dict[int, dict[str,
                              parent_states=parent_states)
 
     # Build the stored values per job, then group identical ones into a single UPDATE.
-    groups: dict[bytes, tuple[dict[str, Any], list[int]]] = {}
-    for job_id, job_steps in steps.items():
-        values = {name: _stored_value(name, v) for patch in job_steps for name, v in patch.items()
-                  if name not in ("state", "state_timestamp", "state_data", SESSION_KEY)}
-        if values.get("pending_file_cleanup") is False and final_state.get(job_id, JobState(current[job_id].state)) != S.finished:
-            # "Cleaned" is said of a finished job's files: the file_cleaner lists JOB_FINISHED jobs,
-            # deletes their files, then clears the flag. A job re-run in between (RESTART_READY, and
-            # the flag set again by that move) would lose its flag here and its new files would never
-            # be cleaned. The state is the one read under the row lock above (or left by this
-            # request), so the check cannot race with the re-run: ignored for a job not finished.
-            del values["pending_file_cleanup"]
-        final = final_state.get(job_id)
-        if final is not None:
-            values["state"] = final._value_
-            if final != S.running or job_id in lease_ended:
-                values["session_id"] = None
-            events.add_moves(job_id, moves[job_id])
-            if "pending_file_cleanup" not in values and job_id in left_finished:
-                # A re-run of a finished job (the file_cleaner cleared the flag): its new files
-                # are cleaned again when it finishes, as a new job's are (created with True).
-                values["pending_file_cleanup"] = True
-        # Keys not sorted: two jobs whose data differ only in key order get their own order (json
-        # column, migration 0021), not the first one's. The key without last_update (the same for all).
-        key = orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS)
-        values["last_update"] = now
-        groups.setdefault(key, (values, []))[1].append(job_id)
-    for job_id, from_state, to_state, data in extra_events:
-        events.add(job_id, from_state.value, to_state.value, now, data)
+    # Pure Python, thousands of dicts (values, event rows): the collector paused as while the body
+    # was parsed (the routes). Only here and in the check above: the statements around them may
+    # wait for locks, and the collector is paused for every thread of the server.
+    with paused_gc():
+        groups: dict[bytes, tuple[dict[str, Any], list[int]]] = {}
+        for job_id, job_steps in steps.items():
+            values = {name: _stored_value(name, v) for patch in job_steps for name, v in patch.items()
+                      if name not in ("state", "state_timestamp", "state_data", SESSION_KEY)}
+            if values.get("pending_file_cleanup") is False and final_state.get(job_id, JobState(current[job_id].state)) != S.finished:
+                # "Cleaned" is said of a finished job's files: the file_cleaner lists JOB_FINISHED jobs,
+                # deletes their files, then clears the flag. A job re-run in between (RESTART_READY, and
+                # the flag set again by that move) would lose its flag here and its new files would never
+                # be cleaned. The state is the one read under the row lock above (or left by this
+                # request), so the check cannot race with the re-run: ignored for a job not finished.
+                del values["pending_file_cleanup"]
+            final = final_state.get(job_id)
+            if final is not None:
+                values["state"] = final._value_
+                if final != S.running or job_id in lease_ended:
+                    values["session_id"] = None
+                events.add_moves(job_id, moves[job_id])
+                if "pending_file_cleanup" not in values and job_id in left_finished:
+                    # A re-run of a finished job (the file_cleaner cleared the flag): its new files
+                    # are cleaned again when it finishes, as a new job's are (created with True).
+                    values["pending_file_cleanup"] = True
+            # Keys not sorted: two jobs whose data differ only in key order get their own order (json
+            # column, migration 0021), not the first one's. The key without last_update (the same for all).
+            key = orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS)
+            values["last_update"] = now
+            groups.setdefault(key, (values, []))[1].append(job_id)
+        for job_id, from_state, to_state, data in extra_events:
+            events.add(job_id, from_state.value, to_state.value, now, data)
     if run_released:
         # The session whose lease the user ended may still run the job: acquires skip it until that
         # session no longer does (sessions_logic, "Re-queued while running"). One

@@ -243,10 +243,18 @@ def list_size_errors_of_unchecked(items: list[Any], unchecked: "list[dict[str, A
     return errors[:_MAX_ERRORS]
 
 
+#: The shortest JSON text of an integer out of the 64-bit range (``9223372036854775808``, 19
+#: characters; the negative ones are longer). A body shorter than this holds no value over any
+#: limit (the string limits are longer still) and is not walked; a 64-bit limit was the one a body
+#: of up to MAX_KEY_CHARS bytes could exceed (``{"data": {"x": 18446744073709551615}}``, stored as
+#: it came while a longer body with it was refused).
+MIN_OUT_OF_RANGE_INT_CHARS = len(str(INT64_MAX + 1))
+
+
 def check_field_sizes(data: Any, body_bytes: int) -> None:
-    """422 naming every string or key over its limit (a body shorter than the smallest limit
-    cannot hold one, and is not walked)."""
-    if body_bytes <= MAX_KEY_CHARS:
+    """422 naming every string, key or integer over its limit (a body too short to hold one is
+    not walked: see ``MIN_OUT_OF_RANGE_INT_CHARS``)."""
+    if body_bytes < MIN_OUT_OF_RANGE_INT_CHARS:
         return
     errors = field_size_errors(data)
     if errors:

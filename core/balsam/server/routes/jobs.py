@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Iterable
 
 import orjson
@@ -56,18 +57,17 @@ def read_job(ctx: Ctx) -> Response:
 
 def bulk_create(ctx: Ctx) -> Response:
     # Thousands of jobs become dicts here: the collector would walk the server's whole heap for
-    # them. It is back on once they are freed (the locals of _bulk_create), so that its first
-    # collection does not walk them either.
+    # them, so it is paused while the body is parsed (CPU only). Not across ctx.write(): the
+    # collector is off for every thread of the server while it is paused, and the write may wait
+    # (SQLite's write lock; on PostgreSQL the parents' row locks, FOR SHARE, the app's KEY SHARE
+    # under a delete, a concurrent claim of the same Idempotency-Key) for as long as another
+    # transaction holds them.
     with paused_gc():
-        return _bulk_create(ctx)
-
-
-def _bulk_create(ctx: Ctx) -> Response:
-    data = ctx.json(check_sizes=False)
-    if not isinstance(data, list) or len(data) > MAX_ITEMS_PER_BULK_OP:
-        check_field_sizes(data, len(ctx.body or b""))  # else parse_job_creates checks them, item by item
-    payload = require_list(data, "jobs", MAX_ITEMS_PER_BULK_OP)
-    specs = logic.parse_job_creates(payload)
+        data = ctx.json(check_sizes=False)
+        if not isinstance(data, list) or len(data) > MAX_ITEMS_PER_BULK_OP:
+            check_field_sizes(data, len(ctx.body or b""))  # else parse_job_creates checks them, item by item
+        payload = require_list(data, "jobs", MAX_ITEMS_PER_BULK_OP)
+        specs = logic.parse_job_creates(payload)
     minimal = ctx.prefers_minimal()
     headers = {MINIMAL_APPLIED[0]: MINIMAL_APPLIED[1]} if minimal else None
     with ctx.write() as conn:
@@ -79,11 +79,13 @@ def _bulk_create(ctx: Ctx) -> Response:
         if reserved is not None and len(reserved) != len(specs):
             raise ValidationFailed.field(
                 ["header", IDEMPOTENCY_HEADER], f"this key was reserved for {len(reserved)} jobs; the request has {len(specs)}")
-        created = logic.bulk_create_jobs(conn, ctx.user.id, specs, minimal=minimal, ids=reserved)
-        ctx.idempotency.record(conn, 201, "jobs", [job["id"] for job in created])
-        # Serialized before the commit: an answer that cannot be built rolls the jobs back, so a
-        # client retrying the failed request does not create them twice.
-        response = json_response(created, 201, headers=headers)
+        with _paused_gc_under_lock(conn):
+            created = logic.bulk_create_jobs(conn, ctx.user.id, specs, minimal=minimal, ids=reserved)
+            ctx.idempotency.record(conn, 201, "jobs", [job["id"] for job in created])
+            # Serialized before the commit: an answer that cannot be built rolls the jobs back, so a
+            # client retrying the failed request does not create them twice. CPU only: paused.
+            with paused_gc():
+                response = json_response(created, 201, headers=headers)
     ctx.wake_acquires()
     return response
 
@@ -118,25 +120,32 @@ def reserve(ctx: Ctx) -> Response:
 
 
 def bulk_update(ctx: Ctx) -> Response:
-    # Thousands of updates, their patches and event rows become dicts here: as for a bulk create,
-    # the collector would walk the server's whole heap for them (a full collection every few
-    # requests). Back on once they are freed.
+    # Thousands of updates become dicts here: as for a bulk create, the collector is paused while
+    # the body is parsed (CPU only), and not across ctx.write(), whose row locks (FOR UPDATE, no
+    # lock timeout) or SQLite write lock may be waited for as long as another transaction holds
+    # them: the collector would be off for every thread of the server all that time.
     with paused_gc():
-        return _bulk_update(ctx)
-
-
-def _bulk_update(ctx: Ctx) -> Response:
-    # The size limits of a list's items are checked with them (parse_job_patches); of any other
-    # body here, as ctx.json() checks them, before the list is required.
-    payload = ctx.json(check_sizes=False)
-    if not isinstance(payload, list) or len(payload) > MAX_ITEMS_PER_BULK_OP:
-        check_field_sizes(payload, len(ctx.body or b""))
-        require_list(payload, "job updates", MAX_ITEMS_PER_BULK_OP)
-    patches, items = logic.parse_job_patches(payload)
-    with ctx.write() as conn:
+        # The size limits of a list's items are checked with them (parse_job_patches); of any
+        # other body here, as ctx.json() checks them, before the list is required.
+        payload = ctx.json(check_sizes=False)
+        if not isinstance(payload, list) or len(payload) > MAX_ITEMS_PER_BULK_OP:
+            check_field_sizes(payload, len(ctx.body or b""))
+            require_list(payload, "job updates", MAX_ITEMS_PER_BULK_OP)
+        patches, items = logic.parse_job_patches(payload)
+    with ctx.write() as conn, _paused_gc_under_lock(conn):
         count = logic.update_jobs(conn, ctx.user.id, patches)
     _wake_if_states_moved(ctx, items)
     return json_response(count)
+
+
+def _paused_gc_under_lock(conn: sa.Connection) -> "AbstractContextManager[None]":
+    """The collector paused for the rest of a SQLite write transaction (its statements build rows
+    for thousands of jobs: each collection walked them, a full one every few requests): there,
+    once BEGIN IMMEDIATE has returned, the write lock is held and no statement of the transaction
+    waits for another (WAL: readers do not block it), so the pause lasts as long as its CPU work.
+    On PostgreSQL a statement may still wait for row locks (children released, foreign keys): only
+    update_jobs' pure-Python loops pause it there."""
+    return paused_gc() if conn.dialect.name == "sqlite" else nullcontext()
 
 
 def query_update(ctx: Ctx) -> Response:
