@@ -51,6 +51,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Optional, Protocol, Union
@@ -73,6 +74,8 @@ __all__ = [
     "JobHistory",
     "Scheduler",
     "SchedulerError",
+    "shell_reported_signal",
+    "unknown_outcome_of_signal",
     "SchedulerGuard",
     "STILL_ACTIVE",
     "SchedulerJobStatus",
@@ -188,9 +191,84 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+#: Seconds the processes an exited command left in its group get to end on SIGTERM before SIGKILL.
+LEFTOVER_GRACE_SEC = 1.0
+#: How often a running command is checked for having been stopped (see :func:`_stopped_member`).
+STOP_CHECK_SEC = 1.0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member of another user (a setuid helper): still a member
+        return True
+    return True
+
+
+def _end_group_leftovers(command: Command, pgid: int) -> None:
+    """End what an exited command left in its process group: a ``(helper &)`` whose output went to
+    /dev/null outlives it there, unseen by ``communicate``; run every poll, one more process was left
+    each time, and since the command is no longer the agent's descendant, no ``balsam site stop``
+    found it. ``pgid`` is the command's pid, already reaped: the kernel gives that number to no new
+    process while a member of the group lives (a group id is held by its members), so while
+    ``killpg(pgid, 0)`` finds members the signal reaches only what the command started. SIGTERM
+    first (with SIGCONT, for a stopped one), so that a helper may clean up (a lock, a temporary
+    file); SIGKILL for what is still there after :data:`LEFTOVER_GRACE_SEC`. A daemon that meant to
+    outlive the command (``ssh -o ControlPersist``, an agent) starts a session of its own and is not
+    in the group."""
+    if not _group_alive(pgid):
+        return
+    logger.warning("`%s` exited and left processes in its process group: ending them", command.args[0])
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, signal.SIGCONT)
+    except OSError:
+        return
+    deadline = time.monotonic() + LEFTOVER_GRACE_SEC
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass  # all gone
+
+
+def _stopped_member(pid: int) -> bool:
+    """Whether the command ``pid`` or one of its descendants is stopped (``T``). Out of the
+    terminal's foreground group (``_OWN_GROUP``), a process that reads the terminal (a password
+    prompt of ssh, kinit, getpass) gets SIGTTIN, and one that changes its modes (turning echo off)
+    SIGTTOU: stopped, it would never go on, and only the timeout ended it, a minute later. Only
+    processes of the command's session count: no terminal stops another session's (a batch job the
+    local scheduler starts in a session of its own)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        members = [proc, *proc.children(recursive=True)]
+        session = os.getsid(pid)
+    except (OSError, psutil.Error):
+        return False
+    for member in members:
+        try:
+            if member.status() == psutil.STATUS_STOPPED and os.getsid(member.pid) == session:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+def _stopped_error(command: Command) -> SchedulerError:
+    return SchedulerError(f"`{command.args[0]}` was stopped: it (or a process it started) tried to use the "
+                          "terminal (a password or passphrase prompt?); make the command non-interactive "
+                          "(ssh keys, a Kerberos ticket, no prompts)")
+
+
 def subprocess_runner(command: Command) -> CommandResult:
     """Run a command for real, in a process group of its own (see ``_OWN_GROUP``). A missing
-    executable or a timeout comes back as a SchedulerError."""
+    executable, a timeout or a command stopped by the terminal comes back as a SchedulerError.
+    Processes the command left in its group when it exited are ended (:func:`_end_group_leftovers`)."""
     env = {**os.environ, **command.env}
     for name in command.unset_env:
         env.pop(name, None)
@@ -208,17 +286,59 @@ def subprocess_runner(command: Command) -> CommandResult:
         )
     except FileNotFoundError:
         raise SchedulerError(f"`{command.args[0]}` was not found on PATH", permanent=True) from None
+    deadline = time.monotonic() + command.timeout
     with proc:  # as subprocess.run, but the whole group is killed on a timeout or any exception while waiting
         try:
-            stdout, stderr = proc.communicate(timeout=command.timeout)
+            # In slices, to notice a command the terminal stopped (communicate may be called again
+            # after its timeout: no output is lost).
+            while True:
+                try:
+                    slice_sec = max(0.0, min(STOP_CHECK_SEC, deadline - time.monotonic()))
+                    stdout, stderr = proc.communicate(timeout=slice_sec)
+                    break
+                except subprocess.TimeoutExpired:
+                    if _stopped_member(proc.pid):
+                        _kill_group(proc)
+                        proc.wait()
+                        raise _stopped_error(command) from None
+                    if time.monotonic() >= deadline:
+                        raise
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             proc.wait()
             raise SchedulerError(f"`{command.args[0]}` did not answer within {command.timeout:.0f} s") from None
+        except SchedulerError:
+            raise
         except BaseException:
             _kill_group(proc)
             raise
+    _end_group_leftovers(command, proc.pid)
     return CommandResult(tuple(command.args), proc.returncode, stdout, stderr)
+
+
+def shell_reported_signal(result: CommandResult) -> Optional[int]:
+    """The signal a shell's exit status says ended the command, when that is all the command said.
+
+    A ``#!/bin/sh`` wrapper that runs qsub without ``exec`` exits 128+N when qsub is ended by signal
+    N (the OOM killer, a watchdog), printing nothing or only its notice (bash: ``line 2: 1234
+    Killed  qsub ...``; ``Terminated``, ``Hangup``): qsub had no say, and may have queued the job
+    before it died. None when the status is not in 129..128+NSIG or the command printed anything
+    else (a scheduler's refusal names its reason: a PBS qsub's own exit status can be above 128)."""
+    number = result.returncode - 128
+    if not 0 < number < getattr(signal, "NSIG", 65):
+        return None
+    description = signal.strsignal(number) if hasattr(signal, "strsignal") else None
+    lines = [ln for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
+    if lines and (not description or not all(description in ln for ln in lines)):
+        return None
+    return number
+
+
+def unknown_outcome_of_signal(result: CommandResult, number: int) -> SchedulerError:
+    """The not-permanent error for :func:`shell_reported_signal`'s case."""
+    return SchedulerError(f"`{result.args[0] if result.args else 'the command'}` exited with status "
+                          f"{result.returncode}, a shell's word for a command ended by signal "
+                          f"{_signal_name(number)}, with no answer of the scheduler: its outcome is unknown")
 
 
 def _signal_name(number: int) -> str:

@@ -25,12 +25,12 @@ from site_test_utils import wait_for
 #: Stands for the agent: a scheduler command (a wrapper with a child, and a grandchild it left,
 #: reparented) in a group of its own, whose child is also a batch job in a session of its own.
 AGENT = """
-import subprocess, sys, time
+import os, subprocess, sys, time
 marks = sys.argv[1:]
 wrapper = (f"(sleep {marks[3]} &); sleep {marks[1]} & "
            f"python3 -c 'import subprocess, sys; subprocess.Popen([\\"sleep\\", \\"{marks[2]}\\"], start_new_session=True)'; "
            f"exec sleep {marks[0]}")
-subprocess.Popen(["/bin/sh", "-c", wrapper], process_group=0)
+subprocess.Popen(["/bin/sh", "-c", wrapper], preexec_fn=os.setpgrp)  # process_group=0 is 3.11+
 time.sleep(600)
 """
 

@@ -977,10 +977,20 @@ class Agent:
                 module.close()
             except Exception:
                 logger.exception("%s: close() failed", module.name)
-        killed = kill_descendants() if self.end_children else []
+        killed = self._end_children() if self.end_children else []
         if killed:
             logger.warning("ended %d leftover child process(es) (e.g. a hung scheduler command): %s", len(killed), killed)
         logger.info("agent stopped")
+
+    def _end_children(self) -> list[int]:
+        """End the remaining child processes and what the scheduler commands among them left in
+        their process groups (a hung command's child that left it: reparented, no descendant). The
+        groups are read first: once a command is ended, its group is no one's descendant."""
+        from .site_ops import agent_command_groups, end_own_command_groups
+
+        commands = agent_command_groups(os.getpid())
+        killed = kill_descendants()
+        return killed + [pid for pid in end_own_command_groups(commands) if pid not in killed]
 
     def run(self) -> int:
         """Main entry: signals, pid file, modules until SIGTERM; returns the exit code."""

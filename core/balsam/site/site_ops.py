@@ -562,8 +562,9 @@ def stop_agent(
 
     Only the process the pid file names *and* dates is signalled (a pid reused by another process
     since is left alone). Processes the agent left behind in its process group (it is the group
-    leader) are ended too; with ``force`` the agent is SIGKILLed after ``timeout``, and then its
-    group and the groups of its scheduler commands (:func:`agent_command_groups`) are ended. A pid file
+    leader) and in the groups of its scheduler commands (:func:`agent_command_groups`, read as it is
+    signalled and again before a kill) are ended too; with ``force`` the agent is SIGKILLed after
+    ``timeout`` first. A pid file
     of another host is checked against the site record (:func:`check_other_host_agent`); with
     ``force`` it is removed when that agent looks dead. Whatever the agent's state, once no agent
     of this host runs, the rsyncs that dead agents of this host left running are ended
@@ -598,11 +599,14 @@ def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,
     if started is None or not recorded_agent_alive(record) or not same_process(pid, started):
         pid_file_path(site_path).unlink(missing_ok=True)
         return None
+    # Read while the agent runs: once it is gone, its scheduler commands are no one's descendants.
+    # Its own shutdown ends these groups (Agent.shutdown); this is for an agent that exits without
+    # doing so (killed meanwhile, its shutdown failed). Read again before a --force kill.
+    commands = agent_command_groups(pid)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass  # exited since the check: its leftovers are still ended below
-    commands: Optional[tuple[int, set[int]]] = None
     begin = time.monotonic()
     while pid_alive(pid, started):
         elapsed = time.monotonic() - begin
@@ -611,8 +615,7 @@ def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,
         if elapsed > timeout:
             if not force:
                 raise SiteError(f"the site agent [pid {pid}] did not stop within {timeout:.0f} s (use --force to kill it)")
-            # Read before the kill: once the agent is gone, its scheduler commands are no one's descendants.
-            commands = agent_command_groups(pid)
+            commands = _merge_command_groups(commands, agent_command_groups(pid))
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -670,6 +673,13 @@ def agent_command_groups(agent_pid: int) -> Optional[tuple[int, set[int]]]:
     return session, groups
 
 
+def _merge_command_groups(first: Optional[tuple[int, set[int]]],
+                          second: Optional[tuple[int, set[int]]]) -> Optional[tuple[int, set[int]]]:
+    if first is None or second is None:
+        return first or second
+    return first[0], first[1] | second[1]  # one agent, one session
+
+
 def end_group_leftovers(leader_pid: int, leader_start: Optional[float], grace_sec: float = 3.0,
                         commands: Optional[tuple[int, set[int]]] = None) -> list[int]:
     """End processes still in the process group of the exited agent ``leader_pid`` (e.g. a scheduler
@@ -686,15 +696,42 @@ def end_group_leftovers(leader_pid: int, leader_start: Optional[float], grace_se
         return []
     if not same_process(leader_pid, leader_start, running=False) and process_start_time(leader_pid) is not None:
         return []  # the pid was given to another process since: a group of that id is not the agent's
+    return terminate_processes(_group_members(leader_pid, leader_start, commands), grace_sec)
+
+
+def _group_members(leader_pid: int, leader_start: float, commands: Optional[tuple[int, set[int]]],
+                   leader_group: bool = True) -> list[Any]:
+    """The processes, other than ``leader_pid``, started after ``leader_start`` that are in the group
+    ``leader_pid`` (unless not ``leader_group``) or in one of the ``commands`` groups
+    (:func:`agent_command_groups`) and still in that session."""
+    import psutil
+
     session, command_groups = commands if commands is not None else (None, set())
-    leftovers = []
+    members = []
     for proc in psutil.process_iter(["pid", "create_time"]):
         try:
             if proc.pid == leader_pid or proc.info["create_time"] < leader_start - START_TIME_TOLERANCE_SEC:
                 continue
             group = os.getpgid(proc.pid)
-            if group == leader_pid or (group in command_groups and os.getsid(proc.pid) == session):
-                leftovers.append(proc)
+            if (leader_group and group == leader_pid) or (group in command_groups and os.getsid(proc.pid) == session):
+                members.append(proc)
         except (OSError, psutil.Error):
             continue
-    return terminate_processes(leftovers, grace_sec)
+    return members
+
+
+def end_own_command_groups(commands: Optional[tuple[int, set[int]]], grace_sec: float = 3.0) -> list[int]:
+    """In the agent's own shutdown: end what is left in the groups of its scheduler commands
+    (``commands``: :func:`agent_command_groups` of this process, read before its descendants were
+    ended). A hung command's child that left it (reparented: no descendant of the agent any more)
+    stays in the command's group, holding its output pipe; while the command ran in the agent's
+    group, the agent's stop ended it with the group. Only processes of this session started after
+    the agent are touched (the rule of :func:`end_group_leftovers`). Returns the pids ended."""
+    if not commands or not commands[1]:
+        return []
+    started = process_start_time(os.getpid())
+    if started is None:
+        return []
+    # Not the agent's own group: a live agent shares it with what is not its own (`| tee` at a
+    # terminal); its descendants there were ended by kill_descendants.
+    return terminate_processes(_group_members(os.getpid(), started, commands, leader_group=False), grace_sec)

@@ -21,6 +21,8 @@ from balsam.scheduler import (
     SchedulerJobStatus,
     StatusPoll,
     SubmitRequest,
+    shell_reported_signal,
+    unknown_outcome_of_signal,
 )
 from balsam.states import BatchJobState
 
@@ -203,6 +205,10 @@ class CobaltScheduler(Scheduler):
             # may be in the queue, so this is not a refusal. Transient: the agent keeps the
             # submission's marker, retries, and finally gives up without claiming nothing was queued.
             raise SchedulerError(f"qsub printed no job id: {' '.join(said[:3]) if said else 'no output'}")
+        # A wrapper's qsub ended by a signal, after it may have queued the job: no answer.
+        signalled = shell_reported_signal(result)
+        if signalled is not None:
+            raise unknown_outcome_of_signal(result, signalled)
         # Classed by every line it printed: the lines the reason shows are picked for a reader, and
         # a warning's "error:" line beside the maxqueued line made that refusal a permanent one.
         limit_lines = [ln for ln in said if _AT_LIMIT.search(ln)]

@@ -32,6 +32,8 @@ from balsam.scheduler import (
     StatusPoll,
     SubmitRequest,
     format_walltime,
+    shell_reported_signal,
+    unknown_outcome_of_signal,
 )
 from balsam.states import BatchJobState
 from balsam.util import first_warning
@@ -450,6 +452,10 @@ class PBSScheduler(Scheduler):
 
     def parse_submit(self, result: CommandResult) -> int:
         if result.returncode != 0:
+            # A wrapper's qsub ended by a signal, after it may have queued the job: no answer.
+            signalled = shell_reported_signal(result)
+            if signalled is not None and _SERVER_ANSWER.search(result.stderr + result.stdout) is None:
+                raise unknown_outcome_of_signal(result, signalled)
             said = result.stderr + result.stdout
             transient = _SERVER_ANSWER.search(said) is None and _CONNECTION_TROUBLE.search(said) is not None
             raise SchedulerError(f"qsub refused the job: {_pbs_error(result)}", permanent=not transient,
