@@ -198,13 +198,32 @@ STOP_CHECK_SEC = 1.0
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a member that has not exited. ``killpg(pgid, 0)`` also
+    finds a member that exited and waits to be reaped (a zombie re-parented to init: srun's helper,
+    which a container's init reaps 1-2 s later): counted, every such command was warned about and
+    waited for 1 s. Where /proc says which members are zombies (Linux), those are left out."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # a member of another user (a setuid helper): still a member
         return True
-    return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc: killpg's word
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fp:
+                fields = fp.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        # After the command name: state, ppid, pgrp.
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _end_group_leftovers(command: Command, pgid: int) -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -100,3 +101,29 @@ def test_a_command_that_reads_the_terminal_is_reported_as_stopped():
         os.close(fd)
         os.waitpid(pid, 0)
     assert "error: `/bin/sh` was stopped: it (or a process it started) tried to use the terminal" in said.decode(), said
+
+
+def test_a_group_whose_only_member_is_a_zombie_has_no_leftovers(caplog):
+    """Review r9: killpg(pgid, 0) also finds a member that exited and is not reaped yet (srun's
+    helper, re-parented to a container's init that reaps it 1-2 s later): every such command was
+    warned about and waited for a whole second. A zombie is no leftover."""
+    import logging
+    import time
+
+    from balsam.scheduler import Command, _end_group_leftovers, _group_alive
+
+    proc = subprocess.Popen(["true"], process_group=0)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # exited, not reaped: a zombie leading its own group
+            with open(f"/proc/{proc.pid}/stat", "rb") as fp:
+                if fp.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.01)
+        os.killpg(proc.pid, 0)  # the kernel still finds the group
+        assert not _group_alive(proc.pid)
+        caplog.set_level(logging.WARNING, logger="balsam.scheduler")
+        _end_group_leftovers(Command(["srun"]), proc.pid)
+        assert "left processes" not in caplog.text  # neither warned about nor waited for
+    finally:
+        proc.wait()
