@@ -35,6 +35,10 @@ from balsam.client.status_updater import BulkStatusUpdater
 LOGGER = "balsam.client.status_updater"
 
 
+def ids_of(body: Optional[bytes]) -> list[int]:
+    return [u["id"] for u in json.loads(body or b"[]")]
+
+
 class ThrottlingProxy:
     """A proxy to ``upstream``. Each ``PATCH /jobs/`` takes the next of ``plan``: ``("429", header)``
     answers 429 with that ``Retry-After`` without forwarding; ``("503", header)`` forwards (the
@@ -60,6 +64,13 @@ class ThrottlingProxy:
         self.fail_ids: set[int] = set()
         self.fail_left = 0
         self.fail_forward = False
+        #: A ``PATCH /jobs/`` naming one of these jobs (and not answered 500) waits for ``release``
+        #: after setting ``holding`` before it is forwarded: a call that goes through at a moment
+        #: the test picks.
+        self.hold_ids: set[int] = set()
+        #: ``{job id: n}``: the next ``n`` calls naming that job are answered 500 as ``fail_ids``'
+        #: are (a transient fault of a call).
+        self.flaky: dict[int, int] = {}
         self.upstream = httpx.Client(base_url=upstream, timeout=60)
         outer = self
 
@@ -76,8 +87,12 @@ class ThrottlingProxy:
                     ids = [u["id"] for u in json.loads(body or b"[]")]
                     with outer.lock:
                         failing = outer.fail_left > 0 and bool(outer.fail_ids & set(ids))
+                        flaky = [i for i in ids if outer.flaky.get(i, 0) > 0]
                         if failing:
                             outer.fail_left -= 1
+                        elif flaky:
+                            failing = True
+                            outer.flaky[flaky[0]] -= 1
                         else:
                             step = outer.always or (outer.plan.pop(0) if outer.plan else None)
                     if failing:
@@ -96,6 +111,10 @@ class ThrottlingProxy:
                         self.wfile.write(content)
                         return
                 answer_headers: dict[str, str] = {}
+                if (outer.hold_ids and self.command == "PATCH" and re.fullmatch(r"/jobs/?", self.path)
+                        and outer.hold_ids & set(ids_of(body))):
+                    outer.holding.set()
+                    outer.release.wait(60)
                 if step is not None and step[0] == "drop":
                     outer.upstream.request(self.command, self.path, content=body, headers=headers)
                     with outer.lock:
@@ -604,4 +623,70 @@ def test_a_call_that_always_fails_is_spooled_in_order_at_close_and_the_other_job
     assert replay.dropped_count == 0, replay.dropped
     assert _states(env, [bad, other]) == ["RUN_DONE", "RUN_DONE"]
     made = _moves(env, bad)
+    assert made.count(("PREPROCESSED", "RUNNING")) == 1 and made.count(("RUNNING", "RUN_DONE")) == 1, made
+
+
+def test_close_gives_a_call_failing_beside_a_side_call_that_goes_through_no_fresh_give_up_window(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
+    # close() begins while a side call (the other job's update, sent beside a call that always
+    # fails) is in flight; it goes through only after close_timeout. Its success cleared the shared
+    # give-up clock and the failing call, failing since before close(), got a fresh close_timeout
+    # (one per nesting level of side calls: close() lasted ~4 x close_timeout, past its join, and
+    # the call was spooled twice). Now that call's own clock runs from close(): given up at once.
+    bad, other = jobs(2)
+    proxy.fail_ids, proxy.fail_left, proxy.fail_forward = {bad}, 10**6, False
+    proxy.hold_ids = {other}
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=2,
+                                spool_dir=tmp_path / "spool")
+    try:
+        updater.put(bad, "RUNNING")
+        assert wait_until(lambda: len(proxy.patches) >= 1)
+        updater.put(other, "RUNNING")
+        assert proxy.holding.wait(60)  # the side call, after the bad call's third failure
+        closer = threading.Thread(target=updater.close)
+        closer.start()
+        assert wait_until(updater._closing.is_set)
+        time.sleep(updater.close_timeout + 0.5)  # the side call goes through past the give-up
+        proxy.release.set()
+        closer.join(120)
+        assert not closer.is_alive()
+    finally:
+        proxy.release.set()
+        updater.close()
+    assert not updater._thread.is_alive()
+    patches = [(ids, status) for _at, ids, _key, status, _asked in proxy.patches]
+    through = patches.index(([other], 200))
+    assert [p for p in patches[through + 1:] if bad in p[0]] == [], patches  # no try in a fresh window
+    assert updater.gave_up and updater.spooled == 1
+    spooled = [json.loads(line) for f in sorted((tmp_path / "spool").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert [(u["id"], u["state"]) for u in spooled] == [(bad, "RUNNING")]  # once
+    assert _states(env, [bad, other]) == ["PREPROCESSED", "RUNNING"]
+
+
+def test_a_side_call_retried_a_moment_holds_its_jobs_later_updates_only_until_it_goes_through(
+        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+    # The other job's side call (beside a call that always fails) fails a few times itself, long
+    # enough for side calls of its own: the other job's next update, queued, is held then. Before,
+    # that held its job behind the failing call for good: the update waited for that call to end
+    # (here: until the test lets it through) long after its own side call went through. Now it goes
+    # out once its side call has, while the bad call still fails.
+    bad, other = jobs(2)
+    proxy.fail_ids, proxy.fail_left, proxy.fail_forward = {bad}, 10**6, False
+    proxy.flaky = {other: 3}  # its first call: 3 failures, enough to open side calls of its own
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, max_batch=1)
+    try:
+        updater.put(bad, "RUNNING")
+        updater.put(other, "RUNNING")
+        updater.put(other, "RUN_DONE", return_code=0)
+        assert wait_until(lambda: _states(env, [other]) == ["RUN_DONE"], 30)  # the bad call still fails
+        assert _states(env, [bad]) == ["PREPROCESSED"]
+        proxy.fail_left = 0
+        assert updater.flush(60)
+    finally:
+        updater.close()
+    patches = [(ids, status) for _at, ids, _key, status, _asked in proxy.patches]
+    assert [status for ids, status in patches if ids == [other]] == [500, 500, 500, 200, 200], patches
+    assert updater.dropped_count == 0, updater.dropped
+    assert _states(env, [bad, other]) == ["RUNNING", "RUN_DONE"]
+    made = _moves(env, other)
     assert made.count(("PREPROCESSED", "RUNNING")) == 1 and made.count(("RUNNING", "RUN_DONE")) == 1, made

@@ -318,6 +318,16 @@ def server_wait(exc: BaseException) -> Optional[float]:
     return float(wait) if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait >= 0 else None
 
 
+class _SideCall:
+    """A side call being sent: the jobs it blocks (the rest of its batch's, and those of the updates
+    it holds) and the updates it holds, which go back to the front of the queue, in their order,
+    when it ends (went through, refused or given up), not when the call it was sent beside ends."""
+
+    def __init__(self, blocked: Iterable[Any]) -> None:
+        self.blocked = set(blocked)
+        self.held: list[Any] = []
+
+
 class _SideLane:
     """The updates that cannot pass a call being retried (``blocked``: its jobs', the rest of its
     batch's): while it fails, :meth:`BulkStatusUpdater._send_other_jobs` sends the updates of other
@@ -330,16 +340,35 @@ class _SideLane:
     def __init__(self, blocked: Iterable[Any]) -> None:
         self.blocked = set(blocked)
         self.held: list[Any] = []
-        #: The job ids of the side calls being sent (a side call may itself be stuck and have its own
-        #: side calls): blocked while they are, not once they went through.
-        self.sending: list[set[Any]] = []
+        #: The side calls being sent, outermost first (a side call may itself be stuck and have its
+        #: own side calls): each holds the updates of its jobs while it is sent. Held in ``held``
+        #: instead (until the lane's call ends), a job whose side call was retried a moment had its
+        #: later updates wait for the lane's call long after its side call went through.
+        self.sending: list[_SideCall] = []
         #: Updates sent (or dropped) by side calls: counted done once the held ones are.
         self.done = 0
         #: The side calls' batches being sent (for close() to spool if it gives up on the thread).
         self.batches: list[list[dict[str, Any]]] = []
 
     def blocks(self, ids: set[Any]) -> bool:
-        return bool(ids & self.blocked) or any(ids & sending for sending in self.sending)
+        return bool(ids & self.blocked) or any(ids & side.blocked for side in self.sending)
+
+    def hold(self, item: Any, ids: set[Any]) -> None:
+        """Hold ``item`` (of jobs ``ids``, which :meth:`blocks`) with the innermost side call it shares
+        a job with, the first of them to end: it is looked at again then, and held by the next one
+        (after that one's earlier updates of its jobs) if another still blocks it; else with the
+        call of the lane, whose jobs stay blocked until it ends (its later updates wait behind it)."""
+        for side in reversed(self.sending):
+            if ids & side.blocked:
+                side.held.append(item)
+                side.blocked |= ids
+                return
+        self.held.append(item)
+        self.blocked |= ids
+
+    def all_held(self) -> list[Any]:
+        """The held updates, each job's in their order (the lane's call's, then the side calls', outermost first)."""
+        return self.held + [item for side in self.sending for item in side.held]
 
 
 class _Replacement(dict):
@@ -400,6 +429,9 @@ class BulkStatusUpdater:
         self._done_cond = threading.Condition()
         self._closed = False
         self._stopping = False
+        #: When close() began (``time.monotonic()``): a call failing since before then gets
+        #: ``close_timeout`` from then, whatever other calls do meanwhile.
+        self._closing_at: Optional[float] = None
         #: When the calls started failing while closing (None: the last call went through).
         self._failing_since: Optional[float] = None
         #: Failed tries since the last call that went through (the first is logged as a WARNING).
@@ -533,6 +565,7 @@ class BulkStatusUpdater:
         if self._closed:
             return
         self._closed = True
+        self._closing_at = time.monotonic()  # before _stopping: read once that is set
         self._stopping = True
         self._closing.set()
         self._wake.set()
@@ -541,7 +574,7 @@ class BulkStatusUpdater:
         if self._thread.is_alive():
             self.gave_up = True
             lane = self._lane
-            left = list(self._inflight) + ([u for b in lane.batches for u in b] + _flatten(lane.held) if lane is not None
+            left = list(self._inflight) + ([u for b in lane.batches for u in b] + _flatten(lane.all_held()) if lane is not None
                                            else []) + _flatten(self._items)
             logger.error("%s did not finish within %.0f s; %d updates unsent", self.name, self.close_timeout + 30, len(left))
             self._spool(left)
@@ -631,7 +664,7 @@ class BulkStatusUpdater:
                 lane = self._lane = _SideLane(rest_ids)
             else:
                 lane = outer
-                lane.sending.append(rest_ids)
+                lane.sending.append(_SideCall(rest_ids))
 
             def send(items: list, chunk: list = chunk) -> None:
                 # Only the whole chunk may take in more updates after a 429: a part of it sent while
@@ -658,7 +691,7 @@ class BulkStatusUpdater:
                 if outer is None:
                     self._release(lane)
                 else:
-                    lane.sending.pop()
+                    self._requeue(lane.sending.pop().held)
             self._log_refused(refused, len(chunk))
             for update, error in refused:
                 self._drop([update], str(error))
@@ -670,16 +703,21 @@ class BulkStatusUpdater:
         """The call ``lane`` was opened for ended: the updates it held go back to the front of the
         queue, in their order (before anything put since: each job's updates stay in order)."""
         self._lane = None
-        if lane.held:
-            self._items.extendleft(reversed(lane.held))
-            self._held_outstanding += len(_flatten(lane.held))
-            lane.held = []
+        self._requeue(lane.held)
+        lane.held = []
         self._deferred_done += lane.done
+
+    def _requeue(self, held: list[Any]) -> None:
+        """Put ``held`` back at the front of the queue, in their order (before anything put since: each
+        job's updates stay in order); not counted done until taken again (``_held_outstanding``)."""
+        if held:
+            self._items.extendleft(reversed(held))
+            self._held_outstanding += len(_flatten(held))
 
     def _send_other_jobs(self, lane: _SideLane, until: float) -> None:
         """Until ``until`` (``time.monotonic()``) or the queue is empty: send the queued updates of
         jobs ``lane`` does not block in calls of their own (each retried, and isolated when refused,
-        as any); keep the others in ``lane.held``. Not while closing: the queue is spooled in order then."""
+        as any); hold the others (:meth:`_SideLane.hold`). Not while closing: the queue is spooled in order then."""
         room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP)
         while not self._stopping and time.monotonic() < until and self._items:
             batch: list[dict[str, Any]] = []
@@ -692,8 +730,7 @@ class BulkStatusUpdater:
                 self._took(item)
                 ids = {_record_id(u) for u in updates}
                 if lane.blocks(ids):
-                    lane.held.append(item)
-                    lane.blocked |= ids  # its later updates wait behind it
+                    lane.hold(item, ids)  # its later updates wait behind it
                 else:
                     batch.extend(updates)
             if not batch:
@@ -754,6 +791,7 @@ class BulkStatusUpdater:
         # commit: then only this body under this key is safe to send again.
         unapplied = True
         failed = 0  # tries of this call that failed (self._failures: of any call since one went through)
+        first_failed: Optional[float] = None  # when (time.monotonic()): this call's own give-up clock
         while True:
             try:
                 self._patch(chunk, key)
@@ -776,6 +814,8 @@ class BulkStatusUpdater:
                     # Revoked: nothing more gets through with this credential; the spool hands the
                     # updates to the site agent (the server already ended our sessions).
                     raise _GaveUp(exc) from exc
+                if first_failed is None:
+                    first_failed = time.monotonic()
                 unapplied = unapplied and http_status(exc) == 429
                 asked = server_wait(exc)
                 if asked is not None and asked <= 0:
@@ -792,7 +832,7 @@ class BulkStatusUpdater:
                     wait = delay
                     delay = min(delay * 2, 10.0)
                 now = time.monotonic()
-                retry_at = self._retry_at(now + wait, asked is not None, exc)
+                retry_at = self._retry_at(now + wait, asked is not None, exc, first_failed)
                 # The first failure of a run of them is a warning; the rest (one every 10 s at most
                 # through an outage) are logged as the client logs its retries.
                 log = logger.warning if self._failures == 0 else logger.info
@@ -818,22 +858,31 @@ class BulkStatusUpdater:
                 # the update the thread then sent (applied and spooled).
                 if self._closing.wait(max(0.0, retry_at - time.monotonic())):  # side calls took some of it
                     # close() began before or during the wait: what is left of it is planned as closing.
-                    retry_at = self._retry_at(retry_at, asked is not None, exc)
+                    retry_at = self._retry_at(retry_at, asked is not None, exc, first_failed)
                 time.sleep(max(0.0, retry_at - time.monotonic()))
                 if merge and unapplied and asked is not None:
                     raise _WaitedUnapplied() from exc
 
-    def _retry_at(self, end: float, asked: bool, exc: BaseException) -> float:
+    def _retry_at(self, end: float, asked: bool, exc: BaseException, first_failed: Optional[float] = None) -> float:
         """When to try again, a wait due to end at ``end`` (``time.monotonic()``; ``asked``: the
         server's Retry-After), or :class:`_GaveUp`. Once close() has begun, calls that keep failing
         for ``close_timeout`` seconds are given up (the updates go to the spool); a wait the server
         asked for ends at that give-up at the latest, for one last try; our own backoff is then
-        one second at most."""
+        one second at most. ``first_failed``: when the call being retried first failed; it is given
+        up ``close_timeout`` after that or after close() began, whichever is later, at the latest."""
         if not self._stopping:
             return end
         now = time.monotonic()
         self._failing_since = self._failing_since or now
-        give_up_at = self._failing_since + self.close_timeout
+        since = self._failing_since
+        if first_failed is not None:
+            # The call's own clock, not only the shared one: a side call that goes through while
+            # closing clears _failing_since, and the call it was sent beside (failing all along)
+            # then got a fresh close_timeout, once per nesting level: close() took ~4 x close_timeout,
+            # past its join, and the call was spooled by close() and again by this thread.
+            closing_at = self._closing_at if self._closing_at is not None else now
+            since = min(since, max(first_failed, closing_at))
+        give_up_at = since + self.close_timeout
         if now >= give_up_at:
             raise _GaveUp(exc)
         if not asked:
