@@ -213,7 +213,7 @@ def _group_alive(pgid: int) -> bool:
     except OSError:  # no /proc: killpg's word
         return True
     for entry in entries:
-        if not entry.isdigit():
+        if not entry.isdecimal():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as fp:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -26,7 +27,12 @@ from balsam_scheduler_slurm import SlurmScheduler
 def _wrapper_exit(shell: str, signal_name: str) -> CommandResult:
     """What a real wrapper (``shell``) returns when its qsub (an inner shell) dies of ``signal_name``."""
     wrapper = f"sh -c 'kill -{signal_name} $$'; exit $?"
-    done = subprocess.run([shell, "-c", f"{wrapper}\n:"], capture_output=True, text=True, timeout=30)
+    signum = getattr(signal, f"SIG{signal_name}")
+    # The signal's default action in the wrapper: a run under nohup (or any parent ignoring SIGHUP)
+    # passes the ignored disposition down, a non-interactive shell cannot reset it, and the inner
+    # shell then survived its own `kill -HUP` (exit 0).
+    done = subprocess.run([shell, "-c", f"{wrapper}\n:"], capture_output=True, text=True, timeout=30,
+                          preexec_fn=None if signum == signal.SIGKILL else lambda: signal.signal(signum, signal.SIG_DFL))
     return CommandResult(("qsub",), done.returncode, done.stdout, done.stderr)
 
 
