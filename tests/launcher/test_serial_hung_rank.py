@@ -8,9 +8,12 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import pytest
 
 from balsam.builtin.default_platform import DefaultPlatform
+from balsam.launcher.app_run import PreparedJob
 from balsam.launcher.job_mode import Countdown, IdleTimer, StopConditions
 from balsam.launcher.modes import serial_worker
 from balsam.launcher.modes.serial_worker import Master, Worker
@@ -50,7 +53,10 @@ class HungTransport(FakeTransport):
 
 def make_master(tmp_path: Path, jobs: list[FakeJob], clock: FakeClock, *, nodes: int = 2, cpus: int = 2,
                 idle_ttl: float = 0.3, wall_min: float = 10, start_time: Optional[float] = None,
-                recorded: Optional[list[str]] = None) -> tuple[Master, RecordingUpdater, HungTransport]:
+                recorded: Optional[list[str]] = None, rank_of_node: Optional[list[int]] = None,
+                prepare: Optional[Callable[[FakeJob], PreparedJob]] = None) -> tuple[Master, RecordingUpdater, HungTransport]:
+    """``rank_of_node``: the rank serving each node (default: rank i on node i, the master on node 0);
+    ``prepare``: the prefetcher's (default: the fake one of test_serial_master)."""
     infos = [NodeInfo(str(i), f"node{i}", list(range(cpus))) for i in range(nodes)]
     node_manager = NodeManager(infos)
     lease = FakeLease(jobs)
@@ -59,10 +65,11 @@ def make_master(tmp_path: Path, jobs: list[FakeJob], clock: FakeClock, *, nodes:
     stop = StopConditions(Countdown(wall_min, start_time=start_time if start_time is not None else time.time()),
                           IdleTimer(idle_ttl), wake)
     transport = HungTransport(nodes)
-    prefetcher = Prefetcher(lambda: lease, _prepare(tmp_path), node_manager.check_satisfiable, updater, depth=64,
+    prefetcher = Prefetcher(lambda: lease, prepare or _prepare(tmp_path), node_manager.check_satisfiable, updater, depth=64,
                             remaining_min=stop.countdown.remaining_min, retry_sec=0.05, on_ready=wake.set,
                             acquire_kwargs={"serial_only": True}).start()
-    master = Master(node_manager=node_manager, rank_of_node=list(range(nodes)), transport=transport, stop=stop, wake=wake,
+    rank_of_node = list(range(nodes)) if rank_of_node is None else rank_of_node
+    master = Master(node_manager=node_manager, rank_of_node=rank_of_node, transport=transport, stop=stop, wake=wake,
                     pool=ProcessPool(5, wake=wake), prefetcher=prefetcher, updater=updater, platform=DefaultPlatform(),
                     launch_hook=lambda **kw: None, clock=clock,
                     record_nodes_out=(recorded.append if recorded is not None else None))
@@ -114,14 +121,42 @@ def test_a_silent_rank_holding_jobs_is_taken_out_its_jobs_timed_out_once_and_the
     assert master._recorders and not any(t.is_alive() for t in master._recorders)
 
 
-def test_a_rank_that_keeps_reporting_is_never_taken_out(tmp_path: Path) -> None:
-    """Its last report counts, not its first: reports a few seconds apart keep it in for good."""
+def _first_job_settles_first(tmp_path: Path, master_of: dict[str, Any]) -> Callable[[FakeJob], PreparedJob]:
+    """A prepare that readies job 1 at once but every other job only once job 1 runs and the
+    master's own pool runs nothing: the prefetcher hands a first job over alone (its start-up
+    rule), and a prefetch thread that loses the CPU while the master starts, and reaps, that job
+    on its own node leaves that node empty when the next jobs come (the CI run of 6 December)."""
+    prepare = _prepare(tmp_path)
+
+    def held(job: FakeJob) -> PreparedJob:
+        if job.id != 1:
+            _wait(lambda: "master" in master_of and "RUNNING" in master_of["updater"].states(1)
+                  and not master_of["master"].pool.running)
+        return prepare(job)
+
+    return held
+
+
+@pytest.mark.parametrize("ordering", ["as it comes", "first job settles first"])
+def test_a_rank_that_keeps_reporting_is_never_taken_out(tmp_path: Path, ordering: str) -> None:
+    """Its last report counts, not its first: reports a few seconds apart keep it in for good.
+
+    Rank 1 serves node 0, the node placement fills first, so the first two jobs go to it whatever
+    the order the prefetcher hands them over in. With rank 1 on node 1 (the default layout), rank 1
+    got only one task whenever the master's node had emptied before the later jobs came (a short
+    local task started, ended and reaped before the prefetcher had prepared the next ones): the
+    master rightly fills its own free node first, and the wait for rank 1's two tasks never ended
+    (``ordering="first job settles first"`` forces that order)."""
     clock = FakeClock()
     jobs = [FakeJob(i, "true") for i in range(1, 5)]
-    master, updater, transport = make_master(tmp_path, jobs, clock)
+    master_of: dict[str, Any] = {}
+    prepare = _first_job_settles_first(tmp_path, master_of) if ordering == "first job settles first" else None
+    master, updater, transport = make_master(tmp_path, jobs, clock, rank_of_node=[1, 0], prepare=prepare)
+    master_of.update(master=master, updater=updater)
     thread, result = run_in_thread(master)
     try:
         _wait(lambda: len(transport.sent[1]) == 2)
+        assert sorted(t["id"] for t in transport.sent[1]) == [1, 2]  # node 0's two slots, the first jobs
         for _ in range(200):  # ten minutes of fake time
             clock.now += serial_worker.HEARTBEAT_SEC
             transport.inbox.append((1, {"done": []}))  # alive, its tasks still running
