@@ -80,13 +80,41 @@ def _identity(path_key: tuple[str, ...], dist: Any) -> tuple[str, str, str]:
     known = _distributions(path_key)
     found = known.get(id(dist))
     if found is None:
-        metadata = dist.metadata
+        name_version = _name_and_version(dist)
+        if name_version is None:
+            metadata = dist.metadata
+            name_version = (metadata["Name"] or "", metadata["Version"] or "")
         try:
             where = str(dist.locate_file(""))
         except Exception:  # pragma: no cover - exotic finders
             where = ""
-        found = known[id(dist)] = (metadata["Name"] or "", metadata["Version"] or "", where)
+        found = known[id(dist)] = (*name_version, where)
     return found
+
+
+def _name_and_version(dist: Any) -> Optional[tuple[str, str]]:
+    """``Name`` and ``Version`` read off the head of the METADATA (or PKG-INFO) file, or None when
+    either is not there as a plain ``Key: value`` line (then the e-mail parser reads them).
+
+    Why: ``dist.metadata`` runs the e-mail parser over the whole file (the long description
+    included), 0.15-0.2 ms per distribution: ~2 ms of every launcher's start-up for the dozen
+    distributions with balsam entry points, against 0.4 ms for this. Both keys are single-line
+    headers, before the first blank line (the core metadata specification)."""
+    try:
+        text = dist.read_text("METADATA") or dist.read_text("PKG-INFO")
+    except Exception:  # pragma: no cover - exotic distributions
+        return None
+    name = version = None
+    for line in (text or "").splitlines():
+        if not line:
+            break
+        if name is None and line.startswith("Name:"):
+            name = line[5:].strip()
+        elif version is None and line.startswith("Version:"):
+            version = line[8:].strip()
+    if not name or version is None:
+        return None
+    return name, version
 
 
 @functools.lru_cache(maxsize=256)
