@@ -9,83 +9,12 @@ query delete answered 0, each for a change that had been applied.
 
 from __future__ import annotations
 
-import http.server
-import re
-import socket
-import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 import pytest
-
-
-class LossyProxy:
-    """An HTTP proxy to ``upstream`` that, for the next request matching a rule, forwards it and
-    then drops the connection (``"drop"``) or answers 502 (``"502"``) instead of the answer."""
-
-    def __init__(self, upstream: str) -> None:
-        self.rules: list[list[Any]] = []  # [method, path regex, times left, mode]
-        self.log: list[tuple[str, str, int, "str | None"]] = []  # (method, path, upstream status, mode)
-        self.keys: list["str | None"] = []
-        outer = self
-        self.upstream = httpx.Client(base_url=upstream, timeout=60)
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _forward(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
-                answer = outer.upstream.request(self.command, self.path, content=body, headers=headers)
-                mode = None
-                for rule in outer.rules:
-                    if rule[0] == self.command and re.search(rule[1], self.path) and rule[2] > 0:
-                        rule[2] -= 1
-                        mode = rule[3]
-                        break
-                outer.log.append((self.command, self.path, answer.status_code, mode))
-                outer.keys.append(self.headers.get("Idempotency-Key"))
-                if mode == "drop":  # applied upstream; the client never hears of it
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                status, content = (502, b"bad gateway") if mode == "502" else (answer.status_code, answer.content)
-                self.send_response(status)
-                for name, value in answer.headers.items():
-                    if name.lower() in ("content-type", "preference-applied", "retry-after") and mode is None:
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address) -> None:  # noqa: ANN001
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def lose_next(self, method: str, path_regex: str, mode: str = "drop") -> None:
-        self.rules.append([method, path_regex, 1, mode])
-
-    def requests(self, method: str, path_regex: str) -> list[tuple[str, str, int, "str | None"]]:
-        return [entry for entry in self.log if entry[0] == method and re.search(path_regex, entry[1])]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.upstream.close()
+from failure_proxy import FailureProxy  # tests/failure_proxy.py
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -94,14 +23,14 @@ def env(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture
-def proxy(env: Any) -> Iterator[LossyProxy]:
-    lossy = LossyProxy(env.url)
+def proxy(env: Any) -> Iterator[FailureProxy]:
+    lossy = FailureProxy(env.url)
     yield lossy
     lossy.close()
 
 
 @pytest.fixture
-def lossy_client(env: Any, proxy: LossyProxy) -> Any:
+def lossy_client(env: Any, proxy: FailureProxy) -> Any:
     """A client of the test user that talks through the proxy, retrying fast."""
     from balsam.client import RESTClient
 
@@ -140,7 +69,7 @@ def _assert_finished_once(client: Any, job: Any) -> None:
         assert sum(1 for m in moves if m[0].endswith(move[0]) and m[1].endswith(move[1])) == 1, moves
 
 
-def test_job_save_whose_answer_is_lost_returns_normally(lossy_client: Any, proxy: LossyProxy, app_id: int) -> None:
+def test_job_save_whose_answer_is_lost_returns_normally(lossy_client: Any, proxy: FailureProxy, app_id: int) -> None:
     job = _run_done(lossy_client, app_id)
     proxy.lose_next("PUT", r"^/jobs/\d+$")
     job.state = "POSTPROCESSED"
@@ -150,7 +79,7 @@ def test_job_save_whose_answer_is_lost_returns_normally(lossy_client: Any, proxy
     _assert_finished_once(lossy_client, job)
 
 
-def test_bulk_update_whose_answer_is_lost_returns_normally(lossy_client: Any, proxy: LossyProxy, app_id: int) -> None:
+def test_bulk_update_whose_answer_is_lost_returns_normally(lossy_client: Any, proxy: FailureProxy, app_id: int) -> None:
     jobs = [_run_done(lossy_client, app_id) for _ in range(3)]
     proxy.lose_next("PATCH", r"^/jobs/$")
     for job in jobs:
@@ -163,7 +92,7 @@ def test_bulk_update_whose_answer_is_lost_returns_normally(lossy_client: Any, pr
         _assert_finished_once(lossy_client, job)
 
 
-def test_deletes_whose_answer_is_lost_return_normally(lossy_client: Any, proxy: LossyProxy, app_id: int) -> None:
+def test_deletes_whose_answer_is_lost_return_normally(lossy_client: Any, proxy: FailureProxy, app_id: int) -> None:
     job = lossy_client.Job(workdir="lost/del", app_id=app_id)
     job.save()
     job_id = job.id
@@ -180,7 +109,7 @@ def test_deletes_whose_answer_is_lost_return_normally(lossy_client: Any, proxy: 
     assert lossy_client.Job.objects.filter(tags={"del": tag}).count() == 0
 
 
-def test_a_502_after_the_update_was_applied_returns_normally(lossy_client: Any, proxy: LossyProxy, app_id: int) -> None:
+def test_a_502_after_the_update_was_applied_returns_normally(lossy_client: Any, proxy: FailureProxy, app_id: int) -> None:
     job = _run_done(lossy_client, app_id)
     proxy.lose_next("PUT", r"^/jobs/\d+$", mode="502")
     job.state = "POSTPROCESSED"

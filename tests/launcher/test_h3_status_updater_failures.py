@@ -7,7 +7,7 @@ whatever the answer asked: a server (or a rate-limiting proxy) that answered ``4
 had the same PATCH again after 0.5 s, from every launcher at once, and the updates put meanwhile
 went in a PATCH of their own beside the retry.
 
-Real components: a uvicorn server (SQLite) behind a small HTTP proxy that answers the first
+Real components: a uvicorn server (SQLite) behind a small HTTP proxy (tests/failure_proxy.py) that answers the first
 ``PATCH /jobs/`` with 429 (nothing forwarded) or forwards it and answers 503 (applied, its answer
 lost: a cut commit); the real RESTClient and BulkStatusUpdater.
 """
@@ -15,157 +15,22 @@ lost: a cut commit); the real RESTClient and BulkStatusUpdater.
 from __future__ import annotations
 
 import email.utils
-import http.server
 import json
 import logging
 import re
-import socket
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
-import httpx
 import pytest
 
 from balsam.client.rest import RESTClient
 from balsam.client.status_updater import BulkStatusUpdater
+from failure_proxy import FailureProxy  # tests/failure_proxy.py
 
 LOGGER = "balsam.client.status_updater"
-
-
-def ids_of(body: Optional[bytes]) -> list[int]:
-    return [u["id"] for u in json.loads(body or b"[]")]
-
-
-class ThrottlingProxy:
-    """A proxy to ``upstream``. Each ``PATCH /jobs/`` takes the next of ``plan``: ``("429", header)``
-    answers 429 with that ``Retry-After`` without forwarding; ``("503", header)`` forwards (the
-    server applies it) and answers 503 with that ``Retry-After`` instead of the server's answer;
-    once ``plan`` is empty (or ``always`` is set, which is answered every time) it forwards.
-    ``("drop", ...)`` forwards and then closes the connection without an answer (applied, the
-    answer lost). ``patches`` records (wall time of arrival, or of a held answer; ids in the body;
-    Idempotency-Key; status answered, 0 for none; Retry-After answered or None)."""
-
-    def __init__(self, upstream: str) -> None:
-        self.plan: list[tuple[str, Callable[[], str]]] = []
-        self.always: Optional[tuple[str, Callable[[], str]]] = None
-        self.patches: list[tuple[float, list[int], Optional[str], int, Optional[str]]] = []
-        #: While set, a planned answer waits for ``release`` after setting ``holding``: the test
-        #: queues more updates while the updater waits for that answer, not racing the retry.
-        self.hold = False
-        self.holding = threading.Event()
-        self.release = threading.Event()
-        self.lock = threading.Lock()
-        #: A ``PATCH /jobs/`` naming one of these jobs is answered 500 (no Retry-After: a server
-        #: fault of that job's data), ``fail_left`` times; forwarded first (applied, its answer a
-        #: 500: a commit then a failure) when ``fail_forward``, else not (rolled back).
-        self.fail_ids: set[int] = set()
-        self.fail_left = 0
-        self.fail_forward = False
-        #: A ``PATCH /jobs/`` naming one of these jobs (and not answered 500) waits for ``release``
-        #: after setting ``holding`` before it is forwarded: a call that goes through at a moment
-        #: the test picks.
-        self.hold_ids: set[int] = set()
-        #: ``{job id: n}``: the next ``n`` calls naming that job are answered 500 as ``fail_ids``'
-        #: are (a transient fault of a call).
-        self.flaky: dict[int, int] = {}
-        self.upstream = httpx.Client(base_url=upstream, timeout=60)
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _forward(self) -> None:
-                arrived = time.time()
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
-                step = None
-                if self.command == "PATCH" and re.fullmatch(r"/jobs/?", self.path):
-                    ids = [u["id"] for u in json.loads(body or b"[]")]
-                    with outer.lock:
-                        failing = outer.fail_left > 0 and bool(outer.fail_ids & set(ids))
-                        flaky = [i for i in ids if outer.flaky.get(i, 0) > 0]
-                        if failing:
-                            outer.fail_left -= 1
-                        elif flaky:
-                            failing = True
-                            outer.flaky[flaky[0]] -= 1
-                        else:
-                            step = outer.always or (outer.plan.pop(0) if outer.plan else None)
-                    if failing:
-                        if outer.fail_forward:
-                            outer.upstream.request(self.command, self.path, content=body, headers=headers)
-                        content = b'{"detail": "Internal server error (ArgumentError); see the server log"}'
-                        if outer.hold:
-                            outer.holding.set()
-                            outer.release.wait(60)
-                        with outer.lock:
-                            outer.patches.append((arrived, ids, self.headers.get("Idempotency-Key"), 500, None))
-                        self.send_response(500)
-                        self.send_header("Content-Type", "application/json")
-                        self.send_header("Content-Length", str(len(content)))
-                        self.end_headers()
-                        self.wfile.write(content)
-                        return
-                answer_headers: dict[str, str] = {}
-                if (outer.hold_ids and self.command == "PATCH" and re.fullmatch(r"/jobs/?", self.path)
-                        and outer.hold_ids & set(ids_of(body))):
-                    outer.holding.set()
-                    outer.release.wait(60)
-                if step is not None and step[0] == "drop":
-                    outer.upstream.request(self.command, self.path, content=body, headers=headers)
-                    with outer.lock:
-                        outer.patches.append((arrived, [u["id"] for u in json.loads(body or b"[]")],
-                                              self.headers.get("Idempotency-Key"), 0, None))
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if step is not None and step[0] == "429":
-                    status, content = 429, b'{"detail": "Too many requests"}'
-                else:
-                    answer = outer.upstream.request(self.command, self.path, content=body, headers=headers)
-                    status, content = answer.status_code, answer.content
-                    if step is not None:  # applied upstream; its answer replaced
-                        status, content = 503, b'{"detail": "The database is unavailable; retry shortly"}'
-                if step is not None and outer.hold:
-                    outer.holding.set()
-                    outer.release.wait(60)
-                    arrived = time.time()  # the answer's time: the client's wait starts after it
-                if step is not None:
-                    answer_headers["Retry-After"] = step[1]()
-                if self.command == "PATCH" and re.fullmatch(r"/jobs/?", self.path):
-                    ids = [u["id"] for u in json.loads(body or b"[]")]
-                    with outer.lock:
-                        outer.patches.append((arrived, ids, self.headers.get("Idempotency-Key"), status,
-                                               answer_headers.get("Retry-After")))
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                for name, value in answer_headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.upstream.close()
 
 
 def seconds(value: str) -> Callable[[], str]:
@@ -194,8 +59,8 @@ def env(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture
-def proxy(env: Any) -> Iterator[ThrottlingProxy]:
-    throttling = ThrottlingProxy(env.url)
+def proxy(env: Any) -> Iterator[FailureProxy]:
+    throttling = FailureProxy(env.url)
     yield throttling
     throttling.close()
 
@@ -239,7 +104,7 @@ def _states(env: Any, ids: list[int]) -> list[str]:
 
 @pytest.mark.parametrize("retry_after", [seconds("2"), date_in(3)], ids=["delay-seconds", "http-date"])
 def test_a_429_is_retried_no_sooner_than_it_asks_with_the_updates_put_meanwhile(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], retry_after: Callable[[], str]) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], retry_after: Callable[[], str]) -> None:
     first, later = jobs(2)
     proxy.plan = [("429", retry_after)]
     proxy.hold = True
@@ -269,7 +134,7 @@ def test_a_429_is_retried_no_sooner_than_it_asks_with_the_updates_put_meanwhile(
 
 
 def test_a_503_after_the_server_applied_the_call_is_resent_as_it_was_after_its_wait(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]]) -> None:
     # A 503 may follow a commit that went through (its answer was cut): only the same body under
     # the same Idempotency-Key is safe to send again; the updates put meanwhile follow it.
     first, later = jobs(2)
@@ -296,7 +161,7 @@ def test_a_503_after_the_server_applied_the_call_is_resent_as_it_was_after_its_w
 
 
 def test_close_cuts_a_retry_after_longer_than_its_give_up_for_one_last_try(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path,
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     (job_id,) = jobs(1)
     proxy.always = ("429", seconds("30"))
@@ -317,7 +182,7 @@ def test_close_cuts_a_retry_after_longer_than_its_give_up_for_one_last_try(
 
 
 def test_close_during_a_short_retry_after_waits_it_out_and_sends(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
     (job_id,) = jobs(1)
     proxy.plan = [("429", seconds("2"))]
     updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=20,
@@ -358,7 +223,7 @@ def _planned_waits(caplog: pytest.LogCaptureFixture) -> list[float]:
 
 @pytest.mark.parametrize("retry_after", [seconds("0"), date_in(-5), date_in(0)], ids=["zero", "past-date", "now-date"])
 def test_a_retry_after_of_now_or_the_past_gets_the_updaters_own_backoff_not_a_tight_loop(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], retry_after: Callable[[], str],
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], retry_after: Callable[[], str],
         caplog: pytest.LogCaptureFixture) -> None:
     # A proxy answering "Retry-After: 0" (or a date its clock says is now, ours already past):
     # honoured as a wait of 0, the same PATCH went out again at once, 67 of them in 3 s of 429s,
@@ -384,7 +249,7 @@ def test_a_retry_after_of_now_or_the_past_gets_the_updaters_own_backoff_not_a_ti
 
 
 def test_a_server_wait_is_capped_at_a_minute_and_closing_cuts_it(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path,
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     # An hour asked (a misconfigured proxy): waited a minute at most (plus its jitter, 5 s at
     # most), then asked again; close() cuts even that to its give-up.
@@ -405,7 +270,7 @@ def test_a_server_wait_is_capped_at_a_minute_and_closing_cuts_it(
 
 
 def test_the_jitter_never_makes_a_wait_shorter_than_asked(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], caplog: pytest.LogCaptureFixture) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], caplog: pytest.LogCaptureFixture) -> None:
     # Jitter spreads the launchers of one busy server over a little more than the wait it asked,
     # never less (sooner would be the load the 429 refused).
     (job_id,) = jobs(1)
@@ -425,7 +290,7 @@ def test_the_jitter_never_makes_a_wait_shorter_than_asked(
 
 
 def test_close_while_the_thread_plans_its_wait_still_cuts_the_wait(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
     # close() called between the planning of a 30 s wait (as not closing) and the wait itself,
     # here while the thread writes its "retrying in" line (a slow log file on a shared file
     # system): the thread slept the whole 30 s, close() ran out its join (close_timeout + 30 s)
@@ -471,7 +336,7 @@ def test_close_while_the_thread_plans_its_wait_still_cuts_the_wait(
 
 
 def test_the_clients_own_retries_wait_for_a_future_date_and_back_off_on_a_past_one(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]]) -> None:
     # RESTClient's retries (the CLI, the site agent, the Python API), not the updater's.
     (job_id,) = jobs(1)
     client = RESTClient(proxy.url, env.token)
@@ -499,7 +364,7 @@ def test_the_clients_own_retries_wait_for_a_future_date_and_back_off_on_a_past_o
 
 
 def test_a_call_whose_answer_is_lost_after_it_was_applied_is_resent_as_the_same_request(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]]) -> None:
     # RUNNING and RUN_DONE of one job in one call: applied twice, the resent RUNNING would be
     # refused (409: RUN_DONE cannot go back to RUNNING) and dropped.
     (job_id,) = jobs(1)
@@ -521,7 +386,7 @@ def test_a_call_whose_answer_is_lost_after_it_was_applied_is_resent_as_the_same_
 
 
 def test_a_job_refused_for_good_is_reported_and_dropped_and_the_others_of_its_call_applied_once(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]],
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]],
         caplog: pytest.LogCaptureFixture) -> None:
     before, bad, after = jobs(3)
     client = RESTClient(env.url, env.token)
@@ -553,7 +418,7 @@ def test_a_job_refused_for_good_is_reported_and_dropped_and_the_others_of_its_ca
 
 
 def test_a_call_the_server_fails_for_one_job_does_not_hold_the_updates_of_other_jobs(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]]) -> None:
     # One job's data trips a server fault (500, no Retry-After) on every call that carries it.
     # Before, that call was retried alone and every later update of every job waited behind it
     # until close() gave up. Now after a few failures the other jobs' updates go out in calls of
@@ -593,7 +458,7 @@ def test_a_call_the_server_fails_for_one_job_does_not_hold_the_updates_of_other_
 
 
 def test_a_call_that_always_fails_is_spooled_in_order_at_close_and_the_other_jobs_updates_were_sent(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
     from balsam.client.status_updater import SpoolReplayer
 
     bad, other = jobs(2)
@@ -627,7 +492,7 @@ def test_a_call_that_always_fails_is_spooled_in_order_at_close_and_the_other_job
 
 
 def test_close_gives_a_call_failing_beside_a_side_call_that_goes_through_no_fresh_give_up_window(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
     # close() begins while a side call (the other job's update, sent beside a call that always
     # fails) is in flight; it goes through only after close_timeout. Its success cleared the shared
     # give-up clock and the failing call, failing since before close(), got a fresh close_timeout
@@ -664,7 +529,7 @@ def test_close_gives_a_call_failing_beside_a_side_call_that_goes_through_no_fres
 
 
 def test_a_side_call_retried_a_moment_holds_its_jobs_later_updates_only_until_it_goes_through(
-        env: Any, proxy: ThrottlingProxy, jobs: Callable[[int], list[int]]) -> None:
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]]) -> None:
     # The other job's side call (beside a call that always fails) fails a few times itself, long
     # enough for side calls of its own: the other job's next update, queued, is held then. Before,
     # that held its job behind the failing call for good: the update waited for that call to end

@@ -10,7 +10,14 @@ split in halves until the refused updates are isolated (:func:`isolate_refused`;
 logged (one ERROR line per call, however many it refused: :func:`log_refused`) and dropped, the
 others are sent.
 Connection failures and 5xx are retried for as long as the updater runs; once ``close()`` is
-called, calls that keep failing for ``close_timeout`` seconds are given up. A call answered 5xx
+called, no call starts later than ``close_timeout`` after it, one clock for all calls (each had its
+own, from its first failure: calls that failed once and went through, one after another, kept close()
+going 31 s with a close_timeout of 1 s), and what is unsent then is spooled: close() returns within
+``close_timeout`` + :data:`CLOSING_CALL_WAIT_SEC`, unless a call in flight when it began takes longer.
+A job's updates reach the server in the order they were put, across the spool too: once an update
+is spooled, its job's later updates are spooled after it, never sent before it (a RUN_DONE sent
+while its RUNNING waited in the spool was refused, and the replayed RUNNING left the job RUNNING,
+its return code lost); a replay sends the spool files in the order they were written. A call answered 5xx
 without a ``Retry-After`` :data:`SIDE_LANE_AFTER_FAILURES` times (the server is up and fails this
 call: one job's data tripping a server fault) is still resent unchanged under its Idempotency-Key,
 its jobs' later updates waiting behind it in order, but the updates of other jobs go out meanwhile
@@ -80,6 +87,14 @@ SIDE_LANE_AFTER_FAILURES = 3
 #: proxy answering 502 to everything (no Retry-After) would otherwise open one more level every few
 #: seconds (a recursion, and a new backoff at each) for as long as updates keep coming.
 SIDE_LANE_MAX_DEPTH = 3
+#: Once close() has begun, a call waits for its answer at most this long past close()'s give-up
+#: (``close_timeout`` after close() began; no call starts after it): close() returns within
+#: ``close_timeout`` + this. A call already in flight when close() began was sent without this
+#: bound (the client's own timeouts: connect 6.2 s + read 120 s by default); close() waits for it
+#: ``close_timeout`` + :data:`CLOSE_JOIN_EXTRA_SEC` at most, then spools what is left itself.
+CLOSING_CALL_WAIT_SEC = 5.0
+#: See :data:`CLOSING_CALL_WAIT_SEC`.
+CLOSE_JOIN_EXTRA_SEC = 30.0
 #: ``BulkStatusUpdater.dropped`` keeps the most recent this many dropped updates (``dropped_count``
 #: counts them all): a long-lived updater (the site agent's processing module) must not grow without bound.
 MAX_DROPPED_KEPT = 1000
@@ -429,11 +444,16 @@ class BulkStatusUpdater:
         self._done_cond = threading.Condition()
         self._closed = False
         self._stopping = False
-        #: When close() began (``time.monotonic()``): a call failing since before then gets
-        #: ``close_timeout`` from then, whatever other calls do meanwhile.
+        #: When close() began (``time.monotonic()``): no call starts (and none waits) past
+        #: ``close_timeout`` after it (:meth:`_give_up_at`), whatever the calls do meanwhile.
         self._closing_at: Optional[float] = None
-        #: When the calls started failing while closing (None: the last call went through).
-        self._failing_since: Optional[float] = None
+        #: Jobs with updates this updater wrote to the spool (given up): their later updates are
+        #: spooled after them, never sent before them (:meth:`_must_spool`).
+        self._spooled_ids: set[Any] = set()
+        #: Updates taken from the queue and spooled instead of sent (:meth:`_spool_taken`), not counted done yet.
+        self._spooled_taken = 0
+        #: A 429's call resent with more updates at close()'s give-up still gets the try planned there.
+        self._last_try_planned = False
         #: Failed tries since the last call that went through (the first is logged as a WARNING).
         self._failures = 0
         self._inflight: list[dict[str, Any]] = []
@@ -559,8 +579,10 @@ class BulkStatusUpdater:
     def close(self) -> None:
         """Send what is queued and stop the thread.
 
-        While the API answers, everything is sent however long it takes; once calls have kept failing
-        for ``close_timeout`` seconds the rest is given up (and spooled when ``spool_dir`` is set).
+        What is not sent ``close_timeout`` seconds after close() began is given up (and spooled when
+        ``spool_dir`` is set): no call starts later, and a call sent from now on waits
+        :data:`CLOSING_CALL_WAIT_SEC` at most past that for its answer. A call already in flight (sent
+        without that bound) is waited for ``close_timeout`` + :data:`CLOSE_JOIN_EXTRA_SEC` at most.
         """
         if self._closed:
             return
@@ -569,14 +591,16 @@ class BulkStatusUpdater:
         self._stopping = True
         self._closing.set()
         self._wake.set()
-        # A call in flight can take a connect timeout (~6 s) before the give-up clock is checked.
-        self._thread.join(self.close_timeout + 30)
+        # A call in flight when close() began was sent without a deadline: it may take the client's
+        # timeouts before the give-up clock is checked (calls sent from now on: CLOSING_CALL_WAIT_SEC).
+        self._thread.join(self.close_timeout + CLOSE_JOIN_EXTRA_SEC)
         if self._thread.is_alive():
             self.gave_up = True
             lane = self._lane
             left = list(self._inflight) + ([u for b in lane.batches for u in b] + _flatten(lane.all_held()) if lane is not None
                                            else []) + _flatten(self._items)
-            logger.error("%s did not finish within %.0f s; %d updates unsent", self.name, self.close_timeout + 30, len(left))
+            logger.error("%s did not finish within %.0f s; %d updates unsent", self.name,
+                         self.close_timeout + CLOSE_JOIN_EXTRA_SEC, len(left))
             self._spool(left)
 
     @property
@@ -598,8 +622,17 @@ class BulkStatusUpdater:
         items = self._items
         whole = room is None
         room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP) if room is None else room
+        out_of_time = self._out_of_time()
+        to_spool: list[Any] = []
         while items and len(batch) < room:
             item = items[0]  # this thread alone takes items: what it peeks at is what it pops
+            if out_of_time or (self._spooled_ids and self._must_spool(item)):
+                # Its job's earlier updates are in the spool (or close()'s time is over): spooled
+                # after them, not sent before them.
+                items.popleft()
+                self._took(item)
+                to_spool.append(item)
+                continue
             if type(item) is tuple:
                 if (batch or not whole) and len(batch) + len(item) > room:
                     break
@@ -608,7 +641,32 @@ class BulkStatusUpdater:
                 batch.append(item)
             items.popleft()
             self._took(item)
+        self._spool_taken(to_spool)
         return batch
+
+    def _out_of_time(self) -> bool:
+        give_up_at = self._give_up_at()
+        return give_up_at is not None and time.monotonic() >= give_up_at
+
+    def _must_spool(self, item: Any) -> bool:
+        """``item`` (taken from the queue) is of a job whose earlier updates this updater spooled."""
+        updates = item if type(item) is tuple else (item,)
+        return any(_record_id(u) in self._spooled_ids for u in updates)
+
+    def _spool_taken(self, items: list[Any]) -> None:
+        """Spool queue items taken instead of being sent (counted done with the batch being sent)."""
+        if not items:
+            return
+        updates = _flatten(items)
+        if self._out_of_time():
+            self.gave_up = True
+            reason = f"close_timeout ({self.close_timeout:g} s) ran out"
+            logger.error("%s: giving up on %d updates: %s", self.name, len(updates), reason)
+        else:
+            reason = "spooled after earlier updates of its job"
+        self._drop(updates, reason)
+        self._spool(updates)
+        self._spooled_taken += len(updates)
 
     def _took(self, item: Any) -> None:
         """``item`` left the queue: one less held one outstanding if it was one (they are in front)."""
@@ -643,7 +701,8 @@ class BulkStatusUpdater:
             finally:
                 self._inflight = []
                 with self._done_cond:
-                    counted = len(batch) + self._deferred_done
+                    counted = len(batch) + self._deferred_done + self._spooled_taken
+                    self._spooled_taken = 0
                     if self._held_outstanding:
                         self._deferred_done = counted  # earlier updates held back are not done yet
                     else:
@@ -677,7 +736,9 @@ class BulkStatusUpdater:
                 # Nothing of it was applied: the updates put during the server's wait go with it,
                 # after it (their order), in the one call it is sent again as, where it has room.
                 room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP) - len(chunk)
-                if start + len(chunk) == len(batch) and room > 0 and not lane.held:
+                # Not at close()'s give-up: the queue is spooled then, and would be before this
+                # call if its last try fails (a job's later updates ahead of its earlier ones).
+                if start + len(chunk) == len(batch) and room > 0 and not lane.held and not self._out_of_time():
                     batch.extend(self._drain(room))
                 continue
             except _GaveUp as exc:
@@ -721,6 +782,7 @@ class BulkStatusUpdater:
         room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP)
         while not self._stopping and time.monotonic() < until and self._items:
             batch: list[dict[str, Any]] = []
+            to_spool: list[Any] = []
             while self._items and len(batch) < room:
                 item = self._items[0]  # this thread alone takes items
                 updates = item if type(item) is tuple else (item,)
@@ -729,10 +791,13 @@ class BulkStatusUpdater:
                 self._items.popleft()
                 self._took(item)
                 ids = {_record_id(u) for u in updates}
-                if lane.blocks(ids):
+                if self._spooled_ids and self._must_spool(item):
+                    to_spool.append(item)  # after its job's updates in the spool
+                elif lane.blocks(ids):
                     lane.hold(item, ids)  # its later updates wait behind it
                 else:
                     batch.extend(updates)
+            self._spool_taken(to_spool)
             if not batch:
                 continue
             logger.info("%s: sending %d updates of other jobs meanwhile", self.name, len(batch))
@@ -791,11 +856,17 @@ class BulkStatusUpdater:
         # commit: then only this body under this key is safe to send again.
         unapplied = True
         failed = 0  # tries of this call that failed (self._failures: of any call since one went through)
-        first_failed: Optional[float] = None  # when (time.monotonic()): this call's own give-up clock
+        # The try planned at close()'s give-up (a server's wait cut there): made, though it starts
+        # at the give-up. Planned by the call a 429 refused and resent here with more updates, too.
+        last_try, self._last_try_planned = self._last_try_planned, False
         while True:
+            give_up_at = self._give_up_at()
+            if give_up_at is not None and not last_try and time.monotonic() >= give_up_at:
+                # close()'s time is over: no call starts now (a side call going through now and then
+                # gave each failing call after it a fresh close_timeout: close() took many times it).
+                raise _GaveUp(TimeoutError(f"close_timeout ({self.close_timeout:g} s) ran out"))
             try:
                 self._patch(chunk, key)
-                self._failing_since = None
                 self._failures = 0
                 return
             except Exception as exc:
@@ -814,8 +885,6 @@ class BulkStatusUpdater:
                     # Revoked: nothing more gets through with this credential; the spool hands the
                     # updates to the site agent (the server already ended our sessions).
                     raise _GaveUp(exc) from exc
-                if first_failed is None:
-                    first_failed = time.monotonic()
                 unapplied = unapplied and http_status(exc) == 429
                 asked = server_wait(exc)
                 if asked is not None and asked <= 0:
@@ -832,7 +901,7 @@ class BulkStatusUpdater:
                     wait = delay
                     delay = min(delay * 2, 10.0)
                 now = time.monotonic()
-                retry_at = self._retry_at(now + wait, asked is not None, exc, first_failed)
+                retry_at = self._retry_at(now + wait, asked is not None, exc)
                 # The first failure of a run of them is a warning; the rest (one every 10 s at most
                 # through an outage) are logged as the client logs its retries.
                 log = logger.warning if self._failures == 0 else logger.info
@@ -846,11 +915,10 @@ class BulkStatusUpdater:
                     # The server answers, and fails this call (not a busy server: no Retry-After):
                     # the other jobs' updates need not wait for it. This call is still resent
                     # unchanged, under its key (a 500 may follow a commit), when the wait is over.
-                    failures, failing_since = self._failures, self._failing_since
+                    failures = self._failures
                     self._send_other_jobs(lane, retry_at)
                     # A side call that went through says nothing of this one: still failing.
                     self._failures = max(self._failures, failures)
-                    self._failing_since = failing_since if failing_since is not None else self._failing_since
                 # Always on the event, never a plain sleep: close() may have begun since retry_at
                 # was planned (while the line above was written), and then the wait returns at once
                 # and is planned again as closing (cut to the give-up). Checking _stopping first
@@ -858,35 +926,34 @@ class BulkStatusUpdater:
                 # the update the thread then sent (applied and spooled).
                 if self._closing.wait(max(0.0, retry_at - time.monotonic())):  # side calls took some of it
                     # close() began before or during the wait: what is left of it is planned as closing.
-                    retry_at = self._retry_at(retry_at, asked is not None, exc, first_failed)
+                    retry_at = self._retry_at(retry_at, asked is not None, exc)
+                give_up_at = self._give_up_at()
+                last_try = give_up_at is not None and retry_at >= give_up_at
                 time.sleep(max(0.0, retry_at - time.monotonic()))
                 if merge and unapplied and asked is not None:
+                    self._last_try_planned = last_try  # for the call it is resent as
                     raise _WaitedUnapplied() from exc
 
-    def _retry_at(self, end: float, asked: bool, exc: BaseException, first_failed: Optional[float] = None) -> float:
+    def _give_up_at(self) -> Optional[float]:
+        """When close()'s time is over (``time.monotonic()``; None before close()): ``close_timeout``
+        after close() began. No call starts and no wait ends after it; what is unsent then is spooled."""
+        return None if self._closing_at is None else self._closing_at + self.close_timeout
+
+    def _retry_at(self, end: float, asked: bool, exc: BaseException) -> float:
         """When to try again, a wait due to end at ``end`` (``time.monotonic()``; ``asked``: the
-        server's Retry-After), or :class:`_GaveUp`. Once close() has begun, calls that keep failing
-        for ``close_timeout`` seconds are given up (the updates go to the spool); a wait the server
-        asked for ends at that give-up at the latest, for one last try; our own backoff is then
-        one second at most. ``first_failed``: when the call being retried first failed; it is given
-        up ``close_timeout`` after that or after close() began, whichever is later, at the latest."""
-        if not self._stopping:
+        server's Retry-After), or :class:`_GaveUp`. Once close() has begun, a call is given up at
+        :meth:`_give_up_at` (the updates go to the spool), one clock for all calls: with a clock per
+        call (from its first failure), calls that failed and went through in turn each got a fresh
+        ``close_timeout``, and close() outlasted it many times. A wait the server asked for ends at
+        that give-up at the latest, for one last try; our own backoff is then one second at most."""
+        give_up_at = self._give_up_at()
+        if not self._stopping or give_up_at is None:
             return end
         now = time.monotonic()
-        self._failing_since = self._failing_since or now
-        since = self._failing_since
-        if first_failed is not None:
-            # The call's own clock, not only the shared one: a side call that goes through while
-            # closing clears _failing_since, and the call it was sent beside (failing all along)
-            # then got a fresh close_timeout, once per nesting level: close() took ~4 x close_timeout,
-            # past its join, and the call was spooled by close() and again by this thread.
-            closing_at = self._closing_at if self._closing_at is not None else now
-            since = min(since, max(first_failed, closing_at))
-        give_up_at = since + self.close_timeout
         if now >= give_up_at:
             raise _GaveUp(exc)
         if not asked:
-            return min(end, now + 1.0)
+            return min(end, now + 1.0, give_up_at)  # a try at the give-up at the latest, none after
         if end > give_up_at:
             # Its wait is cut at the give-up, for one last try: close() ends by then, and one call
             # a little early (not one a second) may still find a server back from a short outage
@@ -897,6 +964,7 @@ class BulkStatusUpdater:
         return end
 
     def _patch(self, chunk: list[dict[str, Any]], key: Optional[str] = None) -> None:
+        # (Its signature is kept: subclasses override it, processing.py's _ReplayUpdater.)
         self.calls += 1
         if not self.sends_session:
             chunk = [{k: v for k, v in u.items() if k != SESSION_KEY} if SESSION_KEY in u else u for u in chunk]
@@ -915,12 +983,20 @@ class BulkStatusUpdater:
             # close() has begun. A call given the client's own budget (10 tries, backoff to 30 s) that
             # went out just before close() held the launcher's exit 35 s when the API was gone
             # (close() cannot cut a call short; it joined the thread for close_timeout + 30 s).
-            client.patch("/jobs/", json=chunk, idempotency_key=key, retry_count=0)
+            # ``deadline``: while closing, the call waits CLOSING_CALL_WAIT_SEC at most past close()'s
+            # give-up (a server that accepts and never answers held it a read timeout, 120 s).
+            give_up_at = self._give_up_at()
+            deadline = None if give_up_at is None else give_up_at + CLOSING_CALL_WAIT_SEC
+            client.patch("/jobs/", json=chunk, idempotency_key=key, retry_count=0, deadline=deadline)
         else:
             client.patch("/jobs/", json=chunk)
 
     # -- spool -----------------------------------------------------------------------------------
     def _spool(self, updates: list[dict[str, Any]]) -> None:
+        """Write ``updates`` to a new spool file. Their jobs' later updates are spooled after them
+        from now on (:meth:`_drain`): sent now, they would reach the server before these, which the
+        replay sends later (a RUN_DONE applied, then the spooled RUNNING refused and logged as an
+        error, the return code and times of the run lost)."""
         if not updates:
             return
         if self.spool_dir is None:
@@ -933,6 +1009,7 @@ class BulkStatusUpdater:
             return
         self.spooled += len(updates)
         self.spool_files.append(path)
+        self._spooled_ids.update(_record_id(u) for u in updates)
         _note_spooled(path, updates, api_of(self._client))
         logger.warning("%s: %d job updates saved to %s; the site agent sends them when the API is back",
                        self.name, len(updates), path)
@@ -948,6 +1025,7 @@ SPOOL_SUFFIX = ".jsonl"
 #: in one (on the same client, or clients of the same API root).
 _SPOOLED: dict[tuple[Optional[str], int], set[Path]] = {}
 _SPOOLED_LOCK = threading.Lock()
+_last_spool_ns = 0
 
 
 def api_of(client: Any) -> Optional[str]:
@@ -998,6 +1076,7 @@ def send_spooled(client: Any, session_id: int) -> bool:
             logger.warning("cannot read spooled updates %s: %s", path, exc)
             return False
         updates = spooled_updates(path, lines)
+        done = 0
         try:
             for start in range(0, len(updates), MAX_ITEMS_PER_BULK_OP):
                 chunk = updates[start : start + MAX_ITEMS_PER_BULK_OP]
@@ -1006,8 +1085,16 @@ def send_spooled(client: Any, session_id: int) -> bool:
                     chunk,
                 )
                 log_refused(f"spooled updates {path.name}", refused, len(chunk))
+                done = start + len(chunk)
         except Exception as exc:
-            # Left for the agent; the chunks sent already are no-ops or refused when it replays them.
+            if done:
+                # The file keeps only what is unsent: the agent's replay of the whole file sent the
+                # chunks sent here again, after the later updates of their jobs (a RUNNING after its
+                # RUN_DONE: refused, an ERROR line each).
+                try:
+                    _write_updates(path, updates[done:])
+                except OSError as write_exc:
+                    logger.warning("cannot rewrite spooled updates %s: %s", path, write_exc)
             logger.warning("spooled updates %s still cannot be sent (%s): left for the site agent", path.name, exc)
             return False
         logger.info("sent %d spooled job updates from %s", len(updates), path.name)
@@ -1037,18 +1124,29 @@ def spool_prefix(host: str, pid: int) -> str:
 
 def write_spool(spool_dir: "Path | str", updates: list[dict[str, Any]]) -> Path:
     """Write ``updates`` to a new file in ``spool_dir`` (complete or not at all: write, then rename)."""
+    global _last_spool_ns
     spool_dir = Path(spool_dir)
     spool_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{spool_prefix(socket.gethostname(), os.getpid())}{time.time_ns()}"
-    tmp = spool_dir / f".{stem}.tmp"
+    with _SPOOLED_LOCK:
+        # Names sort in the order written (a replay sends the files in name order: a job's updates
+        # spooled in two files arrive in order), even two files within one clock tick.
+        _last_spool_ns = max(time.time_ns(), _last_spool_ns + 1)
+        stamp = _last_spool_ns
+    stem = f"{spool_prefix(socket.gethostname(), os.getpid())}{stamp}"
+    path = spool_dir / f"{stem}{SPOOL_SUFFIX}"
+    _write_updates(path, updates)
+    return path
+
+
+def _write_updates(path: Path, updates: list[dict[str, Any]]) -> None:
+    """Write ``updates`` to ``path``, one JSON line each, complete or not at all (write, then rename)."""
+    tmp = path.with_name(f".{path.stem}.tmp")
     with open(tmp, "w") as fh:
         for update in updates:
             fh.write(json.dumps(update, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    path = spool_dir / f"{stem}{SPOOL_SUFFIX}"
     os.replace(tmp, path)
-    return path
 
 
 class SpoolReplayer:

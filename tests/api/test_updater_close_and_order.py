@@ -1,0 +1,208 @@
+"""The status updater's close() against a real server whose calls fail now and then: it ends within
+``close_timeout`` and spools the rest, and a job's updates reach the server in the order they were
+put, across the spool and its replay.
+
+Before: (1) each call got its own ``close_timeout`` from its first failure, so calls that failed
+once and then went through, one after another, kept close() going (30 such calls with a
+close_timeout of 1 s: close() ran out its 31 s join, spooled what it held, and its thread went on
+sending it: applied and spooled); (2) once a call was given up and spooled at close(), the next
+call went out as any: a job's RUN_DONE queued behind its spooled RUNNING reached the server first
+(refused there: PREPROCESSED to RUN_DONE, and dropped), and the replay then made the job RUNNING
+for good, its return code lost.
+
+Real components: a uvicorn server (SQLite; PostgreSQL too) behind the failure-injecting proxy of
+tests/failure_proxy.py, the real RESTClient, BulkStatusUpdater and SpoolReplayer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from failure_proxy import FailureProxy  # tests/failure_proxy.py
+
+from balsam.client import status_updater
+from balsam.client.rest import RESTClient
+from balsam.client.status_updater import BulkStatusUpdater, SpoolReplayer, write_spool
+
+LOGGER = "balsam.client.status_updater"
+#: A generous bound on close() (close_timeout is 1 s in these tests; a call sent while closing waits
+#: 5 s at most past it): the point is that it does not grow with the number of calls (it took 31 s).
+CLOSE_BOUND_SEC = 20.0
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def proxy(env: Any) -> Iterator[FailureProxy]:
+    failing = FailureProxy(env.url)
+    yield failing
+    failing.close()
+
+
+@pytest.fixture
+def jobs(env: Any, tmp_path: Path) -> Callable[[int], list[int]]:
+    """``jobs(n)``: ids of ``n`` new PREPROCESSED jobs of the test user (made in bulk, not through the proxy)."""
+    from balsam.api import ApplicationDefinition, Site
+
+    name = f"upd-{uuid.uuid4().hex[:8]}"
+    site = Site.objects.create(name=name, path=str(tmp_path / name))
+    app = type("UpdaterOrder", (ApplicationDefinition,), {"site": site.name, "command_template": "echo hi"})
+    app.sync()
+    client = RESTClient(env.url, env.token)
+
+    def make(n: int) -> list[int]:
+        made = client.Job.objects.bulk_create(
+            [client.Job(workdir=f"upd/{uuid.uuid4().hex[:8]}", app_id=app.__app_id__) for _ in range(n)])
+        for job in made:
+            job.state = "PREPROCESSED"
+        client.Job.objects.bulk_update(made)
+        return [job.id for job in made]
+
+    return make
+
+
+def _jobs(env: Any, ids: list[int]) -> dict[int, Any]:
+    client = RESTClient(env.url, env.token)
+    return {job.id: job for job in client.Job.objects.filter(id=ids)}
+
+
+def _moves(env: Any, job_id: int) -> list[tuple[str, str]]:
+    client = RESTClient(env.url, env.token)
+    return [(str(e.from_state).rsplit(".", 1)[-1], str(e.to_state).rsplit(".", 1)[-1])
+            for e in client.EventLog.objects.filter(job_id=job_id)]
+
+
+def _spooled(spool: Path) -> list[tuple[int, str]]:
+    """The spooled updates, in the order a replay sends them (files by name, lines in order)."""
+    return [(u["id"], u["state"]) for f in sorted(spool.glob("*.jsonl"))
+            for u in map(json.loads, f.read_text().splitlines())]
+
+
+def _replay(env: Any, proxy: FailureProxy, spool: Path, expected: int) -> BulkStatusUpdater:
+    """The site agent's replay of ``spool`` (as processing.py does it), the proxy failing nothing now."""
+    proxy.flaky, proxy.fail_when = {}, None
+    replay = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
+    try:
+        assert SpoolReplayer(spool, replay).poll() == expected
+        assert replay.flush(60)
+    finally:
+        replay.close()
+    return replay
+
+
+def test_close_ends_within_close_timeout_while_calls_fail_and_go_through_in_turn(
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    ids = jobs(30)
+    proxy.flaky = {job_id: 2 for job_id in ids}  # each job's call fails twice (500), then goes through
+    spool = tmp_path / "spool"
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, max_batch=1, close_timeout=1,
+                                spool_dir=spool)
+    for job_id in ids:
+        updater.put(job_id, "RUNNING")
+    assert wait_until(lambda: len(proxy.patches) >= 1)
+    began = time.monotonic()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        updater.close()
+    took = time.monotonic() - began
+    assert took < CLOSE_BOUND_SEC, took  # was 31 s: the join ran out
+    assert not any("did not finish within" in r.getMessage() for r in caplog.records), caplog.text
+    assert not updater._thread.is_alive()
+    assert updater.gave_up and updater.spooled > 0
+    # Each job's update went through or is in the spool, not both (the thread went on sending
+    # what close() had spooled); the replay sends the rest, each applied once.
+    sent = [ids_of[0] for _at, ids_of, _key, status, _asked in proxy.patches if status == 200]
+    spooled = [job_id for job_id, _state in _spooled(spool)]
+    assert sorted(sent + spooled) == sorted(ids), (sent, spooled)
+    replay = _replay(env, proxy, spool, len(spooled))
+    assert replay.dropped_count == 0, replay.dropped
+    assert {job.state.value for job in _jobs(env, ids).values()} == {"RUNNING"}
+    for job_id in ids:
+        assert _moves(env, job_id).count(("PREPROCESSED", "RUNNING")) == 1, job_id
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["alone", "in-a-side-call"])
+def test_a_jobs_later_update_never_reaches_the_server_before_its_spooled_earlier_one(
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path, beside: bool) -> None:
+    # The job's RUNNING fails every time (a server fault of its data, fixed later); its RUN_DONE is
+    # put meanwhile. ``beside``: another job's call fails first, and the job's updates go out in
+    # side calls beside it (after its third failure).
+    job, other = jobs(2)
+    failing = {job, other} if beside else {job}
+    proxy.fail_when = lambda updates: any(u["id"] in failing and u.get("state") == "RUNNING" for u in updates)
+    spool = tmp_path / "spool"
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=1,
+                                spool_dir=spool)
+    try:
+        if beside:
+            updater.put(other, "RUNNING")
+            assert wait_until(lambda: len(proxy.patches) >= 1)
+        updater.put(job, "RUNNING")
+        assert wait_until(lambda: any(job in ids for _at, ids, *_rest in proxy.patches), 60)
+        updater.put(job, "RUN_DONE", return_code=7)
+    finally:
+        updater.close()
+    # Nothing of the job reached the server: its RUN_DONE waited behind its RUNNING, into the spool.
+    assert {status for _at, ids, _key, status, _asked in proxy.patches if job in ids} == {500}, proxy.patches
+    assert _jobs(env, [job])[job].state.value == "PREPROCESSED"
+    spooled = _spooled(spool)
+    assert [u for u in spooled if u[0] == job] == [(job, "RUNNING"), (job, "RUN_DONE")], spooled
+    # The agent replays them once the server is fixed: in order, each applied once, nothing lost.
+    replay = _replay(env, proxy, spool, len(spooled))
+    assert replay.dropped_count == 0, replay.dropped
+    done = _jobs(env, [job])[job]
+    assert done.state.value == "RUN_DONE" and done.return_code == 7
+    moves = _moves(env, job)
+    assert moves.count(("PREPROCESSED", "RUNNING")) == 1 and moves.count(("RUNNING", "RUN_DONE")) == 1, moves
+
+
+def test_spool_files_sort_in_the_order_they_were_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A replay sends spool files in name order. Two files named from one clock reading (a coarse
+    # clock, or one stepped back) had the same name: the second replaced the first (its updates lost).
+    monkeypatch.setattr(status_updater.time, "time_ns", lambda: 1_000_000_000_000_000_000)
+    written = [write_spool(tmp_path, [{"id": i, "state": "RUNNING"}]) for i in range(3)]
+    assert sorted(tmp_path.glob("*.jsonl")) == written
+    assert [json.loads(p.read_text())["id"] for p in written] == [0, 1, 2]
+
+
+def test_a_spool_file_sent_in_part_by_its_launcher_keeps_only_the_rest_for_the_agent(
+        env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The launcher's lease close sends its spool once more (send_spooled): the first call goes
+    # through, the next fails. The whole file was left for the agent, whose replay then sent the
+    # updates of the first call again, after their jobs' later ones: refused (RUNNING after RUN_DONE).
+    from balsam.client.status_updater import _note_spooled, api_of, send_spooled
+
+    job, other = jobs(2)
+    monkeypatch.setattr(status_updater, "MAX_ITEMS_PER_BULK_OP", 2)  # one call per two updates
+    spool = tmp_path / "spool"
+    client = RESTClient(proxy.url, env.token)
+    path = write_spool(spool, [{"id": job, "state": "RUNNING"}, {"id": other, "state": "RUNNING"},
+                               {"id": job, "state": "RUN_DONE", "return_code": 7}])
+    session_id = 10**9  # the file as a launcher's updater notes it for its lease's close
+    _note_spooled(path, [{"id": job, "session_id": session_id}], api_of(client))
+    proxy.fail_when = lambda updates: any(u.get("state") == "RUN_DONE" for u in updates)
+    try:
+        assert send_spooled(client, session_id) is False
+    finally:
+        status_updater._forget_spooled(path)  # this process's note, not the test's concern after this
+    assert _spooled(spool) == [(job, "RUN_DONE")]
+    replay = _replay(env, proxy, spool, 1)
+    assert replay.dropped_count == 0, replay.dropped  # was 2: both RUNNINGs again, refused
+    done = _jobs(env, [job, other])
+    assert (done[job].state.value, done[job].return_code, done[other].state.value) == ("RUN_DONE", 7, "RUNNING")
+    moves = _moves(env, job)
+    assert moves.count(("PREPROCESSED", "RUNNING")) == 1 and moves.count(("RUNNING", "RUN_DONE")) == 1, moves
