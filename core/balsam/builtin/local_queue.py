@@ -16,22 +16,25 @@ so that sites on other hosts or with other directories, sharing one API server, 
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
 
-import psutil
+from balsam.process_identity import START_TIME_TOLERANCE_SEC, process_start_time, process_state, terminate_processes
 
-from balsam.process_identity import process_start_time, same_process, terminate_processes
+# What `status` does not need is imported where it is used: the site agent runs `status` every
+# sync_period (1 s in the demo), and each import is CPU spent every poll (docs/performance.md).
+# Out of that path: argparse (status reads its own argv, main()), socket and subprocess (submit),
+# psutil (ending a job's processes: _kill_tree), typing (annotations only, postponed by the
+# __future__ import; type checkers take the name TYPE_CHECKING as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any, Optional
 
 #: Finished records older than this are dropped from jobs.json.
 KEEP_FINISHED_SEC = 7 * 24 * 3600
@@ -160,27 +163,24 @@ class LocalQueue:
 
     # -- process checks -------------------------------------------------------------------------
     @staticmethod
-    def _process(record: dict[str, Any]) -> Optional[psutil.Process]:
-        """The job's wrapper process if it still runs: the pid recorded *and* the process that
-        started then (:func:`balsam.process_identity.same_process`: a pid given to another process since is not
-        the job), not a zombie; else None. A record without both tells nothing: None."""
+    def _process(record: dict[str, Any]) -> Optional[int]:
+        """The pid of the job's wrapper process if it still runs: the pid recorded *and* the
+        process that started then (the rule of :func:`balsam.process_identity.same_process`: a pid
+        given to another process since is not the job), not a zombie; else None. A record without
+        both tells nothing: None. One reading of the process: its start and its state together."""
         pid, started = record.get("pid"), record.get("create_time")
         if not isinstance(pid, int) or not isinstance(started, (int, float)):
             return None
-        try:
-            proc = psutil.Process(pid)
-            # After taking hold of the process: the one checked is the one returned.
-            if not same_process(pid, started, running=False):
-                return None
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                try:  # our own child (same process submitted and polls): reap it
-                    os.waitpid(proc.pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-                return None
-            return proc
-        except psutil.Error:
+        state = process_state(pid)
+        if state is None or abs(state[0] - started) > START_TIME_TOLERANCE_SEC:
             return None
+        if state[1]:  # a zombie
+            try:  # our own child (same process submitted and polls): reap it
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            return None
+        return pid
 
     def _settle(self, job_id: int, record: dict[str, Any], now: float) -> None:
         """Mark a job whose process is gone as finished, with its exit status when recorded."""
@@ -203,9 +203,19 @@ class LocalQueue:
             record.setdefault("message", "the job's process ended without recording an exit status")
 
     @staticmethod
-    def _kill_tree(proc: psutil.Process) -> None:
-        """SIGTERM the process and all its descendants, then SIGKILL whatever is left."""
+    def _kill_tree(pid: int, started: float) -> None:
+        """SIGTERM the job's process (``pid``, started at ``started``) and all its descendants, then
+        SIGKILL whatever is left."""
+        import signal
+
+        import psutil
+
         try:
+            proc = psutil.Process(pid)
+            # After taking hold of the process (psutil signals only the one it holds): it is the
+            # job's, not one given the pid since it was checked.
+            if abs(proc.create_time() - started) > START_TIME_TOLERANCE_SEC:
+                return
             procs = [proc] + proc.children(recursive=True)
         except psutil.NoSuchProcess:
             return
@@ -227,6 +237,9 @@ class LocalQueue:
         job_name: str,
         extra_env: Optional[dict[str, str]] = None,
     ) -> int:
+        import socket  # submit's own (see the imports at the top)
+        import subprocess
+
         script = Path(script).resolve()
         if not script.is_file():
             raise QueueError(f"batch script {script} does not exist")
@@ -298,14 +311,14 @@ class LocalQueue:
             for key, record in db["jobs"].items():
                 if record.get("state") == "finished":
                     continue
-                proc = self._process(record)
-                if proc is None:
+                pid = self._process(record)
+                if pid is None:
                     self._settle(int(key), record, now)
                     changed = True
                     continue
                 limit = record["start_time"] + record["wall_time_min"] * 60 + WALLTIME_GRACE_SEC
                 if record["wall_time_min"] > 0 and now > limit:
-                    self._kill_tree(proc)
+                    self._kill_tree(pid, record["create_time"])
                     record.update(state="finished", end_time=time.time(), native_state="TIMEOUT")
                     record["message"] = f"killed after exceeding its wall time of {record['wall_time_min']} min"
                     changed = True
@@ -331,9 +344,9 @@ class LocalQueue:
                 raise QueueError(f"no local job {job_id}")
             if record.get("state") == "finished":
                 return
-            proc = self._process(record)
-            if proc is not None:
-                self._kill_tree(proc)
+            pid = self._process(record)
+            if pid is not None:
+                self._kill_tree(pid, record["create_time"])
                 record.update(state="finished", end_time=time.time(), native_state="CANCELLED")
                 record["message"] = "deleted"
             else:
@@ -362,7 +375,9 @@ class LocalQueue:
             return dict(record, id=job_id)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="python -m balsam.builtin.local_queue")
     parser.add_argument("--state-dir", required=True, type=Path)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -382,11 +397,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     find = sub.add_parser("find", help="ids of the jobs submitted from SCRIPT under --name, as a JSON list")
     find.add_argument("script", type=Path)
     find.add_argument("--name", required=True)
-    args = parser.parse_args(argv)
+    return parser
 
-    queue = LocalQueue(args.state_dir)
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 3 and argv[0] == "--state-dir" and argv[2] == "status" and not argv[1].startswith("-"):
+        # The agent's poll as the local scheduler renders it, every sync_period: what argparse makes
+        # of it, without importing argparse (and the shutil its help formatter imports) and building
+        # the parser, ~6 ms of CPU a poll. Any other command line, and any error, is argparse's.
+        state_dir, command, args = Path(argv[1]), "status", None
+    else:
+        args = _parser().parse_args(argv)
+        state_dir, command = args.state_dir, args.command
+
+    queue = LocalQueue(state_dir)
     try:
-        if args.command == "submit":
+        if command == "status":
+            print(json.dumps(queue.status()))
+        elif command == "submit":
             env = dict(item.split("=", 1) for item in args.env)
             job_id = queue.submit(
                 args.script,
@@ -398,13 +427,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 extra_env=env,
             )
             print(job_id)
-        elif args.command == "status":
-            print(json.dumps(queue.status()))
-        elif args.command == "delete":
+        elif command == "delete":
             queue.delete(args.job_id)
-        elif args.command == "find":
+        elif command == "find":
             print(json.dumps(queue.find(args.script, args.name)))
-        elif args.command == "history":
+        elif command == "history":
             print(json.dumps({str(job_id): queue.history(job_id) for job_id in args.job_ids}))
     except QueueError as exc:
         print(f"local queue: {exc}", file=sys.stderr)
