@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "site"))
 sys.path.insert(0, str(Path(__file__).parent.parent / "schedulers"))
 
-from site_test_utils import FAST_SETTINGS, api_client  # noqa: E402
+from site_test_utils import FAST_SETTINGS, api_client, stop_agent_and_end_batch_jobs  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +49,10 @@ def make_site(balsam_env: Any, client: Any, tmp_path: Path) -> Callable[..., Any
 
 @pytest.fixture
 def agent_daemon(client: Any) -> Iterator[Callable[[Any], int]]:
-    """Start a site's agent; at teardown delete its BatchJobs through it, then stop it."""
+    """Start a site's agent; at teardown stop it, then delete its BatchJobs' scheduler jobs."""
     import os
 
-    from balsam.site.site_ops import start_agent, stop_agent
-    from site_test_utils import wait_for
+    from balsam.site.site_ops import start_agent
 
     started: list[Any] = []
 
@@ -65,13 +64,5 @@ def agent_daemon(client: Any) -> Iterator[Callable[[Any], int]]:
 
     yield start
     for site_config in started:
-        site_id = site_config.site_id
-        active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
-        if active["results"]:
-            client.patch("/batch-jobs/", json=[{"id": b["id"], "state": "pending_deletion"} for b in active["results"]])
-            wait_for(lambda: not client.get("/batch-jobs/", params={"site_id": site_id,
-                                                                     "state": ["pending_deletion", "queued", "running"]})["results"],
-                     timeout=30, what="BatchJobs deleted at teardown", fail=False)
-        stop_agent(Path(site_config.site_path), timeout=30, force=True)
+        stop_agent_and_end_batch_jobs(client, site_config)
     os.environ.pop("BALSAM_SITE_PATH", None)
-

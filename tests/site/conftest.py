@@ -3,8 +3,8 @@
 - ``make_site(name=None, **overrides)``: ``init_site`` on the ``default`` platform / ``local``
   scheduler with fast settings (scheduler sync every second, launchers idle-exit after 3 s);
   returns the SiteConfig.
-- ``agent_daemon``: starts ``balsam site start``-style daemons and, at teardown, deletes their
-  BatchJobs through the agent (so no launcher outlives the test) and stops them.
+- ``agent_daemon``: starts ``balsam site start``-style daemons and, at teardown, stops them and
+  deletes their BatchJobs' scheduler jobs (so no launcher outlives the test).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from site_test_utils import FAST_SETTINGS, api_client, wait_for  # noqa: E402
+from site_test_utils import FAST_SETTINGS, api_client, stop_agent_and_end_batch_jobs  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def make_site(balsam_env: Any, client: Any, tmp_path: Path) -> Callable[..., Any
 
 @pytest.fixture
 def agent_daemon(client: Any) -> Iterator[Callable[[Any], int]]:
-    from balsam.site.site_ops import start_agent, stop_agent
+    from balsam.site.site_ops import start_agent
 
     started: list[Any] = []
 
@@ -67,21 +67,5 @@ def agent_daemon(client: Any) -> Iterator[Callable[[Any], int]]:
 
     yield start
     for site_config in started:
-        site_id = site_config.site_id
-        active = client.get("/batch-jobs/", params={"site_id": site_id, "state": ["pending_submission", "queued", "running"]})
-        updates = [{"id": b["id"], "state": "pending_deletion"} for b in active["results"]]
-        if updates:
-            client.patch("/batch-jobs/", json=updates)
-            from balsam.site.agent import agent_running
-
-            if agent_running(Path(site_config.site_path)) is not None:
-                wait_for(
-                    lambda: not client.get(
-                        "/batch-jobs/", params={"site_id": site_id, "state": ["pending_deletion", "queued", "running"]}
-                    )["results"],
-                    timeout=30,
-                    what="BatchJobs deleted at teardown",
-                    fail=False,
-                )
-        stop_agent(Path(site_config.site_path), timeout=30, force=True)
+        stop_agent_and_end_batch_jobs(client, site_config)
     os.environ.pop("BALSAM_SITE_PATH", None)

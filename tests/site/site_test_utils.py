@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 #: Settings that make sites react within seconds in tests.
@@ -36,6 +37,47 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 60.0, interval: f
                 raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
             return value
         time.sleep(interval)
+
+
+#: The BatchJob states whose scheduler job may still exist (a launcher may still run).
+ACTIVE_BATCH_JOB_STATES = ["pending_submission", "queued", "running", "pending_deletion"]
+
+
+def stop_agent_and_end_batch_jobs(client: Any, site_config: Any) -> None:
+    """Teardown of a test's agent daemon: stop the agent, then delete the scheduler jobs of the
+    site's active BatchJobs through the site's scheduler driver (what the agent does for a
+    ``pending_deletion`` one), so that no launcher outlives the test, and record them finished.
+
+    Why not through the agent, as ``balsam queue term`` would: waiting for it to delete them and
+    then to see them gone takes two scheduler sync cycles and a launcher's exit, 3-5 s a test.
+    Stopped first, the agent submits nothing more meanwhile (its stop lets a cycle in progress
+    end, so a submission it made is recorded with its scheduler_id)."""
+    from balsam.config import load_settings
+    from balsam.config.drivers import site_scheduler
+    from balsam.site.api_util import list_all
+    from balsam.site.site_ops import stop_agent
+
+    site_path = Path(site_config.site_path)
+    stop_agent(site_path, timeout=30, force=True)
+    active = list_all(client, "/batch-jobs/", {"site_id": site_config.site_id, "state": ACTIVE_BATCH_JOB_STATES})
+    if not active:
+        return
+    scheduler = None
+    # As settings.yml is now (a test may have changed it), else as the test read it; neither (a test
+    # that failed with the file broken): the launchers exit on their own once idle (idle_ttl_sec).
+    for read in (lambda: load_settings(site_path / "settings.yml", log_warnings=False), lambda: site_config.settings):
+        try:
+            scheduler = site_scheduler(read())
+            break
+        except Exception:
+            continue
+    for row in active:
+        if scheduler is not None and row.get("scheduler_id") is not None:
+            try:
+                scheduler.delete_job(row["scheduler_id"])
+            except Exception:  # it left the queue already (the agent too goes on after a failed delete)
+                pass
+    client.patch("/batch-jobs/", json=[{"id": row["id"], "state": "finished"} for row in active])
 
 
 def job_rows(client: Any, **params: Any) -> list[dict]:

@@ -58,10 +58,13 @@ def _kill_marked(*marks: str) -> None:
             proc.kill()
 
 
-@pytest.mark.slow  # the agent's shutdown waits for the hung command's thread (15 s) before ending it
+@pytest.mark.slow  # a real agent whose shutdown waits for the hung command's thread before ending it
 @pytest.mark.parametrize("how", ["sigterm", "stop", "stop-force"])
 def test_stopping_the_agent_ends_the_child_a_hung_command_left(make_site, agent_daemon, tmp_path, monkeypatch, how):
     hung, left = _marks()
+    # The agent's stop waits this long (not its default 15 s) for the hung cycle before it ends the
+    # command: what is ended after the wait is the same.
+    monkeypatch.setenv("BALSAM_AGENT_STOP_WAIT_SEC", "1")
     # The status poll's qstat starts a child that leaves it (still in its group), then hangs.
     _fake_qstat(tmp_path, monkeypatch, f"(sleep {left} &)\nexec sleep {hung}")
     site = make_site(overrides=PBS_SITE)

@@ -365,7 +365,8 @@ def test_replayed_results_go_through_the_updaters_own_patch(tmp_path: Path) -> N
         replay = module._replay_updater()
         replay._stopping = True
         replay._patch([{"id": 6, "state": "POSTPROCESSED", "session_id": 7}], "key")
-        assert module.client.calls[-1] == {"idempotency_key": "key", "retry_count": 0}
+        # No deadline: close() has not begun (a closing call's deadline is close()'s give-up + 5 s).
+        assert module.client.calls[-1] == {"idempotency_key": "key", "retry_count": 0, "deadline": None}
         with pytest.raises(processing._UncheckedReplay):
             replay._patch([{"id": 6, "state": "POSTPROCESSED"}], "key")
     finally:

@@ -80,6 +80,9 @@ def test_site_stop_ends_a_hung_scheduler_command(make_site: Any, agent_daemon: A
     qstat.write_text(f"#!/bin/sh\nexec sleep {marker}\n")
     qstat.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    # The agent's stop waits this long (not its default 15 s) for the hung cycle before it ends the
+    # command: what is ended after the wait is the same.
+    monkeypatch.setenv("BALSAM_AGENT_STOP_WAIT_SEC", "1")
     site = make_site(overrides={"scheduler": {"name": "pbs", "allowed_queues": {"debug": {"max_nodes": 1, "max_walltime": 60, "max_queued_jobs": 1}}}})
     agent_daemon(site)
     hung = wait_for(lambda: _hung_processes(marker), timeout=60, what="the scheduler command to start")

@@ -80,6 +80,13 @@ ALIVE_NOTE_SEC = 600.0
 REPEATED_ERROR_LOG_SEC = 300.0
 #: The longest wait between two cycles of a module (a year; settings.yml refuses longer periods).
 MAX_CYCLE_DELAY_SEC = 365 * 86400.0
+#: How long the agent's stop waits for the module cycles in progress (a status poll, a submit) to
+#: end before it ends the commands still running; ``$BALSAM_AGENT_STOP_WAIT_SEC`` sets another
+#: (0 to MAX_STOP_WAIT_SEC): a site whose scheduler commands never take that long can stop sooner
+#: when one hangs, one whose submits are slow can wait longer for them.
+DEFAULT_STOP_WAIT_SEC = 15.0
+MAX_STOP_WAIT_SEC = 3600.0
+STOP_WAIT_ENV = "BALSAM_AGENT_STOP_WAIT_SEC"
 
 #: Refusals of a request that are no settings error: the credential (401, 403), the site record
 #: gone (404, seen by the site check), a timeout, a conflict or a rate limit (408, 409, 429: a
@@ -118,6 +125,22 @@ class _ClientRetryFilter(logging.Filter):
 
 class AgentError(RuntimeError):
     """The agent cannot start (message is one line for the user)."""
+
+
+def stop_wait_sec() -> float:
+    """The stop's wait for cycles in progress: ``$BALSAM_AGENT_STOP_WAIT_SEC``, else 15 s. A value
+    that is no number of seconds from 0 to MAX_STOP_WAIT_SEC is an AgentError: the agent refuses to
+    start rather than stop, perhaps months later, with a wait nobody meant."""
+    raw = os.environ.get(STOP_WAIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STOP_WAIT_SEC
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_STOP_WAIT_SEC:  # NaN included
+        raise AgentError(f"${STOP_WAIT_ENV}: expected seconds from 0 to {MAX_STOP_WAIT_SEC:g}, got {raw!r}")
+    return value
 
 
 class _Repeats:
@@ -480,6 +503,9 @@ class Agent:
 
     def __init__(self, site_config: Any, client: Any = None, modules: Optional[list[AgentModule]] = None,
                  *, end_children: bool = False) -> None:
+        #: How long :meth:`shutdown` waits for the cycles in progress (read first: a bad value
+        #: refuses the start before anything else is done).
+        self.stop_wait_sec = stop_wait_sec()
         self.site_config = site_config
         #: The agent is its own process (``python -m balsam.site``): end its leftover children at shutdown.
         self.end_children = end_children
@@ -960,12 +986,14 @@ class Agent:
                          "work meanwhile (restart the agent if it stays so); its thread is at:\n%s",
                          name, seconds, limit, stack.rstrip())
 
-    def shutdown(self, reason: Optional[str] = None, join_timeout: float = 15.0) -> None:
+    def shutdown(self, reason: Optional[str] = None, join_timeout: Optional[float] = None) -> None:
+        """Stop: the stopping hook, then up to ``join_timeout`` (default :attr:`stop_wait_sec`) for
+        the module threads' cycles in progress, then each module's close() and the children left."""
         self.request_stop(reason or self.stop_reason)
         reason = self.stop_reason
         logger.info("stopping (%s)", reason)
         call_agent_hook("balsam_agent_stopping", site_config=self.site_config, reason=reason)
-        deadline = time.monotonic() + join_timeout
+        deadline = time.monotonic() + (self.stop_wait_sec if join_timeout is None else join_timeout)
         for thread in self.threads:
             thread.join(max(0.1, deadline - time.monotonic()))
             if thread.is_alive():

@@ -1,0 +1,46 @@
+"""``$BALSAM_AGENT_STOP_WAIT_SEC``: how long the agent's stop waits for the module cycles in progress
+(a status poll, a submit) before it ends the commands still running (default 15 s). A value that is
+no number of seconds from 0 to 3600 refuses the agent's start with one line naming the variable,
+rather than a stop months later with a wait nobody meant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from balsam.site.agent import DEFAULT_STOP_WAIT_SEC, STOP_WAIT_ENV, AgentError, stop_wait_sec
+
+
+def test_unset_or_empty_is_the_default(monkeypatch):
+    monkeypatch.delenv(STOP_WAIT_ENV, raising=False)
+    assert stop_wait_sec() == DEFAULT_STOP_WAIT_SEC == 15.0
+    monkeypatch.setenv(STOP_WAIT_ENV, " ")
+    assert stop_wait_sec() == 15.0
+
+
+@pytest.mark.parametrize("raw, expected", [("0", 0.0), ("2.5", 2.5), (" 60 ", 60.0), ("3600", 3600.0)])
+def test_seconds_from_0_to_3600_are_taken(monkeypatch, raw, expected):
+    monkeypatch.setenv(STOP_WAIT_ENV, raw)
+    assert stop_wait_sec() == expected
+
+
+@pytest.mark.parametrize("raw", ["ten", "15s", "-1", "3601", "nan", "inf", "-inf"])
+def test_anything_else_is_one_line_naming_the_variable(monkeypatch, raw):
+    monkeypatch.setenv(STOP_WAIT_ENV, raw)
+    with pytest.raises(AgentError) as info:
+        stop_wait_sec()
+    assert str(info.value) == f"${STOP_WAIT_ENV}: expected seconds from 0 to 3600, got {raw!r}"
+
+
+def test_a_bad_value_refuses_the_agent_daemons_start(make_site, monkeypatch):
+    from balsam.site.agent import agent_running
+    from balsam.site.site_ops import SiteError, start_agent
+
+    site = make_site()
+    monkeypatch.setenv(STOP_WAIT_ENV, "soon")
+    with pytest.raises(SiteError) as info:
+        start_agent(Path(site.site_path))
+    assert f"the site agent exited at start-up: ${STOP_WAIT_ENV}: expected seconds from 0 to 3600, got 'soon'" \
+        in str(info.value)
+    assert agent_running(Path(site.site_path)) is None
