@@ -35,6 +35,7 @@ DEMO_SETTINGS = {
     "launcher": {"idle_ttl_sec": 5, "delay_sec": 1},
     "processing": {"num_workers": 2},
 }
+BATCH_JOB_WALL_TIME_MIN = 10
 DONE = ("JOB_FINISHED", "FAILED")
 STATE_ORDER = (
     "AWAITING_PARENTS", "READY", "STAGED_IN", "PREPROCESSED", "RUNNING", "RUN_DONE", "RUN_ERROR", "RUN_TIMEOUT",
@@ -312,11 +313,12 @@ def create_jobs(apps: dict[str, type], run_id: str, total: int) -> dict[str, int
     return counts
 
 
-def submit_batch_jobs(site_id: int, run_id: str, wall_time_min: int) -> list[Any]:
+def submit_batch_jobs(site_id: int, run_id: str, wall_time_min: int,
+                      modes: tuple[str, ...] = ("serial", "mpi")) -> list[Any]:
     from balsam.api import BatchJob
 
     made = []
-    for mode in ("serial", "mpi"):
+    for mode in modes:
         made.append(
             BatchJob.objects.create(
                 site_id=site_id, project="local", queue="local", num_nodes=1, wall_time_min=wall_time_min,
@@ -329,32 +331,97 @@ def submit_batch_jobs(site_id: int, run_id: str, wall_time_min: int) -> list[Any
 # -- 5. progress and summary ----------------------------------------------------------------------
 
 
-def job_states(client: Any, run_id: str) -> Counter:
+def job_rows(client: Any, run_id: str) -> list[dict]:
     from balsam.site.api_util import list_all
 
-    rows = list_all(client, "/jobs/", {"tags": f"demo_run:{run_id}"})
-    return Counter(row["state"] for row in rows)
+    return list_all(client, "/jobs/", {"tags": f"demo_run:{run_id}"})
 
 
-def watch(client: Any, run_id: str, total: int, timeout: float) -> tuple[Counter, float]:
+def job_states(client: Any, run_id: str) -> Counter:
+    return Counter(row["state"] for row in job_rows(client, run_id))
+
+
+#: Job states a launcher can start now, and BatchJob states whose launcher will (still) take them.
+RUNNABLE = ("PREPROCESSED", "RESTART_READY")
+LIVE_BATCH_JOB_STATES = ("pending_submission", "queued", "running", "pending_deletion")
+#: Replacement BatchJobs the demo submits per job mode at most (see _BatchJobKeeper).
+MAX_REPLACEMENTS = 2
+CHECK_BATCH_JOBS_EVERY_SEC = 2.0
+#: Without a terminal (`demo.sh | tee demo.log`, CI) rich draws no live bar: a plain line this often.
+PLAIN_PROGRESS_EVERY_SEC = 10.0
+
+
+class _BatchJobKeeper:
+    """Replaces a mode's BatchJob whose launcher ended while jobs of that mode still wait to run.
+
+    The demo's launchers exit after a few idle seconds (DEMO_SETTINGS) so that the campaign ends
+    promptly; but a launcher can start before the agent has preprocessed its mode's jobs (with
+    --num-jobs 3000 the MPI jobs, created last, are preprocessed after ~2,900 shell jobs, and
+    under load even with 1,000), or the serial one can find nothing while the DAG's join waits for
+    its parents. It then idles out and the jobs left would wait until --timeout. At most
+    MAX_REPLACEMENTS per mode, and none for a BatchJob seen ending by `balsam queue term`."""
+
+    def __init__(self, site_id: int, run_id: str, wall_time_min: int, batch_jobs: list[Any], left: Optional[_Left]):
+        self.site_id, self.run_id, self.wall_time_min, self.left = site_id, run_id, wall_time_min, left
+        self.current = {b.job_mode: b.id for b in batch_jobs}
+        self.replaced: Counter = Counter()
+        self.terminated: set[int] = set()
+        self.next_check = 0.0
+
+    def check(self, client: Any, rows: list[dict], say: Any) -> None:
+        # A BatchJob's state changes at the agent's pace (seconds): no GET per mode every poll.
+        if time.monotonic() < self.next_check:
+            return
+        self.next_check = time.monotonic() + CHECK_BATCH_JOBS_EVERY_SEC
+        waiting = Counter(row.get("tags", {}).get("mode") for row in rows if row["state"] in RUNNABLE)
+        for mode, batch_job_id in list(self.current.items()):
+            if not waiting[mode] or batch_job_id in self.terminated:
+                continue
+            state = client.get(f"/batch-jobs/{batch_job_id}")["state"]
+            if state == "pending_deletion":
+                self.terminated.add(batch_job_id)
+            if state in LIVE_BATCH_JOB_STATES or self.replaced[mode] >= MAX_REPLACEMENTS:
+                continue
+            (new,) = submit_batch_jobs(self.site_id, self.run_id, self.wall_time_min, modes=(mode,))
+            self.replaced[mode] += 1
+            self.current[mode] = new.id
+            if self.left is not None:
+                self.left.batch_job_ids.append(new.id)
+            say(f"    BatchJob {batch_job_id} ({mode}) is {state} with {waiting[mode]} {mode} job(s) still to run: "
+                f"submitted BatchJob {new.id}")
+
+
+def watch(client: Any, run_id: str, total: int, timeout: float,
+          keeper: Optional[_BatchJobKeeper] = None) -> tuple[Counter, float]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
+    plain = not console.is_terminal
     start = time.monotonic()
+    last_line = -PLAIN_PROGRESS_EVERY_SEC
     states: Counter = Counter()
     with Progress(
         TextColumn("    jobs done"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console, transient=False, refresh_per_second=4,
+        TextColumn("{task.description}"), console=console, transient=False, refresh_per_second=4, disable=plain,
     ) as progress:
         task = progress.add_task("", total=total)
+        say = click.echo if plain else progress.console.print
         while True:
-            states = job_states(client, run_id)
+            rows = job_rows(client, run_id)
+            states = Counter(row["state"] for row in rows)
             done = sum(states[s] for s in DONE)
             busy = ", ".join(f"{s} {states[s]}" for s in STATE_ORDER if states[s] and s not in DONE)
             progress.update(task, completed=done, description=busy or "all done")
-            if done >= total or time.monotonic() - start > timeout:
+            finished = done >= total or time.monotonic() - start > timeout
+            now = time.monotonic() - start
+            if plain and (finished or now - last_line >= PLAIN_PROGRESS_EVERY_SEC):
+                last_line = now
+                click.echo(f"    jobs done {done}/{total}  {dt.timedelta(seconds=int(now))}  {busy or 'all done'}")
+            if finished:
                 break
+            if keeper is not None:
+                keeper.check(client, rows, say)
             time.sleep(0.5)
     return states, time.monotonic() - start
 
@@ -457,19 +524,20 @@ def _campaign(site_path: Optional[str], num_jobs: int, timeout: float, stop_agen
     )
     _step("Submitting a serial-mode and an mpi-mode BatchJob (1 node each, local scheduler)")
     left.step = "batch"
-    batch_jobs = submit_batch_jobs(site_id, run_id, wall_time_min=10)
+    batch_jobs = submit_batch_jobs(site_id, run_id, wall_time_min=BATCH_JOB_WALL_TIME_MIN)
     left.batch_job_ids = [b.id for b in batch_jobs]
     click.echo("    BatchJobs " + ", ".join(f"{b.id} ({b.job_mode})" for b in batch_jobs))
     _step("Running")
     left.step = "running"
-    states, _ = watch(client, run_id, total, timeout)
+    keeper = _BatchJobKeeper(site_id, run_id, BATCH_JOB_WALL_TIME_MIN, batch_jobs, left)
+    states, _ = watch(client, run_id, total, timeout, keeper)
     elapsed = time.monotonic() - t_jobs
     code = summary(client, path, run_id, states, elapsed, apps)
     if stop_agent:
         from balsam.site.site_ops import stop_agent as stop
 
         # Let the launchers idle out and the agent record the BatchJobs as finished first.
-        ids = [b.id for b in batch_jobs]
+        ids = list(left.batch_job_ids)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             states = {client.get(f"/batch-jobs/{i}")["state"] for i in ids}

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -151,14 +152,59 @@ def _stop(path: Path, timeout: float, force: bool, outcome: Optional[dict] = Non
     return pid
 
 
+def _await_terminations(path: Path, timeout: float) -> None:
+    """Wait (up to ``timeout``) until the running agent has ended this site's BatchJobs that `balsam
+    queue term` marked (pending_deletion). It ends them at its next scheduler poll (every
+    scheduler.sync_period, 10 s by default); stopped first, it left their launchers running until
+    their idle timeout or wall time, although the README's `balsam queue term --id ID; balsam site
+    stop` is the way to end everything."""
+    from balsam.site.agent import agent_running
+    from balsam.site.api_util import list_all
+
+    running = agent_running(path)
+    if running is None or running[0] != socket.gethostname():
+        return
+    try:
+        site_id = _site_config(str(path)).site_id
+        client = _client()
+        client.retry_count = 0  # a server that does not answer: stop the agent without delay
+    except Exception:
+        return
+
+    def marked() -> list[int]:
+        try:
+            rows = list_all(client, "/batch-jobs/", {"site_id": site_id, "state": "pending_deletion"})
+        except Exception:
+            return []
+        return sorted(int(row["id"]) for row in rows)
+
+    ids = marked()
+    start = time.monotonic()
+    waited = False
+    while ids and time.monotonic() - start < timeout:
+        waited = True
+        click.echo(f"\rWaiting for the site agent to end BatchJob(s) {', '.join(map(str, ids))} (queue term)... "
+                   f"{int(time.monotonic() - start):>2d}/{int(timeout)} s", nl=False, err=True)
+        time.sleep(1)
+        ids = marked()
+    if waited:
+        click.echo("", err=True)
+    if ids:
+        click.echo(f"Warning: BatchJob(s) {', '.join(map(str, ids))} still await deletion after {timeout:.0f} s: "
+                   "their launchers run on until idle (launcher.idle_ttl_sec) or their wall time; "
+                   "`balsam site start` has them ended", err=True)
+
+
 @click.command("stop")
 @click.argument("site_path", required=False)
 @click.option("-t", "--timeout", default=45.0, show_default=True, help="Seconds to wait for a clean stop")
 @click.option("--force", is_flag=True, help="Kill the agent if it has not stopped after the timeout; drop a pid file "
               "naming another host whose agent looks dead (the site not refreshed for a few sync periods)")
 def stop(site_path: Optional[str], timeout: float, force: bool) -> None:
-    """Stop the site agent cleanly (SIGTERM, then wait)."""
+    """Stop the site agent cleanly (SIGTERM, then wait); first let it end the BatchJobs `balsam queue
+    term` marked."""
     path = _site_path(site_path)
+    _await_terminations(path, timeout)
     outcome: dict = {}
     pid = _stop(path, timeout, force, outcome)
     if pid is None:
