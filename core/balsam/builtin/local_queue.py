@@ -169,7 +169,8 @@ class LocalQueue:
         given to another process since is not the job), not a zombie; else None. A record without
         both tells nothing: None. One reading of the process: its start and its state together."""
         pid, started = record.get("pid"), record.get("create_time")
-        if not isinstance(pid, int) or not isinstance(started, (int, float)):
+        # A bool is an int to isinstance: True would read pid 1's start (a hand-edited record).
+        if isinstance(pid, bool) or not isinstance(pid, int) or not isinstance(started, (int, float)):
             return None
         state = process_state(pid)
         if state is None or abs(state[0] - started) > START_TIME_TOLERANCE_SEC:
