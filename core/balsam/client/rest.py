@@ -20,6 +20,13 @@ Retry policy (a fault of the original was retrying every 4xx for half an hour):
 - a client made for interactive use (the CLI's short commands: :func:`cap_retries_for_interactive_use`)
   retries less, says on stderr when a call has waited 10 s, 20 s, 40 s ... ("still waiting for <URL>
   after 10 s (Ctrl-C to stop)") and gives up after 120 s in all; launchers and agents only log.
+- the first retry of a call says what it cannot reach (the server's address: its URL or Unix socket)
+  and what to check (``balsam server status`` / ``balsam server start`` for the embedded server);
+  the later ones only the attempt and the time left before the call gives up;
+- a server the client cannot connect to at all is retried for ``connect_wait`` seconds at most
+  (``$BALSAM_CLIENT_CONNECT_WAIT_SEC``; by default 30 s at an interactive Python prompt, IPython or
+  Jupyter, else the retries alone: launchers and agents ride out a server restart, see
+  :func:`default_connect_wait`).
 
 After ``fork()`` the child gets a fresh connection pool on its first request.
 """
@@ -33,6 +40,7 @@ import datetime as dt
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -47,7 +55,8 @@ import orjson
 from balsam.util import paused_gc
 
 from .local_http import LocalHTTPPool, LocalTransportError
-from .settings import NOT_LOGGED_IN, ClientSettings, NotLoggedIn, store_refreshed_token
+from .settings import (NOT_LOGGED_IN, ClientSettings, ClientSettingsError, NotLoggedIn,
+                       store_refreshed_token)
 from .transport import UNIX_SCHEME, httpx_client_args, is_loopback_host, is_unix, local_pool_args
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,6 +154,77 @@ def unreachable_hint(api_root: str, exc: BaseException) -> str:
         return (" (is it running? `balsam server status` checks the embedded server; for an SSH tunnel or "
                 f"another server at {parsed.netloc}, check that it is up)")
     return " (check the server URL and this machine's network: DNS, proxy, VPN; another server: `balsam login -u URL`)"
+
+
+def _retry_hint(api_root: str, exc: BaseException) -> str:
+    """:func:`unreachable_hint` for the first retry line of a call: for the embedded server, also the
+    command that starts it (the final error names only the check: ``balsam.cli.launcher`` edits it)."""
+    hint = unreachable_hint(api_root, exc)
+    if hint == EMBEDDED_SERVER_HINT:
+        return " (is it running? `balsam server status` checks it, `balsam server start` starts it)"
+    return hint
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """Why an attempt got no answer, without the address the retry line names already (the local
+    pool's "cannot connect to /path: [Errno 111] Connection refused" says it again: its cause is
+    the OS's own reason)."""
+    cause = exc.__cause__ if isinstance(exc, LocalTransportError) and exc.connect_failed else None
+    return str(cause or exc).strip() or type(exc).__name__
+
+
+def _span(seconds: float) -> str:
+    """A wait for a person to read: "12 s", "2.5 min"."""
+    if seconds < 90:
+        return f"{max(seconds, 0.0):.0f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+#: How long a call keeps retrying a server it cannot connect to at all (refused, no socket, no
+#: route), in seconds; see :func:`default_connect_wait`.
+CONNECT_WAIT_ENV = "BALSAM_CLIENT_CONNECT_WAIT_SEC"
+#: Its default in an interactive Python session (see :func:`interactive_session`): a person at the
+#: prompt whose server is down (not started, or stopped) learns it within half a minute instead of
+#: after the retries of a launcher (10: about 2.5 min), and a server restart (seconds) is still
+#: ridden out.
+INTERACTIVE_SESSION_CONNECT_WAIT_S = 30.0
+
+
+def interactive_session() -> bool:
+    """True in a Python process a person types into: the REPL (``sys.ps1``), ``python -i``, IPython or
+    a Jupyter kernel. Not a script, a launcher, an agent or a ``balsam`` command (which has its own
+    interactive mode: :func:`cap_retries_for_interactive_use`)."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)  # only if IPython is loaded already
+    try:
+        return get_ipython is not None and get_ipython() is not None
+    except Exception:  # noqa: BLE001 - an odd IPython install: not worth failing a client for
+        return False
+
+
+def parse_connect_wait(raw: Any, where: str = CONNECT_WAIT_ENV) -> float:
+    """``raw`` as a connect wait in seconds (a number from 0; ``inf``: the retries alone bound it), or a
+    one-line :class:`ClientSettingsError` naming ``where``."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if math.isnan(value) or value < 0:
+        raise ClientSettingsError(
+            f"{where}={raw!r}: not a number of seconds from 0 (how long an API call retries a server it cannot "
+            f"connect to; e.g. 30, or inf for the client's retries alone)")
+    return value
+
+
+def default_connect_wait() -> float:
+    """The connect wait of a client made now: ``$BALSAM_CLIENT_CONNECT_WAIT_SEC`` if set, else
+    :data:`INTERACTIVE_SESSION_CONNECT_WAIT_S` in an interactive session, else ``inf`` (the client's
+    ``retry_count`` alone: launchers, agents and scripts keep riding out a server restart)."""
+    raw = os.environ.get(CONNECT_WAIT_ENV, "").strip()
+    if raw:
+        return parse_connect_wait(raw)
+    return INTERACTIVE_SESSION_CONNECT_WAIT_S if interactive_session() else math.inf
 
 
 #: Interactive use (the CLI's short commands, see :func:`cap_retries_for_interactive_use`): a call
@@ -476,6 +556,7 @@ class RESTClient:
         refresh_token: Optional[str] = None,
         server_certificate: Optional[str] = None,
         allow_insecure_http: bool = False,
+        connect_wait: Optional[float] = None,
     ) -> None:
         self.api_root = api_root.rstrip("/")
         self.token_expiry = token_expiry
@@ -491,6 +572,11 @@ class RESTClient:
         self.settings_path = Path(settings_path) if settings_path is not None else None
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        #: Seconds a call retries a server it cannot connect to (``inf``: its retries alone bound it);
+        #: None: :func:`default_connect_wait` (``$BALSAM_CLIENT_CONNECT_WAIT_SEC``, or 30 s in an
+        #: interactive session). Read and checked here: a bad value is refused at once, not at an outage.
+        self.connect_wait = default_connect_wait() if connect_wait is None else parse_connect_wait(
+            connect_wait, "connect_wait")
         self._lock = threading.Lock()
         self._pid: Optional[int] = None
         self._http_client: "httpx.Client | LocalHTTPPool | None" = None
@@ -688,6 +774,28 @@ class RESTClient:
 
         return httpx.Timeout(read, connect=min(self.connect_timeout, read))
 
+    def _retry_progress(self, attempt: int, retries: int, delay: float, deadline: Optional[float],
+                        connect_left: float = math.inf) -> str:
+        """" (attempt 2 of up to 11, giving up in about 2.4 min)": where a call stands after its
+        failed attempt ``attempt + 1`` and before a wait of ``delay``. The time left is that of the
+        backoffs still to come (with their mean jitter, an eighth: see :meth:`_backoff`; without the
+        attempts' own time), or less where the call's deadline or ``connect_left`` (of
+        ``connect_wait``) ends it sooner."""
+        left = delay + 1.125 * sum(min(self.backoff_max, self.backoff_base * 2**k) for k in range(attempt + 1, retries))
+        left = min(left, connect_left)
+        if deadline is not None:
+            left = min(left, deadline - time.monotonic())
+        return f" (attempt {attempt + 1} of up to {retries + 1}, giving up in about {_span(left)})"
+
+    def _connect_wait_source(self) -> str:
+        """Where the client's ``connect_wait`` came from, for the error that it ended a call."""
+        wait = f"{self.connect_wait:g} s"
+        if os.environ.get(CONNECT_WAIT_ENV, "").strip():
+            return f"the connect wait of {wait} set by ${CONNECT_WAIT_ENV}"
+        if self.connect_wait == INTERACTIVE_SESSION_CONNECT_WAIT_S and interactive_session():
+            return f"the connect wait of an interactive session, {wait}: ${CONNECT_WAIT_ENV} sets another"
+        return f"the client's connect_wait of {wait}"
+
     def _backoff(self, attempt: int, resp: "Optional[Response]" = None) -> float:
         if resp is not None:
             retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
@@ -798,7 +906,11 @@ class RESTClient:
         attempt = 0
         started = time.monotonic()
         reached = False  # an attempt of this write was sent and its answer timed out
+        #: When the attempts that could not connect at all began (None: the last attempt connected),
+        #: for ``connect_wait``.
+        unconnected_since: Optional[float] = None
         while True:
+            attempt_started = time.monotonic()
             if own_deadline is not None and deadline is not None and deadline - time.monotonic() <= 0:
                 # Past it before the first attempt, or after a token renewal (a retry's backoff never
                 # ends past it): nothing is sent.
@@ -822,8 +934,17 @@ class RESTClient:
             except self._retry_errors as exc:
                 delay = self._backoff(attempt)
                 reached = reached or (bool(retry_safe_headers) and _answer_timed_out(exc))
-                if attempt >= retries or (deadline is not None and time.monotonic() + delay >= deadline):
-                    if caller_deadline:  # a program's own bound: it words what follows (no CLI advice)
+                connect_left = math.inf  # of connect_wait
+                if _is_connect_error(exc):
+                    unconnected_since = attempt_started if unconnected_since is None else unconnected_since
+                    connect_left = unconnected_since + self.connect_wait - time.monotonic()
+                    delay = min(delay, max(connect_left, 0.0))  # the last attempt at the end of the wait
+                else:
+                    unconnected_since = None
+                connect_spent = connect_left <= 0
+                if (attempt >= retries or connect_spent
+                        or (deadline is not None and time.monotonic() + delay >= deadline)):
+                    if caller_deadline and not connect_spent:  # a program's own bound: it words what follows
                         raise ServerUnavailable(
                             f"{method} {self.api_root}{url}: no answer within the call's deadline after {attempt + 1} "
                             f"attempt{'' if attempt == 0 else 's'} ({time.monotonic() - started:.0f} s): "
@@ -831,18 +952,31 @@ class RESTClient:
                     if reached and deadline is not None:  # a CLI command's advice (a launcher says it cannot reach)
                         raise ServerUnavailable(_no_answer_message(method, f"{self.api_root}{url}", url, attempt + 1,
                                                                    time.monotonic() - started)) from None
-                    waited = "" if deadline is None or attempt >= retries else (
-                        f" (gave up after {self.max_call_wait:g} s, the wait of an interactive command)")
+                    if connect_spent and attempt < retries:
+                        waited = f" over {time.monotonic() - started:.0f} s ({self._connect_wait_source()})"
+                    elif deadline is None or attempt >= retries:
+                        waited = f" over {time.monotonic() - started:.0f} s" if attempt else ""
+                    else:
+                        waited = f" (gave up after {self.max_call_wait:g} s, the wait of an interactive command)"
                     raise ServerUnavailable(
                         f"{method} {self.api_root}{url}: server unreachable after {attempt + 1} "
                         f"attempt{'' if attempt == 0 else 's'}{waited}: {type(exc).__name__}: {exc}"
                         + unreachable_hint(self.api_root, exc)
                     ) from None
-                logger.warning("%s %s: %s; retrying in %.1f s", method, url, type(exc).__name__, delay,
+                # The record keeps its four arguments and "retrying in" (balsam.cli.launcher rewrites
+                # a call's first one for its log); what follows them is for a person reading it.
+                progress = self._retry_progress(attempt, retries, delay, deadline, connect_left)
+                if attempt == 0:  # the call's first failure: say once what is unreachable and what to check
+                    progress += (f": the Balsam server at {self.api_root} "
+                                 f"{'cannot be reached' if _is_connect_error(exc) else 'did not answer'}: "
+                                 f"{_failure_reason(exc)}{_retry_hint(self.api_root, exc)}")
+                logger.warning("%s %s: %s; retrying in %.1f s" + progress.replace("%", "%%"), method, url,
+                               type(exc).__name__, delay,
                                extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
                 time.sleep(delay)
                 attempt += 1
                 continue
+            unconnected_since = None
             status = resp.status_code
             if status == 429 or status >= 500:
                 # A server that asks for more patience than our backoff cap (a throttled login:
@@ -852,7 +986,9 @@ class RESTClient:
                         or (deadline is not None and time.monotonic() + delay >= deadline)):
                     raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp),
                                    retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
-                logger.warning("%s %s: HTTP %d; retrying in %.1f s", method, url, status, delay,
+                logger.warning("%s %s: HTTP %d; retrying in %.1f s"
+                               + self._retry_progress(attempt, retries, delay, deadline).replace("%", "%%"),
+                               method, url, status, delay,
                                extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
                 time.sleep(delay)
                 attempt += 1
