@@ -11,7 +11,8 @@ Every request is forwarded to ``upstream`` unless a rule below answers it instea
 * for ``PATCH /jobs/`` (the status updater's call), recorded in ``patches``: ``plan`` / ``always``
   (429 or 503 with a ``Retry-After``, or a drop), ``fail_ids`` / ``flaky`` / ``fail_when`` (500,
   a server fault of one job's data), ``hold`` / ``hold_ids`` (an answer or a call that waits for
-  ``release`` after setting ``holding``: something happens at a moment the test picks).
+  ``release`` after setting ``holding``: something happens at a moment the test picks),
+  ``slow_when`` (applied, its answer late: a slow server).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class FailureProxy:
         #: ``{job id: n}``: the next ``n`` calls naming that job are answered 500 as ``fail_ids``'
         #: are (a transient fault of a call).
         self.flaky: dict[int, int] = {}
+        #: ``slow_when(updates)``: seconds a ``PATCH /jobs/`` with this body waits after the server
+        #: applied it before its answer goes back (0: none): a slow server, or an answer that comes
+        #: at a moment the test picks.
+        self.slow_when: Optional[Callable[[list[dict[str, Any]]], float]] = None
         #: Per-request rules of :meth:`lose_next`: [method, path regex, times left, mode].
         self.rules: list[list[Any]] = []
         #: Every request: (method, path, upstream status (0: not forwarded), mode of the rule applied).
@@ -147,6 +152,9 @@ class FailureProxy:
                 else:
                     answer = outer.upstream.request(self.command, self.path, content=body, headers=headers)
                     status, content = answer.status_code, answer.content
+                    late = outer.slow_when(updates) if outer.slow_when is not None else 0
+                    if late > 0:
+                        time.sleep(late)
                     if step is not None:  # applied upstream; its answer replaced
                         status, content = 503, b'{"detail": "The database is unavailable; retry shortly"}'
                 if step is not None and outer.hold:

@@ -10,16 +10,27 @@ split in halves until the refused updates are isolated (:func:`isolate_refused`;
 logged (one ERROR line per call, however many it refused: :func:`log_refused`) and dropped, the
 others are sent.
 Connection failures and 5xx are retried for as long as the updater runs; once ``close()`` is
-called, no call starts later than ``close_timeout`` after it, one clock for all calls (each had its
-own, from its first failure: calls that failed once and went through, one after another, kept close()
-going 31 s with a close_timeout of 1 s), and what is unsent then is spooled: close() returns within
-``close_timeout`` + :data:`CLOSING_CALL_WAIT_SEC`, unless a call in flight when it began takes longer.
-A job's updates reach the server in the order they were put, across the spool too: once an update
-is spooled, its job's later updates are spooled after it, never sent before it (a RUN_DONE sent
-while its RUNNING waited in the spool was refused, and the replayed RUNNING left the job RUNNING,
-its return code lost); a replay sends the spool files in the order they were written. A call answered 5xx
-without a ``Retry-After`` :data:`SIDE_LANE_AFTER_FAILURES` times (the server is up and fails this
-call: one job's data tripping a server fault) is still resent unchanged under its Idempotency-Key,
+called, one give-up clock for all calls (each had its own, from its first failure: calls that failed
+once and went through, one after another, kept close() going 31 s with a close_timeout of 1 s): once
+any call has failed since close() began (or was failing when it began), no call starts later than
+``close_timeout`` after it; while none has (a healthy server, however slow), sending goes on up to
+``close_timeout`` + :data:`CLOSE_JOIN_EXTRA_SEC` (30 s) after it. What is unsent then is spooled.
+A call sent while closing waits for its answer :data:`CLOSING_CALL_WAIT_SEC` at most past the later of its start and
+``close_timeout`` (one that does not answer fails there, and the give-up is then ``close_timeout``);
+close() waits for the thread ``close_timeout`` + 35 s at most (a call in flight when it began was
+sent without that bound: connect 6.2 s + read 120 s), then spools what the thread holds itself, and
+the thread sends and spools nothing more; the updates of that call in flight are spooled too, and
+if its answer still comes they are both applied and spooled (unavoidable: their replay is a no-op
+or refused). A job's updates reach the server in the order they were put, across the spool too:
+once an update is spooled, its job's later updates are spooled after it, never sent before it (a
+RUN_DONE sent while its RUNNING waited in the spool was refused, and the replayed RUNNING left the
+job RUNNING, its return code lost). A replay sends the spool files in name order, and names sort by
+host, pid, then time: the files of one process replay in the order it wrote them, not those of two
+processes (a launcher's and the agent's) against each other. A spool file is sent by one process at
+a time: it is claimed (renamed) first, by the agent's replay and by a launcher's
+:func:`send_spooled` alike, and a claim whose process is gone is taken back (:data:`CLAIM_STALE_SEC`).
+A call answered 5xx without a ``Retry-After`` :data:`SIDE_LANE_AFTER_FAILURES` times (the server
+is up and fails this call: one job's data tripping a server fault) is still resent unchanged under its Idempotency-Key,
 its jobs' later updates waiting behind it in order, but the updates of other jobs go out meanwhile
 in calls of their own (:class:`_SideLane`): they used to wait until close() gave up. An answer with a
 ``Retry-After`` (429, 503) is retried no sooner than it asks (at most :data:`MAX_SERVER_WAIT_SEC`,
@@ -87,13 +98,17 @@ SIDE_LANE_AFTER_FAILURES = 3
 #: proxy answering 502 to everything (no Retry-After) would otherwise open one more level every few
 #: seconds (a recursion, and a new backoff at each) for as long as updates keep coming.
 SIDE_LANE_MAX_DEPTH = 3
-#: Once close() has begun, a call waits for its answer at most this long past close()'s give-up
-#: (``close_timeout`` after close() began; no call starts after it): close() returns within
-#: ``close_timeout`` + this. A call already in flight when close() began was sent without this
-#: bound (the client's own timeouts: connect 6.2 s + read 120 s by default); close() waits for it
-#: ``close_timeout`` + :data:`CLOSE_JOIN_EXTRA_SEC` at most, then spools what is left itself.
+#: Once close() has begun, a call waits for its answer at most this long past the later of its own
+#: start and ``close_timeout`` after close() began, and never past close()'s last give-up (see
+#: :data:`CLOSE_JOIN_EXTRA_SEC`) + this. A call already in flight when close() began was sent without
+#: this bound (the client's own timeouts: connect 6.2 s + read 120 s by default); close() waits for
+#: its thread ``close_timeout`` + :data:`CLOSE_JOIN_EXTRA_SEC` + this at most, then spools what is
+#: left itself (:meth:`BulkStatusUpdater.close`).
 CLOSING_CALL_WAIT_SEC = 5.0
-#: See :data:`CLOSING_CALL_WAIT_SEC`.
+#: close()'s give-up is ``close_timeout`` after it began once any call has failed since it began (or
+#: was failing when it began); while none has (a healthy server, however slow), sending goes on up
+#: to ``close_timeout`` + this after it began. A slow server that answered every call had its updates spooled at
+#: ``close_timeout`` (before, close() sent everything however long it took).
 CLOSE_JOIN_EXTRA_SEC = 30.0
 #: ``BulkStatusUpdater.dropped`` keeps the most recent this many dropped updates (``dropped_count``
 #: counts them all): a long-lived updater (the site agent's processing module) must not grow without bound.
@@ -321,6 +336,12 @@ class _GaveUp(Exception):
         self.cause = cause
 
 
+class _Abandoned(BaseException):
+    """Raised in the updater's thread once close() stopped waiting for it and spooled what it held
+    (:meth:`BulkStatusUpdater.close`): the thread sends and spools nothing more. A BaseException:
+    no ``except Exception`` on the way (a side call's, isolate_refused's) may take it for a failed call."""
+
+
 class _WaitedUnapplied(Exception):
     """Raised by ``_send_retrying`` after it waited out a server's 429: no try of the call was
     applied, so the caller may send it again with the updates put meanwhile, under a new key."""
@@ -457,6 +478,18 @@ class BulkStatusUpdater:
         #: Failed tries since the last call that went through (the first is logged as a WARNING).
         self._failures = 0
         self._inflight: list[dict[str, Any]] = []
+        #: Held by the thread while it moves updates between the places close() spools from (the
+        #: queue, ``_inflight``, the side lane) and while it spools; by close() while it takes them.
+        self._lock = threading.RLock()
+        #: Set by close() (under ``_lock``) when its wait for the thread ran out and it took what the
+        #: thread held: the thread then sends and spools nothing more (:class:`_Abandoned`).
+        self._abandoned = False
+        #: Updates of the batch being sent that are settled (went through, refused, or spooled), by
+        #: identity (``id(update)`` -> [update, times]): not spooled again at a give-up or by close().
+        self._settled: dict[int, list[Any]] = {}
+        #: A call failed (connection, 5xx, timeout ...) since close() began, or was failing when it
+        #: began: the give-up is then ``close_timeout`` after close() began (:meth:`_give_up_at`).
+        self._failed_closing = False
         #: The side lane of the call being retried (None: none), for close() to spool what it holds.
         self._lane: Optional[_SideLane] = None
         #: Updates put back at the front of the queue by a side lane and not taken again yet; while
@@ -579,29 +612,49 @@ class BulkStatusUpdater:
     def close(self) -> None:
         """Send what is queued and stop the thread.
 
-        What is not sent ``close_timeout`` seconds after close() began is given up (and spooled when
-        ``spool_dir`` is set): no call starts later, and a call sent from now on waits
-        :data:`CLOSING_CALL_WAIT_SEC` at most past that for its answer. A call already in flight (sent
-        without that bound) is waited for ``close_timeout`` + :data:`CLOSE_JOIN_EXTRA_SEC` at most.
+        What is not sent by close()'s give-up is given up (and spooled when ``spool_dir`` is set): no
+        call starts later. The give-up is ``close_timeout`` seconds after close() began once any call
+        has failed since then (or was failing when it began); while none has (a healthy, slow
+        server), ``close_timeout`` + :data:`CLOSE_JOIN_EXTRA_SEC`. A call sent from now on waits :data:`CLOSING_CALL_WAIT_SEC` at most
+        for its answer past the later of its start and ``close_timeout`` (and never past the give-up +
+        that). The thread is waited for ``close_timeout`` + :data:`CLOSE_JOIN_EXTRA_SEC` +
+        :data:`CLOSING_CALL_WAIT_SEC` at most (a call in flight when close() began has no such bound);
+        then close() takes what it holds and spools it, and the thread sends and spools nothing more.
+        The updates of the call in flight then are spooled too: if its answer still comes, they are
+        applied and also in the spool (their replay is a no-op or refused).
         """
         if self._closed:
             return
         self._closed = True
+        # A call failing when close() began (waiting to be tried again: a 429's Retry-After, a 500
+        # every time) counts as failed since: the server is not just slow.
+        self._failed_closing = self._failures > 0
         self._closing_at = time.monotonic()  # before _stopping: read once that is set
         self._stopping = True
         self._closing.set()
         self._wake.set()
         # A call in flight when close() began was sent without a deadline: it may take the client's
         # timeouts before the give-up clock is checked (calls sent from now on: CLOSING_CALL_WAIT_SEC).
-        self._thread.join(self.close_timeout + CLOSE_JOIN_EXTRA_SEC)
-        if self._thread.is_alive():
+        waited = self.close_timeout + CLOSE_JOIN_EXTRA_SEC + CLOSING_CALL_WAIT_SEC
+        self._thread.join(waited)
+        if not self._thread.is_alive():
+            return
+        with self._lock:
+            # Taken under the lock the thread holds while it moves or spools updates, and marked
+            # abandoned in the same hold: the thread sends and spools nothing after this (it went on,
+            # and spooled these again once its call ended: twice in the spool).
+            self._abandoned = True
             self.gave_up = True
             lane = self._lane
-            left = list(self._inflight) + ([u for b in lane.batches for u in b] + _flatten(lane.all_held()) if lane is not None
-                                           else []) + _flatten(self._items)
-            logger.error("%s did not finish within %.0f s; %d updates unsent", self.name,
-                         self.close_timeout + CLOSE_JOIN_EXTRA_SEC, len(left))
-            self._spool(left)
+            taken = self._unsettled(list(self._inflight) + ([u for b in lane.batches for u in b] if lane is not None
+                                                             else []))
+            left = taken + (_flatten(lane.all_held()) if lane is not None else []) + _flatten(self._items)
+            self._items.clear()
+            logger.error("%s did not finish within %.0f s; %d updates unsent", self.name, waited, len(left))
+            self._write_spool(left)
+        with self._done_cond:
+            self._done = self._last_put  # each one sent, dropped or spooled
+            self._done_cond.notify_all()
 
     @property
     def pending(self) -> int:
@@ -618,6 +671,12 @@ class BulkStatusUpdater:
         # At most one call's worth (MAX_ITEMS_PER_BULK_OP), so that no group is split between two
         # calls; a group larger than that alone goes whole to the chunking of _send_batch. With
         # ``room`` (what a call being sent has left), only what fits in it, groups whole.
+        with self._lock:
+            if self._abandoned:
+                raise _Abandoned()
+            return self._drain_locked(room)
+
+    def _drain_locked(self, room: Optional[int]) -> list[dict[str, Any]]:
         batch: list[dict[str, Any]] = []
         items = self._items
         whole = room is None
@@ -674,6 +733,12 @@ class BulkStatusUpdater:
             self._held_outstanding -= min(self._held_outstanding, len(item) if type(item) is tuple else 1)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except _Abandoned:
+            pass  # close() took what was left
+
+    def _loop(self) -> None:
         while True:
             if not self._items:
                 if self._stopping:
@@ -692,14 +757,20 @@ class BulkStatusUpdater:
                 # Let a burst accumulate (one call for many jobs) unless someone is waiting on us.
                 self._wake.wait(self.max_wait_sec)
             self._wake.clear()
-            batch = self._inflight = self._drain()
+            with self._lock:  # taken and made visible to close() in one hold
+                batch = self._inflight = self._drain()
             try:
                 self._send_batch(batch)
             except Exception:  # never let the thread die: log and account for every update
                 logger.exception("%s: unexpected error; %d updates dropped", self.name, len(batch))
                 self._drop(batch, "unexpected error")
             finally:
-                self._inflight = []
+                with self._lock:
+                    self._inflight = []
+                    self._settled = {}
+                    abandoned = self._abandoned
+                if abandoned:
+                    return  # close() counted every update done
                 with self._done_cond:
                     counted = len(batch) + self._deferred_done + self._spooled_taken
                     self._spooled_taken = 0
@@ -732,6 +803,7 @@ class BulkStatusUpdater:
 
             try:
                 refused = isolate_refused(send, chunk)
+                self._settle([update for update, _error in refused])
             except _WaitedUnapplied:
                 # Nothing of it was applied: the updates put during the server's wait go with it,
                 # after it (their order), in the one call it is sent again as, where it has room.
@@ -739,14 +811,21 @@ class BulkStatusUpdater:
                 # Not at close()'s give-up: the queue is spooled then, and would be before this
                 # call if its last try fails (a job's later updates ahead of its earlier ones).
                 if start + len(chunk) == len(batch) and room > 0 and not lane.held and not self._out_of_time():
-                    batch.extend(self._drain(room))
+                    with self._lock:  # into the batch close() spools from, in one hold
+                        batch.extend(self._drain(room))
                 continue
             except _GaveUp as exc:
-                self.gave_up = True
-                unsent = batch[start:]
-                logger.error("%s: giving up on %d updates: %s", self.name, len(unsent), exc.cause)
-                self._drop(unsent, str(exc.cause))
-                self._spool(unsent)
+                with self._lock:
+                    if self._abandoned:
+                        raise _Abandoned() from exc
+                    self.gave_up = True
+                    # Not the updates of this chunk that already went through: the give-up may cut
+                    # the isolation of a refused call (isolate_refused's follow-up calls), and the
+                    # whole chunk was spooled, its applied part replayed a second time.
+                    unsent = self._unsettled(batch)
+                    logger.error("%s: giving up on %d updates: %s", self.name, len(unsent), exc.cause)
+                    self._drop(unsent, str(exc.cause))
+                    self._spool(unsent)
                 return
             finally:
                 if outer is None:
@@ -763,17 +842,19 @@ class BulkStatusUpdater:
     def _release(self, lane: _SideLane) -> None:
         """The call ``lane`` was opened for ended: the updates it held go back to the front of the
         queue, in their order (before anything put since: each job's updates stay in order)."""
-        self._lane = None
-        self._requeue(lane.held)
-        lane.held = []
-        self._deferred_done += lane.done
+        with self._lock:
+            self._lane = None
+            self._requeue(lane.held)
+            lane.held = []
+            self._deferred_done += lane.done
 
     def _requeue(self, held: list[Any]) -> None:
         """Put ``held`` back at the front of the queue, in their order (before anything put since: each
         job's updates stay in order); not counted done until taken again (``_held_outstanding``)."""
-        if held:
-            self._items.extendleft(reversed(held))
-            self._held_outstanding += len(_flatten(held))
+        with self._lock:
+            if held and not self._abandoned:  # abandoned: close() spooled them
+                self._items.extendleft(reversed(held))
+                self._held_outstanding += len(_flatten(held))
 
     def _send_other_jobs(self, lane: _SideLane, until: float) -> None:
         """Until ``until`` (``time.monotonic()``) or the queue is empty: send the queued updates of
@@ -781,35 +862,45 @@ class BulkStatusUpdater:
         as any); hold the others (:meth:`_SideLane.hold`). Not while closing: the queue is spooled in order then."""
         room = min(self.max_batch, MAX_ITEMS_PER_BULK_OP)
         while not self._stopping and time.monotonic() < until and self._items:
-            batch: list[dict[str, Any]] = []
-            to_spool: list[Any] = []
-            while self._items and len(batch) < room:
-                item = self._items[0]  # this thread alone takes items
-                updates = item if type(item) is tuple else (item,)
-                if batch and len(batch) + len(updates) > room:
-                    break
-                self._items.popleft()
-                self._took(item)
-                ids = {_record_id(u) for u in updates}
-                if self._spooled_ids and self._must_spool(item):
-                    to_spool.append(item)  # after its job's updates in the spool
-                elif lane.blocks(ids):
-                    lane.hold(item, ids)  # its later updates wait behind it
-                else:
-                    batch.extend(updates)
-            self._spool_taken(to_spool)
+            with self._lock:  # taken, held or spooled, and the batch made visible to close(), in one hold
+                if self._abandoned:
+                    raise _Abandoned()
+                batch = self._take_other_jobs(lane, room)
             if not batch:
                 continue
             logger.info("%s: sending %d updates of other jobs meanwhile", self.name, len(batch))
-            lane.batches.append(batch)
             try:
                 self._send_batch(batch, outer=lane)
             except Exception:  # as _run: never lose count of an update
                 logger.exception("%s: unexpected error; %d updates dropped", self.name, len(batch))
                 self._drop(batch, "unexpected error")
             finally:
-                lane.batches.pop()
+                with self._lock:
+                    lane.batches.pop()
                 lane.done += len(batch)
+
+    def _take_other_jobs(self, lane: _SideLane, room: int) -> list[dict[str, Any]]:
+        """Take the next side call's batch from the queue (see :meth:`_send_other_jobs`; under ``_lock``)."""
+        batch: list[dict[str, Any]] = []
+        to_spool: list[Any] = []
+        while self._items and len(batch) < room:
+            item = self._items[0]  # this thread alone takes items
+            updates = item if type(item) is tuple else (item,)
+            if batch and len(batch) + len(updates) > room:
+                break
+            self._items.popleft()
+            self._took(item)
+            ids = {_record_id(u) for u in updates}
+            if self._spooled_ids and self._must_spool(item):
+                to_spool.append(item)  # after its job's updates in the spool
+            elif lane.blocks(ids):
+                lane.hold(item, ids)  # its later updates wait behind it
+            else:
+                batch.extend(updates)
+        self._spool_taken(to_spool)
+        if batch:
+            lane.batches.append(batch)
+        return batch
 
     def _log_refused(self, refused: Sequence[tuple[Any, BaseException]], total: int) -> None:
         """Log the updates the server refused in one call (:func:`log_refused`; a subclass whose
@@ -838,8 +929,11 @@ class BulkStatusUpdater:
         # Marked by its type, not by job id: the same job may have a later update refused (a re-run
         # whose hook leaves a bad value again), which gets its replacement too. Queued here, by the only thread that takes items, also while closing (put_update refuses
         # then): _run sends what is queued before it ends. Counted as a put, so flush() waits for it.
-        self._items.append(_Replacement(replacement))
-        self._last_put = next(self._put_count)
+        with self._lock:
+            if self._abandoned:
+                raise _Abandoned()
+            self._items.append(_Replacement(replacement))
+            self._last_put = next(self._put_count)
 
     def _send_retrying(self, chunk: list[dict[str, Any]], merge: bool = False,
                        lane: Optional[_SideLane] = None) -> None:
@@ -865,11 +959,13 @@ class BulkStatusUpdater:
                 # close()'s time is over: no call starts now (a side call going through now and then
                 # gave each failing call after it a fresh close_timeout: close() took many times it).
                 raise _GaveUp(TimeoutError(f"close_timeout ({self.close_timeout:g} s) ran out"))
+            if self._abandoned:
+                raise _Abandoned()
             try:
                 self._patch(chunk, key)
-                self._failures = 0
-                return
             except Exception as exc:
+                if self._abandoned:
+                    raise _Abandoned() from exc
                 if self.sends_session and refuses_session_key(exc) and any(SESSION_KEY in u for u in chunk):
                     # Every update would be refused for ever (jobs left leased, hook results lost):
                     # send them as an older client did. A new key: the body is not the same.
@@ -885,6 +981,9 @@ class BulkStatusUpdater:
                     # Revoked: nothing more gets through with this credential; the spool hands the
                     # updates to the site agent (the server already ended our sessions).
                     raise _GaveUp(exc) from exc
+                if self._closing_at is not None:
+                    # The server is not just slow: close() gives up close_timeout after it began.
+                    self._failed_closing = True
                 unapplied = unapplied and http_status(exc) == 429
                 asked = server_wait(exc)
                 if asked is not None and asked <= 0:
@@ -933,11 +1032,48 @@ class BulkStatusUpdater:
                 if merge and unapplied and asked is not None:
                     self._last_try_planned = last_try  # for the call it is resent as
                     raise _WaitedUnapplied() from exc
+                continue
+            self._failures = 0
+            # Settled at once (by identity), not when the chunk is: a give-up in the middle of
+            # isolating a refused call spools only what did not go through.
+            self._settle(chunk)
+            return
 
     def _give_up_at(self) -> Optional[float]:
         """When close()'s time is over (``time.monotonic()``; None before close()): ``close_timeout``
-        after close() began. No call starts and no wait ends after it; what is unsent then is spooled."""
-        return None if self._closing_at is None else self._closing_at + self.close_timeout
+        after close() began once a call has failed since it began, else ``close_timeout`` +
+        :data:`CLOSE_JOIN_EXTRA_SEC` (a healthy server, however slow, gets its updates: it used to
+        have them spooled at ``close_timeout``). No call starts and no wait ends after it; what is
+        unsent then is spooled."""
+        if self._closing_at is None:
+            return None
+        return self._closing_at + self.close_timeout + (0.0 if self._failed_closing else CLOSE_JOIN_EXTRA_SEC)
+
+    def _settle(self, updates: Iterable[dict[str, Any]]) -> None:
+        """``updates`` of the batch being sent went through (or were refused, or spooled): not to be
+        spooled again (:meth:`_unsettled`). Raises :class:`_Abandoned` once close() took them."""
+        with self._lock:
+            if self._abandoned:
+                raise _Abandoned()
+            for update in updates:
+                entry = self._settled.get(id(update))
+                if entry is None:
+                    # The update is kept here: its id is not reused while the batch is sent.
+                    self._settled[id(update)] = [update, 1]
+                else:
+                    entry[1] += 1
+
+    def _unsettled(self, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``updates`` less the settled ones (:meth:`_settle`), in their order (an update object put
+        twice counts twice)."""
+        left = {key: entry[1] for key, entry in self._settled.items()}
+        out = []
+        for update in updates:
+            if left.get(id(update), 0) > 0:
+                left[id(update)] -= 1
+            else:
+                out.append(update)
+        return out
 
     def _retry_at(self, end: float, asked: bool, exc: BaseException) -> float:
         """When to try again, a wait due to end at ``end`` (``time.monotonic()``; ``asked``: the
@@ -986,7 +1122,13 @@ class BulkStatusUpdater:
             # ``deadline``: while closing, the call waits CLOSING_CALL_WAIT_SEC at most past close()'s
             # give-up (a server that accepts and never answers held it a read timeout, 120 s).
             give_up_at = self._give_up_at()
-            deadline = None if give_up_at is None else give_up_at + CLOSING_CALL_WAIT_SEC
+            deadline = None
+            if give_up_at is not None and self._closing_at is not None:
+                # Past the later of its start and close_timeout: a slow call of a healthy server
+                # goes on (the give-up is later while no call failed); one that does not answer
+                # fails there, and close() then gives up at close_timeout.
+                deadline = min(max(self._closing_at + self.close_timeout, time.monotonic()) + CLOSING_CALL_WAIT_SEC,
+                               give_up_at + CLOSING_CALL_WAIT_SEC)
             client.patch("/jobs/", json=chunk, idempotency_key=key, retry_count=0, deadline=deadline)
         else:
             client.patch("/jobs/", json=chunk)
@@ -997,6 +1139,14 @@ class BulkStatusUpdater:
         from now on (:meth:`_drain`): sent now, they would reach the server before these, which the
         replay sends later (a RUN_DONE applied, then the spooled RUNNING refused and logged as an
         error, the return code and times of the run lost)."""
+        with self._lock:
+            if self._abandoned:
+                raise _Abandoned()  # close() spooled what the thread held
+            self._settle(updates)
+            self._write_spool(updates)
+
+    def _write_spool(self, updates: list[dict[str, Any]]) -> None:
+        """Write ``updates`` to a new spool file (:meth:`_spool`; close() itself when it abandons the thread)."""
         if not updates:
             return
         if self.spool_dir is None:
@@ -1063,19 +1213,26 @@ def send_spooled(client: Any, session_id: int) -> bool:
 
     A launcher calls this (through its lease's close) before it ends its Session: the API that was
     gone when its updater gave up may be back. Updates the server refuses are dropped, as a replay
-    would drop them. A file the site agent replayed meanwhile is gone: the agent deletes a file
-    only once it sent it. The agent may also be replaying a file sent here: the second copy of an
-    update is a no-op or refused (the job is no longer held), never applied twice."""
+    would drop them. Each file is claimed first (:func:`claim_spool_file`), as the site agent's
+    replay claims the files it sends: one process sends a file at a time. A file gone unclaimed was
+    replayed by the agent (it deletes a file only once it sent it); a file the agent claimed is not
+    sent yet (False: the Session must not end), and neither are the later files of this process
+    (sent before it, a job's later update would reach the server before its earlier one)."""
     for path in spooled_for(client, session_id):
-        try:
-            lines = path.read_text().splitlines()
-        except FileNotFoundError:
+        claimed = claim_spool_file(path)
+        if claimed is None:
+            if claims_of(path):
+                logger.info("spooled updates %s are being sent by another process (the site agent)", path.name)
+                return False
             _forget_spooled(path)  # replayed by the agent
             continue
+        try:
+            lines = claimed.read_text().splitlines()
         except OSError as exc:
-            logger.warning("cannot read spooled updates %s: %s", path, exc)
+            logger.warning("cannot read spooled updates %s: %s", claimed, exc)
+            release_spool_file(claimed)
             return False
-        updates = spooled_updates(path, lines)
+        updates = spooled_updates(claimed, lines)
         done = 0
         try:
             for start in range(0, len(updates), MAX_ITEMS_PER_BULK_OP):
@@ -1087,20 +1244,97 @@ def send_spooled(client: Any, session_id: int) -> bool:
                 log_refused(f"spooled updates {path.name}", refused, len(chunk))
                 done = start + len(chunk)
         except Exception as exc:
-            if done:
-                # The file keeps only what is unsent: the agent's replay of the whole file sent the
-                # chunks sent here again, after the later updates of their jobs (a RUNNING after its
-                # RUN_DONE: refused, an ERROR line each).
-                try:
-                    _write_updates(path, updates[done:])
-                except OSError as write_exc:
-                    logger.warning("cannot rewrite spooled updates %s: %s", path, write_exc)
+            # The file keeps only what is unsent: the agent's replay of the whole file sent the
+            # chunks sent here again, after the later updates of their jobs (a RUNNING after its
+            # RUN_DONE: refused, an ERROR line each). Rewritten under the claim, then given back: the
+            # agent cannot have replayed (and deleted) it meanwhile, which the rewrite re-created.
+            release_spool_file(claimed, updates[done:] if done else None)
             logger.warning("spooled updates %s still cannot be sent (%s): left for the site agent", path.name, exc)
             return False
         logger.info("sent %d spooled job updates from %s", len(updates), path.name)
-        path.unlink(missing_ok=True)
+        claimed.unlink(missing_ok=True)
         _forget_spooled(path)
     return True
+
+
+#: A spool file being sent is renamed ``<name>`` + this + ``<host>-<pid>`` of the process sending it
+#: (:func:`claim_spool_file`): a name the replay's ``*.jsonl`` does not match, and a rename fails
+#: for all but one process. The site agent's replay and a launcher's :func:`send_spooled` each sent
+#: the same file, and a launcher's rewrite of a file sent in part re-created one the agent had
+#: replayed and deleted meanwhile (its updates replayed again, refused).
+CLAIM_MARK = ".claimed-"
+#: A claim whose process is gone is taken back by the site agent's replay (:class:`SpoolReplayer`):
+#: at once when it was on the agent's host (its pid no longer runs), else once the claim is this
+#: old (a launcher's :func:`send_spooled` holds one for a few calls; the agent, its own only).
+CLAIM_STALE_SEC = 15 * 60.0
+
+
+def claim_spool_file(path: Path) -> Optional[Path]:
+    """Rename spool file ``path`` to this process's claimed name (its mtime the time of the claim);
+    None when it is gone (claimed or deleted by another process)."""
+    claimed = path.with_name(f"{path.name}{CLAIM_MARK}{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return None
+    try:
+        os.utime(claimed)
+    except OSError:
+        pass
+    return claimed
+
+
+def claimed_original(claimed: Path) -> Path:
+    """The spool file name a claimed file had (:func:`claim_spool_file`)."""
+    return claimed.with_name(claimed.name.rpartition(CLAIM_MARK)[0])
+
+
+def claims_of(path: Path) -> list[Path]:
+    """The claimed names of spool file ``path`` (none or one, unless a claim was taken back)."""
+    try:
+        return list(path.parent.glob(f"{path.name}{CLAIM_MARK}*"))
+    except OSError:
+        return []
+
+
+def release_spool_file(claimed: Path, rest: Optional[list[dict[str, Any]]] = None) -> None:
+    """Give a claimed spool file back under its own name (for the next try), keeping only ``rest``
+    of its updates when given."""
+    try:
+        if rest is not None:
+            _write_updates(claimed, rest)
+        os.rename(claimed, claimed_original(claimed))
+    except OSError as exc:
+        logger.warning("cannot give back spooled updates %s: %s", claimed, exc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: it runs
+    return True
+
+
+def _claim_stale(claimed: Path, now: float) -> bool:
+    """``claimed`` was claimed by a process that is gone (see :data:`CLAIM_STALE_SEC`); never one of this process's."""
+    host, _, pid = claimed.name.rpartition(CLAIM_MARK)[2].rpartition("-")
+    if host == socket.gethostname() and pid.isdecimal():
+        if int(pid) == os.getpid():
+            return False
+        if not _pid_alive(int(pid)):
+            return True
+    try:
+        return now - claimed.stat().st_mtime > CLAIM_STALE_SEC
+    except OSError:
+        return False
+
+
+def _writer_of(name: str) -> str:
+    """The writing process's part of a spool file's name (``unsent-<host>-<pid>``)."""
+    return name[: -len(SPOOL_SUFFIX)].rpartition("-")[0] if name.endswith(SPOOL_SUFFIX) else name
 
 
 def spooled_updates(path: Path, lines: list[str]) -> list[dict[str, Any]]:
@@ -1152,9 +1386,10 @@ def _write_updates(path: Path, updates: list[dict[str, Any]]) -> None:
 class SpoolReplayer:
     """Sends the updates launchers spooled (see :class:`BulkStatusUpdater`), through ``updater``.
 
-    :meth:`poll` never blocks: it queues the updates of new spool files and deletes a file once the
-    updater has sent (or dropped as refused) all of its updates. If the agent stops first, its own
-    updater spools what it could not send, so deleting a replayed file never loses an update.
+    :meth:`poll` never blocks: it claims and queues the updates of new spool files and deletes a file
+    once the updater has sent (or dropped as refused) all of its updates. If the agent stops first,
+    its own updater spools what it could not send, so deleting a replayed file never loses an update
+    (:meth:`release`, after the updater's close, deletes them then).
     """
 
     def __init__(self, spool_dir: "Path | str", updater: BulkStatusUpdater) -> None:
@@ -1164,23 +1399,40 @@ class SpoolReplayer:
         self.replayed = 0
 
     def poll(self) -> int:
-        """Queue new spool files; delete the ones fully sent. Returns the number of updates queued."""
-        for path, sequence in list(self._queued.items()):
+        """Queue new spool files; delete the ones fully sent. Returns the number of updates queued.
+
+        A file is claimed before it is read (:func:`claim_spool_file`): one a launcher is sending
+        (:func:`send_spooled`) is skipped, and so are the later files of the same process (its job's
+        updates stay in order); a claim whose process is gone is taken back first (:func:`_claim_stale`)."""
+        for claimed, sequence in list(self._queued.items()):
             if self.updater.done_through(sequence):
-                path.unlink(missing_ok=True)
-                del self._queued[path]
+                claimed.unlink(missing_ok=True)
+                del self._queued[claimed]
+        now = time.time()
         try:
+            for claimed in self.spool_dir.glob(f"*{SPOOL_SUFFIX}{CLAIM_MARK}*"):
+                if claimed not in self._queued and _claim_stale(claimed, now):
+                    logger.warning("spooled updates %s: taking back the claim of a process that is gone", claimed.name)
+                    release_spool_file(claimed)
             files = sorted(self.spool_dir.glob(f"*{SPOOL_SUFFIX}"))
+            others = [claimed_original(p).name for p in self.spool_dir.glob(f"*{SPOOL_SUFFIX}{CLAIM_MARK}*")
+                      if p not in self._queued]
         except OSError:
             return 0
         queued = 0
         for path in files:
-            if path in self._queued or path in self.updater.spool_files:
+            if path in self.updater.spool_files:
+                continue
+            if any(_writer_of(name) == _writer_of(path.name) and name < path.name for name in others):
+                continue  # an earlier file of its writer is being sent elsewhere: this one after it
+            claimed = claim_spool_file(path)
+            if claimed is None:
                 continue
             try:
-                lines = path.read_text().splitlines()
+                lines = claimed.read_text().splitlines()
             except OSError as exc:
-                logger.warning("cannot read spooled updates %s: %s", path, exc)
+                logger.warning("cannot read spooled updates %s: %s", claimed, exc)
+                release_spool_file(claimed)
                 continue
             sequence = 0
             for update in spooled_updates(path, lines):
@@ -1189,8 +1441,18 @@ class SpoolReplayer:
                 queued += 1
             logger.info("replaying %d spooled job updates from %s", len(lines), path.name)
             if sequence:
-                self._queued[path] = sequence
+                self._queued[claimed] = sequence
             else:
-                path.unlink(missing_ok=True)
+                claimed.unlink(missing_ok=True)
         self.replayed += queued
         return queued
+
+    def release(self) -> None:
+        """At the agent's stop, once its updater is closed: delete the files it sent (or spooled anew),
+        give the others back under their own names for the next agent."""
+        for claimed, sequence in list(self._queued.items()):
+            if self.updater.done_through(sequence):
+                claimed.unlink(missing_ok=True)
+            else:
+                release_spool_file(claimed)
+            del self._queued[claimed]

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 logger = logging.getLogger(__name__)
 
-#: A launcher's updater gives up this soon on an unreachable API once stopping (then spools).
+#: A launcher's updater gives up this long after stopping began once a call fails (a healthy, slow API: 30 s more), then spools.
 SHUTDOWN_UPDATE_TIMEOUT_SEC = 5.0
 #: An acquire is retried this often inside one call; the lease resends it on the next loop turn.
 ACQUIRE_RETRY_COUNT = 2

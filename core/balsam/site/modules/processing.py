@@ -1192,6 +1192,8 @@ class ProcessingModule(AgentModule):
         # by another processing session and its hook run again.
         if self.updater is not None:
             self.updater.close()  # sends what is queued (retrying for up to 30 s); spools the rest
+            if self.spool is not None:
+                self.spool.release()  # the replayed files: deleted, or given back to the next agent
             if self.updater.dropped_count:
                 # Mostly refusals, each logged when it came: a job a user moved while its hook ran
                 # (no longer held by our session), or a value the server does not take. ``dropped``
