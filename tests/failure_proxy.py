@@ -23,9 +23,13 @@ import re
 import socket
 import threading
 import time
+import uuid
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import httpx
+
+from balsam.client.rest import RESTClient
 
 
 def ids_of(body: Optional[bytes]) -> list[int]:
@@ -236,3 +240,43 @@ class FailureProxy:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.upstream.close()
+
+
+# -- what the tests of the status updater share besides the proxy ----------------------------------
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    """True once ``condition()`` holds, False after ``timeout`` seconds without."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def job_maker(env: Any, tmp_path: Path, prefix: str) -> Callable[..., list[int]]:
+    """``make(n, state="PREPROCESSED")``: ids of ``n`` new jobs of the test user in ``state``, made
+    in bulk straight on the server (not through the proxy), under a new site and app."""
+    from balsam.api import ApplicationDefinition, Site
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    site = Site.objects.create(name=name, path=str(tmp_path / name))
+    app = type(f"{prefix.title()}App", (ApplicationDefinition,), {"site": site.name, "command_template": "echo hi"})
+    app.sync()
+    client = RESTClient(env.url, env.token)
+
+    def make(n: int, state: str = "PREPROCESSED") -> list[int]:
+        made = client.Job.objects.bulk_create(
+            [client.Job(workdir=f"{prefix}/{uuid.uuid4().hex[:8]}", app_id=app.__app_id__) for _ in range(n)])
+        for job in made:
+            job.state = state
+        client.Job.objects.bulk_update(made)
+        return [job.id for job in made]
+
+    return make
+
+
+def job_moves(env: Any, job_id: int) -> list[tuple[str, str]]:
+    """The job's state changes on the server, in order: (from, to) names."""
+    client = RESTClient(env.url, env.token)
+    return [(str(e.from_state).rsplit(".", 1)[-1], str(e.to_state).rsplit(".", 1)[-1])
+            for e in client.EventLog.objects.filter(job_id=job_id)]

@@ -30,12 +30,11 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from failure_proxy import FailureProxy  # tests/failure_proxy.py
+from failure_proxy import FailureProxy, job_maker, job_moves, wait_until  # tests/failure_proxy.py
 
 from balsam.client import status_updater
 from balsam.client.rest import RESTClient
@@ -47,15 +46,6 @@ LOGGER = "balsam.client.status_updater"
 CLOSE_BOUND_SEC = 20.0
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 @pytest.fixture
 def proxy(env: Any) -> Iterator[FailureProxy]:
     failing = FailureProxy(env.url)
@@ -65,36 +55,13 @@ def proxy(env: Any) -> Iterator[FailureProxy]:
 
 @pytest.fixture
 def jobs(env: Any, tmp_path: Path) -> Callable[..., list[int]]:
-    """``jobs(n, state)``: ids of ``n`` new jobs of the test user in ``state`` (PREPROCESSED by default;
-    made in bulk, not through the proxy)."""
-    from balsam.api import ApplicationDefinition, Site
-
-    name = f"upd-{uuid.uuid4().hex[:8]}"
-    site = Site.objects.create(name=name, path=str(tmp_path / name))
-    app = type("UpdaterOrder", (ApplicationDefinition,), {"site": site.name, "command_template": "echo hi"})
-    app.sync()
-    client = RESTClient(env.url, env.token)
-
-    def make(n: int, state: str = "PREPROCESSED") -> list[int]:
-        made = client.Job.objects.bulk_create(
-            [client.Job(workdir=f"upd/{uuid.uuid4().hex[:8]}", app_id=app.__app_id__) for _ in range(n)])
-        for job in made:
-            job.state = state
-        client.Job.objects.bulk_update(made)
-        return [job.id for job in made]
-
-    return make
+    """``jobs(n, state="PREPROCESSED")``: ids of ``n`` new jobs of the test user (failure_proxy.job_maker)."""
+    return job_maker(env, tmp_path, "upd")
 
 
 def _jobs(env: Any, ids: list[int]) -> dict[int, Any]:
     client = RESTClient(env.url, env.token)
     return {job.id: job for job in client.Job.objects.filter(id=ids)}
-
-
-def _moves(env: Any, job_id: int) -> list[tuple[str, str]]:
-    client = RESTClient(env.url, env.token)
-    return [(str(e.from_state).rsplit(".", 1)[-1], str(e.to_state).rsplit(".", 1)[-1])
-            for e in client.EventLog.objects.filter(job_id=job_id)]
 
 
 def _spooled(spool: Path) -> list[tuple[int, str]]:
@@ -143,7 +110,7 @@ def test_close_ends_within_close_timeout_while_calls_fail_and_go_through_in_turn
     assert replay.dropped_count == 0, replay.dropped
     assert {job.state.value for job in _jobs(env, ids).values()} == {"RUNNING"}
     for job_id in ids:
-        assert _moves(env, job_id).count(("PREPROCESSED", "RUNNING")) == 1, job_id
+        assert job_moves(env, job_id).count(("PREPROCESSED", "RUNNING")) == 1, job_id
 
 
 @pytest.mark.parametrize("beside", [False, True], ids=["alone", "in-a-side-call"])
@@ -177,7 +144,7 @@ def test_a_jobs_later_update_never_reaches_the_server_before_its_spooled_earlier
     assert replay.dropped_count == 0, replay.dropped
     done = _jobs(env, [job])[job]
     assert done.state.value == "RUN_DONE" and done.return_code == 7
-    moves = _moves(env, job)
+    moves = job_moves(env, job)
     assert moves.count(("PREPROCESSED", "RUNNING")) == 1 and moves.count(("RUNNING", "RUN_DONE")) == 1, moves
 
 
@@ -216,7 +183,7 @@ def test_a_spool_file_sent_in_part_by_its_launcher_keeps_only_the_rest_for_the_a
     assert replay.dropped_count == 0, replay.dropped  # was 2: both RUNNINGs again, refused
     done = _jobs(env, [job, other])
     assert (done[job].state.value, done[job].return_code, done[other].state.value) == ("RUN_DONE", 7, "RUNNING")
-    moves = _moves(env, job)
+    moves = job_moves(env, job)
     assert moves.count(("PREPROCESSED", "RUNNING")) == 1 and moves.count(("RUNNING", "RUN_DONE")) == 1, moves
 
 
@@ -269,7 +236,7 @@ def test_a_give_up_while_isolating_a_refused_call_spools_only_what_did_not_go_th
     assert updater.gave_up
     assert _spooled(spool) == [(a, "RUNNING"), (a, "RUN_DONE")]  # was b's RUNNING too
     assert _jobs(env, [b])[b].state.value == "RUNNING"
-    assert _moves(env, b).count(("PREPROCESSED", "RUNNING")) == 1
+    assert job_moves(env, b).count(("PREPROCESSED", "RUNNING")) == 1
 
 
 def test_a_healthy_slow_server_gets_every_update_at_close(
@@ -338,7 +305,7 @@ def test_a_spool_file_being_sent_by_its_launcher_is_not_replayed_by_the_agent_me
     assert not list(spool.iterdir())
     done = _jobs(env, [job])[job]
     assert (done.state.value, done.return_code) == ("RUN_DONE", 7)
-    moves = _moves(env, job)
+    moves = job_moves(env, job)
     assert moves.count(("PREPROCESSED", "RUNNING")) == 1 and moves.count(("RUNNING", "RUN_DONE")) == 1, moves
 
 

@@ -20,7 +20,6 @@ import logging
 import re
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,7 +27,7 @@ import pytest
 
 from balsam.client.rest import RESTClient
 from balsam.client.status_updater import BulkStatusUpdater
-from failure_proxy import FailureProxy  # tests/failure_proxy.py
+from failure_proxy import FailureProxy, job_maker, job_moves, wait_until  # tests/failure_proxy.py
 
 LOGGER = "balsam.client.status_updater"
 
@@ -40,15 +39,6 @@ def seconds(value: str) -> Callable[[], str]:
 def date_in(sec: int) -> Callable[[], str]:
     """An HTTP-date ``sec`` whole seconds after the second the answer is made in."""
     return lambda: email.utils.formatdate(int(time.time()) + sec, usegmt=True)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -66,34 +56,9 @@ def proxy(env: Any) -> Iterator[FailureProxy]:
 
 
 @pytest.fixture
-def jobs(env: Any, tmp_path: Path) -> Callable[[int], list[int]]:
-    """``jobs(n)``: ids of ``n`` new PREPROCESSED jobs of the test user (made directly, not through
-    the proxy)."""
-    from balsam.api import ApplicationDefinition, Site
-
-    name = f"h3-{uuid.uuid4().hex[:8]}"
-    site = Site.objects.create(name=name, path=str(tmp_path / name))
-    app = type("H3RetryAfter", (ApplicationDefinition,), {"site": site.name, "command_template": "echo hi"})
-    app.sync()
-    client = RESTClient(env.url, env.token)
-
-    def make(n: int) -> list[int]:
-        ids = []
-        for _ in range(n):
-            job = client.Job(workdir=f"h3/{uuid.uuid4().hex[:8]}", app_id=app.__app_id__)
-            job.save()
-            job.state = "PREPROCESSED"
-            job.save()
-            ids.append(job.id)
-        return ids
-
-    return make
-
-
-def _moves(env: Any, job_id: int) -> list[tuple[str, str]]:
-    client = RESTClient(env.url, env.token)
-    return [(str(e.from_state).rsplit(".", 1)[-1], str(e.to_state).rsplit(".", 1)[-1])
-            for e in client.EventLog.objects.filter(job_id=job_id)]
+def jobs(env: Any, tmp_path: Path) -> Callable[..., list[int]]:
+    """``jobs(n)``: ids of ``n`` new jobs of the test user (failure_proxy.job_maker)."""
+    return job_maker(env, tmp_path, "h3")
 
 
 def _states(env: Any, ids: list[int]) -> list[str]:
@@ -130,7 +95,7 @@ def test_a_429_is_retried_no_sooner_than_it_asks_with_the_updates_put_meanwhile(
     assert updater.dropped_count == 0 and updater.sent == 2
     assert _states(env, [first, later]) == ["RUNNING", "RUNNING"]
     for job_id in (first, later):
-        assert _moves(env, job_id).count(("PREPROCESSED", "RUNNING")) == 1
+        assert job_moves(env, job_id).count(("PREPROCESSED", "RUNNING")) == 1
 
 
 def test_a_503_after_the_server_applied_the_call_is_resent_as_it_was_after_its_wait(
@@ -156,7 +121,7 @@ def test_a_503_after_the_server_applied_the_call_is_resent_as_it_was_after_its_w
     assert patches[1][0] - patches[0][0] >= 2.0, patches  # was 0.5 s
     assert updater.dropped_count == 0, updater.dropped  # nothing applied twice, nothing refused
     assert _states(env, [first, later]) == ["RUN_DONE", "RUNNING"]
-    moves = _moves(env, first)
+    moves = job_moves(env, first)
     assert moves.count(("PREPROCESSED", "RUNNING")) == 1 and moves.count(("RUNNING", "RUN_DONE")) == 1, moves
 
 
@@ -381,7 +346,7 @@ def test_a_call_whose_answer_is_lost_after_it_was_applied_is_resent_as_the_same_
     assert patches[0][2] and patches[0][2] == patches[1][2]
     assert updater.dropped_count == 0 and updater.sent == 2, updater.dropped
     assert _states(env, [job_id]) == ["RUN_DONE"]
-    moves = _moves(env, job_id)
+    moves = job_moves(env, job_id)
     assert moves.count(("PREPROCESSED", "RUNNING")) == 1 and moves.count(("RUNNING", "RUN_DONE")) == 1, moves
 
 
@@ -407,7 +372,7 @@ def test_a_job_refused_for_good_is_reported_and_dropped_and_the_others_of_its_ca
             updater.close()
     assert _states(env, [before, bad, after]) == ["RUNNING", "RUNNING", "RUNNING"]
     for job_id in (before, bad, after):
-        assert _moves(env, job_id).count(("PREPROCESSED", "RUNNING")) == 1
+        assert job_moves(env, job_id).count(("PREPROCESSED", "RUNNING")) == 1
     assert sorted(u["id"] for u, _reason in updater.dropped) == sorted([bad, deleted_id])
     assert updater.dropped_count == 2 and updater.sent == 3
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -453,7 +418,7 @@ def test_a_call_the_server_fails_for_one_job_does_not_hold_the_updates_of_other_
     assert _states(env, [bad, other]) == ["JOB_FINISHED", "RUN_DONE"]  # POSTPROCESSED goes on to JOB_FINISHED
     for job_id, moves in ((bad, [("PREPROCESSED", "RUNNING"), ("RUNNING", "RUN_DONE"), ("RUN_DONE", "POSTPROCESSED")]),
                           (other, [("PREPROCESSED", "RUNNING"), ("RUNNING", "RUN_DONE")])):
-        made = _moves(env, job_id)
+        made = job_moves(env, job_id)
         assert all(made.count(move) == 1 for move in moves), made  # each once: nothing applied twice
 
 
@@ -487,7 +452,7 @@ def test_a_call_that_always_fails_is_spooled_in_order_at_close_and_the_other_job
         replay.close()
     assert replay.dropped_count == 0, replay.dropped
     assert _states(env, [bad, other]) == ["RUN_DONE", "RUN_DONE"]
-    made = _moves(env, bad)
+    made = job_moves(env, bad)
     assert made.count(("PREPROCESSED", "RUNNING")) == 1 and made.count(("RUNNING", "RUN_DONE")) == 1, made
 
 
@@ -553,5 +518,5 @@ def test_a_side_call_retried_a_moment_holds_its_jobs_later_updates_only_until_it
     assert [status for ids, status in patches if ids == [other]] == [500, 500, 500, 200, 200], patches
     assert updater.dropped_count == 0, updater.dropped
     assert _states(env, [bad, other]) == ["RUNNING", "RUN_DONE"]
-    made = _moves(env, other)
+    made = job_moves(env, other)
     assert made.count(("PREPROCESSED", "RUNNING")) == 1 and made.count(("RUNNING", "RUN_DONE")) == 1, made

@@ -4,22 +4,13 @@ between the stop and the updater's close (test_launcher_reliability.py::
 test_sigterm_with_the_api_gone_exits_in_seconds_and_spools_the_updates, 1 run in 2-3)."""
 import logging
 import socket
-import time
 from pathlib import Path
 
 import pytest
+from failure_proxy import wait_until  # tests/failure_proxy.py
 
 from balsam.client.rest import RESTClient
 from balsam.client.status_updater import BulkStatusUpdater
-
-
-def wait_until(condition, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def closed_port() -> int:
