@@ -5,8 +5,9 @@
   is not a second job; ``distinct_jobs=False`` counts every such state change, as 0.7 did);
 - ``utilization_report(events, node_weighting=True)``: nodes busy over time (+ ``data["num_nodes"]``,
   or +1, when a job starts RUNNING; minus the same when it leaves RUNNING);
-- ``available_nodes(batch_jobs)``: nodes held by BatchJobs over time (from start_time to end_time;
-  a BatchJob still running counts until now).
+- ``available_nodes(batch_jobs, first_runs=first_runs_query(batch_jobs, EventLog))``: nodes held
+  by BatchJobs over time (from start_time, or the first job it ran if earlier, to end_time; a
+  BatchJob still running counts until now).
 
 Each takes a query (``EventLog.objects.filter(...)``/``BatchJob.objects.filter(...)``) or a list.
 Times are naive local datetimes, like the rest of the Python API; events are ordered, and
@@ -22,10 +23,10 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
-__all__ = ["throughput_report", "utilization_report", "available_nodes", "batch_jobs_serving", "step_at", "align_steps", "time_average",
-           "downsample"]
+__all__ = ["throughput_report", "utilization_report", "available_nodes", "first_runs_query", "batch_jobs_serving",
+           "step_at", "align_steps", "time_average", "downsample"]
 
 Series = tuple[list[dt.datetime], list[Union[int, float]]]
 
@@ -124,18 +125,30 @@ def utilization_report(eventlog_query: Iterable[Any], node_weighting: bool = Tru
     return times, values
 
 
-def available_nodes(batchjob_query: Iterable[Any], now: "dt.datetime | None" = None) -> Series:
+def available_nodes(batchjob_query: Iterable[Any], now: "dt.datetime | None" = None,
+                    first_runs: "Mapping[int, dt.datetime] | None" = None) -> Series:
     """Nodes held by allocations over time (``num_nodes`` from start_time until end_time).
 
     A BatchJob without an end_time holds its nodes until ``now`` (default: the current time, naive
-    local or UTC-aware like the BatchJobs' own times)."""
+    local or UTC-aware like the BatchJobs' own times).
+
+    ``first_runs`` (BatchJob id -> when its first job started RUNNING, see :func:`first_runs_query`):
+    an allocation held its nodes from then at the latest. The site agent records a BatchJob's
+    start_time when its next status poll sees it running (seconds after its launcher may have
+    started jobs), and none while the API still says queued: without this, a running campaign read
+    busy nodes where no node was held (``Busy 0.2``, ``Nodes held 0.0``) until that poll, and until
+    the scheduler's history corrected the start time once the BatchJob ended."""
     changes: list[tuple[dt.datetime, int]] = []
     for bj in batchjob_query:
-        if bj.start_time is None:
+        start = bj.start_time
+        run = first_runs.get(bj.id) if first_runs else None
+        if run is not None and (start is None or _instant(run) < _instant(start)):
+            start = run
+        if start is None:
             continue
         if now is None:
-            now = dt.datetime.now(dt.timezone.utc) if bj.start_time.tzinfo is not None else dt.datetime.now()
-        changes.append((bj.start_time, bj.num_nodes))
+            now = dt.datetime.now(dt.timezone.utc) if start.tzinfo is not None else dt.datetime.now()
+        changes.append((start, bj.num_nodes))
         changes.append((bj.end_time if bj.end_time is not None else now, -bj.num_nodes))
     changes.sort(key=lambda c: (_instant(c[0]), c[1]))
     times: list[dt.datetime] = []
@@ -146,6 +159,42 @@ def available_nodes(batchjob_query: Iterable[Any], now: "dt.datetime | None" = N
         times.append(when)
         values.append(current)
     return times, values
+
+
+#: BatchJobs whose start_time the agent may not have recorded yet while their launcher runs jobs
+#: (a finished one's start comes from the scheduler's history).
+ACTIVE_BATCH_JOB_STATES = frozenset({"queued", "running", "pending_deletion"})
+
+
+def _parse_iso(text: Any) -> "dt.datetime | None":
+    try:
+        return dt.datetime.fromisoformat(str(text)) if text else None
+    except ValueError:
+        return None
+
+
+def first_runs_query(batch_jobs: Iterable[Any], event_log: Any) -> dict[int, dt.datetime]:
+    """For ``available_nodes(first_runs=...)``: per active BatchJob (``ACTIVE_BATCH_JOB_STATES``),
+    when the first of its jobs started RUNNING, if before its recorded start_time (or none is
+    recorded). ``event_log`` is the ``EventLog`` model. One query per active BatchJob, each one row
+    (the oldest such event): there are few active BatchJobs (the site's queue limits), where a
+    job-to-BatchJob map of every event would read every job of the campaign."""
+    found: dict[int, dt.datetime] = {}
+    for bj in batch_jobs:
+        if bj.id is None or _state(bj.state) not in ACTIVE_BATCH_JOB_STATES:
+            continue
+        filters: dict[str, Any] = {"batch_job_id": bj.id, "to_state": "RUNNING"}
+        if bj.start_time is not None:
+            filters["timestamp_before"] = bj.start_time
+        # A job's batch_job_id is the last BatchJob it ran in: a re-run's first RUNNING may be of an
+        # earlier allocation. None of this one's started before it was submitted.
+        submitted = _parse_iso((bj.status_info or {}).get("submit_time"))
+        if submitted is not None:
+            filters["timestamp_after"] = submitted
+        event = event_log.objects.filter(**filters).order_by("timestamp").first()
+        if event is not None:
+            found[bj.id] = event.timestamp
+    return found
 
 
 def batch_jobs_serving(batchjob_query: Iterable[Any], tags: "dict[str, str] | None") -> list[Any]:

@@ -144,7 +144,8 @@ def throughput(site_selector: str, tags: tuple, to_state: str, rows: int, plot_p
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, writable=True), help="Also draw the figure to FILE.png")
 def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, plot_path: Optional[str]) -> None:
     """Busy nodes (running jobs) against the nodes held by BatchJobs, over time."""
-    from balsam.analytics import available_nodes, batch_jobs_serving, time_average, utilization_report
+    from balsam.analytics import (available_nodes, batch_jobs_serving, first_runs_query, time_average,
+                                  utilization_report)
     from balsam.api import BatchJob, EventLog
 
     plt = _load_pyplot() if plot_path else None
@@ -153,7 +154,8 @@ def utilization(site_selector: str, tags: tuple, count_jobs: bool, rows: int, pl
         EventLog.objects.filter(from_state="RUNNING", **filters))
     busy_t, busy_y = utilization_report(events, node_weighting=not count_jobs)
     bj_filters = {k: v for k, v in filters.items() if k == "site_id"}
-    avail_t, avail_y = available_nodes(batch_jobs_serving(BatchJob.objects.filter(**bj_filters), filters.get("tags")))
+    batch_jobs = batch_jobs_serving(BatchJob.objects.filter(**bj_filters), filters.get("tags"))
+    avail_t, avail_y = available_nodes(batch_jobs, first_runs=first_runs_query(batch_jobs, EventLog))
     if not busy_t and not avail_t:
         click.echo(f"No job has run yet and no BatchJob has started ({_selection_text(site_selector, tags, filters)}).")
         return

@@ -20,6 +20,12 @@ REASON_CHARS = 60
 NOT_MARKED = "-"
 #: Widest submitted_by shown in the table.
 SUBMITTED_BY_CHARS = 24
+#: ``queue ls`` without --history also names the BatchJobs that failed to submit this recently: one
+#: created from Python with a queue the site refuses is accepted by the API (as in 0.7) and refused
+#: by the agent, and the bare "No active batch jobs" left its user waiting for it.
+RECENT_SUBMIT_FAILURES = dt.timedelta(hours=24)
+#: Widest reason in those lines.
+FAILURE_REASON_CHARS = 200
 
 
 def submitted_by(status_info: dict[str, Any]) -> str:
@@ -176,6 +182,41 @@ def authorization_warnings(site: Any) -> list[str]:
     return warnings
 
 
+def recent_submit_failures(batch_jobs: list[Any], now: dt.datetime) -> list[Any]:
+    """The submit_failed BatchJobs whose ``status_info.error_time`` (ISO, UTC) is within
+    :data:`RECENT_SUBMIT_FAILURES` of ``now`` (aware), oldest first. One without a readable time is
+    left out: nothing says it is recent."""
+    recent = []
+    for b in batch_jobs:
+        text = str((b.status_info or {}).get("error_time") or "")
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            continue
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        if now - when <= RECENT_SUBMIT_FAILURES:
+            recent.append((when, b.id, b))
+    return [b for _when, _id, b in sorted(recent, key=lambda r: (r[0], r[1]))]
+
+
+def echo_submit_failures(failures: list[Any]) -> None:
+    """One line each, on stderr: stdout stays the 0.7 table (or line) that scripts parse."""
+    if not failures:
+        return
+    names = site_names(sorted({b.site_id for b in failures}))
+    hours = int(RECENT_SUBMIT_FAILURES.total_seconds() // 3600)
+    click.echo(f"Failed to submit in the last {hours} hours (`balsam queue ls --history` lists all batch jobs):",
+               err=True)
+    for b in failures:
+        reason = " ".join(str((b.status_info or {}).get("error") or "no reason recorded").split())
+        if len(reason) > FAILURE_REASON_CHARS:
+            reason = reason[: FAILURE_REASON_CHARS - 3] + "..."
+        nodes = "node" if b.num_nodes == 1 else "nodes"
+        click.echo(f"  BatchJob {b.id} (site {names.get(b.site_id, b.site_id)}, queue {b.queue}, project {b.project}, "
+                   f"{b.num_nodes} {nodes}): {reason}", err=True)
+
+
 @queue.command("ls")
 @click.option("-n", "--num", default=0, type=click.IntRange(min=0), help="Show only the last N")
 @click.option("-h", "--history", is_flag=True,
@@ -196,7 +237,8 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
     A "submitted_by" column appears when a batch job was created by a program that marks its own
     (status_info.submitted_by, e.g. an agent module); "-" for the others. A "reason" column appears
     when a job waits for a reason the scheduler gave (e.g. Slurm's PartitionNodeLimit), was refused,
-    or failed to submit; -v shows the whole status_info.
+    or failed to submit; -v shows the whole status_info. Without --history, the batch jobs that
+    failed to submit in the last 24 hours follow, one line each with the reason (on stderr).
     """
     from balsam.api import BatchJob
 
@@ -209,8 +251,14 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
     if scheduler_id is not None:
         filters["scheduler_id"] = scheduler_id
     batch_jobs = sorted(BatchJob.objects.filter(**filters), key=lambda b: b.id)
+    failures: list[Any] = []
+    if not history and scheduler_id is None and not as_json:
+        # One query; the server filters no status_info key, so recency is read here.
+        failed = BatchJob.objects.filter(**{**filters, "state": ["submit_failed"]})
+        failures = recent_submit_failures(list(failed), dt.datetime.now(dt.timezone.utc))
     if submitted_by_names:  # the server filters no status_info key: read from the one listing
         batch_jobs = [b for b in batch_jobs if submitted_by(b.status_info or {}) in submitted_by_names]
+        failures = [b for b in failures if submitted_by(b.status_info or {}) in submitted_by_names]
     if num:
         batch_jobs = batch_jobs[-num:]
     if as_json:
@@ -224,9 +272,11 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
             click.echo("No batch jobs.")
         else:
             click.echo("No active batch jobs.  Use --history option to list completed batch jobs.")
+        echo_submit_failures(failures)
         return
     if verbose:
         click.echo("---\n".join(dump_yaml(b.display_dict()) for b in batch_jobs), nl=False)
+        echo_submit_failures(failures)
         return
     names = site_names(sorted({b.site_id for b in batch_jobs}))
     headers = ["id", "site", "scheduler_id", "state", "filter_tags", "project", "queue", "num_nodes",
@@ -250,6 +300,7 @@ def ls(num: int, history: bool, verbose: bool, scheduler_id: Optional[int], sche
         for row, reason in zip(rows, reasons):
             row.append(reason)
     click.echo(format_table(headers, rows, right={0, 2, 7, 8}))
+    echo_submit_failures(failures)
 
 
 @queue.command("term")
