@@ -34,9 +34,10 @@ def _api_root() -> Optional[str]:
     """The api root of the login this launcher uses ($BALSAM_CLIENT_PATH: its BatchJob's credential
     where the agent wrote one), None if unreadable."""
     from balsam.client import ClientSettings
+    from balsam.client.rest import shown_address
 
     try:
-        return ClientSettings.load().api_root
+        return shown_address(ClientSettings.load().api_root)  # no password in a log or on stderr
     except Exception:
         return None
 
@@ -47,6 +48,31 @@ def _backoff() -> tuple[float, float]:
 
     defaults = RESTClient.__init__.__kwdefaults__ or {}
     return float(defaults.get("backoff_base", 0.5)), float(defaults.get("backoff_max", 30.0))
+
+
+#: The client's connect wait variable (balsam.client.rest.CONNECT_WAIT_ENV: not imported at start).
+CONNECT_WAIT_ENV = "BALSAM_CLIENT_CONNECT_WAIT_SEC"
+
+
+def _span(seconds: float) -> str:
+    """Up to a time, rounded up: "40 s", "5 min"."""
+    return f"{math.ceil(seconds)} s" if seconds < 90 else f"{math.ceil(seconds / 60)} min"
+
+
+def _connect_wait_notice() -> Optional[str]:
+    """The line a launcher logs at its start when ``$BALSAM_CLIENT_CONNECT_WAIT_SEC`` is set (a batch
+    job inherits it from a shell profile): its client then gives up on an outage after that wait, not
+    after the retries that ride out a server restart. None when unset (a bad value: ClientSettingsError)."""
+    raw = os.environ.get(CONNECT_WAIT_ENV, "").strip()
+    if not raw:
+        return None
+    from balsam.client.rest import parse_connect_wait  # only now: the client is imported after the start time
+
+    wait = parse_connect_wait(raw)
+    if math.isinf(wait):
+        return None
+    return (f"${CONNECT_WAIT_ENV}={raw}: server outages longer than {_span(wait)} end this launcher "
+            "(unset it in the batch job's environment to ride them out)")
 
 
 class _RetryNotice(logging.Filter):
@@ -62,10 +88,11 @@ class _RetryNotice(logging.Filter):
         put on the record: the call's own budget (a session's close retries 3 times, not the
         client's 10), else the client's setting."""
         from balsam.client import ClientSettings
+        from balsam.client.rest import shown_address
 
         try:
             settings = ClientSettings.load()
-            api_root, retries, timeout = settings.api_root, settings.retry_count, settings.connect_timeout
+            api_root, retries, timeout = shown_address(settings.api_root), settings.retry_count, settings.connect_timeout
         except Exception:
             api_root, retries, timeout = "?", 10, 6.2
         if isinstance(call_retries, int) and call_retries >= 0:
@@ -89,10 +116,16 @@ class _RetryNotice(logging.Filter):
             return True
         said = (str(record.msg) % args).split("; retrying in", 1)[0]  # "POST /sessions/: LocalTransportError"
         api_root, retries, seconds = self._budget(getattr(record, "retries", None))
-        span = f"{math.ceil(seconds)} s" if seconds < 90 else f"{math.ceil(seconds / 60)} min"
+        connect_wait = getattr(record, "connect_wait", math.inf)  # what the client put on the record
+        if isinstance(connect_wait, (int, float)) and connect_wait < seconds:
+            # The client gives up on a server it cannot connect to sooner than its retries would.
+            record.msg = ("%s from the Balsam server at %s; retrying for up to %s before giving up ($%s; further "
+                          "retries are logged at INFO)")
+            record.args = (said, api_root, _span(connect_wait), CONNECT_WAIT_ENV)
+            return True
         record.msg = ("%s from the Balsam server at %s; retrying up to %d %s over up to about %s before "
                       "giving up (further retries are logged at INFO)")
-        record.args = (said, api_root, retries, "time" if retries == 1 else "times", span)
+        record.args = (said, api_root, retries, "time" if retries == 1 else "times", _span(seconds))
         return True
 
 
@@ -132,6 +165,9 @@ def launcher_command(job_mode: str, wall_time_min: float, tags: tuple, parts: tu
     if not any(isinstance(f, _RetryNotice) for f in rest_logger.filters):  # once per process
         rest_logger.addFilter(_RetryNotice())
     try:
+        notice = _connect_wait_notice()
+        if notice:
+            logging.getLogger("balsam.launcher").warning("%s", notice)
         code = run_launcher(job_mode, wall_time_min, tags, parts, site_path=site_path, partition_index=partition_index)
     except LauncherError as exc:
         if os.environ.get("BALSAM_CLI_TRACEBACK") == "1":
@@ -140,10 +176,15 @@ def launcher_command(job_mode: str, wall_time_min: float, tags: tuple, parts: tu
         sys.exit(1)
     except Exception as exc:
         # Imported only now: run_launcher imports the client after taking the start time.
-        from balsam.client import ServerUnavailable, TransportRefused
+        from balsam.client import ClientSettingsError, ServerUnavailable, TransportRefused
 
+        if os.environ.get("BALSAM_CLI_TRACEBACK") == "1":
+            raise
+        if isinstance(exc, ClientSettingsError):  # its login or $BALSAM_CLIENT_CONNECT_WAIT_SEC: one line
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
         # The retries are spent (a server restart is ridden out): one line, not a traceback.
-        if not isinstance(exc, (ServerUnavailable, TransportRefused)) or os.environ.get("BALSAM_CLI_TRACEBACK") == "1":
+        if not isinstance(exc, (ServerUnavailable, TransportRefused)):
             raise
         click.echo(f"Error: {unreachable_server_line(exc)}", err=True)
         sys.exit(1)

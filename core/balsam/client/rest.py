@@ -43,12 +43,14 @@ import logging
 import math
 import os
 import random
+import ssl
 import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Union
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -77,12 +79,45 @@ def _httpx_retry_errors() -> tuple[type[BaseException], ...]:
     return (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
+def _tls_failed(exc: BaseException) -> bool:
+    """A connection whose TLS handshake failed (httpx raises ConnectError for it): the server's host
+    answered, so it is neither "cannot connect" (no connect wait) nor a network problem: a
+    certificate, or a proxy or plain-http server on an https URL."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ssl.SSLError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def _connect_timed_out(exc: BaseException) -> bool:
+    """No connection within the connect timeout (a firewall dropping SYNs, a host off the VPN, a full
+    listen queue): nothing reached the server, as for a refused connection."""
+    if isinstance(exc, LocalTransportError):
+        return exc.connect_failed and exc.timed_out
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(exc, httpx.ConnectTimeout)
+
+
 def _is_connect_error(exc: BaseException) -> bool:
-    """Nothing reached the server (refused, no socket): worth the hint that it may be down."""
+    """Nothing reached the server (refused, no socket, no connection in time): worth the hint that it
+    may be down, and bounded by ``connect_wait``. Not a failed TLS handshake (:func:`_tls_failed`)."""
     if isinstance(exc, LocalTransportError):
         return exc.connect_failed
     httpx = sys.modules.get("httpx")
-    return httpx is not None and isinstance(exc, httpx.ConnectError)
+    return (httpx is not None and isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+            and not _tls_failed(exc))
+
+
+def shown_address(api_root: str) -> str:
+    """``api_root`` as messages show it: without a user name and password (``https://user:pass@host``)
+    or a query string, which must not reach logs and terminals."""
+    parts = urlsplit(api_root)
+    if not parts.netloc or ("@" not in parts.netloc and not parts.query):
+        return api_root
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
 #: The embedded server's TCP port unless ``balsam server start --port`` chose another (see
@@ -143,17 +178,24 @@ def unreachable_hint(api_root: str, exc: BaseException) -> str:
     remote server (an unknown host name, a network down), where it sent users to the wrong place."""
     from urllib.parse import urlparse
 
+    if _tls_failed(exc):
+        return TLS_HINT
     if not _is_connect_error(exc):
         return ""
     if is_unix(api_root):
         return EMBEDDED_SERVER_HINT
-    parsed = urlparse(api_root)
+    parsed = urlparse(shown_address(api_root))  # its netloc is shown
     if parsed.scheme == "http" and is_loopback_host(parsed.hostname or ""):
         if parsed.netloc in _embedded_server_urls():
             return EMBEDDED_SERVER_HINT
         return (" (is it running? `balsam server status` checks the embedded server; for an SSH tunnel or "
                 f"another server at {parsed.netloc}, check that it is up)")
     return " (check the server URL and this machine's network: DNS, proxy, VPN; another server: `balsam login -u URL`)"
+
+
+#: The hint for a TLS handshake that failed: the host answered; the network is not the problem.
+TLS_HINT = (" (TLS handshake failed: check the server's certificate (a new one: `balsam login -f`) and any "
+            "proxy in between; an https URL to a plain-http server fails so too)")
 
 
 def _retry_hint(api_root: str, exc: BaseException) -> str:
@@ -169,15 +211,25 @@ def _failure_reason(exc: BaseException) -> str:
     """Why an attempt got no answer, without the address the retry line names already (the local
     pool's "cannot connect to /path: [Errno 111] Connection refused" says it again: its cause is
     the OS's own reason)."""
+    if _connect_timed_out(exc):
+        return "connect timed out"
     cause = exc.__cause__ if isinstance(exc, LocalTransportError) and exc.connect_failed else None
     return str(cause or exc).strip() or type(exc).__name__
 
 
+def _reach_failure(exc: BaseException) -> str:
+    """What the first retry line says of the server: it "cannot be reached", its TLS handshake
+    failed, or it "did not answer" (the request was sent)."""
+    if _tls_failed(exc):
+        return "TLS handshake failed"
+    return "cannot be reached" if _is_connect_error(exc) else "did not answer"
+
+
 def _span(seconds: float) -> str:
     """A wait for a person to read: "12 s", "2.5 min"."""
-    if seconds < 90:
-        return f"{max(seconds, 0.0):.0f} s"
-    return f"{seconds / 60:.1f} min"
+    if seconds < 90:  # rounded up: "about 0 s" read as already given up
+        return f"{math.ceil(max(seconds, 0.0))} s"
+    return f"{math.ceil(seconds / 6) / 10:.1f} min"
 
 
 #: How long a call keeps retrying a server it cannot connect to at all (refused, no socket, no
@@ -193,13 +245,27 @@ INTERACTIVE_SESSION_CONNECT_WAIT_S = 30.0
 def interactive_session() -> bool:
     """True in a Python process a person types into: the REPL (``sys.ps1``), ``python -i``, IPython or
     a Jupyter kernel. Not a script, a launcher, an agent or a ``balsam`` command (which has its own
-    interactive mode: :func:`cap_retries_for_interactive_use`)."""
-    if hasattr(sys, "ps1") or sys.flags.interactive:
-        return True
+    interactive mode: :func:`cap_retries_for_interactive_use`), nor a script that IPython runs
+    (``ipython script.py``, ``ipython -c``: IPython sets ``sys.ps1`` for those too)."""
     get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)  # only if IPython is loaded already
     try:
-        return get_ipython is not None and get_ipython() is not None
+        shell = get_ipython() if get_ipython is not None else None
     except Exception:  # noqa: BLE001 - an odd IPython install: not worth failing a client for
+        shell = None
+    if shell is not None:
+        if getattr(shell, "kernel", None) is not None:  # a Jupyter kernel: a notebook's cells
+            return True
+        # IPython's terminal app turns ``interact`` off for a file or -c without -i.
+        if getattr(getattr(shell, "parent", None), "interact", True) is False:
+            return False
+        return _stdin_is_tty()
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive)
+
+
+def _stdin_is_tty() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (OSError, ValueError):  # closed or detached
         return False
 
 
@@ -207,7 +273,7 @@ def parse_connect_wait(raw: Any, where: str = CONNECT_WAIT_ENV) -> float:
     """``raw`` as a connect wait in seconds (a number from 0; ``inf``: the retries alone bound it), or a
     one-line :class:`ClientSettingsError` naming ``where``."""
     try:
-        value = float(raw)
+        value = math.nan if isinstance(raw, bool) else float(raw)  # True is no number of seconds
     except (TypeError, ValueError):
         value = math.nan
     if math.isnan(value) or value < 0:
@@ -221,10 +287,17 @@ def default_connect_wait() -> float:
     """The connect wait of a client made now: ``$BALSAM_CLIENT_CONNECT_WAIT_SEC`` if set, else
     :data:`INTERACTIVE_SESSION_CONNECT_WAIT_S` in an interactive session, else ``inf`` (the client's
     ``retry_count`` alone: launchers, agents and scripts keep riding out a server restart)."""
+    return _default_connect_wait()[0]
+
+
+def _default_connect_wait() -> "tuple[float, str]":
+    """:func:`default_connect_wait` and where it came from: "env", "interactive" or "default"."""
     raw = os.environ.get(CONNECT_WAIT_ENV, "").strip()
     if raw:
-        return parse_connect_wait(raw)
-    return INTERACTIVE_SESSION_CONNECT_WAIT_S if interactive_session() else math.inf
+        return parse_connect_wait(raw), "env"
+    if interactive_session():
+        return INTERACTIVE_SESSION_CONNECT_WAIT_S, "interactive"
+    return math.inf, "default"
 
 
 #: Interactive use (the CLI's short commands, see :func:`cap_retries_for_interactive_use`): a call
@@ -574,9 +647,14 @@ class RESTClient:
         self.backoff_max = backoff_max
         #: Seconds a call retries a server it cannot connect to (``inf``: its retries alone bound it);
         #: None: :func:`default_connect_wait` (``$BALSAM_CLIENT_CONNECT_WAIT_SEC``, or 30 s in an
-        #: interactive session). Read and checked here: a bad value is refused at once, not at an outage.
-        self.connect_wait = default_connect_wait() if connect_wait is None else parse_connect_wait(
-            connect_wait, "connect_wait")
+        #: interactive session). Read and checked here: a bad value is refused at once, not at an outage
+        #: (setting the variable later changes no client made already: set this attribute instead).
+        if connect_wait is None:
+            self.connect_wait, origin = _default_connect_wait()
+        else:
+            self.connect_wait, origin = parse_connect_wait(connect_wait, "connect_wait"), "argument"
+        #: Where ``connect_wait`` came from, with the value it gave (an assignment since: the client's own).
+        self._connect_wait_origin: "tuple[str, float]" = (origin, self.connect_wait)
         self._lock = threading.Lock()
         self._pid: Optional[int] = None
         self._http_client: "httpx.Client | LocalHTTPPool | None" = None
@@ -618,7 +696,12 @@ class RESTClient:
         )
 
     def __repr__(self) -> str:
-        return f"RESTClient({self.api_root!r}, username={self.username!r})"
+        return f"RESTClient({self.shown_root!r}, username={self.username!r})"
+
+    @property
+    def shown_root(self) -> str:
+        """The api root as messages show it (:func:`shown_address`: no password, no query string)."""
+        return shown_address(self.api_root)
 
     # ----------------------------------------------------------------- connection pool
     def _http(self) -> "httpx.Client | LocalHTTPPool":
@@ -690,12 +773,12 @@ class RESTClient:
         from balsam.serialization import parse_datetime
 
         if not self.refresh_token:
-            raise AuthenticationError("POST", f"{self.api_root}/auth/token", 401, "no refresh credential stored")
+            raise AuthenticationError("POST", f"{self.shown_root}/auth/token", 401, "no refresh credential stored")
         result = self.request("POST", "/auth/token", data={"grant_type": "refresh_token",
                                                             "refresh_token": self.refresh_token},
                               authenticated=False, deadline=deadline)
         if not isinstance(result, dict) or "access_token" not in result:
-            raise APIError("POST", f"{self.api_root}/auth/token", 200, f"unexpected refresh response {result!r}")
+            raise APIError("POST", f"{self.shown_root}/auth/token", 200, f"unexpected refresh response {result!r}")
         self.token = result["access_token"]
         self.token_expiry = parse_datetime(result["expiration"]) if result.get("expiration") else None
         refresh_expiry = parse_datetime(result["refresh_expiration"]) if result.get("refresh_expiration") else None
@@ -707,7 +790,7 @@ class RESTClient:
         if deadline is None:
             self._refresh_lock.acquire()
         elif not self._refresh_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise ServerUnavailable(f"{self.api_root}/auth/token: no new access token within the call's deadline "
+            raise ServerUnavailable(f"{self.shown_root}/auth/token: no new access token within the call's deadline "
                                     f"(another call is renewing it)")
 
     def _ensure_fresh_token(self, deadline: Optional[float] = None) -> None:
@@ -758,7 +841,7 @@ class RESTClient:
         kwargs["own_deadline"] = deadline  # the caller's (None: the interactive cap alone, as before)
         deadline = capped if deadline is None else min(deadline, capped)
         key = None if self.report_waits_after is None else _wait_reporter.begin(
-            f"{self.api_root}{path if path.startswith('/') else '/' + path}", self.report_waits_after)
+            f"{self.shown_root}{path if path.startswith('/') else '/' + path}", self.report_waits_after)
         try:
             return self._send_until(method, path, deadline=deadline, **kwargs)
         finally:
@@ -781,19 +864,33 @@ class RESTClient:
         backoffs still to come (with their mean jitter, an eighth: see :meth:`_backoff`; without the
         attempts' own time), or less where the call's deadline or ``connect_left`` (of
         ``connect_wait``) ends it sooner."""
-        left = delay + 1.125 * sum(min(self.backoff_max, self.backoff_base * 2**k) for k in range(attempt + 1, retries))
+        left = delay + 1.125 * sum(self._backoff_step(k) for k in range(attempt + 1, min(retries, attempt + 65)))
+        if retries > attempt + 65:  # every later step is at backoff_max (no loop over a huge retry_count)
+            left += 1.125 * self.backoff_max * (retries - attempt - 65)
         left = min(left, connect_left)
         if deadline is not None:
             left = min(left, deadline - time.monotonic())
         return f" (attempt {attempt + 1} of up to {retries + 1}, giving up in about {_span(left)})"
 
+    def unattended(self) -> "RESTClient":
+        """This client for a launcher or an agent: no interactive session's connect wait (a process
+        misread as one, such as a launcher started from IPython), so that a server restart is ridden
+        out; ``$BALSAM_CLIENT_CONNECT_WAIT_SEC`` or an explicit ``connect_wait`` still applies."""
+        if self._connect_wait_origin == ("interactive", self.connect_wait):
+            self.connect_wait = math.inf
+            self._connect_wait_origin = ("default", math.inf)
+        return self
+
     def _connect_wait_source(self) -> str:
-        """Where the client's ``connect_wait`` came from, for the error that it ended a call."""
+        """Where the client's ``connect_wait`` came from (as recorded when it was made: the
+        environment may have changed since), for the error that it ended a call."""
         wait = f"{self.connect_wait:g} s"
-        if os.environ.get(CONNECT_WAIT_ENV, "").strip():
+        origin, value = self._connect_wait_origin
+        if value == self.connect_wait and origin == "env":
             return f"the connect wait of {wait} set by ${CONNECT_WAIT_ENV}"
-        if self.connect_wait == INTERACTIVE_SESSION_CONNECT_WAIT_S and interactive_session():
-            return f"the connect wait of an interactive session, {wait}: ${CONNECT_WAIT_ENV} sets another"
+        if value == self.connect_wait and origin == "interactive":
+            return (f"the connect wait of an interactive session, {wait}: ${CONNECT_WAIT_ENV} (set before the first "
+                    "call) or the client's connect_wait sets another")
         return f"the client's connect_wait of {wait}"
 
     def _backoff(self, attempt: int, resp: "Optional[Response]" = None) -> float:
@@ -801,8 +898,13 @@ class RESTClient:
             retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
             if retry_after is not None:
                 return min(retry_after, self.backoff_max)
-        delay = min(self.backoff_max, self.backoff_base * (2**attempt))
+        delay = self._backoff_step(attempt)
         return delay + random.uniform(0, delay / 4)
+
+    def _backoff_step(self, attempt: int) -> float:
+        """The backoff before jitter: doubling from backoff_base up to backoff_max. The exponent is
+        capped (2**64 outgrows any backoff_max) so a retry_count of thousands never overflows a float."""
+        return min(self.backoff_max, self.backoff_base * 2.0 ** min(attempt, 64))
 
     # ----------------------------------------------------------------- requests
     def request(
@@ -915,7 +1017,7 @@ class RESTClient:
                 # Past it before the first attempt, or after a token renewal (a retry's backoff never
                 # ends past it): nothing is sent.
                 raise ServerUnavailable(
-                    f"{method} {self.api_root}{url}: the call's deadline passed before attempt {attempt + 1} "
+                    f"{method} {self.shown_root}{url}: the call's deadline passed before attempt {attempt + 1} "
                     f"({time.monotonic() - started:.0f} s): not sent")
             self.request_counts[f"{method} {url}"] += 1
             pool = self._http()
@@ -946,11 +1048,11 @@ class RESTClient:
                         or (deadline is not None and time.monotonic() + delay >= deadline)):
                     if caller_deadline and not connect_spent:  # a program's own bound: it words what follows
                         raise ServerUnavailable(
-                            f"{method} {self.api_root}{url}: no answer within the call's deadline after {attempt + 1} "
+                            f"{method} {self.shown_root}{url}: no answer within the call's deadline after {attempt + 1} "
                             f"attempt{'' if attempt == 0 else 's'} ({time.monotonic() - started:.0f} s): "
                             f"{type(exc).__name__}: {exc}") from None
                     if reached and deadline is not None:  # a CLI command's advice (a launcher says it cannot reach)
-                        raise ServerUnavailable(_no_answer_message(method, f"{self.api_root}{url}", url, attempt + 1,
+                        raise ServerUnavailable(_no_answer_message(method, f"{self.shown_root}{url}", url, attempt + 1,
                                                                    time.monotonic() - started)) from None
                     if connect_spent and attempt < retries:
                         waited = f" over {time.monotonic() - started:.0f} s ({self._connect_wait_source()})"
@@ -959,20 +1061,23 @@ class RESTClient:
                     else:
                         waited = f" (gave up after {self.max_call_wait:g} s, the wait of an interactive command)"
                     raise ServerUnavailable(
-                        f"{method} {self.api_root}{url}: server unreachable after {attempt + 1} "
-                        f"attempt{'' if attempt == 0 else 's'}{waited}: {type(exc).__name__}: {exc}"
+                        f"{method} {self.shown_root}{url}: server unreachable after {attempt + 1} "
+                        f"attempt{'' if attempt == 0 else 's'}{waited}: {type(exc).__name__}: "
+                        f"{_failure_reason(exc) if _connect_timed_out(exc) else exc}"
                         + unreachable_hint(self.api_root, exc)
                     ) from None
                 # The record keeps its four arguments and "retrying in" (balsam.cli.launcher rewrites
                 # a call's first one for its log); what follows them is for a person reading it.
                 progress = self._retry_progress(attempt, retries, delay, deadline, connect_left)
                 if attempt == 0:  # the call's first failure: say once what is unreachable and what to check
-                    progress += (f": the Balsam server at {self.api_root} "
-                                 f"{'cannot be reached' if _is_connect_error(exc) else 'did not answer'}: "
+                    progress += (f": the Balsam server at {self.shown_root} {_reach_failure(exc)}: "
                                  f"{_failure_reason(exc)}{_retry_hint(self.api_root, exc)}")
                 logger.warning("%s %s: %s; retrying in %.1f s" + progress.replace("%", "%%"), method, url,
                                type(exc).__name__, delay,
-                               extra={"attempt": attempt + 1, "retries": retries})  # 1: the call's first failure
+                               # attempt 1: the call's first failure; connect_wait: it bounds this call too
+                               # (balsam.cli.launcher's budget), where nothing connects.
+                               extra={"attempt": attempt + 1, "retries": retries,
+                                      "connect_wait": self.connect_wait if _is_connect_error(exc) else math.inf})
                 time.sleep(delay)
                 attempt += 1
                 continue
@@ -984,7 +1089,7 @@ class RESTClient:
                 delay = self._backoff(attempt, resp)
                 if (attempt >= retries or _retry_after(resp) > self.backoff_max
                         or (deadline is not None and time.monotonic() + delay >= deadline)):
-                    raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp),
+                    raise APIError(method, f"{self.shown_root}{url}", status, _response_detail(resp),
                                    retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
                 logger.warning("%s %s: HTTP %d; retrying in %.1f s"
                                + self._retry_progress(attempt, retries, delay, deadline).replace("%", "%%"),
@@ -1017,12 +1122,12 @@ class RESTClient:
                     if not self.token and login == "balsam login":
                         hint += NOT_LOGGED_IN.partition("`balsam login`")[2]  # " (or `balsam server start` ...)"
                     detail = f"{text}. {hint}"
-                error = AuthenticationError(method, f"{self.api_root}{url}", status, detail)
+                error = AuthenticationError(method, f"{self.shown_root}{url}", status, detail)
                 if authenticated and self.token:
                     _notify_credential_refused(error)
                 raise error
             if status >= 400:
-                raise APIError(method, f"{self.api_root}{url}", status, _response_detail(resp), _refused_ids(resp))
+                raise APIError(method, f"{self.shown_root}{url}", status, _response_detail(resp), _refused_ids(resp))
             return resp
 
     def get(self, path: str, params: "Mapping[str, Any] | None" = None, **kw: Any) -> Any:
@@ -1061,7 +1166,7 @@ class RESTClient:
             form["label"] = label
         result = self.request("POST", "/auth/password/login", data=form, authenticated=False)
         if not isinstance(result, dict) or "access_token" not in result:
-            raise APIError("POST", f"{self.api_root}/auth/password/login", 200, f"unexpected login response {result!r}")
+            raise APIError("POST", f"{self.shown_root}/auth/password/login", 200, f"unexpected login response {result!r}")
         self.token = result["access_token"]
         self.refresh_token = result.get("refresh_token") or self.refresh_token
         self.username = username

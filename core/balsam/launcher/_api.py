@@ -26,7 +26,9 @@ def default_client() -> Any:
     """The REST client the ``balsam.api`` models use (built lazily from the login file)."""
     from balsam.client.default import get_default_client
 
-    return get_default_client()
+    # A launcher rides out a server restart: no interactive session's connect wait (one started
+    # from IPython was taken for one), unless $BALSAM_CLIENT_CONNECT_WAIT_SEC asks for a wait.
+    return get_default_client().unattended()
 
 
 def api_models() -> Any:

@@ -30,12 +30,23 @@ def load_site_client(site_config: Any = None) -> Any:
     """The REST client a site process uses: the SiteConfig's own client when it has one, else the stored login."""
     client = getattr(site_config, "client", None) if site_config is not None else None
     if client is not None and not callable(client):
-        return client
+        return _unattended(client)
     if callable(client):
-        return client()
-    from ..client import load_client
+        return _unattended(client())
+    from ..client import ClientSettingsError, load_client
 
-    return load_client()
+    try:
+        return _unattended(load_client())
+    except ClientSettingsError as exc:  # a bad login or $BALSAM_CLIENT_CONNECT_WAIT_SEC: in the log too
+        logging.getLogger("balsam.site.agent").error("cannot make the API client: %s", exc)
+        raise
+
+
+def _unattended(client: Any) -> Any:
+    """An agent rides out a server restart: no interactive session's connect wait (see
+    RESTClient.unattended), unless $BALSAM_CLIENT_CONNECT_WAIT_SEC asks for a wait."""
+    unattended = getattr(client, "unattended", None)
+    return unattended() if callable(unattended) else client
 
 
 def is_api_outage(exc: BaseException) -> bool:
