@@ -9,7 +9,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The first install downloads and builds for minutes with nothing on screen (pip's output goes to
 # a log): say so, or the silence reads as a hang.
 [ -x "$repo/.venv/bin/balsam" ] ||
-    echo "demo: first run: installing into .venv takes a few minutes (pip's output: .venv/bootstrap.log)"
+    echo "demo: first run: installing into .venv takes a few minutes (pip's output: $repo/.venv/bootstrap.log)"
 bash "$repo/scripts/bootstrap.sh"
 # The launchers run MPI apps with the mpiexec installed into the virtualenv (MPICH from PyPI).
 export PATH="$repo/.venv/bin:$PATH"

@@ -351,6 +351,17 @@ CHECK_BATCH_JOBS_EVERY_SEC = 2.0
 PLAIN_PROGRESS_EVERY_SEC = 10.0
 
 
+def _deleted(batch_job: dict) -> bool:
+    """Whether a BatchJob ended because its scheduler job was deleted (`balsam queue term`): the
+    agent records the scheduler's word for the end in status_info, the local scheduler's
+    ``CANCELLED`` (message ``deleted``), and ``deleted`` for a deleted job the scheduler keeps no
+    record of. It lasts, unlike the ``pending_deletion`` state (one or two scheduler sync periods:
+    a keeper reading the BatchJob only while jobs of its mode wait missed it, and the killed
+    launcher's jobs, back to RESTART_READY, had the terminated BatchJob replaced)."""
+    info = batch_job.get("status_info") or {}
+    return info.get("scheduler_state") == "CANCELLED" or info.get("scheduler_message") == "deleted"
+
+
 class _BatchJobKeeper:
     """Replaces a mode's BatchJob whose launcher ended while jobs of that mode still wait to run.
 
@@ -359,7 +370,8 @@ class _BatchJobKeeper:
     --num-jobs 3000 the MPI jobs, created last, are preprocessed after ~2,900 shell jobs, and
     under load even with 1,000), or the serial one can find nothing while the DAG's join waits for
     its parents. It then idles out and the jobs left would wait until --timeout. At most
-    MAX_REPLACEMENTS per mode, and none for a BatchJob seen ending by `balsam queue term`."""
+    MAX_REPLACEMENTS per mode, and none for a BatchJob ended by `balsam queue term`
+    (:func:`_deleted`)."""
 
     def __init__(self, site_id: int, run_id: str, wall_time_min: int, batch_jobs: list[Any], left: Optional[_Left]):
         self.site_id, self.run_id, self.wall_time_min, self.left = site_id, run_id, wall_time_min, left
@@ -377,9 +389,11 @@ class _BatchJobKeeper:
         for mode, batch_job_id in list(self.current.items()):
             if not waiting[mode] or batch_job_id in self.terminated:
                 continue
-            state = client.get(f"/batch-jobs/{batch_job_id}")["state"]
-            if state == "pending_deletion":
+            row = client.get(f"/batch-jobs/{batch_job_id}")
+            state = row["state"]
+            if state == "pending_deletion" or _deleted(row):
                 self.terminated.add(batch_job_id)
+                continue
             if state in LIVE_BATCH_JOB_STATES or self.replaced[mode] >= MAX_REPLACEMENTS:
                 continue
             (new,) = submit_batch_jobs(self.site_id, self.run_id, self.wall_time_min, modes=(mode,))

@@ -23,11 +23,12 @@ class FakeClient:
         self.reads = 0
         self.retry_count = 10
 
-    def get(self, path, params=None):
+    def get(self, path, params=None, deadline=None):
         assert path == "/batch-jobs/", path
         assert dict(params or {}).get("site_id") == 3 and dict(params or {}).get("state") == "pending_deletion", params
+        assert deadline is not None  # a server that accepts and never answers must not hold the stop
         self.reads += 1
-        rows = [{"id": 24, "state": "pending_deletion"}] if self.reads <= self.marked_reads else []
+        rows = [{"id": 24, "state": "pending_deletion", "scheduler_id": 7}] if self.reads <= self.marked_reads else []
         return {"count": len(rows), "results": rows}
 
 
@@ -39,7 +40,7 @@ def stop_site(monkeypatch, tmp_path):
     def run(client: FakeClient, *args: str):
         stopped_after: list[int] = []
 
-        def stop_agent(path, timeout, force, progress=None, echo=None):
+        def stop_agent(path, *, timeout, force, progress=None, echo=None):
             stopped_after.append(client.reads)
             return 4242
 
@@ -59,16 +60,17 @@ def test_site_stop_lets_the_agent_end_the_batch_jobs_queue_term_marked(stop_site
     result, stopped_after = stop_site(client)
     assert result.exit_code == 0, result.output
     assert stopped_after == [3], stopped_after  # stopped once the third read found none marked
-    assert "Waiting for the site agent to end BatchJob(s) 24 (queue term)" in result.stderr, result.stderr
+    assert "Waiting for the site agent to end 1 BatchJob(s) marked by `balsam queue term` (24)" in result.stderr, \
+        result.stderr
     assert "Site agent [pid 4242] shutdown OK" in result.stdout
 
 
 def test_site_stop_warns_when_they_are_still_marked_at_its_timeout(stop_site):
     client = FakeClient(marked_reads=10**6)
-    result, stopped_after = stop_site(client, "--timeout", "1")
+    result, stopped_after = stop_site(client, "--timeout", "3")  # the wait gets at most half of it
     assert result.exit_code == 0, result.output
     assert stopped_after and stopped_after[0] >= 2, stopped_after
-    assert ("Warning: BatchJob(s) 24 still await deletion after 1 s: their launchers run on until idle "
+    assert ("Warning: BatchJob(s) 24 still await deletion after 2 s; their launchers run on until idle "
             "(launcher.idle_ttl_sec) or their wall time; `balsam site start` has them ended") in result.stderr
 
 

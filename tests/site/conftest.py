@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from site_test_utils import FAST_SETTINGS, api_client, stop_agent_and_end_batch_jobs  # noqa: E402
+from site_test_utils import FAST_SETTINGS, api_client, end_agent_daemons  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +66,4 @@ def agent_daemon(client: Any) -> Iterator[Callable[[Any], int]]:
         return pid
 
     yield start
-    for site_config in started:
-        stop_agent_and_end_batch_jobs(client, site_config)
-    os.environ.pop("BALSAM_SITE_PATH", None)
+    end_agent_daemons(client, started)

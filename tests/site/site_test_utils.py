@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -43,41 +44,82 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 60.0, interval: f
 ACTIVE_BATCH_JOB_STATES = ["pending_submission", "queued", "running", "pending_deletion"]
 
 
-def stop_agent_and_end_batch_jobs(client: Any, site_config: Any) -> None:
-    """Teardown of a test's agent daemon: stop the agent, then delete the scheduler jobs of the
-    site's active BatchJobs through the site's scheduler driver (what the agent does for a
-    ``pending_deletion`` one), so that no launcher outlives the test, and record them finished.
+def _teardown_scheduler_module(client: Any, site_config: Any) -> Any:
+    """The site's scheduler module as its agent builds it, with settings.yml as it is now (a test
+    may have changed it), else as the test read it; None when neither loads (a test that failed
+    with the file broken: the launchers then exit on their own once idle, idle_ttl_sec)."""
+    from balsam.config import SiteConfig
+    from balsam.site.agent import settings_section
+    from balsam.site.modules.scheduler import SchedulerModule, SchedulerSettings
 
-    Why not through the agent, as ``balsam queue term`` would: waiting for it to delete them and
-    then to see them gone takes two scheduler sync cycles and a launcher's exit, 3-5 s a test.
-    Stopped first, the agent submits nothing more meanwhile (its stop lets a cycle in progress
-    end, so a submission it made is recorded with its scheduler_id)."""
-    from balsam.config import load_settings
-    from balsam.config.drivers import site_scheduler
+    for read in (lambda: SiteConfig(site_config.site_path), lambda: site_config):
+        try:
+            config = read()
+            section = settings_section(config.settings, "scheduler") or SchedulerSettings()
+            return SchedulerModule(config, section, client)
+        except Exception:
+            continue
+    return None
+
+
+def stop_agent_and_end_batch_jobs(client: Any, site_config: Any) -> None:
+    """Teardown of a test's agent daemon: stop the agent, mark the site's active BatchJobs
+    ``pending_deletion`` (as ``balsam queue term`` does) and run one cycle of the site's scheduler
+    module here, in this process, so that no launcher outlives the test; then record them finished.
+
+    The module's own deletion path, not the driver's delete_job on the recorded scheduler_ids: a
+    submit the agent's stop cut off (its scheduler_id never recorded, a ``.submitting`` marker
+    left; or the id only in the ``.scheduler_id`` marker after a SIGKILL) may have queued a job,
+    which the module finds (markers, the driver's find_submitted) and deletes. One cycle, here:
+    waiting for the agent to do it takes two scheduler sync cycles and a launcher's exit, 3-5 s a
+    test. Stopped first, the agent submits nothing more meanwhile."""
     from balsam.site.api_util import list_all
     from balsam.site.site_ops import stop_agent
 
     site_path = Path(site_config.site_path)
     stop_agent(site_path, timeout=30, force=True)
-    active = list_all(client, "/batch-jobs/", {"site_id": site_config.site_id, "state": ACTIVE_BATCH_JOB_STATES})
+    params = {"site_id": site_config.site_id, "state": ACTIVE_BATCH_JOB_STATES}
+    active = list_all(client, "/batch-jobs/", params)
     if not active:
         return
-    scheduler = None
-    # As settings.yml is now (a test may have changed it), else as the test read it; neither (a test
-    # that failed with the file broken): the launchers exit on their own once idle (idle_ttl_sec).
-    for read in (lambda: load_settings(site_path / "settings.yml", log_warnings=False), lambda: site_config.settings):
+    marks = [{"id": row["id"], "state": "pending_deletion"} for row in active if row["state"] != "pending_deletion"]
+    if marks:
+        client.patch("/batch-jobs/", json=marks)
+    module = _teardown_scheduler_module(client, site_config)
+    if module is not None:
         try:
-            scheduler = site_scheduler(read())
-            break
-        except Exception:
-            continue
-    for row in active:
-        if scheduler is not None and row.get("scheduler_id") is not None:
+            module.run_cycle()  # deletes; its own bulk PATCH records the ids it found
+        finally:
+            if module._statuses is None:
+                # The status poll failed (or the cycle failed before it): the cycle deleted nothing
+                # recorded, so delete the recorded jobs directly (a failed delete: left the queue).
+                for row in list_all(client, "/batch-jobs/", params):
+                    if row.get("scheduler_id") is not None:
+                        try:
+                            module.scheduler.delete_job(row["scheduler_id"])
+                        except Exception:
+                            pass
+    left = list_all(client, "/batch-jobs/", params)
+    if left:
+        client.patch("/batch-jobs/", json=[{"id": row["id"], "state": "finished"} for row in left])
+
+
+def end_agent_daemons(client: Any, started: list) -> None:
+    """The ``agent_daemon`` fixtures' teardown: :func:`stop_agent_and_end_batch_jobs` for every
+    site started, each whatever became of the others (one failing left the next sites' agents
+    running into the next tests), $BALSAM_SITE_PATH dropped in any case; the first error raised
+    after all were tried."""
+    errors: list[BaseException] = []
+    try:
+        for site_config in started:
             try:
-                scheduler.delete_job(row["scheduler_id"])
-            except Exception:  # it left the queue already (the agent too goes on after a failed delete)
-                pass
-    client.patch("/batch-jobs/", json=[{"id": row["id"], "state": "finished"} for row in active])
+                stop_agent_and_end_batch_jobs(client, site_config)
+            except Exception as exc:
+                errors.append(exc)
+    finally:
+        os.environ.pop("BALSAM_SITE_PATH", None)
+    if errors:
+        raise errors[0]
 
 
 def job_rows(client: Any, **params: Any) -> list[dict]:

@@ -146,72 +146,193 @@ def _stop(path: Path, timeout: float, force: bool, outcome: Optional[dict] = Non
             shown["last"] = second
             click.echo(f"\rWaiting for the site agent to stop... {second:>2d}/{int(total)} s", nl=False, err=True)
 
-    pid = stop_agent(path, timeout=timeout, force=force, progress=progress, echo=click.echo)
-    if shown["last"] >= 0:
-        click.echo("", err=True)
-    return pid
+    try:
+        return stop_agent(path, timeout=timeout, force=force, progress=progress, echo=click.echo)
+    finally:
+        if shown["last"] >= 0:  # ends the progress line, also before the error of a stop that timed out
+            click.echo("", err=True)
 
 
-def _await_terminations(path: Path, timeout: float) -> None:
-    """Wait (up to ``timeout``) until the running agent has ended this site's BatchJobs that `balsam
-    queue term` marked (pending_deletion). It ends them at its next scheduler poll (every
-    scheduler.sync_period, 10 s by default); stopped first, it left their launchers running until
-    their idle timeout or wall time, although the README's `balsam queue term --id ID; balsam site
-    stop` is the way to end everything."""
-    from balsam.site.agent import agent_running
-    from balsam.site.api_util import list_all
+#: `balsam site stop`'s wait for the BatchJobs `balsam queue term` marked (pending_deletion): the
+#: agent deletes their scheduler jobs at its next scheduler poll and records them finished at the
+#: one after, so it waits at most this many scheduler.sync_period (one with --force: the deletions
+#: are made by then, the launchers end, only their record waits for the next agent) and a margin
+#: (the cycle itself, a launcher's exit). It waited up to its whole timeout (45 s), also for
+#: BatchJobs the agent could not end.
+TERM_WAIT_SYNC_PERIODS = 2
+TERM_WAIT_MARGIN_SEC = 5.0
+#: Each read of the marked BatchJobs gives up after this long: a server that accepts and never
+#: answers held every `site stop` for its read timeout (120 s), with nothing marked.
+TERM_WAIT_READ_SEC = 3.0
+#: The marked BatchJobs read per poll (the count says how many more) and named on the wait's line.
+TERM_WAIT_READ_LIMIT = 100
+TERM_WAIT_SHOWN_IDS = 5
+
+
+def _some_ids(ids: list[int], count: int) -> str:
+    """The first few ids and how many more (300 ids, redrawn each second, wrapped the line)."""
+    shown = ", ".join(map(str, ids[:TERM_WAIT_SHOWN_IDS]))
+    more = count - min(len(ids), TERM_WAIT_SHOWN_IDS)
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _agent_cannot_end(row: dict, since: dt.datetime) -> Optional[str]:
+    """Why the agent cannot end this marked BatchJob now, from the error its scheduler module
+    records in status_info (None: nothing says so): its status poll failing (that error stays
+    until the scheduler answers again), or an error recorded since ``since`` (aware), when the wait
+    began: a delete that failed, the lookup of a submission never recorded that failed."""
+    from balsam.site.modules.scheduler import _STATUS_UNAVAILABLE
+
+    info = row.get("status_info") or {}
+    error = str(info.get("error") or "")
+    if not error:
+        return None
+    if error.startswith(_STATUS_UNAVAILABLE):
+        return error
+    try:
+        when = dt.datetime.fromisoformat(str(info.get("error_time") or ""))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return error if when >= since else None
+
+
+def _await_terminations(path: Path, until: float, *, sync_periods: int = TERM_WAIT_SYNC_PERIODS) -> None:
+    """Wait until the running agent has ended this site's BatchJobs that `balsam queue term` marked
+    (pending_deletion), at the latest until ``until`` (time.monotonic()) or ``sync_periods`` scheduler
+    sync periods and a margin: stopped first, the agent left their launchers running until their
+    idle timeout or wall time, although the README's `balsam queue term --id ID; balsam site stop`
+    is the way to end everything. Not at all when the server does not answer the first read within
+    TERM_WAIT_READ_SEC (the agent is stopped at once), nor for BatchJobs the agent says it cannot
+    end now (:func:`_agent_cannot_end`); Ctrl-C ends the wait, and the agent is stopped."""
+    from balsam.cli import error_line
+    from balsam.site.agent import agent_running, settings_section
 
     running = agent_running(path)
     if running is None or running[0] != socket.gethostname():
         return
     try:
-        site_id = _site_config(str(path)).site_id
+        config = _site_config(str(path))
+        site_id = config.site_id
         client = _client()
         client.retry_count = 0  # a server that does not answer: stop the agent without delay
     except Exception:
         return
+    enabled = True
+    period = 10.0  # the default sync_period, where settings.yml does not load now
+    try:
+        section = settings_section(config.settings, "scheduler")
+        enabled = section is not None
+        period = float(getattr(section, "sync_period", period))
+    except Exception:  # broken since the agent started, which runs with what it read then
+        pass
+    began = time.monotonic()
+    since = dt.datetime.now(dt.timezone.utc)
+    until = min(until, began + sync_periods * period + TERM_WAIT_MARGIN_SEC)
 
-    def marked() -> list[int]:
-        try:
-            rows = list_all(client, "/batch-jobs/", {"site_id": site_id, "state": "pending_deletion"})
-        except Exception:
-            return []
-        return sorted(int(row["id"]) for row in rows)
+    def read() -> tuple[int, list[dict]]:
+        payload = client.get("/batch-jobs/", params={"site_id": site_id, "state": "pending_deletion",
+                                                     "limit": TERM_WAIT_READ_LIMIT},
+                             deadline=min(until, time.monotonic() + TERM_WAIT_READ_SEC))
+        rows = sorted(payload.get("results") or [], key=lambda row: int(row["id"]))
+        return int(payload.get("count", len(rows))), rows
 
-    ids = marked()
-    start = time.monotonic()
-    waited = False
-    while ids and time.monotonic() - start < timeout:
-        waited = True
-        click.echo(f"\rWaiting for the site agent to end BatchJob(s) {', '.join(map(str, ids))} (queue term)... "
-                   f"{int(time.monotonic() - start):>2d}/{int(timeout)} s", nl=False, err=True)
-        time.sleep(1)
-        ids = marked()
-    if waited:
+    try:
+        count, rows = read()
+    except Exception as exc:
+        click.echo(f"Warning: cannot read the site's BatchJobs ({error_line(exc)}): not waiting for those `balsam "
+                   "queue term` marked", err=True)
+        return
+    if not count:
+        return
+    if not enabled:
+        click.echo(f"Warning: BatchJob(s) {_some_ids([int(r['id']) for r in rows], count)} await deletion, but the "
+                   "site's scheduler module is off (`scheduler:` in settings.yml): nothing ends them", err=True)
+        return
+    line = ""
+    stuck: dict[int, str] = {}
+    try:
+        while True:
+            stuck = {int(row["id"]): why for row in rows if (why := _agent_cannot_end(row, since))}
+            waiting = [int(row["id"]) for row in rows if int(row["id"]) not in stuck]
+            left = count - len(stuck)
+            now = time.monotonic()
+            if left <= 0 or now >= until:
+                break
+            if now - began >= 1:  # counted as the agent's stop counts: from its first second
+                text = (f"\rWaiting for the site agent to end {left} BatchJob(s) marked by `balsam queue term` "
+                        f"({_some_ids(waiting, left)})... {int(now - began):>2d}/{int(until - began)} s")
+                click.echo(text.ljust(len(line)), nl=False, err=True)
+                line = text
+            time.sleep(max(0.0, min(1.0, until - now)))
+            if time.monotonic() >= until:
+                break  # no read past the wait's end (it would be refused unsent): the last one tells
+            try:
+                count, rows = read()
+            except Exception as exc:
+                if line:
+                    click.echo("", err=True)
+                    line = ""
+                click.echo(f"Warning: cannot read the site's BatchJobs any longer ({error_line(exc)}): stopping the "
+                           "site agent", err=True)
+                return
+    except KeyboardInterrupt:
+        if line:
+            click.echo("", err=True)
+        click.echo("Interrupted: no longer waiting for the BatchJobs `balsam queue term` marked; stopping the site "
+                   "agent (Ctrl-C again to abort)", err=True)
+        return
+    if line:
         click.echo("", err=True)
-    if ids:
-        click.echo(f"Warning: BatchJob(s) {', '.join(map(str, ids))} still await deletion after {timeout:.0f} s: "
-                   "their launchers run on until idle (launcher.idle_ttl_sec) or their wall time; "
-                   "`balsam site start` has them ended", err=True)
+    if stuck:
+        first = next(iter(stuck.values()))
+        click.echo(f"Warning: the site agent cannot end BatchJob(s) {_some_ids(sorted(stuck), len(stuck))} now "
+                   f"({first}): not waiting for them; `balsam site start` tries again", err=True)
+    still = [row for row in rows if int(row["id"]) not in stuck]
+    if count - len(stuck) > 0:
+        submitted = [row for row in still if row.get("scheduler_id") is not None]
+        runs_on = ("; their launchers run on until idle (launcher.idle_ttl_sec) or their wall time"
+                   if submitted or count > len(rows) else "")
+        click.echo(f"Warning: BatchJob(s) {_some_ids([int(r['id']) for r in still], count - len(stuck))} still await "
+                   f"deletion after {time.monotonic() - began:.0f} s{runs_on}; `balsam site start` has them ended",
+                   err=True)
 
 
 @click.command("stop")
 @click.argument("site_path", required=False)
-@click.option("-t", "--timeout", default=45.0, show_default=True, help="Seconds to wait for a clean stop")
-@click.option("--force", is_flag=True, help="Kill the agent if it has not stopped after the timeout; drop a pid file "
-              "naming another host whose agent looks dead (the site not refreshed for a few sync periods)")
-def stop(site_path: Optional[str], timeout: float, force: bool) -> None:
+@click.option("-t", "--timeout", type=float, default=None,
+              help="Seconds the whole command waits: for the BatchJobs `balsam queue term` marked (at most half), "
+              "then for a clean stop [default: up to 2 scheduler sync periods + 5 s, then the agent's stop wait "
+              "($BALSAM_AGENT_STOP_WAIT_SEC at its start, 15 s unset) + 30 s, at least 45 s]")
+@click.option("--force", is_flag=True, help="Kill the agent if it has not stopped within the timeout (and wait for "
+              "the marked BatchJobs one sync period at most); drop a pid file naming another host whose agent looks "
+              "dead (the site not refreshed for a few sync periods)")
+def stop(site_path: Optional[str], timeout: Optional[float], force: bool) -> None:
     """Stop the site agent cleanly (SIGTERM, then wait); first let it end the BatchJobs `balsam queue
     term` marked."""
+    from balsam.site.agent import agent_stop_timeout
+
     path = _site_path(site_path)
-    _await_terminations(path, timeout)
+    began = time.monotonic()
+    periods = 1 if force else TERM_WAIT_SYNC_PERIODS
+    if timeout is None:
+        _await_terminations(path, float("inf"), sync_periods=periods)
+        # What the agent's own stop may take: its stop wait, recorded in its pid file at its start.
+        stop_timeout = agent_stop_timeout(path)
+    else:
+        # -t is the whole command's: the wait for the marked BatchJobs takes at most half of it (it
+        # doubled it), the agent's stop what remains; --force kills it at -t.
+        _await_terminations(path, began + timeout / 2, sync_periods=periods)
+        stop_timeout = max(0.0, began + timeout - time.monotonic())
     outcome: dict = {}
-    pid = _stop(path, timeout, force, outcome)
+    pid = _stop(path, stop_timeout, force, outcome)
     if pid is None:
         click.echo("The site agent is not running.")
     elif outcome.get("killed"):
         # Not "shutdown OK": the agent skipped its clean stop (modules' close(), log buffer, session).
-        click.echo(f"Site agent [pid {pid}] did not stop within {timeout:.0f} s: killed (SIGKILL; no clean shutdown)")
+        total = stop_timeout if timeout is None else timeout
+        click.echo(f"Site agent [pid {pid}] did not stop within {total:.0f} s: killed (SIGKILL; no clean shutdown)")
     else:
         click.echo(f"Site agent [pid {pid}] shutdown OK")
 
@@ -280,8 +401,8 @@ def status(site_path: Optional[str]) -> None:
 def sync(site_path: Optional[str]) -> None:
     """Push settings.yml (queues, projects, params, transfer locations) to the API; restart a running agent."""
     from balsam.config import SettingsError
-    from balsam.site.agent import agent_running
-    from balsam.site.site_ops import push_site_settings, start_agent
+    from balsam.site.agent import AgentError, agent_running, recorded_stop_wait, stop_timeout, stop_wait_sec
+    from balsam.site.site_ops import AgentStopTimeout, push_site_settings, start_agent
 
     config = _site_config(site_path)
     try:
@@ -298,13 +419,33 @@ def sync(site_path: Optional[str]) -> None:
             kept = f"nothing was pushed; the running site agent [pid {running[1]}{where}] keeps its current settings"
         last = exc.errors[-1] if exc.errors else str(exc)
         raise click.ClickException(f"{last} ({kept})") from None
+    path = Path(config.site_path)
+    running = agent_running(path)
+    restart = running is not None and running[0] == socket.gethostname()
+    # The restarted agent keeps the stop wait the running one recorded at its start (this
+    # environment's $BALSAM_AGENT_STOP_WAIT_SEC, when set, replaces it): read before it stops, which
+    # removes its pid file. A value here the agent would refuse stops nothing.
+    stop_wait = recorded_stop_wait(path) if restart else None
+    if restart:
+        try:
+            stop_wait_sec()
+        except AgentError as exc:
+            raise click.ClickException(f"{exc} (nothing was pushed; the running site agent [pid {running[1]}] "
+                                       "keeps its current settings)") from None
     push_site_settings(_client(), config)
     click.echo(f"Updated site {config.site_id} from {config.settings_path}.")
-    running = agent_running(Path(config.site_path))
-    if running is not None and running[0] == socket.gethostname():
+    if restart:
         click.echo(f"Restarting the site agent [pid {running[1]}] ...")
-        _stop(Path(config.site_path), 45.0, False)
-        pid = start_agent(Path(config.site_path))
+        timeout = stop_timeout(stop_wait)
+        try:
+            _stop(path, timeout, False)
+        except AgentStopTimeout:
+            # The SIGTERM went: the agent goes on stopping, and nothing restarts it.
+            raise click.ClickException(
+                f"the site agent [pid {running[1]}] did not stop within {timeout:.0f} s and was not restarted: it "
+                f"goes on stopping (cycles in progress, hooks, its modules' close); once `balsam site status` says "
+                f"it is not running, `balsam site start {shlex.quote(str(path))}` starts it with the new settings") from None
+        pid = start_agent(path, stop_wait_sec=stop_wait)
         click.echo(f"Started Balsam site agent [pid {pid}] on {socket.gethostname()}")
     elif running is not None:
         # Its processes cannot be signalled from here: say so, or the user expects the new settings applied.

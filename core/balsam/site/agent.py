@@ -87,6 +87,15 @@ MAX_CYCLE_DELAY_SEC = 365 * 86400.0
 DEFAULT_STOP_WAIT_SEC = 15.0
 MAX_STOP_WAIT_SEC = 3600.0
 STOP_WAIT_ENV = "BALSAM_AGENT_STOP_WAIT_SEC"
+#: The pid file's line recording the agent's stop wait (``stop_wait_sec=<seconds>``), for `balsam
+#: site stop`/`sync`'s timeout (:func:`agent_stop_timeout`) and for `sync`'s restart, which keeps it.
+STOP_WAIT_FIELD = "stop_wait_sec="
+#: `balsam site stop`'s shortest default timeout (its timeout before the stop wait was settable).
+MIN_STOP_TIMEOUT_SEC = 45.0
+#: What a stop takes after its wait for the cycles in progress and its stopping hook: the modules'
+#: close() (the processing module sends the results it holds; it takes longer while hooks still
+#: run, which `balsam site stop -t`/`--force` is for) and the leftover children's end (3 s grace).
+STOP_CLOSE_SEC = 10.0
 
 #: Refusals of a request that are no settings error: the credential (401, 403), the site record
 #: gone (404, seen by the site check), a timeout, a conflict or a rate limit (408, 409, 429: a
@@ -253,6 +262,38 @@ def settings_changed_since_start(site_path: Path, settings_path: Path) -> Option
     return settings_digest(now) != started
 
 
+def recorded_stop_wait(site_path: Path) -> Optional[float]:
+    """The stop wait the running agent recorded in its pid file (:data:`STOP_WAIT_FIELD`); None
+    when the file records none (no agent, one of an older version, or one just starting)."""
+    try:
+        fields = pid_file_path(site_path).read_text().split()
+    except OSError:
+        return None
+    for field in fields[3:]:
+        if field.startswith(STOP_WAIT_FIELD):
+            try:
+                value = float(field[len(STOP_WAIT_FIELD):])
+            except ValueError:
+                return None
+            return value if 0 <= value <= MAX_STOP_WAIT_SEC else None
+    return None
+
+
+def stop_timeout(stop_wait: Optional[float]) -> float:
+    """How long `balsam site stop` (and `sync`'s restart) waits for an agent whose stop wait is
+    ``stop_wait`` (None: unknown, the default assumed) to exit: that wait for its cycles in
+    progress, its stopping hook's limit and its modules' close (:data:`STOP_CLOSE_SEC`), at least
+    :data:`MIN_STOP_TIMEOUT_SEC`. A fixed 45 s gave up on an agent with a longer stop wait, and
+    `sync` then left it stopped, never restarted."""
+    wait = DEFAULT_STOP_WAIT_SEC if stop_wait is None else stop_wait
+    return max(MIN_STOP_TIMEOUT_SEC, wait + AGENT_HOOK_TIMEOUT_SEC + STOP_CLOSE_SEC)
+
+
+def agent_stop_timeout(site_path: Path) -> float:
+    """:func:`stop_timeout` of the stop wait the site's agent recorded in its pid file."""
+    return stop_timeout(recorded_stop_wait(site_path))
+
+
 def read_pid_file(site_path: Path) -> Optional[tuple[str, int]]:
     """(hostname, pid) from the site's pid file, or None when there is none (or it is unreadable)."""
     record = read_pid_record(site_path)
@@ -361,17 +402,25 @@ def write_pid_file(site_path: Path) -> Path:
     return path
 
 
-def record_started_settings(site_path: Path, settings_text: Optional[bytes]) -> None:
-    """Add the digest of settings.yml as this agent started with it to its pid file (a fourth line,
-    which older readers ignore), for `balsam site status` (:func:`settings_changed_since_start`).
-    Replaced whole (a temp file, then a rename): a reader never finds half a file."""
+def record_started_settings(site_path: Path, settings_text: Optional[bytes],
+                            stop_wait_sec: Optional[float] = None) -> None:
+    """Add to this agent's pid file the digest of settings.yml as it started with it (a fourth
+    line, which older readers ignore), for `balsam site status` (:func:`settings_changed_since_start`),
+    and its stop wait (:data:`STOP_WAIT_FIELD`, the last line), for `balsam site stop`/`sync`
+    (:func:`agent_stop_timeout`). Replaced whole (a temp file, then a rename): a reader never
+    finds half a file."""
     digest = settings_digest(settings_text)
     path = pid_file_path(site_path)
     lines = path.read_text().split()
-    if digest is None or lines[:2] != [socket.gethostname(), str(os.getpid())]:
-        return  # unreadable at start (status then goes by its mtime), or not our pid file
+    if lines[:2] != [socket.gethostname(), str(os.getpid())]:
+        return  # not our pid file
+    # No digest when settings.yml was unreadable at start (status then goes by its mtime).
+    added = ([digest] if digest is not None else []) + \
+        ([f"{STOP_WAIT_FIELD}{stop_wait_sec!r}"] if stop_wait_sec is not None else [])
+    if not added:
+        return
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines[:3] + [digest]))
+    tmp.write_text("".join(f"{line}\n" for line in lines[:3] + added))
     os.replace(tmp, path)
 
 
@@ -1032,9 +1081,11 @@ class Agent:
             self._remove_signal_handlers()
             raise
         try:
-            record_started_settings(self.site_path, self._settings_text)
-        except OSError as exc:  # only `balsam site status` misses it: it then goes by settings.yml's mtime
-            logger.warning("cannot record settings.yml's digest in the pid file %s: %s",
+            record_started_settings(self.site_path, self._settings_text, self.stop_wait_sec)
+        except OSError as exc:
+            # `balsam site status` then goes by settings.yml's mtime; `site stop` assumes the default
+            # stop wait (its -t still sets its timeout), `site sync` restarts with its own environment's.
+            logger.warning("cannot record settings.yml's digest and the stop wait in the pid file %s: %s",
                            pid_file_path(self.site_path), exc)
         try:
             self.start()

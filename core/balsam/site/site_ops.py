@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .agent import (
-    START_TIME_TOLERANCE_SEC, agent_running, pid_alive, pid_file_path, read_pid_file, read_pid_record, recorded_agent_alive,
+    START_TIME_TOLERANCE_SEC, STOP_WAIT_ENV, agent_running, agent_stop_timeout, pid_alive, pid_file_path, read_pid_file,
+    read_pid_record, recorded_agent_alive,
 )
 from ..scheduler import UNREPORTED_MAX_QUEUED_JOBS
 from ..util import process_start_time, same_process, terminate_processes
@@ -31,6 +32,10 @@ SITE_ID_FILE = ".balsam-site"
 
 class SiteError(RuntimeError):
     """A site operation that cannot be done (one line for the user)."""
+
+
+class AgentStopTimeout(SiteError):
+    """The agent, signalled to stop, did not exit within the stop's timeout (it goes on stopping)."""
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -503,11 +508,13 @@ def _default_client(client: Any) -> Any:
 
 
 def start_agent(site_path: Path, *, wait_sec: float = 20.0, force: bool = False, client: Any = None,
-                echo: Callable[[str], None] = lambda _msg: None) -> int:
+                echo: Callable[[str], None] = lambda _msg: None, stop_wait_sec: Optional[float] = None) -> int:
     """Start ``python -m balsam.site`` in the background for ``site_path``; return its pid once it runs.
 
     A pid file naming another host is checked against the site record (:func:`check_other_host_agent`);
-    ``force`` drops it when that agent looks dead."""
+    ``force`` drops it when that agent looks dead. ``stop_wait_sec``: the agent's stop wait where
+    this environment sets none ($BALSAM_AGENT_STOP_WAIT_SEC): `balsam site sync` restarts an agent
+    with the wait it had."""
     site_path = Path(site_path).absolute()
     record = read_pid_record(site_path)
     if record is not None and record[0] != socket.gethostname():
@@ -522,6 +529,8 @@ def start_agent(site_path: Path, *, wait_sec: float = 20.0, force: bool = False,
     log_dir.mkdir(exist_ok=True)
     console = log_dir / "agent-console.out"
     env = {**os.environ, "BALSAM_SITE_PATH": str(site_path)}
+    if stop_wait_sec is not None and not env.get(STOP_WAIT_ENV, "").strip():
+        env[STOP_WAIT_ENV] = repr(float(stop_wait_sec))
     with open(console, "ab") as out:
         offset = out.tell()
         proc = subprocess.Popen(
@@ -552,7 +561,7 @@ def start_agent(site_path: Path, *, wait_sec: float = 20.0, force: bool = False,
 def stop_agent(
     site_path: Path,
     *,
-    timeout: float = 45.0,
+    timeout: Optional[float] = None,
     force: bool = False,
     progress: Optional[Callable[[float, float], None]] = None,
     client: Any = None,
@@ -564,7 +573,8 @@ def stop_agent(
     since is left alone). Processes the agent left behind in its process group (it is the group
     leader) and in the groups of its scheduler commands (:func:`agent_command_groups`, read as it is
     signalled and again before a kill) are ended too; with ``force`` the agent is SIGKILLed after
-    ``timeout`` first. A pid file
+    ``timeout`` first (None: as long as the agent's recorded stop wait needs,
+    :func:`~balsam.site.agent.agent_stop_timeout`, at least 45 s). A pid file
     of another host is checked against the site record (:func:`check_other_host_agent`); with
     ``force`` it is removed when that agent looks dead. Whatever the agent's state, once no agent
     of this host runs, the rsyncs that dead agents of this host left running are ended
@@ -580,7 +590,7 @@ def stop_agent(
         end_orphan_rsyncs(site_path, echo)
 
 
-def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,
+def _stop_recorded_agent(site_path: Path, *, timeout: Optional[float], force: bool,
                          progress: Optional[Callable[[float, float], None]], client: Any,
                          echo: Callable[[str], None]) -> Optional[int]:
     """:func:`stop_agent` but for the orphan rsyncs."""
@@ -603,6 +613,8 @@ def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,
     # Its own shutdown ends these groups (Agent.shutdown); this is for an agent that exits without
     # doing so (killed meanwhile, its shutdown failed). Read again before a --force kill.
     commands = agent_command_groups(pid)
+    if timeout is None:
+        timeout = agent_stop_timeout(site_path)  # read before the SIGTERM: the agent removes its pid file
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -614,7 +626,8 @@ def _stop_recorded_agent(site_path: Path, *, timeout: float, force: bool,
             progress(elapsed, timeout)
         if elapsed > timeout:
             if not force:
-                raise SiteError(f"the site agent [pid {pid}] did not stop within {timeout:.0f} s (use --force to kill it)")
+                raise AgentStopTimeout(f"the site agent [pid {pid}] did not stop within {timeout:.0f} s (use --force to "
+                                       "kill it)")
             commands = _merge_command_groups(commands, agent_command_groups(pid))
             try:
                 os.kill(pid, signal.SIGKILL)
