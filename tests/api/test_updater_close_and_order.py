@@ -365,3 +365,309 @@ def test_the_agent_at_its_stop_deletes_the_files_it_sent_and_gives_back_the_othe
         assert sorted(tmp_path.iterdir()) == [unsent]
     finally:
         slow.close()
+
+
+# Review of the spool claims (5697a4b): a claim stranded on another host waited 15 min, past the
+# Session's expiry; a claim lost in the middle of a poll let a writer's later file go first; a claim
+# was kept on KeyboardInterrupt; a live local claimer lost its claim at 15 min and its late give-back
+# re-created a replayed file; an NFS rename reported ENOENT though done; a claim under the agent's
+# own pid that it did not hold was never taken back; close()'s give-up line named the wrong time.
+
+def _claim_as(path: Path, tag: str, age_sec: float = 0.0) -> Path:
+    """Rename spool file ``path`` as claimed by ``tag`` (``<host>-<pid>``, ``agent_<host>-<pid>``), ``age_sec`` old."""
+    claim = Path(f"{path}{status_updater.CLAIM_MARK}{tag}")
+    os.rename(path, claim)
+    if age_sec:
+        then = time.time() - age_sec
+        os.utime(claim, (then, then))
+    return claim
+
+
+def _recording_replayer(spool: Path) -> tuple[SpoolReplayer, BulkStatusUpdater, list[tuple[int, str]]]:
+    sent: list[tuple[int, str]] = []
+    updater = BulkStatusUpdater(send=lambda chunk: sent.extend((u["id"], u["state"]) for u in chunk),
+                                max_wait_sec=0.01)
+    return SpoolReplayer(spool, updater), updater, sent
+
+
+def test_a_launcher_claim_stranded_on_another_host_is_replayed_while_its_session_holds_the_job(
+        env: Any, jobs: Callable[..., list[int]], tmp_path: Path) -> None:
+    # A launcher on a compute node killed (wall time) inside send_spooled leaves its claim. The
+    # agent took it back after 15 min, the Session long expired (300 s): RUN_DONE refused, the job
+    # ran again. A live claimer refreshes its claim before each call now, so a claim 2 min old is
+    # of one gone: taken back, and the RUN_DONE applied under the launcher's still-live Session.
+    from balsam.client.lease import JobLease
+
+    client = RESTClient(env.url, env.token)
+    job, = jobs(1)
+    site_id = client.Job.objects.get(id=job).app_id  # the job's app, to find its site
+    site_id = client.get(f"/apps/{site_id}")["site_id"]
+    lease = JobLease(client, site_id, heartbeat_thread=False)
+    try:
+        assert [j["id"] for j in lease.acquire(1)] == [job]
+        launcher = BulkStatusUpdater(client, max_wait_sec=0.05, session_id=lease.session_id)
+        launcher.put(job, "RUNNING")
+        launcher.close()
+        spool = tmp_path / "spool"
+        path = write_spool(spool, [{"id": job, "state": "RUN_DONE", "return_code": 7, "session_id": lease.session_id}])
+        _claim_as(path, "cn042.cluster-31337", age_sec=120)  # killed 2 min ago
+        agent = BulkStatusUpdater(client, max_wait_sec=0.05)
+        try:
+            assert SpoolReplayer(spool, agent).poll() == 1
+            assert agent.flush(30)
+        finally:
+            agent.close()
+        assert agent.dropped_count == 0, agent.dropped
+        done = _jobs(env, [job])[job]
+        assert (done.state.value, done.return_code) == ("RUN_DONE", 7)
+    finally:
+        lease._stop.set()
+
+
+def test_an_agent_claim_it_does_not_hold_is_taken_back_at_once_and_a_fresh_launcher_claim_is_not(tmp_path: Path) -> None:
+    # The agent killed -9 left its claims; its successor (one agent per site: its lock) may start on
+    # another login node: it takes them all back at once. A launcher's fresh claim on another host
+    # is left alone, and so is the later file of that writer.
+    agents = write_spool(tmp_path, [{"id": 1, "state": "RUNNING"}])
+    launchers = write_spool(tmp_path, [{"id": 2, "state": "RUNNING"}], )
+    _claim_as(agents, "agent_login2.example.org-999.1765000000000", age_sec=5)
+    _claim_as(launchers, "cn042.cluster-31337", age_sec=5)
+    replayer, updater, sent = _recording_replayer(tmp_path)
+    try:
+        assert replayer.poll() == 1
+        assert updater.flush(30)
+    finally:
+        updater.close()
+    assert sent == [(1, "RUNNING")]
+
+
+def test_claims_are_refreshed_by_their_holders_and_spooled_calls_have_a_deadline(tmp_path: Path) -> None:
+    # A launcher's send_spooled refreshes its claim before each call, and each call has a deadline
+    # under CLAIM_STALE_SEC; the agent's replay refreshes the claims it holds at each poll.
+    from balsam.client.status_updater import CLAIM_STALE_SEC, _forget_spooled, _note_spooled, send_spooled
+
+    path = write_spool(tmp_path, [{"id": 1, "state": "RUN_DONE", "session_id": 77}])
+    _note_spooled(path, [{"id": 1, "session_id": 77}], None)
+    seen: list[tuple[float, Any]] = []
+
+    class Client:
+        def patch(self, *args: Any, **kwargs: Any) -> None:
+            claim, = tmp_path.glob("*.claimed-*")
+            seen.append((time.time() - claim.stat().st_mtime, kwargs.get("deadline")))
+
+    try:
+        assert send_spooled(Client(), 77)
+    finally:
+        _forget_spooled(path)
+    (age, deadline), = seen
+    assert age < 5 and deadline is not None and deadline - time.monotonic() < CLAIM_STALE_SEC
+
+    write_spool(tmp_path, [{"id": 2, "state": "RUNNING"}])
+    held = BulkStatusUpdater(send=lambda chunk: None, max_wait_sec=60)  # nothing sent: the claim stays held
+    replayer = SpoolReplayer(tmp_path, held)
+    try:
+        assert replayer.poll() == 1
+        claim, = tmp_path.glob("*.claimed-*")
+        then = time.time() - 10 * 60
+        os.utime(claim, (then, then))
+        replayer.poll()
+        assert time.time() - claim.stat().st_mtime < 60
+        replayer.release()
+    finally:
+        held.close()
+
+
+def test_a_claim_lost_to_a_launcher_during_a_poll_holds_back_the_writers_later_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The poll listed the claims, then claimed file by file: a launcher claiming F1 in between made
+    # the agent skip F1 and send F2 (RUN_DONE before RUNNING: refused, the job left RUNNING).
+    f1 = write_spool(tmp_path, [{"id": 1, "state": "RUNNING"}])
+    f2 = write_spool(tmp_path, [{"id": 1, "state": "RUN_DONE"}])
+    launcher_claim = Path(f"{f1}{status_updater.CLAIM_MARK}cn042.cluster-31337")
+    real_claim = status_updater.claim_spool_file
+
+    def racing_claim(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path == f1 and f1.exists():
+            os.rename(f1, launcher_claim)  # the launcher's send_spooled claims F1 just now
+        return real_claim(path, *args, **kwargs)
+
+    monkeypatch.setattr(status_updater, "claim_spool_file", racing_claim)
+    replayer, updater, sent = _recording_replayer(tmp_path)
+    try:
+        assert replayer.poll() == 0
+        assert updater.flush(30) and sent == []
+        assert f2.exists()
+        launcher_claim.unlink()  # the launcher sent F1
+        assert replayer.poll() == 1
+        assert updater.flush(30)
+    finally:
+        updater.close()
+    assert sent == [(1, "RUN_DONE")]
+
+
+def test_send_spooled_gives_its_claim_back_when_interrupted(tmp_path: Path) -> None:
+    from balsam.client.status_updater import _forget_spooled, _note_spooled, send_spooled
+
+    path = write_spool(tmp_path, [{"id": 1, "state": "RUN_DONE", "session_id": 78}])
+    _note_spooled(path, [{"id": 1, "session_id": 78}], None)
+
+    class Client:
+        def patch(self, *args: Any, **kwargs: Any) -> None:
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            send_spooled(Client(), 78)
+    finally:
+        _forget_spooled(path)
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_a_live_claimer_on_this_host_keeps_its_claim_and_a_reused_pid_does_not(tmp_path: Path) -> None:
+    # A local claimer that still runs lost its claim once 15 min old (both sent the file); a claim
+    # whose pid now runs another process (started at another time than the claim names) is of one
+    # gone: taken back at once.
+    from balsam.process_identity import process_start_time
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert wait_until(lambda: process_start_time(busy.pid) is not None)
+        started_ms = int(process_start_time(busy.pid) * 1000)
+        live = write_spool(tmp_path / "live", [{"id": 1, "state": "RUNNING"}])
+        reused = write_spool(tmp_path / "reused", [{"id": 2, "state": "RUNNING"}])
+        host = socket.gethostname()
+        _claim_as(live, f"{host}-{busy.pid}.{started_ms}", age_sec=16 * 60)
+        _claim_as(reused, f"{host}-{busy.pid}.{started_ms - 3_600_000}", age_sec=5)
+        for spool, expected in (("live", []), ("reused", [(2, "RUNNING")])):
+            replayer, updater, sent = _recording_replayer(tmp_path / spool)
+            try:
+                replayer.poll()
+                assert updater.flush(30)
+            finally:
+                updater.close()
+            assert sent == expected, spool
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_a_give_back_after_the_claim_was_taken_back_does_not_recreate_the_file(tmp_path: Path) -> None:
+    # The agent took a claim back (stale), replayed the file and deleted it; the claimer's late
+    # give-back of its unsent rest re-created it (sent twice). Now the give-back renames the claim
+    # first: gone, the rest is dropped.
+    from balsam.client.status_updater import release_spool_file
+
+    path = write_spool(tmp_path, [{"id": 1, "state": "RUNNING"}, {"id": 1, "state": "RUN_DONE"}])
+    claim = _claim_as(path, "cn042.cluster-31337", age_sec=16 * 60)
+    replayer, updater, sent = _recording_replayer(tmp_path)
+    try:
+        assert replayer.poll() == 2
+        assert updater.flush(30)
+        replayer.poll()
+        assert not list(tmp_path.iterdir())
+        release_spool_file(claim, [{"id": 1, "state": "RUN_DONE"}])  # the claimer, late
+        assert not list(tmp_path.iterdir())
+        assert replayer.poll() == 0
+    finally:
+        updater.close()
+    assert sent == [(1, "RUNNING"), (1, "RUN_DONE")]
+
+
+def test_a_claim_rename_reported_enoent_though_done_is_still_ours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # NFS: a rename whose reply was lost is sent again; the second answers ENOENT though the first
+    # was done. send_spooled said "being sent by another process" and left its own claim stranded.
+    from balsam.client.status_updater import _forget_spooled, _note_spooled, send_spooled
+
+    path = write_spool(tmp_path, [{"id": 1, "state": "RUN_DONE", "session_id": 79}])
+    _note_spooled(path, [{"id": 1, "session_id": 79}], None)
+    real_rename = os.rename
+
+    def nfs_rename(src: Any, dst: Any) -> None:
+        real_rename(src, dst)
+        if status_updater.CLAIM_MARK in str(dst) and not str(dst).endswith(".giveback"):  # the claim
+            raise FileNotFoundError(2, "No such file or directory (retransmitted RENAME)")
+
+    monkeypatch.setattr(status_updater.os, "rename", nfs_rename)
+    calls: list[Any] = []
+
+    class Client:
+        def patch(self, *args: Any, **kwargs: Any) -> None:
+            calls.append(kwargs.get("json"))
+
+    try:
+        assert send_spooled(Client(), 79)
+    finally:
+        _forget_spooled(path)
+    assert calls == [[{"id": 1, "state": "RUN_DONE", "session_id": 79}]]
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_claim_under_the_agents_own_pid_that_it_does_not_hold_is_taken_back(tmp_path: Path) -> None:
+    # Left by an earlier process given the same pid (a reboot), or a give-back that failed: it was
+    # "never stale" and held back the writer's later files for the agent's whole life.
+    f1 = write_spool(tmp_path, [{"id": 1, "state": "RUNNING"}])
+    write_spool(tmp_path, [{"id": 1, "state": "RUN_DONE"}])
+    _claim_as(f1, f"{socket.gethostname()}-{os.getpid()}", age_sec=60 * 60)
+    replayer, updater, sent = _recording_replayer(tmp_path)
+    try:
+        assert replayer.poll() == 2
+        assert updater.flush(30)
+        replayer.poll()
+    finally:
+        updater.close()
+    assert sent == [(1, "RUNNING"), (1, "RUN_DONE")]
+    assert not list(tmp_path.iterdir())
+
+
+def test_close_giving_up_on_a_slow_server_that_answers_says_which_time_ran_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A healthy slow server gets close_timeout + CLOSE_JOIN_EXTRA_SEC; the give-up line said
+    # "close_timeout (5 s) ran out" at 35 s.
+    monkeypatch.setattr(status_updater, "CLOSE_JOIN_EXTRA_SEC", 0.5)
+    slow = BulkStatusUpdater(send=lambda chunk: time.sleep(0.3), max_batch=1, max_wait_sec=0.01,
+                             close_timeout=0.2, spool_dir=tmp_path)
+    for job in range(1, 9):
+        slow.put(job, "RUNNING")
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        slow.close()
+    assert slow.spooled
+    gave_up = [r.getMessage() for r in caplog.records if "giving up" in r.getMessage()]
+    assert gave_up and all("0.5 s for a slow server that answered every call" in line for line in gave_up), gave_up
+
+
+def test_close_ends_a_slow_servers_extra_time_by_the_time_it_is_given(tmp_path: Path) -> None:
+    # A launcher passes its allocation's end: the 30 s more a healthy slow server gets (close()
+    # ran 36 s with a close_timeout of 5 s) end there, never before close_timeout.
+    slow = BulkStatusUpdater(send=lambda chunk: time.sleep(0.3), max_batch=1, max_wait_sec=0.01,
+                             close_timeout=0.2, spool_dir=tmp_path)
+    for job in range(1, 9):
+        slow.put(job, "RUNNING")
+    slow.close(extra_until=time.monotonic())
+    assert slow.gave_up and slow.spooled
+
+
+def test_send_spooled_stops_when_the_agent_took_its_claim_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The agent found the claim stale and took it back between two calls: the launcher went on
+    # sending what the agent now replays too. It checks its claim before each call now, stops, and
+    # leaves the whole file to the agent (the Session is not ended: False).
+    from balsam.client.status_updater import _forget_spooled, _note_spooled, send_spooled
+
+    monkeypatch.setattr(status_updater, "MAX_ITEMS_PER_BULK_OP", 1)
+    updates = [{"id": 1, "state": "RUNNING", "session_id": 80}, {"id": 1, "state": "RUN_DONE", "session_id": 80}]
+    path = write_spool(tmp_path, updates)
+    _note_spooled(path, updates, None)
+    calls: list[Any] = []
+
+    class Client:
+        def patch(self, *args: Any, **kwargs: Any) -> None:
+            calls.append(kwargs.get("json"))
+            claim, = tmp_path.glob("*.claimed-*")
+            os.rename(claim, path)  # the agent's take-back
+
+    try:
+        assert send_spooled(Client(), 80) is False
+    finally:
+        _forget_spooled(path)
+    assert calls == [updates[:1]]
+    assert sorted(tmp_path.iterdir()) == [path]
+    assert [json.loads(line) for line in path.read_text().splitlines()] == updates

@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP
+from balsam.process_identity import process_start_time, same_process
 from balsam.states import JobState
 
 logger = logging.getLogger(__name__)
@@ -490,6 +491,8 @@ class BulkStatusUpdater:
         #: A call failed (connection, 5xx, timeout ...) since close() began, or was failing when it
         #: began: the give-up is then ``close_timeout`` after close() began (:meth:`_give_up_at`).
         self._failed_closing = False
+        #: The slow-server extra of close()'s give-up: :data:`CLOSE_JOIN_EXTRA_SEC`, or less up to close()'s ``extra_until``.
+        self._close_extra = CLOSE_JOIN_EXTRA_SEC
         #: The side lane of the call being retried (None: none), for close() to spool what it holds.
         self._lane: Optional[_SideLane] = None
         #: Updates put back at the front of the queue by a side lane and not taken again yet; while
@@ -609,8 +612,12 @@ class BulkStatusUpdater:
                 self._done_cond.wait(min(remaining, 0.5) if remaining is not None else 0.5)
         return True
 
-    def close(self) -> None:
+    def close(self, extra_until: Optional[float] = None) -> None:
         """Send what is queued and stop the thread.
+
+        ``extra_until`` (a ``time.monotonic()`` time): the slow-server extra
+        (:data:`CLOSE_JOIN_EXTRA_SEC`) ends there at the latest (never before ``close_timeout``): a
+        launcher's allocation ends, and close() running 30 s more outlasted a short one's margin.
 
         What is not sent by close()'s give-up is given up (and spooled when ``spool_dir`` is set): no
         call starts later. The give-up is ``close_timeout`` seconds after close() began once any call
@@ -630,12 +637,14 @@ class BulkStatusUpdater:
         # every time) counts as failed since: the server is not just slow.
         self._failed_closing = self._failures > 0
         self._closing_at = time.monotonic()  # before _stopping: read once that is set
+        self._close_extra = CLOSE_JOIN_EXTRA_SEC if extra_until is None else min(
+            CLOSE_JOIN_EXTRA_SEC, max(0.0, extra_until - self._closing_at - self.close_timeout))
         self._stopping = True
         self._closing.set()
         self._wake.set()
         # A call in flight when close() began was sent without a deadline: it may take the client's
         # timeouts before the give-up clock is checked (calls sent from now on: CLOSING_CALL_WAIT_SEC).
-        waited = self.close_timeout + CLOSE_JOIN_EXTRA_SEC + CLOSING_CALL_WAIT_SEC
+        waited = self.close_timeout + self._close_extra + CLOSING_CALL_WAIT_SEC
         self._thread.join(waited)
         if not self._thread.is_alive():
             return
@@ -719,7 +728,7 @@ class BulkStatusUpdater:
         updates = _flatten(items)
         if self._out_of_time():
             self.gave_up = True
-            reason = f"close_timeout ({self.close_timeout:g} s) ran out"
+            reason = self._give_up_reason()
             logger.error("%s: giving up on %d updates: %s", self.name, len(updates), reason)
         else:
             reason = "spooled after earlier updates of its job"
@@ -958,7 +967,7 @@ class BulkStatusUpdater:
             if give_up_at is not None and not last_try and time.monotonic() >= give_up_at:
                 # close()'s time is over: no call starts now (a side call going through now and then
                 # gave each failing call after it a fresh close_timeout: close() took many times it).
-                raise _GaveUp(TimeoutError(f"close_timeout ({self.close_timeout:g} s) ran out"))
+                raise _GaveUp(TimeoutError(self._give_up_reason()))
             if self._abandoned:
                 raise _Abandoned()
             try:
@@ -1039,6 +1048,14 @@ class BulkStatusUpdater:
             self._settle(chunk)
             return
 
+    def _give_up_reason(self) -> str:
+        """Why close() gave up, for its log line: which of :meth:`_give_up_at`'s two times ran out
+        (a healthy slow server's give-up at close_timeout + 30 s was logged as "close_timeout (5 s) ran out")."""
+        if self._failed_closing:
+            return f"close_timeout ({self.close_timeout:g} s) ran out, a call having failed"
+        return (f"close_timeout ({self.close_timeout:g} s) + {self._close_extra:g} s for a slow server "
+                f"that answered every call ran out")
+
     def _give_up_at(self) -> Optional[float]:
         """When close()'s time is over (``time.monotonic()``; None before close()): ``close_timeout``
         after close() began once a call has failed since it began, else ``close_timeout`` +
@@ -1047,7 +1064,7 @@ class BulkStatusUpdater:
         unsent then is spooled."""
         if self._closing_at is None:
             return None
-        return self._closing_at + self.close_timeout + (0.0 if self._failed_closing else CLOSE_JOIN_EXTRA_SEC)
+        return self._closing_at + self.close_timeout + (0.0 if self._failed_closing else self._close_extra)
 
     def _settle(self, updates: Iterable[dict[str, Any]]) -> None:
         """``updates`` of the batch being sent went through (or were refused, or spooled): not to be
@@ -1207,6 +1224,10 @@ def _forget_spooled(path: Path) -> None:
                 del _SPOOLED[key]
 
 
+class _ClaimLost(Exception):
+    """send_spooled's claim was taken back by the site agent (it found the claim stale) while it sent."""
+
+
 def send_spooled(client: Any, session_id: int) -> bool:
     """One more try (no retry) to send the spool files holding updates of ``session_id`` now, on
     ``client``; each file sent is deleted. True when none is left unsent.
@@ -1217,7 +1238,13 @@ def send_spooled(client: Any, session_id: int) -> bool:
     replay claims the files it sends: one process sends a file at a time. A file gone unclaimed was
     replayed by the agent (it deletes a file only once it sent it); a file the agent claimed is not
     sent yet (False: the Session must not end), and neither are the later files of this process
-    (sent before it, a job's later update would reach the server before its earlier one)."""
+    (sent before it, a job's later update would reach the server before its earlier one).
+
+    The claim is refreshed before each call, and each call waits :data:`SPOOLED_CALL_WAIT_SEC` at
+    most: a live claim is never :data:`CLAIM_STALE_SEC` old, which is how the agent tells the claim
+    of a launcher killed in here on another host (it takes it back then, well within the Session's
+    expiry). Whatever ends the sending (a failed call, KeyboardInterrupt, SystemExit), the claim is
+    given back with the updates not sent yet."""
     for path in spooled_for(client, session_id):
         claimed = claim_spool_file(path)
         if claimed is None:
@@ -1226,67 +1253,176 @@ def send_spooled(client: Any, session_id: int) -> bool:
                 return False
             _forget_spooled(path)  # replayed by the agent
             continue
-        try:
-            lines = claimed.read_text().splitlines()
-        except OSError as exc:
-            logger.warning("cannot read spooled updates %s: %s", claimed, exc)
-            release_spool_file(claimed)
-            return False
-        updates = spooled_updates(claimed, lines)
+        held, sent = True, False  # held: not taken back by the agent meanwhile
+        updates: list[dict[str, Any]] = []
         done = 0
+
+        def call(part: list, claimed: Path = claimed) -> Any:
+            if not refresh_claim(claimed):
+                raise _ClaimLost()
+            return client.patch("/jobs/", json=part, idempotency_key=uuid.uuid4().hex, retry_count=0,
+                                deadline=time.monotonic() + SPOOLED_CALL_WAIT_SEC)
+
         try:
+            try:
+                lines = claimed.read_text().splitlines()
+            except OSError as exc:
+                logger.warning("cannot read spooled updates %s: %s", claimed, exc)
+                return False
+            updates = spooled_updates(claimed, lines)
             for start in range(0, len(updates), MAX_ITEMS_PER_BULK_OP):
                 chunk = updates[start : start + MAX_ITEMS_PER_BULK_OP]
-                refused = isolate_refused(
-                    lambda part: client.patch("/jobs/", json=part, idempotency_key=uuid.uuid4().hex, retry_count=0),
-                    chunk,
-                )
+                refused = isolate_refused(call, chunk)
                 log_refused(f"spooled updates {path.name}", refused, len(chunk))
                 done = start + len(chunk)
+            sent = True
+        except _ClaimLost:
+            held = False
+            _unhold(claimed)
+            logger.warning("spooled updates %s: taken back by the site agent while being sent; left to it "
+                           "(%d of %d sent here)", path.name, done, len(updates))
+            return False
         except Exception as exc:
-            # The file keeps only what is unsent: the agent's replay of the whole file sent the
-            # chunks sent here again, after the later updates of their jobs (a RUNNING after its
-            # RUN_DONE: refused, an ERROR line each). Rewritten under the claim, then given back: the
-            # agent cannot have replayed (and deleted) it meanwhile, which the rewrite re-created.
-            release_spool_file(claimed, updates[done:] if done else None)
             logger.warning("spooled updates %s still cannot be sent (%s): left for the site agent", path.name, exc)
             return False
+        finally:
+            # Given back on any way out, KeyboardInterrupt and SystemExit too (a claim left behind
+            # waits to be taken back). The file keeps only what is unsent: the agent's replay of the
+            # whole file sent the chunks sent here again, after the later updates of their jobs (a
+            # RUNNING after its RUN_DONE: refused, an ERROR line each).
+            if held and not sent:
+                release_spool_file(claimed, updates[done:] if done else None)
         logger.info("sent %d spooled job updates from %s", len(updates), path.name)
-        claimed.unlink(missing_ok=True)
+        _drop_claim(claimed)
         _forget_spooled(path)
     return True
 
 
-#: A spool file being sent is renamed ``<name>`` + this + ``<host>-<pid>`` of the process sending it
-#: (:func:`claim_spool_file`): a name the replay's ``*.jsonl`` does not match, and a rename fails
+#: A spool file being sent is renamed ``<name>`` + this + ``<host>-<pid>.<start>`` of the launcher sending it
+#: (:func:`claim_spool_file`, :func:`_claim_tag`), ``<name>`` + this + ``agent_<host>-<pid>.<start>`` by the site agent's replay
+#: (:data:`AGENT_CLAIM_TAG`): a name the replay's ``*.jsonl`` does not match, and a rename fails
 #: for all but one process. The site agent's replay and a launcher's :func:`send_spooled` each sent
 #: the same file, and a launcher's rewrite of a file sent in part re-created one the agent had
 #: replayed and deleted meanwhile (its updates replayed again, refused).
 CLAIM_MARK = ".claimed-"
-#: A claim whose process is gone is taken back by the site agent's replay (:class:`SpoolReplayer`):
-#: at once when it was on the agent's host (its pid no longer runs), else once the claim is this
-#: old (a launcher's :func:`send_spooled` holds one for a few calls; the agent, its own only).
-CLAIM_STALE_SEC = 15 * 60.0
+#: What marks the site agent's claims (``_`` is no host name character: a launcher on a host named
+#: ``agent-1`` is not read as an agent). A site has one agent at a time (its lock file,
+#: :func:`balsam.site.agent.acquire_agent_lock`): an agent's claim this process does not hold is of
+#: an agent that is gone (killed -9, its host rebooted, on this or another login node), and the agent
+#: now running takes it back at once.
+AGENT_CLAIM_TAG = "agent_"
+#: Added to a claim's name while its holder gives it back (:func:`release_spool_file`): a rename of
+#: the claim first, which fails (ENOENT) once the agent took the claim back.
+_GIVEBACK_MARK = ".giveback"
+#: A launcher's claim of another host is taken back by the site agent's replay (:class:`SpoolReplayer`)
+#: once it is this old (by its mtime): :func:`send_spooled` refreshes it before each call, and no
+#: call waits more than :data:`SPOOLED_CALL_WAIT_SEC`, so a live one never is (60 s of clock skew
+#: between hosts spared). Well under a Session's expiry (``session_expire_sec``, 300 s by default):
+#: the claim of a launcher killed while sending (its wall time out, on a compute node) is taken back
+#: and replayed while its Session still holds the jobs (it was 15 min: the Session had expired, the
+#: RUN_DONE was refused, the job ran again). A launcher's claim on the agent's host is taken back at
+#: once when its process is gone (its pid runs no more, or runs a process started at another time
+#: than the one the claim names: :func:`_claim_tag`), never while it runs; an agent's claim, see :data:`AGENT_CLAIM_TAG`.
+CLAIM_STALE_SEC = 90.0
+#: The longest a call of :func:`send_spooled` waits for its answer (its ``deadline``): see :data:`CLAIM_STALE_SEC`.
+SPOOLED_CALL_WAIT_SEC = 30.0
+
+#: The claimed names this process holds now (claimed and not yet given back or deleted): a claim
+#: named with this process's pid that is not among them is of an earlier process given the same
+#: pid (a reboot) or one whose give-back failed, and is taken back as any stale claim. One set per
+#: process: a launcher's send_spooled and an agent's replay in one process (tests) hold each apart.
+_HELD_CLAIMS: set[str] = set()
 
 
-def claim_spool_file(path: Path) -> Optional[Path]:
-    """Rename spool file ``path`` to this process's claimed name (its mtime the time of the claim);
-    None when it is gone (claimed or deleted by another process)."""
-    claimed = path.with_name(f"{path.name}{CLAIM_MARK}{socket.gethostname()}-{os.getpid()}")
+def _hold(claimed: Path) -> None:
+    with _SPOOLED_LOCK:
+        _HELD_CLAIMS.add(str(claimed))
+
+
+def _unhold(claimed: Path) -> None:
+    with _SPOOLED_LOCK:
+        _HELD_CLAIMS.discard(str(claimed))
+
+
+def holds_claim(claimed: Path) -> bool:
+    """Whether this process holds ``claimed`` (see :data:`_HELD_CLAIMS`)."""
+    with _SPOOLED_LOCK:
+        return str(claimed) in _HELD_CLAIMS
+
+
+def _drop_claim(claimed: Path) -> bool:
+    """Delete a claimed file that was sent; False (with a warning) when it was taken back meanwhile."""
+    _unhold(claimed)
+    try:
+        claimed.unlink()
+    except FileNotFoundError:
+        logger.warning("spooled updates %s were sent, but their claim had been taken back: they are sent again",
+                       claimed_original(claimed).name)
+        return False
+    return True
+
+
+#: pid -> this process's start time in ms, as a claim names it (by pid: a forked child is another process).
+_STARTED_MS: dict[int, Optional[int]] = {}
+
+
+def _claim_tag(agent: bool) -> str:
+    """``[agent_]<host>-<pid>[.<start time, ms>]``: the pid with its start time names one process
+    (:mod:`balsam.process_identity`); a live process given the pid since is not the claimer."""
+    pid = os.getpid()
+    if pid not in _STARTED_MS:
+        started = process_start_time(pid)
+        _STARTED_MS[pid] = None if started is None else int(started * 1000)
+    started_ms = _STARTED_MS[pid]
+    return (f"{AGENT_CLAIM_TAG if agent else ''}{socket.gethostname()}-{pid}"
+            f"{'' if started_ms is None else f'.{started_ms}'}")
+
+
+def claim_spool_file(path: Path, agent: bool = False) -> Optional[Path]:
+    """Rename spool file ``path`` to this process's claimed name (``agent``: the site agent's; its
+    mtime the time of the claim); None when it is gone (claimed or deleted by another process)."""
+    claimed = path.with_name(f"{path.name}{CLAIM_MARK}{_claim_tag(agent)}")
     try:
         os.rename(path, claimed)
     except FileNotFoundError:
-        return None
+        # NFS: a rename whose reply was lost is sent again, and the second answers ENOENT though the
+        # first was done: the file is ours (no other process makes this name).
+        if not claimed.exists():
+            return None
+    _hold(claimed)
+    refresh_claim(claimed)
+    return claimed
+
+
+def refresh_claim(claimed: Path) -> bool:
+    """Mark ``claimed`` as held now (its mtime, which :data:`CLAIM_STALE_SEC` is measured from);
+    False when it is gone (taken back by the site agent)."""
     try:
         os.utime(claimed)
+    except FileNotFoundError:
+        return False
     except OSError:
         pass
-    return claimed
+    return True
 
 
 def claimed_original(claimed: Path) -> Path:
     """The spool file name a claimed file had (:func:`claim_spool_file`)."""
     return claimed.with_name(claimed.name.rpartition(CLAIM_MARK)[0])
+
+
+def _claimer(claimed: Path) -> Optional[tuple[bool, str, int, Optional[float]]]:
+    """(an agent's claim, host, pid, the claimer's start time or None) of a claimed name (see
+    :func:`_claim_tag`); None for one not made by :func:`claim_spool_file`."""
+    tag = claimed.name.rpartition(CLAIM_MARK)[2]
+    if tag.endswith(_GIVEBACK_MARK):
+        tag = tag[: -len(_GIVEBACK_MARK)]
+    agent = tag.startswith(AGENT_CLAIM_TAG)
+    host, _, process = tag[len(AGENT_CLAIM_TAG) if agent else 0 :].rpartition("-")
+    pid, _, started_ms = process.partition(".")
+    if not host or not pid.isdecimal() or (started_ms and not started_ms.isdecimal()):
+        return None
+    return agent, host, int(pid), int(started_ms) / 1000 if started_ms else None
 
 
 def claims_of(path: Path) -> list[Path]:
@@ -1297,15 +1433,57 @@ def claims_of(path: Path) -> list[Path]:
         return []
 
 
-def release_spool_file(claimed: Path, rest: Optional[list[dict[str, Any]]] = None) -> None:
+def release_spool_file(claimed: Path, rest: Optional[list[dict[str, Any]]] = None) -> bool:
     """Give a claimed spool file back under its own name (for the next try), keeping only ``rest``
-    of its updates when given."""
+    of its updates when given. False when the claim was taken back meanwhile (the agent has the
+    whole file: ``rest`` is dropped) or the give-back failed (logged)."""
+    _unhold(claimed)
+    return _give_back(claimed, claimed.with_name(claimed.name + _GIVEBACK_MARK), rest)
+
+
+def _take_back(claimed: Path) -> bool:
+    """The site agent takes back a stale claim (:func:`_claim_stale`) under its own name again."""
+    private = claimed.with_name(f"{claimed_original(claimed).name}{CLAIM_MARK}{_claim_tag(True)}{_GIVEBACK_MARK}")
+    return _give_back(claimed, private, None)
+
+
+def _give_back(claimed: Path, private: Path, rest: Optional[list[dict[str, Any]]]) -> bool:
+    """Rename ``claimed`` to ``private`` (this process's alone: whoever renames a claim first has
+    it; ENOENT: another did), write ``rest`` there, then put it back under its own name without
+    replacing a file of that name (link, unlink). A claimer that wrote its rest over its claim
+    after the agent had taken it back and replayed it re-created the file: sent twice."""
+    original = claimed_original(claimed)
     try:
-        if rest is not None:
-            _write_updates(claimed, rest)
-        os.rename(claimed, claimed_original(claimed))
+        os.rename(claimed, private)
+    except FileNotFoundError:
+        if not private.exists():  # NFS: a retransmitted rename answers ENOENT though done
+            logger.warning("spooled updates %s: the claim %s was taken back meanwhile; left to its taker",
+                           original.name, claimed.name)
+            return False
     except OSError as exc:
         logger.warning("cannot give back spooled updates %s: %s", claimed, exc)
+        return False
+    _hold(private)
+    try:
+        if rest is not None:
+            _write_updates(private, rest)
+        try:
+            os.link(private, original)
+        except FileExistsError:
+            if not os.path.samefile(private, original):  # else NFS: a retransmitted link done before
+                logger.error("cannot give back spooled updates %s: %s exists; left as %s", claimed.name,
+                             original.name, private.name)
+                return False
+        except OSError:
+            os.rename(private, original)  # a file system without hard links
+            return True
+        private.unlink(missing_ok=True)
+        return True
+    except OSError as exc:
+        logger.warning("cannot give back spooled updates %s (now %s): %s", claimed.name, private.name, exc)
+        return False
+    finally:
+        _unhold(private)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1319,17 +1497,23 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _claim_stale(claimed: Path, now: float) -> bool:
-    """``claimed`` was claimed by a process that is gone (see :data:`CLAIM_STALE_SEC`); never one of this process's."""
-    host, _, pid = claimed.name.rpartition(CLAIM_MARK)[2].rpartition("-")
-    if host == socket.gethostname() and pid.isdecimal():
-        if int(pid) == os.getpid():
-            return False
-        if not _pid_alive(int(pid)):
-            return True
+    """``claimed`` (not held by this process: the caller checks) was claimed by a process that is
+    gone (see :data:`CLAIM_STALE_SEC` and :data:`AGENT_CLAIM_TAG`)."""
     try:
-        return now - claimed.stat().st_mtime > CLAIM_STALE_SEC
+        mtime = claimed.stat().st_mtime
     except OSError:
         return False
+    claimer = _claimer(claimed)
+    if claimer is None:
+        return now - mtime > CLAIM_STALE_SEC
+    agent, host, pid, started = claimer
+    if agent or (host == socket.gethostname() and pid == os.getpid()):
+        return True  # the site's one agent is this process: another agent's claim is of one gone
+    if host == socket.gethostname():
+        # Gone when its pid runs no more or runs another process (started at another time); a
+        # claim naming no start time (none could be read) is live while its pid runs.
+        return not (same_process(pid, started) if started is not None else _pid_alive(pid))
+    return now - mtime > CLAIM_STALE_SEC
 
 
 def _writer_of(name: str) -> str:
@@ -1389,7 +1573,8 @@ class SpoolReplayer:
     :meth:`poll` never blocks: it claims and queues the updates of new spool files and deletes a file
     once the updater has sent (or dropped as refused) all of its updates. If the agent stops first,
     its own updater spools what it could not send, so deleting a replayed file never loses an update
-    (:meth:`release`, after the updater's close, deletes them then).
+    (:meth:`release`, after the updater's close, deletes them then). Made by the site agent (its
+    claims are marked as the agent's: :data:`AGENT_CLAIM_TAG`).
     """
 
     def __init__(self, spool_dir: "Path | str", updater: BulkStatusUpdater) -> None:
@@ -1401,38 +1586,64 @@ class SpoolReplayer:
     def poll(self) -> int:
         """Queue new spool files; delete the ones fully sent. Returns the number of updates queued.
 
-        A file is claimed before it is read (:func:`claim_spool_file`): one a launcher is sending
-        (:func:`send_spooled`) is skipped, and so are the later files of the same process (its job's
-        updates stay in order); a claim whose process is gone is taken back first (:func:`_claim_stale`)."""
+        A file is claimed before it is read (:func:`claim_spool_file`): one another process is
+        sending (a launcher's :func:`send_spooled`) is skipped, and so are the later files of the
+        same writer (its job's updates stay in order), also when the claim fails here (a launcher
+        claimed it since the listing: its later file sent first made a RUN_DONE arrive before its
+        RUNNING). A claim whose process is gone is taken back first (:func:`_claim_stale`); the
+        claims this replay holds are refreshed (their mtime)."""
         for claimed, sequence in list(self._queued.items()):
             if self.updater.done_through(sequence):
+                _unhold(claimed)
                 claimed.unlink(missing_ok=True)
                 del self._queued[claimed]
+            else:
+                refresh_claim(claimed)
         now = time.time()
         try:
-            for claimed in self.spool_dir.glob(f"*{SPOOL_SUFFIX}{CLAIM_MARK}*"):
-                if claimed not in self._queued and _claim_stale(claimed, now):
-                    logger.warning("spooled updates %s: taking back the claim of a process that is gone", claimed.name)
-                    release_spool_file(claimed)
-            files = sorted(self.spool_dir.glob(f"*{SPOOL_SUFFIX}"))
-            others = [claimed_original(p).name for p in self.spool_dir.glob(f"*{SPOOL_SUFFIX}{CLAIM_MARK}*")
-                      if p not in self._queued]
+            names = os.listdir(self.spool_dir)  # one listing: the claims and the files as of one moment
         except OSError:
             return 0
+        files = {name for name in names if name.endswith(SPOOL_SUFFIX)}
+        #: writer -> the first of its files that this poll cannot send (claimed by another process):
+        #: its files from there on wait for a later poll.
+        blocked: dict[str, str] = {}
+
+        def block(name: str) -> None:
+            writer = _writer_of(name)
+            blocked[writer] = min(blocked.get(writer, name), name)
+
+        for name in names:
+            if f"{SPOOL_SUFFIX}{CLAIM_MARK}" not in name:
+                continue
+            claimed = self.spool_dir / name
+            if claimed in self._queued:
+                continue
+            original = claimed_original(claimed).name
+            if not holds_claim(claimed) and _claim_stale(claimed, now):
+                logger.warning("spooled updates %s: taking back the claim of a process that is gone", name)
+                if _take_back(claimed):
+                    files.add(original)
+                    continue
+            block(original)
         queued = 0
-        for path in files:
+        for name in sorted(files):
+            path = self.spool_dir / name
             if path in self.updater.spool_files:
                 continue
-            if any(_writer_of(name) == _writer_of(path.name) and name < path.name for name in others):
+            writer = _writer_of(name)
+            if writer in blocked and blocked[writer] < name:
                 continue  # an earlier file of its writer is being sent elsewhere: this one after it
-            claimed = claim_spool_file(path)
+            claimed = claim_spool_file(path, agent=True)
             if claimed is None:
+                block(name)  # claimed by another process since the listing
                 continue
             try:
                 lines = claimed.read_text().splitlines()
             except OSError as exc:
                 logger.warning("cannot read spooled updates %s: %s", claimed, exc)
                 release_spool_file(claimed)
+                block(name)
                 continue
             sequence = 0
             for update in spooled_updates(path, lines):
@@ -1443,7 +1654,7 @@ class SpoolReplayer:
             if sequence:
                 self._queued[claimed] = sequence
             else:
-                claimed.unlink(missing_ok=True)
+                _drop_claim(claimed)
         self.replayed += queued
         return queued
 
@@ -1452,6 +1663,7 @@ class SpoolReplayer:
         give the others back under their own names for the next agent."""
         for claimed, sequence in list(self._queued.items()):
             if self.updater.done_through(sequence):
+                _unhold(claimed)
                 claimed.unlink(missing_ok=True)
             else:
                 release_spool_file(claimed)

@@ -389,7 +389,10 @@ class JobMode(abc.ABC):
             yield source, updater
         finally:
             try:
-                updater.close()
+                # A slow server's extra 30 s ends by the allocation's end less half the margin (the
+                # lease's close and the exit): a short allocation's margin is under it.
+                wall_left = self.countdown.remaining_sec() + self.countdown.margin_sec / 2
+                updater.close(extra_until=time.monotonic() + wall_left)
             finally:
                 # The updater found the API gone: do not keep the allocation waiting to say goodbye
                 # (the server expires the session by itself). The close sends what the updater
