@@ -671,3 +671,47 @@ def test_send_spooled_stops_when_the_agent_took_its_claim_back(tmp_path: Path, m
     assert calls == [updates[:1]]
     assert sorted(tmp_path.iterdir()) == [path]
     assert [json.loads(line) for line in path.read_text().splitlines()] == updates
+
+
+def test_an_old_format_claim_on_this_host_whose_pid_runs_another_process_is_taken_back_once_stale(
+        tmp_path: Path) -> None:
+    # A claim of the previous version names no start time (`<file>.claimed-<host>-<pid>`). After a
+    # reboot or pid reuse its pid may run another, long-lived process: read as a live claimer, it
+    # held the file and the writer's later ones for as long as that process ran.
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        first = write_spool(tmp_path, [{"id": 1, "state": "RUNNING"}])
+        later = write_spool(tmp_path, [{"id": 1, "state": "RUN_DONE"}])
+        assert sorted([first.name, later.name]) == [first.name, later.name]
+        host = socket.gethostname()
+        _claim_as(first, f"{host}-{busy.pid}", age_sec=status_updater.CLAIM_STALE_SEC + 60)
+        replayer, updater, sent = _recording_replayer(tmp_path)
+        try:
+            replayer.poll()
+            assert updater.flush(30)
+        finally:
+            updater.close()
+        assert sent == [(1, "RUNNING"), (1, "RUN_DONE")]
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_a_give_backs_temporary_file_is_no_claim(tmp_path: Path) -> None:
+    # A launcher killed while writing the rest of a file it gives back leaves `.<claim>.tmp`: taken
+    # for a claim, the agent replayed that partial rest ahead of the whole file (RUN_DONE first).
+    spool = write_spool(tmp_path, [{"id": 1, "state": "RUNNING"}, {"id": 1, "state": "RUN_DONE"}])
+    private = Path(f"{spool}{status_updater.CLAIM_MARK}cn01-4242.1733000000000.giveback")
+    os.rename(spool, private)
+    tmp = private.with_name(f".{private.stem}.tmp")
+    tmp.write_text(json.dumps({"id": 1, "state": "RUN_DONE"}) + "\n")
+    then = time.time() - status_updater.CLAIM_STALE_SEC - 30
+    for path in (private, tmp):
+        os.utime(path, (then, then))
+    replayer, updater, sent = _recording_replayer(tmp_path)
+    try:
+        replayer.poll()
+        assert updater.flush(30)
+    finally:
+        updater.close()
+    assert sent == [(1, "RUNNING"), (1, "RUN_DONE")]

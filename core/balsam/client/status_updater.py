@@ -1510,9 +1510,13 @@ def _claim_stale(claimed: Path, now: float) -> bool:
     if agent or (host == socket.gethostname() and pid == os.getpid()):
         return True  # the site's one agent is this process: another agent's claim is of one gone
     if host == socket.gethostname():
-        # Gone when its pid runs no more or runs another process (started at another time); a
-        # claim naming no start time (none could be read) is live while its pid runs.
-        return not (same_process(pid, started) if started is not None else _pid_alive(pid))
+        if started is not None:
+            # Gone when its pid runs no more or runs another process (started at another time).
+            return not same_process(pid, started)
+        # No start time (a claim of the previous version, or none could be read): a live pid may be
+        # another process since (a reboot, pid reuse), and a live claimer refreshes its claim at
+        # least every SPOOLED_CALL_WAIT_SEC: stale once unrefreshed for CLAIM_STALE_SEC.
+        return not _pid_alive(pid) or now - mtime > CLAIM_STALE_SEC
     return now - mtime > CLAIM_STALE_SEC
 
 
@@ -1614,7 +1618,8 @@ class SpoolReplayer:
             blocked[writer] = min(blocked.get(writer, name), name)
 
         for name in names:
-            if f"{SPOOL_SUFFIX}{CLAIM_MARK}" not in name:
+            # A dotted name is a temporary file being written (a give-back's rest): no claim.
+            if name.startswith(".") or f"{SPOOL_SUFFIX}{CLAIM_MARK}" not in name:
                 continue
             claimed = self.spool_dir / name
             if claimed in self._queued:
