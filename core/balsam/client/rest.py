@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import random
-import ssl
 import sys
 import threading
 import time
@@ -83,6 +82,11 @@ def _tls_failed(exc: BaseException) -> bool:
     """A connection whose TLS handshake failed (httpx raises ConnectError for it): the server's host
     answered, so it is neither "cannot connect" (no connect wait) nor a network problem: a
     certificate, or a proxy or plain-http server on an https URL."""
+    # ssl is looked up, not imported: importing balsam.api leaves the TLS stack to first use
+    # (tests/api/test_local_http.py), and an SSLError cannot exist before ssl was imported.
+    ssl = sys.modules.get("ssl")
+    if ssl is None:
+        return False
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, ssl.SSLError):
