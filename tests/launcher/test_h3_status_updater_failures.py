@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from balsam.client import status_updater
 from balsam.client.rest import RESTClient
 from balsam.client.status_updater import BulkStatusUpdater
 from failure_proxy import FailureProxy, job_maker, job_moves, wait_until  # tests/failure_proxy.py
@@ -267,8 +268,12 @@ def test_close_while_the_thread_plans_its_wait_still_cuts_the_wait(
     closed = threading.Event()
     alive_when_closed: list[bool] = []
 
+    took: list[float] = []
+
     def close() -> None:
+        began = time.monotonic()
         updater.close()
+        took.append(time.monotonic() - began)
         alive_when_closed.append(updater._thread.is_alive())
         closed.set()
 
@@ -295,6 +300,9 @@ def test_close_while_the_thread_plans_its_wait_still_cuts_the_wait(
     assert handler.fired
     assert alive_when_closed == [False]  # close() joined the thread: it did not run out its join
     assert len(proxy.patches) == 2, proxy.patches  # the first try and close()'s last one
+    # A failing call, not a slow server: its give-up at close_timeout, not with a slow server's extra
+    # (close() began while the failure's line was written, before the failure was counted: 31 s).
+    assert took[0] < status_updater.CLOSE_JOIN_EXTRA_SEC, took
     assert updater.gave_up and updater.spooled == 1
     (spooled,) = (tmp_path / "spool").glob("*.jsonl")  # once
     assert [json.loads(line)["id"] for line in spooled.read_text().splitlines()] == [job_id]

@@ -1034,6 +1034,10 @@ class BulkStatusUpdater:
                 # the update the thread then sent (applied and spooled).
                 if self._closing.wait(max(0.0, retry_at - time.monotonic())):  # side calls took some of it
                     # close() began before or during the wait: what is left of it is planned as closing.
+                    # This call is failing: close() gets no slow server's extra time (close() read
+                    # no failure yet when it began while the failure's line was being written, and
+                    # the 429's 30 s wait ran out its whole extra).
+                    self._failed_closing = True
                     retry_at = self._retry_at(retry_at, asked is not None, exc)
                 give_up_at = self._give_up_at()
                 last_try = give_up_at is not None and retry_at >= give_up_at
