@@ -383,6 +383,17 @@ def _claim_as(path: Path, tag: str, age_sec: float = 0.0) -> Path:
     return claim
 
 
+def _replay_once(spool: Path) -> list[tuple[int, str]]:
+    """What one poll of the agent's replay of ``spool`` sends: (id, state) in order."""
+    replayer, updater, sent = _recording_replayer(spool)
+    try:
+        replayer.poll()
+        assert updater.flush(30)
+    finally:
+        updater.close()
+    return sent
+
+
 def _recording_replayer(spool: Path) -> tuple[SpoolReplayer, BulkStatusUpdater, list[tuple[int, str]]]:
     sent: list[tuple[int, str]] = []
     updater = BulkStatusUpdater(send=lambda chunk: sent.extend((u["id"], u["state"]) for u in chunk),
@@ -539,12 +550,7 @@ def test_a_live_claimer_on_this_host_keeps_its_claim_and_a_reused_pid_does_not(t
         _claim_as(live, f"{host}-{busy.pid}.{started_ms}", age_sec=16 * 60)
         _claim_as(reused, f"{host}-{busy.pid}.{started_ms - 3_600_000}", age_sec=5)
         for spool, expected in (("live", []), ("reused", [(2, "RUNNING")])):
-            replayer, updater, sent = _recording_replayer(tmp_path / spool)
-            try:
-                replayer.poll()
-                assert updater.flush(30)
-            finally:
-                updater.close()
+            sent = _replay_once(tmp_path / spool)
             assert sent == expected, spool
     finally:
         busy.kill()
@@ -685,12 +691,7 @@ def test_an_old_format_claim_on_this_host_whose_pid_runs_another_process_is_take
         assert sorted([first.name, later.name]) == [first.name, later.name]
         host = socket.gethostname()
         _claim_as(first, f"{host}-{busy.pid}", age_sec=status_updater.CLAIM_STALE_SEC + 60)
-        replayer, updater, sent = _recording_replayer(tmp_path)
-        try:
-            replayer.poll()
-            assert updater.flush(30)
-        finally:
-            updater.close()
+        sent = _replay_once(tmp_path)
         assert sent == [(1, "RUNNING"), (1, "RUN_DONE")]
     finally:
         busy.kill()
@@ -708,10 +709,5 @@ def test_a_give_backs_temporary_file_is_no_claim(tmp_path: Path) -> None:
     then = time.time() - status_updater.CLAIM_STALE_SEC - 30
     for path in (private, tmp):
         os.utime(path, (then, then))
-    replayer, updater, sent = _recording_replayer(tmp_path)
-    try:
-        replayer.poll()
-        assert updater.flush(30)
-    finally:
-        updater.close()
+    sent = _replay_once(tmp_path)
     assert sent == [(1, "RUNNING"), (1, "RUN_DONE")]
