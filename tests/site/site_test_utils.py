@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+import pytest
 
 #: Settings that make sites react within seconds in tests.
 FAST_SETTINGS = {
@@ -217,3 +220,16 @@ class SchedulerIdPatchFails:
         if any("scheduler_id" in u for u in kwargs.get("json") or []):
             raise ConnectionError("API went away")
         return self.inner.patch(path, *args, **kwargs)
+
+
+def start_with_pid(pid: int, argv: "list[str]", **kw) -> subprocess.Popen:
+    """A new process given ``pid`` (free): root sets the last pid handed out just before forking."""
+    for _ in range(100):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as fh:
+            fh.write(str(pid - 1))
+        proc = subprocess.Popen(argv, **kw)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    pytest.skip(f"pid {pid} could not be given again (a busy machine)")

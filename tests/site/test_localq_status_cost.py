@@ -28,6 +28,7 @@ from typing import Iterator
 
 import psutil
 import pytest
+from site_test_utils import start_with_pid
 
 LINUX = sys.platform.startswith("linux")
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -241,19 +242,6 @@ def test_kill_tree_spares_a_process_that_got_the_pid_since(procs: list) -> None:
     assert not psutil.pid_exists(other.pid) or is_zombie(other.pid)
 
 
-def _start_with_pid(procs: list, pid: int, argv: "list[str]", **kw) -> subprocess.Popen:
-    """A new process given ``pid`` (free): root sets the last pid handed out just before forking."""
-    for _ in range(100):
-        with open("/proc/sys/kernel/ns_last_pid", "w") as fh:
-            fh.write(str(pid - 1))
-        proc = start(procs, argv, **kw)
-        if proc.pid == pid:
-            return proc
-        proc.kill()
-        proc.wait()
-    pytest.skip(f"pid {pid} could not be given again (a busy machine)")
-
-
 @pytest.mark.skipif(not (LINUX and os.geteuid() == 0 and os.access("/proc/sys/kernel/ns_last_pid", os.W_OK)),
                     reason="giving a pid again needs root and /proc/sys/kernel/ns_last_pid")
 def test_a_reused_pid_is_not_the_job(tmp_path: Path, procs: list) -> None:
@@ -279,7 +267,8 @@ def test_a_reused_pid_is_not_the_job(tmp_path: Path, procs: list) -> None:
     # (Slept in full: a recorded start is /proc's ticks after btime, whole seconds, so it cannot be
     # set against time.time().)
     time.sleep(OFF)
-    newcomer = _start_with_pid(procs, pid, SLEEPER, start_new_session=True)
+    newcomer = start_with_pid(pid, SLEEPER, start_new_session=True)
+    procs.append(newcomer)
     db = json.loads((state / "jobs.json").read_text())
     db["jobs"][job_id]["start_time"] -= 3600  # past its wall time: a status taking the newcomer kills it
     (state / "jobs.json").write_text(json.dumps(db))

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import psutil
 import pytest
+from site_test_utils import start_with_pid
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 #: Start times this far apart are two processes (balsam.util.START_TIME_TOLERANCE_SEC is 0.5 s).
@@ -72,19 +73,6 @@ def started_at(pid: int) -> float:
 
 def _can_choose_pids() -> bool:
     return os.geteuid() == 0 and os.access("/proc/sys/kernel/ns_last_pid", os.W_OK)
-
-
-def start_with_pid(pid: int, argv: "list[str]", **kw) -> subprocess.Popen:
-    """A new process given ``pid`` (free): root sets the last pid handed out just before forking."""
-    for _ in range(100):
-        with open("/proc/sys/kernel/ns_last_pid", "w") as fh:
-            fh.write(str(pid - 1))
-        proc = subprocess.Popen(argv, **kw)
-        if proc.pid == pid:
-            return proc
-        proc.kill()
-        proc.wait()
-    pytest.skip(f"pid {pid} could not be given again (a busy machine)")
 
 
 # -- balsam server: server.pid and server.json ------------------------------------------------------
