@@ -14,13 +14,13 @@ from typing import Any, Union
 
 import sqlalchemy as sa
 
-from balsam.analytics import align_steps, available_nodes, batch_jobs_serving, downsample, step_at, throughput_report, utilization_report
+from balsam.analytics import ACTIVE_BATCH_JOB_STATES, align_steps, available_nodes, batch_jobs_serving, downsample, step_at, throughput_report, utilization_report
 from balsam.states import BatchJobState, JobState
 
 from ..http import QueryParams
 from ..routes.batch_jobs import batch_jobs_select
 from ..routes.events import events_select
-from ..tables import batch_jobs, log_events
+from ..tables import batch_jobs, jobs, log_events
 
 Number = Union[int, float]
 MAX_POINTS = 1500
@@ -54,10 +54,57 @@ def available_series(conn: sa.Connection, user_id: int, q: QueryParams,
     """Nodes held by the BatchJobs of the selected sites over time (``available_nodes``).
 
     With a tag filter, only BatchJobs whose ``filter_tags`` ask for a subset of those tags count
-    (an allocation that runs any job, or only jobs with these tags)."""
+    (an allocation that runs any job, or only jobs with these tags).
+
+    An active BatchJob holds its nodes from its first job's start at the latest (``first_runs``,
+    as the Python API's ``first_runs_query``): the site agent records start_time when its status
+    poll sees the job running, up to ``scheduler.sync_period`` after the launcher started jobs,
+    and the plot showed busy nodes where none were held until then."""
     stmt, _order = batch_jobs_select(user_id, q, conn.dialect.name)
-    stmt = stmt.where(batch_jobs.c.start_time.is_not(None), batch_jobs.c.state.not_in(_NEVER_STARTED))
-    return available_nodes(batch_jobs_serving(conn.execute(stmt), q.key_values("tags")), now=now)
+    stmt = stmt.where(sa.or_(batch_jobs.c.start_time.is_not(None), batch_jobs.c.state.in_(sorted(ACTIVE_BATCH_JOB_STATES))),
+                      batch_jobs.c.state.not_in(_NEVER_STARTED))
+    rows = batch_jobs_serving(conn.execute(stmt), q.key_values("tags"))
+    return available_nodes(rows, now=now, first_runs=first_runs(conn, rows))
+
+
+#: Active BatchJobs looked up in one statement by :func:`first_runs` (one OR term each).
+FIRST_RUNS_CHUNK = 200
+
+
+def first_runs(conn: sa.Connection, batch_job_rows: list[Any]) -> dict[int, dt.datetime]:
+    """For ``available_nodes(first_runs=...)``: per active BatchJob, when the first of its jobs
+    started RUNNING since its submission (``status_info["submit_time"]``: a re-run job's
+    batch_job_id is the last BatchJob it ran in, its earlier RUNNING may be another's). The rule of
+    :func:`balsam.analytics.first_runs_query`, in one statement per ``FIRST_RUNS_CHUNK`` BatchJobs
+    instead of one per BatchJob. ``available_nodes`` uses it only where it is before start_time."""
+    active = [row for row in batch_job_rows if row.state in ACTIVE_BATCH_JOB_STATES]
+    found: dict[int, dt.datetime] = {}
+    for first in range(0, len(active), FIRST_RUNS_CHUNK):
+        chunk = active[first:first + FIRST_RUNS_CHUNK]
+        terms = []
+        for row in chunk:
+            term = jobs.c.batch_job_id == row.id
+            submitted = _submit_time(row.status_info)
+            if submitted is not None:
+                term = sa.and_(term, log_events.c.timestamp >= submitted)
+            terms.append(term)
+        stmt = (sa.select(jobs.c.batch_job_id, sa.func.min(log_events.c.timestamp))
+                .join(jobs, jobs.c.id == log_events.c.job_id)
+                .where(log_events.c.to_state == JobState.running.value,
+                       jobs.c.batch_job_id.in_([row.id for row in chunk]), sa.or_(*terms))
+                .group_by(jobs.c.batch_job_id))
+        found.update({int(bj_id): when for bj_id, when in conn.execute(stmt) if when is not None})
+    return found
+
+
+def _submit_time(status_info: Any) -> "dt.datetime | None":
+    """The BatchJob's submission time the site agent wrote (an aware ISO time); None if none reads."""
+    text = (status_info or {}).get("submit_time") if isinstance(status_info, dict) else None
+    try:
+        when = dt.datetime.fromisoformat(str(text)) if text else None
+    except ValueError:
+        return None
+    return when.replace(tzinfo=dt.timezone.utc) if when is not None and when.tzinfo is None else when
 
 
 def plot_data(conn: sa.Connection, user_id: int, q: QueryParams, *, max_points: int = MAX_POINTS,

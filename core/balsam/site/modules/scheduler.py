@@ -284,6 +284,10 @@ MAX_IDS_PER_GET = 32
 #: The start of the error written while the scheduler's status poll keeps failing.
 _STATUS_UNAVAILABLE = "scheduler status unavailable"
 
+#: The start of the error of a pending_deletion BatchJob whose scheduler job the delete command
+#: failed to delete (tried again next cycle).
+_DELETE_FAILED = "delete failed: "
+
 #: The start of the error of a transient submit failure that will be retried.
 _SUBMIT_RETRY = "submit failed (attempt "
 
@@ -724,27 +728,19 @@ class SchedulerModule(AgentModule):
         if state == BatchJobState.pending_deletion:
             if scheduler_id is None:
                 self._delete_unrecorded(batch_job, update)
-            elif statuses is not None and scheduler_id in statuses:
-                try:
-                    self.scheduler.delete_job(scheduler_id)
-                    self.logger.info("BatchJob %s: deleted scheduler job %s", batch_job["id"], scheduler_id)
-                except Exception as exc:
-                    self._error(update, batch_job, f"delete failed: {exc}")
-            elif statuses is not None:
+            elif statuses is None:
+                # Not deleted while the queue cannot be read (the job may have ended meanwhile);
+                # the outage is noted as on a queued or running BatchJob: `balsam site stop`,
+                # which waits for the BatchJobs `balsam queue term` marked, reads it there.
+                self._note_outage(batch_job, update, poll_error)
+            elif scheduler_id in statuses:
+                self._delete(batch_job, scheduler_id, update)
+            else:
                 self._left_queue(batch_job, update, deleting=True)
             return
         # queued or running
         if statuses is None:
-            # Written once when the outage reaches the threshold (the poll count and the driver's
-            # text change every poll and are left out of later cycles, so the BatchJobs are not
-            # PATCHed each cycle); the module logs the outage itself, not once per BatchJob.
-            # Removed once the scheduler answers again.
-            if self.poll_failures >= self.threshold:
-                current = str((batch_job.get("status_info") or {}).get("error") or "")
-                if not current.startswith(_STATUS_UNAVAILABLE):
-                    since = self._poll_failing_since_iso or iso_now()
-                    self._error(update, batch_job, f"{_STATUS_UNAVAILABLE} since {since} (the status poll failed "
-                                                   f"{self.poll_failures} times in a row): {poll_error}", log=False)
+            self._note_outage(batch_job, update, poll_error)
             return
         status = statuses.get(scheduler_id) if scheduler_id is not None else None
         if status is None or status.state in (BatchJobState.finished, BatchJobState.submit_failed):
@@ -765,6 +761,42 @@ class SchedulerModule(AgentModule):
             else:
                 self.logger.info("BatchJob %s: %s -> %s", batch_job["id"], state.value, new_state.value)
         self._copy_reason(batch_job, getattr(status, "message", "") or "", update)
+
+    def _note_outage(self, batch_job: dict, update: dict, poll_error: Optional[str]) -> None:
+        """The status poll failed: say so in the BatchJob's status_info once the outage reaches the
+        driver's threshold of failed polls. Written once (the poll count and the driver's text
+        change every poll and are left out of later cycles, so the BatchJobs are not PATCHed each
+        cycle); the module logs the outage itself, not once per BatchJob. Removed once the
+        scheduler answers again (:meth:`_handle`)."""
+        if self.poll_failures < self.threshold:
+            return
+        current = str((batch_job.get("status_info") or {}).get("error") or "")
+        if not current.startswith(_STATUS_UNAVAILABLE):
+            since = self._poll_failing_since_iso or iso_now()
+            self._error(update, batch_job, f"{_STATUS_UNAVAILABLE} since {since} (the status poll failed "
+                                           f"{self.poll_failures} times in a row): {poll_error}", log=False)
+
+    def _delete(self, batch_job: dict, scheduler_id: int, update: dict) -> None:
+        """Delete the scheduler job of a pending_deletion BatchJob the poll still lists. A delete
+        that fails is tried again next cycle (the job is still listed then, or it left the queue
+        and the BatchJob ends); its error is written every cycle it fails, with its time, which
+        `balsam site stop` reads as "cannot end it now" when written since its wait began, and
+        removed once a delete goes through. Logged in full once, then summed up."""
+        try:
+            self.scheduler.delete_job(scheduler_id)
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+            self._error(update, batch_job, f"{_DELETE_FAILED}{message}", log=False)
+            note = self._repeats.note(("delete failed", type(exc).__name__, clean_text(message, 500)), batch_job["id"])
+            if note is None:
+                self.logger.warning("BatchJob %s: %s (tried again every cycle; the same failure is summed up "
+                                    "every %.0f s)", batch_job["id"], update["status_info"]["error"],
+                                    OUTAGE_LOG_EVERY_S)
+            elif note:
+                self.logger.warning("delete of scheduler jobs still failing: %s; %s", clean_text(message, 500), note)
+            return
+        self.logger.info("BatchJob %s: deleted scheduler job %s", batch_job["id"], scheduler_id)
+        self._clear_error(batch_job, update, _DELETE_FAILED)
 
     def _withdraw_if_queued(self, batch_job: dict, state: BatchJobState, polled: BatchJobState,
                             update: dict) -> bool:
@@ -946,7 +978,8 @@ class SchedulerModule(AgentModule):
         update["end_time"] = format_datetime(history.end_time or utcnow())
         info.pop("scheduler_reason", None)  # why it waited: outdated once it ended
         if (_LOOKUP_FAILING in str(info.get("error") or "")  # outdated now that the lookup answered
-                or str(info.get("error") or "").startswith(_STATUS_UNAVAILABLE)):  # and the poll
+                or str(info.get("error") or "").startswith(_STATUS_UNAVAILABLE)  # and the poll
+                or (deleting and str(info.get("error") or "").startswith(_DELETE_FAILED))):  # the job is gone
             info.pop("error", None)
             info.pop("error_time", None)
         if history.native_state:
