@@ -173,27 +173,134 @@ def _parse_iso(text: Any) -> "dt.datetime | None":
         return None
 
 
-def first_runs_query(batch_jobs: Iterable[Any], event_log: Any) -> dict[int, dt.datetime]:
-    """For ``available_nodes(first_runs=...)``: per active BatchJob (``ACTIVE_BATCH_JOB_STATES``),
-    when the first of its jobs started RUNNING, if before its recorded start_time (or none is
-    recorded). ``event_log`` is the ``EventLog`` model. One query per active BatchJob, each one row
-    (the oldest such event): there are few active BatchJobs (the site's queue limits), where a
-    job-to-BatchJob map of every event would read every job of the campaign."""
-    found: dict[int, dt.datetime] = {}
+#: Events read per request by :func:`first_runs_query` (their jobs' BatchJobs are one more request:
+#: the client splits an id list longer than 500 over several).
+FIRST_RUNS_PAGE = 500
+
+
+def _run_windows(batch_jobs: Iterable[Any]) -> dict[int, tuple["dt.datetime | None", "dt.datetime | None"]]:
+    """Active BatchJob id -> (submitted, recorded start) of each active BatchJob: its first run is
+    the first RUNNING of its jobs in between (either end open when unknown)."""
+    windows: dict[int, tuple["dt.datetime | None", "dt.datetime | None"]] = {}
     for bj in batch_jobs:
         if bj.id is None or _state(bj.state) not in ACTIVE_BATCH_JOB_STATES:
             continue
-        filters: dict[str, Any] = {"batch_job_id": bj.id, "to_state": "RUNNING"}
-        if bj.start_time is not None:
-            filters["timestamp_before"] = bj.start_time
         # A job's batch_job_id is the last BatchJob it ran in: a re-run's first RUNNING may be of an
         # earlier allocation. None of this one's started before it was submitted.
-        submitted = _parse_iso((bj.status_info or {}).get("submit_time"))
+        windows[bj.id] = (_parse_iso((bj.status_info or {}).get("submit_time")), bj.start_time)
+    return windows
+
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    """``when`` as an aware UTC time (a naive one is local), as the API's filters send it."""
+    return when.astimezone(dt.timezone.utc)
+
+
+def _in_window(when: dt.datetime, window: tuple["dt.datetime | None", "dt.datetime | None"]) -> bool:
+    """Within ``window``, both ends included (the API's ``timestamp_after``/``timestamp_before``)."""
+    after, before = window
+    return (after is None or _utc(when) >= _utc(after)) and (before is None or _utc(when) <= _utc(before))
+
+
+def first_runs_query(batch_jobs: Iterable[Any], event_log: Any, job_model: Any = None) -> dict[int, dt.datetime]:
+    """For ``available_nodes(first_runs=...)``: per active BatchJob (``ACTIVE_BATCH_JOB_STATES``),
+    when the first of its jobs started RUNNING, if before its recorded start_time (or none is
+    recorded), and not before it was submitted. ``event_log`` is the ``EventLog`` model
+    (``job_model`` the ``Job`` model: by default the one of ``event_log``'s client).
+
+    Bulk, however many BatchJobs are active (it was one request per active BatchJob): the RUNNING
+    events of the jobs of all of them, oldest first, :data:`FIRST_RUNS_PAGE` a request, with one
+    request for those events' jobs (whose ``batch_job_id`` tells which BatchJob each is of), until
+    each has its first run or is past its recorded start: usually one page. A BatchJob with no start
+    recorded and no run yet reads on through its fellows' events (this costs pages, not requests per
+    BatchJob). A server that takes one ``batch_job_id`` only (before December 2026) gets one query
+    per BatchJob, each one row, as before."""
+    windows = _run_windows(batch_jobs)
+    if not windows:
+        return {}
+    if len(windows) == 1:
+        return _first_runs_each(windows, event_log)
+    try:
+        return _first_runs_bulk(windows, event_log, job_model or event_log._model_for("Job"))
+    except Exception as exc:
+        if not _refuses_list(exc, "batch_job_id"):
+            raise
+        return _first_runs_each(windows, event_log)
+
+
+def _refuses_list(exc: BaseException, name: str) -> bool:
+    """A 422 of a server that takes one value of query parameter ``name`` (``takes one value, got
+    N``), read by the place its detail names (``loc``: ``["query", name]``)."""
+    # The status as balsam.client.status_updater.http_status reads it (not imported: this module
+    # reads records only, and the client package costs its importer 0.15 s).
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status != 422:
+        return False
+    detail = getattr(exc, "detail", None)
+    if isinstance(detail, list):
+        return any(isinstance(entry, dict) and list(entry.get("loc") or [])[-1:] == [name] for entry in detail)
+    return f"{name}: takes one value" in str(exc)
+
+
+def _first_runs_bulk(windows: Mapping[int, tuple["dt.datetime | None", "dt.datetime | None"]], event_log: Any,
+                     job_model: Any) -> dict[int, dt.datetime]:
+    """The RUNNING events of the jobs of the BatchJobs not settled yet, oldest first, a page at a
+    time; a BatchJob is settled once it has its first run, or once the events read are past its
+    recorded start (none of its later ones counts), and the next page asks for the others only,
+    from the last time read on."""
+    found: dict[int, dt.datetime] = {}
+    open_ = set(windows)
+    afters = [after for after, _ in windows.values()]
+    cursor = min(afters, key=_utc) if all(after is not None for after in afters) else None
+    offset = 0
+    seen: set[int] = set()
+    batch_job_of: dict[int, "int | None"] = {}
+    while open_:
+        filters: dict[str, Any] = {"batch_job_id": sorted(open_), "to_state": "RUNNING"}
+        befores = [windows[bj_id][1] for bj_id in open_]
+        if all(before is not None for before in befores):
+            filters["timestamp_before"] = max(befores, key=_utc)
+        if cursor is not None:
+            filters["timestamp_after"] = cursor  # inclusive: the events at the cursor again (``seen``)
+        page = list(event_log.objects.filter(**filters).order_by("timestamp")[offset : offset + FIRST_RUNS_PAGE])
+        fresh = [event for event in page if event.id not in seen]
+        seen.update(event.id for event in fresh)
+        unknown = sorted({event.job_id for event in fresh} - set(batch_job_of))
+        if unknown:
+            batch_job_of.update((job.id, job.batch_job_id) for job in job_model.objects.filter(id=unknown))
+        for event in fresh:  # oldest first, ties by id: the first that fits is the one the server would give
+            bj_id = batch_job_of.get(event.job_id)
+            if bj_id in open_ and _in_window(event.timestamp, windows[bj_id]):
+                found[bj_id] = event.timestamp
+                open_.discard(bj_id)
+        if len(page) < FIRST_RUNS_PAGE:
+            break
+        last = page[-1].timestamp
+        was = set(open_)
+        open_ = {bj_id for bj_id in open_ if windows[bj_id][1] is None or _utc(last) <= _utc(windows[bj_id][1])}
+        if cursor is not None and _utc(last) == _utc(cursor) and open_ == was:
+            offset += FIRST_RUNS_PAGE  # a whole page at one instant: on through it
+        else:
+            cursor, offset = last, 0
+    return {bj_id: found[bj_id] for bj_id in windows if bj_id in found}
+
+
+def _first_runs_each(windows: Mapping[int, tuple["dt.datetime | None", "dt.datetime | None"]],
+                     event_log: Any) -> dict[int, dt.datetime]:
+    """One query per BatchJob, each one row (the oldest such event): one BatchJob, or a server
+    that takes one ``batch_job_id`` at a time."""
+    found: dict[int, dt.datetime] = {}
+    for bj_id, (submitted, start) in windows.items():
+        filters: dict[str, Any] = {"batch_job_id": bj_id, "to_state": "RUNNING"}
+        if start is not None:
+            filters["timestamp_before"] = start
         if submitted is not None:
             filters["timestamp_after"] = submitted
         event = event_log.objects.filter(**filters).order_by("timestamp").first()
         if event is not None:
-            found[bj.id] = event.timestamp
+            found[bj_id] = event.timestamp
     return found
 
 

@@ -24,9 +24,14 @@ if its answer still comes they are both applied and spooled (unavoidable: their 
 or refused). A job's updates reach the server in the order they were put, across the spool too:
 once an update is spooled, its job's later updates are spooled after it, never sent before it (a
 RUN_DONE sent while its RUNNING waited in the spool was refused, and the replayed RUNNING left the
-job RUNNING, its return code lost). A replay sends the spool files in name order, and names sort by
-host, pid, then time: the files of one process replay in the order it wrote them, not those of two
-processes (a launcher's and the agent's) against each other. A spool file is sent by one process at
+job RUNNING, its return code lost). Spool file names sort by host, pid, then time: the files of one
+process are in the order it wrote them, not those of two processes against each other, and a job's
+updates can be spooled by two (serial mode's master and workers, a launcher and its successor). So
+a replay (:class:`SpoolReplayer`) sends each job's updates in the order their states were reached
+(``state_timestamp``), across all the files it sends in one pass, still in one bulk call; a file
+with an update that follows one of its job's in a file not sent in that pass (another process is
+sending it) waits for a later pass, and :func:`send_spooled` leaves a file with such an update to
+the agent's replay. A spool file is sent by one process at
 a time: it is claimed (renamed) first, by the agent's replay and by a launcher's
 :func:`send_spooled` alike, and a claim whose process is gone is taken back (:data:`CLAIM_STALE_SEC`).
 A call answered 5xx without a ``Retry-After`` :data:`SIDE_LANE_AFTER_FAILURES` times (the server
@@ -60,6 +65,7 @@ and the replay would be refused.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import itertools
 import json
 import logging
@@ -1274,6 +1280,13 @@ def send_spooled(client: Any, session_id: int) -> bool:
                 logger.warning("cannot read spooled updates %s: %s", claimed, exc)
                 return False
             updates = spooled_updates(claimed, lines)
+            if _earlier_elsewhere(path, updates):
+                # Sent now, a job's update would reach the server before its earlier one in another
+                # process's file (a RUN_DONE before its RUNNING: refused). The agent's replay sends
+                # both in order, within the Session's expiry (not ended meanwhile: False).
+                logger.info("spooled updates %s follow updates of their jobs that another process spooled: "
+                            "left for the site agent", path.name)
+                return False
             for start in range(0, len(updates), MAX_ITEMS_PER_BULK_OP):
                 chunk = updates[start : start + MAX_ITEMS_PER_BULK_OP]
                 refused = isolate_refused(call, chunk)
@@ -1543,6 +1556,119 @@ def spooled_updates(path: Path, lines: list[str]) -> list[dict[str, Any]]:
     return updates
 
 
+def _instant(update: dict[str, Any]) -> Optional[float]:
+    """When ``update``'s state was reached (its ``state_timestamp``: ISO-8601, a naive one read as
+    UTC, or seconds since 1970, as the server reads it), in seconds; None without one (or one that
+    is not a time: the server refuses it)."""
+    value = update.get("state_timestamp")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return (when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+def _keyed(updates: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
+    """``(order key, update)`` of a file's updates: the time its state was reached; an update
+    without one (no state change, a field only) keeps its place after its job's previous update
+    in the file (its key), or first when there is none."""
+    last: dict[Any, float] = {}
+    out = []
+    for update in updates:
+        job = _record_id(update)
+        key = _instant(update)
+        key = last.get(job, float("-inf")) if key is None else key
+        last[job] = key
+        out.append((key, update))
+    return out
+
+
+def _replay_order(files: list[list[dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+    """``(file index, update)`` of the updates of ``files`` (in name order) in the order to send
+    them: in file order, except that the updates of a job found in several files take its places
+    in the order their states were reached (a merge by ``state_timestamp``: each file's own order
+    is kept, and the earlier file goes first at equal times). Spool files sort by writer: a job
+    updated by two processes (serial mode's master and workers, a launcher and its successor) had
+    its RUN_DONE of the one sent before its RUNNING of the other, refused (409), the job left RUNNING."""
+    slots = [(index, update) for index, updates in enumerate(files) for update in updates]
+    # Only the jobs found in several files are reordered (the others keep their file's order, and
+    # cost no timestamp parsing: a spool of 50,000 updates took 0.4 s to key them all).
+    seen_in: dict[Any, int] = {}
+    shared: set[Any] = set()
+    for index, update in slots:
+        job = _record_id(update)
+        if seen_in.setdefault(job, index) != index:
+            shared.add(job)
+    if not shared:
+        return slots
+    by_job: dict[Any, dict[int, list[tuple[float, int, dict[str, Any]]]]] = {}
+    for index, updates in enumerate(files):
+        for key, update in _keyed([u for u in updates if _record_id(u) in shared]):
+            by_job.setdefault(_record_id(update), {}).setdefault(index, []).append((key, index, update))
+    places: dict[Any, list[int]] = {}
+    for place, (_, update) in enumerate(slots):
+        if _record_id(update) in shared:
+            places.setdefault(_record_id(update), []).append(place)
+    for job, per_file in by_job.items():
+        merged = heapq.merge(*per_file.values(), key=lambda entry: entry[0])  # stable: file order at ties
+        for place, (_, index, update) in zip(places[job], merged):
+            slots[place] = (index, update)
+    return slots
+
+
+def _earliest(updates: list[dict[str, Any]], into: dict[Any, float]) -> None:
+    """Lower ``into[job]`` to the order key of each of ``updates`` (see :func:`_keyed`)."""
+    for key, update in _keyed(updates):
+        job = _record_id(update)
+        into[job] = min(into.get(job, key), key)
+
+
+def _goes_after(updates: list[dict[str, Any]], earliest: dict[Any, float]) -> bool:
+    """Some of ``updates`` is of a job with an update elsewhere (``earliest``: its key there)
+    reached before it: sent now, it would reach the server first."""
+    return any(_record_id(update) in earliest and earliest[_record_id(update)] < key for key, update in _keyed(updates))
+
+
+def _read_spool_file(path: Path) -> Optional[list[str]]:
+    """The lines of spool file ``path`` (an unclaimed name or a claim), read under whichever name it
+    has now (claimed or given back since it was listed); None when it has none of them (sent and
+    deleted, or moving again)."""
+    original = claimed_original(path) if CLAIM_MARK in path.name else path
+    for name in [path, original, *claims_of(original)]:
+        try:
+            return name.read_text().splitlines()
+        except OSError:
+            continue
+    return None
+
+
+def _earlier_elsewhere(path: Path, updates: list[dict[str, Any]]) -> bool:
+    """Some of ``updates`` (of spool file ``path``) is of a job with an update reached before it in
+    a spool file of another writer, claimed or not (:func:`send_spooled`). A file that cannot be
+    read under any of its names counts as holding one (the agent's replay sorts them out)."""
+    jobs = {_record_id(update) for update in updates}
+    writer = _writer_of(path.name)
+    earliest: dict[Any, float] = {}
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return True
+    for name in names:
+        if name.startswith(".") or not (name.endswith(SPOOL_SUFFIX) or f"{SPOOL_SUFFIX}{CLAIM_MARK}" in name):
+            continue
+        if _writer_of(name.partition(CLAIM_MARK)[0]) == writer:
+            continue  # this process's own files: in the order it wrote them
+        lines = _read_spool_file(path.parent / name)
+        if lines is None:
+            return True
+        _earliest([u for u in spooled_updates(path.parent / name, lines) if _record_id(u) in jobs], earliest)
+    return _goes_after(updates, earliest)
+
+
 def spool_prefix(host: str, pid: int) -> str:
     """The start of the names of the spool files written by process ``pid`` on ``host``."""
     return f"unsent-{host}-{pid}-"
@@ -1599,7 +1725,13 @@ class SpoolReplayer:
         same writer (its job's updates stay in order), also when the claim fails here (a launcher
         claimed it since the listing: its later file sent first made a RUN_DONE arrive before its
         RUNNING). A claim whose process is gone is taken back first (:func:`_claim_stale`); the
-        claims this replay holds are refreshed (their mtime)."""
+        claims this replay holds are refreshed (their mtime).
+
+        The updates of all the files of one poll are put in one go (one bulk call), each job's in the
+        order its states were reached (:func:`_replay_order`): a job's updates can be spooled by two
+        writers, whose files sort apart. A file with an update of a job whose earlier update is in a
+        file not sent in this poll (another process is sending it, or it waits behind such a one) is
+        given back for a later poll, and so are its writer's later files (:func:`_goes_after`)."""
         for claimed, sequence in list(self._queued.items()):
             if self.updater.done_through(sequence):
                 _unhold(claimed)
@@ -1616,6 +1748,9 @@ class SpoolReplayer:
         #: writer -> the first of its files that this poll cannot send (claimed by another process):
         #: its files from there on wait for a later poll.
         blocked: dict[str, str] = {}
+        #: The files this poll does not send (claimed elsewhere, or waiting behind one): a job's
+        #: update in one of them goes before its later updates in the files sent now.
+        unsent: list[Path] = []
 
         def block(name: str) -> None:
             writer = _writer_of(name)
@@ -1635,17 +1770,20 @@ class SpoolReplayer:
                     files.add(original)
                     continue
             block(original)
-        queued = 0
+            unsent.append(claimed)
+        taken: list[tuple[Path, Path, list[dict[str, Any]]]] = []  # (claimed, path, updates) in name order
         for name in sorted(files):
             path = self.spool_dir / name
             if path in self.updater.spool_files:
                 continue
             writer = _writer_of(name)
             if writer in blocked and blocked[writer] < name:
+                unsent.append(path)
                 continue  # an earlier file of its writer is being sent elsewhere: this one after it
             claimed = claim_spool_file(path, agent=True)
             if claimed is None:
                 block(name)  # claimed by another process since the listing
+                unsent.append(path)
                 continue
             try:
                 lines = claimed.read_text().splitlines()
@@ -1653,19 +1791,58 @@ class SpoolReplayer:
                 logger.warning("cannot read spooled updates %s: %s", claimed, exc)
                 release_spool_file(claimed)
                 block(name)
+                unsent.append(path)
                 continue
-            sequence = 0
-            for update in spooled_updates(path, lines):
-                # As it was sent: under its launcher's session (or none), never the agent's.
-                sequence = self.updater.put_update(update, stamp_session=False)
-                queued += 1
-            logger.info("replaying %d spooled job updates from %s", len(lines), path.name)
-            if sequence:
-                self._queued[claimed] = sequence
+            taken.append((claimed, path, spooled_updates(path, lines)))
+        taken = self._hold_back_later(taken, unsent)
+        queued = 0
+        last: dict[Path, int] = {}  # a file's claim -> the sequence of the last of its updates put
+        for index, update in _replay_order([updates for _, _, updates in taken]):
+            # As it was sent: under its launcher's session (or none), never the agent's.
+            last[taken[index][0]] = self.updater.put_update(update, stamp_session=False)
+            queued += 1
+        for claimed, path, updates in taken:
+            logger.info("replaying %d spooled job updates from %s", len(updates), path.name)
+            if claimed in last:
+                self._queued[claimed] = last[claimed]
             else:
                 _drop_claim(claimed)
         self.replayed += queued
         return queued
+
+    def _hold_back_later(self, taken: list[tuple[Path, Path, list[dict[str, Any]]]],
+                         unsent: list[Path]) -> list[tuple[Path, Path, list[dict[str, Any]]]]:
+        """The files of ``taken`` that may be sent now: each one with an update of a job reached
+        after that job's update in one of the ``unsent`` files (read, not claimed: another process
+        may be sending it) is given back, and so are the later files of its writer, until none is
+        left (a file given back may hold the earlier update of another). An unsent file that cannot
+        be read under any of its names (it changed hands twice meanwhile) holds back all of them
+        this poll."""
+        if not taken:
+            return taken
+        earliest: dict[Any, float] = {}
+        for path in unsent:
+            lines = _read_spool_file(path)
+            if lines is None:
+                logger.info("spooled updates %s changed hands meanwhile: the replay waits for the next poll", path.name)
+                for claimed, _, _ in taken:
+                    release_spool_file(claimed)
+                return []
+            _earliest(spooled_updates(path, lines), earliest)
+        kept = list(taken)
+        while earliest:
+            late = next((entry for entry in kept if _goes_after(entry[2], earliest)), None)
+            if late is None:
+                break
+            writer, first = _writer_of(late[1].name), late[1].name
+            for entry in [e for e in kept if _writer_of(e[1].name) == writer and e[1].name >= first]:
+                claimed, path, updates = entry
+                logger.info("spooled updates %s wait: an earlier update of one of their jobs is in a file not "
+                            "sent yet (another process is sending it)", path.name)
+                release_spool_file(claimed)
+                _earliest(updates, earliest)
+                kept = [e for e in kept if e is not entry]
+        return kept
 
     def release(self) -> None:
         """At the agent's stop, once its updater is closed: delete the files it sent (or spooled anew),
