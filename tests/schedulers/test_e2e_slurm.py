@@ -122,21 +122,6 @@ def test_campaign_runs_across_allocated_nodes_in_mpi_and_serial_mode(slurm_site)
         assert sacct.start_time.isoformat().startswith(done["start_time"][:19].replace(" ", "T"))
 
 
-def test_pending_deletion_scancels_and_walltime_timeout_is_recorded(slurm_site):
-    name, path, site_id, client = slurm_site
-    # a launcher with nothing to run but a long idle_ttl is not an option here: linger instead
-    doomed = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=10, optional_params={"linger": "600"})
-    timeout = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=1, optional_params={"linger": "600"})
-    wait_batch_job(client, doomed["id"], {"running"}, 60)
-    client.patch("/batch-jobs/", json=[{"id": doomed["id"], "state": "pending_deletion"}])
-    deleted = wait_batch_job(client, doomed["id"], {"finished"}, 60)
-    assert deleted["status_info"]["scheduler_state"].startswith("CANCELLED"), deleted["status_info"]
-    assert deleted["start_time"] and deleted["end_time"]
-    timed_out = wait_batch_job(client, timeout["id"], {"finished"}, 180)
-    assert timed_out["status_info"]["scheduler_state"] == "TIMEOUT", timed_out["status_info"]
-    assert timed_out["start_time"] and timed_out["end_time"]
-
-
 def test_a_job_slurm_can_never_start_shows_the_reason_and_can_be_deleted(balsam_env, tmp_path):
     """8 nodes on a 4-node cluster: the site allows it (max_nodes 16), sbatch accepts it, and it
     waits forever; the BatchJob must say why (Slurm's pending reason) and still be deletable."""
@@ -177,14 +162,11 @@ time.sleep(600)
 '''
 
 
-def test_perlmutter_apps_get_the_launchers_sigterm_through_slurm_at_its_wall_time(slurm_site):
-    """mpi mode on the Perlmutter platform (srun steps) on the real Slurm: at the launcher's wall-time
-    stop the app must get SIGTERM and have the grace to save its checkpoint. srun does not forward a
-    SIGTERM sent to its process group: it SIGKILLed the step's tasks at once (sacct 0:9), so the app's
-    handler never ran; the platform now sends it with ``scancel --signal=TERM`` to the job's step."""
-    from balsam.api import ApplicationDefinition, EventLog
+def _start_perlmutter_checkpoint_run(name: str, path: Path, site_id: int, client) -> tuple[int, dict, Path]:
+    """The Perlmutter checkpoint case of the test below, started: its settings (platform
+    perlmutter-gpu), the app, its Job and a 1-minute BatchJob; returns (job id, BatchJob, workdir)."""
+    from balsam.api import ApplicationDefinition
 
-    name, path, site_id, client = slurm_site
     settings = yaml.safe_load((path / "settings.yml").read_text())
     # This cluster's nodes: 2 logical CPUs, no GPUs, no craynetwork gres.
     settings["launcher"]["platform"] = "perlmutter-gpu"
@@ -200,10 +182,43 @@ def test_perlmutter_apps_get_the_launchers_sigterm_through_slurm_at_its_wall_tim
     Checkpointing.sync()
     job = Checkpointing.submit(workdir="ckpt/0", num_nodes=1, ranks_per_node=1)
     batch = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=1, job_mode="mpi")
-    workdir = path / "data" / "ckpt" / "0"
-    wait_for(lambda: (workdir / "started.txt").exists(), 120, "the app to start", interval=0.5)
-    done = wait_batch_job(client, batch["id"], {"finished"}, 150)
-    states = [e.to_state for e in EventLog.objects.filter(job_id=[job.id])]
-    assert "RUN_TIMEOUT" in states, (states, agent_log(path))
-    assert (workdir / "checkpoint.txt").exists(), (done["status_info"], agent_log(path))
-    assert (workdir / "checkpoint.txt").read_text() == "saved at signal 15\n"
+    return job.id, batch, path / "data" / "ckpt" / "0"
+
+
+def test_pending_deletion_scancels_and_walltime_timeout_is_recorded_and_perlmutter_apps_get_sigterm(balsam_env, tmp_path):
+    """Two cases that each wait out a 1-minute Slurm wall time, run side by side (one wait, not two:
+    the CI's time), each on its own site and agent:
+
+    - pending_deletion scancels a running BatchJob (CANCELLED), and a BatchJob that outlives its
+      wall time is recorded as Slurm's TIMEOUT (default platform);
+    - mpi mode on the Perlmutter platform (srun steps): at the launcher's wall-time stop the app
+      must get SIGTERM and have the grace to save its checkpoint. srun does not forward a SIGTERM
+      sent to its process group: it SIGKILLed the step's tasks at once (sacct 0:9), so the app's
+      handler never ran; the platform now sends it with ``scancel --signal=TERM`` to the job's step.
+    """
+    from balsam.api import EventLog
+
+    with running_slurm_site(tmp_path, SLURM_SETTINGS) as (_, _, site_id, client), \
+            running_slurm_site(tmp_path, SLURM_SETTINGS) as (pm_name, pm_path, pm_site_id, _):
+        # Perlmutter case first: its 1-minute wall time runs while the cases below are checked.
+        job_id, batch, workdir = _start_perlmutter_checkpoint_run(pm_name, pm_path, pm_site_id, client)
+
+        # a launcher with nothing to run but a long idle_ttl is not an option here: linger instead
+        doomed = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=10, optional_params={"linger": "600"})
+        timeout = _new_batch_job(client, site_id, num_nodes=1, wall_time_min=1, optional_params={"linger": "600"})
+        wait_batch_job(client, doomed["id"], {"running"}, 60)
+        client.patch("/batch-jobs/", json=[{"id": doomed["id"], "state": "pending_deletion"}])
+        deleted = wait_batch_job(client, doomed["id"], {"finished"}, 60)
+        assert deleted["status_info"]["scheduler_state"].startswith("CANCELLED"), deleted["status_info"]
+        assert deleted["start_time"] and deleted["end_time"]
+
+        wait_for(lambda: (workdir / "started.txt").exists(), 120, "the app to start", interval=0.5)
+        timed_out = wait_batch_job(client, timeout["id"], {"finished"}, 180)
+        assert timed_out["status_info"]["scheduler_state"] == "TIMEOUT", timed_out["status_info"]
+        assert timed_out["start_time"] and timed_out["end_time"]
+
+        done = wait_batch_job(client, batch["id"], {"finished"}, 150)
+        states = [e.to_state for e in EventLog.objects.filter(job_id=[job_id])]
+        assert "RUN_TIMEOUT" in states, (states, agent_log(pm_path))
+        assert (workdir / "checkpoint.txt").exists(), (done["status_info"], agent_log(pm_path))
+        assert (workdir / "checkpoint.txt").read_text() == "saved at signal 15\n"
