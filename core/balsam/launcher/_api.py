@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -119,6 +120,13 @@ class EarlyLease:
         self._lease: Any = None
         self._error: Optional[BaseException] = None
         self._taken = False
+        #: The first acquire, sent early (:meth:`acquire_early`): its thread, and its answer (the
+        #: jobs, or what it raised) until :meth:`first_jobs` hands it over (once).
+        self._acquire_thread: Optional[threading.Thread] = None
+        self._acquired: Optional[list] = None
+        self._acquire_error: Optional[BaseException] = None
+        self._acquire_took = 0.0
+        self._acquire_handed = False
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="early-lease", daemon=True)
 
@@ -168,6 +176,44 @@ class EarlyLease:
         self._lease.sort_by = sort_by
         return self._lease
 
+    def acquire_early(self, filter_tags: dict[str, str], sort_by: Optional[str], count: int, **limits: Any) -> None:
+        """Send the lease's first acquire now, in a thread of its own, once the Session is open: the
+        job mode calls it as soon as it knows its first request, so that the round trip overlaps
+        the rest of its start-up (the spawner's start, the loop's set-up). The owner then takes the
+        answer with :meth:`first_jobs` (exactly once); if nobody takes the lease, :meth:`discard`
+        waits for the answer and deletes the Session, which gives the jobs back at once."""
+        if self._acquire_thread is not None:
+            raise RuntimeError("the early lease's first acquire was already sent")
+
+        def run() -> None:
+            self._ready.wait()
+            if self._lease is None:  # the Session did not open: take() raises why
+                return
+            self._lease.filter_tags = dict(filter_tags)
+            self._lease.sort_by = sort_by
+            began = time.monotonic()
+            try:
+                self._acquired = self._lease.acquire(count, **limits)
+            except BaseException as exc:  # handed to the owner, as a failed acquire
+                self._acquire_error = exc
+            self._acquire_took = time.monotonic() - began
+
+        self._acquire_thread = threading.Thread(target=run, name="early-acquire", daemon=True)
+        self._acquire_thread.start()
+
+    def first_jobs(self) -> "tuple[list, float]":
+        """The early acquire's jobs and its round trip in seconds, once (it waits for the answer);
+        raises what the acquire raised. A second call (or one with no early acquire) raises
+        RuntimeError: its jobs would be handed out twice."""
+        if self._acquire_thread is None or self._acquire_handed:
+            raise RuntimeError("the early acquire's jobs were already handed over (or none was sent)")
+        self._acquire_handed = True
+        self._acquire_thread.join()
+        jobs, self._acquired = self._acquired or [], None
+        if self._acquire_error is not None:
+            raise self._acquire_error
+        return jobs, self._acquire_took
+
     def refusal(self) -> Optional[UnknownBatchJob]:
         """Why the server refused the Session, when it has no such BatchJob (after :meth:`take` or
         :meth:`discard`, which wait for the opening); else None."""
@@ -184,6 +230,13 @@ class EarlyLease:
             return
         self._taken = True
         self._ready.wait()
+        if self._acquire_thread is not None:
+            # The early acquire's answer first: the Session's deletion then gives back what it
+            # leased (deleted under an acquire in flight, the Session could lease them after it).
+            self._acquire_thread.join()
+            if self._acquired:
+                logger.info("%d jobs acquired early are given back: the launcher did not start", len(self._acquired))
+            self._acquired = None
         if self._lease is not None:
             self._lease.close(retry_count=0)
 

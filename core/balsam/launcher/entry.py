@@ -10,6 +10,7 @@ RUN_TIMEOUT and exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -104,41 +106,81 @@ class ConsoleHandler(logging.StreamHandler):
 
 
 class HeldRecords(logging.Handler):
-    """Holds the ``balsam`` loggers' records of the node discovery, which runs before the launcher's
-    log file is opened (:func:`configure_logging` needs the partition): the platforms log there what
-    they narrowed (``CUDA_VISIBLE_DEVICES``, a shared allocation's cores), and that went nowhere.
-    :meth:`replay` hands them to the configured handlers; without any (an error before), only
-    those of WARNING and above, to stderr."""
+    """Holds the ``balsam`` loggers' records of the launcher's start-up, before its log file is opened
+    (:func:`configure_logging` needs the partition): what the platforms log during the node
+    discovery (``CUDA_VISIBLE_DEVICES``, a shared allocation's cores) and, with ``echo``, the whole
+    start-up's (the client's connect wait: a server not up yet is waited for while the settings are
+    read, and the log file never said so). :meth:`replay` hands them to the configured handlers;
+    without any (an error before), only those of WARNING and above, to stderr.
 
-    def __init__(self) -> None:
+    ``echo``: a record of WARNING and above also goes to stderr at once, where it went before it
+    was held (``logging.lastResort``, when no other handler takes it): a launcher waiting minutes
+    for its server says so now, not when its log opens; its replay then goes to the log file only."""
+
+    def __init__(self, echo: bool = False) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self.echo = echo
         self._logger = logging.getLogger("balsam")
         self._level = self._logger.level
+        self._attached = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.echo and record.levelno >= logging.WARNING and not self._others_take(record):
+            last = logging.lastResort
+            if last is not None and record.levelno >= last.level:
+                last.handle(record)
+                record._balsam_echoed = True  # type: ignore[attr-defined]
         self.records.append(record)
 
+    def _others_take(self, record: logging.LogRecord) -> bool:
+        """Whether a handler other than this one sees ``record`` (``Logger.callHandlers``' walk)."""
+        log: Optional[logging.Logger] = logging.getLogger(record.name)
+        while log is not None:
+            if any(h is not self for h in log.handlers):
+                return True
+            if not log.propagate:
+                return False
+            log = log.parent  # type: ignore[assignment]
+        return False
+
     def __enter__(self) -> "HeldRecords":
+        self._level = self._logger.level
         self._logger.addHandler(self)
+        self._attached = True
         if self._logger.getEffectiveLevel() > logging.INFO:
             self._logger.setLevel(logging.INFO)  # an INFO line must exist to be replayed
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if not self._attached:
+            return
+        self._attached = False
         self._logger.removeHandler(self)
-        self._logger.setLevel(self._level)
+        if not _configured(self._logger):  # configure_logging set the level it wants
+            self._logger.setLevel(self._level)
 
     def replay(self) -> None:
         records, self.records = self.records, []
-        configured = any(getattr(h, "_balsam_launcher", False) for h in self._logger.handlers)
+        configured = _configured(self._logger)
         for record in records:
-            if configured:
+            echoed = getattr(record, "_balsam_echoed", False)
+            if configured and echoed:  # on stderr already: to the log file alone
+                for handler in self._logger.handlers:
+                    if (getattr(handler, "_balsam_launcher", False) and not isinstance(handler, ConsoleHandler)
+                            and record.levelno >= handler.level):
+                        handler.handle(record)
+            elif configured:
                 target = logging.getLogger(record.name)
                 if target.isEnabledFor(record.levelno):
                     target.handle(record)
-            elif record.levelno >= logging.WARNING and logging.lastResort is not None:
+            elif not echoed and record.levelno >= logging.WARNING and logging.lastResort is not None:
                 logging.lastResort.handle(record)
+
+
+def _configured(log: logging.Logger) -> bool:
+    """Whether :func:`configure_logging` has given ``log`` the launcher's handlers."""
+    return any(getattr(h, "_balsam_launcher", False) for h in log.handlers)
 
 
 def configure_logging(path: Path, settings: Any = None) -> None:
@@ -273,19 +315,62 @@ def run_launcher(
     # The BatchJob's own site-scoped credential (minted by the agent), if there is one; child
     # processes (partitions, jobs using the API) inherit it.
     credential = use_launcher_credential(site_config.site_path, os.environ)
-    # The Session is created (and the API models imported) in the background while the settings are
-    # read and the plugins (hook modules, the platform) load: the longest steps before the first
-    # job starts.
-    early_lease = _start_early_lease(site_config.site_id, partitions)
+    # What the start-up logs before the log file opens (the early lease's connect wait, the node
+    # discovery) is replayed into it; warnings reach stderr at once as before.
+    held = HeldRecords(echo=True).__enter__()
+    early_lease = None
+    signalled = False
+    previous: dict[int, Any] = {}
     try:
+        # The Session is created (and the API models imported) in the background while the settings are
+        # read and the plugins (hook modules, the platform) load: the longest steps before the first
+        # job starts.
+        early_lease = _start_early_lease(site_config.site_id, partitions)
+        if early_lease is not None and threading.current_thread() is threading.main_thread():
+            # Until the job mode takes over the signals: a SIGTERM ends the start-up through the
+            # discard below (its Session deleted, the jobs it acquired early given back at once),
+            # not by the default action, which left them held until the Session expired.
+            # (SIGINT raises KeyboardInterrupt, which takes the same way out.)
+            previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _start_up_signal)}
         settings = _load_settings(site_config)
         base_tags = dict(getattr(settings, "filter_tags", None) or {})
         base_tags.update(cli_tags)
         return _run_with_site(site_config, settings, credential, partitions, base_tags, wall_time_min, start_time,
-                              partition_index, early_lease, on_credential_refused)
+                              partition_index, early_lease, on_credential_refused, held=held)
+    except StartUpSignal:
+        signalled = True
+        raise
     finally:
+        held.replay()
+        held.__exit__()
         if early_lease is not None:
-            early_lease.discard()
+            noted: list[int] = []
+            if previous:  # a SIGTERM now must not cut the discard short: noted, and acted on after it
+                signal.signal(signal.SIGTERM, lambda signum, _frame: noted.append(signum))
+            try:
+                early_lease.discard()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            signalled = signalled or bool(noted)
+        if signalled:
+            # Ended by the signal, as before (the batch system reads a SIGTERM's end), once the
+            # Session is gone.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class StartUpSignal(BaseException):
+    """SIGTERM while the launcher starts, before its job mode handles it (a BaseException, as
+    KeyboardInterrupt: the start-up's ``except Exception`` must not turn it into an error line)."""
+
+
+def _start_up_signal(signum: int, _frame: Any) -> None:
+    # Once: a second signal before run_launcher's discard (which waits for the early acquire's
+    # answer and deletes the Session) takes over must not cut the way there short.
+    signal.signal(signum, signal.SIG_IGN)
+    raise StartUpSignal(f"signal {signum} during the launcher's start-up: its Session is deleted (the jobs it had "
+                        "acquired go back to the queue)")
 
 
 def _start_early_lease(site_id: int, partitions: Sequence[Partition]) -> Any:
@@ -302,16 +387,19 @@ def _start_early_lease(site_id: int, partitions: Sequence[Partition]) -> Any:
 
 def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions: list[Partition], base_tags: dict[str, str],
                    wall_time_min: float, start_time: float, partition_index: int, early_lease: Any,
-                   on_credential_refused: Any) -> int:
+                   on_credential_refused: Any, held: Optional[HeldRecords] = None) -> int:
+    # ``held``: the start-up's hold (run_launcher), replayed and ended once the log file opens;
+    # without it, one for the discovery alone.
+    own_hold = held is None
+    held = HeldRecords() if held is None else held
     platform = _platform(settings)
     env = dict(os.environ)
     nodes = _nodes_from_env(env)
-    held = HeldRecords()
     # Every way out replays what the discovery logged (an error before the log file opens
     # included: a warning there may be what explains it).
     try:
         if nodes is None:
-            with held:
+            with held if own_hold else contextlib.nullcontext():
                 try:
                     nodes = platform.discover_nodes(env)
                 except Exception as exc:
@@ -330,6 +418,8 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
         batch_job_id = find_batch_job_id(site_config.site_id, env, platform)
         if len(partitions) > 1:
             held.replay()  # now, not after the partitions' run
+            if not own_hold:
+                held.__exit__()
             return _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_config, batch_job_id, start_time)
 
         partition = partitions[0]
@@ -355,6 +445,8 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
         configure_logging(context.log_file("log"), settings)
     finally:
         held.replay()
+        if not own_hold:
+            held.__exit__()  # the log file has them now, and what comes next
     for line in ignored_settings_warnings(partition.job_mode, settings, getattr(site_config, "settings_path", "settings.yml")):
         logger.warning("%s", line)
     if credential is not None:

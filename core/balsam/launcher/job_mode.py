@@ -383,7 +383,13 @@ class JobMode(abc.ABC):
 
         ctx = self.context
         source = ctx.open_lease(sort_by=ctx.setting("sort_by"))
-        updater = open_updater(ctx.spool_path, source)  # updates sent under the source's Session
+        try:
+            updater = open_updater(ctx.spool_path, source)  # updates sent under the source's Session
+        except BaseException:
+            # Nothing ran under the Session: deleted now, it gives back what it holds (the jobs of
+            # an early first acquire) rather than keep them until it expires.
+            source.close(retry_count=0)
+            raise
         self.idle_timer.busy()  # idle time counts from here, not from the (slow, under load) start-up
         try:
             yield source, updater

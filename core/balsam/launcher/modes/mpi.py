@@ -343,8 +343,6 @@ class MPIMode(JobMode):
         self.preparer = JobPreparer(context.data_path, default_postprocess=bool(context.setting("default_postprocess_in_launcher")))
         #: Started jobs whose successful exit is reported with POSTPROCESSED (PreparedJob.postprocess_on_exit)
         self._postprocess_on_exit: set[int] = set()
-        # Every task here is an MPI launcher: it keeps SIGPIPE ignored (runner.local_pool).
-        self.pool = local_pool(int(context.setting("error_tail_num_lines")), wake=self.wake, sigpipe_ignored=True)
         self.pending: deque[PreparedJob] = deque()
         self.max_concurrent = int(context.setting("max_concurrent_mpiruns"))
         self.delay_sec = float(context.setting("delay_sec"))
@@ -371,12 +369,6 @@ class MPIMode(JobMode):
         #: prepares nothing (its jobs never start).
         self._acquire_closed = threading.Event()
         self._footprints: dict[int, float] = {}  # running job id -> its footprint (for lease_ahead)
-        #: Jobs queued in the spawner behind running ones (counted with ``pending`` wherever the
-        #: leased-but-not-started jobs are: they are not RUNNING until they start).
-        self.handover = HandOver(self.pool, self.node_manager, depth=HANDOVER_DEPTH, max_age_sec=HANDOVER_MAX_AGE_SEC)
-        #: Jobs the Session no longer holds (deleted or moved by their user): their runs are ended.
-        self.gone = GoneJobs(self.wake)
-        self.gone.held = self._held_ids
         #: A node that is down is taken out after a few quick failures there (NodeFaults' rule).
         self.faults = NodeFaults(len(self.node_manager))
         self._started_at: dict[int, float] = {}  # running job id -> when it started (epoch)
@@ -394,6 +386,41 @@ class MPIMode(JobMode):
         #: Jobs given back because the site's file system failed their workdirs; once tripped, no
         #: more acquires (the launcher ends when idle).
         self.site_faults = SiteFaults()
+        #: The first acquire's request when it was sent early (see :meth:`_acquire_early`), else None.
+        self._early: Any = None
+        self._early_request = self._acquire_early()
+        # Started after the early acquire went out: the spawner's start (a process, tens of ms)
+        # overlaps its round trip. Every task here is an MPI launcher: it keeps SIGPIPE ignored
+        # (runner.local_pool).
+        self.pool = local_pool(int(context.setting("error_tail_num_lines")), wake=self.wake, sigpipe_ignored=True)
+        #: Jobs queued in the spawner behind running ones (counted with ``pending`` wherever the
+        #: leased-but-not-started jobs are: they are not RUNNING until they start).
+        self.handover = HandOver(self.pool, self.node_manager, depth=HANDOVER_DEPTH, max_age_sec=HANDOVER_MAX_AGE_SEC)
+        #: Jobs the Session no longer holds (deleted or moved by their user): their runs are ended.
+        self.gone = GoneJobs(self.wake)
+        self.gone.held = self._held_ids
+
+    def _acquire_early(self) -> Optional[dict[str, Any]]:
+        """Send the first acquire through the Session the launcher opened early (EarlyLease), before
+        the spawner starts: its answer is then in hand when the loop begins (the loop's first
+        answer, taken once by :meth:`_fetch_early`). The request is the loop's own first one
+        (nothing leased, queued or running yet). None when there is no early Session for this
+        launcher or no room to ask; if the mode never runs, the launcher's discard of the early
+        lease deletes the Session, which gives the jobs back."""
+        ctx = self.context
+        early = ctx.early_lease
+        if early is None or not early.matches(ctx.site_id, ctx.batch_job_id):
+            return None
+        request = self._request_for({}, running=False)
+        if request is None:
+            return None
+        request["wait_sec"] = 0.0  # the first acquire never waits (no empty answer yet: AcquireWait)
+        early.acquire_early(ctx.filter_tags, ctx.setting("sort_by"), request["count"],
+                            max_wall_time_min=self.countdown.remaining_min(),
+                            max_nodes_per_job=request["max_nodes_per_job"],
+                            max_aggregate_nodes=request["max_aggregate_nodes"], **self._acquire_filter)
+        self._early = early
+        return request
 
     # -- jobs deleted or moved by their user (balsam.launcher.gone) ------------------------------
     def _held_ids(self) -> list[int]:
@@ -413,10 +440,13 @@ class MPIMode(JobMode):
         """Arguments of the next acquire (the free resources plus the lookahead of
         :class:`LeaseAhead`, at least one wave, less what is already leased and waiting), or None
         when there is no room to ask for any job, or too little to be worth a request."""
+        return self._request_for(self.handover.queued, running=bool(self.pool.running))
+
+    def _request_for(self, queued: Any, running: bool) -> Optional[dict[str, Any]]:
+        """:meth:`_acquire_request` given the jobs queued in the spawner and whether any runs."""
         if self.site_faults.tripped:
             return None
         nm = self.node_manager
-        queued = self.handover.queued
         waiting = sum(p.footprint for p in self.pending) + sum(p.footprint for p in queued.values())
         ahead = self.lease_ahead.nodes(time.monotonic())
         room_nodes = nm.aggregate_free_nodes() + ahead - waiting
@@ -446,7 +476,7 @@ class MPIMode(JobMode):
             "max_nodes_per_job": max_nodes,
             "max_aggregate_nodes": room_nodes,
             # Jobs larger than the partition are looked for only while it is idle and nothing waits.
-            "probe": empty == len(nm) and not self.pending and not self.pool.running and self._probe_oversized,
+            "probe": empty == len(nm) and not self.pending and not running and self._probe_oversized,
         }
 
     def _acquire_wait_sec(self, request: Optional[dict[str, Any]]) -> float:
@@ -477,7 +507,17 @@ class MPIMode(JobMode):
             **({"wait_sec": wait_sec} if wait_sec else {}),  # (a source without waits need not know the word)
             **self._acquire_filter,
         )
-        took = time.monotonic() - began
+        return self._answered(source, request, jobs, time.monotonic() - began)
+
+    def _fetch_early(self, source: Any, request: dict[str, Any]) -> Acquired:
+        """The answer of the acquire sent early (:meth:`_acquire_early`), as the loop's first
+        (acquirer thread): handed over once by the early lease, then prepared as any other."""
+        jobs, took = self._early.first_jobs()
+        logger.info("the first acquire, sent early, got %d jobs in %.3f s", len(jobs), took)
+        return self._answered(source, request, jobs, took)
+
+    def _answered(self, source: Any, request: dict[str, Any], jobs: list, took: float) -> Acquired:
+        wait_sec = request.get("wait_sec", 0.0)
         # Read by the loop once this call is done (the future orders it).
         request["took"] = took
         if not wait_sec:  # a waiting acquire's time is the server's wait, not a round trip
@@ -803,6 +843,12 @@ class MPIMode(JobMode):
             self.gone.attach(source)
             sent_request: dict[str, Any] = {}  # the request of the acquire in flight (or the last one)
             try:
+                if self._early_request is not None:
+                    # The first acquire went out as the mode was built: its answer is the loop's
+                    # first, through the lease the launcher opened early (ctx.open_lease took it).
+                    sent_request = self._early_request
+                    inflight = acquirer.submit(self._fetch_early, source, sent_request)
+                    inflight.add_done_callback(lambda _f: self.wake.set())
                 next_acquire = 0.0
                 freed_in_flight = False  # jobs ended while the acquire in flight was out
                 backlog_empty = False  # the last acquire found no job for us
