@@ -6,6 +6,7 @@ launchers write), so "run twice" and "lost" are counted from what really ran, no
 - 8 launchers on 10,000 jobs: every job runs exactly once and finishes;
 - kill -9 of a launcher, the agent and the server mid-campaign: nothing lost; a job runs again only
   if its launcher's lease expired (a RUN_TIMEOUT event says so): that is the at-least-once side;
+  and no Session expires but the killed processes' (every live launcher and agent keeps its first);
 - a PostgreSQL restart mid-campaign (a private cluster, never the shared one): exactly once;
 - launchers of one site started in the same second each run with their own configuration.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import sys
 import time
@@ -98,6 +100,23 @@ def run_lines(runs: Path) -> list[tuple[int, int]]:
     if not runs.exists():
         return []
     return [(int(a), int(b)) for a, b in (line.split() for line in runs.read_text().splitlines() if line.strip())]
+
+
+#: A lease's log line on creating its Session: "<date> <time> | <pid> | INFO | balsam.client.lease:<n>]
+#: [processing ]session <id> created (site ...": at the start of a launcher or an agent's processing,
+#: and again only when the server lost the one it had (expired, or deleted by someone else).
+_SESSION_CREATED = re.compile(r"^\S+ \S+ \| (\d+) \| INFO \| balsam\.client\.lease:\d+\] "
+                              r"(?:[a-z ]+ )?session (\d+) created ")
+
+
+def sessions_created(log_dir: Path) -> dict[int, list[int]]:
+    """The Sessions each process (by pid) created, from the site's launcher and agent logs."""
+    created: dict[int, list[int]] = collections.defaultdict(list)
+    for log in sorted(log_dir.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if (match := _SESSION_CREATED.match(line)):
+                created[int(match[1])].append(int(match[2]))
+    return dict(created)
 
 
 def kill_9_launcher(proc: Any) -> set[int]:
@@ -262,6 +281,18 @@ def test_kill_9_of_launcher_agent_and_server_loses_nothing(live_server_factory: 
         assert again <= by_killed, f"jobs re-run though their launcher lived: {sorted(again - by_killed)[:10]}"
         assert all(ran[i] == 2 for i in again)
         assert all(n == 1 for n in events_to(ids, "JOB_FINISHED").values())
+        # Only the killed processes' Sessions may expire (20 s after the kill, so they are dead by
+        # then): a live launcher or agent whose Session the server expired makes a new one, and
+        # the jobs it held go back to the pool without a trace in the runs (leased ahead, never
+        # started) or the events. A server that expired live Sessions early (at 0.5 s instead of
+        # 20) passed every check above; each process here must have kept its first Session.
+        # (The killed launcher's log may be empty: kill -9 lost what it had not written yet. The
+        # live ones exited, their logs are complete.)
+        created = sessions_created(site / "log")
+        live_pids = {proc.pid for proc in launchers}
+        assert live_pids <= set(created), f"no Session created in the logs of launchers {sorted(live_pids)}: {created}"
+        replaced = {pid: ids for pid, ids in created.items() if len(ids) > 1}
+        assert not replaced, f"live Sessions expired, the processes made new ones (pid: Sessions): {replaced}"
         print(f"kill -9 drill: {total} jobs, {len(again)} ran twice (all first started by the launcher that was killed)")
     finally:
         server.stop()
