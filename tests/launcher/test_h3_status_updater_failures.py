@@ -399,7 +399,9 @@ def test_a_call_the_server_fails_for_one_job_does_not_hold_the_updates_of_other_
     # (a 500 may follow a commit: here each try is applied, then answered 500), and its job's
     # later updates wait behind it, in order.
     bad, other = jobs(2)
-    proxy.fail_ids, proxy.fail_left, proxy.fail_forward = {bad}, 5, True
+    # 4 failures: the side lane opens at the 3rd (SIDE_LANE_AFTER_FAILURES), and the call fails once
+    # more after it, still resent unchanged (a 5th failure only added the backoff's 8 s wait).
+    proxy.fail_ids, proxy.fail_left, proxy.fail_forward = {bad}, 4, True
     proxy.hold = True  # the first answer waits until the later updates are queued
     updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
     try:
@@ -414,7 +416,7 @@ def test_a_call_the_server_fails_for_one_job_does_not_hold_the_updates_of_other_
         updater.close()
     patches = [(ids, key, status) for _at, ids, key, status, _asked in proxy.patches]
     bad_call = [p for p in patches if p[0] == [bad, bad]]
-    assert [status for _ids, _key, status in bad_call] == [500] * 5 + [200], patches
+    assert [status for _ids, _key, status in bad_call] == [500] * 4 + [200], patches
     assert len({key for _ids, key, _status in bad_call}) == 1, patches  # one request, resent unchanged
     through = patches.index(bad_call[-1])
     other_calls = [i for i, p in enumerate(patches) if other in p[0]]

@@ -17,6 +17,7 @@ such process.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -208,12 +209,20 @@ def test_results_of_an_expired_session_are_refused_and_the_hooks_run_again_once_
     site = make_site()
     ids = _run_done_jobs(client, site)
     log = Path(site.data_path) / "p/hooks.log"
-    _kill_an_agent_after_its_hooks(site, log, tmp_path)
-    # The dead session expired and its jobs were released.
+    dead = _kill_an_agent_after_its_hooks(site, log, tmp_path)
+    session = re.search(r"^session (\d+) ", dead, re.MULTILINE)
+    assert session, dead
+    # The dead session expired and its jobs were released: the server's sweep deletes an expired
+    # session in the transaction that releases its jobs (job rows do not show their holder), so
+    # its absence from /sessions/ is the condition itself (was a fixed sleep of the expiry + 2 s).
+    def listed() -> int:
+        return client.get("/sessions/", params={"id": session.group(1)})["count"]
+
+    assert listed() == 1, dead  # the id read is the dead agent's session, not yet expired
     deadline = time.monotonic() + SESSION_EXPIRE_SEC * 4
-    while time.monotonic() < deadline and any(r.get("session_id") for r in job_rows(client, id=ids)):
-        time.sleep(0.5)
-    time.sleep(SESSION_EXPIRE_SEC + 2)  # job rows may not show the holder: wait out the expiry anyway
+    while listed() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert listed() == 0, f"session {session.group(1)} not expired after {SESSION_EXPIRE_SEC * 4} s"
 
     states = _finish(client, site, ids, SESSION_EXPIRE_SEC * 4, tmp_path)
     assert states == {i: "JOB_FINISHED" for i in ids}
