@@ -21,7 +21,9 @@ The render/parse pairs:
 ``render_submit``/``parse_submit``  ``SubmitRequest`` -> command; output -> the new job's id
 ``render_status``/``parse_status``  the user's jobs -> ``{id: SchedulerJobStatus}`` of the jobs still in
                                     the queue, or a :class:`StatusPoll` that also says how jobs the
-                                    status command still lists in a final state ended
+                                    status command still lists in a final state ended and when
+                                    the running ones started (or a :class:`PolledStatuses` dict
+                                    with those start times)
 ``render_delete``/``parse_delete``  delete one job (already gone is success)
 ``render_histories``/               one command for the final record of several jobs (None when the
 ``parse_histories``                 records are files); parsed with the last status poll at hand
@@ -79,6 +81,7 @@ __all__ = [
     "SchedulerGuard",
     "STILL_ACTIVE",
     "SchedulerJobStatus",
+    "PolledStatuses",
     "StatusPoll",
     "SubmitRequest",
     "subprocess_runner",
@@ -437,6 +440,24 @@ class StatusPoll:
     #: each listed job waits for or runs on, by scheduler id (several where it may start in any
     #: of them). Empty where the queue says it: the elastic queue then matches by queue alone.
     node_pools: Mapping[int, tuple[str, ...]] = attrs.field(factory=dict, converter=_frozen_mapping)
+    #: Optional: the scheduler's own start time (aware UTC) of listed running jobs, by scheduler id
+    #: (squeue's %S, qstat's stime, the local queue's record), where it reports one. The agent
+    #: takes it for ``BatchJob.start_time`` when a poll first shows the job running: its own
+    #: sighting is up to ``sync_period`` late. Not part of ``SchedulerJobStatus`` (Balsam 0.7's
+    #: wire model, which has no such key). Empty: the agent's sighting is the start.
+    start_times: Mapping[int, dt.datetime] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+
+class PolledStatuses(dict):
+    """``parse_status``'s ``{scheduler_id: SchedulerJobStatus}`` (a plain dict to every reader)
+    that also carries the scheduler's start times of its running jobs (``start_times``, as
+    :attr:`StatusPoll.start_times`): for a driver that needs no other StatusPoll field, so that
+    its parse_status keeps returning the dict its callers and tests read."""
+
+    def __init__(self, statuses: Optional[Mapping[int, SchedulerJobStatus]] = None, *,
+                 start_times: Optional[Mapping[int, dt.datetime]] = None) -> None:
+        super().__init__(statuses or {})
+        self.start_times: Mapping[int, dt.datetime] = dict(start_times or {})
 
 
 #: The poll before the first poll: nothing known.
@@ -597,7 +618,8 @@ class Scheduler(abc.ABC):
         now = now or dt.datetime.now(dt.timezone.utc)
         with self.guard("status poll"):
             parsed = self.parse_status(self.run(self.render_status(self.user)), now)
-            poll = parsed if isinstance(parsed, StatusPoll) else StatusPoll(time=now, statuses=parsed)
+            poll = parsed if isinstance(parsed, StatusPoll) else StatusPoll(
+                time=now, statuses=parsed, start_times=getattr(parsed, "start_times", None))
             statuses = {i: s for i, s in poll.statuses.items() if s.state is not BatchJobState.finished}
         self.last_poll = poll
         return statuses

@@ -332,6 +332,9 @@ class LocalQueue:
                     "wall_time_min": record["wall_time_min"],
                     "elapsed_sec": now - record["start_time"],
                     "queued_sec": record["start_time"] - record["submit_time"],
+                    # Epoch seconds: the agent's BatchJob.start_time (its own sighting of the job
+                    # running is up to a sync_period later), the start `history` also reports.
+                    "start_time": record["start_time"],
                 }
             if changed:
                 self._write(db)

@@ -25,6 +25,7 @@ from balsam.scheduler import (
     CommandRunner,
     JobHistory,
     Scheduler,
+    PolledStatuses,
     SchedulerError,
     StatusPoll,
     SubmitRequest,
@@ -45,6 +46,17 @@ def default_state_dir() -> Path:
 
 def _utc(epoch: Optional[float]) -> Optional[dt.datetime]:
     return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+
+
+def _start_time(value: Any) -> Optional[dt.datetime]:
+    """A status entry's ``start_time`` (epoch seconds) -> aware UTC; None when absent or not a
+    time (a hand-edited or garbled record): the job is still listed, with no start of its own."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+    except (ValueError, OverflowError, OSError):  # NaN, inf, a year past 9999
+        return None
 
 
 class LocalScheduler(Scheduler):
@@ -115,7 +127,9 @@ class LocalScheduler(Scheduler):
     def render_status(self, user: str) -> Command:
         return self._queue_command("status")
 
-    def parse_status(self, result: CommandResult, now: dt.datetime) -> dict[int, SchedulerJobStatus]:
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> PolledStatuses:
+        """The queue's running jobs, with their start times (``start_time``, epoch seconds; a
+        listing from before it had one, or a value that is not a time, gives no start)."""
         self._check(result, "list its jobs")
         try:
             listing = json.loads(result.stdout or "{}")
@@ -124,6 +138,7 @@ class LocalScheduler(Scheduler):
         if not isinstance(listing, dict):
             raise SchedulerError("local scheduler status is not a JSON object")
         statuses = {}
+        start_times: dict[int, dt.datetime] = {}
         for key, item in listing.items():
             try:
                 job_id = int(key)
@@ -141,7 +156,10 @@ class LocalScheduler(Scheduler):
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise SchedulerError(f"local scheduler status entry {key!r} is malformed ({exc})") from None
-        return statuses
+            started = _start_time(item.get("start_time"))
+            if started is not None and statuses[job_id].state is BatchJobState.running:
+                start_times[job_id] = started
+        return PolledStatuses(statuses, start_times=start_times)
 
     # -- find an earlier submission -------------------------------------------------------------
     def render_find(self, request: SubmitRequest, user: str) -> Optional[Command]:

@@ -26,6 +26,7 @@ from balsam.scheduler import (
     Command,
     CommandResult,
     JobHistory,
+    PolledStatuses,
     Scheduler,
     SchedulerError,
     SchedulerJobStatus,
@@ -123,16 +124,18 @@ def _is_per_user_limit(said: str) -> bool:
 
 def parse_pbs_time(text: Any) -> Optional[dt.datetime]:
     """``Mon Nov  6 16:43:39 2023`` (printed under TZ=UTC) or epoch seconds -> aware UTC datetime."""
-    if text is None or text == "":
+    if text is None or text == "" or isinstance(text, bool):
         return None
-    if isinstance(text, (int, float)):
-        return dt.datetime.fromtimestamp(text, dt.timezone.utc)
-    words = str(text).split()
     try:
+        # Unreadable -> None, never an exception: a JSON stime of 1e999 (inf) raised OverflowError,
+        # which failed the whole poll, and a huge epoch made the job's record unreadable.
+        if isinstance(text, (int, float)):
+            return dt.datetime.fromtimestamp(text, dt.timezone.utc)
+        words = str(text).split()
         if len(words) == 1 and words[0].isdecimal():
             return dt.datetime.fromtimestamp(int(words[0]), dt.timezone.utc)
         return dt.datetime.strptime(" ".join(words), "%a %b %d %H:%M:%S %Y").replace(tzinfo=dt.timezone.utc)
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, OSError):
         return None
 
 
@@ -472,11 +475,12 @@ class PBSScheduler(Scheduler):
         # qstat -f does not combine with -u: one full listing, filtered by Job_Owner below.
         return Command(["qstat", "-f", "-F", "json"], env=PLAIN_ENV, unset_env=USER_FORMAT_VARIABLES)
 
-    def parse_status(self, result: CommandResult, now: dt.datetime) -> dict[int, SchedulerJobStatus]:
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> PolledStatuses:
         """The user's jobs in the every-user listing. A record of another user that cannot be read
         is skipped (one log line); one of ours (or of no readable owner) that is not JSON fails the
         poll, and so do records of ours none of which can be read: either read as an empty queue
-        would declare every queued BatchJob gone."""
+        would declare every queued BatchJob gone. A running job's ``stime`` is its start
+        (``start_times``); an unreadable one leaves the job listed, with no start."""
         if result.returncode != 0 and not result.stdout.strip():
             raise SchedulerError(f"status poll failed: {result.describe()}")
         jobs, unreadable = load_pbs_jobs(result.stdout, "qstat -f -F json")
@@ -491,6 +495,7 @@ class PBSScheduler(Scheduler):
             logger.warning("qstat: skipped %d unreadable record(s) of other users (first: %s of %s: %s)",
                            len(unreadable), pbs_id, owner, why)
         statuses: dict[int, SchedulerJobStatus] = {}
+        start_times: dict[int, dt.datetime] = {}
         read, skipped = 0, []
         for pbs_id, job in jobs.items():
             mine = not isinstance(job, dict) or _owner(job) == self.user
@@ -505,10 +510,16 @@ class PBSScheduler(Scheduler):
                 read += 1
             if status is not None:
                 statuses[status.scheduler_id] = status
+                # Only a running job's: a requeued job back in Q keeps its earlier run's stime.
+                started = parse_pbs_time(job.get("stime")) if status.state is R else None
+                if started is not None:
+                    start_times[status.scheduler_id] = started
+                else:
+                    start_times.pop(status.scheduler_id, None)  # two records of one number: the later's
         if skipped and not read:
             raise SchedulerError(f"qstat -f -F json: none of the user's {len(skipped)} job record(s) is readable "
                                  f"(first: {skipped[0]!r})")
-        return statuses
+        return PolledStatuses(statuses, start_times=start_times)
 
     def status_from_record(self, pbs_id: str, job: dict[str, Any], now: dt.datetime) -> Optional[SchedulerJobStatus]:
         """The status of one of the user's jobs still in the queue, else None."""

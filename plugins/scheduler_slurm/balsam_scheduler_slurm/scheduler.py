@@ -625,8 +625,14 @@ class SlurmScheduler(Scheduler):
         # lists them all (%P "a,b"). Where the queue is the partition it says so already.
         pools = {sid: tuple(p for p in (part.strip() for part in row.partition.split(",")) if p)
                  for row in rows if (sid := row.scheduler_id) in statuses} if by_qos else {}
+        # A running job's %S is when it started (a pending job's is only Slurm's estimate): the
+        # agent's BatchJob.start_time, exact where its own sighting is up to sync_period late.
+        # An unreadable %S (None) leaves the job listed, with no start.
+        starts = {row.scheduler_id: row.start_time for row in rows
+                  if row.start_time is not None and row.state is R
+                  and (status := statuses.get(row.scheduler_id)) is not None and status.state is R}
         return SlurmPoll(time=now, statuses=statuses, ended=ended, clusters=clusters, unknown_submit=unknown,
-                         node_pools=pools)
+                         node_pools=pools, start_times=starts)
 
     @staticmethod
     def statuses_from_rows(rows: list[SqueueRow], now: dt.datetime, *,

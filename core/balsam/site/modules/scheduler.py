@@ -14,9 +14,10 @@ Each cycle (``scheduler.sync_period`` seconds):
    it still waiting (deleted, then pending_deletion); one that started keeps running, its marker
    dropped (see :meth:`SchedulerModule._withdraw_if_queued`; a marker written while the cycle
    ran is kept by its PATCH, :meth:`SchedulerModule._keep_withdrawals`);
-4. copies queued/running from the scheduler; a BatchJob that left the queue is looked up in the
-   scheduler's history (start/end times, final native state) before it is declared finished (a
-   lookup that fails leaves it as it is until one answers);
+4. copies queued/running from the scheduler (``start_time``: the scheduler's own start time of
+   the job where the poll gives one, ``StatusPoll.start_times``); a BatchJob that left the queue
+   is looked up in the scheduler's history (start/end times, final native state) before it is
+   declared finished (a lookup that fails leaves it as it is until one answers);
 5. sends all BatchJob changes in one bulk PATCH and updates the Site (``queued_jobs``,
    ``backfill_windows``; the update also refreshes ``last_refresh``, the "active" flag);
 6. keeps the launcher credentials of queued and running BatchJobs alive (each BatchJob's launcher
@@ -39,6 +40,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import time
 import traceback
 import uuid
@@ -65,6 +67,11 @@ from ..module import AgentModule
 
 #: Minutes past its wall time after which a job whose history still says "running" counts as gone.
 ACTIVE_RECORD_GRACE_MIN = 10
+#: Seconds by which the scheduler's start time of a job (``StatusPoll.start_times``) may lie past
+#: the agent's clock, or before the BatchJob's submission as the agent recorded it, and still be
+#: taken for the scheduler's clock being a little off (as PBS's CLOCK_SLACK_SEC). Further off, it
+#: is garbage or a clock far off: the agent's own sighting of the job running is the start.
+START_TIME_SKEW_SEC = 120
 
 ACTIVE = (
     BatchJobState.pending_submission,
@@ -288,6 +295,11 @@ _STATUS_UNAVAILABLE = "scheduler status unavailable"
 #: failed to delete (tried again next cycle).
 _DELETE_FAILED = "delete failed: "
 
+#: The start of the error of a queued BatchJob marked WITHDRAW_IF_QUEUED whose delete failed (tried
+#: again next cycle while the job waits); removed once the delete goes through, the job starts
+#: (the withdrawal is dropped) or it leaves the queue.
+_WITHDRAW_DELETE_FAILED = "withdrawal: delete failed: "
+
 #: The start of the error of a transient submit failure that will be retried.
 _SUBMIT_RETRY = "submit failed (attempt "
 
@@ -334,6 +346,16 @@ class _RepeatLog:
         return note
 
 
+def _delete_failure_key(kind: str, exc: BaseException, message: str, scheduler_id: int) -> tuple:
+    """What a failed delete is remembered by (:class:`_RepeatLog`): its kind, its type and its
+    message with the job's number taken out. The driver's message names the job (``could not
+    delete job 1001: ...``): keyed by it, a scheduler outage logged a line per BatchJob, and past
+    ``_RepeatLog.MAX_KEPT`` BatchJobs the keys evicted each other and every one was logged in full
+    every cycle."""
+    text = re.sub(rf"(?<![0-9]){int(scheduler_id)}(?![0-9])", "<job>", clean_text(message, 500))
+    return (kind, type(exc).__name__, text)
+
+
 def _raised_where(exc: BaseException) -> tuple[Any, str]:
     """What an unexpected error is remembered by (:class:`_RepeatLog`): its type and the frames it
     was raised through (file, line), not its message, which often names its BatchJob (a script's
@@ -351,6 +373,16 @@ def _raised_where(exc: BaseException) -> tuple[Any, str]:
 def _aware(when: dt.datetime) -> dt.datetime:
     """A datetime comparable with the API's (UTC-aware ones); a naive one is taken as UTC."""
     return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
+
+
+def _submit_time(batch_job: dict) -> Optional[dt.datetime]:
+    """When the agent recorded the BatchJob's submission (``status_info["submit_time"]``); None
+    when it has none or it does not read as a time."""
+    text = (batch_job.get("status_info") or {}).get("submit_time")
+    try:
+        return _aware(parse_datetime(str(text))) if text else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _has_run(batch_job: dict) -> bool:
@@ -449,6 +481,11 @@ class SchedulerModule(AgentModule):
         self._poll_failure_logged = 0.0
         #: This cycle's status poll (None: it failed), for the submit markers' ownership check.
         self._statuses: Optional[dict] = None
+        #: This cycle's poll's start times of running jobs, by scheduler id (StatusPoll.start_times).
+        self._start_times: dict[int, Any] = {}
+        #: The kinds of scheduler start times ignored so far: the first of each kind is logged at
+        #: INFO, the others at DEBUG (a clock far off would otherwise log a line per BatchJob).
+        self._start_time_ignored: set[str] = set()
         #: BatchJob id -> why this cycle's bulk PATCH of submit tokens did not store its token.
         self._token_waiting: dict[int, str] = {}
         #: BatchJob id -> consecutive cycles it was missing from the queue with no history record.
@@ -685,6 +722,7 @@ class SchedulerModule(AgentModule):
             statuses = self.scheduler.get_statuses()
         except Exception as exc:
             self.poll_failures += 1
+            self._start_times = {}
             message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
             if self._poll_failing_since is None:
                 self._poll_failing_since, self._poll_failing_since_iso = now, iso_now()
@@ -697,6 +735,9 @@ class SchedulerModule(AgentModule):
                 self.logger.warning("scheduler status poll still failing (%d polls in a row, for %.0f s): %s",
                                     self.poll_failures, now - self._poll_failing_since, message)
             return None, message
+        # The poll the driver kept (a duck-typed driver keeps none): its start times of running jobs.
+        poll = getattr(self.scheduler, "last_poll", None)
+        self._start_times = dict(poll.start_times) if isinstance(poll, StatusPoll) else {}
         if self._poll_failing_since is not None:
             self.logger.warning("scheduler status poll answers again after %d failed polls (%.0f s)",
                                 self.poll_failures, now - self._poll_failing_since)
@@ -755,12 +796,46 @@ class SchedulerModule(AgentModule):
         if new_state in (BatchJobState.queued, BatchJobState.running) and new_state != state:
             update["state"] = new_state.value
             if new_state == BatchJobState.running and not batch_job.get("start_time"):
-                update["start_time"] = format_datetime(utcnow())
+                update["start_time"] = format_datetime(self._start_time(batch_job, scheduler_id))
             if state == BatchJobState.running and new_state == BatchJobState.queued:
                 self._record_requeue(batch_job, update)
             else:
                 self.logger.info("BatchJob %s: %s -> %s", batch_job["id"], state.value, new_state.value)
         self._copy_reason(batch_job, getattr(status, "message", "") or "", update)
+
+    def _start_time(self, batch_job: dict, scheduler_id: int) -> dt.datetime:
+        """When a job this cycle's poll first shows running started: the scheduler's own start
+        time where the poll gave one (``StatusPoll.start_times``), else now, the agent's sighting
+        (up to ``sync_period`` late). A start past now (but within ``START_TIME_SKEW_SEC``: the
+        scheduler's clock a little ahead) is now, when the job was seen running; one further past
+        now, or more than ``START_TIME_SKEW_SEC`` before the BatchJob's submission
+        (``status_info["submit_time"]``), is not taken (logged: the first of each kind at INFO)."""
+        now = utcnow()
+        started = self._start_times.get(scheduler_id)
+        if started is None:
+            return now
+        if not isinstance(started, dt.datetime):
+            return self._ignore_start("not a time", batch_job, f"{started!r} is not a time", now)
+        started = _aware(started)
+        skew = dt.timedelta(seconds=START_TIME_SKEW_SEC)
+        if started > now + skew:
+            return self._ignore_start("after now", batch_job, f"{format_datetime(started)} is more than "
+                                      f"{START_TIME_SKEW_SEC} s past now ({format_datetime(now)})", now)
+        submitted = _submit_time(batch_job)
+        if submitted is not None and started < submitted - skew:
+            return self._ignore_start("before submission", batch_job, f"{format_datetime(started)} is more than "
+                                      f"{START_TIME_SKEW_SEC} s before its submission ({format_datetime(submitted)})",
+                                      now)
+        return min(started, now)
+
+    def _ignore_start(self, kind: str, batch_job: dict, why: str, now: dt.datetime) -> dt.datetime:
+        first = kind not in self._start_time_ignored
+        self._start_time_ignored.add(kind)
+        self.logger.log(logging.INFO if first else logging.DEBUG,
+                        "BatchJob %s: the scheduler's start time of job %s is not taken: %s; start_time is when "
+                        "the agent saw it running%s", batch_job["id"], batch_job.get("scheduler_id"), why,
+                        " (further such cases are logged at DEBUG)" if first else "")
+        return now
 
     def _note_outage(self, batch_job: dict, update: dict, poll_error: Optional[str]) -> None:
         """The status poll failed: say so in the BatchJob's status_info once the outage reaches the
@@ -785,18 +860,26 @@ class SchedulerModule(AgentModule):
         try:
             self.scheduler.delete_job(scheduler_id)
         except Exception as exc:
-            message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
-            self._error(update, batch_job, f"{_DELETE_FAILED}{message}", log=False)
-            note = self._repeats.note(("delete failed", type(exc).__name__, clean_text(message, 500)), batch_job["id"])
-            if note is None:
-                self.logger.warning("BatchJob %s: %s (tried again every cycle; the same failure is summed up "
-                                    "every %.0f s)", batch_job["id"], update["status_info"]["error"],
-                                    OUTAGE_LOG_EVERY_S)
-            elif note:
-                self.logger.warning("delete of scheduler jobs still failing: %s; %s", clean_text(message, 500), note)
+            self._delete_failed(batch_job, scheduler_id, exc, update, _DELETE_FAILED)
             return
         self.logger.info("BatchJob %s: deleted scheduler job %s", batch_job["id"], scheduler_id)
         self._clear_error(batch_job, update, _DELETE_FAILED)
+
+    def _delete_failed(self, batch_job: dict, scheduler_id: int, exc: Exception, update: dict, prefix: str) -> None:
+        """A delete (``prefix``: of a pending_deletion BatchJob, or a withdrawal's) failed: its error is
+        written (with its time, each cycle it fails), and logged in full the first time a failure of
+        this text (the job's number aside) is met, then summed up every ``OUTAGE_LOG_EVERY_S`` with
+        the BatchJobs it struck: one line for a scheduler outage, not one per BatchJob."""
+        message = str(exc) if isinstance(exc, SchedulerError) else f"{type(exc).__name__}: {exc}"
+        self._error(update, batch_job, f"{prefix}{message}", log=False)
+        note = self._repeats.note(_delete_failure_key(prefix, exc, message, scheduler_id), batch_job["id"])
+        if note is None:
+            self.logger.warning("BatchJob %s: %s (tried again every cycle; the same failure of other jobs is "
+                                "summed up every %.0f s)", batch_job["id"], update["status_info"]["error"],
+                                OUTAGE_LOG_EVERY_S)
+        elif note:
+            self.logger.warning("%sscheduler jobs still failing: %s; %s", "withdrawal: delete of "
+                                if prefix == _WITHDRAW_DELETE_FAILED else "delete of ", clean_text(message, 500), note)
 
     def _withdraw_if_queued(self, batch_job: dict, state: BatchJobState, polled: BatchJobState,
                             update: dict) -> bool:
@@ -811,12 +894,14 @@ class SchedulerModule(AgentModule):
             try:
                 self.scheduler.delete_job(scheduler_id)
             except Exception as exc:
-                self._error(update, batch_job, f"withdrawal: delete failed: {exc}")
+                self._delete_failed(batch_job, scheduler_id, exc, update, _WITHDRAW_DELETE_FAILED)
                 return True
+            self._clear_error(batch_job, update, _WITHDRAW_DELETE_FAILED)
             update["state"] = BatchJobState.pending_deletion.value
             self.logger.info("BatchJob %s: withdrawn while still queued (%s %s): deleted scheduler job %s",
                              batch_job["id"], WITHDRAW_IF_QUEUED, info.get(WITHDRAW_IF_QUEUED), scheduler_id)
             return True
+        self._clear_error(batch_job, update, _WITHDRAW_DELETE_FAILED)  # no withdrawal any more
         update["status_info"] = {k: v for k, v in (update.get("status_info") or info).items() if k != WITHDRAW_IF_QUEUED}
         self.logger.info("BatchJob %s: withdrawal dropped (%s %s): it started (it was %s, scheduler job %s is %s), "
                          "so it goes on running", batch_job["id"], WITHDRAW_IF_QUEUED, info.get(WITHDRAW_IF_QUEUED),
@@ -967,8 +1052,9 @@ class SchedulerModule(AgentModule):
         info = dict(batch_job.get("status_info") or {})
         # start_time is the allocation's first start: a requeued job's history gives its last
         # run's start, which is kept in status_info (last_start_time) instead. The earlier of the
-        # stored and the history's start is kept (the stored one is the agent's first sighting of
-        # the job running, up to sync_period late; the history's is exact for a job never requeued).
+        # stored and the history's start is kept (the stored one is the poll's start time of the
+        # job, or where the poll gave none the agent's first sighting of it running, up to
+        # sync_period late; the history's is exact for a job never requeued).
         stored = _aware(parse_datetime(batch_job["start_time"])) if batch_job.get("start_time") else None
         if history.start_time is not None:
             if stored is None or _aware(history.start_time) < stored:
@@ -979,7 +1065,8 @@ class SchedulerModule(AgentModule):
         info.pop("scheduler_reason", None)  # why it waited: outdated once it ended
         if (_LOOKUP_FAILING in str(info.get("error") or "")  # outdated now that the lookup answered
                 or str(info.get("error") or "").startswith(_STATUS_UNAVAILABLE)  # and the poll
-                or (deleting and str(info.get("error") or "").startswith(_DELETE_FAILED))):  # the job is gone
+                or (deleting and str(info.get("error") or "").startswith(_DELETE_FAILED))  # the job is gone
+                or str(info.get("error") or "").startswith(_WITHDRAW_DELETE_FAILED)):  # nothing to withdraw
             info.pop("error", None)
             info.pop("error_time", None)
         if history.native_state:

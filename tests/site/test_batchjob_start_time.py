@@ -1,0 +1,204 @@
+"""BatchJob.start_time is the scheduler's own start time of the job, not the agent's sighting.
+
+The scheduler module set ``start_time`` to "now" at the status poll that first showed the job
+running: up to one ``sync_period`` late, though Slurm, PBS and the local scheduler report when the
+job started. It now takes the poll's ``StatusPoll.start_times``; a start more than
+``START_TIME_SKEW_SEC`` past the agent's clock or before the BatchJob's submission is not taken
+(garbage, or a clock far off: logged, the first of each kind at INFO), and a start a little past
+the agent's clock is the sighting (the job was seen running then).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+import pytest
+
+from balsam.builtin.local_scheduler import LocalScheduler
+from balsam.models import SchedulerJobStatus
+from balsam.scheduler import Command, CommandResult, Scheduler, StatusPoll, SubmitRequest
+from balsam.serialization import parse_datetime
+from balsam.site.modules.scheduler import START_TIME_SKEW_SEC, SchedulerModule
+from balsam.states import BatchJobState
+from site_test_utils import batch_job, create_batch_job
+
+R, Q = BatchJobState.running, BatchJobState.queued
+
+
+class StartingScheduler(Scheduler):
+    """A driver whose queue is in memory, polled through the base class's get_statuses (so the
+    poll it keeps, ``last_poll``, is what the module reads), with the start times the test sets."""
+
+    name = "starting"
+
+    def __init__(self) -> None:
+        super().__init__(lambda command: CommandResult(tuple(command.args), 0, "", ""), user="tester")
+        self.queue: dict[int, SchedulerJobStatus] = {}
+        self.starts: dict[int, Any] = {}
+        self.next_id = 500
+
+    def render_submit(self, request: SubmitRequest) -> Command:
+        return Command(["sbatch"])
+
+    def parse_submit(self, result: CommandResult) -> int:
+        self.next_id += 1
+        self.queue[self.next_id] = SchedulerJobStatus(
+            scheduler_id=self.next_id, state=Q, queue="local", num_nodes=1, wall_time_min=10, project="local",
+            time_remaining_min=10, queued_time_min=0)
+        return self.next_id
+
+    def render_status(self, user: str) -> Command:
+        return Command(["squeue"])
+
+    def parse_status(self, result: CommandResult, now: dt.datetime) -> StatusPoll:
+        return StatusPoll(time=now, statuses=dict(self.queue), start_times=dict(self.starts))
+
+    def render_delete(self, scheduler_id: int) -> Command:
+        return Command(["scancel"])
+
+    def run_job(self, scheduler_id: int, start: Any = None) -> None:
+        self.queue[scheduler_id] = attrs.evolve(self.queue[scheduler_id], state=R)
+        if start is not None:
+            self.starts[scheduler_id] = start
+
+
+@pytest.fixture
+def setup(make_site, client):
+    site = make_site(overrides={"scheduler": {"sync_period": 5}})
+    fake = StartingScheduler()
+    return site, fake, SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _submitted(client, site, module, count: int = 1) -> list[dict]:
+    ids = [create_batch_job(client, site.site_id, "serial")["id"] for _ in range(count)]
+    module.run_cycle()
+    records = [batch_job(client, i) for i in ids]
+    assert all(r["state"] == "queued" and r["scheduler_id"] for r in records), records
+    return records
+
+
+def _start(client, record: dict) -> Optional[dt.datetime]:
+    text = batch_job(client, record["id"])["start_time"]
+    return parse_datetime(text).replace(tzinfo=dt.timezone.utc) if text else None
+
+
+def _running_cycle(module) -> tuple[dt.datetime, dt.datetime]:
+    before = _utcnow()
+    module.run_cycle()
+    return before, _utcnow()
+
+
+def test_start_time_is_the_schedulers_own(setup, client):
+    site, fake, module = setup
+    (record,) = _submitted(client, site, module)
+    started = _utcnow() - dt.timedelta(seconds=4)  # a sync_period before the poll that sees it
+    fake.run_job(record["scheduler_id"], started)
+    before, _ = _running_cycle(module)
+    assert batch_job(client, record["id"])["state"] == "running"
+    assert _start(client, record) == started, f"the poll's time ({before}), not the scheduler's start"
+
+
+def test_no_start_time_from_the_scheduler_is_the_sighting(setup, client):
+    site, fake, module = setup
+    (record,) = _submitted(client, site, module)
+    fake.run_job(record["scheduler_id"])
+    before, after = _running_cycle(module)
+    assert before <= _start(client, record) <= after
+
+
+def test_a_naive_start_time_is_utc(setup, client):
+    site, fake, module = setup
+    (record,) = _submitted(client, site, module)
+    started = _utcnow() - dt.timedelta(seconds=2)
+    fake.run_job(record["scheduler_id"], started.replace(tzinfo=None))
+    _running_cycle(module)
+    assert _start(client, record) == started
+
+
+def test_a_start_a_little_past_the_agents_clock_is_the_sighting(setup, client, caplog):
+    """The scheduler's clock a few seconds ahead: the job was seen running at the poll, so it
+    started no later than that (by the agent's clock)."""
+    site, fake, module = setup
+    (record,) = _submitted(client, site, module)
+    fake.run_job(record["scheduler_id"], _utcnow() + dt.timedelta(seconds=START_TIME_SKEW_SEC // 2))
+    with caplog.at_level(logging.DEBUG, logger="balsam"):
+        before, after = _running_cycle(module)
+    assert before <= _start(client, record) <= after
+    assert "not taken" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["future", "before submission", "not a time"])
+def test_a_start_far_off_is_not_taken_and_logged_once_at_info(setup, client, caplog, kind):
+    site, fake, module = setup
+    records = _submitted(client, site, module, count=2)
+    for record in records:
+        submitted = parse_datetime(record["status_info"]["submit_time"])
+        start = {"future": _utcnow() + dt.timedelta(hours=1),
+                 "before submission": submitted - dt.timedelta(seconds=START_TIME_SKEW_SEC + 60),
+                 "not a time": "yesterday"}[kind]
+        fake.run_job(record["scheduler_id"], start)
+    with caplog.at_level(logging.DEBUG, logger="balsam"):
+        before, after = _running_cycle(module)
+    for record in records:
+        assert batch_job(client, record["id"])["state"] == "running"
+        assert before <= _start(client, record) <= after
+    ignored = [r for r in caplog.records if "is not taken" in r.getMessage()]
+    # the first at INFO, the second (same kind) at DEBUG: a clock far off is not a line per BatchJob
+    assert [r.levelno for r in ignored] == [logging.INFO, logging.DEBUG], [r.getMessage() for r in ignored]
+    assert f"job {records[0]['scheduler_id']}" in ignored[0].getMessage()
+
+
+def test_a_start_a_little_before_the_recorded_submission_is_taken(setup, client):
+    """submit_time is written after the submit command returned, and the scheduler's clock may be
+    a little behind: a start up to START_TIME_SKEW_SEC before it is the scheduler's word."""
+    site, fake, module = setup
+    (record,) = _submitted(client, site, module)
+    started = parse_datetime(record["status_info"]["submit_time"]) - dt.timedelta(seconds=START_TIME_SKEW_SEC - 30)
+    fake.run_job(record["scheduler_id"], started)
+    _running_cycle(module)
+    assert _start(client, record) == started
+
+
+def test_a_requeued_job_keeps_its_first_start(setup, client):
+    site, fake, module = setup
+    (record,) = _submitted(client, site, module)
+    sid = record["scheduler_id"]
+    first = _utcnow() - dt.timedelta(seconds=30)
+    fake.run_job(sid, first)
+    module.run_cycle()
+    fake.queue[sid] = attrs.evolve(fake.queue[sid], state=Q)  # requeued
+    fake.starts.pop(sid)
+    module.run_cycle()
+    assert batch_job(client, record["id"])["state"] == "queued"
+    fake.run_job(sid, _utcnow())
+    module.run_cycle()
+    assert batch_job(client, record["id"])["state"] == "running" and _start(client, record) == first
+
+
+def test_real_local_scheduler_start_is_its_queues_record(make_site, client, tmp_path):
+    """The real local scheduler (its queue command run each poll): the BatchJob's start is the
+    queue's record of the job's start, not the time of the poll that saw it running."""
+    site = make_site(overrides={"scheduler": {"sync_period": 5}})
+    Path(site.job_template_path).write_text("#!/bin/bash\nexec sleep 60\n")
+    local = LocalScheduler(state_dir=tmp_path / "local-scheduler")
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=local)
+    (record,) = _submitted(client, site, module)
+    try:
+        before, _ = _running_cycle(module)
+        assert batch_job(client, record["id"])["state"] == "running"
+        jobs = json.loads((tmp_path / "local-scheduler" / "jobs.json").read_text())["jobs"]
+        queue_start = dt.datetime.fromtimestamp(jobs[str(record["scheduler_id"])]["start_time"], dt.timezone.utc)
+        assert queue_start < before
+        assert abs(_start(client, record) - queue_start) < dt.timedelta(milliseconds=1), \
+            f"start_time {_start(client, record)}, the queue's start {queue_start}, the poll at {before}"
+    finally:
+        local.delete_job(record["scheduler_id"])
