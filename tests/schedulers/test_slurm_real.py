@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import subprocess
 from pathlib import Path
 
+import attrs
 import pytest
 
 from balsam.scheduler import SchedulerError, SubmitRequest
@@ -178,3 +180,26 @@ def test_two_batch_jobs_get_disjoint_whole_nodes(slurm, tmp_path):
     finally:
         for jobid in jobs:
             slurm.delete_job(jobid)
+
+
+def test_a_running_jobs_start_is_slurms_own(slurm, tmp_path):
+    """StatusPoll.start_times holds Slurm's StartTime of a running job (not the poll's time), read
+    through the user's own SLURM_TIME_FORMAT=relative (the fixture's); a job held for a begin time an
+    hour ahead, whose %S is only Slurm's estimate, has none."""
+    request = _request(_script(tmp_path, "qlaunch00001", "sleep 60"), num_nodes=1)
+    running = slurm.submit(request)
+    later = slurm.submit(attrs.evolve(request, optional_params={"begin": "now+3600"}))
+    try:
+        wait_for(lambda: (s := slurm.get_statuses().get(running)) is not None and s.state is BatchJobState.running,
+                 30, "the job to run")
+        statuses = slurm.get_statuses()
+        polled = slurm.last_poll
+        shown = subprocess.run(["scontrol", "-o", "show", "job", str(running)], capture_output=True, text=True,
+                               env={"PATH": "/usr/bin:/bin", "TZ": "UTC", "SLURM_TIME_FORMAT": "standard"},
+                               check=True).stdout
+        start = next(w.split("=", 1)[1] for w in shown.split() if w.startswith("StartTime="))
+        assert polled.start_times[running] == dt.datetime.fromisoformat(start).replace(tzinfo=dt.timezone.utc)
+        assert polled.start_times[running] <= polled.time
+        assert statuses[later].state is BatchJobState.queued and later not in polled.start_times
+    finally:
+        subprocess.run(["scancel", str(running), str(later)], check=False)
