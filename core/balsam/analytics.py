@@ -25,8 +25,8 @@ import bisect
 import datetime as dt
 from typing import Any, Iterable, Mapping, Sequence, Union
 
-__all__ = ["throughput_report", "utilization_report", "available_nodes", "first_runs_query", "batch_jobs_serving",
-           "step_at", "align_steps", "time_average", "downsample"]
+__all__ = ["throughput_report", "utilization_report", "available_nodes", "first_runs_query", "first_run_window",
+           "batch_jobs_serving", "step_at", "align_steps", "time_average", "downsample"]
 
 Series = tuple[list[dt.datetime], list[Union[int, float]]]
 
@@ -173,21 +173,46 @@ def _parse_iso(text: Any) -> "dt.datetime | None":
         return None
 
 
-#: Events read per request by :func:`first_runs_query` (their jobs' BatchJobs are one more request:
-#: the client splits an id list longer than 500 over several).
+#: Events read per request by :func:`first_runs_query` (their jobs' BatchJobs are one more request).
 FIRST_RUNS_PAGE = 500
+#: Active BatchJobs asked about in one ``/events/`` request by :func:`first_runs_query`, at most the
+#: client's list-filter chunk (``Query.filter_chunk_size``, 500): with more ids it splits the list
+#: and reads each part whole, so a page would no longer bound what a request downloads.
+FIRST_RUNS_GROUP = 500
+#: How long before a BatchJob's recorded start_time a run of one of its jobs still counts as its
+#: first run. The agent records start_time from the scheduler's own start time where the poll gives
+#: one, else when its poll sees the job running: up to ``scheduler.sync_period`` (10 s by default)
+#: after the launcher may have started jobs. An earlier run of a job now in this BatchJob is of an
+#: earlier allocation (a job re-run here keeps its earlier RUNNING events): counting it held this
+#: BatchJob's nodes from the other allocation's run on, for as long as it stayed active.
+FIRST_RUN_LOOKBACK = dt.timedelta(minutes=2)
+
+
+def first_run_window(submitted: "dt.datetime | None",
+                     start: "dt.datetime | None") -> tuple["dt.datetime | None", "dt.datetime | None"]:
+    """(earliest, latest) time a RUNNING event of an active BatchJob's job may be its first run: not
+    before it was submitted, nor more than :data:`FIRST_RUN_LOOKBACK` before its recorded start
+    (either end open when unknown). The rule of :func:`first_runs_query` and of the dashboard.
+
+    A job's ``batch_job_id`` is the last BatchJob it was leased by, so its earlier RUNNING events
+    may be another allocation's. Until the agent records start_time (at most a sync period after the
+    allocation started), only the submission bounds them, and a job run in another allocation since
+    then and already re-run here still counts from that run."""
+    earliest = submitted
+    if start is not None:
+        floor = start - FIRST_RUN_LOOKBACK
+        earliest = floor if earliest is None or _utc(earliest) < _utc(floor) else earliest
+    return earliest, start
 
 
 def _run_windows(batch_jobs: Iterable[Any]) -> dict[int, tuple["dt.datetime | None", "dt.datetime | None"]]:
-    """Active BatchJob id -> (submitted, recorded start) of each active BatchJob: its first run is
-    the first RUNNING of its jobs in between (either end open when unknown)."""
+    """Active BatchJob id -> :func:`first_run_window` of each active BatchJob: its first run is the
+    first RUNNING of its jobs in it."""
     windows: dict[int, tuple["dt.datetime | None", "dt.datetime | None"]] = {}
     for bj in batch_jobs:
         if bj.id is None or _state(bj.state) not in ACTIVE_BATCH_JOB_STATES:
             continue
-        # A job's batch_job_id is the last BatchJob it ran in: a re-run's first RUNNING may be of an
-        # earlier allocation. None of this one's started before it was submitted.
-        windows[bj.id] = (_parse_iso((bj.status_info or {}).get("submit_time")), bj.start_time)
+        windows[bj.id] = first_run_window(_parse_iso((bj.status_info or {}).get("submit_time")), bj.start_time)
     return windows
 
 
@@ -204,28 +229,39 @@ def _in_window(when: dt.datetime, window: tuple["dt.datetime | None", "dt.dateti
 
 def first_runs_query(batch_jobs: Iterable[Any], event_log: Any, job_model: Any = None) -> dict[int, dt.datetime]:
     """For ``available_nodes(first_runs=...)``: per active BatchJob (``ACTIVE_BATCH_JOB_STATES``),
-    when the first of its jobs started RUNNING, if before its recorded start_time (or none is
-    recorded), and not before it was submitted. ``event_log`` is the ``EventLog`` model
-    (``job_model`` the ``Job`` model: by default the one of ``event_log``'s client).
+    when the first of its jobs started RUNNING within its :func:`first_run_window` (not before it
+    was submitted, nor more than :data:`FIRST_RUN_LOOKBACK` before its recorded start_time, and not
+    after it). ``event_log`` is the ``EventLog`` model (``job_model`` the ``Job`` model: by default
+    the one of ``event_log``'s client).
 
-    Bulk, however many BatchJobs are active (it was one request per active BatchJob): the RUNNING
-    events of the jobs of all of them, oldest first, :data:`FIRST_RUNS_PAGE` a request, with one
-    request for those events' jobs (whose ``batch_job_id`` tells which BatchJob each is of), until
-    each has its first run or is past its recorded start: usually one page. A BatchJob with no start
-    recorded and no run yet reads on through its fellows' events (this costs pages, not requests per
-    BatchJob). A server that takes one ``batch_job_id`` only (before December 2026) gets one query
-    per BatchJob, each one row, as before."""
+    Bulk, however many BatchJobs are active (it was one request per active BatchJob): per
+    :data:`FIRST_RUNS_GROUP` of them, the RUNNING events of their jobs, oldest first,
+    :data:`FIRST_RUNS_PAGE` a request, with one request for those events' jobs (whose
+    ``batch_job_id`` tells which BatchJob each is of), until each has its first run or is past its
+    recorded start: usually one page. A BatchJob with no start recorded and no run yet reads on
+    through its fellows' events (this costs pages, not requests per BatchJob). A server whose
+    ``/events/`` takes one ``batch_job_id`` only (Balsam 0.7, and servers of this version, 0.8.0,
+    from before the list was taken) answers a list with a 422: then one query per BatchJob, each
+    one row, as before."""
     windows = _run_windows(batch_jobs)
     if not windows:
         return {}
     if len(windows) == 1:
         return _first_runs_each(windows, event_log)
+    job_model = job_model or event_log._model_for("Job")
+    ids = sorted(windows)
+    # Never more than the client sends in one request (a query is lazy: this asks nothing).
+    size = min(FIRST_RUNS_GROUP, getattr(event_log.objects.filter(), "filter_chunk_size", FIRST_RUNS_GROUP))
+    found: dict[int, dt.datetime] = {}
     try:
-        return _first_runs_bulk(windows, event_log, job_model or event_log._model_for("Job"))
+        for first in range(0, len(ids), size):
+            group = {bj_id: windows[bj_id] for bj_id in ids[first:first + size]}
+            found.update(_first_runs_bulk(group, event_log, job_model))
     except Exception as exc:
         if not _refuses_list(exc, "batch_job_id"):
             raise
         return _first_runs_each(windows, event_log)
+    return {bj_id: found[bj_id] for bj_id in windows if bj_id in found}
 
 
 def _refuses_list(exc: BaseException, name: str) -> bool:
@@ -258,6 +294,9 @@ def _first_runs_bulk(windows: Mapping[int, tuple["dt.datetime | None", "dt.datet
     seen: set[int] = set()
     batch_job_of: dict[int, "int | None"] = {}
     while open_:
+        # The result set this request pages through is that of these BatchJobs (and the latest
+        # start among them): an offset carries over to the next request only if they are the same.
+        asked = set(open_)
         filters: dict[str, Any] = {"batch_job_id": sorted(open_), "to_state": "RUNNING"}
         befores = [windows[bj_id][1] for bj_id in open_]
         if all(before is not None for before in befores):
@@ -278,11 +317,13 @@ def _first_runs_bulk(windows: Mapping[int, tuple["dt.datetime | None", "dt.datet
         if len(page) < FIRST_RUNS_PAGE:
             break
         last = page[-1].timestamp
-        was = set(open_)
         open_ = {bj_id for bj_id in open_ if windows[bj_id][1] is None or _utc(last) <= _utc(windows[bj_id][1])}
-        if cursor is not None and _utc(last) == _utc(cursor) and open_ == was:
-            offset += FIRST_RUNS_PAGE  # a whole page at one instant: on through it
+        if cursor is not None and _utc(last) == _utc(cursor) and open_ == asked:
+            offset += FIRST_RUNS_PAGE  # a whole page at one instant, the same set asked: on through it
         else:
+            # A new instant, or fewer BatchJobs asked next (a smaller set: an offset into it would
+            # skip the others' events): from the start of ``last`` again; ``seen`` drops repeats.
+            # Each round either moves the cursor on, settles a BatchJob, or moves the offset on.
             cursor, offset = last, 0
     return {bj_id: found[bj_id] for bj_id in windows if bj_id in found}
 
@@ -292,12 +333,12 @@ def _first_runs_each(windows: Mapping[int, tuple["dt.datetime | None", "dt.datet
     """One query per BatchJob, each one row (the oldest such event): one BatchJob, or a server
     that takes one ``batch_job_id`` at a time."""
     found: dict[int, dt.datetime] = {}
-    for bj_id, (submitted, start) in windows.items():
+    for bj_id, (earliest, start) in windows.items():
         filters: dict[str, Any] = {"batch_job_id": bj_id, "to_state": "RUNNING"}
         if start is not None:
             filters["timestamp_before"] = start
-        if submitted is not None:
-            filters["timestamp_after"] = submitted
+        if earliest is not None:
+            filters["timestamp_after"] = earliest
         event = event_log.objects.filter(**filters).order_by("timestamp").first()
         if event is not None:
             found[bj_id] = event.timestamp

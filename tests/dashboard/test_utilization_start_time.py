@@ -40,11 +40,16 @@ BATCH_JOBS = {
     "queued": (4, "queued", 100, None, None),   # the API still says queued; its launcher runs a job at 101
     "finished": (8, "finished", 200, 210, 300),  # ended: its start came from the scheduler's history
     "idle": (16, "running", 400, 405, None),    # no job ran in it yet: from its start_time
+    "overlap": (4, "running", 10, 505, None),   # submitted at 10, really started at 500 (rev1 finding 1)
 }
 #: (job, BatchJob, RUNNING at, done at): "rerun" ran at -50 in an earlier allocation (before
 #: "running" was submitted), then at 3 in "running"; "late" ran in "finished" after its start.
 JOB_RUNS = [("first", "running", 0.3, 50), ("rerun", "running", -50, -40), ("rerun", "running", 3, 40),
-            ("q1", "queued", 101, 150), ("late", "finished", 220, 250)]
+            ("q1", "queued", 101, 150), ("late", "finished", 220, 250),
+            # x ran at 60 in "running" (after "overlap" was submitted), failed, and ran again at 501 in
+            # "overlap", its batch_job_id now: its run at 60 is more than FIRST_RUN_LOOKBACK before
+            # overlap's recorded start, another allocation's.
+            ("x", "overlap", 60, 70), ("x", "overlap", 501, 550)]
 
 
 @pytest.fixture
@@ -94,7 +99,7 @@ def campaign(database_url: str) -> Iterator[SimpleNamespace]:
                  "data": {}})
         ])
     with TestClient(app) as client:
-        yield SimpleNamespace(client=client, site=site)
+        yield SimpleNamespace(client=client, site=site, user=user, engine=app.state.engine)
 
 
 def test_nodes_held_from_the_first_job_run_in_an_allocation_not_yet_seen_started(
@@ -112,8 +117,50 @@ def test_nodes_held_from_the_first_job_run_in_an_allocation_not_yet_seen_started
     held = {round(t - T0.timestamp(), 3): a for t, a in zip(util["t"], util["available"])}
     # "running" from its first job's run since its submission (0.3; not the re-run's -50, an earlier
     # allocation's), "queued" from its job's run (101), "finished" from its start_time (its job ran
-    # later), "idle" from its start_time; the active ones until now.
-    assert held == {-50: 0, -40: 0, 0.3: 2, 3: 2, 40: 2, 50: 2, 101: 6, 150: 6, 210: 14, 220: 14, 250: 14, 300: 6,
-                    405: 22, NOW: 0}, held
+    # later), "idle" from its start_time; "overlap" from x's run in it (501), not from x's run in
+    # "running" at 60 (it counted 4 more nodes from 60 on); the active ones until now.
+    assert held == {-50: 0, -40: 0, 0.3: 2, 3: 2, 40: 2, 50: 2, 60: 2, 70: 2, 101: 6, 150: 6, 210: 14, 220: 14,
+                    250: 14, 300: 6, 405: 22, 501: 26, 550: 26, NOW: 0}, held
     busy = dict(zip(held, util["busy"]))
     assert all(busy[t] <= held[t] for t in held if t >= 0), (busy, held)  # never busy beyond what is held
+
+
+def test_first_runs_range_scans_the_running_events_index(campaign: SimpleNamespace) -> None:
+    # rev1 finding 3: the statement read every RUNNING event (the index searched by to_state only):
+    # its time range (the active BatchJobs' windows) now bounds the index scan. The plan, not a time.
+    from starlette.datastructures import QueryParams as StarletteQuery
+
+    from balsam.server.dashboard import plots
+    from balsam.server.http import QueryParams
+
+    engine = campaign.engine
+    sent: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if "min(log_events.timestamp)" in statement:
+            sent.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        with engine.connect() as conn:
+            q = QueryParams(StarletteQuery(f"site_id={campaign.site}"))
+            stmt, _order = plots.batch_jobs_select(campaign.user, q, conn.dialect.name)
+            found = plots.first_runs(conn, list(conn.execute(stmt)))
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+    assert len(found) == 3 and len(sent) == 1, (found, sent)
+    statement, parameters = sent[0]
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        cursor = raw.cursor()
+        if engine.dialect.name == "sqlite":
+            cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+            plan = " / ".join(str(row[-1]) for row in cursor.fetchall())
+            # From the earliest window on ("queued" has no start recorded: no upper end).
+            assert "ix_log_events_to_state_timestamp (to_state=? AND timestamp>?)" in plan, plan
+        else:
+            cursor.execute("SET enable_seqscan = off")  # these few rows: the planner would read them all
+            cursor.execute("EXPLAIN " + statement, parameters)
+            plan = " / ".join(row[0] for row in cursor.fetchall())
+            assert "Index Cond: (((to_state)::text = 'RUNNING'::text) AND (\"timestamp\" >=" in plan, plan
+        cursor.close()

@@ -14,7 +14,7 @@ from typing import Any, Union
 
 import sqlalchemy as sa
 
-from balsam.analytics import ACTIVE_BATCH_JOB_STATES, align_steps, available_nodes, batch_jobs_serving, downsample, step_at, throughput_report, utilization_report
+from balsam.analytics import ACTIVE_BATCH_JOB_STATES, align_steps, available_nodes, batch_jobs_serving, downsample, first_run_window, step_at, throughput_report, utilization_report
 from balsam.states import BatchJobState, JobState
 
 from ..http import QueryParams
@@ -73,25 +73,38 @@ FIRST_RUNS_CHUNK = 200
 
 def first_runs(conn: sa.Connection, batch_job_rows: list[Any]) -> dict[int, dt.datetime]:
     """For ``available_nodes(first_runs=...)``: per active BatchJob, when the first of its jobs
-    started RUNNING since its submission (``status_info["submit_time"]``: a re-run job's
-    batch_job_id is the last BatchJob it ran in, its earlier RUNNING may be another's). The rule of
+    started RUNNING within its :func:`balsam.analytics.first_run_window` (a re-run job's
+    batch_job_id is the last BatchJob it ran in, its earlier RUNNING may be another's: not before
+    the BatchJob's submission (``status_info["submit_time"]``), nor more than ``FIRST_RUN_LOOKBACK``
+    before its recorded start_time, nor after it). The rule of
     :func:`balsam.analytics.first_runs_query`, in one statement per ``FIRST_RUNS_CHUNK`` BatchJobs
-    instead of one per BatchJob. ``available_nodes`` uses it only where it is before start_time."""
+    instead of one per BatchJob."""
     active = [row for row in batch_job_rows if row.state in ACTIVE_BATCH_JOB_STATES]
     found: dict[int, dt.datetime] = {}
     for first in range(0, len(active), FIRST_RUNS_CHUNK):
         chunk = active[first:first + FIRST_RUNS_CHUNK]
-        terms = []
+        terms, earliests, latests = [], [], []
         for row in chunk:
-            term = jobs.c.batch_job_id == row.id
-            submitted = _submit_time(row.status_info)
-            if submitted is not None:
-                term = sa.and_(term, log_events.c.timestamp >= submitted)
-            terms.append(term)
+            earliest, latest = first_run_window(_submit_time(row.status_info), row.start_time)
+            term = [jobs.c.batch_job_id == row.id]
+            if earliest is not None:
+                term.append(log_events.c.timestamp >= earliest)
+            if latest is not None:
+                term.append(log_events.c.timestamp <= latest)
+            terms.append(sa.and_(*term))
+            earliests.append(earliest)
+            latests.append(latest)
+        where = [log_events.c.to_state == JobState.running.value, jobs.c.batch_job_id.in_([row.id for row in chunk]),
+                 sa.or_(*terms)]
+        # The chunk's overall time range as well (implied by the terms): SQLite range-scans the
+        # (to_state, timestamp) index with it, where it read every RUNNING event (50k jobs: 62 ->
+        # 3 ms, benchmarks/dashboard_plots.py); PostgreSQL range-scans each term's window anyway.
+        if all(when is not None for when in earliests):
+            where.append(log_events.c.timestamp >= min(earliests))
+        if all(when is not None for when in latests):
+            where.append(log_events.c.timestamp <= max(latests))
         stmt = (sa.select(jobs.c.batch_job_id, sa.func.min(log_events.c.timestamp))
-                .join(jobs, jobs.c.id == log_events.c.job_id)
-                .where(log_events.c.to_state == JobState.running.value,
-                       jobs.c.batch_job_id.in_([row.id for row in chunk]), sa.or_(*terms))
+                .join(jobs, jobs.c.id == log_events.c.job_id).where(*where)
                 .group_by(jobs.c.batch_job_id))
         found.update({int(bj_id): when for bj_id, when in conn.execute(stmt) if when is not None})
     return found
