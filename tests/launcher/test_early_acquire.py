@@ -1,21 +1,27 @@
 """The mpi launcher's first acquire is sent early (as the job mode is built, through the Session the
 launcher opened in the background), so that its jobs are in hand when the loop starts.
 
-Its jobs are handed to the loop exactly once; a start-up that fails after it (an error, a SIGTERM
-before the job mode handles signals) deletes the Session at once, which gives them back: they were
-not left held until the Session expired. Real uvicorn server (SQLite), real launchers.
+Its jobs are handed to the loop exactly once; a start-up that fails after it (an error, a SIGTERM or
+SIGINT before the job mode handles signals, one more during the way out) deletes the Session at
+once, which gives them back: they were not left held until the Session expired. A launcher told to
+end by a signal still ends by it, and does not wait out a server outage first. Real uvicorn server
+(SQLite), real launchers.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher_harness import finish, start_launcher
 from launcher_helpers import make_runnable, wait_for_states
@@ -137,3 +143,217 @@ def test_a_sigterm_during_start_up_after_the_early_acquire_gives_its_jobs_back_a
     assert "Traceback" not in proc.stderr, proc.stderr
     free = _free_now(site_id, len(ids))  # at once, not after the Session's expiry
     assert free == sorted(ids), (free, proc.stderr)
+
+
+def _launch(script: str, path: Path, batch_job_id: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BALSAM_BATCH_JOB_ID": str(batch_job_id), "BALSAM_SITE_PATH": str(path)}
+    env.pop("BALSAM_LAUNCHER_NODELIST", None)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=90)
+
+
+# The mode's run fails after the early acquire was answered; a SIGTERM comes while run_launcher's
+# way out replays the start-up's records, before its discard: it skipped the discard (a traceback,
+# rc 1, the jobs held until the Session expired).
+SIGNALLED_ON_THE_WAY_OUT = """
+import os, signal, sys
+from balsam.launcher import entry
+from balsam.launcher.modes.mpi import MPIMode
+armed = []
+def failing_run(self):
+    self._early._acquire_thread.join(30)
+    self.pool.close()
+    armed.append(1)
+    raise RuntimeError("the start-up failed after the early acquire")
+MPIMode.run = failing_run
+replay = entry.HeldRecords.replay
+def replay_and_term(self):
+    if armed:
+        armed.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+    return replay(self)
+entry.HeldRecords.replay = replay_and_term
+sys.argv = ["balsam.launcher", "-j", "mpi", "-t", "1"]
+import runpy
+runpy.run_module("balsam.launcher", run_name="__main__")
+"""
+
+
+def test_a_sigterm_on_the_way_out_of_a_failed_start_up_still_gives_the_jobs_back(new_site, tmp_path: Path) -> None:
+    from balsam.api import Site
+
+    name, path = new_site(idle_ttl_sec=2)
+    ids, batch_job_id = _jobs_and_batch_job(name, tmp_path / "runs", 4)
+    proc = _launch(SIGNALLED_ON_THE_WAY_OUT, path, batch_job_id)
+    free = _free_now(Site.objects.get(name=name).id, len(ids))
+    assert free == sorted(ids), (free, proc.returncode, proc.stderr[-2000:])
+    assert proc.returncode == -signal.SIGTERM and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
+
+
+# Ctrl-C twice: the first right after the mode was built (its early acquire committed on the server,
+# its answer 1 s late), the second while the start-up's way out waits for that answer. The second
+# one cut the discard short: the Session was never deleted.
+INTERRUPTED_TWICE = """
+import os, signal, sys, threading, time
+from balsam.client import lease
+real = lease.JobLease.acquire
+def late(self, *a, **k):
+    got = real(self, *a, **k)
+    time.sleep(1.0)
+    return got
+lease.JobLease.acquire = late
+from balsam.launcher import _api
+_api.DISCARD_GRACE_SEC = 60.0  # (a SIGINT gives the server a grace; here the answer always comes)
+from balsam.launcher.modes.mpi import MPIMode
+built = MPIMode.__init__
+def init(self, context):
+    built(self, context)
+    threading.Timer(0.4, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+MPIMode.__init__ = init
+sys.argv = ["balsam.launcher", "-j", "mpi", "-t", "1"]
+import runpy
+runpy.run_module("balsam.launcher", run_name="__main__")
+"""
+
+
+def test_a_second_sigint_does_not_cut_the_give_back_short(new_site, tmp_path: Path) -> None:
+    from balsam.api import Site
+
+    name, path = new_site(idle_ttl_sec=2)
+    ids, batch_job_id = _jobs_and_batch_job(name, tmp_path / "runs", 4)
+    proc = _launch(INTERRUPTED_TWICE, path, batch_job_id)
+    free = _free_now(Site.objects.get(name=name).id, len(ids))
+    assert free == sorted(ids), (free, proc.returncode, proc.stderr[-2000:])
+    # Ended by the interrupt, as a launcher without an early lease (click's "Aborted!", rc 1).
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
+
+
+# The mode ran to its end (idle); a SIGTERM comes as run_launcher's way out replays the records:
+# the start-up's handler was back in force and ended a finished launcher with a traceback, rc 1.
+SIGNALLED_AFTER_THE_RUN = """
+import os, signal, sys
+from balsam.launcher import entry
+from balsam.launcher.modes.mpi import MPIMode
+done = []
+real_run = MPIMode.run
+def run(self):
+    code = real_run(self)
+    done.append(1)
+    return code
+MPIMode.run = run
+replay = entry.HeldRecords.replay
+def replay_and_term(self):
+    if done:
+        done.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+    return replay(self)
+entry.HeldRecords.replay = replay_and_term
+sys.argv = ["balsam.launcher", "-j", "mpi", "-t", "1"]
+import runpy
+runpy.run_module("balsam.launcher", run_name="__main__")
+"""
+
+
+def test_a_sigterm_after_the_mode_ended_ends_the_launcher_by_it(new_site, tmp_path: Path) -> None:
+    from balsam.api import BatchJob, Site
+
+    name, path = new_site(idle_ttl_sec=1)
+    batch_job = BatchJob.objects.create(site_id=Site.objects.get(name=name).id, project="local", queue="local",
+                                        num_nodes=1, wall_time_min=1, job_mode="mpi")
+    proc = _launch(SIGNALLED_AFTER_THE_RUN, path, batch_job.id)
+    assert proc.returncode == -signal.SIGTERM and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
+
+
+def test_the_give_back_waits_for_an_early_acquire_answered_late(new_site, tmp_path: Path, monkeypatch, caplog) -> None:
+    """The start-up fails at once, while the early acquire's answer is still on its way (committed on
+    the server, 1 s late): the Session is deleted after that answer, not under it (an acquire in
+    flight could lease the jobs after the deletion), and the log says what was given back."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="balsam.launcher._api")
+
+    from balsam.api import Site
+    from balsam.client.lease import JobLease
+    from balsam.launcher import entry
+    from balsam.launcher.modes.mpi import MPIMode
+
+    name, path = new_site(idle_ttl_sec=2)
+    ids, batch_job_id = _jobs_and_batch_job(name, tmp_path / "runs", 4)
+    site_id = Site.objects.get(name=name).id
+    real_acquire = JobLease.acquire
+    committed = threading.Event()
+
+    def late(self, *args, **kwargs):
+        got = real_acquire(self, *args, **kwargs)
+        if threading.current_thread().name == "early-acquire":
+            committed.set()
+            time.sleep(1.0)
+        return got
+
+    def failing_run(self: MPIMode) -> int:
+        assert self._early is not None, "no early acquire was sent"
+        assert committed.wait(30)  # on the server; its answer is not back yet
+        self.pool.close()
+        raise RuntimeError("the start-up failed at once")
+
+    monkeypatch.setattr(JobLease, "acquire", late)
+    monkeypatch.setattr(MPIMode, "run", failing_run)
+    monkeypatch.setenv("BALSAM_BATCH_JOB_ID", str(batch_job_id))
+    monkeypatch.setenv("BALSAM_SITE_PATH", str(path))
+    monkeypatch.delenv("BALSAM_LAUNCHER_NODELIST", raising=False)
+    try:
+        with pytest.raises(RuntimeError, match="failed at once"):
+            entry.run_launcher("mpi", 1.0, site_path=str(path))
+        free = _free_now(site_id, len(ids))
+    finally:
+        root = logging.getLogger("balsam")
+        for handler in [h for h in root.handlers if getattr(h, "_balsam_launcher", False)]:
+            root.removeHandler(handler)
+            handler.close()
+    assert free == sorted(ids), free
+    said = [r.getMessage() for r in caplog.records if "acquired early are given back" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# SIGTERM while the settings are read, the server down (nothing listens on its port).
+SIGNALLED_DURING_AN_OUTAGE = """
+import os, signal, sys
+from balsam.launcher import entry
+load = entry._load_settings
+def load_and_term(*a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return load(*a, **k)
+entry._load_settings = load_and_term
+sys.argv = ["balsam.launcher", "-j", "mpi", "-t", "1", "--site", sys.argv[1]]
+import runpy
+runpy.run_module("balsam.launcher", run_name="__main__")
+"""
+
+
+def test_a_sigterm_during_a_server_outage_at_start_up_ends_the_launcher_soon(tmp_path: Path) -> None:
+    """It waited for the early Session's opening to the end of its connect wait (ten minutes here)
+    before it ended, ignoring further SIGTERMs; now the server gets a short grace."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / ".balsam-site").write_text("7\n")
+    (site / "settings.yml").write_text(yaml.safe_dump({"launcher": {"platform": "default"}, "scheduler": {"name": "local"}}))
+    client = tmp_path / "client.yml"
+    client.write_text(yaml.safe_dump({"api_root": f"http://127.0.0.1:{_closed_port()}", "token": "t", "username": "u"}))
+    client.chmod(0o600)
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"], "BALSAM_HOME": str(tmp_path / "balsam-home"),
+           "BALSAM_CLIENT_PATH": str(client), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+           "BALSAM_BATCH_JOB_ID": "5", "BALSAM_CLIENT_CONNECT_WAIT_SEC": "600"}
+    try:
+        # Far under the connect wait (and the client's retries, about 2.5 min): the grace is 2 s.
+        proc = subprocess.run([sys.executable, "-c", SIGNALLED_DURING_AN_OUTAGE, str(site)], env=env,
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the launcher did not end within 60 s of its SIGTERM: {exc.stderr!r}")
+    assert proc.returncode == -signal.SIGTERM and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)

@@ -4,7 +4,8 @@ The Session is opened in the background as the launcher starts (EarlyLease), bef
 opened: the client's first retry warning (the connect wait's start: "retrying for up to 1 s before
 giving up ($BALSAM_CLIENT_CONNECT_WAIT_SEC...)") went to stderr only, and the later retries
 nowhere. Now the start-up's records are held and replayed into the log file once it opens; the
-warning still reaches stderr at once, and once.
+warning still reaches stderr at once, and once. So does the CLI's notice of the variable ("server
+outages longer than 1 s end this launcher"), logged before the launcher starts.
 
 Real ``python -m balsam.launcher`` process against a port nobody listens on.
 """
@@ -48,3 +49,8 @@ def test_the_connect_wait_at_start_up_is_in_the_launcher_log_file(tmp_path: Path
     assert logs, f"no launcher log file:\n{proc.stderr}"
     text = "".join(p.read_text() for p in logs)
     assert "retrying for up to 1 s before giving up ($BALSAM_CLIENT_CONNECT_WAIT_SEC" in text, text
+    # The CLI's notice of the variable, logged before the launcher starts: on stderr once, and in
+    # the log file (it was on stderr alone).
+    notice = "$BALSAM_CLIENT_CONNECT_WAIT_SEC=1: server outages longer than 1 s end this launcher"
+    assert sum(notice in ln for ln in proc.stderr.splitlines()) == 1, proc.stderr
+    assert notice in text, text

@@ -159,16 +159,20 @@ def unreachable_server_line(exc: BaseException) -> str:
 @click.option("--partition-index", default=0, type=int, hidden=True)
 def launcher_command(job_mode: str, wall_time_min: float, tags: tuple, parts: tuple, site_path: str, partition_index: int) -> None:
     """Run the site's runnable jobs on this allocation's nodes until wall time or idle timeout."""
-    from balsam.launcher.entry import LauncherError, run_launcher
+    from balsam.launcher.entry import HeldRecords, LauncherError, run_launcher
 
     rest_logger = logging.getLogger("balsam.client.rest")
     if not any(isinstance(f, _RetryNotice) for f in rest_logger.filters):  # once per process
         rest_logger.addFilter(_RetryNotice())
+    # The notice is held with the start-up's records: on stderr at once, and in the launcher's log
+    # file once it opens (run_launcher replays them there).
+    held = HeldRecords(echo=True).__enter__()
     try:
         notice = _connect_wait_notice()
         if notice:
             logging.getLogger("balsam.launcher").warning("%s", notice)
-        code = run_launcher(job_mode, wall_time_min, tags, parts, site_path=site_path, partition_index=partition_index)
+        code = run_launcher(job_mode, wall_time_min, tags, parts, site_path=site_path, partition_index=partition_index,
+                            held=held)
     except LauncherError as exc:
         if os.environ.get("BALSAM_CLI_TRACEBACK") == "1":
             raise
@@ -188,6 +192,8 @@ def launcher_command(job_mode: str, wall_time_min: float, tags: tuple, parts: tu
             raise
         click.echo(f"Error: {unreachable_server_line(exc)}", err=True)
         sys.exit(1)
+    finally:
+        held.__exit__()  # run_launcher replayed and ended it, unless it failed before it began
     sys.exit(code)
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,9 @@ SHUTDOWN_UPDATE_TIMEOUT_SEC = 5.0
 ACQUIRE_RETRY_COUNT = 2
 #: App records a launcher fetches ahead of its first jobs (one request; see :class:`EarlyLease`).
 APP_PREFETCH_LIMIT = 32
+#: Seconds :meth:`EarlyLease.discard` still waits for the server once the launcher is told to end
+#: (a signal): an answer in flight then deletes the Session itself when it comes.
+DISCARD_GRACE_SEC = 2.0
 
 def default_client() -> Any:
     """The REST client the ``balsam.api`` models use (built lazily from the login file)."""
@@ -127,6 +131,11 @@ class EarlyLease:
         self._acquire_error: Optional[BaseException] = None
         self._acquire_took = 0.0
         self._acquire_handed = False
+        self._acquire_done = False
+        #: Discarded while the Session's opening or the early acquire was still in flight: the thread
+        #: that gets the answer deletes the Session (under ``_lock``, with those answers).
+        self._discarded = False
+        self._lock = threading.Lock()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="early-lease", daemon=True)
 
@@ -161,7 +170,12 @@ class EarlyLease:
             lease.close(retry_count=0)
             self._error = exc
             return
-        self._lease = lease
+        with self._lock:
+            orphan = self._discarded
+            if not orphan:
+                self._lease = lease
+        if orphan:  # the launcher gave up on it while it opened
+            lease.close(retry_count=0)
 
     def matches(self, site_id: int, batch_job_id: Optional[int]) -> bool:
         return (site_id, batch_job_id) == (self.site_id, self.batch_job_id)
@@ -187,16 +201,24 @@ class EarlyLease:
 
         def run() -> None:
             self._ready.wait()
-            if self._lease is None:  # the Session did not open: take() raises why
-                return
-            self._lease.filter_tags = dict(filter_tags)
-            self._lease.sort_by = sort_by
+            lease = self._lease  # None: the Session did not open (take() raises why), or was discarded
+            jobs: Optional[list] = None
+            error: Optional[BaseException] = None
             began = time.monotonic()
-            try:
-                self._acquired = self._lease.acquire(count, **limits)
-            except BaseException as exc:  # handed to the owner, as a failed acquire
-                self._acquire_error = exc
-            self._acquire_took = time.monotonic() - began
+            if lease is not None:
+                lease.filter_tags = dict(filter_tags)
+                lease.sort_by = sort_by
+                try:
+                    jobs = lease.acquire(count, **limits)
+                except BaseException as exc:  # handed to the owner, as a failed acquire
+                    error = exc
+            with self._lock:
+                self._acquired, self._acquire_error = jobs, error
+                self._acquire_took = time.monotonic() - began
+                self._acquire_done = True
+                orphan = self._discarded and lease is not None
+            if orphan:  # discarded while this acquire was in flight: its Session is deleted now
+                self._give_back(lease, jobs)
 
         self._acquire_thread = threading.Thread(target=run, name="early-acquire", daemon=True)
         self._acquire_thread.start()
@@ -225,20 +247,43 @@ class EarlyLease:
         """Wait for the thread (the app prefetch included)."""
         self._thread.join(timeout)
 
-    def discard(self) -> None:
+    def discard(self, hurried: Optional[Callable[[], bool]] = None, grace_sec: Optional[float] = None) -> None:
+        """Delete the Session (nobody took the lease), once the early acquire in flight is answered:
+        deleted under it, the Session could lease jobs after its deletion. That gives back the jobs
+        it leased at once. Once ``hurried()`` is true (the launcher is told to end), the server gets
+        ``grace_sec`` more (:data:`DISCARD_GRACE_SEC`); what is still in flight then deletes the
+        Session itself when its answer comes (if the process still runs)."""
         if self._taken:
             return
         self._taken = True
-        self._ready.wait()
-        if self._acquire_thread is not None:
-            # The early acquire's answer first: the Session's deletion then gives back what it
-            # leased (deleted under an acquire in flight, the Session could lease them after it).
-            self._acquire_thread.join()
-            if self._acquired:
-                logger.info("%d jobs acquired early are given back: the launcher did not start", len(self._acquired))
+        grace = DISCARD_GRACE_SEC if grace_sec is None else grace_sec
+        timeout = None if hurried is None else 0.05  # in slices: a signal is seen while it waits
+        deadline = math.inf
+        while time.monotonic() < deadline:
+            if not self._ready.is_set():
+                self._ready.wait(timeout)
+            elif self._acquire_thread is not None and self._acquire_thread.is_alive():
+                self._acquire_thread.join(timeout)
+            else:
+                break
+            if deadline == math.inf and hurried is not None and hurried():
+                deadline = time.monotonic() + grace
+        with self._lock:
+            lease, jobs = self._lease, self._acquired
+            opening = lease is None and self._error is None
+            acquiring = self._acquire_thread is not None and not self._acquire_done
+            self._discarded = opening or acquiring
             self._acquired = None
-        if self._lease is not None:
-            self._lease.close(retry_count=0)
+        if self._discarded:
+            logger.info("the server has not answered the launcher's early Session yet: it is deleted when it answers")
+        elif lease is not None:
+            self._give_back(lease, jobs)
+
+    @staticmethod
+    def _give_back(lease: Any, jobs: Optional[list]) -> None:
+        if jobs:
+            logger.info("%d jobs acquired early are given back: the launcher did not start", len(jobs))
+        lease.close(retry_count=0)
 
 
 def lease_session(lease: Any) -> Any:

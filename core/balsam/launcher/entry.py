@@ -145,6 +145,8 @@ class HeldRecords(logging.Handler):
         return False
 
     def __enter__(self) -> "HeldRecords":
+        if self._attached:  # a hold the caller began (the CLI's), held on by run_launcher
+            return self
         self._level = self._logger.level
         self._logger.addHandler(self)
         self._attached = True
@@ -297,7 +299,24 @@ def run_launcher(
     parts: Sequence[str] = (),
     site_path: Optional[str] = None,
     partition_index: int = 0,
+    held: Optional[HeldRecords] = None,
 ) -> int:
+    """``held``: the caller's hold on the start-up's records (the CLI's connect-wait notice, logged
+    before this starts), replayed into the log file with this start-up's own; by default one of its own."""
+    held = HeldRecords(echo=True) if held is None else held
+    # What the start-up logs before the log file opens (the early lease's connect wait, the node
+    # discovery) is replayed into it; warnings reach stderr at once as before. Every way out
+    # replays and ends the hold.
+    held.__enter__()
+    try:
+        return _start_launcher(job_mode, wall_time_min, tags, parts, site_path, partition_index, held)
+    finally:
+        held.replay()
+        held.__exit__()
+
+
+def _start_launcher(job_mode: str, wall_time_min: float, tags: Sequence[str], parts: Sequence[str],
+                    site_path: Optional[str], partition_index: int, held: HeldRecords) -> int:
     start_time = float(os.environ.get(START_TIME_ENV) or time.time())
     # Not only "> 0": -t nan passed that test and the launcher stopped at once, exit 0, "done (wall
     # time)"; -t inf (or 1e300) made every acquire fail ("cannot convert float NaN to integer", HTTP
@@ -315,62 +334,82 @@ def run_launcher(
     # The BatchJob's own site-scoped credential (minted by the agent), if there is one; child
     # processes (partitions, jobs using the API) inherit it.
     credential = use_launcher_credential(site_config.site_path, os.environ)
-    # What the start-up logs before the log file opens (the early lease's connect wait, the node
-    # discovery) is replayed into it; warnings reach stderr at once as before.
-    held = HeldRecords(echo=True).__enter__()
-    early_lease = None
-    signalled = False
-    previous: dict[int, Any] = {}
+    # The Session is created (and the API models imported) in the background while the settings are
+    # read and the plugins (hook modules, the platform) load: the longest steps before the first
+    # job starts.
+    early_lease = _start_early_lease(site_config.site_id, partitions)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    signals = StartUpSignals() if early_lease is not None and on_main_thread else None
+    # Nested: a signal that interrupts the inner ``finally`` still finds the outer one, which gives
+    # back what the early lease holds whatever happened before it.
     try:
-        # The Session is created (and the API models imported) in the background while the settings are
-        # read and the plugins (hook modules, the platform) load: the longest steps before the first
-        # job starts.
-        early_lease = _start_early_lease(site_config.site_id, partitions)
-        if early_lease is not None and threading.current_thread() is threading.main_thread():
-            # Until the job mode takes over the signals: a SIGTERM ends the start-up through the
-            # discard below (its Session deleted, the jobs it acquired early given back at once),
-            # not by the default action, which left them held until the Session expired.
-            # (SIGINT raises KeyboardInterrupt, which takes the same way out.)
-            previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _start_up_signal)}
-        settings = _load_settings(site_config)
-        base_tags = dict(getattr(settings, "filter_tags", None) or {})
-        base_tags.update(cli_tags)
-        return _run_with_site(site_config, settings, credential, partitions, base_tags, wall_time_min, start_time,
-                              partition_index, early_lease, on_credential_refused, held=held)
-    except StartUpSignal:
-        signalled = True
-        raise
+        try:
+            settings = _load_settings(site_config)
+            base_tags = {**dict(getattr(settings, "filter_tags", None) or {}), **cli_tags}
+            return _run_with_site(site_config, settings, credential, partitions, base_tags, wall_time_min, start_time,
+                                  partition_index, early_lease, on_credential_refused, held=held, signals=signals)
+        finally:
+            if signals is not None:
+                signals.starting = False  # from here on a signal is noted, and acted on after the discard
+            held.replay()  # the log file (when open) has the start-up's records before the discard's
     finally:
-        held.replay()
-        held.__exit__()
-        if early_lease is not None:
-            noted: list[int] = []
-            if previous:  # a SIGTERM now must not cut the discard short: noted, and acted on after it
-                signal.signal(signal.SIGTERM, lambda signum, _frame: noted.append(signum))
-            try:
-                early_lease.discard()
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-            signalled = signalled or bool(noted)
-        if signalled:
-            # Ended by the signal, as before (the batch system reads a SIGTERM's end), once the
-            # Session is gone.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            if early_lease is not None:
+                # After a signal the server gets a short grace: a launcher told to end does not wait
+                # out a connect wait (what is still in flight deletes the Session when answered).
+                early_lease.discard(hurried=(lambda: bool(signals.received)) if signals is not None else None)
+        finally:
+            if signals is not None:
+                signals.end()
 
 
 class StartUpSignal(BaseException):
-    """SIGTERM while the launcher starts, before its job mode handles it (a BaseException, as
-    KeyboardInterrupt: the start-up's ``except Exception`` must not turn it into an error line)."""
+    """SIGTERM or SIGINT while the launcher starts, before its job mode handles them (a
+    BaseException, as KeyboardInterrupt: the start-up's ``except Exception`` must not turn it into
+    an error line)."""
 
 
-def _start_up_signal(signum: int, _frame: Any) -> None:
-    # Once: a second signal before run_launcher's discard (which waits for the early acquire's
-    # answer and deletes the Session) takes over must not cut the way there short.
-    signal.signal(signum, signal.SIG_IGN)
-    raise StartUpSignal(f"signal {signum} during the launcher's start-up: its Session is deleted (the jobs it had "
-                        "acquired go back to the queue)")
+class StartUpSignals:
+    """SIGTERM and SIGINT of a launcher holding an early lease, from its start until the lease is
+    discarded (run_launcher): one handler, installed once.
+
+    While ``starting``, the first signal raises :class:`StartUpSignal`: the start-up ends through
+    the early lease's discard (its Session deleted, the jobs it acquired early given back at once),
+    not by the signal's default action, which left them held until the Session expired. While the
+    job mode runs, its handler gets them (:meth:`hand_over`). Otherwise a signal is only noted, so
+    that nothing cuts the discard short; :meth:`end` then puts the original handlers back and
+    raises the first signal noted again: the launcher ends as it did without an early lease (killed
+    by SIGTERM; KeyboardInterrupt for SIGINT)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.starting = True
+        #: Signals noted (not the job mode's): the first is raised again by :meth:`end`.
+        self.received: list[int] = []
+        self._mode_handler: Any = None
+        self._original = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        handler = self._mode_handler
+        if handler is not None:
+            handler(signum, frame)
+            return
+        self.received.append(signum)
+        if self.starting:
+            self.starting = False  # once: a second signal must not cut the way to the discard short
+            raise StartUpSignal(f"signal {signum} during the launcher's start-up")
+
+    def hand_over(self, handler: Any) -> None:
+        """The job mode's handler gets the signals from now on (None: they are noted again)."""
+        self.starting = False
+        self._mode_handler = handler
+
+    def end(self) -> None:
+        for sig, handler in self._original.items():
+            signal.signal(sig, handler)
+        if self.received:
+            signal.raise_signal(self.received[0])
 
 
 def _start_early_lease(site_id: int, partitions: Sequence[Partition]) -> Any:
@@ -387,7 +426,8 @@ def _start_early_lease(site_id: int, partitions: Sequence[Partition]) -> Any:
 
 def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions: list[Partition], base_tags: dict[str, str],
                    wall_time_min: float, start_time: float, partition_index: int, early_lease: Any,
-                   on_credential_refused: Any, held: Optional[HeldRecords] = None) -> int:
+                   on_credential_refused: Any, held: Optional[HeldRecords] = None,
+                   signals: Optional[StartUpSignals] = None) -> int:
     # ``held``: the start-up's hold (run_launcher), replayed and ended once the log file opens;
     # without it, one for the discovery alone.
     own_hold = held is None
@@ -464,7 +504,13 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
         logger.warning("signal %s: ending running jobs as RUN_TIMEOUT", signum)
         mode.request_stop(f"signal {signum}")
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # ``signals``: the start-up's handler (run_launcher) passes them on while the mode runs, and
+    # notes them again after it (they are acted on once the early lease is discarded).
+    if signals is not None:
+        signals.hand_over(on_signal)
+        previous: dict[int, Any] = {}
+    else:
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         logger.info("launcher %s: site %s, batch job %s, %d nodes", partition.job_mode, site_config.site_path, batch_job_id, len(context.nodes))
         resume_gc_after_start_up()  # start-up is over (see balsam.launcher.__main__)
@@ -480,6 +526,8 @@ def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions:
             raise LauncherError(str(refusal))
         return code
     finally:
+        if signals is not None:
+            signals.hand_over(None)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
