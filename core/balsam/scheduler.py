@@ -79,6 +79,7 @@ __all__ = [
     "shell_reported_signal",
     "unknown_outcome_of_signal",
     "SchedulerGuard",
+    "START_TIME_SKEW_SEC",
     "STILL_ACTIVE",
     "SchedulerJobStatus",
     "PolledStatuses",
@@ -422,6 +423,13 @@ def _frozen_mapping(value: Optional[Mapping]) -> Mapping:
     return MappingProxyType(dict(value or {}))
 
 
+#: Seconds by which the scheduler's start time of a job (``StatusPoll.start_times``) may lie past
+#: the agent's clock, or before the BatchJob's submission as the agent recorded it, and still be
+#: taken for the scheduler's clock being a little off (as PBS's CLOCK_SLACK_SEC). Further off, it
+#: is garbage or a clock far off: the agent's own sighting of the job running is the start.
+START_TIME_SKEW_SEC = 120
+
+
 @attrs.frozen
 class StatusPoll:
     """What one status poll said: the jobs still in the queue and, for status commands that also
@@ -444,7 +452,9 @@ class StatusPoll:
     #: (squeue's %S, qstat's stime, the local queue's record), where it reports one. The agent
     #: takes it for ``BatchJob.start_time`` when a poll first shows the job running: its own
     #: sighting is up to ``sync_period`` late. Not part of ``SchedulerJobStatus`` (Balsam 0.7's
-    #: wire model, which has no such key). Empty: the agent's sighting is the start.
+    #: wire model, which has no such key). Empty: the agent's sighting is the start. A naive
+    #: datetime is not taken (``datetime.fromtimestamp(epoch)`` is the agent's local time, which
+    #: read as UTC is hours off unnoticed): the agent logs it and uses its sighting.
     start_times: Mapping[int, dt.datetime] = attrs.field(factory=dict, converter=_frozen_mapping)
 
 
@@ -458,6 +468,20 @@ class PolledStatuses(dict):
                  start_times: Optional[Mapping[int, dt.datetime]] = None) -> None:
         super().__init__(statuses or {})
         self.start_times: Mapping[int, dt.datetime] = dict(start_times or {})
+
+    # dict's own copy() and == know nothing of start_times: a copy lost them, and two polls that
+    # differ only in them compared equal. (dict(p) and a comprehension still give a plain dict.)
+    def copy(self) -> "PolledStatuses":
+        return PolledStatuses(self, start_times=self.start_times)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PolledStatuses):
+            return dict.__eq__(self, other) and dict(self.start_times) == dict(other.start_times)
+        return dict.__eq__(self, other)  # a plain dict: the statuses alone, as before
+
+    def __ne__(self, other: object) -> bool:  # dict defines its own __ne__: keep the two consistent
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
 
 
 #: The poll before the first poll: nothing known.

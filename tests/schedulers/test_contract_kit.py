@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
+import pytest
+
+from balsam.scheduler import PolledStatuses
 from balsam.states import BatchJobState
 from balsam.testing import HistoryCase, Refusal, SchedulerContract, utc
 from balsam_scheduler_cobalt import CobaltScheduler
@@ -125,3 +130,39 @@ class TestCobaltContract(SchedulerContract):
                                      "debug-cache-quad": [(1, 58)]}}
     project_outputs = {"qsub_bad_project": ["datascience", "catalyst", "CSC249ADCD08"]}
     fake_commands = FIXTURES / "fake_cobalt"
+
+
+class NaiveStartSlurm(SlurmScheduler):
+    """Gives its running jobs' starts as the agent's local time (fromtimestamp without a zone)."""
+
+    def parse_status(self, result, now):
+        poll = super().parse_status(result, now)
+        starts = {i: dt.datetime.fromtimestamp(t.timestamp()) for i, t in poll.start_times.items()}
+        return PolledStatuses(poll.statuses, start_times=starts)
+
+
+class EstimatedStartSlurm(SlurmScheduler):
+    """Gives a pending job's estimated start too."""
+
+    def parse_status(self, result, now):
+        poll = super().parse_status(result, now)
+        return PolledStatuses(poll.statuses, start_times={**poll.start_times, 5: now})
+
+
+class FutureStartSlurm(SlurmScheduler):
+    """Misreads the year of its running jobs' starts."""
+
+    def parse_status(self, result, now):
+        poll = super().parse_status(result, now)
+        return PolledStatuses(poll.statuses, start_times={i: t.replace(year=9999) for i, t in poll.start_times.items()})
+
+
+@pytest.mark.parametrize("driver,match", [(NaiveStartSlurm, "is not an aware datetime"),
+                                          (EstimatedStartSlurm, "as queued, not as running"),
+                                          (FutureStartSlurm, "is in the future")])
+def test_the_kit_fails_wrong_start_times(driver, match):
+    class Contract(TestSlurmContract):
+        scheduler_class = driver
+
+    with pytest.raises(AssertionError, match=match):
+        Contract().test_status_start_times()

@@ -20,6 +20,7 @@ import pytest
 
 from balsam.builtin.local_queue import LocalQueue
 from balsam.builtin.local_scheduler import LocalScheduler
+from balsam.models import SchedulerJobStatus
 from balsam.scheduler import PolledStatuses, StatusPoll, SubmitRequest
 from balsam.states import BatchJobState
 from balsam_scheduler_cobalt import CobaltScheduler
@@ -163,3 +164,19 @@ def test_start_times_are_frozen_and_a_polled_statuses_is_a_dict():
     with pytest.raises(TypeError):
         poll.start_times[2] = utc(2026, 1, 1)  # type: ignore[index]
     assert PolledStatuses() == {} and PolledStatuses().start_times == {}
+
+
+def test_a_polled_statuses_copy_keeps_its_start_times_and_equality_sees_them():
+    """dict's copy() gave a plain dict (the start times lost) and dict's == ignored them."""
+    status = SchedulerJobStatus(scheduler_id=1, state=R, queue="debug", num_nodes=1, wall_time_min=10,
+                                project="p", time_remaining_min=5, queued_time_min=0)
+    polled = PolledStatuses({1: status}, start_times={1: utc(2026, 1, 1)})
+    copied = polled.copy()
+    assert type(copied) is PolledStatuses and copied == polled and copied.start_times == {1: utc(2026, 1, 1)}
+    copied.start_times = {}
+    assert polled.start_times == {1: utc(2026, 1, 1)}  # a copy, not the same mapping
+    assert polled != PolledStatuses({1: status}) and not polled == PolledStatuses({1: status})
+    assert polled != PolledStatuses({1: status}, start_times={1: utc(2026, 1, 2)})
+    # against a plain dict, the statuses alone (as callers and tests compare parse_status results)
+    assert polled == {1: status} and not polled != {1: status} and {1: status} == polled
+    assert polled != {} and PolledStatuses() == {}

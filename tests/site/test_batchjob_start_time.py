@@ -4,8 +4,14 @@ The scheduler module set ``start_time`` to "now" at the status poll that first s
 running: up to one ``sync_period`` late, though Slurm, PBS and the local scheduler report when the
 job started. It now takes the poll's ``StatusPoll.start_times``; a start more than
 ``START_TIME_SKEW_SEC`` past the agent's clock or before the BatchJob's submission is not taken
-(garbage, or a clock far off: logged, the first of each kind at INFO), and a start a little past
-the agent's clock is the sighting (the job was seen running then).
+(garbage, or a clock far off: logged, the first of each kind at INFO), nor is one without a time
+zone (a driver's ``datetime.fromtimestamp()`` is local time: read as UTC it was hours off, unseen),
+and a start a little past the agent's clock is the sighting (the job was seen running then).
+
+A BatchJob whose submission is recorded after the fact (an interrupted or timed-out submit command
+whose job was found, an id that reached only the ``.scheduler_id`` marker) gets its marker's time
+as ``submit_time``, not the time of the recording: its job may have run for long already, and its
+true start was not taken ("before its submission").
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +28,7 @@ import pytest
 
 from balsam.builtin.local_scheduler import LocalScheduler
 from balsam.models import SchedulerJobStatus
-from balsam.scheduler import Command, CommandResult, Scheduler, StatusPoll, SubmitRequest
+from balsam.scheduler import Command, CommandResult, Scheduler, SchedulerError, StatusPoll, SubmitRequest
 from balsam.serialization import parse_datetime
 from balsam.site.modules.scheduler import START_TIME_SKEW_SEC, SchedulerModule
 from balsam.states import BatchJobState
@@ -115,15 +122,6 @@ def test_no_start_time_from_the_scheduler_is_the_sighting(setup, client):
     assert before <= _start(client, record) <= after
 
 
-def test_a_naive_start_time_is_utc(setup, client):
-    site, fake, module = setup
-    (record,) = _submitted(client, site, module)
-    started = _utcnow() - dt.timedelta(seconds=2)
-    fake.run_job(record["scheduler_id"], started.replace(tzinfo=None))
-    _running_cycle(module)
-    assert _start(client, record) == started
-
-
 def test_a_start_a_little_past_the_agents_clock_is_the_sighting(setup, client, caplog):
     """The scheduler's clock a few seconds ahead: the job was seen running at the poll, so it
     started no later than that (by the agent's clock)."""
@@ -136,7 +134,7 @@ def test_a_start_a_little_past_the_agents_clock_is_the_sighting(setup, client, c
     assert "not taken" not in caplog.text
 
 
-@pytest.mark.parametrize("kind", ["future", "before submission", "not a time"])
+@pytest.mark.parametrize("kind", ["future", "before submission", "not a time", "no time zone"])
 def test_a_start_far_off_is_not_taken_and_logged_once_at_info(setup, client, caplog, kind):
     site, fake, module = setup
     records = _submitted(client, site, module, count=2)
@@ -144,7 +142,9 @@ def test_a_start_far_off_is_not_taken_and_logged_once_at_info(setup, client, cap
         submitted = parse_datetime(record["status_info"]["submit_time"])
         start = {"future": _utcnow() + dt.timedelta(hours=1),
                  "before submission": submitted - dt.timedelta(seconds=START_TIME_SKEW_SEC + 60),
-                 "not a time": "yesterday"}[kind]
+                 "not a time": "yesterday",
+                 # a true start, but naive: taken as UTC it is off by the agent's UTC offset
+                 "no time zone": (_utcnow() - dt.timedelta(seconds=2)).replace(tzinfo=None)}[kind]
         fake.run_job(record["scheduler_id"], start)
     with caplog.at_level(logging.DEBUG, logger="balsam"):
         before, after = _running_cycle(module)
@@ -202,3 +202,86 @@ def test_real_local_scheduler_start_is_its_queues_record(make_site, client, tmp_
             f"start_time {_start(client, record)}, the queue's start {queue_start}, the poll at {before}"
     finally:
         local.delete_job(record["scheduler_id"])
+
+
+# -- a submission recorded after the fact -------------------------------------------------------------
+
+
+class FindingScheduler(StartingScheduler):
+    """Looks an earlier submission up by name: the job whose id ``found`` holds."""
+
+    found: Optional[int] = None
+
+    def find_submitted(self, request: SubmitRequest) -> Optional[list[int]]:
+        return [self.found] if self.found in self.queue else []
+
+
+def _running_since(fake: StartingScheduler, scheduler_id: int, minutes: float) -> dt.datetime:
+    started = _utcnow() - dt.timedelta(minutes=minutes)
+    fake.queue[scheduler_id] = SchedulerJobStatus(
+        scheduler_id=scheduler_id, state=R, queue="local", num_nodes=1, wall_time_min=60, project="local",
+        time_remaining_min=30, queued_time_min=0)
+    fake.starts[scheduler_id] = started
+    return started
+
+
+def _with_token(client, record: dict) -> str:
+    """The submit token the earlier agent stored before its submit command (its markers hold it)."""
+    token = "feedfacefeedface"
+    client.patch("/batch-jobs/", json=[{"id": record["id"], "status_info": {"submit_token": token}}])
+    return token
+
+
+@pytest.mark.parametrize("marker", [".scheduler_id", ".submitting"])
+def test_a_job_recorded_late_gets_its_submission_time_and_the_schedulers_start(make_site, client, caplog, marker):
+    """The earlier agent submitted 31 minutes ago and stopped before the API heard of it: the id
+    only in the ``.scheduler_id`` marker (an API outage), or the submit command interrupted (its
+    ``.submitting`` marker, the job found by name). The job has run for 30 minutes."""
+    site = make_site(overrides={"scheduler": {"sync_period": 5}})
+    fake = FindingScheduler()
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    record = create_batch_job(client, site.site_id, "serial")
+    token = _with_token(client, record)
+    script = module.script_path(record["id"])
+    script.parent.mkdir(parents=True, exist_ok=True)
+    submitted = _utcnow() - dt.timedelta(minutes=31)
+    if marker == ".scheduler_id":  # its time is the file's: written as the submit command returned
+        path = script.with_name(script.name + marker)
+        path.write_text(f"777 {token}\n")
+        os.utime(path, (submitted.timestamp(), submitted.timestamp()))
+    else:  # written, with the time, just before the submit command ran
+        script.with_name(script.name + marker).write_text(f"{submitted.isoformat()} {token}\n")
+        fake.found = 777
+    started = _running_since(fake, 777, minutes=30)
+    with caplog.at_level(logging.INFO, logger="balsam"):
+        for _ in range(2):  # recorded as queued; then seen running
+            module.run_cycle()
+    record = batch_job(client, record["id"])
+    assert record["scheduler_id"] == 777 and record["state"] == "running"
+    assert abs(parse_datetime(record["status_info"]["submit_time"]) - submitted) < dt.timedelta(milliseconds=1)
+    assert _start(client, record) == started, caplog.text
+    assert "not taken" not in caplog.text
+
+
+def test_a_timed_out_submission_found_afterwards_is_submitted_when_its_command_started(make_site, client):
+    """The submit command timed out, and the job it queued is found by name: submit_time is when
+    the command was started (its ``.submitting`` marker's time; a command that hung for minutes
+    while its job started made the start look "before its submission"), not when it was found."""
+
+    class TimingOut(FindingScheduler):
+        status_error_threshold = 1  # the first failed try is the last: looked up at once
+
+        def submit(self, request: SubmitRequest) -> int:
+            pending = Path(str(request.script_path) + ".submitting")
+            self.command_started = pending.read_text().split()[0]
+            self.found = super().submit(request)
+            raise SchedulerError("sbatch: Socket timed out on send/recv operation", permanent=False)
+
+    site = make_site(overrides={"scheduler": {"sync_period": 5}})
+    fake = TimingOut()
+    module = SchedulerModule(site, site.settings.scheduler, client, scheduler=fake)
+    record = create_batch_job(client, site.site_id, "serial")
+    module.run_cycle()
+    record = batch_job(client, record["id"])
+    assert record["state"] == "queued" and record["scheduler_id"] == fake.found
+    assert record["status_info"]["submit_time"] == fake.command_started

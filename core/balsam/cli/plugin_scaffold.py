@@ -424,6 +424,11 @@ class $klass(Scheduler):
                 message=reason if mapped is Q else "")
         if bad and not statuses:
             raise SchedulerError(f"qstat printed nothing readable (first line: {bad[0][:120]!r})")
+        # Where your status output says when a running job started, pass it on: BatchJob.start_time
+        # is then the scheduler's own, not the agent's sighting (up to sync_period late). Running
+        # jobs only (a pending job's start is an estimate), aware UTC (a naive one is not taken):
+        # start_times[int(jobid)] = dt.datetime.fromisoformat(start).replace(tzinfo=dt.timezone.utc)
+        # return StatusPoll(time=now, statuses=statuses, start_times=start_times)
         return StatusPoll(time=now, statuses=statuses)
 
     def render_delete(self, scheduler_id: int) -> Command:

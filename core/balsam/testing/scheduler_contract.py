@@ -35,6 +35,8 @@ What the contract checks, beyond your cases:
   fed non-empty garbage raises (garbage read as "no jobs" would end every BatchJob);
 - truncated and shuffled copies of each recorded status output give SchedulerError or a subset of
   the recorded jobs (never an invented job id);
+- the poll's start times (``StatusPoll.start_times``, optional) are of jobs it lists as running
+  only, aware datetimes (a naive one is not taken by the agent), and not in the future;
 - a runner that fails (a missing executable) gives SchedulerError from every method;
 - ``find_submitted`` (the optional ``render_find``/``parse_find`` pair) returns None or job ids;
 - with ``fake_commands`` (fake commands of your batch system on balsam.testing.fakebatch), a whole
@@ -77,7 +79,7 @@ import yaml
 
 from balsam.config import parse_settings, render_settings_yaml
 from balsam.models import AllowedQueue
-from balsam.scheduler import Command, CommandResult, Scheduler, SchedulerError, SubmitRequest
+from balsam.scheduler import START_TIME_SKEW_SEC, Command, CommandResult, Scheduler, SchedulerError, SubmitRequest
 from balsam.states import BatchJobState
 
 from .replay import ReplayRunner, load_recorded
@@ -288,6 +290,27 @@ class SchedulerContract:
             self.check_well_formed("status", statuses)
             got = {i: s.state for i, s in statuses.items()}
             assert got == dict(expected), f"{name}: got {got}"
+
+    def test_status_start_times(self):
+        """``StatusPoll.start_times`` (optional): the agent takes them for BatchJob.start_time. Of
+        running jobs only (a pending job's start is the scheduler's estimate), aware (a naive
+        datetime, e.g. ``fromtimestamp(epoch)``, is the agent's local time: not taken), and not in
+        the future (a misread year, garbage). Against the clock, not ``now``: outputs recorded on
+        several days share one ``now``."""
+        latest = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=START_TIME_SKEW_SEC)
+        for name in self.status_outputs:
+            driver = self.driver(self.recorded(name))
+            driver.get_statuses(self.now)
+            poll = driver.last_poll
+            for jobid, started in poll.start_times.items():
+                status = poll.statuses.get(jobid)
+                assert status is not None and status.state is BatchJobState.running, (
+                    f"{name}: start_times has job {jobid}, which the poll lists "
+                    f"{'as ' + status.state.value if status is not None else 'not at all'}, not as running")
+                assert isinstance(started, dt.datetime) and started.utcoffset() is not None, (
+                    f"{name}: job {jobid}'s start {started!r} is not an aware datetime "
+                    "(e.g. datetime.fromtimestamp(epoch, datetime.timezone.utc))")
+                assert started <= latest, f"{name}: job {jobid}'s start {started.isoformat()} is in the future"
 
     def test_status_failures(self):
         for name, match in self.status_failures.items():

@@ -54,8 +54,8 @@ from ...config import LAUNCHER_SECTIONS, load_settings
 from ...models import AllowedQueue
 from ...options import option
 from ...scheduler import (
-    REFUSED_FOR_GOOD, STILL_ACTIVE, JobHistory, SchedulerError, SchedulerJobStatus, StatusPoll, SubmitRequest,
-    with_poll_record,
+    REFUSED_FOR_GOOD, START_TIME_SKEW_SEC, STILL_ACTIVE, JobHistory, SchedulerError, SchedulerJobStatus, StatusPoll,
+    SubmitRequest, with_poll_record,
 )
 from ...serialization import format_datetime, parse_datetime, to_dict
 from ...states import BatchJobState
@@ -67,11 +67,6 @@ from ..module import AgentModule
 
 #: Minutes past its wall time after which a job whose history still says "running" counts as gone.
 ACTIVE_RECORD_GRACE_MIN = 10
-#: Seconds by which the scheduler's start time of a job (``StatusPoll.start_times``) may lie past
-#: the agent's clock, or before the BatchJob's submission as the agent recorded it, and still be
-#: taken for the scheduler's clock being a little off (as PBS's CLOCK_SLACK_SEC). Further off, it
-#: is garbage or a clock far off: the agent's own sighting of the job running is the start.
-START_TIME_SKEW_SEC = 120
 
 ACTIVE = (
     BatchJobState.pending_submission,
@@ -376,13 +371,33 @@ def _aware(when: dt.datetime) -> dt.datetime:
 
 
 def _submit_time(batch_job: dict) -> Optional[dt.datetime]:
-    """When the agent recorded the BatchJob's submission (``status_info["submit_time"]``); None
-    when it has none or it does not read as a time."""
+    """When the agent recorded the BatchJob's submission, or for one recorded after the fact its
+    marker's time (``status_info["submit_time"]``, see :func:`_marker_time`); None when it has
+    none or it does not read as a time."""
     text = (batch_job.get("status_info") or {}).get("submit_time")
     try:
         return _aware(parse_datetime(str(text))) if text else None
     except (TypeError, ValueError):
         return None
+
+
+def _marker_time(path: Path) -> Optional[str]:
+    """When the submission a submit marker is of was made (ISO, UTC), for ``status_info["submit_time"]``:
+    a ``.submitting`` marker's first word (the time written just before its submit command ran),
+    else the file's modification time (a ``.scheduler_id`` marker is written as its submit command
+    returned). Never past now (a file system's clock ahead of the agent's); None when the file
+    cannot be read."""
+    try:
+        first = path.read_text().split()[:1]
+        when = _aware(parse_datetime(first[0])) if path.name.endswith(".submitting") and first else None
+    except (OSError, TypeError, ValueError):
+        when = None
+    if when is None:
+        try:
+            when = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc)
+        except (OSError, OverflowError, ValueError):
+            return None
+    return min(when.astimezone(dt.timezone.utc), utcnow()).isoformat()
 
 
 def _has_run(batch_job: dict) -> bool:
@@ -809,14 +824,19 @@ class SchedulerModule(AgentModule):
         (up to ``sync_period`` late). A start past now (but within ``START_TIME_SKEW_SEC``: the
         scheduler's clock a little ahead) is now, when the job was seen running; one further past
         now, or more than ``START_TIME_SKEW_SEC`` before the BatchJob's submission
-        (``status_info["submit_time"]``), is not taken (logged: the first of each kind at INFO)."""
+        (``status_info["submit_time"]``), or without a time zone, is not taken (logged: the first
+        of each kind at INFO)."""
         now = utcnow()
         started = self._start_times.get(scheduler_id)
         if started is None:
             return now
         if not isinstance(started, dt.datetime):
             return self._ignore_start("not a time", batch_job, f"{started!r} is not a time", now)
-        started = _aware(started)
+        if started.tzinfo is None or started.utcoffset() is None:
+            # Most likely datetime.fromtimestamp() or a local-time parse in a driver: read as UTC
+            # it would be off by the agent's UTC offset, hours, with nothing to tell it.
+            return self._ignore_start("no time zone", batch_job, f"{started.isoformat()} has no time zone "
+                                      "(a driver's start_times are aware UTC datetimes)", now)
         skew = dt.timedelta(seconds=START_TIME_SKEW_SEC)
         if started > now + skew:
             return self._ignore_start("after now", batch_job, f"{format_datetime(started)} is more than "
@@ -1186,7 +1206,7 @@ class SchedulerModule(AgentModule):
         # Submitted before, but the API never heard of it (outage, agent restart): never submit twice.
         scheduler_id = _read_marker(marker)
         if scheduler_id is not None:
-            self._record_submitted(batch_job, script, scheduler_id, update, "already submitted")
+            self._record_submitted(batch_job, script, scheduler_id, update, "already submitted", since=marker)
             return
         if self._held_back(batch_job, queued_counts, update):
             return
@@ -1358,7 +1378,7 @@ class SchedulerModule(AgentModule):
                                 batch_job["id"], len(found), request.job_name, ", ".join(map(str, found)), found[0])
         self._record_submitted(batch_job, Path(request.script_path), found[0], update,
                                f"found in the scheduler after its submit command failed ({message})",
-                               marker=marker, pending=pending)
+                               marker=marker, pending=pending, since=pending)
         return True
 
     def _held_back(self, batch_job: dict, queued_counts: dict[str, int], update: dict) -> bool:
@@ -1690,11 +1710,19 @@ class SchedulerModule(AgentModule):
             self.logger.warning("BatchJob %s: the scheduler has %d jobs named %s (%s); tracking %s",
                                 batch_job["id"], len(found), request.job_name, ", ".join(map(str, found)), found[0])
         self._record_submitted(batch_job, Path(request.script_path), found[0], update,
-                               "found in the scheduler after an interrupted submission", marker=marker, pending=pending)
+                               "found in the scheduler after an interrupted submission", marker=marker, pending=pending,
+                               since=pending)
         return True
 
     def _record_submitted(self, batch_job: dict, script: Path, scheduler_id: int, update: dict, how: str, *,
-                          marker: Optional[Path] = None, pending: Optional[Path] = None) -> None:
+                          marker: Optional[Path] = None, pending: Optional[Path] = None,
+                          since: Optional[Path] = None) -> None:
+        """``since``: the marker of a submission recorded after the fact (an interrupted or timed-out
+        submit command whose job was found, an id that reached only the ``.scheduler_id`` marker):
+        its time, not now, is the submission's (:func:`_marker_time`). Its job may have been
+        running for hours: a submit_time of now made the scheduler's true start look "before its
+        submission" (not taken), and hid its first runs from ``first_runs_query``."""
+        submitted = _marker_time(since) if since is not None else None
         if marker is not None:
             try:
                 marker.write_text(_marker_text(scheduler_id, batch_job))
@@ -1706,7 +1734,7 @@ class SchedulerModule(AgentModule):
         if str(info.get("error") or "").startswith(_SUBMIT_RETRY):  # the retry succeeded: outdated
             info.pop("error", None)
             info.pop("error_time", None)
-        info.update(submit_script=str(script), submit_time=iso_now())
+        info.update(submit_script=str(script), submit_time=submitted or iso_now())
         update.update(state=BatchJobState.queued.value, scheduler_id=scheduler_id, status_info=info)
         self.logger.info("BatchJob %s: %s as scheduler job %s (%s)", batch_job["id"], how, scheduler_id, script.name)
 
