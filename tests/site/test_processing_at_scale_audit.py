@@ -8,6 +8,10 @@ What holds: every job ends in the state its hooks give it (none lost or stuck); 
 is applied once (one transition per job); a completed postprocess ran twice only if it was running
 at the kill (docs/reliability.md: at least once); the requests stay bulk (under one per job); the
 agent's only ERROR lines are the hook timeouts, one per hung hook, naming the job and the hook.
+"Completed" at the kill is judged from what the agent kept of a hook, not from the hook's own note:
+its result recorded in the agent's hook-results files (which the next agent sends) or applied on the
+server. A hook that had noted "post-done" but not returned yet when the kill came has no result:
+it was running at the kill, and runs again (a test that counted it as completed failed now and then).
 
 Found by this audit (Dec 5): a hook timeout's kill sent every job of the pool's chunks to the
 isolation worker, one at a time (607 of 2,000 jobs); the restarted agent logged its replay of the
@@ -182,6 +186,28 @@ def _lines(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _recorded_results(results_root: Path) -> set[int]:
+    """The job ids whose hook results a (dead) agent recorded in its hook-results files."""
+    ids = set()
+    for path in results_root.glob("*/*.jsonl"):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a torn last line: its hook has no result
+                continue
+            if isinstance(record, dict) and type(record.get("id")) is int:
+                ids.add(record["id"])
+    return ids
+
+
 def _wait(pred, timeout, what):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -219,6 +245,7 @@ def test_hooks_at_scale_with_faults_and_an_agent_killed(make_site, client, tmp_p
 
         # A launcher runs every PREPROCESSED job: acquired by a session, RUNNING, RUN_DONE.
         pre_ok = sorted(r["id"] for r in rows if r["state"] == "PREPROCESSED")
+        pre_ok_set = set(pre_ok)
         for start in range(0, len(pre_ok), 1000):
             chunk = pre_ok[start:start + 1000]
             session = client.post("/sessions/", json={"site_id": site.site_id})["id"]
@@ -230,12 +257,30 @@ def test_hooks_at_scale_with_faults_and_an_agent_killed(make_site, client, tmp_p
         t1 = time.monotonic()
         # Kill -9 the agent mid-hook once ~40 % of the postprocess hooks completed.
         _wait(lambda: sum(1 for l in _lines(hooks_log) if l[0] == "post-done") >= 0.4 * len(pre_ok), 600, "40% post")
-        running_at_kill = {int(l[1]) for l in _lines(hooks_log) if l[0] == "post-start"} - \
-            {int(l[1]) for l in _lines(hooks_log) if l[0] == "post-done"}
         a.send_signal(signal.SIGKILL)
         a.wait(30)
         report["killed_A_at_post_sec"] = round(time.monotonic() - t1, 1)
+        # A's hook workers end themselves once A is gone (its pipe's EOF): then nothing of A writes.
+        at_kill = _lines(hooks_log)
+        _wait(lambda: all(_process_gone(int(l[2])) for l in at_kill if len(l) > 2), 30, "A's hook workers gone")
+        at_kill = _lines(hooks_log)
+        # Completed under A: its result recorded (A's results files, which B sends) or applied (the
+        # job moved past RUN_DONE: nobody but A ran its postprocess yet). Every other hook A started
+        # was running at the kill, whatever it had noted: its result was never kept.
+        completed = _recorded_results(site.spool_path / "hook-results") | {
+            r["id"] for r in job_rows(client, site_id=site.site_id) if r["id"] in pre_ok_set and r["state"] != "RUN_DONE"}
+        started = {int(l[1]) for l in at_kill if l[0] == "post-start"}
+        running_at_kill = started - completed
+        report["noted_done_not_completed_at_kill"] = sorted(
+            {int(l[1]) for l in at_kill if l[0] == "post-done"} - completed)
+        t_b = time.monotonic()
         b = _start(site, out, "B")
+        # B takes A's jobs once A's session is gone (ended by B, or expired): B's first start of a
+        # hook A was running (jobs of A's session; B may start others, never held by A, sooner).
+        a_lines = len(at_kill)
+        _wait(lambda: not running_at_kill or any(l[0] == "post-start" and int(l[1]) in running_at_kill
+                                                 for l in _lines(hooks_log)[a_lines:]), 600, "B takes A's jobs")
+        report["B_took_A_jobs_sec"] = round(time.monotonic() - t_b, 1)
 
         def post_done():
             c = Counter(r["state"] for r in job_rows(client, site_id=site.site_id))

@@ -51,7 +51,11 @@ lives), and a file is deleted only once the server has its results: when the age
 ``kill -9``, a crash, the node lost), the next agent sends the results its hooks had recorded before
 it acquires a job (:meth:`ProcessingModule._recover_results`), under the dead agent's session, so
 those hooks do not run again either. A hook running at the agent's death has no result: it runs
-again under the next agent once the dead session expires (at least once, not exactly once).
+again under the next agent once the dead session ends (at least once, not exactly once). Where the
+dead agent ran on this host (its pid gone: certain), the next agent ends that session itself once
+those results are sent (``DELETE /sessions/{id}``: the folder's lock file names it), so its
+jobs are released at once rather than at the session's expiry; an agent of another host's session
+is left to expire (its death is only inferred from a silent lock file).
 (An unlocked folder is taken for a dead agent's only once its pid is gone, or, from another host,
 once its lock file is silent: :func:`_owner_gone`. Where the site's file system refuses ``flock``
 or is full, the folder is in /tmp, without that replay: :meth:`ProcessingModule._make_results_dir`.)
@@ -150,6 +154,11 @@ TIMEOUT_REASON_RETRY_COUNT = 1
 HOOK_RESULTS_DIR = "hook-results"
 #: A results file's name: ``<task number>-s<session id>.jsonl``, the session that held its jobs.
 _RESULTS_NAME = re.compile(r"^\d+-s(\d+)\.jsonl$")
+#: An agent's lock file (``<agent>.lock``) holds the ids of the sessions it held jobs under, one a
+#: line: the next agent ends them once that agent is certainly dead (a session may hold jobs and no
+#: results file). In the lock file, not the folder: the folder holds results files only.
+#: Retries of the DELETE of a dead agent's session: past them, the session's expiry releases its jobs.
+END_DEAD_SESSION_RETRY_COUNT = 2
 _LOCK_SUFFIX = ".lock"
 #: A lock file is made and locked under this name, then renamed to ``<agent>.lock``: a starting
 #: agent's recovery never finds it unlocked in between (and took it for a dead agent's).
@@ -320,6 +329,8 @@ class ProcessingModule(AgentModule):
         #: cannot be made or locked, or None where neither can (then no results files at all).
         self._results_dir: Optional[Path] = None
         self._results_dir_made = False
+        #: The sessions written in the folder's lock file (see _note_session).
+        self._noted_sessions: set[int] = set()
         #: The lock of ``_results_dir`` (held while this module lives: see HOOK_RESULTS_DIR); None
         #: for a folder in /tmp. Touched every LOCK_TOUCH_SEC (``_touched``: when, monotonic) by a
         #: thread of its own: a cycle blocked for minutes (API outage retries) must not make this
@@ -336,8 +347,11 @@ class ProcessingModule(AgentModule):
         self._retiring: deque[tuple[int, Path]] = deque()
         self._last_sequence = 0
         #: The results folders of dead agents being replayed: (sequence of the last result, the
-        #: folder, its lock file, the lock's fd); deleted once the updater is through them.
-        self._recovering: list[tuple[int, Path, Path, int]] = []
+        #: folder, its lock file, the lock's fd, the dead agent's sessions to end: empty unless it
+        #: certainly died, see _recover_results); deleted once the updater is through them.
+        self._recovering: list[tuple[int, Path, Path, int, list[int]]] = []
+        #: Their sessions to end, by folder name, once their results are sent (_end_dead_sessions).
+        self._to_end: list[tuple[str, list[int]]] = []
         self._recovered = False
         #: Lock files (``.lock`` and ``.lock.new``) of folders seen unlocked whose agent may live
         #: (_owner_gone said no: a lock touched lately on another host, a pid still running): looked
@@ -397,7 +411,27 @@ class ProcessingModule(AgentModule):
                 tick_period=min(SESSION_TICK_SEC, tick_period_from_env()), heartbeat_thread=False,
                 name="processing session",
             )
-        return self.lease.acquire(max_jobs, wait_sec=wait_sec)
+        self._note_session()  # before it holds any job
+        try:
+            return self.lease.acquire(max_jobs, wait_sec=wait_sec)
+        finally:
+            self._note_session()  # a session replaced during the acquire
+
+    def _note_session(self) -> None:
+        """Append our session's id to the results folder's lock file (once per session): if this
+        agent dies, the next one on this host ends that session (_recover_results) rather than wait
+        for its expiry. Best effort: a session not noted (no folder yet, one in /tmp without a lock
+        file and without replay, a write refused) expires."""
+        session_id = self.session_id
+        if (session_id is None or session_id in self._noted_sessions or self._results_lock is None
+                or self._results_dir is None):
+            return
+        try:
+            with open(_lock_of(self._results_dir), "a") as file:
+                file.write(f"{session_id}\n")
+        except OSError:
+            return
+        self._noted_sessions.add(session_id)
 
     def _tick(self) -> None:
         if self.lease is not None:
@@ -638,6 +672,7 @@ class ProcessingModule(AgentModule):
         if not self._results_dir_made:
             self._results_dir_made = True
             self._results_dir = self._make_results_dir()
+        self._note_session()
         # The session that holds the jobs now, the one their results are sent under, also by the
         # next agent when this one dies before sending them (_recover_results).
         results_file = (None if self._results_dir is None
@@ -761,6 +796,7 @@ class ProcessingModule(AgentModule):
         """Delete the results files whose results the status updater has sent (or dropped)."""
         if self.updater is None:
             return
+        self._end_dead_sessions()
         for path in self._spent_files:
             self._retiring.append((self._last_sequence, path))
         self._spent_files = []
@@ -771,7 +807,9 @@ class ProcessingModule(AgentModule):
             return
         for entry in [e for e in self._recovering if replay.done_through(e[0])]:
             self._recovering.remove(entry)
-            _drop_results_dir(*entry[1:])
+            self._to_end.append((entry[1].name, entry[4]))
+            _drop_results_dir(*entry[1:4])
+        self._end_dead_sessions()
         if not self._recovering and not self._skipped and replay.pending == 0:
             # Nothing left to recover: its thread goes (a later re-check makes a new one if needed).
             replay.close()
@@ -857,6 +895,11 @@ class ProcessingModule(AgentModule):
                 self._skipped.add(lock_path)
                 continue
             sequence, sessions = 0, set()
+            # Its sessions are ended (releasing their jobs now) only where its death is certain: on
+            # this host, its pid gone or reused (_owner_gone). Another host's agent is taken for dead
+            # from a silent lock file: it may live, cut off, and still hold its jobs; its sessions expire.
+            local = _is_local_owner(folder.name)
+            dead_sessions = _noted_sessions(lock) if local else []
             try:
                 paths = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
             except OSError as exc:  # left for the next agent; never a reason to hold this one's cycles
@@ -876,13 +919,49 @@ class ProcessingModule(AgentModule):
                         updater = updater or self._replay_updater()
                         sequence = updater.put_update(update, stamp_session=False)
                         sessions.add(session_id)
+                if local and session_id not in dead_sessions:
+                    dead_sessions.append(session_id)
             if sequence and updater is not None:
                 self.logger.info("sending the results of hooks that completed under a stopped agent (%s, session %s)",
                                  folder.name, ", ".join(map(str, sorted(sessions))))
                 updater.send_soon()
-                self._recovering.append((sequence, folder, lock_path, lock))
+                # Its sessions ended only once these are sent (_retire): ended first, the server
+                # would refuse them (the session no longer holds their jobs) and their hooks run again.
+                self._recovering.append((sequence, folder, lock_path, lock, dead_sessions))
             else:
+                self._to_end.append((folder.name, dead_sessions))
                 _drop_results_dir(folder, lock_path, lock)
+
+    def _end_dead_sessions(self) -> None:
+        """End the sessions of dead agents of this host (``DELETE /sessions/{id}``, one request per
+        session; ``_to_end``), their recorded results sent: the server releases their jobs at once,
+        as the sessions' expiry would have later (the same release: ``release_session_jobs``). Not
+        before the site's spool is empty: a dead agent's updater may have spooled results under its
+        session (an outage it gave up on), which the spool replay sends and the server would refuse
+        once the session is gone (their hooks would run again). Not found: expired already. Any
+        other failure leaves the session to its expiry (the fallback), nothing lost."""
+        if not self._to_end:
+            return
+        try:
+            if any(self.spool_path.glob("*.jsonl")):
+                return
+        except OSError:
+            return
+        ending, self._to_end = self._to_end, []
+        for folder, session_ids in ending:
+            self._end_sessions_of(folder, session_ids)
+
+    def _end_sessions_of(self, folder: str, session_ids: list[int]) -> None:
+        for session_id in session_ids:
+            try:
+                self.client.delete(f"/sessions/{session_id}", retry_count=END_DEAD_SESSION_RETRY_COUNT)
+            except Exception as exc:
+                if http_status(exc) != 404:
+                    self.logger.warning("could not end session %s of the stopped agent %s (%s): its jobs are "
+                                        "released when it expires", session_id, folder, excerpt(str(exc), 200))
+                continue
+            self.logger.info("ended session %s of the stopped agent %s (its process is gone): its jobs are released "
+                             "now, not at the session's expiry", session_id, folder)
 
     def _replay_updater(self) -> BulkStatusUpdater:
         """The updater of a dead agent's results (:meth:`_recover_results`): each goes under the
@@ -1210,17 +1289,21 @@ class ProcessingModule(AgentModule):
             _drop_results_dir(self._results_dir, lock_path, self._results_lock)
         self._results_dir = self._results_lock = None
         self._results_dir_made = False
+        self._noted_sessions = set()
         self._spent_files, self._retiring = [], deque()
         kept = False
         if self.replay_updater is not None:
             self.replay_updater.close()
             kept = self.replay_updater.gave_up
             self.replay_updater = None
-        for _, folder, lock_path, lock in self._recovering:
+        for _, folder, lock_path, lock, dead_sessions in self._recovering:
             if kept:  # not all sent (the API is gone): the next agent sends them
                 os.close(lock)
             else:
+                self._to_end.append((folder.name, dead_sessions))
                 _drop_results_dir(folder, lock_path, lock)
+        self._end_dead_sessions()  # else left to expire
+        self._to_end = []
         if kept and self._recovering:
             self.logger.warning("stopping: the results of a stopped agent in %s could not all be sent; the next "
                                 "agent sends them", ", ".join(str(entry[1]) for entry in self._recovering))
@@ -1354,6 +1437,17 @@ def _owner_of(name: str) -> tuple[Optional[str], Optional[int], float]:
 
 def _is_local_owner(name: str) -> bool:
     return _owner_of(name)[0] == socket.gethostname()
+
+
+def _noted_sessions(lock: int) -> list[int]:
+    """The session ids in a results folder's lock file (``lock``: its fd; see
+    ``ProcessingModule._note_session``); a torn last line (the agent died writing it) is skipped."""
+    try:
+        text = os.pread(lock, 1 << 16, 0).decode("ascii", "replace")
+    except OSError:
+        return []
+    # Only whole lines: a torn "12" of "123" would name another agent's session.
+    return list(dict.fromkeys(int(line) for line in text.split("\n")[:-1] if line.isdecimal()))
 
 
 def _owner_gone(name: str, lock: int, silence_limit: Optional[float], now: Optional[float] = None) -> bool:
