@@ -11,6 +11,7 @@ a file with a later update of a job whose earlier update is in a file another pr
 
 Real server (SQLite and PostgreSQL), real RESTClient and BulkStatusUpdater; the spool files are
 written by ``write_spool`` and named as the two writers' (``unsent-<host>-<pid>-<time>.jsonl``).
+Where only the order sent matters, a BulkStatusUpdater without a server records what it sends.
 """
 
 from __future__ import annotations
@@ -349,3 +350,175 @@ def test_a_poll_keys_each_spooled_update_at_most_once(tmp_path: Path, monkeypatc
         updater.close()
         assert claimed is not None and release_spool_file(claimed)
     assert len(parsed) <= 2 * late * 20 + late, len(parsed)
+
+
+def recording_updater(sent: list[dict[str, Any]]) -> BulkStatusUpdater:
+    """An updater without a server: what it sends, in order, goes to ``sent``."""
+    return BulkStatusUpdater(send=lambda chunk: sent.extend(chunk), max_wait_sec=0.05)
+
+
+def replay_once(spool: Path) -> list[tuple[Any, Any]]:
+    """``(job, state)`` of what one poll of the agent's replay sends, in order (a second poll deletes
+    the files sent)."""
+    sent: list[dict[str, Any]] = []
+    updater = recording_updater(sent)
+    try:
+        replayer = SpoolReplayer(spool, updater)
+        replayer.poll()
+        assert updater.flush(60)
+        replayer.poll()
+    finally:
+        updater.close()
+    return [(u["id"], u.get("state")) for u in sent]
+
+
+def held_in(spool: Path) -> list[str]:
+    """The claims in ``spool`` that this process holds."""
+    return sorted(name for name in status_updater._HELD_CLAIMS if Path(name).parent == spool)
+
+
+def test_one_writers_files_keep_its_order_when_its_clock_stepped_back(
+        balsam_env: Any, sqlite_jobs: Callable[..., list[int]], tmp_path: Path) -> None:
+    # A job's RUNNING and RUN_DONE spooled by one launcher in two files, its clock stepped back
+    # 0.5 s between them (NTP, a VM resumed): each file was keyed alone, the RUN_DONE went first,
+    # refused (409), the job left RUNNING, its return code lost.
+    env = balsam_env
+    (a,) = sqlite_jobs(1)
+    spool = tmp_path / "spool"
+    spool_as(spool, 9, [update(a, "RUNNING", 10)])
+    spool_as(spool, 9, [update(a, "RUN_DONE", 9.5, return_code=0)])
+    updater = BulkStatusUpdater(RESTClient(env.url, env.token), max_wait_sec=0.05)
+    try:
+        replayer = SpoolReplayer(spool, updater)
+        assert replayer.poll() == 2
+        assert updater.flush(60)
+        replayer.poll()
+    finally:
+        updater.close()
+    assert updater.dropped_count == 0, updater.dropped
+    assert states(env, [a]) == ["RUN_DONE"]
+    assert_ran_once(env, a)
+
+
+def test_one_writers_files_keep_its_order_at_one_instant_out_of_state_order(tmp_path: Path) -> None:
+    # RUN_ERROR, RESTART_READY (one file), then RUNNING (the next), stamped one instant: the state
+    # rank put the RUNNING (earlier in the state machine) first, though written last.
+    spool = tmp_path / "spool"
+    spool_as(spool, 9, [update(1, "RUN_ERROR", 10), update(1, "RESTART_READY", 10)])
+    spool_as(spool, 9, [update(1, "RUNNING", 10)])
+    spool_as(spool, 10, [update(1, "RUN_DONE", 11, return_code=0)])  # another writer's: merged by time
+    assert replay_once(spool) == [(1, "RUN_ERROR"), (1, "RESTART_READY"), (1, "RUNNING"), (1, "RUN_DONE")]
+
+
+def test_a_given_back_file_holds_back_with_the_keys_the_merge_gives_it(tmp_path: Path) -> None:
+    # Writer 9's files wait behind a claimed one (job 1). Its second file's update of job 2 is
+    # stamped before its first file's (its clock stepped back), so the merge keys it at the first
+    # one's time (10.5): writer 5's update of job 2 at 10.2 goes before both. The hold-back keyed
+    # the given-back file alone (10) and held writer 5's file for it, which the merge then put first
+    # anyway: the hold-back and the merge disagreed.
+    spool = tmp_path / "spool"
+    claimed = claim_spool_file(spool_as(spool, 1, [update(1, "RUNNING", 1)]))
+    assert claimed is not None
+    spool_as(spool, 9, [update(1, "RUN_DONE", 2, return_code=0), update(2, "RUN_ERROR", 10.5)])
+    spool_as(spool, 9, [update(2, "RESTART_READY", 10)])  # written after the RUN_ERROR
+    spool_as(spool, 5, [update(2, "RUNNING", 10.2)], host="zhost")
+    sent: list[dict[str, Any]] = []
+    updater = recording_updater(sent)
+    try:
+        replayer = SpoolReplayer(spool, updater)
+        assert replayer.poll() == 1  # writer 5's: nothing before it waits
+        assert updater.flush(60)
+        assert release_spool_file(claimed)
+        assert replayer.poll() == 4
+        assert updater.flush(60)
+        replayer.poll()
+    finally:
+        updater.close()
+    assert [(u["id"], u["state"]) for u in sent] == [(2, "RUNNING"), (1, "RUNNING"), (1, "RUN_DONE"),
+                                                       (2, "RUN_ERROR"), (2, "RESTART_READY")]
+    assert not list(spool.iterdir())
+
+
+@pytest.mark.parametrize("field,value", [("state", ["RUN_DONE"]), ("session_id", [7]), ("session_id", "7"),
+                                         ("state_timestamp", {"t": 1})])
+def test_a_spooled_line_with_a_field_of_the_wrong_type_is_skipped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str, value: Any) -> None:
+    # It raised at every poll (an unhashable state or session as a dict key), the poll's claims
+    # kept (never stale: held by the agent), the whole replay stopped until the agent restarted.
+    spool = tmp_path / "spool"
+    claimed = claim_spool_file(spool_as(spool, 8, [update(1, "RUNNING", 1)]))  # a launcher sends it
+    assert claimed is not None
+    waits = spool_as(spool, 9, [update(1, "RUN_DONE", 5, return_code=0), update(2, "RUNNING", 5)])
+    spool_as(spool, 10, [{**update(1, "RUN_DONE", 6), field: value}, update(3, "RUNNING", 5)])
+    caplog.set_level(logging.WARNING, logger=status_updater.__name__)
+    try:
+        sent = replay_once(spool)
+        assert held_in(spool) == [str(claimed)]  # the launcher's, none of the agent's
+        assert sorted(p.name for p in spool.iterdir()) == sorted([claimed.name, waits.name])
+    finally:
+        release_spool_file(claimed)
+    assert sent == [(3, "RUNNING")]  # writer 9's file waits for writer 8's RUNNING of job 1
+    assert any(f"with a {field} of the wrong type" in r.getMessage() for r in caplog.records)
+
+
+def test_a_poll_that_fails_gives_back_every_file_it_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A poll that raised kept its claims: held by the agent, never stale, those files and every
+    # later one of their writers and jobs waited until the agent restarted.
+    spool = tmp_path / "spool"
+    spool_as(spool, 9, [update(1, "RUNNING", 1)])
+    spool_as(spool, 10, [update(2, "RUNNING", 1)])
+    parse = status_updater.spooled_updates
+    calls = []
+
+    def fails_at_the_second(path: Path, lines: list[str]) -> list[dict[str, Any]]:
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return parse(path, lines)
+
+    monkeypatch.setattr(status_updater, "spooled_updates", fails_at_the_second)
+    before = sorted(p.name for p in spool.iterdir())
+    sent: list[dict[str, Any]] = []
+    updater = recording_updater(sent)
+    try:
+        replayer = SpoolReplayer(spool, updater)
+        with pytest.raises(RuntimeError, match="injected"):
+            replayer.poll()
+        assert sorted(p.name for p in spool.iterdir()) == before  # given back under their own names
+        assert held_in(spool) == []
+        monkeypatch.setattr(status_updater, "spooled_updates", parse)
+        assert replayer.poll() == 2
+        assert updater.flush(60)
+        replayer.poll()
+    finally:
+        updater.close()
+    assert sorted((u["id"], u["state"]) for u in sent) == [(1, "RUNNING"), (2, "RUNNING")]
+    assert not list(spool.iterdir())
+
+
+def test_a_file_given_back_while_the_agent_reads_it_still_holds_back_later_updates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A launcher gives back the claimed file with job 1's RUNNING (renames its claim, then links the
+    # original) between the agent's look for its names and the reads: none of them was there, it
+    # counted as sent, and the RUN_DONE in writer 10's file went out before it, refused.
+    spool = tmp_path / "spool"
+    claimed = claim_spool_file(spool_as(spool, 9, [update(1, "RUNNING", 5, session_id=1)]))
+    assert claimed is not None
+    spool_as(spool, 10, [update(1, "RUN_DONE", 6, return_code=0, session_id=1)])
+    giveback = claimed.with_name(claimed.name + status_updater._GIVEBACK_MARK)
+    claims_of = status_updater.claims_of
+
+    def given_back_right_after(path: Path) -> list[Path]:
+        found = claims_of(path)
+        if claimed.exists():
+            os.rename(claimed, giveback)  # the give-back's first step (by a live launcher: held)
+            status_updater._hold(giveback)
+            status_updater._unhold(claimed)
+        return found
+
+    monkeypatch.setattr(status_updater, "claims_of", given_back_right_after)
+    try:
+        assert replay_once(spool) == []  # the RUN_DONE waits
+    finally:
+        status_updater._unhold(claimed)
+        status_updater._unhold(giveback)

@@ -28,8 +28,8 @@ job RUNNING, its return code lost). Spool file names sort by host, pid, then tim
 process are in the order it wrote them, not those of two processes against each other, and a job's
 updates can be spooled by two (serial mode's master and workers, a launcher and its successor). So
 a replay (:class:`SpoolReplayer`) sends each job's updates in the order their states were reached
-(``state_timestamp``; at one instant, in the state machine's order), across all the files it sends
-in one pass, still in one bulk call; a file with an update that follows one of its job's in a file
+(``state_timestamp``; at one instant, in the state machine's order; one writer's in the order it
+wrote them, whatever its clock did), across all the files it sends in one pass, still in one bulk call; a file with an update that follows one of its job's in a file
 not sent in that pass (another process is sending it) waits for a later pass, and
 :func:`send_spooled` leaves a file with such an update to the agent's replay; only an update the
 server would apply with it counts (of the same session, or of none), and a file that cannot be read
@@ -82,6 +82,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from balsam.models import MAX_ITEMS_PER_BULK_OP
 from balsam.process_identity import process_start_time, same_process
+from balsam.serialization import parse_datetime
 from balsam.states import JobState
 
 logger = logging.getLogger(__name__)
@@ -1556,8 +1557,25 @@ def _writer_of(name: str) -> str:
     return name[: -len(SPOOL_SUFFIX)].rpartition("-")[0] if name.endswith(SPOOL_SUFFIX) else name
 
 
+def _wrong_type(update: dict[str, Any]) -> Optional[str]:
+    """The field of ``update`` whose value has a type the server refuses and the replay cannot order
+    by (a state or session that is no str or int cannot be a dict key), or None."""
+    state = update.get("state")
+    if state is not None and not isinstance(state, str):
+        return "state"
+    session = update.get(SESSION_KEY)
+    if session is not None and (not isinstance(session, int) or isinstance(session, bool)):
+        return SESSION_KEY
+    stamp = update.get("state_timestamp")
+    if stamp is not None and (not isinstance(stamp, (str, int, float)) or isinstance(stamp, bool)):
+        return "state_timestamp"
+    return None
+
+
 def spooled_updates(path: Path, lines: list[str]) -> list[dict[str, Any]]:
-    """The job updates of a spool file's ``lines`` (a line that is not one is logged and skipped)."""
+    """The job updates of a spool file's ``lines``: a line that is not one, or one with a field of
+    the wrong type (the server refuses it; ordering by it raised at every poll and stopped the
+    whole replay), is logged and skipped. The replay's consumers rely on these checks."""
     updates = []
     for number, line in enumerate(lines, 1):
         try:
@@ -1566,24 +1584,25 @@ def spooled_updates(path: Path, lines: list[str]) -> list[dict[str, Any]]:
         except (ValueError, KeyError, TypeError):
             logger.warning("%s:%d: not a job update; skipped", path, number)
             continue
+        wrong = _wrong_type(update)
+        if wrong is not None:
+            logger.warning("%s:%d: job update with a %s of the wrong type (%s); skipped", path, number, wrong,
+                           type(update[wrong]).__name__)
+            continue
         updates.append(update)
     return updates
 
 
 def _instant(update: dict[str, Any]) -> Optional[float]:
-    """When ``update``'s state was reached (its ``state_timestamp``: ISO-8601, a naive one read as
-    UTC, or seconds since 1970, as the server reads it), in seconds; None without one (or one that
-    is not a time: the server refuses it)."""
+    """When ``update``'s state was reached (its ``state_timestamp``, read as the server reads it), in
+    seconds; None without one (or one that is not a time: the server refuses it)."""
     value = update.get("state_timestamp")
-    if isinstance(value, str):
-        try:
-            when = dt.datetime.fromisoformat(value.strip())
-        except ValueError:
-            return None
-        return (when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)).timestamp()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
+    if value is None:
+        return None
+    try:
+        return parse_datetime(value).timestamp()
+    except ValueError:
+        return None
 
 
 #: A job's states in the order of its life (:class:`JobState`'s order: ... RUNNING, RUN_DONE,
@@ -1600,12 +1619,15 @@ _NEVER: _Key = (float("inf"), 0)
 _Bounds = dict[Any, dict[Any, _Key]]
 
 
-def _keyed(updates: Iterable[dict[str, Any]]) -> list[tuple[_Key, dict[str, Any]]]:
+def _keyed(updates: Iterable[dict[str, Any]],
+           last: Optional[dict[Any, _Key]] = None) -> list[tuple[_Key, dict[str, Any]]]:
     """``(order key, update)`` of a file's ``updates`` (or some of them, in the file's order): the
     time each one's state was reached and the state's rank, at least its job's previous key in the
-    file, so that a sort by key keeps each file's own order (an update without a time, no state
-    change but a field, keeps its place after its job's previous update, or first when none)."""
-    last: dict[Any, _Key] = {}
+    file (or in ``last``: its writer's earlier files, updated here), so that a sort by key keeps each
+    writer's own order (an update without a time, no state change but a field, keeps its place
+    after its job's previous update, or first when none)."""
+    if last is None:
+        last = {}
     keyed = []
     for update in updates:
         job = _record_id(update)
@@ -1670,26 +1692,40 @@ def _shared(job_sets: list[set[Any]]) -> set[Any]:
     return shared
 
 
-def _replay_order(files: list[list[dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+#: Per file: ``(place in the file, order key, update)`` of its updates of some jobs (:func:`_key_files`).
+_Keyed = list[list[tuple[int, _Key, dict[str, Any]]]]
+
+
+def _key_files(files: list[list[dict[str, Any]]], writers: list[str], jobs: set[Any]) -> _Keyed:
+    """The order keys of the updates of ``jobs`` in ``files`` (in name order; ``writers``: each one's
+    writer), each job's carried across the files of one writer (:func:`_keyed`): a writer's files
+    are in the order it wrote them, even when its clock stepped back between two of them or it
+    stamped two states out of rank order at one instant. Keyed once per poll, for the merge and
+    the hold-back both."""
+    lasts: dict[str, dict[Any, _Key]] = {}
+    keyed: _Keyed = []
+    for updates, writer in zip(files, writers):
+        mine = [(at, update) for at, update in enumerate(updates) if _record_id(update) in jobs]
+        keys = _keyed((update for _, update in mine), lasts.setdefault(writer, {}))
+        keyed.append([(at, key, update) for (at, _), (key, update) in zip(mine, keys)])
+    return keyed
+
+
+def _replay_order(files: list[list[dict[str, Any]]], keyed: _Keyed) -> list[tuple[int, dict[str, Any]]]:
     """``(file index, update)`` of the updates of ``files`` (in name order) in the order to send
-    them: in file order, except that the updates of a job found in several files take its places
-    in the order their states were reached (a stable sort by order key: each file's own order is
-    kept, and at equal keys the earlier file goes first). Spool files sort by writer: a job updated
-    by two processes (serial mode's master and workers, a launcher and its successor) had its
-    RUN_DONE of the one sent before its RUNNING of the other, refused (409), the job left RUNNING."""
+    them: in file order, except that the updates in ``keyed`` (of the jobs found in several files,
+    :func:`_key_files`) take their job's places in the order their states were reached (a stable
+    sort by order key: each writer's own order is kept, and at equal keys the earlier file goes
+    first). Spool files sort by writer: a job updated by two processes (serial mode's master and
+    workers, a launcher and its successor) had its RUN_DONE of the one sent before its RUNNING of
+    the other, refused (409), the job left RUNNING."""
     slots = [(index, update) for index, updates in enumerate(files) for update in updates]
-    # Only the jobs found in several files are reordered (the others keep their file's order, and
-    # cost no timestamp parsing).
-    shared = _shared([{_record_id(update) for update in updates} for updates in files])
-    if not shared:
-        return slots
     places: dict[Any, list[int]] = {}
     found: dict[Any, list[tuple[_Key, int, dict[str, Any]]]] = {}
     place = 0
     for index, updates in enumerate(files):
-        mine = [(place + at, update) for at, update in enumerate(updates) if _record_id(update) in shared]
-        for (at, _), (key, update) in zip(mine, _keyed(update for _, update in mine)):
-            places.setdefault(_record_id(update), []).append(at)
+        for at, key, update in keyed[index]:
+            places.setdefault(_record_id(update), []).append(place + at)
             found.setdefault(_record_id(update), []).append((key, index, update))
         place += len(updates)
     for job, entries in found.items():
@@ -1699,23 +1735,40 @@ def _replay_order(files: list[list[dict[str, Any]]]) -> list[tuple[int, dict[str
     return slots
 
 
+#: Looks for a spool file's current name before :func:`_read_spool_file` gives up on one that moves.
+_READ_ROUNDS = 3
+
+
 def _read_spool_file(path: Path) -> Optional[list[str]]:
     """The lines of spool file ``path`` (an unclaimed name or a claim), read under whichever name it
     has now (claimed or given back since it was listed); None when it has none of them (sent and
     deleted meanwhile: it counts as sent). Raises OSError when it is there and cannot be read (no
-    read permission, EIO, a directory of that name)."""
+    read permission, EIO, a directory of that name), or when it moved at each of
+    :data:`_READ_ROUNDS` looks.
+
+    Gone only when a fresh look finds no name for it: a give-back renames the claim (to
+    ``<claim>.giveback``), then links the original, then unlinks the claim, so the file always has
+    a name, but the names listed before the reads may all be gone by then (it counted as sent,
+    and a later update of its job went out before it, refused). The original is read again after
+    the glob: a give-back that ended between the first read and the glob left no claim to find."""
     original = claimed_original(path) if CLAIM_MARK in path.name else path
     error: Optional[OSError] = None
-    for name in [path, original, *claims_of(original)]:
-        try:
-            return name.read_text().splitlines()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            error = exc
-    if error is not None:
-        raise error
-    return None
+    first = [path] if path != original else []
+    for _ in range(_READ_ROUNDS):
+        listed = claims_of(original)  # a fresh glob each round
+        for name in [*first, original, *listed, original]:
+            try:
+                return name.read_text().splitlines()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                error = exc
+        if error is not None:
+            raise error
+        if not listed:
+            return None
+        first = []
+    raise FileNotFoundError(f"spool file {original.name} moved at each of {_READ_ROUNDS} looks")
 
 
 def _spooled_elsewhere(path: Path) -> Optional[dict[Any, list[list[dict[str, Any]]]]]:
@@ -1864,33 +1917,56 @@ class SpoolReplayer:
             block(original)
             unsent.append(claimed)
         taken: list[tuple[Path, Path, list[dict[str, Any]]]] = []  # (claimed, path, updates) in name order
-        for name in sorted(files):
-            path = self.spool_dir / name
-            if path in self.updater.spool_files:
-                continue
-            writer = _writer_of(name)
-            if writer in blocked and blocked[writer] < name:
-                unsent.append(path)
-                continue  # an earlier file of its writer is being sent elsewhere: this one after it
-            claimed = claim_spool_file(path, agent=True)
-            if claimed is None:
-                block(name)  # claimed by another process since the listing
-                unsent.append(path)
-                continue
-            try:
-                lines = claimed.read_text().splitlines()
-            except OSError as exc:
-                self._warn_unreadable(path, exc)
-                release_spool_file(claimed)
-                block(name)
-                continue
-            taken.append((claimed, path, spooled_updates(path, lines)))
-        taken = self._hold_back_later(taken, unsent)
+        claims: list[Path] = []  # every claim taken in this poll
+        put: dict[int, int] = {}  # the id of each update put (queued) in this poll -> its sequence
+        try:
+            for name in sorted(files):
+                path = self.spool_dir / name
+                if path in self.updater.spool_files:
+                    continue
+                writer = _writer_of(name)
+                if writer in blocked and blocked[writer] < name:
+                    unsent.append(path)
+                    continue  # an earlier file of its writer is being sent elsewhere: this one after it
+                claimed = claim_spool_file(path, agent=True)
+                if claimed is None:
+                    block(name)  # claimed by another process since the listing
+                    unsent.append(path)
+                    continue
+                claims.append(claimed)
+                try:
+                    lines = claimed.read_text().splitlines()
+                except OSError as exc:
+                    self._warn_unreadable(path, exc)
+                    release_spool_file(claimed)
+                    block(name)
+                    continue
+                taken.append((claimed, path, spooled_updates(path, lines)))
+            return self._queue(taken, unsent, put)
+        except BaseException:
+            # A claim left behind here is never stale (this process holds it): its file, and every
+            # later file of its writer and of its jobs, waited until the agent restarted.
+            self._give_back_unqueued(claims, taken, put)
+            raise
+
+    def _queue(self, taken: list[tuple[Path, Path, list[dict[str, Any]]]], unsent: list[Path],
+               put: dict[int, int]) -> int:
+        """Put the updates of the ``taken`` files that may go now (:meth:`_hold_back_later`), merged
+        (:func:`_replay_order`), recording each one's id and sequence in ``put``; the number put."""
+        jobs_of = [{_record_id(update) for update in updates} for _, _, updates in taken]
+        theirs = self._read_unsent(unsent) if taken else []
+        waited_for = set().union(*jobs_of) & {_record_id(update) for updates in theirs for update in updates}
+        # Keyed once, for the hold-back and the merge: the updates of the jobs that may be held back
+        # (in an unsent file) or reordered (in two taken files); the others cost no time parsing.
+        keyed = _key_files([updates for _, _, updates in taken], [_writer_of(path.name) for _, path, _ in taken],
+                           _shared(jobs_of) | waited_for)
+        kept = self._hold_back_later(taken, keyed, theirs, waited_for)
+        taken, keyed = [taken[index] for index in kept], [keyed[index] for index in kept]
         queued = 0
         last: dict[Path, int] = {}  # a file's claim -> the sequence of the last of its updates put
-        for index, update in _replay_order([updates for _, _, updates in taken]):
+        for index, update in _replay_order([updates for _, _, updates in taken], keyed):
             # As it was sent: under its launcher's session (or none), never the agent's.
-            last[taken[index][0]] = self.updater.put_update(update, stamp_session=False)
+            last[taken[index][0]] = put[id(update)] = self.updater.put_update(update, stamp_session=False)
             queued += 1
         for claimed, path, updates in taken:
             logger.info("replaying %d spooled job updates from %s", len(updates), path.name)
@@ -1901,6 +1977,24 @@ class SpoolReplayer:
         self.replayed += queued
         return queued
 
+    def _give_back_unqueued(self, claims: list[Path], taken: list[tuple[Path, Path, list[dict[str, Any]]]],
+                            put: dict[int, int]) -> None:
+        """After a poll failed: give back each of its ``claims`` still held and not queued, without
+        the updates already put (their ids in ``put``: sent by the updater, or spooled by it at its
+        close); a file all put is queued as it would have been."""
+        updates_of = {claimed: updates for claimed, _, updates in taken}
+        for claimed in claims:
+            if claimed in self._queued or not holds_claim(claimed):
+                continue  # queued, released or dropped already
+            updates = updates_of.get(claimed, [])
+            rest = [update for update in updates if id(update) not in put]
+            if len(rest) == len(updates):
+                release_spool_file(claimed)
+            elif rest:
+                release_spool_file(claimed, rest)
+            else:
+                self._queued[claimed] = max(put[id(update)] for update in updates)
+
     def _warn_unreadable(self, path: Path, exc: OSError) -> None:
         name = claimed_original(path).name if CLAIM_MARK in path.name else path.name
         if name in self._unreadable:
@@ -1910,21 +2004,11 @@ class SpoolReplayer:
         logger.warning("cannot read spooled updates %s (%s): its writer's later files wait for it; the "
                        "other files are replayed", name, exc)
 
-    def _hold_back_later(self, taken: list[tuple[Path, Path, list[dict[str, Any]]]],
-                         unsent: list[Path]) -> list[tuple[Path, Path, list[dict[str, Any]]]]:
-        """The files of ``taken`` (in name order) that may be sent now: each one with an update that
-        follows one of its job's in the ``unsent`` files (read, not claimed: another process may be
-        sending it; :func:`_follows`) is given back, and so are the later files of its writer, whose
-        updates may hold back others in turn. An unsent file gone meanwhile was sent; one that
-        cannot be read holds back its own writer's later files only (they are unsent too).
-
-        Linear: each file is read once and only the updates of jobs found in another file are
-        keyed, once; a job's files are checked again only when its earliest update elsewhere moved
-        earlier (a worklist of jobs). Checking every file again at each file given back took 8-14 s
-        a poll at 10^5 updates."""
-        if not taken or not unsent:
-            return taken
-        theirs: list[list[dict[str, Any]]] = []  # the updates of each file not sent in this poll
+    def _read_unsent(self, unsent: list[Path]) -> list[list[dict[str, Any]]]:
+        """The updates of each of the ``unsent`` files (read, not claimed: another process may be
+        sending it). One gone meanwhile was sent; one that cannot be read is left out: it holds back
+        its own writer's later files only (they are unsent too)."""
+        theirs = []
         for path in unsent:
             try:
                 lines = _read_spool_file(path)
@@ -1932,52 +2016,53 @@ class SpoolReplayer:
                 self._warn_unreadable(path, exc)
                 continue
             theirs.append(spooled_updates(path, lines or []))
-        jobs_of = [{_record_id(update) for update in updates} for _, _, updates in taken]
-        waited_for = set().union(*jobs_of) & {_record_id(update) for updates in theirs for update in updates}
+        return theirs
+
+    def _hold_back_later(self, taken: list[tuple[Path, Path, list[dict[str, Any]]]], keyed: _Keyed,
+                         theirs: list[list[dict[str, Any]]], waited_for: set[Any]) -> list[int]:
+        """The indices of the files of ``taken`` (in name order; ``keyed``: their keys,
+        :func:`_key_files`, of every job in ``waited_for``) that may be sent now: each one with an
+        update that follows one of its job's in ``theirs`` (the files not sent in this poll,
+        :func:`_follows`) is given back, and so are the later files of its writer, whose updates may
+        hold back others in turn.
+
+        Linear: each update is keyed once per poll; a job's files are checked again only when its
+        earliest update elsewhere moved earlier (a worklist of jobs). Checking every file again at
+        each file given back took 8-14 s a poll at 10^5 updates."""
         if not waited_for:
-            return taken
-        # Only the jobs that may be held back (in an unsent file) or hold back (in two taken files)
-        # are indexed and keyed.
-        contested = _shared(jobs_of) | waited_for
-        holding: dict[Any, list[int]] = {}  # job -> the indices of the taken files with updates of it
-        for index, jobs in enumerate(jobs_of):
-            for job in jobs & contested:
+            return list(range(len(taken)))
+        holding: dict[Any, list[int]] = {}  # job -> the indices of the taken files with keyed updates of it
+        latest: list[_Bounds] = []  # a taken file's index -> its latest keys (of the keyed jobs)
+        for index, mine in enumerate(keyed):
+            latest.append(_bounds(((key, update) for _, key, update in mine), first=False))
+            for job in latest[index]:
                 holding.setdefault(job, []).append(index)
         earliest: _Bounds = {}
         for updates in theirs:
+            # Keyed per file, not carried across its writer's files: a key no later than the carried
+            # one, which holds back at least as much.
             _lower(earliest, _bounds(_keyed(u for u in updates if _record_id(u) in waited_for), first=True))
-        latest: dict[int, _Bounds] = {}  # a taken file's index -> its latest keys (of contested jobs)
         files_of: dict[str, list[int]] = {}  # writer -> the indices of its taken files, in name order
         for index, (_, path, _) in enumerate(taken):
             files_of.setdefault(_writer_of(path.name), []).append(index)
         place = {index: at for indices in files_of.values() for at, index in enumerate(indices)}
         cut = {writer: len(indices) for writer, indices in files_of.items()}  # its files from there on wait
-        work = [job for job in earliest if job in holding]
-        waiting = set(work)
+        work = dict.fromkeys(job for job in earliest if job in holding)
         while work:
-            job = work.pop()
-            waiting.discard(job)
+            job, _ = work.popitem()
             for index in holding[job]:
                 writer = _writer_of(taken[index][1].name)
-                if place[index] >= cut[writer]:
-                    continue  # given back already
-                if index not in latest:
-                    mine = _keyed(u for u in taken[index][2] if _record_id(u) in contested)
-                    latest[index] = _bounds(mine, first=False)
-                if not _follows(latest[index][job], earliest[job]):
-                    continue
+                if place[index] >= cut[writer] or not _follows(latest[index][job], earliest[job]):
+                    continue  # given back already, or nothing to wait for
                 for later in files_of[writer][place[index] : cut[writer]]:
-                    claimed, path, updates = taken[later]
+                    claimed, path, _ = taken[later]
                     logger.info("spooled updates %s wait: an earlier update of one of their jobs is in a file not "
                                 "sent yet (another process is sending it)", path.name)
                     release_spool_file(claimed)
-                    held = _keyed(u for u in updates if _record_id(u) in contested)
-                    for lowered in _lower(earliest, _bounds(held, first=True)):
-                        if lowered not in waiting:
-                            work.append(lowered)
-                            waiting.add(lowered)
+                    held = ((key, update) for _, key, update in keyed[later])
+                    work.update(dict.fromkeys(_lower(earliest, _bounds(held, first=True))))
                 cut[writer] = place[index]
-        return [entry for index, entry in enumerate(taken) if place[index] < cut[_writer_of(entry[1].name)]]
+        return [index for index, (_, path, _) in enumerate(taken) if place[index] < cut[_writer_of(path.name)]]
 
     def release(self) -> None:
         """At the agent's stop, once its updater is closed: delete the files it sent (or spooled anew),
