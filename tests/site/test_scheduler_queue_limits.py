@@ -87,10 +87,17 @@ def make_module(make_site, client, scheduler, projects: list, script: str, **set
 
 
 def test_a_pbs_per_user_limit_holds_the_queue_until_a_job_leaves(make_site, client, tmp_path, monkeypatch) -> None:
-    """The fake PBS (real processes) enforces max_queued = [u:PBS_GENERIC=1] as qsub does."""
+    """The fake PBS (real processes) enforces max_queued = [u:PBS_GENERIC=1] as qsub does.
+
+    Each job runs until the test creates its release file (``released/<PBS job id>``): a job that
+    ended on its own (``sleep 1``) could leave the queue before the cycle that must still see it
+    listed, on a loaded machine, and the hold then lifted early. The test decides when each job
+    leaves, and polls for its effect."""
     for key, value in fake_batch_env(TESTS / "fixtures" / "fake_pbs", tmp_path / "server", FAKE_BATCH_MAX_QUEUED="1",
                                      FAKE_BATCH_START_DELAY_SEC="0.1").items():
         monkeypatch.setenv(key, value)
+    released = tmp_path / "released"
+    released.mkdir()
     qsubs: list[tuple] = []
 
     def runner(command: Command) -> CommandResult:
@@ -98,8 +105,19 @@ def test_a_pbs_per_user_limit_holds_the_queue_until_a_job_leaves(make_site, clie
             qsubs.append(command.args)
         return subprocess_runner(command)
 
-    site, module = make_module(make_site, client, PBSScheduler(runner), ["proj"], "#!/bin/bash\nsleep 1\n")
+    # Bounded (60 s) so that a job the test never released (it failed) does not outlive it.
+    script = ("#!/bin/bash\n"
+              f'i=0; while [ ! -e "{released}/${{PBS_JOBID%%.*}}" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); '
+              "done\n")
+    site, module = make_module(make_site, client, PBSScheduler(runner), ["proj"], script)
     first, second, third = (create_batch_job(client, site.site_id, project="proj", queue="debug")["id"] for _ in range(3))
+
+    def release(batch_job_id: int) -> None:
+        """Let the BatchJob's scheduler job end, and wait until the fake PBS no longer lists it."""
+        scheduler_id = str(batch_job(client, batch_job_id)["scheduler_id"])
+        (released / scheduler_id).touch()
+        wait_for(lambda: fakebatch.read_state()["jobs"].get(scheduler_id, {}).get("status") == "finished", timeout=30,
+                 what=f"the scheduler job of BatchJob {batch_job_id} ended")
 
     module.run_cycle()
     assert batch_job(client, first)["state"] == "queued"
@@ -113,19 +131,20 @@ def test_a_pbs_per_user_limit_holds_the_queue_until_a_job_leaves(make_site, clie
     module.run_cycle()  # the first job is still listed: nothing is tried
     assert len(qsubs) == 2
 
-    def second_submitted() -> bool:
-        module.run_cycle()
-        return batch_job(client, second)["state"] == "queued"
-
-    wait_for(second_submitted, timeout=30, what="the second BatchJob submitted once the first left the queue")
+    release(first)
+    module.run_cycle()  # the poll lists fewer of the user's jobs: the hold lifts
+    assert batch_job(client, second)["state"] == "queued"
     assert batch_job(client, third)["state"] == "pending_submission"  # refused again behind the second
     assert len(qsubs) == 4
-    wait_for(lambda: module.run_cycle() or batch_job(client, third)["state"] == "queued", timeout=30,
-             what="the third BatchJob submitted")
+
+    release(second)
+    module.run_cycle()
+    assert batch_job(client, third)["state"] == "queued"
     assert len(qsubs) == 5
     states = {b: batch_job(client, b)["state"] for b in (first, second, third)}
     assert "submit_failed" not in states.values(), states
     assert len({j["id"] for j in fakebatch.read_state()["jobs"].values()}) == 3  # each submitted once
+    release(third)
 
 
 def test_a_limit_counting_jobs_listed_elsewhere_is_retried_after_queue_limit_retry_sec(make_site, client,
