@@ -20,7 +20,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -150,14 +150,27 @@ def _session_exists(client: Any, session_id: int) -> bool:
     return client.get("/sessions/", params={"id": session_id})["count"] == 1
 
 
-def _dead_folder(site: Any, name: str, session_id: int, *, silent: bool) -> Path:
-    """A results folder as a dead agent left it: its lock file unlocked, naming its Session."""
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _dead_folder(site: Any, name: str, session_id: int, *, silent: bool, boot: Optional[str] = "this",
+                 results_of: Optional[int] = None, age: float = 86400) -> Path:
+    """A results folder as a dead agent left it: its lock file unlocked, naming its host's boot id
+    (``boot``: "this" kernel's, another, or None: a lock file of the version before boot ids, whose
+    bare id line is not ended) and its Session; ``results_of``: an (empty) results file under that
+    session (whose session is ended where its agent certainly died, also by the code before)."""
     folder = site.spool_path / HOOK_RESULTS_DIR / name
     folder.mkdir(parents=True)
     lock = folder.parent / f"{name}.lock"
-    lock.write_text(f"{session_id}\n")
-    if silent:  # untouched for a day: past any agent silence limit
-        os.utime(lock, (time.time() - 86400, time.time() - 86400))
+    if boot is None:
+        lock.write_text(f"{session_id}\n")
+    else:
+        lock.write_text(f"boot {_boot_id() if boot == 'this' else boot}\nprocessing {session_id}\n")
+    if results_of is not None:
+        (folder / f"0-s{results_of}.jsonl").write_text("")
+    if silent:  # untouched for ``age`` (a day: past any agent silence limit)
+        os.utime(lock, (time.time() - age, time.time() - age))
     return folder
 
 
@@ -182,3 +195,118 @@ def test_only_a_certainly_dead_agents_session_is_ended(make_site, client) -> Non
     assert not _session_exists(client, local)
     assert _session_exists(client, remote)
     client.delete(f"/sessions/{remote}")
+
+
+def test_a_session_is_ended_only_for_an_agent_of_this_kernel(make_site, client) -> None:
+    """A folder named for this host whose pid is gone is a dead agent's of this kernel only if its
+    lock file names this kernel's boot id: another node of the same host name (flock seen on one
+    node only) has another, and its agent may live. A lock file without a boot id (the version
+    before) counts only once silent for 3 x LOCK_TOUCH_SEC, and only its results files' sessions
+    are ended (its bare id lines are not: any line not marked ``processing`` is ignored)."""
+    from balsam.site.modules.processing import ProcessingModule
+
+    site = make_site()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is gone
+    new = lambda: client.post("/sessions/", json={"site_id": site.site_id})["id"]  # noqa: E731
+    here = f"{socket.gethostname()}-{dead.pid}"
+    same_kernel, other_kernel, old_silent, old_bare, old_fresh = new(), new(), new(), new(), new()
+    _dead_folder(site, f"{here}-{time.time_ns()}", same_kernel, silent=False)
+    # The other node's agent, its lock touched now: also its results file's session is kept.
+    _dead_folder(site, f"{here}-{time.time_ns()}", other_kernel, silent=False,
+                 boot="00000000-0000-0000-0000-000000000000", results_of=other_kernel)
+    _dead_folder(site, f"{here}-{time.time_ns()}", old_bare, silent=True, age=60, boot=None, results_of=old_silent)
+    _dead_folder(site, f"{here}-{time.time_ns()}", old_fresh, silent=False, boot=None, results_of=old_fresh)
+    module = ProcessingModule(site, site.settings.processing, client)
+    try:
+        module.run_cycle()
+    finally:
+        module.close()
+    ended = {s for s in (same_kernel, other_kernel, old_silent, old_bare, old_fresh) if not _session_exists(client, s)}
+    assert ended == {same_kernel, old_silent}, {"same_kernel": same_kernel, "other_kernel": other_kernel,
+                                                "old_silent": old_silent, "old_bare": old_bare,
+                                                "old_fresh": old_fresh, "ended": ended}
+    for s in (other_kernel, old_bare, old_fresh):
+        client.delete(f"/sessions/{s}")
+
+
+def test_the_whole_lock_file_is_read(tmp_path: Path) -> None:
+    """The newest session is noted last: a lock file past 64 KiB still names it."""
+    from balsam.site.modules import processing
+
+    lock_path = tmp_path / "a.lock"
+    lines = ["boot b-1"] + [f"processing {i}" for i in range(1, 12001)] + ["12", "launcher 5", "processing 20077"]
+    lock_path.write_text("\n".join(lines) + "\nprocessing 9")  # the last line torn
+    assert lock_path.stat().st_size > 1 << 16
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        boot, sessions = processing._lock_record(fd)
+    finally:
+        os.close(fd)
+    assert boot == "b-1"
+    assert sessions == list(range(1, 12001)) + [20077]
+
+
+def _noted_app(site_id: int) -> Any:
+    from balsam.api import ApplicationDefinition
+
+    class Noted(ApplicationDefinition):
+        site = site_id
+        command_template = "true"
+
+        def preprocess(self):
+            import os
+            from pathlib import Path
+            fd = os.open(str(Path.cwd().parent / "hooks.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.write(fd, f"pre {self.job.id}\n".encode())
+            os.close(fd)
+            self.job.state = "PREPROCESSED"
+
+    Noted.sync()
+    return Noted
+
+
+def test_a_spooled_result_of_the_dead_session_is_sent_before_it_ends(make_site, client) -> None:
+    """rev8's repro: a dead agent's Session S holds a job whose hook completed; its result is in the
+    site's spool (the dead agent's updater spooled it in an outage). The next agent's spool replay
+    claims the file (renamed ``*.jsonl.claimed-...``) and queues it on its updater's thread in the
+    same cycle that finds the dead folder: S must be ended only after that result is sent, else the
+    server refuses it (S no longer holds the job) and the hook runs again."""
+    from balsam.api import Job
+    from balsam.client.lease import JobLease
+    from balsam.client.status_updater import SESSION_KEY, write_spool
+    from balsam.site.modules.processing import ProcessingModule
+    from balsam.states import PROCESSABLE_STATES
+
+    site = make_site()
+    app = _noted_app(site.site_id)
+    job = Job.objects.create(workdir="r/0", app_id=app.__app_id__)
+    (Path(site.data_path) / "r/0").mkdir(parents=True, exist_ok=True)
+    lease = JobLease(client, site.site_id, states=PROCESSABLE_STATES, name="processing session", heartbeat_thread=False)
+    assert [j["id"] for j in lease.acquire(10)] == [job.id]
+    dead_session = lease.session_id
+    write_spool(site.spool_path, [{"id": job.id, "state": "PREPROCESSED", "state_timestamp": time.time(),
+                                   SESSION_KEY: dead_session}])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # Its results file names S too: the code before boot ids ends S as well (the test fails there).
+    _dead_folder(site, f"{socket.gethostname()}-{dead.pid}-{time.time_ns()}", dead_session, silent=False,
+                 results_of=dead_session)
+    module = ProcessingModule(site, site.settings.processing, client)
+    try:
+        module.run_cycle()
+        module.flush(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (Job.objects.get(id=job.id).state != "PREPROCESSED"
+                                               or _session_exists(client, dead_session)):
+            module.run_cycle()
+            module.flush(5)
+            time.sleep(0.2)
+    finally:
+        module.close()
+    hooks = Path(site.data_path) / "r/hooks.log"
+    assert not hooks.exists(), "the hook ran again: the spooled result was refused after the session's DELETE"
+    assert Job.objects.get(id=job.id).state == "PREPROCESSED"
+    transitions = [(e["from_state"], e["to_state"]) for e in client.get("/events/", params={"job_id": job.id})["results"]]
+    assert transitions.count(("STAGED_IN", "PREPROCESSED")) == 1, transitions
+    assert not _session_exists(client, dead_session), "the dead agent's Session was not ended once its spool was sent"

@@ -52,8 +52,9 @@ lives), and a file is deleted only once the server has its results: when the age
 it acquires a job (:meth:`ProcessingModule._recover_results`), under the dead agent's session, so
 those hooks do not run again either. A hook running at the agent's death has no result: it runs
 again under the next agent once the dead session ends (at least once, not exactly once). Where the
-dead agent ran on this host (its pid gone: certain), the next agent ends that session itself once
-those results are sent (``DELETE /sessions/{id}``: the folder's lock file names it), so its
+dead agent ran on this host and kernel (its pid gone, its lock file naming this kernel's boot id:
+certain), the next agent ends that session itself once those results are sent and the site's spool
+is empty (``DELETE /sessions/{id}``: the folder's lock file names it), so its
 jobs are released at once rather than at the session's expiry; an agent of another host's session
 is left to expire (its death is only inferred from a silent lock file).
 (An unlocked folder is taken for a dead agent's only once its pid is gone, or, from another host,
@@ -73,6 +74,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -154,9 +156,18 @@ TIMEOUT_REASON_RETRY_COUNT = 1
 HOOK_RESULTS_DIR = "hook-results"
 #: A results file's name: ``<task number>-s<session id>.jsonl``, the session that held its jobs.
 _RESULTS_NAME = re.compile(r"^\d+-s(\d+)\.jsonl$")
-#: An agent's lock file (``<agent>.lock``) holds the ids of the sessions it held jobs under, one a
-#: line: the next agent ends them once that agent is certainly dead (a session may hold jobs and no
-#: results file). In the lock file, not the folder: the folder holds results files only.
+#: An agent's lock file (``<agent>.lock``) holds the kernel boot id of its host (``boot <id>``, its
+#: first line) and the ids of the processing sessions it held jobs under (``processing <id>``, one a
+#: line): the next agent ends them once that agent is certainly dead (a session may hold jobs and no
+#: results file). In the lock file, not the folder: the folder holds results files only. Only lines
+#: of that kind are ended: a line of another shape (an older version's bare id, a corrupted line)
+#: could name a launcher's session, whose DELETE would make its RUNNING jobs RUN_TIMEOUT.
+_SESSION_LINE = "processing"
+_BOOT_LINE = "boot"
+#: This kernel's boot id: a folder named for this host, its pid gone, is a dead agent's of this very
+#: kernel only if its lock file names the same boot id (another node given the same host name, whose
+#: flock this node does not see, has another one).
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 #: Retries of the DELETE of a dead agent's session: past them, the session's expiry releases its jobs.
 END_DEAD_SESSION_RETRY_COUNT = 2
 _LOCK_SUFFIX = ".lock"
@@ -428,7 +439,7 @@ class ProcessingModule(AgentModule):
             return
         try:
             with open(_lock_of(self._results_dir), "a") as file:
-                file.write(f"{session_id}\n")
+                file.write(f"{_SESSION_LINE} {session_id}\n")
         except OSError:
             return
         self._noted_sessions.add(session_id)
@@ -743,6 +754,12 @@ class ProcessingModule(AgentModule):
         lock = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            boot = _boot_id()
+            if boot is not None:  # see _died_here; best effort (a lock file without it: the old rule)
+                try:
+                    os.write(lock, f"{_BOOT_LINE} {boot}\n".encode())
+                except OSError:
+                    pass
             os.rename(new, _lock_of(path))
             path.mkdir()
         except OSError:
@@ -896,10 +913,12 @@ class ProcessingModule(AgentModule):
                 continue
             sequence, sessions = 0, set()
             # Its sessions are ended (releasing their jobs now) only where its death is certain: on
-            # this host, its pid gone or reused (_owner_gone). Another host's agent is taken for dead
-            # from a silent lock file: it may live, cut off, and still hold its jobs; its sessions expire.
-            local = _is_local_owner(folder.name)
-            dead_sessions = _noted_sessions(lock) if local else []
+            # this host and kernel, its pid gone or reused (_owner_gone, _died_here). Another host's
+            # agent is taken for dead from a silent lock file: it may live, cut off, and still hold its
+            # jobs; its sessions expire.
+            boot, noted = _lock_record(lock)
+            certain = _is_local_owner(folder.name) and _died_here(lock, boot, now)
+            dead_sessions = noted if certain else []
             try:
                 paths = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
             except OSError as exc:  # left for the next agent; never a reason to hold this one's cycles
@@ -919,7 +938,7 @@ class ProcessingModule(AgentModule):
                         updater = updater or self._replay_updater()
                         sequence = updater.put_update(update, stamp_session=False)
                         sessions.add(session_id)
-                if local and session_id not in dead_sessions:
+                if certain and session_id not in dead_sessions:
                     dead_sessions.append(session_id)
             if sequence and updater is not None:
                 self.logger.info("sending the results of hooks that completed under a stopped agent (%s, session %s)",
@@ -938,12 +957,20 @@ class ProcessingModule(AgentModule):
         as the sessions' expiry would have later (the same release: ``release_session_jobs``). Not
         before the site's spool is empty: a dead agent's updater may have spooled results under its
         session (an outage it gave up on), which the spool replay sends and the server would refuse
-        once the session is gone (their hooks would run again). Not found: expired already. Any
-        other failure leaves the session to its expiry (the fallback), nothing lost."""
+        once the session is gone (their hooks would run again). Empty means: no spool file, claimed
+        ones included (``*.jsonl.claimed-...``: the spool replay of this very cycle renames the
+        files it queues, and a dead agent's stale claim waits to be taken back), and nothing pending
+        in the updater (the replayed updates are sent by its thread, after this call returns); a
+        replayed file is deleted only once the updater has sent it, so the two together leave no gap.
+        (No public "busy" of the SpoolReplayer is needed: its queued files are those claims.) Not
+        found: expired already. Any other failure leaves the session to its expiry (the fallback),
+        nothing lost."""
         if not self._to_end:
             return
+        if self.updater is not None and self.updater.pending:
+            return
         try:
-            if any(self.spool_path.glob("*.jsonl")):
+            if any(self.spool_path.glob("*.jsonl*")):
                 return
         except OSError:
             return
@@ -1439,15 +1466,58 @@ def _is_local_owner(name: str) -> bool:
     return _owner_of(name)[0] == socket.gethostname()
 
 
-def _noted_sessions(lock: int) -> list[int]:
-    """The session ids in a results folder's lock file (``lock``: its fd; see
-    ``ProcessingModule._note_session``); a torn last line (the agent died writing it) is skipped."""
+@functools.lru_cache(maxsize=1)
+def _boot_id() -> Optional[str]:
+    """This kernel's boot id (Linux), None where there is none: then no lock file names one."""
     try:
-        text = os.pread(lock, 1 << 16, 0).decode("ascii", "replace")
+        with open(_BOOT_ID_PATH) as file:
+            return file.read().strip() or None
     except OSError:
-        return []
+        return None
+
+
+def _lock_record(lock: int) -> tuple[Optional[str], list[int]]:
+    """(the boot id, the processing session ids) a results folder's lock file names (``lock``: its
+    fd; see ``ProcessingModule._note_session``). The whole file: a session is noted last, and the
+    newest one holds the jobs. A torn last line (the agent died writing it) is skipped, and so is a
+    line of another kind (see _SESSION_LINE)."""
+    chunks = []
+    try:
+        offset = 0
+        while True:
+            chunk = os.pread(lock, 1 << 16, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    except OSError:
+        return None, []
+    boot: Optional[str] = None
+    sessions: list[int] = []
     # Only whole lines: a torn "12" of "123" would name another agent's session.
-    return list(dict.fromkeys(int(line) for line in text.split("\n")[:-1] if line.isdecimal()))
+    for line in b"".join(chunks).decode("ascii", "replace").split("\n")[:-1]:
+        kind, _, value = line.partition(" ")
+        if kind == _BOOT_LINE and value and boot is None:
+            boot = value
+        elif kind == _SESSION_LINE and value.isdecimal():
+            sessions.append(int(value))
+    return boot, list(dict.fromkeys(sessions))
+
+
+def _died_here(lock: int, boot: Optional[str], now: Optional[float]) -> bool:
+    """Whether the agent of a folder named for this host, whose pid is gone (_owner_gone), ran on
+    this very kernel, so that its death is certain: another node may have the same host name (an
+    unconfigured "localhost", containers given one name) where flock is seen on one node only, and
+    the pid says nothing there. By the boot id its lock file names; a lock file of an older version
+    names none: then its lock must have been silent (a live agent touches it every LOCK_TOUCH_SEC)
+    for 3 x LOCK_TOUCH_SEC, by ``now`` (see _owner_gone)."""
+    if boot is not None:
+        return boot == _boot_id()
+    try:
+        touched = os.fstat(lock).st_mtime
+    except OSError:
+        return False
+    return (time.time() if now is None else now) - touched > 3 * LOCK_TOUCH_SEC
 
 
 def _owner_gone(name: str, lock: int, silence_limit: Optional[float], now: Optional[float] = None) -> bool:
