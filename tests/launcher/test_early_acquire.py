@@ -357,3 +357,125 @@ def test_a_sigterm_during_a_server_outage_at_start_up_ends_the_launcher_soon(tmp
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the launcher did not end within 60 s of its SIGTERM: {exc.stderr!r}")
     assert proc.returncode == -signal.SIGTERM and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@pytest.mark.skipif(not _main_thread(), reason="signal handlers are installed on the main thread only")
+def test_a_signal_the_launcher_inherited_as_ignored_stays_ignored_at_start_up() -> None:
+    """A launcher started with SIGTERM ignored (``trap '' TERM``; ``cmd &`` in a script does so for
+    SIGINT) went on ignoring it; the start-up handler took it over and ended the start-up with a
+    traceback (rc 1): end() put SIG_IGN back, and raising the signal again then did nothing."""
+    from balsam.launcher.entry import StartUpSignal, StartUpSignals
+
+    before = {sig: signal.getsignal(sig) for sig in StartUpSignals.SIGNALS}
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        signals = StartUpSignals()
+        signals.starting = True  # as inside run_launcher's try
+        try:
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(0)  # a Python handler runs here at the latest
+        except StartUpSignal as exc:
+            pytest.fail(f"an ignored SIGTERM ended the start-up: {exc}")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]  # not ignored: taken over
+        signals.end()
+        assert signals.received == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.skipif(not _main_thread(), reason="signal handlers are installed on the main thread only")
+def test_the_log_file_is_written_before_a_start_up_signal_is_raised_again(tmp_path: Path) -> None:
+    """SIGTERM's default action kills the launcher where end() raises it again: the records the
+    buffered log file handler (the default settings) still held were lost, the discard's among them."""
+    import logging
+
+    from balsam.launcher.entry import StartUpSignals, configure_logging
+
+    log_path = tmp_path / "launcher.log"
+    root = logging.getLogger("balsam")
+    level = root.level
+    before = {sig: signal.getsignal(sig) for sig in StartUpSignals.SIGNALS}
+    on_disk: list[str] = []
+    # Stands in for the default action (which would end pytest): what is on disk when it comes.
+    signal.signal(signal.SIGTERM, lambda signum, frame: on_disk.append(log_path.read_text()))
+    try:
+        configure_logging(log_path)
+        signals = StartUpSignals()
+        signals.starting = False  # on the way out: the signal is noted
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(0)
+        assert signals.received == [signal.SIGTERM]
+        logging.getLogger("balsam.launcher._api").info("the discard's last line")
+        signals.end()
+        time.sleep(0)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for handler in [h for h in root.handlers if getattr(h, "_balsam_launcher", False)]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+    assert len(on_disk) == 1 and "the discard's last line" in on_disk[0], on_disk
+
+
+def test_a_hurried_discard_says_the_session_is_released_when_it_expires(caplog) -> None:
+    """The launcher ends right after a hurried discard (the signal raised again): the thread still
+    waiting for the server never deletes the Session, so the log must not say it does."""
+    import logging
+
+    from balsam.launcher._api import EarlyLease
+
+    caplog.set_level(logging.INFO, logger="balsam.launcher._api")
+    opening = EarlyLease(1, 1)  # its thread not started: the opening is never answered
+    opening.discard(hurried=lambda: True, grace_sec=0.05)
+
+    answered = threading.Event()
+    acquiring = EarlyLease(1, 1)
+    acquiring._lease = object()
+    acquiring._ready.set()
+    acquiring._acquire_thread = threading.Thread(target=answered.wait, args=(10,), daemon=True)
+    acquiring._acquire_thread.start()
+    try:
+        acquiring.discard(hurried=lambda: True, grace_sec=0.05)
+    finally:
+        answered.set()
+    said = [r.getMessage() for r in caplog.records if r.name == "balsam.launcher._api"]
+    assert len(said) == 2, said
+    assert "the opening of its early Session got no answer within 0.05 s" in said[0], said
+    assert "its early acquire got no answer within 0.05 s" in said[1], said
+    for line in said:
+        assert "released when the Session expires" in line and "deleted" not in line, line
+
+
+@pytest.mark.skipif(not _main_thread(), reason="signal handlers are installed on the main thread only")
+def test_a_signal_before_the_start_up_is_guarded_is_noted_and_ends_it_there() -> None:
+    """run_launcher creates the handler not ``starting``: a signal before its ``try`` (or while the
+    handler is installed) is noted, not raised where no ``finally`` would discard the early lease;
+    the start-up then ends at its first step, and end() raises the signal again."""
+    from balsam.launcher.entry import StartUpSignal, StartUpSignals
+
+    before = {sig: signal.getsignal(sig) for sig in StartUpSignals.SIGNALS}
+    raised: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: raised.append(signum))  # the "original" handler
+    try:
+        signals = StartUpSignals(starting=False)
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(0)
+        assert signals.received == [signal.SIGTERM] and raised == []
+        signals.starting = True  # the outer try's first statement
+        with pytest.raises(StartUpSignal):
+            signals.raise_noted()
+        assert not signals.starting  # a further signal is noted: the discard is not cut short
+        signals.end()
+        time.sleep(0)
+        assert raised == [signal.SIGTERM]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

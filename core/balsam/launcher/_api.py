@@ -251,8 +251,11 @@ class EarlyLease:
         """Delete the Session (nobody took the lease), once the early acquire in flight is answered:
         deleted under it, the Session could lease jobs after its deletion. That gives back the jobs
         it leased at once. Once ``hurried()`` is true (the launcher is told to end), the server gets
-        ``grace_sec`` more (:data:`DISCARD_GRACE_SEC`); what is still in flight then deletes the
-        Session itself when its answer comes (if the process still runs)."""
+        ``grace_sec`` more (:data:`DISCARD_GRACE_SEC`). If the opening or the early acquire is still
+        unanswered then, the thread waiting for it would delete the Session when the answer comes,
+        but the launcher ends right after (run_launcher raises the signal again), so in practice the
+        Session, and the jobs that acquire leased, are released when the Session expires on the
+        server."""
         if self._taken:
             return
         self._taken = True
@@ -275,7 +278,9 @@ class EarlyLease:
             self._discarded = opening or acquiring
             self._acquired = None
         if self._discarded:
-            logger.info("the server has not answered the launcher's early Session yet: it is deleted when it answers")
+            what = "the opening of its early Session" if opening else "its early acquire"
+            logger.info("the launcher is ending and %s got no answer within %g s: the Session, and the jobs it "
+                        "leased, are released when the Session expires on the server", what, grace)
         elif lease is not None:
             self._give_back(lease, jobs)
 

@@ -339,11 +339,17 @@ def _start_launcher(job_mode: str, wall_time_min: float, tags: Sequence[str], pa
     # job starts.
     early_lease = _start_early_lease(site_config.site_id, partitions)
     on_main_thread = threading.current_thread() is threading.main_thread()
-    signals = StartUpSignals() if early_lease is not None and on_main_thread else None
+    # Not ``starting`` yet: a signal before the ``try`` below is only noted (no StartUpSignal that
+    # would skip the discard), and :meth:`StartUpSignals.end` raises it again after the discard.
+    signals = StartUpSignals(starting=False) if early_lease is not None and on_main_thread else None
     # Nested: a signal that interrupts the inner ``finally`` still finds the outer one, which gives
     # back what the early lease holds whatever happened before it.
     try:
+        if signals is not None:
+            signals.starting = True
         try:
+            if signals is not None:
+                signals.raise_noted()  # one came before the ``try``: the start-up ends here
             settings = _load_settings(site_config)
             base_tags = {**dict(getattr(settings, "filter_tags", None) or {}), **cli_tags}
             return _run_with_site(site_config, settings, credential, partitions, base_tags, wall_time_min, start_time,
@@ -356,7 +362,7 @@ def _start_launcher(job_mode: str, wall_time_min: float, tags: Sequence[str], pa
         try:
             if early_lease is not None:
                 # After a signal the server gets a short grace: a launcher told to end does not wait
-                # out a connect wait (what is still in flight deletes the Session when answered).
+                # out a connect wait (a Session still unanswered then is released when it expires).
                 early_lease.discard(hurried=(lambda: bool(signals.received)) if signals is not None else None)
         finally:
             if signals is not None:
@@ -383,12 +389,20 @@ class StartUpSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
-        self.starting = True
+    def __init__(self, starting: bool = True) -> None:
+        self.starting = starting
         #: Signals noted (not the job mode's): the first is raised again by :meth:`end`.
         self.received: list[int] = []
         self._mode_handler: Any = None
-        self._original = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._original: dict[int, Any] = {}
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if current is signal.SIG_IGN:
+                # Inherited as ignored (``cmd &`` in a non-interactive shell, ``trap '' TERM``): it
+                # stays ignored, as it was before this handler existed (end() could not raise it).
+                continue
+            self._original[sig] = current  # before the install: a signal right after finds it restored
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         handler = self._mode_handler
@@ -400,6 +414,12 @@ class StartUpSignals:
             self.starting = False  # once: a second signal must not cut the way to the discard short
             raise StartUpSignal(f"signal {signum} during the launcher's start-up")
 
+    def raise_noted(self) -> None:
+        """Raise :class:`StartUpSignal` for a signal noted before ``starting`` was set."""
+        if self.received and self.starting:
+            self.starting = False  # as _handle: a further signal must not cut the discard short
+            raise StartUpSignal(f"signal {self.received[0]} during the launcher's start-up")
+
     def hand_over(self, handler: Any) -> None:
         """The job mode's handler gets the signals from now on (None: they are noted again)."""
         self.starting = False
@@ -409,6 +429,14 @@ class StartUpSignals:
         for sig, handler in self._original.items():
             signal.signal(sig, handler)
         if self.received:
+            # SIGTERM's default action kills the process: what the launcher's buffered log file
+            # handler holds (the start-up's records, the discard's lines) is written first.
+            for log_handler in logging.getLogger("balsam").handlers:
+                if getattr(log_handler, "_balsam_launcher", False):
+                    try:
+                        log_handler.flush()
+                    except Exception:  # a full disk must not keep the signal from ending the launcher
+                        pass
             signal.raise_signal(self.received[0])
 
 
