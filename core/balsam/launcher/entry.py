@@ -126,6 +126,8 @@ class HeldRecords(logging.Handler):
         self._attached = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _configured(self._logger):  # the log file is open: its handlers took this record already
+            return                     # (held too, the replay wrote it a second time)
         if self.echo and record.levelno >= logging.WARNING and not self._others_take(record):
             last = logging.lastResort
             if last is not None and record.levelno >= last.level:
