@@ -134,10 +134,11 @@ def available_nodes(batchjob_query: Iterable[Any], now: "dt.datetime | None" = N
 
     ``first_runs`` (BatchJob id -> when its first job started RUNNING, see :func:`first_runs_query`):
     an allocation held its nodes from then at the latest. The site agent records a BatchJob's
-    start_time when its next status poll sees it running (seconds after its launcher may have
-    started jobs), and none while the API still says queued: without this, a running campaign read
-    busy nodes where no node was held (``Busy 0.2``, ``Nodes held 0.0``) until that poll, and until
-    the scheduler's history corrected the start time once the BatchJob ended."""
+    start_time (the scheduler's own start where its status poll gives one, else its sighting)
+    only when its next status poll sees it running (seconds after its launcher may have started
+    jobs), and none while the API still says queued: without this, a running campaign read busy
+    nodes where no node was held (``Busy 0.2``, ``Nodes held 0.0``) until that poll, and, where
+    start_time is the sighting, until the scheduler's history corrected it once the BatchJob ended."""
     changes: list[tuple[dt.datetime, int]] = []
     for bj in batchjob_query:
         start = bj.start_time
@@ -166,11 +167,18 @@ def available_nodes(batchjob_query: Iterable[Any], now: "dt.datetime | None" = N
 ACTIVE_BATCH_JOB_STATES = frozenset({"queued", "running", "pending_deletion"})
 
 
-def _parse_iso(text: Any) -> "dt.datetime | None":
+def submit_time(status_info: Any) -> "dt.datetime | None":
+    """A BatchJob's submission time as the site agent writes it (``status_info["submit_time"]``, an
+    ISO time), aware; one without a zone is UTC, as the server stores times (status_info is
+    client-writable: a hand-written naive time read as local here and as UTC by the dashboard
+    gave them different windows). None if there is none or it does not read. The dashboard's
+    :func:`balsam.server.dashboard.plots.first_runs` reads it with this too."""
+    text = status_info.get("submit_time") if isinstance(status_info, Mapping) else None
     try:
-        return dt.datetime.fromisoformat(str(text)) if text else None
+        when = dt.datetime.fromisoformat(str(text)) if text else None
     except ValueError:
         return None
+    return when.replace(tzinfo=dt.timezone.utc) if when is not None and when.tzinfo is None else when
 
 
 #: Events read per request by :func:`first_runs_query` (their jobs' BatchJobs are one more request).
@@ -212,7 +220,7 @@ def _run_windows(batch_jobs: Iterable[Any]) -> dict[int, tuple["dt.datetime | No
     for bj in batch_jobs:
         if bj.id is None or _state(bj.state) not in ACTIVE_BATCH_JOB_STATES:
             continue
-        windows[bj.id] = first_run_window(_parse_iso((bj.status_info or {}).get("submit_time")), bj.start_time)
+        windows[bj.id] = first_run_window(submit_time(bj.status_info), bj.start_time)
     return windows
 
 

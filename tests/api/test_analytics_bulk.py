@@ -278,3 +278,42 @@ def test_a_server_refusing_a_list_of_batch_job_ids_is_asked_per_batch_job(
     assert _minutes_ago(found) == {first.id: 3, second.id: 2}
     # The list once (refused), then one request per BatchJob.
     assert len(sent) == 3 and sent[1:] == [first.id, second.id], sent
+
+
+@pytest.fixture
+def chicago_time(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The process's local zone America/Chicago (UTC-6 in March) for one test."""
+    import time
+
+    monkeypatch.setenv("TZ", "America/Chicago")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_submit_time_without_a_zone_is_utc_as_in_the_dashboard(bare_site: Any, chicago_time: Any) -> None:
+    # rev6 finding 5: status_info is client-writable; a submit_time written without a zone was read
+    # as local time by the Python API (6 h later here: no run counted) and as UTC by the dashboard.
+    from balsam.analytics import first_runs_query
+    from balsam.api import BatchJob, EventLog
+
+    site, app = bare_site, _app(bare_site)
+    naive_utc = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=20)).replace(tzinfo=None)
+    b = _batch_job(site, "running", status_info={"submit_time": naive_utc.isoformat()})
+    _run_in(site, app, b, [10, 2])
+    other = _batch_job(site, "queued", status_info={"submit_time": naive_utc.isoformat()})
+    _run_in(site, app, other, [5])
+    batch_jobs = list(BatchJob.objects.filter(site_id=site.id))
+    assert _minutes_ago(first_runs_query(batch_jobs, EventLog)) == {b.id: 10, other.id: 5}
+    assert _minutes_ago(first_runs_query([bj for bj in batch_jobs if bj.id == b.id], EventLog)) == {b.id: 10}
+
+
+def test_one_submit_time_parser_for_the_api_and_the_dashboard(chicago_time: Any) -> None:
+    from balsam.analytics import submit_time
+    from balsam.server.dashboard import plots
+
+    assert plots.submit_time is submit_time
+    assert submit_time({"submit_time": "2025-03-01T12:00:00"}) == dt.datetime(2025, 3, 1, 12, tzinfo=dt.timezone.utc)
+    assert submit_time({"submit_time": "2025-03-01T12:00:00-06:00"}) == dt.datetime(2025, 3, 1, 18, tzinfo=dt.timezone.utc)
+    assert submit_time({"submit_time": "soon"}) is None and submit_time(None) is None and submit_time("x") is None

@@ -126,8 +126,11 @@ def test_nodes_held_from_the_first_job_run_in_an_allocation_not_yet_seen_started
 
 
 def test_first_runs_range_scans_the_running_events_index(campaign: SimpleNamespace) -> None:
-    # rev1 finding 3: the statement read every RUNNING event (the index searched by to_state only):
-    # its time range (the active BatchJobs' windows) now bounds the index scan. The plan, not a time.
+    # rev1 finding 3: the statement read every RUNNING event (the index searched by to_state only).
+    # rev6 finding 3: its one time range, from the oldest active BatchJob's window to the newest,
+    # still covered every RUNNING event between allocations started hours apart. Each group of
+    # overlapping windows now bounds its own scan: "running" [0, 5] apart from the others (from
+    # "queued"'s submission at 100 on, its start not recorded). The plan, not a time.
     from starlette.datastructures import QueryParams as StarletteQuery
 
     from balsam.server.dashboard import plots
@@ -150,17 +153,19 @@ def test_first_runs_range_scans_the_running_events_index(campaign: SimpleNamespa
         sa.event.remove(engine, "before_cursor_execute", record)
     assert len(found) == 3 and len(sent) == 1, (found, sent)
     statement, parameters = sent[0]
+    assert statement.count("UNION ALL") == 1, statement  # two selects, one per group
     with engine.connect() as conn:
         raw = conn.connection.dbapi_connection
         cursor = raw.cursor()
         if engine.dialect.name == "sqlite":
             cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters)
-            plan = " / ".join(str(row[-1]) for row in cursor.fetchall())
-            # From the earliest window on ("queued" has no start recorded: no upper end).
-            assert "ix_log_events_to_state_timestamp (to_state=? AND timestamp>?)" in plan, plan
+            scans = [str(row[-1]) for row in cursor.fetchall() if "log_events" in str(row[-1])]
+            index = "SEARCH log_events USING INDEX ix_log_events_to_state_timestamp "
+            assert sorted(scans) == sorted([index + "(to_state=? AND timestamp>?)",
+                                            index + "(to_state=? AND timestamp>? AND timestamp<?)"]), scans
         else:
             cursor.execute("SET enable_seqscan = off")  # these few rows: the planner would read them all
             cursor.execute("EXPLAIN " + statement, parameters)
-            plan = " / ".join(row[0] for row in cursor.fetchall())
-            assert "Index Cond: (((to_state)::text = 'RUNNING'::text) AND (\"timestamp\" >=" in plan, plan
+            conds = [row[0].strip() for row in cursor.fetchall() if "Index Cond: (((to_state)" in row[0]]
+            assert len(conds) == 2 and sum("\"timestamp\" <=" in cond for cond in conds) == 1, conds
         cursor.close()

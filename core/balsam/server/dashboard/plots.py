@@ -10,11 +10,13 @@ last value for the cumulative throughput, its highest for the node counts, so pe
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any, Union
 
 import sqlalchemy as sa
 
-from balsam.analytics import ACTIVE_BATCH_JOB_STATES, align_steps, available_nodes, batch_jobs_serving, downsample, first_run_window, step_at, throughput_report, utilization_report
+from balsam.analytics import (ACTIVE_BATCH_JOB_STATES, align_steps, available_nodes, batch_jobs_serving, downsample,
+                               first_run_window, step_at, submit_time, throughput_report, utilization_report)
 from balsam.states import BatchJobState, JobState
 
 from ..http import QueryParams
@@ -57,9 +59,13 @@ def available_series(conn: sa.Connection, user_id: int, q: QueryParams,
     (an allocation that runs any job, or only jobs with these tags).
 
     An active BatchJob holds its nodes from its first job's start at the latest (``first_runs``,
-    as the Python API's ``first_runs_query``): the site agent records start_time when its status
-    poll sees the job running, up to ``scheduler.sync_period`` after the launcher started jobs,
-    and the plot showed busy nodes where none were held until then."""
+    as the Python API's ``first_runs_query``): the site agent records start_time (the scheduler's
+    own start where its status poll gives one, else when the poll sees the job running) only at its
+    next status poll, up to ``scheduler.sync_period`` after the launcher started jobs, and the plot
+    showed busy nodes where none were held until then. A run more than ``FIRST_RUN_LOOKBACK``
+    (2 min) before a start_time that is the agent's late sighting (a scheduler that reports no
+    start, a sync period above 2 min, an agent that was down) is not counted: held from
+    start_time."""
     stmt, _order = batch_jobs_select(user_id, q, conn.dialect.name)
     stmt = stmt.where(sa.or_(batch_jobs.c.start_time.is_not(None), batch_jobs.c.state.in_(sorted(ACTIVE_BATCH_JOB_STATES))),
                       batch_jobs.c.state.not_in(_NEVER_STARTED))
@@ -67,7 +73,9 @@ def available_series(conn: sa.Connection, user_id: int, q: QueryParams,
     return available_nodes(rows, now=now, first_runs=first_runs(conn, rows))
 
 
-#: Active BatchJobs looked up in one statement by :func:`first_runs` (one OR term each).
+#: Active BatchJobs looked up in one statement by :func:`first_runs` (at most one UNION ALL member
+#: each, 4 bound parameters each at most: under SQLite's 500 compound-select members and its 999
+#: bound parameters of before 3.32).
 FIRST_RUNS_CHUNK = 200
 
 
@@ -82,42 +90,84 @@ def first_runs(conn: sa.Connection, batch_job_rows: list[Any]) -> dict[int, dt.d
     active = [row for row in batch_job_rows if row.state in ACTIVE_BATCH_JOB_STATES]
     found: dict[int, dt.datetime] = {}
     for first in range(0, len(active), FIRST_RUNS_CHUNK):
-        chunk = active[first:first + FIRST_RUNS_CHUNK]
-        terms, earliests, latests = [], [], []
-        for row in chunk:
-            earliest, latest = first_run_window(_submit_time(row.status_info), row.start_time)
-            term = [jobs.c.batch_job_id == row.id]
-            if earliest is not None:
-                term.append(log_events.c.timestamp >= earliest)
-            if latest is not None:
-                term.append(log_events.c.timestamp <= latest)
-            terms.append(sa.and_(*term))
-            earliests.append(earliest)
-            latests.append(latest)
-        where = [log_events.c.to_state == JobState.running.value, jobs.c.batch_job_id.in_([row.id for row in chunk]),
-                 sa.or_(*terms)]
-        # The chunk's overall time range as well (implied by the terms): SQLite range-scans the
-        # (to_state, timestamp) index with it, where it read every RUNNING event (50k jobs: 62 ->
-        # 3 ms, benchmarks/dashboard_plots.py); PostgreSQL range-scans each term's window anyway.
-        if all(when is not None for when in earliests):
-            where.append(log_events.c.timestamp >= min(earliests))
-        if all(when is not None for when in latests):
-            where.append(log_events.c.timestamp <= max(latests))
-        stmt = (sa.select(jobs.c.batch_job_id, sa.func.min(log_events.c.timestamp))
-                .join(jobs, jobs.c.id == log_events.c.job_id).where(*where)
-                .group_by(jobs.c.batch_job_id))
-        found.update({int(bj_id): when for bj_id, when in conn.execute(stmt) if when is not None})
+        windows = [(row.id, *first_run_window(submit_time(row.status_info), row.start_time))
+                   for row in active[first:first + FIRST_RUNS_CHUNK]]
+        shape: list[tuple[tuple[bool, bool], ...]] = []
+        params: dict[str, Any] = {}
+        k = 0
+        for c, (group, earliest, latest) in enumerate(_overlapping(windows)):
+            if earliest is not None and len(group) > 1:
+                params[f"clo{c}"] = earliest
+            if latest is not None and len(group) > 1:
+                params[f"chi{c}"] = latest
+            for bj_id, lo, hi in group:
+                params[f"bj{k}"] = bj_id
+                if lo is not None:
+                    params[f"lo{k}"] = lo
+                if hi is not None:
+                    params[f"hi{k}"] = hi
+                k += 1
+            shape.append(tuple((lo is not None, hi is not None) for _bj, lo, hi in group))
+        stmt = _first_runs_statement(tuple(shape))
+        found.update({int(bj_id): when for bj_id, when in conn.execute(stmt, params) if when is not None})
     return found
 
 
-def _submit_time(status_info: Any) -> "dt.datetime | None":
-    """The BatchJob's submission time the site agent wrote (an aware ISO time); None if none reads."""
-    text = (status_info or {}).get("submit_time") if isinstance(status_info, dict) else None
-    try:
-        when = dt.datetime.fromisoformat(str(text)) if text else None
-    except ValueError:
-        return None
-    return when.replace(tzinfo=dt.timezone.utc) if when is not None and when.tzinfo is None else when
+Window = tuple[int, "dt.datetime | None", "dt.datetime | None"]
+
+
+def _overlapping(windows: list[Window]) -> list[tuple[list[Window], "dt.datetime | None", "dt.datetime | None"]]:
+    """The windows (BatchJob id, earliest, latest; an unknown end open) in groups whose ranges
+    overlap, oldest first, each with its overall range: what one select of :func:`first_runs`
+    scans."""
+    def key(window: Window) -> tuple[bool, float]:
+        return (window[1] is not None, window[1].timestamp() if window[1] is not None else 0.0)
+
+    groups: list[tuple[list[Window], "dt.datetime | None", "dt.datetime | None"]] = []
+    for window in sorted(windows, key=key):
+        _bj, lo, hi = window
+        if groups:
+            group, g_lo, g_hi = groups[-1]
+            if g_hi is None or lo is None or lo <= g_hi:
+                group.append(window)
+                groups[-1] = (group, g_lo, None if g_hi is None or hi is None else max(g_hi, hi))
+                continue
+        groups.append(([window], lo, hi))
+    return groups
+
+
+@functools.lru_cache(maxsize=64)
+def _first_runs_statement(shape: tuple[tuple[tuple[bool, bool], ...], ...]) -> Any:
+    """The statement of :func:`first_runs` for groups of overlapping windows with these known ends
+    ((earliest, latest) per BatchJob): a UNION ALL of one select per group, each bounding its scan
+    of the (to_state, timestamp) index by the group's range. One select for the whole chunk (its
+    windows OR-ed) scanned their overall range, from the oldest window to the newest, on SQLite and
+    PostgreSQL alike: with allocations hours apart, nearly every RUNNING event between them
+    (benchmarks/dashboard_plots.py); one select per window read overlapping windows' events more
+    than once. Built once per shape, the values bound (``clo<c>``/``chi<c>`` a group's range,
+    ``bj<k>``/``lo<k>``/``hi<k>`` a BatchJob's): building 200 selects cost more than running them."""
+    members = []
+    k = 0
+    for c, group in enumerate(shape):
+        terms = []
+        for has_earliest, has_latest in group:
+            term = [jobs.c.batch_job_id == sa.bindparam(f"bj{k}")]
+            if has_earliest:
+                term.append(log_events.c.timestamp >= sa.bindparam(f"lo{k}"))
+            if has_latest:
+                term.append(log_events.c.timestamp <= sa.bindparam(f"hi{k}"))
+            terms.append(sa.and_(*term))
+            k += 1
+        where = [log_events.c.to_state == JobState.running.value, terms[0] if len(terms) == 1 else sa.or_(*terms)]
+        # The group's range (its one window's own bounds where it has one).
+        if len(group) > 1 and all(has_earliest for has_earliest, _ in group):
+            where.append(log_events.c.timestamp >= sa.bindparam(f"clo{c}"))
+        if len(group) > 1 and all(has_latest for _, has_latest in group):
+            where.append(log_events.c.timestamp <= sa.bindparam(f"chi{c}"))
+        members.append(sa.select(jobs.c.batch_job_id, sa.func.min(log_events.c.timestamp))
+                       .join(jobs, jobs.c.id == log_events.c.job_id).where(*where)
+                       .group_by(jobs.c.batch_job_id))
+    return members[0] if len(members) == 1 else sa.union_all(*members)
 
 
 def plot_data(conn: sa.Connection, user_id: int, q: QueryParams, *, max_points: int = MAX_POINTS,
