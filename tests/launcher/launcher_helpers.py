@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
+
+import yaml
 
 #: Sessions of the launcher tests' server expire after this many seconds without a heartbeat.
 SESSION_EXPIRE_SEC = 4
@@ -255,3 +258,27 @@ def site_logs(site_path: Path) -> str:
     import glob
 
     return "".join(open(f, errors="replace").read() for f in glob.glob(str(site_path / "log" / "*")))
+
+
+def closed_port() -> int:
+    """A local TCP port nobody listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def offline_site(tmp_path: Path, api_root: str, **client_fields: Any) -> tuple[Path, dict[str, str]]:
+    """A site directory (id 7, default platform, local scheduler) and a client file for ``api_root``
+    (with ``client_fields``) under ``tmp_path``, no server needed to write them; then the site's path
+    and the bare environment (no BALSAM_* of this process) a launcher run with them needs."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / ".balsam-site").write_text("7\n")
+    settings = {"launcher": {"platform": "default"}, "scheduler": {"name": "local"}}
+    (site / "settings.yml").write_text(yaml.safe_dump(settings))
+    client = tmp_path / "client.yml"
+    client.write_text(yaml.safe_dump({"api_root": api_root, "token": "t", "username": "u", **client_fields}))
+    client.chmod(0o600)
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"], "BALSAM_HOME": str(tmp_path / "balsam-home"),
+           "BALSAM_CLIENT_PATH": str(client), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    return site, env

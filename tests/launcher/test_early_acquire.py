@@ -10,9 +10,9 @@ end by a signal still ends by it, and does not wait out a server outage first. R
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,10 +21,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
 from launcher_harness import finish, start_launcher
-from launcher_helpers import make_runnable, wait_for_states
+from launcher_helpers import closed_port, make_runnable, offline_site, wait_for_states
 
 pytestmark = pytest.mark.mpi
 
@@ -55,6 +54,27 @@ def _free_now(site_id: int, count: int) -> list[int]:
         lease.close(retry_count=0)
 
 
+def _fail_in_process_then_free_now(monkeypatch, path: Path, batch_job_id: int, error: str, site_id: int,
+                                   count: int) -> list[int]:
+    """run_launcher in this process for the BatchJob, its mode's run patched to raise a RuntimeError
+    matching ``error``; then the ids free right after it returned (the launcher's log handlers are
+    taken off this process's logger after)."""
+    from balsam.launcher import entry
+
+    monkeypatch.setenv("BALSAM_BATCH_JOB_ID", str(batch_job_id))
+    monkeypatch.setenv("BALSAM_SITE_PATH", str(path))
+    monkeypatch.delenv("BALSAM_LAUNCHER_NODELIST", raising=False)
+    try:
+        with pytest.raises(RuntimeError, match=error):
+            entry.run_launcher("mpi", 1.0, site_path=str(path))
+        return _free_now(site_id, count)
+    finally:
+        root = logging.getLogger("balsam")
+        for handler in [h for h in root.handlers if getattr(h, "_balsam_launcher", False)]:
+            root.removeHandler(handler)
+            handler.close()
+
+
 def test_the_jobs_of_the_early_acquire_run_exactly_once(new_site, tmp_path: Path) -> None:
     name, path = new_site(idle_ttl_sec=2)
     trace = tmp_path / "runs"
@@ -72,10 +92,7 @@ def test_the_jobs_of_the_early_acquire_run_exactly_once(new_site, tmp_path: Path
 
 def test_a_start_up_failure_after_the_early_acquire_gives_its_jobs_back_at_once(new_site, tmp_path: Path,
                                                                               monkeypatch) -> None:
-    import logging
-
     from balsam.api import Site
-    from balsam.launcher import entry
     from balsam.launcher.modes.mpi import MPIMode
 
     name, path = new_site(idle_ttl_sec=2)
@@ -94,21 +111,19 @@ def test_a_start_up_failure_after_the_early_acquire_gives_its_jobs_back_at_once(
         raise RuntimeError("the start-up failed after the early acquire")
 
     monkeypatch.setattr(MPIMode, "run", failing_run)
-    monkeypatch.setenv("BALSAM_BATCH_JOB_ID", str(batch_job_id))
-    monkeypatch.setenv("BALSAM_SITE_PATH", str(path))
-    monkeypatch.delenv("BALSAM_LAUNCHER_NODELIST", raising=False)
-    try:
-        with pytest.raises(RuntimeError, match="after the early acquire"):
-            entry.run_launcher("mpi", 1.0, site_path=str(path))
-        # At once: one acquire right after the launcher returned, not after the Session's expiry.
-        free = _free_now(site_id, len(ids))
-    finally:
-        root = logging.getLogger("balsam")
-        for handler in [h for h in root.handlers if getattr(h, "_balsam_launcher", False)]:
-            root.removeHandler(handler)
-            handler.close()
+    # At once: one acquire right after the launcher returned, not after the Session's expiry.
+    free = _fail_in_process_then_free_now(monkeypatch, path, batch_job_id, "after the early acquire", site_id,
+                                          len(ids))
     assert set(seen["while held"]) < set(ids), seen  # some were held by the early acquire
     assert free == sorted(ids), free
+
+
+# The end of each launcher script here: run the mpi launcher as `python -m balsam.launcher` would.
+_RUN_THE_MPI_LAUNCHER = """
+sys.argv = ["balsam.launcher", "-j", "mpi", "-t", "1"]
+import runpy
+runpy.run_module("balsam.launcher", run_name="__main__")
+"""
 
 
 # SIGTERM right after the mpi mode was built (its first acquire answered), before the launcher
@@ -123,26 +138,41 @@ def init(self, context):
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)
 MPIMode.__init__ = init
-sys.argv = ["balsam.launcher", "-j", "mpi", "-t", "1"]
-import runpy
-runpy.run_module("balsam.launcher", run_name="__main__")
-"""
+""" + _RUN_THE_MPI_LAUNCHER
 
 
 def test_a_sigterm_during_start_up_after_the_early_acquire_gives_its_jobs_back_at_once(new_site, tmp_path: Path) -> None:
+    ids, free, proc = _launch_then_free_now(SIGNALLED, new_site, tmp_path)
+    # Ended by the signal, as a launcher without a job mode yet always was.
+    assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert free == sorted(ids), (free, proc.stderr)  # at once, not after the Session's expiry
+
+
+def _term_on_replay_once(flag: str) -> str:
+    """The end of a launcher script: a SIGTERM as run_launcher's way out replays the start-up's
+    records, once ``flag`` (a list the script fills) says so; then the mpi launcher is run."""
+    return f"""
+replay = entry.HeldRecords.replay
+def replay_and_term(self):
+    if {flag}:
+        {flag}.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+    return replay(self)
+entry.HeldRecords.replay = replay_and_term
+""" + _RUN_THE_MPI_LAUNCHER
+
+
+def _launch_then_free_now(script: str, new_site,
+                          tmp_path: Path) -> tuple[list[int], list[int], subprocess.CompletedProcess]:
+    """Four runnable jobs and a BatchJob; ``script`` launched for it to its end; then ``(ids, the ids
+    free now, the launcher's process)``."""
     from balsam.api import Site
 
     name, path = new_site(idle_ttl_sec=2)
     ids, batch_job_id = _jobs_and_batch_job(name, tmp_path / "runs", 4)
-    site_id = Site.objects.get(name=name).id
-    env = {**os.environ, "BALSAM_BATCH_JOB_ID": str(batch_job_id), "BALSAM_SITE_PATH": str(path)}
-    env.pop("BALSAM_LAUNCHER_NODELIST", None)
-    proc = subprocess.run([sys.executable, "-c", SIGNALLED], env=env, capture_output=True, text=True, timeout=60)
-    # Ended by the signal, as a launcher without a job mode yet always was.
-    assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    free = _free_now(site_id, len(ids))  # at once, not after the Session's expiry
-    assert free == sorted(ids), (free, proc.stderr)
+    proc = _launch(script, path, batch_job_id)
+    return ids, _free_now(Site.objects.get(name=name).id, len(ids)), proc
 
 
 def _launch(script: str, path: Path, batch_job_id: int) -> subprocess.CompletedProcess:
@@ -165,26 +195,11 @@ def failing_run(self):
     armed.append(1)
     raise RuntimeError("the start-up failed after the early acquire")
 MPIMode.run = failing_run
-replay = entry.HeldRecords.replay
-def replay_and_term(self):
-    if armed:
-        armed.clear()
-        os.kill(os.getpid(), signal.SIGTERM)
-    return replay(self)
-entry.HeldRecords.replay = replay_and_term
-sys.argv = ["balsam.launcher", "-j", "mpi", "-t", "1"]
-import runpy
-runpy.run_module("balsam.launcher", run_name="__main__")
-"""
+""" + _term_on_replay_once("armed")
 
 
 def test_a_sigterm_on_the_way_out_of_a_failed_start_up_still_gives_the_jobs_back(new_site, tmp_path: Path) -> None:
-    from balsam.api import Site
-
-    name, path = new_site(idle_ttl_sec=2)
-    ids, batch_job_id = _jobs_and_batch_job(name, tmp_path / "runs", 4)
-    proc = _launch(SIGNALLED_ON_THE_WAY_OUT, path, batch_job_id)
-    free = _free_now(Site.objects.get(name=name).id, len(ids))
+    ids, free, proc = _launch_then_free_now(SIGNALLED_ON_THE_WAY_OUT, new_site, tmp_path)
     assert free == sorted(ids), (free, proc.returncode, proc.stderr[-2000:])
     assert proc.returncode == -signal.SIGTERM and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
 
@@ -211,19 +226,11 @@ def init(self, context):
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(30)
 MPIMode.__init__ = init
-sys.argv = ["balsam.launcher", "-j", "mpi", "-t", "1"]
-import runpy
-runpy.run_module("balsam.launcher", run_name="__main__")
-"""
+""" + _RUN_THE_MPI_LAUNCHER
 
 
 def test_a_second_sigint_does_not_cut_the_give_back_short(new_site, tmp_path: Path) -> None:
-    from balsam.api import Site
-
-    name, path = new_site(idle_ttl_sec=2)
-    ids, batch_job_id = _jobs_and_batch_job(name, tmp_path / "runs", 4)
-    proc = _launch(INTERRUPTED_TWICE, path, batch_job_id)
-    free = _free_now(Site.objects.get(name=name).id, len(ids))
+    ids, free, proc = _launch_then_free_now(INTERRUPTED_TWICE, new_site, tmp_path)
     assert free == sorted(ids), (free, proc.returncode, proc.stderr[-2000:])
     # Ended by the interrupt, as a launcher without an early lease (click's "Aborted!", rc 1).
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
@@ -242,17 +249,7 @@ def run(self):
     done.append(1)
     return code
 MPIMode.run = run
-replay = entry.HeldRecords.replay
-def replay_and_term(self):
-    if done:
-        done.clear()
-        os.kill(os.getpid(), signal.SIGTERM)
-    return replay(self)
-entry.HeldRecords.replay = replay_and_term
-sys.argv = ["balsam.launcher", "-j", "mpi", "-t", "1"]
-import runpy
-runpy.run_module("balsam.launcher", run_name="__main__")
-"""
+""" + _term_on_replay_once("done")
 
 
 def test_a_sigterm_after_the_mode_ended_ends_the_launcher_by_it(new_site, tmp_path: Path) -> None:
@@ -269,13 +266,10 @@ def test_the_give_back_waits_for_an_early_acquire_answered_late(new_site, tmp_pa
     """The start-up fails at once, while the early acquire's answer is still on its way (committed on
     the server, 1 s late): the Session is deleted after that answer, not under it (an acquire in
     flight could lease the jobs after the deletion), and the log says what was given back."""
-    import logging
-
     caplog.set_level(logging.INFO, logger="balsam.launcher._api")
 
     from balsam.api import Site
     from balsam.client.lease import JobLease
-    from balsam.launcher import entry
     from balsam.launcher.modes.mpi import MPIMode
 
     name, path = new_site(idle_ttl_sec=2)
@@ -299,27 +293,10 @@ def test_the_give_back_waits_for_an_early_acquire_answered_late(new_site, tmp_pa
 
     monkeypatch.setattr(JobLease, "acquire", late)
     monkeypatch.setattr(MPIMode, "run", failing_run)
-    monkeypatch.setenv("BALSAM_BATCH_JOB_ID", str(batch_job_id))
-    monkeypatch.setenv("BALSAM_SITE_PATH", str(path))
-    monkeypatch.delenv("BALSAM_LAUNCHER_NODELIST", raising=False)
-    try:
-        with pytest.raises(RuntimeError, match="failed at once"):
-            entry.run_launcher("mpi", 1.0, site_path=str(path))
-        free = _free_now(site_id, len(ids))
-    finally:
-        root = logging.getLogger("balsam")
-        for handler in [h for h in root.handlers if getattr(h, "_balsam_launcher", False)]:
-            root.removeHandler(handler)
-            handler.close()
+    free = _fail_in_process_then_free_now(monkeypatch, path, batch_job_id, "failed at once", site_id, len(ids))
     assert free == sorted(ids), free
     said = [r.getMessage() for r in caplog.records if "acquired early are given back" in r.getMessage()]
     assert len(said) == 1, caplog.text
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # SIGTERM while the settings are read, the server down (nothing listens on its port).
@@ -340,16 +317,8 @@ runpy.run_module("balsam.launcher", run_name="__main__")
 def test_a_sigterm_during_a_server_outage_at_start_up_ends_the_launcher_soon(tmp_path: Path) -> None:
     """It waited for the early Session's opening to the end of its connect wait (ten minutes here)
     before it ended, ignoring further SIGTERMs; now the server gets a short grace."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / ".balsam-site").write_text("7\n")
-    (site / "settings.yml").write_text(yaml.safe_dump({"launcher": {"platform": "default"}, "scheduler": {"name": "local"}}))
-    client = tmp_path / "client.yml"
-    client.write_text(yaml.safe_dump({"api_root": f"http://127.0.0.1:{_closed_port()}", "token": "t", "username": "u"}))
-    client.chmod(0o600)
-    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"], "BALSAM_HOME": str(tmp_path / "balsam-home"),
-           "BALSAM_CLIENT_PATH": str(client), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-           "BALSAM_BATCH_JOB_ID": "5", "BALSAM_CLIENT_CONNECT_WAIT_SEC": "600"}
+    site, env = offline_site(tmp_path, f"http://127.0.0.1:{closed_port()}")
+    env.update({"BALSAM_BATCH_JOB_ID": "5", "BALSAM_CLIENT_CONNECT_WAIT_SEC": "600"})
     try:
         # Far under the connect wait (and the client's retries, about 2.5 min): the grace is 2 s.
         proc = subprocess.run([sys.executable, "-c", SIGNALLED_DURING_AN_OUTAGE, str(site)], env=env,

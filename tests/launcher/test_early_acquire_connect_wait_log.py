@@ -12,34 +12,17 @@ Real ``python -m balsam.launcher`` process against a port nobody listens on.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from launcher_helpers import closed_port, offline_site
 
 
 def test_the_connect_wait_at_start_up_is_in_the_launcher_log_file(tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / ".balsam-site").write_text("7\n")
-    settings = {"launcher": {"platform": "default"}, "scheduler": {"name": "local"}}
-    (site / "settings.yml").write_text(yaml.safe_dump(settings))
-    client = tmp_path / "client.yml"
-    client.write_text(yaml.safe_dump({"api_root": f"http://127.0.0.1:{_closed_port()}", "token": "t", "username": "u"}))
-    client.chmod(0o600)
-    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"], "BALSAM_HOME": str(tmp_path / "balsam-home"),
-           "BALSAM_CLIENT_PATH": str(client), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-           # A BatchJob id in the environment: the Session is opened early, before the log file.
-           "BALSAM_BATCH_JOB_ID": "5", "BALSAM_CLIENT_CONNECT_WAIT_SEC": "1"}
+    site, env = offline_site(tmp_path, f"http://127.0.0.1:{closed_port()}")
+    # A BatchJob id in the environment: the Session is opened early, before the log file.
+    env.update({"BALSAM_BATCH_JOB_ID": "5", "BALSAM_CLIENT_CONNECT_WAIT_SEC": "1"})
     proc = subprocess.run([sys.executable, "-m", "balsam.launcher", "-j", "mpi", "-t", "1", "--site", str(site)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -3,34 +3,19 @@ a server that is down) says so in one line after its retries, not in a traceback
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from launcher_helpers import closed_port, offline_site
 
 
 def _run_launcher(tmp_path: Path, api_root: str) -> subprocess.CompletedProcess:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / ".balsam-site").write_text("7\n")
-    settings = {"launcher": {"platform": "default"}, "scheduler": {"name": "local"}}
-    (site / "settings.yml").write_text(yaml.safe_dump(settings))
-    client = tmp_path / "client.yml"
     # One retry: the retry budget is the client file's, as a launcher credential's would be.
-    client.write_text(yaml.safe_dump({"api_root": api_root, "token": "t", "username": "u", "retry_count": 1}))
-    client.chmod(0o600)
-    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"], "BALSAM_HOME": str(tmp_path / "balsam-home"),
-           "BALSAM_CLIENT_PATH": str(client), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    site, env = offline_site(tmp_path, api_root, retry_count=1)
     return subprocess.run([sys.executable, "-m", "balsam.launcher", "-j", "mpi", "-t", "1", "--site", str(site)],
                           env=env, capture_output=True, text=True, timeout=120)
 
@@ -64,5 +49,5 @@ def test_socket_directory_missing_on_this_host(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_loopback_address_gets_the_hint(tmp_path: Path, host: str) -> None:
-    line = _error_line(_run_launcher(tmp_path, f"http://{host}:{_closed_port()}"))
+    line = _error_line(_run_launcher(tmp_path, f"http://{host}:{closed_port()}"))
     assert "compute nodes need a server they can reach" in line

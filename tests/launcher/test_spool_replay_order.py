@@ -72,6 +72,19 @@ def assert_ran_once(env: Any, job_id: int) -> None:
     assert made.count(("PREPROCESSED", "RUNNING")) == 1 and made.count(("RUNNING", "RUN_DONE")) == 1, made
 
 
+def replay(spool: Path, updater: BulkStatusUpdater) -> int:
+    """One poll of the agent's replay through ``updater`` and its flush, then the poll that deletes
+    the files sent; ``updater`` is closed after. Returns the first poll's count."""
+    try:
+        replayer = SpoolReplayer(spool, updater)
+        polled = replayer.poll()
+        assert updater.flush(60)
+        replayer.poll()
+    finally:
+        updater.close()
+    return polled
+
+
 def states(env: Any, ids: list[int]) -> list[str]:
     rows = RESTClient(env.url, env.token).get("/jobs/", params={"id": ids, "limit": 100})["results"]
     by_id = {r["id"]: r for r in rows}
@@ -141,10 +154,7 @@ def test_a_launcher_leaves_its_later_update_to_the_agent_while_another_writer_ho
     (a,) = jobs(1)
     spool = tmp_path / "spool"
     client = RESTClient(env.url, env.token)
-    app_id = client.get("/jobs/", params={"id": [a]})["results"][0]["app_id"]
-    site_id = client.get("/apps/", params={"id": [app_id]})["results"][0]["site_id"]
-    session = client.Session.objects.create(site_id=site_id)
-    assert [job.id for job in session.acquire_jobs(max_num_jobs=1, app_ids={app_id})] == [a]
+    session = acquired_in_a_new_session(client, a)
     # Another process of the launcher (serial mode's worker) spooled the job's RUNNING ...
     spool_as(spool, 9, [update(a, "RUNNING", 1, session_id=session.id)])
     # ... and this one its RUN_DONE, the API gone at its end.
@@ -156,16 +166,19 @@ def test_a_launcher_leaves_its_later_update_to_the_agent_while_another_writer_ho
     assert send_spooled(client, session.id) is False  # left to the agent (the Session is not ended)
     assert states(env, [a]) == ["PREPROCESSED"]
     replayer_updater = BulkStatusUpdater(client, max_wait_sec=0.05)
-    try:
-        replayer = SpoolReplayer(spool, replayer_updater)
-        assert replayer.poll() == 2
-        assert replayer_updater.flush(60)
-        replayer.poll()  # deletes the files sent
-    finally:
-        replayer_updater.close()
+    assert replay(spool, replayer_updater) == 2
     assert replayer_updater.dropped_count == 0, replayer_updater.dropped
     assert_ran_once(env, a)
     assert send_spooled(client, session.id) is True  # replayed by the agent: nothing left to send
+
+
+def acquired_in_a_new_session(client: RESTClient, job_id: int) -> Any:
+    """A new Session of the job's site that has acquired the job (as a launcher's lease would)."""
+    app_id = client.get("/jobs/", params={"id": [job_id]})["results"][0]["app_id"]
+    site_id = client.get("/apps/", params={"id": [app_id]})["results"][0]["site_id"]
+    session = client.Session.objects.create(site_id=site_id)
+    assert [job.id for job in session.acquire_jobs(max_num_jobs=1, app_ids={app_id})] == [job_id]
+    return session
 
 
 def _unreachable(chunk: list) -> None:
@@ -226,10 +239,7 @@ def test_a_launcher_sends_its_file_when_no_other_file_holds_an_update_the_server
     (a,) = sqlite_jobs(1)
     spool = tmp_path / "spool"
     client = RESTClient(env.url, env.token)
-    app_id = client.get("/jobs/", params={"id": [a]})["results"][0]["app_id"]
-    site_id = client.get("/apps/", params={"id": [app_id]})["results"][0]["site_id"]
-    first = client.Session.objects.create(site_id=site_id)
-    assert [job.id for job in first.acquire_jobs(max_num_jobs=1, app_ids={app_id})] == [a]
+    first = acquired_in_a_new_session(client, a)
     if elsewhere == "stale-session":
         spool_as(spool, 9, [update(a, "RUNNING", 1, session_id=first.id),
                             update(a, "RUN_DONE", 2, return_code=1, session_id=first.id)])
@@ -240,8 +250,7 @@ def test_a_launcher_sends_its_file_when_no_other_file_holds_an_update_the_server
         listdir = os.listdir
         monkeypatch.setattr(os, "listdir", lambda path: listdir(path) + ([ghost] if Path(path) == spool else []))
     first.delete()
-    second = client.Session.objects.create(site_id=site_id)
-    assert [job.id for job in second.acquire_jobs(max_num_jobs=1, app_ids={app_id})] == [a]
+    second = acquired_in_a_new_session(client, a)
     updater = BulkStatusUpdater(client, max_wait_sec=0.05, close_timeout=0.5, spool_dir=spool, send=_unreachable,
                                 session_id=second.id)
     updater.put(a, "RUNNING", T0 + dt.timedelta(seconds=100))
@@ -252,14 +261,7 @@ def test_a_launcher_sends_its_file_when_no_other_file_holds_an_update_the_server
     monkeypatch.undo()
     assert states(env, [a]) == ["RUN_DONE"]
     assert client.get("/jobs/", params={"id": [a]})["results"][0]["return_code"] == 0
-    replayer_updater = BulkStatusUpdater(client, max_wait_sec=0.05)
-    try:  # the agent, back: session 1's updates are refused and dropped
-        replayer = SpoolReplayer(spool, replayer_updater)
-        replayer.poll()
-        assert replayer_updater.flush(60)
-        replayer.poll()
-    finally:
-        replayer_updater.close()
+    replay(spool, BulkStatusUpdater(client, max_wait_sec=0.05))  # the agent, back: session 1's updates are dropped
     assert states(env, [a]) == ["RUN_DONE"]
     assert client.get("/jobs/", params={"id": [a]})["results"][0]["return_code"] == 0
 
@@ -287,13 +289,7 @@ def test_a_file_its_claimer_sent_between_the_listing_and_the_read_counts_as_sent
 
     monkeypatch.setattr(status_updater, "claim_spool_file", launcher_done_meanwhile)
     updater = BulkStatusUpdater(client, max_wait_sec=0.05)
-    try:
-        replayer = SpoolReplayer(spool, updater)
-        assert replayer.poll() == 2
-        assert updater.flush(60)
-        replayer.poll()
-    finally:
-        updater.close()
+    assert replay(spool, updater) == 2
     assert updater.dropped_count == 0, updater.dropped
     assert states(env, [a, b]) == ["RUN_DONE", "RUNNING"]
     assert not list(spool.iterdir())
@@ -361,14 +357,7 @@ def replay_once(spool: Path) -> list[tuple[Any, Any]]:
     """``(job, state)`` of what one poll of the agent's replay sends, in order (a second poll deletes
     the files sent)."""
     sent: list[dict[str, Any]] = []
-    updater = recording_updater(sent)
-    try:
-        replayer = SpoolReplayer(spool, updater)
-        replayer.poll()
-        assert updater.flush(60)
-        replayer.poll()
-    finally:
-        updater.close()
+    replay(spool, recording_updater(sent))
     return [(u["id"], u.get("state")) for u in sent]
 
 
@@ -388,13 +377,7 @@ def test_one_writers_files_keep_its_order_when_its_clock_stepped_back(
     spool_as(spool, 9, [update(a, "RUNNING", 10)])
     spool_as(spool, 9, [update(a, "RUN_DONE", 9.5, return_code=0)])
     updater = BulkStatusUpdater(RESTClient(env.url, env.token), max_wait_sec=0.05)
-    try:
-        replayer = SpoolReplayer(spool, updater)
-        assert replayer.poll() == 2
-        assert updater.flush(60)
-        replayer.poll()
-    finally:
-        updater.close()
+    assert replay(spool, updater) == 2
     assert updater.dropped_count == 0, updater.dropped
     assert states(env, [a]) == ["RUN_DONE"]
     assert_ran_once(env, a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -233,3 +234,16 @@ def start_with_pid(pid: int, argv: "list[str]", **kw) -> subprocess.Popen:
         proc.kill()
         proc.wait()
     pytest.skip(f"pid {pid} could not be given again (a busy machine)")
+
+
+def assert_site_stop_says_it_cannot_end(site_path: Path, batch_job_id: int, why: str) -> None:
+    """`balsam site stop` with ``batch_job_id`` marked pending_deletion during a scheduler outage: it
+    ends the agent at once, warning that the BatchJob cannot be ended now (``why`` since ...), rather
+    than waiting for its deletion."""
+    balsam = str(Path(sys.executable).parent / "balsam")
+    stopped = subprocess.run([balsam, "site", "stop", str(site_path)], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"Warning: the site agent cannot end BatchJob(s) {batch_job_id} now ({why} since " in stopped.stderr, \
+        stopped.stderr
+    assert "still await deletion" not in stopped.stderr
+    assert "shutdown OK" in stopped.stdout

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
@@ -22,9 +20,8 @@ import psutil
 from balsam.builtin.local_scheduler import LocalScheduler
 from balsam.scheduler import Command, CommandResult, subprocess_runner
 from balsam.site.modules.scheduler import SchedulerModule
-from site_test_utils import batch_job, create_batch_job, wait_for
+from site_test_utils import assert_site_stop_says_it_cannot_end, batch_job, create_batch_job, wait_for
 
-BALSAM = str(Path(sys.executable).parent / "balsam")
 OUTAGE = "scheduler status unavailable"
 
 
@@ -125,13 +122,7 @@ def test_site_stop_says_the_scheduler_is_unreachable_for_a_batch_job_marked_befo
         # Marked after the first failed poll (logged at once), before the third (1 s apart).
         wait_for(lambda: "scheduler status poll failed" in agent_log(), timeout=30, what="a failed poll")
         client.patch("/batch-jobs/", json=[{"id": bj, "state": "pending_deletion"}])  # `balsam queue term --id`
-        stopped = subprocess.run([BALSAM, "site", "stop", str(site_path)], capture_output=True, text=True,
-                                 timeout=120)
-        assert stopped.returncode == 0, stopped.stderr
-        assert f"Warning: the site agent cannot end BatchJob(s) {bj} now ({OUTAGE} since " in stopped.stderr, \
-            stopped.stderr
-        assert "still await deletion" not in stopped.stderr
-        assert "shutdown OK" in stopped.stdout
+        assert_site_stop_says_it_cannot_end(site_path, bj, OUTAGE)
     finally:
         if kept.exists():
             state_dir.unlink(missing_ok=True)
