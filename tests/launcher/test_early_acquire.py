@@ -178,7 +178,10 @@ def _launch_then_free_now(script: str, new_site,
 def _launch(script: str, path: Path, batch_job_id: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "BALSAM_BATCH_JOB_ID": str(batch_job_id), "BALSAM_SITE_PATH": str(path)}
     env.pop("BALSAM_LAUNCHER_NODELIST", None)
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=90)
+    # SIGINT as in a terminal: a test run started in the background (`cmd &`, CI) inherits it ignored,
+    # and the launcher then rightly keeps ignoring it.
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=90,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 # The mode's run fails after the early acquire was answered; a SIGTERM comes while run_launcher's
@@ -341,6 +344,8 @@ def test_a_signal_the_launcher_inherited_as_ignored_stays_ignored_at_start_up() 
 
     before = {sig: signal.getsignal(sig) for sig in StartUpSignals.SIGNALS}
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGINT as in a terminal (a background test run, `cmd &` or CI, inherits it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         signals = StartUpSignals()
         signals.starting = True  # as inside run_launcher's try
@@ -350,10 +355,10 @@ def test_a_signal_the_launcher_inherited_as_ignored_stays_ignored_at_start_up() 
         except StartUpSignal as exc:
             pytest.fail(f"an ignored SIGTERM ended the start-up: {exc}")
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]  # not ignored: taken over
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # not ignored: taken over
         signals.end()
         assert signals.received == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
