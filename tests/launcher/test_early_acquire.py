@@ -331,11 +331,6 @@ def test_a_sigterm_during_a_server_outage_at_start_up_ends_the_launcher_soon(tmp
     assert proc.returncode == -signal.SIGTERM and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
 
 
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-@pytest.mark.skipif(not _main_thread(), reason="signal handlers are installed on the main thread only")
 def test_a_signal_the_launcher_inherited_as_ignored_stays_ignored_at_start_up() -> None:
     """A launcher started with SIGTERM ignored (``trap '' TERM``; ``cmd &`` in a script does so for
     SIGINT) went on ignoring it; the start-up handler took it over and ended the start-up with a
@@ -364,7 +359,6 @@ def test_a_signal_the_launcher_inherited_as_ignored_stays_ignored_at_start_up() 
             signal.signal(sig, handler)
 
 
-@pytest.mark.skipif(not _main_thread(), reason="signal handlers are installed on the main thread only")
 def test_the_log_file_is_written_before_a_start_up_signal_is_raised_again(tmp_path: Path) -> None:
     """SIGTERM's default action kills the launcher where end() raises it again: the records the
     buffered log file handler (the default settings) still held were lost, the discard's among them."""
@@ -428,7 +422,6 @@ def test_a_hurried_discard_says_the_session_is_released_when_it_expires(caplog) 
         assert "released when the Session expires" in line and "deleted" not in line, line
 
 
-@pytest.mark.skipif(not _main_thread(), reason="signal handlers are installed on the main thread only")
 def test_a_signal_before_the_start_up_is_guarded_is_noted_and_ends_it_there() -> None:
     """run_launcher creates the handler not ``starting``: a signal before its ``try`` (or while the
     handler is installed) is noted, not raised where no ``finally`` would discard the early lease;

@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import fcntl
-import functools
 import itertools
 import json
 import logging
@@ -99,6 +98,7 @@ from ...client.status_updater import SESSION_KEY, BulkStatusUpdater, SpoolReplay
 from ...models import MAX_JOBS_PER_SESSION_ACQUIRE, workdir_problem
 from ...options import option
 from ...states import PROCESSABLE_STATES, JobState
+from ...launcher.spawner import boot_id  # stdlib only: the spawner's own identity of this kernel
 from ...util import START_TIME_TOLERANCE_SEC, process_start_time
 from ..apps import AppCache
 from ..hooks_runner import HOOK_FOR_STATE, api_json, default_update, now_iso, read_results, run_hooks
@@ -164,10 +164,6 @@ _RESULTS_NAME = re.compile(r"^\d+-s(\d+)\.jsonl$")
 #: could name a launcher's session, whose DELETE would make its RUNNING jobs RUN_TIMEOUT.
 _SESSION_LINE = "processing"
 _BOOT_LINE = "boot"
-#: This kernel's boot id: a folder named for this host, its pid gone, is a dead agent's of this very
-#: kernel only if its lock file names the same boot id (another node given the same host name, whose
-#: flock this node does not see, has another one).
-_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 #: Retries of the DELETE of a dead agent's session: past them, the session's expiry releases its jobs.
 END_DEAD_SESSION_RETRY_COUNT = 2
 _LOCK_SUFFIX = ".lock"
@@ -754,8 +750,8 @@ class ProcessingModule(AgentModule):
         lock = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            boot = _boot_id()
-            if boot is not None:  # see _died_here; best effort (a lock file without it: the old rule)
+            boot = boot_id()
+            if boot != "-":  # unknown ("-"); see _died_here; best effort (a lock file without it: the old rule)
                 try:
                     os.write(lock, f"{_BOOT_LINE} {boot}\n".encode())
                 except OSError:
@@ -1466,16 +1462,6 @@ def _is_local_owner(name: str) -> bool:
     return _owner_of(name)[0] == socket.gethostname()
 
 
-@functools.lru_cache(maxsize=1)
-def _boot_id() -> Optional[str]:
-    """This kernel's boot id (Linux), None where there is none: then no lock file names one."""
-    try:
-        with open(_BOOT_ID_PATH) as file:
-            return file.read().strip() or None
-    except OSError:
-        return None
-
-
 def _lock_record(lock: int) -> tuple[Optional[str], list[int]]:
     """(the boot id, the processing session ids) a results folder's lock file names (``lock``: its
     fd; see ``ProcessingModule._note_session``). The whole file: a session is noted last, and the
@@ -1512,7 +1498,7 @@ def _died_here(lock: int, boot: Optional[str], now: Optional[float]) -> bool:
     names none: then its lock must have been silent (a live agent touches it every LOCK_TOUCH_SEC)
     for 3 x LOCK_TOUCH_SEC, by ``now`` (see _owner_gone)."""
     if boot is not None:
-        return boot == _boot_id()
+        return boot == boot_id()
     try:
         touched = os.fstat(lock).st_mtime
     except OSError:
