@@ -280,3 +280,16 @@ def job_moves(env: Any, job_id: int) -> list[tuple[str, str]]:
     client = RESTClient(env.url, env.token)
     return [(str(e.from_state).rsplit(".", 1)[-1], str(e.to_state).rsplit(".", 1)[-1])
             for e in client.EventLog.objects.filter(job_id=job_id)]
+
+
+def record_requests(monkeypatch: Any) -> list[tuple[str, str]]:
+    """Every request the API client sends from now on, as (method, path), appended to the list returned."""
+    sent: list[tuple[str, str]] = []
+    real = RESTClient._send
+
+    def counting(self: Any, method: str, path: str, **kwargs: Any) -> Any:
+        sent.append((method, path))
+        return real(self, method, path, **kwargs)
+
+    monkeypatch.setattr(RESTClient, "_send", counting)
+    return sent

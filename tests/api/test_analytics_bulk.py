@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from failure_proxy import record_requests  # tests/failure_proxy.py
 
 
 def _app(site: Any) -> Any:
@@ -70,7 +71,6 @@ def test_first_runs_of_several_batch_jobs_are_one_events_query(bare_site: Any, m
     from balsam import analytics
     from balsam.analytics import available_nodes, first_runs_query
     from balsam.api import BatchJob, EventLog
-    from balsam.client import RESTClient
 
     site, app = bare_site, _app(bare_site)
     utc_now = dt.datetime.now(dt.timezone.utc)
@@ -94,14 +94,7 @@ def test_first_runs_of_several_batch_jobs_are_one_events_query(bare_site: Any, m
 
     batch_jobs = list(BatchJob.objects.filter(site_id=site.id))
     assert len(batch_jobs) == 7
-    sent: list[tuple[str, str]] = []
-    real = RESTClient._send
-
-    def counting(self: Any, method: str, path: str, **kwargs: Any) -> Any:
-        sent.append((method, path))
-        return real(self, method, path, **kwargs)
-
-    monkeypatch.setattr(RESTClient, "_send", counting)
+    sent = record_requests(monkeypatch)
     found = first_runs_query(batch_jobs, EventLog)
     assert _minutes_ago(found) == {unrecorded.id: 3, late.id: 2, deleting.id: 8}
     assert list(found) == [bj.id for bj in batch_jobs if bj.id in found]  # in the BatchJobs' order, as before

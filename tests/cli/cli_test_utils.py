@@ -11,6 +11,7 @@ from typing import Any, Optional
 import httpx
 import pytest
 from click.testing import CliRunner, Result
+from failure_proxy import record_requests  # noqa: F401 (the CLI tests import it from here)
 
 
 @pytest.fixture(autouse=True)
@@ -47,19 +48,6 @@ def wait_on_parents(env: Any, campaign: dict, staged: list[int]) -> None:
     assert {j["state"] for j in resp.json()} == {"AWAITING_PARENTS"}
 
 
-def record_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Every request the API client sends from now on, as (method, path), appended to the list returned."""
-    from balsam.client import RESTClient
-
-    sent: list[tuple[str, str]] = []
-    real = RESTClient._send
-
-    def counting(self: Any, method: str, path: str, **kwargs: Any) -> Any:
-        sent.append((method, path))
-        return real(self, method, path, **kwargs)
-
-    monkeypatch.setattr(RESTClient, "_send", counting)
-    return sent
 
 
 def make_marked_site(tmp_path: Path, name: str) -> Any:
