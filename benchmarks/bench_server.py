@@ -30,6 +30,20 @@ def prepare_pg(url: str, revision: str = "head") -> None:
     upgrade(url, revision)
 
 
+def drop_pg(url: str) -> None:
+    """Drop the PostgreSQL database of ``url`` (a benchmark's own, made by :func:`prepare_pg`) as the
+    benchmark ends, so that none is left behind."""
+    import sqlalchemy as sa
+
+    from balsam.server.db import normalize_database_url
+
+    parsed = sa.engine.make_url(normalize_database_url(url))
+    admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+    admin.dispose()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

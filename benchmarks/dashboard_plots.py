@@ -38,7 +38,7 @@ from typing import Any, Callable
 import sqlalchemy as sa
 from starlette.datastructures import QueryParams as StarletteQuery
 
-from bench_server import prepare_pg
+from bench_server import drop_pg, prepare_pg
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/balsam_bench_dashboard_plots"
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -203,17 +203,6 @@ def measure(url: str, user: int, q: Any, repeat: int) -> None:
         print(f"    first_runs: {len(mine)} BatchJobs; same as the former single select: {same}; "
               f"same as without the range: {unbounded}")
     engine.dispose()
-
-
-def drop_pg(url: str) -> None:
-    """Drop the benchmark's PostgreSQL database (as benchmarks/migrations_at_scale.py does)."""
-    from balsam.server.db import normalize_database_url
-
-    parsed = sa.engine.make_url(normalize_database_url(url))
-    admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
-    admin.dispose()
 
 
 def main() -> None:

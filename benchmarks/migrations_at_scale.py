@@ -24,7 +24,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench_server import prepare_pg
+from bench_server import drop_pg, prepare_pg
 from dashboard_jobs_page import fill
 
 from balsam.server.db import normalize_database_url
@@ -75,14 +75,6 @@ def run_backend(backend: str, url: str, jobs: int, revisions: list[str]) -> None
         print(f"{backend}: upgrade to {revision} {took:.1f} s ({took / fill_s:.2f}x the fill)", flush=True)
     if backend == "postgresql":
         drop_pg(url)
-
-
-def drop_pg(url: str) -> None:
-    parsed = sa.engine.make_url(normalize_database_url(url))
-    admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
-    admin.dispose()
 
 
 def main() -> int:
