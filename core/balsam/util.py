@@ -14,6 +14,7 @@ import fcntl
 import gc
 import logging
 import logging.handlers
+import math
 import os
 import re
 import signal
@@ -106,6 +107,63 @@ def first_warning(key: tuple) -> bool:
         _warned.clear()
     _warned.add(key)
     return True
+
+
+class EnvNumberError(ValueError):
+    """A numeric environment variable that is not a number Balsam takes (one line: name and value)."""
+
+
+def plain_decimal(text: str, *, fraction: bool = False) -> "int | float | None":
+    """``text`` (spaces around it ignored) as a plain decimal number, else None: ASCII digits, and
+    with ``fraction`` one point among them (``30``, ``0.5``, ``.5``, ``5.``). ``int()`` and
+    ``float()`` also take ``1_000``, ``+5``, ``-5``, ``1e3``, ``nan``, ``inf`` and other scripts'
+    digits (``'٣'``): spellings nobody means for a setting, or that made a setting nonsense (a
+    heartbeat every 0.1 s, a margin of nan); none of them passes here."""
+    text = text.strip()
+    parts = text.split(".") if fraction else [text]
+    if len(parts) > 2 or not any(parts) or not all(p == "" or (p.isascii() and p.isdecimal()) for p in parts):
+        return None
+    return float(text) if fraction else int(text)
+
+
+def _plain(number: "int | float") -> str:
+    """A number as a user would type it back (``315360000``, ``0.5``: not ``3.1536e+08``)."""
+    if not math.isfinite(number):
+        return "none"
+    return str(int(number)) if float(number).is_integer() else repr(float(number))
+
+
+def env_number(name: str, default: "int | float | None", *, fraction: bool = False, minimum: "int | float" = 0,
+               maximum: "int | float | None" = None, on_bad: str = "warn", environ: Any = None,
+               warn: Any = None) -> Any:
+    """The environment variable ``name`` as a plain decimal number (:func:`plain_decimal`) from
+    ``minimum`` to ``maximum``, else ``default`` when it is unset or blank.
+
+    A value that is not one: with ``on_bad="raise"`` an :class:`EnvNumberError` (for what a command
+    reads at its start: it stops with one line naming the variable and the value); with ``"warn"``
+    one warning per process and value (``warn(line)``, else the ``balsam`` logger), and the default
+    (for what a long-running agent, launcher or server reads: it keeps running on the default)."""
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None or not raw.strip():
+        return default
+    value = plain_decimal(raw, fraction=fraction)
+    if value is not None and value >= minimum and (maximum is None or value <= maximum):
+        return value
+    bounds = f"from {_plain(minimum)}" + (f" to {_plain(maximum)}" if maximum is not None else "")
+    kind = "digits with an optional decimal point, e.g. 30 or 0.5" if fraction else "digits only, e.g. 30"
+    if on_bad == "raise":
+        raise EnvNumberError(f"environment variable {name}={raw!r} is not a number {bounds} ({kind})")
+    stripped = raw.strip().lower().lstrip("+-")
+    reason = ("not a finite number" if stripped in ("nan", "inf", "infinity")
+              else "not a plain decimal number" if value is None else "out of range")
+    fallback = "the default" if default is None else f"the default {_plain(default)}"
+    line = f"ignoring {name}={raw!r} ({reason}): expected a number {bounds} ({kind}); using {fallback}"
+    if first_warning(("env_number", name, raw)):
+        if warn is not None:
+            warn(line)
+        else:
+            logging.getLogger("balsam").warning(line)
+    return default
 
 
 def to_tuple(value: Any) -> tuple:

@@ -55,14 +55,13 @@ which its Session survives, from its own isolation, under which the Session expi
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 import time
 from typing import Any, Callable, Iterable, Optional
 
 from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import RUNNABLE_STATES, JobState
+from balsam.util import env_number
 
 from .rest import new_idempotency_key
 from .status_updater import send_spooled
@@ -80,32 +79,33 @@ FRESH_TICKS = 4.0
 MIN_ASKED_TICK_GAP_SEC = 5.0
 
 
+#: The shortest heartbeat period and assumed expiry taken from the environment (a shorter one
+#: is a request a tick to the server, not a setting anybody means).
+MIN_TICK_SEC = 0.1
+#: The longest: a day (the server expires a Session after 5 minutes by default; a longer period is
+#: no heartbeat at all, which let the server expire a launcher still running its jobs).
+MAX_TICK_SEC = 24 * 3600.0
+
+
 def tick_period_from_env() -> float:
-    """``$BALSAM_LAUNCHER_TICK_SEC`` (default 60 s, well under the server's 5 min session expiry)."""
-    raw = os.environ.get("BALSAM_LAUNCHER_TICK_SEC", "")
-    try:
-        value = float(raw) if raw else DEFAULT_TICK_SEC
-    except ValueError:
-        logger.warning("ignoring BALSAM_LAUNCHER_TICK_SEC=%r (not a number)", raw)
-        value = DEFAULT_TICK_SEC
-    # float() takes "nan" and "inf": nan became a heartbeat every 0.1 s (max(0.1, nan) is 0.1), and
-    # inf none at all, so the server expired the Session of a launcher still running its jobs.
-    if not math.isfinite(value):
-        logger.warning("ignoring BALSAM_LAUNCHER_TICK_SEC=%r (not a finite number): %g s", raw, DEFAULT_TICK_SEC)
-        value = DEFAULT_TICK_SEC
-    return max(0.1, value)
+    """``$BALSAM_LAUNCHER_TICK_SEC`` (default 60 s, well under the server's 5 min session expiry).
+
+    A plain decimal number of seconds from 0.1 to a day (:func:`balsam.util.env_number`); anything
+    else is warned about once and the default used: the launcher reading it is running jobs.
+    float() took "nan" (a heartbeat every 0.1 s: max(0.1, nan) is 0.1), "inf" (none at all, so the
+    server expired the Session of a launcher still running its jobs), "-5" (0.1 s) and "1_000"."""
+    return float(env_number("BALSAM_LAUNCHER_TICK_SEC", DEFAULT_TICK_SEC, fraction=True, minimum=MIN_TICK_SEC,
+                            maximum=MAX_TICK_SEC, warn=logger.warning))
 
 
 def assumed_expiry_sec(tick_period: float) -> float:
-    """How long a Session is assumed to outlive a heartbeat (see "Known alive" in the module's docstring)."""
+    """How long a Session is assumed to outlive a heartbeat (see "Known alive" in the module's
+    docstring): ``FRESH_TICKS`` periods, or ``$BALSAM_SESSION_EXPIRE_SEC`` if shorter (a plain
+    decimal number of seconds from 0.1: float() took "nan", which min() then ignored, and "-5",
+    which made every lease look stale)."""
     window = FRESH_TICKS * tick_period
-    raw = os.environ.get("BALSAM_SESSION_EXPIRE_SEC", "")
-    if raw:
-        try:
-            window = min(window, float(raw))
-        except ValueError:
-            logger.warning("ignoring BALSAM_SESSION_EXPIRE_SEC=%r (not a number)", raw)
-    return max(0.1, window)
+    expiry = env_number("BALSAM_SESSION_EXPIRE_SEC", None, fraction=True, minimum=MIN_TICK_SEC, warn=logger.warning)
+    return max(MIN_TICK_SEC, window if expiry is None else min(window, expiry))
 
 
 if hasattr(time, "CLOCK_BOOTTIME"):

@@ -797,6 +797,17 @@ def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Co
                    base_dir: Optional[Path] = None) -> Settings:
     """Like :func:`load_settings` for YAML text (``base_dir``: see :func:`parse_settings`)."""
     try:
+        return _loads_settings(text, source=source, only=only, base_dir=base_dir)
+    except RecursionError:
+        # Lists or mappings nested ~1,000 deep ("a: [[[[...]]]]"): the YAML loaders and the checks
+        # recurse, and the RecursionError named no file ("Error: maximum recursion depth exceeded
+        # while calling a Python object" from `balsam site check-settings`, `sync`, the agent).
+        raise SettingsError([f"{source}: invalid YAML: lists or mappings nested too deeply to read (hundreds of "
+                             "levels inside one another)"]) from None
+
+
+def _loads_settings(text: str, *, source: str, only: Optional[Collection[str]], base_dir: Optional[Path]) -> Settings:
+    try:
         data = yaml.load(text, Loader=_FAST_YAML_LOADER)
     except yaml.YAMLError:
         data = _load_yaml_for_its_error(text, source)

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from balsam.platform import NodeInfo
-from balsam.util import log_file_handler, resume_gc_after_start_up
+from balsam.util import EnvNumberError, env_number, log_file_handler, resume_gc_after_start_up
 
 logger = logging.getLogger("balsam.launcher")
 
@@ -319,7 +319,13 @@ def run_launcher(
 
 def _start_launcher(job_mode: str, wall_time_min: float, tags: Sequence[str], parts: Sequence[str],
                     site_path: Optional[str], partition_index: int, held: HeldRecords) -> int:
-    start_time = float(os.environ.get(START_TIME_ENV) or time.time())
+    # Set by the job template ($(date +%s)) or the first partition's launcher (repr of a float):
+    # a bad one stops the launcher in one line (float() took nan, inf, -5 and 1_000, and raised a
+    # traceback on 'now'); the moment it names is the allocation's, which no default could stand for.
+    try:
+        start_time = float(env_number(START_TIME_ENV, time.time(), fraction=True, on_bad="raise"))
+    except EnvNumberError as exc:
+        raise LauncherError(f"{exc}: the allocation's start in seconds since the epoch") from None
     # Not only "> 0": -t nan passed that test and the launcher stopped at once, exit 0, "done (wall
     # time)"; -t inf (or 1e300) made every acquire fail ("cannot convert float NaN to integer", HTTP
     # 422) once a second, and a serial launcher then never went idle: it ran until killed.

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 from balsam.platform import is_mig_id
 from balsam.states import JobState
 
-from ..util import api_text, first_warning, format_threads_cpu, tail_file, threads_cpu_seconds
+from ..util import api_text, env_number, first_warning, format_threads_cpu, tail_file, threads_cpu_seconds
 from . import spawner
 from .app_run import (JOB_OUTPUT_NAME, PLATFORM_VARIABLES, AppProcess, PreparedJob, direct_argv, inherited_environment,
                       shell_argv)
@@ -1240,12 +1240,21 @@ def spawner_count(node_cpus: int) -> int:
     """How many spawner processes a serial-mode node runs: ``BALSAM_LAUNCHER_SPAWNER=N`` if set
     to a number >= 1 (0 means none: see :func:`local_pool`), else one per CPU up to
     :data:`MAX_AUTO_SPAWNERS`."""
-    value = os.environ.get(SPAWNER_ENV, "").strip()
-    if value.isdecimal() and int(value) >= 1:
-        return int(value)
-    if value and not value.isdecimal():
-        logger.warning("%s=%r is not a number: using the default number of spawner processes", SPAWNER_ENV, value)
+    value = spawner_setting()
+    if value is not None and value >= 1:
+        return value
     return max(1, min(MAX_AUTO_SPAWNERS, node_cpus))
+
+
+#: The most spawner processes per node ``BALSAM_LAUNCHER_SPAWNER`` may ask for: each is a process
+#: with its own pipes, and a typo's 1000000 would fork until the node ran out of processes.
+MAX_SPAWNERS = 256
+
+
+def spawner_setting() -> Optional[int]:
+    """``BALSAM_LAUNCHER_SPAWNER`` as a whole number from 0 to :data:`MAX_SPAWNERS`, or None when it
+    is unset or not one (warned about once, with its value: the launcher runs on with the default)."""
+    return env_number(SPAWNER_ENV, None, maximum=MAX_SPAWNERS, warn=logger.warning)
 
 
 def local_pool(error_tail_num_lines: int, wake: threading.Event, *, sigpipe_ignored: bool = False,
@@ -1272,7 +1281,7 @@ def local_pool(error_tail_num_lines: int, wake: threading.Event, *, sigpipe_igno
     ``relaunch_quick_failures``: a task that fails quickly is started again before its exit is
     reported (Balsam 0.7's serial-mode rule, :data:`RETRY_CODES`); serial mode asks for it."""
     options: dict[str, Any] = {"sigpipe_ignored": sigpipe_ignored, "relaunch_quick_failures": relaunch_quick_failures}
-    if os.environ.get(SPAWNER_ENV, "1").strip() == "0":
+    if spawner_setting() == 0:
         return ProcessPool(error_tail_num_lines, wake=wake, **options)
     try:
         if spawners > 1:

@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 from ..netnames import is_loopback_host
-from ..util import try_exclusive_flock
+from ..util import env_number, try_exclusive_flock
 from .access_guard import loopback_hosts_only
 
 #: sockaddr_un.sun_path holds 108 bytes on Linux.
@@ -72,19 +72,16 @@ class CappedFormatter(logging.Formatter):
 
 
 def log_max_bytes_from_env() -> int:
-    """``$BALSAM_SERVER_LOG_MAX_BYTES`` (a whole number of bytes; 0: never rotate), else the default.
+    """``$BALSAM_SERVER_LOG_MAX_BYTES`` (a whole number of bytes, plain digits; 0: never rotate), else the default.
 
-    A value that is not a whole number is not ignored silently: the server says so in one line on
-    its stderr (``server.out``) and rotates at the default size.
+    A value that is not one is not ignored silently: the server says so in one line on its stderr
+    (``server.out``) and rotates at the default size (:func:`balsam.util.env_number`).
     """
-    raw = os.environ.get("BALSAM_SERVER_LOG_MAX_BYTES", "").strip()
-    if not raw:
-        return DEFAULT_LOG_MAX_BYTES
-    if raw.isdecimal():
-        return int(raw)
-    print(f"balsam server: BALSAM_SERVER_LOG_MAX_BYTES={raw!r} is not a whole number of bytes; "
-          f"rotating server.log at the default {DEFAULT_LOG_MAX_BYTES} bytes", file=sys.stderr, flush=True)
-    return DEFAULT_LOG_MAX_BYTES
+    return int(env_number("BALSAM_SERVER_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES, warn=_stderr_line))
+
+
+def _stderr_line(line: str) -> None:
+    print(f"balsam server: {line} bytes", file=sys.stderr, flush=True)
 
 
 def log_config(log_file: Path, level: str, max_bytes: "int | None" = None) -> dict:

@@ -25,6 +25,12 @@
 | ``BALSAM_DASHBOARD_SESSION_MAX_AGE_SEC`` | 604800 (7 days: no dashboard login outlives this, however much it is used) |
 | ``BALSAM_DASHBOARD_SECURE_COOKIES`` | ``auto`` (Secure cookies when the request came over HTTPS); ``1`` always |
 | ``BALSAM_SERVER_CREATE_TABLES`` | ``1`` for SQLite, ``0`` for PostgreSQL (use ``balsam server migrate``) |
+
+Numbers are plain decimal digits (``BALSAM_AUTH_REVOCATION_CACHE_SEC`` may have a fraction, ``0.5``):
+``1_000``, ``1e3``, ``-5``, ``nan`` or ``inf`` stop the server at its start with one line naming the
+variable, as does a lifetime or period (``*_TTL_SEC``, ``*_EXPIRE_SEC``, ``*_SWEEP_SEC``,
+``*_MAX_AGE_SEC``, ``*_WINDOW_SEC``) over ten years or of 0 (the failure window may be 0),
+``BALSAM_MAX_BODY_BYTES=0``, or a yes/no or choice setting spelt otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..util import env_number
 
 
 def balsam_home() -> Path:
@@ -78,14 +86,35 @@ def load_or_create_secret(path: Path) -> str:
 MIN_SECRET_KEY_BYTES = 32
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
+#: The longest time a server setting in seconds may give (ten years): more is no lifetime anybody
+#: means, and a date that far out overflows datetime and SQL timestamps.
+MAX_SETTING_SEC = 10 * 365 * 24 * 3600
+
+
+def _int_env(name: str, default: int, minimum: int = 0, maximum: "int | None" = None) -> int:
+    """A whole number from the environment (plain digits: not ``1_000``, ``1e3``, ``-5``, ``nan`` or
+    ``inf``, which int(float()) took or turned into a traceback); a bad one stops the server at its
+    start with one line naming the variable (:class:`EnvNumberError`, a ValueError)."""
+    return env_number(name, default, minimum=minimum, maximum=maximum, on_bad="raise")
+
+
+def _sec_env(name: str, default: int, minimum: int = 1) -> int:
+    """A whole number of seconds from ``minimum`` (a lifetime or period of 0 is none) to ten years."""
+    return _int_env(name, default, minimum, MAX_SETTING_SEC)
+
+
+#: The spellings of a yes/no environment setting: anything else is refused, not taken as "no".
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _bool_env(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
         return default
-    try:
-        return int(float(raw))
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+    if raw not in _TRUE_WORDS + _FALSE_WORDS:
+        raise ValueError(f"environment variable {name}={raw!r}: expected one of {', '.join(_TRUE_WORDS + _FALSE_WORDS)}")
+    return raw in _TRUE_WORDS
 
 
 def _choice_env(name: str, choices: "tuple[str, ...]", default: str) -> str:
@@ -158,31 +187,33 @@ class ServerSettings:
                 key_path = None
             key = load_or_create_secret(key_path or server_dir() / "secret.key")
         methods = [m.strip() for m in os.environ.get("BALSAM_AUTH_LOGIN_METHODS", "password").split(",") if m.strip()]
-        create_default = "1" if url.startswith("sqlite") else "0"
+        create_default = url.startswith("sqlite")
         return cls(
             database_url=url,
             secret_key=key,
-            token_ttl_sec=_int_env("BALSAM_AUTH_TOKEN_TTL_SEC", 48 * 3600),
-            access_ttl_sec=_int_env("BALSAM_AUTH_ACCESS_TTL_SEC", 3600),
-            refresh_ttl_sec=_int_env("BALSAM_AUTH_REFRESH_TTL_SEC", 30 * 24 * 3600),
-            launcher_max_ttl_sec=_int_env("BALSAM_AUTH_LAUNCHER_MAX_TTL_SEC", 30 * 24 * 3600),
+            token_ttl_sec=_sec_env("BALSAM_AUTH_TOKEN_TTL_SEC", 48 * 3600),
+            access_ttl_sec=_sec_env("BALSAM_AUTH_ACCESS_TTL_SEC", 3600),
+            refresh_ttl_sec=_sec_env("BALSAM_AUTH_REFRESH_TTL_SEC", 30 * 24 * 3600),
+            launcher_max_ttl_sec=_sec_env("BALSAM_AUTH_LAUNCHER_MAX_TTL_SEC", 30 * 24 * 3600),
             login_methods=methods,
             registration=_choice_env("BALSAM_AUTH_REGISTRATION", ("closed", "invitation", "open"), "closed"),
             only_user=os.environ.get("BALSAM_AUTH_ONLY_USER") or None,
             min_password_length=_int_env("BALSAM_AUTH_MIN_PASSWORD_LENGTH", 12),
             max_failures_per_user=_int_env("BALSAM_AUTH_MAX_FAILURES_PER_USER", 10),
             max_failures_per_address=_int_env("BALSAM_AUTH_MAX_FAILURES_PER_ADDRESS", 50),
-            failure_window_sec=_int_env("BALSAM_AUTH_FAILURE_WINDOW_SEC", 900),
+            failure_window_sec=_sec_env("BALSAM_AUTH_FAILURE_WINDOW_SEC", 900, minimum=0),
             trusted_proxies=trusted_proxies_from_env(),
-            revocation_cache_sec=float(_int_env("BALSAM_AUTH_REVOCATION_CACHE_SEC", 5)),
-            max_body_bytes=_int_env("BALSAM_MAX_BODY_BYTES", 64 * 1024 * 1024),
-            session_expire_sec=_int_env("BALSAM_SESSION_EXPIRE_SEC", 300),
-            session_sweep_sec=_int_env("BALSAM_SESSION_SWEEP_SEC", 60),
-            idempotency_ttl_sec=_int_env("BALSAM_IDEMPOTENCY_TTL_SEC", 24 * 3600),
+            revocation_cache_sec=float(env_number("BALSAM_AUTH_REVOCATION_CACHE_SEC", 5.0, fraction=True, maximum=MAX_SETTING_SEC,
+                                                    on_bad="raise")),
+            max_body_bytes=_int_env("BALSAM_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1),
+            session_expire_sec=_sec_env("BALSAM_SESSION_EXPIRE_SEC", 300),
+            session_sweep_sec=_sec_env("BALSAM_SESSION_SWEEP_SEC", 60),
+            idempotency_ttl_sec=_sec_env("BALSAM_IDEMPOTENCY_TTL_SEC", 24 * 3600),
             pool_size=_int_env("BALSAM_DB_POOL_SIZE", 10),
             max_overflow=_int_env("BALSAM_DB_MAX_OVERFLOW", 20),
-            dashboard_session_ttl_sec=_int_env("BALSAM_DASHBOARD_SESSION_TTL_SEC", 8 * 3600),
-            dashboard_session_max_age_sec=_int_env("BALSAM_DASHBOARD_SESSION_MAX_AGE_SEC", 7 * 24 * 3600),
-            dashboard_secure_cookies=os.environ.get("BALSAM_DASHBOARD_SECURE_COOKIES", "auto").strip().lower() or "auto",
-            create_tables=os.environ.get("BALSAM_SERVER_CREATE_TABLES", create_default).strip() in ("1", "true", "yes"),
+            dashboard_session_ttl_sec=_sec_env("BALSAM_DASHBOARD_SESSION_TTL_SEC", 8 * 3600),
+            dashboard_session_max_age_sec=_sec_env("BALSAM_DASHBOARD_SESSION_MAX_AGE_SEC", 7 * 24 * 3600),
+            dashboard_secure_cookies=_choice_env("BALSAM_DASHBOARD_SECURE_COOKIES", ("auto", "always", "never") + _TRUE_WORDS
+                                                 + _FALSE_WORDS, "auto"),
+            create_tables=_bool_env("BALSAM_SERVER_CREATE_TABLES", create_default),
         )
