@@ -66,13 +66,16 @@ class Manager(Generic[T]):
         return Query(self).order_by(field)
 
     # ------------------------------------------------------------------ writes
-    def create(self, **kwargs: Any) -> T:
-        obj = self._model(**kwargs)
+    def create(self, *args: Any, **kwargs: Any) -> T:
+        """Build and save a record. Positional arguments go to the model's constructor, as Balsam
+        0.7's generated ``create()`` mirrored it: ``Job.objects.create(workdir, app_id, ...)``."""
+        obj = self._model(*args, **kwargs)
         obj.save()
         return obj
 
     def bulk_create(self, objs: Sequence[T], progress: ProgressFn = None) -> list[T]:
         """Create many records; returns them. (Only Job has a bulk route: see JobManager.)"""
+        objs = list(objs)  # an iterator too: its length is reported to ``progress``
         created = []
         for i, obj in enumerate(objs):
             if obj._stored:

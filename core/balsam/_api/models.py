@@ -180,12 +180,14 @@ class JobManager(Manager["Job"]):
 
         The given objects are left as they are (Balsam 0.7 behaviour): use the returned list.
         """
-        for job in objs:
+        # Listed before the checks: a generator (``bulk_create(Job(...) for i in ...)``) was used
+        # up by them and nothing was created, silently.
+        jobs = list(objs)
+        for job in jobs:
             if not isinstance(job, Job):
                 raise TypeError(f"bulk_create() takes Job objects, got {type(job).__name__}")
             if job._stored:
                 raise ValueError(f"Job(id={job.id}) is already created")
-        jobs = list(objs)
         size = self.bulk_chunk_size
         chunks = [_Chunk(jobs[i : i + size]) for i in range(0, len(jobs), size)]
         try:
@@ -401,6 +403,7 @@ class JobManager(Manager["Job"]):
 
     def _refresh_many(self, jobs: Sequence["Job"]) -> list["Job"]:
         """:meth:`bulk_refresh`, returning the jobs that no longer exist."""
+        jobs = list(jobs)  # read twice below: a generator would refresh nothing
         ids = [job.id for job in jobs if job.id is not None]
         if not ids:
             return []
@@ -436,6 +439,7 @@ class JobManager(Manager["Job"]):
         if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED"):
             raise ValueError("return_when must be 'ALL_COMPLETED' or 'FIRST_COMPLETED'")
         jobs = list(jobs)
+        _require_saved(jobs, "wait for")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._poll([j for j in jobs if not _completed(j)])
@@ -454,6 +458,7 @@ class JobManager(Manager["Job"]):
         """Yield each job as it completes (or is deleted, see :meth:`wait`);
         ``concurrent.futures.TimeoutError`` if some are left at the timeout."""
         pending = list(jobs)
+        _require_saved(pending, "wait for")
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             self._poll(pending)
@@ -486,6 +491,17 @@ class JobManager(Manager["Job"]):
             return deleted
         result = client.delete(Job._path, params=query._params)
         return result if isinstance(result, int) else None
+
+
+def _require_saved(jobs: Sequence["Job"], what: str) -> None:
+    """A job never saved has no id to poll: wait() and result() (without a timeout) polled it for
+    ever. The usual cause is waiting on the objects given to bulk_create(), which stay unsaved (as
+    in 0.7): the message says so. AttributeError, as done() and refresh_from_db() raise for it."""
+    unsaved = [job for job in jobs if job.id is None and not job._deleted]
+    if unsaved:
+        raise AttributeError(
+            f"cannot {what} {len(unsaved)} Job(s) never saved (the first: workdir={str(unsaved[0].workdir)!r}): "
+            "save() them, or use the list Job.objects.bulk_create() returns (it leaves the objects given unsaved)")
 
 
 def _completed(job: "Job") -> bool:
@@ -680,6 +696,12 @@ class Job(BalsamModel):
         try:
             app = AppModel.objects.get(**lookup)
         except AppModel.DoesNotExist:
+            # A misspelt site_name is not cured by a sync() (it would fail on the same name): say
+            # which of the two names is wrong. One more request, on this error path only.
+            SiteModel = cls._model_for("Site")
+            if site_name and not SiteModel.objects.filter(name=site_name).count():
+                raise _either(AppModel.DoesNotExist,
+                              f"no site named {site_name!r} (site_name= of app {name!r}; see `balsam site ls`)") from None
             where = f" at site {site_name!r}" if site_name else ""
             raise _either(AppModel.DoesNotExist,
                           f"no app named {name!r}{where}: sync() its ApplicationDefinition first") from None

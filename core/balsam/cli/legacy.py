@@ -15,8 +15,10 @@ Translation = Union[str, Callable[[str], str], None]
 #: Options of 0.x ``balsam job`` (create a BalsamJob) -> ``balsam job create`` options.
 _JOB_OPTIONS: dict[str, Translation] = {
     "--name": "-w", "--workflow": lambda v: f"--tag workflow={v}", "--application": "-a", "--app": "-a",
-    "--args": lambda v: "-p NAME=VALUE  (apps take named parameters from their command_template; was --args "
-                        f"{shlex.quote(v)})",
+    # The app hint below appends `{{ args }}` to a 0.x --executable, so the job hint names that
+    # parameter: a user following both hints, as the 0.x README's SayHello lines do, gets a job
+    # that runs instead of a placeholder to guess.
+    "--args": lambda v: f"-p args={shlex.quote(v)}",
     "--description": None, "--wall-time-minutes": "-t", "--num-nodes": "-n", "--ranks-per-node": "-rpn",
     "--threads-per-rank": "-tpr", "--threads-per-core": "-tpc", "--node-packing-count": "-npc",
     "--cpu-affinity": lambda v: f"-lp cpu_bind={v}", "--yes": "-y", "--stage-in-url": "-s SLOT=ALIAS:/path",
@@ -69,7 +71,9 @@ LEGACY_COMMANDS: dict[str, tuple[str, dict[str, Translation], set[str], str]] = 
 #: 0.x option styles of commands that still exist as groups: ``balsam job --name ...`` (``balsam app
 #: --name ...`` gets the ApplicationDefinition to write, see :func:`_app_message`).
 LEGACY_GROUP_OPTIONS: dict[str, tuple[str, dict[str, Translation], set[str], str]] = {
-    "job": ("balsam job create", _JOB_OPTIONS, _JOB_FLAGS, "the app must exist first (ApplicationDefinition.sync())"),
+    "job": ("balsam job create", _JOB_OPTIONS, _JOB_FLAGS,
+            "the app must exist first (ApplicationDefinition.sync()); -p takes the parameters its command_template "
+            "names (`{{ args }}` in the one `balsam app --name` suggests)"),
 }
 
 
