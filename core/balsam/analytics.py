@@ -190,9 +190,12 @@ FIRST_RUNS_GROUP = 500
 #: How long before a BatchJob's recorded start_time a run of one of its jobs still counts as its
 #: first run. The agent records start_time from the scheduler's own start time where the poll gives
 #: one, else when its poll sees the job running: up to ``scheduler.sync_period`` (10 s by default)
-#: after the launcher may have started jobs. An earlier run of a job now in this BatchJob is of an
-#: earlier allocation (a job re-run here keeps its earlier RUNNING events): counting it held this
-#: BatchJob's nodes from the other allocation's run on, for as long as it stayed active.
+#: after the launcher may have started jobs. The server makes it no later than its launcher's
+#: first Session (balsam.server.sessions_logic.note_batch_job_start), so a late sighting no longer
+#: moves it; what is left is a launcher's clock behind the server's (runs are stamped on it). An
+#: earlier run of a job now in this BatchJob is of an earlier allocation (a job re-run here keeps
+#: its earlier RUNNING events): counting it held this BatchJob's nodes from the other allocation's
+#: run on, for as long as it stayed active.
 FIRST_RUN_LOOKBACK = dt.timedelta(minutes=2)
 
 
@@ -203,9 +206,13 @@ def first_run_window(submitted: "dt.datetime | None",
     (either end open when unknown). The rule of :func:`first_runs_query` and of the dashboard.
 
     A job's ``batch_job_id`` is the last BatchJob it was leased by, so its earlier RUNNING events
-    may be another allocation's. Until the agent records start_time (at most a sync period after the
-    allocation started), only the submission bounds them, and a job run in another allocation since
-    then and already re-run here still counts from that run."""
+    may be another allocation's. Until start_time is recorded (by the server when the allocation's
+    launcher opens its first Session, or by the agent at most a sync period after the allocation
+    started), only the submission bounds them, and a job run in another allocation since then and
+    already re-run here still counts from that run. The server keeps start_time no later than that
+    first Session (a later sighting of the agent is not stored), so the window starts at most
+    :data:`FIRST_RUN_LOOKBACK` before the launcher could run anything: a run before it is another
+    allocation's, or stamped by a launcher whose clock runs that far behind the server's."""
     earliest = submitted
     if start is not None:
         floor = start - FIRST_RUN_LOOKBACK

@@ -4,8 +4,10 @@ It was one ``GET /events/`` per active BatchJob (``batch_job_id=<id>``, first ro
 call in a loop. It is now one for all of them (``batch_job_id`` takes a list) and one ``GET /jobs/``
 for those events' jobs, however many BatchJobs there are, with the same answer.
 
-Real server (SQLite and PostgreSQL); the jobs are leased by each BatchJob's Session and stamped
-RUNNING at chosen times, as a launcher stamps them.
+Real server (SQLite and PostgreSQL); the jobs are leased by a Session and stamped RUNNING at chosen
+times in the past, in their BatchJob, as a launcher stamps them. The Session names no BatchJob: one
+that did would record its BatchJob's start now (sessions_logic.note_batch_job_start), after those
+runs, where these tests set the recorded starts themselves.
 """
 
 from __future__ import annotations
@@ -44,19 +46,19 @@ def _batch_job(site: Any, state: str, **fields: Any) -> Any:
 
 
 def _run_in(site: Any, app: Any, bj: Any, minutes_ago: list[float]) -> None:
-    """One job per entry of ``minutes_ago``, leased by ``bj``'s Session, RUNNING since then."""
+    """One job per entry of ``minutes_ago``, of ``bj`` (see the module's docstring), RUNNING since then."""
     from balsam.api import Job, Session
 
     jobs = Job.objects.bulk_create([app.submit(workdir=f"s/{bj.id}/{i}", save=False) for i in range(len(minutes_ago))])
     for job in jobs:
         job.state = "PREPROCESSED"
     Job.objects.bulk_update(jobs)
-    session = Session.objects.create(site_id=site.id, batch_job_id=bj.id)
+    session = Session.objects.create(site_id=site.id)
     acquired = sorted(session.acquire_jobs(max_num_jobs=len(jobs), app_ids={jobs[0].app_id}), key=lambda j: j.id)
     assert len(acquired) == len(jobs)
     now = dt.datetime.now()
     for job, ago in zip(acquired, minutes_ago):
-        job.state = "RUNNING"
+        job.state, job.batch_job_id = "RUNNING", bj.id
         job.state_timestamp = now - dt.timedelta(minutes=ago)
         job.state_data = {"num_nodes": 1}
     Job.objects.bulk_update(acquired)
@@ -127,15 +129,14 @@ def test_a_server_taking_one_batch_job_id_is_told_by_its_refusal(bare_site: Any)
 
 
 def _run_at(site: Any, app: Any, bj: Any, when: dt.datetime) -> None:
-    """One job leased by ``bj``'s Session, RUNNING since ``when``."""
+    """One job of ``bj`` (see the module's docstring), RUNNING since ``when``."""
     from balsam.api import Job, Session
 
     (job,) = Job.objects.bulk_create([app.submit(workdir=f"r/{bj.id}/{when.timestamp()}", save=False)])
     job.state = "PREPROCESSED"
     Job.objects.bulk_update([job])
-    (acquired,) = Session.objects.create(site_id=site.id, batch_job_id=bj.id).acquire_jobs(
-        max_num_jobs=1, app_ids={job.app_id})
-    acquired.state = "RUNNING"
+    (acquired,) = Session.objects.create(site_id=site.id).acquire_jobs(max_num_jobs=1, app_ids={job.app_id})
+    acquired.state, acquired.batch_job_id = "RUNNING", bj.id
     acquired.state_timestamp = when
     acquired.state_data = {"num_nodes": 1}
     Job.objects.bulk_update([acquired])

@@ -114,6 +114,21 @@ def test_start_time_is_the_schedulers_own(setup, client):
     assert _start(client, record) == started, f"the poll's time ({before}), not the scheduler's start"
 
 
+def test_the_schedulers_start_wins_over_a_start_recorded_from_the_launchers_session(setup, client):
+    """The launcher opened its Session before the poll that sees the job running: the server
+    recorded its start then (its first Session's time), and the agent's copy has a start. The
+    scheduler's own start is earlier and exact: it is still sent, and kept."""
+    site, fake, module = setup
+    (record,) = _submitted(client, site, module)
+    started = _utcnow() - dt.timedelta(seconds=4)
+    fake.run_job(record["scheduler_id"], started)
+    client.post("/sessions/", json={"site_id": site.site_id, "batch_job_id": record["id"]})
+    recorded = _start(client, record)
+    assert recorded is not None and recorded > started  # the Session's time
+    _running_cycle(module)
+    assert _start(client, record) == started
+
+
 def test_no_start_time_from_the_scheduler_is_the_sighting(setup, client):
     site, fake, module = setup
     (record,) = _submitted(client, site, module)

@@ -159,6 +159,33 @@ it (the first heartbeat of the session after the move is the one that sees it). 
 of the argument: it stops listing a job only once it no longer runs it, or never ran it (dropped
 before its start, or its exit reported and refused); a job it holds is in its list from the moment
 the loop takes it from the acquire, so at least one heartbeat lists it whenever it was started.
+
+A BatchJob's start from its launcher's first Session. A launcher opens its Session once its
+allocation runs, so the create of a Session with a ``batch_job_id`` is evidence that the
+allocation had started by then: :func:`note_batch_job_start` makes the BatchJob's ``start_time``
+no later than that (set when NULL, lowered when later, never raised), in one conditional
+``UPDATE`` of the create's transaction. The site agent's start_time is the scheduler's own start
+where its poll gives one (earlier: it is kept), else its sighting of the job running, a whole
+``scheduler.sync_period`` late or more (an agent that was down; Cobalt reports no start), and the
+dashboard and ``balsam.analytics.first_runs_query`` count an allocation's runs from at most
+``FIRST_RUN_LOOKBACK`` before start_time. The BatchJob's state is left to the agent: a server-side
+queued -> running would be undone by a poll that lags the scheduler (read by the agent as a
+requeue), and the state is the scheduler's record, start_time a fact the server saw itself.
+
+The agent's PATCH sets start_time only when its fetched copy has none, so a Session created
+between its fetch and its PATCH would be overwritten by the later sighting. So a PATCH (single,
+bulk; routes/batch_jobs.py) stores the earlier of the stored and the sent start_time, and a sent
+null keeps a stored one. Race-free: the PATCH reads the stored value in the write transaction
+that writes it, its rows locked ``FOR NO KEY UPDATE`` on PostgreSQL (SQLite runs one write
+transaction at a time); this ``UPDATE`` takes the same row lock, and its condition is
+re-evaluated on the row's latest version once a concurrent PATCH committed (READ COMMITTED). Either
+commits first and the other reads its value, and both keep the minimum, so the result is the
+earliest of the two whatever the order. A PATCH never raises or clears a stored start_time, so a
+row this ``UPDATE`` finds with an earlier start (it then takes no lock) cannot become later under
+it. Lock order: the create takes the BatchJob first (before its credential ``FOR SHARE`` and any
+session or job), as a BatchJob update or delete takes it before its sessions and credentials. Taken
+after the credential, it and a PATCH finishing the BatchJob (holding the BatchJob, then revoking
+the credential) would each wait for the other: a deadlock, which PostgreSQL ends with a 503.
 """
 
 from __future__ import annotations
@@ -264,6 +291,29 @@ def heartbeat(conn: sa.Connection, session_id: int, now: dt.datetime) -> dt.date
     if not conn.execute(HEARTBEAT["sqlite"], {"b_session": session_id, "b_now": now}).rowcount:
         raise _session_not_found(session_id)
     return now
+
+
+#: States in which a BatchJob's allocation may be running: a Session of an ended one (only a user
+#: token opens one then: its launcher credentials were revoked) says nothing of when it started.
+_MAY_RUN = sorted(s.value for s in BatchJobState if s not in (BatchJobState.finished, BatchJobState.submit_failed))
+
+
+def note_batch_job_start(conn: sa.Connection, user_id: int, site_id: int, batch_job_id: int, now: dt.datetime) -> None:
+    """Make BatchJob ``batch_job_id``'s start_time no later than now (see "A BatchJob's start from
+    its launcher's first Session" above): one conditional UPDATE, which writes (and locks) the row
+    only where start_time is NULL or later. The time is the database's on PostgreSQL (``now()``,
+    this transaction's start: before the Session's heartbeat is written, after the launcher sent
+    its request), else ``now``, as the Session's own clock (:func:`session_clock`). A BatchJob
+    not found here (not the user's, not at ``site_id``) is left to the caller's 404."""
+    when = sa.func.now() if conn.dialect.name == "postgresql" else now
+    conn.execute(
+        sa.update(batch_jobs)
+        .where(batch_jobs.c.id == batch_job_id, batch_jobs.c.site_id == site_id,
+               batch_jobs.c.site_id.in_(sa.select(sites.c.id).where(site_owned_by(user_id))),
+               batch_jobs.c.state.in_(_MAY_RUN),
+               sa.or_(batch_jobs.c.start_time.is_(None), batch_jobs.c.start_time > when))
+        .values(start_time=when)
+    )
 
 
 def note_outage(engine: sa.Engine) -> None:

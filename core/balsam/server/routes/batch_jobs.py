@@ -201,13 +201,33 @@ def _check_frozen_fields(current: dict[int, Any], patches: dict[int, dict[str, A
                        refused_ids=refused)
 
 
+def _keep_earliest_start(current: dict[int, Any], patches: dict[int, dict[str, Any]]) -> None:
+    """A sent start_time is stored only where the stored one is NULL or later: start_time is the
+    allocation's first start, and each writer knows it no earlier than it happened (the agent's
+    sighting, up to a sync period late; the scheduler's start; a launcher's first Session,
+    sessions_logic.note_batch_job_start), so the earliest is the truest. Without this the agent's
+    sighting, PATCHed because its copy read before the Session had none, overwrote the Session's
+    earlier start (sessions_logic says why it is race-free: ``current`` was read under the rows'
+    lock). The server cannot tell that PATCH from a user's (the same Balsam 0.7 request, the same
+    token), so a later start_time is not stored from anyone, and a sent null (a client re-sending a
+    copy read before the start was known) keeps the stored one; the answer shows what is stored.
+    An earlier one is stored (the scheduler's history once the BatchJob ended)."""
+    for bj_id, patch in patches.items():
+        if "start_time" not in patch:
+            continue
+        stored, sent = current[bj_id].start_time, patch["start_time"]
+        # Both aware: the parser reads a time without a zone as UTC, tables.UTCDateTime returns UTC.
+        if stored is not None and (sent is None or sent >= stored):
+            del patch["start_time"]
+
+
 def _update_many(conn: sa.Connection, user_id: int,
                  patches: dict[int, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
     """The updated BatchJobs, and the ids of the launcher credentials revoked because theirs finished
     (for the caller to forget in the credential cache once committed)."""
     ids = list(patches)
     frozen = [batch_jobs.c[name] for name in FROZEN_AFTER_SUBMISSION]
-    stmt = sa.select(batch_jobs.c.id, batch_jobs.c.state, *frozen).where(
+    stmt = sa.select(batch_jobs.c.id, batch_jobs.c.state, batch_jobs.c.start_time, *frozen).where(
         batch_jobs.c.id.in_(ids), batch_jobs.c.site_id.in_(owned_site_ids(user_id))
     )
     if conn.dialect.name == "postgresql":
@@ -226,6 +246,7 @@ def _update_many(conn: sa.Connection, user_id: int,
     _check_frozen_fields(stored, patches)
     current = {bj_id: row.state for bj_id, row in stored.items()}
     _apply_state_rules(current, patches)
+    _keep_earliest_start(stored, patches)
     update_rows_by_id(conn, batch_jobs, patches)
     finished = [bj_id for bj_id, values in patches.items()
                 if values.get("state") == BJ.finished.value and current[bj_id] != BJ.finished.value]

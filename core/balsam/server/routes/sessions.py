@@ -18,8 +18,8 @@ from ..jobs_logic import SESSION_DELETED_MSG, owned_site_ids, site_owned_by, utc
 from ..routing import Ctx, route
 from ..idempotency import replay_one
 from ..sessions_logic import (
-    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, note_held, parse_acquire, parse_release,
-    parse_tick, reacquire, release_jobs, release_session_jobs, session_clock, session_dict,
+    acquire, any_candidates, get_owned_session, gone_jobs, heartbeat, maybe_sweep, note_batch_job_start, note_held,
+    parse_acquire, parse_release, parse_tick, reacquire, release_jobs, release_session_jobs, session_clock, session_dict,
 )
 from ..tables import batch_jobs, credentials, idempotency_keys, sessions, sites
 
@@ -63,21 +63,29 @@ def create_session(ctx: Ctx) -> Response:
     data = {**data, "site_id": site_id, "batch_job_id": batch_job_id}
     check_int_fields(data, ["site_id", "batch_job_id"], ["body"])
     with ctx.write() as conn:
-        # First, holding the credential (FOR SHARE) before anything else: a revoke waits for this
-        # create and then ends its session, or this create reads the revocation.
-        _refuse_dead_launcher(ctx, conn, share_lock=True)
+        own = None
         if ctx.user.site_id is not None and ctx.user.credential_id is not None:
             # A launcher credential opens sessions of its own BatchJob only: a revoke ends the
             # sessions of that BatchJob (auth.revoke_credentials), and one opened for none or
-            # another would keep its leases until it expired.
+            # another would keep its leases until it expired. (Read unlocked: a credential's
+            # BatchJob never changes; its revocation is read under the lock below.)
             own = conn.execute(sa.select(credentials.c.batch_job_id)
                                .where(credentials.c.id == ctx.user.credential_id)).scalar()
-            if own is not None:
-                if batch_job_id is None:
-                    batch_job_id = int(own)
-                elif batch_job_id != own:
-                    raise Forbidden(f"this launcher credential is BatchJob {own}'s: it cannot open a session "
-                                    f"for BatchJob {batch_job_id}")
+        started = batch_job_id if batch_job_id is not None else own
+        if started is not None and (own is None or started == own):
+            # Its allocation runs: start_time no later than now (sessions_logic, "A BatchJob's
+            # start from its launcher's first Session"). The BatchJob first, before the credential
+            # and any session or job (the lock order); rolled back with a refused create.
+            note_batch_job_start(conn, ctx.user.id, site_id, int(started), utcnow())
+        # Then the credential (FOR SHARE) before any session: a revoke waits for this create and
+        # then ends its session, or this create reads the revocation.
+        _refuse_dead_launcher(ctx, conn, share_lock=True)
+        if own is not None:
+            if batch_job_id is None:
+                batch_job_id = int(own)
+            elif batch_job_id != own:
+                raise Forbidden(f"this launcher credential is BatchJob {own}'s: it cannot open a session "
+                                f"for BatchJob {batch_job_id}")
         owned = conn.execute(sa.select(sites.c.id).where(sites.c.id == site_id, site_owned_by(ctx.user.id))).first()
         if owned is None:
             raise NotFound(f"Site {site_id} not found")

@@ -810,8 +810,15 @@ class SchedulerModule(AgentModule):
                 return
         if new_state in (BatchJobState.queued, BatchJobState.running) and new_state != state:
             update["state"] = new_state.value
-            if new_state == BatchJobState.running and not batch_job.get("start_time"):
-                update["start_time"] = format_datetime(self._start_time(batch_job, scheduler_id))
+            stored = batch_job.get("start_time")
+            # The scheduler's own start is sent also where a start is stored already: the server
+            # stores a launcher's first Session's time as soon as it opens (usually before this
+            # poll), and the scheduler's start is earlier and exact. The server keeps the earlier
+            # (a requeued job's later start is not sent: start_time is the first start).
+            if new_state == BatchJobState.running and (not stored or scheduler_id in self._start_times):
+                started = self._start_time(batch_job, scheduler_id)
+                if not stored or started < _aware(parse_datetime(stored)):
+                    update["start_time"] = format_datetime(started)
             if state == BatchJobState.running and new_state == BatchJobState.queued:
                 self._record_requeue(batch_job, update)
             else:

@@ -1,0 +1,233 @@
+"""A BatchJob's start_time from its launcher's first Session (SQLite and PostgreSQL, real servers).
+
+The site agent records start_time from the scheduler's own start where its poll gives one, else its
+sighting of the job running: a whole ``scheduler.sync_period`` late or more (Cobalt gives no start;
+an agent that was down). The dashboard and ``balsam.analytics.first_runs_query`` count a run as the
+allocation's only from ``FIRST_RUN_LOOKBACK`` (2 min) before start_time, so an allocation whose
+start_time was a late sighting lost its early runs, and its nodes counted as held only from the
+sighting. Before: the server never recorded a start itself. Now the create of a Session with a
+``batch_job_id`` makes start_time no later than then (set, lowered, never raised), and a PATCH never
+moves a stored start_time later: the agent's sighting, PATCHed because its copy was read before the
+Session, no longer overwrites the Session's earlier start. Times are made by the tests, not slept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from server_testlib import Api, wait_blocked_by
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "dashboard"))
+
+from dashboard_helpers import logged_in_client  # noqa: E402  (tests/dashboard)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+
+
+def _utc(text: "str | None") -> "dt.datetime | None":
+    """A time of the API's answers (UTC, written without a zone) as an aware one."""
+    return None if text is None else dt.datetime.fromisoformat(text.replace("Z", "+00:00")).replace(tzinfo=dt.timezone.utc)
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).isoformat()
+
+
+def _batch_job(api: Api, site_id: int, state: str = "queued", **fields: Any) -> dict:
+    bj = api.ok("POST", "/batch-jobs/", 201, json={"site_id": site_id, "project": "p", "queue": "q", "num_nodes": 2,
+                                                   "wall_time_min": 30, "job_mode": "mpi"})
+    if state != "pending_submission" or fields:
+        api.ok("PUT", f"/batch-jobs/{bj['id']}", json={**({"state": state} if state != "pending_submission" else {}),
+                                                       **fields})
+    return bj
+
+
+def _start(api: Api, bj_id: int) -> "dt.datetime | None":
+    return _utc(api.ok("GET", f"/batch-jobs/{bj_id}")["start_time"])
+
+
+def _open_session(api: Api, site_id: int, bj_id: int) -> tuple[dt.datetime, dt.datetime]:
+    """A launcher's Session of ``bj_id``: (client time before, client time after) its create."""
+    before = dt.datetime.now(dt.timezone.utc)
+    api.ok("POST", "/sessions/", 201, json={"site_id": site_id, "batch_job_id": bj_id})
+    return before, dt.datetime.now(dt.timezone.utc)
+
+
+#: The server's clock (SQLite: its process's; PostgreSQL: the database's) against the test's, one host.
+SLACK = dt.timedelta(seconds=2)
+
+
+def test_a_session_sets_a_missing_start_and_lowers_a_late_one_but_keeps_an_earlier(api: Api) -> None:
+    site = api.site()
+    missing = _batch_job(api, site["id"])
+    before, after = _open_session(api, site["id"], missing["id"])
+    start = _start(api, missing["id"])
+    assert start is not None and before - SLACK <= start <= after + SLACK
+    read = api.ok("GET", f"/batch-jobs/{missing['id']}")
+    assert read["state"] == "queued"  # the state stays the agent's (sessions_logic says why)
+    # A second launcher of the allocation, later: the first start stays.
+    _open_session(api, site["id"], missing["id"])
+    assert _start(api, missing["id"]) == start
+
+    # A start recorded later than the Session (an agent whose clock runs ahead): lowered.
+    late = _batch_job(api, site["id"], state="running",
+                      start_time=_iso(dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)))
+    before, after = _open_session(api, site["id"], late["id"])
+    start = _start(api, late["id"])
+    assert start is not None and before - SLACK <= start <= after + SLACK
+
+    # The scheduler's own start, earlier than the launcher's Session: kept.
+    scheduler_start = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(minutes=3)
+    early = _batch_job(api, site["id"], state="running", start_time=_iso(scheduler_start))
+    _open_session(api, site["id"], early["id"])
+    assert _start(api, early["id"]) == scheduler_start
+
+
+def test_a_later_start_time_patch_keeps_the_sessions_start(api: Api) -> None:
+    site = api.site()
+    bj = _batch_job(api, site["id"])
+    _open_session(api, site["id"], bj["id"])
+    start = _start(api, bj["id"])
+    assert start is not None
+    # The agent's sighting, from its copy read before the Session (no start there): the bulk PATCH
+    # it sends, and the single update of a Balsam 0.7 client; each answers what is stored.
+    sighting = start + dt.timedelta(minutes=10)
+    [answer] = api.ok("PATCH", "/batch-jobs/", json=[{"id": bj["id"], "state": "running", "start_time": _iso(sighting)}])
+    assert answer["state"] == "running" and _utc(answer["start_time"]) == start
+    answer = api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"start_time": _iso(sighting), "status_info": {"a": "b"}})
+    assert _utc(answer["start_time"]) == start and answer["status_info"] == {"a": "b"}
+    # A client re-sending a copy read before the start was known (null) does not erase it.
+    assert _utc(api.ok("PUT", f"/batch-jobs/{bj['id']}", json={"start_time": None})["start_time"]) == start
+    # An earlier start (the scheduler's history, once the job ended) is stored.
+    history = start - dt.timedelta(seconds=30)
+    [answer] = api.ok("PATCH", "/batch-jobs/", json=[{"id": bj["id"], "start_time": _iso(history)}])
+    assert _utc(answer["start_time"]) == history == _start(api, bj["id"])
+
+
+def test_a_launcher_credentials_session_records_its_own_batch_jobs_start_only(api: Api) -> None:
+    site = api.site()
+    own, other = _batch_job(api, site["id"]), _batch_job(api, site["id"])
+    cred = api.ok("POST", "/auth/credentials", 201, json={"site_id": site["id"], "ttl_sec": 600,
+                                                           "batch_job_id": own["id"]})
+    launcher = {"Authorization": f"Bearer {cred['access_token']}"}
+    refused = api.http.post("/sessions/", headers=launcher, json={"site_id": site["id"], "batch_job_id": other["id"]})
+    assert refused.status_code == 403, refused.text
+    assert _start(api, other["id"]) is None  # rolled back with the refused create
+    made = api.http.post("/sessions/", headers=launcher, json={"site_id": site["id"]})  # its BatchJob implied
+    assert made.status_code == 201 and made.json()["batch_job_id"] == own["id"], made.text
+    assert _start(api, own["id"]) is not None
+    # A Session naming an ended BatchJob (a user token; its launcher's credential is revoked) says
+    # nothing of when it started.
+    ended = _batch_job(api, site["id"], state="running")
+    api.ok("PUT", f"/batch-jobs/{ended['id']}", json={"state": "finished"})
+    _open_session(api, site["id"], ended["id"])
+    assert _start(api, ended["id"]) is None
+
+
+@pytest.mark.postgres
+def test_a_session_created_while_the_agents_patch_holds_the_row_still_lowers_it(
+        _live_server_pg_obj: Any, register: Any) -> None:
+    """PostgreSQL: the agent's late sighting is in flight (its transaction holds the BatchJob row,
+    start_time written, not committed) when the launcher's Session is created: the create's UPDATE
+    waits for it, then re-evaluates its condition on the committed row and lowers start_time."""
+    api = Api(_live_server_pg_obj.url, register)
+    engine = sa.create_engine(_live_server_pg_obj.database_url)
+    try:
+        site = api.site()
+        bj = _batch_job(api, site["id"])
+        sighting = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=10)
+        agent, look = engine.connect(), engine.connect()
+        tx = agent.begin()
+        agent.execute(sa.text("UPDATE batch_jobs SET start_time = :t, state = 'running' WHERE id = :id"),
+                      {"t": sighting, "id": bj["id"]})
+        pid = agent.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        result: dict[str, Any] = {}
+        create = threading.Thread(target=lambda: result.update(times=_open_session(api, site["id"], bj["id"])))
+        create.start()
+        try:
+            wait_blocked_by(look, pid, 15, "the Session create never waited for the BatchJob row")
+        finally:
+            tx.commit()
+            create.join(60)
+        before, after = result["times"]
+        start = _start(api, bj["id"])
+        assert start is not None and before - SLACK <= start <= after + SLACK < sighting
+        agent.close()
+        look.close()
+    finally:
+        engine.dispose()
+        api.close()
+
+
+@pytest.fixture
+def env(db_kind: str, request: pytest.FixtureRequest) -> Any:
+    """The Python API as a fresh user of the same live server as ``api`` (SQLite, PostgreSQL)."""
+    return request.getfixturevalue("balsam_env" if db_kind == "sqlite" else "balsam_env_pg")
+
+
+def test_runs_of_an_allocation_seen_started_late_count_from_its_sessions_start(env: Any, tmp_path: Path) -> None:
+    """End to end: two allocations whose agent saw them running 5 minutes after their launchers
+    opened their Sessions and ran jobs (one launcher's clock 30 s behind the server's). The
+    analytics and the dashboard count their nodes as held from the Sessions' start, and the run
+    stamped before it is the first run of its BatchJob."""
+    from balsam.analytics import available_nodes, first_runs_query, step_at
+    from balsam.api import ApplicationDefinition, BatchJob, EventLog, Job, Session, Site
+
+    site = Site.objects.create(name=f"site-{tmp_path.name[-8:]}", path=str(tmp_path))
+    site_name = site.name
+
+    class Sleeper(ApplicationDefinition):
+        site = site_name
+        command_template = "sleep 1"
+
+    Sleeper.sync()
+    submitted = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=20)
+    nodes = {"in_step": 2, "behind": 4}
+    runs: dict[str, dt.datetime] = {}
+    bjs: dict[str, Any] = {}
+    # "behind" first: its run, 30 s before its Session, is before "in_step" started, whatever the pace.
+    for name, clock_offset in (("behind", dt.timedelta(seconds=-30)), ("in_step", dt.timedelta(0))):
+        bj = BatchJob.objects.create(site_id=site.id, num_nodes=nodes[name], wall_time_min=30, job_mode="serial",
+                                     queue="local", project="local")
+        bj.state = "queued"
+        bj.status_info = {"submit_time": submitted.isoformat()}
+        bj.save()  # the agent's copy: queued, no start
+        job = Sleeper.submit(workdir=f"w/{name}")
+        job.state = "PREPROCESSED"
+        job.save()
+        session = Session.objects.create(site_id=site.id, batch_job_id=bj.id)
+        [leased] = session.acquire_jobs(max_num_jobs=1, app_ids={job.app_id})
+        # The launcher stamps its run on its own clock, right after its Session was opened.
+        runs[name] = dt.datetime.now() + clock_offset
+        leased.state, leased.state_timestamp, leased.state_data = "RUNNING", runs[name], {"num_nodes": 1}
+        Job.objects.bulk_update([leased])
+        # The agent's sighting, 5 minutes after (a sync_period, or an agent that was down), from its
+        # copy read before the Session: a Balsam 0.7 client's save().
+        bj.state, bj.start_time = "running", dt.datetime.now() + dt.timedelta(minutes=5)
+        bj.save()
+        bjs[name] = bj
+    rows = list(BatchJob.objects.filter(site_id=site.id))
+
+    first = first_runs_query(rows, EventLog)
+    assert bjs["behind"].id in first, first
+    assert abs((first[bjs["behind"].id] - runs["behind"]).total_seconds()) < 1
+    times, held = available_nodes(rows, first_runs=first)
+    assert step_at(times, held, runs["behind"]) == nodes["behind"]
+    assert step_at(times, held, runs["in_step"]) == nodes["behind"] + nodes["in_step"]
+
+    client = logged_in_client(env.url, env.username, env.password)
+    try:
+        answer = client.get("/dashboard/plots/data", params={"site_id": site.id})
+    finally:
+        client.close()
+    assert answer.status_code == 200, answer.text
+    util = answer.json()["utilization"]
+    dash_times = [dt.datetime.fromtimestamp(t) for t in util["t"]]
+    assert step_at(dash_times, util["available"], runs["behind"]) == nodes["behind"]
+    assert step_at(dash_times, util["available"], runs["in_step"]) == nodes["behind"] + nodes["in_step"]
