@@ -19,7 +19,7 @@ import os
 import re
 import signal
 import threading
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, TypeVar, Union, overload
 
 # Process identity lives in its own light module (the local scheduler's queue command, run every
 # sync_period, imports it without this module's logging set-up); these names stay importable here.
@@ -113,57 +113,149 @@ class EnvNumberError(ValueError):
     """A numeric environment variable that is not a number Balsam takes (one line: name and value)."""
 
 
+#: The longest text :func:`plain_decimal` reads: a setting is a few digits (an epoch time with
+#: microseconds is 17 characters); 4,300 digits made int() raise its own ValueError, and 309 with a
+#: point gave float() inf.
+MAX_DECIMAL_CHARS = 64
+
+#: The longest time in seconds a setting may give (ten years): the server adds a lifetime to now
+#: (a key's expiry) or takes it from now (the session sweep's cutoff), and datetime overflows past
+#: ~2,000 years back or ~8,000 ahead (an OverflowError in every such request); ten years is well
+#: inside, and longer than anybody means.
+MAX_SETTING_SEC = 10 * 365 * 24 * 3600
+
+#: ``BALSAM_SESSION_EXPIRE_SEC``, which the server (its expiry of a launcher's Session) and the
+#: launcher (how long it assumes its Session outlives a heartbeat) both read: one rule,
+#: :func:`session_expire_from_env`.
+SESSION_EXPIRE_ENV = "BALSAM_SESSION_EXPIRE_SEC"
+#: Its shortest value: a shorter one expires a Session between two requests of a live launcher.
+MIN_SESSION_EXPIRE_SEC = 0.1
+
+#: What a bad number does: ``"raise"`` an :class:`EnvNumberError`, ``"warn"`` once and the default.
+OnBad = Literal["warn", "raise"]
+_ON_BAD = ("warn", "raise")
+
+Number = TypeVar("Number", int, float)
+
+
 def plain_decimal(text: str, *, fraction: bool = False) -> "int | float | None":
     """``text`` (spaces around it ignored) as a plain decimal number, else None: ASCII digits, and
-    with ``fraction`` one point among them (``30``, ``0.5``, ``.5``, ``5.``). ``int()`` and
-    ``float()`` also take ``1_000``, ``+5``, ``-5``, ``1e3``, ``nan``, ``inf`` and other scripts'
-    digits (``'٣'``): spellings nobody means for a setting, or that made a setting nonsense (a
-    heartbeat every 0.1 s, a margin of nan); none of them passes here."""
+    with ``fraction`` one point among them (``30``, ``0.5``, ``.5``, ``5.``), at most
+    :data:`MAX_DECIMAL_CHARS` characters. ``int()`` and ``float()`` also take ``1_000``, ``+5``,
+    ``-5``, ``1e3``, ``nan``, ``inf`` and other scripts' digits (``'٣'``): spellings nobody means
+    for a setting, or that made a setting nonsense (a heartbeat every 0.1 s, a margin of nan);
+    none of them passes here."""
     text = text.strip()
+    if len(text) > MAX_DECIMAL_CHARS:
+        return None
     parts = text.split(".") if fraction else [text]
     if len(parts) > 2 or not any(parts) or not all(p == "" or (p.isascii() and p.isdecimal()) for p in parts):
         return None
-    return float(text) if fraction else int(text)
+    if not fraction:
+        return int(text)
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 def _plain(number: "int | float") -> str:
     """A number as a user would type it back (``315360000``, ``0.5``: not ``3.1536e+08``)."""
-    if not math.isfinite(number):
-        return "none"
     return str(int(number)) if float(number).is_integer() else repr(float(number))
 
 
+def number_problem(where: str, raw: Any, *, fraction: bool, minimum: "int | float",
+                   maximum: "int | float | None" = None, also: Optional[str] = None) -> str:
+    """The one line that says ``raw`` (given as ``where``) is not a number a setting takes:
+    ``<where>='<raw>' is not a number from <minimum> [to <maximum>] (<spelling>[, or <also>])``."""
+    bounds = f"from {_plain(minimum)}" + (f" to {_plain(maximum)}" if maximum is not None else "")
+    kind = "digits with an optional decimal point, e.g. 30 or 0.5" if fraction else "digits only, e.g. 30"
+    # A value thousands of digits long is quoted in part: the line stays one readable line.
+    shown = repr(raw) if not isinstance(raw, str) or len(raw) <= MAX_DECIMAL_CHARS else \
+        f"{raw[:MAX_DECIMAL_CHARS]!r}... ({len(raw)} characters)"
+    return f"{where}={shown} is not a number {bounds} ({kind}{', or ' + also if also else ''})"
+
+
+#: The environment warnings given in this process: variable name -> the value last warned about.
+#: Bounded by the number of variables Balsam reads (unlike :func:`first_warning`'s set, which is
+#: cleared when full, so a long launcher repeated them), and a changed value is warned about anew.
+_env_warned: dict[str, str] = {}
+
+
+def warn_env_once(name: str, raw: str, line: str, warn: Optional[Callable[[str], Any]] = None) -> None:
+    """Give ``line`` about ``name=raw`` (``warn(line)``, else the ``balsam`` logger), once per
+    process while the variable keeps that value."""
+    if _env_warned.get(name) == raw:
+        return
+    _env_warned[name] = raw
+    (warn or logging.getLogger("balsam").warning)(line)
+
+
+@overload
+def env_number(name: str, default: Number, *, fraction: bool = ..., minimum: "int | float" = ...,
+               maximum: "int | float | None" = ..., on_bad: OnBad = ..., words: "Mapping[str, Number] | None" = ...,
+               environ: "Mapping[str, str] | None" = ..., warn: "Callable[[str], Any] | None" = ...) -> Number: ...
+
+
+@overload
+def env_number(name: str, default: None, *, fraction: Literal[False] = ..., minimum: "int | float" = ...,
+               maximum: "int | float | None" = ..., on_bad: OnBad = ..., words: "Mapping[str, int] | None" = ...,
+               environ: "Mapping[str, str] | None" = ..., warn: "Callable[[str], Any] | None" = ...) -> Optional[int]: ...
+
+
+@overload
+def env_number(name: str, default: None, *, fraction: Literal[True], minimum: "int | float" = ...,
+               maximum: "int | float | None" = ..., on_bad: OnBad = ..., words: "Mapping[str, float] | None" = ...,
+               environ: "Mapping[str, str] | None" = ..., warn: "Callable[[str], Any] | None" = ...) -> Optional[float]: ...
+
+
 def env_number(name: str, default: "int | float | None", *, fraction: bool = False, minimum: "int | float" = 0,
-               maximum: "int | float | None" = None, on_bad: str = "warn", environ: Any = None,
-               warn: Any = None) -> Any:
-    """The environment variable ``name`` as a plain decimal number (:func:`plain_decimal`) from
-    ``minimum`` to ``maximum``, else ``default`` when it is unset or blank.
+               maximum: "int | float | None" = None, on_bad: OnBad = "warn", words: "Mapping[str, Any] | None" = None,
+               environ: "Mapping[str, str] | None" = None, warn: "Callable[[str], Any] | None" = None) -> Any:
+    """The environment variable ``name`` (in ``environ``, else ``os.environ``) as a plain decimal
+    number (:func:`plain_decimal`) from ``minimum`` to ``maximum``, a float with ``fraction``, else
+    an int; ``words``: spellings with a meaning of their own (``{"-1": -1}``: no limit); ``default``
+    when it is unset or blank.
 
     A value that is not one: with ``on_bad="raise"`` an :class:`EnvNumberError` (for what a command
     reads at its start: it stops with one line naming the variable and the value); with ``"warn"``
-    one warning per process and value (``warn(line)``, else the ``balsam`` logger), and the default
-    (for what a long-running agent, launcher or server reads: it keeps running on the default)."""
+    the same line, once per process and value (:func:`warn_env_once`), and the default (for what a
+    long-running agent, launcher or server reads: it keeps running on the default)."""
+    if on_bad not in _ON_BAD:
+        raise TypeError(f"env_number: on_bad={on_bad!r} (expected 'warn' or 'raise')")
     raw = (os.environ if environ is None else environ).get(name)
     if raw is None or not raw.strip():
         return default
+    if words and raw.strip().lower() in words:
+        return words[raw.strip().lower()]
     value = plain_decimal(raw, fraction=fraction)
     if value is not None and value >= minimum and (maximum is None or value <= maximum):
         return value
-    bounds = f"from {_plain(minimum)}" + (f" to {_plain(maximum)}" if maximum is not None else "")
-    kind = "digits with an optional decimal point, e.g. 30 or 0.5" if fraction else "digits only, e.g. 30"
+    problem = number_problem(f"environment variable {name}", raw, fraction=fraction, minimum=minimum, maximum=maximum,
+                             also=" or ".join(words) if words else None)
     if on_bad == "raise":
-        raise EnvNumberError(f"environment variable {name}={raw!r} is not a number {bounds} ({kind})")
-    stripped = raw.strip().lower().lstrip("+-")
-    reason = ("not a finite number" if stripped in ("nan", "inf", "infinity")
-              else "not a plain decimal number" if value is None else "out of range")
-    fallback = "the default" if default is None else f"the default {_plain(default)}"
-    line = f"ignoring {name}={raw!r} ({reason}): expected a number {bounds} ({kind}); using {fallback}"
-    if first_warning(("env_number", name, raw)):
-        if warn is not None:
-            warn(line)
-        else:
-            logging.getLogger("balsam").warning(line)
+        raise EnvNumberError(problem)
+    warn_env_once(name, raw, f"{problem}: using the default{'' if default is None else ' ' + _plain(default)}", warn)
     return default
+
+
+def session_expire_from_env(default: "float | None", *, on_bad: OnBad,
+                            warn: "Callable[[str], Any] | None" = None) -> "float | None":
+    """``$BALSAM_SESSION_EXPIRE_SEC``: seconds (a fraction allowed) from
+    :data:`MIN_SESSION_EXPIRE_SEC` to :data:`MAX_SETTING_SEC`, the same rule for the server that
+    expires Sessions and the launchers that heartbeat them."""
+    return env_number(SESSION_EXPIRE_ENV, default, fraction=True, minimum=MIN_SESSION_EXPIRE_SEC,
+                      maximum=MAX_SETTING_SEC, on_bad=on_bad, warn=warn)
+
+
+#: The BatchJob a launcher runs in (the job template exports it).
+BATCH_JOB_ID_ENV = "BALSAM_BATCH_JOB_ID"
+
+
+def batch_job_id_from_env(environ: "Mapping[str, str]") -> Optional[int]:
+    """``$BALSAM_BATCH_JOB_ID`` in ``environ`` as a BatchJob id (plain digits), else None: another
+    value (``-5``, ``1_000``: int() took them and picked some BatchJob) is warned about once and
+    ignored, and the launcher looks its BatchJob up by the scheduler's id. One rule for the
+    launcher's start, its early Session and :func:`balsam.launcher._api.find_batch_job_id`."""
+    return env_number(BATCH_JOB_ID_ENV, None, environ=environ, warn=logging.getLogger("balsam.launcher").warning)
 
 
 def to_tuple(value: Any) -> tuple:

@@ -138,8 +138,8 @@ def test_the_env_var_sets_the_connect_wait_and_a_bad_value_is_refused_in_one_lin
         with pytest.raises(ClientSettingsError) as err:
             RESTClient(stopped_socket, "token")
         message = str(err.value)
-        assert message.startswith(f"{ENV}={bad!r}: not a number of seconds") and "\n" not in message
-    with pytest.raises(ClientSettingsError, match=r"^connect_wait=-2: "):
+        assert message.startswith(f"environment variable {ENV}={bad!r} is not a number from 0") and "\n" not in message
+    with pytest.raises(ClientSettingsError, match=r"^connect_wait=-2 is not a number from 0 "):
         RESTClient(stopped_socket, "token", connect_wait=-2)
 
 

@@ -216,7 +216,7 @@ def test_a_bad_connect_wait_is_logged_by_the_agent(monkeypatch, caplog):
     with pytest.raises(ClientSettingsError):
         load_site_client(None)
     [record] = [r for r in caplog.records if r.name == "balsam.site.agent"]
-    assert f"{ENV}='soon': not a number of seconds" in record.getMessage()
+    assert f"environment variable {ENV}='soon' is not a number from 0" in record.getMessage()
 
 
 def test_the_launchers_first_warning_promises_the_connect_wait_when_it_is_shorter(tmp_path, caplog):
@@ -235,7 +235,7 @@ def test_the_launchers_first_warning_promises_the_connect_wait_when_it_is_shorte
 def test_nits_the_time_left_rounds_up_and_a_bool_is_no_connect_wait():
     assert rest._span(0.2) == "1 s" and rest._span(0) == "0 s" and rest._span(100) == "1.7 min"
     for bad in (True, False):
-        with pytest.raises(ClientSettingsError, match=r"^connect_wait=(True|False): "):
+        with pytest.raises(ClientSettingsError, match=r"^connect_wait=(True|False) is not a number from 0 "):
             RESTClient("unix:///x/b.sock", connect_wait=bad)
 
 

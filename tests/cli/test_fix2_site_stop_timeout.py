@@ -100,7 +100,8 @@ def test_sync_refuses_a_stop_wait_the_new_agent_would_refuse_before_stopping_any
     monkeypatch.setenv("BALSAM_AGENT_STOP_WAIT_SEC", "soon")
     result, timeouts, starts = cli("sync")
     assert result.exit_code == 1
-    assert ("Error: $BALSAM_AGENT_STOP_WAIT_SEC: expected seconds from 0 to 3600, got 'soon' (nothing was pushed; "
+    assert ("Error: environment variable BALSAM_AGENT_STOP_WAIT_SEC='soon' is not a number from 0 to 3600 (digits with "
+            "an optional decimal point, e.g. 30 or 0.5) (nothing was pushed; "
             f"the running site agent [pid {PID}] keeps its current settings)") in result.output
     assert timeouts == [] and starts == []
     assert os.environ["BALSAM_AGENT_STOP_WAIT_SEC"] == "soon"

@@ -14,6 +14,7 @@ the variable and its value; one a running launcher reads is warned about once an
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -33,7 +34,7 @@ NOT_FINITE = [" nan", "inf", "1e999"]
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test sees its warnings given (they are once per process and value)."""
-    monkeypatch.setattr(balsam.util, "_warned", set())
+    monkeypatch.setattr(balsam.util, "_env_warned", {})
 
 
 def server_settings() -> ServerSettings:
@@ -53,10 +54,12 @@ def test_the_server_refuses_python_only_spellings_in_one_line(name: str, raw: st
 
 @pytest.mark.parametrize(("name", "raw"), [
     ("BALSAM_SESSION_EXPIRE_SEC", "0"),  # a lifetime of 0 is none
+    ("BALSAM_SESSION_EXPIRE_SEC", "0.05"),  # under the launchers' shortest too
+    ("BALSAM_IDEMPOTENCY_TTL_SEC", "0"),  # no answer remembered: a resent create made its records twice
     ("BALSAM_AUTH_ACCESS_TTL_SEC", "0.5"),  # was truncated to 0
     ("BALSAM_IDEMPOTENCY_TTL_SEC", "999999999999"),  # past datetime's range
     ("BALSAM_MAX_BODY_BYTES", "0"),
-    ("BALSAM_DB_MAX_OVERFLOW", "-1"),
+    ("BALSAM_DB_MAX_OVERFLOW", "-2"),  # -1 alone has a meaning (no limit)
 ])
 def test_the_server_refuses_numbers_out_of_range(name: str, raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(name, raw)
@@ -79,10 +82,10 @@ def test_the_server_refuses_a_yes_or_no_it_cannot_read(name: str, monkeypatch: p
         server_settings()
     monkeypatch.setenv(name, "On")
     settings = server_settings()
-    assert settings.create_tables is True if name == "BALSAM_SERVER_CREATE_TABLES" else settings.dashboard_secure_cookies == "on"
+    assert settings.create_tables is True if name == "BALSAM_SERVER_CREATE_TABLES" else settings.dashboard_secure_cookies == "always"
 
 
-@pytest.mark.parametrize("raw", PYTHON_ONLY + ["0", "0.05", "86401"])
+@pytest.mark.parametrize("raw", PYTHON_ONLY + ["86401", "-0.05"])
 def test_a_launcher_warns_once_about_a_tick_period_and_uses_the_default(raw: str, monkeypatch: pytest.MonkeyPatch,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("BALSAM_LAUNCHER_TICK_SEC", raw)
@@ -90,7 +93,8 @@ def test_a_launcher_warns_once_about_a_tick_period_and_uses_the_default(raw: str
         assert tick_period_from_env() == DEFAULT_TICK_SEC
         assert tick_period_from_env() == DEFAULT_TICK_SEC
     lines = [r.getMessage() for r in caplog.records if "BALSAM_LAUNCHER_TICK_SEC" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].startswith(f"ignoring BALSAM_LAUNCHER_TICK_SEC={raw!r} ("), lines
+    assert len(lines) == 1 and lines[0].startswith(f"environment variable BALSAM_LAUNCHER_TICK_SEC={raw!r} is not a number"), lines
+    assert lines[0].endswith(f"using the default {DEFAULT_TICK_SEC:g}"), lines
     monkeypatch.setenv("BALSAM_LAUNCHER_TICK_SEC", "0.5")  # a fraction is a period
     assert tick_period_from_env() == 0.5
 
@@ -101,7 +105,7 @@ def test_a_bad_session_expiry_in_a_launcher_is_named_and_ignored(raw: str, monke
     monkeypatch.setenv("BALSAM_SESSION_EXPIRE_SEC", raw)
     with caplog.at_level(logging.WARNING, logger="balsam.client"):
         assert assumed_expiry_sec(60.0) == FRESH_TICKS * 60.0  # -5 was 0.1 s: every lease looked stale
-    assert f"ignoring BALSAM_SESSION_EXPIRE_SEC={raw!r}" in caplog.text
+    assert f"environment variable BALSAM_SESSION_EXPIRE_SEC={raw!r} is not a number from 0.1" in caplog.text
     monkeypatch.setenv("BALSAM_SESSION_EXPIRE_SEC", "0.4")
     assert assumed_expiry_sec(60.0) == 0.4
 
@@ -112,7 +116,7 @@ def test_a_spawner_count_that_is_no_count_is_named_and_the_default_used(raw: str
     monkeypatch.setenv(runner.SPAWNER_ENV, raw)
     with caplog.at_level(logging.WARNING, logger="balsam.launcher"):
         assert runner.spawner_count(2) == 2
-    assert f"ignoring {runner.SPAWNER_ENV}={raw!r}" in caplog.text
+    assert f"environment variable {runner.SPAWNER_ENV}={raw!r} is not a number from 0 to 256" in caplog.text
 
 
 def test_a_server_log_size_in_other_digits_is_named_on_stderr(monkeypatch: pytest.MonkeyPatch,
@@ -120,14 +124,16 @@ def test_a_server_log_size_in_other_digits_is_named_on_stderr(monkeypatch: pytes
     monkeypatch.setenv("BALSAM_SERVER_LOG_MAX_BYTES", "\u0663\u0660")  # int() took it as 30
     assert log_max_bytes_from_env() == DEFAULT_LOG_MAX_BYTES
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("balsam server: ignoring BALSAM_SERVER_LOG_MAX_BYTES=")
+    assert err == [f"balsam server: environment variable BALSAM_SERVER_LOG_MAX_BYTES='\u0663\u0660' is not a number from 0 "
+                   f"(digits only, e.g. 30): using the default {DEFAULT_LOG_MAX_BYTES}"]
 
 
-@pytest.mark.parametrize("raw", ["now", "1_000", "-5", "nan"])
+@pytest.mark.parametrize("raw", ["now", "1_000", "-5", "nan", "1e+16", "10000000000000000", "9" * 400 + ".5"])
 def test_a_launcher_start_time_that_is_no_time_stops_it_in_one_line(raw: str, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("BALSAM_LAUNCHER_START_TIME", raw)
     monkeypatch.setenv("BALSAM_SITE_PATH", str(tmp_path))  # no site: should the time pass, it stops there
-    with pytest.raises(LauncherError, match=f"^environment variable BALSAM_LAUNCHER_START_TIME={raw!r} is not a number"):
+    quoted = re.escape(f"environment variable BALSAM_LAUNCHER_START_TIME={raw[:64]!r}")  # a long one is quoted in part
+    with pytest.raises(LauncherError, match=rf"^{quoted}(\.\.\. \(\d+ characters\))? is not a number from 0 to \d+ \("):
         _start_launcher("mpi", 10.0, [], [], str(tmp_path), 0, None)  # type: ignore[arg-type]
 
 
@@ -135,6 +141,160 @@ def test_a_launcher_start_time_that_is_no_time_stops_it_in_one_line(raw: str, tm
     ("30", False, 30), (" 7 ", False, 7), ("0.5", True, 0.5), (".5", True, 0.5), ("5.", True, 5.0),
     ("0.5", False, None), (".", True, None), ("1.2.3", True, None), ("", True, None),
     *[(raw, True, None) for raw in PYTHON_ONLY + NOT_FINITE],
+    ("1" * 5000, False, None),  # int() raised its own ValueError (over 4300 digits)
+    ("9" * 400 + ".5", True, None),  # float() gave inf
+    ("1" * 64, False, int("1" * 64)),
 ])
 def test_plain_decimal_takes_digits_only(text: str, fraction: bool, value: "float | None") -> None:
     assert balsam.util.plain_decimal(text, fraction=fraction) == value
+
+
+def test_an_overflow_of_minus_one_means_no_limit_and_no_other_negative_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BALSAM_DB_MAX_OVERFLOW", " -1 ")  # SQLAlchemy's "no limit": the server stopped on it
+    assert server_settings().max_overflow == -1
+    monkeypatch.setenv("BALSAM_DB_MAX_OVERFLOW", "-2")
+    with pytest.raises(ValueError, match=r"^environment variable BALSAM_DB_MAX_OVERFLOW='-2' is not a number from 0 "
+                                         r"\(digits only, e.g. 30, or -1\)$"):
+        server_settings()
+
+
+def test_the_session_expiry_is_one_rule_for_the_server_and_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BALSAM_SESSION_EXPIRE_SEC", "2.5")  # the server took it (truncated), then refused it
+    assert server_settings().session_expire_sec == 2.5
+    assert assumed_expiry_sec(60.0) == 2.5
+
+
+def test_a_sweep_period_of_zero_sweeps_at_every_chance(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BALSAM_SESSION_SWEEP_SEC", "0")  # app.py: a background sweep every 0.5 s
+    assert server_settings().session_sweep_sec == 0
+
+
+@pytest.mark.parametrize("raw", ["0", "0.05", "0.0"])
+def test_a_tick_period_under_the_shortest_is_raised_to_it_with_one_warning(raw: str, monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from balsam.client.lease import MIN_TICK_SEC
+
+    monkeypatch.setenv("BALSAM_LAUNCHER_TICK_SEC", raw)  # was the default 60 s, the slowest, not the fastest
+    with caplog.at_level(logging.WARNING, logger="balsam.client"):
+        assert tick_period_from_env() == MIN_TICK_SEC
+        assert tick_period_from_env() == MIN_TICK_SEC
+    assert [r.getMessage() for r in caplog.records] == [
+        f"environment variable BALSAM_LAUNCHER_TICK_SEC={raw!r} is under the shortest heartbeat period: using 0.1"]
+
+
+def test_a_warning_about_the_environment_is_given_once_however_many_others_came(monkeypatch: pytest.MonkeyPatch,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(balsam.util, "_warned", set())
+    monkeypatch.setenv("BALSAM_LAUNCHER_TICK_SEC", "nan")
+    with caplog.at_level(logging.WARNING, logger="balsam.client"):
+        tick_period_from_env()
+        for key in range(3 * balsam.util._WARNED_MOST):  # a long launcher's per-app warnings
+            balsam.util.first_warning(("app", key))
+        tick_period_from_env()
+    assert len([r for r in caplog.records if "BALSAM_LAUNCHER_TICK_SEC" in r.getMessage()]) == 1
+
+
+def test_env_number_takes_only_warn_or_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BALSAM_LAUNCHER_TICK_SEC", "nan")
+    with pytest.raises(TypeError, match="on_bad='ignore'"):
+        balsam.util.env_number("BALSAM_LAUNCHER_TICK_SEC", 1.0, on_bad="ignore")  # type: ignore[call-overload]
+
+
+def test_a_start_time_is_passed_to_partitions_in_digits_they_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    from balsam.launcher.entry import start_time_text
+
+    for start in (1e-05, 1733500000.25, 1733500000.0):  # repr(): '1e-05' (and '1e+16'), refused by every launcher
+        text = start_time_text(start)
+        assert balsam.util.plain_decimal(text, fraction=True) == pytest.approx(start, abs=1e-6), text
+
+
+def test_secure_cookies_blank_is_auto_and_errors_quote_the_value_as_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BALSAM_DASHBOARD_SECURE_COOKIES", "   ")  # refused; before it and any blank number: unset
+    assert server_settings().dashboard_secure_cookies == "auto"
+    monkeypatch.setenv("BALSAM_SERVER_CREATE_TABLES", " Ture ")
+    with pytest.raises(ValueError, match=r"^environment variable BALSAM_SERVER_CREATE_TABLES=' Ture ': expected one of"):
+        server_settings()
+
+
+@pytest.mark.parametrize(("given", "mode", "http", "https"), [
+    ("on", "always", True, True), ("No", "never", False, False), ("auto", "auto", False, True)])
+def test_secure_cookies_are_normalised_once_in_the_settings(given: str, mode: str, http: bool, https: bool) -> None:
+    from types import SimpleNamespace
+
+    from balsam.server.dashboard.views import _secure
+
+    settings = ServerSettings(database_url="sqlite://", secret_key="k" * 40, dashboard_secure_cookies=given)
+    assert settings.dashboard_secure_cookies == mode
+    for scheme, secure in (("http", http), ("https", https)):
+        assert _secure(SimpleNamespace(url=SimpleNamespace(scheme=scheme)), settings) is secure  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dashboard_secure_cookies='sometimes'"):
+        ServerSettings(database_url="sqlite://", secret_key="k" * 40, dashboard_secure_cookies="sometimes")
+
+
+# -- the other readers of numbers in the environment: one parser, one form of message -------------
+
+@pytest.mark.parametrize("raw", ["1e3", "1_0", "-5"])
+def test_the_launchers_margin_and_app_refresh_warn_in_the_one_form(raw: str, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from balsam.launcher.job_mode import env_float
+
+    monkeypatch.setenv("BALSAM_LAUNCHER_APP_REFRESH_SEC", raw)  # float() took 1e3 and 1_0
+    with caplog.at_level(logging.WARNING, logger="balsam.launcher"):
+        assert env_float("BALSAM_LAUNCHER_APP_REFRESH_SEC", 10.0) == 10.0
+    assert caplog.records[0].getMessage() == (
+        f"environment variable BALSAM_LAUNCHER_APP_REFRESH_SEC={raw!r} is not a number from 0 (digits with an optional "
+        "decimal point, e.g. 30 or 0.5): using the default 10")
+
+
+@pytest.mark.parametrize("raw", ["1e3", "1_0", "nan"])
+def test_the_agents_stop_wait_is_refused_in_the_one_form(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from balsam.site.agent import AgentError, stop_wait_sec
+
+    monkeypatch.setenv("BALSAM_AGENT_STOP_WAIT_SEC", raw)
+    with pytest.raises(AgentError, match=f"^environment variable BALSAM_AGENT_STOP_WAIT_SEC={raw!r} is not a number from "
+                                         "0 to 3600 "):
+        stop_wait_sec()
+    monkeypatch.setenv("BALSAM_AGENT_STOP_WAIT_SEC", "2.5")
+    assert stop_wait_sec() == 2.5
+
+
+def test_the_connect_wait_takes_digits_or_inf() -> None:
+    from balsam.client.rest import ClientSettingsError, parse_connect_wait
+
+    assert [parse_connect_wait(raw) for raw in ("30", " 0.5 ", "inf", "INF")] == [30.0, 0.5, float("inf"), float("inf")]
+    assert parse_connect_wait(5, "connect_wait") == 5.0  # a program's number is taken as it is
+    for raw in ("1e3", "1_0", "-5", "nan", True):  # float() took the first two
+        with pytest.raises(ClientSettingsError, match=r"is not a number from 0 \(digits with an optional decimal point, "
+                                                      r"e.g. 30 or 0.5, or inf for the client's retries alone\): how long"):
+            parse_connect_wait(raw)
+
+
+def test_the_mpi_partitions_count_warns_once_instead_of_falling_back_silently(caplog: pytest.LogCaptureFixture) -> None:
+    from balsam.launcher.modes.mpi import MPI_PARTITIONS_ENV, mpi_partitions
+
+    with caplog.at_level(logging.WARNING, logger="balsam.launcher"):
+        assert [mpi_partitions({MPI_PARTITIONS_ENV: raw}) for raw in ("3", "", "two", "two", "0")] == [3, 1, 1, 1, 1]
+    assert [r.getMessage().split(" is not")[0] for r in caplog.records] == [
+        f"environment variable {MPI_PARTITIONS_ENV}='two'", f"environment variable {MPI_PARTITIONS_ENV}='0'"]
+
+
+@pytest.mark.parametrize(("raw", "found"), [("42", 42), (" 7 ", 7), ("-5", None), ("1_000", None), ("\u0663", None)])
+def test_the_batch_job_id_is_one_rule_for_the_launcher(raw: str, found: "int | None") -> None:
+    from types import SimpleNamespace
+
+    from balsam.launcher._api import find_batch_job_id
+
+    platform = SimpleNamespace(scheduler_id=lambda env: None)  # no scheduler id to look a BatchJob up by
+    env = {"BALSAM_BATCH_JOB_ID": raw}
+    assert find_batch_job_id(1, env, platform) == found == balsam.util.batch_job_id_from_env(env)  # int() took -5, 1_000
+
+
+def test_a_recursion_error_that_is_not_the_yamls_is_not_relabelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    import balsam.config.settings as config_settings
+
+    def validator_bug(*args: object, **kwargs: object) -> None:
+        raise RecursionError("a plugin validator's bug")
+
+    monkeypatch.setattr(config_settings, "parse_settings", validator_bug)
+    with pytest.raises(RecursionError, match="a plugin validator's bug"):
+        config_settings.loads_settings("scheduler: {}\n")

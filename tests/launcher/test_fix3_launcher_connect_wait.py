@@ -35,8 +35,9 @@ def test_a_bad_connect_wait_ends_the_launcher_with_one_error_line(monkeypatch):
     result = CliRunner().invoke(launcher_command, ["-j", "mpi", "-t", "1"])
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
-    assert lines == [f"Error: {ENV}='soon': not a number of seconds from 0 (how long an API call retries a server "
-                     "it cannot connect to; e.g. 30, or inf for the client's retries alone)"], result.output
+    assert lines == [f"Error: environment variable {ENV}='soon' is not a number from 0 (digits with an optional decimal "
+                     "point, e.g. 30 or 0.5, or inf for the client's retries alone): how long an API call retries a "
+                     "server it cannot connect to"], result.output
 
 
 def test_a_login_without_api_root_ends_the_launcher_with_one_error_line(monkeypatch, tmp_path):

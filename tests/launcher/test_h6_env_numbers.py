@@ -28,7 +28,7 @@ def test_a_margin_that_is_no_margin_is_ignored(raw: str, monkeypatch: pytest.Mon
         countdown = Countdown(10, start_time=1000.0)
     assert countdown.margin_sec == 60.0 and countdown.deadline == 1000.0 + 600 - 60  # 10 % of 600 s
     assert math.isfinite(countdown.grace_sec)
-    assert f"ignoring BALSAM_LAUNCHER_MARGIN_SEC={raw!r} (not a finite number of 0 or more)" in caplog.text
+    assert f"environment variable BALSAM_LAUNCHER_MARGIN_SEC={raw!r} is not a number from 0 " in caplog.text
 
 
 def test_a_margin_of_zero_or_more_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,7 +47,7 @@ def test_a_tick_period_that_is_not_finite_is_ignored(raw: str, monkeypatch: pyte
     monkeypatch.setenv("BALSAM_LAUNCHER_TICK_SEC", raw)
     with caplog.at_level(logging.WARNING, logger="balsam.client"):
         assert tick_period_from_env() == DEFAULT_TICK_SEC
-    assert f"ignoring BALSAM_LAUNCHER_TICK_SEC={raw!r} (not a finite number)" in caplog.text
+    assert f"environment variable BALSAM_LAUNCHER_TICK_SEC={raw!r} is not a number from 0 to 86400 " in caplog.text
     monkeypatch.setenv("BALSAM_LAUNCHER_TICK_SEC", "2")
     assert tick_period_from_env() == 2.0
 

@@ -34,7 +34,8 @@ def test_anything_else_is_one_line_naming_the_variable(monkeypatch, raw):
     monkeypatch.setenv(STOP_WAIT_ENV, raw)
     with pytest.raises(AgentError) as info:
         stop_wait_sec()
-    assert str(info.value) == f"${STOP_WAIT_ENV}: expected seconds from 0 to 3600, got {raw!r}"
+    assert str(info.value) == (f"environment variable {STOP_WAIT_ENV}={raw!r} is not a number from 0 to 3600 (digits "
+                               "with an optional decimal point, e.g. 30 or 0.5)")
 
 
 def test_a_bad_value_refuses_the_agent_daemons_start(make_site, monkeypatch):
@@ -45,8 +46,8 @@ def test_a_bad_value_refuses_the_agent_daemons_start(make_site, monkeypatch):
     monkeypatch.setenv(STOP_WAIT_ENV, "soon")
     with pytest.raises(SiteError) as info:
         start_agent(Path(site.site_path))
-    assert f"the site agent exited at start-up: ${STOP_WAIT_ENV}: expected seconds from 0 to 3600, got 'soon'" \
-        in str(info.value)
+    assert (f"the site agent exited at start-up: environment variable {STOP_WAIT_ENV}='soon' is not a number from 0 to "
+            "3600 ") in str(info.value)
     assert agent_running(Path(site.site_path)) is None
 
 

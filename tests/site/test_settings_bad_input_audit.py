@@ -21,7 +21,7 @@ import balsam.site.agent as agent_module
 from balsam.cli.site_commands import sync
 from balsam.config import SettingsError, load_settings
 
-DEEP_PROBLEM = "invalid YAML: lists or mappings nested too deeply to read (hundreds of levels inside one another)"
+DEEP_PROBLEM = "invalid YAML: lists or mappings nested too deeply to read (more than 100 levels inside one another)"
 
 
 def deep_file(tmp_path: Path, depth: int, kind: str) -> Path:

@@ -55,13 +55,14 @@ which its Session survives, from its own isolation, under which the Session expi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Iterable, Optional
 
 from balsam.models import MAX_JOB_IDS_PER_SESSION_TICK, MAX_JOBS_PER_SESSION_ACQUIRE
 from balsam.states import RUNNABLE_STATES, JobState
-from balsam.util import env_number
+from balsam.util import MIN_SESSION_EXPIRE_SEC, env_number, session_expire_from_env, warn_env_once
 
 from .rest import new_idempotency_key
 from .status_updater import send_spooled
@@ -78,34 +79,44 @@ FRESH_TICKS = 4.0
 #: Shortest pause between heartbeats asked for by :meth:`JobLease.check_fresh` while they fail.
 MIN_ASKED_TICK_GAP_SEC = 5.0
 
+#: The launcher's heartbeat period, in seconds (:func:`tick_period_from_env`).
+TICK_ENV = "BALSAM_LAUNCHER_TICK_SEC"
 
-#: The shortest heartbeat period and assumed expiry taken from the environment (a shorter one
-#: is a request a tick to the server, not a setting anybody means).
+
+#: The shortest heartbeat period taken from the environment: a shorter one is a request a tick to
+#: the server, not a setting anybody means (a shorter value is raised to it, with a warning).
 MIN_TICK_SEC = 0.1
-#: The longest: a day (the server expires a Session after 5 minutes by default; a longer period is
-#: no heartbeat at all, which let the server expire a launcher still running its jobs).
+#: The longest: a day. A period past the server's Session expiry (300 s by default,
+#: ``BALSAM_SESSION_EXPIRE_SEC``) lets the server expire a launcher still running its jobs; the
+#: bound is on what is a heartbeat at all: a server may be run with a long expiry.
 MAX_TICK_SEC = 24 * 3600.0
 
 
 def tick_period_from_env() -> float:
     """``$BALSAM_LAUNCHER_TICK_SEC`` (default 60 s, well under the server's 5 min session expiry).
 
-    A plain decimal number of seconds from 0.1 to a day (:func:`balsam.util.env_number`); anything
-    else is warned about once and the default used: the launcher reading it is running jobs.
+    A plain decimal number of seconds up to a day (:func:`balsam.util.env_number`); anything else is
+    warned about once and the default used: the launcher reading it is running jobs. One under
+    :data:`MIN_TICK_SEC` (0, 0.05) is raised to it with a warning: the fastest heartbeat, as before.
     float() took "nan" (a heartbeat every 0.1 s: max(0.1, nan) is 0.1), "inf" (none at all, so the
     server expired the Session of a launcher still running its jobs), "-5" (0.1 s) and "1_000"."""
-    return float(env_number("BALSAM_LAUNCHER_TICK_SEC", DEFAULT_TICK_SEC, fraction=True, minimum=MIN_TICK_SEC,
-                            maximum=MAX_TICK_SEC, warn=logger.warning))
+    period = env_number(TICK_ENV, DEFAULT_TICK_SEC, fraction=True, maximum=MAX_TICK_SEC, warn=logger.warning)
+    if period < MIN_TICK_SEC:
+        warn_env_once(TICK_ENV, os.environ.get(TICK_ENV, ""),
+                      f"environment variable {TICK_ENV}={os.environ.get(TICK_ENV)!r} is under the shortest "
+                      f"heartbeat period: using {MIN_TICK_SEC:g}", logger.warning)
+        return MIN_TICK_SEC
+    return period
 
 
 def assumed_expiry_sec(tick_period: float) -> float:
     """How long a Session is assumed to outlive a heartbeat (see "Known alive" in the module's
-    docstring): ``FRESH_TICKS`` periods, or ``$BALSAM_SESSION_EXPIRE_SEC`` if shorter (a plain
-    decimal number of seconds from 0.1: float() took "nan", which min() then ignored, and "-5",
-    which made every lease look stale)."""
+    docstring): ``FRESH_TICKS`` periods, or ``$BALSAM_SESSION_EXPIRE_SEC`` if shorter (the server's
+    rule, :func:`balsam.util.session_expire_from_env`: float() took "nan", which min() then
+    ignored, and "-5", which made every lease look stale)."""
     window = FRESH_TICKS * tick_period
-    expiry = env_number("BALSAM_SESSION_EXPIRE_SEC", None, fraction=True, minimum=MIN_TICK_SEC, warn=logger.warning)
-    return max(MIN_TICK_SEC, window if expiry is None else min(window, expiry))
+    expiry = session_expire_from_env(None, on_bad="warn", warn=logger.warning)
+    return max(MIN_SESSION_EXPIRE_SEC, window if expiry is None else min(window, expiry))
 
 
 if hasattr(time, "CLOCK_BOOTTIME"):

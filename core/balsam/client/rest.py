@@ -53,7 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from balsam.util import paused_gc
+from balsam.util import number_problem, paused_gc, plain_decimal
 
 from .local_http import LocalHTTPPool, LocalTransportError
 from .settings import (NOT_LOGGED_IN, ClientSettings, ClientSettingsError, NotLoggedIn,
@@ -273,17 +273,18 @@ def _stdin_is_tty() -> bool:
         return False
 
 
-def parse_connect_wait(raw: Any, where: str = CONNECT_WAIT_ENV) -> float:
-    """``raw`` as a connect wait in seconds (a number from 0; ``inf``: the retries alone bound it), or a
-    one-line :class:`ClientSettingsError` naming ``where``."""
-    try:
-        value = math.nan if isinstance(raw, bool) else float(raw)  # True is no number of seconds
-    except (TypeError, ValueError):
-        value = math.nan
-    if math.isnan(value) or value < 0:
-        raise ClientSettingsError(
-            f"{where}={raw!r}: not a number of seconds from 0 (how long an API call retries a server it cannot "
-            f"connect to; e.g. 30, or inf for the client's retries alone)")
+def parse_connect_wait(raw: Any, where: str = f"environment variable {CONNECT_WAIT_ENV}") -> float:
+    """``raw`` as a connect wait in seconds (from 0; ``inf``: the retries alone bound it), or a
+    one-line :class:`ClientSettingsError` naming ``where``. Text (the environment, client.yml) is
+    plain decimal digits (:func:`balsam.util.plain_decimal`: not ``1e3``, ``1_000``, ``nan``) or
+    the word ``inf``; a number passed in by a program is taken as it is, if not NaN or negative."""
+    if isinstance(raw, str):
+        value = math.inf if raw.strip().lower() == "inf" else plain_decimal(raw, fraction=True)
+    else:  # True is no number of seconds
+        value = None if isinstance(raw, bool) or not isinstance(raw, (int, float)) else float(raw)
+    if value is None or math.isnan(value) or value < 0:
+        problem = number_problem(where, raw, fraction=True, minimum=0, also="inf for the client's retries alone")
+        raise ClientSettingsError(f"{problem}: how long an API call retries a server it cannot connect to")
     return value
 
 

@@ -797,20 +797,16 @@ def loads_settings(text: str, *, source: str = "settings.yml", only: Optional[Co
                    base_dir: Optional[Path] = None) -> Settings:
     """Like :func:`load_settings` for YAML text (``base_dir``: see :func:`parse_settings`)."""
     try:
-        return _loads_settings(text, source=source, only=only, base_dir=base_dir)
+        data = _load_yaml(text, source)
     except RecursionError:
-        # Lists or mappings nested ~1,000 deep ("a: [[[[...]]]]"): the YAML loaders and the checks
-        # recurse, and the RecursionError named no file ("Error: maximum recursion depth exceeded
-        # while calling a Python object" from `balsam site check-settings`, `sync`, the agent).
-        raise SettingsError([f"{source}: invalid YAML: lists or mappings nested too deeply to read (hundreds of "
-                             "levels inside one another)"]) from None
-
-
-def _loads_settings(text: str, *, source: str, only: Optional[Collection[str]], base_dir: Optional[Path]) -> Settings:
-    try:
-        data = yaml.load(text, Loader=_FAST_YAML_LOADER)
-    except yaml.YAMLError:
-        data = _load_yaml_for_its_error(text, source)
+        # Lists or mappings nested ~1,000 deep ("a: [[[[...]]]]"): the YAML loaders recursed, and the
+        # RecursionError named no file ("Error: maximum recursion depth exceeded while calling a
+        # Python object" from `balsam site check-settings`, `sync`, the agent).
+        raise SettingsError([f"{source}: {_TOO_DEEP}"]) from None
+    if _nesting_exceeds(data, MAX_SETTINGS_NESTING):
+        # Read, but deeper than the checks (and the line map) should recurse: refused here, so a
+        # RecursionError from them (or a plugin's validator) is a bug shown as one, not relabelled.
+        raise SettingsError([f"{source}: {_TOO_DEEP}"])
     duplicates: list[tuple[tuple, int, int]] = []
     try:
         lines = _line_map(text, duplicates)
@@ -821,6 +817,42 @@ def _loads_settings(text: str, *, source: str, only: Optional[Collection[str]], 
         raise SettingsError([f"{source}:{line} {_dotted(path)}: duplicate key (first at line {first})"
                              for path, line, first in sorted(duplicates, key=lambda item: item[1])])
     return parse_settings(data, source=source, lines=lines, only=only, base_dir=base_dir)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_FAST_YAML_LOADER)
+    except yaml.YAMLError:
+        return _load_yaml_for_its_error(text, source)
+
+
+#: How deep lists and mappings in settings.yml may nest (a real file: five levels or so).
+MAX_SETTINGS_NESTING = 100
+_TOO_DEEP = (f"invalid YAML: lists or mappings nested too deeply to read (more than {MAX_SETTINGS_NESTING} levels "
+             "inside one another)")
+
+
+def _nesting_exceeds(data: Any, limit: int) -> bool:
+    """Whether lists or mappings in ``data`` nest more than ``limit`` deep, without recursing. An
+    alias inside the node it names (a cycle) is left to :func:`_line_map`, which names its line;
+    a node shared by aliases is walked again only when reached deeper (no blow-up on alias bombs)."""
+    deepest: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, int, bool]] = [(data, 0, False)]
+    while stack:
+        value, depth, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(value))
+            continue
+        if not isinstance(value, (dict, list)) or id(value) in on_path or deepest.get(id(value), -1) >= depth:
+            continue
+        if depth >= limit:
+            return True
+        deepest[id(value)] = depth
+        on_path.add(id(value))
+        stack.append((value, depth, True))
+        stack.extend((child, depth + 1, False) for child in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 def _load_yaml_for_its_error(text: str, source: str) -> Any:

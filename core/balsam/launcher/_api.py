@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+from balsam.util import batch_job_id_from_env
+
 logger = logging.getLogger(__name__)
 
 #: A launcher's updater gives up this long after stopping began once a call fails (a healthy, slow API: 30 s more), then spools.
@@ -314,12 +316,9 @@ def open_updater(spool_path: "Path | str | None", lease: Any = None) -> Any:
 
 def find_batch_job_id(site_id: int, env: Mapping[str, str], platform: Any) -> Optional[int]:
     """The BatchJob this launcher runs in: $BALSAM_BATCH_JOB_ID, else (site_id, scheduler id) lookup."""
-    value = env.get("BALSAM_BATCH_JOB_ID", "").strip()
-    if value:
-        try:
-            return int(value)
-        except ValueError:
-            logger.warning("ignoring BALSAM_BATCH_JOB_ID=%r (not an integer)", value)
+    batch_job_id = batch_job_id_from_env(env)
+    if batch_job_id is not None:
+        return batch_job_id
     try:
         scheduler_id = platform.scheduler_id(env)
     except Exception as exc:

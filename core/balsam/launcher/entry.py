@@ -26,14 +26,24 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from balsam.platform import NodeInfo
-from balsam.util import EnvNumberError, env_number, log_file_handler, resume_gc_after_start_up
+from balsam.util import EnvNumberError, batch_job_id_from_env, env_number, log_file_handler, resume_gc_after_start_up
 
 logger = logging.getLogger("balsam.launcher")
 
 START_TIME_ENV = "BALSAM_LAUNCHER_START_TIME"
+#: How far past now ``$BALSAM_LAUNCHER_START_TIME`` may lie (clock differences between hosts).
+MAX_START_AHEAD_SEC = 24 * 3600
 NODES_ENV = "BALSAM_LAUNCHER_NODELIST"
 #: How many mpi-mode partitions share the batch job (they split the platform's launch limit).
 MPI_PARTITIONS_ENV = "BALSAM_LAUNCHER_MPI_PARTITIONS"
+
+
+def start_time_text(start_time: float) -> str:
+    """``start_time`` as ``$BALSAM_LAUNCHER_START_TIME`` for a partition's launcher: fixed-point
+    digits, which every launcher reads (repr() wrote 1e-05 and 1e+16, which none took)."""
+    return f"{start_time:.6f}"
+
+
 #: The longest ``-t`` taken (ten years): no allocation lasts longer, and beyond about 292 years the
 #: launcher's waits overflow (``threading.TIMEOUT_MAX``) and its acquire's whole minutes left leave
 #: the API's 64-bit integers.
@@ -319,11 +329,15 @@ def run_launcher(
 
 def _start_launcher(job_mode: str, wall_time_min: float, tags: Sequence[str], parts: Sequence[str],
                     site_path: Optional[str], partition_index: int, held: HeldRecords) -> int:
-    # Set by the job template ($(date +%s)) or the first partition's launcher (repr of a float):
+    # Set by the job template ($(date +%s)) or the first partition's launcher (start_time_text):
     # a bad one stops the launcher in one line (float() took nan, inf, -5 and 1_000, and raised a
     # traceback on 'now'); the moment it names is the allocation's, which no default could stand for.
+    # Not after tomorrow: a start that far ahead is a typo (1e16 ran the launcher for ever); a day
+    # leaves room for clocks of the batch system's hosts that disagree.
+    now = time.time()
     try:
-        start_time = float(env_number(START_TIME_ENV, time.time(), fraction=True, on_bad="raise"))
+        start_time = env_number(START_TIME_ENV, now, fraction=True, maximum=float(int(now) + MAX_START_AHEAD_SEC),
+                                on_bad="raise")
     except EnvNumberError as exc:
         raise LauncherError(f"{exc}: the allocation's start in seconds since the epoch") from None
     # Not only "> 0": -t nan passed that test and the launcher stopped at once, exit 0, "done (wall
@@ -452,12 +466,12 @@ def _start_early_lease(site_id: int, partitions: Sequence[Partition]) -> Any:
     """A Session opened in the background now, for a single-partition launch whose BatchJob id is
     known from the environment (what the job template exports); None otherwise. Its acquire filters
     (tags, sort order: they come from the settings) are given when the job mode takes it."""
-    raw = os.environ.get("BALSAM_BATCH_JOB_ID", "").strip()
-    if len(partitions) != 1 or not raw.isdecimal():
+    batch_job_id = batch_job_id_from_env(os.environ)
+    if len(partitions) != 1 or batch_job_id is None:
         return None
     from ._api import EarlyLease
 
-    return EarlyLease.start(site_id, int(raw))
+    return EarlyLease.start(site_id, batch_job_id)
 
 
 def _run_with_site(site_config: Any, settings: Any, credential: Any, partitions: list[Partition], base_tags: dict[str, str],
@@ -601,7 +615,7 @@ def _run_partitions(partitions, node_groups, wall_time_min, base_tags, site_conf
     try:
         for index, (partition, group) in enumerate(zip(partitions, node_groups)):
             env = dict(os.environ)
-            env[START_TIME_ENV] = repr(start_time)
+            env[START_TIME_ENV] = start_time_text(start_time)
             env[NODES_ENV] = json.dumps([attrs.asdict(n) for n in group])
             env["BALSAM_SITE_PATH"] = str(site_config.site_path)
             env["BALSAM_LAUNCHER_NODES"] = str(len(group))

@@ -32,6 +32,7 @@ import attrs
 from balsam.config.schema import LauncherSettings
 from balsam.platform import NodeInfo, Platform, nvidia_smi_note
 from balsam.states import RUNNABLE_STATES
+from balsam.util import env_number
 
 from .wake import WakeEvent
 
@@ -82,22 +83,12 @@ def gpuless_acquire_filter(nodes: Sequence[NodeInfo], env: Optional[Mapping[str,
 
 
 def env_float(name: str, default: float) -> float:
-    """``$name`` as a number of 0 or more, else ``default`` (with a warning when it is set). float()
-    takes "nan", "inf" and negatives: a margin of nan made every acquire fail ("cannot convert float
-    NaN to integer") and the stop's grace nan; a negative one ran the jobs past the allocation's end,
-    where the batch system kills them unreported."""
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        logger.warning("ignoring %s=%r (not a number)", name, raw)
-        return default
-    if not (math.isfinite(value) and value >= 0):
-        logger.warning("ignoring %s=%r (not a finite number of 0 or more)", name, raw)
-        return default
-    return value
+    """``$name`` as a number of seconds of 0 or more, plain decimal digits with an optional point
+    (:func:`balsam.util.env_number`), else ``default`` (with a warning, once, when it is set).
+    float() took "nan", "inf", negatives, "1e3" and "1_000": a margin of nan made every acquire fail
+    ("cannot convert float NaN to integer") and the stop's grace nan; a negative one ran the jobs
+    past the allocation's end, where the batch system kills them unreported."""
+    return env_number(name, float(default), fraction=True, warn=logger.warning)
 
 
 class Countdown:

@@ -77,11 +77,12 @@ def log_max_bytes_from_env() -> int:
     A value that is not one is not ignored silently: the server says so in one line on its stderr
     (``server.out``) and rotates at the default size (:func:`balsam.util.env_number`).
     """
-    return int(env_number("BALSAM_SERVER_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES, warn=_stderr_line))
+    return env_number("BALSAM_SERVER_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES, warn=_server_out_line)
 
 
-def _stderr_line(line: str) -> None:
-    print(f"balsam server: {line} bytes", file=sys.stderr, flush=True)
+def _server_out_line(line: str) -> None:
+    """A line on the server's stderr (``server.out``), prefixed as the server's."""
+    print(f"balsam server: {line}", file=sys.stderr, flush=True)
 
 
 def log_config(log_file: Path, level: str, max_bytes: "int | None" = None) -> dict:

@@ -17,20 +17,23 @@
 | ``BALSAM_TRUSTED_PROXIES`` | unset: ``X-Forwarded-For`` is ignored; else the proxies' addresses (uvicorn's ``forwarded_allow_ips``) |
 | ``BALSAM_AUTH_REVOCATION_CACHE_SEC`` | 5 (how long a worker trusts a credential it checked) |
 | ``BALSAM_MAX_BODY_BYTES`` | 67108864 (64 MiB; larger request bodies get 413) |
-| ``BALSAM_SESSION_EXPIRE_SEC`` | 300 |
-| ``BALSAM_SESSION_SWEEP_SEC`` | 60 (background sweep period, capped at half the expiry) |
+| ``BALSAM_SESSION_EXPIRE_SEC`` | 300 (seconds, a fraction allowed, from 0.1: the launchers read the same rule) |
+| ``BALSAM_SESSION_SWEEP_SEC`` | 60 (background sweep period, capped at half the expiry, at least 0.5 s; 0: every request sweeps) |
 | ``BALSAM_IDEMPOTENCY_TTL_SEC`` | 86400 (how long a create's ``Idempotency-Key`` is remembered) |
-| ``BALSAM_DB_POOL_SIZE`` / ``BALSAM_DB_MAX_OVERFLOW`` | 10 / 20 (PostgreSQL) |
+| ``BALSAM_DB_POOL_SIZE`` / ``BALSAM_DB_MAX_OVERFLOW`` | 10 / 20 (PostgreSQL; an overflow of ``-1``: no limit, as SQLAlchemy) |
 | ``BALSAM_DASHBOARD_SESSION_TTL_SEC`` | 28800 (8 h: a dashboard login lasts this long without use) |
 | ``BALSAM_DASHBOARD_SESSION_MAX_AGE_SEC`` | 604800 (7 days: no dashboard login outlives this, however much it is used) |
-| ``BALSAM_DASHBOARD_SECURE_COOKIES`` | ``auto`` (Secure cookies when the request came over HTTPS); ``1`` always |
+| ``BALSAM_DASHBOARD_SECURE_COOKIES`` | ``auto`` (Secure cookies when the request came over HTTPS); ``always`` (or a yes word); ``never`` (or a no word) |
 | ``BALSAM_SERVER_CREATE_TABLES`` | ``1`` for SQLite, ``0`` for PostgreSQL (use ``balsam server migrate``) |
 
-Numbers are plain decimal digits (``BALSAM_AUTH_REVOCATION_CACHE_SEC`` may have a fraction, ``0.5``):
-``1_000``, ``1e3``, ``-5``, ``nan`` or ``inf`` stop the server at its start with one line naming the
-variable, as does a lifetime or period (``*_TTL_SEC``, ``*_EXPIRE_SEC``, ``*_SWEEP_SEC``,
-``*_MAX_AGE_SEC``, ``*_WINDOW_SEC``) over ten years or of 0 (the failure window may be 0),
-``BALSAM_MAX_BODY_BYTES=0``, or a yes/no or choice setting spelt otherwise.
+Numbers are plain decimal digits (``BALSAM_AUTH_REVOCATION_CACHE_SEC`` and
+``BALSAM_SESSION_EXPIRE_SEC`` may have a fraction, ``0.5``): ``1_000``, ``1e3``, ``-5``, ``nan`` or
+``inf`` stop the server at its start with one line naming the variable, as does a lifetime or period
+(``*_TTL_SEC``, ``*_EXPIRE_SEC``, ``*_SWEEP_SEC``, ``*_MAX_AGE_SEC``, ``*_WINDOW_SEC``) over ten years
+(:data:`balsam.util.MAX_SETTING_SEC`: the server adds it to now or takes it from now, and
+datetime overflows ~2,000 years back) or of 0 (the failure window and the sweep period may be 0; an idempotency TTL of 0 would
+remember no answer, so a resent create made its records twice), ``BALSAM_MAX_BODY_BYTES=0``, or a
+yes/no or choice setting spelt otherwise. A blank value is an unset one.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..util import env_number
+from ..util import MAX_SETTING_SEC, env_number, session_expire_from_env
 
 
 def balsam_home() -> Path:
@@ -86,16 +89,12 @@ def load_or_create_secret(path: Path) -> str:
 MIN_SECRET_KEY_BYTES = 32
 
 
-#: The longest time a server setting in seconds may give (ten years): more is no lifetime anybody
-#: means, and a date that far out overflows datetime and SQL timestamps.
-MAX_SETTING_SEC = 10 * 365 * 24 * 3600
-
-
-def _int_env(name: str, default: int, minimum: int = 0, maximum: "int | None" = None) -> int:
+def _int_env(name: str, default: int, minimum: int = 0, maximum: "int | None" = None,
+             words: "dict[str, int] | None" = None) -> int:
     """A whole number from the environment (plain digits: not ``1_000``, ``1e3``, ``-5``, ``nan`` or
     ``inf``, which int(float()) took or turned into a traceback); a bad one stops the server at its
     start with one line naming the variable (:class:`EnvNumberError`, a ValueError)."""
-    return env_number(name, default, minimum=minimum, maximum=maximum, on_bad="raise")
+    return env_number(name, default, minimum=minimum, maximum=maximum, on_bad="raise", words=words)
 
 
 def _sec_env(name: str, default: int, minimum: int = 1) -> int:
@@ -106,22 +105,25 @@ def _sec_env(name: str, default: int, minimum: int = 1) -> int:
 #: The spellings of a yes/no environment setting: anything else is refused, not taken as "no".
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
-
-
-def _bool_env(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw not in _TRUE_WORDS + _FALSE_WORDS:
-        raise ValueError(f"environment variable {name}={raw!r}: expected one of {', '.join(_TRUE_WORDS + _FALSE_WORDS)}")
-    return raw in _TRUE_WORDS
+#: ``BALSAM_DASHBOARD_SECURE_COOKIES``: the modes, and the yes/no words that mean one of them.
+SECURE_COOKIE_MODES = {"auto": "auto", "always": "always", "never": "never",
+                       **{word: "always" for word in _TRUE_WORDS}, **{word: "never" for word in _FALSE_WORDS}}
 
 
 def _choice_env(name: str, choices: "tuple[str, ...]", default: str) -> str:
-    raw = (os.environ.get(name) or default).strip().lower()
-    if raw not in choices:
+    """One of ``choices`` (any case, spaces around it ignored); unset or blank: ``default``; else
+    a ValueError quoting the value as it was set."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value not in choices:
         raise ValueError(f"environment variable {name}={raw!r}: expected one of {', '.join(choices)}")
-    return raw
+    return value
+
+
+def _bool_env(name: str, default: bool) -> bool:
+    return _choice_env(name, _TRUE_WORDS + _FALSE_WORDS, "1" if default else "0") in _TRUE_WORDS
 
 
 def trusted_proxies_from_env() -> "str | None":
@@ -160,7 +162,7 @@ class ServerSettings:
     trusted_proxies: "str | None" = None
     revocation_cache_sec: float = 5.0
     max_body_bytes: int = 64 * 1024 * 1024
-    session_expire_sec: int = 300
+    session_expire_sec: float = 300
     session_sweep_sec: int = 60
     idempotency_ttl_sec: int = 24 * 3600
     pool_size: int = 10
@@ -168,7 +170,15 @@ class ServerSettings:
     create_tables: bool = True
     dashboard_session_ttl_sec: int = 8 * 3600
     dashboard_session_max_age_sec: int = 7 * 24 * 3600
+    #: ``auto``, ``always`` or ``never`` (a yes/no word given is stored as the mode it means).
     dashboard_secure_cookies: str = "auto"
+
+    def __post_init__(self) -> None:
+        mode = SECURE_COOKIE_MODES.get(str(self.dashboard_secure_cookies).strip().lower())
+        if mode is None:
+            raise ValueError(f"dashboard_secure_cookies={self.dashboard_secure_cookies!r}: expected one of "
+                             f"{', '.join(SECURE_COOKIE_MODES)}")
+        self.dashboard_secure_cookies = mode
 
     @classmethod
     def from_env(cls, database_url: "str | None" = None, secret_key: "str | None" = None) -> "ServerSettings":
@@ -203,17 +213,18 @@ class ServerSettings:
             max_failures_per_address=_int_env("BALSAM_AUTH_MAX_FAILURES_PER_ADDRESS", 50),
             failure_window_sec=_sec_env("BALSAM_AUTH_FAILURE_WINDOW_SEC", 900, minimum=0),
             trusted_proxies=trusted_proxies_from_env(),
-            revocation_cache_sec=float(env_number("BALSAM_AUTH_REVOCATION_CACHE_SEC", 5.0, fraction=True, maximum=MAX_SETTING_SEC,
-                                                    on_bad="raise")),
+            revocation_cache_sec=env_number("BALSAM_AUTH_REVOCATION_CACHE_SEC", 5.0, fraction=True, maximum=MAX_SETTING_SEC,
+                                            on_bad="raise"),
             max_body_bytes=_int_env("BALSAM_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1),
-            session_expire_sec=_sec_env("BALSAM_SESSION_EXPIRE_SEC", 300),
-            session_sweep_sec=_sec_env("BALSAM_SESSION_SWEEP_SEC", 60),
+            session_expire_sec=session_expire_from_env(300.0, on_bad="raise"),
+            # 0: the background sweep runs every 0.5 s (app.py's floor) and a request sweeps each time.
+            session_sweep_sec=_sec_env("BALSAM_SESSION_SWEEP_SEC", 60, minimum=0),
             idempotency_ttl_sec=_sec_env("BALSAM_IDEMPOTENCY_TTL_SEC", 24 * 3600),
             pool_size=_int_env("BALSAM_DB_POOL_SIZE", 10),
-            max_overflow=_int_env("BALSAM_DB_MAX_OVERFLOW", 20),
+            # -1: SQLAlchemy's "no limit on overflow connections".
+            max_overflow=_int_env("BALSAM_DB_MAX_OVERFLOW", 20, words={"-1": -1}),
             dashboard_session_ttl_sec=_sec_env("BALSAM_DASHBOARD_SESSION_TTL_SEC", 8 * 3600),
             dashboard_session_max_age_sec=_sec_env("BALSAM_DASHBOARD_SESSION_MAX_AGE_SEC", 7 * 24 * 3600),
-            dashboard_secure_cookies=_choice_env("BALSAM_DASHBOARD_SECURE_COOKIES", ("auto", "always", "never") + _TRUE_WORDS
-                                                 + _FALSE_WORDS, "auto"),
+            dashboard_secure_cookies=_choice_env("BALSAM_DASHBOARD_SECURE_COOKIES", tuple(SECURE_COOKIE_MODES), "auto"),
             create_tables=_bool_env("BALSAM_SERVER_CREATE_TABLES", create_default),
         )

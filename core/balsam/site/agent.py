@@ -51,7 +51,8 @@ from ..plugins.discovery import HOOK_KIND
 from ..plugins.manager import get_plugin_manager
 from ..plugins.report import CONFLICT, FAILED
 from ..serialization import show
-from ..util import START_TIME_TOLERANCE_SEC, log_file_handler, same_process, terminate_processes, try_exclusive_flock
+from ..util import (START_TIME_TOLERANCE_SEC, EnvNumberError, env_number, log_file_handler, same_process, terminate_processes,
+                    try_exclusive_flock)
 from .api_util import is_api_outage, load_site_client
 from .module import AgentModule
 
@@ -140,16 +141,10 @@ def stop_wait_sec() -> float:
     """The stop's wait for cycles in progress: ``$BALSAM_AGENT_STOP_WAIT_SEC``, else 15 s. A value
     that is no number of seconds from 0 to MAX_STOP_WAIT_SEC is an AgentError: the agent refuses to
     start rather than stop, perhaps months later, with a wait nobody meant."""
-    raw = os.environ.get(STOP_WAIT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_STOP_WAIT_SEC
     try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= MAX_STOP_WAIT_SEC:  # NaN included
-        raise AgentError(f"${STOP_WAIT_ENV}: expected seconds from 0 to {MAX_STOP_WAIT_SEC:g}, got {raw!r}")
-    return value
+        return env_number(STOP_WAIT_ENV, DEFAULT_STOP_WAIT_SEC, fraction=True, maximum=MAX_STOP_WAIT_SEC, on_bad="raise")
+    except EnvNumberError as exc:
+        raise AgentError(str(exc)) from None
 
 
 class _Repeats:

@@ -82,7 +82,7 @@ from typing import Any, Optional
 import attrs
 
 from balsam.platform import LaunchLimit, LaunchSpec, deliver_signal
-from balsam.util import clip, format_threads_cpu, threads_cpu_seconds
+from balsam.util import clip, env_number, format_threads_cpu, threads_cpu_seconds
 
 from .._api import default_client, largest_active_batch_job, note_batch_job
 from ..entry import MPI_PARTITIONS_ENV
@@ -143,11 +143,9 @@ STOP_MIN_GRACE_SEC = 1.0
 
 
 def mpi_partitions(env: Any) -> int:
-    """How many mpi partitions the batch job has (1 unless the launcher split it)."""
-    try:
-        return max(1, int(env.get(MPI_PARTITIONS_ENV) or 1))
-    except ValueError:
-        return 1
+    """How many mpi partitions the batch job has (1 unless the launcher split it): a whole number from
+    1, which the multi-partition launcher sets; another value is warned about once and 1 used."""
+    return env_number(MPI_PARTITIONS_ENV, 1, minimum=1, environ=env, warn=logger.warning)
 
 
 def share_launch_limit(limit: Optional[LaunchLimit], shares: int) -> Optional[LaunchLimit]:

@@ -247,12 +247,9 @@ def _app_root(request: Request) -> str:
 
 
 def _secure(request: Request, settings: Any) -> bool:
-    mode = getattr(settings, "dashboard_secure_cookies", "auto")
-    if mode in ("1", "true", "yes", "on", "always"):
-        return True
-    if mode in ("0", "false", "no", "off", "never"):
-        return False
-    return request.url.scheme == "https"
+    # ServerSettings stores the mode normalised (always, never or auto: its yes/no words mapped there).
+    mode = settings.dashboard_secure_cookies
+    return mode == "always" or (mode == "auto" and request.url.scheme == "https")
 
 
 def _cookie_path(request: Request) -> str:
