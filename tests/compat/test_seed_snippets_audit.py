@@ -1,13 +1,18 @@
 """Snippets a Balsam 0.7 (and 0.x) user brings, run as written against the live server.
 
-- ``Job.objects.create(workdir, app_id, ...)``: Balsam 0.7's generated ``create()`` took the
-  constructor's arguments, positional ones too; ``Job(workdir, app_id)`` worked here but the
-  manager's ``create()`` took keywords only (``TypeError: Manager.create() takes 1 positional
-  argument but 3 were given``).
+- ``Job.objects.create(workdir, app_id, ...)``: Balsam 0.7's generated ``create()`` took the fields
+  it required positionally, in its order (``Site (name, path)``, ``BatchJob (num_nodes,
+  wall_time_min, job_mode, site_id, project, queue)``, ...); the manager's ``create()`` took
+  keywords only (``TypeError: Manager.create() takes 1 positional argument but 3 were given``).
+  The order of 0.7's optional fields is not known here: more positionals are a TypeError naming
+  the keywords, never a value bound to another field.
 - The 0.x README's lines ``balsam app --name SayHello --executable "echo hello,"`` then ``balsam job
   --name hi --workflow test --application SayHello --args 'world!' --yes``: the first hint writes
   an app whose template takes ``{{ args }}``, the second said ``-p NAME=VALUE`` (a placeholder that
-  fails as given); it now names ``-p args='world!'``, and the line it prints creates the job.
+  fails as given); it now names ``-p 'args=world!'``, and the line it prints creates the job. A -p
+  value is one shell-quoted argument, where 0.x's ``--args "world $i"`` gave the program two: an
+  --args of several words becomes one parameter per word, with the template that takes them. The
+  printed line quotes every value (``--workflow "my wf"`` printed a line that exits 2).
 - ``Job(app_id="Hello", site_name="my-sit", ...)`` with a misspelt site said ``no app named 'Hello'
   at site 'my-sit': sync() its ApplicationDefinition first``, advice that cannot work (the sync
   fails on the same name): it now names the site as the unknown one. Still ``App.DoesNotExist``
@@ -18,12 +23,15 @@
 - ``jobs = [Job(...), ...]; Job.objects.bulk_create(jobs); Job.objects.wait(jobs)`` (or
   ``as_completed(jobs)``, or ``job.result()`` of a job never saved): bulk_create leaves the given
   objects unsaved (as 0.7 did), and waiting on them polled jobs without ids for ever (until the
-  timeout, if any). It now raises at once, as ``done()`` does, saying what to wait on instead.
+  timeout, if any). It now raises at once (``as_completed()`` at the call, not at the first
+  ``next()``), as ``done()`` does, saying what to wait on instead.
 """
 
 from __future__ import annotations
 
+import ast
 import shlex
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -55,14 +63,10 @@ def site(balsam_env: Any, tmp_path: Path) -> Any:
     return Site.objects.create(name=name, path=str(tmp_path / name))
 
 
-def _balsam(*args: str) -> Any:
-    from balsam.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def test_job_objects_create_takes_workdir_and_app_id_positionally(site: Any) -> None:
-    from balsam.api import ApplicationDefinition, Job
+@pytest.fixture
+def hello(site: Any) -> Any:
+    """A synced template app ``Hello`` at ``site``."""
+    from balsam.api import ApplicationDefinition
 
     site_name = site.name  # a class body does not see the function's names it assigns itself
 
@@ -71,10 +75,51 @@ def test_job_objects_create_takes_workdir_and_app_id_positionally(site: Any) -> 
         command_template = "echo Hello, {{ name }}!"
 
     Hello.sync()
-    job = Job.objects.create("hello/1", Hello.__app_id__, parameters={"name": "world"}, tags={"k": "v"})
+    return Hello
+
+
+def _balsam(*args: str) -> Any:
+    from balsam.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def _hint_line(output: str) -> str:
+    return next(ln.strip() for ln in output.splitlines() if ln.strip().startswith("balsam "))
+
+
+def test_job_objects_create_takes_workdir_and_app_id_positionally(hello: Any) -> None:
+    from balsam.api import Job
+
+    job = Job.objects.create("hello/1", hello.__app_id__, parameters={"name": "world"}, tags={"k": "v"})
     stored = Job.objects.get(id=job.id)
-    assert (str(stored.workdir), stored.app_id, stored.tags) == ("hello/1", Hello.__app_id__, {"k": "v"})
+    assert (str(stored.workdir), stored.app_id, stored.tags) == ("hello/1", hello.__app_id__, {"k": "v"})
     assert stored.get_parameters() == {"name": "world"}
+
+
+def test_objects_create_takes_the_fields_0_7_required_positionally_in_its_order(site: Any, hello: Any,
+                                                                                  tmp_path: Path) -> None:
+    from balsam.api import BatchJob, Job, Site
+    from balsam._api.models import EventLog
+
+    other = Site.objects.create(f"s-{uuid.uuid4().hex[:6]}", str(tmp_path))
+    assert Site.objects.get(id=other.id).path == tmp_path
+    # 0.7's order (num_nodes first), not this project's record order (site_id first).
+    batch = BatchJob.objects.create(2, 10, "mpi", site.id, "proj", "debug")
+    stored = BatchJob.objects.get(id=batch.id)
+    assert (stored.num_nodes, stored.wall_time_min, stored.job_mode, stored.site_id, stored.project,
+            stored.queue) == (2, 10, "mpi", site.id, "proj", "debug")
+    # 0.7's third positional of Job is not known for sure: refused, naming the keywords; nothing created.
+    with pytest.raises(TypeError, match=r"^Job\.objects\.create\(\) takes at most 2 positional field\(s\): "
+                                        r"workdir, app_id \(those Balsam 0\.7 required, in its order\); got 3: give "
+                                        r"the others by keyword \(site_name=\.\.\., parameters=\.\.\., .*tags=\.\.\."):
+        Job.objects.create("w/3", hello.__app_id__, {"k": "v"})
+    with pytest.raises(TypeError, match=r"^Site\.objects\.create\(\) got name both positionally and by keyword$"):
+        Site.objects.create("a", name="b", path=str(tmp_path))
+    assert Job.objects.filter(site_id=site.id).count() == 0
+    # The model that cannot be created says so first.
+    with pytest.raises(TypeError, match=r"^EventLog records are created by the server, not by the API$"):
+        EventLog.objects.create(1)
 
 
 def test_the_0x_readme_lines_get_hints_that_work_together(site: Any) -> None:
@@ -87,8 +132,8 @@ def test_the_0x_readme_lines_get_hints_that_work_together(site: Any) -> None:
     job_hint = _balsam("job", "--name", "hi", "--workflow", "test", "--application", "SayHello",
                        "--args", "world!", "--yes")
     assert job_hint.exit_code == 2
-    line = next(ln.strip() for ln in job_hint.output.splitlines() if ln.strip().startswith("balsam job create"))
-    assert "-p args='world!'" in line, job_hint.output
+    line = _hint_line(job_hint.output)
+    assert "-p 'args=world!'" in line and "arg1" not in job_hint.output, job_hint.output
 
     # The app as the first hint writes it, then the second hint's line as printed (plus the site).
     site_name = site.name
@@ -104,17 +149,63 @@ def test_the_0x_readme_lines_get_hints_that_work_together(site: Any) -> None:
     assert (job.tags, job.get_parameters()) == ({"workflow": "test"}, {"args": "world!"})
 
 
-def test_a_misspelt_site_name_of_a_job_is_named_as_the_unknown_site(site: Any) -> None:
+def test_0x_args_of_several_words_reach_the_program_as_separate_words(site: Any) -> None:
+    """0.x's README loop: ``--args "world $i"`` gave the program two arguments; ``-p args='world 1'``
+    gives it one (every -p value is rendered shell-quoted)."""
     from balsam.api import ApplicationDefinition, Job
+
+    app_hint = _balsam("app", "--name", "Prog", "--executable", "printf [%s]")
+    template = next(ln for ln in app_hint.output.splitlines() if "command_template" in ln).split(" = ", 1)[1]
+    job_hint = _balsam("job", "--name", "run1", "--application", "Prog", "--args", "world 1", "--yes")
+    # The hint names the template the words need, in place of the app hint's {{ args }}.
+    words = job_hint.output.split("command_template takes `", 1)[1].split("`", 1)[0]
+    followed = ast.literal_eval(template).replace("{{ args }}", words)
+    assert followed == "printf [%s] {{ arg1 }} {{ arg2 }}", job_hint.output
+    site_name = site.name
+
+    class Prog(ApplicationDefinition):
+        site = site_name
+        command_template = followed
+
+    Prog.sync()
+    created = _balsam(*shlex.split(_hint_line(job_hint.output))[1:], "--site", site.name)
+    assert created.exit_code == 0, created.output
+    cmd = Prog(Job.objects.get(workdir__contains="run1", site_id=site.id)).get_arg_str()
+    assert cmd == "printf [%s] world 1"
+    run = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=10)
+    assert run.stdout == "[world][1]"  # as 0.x ran `printf [%s] world 1`
+
+
+def test_0x_option_values_with_spaces_print_a_line_that_runs(site: Any) -> None:
+    from balsam.api import ApplicationDefinition, Job
+
+    job_hint = _balsam("job", "--name", "sp", "--workflow", "my wf", "--application", "Say", "--args", "'hello world'",
+                       "--cpu-affinity", "depth 2", "--yes")
+    line = _hint_line(job_hint.output)
+    site_name = site.name
+
+    class Say(ApplicationDefinition):
+        site = site_name
+        command_template = "echo {{ args }}"
+
+    Say.sync()
+    created = _balsam(*shlex.split(line)[1:], "--site", site.name)
+    assert created.exit_code == 0, (line, created.output)
+    job = Job.objects.get(workdir__contains="sp", site_id=site.id)
+    # 0.x's shell read the quoted --args as one word: one parameter, one argument.
+    assert (job.tags, job.launch_params, job.get_parameters()) == (
+        {"workflow": "my wf"}, {"cpu_bind": "depth 2"}, {"args": "hello world"})
+    # The other 0.x lines that carry a value into a KEY=VALUE option.
+    assert shlex.split(_hint_line(_balsam("ls", "--wf", "my wf").output))[-2:] == ["-t", "workflow=my wf"]
+    submit = _balsam("submit-launch", "--wf-filter", "a;b", "-n", "1")
+    assert shlex.split(_hint_line(submit.output))[3:5] == ["--tag", "workflow=a;b"], submit.output
+
+
+def test_a_misspelt_site_name_of_a_job_is_named_as_the_unknown_site(site: Any, hello: Any) -> None:
+    from balsam.api import Job
     from balsam._api.models import App
 
     site_name = site.name
-
-    class Hello(ApplicationDefinition):
-        site = site_name
-        command_template = "echo Hello, {{ name }}!"
-
-    Hello.sync()
     typo = site_name + "x"
     with pytest.raises(App.DoesNotExist, match=rf"^no site named '{typo}' \(site_name= of app 'Hello'; see `balsam site ls`\)$"):
         Job(app_id="Hello", site_name=typo, workdir="w/1", parameters={"name": "a"})
@@ -123,32 +214,20 @@ def test_a_misspelt_site_name_of_a_job_is_named_as_the_unknown_site(site: Any) -
         Job(app_id="Helo", site_name=site_name, workdir="w/2", parameters={"name": "a"})
 
 
-def test_bulk_create_takes_a_generator(site: Any) -> None:
-    from balsam.api import ApplicationDefinition, Job
+def test_bulk_create_takes_a_generator(site: Any, hello: Any) -> None:
+    from balsam.api import Job
 
     site_name = site.name
-
-    class Hello(ApplicationDefinition):
-        site = site_name
-        command_template = "echo Hello, {{ name }}!"
-
-    Hello.sync()
     created = Job.objects.bulk_create(
         Job(app_id="Hello", site_name=site_name, workdir=f"gen/{i}", parameters={"name": str(i)}) for i in range(3))
     assert [str(j.workdir) for j in created] == ["gen/0", "gen/1", "gen/2"]
     assert Job.objects.filter(site_id=site.id, workdir__contains="gen/").count() == 3
 
 
-def test_bulk_refresh_takes_a_generator(site: Any) -> None:
-    from balsam.api import ApplicationDefinition, Job
+def test_bulk_refresh_takes_a_generator(site: Any, hello: Any) -> None:
+    from balsam.api import Job
 
     site_name = site.name
-
-    class Hello(ApplicationDefinition):
-        site = site_name
-        command_template = "echo Hello, {{ name }}!"
-
-    Hello.sync()
     created = Job.objects.bulk_create(
         [Job(app_id="Hello", site_name=site_name, workdir=f"ref/{i}", parameters={"name": str(i)}) for i in range(3)])
     Job.objects.filter(id=[j.id for j in created]).update(data={"seen": 1})
@@ -156,23 +235,17 @@ def test_bulk_refresh_takes_a_generator(site: Any) -> None:
     assert [j.data for j in created] == [{"seen": 1}] * 3
 
 
-def test_waiting_on_jobs_never_saved_says_so_at_once(site: Any) -> None:
-    from balsam.api import ApplicationDefinition, Job
+def test_waiting_on_jobs_never_saved_says_so_at_once(site: Any, hello: Any) -> None:
+    from balsam.api import Job
 
     site_name = site.name
-
-    class Hello(ApplicationDefinition):
-        site = site_name
-        command_template = "echo Hello, {{ name }}!"
-
-    Hello.sync()
     given = [Job(app_id="Hello", site_name=site_name, workdir=f"unsaved/{i}", parameters={"name": "a"}) for i in range(2)]
     created = Job.objects.bulk_create(given)
     message = r"^cannot wait for 2 Job\(s\) never saved \(the first: workdir='unsaved/0'\): .*bulk_create\(\) returns"
     with pytest.raises(AttributeError, match=message):
         Job.objects.wait(given, timeout=0.5)
     with pytest.raises(AttributeError, match=message):
-        next(iter(Job.objects.as_completed(given, timeout=0.5)))
+        Job.objects.as_completed(given, timeout=0.5)  # at the call, not at the first next()
     with pytest.raises(AttributeError, match=r"^cannot wait for 1 Job\(s\) never saved"):
         given[0].result(timeout=0.5)
     # The returned jobs are saved: waiting on them is a plain timeout while no launcher runs them.

@@ -49,6 +49,9 @@ class Site(BalsamModel):
     _field_checks = {"path": records.site_path_problem}
     _filters = frozenset({"name", "path", "id", "last_refresh_after"})
     _positional = ("name", "path", "id", "last_refresh_after")
+    #: ``objects.create()``'s positional fields: those Balsam 0.7's generated create() took first (the
+    #: fields it required, in the order of its OpenAPI schema's ``required``); see Manager.create
+    _create_positional = ("name", "path")
     objects: SiteManager  # type: ignore[assignment]
 
     @classmethod
@@ -76,6 +79,8 @@ class App(BalsamModel):
     _manager_cls = AppManager
     _filters = frozenset({"site_id", "id", "name", "site_path", "site_name"})
     _positional = ("site_id", "id", "name", "site_path", "site_name")
+    #: 0.7's required fields, in its order (see Site._create_positional)
+    _create_positional = ("site_id", "name", "serialized_class", "source_code")
     objects: AppManager  # type: ignore[assignment]
 
     @classmethod
@@ -175,7 +180,7 @@ class JobManager(Manager["Job"]):
     has_bulk_patch = True
     has_query_update = True
 
-    def bulk_create(self, objs: Sequence["Job"], progress: ProgressFn = None) -> list["Job"]:
+    def bulk_create(self, objs: Iterable["Job"], progress: ProgressFn = None) -> list["Job"]:
         """Create jobs with one POST per ``bulk_chunk_size`` (5,000); returns the new Job objects.
 
         The given objects are left as they are (Balsam 0.7 behaviour): use the returned list.
@@ -397,11 +402,11 @@ class JobManager(Manager["Job"]):
                 records.append(raw)
             return model._from_api_many(records)
 
-    def bulk_refresh(self, jobs: Sequence["Job"]) -> None:
+    def bulk_refresh(self, jobs: Iterable["Job"]) -> None:
         """Re-read many jobs with one request per 500 ids (jobs deleted meanwhile are left as they were)."""
         self._refresh_many(jobs)
 
-    def _refresh_many(self, jobs: Sequence["Job"]) -> list["Job"]:
+    def _refresh_many(self, jobs: Iterable["Job"]) -> list["Job"]:
         """:meth:`bulk_refresh`, returning the jobs that no longer exist."""
         jobs = list(jobs)  # read twice below: a generator would refresh nothing
         ids = [job.id for job in jobs if job.id is not None]
@@ -425,7 +430,7 @@ class JobManager(Manager["Job"]):
 
     def wait(
         self,
-        jobs: Sequence["Job"],
+        jobs: Iterable["Job"],
         timeout: Optional[float] = None,
         poll_interval: float = 1.0,
         return_when: str = "ALL_COMPLETED",
@@ -439,7 +444,7 @@ class JobManager(Manager["Job"]):
         if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED"):
             raise ValueError("return_when must be 'ALL_COMPLETED' or 'FIRST_COMPLETED'")
         jobs = list(jobs)
-        _require_saved(jobs, "wait for")
+        _require_saved(jobs)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._poll([j for j in jobs if not _completed(j)])
@@ -453,12 +458,18 @@ class JobManager(Manager["Job"]):
             time.sleep(sleep)
 
     def as_completed(
-        self, jobs: Sequence["Job"], timeout: Optional[float] = None, poll_interval: float = 1.0
+        self, jobs: Iterable["Job"], timeout: Optional[float] = None, poll_interval: float = 1.0
     ) -> Iterator["Job"]:
         """Yield each job as it completes (or is deleted, see :meth:`wait`);
         ``concurrent.futures.TimeoutError`` if some are left at the timeout."""
+        # Checked here, not in the generator: its body would run (and raise) only at the first
+        # next(), away from the call that was wrong.
         pending = list(jobs)
-        _require_saved(pending, "wait for")
+        _require_saved(pending)
+        return self._as_completed(pending, timeout, poll_interval)
+
+    def _as_completed(self, pending: list["Job"], timeout: Optional[float], poll_interval: float) -> Iterator["Job"]:
+        total = len(pending)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             self._poll(pending)
@@ -472,7 +483,7 @@ class JobManager(Manager["Job"]):
             if not pending:
                 return
             if deadline is not None and time.monotonic() >= deadline:
-                raise concurrent.futures.TimeoutError(_not_completed_message(pending, len(jobs), timeout))
+                raise concurrent.futures.TimeoutError(_not_completed_message(pending, total, timeout))
             sleep = poll_interval if deadline is None else max(0.0, min(poll_interval, deadline - time.monotonic()))
             time.sleep(sleep)
 
@@ -493,14 +504,14 @@ class JobManager(Manager["Job"]):
         return result if isinstance(result, int) else None
 
 
-def _require_saved(jobs: Sequence["Job"], what: str) -> None:
+def _require_saved(jobs: Sequence["Job"]) -> None:
     """A job never saved has no id to poll: wait() and result() (without a timeout) polled it for
     ever. The usual cause is waiting on the objects given to bulk_create(), which stay unsaved (as
     in 0.7): the message says so. AttributeError, as done() and refresh_from_db() raise for it."""
     unsaved = [job for job in jobs if job.id is None and not job._deleted]
     if unsaved:
         raise AttributeError(
-            f"cannot {what} {len(unsaved)} Job(s) never saved (the first: workdir={str(unsaved[0].workdir)!r}): "
+            f"cannot wait for {len(unsaved)} Job(s) never saved (the first: workdir={str(unsaved[0].workdir)!r}): "
             "save() them, or use the list Job.objects.bulk_create() returns (it leaves the objects given unsaved)")
 
 
@@ -588,6 +599,8 @@ class Job(BalsamModel):
     _orderings = frozenset({"last_update", "id", "state", "workdir"})
     _positional = ("id", "parent_id", "app_id", "site_id", "batch_job_id", "last_update_before", "last_update_after",
                    "workdir__contains", "state__ne", "state", "tags", "pending_file_cleanup")
+    #: 0.7's required fields, in its order (see Site._create_positional)
+    _create_positional = ("workdir", "app_id")
     _reset_after_save = ("state_timestamp", "state_data")
     _create_as_list = True
     objects: JobManager  # type: ignore[assignment]
@@ -945,6 +958,8 @@ class BatchJob(BalsamModel):
     _desc_ties_by_id_desc = False  # the server's -start_time: start_time descending, then id ascending
     _positional = ("id", "site_id", "state", "scheduler_id", "queue", "start_time_before", "start_time_after",
                    "end_time_before", "end_time_after", "filter_tags")
+    #: 0.7's required fields, in its order (see Site._create_positional)
+    _create_positional = ("num_nodes", "wall_time_min", "job_mode", "site_id", "project", "queue")
     objects: BatchJobManager  # type: ignore[assignment]
 
     if TYPE_CHECKING:  # pragma: no cover
@@ -997,6 +1012,8 @@ class Session(BalsamModel):
     _updatable = False
     _paginated = False
     _filters = frozenset({"id"})
+    #: 0.7's required fields, in its order (see Site._create_positional)
+    _create_positional = ("site_id",)
 
     if TYPE_CHECKING:  # pragma: no cover
         id: Optional[int]

@@ -10,31 +10,63 @@ from __future__ import annotations
 import shlex
 from typing import Callable, Optional, Union
 
-Translation = Union[str, Callable[[str], str], None]
+#: A translated option: (new option, its value), the value quoted by :func:`_translate` (the one
+#: place, so a 0.x value with a space or a shell character prints a line that runs as given).
+Option = tuple[str, str]
+#: A 0.x option -> its new spelling (the 0.x value follows it), a function of the value giving the
+#: new options and a note ("" when none), or None (no equivalent).
+Translation = Union[str, Callable[[str], tuple[list[Option], str]], None]
+
+
+def _key_value(option: str, key: str) -> Callable[[str], tuple[list[Option], str]]:
+    """0.x ``--workflow V`` -> ``--tag workflow=V`` and the like."""
+    return lambda value: ([(option, f"{key}={value}")], "")
+
+
+def _args(value: str) -> tuple[list[Option], str]:
+    """0.x ``--args "A B"``: 0.x appended the string to the app's command line and its launcher
+    split that with ``shlex.split`` (or a shell): each word an argument. A ``-p`` value is rendered
+    shell-quoted, ONE argument, and no template form splits it into words (app.py quotes every
+    value, so a parameter cannot inject shell code). One word stays ``-p args=A`` (the parameter
+    the app hint's ``{{ args }}`` names); several words become one parameter each, with a note
+    saying which template takes them."""
+    try:
+        words = shlex.split(value)
+    except ValueError:  # an unbalanced quote, which 0.x's shlex.split refused too: split on spaces
+        words = value.split()
+    if len(words) <= 1:
+        return [("-p", f"args={words[0] if words else value}")], ""
+    names = [f"arg{i}" for i in range(1, len(words) + 1)]
+    template = " ".join(f"{{{{ {n} }}}}" for n in names)
+    note = (f"each -p value reaches the program as one quoted argument (no command_template form splits a value "
+            f"into words), so the {len(words)} words of --args are {len(words)} parameters: the app's "
+            f"command_template takes `{template}` where the `balsam app` hint has `{{{{ args }}}}`")
+    return [("-p", f"{n}={w}") for n, w in zip(names, words)], note
+
 
 #: Options of 0.x ``balsam job`` (create a BalsamJob) -> ``balsam job create`` options.
 _JOB_OPTIONS: dict[str, Translation] = {
-    "--name": "-w", "--workflow": lambda v: f"--tag workflow={v}", "--application": "-a", "--app": "-a",
+    "--name": "-w", "--workflow": _key_value("--tag", "workflow"), "--application": "-a", "--app": "-a",
     # The app hint below appends `{{ args }}` to a 0.x --executable, so the job hint names that
     # parameter: a user following both hints, as the 0.x README's SayHello lines do, gets a job
     # that runs instead of a placeholder to guess.
-    "--args": lambda v: f"-p args={shlex.quote(v)}",
+    "--args": _args,
     "--description": None, "--wall-time-minutes": "-t", "--num-nodes": "-n", "--ranks-per-node": "-rpn",
     "--threads-per-rank": "-tpr", "--threads-per-core": "-tpc", "--node-packing-count": "-npc",
-    "--cpu-affinity": lambda v: f"-lp cpu_bind={v}", "--yes": "-y", "--stage-in-url": "-s SLOT=ALIAS:/path",
+    "--cpu-affinity": _key_value("-lp", "cpu_bind"), "--yes": "-y", "--stage-in-url": "-s SLOT=ALIAS:/path",
     "--url-in": "-s SLOT=ALIAS:/path", "--stage-out-url": "-s SLOT=ALIAS:/path", "--url-out": "-s SLOT=ALIAS:/path",
 }
 _JOB_FLAGS = {"--yes"}
 
 _SUBMIT_OPTIONS: dict[str, Translation] = {
     "-A": "-A", "--project": "-A", "-q": "-q", "--queue": "-q", "-t": "-t", "--time-minutes": "-t",
-    "-n": "-n", "--nodes": "-n", "--job-mode": "-j", "--wf-filter": lambda v: f"--tag workflow={v}",
+    "-n": "-n", "--nodes": "-n", "--job-mode": "-j", "--wf-filter": _key_value("--tag", "workflow"),
     "--save-only": None, "--sort-by": None, "--prescheduled-only": None,
 }
 _SUBMIT_FLAGS = {"--save-only", "--prescheduled-only"}
 
 _LS_OPTIONS: dict[str, Translation] = {
-    "--state": "-s", "--wf": lambda v: f"-t workflow={v}", "--name": "-w", "--id": "--id", "--verbose": "-v",
+    "--state": "-s", "--wf": _key_value("-t", "workflow"), "--name": "-w", "--id": "--id", "--verbose": "-v",
     "--by-states": "--by-state", "--history": None, "--tree": None,
 }
 _LS_FLAGS = {"--verbose", "--by-states", "--history", "--tree"}
@@ -87,9 +119,12 @@ LEGACY_SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("server", "down"): ("balsam server stop", "a shared deployment: stop the uvicorn/gunicorn processes you started"),
 }
 
-def _translate(target: str, options: dict[str, Translation], flags: set[str], args: list[str]) -> tuple[str, list[str]]:
+def _translate(target: str, options: dict[str, Translation], flags: set[str],
+               args: list[str]) -> tuple[str, list[str], list[str]]:
+    """The new command line, the 0.x options without an equivalent, and the translations' notes."""
     parts = [target]
     dropped: list[str] = []
+    notes: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -110,20 +145,24 @@ def _translate(target: str, options: dict[str, Translation], flags: set[str], ar
         if new == "?" or new is None:
             dropped.append(name)
         elif callable(new):
-            parts.append(new(value))
+            produced, note = new(value)
+            parts.extend(f"{option} {shlex.quote(text)}" for option, text in produced)
+            if note:
+                notes.append(note)
         else:
             parts.append(new if name in flags else f"{new} {shlex.quote(value)}")
-    return " ".join(parts), dropped
+    return " ".join(parts), dropped, notes
 
 
 def _message(command: str, target: str, options: dict[str, Translation], flags: set[str], note: str,
              args: list[str]) -> str:
-    line, dropped = _translate(target, options, flags, args)
+    line, dropped, notes = _translate(target, options, flags, args)
     text = f"`balsam {command}` is a Balsam 0.x command line. Use instead:\n  {line}"
     if dropped:
         text += f"\n(no equivalent for {', '.join(dropped)})"
-    if note:
-        text += f"\nNote: {note}"
+    for each in [note, *notes]:
+        if each:
+            text += f"\nNote: {each}"
     return text
 
 
@@ -153,7 +192,9 @@ def _app_message(args: list[str]) -> str:
             f"      site = \"my-site\"\n"
             f"      command_template = {command!r}\n"
             f"  {name}.sync()\n"
-            f"then create jobs with `balsam job create -a {name} -w WORKDIR -p args=...`; list apps with `balsam app ls`")
+            f"then create jobs with `balsam job create -a {name} -w WORKDIR -p args=...` (the value is one argument of "
+            f"the program: for several words, `balsam job --args` with them says which template takes them); list apps "
+            f"with `balsam app ls`")
 
 
 def legacy_hint(args: list[str], known_commands: "set[str] | frozenset[str]",
