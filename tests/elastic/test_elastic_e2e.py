@@ -77,6 +77,9 @@ def elastic_site(balsam_env, tmp_path, monkeypatch) -> Iterator[Any]:
         path = tmp_path / name
         settings = deep_merge(FAST, {
             "filter_tags": tags,
+            # The launchers drain 1 s after their last job, not FAST's 3 s: the bursts wait for it
+            # (every BatchJob finished) and it is no less a drain.
+            "launcher": {"idle_ttl_sec": 1},
             "scheduler": {"allowed_queues": {"debug": {"max_nodes": 8, "max_walltime": 60, "max_queued_jobs": 10}},
                           "allowed_projects": [spec["project"]]},
             "elastic_queue": {"service_period": 2, "submit_queue": "debug", "submit_project": spec["project"],

@@ -62,13 +62,30 @@ def jobs(env: Any, tmp_path: Path) -> Callable[..., list[int]]:
     return job_maker(env, tmp_path, "h3")
 
 
+#: The updater's own backoff in the tests that wait on it (0.5 s doubling to 10 s in production):
+#: a tenth, so that a call failing 4 or 5 times costs a second, not 8-16 s. Still a real wait that
+#: doubles at each failure (0.1, 0.2, 0.4, 0.8, 1.0), printed exactly by "retrying in %.1f s", and far
+#: above a local PATCH (milliseconds): the order of side calls and retries is the one of production.
+FAST_BACKOFF_FIRST_SEC = 0.1
+FAST_BACKOFF_MAX_SEC = 1.0
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The updater's own backoff cut to ``FAST_BACKOFF_*`` (read by the updater at each failure)."""
+    monkeypatch.setattr(status_updater, "BACKOFF_FIRST_SEC", FAST_BACKOFF_FIRST_SEC)
+    monkeypatch.setattr(status_updater, "BACKOFF_MAX_SEC", FAST_BACKOFF_MAX_SEC)
+
+
 def _states(env: Any, ids: list[int]) -> list[str]:
     client = RESTClient(env.url, env.token)
     by_id = {job.id: job.state.value for job in client.Job.objects.filter(id=ids)}
     return [by_id[i] for i in ids]
 
 
-@pytest.mark.parametrize("retry_after", [seconds("2"), date_in(3)], ids=["delay-seconds", "http-date"])
+# 1 s asked (an HTTP-date: 1-2 s, whole seconds), here and in the 503 and close tests below: twice
+# the 0.5 s after which the old loop resent whatever was asked, so a retry sooner still fails them.
+@pytest.mark.parametrize("retry_after", [seconds("1"), date_in(2)], ids=["delay-seconds", "http-date"])
 def test_a_429_is_retried_no_sooner_than_it_asks_with_the_updates_put_meanwhile(
         env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], retry_after: Callable[[], str]) -> None:
     first, later = jobs(2)
@@ -104,7 +121,7 @@ def test_a_503_after_the_server_applied_the_call_is_resent_as_it_was_after_its_w
     # A 503 may follow a commit that went through (its answer was cut): only the same body under
     # the same Idempotency-Key is safe to send again; the updates put meanwhile follow it.
     first, later = jobs(2)
-    proxy.plan = [("503", seconds("2"))]
+    proxy.plan = [("503", seconds("1"))]
     proxy.hold = True
     updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05)
     try:
@@ -119,7 +136,7 @@ def test_a_503_after_the_server_applied_the_call_is_resent_as_it_was_after_its_w
     assert [(ids, status) for _at, ids, _key, status, _asked in patches] == [
         ([first, first], 503), ([first, first], 200), ([later], 200)], patches
     assert patches[0][2] and patches[0][2] == patches[1][2]  # the same request, answered from its record
-    assert patches[1][0] - patches[0][0] >= 2.0, patches  # was 0.5 s
+    assert patches[1][0] - patches[0][0] >= 1.0, patches  # was 0.5 s
     assert updater.dropped_count == 0, updater.dropped  # nothing applied twice, nothing refused
     assert _states(env, [first, later]) == ["RUN_DONE", "RUNNING"]
     moves = job_moves(env, first)
@@ -150,14 +167,14 @@ def test_close_cuts_a_retry_after_longer_than_its_give_up_for_one_last_try(
 def test_close_during_a_short_retry_after_waits_it_out_and_sends(
         env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
     (job_id,) = jobs(1)
-    proxy.plan = [("429", seconds("2"))]
+    proxy.plan = [("429", seconds("1"))]
     updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=20,
                                 spool_dir=tmp_path / "spool")
     updater.put(job_id, "RUNNING")
     assert wait_until(lambda: len(proxy.patches) >= 1)
     updater.close()  # during the wait: the wait ends within close_timeout, so it is kept, then sent
     assert [(ids, status) for _at, ids, _key, status, _asked in proxy.patches] == [([job_id], 429), ([job_id], 200)]
-    assert proxy.patches[1][0] - proxy.patches[0][0] >= 2.0, proxy.patches
+    assert proxy.patches[1][0] - proxy.patches[0][0] >= 1.0, proxy.patches
     assert not updater.gave_up and updater.spooled == 0 and updater.sent == 1
     assert _states(env, [job_id]) == ["RUNNING"]
 
@@ -188,6 +205,7 @@ def _planned_waits(caplog: pytest.LogCaptureFixture) -> list[float]:
 
 
 @pytest.mark.parametrize("retry_after", [seconds("0"), date_in(-5), date_in(0)], ids=["zero", "past-date", "now-date"])
+@pytest.mark.usefixtures("fast_backoff")
 def test_a_retry_after_of_now_or_the_past_gets_the_updaters_own_backoff_not_a_tight_loop(
         env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], retry_after: Callable[[], str],
         caplog: pytest.LogCaptureFixture) -> None:
@@ -206,9 +224,11 @@ def test_a_retry_after_of_now_or_the_past_gets_the_updaters_own_backoff_not_a_ti
     arrivals = [(at, status) for at, _ids, _key, status, _asked in proxy.patches]
     assert [status for _at, status in arrivals] == [429, 429, 200], arrivals
     gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
-    # Lower bounds of the own backoff (0.5 s, then 1 s): a tight loop's gaps are milliseconds.
-    assert gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps
-    assert _planned_waits(caplog) == [0.5, 1.0], caplog.text
+    # Lower bounds of the own backoff (its first wait, then twice it: 0.5 s, then 1 s in production;
+    # cut here by fast_backoff): a tight loop's gaps are milliseconds.
+    first = FAST_BACKOFF_FIRST_SEC
+    assert gaps[0] >= first and gaps[1] >= 2 * first, gaps
+    assert _planned_waits(caplog) == [first, 2 * first], caplog.text
     assert "as the server's Retry-After asks" not in caplog.text
     assert updater.sent == 1 and updater.dropped_count == 0
     assert _states(env, [job_id]) == ["RUNNING"]
@@ -312,7 +332,8 @@ def test_the_clients_own_retries_wait_for_a_future_date_and_back_off_on_a_past_o
         env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]]) -> None:
     # RESTClient's retries (the CLI, the site agent, the Python API), not the updater's.
     (job_id,) = jobs(1)
-    client = RESTClient(proxy.url, env.token)
+    # Its own backoff a fifth of the default (0.5 s): still a real wait that doubles, checked below.
+    client = RESTClient(proxy.url, env.token, backoff_base=0.1)
     proxy.plan = [("429", date_in(2))]
     client.patch("/jobs/", json=[{"id": job_id, "state": "RUNNING"}], retry_count=1)
     (at429, _ids, key, status, asked), (at_retry, _ids2, key2, status2, _a) = proxy.patches
@@ -320,7 +341,7 @@ def test_the_clients_own_retries_wait_for_a_future_date_and_back_off_on_a_past_o
     assert asked is not None and at_retry >= email.utils.parsedate_to_datetime(asked).timestamp(), proxy.patches
     assert _states(env, [job_id]) == ["RUNNING"]
     # A date already past (the proxy's clock behind ours): read as 0, the whole budget of tries
-    # went out in 0.2 s; now the client's own backoff (0.5 s, then 1 s, each at least).
+    # went out in 0.2 s; now the client's own backoff (backoff_base, then twice it, each at least).
     proxy.patches.clear()
     proxy.always = ("429", date_in(-5))
     with pytest.raises(Exception) as info:
@@ -390,6 +411,7 @@ def test_a_job_refused_for_good_is_reported_and_dropped_and_the_others_of_its_ca
     assert all(400 <= s < 500 or s == 200 for s in statuses) and len(statuses) <= 8, proxy.patches
 
 
+@pytest.mark.usefixtures("fast_backoff")
 def test_a_call_the_server_fails_for_one_job_does_not_hold_the_updates_of_other_jobs(
         env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]]) -> None:
     # One job's data trips a server fault (500, no Retry-After) on every call that carries it.
@@ -432,6 +454,7 @@ def test_a_call_the_server_fails_for_one_job_does_not_hold_the_updates_of_other_
         assert all(made.count(move) == 1 for move in moves), made  # each once: nothing applied twice
 
 
+@pytest.mark.usefixtures("fast_backoff")
 def test_a_call_that_always_fails_is_spooled_in_order_at_close_and_the_other_jobs_updates_were_sent(
         env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
     from balsam.client.status_updater import SpoolReplayer
@@ -466,6 +489,7 @@ def test_a_call_that_always_fails_is_spooled_in_order_at_close_and_the_other_job
     assert made.count(("PREPROCESSED", "RUNNING")) == 1 and made.count(("RUNNING", "RUN_DONE")) == 1, made
 
 
+@pytest.mark.usefixtures("fast_backoff")
 def test_close_gives_a_call_failing_beside_a_side_call_that_goes_through_no_fresh_give_up_window(
         env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]], tmp_path: Path) -> None:
     # close() begins while a side call (the other job's update, sent beside a call that always
@@ -476,7 +500,7 @@ def test_close_gives_a_call_failing_beside_a_side_call_that_goes_through_no_fres
     bad, other = jobs(2)
     proxy.fail_ids, proxy.fail_left, proxy.fail_forward = {bad}, 10**6, False
     proxy.hold_ids = {other}
-    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=2,
+    updater = BulkStatusUpdater(RESTClient(proxy.url, env.token), max_wait_sec=0.05, close_timeout=1,
                                 spool_dir=tmp_path / "spool")
     try:
         updater.put(bad, "RUNNING")
@@ -503,6 +527,7 @@ def test_close_gives_a_call_failing_beside_a_side_call_that_goes_through_no_fres
     assert _states(env, [bad, other]) == ["PREPROCESSED", "RUNNING"]
 
 
+@pytest.mark.usefixtures("fast_backoff")
 def test_a_side_call_retried_a_moment_holds_its_jobs_later_updates_only_until_it_goes_through(
         env: Any, proxy: FailureProxy, jobs: Callable[[int], list[int]]) -> None:
     # The other job's side call (beside a call that always fails) fails a few times itself, long

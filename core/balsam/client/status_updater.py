@@ -107,6 +107,15 @@ SIDE_LANE_AFTER_FAILURES = 3
 #: proxy answering 502 to everything (no Retry-After) would otherwise open one more level every few
 #: seconds (a recursion, and a new backoff at each) for as long as updates keep coming.
 SIDE_LANE_MAX_DEPTH = 3
+#: The updater's own backoff between tries of a failing call the server gave no ``Retry-After`` for
+#: (a refused connection, a timeout, a 5xx, a ``Retry-After: 0``): the first wait, doubled at each
+#: failure up to ``BACKOFF_MAX_SEC``. 0.5 s: a server restart (seconds) loses little time, and a
+#: call failing for one of its jobs reaches the side lane (``SIDE_LANE_AFTER_FAILURES``) within
+#: 1.5 s. 10 s: an outage of hours costs a PATCH (and a log line) per 10 s per failing call, no more,
+#: and the updates are sent within 10 s of its end. Module-level so that tests of the failures can
+#: shorten them in-process (monkeypatch); read at each failure.
+BACKOFF_FIRST_SEC = 0.5
+BACKOFF_MAX_SEC = 10.0
 #: Once close() has begun, a call waits for its answer at most this long past the later of its own
 #: start and ``close_timeout`` after close() began, and never past close()'s last give-up (see
 #: :data:`CLOSE_JOIN_EXTRA_SEC`) + this. A call already in flight when close() began was sent without
@@ -960,7 +969,7 @@ class BulkStatusUpdater:
         ``merge``: after waiting out a 429 when no try of the call can have been applied, raise
         :class:`_WaitedUnapplied` instead of resending it as it is (the caller adds the updates put
         meanwhile; the new body gets a new key)."""
-        delay = 0.5
+        delay = BACKOFF_FIRST_SEC
         key = uuid.uuid4().hex  # as rest.new_idempotency_key (rest, and httpx, load only when first sent)
         # Every failed try so far was answered 429: refused before anything was applied (a rate
         # limit's answer, the server's or a proxy's). A timeout or a 5xx may follow an applied
@@ -1006,7 +1015,7 @@ class BulkStatusUpdater:
                 if asked is not None and asked <= 0:
                     # "Retry-After: 0" asks nothing of us: honoured as a wait, every retry went out
                     # at once (67 PATCHes in 3 s of a proxy's 429s), an INFO line each. Our own
-                    # backoff (0.5 s up to 10 s) instead.
+                    # backoff (BACKOFF_FIRST_SEC up to BACKOFF_MAX_SEC) instead.
                     asked = None
                 if asked is not None:
                     # The server (or a proxy) said when to come back: sooner would be the load it
@@ -1015,7 +1024,7 @@ class BulkStatusUpdater:
                     wait += random.uniform(0, min(wait * _JITTER_FRACTION, _MAX_JITTER_SEC))
                 else:
                     wait = delay
-                    delay = min(delay * 2, 10.0)
+                    delay = min(delay * 2, BACKOFF_MAX_SEC)
                 now = time.monotonic()
                 retry_at = self._retry_at(now + wait, asked is not None, exc)
                 # The first failure of a run of them is a warning; the rest (one every 10 s at most
